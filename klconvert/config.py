@@ -1,0 +1,197 @@
+"""KimiLinearConfig: the released config.json, checked field by field, with 0-indexed layer kinds."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from klconvert.errors import KLError
+
+SUPPORTED_MODEL_TYPES = ("kimi_linear",)
+
+# (field name in config.json, accepted Python types). bool is excluded from int fields below.
+_REQUIRED = {
+    "model_type": str,
+    "vocab_size": int,
+    "hidden_size": int,
+    "num_hidden_layers": int,
+    "intermediate_size": int,
+    "moe_intermediate_size": int,
+    "num_experts": int,
+    "num_experts_per_token": int,
+    "num_shared_experts": int,
+    "first_k_dense_replace": int,
+    "routed_scaling_factor": (int, float),
+    "num_attention_heads": int,
+    "kv_lora_rank": int,
+    "qk_nope_head_dim": int,
+    "qk_rope_head_dim": int,
+    "v_head_dim": int,
+    "rms_norm_eps": (int, float),
+    "linear_attn_config": dict,
+}
+_OPTIONAL = {  # field: (types, default)
+    "q_lora_rank": ((int, type(None)), None),
+    "mla_use_nope": (bool, True),
+    "moe_router_activation_func": (str, "sigmoid"),
+    "moe_renormalize": (bool, True),
+    "num_expert_group": (int, 1),
+    "topk_group": (int, 1),
+    "tie_word_embeddings": (bool, False),
+    "model_max_length": (int, 1048576),
+    "bos_token_id": ((int, type(None)), None),
+    "eos_token_id": ((int, list, type(None)), None),
+    "pad_token_id": ((int, type(None)), None),
+}
+_LINEAR_REQUIRED = {
+    "kda_layers": list,
+    "full_attn_layers": list,
+    "head_dim": int,
+    "num_heads": int,
+    "short_conv_kernel_size": int,
+}
+
+
+def _check_type(where: str, name: str, value, types) -> None:
+    types = types if isinstance(types, tuple) else (types,)
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+        raise KLError(f"{where}: field '{name}' should be {names}, got {type(value).__name__} {value!r:.40}; "
+                      "fix the config or re-download the model")
+
+
+@dataclass(frozen=True)
+class KimiLinearConfig:
+    """The fields the runtime uses, named as in config.json, plus 0-indexed layer kinds."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_experts: int
+    num_experts_per_token: int
+    num_shared_experts: int
+    first_k_dense_replace: int
+    routed_scaling_factor: float
+    num_attention_heads: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rms_norm_eps: float
+    kda_layers: tuple[int, ...]          # 0-indexed
+    full_attn_layers: tuple[int, ...]    # 0-indexed
+    kda_num_heads: int
+    kda_head_dim: int
+    conv_kernel_size: int
+    q_lora_rank: int | None = None
+    mla_use_nope: bool = True
+    moe_router_activation_func: str = "sigmoid"
+    moe_renormalize: bool = True
+    num_expert_group: int = 1
+    topk_group: int = 1
+    tie_word_embeddings: bool = False
+    model_max_length: int = 1048576
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    # ---- derived shapes -------------------------------------------------------------------
+    @property
+    def kda_dim(self) -> int:
+        return self.kda_num_heads * self.kda_head_dim
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def mla_cache_width(self) -> int:
+        """Values cached per token per MLA layer: the latent plus the shared key slice."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def is_kda(self, layer: int) -> bool:
+        return layer in self.kda_layers
+
+    def is_moe(self, layer: int) -> bool:
+        return layer >= self.first_k_dense_replace
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config.json") -> "KimiLinearConfig":
+        if not isinstance(d, dict):
+            raise KLError(f"{where}: expected a JSON object at the top level; re-download the model")
+        if "model_type" in d and d["model_type"] not in SUPPORTED_MODEL_TYPES:
+            raise KLError(f"{where}: model_type {d['model_type']!r} is not supported; klconvert runs "
+                          f"{', '.join(SUPPORTED_MODEL_TYPES)} (Kimi Linear) checkpoints only")
+        for name, types in _REQUIRED.items():
+            if name not in d:
+                raise KLError(f"{where}: required field '{name}' is missing; fix the config or re-download the model")
+            _check_type(where, name, d[name], types)
+        values = {name: d[name] for name in _REQUIRED if name not in ("model_type", "linear_attn_config")}
+        for name, (types, default) in _OPTIONAL.items():
+            value = d.get(name, default)
+            _check_type(where, name, value, types)
+            values[name] = value
+        if values["q_lora_rank"] is not None:
+            raise KLError(f"{where}: q_lora_rank={values['q_lora_rank']} (a low-rank MLA query) is not part of "
+                          "Kimi Linear; this checkpoint is another model")
+        if not values["mla_use_nope"]:
+            raise KLError(f"{where}: mla_use_nope=false (rotary MLA) is not supported; Kimi Linear uses NoPE MLA")
+        if values["moe_router_activation_func"] != "sigmoid":
+            raise KLError(f"{where}: moe_router_activation_func={values['moe_router_activation_func']!r} "
+                          "is not supported; Kimi Linear routes with 'sigmoid'")
+
+        lin = d["linear_attn_config"]
+        for name, types in _LINEAR_REQUIRED.items():
+            if name not in lin:
+                raise KLError(f"{where}: required field 'linear_attn_config.{name}' is missing; "
+                              "fix the config or re-download the model")
+            _check_type(where, f"linear_attn_config.{name}", lin[name], types)
+        n = values["num_hidden_layers"]
+        layers = {}
+        for name in ("kda_layers", "full_attn_layers"):
+            for v in lin[name]:
+                _check_type(where, f"linear_attn_config.{name}[]", v, int)
+                if not 1 <= v <= n:  # the released lists are 1-indexed
+                    raise KLError(f"{where}: linear_attn_config.{name} holds {v}, outside 1..{n} "
+                                  "(the lists are 1-indexed); fix the config")
+            layers[name] = tuple(v - 1 for v in lin[name])
+        both = set(layers["kda_layers"]) & set(layers["full_attn_layers"])
+        every = set(layers["kda_layers"]) | set(layers["full_attn_layers"])
+        if both or every != set(range(n)):
+            raise KLError(f"{where}: linear_attn_config's kda_layers and full_attn_layers must each name every layer "
+                          f"1..{n} exactly once (overlap {sorted(v + 1 for v in both)}, "
+                          f"missing {sorted(set(range(1, n + 1)) - {v + 1 for v in every})}); fix the config")
+        if values["num_experts_per_token"] > values["num_experts"] or values["num_experts_per_token"] < 1:
+            raise KLError(f"{where}: num_experts_per_token={values['num_experts_per_token']} must be within "
+                          f"1..num_experts={values['num_experts']}; fix the config")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                     "qk_nope_head_dim", "v_head_dim", "num_experts", "moe_intermediate_size"):
+            if values[name] <= 0:
+                raise KLError(f"{where}: field '{name}' must be positive, got {values[name]}; fix the config")
+        if not (values["rms_norm_eps"] > 0 and math.isfinite(values["rms_norm_eps"])):
+            raise KLError(f"{where}: rms_norm_eps must be a positive number; fix the config")
+        eos = values.pop("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        return cls(**values, kda_layers=layers["kda_layers"], full_attn_layers=layers["full_attn_layers"],
+                   kda_num_heads=lin["num_heads"], kda_head_dim=lin["head_dim"],
+                   conv_kernel_size=lin["short_conv_kernel_size"], eos_token_ids=eos_ids, raw=dict(d))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "KimiLinearConfig":
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise KLError(f"{path}: no config.json here; point --model at a Kimi Linear checkpoint folder") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise KLError(f"{path}: cannot read the config ({e}); re-download the model") from None
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise KLError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); re-download the model") from None
+        return cls.from_dict(d, where=str(path))
