@@ -1,0 +1,179 @@
+"""The declarative name table: every tensor a Kimi Linear checkpoint holds, in both layouts it comes in.
+
+Canonical names are the released checkpoint's (moonshotai/Kimi-Linear-48B-A3B-*). The native
+`transformers` port saves some tensors renamed, stacked or concatenated; `TRANSFORMERS_LAYOUT` says
+how each of those maps back, as data. `{L}` is a 0-indexed layer, `{E}` an expert.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from klconvert.config import KimiLinearConfig
+
+C = KimiLinearConfig
+Shape = Callable[[C], tuple[int, ...]]
+
+# (name template, shape, category). Categories group weights for the memory plan and the quantizer.
+GLOBAL_TENSORS: list[tuple[str, Shape, str]] = [
+    ("model.embed_tokens.weight", lambda c: (c.vocab_size, c.hidden_size), "embedding"),
+    ("model.norm.weight", lambda c: (c.hidden_size,), "norm"),
+    ("lm_head.weight", lambda c: (c.vocab_size, c.hidden_size), "lm_head"),
+]
+EVERY_LAYER: list[tuple[str, Shape, str]] = [
+    ("model.layers.{L}.input_layernorm.weight", lambda c: (c.hidden_size,), "norm"),
+    ("model.layers.{L}.post_attention_layernorm.weight", lambda c: (c.hidden_size,), "norm"),
+]
+KDA_LAYER: list[tuple[str, Shape, str]] = [
+    ("model.layers.{L}.self_attn.q_proj.weight", lambda c: (c.kda_dim, c.hidden_size), "attention"),
+    ("model.layers.{L}.self_attn.k_proj.weight", lambda c: (c.kda_dim, c.hidden_size), "attention"),
+    ("model.layers.{L}.self_attn.v_proj.weight", lambda c: (c.kda_dim, c.hidden_size), "attention"),
+    ("model.layers.{L}.self_attn.q_conv1d.weight", lambda c: (c.kda_dim, 1, c.conv_kernel_size), "kda_small"),
+    ("model.layers.{L}.self_attn.k_conv1d.weight", lambda c: (c.kda_dim, 1, c.conv_kernel_size), "kda_small"),
+    ("model.layers.{L}.self_attn.v_conv1d.weight", lambda c: (c.kda_dim, 1, c.conv_kernel_size), "kda_small"),
+    ("model.layers.{L}.self_attn.A_log", lambda c: (1, 1, c.kda_num_heads, 1), "kda_small"),
+    ("model.layers.{L}.self_attn.dt_bias", lambda c: (c.kda_dim,), "kda_small"),
+    ("model.layers.{L}.self_attn.f_a_proj.weight", lambda c: (c.kda_head_dim, c.hidden_size), "kda_small"),
+    ("model.layers.{L}.self_attn.f_b_proj.weight", lambda c: (c.kda_dim, c.kda_head_dim), "kda_small"),
+    ("model.layers.{L}.self_attn.b_proj.weight", lambda c: (c.kda_num_heads, c.hidden_size), "kda_small"),
+    ("model.layers.{L}.self_attn.g_a_proj.weight", lambda c: (c.kda_head_dim, c.hidden_size), "kda_small"),
+    ("model.layers.{L}.self_attn.g_b_proj.weight", lambda c: (c.kda_dim, c.kda_head_dim), "kda_small"),
+    ("model.layers.{L}.self_attn.o_norm.weight", lambda c: (c.kda_head_dim,), "norm"),
+    ("model.layers.{L}.self_attn.o_proj.weight", lambda c: (c.hidden_size, c.kda_dim), "attention"),
+]
+MLA_LAYER: list[tuple[str, Shape, str]] = [
+    ("model.layers.{L}.self_attn.q_proj.weight",
+     lambda c: (c.num_attention_heads * c.qk_head_dim, c.hidden_size), "attention"),
+    ("model.layers.{L}.self_attn.kv_a_proj_with_mqa.weight", lambda c: (c.mla_cache_width, c.hidden_size),
+     "attention"),
+    ("model.layers.{L}.self_attn.kv_a_layernorm.weight", lambda c: (c.kv_lora_rank,), "norm"),
+    ("model.layers.{L}.self_attn.kv_b_proj.weight",
+     lambda c: (c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank), "attention"),
+    ("model.layers.{L}.self_attn.o_proj.weight",
+     lambda c: (c.hidden_size, c.num_attention_heads * c.v_head_dim), "attention"),
+]
+DENSE_MLP: list[tuple[str, Shape, str]] = [
+    ("model.layers.{L}.mlp.gate_proj.weight", lambda c: (c.intermediate_size, c.hidden_size), "dense_mlp"),
+    ("model.layers.{L}.mlp.up_proj.weight", lambda c: (c.intermediate_size, c.hidden_size), "dense_mlp"),
+    ("model.layers.{L}.mlp.down_proj.weight", lambda c: (c.hidden_size, c.intermediate_size), "dense_mlp"),
+]
+MOE_BLOCK: list[tuple[str, Shape, str]] = [
+    ("model.layers.{L}.block_sparse_moe.gate.weight", lambda c: (c.num_experts, c.hidden_size), "router"),
+    ("model.layers.{L}.block_sparse_moe.gate.e_score_correction_bias", lambda c: (c.num_experts,), "router"),
+    ("model.layers.{L}.block_sparse_moe.shared_experts.gate_proj.weight",
+     lambda c: (c.moe_intermediate_size * c.num_shared_experts, c.hidden_size), "shared_experts"),
+    ("model.layers.{L}.block_sparse_moe.shared_experts.up_proj.weight",
+     lambda c: (c.moe_intermediate_size * c.num_shared_experts, c.hidden_size), "shared_experts"),
+    ("model.layers.{L}.block_sparse_moe.shared_experts.down_proj.weight",
+     lambda c: (c.hidden_size, c.moe_intermediate_size * c.num_shared_experts), "shared_experts"),
+]
+EXPERT: list[tuple[str, Shape, str]] = [
+    ("model.layers.{L}.block_sparse_moe.experts.{E}.w1.weight", lambda c: (c.moe_intermediate_size, c.hidden_size),
+     "experts"),
+    ("model.layers.{L}.block_sparse_moe.experts.{E}.w2.weight", lambda c: (c.hidden_size, c.moe_intermediate_size),
+     "experts"),
+    ("model.layers.{L}.block_sparse_moe.experts.{E}.w3.weight", lambda c: (c.moe_intermediate_size, c.hidden_size),
+     "experts"),
+]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    category: str
+
+
+def expected_tensors(c: KimiLinearConfig) -> dict[str, TensorSpec]:
+    """Every tensor the released layout holds for this config, in file order, with its shape."""
+    out: dict[str, TensorSpec] = {}
+
+    def add(table, **fmt):
+        for template, shape, category in table:
+            name = template.format(**fmt)
+            out[name] = TensorSpec(name, shape(c), category)
+
+    add(GLOBAL_TENSORS[:1])
+    for layer in range(c.num_hidden_layers):
+        add(EVERY_LAYER, L=layer)
+        add(KDA_LAYER if c.is_kda(layer) else MLA_LAYER, L=layer)
+        if c.is_moe(layer):
+            add(MOE_BLOCK, L=layer)
+            for e in range(c.num_experts):
+                add(EXPERT, L=layer, E=e)
+        else:
+            add(DENSE_MLP, L=layer)
+    add(GLOBAL_TENSORS[1:])
+    return out
+
+
+# ---- the transformers layout -----------------------------------------------------------------
+# Each rule: a source-name regex, and how its tensor splits into canonical tensors. A piece is
+# (canonical-name template using the regex groups and {E}, index into the source tensor).
+@dataclass(frozen=True)
+class Piece:
+    canonical: str   # template: "{0}" is the layer prefix captured by the rule, "{E}" an expert index
+    index: Callable[[C, int], tuple]  # (config, expert) -> index tuple applied to the source tensor
+    per_expert: bool = False
+
+
+_LAYER = r"(model\.layers\.\d+)"
+
+
+def _third(i: int):
+    return lambda c, e: (slice(i * c.kda_dim, (i + 1) * c.kda_dim),)
+
+
+TRANSFORMERS_LAYOUT: list[tuple[str, list[Piece]]] = [
+    (_LAYER + r"\.self_attn\.forget_gate\.(f_a_proj\.weight)$", [Piece("{0}.self_attn.{1}", lambda c, e: ())]),
+    (_LAYER + r"\.self_attn\.forget_gate\.(f_b_proj\.weight)$", [Piece("{0}.self_attn.{1}", lambda c, e: ())]),
+    (_LAYER + r"\.self_attn\.forget_gate\.(A_log)$", [Piece("{0}.self_attn.{1}", lambda c, e: ())]),
+    (_LAYER + r"\.self_attn\.forget_gate\.(dt_bias)$", [Piece("{0}.self_attn.{1}", lambda c, e: ())]),
+    (_LAYER + r"\.self_attn\.conv1d\.weight$", [Piece("{0}.self_attn.q_conv1d.weight", _third(0)),
+                                               Piece("{0}.self_attn.k_conv1d.weight", _third(1)),
+                                               Piece("{0}.self_attn.v_conv1d.weight", _third(2))]),
+    (_LAYER + r"\.mlp\.(gate\.weight|gate\.e_score_correction_bias|shared_experts\.\w+\.weight)$",
+     [Piece("{0}.block_sparse_moe.{1}", lambda c, e: ())]),
+    (_LAYER + r"\.mlp\.experts\.gate_up_proj$",
+     [Piece("{0}.block_sparse_moe.experts.{E}.w1.weight", lambda c, e: (e, slice(0, c.moe_intermediate_size)), True),
+      Piece("{0}.block_sparse_moe.experts.{E}.w3.weight",
+            lambda c, e: (e, slice(c.moe_intermediate_size, 2 * c.moe_intermediate_size)), True)]),
+    (_LAYER + r"\.mlp\.experts\.down_proj$",
+     [Piece("{0}.block_sparse_moe.experts.{E}.w2.weight", lambda c, e: (e,), True)]),
+]
+_COMPILED = [(re.compile(p), pieces) for p, pieces in TRANSFORMERS_LAYOUT]
+
+
+def canonical_pieces(source_name: str, c: KimiLinearConfig) -> list[tuple[str, tuple]]:
+    """The canonical tensors a source tensor provides, each with the index that cuts it out.
+
+    A released-layout name maps to itself with an empty index.
+    """
+    for pattern, pieces in _COMPILED:
+        m = pattern.match(source_name)
+        if m:
+            out = []
+            for p in pieces:
+                for e in (range(c.num_experts) if p.per_expert else (None,)):
+                    out.append((p.canonical.format(*m.groups(), E=e), p.index(c, e)))
+            return out
+    return [(source_name, ())]
+
+
+def sliced_shape(shape: tuple[int, ...], index: tuple) -> tuple[int, ...] | None:
+    """The shape `tensor[index]` would have, or None if the index does not fit the shape."""
+    out = []
+    for dim, size in enumerate(shape):
+        if dim >= len(index):
+            out.append(size)
+            continue
+        ix = index[dim]
+        if isinstance(ix, int):
+            if not 0 <= ix < size:
+                return None
+        else:
+            if ix.stop > size:
+                return None
+            out.append(ix.stop - ix.start)
+    return tuple(out)

@@ -1,0 +1,152 @@
+"""Checkpoint: a checkpoint folder opened lazily, its index and shards checked before anything runs."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from klconvert.checkpoint.name_map import TensorSpec, canonical_pieces, expected_tensors, sliced_shape
+from klconvert.checkpoint.safetensors_header import SafetensorsHeader, read_header
+from klconvert.config import KimiLinearConfig
+from klconvert.errors import KLError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+FLOAT_DTYPES = {"F32", "BF16", "F16"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a canonical tensor lives: a shard, the tensor's name in it, and the index that cuts it out."""
+
+    shard: str
+    name: str
+    index: tuple
+    dtype: str
+
+
+def _shard_path(folder: Path, shard: object, where: str) -> Path:
+    """A shard file named by untrusted JSON: a plain file name inside the folder, nothing else."""
+    if not isinstance(shard, str) or not shard or shard != os.path.basename(shard) or shard in (".", ".."):
+        raise KLError(f"{where}: shard name {shard!r} is not a plain file name in the checkpoint folder; "
+                      "the index is corrupt -- download it again")
+    return folder / shard
+
+
+class Checkpoint:
+    """A Kimi Linear checkpoint folder: its config, and every canonical tensor, read on demand (mmap)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise KLError(f"{self.folder}: no such checkpoint folder; pass --model DIR pointing at a downloaded "
+                          "Kimi Linear folder (or make one with `klconvert synth`)")
+        self.config = KimiLinearConfig.from_file(self.folder / "config.json")
+        self.expected: dict[str, TensorSpec] = expected_tensors(self.config)
+        self.headers: dict[str, SafetensorsHeader] = {}
+        self.sources: dict[str, Source] = {}
+        self._open: dict[str, object] = {}
+        self._check()
+
+    # ---- checking ----------------------------------------------------------------------------
+    def _weight_map(self) -> dict[str, str]:
+        index_path = self.folder / INDEX_FILE
+        if not index_path.exists():
+            if (self.folder / SINGLE_FILE).exists():
+                header = read_header(self.folder / SINGLE_FILE)
+                return {name: SINGLE_FILE for name in header.tensors}
+            raise KLError(f"{self.folder}: neither {INDEX_FILE} nor {SINGLE_FILE} is here; the download is "
+                          "incomplete -- pull the model again")
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise KLError(f"{index_path}: cannot read the index ({e}); download it again") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise KLError(f"{index_path}: no 'weight_map' object; the index is corrupt -- download it again")
+        for shard in set(weight_map.values()):
+            _shard_path(self.folder, shard, str(index_path))
+        return weight_map
+
+    def _check(self) -> None:
+        weight_map = self._weight_map()
+        index_where = str(self.folder / INDEX_FILE)
+        for shard in sorted(set(weight_map.values())):
+            path = self.folder / shard
+            if not path.exists():
+                names = [n for n, s in weight_map.items() if s == shard]
+                raise KLError(f"{path}: shard is missing ({len(names)} tensors, e.g. {names[0]}, are indexed in "
+                              "it); the download is incomplete -- pull the model again")
+            self.headers[shard] = read_header(path)
+        for name, shard in weight_map.items():
+            if name not in self.headers[shard].tensors:
+                raise KLError(f"{index_where}: tensor {name} is indexed in {shard} but that shard does not hold "
+                              "it; the index and shards disagree -- download the checkpoint again")
+        for shard, header in self.headers.items():
+            for name in header.tensors:
+                if weight_map.get(name) != shard:
+                    raise KLError(f"{self.folder / shard}: holds tensor {name} that the index "
+                                  f"{'places in ' + weight_map[name] if name in weight_map else 'does not list'}; "
+                                  "the index and shards disagree -- download the checkpoint again")
+
+        for source_name, shard in sorted(weight_map.items()):
+            entry = self.headers[shard].tensors[source_name]
+            where = f"{self.folder / shard}: tensor {source_name}"
+            if entry.dtype not in FLOAT_DTYPES:
+                hint = (" (this looks like an already quantized checkpoint)"
+                        if source_name.endswith(("weight_packed", "weight_scale", "weight_shape", "absmax")) else "")
+                raise KLError(f"{where} has dtype {entry.dtype}, expected one of {sorted(FLOAT_DTYPES)}{hint}")
+            pieces = canonical_pieces(source_name, self.config)
+            for canonical, index in pieces:
+                spec = self.expected.get(canonical)
+                if spec is None:
+                    raise KLError(f"{where} maps to nothing in a Kimi Linear model with this config "
+                                  f"({self.config.num_hidden_layers} layers, {self.config.num_experts} experts); "
+                                  "the checkpoint does not match its config.json")
+                shape = sliced_shape(entry.shape, index)
+                if shape != spec.shape:
+                    raise KLError(f"{where} has shape {list(entry.shape)}, which does not give "
+                                  f"{canonical} its expected shape {list(spec.shape)}; the checkpoint does not "
+                                  "match its config.json")
+                if canonical in self.sources:
+                    raise KLError(f"{where} provides {canonical}, which "
+                                  f"{self.sources[canonical].name} already provides; the checkpoint mixes "
+                                  "layouts twice over")
+                self.sources[canonical] = Source(shard, source_name, index, entry.dtype)
+        missing = [n for n in self.expected if n not in self.sources]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise KLError(f"{self.folder}: tensor {missing[0]}{more} is missing from the checkpoint; "
+                          "the download is incomplete or the config does not match the weights")
+
+    # ---- reading -----------------------------------------------------------------------------
+    def get(self, name: str) -> torch.Tensor:
+        """One canonical tensor, as stored (dtype unchanged), read from the memory-mapped shard."""
+        src = self.sources[name]
+        path = self.folder / src.shard
+        try:
+            handle = self._open.get(src.shard)
+            if handle is None:
+                handle = self._open[src.shard] = safe_open(str(path), framework="pt")
+            if not src.index:
+                return handle.get_tensor(src.name)
+            return handle.get_slice(src.name)[src.index].contiguous()
+        except (SafetensorError, OSError) as e:
+            raise KLError(f"{path}: cannot read tensor {src.name} ({e}); download the checkpoint again") from None
+
+    def nbytes(self, name: str) -> int:
+        """Bytes the canonical tensor takes as stored."""
+        spec = self.expected[name]
+        n = 1
+        for d in spec.shape:
+            n *= d
+        return n * {"F32": 4, "BF16": 2, "F16": 2}[self.sources[name].dtype]
+
+
+def open_checkpoint(folder: str | Path) -> Checkpoint:
+    """Open and check a checkpoint folder (released or transformers layout)."""
+    return Checkpoint(folder)

@@ -1,0 +1,102 @@
+"""Read and check a safetensors file's header against the file, before any tensor is touched."""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from klconvert.errors import KLError
+
+# safetensors dtype tag -> bytes per element
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4,
+    "U64": 8, "I64": 8, "F64": 8,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor as the header describes it."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # byte offsets into the data section
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    path: Path
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str]
+    data_start: int  # absolute file offset of the data section
+
+
+def _fail(path: Path, what: str) -> KLError:
+    return KLError(f"{path}: {what}; the file is damaged or incomplete -- delete it and download it again")
+
+
+def read_header(path: Path) -> SafetensorsHeader:
+    """Parse the header of `path` and check every entry against the file's real size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _fail(path, f"only {size} bytes, too short for a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise _fail(path, f"header claims {n} bytes but the file holds {size}")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise KLError(f"{path}: shard is missing; download the checkpoint again") from None
+    except OSError as e:
+        raise KLError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _fail(path, "header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "header is not a JSON object")
+
+    data_size = size - 8 - n
+    metadata = header.pop("__metadata__", {}) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _fail(path, "__metadata__ is not a map of strings")
+    tensors: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise _fail(path, f"entry {name!r} is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in DTYPE_BYTES:
+            raise _fail(path, f"tensor {name!r} has unknown dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                for d in shape)):
+            raise _fail(path, f"tensor {name!r} has a malformed shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            raise _fail(path, f"tensor {name!r} has malformed data_offsets {offsets!r}")
+        begin, end = offsets
+        need = math.prod(shape) * DTYPE_BYTES[dtype]
+        if not 0 <= begin <= end or end - begin != need:
+            raise _fail(path, f"tensor {name!r} ({dtype} {shape}) needs {need} bytes but its offsets "
+                              f"span {end - begin}")
+        if end > data_size:
+            raise _fail(path, f"tensor {name!r} ends at byte {end} of the data but the file holds only "
+                              f"{data_size} data bytes (truncated?)")
+        tensors[name] = TensorEntry(dtype, tuple(shape), begin, end)
+
+    spans = sorted((t.begin, t.end, k) for k, t in tensors.items() if t.end > t.begin)
+    for (b0, e0, k0), (b1, _e1, k1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise _fail(path, f"tensors {k0!r} and {k1!r} overlap")
+    return SafetensorsHeader(path, tensors, metadata, 8 + n)

@@ -1,0 +1,89 @@
+"""Write safetensors shards one tensor at a time, so memory stays near one tensor, not the model."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from klconvert.checkpoint.safetensors_header import DTYPE_BYTES
+
+TORCH_TO_SAFETENSORS = {
+    torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+SAFETENSORS_TO_TORCH = {v: k for k, v in TORCH_TO_SAFETENSORS.items()}
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A tensor to be written: its name, dtype and shape now, its values when `make()` is called."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    make: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_BYTES[TORCH_TO_SAFETENSORS[self.dtype]]
+
+
+def split_into_shards(tensors: Iterable[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Group tensors in order into shards of at most `max_shard_bytes` (a larger tensor gets its own shard)."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards if shards[0] else []
+
+
+def shard_names(n: int) -> list[str]:
+    """The released checkpoint's shard names: model-00001-of-000NN.safetensors."""
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def write_shard(path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None,
+                on_tensor: Callable[[PlannedTensor], None] | None = None) -> None:
+    """Write one safetensors file, making each tensor only when its turn comes.
+
+    Written to `path` + ".partial" and renamed when whole, so a cut-off write never looks complete.
+    """
+    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": TORCH_TO_SAFETENSORS[t.dtype], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in tensors:
+            value = t.make()
+            if value.dtype != t.dtype or tuple(value.shape) != t.shape:
+                raise ValueError(f"{t.name}: made {value.dtype} {tuple(value.shape)}, planned {t.dtype} {t.shape}")
+            if value.numel():
+                f.write(value.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            if on_tensor:
+                on_tensor(t)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+
+
+def index_json(shards: list[list[PlannedTensor]], names: list[str], metadata: dict | None = None) -> str:
+    """model.safetensors.index.json for the given shards."""
+    total = sum(t.nbytes for shard in shards for t in shard)
+    weight_map = {t.name: names[i] for i, shard in enumerate(shards) for t in shard}
+    return json.dumps({"metadata": {"total_size": total, **(metadata or {})}, "weight_map": weight_map}, indent=2)

@@ -1,0 +1,154 @@
+"""The `klconvert` command: one verb per subcommand, each parsing its flags and calling one library function."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import click
+
+from klconvert.errors import KLError
+
+DEFAULT_REPO = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
+DEFAULT_MODEL_DIR = "./Kimi-Linear-48B-A3B-Instruct-w4a16"  # where `pull-and-quantize --bits 4` writes
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(|B|KB|MB|GB|TB|KiB|MiB|GiB|TiB|K|M|G|T)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'80GiB', '24GB', '141G' (binary), '1000000' -> bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise KLError(f"--gpu-memory {text!r}: give a size like 80GiB, 24GB or 141G")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="klconvert")
+def cli() -> None:
+    """Pull, quantize and run Moonshot AI's Kimi Linear on one GPU."""
+
+
+@cli.command()
+@click.option("--preset", type=click.Choice(["tiny", "kimi-linear-48b"]), required=True,
+              help="tiny: a few-MB model of the same structure; kimi-linear-48b: the released shapes.")
+@click.option("--layers", type=int, default=None, help="Keep only N layers (3:1 KDA:MLA pattern kept).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--layout", type=click.Choice(["released", "transformers"]), default="released", show_default=True,
+              help="Tensor layout: the released checkpoint's, or the native transformers port's.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to create.")
+def synth(preset: str, layers: int | None, seed: int, layout: str, out: Path) -> None:
+    """Write a random-weight checkpoint in exactly the released format."""
+    from klconvert.synth.checkpoint import synth as write_synth
+
+    result = write_synth(preset, out, layers=layers, seed=seed, layout=layout)
+    click.echo(f"wrote {result.path}: {result.tensors} tensors, {result.bytes / 1e9:.3f} GB in {result.shards} "
+               "shard(s)", err=True)
+
+
+def _read_prompt(prompt_file: str) -> str:
+    try:
+        data = sys.stdin.buffer.read() if prompt_file == "-" else Path(prompt_file).read_bytes()
+    except OSError as e:
+        raise KLError(f"--prompt-file {prompt_file}: cannot read it ({e.strerror}); check the path") from None
+    where = "standard input" if prompt_file == "-" else prompt_file
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise KLError(f"--prompt-file {where}: not UTF-8 text (bad byte at offset {e.start}); convert it to "
+                      "UTF-8") from None
+    if not text.strip():
+        raise KLError(f"--prompt-file {where}: the prompt is empty; write some text into it")
+    return text
+
+
+@cli.command()
+@click.option("--model", type=click.Path(path_type=Path), default=DEFAULT_MODEL_DIR, show_default=True,
+              help="Checkpoint folder (released, transformers or quantized layout).")
+@click.option("--prompt-file", required=True, help="UTF-8 text file with the prompt, or - for standard input.")
+@click.option("--max-new-tokens", type=click.IntRange(min=0), default=256, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              help="0 is greedy.")
+@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt as a user turn with the model's chat template.")
+@click.option("--max-context", type=click.IntRange(min=1), default=None,
+              help="Context the memory plan holds [default: prompt + max-new-tokens].")
+@click.option("--device", default=None, help="cpu or cuda [default: cuda if present].")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default=None,
+              help="Compute dtype [default: bfloat16 on cuda, float32 on cpu].")
+def run(model: Path, prompt_file: str, max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
+        chat: bool, max_context: int | None, device: str | None, dtype: str | None) -> None:
+    """Continue a prompt: the text streams to stdout, a summary goes to stderr."""
+    from klconvert.runtime.engine import load
+    from klconvert.tokenizer import StreamDecoder, Tokenizer
+
+    text = _read_prompt(prompt_file)
+    if not model.is_dir():
+        raise KLError(f"--model {model}: no such folder; pass --model DIR, or run `klconvert pull-and-quantize "
+                      "--bits 4` first (it writes the default folder)")
+    tokenizer = Tokenizer.from_folder(model)
+    ids = tokenizer.encode_chat([{"role": "user", "content": text}]) if chat else tokenizer.encode(text)
+    context = max_context if max_context is not None else len(ids) + max_new_tokens
+    engine = load(model, device=device, dtype=dtype, max_context=context)
+    engine.check_fits(len(ids), max_new_tokens)
+    stream = StreamDecoder(tokenizer)
+    stop = tokenizer.stop_ids
+
+    def emit(token: int) -> None:
+        if token not in stop:
+            sys.stdout.write(stream.push(token))
+            sys.stdout.flush()
+
+    engine.generate(ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop_ids=stop,
+                    on_token=emit)
+    sys.stdout.write(stream.flush() + "\n")
+    s, plan = engine.stats, engine.plan
+    click.echo(f"prompt {s.prompt_tokens} tokens | prefill {s.prefill_tps:.1f} tokens/s | {s.new_tokens} new, "
+               f"decode {s.decode_tps:.1f} tokens/s | plan: {engine.device} {str(engine.dtype).split('.')[-1]}, "
+               f"context {plan.context}, batch {plan.batch}, total {plan.total / 2**30:.2f} GiB", err=True)
+
+
+@cli.command()
+@click.option("--model", type=click.Path(path_type=Path), default=None, help="Checkpoint folder to plan for.")
+@click.option("--preset", type=click.Choice(["tiny", "kimi-linear-48b"]), default=None,
+              help="Plan for a preset instead of a folder.")
+@click.option("--layers", type=int, default=None, help="With --preset: keep only N layers.")
+@click.option("--gpu-memory", default=None, help="Device memory to fit, e.g. 80GiB, 24GB.")
+@click.option("--max-context", type=click.IntRange(min=1), default=131072, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--bits", type=click.Choice(["4", "8", "16"]), default="16", show_default=True,
+              help="Weight bits of the quantized layers (16: unquantized bf16).")
+@click.option("--group-size", type=click.IntRange(min=1), default=128, show_default=True)
+def plan(model: Path | None, preset: str | None, layers: int | None, gpu_memory: str | None, max_context: int,
+         batch: int, bits: str, group_size: int) -> None:
+    """Print the memory plan: weights, KDA state, MLA cache, workspace, headroom, largest context."""
+    from klconvert.runtime.plan_report import plan_for, render_plan
+
+    if (model is None) == (preset is None):
+        raise KLError("give exactly one of --model DIR or --preset NAME")
+    p = plan_for(model=model, preset=preset, layers=layers, batch=batch, context=max_context,
+                 bits=None if bits == "16" else int(bits), group_size=group_size,
+                 memory_limit=parse_size(gpu_memory) if gpu_memory else None)
+    click.echo(render_plan(p, title=str(model or preset)))
+
+
+def main() -> None:
+    """Entry point: expected errors end in one line on stderr and exit status 2, with no traceback."""
+    try:
+        cli.main(standalone_mode=False)
+    except KLError as e:
+        click.echo(f"klconvert: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("klconvert: interrupted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("klconvert: interrupted", err=True)
+        sys.exit(130)

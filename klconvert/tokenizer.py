@@ -1,0 +1,312 @@
+"""Tokenizer: a checkpoint folder's tiktoken.model and tokenizer_config.json, encoding and decoding text."""
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from types import MappingProxyType
+
+import jinja2
+import jinja2.ext
+import tiktoken
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from klconvert.errors import KLError
+
+BPE_FILE = "tiktoken.model"
+CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # newer HF folders keep the template here; it wins over the config's
+
+# The pre-tokenizer of the released tokenization_kimi.py (TikTokenTokenizer.pat_str), carried as data: runs
+# of Han characters; cased words (Han excluded) with an optional English contraction; 1-3 digits; punctuation
+# with its trailing newlines; whitespace. `&&` is a character-class intersection (Rust regex syntax).
+KIMI_PRETOKENIZE_PATTERN = "|".join([
+    r"""[\p{Han}]+""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""\p{N}{1,3}""",
+    r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
+    r"""\s*[\r\n]+""",
+    r"""\s+(?!\S)""",
+    r"""\s+""",
+])
+
+# The released tokenizer hands tiktoken at most 400k characters a call and cuts runs of more than 25k
+# whitespace or non-whitespace characters (tiktoken issue #195); cutting at the same places keeps ids equal.
+MAX_ENCODE_CHARS = 400_000
+MAX_RUN_CHARS = 25_000
+
+# Special-token text inside chat messages is swapped for private-use codepoints (plane 15) before the
+# template runs: ESCAPE, then ESCAPE+1+i for the i-th escaped string. Only text the template wrote itself
+# can then become a special id; the message text comes back verbatim and is encoded as plain text.
+ESCAPE = 0xF0000
+
+# As transformers renders chat templates: sandboxed, immutable, trim/lstrip blocks, loop controls.
+_TEMPLATE_ENV = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                              extensions=[jinja2.ext.loopcontrols])
+
+
+def _raise_template_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+_TEMPLATE_ENV.globals["raise_exception"] = _raise_template_exception
+
+
+def read_bpe_ranks(path: Path) -> dict[bytes, int]:
+    """tiktoken.model as {token bytes: rank}; the format of tiktoken.load_tiktoken_bpe, checked line by line.
+
+    load_tiktoken_bpe itself is not used: it copies every file it reads into /tmp/data-gym-cache keyed by
+    the path alone, and later serves that copy even after the file at that path has changed.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise KLError(f"{path}: no {BPE_FILE} here; point --model at a Kimi Linear checkpoint folder "
+                      "or re-download the model") from None
+    except OSError as e:
+        raise KLError(f"{path}: cannot read the BPE ranks ({e}); check the file's permissions") from None
+    ranks: dict[bytes, int] = {}
+    for line_number, line in enumerate(data.splitlines(), start=1):
+        if not line:
+            continue
+        try:
+            token_base64, rank_text = line.split()
+            token, rank = base64.b64decode(token_base64, validate=True), int(rank_text)
+        except (ValueError, binascii.Error):
+            raise KLError(f"{path}: line {line_number} is not '<base64 token> <rank>' (got {line[:60]!r}); "
+                          "re-download the model") from None
+        if not token or rank < 0 or token in ranks:
+            problem = "an empty token" if not token else "a negative rank" if rank < 0 else "a repeated token"
+            raise KLError(f"{path}: line {line_number} holds {problem}; re-download the model")
+        ranks[token] = rank
+    if len(set(ranks.values())) != len(ranks):
+        raise KLError(f"{path}: two tokens share a rank; re-download the model")
+    missing_bytes = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing_bytes:
+        raise KLError(f"{path}: {len(missing_bytes)} of the 256 single bytes have no rank (first: "
+                      f"{missing_bytes[0]:#04x}), so some text cannot be encoded; re-download the model")
+    return ranks
+
+
+def read_tokenizer_config(path: Path) -> dict:
+    """tokenizer_config.json as a dict."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KLError(f"{path}: no {CONFIG_FILE} here; re-download the model") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise KLError(f"{path}: cannot read the tokenizer config ({e}); re-download the model") from None
+    except json.JSONDecodeError as e:
+        raise KLError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); re-download the model") from None
+    if not isinstance(config, dict):
+        raise KLError(f"{path}: expected a JSON object at the top level; re-download the model")
+    return config
+
+
+def read_special_tokens(config: dict, path: Path) -> dict[str, int]:
+    """{content: id} for every entry of the config's added_tokens_decoder."""
+    decoder = config.get("added_tokens_decoder")
+    if not isinstance(decoder, dict) or not decoder:
+        raise KLError(f"{path}: no 'added_tokens_decoder' map of special tokens; re-download the model")
+    special_tokens: dict[str, int] = {}
+    for key, entry in decoder.items():
+        content = entry.get("content") if isinstance(entry, dict) else None
+        if not re.fullmatch(r"[0-9]+", key) or not isinstance(content, str) or not content:
+            raise KLError(f"{path}: added_tokens_decoder entry {key!r} is not '<id>': {{\"content\": \"<text>\"}}; "
+                          "fix the file or re-download the model")
+        if content in special_tokens:
+            raise KLError(f"{path}: special token {content!r} appears twice in added_tokens_decoder (ids "
+                          f"{special_tokens[content]} and {key}); fix the file or re-download the model")
+        special_tokens[content] = int(key)
+    return special_tokens
+
+
+def named_special_token(config: dict, key: str, special_tokens: Mapping[str, int], path: Path) -> str | None:
+    """The text of the config's `key` ("bos_token", ...) if set, checked to be one of the special tokens."""
+    text = config.get(key)
+    if isinstance(text, dict):  # transformers' serialized AddedToken
+        text = text.get("content")
+    if text is not None and text not in special_tokens:
+        raise KLError(f"{path}: {key} {text!r} is not in added_tokens_decoder; "
+                      "fix the file or re-download the model")
+    return text
+
+
+def pieces_for_tiktoken(text: str, max_chars: int = MAX_ENCODE_CHARS,
+                        max_run: int = MAX_RUN_CHARS) -> Iterator[str]:
+    """`text` cut where the released tokenizer cuts it: every max_chars, and every max_run inside a longer run."""
+    long_run = re.compile(rf"\s{{{max_run + 1},}}|\S{{{max_run + 1},}}")
+    for window_start in range(0, len(text), max_chars):
+        window = text[window_start:window_start + max_chars]
+        cut = 0
+        for run in long_run.finditer(window):
+            for at in range(run.start() + max_run, run.end(), max_run):
+                yield window[cut:at]
+                cut = at
+        yield window[cut:]
+
+
+class Tokenizer:
+    """Kimi's tiktoken BPE with the special tokens and chat template of one checkpoint folder."""
+
+    def __init__(self, encoding: tiktoken.Encoding, special_tokens: Mapping[str, int], bos_token: str,
+                 eos_token: str, pad_token: str | None, chat_template: str | None, chat_template_path: Path):
+        self._encoding = encoding
+        self._special_tokens = MappingProxyType(dict(special_tokens))
+        self._bos_token, self._eos_token, self._pad_token = bos_token, eos_token, pad_token
+        self._chat_template = chat_template
+        self._chat_template_path = chat_template_path
+        by_length = sorted(special_tokens, key=len, reverse=True)  # longest first, so no token shadows another
+        self._special_split = re.compile("(" + "|".join(map(re.escape, by_length)) + ")")
+        self._escaped_texts = [*by_length, chr(ESCAPE)]
+        self._escape_codes = {text: chr(ESCAPE) + chr(ESCAPE + 1 + i)
+                              for i, text in enumerate(self._escaped_texts)}
+        self._escape_pattern = re.compile("|".join(map(re.escape, self._escaped_texts)))
+        first_code, last_code = chr(ESCAPE + 1), chr(ESCAPE + len(self._escaped_texts))
+        self._unescape_pattern = re.compile(f"{chr(ESCAPE)}([{first_code}-{last_code}])")
+
+    @classmethod
+    def from_folder(cls, path: str | Path) -> Tokenizer:
+        folder = Path(path)
+        if not folder.is_dir():
+            raise KLError(f"{folder}: not a folder; point --model at a Kimi Linear checkpoint folder")
+        bpe_path, config_path = folder / BPE_FILE, folder / CONFIG_FILE
+        ranks = read_bpe_ranks(bpe_path)
+        config = read_tokenizer_config(config_path)
+        special_tokens = read_special_tokens(config, config_path)
+        rank_ids = set(ranks.values())
+        for text, token_id in special_tokens.items():
+            if token_id in rank_ids:
+                raise KLError(f"{config_path}: special token {text!r} has id {token_id}, which {bpe_path} already "
+                              f"gives to a BPE token; the two files are from different models, re-download them")
+        # Ids below the largest that neither file names get the released tokenizer's placeholder name, so that
+        # any id the model can produce decodes (some Kimi configs list only the named specials).
+        taken_ids = rank_ids | set(special_tokens.values())
+        for token_id in range(max(taken_ids) + 1):
+            if token_id not in taken_ids:
+                special_tokens.setdefault(f"<|reserved_token_{token_id}|>", token_id)
+        named = {key: named_special_token(config, key, special_tokens, config_path)
+                 for key in ("bos_token", "eos_token", "pad_token")}
+        for key in ("bos_token", "eos_token"):
+            if named[key] is None:
+                raise KLError(f"{config_path}: '{key}' is not set; fix the file or re-download the model")
+        chat_template_path = folder / CHAT_TEMPLATE_FILE
+        if chat_template_path.is_file():
+            try:
+                chat_template = chat_template_path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise KLError(f"{chat_template_path}: cannot read the chat template ({e}); "
+                              "fix the file or re-download the model") from None
+        else:
+            chat_template, chat_template_path = config.get("chat_template"), config_path
+            if chat_template is not None and not isinstance(chat_template, str):
+                raise KLError(f"{config_path}: chat_template should be one jinja string, got "
+                              f"{type(chat_template).__name__}; fix the file or re-download the model")
+        encoding = tiktoken.Encoding(name=folder.name or "kimi", pat_str=KIMI_PRETOKENIZE_PATTERN,
+                                     mergeable_ranks=ranks, special_tokens=special_tokens)
+        return cls(encoding, special_tokens, named["bos_token"], named["eos_token"], named["pad_token"],
+                   chat_template, chat_template_path)
+
+    # ---- ids --------------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Largest id (BPE rank or special) + 1."""
+        return self._encoding.n_vocab
+
+    @property
+    def special_tokens(self) -> Mapping[str, int]:
+        """{content: id} of every added token plus "<|reserved_token_{id}|>" for unnamed ids, read-only."""
+        return self._special_tokens
+
+    @property
+    def bos_id(self) -> int:
+        return self._special_tokens[self._bos_token]
+
+    @property
+    def eos_id(self) -> int:
+        return self._special_tokens[self._eos_token]
+
+    @property
+    def pad_id(self) -> int | None:
+        return None if self._pad_token is None else self._special_tokens[self._pad_token]
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """Ids that end a generated turn: the eos token and <|im_end|>."""
+        stop_ids = {self.eos_id}
+        if "<|im_end|>" in self._special_tokens:
+            stop_ids.add(self._special_tokens["<|im_end|>"])
+        return frozenset(stop_ids)
+
+    # ---- text -> ids ------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Plain text to ids; special-token text in it ("<|im_end|>") is encoded as ordinary text."""
+        return [token_id for piece in pieces_for_tiktoken(text)
+                for token_id in self._encoding.encode_ordinary(piece)]
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Chat turns ([{"role": ..., "content": ...}]) through the folder's chat template, ready to generate.
+
+        Special tokens count only where the template wrote them; their text inside a message stays plain text.
+        """
+        if self._chat_template is None:
+            raise KLError(f"{self._chat_template_path}: no chat_template (nor {CHAT_TEMPLATE_FILE}) in this "
+                          "folder; send the prompt as plain text or use a checkpoint that ships a chat template")
+        try:
+            rendered = _TEMPLATE_ENV.from_string(self._chat_template).render(
+                messages=self._escape(messages), add_generation_prompt=True,
+                bos_token=self._bos_token, eos_token=self._eos_token)
+        except Exception as e:  # a template is a program: whatever it raises is the template's fault
+            reason = " ".join(str(e).split())  # jinja may quote the template over several lines
+            raise KLError(f"{self._chat_template_path}: chat_template failed to render ({type(e).__name__}: "
+                          f"{reason}); fix the template or send the prompt as plain text") from None
+        ids: list[int] = []
+        for index, part in enumerate(self._special_split.split(rendered)):  # [text, special, text, ...]
+            if index % 2:
+                ids.append(self._special_tokens[part])
+            else:
+                ids.extend(self.encode(self._unescape(part)))
+        return ids
+
+    def _escape(self, value):
+        """`value` (message dicts, lists, strings) with special-token text swapped for private-use codes."""
+        if isinstance(value, str):
+            return self._escape_pattern.sub(lambda m: self._escape_codes[m[0]], value)
+        if isinstance(value, dict):
+            return {key: self._escape(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._escape(item) for item in value]
+        return value
+
+    def _unescape(self, text: str) -> str:
+        return self._unescape_pattern.sub(lambda m: self._escaped_texts[ord(m[1]) - ESCAPE - 1], text)
+
+    # ---- ids -> text ------------------------------------------------------------------------------------
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of one id (a special token's bytes are its UTF-8 text)."""
+        return self._encoding.decode_single_token_bytes(token_id)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids to text; bytes that are not valid UTF-8 become U+FFFD."""
+        return self._encoding.decode(list(ids), errors="replace")
+
+
+class StreamDecoder:
+    """Generated ids to text one id at a time, holding back a UTF-8 character split across tokens."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        """The text completed by this id ("" while a character is still incomplete)."""
+        return self._utf8.decode(self._tokenizer.token_bytes(token_id))
+
+    def flush(self) -> str:
+        """Whatever is held back at the end of generation, an incomplete character as U+FFFD."""
+        return self._utf8.decode(b"", final=True)

@@ -1,0 +1,159 @@
+"""MemoryPlan: every byte the runtime will hold, computed before any work, and its one allocation.
+
+KDA state and conv tails are constant per sequence; only the MLA latent cache grows with the context,
+and it is allocated up front for the planned context and batch, never grown.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from klconvert.checkpoint.name_map import expected_tensors
+from klconvert.config import KimiLinearConfig
+
+CHUNK = 64              # KDA prefill chunk
+PREFILL_SEGMENT = 2048  # prompt tokens run through the model at once
+DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float8_e4m3fn: 1}
+WEIGHT_CATEGORIES = ("embedding", "lm_head", "attention", "kda_small", "experts", "shared_experts", "dense_mlp",
+                     "router", "norm")
+
+
+@dataclass
+class StateBuffers:
+    """The plan's one allocation: per-sequence recurrent state and the MLA latent cache."""
+
+    kda_state: torch.Tensor   # [n_kda, B, H, K, V]
+    conv_state: torch.Tensor  # [n_kda, B, 3*H*K, W-1]: the last W-1 projected inputs
+    mla_cache: torch.Tensor   # [n_mla, B, context, kv_lora_rank + qk_rope_head_dim]
+
+    def reset(self) -> None:
+        """Start new sequences: recurrent state and conv tails to zero (the cache is overwritten as it fills)."""
+        self.kda_state.zero_()
+        self.conv_state.zero_()
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    config: KimiLinearConfig = field(repr=False)
+    batch: int
+    context: int
+    weight_bytes: dict[str, int]
+    act_dtype: torch.dtype = torch.bfloat16
+    kda_state_dtype: torch.dtype = torch.float32
+    mla_cache_dtype: torch.dtype = torch.bfloat16
+    memory_limit: int | None = None  # bytes on the device, if known
+
+    # ---- per-sequence and per-token figures ----------------------------------------------------
+    @property
+    def kda_state_bytes_per_seq(self) -> int:
+        c = self.config
+        return len(c.kda_layers) * c.kda_num_heads * c.kda_head_dim * c.kda_head_dim * \
+            DTYPE_BYTES[self.kda_state_dtype]
+
+    @property
+    def conv_bytes_per_seq(self) -> int:
+        c = self.config
+        return len(c.kda_layers) * 3 * c.kda_dim * (c.conv_kernel_size - 1) * DTYPE_BYTES[self.act_dtype]
+
+    @property
+    def mla_bytes_per_token(self) -> int:
+        c = self.config
+        return len(c.full_attn_layers) * c.mla_cache_width * DTYPE_BYTES[self.mla_cache_dtype]
+
+    # ---- totals ---------------------------------------------------------------------------------
+    @property
+    def weights(self) -> int:
+        return sum(self.weight_bytes.values())
+
+    @property
+    def state_bytes(self) -> int:
+        return self.batch * (self.kda_state_bytes_per_seq + self.conv_bytes_per_seq)
+
+    @property
+    def mla_cache_bytes(self) -> int:
+        return self.batch * self.context * self.mla_bytes_per_token
+
+    def workspace_for(self, context: int) -> int:
+        """Peak temporaries of a prefill segment and the logits, an estimate from the shapes the code makes.
+
+        Per segment of S tokens: hidden states and projections, the fp32 q/k/v/gate of a KDA layer, one
+        chunk's pairwise decay tensor [B, H, 64, 64, K] fp32 (twice, while it is built), and MLA's per-head
+        keys and values expanded over the whole context for one layer.
+        """
+        c, B = self.config, self.batch
+        S = min(PREFILL_SEGMENT, context)
+        a = DTYPE_BYTES[self.act_dtype]
+        hidden = B * S * c.hidden_size * a * 6
+        kda = B * S * c.kda_dim * (3 * a + 6 * 4) + 2 * B * c.kda_num_heads * CHUNK * CHUNK * c.kda_head_dim * 4
+        ffn = B * S * max(2 * c.intermediate_size, 2 * c.moe_intermediate_size * c.num_experts_per_token) * a
+        per_head = c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim
+        mla = B * context * c.num_attention_heads * per_head * a * 2
+        logits = 2 * B * c.vocab_size * 4
+        return hidden + max(kda, ffn, mla) + logits
+
+    @property
+    def workspace(self) -> int:
+        return self.workspace_for(self.context)
+
+    def total_for(self, context: int) -> int:
+        return (self.weights + self.state_bytes + self.batch * context * self.mla_bytes_per_token
+                + self.workspace_for(context))
+
+    @property
+    def total(self) -> int:
+        return self.total_for(self.context)
+
+    @property
+    def headroom(self) -> int | None:
+        return None if self.memory_limit is None else self.memory_limit - self.total
+
+    def largest_context(self) -> int | None:
+        """The largest context (a multiple of 64, capped at model_max_length) that fits the memory limit."""
+        if self.memory_limit is None:
+            return None
+        lo, hi = 0, self.config.model_max_length // CHUNK
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.total_for(mid * CHUNK) <= self.memory_limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo * CHUNK
+
+    def allocate(self, device: torch.device | str) -> StateBuffers:
+        """The one allocation the runtime makes for state; nothing grows after this."""
+        c, B = self.config, self.batch
+        n_kda, n_mla = len(c.kda_layers), len(c.full_attn_layers)
+        return StateBuffers(
+            kda_state=torch.zeros(n_kda, B, c.kda_num_heads, c.kda_head_dim, c.kda_head_dim,
+                                  dtype=self.kda_state_dtype, device=device),
+            conv_state=torch.zeros(n_kda, B, 3 * c.kda_dim, c.conv_kernel_size - 1, dtype=self.act_dtype,
+                                   device=device),
+            mla_cache=torch.zeros(n_mla, B, self.context, c.mla_cache_width, dtype=self.mla_cache_dtype,
+                                  device=device),
+        )
+
+
+QUANTIZED_CATEGORIES = ("attention", "experts", "shared_experts", "dense_mlp")  # at --bits; lm_head at 8
+FP32_CATEGORIES = ("router", "norm")  # held in fp32 by the runtime whatever the weights' dtype
+
+
+def weight_bytes(config: KimiLinearConfig, dtype: torch.dtype, bits: int | None = None,
+                 group_size: int = 128) -> dict[str, int]:
+    """Bytes of weights by category as the runtime holds them: `dtype`, or packed at `bits` (with one
+    `dtype` scale per group of `group_size`) for the categories the default quantization policy packs."""
+    out = dict.fromkeys(WEIGHT_CATEGORIES, 0)
+    for spec in expected_tensors(config).values():
+        n = 1
+        for d in spec.shape:
+            n *= d
+        if spec.category in FP32_CATEGORIES or spec.name.endswith(("A_log", "dt_bias")):
+            size = n * 4
+        elif bits is not None and (spec.category in QUANTIZED_CATEGORIES or spec.category == "lm_head"):
+            b = bits if spec.category in QUANTIZED_CATEGORIES else max(bits, 8)
+            size = n * b // 8 + (n // group_size) * DTYPE_BYTES[dtype]
+        else:
+            size = n * DTYPE_BYTES[dtype]
+        out[spec.category] += size
+    return out

@@ -1,0 +1,290 @@
+"""Tests of klconvert.tokenizer on synthetic tokenizer folders written by klconvert.synth.tokenizer_files."""
+import base64
+import json
+import time
+from pathlib import Path
+
+import pytest
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+
+from klconvert.errors import KLError
+from klconvert.synth.tokenizer_files import bpe_tokens, write_tokenizer_files
+from klconvert.tokenizer import (KIMI_PRETOKENIZE_PATTERN, StreamDecoder, Tokenizer, pieces_for_tiktoken,
+                                 read_bpe_ranks)
+
+SMALL_RANKS = 1000
+REAL_RANKS = 163584  # the released vocabulary: 163584 BPE ranks + 256 specials = 163840
+
+TEXTS = [
+    "Hello world, the quick brown fox jumps over the lazy dog. It's 2024!",
+    "你好，世界！这是一个模型。",
+    "emoji 😀👍🏽 and a family 👨‍👩‍👧",
+    "Mixed: CamelCase HTTPServer 日本語テキスト 12345\n\n\tindented\r\n  trailing  ",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("small")
+    write_tokenizer_files(folder, SMALL_RANKS)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def small(small_folder) -> Tokenizer:
+    return Tokenizer.from_folder(small_folder)
+
+
+@pytest.fixture(scope="module")
+def real_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("real")
+    started = time.perf_counter()
+    write_tokenizer_files(folder, REAL_RANKS)
+    assert time.perf_counter() - started < 10
+    return folder
+
+
+@pytest.fixture
+def broken_folder(small_folder, tmp_path) -> Path:
+    """A copy of the small folder for a test to damage."""
+    for name in ("tiktoken.model", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((small_folder / name).read_bytes())
+    return tmp_path
+
+
+def edit_config(folder: Path, edit) -> None:
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
+# ---- the pre-tokenizer -------------------------------------------------------------------------------------
+def tiktoken_pieces(text: str) -> list[str]:
+    """How tiktoken splits `text` with the Kimi pattern: with every substring in the vocabulary, each piece
+    becomes one token."""
+    data = text.encode()
+    substrings = {data[i:j] for i in range(len(data)) for j in range(i + 1, len(data) + 1)}
+    substrings |= {bytes([b]) for b in range(256)}
+    ranks = {token: rank for rank, token in enumerate(sorted(substrings, key=lambda t: (len(t), t)))}
+    encoding = tiktoken.Encoding("pieces", pat_str=KIMI_PRETOKENIZE_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    return [encoding.decode_single_token_bytes(t).decode() for t in encoding.encode_ordinary(text)]
+
+
+@pytest.mark.parametrize("text, pieces", [
+    ("Hello world, it's John's HTTPServer!", ["Hello", " world", ",", " it's", " John's", " HTTPServer", "!"]),
+    ("I'M DON'T", ["I'M", " DON'T"]),
+    ("你好世界，我是Kimi模型。", ["你好世界", "，", "我是", "Kimi", "模型", "。"]),
+    ("12345678 3.14", ["123", "456", "78", " ", "3", ".", "14"]),
+    ("a  b\n\n  c", ["a", " ", " b", "\n\n", " ", " c"]),
+    ("日本語のテキスト", ["日本語", "のテキスト"]),
+])
+def test_pattern_splits_text_like_the_released_tokenizer(text, pieces):
+    assert tiktoken_pieces(text) == pieces
+
+
+def released_split(s: str, max_run: int):
+    """The released tokenization_kimi.py's _split_whitespaces_or_nonwhitespaces, as a reference."""
+    run_length, run_is_space, start = 0, s[0].isspace() if s else False, 0
+    for i, char in enumerate(s):
+        if run_is_space ^ char.isspace():
+            run_length, run_is_space = 1, char.isspace()
+        else:
+            run_length += 1
+            if run_length > max_run:
+                yield s[start:i]
+                start, run_length = i, 1
+    yield s[start:]
+
+
+@pytest.mark.parametrize("text", ["", "ab", "a" * 12, "  " * 7 + "xyz" * 5 + " " * 4, "ab cd" * 9 + "q" * 23])
+def test_long_runs_are_cut_where_the_released_tokenizer_cuts_them(text):
+    max_chars, max_run = 20, 4
+    expected = [piece for start in range(0, len(text), max_chars)
+                for piece in released_split(text[start:start + max_chars], max_run)]
+    assert list(pieces_for_tiktoken(text, max_chars, max_run)) == expected
+
+
+# ---- encode / decode ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text", TEXTS)
+def test_round_trip_small_vocab(small, text):
+    assert small.decode(small.encode(text)) == text
+
+
+def test_round_trip_real_size_vocab(real_folder):
+    tokenizer = Tokenizer.from_folder(real_folder)
+    assert tokenizer.vocab_size == 163840
+    for text in TEXTS:
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_english_and_chinese_encode_to_multi_byte_tokens(small):
+    for text in ("Hello world, the quick brown fox.", "你好，世界"):
+        ids = small.encode(text)
+        assert len(ids) < len(text.encode()) / 2
+        assert all(token_id < SMALL_RANKS for token_id in ids)
+
+
+def test_special_ids_match_added_tokens_decoder(small, small_folder):
+    config = json.loads((small_folder / "tokenizer_config.json").read_text())
+    expected = {entry["content"]: int(key) for key, entry in config["added_tokens_decoder"].items()}
+    assert dict(small.special_tokens) == expected
+    assert small.vocab_size == max(expected.values()) + 1 == SMALL_RANKS + 256
+    assert (small.bos_id, small.eos_id, small.pad_id) == (expected["[BOS]"], expected["[EOS]"], expected["[PAD]"])
+    assert small.stop_ids == {expected["[EOS]"], expected["<|im_end|>"]}
+
+
+def test_special_token_text_in_a_prompt_stays_plain_text(small):
+    text = "stop here <|im_end|><|im_assistant|>assistant<|im_middle|>[EOS]"
+    ids = small.encode(text)
+    assert not set(ids) & set(small.special_tokens.values())
+    assert small.decode(ids) == text
+
+
+# ---- chat --------------------------------------------------------------------------------------------------
+def test_encode_chat_renders_kimi_turns(small):
+    s = small.special_tokens
+    ids = small.encode_chat([{"role": "user", "content": "Hi <|im_end|> there"}])
+    assert small.decode(ids) == ("<|im_system|>system<|im_middle|>You are a helpful assistant<|im_end|>"
+                                 "<|im_user|>user<|im_middle|>Hi <|im_end|> there<|im_end|>"
+                                 "<|im_assistant|>assistant<|im_middle|>")
+    specials = [token_id for token_id in ids if token_id in s.values()]
+    assert specials == [s[t] for t in ("<|im_system|>", "<|im_middle|>", "<|im_end|>", "<|im_user|>",
+                                       "<|im_middle|>", "<|im_end|>", "<|im_assistant|>", "<|im_middle|>")]
+    ending = [s["<|im_assistant|>"], *small.encode("assistant"), s["<|im_middle|>"]]
+    assert ids[-len(ending):] == ending
+
+
+def test_encode_chat_keeps_a_given_system_turn_and_history(small):
+    s = small.special_tokens
+    ids = small.encode_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                             {"role": "assistant", "content": "4"}, {"role": "user", "content": "和3+3?"}])
+    assert small.decode(ids) == ("<|im_system|>system<|im_middle|>Be brief.<|im_end|>"
+                                 "<|im_user|>user<|im_middle|>2+2?<|im_end|>"
+                                 "<|im_assistant|>assistant<|im_middle|>4<|im_end|>"
+                                 "<|im_user|>user<|im_middle|>和3+3?<|im_end|>"
+                                 "<|im_assistant|>assistant<|im_middle|>")
+    assert ids.count(s["<|im_end|>"]) == 4
+
+
+def test_chat_template_jinja_file_wins_over_the_config(broken_folder):
+    (broken_folder / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|im_user|>{{ m['content'] }}{% endfor %}{{ eos_token }}")
+    tokenizer = Tokenizer.from_folder(broken_folder)
+    s = tokenizer.special_tokens
+    assert tokenizer.encode_chat([{"role": "user", "content": "x"}]) == [s["<|im_user|>"], *tokenizer.encode("x"),
+                                                                          s["[EOS]"]]
+
+
+# ---- streaming ---------------------------------------------------------------------------------------------
+def test_stream_decoder_holds_back_split_characters(small):
+    text = "héllo 😀 你好世界 👍🏽!"
+    ids = small.encode(text)
+    stream = StreamDecoder(small)
+    pieces = [stream.push(token_id) for token_id in ids]
+    assert "".join(pieces) + stream.flush() == text
+    assert "" in pieces  # some character was split across tokens and held back
+    assert all("\ufffd" not in piece for piece in pieces)
+
+
+def test_stream_decoder_replaces_invalid_bytes_like_decode(small):
+    ids = [0xF0, 0x9F, ord("a"), 0xFF, 0xE4, 0xBD]  # a cut 4-byte start, a stray byte, a cut 3-byte start
+    stream = StreamDecoder(small)
+    assert "".join(stream.push(token_id) for token_id in ids) + stream.flush() == small.decode(ids)
+
+
+# ---- the synthetic files -----------------------------------------------------------------------------------
+def test_synth_ranks_are_bytes_then_true_merges():
+    tokens = bpe_tokens(2000, seed=3)
+    assert tokens[:256] == [bytes([b]) for b in range(256)]
+    assert len(set(tokens)) == len(tokens) == 2000
+    rank = {token: r for r, token in enumerate(tokens)}
+    for r, token in enumerate(tokens[256:], start=256):
+        assert any(rank.get(token[:i], r) < r and rank.get(token[i:], r) < r for i in range(1, len(token))), token
+    assert bpe_tokens(2000, seed=3) == tokens != bpe_tokens(2000, seed=4)
+
+
+def test_synth_file_reads_the_same_with_tiktoken(small_folder, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # tiktoken's cache would otherwise keep a copy in /tmp
+    path = small_folder / "tiktoken.model"
+    assert read_bpe_ranks(path) == load_tiktoken_bpe(str(path))
+
+
+# ---- user errors -------------------------------------------------------------------------------------------
+def assert_one_line_error(folder: Path, file_name: str, words: str) -> None:
+    with pytest.raises(KLError) as error:
+        Tokenizer.from_folder(folder)
+    message = str(error.value)
+    assert file_name in message and words in message and "\n" not in message, message
+
+
+def test_missing_bpe_file(broken_folder):
+    (broken_folder / "tiktoken.model").unlink()
+    assert_one_line_error(broken_folder, "tiktoken.model", "no tiktoken.model")
+
+
+@pytest.mark.parametrize("bad_line, words", [
+    (b"not-base64! 7", "line 3 is not"),
+    (b"YWJj", "line 3 is not"),
+    (b"YWJj seven", "line 3 is not"),
+    (base64.b64encode(b"\x00") + b" 999", "repeated token"),
+])
+def test_malformed_bpe_line(broken_folder, bad_line, words):
+    path = broken_folder / "tiktoken.model"
+    lines = path.read_bytes().splitlines()
+    lines[2] = bad_line
+    path.write_bytes(b"\n".join(lines))
+    assert_one_line_error(broken_folder, "tiktoken.model", words)
+
+
+def test_missing_single_byte(broken_folder):
+    path = broken_folder / "tiktoken.model"
+    path.write_bytes(b"\n".join(path.read_bytes().splitlines()[1:]))
+    assert_one_line_error(broken_folder, "tiktoken.model", "single bytes have no rank")
+
+
+def test_bad_json(broken_folder):
+    (broken_folder / "tokenizer_config.json").write_text('{"added_tokens_decoder": {')
+    assert_one_line_error(broken_folder, "tokenizer_config.json", "not valid JSON")
+
+
+def test_special_id_colliding_with_a_rank(broken_folder):
+    edit_config(broken_folder, lambda c: c["added_tokens_decoder"].update({"5": {"content": "<|clash|>"}}))
+    assert_one_line_error(broken_folder, "tokenizer_config.json", "'<|clash|>' has id 5")
+
+
+def test_eos_token_not_among_the_specials(broken_folder):
+    edit_config(broken_folder, lambda c: c.update(eos_token="<|nowhere|>"))
+    assert_one_line_error(broken_folder, "tokenizer_config.json", "eos_token '<|nowhere|>'")
+
+
+def test_no_chat_template(broken_folder):
+    edit_config(broken_folder, lambda c: c.pop("chat_template"))
+    tokenizer = Tokenizer.from_folder(broken_folder)
+    assert tokenizer.decode(tokenizer.encode("still encodes")) == "still encodes"
+    with pytest.raises(KLError, match=r"tokenizer_config.json: no chat_template"):
+        tokenizer.encode_chat([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("template, words", [
+    ("{% for m in messages %}", "TemplateSyntaxError"),
+    ("{{ raise_exception('roles must alternate') }}", "roles must alternate"),
+    ("{{ messages[0]['content'] + 1 }}", "TypeError"),
+])
+def test_chat_template_that_fails_to_render(broken_folder, template, words):
+    edit_config(broken_folder, lambda c: c.update(chat_template=template))
+    tokenizer = Tokenizer.from_folder(broken_folder)
+    with pytest.raises(KLError) as error:
+        tokenizer.encode_chat([{"role": "user", "content": "hi"}])
+    message = str(error.value)
+    assert "tokenizer_config.json" in message and words in message and "\n" not in message, message
+
+
+def test_ids_missing_from_added_tokens_decoder_still_decode(broken_folder):
+    gap = SMALL_RANKS + 20
+    edit_config(broken_folder, lambda c: c["added_tokens_decoder"].pop(str(gap)))
+    tokenizer = Tokenizer.from_folder(broken_folder)
+    assert tokenizer.vocab_size == SMALL_RANKS + 256
+    assert tokenizer.decode([gap]) == f"<|reserved_token_{gap}|>"
