@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from klconvert.errors import KLError
+from klconvert.hub import DEFAULT_REPO
 
-DEFAULT_REPO = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
 DEFAULT_MODEL_DIR = "./Kimi-Linear-48B-A3B-Instruct-w4a16"  # where `pull-and-quantize --bits 4` writes
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(|B|KB|MB|GB|TB|KiB|MiB|GiB|TiB|K|M|G|T)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
@@ -45,6 +45,28 @@ def synth(preset: str, layers: int | None, seed: int, layout: str, out: Path) ->
     result = write_synth(preset, out, layers=layers, seed=seed, layout=layout)
     click.echo(f"wrote {result.path}: {result.tensors} tensors, {result.bytes / 1e9:.3f} GB in {result.shards} "
                "shard(s)", err=True)
+
+
+@cli.command()
+@click.argument("repo", default=DEFAULT_REPO)
+@click.option("--revision", default=None, help="Branch, tag or commit [default: main].")
+@click.option("--include", multiple=True, help="Only files matching this pattern (repeatable).")
+@click.option("--exclude", multiple=True, help="Skip files matching this pattern (repeatable).")
+@click.option("--local-dir", type=click.Path(path_type=Path), default=None, help="Download into this folder.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Hugging Face cache to use [default: $HF_HOME/hub].")
+def pull(repo: str, revision: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
+         local_dir: Path | None, cache_dir: Path | None) -> None:
+    """Download a repo's safetensors, configs and tokenizer (never pickles or code) and verify every file."""
+    from klconvert.hub import pull as hub_pull
+
+    if local_dir is not None and cache_dir is not None:
+        raise KLError("give at most one of --local-dir and --cache-dir")
+    result = hub_pull(repo, revision=revision, include=list(include) or None, exclude=list(exclude) or None,
+                      local_dir=local_dir, cache_dir=cache_dir)
+    click.echo(f"{repo}@{result.commit}: {len(result.files)} files verified, "
+               f"{result.bytes_downloaded / 1e9:.2f} GB downloaded", err=True)
+    click.echo(str(result.path))
 
 
 def _read_prompt(prompt_file: str) -> str:

@@ -166,7 +166,7 @@ class MoE(nn.Module):
             token, slot = (ids == e).nonzero(as_tuple=True)
             gate_up = F.linear(x[token], self.w13[e])
             y = F.linear(F.silu(gate_up[:, :I]) * gate_up[:, I:], self.w2[e])
-            out.index_add_(0, token, y.float() * weights[token, slot, None])
+            out[token] += y.float() * weights[token, slot, None]  # a token picks an expert once
         out += swiglu(x, *self.shared).float()
         return out.to(x.dtype).view(shape)
 

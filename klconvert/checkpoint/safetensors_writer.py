@@ -75,6 +75,7 @@ def write_shard(path: Path, tensors: list[PlannedTensor], metadata: dict[str, st
                 raise ValueError(f"{t.name}: made {value.dtype} {tuple(value.shape)}, planned {t.dtype} {t.shape}")
             if value.numel():
                 f.write(value.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del value  # release it before the next tensor is made
             if on_tensor:
                 on_tensor(t)
         f.flush()

@@ -33,10 +33,25 @@ class SynthResult:
     shards: int
 
 
+def _dtype(name: str) -> torch.dtype:
+    return torch.float32 if name.endswith(FP32_TENSORS) else torch.bfloat16
+
+
+def _normal(shape: tuple[int, ...], g: torch.Generator, mean: float, std: float, dtype: torch.dtype) -> torch.Tensor:
+    """N(mean, std^2) values made 16M at a time, so a large tensor never exists in fp32 as a whole."""
+    out = torch.empty(shape, dtype=dtype)
+    flat = out.view(-1)
+    step = 1 << 24
+    for i in range(0, flat.numel(), step):
+        n = min(step, flat.numel() - i)
+        flat[i:i + n] = (torch.randn(n, generator=g) * std + mean).to(dtype)
+    return out
+
+
 def _values(spec: TensorSpec, seed: int) -> torch.Tensor:
-    """Deterministic random values for one canonical tensor (fp32), scaled so activations stay O(1)."""
+    """Deterministic random values for one canonical tensor, in its stored dtype, scaled so activations stay O(1)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(spec.name.encode()))
-    name, shape = spec.name, spec.shape
+    name, shape, dtype = spec.name, spec.shape, _dtype(spec.name)
     if name.endswith("A_log"):
         return torch.empty(shape).uniform_(1.0, 16.0, generator=g).log()
     if name.endswith("dt_bias"):
@@ -45,19 +60,14 @@ def _values(spec: TensorSpec, seed: int) -> torch.Tensor:
     if name.endswith("e_score_correction_bias"):
         return torch.empty(shape).uniform_(-0.2, 0.2, generator=g)
     if spec.category == "norm":
-        return 1.0 + 0.1 * torch.randn(shape, generator=g)
+        return _normal(shape, g, 1.0, 0.1, dtype)
     if name.endswith("embed_tokens.weight"):
-        return torch.randn(shape, generator=g)
-    fan_in = math.prod(shape[1:])
-    return torch.randn(shape, generator=g) / math.sqrt(fan_in)
-
-
-def _dtype(name: str) -> torch.dtype:
-    return torch.float32 if name.endswith(FP32_TENSORS) else torch.bfloat16
+        return _normal(shape, g, 0.0, 1.0, dtype)
+    return _normal(shape, g, 0.0, 1.0 / math.sqrt(math.prod(shape[1:])), dtype)
 
 
 def _released_layout(expected: dict[str, TensorSpec], seed: int) -> list[PlannedTensor]:
-    return [PlannedTensor(s.name, _dtype(s.name), s.shape, lambda s=s: _values(s, seed).to(_dtype(s.name)))
+    return [PlannedTensor(s.name, _dtype(s.name), s.shape, lambda s=s: _values(s, seed))
             for s in expected.values()]
 
 
@@ -65,7 +75,7 @@ def _transformers_layout(expected: dict[str, TensorSpec], c: KimiLinearConfig, s
     """The native transformers port's layout, holding exactly the values of the released layout."""
     def make(*names: str, dim: int = 0, stack: bool = False):
         def build():
-            parts = [_values(expected[n], seed).to(_dtype(n)) for n in names]
+            parts = [_values(expected[n], seed) for n in names]
             return torch.stack(parts) if stack else torch.cat(parts, dim=dim)
         return build
 

@@ -1,0 +1,4 @@
+"""`python -m klconvert` runs the CLI."""
+from klconvert.cli import main
+
+main()

@@ -1,0 +1,398 @@
+"""`pull`: fetch a Hugging Face repo's safe files (safetensors, configs, tokenizer) and verify them."""
+from __future__ import annotations
+
+import errno
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx2
+from huggingface_hub import (
+    HfApi,
+    constants,
+    get_cached_repo_tree,
+    get_token,
+    snapshot_download,
+    try_to_load_from_cache,
+)
+from huggingface_hub.errors import (
+    CachedRepoTreeNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+    RevisionResolutionError,
+)
+from huggingface_hub.file_download import repo_folder_name
+from huggingface_hub.utils import filter_repo_objects
+from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
+
+from klconvert.errors import KLError
+
+DEFAULT_REPO = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
+# Everything a pull may fetch: weights, configs (index, tokenizer_config, special_tokens_map
+# included) and the tiktoken tokenizer with its chat templates. Anything else stays on the hub.
+ALLOWED_PATTERNS = ("*.safetensors", "*.json", "tiktoken.model", "*.jinja")
+# Never fetched, whatever --include says: pickles run code when loaded, .py files are remote code.
+REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".py")
+INDEX_FILE = "model.safetensors.index.json"
+# Provenance of a --local-dir pull, beside the files; never written into the HF cache's snapshots.
+LOCAL_DIR_RECORD = Path(".klconvert") / "pull.json"
+# huggingface_hub 2.4.0 deletes a partly downloaded file when its download fails, so a rerun
+# skips the finished files and starts the interrupted ones again.
+RERUN = "rerun the pull to continue (finished files are kept)"
+HASH_CHUNK_BYTES = 8 * 1024 * 1024
+HASH_WORKERS = 4  # hashlib releases the GIL on large buffers, so shards hash in parallel
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """One repo file as the hub describes it: size, and sha256 (LFS files) or git blob id (others)."""
+
+    path: str
+    size: int | None
+    sha256: str | None = None
+    blob_id: str | None = None
+
+
+@dataclass(frozen=True)
+class PulledFile:
+    """One file of a finished pull; sha256 is None only offline, where nothing was re-hashed."""
+
+    path: str
+    size: int
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """Where the pulled files are, which commit they come from, and what this run fetched.
+
+    `bytes_downloaded` counts the files this run added to the folder (fetched from the hub, or copied
+    from the HF cache into a --local-dir); 0 offline or when everything was already there.
+    """
+
+    path: Path
+    commit: str
+    files: list[PulledFile]
+    bytes_downloaded: int
+
+
+class _QuietTqdm(hf_tqdm):
+    """huggingface_hub's progress bar, always hidden: what `pull(progress=False)` hands it."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["disable"] = True
+        super().__init__(*args, **kwargs)
+
+
+def pull(
+    repo: str = DEFAULT_REPO,
+    revision: str | None = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    local_dir: Path | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> PullResult:
+    """Download `repo@revision`'s allowed files into the HF cache (or `local_dir`) and verify them.
+
+    `include`/`exclude` are `hf download`-style fnmatch patterns that narrow ALLOWED_PATTERNS.
+    With HF_HUB_OFFLINE=1 the pull is answered from the cache alone.
+    """
+    refuse_unsafe_includes(include)
+    cache_dir = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
+    local_dir = Path(local_dir) if local_dir is not None else None
+    target = local_dir if local_dir is not None else cache_dir
+    offline = constants.is_offline_mode()
+    api = HfApi()
+    with _as_user_errors(repo, revision, api.endpoint, target):
+        resolved = api.resolve_revision(repo, revision=revision, cache_dir=cache_dir, local_files_only=offline)
+        commit = resolved.resolved
+        where = f"{repo}@{commit}"
+        if offline:
+            listing = _cached_listing(repo, commit, cache_dir, local_dir)
+        else:
+            listing = _published_listing(api, repo, commit)
+        wanted = _select_from(listing, include, exclude, where) if listing is not None else None
+        fetch_bytes = 0
+        if not offline:
+            missing = [f for f in wanted if not _is_already_here(f, repo, commit, cache_dir, local_dir)]
+            fetch_bytes = sum(f.size or 0 for f in missing)
+            free = free_disk_bytes(target)
+            if progress:
+                _announce(repo, revision, commit, listing, wanted, fetch_bytes, target, free)
+            if fetch_bytes > free:
+                raise KLError(
+                    f"not enough disk space in {target}: pulling {where} needs {_size(fetch_bytes)} for "
+                    f"{len(missing)} files but only {_size(free)} is free; free space or pass a --local-dir or "
+                    "--cache-dir on a larger disk"
+                )
+            if local_dir is not None:  # a record of an earlier pull must not describe a half-updated folder
+                (local_dir / LOCAL_DIR_RECORD).unlink(missing_ok=True)
+        folder = Path(
+            snapshot_download(
+                repo,
+                revision=resolved,
+                cache_dir=cache_dir,
+                local_dir=local_dir,
+                allow_patterns=[glob.escape(f.path) for f in wanted] if wanted is not None else None,
+                tqdm_class=None if progress else _QuietTqdm,
+            )
+        )
+    if listing is None:  # offline, and the cache holds no tree listing (older huggingface_hub): use the disk
+        listing = _listing_on_disk(folder)
+        wanted = _select_from(listing, include, exclude, where)
+    files = _check_sizes(folder, wanted, where) if offline else _verify(folder, wanted, where, progress)
+    _check_index_shards(folder, listing, wanted, where)
+    if local_dir is not None and not offline:
+        _write_local_dir_record(folder, repo, revision, commit, files)
+    return PullResult(path=folder, commit=commit, files=files, bytes_downloaded=fetch_bytes)
+
+
+def refuse_unsafe_includes(include: list[str] | None) -> None:
+    """Raise KLError when an --include pattern asks for pickles or Python files."""
+    for pattern in include or ():
+        if pattern.lower().endswith(REFUSED_SUFFIXES):
+            raise KLError(
+                f"--include {pattern!r} asks for files klconvert never downloads ({', '.join(REFUSED_SUFFIXES)}): "
+                "pickles run code when loaded and .py files are remote code; pull the safetensors weights instead"
+            )
+
+
+def select_files(
+    paths: list[str], include: list[str] | None = None, exclude: list[str] | None = None
+) -> list[str]:
+    """The repo paths a pull fetches: ALLOWED_PATTERNS, narrowed by include, minus exclude."""
+    allowed = filter_repo_objects(paths, allow_patterns=list(ALLOWED_PATTERNS))
+    return sorted(filter_repo_objects(allowed, allow_patterns=include, ignore_patterns=exclude))
+
+
+def free_disk_bytes(folder: Path) -> int:
+    """Free bytes on the disk that holds `folder` (or its nearest existing parent)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    return shutil.disk_usage(existing).free
+
+
+def _published_listing(api: HfApi, repo: str, commit: str) -> list[HubFile]:
+    """Every file of the repo at `commit` with the size and hashes the hub publishes."""
+    info = api.model_info(repo, revision=commit, files_metadata=True)
+    return [
+        HubFile(path=s.rfilename, size=s.size, sha256=s.lfs.sha256 if s.lfs else None, blob_id=s.blob_id)
+        for s in info.siblings or []
+    ]
+
+
+def _cached_listing(repo: str, commit: str, cache_dir: Path, local_dir: Path | None) -> list[HubFile] | None:
+    """The repo listing an earlier online pull left in the cache (sizes and blob ids), if any."""
+    try:
+        tree = get_cached_repo_tree(repo, revision=commit, cache_dir=cache_dir, local_dir=local_dir)
+    except CachedRepoTreeNotFoundError:
+        return None
+    return [HubFile(path=f.path, size=f.size) for f in tree]
+
+
+def _listing_on_disk(folder: Path) -> list[HubFile]:
+    """The files under a downloaded folder, skipping huggingface_hub's and klconvert's own metadata."""
+    metadata_folders = (".cache/", f"{LOCAL_DIR_RECORD.parent}/")
+    files = (p for p in folder.rglob("*") if p.is_file())
+    listing = [HubFile(path=p.relative_to(folder).as_posix(), size=p.stat().st_size) for p in files]
+    return [f for f in listing if not f.path.startswith(metadata_folders)]
+
+
+def _select_from(listing: list[HubFile], include, exclude, where: str) -> list[HubFile]:
+    """The listing's files that select_files keeps; KLError when that is nothing."""
+    by_path = {f.path: f for f in listing}
+    chosen = select_files(list(by_path), include, exclude)
+    if not chosen:
+        raise KLError(
+            f"no file of {where} matches the allowed set {list(ALLOWED_PATTERNS)} narrowed by "
+            f"include={include} exclude={exclude}; the repo has: {', '.join(sorted(by_path)[:10]) or 'no files'}"
+        )
+    return [by_path[p] for p in chosen]
+
+
+def _is_already_here(f: HubFile, repo: str, commit: str, cache_dir: Path, local_dir: Path | None) -> bool:
+    """Whether huggingface_hub will skip this file: in --local-dir with the right size, or in the cache
+    (in the commit's snapshot, or as the blob of another commit)."""
+    if local_dir is not None:
+        local = local_dir / f.path
+        return local.is_file() and local.stat().st_size == f.size
+    if isinstance(try_to_load_from_cache(repo, f.path, cache_dir=cache_dir, revision=commit), str):
+        return True
+    blob_name = f.sha256 or f.blob_id  # huggingface_hub names a blob by its ETag: sha256 (LFS) or git blob id
+    storage = cache_dir / repo_folder_name(repo_id=repo, repo_type="model")
+    return blob_name is not None and (storage / "blobs" / blob_name).is_file()
+
+
+def _announce(repo, revision, commit, listing: list[HubFile], wanted: list[HubFile], fetch_bytes, target, free):
+    """Tell the terminal what this pull takes, leaves on the hub, and fetches."""
+    left_out = sorted({f.path for f in listing} - {f.path for f in wanted})
+    total = sum(f.size or 0 for f in wanted)
+    print(
+        f"{repo}@{revision or constants.DEFAULT_REVISION} is commit {commit}: pulling {len(wanted)} files "
+        f"({_size(total)}), leaving {len(left_out)} on the hub ({', '.join(left_out[:5])}"
+        f"{', ...' if len(left_out) > 5 else ''}); {_size(total - fetch_bytes)} already here, "
+        f"fetching {_size(fetch_bytes)} into {target} ({_size(free)} free)",
+        file=sys.stderr,
+    )
+
+
+def _verify(folder: Path, wanted: list[HubFile], where: str, progress: bool) -> list[PulledFile]:
+    """Check each file's size and hash against the hub's; remove the bad ones and raise KLError."""
+    total = sum((folder / f.path).stat().st_size for f in wanted if (folder / f.path).is_file())
+    with hf_tqdm(total=total, unit="B", unit_scale=True, desc="Verifying", disable=not progress) as bar:
+        with ThreadPoolExecutor(max_workers=HASH_WORKERS) as pool:
+            checks = list(pool.map(lambda f: _check_file(folder, f, bar), wanted))
+    problems = [problem for _, problem in checks if problem is not None]
+    if problems:
+        for f, (_, problem) in zip(wanted, checks):
+            if problem is not None:
+                _remove(folder / f.path)
+        raise KLError(
+            f"{len(problems)} file(s) of {where} failed verification and were removed, rerun to fetch them "
+            f"again: {'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}"
+        )
+    return [pulled for pulled, _ in checks]
+
+
+def _check_file(folder: Path, f: HubFile, bar) -> tuple[PulledFile | None, str | None]:
+    """(the verified file, None) or (None, what is wrong with it)."""
+    local = folder / f.path
+    if not local.is_file():
+        return None, f"{f.path} is missing after the download"
+    size = local.stat().st_size
+    if f.size is not None and size != f.size:
+        return None, f"{f.path} has {size} bytes, the hub published {f.size}"
+    sha256, git_blob_id = _digests(local, size, bar)
+    if f.sha256 is not None and sha256 != f.sha256:
+        return None, f"{f.path} has sha256 {sha256}, the hub published {f.sha256}"
+    if f.sha256 is None and f.blob_id is not None and git_blob_id != f.blob_id:
+        return None, f"{f.path} has git blob id {git_blob_id}, the hub published {f.blob_id}"
+    return PulledFile(path=f.path, size=size, sha256=sha256), None
+
+
+def _digests(path: Path, size: int, bar) -> tuple[str, str]:
+    """(sha256, git blob sha1) of a file, streamed in HASH_CHUNK_BYTES chunks."""
+    sha256 = hashlib.sha256()
+    git_blob = hashlib.sha1(b"blob %d\0" % size)  # git hashes the header "blob <size>\0" then the bytes
+    with open(path, "rb") as stream:
+        while chunk := stream.read(HASH_CHUNK_BYTES):
+            sha256.update(chunk)
+            git_blob.update(chunk)
+            bar.update(len(chunk))
+    return sha256.hexdigest(), git_blob.hexdigest()
+
+
+def _check_sizes(folder: Path, wanted: list[HubFile], where: str) -> list[PulledFile]:
+    """Offline check: every wanted file is on disk with the size the cached listing records."""
+    problems = []
+    for f in wanted:
+        local = folder / f.path
+        if not local.is_file():
+            problems.append(f"{f.path} is missing")
+        elif f.size is not None and local.stat().st_size != f.size:
+            problems.append(f"{f.path} has {local.stat().st_size} bytes, the hub published {f.size}")
+    if problems:
+        raise KLError(
+            f"the cached copy of {where} in {folder} is incomplete and HF_HUB_OFFLINE is set: "
+            f"{'; '.join(problems[:3])}; unset HF_HUB_OFFLINE and rerun to fetch the rest"
+        )
+    return [PulledFile(path=f.path, size=(folder / f.path).stat().st_size, sha256=f.sha256) for f in wanted]
+
+
+def _check_index_shards(folder: Path, listing: list[HubFile], wanted: list[HubFile], where: str) -> None:
+    """Every shard the safetensors index names is downloaded, unless include/exclude left it out."""
+    if INDEX_FILE not in {f.path for f in wanted}:
+        return
+    try:
+        shards = set(json.loads((folder / INDEX_FILE).read_text())["weight_map"].values())
+    except (ValueError, KeyError, AttributeError) as e:
+        raise KLError(f"{INDEX_FILE} of {where} is not a safetensors index ({e}); the repo is broken") from e
+    left_out_by_filters = set(select_files([f.path for f in listing])) - {f.path for f in wanted}
+    missing = sorted(s for s in shards - left_out_by_filters if not (folder / s).is_file())
+    if missing:
+        raise KLError(
+            f"{INDEX_FILE} of {where} names {len(missing)} shard(s) that were not downloaded "
+            f"({', '.join(missing[:3])}): they are not in the repo at this commit"
+        )
+
+
+def _remove(path: Path) -> None:
+    """Delete a bad file; in the HF cache also the blob its snapshot link points to."""
+    if path.is_symlink():
+        path.resolve().unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+
+
+def _write_local_dir_record(folder: Path, repo, revision, commit, files: list[PulledFile]) -> None:
+    """Write LOCAL_DIR_RECORD (repo, revision, commit, files with sizes and sha256) atomically."""
+    record = folder / LOCAL_DIR_RECORD
+    record.parent.mkdir(parents=True, exist_ok=True)
+    body = {
+        "repo": repo,
+        "revision": revision or constants.DEFAULT_REVISION,
+        "commit": commit,
+        "files": [asdict(f) for f in files],
+    }
+    partial = record.with_name(record.name + ".partial")
+    partial.write_text(json.dumps(body, indent=1) + "\n")
+    os.replace(partial, record)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+@contextmanager
+def _as_user_errors(repo: str, revision: str | None, endpoint: str, target: Path) -> Iterator[None]:
+    """Turn huggingface_hub's errors a user can cause into one-line KLErrors saying what to do."""
+    revision = revision or constants.DEFAULT_REVISION
+    where = f"{repo}@{revision}"
+    try:
+        yield
+    except GatedRepoError as e:
+        raise KLError(f"{repo} is gated: accept its terms at {endpoint}/{repo}, then set HF_TOKEN") from e
+    except RepositoryNotFoundError as e:
+        if e.response.status_code == 401 and get_token() is None:
+            raise KLError(
+                f"{endpoint} has no repo {repo} it will show without a token: check the name, or if it is "
+                "private set HF_TOKEN (or run `hf auth login`)"
+            ) from e
+        raise KLError(f"{endpoint} has no repo {repo} visible to your token: check the name") from e
+    except RevisionNotFoundError as e:
+        raise KLError(f"{repo} has no revision {revision!r}: pass a branch, tag or commit sha that exists") from e
+    except (RevisionResolutionError, LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+        if constants.is_offline_mode():
+            raise KLError(
+                f"HF_HUB_OFFLINE is set and {target} holds no complete copy of {where}: "
+                "unset HF_HUB_OFFLINE and pull once online"
+            ) from e
+        raise KLError(f"cannot fetch {where} from {endpoint}: {_first_line(e)}; {RERUN}") from e
+    except HfHubHTTPError as e:
+        if e.response.status_code == 401:
+            raise KLError(f"{endpoint} rejected the token for {repo}: check HF_TOKEN") from e
+        raise KLError(f"{endpoint} failed while pulling {where}: {_first_line(e)}; {RERUN}") from e
+    except httpx2.TransportError as e:
+        raise KLError(
+            f"lost the connection to {endpoint} while pulling {where} ({_first_line(e)}); {RERUN}, "
+            "or set HF_HUB_OFFLINE=1 to use a cached copy"
+        ) from e
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise KLError(f"disk full while pulling {where} into {target}: free space and rerun") from e
+        raise KLError(f"pulling {where} into {target} failed: {_first_line(e)}; {RERUN}") from e
+
+
+def _first_line(error: Exception) -> str:
+    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)

@@ -1,0 +1,42 @@
+"""The default policy for Kimi Linear: every linear layer at --bits except the few kept as they are."""
+from __future__ import annotations
+
+from klconvert.quant.policy import LINEAR, Entry, Group, Policy
+from klconvert.quant.scheme import NF4_BLOCKSIZE, QuantScheme
+
+# The main group targets "Linear" rather than a list of regexes on purpose: vLLM's compressed-tensors
+# MoE method looks the routed experts' scheme up under "Linear" (or gate/up/down_proj names, which
+# Kimi's w1/w2/w3 are not), and llm-compressor's MoE recipes do the same. What stays out is listed in
+# `ignore`, which both vLLM and transformers (as llm_int8_skip_modules) read.
+# With the names of reference/model.md this quantizes: routed experts w1/w2/w3, shared experts,
+# the dense MLP of layer 0, KDA q/k/v/o_proj and MLA q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj.
+KEEP = (
+    r"re:.*\.(block_sparse_moe|mlp)\.gate$",   # MoE router (gate.weight; its correction bias is not a weight)
+    r"re:.*\.(f_a|f_b|g_a|g_b|b)_proj$",       # KDA forget/output gate low-rank pairs and beta: tiny, sensitive
+    r"re:.*conv1d$",                           # KDA short convolutions (vLLM builds them as linear layers)
+)
+# Not linear layers, hence never selected by "Linear": embed_tokens, every norm, A_log, dt_bias,
+# e_score_correction_bias (Policy refuses any target that would select them).
+
+
+def policy_from_options(bits: int = 4, group_size: int = 128, symmetric: bool = True, scheme: str = "int",
+                        lm_head_bits: int | None = 8) -> Policy:
+    """The default policy for the converter's --bits/--group-size/--symmetric/--scheme options.
+
+    scheme "int": group_0 = "Linear" at `bits` (group_size, symmetric), group_1 = lm_head at
+    `lm_head_bits` (symmetric, same group size; None keeps lm_head as it is).
+    scheme "nf4": every linear layer outside KEEP in bitsandbytes NF4 (bits must be 4, blocks of 64);
+    lm_head stays as it is, since a bitsandbytes 4-bit checkpoint cannot hold an 8-bit layer.
+    Targets that select nothing in a given checkpoint are dropped by Policy.check_against.
+    """
+    keep = [Entry(p) for p in KEEP]
+    if scheme == "nf4":
+        main = QuantScheme(bits=bits, group_size=NF4_BLOCKSIZE, symmetric=True, kind="nf4")
+        return Policy(groups=(Group("group_0", (Entry(LINEAR),), main),), ignore=(*keep, Entry("lm_head")),
+                      strict=False)
+    groups = [Group("group_0", (Entry(LINEAR),), QuantScheme(bits, group_size, symmetric, scheme))]
+    if lm_head_bits is None:
+        keep.append(Entry("lm_head"))
+    else:
+        groups.append(Group("group_1", (Entry("lm_head"),), QuantScheme(lm_head_bits, group_size, True, "int")))
+    return Policy(groups=tuple(groups), ignore=tuple(keep), strict=False)

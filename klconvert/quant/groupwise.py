@@ -1,0 +1,98 @@
+"""Group-wise integer quantization of a 2-D weight, with compressed-tensors' exact numerics."""
+from __future__ import annotations
+
+import torch
+
+from klconvert.errors import KLError
+
+SUPPORTED_BITS = (4, 8)
+CHANNEL = -1  # group_size meaning "one group per output row" (compressed-tensors strategy "channel")
+_SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# The arithmetic below copies compressed-tensors 0.20 step by step, in the same dtypes, so that its
+# decompressor reproduces our dequantized weights bit for bit:
+# - min/max per group in the weight's dtype (llm-compressor's min-max observer), widened to include 0;
+# - calculate_qparams: symmetric scale = absmax / (range / 2), with range = qmax - qmin = 2**bits - 1,
+#   so int4 uses absmax / 7.5 over the signed range [-8, 7] (+absmax rounds to 8 and clamps to 7);
+#   asymmetric scale = (max - min) / range, zero point = qmin - min / scale, clamped, rounded to int8;
+#   a zero scale becomes the scale dtype's eps;
+# - quantize (the torch path, as on CPU): x / scale (+ zero point), clamp to [qmin, qmax], round half
+#   to even, int8;  dequantize: (q - zero point) * scale, all in the scale's dtype.
+# On CUDA, compressed-tensors quantizes with a Triton kernel that divides in fp32 instead of the
+# weight's dtype; its decompressor (what vLLM and transformers run) is the same on every device.
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """The signed integer range compressed-tensors quantizes to: [-2**(bits-1), 2**(bits-1) - 1]."""
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def check_groupwise(name: str, shape: tuple[int, ...], bits: int, group_size: int | None) -> int:
+    """Check a tensor can take this scheme; return the effective group size (the input dim for channel)."""
+    if bits not in SUPPORTED_BITS:
+        raise KLError(f"{name}: {bits}-bit integer quantization is not supported; use one of {SUPPORTED_BITS}")
+    if len(shape) != 2:
+        raise KLError(f"{name}: shape {list(shape)} is not a 2-D [out, in] weight; only linear weights can be "
+                      "quantized group-wise -- leave this tensor out of the recipe's targets")
+    n_in = shape[1]
+    if group_size is None or group_size == CHANNEL:
+        return n_in
+    if group_size <= 0 or group_size % 8:
+        raise KLError(f"{name}: group size {group_size} is not a positive multiple of 8 (or -1 for per-channel); "
+                      "use 32, 64 or 128")
+    if n_in % group_size:
+        raise KLError(f"{name}: group size {group_size} does not divide the input dim of shape {list(shape)}; "
+                      f"use a group size that divides {n_in} or leave this tensor out of the recipe's targets")
+    return group_size
+
+
+@torch.no_grad()
+def quantize_groupwise(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
+                       name: str = "weight") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Quantize w [out, in] in groups of `group_size` input columns (-1 or None: per output channel).
+
+    Returns (q int8 [out, in] in [qmin, qmax], scale [out, in/group] in w's dtype,
+    zero_point int8 [out, in/group] or None when symmetric).
+    """
+    gs = check_groupwise(name, tuple(w.shape), bits, group_size)
+    if w.dtype not in _SCALE_DTYPES:
+        raise KLError(f"{name}: dtype {w.dtype} is not a floating-point weight; only float weights can be quantized")
+    qmin, qmax = qrange(bits)
+    # 0-dim fp32 bounds, as compressed-tensors' calculate_range builds them (they do not widen bf16 math)
+    q_min, q_max = torch.tensor(float(qmin), device=w.device), torch.tensor(float(qmax), device=w.device)
+    bit_range = q_max - q_min
+
+    groups = w.unflatten(-1, (w.shape[-1] // gs, gs))                       # (out, G, gs)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)                       # (out, G)
+    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):  # NaN and Inf reach min or max
+        raise KLError(f"{name}: the weight holds NaN or Inf values; the checkpoint is damaged -- re-download it")
+    lo, hi = torch.min(lo, torch.zeros_like(lo)), torch.max(hi, torch.zeros_like(hi))
+    if symmetric:
+        scale = torch.max(lo.abs(), hi.abs()) / (bit_range.to(w.dtype) / 2)
+        zero_point = None
+    else:
+        scale = (hi - lo) / bit_range.to(w.dtype)
+        zp = torch.clamp(q_min - lo / scale, q_min, q_max)
+        # an all-zero group gives 0/0; compressed-tensors casts that NaN to int8 (0 on x86): pin it to 0
+        zp = torch.nan_to_num(zp, nan=0.0)
+        zero_point = torch.round(zp).to(torch.int8)
+    eps = torch.tensor(torch.finfo(scale.dtype).eps, dtype=scale.dtype, device=w.device)
+    scale = torch.where(scale == 0, eps, scale)
+
+    x = groups / scale.unsqueeze(-1)                                        # (out, G, gs)
+    if zero_point is not None:
+        x += zero_point.to(w.dtype).unsqueeze(-1)
+    q = torch.round(torch.clamp(x, q_min, q_max)).to(torch.int8).flatten(-2)  # (out, in)
+    return q, scale, zero_point
+
+
+@torch.no_grad()
+def dequantize_groupwise(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None,
+                         dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(q - zero_point) * scale per group, computed in scale's dtype; the group size is in / scale.shape[1]."""
+    n_groups = scale.shape[-1]
+    x = q.unflatten(-1, (n_groups, q.shape[-1] // n_groups)).to(scale.dtype)  # (out, G, gs)
+    if zero_point is not None:
+        x = x - zero_point.to(scale.dtype).unsqueeze(-1)
+    w = (x * scale.unsqueeze(-1)).flatten(-2)                                 # (out, in)
+    return w if dtype is None else w.to(dtype)

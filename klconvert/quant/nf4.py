@@ -1,0 +1,87 @@
+"""NF4 through bitsandbytes: a module's 4-bit tensors as transformers saves them, and its quantization_config."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from klconvert.errors import KLError
+from klconvert.quant.pack_quantized import local_names
+from klconvert.quant.scheme import NF4_BLOCKSIZE
+
+# Linear4bit._save_to_state_dict writes "<module>.weight" plus QuantState.as_dict(packed=True) under
+# "<module>.weight.": absmax (uint8 when double-quantized), quant_map, the nested_* pair and one uint8
+# tensor holding the non-tensor fields as JSON (quant_type, blocksize, dtype, shape, nested_*).
+NF4_NAMES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
+             "weight.quant_state.bitsandbytes__nf4")
+
+
+def _bnb():
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError:
+        raise KLError("nf4 needs the bitsandbytes package: `pip install bitsandbytes`; or use --scheme int") from None
+    return bnbf
+
+
+@torch.no_grad()
+def compress_nf4(prefix: str, w: torch.Tensor, double_quant: bool = True) -> dict[str, torch.Tensor]:
+    """Quantize module `prefix`'s weight w [out, in] to NF4 (blocks of 64) with bitsandbytes, on w's device.
+
+    Returns {prefix.weight: uint8 [out*in/2, 1], prefix.weight.absmax, .quant_map,
+    (.nested_absmax, .nested_quant_map when double_quant), .quant_state.bitsandbytes__nf4}.
+    """
+    if w.ndim != 2 or not w.is_floating_point():
+        raise KLError(f"{prefix}.weight: shape {list(w.shape)} {w.dtype} is not a 2-D float linear weight; "
+                      "leave it out of the recipe's targets")
+    if w.numel() % NF4_BLOCKSIZE:
+        raise KLError(f"{prefix}.weight: {w.numel()} elements do not fill whole NF4 blocks of {NF4_BLOCKSIZE}; "
+                      "leave it out of the recipe's targets")
+    if not bool(torch.isfinite(w).all()):
+        raise KLError(f"{prefix}.weight: the weight holds NaN or Inf values; the checkpoint is damaged -- "
+                      "re-download it")
+    packed, state = _bnb().quantize_4bit(w.contiguous(), blocksize=NF4_BLOCKSIZE, compress_statistics=double_quant,
+                                         quant_type="nf4", quant_storage=torch.uint8)
+    out = {f"{prefix}.weight": packed}
+    for key, t in state.as_dict(packed=True).items():
+        # clone: quant_map is bitsandbytes' shared code book, and safetensors refuses shared storage
+        out[f"{prefix}.weight.{key}"] = t.clone().contiguous()
+    return out
+
+
+@torch.no_grad()
+def decompress_nf4(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Rebuild one module's weight (in the dtype it was quantized from) from its NF4 tensors."""
+    found = local_names(tensors, NF4_NAMES)
+    missing = [n for n in ("weight", "weight.absmax", "weight.quant_map", "weight.quant_state.bitsandbytes__nf4")
+               if n not in found]
+    if missing:
+        raise KLError(f"nf4 tensors {sorted(tensors)[:4]} lack {missing}; the checkpoint is incomplete -- "
+                      "re-run the conversion")
+    bnbf = _bnb()
+    packed = found.pop("weight")
+    state = bnbf.QuantState.from_dict({k.removeprefix("weight."): v for k, v in found.items()}, device=packed.device)
+    return bnbf.dequantize_4bit(packed, state)
+
+
+def bnb_quantization_config(skip_modules: Sequence[str], compute_dtype: str = "bfloat16",
+                            double_quant: bool = True) -> dict:
+    """config.json's `quantization_config` for a pre-quantized bitsandbytes NF4 checkpoint.
+
+    transformers converts every nn.Linear not matched by `llm_int8_skip_modules` (regexes from the
+    start of the module name up to a '.', or name suffixes), and adds no default skips once the
+    list is given -- so every linear left in high precision must be listed.
+    """
+    return {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_compute_dtype": compute_dtype,
+        "bnb_4bit_use_double_quant": double_quant,
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": list(skip_modules),
+        "llm_int8_threshold": 6.0,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_enable_fp32_cpu_offload": False,
+    }

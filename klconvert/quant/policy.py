@@ -1,0 +1,195 @@
+"""Policy: which tensor gets which QuantScheme, decided by tensor name as compressed-tensors and vLLM match it."""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import yaml
+
+from klconvert.errors import KLError
+from klconvert.quant.groupwise import check_groupwise
+from klconvert.quant.nf4 import bnb_quantization_config
+from klconvert.quant.scheme import NF4_BLOCKSIZE, QuantScheme, compressed_tensors_config
+
+LINEAR = "Linear"  # the class-name target: every 2-D linear `.weight` (vLLM counts the router and convs as linear)
+
+# Tensors the runtimes keep in high precision (reference/model.md); matched on the match key (below).
+_PROTECTED = (
+    (re.compile(r"(.*\.)?gate$"), "the MoE router"),
+    (re.compile(r".*\.e_score_correction_bias$"), "the router's correction bias"),
+    (re.compile(r".*(^|\.)A_log$"), "the KDA decay A_log"),
+    (re.compile(r".*(^|\.)dt_bias$"), "the KDA dt_bias"),
+    (re.compile(r".*conv1d$"), "a short-convolution weight"),
+    (re.compile(r".*norm$"), "a norm weight"),
+    (re.compile(r"(.*\.)?embed_tokens$"), "the token embedding"),
+)
+_EMBEDDING = re.compile(r"(.*\.)?embed_tokens$")
+
+
+def match_key(tensor_name: str) -> str:
+    """What targets and ignore entries are matched against: the module name for a `.weight`
+    (as compressed-tensors and vLLM do), the full name for any other tensor."""
+    return tensor_name.removesuffix(".weight") if tensor_name.endswith(".weight") else tensor_name
+
+
+def is_linear_weight(tensor_name: str, shape: Sequence[int]) -> bool:
+    """A 2-D `.weight` that is not an embedding: what the "Linear" target means by name alone."""
+    return tensor_name.endswith(".weight") and len(shape) == 2 and not _EMBEDDING.match(match_key(tensor_name))
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One targets/ignore item: `re:<regex>` (re.match on the match key), an exact module name, or
+    "Linear"; `where` says where it was written ("recipe.yaml:12" or "default policy")."""
+
+    pattern: str
+    where: str = field(default="default policy", compare=False)
+    regex: re.Pattern | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise KLError(f"{self.where}: a target or ignore entry must be a non-empty string, got {self.pattern!r}")
+        if self.pattern.startswith("re:"):
+            try:
+                object.__setattr__(self, "regex", re.compile(self.pattern[3:]))
+            except re.error as e:
+                raise KLError(f"{self.where}: {self.pattern!r} is not a valid regular expression ({e}); "
+                              "fix the pattern (remember to escape '.' as '\\\\.' in YAML double quotes)") from None
+
+    def matches(self, key: str, linear: bool) -> bool:
+        if self.pattern == LINEAR:
+            return linear
+        if self.regex is not None:
+            return self.regex.match(key) is not None
+        return key == self.pattern
+
+
+@dataclass(frozen=True)
+class Group:
+    """A config group: the modules its targets select are stored with `scheme`."""
+
+    name: str
+    targets: tuple[Entry, ...]
+    scheme: QuantScheme
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Config groups plus an ignore list, matched like compressed-tensors / vLLM: ignore wins; a name
+    target (exact or `re:`) beats "Linear"; two groups whose name targets both select a module are an
+    error, because compressed-tensors and vLLM break that tie differently.
+
+    strict: a target that selects no tensor is an error (recipes); otherwise check_against drops it.
+    """
+
+    groups: tuple[Group, ...]
+    ignore: tuple[Entry, ...] = ()
+    strict: bool = True
+
+    def __post_init__(self):
+        kinds = {g.scheme.kind for g in self.groups}
+        if len(kinds) > 1:
+            g = next(g for g in self.groups if g.scheme.kind == "nf4")
+            raise KLError(f"{g.targets[0].where if g.targets else 'recipe'}: group {g.name} is nf4 but others are "
+                          "integer; one checkpoint holds either compressed-tensors or bitsandbytes weights, not both")
+        names = [g.name for g in self.groups]
+        if len(set(names)) != len(names):
+            raise KLError(f"config group names must be unique, got {names}")
+        for e in self.ignore:
+            if e.pattern == LINEAR:
+                raise KLError(f"{e.where}: ignore takes module names or re: patterns, not {LINEAR!r}")
+
+    @property
+    def kind(self) -> str:
+        return self.groups[0].scheme.kind if self.groups else "int"
+
+    def _resolve(self, tensor_name: str, shape: Sequence[int]) -> tuple[Group, list[Entry]] | None:
+        """The group that stores this tensor and the targets that selected it, or None; KLError when the
+        match is ambiguous or selects a tensor that cannot or must not be quantized."""
+        key, linear = match_key(tensor_name), is_linear_weight(tensor_name, shape)
+        if any(e.matches(key, linear) for e in self.ignore):
+            return None
+        hits = [(g, e) for g in self.groups for e in g.targets if e.pattern != LINEAR and e.matches(key, linear)]
+        if not hits:
+            hits = [(g, e) for g in self.groups for e in g.targets if e.pattern == LINEAR and e.matches(key, linear)]
+        if not hits:
+            return None
+        group, entry = hits[0]
+        for other, other_entry in hits[1:]:
+            if other.name != group.name:
+                raise KLError(f"{tensor_name} is selected by {entry.pattern!r} of {group.name} ({entry.where}) and by "
+                              f"{other_entry.pattern!r} of {other.name} ({other_entry.where}); runtimes disagree on "
+                              "which wins -- narrow one pattern or add the module to the other group's ignore")
+        for pattern, what in _PROTECTED:
+            if pattern.match(key):
+                raise KLError(f"{entry.where}: target {entry.pattern!r} of {group.name} would quantize {tensor_name} "
+                              f"({what}), which must stay in high precision; narrow the target or add it to ignore")
+        if not linear:
+            raise KLError(f"{entry.where}: target {entry.pattern!r} of {group.name} selects {tensor_name} "
+                          f"{list(shape)}, which is not a 2-D linear weight; narrow the target or add it to ignore")
+        if group.scheme.kind == "int":
+            check_groupwise(f"{tensor_name} (target {entry.pattern!r} of {group.name}, {entry.where})", tuple(shape),
+                            group.scheme.bits, group.scheme.group_size)
+        elif shape[0] * shape[1] % NF4_BLOCKSIZE:
+            raise KLError(f"{tensor_name} {list(shape)} does not fill whole NF4 blocks of {NF4_BLOCKSIZE}; "
+                          f"add it to ignore ({entry.where})")
+        return group, [e for g, e in hits if g.name == group.name]
+
+    def scheme_for(self, tensor_name: str, shape: Sequence[int]) -> QuantScheme | None:
+        """The scheme to store this tensor with, or None to keep it as it is."""
+        hit = self._resolve(tensor_name, shape)
+        return hit[0].scheme if hit else None
+
+    def check_against(self, names_and_shapes: Iterable[tuple[str, Sequence[int]]]) -> Policy:
+        """Check the policy against a checkpoint's tensor list before converting anything.
+
+        KLError for: a match scheme_for refuses; a linear weight neither targeted nor ignored (vLLM and
+        bitsandbytes need every linear layer accounted for); under `strict`, a target that selects no
+        tensor. Returns the policy without unused targets (and groups left empty) -- the one to apply
+        and to write as recipe.yaml.
+        """
+        used: set[tuple[str, str]] = set()
+        for name, shape in names_and_shapes:
+            hit = self._resolve(name, shape)
+            if hit:
+                used.update((hit[0].name, e.pattern) for e in hit[1])
+            elif is_linear_weight(name, shape) and not any(e.matches(match_key(name), True) for e in self.ignore):
+                raise KLError(f"{name} {list(shape)} is a linear weight that no target selects and no ignore entry "
+                              "lists; runtimes would not know how it is stored -- add it to a group's targets or "
+                              "to ignore")
+        groups = []
+        for g in self.groups:
+            unused = [e for e in g.targets if (g.name, e.pattern) not in used]
+            if unused and self.strict:
+                e = unused[0]
+                raise KLError(f"{e.where}: target {e.pattern!r} of {g.name} selects no tensor of this checkpoint "
+                              "(after ignore); fix the pattern or remove it")
+            kept = tuple(e for e in g.targets if (g.name, e.pattern) in used)
+            if kept:
+                groups.append(replace(g, targets=kept))
+        return replace(self, groups=tuple(groups))
+
+    def quantization_config(self) -> dict:
+        """config.json's `quantization_config`: compressed-tensors for int groups, bitsandbytes for nf4."""
+        if self.kind == "nf4":
+            return bnb_quantization_config([e.pattern.removeprefix("re:") for e in self.ignore])
+        # groups with a "Linear" target go last: compressed-tensors' model-free dequantizer takes the
+        # first group that matches and treats "Linear" as everything; vLLM and transformers let a
+        # name target win wherever it is listed
+        groups = sorted(self.groups, key=lambda g: any(e.pattern == LINEAR for e in g.targets))
+        return compressed_tensors_config([(g.name, [e.pattern for e in g.targets], g.scheme) for g in groups],
+                                         [e.pattern for e in self.ignore])
+
+    def to_recipe_yaml(self, runtime: Mapping | None = None) -> str:
+        """The policy as an llm-compressor-shaped recipe that load_recipe reads back (nf4 as `type: nf4`)."""
+        modifier = {
+            "ignore": [e.pattern for e in self.ignore],
+            "config_groups": {g.name: {"targets": [e.pattern for e in g.targets], "weights": g.scheme.weights_args()}
+                              for g in self.groups},
+        }
+        doc = {"quant_stage": {"quant_modifiers": {"QuantizationModifier": modifier}}}
+        if runtime:
+            doc["runtime"] = dict(runtime)
+        return ("# The quantization recipe klconvert applied (llm-compressor recipe shape).\n"
+                + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=120))

@@ -1,0 +1,186 @@
+"""load_recipe: an llm-compressor-shaped recipe YAML -> Recipe (Policy + runtime section), checked line by line."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from klconvert.errors import KLError
+from klconvert.quant.policy import Entry, Group, Policy
+from klconvert.quant.scheme import NF4_BLOCKSIZE, QuantScheme
+
+_TOP_KEYS = ("<name>_stage", "runtime")
+_MODIFIER_KEYS = ("ignore", "config_groups")
+_GROUP_KEYS = ("targets", "weights", "input_activations", "output_activations", "format")
+_WEIGHT_KEYS = ("num_bits", "type", "symmetric", "strategy", "group_size", "dynamic", "observer", "actorder")
+_OBSERVERS = ("minmax", "memoryless_minmax", "static_minmax")  # all min-max: what klconvert computes
+# klconvert's own section: what the runtime plans for. Types only here; the runtime checks values.
+_RUNTIME = {"max_context": int, "batch": int, "mla_cache_dtype": str, "kda_state_dtype": str,
+            "gpu_memory": (str, int, float)}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A parsed recipe: the quantization policy and the optional `runtime:` settings."""
+
+    policy: Policy
+    runtime: dict = field(default_factory=dict)
+    path: str = ""
+
+
+class _Reader:
+    """Walks yaml.compose nodes so that every error names the file and line."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._constructor = yaml.SafeLoader("")
+
+    def where(self, node: yaml.Node) -> str:
+        return f"{self.path}:{node.start_mark.line + 1}"
+
+    def fail(self, node: yaml.Node, message: str):
+        raise KLError(f"{self.where(node)}: {message}")
+
+    def scalar(self, node: yaml.Node, what: str, types):
+        types = types if isinstance(types, tuple) else (types,)
+        try:
+            value = self._constructor.construct_object(node) if isinstance(node, yaml.ScalarNode) else node
+        except yaml.YAMLError as e:  # e.g. an unknown !!tag
+            self.fail(node, f"{what}: {getattr(e, 'problem', None) or e}")
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if not ok:
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            shown = repr(value) if isinstance(node, yaml.ScalarNode) else f"a {type(node).__name__[:-4].lower()}"
+            self.fail(node, f"{what} should be {names}, got {shown}")
+        return value
+
+    def mapping(self, node: yaml.Node, what: str, allowed: tuple[str, ...] | None) -> dict:
+        """{key: (key node, value node)}; unknown and repeated keys are errors."""
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(node, f"{what} should be a mapping")
+        out = {}
+        for key_node, value_node in node.value:
+            key = self.scalar(key_node, f"a key of {what}", str)
+            if key in out:
+                self.fail(key_node, f"{what} repeats the key {key!r}")
+            if allowed is not None and key not in allowed:
+                self.fail(key_node, f"unknown key {key!r} in {what}; expected {', '.join(allowed)}")
+            out[key] = (key_node, value_node)
+        return out
+
+    def entries(self, node: yaml.Node, what: str) -> tuple[Entry, ...]:
+        if not isinstance(node, yaml.SequenceNode):
+            self.fail(node, f"{what} should be a list of module names or re: patterns")
+        return tuple(Entry(self.scalar(item, f"an item of {what}", str), self.where(item)) for item in node.value)
+
+    def single(self, node: yaml.Node, what: str, suffix: str) -> tuple[yaml.Node, yaml.Node]:
+        """The one `<name><suffix>` key of a mapping (llm-compressor's stage / modifiers level)."""
+        items = self.mapping(node, what, None)
+        if len(items) != 1 or not next(iter(items)).endswith(suffix):
+            self.fail(node, f"{what} should hold exactly one key named '<name>{suffix}', got {sorted(items)}")
+        return next(iter(items.values()))
+
+    def weights(self, node: yaml.Node, what: str) -> QuantScheme:
+        w = self.mapping(node, what, _WEIGHT_KEYS)
+
+        def get(key, types, default):
+            return self.scalar(w[key][1], f"{what}.{key}", types) if key in w else default
+
+        bits = get("num_bits", int, None)
+        if bits is None:
+            self.fail(node, f"{what} needs num_bits (4 or 8)")
+        kind = get("type", str, "int")
+        symmetric = get("symmetric", bool, True)
+        strategy = get("strategy", (str, type(None)), None)
+        group_size = get("group_size", (int, type(None)), None)
+        if get("dynamic", bool, False):
+            self.fail(w["dynamic"][1], "dynamic weight quantization is not supported; remove `dynamic: true`")
+        if get("observer", (str, type(None)), "minmax") not in (*_OBSERVERS, None):
+            self.fail(w["observer"][1], f"observer {w['observer'][1].value!r} is not supported; klconvert computes "
+                                        "min-max scales (use observer: minmax)")
+        if get("actorder", (str, type(None)), None) is not None:
+            self.fail(w["actorder"][1], "actorder needs calibration (GPTQ), which klconvert does not run; remove it")
+        if kind not in ("int", "nf4"):
+            self.fail(w["type"][1], f"type {kind!r} is not supported; use int or nf4")
+        if kind == "nf4":
+            group_size = NF4_BLOCKSIZE if group_size is None else group_size
+        elif strategy == "channel" or (strategy is None and group_size == -1):
+            if group_size not in (None, -1):
+                self.fail(w["group_size"][1], f"strategy channel takes no group_size, got {group_size}")
+            group_size = -1
+        elif strategy in ("group", None):
+            if group_size is None or group_size <= 0:
+                self.fail(node, f"{what} needs a positive group_size for strategy group (or strategy: channel)")
+        else:
+            self.fail(w["strategy"][1], f"strategy {strategy!r} is not supported; use group or channel")
+        try:
+            return QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric, kind=kind)
+        except KLError as e:
+            self.fail(node, str(e))
+
+
+def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
+    """Parse recipe text; every error is a KLError naming `path` and the line."""
+    r = _Reader(path)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise KLError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', None) or e}); fix the recipe") from None
+    if root is None:
+        raise KLError(f"{path}: the recipe is empty; it needs a '<name>_stage:' section")
+    top = r.mapping(root, "the recipe", None)
+    stages = [k for k in top if k.endswith("_stage")]
+    for key, (key_node, _) in top.items():
+        if key != "runtime" and not key.endswith("_stage"):
+            r.fail(key_node, f"unknown key {key!r} at the top of the recipe; expected {', '.join(_TOP_KEYS)}")
+    if len(stages) != 1:
+        r.fail(root, f"the recipe should hold exactly one '<name>_stage' section, got {stages}")
+    _, modifiers = r.single(top[stages[0]][1], stages[0], "_modifiers")
+    found = r.mapping(modifiers, "the modifiers", ("QuantizationModifier",))
+    if "QuantizationModifier" not in found:
+        r.fail(modifiers, "the modifiers should hold a QuantizationModifier")
+    qm_node = found["QuantizationModifier"][1]
+    qm = r.mapping(qm_node, "QuantizationModifier", _MODIFIER_KEYS)
+    if "config_groups" not in qm:
+        r.fail(qm_node, "QuantizationModifier needs config_groups (targets + weights per group)")
+    ignore = r.entries(qm["ignore"][1], "ignore") if "ignore" in qm else ()
+
+    groups = []
+    for name, (name_node, group_node) in r.mapping(qm["config_groups"][1], "config_groups", None).items():
+        g = r.mapping(group_node, f"config group {name!r}", _GROUP_KEYS)
+        for key in ("targets", "weights"):
+            if key not in g:
+                r.fail(group_node, f"config group {name!r} needs {key}")
+        for key in ("input_activations", "output_activations"):
+            if key in g:
+                r.scalar(g[key][1], f"{name}.{key} (activations stay unquantized)", type(None))
+        if "format" in g and r.scalar(g["format"][1], f"{name}.format", str) != "pack-quantized":
+            r.fail(g["format"][1], "format should be pack-quantized")
+        targets = r.entries(g["targets"][1], f"{name}.targets")
+        if not targets:
+            r.fail(g["targets"][1], f"config group {name!r} has no targets")
+        groups.append(Group(name, targets, r.weights(g["weights"][1], f"{name}.weights")))
+    if not groups:
+        r.fail(qm["config_groups"][1], "config_groups is empty")
+
+    runtime = {}
+    if "runtime" in top:
+        for key, (_, value_node) in r.mapping(top["runtime"][1], "runtime", tuple(_RUNTIME)).items():
+            runtime[key] = r.scalar(value_node, f"runtime.{key}", _RUNTIME[key])
+            if _RUNTIME[key] is int and runtime[key] <= 0:
+                r.fail(value_node, f"runtime.{key} should be positive, got {runtime[key]}")
+    return Recipe(policy=Policy(groups=tuple(groups), ignore=ignore, strict=True), runtime=runtime, path=path)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and parse a recipe file (see parse_recipe)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise KLError(f"{path}: no such recipe file; check the --recipe path") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise KLError(f"{path}: cannot read the recipe ({e})") from None
+    return parse_recipe(text, str(path))

@@ -1,0 +1,86 @@
+"""QuantScheme (how one tensor is stored) and the compressed-tensors quantization_config for config.json."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from klconvert.errors import KLError
+
+NF4_BLOCKSIZE = 64  # bitsandbytes' Params4bit / transformers' Linear4bit block size
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """A weight format: `int` (compressed-tensors pack-quantized) or `nf4` (bitsandbytes 4-bit).
+
+    group_size -1 means one group per output row (compressed-tensors strategy "channel"); for nf4 it
+    is the bitsandbytes block size, 64.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = True
+    kind: str = "int"
+
+    def __post_init__(self):
+        if self.kind == "nf4":
+            if (self.bits, self.group_size, self.symmetric) != (4, NF4_BLOCKSIZE, True):
+                raise KLError(f"nf4 is 4-bit, symmetric, in blocks of {NF4_BLOCKSIZE}; got bits={self.bits}, "
+                              f"group_size={self.group_size}, symmetric={self.symmetric}")
+        elif self.kind == "int":
+            if self.bits not in (4, 8):
+                raise KLError(f"integer quantization supports 4 or 8 bits, got {self.bits}")
+            if self.group_size != -1 and (self.group_size <= 0 or self.group_size % 8):
+                raise KLError(f"group size {self.group_size} is not a positive multiple of 8 (or -1 for "
+                              "per-channel); use 32, 64 or 128")
+        else:
+            raise KLError(f"quantization kind {self.kind!r} is unknown; use 'int' or 'nf4'")
+
+    @property
+    def strategy(self) -> str:
+        return "channel" if self.group_size == -1 else "group"
+
+    def describe(self) -> str:
+        if self.kind == "nf4":
+            return "nf4"
+        g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
+        return f"int{self.bits} {g} {'sym' if self.symmetric else 'asym'}"
+
+    def weights_args(self) -> dict:
+        """The `weights:` entry of a config group / recipe, as compressed-tensors' QuantizationArgs spells it."""
+        return {
+            "num_bits": self.bits,
+            "type": self.kind,
+            "symmetric": self.symmetric,
+            "strategy": self.strategy,
+            "group_size": None if self.group_size == -1 else self.group_size,
+            "dynamic": False,
+            "observer": "minmax",
+        }
+
+
+def compressed_tensors_config(groups: Sequence[tuple[str, Sequence[str], QuantScheme]],
+                              ignore: Sequence[str]) -> dict:
+    """config.json's `quantization_config` for pack-quantized weights: one config group per
+    (name, targets, scheme), and the modules left unquantized in `ignore`."""
+    config_groups = {}
+    for name, targets, scheme in groups:
+        if scheme.kind != "int":
+            raise KLError(f"config group {name!r}: {scheme.describe()} cannot go in a compressed-tensors checkpoint; "
+                          "do not mix nf4 and integer schemes in one recipe")
+        config_groups[name] = {
+            "targets": list(targets),
+            "weights": scheme.weights_args(),
+            "input_activations": None,
+            "output_activations": None,
+            "format": "pack-quantized",
+        }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": config_groups,
+        "ignore": list(ignore),
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+    }

@@ -1,0 +1,295 @@
+"""A Hugging Face Hub stand-in on 127.0.0.1 serving repos from local folders, with fault switches for tests."""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import threading
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import unquote, urlsplit
+
+import pytest
+from huggingface_hub import close_session, constants
+
+# Files the stand-in stores in "git LFS" (as a hub repo's default .gitattributes would).
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".pkl", ".ckpt", ".model", ".h5", ".msgpack")
+# Environment huggingface_hub reads at import; cleared so the host's settings never leak into a test.
+HUB_ENV_VARS = (
+    "HF_ENDPOINT", "HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ASSETS_CACHE", "HF_XET_CACHE",
+    "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH",
+    "HUGGINGFACE_CO_STAGING", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_IMPLICIT_TOKEN",
+)
+
+
+@dataclass(frozen=True)
+class ServedFile:
+    """One repo file: its bytes, git blob id, and (LFS files) the sha256 the hub publishes."""
+
+    data: bytes
+    blob_id: str
+    sha256: str | None
+
+
+@dataclass
+class ServedRepo:
+    """A model repo: files by path, one commit that `main` points to, and whether it needs a token."""
+
+    files: dict[str, ServedFile]
+    commit: str
+    private: bool = False
+
+
+def git_blob_id(data: bytes) -> str:
+    """What `git hash-object` prints for these bytes."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def lfs_pointer(sha256: str, size: int) -> bytes:
+    """The git LFS pointer file that stands in the git tree for an LFS file."""
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+class HubStandIn:
+    """Serves repos over HTTP the way huggingface_hub 2.4.0 expects from huggingface.co.
+
+    Endpoints: GET /api/models/{repo}[/revision/{rev}] (model_info, `?blobs=true` for sizes and LFS
+    sha256), GET /api/models/{repo}/tree/{rev} (list_repo_tree), HEAD/GET /{repo}/resolve/{rev}/{path}
+    (X-Repo-Commit, ETag, X-Linked-Etag, X-Linked-Size, Range). Never sends Xet headers.
+
+    Switches, set by tests between requests:
+      wrong_sha256: paths whose published sha256 (API and ETag) is not the content's.
+      cut_short: path -> bytes; the next GET of that path sends that many bytes and drops the connection.
+      unavailable: paths whose GETs answer 503 (after any cut_short has fired).
+      tokens: bearer tokens accepted for private repos.
+    Counters: requests[(method, path)] for resolve calls, ranges[path] the Range headers received.
+    """
+
+    def __init__(self) -> None:
+        self.repos: dict[str, ServedRepo] = {}
+        self.wrong_sha256: set[str] = set()
+        self.cut_short: dict[str, int] = {}
+        self.unavailable: set[str] = set()
+        self.tokens: set[str] = set()
+        self.requests: Counter[tuple[str, str]] = Counter()
+        self.ranges: dict[str, list[str]] = {}
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._server.daemon_threads = True
+        self._server.block_on_close = False
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="hub-standin", daemon=True
+        )
+
+    @property
+    def endpoint(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def add_repo(self, repo_id: str, folder: Path, private: bool = False) -> str:
+        """Serve every file under `folder` as `repo_id`; return the commit sha `main` points to."""
+        files = {}
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            data = path.read_bytes()
+            is_lfs = path.name.endswith(LFS_SUFFIXES)
+            sha256 = hashlib.sha256(data).hexdigest() if is_lfs else None
+            blob_id = git_blob_id(lfs_pointer(sha256, len(data)) if is_lfs else data)
+            files[path.relative_to(folder).as_posix()] = ServedFile(data, blob_id, sha256)
+        commit = hashlib.sha1(json.dumps({p: f.blob_id for p, f in files.items()}).encode()).hexdigest()
+        self.repos[repo_id] = ServedRepo(files, commit, private)
+        return commit
+
+    def gets(self, path: str) -> int:
+        """How many GETs of `path` (any repo) the stand-in answered."""
+        return self.requests[("GET", path)]
+
+    def published_sha256(self, path: str, served: ServedFile) -> str | None:
+        if served.sha256 is None or path not in self.wrong_sha256:
+            return served.sha256
+        return hashlib.sha256(b"not " + served.data).hexdigest()
+
+    def count(self, method: str, path: str, range_header: str | None) -> None:
+        with self._lock:
+            self.requests[(method, path)] += 1
+            if range_header:
+                self.ranges.setdefault(path, []).append(range_header)
+
+    def __enter__(self) -> HubStandIn:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+        close_session()  # drop huggingface_hub's pooled keep-alive connections to this server
+
+
+def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
+    class HubRequestHandler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as httpx expects
+        timeout = 10  # an idle keep-alive connection frees its thread after this
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_HEAD(self) -> None:
+            self._route(send_body=False)
+
+        def do_GET(self) -> None:
+            self._route(send_body=True)
+
+        def _route(self, send_body: bool) -> None:
+            parts = [unquote(p) for p in urlsplit(self.path).path.strip("/").split("/")]
+            if parts[:2] == ["api", "models"] and len(parts) >= 4:
+                self._api(f"{parts[2]}/{parts[3]}", parts[4:], send_body)
+            elif len(parts) >= 5 and parts[2] == "resolve":
+                self._resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]), send_body)
+            else:
+                self._error(404, None, "Not found", send_body)
+
+        def _api(self, repo_id: str, rest: list[str], send_body: bool) -> None:
+            repo = self._visible_repo(repo_id, send_body)
+            if repo is None:
+                return
+            blobs = "blobs=true" in urlsplit(self.path).query.lower()
+            if rest == [] or (rest[0] == "revision" and len(rest) == 2):
+                if not rest or self._known_revision(repo, rest[1], send_body):
+                    self._model_info(repo_id, repo, blobs, send_body)
+            elif rest[0] == "tree" and len(rest) >= 2:
+                if self._known_revision(repo, rest[1], send_body):
+                    self._json([self._tree_entry(path, f) for path, f in repo.files.items()], send_body)
+            else:
+                self._error(404, None, "Not found", send_body)
+
+        def _model_info(self, repo_id: str, repo: ServedRepo, blobs: bool, send_body: bool) -> None:
+            siblings = []
+            for path, f in repo.files.items():
+                sibling = {"rfilename": path}
+                if blobs:
+                    sibling |= {"size": len(f.data), "blobId": f.blob_id}
+                    if f.sha256 is not None:
+                        sha256 = hub.published_sha256(path, f)
+                        sibling["lfs"] = {"size": len(f.data), "sha256": sha256, "pointerSize": 134}
+                siblings.append(sibling)
+            info = {"id": repo_id, "modelId": repo_id, "sha": repo.commit, "private": repo.private}
+            self._json(info | {"siblings": siblings}, send_body)
+
+        def _tree_entry(self, path: str, f: ServedFile) -> dict:
+            entry = {"type": "file", "oid": f.blob_id, "size": len(f.data), "path": path}
+            if f.sha256 is not None:
+                entry["lfs"] = {"oid": hub.published_sha256(path, f), "size": len(f.data), "pointerSize": 134}
+            return entry
+
+        def _resolve(self, repo_id: str, revision: str, path: str, send_body: bool) -> None:
+            hub.count(self.command, path, self.headers.get("Range"))
+            repo = self._visible_repo(repo_id, send_body)
+            if repo is None or not self._known_revision(repo, revision, send_body):
+                return
+            served = repo.files.get(path)
+            if served is None:
+                self._error(404, "EntryNotFound", f"{path} does not exist", send_body)
+                return
+            if send_body and path in hub.cut_short:
+                self._send_file(repo, path, served, cut_at=hub.cut_short.pop(path))
+            elif send_body and path in hub.unavailable:
+                self._error(503, None, "Service Unavailable", send_body)
+            else:
+                self._send_file(repo, path, served, cut_at=None, send_body=send_body)
+
+        def _send_file(self, repo, path, served: ServedFile, cut_at: int | None, send_body: bool = True) -> None:
+            data = served.data
+            start = 0
+            range_header = self.headers.get("Range")
+            if range_header and range_header.startswith("bytes="):
+                first, _, last = range_header[len("bytes="):].partition("-")
+                start = int(first)
+                data = served.data[start : int(last) + 1 if last else None]
+            self.send_response(206 if range_header else 200)
+            if range_header:
+                self.send_header("Content-Range", f"bytes {start}-{start + len(data) - 1}/{len(served.data)}")
+            etag = hub.published_sha256(path, served) or served.blob_id
+            self.send_header("ETag", f'"{etag}"')
+            if served.sha256 is not None:
+                self.send_header("X-Linked-Etag", f'"{etag}"')
+                self.send_header("X-Linked-Size", str(len(served.data)))
+            self.send_header("X-Repo-Commit", repo.commit)
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if cut_at is not None:  # an interruption: part of the body, then the connection drops
+                self.wfile.write(data[:cut_at])
+                self.close_connection = True
+            elif send_body:
+                self.wfile.write(data)
+
+        def _visible_repo(self, repo_id: str, send_body: bool) -> ServedRepo | None:
+            """The repo, or None after answering 401/404 as the hub does for unknown or private repos."""
+            auth = self.headers.get("Authorization")
+            repo = hub.repos.get(repo_id)
+            if repo is not None and (not repo.private or auth in {f"Bearer {t}" for t in hub.tokens}):
+                return repo
+            if repo is not None and auth is not None:
+                self._error(401, None, "Invalid credentials in Authorization header", send_body)
+            else:  # like huggingface.co: 401 without a token, 404 with one, never saying which
+                self._error(401 if auth is None else 404, "RepoNotFound", "Repository not found", send_body)
+            return None
+
+        def _known_revision(self, repo: ServedRepo, revision: str, send_body: bool) -> bool:
+            if revision in ("main", repo.commit):
+                return True
+            self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", send_body)
+            return False
+
+        def _json(self, body, send_body: bool) -> None:
+            payload = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            if send_body:
+                self.wfile.write(payload)
+
+        def _error(self, status: int, error_code: str | None, message: str, send_body: bool) -> None:
+            payload = json.dumps({"error": message}).encode()
+            self.send_response(status)
+            if error_code is not None:
+                self.send_header("X-Error-Code", error_code)
+            self.send_header("X-Error-Message", message)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            if send_body:
+                self.wfile.write(payload)
+
+    return HubRequestHandler
+
+
+@contextmanager
+def hub_environment(endpoint: str, hf_home: Path, **extra_env: str) -> Iterator[None]:
+    """Point huggingface_hub at `endpoint` with its cache in `hf_home`, then restore the host's settings.
+
+    huggingface_hub reads its environment once, into `huggingface_hub.constants`, so the module is
+    reloaded after the variables change and again after they are restored.
+    """
+    with pytest.MonkeyPatch.context() as env:
+        for name in HUB_ENV_VARS:
+            env.delenv(name, raising=False)
+        env.setenv("HF_ENDPOINT", endpoint)
+        env.setenv("HF_HOME", str(hf_home))
+        env.setenv("HF_HUB_DISABLE_XET", "1")  # plain HTTP downloads only
+        env.setenv("HF_HUB_DISABLE_TELEMETRY", "1")  # else the user agent asks the hub for /api/agent-harnesses
+        env.setenv("HF_HUB_DISABLE_UPDATE_CHECK", "1")
+        for name, value in extra_env.items():
+            env.setenv(name, value)
+        importlib.reload(constants)
+        try:
+            yield
+        finally:
+            close_session()
+    importlib.reload(constants)

@@ -1,0 +1,194 @@
+"""Group-wise int quantization and pack-quantized packing, checked bit for bit against compressed-tensors."""
+import json
+
+import pytest
+import torch
+from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+from compressed_tensors.compressors.pack_quantized import helpers as ct_pack
+from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
+from compressed_tensors.quantization.utils import calculate_qparams
+
+from klconvert.errors import KLError
+from klconvert.quant import (
+    QuantScheme,
+    compress_weight,
+    decompress_weight,
+    dequantize_groupwise,
+    pack_to_int32,
+    policy_from_options,
+    quantize_groupwise,
+    unpack_from_int32,
+)
+
+CASES = [(bits, sym, gs, dtype) for bits in (4, 8) for sym in (True, False) for gs in (32, 128)
+         for dtype in (torch.float32, torch.bfloat16)]
+
+
+def weight(out, n_in, dtype, seed=0):
+    """Gaussian weights with the awkward cases: an outlier, an all-zero group, a one-signed group."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, n_in, generator=g) * 0.02
+    w[3, 5] = 0.9                 # outlier
+    w[1, :128] = 0.0              # all-zero group (0/0 zero point in compressed-tensors)
+    w[2, :128] = w[2, :128].abs()  # all-positive group (min widened to 0)
+    return w.to(dtype)
+
+
+def ct_args(bits, sym, gs):
+    return QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy="group", group_size=gs)
+
+
+def ct_qparams(w, args):
+    """llm-compressor's min-max observer: per-group amin/amax in the weight's dtype, then calculate_qparams."""
+    groups = w.unflatten(-1, (-1, args.group_size))
+    return calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+
+
+@pytest.mark.parametrize("bits,sym,gs,dtype", CASES)
+def test_quantize_matches_compressed_tensors(bits, sym, gs, dtype):
+    w = weight(70, 256, dtype)  # 70 rows: zero points do not fill whole int32 words
+    q, scale, zp = quantize_groupwise(w, bits, gs, sym)
+    args = ct_args(bits, sym, gs)
+    ct_scale, ct_zp = ct_qparams(w, args)
+    assert scale.dtype == dtype and torch.equal(scale, ct_scale)
+    assert q.dtype == torch.int8
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    assert int(q.min()) >= lo and int(q.max()) <= hi
+    if sym:
+        assert zp is None
+        assert int(q.min()) == lo  # ct's symmetric int range reaches -2**(bits-1): absmax/7.5 for int4
+    else:
+        assert zp.dtype == torch.int8 and torch.equal(zp, ct_zp)
+    assert torch.equal(q, ct_quantize(w, ct_scale, None if sym else ct_zp, args, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("bits,sym,gs,dtype", CASES)
+def test_compressed_tensors_decompressor_gives_our_dequantized_weight(bits, sym, gs, dtype):
+    w = weight(70, 256, dtype, seed=1)
+    scheme = QuantScheme(bits, gs, sym)
+    ours = compress_weight("m", w, scheme)
+    q, scale, zp = quantize_groupwise(w, bits, gs, sym)
+    expected = dequantize_groupwise(q, scale, zp)
+
+    ct_scheme = QuantizationScheme(targets=["Linear"], weights=ct_args(bits, sym, gs))
+    ct_scale, ct_zp = ct_qparams(w, ct_scheme.weights)
+    ct_state = PackedQuantizationCompressor.compress(
+        {"weight": w, "weight_scale": ct_scale, "weight_zero_point": ct_zp}, ct_scheme)
+    local = {k.removeprefix("m."): v for k, v in ours.items()}
+    assert set(local) == set(ct_state)  # the same tensors, under the same names
+    for k in local:
+        assert local[k].dtype == ct_state[k].dtype and torch.equal(local[k], ct_state[k]), k
+
+    ct_w = PackedQuantizationCompressor.decompress(local, ct_scheme)["weight"]
+    assert ct_w.dtype == dtype
+    assert torch.equal(ct_w, expected)
+    assert torch.equal(decompress_weight(ours, scheme), expected)
+
+
+@pytest.mark.parametrize("bits,packed_dim", [(4, 1), (8, 1), (4, 0), (8, 0)])
+def test_pack_unpack_roundtrip_and_layout(bits, packed_dim):
+    g = torch.Generator().manual_seed(2)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1))
+    q = torch.randint(lo, hi, (37, 72), generator=g, dtype=torch.int8)
+    packed = pack_to_int32(q, bits, packed_dim)
+    assert packed.dtype == torch.int32
+    assert torch.equal(packed, ct_pack.pack_to_int32(q, bits, packed_dim))
+    assert torch.equal(unpack_from_int32(packed, bits, q.shape, packed_dim), q)
+    assert torch.equal(ct_pack.unpack_from_int32(packed, bits, q.shape, packed_dim), q)
+
+
+def test_int4_word_layout():
+    """Element j of a word sits at bits 4j..4j+3, offset by +8: [-8, -7, ..., -1] -> 0x76543210."""
+    q = torch.arange(-8, 0, dtype=torch.int8).reshape(1, 8)
+    assert pack_to_int32(q, 4).item() == 0x76543210
+    q = torch.full((1, 8), 7, dtype=torch.int8)
+    assert pack_to_int32(q, 4).item() == -1  # 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("bits,sym,bound", [(4, True, 0.13), (4, False, 0.11), (8, True, 0.009), (8, False, 0.008)])
+def test_error_within_bounds(bits, sym, bound):
+    w = torch.randn(256, 1024, generator=torch.Generator().manual_seed(3))
+    q, scale, zp = quantize_groupwise(w, bits, 128, sym)
+    dq = dequantize_groupwise(q, scale, zp)
+    rel = ((dq - w).norm() / w.norm()).item()
+    assert rel < bound, rel
+    assert rel > bound / 4, rel  # it is really quantized
+    # every element is within half a step (the symmetric +absmax, clamped to qmax, is exactly half a step off)
+    step = scale.repeat_interleave(128, dim=1)
+    assert bool(((dq - w).abs() <= step * 0.5 + 1e-6).all())
+
+
+def test_per_channel():
+    w = weight(16, 256, torch.bfloat16)
+    q, scale, zp = quantize_groupwise(w, 4, -1, False)
+    assert scale.shape == (16, 1) and zp.shape == (16, 1)
+    tensors = compress_weight("m", w, QuantScheme(4, -1, False))
+    assert tensors["m.weight_zero_point"].shape == (2, 1)  # 16 rows x 4 bits = 2 int32 words
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="channel")
+    ct_scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    ct_w = PackedQuantizationCompressor.decompress({k[2:]: v for k, v in tensors.items()}, ct_scheme)["weight"]
+    assert torch.equal(ct_w, dequantize_groupwise(q, scale, zp))
+
+
+def test_group_size_must_divide_in_dim():
+    w = torch.zeros(8, 200)
+    with pytest.raises(KLError, match=r"layers\.1\.w2\.weight.*group size 128.*\[8, 200\]"):
+        quantize_groupwise(w, 4, 128, True, name="model.layers.1.w2.weight")
+    with pytest.raises(KLError, match="multiple of 8"):
+        quantize_groupwise(w, 4, 20, True)
+    with pytest.raises(KLError, match="3-bit"):
+        quantize_groupwise(w, 3, 8, True)
+    with pytest.raises(KLError, match="NaN"):
+        quantize_groupwise(torch.full((8, 64), float("nan")), 4, 32, True)
+
+
+def test_on_disk_names_dtypes_shapes():
+    w = torch.randn(1024, 2304).to(torch.bfloat16)
+    sym = compress_weight("model.layers.1.block_sparse_moe.experts.0.w1", w, QuantScheme(4, 128, True))
+    asym = compress_weight("model.layers.1.block_sparse_moe.experts.0.w1", w, QuantScheme(4, 128, False))
+    p = "model.layers.1.block_sparse_moe.experts.0.w1."
+    layout = {k.removeprefix(p): (v.dtype, tuple(v.shape)) for k, v in asym.items()}
+    assert layout == {"weight_packed": (torch.int32, (1024, 288)), "weight_scale": (torch.bfloat16, (1024, 18)),
+                      "weight_shape": (torch.int64, (2,)), "weight_zero_point": (torch.int32, (128, 18))}
+    assert set(sym) == {p + n for n in ("weight_packed", "weight_scale", "weight_shape")}
+    assert sym[p + "weight_shape"].tolist() == [1024, 2304]
+
+
+def test_compressed_tensors_dequantizes_a_checkpoint_from_our_config(tmp_path):
+    """A small checkpoint quantized by the default policy, read back by compressed-tensors' model-free
+    dequantizer from nothing but our config.json and tensors."""
+    g = torch.Generator().manual_seed(4)
+    shapes = {
+        "model.embed_tokens.weight": (64, 256),
+        "model.layers.1.self_attn.q_proj.weight": (128, 256),
+        "model.layers.1.self_attn.b_proj.weight": (32, 256),
+        "model.layers.1.block_sparse_moe.gate.weight": (8, 256),
+        "model.layers.1.block_sparse_moe.experts.0.w1.weight": (64, 256),
+        "model.layers.1.block_sparse_moe.experts.0.w2.weight": (256, 64),
+        "model.layers.1.input_layernorm.weight": (256,),
+        "lm_head.weight": (64, 256),
+    }
+    state = {n: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for n, s in shapes.items()}
+    policy = policy_from_options(bits=4, group_size=32, symmetric=False).check_against(
+        [(n, t.shape) for n, t in state.items()])
+    tensors, expected = {}, {}
+    for name, t in state.items():
+        scheme = policy.scheme_for(name, t.shape)
+        if scheme is None:
+            tensors[name] = expected[name] = t
+        else:
+            prefix = name.removesuffix(".weight")
+            part = compress_weight(prefix, t, scheme)
+            tensors.update(part)
+            expected[name] = decompress_weight(part, scheme)
+    assert policy.scheme_for("lm_head.weight", (64, 256)).bits == 8
+    assert "model.layers.1.self_attn.q_proj.weight_packed" in tensors
+    assert "model.layers.1.block_sparse_moe.gate.weight" in tensors
+
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": policy.quantization_config()}))
+    out = CompressedTensorsDequantizer(tmp_path, dtype=torch.bfloat16).process(dict(tensors))
+    assert set(out) == set(expected)
+    for name in expected:
+        assert torch.equal(out[name], expected[name]), name

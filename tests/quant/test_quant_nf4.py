@@ -1,0 +1,77 @@
+"""NF4 through bitsandbytes on CPU: the serialization transformers reads, and its quantization_config."""
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import BitsAndBytesConfig
+from transformers.quantizers.quantizers_utils import should_convert_module
+
+from klconvert.errors import KLError
+from klconvert.quant import compress_nf4, decompress_nf4, policy_from_options
+
+P = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_nf4_roundtrip_through_safetensors(tmp_path, dtype):
+    w = (torch.randn(256, 512, generator=torch.Generator().manual_seed(0)) * 0.02).to(dtype)
+    tensors = compress_nf4(P, w)
+    assert {k.removeprefix(P + ".") for k in tensors} == {
+        "weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
+        "weight.quant_state.bitsandbytes__nf4"}
+    assert tensors[P + ".weight"].dtype == torch.uint8 and tensors[P + ".weight"].shape == (256 * 512 // 2, 1)
+    assert tensors[P + ".weight.absmax"].dtype == torch.uint8          # double-quantized absmax
+    assert tensors[P + ".weight.absmax"].shape == (256 * 512 // 64,)
+    save_file(tensors, tmp_path / "nf4.safetensors")                    # no shared storage
+    loaded = load_file(tmp_path / "nf4.safetensors")
+
+    dq = decompress_nf4(loaded)
+    assert dq.dtype == dtype and dq.shape == w.shape
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert torch.equal(dq, bnbf.dequantize_4bit(packed, state))         # serialization loses nothing
+    rel = ((dq.float() - w.float()).norm() / w.float().norm()).item()
+    assert 0.05 < rel < 0.11, rel
+
+    # the path transformers' Bnb4bitDeserialize takes for a pre-quantized checkpoint
+    stats = {k.removeprefix(P + "."): v for k, v in loaded.items() if k != P + ".weight"}
+    param = bnb.nn.Params4bit.from_prequantized(data=loaded[P + ".weight"], quantized_stats=stats,
+                                                requires_grad=False, device="cpu")
+    assert param.quant_state.shape == w.shape and param.quant_state.dtype == dtype
+    assert torch.equal(bnbf.dequantize_4bit(param.data, param.quant_state), dq)
+
+
+def test_nf4_without_double_quant():
+    w = torch.randn(64, 128)
+    tensors = compress_nf4(P, w, double_quant=False)
+    assert P + ".weight.nested_absmax" not in tensors and tensors[P + ".weight.absmax"].dtype == torch.float32
+    assert decompress_nf4(tensors).shape == (64, 128)
+
+
+def test_nf4_errors():
+    with pytest.raises(KLError, match="conv1d.*not a 2-D"):
+        compress_nf4("model.layers.0.self_attn.q_conv1d", torch.zeros(64, 1, 4))
+    with pytest.raises(KLError, match="lack"):
+        decompress_nf4({P + ".weight": torch.zeros(8, 1, dtype=torch.uint8)})
+
+
+def test_nf4_quantization_config_and_skip_list():
+    policy = policy_from_options(scheme="nf4")
+    cfg = policy.quantization_config()
+    hf = BitsAndBytesConfig.from_dict(dict(cfg))
+    assert hf.load_in_4bit and hf.bnb_4bit_quant_type == "nf4" and hf.bnb_4bit_use_double_quant
+    assert hf.bnb_4bit_compute_dtype == torch.bfloat16
+    skip = cfg["llm_int8_skip_modules"]
+    # transformers' own matcher, on both the released and the transformers-native module names
+    kept = ["lm_head", "model.layers.1.block_sparse_moe.gate", "model.layers.1.mlp.gate",
+            "model.layers.0.self_attn.b_proj", "model.layers.0.self_attn.f_a_proj",
+            "model.layers.0.self_attn.forget_gate.f_b_proj", "model.layers.0.self_attn.g_b_proj"]
+    converted = ["model.layers.0.self_attn.q_proj", "model.layers.3.self_attn.kv_b_proj",
+                 "model.layers.0.mlp.gate_proj", "model.layers.1.block_sparse_moe.shared_experts.down_proj",
+                 "model.layers.3.self_attn.o_proj"]
+    for name in kept:
+        assert not should_convert_module(name, skip), name
+    for name in converted:
+        assert should_convert_module(name, skip), name
+    assert policy.scheme_for("lm_head.weight", (163840, 2304)) is None
+    assert policy.scheme_for("model.layers.0.self_attn.q_proj.weight", (4096, 2304)).kind == "nf4"

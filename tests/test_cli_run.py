@@ -1,0 +1,71 @@
+"""`klconvert run` and `klconvert plan` end to end on a tiny checkpoint."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+import klconvert
+from klconvert.tokenizer import Tokenizer
+
+
+def klconvert_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "klconvert", *args], capture_output=True, text=True, input=stdin,
+                          timeout=300)
+
+
+def test_run_streams_the_greedy_continuation(tiny_released, tmp_path):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("Once upon a time, in a land far away,")
+    proc = klconvert_cli("run", "--model", str(tiny_released), "--prompt-file", str(prompt),
+                         "--max-new-tokens", "12")
+    assert proc.returncode == 0, proc.stderr
+    tok = Tokenizer.from_folder(tiny_released)
+    ids = tok.encode(prompt.read_text())
+    expected = klconvert.load(tiny_released, device="cpu", max_context=64).generate(ids, 12)[0].tolist()
+    stop = [i for i, t in enumerate(expected) if t in tok.stop_ids]
+    expected = expected[: stop[0]] if stop else expected
+    assert proc.stdout == tok.decode(expected) + "\n"
+    summary = proc.stderr.strip().splitlines()[-1]
+    assert f"prompt {len(ids)} tokens" in summary and "prefill" in summary and "decode" in summary
+    assert f"context {len(ids) + 12}," in summary  # prompt + max-new-tokens, planned up front
+
+
+def test_run_reads_stdin_chat_and_sampling_is_seeded(tiny_released):
+    args = ("run", "--model", str(tiny_released), "--prompt-file", "-", "--chat", "--max-new-tokens", "8",
+            "--temperature", "0.8", "--top-p", "0.9", "--seed", "3")
+    a, b = klconvert_cli(*args, stdin="Hello there"), klconvert_cli(*args, stdin="Hello there")
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout
+
+
+def test_chat_prompt_uses_the_template(tiny_released):
+    tok = Tokenizer.from_folder(tiny_released)
+    ids = tok.encode_chat([{"role": "user", "content": "hi"}])
+    assert tok.special_tokens["<|im_user|>"] in ids
+    assert ids[-1] == tok.special_tokens["<|im_middle|>"]
+
+
+def test_top_p_keeps_only_the_nucleus():
+    from klconvert.runtime.sampling import sample
+
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample(logits, 1.0, 0.8, g)) for _ in range(200)}
+    assert draws == {0, 1}
+    assert int(sample(logits, 0.0, 1.0, g)) == 0
+
+
+def test_plan_command_prints_the_table():
+    proc = klconvert_cli("plan", "--preset", "kimi-linear-48b", "--bits", "4", "--gpu-memory", "48GiB",
+                         "--max-context", "262144")
+    assert proc.returncode == 0, proc.stderr
+    for needle in ("weights total", "41.9 MB", "8,064 B", "headroom", "largest context that fits"):
+        assert needle in proc.stdout
+
+
+def test_plan_for_a_folder(tiny_released):
+    proc = klconvert_cli("plan", "--model", str(tiny_released), "--max-context", "4096")
+    assert proc.returncode == 0, proc.stderr
+    assert "MLA latent cache / token" in proc.stdout

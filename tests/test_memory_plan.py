@@ -1,0 +1,90 @@
+"""Memory-plan arithmetic against hand-computed figures for the real 48B config, and the plan's refusals."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import klconvert
+from klconvert.checkpoint.name_map import expected_tensors
+from klconvert.config import KimiLinearConfig
+from klconvert.runtime.memory_plan import MemoryPlan, weight_bytes
+from klconvert.runtime.plan_report import plan_for, render_plan
+from klconvert.synth.presets import preset_config
+
+REAL = KimiLinearConfig.from_dict(preset_config("kimi-linear-48b"))
+
+
+def test_name_table_matches_the_released_model():
+    specs = expected_tensors(REAL)
+    assert len(specs) == 20_493
+    params = 0
+    for s in specs.values():
+        n = 1
+        for d in s.shape:
+            n *= d
+        params += n
+    assert params == 49_122_681_728
+    assert REAL.full_attn_layers == (3, 7, 11, 15, 19, 23, 26)  # 1-indexed [4, 8, ..., 27] in config.json
+    assert len(REAL.kda_layers) == 20
+
+
+def test_state_and_cache_figures():
+    p = MemoryPlan(REAL, batch=1, context=1 << 20, weight_bytes={})
+    assert p.mla_bytes_per_token == 8064                      # 7 layers x 576 values x 2 bytes
+    assert p.kda_state_bytes_per_seq == 41_943_040            # 20 x 32 x 128 x 128 x 4 = 41.9 MB
+    assert p.conv_bytes_per_seq == 20 * 3 * 4096 * 3 * 2      # tails of the last 3 inputs, bf16
+    assert p.mla_cache_bytes == 8064 * (1 << 20)              # about 8.5 GB at 1M tokens
+    assert round(p.mla_cache_bytes / 1e9, 1) == 8.5
+    p4 = MemoryPlan(REAL, batch=4, context=1000, weight_bytes={})
+    assert p4.state_bytes == 4 * (41_943_040 + 20 * 3 * 4096 * 3 * 2)
+    assert p4.mla_cache_bytes == 4 * 1000 * 8064
+
+
+def test_weight_bytes_bf16_and_int4():
+    bf16 = weight_bytes(REAL, torch.bfloat16)
+    assert bf16["experts"] == 26 * 256 * 3 * 1024 * 2304 * 2
+    assert bf16["lm_head"] == bf16["embedding"] == 163840 * 2304 * 2
+    assert bf16["router"] == 26 * (256 * 2304 + 256) * 4      # held in fp32
+    w4 = weight_bytes(REAL, torch.bfloat16, bits=4, group_size=128)
+    n_exp = 26 * 256 * 3 * 1024 * 2304
+    assert w4["experts"] == n_exp // 2 + n_exp // 128 * 2      # packed nibbles + one bf16 scale per group
+    assert w4["lm_head"] == 163840 * 2304 + 163840 * 2304 // 128 * 2  # lm_head at 8 bits
+    assert w4["embedding"] == bf16["embedding"]               # kept as is
+
+
+def test_largest_context_fits_and_one_more_chunk_does_not():
+    p = plan_for(preset="kimi-linear-48b", bits=4, memory_limit=32 * 2**30, context=131072)
+    n = p.largest_context()
+    assert n > 131072
+    assert p.total_for(n) <= 32 * 2**30 < p.total_for(n + 64)
+    assert p.headroom > 0
+    roomy = plan_for(preset="kimi-linear-48b", bits=4, memory_limit=141 * 2**30)
+    assert roomy.largest_context() == REAL.model_max_length  # capped at the model's own limit
+    bf16 = plan_for(preset="kimi-linear-48b", memory_limit=80 * 2**30)
+    assert bf16.headroom < 0 and bf16.largest_context() == 0  # 98 GB of bf16 weights do not fit 80 GiB
+
+
+def test_render_plan_lists_every_part():
+    text = render_plan(plan_for(preset="kimi-linear-48b", bits=4, memory_limit=24 * 2**30, context=8192), "x")
+    for needle in ("weights: experts", "KDA recurrent state / sequence", "41.9 MB", "MLA latent cache / token",
+                   "8,064 B", "workspace", "headroom", "largest context that fits"):
+        assert needle in text
+
+
+def test_prompt_over_the_plan_is_refused(tiny_released):
+    engine = klconvert.load(tiny_released, device="cpu", max_context=32)
+    with pytest.raises(klconvert.KLError, match=r"prompt \(30 tokens\).*--max-new-tokens 8.*32.*--max-context"):
+        engine.generate(torch.zeros(30, dtype=torch.long), max_new_tokens=8)
+    with pytest.raises(klconvert.KLError, match="--max-context"):
+        engine.forward(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_state_is_allocated_once(tiny_released):
+    engine = klconvert.load(tiny_released, device="cpu", max_context=64)
+    buffers = [engine.state.kda_state.data_ptr(), engine.state.conv_state.data_ptr(),
+               engine.state.mla_cache.data_ptr()]
+    engine.generate(torch.arange(10), max_new_tokens=20)
+    engine.forward(torch.arange(40).view(1, 40))
+    assert buffers == [engine.state.kda_state.data_ptr(), engine.state.conv_state.data_ptr(),
+                       engine.state.mla_cache.data_ptr()]
+    assert engine.state.mla_cache.shape[2] == 64

@@ -1,0 +1,282 @@
+"""klconvert.hub.pull against the loopback hub stand-in: filtering, cache, offline, resume, checks, errors."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import constants
+from safetensors.torch import save_file
+
+from klconvert import hub
+from klconvert.errors import KLError
+from hub_standin import HubStandIn, hub_environment
+
+REPO = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
+SHARD_1 = "model-00001-of-00002.safetensors"
+SHARD_2 = "model-00002-of-00002.safetensors"
+PULLED = sorted([
+    "config.json", SHARD_1, SHARD_2, "model.safetensors.index.json",
+    "tiktoken.model", "tokenizer_config.json", "chat_template.jinja",
+])
+NEVER_PULLED = ["pytorch_model.bin", "modeling_kimi.py", "notes.pkl", "README.md"]
+
+
+def write_checkpoint(folder: Path, index_names_missing_shard: bool = False) -> Path:
+    """A tiny Kimi-like repo folder: two safetensors shards with their index, configs, tokenizer, and bait."""
+    folder.mkdir(parents=True)
+    save_file({"model.embed_tokens.weight": torch.arange(64.0).reshape(8, 8)}, str(folder / SHARD_1))
+    save_file({"lm_head.weight": torch.ones(64, 64)}, str(folder / SHARD_2))  # 16 KiB: room to cut it short
+    weight_map = {"model.embed_tokens.weight": SHARD_1, "lm_head.weight": SHARD_2}
+    if index_names_missing_shard:
+        weight_map["model.norm.weight"] = "model-00003-of-00002.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps({"model_type": "kimi_linear", "hidden_size": 8}))
+    (folder / "tiktoken.model").write_bytes(b"IQ== 0\nIg== 1\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "TikTokenTokenizer"}))
+    (folder / "chat_template.jinja").write_text("{{ messages }}")
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04 a pickle that must never be fetched")
+    (folder / "modeling_kimi.py").write_text("raise SystemExit('remote code must never be fetched')\n")
+    (folder / "notes.pkl").write_bytes(b"\x80\x04 another pickle")
+    (folder / "README.md").write_text("# not a weight\n")
+    return folder
+
+
+@pytest.fixture
+def hub_server():
+    with HubStandIn() as server:
+        yield server
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> Path:
+    return write_checkpoint(tmp_path / "upstream")
+
+
+@pytest.fixture
+def served(hub_server, checkpoint, tmp_path):
+    """(stand-in, commit of REPO) with huggingface_hub pointed at the stand-in and HF_HOME in tmp."""
+    commit = hub_server.add_repo(REPO, checkpoint)
+    with hub_environment(hub_server.endpoint, tmp_path / "hf_home"):
+        yield hub_server, commit
+
+
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "hf_home" / "hub"
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def test_pull_into_cache_fetches_only_safe_files_at_the_resolved_commit(served, checkpoint, tmp_path):
+    server, commit = served
+    result = hub.pull(REPO, progress=False)
+
+    storage = cache_dir(tmp_path) / "models--moonshotai--Kimi-Linear-48B-A3B-Instruct"
+    assert result.path == storage / "snapshots" / commit
+    assert result.commit == commit
+    assert (storage / "refs" / "main").read_text() == commit
+    assert files_under(result.path) == PULLED
+    assert sorted(f.path for f in result.files) == PULLED
+    assert result.bytes_downloaded == sum((checkpoint / p).stat().st_size for p in PULLED)
+    assert all(server.requests[(m, p)] == 0 for m in ("HEAD", "GET") for p in NEVER_PULLED)
+    shard = next(f for f in result.files if f.path == SHARD_2)
+    assert shard.sha256 == hashlib.sha256((checkpoint / SHARD_2).read_bytes()).hexdigest()
+    assert not (result.path / "klconvert-pull.json").exists()  # the snapshot holds the repo's files only
+
+    again = hub.pull(REPO, progress=False)
+    assert (again.path, again.commit, again.bytes_downloaded) == (result.path, commit, 0)
+    assert all(server.gets(p) == 1 for p in PULLED)
+
+
+def test_pull_by_commit_sha_and_progress_output(served, capsys):
+    server, commit = served
+    result = hub.pull(REPO, revision=commit, progress=True)
+    assert result.commit == commit
+    said = capsys.readouterr().err
+    assert f"is commit {commit}" in said and "pulling 7 files" in said and "modeling_kimi.py" in said
+
+
+def test_local_dir_gets_files_and_a_pull_record(served, checkpoint, tmp_path):
+    server, commit = served
+    out = tmp_path / "kimi"
+    result = hub.pull(REPO, local_dir=out, progress=False)
+
+    assert result.path == out.resolve()
+    assert [p for p in files_under(out) if not p.startswith(".")] == PULLED
+    record = json.loads((out / ".klconvert" / "pull.json").read_text())
+    assert (record["repo"], record["revision"], record["commit"]) == (REPO, "main", commit)
+    recorded = {f["path"]: f for f in record["files"]}
+    assert sorted(recorded) == PULLED
+    for path in PULLED:
+        data = (checkpoint / path).read_bytes()
+        assert recorded[path]["size"] == len(data)
+        assert recorded[path]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert not (cache_dir(tmp_path) / "models--moonshotai--Kimi-Linear-48B-A3B-Instruct" / "snapshots").exists()
+
+    again = hub.pull(REPO, local_dir=out, progress=False)
+    assert again.bytes_downloaded == 0 and all(server.gets(p) == 1 for p in PULLED)
+
+
+def test_include_and_exclude_narrow_the_default_set(served):
+    server, _ = served
+    configs = hub.pull(REPO, include=["*.json"], exclude=["tokenizer_config.json"], progress=False)
+    assert files_under(configs.path) == ["config.json", "model.safetensors.index.json"]
+    assert server.gets(SHARD_1) == 0  # shards left out by --include do not fail the index check
+
+    everything = hub.pull(REPO, include=["*"], progress=False)  # "*" still cannot admit pickles or .py
+    assert files_under(everything.path) == PULLED
+
+
+def test_include_matching_nothing_is_an_error(served):
+    with pytest.raises(KLError, match="no file of .* matches .* the repo has: .*config.json"):
+        hub.pull(REPO, include=["*.gguf"], progress=False)
+
+
+@pytest.mark.parametrize("pattern", ["*.bin", "modeling_kimi.py", "notes.pkl", "*.PT"])
+def test_include_never_admits_pickles_or_python(served, pattern):
+    server, _ = served
+    with pytest.raises(KLError, match="never downloads"):
+        hub.pull(REPO, include=[pattern], progress=False)
+    assert sum(server.requests.values()) == 0
+
+
+def test_offline_is_served_from_a_prefilled_cache(served, hub_server, tmp_path):
+    server, commit = served
+    online = hub.pull(REPO, progress=False)
+    asked = sum(server.requests.values())
+    with hub_environment(hub_server.endpoint, tmp_path / "hf_home", HF_HUB_OFFLINE="1"):
+        offline = hub.pull(REPO, progress=False)
+        configs = hub.pull(REPO, include=["*.json"], progress=False)
+    assert (offline.path, offline.commit, offline.bytes_downloaded) == (online.path, commit, 0)
+    assert sorted(f.path for f in offline.files) == PULLED
+    assert [f.path for f in configs.files] == ["config.json", "model.safetensors.index.json", "tokenizer_config.json"]
+    assert sum(server.requests.values()) == asked
+
+
+def test_offline_works_from_a_local_dir_and_from_a_cache_without_tree_listing(served, hub_server, tmp_path):
+    server, commit = served
+    hub.pull(REPO, local_dir=tmp_path / "kimi", progress=False)
+    online = hub.pull(REPO, progress=False)
+    old_style = tmp_path / "old_hf_home"  # as an older huggingface_hub leaves it: no trees/<commit>.json
+    shutil.copytree(tmp_path / "hf_home", old_style, symlinks=True)
+    shutil.rmtree(old_style / "hub" / "models--moonshotai--Kimi-Linear-48B-A3B-Instruct" / "trees")
+    asked = sum(server.requests.values())
+    with hub_environment(hub_server.endpoint, tmp_path / "hf_home", HF_HUB_OFFLINE="1"):
+        local = hub.pull(REPO, local_dir=tmp_path / "kimi", progress=False)
+    with hub_environment(hub_server.endpoint, old_style, HF_HUB_OFFLINE="1"):
+        from_disk = hub.pull(REPO, exclude=["*.jinja"], progress=False)
+    assert (local.path, local.commit) == ((tmp_path / "kimi").resolve(), commit)
+    assert sorted(f.path for f in local.files) == PULLED
+    assert from_disk.commit == commit and from_disk.path.name == online.path.name
+    assert sorted(f.path for f in from_disk.files) == [p for p in PULLED if p != "chat_template.jinja"]
+    assert sum(server.requests.values()) == asked
+
+
+def test_a_new_commit_reuses_the_cached_blobs(served, hub_server, checkpoint):
+    server, first = served
+    hub.pull(REPO, progress=False)
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "kimi_linear", "hidden_size": 16}))
+    second = hub_server.add_repo(REPO, checkpoint)
+    result = hub.pull(REPO, progress=False)
+    assert result.commit == second != first
+    assert result.bytes_downloaded == (checkpoint / "config.json").stat().st_size
+    assert server.gets("config.json") == 2 and server.gets(SHARD_1) == server.gets(SHARD_2) == 1
+
+
+def test_offline_with_an_empty_cache_says_so(hub_server, checkpoint, tmp_path):
+    hub_server.add_repo(REPO, checkpoint)
+    with hub_environment(hub_server.endpoint, tmp_path / "hf_home", HF_HUB_OFFLINE="1"):
+        with pytest.raises(KLError, match="HF_HUB_OFFLINE is set .* no complete copy of"):
+            hub.pull(REPO, progress=False)
+
+
+def test_interrupted_pull_resumes_without_refetching_finished_files(served, checkpoint, tmp_path):
+    server, commit = served
+    server.cut_short[SHARD_2] = 4096  # the connection drops mid-file...
+    server.unavailable.add(SHARD_2)  # ...and the hub stays down for it: this pull fails
+    with pytest.raises(KLError, match="rerun the pull to continue"):
+        hub.pull(REPO, progress=False)
+    snapshot = cache_dir(tmp_path) / "models--moonshotai--Kimi-Linear-48B-A3B-Instruct" / "snapshots" / commit
+    finished = [p for p in PULLED if p != SHARD_2]
+    assert files_under(snapshot) == finished
+    assert not list(cache_dir(tmp_path).rglob("*.incomplete"))
+
+    server.unavailable.clear()
+    result = hub.pull(REPO, progress=False)
+    assert files_under(result.path) == PULLED
+    assert result.bytes_downloaded == (checkpoint / SHARD_2).stat().st_size
+    assert all(server.gets(p) == 1 for p in finished)
+    assert server.gets(SHARD_2) == 3  # cut, 503, then the rerun
+
+
+def test_a_dropped_connection_resumes_with_a_range_request(served, checkpoint, monkeypatch):
+    server, _ = served
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 1024)  # so the bytes before the cut reach the disk
+    server.cut_short[SHARD_2] = 4096
+    result = hub.pull(REPO, progress=False)
+    assert server.ranges[SHARD_2] == ["bytes=4096-"]
+    assert (result.path / SHARD_2).read_bytes() == (checkpoint / SHARD_2).read_bytes()
+
+
+def test_wrong_published_sha256_fails_naming_the_file_and_removes_it(served, tmp_path):
+    server, commit = served
+    server.wrong_sha256.add(SHARD_1)
+    with pytest.raises(KLError, match=f"{SHARD_1} has sha256 .* the hub published"):
+        hub.pull(REPO, progress=False)
+    storage = cache_dir(tmp_path) / "models--moonshotai--Kimi-Linear-48B-A3B-Instruct"
+    assert SHARD_1 not in files_under(storage / "snapshots" / commit)
+    assert not (storage / "blobs" / server.published_sha256(SHARD_1, server.repos[REPO].files[SHARD_1])).exists()
+
+    server.wrong_sha256.clear()
+    assert files_under(hub.pull(REPO, progress=False).path) == PULLED
+
+
+def test_wrong_sha256_in_a_local_dir_removes_the_file(served, tmp_path):
+    server, _ = served
+    server.wrong_sha256.add(SHARD_2)
+    with pytest.raises(KLError, match=SHARD_2):
+        hub.pull(REPO, local_dir=tmp_path / "kimi", progress=False)
+    assert not (tmp_path / "kimi" / SHARD_2).exists()
+    assert not (tmp_path / "kimi" / ".klconvert").exists()
+
+
+def test_not_enough_disk_space_is_refused_before_downloading(served, monkeypatch, tmp_path):
+    server, _ = served
+    monkeypatch.setattr(hub, "free_disk_bytes", lambda folder: 1000)
+    with pytest.raises(KLError, match="not enough disk space .* only 0.00 MB is free"):
+        hub.pull(REPO, progress=False)
+    assert sum(n for (method, _), n in server.requests.items() if method == "GET") == 0
+    assert not list(cache_dir(tmp_path).rglob("*.safetensors"))
+
+
+def test_index_naming_a_shard_the_repo_lacks_fails(hub_server, tmp_path):
+    hub_server.add_repo(REPO, write_checkpoint(tmp_path / "broken", index_names_missing_shard=True))
+    with hub_environment(hub_server.endpoint, tmp_path / "hf_home"):
+        with pytest.raises(KLError, match="names 1 shard.*model-00003-of-00002.safetensors"):
+            hub.pull(REPO, progress=False)
+
+
+def test_unknown_repo_and_revision_are_one_line_errors(served):
+    with pytest.raises(KLError, match="has no repo moonshotai/nope .* HF_TOKEN") as unknown_repo:
+        hub.pull("moonshotai/nope", progress=False)
+    with pytest.raises(KLError, match="has no revision 'v9'") as unknown_revision:
+        hub.pull(REPO, revision="v9", progress=False)
+    assert "\n" not in str(unknown_repo.value) + str(unknown_revision.value)
+
+
+def test_private_repo_needs_a_token(hub_server, checkpoint, tmp_path):
+    hub_server.add_repo("moonshotai/private", checkpoint, private=True)
+    hub_server.tokens.add("hf_good")
+    with hub_environment(hub_server.endpoint, tmp_path / "hf_home"):
+        with pytest.raises(KLError, match="set HF_TOKEN"):
+            hub.pull("moonshotai/private", progress=False)
+    with hub_environment(hub_server.endpoint, tmp_path / "hf_home", HF_TOKEN="hf_bad"):
+        with pytest.raises(KLError, match="rejected the token"):
+            hub.pull("moonshotai/private", progress=False)
+    with hub_environment(hub_server.endpoint, tmp_path / "hf_home", HF_TOKEN="hf_good"):
+        assert files_under(hub.pull("moonshotai/private", progress=False).path) == PULLED

@@ -1,0 +1,96 @@
+"""`klconvert synth`: the released format exactly, both layouts, and streaming one tensor at a time."""
+from __future__ import annotations
+
+import gc
+import json
+import weakref
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from klconvert.checkpoint.reader import open_checkpoint
+from klconvert.checkpoint.safetensors_writer import PlannedTensor, write_shard
+from klconvert.synth.checkpoint import synth
+from klconvert.synth.presets import preset_config
+
+
+def test_released_format(tiny_released):
+    files = sorted(p.name for p in tiny_released.iterdir())
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert len(shards) >= 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    for name in ("config.json", "model.safetensors.index.json", "tiktoken.model", "tokenizer_config.json"):
+        assert name in files
+    config = json.loads((tiny_released / "config.json").read_text())
+    assert config["model_type"] == "kimi_linear" and config["architectures"] == ["KimiLinearForCausalLM"]
+    assert config["linear_attn_config"]["full_attn_layers"] == [4, 8]  # 1-indexed, as released
+    index = json.loads((tiny_released / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(
+        (tiny_released / s).stat().st_size for s in shards) - sum(
+        8 + int.from_bytes((tiny_released / s).read_bytes()[:8], "little") for s in shards)
+    with safe_open(str(tiny_released / index["weight_map"]["model.layers.1.self_attn.A_log"]), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert f.get_tensor("model.layers.1.self_attn.A_log").dtype == torch.float32
+        assert f.get_tensor("model.layers.1.self_attn.A_log").shape == (1, 1, 4, 1)
+    assert not [p for p in tiny_released.parent.iterdir() if "partial" in p.name]
+
+
+def test_transformers_layout_holds_the_same_values(tiny_released, tiny_transformers):
+    a, b = open_checkpoint(tiny_released), open_checkpoint(tiny_transformers)
+    assert b.sources["model.layers.1.block_sparse_moe.experts.3.w3.weight"].name == \
+        "model.layers.1.mlp.experts.gate_up_proj"
+    assert b.sources["model.layers.1.self_attn.k_conv1d.weight"].name == "model.layers.1.self_attn.conv1d.weight"
+    for name in a.expected:
+        assert torch.equal(a.get(name), b.get(name)), name
+
+
+def test_same_seed_same_weights_other_seed_differs(tmp_path):
+    x = open_checkpoint(synth("tiny", tmp_path / "a", seed=7, progress=False).path)
+    y = open_checkpoint(synth("tiny", tmp_path / "b", seed=7, progress=False).path)
+    z = open_checkpoint(synth("tiny", tmp_path / "c", seed=8, progress=False).path)
+    name = "model.layers.2.block_sparse_moe.experts.5.w1.weight"
+    assert torch.equal(x.get(name), y.get(name)) and not torch.equal(x.get(name), z.get(name))
+
+
+def test_layers_keep_the_three_to_one_pattern():
+    config = preset_config("kimi-linear-48b", layers=8)
+    assert config["linear_attn_config"]["full_attn_layers"] == [4, 8]
+    assert config["linear_attn_config"]["kda_layers"] == [1, 2, 3, 5, 6, 7]
+    assert preset_config("kimi-linear-48b")["linear_attn_config"]["full_attn_layers"] == [4, 8, 12, 16, 20, 24, 27]
+
+
+def test_writer_holds_one_tensor_at_a_time(tmp_path):
+    """Each tensor is made only when its turn comes, and is gone before the next is made."""
+    alive: list[weakref.ref] = []
+
+    def make(i):
+        def build():
+            gc.collect()
+            assert all(r() is None for r in alive), "an earlier tensor is still held"
+            t = torch.full((256, 256), float(i))
+            alive.append(weakref.ref(t))
+            return t
+        return build
+
+    planned = [PlannedTensor(f"t{i}", torch.float32, (256, 256), make(i)) for i in range(5)]
+    write_shard(tmp_path / "s.safetensors", planned)
+    with safe_open(str(tmp_path / "s.safetensors"), "pt") as f:
+        assert [float(f.get_tensor(f"t{i}")[0, 0]) for i in range(5)] == [0, 1, 2, 3, 4]
+
+
+def test_interrupted_write_leaves_nothing_complete(tmp_path, monkeypatch):
+    import klconvert.synth.checkpoint as synth_module
+
+    calls = {"n": 0}
+    real = synth_module.write_shard
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synth_module, "write_shard", failing)
+    with pytest.raises(KeyboardInterrupt):
+        synth("tiny", tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
