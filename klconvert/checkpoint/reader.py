@@ -10,6 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from klconvert.checkpoint.name_map import TensorSpec, canonical_pieces, expected_tensors, sliced_shape
+from klconvert.checkpoint.quantized import QuantizedSource, dequantize, find_quantized, quant_method
 from klconvert.checkpoint.safetensors_header import SafetensorsHeader, read_header
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
@@ -38,7 +39,11 @@ def _shard_path(folder: Path, shard: object, where: str) -> Path:
 
 
 class Checkpoint:
-    """A Kimi Linear checkpoint folder: its config, and every canonical tensor, read on demand (mmap)."""
+    """A Kimi Linear checkpoint folder: its config, and every canonical tensor, read on demand (mmap).
+
+    A quantized folder (compressed-tensors pack-quantized or bitsandbytes nf4) reads the same way: each
+    packed weight comes back dequantized under its canonical name.
+    """
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -47,8 +52,9 @@ class Checkpoint:
                           "Kimi Linear folder (or make one with `klconvert synth`)")
         self.config = KimiLinearConfig.from_file(self.folder / "config.json")
         self.expected: dict[str, TensorSpec] = expected_tensors(self.config)
+        self.quant_method = quant_method(self.config.raw, str(self.folder / "config.json"))
         self.headers: dict[str, SafetensorsHeader] = {}
-        self.sources: dict[str, Source] = {}
+        self.sources: dict[str, Source | QuantizedSource] = {}
         self._open: dict[str, object] = {}
         self._check()
 
@@ -93,11 +99,16 @@ class Checkpoint:
                                   f"{'places in ' + weight_map[name] if name in weight_map else 'does not list'}; "
                                   "the index and shards disagree -- download the checkpoint again")
 
+        if self.quant_method:
+            self.sources.update(find_quantized(self.quant_method, weight_map, self.headers, self.expected,
+                                               self.folder))
+            packed = {name for q in self.sources.values() for _, name in q.parts.values()}
+            weight_map = {n: s for n, s in weight_map.items() if n not in packed}
         for source_name, shard in sorted(weight_map.items()):
             entry = self.headers[shard].tensors[source_name]
             where = f"{self.folder / shard}: tensor {source_name}"
             if entry.dtype not in FLOAT_DTYPES:
-                hint = (" (this looks like an already quantized checkpoint)"
+                hint = (" (packed weights, but config.json has no quantization_config)"
                         if source_name.endswith(("weight_packed", "weight_scale", "weight_shape", "absmax")) else "")
                 raise KLError(f"{where} has dtype {entry.dtype}, expected one of {sorted(FLOAT_DTYPES)}{hint}")
             pieces = canonical_pieces(source_name, self.config)
@@ -124,27 +135,22 @@ class Checkpoint:
                           "the download is incomplete or the config does not match the weights")
 
     # ---- reading -----------------------------------------------------------------------------
-    def get(self, name: str) -> torch.Tensor:
-        """One canonical tensor, as stored (dtype unchanged), read from the memory-mapped shard."""
-        src = self.sources[name]
-        path = self.folder / src.shard
+    def _read(self, shard: str, name: str, index: tuple = ()) -> torch.Tensor:
+        path = self.folder / shard
         try:
-            handle = self._open.get(src.shard)
+            handle = self._open.get(shard)
             if handle is None:
-                handle = self._open[src.shard] = safe_open(str(path), framework="pt")
-            if not src.index:
-                return handle.get_tensor(src.name)
-            return handle.get_slice(src.name)[src.index].contiguous()
+                handle = self._open[shard] = safe_open(str(path), framework="pt")
+            return handle.get_slice(name)[index].contiguous() if index else handle.get_tensor(name)
         except (SafetensorError, OSError) as e:
-            raise KLError(f"{path}: cannot read tensor {src.name} ({e}); download the checkpoint again") from None
+            raise KLError(f"{path}: cannot read tensor {name} ({e}); download the checkpoint again") from None
 
-    def nbytes(self, name: str) -> int:
-        """Bytes the canonical tensor takes as stored."""
-        spec = self.expected[name]
-        n = 1
-        for d in spec.shape:
-            n *= d
-        return n * {"F32": 4, "BF16": 2, "F16": 2}[self.sources[name].dtype]
+    def get(self, name: str) -> torch.Tensor:
+        """One canonical tensor, read from the memory-mapped shards: as stored, or dequantized if packed."""
+        src = self.sources[name]
+        if isinstance(src, QuantizedSource):
+            return dequantize(src, self._read)
+        return self._read(src.shard, src.name, src.index)
 
 
 def open_checkpoint(folder: str | Path) -> Checkpoint:

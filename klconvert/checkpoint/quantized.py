@@ -1,0 +1,113 @@
+"""Quantized checkpoints: find each packed weight's tensors (compressed-tensors or bitsandbytes nf4), check them
+against the weight they stand for, and dequantize on read."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from klconvert.checkpoint.name_map import TensorSpec
+from klconvert.checkpoint.safetensors_header import SafetensorsHeader
+from klconvert.errors import KLError
+from klconvert.quant import QuantScheme, decompress_nf4, decompress_weight
+from klconvert.quant.nf4 import NF4_NAMES
+from klconvert.quant.scheme import NF4_BLOCKSIZE
+
+PACKED_PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+NF4_PARTS = tuple(n for n in NF4_NAMES if n != "weight")  # "weight" itself is the packed data
+METHODS = ("compressed-tensors", "bitsandbytes")
+
+
+@dataclass(frozen=True)
+class QuantizedSource:
+    """A canonical weight stored packed: its parts (local name -> (shard, tensor name)) and its scheme."""
+
+    parts: dict[str, tuple[str, str]]
+    scheme: QuantScheme
+
+
+def quant_method(raw_config: dict, where: str) -> str | None:
+    """The checkpoint's quantization method from config.json, or None for an unquantized checkpoint."""
+    qc = raw_config.get("quantization_config")
+    if qc is None:
+        return None
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method not in METHODS:
+        raise KLError(f"{where}: quantization_config.quant_method {method!r} is not supported; klconvert reads "
+                      f"{' and '.join(METHODS)} checkpoints (write one with `klconvert quantize`)")
+    return method
+
+
+def _module_of(name: str, parts: tuple[str, ...]) -> tuple[str, str] | None:
+    for part in parts:
+        if name.endswith("." + part):
+            return name[: -len(part) - 1], part
+    return None
+
+
+def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, SafetensorsHeader],
+                   expected: dict[str, TensorSpec], folder) -> dict[str, QuantizedSource]:
+    """Group the packed tensors by module and check each group against the weight it replaces.
+
+    Returns {canonical weight name: QuantizedSource}; every source tensor it names belongs to one group.
+    """
+    parts = PACKED_PARTS if method == "compressed-tensors" else NF4_PARTS
+    groups: dict[str, dict[str, tuple[str, str]]] = {}
+    for name, shard in weight_map.items():
+        hit = _module_of(name, parts)
+        if hit:
+            groups.setdefault(hit[0], {})[hit[1]] = (shard, name)
+    if method == "bitsandbytes":
+        for module, group in groups.items():
+            if f"{module}.weight" in weight_map:
+                group["weight"] = (weight_map[f"{module}.weight"], f"{module}.weight")
+
+    out: dict[str, QuantizedSource] = {}
+    for module, group in groups.items():
+        canonical = f"{module}.weight"
+        where = f"{folder}: quantized weight {canonical}"
+        spec = expected.get(canonical)
+        if spec is None or len(spec.shape) != 2:
+            raise KLError(f"{where} maps to no linear weight of this model; the checkpoint does not match its "
+                          "config.json")
+
+        def entry(part: str):
+            shard, name = group[part]
+            return headers[shard].tensors[name]
+
+        need = ("weight_packed", "weight_scale", "weight_shape") if method == "compressed-tensors" else \
+            ("weight", "weight.absmax", "weight.quant_map", "weight.quant_state.bitsandbytes__nf4")
+        missing = [p for p in need if p not in group]
+        if missing:
+            raise KLError(f"{where} lacks {', '.join(missing)}; the conversion was cut short -- run it again")
+        out_dim, in_dim = spec.shape
+        if method == "compressed-tensors":
+            packed, scale = entry("weight_packed"), entry("weight_scale")
+            bits = packed.shape[1] * 32 // in_dim if len(packed.shape) == 2 and in_dim else 0
+            ok = (packed.dtype == "I32" and bits in (4, 8) and packed.shape == (out_dim, in_dim * bits // 32)
+                  and len(scale.shape) == 2 and scale.shape[0] == out_dim and scale.shape[1] > 0
+                  and in_dim % scale.shape[1] == 0 and scale.dtype in ("BF16", "F16", "F32")
+                  and entry("weight_shape").shape == (2,) and entry("weight_shape").dtype in ("I64", "I32"))
+            if not ok:
+                raise KLError(f"{where}: packed tensors {packed.dtype} {list(packed.shape)} / scale {scale.dtype} "
+                              f"{list(scale.shape)} do not fit its shape {list(spec.shape)}; re-run the conversion")
+            group_size = in_dim // scale.shape[1]
+            scheme = QuantScheme(bits, group_size if group_size % 8 == 0 else -1, "weight_zero_point" not in group)
+        else:
+            packed = entry("weight")
+            if packed.dtype != "U8" or 2 * packed.shape[0] * (packed.shape[1] if len(packed.shape) > 1 else 1) \
+                    != out_dim * in_dim:
+                raise KLError(f"{where}: nf4 data {packed.dtype} {list(packed.shape)} does not fit its shape "
+                              f"{list(spec.shape)}; re-run the conversion")
+            scheme = QuantScheme(4, NF4_BLOCKSIZE, True, "nf4")
+        out[canonical] = QuantizedSource(group, scheme)
+    return out
+
+
+def dequantize(source: QuantizedSource, read: Callable[[str, str], torch.Tensor]) -> torch.Tensor:
+    """Read a quantized weight's parts and rebuild the dense weight (in the dtype of its scales)."""
+    tensors = {part: read(shard, name) for part, (shard, name) in source.parts.items()}
+    if source.scheme.kind == "nf4":
+        return decompress_nf4(tensors)
+    return decompress_weight(tensors, source.scheme)
