@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from klconvert.checkpoint.reader import Checkpoint
+from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.model import KimiLinear
@@ -42,9 +43,10 @@ def _sync(device: torch.device) -> None:
 class Engine:
     """A model on one device, with state buffers allocated once by its MemoryPlan."""
 
-    def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, context: int, batch: int,
-                 biased_router_weights: bool = False):
-        self.checkpoint, self.config, self.device, self.dtype = checkpoint, checkpoint.config, device, dtype
+    def __init__(self, config: KimiLinearConfig, read: Callable[[str], torch.Tensor], device: torch.device,
+                 dtype: torch.dtype, context: int, batch: int, biased_router_weights: bool = False):
+        """`read(name)` gives a canonical tensor (e.g. Checkpoint.get); it is moved to `device` here."""
+        self.config, self.device, self.dtype = config, device, dtype
         if context > self.config.model_max_length:
             raise KLError(f"--max-context {context} is over the model's model_max_length "
                           f"{self.config.model_max_length}; lower it")
@@ -58,8 +60,7 @@ class Engine:
                              "the weights alone do not fit: use a quantized model (klconvert quantize --bits 4)"))
 
         def load(name: str) -> torch.Tensor:
-            t = checkpoint.get(name)
-            return t.to(device=device, dtype=torch.float32 if name.endswith(KEEP_FP32) else dtype)
+            return read(name).to(device=device, dtype=torch.float32 if name.endswith(KEEP_FP32) else dtype)
 
         self.model = KimiLinear(self.config, load, biased_router_weights=biased_router_weights)
         self.state = self.plan.allocate(device)
@@ -172,4 +173,5 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if max_context < 1 or batch < 1:
         raise KLError(f"--max-context ({max_context}) and --batch ({batch}) must be at least 1")
-    return Engine(Checkpoint(path), device, dtype, max_context, batch, biased_router_weights)
+    checkpoint = Checkpoint(path)
+    return Engine(checkpoint.config, checkpoint.get, device, dtype, max_context, batch, biased_router_weights)

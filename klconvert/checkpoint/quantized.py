@@ -3,8 +3,6 @@ against the weight they stand for, and dequantize on read."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
 from klconvert.checkpoint.name_map import TensorSpec
@@ -105,9 +103,6 @@ def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, S
     return out
 
 
-def dequantize(source: QuantizedSource, read: Callable[[str, str], torch.Tensor]) -> torch.Tensor:
-    """Read a quantized weight's parts and rebuild the dense weight (in the dtype of its scales)."""
-    tensors = {part: read(shard, name) for part, (shard, name) in source.parts.items()}
-    if source.scheme.kind == "nf4":
-        return decompress_nf4(tensors)
-    return decompress_weight(tensors, source.scheme)
+def dequantize(tensors: dict[str, torch.Tensor], scheme: QuantScheme) -> torch.Tensor:
+    """Rebuild a dense weight (in the dtype of its scales) from its packed parts."""
+    return decompress_nf4(tensors) if scheme.kind == "nf4" else decompress_weight(tensors, scheme)

@@ -14,6 +14,7 @@ from klconvert.checkpoint.quantized import QuantizedSource, dequantize, find_qua
 from klconvert.checkpoint.safetensors_header import SafetensorsHeader, read_header
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
+from klconvert.quant import QuantScheme
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -149,8 +150,15 @@ class Checkpoint:
         """One canonical tensor, read from the memory-mapped shards: as stored, or dequantized if packed."""
         src = self.sources[name]
         if isinstance(src, QuantizedSource):
-            return dequantize(src, self._read)
+            return dequantize(*self.packed(name))
         return self._read(src.shard, src.name, src.index)
+
+    def packed(self, name: str) -> tuple[dict[str, torch.Tensor], QuantScheme] | None:
+        """A quantized weight's stored parts (local name -> tensor) and scheme, or None if it is not packed."""
+        src = self.sources[name]
+        if not isinstance(src, QuantizedSource):
+            return None
+        return {part: self._read(shard, n) for part, (shard, n) in src.parts.items()}, src.scheme
 
 
 def open_checkpoint(folder: str | Path) -> Checkpoint:
