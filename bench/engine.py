@@ -1,9 +1,11 @@
-"""End-to-end decode on the GPU at real layer shapes: klconvert's reference engine vs transformers, same run.
+"""End-to-end decode on the GPU at real layer shapes: klconvert's engine (PyTorch and Triton paths) vs transformers.
 
-Builds the released 48B config cut to --layers layers (3 KDA + 1 MLA for 4), with random bf16 weights made on
-the GPU, checks that the decode path agrees with the prefill path, then times greedy decode after a
---prompt-tokens prompt. The peer is transformers' KimiLinearForCausalLM of the same config (as
-../shared/bench/anchors.py measures it). Writes JSON to $OUT/engine.json when OUT is set.
+Builds the released 48B config cut to --layers layers (3 KDA + 1 MLA for 4) with random weights made on the
+GPU, quantized int4 g128 (lm_head int8) by the default policy. Checks first that the decode path agrees with
+the prefill path and that the Triton path (int kernels, fused KDA step, fused MoE) agrees with the PyTorch
+reference on the same dequantized weights; then times greedy decode after a --prompt-tokens prompt for both,
+and for transformers' KimiLinearForCausalLM of the same config in bf16 (as ../shared/bench/anchors.py
+measures it). Writes JSON to $OUT/engine.json when OUT is set.
 
     python bench/engine.py --layers 4 --prompt-tokens 512 --new-tokens 64
 """
@@ -21,6 +23,7 @@ import torch
 
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.config import KimiLinearConfig
+from klconvert.quant import compress_weight, decompress_weight, policy_from_options
 from klconvert.runtime.engine import Engine
 from klconvert.synth.presets import preset_config
 
@@ -47,6 +50,33 @@ def random_reader(config: KimiLinearConfig, device: str, seed: int = 0):
     return read
 
 
+def quantized_readers(config: KimiLinearConfig, read):
+    """(read, packed) as a quantized checkpoint gives them: packed(name) the int parts of each weight the default
+    int4 policy quantizes, read(name) that weight dequantized (so both paths see the same values)."""
+    specs = expected_tensors(config)
+    policy = policy_from_options(4, 128).check_against([(n, s.shape) for n, s in specs.items()])
+    cache: dict[str, tuple] = {}
+
+    def packed(name: str):
+        scheme = policy.scheme_for(name, specs[name].shape)
+        if scheme is None:
+            return None
+        if name not in cache:
+            parts = compress_weight(name.removesuffix(".weight"), read(name), scheme)
+            cache[name] = ({k.rsplit(".", 1)[1]: v for k, v in parts.items()}, scheme)
+        return cache[name]
+
+    def read_dequantized(name: str) -> torch.Tensor:
+        found = packed(name)
+        return read(name) if found is None else decompress_weight(*found)
+
+    return read_dequantized, packed
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
 def check_decode_matches_prefill(engine: Engine, ids: torch.Tensor, steps: int = 8) -> float:
     """Relative error of decode-path logits against prefill logits over the last `steps` tokens."""
     full = engine.forward(ids)
@@ -54,7 +84,7 @@ def check_decode_matches_prefill(engine: Engine, ids: torch.Tensor, steps: int =
     engine.forward(ids[:, :T])
     dec = torch.stack([engine.decode_step(ids[:, t:t + 1], t) for t in range(T, ids.shape[1])], dim=1)
     ref = full[:, T:]  # decode_step(token t) gives the logits after token t, as prefill row t does
-    return ((dec - ref).norm() / ref.norm()).item()
+    return rel(dec, ref)
 
 
 def time_ours(engine: Engine, ids: torch.Tensor, new_tokens: int) -> float:
@@ -92,28 +122,39 @@ def main() -> int:
     raw = preset_config("kimi-linear-48b", args.layers)
     config = KimiLinearConfig.from_dict(raw)
     context = args.prompt_tokens + args.new_tokens + 16
-    engine = Engine(config, random_reader(config, "cuda"), torch.device("cuda"), torch.bfloat16, context, 1)
+    read, packed = quantized_readers(config, random_reader(config, "cuda"))
+    dev = torch.device("cuda")
     ids = torch.randint(0, 163584, (1, args.prompt_tokens), device="cuda")
-    err = check_decode_matches_prefill(engine, ids)
-    print(f"check: decode vs prefill logits, rel err {err:.2e} (bf16)", flush=True)
-    if not err < 5e-2:
-        print("FAILED: the decode path disagrees with the prefill path", file=sys.stderr)
-        return 1
-    ours = time_ours(engine, ids, args.new_tokens)
-    print(f"klconvert reference engine, {args.layers} layers bf16: {ours:.2f} ms/token", flush=True)
-    del engine
-    torch.cuda.empty_cache()
-    peer = time_transformers(raw, ids, args.new_tokens)
+    res = {"device": torch.cuda.get_device_name(), "layers": args.layers, "prompt_tokens": args.prompt_tokens}
+    logits = {}
+    for kernels in ("torch", "triton"):
+        engine = Engine(config, read, dev, torch.bfloat16, context, 1, packed=packed, kernels=kernels)
+        err = check_decode_matches_prefill(engine, ids)
+        logits[kernels] = engine.forward(ids[:, :64])
+        print(f"check [{kernels}]: decode vs prefill logits, rel err {err:.2e} (bf16)", flush=True)
+        if not err < 5e-2:
+            print(f"FAILED: the {kernels} decode path disagrees with its prefill path", file=sys.stderr)
+            return 1
+        res[f"{kernels}_decode_vs_prefill_rel_err"] = err
+        res[f"{kernels}_ms_per_token"] = time_ours(engine, ids, args.new_tokens)
+        print(f"klconvert engine [{kernels}], {args.layers} layers, int4 g128: "
+              f"{res[f'{kernels}_ms_per_token']:.2f} ms/token", flush=True)
+        del engine
+        torch.cuda.empty_cache()
+    res["triton_vs_torch_rel_err"] = rel(logits["triton"], logits["torch"])
+    res["triton_vs_torch_top1"] = (logits["triton"].argmax(-1) == logits["torch"].argmax(-1)).float().mean().item()
+    print(f"check: triton vs torch prefill logits rel err {res['triton_vs_torch_rel_err']:.2e}, top-1 agreement "
+          f"{res['triton_vs_torch_top1']:.3f}", flush=True)
+    res["transformers_ms_per_token"] = peer = time_transformers(raw, ids, args.new_tokens)
     if peer is not None:
-        print(f"transformers KimiLinearForCausalLM, same config: {peer:.2f} ms/token; ratio {peer / ours:.2f}x",
+        print(f"transformers KimiLinearForCausalLM bf16, same config: {peer:.2f} ms/token; torch path "
+              f"{peer / res['torch_ms_per_token']:.2f}x, triton path {peer / res['triton_ms_per_token']:.2f}x faster",
               flush=True)
-    res = {"device": torch.cuda.get_device_name(), "layers": args.layers, "prompt_tokens": args.prompt_tokens,
-           "decode_vs_prefill_rel_err": err, "ours_ms_per_token": ours, "transformers_ms_per_token": peer}
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "engine.json"), "w") as f:
             json.dump(res, f, indent=1)
     print(json.dumps(res))
-    return 0
+    return 0 if res["triton_vs_torch_rel_err"] < 5e-2 else 1
 
 
 if __name__ == "__main__":

@@ -137,23 +137,118 @@ def run(model: Path, prompt_file: str, max_new_tokens: int, temperature: float, 
 @click.option("--preset", type=click.Choice(["tiny", "kimi-linear-48b"]), default=None,
               help="Plan for a preset instead of a folder.")
 @click.option("--layers", type=int, default=None, help="With --preset: keep only N layers.")
+@click.option("--recipe", type=click.Path(path_type=Path), default=None,
+              help="Recipe YAML (recipes/*.yaml): its quantization sizes the weights, its runtime section sets "
+                   "the defaults of the flags below.")
 @click.option("--gpu-memory", default=None, help="Device memory to fit, e.g. 80GiB, 24GB.")
-@click.option("--max-context", type=click.IntRange(min=1), default=131072, show_default=True)
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--bits", type=click.Choice(["4", "8", "16"]), default="16", show_default=True,
-              help="Weight bits of the quantized layers (16: unquantized bf16).")
+@click.option("--max-context", type=click.IntRange(min=1), default=None,
+              help="Planned context [default: the recipe's, else 131072].")
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="Planned batch [default: the recipe's, else 1].")
+@click.option("--mla-cache-dtype", type=click.Choice(["bfloat16", "float8_e4m3fn"]), default=None,
+              help="MLA latent cache dtype [default: the recipe's, else bfloat16].")
+@click.option("--kda-state-dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
+              help="KDA recurrent state dtype [default: the recipe's, else float32].")
+@click.option("--bits", type=click.Choice(["4", "8", "16"]), default=None,
+              help="Without --recipe: weight bits of the quantized layers, lm_head at 8 [default: 16, unquantized].")
 @click.option("--group-size", type=click.IntRange(min=1), default=128, show_default=True)
-def plan(model: Path | None, preset: str | None, layers: int | None, gpu_memory: str | None, max_context: int,
-         batch: int, bits: str, group_size: int) -> None:
+def plan(model: Path | None, preset: str | None, layers: int | None, recipe: Path | None, gpu_memory: str | None,
+         max_context: int | None, batch: int | None, mla_cache_dtype: str | None, kda_state_dtype: str | None,
+         bits: str | None, group_size: int) -> None:
     """Print the memory plan: weights, KDA state, MLA cache, workspace, headroom, largest context."""
     from klconvert.runtime.plan_report import plan_for, render_plan
 
     if (model is None) == (preset is None):
         raise KLError("give exactly one of --model DIR or --preset NAME")
-    p = plan_for(model=model, preset=preset, layers=layers, batch=batch, context=max_context,
-                 bits=None if bits == "16" else int(bits), group_size=group_size,
-                 memory_limit=parse_size(gpu_memory) if gpu_memory else None)
-    click.echo(render_plan(p, title=str(model or preset)))
+    p = plan_for(model=model, preset=preset, layers=layers, recipe=recipe, batch=batch, context=max_context,
+                 bits=None if bits in (None, "16") else int(bits), group_size=group_size,
+                 memory_limit=parse_size(gpu_memory) if gpu_memory else None, mla_cache_dtype=mla_cache_dtype,
+                 kda_state_dtype=kda_state_dtype)
+    click.echo(render_plan(p, title=str(model or preset) + (f" with {recipe}" if recipe else "")))
+
+
+def _quantize_options(command):
+    """The flags `quantize` and `pull-and-quantize` share, in the order --help lists them."""
+    options = [
+        click.option("--bits", type=int, default=None,
+                     help="Bits of the quantized layers: 4 or 8 [default: 4]; lm_head stays at 8."),
+        click.option("--group-size", type=int, default=None,
+                     help="Input columns per scale, e.g. 32, 64, 128; -1: one scale per row [default: 128]."),
+        click.option("--sym/--asym", "symmetric", default=None,
+                     help="Symmetric scales, or asymmetric with zero points [default: --sym]."),
+        click.option("--scheme", type=click.Choice(["int", "nf4"]), default=None,
+                     help="int: compressed-tensors pack-quantized [default]; nf4: bitsandbytes 4-bit."),
+        click.option("--recipe", type=click.Path(path_type=Path), default=None,
+                     help="llm-compressor-shaped recipe YAML saying how each tensor is stored (instead of the "
+                          "four flags above)."),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+                     help="Where to quantize [default: cuda if present]."),
+        click.option("--force", is_flag=True,
+                     help="Replace an existing output folder (only once the new one is whole) and discard an "
+                          "interrupted run made with other options."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@_quantize_options
+def quantize(src: Path, out: Path, bits: int | None, group_size: int | None, symmetric: bool | None,
+             scheme: str | None, recipe: Path | None, device: str | None, force: bool) -> None:
+    """Quantize the checkpoint in SRC into a new compressed-tensors folder OUT (resumes if interrupted)."""
+    from klconvert.quantize import quantize as quantize_checkpoint
+
+    result = quantize_checkpoint(src, out, bits=bits, group_size=group_size, symmetric=symmetric, scheme=scheme,
+                                 recipe=recipe, device=device, force=force)
+    click.echo(result.summary(), err=True)
+    click.echo(str(result.path))
+
+
+@cli.command(name="pull-and-quantize")
+@click.option("--model", default=DEFAULT_REPO, show_default=True,
+              help="Hub repo to pull, or a local checkpoint folder (used as it is).")
+@click.option("--revision", default=None, help="Branch, tag or commit of the hub repo [default: main].")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder to create [default: ./<model-name>-w4a16, -w8a16 or -nf4].")
+@_quantize_options
+def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: int | None, group_size: int | None,
+                      symmetric: bool | None, scheme: str | None, recipe: Path | None, device: str | None,
+                      force: bool) -> None:
+    """Pull a Kimi Linear repo (or take a local folder) and quantize it in one go."""
+    from klconvert.quantize import pull_and_quantize as pull_and_quantize_checkpoint
+
+    result = pull_and_quantize_checkpoint(model, out, revision=revision, bits=bits, group_size=group_size,
+                                          symmetric=symmetric, scheme=scheme, recipe=recipe, device=device,
+                                          force=force)
+    click.echo(result.summary(), err=True)
+    click.echo(str(result.path))
+
+
+@cli.command(name="eval")
+@click.option("--model", type=click.Path(path_type=Path), required=True, help="The model to measure (e.g. quantized).")
+@click.option("--reference", type=click.Path(path_type=Path), required=True,
+              help="The model it should match (e.g. its bf16 source); its tokenizer reads the text.")
+@click.option("--text-file", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="UTF-8 text to run both models on.")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=2048, show_default=True,
+              help="Cut the tokenized text to this many tokens.")
+@click.option("--device", default=None, help="cpu or cuda [default: cuda if present].")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default=None,
+              help="Compute dtype [default: bfloat16 on cuda, float32 on cpu].")
+def eval_(model: Path, reference: Path, text_file: Path, max_tokens: int, device: str | None,
+          dtype: str | None) -> None:
+    """Perplexity of both, KL of the model from the reference, top-1 and router agreement."""
+    from klconvert.evaluate import evaluate, render_eval
+
+    try:
+        text = text_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise KLError(f"--text-file {text_file}: cannot read it as UTF-8 text ({e}); check the path") from None
+    result = evaluate(model, reference, text, max_tokens=max_tokens, device=device, dtype=dtype)
+    click.echo(render_eval(result, str(model), str(reference)))
 
 
 def main() -> None:

@@ -14,8 +14,7 @@ from klconvert.errors import KLError
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.model import KimiLinear
 from klconvert.runtime.sampling import sample
-
-KEEP_FP32 = ("A_log", "dt_bias", "e_score_correction_bias", "gate.weight")  # read in fp32 whatever the dtype
+from klconvert.runtime.weights import Packed, WeightLoader, use_triton
 
 
 @dataclass
@@ -44,9 +43,12 @@ class Engine:
     """A model on one device, with state buffers allocated once by its MemoryPlan."""
 
     def __init__(self, config: KimiLinearConfig, read: Callable[[str], torch.Tensor], device: torch.device,
-                 dtype: torch.dtype, context: int, batch: int, biased_router_weights: bool = False):
-        """`read(name)` gives a canonical tensor (e.g. Checkpoint.get); it is moved to `device` here."""
+                 dtype: torch.dtype, context: int, batch: int, biased_router_weights: bool = False,
+                 packed: Packed | None = None, kernels: str = "torch"):
+        """`read(name)` gives a canonical tensor (e.g. Checkpoint.get), `packed(name)` a quantized weight's stored
+        parts (Checkpoint.packed); `kernels` picks PyTorch or Triton for the decode path (auto: Triton on CUDA)."""
         self.config, self.device, self.dtype = config, device, dtype
+        self.triton = use_triton(kernels, device)
         if context > self.config.model_max_length:
             raise KLError(f"--max-context {context} is over the model's model_max_length "
                           f"{self.config.model_max_length}; lower it")
@@ -59,10 +61,8 @@ class Engine:
                           + (f"lower --max-context to {fit} or less" if fit else
                              "the weights alone do not fit: use a quantized model (klconvert quantize --bits 4)"))
 
-        def load(name: str) -> torch.Tensor:
-            return read(name).to(device=device, dtype=torch.float32 if name.endswith(KEEP_FP32) else dtype)
-
-        self.model = KimiLinear(self.config, load, biased_router_weights=biased_router_weights)
+        weights = WeightLoader(read, packed, device, dtype, self.triton)
+        self.model = KimiLinear(self.config, weights, biased_router_weights=biased_router_weights)
         self.state = self.plan.allocate(device)
         self.stats = GenerationStats()
 
@@ -160,8 +160,11 @@ def default_device() -> torch.device:
 
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-         max_context: int = 4096, batch: int = 1, biased_router_weights: bool = False) -> Engine:
-    """Open, check and load a Kimi Linear checkpoint folder; allocate its memory plan once."""
+         max_context: int = 4096, batch: int = 1, biased_router_weights: bool = False,
+         kernels: str = "auto") -> Engine:
+    """Open, check and load a Kimi Linear checkpoint folder; allocate its memory plan once.
+
+    kernels: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch"."""
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KLError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
@@ -174,4 +177,5 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     if max_context < 1 or batch < 1:
         raise KLError(f"--max-context ({max_context}) and --batch ({batch}) must be at least 1")
     checkpoint = Checkpoint(path)
-    return Engine(checkpoint.config, checkpoint.get, device, dtype, max_context, batch, biased_router_weights)
+    return Engine(checkpoint.config, checkpoint.get, device, dtype, max_context, batch, biased_router_weights,
+                  packed=checkpoint.packed, kernels=kernels)

@@ -5,12 +5,17 @@ and it is allocated up front for the planned context and batch, never grown.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.config import KimiLinearConfig
+
+if TYPE_CHECKING:
+    from klconvert.quant import Policy, QuantScheme
 
 CHUNK = 64              # KDA prefill chunk
 PREFILL_SEGMENT = 2048  # prompt tokens run through the model at once
@@ -135,25 +140,42 @@ class MemoryPlan:
         )
 
 
-QUANTIZED_CATEGORIES = ("attention", "experts", "shared_experts", "dense_mlp")  # at --bits; lm_head at 8
 FP32_CATEGORIES = ("router", "norm")  # held in fp32 by the runtime whatever the weights' dtype
+FP32_SUFFIXES = ("A_log", "dt_bias")      # the KDA decay parameters, likewise
+NF4_CODE_BOOKS = (16 + 256) * 4           # bitsandbytes' quant_map and nested_quant_map, fp32, per module
 
 
-def weight_bytes(config: KimiLinearConfig, dtype: torch.dtype, bits: int | None = None,
-                 group_size: int = 128) -> dict[str, int]:
-    """Bytes of weights by category as the runtime holds them: `dtype`, or packed at `bits` (with one
-    `dtype` scale per group of `group_size`) for the categories the default quantization policy packs."""
+def stored_bytes(shape: tuple[int, ...], scheme: QuantScheme, dtype: torch.dtype) -> int:
+    """Bytes of one [out, in] weight stored with `scheme`, sized as the tensors the converter writes.
+
+    int (compressed-tensors pack-quantized): weight_packed int32 [out, ceil(in*bits/32)], weight_scale
+    `dtype` [out, groups], and when asymmetric weight_zero_point int32 [ceil(out*bits/32), groups].
+    nf4 (bitsandbytes, double-quantized): 4-bit values, a uint8 absmax per block of 64, an fp32 absmax
+    per 256 of those, and the two code books. Metadata (weight_shape, bnb's JSON quant state) is read
+    into Python at load, not held on the device, and is not counted.
+    """
+    out, n_in = shape
+    if scheme.kind == "nf4":
+        blocks = out * n_in // scheme.group_size
+        return out * n_in // 2 + blocks + -(-blocks // 256) * 4 + NF4_CODE_BOOKS
+    groups = 1 if scheme.group_size == -1 else n_in // scheme.group_size
+    size = out * -(-n_in * scheme.bits // 32) * 4 + out * groups * DTYPE_BYTES[dtype]
+    if not scheme.symmetric:
+        size += -(-out * scheme.bits // 32) * 4 * groups
+    return size
+
+
+def weight_bytes(config: KimiLinearConfig, dtype: torch.dtype, policy: Policy | None = None) -> dict[str, int]:
+    """Bytes of weights by category as the runtime holds them: each tensor as `policy.scheme_for` stores
+    it (scales in `dtype`), fp32 where the runtime keeps fp32, `dtype` otherwise. No policy: unquantized."""
     out = dict.fromkeys(WEIGHT_CATEGORIES, 0)
     for spec in expected_tensors(config).values():
-        n = 1
-        for d in spec.shape:
-            n *= d
-        if spec.category in FP32_CATEGORIES or spec.name.endswith(("A_log", "dt_bias")):
-            size = n * 4
-        elif bits is not None and (spec.category in QUANTIZED_CATEGORIES or spec.category == "lm_head"):
-            b = bits if spec.category in QUANTIZED_CATEGORIES else max(bits, 8)
-            size = n * b // 8 + (n // group_size) * DTYPE_BYTES[dtype]
+        scheme = policy.scheme_for(spec.name, spec.shape) if policy is not None else None
+        if scheme is not None:
+            size = stored_bytes(spec.shape, scheme, dtype)
+        elif spec.category in FP32_CATEGORIES or spec.name.endswith(FP32_SUFFIXES):
+            size = math.prod(spec.shape) * 4
         else:
-            size = n * DTYPE_BYTES[dtype]
+            size = math.prod(spec.shape) * DTYPE_BYTES[dtype]
         out[spec.category] += size
     return out

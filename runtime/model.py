@@ -6,8 +6,6 @@ the latent cache). Both read and write the state buffers the memory plan allocat
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,9 +13,9 @@ from torch import nn
 from klconvert.config import KimiLinearConfig
 from klconvert.runtime.kda import kda_chunked, kda_gate, kda_step, l2norm
 from klconvert.runtime.memory_plan import StateBuffers
+from klconvert.runtime.weights import WeightLoader
 
 MLA_LATENT_NORM_EPS = 1e-6  # the original remote code and transformers; vLLM uses 1e-5
-Load = Callable[[str], torch.Tensor]  # canonical tensor name -> tensor on the target device and dtype
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -26,23 +24,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 
 
-def swiglu(x, w_gate, w_up, w_down):
-    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+def swiglu(x, gate, up, down):
+    return down(F.silu(gate(x)) * up(x))
 
 
 class KDAMixer(nn.Module):
     """Kimi Delta Attention: short conv + SiLU on q, k, v; per-channel gated delta rule; gated output norm."""
 
-    def __init__(self, c: KimiLinearConfig, prefix: str, load: Load, slot: int):
+    def __init__(self, c: KimiLinearConfig, prefix: str, w: WeightLoader, slot: int):
         super().__init__()
         self.H, self.K, self.eps, self.slot = c.kda_num_heads, c.kda_head_dim, c.rms_norm_eps, slot
-        w = lambda n: load(f"{prefix}.{n}")  # noqa: E731
-        self.qkv_proj = torch.cat([w("q_proj.weight"), w("k_proj.weight"), w("v_proj.weight")])  # [3HK, D]
-        self.conv = torch.cat([w("q_conv1d.weight"), w("k_conv1d.weight"), w("v_conv1d.weight")])  # [3HK, 1, W]
-        self.A_log, self.dt_bias = w("A_log").float().flatten(), w("dt_bias").float()
-        self.f_a, self.f_b, self.b_proj = w("f_a_proj.weight"), w("f_b_proj.weight"), w("b_proj.weight")
-        self.g_a, self.g_b = w("g_a_proj.weight"), w("g_b_proj.weight")
-        self.o_norm, self.o_proj = w("o_norm.weight").float(), w("o_proj.weight")
+        t = lambda n: w.tensor(f"{prefix}.{n}")  # noqa: E731
+        lin = lambda n: w.linear(f"{prefix}.{n}.weight")  # noqa: E731
+        self.q_proj, self.k_proj, self.v_proj = lin("q_proj"), lin("k_proj"), lin("v_proj")
+        self.conv = torch.cat([t("q_conv1d.weight"), t("k_conv1d.weight"), t("v_conv1d.weight")])  # [3HK, 1, W]
+        self.A_log, self.dt_bias = t("A_log").float().flatten(), t("dt_bias").float()
+        self.f_a, self.f_b, self.b_proj = lin("f_a_proj"), lin("f_b_proj"), lin("b_proj")
+        self.g_a, self.g_b = lin("g_a_proj"), lin("g_b_proj")
+        self.o_norm, self.o_proj = t("o_norm.weight").float(), lin("o_proj")
+        self.fused_decode = w.kda_layer_step  # the one-launch Triton step, or None for the PyTorch path
 
     def short_conv(self, x: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
         """Causal depthwise conv + SiLU over [tail, x]; x [B, T, C], tail [B, C, W-1] updated in place."""
@@ -54,42 +54,47 @@ class KDAMixer(nn.Module):
     def forward(self, x: torch.Tensor, state: StateBuffers, decode: bool) -> torch.Tensor:
         B, T, _ = x.shape
         H, K = self.H, self.K
-        qkv = self.short_conv(F.linear(x, self.qkv_proj), state.conv_state[self.slot, :B])
-        q, k, v = qkv.view(B, T, 3, H, K).unbind(2)                          # [B, T, H, K] each
+        qkv_raw = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)   # [B, T, 3HK]
+        g_raw, beta_raw = self.f_b(self.f_a(x)), self.b_proj(x)             # [B, T, HK], [B, T, H]
+        gate_raw = self.g_b(self.g_a(x))                                     # [B, T, HK]
+        tail, S = state.conv_state[self.slot, :B], state.kda_state[self.slot, :B]  # S [B, H, K, V] fp32
+        if decode and self.fused_decode is not None:
+            o = self.fused_decode(qkv_raw[:, 0], tail, self.conv, g_raw[:, 0], beta_raw[:, 0], gate_raw[:, 0], S,
+                                  A_log=self.A_log, dt_bias=self.dt_bias, o_norm_weight=self.o_norm, eps=self.eps)
+            return self.o_proj(o.unsqueeze(1))
+        q, k, v = self.short_conv(qkv_raw, tail).view(B, T, 3, H, K).unbind(2)  # [B, T, H, K] each
         q, k = l2norm(q) * K ** -0.5, l2norm(k)
-        g = kda_gate(F.linear(F.linear(x, self.f_a), self.f_b).view(B, T, H, K), self.A_log, self.dt_bias)
-        beta = torch.sigmoid(F.linear(x, self.b_proj).float())               # [B, T, H]
-        S = state.kda_state[self.slot, :B]                                   # [B, H, K, V] fp32
+        g = kda_gate(g_raw.view(B, T, H, K), self.A_log, self.dt_bias)
+        beta = torch.sigmoid(beta_raw.float())                               # [B, T, H]
         if decode:
             o = kda_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], S).unsqueeze(1)
         else:
             o = kda_chunked(q, k, v, g, beta, S)                             # [B, T, H, V]
-        gate = F.linear(F.linear(x, self.g_a), self.g_b).view(B, T, H, K).float()
+        gate = gate_raw.view(B, T, H, K).float()
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps) * self.o_norm * torch.sigmoid(gate)
-        return F.linear(o.to(x.dtype).reshape(B, T, H * K), self.o_proj)
+        return self.o_proj(o.to(x.dtype).reshape(B, T, H * K))
 
 
 class MLAMixer(nn.Module):
     """Multi-head latent attention with no rotary embedding; caches the 576-value latent per token."""
 
-    def __init__(self, c: KimiLinearConfig, prefix: str, load: Load, slot: int):
+    def __init__(self, c: KimiLinearConfig, prefix: str, w: WeightLoader, slot: int):
         super().__init__()
-        w = lambda n: load(f"{prefix}.{n}")  # noqa: E731
         self.H, self.slot = c.num_attention_heads, slot
         self.dn, self.dr, self.dv, self.r = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
         self.scale = c.qk_head_dim ** -0.5
-        self.q_proj, self.kv_a = w("q_proj.weight"), w("kv_a_proj_with_mqa.weight")
-        self.kv_norm = w("kv_a_layernorm.weight").float()
-        kv_b = w("kv_b_proj.weight")                                         # [H*(dn+dv), r]
-        self.kv_b = kv_b
-        self.w_uk, self.w_uv = kv_b.view(self.H, self.dn + self.dv, self.r).split([self.dn, self.dv], dim=1)
-        self.o_proj = w("o_proj.weight")
+        self.q_proj = w.linear(f"{prefix}.q_proj.weight")
+        self.kv_a = w.linear(f"{prefix}.kv_a_proj_with_mqa.weight")
+        self.kv_norm = w.tensor(f"{prefix}.kv_a_layernorm.weight").float()
+        self.kv_b = w.tensor(f"{prefix}.kv_b_proj.weight")   # [H*(dn+dv), r], dense: decode folds it into q and o
+        self.w_uk, self.w_uv = self.kv_b.view(self.H, self.dn + self.dv, self.r).split([self.dn, self.dv], dim=1)
+        self.o_proj = w.linear(f"{prefix}.o_proj.weight")
 
     def forward(self, x: torch.Tensor, state: StateBuffers, start: int, decode: bool) -> torch.Tensor:
         B, T, _ = x.shape
         H, dn, dr, r = self.H, self.dn, self.dr, self.r
-        q = F.linear(x, self.q_proj).view(B, T, H, dn + dr)
-        latent, k_shared = F.linear(x, self.kv_a).split([r, dr], dim=-1)
+        q = self.q_proj(x).view(B, T, H, dn + dr)
+        latent, k_shared = self.kv_a(x).split([r, dr], dim=-1)
         cache = state.mla_cache[self.slot, :B]                               # [B, ctx, r + dr]
         cache[:, start:start + T, :r] = rms_norm(latent, self.kv_norm, MLA_LATENT_NORM_EPS).to(cache.dtype)
         cache[:, start:start + T, r:] = k_shared.to(cache.dtype)
@@ -98,7 +103,7 @@ class MLAMixer(nn.Module):
             o = self._absorbed(q[:, 0], c_lat, c_key).unsqueeze(1)           # [B, 1, H, dv]
         else:
             o = self._expanded(q, c_lat, c_key, start)
-        return F.linear(o.reshape(B, T, H * self.dv), self.o_proj)
+        return self.o_proj(o.reshape(B, T, H * self.dv))
 
     def _expanded(self, q, c_lat, c_key, start):
         """Prefill: expand the cached latents into per-head keys and values, causal attention."""
@@ -125,20 +130,20 @@ class MLAMixer(nn.Module):
 class MoE(nn.Module):
     """Sigmoid router with correction bias; top-k SwiGLU experts plus the shared expert."""
 
-    def __init__(self, c: KimiLinearConfig, prefix: str, load: Load, biased_weights: bool):
+    def __init__(self, c: KimiLinearConfig, prefix: str, w: WeightLoader, biased_weights: bool):
         super().__init__()
-        w = lambda n: load(f"{prefix}.{n}")  # noqa: E731
         self.c, self.biased = c, biased_weights
-        self.router, self.bias = w("gate.weight").float(), w("gate.e_score_correction_bias").float()
-        first = w("experts.0.w1.weight")
-        E, I, D = c.num_experts, c.moe_intermediate_size, c.hidden_size
-        self.w13 = first.new_empty(E, 2 * I, D)                              # gate and up, stacked
-        self.w2 = first.new_empty(E, D, I)
-        for e in range(E):
-            self.w13[e, :I] = w(f"experts.{e}.w1.weight")
-            self.w13[e, I:] = w(f"experts.{e}.w3.weight")
-            self.w2[e] = w(f"experts.{e}.w2.weight")
-        self.shared = [w(f"shared_experts.{n}_proj.weight") for n in ("gate", "up", "down")]
+        self.router = w.tensor(f"{prefix}.gate.weight").float()
+        self.bias = w.tensor(f"{prefix}.gate.e_score_correction_bias").float()
+        self.packed = w.packed_experts(prefix, c.num_experts)  # routed + shared for the fused kernel, or None
+        if self.packed is None:
+            E, I, D = c.num_experts, c.moe_intermediate_size, c.hidden_size
+            for e in range(E):
+                w1, w3, w2 = (w.tensor(f"{prefix}.experts.{e}.{n}.weight") for n in ("w1", "w3", "w2"))
+                if e == 0:
+                    self.w13, self.w2 = w1.new_empty(E, 2 * I, D), w2.new_empty(E, D, I)  # gate and up stacked
+                self.w13[e, :I], self.w13[e, I:], self.w2[e] = w1, w3, w2
+            self.shared = [w.linear(f"{prefix}.shared_experts.{n}_proj.weight") for n in ("gate", "up", "down")]
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D] -> (expert ids [N, k], weights [N, k] fp32)."""
@@ -160,6 +165,10 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                         # [N, D]
         ids, weights = self.route(x)
+        if self.packed is not None:
+            from klconvert.kernels import fused_moe
+
+            return fused_moe(x, ids, weights, self.packed).view(shape)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         I = self.c.moe_intermediate_size
         for e in ids.unique().tolist():
@@ -172,9 +181,9 @@ class MoE(nn.Module):
 
 
 class DenseMLP(nn.Module):
-    def __init__(self, prefix: str, load: Load):
+    def __init__(self, prefix: str, w: WeightLoader):
         super().__init__()
-        self.w = [load(f"{prefix}.{n}_proj.weight") for n in ("gate", "up", "down")]
+        self.w = [w.linear(f"{prefix}.{n}_proj.weight") for n in ("gate", "up", "down")]
 
     def forward(self, x):
         return swiglu(x, *self.w)
@@ -183,15 +192,15 @@ class DenseMLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm block: h = x + mixer(norm(x)); y = h + ffn(norm(h))."""
 
-    def __init__(self, c: KimiLinearConfig, layer: int, load: Load, slot: int, biased_weights: bool):
+    def __init__(self, c: KimiLinearConfig, layer: int, w: WeightLoader, slot: int, biased_weights: bool):
         super().__init__()
         p = f"model.layers.{layer}"
         self.eps, self.is_kda = c.rms_norm_eps, c.is_kda(layer)
-        self.norm1 = load(f"{p}.input_layernorm.weight").float()
-        self.norm2 = load(f"{p}.post_attention_layernorm.weight").float()
-        self.mixer = (KDAMixer if self.is_kda else MLAMixer)(c, f"{p}.self_attn", load, slot)
-        self.ffn = (MoE(c, f"{p}.block_sparse_moe", load, biased_weights) if c.is_moe(layer)
-                    else DenseMLP(f"{p}.mlp", load))
+        self.norm1 = w.tensor(f"{p}.input_layernorm.weight").float()
+        self.norm2 = w.tensor(f"{p}.post_attention_layernorm.weight").float()
+        self.mixer = (KDAMixer if self.is_kda else MLAMixer)(c, f"{p}.self_attn", w, slot)
+        self.ffn = (MoE(c, f"{p}.block_sparse_moe", w, biased_weights) if c.is_moe(layer)
+                    else DenseMLP(f"{p}.mlp", w))
 
     def forward(self, x, state: StateBuffers, start: int, decode: bool):
         h = rms_norm(x, self.norm1, self.eps)
@@ -203,17 +212,17 @@ class Block(nn.Module):
 class KimiLinear(nn.Module):
     """The whole model. `forward` runs T new tokens at positions start..start+T-1 against `state`."""
 
-    def __init__(self, c: KimiLinearConfig, load: Load, biased_router_weights: bool = False):
+    def __init__(self, c: KimiLinearConfig, w: WeightLoader, biased_router_weights: bool = False):
         super().__init__()
         self.config = c
-        self.embed = load("model.embed_tokens.weight")
+        self.embed = w.tensor("model.embed_tokens.weight")
         kda_slot = {layer: i for i, layer in enumerate(c.kda_layers)}
         mla_slot = {layer: i for i, layer in enumerate(c.full_attn_layers)}
         self.blocks = nn.ModuleList(
-            Block(c, layer, load, kda_slot.get(layer, mla_slot.get(layer)), biased_router_weights)
+            Block(c, layer, w, kda_slot.get(layer, mla_slot.get(layer)), biased_router_weights)
             for layer in range(c.num_hidden_layers))
-        self.norm = load("model.norm.weight").float()
-        self.lm_head = load("lm_head.weight")
+        self.norm = w.tensor("model.norm.weight").float()
+        self.lm_head = w.linear("lm_head.weight")
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, state: StateBuffers, start: int, decode: bool = False,
@@ -224,4 +233,4 @@ class KimiLinear(nn.Module):
             x = block(x, state, start, decode)
         if last_only:
             x = x[:, -1:]
-        return F.linear(rms_norm(x, self.norm, self.config.rms_norm_eps), self.lm_head).float()
+        return self.lm_head(rms_norm(x, self.norm, self.config.rms_norm_eps)).float()

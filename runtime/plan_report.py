@@ -1,25 +1,81 @@
-"""`klconvert plan`: build a MemoryPlan for a folder or a preset and render it as a table."""
+"""`klconvert plan`: build a MemoryPlan for a folder or a preset, from a recipe or --bits, and render it as a table."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
+from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.config import KimiLinearConfig
+from klconvert.errors import KLError
+from klconvert.quant import Recipe, load_recipe, policy_from_options
 from klconvert.runtime.memory_plan import MemoryPlan, weight_bytes
 from klconvert.synth.presets import preset_config
 
+DEFAULT_CONTEXT = 131072
+MLA_CACHE_DTYPES = {"bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn}
+KDA_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-def plan_for(model: Path | None = None, preset: str | None = None, layers: int | None = None, batch: int = 1,
-             context: int = 131072, bits: int | None = None, group_size: int = 128,
-             memory_limit: int | None = None, dtype: torch.dtype = torch.bfloat16) -> MemoryPlan:
-    """The plan the runtime would make on a GPU for this model, context and batch."""
+
+def _dtype_named(name: str, choices: dict[str, torch.dtype], what: str) -> torch.dtype:
+    if name not in choices:
+        raise KLError(f"{what} {name!r} is not supported; choose one of {', '.join(choices)}")
+    return choices[name]
+
+
+def _memory_bytes(value: str | int | float, where: str) -> int:
+    """A recipe's gpu_memory: a size such as '48GiB' or '80GB', or a number of bytes."""
+    from klconvert.cli import parse_size
+
+    if isinstance(value, str):
+        try:
+            return parse_size(value)
+        except KLError:
+            raise KLError(f"{where}: runtime.gpu_memory {value!r} is not a size; write e.g. 48GiB or 80GB") from None
+    if value <= 0:
+        raise KLError(f"{where}: runtime.gpu_memory should be positive, got {value}")
+    return int(value)
+
+
+def plan_for(model: Path | None = None, preset: str | None = None, layers: int | None = None,
+             recipe: Recipe | str | Path | None = None, batch: int | None = None, context: int | None = None,
+             bits: int | None = None, group_size: int = 128, memory_limit: int | None = None,
+             mla_cache_dtype: str | None = None, kda_state_dtype: str | None = None,
+             dtype: torch.dtype = torch.bfloat16) -> MemoryPlan:
+    """The plan the runtime would make on a GPU for this model, weight policy, context and batch.
+
+    Weights are sized by the recipe's policy, or by the default policy at `bits` (lm_head at 8 bits),
+    or unquantized when neither is given; a quantized `model` folder's own recipe.yaml is used when
+    neither is given. Each setting given here wins over the recipe's `runtime:` section, which wins
+    over the defaults (context 131072, batch 1, bf16 MLA cache, fp32 KDA state, no memory limit).
+    """
+    if recipe is not None and bits is not None:
+        raise KLError("give a recipe or --bits, not both: the recipe already says how each tensor is stored")
     if model is not None:
         config = KimiLinearConfig.from_file(Path(model) / "config.json")
+        if recipe is None and bits is None and (Path(model) / "recipe.yaml").is_file():
+            recipe = Path(model) / "recipe.yaml"
     else:
         config = KimiLinearConfig.from_dict(preset_config(preset, layers), where=f"preset {preset}")
-    return MemoryPlan(config, batch=batch, context=context, weight_bytes=weight_bytes(config, dtype, bits, group_size),
-                      act_dtype=dtype, mla_cache_dtype=dtype, memory_limit=memory_limit)
+    if isinstance(recipe, (str, Path)):
+        recipe = load_recipe(recipe)
+    if recipe is not None:  # every target must select a tensor of this model: a typo is an error, not a no-op
+        policy = recipe.policy.check_against((s.name, s.shape) for s in expected_tensors(config).values())
+    else:
+        policy = policy_from_options(bits, group_size) if bits else None
+
+    settings = recipe.runtime if recipe is not None else {}
+    where = recipe.path if recipe is not None else "plan"
+    if memory_limit is None and "gpu_memory" in settings:
+        memory_limit = _memory_bytes(settings["gpu_memory"], where)
+    cache_name = mla_cache_dtype or settings.get("mla_cache_dtype", "bfloat16")
+    state_name = kda_state_dtype or settings.get("kda_state_dtype", "float32")
+    return MemoryPlan(config, batch=batch or settings.get("batch", 1),
+                      context=context or settings.get("max_context", DEFAULT_CONTEXT),
+                      weight_bytes=weight_bytes(config, dtype, policy), act_dtype=dtype,
+                      kda_state_dtype=_dtype_named(state_name, KDA_STATE_DTYPES, f"{where}: KDA state dtype"),
+                      mla_cache_dtype=_dtype_named(cache_name, MLA_CACHE_DTYPES, f"{where}: MLA cache dtype"),
+                      memory_limit=memory_limit)
 
 
 def _size(n: int) -> str:

@@ -7,6 +7,7 @@ import torch
 import klconvert
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.config import KimiLinearConfig
+from klconvert.quant import policy_from_options
 from klconvert.runtime.memory_plan import MemoryPlan, weight_bytes
 from klconvert.runtime.plan_report import plan_for, render_plan
 from klconvert.synth.presets import preset_config
@@ -45,7 +46,7 @@ def test_weight_bytes_bf16_and_int4():
     assert bf16["experts"] == 26 * 256 * 3 * 1024 * 2304 * 2
     assert bf16["lm_head"] == bf16["embedding"] == 163840 * 2304 * 2
     assert bf16["router"] == 26 * (256 * 2304 + 256) * 4      # held in fp32
-    w4 = weight_bytes(REAL, torch.bfloat16, bits=4, group_size=128)
+    w4 = weight_bytes(REAL, torch.bfloat16, policy_from_options(bits=4, group_size=128))
     n_exp = 26 * 256 * 3 * 1024 * 2304
     assert w4["experts"] == n_exp // 2 + n_exp // 128 * 2      # packed nibbles + one bf16 scale per group
     assert w4["lm_head"] == 163840 * 2304 + 163840 * 2304 // 128 * 2  # lm_head at 8 bits

@@ -136,6 +136,11 @@ class Checkpoint:
                           "the download is incomplete or the config does not match the weights")
 
     # ---- reading -----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Unmap the open shards (the next read reopens them): a long stream calls this to keep RSS flat, since
+        every page read through a mapping stays resident while the mapping is open."""
+        self._open.clear()
+
     def _read(self, shard: str, name: str, index: tuple = ()) -> torch.Tensor:
         path = self.folder / shard
         try:

@@ -1,0 +1,157 @@
+"""`klconvert eval`: how far a (quantized) model's predictions and routing drift from its reference on one text."""
+from __future__ import annotations
+
+import gc
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from klconvert.errors import KLError
+from klconvert.tokenizer import Tokenizer
+
+KL_QUANTILE = 0.99
+KL_ROWS = 256  # positions per step of the KL sum: [256, 163840] fp32 temporaries are 168 MB each
+
+
+@dataclass(frozen=True)
+class LayerRouting:
+    """Router agreement of one MoE layer over the text's tokens."""
+
+    layer: int
+    overlap: float    # mean |chosen_ref & chosen_model| / top-k
+    unchanged: float  # share of tokens whose whole top-k set is the same
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """A model measured against its reference on the same tokens (KL is D(reference || model), in nats)."""
+
+    tokens: int
+    reference_perplexity: float
+    model_perplexity: float
+    kl_mean: float
+    kl_p99: float
+    top1_agreement: float
+    routing: tuple[LayerRouting, ...]
+
+    @property
+    def routing_overlap(self) -> float:
+        return sum(r.overlap for r in self.routing) / len(self.routing) if self.routing else 1.0
+
+    @property
+    def routing_unchanged(self) -> float:
+        """Share of (token, MoE layer) decisions whose whole expert set is unchanged."""
+        return sum(r.unchanged for r in self.routing) / len(self.routing) if self.routing else 1.0
+
+    @property
+    def worst_layer(self) -> LayerRouting | None:
+        return min(self.routing, key=lambda r: (r.overlap, r.unchanged)) if self.routing else None
+
+
+@dataclass
+class _Run:
+    """What one model leaves behind on the CPU: log-probs [T, V] fp32 and expert ids per MoE layer [T, k]."""
+
+    log_probs: torch.Tensor
+    expert_ids: dict[int, torch.Tensor]
+    moe_layers: tuple[int, ...]
+    vocab_size: int
+
+
+def _run(path: Path, ids: list[int], device: str | None, dtype: str | None) -> _Run:
+    """Load one model, run the ids through Engine.forward recording each MoE layer's choices, free it."""
+    from klconvert.runtime.engine import load
+
+    engine = load(path, device=device, dtype=dtype, max_context=len(ids))
+    c = engine.config
+    chosen: dict[int, list[torch.Tensor]] = {}
+    for layer, block in enumerate(engine.model.blocks):
+        if c.is_moe(layer):
+            route = block.ffn.route
+
+            def recording_route(x, route=route, out=chosen.setdefault(layer, [])):
+                expert_ids, weights = route(x)
+                out.append(expert_ids.cpu())  # one [B*S, k] per prefill segment, in order
+                return expert_ids, weights
+            block.ffn.route = recording_route
+    logits = engine.forward(torch.tensor([ids]))[0]                      # [T, V] fp32
+    run = _Run(torch.log_softmax(logits.float(), dim=-1).cpu(), {k: torch.cat(v) for k, v in chosen.items()},
+               tuple(chosen), c.vocab_size)
+    del engine, logits
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return run
+
+
+def _perplexity(log_probs: torch.Tensor, ids: list[int]) -> float:
+    """exp of the mean negative log-likelihood of each next token (positions 0..T-2 predict 1..T-1)."""
+    targets = torch.tensor(ids[1:])
+    return math.exp(-log_probs[:-1].gather(1, targets[:, None]).mean().item())
+
+
+def _layer_routing(layer: int, ref: torch.Tensor, got: torch.Tensor) -> LayerRouting:
+    """ref, got [T, k] expert ids -> overlap of the two sets per token (order does not matter)."""
+    shared = (ref[:, :, None] == got[:, None, :]).any(-1).sum(-1)        # [T]
+    k = ref.shape[1]
+    return LayerRouting(layer, (shared.float() / k).mean().item(), (shared == k).float().mean().item())
+
+
+def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: int = 2048, device: str | None = None,
+             dtype: str | None = None) -> EvalResult:
+    """Measure `model` against `reference` on `text` (tokenized with the reference's tokenizer, cut to
+    `max_tokens`). The reference runs first and is freed before the model loads: peak memory is one model."""
+    model, reference = Path(model), Path(reference)
+    for flag, folder in (("--model", model), ("--reference", reference)):
+        if not folder.is_dir():
+            raise KLError(f"{flag} {folder}: no such folder; pass a checkpoint folder")
+    if max_tokens < 2:
+        raise KLError(f"--max-tokens {max_tokens}: need at least 2 tokens to score a next-token prediction")
+    ids = Tokenizer.from_folder(reference).encode(text)[:max_tokens]
+    if len(ids) < 2:
+        raise KLError(f"the text is {len(ids)} token(s) long; give at least 2 tokens of text to evaluate on")
+
+    ref = _run(reference, ids, device, dtype)
+    got = _run(model, ids, device, dtype)
+    if (got.vocab_size, got.moe_layers) != (ref.vocab_size, ref.moe_layers):
+        raise KLError(f"--model {model} is not the same architecture as --reference {reference} (vocabulary "
+                      f"{got.vocab_size} vs {ref.vocab_size}, MoE layers {len(got.moe_layers)} vs "
+                      f"{len(ref.moe_layers)}); compare a model with its own source")
+
+    kl = torch.cat([(p.exp() * (p - q)).sum(-1) for p, q in zip(ref.log_probs.split(KL_ROWS),
+                                                                  got.log_probs.split(KL_ROWS))]).clamp_min(0)  # [T]
+    return EvalResult(
+        tokens=len(ids),
+        reference_perplexity=_perplexity(ref.log_probs, ids),
+        model_perplexity=_perplexity(got.log_probs, ids),
+        kl_mean=kl.mean().item(),
+        kl_p99=torch.quantile(kl, KL_QUANTILE).item(),
+        top1_agreement=(ref.log_probs.argmax(-1) == got.log_probs.argmax(-1)).float().mean().item(),
+        routing=tuple(_layer_routing(layer, ref.expert_ids[layer], got.expert_ids[layer]) for layer in ref.moe_layers),
+    )
+
+
+def render_eval(r: EvalResult, model: str, reference: str) -> str:
+    """The result as an aligned text table, one row per figure, then one row per MoE layer."""
+    rows = [
+        ("tokens", f"{r.tokens:,}"),
+        ("perplexity, reference", f"{r.reference_perplexity:.4f}"),
+        ("perplexity, model",
+         f"{r.model_perplexity:.4f} ({100 * (r.model_perplexity / r.reference_perplexity - 1):+.2f}%)"),
+        ("KL(reference || model) / token, mean", f"{r.kl_mean:.5f} nats"),
+        ("KL(reference || model) / token, p99", f"{r.kl_p99:.5f} nats"),
+        ("top-1 agreement", f"{100 * r.top1_agreement:.2f}%"),
+        ("router: mean top-k overlap", f"{100 * r.routing_overlap:.2f}%"),
+        ("router: expert set unchanged", f"{100 * r.routing_unchanged:.2f}%"),
+    ]
+    worst = r.worst_layer
+    if worst is not None:
+        rows.append(("router: worst layer", f"layer {worst.layer}: overlap {100 * worst.overlap:.2f}%, "
+                                            f"unchanged {100 * worst.unchanged:.2f}%"))
+        rows += [(f"  layer {x.layer}", f"overlap {100 * x.overlap:6.2f}%, unchanged {100 * x.unchanged:6.2f}%")
+                 for x in r.routing]
+    width = max(len(k) for k, _ in rows)
+    head = f"{model} against {reference}"
+    return "\n".join([head] + [f"{k:<{width}}  {v}" for k, v in rows])

@@ -1,0 +1,225 @@
+"""`quantize` and `pull_and_quantize`: stream a Kimi Linear checkpoint through a quantization policy to a new folder."""
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from klconvert.checkpoint.reader import INDEX_FILE, SINGLE_FILE, open_checkpoint
+from klconvert.checkpoint.safetensors_header import read_header
+from klconvert.checkpoint.safetensors_writer import index_json, shard_names, split_into_shards, write_shard
+from klconvert.convert.model_card import count_text, model_card, size_text
+from klconvert.convert.output_folder import OutputFolder, refuse_existing_out
+from klconvert.convert.outputs import ModuleMaker, PlanTotals, plan_modules, plan_totals
+from klconvert.convert.provenance import SourceOrigin, source_fingerprint, source_origin
+from klconvert.errors import KLError
+from klconvert.hub import DEFAULT_REPO, pull
+from klconvert.quant import Policy, load_recipe, policy_from_options
+from klconvert.quant.policy import LINEAR
+
+MAX_SHARD_BYTES = 5 * 10**9  # the "5GB" shards transformers and the released checkpoint use
+COPIED_FILES = ("tiktoken.model", "*.jinja", "*.json")  # tokenizer, chat templates and small configs; never .py
+WRITTEN_FILES = ("config.json", INDEX_FILE)  # made here, not copied
+QUANTIZED_TENSOR_SUFFIXES = ("weight_packed", "weight_scale", ".absmax", "quant_state.bitsandbytes__nf4")
+RESUME_FORMAT = 1  # bump when the output of the same source and options changes
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """The finished folder, where its source came from, its sizes, and this run's time."""
+
+    path: Path
+    origin: SourceOrigin
+    totals: PlanTotals
+    shards: int
+    shards_resumed: int  # finished by an interrupted run and kept
+    bytes_converted: int  # source bytes this run read and converted (not those of kept shards)
+    seconds: float
+
+    def summary(self) -> str:
+        t = self.totals
+        resumed = f", {self.shards_resumed} kept from an interrupted run" if self.shards_resumed else ""
+        return (f"quantized {self.origin.describe()} -> {self.path}: {size_text(t.bytes_in)} -> "
+                f"{size_text(t.bytes_out)} in {self.shards} shard(s){resumed} | "
+                f"{t.quantized_bits_per_weight:.3f} bits/weight over {count_text(t.quantized_params)} quantized "
+                f"params, {t.bits_per_weight:.3f} overall | {self.seconds:.1f} s, "
+                f"{self.bytes_converted / 1e6 / max(self.seconds, 1e-9):.1f} MB/s in")
+
+
+def choose_policy(bits: int | None = None, group_size: int | None = None, symmetric: bool | None = None,
+                  scheme: str | None = None, recipe: str | Path | None = None) -> tuple[Policy, dict]:
+    """(policy, recipe runtime section) from --recipe, or from the flags (defaults: int4, group 128, symmetric)."""
+    if recipe is not None:
+        given = [flag for flag, value in (("--bits", bits), ("--group-size", group_size), ("--sym/--asym", symmetric),
+                                          ("--scheme", scheme)) if value is not None]
+        if given:
+            raise KLError(f"--recipe {recipe} says how each tensor is stored; drop {', '.join(given)} or the recipe")
+        parsed = load_recipe(recipe)
+        return parsed.policy, parsed.runtime
+    scheme = scheme or "int"
+    bits = 4 if bits is None else bits
+    if scheme == "nf4" and (group_size is not None or symmetric is False):
+        raise KLError("--scheme nf4 is symmetric in blocks of 64; drop --group-size and --asym")
+    if bits not in (4, 8):
+        raise KLError(f"--bits {bits} is not supported; use --bits 4 or --bits 8")
+    return policy_from_options(bits, 128 if group_size is None else group_size, symmetric is not False, scheme), {}
+
+
+def default_out_name(model: str, policy: Policy) -> Path:
+    """./<model-name>-w4a16 (int4), -w8a16 (int8) or -nf4, after the bits of the main ("Linear") group."""
+    name = model.rstrip("/").rsplit("/", 1)[-1]
+    if policy.kind == "nf4":
+        return Path(f"{name}-nf4")
+    main = next((g for g in policy.groups if any(e.pattern == LINEAR for e in g.targets)), policy.groups[0])
+    return Path(f"{name}-w{main.scheme.bits}a16")
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise KLError(f"--device {device}: no CUDA device is visible to torch; use --device cpu")
+    return torch.device(device)
+
+
+def refuse_quantized_source(src: Path) -> None:
+    """KLError when SRC already holds quantized weights (a quantization_config, or packed tensor names)."""
+    try:
+        config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # open_checkpoint explains what is wrong with the folder
+    if isinstance(config, dict) and config.get("quantization_config") is not None:
+        method = (config["quantization_config"] or {}).get("quant_method", "unknown")
+        raise KLError(f"{src}: already quantized (config.json has a quantization_config, quant_method {method}); "
+                      "quantize the original bf16 checkpoint instead")
+    try:
+        names = json.loads((src / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError):
+        names = read_header(src / SINGLE_FILE).tensors if (src / SINGLE_FILE).is_file() else {}
+    packed = next((n for n in names if n.endswith(QUANTIZED_TENSOR_SUFFIXES)), None)
+    if packed is not None:
+        raise KLError(f"{src}: already quantized (it holds {packed}); quantize the original bf16 checkpoint instead")
+
+
+def _refuse_out_over_src(src: Path, out: Path) -> None:
+    s, o = src.resolve(), out.resolve()
+    if o == s or o in s.parents:
+        raise KLError(f"{out}: is the source folder or holds it; write the quantized model somewhere else")
+
+
+def _copied_files(src: Path) -> list[Path]:
+    found = {p for pattern in COPIED_FILES for p in src.glob(pattern) if p.is_file()}
+    return sorted(p for p in found if p.name not in WRITTEN_FILES)
+
+
+def _write_error(e: OSError, folder: OutputFolder, done: int, total: int) -> KLError:
+    where = e.filename or folder.path
+    if e.errno == errno.ENOSPC:
+        return KLError(f"disk full writing {where}: free some space and rerun the same command; {done} of {total} "
+                       f"shards are finished in {folder.path} and the run resumes after them")
+    return KLError(f"cannot write {where} ({e.strerror or e}); fix that and rerun the same command to resume "
+                   f"({done} of {total} shards are finished in {folder.path})")
+
+
+def quantize(src: str | Path, out: str | Path, bits: int | None = None, group_size: int | None = None,
+             symmetric: bool | None = None, scheme: str | None = None, recipe: str | Path | None = None,
+             device: str | None = None, force: bool = False, max_shard_bytes: int | None = None,
+             progress: bool = True) -> QuantizeResult:
+    """Quantize the checkpoint in SRC (released or transformers layout) into a new HF folder OUT.
+
+    Streams module by module; always writes the released tensor names. OUT is built in OUT.partial and
+    renamed when whole; an interrupted run resumes from its finished shards when rerun with the same SRC
+    and options. `force` replaces an existing OUT at the final rename and discards a partial folder
+    made from another source or with other options. Shards hold at most `max_shard_bytes` (default 5 GB).
+    """
+    started = time.monotonic()
+    max_shard_bytes = max_shard_bytes or MAX_SHARD_BYTES
+    src, out = Path(src), Path(out)
+    policy, runtime = choose_policy(bits, group_size, symmetric, scheme, recipe)
+    refuse_existing_out(out, force)
+    _refuse_out_over_src(src, out)
+    torch_device = pick_device(device)
+    refuse_quantized_source(src)
+    checkpoint = open_checkpoint(src)
+    policy = policy.check_against((name, spec.shape) for name, spec in checkpoint.expected.items())
+    plans = plan_modules(checkpoint, policy)
+    totals = plan_totals(plans)
+    origin = source_origin(src)
+    planned = ModuleMaker(checkpoint, torch_device).planned_tensors(plans)
+    shards = split_into_shards(planned, max_shard_bytes)
+    names = shard_names(len(shards))
+    recipe_yaml = policy.to_recipe_yaml(runtime)
+    folder = OutputFolder(out, {"format": RESUME_FORMAT, "klconvert": version("klconvert"),
+                                "source": source_fingerprint(checkpoint, origin), "recipe": recipe_yaml,
+                                "max_shard_bytes": max_shard_bytes, "shards": names}, force)
+    folder.open()
+
+    source_bytes = {p.outputs[0][0]: p.source_bytes for p in plans}  # progress counts a module at its first tensor
+    bar = tqdm(total=totals.bytes_in, unit="B", unit_scale=True, desc=f"quantize {out.name}", disable=not progress)
+    done = resumed = resumed_bytes = 0
+    try:
+        finished = [folder.has_finished(name, shard) for shard, name in zip(shards, names)]
+        left = sum(t.nbytes for shard, ok in zip(shards, finished) if not ok for t in shard)
+        free = shutil.disk_usage(folder.path).free
+        if left > free:
+            raise KLError(f"{folder.path}: {free / 1e9:.2f} GB free but {left / 1e9:.2f} GB of shards are left to "
+                          "write; free some space and rerun")
+        for shard, name, ok in zip(shards, names, finished):
+            if ok:
+                resumed += 1
+                kept_bytes = sum(source_bytes.get(t.name, 0) for t in shard)
+                resumed_bytes += kept_bytes
+                bar.update(kept_bytes)
+            else:
+                write_shard(folder.path / name, shard, on_tensor=lambda t: bar.update(source_bytes.get(t.name, 0)))
+            done += 1
+        config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+        config["quantization_config"] = policy.quantization_config()
+        folder.write_text("config.json", json.dumps(config, indent=2) + "\n")
+        folder.write_text(INDEX_FILE, index_json(shards, names) + "\n")
+        folder.write_text("recipe.yaml", recipe_yaml)
+        for path in _copied_files(src):
+            shutil.copyfile(path, folder.path / path.name)
+        folder.write_text("README.md", model_card(out.name, origin, policy, totals, len(shards), version("klconvert")))
+        folder.finish()
+    except BaseException as e:
+        bar.leave = False  # a failed run ends with its error line, not a half-full bar
+        folder.remove_unfinished()
+        if isinstance(e, OSError):
+            raise _write_error(e, folder, done, len(shards)) from None
+        if isinstance(e, KLError):
+            raise KLError(f"{e} ({done} of {len(shards)} shards are finished in {folder.path}; a rerun resumes "
+                          "after them)") from None
+        raise
+    finally:
+        bar.close()
+    return QuantizeResult(out, origin, totals, len(shards), resumed, totals.bytes_in - resumed_bytes,
+                          time.monotonic() - started)
+
+
+def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, revision: str | None = None,
+                      bits: int | None = None, group_size: int | None = None, symmetric: bool | None = None,
+                      scheme: str | None = None, recipe: str | Path | None = None, device: str | None = None,
+                      force: bool = False, max_shard_bytes: int | None = None,
+                      progress: bool = True) -> QuantizeResult:
+    """Pull `model` (a hub repo; a folder that exists locally is used as it is) and quantize it into `out`
+    (default ./<model-name>-w4a16, -w8a16 or -nf4). Options are checked before anything is downloaded."""
+    policy, _ = choose_policy(bits, group_size, symmetric, scheme, recipe)
+    out = Path(out) if out is not None else default_out_name(model, policy)
+    refuse_existing_out(out, force)
+    if Path(model).is_dir():
+        if revision is not None:
+            raise KLError(f"--revision {revision} picks a hub revision, but --model {model} is a local folder; "
+                          "drop --revision")
+        src = Path(model)
+    else:
+        src = pull(model, revision=revision, progress=progress).path
+    return quantize(src, out, bits=bits, group_size=group_size, symmetric=symmetric, scheme=scheme, recipe=recipe,
+                    device=device, force=force, max_shard_bytes=max_shard_bytes, progress=progress)

@@ -1,0 +1,130 @@
+"""`klconvert eval` on tiny checkpoints: a model against itself, against a perturbed copy, against a quantized copy."""
+from __future__ import annotations
+
+import shutil
+import sys
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import klconvert
+from klconvert.evaluate import evaluate, render_eval
+from klconvert.tokenizer import Tokenizer
+
+TEXT = "The quick brown fox jumps over the lazy dog; a tiny model reads the same line again and again. " * 8
+
+
+def perturbed_copy(src, out, relative_noise: float, seed: int = 0):
+    """A copy of `src` with every 2-D bf16 weight times (1 + noise): the same model, a little off."""
+    shutil.copytree(src, out)
+    g = torch.Generator().manual_seed(seed)
+    for shard in out.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name, t in tensors.items():
+            if t.ndim == 2 and t.dtype == torch.bfloat16:
+                tensors[name] = (t.float() * (1 + relative_noise * torch.randn(t.shape, generator=g))).to(t.dtype)
+        save_file(tensors, shard, metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_perturbed(tiny_released, tmp_path_factory):
+    return perturbed_copy(tiny_released, tmp_path_factory.mktemp("ckpt") / "tiny-perturbed", relative_noise=0.05)
+
+
+def test_a_model_against_itself_is_exact(tiny_released):
+    r = evaluate(tiny_released, tiny_released, TEXT, max_tokens=64)
+    assert r.tokens == 64
+    assert r.kl_mean == 0 and r.kl_p99 == 0 and r.top1_agreement == 1.0
+    assert r.model_perplexity == r.reference_perplexity
+    assert len(r.routing) == 7  # layers 1..7 are MoE in the tiny preset
+    assert all(x.overlap == 1.0 and x.unchanged == 1.0 for x in r.routing)
+
+
+def test_a_perturbed_model_against_an_independent_computation(tiny_released, tiny_perturbed):
+    r = evaluate(tiny_perturbed, tiny_released, TEXT, max_tokens=64)
+    ids = Tokenizer.from_folder(tiny_released).encode(TEXT)[:64]
+    ref = klconvert.load(tiny_released, device="cpu", max_context=64).forward([ids])[0].log_softmax(-1)
+    got = klconvert.load(tiny_perturbed, device="cpu", max_context=64).forward([ids])[0].log_softmax(-1)
+    kl = F.kl_div(got, ref, log_target=True, reduction="none").sum(-1)
+    assert r.kl_mean == pytest.approx(kl.mean().item(), rel=1e-4) and 0 < r.kl_mean < 0.5
+    assert r.kl_p99 >= r.kl_mean
+    assert r.top1_agreement == pytest.approx((ref.argmax(-1) == got.argmax(-1)).float().mean().item())
+    nll = -ref[:-1].gather(1, torch.tensor(ids[1:])[:, None]).mean().item()
+    assert r.reference_perplexity == pytest.approx(torch.tensor(nll).exp().item(), rel=1e-5)
+    assert 0 < r.routing_overlap < 1 and r.routing_unchanged <= r.routing_overlap
+    assert r.worst_layer.overlap == min(x.overlap for x in r.routing)
+
+
+def test_the_two_models_are_never_loaded_together(tiny_released, tiny_perturbed, monkeypatch):
+    import klconvert.runtime.engine as engine_module
+
+    load, alive = engine_module.load, []
+
+    def tracking_load(*args, **kwargs):
+        assert all(ref() is None for ref in alive), "the reference engine is still alive"
+        engine = load(*args, **kwargs)
+        alive.append(weakref.ref(engine))
+        return engine
+
+    monkeypatch.setattr(engine_module, "load", tracking_load)
+    evaluate(tiny_perturbed, tiny_released, TEXT, max_tokens=16)
+    assert len(alive) == 2
+
+
+def test_eval_command_prints_the_table(tiny_released, tiny_perturbed, tmp_path, monkeypatch, capsys):
+    from klconvert.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    monkeypatch.setattr(sys, "argv", ["klconvert", "eval", "--model", str(tiny_perturbed), "--reference",
+                                      str(tiny_released), "--text-file", str(text), "--max-tokens", "32"])
+    main()
+    out = capsys.readouterr().out
+    for needle in ("tokens", "perplexity, reference", "perplexity, model", "KL(reference || model) / token, mean",
+                   "p99", "top-1 agreement", "router: mean top-k overlap", "router: expert set unchanged",
+                   "router: worst layer", "  layer 7"):
+        assert needle in out, needle
+    monkeypatch.setattr(sys, "argv", ["klconvert", "eval", "--model", str(tmp_path / "nowhere"), "--reference",
+                                      str(tiny_released), "--text-file", str(text)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("klconvert: error: --model") and len(err.splitlines()) == 1
+
+
+def test_models_of_different_shapes_are_refused(tiny_released, tmp_path):
+    from klconvert.synth.checkpoint import synth
+
+    short = synth("tiny", tmp_path / "short", layers=4, progress=False).path
+    with pytest.raises(klconvert.KLError, match="not the same architecture"):
+        evaluate(short, tiny_released, TEXT, max_tokens=16)
+    with pytest.raises(klconvert.KLError, match="at least 2 tokens"):
+        evaluate(tiny_released, tiny_released, "a", max_tokens=16)
+
+
+def test_render_names_the_worst_layer(tiny_released, tiny_perturbed):
+    r = evaluate(tiny_perturbed, tiny_released, TEXT, max_tokens=32)
+    text = render_eval(r, "q", "src")
+    assert f"layer {r.worst_layer.layer}: overlap" in text
+
+
+@pytest.fixture(scope="module")
+def tiny_quantized(tiny_released, tmp_path_factory):
+    """The tiny checkpoint through `klconvert quantize` at int8 and int4 (group size 32: tiny rows are 64 wide)."""
+    from klconvert.quantize import quantize
+
+    folder = tmp_path_factory.mktemp("quantized")
+    return {bits: quantize(tiny_released, folder / f"int{bits}", bits=bits, group_size=32, device="cpu",
+                           progress=False).path for bits in (8, 4)}
+
+
+def test_a_quantized_model_against_its_source(tiny_released, tiny_quantized):
+    int8, int4 = (evaluate(tiny_quantized[bits], tiny_released, TEXT, max_tokens=64) for bits in (8, 4))
+    assert 0 < int8.kl_mean < int4.kl_mean < 1
+    assert int8.routing_overlap > int4.routing_overlap > 0.5
+    assert int8.routing_unchanged > int4.routing_unchanged
+    assert int8.reference_perplexity == int4.reference_perplexity

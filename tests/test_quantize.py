@@ -1,0 +1,179 @@
+"""`klconvert quantize` output: layout, config and recipe, model card, compressed-tensors reads it, layouts agree."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from compressed_tensors import QuantizationConfig
+from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from klconvert.checkpoint.reader import open_checkpoint
+from klconvert.checkpoint.safetensors_header import read_header
+from klconvert.quant import compress_nf4, decompress_nf4, load_recipe
+from klconvert.quantize import quantize
+from klconvert.synth.checkpoint import synth
+from klconvert.convert import outputs
+from quantize_helpers import count_quantize_calls, folder_files
+
+EXPERT = "model.layers.1.block_sparse_moe.experts.3.w2"
+KDA_Q = "model.layers.1.self_attn.q_proj"
+
+
+def state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(shard))
+    return out
+
+
+@pytest.fixture(scope="session")
+def int4_asym(tiny_released, tmp_path_factory):
+    """The tiny checkpoint at int4, group 32, asymmetric, in shards of at most 300 kB."""
+    out = tmp_path_factory.mktemp("q") / "tiny-w4a16"
+    quantize(tiny_released, out, bits=4, group_size=32, symmetric=False, max_shard_bytes=300_000, progress=False)
+    return out
+
+
+def test_folder_layout(int4_asym, tiny_released):
+    names = sorted(p.name for p in int4_asym.iterdir())
+    shards = [n for n in names if n.endswith(".safetensors")]
+    assert len(shards) == 3 and shards[0] == "model-00001-of-00003.safetensors"
+    assert names == sorted(shards + ["config.json", "model.safetensors.index.json", "recipe.yaml", "README.md",
+                                     "tiktoken.model", "tokenizer_config.json", "special_tokens_map.json",
+                                     "generation_config.json"])
+    for f in ("tiktoken.model", "tokenizer_config.json", "generation_config.json"):
+        assert (int4_asym / f).read_bytes() == (tiny_released / f).read_bytes()
+
+    index = json.loads((int4_asym / "model.safetensors.index.json").read_text())
+    by_shard = {}
+    for shard in shards:
+        header = read_header(int4_asym / shard)
+        assert header.metadata == {"format": "pt"}
+        assert (int4_asym / shard).stat().st_size - header.data_start <= 300_000
+        by_shard.update({name: shard for name in header.tensors})
+    assert index["weight_map"] == by_shard
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in state_dict(int4_asym).values())
+
+    state = state_dict(int4_asym)
+    layout = {k.removeprefix(EXPERT + "."): (v.dtype, tuple(v.shape)) for k, v in state.items()
+              if k.startswith(EXPERT + ".")}
+    assert layout == {"weight_packed": (torch.int32, (64, 4)), "weight_scale": (torch.bfloat16, (64, 1)),
+                      "weight_zero_point": (torch.int32, (8, 1)), "weight_shape": (torch.int64, (2,))}
+    assert state[f"{EXPERT}.weight_shape"].tolist() == [64, 32]
+    assert state["lm_head.weight_packed"].shape == (1280, 16)                  # 8 bits: 4 per int32
+    for kept in ("model.embed_tokens.weight", "model.layers.1.block_sparse_moe.gate.weight",
+                 "model.layers.1.block_sparse_moe.gate.e_score_correction_bias", "model.layers.1.self_attn.A_log",
+                 "model.layers.1.self_attn.q_conv1d.weight", "model.layers.1.self_attn.b_proj.weight",
+                 "model.norm.weight"):
+        assert torch.equal(state[kept], open_checkpoint(tiny_released).get(kept)), kept
+    assert not any(k.endswith(".weight_packed") and ("norm" in k or "conv1d" in k) for k in state)
+
+
+def test_config_and_recipe(int4_asym, tiny_released):
+    config = json.loads((int4_asym / "config.json").read_text())
+    source = json.loads((tiny_released / "config.json").read_text())
+    qc = config.pop("quantization_config")
+    assert config == source
+    parsed = QuantizationConfig.model_validate(qc)
+    assert parsed.format == "pack-quantized" and parsed.quant_method == "compressed-tensors"
+    assert parsed.config_groups["group_0"].targets == ["Linear"]
+    weights = parsed.config_groups["group_0"].weights
+    assert (weights.num_bits, weights.group_size, weights.symmetric) == (4, 32, False)
+    assert parsed.config_groups["group_1"].targets == ["lm_head"]
+    assert parsed.config_groups["group_1"].weights.num_bits == 8
+    assert any("gate$" in pattern for pattern in parsed.ignore)
+
+    recipe = load_recipe(int4_asym / "recipe.yaml")
+    assert recipe.policy.quantization_config() == qc
+    assert recipe.policy.to_recipe_yaml() == (int4_asym / "recipe.yaml").read_text()
+
+
+def test_model_card(int4_asym, tiny_released):
+    card = (int4_asym / "README.md").read_text()
+    assert card.startswith("---\ntags:\n")  # no base_model: the source is a local folder
+    assert f"local folder `{tiny_released.resolve()}`" in card
+    assert "# tiny-w4a16" in card and "bits per weight | 5.0" in card  # int4 + a bf16 scale and int4 zero per 32
+    assert "| int4 g32 asym |" in card and "| int8 g32 asym |" not in card and "| int8 g32 sym | 1 |" in card
+    assert "klconvert run --model tiny-w4a16" in card
+
+
+def test_compressed_tensors_decompresses_our_folder(int4_asym, tiny_released):
+    """compressed-tensors' model-free dequantizer, given only our config.json and tensors, rebuilds exactly the
+    weights our reader dequantizes; what we kept is the source, bit for bit."""
+    ours, source = open_checkpoint(int4_asym), open_checkpoint(tiny_released)
+    theirs = CompressedTensorsDequantizer(int4_asym, dtype=torch.bfloat16).process(state_dict(int4_asym))
+    assert set(theirs) == set(source.expected)
+    for name in source.expected:
+        assert torch.equal(theirs[name], ours.get(name)), name
+    w, dq = source.get(f"{KDA_Q}.weight").float(), ours.get(f"{KDA_Q}.weight").float()
+    assert 0.02 < ((dq - w).norm() / w.norm()).item() < 0.15  # really int4
+
+
+def test_both_layouts_give_the_same_folder(tiny_released, tiny_transformers, tmp_path):
+    for src, out in ((tiny_released, tmp_path / "a" / "q"), (tiny_transformers, tmp_path / "b" / "q")):
+        quantize(src, out, bits=8, group_size=32, max_shard_bytes=400_000, progress=False)
+    a, b = folder_files(tmp_path / "a" / "q"), folder_files(tmp_path / "b" / "q")
+    card_a, card_b = a.pop("README.md").decode(), b.pop("README.md").decode()
+    assert (card_a.replace(str(tiny_released.resolve()), "SRC")
+            == card_b.replace(str(tiny_transformers.resolve()), "SRC"))
+    assert a == b
+    assert "model.layers.1.block_sparse_moe.experts.0.w1.weight_packed" in state_dict(tmp_path / "b" / "q")
+
+
+def test_nf4_folder(tmp_path):
+    source_folder = synth("tiny", tmp_path / "tiny2", layers=2, progress=False).path  # bitsandbytes is slow on CPU
+    out = tmp_path / "tiny-nf4"
+    quantize(source_folder, out, scheme="nf4", progress=False)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "bitsandbytes" and config["bnb_4bit_quant_type"] == "nf4"
+    assert "lm_head" in config["llm_int8_skip_modules"]
+    source, ours = open_checkpoint(source_folder), open_checkpoint(out)
+    with safe_open(str(next(out.glob("*.safetensors"))), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    name = f"{KDA_Q}.weight"
+    direct = compress_nf4(KDA_Q, source.get(name))
+    for key, t in direct.items():
+        if key.endswith("bitsandbytes__nf4"):  # planned for the longest float: padded with JSON whitespace
+            assert json.loads(bytes(state[key].tolist())) == json.loads(bytes(t.tolist()))
+        else:
+            assert torch.equal(state[key], t), key
+    assert torch.equal(ours.get(name), decompress_nf4(direct))
+    assert torch.equal(ours.get("lm_head.weight"), source.get("lm_head.weight"))
+
+
+def test_summary_numbers(tiny_released, tmp_path):
+    result = quantize(tiny_released, tmp_path / "q", bits=8, group_size=32, progress=False)
+    t = result.totals
+    assert t.bytes_in == sum(p.stat().st_size for p in tiny_released.glob("*.safetensors")) - sum(
+        read_header(p).data_start for p in tiny_released.glob("*.safetensors"))
+    assert t.bytes_out == json.loads((tmp_path / "q" / "model.safetensors.index.json").read_text())[
+        "metadata"]["total_size"]
+    assert 8.5 < t.quantized_bits_per_weight < 8.6  # 8 bits + a bf16 scale per 32, + 16 bytes of shape
+    summary = result.summary()
+    assert f"{t.quantized_bits_per_weight:.3f} bits/weight over 969,728 quantized params" in summary
+    assert f"{t.bits_per_weight:.3f} overall" in summary and "2.18 MB -> 1.28 MB" in summary
+    assert "MB/s" in summary and str(tmp_path / "q") in summary
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("options", [dict(bits=4, symmetric=True), dict(bits=4, symmetric=False), dict(bits=8)])
+def test_cuda_output_matches_cpu(tiny_released, tmp_path, options):
+    cpu = quantize(tiny_released, tmp_path / "cpu" / "q", group_size=32, device="cpu", progress=False, **options)
+    cuda = quantize(tiny_released, tmp_path / "cuda" / "q", group_size=32, device="cuda", progress=False, **options)
+    a, b = folder_files(cpu.path), folder_files(cuda.path)
+    assert a.pop("README.md") == b.pop("README.md") and a == b
+
+
+def test_row_blocks_give_the_same_tensors(tiny_released, tmp_path, monkeypatch):
+    """lm_head (1280 rows) quantized 256 rows at a time is bit-identical to one call, zero points included."""
+    whole = quantize(tiny_released, tmp_path / "whole" / "q", bits=4, group_size=32, symmetric=False, progress=False)
+    monkeypatch.setattr(outputs, "ROW_BLOCK", 256)  # only lm_head has more rows
+    calls = count_quantize_calls(monkeypatch)
+    blocks = quantize(tiny_released, tmp_path / "blocks" / "q", bits=4, group_size=32, symmetric=False,
+                      progress=False)
+    assert calls.count("lm_head") == 1280 // 256
+    assert folder_files(blocks.path) == folder_files(whole.path)

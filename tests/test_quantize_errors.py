@@ -1,0 +1,126 @@
+"""Each bad input to `klconvert quantize` is one `klconvert: error:` line, exit 2, no traceback, and no OUT."""
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from klconvert.quantize import quantize
+from quantize_helpers import assert_one_line_error, break_shard_write, run_cli
+
+ROUTER = "model.layers.1.block_sparse_moe.gate.weight"
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_released, tmp_path_factory):
+    return quantize(tiny_released, tmp_path_factory.mktemp("q") / "q", bits=8, group_size=32, progress=False).path
+
+
+def fails(capsys, tmp_path, *args: str, src=None) -> str:
+    """Run `klconvert quantize SRC OUT ARGS`; check the error shape and that no OUT exists; return the line."""
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "quantize", src, out, *args)
+    line = assert_one_line_error(code, err)
+    assert not out.exists()
+    return line
+
+
+def write_recipe(tmp_path, groups: dict, ignore: list[str]) -> str:
+    config_groups = {name: {"targets": targets, "weights": {"num_bits": 4, "group_size": 32}}
+                     for name, targets in groups.items()}
+    recipe = {"quant_stage": {"quant_modifiers": {"QuantizationModifier": {"ignore": ignore,
+                                                                           "config_groups": config_groups}}}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps(recipe))  # JSON is YAML
+    return str(path)
+
+
+KEEP = ["re:.*gate$", "re:.*(f_a|f_b|g_a|g_b|b)_proj$", "re:.*conv1d$", "lm_head"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--bits", "3"), "--bits 3 is not supported; use --bits 4 or --bits 8"),
+    (("--bits", "8", "--scheme", "nf4"), "nf4 is 4-bit"),
+    (("--scheme", "nf4", "--group-size", "32"), "--scheme nf4 is symmetric in blocks of 64"),
+    (("--group-size", "20"), "group size 20 is not a positive multiple of 8"),
+    (("--group-size", "48"), "group size 48 does not divide the input dim"),
+    ((), "group size 128 does not divide the input dim"),  # the default, on the tiny model's hidden size 64
+    (("--recipe", "r.yaml"), "r.yaml: no such recipe file"),
+])
+def test_bad_options(tiny_released, tmp_path, capsys, monkeypatch, args, needle):
+    monkeypatch.chdir(tmp_path)
+    assert needle in fails(capsys, tmp_path, *args, src=tiny_released)
+
+
+def test_recipe_problems(tiny_released, tmp_path, capsys):
+    nothing = write_recipe(tmp_path, {"group_0": ["Linear"], "group_1": ["re:.*no_such_module$"]}, KEEP)
+    line = fails(capsys, tmp_path, "--recipe", nothing, src=tiny_released)
+    assert "target 're:.*no_such_module$' of group_1 selects no tensor" in line and "recipe.yaml:" in line
+
+    router = write_recipe(tmp_path, {"group_0": ["Linear"]}, KEEP[1:])  # the router no longer ignored
+    line = fails(capsys, tmp_path, "--recipe", router, src=tiny_released)
+    assert "would quantize model.layers.1.block_sparse_moe.gate.weight (the MoE router)" in line
+
+    norms = write_recipe(tmp_path, {"group_0": ["Linear", "re:.*input_layernorm$"]}, KEEP)
+    assert "(a norm weight), which must stay in high precision" in fails(capsys, tmp_path, "--recipe", norms,
+                                                                          src=tiny_released)
+    line = fails(capsys, tmp_path, "--recipe", nothing, "--bits", "8", src=tiny_released)
+    assert "says how each tensor is stored; drop --bits" in line
+
+
+def test_truncated_shard(tiny_copy, tmp_path, capsys):
+    shard = sorted(tiny_copy.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert "truncated?" in fails(capsys, tmp_path, "--group-size", "32", src=tiny_copy)
+
+
+def test_corrupt_values_in_a_shard(tiny_copy, tmp_path, capsys):
+    index = json.loads((tiny_copy / "model.safetensors.index.json").read_text())
+    victim = "model.layers.2.self_attn.o_proj.weight"
+    shard = tiny_copy / index["weight_map"][victim]
+    tensors = load_file(shard)
+    tensors[victim] = torch.full_like(tensors[victim], float("nan"))
+    save_file(tensors, shard, metadata={"format": "pt"})
+    line = fails(capsys, tmp_path, "--group-size", "32", src=tiny_copy)
+    assert f"{victim}: the weight holds NaN or Inf values" in line and "a rerun resumes" in line
+
+
+def test_disk_full(tiny_released, tmp_path, capsys, monkeypatch):
+    break_shard_write(monkeypatch, 1, OSError(errno.ENOSPC, "No space left on device"))
+    line = fails(capsys, tmp_path, "--group-size", "32", src=tiny_released)
+    assert "disk full writing" in line and "0 of 1 shards are finished" in line
+    assert not list((tmp_path / "out.partial").glob("*.safetensors*"))
+
+
+def test_existing_out(tiny_released, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    code, _, err = run_cli(capsys, "quantize", tiny_released, tmp_path / "out", "--group-size", "32")
+    assert_one_line_error(code, err, "already exists", "--force")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_out_is_the_source(tiny_copy, capsys):
+    code, _, err = run_cli(capsys, "quantize", tiny_copy, tiny_copy, "--group-size", "32", "--force")
+    assert_one_line_error(code, err, "is the source folder")
+    assert (tiny_copy / "config.json").exists()
+
+
+def test_already_quantized_source(quantized, tmp_path, capsys):
+    assert "already quantized (config.json has a quantization_config, quant_method compressed-tensors)" in fails(
+        capsys, tmp_path, "--group-size", "32", src=quantized)
+    stripped = shutil.copytree(quantized, tmp_path / "stripped")
+    config = json.loads((stripped / "config.json").read_text())
+    del config["quantization_config"]
+    (stripped / "config.json").write_text(json.dumps(config))
+    assert "already quantized (it holds model.layers.0.self_attn.q_proj.weight_packed)" in fails(
+        capsys, tmp_path, "--group-size", "32", src=stripped)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_cuda_requested_without_cuda(tiny_released, tmp_path, capsys):
+    assert "--device cuda: no CUDA device" in fails(capsys, tmp_path, "--group-size", "32", "--device", "cuda",
+                                                    src=tiny_released)

@@ -1,0 +1,76 @@
+"""`klconvert pull-and-quantize` against the loopback hub stand-in, and with a local folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hub_standin import HubStandIn, hub_environment
+from klconvert.checkpoint.reader import open_checkpoint
+from klconvert.cli import DEFAULT_MODEL_DIR
+from klconvert.quant import policy_from_options
+from klconvert.quantize import default_out_name
+from quantize_helpers import assert_one_line_error, run_cli, shown_lines
+
+REPO = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
+
+
+@pytest.fixture
+def served(tiny_released, tmp_path, monkeypatch):
+    """(stand-in, commit) serving the tiny checkpoint as REPO; the current directory is tmp_path/work."""
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    with HubStandIn() as server:
+        commit = server.add_repo(REPO, tiny_released)
+        with hub_environment(server.endpoint, tmp_path / "hf_home"):
+            yield server, commit
+
+
+def test_pulls_then_writes_the_default_folder(served, tmp_path, capsys):
+    server, commit = served
+    code, stdout, err = run_cli(capsys, "pull-and-quantize", "--bits", "4", "--group-size", "32")
+    assert code == 0, err
+    out = Path(DEFAULT_MODEL_DIR)  # where `klconvert run` looks by default
+    assert out.name == "Kimi-Linear-48B-A3B-Instruct-w4a16" and out.is_dir()
+    assert stdout == f"{out}\n" and shown_lines(err)[-1].startswith(f"quantized {REPO}@{commit} -> {out}")
+    card = (out / "README.md").read_text()
+    assert f"base_model: {REPO}\n" in card and f"at commit `{commit}`" in card
+    assert open_checkpoint(out).config.num_hidden_layers == 8
+    assert (tmp_path / "hf_home" / "hub" / "models--moonshotai--Kimi-Linear-48B-A3B-Instruct" / "snapshots"
+            / commit / "config.json").exists()
+
+
+def test_hash_mismatch_stops_before_quantizing(served, tiny_released, capsys):
+    server, _ = served
+    shard = sorted(json.loads((tiny_released / "model.safetensors.index.json").read_text())["weight_map"].values())[0]
+    server.wrong_sha256.add(shard)
+    code, _, err = run_cli(capsys, "pull-and-quantize", "--bits", "8", "--group-size", "32")
+    # the pull's own progress lines come first; the error is the one last line
+    errors = [line for line in shown_lines(err) if line.startswith("klconvert: error:")]
+    assert code == 2 and errors == [shown_lines(err)[-1]] and "Traceback" not in err
+    assert "failed verification" in errors[0] and shard in errors[0]
+    assert not Path("Kimi-Linear-48B-A3B-Instruct-w8a16").exists()
+    assert list(Path().iterdir()) == []
+
+
+def test_bad_options_fail_before_any_download(served, capsys):
+    server, _ = served
+    assert_one_line_error(*run_cli(capsys, "pull-and-quantize", "--bits", "5")[::2], "--bits 5 is not supported")
+    assert sum(server.requests.values()) == 0
+
+
+def test_local_folder_skips_the_pull(tiny_released, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = run_cli(capsys, "pull-and-quantize", "--model", tiny_released, "--bits", "8",
+                                "--group-size", "32")
+    assert code == 0, err
+    assert stdout == "tiny-w8a16\n" and (tmp_path / "tiny-w8a16" / "config.json").exists()
+    assert f"local folder `{tiny_released.resolve()}`" in (tmp_path / "tiny-w8a16" / "README.md").read_text()
+    assert_one_line_error(*run_cli(capsys, "pull-and-quantize", "--model", tiny_released, "--revision", "v1",
+                                   "--out", "x")[::2], "--revision v1 picks a hub revision")
+
+
+def test_default_out_names():
+    assert default_out_name(REPO, policy_from_options(bits=8)) == Path("Kimi-Linear-48B-A3B-Instruct-w8a16")
+    assert default_out_name("some/dir/", policy_from_options(scheme="nf4")) == Path("dir-nf4")

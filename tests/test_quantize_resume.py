@@ -1,0 +1,108 @@
+"""An interrupted conversion resumes from its finished shards; --force replaces OUT or starts over."""
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+
+from klconvert.errors import KLError
+from klconvert.quantize import quantize
+from quantize_helpers import (assert_one_line_error, break_shard_write, count_quantize_calls, folder_files,
+                              modules_in_shards, run_cli, shown_lines)
+
+OPTIONS = dict(bits=4, group_size=32, max_shard_bytes=150_000, progress=False)
+
+
+def shard_files(folder):
+    return sorted(p.name for p in folder.glob("*.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_released, tmp_path_factory):
+    """The folder a run that was never interrupted writes, to compare resumed runs with."""
+    return quantize(tiny_released, tmp_path_factory.mktemp("fresh") / "q", **OPTIONS).path
+
+
+def test_disk_full_then_resume_redoes_only_unfinished_shards(tiny_released, uninterrupted, tmp_path, monkeypatch):
+    out, partial = tmp_path / "q", tmp_path / "q.partial"
+    names = shard_files(uninterrupted)
+    assert len(names) >= 5
+    with monkeypatch.context() as m:
+        break_shard_write(m, 3, OSError(errno.ENOSPC, "No space left on device"))
+        with pytest.raises(KLError, match=rf"disk full .* 2 of {len(names)} shards are finished in .*q\.partial"):
+            quantize(tiny_released, out, **OPTIONS)
+    assert not out.exists()
+    assert shard_files(partial) == names[:2] and not list(partial.glob("*.partial"))
+
+    calls = count_quantize_calls(monkeypatch)
+    result = quantize(tiny_released, out, **OPTIONS)
+    assert result.shards_resumed == 2
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(calls) == modules_in_shards(index, set(names[2:]))  # each module made once, only those left
+    assert folder_files(out) == folder_files(uninterrupted)
+    assert not partial.exists()
+
+
+def test_ctrl_c_then_rerun_via_the_cli(tiny_released, uninterrupted, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "q"
+    args = ("quantize", tiny_released, out, "--bits", "4", "--group-size", "32")
+    monkeypatch.setattr("klconvert.quantize.MAX_SHARD_BYTES", 150_000)
+    with monkeypatch.context() as m:
+        break_shard_write(m, 4, KeyboardInterrupt())
+        code, _, err = run_cli(capsys, *args)
+    assert code == 130 and shown_lines(err) == ["klconvert: interrupted"]
+    assert not out.exists() and len(shard_files(tmp_path / "q.partial")) == 3
+
+    calls = count_quantize_calls(monkeypatch)
+    code, stdout, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert stdout == f"{out}\n" and "3 kept from an interrupted run" in shown_lines(err)[-1]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(calls) == modules_in_shards(index, set(shard_files(out)[3:]))
+    assert folder_files(out) == folder_files(uninterrupted)
+
+
+def test_a_damaged_finished_shard_is_written_again(tiny_released, uninterrupted, tmp_path, monkeypatch):
+    out, partial = tmp_path / "q", tmp_path / "q.partial"
+    with monkeypatch.context() as m:
+        break_shard_write(m, 3, OSError(errno.EIO, "Input/output error"))
+        with pytest.raises(KLError, match="cannot write .*Input/output error.*rerun the same command to resume"):
+            quantize(tiny_released, out, **OPTIONS)
+    first = partial / shard_files(partial)[0]
+    first.write_bytes(first.read_bytes()[:-10])
+    result = quantize(tiny_released, out, **OPTIONS)
+    assert result.shards_resumed == 1
+    assert folder_files(out) == folder_files(uninterrupted)
+
+
+def test_other_options_refuse_to_resume_unless_force(tiny_released, tmp_path, monkeypatch):
+    out = tmp_path / "q"
+    with monkeypatch.context() as m:
+        break_shard_write(m, 2, KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            quantize(tiny_released, out, **OPTIONS)
+    int8 = {**OPTIONS, "bits": 8}
+    with pytest.raises(KLError, match="q.partial: holds an interrupted conversion .* or pass --force to start over"):
+        quantize(tiny_released, out, **int8)
+    calls = count_quantize_calls(monkeypatch)
+    result = quantize(tiny_released, out, force=True, **int8)
+    assert result.shards_resumed == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(calls) == modules_in_shards(index, set(index["weight_map"].values()))
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"][
+        "weights"]["num_bits"] == 8
+
+
+def test_existing_out_is_refused_and_force_replaces_it_at_the_end(tiny_released, tmp_path, capsys):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ("quantize", tiny_released, out, "--bits", "8", "--group-size", "32")
+    assert_one_line_error(*run_cli(capsys, *args)[::2], f"{out}: already exists", "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+
+    code, _, err = run_cli(capsys, *args, "--force")
+    assert code == 0, err
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no q.partial, no q.replaced

@@ -1,0 +1,128 @@
+"""GPU-tier recipes fit their tiers; `klconvert plan --recipe` names a bad recipe's line; weights sized as stored."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from klconvert.cli import main, parse_size
+from klconvert.quant import QuantScheme, compress_weight, load_recipe
+from klconvert.runtime.memory_plan import stored_bytes
+from klconvert.runtime.plan_report import plan_for
+
+RECIPE_DIR = Path(__file__).parent.parent / "recipes"
+RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
+HEADROOM = 0.05
+BF16_EXPERTS = 26 * 256 * 3 * 1024 * 2304 * 2  # the routed experts of the released model, in bytes
+
+
+def klconvert_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run the CLI in this process: (exit status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["klconvert", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_every_tier_has_a_recipe_except_24gb():
+    assert sorted(p.name for p in RECIPES) == ["141gb.yaml", "32gb.yaml", "48gb.yaml", "80gb.yaml"]
+    assert "No 24 GB recipe" in (RECIPE_DIR / "32gb.yaml").read_text()  # the smallest tier's comment says why
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_fits_its_tier_with_headroom(path):
+    recipe = load_recipe(path)
+    p = plan_for(preset="kimi-linear-48b", recipe=recipe)
+    assert p.context == recipe.runtime["max_context"] and p.batch == recipe.runtime["batch"]
+    assert p.memory_limit == parse_size(recipe.runtime["gpu_memory"]) == int(path.stem[:-2]) * 2**30
+    assert p.headroom >= HEADROOM * p.memory_limit, f"{path.name}: {p.headroom / 2**30:.2f} GiB headroom"
+    assert p.weight_bytes["experts"] < 0.52 * BF16_EXPERTS  # the routed experts at 8 bits or fewer
+
+
+def test_plan_command_takes_the_recipe_and_flags_override_it(monkeypatch, capsys):
+    code, out, err = klconvert_main(monkeypatch, capsys, "plan", "--preset", "kimi-linear-48b", "--layers", "4",
+                                    "--recipe", str(RECIPE_DIR / "32gb.yaml"), "--max-context", "4096",
+                                    "--mla-cache-dtype", "float8_e4m3fn")
+    assert code == 0, err
+    assert "context 4,096" in out and "MLA cache float8_e4m3fn" in out and "GPU memory" in out
+    assert re.search(r"MLA latent cache / token +576 B", out)  # 4 layers hold 1 MLA layer: 576 values x 1 byte
+    code, _, err = klconvert_main(monkeypatch, capsys, "plan", "--preset", "tiny", "--recipe", str(RECIPE_DIR / "32gb.yaml"),
+                                  "--bits", "4")
+    assert code == 2 and "not both" in err
+
+
+def test_fp8_mla_cache_is_one_byte_a_value():
+    p = plan_for(preset="kimi-linear-48b", layers=4, mla_cache_dtype="float8_e4m3fn", context=1 << 20)
+    assert p.mla_bytes_per_token == 1 * 576 * 1
+    assert p.mla_cache_bytes == 576 << 20
+
+
+RECIPE = r"""quant_stage:
+  quant_modifiers:
+    QuantizationModifier:
+      ignore: [lm_head, "re:.*\\.(block_sparse_moe|mlp)\\.gate$", "re:.*(f_a|f_b|g_a|g_b|b)_proj$", "re:.*conv1d$"]
+      config_groups:
+        group_0:
+          targets: ["Linear", "re:.*w1$"]
+          weights: {num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 32}
+"""
+# case: (text replaced -> by, line the error names, what it says)
+BAD_RECIPES = {
+    "unknown runtime key": (("group_size: 32}\n", "group_size: 32}\nruntime:\n  max_contxt: 4096\n"), 10,
+                            "unknown key 'max_contxt'"),
+    "unknown modifier key": (("      ignore:", "      scheme_typo: W4A16\n      ignore:"), 4,
+                             "unknown key 'scheme_typo'"),
+    "bad regex": (('"re:.*w1$"', '"re:.*experts.(w1"'), 7, "not a valid regular expression"),
+    "target selecting nothing": (('"re:.*w1$"', r'"re:.*\\.experts\\.\\d+\\.w9$"'), 7, "selects no tensor"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_RECIPES)
+def test_recipe_errors_name_the_line(case, tmp_path, monkeypatch, capsys):
+    (old, new), line, message = BAD_RECIPES[case]
+    path = tmp_path / "bad.yaml"
+    path.write_text(RECIPE.replace(old, new))
+    code, out, err = klconvert_main(monkeypatch, capsys, "plan", "--preset", "tiny", "--recipe", str(path))
+    assert code == 2 and out == ""
+    assert err.startswith(f"klconvert: error: {path}:{line}:") and message in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 32, True), QuantScheme(4, 32, False), QuantScheme(8, -1, True),
+                                    QuantScheme(8, 16, False)], ids=lambda s: s.describe().replace(" ", "-"))
+def test_stored_bytes_are_the_written_tensors(scheme):
+    w = torch.randn(36, 96, dtype=torch.bfloat16)  # 36 rows: int4 zero points fill 4.5 int32 words
+    written = compress_weight("m", w, scheme)
+    held = sum(t.numel() * t.element_size() for name, t in written.items() if name != "m.weight_shape")
+    assert stored_bytes((36, 96), scheme, torch.bfloat16) == held
+
+
+def test_stored_bytes_nf4():
+    # the tensors bitsandbytes 0.50.2 writes for a [1024, 2304] expert weight (importing it takes ~10 s on CPU):
+    # weight uint8 [n/2, 1], absmax uint8 [n/64], quant_map fp32 [16], nested_absmax fp32 [144],
+    # nested_quant_map fp32 [256]; the quant state's JSON is read into Python, not held
+    nf4 = QuantScheme(4, 64, True, "nf4")
+    assert stored_bytes((1024, 2304), nf4, torch.bfloat16) == 1179648 + 36864 + 64 + 576 + 1024
+
+
+def test_plan_of_a_quantized_folder_sizes_its_tensors_as_written(tiny_released, tmp_path):
+    from safetensors import safe_open
+
+    from klconvert.quantize import quantize
+
+    out = quantize(tiny_released, tmp_path / "int4-asym", bits=4, group_size=32, symmetric=False, device="cpu",
+                   progress=False).path
+    p = plan_for(model=out)  # the folder's recipe.yaml says how each tensor is stored
+    written = 0
+    for shard in out.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            written += sum(f.get_tensor(n).nbytes for n in f.keys()
+                           if ".experts." in n and not n.endswith("weight_shape"))
+    assert p.weight_bytes["experts"] == written
