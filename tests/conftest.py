@@ -1,9 +1,45 @@
-"""Shared fixtures: tiny random checkpoints in the exact released (and transformers) format, made per session."""
+"""Shared set-up: Triton's CPU interpreter where there is no GPU, and tiny random checkpoints in the exact
+released (and transformers) format, made per session."""
 from __future__ import annotations
 
-import pytest
+import os
+import shutil
 
-from klconvert.synth.checkpoint import synth
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+
+import numpy as np  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from calm_checkpoint import calm_copy  # noqa: E402
+from klconvert.synth.checkpoint import synth  # noqa: E402
+
+
+def _fix_interpreter_bf16():
+    """The interpreter keeps bf16 as raw uint16: tl.dot multiplies the raw bits and fp32 -> bf16 truncates.
+    Upcast dot operands exactly and round to nearest even, as the GPU does."""
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    cast, dot = InterpreterBuilder.cast_impl, InterpreterBuilder.create_dot
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            t = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
+            return TensorHandle(t.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    def create_dot(self, a, b, d, *args):
+        a, b = (cast(self, t, tl.float32) if t.dtype.scalar == tl.bfloat16 else t for t in (a, b))
+        return dot(self, a, b, d, *args)
+
+    InterpreterBuilder.cast_impl, InterpreterBuilder.create_dot = cast_impl, create_dot
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fix_interpreter_bf16()
 
 
 @pytest.fixture(scope="session")
@@ -17,9 +53,13 @@ def tiny_transformers(tmp_path_factory):
                  progress=False).path
 
 
+@pytest.fixture(scope="session")
+def trained_like(tiny_released, tmp_path_factory):
+    """The tiny checkpoint, calmed (see calm_copy)."""
+    return calm_copy(tiny_released, tmp_path_factory.mktemp("calm") / "calm")
+
+
 @pytest.fixture
 def tiny_copy(tiny_released, tmp_path):
     """A private copy of the tiny checkpoint that a test may damage."""
-    import shutil
-
     return shutil.copytree(tiny_released, tmp_path / "tiny")

@@ -48,7 +48,7 @@ KEEP = ["re:.*gate$", "re:.*(f_a|f_b|g_a|g_b|b)_proj$", "re:.*conv1d$", "lm_head
     (("--scheme", "nf4", "--group-size", "32"), "--scheme nf4 is symmetric in blocks of 64"),
     (("--group-size", "20"), "group size 20 is not a positive multiple of 8"),
     (("--group-size", "48"), "group size 48 does not divide the input dim"),
-    ((), "group size 128 does not divide the input dim"),  # the default, on the tiny model's hidden size 64
+    (("--group-size", "256"), "group size 256 does not divide the input dim"),  # tiny's inputs are 128 and 256
     (("--recipe", "r.yaml"), "r.yaml: no such recipe file"),
 ])
 def test_bad_options(tiny_released, tmp_path, capsys, monkeypatch, args, needle):

@@ -22,7 +22,7 @@ from klconvert.synth.presets import NUM_SPECIAL_TOKENS, preset_config
 from klconvert.synth.tokenizer_files import write_tokenizer_files
 
 FP32_TENSORS = ("A_log", "dt_bias", "e_score_correction_bias")  # kept fp32 in the released files
-DEFAULT_SHARD_BYTES = {"tiny": 1 << 20, "kimi-linear-48b": 5 * 10**9}
+DEFAULT_SHARD_BYTES = {"tiny": 4 << 20, "kimi-linear-48b": 5 * 10**9}
 
 
 @dataclass(frozen=True)

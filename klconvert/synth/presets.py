@@ -68,27 +68,28 @@ KIMI_LINEAR_48B = {
     "vocab_size": 163840,
 }
 
-# Same structure, few-MB: 8 layers (KDA x3, MLA, KDA x3, MLA), dense layer 0, MoE with a shared expert.
+# Same structure, a few MB: 8 layers (KDA x3, MLA, KDA x3, MLA), dense layer 0, MoE with a shared expert. Every
+# linear layer's input is a multiple of 128, so the Triton int kernels (128-wide k-tiles) take it at group 128.
 TINY = {
     **copy.deepcopy(KIMI_LINEAR_48B),
     "bos_token_id": 1024,
     "eos_token_id": 1026,
     "pad_token_id": 1279,
-    "head_dim": 16,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "kv_lora_rank": 32,
-    "linear_attn_config": {**_layer_lists(8), "head_dim": 16, "num_heads": 4, "short_conv_kernel_size": 4},
+    "head_dim": 32,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "kv_lora_rank": 128,
+    "linear_attn_config": {**_layer_lists(8), "head_dim": 32, "num_heads": 4, "short_conv_kernel_size": 4},
     "model_max_length": 1048576,
-    "moe_intermediate_size": 32,
+    "moe_intermediate_size": 128,
     "num_attention_heads": 4,
     "num_experts": 16,
     "num_experts_per_token": 4,
     "num_hidden_layers": 8,
     "num_key_value_heads": 4,
-    "qk_nope_head_dim": 16,
-    "qk_rope_head_dim": 8,
-    "v_head_dim": 16,
+    "qk_nope_head_dim": 32,
+    "qk_rope_head_dim": 16,
+    "v_head_dim": 32,
     "vocab_size": 1024 + NUM_SPECIAL_TOKENS,
 }
 

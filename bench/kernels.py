@@ -1,0 +1,327 @@
+"""Check each klconvert kernel against its naive twin, then time it and its peers (fla, bitsandbytes, torch) on one GPU."""
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from klconvert.kernels import (fused_moe, int_linear, kda_decode, kda_layer_step, naive_fused_moe, naive_int_linear,
+                               naive_kda_decode, naive_kda_layer_step, repack_int_weight, repack_moe_experts)
+from klconvert.kernels.fused_moe import moe_decode_fwd
+from klconvert.kernels.int_linear import int_gemv_fwd
+
+DEV = "cuda"
+H, K, V, W = 32, 128, 128, 4  # KDA layer
+HIDDEN, INTER, EXPERTS, TOPK = 2304, 1024, 256, 8
+LINEAR_SHAPES = {"lm_head": (163840, 2304), "o_proj": (2304, 4096), "kda_qkv": (12288, 2304),
+                 "expert_w13": (2048, 2304), "expert_w2": (2304, 1024)}  # [out, in]
+ROTATE_BYTES = 400e6  # copies of weights/state rotated per call, so L2 (50 MB) does not serve them
+rows, results, failures = [], {}, []
+
+
+def median_us(fn):
+    return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
+
+
+def timed(fn, graph=True):
+    """(do_bench median, per-call time inside a CUDA graph of 32 calls) in us; graph=False for code that syncs
+    with the host. Small kernels are host-bound under do_bench; a graphed decode step sees the second."""
+    return median_us(fn), graph_us(fn) if graph else None
+
+
+def cycle(items):
+    """A picker that returns the next item on each call, round and round."""
+    i = [0]
+
+    def pick():
+        i[0] = (i[0] + 1) % len(items)
+        return items[i[0]]
+    return pick
+
+
+def rotating(make, nbytes):
+    """Independent copies totalling at least ROTATE_BYTES, and a picker cycling through them."""
+    copies = [make() for _ in range(max(2, math.ceil(ROTATE_BYTES / nbytes)))]
+    return copies, cycle(copies)
+
+
+def graph_us(fn, calls=32):
+    """Per-call time of `calls` back-to-back calls captured in one CUDA graph (what a graphed decode step sees)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    return median_us(g.replay) / calls
+
+
+def record(name, times, nbytes, peer=None, **extra):
+    """times: (do_bench us, graph us or None); GB/s and peer ratios use the graph time where both have one."""
+    us, gus = times
+    best = gus if gus is not None else us
+    results[name] = dict(us=us, graph_us=gus, GBps=nbytes / (best * 1e-6) / 1e9, bytes=nbytes, peer=peer, **extra)
+    rows.append(name)
+    print(f"{name}: {us:.1f} us, graph {gus if gus is None else round(gus, 1)} us, {results[name]['GBps']:.0f} GB/s",
+          flush=True)
+
+
+def table():
+    lines = ["| what | us (do_bench) | us (CUDA graph) | GB/s | peer: its time / ours |", "|---|---|---|---|---|"]
+    for name in rows:
+        r = results[name]
+        peer = results.get(r["peer"])
+        ratio = ""
+        if peer:
+            both = r["graph_us"] is not None and peer["graph_us"] is not None
+            ratio = f"{r['peer']}: {(peer['graph_us'] / r['graph_us']) if both else (peer['us'] / r['us']):.2f}x" \
+                + ("" if both else " (do_bench)")
+        g = "" if r["graph_us"] is None else f"{r['graph_us']:.1f}"
+        lines.append(f"| {name} | {r['us']:.1f} | {g} | {r['GBps']:.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def check(name, got, ref, bound):
+    err = ((got.double() - ref.double()).pow(2).mean().sqrt() / ref.double().pow(2).mean().sqrt()).item()
+    ok = err <= bound  # NaN fails too
+    results[f"check {name}"] = dict(rel_rms=err, bound=bound, ok=ok)
+    print(f"check {name}: rel. RMS {err:.3g} (bound {bound:g}) {'ok' if ok else 'FAILED'}", flush=True)
+    if not ok:
+        failures.append(name)
+    return ok
+
+
+def bench_kda():
+    for B in (1, 64):
+        for sdt in (torch.float32, torch.bfloat16):
+            C = 2 * H * K + H * V
+            A_log, dt_bias, norm_w = torch.randn(H, device=DEV), torch.randn(H * K, device=DEV), torch.randn(V, device=DEV)
+            conv_w = torch.randn(C, W, device=DEV) * 0.5
+            sbytes = B * H * K * V * sdt.itemsize
+
+            def make():
+                return dict(x=torch.randn(B, C, device=DEV, dtype=torch.bfloat16),
+                            conv=torch.randn(B, C, W - 1, device=DEV, dtype=torch.bfloat16),
+                            g=torch.randn(B, H * K, device=DEV, dtype=torch.bfloat16),
+                            beta=torch.randn(B, H, device=DEV, dtype=torch.bfloat16),
+                            gate=torch.randn(B, H * V, device=DEV, dtype=torch.bfloat16),
+                            state=torch.randn(B, H, K, V, device=DEV).to(sdt))
+            copies, pick = rotating(make, sbytes)
+            c0 = copies[0]
+            ref = {n: t.clone() for n, t in c0.items()}
+            args = lambda c: (c["x"], c["conv"], conv_w, c["g"], c["beta"], c["gate"], c["state"])
+            kw = dict(A_log=A_log, dt_bias=dt_bias, o_norm_weight=norm_w, eps=1e-5)
+            o = kda_layer_step(*args(c0), **kw)
+            o_ref = naive_kda_layer_step(*args(ref), **kw)
+            tag = f"kda_layer_step B={B} {str(sdt)[6:]} state"
+            if not (check(tag + " o", o, o_ref, 1e-2) & check(tag + " state", c0["state"], ref["state"], 1e-2)):
+                continue
+            moved = 2 * sbytes + B * (C * 2 + C * (W - 1) * 4 + H * K * 2 + H * V * 4)
+            for bv, warps in ((32, 4), (32, 8), (64, 8), (64, 16), (128, 16)):
+                t = timed(lambda: kda_layer_step(*args(pick()), **kw, block_v=bv, num_warps=warps))
+                cfg = "" if (bv, warps) == (32, 4) else f" [block_v {bv}, {warps} warps]"  # (32, 4): the default
+                record(tag + cfg, t, moved, "fla fused_recurrent_kda B=%d" % B,
+                       state_GBps=2 * sbytes / ((t[1] or t[0]) * 1e-6) / 1e9)
+            if sdt == torch.float32:  # the core op alone
+                q = torch.randn(B, H, K, device=DEV, dtype=torch.bfloat16)
+                k, g = torch.randn_like(q), torch.randn_like(q)
+                v, beta = torch.randn(B, H, V, device=DEV, dtype=torch.bfloat16), torch.randn(B, H, device=DEV)
+                s_ref = c0["state"].clone()
+                o = kda_decode(q, k, v, g, beta, c0["state"], A_log=A_log, dt_bias=dt_bias)
+                ok = check(f"kda_decode B={B} o", o, naive_kda_decode(q, k, v, g, beta, s_ref, A_log=A_log,
+                                                                         dt_bias=dt_bias), 1e-2)
+                if ok:
+                    for bv in (16, 32, 64):
+                        t = timed(lambda: kda_decode(q, k, v, g, beta, pick()["state"], A_log=A_log,
+                                                     dt_bias=dt_bias, block_v=bv))
+                        record(f"kda_decode B={B} fp32 state, block_v {bv}", t, 2 * sbytes,
+                               f"fla fused_recurrent_kda B={B}")
+            del copies
+
+
+def bench_fla():
+    try:
+        from fla.ops.kda import fused_recurrent_kda
+    except Exception as e:  # noqa: BLE001 -- the peer is optional; say why it is missing
+        print("fla unavailable:", repr(e)[:200])
+        return
+    for B in (1, 64):
+        q, k, g = (torch.randn(B, 1, H, K, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+        v = torch.randn(B, 1, H, V, device=DEV, dtype=torch.bfloat16)
+        beta = torch.randn(B, 1, H, device=DEV, dtype=torch.bfloat16)
+        A_log, dt_bias = torch.randn(H, device=DEV), torch.randn(H * K, device=DEV)
+        _, pick = rotating(lambda: torch.randn(B, H, K, V, device=DEV), B * H * K * V * 4)
+        f = lambda: fused_recurrent_kda(q, k, v, g, beta, A_log=A_log, dt_bias=dt_bias, initial_state=pick(),
+                                        output_final_state=True, use_qk_l2norm_in_kernel=True,
+                                        use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)
+        record(f"fla fused_recurrent_kda B={B}", timed(f), 2 * B * H * K * V * 4)
+
+
+def random_packed(n, k, bits, group=128):
+    """A PackedLinear from random compressed-tensors words (every int32 is a valid code word)."""
+    wp = torch.randint(-2**31, 2**31 - 1, (n, k * bits // 32), device=DEV, dtype=torch.int32)
+    scale = (torch.rand(n, k // group, device=DEV) * 0.002 + 0.001).to(torch.bfloat16)
+    return repack_int_weight(wp, scale, None, (n, k), bits, group)
+
+
+def packed_bytes(p):
+    return p.qweight.numel() * 4 + p.scales.numel() * p.scales.element_size()
+
+
+def bench_linear():
+    for name, (n, k) in LINEAR_SHAPES.items():
+        for bits in ((4, 8) if name == "lm_head" else (4,)):
+            one = random_packed(n, k, bits)
+            copies, pick = rotating(lambda: random_packed(n, k, bits), packed_bytes(one))
+            for m in ((1, 16) if name in ("o_proj", "kda_qkv") else (1,)):
+                x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+                tag = f"int{bits} linear {name} {n}x{k} M={m}"
+                if not check(tag, int_linear(x, copies[0]), naive_int_linear(x, copies[0]), 1e-2):
+                    continue
+                moved = packed_bytes(one) + m * (k + n) * 2
+                peer = f"torch bf16 {name} M={m}"
+                record(tag, timed(lambda: int_linear(x, pick())), moved, peer)
+                if m == 1:
+                    for bn, warps, split in ((32, 4, None), (128, 8, None), (16, 4, None), (16, 2, None),
+                                             (64, 4, 1), (32, 4, 4), (16, 4, 8)):
+                        y = torch.empty(m, n, device=DEV, dtype=x.dtype)
+                        t = timed(lambda: int_gemv_fwd(x, pick(), y, block_n=bn, split_k=split, num_warps=warps))
+                        record(f"{tag} [block_n {bn}, {warps} warps, split_k {split or 'auto'}]", t, moved, peer)
+            del copies
+        bench_linear_peers(name, n, k)
+
+
+def bench_linear_peers(name, n, k):
+    for m in ((1, 16) if name in ("o_proj", "kda_qkv") else (1,)):
+        x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+        copies, pick = rotating(lambda: torch.randn(n, k, device=DEV, dtype=torch.bfloat16), n * k * 2)
+        record(f"torch bf16 {name} M={m}", timed(lambda: x @ pick().t()), n * k * 2 + m * (n + k) * 2)
+        del copies
+        try:
+            import bitsandbytes as bnb
+            import bitsandbytes.functional as bnbf
+        except Exception as e:  # noqa: BLE001
+            print("bitsandbytes unavailable:", repr(e)[:200])
+            continue
+        copies, pick = rotating(lambda: bnbf.quantize_4bit(torch.randn(n, k, device=DEV, dtype=torch.bfloat16),
+                                                           blocksize=64, quant_type="nf4"), n * k // 2)
+        f = lambda: (lambda q: bnb.matmul_4bit(x, q[0].t(), quant_state=q[1]))(pick())
+        record(f"bnb nf4 {name} M={m}", timed(f, graph=False), n * k // 2 + n * k // 64 * 4 + m * (n + k) * 2,
+               f"int4 linear {name} {n}x{k} M={m}")
+        del copies
+
+
+def bench_moe():
+    bench_moe_peers()
+    wp = lambda n, k: torch.randint(-2**31, 2**31 - 1, (n, k // 8), device=DEV, dtype=torch.int32)
+    sc = lambda n, k: (torch.rand(n, k // 128, device=DEV) * 0.002 + 0.001).to(torch.bfloat16)
+    ct = lambda n, k: {"weight_packed": wp(n, k), "weight_scale": sc(n, k), "weight_shape": (n, k)}
+    one = lambda: {"gate": ct(INTER, HIDDEN), "up": ct(INTER, HIDDEN), "down": ct(HIDDEN, INTER)}
+    experts = repack_moe_experts([one() for _ in range(EXPERTS)], shared=one(), bits=4, group_size=128)
+    per_expert = sum(packed_bytes(p) for p in experts.expert(0))
+    for m in (1, 4, 64, 512):
+        x = torch.randn(m, HIDDEN, device=DEV, dtype=torch.bfloat16)
+        routings = [torch.rand(m, EXPERTS, device=DEV).topk(TOPK).indices for _ in range(32)]  # distinct per token
+        w = torch.rand(m, TOPK, device=DEV)
+        tag = f"fused_moe int4 M={m}"
+        if not check(tag, fused_moe(x, routings[0], w, experts), naive_fused_moe(x, routings[0], w, experts),
+                     1e-2 if m <= 8 else 2e-2):
+            continue
+        moved = (len(set(routings[0].flatten().tolist())) + 1) * per_expert + m * HIDDEN * 4
+        ids = cycle(routings)
+        peer = "torch bf16 expert loop M=1" if m == 1 else None
+        record(tag, timed(lambda: fused_moe(x, ids(), w, experts), graph=m <= 8), moved, peer)  # grouped path syncs
+        if m == 1:
+            for bn, warps, split in ((16, 2, (1, 1)), (16, 2, (6, 4)), (16, 2, (3, 2)), (16, 4, (3, 2)),
+                                     (32, 4, (6, 4)), (64, 4, (6, 4))):
+                y = torch.empty_like(x)
+                t = timed(lambda: moe_decode_fwd(x, ids(), w, experts, y, block_n=bn, split_k=split, num_warps=warps))
+                record(f"{tag} [block_n {bn}, {warps} warps, split_k {split}]", t, moved, peer)
+
+
+def bench_moe_peers():
+    """Per-expert loops for one token (8 routed + shared), the expert ids already on the host (no sync timed)."""
+    x = torch.randn(1, HIDDEN, device=DEV, dtype=torch.bfloat16)
+    host = [torch.randperm(EXPERTS)[:TOPK].tolist() + [EXPERTS] for _ in range(32)]
+    w = torch.rand(TOPK).tolist() + [1.0]
+    n = TOPK + 1
+    bf16 = [[torch.randn(s, device=DEV, dtype=torch.bfloat16) * 0.02 for s in ((INTER, HIDDEN), (INTER, HIDDEN),
+                                                                                 (HIDDEN, INTER))]
+            for _ in range(EXPERTS + 1)]
+    routes = cycle(host)
+
+    def loop(weights, matmul):
+        y = torch.zeros_like(x)
+        for e, wt in zip(routes(), w):
+            gate, up, down = weights[e]
+            y += wt * matmul(torch.nn.functional.silu(matmul(x, gate)) * matmul(x, up), down)
+        return y
+    record("torch bf16 expert loop M=1", timed(lambda: loop(bf16, lambda a, b: a @ b.t())),
+           n * 3 * INTER * HIDDEN * 2)
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+    except Exception as e:  # noqa: BLE001
+        print("bitsandbytes unavailable:", repr(e)[:200])
+        return
+    nf4 = [[bnbf.quantize_4bit(torch.randn(s, device=DEV, dtype=torch.bfloat16), blocksize=64, quant_type="nf4")
+            for s in ((INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER))] for _ in range(EXPERTS + 1)]
+    nf4_matmul = lambda a, q: bnb.matmul_4bit(a, q[0].t(), quant_state=q[1])
+    record("bnb nf4 expert loop M=1", timed(lambda: loop(nf4, nf4_matmul), graph=False), n * 3 * INTER * HIDDEN // 2,
+           "fused_moe int4 M=1")
+
+
+def bf16_state_drift(steps=4096, B=1):
+    """Relative RMS of o (last 64 steps) and the state: bf16 state vs fp32 state over `steps` decode steps."""
+    A_log, dt_bias = torch.randn(H, device=DEV), torch.randn(H * K, device=DEV)
+    s32 = torch.randn(B, H, K, V, device=DEV) * 0.1
+    s16 = s32.to(torch.bfloat16)
+    o32, o16 = [], []
+    for _ in range(steps):
+        q, k, g = (torch.randn(B, H, K, device=DEV) for _ in range(3))
+        v, beta = torch.randn(B, H, V, device=DEV), torch.randn(B, H, device=DEV)
+        o32.append(kda_decode(q, k, v, g, beta, s32, A_log=A_log, dt_bias=dt_bias))
+        o16.append(kda_decode(q, k, v, g, beta, s16, A_log=A_log, dt_bias=dt_bias))
+    rel = lambda a, b: ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
+    results["bf16 state drift"] = dict(steps=steps, o_rel_rms=rel(torch.stack(o16[-64:]), torch.stack(o32[-64:])),
+                                       state_rel_rms=rel(s16.float(), s32))
+    print("bf16 state drift:", results["bf16 state drift"], flush=True)
+
+
+def copy_ceiling():
+    a = torch.randn(1 << 29, device=DEV, dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    record("device copy (read + write)", (median_us(lambda: b.copy_(a)), None), 2 * a.numel() * 2)
+
+
+def main():
+    info = dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
+                triton=triton.__version__, command=" ".join([os.path.basename(sys.executable)] + sys.argv),
+                commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
+    print(info, flush=True)
+    results["info"] = info
+    copy_ceiling()
+    sections = sys.argv[1:] or ["fla", "kda", "drift", "linear", "moe"]
+    for s in sections:
+        {"fla": bench_fla, "kda": bench_kda, "drift": bf16_state_drift, "linear": bench_linear, "moe": bench_moe}[s]()
+        torch.cuda.empty_cache()
+    print("\n" + table())
+    out = os.environ.get("OUT")
+    if out:
+        json.dump(results, open(os.path.join(out, "kernels.json"), "w"), indent=1)
+    if failures:
+        print("FAILED checks:", failures)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

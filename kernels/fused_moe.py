@@ -1,0 +1,287 @@
+"""Fused MoE over int4/int8 experts: two launches for decode (gate+up with SiLU, down with the weighted sum), a grouped GEMM per projection for prefill."""
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .int_linear import (KT, ROWS, PackedLinear, _arrive, _dequant_fma_row, _mma_tile, _sum_partials,
+                         _tile_params, repack_int_weight)
+
+DECODE_MAX_TOKENS = 8  # up to this many tokens, every (token, expert) pair streams its expert's weights once
+MAX_SLOTS = 16  # routed experts per token, plus the shared one, that the decode path's locks cover
+
+
+@dataclass
+class PackedExperts:
+    """Experts stacked along a leading dim of each PackedLinear tensor (qweight [E', ...], scales [E', ...]);
+    E' = num_experts routed experts, plus the shared expert at index num_experts when has_shared."""
+
+    gate: PackedLinear  # [E', I, D]; its locks are [DECODE_MAX_TOKENS * MAX_SLOTS, I_pad / ROWS]
+    up: PackedLinear  # [E', I, D]
+    down: PackedLinear  # [E', D, I]; its locks are [DECODE_MAX_TOKENS, D_pad / ROWS]
+    num_experts: int
+    has_shared: bool
+
+    def expert(self, e: int) -> tuple[PackedLinear, PackedLinear, PackedLinear]:
+        """(gate, up, down) of expert e as plain PackedLinears (views)."""
+        def one(p):
+            zeros = p.zeros[e] if p.zeros is not None else None
+            locks = torch.zeros(p.scales.shape[-1] // ROWS, dtype=torch.int32, device=p.locks.device)
+            return PackedLinear(p.qweight[e], p.scales[e], zeros, locks, p.n, p.k, p.bits, p.group_size)
+        return one(self.gate), one(self.up), one(self.down)
+
+
+def _stack(tensors: list[dict], bits: int, group_size: int, what: str) -> PackedLinear:
+    parts = [repack_int_weight(t["weight_packed"], t["weight_scale"], t.get("weight_zero_point"),
+                               t["weight_shape"], bits, group_size) for t in tensors]
+    first = parts[0]
+    for e, p in enumerate(parts):
+        if (p.n, p.k, p.zeros is None) != (first.n, first.k, first.zeros is None):
+            raise ValueError(f"{what} of expert {e} is [{p.n}, {p.k}] (asymmetric: {p.zeros is not None}), "
+                             f"expert 0 is [{first.n}, {first.k}] (asymmetric: {first.zeros is not None}): "
+                             "stacked experts must share shape and scheme")
+    zeros = torch.stack([p.zeros for p in parts]) if first.zeros is not None else None
+    return PackedLinear(torch.stack([p.qweight for p in parts]), torch.stack([p.scales for p in parts]), zeros,
+                        first.locks, first.n, first.k, bits, first.group_size)
+
+
+def repack_moe_experts(experts, *, shared: dict | None = None, bits: int, group_size: int) -> PackedExperts:
+    """experts: a list of per-expert dicts {"gate", "up", "down"} of compressed-tensors tensors
+    {weight_packed, weight_scale, weight_zero_point (asymmetric only), weight_shape}, or one such dict whose
+    tensors carry a leading expert dim. shared: the shared expert, same form as one list entry."""
+    if isinstance(experts, dict):  # stacked: split along the expert dim
+        count = experts["gate"]["weight_packed"].shape[0]
+        experts = [{proj: {name: (torch.as_tensor(t).reshape(-1)[-2:] if name == "weight_shape" else t[e])
+                           for name, t in tensors.items()} for proj, tensors in experts.items()}
+                   for e in range(count)]
+    every = list(experts) + ([shared] if shared is not None else [])
+    gate, up, down = (_stack([ex[p] for ex in every], bits, group_size, p) for p in ("gate", "up", "down"))
+    if (gate.n, gate.k) != (up.n, up.k) or (down.n, down.k) != (gate.k, gate.n):
+        raise ValueError(f"expert shapes disagree: gate [{gate.n}, {gate.k}], up [{up.n}, {up.k}], "
+                         f"down [{down.n}, {down.k}]; expected down = [hidden, intermediate]")
+    gate.locks = torch.zeros(DECODE_MAX_TOKENS * MAX_SLOTS, gate.scales.shape[-1] // ROWS, dtype=torch.int32,
+                             device=gate.qweight.device)
+    down.locks = torch.zeros(DECODE_MAX_TOKENS, down.scales.shape[-1] // ROWS, dtype=torch.int32,
+                             device=down.qweight.device)
+    return PackedExperts(gate, up, down, len(experts), shared is not None)
+
+
+@triton.jit
+def moe_gemv_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, n_out, n_pad, n_tiles, tiles_per_group,
+                        tiles_per_split, stride_xm, stride_ym, stride_we, stride_se, shared_id, locks_per_row,
+                        TOPK: tl.constexpr, SLOTS: tl.constexpr, SPLIT_K: tl.constexpr, BITS: tl.constexpr,
+                        P: tl.constexpr, ROWS: tl.constexpr, ASYM: tl.constexpr, BN: tl.constexpr,
+                        GATED: tl.constexpr):
+    """One (row block, token-slot pair, k split) per program. GATED: h[pair] = silu(x[token] Wg^T) * (x[token] Wu^T),
+    the k splits reduced in-launch. Else: y[token] = sum over slots and k splits of weight * h[pair] Wd^T."""
+    pid_n = tl.program_id(0)
+    pair = tl.program_id(1) // SPLIT_K
+    split = tl.program_id(1) % SPLIT_K
+    m = pair // SLOTS
+    slot = pair % SLOTS
+    e = tl.load(ids + m * TOPK + tl.minimum(slot, TOPK - 1)).to(tl.int64)
+    e = tl.where(slot < TOPK, e, shared_id)  # the slot past the routed ones is the shared expert
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_p = tl.arange(0, P)
+    mask_n = offs_n < n_pad
+    w_off = e * stride_we + ((offs_n // ROWS).to(tl.int64) * n_tiles * ROWS * P + (offs_n % ROWS) * P)[:, None] \
+        + offs_p[None, :]
+    s_off = e * stride_se + offs_n
+    row = pair
+    if GATED:
+        row = m
+    x_ptrs = x + row * stride_xm + offs_p  # [P]
+    acc_a = tl.zeros([BN, P], dtype=tl.float32)
+    acc_b = tl.zeros([BN, P], dtype=tl.float32)
+    t0 = split * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+    # one tile ahead by hand, as in int_gemv_fwd_kernel; stream b (up) only when GATED
+    wa_t = tl.load(wa + w_off + t0 * ROWS * P, mask=mask_n[:, None], other=0)
+    sa_t, za_t = _tile_params(sa + s_off, za + s_off, mask_n, t0 // tiles_per_group, n_pad, BITS, ASYM)
+    wb_t, sb_t, zb_t = wa_t, sa_t, za_t
+    if GATED:
+        wb_t = tl.load(wb + w_off + t0 * ROWS * P, mask=mask_n[:, None], other=0)
+        sb_t, zb_t = _tile_params(sb + s_off, zb + s_off, mask_n, t0 // tiles_per_group, n_pad, BITS, ASYM)
+    for t in range(t0, t1):
+        ahead = offs_n < tl.where(t + 1 < t1, n_pad, 0)  # no rows on the last tile
+        g = (t + 1) // tiles_per_group
+        wa_n = tl.load(wa + w_off + (t + 1) * ROWS * P, mask=ahead[:, None], other=0)
+        sa_n, za_n = _tile_params(sa + s_off, za + s_off, ahead, g, n_pad, BITS, ASYM)
+        xt = x_ptrs + t * (32 // BITS) * P
+        acc_a += _dequant_fma_row(wa_t, xt, sa_t, za_t, BITS, P)
+        wa_t, sa_t, za_t = wa_n, sa_n, za_n
+        if GATED:
+            wb_n = tl.load(wb + w_off + (t + 1) * ROWS * P, mask=ahead[:, None], other=0)
+            sb_n, zb_n = _tile_params(sb + s_off, zb + s_off, ahead, g, n_pad, BITS, ASYM)
+            acc_b += _dequant_fma_row(wb_t, xt, sb_t, zb_t, BITS, P)
+            wb_t, sb_t, zb_t = wb_n, sb_n, zb_n
+    a = tl.sum(acc_a, axis=1)  # [BN]
+    mask = offs_n < n_out
+    if GATED:
+        b = tl.sum(acc_b, axis=1)
+        y_ptrs = y + pair * stride_ym + offs_n
+        if SPLIT_K == 1:
+            tl.store(y_ptrs, (a * tl.sigmoid(a) * b).to(y.dtype.element_ty), mask=mask)
+        else:  # ws: [2, SPLIT_K, pairs, n_out]
+            stride = tl.num_programs(1) // SPLIT_K * n_out
+            ws_a = ws + pair * n_out + offs_n
+            tl.store(ws_a + split * stride, a, mask=mask)
+            tl.store(ws_a + (SPLIT_K + split) * stride, b, mask=mask)
+            lock = locks + pair * locks_per_row + pid_n
+            if _arrive(lock, SPLIT_K):
+                a = _sum_partials(ws_a, mask, SPLIT_K, stride)
+                b = _sum_partials(ws_a + SPLIT_K * stride, mask, SPLIT_K, stride)
+                tl.store(y_ptrs, (a * tl.sigmoid(a) * b).to(y.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(lock, 0)
+    else:  # ws: [SLOTS * SPLIT_K, tokens, n_out]; every (slot, split) of a token parks a weighted partial
+        wt = tl.load(wts + m * TOPK + tl.minimum(slot, TOPK - 1)).to(tl.float32)
+        wt = tl.where(slot < TOPK, wt, 1.0)
+        stride = tl.num_programs(1) // (SLOTS * SPLIT_K) * n_out
+        ws_ptrs = ws + m * n_out + offs_n
+        tl.store(ws_ptrs + (slot * SPLIT_K + split) * stride, a * wt, mask=mask)
+        lock = locks + m * locks_per_row + pid_n
+        if _arrive(lock, SLOTS * SPLIT_K):
+            total = _sum_partials(ws_ptrs, mask, SLOTS * SPLIT_K, stride)
+            tl.store(y + m * stride_ym + offs_n, total.to(y.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(lock, 0)
+
+
+@triton.jit
+def moe_gemm_fwd_kernel(x, pair_ids, block_expert, wts, wa, wb, sa, sb, za, zb, y, n_out, n_pad, n_tiles,
+                        tiles_per_group, stride_xm, stride_ym, stride_we, stride_se, x_div, BITS: tl.constexpr,
+                        P: tl.constexpr, ROWS: tl.constexpr, ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        GATED: tl.constexpr):
+    """One (block of BM pairs of one expert, row block) per program; x row of a pair = pair // x_div.
+    GATED: y[pair] = silu(x Wg^T) * (x Wu^T). Else: y[pair] = weight[pair] * x Wd^T (fp32)."""
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert + pid_b).to(tl.int64)
+    if e >= 0:
+        pairs = tl.load(pair_ids + pid_b * BM + tl.arange(0, BM))
+        mask_m = pairs >= 0
+        rows = tl.where(mask_m, pairs // x_div, 0).to(tl.int64)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_p = tl.arange(0, P)
+        mask_n = offs_n < n_pad
+        w_off = e * stride_we + ((offs_n // ROWS).to(tl.int64) * n_tiles * ROWS * P + (offs_n % ROWS) * P)[:, None] \
+            + offs_p[None, :]
+        s_off = e * stride_se + offs_n
+        x_ptrs = x + rows[:, None] * stride_xm + offs_p[None, :]
+        acc_a = tl.zeros([BM, BN], dtype=tl.float32)
+        acc_b = tl.zeros([BM, BN], dtype=tl.float32)
+        for t in range(n_tiles):
+            g = t // tiles_per_group
+            xt = x_ptrs + t * (32 // BITS) * P
+            acc_a += _mma_tile(tl.load(wa + w_off + t * ROWS * P, mask=mask_n[:, None], other=0), xt, mask_m[:, None],
+                               sa + s_off, za + s_off, mask_n, g, n_pad, BITS, P, ASYM)
+            if GATED:
+                acc_b += _mma_tile(tl.load(wb + w_off + t * ROWS * P, mask=mask_n[:, None], other=0), xt,
+                                   mask_m[:, None], sb + s_off, zb + s_off, mask_n, g, n_pad, BITS, P, ASYM)
+        if GATED:
+            out = acc_a * tl.sigmoid(acc_a) * acc_b
+        else:
+            out = acc_a * tl.load(wts + pairs, mask=mask_m, other=0.0)[:, None]
+        mask = mask_m[:, None] & (offs_n < n_out)[None, :]
+        tl.store(y + pairs[:, None].to(tl.int64) * stride_ym + offs_n[None, :], out.to(y.dtype.element_ty), mask=mask)
+
+
+def _args(p: PackedLinear):
+    return p.qweight, p.scales, (p.zeros if p.zeros is not None else p.scales)
+
+
+def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, block_n=32, split_k=(3, 2), num_warps=2,
+                   num_stages=3):
+    """Two launches: gate+up+SiLU into h [M * slots, I] (fp32), then down with the weighted sum over slots.
+    split_k: k splits of (gate+up, down), each reduced inside its launch."""
+    M, topk = topk_ids.shape
+    slots = topk + experts.has_shared
+    if slots > MAX_SLOTS or M > DECODE_MAX_TOKENS:
+        raise ValueError(f"moe_decode_fwd: {M} tokens x {slots} experts; the decode path takes at most "
+                         f"{DECODE_MAX_TOKENS} x {MAX_SLOTS}")
+    g, u, d = experts.gate, experts.up, experts.down
+    (wg, sg, zg), (wu, su, zu), (wd, sd, zd) = _args(g), _args(u), _args(d)
+    common = dict(TOPK=topk, SLOTS=slots, BITS=g.bits, P=KT * g.bits // 32, ROWS=ROWS, ASYM=g.zeros is not None,
+                  BN=block_n, num_warps=num_warps, num_stages=num_stages)
+    h = torch.empty(M * slots, g.n, device=x.device, dtype=torch.float32)
+    tiles = g.k // KT
+    per_split = triton.cdiv(tiles, min(split_k[0], tiles))
+    split = triton.cdiv(tiles, per_split)
+    ws = torch.empty(2 * split * M * slots * g.n if split > 1 else 1, device=x.device, dtype=torch.float32)
+    moe_gemv_fwd_kernel[(triton.cdiv(g.n, block_n), M * slots * split)](
+        x, topk_ids, topk_weights, wg, wu, sg, su, zg, zu, h, ws, g.locks, g.n, sg.shape[-1], tiles,
+        g.group_size // KT, per_split, x.stride(0), h.stride(0), wg.stride(0), sg.stride(0), experts.num_experts,
+        g.locks.shape[1], SPLIT_K=split, GATED=True, **common)
+    tiles = d.k // KT
+    per_split = triton.cdiv(tiles, min(split_k[1], tiles))
+    split = triton.cdiv(tiles, per_split)
+    ws = torch.empty(slots * split * M * d.n, device=x.device, dtype=torch.float32)
+    moe_gemv_fwd_kernel[(triton.cdiv(d.n, block_n), M * slots * split)](
+        h, topk_ids, topk_weights, wd, wd, sd, sd, zd, zd, y, ws, d.locks, d.n, sd.shape[-1], tiles,
+        d.group_size // KT, per_split, h.stride(0), y.stride(0), wd.stride(0), sd.stride(0), experts.num_experts,
+        d.locks.shape[1], SPLIT_K=split, GATED=False, **common)
+    return y
+
+
+def align_pairs(ids: torch.Tensor, num_ids: int, block_m: int):
+    """Sort (token, slot) pairs [M, slots] by expert, each expert's run padded to a multiple of block_m:
+    (pair index per row, -1 for padding) and (expert per block, -1 past the end). No host sync."""
+    flat = ids.reshape(-1)
+    n = flat.numel()
+    counts = torch.bincount(flat, minlength=num_ids)
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = padded.cumsum(0)
+    order = torch.argsort(flat, stable=True)
+    sorted_ids = flat[order]
+    rank = torch.arange(n, device=ids.device) - (counts.cumsum(0) - counts)[sorted_ids]
+    n_blocks = triton.cdiv(n, block_m) + num_ids  # each expert adds at most one partial block
+    pair_ids = torch.full((n_blocks * block_m,), -1, device=ids.device, dtype=torch.int32)
+    pair_ids[(ends - padded)[sorted_ids] + rank] = order.to(torch.int32)
+    starts = torch.arange(n_blocks, device=ids.device) * block_m
+    block_expert = torch.searchsorted(ends, starts, right=True)
+    return pair_ids, torch.where(block_expert < num_ids, block_expert, -1).to(torch.int32)
+
+
+def moe_grouped_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, block_m=None, block_n=64, num_warps=8,
+                    num_stages=3):
+    """Prefill: pairs sorted by expert, one grouped GEMM launch per projection, then a sum over slots."""
+    M, topk = topk_ids.shape
+    g, u, d = experts.gate, experts.up, experts.down
+    ids, wts = topk_ids.to(torch.int64), topk_weights.to(torch.float32)
+    if experts.has_shared:
+        ids = torch.cat([ids, ids.new_full((M, 1), experts.num_experts)], 1)
+        wts = torch.cat([wts, wts.new_ones(M, 1)], 1)
+    slots = ids.shape[1]
+    block_m = block_m or (16 if M * slots < 8 * g.qweight.shape[0] else 64)
+    pair_ids, block_expert = align_pairs(ids, g.qweight.shape[0], block_m)
+    x16 = x if x.dtype in (torch.bfloat16, torch.float16) else x.to(torch.bfloat16)
+    h = torch.empty(M * slots, g.n, device=x.device, dtype=x16.dtype)
+    out = torch.empty(M * slots, d.n, device=x.device, dtype=torch.float32)
+    common = dict(BITS=g.bits, P=KT * g.bits // 32, ROWS=ROWS, ASYM=g.zeros is not None, BM=block_m, BN=block_n,
+                  num_warps=num_warps, num_stages=num_stages)
+    (wg, sg, zg), (wu, su, zu), (wd, sd, zd) = _args(g), _args(u), _args(d)
+    n_blocks = block_expert.shape[0]
+    moe_gemm_fwd_kernel[(n_blocks, triton.cdiv(g.n, block_n))](
+        x16, pair_ids, block_expert, wts, wg, wu, sg, su, zg, zu, h, g.n, sg.shape[-1], g.k // KT, g.group_size // KT,
+        x16.stride(0), h.stride(0), wg.stride(0), sg.stride(0), slots, GATED=True, **common)
+    moe_gemm_fwd_kernel[(n_blocks, triton.cdiv(d.n, block_n))](
+        h, pair_ids, block_expert, wts, wd, wd, sd, sd, zd, zd, out, d.n, sd.shape[-1], d.k // KT, d.group_size // KT,
+        h.stride(0), out.stride(0), wd.stride(0), sd.stride(0), 1, GATED=False, **common)
+    return y.copy_(out.view(M, slots, d.n).sum(1))
+
+
+def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: PackedExperts, *,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_slot w * down(silu(gate x) * up x) over the top-k experts [M, topk], plus the shared expert (weight 1)
+    if packed; x [M, D] (bf16, fp16 or fp32), topk_weights fp32; returns [M, D] in x.dtype."""
+    M, D = x.shape
+    if D != experts.gate.k or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != M:
+        raise ValueError(f"fused_moe: x {tuple(x.shape)}, topk_ids {tuple(topk_ids.shape)}, topk_weights "
+                         f"{tuple(topk_weights.shape)} for experts of hidden size {experts.gate.k}")
+    y = out if out is not None else torch.empty_like(x)
+    if M == 0:
+        return y
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    if M <= DECODE_MAX_TOKENS:
+        return moe_decode_fwd(x, topk_ids.contiguous(), topk_weights.to(torch.float32).contiguous(), experts, y)
+    return moe_grouped_fwd(x, topk_ids, topk_weights, experts, y)
