@@ -28,13 +28,26 @@ from klconvert.runtime.engine import Engine
 from klconvert.synth.presets import preset_config
 
 
-def random_reader(config: KimiLinearConfig, device: str, seed: int = 0):
-    """A `read(name)` that makes each tensor on the GPU, scaled as `klconvert synth` scales them."""
+RESIDUAL_OUTPUTS = ("o_proj.weight", "w2.weight", "down_proj.weight")
+
+
+def random_reader(config: KimiLinearConfig, device: str, seed: int = 0, calm: bool = False):
+    """A `read(name)` that makes each tensor on the GPU, scaled as `klconvert synth` scales them.
+
+    Random routers have near ties, so bf16 rounding differences between two correct paths flip expert choices
+    and move the logits by ~10%. `calm` pins each layer's experts with a wide margin and scales the residual
+    branches by 1/4 (as tests/calm_checkpoint.py does), so a comparison measures the paths, not that chaos. It
+    is used for the checks only: pinned experts would sit in L2 and flatter the timings.
+    """
     specs = expected_tensors(config)
+    k = config.num_experts_per_token
 
     def read(name: str) -> torch.Tensor:
         spec = specs[name]
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        if calm and name.endswith("e_score_correction_bias"):
+            pinned = (torch.arange(k) + k * int(name.split(".")[2])) % spec.shape[0]
+            return torch.zeros(spec.shape, device=device).index_fill_(0, pinned.to(device), 10.0)
         if name.endswith("A_log"):
             return torch.empty(spec.shape, device=device).uniform_(1.0, 16.0, generator=g).log()
         if name.endswith("dt_bias"):
@@ -45,6 +58,7 @@ def random_reader(config: KimiLinearConfig, device: str, seed: int = 0):
         if spec.category == "norm":
             return 1 + 0.1 * torch.randn(spec.shape, device=device, generator=g)
         std = 1.0 if name.endswith("embed_tokens.weight") else 1 / math.sqrt(math.prod(spec.shape[1:]))
+        std *= 0.25 if calm and name.endswith(RESIDUAL_OUTPUTS) else 1.0
         return (torch.randn(spec.shape, device=device, generator=g, dtype=torch.bfloat16) * std)
 
     return read
@@ -122,20 +136,23 @@ def main() -> int:
     raw = preset_config("kimi-linear-48b", args.layers)
     config = KimiLinearConfig.from_dict(raw)
     context = args.prompt_tokens + args.new_tokens + 16
-    read, packed = quantized_readers(config, random_reader(config, "cuda"))
     dev = torch.device("cuda")
     ids = torch.randint(0, 163584, (1, args.prompt_tokens), device="cuda")
     res = {"device": torch.cuda.get_device_name(), "layers": args.layers, "prompt_tokens": args.prompt_tokens}
+    calm = quantized_readers(config, random_reader(config, "cuda", calm=True))
+    timed = quantized_readers(config, random_reader(config, "cuda"))
     logits = {}
     for kernels in ("torch", "triton"):
-        engine = Engine(config, read, dev, torch.bfloat16, context, 1, packed=packed, kernels=kernels)
-        err = check_decode_matches_prefill(engine, ids)
+        engine = Engine(config, calm[0], dev, torch.bfloat16, context, 1, packed=calm[1], kernels=kernels)
+        err = check_decode_matches_prefill(engine, ids[:, :72])
         logits[kernels] = engine.forward(ids[:, :64])
         print(f"check [{kernels}]: decode vs prefill logits, rel err {err:.2e} (bf16)", flush=True)
         if not err < 5e-2:
             print(f"FAILED: the {kernels} decode path disagrees with its prefill path", file=sys.stderr)
             return 1
         res[f"{kernels}_decode_vs_prefill_rel_err"] = err
+        del engine
+        engine = Engine(config, timed[0], dev, torch.bfloat16, context, 1, packed=timed[1], kernels=kernels)
         res[f"{kernels}_ms_per_token"] = time_ours(engine, ids, args.new_tokens)
         print(f"klconvert engine [{kernels}], {args.layers} layers, int4 g128: "
               f"{res[f'{kernels}_ms_per_token']:.2f} ms/token", flush=True)
@@ -145,6 +162,9 @@ def main() -> int:
     res["triton_vs_torch_top1"] = (logits["triton"].argmax(-1) == logits["torch"].argmax(-1)).float().mean().item()
     print(f"check: triton vs torch prefill logits rel err {res['triton_vs_torch_rel_err']:.2e}, top-1 agreement "
           f"{res['triton_vs_torch_top1']:.3f}", flush=True)
+    if not res["triton_vs_torch_rel_err"] < 5e-2:
+        print("FAILED: the Triton path disagrees with the PyTorch path", file=sys.stderr)
+        return 1
     res["transformers_ms_per_token"] = peer = time_transformers(raw, ids, args.new_tokens)
     if peer is not None:
         print(f"transformers KimiLinearForCausalLM bf16, same config: {peer:.2f} ms/token; torch path "
@@ -154,7 +174,7 @@ def main() -> int:
         with open(os.path.join(os.environ["OUT"], "engine.json"), "w") as f:
             json.dump(res, f, indent=1)
     print(json.dumps(res))
-    return 0 if res["triton_vs_torch_rel_err"] < 5e-2 else 1
+    return 0
 
 
 if __name__ == "__main__":
