@@ -100,8 +100,11 @@ def _read_prompt(prompt_file: str) -> str:
 @click.option("--device", default=None, help="cpu or cuda [default: cuda if present].")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default=None,
               help="Compute dtype [default: bfloat16 on cuda, float32 on cpu].")
+@click.option("--kernels", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True,
+              help="Triton kernels (int weights, fused KDA step, fused MoE) or the PyTorch reference; auto: "
+                   "Triton on cuda.")
 def run(model: Path, prompt_file: str, max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
-        chat: bool, max_context: int | None, device: str | None, dtype: str | None) -> None:
+        chat: bool, max_context: int | None, device: str | None, dtype: str | None, kernels: str) -> None:
     """Continue a prompt: the text streams to stdout, a summary goes to stderr."""
     from klconvert.runtime.engine import load
     from klconvert.tokenizer import StreamDecoder, Tokenizer
@@ -113,7 +116,7 @@ def run(model: Path, prompt_file: str, max_new_tokens: int, temperature: float, 
     tokenizer = Tokenizer.from_folder(model)
     ids = tokenizer.encode_chat([{"role": "user", "content": text}]) if chat else tokenizer.encode(text)
     context = max_context if max_context is not None else len(ids) + max_new_tokens
-    engine = load(model, device=device, dtype=dtype, max_context=context)
+    engine = load(model, device=device, dtype=dtype, max_context=context, kernels=kernels)
     engine.check_fits(len(ids), max_new_tokens)
     stream = StreamDecoder(tokenizer)
     stop = tokenizer.stop_ids
@@ -128,7 +131,8 @@ def run(model: Path, prompt_file: str, max_new_tokens: int, temperature: float, 
     sys.stdout.write(stream.flush() + "\n")
     s, plan = engine.stats, engine.plan
     click.echo(f"prompt {s.prompt_tokens} tokens | prefill {s.prefill_tps:.1f} tokens/s | {s.new_tokens} new, "
-               f"decode {s.decode_tps:.1f} tokens/s | plan: {engine.device} {str(engine.dtype).split('.')[-1]}, "
+               f"decode {s.decode_tps:.1f} tokens/s | plan: {engine.device} {str(engine.dtype).split('.')[-1]} "
+               f"{'triton' if engine.triton else 'torch'}, "
                f"context {plan.context}, batch {plan.batch}, total {plan.total / 2**30:.2f} GiB", err=True)
 
 
