@@ -8,13 +8,16 @@ from typing import Callable
 
 import torch
 
+from klconvert.checkpoint.name_map import expected_tensors
+from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
+from klconvert.quant import QuantScheme
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.model import KimiLinear
 from klconvert.runtime.sampling import sample
-from klconvert.runtime.weights import Packed, WeightLoader, use_triton
+from klconvert.runtime.weights import HeldPacked, Packed, WeightLoader, kernel_takes, use_triton
 
 
 @dataclass
@@ -44,16 +47,21 @@ class Engine:
 
     def __init__(self, config: KimiLinearConfig, read: Callable[[str], torch.Tensor], device: torch.device,
                  dtype: torch.dtype, context: int, batch: int, biased_router_weights: bool = False,
-                 packed: Packed | None = None, kernels: str = "torch"):
+                 packed: Packed | None = None, kernels: str = "torch",
+                 stored_schemes: dict[str, QuantScheme] | None = None):
         """`read(name)` gives a canonical tensor (e.g. Checkpoint.get), `packed(name)` a quantized weight's stored
-        parts (Checkpoint.packed); `kernels` picks PyTorch or Triton for the decode path (auto: Triton on CUDA)."""
+        parts (Checkpoint.packed) and `stored_schemes` how each packed weight is stored, so the plan can size
+        the ones that stay packed; `kernels` picks PyTorch or Triton (auto: Triton on CUDA)."""
         self.config, self.device, self.dtype = config, device, dtype
         self.triton = use_triton(kernels, device)
+        shapes = expected_tensors(config)
+        held = {n: s for n, s in (stored_schemes or {}).items()
+                if self.triton and kernel_takes(s, shapes[n].shape[1])}  # the rest is dequantized at load
         if context > self.config.model_max_length:
             raise KLError(f"--max-context {context} is over the model's model_max_length "
                           f"{self.config.model_max_length}; lower it")
         limit = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-        self.plan = MemoryPlan(self.config, batch=batch, context=context, weight_bytes=weight_bytes(self.config, dtype),
+        self.plan = MemoryPlan(self.config, batch=batch, context=context, weight_bytes=weight_bytes(self.config, dtype, HeldPacked(held)),
                                act_dtype=dtype, mla_cache_dtype=dtype, memory_limit=limit)
         if limit is not None and self.plan.total > limit:
             fit = self.plan.largest_context()
@@ -177,5 +185,6 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     if max_context < 1 or batch < 1:
         raise KLError(f"--max-context ({max_context}) and --batch ({batch}) must be at least 1")
     checkpoint = Checkpoint(path)
+    schemes = {n: s.scheme for n, s in checkpoint.sources.items() if isinstance(s, QuantizedSource)}
     return Engine(checkpoint.config, checkpoint.get, device, dtype, max_context, batch, biased_router_weights,
-                  packed=checkpoint.packed, kernels=kernels)
+                  packed=checkpoint.packed, kernels=kernels, stored_schemes=schemes)

@@ -135,7 +135,7 @@ class MoE(nn.Module):
         self.c, self.biased = c, biased_weights
         self.router = w.tensor(f"{prefix}.gate.weight").float()
         self.bias = w.tensor(f"{prefix}.gate.e_score_correction_bias").float()
-        self.packed = w.packed_experts(prefix, c.num_experts)  # routed + shared for the fused kernel, or None
+        self.packed = w.packed_experts(prefix, c.num_experts)  # the fused kernel's expert stack, or None
         if self.packed is None:
             E, I, D = c.num_experts, c.moe_intermediate_size, c.hidden_size
             for e in range(E):
@@ -143,7 +143,8 @@ class MoE(nn.Module):
                 if e == 0:
                     self.w13, self.w2 = w1.new_empty(E, 2 * I, D), w2.new_empty(E, D, I)  # gate and up stacked
                 self.w13[e, :I], self.w13[e, I:], self.w2[e] = w1, w3, w2
-            self.shared = [w.linear(f"{prefix}.shared_experts.{n}_proj.weight") for n in ("gate", "up", "down")]
+        self.shared = None if self.packed is not None and self.packed.has_shared else \
+            [w.linear(f"{prefix}.shared_experts.{n}_proj.weight") for n in ("gate", "up", "down")]
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D] -> (expert ids [N, k], weights [N, k] fp32)."""
@@ -168,7 +169,8 @@ class MoE(nn.Module):
         if self.packed is not None:
             from klconvert.kernels import fused_moe
 
-            return fused_moe(x, ids, weights, self.packed).view(shape)
+            y = fused_moe(x, ids, weights, self.packed)
+            return (y if self.shared is None else y + swiglu(x, *self.shared)).view(shape)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         I = self.c.moe_intermediate_size
         for e in ids.unique().tolist():

@@ -40,6 +40,25 @@ class TritonIntLinear(nn.Module):
         return int_linear(x, self.packed)
 
 
+def kernel_takes(scheme: QuantScheme, in_features: int) -> bool:
+    """Whether the Triton int kernels take a weight stored with `scheme`: their 128-wide k-tile must divide
+    the row and the group."""
+    from klconvert.kernels.int_linear import KT
+
+    group = in_features if scheme.group_size == -1 else scheme.group_size
+    return scheme.kind == "int" and in_features % KT == 0 and group % KT == 0
+
+
+class HeldPacked:
+    """The weights that stay packed on the device, in the shape of a Policy (`scheme_for`), for the memory plan."""
+
+    def __init__(self, schemes: dict[str, QuantScheme]):
+        self.schemes = schemes
+
+    def scheme_for(self, name: str, shape) -> QuantScheme | None:
+        return self.schemes.get(name)
+
+
 def use_triton(kernels: str, device: torch.device) -> bool:
     """Resolve --kernels: auto means Triton on CUDA, PyTorch elsewhere."""
     if kernels not in KERNEL_MODES:
@@ -63,15 +82,11 @@ class WeightLoader:
 
     def _int_parts(self, name: str) -> tuple[dict[str, torch.Tensor], QuantScheme] | None:
         """The packed int parts of `name` on the device, if the Triton kernels can take them."""
-        from klconvert.kernels.int_linear import KT
-
         found = self._packed(name) if (self.triton and self._packed) else None
         if found is None or found[1].kind != "int":
             return None
         parts, scheme = found
-        k = int(parts["weight_shape"][1])
-        group = k if scheme.group_size == -1 else scheme.group_size
-        if k % KT or group % KT:  # the kernel's k-tile must divide the row and the group
+        if not kernel_takes(scheme, int(parts["weight_shape"][1])):
             return None
         return {n: t.to(self.device) for n, t in parts.items()}, scheme
 
@@ -88,8 +103,9 @@ class WeightLoader:
                                                  None if scheme.group_size == -1 else scheme.group_size))
 
     def packed_experts(self, prefix: str, num_experts: int):
-        """The routed and shared experts of one MoE block as one kernels.PackedExperts, or None when the Triton
-        path is off or any expert is not packed alike (the model then runs its PyTorch expert loop)."""
+        """The routed experts of one MoE block as one kernels.PackedExperts -- with the shared expert stacked in
+        when it is stored alike -- or None when the Triton path is off or an expert is not packed as the others
+        (the model then runs its PyTorch expert loop)."""
         names = {"gate": "w1", "up": "w3", "down": "w2"}
         experts = []
         for e in range(num_experts):
@@ -97,13 +113,15 @@ class WeightLoader:
             if any(v is None for v in one.values()):
                 return None
             experts.append(one)
-        shared = {k: self._int_parts(f"{prefix}.shared_experts.{k}_proj.weight") for k in names}
-        schemes = {s for ex in experts + [shared] for v in ex.values() if v for s in [v[1]]}
-        if any(v is None for v in shared.values()) or len(schemes) != 1:
+        schemes = {v[1] for ex in experts for v in ex.values()}
+        if len(schemes) != 1:
             return None
+        scheme = schemes.pop()
+        shared = {k: self._int_parts(f"{prefix}.shared_experts.{k}_proj.weight") for k in names}
+        if any(v is None or v[1] != scheme for v in shared.values()):
+            shared = None  # the model runs it through its own linear layers
         from klconvert.kernels import repack_moe_experts
 
-        scheme = schemes.pop()
         return repack_moe_experts([{k: v[0] for k, v in ex.items()} for ex in experts],
-                                  shared={k: v[0] for k, v in shared.items()}, bits=scheme.bits,
-                                  group_size=None if scheme.group_size == -1 else scheme.group_size)
+                                  shared=None if shared is None else {k: v[0] for k, v in shared.items()},
+                                  bits=scheme.bits, group_size=None if scheme.group_size == -1 else scheme.group_size)

@@ -4,6 +4,8 @@ On a CPU this runs Triton's interpreter (TRITON_INTERPRET=1, set in conftest); o
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -71,3 +73,25 @@ def test_auto_picks_torch_without_cuda(quantized):
 def test_unknown_kernels_choice_is_refused(quantized):
     with pytest.raises(klconvert.KLError, match="--kernels 'cuda'"):
         klconvert.load(quantized, device="cpu", kernels="cuda")
+
+
+def test_plan_sizes_what_stays_packed(quantized):
+    ref = klconvert.load(quantized, device="cpu", max_context=32, kernels="torch")
+    tri = klconvert.load(quantized, device="cpu", max_context=32, kernels="triton")
+    assert tri.plan.weight_bytes["experts"] < ref.plan.weight_bytes["experts"] / 1.8   # packed vs dequantized
+    assert tri.plan.weight_bytes["embedding"] == ref.plan.weight_bytes["embedding"]
+
+
+def test_shared_expert_stored_otherwise_runs_beside_the_fused_moe(calm4, tmp_path):
+    """recipes/32gb.yaml keeps the shared expert at int8 while the routed ones are int4: the fused kernel takes
+    the routed stack alone and the shared expert runs through its own int8 layers."""
+    recipe = Path(__file__).parents[1] / "recipes" / "32gb.yaml"
+    out = quantize(calm4, tmp_path / "q", recipe=recipe, device="cpu", progress=False).path
+    ref = klconvert.load(out, device=DEVICE, dtype=DTYPE, max_context=16, kernels="torch")
+    tri = klconvert.load(out, device=DEVICE, dtype=DTYPE, max_context=16, kernels="triton")
+    moe = tri.model.blocks[1].ffn
+    assert moe.packed is not None and not moe.packed.has_shared and isinstance(moe.shared[0], TritonIntLinear)
+    ids = torch.randint(0, ref.config.vocab_size, (1, 5), device=DEVICE)
+    ref.forward(ids[:, :4])
+    tri.forward(ids[:, :4])
+    assert rel(tri.decode_step(ids[:, 4:], 4), ref.decode_step(ids[:, 4:], 4)) < TOLERANCE
