@@ -58,7 +58,9 @@ def test_greedy_generation_identical(pair):
     ids = torch.randint(0, ours.config.vocab_size, (1, 40))
     got = ours.generate(ids, max_new_tokens=32)
     with torch.no_grad():
-        ref = hf.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+        # an explicit mask: without one, generate masks every prompt token equal to pad_token_id
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
+                          eos_token_id=None, pad_token_id=ours.config.pad_token_id)
     assert got.shape == (1, 32)
     assert got.tolist() == ref[:, 40:].tolist()
 
