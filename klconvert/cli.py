@@ -1,7 +1,6 @@
 """The `klconvert` command: one verb per subcommand, each parsing its flags and calling one library function."""
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
@@ -9,21 +8,9 @@ import click
 
 from klconvert.errors import KLError
 from klconvert.hub import DEFAULT_REPO
+from klconvert.runtime.plan_report import parse_size
 
 DEFAULT_MODEL_DIR = "./Kimi-Linear-48B-A3B-Instruct-w4a16"  # where `pull-and-quantize --bits 4` writes
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(|B|KB|MB|GB|TB|KiB|MiB|GiB|TiB|K|M|G|T)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
-          "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """'80GiB', '24GB', '141G' (binary), '1000000' -> bytes."""
-    m = _SIZE.match(text)
-    if not m:
-        raise KLError(f"--gpu-memory {text!r}: give a size like 80GiB, 24GB or 141G")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="klconvert")
 def cli() -> None:

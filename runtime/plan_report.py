@@ -1,6 +1,7 @@
 """`klconvert plan`: build a MemoryPlan for a folder or a preset, from a recipe or --bits, and render it as a table."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -15,6 +16,17 @@ from klconvert.synth.presets import preset_config
 DEFAULT_CONTEXT = 131072
 MLA_CACHE_DTYPES = {"bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn}
 KDA_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(|B|KB|MB|GB|TB|KiB|MiB|GiB|TiB|K|M|G|T)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'80GiB', '24GB', '141G' (binary), '1000000' -> bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise KLError(f"--gpu-memory {text!r}: give a size like 80GiB, 24GB or 141G")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def _dtype_named(name: str, choices: dict[str, torch.dtype], what: str) -> torch.dtype:
@@ -25,8 +37,6 @@ def _dtype_named(name: str, choices: dict[str, torch.dtype], what: str) -> torch
 
 def _memory_bytes(value: str | int | float, where: str) -> int:
     """A recipe's gpu_memory: a size such as '48GiB' or '80GB', or a number of bytes."""
-    from klconvert.cli import parse_size
-
     if isinstance(value, str):
         try:
             return parse_size(value)
