@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
-import zlib
 
 import torch
 
@@ -25,6 +23,7 @@ from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.config import KimiLinearConfig
 from klconvert.quant import compress_weight, decompress_weight, policy_from_options
 from klconvert.runtime.engine import Engine
+from klconvert.synth.checkpoint import synth_values
 from klconvert.synth.presets import preset_config
 
 
@@ -32,7 +31,7 @@ RESIDUAL_OUTPUTS = ("o_proj.weight", "w2.weight", "down_proj.weight")
 
 
 def random_reader(config: KimiLinearConfig, device: str, seed: int = 0, calm: bool = False):
-    """A `read(name)` that makes each tensor on the GPU, scaled as `klconvert synth` scales them.
+    """A `read(name)` that makes each tensor on the GPU with `klconvert synth`'s values.
 
     Random routers have near ties, so bf16 rounding differences between two correct paths flip expert choices
     and move the logits by ~10%. `calm` pins each layer's experts with a wide margin and scales the residual
@@ -44,22 +43,11 @@ def random_reader(config: KimiLinearConfig, device: str, seed: int = 0, calm: bo
 
     def read(name: str) -> torch.Tensor:
         spec = specs[name]
-        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         if calm and name.endswith("e_score_correction_bias"):
             pinned = (torch.arange(k) + k * int(name.split(".")[2])) % spec.shape[0]
             return torch.zeros(spec.shape, device=device).index_fill_(0, pinned.to(device), 10.0)
-        if name.endswith("A_log"):
-            return torch.empty(spec.shape, device=device).uniform_(1.0, 16.0, generator=g).log()
-        if name.endswith("dt_bias"):
-            dt = torch.empty(spec.shape, device=device).uniform_(math.log(1e-3), math.log(1e-1), generator=g).exp()
-            return dt + torch.log(-torch.expm1(-dt))
-        if name.endswith("e_score_correction_bias"):
-            return torch.empty(spec.shape, device=device).uniform_(-0.2, 0.2, generator=g)
-        if spec.category == "norm":
-            return 1 + 0.1 * torch.randn(spec.shape, device=device, generator=g)
-        std = 1.0 if name.endswith("embed_tokens.weight") else 1 / math.sqrt(math.prod(spec.shape[1:]))
-        std *= 0.25 if calm and name.endswith(RESIDUAL_OUTPUTS) else 1.0
-        return (torch.randn(spec.shape, device=device, generator=g, dtype=torch.bfloat16) * std)
+        value = synth_values(spec, seed, device)
+        return value * 0.25 if calm and name.endswith(RESIDUAL_OUTPUTS) else value
 
     return read
 

@@ -39,26 +39,28 @@ def _dtype(name: str) -> torch.dtype:
 
 def _normal(shape: tuple[int, ...], g: torch.Generator, mean: float, std: float, dtype: torch.dtype) -> torch.Tensor:
     """N(mean, std^2) values made 16M at a time, so a large tensor never exists in fp32 as a whole."""
-    out = torch.empty(shape, dtype=dtype)
+    out = torch.empty(shape, dtype=dtype, device=g.device)
     flat = out.view(-1)
     step = 1 << 24
     for i in range(0, flat.numel(), step):
         n = min(step, flat.numel() - i)
-        flat[i:i + n] = (torch.randn(n, generator=g) * std + mean).to(dtype)
+        flat[i:i + n] = (torch.randn(n, generator=g, device=g.device) * std + mean).to(dtype)
     return out
 
 
-def _values(spec: TensorSpec, seed: int) -> torch.Tensor:
-    """Deterministic random values for one canonical tensor, in its stored dtype, scaled so activations stay O(1)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(spec.name.encode()))
+def synth_values(spec: TensorSpec, seed: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Deterministic random values for one canonical tensor, in its stored dtype, scaled so activations stay O(1).
+
+    Made on `device` (bench/engine.py makes real-size weights on the GPU this way)."""
+    g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(spec.name.encode()))
     name, shape, dtype = spec.name, spec.shape, _dtype(spec.name)
     if name.endswith("A_log"):
-        return torch.empty(shape).uniform_(1.0, 16.0, generator=g).log()
+        return torch.empty(shape, device=device).uniform_(1.0, 16.0, generator=g).log()
     if name.endswith("dt_bias"):
-        dt = torch.empty(shape).uniform_(math.log(1e-3), math.log(1e-1), generator=g).exp()
+        dt = torch.empty(shape, device=device).uniform_(math.log(1e-3), math.log(1e-1), generator=g).exp()
         return dt + torch.log(-torch.expm1(-dt))  # inverse softplus, as fla initialises it
     if name.endswith("e_score_correction_bias"):
-        return torch.empty(shape).uniform_(-0.2, 0.2, generator=g)
+        return torch.empty(shape, device=device).uniform_(-0.2, 0.2, generator=g)
     if spec.category == "norm":
         return _normal(shape, g, 1.0, 0.1, dtype)
     if name.endswith("embed_tokens.weight"):
@@ -67,7 +69,7 @@ def _values(spec: TensorSpec, seed: int) -> torch.Tensor:
 
 
 def _released_layout(expected: dict[str, TensorSpec], seed: int) -> list[PlannedTensor]:
-    return [PlannedTensor(s.name, _dtype(s.name), s.shape, lambda s=s: _values(s, seed))
+    return [PlannedTensor(s.name, _dtype(s.name), s.shape, lambda s=s: synth_values(s, seed))
             for s in expected.values()]
 
 
@@ -75,7 +77,7 @@ def _transformers_layout(expected: dict[str, TensorSpec], c: KimiLinearConfig, s
     """The native transformers port's layout, holding exactly the values of the released layout."""
     def make(*names: str, dim: int = 0, stack: bool = False):
         def build():
-            parts = [_values(expected[n], seed) for n in names]
+            parts = [synth_values(expected[n], seed) for n in names]
             return torch.stack(parts) if stack else torch.cat(parts, dim=dim)
         return build
 
