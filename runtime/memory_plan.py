@@ -13,6 +13,7 @@ import torch
 
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.config import KimiLinearConfig
+from klconvert.runtime.weights import held_in_fp32
 
 if TYPE_CHECKING:
     from klconvert.quant import Policy, QuantScheme
@@ -140,8 +141,6 @@ class MemoryPlan:
         )
 
 
-FP32_CATEGORIES = ("router", "norm")  # held in fp32 by the runtime whatever the weights' dtype
-FP32_SUFFIXES = ("A_log", "dt_bias")      # the KDA decay parameters, likewise
 NF4_CODE_BOOKS = (16 + 256) * 4           # bitsandbytes' quant_map and nested_quant_map, fp32, per module
 
 
@@ -173,7 +172,7 @@ def weight_bytes(config: KimiLinearConfig, dtype: torch.dtype, policy: Policy | 
         scheme = policy.scheme_for(spec.name, spec.shape) if policy is not None else None
         if scheme is not None:
             size = stored_bytes(spec.shape, scheme, dtype)
-        elif spec.category in FP32_CATEGORIES or spec.name.endswith(FP32_SUFFIXES):
+        elif held_in_fp32(spec.name, spec.category):
             size = math.prod(spec.shape) * 4
         else:
             size = math.prod(spec.shape) * DTYPE_BYTES[dtype]

@@ -87,7 +87,9 @@ class MLAMixer(nn.Module):
         self.kv_a = w.linear(f"{prefix}.kv_a_proj_with_mqa.weight")
         self.kv_norm = w.tensor(f"{prefix}.kv_a_layernorm.weight").float()
         self.kv_b = w.tensor(f"{prefix}.kv_b_proj.weight")   # [H*(dn+dv), r], dense: decode folds it into q and o
-        self.w_uk, self.w_uv = self.kv_b.view(self.H, self.dn + self.dv, self.r).split([self.dn, self.dv], dim=1)
+        # decode folds kv_b into the query (w_uk) and the output (w_uv); fp32 copies made once, not per step
+        w_uk, w_uv = self.kv_b.view(self.H, self.dn + self.dv, self.r).split([self.dn, self.dv], dim=1)
+        self.w_uk, self.w_uv = w_uk.float(), w_uv.float()                # [H, dn, r], [H, dv, r]
         self.o_proj = w.linear(f"{prefix}.o_proj.weight")
 
     def forward(self, x: torch.Tensor, state: StateBuffers, start: int, decode: bool) -> torch.Tensor:
@@ -120,11 +122,11 @@ class MLAMixer(nn.Module):
     def _absorbed(self, q, c_lat, c_key):
         """Decode: fold kv_b_proj into the query and the output, attend over the latent cache (MQA)."""
         q_nope, q_shared = q.split([self.dn, self.dr], dim=-1)              # [B, H, dn], [B, H, dr]
-        q_lat = torch.einsum("bhd,hdr->bhr", q_nope.float(), self.w_uk.float())
+        q_lat = torch.einsum("bhd,hdr->bhr", q_nope.float(), self.w_uk)
         scores = (torch.einsum("bhr,blr->bhl", q_lat, c_lat.float())
                   + torch.einsum("bhd,bld->bhl", q_shared.float(), c_key.float())) * self.scale
         o_lat = torch.einsum("bhl,blr->bhr", scores.softmax(dim=-1), c_lat.float())
-        return torch.einsum("bhr,hdr->bhd", o_lat, self.w_uv.float()).to(q.dtype)
+        return torch.einsum("bhr,hdr->bhd", o_lat, self.w_uv).to(q.dtype)
 
 
 class MoE(nn.Module):

@@ -12,7 +12,12 @@ from klconvert.errors import KLError
 from klconvert.quant import QuantScheme
 
 KERNEL_MODES = ("auto", "triton", "torch")
-KEEP_FP32 = ("A_log", "dt_bias", "e_score_correction_bias", "gate.weight")  # held in fp32 whatever the dtype
+KEEP_FP32 = ("A_log", "dt_bias", "e_score_correction_bias", "gate.weight")  # read in fp32 whatever the dtype
+
+
+def held_in_fp32(name: str, category: str) -> bool:
+    """Whether the runtime holds this tensor in fp32: those read so, and the norms (the model keeps fp32 copies)."""
+    return name.endswith(KEEP_FP32) or category == "norm"
 Packed = Callable[[str], "tuple[dict[str, torch.Tensor], QuantScheme] | None"]
 
 
