@@ -242,6 +242,76 @@ def eval_(model: Path, reference: Path, text_file: Path, max_tokens: int, device
     click.echo(render_eval(result, str(model), str(reference)))
 
 
+def _int_list(ctx, param, value: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give comma-separated whole numbers, e.g. 4096,131072") from None
+    if not out or min(out) < 1:
+        raise click.BadParameter(f"{value!r}: give comma-separated numbers of at least 1")
+    return out
+
+
+@cli.command()
+@click.option("--model", type=click.Path(path_type=Path), default=None,
+              help="A quantized checkpoint folder to time (its weights; caches filled with random values).")
+@click.option("--preset", type=click.Choice(["kimi-linear-48b"]), default=None,
+              help="Time the released shapes with random quantized weights made on the GPU.")
+@click.option("--layers", type=click.IntRange(min=1), default=None, help="With --preset: keep only N layers.")
+@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True,
+              help="With --preset: bits of the quantized layers (default policy, lm_head int8, group 128).")
+@click.option("--context", "contexts", default="4096", show_default=True, callback=_int_list,
+              help="Comma-separated contexts to decode at (cache rows already filled).")
+@click.option("--batch", "batches", default="1", show_default=True, callback=_int_list,
+              help="Comma-separated batch sizes.")
+@click.option("--mla-cache-dtype", type=click.Choice(["bfloat16", "float8_e4m3fn"]), default="bfloat16",
+              show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=16), default=128, show_default=True,
+              help="Decode steps timed per configuration.")
+@click.option("--check/--no-check", "check_depth", default=True, show_default=True,
+              help="Before timing: the Triton path against the PyTorch bf16 path at this depth (calm weights "
+                   "with a preset). The graph-vs-eager check always runs.")
+@click.option("--peer", type=click.Choice(["none", "transformers"]), default="none", show_default=True,
+              help="Also time transformers' KimiLinearForCausalLM (bf16, same config) in this call.")
+@click.option("--peer-layers", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Layers of the peer's model (a 27-layer bf16 model needs 98 GB).")
+@click.option("--json", "json_file", type=click.Path(path_type=Path), default=None, help="Write the results here.")
+def bench(model: Path | None, preset: str | None, layers: int | None, bits: str, contexts: list[int],
+          batches: list[int], mla_cache_dtype: str, new_tokens: int, check_depth: bool, peer: str, peer_layers: int,
+          json_file: Path | None) -> None:
+    """Decode speed on the GPU: checked first, then ms/token, tokens/s, memory and the bandwidth floor."""
+    import json
+
+    from klconvert import bench as B
+    from klconvert.config import KimiLinearConfig
+    from klconvert.synth.presets import preset_config
+
+    if (model is None) == (preset is None):
+        raise KLError("give exactly one of --model DIR or --preset kimi-linear-48b")
+    if preset is not None:
+        config = KimiLinearConfig.from_dict(preset_config(preset, layers))
+        weights = B.random_quantized_weights(config, int(bits), "cuda")
+        calm = B.random_quantized_weights(config, int(bits), "cuda", calm=True) if check_depth else None
+        label = f"int{bits} g128, lm_head int8"
+    else:
+        from klconvert.checkpoint.quantized import QuantizedSource
+        from klconvert.checkpoint.reader import Checkpoint
+
+        ckpt = Checkpoint(model)
+        config = ckpt.config
+        weights = B.Weights(ckpt.get, ckpt.packed,
+                            {n: s.scheme for n, s in ckpt.sources.items() if isinstance(s, QuantizedSource)})
+        calm, label = (weights if check_depth else None), str(model)
+    result = B.bench(config, weights, bits=label, contexts=contexts, batches=batches,
+                     mla_cache_dtype=mla_cache_dtype, new_tokens=new_tokens, calm_weights=calm,
+                     report=lambda line: click.echo(line, err=True))
+    if peer == "transformers":
+        result.peer = B.time_transformers(preset_config("kimi-linear-48b", peer_layers),
+                                          report=lambda line: click.echo(line, err=True))
+    if json_file is not None:
+        json_file.write_text(json.dumps(result.as_dict(), indent=1))
+
+
 def main() -> None:
     """Entry point: expected errors end in one line on stderr and exit status 2, with no traceback."""
     try:
