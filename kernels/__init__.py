@@ -2,12 +2,14 @@
 from .fused_moe import PackedExperts, fused_moe, repack_moe_experts
 from .int_linear import PackedLinear, int_linear, repack_int_weight
 from .kda_decode import kda_decode, kda_layer_step
+from .mla_decode import mla_decode, quantize_mla_cache_rows
 from .naive_int_linear import dequantize_int_weight, naive_int_linear
 from .naive_kda import naive_kda_decode, naive_kda_layer_step
+from .naive_mla import naive_mla_decode
 from .naive_moe import naive_fused_moe
 
 __all__ = [
     "PackedExperts", "PackedLinear", "dequantize_int_weight", "fused_moe", "int_linear", "kda_decode",
-    "kda_layer_step", "naive_fused_moe", "naive_int_linear", "naive_kda_decode", "naive_kda_layer_step",
-    "repack_int_weight", "repack_moe_experts",
+    "kda_layer_step", "mla_decode", "naive_fused_moe", "naive_int_linear", "naive_kda_decode", "naive_kda_layer_step",
+    "naive_mla_decode", "quantize_mla_cache_rows", "repack_int_weight", "repack_moe_experts",
 ]
