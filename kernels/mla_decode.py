@@ -138,6 +138,12 @@ def mla_decode_splits(batch: int, heads: int, max_len: int, device, *, block_h: 
                       triton.cdiv(max_len, min_split_tokens)))
 
 
+def _workspace(B, S, H, R, device):
+    """Per-split partial outputs [B, S, H, R] and log2-sum-exp2 [B, S, H], fp32; only active splits are written."""
+    return (torch.empty(B, S, H, R, device=device, dtype=torch.float32),
+            torch.empty(B, S, H, device=device, dtype=torch.float32))
+
+
 def _check(q_lat, q_rope, cache, lengths, cache_scale, out):
     if q_lat.dim() != 3 or q_rope.dim() != 3 or cache.dim() != 3:
         raise ValueError(f"mla_decode: q_lat [B, H, R], q_rope [B, H, Dr], cache [B, L, R + Dr] expected, got "
@@ -202,8 +208,7 @@ def mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale=None, *, out=No
     n_blocks_h = triton.cdiv(H, block_h)
     S = num_splits or mla_decode_splits(B, H, L_max, cache.device, block_h=block_h,
                                         min_split_tokens=min_split_tokens)
-    part_o = torch.empty(B, S, H, R, device=cache.device, dtype=torch.float32)
-    part_lse = torch.empty(B, S, H, device=cache.device, dtype=torch.float32)
+    part_o, part_lse = _workspace(B, S, H, R, cache.device)
     fp8 = cache_scale is not None
     mla_decode_fwd_kernel[(n_blocks_h, S, B)](
         q_lat, q_rope, cache, cache_scale if fp8 else cache, lengths, part_o, part_lse, scale * 1.4426950408889634,
