@@ -8,9 +8,10 @@ import triton.language as tl
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_SCALE_FLOOR = 1e-12  # an all-zero row still gets a positive scale (its values stay zero)
 H200_SMS = 132  # SM count assumed off CUDA (the interpreter), so CPU tests split the sequence as an H200 does
-# Launch shape per cache dtype, chosen from ptxas' register and shared-memory use on sm_90 (no spills, one tile of
-# >= 36 KB in flight per SM); bench/kernels.py times the alternatives.
-LAUNCH = {torch.bfloat16: dict(block_n=64, num_warps=8, num_stages=2),
+# Launch shape per cache dtype, chosen (untimed) from ptxas' report for sm_90: no register spills, every cache load
+# asynchronous, >= 36 KB of cache in flight per SM (bf16: 193 registers, 188 KB shared; fp8: 216 registers,
+# 109 KB). bench/kernels.py --only mla times these against the neighbouring shapes.
+LAUNCH = {torch.bfloat16: dict(block_n=64, num_warps=8, num_stages=3),
           torch.float8_e4m3fn: dict(block_n=32, num_warps=8, num_stages=3)}
 
 
@@ -70,8 +71,14 @@ def mla_decode_fwd_kernel(q_lat, q_rope, cache, cache_scale, lengths, part_o, pa
             mask_n = offs_n < end  # rows past the split or the length are never read
             c = tl.load(p_c + offs_n[:, None] * stride_cl + offs_r[None, :], mask=mask_n[:, None], other=0.0)
             kr = tl.load(p_c + offs_n[:, None] * stride_cl + R + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-            c = c.to(tl.bfloat16)  # [BLOCK_N, R]: exact for fp8 e4m3 (its scale is applied per token below)
-            s = tl.dot(q, tl.trans(c))
+            if FP8:  # the scores read the tile again (an L2 hit): one shared-memory layout per copy keeps both
+                # copies asynchronous (one fp8 tile serving both dots is loaded synchronously by Triton 3.9)
+                ck = tl.load(p_c + offs_n[:, None] * stride_cl + offs_r[None, :], mask=mask_n[:, None], other=0.0,
+                             eviction_policy="evict_first")
+            else:
+                ck = c
+            # fp8 e4m3 -> bf16 is exact; the per-token scale is applied to the scores and probabilities below
+            s = tl.dot(q, tl.trans(ck.to(tl.bfloat16)))
             s = tl.dot(qr, tl.trans(kr.to(tl.bfloat16)), s)  # [BLOCK_H, BLOCK_N] fp32
             if FP8:
                 sc = tl.load(cache_scale + i_b * stride_sb + offs_n, mask=mask_n, other=0.0)
@@ -85,7 +92,7 @@ def mla_decode_fwd_kernel(q_lat, q_rope, cache, cache_scale, lengths, part_o, pa
             l = l * alpha + tl.sum(p, axis=1)
             if FP8:
                 p = p * sc[None, :]  # sum_l p_l (scale_l c8_l) = (p * scale) c8
-            acc = tl.dot(p.to(tl.bfloat16), c, acc * alpha[:, None])
+            acc = tl.dot(p.to(tl.bfloat16), c.to(tl.bfloat16), acc * alpha[:, None])
             m = m_new
         row = (i_b * n_splits + i_s) * H + offs_h  # workspace rows [B, S, H]
         tl.store(part_o + row[:, None] * R + offs_r[None, :], acc / l[:, None], mask=mask_h[:, None])
