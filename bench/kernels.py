@@ -352,7 +352,7 @@ def bench_mla():
 
 
 def mla_variants(tag, call, nbytes, peer):
-    """Launch shapes around the defaults (kernels/mla_decode.py LAUNCH), and the split count (waves of programs)."""
+    """Launch shapes around the defaults (kernels/mla_decode.py LAUNCHES), and the split count (waves of programs)."""
     shapes = [(32, 32, 8, 2), (32, 32, 8, 3), (32, 64, 8, 2), (32, 64, 8, 3), (32, 128, 8, 2), (32, 64, 16, 2),
               (16, 64, 4, 2), (16, 32, 4, 3)]  # (block_h, block_n, num_warps, num_stages)
     for block_h, block_n, warps, stages in shapes:

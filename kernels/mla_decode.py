@@ -1,4 +1,4 @@
-"""MLA decode in the absorbed form: MQA of every head's latent query over the cached 576-value rows, split over the sequence (flash-decoding), bf16 or fp8 e4m3 cache."""
+"""MLA decode, absorbed form: every head's latent query over the cached latent rows (MQA), split over the sequence."""
 import functools
 
 import torch
@@ -8,11 +8,15 @@ import triton.language as tl
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_SCALE_FLOOR = 1e-12  # an all-zero row still gets a positive scale (its values stay zero)
 H200_SMS = 132  # SM count assumed off CUDA (the interpreter), so CPU tests split the sequence as an H200 does
-# Launch shape per cache dtype, chosen (untimed) from ptxas' report for sm_90: no register spills, every cache load
-# asynchronous, >= 36 KB of cache in flight per SM (bf16: 193 registers, 188 KB shared; fp8: 216 registers,
-# 109 KB). bench/kernels.py --only mla times these against the neighbouring shapes.
-LAUNCH = {torch.bfloat16: dict(block_n=64, num_warps=8, num_stages=3),
-          torch.float8_e4m3fn: dict(block_n=32, num_warps=8, num_stages=3)}
+# Default launch shapes per cache dtype, best first, each with the shared memory it needs at R=512; the first that fits
+# the GPU's per-block limit is used (H100/H200: the first). Chosen (untimed) from ptxas' report for sm_90: no register
+# spills, every cache load asynchronous, >= 36 KB of cache in flight per SM (bf16: 193 registers; fp8: 216).
+# bench/kernels.py --only mla times them against the neighbouring shapes.
+LAUNCHES = {torch.bfloat16: [(188416, dict(block_n=64, num_warps=8, num_stages=3)),
+                             (114688, dict(block_n=64, num_warps=8, num_stages=2)),
+                             (75776, dict(block_n=32, num_warps=8, num_stages=2))],
+            torch.float8_e4m3fn: [(108800, dict(block_n=32, num_warps=8, num_stages=3)),
+                                  (73856, dict(block_n=32, num_warps=8, num_stages=2))]}
 
 
 def quantize_mla_cache_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,9 +45,9 @@ def mla_decode_fwd_kernel(q_lat, q_rope, cache, cache_scale, lengths, part_o, pa
                           stride_qb, stride_qh, stride_rb, stride_rh, stride_cb, stride_cl, stride_sb,
                           R: tl.constexpr, DR: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                           MIN_SPLIT: tl.constexpr, FP8: tl.constexpr):
-    """One (head block, split, sequence) per program. Each cache tile [BLOCK_N, R + Dr] is loaded once and serves
-    the whole head block: heads are the M dim of both dots (scores = q c^T, o += p c). Online softmax in base 2
-    (qk_scale carries log2 e); writes the split's normalized o [BLOCK_H, R] and its log2-sum-exp2."""
+    """One (head block, split, sequence) per program. Each cache tile [BLOCK_N, R + Dr] is read from HBM once and
+    serves the whole head block: heads are the M dim of both dots (scores = q c^T, o += p c). Online softmax in base
+    2 (qk_scale carries log2 e); writes the split's normalized o [BLOCK_H, R] and its log2-sum-exp2."""
     i_h = tl.program_id(0)
     i_s = tl.program_id(1)
     i_b = tl.program_id(2).to(tl.int64)
@@ -136,6 +140,19 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else H200_SMS
 
 
+@functools.lru_cache(maxsize=None)
+def _default_launch(dtype: torch.dtype, device: torch.device) -> dict:
+    """The first of LAUNCHES[dtype] whose shared memory fits one block on this GPU (off CUDA: the first)."""
+    if device.type != "cuda":
+        return LAUNCHES[dtype][0][1]
+    props = torch.cuda.get_device_properties(device)
+    if dtype == torch.float8_e4m3fn and (props.major, props.minor) < (8, 9):
+        raise ValueError(f"mla_decode: a float8_e4m3fn cache needs compute capability >= 8.9, {props.name} has "
+                         f"{props.major}.{props.minor}; use a bfloat16 cache")
+    limit = getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_multiprocessor - 1024)
+    return next((launch for need, launch in LAUNCHES[dtype] if need <= limit), LAUNCHES[dtype][-1][1])
+
+
 def mla_decode_splits(batch: int, heads: int, max_len: int, device, *, block_h: int = 32,
                       min_split_tokens: int = 256, waves: int = 2) -> int:
     """Splits of the sequence per (sequence, head block): enough programs for `waves` per SM when the cache is
@@ -168,7 +185,7 @@ def _check(q_lat, q_rope, cache, lengths, cache_scale, out):
         if t.dtype not in (torch.bfloat16, torch.float32) or t.stride(-1) != 1:
             raise ValueError(f"{where}: {name} must be bf16 or fp32 with a contiguous last dim, got {t.dtype} "
                              f"strides {t.stride()}")
-    if cache.dtype not in LAUNCH or cache.stride(-1) != 1:
+    if cache.dtype not in LAUNCHES or cache.stride(-1) != 1:
         raise ValueError(f"{where}: cache must be bf16 or float8_e4m3fn with a contiguous last dim, got "
                          f"{cache.dtype} strides {cache.stride()}")
     if cache.shape[1] * cache.stride(1) >= 2**31:
@@ -202,14 +219,14 @@ def mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale=None, *, out=No
     Two launches, fixed shapes (no host sync; CUDA-graph safe): the splits (grid head blocks x splits x B, each
     writing a partial o and log-sum-exp to a workspace allocated per call, fp32 [B, S, H, R + 1]), then the merge.
     Tuning: block_h heads per program (32: the model's H, so each cache tile is read once), block_n tokens per tile,
-    num_warps / num_stages (defaults per cache dtype: LAUNCH), min_split_tokens, num_splits (default
+    num_warps / num_stages (defaults per cache dtype and GPU: LAUNCHES), min_split_tokens, num_splits (default
     mla_decode_splits: two waves of programs over the GPU's SMs at long context).
     """
     _check(q_lat, q_rope, cache, lengths, cache_scale, out)
     B, H, R = q_lat.shape
     Dr = q_rope.shape[-1]
     L_max = cache.shape[1]
-    launch = LAUNCH[cache.dtype]
+    launch = _default_launch(cache.dtype, cache.device)
     block_n = block_n or launch["block_n"]
     block_h = max(16, triton.next_power_of_2(min(block_h, H)))  # a tl.dot needs M >= 16
     n_blocks_h = triton.cdiv(H, block_h)

@@ -1,4 +1,4 @@
-"""Plain-PyTorch fp32 twin of mla_decode: each sequence's first `length` cache rows, dequantized, softmax, weighted sum."""
+"""Plain-PyTorch fp32 twin of mla_decode: per sequence, its first `length` cache rows, dequantized, attended."""
 import torch
 
 
