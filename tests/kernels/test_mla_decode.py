@@ -7,6 +7,7 @@ import torch
 from helpers import DEVICE, GPU, assert_close, poisoned
 
 from klconvert.kernels import mla_decode, naive_mla_decode, quantize_mla_cache_rows
+from klconvert.kernels.mla_decode import mla_decode_splits
 
 mla = importlib.import_module("klconvert.kernels.mla_decode")  # the module (the package attribute is the function)
 
@@ -32,10 +33,16 @@ def queries(B, H, R, Dr, dtype, device=DEVICE):
 
 @pytest.fixture
 def poisoned_workspace(monkeypatch):
-    """The split workspace starts as NaN: reading a split that did not run fails the bounds."""
-    monkeypatch.setattr(mla, "_workspace", lambda B, S, H, R, device: (
-        poisoned(B, S, H, R, dtype=torch.float32, device=device), poisoned(B, S, H, dtype=torch.float32,
-                                                                           device=device)))
+    """The split workspace starts as NaN: reading a split that did not run fails the bounds. Returns the list of
+    workspaces handed out, (part_o, part_lse) per call."""
+    handed = []
+
+    def workspace(B, S, H, R, device):
+        handed.append((poisoned(B, S, H, R, dtype=torch.float32, device=device),
+                       poisoned(B, S, H, dtype=torch.float32, device=device)))
+        return handed[-1]
+    monkeypatch.setattr(mla, "_workspace", workspace)
+    return handed
 
 
 # (block_n, min_split_tokens, num_splits): splits from the default rule (10 of 32 tokens for 300), a forced split
@@ -65,6 +72,27 @@ def test_mla_decode_head_blocks_and_strided_inputs(poisoned_workspace):
     q = torch.randn(B, H, R + Dr + 8, device=DEVICE)
     q_lat, q_rope = q[..., :R], q[..., R:R + Dr]
     o = mla_decode(q_lat, q_rope, cache, lengths, SCALE, block_h=16, block_n=16, min_split_tokens=16)
+    assert_close(o, naive_mla_decode(q_lat, q_rope, cache, lengths, SCALE), BOUND, "o_lat")
+
+
+def test_split_counts():
+    """One 1M sequence fills an H200 (two waves of its 132 SMs); a 4K cache is not over-split."""
+    assert mla_decode_splits(1, 32, 1 << 20, "cpu") == 264
+    assert mla_decode_splits(4, 32, 1 << 20, "cpu") == 66
+    assert mla_decode_splits(1, 32, 4096, "cpu") == 16
+    assert mla_decode_splits(1, 32, 100, "cpu") == 1
+
+
+def test_short_length_in_a_long_cache_runs_few_splits(poisoned_workspace):
+    """Splits are sized from the device length: 300 tokens in a 4096-token cache run 5 splits of 64, not 64 of 5."""
+    B, H, R, Dr, L_max = 2, 4, 64, 16, 4096
+    lengths = torch.tensor([300, L_max], dtype=torch.int32, device=DEVICE)
+    cache, _ = make_cache(B, L_max, lengths, R + Dr, False)
+    q_lat, q_rope = queries(B, H, R, Dr, torch.float32)
+    o = mla_decode(q_lat, q_rope, cache, lengths, SCALE, block_n=16, min_split_tokens=64)
+    _, part_lse = poisoned_workspace[-1]
+    assert part_lse.shape[1] == 64
+    assert (~part_lse.isnan()).sum(1).tolist() == [[5] * H, [64] * H]
     assert_close(o, naive_mla_decode(q_lat, q_rope, cache, lengths, SCALE), BOUND, "o_lat")
 
 
