@@ -1,5 +1,6 @@
 """MLA decode, absorbed form: every head's latent query over the cached latent rows (MQA), split over the sequence."""
 import functools
+import math
 
 import torch
 import triton
@@ -7,6 +8,7 @@ import triton.language as tl
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_SCALE_FLOOR = 1e-12  # an all-zero row still gets a positive scale (its values stay zero)
+LOG2E = math.log2(math.e)  # the kernel's softmax runs in base 2
 H200_SMS = 132  # SM count assumed off CUDA (the interpreter), so CPU tests split the sequence as an H200 does
 # Default launch shapes per cache dtype, best first, each with the shared memory it needs at R=512; the first that fits
 # the GPU's per-block limit is used (H100/H200: the first). Chosen (untimed) from ptxas' report for sm_90: no register
@@ -216,8 +218,9 @@ def mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale=None, *, out=No
     scores = (q_lat . c_lat + q_rope . k_rope) * scale, softmax over the valid tokens, o = p @ c_lat.
     Returns o_lat fp32 [B, H, R] (into `out` if given).
 
-    Two launches, fixed shapes (no host sync; CUDA-graph safe): the splits (grid head blocks x splits x B, each
-    writing a partial o and log-sum-exp to a workspace allocated per call, fp32 [B, S, H, R + 1]), then the merge.
+    Two launches, fixed shapes (no host sync; CUDA-graph safe): the splits (grid head blocks x S splits x B, each
+    writing its partial o and log-sum-exp to a workspace allocated per call: fp32 [B, S, H, R] and [B, S, H]; inside
+    a CUDA graph the graph's pool keeps it), then the merge.
     Tuning: block_h heads per program (32: the model's H, so each cache tile is read once), block_n tokens per tile,
     num_warps / num_stages (defaults per cache dtype and GPU: LAUNCHES), min_split_tokens, num_splits (default
     mla_decode_splits: two waves of programs over the GPU's SMs at long context).
@@ -235,7 +238,7 @@ def mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale=None, *, out=No
     part_o, part_lse = _workspace(B, S, H, R, cache.device)
     fp8 = cache_scale is not None
     mla_decode_fwd_kernel[(n_blocks_h, S, B)](
-        q_lat, q_rope, cache, cache_scale if fp8 else cache, lengths, part_o, part_lse, scale * 1.4426950408889634,
+        q_lat, q_rope, cache, cache_scale if fp8 else cache, lengths, part_o, part_lse, scale * LOG2E,
         H, L_max, q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), cache.stride(0),
         cache.stride(1), cache_scale.stride(0) if fp8 else 0, R=R, DR=Dr, BLOCK_H=block_h, BLOCK_N=block_n,
         MIN_SPLIT=min_split_tokens, FP8=fp8, num_warps=num_warps or launch["num_warps"],
