@@ -344,20 +344,24 @@ def bench_mla():
             if ok:
                 record(tag, timed(call), nbytes, peer)
                 if n == MLA_CONTEXTS[-1]:
-                    mla_variants(tag, call, nbytes, peer)
+                    mla_variants(tag, call, nbytes, peer, fp8)
             if peer_ok:
                 record(peer, timed(lambda: mla_peer(q_lat, q_rope, *pick(), n)), nbytes)
             del copies
             torch.cuda.empty_cache()
 
 
-def mla_variants(tag, call, nbytes, peer):
-    """Launch shapes around the defaults (kernels/mla_decode.py LAUNCHES), and the split count (waves of programs)."""
+def mla_variants(tag, call, nbytes, peer, fp8):
+    """Launch shapes around the defaults (kernels/mla_decode.py LAUNCHES), the scores with tokens as the M dim (bf16:
+    the one spill-free shape for it), and the split count (waves of programs)."""
     shapes = [(32, 32, 8, 2), (32, 32, 8, 3), (32, 64, 8, 2), (32, 64, 8, 3), (32, 128, 8, 2), (32, 64, 16, 2),
               (16, 64, 4, 2), (16, 32, 4, 3)]  # (block_h, block_n, num_warps, num_stages)
     for block_h, block_n, warps, stages in shapes:
         record(f"{tag} [block_h {block_h}, block_n {block_n}, {warps} warps, {stages} stages]",
                timed(lambda: call(block_h=block_h, block_n=block_n, num_warps=warps, num_stages=stages)), nbytes, peer)
+    if not fp8:
+        record(f"{tag} [scores tokens-as-M, block_n 128, 8 warps, 2 stages]",
+               timed(lambda: call(block_n=128, num_warps=8, num_stages=2, qk_tokens_as_m=True)), nbytes, peer)
     for waves in (1, 4, 8):
         S = mla_decode_splits(1, MLA_H, MLA_CONTEXTS[-1], DEV, waves=waves)
         record(f"{tag} [{waves} waves: {S} splits]", timed(lambda: call(num_splits=S)), nbytes, peer)

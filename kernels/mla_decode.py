@@ -46,7 +46,7 @@ def _clamped_length(lengths, i_b, L_max):
 def mla_decode_fwd_kernel(q_lat, q_rope, cache, cache_scale, lengths, part_o, part_lse, qk_scale, H, L_max,
                           stride_qb, stride_qh, stride_rb, stride_rh, stride_cb, stride_cl, stride_sb,
                           R: tl.constexpr, DR: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                          MIN_SPLIT: tl.constexpr, FP8: tl.constexpr):
+                          MIN_SPLIT: tl.constexpr, FP8: tl.constexpr, TOKENS_M: tl.constexpr):
     """One (head block, split, sequence) per program. Each cache tile [BLOCK_N, R + Dr] is read from HBM once and
     serves the whole head block: heads are the M dim of both dots (scores = q c^T, o += p c). Online softmax in base
     2 (qk_scale carries log2 e); writes the split's normalized o [BLOCK_H, R] and its log2-sum-exp2."""
@@ -68,6 +68,9 @@ def mla_decode_fwd_kernel(q_lat, q_rope, cache, cache_scale, lengths, part_o, pa
                     other=0.0).to(tl.bfloat16)  # [BLOCK_H, R]
         qr = tl.load(q_rope + i_b * stride_rb + offs_h[:, None] * stride_rh + offs_d[None, :], mask=mask_h[:, None],
                      other=0.0).to(tl.bfloat16)  # [BLOCK_H, DR]
+        if TOKENS_M:  # [R, BLOCK_H], [DR, BLOCK_H]
+            q = tl.trans(q)
+            qr = tl.trans(qr)
         acc = tl.zeros([BLOCK_H, R], dtype=tl.float32)
         m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         l = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -84,8 +87,11 @@ def mla_decode_fwd_kernel(q_lat, q_rope, cache, cache_scale, lengths, part_o, pa
             else:
                 ck = c
             # fp8 e4m3 -> bf16 is exact; the per-token scale is applied to the scores and probabilities below
-            s = tl.dot(q, tl.trans(ck.to(tl.bfloat16)))
-            s = tl.dot(qr, tl.trans(kr.to(tl.bfloat16)), s)  # [BLOCK_H, BLOCK_N] fp32
+            if TOKENS_M:  # scores^T = c q^T: tokens are the M dim (Hopper's wgmma when BLOCK_N >= 64)
+                s = tl.trans(tl.dot(kr.to(tl.bfloat16), qr, tl.dot(ck.to(tl.bfloat16), q)))
+            else:
+                s = tl.dot(q, tl.trans(ck.to(tl.bfloat16)))
+                s = tl.dot(qr, tl.trans(kr.to(tl.bfloat16)), s)  # [BLOCK_H, BLOCK_N] fp32
             if FP8:
                 sc = tl.load(cache_scale + i_b * stride_sb + offs_n, mask=mask_n, other=0.0)
                 s = s * (sc * qk_scale)[None, :]
@@ -207,7 +213,7 @@ def _check(q_lat, q_rope, cache, lengths, cache_scale, out):
 
 
 def mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale=None, *, out=None, block_h=32, block_n=None,
-               num_warps=None, num_stages=None, min_split_tokens=256, num_splits=None):
+               num_warps=None, num_stages=None, min_split_tokens=256, num_splits=None, qk_tokens_as_m=False):
     """Absorbed MLA attention for one query token per sequence.
 
     q_lat [B, H, R]: the query folded into the latent (q_nope @ W_uk); q_rope [B, H, Dr]: the query's shared-key
@@ -223,7 +229,8 @@ def mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale=None, *, out=No
     a CUDA graph the graph's pool keeps it), then the merge.
     Tuning: block_h heads per program (32: the model's H, so each cache tile is read once), block_n tokens per tile,
     num_warps / num_stages (defaults per cache dtype and GPU: LAUNCHES), min_split_tokens, num_splits (default
-    mla_decode_splits: two waves of programs over the GPU's SMs at long context).
+    mla_decode_splits: two waves of programs over the GPU's SMs at long context), qk_tokens_as_m (scores as c q^T:
+    wgmma on Hopper for the score product; spill-free at block_n 128 / 8 warps / 2 stages with a bf16 cache).
     """
     _check(q_lat, q_rope, cache, lengths, cache_scale, out)
     B, H, R = q_lat.shape
@@ -241,7 +248,7 @@ def mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale=None, *, out=No
         q_lat, q_rope, cache, cache_scale if fp8 else cache, lengths, part_o, part_lse, scale * LOG2E,
         H, L_max, q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), cache.stride(0),
         cache.stride(1), cache_scale.stride(0) if fp8 else 0, R=R, DR=Dr, BLOCK_H=block_h, BLOCK_N=block_n,
-        MIN_SPLIT=min_split_tokens, FP8=fp8, num_warps=num_warps or launch["num_warps"],
+        MIN_SPLIT=min_split_tokens, FP8=fp8, TOKENS_M=qk_tokens_as_m, num_warps=num_warps or launch["num_warps"],
         num_stages=num_stages or launch["num_stages"])
     o = out if out is not None else torch.empty(B, H, R, device=cache.device, dtype=torch.float32)
     block_r = min(R, 128)

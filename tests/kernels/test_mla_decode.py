@@ -45,21 +45,23 @@ def poisoned_workspace(monkeypatch):
     return handed
 
 
-# (block_n, min_split_tokens, num_splits): splits from the default rule (10 of 32 tokens for 300), a forced split
-# count whose chunk (80) is not a multiple of the length's tiles, one split for everything, the default launch
-SPLITS = [(16, 32, None), (16, 16, 4), (32, 16, 1), (None, 256, None)]
+# (block_n, min_split_tokens, num_splits, qk_tokens_as_m): splits from the default rule (10 of 32 tokens for 300), a
+# forced split count whose chunk (80) is not a multiple of the length's tiles, one split for everything, the default
+# launch, the scores with tokens as the M dim
+SPLITS = [(16, 32, None, False), (16, 16, 4, False), (32, 16, 1, False), (None, 256, None, False),
+          (64, 64, None, True)]
 
 
-@pytest.mark.parametrize("block_n, min_split, num_splits", SPLITS)
+@pytest.mark.parametrize("block_n, min_split, num_splits, tokens_m", SPLITS)
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
-def test_mla_decode(block_n, min_split, num_splits, fp8, q_dtype, poisoned_workspace):
+def test_mla_decode(block_n, min_split, num_splits, tokens_m, fp8, q_dtype, poisoned_workspace):
     B, H, R, Dr, L_max = 3, 5, 64, 16, 320
     lengths = torch.tensor([1, 37, 300], dtype=torch.int32, device=DEVICE)
     cache, scale = make_cache(B, L_max, lengths, R + Dr, fp8)
     q_lat, q_rope = queries(B, H, R, Dr, q_dtype)
     o = mla_decode(q_lat, q_rope, cache, lengths, SCALE, scale, out=poisoned(B, H, R, dtype=torch.float32),
-                   block_n=block_n, min_split_tokens=min_split, num_splits=num_splits)
+                   block_n=block_n, min_split_tokens=min_split, num_splits=num_splits, qk_tokens_as_m=tokens_m)
     assert_close(o, naive_mla_decode(q_lat, q_rope, cache, lengths, SCALE, scale), BOUND, "o_lat")
 
 
@@ -153,11 +155,12 @@ H, R, DR = 32, 512, 64
 HEADS = [0, 9, 22, 31]  # the twin's sample at long context
 
 
-def real_case(lengths, L_max, fp8, heads=None):
+def real_case(lengths, L_max, fp8, heads=None, **launch):
     lengths = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
     cache, scale = make_cache(len(lengths), L_max, lengths, R + DR, fp8)
     q_lat, q_rope = queries(len(lengths), H, R, DR, torch.bfloat16)
-    o = mla_decode(q_lat, q_rope, cache, lengths, SCALE, scale, out=poisoned(len(lengths), H, R, dtype=torch.float32))
+    o = mla_decode(q_lat, q_rope, cache, lengths, SCALE, scale, out=poisoned(len(lengths), H, R, dtype=torch.float32),
+                   **launch)
     heads = slice(None) if heads is None else heads
     ref = naive_mla_decode(q_lat[:, heads], q_rope[:, heads], cache, lengths, SCALE, scale)
     assert_close(o[:, heads], ref, BOUND, "o_lat")
@@ -167,6 +170,11 @@ def real_case(lengths, L_max, fp8, heads=None):
 @pytest.mark.parametrize("fp8", [False, True])
 def test_mla_decode_real_shapes_4k(fp8):
     real_case([4096], 4096, fp8)
+
+
+@GPU
+def test_mla_decode_real_shapes_tokens_as_m():
+    real_case([100003], 100003, False, block_n=128, num_warps=8, num_stages=2, qk_tokens_as_m=True)
 
 
 @GPU
