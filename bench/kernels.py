@@ -328,43 +328,47 @@ def bench_mla():
                 rows = torch.randn(1, n, MLA_R + MLA_DR, device=DEV, dtype=torch.bfloat16)
                 return quantize_mla_cache_rows(rows) if fp8 else (rows, None)
 
-            def call(**launch):
-                cache, cache_scale = pick()
+            def call(copy=None, **launch):  # the next rotating copy, or the given one
+                cache, cache_scale = copy or pick()
                 return mla_decode(q_lat, q_rope, cache, lengths, MLA_SCALE, cache_scale, **launch)
 
             nbytes = n * (MLA_R + MLA_DR) * (1 if fp8 else 2) + (n * 4 if fp8 else 0)  # the cache (+ scales) read
             copies, pick = rotating(make, nbytes)
-            cache, cache_scale = copies[0]
             kind = f"B=1 ctx={n} {'fp8' if fp8 else 'bf16'} cache"
             tag, peer = f"mla_decode {kind}", f"torch absorbed MLA {kind}"
-            ref = naive_mla_decode(q_lat, q_rope, cache, lengths, MLA_SCALE, cache_scale)
-            ok = check(tag, mla_decode(q_lat, q_rope, cache, lengths, MLA_SCALE, cache_scale), ref, 5e-3)
-            peer_ok = check(peer, mla_peer(q_lat, q_rope, cache, cache_scale, n), ref, 3e-2)
-            del ref, cache, cache_scale
-            if ok:
+            cache, cache_scale = copies[0]
+            ref = naive_mla_decode(q_lat, q_rope, cache, lengths, MLA_SCALE, cache_scale)  # [1, H, R] fp32
+
+            def checked(name, **launch):
+                return check(name, call(copies[0], **launch), ref, 5e-3)
+            peer_ok = check(peer, mla_peer(q_lat, q_rope, *copies[0], n), ref, 3e-2)
+            if checked(tag):
                 record(tag, timed(call), nbytes, peer)
                 if n == MLA_CONTEXTS[-1]:
-                    mla_variants(tag, call, nbytes, peer, fp8)
+                    mla_variants(tag, call, checked, nbytes, peer, fp8)
             if peer_ok:
                 record(peer, timed(lambda: mla_peer(q_lat, q_rope, *pick(), n)), nbytes)
             del copies
             torch.cuda.empty_cache()
 
 
-def mla_variants(tag, call, nbytes, peer, fp8):
+def mla_variants(tag, call, checked, nbytes, peer, fp8):
     """Launch shapes around the defaults (kernels/mla_decode.py LAUNCHES), the scores with tokens as the M dim (bf16:
-    the one spill-free shape for it), and the split count (waves of programs)."""
+    the one spill-free shape for it), and the split count (waves of programs); each checked before it is timed."""
     shapes = [(32, 32, 8, 2), (32, 32, 8, 3), (32, 64, 8, 2), (32, 64, 8, 3), (32, 128, 8, 2), (32, 64, 16, 2),
               (16, 64, 4, 2), (16, 32, 4, 3)]  # (block_h, block_n, num_warps, num_stages)
-    for block_h, block_n, warps, stages in shapes:
-        record(f"{tag} [block_h {block_h}, block_n {block_n}, {warps} warps, {stages} stages]",
-               timed(lambda: call(block_h=block_h, block_n=block_n, num_warps=warps, num_stages=stages)), nbytes, peer)
+    variants = {f"block_h {h}, block_n {n}, {w} warps, {st} stages": dict(block_h=h, block_n=n, num_warps=w,
+                                                                          num_stages=st) for h, n, w, st in shapes}
     if not fp8:
-        record(f"{tag} [scores tokens-as-M, block_n 128, 8 warps, 2 stages]",
-               timed(lambda: call(block_n=128, num_warps=8, num_stages=2, qk_tokens_as_m=True)), nbytes, peer)
+        variants["scores tokens-as-M, block_n 128, 8 warps, 2 stages"] = dict(block_n=128, num_warps=8, num_stages=2,
+                                                                              qk_tokens_as_m=True)
     for waves in (1, 4, 8):
         S = mla_decode_splits(1, MLA_H, MLA_CONTEXTS[-1], DEV, waves=waves)
-        record(f"{tag} [{waves} waves: {S} splits]", timed(lambda: call(num_splits=S)), nbytes, peer)
+        variants[f"{waves} waves: {S} splits"] = dict(num_splits=S)
+    for what, launch in variants.items():
+        name = f"{tag} [{what}]"
+        if checked(name, **launch):
+            record(name, timed(lambda: call(**launch)), nbytes, peer)
 
 
 def copy_ceiling():
