@@ -153,7 +153,7 @@ def bench_kda():
                                                      dt_bias=dt_bias, block_v=bv))
                         record(f"kda_decode B={B} fp32 state, block_v {bv}", t, 2 * sbytes,
                                f"fla fused_recurrent_kda B={B}")
-            del copies, cache, cache_scale
+            del copies
 
 
 def bench_fla():
@@ -204,7 +204,7 @@ def bench_linear():
                         y = torch.empty(m, n, device=DEV, dtype=x.dtype)
                         t = timed(lambda: int_gemv_fwd(x, pick(), y, block_n=bn, split_k=split, num_warps=warps))
                         record(f"{tag} [block_n {bn}, {warps} warps, split_k {split or 'auto'}]", t, moved, peer)
-            del copies, cache, cache_scale
+            del copies
         bench_linear_peers(name, n, k)
 
 
