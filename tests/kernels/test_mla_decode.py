@@ -132,7 +132,8 @@ def test_quantize_mla_cache_rows():
     amax = values.float().abs().amax(-1)
     assert torch.equal(amax[scale > 1e-10], torch.full_like(amax[scale > 1e-10], 448.0))  # each row's largest -> 448
     ref = rows.to(torch.bfloat16).float()
-    assert ((back - ref).abs() <= ref.abs().amax(-1, keepdim=True) / 448 * 2 ** -3 + ref.abs() * 2 ** -4).all()
+    # e4m3: half an ulp is 2^-4 relative for normals, 2^-10 of the scale for subnormals
+    assert ((back - ref).abs() <= ref.abs().amax(-1, keepdim=True) / 448 * 2 ** -9 + ref.abs() * 2 ** -4).all()
     assert_close(back, ref, 4e-2, "fp8 round trip")
 
 
