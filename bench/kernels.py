@@ -1,4 +1,8 @@
-"""Check each klconvert kernel against its naive twin, then time it and its peers (fla, bitsandbytes, torch) on one GPU."""
+"""Check each klconvert kernel against its naive twin, then time it and its peers (fla, bitsandbytes, torch) on one GPU.
+
+python bench/kernels.py [--only SECTION ...]: sections fla, kda, drift, linear, moe, mla (default: all); the results
+table goes to stdout and $OUT/kernels.json."""
+import argparse
 import datetime
 import json
 import math
@@ -10,14 +14,18 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from klconvert.kernels import (fused_moe, int_linear, kda_decode, kda_layer_step, naive_fused_moe, naive_int_linear,
-                               naive_kda_decode, naive_kda_layer_step, repack_int_weight, repack_moe_experts)
+from klconvert.kernels import (fused_moe, int_linear, kda_decode, kda_layer_step, mla_decode, naive_fused_moe,
+                               naive_int_linear, naive_kda_decode, naive_kda_layer_step, naive_mla_decode,
+                               quantize_mla_cache_rows, repack_int_weight, repack_moe_experts)
 from klconvert.kernels.fused_moe import moe_decode_fwd
 from klconvert.kernels.int_linear import int_gemv_fwd
+from klconvert.kernels.mla_decode import mla_decode_splits
 
 DEV = "cuda"
 H, K, V, W = 32, 128, 128, 4  # KDA layer
 HIDDEN, INTER, EXPERTS, TOPK = 2304, 1024, 256, 8
+MLA_H, MLA_R, MLA_DR, MLA_SCALE = 32, 512, 64, 192 ** -0.5  # MLA layer: heads, latent, shared key, softmax scale
+MLA_CONTEXTS = (4096, 131072, 1048576)
 LINEAR_SHAPES = {"lm_head": (163840, 2304), "o_proj": (2304, 4096), "kda_qkv": (12288, 2304),
                  "expert_w13": (2048, 2304), "expert_w2": (2304, 1024)}  # [out, in]
 ROTATE_BYTES = 400e6  # copies of weights/state rotated per call, so L2 (50 MB) does not serve them
@@ -297,22 +305,94 @@ def bf16_state_drift(steps=4096, B=1):
     print("bf16 state drift:", results["bf16 state drift"], flush=True)
 
 
+def mla_peer(q_lat, q_rope, cache, cache_scale, n):
+    """Plain PyTorch absorbed decode over the same cache (runtime/model.py's _absorbed einsums) in bf16, fp32 softmax;
+    an fp8 cache is dequantized to bf16 first."""
+    rows = cache[:, :n].to(torch.bfloat16)
+    if cache_scale is not None:
+        rows = rows * cache_scale[:, :n, None].to(torch.bfloat16)
+    c_lat, k_rope = rows.split([MLA_R, MLA_DR], dim=-1)
+    scores = (torch.einsum("bhr,blr->bhl", q_lat, c_lat) + torch.einsum("bhd,bld->bhl", q_rope, k_rope)).float()
+    p = (scores * MLA_SCALE).softmax(dim=-1)
+    return torch.einsum("bhl,blr->bhr", p.to(torch.bfloat16), c_lat).float()
+
+
+def bench_mla():
+    """mla_decode at batch 1 over 4K / 128K / 1M tokens, bf16 and fp8 caches; launch variants at 1M; the peer."""
+    q_lat = torch.randn(1, MLA_H, MLA_R, device=DEV, dtype=torch.bfloat16)
+    q_rope = torch.randn(1, MLA_H, MLA_DR, device=DEV, dtype=torch.bfloat16)
+    for n in MLA_CONTEXTS:
+        lengths = torch.tensor([n], dtype=torch.int32, device=DEV)
+        for fp8 in (False, True):
+            def make():  # (cache, cache_scale or None)
+                rows = torch.randn(1, n, MLA_R + MLA_DR, device=DEV, dtype=torch.bfloat16)
+                return quantize_mla_cache_rows(rows) if fp8 else (rows, None)
+
+            def call(copy=None, **launch):  # the next rotating copy, or the given one
+                cache, cache_scale = copy or pick()
+                return mla_decode(q_lat, q_rope, cache, lengths, MLA_SCALE, cache_scale, **launch)
+
+            nbytes = n * (MLA_R + MLA_DR) * (1 if fp8 else 2) + (n * 4 if fp8 else 0)  # the cache (+ scales) read
+            copies, pick = rotating(make, nbytes)
+            kind = f"B=1 ctx={n} {'fp8' if fp8 else 'bf16'} cache"
+            tag, peer = f"mla_decode {kind}", f"torch absorbed MLA {kind}"
+            cache, cache_scale = copies[0]
+            ref = naive_mla_decode(q_lat, q_rope, cache, lengths, MLA_SCALE, cache_scale)  # [1, H, R] fp32
+
+            def checked(name, **launch):
+                return check(name, call(copies[0], **launch), ref, 5e-3)
+            peer_ok = check(peer, mla_peer(q_lat, q_rope, *copies[0], n), ref, 3e-2)
+            if checked(tag):
+                record(tag, timed(call), nbytes, peer)
+                if n == MLA_CONTEXTS[-1]:
+                    mla_variants(tag, call, checked, nbytes, peer, fp8)
+            if peer_ok:
+                record(peer, timed(lambda: mla_peer(q_lat, q_rope, *pick(), n)), nbytes)
+            del copies, cache, cache_scale
+            torch.cuda.empty_cache()
+
+
+def mla_variants(tag, call, checked, nbytes, peer, fp8):
+    """Launch shapes around the defaults (kernels/mla_decode.py LAUNCHES), the scores with tokens as the M dim (bf16:
+    the one spill-free shape for it), and the split count (waves of programs); each checked before it is timed."""
+    shapes = [(32, 32, 8, 2), (32, 32, 8, 3), (32, 64, 8, 2), (32, 64, 8, 3), (32, 128, 8, 2), (32, 64, 16, 2),
+              (16, 64, 4, 2), (16, 32, 4, 3)]  # (block_h, block_n, num_warps, num_stages)
+    variants = {f"block_h {h}, block_n {n}, {w} warps, {st} stages": dict(block_h=h, block_n=n, num_warps=w,
+                                                                          num_stages=st) for h, n, w, st in shapes}
+    if not fp8:
+        variants["scores tokens-as-M, block_n 128, 8 warps, 2 stages"] = dict(block_n=128, num_warps=8, num_stages=2,
+                                                                              qk_tokens_as_m=True)
+    for waves in (1, 4, 8):
+        S = mla_decode_splits(1, MLA_H, MLA_CONTEXTS[-1], DEV, waves=waves)
+        variants[f"{waves} waves: {S} splits"] = dict(num_splits=S)
+    for what, launch in variants.items():
+        name = f"{tag} [{what}]"
+        if checked(name, **launch):
+            record(name, timed(lambda: call(**launch)), nbytes, peer)
+
+
 def copy_ceiling():
     a = torch.randn(1 << 29, device=DEV, dtype=torch.bfloat16)
     b = torch.empty_like(a)
     record("device copy (read + write)", (median_us(lambda: b.copy_(a)), None), 2 * a.numel() * 2)
 
 
+SECTIONS = {"fla": bench_fla, "kda": bench_kda, "drift": bf16_state_drift, "linear": bench_linear, "moe": bench_moe,
+            "mla": bench_mla}
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", choices=sorted(SECTIONS), help="run this section (repeatable)")
+    sections = parser.parse_args().only or list(SECTIONS)
     info = dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
                 triton=triton.__version__, command=" ".join([os.path.basename(sys.executable)] + sys.argv),
                 commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
     print(info, flush=True)
     results["info"] = info
     copy_ceiling()
-    sections = sys.argv[1:] or ["fla", "kda", "drift", "linear", "moe"]
     for s in sections:
-        {"fla": bench_fla, "kda": bench_kda, "drift": bf16_state_drift, "linear": bench_linear, "moe": bench_moe}[s]()
+        SECTIONS[s]()
         torch.cuda.empty_cache()
     print("\n" + table())
     out = os.environ.get("OUT")

@@ -136,17 +136,20 @@ def bind(model: M.KimiLinear, read: Read, packed: Packed | None, held: dict[str,
         _swap_packed(model, packed, held, device)
     _fill(model, read, device, dtype)
     if triton:
-        _swap_fused(model)
+        _swap_fused(model, latent_kernel=dtype != torch.float32)
     return model.eval()
 
 
-def _swap_fused(model: M.KimiLinear) -> None:
-    """The weight-less decode modules and the small ones whose PyTorch form is many launches."""
-    from klconvert.runtime.kernel_modules import FusedKDAStep, FusedRMSNorm, FusedRouter
+def _swap_fused(model: M.KimiLinear, latent_kernel: bool) -> None:
+    """The weight-less decode modules and the small ones whose PyTorch form is many launches. latent_kernel: the
+    cache is bf16 or e4m3 (what the Triton latent attention reads), not fp32."""
+    from klconvert.runtime.kernel_modules import FusedKDAStep, FusedRMSNorm, FusedRouter, TritonLatentAttention
 
     for name, module in list(model.named_modules()):
         if isinstance(module, M.KDAMixer):
             module.step = FusedKDAStep(module)
+        elif isinstance(module, M.MLAMixer) and latent_kernel:
+            module.attend = TritonLatentAttention()
         elif isinstance(module, M.RMSNorm):
             _replace(model, name, FusedRMSNorm(module))
         elif isinstance(module, M.Router) and model.config.num_expert_group == 1:

@@ -82,3 +82,10 @@ class SharedInStack(nn.Module):
 
     def forward(self, x):
         raise RuntimeError("the shared expert runs inside FusedExperts")
+
+
+class TritonLatentAttention(nn.Module):
+    """LatentAttention through kernels.mla_decode (split over the sequence; bf16 or e4m3 cache)."""
+
+    def forward(self, q_lat, q_rope, cache, lengths, scale, cache_scale=None) -> torch.Tensor:
+        return K.mla_decode(q_lat, q_rope, cache, lengths.to(torch.int32), scale, cache_scale)

@@ -101,3 +101,22 @@ def test_shared_expert_stored_otherwise_runs_beside_the_fused_moe(calm4, tmp_pat
     ref.forward(ids[:, :4])
     tri.forward(ids[:, :4])
     assert rel(tri.decode_step(ids[:, 4:], 4), ref.decode_step(ids[:, 4:], 4)) < TOLERANCE
+
+
+def test_decode_through_the_latent_attention_kernel(quantized, request):
+    """bf16 binds the Triton latent attention (it reads bf16 or e4m3 caches); its decode steps match the PyTorch
+    path's, and so does a batch of two sequences at different positions."""
+    if "int8" in request.node.callspec.id and DEVICE == "cpu":
+        pytest.skip("one scheme is enough for the interpreter")
+    from klconvert.runtime.kernel_modules import TritonLatentAttention
+
+    ref = klconvert.load(quantized, device=DEVICE, dtype=torch.bfloat16, max_context=32, batch=2, kernels="torch")
+    tri = klconvert.load(quantized, device=DEVICE, dtype=torch.bfloat16, max_context=32, batch=2, kernels="triton")
+    assert isinstance(tri.model.blocks[3].self_attn.attend, TritonLatentAttention)
+    prompts = [[5, 9, 2, 7, 1, 3], [8, 4]]
+    got, want = tri.generate(prompts, max_new_tokens=6), ref.generate(prompts, max_new_tokens=6)
+    assert got.shape == want.shape == (2, 6)
+    ids = torch.tensor([prompts[0]], device=DEVICE)
+    ref.forward(ids[:, :5])
+    tri.forward(ids[:, :5])
+    assert rel(tri.decode_step(ids[:, 5], 5), ref.decode_step(ids[:, 5], 5)) < 3e-2
