@@ -14,7 +14,7 @@ from calm_checkpoint import calm_copy
 from klconvert.quantize import quantize
 from klconvert.synth.checkpoint import synth
 from klconvert.runtime.kernel_modules import FusedExperts, FusedKDAStep, PackedIntLinear, SharedInStack
-from klconvert.runtime.model import Experts, Linear, ParallelLinear
+from klconvert.runtime.model import Experts, Linear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -45,9 +45,10 @@ def test_triton_path_uses_the_kernels(quantized):
     blocks = engine.model.blocks
     attn = blocks[0].self_attn
     assert isinstance(engine.model.lm_head, PackedIntLinear)                     # int8 lm_head
-    assert isinstance(attn.in_proj, ParallelLinear)                              # b/f_a/g_a kept in bf16: not one group
-    assert isinstance(attn.in_proj.q_proj, PackedIntLinear)                      # a KDA projection
-    assert isinstance(attn.in_proj.f_a_proj, Linear)                             # kept in bf16 by the policy
+    packed_part, dense_part = attn.in_proj.parts                                 # q, k, v (and what shares their
+    assert isinstance(packed_part, PackedIntLinear) and isinstance(dense_part, Linear)   # scheme) as one kernel
+    assert packed_part.packed.n + dense_part.weight.shape[0] == sum(attn.in_proj.sizes.values())
+    assert attn.in_proj.order[:3] == ["q_proj", "k_proj", "v_proj"]
     assert isinstance(attn.step, FusedKDAStep)
     assert len(blocks) == 4 and all(isinstance(b.ffn.experts, FusedExperts) for b in blocks[1:])  # every MoE fused
     assert all(isinstance(b.ffn.shared_experts, SharedInStack) for b in blocks[1:])                # shared stacked in
