@@ -21,11 +21,11 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k
           "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
-def parse_size(text: str) -> int:
-    """'80GiB', '24GB', '141G' (binary), '1000000' -> bytes."""
+def parse_size(text: str, flag: str = "--gpu-memory") -> int:
+    """'80GiB', '24GB', '141G' (binary), '1000000' -> bytes; `flag` names the option in the error."""
     m = _SIZE.match(text)
     if not m:
-        raise KLError(f"--gpu-memory {text!r}: give a size like 80GiB, 24GB or 141G")
+        raise KLError(f"{flag} {text!r}: give a size like 80GiB, 24GB or 141G")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
