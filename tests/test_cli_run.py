@@ -36,8 +36,10 @@ def test_run_reads_stdin_chat_and_sampling_is_seeded(tiny_released):
     args = ("run", "--model", str(tiny_released), "--prompt-file", "-", "--chat", "--max-new-tokens", "8",
             "--temperature", "0.8", "--top-p", "0.9", "--seed", "3")
     a, b = klconvert_cli(*args, stdin="Hello there"), klconvert_cli(*args, stdin="Hello there")
-    assert a.returncode == 0, a.stderr
-    assert a.stdout == b.stdout
+    other = klconvert_cli(*args[:-1], "4", stdin="Hello there")
+    assert a.returncode == other.returncode == 0, a.stderr + other.stderr
+    assert a.stdout.strip() and a.stdout == b.stdout  # the same seed, the same text
+    assert other.stdout != a.stdout  # another seed, other text: the seed reaches the sampler
 
 
 def test_chat_prompt_uses_the_template(tiny_released):
