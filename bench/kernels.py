@@ -10,10 +10,12 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from klconvert.kernels import (fused_moe, int_linear, kda_decode, kda_layer_step, naive_fused_moe, naive_int_linear,
-                               naive_kda_decode, naive_kda_layer_step, repack_int_weight, repack_moe_experts)
-from klconvert.kernels.fused_moe import moe_decode_fwd
-from klconvert.kernels.int_linear import int_gemv_fwd
+from klconvert.kernels.fused_moe import fused_moe, moe_decode_fwd, repack_moe_experts
+from klconvert.kernels.int_linear import int_gemv_fwd, int_linear, repack_int_weight
+from klconvert.kernels.kda_decode import kda_decode, kda_layer_step
+from klconvert.kernels.naive_int_linear import naive_int_linear
+from klconvert.kernels.naive_kda import naive_kda_decode, naive_kda_layer_step
+from klconvert.kernels.naive_moe import naive_fused_moe
 
 DEV = "cuda"
 H, K, V, W = 32, 128, 128, 4  # KDA layer

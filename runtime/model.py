@@ -169,7 +169,7 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])                                         # [N, D]
         ids, weights = self.route(x)
         if self.packed is not None:
-            from klconvert.kernels import fused_moe
+            from klconvert.kernels.fused_moe import fused_moe
 
             y = fused_moe(x, ids, weights, self.packed)
             return (y if self.shared is None else y + swiglu(x, *self.shared)).view(shape)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from klconvert.errors import KLError
+from klconvert.extras import require
 from klconvert.quant import QuantScheme
 
 KERNEL_MODES = ("auto", "triton", "torch")
@@ -40,7 +41,7 @@ class TritonIntLinear(nn.Module):
         self.packed = packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from klconvert.kernels import int_linear
+        from klconvert.kernels.int_linear import int_linear
 
         return int_linear(x, self.packed)
 
@@ -68,7 +69,11 @@ def use_triton(kernels: str, device: torch.device) -> bool:
     """Resolve --kernels: auto means Triton on CUDA, PyTorch elsewhere."""
     if kernels not in KERNEL_MODES:
         raise KLError(f"--kernels {kernels!r}: choose one of {', '.join(KERNEL_MODES)}")
-    return device.type == "cuda" if kernels == "auto" else kernels == "triton"
+    chosen = device.type == "cuda" if kernels == "auto" else kernels == "triton"
+    if chosen:
+        require("triton", f"--kernels {kernels}" + (" (Triton on CUDA; --kernels torch runs without it)"
+                                                    if kernels == "auto" else ""))
+    return chosen
 
 
 class WeightLoader:
@@ -78,7 +83,7 @@ class WeightLoader:
                  dtype: torch.dtype, triton: bool):
         self.read, self._packed, self.device, self.dtype, self.triton = read, packed, device, dtype, triton
         if triton:
-            from klconvert.kernels import kda_layer_step
+            from klconvert.kernels.kda_decode import kda_layer_step
         self.kda_layer_step = kda_layer_step if triton else None  # the fused KDA decode step, or None
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -100,7 +105,7 @@ class WeightLoader:
         found = self._int_parts(name)
         if found is None:
             return DenseLinear(self.tensor(name))
-        from klconvert.kernels import repack_int_weight
+        from klconvert.kernels.int_linear import repack_int_weight
 
         parts, scheme = found
         return TritonIntLinear(repack_int_weight(parts["weight_packed"], parts["weight_scale"],
@@ -125,7 +130,7 @@ class WeightLoader:
         shared = {k: self._int_parts(f"{prefix}.shared_experts.{k}_proj.weight") for k in names}
         if any(v is None or v[1] != scheme for v in shared.values()):
             shared = None  # the model runs it through its own linear layers
-        from klconvert.kernels import repack_moe_experts
+        from klconvert.kernels.fused_moe import repack_moe_experts
 
         return repack_moe_experts([{k: v[0] for k, v in ex.items()} for ex in experts],
                                   shared=None if shared is None else {k: v[0] for k, v in shared.items()},

@@ -3,7 +3,8 @@ import pytest
 import torch
 from helpers import DEVICE, GPU, assert_close, poisoned, rel_rms
 
-from klconvert.kernels import kda_decode, kda_layer_step, naive_kda_decode, naive_kda_layer_step
+from klconvert.kernels.kda_decode import kda_decode, kda_layer_step
+from klconvert.kernels.naive_kda import naive_kda_decode, naive_kda_layer_step
 
 # relative RMS bounds vs the fp32 twin: fp32 throughout; bf16 inputs/outputs or state, rounded once per step
 BOUND = {torch.float32: 1e-5, torch.bfloat16: 8e-3}

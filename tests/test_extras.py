@@ -1,0 +1,99 @@
+"""What a CPU user gets without the extras, and a Python started in the repository root: the repo's kernels/ folder
+never stands in for Hugging Face's `kernels` package."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from klconvert.errors import KLError
+from klconvert.quantize import quantize
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTIONAL = ("triton", "transformers", "bitsandbytes")
+
+
+def python(code_or_args, cwd: Path, pythonpath: list[Path] = (), stdin: str | None = None):
+    """Run this interpreter (`-c code`, or `-m klconvert ...` when given a list) with extra PYTHONPATH entries."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, pythonpath))}
+    env.pop("TRITON_INTERPRET", None)
+    args = ["-m", "klconvert", *map(str, code_or_args)] if isinstance(code_or_args, list) else ["-c", code_or_args]
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, input=stdin,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def without_extras(tmp_path_factory) -> Path:
+    """A PYTHONPATH folder whose sitecustomize makes the optional packages unimportable."""
+    shim = tmp_path_factory.mktemp("no-extras")
+    (shim / "sitecustomize.py").write_text(
+        "import sys\n"
+        f"for name in {OPTIONAL!r}:\n"
+        "    sys.modules[name] = None  # `import name` raises ImportError, find_spec(name) is None\n")
+    return shim
+
+
+@pytest.mark.slow
+def test_synth_quantize_and_run_on_cpu_without_the_extras(without_extras, tmp_path):
+    tiny, q = tmp_path / "tiny", tmp_path / "q"
+    for args in (["synth", "--preset", "tiny", "--out", tiny],
+                 ["quantize", tiny, q, "--bits", "4", "--device", "cpu"]):
+        proc = python(args, tmp_path, [without_extras])
+        assert proc.returncode == 0, proc.stderr
+    proc = python(["run", "--model", q, "--prompt-file", "-", "--max-new-tokens", "4", "--device", "cpu"],
+                  tmp_path, [without_extras], stdin="Hello")
+    assert proc.returncode == 0, proc.stderr
+    assert "torch, context" in proc.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("args, extra", [
+    (["quantize", "{tiny}", "{out}", "--scheme", "nf4"], "nf4"),
+    (["run", "--model", "{tiny}", "--prompt-file", "-", "--kernels", "triton"], "gpu"),
+])
+def test_a_feature_whose_extra_is_missing_says_which_extra(without_extras, tiny_released, tmp_path, args, extra):
+    args = [a.format(tiny=tiny_released, out=tmp_path / "q") for a in args]
+    proc = python(args, tmp_path, [without_extras], stdin="Hello")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("klconvert: error: ") and f"pip install 'klconvert[{extra}]'" in lines[0]
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
+
+
+def test_nf4_without_bitsandbytes_is_refused_before_anything_is_written(tiny_released, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    with pytest.raises(KLError, match=r"--scheme nf4 needs bitsandbytes.*\[nf4\]"):
+        quantize(tiny_released, tmp_path / "q", scheme="nf4", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+HF_STYLE = ("import importlib.util, transformers\n"
+            "from transformers import PreTrainedModel, KimiLinearForCausalLM\n"
+            "from transformers.utils.import_utils import is_kernels_available\n")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("blocked", [(), ("triton",)], ids=["with-triton", "without-triton"])
+def test_transformers_from_the_repository_root(tmp_path, blocked):
+    """transformers probes for `kernels`; from the root it finds the folder first, which must step aside."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(f"import sys\nfor n in {blocked!r}:\n    sys.modules[n] = None\n")
+    proc = python(HF_STYLE + "assert not is_kernels_available()\n"
+                  "assert importlib.util.find_spec('kernels') is None\n"
+                  "import klconvert.kernels.naive_kda\n", ROOT, [shim])
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.slow
+def test_an_installed_kernels_package_is_the_one_found_from_the_root(tmp_path):
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("__version__ = '0.0.1'\ndef get_kernel(name):\n    return name\n")
+    proc = python("import kernels\nassert kernels.get_kernel('x') == 'x', kernels\nprint(kernels.__file__)\n"
+                  "import klconvert.kernels.naive_kda\n", ROOT, [site])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(site / "kernels" / "__init__.py")
