@@ -9,9 +9,9 @@ import torch
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
+from klconvert.presets import preset_config
 from klconvert.quant import Recipe, load_recipe, policy_from_options
 from klconvert.runtime.memory_plan import MemoryPlan, weight_bytes
-from klconvert.synth.presets import preset_config
 
 DEFAULT_CONTEXT = 131072
 MLA_CACHE_DTYPES = {"bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn}

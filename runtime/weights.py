@@ -11,9 +11,10 @@ from torch import nn
 from klconvert.errors import KLError
 from klconvert.extras import require
 from klconvert.quant import QuantScheme
+from klconvert.release import FP32_TENSORS
 
 KERNEL_MODES = ("auto", "triton", "torch")
-KEEP_FP32 = ("A_log", "dt_bias", "e_score_correction_bias", "gate.weight")  # read in fp32 whatever the dtype
+KEEP_FP32 = (*FP32_TENSORS, "gate.weight")  # read in fp32 whatever the dtype: what the release stores so, the router
 
 
 def held_in_fp32(name: str, category: str) -> bool:

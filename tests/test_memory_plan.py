@@ -1,16 +1,19 @@
 """Memory-plan arithmetic against hand-computed figures for the real 48B config, and the plan's refusals."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import klconvert
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.config import KimiLinearConfig
+from klconvert.presets import preset_config
 from klconvert.quant import policy_from_options
 from klconvert.runtime.memory_plan import MemoryPlan, weight_bytes
 from klconvert.runtime.plan_report import plan_for, render_plan
-from klconvert.synth.presets import preset_config
 
 REAL = KimiLinearConfig.from_dict(preset_config("kimi-linear-48b"))
 
@@ -89,3 +92,13 @@ def test_state_is_allocated_once(tiny_released):
     assert buffers == [engine.state.kda_state.data_ptr(), engine.state.conv_state.data_ptr(),
                        engine.state.mla_cache.data_ptr()]
     assert engine.state.mla_cache.shape[2] == 64
+
+
+def test_the_runtime_plans_the_release_without_synth():
+    """The release's facts live in klconvert.release: planning the real model loads no synthetic-data code."""
+    code = ("import sys\nfrom klconvert.runtime.plan_report import plan_for\nimport klconvert.runtime.engine\n"
+            "assert plan_for(preset='kimi-linear-48b', bits=4).weights > 0\n"
+            "print([m for m in sys.modules if m.startswith('klconvert.synth')])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.checkpoint.safetensors_writer import PlannedTensor, write_shard
 from klconvert.synth.checkpoint import synth
-from klconvert.synth.presets import preset_config
+from klconvert.presets import preset_config
 
 
 def test_released_format(tiny_released):

@@ -18,10 +18,10 @@ from klconvert.checkpoint.safetensors_writer import (PlannedTensor, index_json, 
                                                      write_shard)
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
-from klconvert.synth.presets import NUM_SPECIAL_TOKENS, preset_config
+from klconvert.presets import preset_config
+from klconvert.release import FP32_TENSORS, NUM_SPECIAL_TOKENS
 from klconvert.synth.tokenizer_files import write_tokenizer_files
 
-FP32_TENSORS = ("A_log", "dt_bias", "e_score_correction_bias")  # kept fp32 in the released files
 DEFAULT_SHARD_BYTES = {"tiny": 4 << 20, "kimi-linear-48b": 5 * 10**9}
 
 
