@@ -7,16 +7,12 @@ and an fp32 state S [B, H, K, V] holding sum_s k_s u_s^T. Per token:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-CHUNK = 64
+from klconvert.kernels.naive_kda import kda_gate
 
+__all__ = ["CHUNK", "kda_chunked", "kda_gate", "kda_step", "l2norm"]
 
-def kda_gate(g_raw: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
-    """Per-channel log decay: -exp(A_log[h]) * softplus(g_raw + dt_bias), fp32. g_raw [..., H, K]."""
-    H, K = g_raw.shape[-2:]
-    x = g_raw.float() + dt_bias.float().view(H, K)
-    return -A_log.float().view(H, 1).exp() * F.softplus(x, beta=1.0, threshold=20.0)
+CHUNK = 64  # tokens per chunk of the prefill form (the memory plan sizes its pairwise-decay temporary from it)
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
