@@ -1,4 +1,5 @@
-"""Check each klconvert kernel against its naive twin, then time it and its peers (fla, bitsandbytes, torch) on one GPU."""
+"""Check each klconvert kernel against its naive twin, then time it and its peers (fla, bitsandbytes, torch) on one
+GPU."""
 import datetime
 import json
 import math
@@ -106,7 +107,8 @@ def bench_kda():
     for B in (1, 64):
         for sdt in (torch.float32, torch.bfloat16):
             C = 2 * H * K + H * V
-            A_log, dt_bias, norm_w = torch.randn(H, device=DEV), torch.randn(H * K, device=DEV), torch.randn(V, device=DEV)
+            A_log, dt_bias = torch.randn(H, device=DEV), torch.randn(H * K, device=DEV)
+            norm_w = torch.randn(V, device=DEV)
             conv_w = torch.randn(C, W, device=DEV) * 0.5
             sbytes = B * H * K * V * sdt.itemsize
 
@@ -308,7 +310,8 @@ def copy_ceiling():
 def main():
     info = dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
                 triton=triton.__version__, command=" ".join([os.path.basename(sys.executable)] + sys.argv),
-                commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
+                commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                      text=True).stdout.strip())
     print(info, flush=True)
     results["info"] = info
     copy_ceiling()

@@ -16,8 +16,8 @@ if __name__ != "klconvert.kernels":
     import importlib.util
     import os
 
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    _elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
+    _root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    _elsewhere = [p for p in sys.path if os.path.realpath(p or os.curdir) != _root]
     _spec = importlib.machinery.PathFinder.find_spec(__name__, _elsewhere)
     if _spec is None or _spec.loader is None:
         sys.modules[__name__] = None

@@ -61,7 +61,8 @@ class Engine:
             raise KLError(f"--max-context {context} is over the model's model_max_length "
                           f"{self.config.model_max_length}; lower it")
         limit = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-        self.plan = MemoryPlan(self.config, batch=batch, context=context, weight_bytes=weight_bytes(self.config, dtype, HeldPacked(held)),
+        self.plan = MemoryPlan(self.config, batch=batch, context=context,
+                               weight_bytes=weight_bytes(self.config, dtype, HeldPacked(held)),
                                act_dtype=dtype, mla_cache_dtype=dtype, memory_limit=limit)
         if limit is not None and self.plan.total > limit:
             fit = self.plan.largest_context()

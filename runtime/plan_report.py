@@ -104,7 +104,8 @@ def render_plan(p: MemoryPlan, title: str) -> str:
             rows.append((f"  weights: {category}", _size(n)))
     rows += [
         ("weights total", _size(p.weights)),
-        ("KDA recurrent state / sequence", f"{_size(p.kda_state_bytes_per_seq)} ({p.kda_state_bytes_per_seq / 1e6:.1f} MB)"),
+        ("KDA recurrent state / sequence",
+         f"{_size(p.kda_state_bytes_per_seq)} ({p.kda_state_bytes_per_seq / 1e6:.1f} MB)"),
         ("KDA conv tails / sequence", _size(p.conv_bytes_per_seq)),
         (f"state x batch {p.batch}", _size(p.state_bytes)),
         ("MLA latent cache / token", f"{p.mla_bytes_per_token:,} B"),

@@ -11,17 +11,21 @@ import pytest
 
 from klconvert.errors import KLError
 from klconvert.quantize import quantize
+from testkit import run_klconvert
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ("triton", "transformers", "bitsandbytes")
 
 
-def python(code_or_args, cwd: Path, pythonpath: list[Path] = (), stdin: str | None = None):
-    """Run this interpreter (`-c code`, or `-m klconvert ...` when given a list) with extra PYTHONPATH entries."""
+def without(pythonpath: list[Path]) -> dict:
+    """The environment for a child run with these PYTHONPATH entries (and no Triton interpreter switch)."""
+    return {"PYTHONPATH": os.pathsep.join(map(str, pythonpath)), "TRITON_INTERPRET": None}
+
+
+def python_c(code: str, cwd: Path, pythonpath: list[Path]) -> subprocess.CompletedProcess:
+    """`python -c code` in `cwd`, as a notebook or a shell started there runs it."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, pythonpath))}
-    env.pop("TRITON_INTERPRET", None)
-    args = ["-m", "klconvert", *map(str, code_or_args)] if isinstance(code_or_args, list) else ["-c", code_or_args]
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, input=stdin,
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)
 
 
@@ -41,10 +45,10 @@ def test_synth_quantize_and_run_on_cpu_without_the_extras(without_extras, tmp_pa
     tiny, q = tmp_path / "tiny", tmp_path / "q"
     for args in (["synth", "--preset", "tiny", "--out", tiny],
                  ["quantize", tiny, q, "--bits", "4", "--device", "cpu"]):
-        proc = python(args, tmp_path, [without_extras])
+        proc = run_klconvert(*args, cwd=tmp_path, env=without([without_extras]))
         assert proc.returncode == 0, proc.stderr
-    proc = python(["run", "--model", q, "--prompt-file", "-", "--max-new-tokens", "4", "--device", "cpu"],
-                  tmp_path, [without_extras], stdin="Hello")
+    proc = run_klconvert("run", "--model", q, "--prompt-file", "-", "--max-new-tokens", "4", "--device", "cpu",
+                         stdin="Hello", cwd=tmp_path, env=without([without_extras]))
     assert proc.returncode == 0, proc.stderr
     assert "torch, context" in proc.stderr.splitlines()[-1]
 
@@ -53,9 +57,10 @@ def test_synth_quantize_and_run_on_cpu_without_the_extras(without_extras, tmp_pa
     (["quantize", "{tiny}", "{out}", "--scheme", "nf4"], "nf4"),
     (["run", "--model", "{tiny}", "--prompt-file", "-", "--kernels", "triton"], "gpu"),
 ])
+@pytest.mark.slow
 def test_a_feature_whose_extra_is_missing_says_which_extra(without_extras, tiny_released, tmp_path, args, extra):
     args = [a.format(tiny=tiny_released, out=tmp_path / "q") for a in args]
-    proc = python(args, tmp_path, [without_extras], stdin="Hello")
+    proc = run_klconvert(*args, stdin="Hello", cwd=tmp_path, env=without([without_extras]))
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("klconvert: error: ") and f"pip install 'klconvert[{extra}]'" in lines[0]
@@ -82,7 +87,7 @@ def test_transformers_from_the_repository_root(tmp_path, blocked):
     shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "sitecustomize.py").write_text(f"import sys\nfor n in {blocked!r}:\n    sys.modules[n] = None\n")
-    proc = python(HF_STYLE + "assert not is_kernels_available()\n"
+    proc = python_c(HF_STYLE + "assert not is_kernels_available()\n"
                   "assert importlib.util.find_spec('kernels') is None\n"
                   "import klconvert.kernels.naive_kda\n", ROOT, [shim])
     assert proc.returncode == 0, proc.stderr
@@ -93,7 +98,7 @@ def test_an_installed_kernels_package_is_the_one_found_from_the_root(tmp_path):
     site = tmp_path / "site"
     (site / "kernels").mkdir(parents=True)
     (site / "kernels" / "__init__.py").write_text("__version__ = '0.0.1'\ndef get_kernel(name):\n    return name\n")
-    proc = python("import kernels\nassert kernels.get_kernel('x') == 'x', kernels\nprint(kernels.__file__)\n"
+    proc = python_c("import kernels\nassert kernels.get_kernel('x') == 'x', kernels\nprint(kernels.__file__)\n"
                   "import klconvert.kernels.naive_kda\n", ROOT, [site])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(site / "kernels" / "__init__.py")

@@ -95,6 +95,7 @@ def test_state_is_allocated_once(tiny_released):
     assert engine.state.mla_cache.shape[2] == 64
 
 
+@pytest.mark.slow
 def test_the_runtime_plans_the_release_without_synth():
     """The release's facts live in klconvert.release: planning the real model loads no synthetic-data code."""
     code = ("import sys\nfrom klconvert.runtime.plan_report import plan_for\nimport klconvert.runtime.engine\n"

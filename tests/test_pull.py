@@ -249,6 +249,7 @@ def test_offline_with_an_empty_cache_says_so(hub_server, checkpoint, tmp_path):
             hub.pull(REPO, progress=False)
 
 
+@pytest.mark.slow
 def test_interrupted_pull_resumes_without_refetching_finished_files(served, checkpoint, tmp_path):
     server, commit = served
     server.cut_short[SHARD_2] = 4096  # the connection drops mid-file...
@@ -268,6 +269,7 @@ def test_interrupted_pull_resumes_without_refetching_finished_files(served, chec
     assert server.gets(SHARD_2) == 3  # cut, 503, then the rerun
 
 
+@pytest.mark.slow
 def test_a_dropped_connection_resumes_with_a_range_request(served, checkpoint, monkeypatch):
     server, _ = served
     monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 1024)  # so the bytes before the cut reach the disk

@@ -11,7 +11,7 @@ from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.cli import DEFAULT_MODEL_DIR
 from klconvert.quant import policy_from_options
 from klconvert.quantize import default_out_name
-from quantize_helpers import assert_one_line_error, run_cli, shown_lines
+from testkit import assert_one_line_error, run_cli, shown_lines
 
 REPO = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
 
@@ -27,6 +27,7 @@ def served(tiny_released, tmp_path, monkeypatch):
             yield server, commit
 
 
+@pytest.mark.slow
 def test_pulls_then_writes_the_default_folder(served, tmp_path, capsys):
     server, commit = served
     code, stdout, err = run_cli(capsys, "pull-and-quantize", "--bits", "4", "--group-size", "32")

@@ -9,8 +9,8 @@ import pytest
 from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.errors import KLError
 from klconvert.quantize import quantize
-from quantize_helpers import (assert_one_line_error, break_shard_write, count_quantize_calls, folder_files,
-                              modules_in_shards, run_cli, shown_lines)
+from quantize_helpers import break_shard_write, count_quantize_calls, folder_files, modules_in_shards
+from testkit import assert_one_line_error, run_cli, shown_lines
 
 OPTIONS = dict(bits=4, group_size=32, max_shard_bytes=150_000, progress=False)
 
@@ -25,6 +25,7 @@ def uninterrupted(tiny_released, tmp_path_factory):
     return quantize(tiny_released, tmp_path_factory.mktemp("fresh") / "q", **OPTIONS).path
 
 
+@pytest.mark.slow
 def test_disk_full_then_resume_redoes_only_unfinished_shards(tiny_released, uninterrupted, tmp_path, monkeypatch):
     out, partial = tmp_path / "q", tmp_path / "q.partial"
     names = shard_files(uninterrupted)
@@ -45,6 +46,7 @@ def test_disk_full_then_resume_redoes_only_unfinished_shards(tiny_released, unin
     assert not partial.exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_then_rerun_via_the_cli(tiny_released, uninterrupted, tmp_path, monkeypatch, capsys):
     out = tmp_path / "q"
     args = ("quantize", tiny_released, out, "--bits", "4", "--group-size", "32", "--max-shard-size", "150KB")
@@ -63,6 +65,7 @@ def test_ctrl_c_then_rerun_via_the_cli(tiny_released, uninterrupted, tmp_path, m
     assert folder_files(out) == folder_files(uninterrupted)
 
 
+@pytest.mark.slow
 def test_a_damaged_finished_shard_is_written_again(tiny_released, uninterrupted, tmp_path, monkeypatch):
     out, partial = tmp_path / "q", tmp_path / "q.partial"
     with monkeypatch.context() as m:
@@ -76,6 +79,7 @@ def test_a_damaged_finished_shard_is_written_again(tiny_released, uninterrupted,
     assert folder_files(out) == folder_files(uninterrupted)
 
 
+@pytest.mark.slow
 def test_other_options_refuse_to_resume_unless_force(tiny_released, tmp_path, monkeypatch):
     out = tmp_path / "q"
     with monkeypatch.context() as m:
@@ -108,6 +112,7 @@ def test_existing_out_is_refused_and_force_replaces_it_at_the_end(tiny_released,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no q.partial, no q.replaced
 
 
+@pytest.mark.slow
 def test_max_shard_size_sets_the_shard_count(tiny_released, uninterrupted, tmp_path, capsys):
     """--max-shard-size bounds every shard (a tensor larger than it would get a shard of its own) and is part of
     what a resume must match."""
@@ -134,6 +139,7 @@ def test_a_bad_max_shard_size_is_one_line(tiny_released, tmp_path, capsys, size)
     assert not out.exists() and not (tmp_path / "q.partial").exists()
 
 
+@pytest.mark.slow
 def test_a_different_max_shard_size_does_not_resume_without_force(tiny_released, tmp_path, capsys):
     out = tmp_path / "q"
     args = ("quantize", tiny_released, out, "--bits", "4", "--group-size", "32")

@@ -59,6 +59,7 @@ def test_layers_keep_the_three_to_one_pattern():
     assert preset_config("kimi-linear-48b")["linear_attn_config"]["full_attn_layers"] == [4, 8, 12, 16, 20, 24, 27]
 
 
+@pytest.mark.slow
 def test_writer_holds_one_tensor_at_a_time(tmp_path):
     """Each tensor is made only when its turn comes, and is gone before the next is made."""
     alive: list[weakref.ref] = []

@@ -37,8 +37,9 @@ def compress_nf4(prefix: str, w: torch.Tensor, double_quant: bool = True) -> dic
     if not bool(torch.isfinite(w).all()):
         raise KLError(f"{prefix}.weight: the weight holds NaN or Inf values; the checkpoint is damaged -- "
                       "re-download it")
-    packed, state = _bnb("--scheme nf4 (or use --scheme int)").quantize_4bit(w.contiguous(), blocksize=NF4_BLOCKSIZE, compress_statistics=double_quant,
-                                         quant_type="nf4", quant_storage=torch.uint8)
+    bnbf = _bnb("--scheme nf4 (or use --scheme int)")
+    packed, state = bnbf.quantize_4bit(w.contiguous(), blocksize=NF4_BLOCKSIZE, compress_statistics=double_quant,
+                                       quant_type="nf4", quant_storage=torch.uint8)
     out = {f"{prefix}.weight": packed}
     for key, t in state.as_dict(packed=True).items():
         # clone: quant_map is bitsandbytes' shared code book, and safetensors refuses shared storage

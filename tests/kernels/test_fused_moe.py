@@ -38,6 +38,7 @@ def test_fused_moe_decode(bits, symmetric, shared, stacked, m):
     assert_close(y, naive_fused_moe(x, ids, weights, experts), BOUND[x.dtype], "fused_moe decode")
 
 
+@pytest.mark.slow
 def test_fused_moe_decode_split_k():
     """3 k-tiles for gate/up and 2 for down, split across programs and reduced in-launch; locks re-armed."""
     experts = make_experts(4, 384, 256, 4, False)
