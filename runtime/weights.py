@@ -14,7 +14,7 @@ from klconvert.quant import QuantScheme
 from klconvert.release import FP32_TENSORS
 
 KERNEL_MODES = ("auto", "triton", "torch")
-KEEP_FP32 = (*FP32_TENSORS, "gate.weight")  # read in fp32 whatever the dtype: what the release stores so, the router
+KEEP_FP32 = (*FP32_TENSORS, "gate.weight")  # read in fp32 whatever the dtype: the release's fp32 ones, and the router
 
 
 def held_in_fp32(name: str, category: str) -> bool:
