@@ -1,7 +1,8 @@
 """Triton kernels for decode and prefill, each beside its naive_ twin in plain fp32 PyTorch (klconvert.kernels).
 
 Import from the modules (klconvert.kernels.int_linear, .fused_moe, .kda_decode and their naive_ twins): this file
-imports no kernel, so the naive twins load without Triton, and Triton is imported only by a kernel's own module.
+imports none of them, so a module that needs no Triton (naive_kda, whose gate the PyTorch model uses) loads
+without it.
 
 The folder sits at the repository root, so a Python started there also finds it as a top-level `kernels`: the
 name of Hugging Face's kernel hub library, which transformers looks up (find_spec, then the package's metadata,
