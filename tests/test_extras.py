@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from klconvert.errors import KLError
 from klconvert.quantize import quantize
-from testkit import run_klconvert
+from klconvert.runtime.weights import use_triton
+from testkit import assert_one_line_error, run_klconvert
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ("triton", "transformers", "bitsandbytes")
@@ -53,18 +55,21 @@ def test_synth_quantize_and_run_on_cpu_without_the_extras(without_extras, tmp_pa
     assert "torch, context" in proc.stderr.splitlines()[-1]
 
 
-@pytest.mark.parametrize("args, extra", [
-    (["quantize", "{tiny}", "{out}", "--scheme", "nf4"], "nf4"),
-    (["run", "--model", "{tiny}", "--prompt-file", "-", "--kernels", "triton"], "gpu"),
-])
 @pytest.mark.slow
-def test_a_feature_whose_extra_is_missing_says_which_extra(without_extras, tiny_released, tmp_path, args, extra):
-    args = [a.format(tiny=tiny_released, out=tmp_path / "q") for a in args]
-    proc = run_klconvert(*args, stdin="Hello", cwd=tmp_path, env=without([without_extras]))
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert lines[0].startswith("klconvert: error: ") and f"pip install 'klconvert[{extra}]'" in lines[0]
+def test_nf4_without_its_extra_is_one_line_naming_it(without_extras, tiny_released, tmp_path):
+    proc = run_klconvert("quantize", tiny_released, tmp_path / "q", "--scheme", "nf4", cwd=tmp_path,
+                         env=without([without_extras]))
+    assert_one_line_error(proc.returncode, proc.stderr, "--scheme nf4 needs bitsandbytes",
+                          "pip install 'klconvert[nf4]'")
     assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
+
+
+@pytest.mark.parametrize("kernels", ["triton", "auto"])
+def test_triton_kernels_without_triton_name_the_gpu_extra(monkeypatch, kernels):
+    monkeypatch.setitem(sys.modules, "triton", None)
+    with pytest.raises(KLError, match=rf"--kernels {kernels}.* needs triton.*pip install 'klconvert\[gpu\]'"):
+        use_triton(kernels, torch.device("cuda"))  # the choice is made before any CUDA work
+    assert use_triton("torch", torch.device("cuda")) is False
 
 
 def test_nf4_without_bitsandbytes_is_refused_before_anything_is_written(tiny_released, tmp_path, monkeypatch):
