@@ -39,11 +39,16 @@ class VerifiedFiles:
         self.entries.pop(path, None)
 
     def save(self) -> None:
-        """Write the record atomically (a temporary file per process, then a rename)."""
-        self.record.parent.mkdir(parents=True, exist_ok=True)
+        """Write the record atomically (a temporary file per process, then a rename). A record that cannot be
+        written costs only time (the next pull hashes again), so that is not an error."""
         partial = self.record.with_name(f"{self.record.name}.{os.getpid()}.partial")
-        partial.write_text(json.dumps({"files": self.entries}, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(partial, self.record)
+        try:
+            self.record.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({"files": self.entries}, indent=1, sort_keys=True) + "\n",
+                               encoding="utf-8")
+            os.replace(partial, self.record)
+        except OSError:
+            partial.unlink(missing_ok=True)
 
 
 def _well_formed(e) -> bool:

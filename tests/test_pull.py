@@ -176,6 +176,15 @@ def test_a_damaged_verification_record_means_hashing_again(served, tmp_path, mon
     assert sorted(hashed) == sorted(Path(p).name for p in PULLED)
 
 
+def test_a_record_that_cannot_be_written_costs_only_time(served, tmp_path, monkeypatch):
+    out = tmp_path / "kimi"
+    (out / ".klconvert" / "verified.json").mkdir(parents=True)  # in the way of the record
+    first = hub.pull(REPO, local_dir=out, progress=False)
+    hashed = count_hashing(monkeypatch)
+    assert hub.pull(REPO, local_dir=out, progress=False).files == first.files
+    assert len(hashed) == len(PULLED) and not list((out / ".klconvert").glob("*.partial"))
+
+
 def test_include_and_exclude_narrow_the_default_set(served):
     server, _ = served
     configs = hub.pull(REPO, include=["*.json"], exclude=["tokenizer_config.json"], progress=False)
