@@ -24,7 +24,7 @@ from klconvert.config import KimiLinearConfig
 from klconvert.quant import compress_weight, decompress_weight, policy_from_options
 from klconvert.runtime.engine import Engine
 from klconvert.synth.checkpoint import synth_values
-from klconvert.synth.presets import preset_config
+from klconvert.presets import preset_config
 
 
 RESIDUAL_OUTPUTS = ("o_proj.weight", "w2.weight", "down_proj.weight")

@@ -1,4 +1,5 @@
-"""Check each klconvert kernel against its naive twin, then time it and its peers (fla, bitsandbytes, torch) on one GPU.
+"""Check each klconvert kernel against its naive twin, then time it and its peers (fla, bitsandbytes, torch) on one
+GPU.
 
 python bench/kernels.py [--only SECTION ...]: sections fla, kda, drift, linear, moe, mla (default: all); the results
 table goes to stdout and $OUT/kernels.json."""
@@ -14,12 +15,14 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from klconvert.kernels import (fused_moe, int_linear, kda_decode, kda_layer_step, mla_decode, naive_fused_moe,
-                               naive_int_linear, naive_kda_decode, naive_kda_layer_step, naive_mla_decode,
-                               quantize_mla_cache_rows, repack_int_weight, repack_moe_experts)
-from klconvert.kernels.fused_moe import moe_decode_fwd
-from klconvert.kernels.int_linear import int_gemv_fwd
-from klconvert.kernels.mla_decode import mla_decode_splits
+from klconvert.kernels.fused_moe import fused_moe, moe_decode_fwd, repack_moe_experts
+from klconvert.kernels.int_linear import int_gemv_fwd, int_linear, repack_int_weight
+from klconvert.kernels.kda_decode import kda_decode, kda_layer_step
+from klconvert.kernels.mla_decode import mla_decode, mla_decode_splits
+from klconvert.kernels.naive_int_linear import naive_int_linear
+from klconvert.kernels.naive_kda import naive_kda_decode, naive_kda_layer_step
+from klconvert.kernels.naive_mla import naive_mla_decode, quantize_mla_cache_rows
+from klconvert.kernels.naive_moe import naive_fused_moe
 
 DEV = "cuda"
 H, K, V, W = 32, 128, 128, 4  # KDA layer
@@ -112,7 +115,8 @@ def bench_kda():
     for B in (1, 64):
         for sdt in (torch.float32, torch.bfloat16):
             C = 2 * H * K + H * V
-            A_log, dt_bias, norm_w = torch.randn(H, device=DEV), torch.randn(H * K, device=DEV), torch.randn(V, device=DEV)
+            A_log, dt_bias = torch.randn(H, device=DEV), torch.randn(H * K, device=DEV)
+            norm_w = torch.randn(V, device=DEV)
             conv_w = torch.randn(C, W, device=DEV) * 0.5
             sbytes = B * H * K * V * sdt.itemsize
 
@@ -348,7 +352,7 @@ def bench_mla():
                     mla_variants(tag, call, checked, nbytes, peer, fp8)
             if peer_ok:
                 record(peer, timed(lambda: mla_peer(q_lat, q_rope, *pick(), n)), nbytes)
-            del copies, cache, cache_scale
+            copies = cache = cache_scale = None  # free them before the next context
             torch.cuda.empty_cache()
 
 
@@ -387,7 +391,8 @@ def main():
     sections = parser.parse_args().only or list(SECTIONS)
     info = dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
                 triton=triton.__version__, command=" ".join([os.path.basename(sys.executable)] + sys.argv),
-                commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
+                commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                      text=True).stdout.strip())
     print(info, flush=True)
     results["info"] = info
     copy_ceiling()

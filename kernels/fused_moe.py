@@ -1,4 +1,5 @@
-"""Fused MoE over int4/int8 experts: two launches for decode (gate+up with SiLU, down with the weighted sum), a grouped GEMM per projection for prefill."""
+"""Fused MoE over int4/int8 experts: two launches for decode (gate+up with SiLU, down with the weighted sum), a
+grouped GEMM per projection for prefill."""
 from dataclasses import dataclass
 
 import torch

@@ -1,4 +1,5 @@
-"""Weight-only int4/int8 linear (W4A16, W8A16): repack compressed-tensors weights once, then a split-K GEMV for decode and a dequantizing GEMM for prefill."""
+"""Weight-only int4/int8 linear (W4A16, W8A16): repack compressed-tensors weights once, then a split-K GEMV for
+decode and a dequantizing GEMM for prefill."""
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,8 @@ class PackedLinear:
 
 
 def unpack_int32_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """compressed-tensors' int32 packing (value i of a row at bits [i*bits, (i+1)*bits), offset 2**(bits-1)) -> unsigned codes [..., count]."""
+    """compressed-tensors' int32 packing (value i of a row at bits [i*bits, (i+1)*bits), offset 2**(bits-1)) ->
+    unsigned codes [..., count]."""
     shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)
     return ((packed[..., None] >> shifts) & ((1 << bits) - 1)).flatten(-2)[..., :count]
 
@@ -78,8 +80,8 @@ def concat_packed_linears(parts: list[PackedLinear]) -> PackedLinear:
     Each part's rows must fill whole ROWS blocks, so no padding lands between them."""
     first = parts[0]
     for p in parts:
-        if (p.k, p.bits, p.group_size, p.zeros is None) != (first.k, first.bits, first.group_size, first.zeros is None) \
-                or p.n % ROWS:
+        layout = (p.k, p.bits, p.group_size, p.zeros is None)
+        if layout != (first.k, first.bits, first.group_size, first.zeros is None) or p.n % ROWS:
             raise ValueError(f"concat_packed_linears: [{p.n}, {p.k}] {p.bits}-bit group {p.group_size} does not stack "
                              f"with [{first.n}, {first.k}] {first.bits}-bit group {first.group_size} "
                              f"(rows must be a multiple of {ROWS}, and K, bits, group and symmetry equal)")
@@ -92,7 +94,8 @@ def concat_packed_linears(parts: list[PackedLinear]) -> PackedLinear:
 
 @triton.jit
 def _unpack(w, j: tl.constexpr, BITS: tl.constexpr):
-    """Code of bit plane j as the exact float 1 + code / 2**BITS: the code is moved into the top mantissa bits of 1.0."""
+    """Code of bit plane j as the exact float 1 + code / 2**BITS: the code is moved into the top mantissa bits of
+    1.0."""
     if 23 - BITS - BITS * j >= 0:
         t = w << (23 - BITS - BITS * j)
     else:
@@ -282,7 +285,8 @@ def int_gemv_fwd(x, packed: PackedLinear, y, *, block_n=None, split_k=None, num_
 
 
 def int_gemm_fwd(x, packed: PackedLinear, y, *, block_m=64, block_n=64, num_warps=4, num_stages=3):
-    """Prefill path: x [M, K], y [M, N]; weights dequantized in registers into bf16 (fp16 for fp16 x) tensor-core tiles."""
+    """Prefill path: x [M, K], y [M, N]; weights dequantized in registers into bf16 (fp16 for fp16 x) tensor-core
+    tiles."""
     M = x.shape[0]
     x = x if x.dtype in (torch.bfloat16, torch.float16) else x.to(torch.bfloat16)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(packed.n, block_n),)

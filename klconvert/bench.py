@@ -264,7 +264,8 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
         raise KLError("klconvert bench times the CUDA path and needs a CUDA GPU; none is visible")
     cuda = device.type == "cuda"
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
-    result = BenchResult(gpu, config.num_hidden_layers, bits, copy_bandwidth(device, 2 << 30 if cuda else 1 << 24) / 1e9)
+    copy = copy_bandwidth(device, 2 << 30 if cuda else 1 << 24)
+    result = BenchResult(gpu, config.num_hidden_layers, bits, copy / 1e9)
     report(f"{result.gpu}: copy {result.copy_gb_s:.0f} GB/s; {config.num_hidden_layers} layers, {bits}")
     if calm_weights is not None:
         result.depth_check = depth_check(config, calm_weights, device, check_prompt)
@@ -330,7 +331,7 @@ def time_transformers(raw_config: dict, prompt_tokens: int = 512, new_tokens: in
                 break
     report(f"peer: transformers KimiLinearForCausalLM bf16, {raw_config['num_hidden_layers']} layers: "
            f"{timings[-1]:.2f} ms/token (timings while warming: {', '.join(f'{t:.1f}' for t in timings)})")
-    del model
+    model = None  # free it before anything else runs
     torch.cuda.empty_cache()
     return {"name": "transformers KimiLinearForCausalLM bf16", "layers": raw_config["num_hidden_layers"],
             "ms_per_token": timings[-1], "warmup_ms": timings}

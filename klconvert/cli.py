@@ -158,6 +158,16 @@ def plan(model: Path | None, preset: str | None, layers: int | None, recipe: Pat
     click.echo(render_plan(p, title=str(model or preset) + (f" with {recipe}" if recipe else "")))
 
 
+def _shard_bytes(max_shard_size: str | None) -> int | None:
+    """--max-shard-size as bytes (None: the default); a size of zero is refused."""
+    if max_shard_size is None:
+        return None
+    size = parse_size(max_shard_size, "--max-shard-size")
+    if size < 1:
+        raise KLError(f"--max-shard-size {max_shard_size!r}: give a positive size such as 5GB or 500MB")
+    return size
+
+
 def _quantize_options(command):
     """The flags `quantize` and `pull-and-quantize` share, in the order --help lists them."""
     options = [
@@ -174,6 +184,9 @@ def _quantize_options(command):
                           "four flags above)."),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
                      help="Where to quantize [default: cuda if present]."),
+        click.option("--max-shard-size", default=None,
+                     help="Largest output shard, e.g. 5GB, 500MB [default: 5GB]; a rerun after a kill redoes only "
+                          "the unfinished shard, so smaller shards lose less."),
         click.option("--force", is_flag=True,
                      help="Replace an existing output folder (only once the new one is whole) and discard an "
                           "interrupted run made with other options."),
@@ -188,12 +201,14 @@ def _quantize_options(command):
 @click.argument("out", type=click.Path(path_type=Path))
 @_quantize_options
 def quantize(src: Path, out: Path, bits: int | None, group_size: int | None, symmetric: bool | None,
-             scheme: str | None, recipe: Path | None, device: str | None, force: bool) -> None:
+             scheme: str | None, recipe: Path | None, device: str | None, max_shard_size: str | None,
+             force: bool) -> None:
     """Quantize the checkpoint in SRC into a new compressed-tensors folder OUT (resumes if interrupted)."""
     from klconvert.quantize import quantize as quantize_checkpoint
 
     result = quantize_checkpoint(src, out, bits=bits, group_size=group_size, symmetric=symmetric, scheme=scheme,
-                                 recipe=recipe, device=device, force=force)
+                                 recipe=recipe, device=device, force=force,
+                                 max_shard_bytes=_shard_bytes(max_shard_size))
     click.echo(result.summary(), err=True)
     click.echo(str(result.path))
 
@@ -207,13 +222,13 @@ def quantize(src: Path, out: Path, bits: int | None, group_size: int | None, sym
 @_quantize_options
 def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: int | None, group_size: int | None,
                       symmetric: bool | None, scheme: str | None, recipe: Path | None, device: str | None,
-                      force: bool) -> None:
+                      max_shard_size: str | None, force: bool) -> None:
     """Pull a Kimi Linear repo (or take a local folder) and quantize it in one go."""
     from klconvert.quantize import pull_and_quantize as pull_and_quantize_checkpoint
 
     result = pull_and_quantize_checkpoint(model, out, revision=revision, bits=bits, group_size=group_size,
                                           symmetric=symmetric, scheme=scheme, recipe=recipe, device=device,
-                                          force=force)
+                                          force=force, max_shard_bytes=_shard_bytes(max_shard_size))
     click.echo(result.summary(), err=True)
     click.echo(str(result.path))
 
@@ -284,7 +299,7 @@ def bench(model: Path | None, preset: str | None, layers: int | None, bits: str,
 
     from klconvert import bench as B
     from klconvert.config import KimiLinearConfig
-    from klconvert.synth.presets import preset_config
+    from klconvert.presets import preset_config
 
     if (model is None) == (preset is None):
         raise KLError("give exactly one of --model DIR or --preset kimi-linear-48b")

@@ -20,6 +20,7 @@ from klconvert.convert.output_folder import OutputFolder, refuse_existing_out
 from klconvert.convert.outputs import ModuleMaker, PlanTotals, plan_modules, plan_totals
 from klconvert.convert.provenance import SourceOrigin, source_fingerprint, source_origin
 from klconvert.errors import KLError
+from klconvert.extras import require
 from klconvert.hub import DEFAULT_REPO, pull
 from klconvert.quant import Policy, load_recipe, policy_from_options
 from klconvert.quant.policy import LINEAR
@@ -62,11 +63,15 @@ def choose_policy(bits: int | None = None, group_size: int | None = None, symmet
         if given:
             raise KLError(f"--recipe {recipe} says how each tensor is stored; drop {', '.join(given)} or the recipe")
         parsed = load_recipe(recipe)
+        if parsed.policy.kind == "nf4":
+            require("bitsandbytes.functional", f"--recipe {recipe} (NF4 weights)")
         return parsed.policy, parsed.runtime
     scheme = scheme or "int"
     bits = 4 if bits is None else bits
     if scheme == "nf4" and (group_size is not None or symmetric is False):
         raise KLError("--scheme nf4 is symmetric in blocks of 64; drop --group-size and --asym")
+    if scheme == "nf4":
+        require("bitsandbytes.functional", "--scheme nf4")
     if bits not in (4, 8):
         raise KLError(f"--bits {bits} is not supported; use --bits 4 or --bits 8")
     return policy_from_options(bits, 128 if group_size is None else group_size, symmetric is not False, scheme), {}

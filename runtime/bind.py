@@ -57,7 +57,7 @@ def _int_parts(packed: Packed, name: str, device: torch.device) -> dict[str, tor
 
 
 def _packed_linear(packed: Packed, name: str, scheme: QuantScheme, device: torch.device):
-    from klconvert.kernels import repack_int_weight
+    from klconvert.kernels.int_linear import repack_int_weight
 
     p = _int_parts(packed, name, device)
     return repack_int_weight(p["weight_packed"], p["weight_scale"], p.get("weight_zero_point"), p["weight_shape"],
@@ -71,7 +71,7 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
 
 def _swap_packed(model: M.KimiLinear, packed: Packed, held: dict[str, QuantScheme], device: torch.device) -> None:
     """Replace every held Linear and Experts stack with its Triton module."""
-    from klconvert import kernels as K
+    from klconvert.kernels.fused_moe import repack_moe_experts
     from klconvert.runtime.kernel_modules import FusedExperts, PackedIntLinear, SharedInStack
 
     c = model.config
@@ -90,7 +90,7 @@ def _swap_packed(model: M.KimiLinear, packed: Packed, held: dict[str, QuantSchem
                        for e in range(c.num_experts)]
             shared = _shared_names(prefix)
             stack_shared = all(held.get(n) == s for n in shared.values())
-            stacked = K.repack_moe_experts(
+            stacked = repack_moe_experts(
                 experts, shared={p: _int_parts(packed, n, device) for p, n in shared.items()} if stack_shared else None,
                 bits=s.bits, group_size=None if s.group_size == -1 else s.group_size)
             _replace(model, name, FusedExperts(stacked))
@@ -134,7 +134,7 @@ def _stack_groups(model: M.KimiLinear) -> None:
                 stacked.weight = nn.Parameter(torch.cat([m.weight for m in modules]), requires_grad=False)
                 parts.append(stacked if len(modules) > 1 else modules[0])
             elif len(modules) > 1:
-                from klconvert.kernels import concat_packed_linears
+                from klconvert.kernels.int_linear import concat_packed_linears
                 from klconvert.runtime.kernel_modules import PackedIntLinear
 
                 parts.append(PackedIntLinear(concat_packed_linears([m.packed for m in modules])))

@@ -425,6 +425,6 @@ def canonical_names(c: KimiLinearConfig, param_name: str) -> list[tuple[str, tup
         return [(name, ())]
     I = c.moe_intermediate_size
     if tail == "w13":
-        return [piece for e in range(c.num_experts) for piece in
-                ((f"{head}.experts.{e}.w1.weight", (e, slice(0, I))), (f"{head}.experts.{e}.w3.weight", (e, slice(I, 2 * I))))]
+        gate_up = (("w1", slice(0, I)), ("w3", slice(I, 2 * I)))
+        return [(f"{head}.experts.{e}.{w}.weight", (e, rows)) for e in range(c.num_experts) for w, rows in gate_up]
     return [(f"{head}.experts.{e}.w2.weight", (e,)) for e in range(c.num_experts)]

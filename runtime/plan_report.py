@@ -9,9 +9,9 @@ import torch
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
+from klconvert.presets import preset_config
 from klconvert.quant import Recipe, load_recipe, policy_from_options
 from klconvert.runtime.memory_plan import MemoryPlan, weight_bytes
-from klconvert.synth.presets import preset_config
 
 DEFAULT_CONTEXT = 131072
 MLA_CACHE_DTYPES = {"bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn}
@@ -21,11 +21,11 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k
           "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
-def parse_size(text: str) -> int:
-    """'80GiB', '24GB', '141G' (binary), '1000000' -> bytes."""
+def parse_size(text: str, flag: str = "--gpu-memory") -> int:
+    """'80GiB', '24GB', '141G' (binary), '1000000' -> bytes; `flag` names the option in the error."""
     m = _SIZE.match(text)
     if not m:
-        raise KLError(f"--gpu-memory {text!r}: give a size like 80GiB, 24GB or 141G")
+        raise KLError(f"{flag} {text!r}: give a size like 80GiB, 24GB or 141G")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -104,7 +104,8 @@ def render_plan(p: MemoryPlan, title: str) -> str:
             rows.append((f"  weights: {category}", _size(n)))
     rows += [
         ("weights total", _size(p.weights)),
-        ("KDA recurrent state / sequence", f"{_size(p.kda_state_bytes_per_seq)} ({p.kda_state_bytes_per_seq / 1e6:.1f} MB)"),
+        ("KDA recurrent state / sequence",
+         f"{_size(p.kda_state_bytes_per_seq)} ({p.kda_state_bytes_per_seq / 1e6:.1f} MB)"),
         ("KDA conv tails / sequence", _size(p.conv_bytes_per_seq)),
         (f"state x batch {p.batch}", _size(p.state_bytes)),
         ("MLA latent cache / token", f"{p.mla_bytes_per_token:,} B"),

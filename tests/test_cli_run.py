@@ -1,24 +1,19 @@
 """`klconvert run` and `klconvert plan` end to end on a tiny checkpoint."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
+import pytest
 import torch
 
 import klconvert
 from klconvert.tokenizer import Tokenizer
+from testkit import run_klconvert
 
 
-def klconvert_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "klconvert", *args], capture_output=True, text=True, input=stdin,
-                          timeout=300)
-
-
+@pytest.mark.slow
 def test_run_streams_the_greedy_continuation(tiny_released, tmp_path):
     prompt = tmp_path / "p.txt"
     prompt.write_text("Once upon a time, in a land far away,")
-    proc = klconvert_cli("run", "--model", str(tiny_released), "--prompt-file", str(prompt),
+    proc = run_klconvert("run", "--model", str(tiny_released), "--prompt-file", str(prompt),
                          "--max-new-tokens", "12")
     assert proc.returncode == 0, proc.stderr
     tok = Tokenizer.from_folder(tiny_released)
@@ -32,12 +27,15 @@ def test_run_streams_the_greedy_continuation(tiny_released, tmp_path):
     assert f"context {len(ids) + 12}," in summary  # prompt + max-new-tokens, planned up front
 
 
+@pytest.mark.slow
 def test_run_reads_stdin_chat_and_sampling_is_seeded(tiny_released):
     args = ("run", "--model", str(tiny_released), "--prompt-file", "-", "--chat", "--max-new-tokens", "8",
             "--temperature", "0.8", "--top-p", "0.9", "--seed", "3")
-    a, b = klconvert_cli(*args, stdin="Hello there"), klconvert_cli(*args, stdin="Hello there")
-    assert a.returncode == 0, a.stderr
-    assert a.stdout == b.stdout
+    a, b = run_klconvert(*args, stdin="Hello there"), run_klconvert(*args, stdin="Hello there")
+    other = run_klconvert(*args[:-1], "4", stdin="Hello there")
+    assert a.returncode == other.returncode == 0, a.stderr + other.stderr
+    assert a.stdout.strip() and a.stdout == b.stdout  # the same seed, the same text
+    assert other.stdout != a.stdout  # another seed, other text: the seed reaches the sampler
 
 
 def test_chat_prompt_uses_the_template(tiny_released):
@@ -57,15 +55,17 @@ def test_top_p_keeps_only_the_nucleus():
     assert int(sample(logits, 0.0, 1.0, g)) == 0
 
 
+@pytest.mark.slow
 def test_plan_command_prints_the_table():
-    proc = klconvert_cli("plan", "--preset", "kimi-linear-48b", "--bits", "4", "--gpu-memory", "48GiB",
+    proc = run_klconvert("plan", "--preset", "kimi-linear-48b", "--bits", "4", "--gpu-memory", "48GiB",
                          "--max-context", "262144")
     assert proc.returncode == 0, proc.stderr
     for needle in ("weights total", "41.9 MB", "8,064 B", "headroom", "largest context that fits"):
         assert needle in proc.stdout
 
 
+@pytest.mark.slow
 def test_plan_for_a_folder(tiny_released):
-    proc = klconvert_cli("plan", "--model", str(tiny_released), "--max-context", "4096")
+    proc = run_klconvert("plan", "--model", str(tiny_released), "--max-context", "4096")
     assert proc.returncode == 0, proc.stderr
     assert "MLA latent cache / token" in proc.stdout

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from klconvert.quantize import quantize
-from quantize_helpers import assert_one_line_error, break_shard_write, run_cli
+from quantize_helpers import break_shard_write
+from testkit import assert_one_line_error, run_cli
 
 ROUTER = "model.layers.1.block_sparse_moe.gate.weight"
 

@@ -10,9 +10,9 @@ from klconvert.checkpoint.safetensors_header import SafetensorsHeader
 from klconvert.errors import KLError
 from klconvert.quant import QuantScheme, decompress_nf4, decompress_weight
 from klconvert.quant.nf4 import NF4_NAMES
+from klconvert.quant.pack_quantized import PACKED_NAMES as PACKED_PARTS
 from klconvert.quant.scheme import NF4_BLOCKSIZE
 
-PACKED_PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 NF4_PARTS = tuple(n for n in NF4_NAMES if n != "weight")  # "weight" itself is the packed data
 METHODS = ("compressed-tensors", "bitsandbytes")
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 from helpers import DEVICE, GPU, assert_close, ct_compress, poisoned
 
-from klconvert.kernels import fused_moe, naive_fused_moe, repack_moe_experts
-from klconvert.kernels.fused_moe import align_pairs, moe_decode_fwd, moe_grouped_fwd
+from klconvert.kernels.fused_moe import align_pairs, fused_moe, moe_decode_fwd, moe_grouped_fwd, repack_moe_experts
+from klconvert.kernels.naive_moe import naive_fused_moe
 
 BOUND = {torch.float32: 1e-5, torch.bfloat16: 8e-3}  # relative RMS vs the fp32 twin, by output dtype
 GROUPED_BOUND = 1.5e-2  # the grouped path also rounds x and the SiLU product to bf16 for the tensor cores
@@ -38,6 +38,7 @@ def test_fused_moe_decode(bits, symmetric, shared, stacked, m):
     assert_close(y, naive_fused_moe(x, ids, weights, experts), BOUND[x.dtype], "fused_moe decode")
 
 
+@pytest.mark.slow
 def test_fused_moe_decode_split_k():
     """3 k-tiles for gate/up and 2 for down, split across programs and reduced in-launch; locks re-armed."""
     experts = make_experts(4, 384, 256, 4, False)

@@ -3,9 +3,8 @@ import pytest
 import torch
 from helpers import DEVICE, GPU, assert_close, ct_compress, ct_decompress, poisoned
 
-from klconvert.kernels import int_linear, naive_int_linear, repack_int_weight
-from klconvert.kernels.int_linear import int_gemv_fwd
-from klconvert.kernels.naive_int_linear import dequantize_int_weight
+from klconvert.kernels.int_linear import int_gemv_fwd, int_linear, repack_int_weight
+from klconvert.kernels.naive_int_linear import dequantize_int_weight, naive_int_linear
 
 # bound on RMS error relative to the fp32 twin, by output dtype (bf16/fp16 outputs are rounded once)
 BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}

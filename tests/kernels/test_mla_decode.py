@@ -6,7 +6,8 @@ import pytest
 import torch
 from helpers import DEVICE, GPU, assert_close, poisoned
 
-from klconvert.kernels import mla_decode, naive_mla_decode, quantize_mla_cache_rows
+from klconvert.kernels.mla_decode import mla_decode
+from klconvert.kernels.naive_mla import naive_mla_decode, quantize_mla_cache_rows
 from klconvert.kernels.mla_decode import mla_decode_splits
 
 mla = importlib.import_module("klconvert.kernels.mla_decode")  # the module (the package attribute is the function)

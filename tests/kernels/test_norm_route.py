@@ -3,7 +3,10 @@ import pytest
 import torch
 from helpers import DEVICE, GPU, assert_close, poisoned
 
-from klconvert.kernels import add_rms_norm, moe_route, naive_add_rms_norm, naive_moe_route
+from klconvert.kernels.moe_route import moe_route
+from klconvert.kernels.naive_moe_route import naive_moe_route
+from klconvert.kernels.naive_rms_norm import naive_add_rms_norm
+from klconvert.kernels.rms_norm import add_rms_norm
 
 
 @pytest.mark.parametrize("rows, n", [(1, 130), (5, 384), (3, 2304)])
