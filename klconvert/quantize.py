@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -214,6 +215,9 @@ def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, 
     policy, _ = choose_policy(bits, group_size, symmetric, scheme, recipe)
     out = Path(out) if out is not None else default_out_name(model, policy)
     refuse_existing_out(out, force)
+    looks_like_path = model.startswith((".", "/", "~", os.sep)) or model.count("/") > 1 or Path(model).exists()
+    if looks_like_path and not Path(model).is_dir():
+        raise KLError(f"--model {model}: no such folder (and not a hub repo id like {DEFAULT_REPO}); check the path")
     if Path(model).is_dir():
         if revision is not None:
             raise KLError(f"--revision {revision} picks a hub revision, but --model {model} is a local folder; "

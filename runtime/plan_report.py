@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from klconvert.checkpoint.name_map import expected_tensors
+from klconvert.checkpoint.size_bounds import check_model_size
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.quant import Recipe, load_recipe, policy_from_options
@@ -67,6 +68,7 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
             recipe = Path(model) / "recipe.yaml"
     else:
         config = KimiLinearConfig.from_dict(preset_config(preset, layers), where=f"preset {preset}")
+    check_model_size(config, str(Path(model) / "config.json") if model is not None else f"preset {preset}")
     if isinstance(recipe, (str, Path)):
         recipe = load_recipe(recipe)
     if recipe is not None:  # every target must select a tensor of this model: a typo is an error, not a no-op
@@ -80,8 +82,15 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
         memory_limit = _memory_bytes(settings["gpu_memory"], where)
     cache_name = mla_cache_dtype or settings.get("mla_cache_dtype", "bfloat16")
     state_name = kda_state_dtype or settings.get("kda_state_dtype", "float32")
+    if context is None and "max_context" in settings:
+        context, asked = settings["max_context"], f"{where}: runtime.max_context {settings['max_context']}"
+    else:
+        asked = f"--max-context {context}"
+    if context is not None and context > config.model_max_length:
+        raise KLError(f"{asked} is over the model's model_max_length {config.model_max_length:,}; plan for "
+                      f"{config.model_max_length:,} tokens or fewer")
     return MemoryPlan(config, batch=batch or settings.get("batch", 1),
-                      context=context or settings.get("max_context", DEFAULT_CONTEXT),
+                      context=context or min(DEFAULT_CONTEXT, config.model_max_length),
                       weight_bytes=weight_bytes(config, dtype, policy), act_dtype=dtype,
                       kda_state_dtype=_dtype_named(state_name, KDA_STATE_DTYPES, f"{where}: KDA state dtype"),
                       mla_cache_dtype=_dtype_named(cache_name, MLA_CACHE_DTYPES, f"{where}: MLA cache dtype"),
