@@ -30,7 +30,9 @@ class OneLineErrors(click.Group):
     """The klconvert group: every error a user can cause -- a KLError or a usage error -- ends in one line on stderr,
     `klconvert: error: ...`, with the error's exit status (2 for bad input) and no traceback."""
 
-    def main(self, args=None, prog_name=None, **extra):
+    def main(self, args=None, prog_name=None, standalone_mode: bool = True, **extra):
+        if not standalone_mode:  # the caller handles the errors (click's own non-standalone contract)
+            return super().main(args, prog_name, standalone_mode=False, **extra)
         try:
             return super().main(args, prog_name, standalone_mode=False, **extra)
         except KLError as e:
@@ -260,8 +262,8 @@ def _quantize_options(command):
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
                      help="Where to quantize [default: cuda if present]."),
         click.option("--force", is_flag=True,
-                     help="Replace an existing output folder (only once the new one is whole) and discard an "
-                          "interrupted run made with other options."),
+                     help="Replace an existing output folder that klconvert wrote (or an empty one), only once "
+                          "the new one is whole, and discard an interrupted run made with other options."),
     ]
     for option in reversed(options):
         command = option(command)
