@@ -166,7 +166,7 @@ def run(model: Path, prompt: str | None, prompt_file: str | None, max_new_tokens
     ids = tokenizer.encode_chat([{"role": "user", "content": text.text}]) if chat and text.whole else text.ids
     if len(ids) > budget:
         raise _context_error(len(ids), not text.whole, max_new_tokens, max_context, limit)
-    from klconvert.runtime.engine import load
+    from klconvert.runtime.engine import load  # torch loads only now: every refusal above runs without it
 
     engine = load(model, device=device, dtype=dtype, max_context=max_context or len(ids) + max_new_tokens,
                   kernels=kernels)
@@ -259,8 +259,7 @@ def _quantize_options(command):
         click.option("--recipe", type=click.Path(path_type=Path), default=None,
                      help="llm-compressor-shaped recipe YAML saying how each tensor is stored (instead of the "
                           "four flags above)."),
-        click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
-                     help="Where to quantize [default: cuda if present]."),
+        click.option("--device", type=DEVICE, default=None, help="Where to quantize [default: cuda if present]."),
         click.option("--force", is_flag=True,
                      help="Replace an existing output folder that klconvert wrote (or an empty one), only once "
                           "the new one is whole, and discard an interrupted run made with other options."),
@@ -319,12 +318,16 @@ def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: 
 def eval_(model: Path, reference: Path, text_file: Path, max_tokens: int, device: str | None,
           dtype: str | None) -> None:
     """Perplexity of both, KL of the model from the reference, top-1 and router agreement."""
+    from klconvert.config import KimiLinearConfig
     from klconvert.evaluate import evaluate, render_eval
     from klconvert.text_input import read_text_file
     from klconvert.tokenizer import Tokenizer
 
     if not reference.is_dir():
         raise KLError(f"--reference {reference}: no such folder; pass a checkpoint folder")
+    limit = KimiLinearConfig.from_file(reference / "config.json").model_max_length
+    if max_tokens > limit:
+        raise KLError(f"--max-tokens {max_tokens:,} is over the model's model_max_length {limit:,}; lower it")
     text = read_text_file(text_file, "--text-file", Tokenizer.from_folder(reference), max_tokens)
     result = evaluate(model, reference, text, max_tokens=max_tokens, device=device, dtype=dtype)
     click.echo(render_eval(result, str(model), str(reference)))

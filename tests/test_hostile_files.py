@@ -143,6 +143,9 @@ def test_eval_reads_only_the_tokens_it_scores(tiny_released):
                              "/dev/zero", "--max-tokens", "8", "--device", "cpu")
     assert done.code == 0, done.err[-2000:]
     assert "tokens" in done.out and "8" in done.out
+    line = klconvert_bounded("eval", "--model", tiny_released, "--reference", tiny_released, "--text-file",
+                             "/dev/zero", "--max-tokens", str(10**12)).error_line()
+    assert "--max-tokens 1,000,000,000,000 is over the model's model_max_length 1,048,576" in line
 
 
 def test_prompts_say_what_is_true_about_the_context(tiny_released):
