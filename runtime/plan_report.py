@@ -25,9 +25,10 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k
 def parse_size(text: str) -> int:
     """'80GiB', '24GB', '141G' (binary), '1000000' -> bytes."""
     m = _SIZE.match(text)
-    if not m:
-        raise KLError(f"--gpu-memory {text!r}: give a size like 80GiB, 24GB or 141G")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    size = float(m.group(1)) * _UNITS[m.group(2).lower()] if m else None
+    if size is None or not size < 2**64:  # inf from a 400-digit number included
+        raise KLError(f"--gpu-memory {text[:40]!r}: give a size like 80GiB, 24GB or 141G")
+    return int(size)
 
 
 def _dtype_named(name: str, choices: dict[str, torch.dtype], what: str) -> torch.dtype:

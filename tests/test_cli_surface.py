@@ -46,6 +46,7 @@ def test_device_is_a_choice_in_every_command():
     (["pull-and-quantize", "--device", "tpu"], ["'--device'"]),
     (["pull", "../../etc/passwd"], ["'../../etc/passwd' is not a hub repo id"]),
     (["pull-and-quantize", "--model", "./typo-dir"], ["--model ./typo-dir: no such folder"]),
+    (["plan", "--preset", "tiny", "--gpu-memory", "9" * 400 + "GB"], ["--gpu-memory", "give a size like"]),
 ])
 def test_user_errors_are_one_line(capsys, args, needles):
     assert_one_line_error(*run_cli(capsys, *args)[::2], *needles)
