@@ -248,6 +248,7 @@ class KimiLinearConfig:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise KLError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); re-download the model") from None
-        except RecursionError:
-            raise KLError(f"{path}: JSON nested too deeply to be a config; re-download the model") from None
+        except (RecursionError, ValueError) as e:  # nesting past Python's stack; an int of 4,300+ digits
+            reason = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:80]
+            raise KLError(f"{path}: not a config ({reason}); re-download the model") from None
         return cls.from_dict(d, where=str(path))

@@ -51,6 +51,7 @@ MAX_TOKENIZER_CONFIG_BYTES = 16 << 20
 MAX_CHAT_TEMPLATE_BYTES = 1 << 20
 MAX_SPECIAL_TOKENS = 8192
 
+
 def read_bounded(path: Path, max_bytes: int, what: str) -> bytes:
     """The bytes of a file the model folder ships, refused past `max_bytes` (read no further)."""
     with open(path, "rb") as f:
@@ -111,8 +112,9 @@ def read_tokenizer_config(path: Path) -> dict:
         raise KLError(f"{path}: cannot read the tokenizer config ({e}); re-download the model") from None
     except json.JSONDecodeError as e:
         raise KLError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); re-download the model") from None
-    except RecursionError:
-        raise KLError(f"{path}: JSON nested too deeply to be a tokenizer config; re-download the model") from None
+    except (RecursionError, ValueError) as e:  # nesting past Python's stack; an int of 4,300+ digits
+        reason = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:80]
+        raise KLError(f"{path}: not a tokenizer config ({reason}); re-download the model") from None
     if not isinstance(config, dict):
         raise KLError(f"{path}: expected a JSON object at the top level; re-download the model")
     return config
@@ -126,7 +128,7 @@ def read_special_tokens(config: dict, path: Path, vocab_size: int = SIZE_RANGES[
     special_tokens: dict[str, int] = {}
     for key, entry in decoder.items():
         content = entry.get("content") if isinstance(entry, dict) else None
-        if not re.fullmatch(r"[0-9]+", key) or not isinstance(content, str) or not content:
+        if not re.fullmatch(r"[0-9]{1,10}", key) or not isinstance(content, str) or not content:
             raise KLError(f"{path}: added_tokens_decoder entry {key!r} is not '<id>': {{\"content\": \"<text>\"}}; "
                           "fix the file or re-download the model")
         if content in special_tokens:

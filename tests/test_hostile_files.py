@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,24 @@ def test_large_finite_weights_are_not_mistaken_for_infinite(tiny_copy):
     tensors[NAME].view(-1)[:4] = torch.finfo(tensors[NAME].dtype).max
     save_file(tensors, shard, metadata={"format": "pt"})
     assert Checkpoint(tiny_copy).get(NAME).view(-1)[0] == torch.finfo(tensors[NAME].dtype).max
+
+
+def test_numbers_of_thousands_of_digits_are_refused(tiny_copy, tmp_path, capsys):
+    """Python will not parse an int of 4,300+ digits (a ValueError, not a JSON or YAML error)."""
+    from klconvert.quant import load_recipe
+    from klconvert.tokenizer import Tokenizer
+
+    huge = "9" * 5000
+    config = (tiny_copy / "config.json").read_text()
+    (tiny_copy / "config.json").write_text(config.replace('"num_experts": 16', f'"num_experts": {huge}'))
+    with pytest.raises(KLError, match="config.json: not a config"):
+        KimiLinearConfig.from_file(tiny_copy / "config.json")
+    (tiny_copy / "config.json").write_text(config)
+    edit_json(tiny_copy / "tokenizer_config.json", lambda c: c["added_tokens_decoder"].update(
+        {huge: {"content": "<|far|>", "special": True}}))
+    with pytest.raises(KLError, match="added_tokens_decoder entry"):
+        Tokenizer.from_folder(tiny_copy)
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "48gb.yaml"
+    (tmp_path / "r.yaml").write_text(re.sub(r"max_context: *\d+", f"max_context: {huge}", recipe.read_text()))
+    with pytest.raises(KLError, match="runtime.max_context"):
+        load_recipe(tmp_path / "r.yaml")

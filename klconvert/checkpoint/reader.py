@@ -101,7 +101,7 @@ class Checkpoint:
                 raise KLError(f"{index_path}: over {MAX_INDEX_BYTES >> 20} MB, far larger than an index of this "
                               "model; download it again")
             index = json.loads(data.decode("utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, or a 4,300-digit int
             reason = "nested too deeply" if isinstance(e, RecursionError) else e
             raise KLError(f"{index_path}: cannot read the index ({reason}); download it again") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None

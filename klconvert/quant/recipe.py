@@ -46,7 +46,7 @@ class _Reader:
         types = types if isinstance(types, tuple) else (types,)
         try:
             value = self._constructor.construct_object(node) if isinstance(node, yaml.ScalarNode) else node
-        except yaml.YAMLError as e:  # e.g. an unknown !!tag
+        except (yaml.YAMLError, ValueError) as e:  # an unknown !!tag; an int of 4,300+ digits
             self.fail(node, f"{what}: {getattr(e, 'problem', None) or e}")
         ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
         if not ok:
