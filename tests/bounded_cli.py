@@ -2,15 +2,27 @@
 refusal must run: one line, the right exit status, and memory bounded while refusing."""
 from __future__ import annotations
 
+import functools
+import re
 import resource
 import subprocess
 import sys
 from dataclasses import dataclass
 
-# Python + torch + tiktoken + jinja map ~0.66 GB of address space before any work (VmSize); the limit leaves
-# ~0.5 GB above that, and a real run of the tiny model fits under it (tests check that too).
-ADDRESS_SPACE_BYTES = 1200 << 20
+# The limit is what the command maps once its libraries are imported (python + CPU torch + tiktoken + jinja: ~0.66
+# GB of address space; a CUDA build of torch maps more), plus HEADROOM_BYTES for the work: a refusal must fit in
+# that, and a real run of the tiny model does (a test checks it, so the limit is not so tight that refusals pass
+# for the wrong reason).
+HEADROOM_BYTES = 512 << 20
 TIMEOUT_SECONDS = 120
+_IMPORTS = "import torch, tiktoken, jinja2, safetensors, klconvert.cli, klconvert.runtime.engine, klconvert.tokenizer"
+
+
+@functools.cache
+def address_space_limit() -> int:
+    status = subprocess.run([sys.executable, "-c", f"{_IMPORTS}; print(open('/proc/self/status').read())"],
+                            capture_output=True, text=True, timeout=TIMEOUT_SECONDS, check=True).stdout
+    return int(re.search(r"VmPeak:\s+(\d+) kB", status).group(1)) * 1024 + HEADROOM_BYTES
 
 
 @dataclass(frozen=True)
@@ -27,12 +39,10 @@ class Finished:
         return lines[0]
 
 
-def _limit_memory() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_BYTES, ADDRESS_SPACE_BYTES))
-
-
-def klconvert_bounded(*args: str, stdin: bytes | None = None, cwd=None) -> Finished:
-    """`python -m klconvert ARGS` under ADDRESS_SPACE_BYTES and TIMEOUT_SECONDS."""
+def klconvert_bounded(*args: str, stdin: bytes | None = None) -> Finished:
+    """`python -m klconvert ARGS` under address_space_limit() and TIMEOUT_SECONDS."""
+    limit = address_space_limit()
     proc = subprocess.run([sys.executable, "-m", "klconvert", *map(str, args)], input=stdin, capture_output=True,
-                          timeout=TIMEOUT_SECONDS, preexec_fn=_limit_memory, cwd=cwd)
+                          timeout=TIMEOUT_SECONDS, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS,
+                                                                                          (limit, limit)))
     return Finished(proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace"))
