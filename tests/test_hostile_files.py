@@ -134,7 +134,8 @@ def test_tokenizer_ids_are_bounded_by_the_vocabulary(tiny_copy, edit, needles):
 def test_an_endless_prompt_is_refused_after_the_context(tiny_released):
     line = klconvert_bounded("run", "--model", tiny_released, "--prompt-file", "/dev/zero").error_line()
     assert "over the model's model_max_length of 1,048,576" in line and "--max-context" not in line
-    line = klconvert_bounded("run", "--model", tiny_released, "--prompt-file", "-", "--max-context", "64", "--max-new-tokens", "4",
+    line = klconvert_bounded("run", "--model", tiny_released, "--prompt-file", "-", "--max-context", "64",
+                             "--max-new-tokens", "4",
                              stdin=b"word " * 1000).error_line()
     assert "--max-context is 64" in line and "raise --max-context" in line
 

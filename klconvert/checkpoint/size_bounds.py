@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import math
 
-from klconvert.checkpoint.name_map import DENSE_MLP, EVERY_LAYER, EXPERT, GLOBAL_TENSORS, KDA_LAYER, MLA_LAYER, MOE_BLOCK
+from klconvert.checkpoint.name_map import (
+    DENSE_MLP,
+    EVERY_LAYER,
+    EXPERT,
+    GLOBAL_TENSORS,
+    KDA_LAYER,
+    MLA_LAYER,
+    MOE_BLOCK,
+)
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 
