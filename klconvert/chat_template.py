@@ -94,8 +94,9 @@ def _child() -> None:
     except ImportError:  # not a POSIX system: the parent's wall-clock limit still holds
         resource = None
     if resource is not None:
-        resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu"], limits["cpu"] + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (limits["memory"], limits["memory"]))
+        for which, soft in ((resource.RLIMIT_CPU, limits["cpu"]), (resource.RLIMIT_AS, limits["memory"])):
+            hard = resource.getrlimit(which)[1]  # a limit may be lowered, never raised past the inherited hard one
+            resource.setrlimit(which, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
     request = json.loads(job["request"])
     try:
         answer = {"text": _render_bounded(request["template"], request["variables"], limits["loop_items"],
