@@ -15,7 +15,7 @@ MAX_CONFIG_BYTES = 1 << 20  # the released config.json is 1.6 KB
 # experts, 1M context), so a bad or hostile value is refused before anything is sized or built from it. The
 # checkpoint reader then holds the sizes to the shard headers.
 SIZE_RANGES = {
-    "vocab_size": (1, 1 << 21),
+    "vocab_size": (1, 1 << 20),  # 6x the released; also bounds the tokenizer built before the shards are read
     "hidden_size": (1, 1 << 16),
     "num_hidden_layers": (1, 1024),
     "intermediate_size": (1, 1 << 18),
