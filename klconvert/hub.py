@@ -26,6 +26,7 @@ from huggingface_hub import (
 from huggingface_hub.errors import (
     CachedRepoTreeNotFoundError,
     GatedRepoError,
+    HFValidationError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
@@ -34,7 +35,7 @@ from huggingface_hub.errors import (
     RevisionResolutionError,
 )
 from huggingface_hub.file_download import repo_folder_name
-from huggingface_hub.utils import filter_repo_objects
+from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
 from klconvert.errors import KLError
@@ -114,6 +115,7 @@ def pull(
     `include`/`exclude` are `hf download`-style fnmatch patterns that narrow ALLOWED_PATTERNS.
     With HF_HUB_OFFLINE=1 the pull is answered from the cache alone.
     """
+    refuse_bad_repo_id(repo)
     refuse_unsafe_includes(include)
     cache_dir = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
     local_dir = Path(local_dir) if local_dir is not None else None
@@ -168,6 +170,15 @@ def pull(
     if local_dir is not None and not offline:
         _write_local_dir_record(folder, repo, revision, commit, files)
     return PullResult(path=folder, commit=commit, files=files, bytes_downloaded=fetch_bytes)
+
+
+def refuse_bad_repo_id(repo: str) -> None:
+    """Raise KLError unless `repo` is a hub repo id (owner/name), e.g. not a path."""
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        raise KLError(f"{repo!r} is not a hub repo id (name or owner/name, like {DEFAULT_REPO}); check the "
+                      "name") from None
 
 
 def refuse_unsafe_includes(include: list[str] | None) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from klconvert.checkpoint.reader import INDEX_FILE, SINGLE_FILE, open_checkpoint
 from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.checkpoint.safetensors_writer import index_json, shard_names, split_into_shards, write_shard
 from klconvert.convert.model_card import count_text, model_card, size_text
-from klconvert.convert.output_folder import OutputFolder, refuse_existing_out
+from klconvert.convert.output_folder import OutputFolder, OutputLock, refuse_existing_out
 from klconvert.convert.outputs import ModuleMaker, PlanTotals, plan_modules, plan_totals
 from klconvert.convert.provenance import SourceOrigin, source_fingerprint, source_origin
 from klconvert.errors import KLError
@@ -117,6 +118,8 @@ def _refuse_out_over_src(src: Path, out: Path) -> None:
     s, o = src.resolve(), out.resolve()
     if o == s or o in s.parents:
         raise KLError(f"{out}: is the source folder or holds it; write the quantized model somewhere else")
+    if s in o.parents:
+        raise KLError(f"{out}: is inside the source folder {src}; write the quantized model somewhere else")
 
 
 def _copied_files(src: Path) -> list[Path]:
@@ -124,13 +127,14 @@ def _copied_files(src: Path) -> list[Path]:
     return sorted(p for p in found if p.name not in WRITTEN_FILES)
 
 
-def _write_error(e: OSError, folder: OutputFolder, done: int, total: int) -> KLError:
+def _write_error(e: OSError, folder: OutputFolder, done: int, total: int, kept: bool) -> KLError:
     where = e.filename or folder.path
     if e.errno == errno.ENOSPC:
-        return KLError(f"disk full writing {where}: free some space and rerun the same command; {done} of {total} "
-                       f"shards are finished in {folder.path} and the run resumes after them")
-    return KLError(f"cannot write {where} ({e.strerror or e}); fix that and rerun the same command to resume "
-                   f"({done} of {total} shards are finished in {folder.path})")
+        return KLError(f"disk full writing {where}: free some space and rerun the same command"
+                       + (f"; {done} of {total} shards are finished in {folder.path} and the run resumes after them"
+                          if kept else ""))
+    return KLError(f"cannot write {where} ({e.strerror or e}); fix that and rerun the same command"
+                   + (f" to resume ({done} of {total} shards are finished in {folder.path})" if kept else ""))
 
 
 def quantize(src: str | Path, out: str | Path, bits: int | None = None, group_size: int | None = None,
@@ -144,12 +148,19 @@ def quantize(src: str | Path, out: str | Path, bits: int | None = None, group_si
     and options. `force` replaces an existing OUT at the final rename and discards a partial folder
     made from another source or with other options. Shards hold at most `max_shard_bytes` (default 5 GB).
     """
-    started = time.monotonic()
-    max_shard_bytes = max_shard_bytes or MAX_SHARD_BYTES
     src, out = Path(src), Path(out)
     policy, runtime = choose_policy(bits, group_size, symmetric, scheme, recipe)
-    refuse_existing_out(out, force)
     _refuse_out_over_src(src, out)
+    refuse_existing_out(out, force)
+    with OutputLock(out):
+        return _quantize(src, out, policy, runtime, device, force, max_shard_bytes or MAX_SHARD_BYTES, progress)
+
+
+def _quantize(src: Path, out: Path, policy: Policy, runtime: dict, device: str | None, force: bool,
+              max_shard_bytes: int, progress: bool) -> QuantizeResult:
+    """quantize() once it holds OUT's lock."""
+    started = time.monotonic()
+    refuse_existing_out(out, force)  # again: a run that held the lock before us may have just finished OUT
     torch_device = pick_device(device)
     refuse_quantized_source(src)
     checkpoint = open_checkpoint(src)
@@ -169,6 +180,7 @@ def quantize(src: str | Path, out: str | Path, bits: int | None = None, group_si
     source_bytes = {p.outputs[0][0]: p.source_bytes for p in plans}  # progress counts a module at its first tensor
     bar = tqdm(total=totals.bytes_in, unit="B", unit_scale=True, desc=f"quantize {out.name}", disable=not progress)
     done = resumed = resumed_bytes = 0
+    finished: list[bool] = []
     try:
         finished = [folder.has_finished(name, shard) for shard, name in zip(shards, names)]
         left = sum(t.nbytes for shard, ok in zip(shards, finished) if not ok for t in shard)
@@ -196,12 +208,13 @@ def quantize(src: str | Path, out: str | Path, bits: int | None = None, group_si
         folder.finish()
     except BaseException as e:
         bar.leave = False  # a failed run ends with its error line, not a half-full bar
-        folder.remove_unfinished()
+        kept = done > 0 or any(finished)  # something a rerun resumes from; else nothing is left behind
+        folder.remove_unfinished() if kept else folder.remove()
         if isinstance(e, OSError):
-            raise _write_error(e, folder, done, len(shards)) from None
+            raise _write_error(e, folder, done, len(shards), kept) from None
         if isinstance(e, KLError):
-            raise KLError(f"{e} ({done} of {len(shards)} shards are finished in {folder.path}; a rerun resumes "
-                          "after them)") from None
+            raise KLError(f"{e}" + (f" ({done} of {len(shards)} shards are finished in {folder.path}; a rerun "
+                                    "resumes after them)" if kept else "")) from None
         raise
     finally:
         bar.close()
@@ -219,6 +232,9 @@ def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, 
     policy, _ = choose_policy(bits, group_size, symmetric, scheme, recipe)
     out = Path(out) if out is not None else default_out_name(model, policy)
     refuse_existing_out(out, force)
+    looks_like_path = model.startswith((".", "/", "~", os.sep)) or model.count("/") > 1 or Path(model).exists()
+    if looks_like_path and not Path(model).is_dir():
+        raise KLError(f"--model {model}: no such folder (and not a hub repo id like {DEFAULT_REPO}); check the path")
     if Path(model).is_dir():
         if revision is not None:
             raise KLError(f"--revision {revision} picks a hub revision, but --model {model} is a local folder; "

@@ -127,8 +127,14 @@ def test_missing_prompt_file(capsys, tiny_released, tmp_path):
 
 def test_prompt_over_the_plan(capsys, tiny_released, prompt):
     code, _, err = run_cli(capsys, "run", "--model", str(tiny_released), "--prompt-file", str(prompt),
+                           "--max-new-tokens", "4", "--max-context", "8")
+    assert_one_line_error(code, err, "--max-new-tokens 4", "--max-context is 8", "raise --max-context")
+
+
+def test_no_room_for_a_prompt(capsys, tiny_released, prompt):
+    code, _, err = run_cli(capsys, "run", "--model", str(tiny_released), "--prompt-file", str(prompt),
                         "--max-new-tokens", "50", "--max-context", "16")
-    assert_one_line_error(code, err, "--max-new-tokens 50", "holds 16", "--max-context")
+    assert_one_line_error(code, err, "--max-new-tokens 50 leaves no room for a prompt in --max-context 16")
 
 
 def test_missing_model_folder(capsys, prompt, tmp_path):

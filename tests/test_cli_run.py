@@ -21,7 +21,11 @@ def test_run_streams_the_greedy_continuation(tiny_released, tmp_path):
     expected = klconvert.load(tiny_released, device="cpu", max_context=64).generate(ids, 12)[0].tolist()
     stop = [i for i, t in enumerate(expected) if t in tok.stop_ids]
     expected = expected[: stop[0]] if stop else expected
-    assert proc.stdout == tok.decode(expected) + "\n"
+    assert proc.stdout == tok.decode([t for t in expected if t not in tok.special_ids]) + "\n"
+    shown = run_klconvert("run", "--model", str(tiny_released), "--prompt", prompt.read_text(), "--max-new-tokens",
+                          "12", "--show-special")
+    assert shown.stdout == tok.decode(expected) + "\n"
+    assert any(t in tok.special_ids for t in expected)  # so the two differ
     summary = proc.stderr.strip().splitlines()[-1]
     assert f"prompt {len(ids)} tokens" in summary and "prefill" in summary and "decode" in summary
     assert f"context {len(ids) + 12}," in summary  # prompt + max-new-tokens, planned up front

@@ -106,10 +106,25 @@ def test_existing_out_is_refused_and_force_replaces_it_at_the_end(tiny_released,
     assert_one_line_error(*run_cli(capsys, *args)[::2], f"{out}: already exists", "--force")
     assert (out / "keep.txt").read_text() == "mine"
 
+    assert_one_line_error(*run_cli(capsys, *args, "--force")[::2], "--force replaces only a folder klconvert wrote",
+                          "holds other files")
+    assert (out / "keep.txt").read_text() == "mine"
+
+    (out / "keep.txt").unlink()  # an empty folder, then a klconvert output, are replaced
+    code, _, err = run_cli(capsys, *args[:3], "--group-size", "32", "--force")
+    assert code == 0, err
     code, _, err = run_cli(capsys, *args, "--force")
     assert code == 0, err
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no q.partial, no q.replaced
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no q.partial, no lock, no q.replaced
+
+
+def test_out_inside_the_source_is_refused(tiny_copy, capsys):
+    out = tiny_copy / "q"
+    assert_one_line_error(*run_cli(capsys, "quantize", tiny_copy, out)[::2], "inside the source folder")
+    assert not out.exists() and not (tiny_copy / "q.partial").exists()
+
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from klconvert.cli import parse_size
+from klconvert.runtime.plan_report import parse_size
 from klconvert.quant import QuantScheme, compress_weight, load_recipe
 from klconvert.runtime.memory_plan import stored_bytes
 from klconvert.runtime.plan_report import plan_for
