@@ -10,7 +10,7 @@ from klconvert.kernels.fused_moe import PackedExperts, fused_moe
 from klconvert.kernels.int_linear import PackedLinear, int_linear
 from klconvert.kernels.kda_decode import kda_layer_step
 from klconvert.kernels.mla_decode import mla_decode
-from klconvert.kernels.moe_route import moe_route
+from klconvert.kernels.moe_route import moe_route, moe_router, moe_router_locks
 from klconvert.kernels.rms_norm import add_rms_norm
 
 
@@ -41,19 +41,26 @@ class FusedRMSNorm(nn.Module):
 
 
 class FusedRouter(nn.Module):
-    """Router: the fp32 router GEMV, then sigmoid + bias + top-k + renormalize in one launch (ungrouped)."""
+    """Router: for up to FUSED_ROUTER_TOKENS tokens the fp32 router GEMV and the top-k in one launch; above, the
+    GEMV through cuBLAS, then sigmoid + bias + top-k + renormalize in one launch (ungrouped)."""
+
+    FUSED_ROUTER_TOKENS = 16
 
     def __init__(self, router: nn.Module):
         super().__init__()
         c = router.c
         self.weight, self.bias = router.weight, router.e_score_correction_bias
+        self.locks = moe_router_locks(self.FUSED_ROUTER_TOKENS, router.weight.device)
         self.k, self.scaling, self.renorm, self.biased = (c.num_experts_per_token, c.routed_scaling_factor,
                                                           c.moe_renormalize, router.biased)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[0] <= self.FUSED_ROUTER_TOKENS:
+            return moe_router(x, self.weight, self.bias, self.k, self.scaling, self.locks, renormalize=self.renorm,
+                              biased_weights=self.biased)
         logits = torch.nn.functional.linear(x.float(), self.weight)
         return moe_route(logits, self.bias, self.k, self.scaling, renormalize=self.renorm,
-                           biased_weights=self.biased)
+                         biased_weights=self.biased)
 
 
 class FusedKDAStep(nn.Module):

@@ -18,7 +18,8 @@ from klconvert.checkpoint.reader import Checkpoint
 from klconvert.checkpoint.size_bounds import MAX_TENSORS, check_model_size, tensor_and_param_count
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
-from klconvert.synth.presets import _layer_lists, preset_config
+from klconvert.presets import preset_config
+from klconvert.release import layer_lists
 
 
 def edit_json(path: Path, edit) -> None:
@@ -45,7 +46,7 @@ def test_a_real_run_fits_under_the_limit(tiny_released):
 # ---- size fields ---------------------------------------------------------------------------------------------
 def _more_layers(config: dict, layers: int) -> None:
     config["num_hidden_layers"] = layers
-    config["linear_attn_config"].update(_layer_lists(layers))
+    config["linear_attn_config"].update(layer_lists(layers))
 
 
 @pytest.mark.parametrize("edit, needles", [
