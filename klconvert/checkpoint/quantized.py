@@ -73,6 +73,8 @@ def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, S
     for module, group in groups.items():
         where = f"{folder}: quantized weight {module}.weight"
         pieces = canonical_pieces(f"{module}.weight", config)
+        if pieces == [(f"{module}.weight", ())] and f"{module}.weight" not in expected:
+            pieces = canonical_pieces(module, config)  # transformers' stacked experts carry no `.weight`
         if len(pieces) != 1 or pieces[0][1] != ():
             raise KLError(f"{where} is stacked from {len(pieces)} weights; klconvert reads packed weights one module "
                           "at a time (per-expert names) -- quantize the released or per-expert layout instead")
