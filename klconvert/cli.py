@@ -278,6 +278,9 @@ def _quantize_options(command):
         click.option("--force", is_flag=True,
                      help="Replace an existing output folder that klconvert wrote (or an empty one), only once "
                           "the new one is whole, and discard an interrupted run made with other options."),
+        click.option("--allow-split-fused", is_flag=True,
+                     help="Accept a recipe that stores parts of a module vLLM fuses (e.g. in_proj_qkvgfab) "
+                          "differently; the folder then loads in klconvert and transformers, not in vLLM."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -290,12 +293,12 @@ def _quantize_options(command):
 @_quantize_options
 def quantize(src: Path, out: Path, bits: int | None, group_size: int | None, symmetric: bool | None,
              scheme: str | None, recipe: Path | None, device: str | None, max_shard_size: str | None,
-             force: bool) -> None:
+             force: bool, allow_split_fused: bool) -> None:
     """Quantize the checkpoint in SRC into a new compressed-tensors folder OUT (resumes if interrupted)."""
     from klconvert.quantize import quantize as quantize_checkpoint
 
     result = quantize_checkpoint(src, out, bits=bits, group_size=group_size, symmetric=symmetric, scheme=scheme,
-                                 recipe=recipe, device=device, force=force,
+                                 recipe=recipe, device=device, force=force, allow_split_fused=allow_split_fused,
                                  max_shard_bytes=_shard_bytes(max_shard_size))
     click.echo(result.summary(), err=True)
     click.echo(str(result.path))
@@ -310,13 +313,14 @@ def quantize(src: Path, out: Path, bits: int | None, group_size: int | None, sym
 @_quantize_options
 def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: int | None, group_size: int | None,
                       symmetric: bool | None, scheme: str | None, recipe: Path | None, device: str | None,
-                      max_shard_size: str | None, force: bool) -> None:
+                      max_shard_size: str | None, force: bool, allow_split_fused: bool) -> None:
     """Pull a Kimi Linear repo (or take a local folder) and quantize it in one go."""
     from klconvert.quantize import pull_and_quantize as pull_and_quantize_checkpoint
 
     result = pull_and_quantize_checkpoint(model, out, revision=revision, bits=bits, group_size=group_size,
                                           symmetric=symmetric, scheme=scheme, recipe=recipe, device=device,
-                                          force=force, max_shard_bytes=_shard_bytes(max_shard_size))
+                                          force=force, allow_split_fused=allow_split_fused,
+                                          max_shard_bytes=_shard_bytes(max_shard_size))
     click.echo(result.summary(), err=True)
     click.echo(str(result.path))
 

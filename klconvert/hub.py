@@ -4,6 +4,8 @@ from __future__ import annotations
 import errno
 import glob
 import hashlib
+import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -14,7 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-import httpx2
 from huggingface_hub import (
     HfApi,
     constants,
@@ -40,6 +41,10 @@ from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
 from klconvert.errors import KLError
 from klconvert.verified_files import VerifiedFiles
+
+# huggingface_hub 2.x talks through httpx2, 1.x through httpx: a dropped connection surfaces as either's TransportError.
+TRANSPORT_ERRORS = tuple(getattr(importlib.import_module(m), "TransportError")
+                         for m in ("httpx2", "httpx") if importlib.util.find_spec(m) is not None)
 
 DEFAULT_REPO = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
 # Everything a pull may fetch: weights, configs (index, tokenizer_config, special_tokens_map
@@ -146,16 +151,19 @@ def pull(
                 )
             if local_dir is not None:  # a record of an earlier pull must not describe a half-updated folder
                 (local_dir / LOCAL_DIR_RECORD).unlink(missing_ok=True)
-        folder = Path(
-            snapshot_download(
-                repo,
-                revision=resolved,
-                cache_dir=cache_dir,
-                local_dir=local_dir,
-                allow_patterns=[glob.escape(f.path) for f in wanted] if wanted is not None else None,
-                tqdm_class=None if progress else _QuietTqdm,
+        if listing is None:  # offline, no cached listing: huggingface_hub 1.x would ask the hub for one, so look
+            folder = _snapshot_on_disk(repo, commit, cache_dir, local_dir, where)
+        else:
+            folder = Path(
+                snapshot_download(
+                    repo,
+                    revision=resolved,
+                    cache_dir=cache_dir,
+                    local_dir=local_dir,
+                    allow_patterns=[glob.escape(f.path) for f in wanted],
+                    tqdm_class=None if progress else _QuietTqdm,
+                )
             )
-        )
     if listing is None:  # offline, and the cache holds no tree listing (older huggingface_hub): use the disk
         listing = _listing_on_disk(folder)
         wanted = _select_from(listing, include, exclude, where)
@@ -221,6 +229,16 @@ def _cached_listing(repo: str, commit: str, cache_dir: Path, local_dir: Path | N
     except CachedRepoTreeNotFoundError:
         return None
     return [HubFile(path=f.path, size=f.size) for f in tree]
+
+
+def _snapshot_on_disk(repo: str, commit: str, cache_dir: Path, local_dir: Path | None, where: str) -> Path:
+    """Where an earlier pull left `repo@commit`: the --local-dir, or the cache's snapshot folder."""
+    folder = local_dir if local_dir is not None else (
+        cache_dir / repo_folder_name(repo_id=repo, repo_type="model") / "snapshots" / commit)
+    if not folder.is_dir():
+        raise KLError(f"HF_HUB_OFFLINE is set and {folder} holds no copy of {where}: unset HF_HUB_OFFLINE and "
+                      "pull once online")
+    return folder
 
 
 def _listing_on_disk(folder: Path) -> list[HubFile]:
@@ -422,7 +440,7 @@ def _as_user_errors(repo: str, revision: str | None, endpoint: str, target: Path
         if e.response.status_code == 401:
             raise KLError(f"{endpoint} rejected the token for {repo}: check HF_TOKEN") from e
         raise KLError(f"{endpoint} failed while pulling {where}: {_first_line(e)}; {RERUN}") from e
-    except httpx2.TransportError as e:
+    except TRANSPORT_ERRORS as e:
         raise KLError(
             f"lost the connection to {endpoint} while pulling {where} ({_first_line(e)}); {RERUN}, "
             "or set HF_HUB_OFFLINE=1 to use a cached copy"

@@ -24,6 +24,7 @@ from klconvert.errors import KLError
 from klconvert.extras import require
 from klconvert.hub import DEFAULT_REPO, pull
 from klconvert.quant import Policy, load_recipe, policy_from_options
+from klconvert.quant.fused import refuse_split_fused
 from klconvert.quant.policy import LINEAR
 
 MAX_SHARD_BYTES = 5 * 10**9  # the "5GB" shards transformers and the released checkpoint use
@@ -140,31 +141,36 @@ def _write_error(e: OSError, folder: OutputFolder, done: int, total: int, kept: 
 def quantize(src: str | Path, out: str | Path, bits: int | None = None, group_size: int | None = None,
              symmetric: bool | None = None, scheme: str | None = None, recipe: str | Path | None = None,
              device: str | None = None, force: bool = False, max_shard_bytes: int | None = None,
-             progress: bool = True) -> QuantizeResult:
+             progress: bool = True, allow_split_fused: bool = False) -> QuantizeResult:
     """Quantize the checkpoint in SRC (released or transformers layout) into a new HF folder OUT.
 
     Streams module by module; always writes the released tensor names. OUT is built in OUT.partial and
     renamed when whole; an interrupted run resumes from its finished shards when rerun with the same SRC
     and options. `force` replaces an existing OUT at the final rename and discards a partial folder
     made from another source or with other options. Shards hold at most `max_shard_bytes` (default 5 GB).
+    A policy that stores the parts of a module vLLM fuses differently is refused unless `allow_split_fused`.
     """
     src, out = Path(src), Path(out)
     policy, runtime = choose_policy(bits, group_size, symmetric, scheme, recipe)
     _refuse_out_over_src(src, out)
     refuse_existing_out(out, force)
     with OutputLock(out):
-        return _quantize(src, out, policy, runtime, device, force, max_shard_bytes or MAX_SHARD_BYTES, progress)
+        return _quantize(src, out, policy, runtime, device, force, max_shard_bytes or MAX_SHARD_BYTES, progress,
+                         allow_split_fused)
 
 
 def _quantize(src: Path, out: Path, policy: Policy, runtime: dict, device: str | None, force: bool,
-              max_shard_bytes: int, progress: bool) -> QuantizeResult:
+              max_shard_bytes: int, progress: bool, allow_split_fused: bool) -> QuantizeResult:
     """quantize() once it holds OUT's lock."""
     started = time.monotonic()
     refuse_existing_out(out, force)  # again: a run that held the lock before us may have just finished OUT
     torch_device = pick_device(device)
     refuse_quantized_source(src)
     checkpoint = open_checkpoint(src)
-    policy = policy.check_against((name, spec.shape) for name, spec in checkpoint.expected.items())
+    names_and_shapes = [(name, spec.shape) for name, spec in checkpoint.expected.items()]
+    policy = policy.check_against(names_and_shapes)
+    if not allow_split_fused:
+        refuse_split_fused(policy, names_and_shapes)
     plans = plan_modules(checkpoint, policy)
     totals = plan_totals(plans)
     origin = source_origin(src)
@@ -225,8 +231,8 @@ def _quantize(src: Path, out: Path, policy: Policy, runtime: dict, device: str |
 def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, revision: str | None = None,
                       bits: int | None = None, group_size: int | None = None, symmetric: bool | None = None,
                       scheme: str | None = None, recipe: str | Path | None = None, device: str | None = None,
-                      force: bool = False, max_shard_bytes: int | None = None,
-                      progress: bool = True) -> QuantizeResult:
+                      force: bool = False, max_shard_bytes: int | None = None, progress: bool = True,
+                      allow_split_fused: bool = False) -> QuantizeResult:
     """Pull `model` (a hub repo; a folder that exists locally is used as it is) and quantize it into `out`
     (default ./<model-name>-w4a16, -w8a16 or -nf4). Options are checked before anything is downloaded."""
     policy, _ = choose_policy(bits, group_size, symmetric, scheme, recipe)
@@ -243,4 +249,5 @@ def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, 
     else:
         src = pull(model, revision=revision, progress=progress).path
     return quantize(src, out, bits=bits, group_size=group_size, symmetric=symmetric, scheme=scheme, recipe=recipe,
-                    device=device, force=force, max_shard_bytes=max_shard_bytes, progress=progress)
+                    device=device, force=force, max_shard_bytes=max_shard_bytes, progress=progress,
+                    allow_split_fused=allow_split_fused)

@@ -138,7 +138,7 @@ class Checkpoint:
 
         if self.quant_method:
             self.sources.update(find_quantized(self.quant_method, weight_map, self.headers, self.expected,
-                                               self.folder))
+                                               self.config, self.folder))
             packed = {name for q in self.sources.values() for _, name in q.parts.values()}
             weight_map = {n: s for n, s in weight_map.items() if n not in packed}
         for source_name, shard in sorted(weight_map.items()):
