@@ -73,6 +73,23 @@ def repack_int_weight(weight_packed, weight_scale, weight_zero_point, weight_sha
     return PackedLinear(_pack_planes(codes, bits), scales, zeros, locks, n, k, bits, group_size)
 
 
+def concat_packed_linears(parts: list[PackedLinear]) -> PackedLinear:
+    """Stack linears that read the same input into one (rows in the given order): y = x @ [W_0; W_1; ...].T.
+    Each part's rows must fill whole ROWS blocks, so no padding lands between them."""
+    first = parts[0]
+    for p in parts:
+        if (p.k, p.bits, p.group_size, p.zeros is None) != (first.k, first.bits, first.group_size, first.zeros is None) \
+                or p.n % ROWS:
+            raise ValueError(f"concat_packed_linears: [{p.n}, {p.k}] {p.bits}-bit group {p.group_size} does not stack "
+                             f"with [{first.n}, {first.k}] {first.bits}-bit group {first.group_size} "
+                             f"(rows must be a multiple of {ROWS}, and K, bits, group and symmetry equal)")
+    n = sum(p.n for p in parts)
+    zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts], dim=1)
+    return PackedLinear(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts], dim=1), zeros,
+                        torch.zeros(n // ROWS, dtype=torch.int32, device=first.qweight.device), n, first.k,
+                        first.bits, first.group_size)
+
+
 @triton.jit
 def _unpack(w, j: tl.constexpr, BITS: tl.constexpr):
     """Code of bit plane j as the exact float 1 + code / 2**BITS: the code is moved into the top mantissa bits of 1.0."""

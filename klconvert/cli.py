@@ -115,7 +115,7 @@ def run(model: str | None, prompt_file: str, max_new_tokens: int, temperature: f
     stream = StreamDecoder(tokenizer)
     stop = tokenizer.stop_ids
 
-    def emit(token: int) -> None:
+    def emit(sequence: int, token: int) -> None:
         if token not in stop:
             sys.stdout.write(stream.push(token))
             sys.stdout.flush()

@@ -69,13 +69,9 @@ def _run(path: Path, ids: list[int], device: str | None, dtype: str | None) -> _
     chosen: dict[int, list[torch.Tensor]] = {}
     for layer, block in enumerate(engine.model.blocks):
         if c.is_moe(layer):
-            route = block.ffn.route
-
-            def recording_route(x, route=route, out=chosen.setdefault(layer, [])):
-                expert_ids, weights = route(x)
-                out.append(expert_ids.cpu())  # one [B*S, k] per prefill segment, in order
-                return expert_ids, weights
-            block.ffn.route = recording_route
+            def record(module, args, result, out=chosen.setdefault(layer, [])):
+                out.append(result[0].cpu())  # expert ids, one [B*S, k] per prefill segment, in order
+            block.ffn.gate.register_forward_hook(record)
     logits = engine.forward(torch.tensor([ids]))[0]                      # [T, V] fp32
     run = _Run(torch.log_softmax(logits.float(), dim=-1).cpu(), {k: torch.cat(v) for k, v in chosen.items()},
                tuple(chosen), c.vocab_size)

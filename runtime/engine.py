@@ -1,29 +1,37 @@
-"""Engine: a loaded model with its memory plan -- whole-sequence prefill, one-token decode, sampling."""
+"""Engine: a declared model bound to a checkpoint, with its memory plan -- prefill, the decode step, generation."""
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
-from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.quant import QuantScheme
+from klconvert.runtime.bind import bind, packed_choice
+from klconvert.runtime.decode_step import DecodeStep
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.model import KimiLinear
 from klconvert.runtime.sampling import sample
-from klconvert.runtime.weights import HeldPacked, Packed, WeightLoader, kernel_takes, use_triton
+from klconvert.runtime.state import FP8
+from klconvert.runtime.weights import HeldPacked, Packed, use_triton
+
+MAX_TOKENS_IN_FLIGHT = 8  # decode steps the host may run ahead of the tokens it has seen (stop checks lag so)
+CACHE_DTYPES = {"bfloat16": torch.bfloat16, "float8_e4m3fn": FP8}
 
 
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
-    new_tokens: int = 0
+    batch: int = 1
+    new_tokens: int = 0      # over all sequences
+    steps: int = 0           # decode steps run (each makes one token per sequence)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
 
@@ -33,13 +41,48 @@ class GenerationStats:
 
     @property
     def decode_tps(self) -> float:
-        # the first new token comes from prefill; the rest from decode steps
-        return (self.new_tokens - 1) / self.decode_seconds if self.decode_seconds and self.new_tokens > 1 else 0.0
+        """Tokens per second over all sequences, decode steps only (the first token of each comes from prefill)."""
+        return self.steps * self.batch / self.decode_seconds if self.decode_seconds else 0.0
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class _TokenStream:
+    """New tokens copied to the host asynchronously (pinned buffers + events): the host hands them on as they
+    land, at most MAX_TOKENS_IN_FLIGHT steps behind the device, without a sync per token."""
+
+    def __init__(self, batch: int, device: torch.device):
+        self.pending: deque = deque()
+        self.cuda = device.type == "cuda"
+        self.batch = batch
+
+    def push(self, token: torch.Tensor) -> None:
+        if not self.cuda:
+            self.pending.append((None, token))
+            return
+        host = torch.empty(token.shape, dtype=token.dtype, pin_memory=True)
+        host.copy_(token, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((event, host))
+
+    def landed(self, wait: bool = False) -> list[list[int]]:
+        """Tokens whose copies are complete, oldest first (all of them with wait, else those ready, waiting only
+        when the host runs too far ahead)."""
+        out = []
+        while self.pending:
+            event, host = self.pending[0]
+            ready = event is None or wait or len(self.pending) > MAX_TOKENS_IN_FLIGHT or event.query()
+            if not ready:
+                break
+            if event is not None:
+                event.synchronize()
+            self.pending.popleft()
+            out.append(host.tolist())
+        return out
 
 
 class Engine:
@@ -48,30 +91,32 @@ class Engine:
     def __init__(self, config: KimiLinearConfig, read: Callable[[str], torch.Tensor], device: torch.device,
                  dtype: torch.dtype, context: int, batch: int, biased_router_weights: bool = False,
                  packed: Packed | None = None, kernels: str = "torch",
-                 stored_schemes: dict[str, QuantScheme] | None = None):
+                 stored_schemes: dict[str, QuantScheme] | None = None, mla_cache_dtype: torch.dtype | None = None,
+                 cuda_graph: bool = True):
         """`read(name)` gives a canonical tensor (e.g. Checkpoint.get), `packed(name)` a quantized weight's stored
-        parts (Checkpoint.packed) and `stored_schemes` how each packed weight is stored, so the plan can size
-        the ones that stay packed; `kernels` picks PyTorch or Triton (auto: Triton on CUDA)."""
+        parts (Checkpoint.packed) and `stored_schemes` how each packed weight is stored; `kernels` picks PyTorch
+        or Triton (auto: Triton on CUDA). The decode step is captured in a CUDA graph with Triton on CUDA."""
         self.config, self.device, self.dtype = config, device, dtype
         self.triton = use_triton(kernels, device)
-        shapes = expected_tensors(config)
-        held = {n: s for n, s in (stored_schemes or {}).items()
-                if self.triton and kernel_takes(s, shapes[n].shape[1])}  # the rest is dequantized at load
-        if context > self.config.model_max_length:
-            raise KLError(f"--max-context {context} is over the model's model_max_length "
-                          f"{self.config.model_max_length}; lower it")
+        if context > config.model_max_length:
+            raise KLError(f"a context of {context} tokens is over the model's model_max_length "
+                          f"{config.model_max_length}; lower --max-context (or shorten the prompt)")
+        self.model = KimiLinear(config, biased_router_weights=biased_router_weights)
+        held = packed_choice(self.model, stored_schemes or {}, self.triton)
         limit = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-        self.plan = MemoryPlan(self.config, batch=batch, context=context, weight_bytes=weight_bytes(self.config, dtype, HeldPacked(held)),
-                               act_dtype=dtype, mla_cache_dtype=dtype, memory_limit=limit)
+        cache_dtype = mla_cache_dtype or dtype
+        self.plan = MemoryPlan(config, batch=batch, context=context,
+                               weight_bytes=weight_bytes(config, dtype, HeldPacked(held)), act_dtype=dtype,
+                               mla_cache_dtype=cache_dtype, memory_limit=limit)
         if limit is not None and self.plan.total > limit:
             fit = self.plan.largest_context()
             raise KLError(f"the plan needs {self.plan.total / 2**30:.1f} GiB but {device} has {limit / 2**30:.1f} GiB; "
                           + (f"lower --max-context to {fit} or less" if fit else
                              "the weights alone do not fit: use a quantized model (klconvert quantize --bits 4)"))
-
-        weights = WeightLoader(read, packed, device, dtype, self.triton)
-        self.model = KimiLinear(self.config, weights, biased_router_weights=biased_router_weights)
+        bind(self.model, read, packed, held, device, dtype, self.triton)
         self.state = self.plan.allocate(device)
+        self.cuda_graph = cuda_graph and self.triton and device.type == "cuda"
+        self._steps: dict[int, DecodeStep] = {}
         self.stats = GenerationStats()
 
     # ---- checks ----------------------------------------------------------------------------------
@@ -80,13 +125,17 @@ class Engine:
         ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
         if ids.dim() != 2 or ids.shape[1] == 0:
             raise KLError(f"input_ids must be [T] or [B, T] with T >= 1, got shape {list(ids.shape)}")
-        if ids.shape[0] > self.plan.batch:
-            raise KLError(f"batch {ids.shape[0]} is over the planned batch {self.plan.batch}; load with batch="
-                          f"{ids.shape[0]} (--batch)")
-        if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
-            raise KLError(f"token id {int(ids.max()) if int(ids.max()) >= 0 else int(ids.min())} is outside the "
-                          f"vocabulary (0..{self.config.vocab_size - 1})")
+        self._check_ids([ids.reshape(-1)], ids.shape[0])
         return ids.to(self.device)
+
+    def _check_ids(self, seqs: Sequence[torch.Tensor], batch: int) -> None:
+        if batch > self.plan.batch:
+            raise KLError(f"{batch} sequences are over the planned batch {self.plan.batch}; load with batch="
+                          f"{batch} (--batch)")
+        for s in seqs:
+            if s.numel() and (int(s.min()) < 0 or int(s.max()) >= self.config.vocab_size):
+                bad = int(s.max()) if int(s.max()) >= 0 else int(s.min())
+                raise KLError(f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
 
     def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """Refuse up front a request that would run past the planned context."""
@@ -96,71 +145,116 @@ class Engine:
                           f"context of {need} tokens but the memory plan holds {self.plan.context}; raise "
                           f"--max-context to {need} or more, or shorten the prompt")
 
-    # ---- the two paths -----------------------------------------------------------------------------
-    def _prefill(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
-        """Run the prompt through fresh state, segment by segment; logits for every token or the last."""
-        self.state.reset()
+    # ---- prefill ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _prefill(self, ids: torch.Tensor, state, all_logits: bool) -> torch.Tensor:
+        """Run [B, T] prompts (one length) through fresh `state` rows, segment by segment; logits for every
+        token, or the last one."""
+        state.reset()
         out = []
         for start in range(0, ids.shape[1], PREFILL_SEGMENT):
             seg = ids[:, start:start + PREFILL_SEGMENT]
             last = start + seg.shape[1] == ids.shape[1]
+            logits = self.model(seg, state, start, last_only=not all_logits)
             if all_logits or last:
-                out.append(self.model(seg, self.state, start, last_only=not all_logits))
-            else:
-                self.model(seg, self.state, start, last_only=True)
+                out.append(logits)
         return torch.cat(out, dim=1)
 
     def forward(self, input_ids) -> torch.Tensor:
-        """The prefill path over a whole sequence: input_ids [B, T] -> logits [B, T, vocab] fp32."""
+        """The prefill path over whole sequences of one length: input_ids [B, T] -> logits [B, T, vocab] fp32."""
         ids = self._as_batch(input_ids)
         self.check_fits(ids.shape[1], 0)
-        return self._prefill(ids, all_logits=True)
+        return self._prefill(ids, self.state.rows(0, ids.shape[0]), all_logits=True)
 
-    def decode_step(self, token: torch.Tensor, position: int) -> torch.Tensor:
-        """The one-token path: token [B, 1] at `position` -> logits [B, vocab]. Shapes never change."""
-        return self.model(token, self.state, position, decode=True)[:, -1]
+    # ---- decode ----------------------------------------------------------------------------------
+    def decoder(self, batch: int) -> DecodeStep:
+        """The decode step for the first `batch` sequences (captured once per batch size on CUDA + Triton).
+        Capturing writes into the state: take it before prefilling."""
+        if batch not in self._steps:
+            self._steps[batch] = DecodeStep(self.model, self.state.rows(0, batch), graph=self.cuda_graph)
+        return self._steps[batch]
 
-    def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+    def decode_step(self, token: torch.Tensor, position) -> torch.Tensor:
+        """One token per sequence: token [B, 1] or [B] at `position` (an int for all, or [B]) -> logits [B, vocab].
+        Runs eagerly (the graph-captured step is `decoder(B)`)."""
+        token = torch.as_tensor(token, device=self.device).reshape(-1)
+        positions = torch.as_tensor(position, dtype=torch.long, device=self.device).expand(token.shape[0])
+        with torch.inference_mode():
+            return self.model.decode(token, self.state.rows(0, token.shape[0]), positions)
+
+    def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, stop_ids: frozenset[int] = frozenset(),
-                 on_token: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Prefill, then decode up to `max_new_tokens`; returns the new ids [B, n] (n <= max_new_tokens).
+                 on_token: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Prefill each prompt, then decode all together, each sequence at its own position; returns the new ids
+        [B, n] (n <= max_new_tokens). `prompts`: [T] / [B, T] ids, or a list of id lists of different lengths.
 
-        A sequence that emits a stop id is padded with that id; generation ends when all have stopped.
-        `on_token` receives each new id of sequence 0 as it is made (for streaming).
+        A sequence that emits a stop id is padded with it; generation ends when every sequence has stopped.
+        `on_token(sequence, id)` receives each new id as it reaches the host (copied asynchronously).
         """
-        ids = self._as_batch(input_ids)
-        B, T = ids.shape
-        self.check_fits(T, max_new_tokens)
+        seqs = self._as_prompts(prompts)
+        B = len(seqs)
+        self.check_fits(max(len(s) for s in seqs), max_new_tokens)
+        self.stats = GenerationStats(prompt_tokens=sum(len(s) for s in seqs), batch=B)
+        if max_new_tokens <= 0:
+            return torch.empty(B, 0, dtype=torch.long)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else torch.seed())
-        self.stats = GenerationStats(prompt_tokens=B * T)
-        if max_new_tokens <= 0:
-            return ids.new_empty(B, 0)
+        step = self.decoder(B)
 
         t0 = time.perf_counter()
-        logits = self._prefill(ids, all_logits=False)[:, -1]
-        token = sample(logits, temperature, top_p, generator)                  # [B]
+        last = torch.cat([self._prefill(s.view(1, -1), self.state.rows(b, b + 1), all_logits=False)[:, -1]
+                          for b, s in enumerate(seqs)])                         # [B, vocab]
+        stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
+        token = sample(last, temperature, top_p, generator)
+        done = torch.isin(token, stop)
+        out = torch.empty(B, max_new_tokens, dtype=torch.long, device=self.device)
+        out[:, 0] = token
+        step.positions.copy_(torch.tensor([len(s) for s in seqs], device=self.device))
+        stream, stopped = _TokenStream(B, self.device), [False] * B
+        stream.push(token)
         _sync(self.device)
         t1 = time.perf_counter()
         self.stats.prefill_seconds = t1 - t0
-        stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
-        done = torch.isin(token, stop)
-        out = [token]
-        if on_token:
-            on_token(int(token[0]))
-        for step in range(1, max_new_tokens):
-            if bool(done.all()):
-                break
-            logits = self.decode_step(out[-1].unsqueeze(1), T + step - 1)
-            token = torch.where(done, out[-1], sample(logits, temperature, top_p, generator))
-            if on_token and not bool(done[0]):
-                on_token(int(token[0]))
+
+        def hand_on(rows: list[list[int]]) -> None:
+            for row in rows:
+                for b, t in enumerate(row):
+                    if not stopped[b]:
+                        stopped[b] = t in stop_ids
+                        if on_token:
+                            on_token(b, t)
+
+        n = 1
+        hand_on(stream.landed())
+        while n < max_new_tokens and not all(stopped):
+            step.tokens.copy_(token)
+            logits = step.step()
+            token = torch.where(done, token, sample(logits, temperature, top_p, generator))
             done |= torch.isin(token, stop)
-            out.append(token)
+            step.positions += 1
+            out[:, n] = token
+            stream.push(token)
+            n += 1
+            hand_on(stream.landed())
+        hand_on(stream.landed(wait=True))
         _sync(self.device)
         self.stats.decode_seconds = time.perf_counter() - t1
-        self.stats.new_tokens = len(out)
-        return torch.stack(out, dim=1)
+        self.stats.steps = n - 1
+        self.stats.new_tokens = n * B
+        return out[:, :n].cpu()
+
+    def _as_prompts(self, prompts) -> list[torch.Tensor]:
+        if isinstance(prompts, torch.Tensor):
+            ids = prompts.unsqueeze(0) if prompts.dim() == 1 else prompts
+            seqs = list(ids)
+        else:
+            seqs = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
+            if seqs and seqs[0].dim() == 0:   # one prompt as a flat list of ids
+                seqs = [torch.as_tensor(prompts, dtype=torch.long)]
+        if not seqs or any(s.dim() != 1 or s.numel() == 0 for s in seqs):
+            raise KLError("generate needs at least one prompt, each a non-empty list of token ids")
+        self._check_ids(seqs, len(seqs))
+        return [s.to(self.device, torch.long) for s in seqs]
 
 
 def default_device() -> torch.device:
@@ -169,10 +263,11 @@ def default_device() -> torch.device:
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
          max_context: int = 4096, batch: int = 1, biased_router_weights: bool = False,
-         kernels: str = "auto") -> Engine:
-    """Open, check and load a Kimi Linear checkpoint folder; allocate its memory plan once.
+         kernels: str = "auto", mla_cache_dtype: str | torch.dtype | None = None, cuda_graph: bool = True) -> Engine:
+    """Open, check and bind a Kimi Linear checkpoint folder; allocate its memory plan once.
 
-    kernels: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch"."""
+    kernels: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch". mla_cache_dtype: the latent cache's
+    dtype (default: the compute dtype; "float8_e4m3fn" halves it, with one fp32 scale per cached row)."""
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KLError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
@@ -182,9 +277,14 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
             raise KLError(f"--dtype {dtype}: choose float32 or bfloat16")
         dtype = names[dtype]
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if isinstance(mla_cache_dtype, str):
+        if mla_cache_dtype not in CACHE_DTYPES:
+            raise KLError(f"--mla-cache-dtype {mla_cache_dtype}: choose {' or '.join(CACHE_DTYPES)}")
+        mla_cache_dtype = CACHE_DTYPES[mla_cache_dtype]
     if max_context < 1 or batch < 1:
         raise KLError(f"--max-context ({max_context}) and --batch ({batch}) must be at least 1")
     checkpoint = Checkpoint(path)
     schemes = {n: s.scheme for n, s in checkpoint.sources.items() if isinstance(s, QuantizedSource)}
     return Engine(checkpoint.config, checkpoint.get, device, dtype, max_context, batch, biased_router_weights,
-                  packed=checkpoint.packed, kernels=kernels, stored_schemes=schemes)
+                  packed=checkpoint.packed, kernels=kernels, stored_schemes=schemes, mla_cache_dtype=mla_cache_dtype,
+                  cuda_graph=cuda_graph)

@@ -39,8 +39,9 @@ def kda_step(q, k, v, g, beta, state):
 def kda_chunked(q, k, v, g, beta, state, chunk: int = CHUNK):
     """The same recurrence over T tokens, chunk by chunk (the WY / UT-transform form).
 
-    q, k, g [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]; state [B, H, K, V] fp32, updated in place.
-    Returns o [B, T, H, V] fp32. Within a chunk, with G the cumulative log decay and D[t, s] = exp(G_t - G_s)
+    q, k, g [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]; state [B, H, K, V] fp32, the state before the first
+    token (not modified). Returns (o [B, T, H, V] fp32, the state after the last token). Nothing is updated in
+    place, so the same code trains (autograd) and prefills. Within a chunk, with G the cumulative log decay and D[t, s] = exp(G_t - G_s)
     (t >= s, so never above 1):
         (I + A) U = beta * (V - (K * exp(G)) S0),  A[t, s] = beta_t sum_i k_t,i k_s,i D[t, s, i]  (s < t)
         O = (Q * exp(G)) S0 + (sum_i q_t,i k_s,i D[t, s, i])_{s <= t} U
@@ -48,7 +49,7 @@ def kda_chunked(q, k, v, g, beta, state, chunk: int = CHUNK):
     """
     B, T, H, K = k.shape
     q, k, v, g, beta = (x.float().transpose(1, 2) for x in (q, k, v, g, beta))  # [B, H, T, .]
-    out = torch.empty_like(v)
+    out = []
     for start in range(0, T, chunk):
         sl = slice(start, min(start + chunk, T))
         qc, kc, vc, bc = q[:, :, sl], k[:, :, sl], v[:, :, sl], beta[:, :, sl]
@@ -64,7 +65,7 @@ def kda_chunked(q, k, v, g, beta, state, chunk: int = CHUNK):
         u_tilde, w = sol.split([vc.shape[-1], K], dim=-1)
         u = u_tilde - w @ state                                         # [B, H, C, V]
         qk = torch.einsum("bhti,bhsi,bhtsi->bhts", qc, kc, D)           # zero above the diagonal
-        out[:, :, sl] = (qc * G.exp()) @ state + qk @ u
+        out.append((qc * G.exp()) @ state + qk @ u)
         g_last = G[:, :, -1:]                                            # [B, H, 1, K]
-        state.mul_(g_last.transpose(-1, -2).exp()).add_((kc * (g_last - G).exp()).transpose(-1, -2) @ u)
-    return out.transpose(1, 2)
+        state = state * g_last.transpose(-1, -2).exp() + (kc * (g_last - G).exp()).transpose(-1, -2) @ u
+    return torch.cat(out, dim=2).transpose(1, 2), state

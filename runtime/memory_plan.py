@@ -13,6 +13,7 @@ import torch
 
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.config import KimiLinearConfig
+from klconvert.runtime.state import FP8, StateBuffers
 from klconvert.runtime.weights import held_in_fp32
 
 if TYPE_CHECKING:
@@ -23,20 +24,6 @@ PREFILL_SEGMENT = 2048  # prompt tokens run through the model at once
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float8_e4m3fn: 1}
 WEIGHT_CATEGORIES = ("embedding", "lm_head", "attention", "kda_small", "experts", "shared_experts", "dense_mlp",
                      "router", "norm")
-
-
-@dataclass
-class StateBuffers:
-    """The plan's one allocation: per-sequence recurrent state and the MLA latent cache."""
-
-    kda_state: torch.Tensor   # [n_kda, B, H, K, V]
-    conv_state: torch.Tensor  # [n_kda, B, 3*H*K, W-1]: the last W-1 projected inputs
-    mla_cache: torch.Tensor   # [n_mla, B, context, kv_lora_rank + qk_rope_head_dim]
-
-    def reset(self) -> None:
-        """Start new sequences: recurrent state and conv tails to zero (the cache is overwritten as it fills)."""
-        self.kda_state.zero_()
-        self.conv_state.zero_()
 
 
 @dataclass(frozen=True)
@@ -64,8 +51,10 @@ class MemoryPlan:
 
     @property
     def mla_bytes_per_token(self) -> int:
+        """The cached values, plus one fp32 scale per row when the cache is e4m3."""
         c = self.config
-        return len(c.full_attn_layers) * c.mla_cache_width * DTYPE_BYTES[self.mla_cache_dtype]
+        scale = 4 if self.mla_cache_dtype == FP8 else 0
+        return len(c.full_attn_layers) * (c.mla_cache_width * DTYPE_BYTES[self.mla_cache_dtype] + scale)
 
     # ---- totals ---------------------------------------------------------------------------------
     @property
@@ -138,6 +127,8 @@ class MemoryPlan:
                                    device=device),
             mla_cache=torch.zeros(n_mla, B, self.context, c.mla_cache_width, dtype=self.mla_cache_dtype,
                                   device=device),
+            mla_scale=torch.ones(n_mla, B, self.context, dtype=torch.float32, device=device)
+            if self.mla_cache_dtype == FP8 else None,
         )
 
 

@@ -1,8 +1,16 @@
-"""Kimi Linear in plain PyTorch: KDA and NoPE-MLA mixers, sigmoid-routed MoE -- the reference every fast path matches.
+"""Kimi Linear in plain PyTorch, declared from the config alone: the math every fast path matches.
 
-Shapes: B batch, T tokens, D hidden, H heads, K/V head dims. Prefill runs whole segments (KDA in its
-chunked form, MLA over the expanded latent cache); decode runs one token (KDA step, MLA absorbed into
-the latent cache). Both read and write the state buffers the memory plan allocated.
+The module tree mirrors the released checkpoint's names (`model.layers.{i}.self_attn.q_proj.weight`...), so
+`runtime/bind.py` fills it by name; the few exceptions (the routed experts stacked per layer, the KDA input
+projections grouped under `in_proj`) are spelled out in `canonical_names`. Nothing here imports a kernel: bind
+swaps in faster modules with the same call signature (packed int linears, the fused KDA step, fused experts,
+the Triton latent attention).
+
+Shapes: B batch, T tokens, D hidden, H heads, K/V head dims, L the planned context. Three ways through:
+- prefill (`forward(ids, state, start)`): T new tokens of every sequence at positions start.., against `state`;
+- decode (`decode(ids [B], state, positions [B])`): one token per sequence, each at its own position; shapes
+  never change, so the step can be captured in a CUDA graph;
+- training (`forward(ids)` with no state): a fresh causal pass, differentiable, nothing cached.
 """
 from __future__ import annotations
 
@@ -12,8 +20,7 @@ from torch import nn
 
 from klconvert.config import KimiLinearConfig
 from klconvert.runtime.kda import kda_chunked, kda_gate, kda_step, l2norm
-from klconvert.runtime.memory_plan import StateBuffers
-from klconvert.runtime.weights import WeightLoader
+from klconvert.runtime.state import StateBuffers
 
 MLA_LATENT_NORM_EPS = 1e-6  # the original remote code and transformers; vLLM uses 1e-5
 
@@ -24,94 +31,199 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 
 
+def _param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x W^T, W [out, in]."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = _param(n_out, n_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight, self.eps = _param(dim), eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, norm(x + residual)): the residual stream's add, where a kernel can fold it in."""
+        x = x + residual
+        return x, self(x)
+
+
+class Weight(nn.Module):
+    """A weight the mixer reads as a tensor, never packed: the KDA short convs [C, 1, W] (applied together) and
+    MLA's kv_b_proj [H*(dn+dv), r] (decode folds it into the query and the output)."""
+
+    def __init__(self, *shape: int):
+        super().__init__()
+        self.weight = _param(*shape)
+
+
+class ParallelLinear(nn.Module):
+    """Several linears that read the same input, returned as one tensor [..., sum(out)]; bind may replace the
+    group with one packed kernel over the stacked rows."""
+
+    def __init__(self, n_in: int, outs: dict[str, int]):
+        super().__init__()
+        for name, n_out in outs.items():
+            self.add_module(name, Linear(n_in, n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m(x) for m in self.children()], dim=-1)
+
+
 def swiglu(x, gate, up, down):
     return down(F.silu(gate(x)) * up(x))
+
+
+# ---- KDA ------------------------------------------------------------------------------------------------
+class KDAStep(nn.Module):
+    """One decode token of a KDA layer after its input projections: conv + SiLU, l2norm, gate, delta rule,
+    gated output norm. Holds no weights; bind replaces it with the fused one-launch kernel on CUDA."""
+
+    def forward(self, m: "KDAMixer", qkv, g_raw, beta_raw, gate_raw, tail, S) -> torch.Tensor:
+        """qkv [B, 3HK], g_raw/gate_raw [B, HK], beta_raw [B, H]; tail [B, 3HK, W-1], S [B, H, K, V] in place.
+        Returns the normed, gated output [B, HK] in qkv's dtype."""
+        o = m.recurrent(qkv.unsqueeze(1), g_raw.unsqueeze(1), beta_raw.unsqueeze(1), tail, S)   # [B, 1, H, V]
+        return m.gated_norm(o, gate_raw.unsqueeze(1)).squeeze(1)
 
 
 class KDAMixer(nn.Module):
     """Kimi Delta Attention: short conv + SiLU on q, k, v; per-channel gated delta rule; gated output norm."""
 
-    def __init__(self, c: KimiLinearConfig, prefix: str, w: WeightLoader, slot: int):
+    def __init__(self, c: KimiLinearConfig, slot: int):
         super().__init__()
-        self.H, self.K, self.eps, self.slot = c.kda_num_heads, c.kda_head_dim, c.rms_norm_eps, slot
-        t = lambda n: w.tensor(f"{prefix}.{n}")  # noqa: E731
-        lin = lambda n: w.linear(f"{prefix}.{n}.weight")  # noqa: E731
-        self.q_proj, self.k_proj, self.v_proj = lin("q_proj"), lin("k_proj"), lin("v_proj")
-        self.conv = torch.cat([t("q_conv1d.weight"), t("k_conv1d.weight"), t("v_conv1d.weight")])  # [3HK, 1, W]
-        self.A_log, self.dt_bias = t("A_log").float().flatten(), t("dt_bias").float()
-        self.f_a, self.f_b, self.b_proj = lin("f_a_proj"), lin("f_b_proj"), lin("b_proj")
-        self.g_a, self.g_b = lin("g_a_proj"), lin("g_b_proj")
-        self.o_norm, self.o_proj = t("o_norm.weight").float(), lin("o_proj")
-        self.fused_decode = w.kda_layer_step  # the one-launch Triton step, or None for the PyTorch path
+        D, H, K, W = c.hidden_size, c.kda_num_heads, c.kda_head_dim, c.conv_kernel_size
+        self.H, self.K, self.eps, self.slot = H, K, c.rms_norm_eps, slot
+        self.in_proj = ParallelLinear(D, {"q_proj": H * K, "k_proj": H * K, "v_proj": H * K, "f_a_proj": K,
+                                          "g_a_proj": K, "b_proj": H})
+        self.q_conv1d, self.k_conv1d, self.v_conv1d = Weight(H * K, 1, W), Weight(H * K, 1, W), Weight(H * K, 1, W)
+        self.A_log, self.dt_bias = _param(1, 1, H, 1), _param(H * K)
+        self.f_b_proj, self.g_b_proj = Linear(K, H * K), Linear(K, H * K)
+        self.o_norm, self.o_proj = RMSNorm(K, c.rms_norm_eps), Linear(H * K, D)
+        self.step = KDAStep()
 
-    def short_conv(self, x: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
-        """Causal depthwise conv + SiLU over [tail, x]; x [B, T, C], tail [B, C, W-1] updated in place."""
-        xt = torch.cat([tail.to(x.dtype), x.transpose(1, 2)], dim=-1)       # [B, C, W-1+T]
-        tail.copy_(xt[..., -tail.shape[-1]:])
-        y = F.conv1d(xt.float(), self.conv.float(), groups=xt.shape[1])     # [B, C, T]
+    @property
+    def conv_weight(self) -> torch.Tensor:
+        return torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])    # [3HK, 1, W]
+
+    def project(self, x: torch.Tensor):
+        """x [..., D] -> qkv [..., 3HK], g_raw [..., HK], beta_raw [..., H], gate_raw [..., HK]."""
+        H, K = self.H, self.K
+        qkv, f_a, g_a, beta_raw = self.in_proj(x).split([3 * H * K, K, K, H], dim=-1)
+        return qkv, self.f_b_proj(f_a), beta_raw, self.g_b_proj(g_a)
+
+    def short_conv(self, x: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
+        """Causal depthwise conv + SiLU over [tail, x]; x [B, T, C]; tail [B, C, W-1] (None: zeros), updated."""
+        B, T, C = x.shape
+        W = self.q_conv1d.weight.shape[-1]
+        past = tail.to(x.dtype) if tail is not None else x.new_zeros(B, C, W - 1)
+        xt = torch.cat([past, x.transpose(1, 2)], dim=-1)                   # [B, C, W-1+T]
+        if tail is not None:
+            tail.copy_(xt[..., -(W - 1):])
+        y = F.conv1d(xt.float(), self.conv_weight.float(), groups=C)        # [B, C, T]
         return F.silu(y).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, state: StateBuffers, decode: bool) -> torch.Tensor:
-        B, T, _ = x.shape
+    def recurrent(self, qkv, g_raw, beta_raw, tail, S) -> torch.Tensor:
+        """The conv and the delta rule over T tokens -> o [B, T, H, V] fp32. S None: a fresh state, not kept."""
+        B, T, _ = qkv.shape
         H, K = self.H, self.K
-        qkv_raw = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)   # [B, T, 3HK]
-        g_raw, beta_raw = self.f_b(self.f_a(x)), self.b_proj(x)             # [B, T, HK], [B, T, H]
-        gate_raw = self.g_b(self.g_a(x))                                     # [B, T, HK]
-        tail, S = state.conv_state[self.slot, :B], state.kda_state[self.slot, :B]  # S [B, H, K, V] fp32
-        if decode and self.fused_decode is not None:
-            o = self.fused_decode(qkv_raw[:, 0], tail, self.conv, g_raw[:, 0], beta_raw[:, 0], gate_raw[:, 0], S,
-                                  A_log=self.A_log, dt_bias=self.dt_bias, o_norm_weight=self.o_norm, eps=self.eps)
-            return self.o_proj(o.unsqueeze(1))
-        q, k, v = self.short_conv(qkv_raw, tail).view(B, T, 3, H, K).unbind(2)  # [B, T, H, K] each
+        q, k, v = self.short_conv(qkv, tail).view(B, T, 3, H, K).unbind(2)  # [B, T, H, K] each
         q, k = l2norm(q) * K ** -0.5, l2norm(k)
         g = kda_gate(g_raw.view(B, T, H, K), self.A_log, self.dt_bias)
         beta = torch.sigmoid(beta_raw.float())                               # [B, T, H]
-        if decode:
-            o = kda_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], S).unsqueeze(1)
-        else:
-            o = kda_chunked(q, k, v, g, beta, S)                             # [B, T, H, V]
-        gate = gate_raw.view(B, T, H, K).float()
-        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps) * self.o_norm * torch.sigmoid(gate)
-        return self.o_proj(o.to(x.dtype).reshape(B, T, H * K))
+        if T == 1 and S is not None:
+            return kda_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], S).unsqueeze(1)
+        fresh = S if S is not None else q.new_zeros(B, H, K, v.shape[-1])
+        o, final = kda_chunked(q, k, v, g, beta, fresh)
+        if S is not None:
+            S.copy_(final)
+        return o
+
+    def gated_norm(self, o: torch.Tensor, gate_raw: torch.Tensor) -> torch.Tensor:
+        """o [B, T, H, V] fp32 -> rmsnorm per head * o_norm * sigmoid(gate), [B, T, HK] in gate_raw's dtype."""
+        B, T, H, V = o.shape
+        gate = gate_raw.view(B, T, H, V).float()
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps) * self.o_norm.weight.float()
+        return (o * torch.sigmoid(gate)).to(gate_raw.dtype).reshape(B, T, H * V)
+
+    def forward(self, x: torch.Tensor, state: StateBuffers | None, start=0) -> torch.Tensor:
+        qkv, g_raw, beta_raw, gate_raw = self.project(x)
+        tail, S = (None, None) if state is None else (state.conv_state[self.slot], state.kda_state[self.slot])
+        o = self.recurrent(qkv, g_raw, beta_raw, tail, S)
+        return self.o_proj(self.gated_norm(o, gate_raw))
+
+    def decode(self, x: torch.Tensor, state: StateBuffers, positions: torch.Tensor) -> torch.Tensor:
+        """x [B, D], one token per sequence -> [B, D]."""
+        qkv, g_raw, beta_raw, gate_raw = self.project(x)
+        o = self.step(self, qkv, g_raw, beta_raw, gate_raw, state.conv_state[self.slot], state.kda_state[self.slot])
+        return self.o_proj(o)
+
+
+# ---- MLA ------------------------------------------------------------------------------------------------
+class LatentAttention(nn.Module):
+    """Decode attention over the planned latent cache in the absorbed form (MQA over the 512-d latent plus the
+    64-d shared key), each sequence up to its own length. Holds no weights; bind swaps in the Triton kernel."""
+
+    def forward(self, q_lat, q_rope, cache, lengths, scale, cache_scale=None) -> torch.Tensor:
+        """q_lat [B, H, R], q_rope [B, H, Dr], cache [B, L, R+Dr], lengths [B] -> o_lat [B, H, R] fp32."""
+        R = q_lat.shape[-1]
+        c = cache.to(q_lat.dtype) if cache_scale is None else (cache.float() * cache_scale[..., None]).to(q_lat.dtype)
+        scores = torch.einsum("bhc,blc->bhl", torch.cat([q_lat, q_rope], dim=-1), c).float() * scale
+        valid = torch.arange(cache.shape[1], device=cache.device) < lengths[:, None]          # [B, L]
+        p = scores.masked_fill(~valid[:, None], float("-inf")).softmax(dim=-1)
+        return torch.einsum("bhl,blr->bhr", p.to(c.dtype), c[..., :R]).float()
 
 
 class MLAMixer(nn.Module):
     """Multi-head latent attention with no rotary embedding; caches the 576-value latent per token."""
 
-    def __init__(self, c: KimiLinearConfig, prefix: str, w: WeightLoader, slot: int):
+    def __init__(self, c: KimiLinearConfig, slot: int):
         super().__init__()
-        self.H, self.slot = c.num_attention_heads, slot
+        D, H = c.hidden_size, c.num_attention_heads
+        self.H, self.slot = H, slot
         self.dn, self.dr, self.dv, self.r = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
         self.scale = c.qk_head_dim ** -0.5
-        self.q_proj = w.linear(f"{prefix}.q_proj.weight")
-        self.kv_a = w.linear(f"{prefix}.kv_a_proj_with_mqa.weight")
-        self.kv_norm = w.tensor(f"{prefix}.kv_a_layernorm.weight").float()
-        self.kv_b = w.tensor(f"{prefix}.kv_b_proj.weight")   # [H*(dn+dv), r], dense: decode folds it into q and o
-        # decode folds kv_b into the query (w_uk) and the output (w_uv); fp32 copies made once, not per step
-        w_uk, w_uv = self.kv_b.view(self.H, self.dn + self.dv, self.r).split([self.dn, self.dv], dim=1)
-        self.w_uk, self.w_uv = w_uk.float(), w_uv.float()                # [H, dn, r], [H, dv, r]
-        self.o_proj = w.linear(f"{prefix}.o_proj.weight")
+        self.in_proj = ParallelLinear(D, {"q_proj": H * c.qk_head_dim, "kv_a_proj_with_mqa": c.mla_cache_width})
+        self.kv_a_layernorm = RMSNorm(self.r, MLA_LATENT_NORM_EPS)
+        self.kv_b_proj = Weight(H * (self.dn + self.dv), self.r)
+        self.o_proj = Linear(H * self.dv, D)
+        self.attend = LatentAttention()
 
-    def forward(self, x: torch.Tensor, state: StateBuffers, start: int, decode: bool) -> torch.Tensor:
+    def project(self, x: torch.Tensor):
+        """x [..., D] -> q [..., H, dn+dr], cache rows [..., r+dr] (normed latent, shared key)."""
+        q, kv = self.in_proj(x).split([self.H * (self.dn + self.dr), self.r + self.dr], dim=-1)
+        latent, k_shared = kv.split([self.r, self.dr], dim=-1)
+        rows = torch.cat([self.kv_a_layernorm(latent), k_shared], dim=-1)
+        return q.unflatten(-1, (self.H, self.dn + self.dr)), rows
+
+    def forward(self, x: torch.Tensor, state: StateBuffers | None, start: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
-        H, dn, dr, r = self.H, self.dn, self.dr, self.r
-        q = self.q_proj(x).view(B, T, H, dn + dr)
-        latent, k_shared = self.kv_a(x).split([r, dr], dim=-1)
-        cache = state.mla_cache[self.slot, :B]                               # [B, ctx, r + dr]
-        cache[:, start:start + T, :r] = rms_norm(latent, self.kv_norm, MLA_LATENT_NORM_EPS).to(cache.dtype)
-        cache[:, start:start + T, r:] = k_shared.to(cache.dtype)
-        c_lat, c_key = cache[:, :start + T].to(x.dtype).split([r, dr], dim=-1)  # [B, L, r], [B, L, dr]
-        if decode:
-            o = self._absorbed(q[:, 0], c_lat, c_key).unsqueeze(1)           # [B, 1, H, dv]
+        q, rows = self.project(x)
+        if state is None:
+            ctx = rows
         else:
-            o = self._expanded(q, c_lat, c_key, start)
-        return self.o_proj(o.reshape(B, T, H * self.dv))
+            state.write_mla(self.slot, slice(start, start + T), rows)
+            ctx = state.read_mla(self.slot, start + T, x.dtype)                # [B, start+T, r+dr]
+        o = self._expanded(q, ctx, start)
+        return self.o_proj(o.reshape(B, T, self.H * self.dv))
 
-    def _expanded(self, q, c_lat, c_key, start):
-        """Prefill: expand the cached latents into per-head keys and values, causal attention."""
+    def _expanded(self, q, ctx, start):
+        """Prefill: expand the latents into per-head keys and values, causal attention."""
         B, T, H, _ = q.shape
-        L = c_lat.shape[1]
-        kv = F.linear(c_lat, self.kv_b).view(B, L, H, self.dn + self.dv)
+        L = ctx.shape[1]
+        c_lat, c_key = ctx.split([self.r, self.dr], dim=-1)
+        kv = F.linear(c_lat, self.kv_b_proj.weight).view(B, L, H, self.dn + self.dv)
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)
         k = torch.cat([k_nope, c_key.unsqueeze(2).expand(B, L, H, self.dr)], dim=-1)
         mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(diagonal=start)
@@ -119,40 +231,35 @@ class MLAMixer(nn.Module):
                                            attn_mask=mask, scale=self.scale)
         return o.transpose(1, 2)                                             # [B, T, H, dv]
 
-    def _absorbed(self, q, c_lat, c_key):
-        """Decode: fold kv_b_proj into the query and the output, attend over the latent cache (MQA)."""
-        q_nope, q_shared = q.split([self.dn, self.dr], dim=-1)              # [B, H, dn], [B, H, dr]
-        q_lat = torch.einsum("bhd,hdr->bhr", q_nope.float(), self.w_uk)
-        scores = (torch.einsum("bhr,blr->bhl", q_lat, c_lat.float())
-                  + torch.einsum("bhd,bld->bhl", q_shared.float(), c_key.float())) * self.scale
-        o_lat = torch.einsum("bhl,blr->bhr", scores.softmax(dim=-1), c_lat.float())
-        return torch.einsum("bhr,hdr->bhd", o_lat, self.w_uv).to(q.dtype)
+    def decode(self, x: torch.Tensor, state: StateBuffers, positions: torch.Tensor) -> torch.Tensor:
+        """x [B, D], one token per sequence at `positions` [B] -> [B, D]. Absorbed: kv_b folds into q and o."""
+        B = x.shape[0]
+        q, rows = self.project(x)                                            # [B, H, dn+dr], [B, r+dr]
+        state.write_mla_at(self.slot, positions, rows)
+        q_nope, q_rope = q.split([self.dn, self.dr], dim=-1)
+        w_uk, w_uv = self.kv_b_proj.weight.view(self.H, self.dn + self.dv, self.r).split([self.dn, self.dv], dim=1)
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)      # [B, H, r]
+        o_lat = self.attend(q_lat, q_rope, state.mla_cache[self.slot], positions + 1, self.scale,
+                            state.mla_scale_of(self.slot))
+        o = torch.bmm(o_lat.to(x.dtype).transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)   # [B, H, dv]
+        return self.o_proj(o.reshape(B, self.H * self.dv))
 
 
-class MoE(nn.Module):
-    """Sigmoid router with correction bias; top-k SwiGLU experts plus the shared expert."""
+# ---- feed-forward ----------------------------------------------------------------------------------------
+class Router(nn.Module):
+    """Sigmoid scores; the top k by score + correction bias; weights the chosen unbiased scores, renormalized,
+    times routed_scaling_factor (biased=True: the biased scores, as the original remote code does)."""
 
-    def __init__(self, c: KimiLinearConfig, prefix: str, w: WeightLoader, biased_weights: bool):
+    def __init__(self, c: KimiLinearConfig, biased: bool):
         super().__init__()
-        self.c, self.biased = c, biased_weights
-        self.router = w.tensor(f"{prefix}.gate.weight").float()
-        self.bias = w.tensor(f"{prefix}.gate.e_score_correction_bias").float()
-        self.packed = w.packed_experts(prefix, c.num_experts)  # the fused kernel's expert stack, or None
-        if self.packed is None:
-            E, I, D = c.num_experts, c.moe_intermediate_size, c.hidden_size
-            for e in range(E):
-                w1, w3, w2 = (w.tensor(f"{prefix}.experts.{e}.{n}.weight") for n in ("w1", "w3", "w2"))
-                if e == 0:
-                    self.w13, self.w2 = w1.new_empty(E, 2 * I, D), w2.new_empty(E, D, I)  # gate and up stacked
-                self.w13[e, :I], self.w13[e, I:], self.w2[e] = w1, w3, w2
-        self.shared = None if self.packed is not None and self.packed.has_shared else \
-            [w.linear(f"{prefix}.shared_experts.{n}_proj.weight") for n in ("gate", "up", "down")]
+        self.c, self.biased = c, biased
+        self.weight, self.e_score_correction_bias = _param(c.num_experts, c.hidden_size), _param(c.num_experts)
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D] -> (expert ids [N, k], weights [N, k] fp32)."""
         c = self.c
-        scores = torch.sigmoid(F.linear(x.float(), self.router))             # [N, E]
-        choice = scores + self.bias
+        scores = torch.sigmoid(F.linear(x.float(), self.weight))            # [N, E], router in fp32
+        choice = scores + self.e_score_correction_bias.float()
         if c.num_expert_group > 1:  # keep the topk_group groups with the best top-2 sums
             grouped = choice.view(x.shape[0], c.num_expert_group, -1)
             best = grouped.topk(2, dim=-1).values.sum(-1).topk(c.topk_group, dim=-1).indices
@@ -164,77 +271,145 @@ class MoE(nn.Module):
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return ids, weights * c.routed_scaling_factor
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])                                         # [N, D]
-        ids, weights = self.route(x)
-        if self.packed is not None:
-            from klconvert.kernels import fused_moe
 
-            y = fused_moe(x, ids, weights, self.packed)
-            return (y if self.shared is None else y + swiglu(x, *self.shared)).view(shape)
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        I = self.c.moe_intermediate_size
+class SharedExperts(nn.Module):
+    def __init__(self, n_in: int, inner: int):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = Linear(n_in, inner), Linear(n_in, inner), Linear(inner, n_in)
+
+    def forward(self, x):
+        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
+
+
+class Experts(nn.Module):
+    """The routed experts stacked: w13 [E, 2I, D] (gate rows then up rows), w2 [E, D, I]. The shared expert is
+    passed in, so a fused kernel that carries it in its stack can skip the separate call."""
+
+    def __init__(self, c: KimiLinearConfig):
+        super().__init__()
+        E, I, D = c.num_experts, c.moe_intermediate_size, c.hidden_size
+        self.w13, self.w2 = _param(E, 2 * I, D), _param(E, D, I)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shared: nn.Module) -> torch.Tensor:
+        """x [N, D], ids/weights [N, k] -> sum_k weight * expert(x) + shared(x), [N, D]."""
+        I = self.w2.shape[-1]
+        out = shared(x).float()
         for e in ids.unique().tolist():
             token, slot = (ids == e).nonzero(as_tuple=True)
             gate_up = F.linear(x[token], self.w13[e])
             y = F.linear(F.silu(gate_up[:, :I]) * gate_up[:, I:], self.w2[e])
-            out[token] += y.float() * weights[token, slot, None]  # a token picks an expert once
-        out += swiglu(x, *self.shared).float()
-        return out.to(x.dtype).view(shape)
+            out = out.index_add(0, token, y.float() * weights[token, slot, None])  # a token picks an expert once
+        return out.to(x.dtype)
+
+
+class MoE(nn.Module):
+    def __init__(self, c: KimiLinearConfig, biased_weights: bool):
+        super().__init__()
+        self.gate = Router(c, biased_weights)
+        self.experts = Experts(c)
+        self.shared_experts = SharedExperts(c.hidden_size, c.moe_intermediate_size * c.num_shared_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])                                    # [N, D]
+        ids, weights = self.gate(flat)
+        return self.experts(flat, ids, weights, self.shared_experts).view(x.shape)
 
 
 class DenseMLP(nn.Module):
-    def __init__(self, prefix: str, w: WeightLoader):
+    def __init__(self, c: KimiLinearConfig):
         super().__init__()
-        self.w = [w.linear(f"{prefix}.{n}_proj.weight") for n in ("gate", "up", "down")]
+        D, I = c.hidden_size, c.intermediate_size
+        self.gate_proj, self.up_proj, self.down_proj = Linear(D, I), Linear(D, I), Linear(I, D)
 
     def forward(self, x):
-        return swiglu(x, *self.w)
+        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
 
 
 class Block(nn.Module):
     """Pre-norm block: h = x + mixer(norm(x)); y = h + ffn(norm(h))."""
 
-    def __init__(self, c: KimiLinearConfig, layer: int, w: WeightLoader, slot: int, biased_weights: bool):
+    def __init__(self, c: KimiLinearConfig, layer: int, slot: int, biased_weights: bool):
         super().__init__()
-        p = f"model.layers.{layer}"
-        self.eps, self.is_kda = c.rms_norm_eps, c.is_kda(layer)
-        self.norm1 = w.tensor(f"{p}.input_layernorm.weight").float()
-        self.norm2 = w.tensor(f"{p}.post_attention_layernorm.weight").float()
-        self.mixer = (KDAMixer if self.is_kda else MLAMixer)(c, f"{p}.self_attn", w, slot)
-        self.ffn = (MoE(c, f"{p}.block_sparse_moe", w, biased_weights) if c.is_moe(layer)
-                    else DenseMLP(f"{p}.mlp", w))
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = (KDAMixer if c.is_kda(layer) else MLAMixer)(c, slot)
+        if c.is_moe(layer):
+            self.block_sparse_moe = MoE(c, biased_weights)
+        else:
+            self.mlp = DenseMLP(c)
 
-    def forward(self, x, state: StateBuffers, start: int, decode: bool):
-        h = rms_norm(x, self.norm1, self.eps)
-        h = self.mixer(h, state, decode) if self.is_kda else self.mixer(h, state, start, decode)
-        x = x + h
-        return x + self.ffn(rms_norm(x, self.norm2, self.eps))
+    @property
+    def ffn(self) -> nn.Module:
+        return self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+
+    def forward(self, x, state: StateBuffers | None, start: int = 0):
+        x = x + self.self_attn(self.input_layernorm(x), state, start)
+        return x + self.ffn(self.post_attention_layernorm(x))
+
+    def decode(self, x, residual, state: StateBuffers, positions):
+        """x [B, D] the residual stream, `residual` the last branch output not yet added -> the same pair."""
+        x, h = self.input_layernorm.add_norm(x, residual)
+        x, h = self.post_attention_layernorm.add_norm(x, self.self_attn.decode(h, state, positions))
+        return x, self.ffn(h)
+
+
+class Decoder(nn.Module):
+    """`model.*` of the checkpoint: the embedding, the blocks, the final norm."""
+
+    def __init__(self, c: KimiLinearConfig, biased_router_weights: bool):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, device="meta")
+        self.embed_tokens.weight.requires_grad_(False)
+        slot = {layer: i for i, layer in enumerate(c.kda_layers)} | \
+            {layer: i for i, layer in enumerate(c.full_attn_layers)}
+        self.layers = nn.ModuleList(Block(c, layer, slot[layer], biased_router_weights)
+                                    for layer in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
 
 class KimiLinear(nn.Module):
-    """The whole model. `forward` runs T new tokens at positions start..start+T-1 against `state`."""
+    """The whole model, declared on `meta`; `runtime.bind.bind` gives it weights."""
 
-    def __init__(self, c: KimiLinearConfig, w: WeightLoader, biased_router_weights: bool = False):
+    def __init__(self, c: KimiLinearConfig, biased_router_weights: bool = False):
         super().__init__()
         self.config = c
-        self.embed = w.tensor("model.embed_tokens.weight")
-        kda_slot = {layer: i for i, layer in enumerate(c.kda_layers)}
-        mla_slot = {layer: i for i, layer in enumerate(c.full_attn_layers)}
-        self.blocks = nn.ModuleList(
-            Block(c, layer, w, kda_slot.get(layer, mla_slot.get(layer)), biased_router_weights)
-            for layer in range(c.num_hidden_layers))
-        self.norm = w.tensor("model.norm.weight").float()
-        self.lm_head = w.linear("lm_head.weight")
+        self.model = Decoder(c, biased_router_weights)
+        self.lm_head = Linear(c.hidden_size, c.vocab_size)
 
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, state: StateBuffers, start: int, decode: bool = False,
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def forward(self, input_ids: torch.Tensor, state: StateBuffers | None = None, start: int = 0,
                 last_only: bool = False) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, vocab] fp32 (or [B, 1, vocab] with last_only)."""
-        x = F.embedding(input_ids, self.embed)
-        for block in self.blocks:
-            x = block(x, state, start, decode)
+        """input_ids [B, T] at positions start..start+T-1 -> logits [B, T, vocab] fp32 ([B, 1, vocab] with
+        last_only). state None: a fresh sequence, nothing cached (training)."""
+        x = self.model.embed_tokens(input_ids)
+        for block in self.model.layers:
+            x = block(x, state, start)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(rms_norm(x, self.norm, self.config.rms_norm_eps)).float()
+        return self.lm_head(self.model.norm(x)).float()
+
+    def decode(self, input_ids: torch.Tensor, state: StateBuffers, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids [B], one new token per sequence at positions [B] (device tensors) -> logits [B, vocab] fp32.
+        No host work and no shape that depends on a position: the step a CUDA graph captures."""
+        x = self.model.embed_tokens(input_ids)
+        branch = torch.zeros_like(x)
+        for block in self.model.layers:
+            x, branch = block.decode(x, branch, state, positions)
+        return self.lm_head(self.model.norm.add_norm(x, branch)[1]).float()
+
+
+def canonical_names(c: KimiLinearConfig, param_name: str) -> list[tuple[str, tuple]]:
+    """The checkpoint tensors that make up one parameter of `KimiLinear`, each with the index it fills:
+    the KDA/MLA input projections live under `in_proj`, the routed experts are stacked."""
+    name = param_name.replace(".in_proj.", ".")
+    head, _, tail = name.rpartition(".experts.")
+    if not head:
+        return [(name, ())]
+    I = c.moe_intermediate_size
+    if tail == "w13":
+        return [piece for e in range(c.num_experts) for piece in
+                ((f"{head}.experts.{e}.w1.weight", (e, slice(0, I))), (f"{head}.experts.{e}.w3.weight", (e, slice(I, 2 * I))))]
+    return [(f"{head}.experts.{e}.w2.weight", (e,)) for e in range(c.num_experts)]

@@ -1,4 +1,5 @@
-"""Choose the next token from logits: greedy, or temperature with nucleus (top-p) filtering."""
+"""Choose the next token from logits on the device, with no host sync: greedy, or temperature with nucleus
+(top-p) filtering, drawn by the exponential race (argmax p / E, E ~ Exp(1)), which samples p exactly."""
 from __future__ import annotations
 
 import torch
@@ -13,6 +14,6 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
         drop = sorted_p.cumsum(dim=-1) - sorted_p >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race).argmax(dim=-1)

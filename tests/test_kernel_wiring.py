@@ -13,7 +13,8 @@ import klconvert
 from calm_checkpoint import calm_copy
 from klconvert.quantize import quantize
 from klconvert.synth.checkpoint import synth
-from klconvert.runtime.weights import DenseLinear, TritonIntLinear
+from klconvert.runtime.kernel_modules import FusedExperts, FusedKDAStep, PackedIntLinear, SharedInStack
+from klconvert.runtime.model import Experts, Linear, ParallelLinear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -42,13 +43,17 @@ def rel(a, b):
 def test_triton_path_uses_the_kernels(quantized):
     engine = klconvert.load(quantized, device=DEVICE, dtype=DTYPE, max_context=64, kernels="triton")
     blocks = engine.model.blocks
-    assert isinstance(engine.model.lm_head, TritonIntLinear)                     # int8 lm_head
-    assert isinstance(blocks[0].mixer.q_proj, TritonIntLinear)                   # a KDA projection
-    assert isinstance(blocks[0].mixer.f_a, DenseLinear)                          # kept in bf16 by the policy
-    assert blocks[0].mixer.fused_decode is not None
-    assert len(blocks) == 4 and all(b.ffn.packed is not None for b in blocks[1:])  # every MoE block fused
+    attn = blocks[0].self_attn
+    assert isinstance(engine.model.lm_head, PackedIntLinear)                     # int8 lm_head
+    assert isinstance(attn.in_proj, ParallelLinear)                              # b/f_a/g_a kept in bf16: not one group
+    assert isinstance(attn.in_proj.q_proj, PackedIntLinear)                      # a KDA projection
+    assert isinstance(attn.in_proj.f_a_proj, Linear)                             # kept in bf16 by the policy
+    assert isinstance(attn.step, FusedKDAStep)
+    assert len(blocks) == 4 and all(isinstance(b.ffn.experts, FusedExperts) for b in blocks[1:])  # every MoE fused
+    assert all(isinstance(b.ffn.shared_experts, SharedInStack) for b in blocks[1:])                # shared stacked in
+    assert not any(p.is_meta for p in engine.model.parameters())
     reference = klconvert.load(quantized, device=DEVICE, dtype=DTYPE, max_context=64, kernels="torch")
-    assert isinstance(reference.model.lm_head, DenseLinear) and reference.model.blocks[1].ffn.packed is None
+    assert isinstance(reference.model.lm_head, Linear) and isinstance(reference.model.blocks[1].ffn.experts, Experts)
 
 
 def test_triton_and_torch_paths_agree(quantized, request):
@@ -67,7 +72,7 @@ def test_triton_and_torch_paths_agree(quantized, request):
 def test_auto_picks_torch_without_cuda(quantized):
     engine = klconvert.load(quantized, device="cpu", max_context=32)
     assert engine.triton is False
-    assert not isinstance(engine.model.lm_head, TritonIntLinear)
+    assert not isinstance(engine.model.lm_head, PackedIntLinear)
 
 
 def test_unknown_kernels_choice_is_refused(quantized):
@@ -90,7 +95,8 @@ def test_shared_expert_stored_otherwise_runs_beside_the_fused_moe(calm4, tmp_pat
     ref = klconvert.load(out, device=DEVICE, dtype=DTYPE, max_context=16, kernels="torch")
     tri = klconvert.load(out, device=DEVICE, dtype=DTYPE, max_context=16, kernels="triton")
     moe = tri.model.blocks[1].ffn
-    assert moe.packed is not None and not moe.packed.has_shared and isinstance(moe.shared[0], TritonIntLinear)
+    assert isinstance(moe.experts, FusedExperts) and not moe.experts.packed.has_shared
+    assert isinstance(moe.shared_experts.gate_proj, PackedIntLinear)
     ids = torch.randint(0, ref.config.vocab_size, (1, 5), device=DEVICE)
     ref.forward(ids[:, :4])
     tri.forward(ids[:, :4])

@@ -1,0 +1,153 @@
+"""bind: fill the declared model (runtime/model.py, on `meta`) from a checkpoint, choosing each module's
+implementation in this one place -- dense PyTorch, a packed int4/int8 Triton linear (one kernel for a group of
+projections that read the same input), the fused MoE, the fused KDA step, the Triton latent attention.
+
+`packed_choice` decides from the checkpoint's metadata alone which stored-packed weights stay packed on the
+device, so the memory plan sizes exactly what `bind` then builds (everything else is dequantized at load).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from klconvert.checkpoint.name_map import expected_tensors
+from klconvert.quant import QuantScheme
+from klconvert.runtime import model as M
+from klconvert.runtime.weights import Packed, held_in_fp32, kernel_takes
+
+Read = Callable[[str], torch.Tensor]
+
+
+def _expert_names(prefix: str, num_experts: int) -> dict[str, list[str]]:
+    """prefix `model.layers.L.block_sparse_moe` -> {gate, up, down: [per-expert canonical names]}."""
+    return {proj: [f"{prefix}.experts.{e}.{w}.weight" for e in range(num_experts)]
+            for proj, w in (("gate", "w1"), ("up", "w3"), ("down", "w2"))}
+
+
+def _shared_names(prefix: str) -> dict[str, str]:
+    return {proj: f"{prefix}.shared_experts.{proj}_proj.weight" for proj in ("gate", "up", "down")}
+
+
+def packed_choice(model: M.KimiLinear, schemes: dict[str, QuantScheme], triton: bool) -> dict[str, QuantScheme]:
+    """The canonical weights that stay packed for the Triton kernels: int schemes whose groups the kernels take;
+    a layer's routed experts only all together and alike (else the whole stack is dequantized)."""
+    if not triton:
+        return {}
+    c, held = model.config, {}
+    for name, module in model.named_modules():
+        if isinstance(module, M.Linear):
+            weight = M.canonical_names(c, f"{name}.weight")[0][0]
+            s = schemes.get(weight)
+            if s is not None and kernel_takes(s, module.weight.shape[1]):
+                held[weight] = s
+        elif isinstance(module, M.Experts):
+            names = _expert_names(name.removesuffix(".experts"), c.num_experts)
+            found = {schemes.get(n) for ns in names.values() for n in ns}
+            s = found.pop() if len(found) == 1 else None
+            if s is not None and kernel_takes(s, c.hidden_size) and kernel_takes(s, c.moe_intermediate_size):
+                held.update({n: s for ns in names.values() for n in ns})
+    return held
+
+
+def _int_parts(packed: Packed, name: str, device: torch.device) -> dict[str, torch.Tensor]:
+    parts, _ = packed(name)
+    return {n: t.to(device) for n, t in parts.items()}
+
+
+def _packed_linear(packed: Packed, name: str, scheme: QuantScheme, device: torch.device):
+    from klconvert.kernels import repack_int_weight
+
+    p = _int_parts(packed, name, device)
+    return repack_int_weight(p["weight_packed"], p["weight_scale"], p.get("weight_zero_point"), p["weight_shape"],
+                             scheme.bits, None if scheme.group_size == -1 else scheme.group_size)
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def _swap_packed(model: M.KimiLinear, packed: Packed, held: dict[str, QuantScheme], device: torch.device) -> None:
+    """Replace every held Linear, ParallelLinear group and Experts stack with its Triton module."""
+    from klconvert import kernels as K
+    from klconvert.kernels.int_linear import ROWS
+    from klconvert.runtime.kernel_modules import FusedExperts, PackedIntLinear, SharedInStack
+
+    c = model.config
+    for name, module in list(model.named_modules()):
+        if isinstance(module, M.ParallelLinear):
+            weights = [M.canonical_names(c, f"{name}.{child}.weight")[0][0] for child, _ in module.named_children()]
+            found = {held.get(w) for w in weights}
+            rows_align = all(m.weight.shape[0] % ROWS == 0 for m in module.children())
+            if len(found) == 1 and None not in found and rows_align:   # one kernel over the stacked rows
+                s = found.pop()
+                _replace(model, name, PackedIntLinear(K.concat_packed_linears(
+                    [_packed_linear(packed, w, s, device) for w in weights])))
+        elif isinstance(module, M.Linear):
+            weight = M.canonical_names(c, f"{name}.weight")[0][0]
+            if weight in held:
+                _replace(model, name, PackedIntLinear(_packed_linear(packed, weight, held[weight], device)))
+        elif isinstance(module, M.Experts):
+            prefix = name.removesuffix(".experts")
+            names = _expert_names(prefix, c.num_experts)
+            if names["gate"][0] not in held:
+                continue
+            s = held[names["gate"][0]]
+            experts = [{proj: _int_parts(packed, names[proj][e], device) for proj in names}
+                       for e in range(c.num_experts)]
+            shared = _shared_names(prefix)
+            stack_shared = all(held.get(n) == s for n in shared.values())
+            stacked = K.repack_moe_experts(
+                experts, shared={p: _int_parts(packed, n, device) for p, n in shared.items()} if stack_shared else None,
+                bits=s.bits, group_size=None if s.group_size == -1 else s.group_size)
+            _replace(model, name, FusedExperts(stacked))
+            if stack_shared:  # the fused kernel carries it: no separate copy
+                model.get_submodule(prefix).shared_experts = SharedInStack()
+
+
+def _fill(model: M.KimiLinear, read: Read, device: torch.device, dtype: torch.dtype) -> None:
+    """Give every parameter still on `meta` its checkpoint value (dequantized where packed), fp32 where the
+    runtime keeps fp32, the compute dtype otherwise."""
+    c = model.config
+    specs = expected_tensors(c)
+    for pname, p in list(model.named_parameters()):
+        if not p.is_meta:
+            continue
+        pieces = M.canonical_names(c, pname)
+        spec = specs[pieces[0][0]]
+        want = torch.float32 if held_in_fp32(spec.name, spec.category) else dtype
+        if pieces[0][1] == ():
+            value = read(spec.name).to(device=device, dtype=want).view(p.shape)
+        else:
+            value = torch.empty(p.shape, device=device, dtype=want)
+            for name, index in pieces:
+                value[index] = read(name)
+        owner, _, leaf = pname.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, nn.Parameter(value, requires_grad=False))
+
+
+def bind(model: M.KimiLinear, read: Read, packed: Packed | None, held: dict[str, QuantScheme],
+         device: torch.device, dtype: torch.dtype, triton: bool) -> M.KimiLinear:
+    """Fill `model` in place: `held` (from packed_choice) stays packed, the rest is read dense; with `triton`
+    the KDA step and the latent attention become their fused kernels. Returns the model."""
+    if held:
+        _swap_packed(model, packed, held, device)
+    _fill(model, read, device, dtype)
+    if triton:
+        _swap_fused(model)
+    return model.eval()
+
+
+def _swap_fused(model: M.KimiLinear) -> None:
+    """The weight-less decode modules and the small ones whose PyTorch form is many launches."""
+    from klconvert.runtime.kernel_modules import FusedKDAStep, FusedRMSNorm, FusedRouter
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, M.KDAMixer):
+            module.step = FusedKDAStep(module)
+        elif isinstance(module, M.RMSNorm):
+            _replace(model, name, FusedRMSNorm(module))
+        elif isinstance(module, M.Router) and model.config.num_expert_group == 1:
+            _replace(model, name, FusedRouter(module))

@@ -1,0 +1,53 @@
+"""The decode step -- the seam that matters most. One token per sequence at its own position, against state the
+plan allocated once: every shape is fixed, nothing waits on the host, so on CUDA the step is captured once per
+batch size in a CUDA graph and replayed; elsewhere it runs eagerly, the same code."""
+from __future__ import annotations
+
+import torch
+
+from klconvert.runtime.model import KimiLinear
+from klconvert.runtime.state import StateBuffers
+
+WARMUP_STEPS = 2  # eager runs on a side stream before capture: Triton compiles, cuBLAS picks its kernels
+
+
+class DecodeStep:
+    """`step()` runs model.decode(tokens, positions) on the static buffers below and returns `logits` (the same
+    tensor every call). Callers write the next tokens and positions into `tokens` / `positions` in place."""
+
+    def __init__(self, model: KimiLinear, state: StateBuffers, graph: bool):
+        B = state.batch
+        device = state.kda_state.device
+        self.model, self.state = model, state
+        self.tokens = torch.zeros(B, dtype=torch.long, device=device)
+        self.positions = torch.zeros(B, dtype=torch.long, device=device)
+        self.logits: torch.Tensor | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if graph:
+            self._capture()
+
+    def _run(self) -> torch.Tensor:
+        return self.model.decode(self.tokens, self.state, self.positions)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        """Warm up on a side stream, then record one step. The warm-up steps write garbage into the state; the
+        engine resets the state (and overwrites the cache rows) before any real sequence uses it."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(WARMUP_STEPS):
+                self._run()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._run()
+        self.state.reset()
+
+    @torch.inference_mode()
+    def step(self) -> torch.Tensor:
+        if self.graph is None:
+            self.logits = self._run()
+        else:
+            self.graph.replay()
+        return self.logits

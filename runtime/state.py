@@ -1,0 +1,74 @@
+"""StateBuffers: the memory plan's one allocation -- KDA recurrent state, conv tails, the MLA latent cache -- and
+the only ways the model reads and writes it (per sequence, by position, fp8 rows quantized on the way in)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0          # the largest finite e4m3 value
+FP8_MIN_SCALE = 1e-12    # an all-zero row still gets a usable scale
+
+
+def quantize_latent_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows [..., W] -> (e4m3 values [..., W], fp32 scale [...]) with value ~= e4m3 * scale, one scale per row."""
+    scale = (rows.float().abs().amax(-1) / FP8_MAX).clamp_min(FP8_MIN_SCALE)
+    return (rows.float() / scale[..., None]).to(FP8), scale
+
+
+@dataclass
+class StateBuffers:
+    """Per-sequence recurrent state and the MLA latent cache, allocated once for the planned batch and context."""
+
+    kda_state: torch.Tensor   # [n_kda, B, H, K, V]
+    conv_state: torch.Tensor  # [n_kda, B, 3*H*K, W-1]: the last W-1 projected inputs
+    mla_cache: torch.Tensor   # [n_mla, B, context, kv_lora_rank + qk_rope_head_dim], bf16/fp32 or e4m3
+    mla_scale: torch.Tensor | None = None  # [n_mla, B, context] fp32 when the cache is e4m3, else None
+
+    @property
+    def batch(self) -> int:
+        return self.kda_state.shape[1]
+
+    @property
+    def context(self) -> int:
+        return self.mla_cache.shape[2]
+
+    def rows(self, start: int, stop: int) -> "StateBuffers":
+        """Views of sequences start..stop-1 (prefill runs each prompt on its own rows)."""
+        sl = slice(start, stop)
+        return replace(self, kda_state=self.kda_state[:, sl], conv_state=self.conv_state[:, sl],
+                       mla_cache=self.mla_cache[:, sl],
+                       mla_scale=None if self.mla_scale is None else self.mla_scale[:, sl])
+
+    def reset(self) -> None:
+        """Start new sequences: recurrent state and conv tails to zero (the cache is overwritten as it fills)."""
+        self.kda_state.zero_()
+        self.conv_state.zero_()
+
+    def mla_scale_of(self, slot: int) -> torch.Tensor | None:
+        return None if self.mla_scale is None else self.mla_scale[slot]
+
+    def write_mla(self, slot: int, positions: slice, rows: torch.Tensor) -> None:
+        """rows [B, T, W] into positions (a slice) of every sequence."""
+        if self.mla_scale is None:
+            self.mla_cache[slot][:, positions] = rows.to(self.mla_cache.dtype)
+        else:
+            self.mla_cache[slot][:, positions], self.mla_scale[slot][:, positions] = quantize_latent_rows(rows)
+
+    def write_mla_at(self, slot: int, positions: torch.Tensor, rows: torch.Tensor) -> None:
+        """rows [B, W], sequence b's at positions[b] (a device tensor: no host sync)."""
+        b = torch.arange(rows.shape[0], device=rows.device)
+        if self.mla_scale is None:
+            self.mla_cache[slot].index_put_((b, positions), rows.to(self.mla_cache.dtype))
+        else:
+            values, scale = quantize_latent_rows(rows)
+            self.mla_cache[slot].index_put_((b, positions), values)
+            self.mla_scale[slot].index_put_((b, positions), scale)
+
+    def read_mla(self, slot: int, length: int, dtype: torch.dtype) -> torch.Tensor:
+        """The first `length` cached rows of every sequence, [B, length, W] in dtype (e4m3 dequantized)."""
+        cache = self.mla_cache[slot][:, :length]
+        if self.mla_scale is None:
+            return cache.to(dtype)
+        return (cache.float() * self.mla_scale[slot][:, :length, None]).to(dtype)

@@ -1,0 +1,55 @@
+"""add_rms_norm and moe_route against their twins: odd widths, with and without the residual, NaN-poisoned outputs."""
+import pytest
+import torch
+from helpers import DEVICE, GPU, assert_close, poisoned
+
+from klconvert.kernels import add_rms_norm, moe_route, naive_add_rms_norm, naive_moe_route
+
+
+@pytest.mark.parametrize("rows, n", [(1, 130), (5, 384), (3, 2304)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_rms_norm(rows, n, dtype, with_residual):
+    x = torch.randn(rows, n, device=DEVICE).to(dtype)
+    r = torch.randn(rows, n, device=DEVICE).to(dtype) if with_residual else None
+    w = torch.randn(n, device=DEVICE)
+    summed, y = add_rms_norm(x, r, w, 1e-5, out=poisoned(rows, n, dtype=dtype))
+    ref_sum, ref_y = naive_add_rms_norm(x, r, w, 1e-5)
+    assert torch.equal(summed, ref_sum)                        # the residual stream is rounded as the twin rounds it
+    assert_close(y, ref_y, 1e-6 if dtype == torch.float32 else 8e-3, "normed")
+
+
+def test_add_rms_norm_takes_a_leading_batch_of_tokens():
+    x, r = torch.randn(2, 3, 256, device=DEVICE), torch.randn(2, 3, 256, device=DEVICE)
+    w = torch.randn(256, device=DEVICE)
+    summed, y = add_rms_norm(x, r, w, 1e-6)
+    assert summed.shape == y.shape == (2, 3, 256)
+    assert_close(y, naive_add_rms_norm(x, r, w, 1e-6)[1], 1e-6, "normed")
+
+
+@pytest.mark.parametrize("N, E, k", [(1, 16, 4), (5, 256, 8), (3, 37, 5)])
+@pytest.mark.parametrize("biased", [False, True])
+def test_moe_route(N, E, k, biased):
+    logits = torch.randn(N, E, device=DEVICE) * 3
+    bias = torch.randn(E, device=DEVICE) * 0.1
+    ids, wts = moe_route(logits, bias, k, 2.446, biased_weights=biased)
+    ref_ids, ref_wts = naive_moe_route(logits, bias, k, 2.446, biased_weights=biased)
+    order, ref_order = ids.sort(-1), ref_ids.sort(-1)
+    assert torch.equal(order.values, ref_order.values)          # the same set (order inside the set is free)
+    assert_close(wts.gather(1, order.indices), ref_wts.gather(1, ref_order.indices), 1e-6, "weights")
+
+
+def test_moe_route_without_renormalization():
+    logits, bias = torch.randn(2, 32, device=DEVICE), torch.zeros(32, device=DEVICE)
+    ids, wts = moe_route(logits, bias, 3, 1.0, renormalize=False)
+    assert_close(wts, torch.sigmoid(logits).gather(1, ids), 1e-6, "weights")
+
+
+@GPU
+def test_real_shapes_on_the_gpu():
+    x, r = (torch.randn(16, 2304, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    w = torch.randn(2304, device="cuda")
+    assert_close(add_rms_norm(x, r, w, 1e-5)[1], naive_add_rms_norm(x, r, w, 1e-5)[1], 8e-3, "normed")
+    logits, bias = torch.randn(16, 256, device="cuda"), torch.randn(256, device="cuda") * 0.1
+    ids, _ = moe_route(logits, bias, 8, 2.446)
+    assert torch.equal(ids.sort(-1).values, naive_moe_route(logits, bias, 8, 2.446)[0].sort(-1).values)

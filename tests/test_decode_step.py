@@ -1,0 +1,115 @@
+"""The fixed-shape decode step: it equals the prefill path, runs several sequences of different lengths at their own
+positions exactly as each runs alone, and an e4m3 latent cache stays close to the full-precision one."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+import klconvert
+from klconvert.runtime.decode_step import DecodeStep
+
+ROOT = Path(__file__).parents[1]
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_decode_step_equals_prefill_over_64_steps(trained_like):
+    """Token by token through DecodeStep (positions in a device tensor, attention over the whole planned cache
+    with a length) against the prefill path's logits for the same 80 tokens: fp32, within 1e-5."""
+    engine = klconvert.load(trained_like, device="cpu", dtype=torch.float32, max_context=96)
+    ids = torch.randint(0, engine.config.vocab_size, (1, 80), generator=torch.Generator().manual_seed(0))
+    full = engine.forward(ids)[0]                                     # [80, vocab]
+    step = engine.decoder(1)
+    engine.forward(ids[:, :16])
+    for t in range(16, 80):
+        step.tokens.copy_(ids[:, t])
+        step.positions.fill_(t)
+        assert rel(step.step()[0], full[t]) < 1e-5, t
+
+
+def test_batch_of_different_lengths_equals_each_alone(trained_like):
+    engine = klconvert.load(trained_like, device="cpu", dtype=torch.float32, max_context=64, batch=3)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, engine.config.vocab_size, (n,), generator=g).tolist() for n in (5, 17, 1)]
+    together = engine.generate(prompts, max_new_tokens=12)
+    assert together.shape == (3, 12)
+    for b, prompt in enumerate(prompts):
+        alone = engine.generate([prompt], max_new_tokens=12)
+        assert alone[0].tolist() == together[b].tolist(), b
+
+
+def test_generate_streams_every_token_of_every_sequence(trained_like):
+    engine = klconvert.load(trained_like, device="cpu", dtype=torch.float32, max_context=32, batch=2)
+    seen: dict[int, list[int]] = {0: [], 1: []}
+    out = engine.generate([[1, 2, 3], [4, 5]], max_new_tokens=6, on_token=lambda b, t: seen[b].append(t))
+    assert [seen[0], seen[1]] == out.tolist()
+
+
+def test_stop_token_ends_a_sequence_and_pads_it(trained_like):
+    engine = klconvert.load(trained_like, device="cpu", dtype=torch.float32, max_context=32)
+    free = engine.generate([[7, 8, 9]], max_new_tokens=8)[0].tolist()
+    stop = free[2]
+    stopped = engine.generate([[7, 8, 9]], max_new_tokens=8, stop_ids=frozenset({stop}))[0].tolist()
+    first = free.index(stop)
+    assert stopped[:first + 1] == free[:first + 1] and len(stopped) == first + 1
+
+
+def test_sampling_is_seeded(trained_like):
+    engine = klconvert.load(trained_like, device="cpu", dtype=torch.float32, max_context=48)
+    run = lambda seed: engine.generate([[3, 1, 4]], max_new_tokens=24, temperature=1.0, top_p=0.9,  # noqa: E731
+                                       seed=seed)[0].tolist()
+    assert run(5) == run(5)
+    assert run(5) != run(6)
+
+
+def test_fp8_latent_cache_stays_close_to_full_precision(trained_like):
+    """e4m3 rows with one fp32 scale per row: 3 significant bits. Bound: 5% relative on the decode logits."""
+    ids = torch.randint(0, 1024, (1, 40), generator=torch.Generator().manual_seed(2))
+    out = {}
+    for dtype in ("bfloat16", "float8_e4m3fn"):
+        engine = klconvert.load(trained_like, device="cpu", dtype=torch.float32, max_context=48,
+                                mla_cache_dtype=dtype)
+        engine.forward(ids[:, :32])
+        out[dtype] = torch.stack([engine.decode_step(ids[:, t], t) for t in range(32, 40)])
+    assert engine.state.mla_cache.dtype == torch.float8_e4m3fn and engine.state.mla_scale is not None
+    assert rel(out["float8_e4m3fn"], out["bfloat16"]) < 0.05
+
+
+def test_eager_decode_step_needs_no_graph(trained_like):
+    engine = klconvert.load(trained_like, device="cpu", dtype=torch.float32, max_context=16)
+    assert isinstance(engine.decoder(1), DecodeStep) and engine.decoder(1).graph is None
+
+
+def test_kernels_import_nothing_from_the_rest_of_the_package():
+    for path in (ROOT / "kernels").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                assert not node.module.startswith("klconvert"), f"{path.name} imports {node.module}"
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("klconvert") for a in node.names), path.name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_replay_equals_eager_bit_for_bit(trained_like, tmp_path):
+    from klconvert.quantize import quantize
+
+    q = quantize(trained_like, tmp_path / "q", bits=4, group_size=128, device="cpu", progress=False).path
+    ids = torch.randint(0, 1024, (1, 80), device="cuda")
+    logits = {}
+    for graph in (True, False):
+        engine = klconvert.load(q, device="cuda", max_context=96, kernels="triton", cuda_graph=graph)
+        step = engine.decoder(1)
+        assert (step.graph is not None) is graph
+        engine.forward(ids[:, :16])
+        got = []
+        for t in range(16, 80):
+            step.tokens.copy_(ids[:, t])
+            step.positions.fill_(t)
+            got.append(step.step().clone())
+        logits[graph] = torch.stack(got)
+    assert torch.equal(logits[True], logits[False])
