@@ -149,10 +149,15 @@ def load_spread(counts: dict[int, torch.Tensor]) -> dict[str, dict]:
 
 
 # ---- data ------------------------------------------------------------------------------------------------
-def token_splits(tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
-    """{"train", "validation"}: the corpus splits as 1-D token tensors (the test split is never read here)."""
+def token_splits(tokenizer: Tokenizer, validation_tokens: int | None = None,
+                 max_chars: int | None = None) -> dict[str, torch.Tensor]:
+    """{"train", "validation"}: the corpus splits as 1-D token tensors (each from its first `max_chars`
+    characters), validation cut to its first `validation_tokens` (the test split is never read here)."""
     splits = bundled_corpus.split()
-    return {name: torch.tensor(tokenizer.encode(splits[name]), dtype=torch.long) for name in ("train", "validation")}
+    out = {name: torch.tensor(tokenizer.encode(splits[name][:max_chars]), dtype=torch.long)
+           for name in ("train", "validation")}
+    out["validation"] = out["validation"][:validation_tokens]
+    return out
 
 
 def sample_batch(tokens: torch.Tensor, batch: int, seq_len: int, g: torch.Generator):
@@ -218,7 +223,8 @@ def write_checkpoint(out: Path, config: dict, state: dict[str, torch.Tensor], to
 # ---- the run ---------------------------------------------------------------------------------------------
 def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: int = 32, seq_len: int = 512,
           lr: float = 2e-3, warmup: float = 0.03, lr_floor: float = 0.1, weight_decay: float = 0.1,
-          bias_rate: float = 1e-3, time_budget_s: float = 240.0, eval_every: int = 50, seed: int = 0,
+          bias_rate: float = 1e-3, time_budget_s: float = 240.0, eval_every: int = 50,
+          validation_tokens: int | None = None, max_chars: int | None = None, seed: int = 0,
           device: str | None = None, tokenizer_dir: Path = BUNDLED_DIR, plot: bool = True,
           log=print) -> dict:
     """Train, keep the best-validation weights, write the checkpoint and loss.json (and loss.png). Returns the
@@ -231,7 +237,7 @@ def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: in
     tokenizer = Tokenizer.from_folder(tokenizer_dir)
     if tokenizer.vocab_size != c.vocab_size:
         raise ValueError(f"{tokenizer_dir}: tokenizer has {tokenizer.vocab_size} ids, config {c.vocab_size}")
-    data = token_splits(tokenizer)
+    data = token_splits(tokenizer, validation_tokens, max_chars)
     model = fresh_model(c, device, seed)
     loads = ExpertLoads(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -295,7 +301,8 @@ def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: in
         "parameters": n_params, "device": str(device), "tokens_per_step": batch * seq_len,
         "settings": {"steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr, "warmup": warmup,
                      "lr_floor": lr_floor, "weight_decay": weight_decay, "bias_rate": bias_rate,
-                     "time_budget_s": time_budget_s, "eval_every": eval_every, "seed": seed},
+                     "time_budget_s": time_budget_s, "eval_every": eval_every,
+                     "validation_tokens": len(data["validation"]), "seed": seed},
         "expert_load_validation": spread, **history,
     }
     (out / "loss.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -325,11 +332,14 @@ def main() -> None:
     p.add_argument("--bias-rate", type=float, default=1e-3, help="Correction-bias update speed u.")
     p.add_argument("--time-budget-s", type=float, default=240.0, help="Stop training after this many seconds.")
     p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--validation-tokens", type=int, default=None, help="Validate on the first N tokens only "
+                   "[default: the whole validation split].")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu [default: cuda if present].")
     a = p.parse_args()
     train(a.out, steps=a.steps, batch=a.batch, seq_len=a.seq_len, lr=a.lr, weight_decay=a.weight_decay,
-          bias_rate=a.bias_rate, time_budget_s=a.time_budget_s, eval_every=a.eval_every, seed=a.seed,
+          bias_rate=a.bias_rate, time_budget_s=a.time_budget_s, eval_every=a.eval_every,
+          validation_tokens=a.validation_tokens, seed=a.seed,
           device=a.device)
 
 
