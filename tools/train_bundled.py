@@ -223,7 +223,7 @@ def write_checkpoint(out: Path, config: dict, state: dict[str, torch.Tensor], to
 # ---- the run ---------------------------------------------------------------------------------------------
 def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: int = 32, seq_len: int = 512,
           lr: float = 2e-3, warmup: float = 0.03, lr_floor: float = 0.1, weight_decay: float = 0.1,
-          bias_rate: float = 1e-3, time_budget_s: float = 240.0, eval_every: int = 50,
+          bias_rate: float = 5e-3, time_budget_s: float = 240.0, eval_every: int = 50,
           validation_tokens: int | None = None, max_chars: int | None = None, seed: int = 0,
           device: str | None = None, tokenizer_dir: Path = BUNDLED_DIR, plot: bool = True,
           log=print) -> dict:
@@ -329,7 +329,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--lr", type=float, default=2e-3, help="Peak learning rate.")
     p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--bias-rate", type=float, default=1e-3, help="Correction-bias update speed u.")
+    p.add_argument("--bias-rate", type=float, default=5e-3, help="Correction-bias update speed u.")
     p.add_argument("--time-budget-s", type=float, default=240.0, help="Stop training after this many seconds.")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--validation-tokens", type=int, default=None, help="Validate on the first N tokens only "
