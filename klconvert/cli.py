@@ -10,8 +10,8 @@ import click
 
 from klconvert.errors import KLError, PlanDoesNotFit
 from klconvert.hub import DEFAULT_REPO
+from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, default_run_model, resolve_model
 
-DEFAULT_MODEL_DIR = "./Kimi-Linear-48B-A3B-Instruct-w4a16"  # where `pull-and-quantize --bits 4` writes
 DEVICE = click.Choice(["cpu", "cuda"])
 SEED = click.IntRange(0, 2**64 - 1)  # what torch.Generator.manual_seed takes
 
@@ -117,8 +117,9 @@ def _context_error(tokens: int, at_least: bool, max_new_tokens: int, max_context
 
 
 @cli.command()
-@click.option("--model", type=click.Path(path_type=Path), default=DEFAULT_MODEL_DIR, show_default=True,
-              help="Checkpoint folder (released, transformers or quantized layout).")
+@click.option("--model", default=None,
+              help=f"Checkpoint folder (released, transformers or quantized layout), or {BUNDLED_NAME} for the "
+                   f"bundled model [default: {DEFAULT_MODEL_DIR} when it exists, else {BUNDLED_NAME}].")
 @click.option("--prompt", default=None, help="The prompt text itself (instead of --prompt-file).")
 @click.option("--prompt-file", default=None, help="UTF-8 text file with the prompt, or - for standard input.")
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=256, show_default=True,
@@ -140,7 +141,7 @@ def _context_error(tokens: int, at_least: bool, max_new_tokens: int, max_context
 @click.option("--kernels", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True,
               help="Triton kernels (int weights, fused KDA step, fused MoE) or the PyTorch reference; auto: "
                    "Triton on cuda.")
-def run(model: Path, prompt: str | None, prompt_file: str | None, max_new_tokens: int, temperature: float,
+def run(model: str | None, prompt: str | None, prompt_file: str | None, max_new_tokens: int, temperature: float,
         top_p: float, seed: int | None, chat: bool, show_special: bool, max_context: int | None, device: str | None,
         dtype: str | None, kernels: str) -> None:
     """Continue a prompt: the text streams to stdout, a summary goes to stderr."""
@@ -148,6 +149,11 @@ def run(model: Path, prompt: str | None, prompt_file: str | None, max_new_tokens
     from klconvert.text_input import read_prompt
     from klconvert.tokenizer import StreamDecoder, Tokenizer
 
+    if model is None:
+        model, which = default_run_model()
+        click.echo(f"klconvert: {which}", err=True)
+    else:
+        model = resolve_model(model)
     if not model.is_dir():
         raise KLError(f"--model {model}: no such folder; pass --model DIR, or run `klconvert pull-and-quantize "
                       "--bits 4` first (it writes the default folder)")
@@ -202,7 +208,7 @@ def _refuse_triton_without_cuda(kernels: str, device: str | None) -> None:
 
 
 @cli.command()
-@click.option("--model", type=click.Path(path_type=Path), default=None, help="Checkpoint folder to plan for.")
+@click.option("--model", default=None, help=f"Checkpoint folder to plan for, or {BUNDLED_NAME} (the bundled model).")
 @click.option("--preset", type=click.Choice(["tiny", "kimi-linear-48b"]), default=None,
               help="Plan for a preset instead of a folder.")
 @click.option("--layers", type=int, default=None, help="With --preset: keep only N layers.")
@@ -222,7 +228,7 @@ def _refuse_triton_without_cuda(kernels: str, device: str | None) -> None:
               help="Without --recipe: weight bits of the quantized layers, lm_head at 8 [default: 16, unquantized].")
 @click.option("--group-size", type=click.IntRange(min=1), default=128, show_default=True,
               help="With --bits 4 or 8: input columns per scale.")
-def plan(model: Path | None, preset: str | None, layers: int | None, recipe: Path | None, gpu_memory: str | None,
+def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path | None, gpu_memory: str | None,
          max_context: int | None, batch: int | None, mla_cache_dtype: str | None, kda_state_dtype: str | None,
          bits: str | None, group_size: int) -> None:
     """Print the memory plan: weights, KDA state, MLA cache, workspace, headroom, largest context.
@@ -232,6 +238,7 @@ def plan(model: Path | None, preset: str | None, layers: int | None, recipe: Pat
 
     if (model is None) == (preset is None):
         raise KLError("give exactly one of --model DIR or --preset NAME")
+    model = None if model is None else resolve_model(model)
     p = plan_for(model=model, preset=preset, layers=layers, recipe=recipe, batch=batch, context=max_context,
                  bits=None if bits in (None, "16") else int(bits), group_size=group_size,
                  memory_limit=parse_size(gpu_memory) if gpu_memory else None, mla_cache_dtype=mla_cache_dtype,
@@ -288,16 +295,18 @@ def _quantize_options(command):
 
 
 @cli.command()
-@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("src")
 @click.argument("out", type=click.Path(path_type=Path))
 @_quantize_options
-def quantize(src: Path, out: Path, bits: int | None, group_size: int | None, symmetric: bool | None,
+def quantize(src: str, out: Path, bits: int | None, group_size: int | None, symmetric: bool | None,
              scheme: str | None, recipe: Path | None, device: str | None, max_shard_size: str | None,
              force: bool, allow_split_fused: bool) -> None:
-    """Quantize the checkpoint in SRC into a new compressed-tensors folder OUT (resumes if interrupted)."""
+    """Quantize the checkpoint in SRC (a folder, or tiny for the bundled model) into a new compressed-tensors
+    folder OUT (resumes if interrupted)."""
     from klconvert.quantize import quantize as quantize_checkpoint
 
-    result = quantize_checkpoint(src, out, bits=bits, group_size=group_size, symmetric=symmetric, scheme=scheme,
+    result = quantize_checkpoint(resolve_model(src), out, bits=bits, group_size=group_size, symmetric=symmetric,
+                                 scheme=scheme,
                                  recipe=recipe, device=device, force=force, allow_split_fused=allow_split_fused,
                                  max_shard_bytes=_shard_bytes(max_shard_size))
     click.echo(result.summary(), err=True)
@@ -306,7 +315,8 @@ def quantize(src: Path, out: Path, bits: int | None, group_size: int | None, sym
 
 @cli.command(name="pull-and-quantize")
 @click.option("--model", default=DEFAULT_REPO, show_default=True,
-              help="Hub repo to pull, or a local checkpoint folder (used as it is).")
+              help=f"Hub repo to pull, a local checkpoint folder (used as it is), or {BUNDLED_NAME} (the bundled "
+                   "model).")
 @click.option("--revision", default=None, help="Branch, tag or commit of the hub repo [default: main].")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder to create [default: ./<model-name>-w4a16, -w8a16 or -nf4].")
@@ -326,9 +336,10 @@ def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: 
 
 
 @cli.command(name="eval")
-@click.option("--model", type=click.Path(path_type=Path), required=True, help="The model to measure (e.g. quantized).")
-@click.option("--reference", type=click.Path(path_type=Path), required=True,
-              help="The model it should match (e.g. its bf16 source); its tokenizer reads the text.")
+@click.option("--model", required=True, help="The model to measure (e.g. quantized): a folder, or tiny.")
+@click.option("--reference", required=True,
+              help="The model it should match (e.g. its bf16 source; tiny for the bundled model); its tokenizer "
+                   "reads the text.")
 @click.option("--text-file", type=click.Path(path_type=Path, dir_okay=False), required=True,
               help="UTF-8 text to run both models on.")
 @click.option("--max-tokens", type=click.IntRange(min=2), default=2048, show_default=True,
@@ -336,7 +347,7 @@ def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: 
 @click.option("--device", type=DEVICE, default=None, help="Where to run [default: cuda if present].")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default=None,
               help="Compute dtype [default: bfloat16 on cuda, float32 on cpu].")
-def eval_(model: Path, reference: Path, text_file: Path, max_tokens: int, device: str | None,
+def eval_(model: str, reference: str, text_file: Path, max_tokens: int, device: str | None,
           dtype: str | None) -> None:
     """Perplexity of both, KL of the model from the reference, top-1 and router agreement."""
     from klconvert.config import KimiLinearConfig
@@ -344,6 +355,7 @@ def eval_(model: Path, reference: Path, text_file: Path, max_tokens: int, device
     from klconvert.text_input import read_text_file
     from klconvert.tokenizer import Tokenizer
 
+    model, reference = resolve_model(model), resolve_model(reference)
     if not reference.is_dir():
         raise KLError(f"--reference {reference}: no such folder; pass a checkpoint folder")
     limit = KimiLinearConfig.from_file(reference / "config.json").model_max_length

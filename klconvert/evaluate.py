@@ -51,7 +51,7 @@ class EvalResult:
 
 
 @dataclass
-class _Run:
+class ModelRun:
     """What one model leaves behind on the CPU: log-probs [T, V] fp32 and expert ids per MoE layer [T, k]."""
 
     log_probs: torch.Tensor
@@ -60,7 +60,7 @@ class _Run:
     vocab_size: int
 
 
-def _run(path: Path, ids: list[int], device: str | None, dtype: str | None) -> _Run:
+def run_model(path: Path, ids: list[int], device: str | None, dtype: str | None) -> ModelRun:
     """Load one model, run the ids through Engine.forward recording each MoE layer's choices, free it."""
     from klconvert.runtime.engine import load
 
@@ -73,7 +73,7 @@ def _run(path: Path, ids: list[int], device: str | None, dtype: str | None) -> _
                 out.append(result[0].cpu())  # expert ids, one [B*S, k] per prefill segment, in order
             block.ffn.gate.register_forward_hook(record)
     logits = engine.forward(torch.tensor([ids]))[0]                      # [T, V] fp32
-    run = _Run(torch.log_softmax(logits.float(), dim=-1).cpu(), {k: torch.cat(v) for k, v in chosen.items()},
+    run = ModelRun(torch.log_softmax(logits.float(), dim=-1).cpu(), {k: torch.cat(v) for k, v in chosen.items()},
                tuple(chosen), c.vocab_size)
     del engine, logits
     gc.collect()
@@ -109,10 +109,16 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
     if len(ids) < 2:
         raise KLError(f"the text is {len(ids)} token(s) long; give at least 2 tokens of text to evaluate on")
 
-    ref = _run(reference, ids, device, dtype)
-    got = _run(model, ids, device, dtype)
+    return compare(run_model(reference, ids, device, dtype), run_model(model, ids, device, dtype), ids,
+                   f"--model {model}", f"--reference {reference}")
+
+
+def compare(ref: ModelRun, got: ModelRun, ids: list[int], model: str = "the model",
+            reference: str = "the reference") -> EvalResult:
+    """The figures of `got` against `ref`, both run on `ids` (one reference run can serve many models); `model`
+    and `reference` name them in an error."""
     if (got.vocab_size, got.moe_layers) != (ref.vocab_size, ref.moe_layers):
-        raise KLError(f"--model {model} is not the same architecture as --reference {reference} (vocabulary "
+        raise KLError(f"{model} is not the same architecture as {reference} (vocabulary "
                       f"{got.vocab_size} vs {ref.vocab_size}, MoE layers {len(got.moe_layers)} vs "
                       f"{len(ref.moe_layers)}); compare a model with its own source")
 

@@ -23,6 +23,7 @@ from klconvert.convert.provenance import SourceOrigin, source_fingerprint, sourc
 from klconvert.errors import KLError
 from klconvert.extras import require
 from klconvert.hub import DEFAULT_REPO, pull
+from klconvert.models import BUNDLED_NAME, resolve_model
 from klconvert.quant import Policy, load_recipe, policy_from_options
 from klconvert.quant.fused import refuse_split_fused
 from klconvert.quant.policy import LINEAR
@@ -233,19 +234,20 @@ def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, 
                       scheme: str | None = None, recipe: str | Path | None = None, device: str | None = None,
                       force: bool = False, max_shard_bytes: int | None = None, progress: bool = True,
                       allow_split_fused: bool = False) -> QuantizeResult:
-    """Pull `model` (a hub repo; a folder that exists locally is used as it is) and quantize it into `out`
-    (default ./<model-name>-w4a16, -w8a16 or -nf4). Options are checked before anything is downloaded."""
+    """Pull `model` (a hub repo; a folder that exists locally is used as it is; `tiny` is the bundled model) and
+    quantize it into `out` (default ./<model-name>-w4a16, -w8a16 or -nf4). Options are checked before anything
+    is downloaded."""
     policy, _ = choose_policy(bits, group_size, symmetric, scheme, recipe)
     out = Path(out) if out is not None else default_out_name(model, policy)
     refuse_existing_out(out, force)
     looks_like_path = model.startswith((".", "/", "~", os.sep)) or model.count("/") > 1 or Path(model).exists()
     if looks_like_path and not Path(model).is_dir():
         raise KLError(f"--model {model}: no such folder (and not a hub repo id like {DEFAULT_REPO}); check the path")
-    if Path(model).is_dir():
+    if model == BUNDLED_NAME or Path(model).is_dir():
         if revision is not None:
             raise KLError(f"--revision {revision} picks a hub revision, but --model {model} is a local folder; "
                           "drop --revision")
-        src = Path(model)
+        src = resolve_model(model)
     else:
         src = pull(model, revision=revision, progress=progress).path
     return quantize(src, out, bits=bits, group_size=group_size, symmetric=symmetric, scheme=scheme, recipe=recipe,

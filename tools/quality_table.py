@@ -1,0 +1,161 @@
+"""The quality table of the README: klconvert eval of each quantization of the bundled model against its bf16
+weights on the held-out test split (never trained on), plus the two policy studies.
+
+Rows: int8, int4 g128 sym (the default), int4 g128 asym, int4 g32, nf4, each shipped recipe (recipes/*.yaml);
+then study 1 -- the default int4 g128 policy with one more KDA projection (f_a_proj, b_proj, g_a_proj, f_b_proj,
+g_b_proj; b_proj + f_a_proj together, as vLLM's fused KDA input projection needs them stored like q/k/v) quantized,
+or with the whole fused KDA input group or the shared experts kept in bf16; study 2 -- lm_head at 4 bits, 8 bits
+(the default) and kept in bf16. Columns: perplexity (and its change), KL(bf16 || quantized) mean and p99, top-1
+agreement, mean router-set overlap, share of (token, layer) routing decisions whose whole expert set is
+unchanged, the worst MoE layer, and the bits per weight of the quantized layers.
+
+The bf16 reference runs once; each variant is quantized into a temporary folder and run on the same tokens, on
+CPU in fp32 (so the numbers measure the weights, not the compute dtype).
+
+    python tools/quality_table.py [--model tiny] [--tokens 20480] [--only int4] > table.md
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bundled_corpus  # noqa: E402
+
+from klconvert.evaluate import EvalResult, compare, run_model  # noqa: E402
+from klconvert.models import resolve_model  # noqa: E402
+from klconvert.quant.defaults import KEEP  # noqa: E402
+from klconvert.quantize import quantize  # noqa: E402
+from klconvert.tokenizer import Tokenizer  # noqa: E402
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+SMALL_KDA = ("f_a", "f_b", "g_a", "g_b", "b")   # the low-rank gate pairs and beta the default keeps in bf16
+ROUTER, CONVS = KEEP[0], KEEP[2]
+
+
+def recipe(quantize_small: tuple[str, ...] = (), keep: tuple[str, ...] = (), lm_head_bits: int | None = 8,
+           bits: int = 4, group_size: int = 128) -> str:
+    """The default policy as a recipe, with the small KDA projections in `quantize_small` quantized too, the
+    modules matching the `keep` regexes kept in bf16, and lm_head at `lm_head_bits` (None: bf16)."""
+    still_kept = [p for p in SMALL_KDA if p not in quantize_small]
+    ignore = [ROUTER, CONVS] + ([rf"re:.*\.({'|'.join(still_kept)})_proj$"] if still_kept else [])
+    ignore += [f"re:{k}" for k in keep] + (["lm_head"] if lm_head_bits is None else [])
+    weights = f"{{num_bits: {bits}, type: int, symmetric: true, strategy: group, group_size: {group_size}}}"
+    lines = ["quant_stage:", "  quant_modifiers:", "    QuantizationModifier:", "      ignore:"]
+    lines += [f"        - {json_str(p)}" for p in ignore]
+    lines += ["      config_groups:", "        group_0:", '          targets: ["Linear"]',
+              f"          weights: {weights}"]
+    if lm_head_bits is not None:
+        lines += ["        group_1:", '          targets: ["lm_head"]',
+                  f"          weights: {{num_bits: {lm_head_bits}, type: int, symmetric: true, strategy: group, "
+                  f"group_size: {group_size}}}"]
+    return "\n".join(lines) + "\n"
+
+
+def json_str(text: str) -> str:
+    """A YAML double-quoted scalar (JSON's string syntax is valid YAML)."""
+    import json
+    return json.dumps(text)
+
+
+KDA_INPUT_GROUP = r".*\.self_attn\.(q|k|v|b|f_a)_proj$"   # vLLM's fused in_proj_qkvgfab, less the g_a part
+SHARED = r".*\.shared_experts\.(gate|up|down)_proj$"
+
+
+def variants() -> list[tuple[str, str, dict]]:
+    """(section, label, quantize keywords) of every row, in table order."""
+    rows = [
+        ("schemes", "int8 g128", {"bits": 8}),
+        ("schemes", "int4 g128 sym (default)", {"bits": 4}),
+        ("schemes", "int4 g128 asym", {"bits": 4, "symmetric": False}),
+        ("schemes", "int4 g32", {"bits": 4, "group_size": 32}),
+        ("schemes", "nf4 (bitsandbytes, blocks of 64)", {"scheme": "nf4"}),
+    ]
+    rows += [("recipes", f"recipes/{p.name}", {"recipe": p}) for p in sorted(RECIPES.glob("*.yaml"))]
+    study = [("+ f_a_proj", ("f_a",), ()), ("+ b_proj", ("b",), ()), ("+ b_proj, f_a_proj", ("b", "f_a"), ()),
+             ("+ g_a_proj", ("g_a",), ()), ("+ f_b_proj", ("f_b",), ()), ("+ g_b_proj", ("g_b",), ()),
+             ("+ all five", SMALL_KDA, ()), ("KDA input group (q, k, v, b, f_a) in bf16", (), (KDA_INPUT_GROUP,)),
+             ("shared experts in bf16", (), (SHARED,))]
+    rows += [("study 1: int4 g128, default policy and", label, {"recipe_text": recipe(small, keep)})
+             for label, small, keep in study]
+    rows += [("study 2: int4 g128, lm_head at", label, {"recipe_text": recipe(lm_head_bits=b)})
+             for label, b in (("4 bits", 4), ("8 bits (default)", 8), ("bf16", None))]
+    return rows
+
+
+def measure(model: Path, tokens: int, only: str | None, log=lambda s: print(s, file=sys.stderr)) -> list:
+    """[(section, label, EvalResult, bits per quantized weight)] for every variant whose label contains `only`."""
+    text = bundled_corpus.split()["test"]
+    ids = Tokenizer.from_folder(model).encode(text)[:tokens]
+    t0 = time.perf_counter()
+    reference = run_model(model, ids, "cpu", "float32")
+    log(f"reference: {len(ids):,} held-out tokens in {time.perf_counter() - t0:.0f} s")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (section, label, options) in enumerate(variants()):
+            if only and only not in label:
+                continue
+            t0 = time.perf_counter()
+            options = dict(options)
+            if "recipe_text" in options:
+                path = Path(tmp) / f"recipe{i}.yaml"
+                path.write_text(options.pop("recipe_text"))
+                options["recipe"] = path
+            out = Path(tmp) / f"v{i}"
+            result = quantize(model, out, device="cpu", progress=False, **options)
+            got = run_model(out, ids, "cpu", "float32")
+            rows.append((section, label, compare(reference, got, ids), result.totals.quantized_bits_per_weight))
+            log(f"{label}: {time.perf_counter() - t0:.0f} s")
+    return rows
+
+
+def render(rows: list, tokens: int) -> str:
+    """The rows as a Markdown table, one header row per section."""
+    head = ("| variant | bits/weight | perplexity | KL mean | KL p99 | top-1 | router overlap | set unchanged | "
+            "worst layer (overlap) |\n|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    out = [f"Held-out: {tokens:,} tokens of the test split; reference bf16 perplexity "
+           f"{rows[0][2].reference_perplexity:.3f}.", "", head]
+    section = None
+    for sec, label, r, bits in rows:
+        if sec != section:
+            out.append(f"| **{sec}** | | | | | | | | |")
+            section = sec
+        w = r.worst_layer
+        change = 100 * (r.model_perplexity / r.reference_perplexity - 1)
+        out.append(f"| {label} | {bits:.2f} | {r.model_perplexity:.3f} ({change:+.2f}%) "
+                   f"| {r.kl_mean:.4f} | {r.kl_p99:.4f} | {100 * r.top1_agreement:.1f}% | "
+                   f"{100 * r.routing_overlap:.1f}% | {100 * r.routing_unchanged:.1f}% | "
+                   f"{'-' if w is None else f'{w.layer} ({100 * w.overlap:.1f}%)'} |")
+    return "\n".join(out)
+
+
+def targets_line(rows: list) -> str:
+    """Whether the default int4 g128 row meets the issue's targets: KL <= 0.02, top-1 >= 95%, overlap >= 90%."""
+    default: EvalResult | None = next((r for _, label, r, _ in rows if label == "int4 g128 sym (default)"), None)
+    if default is None:
+        return ""
+    checks = [("KL mean <= 0.02", default.kl_mean <= 0.02, f"{default.kl_mean:.4f}"),
+              ("top-1 >= 95%", default.top1_agreement >= 0.95, f"{100 * default.top1_agreement:.1f}%"),
+              ("router overlap >= 90%", default.routing_overlap >= 0.90, f"{100 * default.routing_overlap:.1f}%")]
+    return "int4 g128 default policy against the targets: " + "; ".join(
+        f"{name}: {value} {'met' if ok else 'MISSED'}" for name, ok, value in checks)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny", help="The bf16 model folder, or tiny (the bundled model).")
+    p.add_argument("--tokens", type=int, default=20480, help="Held-out tokens to measure on.")
+    p.add_argument("--only", default=None, help="Only the rows whose label contains this text.")
+    a = p.parse_args()
+    rows = measure(resolve_model(a.model), a.tokens, a.only)
+    print(render(rows, rows[0][2].tokens) if rows else "no row matched --only")
+    line = targets_line(rows)
+    if line:
+        print("\n" + line)
+
+
+if __name__ == "__main__":
+    main()

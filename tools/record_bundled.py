@@ -1,0 +1,90 @@
+"""Recompute every value tests/test_bundled_model.py checks for the bundled model and rewrite
+tests/bundled_recorded.json: file checksums, the greedy continuation of a fixed prompt, the held-out perplexity
+bound and the int4 KL bound. Run it after dropping newly trained files into klconvert/bundled/:
+
+    python tools/record_bundled.py
+
+Everything runs on CPU in fp32 with the PyTorch kernels (what the tests run), in well under a minute.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bundled_corpus  # noqa: E402
+
+from klconvert.evaluate import evaluate  # noqa: E402
+from klconvert.models import BUNDLED_DIR  # noqa: E402
+from klconvert.quantize import quantize  # noqa: E402
+from klconvert.runtime.engine import load  # noqa: E402
+from klconvert.tokenizer import Tokenizer  # noqa: E402
+
+RECORDED = Path(__file__).resolve().parent.parent / "tests" / "bundled_recorded.json"
+PROMPT = "ROMEO.\nBut soft, what light through yonder window breaks?\n"
+NEW_TOKENS = 32
+HELD_OUT_TOKENS = 512    # the test split's first tokens: perplexity and KL (CPU, seconds)
+PERPLEXITY_SLACK = 1.02  # bound = measured * slack: fp32 differences across CPUs stay far below 2%
+KL_SLACK = 1.5           # bound = measured * slack + KL_FLOOR: int4 rounding is deterministic, BLAS order is not
+KL_FLOOR = 1e-3
+
+
+def file_checksums(folder: Path = BUNDLED_DIR) -> dict[str, str]:
+    """{file name: sha256} of every file of the bundled folder."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def held_out_text() -> str:
+    return bundled_corpus.split()["test"]
+
+
+def greedy_continuation(folder: Path = BUNDLED_DIR) -> list[int]:
+    """The ids greedy decoding adds to PROMPT (CPU, fp32, PyTorch kernels)."""
+    tokenizer = Tokenizer.from_folder(folder)
+    ids = tokenizer.encode(PROMPT)
+    engine = load(folder, device="cpu", dtype="float32", max_context=len(ids) + NEW_TOKENS, kernels="torch")
+    return engine.generate(ids, NEW_TOKENS, stop_ids=tokenizer.stop_ids)[0].tolist()
+
+
+def int4_eval(folder: Path = BUNDLED_DIR, tokens: int = HELD_OUT_TOKENS):
+    """klconvert eval of the default int4 g128 quantization against the bf16 folder on the held-out slice."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "int4"
+        quantize(folder, out, bits=4, device="cpu", progress=False)
+        return evaluate(out, folder, held_out_text(), max_tokens=tokens, device="cpu", dtype="float32")
+
+
+def record() -> dict:
+    tokenizer = Tokenizer.from_folder(BUNDLED_DIR)
+    continuation = greedy_continuation()
+    result = int4_eval()
+    values = {
+        "files": file_checksums(),
+        "prompt": PROMPT,
+        "greedy_ids": continuation,
+        "greedy_text": tokenizer.decode(continuation),
+        "held_out_tokens": HELD_OUT_TOKENS,
+        "perplexity": result.reference_perplexity,
+        "perplexity_bound": result.reference_perplexity * PERPLEXITY_SLACK,
+        "int4_kl_mean": result.kl_mean,
+        "int4_kl_bound": result.kl_mean * KL_SLACK + KL_FLOOR,
+        "int4_top1": result.top1_agreement,
+        "int4_router_overlap": result.routing_overlap,
+    }
+    RECORDED.write_text(json.dumps(values, indent=1) + "\n")
+    return values
+
+
+def main() -> None:
+    v = record()
+    print(f"recorded {RECORDED}: {len(v['files'])} files; held-out perplexity {v['perplexity']:.3f} "
+          f"(log {math.log(v['perplexity']):.4f}) over {v['held_out_tokens']} tokens; int4 g128 KL "
+          f"{v['int4_kl_mean']:.5f}, top-1 {100 * v['int4_top1']:.1f}%; greedy: {v['greedy_text']!r}")
+
+
+if __name__ == "__main__":
+    main()

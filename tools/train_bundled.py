@@ -1,0 +1,348 @@
+"""Train the bundled small Kimi Linear from scratch on the Shakespeare corpus, with the project's own model code.
+
+The model is runtime/model.py's KimiLinear declared from BUNDLED_CONFIG and given fresh values through
+runtime/bind.py (the same fill a checkpoint goes through), its training-mode forward (no state: a fresh causal
+pass, KDA in the chunked form) trained with AdamW in fp32 (TF32 matmuls on CUDA). After every step the routers'
+correction biases move the way the release's auxiliary-loss-free balancing does -- bias_e += u * sign(mean load
+- load_e), no gradient -- from the expert choices a forward hook reads off each router.
+
+The run stops at --steps or --time-budget-s, whichever comes first (the learning rate follows whichever is
+further along), and keeps the weights with the best validation loss. It writes into --out, 8 files at most:
+config.json, model-0000i-of-0000N.safetensors (shards of <= 15 MiB), model.safetensors.index.json,
+tiktoken.model, tokenizer_config.json (the bundled tokenizer, tools/train_tokenizer.py), loss.json (train and
+validation loss by step, expert loads, settings) and loss.png (when matplotlib is installed; else
+`python tools/plot_loss.py OUT/loss.json`).
+
+    python tools/train_bundled.py --out OUT [--steps 1500 --batch 32 --seq-len 512 --time-budget-s 240]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bundled_corpus  # noqa: E402
+
+from klconvert.checkpoint.name_map import TensorSpec, expected_tensors  # noqa: E402
+from klconvert.checkpoint.safetensors_writer import (PlannedTensor, index_json, shard_names,  # noqa: E402
+                                                     split_into_shards, write_shard)
+from klconvert.config import KimiLinearConfig  # noqa: E402
+from klconvert.models import BUNDLED_DIR  # noqa: E402
+from klconvert.runtime import model as M  # noqa: E402
+from klconvert.runtime.bind import bind  # noqa: E402
+from klconvert.synth.checkpoint import FP32_TENSORS, synth_values  # noqa: E402
+from klconvert.synth.presets import KIMI_LINEAR_48B, NUM_SPECIAL_TOKENS, _layer_lists  # noqa: E402
+from klconvert.tokenizer import Tokenizer  # noqa: E402
+
+BPE_RANKS = 4096
+MAX_SHARD_BYTES = 15 << 20      # files coming back from the GPU machine are capped at 16 MiB
+TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json")
+
+# The released structure at small size: 8 layers (KDA x3, MLA, KDA x3, MLA), dense layer 0, MoE layers of 8
+# experts (top 2, sigmoid, correction bias) plus a shared expert. Every linear input is a multiple of 128 (hidden
+# 256, KDA 2 heads x 128, MLA 4 heads x v 64, kv_lora_rank 128, intermediate sizes 512 and 128), so the Triton
+# int kernels take every layer at group 128. 11.76M parameters, 23.5 MB in bf16.
+BUNDLED_CONFIG = {
+    **copy.deepcopy(KIMI_LINEAR_48B),
+    "bos_token_id": BPE_RANKS,
+    "eos_token_id": BPE_RANKS + 2,                      # <|im_end|>, as released
+    "pad_token_id": BPE_RANKS + NUM_SPECIAL_TOKENS - 1,
+    "head_dim": 64,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "kv_lora_rank": 128,
+    "linear_attn_config": {**_layer_lists(8), "head_dim": 128, "num_heads": 2, "short_conv_kernel_size": 4},
+    "moe_intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_experts": 8,
+    "num_experts_per_token": 2,
+    "num_hidden_layers": 8,
+    "num_key_value_heads": 4,
+    "qk_nope_head_dim": 64,
+    "qk_rope_head_dim": 32,
+    "v_head_dim": 64,
+    "vocab_size": BPE_RANKS + NUM_SPECIAL_TOKENS,
+}
+OUTPUT_PROJECTIONS = ("o_proj.weight", "down_proj.weight", ".w2.weight")  # scaled down at init: residual writers
+
+
+# ---- the model -------------------------------------------------------------------------------------------
+def init_value(spec: TensorSpec, num_layers: int, seed: int) -> torch.Tensor:
+    """A fresh fp32 value for one canonical tensor: N(0, 1/fan_in) linears (residual writers further over
+    sqrt(2 * layers)), unit norms, zero correction bias; A_log, dt_bias and the convs as synth makes them."""
+    name, shape = spec.name, spec.shape
+    if name.endswith(("A_log", "dt_bias")) or "conv1d" in name:
+        return synth_values(spec, seed).float()
+    if name.endswith("e_score_correction_bias"):
+        return torch.zeros(shape)
+    if spec.category == "norm":
+        return torch.ones(shape)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    std = 1.0 if name.endswith("embed_tokens.weight") else shape[-1] ** -0.5
+    if name.endswith(OUTPUT_PROJECTIONS):
+        std /= math.sqrt(2 * num_layers)
+    return torch.randn(shape, generator=g) * std
+
+
+def fresh_model(c: KimiLinearConfig, device: torch.device, seed: int) -> M.KimiLinear:
+    """KimiLinear declared from `c`, filled with init values through bind, trainable (fp32)."""
+    specs = expected_tensors(c)
+    model = bind(M.KimiLinear(c), lambda name: init_value(specs[name], c.num_hidden_layers, seed), packed=None,
+                 held={}, device=device, dtype=torch.float32, triton=False)
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.endswith("e_score_correction_bias"))  # moved by the balancing rule, not by SGD
+    return model.train()
+
+
+def routers(model: M.KimiLinear) -> dict[int, M.Router]:
+    """{layer: its MoE router}."""
+    return {i: block.block_sparse_moe.gate for i, block in enumerate(model.blocks)
+            if hasattr(block, "block_sparse_moe")}
+
+
+class ExpertLoads:
+    """Counts the tokens each router sends to each expert, through forward hooks on the routers."""
+
+    def __init__(self, model: M.KimiLinear):
+        self.num_experts = model.config.num_experts
+        self.counts: dict[int, torch.Tensor] = {}
+        self.handles = [router.register_forward_hook(self._hook(layer)) for layer, router in routers(model).items()]
+
+    def _hook(self, layer: int):
+        def record(module, inputs, output):
+            ids = output[0].detach().flatten()
+            count = torch.bincount(ids, minlength=self.num_experts).float()
+            self.counts[layer] = self.counts[layer] + count if layer in self.counts else count
+        return record
+
+    def take(self) -> dict[int, torch.Tensor]:
+        counts, self.counts = self.counts, {}
+        return counts
+
+
+@torch.no_grad()
+def balance(model: M.KimiLinear, counts: dict[int, torch.Tensor], rate: float) -> None:
+    """Auxiliary-loss-free balancing: bias_e += rate * sign(mean load - load_e), per MoE layer."""
+    for layer, router in routers(model).items():
+        load = counts[layer]
+        router.e_score_correction_bias.add_(rate * torch.sign(load.mean() - load))
+
+
+def load_spread(counts: dict[int, torch.Tensor]) -> dict[str, dict]:
+    """Per MoE layer: each expert's share of the routed tokens, and max/min share over the even share."""
+    out = {}
+    for layer, count in sorted(counts.items()):
+        share = (count / count.sum()).tolist()
+        even = 1.0 / len(share)
+        out[str(layer)] = {"share": [round(s, 4) for s in share], "max_over_even": round(max(share) / even, 3),
+                           "min_over_even": round(min(share) / even, 3)}
+    return out
+
+
+# ---- data ------------------------------------------------------------------------------------------------
+def token_splits(tokenizer: Tokenizer, validation_tokens: int | None = None,
+                 max_chars: int | None = None) -> dict[str, torch.Tensor]:
+    """{"train", "validation"}: the corpus splits as 1-D token tensors (each from its first `max_chars`
+    characters), validation cut to its first `validation_tokens` (the test split is never read here)."""
+    splits = bundled_corpus.split()
+    out = {name: torch.tensor(tokenizer.encode(splits[name][:max_chars]), dtype=torch.long)
+           for name in ("train", "validation")}
+    out["validation"] = out["validation"][:validation_tokens]
+    return out
+
+
+def sample_batch(tokens: torch.Tensor, batch: int, seq_len: int, g: torch.Generator):
+    """`batch` random windows: inputs and next-token targets, [batch, seq_len] each."""
+    starts = torch.randint(0, len(tokens) - seq_len - 1, (batch,), generator=g)
+    window = torch.stack([tokens[s:s + seq_len + 1] for s in starts.tolist()])
+    return window[:, :-1], window[:, 1:]
+
+
+@torch.no_grad()
+def mean_loss(model: M.KimiLinear, tokens: torch.Tensor, batch: int, seq_len: int, device: torch.device) -> float:
+    """Mean next-token loss over the non-overlapping windows of `tokens`."""
+    n = (len(tokens) - 1) // seq_len
+    x = tokens[:n * seq_len].view(n, seq_len)
+    y = tokens[1:n * seq_len + 1].view(n, seq_len)
+    total = 0.0
+    for i in range(0, n, batch):
+        logits = model(x[i:i + batch].to(device))
+        total += F.cross_entropy(logits.flatten(0, 1), y[i:i + batch].to(device).flatten(), reduction="sum").item()
+    return total / (n * seq_len)
+
+
+def learning_rate(progress: float, peak: float, warmup: float, floor: float) -> float:
+    """Linear warm-up over the first `warmup` of the run, then cosine down to floor * peak."""
+    if progress < warmup:
+        return peak * progress / warmup
+    t = min(1.0, (progress - warmup) / max(1e-9, 1.0 - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+# ---- output ----------------------------------------------------------------------------------------------
+def canonical_state(model: M.KimiLinear) -> dict[str, torch.Tensor]:
+    """{canonical checkpoint name: value on the CPU, in its stored dtype} (fp32 for A_log, dt_bias and the
+    correction bias, as released; bf16 otherwise)."""
+    c = model.config
+    out = {}
+    for pname, p in model.named_parameters():
+        for name, index in M.canonical_names(c, pname):
+            value = p.detach()[index] if index != () else p.detach()
+            out[name] = value.to("cpu", torch.float32 if name.endswith(FP32_TENSORS) else torch.bfloat16).clone()
+    return out
+
+
+def write_checkpoint(out: Path, config: dict, state: dict[str, torch.Tensor], tokenizer_dir: Path) -> list[str]:
+    """The released folder layout in `out`: config, shards, index, tokenizer files. Returns the files written."""
+    c = KimiLinearConfig.from_dict(config)
+    expected = expected_tensors(c)
+    if set(state) != set(expected):
+        raise ValueError(f"state names differ from the checkpoint's: {sorted(set(state) ^ set(expected))[:4]}")
+    planned = [PlannedTensor(n, state[n].dtype, tuple(state[n].shape), lambda n=n: state[n]) for n in expected]
+    shards = split_into_shards(planned, MAX_SHARD_BYTES)
+    names = shard_names(len(shards))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for shard, name in zip(shards, names):
+        write_shard(out / name, shard)
+    (out / "model.safetensors.index.json").write_text(index_json(shards, names) + "\n")
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(tokenizer_dir / name, out / name)
+    return ["config.json", *names, "model.safetensors.index.json", *TOKENIZER_FILES]
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: int = 32, seq_len: int = 512,
+          lr: float = 2e-3, warmup: float = 0.03, lr_floor: float = 0.1, weight_decay: float = 0.1,
+          bias_rate: float = 5e-3, time_budget_s: float = 240.0, eval_every: int = 50,
+          validation_tokens: int | None = None, max_chars: int | None = None, seed: int = 0,
+          device: str | None = None, tokenizer_dir: Path = BUNDLED_DIR, plot: bool = True,
+          log=print) -> dict:
+    """Train, keep the best-validation weights, write the checkpoint and loss.json (and loss.png). Returns the
+    loss log."""
+    t0 = time.perf_counter()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(seed)
+    c = KimiLinearConfig.from_dict(config)
+    tokenizer = Tokenizer.from_folder(tokenizer_dir)
+    if tokenizer.vocab_size != c.vocab_size:
+        raise ValueError(f"{tokenizer_dir}: tokenizer has {tokenizer.vocab_size} ids, config {c.vocab_size}")
+    data = token_splits(tokenizer, validation_tokens, max_chars)
+    model = fresh_model(c, device, seed)
+    loads = ExpertLoads(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decayed = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "conv1d" not in n]
+    others = [p for p in params if all(p is not q for q in decayed)]
+    optimizer = torch.optim.AdamW([{"params": decayed, "weight_decay": weight_decay},
+                                   {"params": others, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95), fused=False)
+    g = torch.Generator().manual_seed(seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{n_params / 1e6:.2f}M parameters on {device}; train {len(data['train']):,} tokens, validation "
+        f"{len(data['validation']):,}; start-up {time.perf_counter() - t0:.1f} s")
+
+    history = {"step": [], "train_loss": [], "validation_step": [], "validation_loss": [], "lr": []}
+    best = (float("inf"), -1, None)
+    running, running_n, step = 0.0, 0, 0
+    train_start = time.perf_counter()
+    while step < steps:
+        progress = max(step / steps, (time.perf_counter() - train_start) / time_budget_s)
+        if progress >= 1.0:
+            break
+        rate = learning_rate(progress, lr, warmup, lr_floor)
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        x, y = sample_batch(data["train"], batch, seq_len, g)
+        logits = model(x.to(device))
+        loss = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        balance(model, loads.take(), bias_rate)
+        step += 1
+        running += loss.item()
+        running_n += 1
+        if step % eval_every == 0 or step == steps:
+            history["step"].append(step)
+            history["train_loss"].append(running / running_n)
+            history["lr"].append(rate)
+            running, running_n = 0.0, 0
+            val = mean_loss(model, data["validation"], batch, seq_len, device)
+            loads.take()  # the validation pass's choices are not training loads
+            history["validation_step"].append(step)
+            history["validation_loss"].append(val)
+            if val < best[0]:
+                best = (val, step, {n: p.detach().clone() for n, p in model.named_parameters()})
+            log(f"step {step:5d}  train {history['train_loss'][-1]:.4f}  validation {val:.4f}  lr {rate:.2e}  "
+                f"{time.perf_counter() - train_start:.0f} s")
+    train_seconds = time.perf_counter() - train_start
+    if best[2] is None:  # too few steps for an evaluation: keep the last weights
+        best = (mean_loss(model, data["validation"], batch, seq_len, device), step, None)
+    else:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(best[2][n])
+    loads.take()
+    mean_loss(model, data["validation"], batch, seq_len, device)   # the kept weights' loads on held-out text
+    spread = load_spread(loads.take())
+    files = write_checkpoint(out, config, canonical_state(model), tokenizer_dir)
+    record = {
+        "kept_step": best[1], "kept_validation_loss": best[0], "steps_run": step, "train_seconds": train_seconds,
+        "parameters": n_params, "device": str(device), "tokens_per_step": batch * seq_len,
+        "settings": {"steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr, "warmup": warmup,
+                     "lr_floor": lr_floor, "weight_decay": weight_decay, "bias_rate": bias_rate,
+                     "time_budget_s": time_budget_s, "eval_every": eval_every,
+                     "validation_tokens": len(data["validation"]), "seed": seed},
+        "expert_load_validation": spread, **history,
+    }
+    (out / "loss.json").write_text(json.dumps(record, indent=1) + "\n")
+    files.append("loss.json")
+    if plot:
+        try:
+            from plot_loss import plot_loss
+        except ImportError:
+            log(f"matplotlib is not installed: plot later with `python tools/plot_loss.py {out / 'loss.json'}`")
+        else:
+            plot_loss(out / "loss.json", out / "loss.png")
+            files.append("loss.png")
+    worst = max((s["max_over_even"] for s in spread.values()), default=1.0)
+    log(f"kept step {best[1]} (validation loss {best[0]:.4f}, perplexity {math.exp(best[0]):.2f}); {step} steps "
+        f"in {train_seconds:.0f} s; busiest expert {worst:.2f}x its even share; wrote {len(files)} files to {out}")
+    return record
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True, help="Folder to write (created; files in it are replaced).")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--lr", type=float, default=2e-3, help="Peak learning rate.")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--bias-rate", type=float, default=5e-3, help="Correction-bias update speed u.")
+    p.add_argument("--time-budget-s", type=float, default=240.0, help="Stop training after this many seconds.")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--validation-tokens", type=int, default=None, help="Validate on the first N tokens only "
+                   "[default: the whole validation split].")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cuda or cpu [default: cuda if present].")
+    a = p.parse_args()
+    train(a.out, steps=a.steps, batch=a.batch, seq_len=a.seq_len, lr=a.lr, weight_decay=a.weight_decay,
+          bias_rate=a.bias_rate, time_budget_s=a.time_budget_s, eval_every=a.eval_every,
+          validation_tokens=a.validation_tokens, seed=a.seed,
+          device=a.device)
+
+
+if __name__ == "__main__":
+    main()

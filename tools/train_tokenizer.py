@@ -1,0 +1,95 @@
+"""Train the bundled model's byte-level BPE on the corpus's train split and write it in the released format.
+
+Hugging Face `tokenizers` learns the merges (a tool dependency, not the package's), splitting text first with
+the Kimi pre-tokenizer pattern that klconvert/tokenizer.py carries. The result is written as tiktoken ranks:
+the 256 single bytes, then each merge's token in merge order, so tiktoken's lowest-rank-pair-first merging
+replays the learned merges; then the 256 reserved special ids, the chat template and tokenizer_config.json of the
+release (klconvert/synth/tokenizer_files.py). It checks that klconvert's own tokenizer reproduces `tokenizers`'
+encoding on the test split and round-trips it.
+
+    python tools/train_tokenizer.py [--vocab 4096] [--out klconvert/bundled]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bundled_corpus  # noqa: E402
+
+from klconvert.synth.presets import NUM_SPECIAL_TOKENS  # noqa: E402
+from klconvert.synth.tokenizer_files import write_tiktoken_files  # noqa: E402
+from klconvert.tokenizer import KIMI_PRETOKENIZE_PATTERN  # noqa: E402
+from klconvert.tokenizer import Tokenizer as KimiTokenizer  # noqa: E402
+
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "klconvert" / "bundled"
+
+
+def byte_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's bytes_to_unicode, which `tokenizers`' ByteLevel uses to spell bytes as characters."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def train_bpe(text: str, vocab_size: int) -> Tokenizer:
+    """A byte-level BPE of `vocab_size` tokens (the 256 bytes included) learned on `text`."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(KIMI_PRETOKENIZE_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  min_frequency=2, show_progress=False)
+    tokenizer.train_from_iterator(text.split(bundled_corpus.SEPARATOR), trainer=trainer)  # one work at a time
+    return tokenizer
+
+
+def ranked_tokens(tokenizer: Tokenizer) -> list[bytes]:
+    """The 256 single bytes in byte order, then each merge's result in merge order."""
+    decode = byte_decoder()
+    merges = json.loads(tokenizer.to_str())["model"]["merges"]
+    tokens = [bytes([b]) for b in range(256)]
+    for merge in merges:
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        tokens.append(bytes(decode[ch] for ch in left + right))
+    return tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", type=int, default=4096, help="BPE ranks (the 256 bytes included).")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args()
+    splits = bundled_corpus.split()
+    hf = train_bpe(splits["train"], args.vocab)
+    tokens = ranked_tokens(hf)
+    write_tiktoken_files(args.out, tokens, NUM_SPECIAL_TOKENS)
+
+    ours = KimiTokenizer.from_folder(args.out)
+    rank = {t: i for i, t in enumerate(tokens)}
+    test = splits["test"]
+    ids = ours.encode(test)
+    hf_ids = [rank[bytes(byte_decoder()[c] for c in piece)] for piece in hf.encode(test).tokens]
+    same = sum(a == b for a, b in zip(ids, hf_ids)) if len(ids) == len(hf_ids) else 0
+    if ours.decode(ids) != test:
+        raise SystemExit("round trip failed: decode(encode(test)) != test")
+    print(f"{len(tokens)} ranks + {NUM_SPECIAL_TOKENS} specials -> {args.out}; test split: {len(test):,} chars, "
+          f"{len(ids):,} tokens ({len(test) / len(ids):.2f} chars/token); tokenizers gives {len(hf_ids):,} tokens, "
+          f"{'identical' if ids == hf_ids else f'{same:,} equal by position'}")
+
+
+if __name__ == "__main__":
+    main()
