@@ -166,13 +166,16 @@ def _fill(model: M.KimiLinear, read: Read, device: torch.device, dtype: torch.dt
 
 
 def bind(model: M.KimiLinear, read: Read, packed: Packed | None, held: dict[str, QuantScheme],
-         device: torch.device, dtype: torch.dtype, triton: bool) -> M.KimiLinear:
+         device: torch.device, dtype: torch.dtype, triton: bool, restack: bool = True) -> M.KimiLinear:
     """Fill `model` in place: `held` (from packed_choice) stays packed, the rest is read dense; with `triton`
-    the KDA step and the latent attention become their fused kernels. Returns the model."""
+    the KDA step and the latent attention become their fused kernels; with `restack` (inference) each group of
+    projections that read the same input becomes one matmul per format (training keeps the declared modules,
+    whose parameters carry the checkpoint's names). Returns the model."""
     if held:
         _swap_packed(model, packed, held, device)
     _fill(model, read, device, dtype)
-    _stack_groups(model)
+    if restack:
+        _stack_groups(model)
     if triton:
         _swap_fused(model, latent_kernel=dtype != torch.float32)
     return model.eval()

@@ -16,7 +16,7 @@ from klconvert.errors import KLError
 from klconvert.quant import QuantScheme, load_recipe, parse_recipe, policy_from_options
 from klconvert.quant.fused import VLLM_FUSED_MODULES, refuse_split_fused
 from klconvert.quantize import quantize
-from klconvert.synth.presets import preset_config
+from klconvert.presets import preset_config
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 DEFAULTS = {"int4-sym": dict(bits=4), "int4-asym": dict(bits=4, symmetric=False), "int8": dict(bits=8)}
