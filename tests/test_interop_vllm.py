@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,11 @@ from klconvert.synth.presets import preset_config
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 DEFAULTS = {"int4-sym": dict(bits=4), "int4-asym": dict(bits=4, symmetric=False), "int8": dict(bits=8)}
+KEPT = "int4-kda-input-kept"  # the default flipped: KEEP_WHOLE = ("in_proj_qkvgfab",)
+
+
+def kept_policy():
+    return replace(policy_from_options(bits=4), keep_fused=("in_proj_qkvgfab",))
 
 # ---- transcribed from vLLM 0.33.0 ------------------------------------------------------------------------------
 # vllm/models/kimi_k3/nvidia/model.py, KimiLinearModel.packed_modules_mapping (KimiLinearForCausalLM's model; the
@@ -200,6 +206,9 @@ def outputs(tiny_released, tmp_path_factory):
             for label, opts in DEFAULTS.items()}
     made |= {p.stem: quantize(tiny_released, root / p.stem, recipe=p, device="cpu", progress=False).path
              for p in RECIPES}
+    names = [(n, s.shape) for n, s in open_checkpoint(tiny_released).expected.items()]
+    (root / "kept.yaml").write_text(kept_policy().check_against(names).to_recipe_yaml())
+    made[KEPT] = quantize(tiny_released, root / KEPT, recipe=root / "kept.yaml", device="cpu", progress=False).path
     return made
 
 
@@ -210,7 +219,7 @@ def test_the_transcribed_fused_modules_are_ours():
     assert sorted(ours["experts"]) == sorted(EXPERT_CHECKPOINT_NAMES)
 
 
-@pytest.mark.parametrize("label", [*DEFAULTS, *(p.stem for p in RECIPES)])
+@pytest.mark.parametrize("label", [*DEFAULTS, *(p.stem for p in RECIPES), KEPT])
 def test_vllm_builds_every_module_as_the_folder_stores_it(outputs, label):
     ckpt = open_checkpoint(outputs[label])
     assert set(ckpt.sources) == set(ckpt.expected)  # written under the released names, nothing else
@@ -221,12 +230,17 @@ def test_vllm_builds_every_module_as_the_folder_stores_it(outputs, label):
     check_like_vllm(config["quantization_config"], ckpt.config, stored)
 
 
-@pytest.mark.parametrize("label", [*DEFAULTS, *(p.stem for p in RECIPES)])
+@pytest.mark.parametrize("label", [*DEFAULTS, *(p.stem for p in RECIPES), KEPT])
 def test_vllm_rules_hold_at_the_released_shapes(label):
     config = KimiLinearConfig.from_dict(preset_config("kimi-linear-48b"))
     names = [(n, s.shape) for n, s in expected_tensors(config).items()]
     recipe = next((p for p in RECIPES if p.stem == label), None)
-    policy = (load_recipe(recipe).policy if recipe else policy_from_options(**DEFAULTS[label])).check_against(names)
+    policy = (load_recipe(recipe).policy if recipe else kept_policy() if label == KEPT
+              else policy_from_options(**DEFAULTS[label])).check_against(names)
+    if label == KEPT:  # KDA q/k/v/b/f_a kept, MLA q_proj (same name) quantized
+        assert policy.scheme_for("model.layers.0.self_attn.q_proj.weight", (4096, 2304)) is None
+        assert policy.scheme_for("model.layers.0.self_attn.f_a_proj.weight", (128, 2304)) is None
+        assert policy.scheme_for("model.layers.3.self_attn.q_proj.weight", (6144, 2304)) is not None
     check_like_vllm(policy.quantization_config(), config, stored_linear_modules(names, policy.scheme_for))
 
 
