@@ -131,8 +131,8 @@ def test_stack_kda_convs_keeps_the_weights(trained_like, tmp_path):
 
 
 @pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="upstream: transformers' expert decompressor never passes zero points, and compressed-tensors "
-                          "0.20.1 expects unpacked zero points; README, Interop")
+                   reason="upstream: transformers' expert decompressor never passes zero points, and "
+                          "compressed-tensors 0.20.1 expects unpacked zero points; README, Interop")
 def test_asymmetric_int4_loads_in_transformers(trained_like, tmp_path):
     out = quantize(trained_like, tmp_path / "q" / "asym", bits=4, symmetric=False, device="cpu", progress=False).path
     got = transformers_logits(for_transformers(out, tmp_path))

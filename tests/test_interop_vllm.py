@@ -276,7 +276,8 @@ def test_a_split_fused_module_is_refused_as_vllm_refuses_it(tiny_released, tmp_p
 def test_experts_named_only_by_w1_w2_w3_are_refused():
     """vLLM looks the routed experts' scheme up at experts.0.gate_proj, so a target naming only w1/w2/w3 would leave
     them to "Linear" (here: nothing) while the checkpoint holds them packed."""
-    recipe = parse_recipe(SPLIT_RECIPE.replace('"re:.*\\\\.(f_a|f_b|g_a|g_b|b)_proj$"', '"re:.*_(proj|mqa)$", "lm_head"')
+    everything_kept = '"re:.*_(proj|mqa)$", "lm_head"'
+    recipe = parse_recipe(SPLIT_RECIPE.replace('"re:.*\\\\.(f_a|f_b|g_a|g_b|b)_proj$"', everything_kept)
                           .replace('["Linear"]', r'["re:.*\\.experts\\.\\d+\\.w[123]$"]'), "experts.yaml")
     config = KimiLinearConfig.from_dict(preset_config("tiny"))
     names = [(n, s.shape) for n, s in expected_tensors(config).items()]
@@ -286,3 +287,55 @@ def test_experts_named_only_by_w1_w2_w3_are_refused():
         refuse_split_fused(policy, names)
     with pytest.raises(AssertionError, match=r"experts\.0\.w1 stored as"):
         check_like_vllm(policy.quantization_config(), config, stored_linear_modules(names, policy.scheme_for))
+
+
+def test_the_cli_refuses_a_split_in_one_line_and_takes_the_flag(tiny_released, tmp_path, capsys):
+    from quantize_helpers import assert_one_line_error, run_cli
+
+    recipe = tmp_path / "split.yaml"
+    recipe.write_text(SPLIT_RECIPE)
+    code, _, err = run_cli(capsys, "quantize", tiny_released, tmp_path / "out", "--recipe", recipe, "--device", "cpu")
+    assert_one_line_error(code, err, "in_proj_qkvgfab", "--allow-split-fused")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    code, out, err = run_cli(capsys, "quantize", tiny_released, tmp_path / "out", "--recipe", recipe, "--device", "cpu",
+                             "--allow-split-fused")
+    assert code == 0, err
+    assert out.strip() == str(tmp_path / "out")
+
+
+OLD_32GB_GROUPS = r"""quant_stage:
+  quant_modifiers:
+    QuantizationModifier:
+      ignore: ["re:.*\\.(block_sparse_moe|mlp)\\.gate$", "re:.*\\.(f_b|g_a|g_b)_proj$", "re:.*conv1d$"]
+      config_groups:
+        experts:
+          targets: ["Linear"]
+          weights: {num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 128}
+        dense_paths:
+          targets: ["re:.*\\.shared_experts\\.(gate|up|down)_proj$"]
+          weights: {num_bits: 8, type: int, symmetric: true, strategy: group, group_size: 128}
+        lm_head:
+          targets: ["lm_head"]
+          weights: {num_bits: 8, type: int, symmetric: true, strategy: group, group_size: 128}
+"""
+
+
+SPELLED_RIGHT = [(r"shared_experts\\.", r"shared_\\w+\\."), ('["lm_head"]', '["re:^lm_head$"]')]
+
+
+@pytest.mark.parametrize("wrong,group", [(0, "dense_paths"), (1, "lm_head")],
+                         ids=["experts-in-a-regex", "plain-lm_head"])
+def test_groups_transformers_would_read_the_experts_with_are_refused(wrong, group):
+    """transformers 5.17-5.24 read the routed experts with the first group whose re: target mentions "experts",
+    else the first group with a plain target (the "Linear" group is written last)."""
+    config = KimiLinearConfig.from_dict(preset_config("tiny"))
+    names = [(n, s.shape) for n, s in expected_tensors(config).items()]
+    text = OLD_32GB_GROUPS
+    for i, (old, new) in enumerate(SPELLED_RIGHT):
+        if i != wrong:
+            text = text.replace(old, new)
+    with pytest.raises(KLError, match=f"transformers reads the routed experts with the scheme of group {group}"):
+        parse_recipe(text, "r.yaml").policy.check_against(names)
+    for old, new in SPELLED_RIGHT:
+        text = text.replace(old, new)
+    parse_recipe(text, "r.yaml").policy.check_against(names)
