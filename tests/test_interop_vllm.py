@@ -339,3 +339,16 @@ def test_groups_transformers_would_read_the_experts_with_are_refused(wrong, grou
     for old, new in SPELLED_RIGHT:
         text = text.replace(old, new)
     parse_recipe(text, "r.yaml").policy.check_against(names)
+
+
+def test_pull_and_quantize_refuses_a_split_before_downloading(tmp_path, monkeypatch):
+    import klconvert.quantize as quantize_module
+
+    def no_pull(*args, **kwargs):
+        raise AssertionError("pulled before refusing")
+
+    monkeypatch.setattr(quantize_module, "pull", no_pull)
+    recipe = tmp_path / "split.yaml"
+    recipe.write_text(SPLIT_RECIPE)
+    with pytest.raises(KLError, match=r"model\.layers\.0\.self_attn\.in_proj_qkvgfab: vLLM fuses"):
+        quantize_module.pull_and_quantize("moonshotai/Kimi-Linear-48B-A3B-Instruct", tmp_path / "out", recipe=recipe)

@@ -44,7 +44,8 @@ def test_triton_path_uses_the_kernels(quantized):
     blocks = engine.model.blocks
     assert isinstance(engine.model.lm_head, TritonIntLinear)                     # int8 lm_head
     assert isinstance(blocks[0].mixer.q_proj, TritonIntLinear)                   # a KDA projection
-    assert isinstance(blocks[0].mixer.f_a, DenseLinear)                          # kept in bf16 by the policy
+    assert isinstance(blocks[0].mixer.f_a, TritonIntLinear)                      # with q/k/v (vLLM fuses them)
+    assert isinstance(blocks[0].mixer.g_a, DenseLinear)                          # kept in bf16 by the policy
     assert blocks[0].mixer.fused_decode is not None
     assert len(blocks) == 4 and all(b.ffn.packed is not None for b in blocks[1:])  # every MoE block fused
     reference = klconvert.load(quantized, device=DEVICE, dtype=DTYPE, max_context=64, kernels="torch")
