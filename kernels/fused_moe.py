@@ -9,7 +9,7 @@ import triton.language as tl
 from .int_linear import (KT, ROWS, PackedLinear, _arrive, _dequant_fma_row, _mma_tile, _sum_partials,
                          _tile_params, repack_int_weight)
 
-DECODE_MAX_TOKENS = 8  # up to this many tokens, every (token, expert) pair streams its expert's weights once
+DECODE_MAX_TOKENS = 16  # up to this many tokens (a graph-captured decode batch), every (token, expert) pair streams its expert once
 MAX_SLOTS = 16  # routed experts per token, plus the shared one, that the decode path's locks cover
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.checkpoint.reader import INDEX_FILE, SINGLE_FILE, open_checkpoint
 from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.checkpoint.safetensors_writer import index_json, shard_names, split_into_shards, write_shard
@@ -20,6 +21,7 @@ from klconvert.convert.model_card import count_text, model_card, size_text
 from klconvert.convert.output_folder import OutputFolder, OutputLock, refuse_existing_out
 from klconvert.convert.outputs import ModuleMaker, PlanTotals, plan_modules, plan_totals
 from klconvert.convert.provenance import SourceOrigin, source_fingerprint, source_origin
+from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.extras import require
 from klconvert.hub import DEFAULT_REPO, pull
@@ -27,6 +29,7 @@ from klconvert.models import BUNDLED_NAME, resolve_model
 from klconvert.quant import Policy, load_recipe, policy_from_options
 from klconvert.quant.fused import refuse_split_fused
 from klconvert.quant.policy import LINEAR
+from klconvert.synth.presets import preset_config
 
 MAX_SHARD_BYTES = 5 * 10**9  # the "5GB" shards transformers and the released checkpoint use
 COPIED_FILES = ("tiktoken.model", "*.jinja", "*.json")  # tokenizer, chat templates and small configs; never .py
@@ -249,6 +252,10 @@ def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, 
                           "drop --revision")
         src = resolve_model(model)
     else:
+        if not allow_split_fused:  # a split shows in any Kimi Linear's names: refuse it before a 98 GB download
+            released = [(n, spec.shape) for n, spec in expected_tensors(KimiLinearConfig.from_dict(
+                preset_config("kimi-linear-48b"))).items()]
+            refuse_split_fused(policy.check_against(released), released)
         src = pull(model, revision=revision, progress=progress).path
     return quantize(src, out, bits=bits, group_size=group_size, symmetric=symmetric, scheme=scheme, recipe=recipe,
                     device=device, force=force, max_shard_bytes=max_shard_bytes, progress=progress,

@@ -3,6 +3,7 @@ its known upstream bugs are reproduced, and the conv1d workaround is tested."""
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,14 @@ import klconvert
 from klconvert.checkpoint.name_map import canonical_pieces
 from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.convert.stacked_convs import stack_kda_convs
+from klconvert.quant import policy_from_options
 from klconvert.quantize import quantize
 
 transformers = pytest.importorskip("transformers")
 from packaging.version import Version  # noqa: E402  (a transformers dependency)
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+KEPT = "int4-kda-input-kept"  # the default flipped: KEEP_WHOLE = ("in_proj_qkvgfab",)
 OUTPUTS = {"int4-sym": dict(bits=4), "int8": dict(bits=8), **{p.stem: dict(recipe=p) for p in RECIPES}}
 # transformers 5.24 prepends its compressed-tensors dequantize op to every multi-tensor converter, so the KDA conv
 # concatenation (never quantized) collects nothing: "Concatenate on tensors destined for ...conv1d.weight".
@@ -73,8 +76,11 @@ def ours(folder: Path, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def outputs(trained_like, tmp_path_factory):
     root = tmp_path_factory.mktemp("tf")
+    names = [(n, s.shape) for n, s in open_checkpoint(trained_like).expected.items()]
+    kept = replace(policy_from_options(bits=4), keep_fused=("in_proj_qkvgfab",)).check_against(names)
+    (root / "kept.yaml").write_text(kept.to_recipe_yaml())
     return {label: quantize(trained_like, root / label, device="cpu", progress=False, **opts).path
-            for label, opts in OUTPUTS.items()}
+            for label, opts in {**OUTPUTS, KEPT: dict(recipe=root / "kept.yaml")}.items()}
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +97,7 @@ def for_transformers(folder: Path, tmp_path: Path) -> Path:
     return copy
 
 
-@pytest.mark.parametrize("label", OUTPUTS)
+@pytest.mark.parametrize("label", [*OUTPUTS, KEPT])
 def test_transformers_predicts_what_we_predict(outputs, source_logits, label, tmp_path):
     folder = for_transformers(outputs[label], tmp_path)
     want = ours(outputs[label])

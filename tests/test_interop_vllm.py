@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,11 @@ from klconvert.presets import preset_config
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 DEFAULTS = {"int4-sym": dict(bits=4), "int4-asym": dict(bits=4, symmetric=False), "int8": dict(bits=8)}
+KEPT = "int4-kda-input-kept"  # the default flipped: KEEP_WHOLE = ("in_proj_qkvgfab",)
+
+
+def kept_policy():
+    return replace(policy_from_options(bits=4), keep_fused=("in_proj_qkvgfab",))
 
 # ---- transcribed from vLLM 0.33.0 ------------------------------------------------------------------------------
 # vllm/models/kimi_k3/nvidia/model.py, KimiLinearModel.packed_modules_mapping (KimiLinearForCausalLM's model; the
@@ -200,6 +206,9 @@ def outputs(tiny_released, tmp_path_factory):
             for label, opts in DEFAULTS.items()}
     made |= {p.stem: quantize(tiny_released, root / p.stem, recipe=p, device="cpu", progress=False).path
              for p in RECIPES}
+    names = [(n, s.shape) for n, s in open_checkpoint(tiny_released).expected.items()]
+    (root / "kept.yaml").write_text(kept_policy().check_against(names).to_recipe_yaml())
+    made[KEPT] = quantize(tiny_released, root / KEPT, recipe=root / "kept.yaml", device="cpu", progress=False).path
     return made
 
 
@@ -210,7 +219,7 @@ def test_the_transcribed_fused_modules_are_ours():
     assert sorted(ours["experts"]) == sorted(EXPERT_CHECKPOINT_NAMES)
 
 
-@pytest.mark.parametrize("label", [*DEFAULTS, *(p.stem for p in RECIPES)])
+@pytest.mark.parametrize("label", [*DEFAULTS, *(p.stem for p in RECIPES), KEPT])
 def test_vllm_builds_every_module_as_the_folder_stores_it(outputs, label):
     ckpt = open_checkpoint(outputs[label])
     assert set(ckpt.sources) == set(ckpt.expected)  # written under the released names, nothing else
@@ -221,12 +230,17 @@ def test_vllm_builds_every_module_as_the_folder_stores_it(outputs, label):
     check_like_vllm(config["quantization_config"], ckpt.config, stored)
 
 
-@pytest.mark.parametrize("label", [*DEFAULTS, *(p.stem for p in RECIPES)])
+@pytest.mark.parametrize("label", [*DEFAULTS, *(p.stem for p in RECIPES), KEPT])
 def test_vllm_rules_hold_at_the_released_shapes(label):
     config = KimiLinearConfig.from_dict(preset_config("kimi-linear-48b"))
     names = [(n, s.shape) for n, s in expected_tensors(config).items()]
     recipe = next((p for p in RECIPES if p.stem == label), None)
-    policy = (load_recipe(recipe).policy if recipe else policy_from_options(**DEFAULTS[label])).check_against(names)
+    policy = (load_recipe(recipe).policy if recipe else kept_policy() if label == KEPT
+              else policy_from_options(**DEFAULTS[label])).check_against(names)
+    if label == KEPT:  # KDA q/k/v/b/f_a kept, MLA q_proj (same name) quantized
+        assert policy.scheme_for("model.layers.0.self_attn.q_proj.weight", (4096, 2304)) is None
+        assert policy.scheme_for("model.layers.0.self_attn.f_a_proj.weight", (128, 2304)) is None
+        assert policy.scheme_for("model.layers.3.self_attn.q_proj.weight", (6144, 2304)) is not None
     check_like_vllm(policy.quantization_config(), config, stored_linear_modules(names, policy.scheme_for))
 
 
@@ -262,8 +276,8 @@ def test_a_split_fused_module_is_refused_as_vllm_refuses_it(tiny_released, tmp_p
 def test_experts_named_only_by_w1_w2_w3_are_refused():
     """vLLM looks the routed experts' scheme up at experts.0.gate_proj, so a target naming only w1/w2/w3 would leave
     them to "Linear" (here: nothing) while the checkpoint holds them packed."""
-    recipe = parse_recipe(SPLIT_RECIPE.replace('"re:.*\\\\.(f_a|f_b|g_a|g_b|b)_proj$"',
-                                               '"re:.*_(proj|mqa)$", "lm_head"')
+    everything_kept = '"re:.*_(proj|mqa)$", "lm_head"'
+    recipe = parse_recipe(SPLIT_RECIPE.replace('"re:.*\\\\.(f_a|f_b|g_a|g_b|b)_proj$"', everything_kept)
                           .replace('["Linear"]', r'["re:.*\\.experts\\.\\d+\\.w[123]$"]'), "experts.yaml")
     config = KimiLinearConfig.from_dict(preset_config("tiny"))
     names = [(n, s.shape) for n, s in expected_tensors(config).items()]
@@ -273,3 +287,68 @@ def test_experts_named_only_by_w1_w2_w3_are_refused():
         refuse_split_fused(policy, names)
     with pytest.raises(AssertionError, match=r"experts\.0\.w1 stored as"):
         check_like_vllm(policy.quantization_config(), config, stored_linear_modules(names, policy.scheme_for))
+
+
+def test_the_cli_refuses_a_split_in_one_line_and_takes_the_flag(tiny_released, tmp_path, capsys):
+    from quantize_helpers import assert_one_line_error, run_cli
+
+    recipe = tmp_path / "split.yaml"
+    recipe.write_text(SPLIT_RECIPE)
+    code, _, err = run_cli(capsys, "quantize", tiny_released, tmp_path / "out", "--recipe", recipe, "--device", "cpu")
+    assert_one_line_error(code, err, "in_proj_qkvgfab", "--allow-split-fused")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    code, out, err = run_cli(capsys, "quantize", tiny_released, tmp_path / "out", "--recipe", recipe, "--device", "cpu",
+                             "--allow-split-fused")
+    assert code == 0, err
+    assert out.strip() == str(tmp_path / "out")
+
+
+OLD_32GB_GROUPS = r"""quant_stage:
+  quant_modifiers:
+    QuantizationModifier:
+      ignore: ["re:.*\\.(block_sparse_moe|mlp)\\.gate$", "re:.*\\.(f_b|g_a|g_b)_proj$", "re:.*conv1d$"]
+      config_groups:
+        experts:
+          targets: ["Linear"]
+          weights: {num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 128}
+        dense_paths:
+          targets: ["re:.*\\.shared_experts\\.(gate|up|down)_proj$"]
+          weights: {num_bits: 8, type: int, symmetric: true, strategy: group, group_size: 128}
+        lm_head:
+          targets: ["lm_head"]
+          weights: {num_bits: 8, type: int, symmetric: true, strategy: group, group_size: 128}
+"""
+
+
+SPELLED_RIGHT = [(r"shared_experts\\.", r"shared_\\w+\\."), ('["lm_head"]', '["re:^lm_head$"]')]
+
+
+@pytest.mark.parametrize("wrong,group", [(0, "dense_paths"), (1, "lm_head")],
+                         ids=["experts-in-a-regex", "plain-lm_head"])
+def test_groups_transformers_would_read_the_experts_with_are_refused(wrong, group):
+    """transformers 5.17-5.24 read the routed experts with the first group whose re: target mentions "experts",
+    else the first group with a plain target (the "Linear" group is written last)."""
+    config = KimiLinearConfig.from_dict(preset_config("tiny"))
+    names = [(n, s.shape) for n, s in expected_tensors(config).items()]
+    text = OLD_32GB_GROUPS
+    for i, (old, new) in enumerate(SPELLED_RIGHT):
+        if i != wrong:
+            text = text.replace(old, new)
+    with pytest.raises(KLError, match=f"transformers reads the routed experts with the scheme of group {group}"):
+        parse_recipe(text, "r.yaml").policy.check_against(names)
+    for old, new in SPELLED_RIGHT:
+        text = text.replace(old, new)
+    parse_recipe(text, "r.yaml").policy.check_against(names)
+
+
+def test_pull_and_quantize_refuses_a_split_before_downloading(tmp_path, monkeypatch):
+    import klconvert.quantize as quantize_module
+
+    def no_pull(*args, **kwargs):
+        raise AssertionError("pulled before refusing")
+
+    monkeypatch.setattr(quantize_module, "pull", no_pull)
+    recipe = tmp_path / "split.yaml"
+    recipe.write_text(SPLIT_RECIPE)
+    with pytest.raises(KLError, match=r"model\.layers\.0\.self_attn\.in_proj_qkvgfab: vLLM fuses"):
+        quantize_module.pull_and_quantize("moonshotai/Kimi-Linear-48B-A3B-Instruct", tmp_path / "out", recipe=recipe)

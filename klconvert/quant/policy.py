@@ -187,7 +187,7 @@ class Policy:
         return checked
 
     def _kept_whole(self, names_and_shapes) -> list[Entry]:
-        """One ignore entry per kept fused module: `re:(parent|...)\\.(member|...)$` over its instances."""
+        """One ignore entry per kept fused module: `re:(parent|...)\\.(\\w+\\.)?(member|...)$` over its instances."""
         entries = []
         for fused in self.keep_fused:
             found = [i for i in fused_instances(names_and_shapes) if i.module.name == fused]
@@ -195,7 +195,8 @@ class Policy:
                 continue
             parents = "|".join(re.escape(i.parent) for i in found)
             members = "|".join(fused_member for fused_member in found[0].module.members)
-            entries.append(Entry(f"re:({parents})\\.({members})$", f"default policy (keep {fused} whole)"))
+            # members may sit one module deeper in the transformers layout (self_attn.forget_gate.f_a_proj)
+            entries.append(Entry(f"re:({parents})\\.(\\w+\\.)?({members})$", f"default policy (keep {fused} whole)"))
         return entries
 
     def _written_groups(self) -> list[Group]:
