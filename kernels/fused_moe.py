@@ -79,7 +79,7 @@ def moe_decode_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, T, 
                           locks_per_row, TOPK: tl.constexpr, SLOTS: tl.constexpr, SPLIT_K: tl.constexpr,
                           BITS: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr, ASYM: tl.constexpr,
                           BM: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, GATED: tl.constexpr,
-                          MMA: tl.constexpr, FAST: tl.constexpr):
+                          MMA: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr):
     """One (row block, token-slot pair u, k split) per program. The program of the first pair routed to an expert
     serves every token routed to it, as the rows of one tile (BM >= tokens); the other pairs' programs return at
     once: each weight is read once per launch, without sorting (and without a host sync).
@@ -115,17 +115,23 @@ def moe_decode_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, T, 
         x_mask = tok[:, None]
         t0 = split * tiles_per_split
         t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
-        if MMA:
-            a = tl.zeros([BM, BN], dtype=tl.float32)
-            b = tl.zeros([BM, BN], dtype=tl.float32)
+        if MMA:  # [BN, BM] accumulators when WA (weights as the A operand), [BM, BN] otherwise
+            if WA:
+                a = tl.zeros([BN, BM], dtype=tl.float32)
+            else:
+                a = tl.zeros([BM, BN], dtype=tl.float32)
+            b = tl.zeros_like(a)
             for t in range(t0, t1):
                 g = t // tiles_per_group
                 xt = x_ptrs + t * (32 // BITS) * P
                 a += _mma_tile(tl.load(wa + w_off + t * ROWS * P, mask=mask_n[:, None], other=0), xt, x_mask,
-                               sa + s_off, za + s_off, mask_n, g, n_pad, BITS, P, ASYM, FAST)
+                               sa + s_off, za + s_off, mask_n, g, n_pad, BITS, P, ASYM, FAST, WA)
                 if GATED:
                     b += _mma_tile(tl.load(wb + w_off + t * ROWS * P, mask=mask_n[:, None], other=0), xt, x_mask,
-                                   sb + s_off, zb + s_off, mask_n, g, n_pad, BITS, P, ASYM, FAST)
+                                   sb + s_off, zb + s_off, mask_n, g, n_pad, BITS, P, ASYM, FAST, WA)
+            if WA:
+                a = tl.trans(a)
+                b = tl.trans(b)
         else:  # CUDA cores, one tile ahead by hand as in int_gemv_fwd_kernel; stream b (up) only when GATED
             acc_a = tl.zeros([BM, BN, 2 * P], dtype=tl.float32)
             acc_b = tl.zeros([BM, BN, 2 * P], dtype=tl.float32)
@@ -209,10 +215,10 @@ def moe_gemm_fwd_kernel(x, pair_ids, block_expert, wts, wa, wb, sa, sb, za, zb, 
             g = t // tiles_per_group
             xt = x_ptrs + t * (32 // BITS) * P
             acc_a += _mma_tile(tl.load(wa + w_off + t * ROWS * P, mask=mask_n[:, None], other=0), xt, mask_m[:, None],
-                               sa + s_off, za + s_off, mask_n, g, n_pad, BITS, P, ASYM, FAST)
+                               sa + s_off, za + s_off, mask_n, g, n_pad, BITS, P, ASYM, FAST, False)
             if GATED:
                 acc_b += _mma_tile(tl.load(wb + w_off + t * ROWS * P, mask=mask_n[:, None], other=0), xt,
-                                   mask_m[:, None], sb + s_off, zb + s_off, mask_n, g, n_pad, BITS, P, ASYM, FAST)
+                                   mask_m[:, None], sb + s_off, zb + s_off, mask_n, g, n_pad, BITS, P, ASYM, FAST, False)
         if GATED:
             out = acc_a * tl.sigmoid(acc_a) * acc_b
         else:
@@ -226,11 +232,12 @@ def _args(p: PackedLinear):
 
 
 def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=None, block_n=None, split_k=None,
-                   num_warps=None, num_stages=3, fast=None):
+                   num_warps=None, num_stages=3, fast=None, weights_as_a=True):
     """Two launches: gate+up+SiLU into h [T * slots, I], then down with the weighted sum over slots; each routed
     expert's weights are read once for all the tokens routed to it. mma: tensor cores (x and h in 16 bits; the
     default for 16-bit x from MOE_CROSSOVER) or CUDA cores (exact fp32 h). split_k: k splits of (gate+up, down),
-    each reduced inside its launch; defaults from MOE_DECODE_LAUNCH."""
+    each reduced inside its launch; defaults from MOE_DECODE_LAUNCH. weights_as_a: the weight tile is the MMA's A
+    operand (on Hopper a register-A wgmma; block_n a multiple of 64 with 4 warps)."""
     T, topk = topk_ids.shape
     slots = topk + experts.has_shared
     if slots > MAX_SLOTS or T > DECODE_MAX_TOKENS:
@@ -247,7 +254,7 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
     common = dict(TOPK=topk, SLOTS=slots, BITS=g.bits, P=KT * g.bits // 32, ROWS=ROWS, ASYM=g.zeros is not None,
                   BM=max(MMA_M, triton.next_power_of_2(T)) if mma else triton.next_power_of_2(T),
                   BS=triton.next_power_of_2(slots), BN=block_n, MMA=mma,
-                  FAST=mma and (fast_unpack(g.bits, x.device) if fast is None else fast),
+                  FAST=mma and (fast_unpack(g.bits, x.device) if fast is None else fast), WA=mma and weights_as_a,
                   num_warps=num_warps, num_stages=num_stages)
     h = torch.empty(T * slots, g.n, device=x.device, dtype=x.dtype if mma else torch.float32)
     tiles = g.k // KT

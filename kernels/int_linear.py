@@ -219,10 +219,15 @@ def _fma_tile_row(w, x_ptrs, s, zz, BITS: tl.constexpr, P: tl.constexpr):
 
 
 @triton.jit
-def _dot_pair(acc, xs, x_ptrs, x_mask, c, ASYM: tl.constexpr):
-    """acc += x_pair [BM, 2P] @ c [BN, P, 2]^T on the tensor cores; xs += the row sums of x_pair when ASYM."""
+def _dot_pair(acc, xs, x_ptrs, x_mask, c, ASYM: tl.constexpr, WA: tl.constexpr):
+    """acc += x_pair [BM, 2P] @ c [BN, P, 2]^T on the tensor cores ([BN, BM] += c @ x_pair^T when WA: the weights
+    as the A operand); xs += the row sums of x_pair when ASYM."""
     xi = tl.load(x_ptrs, mask=x_mask, other=0.0)
-    acc = tl.dot(xi, tl.trans(tl.reshape(c, [c.shape[0], 2 * c.shape[1]])), acc)
+    wt = tl.reshape(c, [c.shape[0], 2 * c.shape[1]])  # [BN, 2P]
+    if WA:
+        acc = tl.dot(wt, tl.trans(xi), acc)
+    else:
+        acc = tl.dot(xi, tl.trans(wt), acc)
     if ASYM:
         xs += tl.sum(xi.to(tl.float32), axis=1)
     return acc, xs
@@ -230,26 +235,37 @@ def _dot_pair(acc, xs, x_ptrs, x_mask, c, ASYM: tl.constexpr):
 
 @triton.jit
 def _mma_tile(w, x_ptrs, x_mask, s_ptrs, z_ptrs, mask_n, g, n_pad, BITS: tl.constexpr, P: tl.constexpr,
-              ASYM: tl.constexpr, FAST: tl.constexpr):
-    """One k-tile on the tensor cores: sum_k x_k (code_k - zero) * scale, [BM, BN]; x 16-bit, x_ptrs [BM, 2P] at
-    pair 0. The codes enter the dot centred on 2**(BITS-1); scale and zero point apply once per tile, after it."""
-    acc = tl.zeros([x_ptrs.shape[0], w.shape[0]], dtype=tl.float32)
+              ASYM: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr):
+    """One k-tile on the tensor cores: sum_k x_k (code_k - zero) * scale, [BM, BN] ([BN, BM] when WA); x 16-bit,
+    x_ptrs [BM, 2P] at pair 0. The codes enter the dot centred on 2**(BITS-1); scale and zero point apply once per
+    tile, after it."""
+    if WA:
+        acc = tl.zeros([w.shape[0], x_ptrs.shape[0]], dtype=tl.float32)
+    else:
+        acc = tl.zeros([x_ptrs.shape[0], w.shape[0]], dtype=tl.float32)
     xs = tl.zeros([x_ptrs.shape[0]], dtype=tl.float32)
     DT: tl.constexpr = x_ptrs.dtype.element_ty
     if FAST:  # int4 on the GPU
         c0, c1, c2, c3 = _int4_pairs_asm(w, DT == tl.float16)
-        acc, xs = _dot_pair(acc, xs, x_ptrs, x_mask, c0, ASYM)
-        acc, xs = _dot_pair(acc, xs, x_ptrs + 2 * P, x_mask, c1, ASYM)
-        acc, xs = _dot_pair(acc, xs, x_ptrs + 4 * P, x_mask, c2, ASYM)
-        acc, xs = _dot_pair(acc, xs, x_ptrs + 6 * P, x_mask, c3, ASYM)
+        acc, xs = _dot_pair(acc, xs, x_ptrs, x_mask, c0, ASYM, WA)
+        acc, xs = _dot_pair(acc, xs, x_ptrs + 2 * P, x_mask, c1, ASYM, WA)
+        acc, xs = _dot_pair(acc, xs, x_ptrs + 4 * P, x_mask, c2, ASYM, WA)
+        acc, xs = _dot_pair(acc, xs, x_ptrs + 6 * P, x_mask, c3, ASYM, WA)
     else:
         for i in tl.static_range(16 // BITS):
-            acc, xs = _dot_pair(acc, xs, x_ptrs + i * 2 * P, x_mask, _pair_centred(w, i, BITS, DT), ASYM)
+            acc, xs = _dot_pair(acc, xs, x_ptrs + i * 2 * P, x_mask, _pair_centred(w, i, BITS, DT), ASYM, WA)
     sc = tl.load(s_ptrs + g * n_pad, mask=mask_n, other=0.0).to(tl.float32)
     if ASYM:
         zc = tl.load(z_ptrs + g * n_pad, mask=mask_n, other=0.0).to(tl.float32) - (1 << (BITS - 1))
-        acc -= zc[None, :] * xs[:, None]
-    return sc[None, :] * acc
+        if WA:
+            acc -= zc[:, None] * xs[None, :]
+        else:
+            acc -= zc[None, :] * xs[:, None]
+    if WA:
+        out = sc[:, None] * acc
+    else:
+        out = sc[None, :] * acc
+    return out
 
 
 @triton.jit
@@ -328,8 +344,9 @@ def int_gemv_fwd_kernel(x, w, s, z, y, ws, locks, M, N, n_pad, n_tiles, tiles_pe
 def int_mma_fwd_kernel(x, w, s, z, y, ws, locks, M, N, n_pad, n_tiles, tiles_per_group, tiles_per_split,
                        stride_xm, stride_ym, BITS: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr,
                        ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
-                       SPLIT_K: tl.constexpr, FAST: tl.constexpr):
-    """Tensor-core tiles [BM, BN]; SPLIT_K > 1 (one row block only) splits the k-tiles over grid dim 1."""
+                       SPLIT_K: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr):
+    """Tensor-core tiles [BM, BN] (computed as [BN, BM] with the weights as the A operand when WA); SPLIT_K > 1
+    (one row block only) splits the k-tiles over grid dim 1."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
@@ -345,13 +362,18 @@ def int_mma_fwd_kernel(x, w, s, z, y, ws, locks, M, N, n_pad, n_tiles, tiles_per
     mask_n = offs_n < n_pad
     w_ptrs = w + ((offs_n // ROWS).to(tl.int64) * n_tiles * ROWS * P + (offs_n % ROWS) * P)[:, None] + offs_p[None, :]
     x_ptrs = x + offs_m[:, None].to(tl.int64) * stride_xm + offs_q[None, :]
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    if WA:
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
     t0 = pid_k * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
     for t in range(t0, t1):
         wt = tl.load(w_ptrs + t * ROWS * P, mask=mask_n[:, None], other=0)
         acc += _mma_tile(wt, x_ptrs + t * (32 // BITS) * P, mask_m[:, None], s + offs_n, z + offs_n, mask_n,
-                         t // tiles_per_group, n_pad, BITS, P, ASYM, FAST)
+                         t // tiles_per_group, n_pad, BITS, P, ASYM, FAST, WA)
+    if WA:
+        acc = tl.trans(acc)
     mask = mask_m[:, None] & (offs_n < N)[None, :]
     _store_or_reduce(acc, y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
                      ws + offs_m[:, None] * N + offs_n[None, :], mask, locks, pid_n, pid_k, M * N, SPLIT_K)
@@ -398,9 +420,11 @@ def fast_unpack(bits: int, device: torch.device) -> bool:
 
 
 def int_mma_fwd(x, packed: PackedLinear, y, *, block_m=None, block_n=None, split_k=None, num_warps=4, num_stages=3,
-                fast=None):
+                fast=None, weights_as_a=None):
     """Tensor-core path: x [M, K] (bf16/fp16; fp32 is rounded to bf16), y [M, N], tiles of block_m (16 to 64 by M)
-    x block_n (64). With one row block, split-K over the k-tiles like the GEMV (split_k=1: none)."""
+    x block_n (64). With one row block, split-K over the k-tiles like the GEMV (split_k=1: none). weights_as_a
+    (default: block_m 16): the weight tile is the MMA's A operand, y^T = W x^T (on Hopper a wgmma reading the
+    unpacked weights straight from registers; block_n a multiple of 64 with 4 warps)."""
     M = x.shape[0]
     x = x if x.dtype in (torch.bfloat16, torch.float16) else x.to(torch.bfloat16)
     block_m = block_m or max(MMA_M, min(64, triton.next_power_of_2(M)))
@@ -415,7 +439,7 @@ def int_mma_fwd(x, packed: PackedLinear, y, *, block_m=None, block_n=None, split
         packed.scales.shape[1], n_tiles, packed.group_size // KT, per_split, x.stride(0), y.stride(0),
         BITS=packed.bits, P=KT * packed.bits // 32, ROWS=ROWS, ASYM=packed.zeros is not None, BM=block_m, BN=block_n,
         GROUP_M=8, SPLIT_K=split, FAST=fast_unpack(packed.bits, x.device) if fast is None else fast,
-        num_warps=num_warps, num_stages=num_stages)
+        WA=block_m == MMA_M if weights_as_a is None else weights_as_a, num_warps=num_warps, num_stages=num_stages)
     return y
 
 
