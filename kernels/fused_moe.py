@@ -93,8 +93,8 @@ def moe_decode_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, T, 
     valid = (offs_t[:, None] < T) & (offs_s[None, :] < SLOTS)
     routed = tl.load(ids + offs_t[:, None] * TOPK + offs_s[None, :], mask=valid & (offs_s[None, :] < TOPK), other=0)
     table = tl.where(valid, tl.where(offs_s[None, :] < TOPK, routed, shared_id), -1)  # [BM, BS] expert of each pair
-    pairs = offs_t[:, None] * SLOTS + offs_s[None, :]
-    e = tl.sum(tl.where(pairs == u, table, 0))
+    pairs = offs_t[:, None] * SLOTS + offs_s[None, :]  # (slots past SLOTS alias the next token's: masked by valid)
+    e = tl.sum(tl.where((pairs == u) & valid, table, 0))
     hit = table == e  # top-k ids of a token are distinct: at most one slot per token
     if tl.min(tl.where(hit, pairs, BM * BS)) == u:
         tok = tl.max(hit.to(tl.int32), axis=1) > 0  # [BM] tokens routed to e
