@@ -51,9 +51,9 @@ def test_fused_moe_decode_split_k():
     assert int(experts.gate.locks.abs().sum()) == 0 and int(experts.down.locks.abs().sum()) == 0
 
 
-@pytest.mark.parametrize("mma", [False, True])
-@pytest.mark.parametrize("bits, symmetric, shared, tokens", [(4, False, False, 16), (8, True, True, 3),
-                                                             (4, True, True, 1)])
+@pytest.mark.parametrize("mma, bits, symmetric, shared, tokens", [
+    (True, 4, False, False, 16), (False, 4, False, False, 6), (True, 8, True, True, 3), (False, 8, True, True, 3),
+    (True, 4, True, True, 1), (False, 4, True, True, 1)])
 def test_decode_kernels(mma, bits, symmetric, shared, tokens):
     """Both decode kernels at ragged token counts. 5 experts for 3 slots, so tokens share experts (one program
     serves all of an expert's tokens); without the shared expert 3 slots pad to 4, aliasing the next token's pairs.
