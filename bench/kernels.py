@@ -420,10 +420,11 @@ def bench_int4_moe(defaults):
 def bench_int4():
     """--only int4: the sweeps that set CROSSOVER, MOE_CROSSOVER and MOE_DECODE_LAUNCH, then the values to set."""
     global REP_MS
-    start, defaults, REP_MS = time.time(), {}, 100
+    start, defaults, rep, REP_MS = time.time(), {}, REP_MS, 100
     bench_int4_linear(defaults)
     torch.cuda.empty_cache()
     bench_int4_moe(defaults)
+    REP_MS = rep
     results["int4 defaults"] = {k: repr(v) for k, v in defaults.items()}
     print(f"\nint4 defaults, measured ({time.time() - start:.0f} s); set them in one edit:")
     for k, v in defaults.items():
