@@ -20,7 +20,8 @@ from klconvert.kernels import (fused_moe, int_linear, kda_decode, kda_layer_step
                                naive_int_linear, naive_kda_decode, naive_kda_layer_step, naive_mla_decode,
                                quantize_mla_cache_rows, repack_int_weight, repack_moe_experts)
 from klconvert.kernels import dequantize_int_weight
-from klconvert.kernels.fused_moe import DECODE_MAX_TOKENS, moe_decode_fwd, moe_grouped_fwd, moe_kernel
+from klconvert.kernels.fused_moe import (DECODE_MAX_TOKENS, MOE_DECODE_LAUNCH, moe_decode_fwd, moe_grouped_fwd,
+                                         moe_kernel)
 from klconvert.kernels.int_linear import FMA_MAX_M, int_gemv_fwd, int_mma_fwd, weight_class
 from klconvert.kernels.mla_decode import mla_decode_splits
 
@@ -410,10 +411,11 @@ def bench_int4_moe(defaults):
     for kind in ("fma", "mma"):
         tag = _fastest(list(best_launch[kind]))
         if tag:
-            o = best_launch[kind][tag]
-            defaults[f"kernels/fused_moe.py MOE_DECODE_LAUNCH[{kind!r}] (block_n, split_k, num_warps)"] = (
-                o.get("block_n"), o.get("split_k"), o.get("num_warps"), "None = the current default",
-                "weights_as_a " + str(o.get("weights_as_a", True)))
+            o, now = best_launch[kind][tag], MOE_DECODE_LAUNCH[kind]
+            defaults[f"kernels/fused_moe.py MOE_DECODE_LAUNCH[{kind!r}]"] = (
+                o.get("block_n", now[0]), o.get("split_k", now[1]), o.get("num_warps", now[2]))
+            if kind == "mma":
+                defaults["moe_decode_fwd weights_as_a"] = o.get("weights_as_a", True)
     print("fused_moe int4: fastest per M", {m: k for m, (_, k) in best_decode.items()}, flush=True)
 
 
