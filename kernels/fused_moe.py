@@ -14,10 +14,11 @@ DECODE_MAX_TOKENS = 16  # up to this many tokens the decode kernels (no sort, no
 MAX_SLOTS = 16  # routed experts per token, plus the shared one, that the decode path's locks cover
 # Kernel per token count, by bits: T <= first -> decode kernels on the CUDA cores, T <= second -> decode kernels on
 # the tensor cores (int4: Marlin-style unpack), past both -> the sorted grouped GEMM (syncs with the host).
-# Best guesses, TO BE MEASURED: `python bench/kernels.py --only int4` prints the measured table in this form.
+# int4 measured on an H200 (2026-11-29, `python bench/kernels.py --only int4`, BENCHMARKS.md); int8 is not covered by
+# that sweep and keeps its guess. The second bound stays 16: a decode batch that large still runs without a host sync.
 MOE_CROSSOVER = {4: (0, 16), 8: (1, 16)}
-# Decode launch shape (block_n, split_k of (gate+up, down), num_warps) per kernel; TO BE MEASURED the same way.
-MOE_DECODE_LAUNCH = {"fma": (32, (3, 2), 2), "mma": (64, (3, 2), 4)}
+# Decode launch shape (block_n, split_k of (gate+up, down), num_warps) per kernel, measured the same way.
+MOE_DECODE_LAUNCH = {"fma": (16, (3, 2), 2), "mma": (64, (3, 2), 4)}
 
 
 @dataclass

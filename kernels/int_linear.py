@@ -12,8 +12,9 @@ MMA_M = 16  # the tensor-core kernels pad x to blocks of at least this many rows
 LARGE_WEIGHT = 1 << 26  # weights from which a linear is "large" (the lm_head; it fills the GPU without split-K)
 # Kernel per row count of x, by (bits, "large" or "small" weight): M <= first -> CUDA-core GEMV (int_gemv_fwd),
 # M <= second -> tensor-core GEMV (int_mma_fwd with split-K), past both -> tensor-core GEMM (int_mma_fwd, no split).
-# Best guesses, TO BE MEASURED: `python bench/kernels.py --only int4` prints the measured table in this form.
-CROSSOVER = {(4, "large"): (0, 16), (4, "small"): (0, 16), (8, "large"): (1, 16), (8, "small"): (1, 16)}
+# Measured on an H200 (2026-11-29, `python bench/kernels.py --only int4`, BENCHMARKS.md); (8, "small") is not
+# covered by that sweep and keeps its guess.
+CROSSOVER = {(4, "large"): (0, 4), (4, "small"): (0, 16), (8, "large"): (0, 4), (8, "small"): (1, 16)}
 FMA_MAX_M = 16  # the CUDA-core GEMV keeps a [M, BN, 2P] accumulator; fp32 x takes it up to here (exact fp32)
 
 
