@@ -121,7 +121,9 @@ def _context_error(tokens: int, at_least: bool, max_new_tokens: int, max_context
               help=f"Checkpoint folder (released, transformers or quantized layout), or {BUNDLED_NAME} for the "
                    f"bundled model [default: {DEFAULT_MODEL_DIR} when it exists, else {BUNDLED_NAME}].")
 @click.option("--prompt", default=None, help="The prompt text itself (instead of --prompt-file).")
-@click.option("--prompt-file", default=None, help="UTF-8 text file with the prompt, or - for standard input.")
+@click.option("--prompt-file", "prompt_files", multiple=True,
+              help="UTF-8 text file with the prompt, or - for standard input; repeat it to continue several prompts "
+                   "as one batch (each at its own length).")
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=256, show_default=True,
               help="Stop after this many new tokens (or earlier, at the end-of-turn token).")
 @click.option("--temperature", type=FiniteFloat(min=0.0), default=0.0, show_default=True,
@@ -141,10 +143,10 @@ def _context_error(tokens: int, at_least: bool, max_new_tokens: int, max_context
 @click.option("--kernels", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True,
               help="Triton kernels (int weights, fused KDA step, fused MoE) or the PyTorch reference; auto: "
                    "Triton on cuda.")
-def run(model: str | None, prompt: str | None, prompt_file: str | None, max_new_tokens: int, temperature: float,
+def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], max_new_tokens: int, temperature: float,
         top_p: float, seed: int | None, chat: bool, show_special: bool, max_context: int | None, device: str | None,
         dtype: str | None, kernels: str) -> None:
-    """Continue a prompt: the text streams to stdout, a summary goes to stderr."""
+    """Continue a prompt (or several, as one batch): the text streams to stdout, a summary goes to stderr."""
     from klconvert.config import KimiLinearConfig
     from klconvert.text_input import read_prompt
     from klconvert.tokenizer import StreamDecoder, Tokenizer
@@ -168,26 +170,38 @@ def run(model: str | None, prompt: str | None, prompt_file: str | None, max_new_
                          f"the model's model_max_length of {limit:,} tokens; lower --max-new-tokens"))
     _refuse_triton_without_cuda(kernels, device)
     tokenizer = Tokenizer.from_folder(model)
-    text = read_prompt(prompt, prompt_file, tokenizer, budget)
-    ids = tokenizer.encode_chat([{"role": "user", "content": text.text}]) if chat and text.whole else text.ids
-    if len(ids) > budget:
-        raise _context_error(len(ids), not text.whole, max_new_tokens, max_context, limit)
+    if prompt is not None and prompt_files:
+        raise KLError("give the prompt as --prompt TEXT or --prompt-file FILE (- for standard input), not both")
+    prompts = []
+    for prompt_file in prompt_files or (None,):
+        text = read_prompt(prompt, prompt_file, tokenizer, budget)
+        ids = tokenizer.encode_chat([{"role": "user", "content": text.text}]) if chat and text.whole else text.ids
+        if len(ids) > budget:
+            raise _context_error(len(ids), not text.whole, max_new_tokens, max_context, limit)
+        prompts.append(ids)
     from klconvert.runtime.engine import load  # torch loads only now: every refusal above runs without it
 
-    engine = load(model, device=device, dtype=dtype, max_context=max_context or len(ids) + max_new_tokens,
-                  kernels=kernels)
-    engine.check_fits(len(ids), max_new_tokens)
-    stream = StreamDecoder(tokenizer)
+    longest = max(len(ids) for ids in prompts)
+    engine = load(model, device=device, dtype=dtype, max_context=max_context or longest + max_new_tokens,
+                  batch=len(prompts), kernels=kernels)
+    engine.check_fits(longest, max_new_tokens)
+    streams = [StreamDecoder(tokenizer) for _ in prompts]
     hidden = tokenizer.stop_ids if show_special else tokenizer.special_ids
+    texts = [[] for _ in prompts]
 
-    def emit(sequence: int, token: int) -> None:
+    def emit(sequence: int, token: int) -> None:  # one prompt streams; several are printed whole, in order
         if token not in hidden:
-            sys.stdout.write(stream.push(token))
-            sys.stdout.flush()
+            texts[sequence].append(streams[sequence].push(token))
+            if len(prompts) == 1:
+                sys.stdout.write(texts[0].pop())
+                sys.stdout.flush()
 
-    engine.generate(ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+    engine.generate(prompts, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                     stop_ids=tokenizer.stop_ids, on_token=emit)
-    sys.stdout.write(stream.flush() + "\n")
+    for i, (parts, stream) in enumerate(zip(texts, streams)):
+        if len(prompts) > 1:
+            sys.stdout.write(f"==> {prompt_files[i]} <==\n")
+        sys.stdout.write("".join(parts) + stream.flush() + "\n")
     s, plan = engine.stats, engine.plan
     click.echo(f"prompt {s.prompt_tokens} tokens | prefill {s.prefill_tps:.1f} tokens/s | {s.new_tokens} new, "
                f"decode {s.decode_tps:.1f} tokens/s | plan: {engine.device} {str(engine.dtype).split('.')[-1]} "

@@ -73,3 +73,17 @@ def test_plan_for_a_folder(tiny_released):
     proc = run_klconvert("plan", "--model", str(tiny_released), "--max-context", "4096")
     assert proc.returncode == 0, proc.stderr
     assert "MLA latent cache / token" in proc.stdout
+
+
+def test_several_prompt_files_run_as_one_batch(tiny_released, tmp_path):
+    """Each prompt is continued at its own length, exactly as it is alone; the outputs come in order, headed."""
+    files = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    files[0].write_text("Once upon a time, in a land far away, there lived")
+    files[1].write_text("The end")
+    both = run_klconvert("run", "--model", str(tiny_released), "--prompt-file", str(files[0]), "--prompt-file",
+                         str(files[1]), "--max-new-tokens", "10", "--show-special")
+    assert both.returncode == 0, both.stderr
+    alone = [run_klconvert("run", "--model", str(tiny_released), "--prompt-file", str(f), "--max-new-tokens", "10",
+                           "--show-special").stdout for f in files]
+    assert both.stdout == "".join(f"==> {f} <==\n{text}" for f, text in zip(files, alone))
+    assert "batch 2" in both.stderr.strip().splitlines()[-1]
