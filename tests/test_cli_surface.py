@@ -124,7 +124,7 @@ def test_the_readme_python_example_runs(tiny_released):
     namespace: dict = {}
     exec(block.replace('"tiny-kimi"', repr(str(tiny_released))).replace("max_new_tokens=32", "max_new_tokens=4"),
          namespace)
-    assert isinstance(namespace["text"], str) and namespace["new_ids"]
+    assert isinstance(namespace["text"], str) and namespace["new_ids"] and namespace["both"].shape[0] == 2
 
 
 def test_refusals_run_in_bounded_memory(tiny_released):
