@@ -97,7 +97,12 @@ class SharedInStack(nn.Module):
 
 
 class TritonLatentAttention(nn.Module):
-    """LatentAttention through kernels.mla_decode (split over the sequence; bf16 or e4m3 cache)."""
+    """LatentAttention through kernels.mla_decode (split over the sequence; bf16 or e4m3 cache). Splits of at
+    least MIN_SPLIT_TOKENS: a 4K context then spreads over ~64 programs instead of 16 (a decode step at short
+    context is latency-bound); long contexts are capped by the kernel's two waves per SM either way."""
+
+    MIN_SPLIT_TOKENS = 64
 
     def forward(self, q_lat, q_rope, cache, lengths, scale, cache_scale=None) -> torch.Tensor:
-        return mla_decode(q_lat, q_rope, cache, lengths.to(torch.int32), scale, cache_scale)
+        return mla_decode(q_lat, q_rope, cache, lengths.to(torch.int32), scale, cache_scale,
+                          min_split_tokens=self.MIN_SPLIT_TOKENS)

@@ -113,3 +113,33 @@ def test_graph_replay_equals_eager_bit_for_bit(trained_like, tmp_path):
             got.append(step.step().clone())
         logits[graph] = torch.stack(got)
     assert torch.equal(logits[True], logits[False])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fast_path_at_8_real_layers_is_as_close_to_fp32_as_bf16_is():
+    """8 real-size layers, int4 weights with calm routers: the Triton path (graph decode included) is no further
+    from the PyTorch path in fp32 than the PyTorch path in bf16 is (within 1.5x its relative error)."""
+    from klconvert.bench import random_quantized_weights
+    from klconvert.config import KimiLinearConfig
+    from klconvert.presets import preset_config
+    from klconvert.runtime.engine import Engine
+
+    config = KimiLinearConfig.from_dict(preset_config("kimi-linear-48b", 8))
+    weights = random_quantized_weights(config, 4, "cuda", calm=True)
+    ids = torch.randint(0, 163584, (1, 64), generator=torch.Generator().manual_seed(3)).cuda()
+    logits = {}
+    for name, dtype, kernels in (("fp32", torch.float32, "torch"), ("bf16", torch.bfloat16, "torch"),
+                                 ("fast", torch.bfloat16, "triton")):
+        engine = Engine(config, weights.read, torch.device("cuda"), dtype, 80, 1, packed=weights.packed,
+                        kernels=kernels, stored_schemes=weights.schemes)
+        step = engine.decoder(1)
+        prefill = engine.forward(ids[:, :56])[0]
+        decoded = []
+        for t in range(56, 64):
+            step.tokens.copy_(ids[:, t])
+            step.positions.fill_(t)
+            decoded.append(step.step()[0].clone())
+        logits[name] = torch.cat([prefill, torch.stack(decoded)]).float()
+        del engine, step
+        torch.cuda.empty_cache()
+    assert rel(logits["fast"], logits["fp32"]) <= 1.5 * rel(logits["bf16"], logits["fp32"])
