@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import torch
 
-from klconvert.runtime.model import KimiLinear
+from klconvert.runtime.model import Experts, KimiLinear
 from klconvert.runtime.state import StateBuffers
 
 WARMUP_STEPS = 2  # eager runs on a side stream before capture: Triton compiles, cuBLAS picks its kernels
+
+
+def capturable(model: KimiLinear) -> bool:
+    """Whether the decode step can be captured: the reference expert loop (model.Experts) asks the host which
+    experts were chosen, so a model still holding it (dense or unfusable experts) decodes eagerly."""
+    return not any(isinstance(m, Experts) for m in model.modules())
 
 
 class DecodeStep:

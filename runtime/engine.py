@@ -16,7 +16,7 @@ from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.quant import QuantScheme
 from klconvert.runtime.bind import bind, packed_choice
-from klconvert.runtime.decode_step import DecodeStep
+from klconvert.runtime.decode_step import DecodeStep, capturable
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.model import KimiLinear
 from klconvert.runtime.sampling import sample
@@ -107,7 +107,7 @@ class Engine:
         self.weight_bytes = weight_bytes(config, dtype, HeldPacked(held))
         self._plan_state(context, batch, mla_cache_dtype or dtype, allocate=False)
         bind(self.model, read, packed, held, device, dtype, self.triton)
-        self.cuda_graph = cuda_graph and self.triton and device.type == "cuda"
+        self.cuda_graph = cuda_graph and self.triton and device.type == "cuda" and capturable(self.model)
         self.resize(context, batch, mla_cache_dtype or dtype)
         self.stats = GenerationStats()
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import klconvert
-from klconvert.runtime.decode_step import DecodeStep
+from klconvert.runtime.decode_step import DecodeStep, capturable
 
 ROOT = Path(__file__).parents[1]
 
@@ -83,6 +83,7 @@ def test_fp8_latent_cache_stays_close_to_full_precision(trained_like):
 def test_eager_decode_step_needs_no_graph(trained_like):
     engine = klconvert.load(trained_like, device="cpu", dtype=torch.float32, max_context=16)
     assert isinstance(engine.decoder(1), DecodeStep) and engine.decoder(1).graph is None
+    assert not capturable(engine.model)      # unquantized experts run the reference loop, which asks the host
 
 
 def test_kernels_import_nothing_from_the_rest_of_the_package():
