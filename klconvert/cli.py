@@ -391,8 +391,9 @@ def _int_list(ctx, param, value: str) -> list[int]:
 
 
 @cli.command()
-@click.option("--model", type=click.Path(path_type=Path), default=None,
-              help="A quantized checkpoint folder to time (its weights; caches filled with random values).")
+@click.option("--model", default=None,
+              help=f"A quantized checkpoint folder to time, or {BUNDLED_NAME} (its weights; caches filled with random "
+                   "values).")
 @click.option("--preset", type=click.Choice(["kimi-linear-48b"]), default=None,
               help="Time the released shapes with random quantized weights made on the GPU.")
 @click.option("--layers", type=click.IntRange(min=1), default=None, help="With --preset: keep only N layers.")
@@ -403,7 +404,7 @@ def _int_list(ctx, param, value: str) -> list[int]:
 @click.option("--batch", "batches", default="1", show_default=True, callback=_int_list,
               help="Comma-separated batch sizes.")
 @click.option("--mla-cache-dtype", type=click.Choice(["bfloat16", "float8_e4m3fn"]), default="bfloat16",
-              show_default=True)
+              show_default=True, help="The latent cache's dtype (float8_e4m3fn: one byte a value, an fp32 scale a row).")
 @click.option("--new-tokens", type=click.IntRange(min=16), default=128, show_default=True,
               help="Decode steps timed per configuration.")
 @click.option("--check/--no-check", "check_depth", default=True, show_default=True,
@@ -414,7 +415,7 @@ def _int_list(ctx, param, value: str) -> list[int]:
 @click.option("--peer-layers", type=click.IntRange(min=1), default=4, show_default=True,
               help="Layers of the peer's model (a 27-layer bf16 model needs 98 GB).")
 @click.option("--json", "json_file", type=click.Path(path_type=Path), default=None, help="Write the results here.")
-def bench(model: Path | None, preset: str | None, layers: int | None, bits: str, contexts: list[int],
+def bench(model: str | None, preset: str | None, layers: int | None, bits: str, contexts: list[int],
           batches: list[int], mla_cache_dtype: str, new_tokens: int, check_depth: bool, peer: str, peer_layers: int,
           json_file: Path | None) -> None:
     """Decode speed on the GPU: checked first, then ms/token, tokens/s, memory and the bandwidth floor."""
@@ -435,7 +436,7 @@ def bench(model: Path | None, preset: str | None, layers: int | None, bits: str,
         from klconvert.checkpoint.quantized import QuantizedSource
         from klconvert.checkpoint.reader import Checkpoint
 
-        ckpt = Checkpoint(model)
+        ckpt = Checkpoint(resolve_model(model))
         config = ckpt.config
         weights = B.Weights(ckpt.get, ckpt.packed,
                             {n: s.scheme for n, s in ckpt.sources.items() if isinstance(s, QuantizedSource)})

@@ -290,7 +290,7 @@ def test_experts_named_only_by_w1_w2_w3_are_refused():
 
 
 def test_the_cli_refuses_a_split_in_one_line_and_takes_the_flag(tiny_released, tmp_path, capsys):
-    from quantize_helpers import assert_one_line_error, run_cli
+    from testkit import assert_one_line_error, run_cli
 
     recipe = tmp_path / "split.yaml"
     recipe.write_text(SPLIT_RECIPE)

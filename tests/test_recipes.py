@@ -40,16 +40,16 @@ def test_plan_command_takes_the_recipe_and_flags_override_it(monkeypatch, capsys
                                     "--mla-cache-dtype", "float8_e4m3fn")
     assert code == 0, err
     assert "context 4,096" in out and "MLA cache float8_e4m3fn" in out and "GPU memory" in out
-    assert re.search(r"MLA latent cache / token +576 B", out)  # 4 layers hold 1 MLA layer: 576 values x 1 byte
+    assert re.search(r"MLA latent cache / token +580 B", out)  # 1 MLA layer: 576 values x 1 byte + an fp32 scale
     code, _, err = run_cli(capsys, "plan", "--preset", "tiny", "--recipe", str(RECIPE_DIR / "32gb.yaml"),
                                   "--bits", "4")
     assert code == 2 and "not both" in err
 
 
-def test_fp8_mla_cache_is_one_byte_a_value():
+def test_fp8_mla_cache_is_one_byte_a_value_and_a_scale_a_row():
     p = plan_for(preset="kimi-linear-48b", layers=4, mla_cache_dtype="float8_e4m3fn", context=1 << 20)
-    assert p.mla_bytes_per_token == 1 * 576 * 1
-    assert p.mla_cache_bytes == 576 << 20
+    assert p.mla_bytes_per_token == 1 * (576 * 1 + 4)
+    assert p.mla_cache_bytes == 580 << 20
 
 
 RECIPE = r"""quant_stage:
