@@ -32,7 +32,8 @@ def test_released_structure_at_small_size():
     c = KimiLinearConfig.from_file(BUNDLED_DIR / "config.json")
     assert c.first_k_dense_replace == 1 and c.num_shared_experts == 1 and c.num_experts_per_token < c.num_experts
     assert len(c.full_attn_layers) >= 2 and len(c.kda_layers) == 3 * len(c.full_attn_layers)
-    assert all(layer % 4 == 3 for layer in c.full_attn_layers[:-1]) and c.full_attn_layers[-1] == c.num_hidden_layers - 1
+    assert all(layer % 4 == 3 for layer in c.full_attn_layers[:-1])
+    assert c.full_attn_layers[-1] == c.num_hidden_layers - 1
     for spec in expected_tensors(c).values():      # every linear input a multiple of the int kernels' 128
         if len(spec.shape) == 2 and not spec.name.endswith(("embed_tokens.weight", ".gate.weight")):
             assert spec.shape[1] % 128 == 0, spec

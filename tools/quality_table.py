@@ -17,6 +17,7 @@ CPU in fp32 (so the numbers measure the weights, not the compute dtype).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -46,7 +47,8 @@ def recipe(quantize_small: tuple[str, ...] = (), keep: tuple[str, ...] = (), lm_
     weights = f"{{num_bits: {bits}, type: int, symmetric: true, strategy: group, group_size: {group_size}}}"
     lines = ["quant_stage:", "  quant_modifiers:", "    QuantizationModifier:", "      ignore:"]
     lines += [f"        - {json_str(p)}" for p in ignore]
-    lines += ["      config_groups:", "        group_0:", '          targets: ["Linear"]', f"          weights: {weights}"]
+    lines += ["      config_groups:", "        group_0:", '          targets: ["Linear"]',
+              f"          weights: {weights}"]
     if lm_head_bits is not None:
         lines += ["        group_1:", '          targets: ["lm_head"]',
                   f"          weights: {{num_bits: {lm_head_bits}, type: int, symmetric: true, strategy: group, "
@@ -56,7 +58,6 @@ def recipe(quantize_small: tuple[str, ...] = (), keep: tuple[str, ...] = (), lm_
 
 def json_str(text: str) -> str:
     """A YAML double-quoted scalar (JSON's string syntax is valid YAML)."""
-    import json
     return json.dumps(text)
 
 
@@ -123,7 +124,8 @@ def render(rows: list, tokens: int) -> str:
             out.append(f"| **{sec}** | | | | | | | | |")
             section = sec
         w = r.worst_layer
-        out.append(f"| {label} | {bits:.2f} | {r.model_perplexity:.3f} ({100 * (r.model_perplexity / r.reference_perplexity - 1):+.2f}%) "
+        change = 100 * (r.model_perplexity / r.reference_perplexity - 1)
+        out.append(f"| {label} | {bits:.2f} | {r.model_perplexity:.3f} ({change:+.2f}%) "
                    f"| {r.kl_mean:.4f} | {r.kl_p99:.4f} | {100 * r.top1_agreement:.1f}% | "
                    f"{100 * r.routing_overlap:.1f}% | {100 * r.routing_unchanged:.1f}% | "
                    f"{'-' if w is None else f'{w.layer} ({100 * w.overlap:.1f}%)'} |")

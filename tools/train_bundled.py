@@ -13,7 +13,7 @@ tiktoken.model, tokenizer_config.json (the bundled tokenizer, tools/train_tokeni
 validation loss by step, expert loads, settings) and loss.png (when matplotlib is installed; else
 `python tools/plot_loss.py OUT/loss.json`).
 
-    python tools/train_bundled.py --out OUT [--steps 1500 --batch 32 --seq-len 512 --time-budget-s 240]
+    python tools/train_bundled.py --out OUT [--steps 1500 --batch 16 --seq-len 512 --time-budget-s 240]
 """
 from __future__ import annotations
 
@@ -106,7 +106,8 @@ def fresh_model(c: KimiLinearConfig, device: torch.device, seed: int) -> M.KimiL
 
 def routers(model: M.KimiLinear) -> dict[int, M.Router]:
     """{layer: its MoE router}."""
-    return {i: block.block_sparse_moe.gate for i, block in enumerate(model.blocks) if hasattr(block, "block_sparse_moe")}
+    return {i: block.block_sparse_moe.gate for i, block in enumerate(model.blocks)
+            if hasattr(block, "block_sparse_moe")}
 
 
 class ExpertLoads:
@@ -221,7 +222,7 @@ def write_checkpoint(out: Path, config: dict, state: dict[str, torch.Tensor], to
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
-def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: int = 32, seq_len: int = 512,
+def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: int = 16, seq_len: int = 512,
           lr: float = 2e-3, warmup: float = 0.03, lr_floor: float = 0.1, weight_decay: float = 0.1,
           bias_rate: float = 5e-3, time_budget_s: float = 240.0, eval_every: int = 50,
           validation_tokens: int | None = None, max_chars: int | None = None, seed: int = 0,
@@ -325,7 +326,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="Folder to write (created; files in it are replaced).")
     p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=16,
+                   help="Sequences per step (the chunked KDA form keeps ~1.6 GB per sequence for backward).")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--lr", type=float, default=2e-3, help="Peak learning rate.")
     p.add_argument("--weight-decay", type=float, default=0.1)
