@@ -7,7 +7,7 @@ g_b_proj; b_proj + f_a_proj together, as vLLM's fused KDA input projection needs
 or with the whole fused KDA input group or the shared experts kept in bf16; study 2 -- lm_head at 4 bits, 8 bits
 (the default) and kept in bf16. Columns: perplexity (and its change), KL(bf16 || quantized) mean and p99, top-1
 agreement, mean router-set overlap, share of (token, layer) routing decisions whose whole expert set is
-unchanged, the worst MoE layer, and the bits per weight of the quantized layers.
+unchanged, the worst MoE layer, and the bits per weight over all the checkpoint's weights (embedding included).
 
 The bf16 reference runs once; each variant is quantized into a temporary folder and run on the same tokens, on
 CPU in fp32 (so the numbers measure the weights, not the compute dtype).
@@ -87,7 +87,7 @@ def variants() -> list[tuple[str, str, dict]]:
 
 
 def measure(model: Path, tokens: int, only: str | None, log=lambda s: print(s, file=sys.stderr)) -> list:
-    """[(section, label, EvalResult, bits per quantized weight)] for every variant whose label contains `only`."""
+    """[(section, label, EvalResult, bits per weight over all weights)] for each variant whose label has `only`."""
     text = bundled_corpus.split()["test"]
     ids = Tokenizer.from_folder(model).encode(text)[:tokens]
     t0 = time.perf_counter()
@@ -107,14 +107,14 @@ def measure(model: Path, tokens: int, only: str | None, log=lambda s: print(s, f
             out = Path(tmp) / f"v{i}"
             result = quantize(model, out, device="cpu", progress=False, **options)
             got = run_model(out, ids, "cpu", "float32")
-            rows.append((section, label, compare(reference, got, ids), result.totals.quantized_bits_per_weight))
+            rows.append((section, label, compare(reference, got, ids), result.totals.bits_per_weight))
             log(f"{label}: {time.perf_counter() - t0:.0f} s")
     return rows
 
 
 def render(rows: list, tokens: int) -> str:
     """The rows as a Markdown table, one header row per section."""
-    head = ("| variant | bits/weight | perplexity | KL mean | KL p99 | top-1 | router overlap | set unchanged | "
+    head = ("| variant | bits/weight (all) | perplexity | KL mean | KL p99 | top-1 | router overlap | set unchanged | "
             "worst layer (overlap) |\n|---|---:|---:|---:|---:|---:|---:|---:|---|")
     out = [f"Held-out: {tokens:,} tokens of the test split; reference bf16 perplexity "
            f"{rows[0][2].reference_perplexity:.3f}.", "", head]
