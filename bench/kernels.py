@@ -1,31 +1,49 @@
-"""Check each klconvert kernel against its naive twin, then time it and its peers (fla, bitsandbytes, torch) on one GPU."""
+"""Check each klconvert kernel against its naive twin, then time it and its peers (fla, bitsandbytes, torch) on one GPU.
+
+python bench/kernels.py [--only SECTION ...]: sections fla, kda, drift, linear, moe, mla, int4 (default: all); the
+results table goes to stdout and $OUT/kernels.json. `--only int4` (~3 minutes) sweeps the int4/int8 launch shapes
+that matter and the row counts where each int kernel wins, and prints the defaults to set (CROSSOVER, MOE_CROSSOVER,
+MOE_DECODE_LAUNCH)."""
+import argparse
 import datetime
 import json
 import math
 import os
 import subprocess
 import sys
+import time
 
 import torch
 import triton
 from triton.testing import do_bench
 
-from klconvert.kernels import (fused_moe, int_linear, kda_decode, kda_layer_step, naive_fused_moe, naive_int_linear,
-                               naive_kda_decode, naive_kda_layer_step, repack_int_weight, repack_moe_experts)
-from klconvert.kernels.fused_moe import moe_decode_fwd
-from klconvert.kernels.int_linear import int_gemv_fwd
+from klconvert.kernels.fused_moe import (DECODE_MAX_TOKENS, MOE_DECODE_LAUNCH, fused_moe, moe_decode_fwd,
+                                         moe_grouped_fwd, moe_kernel, repack_moe_experts)
+from klconvert.kernels.int_linear import (FMA_MAX_M, int_gemv_fwd, int_linear, int_mma_fwd, repack_int_weight,
+                                          weight_class)
+from klconvert.kernels.kda_decode import kda_decode, kda_layer_step
+from klconvert.kernels.mla_decode import mla_decode, mla_decode_splits
+from klconvert.kernels.naive_int_linear import dequantize_int_weight, naive_int_linear
+from klconvert.kernels.naive_kda import naive_kda_decode, naive_kda_layer_step
+from klconvert.kernels.naive_mla import naive_mla_decode, quantize_mla_cache_rows
+from klconvert.kernels.naive_moe import naive_fused_moe
 
 DEV = "cuda"
 H, K, V, W = 32, 128, 128, 4  # KDA layer
 HIDDEN, INTER, EXPERTS, TOPK = 2304, 1024, 256, 8
+MLA_H, MLA_R, MLA_DR, MLA_SCALE = 32, 512, 64, 192 ** -0.5  # MLA layer: heads, latent, shared key, softmax scale
+MLA_CONTEXTS = (4096, 131072, 1048576)
 LINEAR_SHAPES = {"lm_head": (163840, 2304), "o_proj": (2304, 4096), "kda_qkv": (12288, 2304),
                  "expert_w13": (2048, 2304), "expert_w2": (2304, 1024)}  # [out, in]
 ROTATE_BYTES = 400e6  # copies of weights/state rotated per call, so L2 (50 MB) does not serve them
 rows, results, failures = [], {}, []
 
 
+REP_MS = 200  # do_bench's timing window per figure; --only int4 halves it to stay within ~3 minutes
+
+
 def median_us(fn):
-    return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
+    return do_bench(fn, warmup=25, rep=REP_MS, return_mode="median") * 1e3
 
 
 def timed(fn, graph=True):
@@ -104,7 +122,8 @@ def bench_kda():
     for B in (1, 64):
         for sdt in (torch.float32, torch.bfloat16):
             C = 2 * H * K + H * V
-            A_log, dt_bias, norm_w = torch.randn(H, device=DEV), torch.randn(H * K, device=DEV), torch.randn(V, device=DEV)
+            A_log, dt_bias = torch.randn(H, device=DEV), torch.randn(H * K, device=DEV)
+            norm_w = torch.randn(V, device=DEV)
             conv_w = torch.randn(C, W, device=DEV) * 0.5
             sbytes = B * H * K * V * sdt.itemsize
 
@@ -220,13 +239,18 @@ def bench_linear_peers(name, n, k):
         del copies
 
 
-def bench_moe():
-    bench_moe_peers()
+def random_experts():
+    """The model's MoE layer, int4 g128 symmetric: 256 routed experts + the shared one, random code words."""
     wp = lambda n, k: torch.randint(-2**31, 2**31 - 1, (n, k // 8), device=DEV, dtype=torch.int32)
     sc = lambda n, k: (torch.rand(n, k // 128, device=DEV) * 0.002 + 0.001).to(torch.bfloat16)
     ct = lambda n, k: {"weight_packed": wp(n, k), "weight_scale": sc(n, k), "weight_shape": (n, k)}
     one = lambda: {"gate": ct(INTER, HIDDEN), "up": ct(INTER, HIDDEN), "down": ct(HIDDEN, INTER)}
-    experts = repack_moe_experts([one() for _ in range(EXPERTS)], shared=one(), bits=4, group_size=128)
+    return repack_moe_experts([one() for _ in range(EXPERTS)], shared=one(), bits=4, group_size=128)
+
+
+def bench_moe():
+    bench_moe_peers()
+    experts = random_experts()
     per_expert = sum(packed_bytes(p) for p in experts.expert(0))
     for m in (1, 4, 64, 512):
         x = torch.randn(m, HIDDEN, device=DEV, dtype=torch.bfloat16)
@@ -239,13 +263,15 @@ def bench_moe():
         moved = (len(set(routings[0].flatten().tolist())) + 1) * per_expert + m * HIDDEN * 4
         ids = cycle(routings)
         peer = "torch bf16 expert loop M=1" if m == 1 else None
-        record(tag, timed(lambda: fused_moe(x, ids(), w, experts), graph=m <= 8), moved, peer)  # grouped path syncs
-        if m == 1:
+        graph = moe_kernel(m, 4, x.dtype) != "grouped"  # the grouped path syncs with the host
+        record(tag, timed(lambda: fused_moe(x, ids(), w, experts), graph=graph), moved, peer)
+        if m == 1:  # the CUDA-core decode kernel's launch shapes (--only int4 sweeps the tensor-core one)
             for bn, warps, split in ((16, 2, (1, 1)), (16, 2, (6, 4)), (16, 2, (3, 2)), (16, 4, (3, 2)),
                                      (32, 4, (6, 4)), (64, 4, (6, 4))):
                 y = torch.empty_like(x)
-                t = timed(lambda: moe_decode_fwd(x, ids(), w, experts, y, block_n=bn, split_k=split, num_warps=warps))
-                record(f"{tag} [block_n {bn}, {warps} warps, split_k {split}]", t, moved, peer)
+                t = timed(lambda: moe_decode_fwd(x, ids(), w, experts, y, mma=False, block_n=bn, split_k=split,
+                                                 num_warps=warps))
+                record(f"{tag} [CUDA cores, block_n {bn}, {warps} warps, split_k {split}]", t, moved, peer)
 
 
 def bench_moe_peers():
@@ -279,6 +305,138 @@ def bench_moe_peers():
     record("bnb nf4 expert loop M=1", timed(lambda: loop(nf4, nf4_matmul), graph=False), n * 3 * INTER * HIDDEN // 2,
            "fused_moe int4 M=1")
 
+INT4_LINEAR = {"lm_head": (163840, 2304), "kda_qkv": (12288, 2304), "o_proj": (2304, 4096)}  # the --only int4 shapes
+INT4_ROWS = (1, 2, 4, 8, 16, 32, 64)  # row counts of the crossover sweep
+
+
+def _fastest(names):
+    """The name among `names` (recorded rows) with the least graph time (do_bench where there is no graph time)."""
+    best = lambda n: results[n]["graph_us"] if results[n]["graph_us"] is not None else results[n]["us"]
+    return min((n for n in names if n in results), key=best, default=None)
+
+
+def bench_int4_linear(defaults):
+    """int_linear's kernels per shape: the M=1 launch sweep, then fma / mma / gemm / torch bf16 over INT4_ROWS."""
+    crossover = {}
+    for name, (n, k) in INT4_LINEAR.items():
+        for bits in ((4, 8) if name == "lm_head" else (4,)):  # int8: the lm_head (the default policy's only int8)
+            one = random_packed(n, k, bits)
+            copies, pick = rotating(lambda: random_packed(n, k, bits), packed_bytes(one))
+            w_ref = dequantize_int_weight(copies[0])  # the twin's weight [N, K] fp32, for every check below
+            bf16, pick16 = rotating(lambda: torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02, n * k * 2)
+            rows = INT4_ROWS if bits == 4 else (1, 4, 16)
+            winners = {}
+            for m in rows:
+                x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+                ref = x.float() @ w_ref.t()
+                moved = packed_bytes(one) + m * (k + n) * 2
+                base = f"int{bits} {name} {n}x{k} M={m}"
+                peer = f"torch bf16 {name} {n}x{k} M={m}"
+                record(peer, timed(lambda: x @ pick16().t()), n * k * 2 + m * (n + k) * 2)
+                variants = {}  # label -> fn(packed, y)
+                if m <= FMA_MAX_M:
+                    variants["fma"] = lambda p, y: int_gemv_fwd(x, p, y)
+                if m <= 16:
+                    variants["mma"] = lambda p, y: int_mma_fwd(x, p, y)
+                variants["gemm"] = lambda p, y: int_mma_fwd(x, p, y, split_k=1)
+                if m == 1:  # the launch shapes that matter for decode
+                    for bn, warps in ((64, 8), (128, 8)):
+                        variants[f"fma [block_n {bn}, {warps} warps]"] = \
+                            lambda p, y, bn=bn, warps=warps: int_gemv_fwd(x, p, y, block_n=bn, num_warps=warps)
+                    for bn, warps, wa, stages, fast in ((128, 4, True, 3, None), (128, 8, True, 3, None),
+                                                        (64, 4, True, 4, None), (64, 4, False, 3, None),
+                                                        (128, 4, False, 3, None), (64, 4, True, 3, False)):
+                        if fast is False and bits != 4:
+                            continue
+                        label = (f"mma [block_n {bn}, {warps} warps, {stages} stages, "
+                                 f"{'W' if wa else 'x'} as A{', Triton unpack' if fast is False else ''}]")
+                        variants[label] = lambda p, y, bn=bn, warps=warps, wa=wa, stages=stages, fast=fast: int_mma_fwd(
+                            x, p, y, block_n=bn, num_warps=warps, weights_as_a=wa, num_stages=stages, fast=fast)
+                for label, fn in variants.items():
+                    y = torch.empty(m, n, device=DEV, dtype=x.dtype)
+                    tag = f"{base} {label}"
+                    if check(tag, fn(copies[0], y), ref, 1e-2):
+                        record(tag, timed(lambda: fn(pick(), y)), moved, peer)
+                winners[m] = _fastest([f"{base} {kind}" for kind in ("fma", "mma", "gemm")])
+            fma_max = max([m for m, w in winners.items() if w and w.endswith(" fma")], default=0)
+            mma_max = max([m for m, w in winners.items() if w and not w.endswith(" gemm")], default=0)
+            key, mine = (bits, weight_class(one)), (fma_max, max(mma_max, fma_max))
+            # shapes of one class: each kernel only as far as it wins for all of them
+            crossover[key] = tuple(min(a, b) for a, b in zip(crossover.get(key, mine), mine))
+            print(f"int{bits} {name}: fastest per M {[(m, (w or '?').rsplit(' ', 1)[-1]) for m, w in winners.items()]}",
+                  flush=True)
+            del copies, bf16, w_ref
+            torch.cuda.empty_cache()
+    defaults["kernels/int_linear.py CROSSOVER"] = crossover
+
+
+def bench_int4_moe(defaults):
+    """fused_moe's decode kernels over 1-16 tokens (launch sweep at 1 token), and the grouped GEMM they hand over to."""
+    experts = random_experts()
+    per_expert = sum(packed_bytes(p) for p in experts.expert(0))
+    launches = {"fma": [dict(mma=False)], "mma": [dict(mma=True)]}
+    launches["mma"] += [dict(mma=True, block_n=bn, split_k=sk, num_warps=wp, weights_as_a=wa)
+                        for bn, sk, wp, wa in ((128, (3, 2), 4, True), (64, (6, 4), 4, True), (64, (1, 1), 4, True),
+                                               (64, (2, 1), 4, True), (128, (6, 4), 8, True), (64, (3, 2), 4, False))]
+    launches["fma"] += [dict(mma=False, block_n=bn, split_k=sk, num_warps=wp)
+                        for bn, sk, wp in ((32, (6, 4), 4), (16, (3, 2), 2))]
+    best_decode, best_launch = {}, {"fma": {}, "mma": {}}
+    for m in (1, 2, 4, 8, 16, 32):
+        x = torch.randn(m, HIDDEN, device=DEV, dtype=torch.bfloat16)
+        routings = [torch.rand(m, EXPERTS, device=DEV).topk(TOPK).indices for _ in range(32)]
+        w = torch.rand(m, TOPK, device=DEV)
+        ref = naive_fused_moe(x, routings[0], w, experts)
+        moved = (len(set(routings[0].flatten().tolist())) + 1) * per_expert + m * HIDDEN * 4
+        ids = cycle(routings)
+        kinds = {}
+        for kind, options in launches.items():
+            if m > DECODE_MAX_TOKENS or (kind == "fma" and m > 8):
+                continue
+            for opt in (options if m == 1 else options[:1]):
+                tag = f"fused_moe int4 M={m} {kind} " + ", ".join(f"{k} {v}" for k, v in opt.items() if k != "mma")
+                tag = tag.rstrip()
+                y = torch.empty_like(x)
+                if not check(tag, moe_decode_fwd(x, routings[0], w, experts, y, **opt), ref, 1e-2):
+                    continue
+                record(tag, timed(lambda: moe_decode_fwd(x, ids(), w, experts, y, **opt)), moved)
+                kinds.setdefault(kind, []).append(tag)
+                if m == 1:
+                    best_launch[kind][tag] = opt
+        tag = f"fused_moe int4 M={m} grouped"
+        if check(tag, moe_grouped_fwd(x, routings[0], w, experts, torch.empty_like(x)), ref, 2e-2):
+            record(tag, timed(lambda: moe_grouped_fwd(x, ids(), w, experts, torch.empty_like(x)), graph=False), moved)
+        # decode vs grouped on do_bench (the grouped path cannot be graphed); fma vs mma on graph time
+        decode = _fastest(kinds.get("fma", []) + kinds.get("mma", []))
+        best_decode[m] = (decode, "grouped" if decode is None or results[decode]["us"] > results.get(
+            tag, {"us": float("inf")})["us"] else decode.split()[3])
+    fma_max = max([m for m, (_, k) in best_decode.items() if k == "fma"], default=0)
+    mma_max = max([m for m, (_, k) in best_decode.items() if k != "grouped"], default=0)
+    defaults["kernels/fused_moe.py MOE_CROSSOVER[4]"] = (fma_max, max(fma_max, mma_max))
+    for kind in ("fma", "mma"):
+        tag = _fastest(list(best_launch[kind]))
+        if tag:
+            o, now = best_launch[kind][tag], MOE_DECODE_LAUNCH[kind]
+            defaults[f"kernels/fused_moe.py MOE_DECODE_LAUNCH[{kind!r}]"] = (
+                o.get("block_n", now[0]), o.get("split_k", now[1]), o.get("num_warps", now[2]))
+            if kind == "mma":
+                defaults["moe_decode_fwd weights_as_a"] = o.get("weights_as_a", True)
+    print("fused_moe int4: fastest per M", {m: k for m, (_, k) in best_decode.items()}, flush=True)
+
+
+def bench_int4():
+    """--only int4: the sweeps that set CROSSOVER, MOE_CROSSOVER and MOE_DECODE_LAUNCH, then the values to set."""
+    global REP_MS
+    start, defaults, rep, REP_MS = time.time(), {}, REP_MS, 100
+    bench_int4_linear(defaults)
+    torch.cuda.empty_cache()
+    bench_int4_moe(defaults)
+    REP_MS = rep
+    results["int4 defaults"] = {k: repr(v) for k, v in defaults.items()}
+    print(f"\nint4 defaults, measured ({time.time() - start:.0f} s); set them in one edit:")
+    for k, v in defaults.items():
+        print(f"  {k} = {v}")
+    print("  (int_linear decode launch: read the 'M=1 mma [...]' / 'fma [...]' rows per shape in the table below)")
+
 
 def bf16_state_drift(steps=4096, B=1):
     """Relative RMS of o (last 64 steps) and the state: bf16 state vs fp32 state over `steps` decode steps."""
@@ -297,22 +455,95 @@ def bf16_state_drift(steps=4096, B=1):
     print("bf16 state drift:", results["bf16 state drift"], flush=True)
 
 
+def mla_peer(q_lat, q_rope, cache, cache_scale, n):
+    """Plain PyTorch absorbed decode over the same cache (runtime/model.py's _absorbed einsums) in bf16, fp32 softmax;
+    an fp8 cache is dequantized to bf16 first."""
+    rows = cache[:, :n].to(torch.bfloat16)
+    if cache_scale is not None:
+        rows = rows * cache_scale[:, :n, None].to(torch.bfloat16)
+    c_lat, k_rope = rows.split([MLA_R, MLA_DR], dim=-1)
+    scores = (torch.einsum("bhr,blr->bhl", q_lat, c_lat) + torch.einsum("bhd,bld->bhl", q_rope, k_rope)).float()
+    p = (scores * MLA_SCALE).softmax(dim=-1)
+    return torch.einsum("bhl,blr->bhr", p.to(torch.bfloat16), c_lat).float()
+
+
+def bench_mla():
+    """mla_decode at batch 1 over 4K / 128K / 1M tokens, bf16 and fp8 caches; launch variants at 1M; the peer."""
+    q_lat = torch.randn(1, MLA_H, MLA_R, device=DEV, dtype=torch.bfloat16)
+    q_rope = torch.randn(1, MLA_H, MLA_DR, device=DEV, dtype=torch.bfloat16)
+    for n in MLA_CONTEXTS:
+        lengths = torch.tensor([n], dtype=torch.int32, device=DEV)
+        for fp8 in (False, True):
+            def make():  # (cache, cache_scale or None)
+                rows = torch.randn(1, n, MLA_R + MLA_DR, device=DEV, dtype=torch.bfloat16)
+                return quantize_mla_cache_rows(rows) if fp8 else (rows, None)
+
+            def call(copy=None, **launch):  # the next rotating copy, or the given one
+                cache, cache_scale = copy or pick()
+                return mla_decode(q_lat, q_rope, cache, lengths, MLA_SCALE, cache_scale, **launch)
+
+            nbytes = n * (MLA_R + MLA_DR) * (1 if fp8 else 2) + (n * 4 if fp8 else 0)  # the cache (+ scales) read
+            copies, pick = rotating(make, nbytes)
+            kind = f"B=1 ctx={n} {'fp8' if fp8 else 'bf16'} cache"
+            tag, peer = f"mla_decode {kind}", f"torch absorbed MLA {kind}"
+            cache, cache_scale = copies[0]
+            ref = naive_mla_decode(q_lat, q_rope, cache, lengths, MLA_SCALE, cache_scale)  # [1, H, R] fp32
+
+            def checked(name, **launch):
+                return check(name, call(copies[0], **launch), ref, 5e-3)
+            peer_ok = check(peer, mla_peer(q_lat, q_rope, *copies[0], n), ref, 3e-2)
+            if checked(tag):
+                record(tag, timed(call), nbytes, peer)
+                if n == MLA_CONTEXTS[-1]:
+                    mla_variants(tag, call, checked, nbytes, peer, fp8)
+            if peer_ok:
+                record(peer, timed(lambda: mla_peer(q_lat, q_rope, *pick(), n)), nbytes)
+            copies = cache = cache_scale = None  # free them before the next context
+            torch.cuda.empty_cache()
+
+
+def mla_variants(tag, call, checked, nbytes, peer, fp8):
+    """Launch shapes around the defaults (kernels/mla_decode.py LAUNCHES), the scores with tokens as the M dim (bf16:
+    the one spill-free shape for it), and the split count (waves of programs); each checked before it is timed."""
+    shapes = [(32, 32, 8, 2), (32, 32, 8, 3), (32, 64, 8, 2), (32, 64, 8, 3), (32, 128, 8, 2), (32, 64, 16, 2),
+              (16, 64, 4, 2), (16, 32, 4, 3)]  # (block_h, block_n, num_warps, num_stages)
+    variants = {f"block_h {h}, block_n {n}, {w} warps, {st} stages": dict(block_h=h, block_n=n, num_warps=w,
+                                                                          num_stages=st) for h, n, w, st in shapes}
+    if not fp8:
+        variants["scores tokens-as-M, block_n 128, 8 warps, 2 stages"] = dict(block_n=128, num_warps=8, num_stages=2,
+                                                                              qk_tokens_as_m=True)
+    for waves in (1, 4, 8):
+        S = mla_decode_splits(1, MLA_H, MLA_CONTEXTS[-1], DEV, waves=waves)
+        variants[f"{waves} waves: {S} splits"] = dict(num_splits=S)
+    for what, launch in variants.items():
+        name = f"{tag} [{what}]"
+        if checked(name, **launch):
+            record(name, timed(lambda: call(**launch)), nbytes, peer)
+
+
 def copy_ceiling():
     a = torch.randn(1 << 29, device=DEV, dtype=torch.bfloat16)
     b = torch.empty_like(a)
     record("device copy (read + write)", (median_us(lambda: b.copy_(a)), None), 2 * a.numel() * 2)
 
 
+SECTIONS = {"fla": bench_fla, "kda": bench_kda, "drift": bf16_state_drift, "linear": bench_linear, "moe": bench_moe,
+            "mla": bench_mla, "int4": bench_int4}
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", choices=sorted(SECTIONS), help="run this section (repeatable)")
+    sections = parser.parse_args().only or list(SECTIONS)
     info = dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
                 triton=triton.__version__, command=" ".join([os.path.basename(sys.executable)] + sys.argv),
-                commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
+                commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                      text=True).stdout.strip())
     print(info, flush=True)
     results["info"] = info
     copy_ceiling()
-    sections = sys.argv[1:] or ["fla", "kda", "drift", "linear", "moe"]
     for s in sections:
-        {"fla": bench_fla, "kda": bench_kda, "drift": bf16_state_drift, "linear": bench_linear, "moe": bench_moe}[s]()
+        SECTIONS[s]()
         torch.cuda.empty_cache()
     print("\n" + table())
     out = os.environ.get("OUT")

@@ -1,18 +1,32 @@
-"""Fused low-precision Triton kernels for decode and prefill, each with a naive_ twin in plain fp32 PyTorch."""
-from .fused_moe import PackedExperts, fused_moe, repack_moe_experts
-from .int_linear import PackedLinear, concat_packed_linears, int_linear, repack_int_weight
-from .kda_decode import kda_decode, kda_layer_step
-from .moe_route import moe_route
-from .naive_int_linear import dequantize_int_weight, naive_int_linear
-from .naive_kda import naive_kda_decode, naive_kda_layer_step
-from .naive_moe import naive_fused_moe
-from .naive_moe_route import naive_moe_route
-from .naive_rms_norm import naive_add_rms_norm
-from .rms_norm import add_rms_norm
+"""Triton kernels for decode and prefill, each beside its naive_ twin in plain fp32 PyTorch (klconvert.kernels).
 
-__all__ = [
-    "PackedExperts", "PackedLinear", "add_rms_norm", "concat_packed_linears", "dequantize_int_weight", "fused_moe",
-    "int_linear", "kda_decode", "kda_layer_step", "moe_route", "naive_add_rms_norm", "naive_fused_moe",
-    "naive_int_linear", "naive_kda_decode", "naive_kda_layer_step", "naive_moe_route", "repack_int_weight",
-    "repack_moe_experts",
-]
+Import from the modules (klconvert.kernels.int_linear, .fused_moe, .kda_decode and their naive_ twins): this file
+imports none of them, so a module that needs no Triton (naive_kda, whose gate the PyTorch model uses) loads
+without it.
+
+The folder sits at the repository root, so a Python started there also finds it as a top-level `kernels`: the
+name of Hugging Face's kernel hub library, which transformers looks up (find_spec, then the package's metadata,
+then an import for its version). Imported under any name but klconvert.kernels, this file gives the name back:
+to the real package further down sys.path when one is installed, else to nothing (None in sys.modules, which
+Python and transformers read as "not installed").
+"""
+import sys
+
+if __name__ != "klconvert.kernels":
+    import importlib.machinery
+    import importlib.util
+    import os
+
+    _root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    _elsewhere = [p for p in sys.path if os.path.realpath(p or os.curdir) != _root]
+    _spec = importlib.machinery.PathFinder.find_spec(__name__, _elsewhere)
+    if _spec is None or _spec.loader is None:
+        sys.modules[__name__] = None
+    else:
+        _module = importlib.util.module_from_spec(_spec)
+        sys.modules[__name__] = _module
+        try:
+            _spec.loader.exec_module(_module)
+        except BaseException:
+            sys.modules[__name__] = None
+            raise

@@ -1,15 +1,24 @@
-"""Fused MoE over int4/int8 experts: two launches for decode (gate+up with SiLU, down with the weighted sum), a grouped GEMM per projection for prefill."""
+"""Fused MoE over int4/int8 experts: for up to 16 tokens two launches (gate+up with SiLU, down with the weighted sum)
+that read each routed expert once for all its tokens, on the tensor or the CUDA cores (MOE_CROSSOVER); past that a
+grouped GEMM per projection over pairs sorted by expert."""
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .int_linear import (KT, ROWS, PackedLinear, _arrive, _dequant_fma_row, _mma_tile, _sum_partials,
-                         _tile_params, repack_int_weight)
+from .int_linear import (KT, MMA_M, ROWS, PackedLinear, _arrive, _fma_tile, _mma_tile, _sum_partials, _tile_params,
+                         fast_unpack, repack_int_weight)
 
-DECODE_MAX_TOKENS = 8  # up to this many tokens, every (token, expert) pair streams its expert's weights once
+DECODE_MAX_TOKENS = 16  # up to this many tokens the decode kernels (no sort, no host sync) can run
 MAX_SLOTS = 16  # routed experts per token, plus the shared one, that the decode path's locks cover
+# Kernel per token count, by bits: T <= first -> decode kernels on the CUDA cores, T <= second -> decode kernels on
+# the tensor cores (int4: Marlin-style unpack), past both -> the sorted grouped GEMM (syncs with the host).
+# int4 measured on an H200 (2026-11-29, `python bench/kernels.py --only int4`, BENCHMARKS.md); int8 is not covered by
+# that sweep and keeps its guess. The second bound stays 16: a decode batch that large still runs without a host sync.
+MOE_CROSSOVER = {4: (0, 16), 8: (1, 16)}
+# Decode launch shape (block_n, split_k of (gate+up, down), num_warps) per kernel, measured the same way.
+MOE_DECODE_LAUNCH = {"fma": (16, (3, 2), 2), "mma": (64, (3, 2), 4)}
 
 
 @dataclass
@@ -19,7 +28,7 @@ class PackedExperts:
 
     gate: PackedLinear  # [E', I, D]; its locks are [DECODE_MAX_TOKENS * MAX_SLOTS, I_pad / ROWS]
     up: PackedLinear  # [E', I, D]
-    down: PackedLinear  # [E', D, I]; its locks are [DECODE_MAX_TOKENS, D_pad / ROWS]
+    down: PackedLinear  # [E', D, I]; its locks are [D_pad / ROWS]
     num_experts: int
     has_shared: bool
 
@@ -62,96 +71,129 @@ def repack_moe_experts(experts, *, shared: dict | None = None, bits: int, group_
                          f"down [{down.n}, {down.k}]; expected down = [hidden, intermediate]")
     gate.locks = torch.zeros(DECODE_MAX_TOKENS * MAX_SLOTS, gate.scales.shape[-1] // ROWS, dtype=torch.int32,
                              device=gate.qweight.device)
-    down.locks = torch.zeros(DECODE_MAX_TOKENS, down.scales.shape[-1] // ROWS, dtype=torch.int32,
-                             device=down.qweight.device)
     return PackedExperts(gate, up, down, len(experts), shared is not None)
 
 
 @triton.jit
-def moe_gemv_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, n_out, n_pad, n_tiles, tiles_per_group,
-                        tiles_per_split, stride_xm, stride_ym, stride_we, stride_se, shared_id, locks_per_row,
-                        TOPK: tl.constexpr, SLOTS: tl.constexpr, SPLIT_K: tl.constexpr, BITS: tl.constexpr,
-                        P: tl.constexpr, ROWS: tl.constexpr, ASYM: tl.constexpr, BN: tl.constexpr,
-                        GATED: tl.constexpr):
-    """One (row block, token-slot pair, k split) per program. GATED: h[pair] = silu(x[token] Wg^T) * (x[token] Wu^T),
-    the k splits reduced in-launch. Else: y[token] = sum over slots and k splits of weight * h[pair] Wd^T."""
+def moe_decode_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, T, n_out, n_pad, n_tiles,
+                          tiles_per_group, tiles_per_split, stride_xm, stride_ym, stride_we, stride_se, shared_id,
+                          locks_per_row, TOPK: tl.constexpr, SLOTS: tl.constexpr, SPLIT_K: tl.constexpr,
+                          BITS: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr, ASYM: tl.constexpr,
+                          BM: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, GATED: tl.constexpr,
+                          MMA: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr):
+    """One (row block, token-slot pair u, k split) per program. The program of the first pair routed to an expert
+    serves every token routed to it, as the rows of one tile (BM >= tokens); the other pairs' programs return at
+    once: each weight is read once per launch, without sorting (and without a host sync).
+    GATED: h[pair] = silu(x[token] Wg^T) * (x[token] Wu^T), the k splits reduced in-launch (a lock per pair).
+    Else: y[token] = sum over slots and k splits of weight * h[pair] Wd^T (one lock per row block, counting pairs)."""
     pid_n = tl.program_id(0)
-    pair = tl.program_id(1) // SPLIT_K
+    u = tl.program_id(1) // SPLIT_K
     split = tl.program_id(1) % SPLIT_K
-    m = pair // SLOTS
-    slot = pair % SLOTS
-    e = tl.load(ids + m * TOPK + tl.minimum(slot, TOPK - 1)).to(tl.int64)
-    e = tl.where(slot < TOPK, e, shared_id)  # the slot past the routed ones is the shared expert
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_p = tl.arange(0, P)
-    mask_n = offs_n < n_pad
-    w_off = e * stride_we + ((offs_n // ROWS).to(tl.int64) * n_tiles * ROWS * P + (offs_n % ROWS) * P)[:, None] \
-        + offs_p[None, :]
-    s_off = e * stride_se + offs_n
-    row = pair
-    if GATED:
-        row = m
-    x_ptrs = x + row * stride_xm + offs_p  # [P]
-    acc_a = tl.zeros([BN, P], dtype=tl.float32)
-    acc_b = tl.zeros([BN, P], dtype=tl.float32)
-    t0 = split * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
-    # one tile ahead by hand, as in int_gemv_fwd_kernel; stream b (up) only when GATED
-    wa_t = tl.load(wa + w_off + t0 * ROWS * P, mask=mask_n[:, None], other=0)
-    sa_t, za_t = _tile_params(sa + s_off, za + s_off, mask_n, t0 // tiles_per_group, n_pad, BITS, ASYM)
-    wb_t, sb_t, zb_t = wa_t, sa_t, za_t
-    if GATED:
-        wb_t = tl.load(wb + w_off + t0 * ROWS * P, mask=mask_n[:, None], other=0)
-        sb_t, zb_t = _tile_params(sb + s_off, zb + s_off, mask_n, t0 // tiles_per_group, n_pad, BITS, ASYM)
-    for t in range(t0, t1):
-        ahead = offs_n < tl.where(t + 1 < t1, n_pad, 0)  # no rows on the last tile
-        g = (t + 1) // tiles_per_group
-        wa_n = tl.load(wa + w_off + (t + 1) * ROWS * P, mask=ahead[:, None], other=0)
-        sa_n, za_n = _tile_params(sa + s_off, za + s_off, ahead, g, n_pad, BITS, ASYM)
-        xt = x_ptrs + t * (32 // BITS) * P
-        acc_a += _dequant_fma_row(wa_t, xt, sa_t, za_t, BITS, P)
-        wa_t, sa_t, za_t = wa_n, sa_n, za_n
+    offs_t = tl.arange(0, BM)
+    offs_s = tl.arange(0, BS)
+    valid = (offs_t[:, None] < T) & (offs_s[None, :] < SLOTS)
+    routed = tl.load(ids + offs_t[:, None] * TOPK + offs_s[None, :], mask=valid & (offs_s[None, :] < TOPK), other=0)
+    table = tl.where(valid, tl.where(offs_s[None, :] < TOPK, routed, shared_id), -1)  # [BM, BS] expert of each pair
+    pairs = offs_t[:, None] * SLOTS + offs_s[None, :]  # (slots past SLOTS alias the next token's: masked by valid)
+    e = tl.sum(tl.where((pairs == u) & valid, table, 0))
+    hit = table == e  # top-k ids of a token are distinct: at most one slot per token
+    if tl.min(tl.where(hit, pairs, BM * BS)) == u:
+        tok = tl.max(hit.to(tl.int32), axis=1) > 0  # [BM] tokens routed to e
+        slot = tl.sum(tl.where(hit, offs_s[None, :], 0), axis=1)  # [BM] and the slot that holds it
+        pair = offs_t * SLOTS + slot
+        e = e.to(tl.int64)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_p = tl.arange(0, P)
+        offs_q = tl.arange(0, 2 * P)
+        mask_n = offs_n < n_pad
+        w_off = e * stride_we + ((offs_n // ROWS).to(tl.int64) * n_tiles * ROWS * P + (offs_n % ROWS) * P)[:, None] \
+            + offs_p[None, :]
+        s_off = e * stride_se + offs_n
         if GATED:
-            wb_n = tl.load(wb + w_off + (t + 1) * ROWS * P, mask=ahead[:, None], other=0)
-            sb_n, zb_n = _tile_params(sb + s_off, zb + s_off, ahead, g, n_pad, BITS, ASYM)
-            acc_b += _dequant_fma_row(wb_t, xt, sb_t, zb_t, BITS, P)
-            wb_t, sb_t, zb_t = wb_n, sb_n, zb_n
-    a = tl.sum(acc_a, axis=1)  # [BN]
-    mask = offs_n < n_out
-    if GATED:
-        b = tl.sum(acc_b, axis=1)
-        y_ptrs = y + pair * stride_ym + offs_n
-        if SPLIT_K == 1:
-            tl.store(y_ptrs, (a * tl.sigmoid(a) * b).to(y.dtype.element_ty), mask=mask)
-        else:  # ws: [2, SPLIT_K, pairs, n_out]
-            stride = tl.num_programs(1) // SPLIT_K * n_out
-            ws_a = ws + pair * n_out + offs_n
-            tl.store(ws_a + split * stride, a, mask=mask)
-            tl.store(ws_a + (SPLIT_K + split) * stride, b, mask=mask)
-            lock = locks + pair * locks_per_row + pid_n
-            if _arrive(lock, SPLIT_K):
-                a = _sum_partials(ws_a, mask, SPLIT_K, stride)
-                b = _sum_partials(ws_a + SPLIT_K * stride, mask, SPLIT_K, stride)
-                tl.store(y_ptrs, (a * tl.sigmoid(a) * b).to(y.dtype.element_ty), mask=mask)
+            x_ptrs = x + offs_t[:, None].to(tl.int64) * stride_xm + offs_q[None, :]  # [BM, 2P]
+        else:
+            x_ptrs = x + pair[:, None].to(tl.int64) * stride_xm + offs_q[None, :]
+        x_mask = tok[:, None]
+        t0 = split * tiles_per_split
+        t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+        if MMA:  # [BN, BM] accumulators when WA (weights as the A operand), [BM, BN] otherwise
+            if WA:
+                a = tl.zeros([BN, BM], dtype=tl.float32)
+            else:
+                a = tl.zeros([BM, BN], dtype=tl.float32)
+            b = tl.zeros_like(a)
+            for t in range(t0, t1):
+                g = t // tiles_per_group
+                xt = x_ptrs + t * (32 // BITS) * P
+                a += _mma_tile(tl.load(wa + w_off + t * ROWS * P, mask=mask_n[:, None], other=0), xt, x_mask,
+                               sa + s_off, za + s_off, mask_n, g, n_pad, BITS, P, ASYM, FAST, WA)
+                if GATED:
+                    b += _mma_tile(tl.load(wb + w_off + t * ROWS * P, mask=mask_n[:, None], other=0), xt, x_mask,
+                                   sb + s_off, zb + s_off, mask_n, g, n_pad, BITS, P, ASYM, FAST, WA)
+            if WA:
+                a = tl.trans(a)
+                b = tl.trans(b)
+        else:  # CUDA cores, one tile ahead by hand as in int_gemv_fwd_kernel; stream b (up) only when GATED
+            acc_a = tl.zeros([BM, BN, 2 * P], dtype=tl.float32)
+            acc_b = tl.zeros([BM, BN, 2 * P], dtype=tl.float32)
+            wa_t = tl.load(wa + w_off + t0 * ROWS * P, mask=mask_n[:, None], other=0)
+            sa_t, za_t = _tile_params(sa + s_off, za + s_off, mask_n, t0 // tiles_per_group, n_pad, BITS, ASYM)
+            wb_t, sb_t, zb_t = wa_t, sa_t, za_t
+            if GATED:
+                wb_t = tl.load(wb + w_off + t0 * ROWS * P, mask=mask_n[:, None], other=0)
+                sb_t, zb_t = _tile_params(sb + s_off, zb + s_off, mask_n, t0 // tiles_per_group, n_pad, BITS, ASYM)
+            for t in range(t0, t1):
+                ahead = offs_n < tl.where(t + 1 < t1, n_pad, 0)  # no rows on the last tile
+                g = (t + 1) // tiles_per_group
+                xt = x_ptrs + t * (32 // BITS) * P
+                wa_n = tl.load(wa + w_off + (t + 1) * ROWS * P, mask=ahead[:, None], other=0)
+                sa_n, za_n = _tile_params(sa + s_off, za + s_off, ahead, g, n_pad, BITS, ASYM)
+                acc_a += _fma_tile(wa_t, xt, x_mask, sa_t, za_t, BITS, P)
+                wa_t, sa_t, za_t = wa_n, sa_n, za_n
+                if GATED:
+                    wb_n = tl.load(wb + w_off + (t + 1) * ROWS * P, mask=ahead[:, None], other=0)
+                    sb_n, zb_n = _tile_params(sb + s_off, zb + s_off, ahead, g, n_pad, BITS, ASYM)
+                    acc_b += _fma_tile(wb_t, xt, x_mask, sb_t, zb_t, BITS, P)
+                    wb_t, sb_t, zb_t = wb_n, sb_n, zb_n
+            a = tl.sum(acc_a, axis=2)  # [BM, BN]
+            b = tl.sum(acc_b, axis=2)
+        mask_o = (offs_n < n_out)[None, :]
+        if GATED:
+            mask = tok[:, None] & mask_o
+            h_ptrs = y + pair[:, None] * stride_ym + offs_n[None, :]
+            if SPLIT_K == 1:
+                tl.store(h_ptrs, (a * tl.sigmoid(a) * b).to(y.dtype.element_ty), mask=mask)
+            else:  # ws: [2, SPLIT_K, T * SLOTS, n_out]; the splits of one expert's program share a lock
+                stride = T * SLOTS * n_out
+                ws_a = ws + pair[:, None] * n_out + offs_n[None, :]
+                tl.store(ws_a + split * stride, a, mask=mask)
+                tl.store(ws_a + (SPLIT_K + split) * stride, b, mask=mask)
+                lock = locks + u * locks_per_row + pid_n
+                if _arrive(lock, 1, SPLIT_K):
+                    a = _sum_partials(ws_a, mask, SPLIT_K, stride)
+                    b = _sum_partials(ws_a + SPLIT_K * stride, mask, SPLIT_K, stride)
+                    tl.store(h_ptrs, (a * tl.sigmoid(a) * b).to(y.dtype.element_ty), mask=mask)
+                    tl.atomic_xchg(lock, 0)
+        else:  # ws: [SLOTS * SPLIT_K, T, n_out]: every (slot, split) of a token parks one weighted partial
+            wt = tl.load(wts + offs_t * TOPK + tl.minimum(slot, TOPK - 1), mask=tok, other=0.0).to(tl.float32)
+            wt = tl.where(slot < TOPK, wt, 1.0)
+            stride = T * n_out
+            ws_t = ws + offs_t[:, None] * n_out + offs_n[None, :]
+            tl.store(ws_t + (slot[:, None] * SPLIT_K + split) * stride, a * wt[:, None], mask=tok[:, None] & mask_o)
+            lock = locks + pid_n
+            # the program that brings the last of the T * SLOTS * SPLIT_K partials sums every token's
+            if _arrive(lock, tl.sum(tok.to(tl.int32)), T * SLOTS * SPLIT_K):
+                mask = (offs_t < T)[:, None] & mask_o
+                total = _sum_partials(ws_t, mask, SLOTS * SPLIT_K, stride)
+                tl.store(y + offs_t[:, None] * stride_ym + offs_n[None, :], total.to(y.dtype.element_ty), mask=mask)
                 tl.atomic_xchg(lock, 0)
-    else:  # ws: [SLOTS * SPLIT_K, tokens, n_out]; every (slot, split) of a token parks a weighted partial
-        wt = tl.load(wts + m * TOPK + tl.minimum(slot, TOPK - 1)).to(tl.float32)
-        wt = tl.where(slot < TOPK, wt, 1.0)
-        stride = tl.num_programs(1) // (SLOTS * SPLIT_K) * n_out
-        ws_ptrs = ws + m * n_out + offs_n
-        tl.store(ws_ptrs + (slot * SPLIT_K + split) * stride, a * wt, mask=mask)
-        lock = locks + m * locks_per_row + pid_n
-        if _arrive(lock, SLOTS * SPLIT_K):
-            total = _sum_partials(ws_ptrs, mask, SLOTS * SPLIT_K, stride)
-            tl.store(y + m * stride_ym + offs_n, total.to(y.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(lock, 0)
 
 
 @triton.jit
 def moe_gemm_fwd_kernel(x, pair_ids, block_expert, wts, wa, wb, sa, sb, za, zb, y, n_out, n_pad, n_tiles,
                         tiles_per_group, stride_xm, stride_ym, stride_we, stride_se, x_div, BITS: tl.constexpr,
                         P: tl.constexpr, ROWS: tl.constexpr, ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        GATED: tl.constexpr):
+                        GATED: tl.constexpr, FAST: tl.constexpr):
     """One (block of BM pairs of one expert, row block) per program; x row of a pair = pair // x_div.
     GATED: y[pair] = silu(x Wg^T) * (x Wu^T). Else: y[pair] = weight[pair] * x Wd^T (fp32)."""
     pid_b = tl.program_id(0)
@@ -167,17 +209,18 @@ def moe_gemm_fwd_kernel(x, pair_ids, block_expert, wts, wa, wb, sa, sb, za, zb, 
         w_off = e * stride_we + ((offs_n // ROWS).to(tl.int64) * n_tiles * ROWS * P + (offs_n % ROWS) * P)[:, None] \
             + offs_p[None, :]
         s_off = e * stride_se + offs_n
-        x_ptrs = x + rows[:, None] * stride_xm + offs_p[None, :]
+        x_ptrs = x + rows[:, None] * stride_xm + tl.arange(0, 2 * P)[None, :]
         acc_a = tl.zeros([BM, BN], dtype=tl.float32)
         acc_b = tl.zeros([BM, BN], dtype=tl.float32)
         for t in range(n_tiles):
             g = t // tiles_per_group
             xt = x_ptrs + t * (32 // BITS) * P
             acc_a += _mma_tile(tl.load(wa + w_off + t * ROWS * P, mask=mask_n[:, None], other=0), xt, mask_m[:, None],
-                               sa + s_off, za + s_off, mask_n, g, n_pad, BITS, P, ASYM)
+                               sa + s_off, za + s_off, mask_n, g, n_pad, BITS, P, ASYM, FAST, False)
             if GATED:
                 acc_b += _mma_tile(tl.load(wb + w_off + t * ROWS * P, mask=mask_n[:, None], other=0), xt,
-                                   mask_m[:, None], sb + s_off, zb + s_off, mask_n, g, n_pad, BITS, P, ASYM)
+                                   mask_m[:, None], sb + s_off, zb + s_off, mask_n, g, n_pad, BITS, P, ASYM, FAST,
+                                   False)
         if GATED:
             out = acc_a * tl.sigmoid(acc_a) * acc_b
         else:
@@ -190,37 +233,58 @@ def _args(p: PackedLinear):
     return p.qweight, p.scales, (p.zeros if p.zeros is not None else p.scales)
 
 
-def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, block_n=32, split_k=(3, 2), num_warps=2,
-                   num_stages=3):
-    """Two launches: gate+up+SiLU into h [M * slots, I] (fp32), then down with the weighted sum over slots.
-    split_k: k splits of (gate+up, down), each reduced inside its launch."""
-    M, topk = topk_ids.shape
+def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=None, block_n=None, split_k=None,
+                   num_warps=None, num_stages=3, fast=None, weights_as_a=True):
+    """Two launches: gate+up+SiLU into h [T * slots, I], then down with the weighted sum over slots; each routed
+    expert's weights are read once for all the tokens routed to it. mma: tensor cores (x and h in 16 bits; the
+    default for 16-bit x from MOE_CROSSOVER) or CUDA cores (exact fp32 h). split_k: k splits of (gate+up, down),
+    each reduced inside its launch; defaults from MOE_DECODE_LAUNCH. weights_as_a: the weight tile is the MMA's A
+    operand (on Hopper a register-A wgmma; block_n a multiple of 64 with 4 warps)."""
+    T, topk = topk_ids.shape
     slots = topk + experts.has_shared
-    if slots > MAX_SLOTS or M > DECODE_MAX_TOKENS:
-        raise ValueError(f"moe_decode_fwd: {M} tokens x {slots} experts; the decode path takes at most "
+    if slots > MAX_SLOTS or T > DECODE_MAX_TOKENS:
+        raise ValueError(f"moe_decode_fwd: {T} tokens x {slots} experts; the decode path takes at most "
                          f"{DECODE_MAX_TOKENS} x {MAX_SLOTS}")
     g, u, d = experts.gate, experts.up, experts.down
+    if mma is None:
+        mma = moe_kernel(T, g.bits, x.dtype) == "mma"
+    launch = MOE_DECODE_LAUNCH["mma" if mma else "fma"]
+    block_n, split_k, num_warps = block_n or launch[0], split_k or launch[1], num_warps or launch[2]
+    if mma and x.dtype not in (torch.bfloat16, torch.float16):
+        x = x.to(torch.bfloat16)
     (wg, sg, zg), (wu, su, zu), (wd, sd, zd) = _args(g), _args(u), _args(d)
     common = dict(TOPK=topk, SLOTS=slots, BITS=g.bits, P=KT * g.bits // 32, ROWS=ROWS, ASYM=g.zeros is not None,
-                  BN=block_n, num_warps=num_warps, num_stages=num_stages)
-    h = torch.empty(M * slots, g.n, device=x.device, dtype=torch.float32)
+                  BM=max(MMA_M, triton.next_power_of_2(T)) if mma else triton.next_power_of_2(T),
+                  BS=triton.next_power_of_2(slots), BN=block_n, MMA=mma,
+                  FAST=mma and (fast_unpack(g.bits, x.device) if fast is None else fast), WA=mma and weights_as_a,
+                  num_warps=num_warps, num_stages=num_stages)
+    h = torch.empty(T * slots, g.n, device=x.device, dtype=x.dtype if mma else torch.float32)
     tiles = g.k // KT
     per_split = triton.cdiv(tiles, min(split_k[0], tiles))
     split = triton.cdiv(tiles, per_split)
-    ws = torch.empty(2 * split * M * slots * g.n if split > 1 else 1, device=x.device, dtype=torch.float32)
-    moe_gemv_fwd_kernel[(triton.cdiv(g.n, block_n), M * slots * split)](
-        x, topk_ids, topk_weights, wg, wu, sg, su, zg, zu, h, ws, g.locks, g.n, sg.shape[-1], tiles,
+    ws = torch.empty(2 * split * T * slots * g.n if split > 1 else 1, device=x.device, dtype=torch.float32)
+    moe_decode_fwd_kernel[(triton.cdiv(g.n, block_n), T * slots * split)](
+        x, topk_ids, topk_weights, wg, wu, sg, su, zg, zu, h, ws, g.locks, T, g.n, sg.shape[-1], tiles,
         g.group_size // KT, per_split, x.stride(0), h.stride(0), wg.stride(0), sg.stride(0), experts.num_experts,
         g.locks.shape[1], SPLIT_K=split, GATED=True, **common)
     tiles = d.k // KT
     per_split = triton.cdiv(tiles, min(split_k[1], tiles))
     split = triton.cdiv(tiles, per_split)
-    ws = torch.empty(slots * split * M * d.n, device=x.device, dtype=torch.float32)
-    moe_gemv_fwd_kernel[(triton.cdiv(d.n, block_n), M * slots * split)](
-        h, topk_ids, topk_weights, wd, wd, sd, sd, zd, zd, y, ws, d.locks, d.n, sd.shape[-1], tiles,
+    ws = torch.empty(slots * split * T * d.n, device=x.device, dtype=torch.float32)
+    moe_decode_fwd_kernel[(triton.cdiv(d.n, block_n), T * slots * split)](
+        h, topk_ids, topk_weights, wd, wd, sd, sd, zd, zd, y, ws, d.locks, T, d.n, sd.shape[-1], tiles,
         d.group_size // KT, per_split, h.stride(0), y.stride(0), wd.stride(0), sd.stride(0), experts.num_experts,
-        d.locks.shape[1], SPLIT_K=split, GATED=False, **common)
+        0, SPLIT_K=split, GATED=False, **common)
     return y
+
+
+def moe_kernel(tokens: int, bits: int, dtype: torch.dtype) -> str:
+    """"fma" or "mma" (the decode kernels on CUDA or tensor cores) or "grouped" for this many tokens, from
+    MOE_CROSSOVER; fp32 x takes the exact CUDA-core decode kernels as far as they go."""
+    fma_max, mma_max = MOE_CROSSOVER[bits]
+    if tokens <= fma_max or (dtype == torch.float32 and tokens <= DECODE_MAX_TOKENS):
+        return "fma"
+    return "mma" if tokens <= min(mma_max, DECODE_MAX_TOKENS) else "grouped"
 
 
 def align_pairs(ids: torch.Tensor, num_ids: int, block_m: int):
@@ -258,7 +322,7 @@ def moe_grouped_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, blo
     h = torch.empty(M * slots, g.n, device=x.device, dtype=x16.dtype)
     out = torch.empty(M * slots, d.n, device=x.device, dtype=torch.float32)
     common = dict(BITS=g.bits, P=KT * g.bits // 32, ROWS=ROWS, ASYM=g.zeros is not None, BM=block_m, BN=block_n,
-                  num_warps=num_warps, num_stages=num_stages)
+                  FAST=fast_unpack(g.bits, x.device), num_warps=num_warps, num_stages=num_stages)
     (wg, sg, zg), (wu, su, zu), (wd, sd, zd) = _args(g), _args(u), _args(d)
     n_blocks = block_expert.shape[0]
     moe_gemm_fwd_kernel[(n_blocks, triton.cdiv(g.n, block_n))](
@@ -282,6 +346,8 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     if M == 0:
         return y
     x = x if x.stride(-1) == 1 else x.contiguous()
-    if M <= DECODE_MAX_TOKENS:
-        return moe_decode_fwd(x, topk_ids.contiguous(), topk_weights.to(torch.float32).contiguous(), experts, y)
-    return moe_grouped_fwd(x, topk_ids, topk_weights, experts, y)
+    kind = moe_kernel(M, experts.gate.bits, x.dtype)
+    if kind == "grouped":
+        return moe_grouped_fwd(x, topk_ids, topk_weights, experts, y)
+    return moe_decode_fwd(x, topk_ids.contiguous(), topk_weights.to(torch.float32).contiguous(), experts, y,
+                          mma=kind == "mma")

@@ -1,4 +1,5 @@
-"""Weight-only int4/int8 linear (W4A16, W8A16): repack compressed-tensors weights once, then a split-K GEMV for decode and a dequantizing GEMM for prefill."""
+"""Weight-only int4/int8 linear (W4A16, W8A16): repack compressed-tensors weights once, then a CUDA-core GEMV, a
+tensor-core GEMV (one 16-row block, split-K) or a tiled tensor-core GEMM, chosen by the row count (CROSSOVER)."""
 from dataclasses import dataclass
 
 import torch
@@ -7,16 +8,25 @@ import triton.language as tl
 
 ROWS = 16  # output rows per packed block; one (block, k-tile) pair is ROWS * P contiguous int32 words
 KT = 128  # input features per k-tile; P = KT * bits / 32 words per row (16 for int4, 32 for int8)
-GEMV_MAX_M = 16  # rows of x up to which int_linear streams the weights once (decode)
+MMA_M = 16  # the tensor-core kernels pad x to blocks of at least this many rows (the smallest tl.dot M)
+LARGE_WEIGHT = 1 << 26  # weights from which a linear is "large" (the lm_head; it fills the GPU without split-K)
+# Kernel per row count of x, by (bits, "large" or "small" weight): M <= first -> CUDA-core GEMV (int_gemv_fwd),
+# M <= second -> tensor-core GEMV (int_mma_fwd with split-K), past both -> tensor-core GEMM (int_mma_fwd, no split).
+# Measured on an H200 (2026-11-29, `python bench/kernels.py --only int4`, BENCHMARKS.md); (8, "small") is not
+# covered by that sweep and keeps its guess.
+CROSSOVER = {(4, "large"): (0, 4), (4, "small"): (0, 16), (8, "large"): (0, 4), (8, "small"): (1, 16)}
+FMA_MAX_M = 16  # the CUDA-core GEMV keeps a [M, BN, 2P] accumulator; fp32 x takes it up to here (exact fp32)
 
 
 @dataclass
 class PackedLinear:
     """W[n, k] = (code[n, k] - zero[k // group, n]) * scale[k // group, n]; y = x @ W.T.
 
-    qweight is int32 [N_pad / ROWS, K / KT, ROWS, P]: word p of row r of tile t holds the unsigned code
-    of input k = t * KT + j * P + p at bits [bits * j, bits * (j + 1)), j < 32 / bits ("bit planes").
-    N_pad = N rounded up to ROWS; padded rows have scale 0.
+    qweight is int32 [N_pad / ROWS, K / KT, ROWS, P]. Slot s (bits [bits * s, bits * (s + 1))) of word p of row r
+    of tile t holds the unsigned code of input k = t * KT + (s % H) * 2P + 2p + s // H, H = 16 / bits: slots i and
+    i + H hold the neighbouring inputs 2p and 2p + 1 of pair i, 16 bits apart, so one mask of the word (0x000F000F
+    for int4) lifts both into a 32-bit pair of 16-bit floats (Marlin's trick). N_pad = N rounded up to ROWS;
+    padded rows have scale 0.
     """
 
     qweight: torch.Tensor  # int32 [N_pad / ROWS, K / KT, ROWS, P]
@@ -30,19 +40,29 @@ class PackedLinear:
 
 
 def unpack_int32_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """compressed-tensors' int32 packing (value i of a row at bits [i*bits, (i+1)*bits), offset 2**(bits-1)) -> unsigned codes [..., count]."""
+    """compressed-tensors' int32 packing (value i of a row at bits [i*bits, (i+1)*bits), offset 2**(bits-1)) ->
+    unsigned codes [..., count]."""
     shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)
     return ((packed[..., None] >> shifts) & ((1 << bits) - 1)).flatten(-2)[..., :count]
 
 
-def _pack_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    # codes [N_pad, K] -> [N_pad/ROWS, K/KT, ROWS, P] int32 with k = t*KT + j*P + p in bit plane j
+def _pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [N_pad, K] -> qweight [N_pad/ROWS, K/KT, ROWS, P] int32 in PackedLinear's slot order."""
     n, k = codes.shape
-    planes = 32 // bits
-    c = codes.to(torch.int64).reshape(n // ROWS, ROWS, k // KT, planes, KT // planes)
-    c = c.permute(0, 2, 1, 4, 3)  # [N/ROWS, K/KT, ROWS, P, planes]
+    half, p = 16 // bits, KT * bits // 32
+    c = codes.to(torch.int64).reshape(n // ROWS, ROWS, k // KT, half, p, 2)  # k = t*KT + i*2P + 2p + b
+    c = c.permute(0, 2, 1, 4, 5, 3).reshape(n // ROWS, k // KT, ROWS, p, 2 * half)  # slot s = b*half + i
     words = (c << torch.arange(0, 32, bits, device=codes.device)).sum(-1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+
+
+def unpack_words(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of the repack's word order: qweight [N_pad/ROWS, K/KT, ROWS, P] -> unsigned codes [N_pad, K]."""
+    shifts = torch.arange(0, 32, bits, device=qweight.device, dtype=torch.int32)
+    c = (qweight[..., None] >> shifts) & ((1 << bits) - 1)  # [N/ROWS, K/KT, ROWS, P, slots]
+    nb, nt, rows, p, slots = c.shape
+    c = c.view(nb, nt, rows, p, 2, slots // 2).permute(0, 2, 1, 5, 3, 4)  # [N/ROWS, ROWS, K/KT, half, P, 2]
+    return c.reshape(nb * rows, nt * KT)
 
 
 def repack_int_weight(weight_packed, weight_scale, weight_zero_point, weight_shape, bits, group_size) -> PackedLinear:
@@ -70,7 +90,7 @@ def repack_int_weight(weight_packed, weight_scale, weight_zero_point, weight_sha
             zp = weight_zero_point.to(torch.int32) + (1 << (bits - 1))
         zeros = torch.nn.functional.pad(zp, (0, 0, 0, n_pad - n)).t().to(scales.dtype).contiguous()
     locks = torch.zeros(n_pad // ROWS, dtype=torch.int32, device=weight_packed.device)
-    return PackedLinear(_pack_planes(codes, bits), scales, zeros, locks, n, k, bits, group_size)
+    return PackedLinear(_pack_words(codes, bits), scales, zeros, locks, n, k, bits, group_size)
 
 
 def concat_packed_linears(parts: list[PackedLinear]) -> PackedLinear:
@@ -78,7 +98,8 @@ def concat_packed_linears(parts: list[PackedLinear]) -> PackedLinear:
     Each part's rows must fill whole ROWS blocks, so no padding lands between them."""
     first = parts[0]
     for p in parts:
-        if (p.k, p.bits, p.group_size, p.zeros is None) != (first.k, first.bits, first.group_size, first.zeros is None) \
+        layout = (p.k, p.bits, p.group_size, p.zeros is None)
+        if layout != (first.k, first.bits, first.group_size, first.zeros is None) \
                 or p.n % ROWS:
             raise ValueError(f"concat_packed_linears: [{p.n}, {p.k}] {p.bits}-bit group {p.group_size} does not stack "
                              f"with [{first.n}, {first.k}] {first.bits}-bit group {first.group_size} "
@@ -92,7 +113,7 @@ def concat_packed_linears(parts: list[PackedLinear]) -> PackedLinear:
 
 @triton.jit
 def _unpack(w, j: tl.constexpr, BITS: tl.constexpr):
-    """Code of bit plane j as the exact float 1 + code / 2**BITS: the code is moved into the top mantissa bits of 1.0."""
+    """Code of slot j as the exact float 1 + code / 2**BITS: the code is moved into the top mantissa bits of 1.0."""
     if 23 - BITS - BITS * j >= 0:
         t = w << (23 - BITS - BITS * j)
     else:
@@ -101,9 +122,67 @@ def _unpack(w, j: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _centred(w, j: tl.constexpr, BITS: tl.constexpr):
-    """Code of bit plane j minus 2**(BITS-1), as an exact float."""
-    return _unpack(w, j, BITS) * (1 << BITS) - ((1 << BITS) + (1 << (BITS - 1)))
+def _pair_f32(w, i: tl.constexpr, BITS: tl.constexpr):
+    """Pair i of words w [BN, P] (slots i and i + 16/BITS: inputs i*2P + 2p + b) as floats 1 + code / 2**BITS,
+    [BN, 2P]."""
+    pair = tl.join(_unpack(w, i, BITS), _unpack(w, i + 16 // BITS, BITS))  # [BN, P, 2]
+    return tl.reshape(pair, [w.shape[0], 2 * w.shape[1]])
+
+
+@triton.jit
+def _pair_centred(w, i: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr):
+    """Pair i of words w [BN, P] as codes minus 2**(BITS-1) in DT (exact in bf16 and fp16), [BN, P, 2]; any GPU,
+    and the CPU interpreter."""
+    lo = (w >> (BITS * i)) & ((1 << BITS) - 1)
+    hi = (w >> (BITS * i + 16)) & ((1 << BITS) - 1)
+    return (tl.join(lo, hi) - (1 << (BITS - 1))).to(tl.float32).to(DT)  # exact either way; via fp32 for the interpreter
+
+
+@triton.jit
+def _int4_pairs_asm(w, FP16: tl.constexpr):
+    """All four pairs of int4 words w [BN, P] as codes minus 8 in bf16 (fp16 if FP16), [BN, P, 2] each: per pair one
+    shift, one LOP3 putting both nibbles under the exponent of 128.0 (1024.0), one packed FMA subtracting 136 (1032)
+    -- 1.4 instructions a weight, against ~4 for shift, mask, convert, subtract per value. CUDA only (PTX)."""
+    ww = tl.join(w, w)  # pack=2 hands each asm call a register pair [word, copy]; the copy is never read
+    if FP16:
+        out = tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t, one, bias;
+            mov.b32 one, 0x3C003C00;
+            mov.b32 bias, 0xE408E408;
+            lop3.b32 t, $4, 0x000F000F, 0x64006400, 0xEA;
+            fma.rn.f16x2 $0, t, one, bias;
+            shr.u32 t, $4, 4;
+            lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
+            fma.rn.f16x2 $1, t, one, bias;
+            shr.u32 t, $4, 8;
+            lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
+            fma.rn.f16x2 $2, t, one, bias;
+            shr.u32 t, $4, 12;
+            lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
+            fma.rn.f16x2 $3, t, one, bias;
+            }""", "=r,=r,=r,=r,r,r", [ww], dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True,
+            pack=2)
+    else:
+        out = tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t, one, bias;
+            mov.b32 one, 0x3F803F80;
+            mov.b32 bias, 0xC308C308;
+            lop3.b32 t, $4, 0x000F000F, 0x43004300, 0xEA;
+            fma.rn.bf16x2 $0, t, one, bias;
+            shr.u32 t, $4, 4;
+            lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
+            fma.rn.bf16x2 $1, t, one, bias;
+            shr.u32 t, $4, 8;
+            lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
+            fma.rn.bf16x2 $2, t, one, bias;
+            shr.u32 t, $4, 12;
+            lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
+            fma.rn.bf16x2 $3, t, one, bias;
+            }""", "=r,=r,=r,=r,r,r", [ww], dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True,
+            pack=2)
+    return out
 
 
 @triton.jit
@@ -118,59 +197,87 @@ def _tile_params(s_ptrs, z_ptrs, mask_n, g, n_pad, BITS: tl.constexpr, ASYM: tl.
 
 
 @triton.jit
-def _dequant_fma(w, x_ptrs, x_mask, s, zz, BITS: tl.constexpr, P: tl.constexpr):
-    """One k-tile on the CUDA cores: s * sum_k x_k (code_k - zero), still split over the P words: [BM, BN, P]."""
-    xs = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)  # [BM, P], plane 0
-    dot = xs[:, None, :] * _unpack(w, 0, BITS)[None, :, :]
-    for j in tl.static_range(1, 32 // BITS):
-        xj = tl.load(x_ptrs + j * P, mask=x_mask, other=0.0).to(tl.float32)
-        xs += xj
-        dot += xj[:, None, :] * _unpack(w, j, BITS)[None, :, :]
+def _fma_tile(w, x_ptrs, x_mask, s, zz, BITS: tl.constexpr, P: tl.constexpr):
+    """One k-tile on the CUDA cores: s * sum_k x_k (code_k - zero), still split over the 2P inputs of a pair:
+    [BM, BN, 2P]. x_ptrs [BM, 2P] point at pair 0's inputs."""
+    xs = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)
+    dot = xs[:, None, :] * _pair_f32(w, 0, BITS)[None, :, :]
+    for i in tl.static_range(1, 16 // BITS):
+        xi = tl.load(x_ptrs + i * 2 * P, mask=x_mask, other=0.0).to(tl.float32)
+        xs += xi
+        dot += xi[:, None, :] * _pair_f32(w, i, BITS)[None, :, :]
     # sum x (1 + c / 2**B) = xs + sum x c / 2**B, so sum x (c - z) = 2**B dot - (2**B + z) xs
     return s[None, :, None] * (dot * (1 << BITS) - zz[None, :, None] * xs[:, None, :])
 
 
 @triton.jit
-def _dequant_fma_row(w, x_ptrs, s, zz, BITS: tl.constexpr, P: tl.constexpr):
-    """_dequant_fma for a single row of x (x_ptrs [P]): [BN, P]."""
+def _fma_tile_row(w, x_ptrs, s, zz, BITS: tl.constexpr, P: tl.constexpr):
+    """_fma_tile for a single row of x (x_ptrs [2P]): [BN, 2P]."""
     xs = tl.load(x_ptrs).to(tl.float32)
-    dot = xs[None, :] * _unpack(w, 0, BITS)
-    for j in tl.static_range(1, 32 // BITS):
-        xj = tl.load(x_ptrs + j * P).to(tl.float32)
-        xs += xj
-        dot += xj[None, :] * _unpack(w, j, BITS)
+    dot = xs[None, :] * _pair_f32(w, 0, BITS)
+    for i in tl.static_range(1, 16 // BITS):
+        xi = tl.load(x_ptrs + i * 2 * P).to(tl.float32)
+        xs += xi
+        dot += xi[None, :] * _pair_f32(w, i, BITS)
     return s[:, None] * (dot * (1 << BITS) - zz[:, None] * xs[None, :])
 
 
 @triton.jit
-def _dequant_mma(w, x_ptrs, x_mask, BITS: tl.constexpr, P: tl.constexpr):
-    """One k-tile on the tensor cores: (sum_k x_k (code_k - 2**(BITS-1)) [BM, BN], sum_k x_k [BM]); x is 16-bit.
-    The centred codes are small integers, exact in bf16 and fp16."""
-    x0 = tl.load(x_ptrs, mask=x_mask, other=0.0)
-    part = tl.dot(x0, tl.trans(_centred(w, 0, BITS).to(x0.dtype)))
-    xs = tl.sum(x0.to(tl.float32), axis=1)
-    for j in tl.static_range(1, 32 // BITS):
-        xj = tl.load(x_ptrs + j * P, mask=x_mask, other=0.0)
-        part = tl.dot(xj, tl.trans(_centred(w, j, BITS).to(xj.dtype)), part)
-        xs += tl.sum(xj.to(tl.float32), axis=1)
-    return part, xs
+def _dot_pair(acc, xs, x_ptrs, x_mask, c, ASYM: tl.constexpr, WA: tl.constexpr):
+    """acc += x_pair [BM, 2P] @ c [BN, P, 2]^T on the tensor cores ([BN, BM] += c @ x_pair^T when WA: the weights
+    as the A operand); xs += the row sums of x_pair when ASYM."""
+    xi = tl.load(x_ptrs, mask=x_mask, other=0.0)
+    wt = tl.reshape(c, [c.shape[0], 2 * c.shape[1]])  # [BN, 2P]
+    if WA:
+        acc = tl.dot(wt, tl.trans(xi), acc)
+    else:
+        acc = tl.dot(xi, tl.trans(wt), acc)
+    if ASYM:
+        xs += tl.sum(xi.to(tl.float32), axis=1)
+    return acc, xs
 
 
 @triton.jit
 def _mma_tile(w, x_ptrs, x_mask, s_ptrs, z_ptrs, mask_n, g, n_pad, BITS: tl.constexpr, P: tl.constexpr,
-              ASYM: tl.constexpr):
-    """One k-tile on the tensor cores, scaled: sum_k x_k (code_k - zero) * scale, [BM, BN]."""
-    part, xs = _dequant_mma(w, x_ptrs, x_mask, BITS, P)
-    sc, zz = _tile_params(s_ptrs, z_ptrs, mask_n, g, n_pad, BITS, ASYM)
-    return sc[None, :] * (part - (zz - ((1 << BITS) + (1 << (BITS - 1))))[None, :] * xs[:, None])
+              ASYM: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr):
+    """One k-tile on the tensor cores: sum_k x_k (code_k - zero) * scale, [BM, BN] ([BN, BM] when WA); x 16-bit,
+    x_ptrs [BM, 2P] at pair 0. The codes enter the dot centred on 2**(BITS-1); scale and zero point apply once per
+    tile, after it."""
+    if WA:
+        acc = tl.zeros([w.shape[0], x_ptrs.shape[0]], dtype=tl.float32)
+    else:
+        acc = tl.zeros([x_ptrs.shape[0], w.shape[0]], dtype=tl.float32)
+    xs = tl.zeros([x_ptrs.shape[0]], dtype=tl.float32)
+    DT: tl.constexpr = x_ptrs.dtype.element_ty
+    if FAST:  # int4 on the GPU
+        c0, c1, c2, c3 = _int4_pairs_asm(w, DT == tl.float16)
+        acc, xs = _dot_pair(acc, xs, x_ptrs, x_mask, c0, ASYM, WA)
+        acc, xs = _dot_pair(acc, xs, x_ptrs + 2 * P, x_mask, c1, ASYM, WA)
+        acc, xs = _dot_pair(acc, xs, x_ptrs + 4 * P, x_mask, c2, ASYM, WA)
+        acc, xs = _dot_pair(acc, xs, x_ptrs + 6 * P, x_mask, c3, ASYM, WA)
+    else:
+        for i in tl.static_range(16 // BITS):
+            acc, xs = _dot_pair(acc, xs, x_ptrs + i * 2 * P, x_mask, _pair_centred(w, i, BITS, DT), ASYM, WA)
+    sc = tl.load(s_ptrs + g * n_pad, mask=mask_n, other=0.0).to(tl.float32)
+    if ASYM:
+        zc = tl.load(z_ptrs + g * n_pad, mask=mask_n, other=0.0).to(tl.float32) - (1 << (BITS - 1))
+        if WA:
+            acc -= zc[:, None] * xs[None, :]
+        else:
+            acc -= zc[None, :] * xs[:, None]
+    if WA:
+        out = sc[:, None] * acc
+    else:
+        out = sc[None, :] * acc
+    return out
 
 
 @triton.jit
-def _arrive(lock, n_split):
-    """Split-K without a second launch: once a program has parked its partials, True for the last of the
-    n_split programs of its output tile to get here; that one sums the partials and re-arms the lock (to 0)."""
+def _arrive(lock, count, total):
+    """Split-K without a second launch: once a program has parked its partials (`count` of the `total` expected
+    on this lock), True for the last program to get here; that one sums the partials and re-arms the lock (to 0)."""
     tl.debug_barrier()  # every thread's partial is out before the release below
-    return tl.atomic_add(lock, 1) == n_split - 1
+    return tl.atomic_add(lock, count) == total - count
 
 
 @triton.jit
@@ -183,6 +290,19 @@ def _sum_partials(ws_ptrs, mask, n_split, split_stride):
 
 
 @triton.jit
+def _store_or_reduce(out, y_ptrs, ws_ptrs, mask, locks, pid_n, pid_k, split_stride, SPLIT_K: tl.constexpr):
+    """Store out [BM, BN], or park it as split pid_k and let the last split to arrive store the sum."""
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, out.to(y_ptrs.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ws_ptrs + pid_k * split_stride, out, mask=mask)
+        if _arrive(locks + pid_n, 1, SPLIT_K):
+            total = _sum_partials(ws_ptrs, mask, SPLIT_K, split_stride)
+            tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(locks + pid_n, 0)
+
+
+@triton.jit
 def int_gemv_fwd_kernel(x, w, s, z, y, ws, locks, M, N, n_pad, n_tiles, tiles_per_group, tiles_per_split,
                         stride_xm, stride_ym, BITS: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr,
                         ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr):
@@ -191,15 +311,16 @@ def int_gemv_fwd_kernel(x, w, s, z, y, ws, locks, M, N, n_pad, n_tiles, tiles_pe
     offs_m = tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_p = tl.arange(0, P)
+    offs_q = tl.arange(0, 2 * P)  # the inputs of one slot pair
     mask_m = offs_m < M
     mask_n = offs_n < n_pad
     # row n lives in block n // ROWS; blocks are n_tiles * ROWS * P words apart, tiles ROWS * P
     w_ptrs = w + ((offs_n // ROWS).to(tl.int64) * n_tiles * ROWS * P + (offs_n % ROWS) * P)[:, None] + offs_p[None, :]
-    x_ptrs = x + offs_m[:, None] * stride_xm + offs_p[None, :]
+    x_ptrs = x + offs_m[:, None] * stride_xm + offs_q[None, :]
     if BM == 1:  # one row of x: 2-D tiles throughout
-        acc = tl.zeros([BN, P], dtype=tl.float32)
+        acc = tl.zeros([BN, 2 * P], dtype=tl.float32)
     else:
-        acc = tl.zeros([BM, BN, P], dtype=tl.float32)
+        acc = tl.zeros([BM, BN, 2 * P], dtype=tl.float32)
     t0 = pid_k * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
     # the loop loads one tile ahead by hand (Triton pipelines only loads that feed tl.dot)
@@ -210,31 +331,28 @@ def int_gemv_fwd_kernel(x, w, s, z, y, ws, locks, M, N, n_pad, n_tiles, tiles_pe
         w_next = tl.load(w_ptrs + (t + 1) * ROWS * P, mask=ahead[:, None], other=0)
         sc_next, zz_next = _tile_params(s + offs_n, z + offs_n, ahead, (t + 1) // tiles_per_group, n_pad, BITS, ASYM)
         if BM == 1:
-            acc += _dequant_fma_row(wt, x + offs_p + t * (32 // BITS) * P, sc, zz, BITS, P)
+            acc += _fma_tile_row(wt, x + offs_q + t * (32 // BITS) * P, sc, zz, BITS, P)
         else:
-            acc += _dequant_fma(wt, x_ptrs + t * (32 // BITS) * P, mask_m[:, None], sc, zz, BITS, P)
+            acc += _fma_tile(wt, x_ptrs + t * (32 // BITS) * P, mask_m[:, None], sc, zz, BITS, P)
         wt, sc, zz = w_next, sc_next, zz_next
     if BM == 1:
         out = tl.sum(acc, axis=1)[None, :]  # [1, BN]
     else:
         out = tl.sum(acc, axis=2)  # [BM, BN]
     mask = mask_m[:, None] & (offs_n < N)[None, :]
-    y_ptrs = y + offs_m[:, None] * stride_ym + offs_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, out.to(y.dtype.element_ty), mask=mask)
-    else:
-        ws_ptrs = ws + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(ws_ptrs + pid_k * M * N, out, mask=mask)
-        if _arrive(locks + pid_n, SPLIT_K):
-            tl.store(y_ptrs, _sum_partials(ws_ptrs, mask, SPLIT_K, M * N).to(y.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(locks + pid_n, 0)
+    _store_or_reduce(out, y + offs_m[:, None] * stride_ym + offs_n[None, :], ws + offs_m[:, None] * N + offs_n[None, :],
+                     mask, locks, pid_n, pid_k, M * N, SPLIT_K)
 
 
 @triton.jit
-def int_gemm_fwd_kernel(x, w, s, z, y, M, N, n_pad, n_tiles, tiles_per_group, stride_xm, stride_ym,
-                        BITS: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr, ASYM: tl.constexpr,
-                        BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+def int_mma_fwd_kernel(x, w, s, z, y, ws, locks, M, N, n_pad, n_tiles, tiles_per_group, tiles_per_split,
+                       stride_xm, stride_ym, BITS: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr,
+                       ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
+                       SPLIT_K: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr):
+    """Tensor-core tiles [BM, BN] (computed as [BN, BM] with the weights as the A operand when WA); SPLIT_K > 1
+    (one row block only) splits the k-tiles over grid dim 1."""
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
     first_m = (pid // (GROUP_M * num_n)) * GROUP_M  # groups of GROUP_M row tiles share weight tiles in L2
     rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
@@ -243,59 +361,107 @@ def int_gemm_fwd_kernel(x, w, s, z, y, M, N, n_pad, n_tiles, tiles_per_group, st
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_p = tl.arange(0, P)
+    offs_q = tl.arange(0, 2 * P)
     mask_m = offs_m < M
     mask_n = offs_n < n_pad
     w_ptrs = w + ((offs_n // ROWS).to(tl.int64) * n_tiles * ROWS * P + (offs_n % ROWS) * P)[:, None] + offs_p[None, :]
-    x_ptrs = x + offs_m[:, None].to(tl.int64) * stride_xm + offs_p[None, :]
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for t in range(n_tiles):
+    x_ptrs = x + offs_m[:, None].to(tl.int64) * stride_xm + offs_q[None, :]
+    if WA:
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+    t0 = pid_k * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+    for t in range(t0, t1):
         wt = tl.load(w_ptrs + t * ROWS * P, mask=mask_n[:, None], other=0)
         acc += _mma_tile(wt, x_ptrs + t * (32 // BITS) * P, mask_m[:, None], s + offs_n, z + offs_n, mask_n,
-                         t // tiles_per_group, n_pad, BITS, P, ASYM)
+                         t // tiles_per_group, n_pad, BITS, P, ASYM, FAST, WA)
+    if WA:
+        acc = tl.trans(acc)
     mask = mask_m[:, None] & (offs_n < N)[None, :]
-    tl.store(y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(y.dtype.element_ty), mask=mask)
+    _store_or_reduce(acc, y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
+                     ws + offs_m[:, None] * N + offs_n[None, :], mask, locks, pid_n, pid_k, M * N, SPLIT_K)
 
 
 def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
+def _split(n_tiles: int, n_blocks: int, split_k: int | None, device) -> tuple[int, int]:
+    """(k-tiles per split, splits): by default enough splits for ~4 programs per SM."""
+    if split_k is None:
+        split_k = triton.cdiv(4 * num_sms(device), n_blocks)
+    per_split = triton.cdiv(n_tiles, max(1, min(split_k, n_tiles)))
+    return per_split, triton.cdiv(n_tiles, per_split)
+
+
+def _zeros_arg(packed: PackedLinear) -> torch.Tensor:
+    return packed.zeros if packed.zeros is not None else packed.scales  # never read when symmetric
+
+
 def int_gemv_fwd(x, packed: PackedLinear, y, *, block_n=None, split_k=None, num_warps=4, num_stages=3):
-    """Decode path: x [M <= 16, K] (stride 1 along K), y [M, N]. Every weight byte is read once; split-K
-    over the k-tiles (reduced inside the launch) when there are too few row blocks to fill the GPU."""
+    """CUDA-core GEMV: x [M <= FMA_MAX_M, K] (stride 1 along K, any float dtype, exact in fp32), y [M, N]. Every
+    weight byte is read once; split-K over the k-tiles (reduced inside the launch) when there are too few row
+    blocks to fill the GPU."""
     M = x.shape[0]
     bm = triton.next_power_of_2(M)
-    bn = block_n or max(ROWS, 256 // (bm * packed.bits))  # a [BM, BN, P] accumulator of about 8 registers a thread
+    bn = block_n or max(ROWS, 128 // (bm * packed.bits))  # a [BM, BN, 2P] accumulator of about 8 registers a thread
     n_blocks, n_tiles = triton.cdiv(packed.n, bn), packed.k // KT
-    if split_k is None:
-        split_k = triton.cdiv(4 * num_sms(x.device), n_blocks)
-    per_split = triton.cdiv(n_tiles, max(1, min(split_k, n_tiles)))
-    split = triton.cdiv(n_tiles, per_split)
+    per_split, split = _split(n_tiles, n_blocks, split_k, x.device)
     ws = torch.empty((split, M, packed.n), device=x.device, dtype=torch.float32) if split > 1 else y
-    zeros = packed.zeros if packed.zeros is not None else packed.scales
     int_gemv_fwd_kernel[(n_blocks, split)](
-        x, packed.qweight, packed.scales, zeros, y, ws, packed.locks, M, packed.n, packed.scales.shape[1],
-        n_tiles, packed.group_size // KT, per_split, x.stride(0), y.stride(0), BITS=packed.bits,
-        P=KT * packed.bits // 32, ROWS=ROWS, ASYM=packed.zeros is not None, BM=bm, BN=bn, SPLIT_K=split,
-        num_warps=num_warps, num_stages=num_stages)
+        x, packed.qweight, packed.scales, _zeros_arg(packed), y, ws, packed.locks, M, packed.n,
+        packed.scales.shape[1], n_tiles, packed.group_size // KT, per_split, x.stride(0), y.stride(0),
+        BITS=packed.bits, P=KT * packed.bits // 32, ROWS=ROWS, ASYM=packed.zeros is not None, BM=bm, BN=bn,
+        SPLIT_K=split, num_warps=num_warps, num_stages=num_stages)
     return y
 
 
-def int_gemm_fwd(x, packed: PackedLinear, y, *, block_m=64, block_n=64, num_warps=4, num_stages=3):
-    """Prefill path: x [M, K], y [M, N]; weights dequantized in registers into bf16 (fp16 for fp16 x) tensor-core tiles."""
+def fast_unpack(bits: int, device: torch.device) -> bool:
+    """Whether the tensor-core kernels unpack with the PTX bit trick: int4 on CUDA (the interpreter runs PTX-free
+    Triton)."""
+    return bits == 4 and device.type == "cuda"
+
+
+def int_mma_fwd(x, packed: PackedLinear, y, *, block_m=None, block_n=None, split_k=None, num_warps=4, num_stages=3,
+                fast=None, weights_as_a=None):
+    """Tensor-core path: x [M, K] (bf16/fp16; fp32 is rounded to bf16), y [M, N], tiles of block_m (16 to 64 by M)
+    x block_n (64). With one row block, split-K over the k-tiles like the GEMV (split_k=1: none). weights_as_a
+    (default: block_m 16): the weight tile is the MMA's A operand, y^T = W x^T (on Hopper a wgmma reading the
+    unpacked weights straight from registers; block_n a multiple of 64 with 4 warps)."""
     M = x.shape[0]
     x = x if x.dtype in (torch.bfloat16, torch.float16) else x.to(torch.bfloat16)
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(packed.n, block_n),)
-    zeros = packed.zeros if packed.zeros is not None else packed.scales
-    int_gemm_fwd_kernel[grid](
-        x, packed.qweight, packed.scales, zeros, y, M, packed.n, packed.scales.shape[1], packed.k // KT,
-        packed.group_size // KT, x.stride(0), y.stride(0), BITS=packed.bits, P=KT * packed.bits // 32, ROWS=ROWS,
-        ASYM=packed.zeros is not None, BM=block_m, BN=block_n, GROUP_M=8, num_warps=num_warps, num_stages=num_stages)
+    block_m = block_m or max(MMA_M, min(64, triton.next_power_of_2(M)))
+    block_n = block_n or 64
+    num_m, n_blocks, n_tiles = triton.cdiv(M, block_m), triton.cdiv(packed.n, block_n), packed.k // KT
+    if block_n < ROWS or (num_m > 1 and split_k not in (None, 1)):
+        raise ValueError(f"int_mma_fwd: block_n {block_n} < {ROWS}, or split_k {split_k} over {num_m} row blocks")
+    per_split, split = _split(n_tiles, n_blocks, split_k if num_m == 1 else 1, x.device)
+    ws = torch.empty((split, M, packed.n), device=x.device, dtype=torch.float32) if split > 1 else y
+    int_mma_fwd_kernel[(num_m * n_blocks, split)](
+        x, packed.qweight, packed.scales, _zeros_arg(packed), y, ws, packed.locks, M, packed.n,
+        packed.scales.shape[1], n_tiles, packed.group_size // KT, per_split, x.stride(0), y.stride(0),
+        BITS=packed.bits, P=KT * packed.bits // 32, ROWS=ROWS, ASYM=packed.zeros is not None, BM=block_m, BN=block_n,
+        GROUP_M=8, SPLIT_K=split, FAST=fast_unpack(packed.bits, x.device) if fast is None else fast,
+        WA=block_m == MMA_M if weights_as_a is None else weights_as_a, num_warps=num_warps, num_stages=num_stages)
     return y
+
+
+def weight_class(packed: PackedLinear) -> str:
+    return "large" if packed.n * packed.k >= LARGE_WEIGHT else "small"
+
+
+def linear_kernel(m: int, packed: PackedLinear, dtype: torch.dtype) -> str:
+    """"fma" (CUDA-core GEMV), "mma" (tensor cores, split-K) or "gemm" (tensor cores, no split) for m rows of x,
+    from CROSSOVER; fp32 x takes the exact CUDA-core GEMV as far as it goes."""
+    fma_max, mma_max = CROSSOVER[(packed.bits, weight_class(packed))]
+    if m <= fma_max or (dtype == torch.float32 and m <= FMA_MAX_M):
+        return "fma"
+    return "mma" if m <= mma_max else "gemm"
 
 
 def int_linear(x: torch.Tensor, packed: PackedLinear, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W.T for x [..., K] (bf16, fp16 or fp32); y [..., N] in x.dtype. GEMV for up to 16 rows, else GEMM."""
+    """y = x @ W.T for x [..., K] (bf16, fp16 or fp32); y [..., N] in x.dtype. The kernel follows CROSSOVER."""
     if x.shape[-1] != packed.k:
         raise ValueError(f"int_linear: x has {x.shape[-1]} features, the weight expects {packed.k}")
     x2 = x.reshape(-1, packed.k)
@@ -304,8 +470,9 @@ def int_linear(x: torch.Tensor, packed: PackedLinear, *, out: torch.Tensor | Non
     y2 = y.view(-1, packed.n)
     if x2.shape[0] == 0:
         return y
-    if x2.shape[0] <= GEMV_MAX_M:
+    kind = linear_kernel(x2.shape[0], packed, x.dtype)
+    if kind == "fma":
         int_gemv_fwd(x2, packed, y2)
     else:
-        int_gemm_fwd(x2, packed, y2)
+        int_mma_fwd(x2, packed, y2, split_k=None if kind == "mma" else 1)
     return y

@@ -1,4 +1,5 @@
-"""KDA (Kimi delta attention) decode: the one-token recurrence step, and the fused layer step (short conv, step, gated RMSNorm)."""
+"""KDA (Kimi delta attention) decode: the one-token recurrence step, and the fused layer step (short conv, step,
+gated RMSNorm)."""
 import torch
 import triton
 import triton.language as tl

@@ -1,14 +1,12 @@
 """Plain-PyTorch fp32 twin of int_linear: dequantize the packed weight, then matmul."""
 import torch
 
-from .int_linear import PackedLinear
+from .int_linear import PackedLinear, unpack_words
 
 
 def dequantize_int_weight(packed: PackedLinear) -> torch.Tensor:
     """The fp32 weight [N, K] that a PackedLinear stands for."""
-    shifts = torch.arange(0, 32, packed.bits, device=packed.qweight.device, dtype=torch.int32)
-    codes = (packed.qweight[..., None] >> shifts) & ((1 << packed.bits) - 1)  # [N/ROWS, K/KT, ROWS, P, planes]
-    codes = codes.permute(0, 2, 1, 4, 3).reshape(-1, packed.k)  # k = t*KT + j*P + p
+    codes = unpack_words(packed.qweight, packed.bits)  # [N_pad, K]
     zeros = packed.zeros if packed.zeros is not None else torch.full_like(packed.scales, 1 << (packed.bits - 1))
     scale = packed.scales.float().t().repeat_interleave(packed.group_size, dim=1)
     zero = zeros.float().t().repeat_interleave(packed.group_size, dim=1)

@@ -3,6 +3,16 @@ import torch
 import torch.nn.functional as F
 
 
+def kda_gate(g_raw, A_log, dt_bias):
+    """Per-channel log decay g = -exp(A_log[h]) * softplus(g_raw + dt_bias), fp32 (softplus linear above 20).
+
+    g_raw [..., H, K]; A_log holds H values, dt_bias H*K. The one PyTorch statement of the gate: the runtime's
+    model uses it too; kda_decode's Triton kernel restates it (_decay)."""
+    H, K = g_raw.shape[-2:]
+    x = g_raw.float() + dt_bias.float().reshape(H, K)
+    return -A_log.float().reshape(H, 1).exp() * F.softplus(x, threshold=20.0)
+
+
 def _l2norm(x):
     return x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-6)
 
@@ -12,8 +22,7 @@ def naive_kda_decode(q, k, v, g, beta, state, *, A_log, dt_bias, scale=None, out
     scale = K ** -0.5 if scale is None else scale
     q = _l2norm(q.float()) * scale  # [B, H, K]
     k = _l2norm(k.float())
-    gk = -A_log.float().reshape(1, H, 1).exp() * F.softplus(g.float() + dt_bias.float().reshape(1, H, K),
-                                                            threshold=20.0)
+    gk = kda_gate(g, A_log, dt_bias)  # [B, H, K]
     b = beta.float().sigmoid()[..., None]  # [B, H, 1]
     S = state.float() * gk.exp()[..., None]  # [B, H, K, V]
     u = b * (v.float() - (S * k[..., None]).sum(-2))  # [B, H, V]

@@ -1,4 +1,4 @@
-"""The twin of moe_route.moe_route in plain PyTorch."""
+"""The twins of moe_route.moe_route and moe_route.moe_router in plain PyTorch."""
 import torch
 
 
@@ -11,3 +11,10 @@ def naive_moe_route(logits: torch.Tensor, bias: torch.Tensor, k: int, scaling: f
     if renormalize:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
     return ids, weights * scaling
+
+
+def naive_moe_router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int, scaling: float,
+                     locks: torch.Tensor | None = None, *, renormalize: bool = True,
+                     biased_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    return naive_moe_route(x.float() @ weight.float().T, bias, k, scaling, renormalize=renormalize,
+                           biased_weights=biased_weights)

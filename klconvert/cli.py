@@ -1,18 +1,63 @@
 """The `klconvert` command: one verb per subcommand, each parsing its flags and calling one library function."""
 from __future__ import annotations
 
+import math
+import os
 import sys
 from pathlib import Path
 
 import click
 
-from klconvert.errors import KLError
+from klconvert.errors import KLError, PlanDoesNotFit
 from klconvert.hub import DEFAULT_REPO
 from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, default_run_model, resolve_model
-from klconvert.runtime.plan_report import parse_size
+
+DEVICE = click.Choice(["cpu", "cuda"])
+SEED = click.IntRange(0, 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class FiniteFloat(click.FloatRange):
+    """A FloatRange that also refuses nan and inf (FloatRange lets nan through: every comparison with it is false)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+class OneLineErrors(click.Group):
+    """The klconvert group: every error a user can cause -- a KLError or a usage error -- ends in one line on stderr,
+    `klconvert: error: ...`, with the error's exit status (2 for bad input) and no traceback."""
+
+    def main(self, args=None, prog_name=None, standalone_mode: bool = True, **extra):
+        if not standalone_mode:  # the caller handles the errors (click's own non-standalone contract)
+            return super().main(args, prog_name, standalone_mode=False, **extra)
+        try:
+            return super().main(args, prog_name, standalone_mode=False, **extra)
+        except KLError as e:
+            click.echo(f"klconvert: error: {_one_line(str(e))}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            command = e.ctx.command_path if e.ctx is not None else "klconvert"
+            click.echo(f"klconvert: error: {command}: {_one_line(e.format_message())} (see `{command} --help`)",
+                       err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"klconvert: error: {_one_line(e.format_message())}", err=True)
+            sys.exit(e.exit_code)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            click.echo("klconvert: interrupted", err=True)
+            sys.exit(130)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="klconvert")
 def cli() -> None:
     """Pull, quantize and run Moonshot AI's Kimi Linear on one GPU."""
@@ -22,7 +67,8 @@ def cli() -> None:
 @click.option("--preset", type=click.Choice(["tiny", "kimi-linear-48b"]), required=True,
               help="tiny: a few-MB model of the same structure; kimi-linear-48b: the released shapes.")
 @click.option("--layers", type=int, default=None, help="Keep only N layers (3:1 KDA:MLA pattern kept).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+              help="Seed of the random weights.")
 @click.option("--layout", type=click.Choice(["released", "transformers"]), default="released", show_default=True,
               help="Tensor layout: the released checkpoint's, or the native transformers port's.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to create.")
@@ -57,48 +103,54 @@ def pull(repo: str, revision: str | None, include: tuple[str, ...], exclude: tup
     click.echo(str(result.path))
 
 
-def _read_prompt(prompt_file: str) -> str:
-    try:
-        data = sys.stdin.buffer.read() if prompt_file == "-" else Path(prompt_file).read_bytes()
-    except OSError as e:
-        raise KLError(f"--prompt-file {prompt_file}: cannot read it ({e.strerror}); check the path") from None
-    where = "standard input" if prompt_file == "-" else prompt_file
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise KLError(f"--prompt-file {where}: not UTF-8 text (bad byte at offset {e.start}); convert it to "
-                      "UTF-8") from None
-    if not text.strip():
-        raise KLError(f"--prompt-file {where}: the prompt is empty; write some text into it")
-    return text
+def _context_error(tokens: int, at_least: bool, max_new_tokens: int, max_context: int | None,
+                   model_max_length: int) -> KLError:
+    """What is true when a prompt of `tokens` (or more) plus --max-new-tokens does not fit."""
+    prompt = f"the prompt ({'over ' if at_least else ''}{tokens:,} tokens) plus --max-new-tokens {max_new_tokens}"
+    need = tokens + max_new_tokens
+    if max_context is not None and need <= model_max_length:
+        return KLError(f"{prompt} needs a context of {'more than ' if at_least else ''}{need:,} tokens but "
+                       f"--max-context is {max_context:,}; raise --max-context (up to the model's model_max_length "
+                       f"{model_max_length:,}) or shorten the prompt")
+    return KLError(f"{prompt} is over the model's model_max_length of {model_max_length:,} tokens; shorten the prompt "
+                   "or lower --max-new-tokens")
 
 
 @cli.command()
 @click.option("--model", default=None,
-              help=f"Checkpoint folder (released, transformers or quantized layout), or {BUNDLED_NAME} for the bundled "
-                   f"model [default: {DEFAULT_MODEL_DIR} when it exists, else {BUNDLED_NAME}].")
-@click.option("--prompt-file", required=True, help="UTF-8 text file with the prompt, or - for standard input.")
-@click.option("--max-new-tokens", type=click.IntRange(min=0), default=256, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
-              help="0 is greedy.")
-@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True)
-@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+              help=f"Checkpoint folder (released, transformers or quantized layout), or {BUNDLED_NAME} for the "
+                   f"bundled model [default: {DEFAULT_MODEL_DIR} when it exists, else {BUNDLED_NAME}].")
+@click.option("--prompt", default=None, help="The prompt text itself (instead of --prompt-file).")
+@click.option("--prompt-file", "prompt_files", multiple=True,
+              help="UTF-8 text file with the prompt, or - for standard input; repeat it to continue several prompts "
+                   "as one batch (each at its own length).")
+@click.option("--max-new-tokens", type=click.IntRange(min=0), default=256, show_default=True,
+              help="Stop after this many new tokens (or earlier, at the end-of-turn token).")
+@click.option("--temperature", type=FiniteFloat(min=0.0), default=0.0, show_default=True,
+              help="Sampling temperature; 0 is greedy.")
+@click.option("--top-p", type=FiniteFloat(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True,
+              help="Sample only from the smallest set of tokens whose probability reaches P; 1 keeps them all.")
+@click.option("--seed", type=SEED, default=None, help="Seed for sampling [default: a fresh random seed].")
 @click.option("--chat", is_flag=True, help="Wrap the prompt as a user turn with the model's chat template.")
+@click.option("--show-special", is_flag=True,
+              help="Print generated special tokens (<|im_start|>, <|reserved_token_N|>, ...) as text; by default "
+                   "they are skipped.")
 @click.option("--max-context", type=click.IntRange(min=1), default=None,
               help="Context the memory plan holds [default: prompt + max-new-tokens].")
-@click.option("--device", default=None, help="cpu or cuda [default: cuda if present].")
+@click.option("--device", type=DEVICE, default=None, help="Where to run [default: cuda if present].")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default=None,
               help="Compute dtype [default: bfloat16 on cuda, float32 on cpu].")
 @click.option("--kernels", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True,
               help="Triton kernels (int weights, fused KDA step, fused MoE) or the PyTorch reference; auto: "
                    "Triton on cuda.")
-def run(model: str | None, prompt_file: str, max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
-        chat: bool, max_context: int | None, device: str | None, dtype: str | None, kernels: str) -> None:
-    """Continue a prompt: the text streams to stdout, a summary goes to stderr."""
-    from klconvert.runtime.engine import load
+def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], max_new_tokens: int, temperature: float,
+        top_p: float, seed: int | None, chat: bool, show_special: bool, max_context: int | None, device: str | None,
+        dtype: str | None, kernels: str) -> None:
+    """Continue a prompt (or several, as one batch): the text streams to stdout, a summary goes to stderr."""
+    from klconvert.config import KimiLinearConfig
+    from klconvert.text_input import read_prompt
     from klconvert.tokenizer import StreamDecoder, Tokenizer
 
-    text = _read_prompt(prompt_file)
     if model is None:
         model, which = default_run_model()
         click.echo(f"klconvert: {which}", err=True)
@@ -107,27 +159,66 @@ def run(model: str | None, prompt_file: str, max_new_tokens: int, temperature: f
     if not model.is_dir():
         raise KLError(f"--model {model}: no such folder; pass --model DIR, or run `klconvert pull-and-quantize "
                       "--bits 4` first (it writes the default folder)")
+    limit = KimiLinearConfig.from_file(model / "config.json").model_max_length
+    if max_context is not None and max_context > limit:
+        raise KLError(f"--max-context {max_context:,} is over the model's model_max_length {limit:,}; lower it")
+    budget = (max_context or limit) - max_new_tokens  # the most prompt tokens the context can hold
+    if budget < 1:
+        raise KLError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in "
+                      + (f"--max-context {max_context}; raise --max-context or lower --max-new-tokens"
+                         if max_context is not None and max_context < limit else
+                         f"the model's model_max_length of {limit:,} tokens; lower --max-new-tokens"))
+    _refuse_triton_without_cuda(kernels, device)
     tokenizer = Tokenizer.from_folder(model)
-    ids = tokenizer.encode_chat([{"role": "user", "content": text}]) if chat else tokenizer.encode(text)
-    context = max_context if max_context is not None else len(ids) + max_new_tokens
-    engine = load(model, device=device, dtype=dtype, max_context=context, kernels=kernels)
-    engine.check_fits(len(ids), max_new_tokens)
-    stream = StreamDecoder(tokenizer)
-    stop = tokenizer.stop_ids
+    if prompt is not None and prompt_files:
+        raise KLError("give the prompt as --prompt TEXT or --prompt-file FILE (- for standard input), not both")
+    prompts = []
+    for prompt_file in prompt_files or (None,):
+        text = read_prompt(prompt, prompt_file, tokenizer, budget)
+        ids = tokenizer.encode_chat([{"role": "user", "content": text.text}]) if chat and text.whole else text.ids
+        if len(ids) > budget:
+            raise _context_error(len(ids), not text.whole, max_new_tokens, max_context, limit)
+        prompts.append(ids)
+    from klconvert.runtime.engine import load  # torch loads only now: every refusal above runs without it
 
-    def emit(sequence: int, token: int) -> None:
-        if token not in stop:
-            sys.stdout.write(stream.push(token))
-            sys.stdout.flush()
+    longest = max(len(ids) for ids in prompts)
+    engine = load(model, device=device, dtype=dtype, max_context=max_context or longest + max_new_tokens,
+                  batch=len(prompts), kernels=kernels)
+    engine.check_fits(longest, max_new_tokens)
+    streams = [StreamDecoder(tokenizer) for _ in prompts]
+    hidden = tokenizer.stop_ids if show_special else tokenizer.special_ids
+    texts = [[] for _ in prompts]
 
-    engine.generate(ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop_ids=stop,
-                    on_token=emit)
-    sys.stdout.write(stream.flush() + "\n")
+    def emit(sequence: int, token: int) -> None:  # one prompt streams; several are printed whole, in order
+        if token not in hidden:
+            texts[sequence].append(streams[sequence].push(token))
+            if len(prompts) == 1:
+                sys.stdout.write(texts[0].pop())
+                sys.stdout.flush()
+
+    engine.generate(prompts, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                    stop_ids=tokenizer.stop_ids, on_token=emit)
+    for i, (parts, stream) in enumerate(zip(texts, streams)):
+        if len(prompts) > 1:
+            sys.stdout.write(f"==> {prompt_files[i]} <==\n")
+        sys.stdout.write("".join(parts) + stream.flush() + "\n")
     s, plan = engine.stats, engine.plan
     click.echo(f"prompt {s.prompt_tokens} tokens | prefill {s.prefill_tps:.1f} tokens/s | {s.new_tokens} new, "
                f"decode {s.decode_tps:.1f} tokens/s | plan: {engine.device} {str(engine.dtype).split('.')[-1]} "
                f"{'triton' if engine.triton else 'torch'}, "
                f"context {plan.context}, batch {plan.batch}, total {plan.total / 2**30:.2f} GiB", err=True)
+
+
+def _refuse_triton_without_cuda(kernels: str, device: str | None) -> None:
+    """--kernels triton runs on CUDA (or under TRITON_INTERPRET=1, Triton's CPU interpreter, as the tests do)."""
+    if kernels != "triton" or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        where = "--device cpu" if device == "cpu" else "this machine (no CUDA GPU is visible)"
+        raise KLError(f"--kernels triton needs a CUDA GPU, but it was asked for on {where}; use --kernels torch "
+                      "(or auto, the default)")
 
 
 @cli.command()
@@ -149,12 +240,15 @@ def run(model: str | None, prompt_file: str, max_new_tokens: int, temperature: f
               help="KDA recurrent state dtype [default: the recipe's, else float32].")
 @click.option("--bits", type=click.Choice(["4", "8", "16"]), default=None,
               help="Without --recipe: weight bits of the quantized layers, lm_head at 8 [default: 16, unquantized].")
-@click.option("--group-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--group-size", type=click.IntRange(min=1), default=128, show_default=True,
+              help="With --bits 4 or 8: input columns per scale.")
 def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path | None, gpu_memory: str | None,
          max_context: int | None, batch: int | None, mla_cache_dtype: str | None, kda_state_dtype: str | None,
          bits: str | None, group_size: int) -> None:
-    """Print the memory plan: weights, KDA state, MLA cache, workspace, headroom, largest context."""
-    from klconvert.runtime.plan_report import plan_for, render_plan
+    """Print the memory plan: weights, KDA state, MLA cache, workspace, headroom, largest context.
+
+    Exits with status 3 when the plan does not fit the given GPU memory."""
+    from klconvert.runtime.plan_report import parse_size, plan_for, render_plan
 
     if (model is None) == (preset is None):
         raise KLError("give exactly one of --model DIR or --preset NAME")
@@ -164,6 +258,24 @@ def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path
                  memory_limit=parse_size(gpu_memory) if gpu_memory else None, mla_cache_dtype=mla_cache_dtype,
                  kda_state_dtype=kda_state_dtype)
     click.echo(render_plan(p, title=str(model or preset) + (f" with {recipe}" if recipe else "")))
+    if p.memory_limit is not None and p.headroom < 0:
+        fit = p.largest_context()
+        raise PlanDoesNotFit(f"the plan needs {p.total / 2**30:.2f} GiB but the GPU memory is "
+                             f"{p.memory_limit / 2**30:.2f} GiB; "
+                             + (f"plan for a context of {fit:,} or fewer" if fit else
+                                "the weights alone do not fit: plan with fewer bits (--bits 4 or a smaller recipe)"))
+
+
+def _shard_bytes(max_shard_size: str | None) -> int | None:
+    """--max-shard-size as bytes (None: the default); a size of zero is refused."""
+    if max_shard_size is None:
+        return None
+    from klconvert.runtime.plan_report import parse_size
+
+    size = parse_size(max_shard_size, "--max-shard-size")
+    if size < 1:
+        raise KLError(f"--max-shard-size {max_shard_size!r}: give a positive size such as 5GB or 500MB")
+    return size
 
 
 def _quantize_options(command):
@@ -180,11 +292,16 @@ def _quantize_options(command):
         click.option("--recipe", type=click.Path(path_type=Path), default=None,
                      help="llm-compressor-shaped recipe YAML saying how each tensor is stored (instead of the "
                           "four flags above)."),
-        click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
-                     help="Where to quantize [default: cuda if present]."),
+        click.option("--device", type=DEVICE, default=None, help="Where to quantize [default: cuda if present]."),
+        click.option("--max-shard-size", default=None,
+                     help="Largest output shard, e.g. 5GB, 500MB [default: 5GB]; a rerun after a kill redoes only "
+                          "the unfinished shard, so smaller shards lose less."),
         click.option("--force", is_flag=True,
-                     help="Replace an existing output folder (only once the new one is whole) and discard an "
-                          "interrupted run made with other options."),
+                     help="Replace an existing output folder that klconvert wrote (or an empty one), only once "
+                          "the new one is whole, and discard an interrupted run made with other options."),
+        click.option("--allow-split-fused", is_flag=True,
+                     help="Accept a recipe that stores parts of a module vLLM fuses (e.g. in_proj_qkvgfab) "
+                          "differently; the folder then loads in klconvert and transformers, not in vLLM."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -196,13 +313,16 @@ def _quantize_options(command):
 @click.argument("out", type=click.Path(path_type=Path))
 @_quantize_options
 def quantize(src: str, out: Path, bits: int | None, group_size: int | None, symmetric: bool | None,
-             scheme: str | None, recipe: Path | None, device: str | None, force: bool) -> None:
+             scheme: str | None, recipe: Path | None, device: str | None, max_shard_size: str | None,
+             force: bool, allow_split_fused: bool) -> None:
     """Quantize the checkpoint in SRC (a folder, or tiny for the bundled model) into a new compressed-tensors
     folder OUT (resumes if interrupted)."""
     from klconvert.quantize import quantize as quantize_checkpoint
 
     result = quantize_checkpoint(resolve_model(src), out, bits=bits, group_size=group_size, symmetric=symmetric,
-                                 scheme=scheme, recipe=recipe, device=device, force=force)
+                                 scheme=scheme,
+                                 recipe=recipe, device=device, force=force, allow_split_fused=allow_split_fused,
+                                 max_shard_bytes=_shard_bytes(max_shard_size))
     click.echo(result.summary(), err=True)
     click.echo(str(result.path))
 
@@ -217,13 +337,14 @@ def quantize(src: str, out: Path, bits: int | None, group_size: int | None, symm
 @_quantize_options
 def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: int | None, group_size: int | None,
                       symmetric: bool | None, scheme: str | None, recipe: Path | None, device: str | None,
-                      force: bool) -> None:
+                      max_shard_size: str | None, force: bool, allow_split_fused: bool) -> None:
     """Pull a Kimi Linear repo (or take a local folder) and quantize it in one go."""
     from klconvert.quantize import pull_and_quantize as pull_and_quantize_checkpoint
 
     result = pull_and_quantize_checkpoint(model, out, revision=revision, bits=bits, group_size=group_size,
                                           symmetric=symmetric, scheme=scheme, recipe=recipe, device=device,
-                                          force=force)
+                                          force=force, allow_split_fused=allow_split_fused,
+                                          max_shard_bytes=_shard_bytes(max_shard_size))
     click.echo(result.summary(), err=True)
     click.echo(str(result.path))
 
@@ -236,39 +357,99 @@ def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: 
 @click.option("--text-file", type=click.Path(path_type=Path, dir_okay=False), required=True,
               help="UTF-8 text to run both models on.")
 @click.option("--max-tokens", type=click.IntRange(min=2), default=2048, show_default=True,
-              help="Cut the tokenized text to this many tokens.")
-@click.option("--device", default=None, help="cpu or cuda [default: cuda if present].")
+              help="Cut the tokenized text to this many tokens (only that much of the file is read).")
+@click.option("--device", type=DEVICE, default=None, help="Where to run [default: cuda if present].")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default=None,
               help="Compute dtype [default: bfloat16 on cuda, float32 on cpu].")
 def eval_(model: str, reference: str, text_file: Path, max_tokens: int, device: str | None,
           dtype: str | None) -> None:
     """Perplexity of both, KL of the model from the reference, top-1 and router agreement."""
+    from klconvert.config import KimiLinearConfig
     from klconvert.evaluate import evaluate, render_eval
+    from klconvert.text_input import read_text_file
+    from klconvert.tokenizer import Tokenizer
 
-    try:
-        text = text_file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise KLError(f"--text-file {text_file}: cannot read it as UTF-8 text ({e}); check the path") from None
     model, reference = resolve_model(model), resolve_model(reference)
+    if not reference.is_dir():
+        raise KLError(f"--reference {reference}: no such folder; pass a checkpoint folder")
+    limit = KimiLinearConfig.from_file(reference / "config.json").model_max_length
+    if max_tokens > limit:
+        raise KLError(f"--max-tokens {max_tokens:,} is over the model's model_max_length {limit:,}; lower it")
+    text = read_text_file(text_file, "--text-file", Tokenizer.from_folder(reference), max_tokens)
     result = evaluate(model, reference, text, max_tokens=max_tokens, device=device, dtype=dtype)
     click.echo(render_eval(result, str(model), str(reference)))
 
 
-def main() -> None:
-    """Entry point: expected errors end in one line on stderr and exit status 2, with no traceback."""
+def _int_list(ctx, param, value: str) -> list[int]:
     try:
-        cli.main(standalone_mode=False)
-    except KLError as e:
-        click.echo(f"klconvert: error: {e}", err=True)
-        sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        click.echo("klconvert: interrupted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("klconvert: interrupted", err=True)
-        sys.exit(130)
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give comma-separated whole numbers, e.g. 4096,131072") from None
+    if not out or min(out) < 1:
+        raise click.BadParameter(f"{value!r}: give comma-separated numbers of at least 1")
+    return out
+
+
+@cli.command()
+@click.option("--model", type=click.Path(path_type=Path), default=None,
+              help="A quantized checkpoint folder to time (its weights; caches filled with random values).")
+@click.option("--preset", type=click.Choice(["kimi-linear-48b"]), default=None,
+              help="Time the released shapes with random quantized weights made on the GPU.")
+@click.option("--layers", type=click.IntRange(min=1), default=None, help="With --preset: keep only N layers.")
+@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True,
+              help="With --preset: bits of the quantized layers (default policy, lm_head int8, group 128).")
+@click.option("--context", "contexts", default="4096", show_default=True, callback=_int_list,
+              help="Comma-separated contexts to decode at (cache rows already filled).")
+@click.option("--batch", "batches", default="1", show_default=True, callback=_int_list,
+              help="Comma-separated batch sizes.")
+@click.option("--mla-cache-dtype", type=click.Choice(["bfloat16", "float8_e4m3fn"]), default="bfloat16",
+              show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=16), default=128, show_default=True,
+              help="Decode steps timed per configuration.")
+@click.option("--check/--no-check", "check_depth", default=True, show_default=True,
+              help="Before timing: the Triton path against the PyTorch bf16 path at this depth (calm weights "
+                   "with a preset). The graph-vs-eager check always runs.")
+@click.option("--peer", type=click.Choice(["none", "transformers"]), default="none", show_default=True,
+              help="Also time transformers' KimiLinearForCausalLM (bf16, same config) in this call.")
+@click.option("--peer-layers", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Layers of the peer's model (a 27-layer bf16 model needs 98 GB).")
+@click.option("--json", "json_file", type=click.Path(path_type=Path), default=None, help="Write the results here.")
+def bench(model: Path | None, preset: str | None, layers: int | None, bits: str, contexts: list[int],
+          batches: list[int], mla_cache_dtype: str, new_tokens: int, check_depth: bool, peer: str, peer_layers: int,
+          json_file: Path | None) -> None:
+    """Decode speed on the GPU: checked first, then ms/token, tokens/s, memory and the bandwidth floor."""
+    import json
+
+    from klconvert import bench as B
+    from klconvert.config import KimiLinearConfig
+    from klconvert.presets import preset_config
+
+    if (model is None) == (preset is None):
+        raise KLError("give exactly one of --model DIR or --preset kimi-linear-48b")
+    if preset is not None:
+        config = KimiLinearConfig.from_dict(preset_config(preset, layers))
+        weights = B.random_quantized_weights(config, int(bits), "cuda")
+        calm = B.random_quantized_weights(config, int(bits), "cuda", calm=True) if check_depth else None
+        label = f"int{bits} g128, lm_head int8"
+    else:
+        from klconvert.checkpoint.quantized import QuantizedSource
+        from klconvert.checkpoint.reader import Checkpoint
+
+        ckpt = Checkpoint(model)
+        config = ckpt.config
+        weights = B.Weights(ckpt.get, ckpt.packed,
+                            {n: s.scheme for n, s in ckpt.sources.items() if isinstance(s, QuantizedSource)})
+        calm, label = (weights if check_depth else None), str(model)
+    result = B.bench(config, weights, bits=label, contexts=contexts, batches=batches,
+                     mla_cache_dtype=mla_cache_dtype, new_tokens=new_tokens, calm_weights=calm,
+                     report=lambda line: click.echo(line, err=True))
+    if peer == "transformers":
+        result.peer = B.time_transformers(preset_config("kimi-linear-48b", peer_layers),
+                                          report=lambda line: click.echo(line, err=True))
+    if json_file is not None:
+        json_file.write_text(json.dumps(result.as_dict(), indent=1))
+
+
+def main() -> None:
+    """Entry point: expected errors end in one line on stderr (see OneLineErrors)."""
+    cli.main(prog_name="klconvert")

@@ -9,6 +9,29 @@ from pathlib import Path
 from klconvert.errors import KLError
 
 SUPPORTED_MODEL_TYPES = ("kimi_linear",)
+MAX_CONFIG_BYTES = 1 << 20  # the released config.json is 1.6 KB
+
+# Sane ranges of the size fields: wide around the released model (163,840 vocab, 2,304 hidden, 27 layers, 256
+# experts, 1M context), so a bad or hostile value is refused before anything is sized or built from it. The
+# checkpoint reader then holds the sizes to the shard headers.
+SIZE_RANGES = {
+    "vocab_size": (1, 1 << 20),  # 6x the released; also bounds the tokenizer built before the shards are read
+    "hidden_size": (1, 1 << 16),
+    "num_hidden_layers": (1, 1024),
+    "intermediate_size": (1, 1 << 18),
+    "moe_intermediate_size": (1, 1 << 18),
+    "num_experts": (1, 4096),
+    "num_shared_experts": (0, 64),
+    "num_attention_heads": (1, 1024),
+    "kv_lora_rank": (1, 1 << 14),
+    "qk_nope_head_dim": (1, 1 << 12),
+    "qk_rope_head_dim": (0, 1 << 12),
+    "v_head_dim": (1, 1 << 12),
+    "model_max_length": (1, 1 << 24),
+    "linear_attn_config.head_dim": (1, 1 << 12),
+    "linear_attn_config.num_heads": (1, 1024),
+    "linear_attn_config.short_conv_kernel_size": (1, 64),
+}
 
 # (field name in config.json, accepted Python types). bool is excluded from int fields below.
 _REQUIRED = {
@@ -60,6 +83,13 @@ def _check_type(where: str, name: str, value, types) -> None:
         names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
         raise KLError(f"{where}: field '{name}' should be {names}, got {type(value).__name__} {value!r:.40}; "
                       "fix the config or re-download the model")
+
+
+def _positive_finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value) and value > 0
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 @dataclass(frozen=True)
@@ -151,7 +181,16 @@ class KimiLinearConfig:
                 raise KLError(f"{where}: required field 'linear_attn_config.{name}' is missing; "
                               "fix the config or re-download the model")
             _check_type(where, f"linear_attn_config.{name}", lin[name], types)
+        for name, (low, high) in SIZE_RANGES.items():
+            value = lin[name.split(".", 1)[1]] if name.startswith("linear_attn_config.") else values[name]
+            if not low <= value <= high:
+                raise KLError(f"{where}: field '{name}' is {value}, outside the sane range {low}..{high:,}; "
+                              "fix the config or re-download the model")
         n = values["num_hidden_layers"]
+        if len(lin["kda_layers"]) + len(lin["full_attn_layers"]) > n:
+            raise KLError(f"{where}: linear_attn_config's kda_layers and full_attn_layers hold "
+                          f"{len(lin['kda_layers']) + len(lin['full_attn_layers'])} entries for {n} layers; "
+                          "each layer is named once -- fix the config")
         layers = {}
         for name in ("kda_layers", "full_attn_layers"):
             for v in lin[name]:
@@ -166,17 +205,27 @@ class KimiLinearConfig:
             raise KLError(f"{where}: linear_attn_config's kda_layers and full_attn_layers must each name every layer "
                           f"1..{n} exactly once (overlap {sorted(v + 1 for v in both)}, "
                           f"missing {sorted(set(range(1, n + 1)) - {v + 1 for v in every})}); fix the config")
-        if values["num_experts_per_token"] > values["num_experts"] or values["num_experts_per_token"] < 1:
-            raise KLError(f"{where}: num_experts_per_token={values['num_experts_per_token']} must be within "
-                          f"1..num_experts={values['num_experts']}; fix the config")
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-                     "qk_nope_head_dim", "v_head_dim", "num_experts", "moe_intermediate_size"):
-            if values[name] <= 0:
-                raise KLError(f"{where}: field '{name}' must be positive, got {values[name]}; fix the config")
-        if not (values["rms_norm_eps"] > 0 and math.isfinite(values["rms_norm_eps"])):
-            raise KLError(f"{where}: rms_norm_eps must be a positive number; fix the config")
+        for name, low, high in (("num_experts_per_token", 1, values["num_experts"]),
+                                ("num_expert_group", 1, values["num_experts"]),
+                                ("topk_group", 1, values["num_expert_group"]), ("first_k_dense_replace", 0, n)):
+            if not low <= values[name] <= high:
+                raise KLError(f"{where}: field '{name}' is {values[name]}, outside {low}..{high}; fix the config")
+        for name in ("rms_norm_eps", "routed_scaling_factor"):
+            if not _positive_finite(values[name]):
+                raise KLError(f"{where}: field '{name}' is {values[name]!r:.40}; it must be a positive finite number "
+                              "-- fix the config")
+            values[name] = float(values[name])
         eos = values.pop("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        for name, token_ids in (("bos_token_id", (values["bos_token_id"],)), ("eos_token_id", eos_ids),
+                                ("pad_token_id", (values["pad_token_id"],))):
+            for token_id in token_ids:
+                if token_id is None:
+                    continue
+                _check_type(where, f"{name}[]" if name == "eos_token_id" else name, token_id, int)
+                if not 0 <= token_id < values["vocab_size"]:
+                    raise KLError(f"{where}: {name} {token_id} is outside the vocabulary "
+                                  f"0..{values['vocab_size'] - 1}; fix the config")
         return cls(**values, kda_layers=layers["kda_layers"], full_attn_layers=layers["full_attn_layers"],
                    kda_num_heads=lin["num_heads"], kda_head_dim=lin["head_dim"],
                    conv_kernel_size=lin["short_conv_kernel_size"], eos_token_ids=eos_ids, raw=dict(d))
@@ -185,7 +234,12 @@ class KimiLinearConfig:
     def from_file(cls, path: str | Path) -> "KimiLinearConfig":
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            with open(path, "rb") as f:
+                data = f.read(MAX_CONFIG_BYTES + 1)
+            if len(data) > MAX_CONFIG_BYTES:
+                raise KLError(f"{path}: over {MAX_CONFIG_BYTES:,} bytes, far larger than any model's config.json; "
+                              "re-download the model")
+            text = data.decode("utf-8")
         except FileNotFoundError:
             raise KLError(f"{path}: no config.json here; point --model at a Kimi Linear checkpoint folder") from None
         except (OSError, UnicodeDecodeError) as e:
@@ -194,4 +248,7 @@ class KimiLinearConfig:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise KLError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); re-download the model") from None
+        except (RecursionError, ValueError) as e:  # nesting past Python's stack; an int of 4,300+ digits
+            reason = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:80]
+            raise KLError(f"{path}: not a config ({reason}); re-download the model") from None
         return cls.from_dict(d, where=str(path))

@@ -9,3 +9,9 @@ class KLError(Exception):
     """
 
     exit_code = 2
+
+
+class PlanDoesNotFit(KLError):
+    """The memory plan asked for needs more than the given GPU memory: an answer, not bad input (exit status 3)."""
+
+    exit_code = 3

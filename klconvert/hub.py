@@ -4,6 +4,8 @@ from __future__ import annotations
 import errno
 import glob
 import hashlib
+import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -14,7 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-import httpx2
 from huggingface_hub import (
     HfApi,
     constants,
@@ -26,6 +27,7 @@ from huggingface_hub import (
 from huggingface_hub.errors import (
     CachedRepoTreeNotFoundError,
     GatedRepoError,
+    HFValidationError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
@@ -34,10 +36,15 @@ from huggingface_hub.errors import (
     RevisionResolutionError,
 )
 from huggingface_hub.file_download import repo_folder_name
-from huggingface_hub.utils import filter_repo_objects
+from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
 from klconvert.errors import KLError
+from klconvert.verified_files import VerifiedFiles
+
+# huggingface_hub 2.x talks through httpx2, 1.x through httpx: a dropped connection surfaces as either's TransportError.
+TRANSPORT_ERRORS = tuple(getattr(importlib.import_module(m), "TransportError")
+                         for m in ("httpx2", "httpx") if importlib.util.find_spec(m) is not None)
 
 DEFAULT_REPO = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
 # Everything a pull may fetch: weights, configs (index, tokenizer_config, special_tokens_map
@@ -48,6 +55,9 @@ REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".py")
 INDEX_FILE = "model.safetensors.index.json"
 # Provenance of a --local-dir pull, beside the files; never written into the HF cache's snapshots.
 LOCAL_DIR_RECORD = Path(".klconvert") / "pull.json"
+# What was verified (size, mtime, hashes), so a second pull re-hashes only what changed: in a --local-dir, and in
+# the cache beside the repo's snapshots (never inside them), one record per commit.
+VERIFIED_RECORD = Path(".klconvert") / "verified.json"
 # huggingface_hub 2.4.0 deletes a partly downloaded file when its download fails, so a rerun
 # skips the finished files and starts the interrupted ones again.
 RERUN = "rerun the pull to continue (finished files are kept)"
@@ -110,6 +120,7 @@ def pull(
     `include`/`exclude` are `hf download`-style fnmatch patterns that narrow ALLOWED_PATTERNS.
     With HF_HUB_OFFLINE=1 the pull is answered from the cache alone.
     """
+    refuse_bad_repo_id(repo)
     refuse_unsafe_includes(include)
     cache_dir = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
     local_dir = Path(local_dir) if local_dir is not None else None
@@ -140,24 +151,42 @@ def pull(
                 )
             if local_dir is not None:  # a record of an earlier pull must not describe a half-updated folder
                 (local_dir / LOCAL_DIR_RECORD).unlink(missing_ok=True)
-        folder = Path(
-            snapshot_download(
-                repo,
-                revision=resolved,
-                cache_dir=cache_dir,
-                local_dir=local_dir,
-                allow_patterns=[glob.escape(f.path) for f in wanted] if wanted is not None else None,
-                tqdm_class=None if progress else _QuietTqdm,
+        if listing is None:  # offline, no cached listing: huggingface_hub 1.x would ask the hub for one, so look
+            folder = _snapshot_on_disk(repo, commit, cache_dir, local_dir, where)
+        else:
+            folder = Path(
+                snapshot_download(
+                    repo,
+                    revision=resolved,
+                    cache_dir=cache_dir,
+                    local_dir=local_dir,
+                    allow_patterns=[glob.escape(f.path) for f in wanted],
+                    tqdm_class=None if progress else _QuietTqdm,
+                )
             )
-        )
     if listing is None:  # offline, and the cache holds no tree listing (older huggingface_hub): use the disk
         listing = _listing_on_disk(folder)
         wanted = _select_from(listing, include, exclude, where)
-    files = _check_sizes(folder, wanted, where) if offline else _verify(folder, wanted, where, progress)
+    if offline:
+        files = _check_sizes(folder, wanted, where)
+    else:
+        storage = cache_dir / repo_folder_name(repo_id=repo, repo_type="model")
+        record = (local_dir / VERIFIED_RECORD if local_dir is not None
+                  else storage / VERIFIED_RECORD.parent / "verified" / f"{commit}.json")
+        files = _verify(folder, wanted, where, progress, VerifiedFiles(record))
     _check_index_shards(folder, listing, wanted, where)
     if local_dir is not None and not offline:
         _write_local_dir_record(folder, repo, revision, commit, files)
     return PullResult(path=folder, commit=commit, files=files, bytes_downloaded=fetch_bytes)
+
+
+def refuse_bad_repo_id(repo: str) -> None:
+    """Raise KLError unless `repo` is a hub repo id (owner/name), e.g. not a path."""
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        raise KLError(f"{repo!r} is not a hub repo id (name or owner/name, like {DEFAULT_REPO}); check the "
+                      "name") from None
 
 
 def refuse_unsafe_includes(include: list[str] | None) -> None:
@@ -200,6 +229,16 @@ def _cached_listing(repo: str, commit: str, cache_dir: Path, local_dir: Path | N
     except CachedRepoTreeNotFoundError:
         return None
     return [HubFile(path=f.path, size=f.size) for f in tree]
+
+
+def _snapshot_on_disk(repo: str, commit: str, cache_dir: Path, local_dir: Path | None, where: str) -> Path:
+    """Where an earlier pull left `repo@commit`: the --local-dir, or the cache's snapshot folder."""
+    folder = local_dir if local_dir is not None else (
+        cache_dir / repo_folder_name(repo_id=repo, repo_type="model") / "snapshots" / commit)
+    if not folder.is_dir():
+        raise KLError(f"HF_HUB_OFFLINE is set and {folder} holds no copy of {where}: unset HF_HUB_OFFLINE and "
+                      "pull once online")
+    return folder
 
 
 def _listing_on_disk(folder: Path) -> list[HubFile]:
@@ -248,13 +287,19 @@ def _announce(repo, revision, commit, listing: list[HubFile], wanted: list[HubFi
     )
 
 
-def _verify(folder: Path, wanted: list[HubFile], where: str, progress: bool) -> list[PulledFile]:
-    """Check each file's size and hash against the hub's; remove the bad ones and raise KLError."""
+def _verify(folder: Path, wanted: list[HubFile], where: str, progress: bool,
+            record: VerifiedFiles) -> list[PulledFile]:
+    """Check each file's size and hash against the hub's (hashing only files changed since `record` saw them);
+    remove the bad ones and raise KLError."""
     total = sum((folder / f.path).stat().st_size for f in wanted if (folder / f.path).is_file())
     with hf_tqdm(total=total, unit="B", unit_scale=True, desc="Verifying", disable=not progress) as bar:
         with ThreadPoolExecutor(max_workers=HASH_WORKERS) as pool:
-            checks = list(pool.map(lambda f: _check_file(folder, f, bar), wanted))
+            checks = list(pool.map(lambda f: _check_file(folder, f, bar, record), wanted))
     problems = [problem for _, problem in checks if problem is not None]
+    for f, (_, problem) in zip(wanted, checks):
+        if problem is not None:
+            record.forget(f.path)
+    record.save()
     if problems:
         for f, (_, problem) in zip(wanted, checks):
             if problem is not None:
@@ -266,20 +311,32 @@ def _verify(folder: Path, wanted: list[HubFile], where: str, progress: bool) -> 
     return [pulled for pulled, _ in checks]
 
 
-def _check_file(folder: Path, f: HubFile, bar) -> tuple[PulledFile | None, str | None]:
-    """(the verified file, None) or (None, what is wrong with it)."""
+def _check_file(folder: Path, f: HubFile, bar, record: VerifiedFiles) -> tuple[PulledFile | None, str | None]:
+    """(the verified file, None) or (None, what is wrong with it). A file `record` saw unchanged, with the hashes
+    the hub publishes, is not read again."""
     local = folder / f.path
     if not local.is_file():
         return None, f"{f.path} is missing after the download"
-    size = local.stat().st_size
+    stat = local.stat()
+    size = stat.st_size
     if f.size is not None and size != f.size:
         return None, f"{f.path} has {size} bytes, the hub published {f.size}"
+    recorded = record.digests(f.path, stat)
+    if recorded is not None and _published_as(f, *recorded):
+        bar.update(size)
+        return PulledFile(path=f.path, size=size, sha256=recorded[0]), None
     sha256, git_blob_id = _digests(local, size, bar)
+    record.remember(f.path, stat, sha256, git_blob_id)
     if f.sha256 is not None and sha256 != f.sha256:
         return None, f"{f.path} has sha256 {sha256}, the hub published {f.sha256}"
     if f.sha256 is None and f.blob_id is not None and git_blob_id != f.blob_id:
         return None, f"{f.path} has git blob id {git_blob_id}, the hub published {f.blob_id}"
     return PulledFile(path=f.path, size=size, sha256=sha256), None
+
+
+def _published_as(f: HubFile, sha256: str, git_blob_id: str) -> bool:
+    """Whether these digests are the ones the hub publishes for `f` (sha256 for LFS files, else git blob id)."""
+    return sha256 == f.sha256 if f.sha256 is not None else f.blob_id is not None and git_blob_id == f.blob_id
 
 
 def _digests(path: Path, size: int, bar) -> tuple[str, str]:
@@ -383,7 +440,7 @@ def _as_user_errors(repo: str, revision: str | None, endpoint: str, target: Path
         if e.response.status_code == 401:
             raise KLError(f"{endpoint} rejected the token for {repo}: check HF_TOKEN") from e
         raise KLError(f"{endpoint} failed while pulling {where}: {_first_line(e)}; {RERUN}") from e
-    except httpx2.TransportError as e:
+    except TRANSPORT_ERRORS as e:
         raise KLError(
             f"lost the connection to {endpoint} while pulling {where} ({_first_line(e)}); {RERUN}, "
             "or set HF_HUB_OFFLINE=1 to use a cached copy"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -12,18 +13,23 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.checkpoint.reader import INDEX_FILE, SINGLE_FILE, open_checkpoint
 from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.checkpoint.safetensors_writer import index_json, shard_names, split_into_shards, write_shard
 from klconvert.convert.model_card import count_text, model_card, size_text
-from klconvert.convert.output_folder import OutputFolder, refuse_existing_out
+from klconvert.convert.output_folder import OutputFolder, OutputLock, refuse_existing_out
 from klconvert.convert.outputs import ModuleMaker, PlanTotals, plan_modules, plan_totals
 from klconvert.convert.provenance import SourceOrigin, source_fingerprint, source_origin
+from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
+from klconvert.extras import require
 from klconvert.hub import DEFAULT_REPO, pull
 from klconvert.models import BUNDLED_NAME, resolve_model
 from klconvert.quant import Policy, load_recipe, policy_from_options
+from klconvert.quant.fused import refuse_split_fused
 from klconvert.quant.policy import LINEAR
+from klconvert.presets import preset_config
 
 MAX_SHARD_BYTES = 5 * 10**9  # the "5GB" shards transformers and the released checkpoint use
 COPIED_FILES = ("tiktoken.model", "*.jinja", "*.json")  # tokenizer, chat templates and small configs; never .py
@@ -63,11 +69,15 @@ def choose_policy(bits: int | None = None, group_size: int | None = None, symmet
         if given:
             raise KLError(f"--recipe {recipe} says how each tensor is stored; drop {', '.join(given)} or the recipe")
         parsed = load_recipe(recipe)
+        if parsed.policy.kind == "nf4":
+            require("bitsandbytes.functional", f"--recipe {recipe} (NF4 weights)")
         return parsed.policy, parsed.runtime
     scheme = scheme or "int"
     bits = 4 if bits is None else bits
     if scheme == "nf4" and (group_size is not None or symmetric is False):
         raise KLError("--scheme nf4 is symmetric in blocks of 64; drop --group-size and --asym")
+    if scheme == "nf4":
+        require("bitsandbytes.functional", "--scheme nf4")
     if bits not in (4, 8):
         raise KLError(f"--bits {bits} is not supported; use --bits 4 or --bits 8")
     return policy_from_options(bits, 128 if group_size is None else group_size, symmetric is not False, scheme), {}
@@ -113,6 +123,8 @@ def _refuse_out_over_src(src: Path, out: Path) -> None:
     s, o = src.resolve(), out.resolve()
     if o == s or o in s.parents:
         raise KLError(f"{out}: is the source folder or holds it; write the quantized model somewhere else")
+    if s in o.parents:
+        raise KLError(f"{out}: is inside the source folder {src}; write the quantized model somewhere else")
 
 
 def _copied_files(src: Path) -> list[Path]:
@@ -120,36 +132,49 @@ def _copied_files(src: Path) -> list[Path]:
     return sorted(p for p in found if p.name not in WRITTEN_FILES)
 
 
-def _write_error(e: OSError, folder: OutputFolder, done: int, total: int) -> KLError:
+def _write_error(e: OSError, folder: OutputFolder, done: int, total: int, kept: bool) -> KLError:
     where = e.filename or folder.path
     if e.errno == errno.ENOSPC:
-        return KLError(f"disk full writing {where}: free some space and rerun the same command; {done} of {total} "
-                       f"shards are finished in {folder.path} and the run resumes after them")
-    return KLError(f"cannot write {where} ({e.strerror or e}); fix that and rerun the same command to resume "
-                   f"({done} of {total} shards are finished in {folder.path})")
+        return KLError(f"disk full writing {where}: free some space and rerun the same command"
+                       + (f"; {done} of {total} shards are finished in {folder.path} and the run resumes after them"
+                          if kept else ""))
+    return KLError(f"cannot write {where} ({e.strerror or e}); fix that and rerun the same command"
+                   + (f" to resume ({done} of {total} shards are finished in {folder.path})" if kept else ""))
 
 
 def quantize(src: str | Path, out: str | Path, bits: int | None = None, group_size: int | None = None,
              symmetric: bool | None = None, scheme: str | None = None, recipe: str | Path | None = None,
              device: str | None = None, force: bool = False, max_shard_bytes: int | None = None,
-             progress: bool = True) -> QuantizeResult:
+             progress: bool = True, allow_split_fused: bool = False) -> QuantizeResult:
     """Quantize the checkpoint in SRC (released or transformers layout) into a new HF folder OUT.
 
     Streams module by module; always writes the released tensor names. OUT is built in OUT.partial and
     renamed when whole; an interrupted run resumes from its finished shards when rerun with the same SRC
     and options. `force` replaces an existing OUT at the final rename and discards a partial folder
     made from another source or with other options. Shards hold at most `max_shard_bytes` (default 5 GB).
+    A policy that stores the parts of a module vLLM fuses differently is refused unless `allow_split_fused`.
     """
-    started = time.monotonic()
-    max_shard_bytes = max_shard_bytes or MAX_SHARD_BYTES
     src, out = Path(src), Path(out)
     policy, runtime = choose_policy(bits, group_size, symmetric, scheme, recipe)
-    refuse_existing_out(out, force)
     _refuse_out_over_src(src, out)
+    refuse_existing_out(out, force)
+    with OutputLock(out):
+        return _quantize(src, out, policy, runtime, device, force, max_shard_bytes or MAX_SHARD_BYTES, progress,
+                         allow_split_fused)
+
+
+def _quantize(src: Path, out: Path, policy: Policy, runtime: dict, device: str | None, force: bool,
+              max_shard_bytes: int, progress: bool, allow_split_fused: bool) -> QuantizeResult:
+    """quantize() once it holds OUT's lock."""
+    started = time.monotonic()
+    refuse_existing_out(out, force)  # again: a run that held the lock before us may have just finished OUT
     torch_device = pick_device(device)
     refuse_quantized_source(src)
     checkpoint = open_checkpoint(src)
-    policy = policy.check_against((name, spec.shape) for name, spec in checkpoint.expected.items())
+    names_and_shapes = [(name, spec.shape) for name, spec in checkpoint.expected.items()]
+    policy = policy.check_against(names_and_shapes)
+    if not allow_split_fused:
+        refuse_split_fused(policy, names_and_shapes)
     plans = plan_modules(checkpoint, policy)
     totals = plan_totals(plans)
     origin = source_origin(src)
@@ -165,6 +190,7 @@ def quantize(src: str | Path, out: str | Path, bits: int | None = None, group_si
     source_bytes = {p.outputs[0][0]: p.source_bytes for p in plans}  # progress counts a module at its first tensor
     bar = tqdm(total=totals.bytes_in, unit="B", unit_scale=True, desc=f"quantize {out.name}", disable=not progress)
     done = resumed = resumed_bytes = 0
+    finished: list[bool] = []
     try:
         finished = [folder.has_finished(name, shard) for shard, name in zip(shards, names)]
         left = sum(t.nbytes for shard, ok in zip(shards, finished) if not ok for t in shard)
@@ -192,12 +218,13 @@ def quantize(src: str | Path, out: str | Path, bits: int | None = None, group_si
         folder.finish()
     except BaseException as e:
         bar.leave = False  # a failed run ends with its error line, not a half-full bar
-        folder.remove_unfinished()
+        kept = done > 0 or any(finished)  # something a rerun resumes from; else nothing is left behind
+        folder.remove_unfinished() if kept else folder.remove()
         if isinstance(e, OSError):
-            raise _write_error(e, folder, done, len(shards)) from None
+            raise _write_error(e, folder, done, len(shards), kept) from None
         if isinstance(e, KLError):
-            raise KLError(f"{e} ({done} of {len(shards)} shards are finished in {folder.path}; a rerun resumes "
-                          "after them)") from None
+            raise KLError(f"{e}" + (f" ({done} of {len(shards)} shards are finished in {folder.path}; a rerun "
+                                    "resumes after them)" if kept else "")) from None
         raise
     finally:
         bar.close()
@@ -208,20 +235,28 @@ def quantize(src: str | Path, out: str | Path, bits: int | None = None, group_si
 def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, revision: str | None = None,
                       bits: int | None = None, group_size: int | None = None, symmetric: bool | None = None,
                       scheme: str | None = None, recipe: str | Path | None = None, device: str | None = None,
-                      force: bool = False, max_shard_bytes: int | None = None,
-                      progress: bool = True) -> QuantizeResult:
+                      force: bool = False, max_shard_bytes: int | None = None, progress: bool = True,
+                      allow_split_fused: bool = False) -> QuantizeResult:
     """Pull `model` (a hub repo; a folder that exists locally is used as it is; `tiny` is the bundled model) and
     quantize it into `out` (default ./<model-name>-w4a16, -w8a16 or -nf4). Options are checked before anything
     is downloaded."""
     policy, _ = choose_policy(bits, group_size, symmetric, scheme, recipe)
     out = Path(out) if out is not None else default_out_name(model, policy)
     refuse_existing_out(out, force)
+    looks_like_path = model.startswith((".", "/", "~", os.sep)) or model.count("/") > 1 or Path(model).exists()
+    if looks_like_path and not Path(model).is_dir():
+        raise KLError(f"--model {model}: no such folder (and not a hub repo id like {DEFAULT_REPO}); check the path")
     if model == BUNDLED_NAME or Path(model).is_dir():
         if revision is not None:
             raise KLError(f"--revision {revision} picks a hub revision, but --model {model} is a local folder; "
                           "drop --revision")
         src = resolve_model(model)
     else:
+        if not allow_split_fused:  # a split shows in any Kimi Linear's names: refuse it before a 98 GB download
+            released = [(n, spec.shape) for n, spec in expected_tensors(KimiLinearConfig.from_dict(
+                preset_config("kimi-linear-48b"))).items()]
+            refuse_split_fused(policy.check_against(released), released)
         src = pull(model, revision=revision, progress=progress).path
     return quantize(src, out, bits=bits, group_size=group_size, symmetric=symmetric, scheme=scheme, recipe=recipe,
-                    device=device, force=force, max_shard_bytes=max_shard_bytes, progress=progress)
+                    device=device, force=force, max_shard_bytes=max_shard_bytes, progress=progress,
+                    allow_split_fused=allow_split_fused)

@@ -10,11 +10,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 
-import jinja2
-import jinja2.ext
 import tiktoken
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from klconvert.chat_template import render_chat_template
+from klconvert.config import SIZE_RANGES, KimiLinearConfig
 from klconvert.errors import KLError
 
 BPE_FILE = "tiktoken.model"
@@ -45,26 +44,32 @@ MAX_RUN_CHARS = 25_000
 # can then become a special id; the message text comes back verbatim and is encoded as plain text.
 ESCAPE = 0xF0000
 
-# As transformers renders chat templates: sandboxed, immutable, trim/lstrip blocks, loop controls.
-_TEMPLATE_ENV = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                              extensions=[jinja2.ext.loopcontrols])
+# Bounds on the files, read before anything is built from them. The released tiktoken.model is 2.6 MB; tiktoken
+# builds one regex alternative per special token, 100k of which take 0.8 GB and seconds (the released has 256).
+MAX_BPE_BYTES = 32 << 20
+MAX_TOKENIZER_CONFIG_BYTES = 16 << 20
+MAX_CHAT_TEMPLATE_BYTES = 1 << 20
+MAX_SPECIAL_TOKENS = 8192
 
 
-def _raise_template_exception(message: str) -> None:
-    raise jinja2.TemplateError(message)
+def read_bounded(path: Path, max_bytes: int, what: str) -> bytes:
+    """The bytes of a file the model folder ships, refused past `max_bytes` (read no further)."""
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise KLError(f"{path}: over {max_bytes >> 20} MB, far larger than any model's {what}; re-download the model")
+    return data
 
 
-_TEMPLATE_ENV.globals["raise_exception"] = _raise_template_exception
-
-
-def read_bpe_ranks(path: Path) -> dict[bytes, int]:
-    """tiktoken.model as {token bytes: rank}; the format of tiktoken.load_tiktoken_bpe, checked line by line.
+def read_bpe_ranks(path: Path, vocab_size: int = SIZE_RANGES["vocab_size"][1]) -> dict[bytes, int]:
+    """tiktoken.model as {token bytes: rank}, every rank below `vocab_size`; the format of
+    tiktoken.load_tiktoken_bpe, checked line by line.
 
     load_tiktoken_bpe itself is not used: it copies every file it reads into /tmp/data-gym-cache keyed by
     the path alone, and later serves that copy even after the file at that path has changed.
     """
     try:
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_BPE_BYTES, BPE_FILE)
     except FileNotFoundError:
         raise KLError(f"{path}: no {BPE_FILE} here; point --model at a Kimi Linear checkpoint folder "
                       "or re-download the model") from None
@@ -83,6 +88,10 @@ def read_bpe_ranks(path: Path) -> dict[bytes, int]:
         if not token or rank < 0 or token in ranks:
             problem = "an empty token" if not token else "a negative rank" if rank < 0 else "a repeated token"
             raise KLError(f"{path}: line {line_number} holds {problem}; re-download the model")
+        if rank >= vocab_size or len(ranks) >= vocab_size:
+            problem = f"rank {rank}" if rank >= vocab_size else f"rank number {len(ranks) + 1}"
+            raise KLError(f"{path}: line {line_number} holds {problem}, outside the model's vocabulary of "
+                          f"{vocab_size} ids; the tokenizer is not this model's -- re-download the model")
         ranks[token] = rank
     if len(set(ranks.values())) != len(ranks):
         raise KLError(f"{path}: two tokens share a rank; re-download the model")
@@ -96,32 +105,38 @@ def read_bpe_ranks(path: Path) -> dict[bytes, int]:
 def read_tokenizer_config(path: Path) -> dict:
     """tokenizer_config.json as a dict."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(read_bounded(path, MAX_TOKENIZER_CONFIG_BYTES, CONFIG_FILE).decode("utf-8"))
     except FileNotFoundError:
         raise KLError(f"{path}: no {CONFIG_FILE} here; re-download the model") from None
     except (OSError, UnicodeDecodeError) as e:
         raise KLError(f"{path}: cannot read the tokenizer config ({e}); re-download the model") from None
     except json.JSONDecodeError as e:
         raise KLError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); re-download the model") from None
+    except (RecursionError, ValueError) as e:  # nesting past Python's stack; an int of 4,300+ digits
+        reason = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:80]
+        raise KLError(f"{path}: not a tokenizer config ({reason}); re-download the model") from None
     if not isinstance(config, dict):
         raise KLError(f"{path}: expected a JSON object at the top level; re-download the model")
     return config
 
 
-def read_special_tokens(config: dict, path: Path) -> dict[str, int]:
-    """{content: id} for every entry of the config's added_tokens_decoder."""
+def read_special_tokens(config: dict, path: Path, vocab_size: int = SIZE_RANGES["vocab_size"][1]) -> dict[str, int]:
+    """{content: id} for every entry of the config's added_tokens_decoder, every id below `vocab_size`."""
     decoder = config.get("added_tokens_decoder")
     if not isinstance(decoder, dict) or not decoder:
         raise KLError(f"{path}: no 'added_tokens_decoder' map of special tokens; re-download the model")
     special_tokens: dict[str, int] = {}
     for key, entry in decoder.items():
         content = entry.get("content") if isinstance(entry, dict) else None
-        if not re.fullmatch(r"[0-9]+", key) or not isinstance(content, str) or not content:
+        if not re.fullmatch(r"[0-9]{1,10}", key) or not isinstance(content, str) or not content:
             raise KLError(f"{path}: added_tokens_decoder entry {key!r} is not '<id>': {{\"content\": \"<text>\"}}; "
                           "fix the file or re-download the model")
         if content in special_tokens:
             raise KLError(f"{path}: special token {content!r} appears twice in added_tokens_decoder (ids "
                           f"{special_tokens[content]} and {key}); fix the file or re-download the model")
+        if int(key) >= vocab_size:
+            raise KLError(f"{path}: added_tokens_decoder gives {content!r:.40} the id {key}, outside the model's "
+                          f"vocabulary 0..{vocab_size - 1}; fix the file or re-download the model")
         special_tokens[content] = int(key)
     return special_tokens
 
@@ -158,6 +173,7 @@ class Tokenizer:
                  eos_token: str, pad_token: str | None, chat_template: str | None, chat_template_path: Path):
         self._encoding = encoding
         self._special_tokens = MappingProxyType(dict(special_tokens))
+        self._special_ids = frozenset(special_tokens.values())
         self._bos_token, self._eos_token, self._pad_token = bos_token, eos_token, pad_token
         self._chat_template = chat_template
         self._chat_template_path = chat_template_path
@@ -171,14 +187,20 @@ class Tokenizer:
         self._unescape_pattern = re.compile(f"{chr(ESCAPE)}([{first_code}-{last_code}])")
 
     @classmethod
-    def from_folder(cls, path: str | Path) -> Tokenizer:
+    def from_folder(cls, path: str | Path, vocab_size: int | None = None) -> Tokenizer:
+        """The folder's tokenizer, every id below `vocab_size` (default: the folder's config.json vocab_size, or
+        klconvert's largest where the folder has no config.json)."""
         folder = Path(path)
         if not folder.is_dir():
             raise KLError(f"{folder}: not a folder; point --model at a Kimi Linear checkpoint folder")
+        if vocab_size is None:
+            has_config = (folder / "config.json").is_file()
+            vocab_size = (KimiLinearConfig.from_file(folder / "config.json").vocab_size if has_config
+                          else SIZE_RANGES["vocab_size"][1])
         bpe_path, config_path = folder / BPE_FILE, folder / CONFIG_FILE
-        ranks = read_bpe_ranks(bpe_path)
+        ranks = read_bpe_ranks(bpe_path, vocab_size)
         config = read_tokenizer_config(config_path)
-        special_tokens = read_special_tokens(config, config_path)
+        special_tokens = read_special_tokens(config, config_path, vocab_size)
         rank_ids = set(ranks.values())
         for text, token_id in special_tokens.items():
             if token_id in rank_ids:
@@ -187,6 +209,11 @@ class Tokenizer:
         # Ids below the largest that neither file names get the released tokenizer's placeholder name, so that
         # any id the model can produce decodes (some Kimi configs list only the named specials).
         taken_ids = rank_ids | set(special_tokens.values())
+        specials = max(taken_ids) + 1 - len(ranks)  # named, and unnamed ids below the largest
+        if specials > MAX_SPECIAL_TOKENS:
+            raise KLError(f"{config_path}: {specials:,} of the ids up to {max(taken_ids)} are not BPE ranks and would "
+                          f"all be special tokens, over the {MAX_SPECIAL_TOKENS:,} klconvert takes (the released "
+                          "model has 256); fix the file or re-download the model")
         for token_id in range(max(taken_ids) + 1):
             if token_id not in taken_ids:
                 special_tokens.setdefault(f"<|reserved_token_{token_id}|>", token_id)
@@ -198,7 +225,8 @@ class Tokenizer:
         chat_template_path = folder / CHAT_TEMPLATE_FILE
         if chat_template_path.is_file():
             try:
-                chat_template = chat_template_path.read_text(encoding="utf-8")
+                chat_template = read_bounded(chat_template_path, MAX_CHAT_TEMPLATE_BYTES,
+                                             CHAT_TEMPLATE_FILE).decode("utf-8")
             except (OSError, UnicodeDecodeError) as e:
                 raise KLError(f"{chat_template_path}: cannot read the chat template ({e}); "
                               "fix the file or re-download the model") from None
@@ -236,6 +264,11 @@ class Tokenizer:
         return None if self._pad_token is None else self._special_tokens[self._pad_token]
 
     @property
+    def special_ids(self) -> frozenset[int]:
+        """Every special id (named or reserved): what `run` leaves out of its text unless --show-special."""
+        return self._special_ids
+
+    @property
     def stop_ids(self) -> frozenset[int]:
         """Ids that end a generated turn: the eos token and <|im_end|>."""
         stop_ids = {self.eos_id}
@@ -257,14 +290,9 @@ class Tokenizer:
         if self._chat_template is None:
             raise KLError(f"{self._chat_template_path}: no chat_template (nor {CHAT_TEMPLATE_FILE}) in this "
                           "folder; send the prompt as plain text or use a checkpoint that ships a chat template")
-        try:
-            rendered = _TEMPLATE_ENV.from_string(self._chat_template).render(
-                messages=self._escape(messages), add_generation_prompt=True,
-                bos_token=self._bos_token, eos_token=self._eos_token)
-        except Exception as e:  # a template is a program: whatever it raises is the template's fault
-            reason = " ".join(str(e).split())  # jinja may quote the template over several lines
-            raise KLError(f"{self._chat_template_path}: chat_template failed to render ({type(e).__name__}: "
-                          f"{reason}); fix the template or send the prompt as plain text") from None
+        rendered = render_chat_template(self._chat_template, str(self._chat_template_path),
+                                        messages=self._escape(messages), add_generation_prompt=True,
+                                        bos_token=self._bos_token, eos_token=self._eos_token)
         ids: list[int] = []
         for index, part in enumerate(self._special_split.split(rendered)):  # [text, special, text, ...]
             if index % 2:

@@ -57,7 +57,7 @@ def _int_parts(packed: Packed, name: str, device: torch.device) -> dict[str, tor
 
 
 def _packed_linear(packed: Packed, name: str, scheme: QuantScheme, device: torch.device):
-    from klconvert.kernels import repack_int_weight
+    from klconvert.kernels.int_linear import repack_int_weight
 
     p = _int_parts(packed, name, device)
     return repack_int_weight(p["weight_packed"], p["weight_scale"], p.get("weight_zero_point"), p["weight_shape"],
@@ -70,22 +70,13 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _swap_packed(model: M.KimiLinear, packed: Packed, held: dict[str, QuantScheme], device: torch.device) -> None:
-    """Replace every held Linear, ParallelLinear group and Experts stack with its Triton module."""
-    from klconvert import kernels as K
-    from klconvert.kernels.int_linear import ROWS
+    """Replace every held Linear and Experts stack with its Triton module."""
+    from klconvert.kernels.fused_moe import repack_moe_experts
     from klconvert.runtime.kernel_modules import FusedExperts, PackedIntLinear, SharedInStack
 
     c = model.config
     for name, module in list(model.named_modules()):
-        if isinstance(module, M.ParallelLinear):
-            weights = [M.canonical_names(c, f"{name}.{child}.weight")[0][0] for child, _ in module.named_children()]
-            found = {held.get(w) for w in weights}
-            rows_align = all(m.weight.shape[0] % ROWS == 0 for m in module.children())
-            if len(found) == 1 and None not in found and rows_align:   # one kernel over the stacked rows
-                s = found.pop()
-                _replace(model, name, PackedIntLinear(K.concat_packed_linears(
-                    [_packed_linear(packed, w, s, device) for w in weights])))
-        elif isinstance(module, M.Linear):
+        if isinstance(module, M.Linear):
             weight = M.canonical_names(c, f"{name}.weight")[0][0]
             if weight in held:
                 _replace(model, name, PackedIntLinear(_packed_linear(packed, weight, held[weight], device)))
@@ -99,12 +90,58 @@ def _swap_packed(model: M.KimiLinear, packed: Packed, held: dict[str, QuantSchem
                        for e in range(c.num_experts)]
             shared = _shared_names(prefix)
             stack_shared = all(held.get(n) == s for n in shared.values())
-            stacked = K.repack_moe_experts(
+            stacked = repack_moe_experts(
                 experts, shared={p: _int_parts(packed, n, device) for p, n in shared.items()} if stack_shared else None,
                 bits=s.bits, group_size=None if s.group_size == -1 else s.group_size)
             _replace(model, name, FusedExperts(stacked))
             if stack_shared:  # the fused kernel carries it: no separate copy
                 model.get_submodule(prefix).shared_experts = SharedInStack()
+
+
+class StackedLinear(nn.Module):
+    """A ParallelLinear group restacked: one module per part (a packed kernel per scheme, one dense matmul for
+    the rest), outputs side by side in `order`."""
+
+    def __init__(self, parts: list[nn.Module], order: list[str], sizes: dict[str, int]):
+        super().__init__()
+        self.parts, self.order, self.sizes = nn.ModuleList(parts), order, sizes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.parts) == 1:
+            return self.parts[0](x)
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+def _stack_groups(model: M.KimiLinear) -> None:
+    """Each ParallelLinear becomes a StackedLinear: its packed members that stack (same format, whole row blocks)
+    as one packed kernel, its dense members as one matmul; fewer launches per token, the same outputs."""
+    for name, group in list(model.named_modules()):
+        if not isinstance(group, M.ParallelLinear):
+            continue
+        runs: dict[tuple, list[str]] = {}
+        for member in group.order:
+            m = getattr(group, member)
+            p = getattr(m, "packed", None)
+            rows_block = None if p is None else p.qweight.shape[2]   # packed rows per block: no padding between
+            key = ("dense",) if p is None else \
+                (p.k, p.bits, p.group_size, p.zeros is None) if p.n % rows_block == 0 else ("alone", member)
+            runs.setdefault(key, []).append(member)
+        parts, order = [], []
+        for key, members in runs.items():
+            modules = [getattr(group, m) for m in members]
+            if key == ("dense",):
+                stacked = M.Linear(0, 0)
+                stacked.weight = nn.Parameter(torch.cat([m.weight for m in modules]), requires_grad=False)
+                parts.append(stacked if len(modules) > 1 else modules[0])
+            elif len(modules) > 1:
+                from klconvert.kernels.int_linear import concat_packed_linears
+                from klconvert.runtime.kernel_modules import PackedIntLinear
+
+                parts.append(PackedIntLinear(concat_packed_linears([m.packed for m in modules])))
+            else:
+                parts.append(modules[0])
+            order += members
+        _replace(model, name, StackedLinear(parts, order, group.sizes))
 
 
 def _fill(model: M.KimiLinear, read: Read, device: torch.device, dtype: torch.dtype) -> None:
@@ -129,24 +166,31 @@ def _fill(model: M.KimiLinear, read: Read, device: torch.device, dtype: torch.dt
 
 
 def bind(model: M.KimiLinear, read: Read, packed: Packed | None, held: dict[str, QuantScheme],
-         device: torch.device, dtype: torch.dtype, triton: bool) -> M.KimiLinear:
+         device: torch.device, dtype: torch.dtype, triton: bool, restack: bool = True) -> M.KimiLinear:
     """Fill `model` in place: `held` (from packed_choice) stays packed, the rest is read dense; with `triton`
-    the KDA step and the latent attention become their fused kernels. Returns the model."""
+    the KDA step and the latent attention become their fused kernels; with `restack` (inference) each group of
+    projections that read the same input becomes one matmul per format (training keeps the declared modules,
+    whose parameters carry the checkpoint's names). Returns the model."""
     if held:
         _swap_packed(model, packed, held, device)
     _fill(model, read, device, dtype)
+    if restack:
+        _stack_groups(model)
     if triton:
-        _swap_fused(model)
+        _swap_fused(model, latent_kernel=dtype != torch.float32)
     return model.eval()
 
 
-def _swap_fused(model: M.KimiLinear) -> None:
-    """The weight-less decode modules and the small ones whose PyTorch form is many launches."""
-    from klconvert.runtime.kernel_modules import FusedKDAStep, FusedRMSNorm, FusedRouter
+def _swap_fused(model: M.KimiLinear, latent_kernel: bool) -> None:
+    """The weight-less decode modules and the small ones whose PyTorch form is many launches. latent_kernel: the
+    cache is bf16 or e4m3 (what the Triton latent attention reads), not fp32."""
+    from klconvert.runtime.kernel_modules import FusedKDAStep, FusedRMSNorm, FusedRouter, TritonLatentAttention
 
     for name, module in list(model.named_modules()):
         if isinstance(module, M.KDAMixer):
             module.step = FusedKDAStep(module)
+        elif isinstance(module, M.MLAMixer) and latent_kernel:
+            module.attend = TritonLatentAttention()
         elif isinstance(module, M.RMSNorm):
             _replace(model, name, FusedRMSNorm(module))
         elif isinstance(module, M.Router) and model.config.num_expert_group == 1:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,6 +23,7 @@ from klconvert.runtime.sampling import sample
 from klconvert.runtime.state import FP8
 from klconvert.runtime.weights import HeldPacked, Packed, use_triton
 
+SMALL_MODEL_HIDDEN = 1024  # below this hidden size, CPU decode runs on one thread (see Engine._small_model_threads)
 MAX_TOKENS_IN_FLIGHT = 8  # decode steps the host may run ahead of the tokens it has seen (stop checks lag so)
 CACHE_DTYPES = {"bfloat16": torch.bfloat16, "float8_e4m3fn": FP8}
 
@@ -54,10 +56,9 @@ class _TokenStream:
     """New tokens copied to the host asynchronously (pinned buffers + events): the host hands them on as they
     land, at most MAX_TOKENS_IN_FLIGHT steps behind the device, without a sync per token."""
 
-    def __init__(self, batch: int, device: torch.device):
+    def __init__(self, device: torch.device):
         self.pending: deque = deque()
         self.cuda = device.type == "cuda"
-        self.batch = batch
 
     def push(self, token: torch.Tensor) -> None:
         if not self.cuda:
@@ -103,21 +104,34 @@ class Engine:
                           f"{config.model_max_length}; lower --max-context (or shorten the prompt)")
         self.model = KimiLinear(config, biased_router_weights=biased_router_weights)
         held = packed_choice(self.model, stored_schemes or {}, self.triton)
-        limit = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-        cache_dtype = mla_cache_dtype or dtype
-        self.plan = MemoryPlan(config, batch=batch, context=context,
-                               weight_bytes=weight_bytes(config, dtype, HeldPacked(held)), act_dtype=dtype,
-                               mla_cache_dtype=cache_dtype, memory_limit=limit)
-        if limit is not None and self.plan.total > limit:
-            fit = self.plan.largest_context()
-            raise KLError(f"the plan needs {self.plan.total / 2**30:.1f} GiB but {device} has {limit / 2**30:.1f} GiB; "
+        self.weight_bytes = weight_bytes(config, dtype, HeldPacked(held))
+        self._plan_state(context, batch, mla_cache_dtype or dtype, allocate=False)
+        bind(self.model, read, packed, held, device, dtype, self.triton)
+        self.cuda_graph = cuda_graph and self.triton and device.type == "cuda"
+        self.resize(context, batch, mla_cache_dtype or dtype)
+        self.stats = GenerationStats()
+
+    def _plan_state(self, context: int, batch: int, mla_cache_dtype: torch.dtype, allocate: bool) -> None:
+        """Size (and with `allocate`, allocate) the state for this context and batch; refuse what does not fit."""
+        limit = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
+        plan = MemoryPlan(self.config, batch=batch, context=context, weight_bytes=self.weight_bytes,
+                          act_dtype=self.dtype, mla_cache_dtype=mla_cache_dtype, memory_limit=limit)
+        if limit is not None and plan.total > limit:
+            fit = plan.largest_context()
+            raise KLError(f"the plan needs {plan.total / 2**30:.1f} GiB but {self.device} has {limit / 2**30:.1f} GiB; "
                           + (f"lower --max-context to {fit} or less" if fit else
                              "the weights alone do not fit: use a quantized model (klconvert quantize --bits 4)"))
-        bind(self.model, read, packed, held, device, dtype, self.triton)
-        self.state = self.plan.allocate(device)
-        self.cuda_graph = cuda_graph and self.triton and device.type == "cuda"
+        self.plan = plan
+        if allocate:
+            self.state = plan.allocate(self.device)
+
+    def resize(self, context: int, batch: int, mla_cache_dtype: torch.dtype | None = None) -> None:
+        """A new memory plan for the same weights: state and cache reallocated (once), decode steps re-captured."""
         self._steps: dict[int, DecodeStep] = {}
-        self.stats = GenerationStats()
+        self.state = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self._plan_state(context, batch, mla_cache_dtype or self.plan.mla_cache_dtype, allocate=True)
 
     # ---- checks ----------------------------------------------------------------------------------
     def _as_batch(self, input_ids) -> torch.Tensor:
@@ -200,21 +214,46 @@ class Engine:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else torch.seed())
         step = self.decoder(B)
-
         t0 = time.perf_counter()
-        last = torch.cat([self._prefill(s.view(1, -1), self.state.rows(b, b + 1), all_logits=False)[:, -1]
-                          for b, s in enumerate(seqs)])                         # [B, vocab]
+        with self._small_model_threads():
+            last = torch.cat([self._prefill(s.view(1, -1), self.state.rows(b, b + 1), all_logits=False)[:, -1]
+                              for b, s in enumerate(seqs)])                     # [B, vocab]
+        step.positions.copy_(torch.tensor([len(s) for s in seqs], device=self.device))
+        _sync(self.device)
+        self.stats.prefill_seconds = time.perf_counter() - t0
+        return self.decode_loop(step, last, max_new_tokens, temperature, top_p, generator, stop_ids, on_token)
+
+    @contextmanager
+    def _small_model_threads(self):
+        """On the CPU, a small model runs on one intra-op thread: its ops are too small to split, and idle-spinning
+        workers cost more than they save (decode 89 vs 0.7 tokens/s for the bundled model on a loaded 2-core
+        machine). Restored afterwards."""
+        if self.device.type != "cpu" or self.config.hidden_size >= SMALL_MODEL_HIDDEN:
+            yield
+            return
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+    def decode_loop(self, step: DecodeStep, logits: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                    top_p: float = 1.0, generator: torch.Generator | None = None,
+                    stop_ids: frozenset[int] = frozenset(),
+                    on_token: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """From the logits after each sequence's last token (step.positions at the next free position), sample
+        and run decode steps; the host never waits for the device except to hand tokens on (async copies, at
+        most MAX_TOKENS_IN_FLIGHT steps behind). Returns the new ids [B, n] on the CPU; fills self.stats."""
+        B = logits.shape[0]
+        t0 = time.perf_counter()
         stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
-        token = sample(last, temperature, top_p, generator)
+        token = sample(logits, temperature, top_p, generator)
         done = torch.isin(token, stop)
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=self.device)
         out[:, 0] = token
-        step.positions.copy_(torch.tensor([len(s) for s in seqs], device=self.device))
-        stream, stopped = _TokenStream(B, self.device), [False] * B
+        stream, stopped = _TokenStream(self.device), [False] * B
         stream.push(token)
-        _sync(self.device)
-        t1 = time.perf_counter()
-        self.stats.prefill_seconds = t1 - t0
 
         def hand_on(rows: list[list[int]]) -> None:
             for row in rows:
@@ -226,20 +265,21 @@ class Engine:
 
         n = 1
         hand_on(stream.landed())
-        while n < max_new_tokens and not all(stopped):
-            step.tokens.copy_(token)
-            logits = step.step()
-            token = torch.where(done, token, sample(logits, temperature, top_p, generator))
-            done |= torch.isin(token, stop)
-            step.positions += 1
-            out[:, n] = token
-            stream.push(token)
-            n += 1
-            hand_on(stream.landed())
+        with self._small_model_threads():
+            while n < max_new_tokens and not all(stopped):
+                step.tokens.copy_(token)
+                logits = step.step()
+                token = torch.where(done, token, sample(logits, temperature, top_p, generator))
+                done |= torch.isin(token, stop)
+                step.positions += 1
+                out[:, n] = token
+                stream.push(token)
+                n += 1
+                hand_on(stream.landed())
         hand_on(stream.landed(wait=True))
         _sync(self.device)
-        self.stats.decode_seconds = time.perf_counter() - t1
-        self.stats.steps = n - 1
+        self.stats.decode_seconds = time.perf_counter() - t0
+        self.stats.steps, self.stats.batch = n - 1, B
         self.stats.new_tokens = n * B
         return out[:, :n].cpu()
 

@@ -7,16 +7,12 @@ and an fp32 state S [B, H, K, V] holding sum_s k_s u_s^T. Per token:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-CHUNK = 64
+from klconvert.kernels.naive_kda import kda_gate
 
+__all__ = ["CHUNK", "kda_chunked", "kda_gate", "kda_step", "l2norm"]
 
-def kda_gate(g_raw: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
-    """Per-channel log decay: -exp(A_log[h]) * softplus(g_raw + dt_bias), fp32. g_raw [..., H, K]."""
-    H, K = g_raw.shape[-2:]
-    x = g_raw.float() + dt_bias.float().view(H, K)
-    return -A_log.float().view(H, 1).exp() * F.softplus(x, beta=1.0, threshold=20.0)
+CHUNK = 64  # tokens per chunk of the prefill form (the memory plan sizes its pairwise-decay temporary from it)
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -41,8 +37,8 @@ def kda_chunked(q, k, v, g, beta, state, chunk: int = CHUNK):
 
     q, k, g [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]; state [B, H, K, V] fp32, the state before the first
     token (not modified). Returns (o [B, T, H, V] fp32, the state after the last token). Nothing is updated in
-    place, so the same code trains (autograd) and prefills. Within a chunk, with G the cumulative log decay and D[t, s] = exp(G_t - G_s)
-    (t >= s, so never above 1):
+    place, so the same code trains (autograd) and prefills.
+    Within a chunk, with G the cumulative log decay and D[t, s] = exp(G_t - G_s) (t >= s, so never above 1):
         (I + A) U = beta * (V - (K * exp(G)) S0),  A[t, s] = beta_t sum_i k_t,i k_s,i D[t, s, i]  (s < t)
         O = (Q * exp(G)) S0 + (sum_i q_t,i k_s,i D[t, s, i])_{s <= t} U
         S = exp(G_last) * S0 + (K * exp(G_last - G))^T U

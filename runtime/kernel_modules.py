@@ -6,19 +6,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from klconvert import kernels as K
+from klconvert.kernels.fused_moe import PackedExperts, fused_moe
+from klconvert.kernels.int_linear import PackedLinear, int_linear
+from klconvert.kernels.kda_decode import kda_layer_step
+from klconvert.kernels.mla_decode import mla_decode
+from klconvert.kernels.moe_route import moe_route, moe_router, moe_router_locks
+from klconvert.kernels.rms_norm import add_rms_norm
 
 
 class PackedIntLinear(nn.Module):
     """y = x W^T with W held packed (int4/int8 groups); one kernel for a whole ParallelLinear group, whose rows
     are stacked in the group's order."""
 
-    def __init__(self, packed: K.PackedLinear):
+    def __init__(self, packed: PackedLinear):
         super().__init__()
         self.packed = packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return K.int_linear(x, self.packed)
+        return int_linear(x, self.packed)
 
 
 class FusedRMSNorm(nn.Module):
@@ -29,26 +34,33 @@ class FusedRMSNorm(nn.Module):
         self.weight, self.eps = norm.weight, norm.eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return K.add_rms_norm(x, None, self.weight, self.eps)[1]
+        return add_rms_norm(x, None, self.weight, self.eps)[1]
 
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return K.add_rms_norm(x, residual, self.weight, self.eps)
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class FusedRouter(nn.Module):
-    """Router: the fp32 router GEMV, then sigmoid + bias + top-k + renormalize in one launch (ungrouped)."""
+    """Router: for up to FUSED_ROUTER_TOKENS tokens the fp32 router GEMV and the top-k in one launch; above, the
+    GEMV through cuBLAS, then sigmoid + bias + top-k + renormalize in one launch (ungrouped)."""
+
+    FUSED_ROUTER_TOKENS = 16
 
     def __init__(self, router: nn.Module):
         super().__init__()
         c = router.c
         self.weight, self.bias = router.weight, router.e_score_correction_bias
+        self.locks = moe_router_locks(self.FUSED_ROUTER_TOKENS, router.weight.device)
         self.k, self.scaling, self.renorm, self.biased = (c.num_experts_per_token, c.routed_scaling_factor,
                                                           c.moe_renormalize, router.biased)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[0] <= self.FUSED_ROUTER_TOKENS:
+            return moe_router(x, self.weight, self.bias, self.k, self.scaling, self.locks, renormalize=self.renorm,
+                              biased_weights=self.biased)
         logits = torch.nn.functional.linear(x.float(), self.weight)
-        return K.moe_route(logits, self.bias, self.k, self.scaling, renormalize=self.renorm,
-                           biased_weights=self.biased)
+        return moe_route(logits, self.bias, self.k, self.scaling, renormalize=self.renorm,
+                         biased_weights=self.biased)
 
 
 class FusedKDAStep(nn.Module):
@@ -61,19 +73,19 @@ class FusedKDAStep(nn.Module):
         self.o_norm, self.eps = mixer.o_norm.weight.float(), mixer.eps
 
     def forward(self, m, qkv, g_raw, beta_raw, gate_raw, tail, S) -> torch.Tensor:
-        return K.kda_layer_step(qkv, tail, self.conv, g_raw, beta_raw, gate_raw, S, A_log=self.A_log,
+        return kda_layer_step(qkv, tail, self.conv, g_raw, beta_raw, gate_raw, S, A_log=self.A_log,
                                 dt_bias=self.dt_bias, o_norm_weight=self.o_norm, eps=self.eps)
 
 
 class FusedExperts(nn.Module):
     """The routed experts (and the shared one, when it is stacked in) through kernels.fused_moe."""
 
-    def __init__(self, packed: K.PackedExperts):
+    def __init__(self, packed: PackedExperts):
         super().__init__()
         self.packed = packed
 
     def forward(self, x, ids, weights, shared: nn.Module) -> torch.Tensor:
-        y = K.fused_moe(x, ids, weights, self.packed)
+        y = fused_moe(x, ids, weights, self.packed)
         return y if self.packed.has_shared else y + shared(x)
 
 
@@ -82,3 +94,10 @@ class SharedInStack(nn.Module):
 
     def forward(self, x):
         raise RuntimeError("the shared expert runs inside FusedExperts")
+
+
+class TritonLatentAttention(nn.Module):
+    """LatentAttention through kernels.mla_decode (split over the sequence; bf16 or e4m3 cache)."""
+
+    def forward(self, q_lat, q_rope, cache, lengths, scale, cache_scale=None) -> torch.Tensor:
+        return mla_decode(q_lat, q_rope, cache, lengths.to(torch.int32), scale, cache_scale)

@@ -13,13 +13,14 @@ import torch
 
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.config import KimiLinearConfig
+from klconvert.quant.stored import stored_parts
+from klconvert.runtime.kda import CHUNK
 from klconvert.runtime.state import FP8, StateBuffers
 from klconvert.runtime.weights import held_in_fp32
 
 if TYPE_CHECKING:
     from klconvert.quant import Policy, QuantScheme
 
-CHUNK = 64              # KDA prefill chunk
 PREFILL_SEGMENT = 2048  # prompt tokens run through the model at once
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float8_e4m3fn: 1}
 WEIGHT_CATEGORIES = ("embedding", "lm_head", "attention", "kda_small", "experts", "shared_experts", "dense_mlp",
@@ -132,27 +133,14 @@ class MemoryPlan:
         )
 
 
-NF4_CODE_BOOKS = (16 + 256) * 4           # bitsandbytes' quant_map and nested_quant_map, fp32, per module
+HOST_PARTS = ("weight_shape",)  # metadata read into Python at load, never held on the device
 
 
 def stored_bytes(shape: tuple[int, ...], scheme: QuantScheme, dtype: torch.dtype) -> int:
-    """Bytes of one [out, in] weight stored with `scheme`, sized as the tensors the converter writes.
-
-    int (compressed-tensors pack-quantized): weight_packed int32 [out, ceil(in*bits/32)], weight_scale
-    `dtype` [out, groups], and when asymmetric weight_zero_point int32 [ceil(out*bits/32), groups].
-    nf4 (bitsandbytes, double-quantized): 4-bit values, a uint8 absmax per block of 64, an fp32 absmax
-    per 256 of those, and the two code books. Metadata (weight_shape, bnb's JSON quant state) is read
-    into Python at load, not held on the device, and is not counted.
-    """
-    out, n_in = shape
-    if scheme.kind == "nf4":
-        blocks = out * n_in // scheme.group_size
-        return out * n_in // 2 + blocks + -(-blocks // 256) * 4 + NF4_CODE_BOOKS
-    groups = 1 if scheme.group_size == -1 else n_in // scheme.group_size
-    size = out * -(-n_in * scheme.bits // 32) * 4 + out * groups * DTYPE_BYTES[dtype]
-    if not scheme.symmetric:
-        size += -(-out * scheme.bits // 32) * 4 * groups
-    return size
+    """Bytes of one [out, in] weight stored with `scheme` (scales in `dtype`), summed over the parts the converter
+    writes (quant.stored) that stay on the device: not weight_shape, nor bitsandbytes' JSON quant state."""
+    return sum(math.prod(s) * d.itemsize for part, d, s in stored_parts(shape, dtype, scheme)
+               if part not in HOST_PARTS)
 
 
 def weight_bytes(config: KimiLinearConfig, dtype: torch.dtype, policy: Policy | None = None) -> dict[str, int]:

@@ -70,16 +70,29 @@ class Weight(nn.Module):
 
 
 class ParallelLinear(nn.Module):
-    """Several linears that read the same input, returned as one tensor [..., sum(out)]; bind may replace the
-    group with one packed kernel over the stacked rows."""
+    """Several linears that read the same input, as one output [..., sum(out)] whose columns follow `order`;
+    bind restacks the group (one packed kernel per scheme, one dense matmul for the rest) and sets `order`."""
 
     def __init__(self, n_in: int, outs: dict[str, int]):
         super().__init__()
+        self.order, self.sizes = list(outs), dict(outs)
         for name, n_out in outs.items():
             self.add_module(name, Linear(n_in, n_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([m(x) for m in self.children()], dim=-1)
+        return torch.cat([getattr(self, name)(x) for name in self.order], dim=-1)
+
+
+def take(group: nn.Module, y: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """The columns of `names` (in that order) from a ParallelLinear-like group's output: a view when they sit
+    side by side in the group's order, else a copy."""
+    starts, at = {}, 0
+    for name in group.order:
+        starts[name], at = at, at + group.sizes[name]
+    first, width = starts[names[0]], sum(group.sizes[n] for n in names)
+    if all(starts[n] == first + sum(group.sizes[m] for m in names[:i]) for i, n in enumerate(names)):
+        return y[..., first:first + width]
+    return torch.cat([y[..., starts[n]:starts[n] + group.sizes[n]] for n in names], dim=-1)
 
 
 def swiglu(x, gate, up, down):
@@ -119,8 +132,9 @@ class KDAMixer(nn.Module):
 
     def project(self, x: torch.Tensor):
         """x [..., D] -> qkv [..., 3HK], g_raw [..., HK], beta_raw [..., H], gate_raw [..., HK]."""
-        H, K = self.H, self.K
-        qkv, f_a, g_a, beta_raw = self.in_proj(x).split([3 * H * K, K, K, H], dim=-1)
+        y = self.in_proj(x)
+        qkv = take(self.in_proj, y, ["q_proj", "k_proj", "v_proj"])
+        f_a, g_a, beta_raw = (take(self.in_proj, y, [n]) for n in ("f_a_proj", "g_a_proj", "b_proj"))
         return qkv, self.f_b_proj(f_a), beta_raw, self.g_b_proj(g_a)
 
     def short_conv(self, x: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
@@ -202,7 +216,8 @@ class MLAMixer(nn.Module):
 
     def project(self, x: torch.Tensor):
         """x [..., D] -> q [..., H, dn+dr], cache rows [..., r+dr] (normed latent, shared key)."""
-        q, kv = self.in_proj(x).split([self.H * (self.dn + self.dr), self.r + self.dr], dim=-1)
+        y = self.in_proj(x)
+        q, kv = take(self.in_proj, y, ["q_proj"]), take(self.in_proj, y, ["kv_a_proj_with_mqa"])
         latent, k_shared = kv.split([self.r, self.dr], dim=-1)
         rows = torch.cat([self.kv_a_layernorm(latent), k_shared], dim=-1)
         return q.unflatten(-1, (self.H, self.dn + self.dr)), rows
@@ -410,6 +425,6 @@ def canonical_names(c: KimiLinearConfig, param_name: str) -> list[tuple[str, tup
         return [(name, ())]
     I = c.moe_intermediate_size
     if tail == "w13":
-        return [piece for e in range(c.num_experts) for piece in
-                ((f"{head}.experts.{e}.w1.weight", (e, slice(0, I))), (f"{head}.experts.{e}.w3.weight", (e, slice(I, 2 * I))))]
+        gate_up = (("w1", slice(0, I)), ("w3", slice(I, 2 * I)))
+        return [(f"{head}.experts.{e}.{w}.weight", (e, rows)) for e in range(c.num_experts) for w, rows in gate_up]
     return [(f"{head}.experts.{e}.w2.weight", (e,)) for e in range(c.num_experts)]

@@ -7,11 +7,12 @@ from pathlib import Path
 import torch
 
 from klconvert.checkpoint.name_map import expected_tensors
+from klconvert.checkpoint.size_bounds import check_model_size
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
+from klconvert.presets import preset_config
 from klconvert.quant import Recipe, load_recipe, policy_from_options
 from klconvert.runtime.memory_plan import MemoryPlan, weight_bytes
-from klconvert.synth.presets import preset_config
 
 DEFAULT_CONTEXT = 131072
 MLA_CACHE_DTYPES = {"bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn}
@@ -21,12 +22,13 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k
           "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
-def parse_size(text: str) -> int:
-    """'80GiB', '24GB', '141G' (binary), '1000000' -> bytes."""
+def parse_size(text: str, flag: str = "--gpu-memory") -> int:
+    """'80GiB', '24GB', '141G' (binary), '1000000' -> bytes; `flag` names the option in the error."""
     m = _SIZE.match(text)
-    if not m:
-        raise KLError(f"--gpu-memory {text!r}: give a size like 80GiB, 24GB or 141G")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    size = float(m.group(1)) * _UNITS[m.group(2).lower()] if m else None
+    if size is None or not size < 2**64:  # inf from a 400-digit number included
+        raise KLError(f"{flag} {text[:40]!r}: give a size like 80GiB, 24GB or 141G")
+    return int(size)
 
 
 def _dtype_named(name: str, choices: dict[str, torch.dtype], what: str) -> torch.dtype:
@@ -67,6 +69,7 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
             recipe = Path(model) / "recipe.yaml"
     else:
         config = KimiLinearConfig.from_dict(preset_config(preset, layers), where=f"preset {preset}")
+    check_model_size(config, str(Path(model) / "config.json") if model is not None else f"preset {preset}")
     if isinstance(recipe, (str, Path)):
         recipe = load_recipe(recipe)
     if recipe is not None:  # every target must select a tensor of this model: a typo is an error, not a no-op
@@ -80,8 +83,15 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
         memory_limit = _memory_bytes(settings["gpu_memory"], where)
     cache_name = mla_cache_dtype or settings.get("mla_cache_dtype", "bfloat16")
     state_name = kda_state_dtype or settings.get("kda_state_dtype", "float32")
+    if context is None and "max_context" in settings:
+        context, asked = settings["max_context"], f"{where}: runtime.max_context {settings['max_context']}"
+    else:
+        asked = f"--max-context {context}"
+    if context is not None and context > config.model_max_length:
+        raise KLError(f"{asked} is over the model's model_max_length {config.model_max_length:,}; plan for "
+                      f"{config.model_max_length:,} tokens or fewer")
     return MemoryPlan(config, batch=batch or settings.get("batch", 1),
-                      context=context or settings.get("max_context", DEFAULT_CONTEXT),
+                      context=context or min(DEFAULT_CONTEXT, config.model_max_length),
                       weight_bytes=weight_bytes(config, dtype, policy), act_dtype=dtype,
                       kda_state_dtype=_dtype_named(state_name, KDA_STATE_DTYPES, f"{where}: KDA state dtype"),
                       mla_cache_dtype=_dtype_named(cache_name, MLA_CACHE_DTYPES, f"{where}: MLA cache dtype"),
@@ -104,7 +114,8 @@ def render_plan(p: MemoryPlan, title: str) -> str:
             rows.append((f"  weights: {category}", _size(n)))
     rows += [
         ("weights total", _size(p.weights)),
-        ("KDA recurrent state / sequence", f"{_size(p.kda_state_bytes_per_seq)} ({p.kda_state_bytes_per_seq / 1e6:.1f} MB)"),
+        ("KDA recurrent state / sequence",
+         f"{_size(p.kda_state_bytes_per_seq)} ({p.kda_state_bytes_per_seq / 1e6:.1f} MB)"),
         ("KDA conv tails / sequence", _size(p.conv_bytes_per_seq)),
         (f"state x batch {p.batch}", _size(p.state_bytes)),
         ("MLA latent cache / token", f"{p.mla_bytes_per_token:,} B"),

@@ -6,15 +6,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from klconvert.kernels.naive_mla import quantize_mla_cache_rows
+
 FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0          # the largest finite e4m3 value
-FP8_MIN_SCALE = 1e-12    # an all-zero row still gets a usable scale
-
-
-def quantize_latent_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """rows [..., W] -> (e4m3 values [..., W], fp32 scale [...]) with value ~= e4m3 * scale, one scale per row."""
-    scale = (rows.float().abs().amax(-1) / FP8_MAX).clamp_min(FP8_MIN_SCALE)
-    return (rows.float() / scale[..., None]).to(FP8), scale
 
 
 @dataclass
@@ -54,7 +48,7 @@ class StateBuffers:
         if self.mla_scale is None:
             self.mla_cache[slot][:, positions] = rows.to(self.mla_cache.dtype)
         else:
-            self.mla_cache[slot][:, positions], self.mla_scale[slot][:, positions] = quantize_latent_rows(rows)
+            self.mla_cache[slot][:, positions], self.mla_scale[slot][:, positions] = quantize_mla_cache_rows(rows)
 
     def write_mla_at(self, slot: int, positions: torch.Tensor, rows: torch.Tensor) -> None:
         """rows [B, W], sequence b's at positions[b] (a device tensor: no host sync)."""
@@ -62,7 +56,7 @@ class StateBuffers:
         if self.mla_scale is None:
             self.mla_cache[slot].index_put_((b, positions), rows.to(self.mla_cache.dtype))
         else:
-            values, scale = quantize_latent_rows(rows)
+            values, scale = quantize_mla_cache_rows(rows)
             self.mla_cache[slot].index_put_((b, positions), values)
             self.mla_scale[slot].index_put_((b, positions), scale)
 

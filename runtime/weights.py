@@ -7,10 +7,12 @@ from typing import Callable
 import torch
 
 from klconvert.errors import KLError
+from klconvert.extras import require
 from klconvert.quant import QuantScheme
+from klconvert.release import FP32_TENSORS
 
 KERNEL_MODES = ("auto", "triton", "torch")
-KEEP_FP32 = ("A_log", "dt_bias", "e_score_correction_bias", "gate.weight")  # read in fp32 whatever the dtype
+KEEP_FP32 = (*FP32_TENSORS, "gate.weight")  # read in fp32 whatever the dtype: the release's fp32 ones, and the router
 
 
 def held_in_fp32(name: str, category: str) -> bool:
@@ -42,4 +44,8 @@ def use_triton(kernels: str, device: torch.device) -> bool:
     """Resolve --kernels: auto means Triton on CUDA, PyTorch elsewhere."""
     if kernels not in KERNEL_MODES:
         raise KLError(f"--kernels {kernels!r}: choose one of {', '.join(KERNEL_MODES)}")
-    return device.type == "cuda" if kernels == "auto" else kernels == "triton"
+    chosen = device.type == "cuda" if kernels == "auto" else kernels == "triton"
+    if chosen:
+        require("triton", f"--kernels {kernels}" + (" (Triton on CUDA; --kernels torch runs without it)"
+                                                    if kernels == "auto" else ""))
+    return chosen

@@ -1,44 +1,12 @@
-"""Shared by the quantize tests: run the CLI in-process, read its stderr as a terminal shows it, break the writer."""
+"""Shared by the quantize tests: count the quantizer's calls, break the writer, compare folders."""
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import klconvert.quantize as quantize_module
-from klconvert.cli import main
 from klconvert.convert import outputs
 from klconvert.quant.pack_quantized import PACKED_NAMES
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    """Run the klconvert entry point in-process; return (exit status, stdout, stderr)."""
-    old = sys.argv
-    sys.argv = ["klconvert", *map(str, args)]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = old
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def shown_lines(err: str) -> list[str]:
-    """stderr as a terminal leaves it: a carriage return overwrites the line (progress bars); blanks dropped."""
-    return [line.rsplit("\r", 1)[-1] for line in err.split("\n") if line.rsplit("\r", 1)[-1].strip()]
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> str:
-    assert code == 2, err
-    lines = shown_lines(err)
-    assert len(lines) == 1 and lines[0].startswith("klconvert: error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def count_quantize_calls(monkeypatch) -> list[str]:

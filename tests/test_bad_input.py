@@ -3,36 +3,12 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
 
-from klconvert.cli import main
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str]:
-    """Run the klconvert entry point in-process; return (exit status, stderr)."""
-    old = sys.argv
-    sys.argv = ["klconvert", *args]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        sys.argv = old
-    return exit_info.value.code, capsys.readouterr().err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("klconvert: error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+from testkit import assert_one_line_error, run_cli, run_klconvert
 
 
 @pytest.fixture
@@ -127,53 +103,59 @@ CHECKPOINT_DAMAGE = [
 @pytest.mark.parametrize("damage,needles", CHECKPOINT_DAMAGE, ids=lambda x: getattr(x, "__name__", None))
 def test_damaged_checkpoint(capsys, tiny_copy, prompt, damage, needles):
     damage(tiny_copy)
-    code, err = run_cli(capsys, "run", "--model", str(tiny_copy), "--prompt-file", str(prompt),
+    code, _, err = run_cli(capsys, "run", "--model", str(tiny_copy), "--prompt-file", str(prompt),
                         "--max-new-tokens", "2")
     assert_one_line_error(code, err, *needles)
 
 
 def test_empty_prompt(capsys, tiny_released, tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
-    code, err = run_cli(capsys, "run", "--model", str(tiny_released), "--prompt-file", str(tmp_path / "empty.txt"))
+    code, _, err = run_cli(capsys, "run", "--model", str(tiny_released), "--prompt-file", str(tmp_path / "empty.txt"))
     assert_one_line_error(code, err, "empty")
 
 
 def test_non_utf8_prompt(capsys, tiny_released, tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    code, err = run_cli(capsys, "run", "--model", str(tiny_released), "--prompt-file", str(tmp_path / "latin1.txt"))
+    code, _, err = run_cli(capsys, "run", "--model", str(tiny_released), "--prompt-file", str(tmp_path / "latin1.txt"))
     assert_one_line_error(code, err, "not UTF-8", "offset 3")
 
 
 def test_missing_prompt_file(capsys, tiny_released, tmp_path):
-    code, err = run_cli(capsys, "run", "--model", str(tiny_released), "--prompt-file", str(tmp_path / "nope.txt"))
+    code, _, err = run_cli(capsys, "run", "--model", str(tiny_released), "--prompt-file", str(tmp_path / "nope.txt"))
     assert_one_line_error(code, err, "nope.txt")
 
 
 def test_prompt_over_the_plan(capsys, tiny_released, prompt):
-    code, err = run_cli(capsys, "run", "--model", str(tiny_released), "--prompt-file", str(prompt),
+    code, _, err = run_cli(capsys, "run", "--model", str(tiny_released), "--prompt-file", str(prompt),
+                           "--max-new-tokens", "4", "--max-context", "8")
+    assert_one_line_error(code, err, "--max-new-tokens 4", "--max-context is 8", "raise --max-context")
+
+
+def test_no_room_for_a_prompt(capsys, tiny_released, prompt):
+    code, _, err = run_cli(capsys, "run", "--model", str(tiny_released), "--prompt-file", str(prompt),
                         "--max-new-tokens", "50", "--max-context", "16")
-    assert_one_line_error(code, err, "--max-new-tokens 50", "holds 16", "--max-context")
+    assert_one_line_error(code, err, "--max-new-tokens 50 leaves no room for a prompt in --max-context 16")
 
 
 def test_missing_model_folder(capsys, prompt, tmp_path):
-    code, err = run_cli(capsys, "run", "--model", str(tmp_path / "none"), "--prompt-file", str(prompt))
+    code, _, err = run_cli(capsys, "run", "--model", str(tmp_path / "none"), "--prompt-file", str(prompt))
     assert_one_line_error(code, err, "no such folder", "pull-and-quantize")
 
 
 def test_synth_refuses_existing_output(capsys, tiny_released):
-    code, err = run_cli(capsys, "synth", "--preset", "tiny", "--out", str(tiny_released))
+    code, _, err = run_cli(capsys, "synth", "--preset", "tiny", "--out", str(tiny_released))
     assert_one_line_error(code, err, "already exists")
 
 
 def test_usage_error_exits_2(capsys):
-    code, err = run_cli(capsys, "run", "--max-new-tokens", "-3", "--prompt-file", "x")
+    code, _, err = run_cli(capsys, "run", "--max-new-tokens", "-3", "--prompt-file", "x")
     assert code == 2 and "Traceback" not in err and "--max-new-tokens" in err
 
 
+@pytest.mark.slow
 def test_installed_entry_point_prints_no_traceback(tiny_copy, prompt):
     damage_truncated_shard(tiny_copy)
-    proc = subprocess.run([sys.executable, "-m", "klconvert", "run", "--model", str(tiny_copy), "--prompt-file",
-                           str(prompt)], capture_output=True, text=True, timeout=120)
+    proc = run_klconvert("run", "--model", tiny_copy, "--prompt-file", prompt)
     assert proc.returncode == 2
     assert proc.stderr.startswith("klconvert: error: ") and "Traceback" not in proc.stderr
     assert proc.stdout == ""

@@ -18,7 +18,7 @@ from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
 from klconvert.models import BUNDLED_DIR, DEFAULT_MODEL_DIR  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
-from quantize_helpers import run_cli, shown_lines  # noqa: E402
+from testkit import run_cli, shown_lines  # noqa: E402
 
 RECORDED = json.loads(record_bundled.RECORDED.read_text())
 MAX_BYTES = 25 * 10**6

@@ -1,24 +1,19 @@
 """`klconvert run` and `klconvert plan` end to end on a tiny checkpoint."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
+import pytest
 import torch
 
 import klconvert
 from klconvert.tokenizer import Tokenizer
+from testkit import run_klconvert
 
 
-def klconvert_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "klconvert", *args], capture_output=True, text=True, input=stdin,
-                          timeout=300)
-
-
+@pytest.mark.slow
 def test_run_streams_the_greedy_continuation(tiny_released, tmp_path):
     prompt = tmp_path / "p.txt"
     prompt.write_text("Once upon a time, in a land far away,")
-    proc = klconvert_cli("run", "--model", str(tiny_released), "--prompt-file", str(prompt),
+    proc = run_klconvert("run", "--model", str(tiny_released), "--prompt-file", str(prompt),
                          "--max-new-tokens", "12")
     assert proc.returncode == 0, proc.stderr
     tok = Tokenizer.from_folder(tiny_released)
@@ -26,18 +21,25 @@ def test_run_streams_the_greedy_continuation(tiny_released, tmp_path):
     expected = klconvert.load(tiny_released, device="cpu", max_context=64).generate(ids, 12)[0].tolist()
     stop = [i for i, t in enumerate(expected) if t in tok.stop_ids]
     expected = expected[: stop[0]] if stop else expected
-    assert proc.stdout == tok.decode(expected) + "\n"
+    assert proc.stdout == tok.decode([t for t in expected if t not in tok.special_ids]) + "\n"
+    shown = run_klconvert("run", "--model", str(tiny_released), "--prompt", prompt.read_text(), "--max-new-tokens",
+                          "12", "--show-special")
+    assert shown.stdout == tok.decode(expected) + "\n"
+    assert any(t in tok.special_ids for t in expected)  # so the two differ
     summary = proc.stderr.strip().splitlines()[-1]
     assert f"prompt {len(ids)} tokens" in summary and "prefill" in summary and "decode" in summary
     assert f"context {len(ids) + 12}," in summary  # prompt + max-new-tokens, planned up front
 
 
+@pytest.mark.slow
 def test_run_reads_stdin_chat_and_sampling_is_seeded(tiny_released):
     args = ("run", "--model", str(tiny_released), "--prompt-file", "-", "--chat", "--max-new-tokens", "8",
             "--temperature", "0.8", "--top-p", "0.9", "--seed", "3")
-    a, b = klconvert_cli(*args, stdin="Hello there"), klconvert_cli(*args, stdin="Hello there")
-    assert a.returncode == 0, a.stderr
-    assert a.stdout == b.stdout
+    a, b = run_klconvert(*args, stdin="Hello there"), run_klconvert(*args, stdin="Hello there")
+    other = run_klconvert(*args[:-1], "4", stdin="Hello there")
+    assert a.returncode == other.returncode == 0, a.stderr + other.stderr
+    assert a.stdout.strip() and a.stdout == b.stdout  # the same seed, the same text
+    assert other.stdout != a.stdout  # another seed, other text: the seed reaches the sampler
 
 
 def test_chat_prompt_uses_the_template(tiny_released):
@@ -57,15 +59,31 @@ def test_top_p_keeps_only_the_nucleus():
     assert int(sample(logits, 0.0, 1.0, g)) == 0
 
 
+@pytest.mark.slow
 def test_plan_command_prints_the_table():
-    proc = klconvert_cli("plan", "--preset", "kimi-linear-48b", "--bits", "4", "--gpu-memory", "48GiB",
+    proc = run_klconvert("plan", "--preset", "kimi-linear-48b", "--bits", "4", "--gpu-memory", "48GiB",
                          "--max-context", "262144")
     assert proc.returncode == 0, proc.stderr
     for needle in ("weights total", "41.9 MB", "8,064 B", "headroom", "largest context that fits"):
         assert needle in proc.stdout
 
 
+@pytest.mark.slow
 def test_plan_for_a_folder(tiny_released):
-    proc = klconvert_cli("plan", "--model", str(tiny_released), "--max-context", "4096")
+    proc = run_klconvert("plan", "--model", str(tiny_released), "--max-context", "4096")
     assert proc.returncode == 0, proc.stderr
     assert "MLA latent cache / token" in proc.stdout
+
+
+def test_several_prompt_files_run_as_one_batch(tiny_released, tmp_path):
+    """Each prompt is continued at its own length, exactly as it is alone; the outputs come in order, headed."""
+    files = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    files[0].write_text("Once upon a time, in a land far away, there lived")
+    files[1].write_text("The end")
+    both = run_klconvert("run", "--model", str(tiny_released), "--prompt-file", str(files[0]), "--prompt-file",
+                         str(files[1]), "--max-new-tokens", "10", "--show-special")
+    assert both.returncode == 0, both.stderr
+    alone = [run_klconvert("run", "--model", str(tiny_released), "--prompt-file", str(f), "--max-new-tokens", "10",
+                           "--show-special").stdout for f in files]
+    assert both.stdout == "".join(f"==> {f} <==\n{text}" for f, text in zip(files, alone))
+    assert "batch 2" in both.stderr.strip().splitlines()[-1]

@@ -5,12 +5,9 @@ import pytest
 import torch
 
 import klconvert
+from testkit import rel_error
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def rel(a, b):
-    return ((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm()).item()
 
 
 def test_cuda_fp32_matches_cpu(trained_like):
@@ -18,7 +15,7 @@ def test_cuda_fp32_matches_cpu(trained_like):
     ids = torch.randint(0, 1024, (2, 70))
     cpu = klconvert.load(trained_like, device="cpu", dtype=torch.float32, max_context=80, batch=2)
     gpu = klconvert.load(trained_like, device="cuda", dtype=torch.float32, max_context=80, batch=2)
-    assert rel(gpu.forward(ids), cpu.forward(ids)) < 1e-4
+    assert rel_error(gpu.forward(ids), cpu.forward(ids)) < 1e-4
 
 
 @pytest.mark.parametrize("kernels", ["torch", "auto"])
@@ -29,6 +26,6 @@ def test_cuda_bf16_decode_matches_prefill(trained_like, kernels):
     full = engine.forward(ids)
     engine.forward(ids[:, :32])
     steps = torch.stack([engine.decode_step(ids[:, t:t + 1], t) for t in range(32, 40)], dim=1)
-    assert rel(steps, full[:, 32:]) < 2e-2
+    assert rel_error(steps, full[:, 32:]) < 2e-2
     out = engine.generate(ids, max_new_tokens=16)
-    assert out.shape == (1, 16) and out.device.type == "cuda"
+    assert out.shape == (1, 16) and out.device.type == "cpu"   # new ids come back to the host

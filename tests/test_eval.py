@@ -35,6 +35,7 @@ def tiny_perturbed(tiny_released, tmp_path_factory):
     return perturbed_copy(tiny_released, tmp_path_factory.mktemp("ckpt") / "tiny-perturbed", relative_noise=0.05)
 
 
+@pytest.mark.slow
 def test_a_model_against_itself_is_exact(tiny_released):
     r = evaluate(tiny_released, tiny_released, TEXT, max_tokens=64)
     assert r.tokens == 64
@@ -44,6 +45,7 @@ def test_a_model_against_itself_is_exact(tiny_released):
     assert all(x.overlap == 1.0 and x.unchanged == 1.0 for x in r.routing)
 
 
+@pytest.mark.slow
 def test_a_perturbed_model_against_an_independent_computation(tiny_released, tiny_perturbed):
     r = evaluate(tiny_perturbed, tiny_released, TEXT, max_tokens=64)
     ids = Tokenizer.from_folder(tiny_released).encode(TEXT)[:64]
@@ -96,6 +98,7 @@ def test_eval_command_prints_the_table(tiny_released, tiny_perturbed, tmp_path, 
     assert exit_.value.code == 2 and err.startswith("klconvert: error: --model") and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_models_of_different_shapes_are_refused(tiny_released, tmp_path):
     from klconvert.synth.checkpoint import synth
 
@@ -106,6 +109,7 @@ def test_models_of_different_shapes_are_refused(tiny_released, tmp_path):
         evaluate(tiny_released, tiny_released, "a", max_tokens=16)
 
 
+@pytest.mark.slow
 def test_render_names_the_worst_layer(tiny_released, tiny_perturbed):
     r = evaluate(tiny_perturbed, tiny_released, TEXT, max_tokens=32)
     text = render_eval(r, "q", "src")
@@ -122,6 +126,7 @@ def tiny_quantized(tiny_released, tmp_path_factory):
                            progress=False).path for bits in (8, 4)}
 
 
+@pytest.mark.slow
 def test_a_quantized_model_against_its_source(tiny_released, tiny_quantized):
     int8, int4 = (evaluate(tiny_quantized[bits], tiny_released, TEXT, max_tokens=64) for bits in (8, 4))
     assert 0 < int8.kl_mean < int4.kl_mean < 1

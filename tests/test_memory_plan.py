@@ -1,16 +1,20 @@
 """Memory-plan arithmetic against hand-computed figures for the real 48B config, and the plan's refusals."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import klconvert
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.config import KimiLinearConfig
-from klconvert.quant import policy_from_options
-from klconvert.runtime.memory_plan import MemoryPlan, weight_bytes
+from klconvert.presets import preset_config
+from klconvert.quant import QuantScheme, compress_nf4, compress_weight, policy_from_options
+from klconvert.quant.stored import stored_parts
+from klconvert.runtime.memory_plan import MemoryPlan, stored_bytes, weight_bytes
 from klconvert.runtime.plan_report import plan_for, render_plan
-from klconvert.synth.presets import preset_config
 
 REAL = KimiLinearConfig.from_dict(preset_config("kimi-linear-48b"))
 
@@ -89,3 +93,26 @@ def test_state_is_allocated_once(tiny_released):
     assert buffers == [engine.state.kda_state.data_ptr(), engine.state.conv_state.data_ptr(),
                        engine.state.mla_cache.data_ptr()]
     assert engine.state.mla_cache.shape[2] == 64
+
+
+@pytest.mark.slow
+def test_the_runtime_plans_the_release_without_synth():
+    """The release's facts live in klconvert.release: planning the real model loads no synthetic-data code."""
+    code = ("import sys\nfrom klconvert.runtime.plan_report import plan_for\nimport klconvert.runtime.engine\n"
+            "assert plan_for(preset='kimi-linear-48b', bits=4).weights > 0\n"
+            "print([m for m in sys.modules if m.startswith('klconvert.synth')])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 128, True), QuantScheme(8, 32, False), QuantScheme(4, -1, False),
+                                    QuantScheme(4, 64, True, "nf4")], ids=lambda s: s.describe())
+def test_stored_bytes_are_the_bytes_the_converter_writes(scheme):
+    """The plan sizes a weight from the parts quant.stored names, which are the tensors the converter makes."""
+    w = torch.randn(256, 384, dtype=torch.bfloat16)
+    made = compress_nf4("m", w) if scheme.kind == "nf4" else compress_weight("m", w, scheme)
+    on_device = {n: t for n, t in made.items() if not n.endswith(("weight_shape", "quant_state.bitsandbytes__nf4"))}
+    assert sum(t.nbytes for t in on_device.values()) == stored_bytes((256, 384), scheme, torch.bfloat16)
+    assert {f"m.{p}" for p, _, _ in stored_parts((256, 384), torch.bfloat16, scheme)} == \
+        {n for n in made if not n.endswith("quant_state.bitsandbytes__nf4")}

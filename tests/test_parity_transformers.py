@@ -5,14 +5,11 @@ import pytest
 import torch
 
 import klconvert
+from testkit import rel_error
 
 transformers = pytest.importorskip("transformers")
 
 LENGTHS = (1, 63, 64, 65, 130)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.fixture(scope="module", params=["released", "transformers"])
@@ -31,7 +28,7 @@ def test_prefill_logits_match_transformers(pair, T):
         ref = hf(ids).logits
     got = ours.forward(ids)
     assert got.shape == ref.shape == (1, T, ours.config.vocab_size)
-    assert rel_err(got, ref) <= 1e-4
+    assert rel_error(got, ref) <= 1e-4
 
 
 def test_batched_prefill_matches_transformers(tiny_released):
@@ -40,7 +37,7 @@ def test_batched_prefill_matches_transformers(tiny_released):
     ids = torch.randint(0, ours.config.vocab_size, (3, 70))
     with torch.no_grad():
         ref = hf(ids).logits
-    assert rel_err(ours.forward(ids), ref) <= 1e-4
+    assert rel_error(ours.forward(ids), ref) <= 1e-4
 
 
 def test_decode_path_equals_prefill(pair):
@@ -49,7 +46,7 @@ def test_decode_path_equals_prefill(pair):
     full = ours.forward(ids)
     ours.forward(ids[:, :1])  # fresh state holding token 0
     steps = torch.stack([ours.decode_step(ids[:, t:t + 1], t) for t in range(1, ids.shape[1])], dim=1)
-    assert rel_err(steps, full[:, 1:]) <= 1e-4
+    assert rel_error(steps, full[:, 1:]) <= 1e-4
     assert torch.equal(steps.argmax(-1), full[:, 1:].argmax(-1))
 
 
@@ -77,4 +74,4 @@ def test_biased_router_weights_option_differs(tiny_released):
     a = klconvert.load(tiny_released, device="cpu", max_context=64)
     b = klconvert.load(tiny_released, device="cpu", max_context=64, biased_router_weights=True)
     ids = torch.randint(0, a.config.vocab_size, (1, 20))
-    assert rel_err(a.forward(ids), b.forward(ids)) > 1e-3
+    assert rel_error(a.forward(ids), b.forward(ids)) > 1e-3

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -122,6 +123,68 @@ def test_local_dir_gets_files_and_a_pull_record(served, checkpoint, tmp_path):
     assert again.bytes_downloaded == 0 and all(server.gets(p) == 1 for p in PULLED)
 
 
+def count_hashing(monkeypatch) -> list[str]:
+    """The names of the files the pull reads to hash, from now on."""
+    hashed: list[str] = []
+    real = hub._digests
+
+    def counting(path, size, bar):
+        hashed.append(path.name)
+        return real(path, size, bar)
+
+    monkeypatch.setattr(hub, "_digests", counting)
+    return hashed
+
+
+@pytest.mark.parametrize("into", ["cache", "local-dir"])
+def test_a_second_pull_hashes_only_what_changed(served, tmp_path, monkeypatch, into):
+    server, commit = served
+    where = {"local_dir": tmp_path / "kimi"} if into == "local-dir" else {}
+    hashed = count_hashing(monkeypatch)
+    first = hub.pull(REPO, progress=False, **where)
+    assert sorted(hashed) == sorted(Path(p).name for p in PULLED)
+    if into == "cache":  # the record sits beside the snapshots, never in them
+        storage = cache_dir(tmp_path) / "models--moonshotai--Kimi-Linear-48B-A3B-Instruct"
+        assert (storage / ".klconvert" / "verified" / f"{commit}.json").is_file()
+        assert files_under(first.path) == PULLED
+
+    hashed.clear()
+    again = hub.pull(REPO, progress=False, **where)
+    assert hashed == [] and again.files == first.files  # same sizes and sha256, none read again
+
+    shard = first.path / SHARD_2
+    stat = shard.stat()
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: hashed again, and still good
+    assert hub.pull(REPO, progress=False, **where).files == first.files and hashed == [SHARD_2]
+
+    hashed.clear()
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))  # same size, new content and mtime: caught, removed, fetched again on rerun
+    with pytest.raises(KLError, match=f"1 file.* failed verification .*{SHARD_2} has sha256"):
+        hub.pull(REPO, progress=False, **where)
+    assert hashed == [SHARD_2] and not shard.exists()
+    assert hub.pull(REPO, progress=False, **where).files == first.files and server.gets(SHARD_2) == 2
+
+
+def test_a_damaged_verification_record_means_hashing_again(served, tmp_path, monkeypatch):
+    out = tmp_path / "kimi"
+    first = hub.pull(REPO, local_dir=out, progress=False)
+    (out / ".klconvert" / "verified.json").write_text('{"files": {"config.json": {"size": "x"}}, ')
+    hashed = count_hashing(monkeypatch)
+    assert hub.pull(REPO, local_dir=out, progress=False).files == first.files
+    assert sorted(hashed) == sorted(Path(p).name for p in PULLED)
+
+
+def test_a_record_that_cannot_be_written_costs_only_time(served, tmp_path, monkeypatch):
+    out = tmp_path / "kimi"
+    (out / ".klconvert" / "verified.json").mkdir(parents=True)  # in the way of the record
+    first = hub.pull(REPO, local_dir=out, progress=False)
+    hashed = count_hashing(monkeypatch)
+    assert hub.pull(REPO, local_dir=out, progress=False).files == first.files
+    assert len(hashed) == len(PULLED) and not list((out / ".klconvert").glob("*.partial"))
+
+
 def test_include_and_exclude_narrow_the_default_set(served):
     server, _ = served
     configs = hub.pull(REPO, include=["*.json"], exclude=["tokenizer_config.json"], progress=False)
@@ -195,6 +258,7 @@ def test_offline_with_an_empty_cache_says_so(hub_server, checkpoint, tmp_path):
             hub.pull(REPO, progress=False)
 
 
+@pytest.mark.slow
 def test_interrupted_pull_resumes_without_refetching_finished_files(served, checkpoint, tmp_path):
     server, commit = served
     server.cut_short[SHARD_2] = 4096  # the connection drops mid-file...
@@ -214,6 +278,7 @@ def test_interrupted_pull_resumes_without_refetching_finished_files(served, chec
     assert server.gets(SHARD_2) == 3  # cut, 503, then the rerun
 
 
+@pytest.mark.slow
 def test_a_dropped_connection_resumes_with_a_range_request(served, checkpoint, monkeypatch):
     server, _ = served
     monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 1024)  # so the bytes before the cut reach the disk
@@ -242,7 +307,7 @@ def test_wrong_sha256_in_a_local_dir_removes_the_file(served, tmp_path):
     with pytest.raises(KLError, match=SHARD_2):
         hub.pull(REPO, local_dir=tmp_path / "kimi", progress=False)
     assert not (tmp_path / "kimi" / SHARD_2).exists()
-    assert not (tmp_path / "kimi" / ".klconvert").exists()
+    assert not (tmp_path / "kimi" / ".klconvert" / "pull.json").exists()  # no provenance for a failed pull
 
 
 def test_not_enough_disk_space_is_refused_before_downloading(served, monkeypatch, tmp_path):

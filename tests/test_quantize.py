@@ -70,7 +70,7 @@ def test_folder_layout(int4_asym, tiny_released):
     assert state["lm_head.weight_packed"].shape == (1280, 32)                  # 8 bits: 4 per int32
     for kept in ("model.embed_tokens.weight", "model.layers.1.block_sparse_moe.gate.weight",
                  "model.layers.1.block_sparse_moe.gate.e_score_correction_bias", "model.layers.1.self_attn.A_log",
-                 "model.layers.1.self_attn.q_conv1d.weight", "model.layers.1.self_attn.b_proj.weight",
+                 "model.layers.1.self_attn.q_conv1d.weight", "model.layers.1.self_attn.g_a_proj.weight",
                  "model.norm.weight"):
         assert torch.equal(state[kept], open_checkpoint(tiny_released).get(kept)), kept
     assert not any(k.endswith(".weight_packed") and ("norm" in k or "conv1d" in k) for k in state)
@@ -86,7 +86,7 @@ def test_config_and_recipe(int4_asym, tiny_released):
     assert parsed.config_groups["group_0"].targets == ["Linear"]
     weights = parsed.config_groups["group_0"].weights
     assert (weights.num_bits, weights.group_size, weights.symmetric) == (4, 32, False)
-    assert parsed.config_groups["group_1"].targets == ["lm_head"]
+    assert parsed.config_groups["group_1"].targets == ["re:^lm_head$"]
     assert parsed.config_groups["group_1"].weights.num_bits == 8
     assert any("gate$" in pattern for pattern in parsed.ignore)
 
@@ -110,12 +110,32 @@ def test_compressed_tensors_decompresses_our_folder(int4_asym, tiny_released):
     """compressed-tensors' model-free dequantizer, given only our config.json and tensors, rebuilds exactly the
     weights our reader dequantizes; what we kept is the source, bit for bit."""
     ours, source = open_checkpoint(int4_asym), open_checkpoint(tiny_released)
-    theirs = CompressedTensorsDequantizer(int4_asym, dtype=torch.bfloat16).process(state_dict(int4_asym))
-    assert set(theirs) == set(source.expected)
-    for name in source.expected:
+    # the tiny b_proj has 4 rows: its int4 zero points fill one packed row, which compressed-tensors 0.20.1 cannot
+    # unpack (test_compressed_tensors_one_row_zero_point_bug); the released b_proj has 32 rows
+    packed = {n: t for n, t in state_dict(int4_asym).items() if ".b_proj." not in n}
+    theirs = CompressedTensorsDequantizer(int4_asym, dtype=torch.bfloat16).process(packed)
+    assert set(theirs) == {n for n in source.expected if ".b_proj." not in n}
+    for name in theirs:
         assert torch.equal(theirs[name], ours.get(name)), name
     w, dq = source.get(f"{KDA_Q}.weight").float(), ours.get(f"{KDA_Q}.weight").float()
     assert 0.02 < ((dq - w).norm() / w.norm()).item() < 0.15  # really int4
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="upstream: compressed-tensors 0.20.1 unpacks a one-row "
+                   "packed zero point with a stride view that fails; README, Interop")
+def test_compressed_tensors_one_row_zero_point_bug(tmp_path):
+    """Minimal reproduction: one asymmetric int4 module of 8 rows or fewer, dequantized model-free."""
+    from klconvert.quant import QuantScheme, compress_weight
+    from safetensors.torch import save_file
+
+    tensors = compress_weight("model.layers.0.self_attn.b_proj", torch.randn(4, 128, dtype=torch.bfloat16),
+                              QuantScheme(4, 32, False))
+    config = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+              "ignore": [], "config_groups": {"g": {"targets": ["Linear"], "format": "pack-quantized", "weights": {
+                  "num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 32}}}}
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": config}))
+    save_file(tensors, tmp_path / "model.safetensors")
+    CompressedTensorsDequantizer(tmp_path, dtype=torch.bfloat16).process(load_file(tmp_path / "model.safetensors"))
 
 
 def test_both_layouts_give_the_same_folder(tiny_released, tiny_transformers, tmp_path):
@@ -159,10 +179,10 @@ def test_summary_numbers(tiny_released, tmp_path):
         "metadata"]["total_size"]
     assert 8.5 < t.quantized_bits_per_weight < 8.6  # 8 bits + a bf16 scale per 32, + 16 bytes of shape
     summary = result.summary()
-    # every linear weight but the router and the KDA gates' low-rank pairs and b_proj
+    # every linear weight but the router, f_b_proj and the output gate's low-rank pair
     quantized = sum(s.shape[0] * s.shape[1] for n, s in open_checkpoint(tiny_released).expected.items()
                     if len(s.shape) == 2 and "embed" not in n and "gate.weight" not in n
-                    and not re.search(r"\.(f_a|f_b|g_a|g_b|b)_proj\.", n))
+                    and not re.search(r"\.(f_b|g_a|g_b)_proj\.", n))
     assert t.quantized_params == quantized
     assert f"{t.quantized_bits_per_weight:.3f} bits/weight over {quantized:,} quantized params" in summary
     assert f"{t.bits_per_weight:.3f} overall" in summary

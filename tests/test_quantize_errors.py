@@ -9,8 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from klconvert.errors import KLError
 from klconvert.quantize import quantize
-from quantize_helpers import assert_one_line_error, break_shard_write, run_cli
+from quantize_helpers import break_shard_write
+from testkit import assert_one_line_error, run_cli
 
 ROUTER = "model.layers.1.block_sparse_moe.gate.weight"
 
@@ -78,22 +80,35 @@ def test_truncated_shard(tiny_copy, tmp_path, capsys):
     assert "truncated?" in fails(capsys, tmp_path, "--group-size", "32", src=tiny_copy)
 
 
-def test_corrupt_values_in_a_shard(tiny_copy, tmp_path, capsys):
-    index = json.loads((tiny_copy / "model.safetensors.index.json").read_text())
-    victim = "model.layers.2.self_attn.o_proj.weight"
-    shard = tiny_copy / index["weight_map"][victim]
+def _poison(folder, victim: str) -> None:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = folder / index["weight_map"][victim]
     tensors = load_file(shard)
     tensors[victim] = torch.full_like(tensors[victim], float("nan"))
     save_file(tensors, shard, metadata={"format": "pt"})
+
+
+def test_corrupt_values_in_a_shard_leave_nothing_behind(tiny_copy, tmp_path, capsys):
+    victim = "model.layers.2.self_attn.o_proj.weight"
+    _poison(tiny_copy, victim)
     line = fails(capsys, tmp_path, "--group-size", "32", src=tiny_copy)
-    assert f"{victim}: the weight holds NaN or Inf values" in line and "a rerun resumes" in line
+    assert f"tensor {victim} holds nan" in line and "NaN or infinite" in line and "resumes" not in line
+    assert not (tmp_path / "out.partial").exists() and not (tmp_path / "out.partial.lock").exists()
+
+
+def test_corrupt_values_after_finished_shards_keep_them_to_resume(tiny_copy, tmp_path):
+    _poison(tiny_copy, "lm_head.weight")  # the last tensor written
+    with pytest.raises(KLError, match=r"tensor lm_head.weight holds nan.* of \d+ shards are finished .* a rerun "
+                                      r"resumes after them"):
+        quantize(tiny_copy, tmp_path / "out", group_size=32, max_shard_bytes=2 << 20, progress=False)
+    assert list((tmp_path / "out.partial").glob("*.safetensors"))
 
 
 def test_disk_full(tiny_released, tmp_path, capsys, monkeypatch):
     break_shard_write(monkeypatch, 1, OSError(errno.ENOSPC, "No space left on device"))
     line = fails(capsys, tmp_path, "--group-size", "32", src=tiny_released)
-    assert "disk full writing" in line and "0 of 1 shards are finished" in line
-    assert not list((tmp_path / "out.partial").glob("*.safetensors*"))
+    assert "disk full writing" in line and "resumes" not in line
+    assert not (tmp_path / "out.partial").exists()  # nothing finished, nothing left behind
 
 
 def test_existing_out(tiny_released, tmp_path, capsys):

@@ -6,11 +6,7 @@ import torch
 
 import klconvert
 from klconvert.quantize import quantize
-from quantize_helpers import run_cli, shown_lines
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / a.norm()).item()
-
+from testkit import rel_error, run_cli, shown_lines
 
 @pytest.mark.parametrize("bits,bound", [(8, 2e-2), (4, 0.25)])
 def test_logits_stay_near_the_source(trained_like, tmp_path, bits, bound):
@@ -18,10 +14,11 @@ def test_logits_stay_near_the_source(trained_like, tmp_path, bits, bound):
     ids = torch.arange(1, 33).view(1, 32)
     want = klconvert.load(trained_like, device="cpu", max_context=64).forward(ids)
     got = klconvert.load(out, device="cpu", max_context=64).forward(ids)
-    err = relative_error(want, got)
+    err = rel_error(got, want)
     assert bound / 10 < err < bound, err  # near, and really quantized
 
 
+@pytest.mark.slow
 def test_run_the_quantized_folder(tiny_released, tmp_path, capsys):
     out = quantize(tiny_released, tmp_path / "q", bits=4, group_size=32, progress=False).path
     prompt = tmp_path / "prompt.txt"

@@ -11,7 +11,7 @@ from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.cli import DEFAULT_MODEL_DIR
 from klconvert.quant import policy_from_options
 from klconvert.quantize import default_out_name
-from quantize_helpers import assert_one_line_error, run_cli, shown_lines
+from testkit import assert_one_line_error, run_cli, shown_lines
 
 REPO = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
 
@@ -27,6 +27,7 @@ def served(tiny_released, tmp_path, monkeypatch):
             yield server, commit
 
 
+@pytest.mark.slow
 def test_pulls_then_writes_the_default_folder(served, tmp_path, capsys):
     server, commit = served
     code, stdout, err = run_cli(capsys, "pull-and-quantize", "--bits", "4", "--group-size", "32")
@@ -74,3 +75,13 @@ def test_local_folder_skips_the_pull(tiny_released, tmp_path, monkeypatch, capsy
 def test_default_out_names():
     assert default_out_name(REPO, policy_from_options(bits=8)) == Path("Kimi-Linear-48B-A3B-Instruct-w8a16")
     assert default_out_name("some/dir/", policy_from_options(scheme="nf4")) == Path("dir-nf4")
+
+
+@pytest.mark.slow
+def test_max_shard_size_reaches_the_quantizer(tiny_released, tmp_path, capsys):
+    out = tmp_path / "q"
+    code, _, err = run_cli(capsys, "pull-and-quantize", "--model", tiny_released, "--out", out, "--bits", "4",
+                           "--group-size", "32", "--max-shard-size", "150KB")
+    assert code == 0, err
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 5  # the 5GB default would make one

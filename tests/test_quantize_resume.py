@@ -6,10 +6,11 @@ import json
 
 import pytest
 
+from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.errors import KLError
 from klconvert.quantize import quantize
-from quantize_helpers import (assert_one_line_error, break_shard_write, count_quantize_calls, folder_files,
-                              modules_in_shards, run_cli, shown_lines)
+from quantize_helpers import break_shard_write, count_quantize_calls, folder_files, modules_in_shards
+from testkit import assert_one_line_error, run_cli, shown_lines
 
 OPTIONS = dict(bits=4, group_size=32, max_shard_bytes=150_000, progress=False)
 
@@ -24,6 +25,7 @@ def uninterrupted(tiny_released, tmp_path_factory):
     return quantize(tiny_released, tmp_path_factory.mktemp("fresh") / "q", **OPTIONS).path
 
 
+@pytest.mark.slow
 def test_disk_full_then_resume_redoes_only_unfinished_shards(tiny_released, uninterrupted, tmp_path, monkeypatch):
     out, partial = tmp_path / "q", tmp_path / "q.partial"
     names = shard_files(uninterrupted)
@@ -44,10 +46,10 @@ def test_disk_full_then_resume_redoes_only_unfinished_shards(tiny_released, unin
     assert not partial.exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_then_rerun_via_the_cli(tiny_released, uninterrupted, tmp_path, monkeypatch, capsys):
     out = tmp_path / "q"
-    args = ("quantize", tiny_released, out, "--bits", "4", "--group-size", "32")
-    monkeypatch.setattr("klconvert.quantize.MAX_SHARD_BYTES", 150_000)
+    args = ("quantize", tiny_released, out, "--bits", "4", "--group-size", "32", "--max-shard-size", "150KB")
     with monkeypatch.context() as m:
         break_shard_write(m, 4, KeyboardInterrupt())
         code, _, err = run_cli(capsys, *args)
@@ -63,6 +65,7 @@ def test_ctrl_c_then_rerun_via_the_cli(tiny_released, uninterrupted, tmp_path, m
     assert folder_files(out) == folder_files(uninterrupted)
 
 
+@pytest.mark.slow
 def test_a_damaged_finished_shard_is_written_again(tiny_released, uninterrupted, tmp_path, monkeypatch):
     out, partial = tmp_path / "q", tmp_path / "q.partial"
     with monkeypatch.context() as m:
@@ -76,6 +79,7 @@ def test_a_damaged_finished_shard_is_written_again(tiny_released, uninterrupted,
     assert folder_files(out) == folder_files(uninterrupted)
 
 
+@pytest.mark.slow
 def test_other_options_refuse_to_resume_unless_force(tiny_released, tmp_path, monkeypatch):
     out = tmp_path / "q"
     with monkeypatch.context() as m:
@@ -102,7 +106,65 @@ def test_existing_out_is_refused_and_force_replaces_it_at_the_end(tiny_released,
     assert_one_line_error(*run_cli(capsys, *args)[::2], f"{out}: already exists", "--force")
     assert (out / "keep.txt").read_text() == "mine"
 
+    assert_one_line_error(*run_cli(capsys, *args, "--force")[::2], "--force replaces only a folder klconvert wrote",
+                          "holds other files")
+    assert (out / "keep.txt").read_text() == "mine"
+
+    (out / "keep.txt").unlink()  # an empty folder, then a klconvert output, are replaced
+    code, _, err = run_cli(capsys, *args[:3], "--group-size", "32", "--force")
+    assert code == 0, err
     code, _, err = run_cli(capsys, *args, "--force")
     assert code == 0, err
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no q.partial, no q.replaced
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no q.partial, no lock, no q.replaced
+
+
+def test_out_inside_the_source_is_refused(tiny_copy, capsys):
+    out = tiny_copy / "q"
+    assert_one_line_error(*run_cli(capsys, "quantize", tiny_copy, out)[::2], "inside the source folder")
+    assert not out.exists() and not (tiny_copy / "q.partial").exists()
+
+
+
+@pytest.mark.slow
+def test_max_shard_size_sets_the_shard_count(tiny_released, uninterrupted, tmp_path, capsys):
+    """--max-shard-size bounds every shard (a tensor larger than it would get a shard of its own) and is part of
+    what a resume must match."""
+    small, one = tmp_path / "q", tmp_path / "one"
+    code, _, err = run_cli(capsys, "quantize", tiny_released, small, "--bits", "4", "--group-size", "32",
+                           "--max-shard-size", "150KB")
+    assert code == 0, err
+    assert folder_files(small) == folder_files(uninterrupted)  # the library's max_shard_bytes=150_000
+    headers = [read_header(p) for p in small.glob("*.safetensors")]
+    assert len(headers) >= 5
+    for h in headers:  # the tensors of each shard fit in 150 KB, or it holds one tensor larger than that
+        assert len(h.tensors) == 1 or sum(e.nbytes for e in h.tensors.values()) <= 150_000
+    code, _, err = run_cli(capsys, "quantize", tiny_released, one, "--bits", "4", "--group-size", "32",
+                           "--max-shard-size", "1GiB")
+    assert code == 0, err
+    assert shard_files(one) == ["model-00001-of-00001.safetensors"]
+
+
+@pytest.mark.parametrize("size", ["0", "5 parsecs", "-1GB"])
+def test_a_bad_max_shard_size_is_one_line(tiny_released, tmp_path, capsys, size):
+    out = tmp_path / "q"
+    assert_one_line_error(*run_cli(capsys, "quantize", tiny_released, out, "--max-shard-size", size)[::2],
+                          f"--max-shard-size {size!r}")
+    assert not out.exists() and not (tmp_path / "q.partial").exists()
+
+
+@pytest.mark.slow
+def test_a_different_max_shard_size_does_not_resume_without_force(tiny_released, tmp_path, capsys):
+    out = tmp_path / "q"
+    args = ("quantize", tiny_released, out, "--bits", "4", "--group-size", "32")
+    with pytest.MonkeyPatch.context() as m:
+        break_shard_write(m, 2, KeyboardInterrupt())
+        assert run_cli(capsys, *args, "--max-shard-size", "150KB")[0] == 130
+    assert_one_line_error(*run_cli(capsys, *args, "--max-shard-size", "300KB")[::2], "q.partial: holds an "
+                          "interrupted conversion", "--force")
+    code, _, err = run_cli(capsys, *args, "--max-shard-size", "300KB", "--force")
+    assert code == 0, err
+    assert "kept from an interrupted run" not in err
+    packed = [h for h in map(read_header, out.glob("*.safetensors")) if len(h.tensors) > 1]
+    assert max(sum(e.nbytes for e in h.tensors.values()) for h in packed) > 150_000  # written at the new size

@@ -2,33 +2,21 @@
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from klconvert.cli import main, parse_size
+from klconvert.runtime.plan_report import parse_size
 from klconvert.quant import QuantScheme, compress_weight, load_recipe
 from klconvert.runtime.memory_plan import stored_bytes
 from klconvert.runtime.plan_report import plan_for
+from testkit import run_cli
 
 RECIPE_DIR = Path(__file__).parent.parent / "recipes"
 RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
 HEADROOM = 0.05
 BF16_EXPERTS = 26 * 256 * 3 * 1024 * 2304 * 2  # the routed experts of the released model, in bytes
-
-
-def klconvert_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run the CLI in this process: (exit status, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["klconvert", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_every_tier_has_a_recipe_except_24gb():
@@ -47,13 +35,13 @@ def test_recipe_fits_its_tier_with_headroom(path):
 
 
 def test_plan_command_takes_the_recipe_and_flags_override_it(monkeypatch, capsys):
-    code, out, err = klconvert_main(monkeypatch, capsys, "plan", "--preset", "kimi-linear-48b", "--layers", "4",
+    code, out, err = run_cli(capsys, "plan", "--preset", "kimi-linear-48b", "--layers", "4",
                                     "--recipe", str(RECIPE_DIR / "32gb.yaml"), "--max-context", "4096",
                                     "--mla-cache-dtype", "float8_e4m3fn")
     assert code == 0, err
     assert "context 4,096" in out and "MLA cache float8_e4m3fn" in out and "GPU memory" in out
     assert re.search(r"MLA latent cache / token +576 B", out)  # 4 layers hold 1 MLA layer: 576 values x 1 byte
-    code, _, err = klconvert_main(monkeypatch, capsys, "plan", "--preset", "tiny", "--recipe", str(RECIPE_DIR / "32gb.yaml"),
+    code, _, err = run_cli(capsys, "plan", "--preset", "tiny", "--recipe", str(RECIPE_DIR / "32gb.yaml"),
                                   "--bits", "4")
     assert code == 2 and "not both" in err
 
@@ -89,7 +77,7 @@ def test_recipe_errors_name_the_line(case, tmp_path, monkeypatch, capsys):
     (old, new), line, message = BAD_RECIPES[case]
     path = tmp_path / "bad.yaml"
     path.write_text(RECIPE.replace(old, new))
-    code, out, err = klconvert_main(monkeypatch, capsys, "plan", "--preset", "tiny", "--recipe", str(path))
+    code, out, err = run_cli(capsys, "plan", "--preset", "tiny", "--recipe", str(path))
     assert code == 2 and out == ""
     assert err.startswith(f"klconvert: error: {path}:{line}:") and message in err, err
     assert len(err.strip().splitlines()) == 1

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.checkpoint.safetensors_writer import PlannedTensor, write_shard
 from klconvert.synth.checkpoint import synth
-from klconvert.synth.presets import preset_config
+from klconvert.presets import preset_config
 
 
 def test_released_format(tiny_released):
@@ -59,6 +59,7 @@ def test_layers_keep_the_three_to_one_pattern():
     assert preset_config("kimi-linear-48b")["linear_attn_config"]["full_attn_layers"] == [4, 8, 12, 16, 20, 24, 27]
 
 
+@pytest.mark.slow
 def test_writer_holds_one_tensor_at_a_time(tmp_path):
     """Each tensor is made only when its turn comes, and is gone before the next is made."""
     alive: list[weakref.ref] = []

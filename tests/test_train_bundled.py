@@ -14,14 +14,14 @@ import train_bundled  # noqa: E402
 
 from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
 from klconvert.runtime.engine import load  # noqa: E402
-from klconvert.synth.presets import _layer_lists  # noqa: E402
+from klconvert.release import layer_lists  # noqa: E402
 
 # The bundled config cut down: 4 layers (KDA x3, MLA), hidden 128, 4 experts; the bundled vocabulary.
 TINY = {**copy.deepcopy(train_bundled.BUNDLED_CONFIG), "hidden_size": 128, "intermediate_size": 128,
         "num_hidden_layers": 4, "num_experts": 4, "kv_lora_rank": 32, "num_attention_heads": 2,
         "num_key_value_heads": 2, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
         "moe_intermediate_size": 64,
-        "linear_attn_config": {**_layer_lists(4), "head_dim": 16, "num_heads": 2, "short_conv_kernel_size": 4}}
+        "linear_attn_config": {**layer_lists(4), "head_dim": 16, "num_heads": 2, "short_conv_kernel_size": 4}}
 
 
 def test_training_lowers_the_loss_and_writes_a_checkpoint(tmp_path):

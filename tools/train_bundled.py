@@ -13,7 +13,7 @@ tiktoken.model, tokenizer_config.json (the bundled tokenizer, tools/train_tokeni
 validation loss by step, expert loads, settings) and loss.png (when matplotlib is installed; else
 `python tools/plot_loss.py OUT/loss.json`).
 
-    python tools/train_bundled.py --out OUT [--steps 1500 --batch 16 --seq-len 512 --time-budget-s 240]
+    python tools/train_bundled.py --out OUT [--steps 1500 --batch 32 --seq-len 512 --time-budget-s 240]
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.runtime import model as M  # noqa: E402
 from klconvert.runtime.bind import bind  # noqa: E402
 from klconvert.synth.checkpoint import FP32_TENSORS, synth_values  # noqa: E402
-from klconvert.synth.presets import KIMI_LINEAR_48B, NUM_SPECIAL_TOKENS, _layer_lists  # noqa: E402
+from klconvert.release import NUM_SPECIAL_TOKENS, RELEASED_CONFIG, layer_lists  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
 
 BPE_RANKS = 4096
@@ -53,7 +53,7 @@ TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json")
 # 256, KDA 2 heads x 128, MLA 4 heads x v 64, kv_lora_rank 128, intermediate sizes 512 and 128), so the Triton
 # int kernels take every layer at group 128. 11.76M parameters, 23.5 MB in bf16.
 BUNDLED_CONFIG = {
-    **copy.deepcopy(KIMI_LINEAR_48B),
+    **copy.deepcopy(RELEASED_CONFIG),
     "bos_token_id": BPE_RANKS,
     "eos_token_id": BPE_RANKS + 2,                      # <|im_end|>, as released
     "pad_token_id": BPE_RANKS + NUM_SPECIAL_TOKENS - 1,
@@ -61,7 +61,7 @@ BUNDLED_CONFIG = {
     "hidden_size": 256,
     "intermediate_size": 512,
     "kv_lora_rank": 128,
-    "linear_attn_config": {**_layer_lists(8), "head_dim": 128, "num_heads": 2, "short_conv_kernel_size": 4},
+    "linear_attn_config": {**layer_lists(8), "head_dim": 128, "num_heads": 2, "short_conv_kernel_size": 4},
     "moe_intermediate_size": 128,
     "num_attention_heads": 4,
     "num_experts": 8,
@@ -98,7 +98,7 @@ def fresh_model(c: KimiLinearConfig, device: torch.device, seed: int) -> M.KimiL
     """KimiLinear declared from `c`, filled with init values through bind, trainable (fp32)."""
     specs = expected_tensors(c)
     model = bind(M.KimiLinear(c), lambda name: init_value(specs[name], c.num_hidden_layers, seed), packed=None,
-                 held={}, device=device, dtype=torch.float32, triton=False)
+                 held={}, device=device, dtype=torch.float32, triton=False, restack=False)
     for name, p in model.named_parameters():
         p.requires_grad_(not name.endswith("e_score_correction_bias"))  # moved by the balancing rule, not by SGD
     return model.train()
@@ -222,7 +222,7 @@ def write_checkpoint(out: Path, config: dict, state: dict[str, torch.Tensor], to
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
-def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: int = 16, seq_len: int = 512,
+def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: int = 32, seq_len: int = 512,
           lr: float = 2e-3, warmup: float = 0.03, lr_floor: float = 0.1, weight_decay: float = 0.1,
           bias_rate: float = 5e-3, time_budget_s: float = 240.0, eval_every: int = 50,
           validation_tokens: int | None = None, max_chars: int | None = None, seed: int = 0,
@@ -326,8 +326,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="Folder to write (created; files in it are replaced).")
     p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=16,
-                   help="Sequences per step (the chunked KDA form keeps ~1.6 GB per sequence for backward).")
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--lr", type=float, default=2e-3, help="Peak learning rate.")
     p.add_argument("--weight-decay", type=float, default=0.1)

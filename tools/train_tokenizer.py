@@ -21,7 +21,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bundled_corpus  # noqa: E402
 
-from klconvert.synth.presets import NUM_SPECIAL_TOKENS  # noqa: E402
+from klconvert.release import NUM_SPECIAL_TOKENS  # noqa: E402
 from klconvert.synth.tokenizer_files import write_tiktoken_files  # noqa: E402
 from klconvert.tokenizer import KIMI_PRETOKENIZE_PATTERN  # noqa: E402
 from klconvert.tokenizer import Tokenizer as KimiTokenizer  # noqa: E402

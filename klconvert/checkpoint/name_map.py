@@ -1,8 +1,9 @@
-"""The declarative name table: every tensor a Kimi Linear checkpoint holds, in both layouts it comes in.
+"""The declarative name table: every tensor a Kimi Linear checkpoint holds, in each layout it comes in.
 
 Canonical names are the released checkpoint's (moonshotai/Kimi-Linear-48B-A3B-*). The native
 `transformers` port saves some tensors renamed, stacked or concatenated; `TRANSFORMERS_LAYOUT` says
-how each of those maps back, as data. `{L}` is a 0-indexed layer, `{E}` an expert.
+how each of those maps back, as data, and `LLM_COMPRESSOR_LAYOUT` the names llm-compressor saves.
+`{L}` is a 0-indexed layer, `{E}` an expert.
 """
 from __future__ import annotations
 
@@ -142,13 +143,31 @@ TRANSFORMERS_LAYOUT: list[tuple[str, list[Piece]]] = [
     (_LAYER + r"\.mlp\.experts\.down_proj$",
      [Piece("{0}.block_sparse_moe.experts.{E}.w2.weight", lambda c, e: (e,), True)]),
 ]
-_COMPILED = [(re.compile(p), pieces) for p, pieces in TRANSFORMERS_LAYOUT]
+
+def _whole(template: str) -> list[Piece]:
+    return [Piece(template, lambda c, e: ())]
+
+
+# llm-compressor (0.14) linearizes the stacked experts of the transformers model into per-expert gate/up/down_proj
+# modules (modeling/moe/linear_experts.py) and saves them under `mlp.` (transformers layout) or, renamed back,
+# `block_sparse_moe.` (released layout), where the dense MLP of layer 0 lands too.
+LLM_COMPRESSOR_LAYOUT: list[tuple[str, list[Piece]]] = [
+    (_LAYER + r"\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.gate_proj\.weight$",
+     _whole("{0}.block_sparse_moe.experts.{1}.w1.weight")),
+    (_LAYER + r"\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.up_proj\.weight$",
+     _whole("{0}.block_sparse_moe.experts.{1}.w3.weight")),
+    (_LAYER + r"\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.down_proj\.weight$",
+     _whole("{0}.block_sparse_moe.experts.{1}.w2.weight")),
+    (_LAYER + r"\.block_sparse_moe\.((?:gate|up|down)_proj\.weight)$", _whole("{0}.mlp.{1}")),
+]
+_COMPILED = [(re.compile(p), pieces) for p, pieces in TRANSFORMERS_LAYOUT + LLM_COMPRESSOR_LAYOUT]
 
 
 def canonical_pieces(source_name: str, c: KimiLinearConfig) -> list[tuple[str, tuple]]:
     """The canonical tensors a source tensor provides, each with the index that cuts it out.
 
-    A released-layout name maps to itself with an empty index.
+    A released-layout name maps to itself with an empty index. A piece naming a layer or expert the config does
+    not have is returned as named; the caller finds it in no expected tensor.
     """
     for pattern, pieces in _COMPILED:
         m = pattern.match(source_name)

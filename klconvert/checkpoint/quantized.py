@@ -5,14 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 
-from klconvert.checkpoint.name_map import TensorSpec
+from klconvert.checkpoint.name_map import TensorSpec, canonical_pieces
 from klconvert.checkpoint.safetensors_header import SafetensorsHeader
+from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.quant import QuantScheme, decompress_nf4, decompress_weight
 from klconvert.quant.nf4 import NF4_NAMES
+from klconvert.quant.pack_quantized import PACKED_NAMES as PACKED_PARTS
 from klconvert.quant.scheme import NF4_BLOCKSIZE
 
-PACKED_PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 NF4_PARTS = tuple(n for n in NF4_NAMES if n != "weight")  # "weight" itself is the packed data
 METHODS = ("compressed-tensors", "bitsandbytes")
 
@@ -23,6 +24,11 @@ class QuantizedSource:
 
     parts: dict[str, tuple[str, str]]
     scheme: QuantScheme
+
+    @property
+    def name(self) -> str:
+        """The stored tensor holding the packed values (what an error names)."""
+        return self.parts["weight_packed" if "weight_packed" in self.parts else "weight"][1]
 
 
 def quant_method(raw_config: dict, where: str) -> str | None:
@@ -45,8 +51,9 @@ def _module_of(name: str, parts: tuple[str, ...]) -> tuple[str, str] | None:
 
 
 def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, SafetensorsHeader],
-                   expected: dict[str, TensorSpec], folder) -> dict[str, QuantizedSource]:
-    """Group the packed tensors by module and check each group against the weight it replaces.
+                   expected: dict[str, TensorSpec], config: KimiLinearConfig, folder) -> dict[str, QuantizedSource]:
+    """Group the packed tensors by module, name each module's weight through the name table (any layout, as for
+    unquantized tensors), and check each group against the weight it replaces.
 
     Returns {canonical weight name: QuantizedSource}; every source tensor it names belongs to one group.
     """
@@ -62,13 +69,24 @@ def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, S
                 group["weight"] = (weight_map[f"{module}.weight"], f"{module}.weight")
 
     out: dict[str, QuantizedSource] = {}
+    stored_as: dict[str, str] = {}
     for module, group in groups.items():
-        canonical = f"{module}.weight"
-        where = f"{folder}: quantized weight {canonical}"
+        where = f"{folder}: quantized weight {module}.weight"
+        pieces = canonical_pieces(f"{module}.weight", config)
+        if pieces == [(f"{module}.weight", ())] and f"{module}.weight" not in expected:
+            pieces = canonical_pieces(module, config)  # transformers' stacked experts carry no `.weight`
+        if len(pieces) != 1 or pieces[0][1] != ():
+            raise KLError(f"{where} is stacked from {len(pieces)} weights; klconvert reads packed weights one module "
+                          "at a time (per-expert names) -- quantize the released or per-expert layout instead")
+        canonical = pieces[0][0]
         spec = expected.get(canonical)
         if spec is None or len(spec.shape) != 2:
             raise KLError(f"{where} maps to no linear weight of this model; the checkpoint does not match its "
                           "config.json")
+        if canonical in stored_as:
+            raise KLError(f"{where} and {stored_as[canonical]}.weight both provide {canonical}; the checkpoint "
+                          "holds one weight under two layouts' names -- keep one")
+        stored_as[canonical] = module
 
         def entry(part: str):
             shard, name = group[part]

@@ -63,8 +63,8 @@ def read_header(path: Path) -> SafetensorsHeader:
         raise KLError(f"{path}: cannot read ({e.strerror})") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _fail(path, "header is not valid JSON") from None
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, a 4,300-digit int, nesting past Python's stack
+        raise _fail(path, "header is not valid JSON (or is nested too deeply)") from None
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
 

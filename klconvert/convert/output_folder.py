@@ -1,9 +1,12 @@
-"""The output folder under construction: OUT.partial beside OUT, resumable by finished shard, renamed when whole."""
+"""The output folder under construction: OUT.partial beside OUT, written by one run at a time (OUT.partial.lock),
+resumable by finished shard, renamed when whole."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from klconvert.checkpoint.safetensors_header import read_header
@@ -11,16 +14,99 @@ from klconvert.checkpoint.safetensors_writer import TORCH_TO_SAFETENSORS, Planne
 from klconvert.errors import KLError
 
 RESUME_RECORD = ".klconvert-resume.json"  # what the partial folder is for: source fingerprint and options
+MODEL_CARD_TAG = "- klconvert"  # a tag line in the front matter of the README.md every klconvert output has
 
 
 def partial_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def lock_path(out: Path) -> Path:
+    return out.with_name(out.name + ".partial.lock")
+
+
+def is_klconvert_output(folder: Path) -> bool:
+    """Whether `folder` is a finished klconvert output: its recipe.yaml, and its model card's klconvert tag."""
+    try:
+        with open(folder / "README.md", encoding="utf-8") as f:
+            card = f.read(4096)
+    except (OSError, UnicodeDecodeError):
+        return False
+    front_matter = card.split("\n---", 1)[0] if card.startswith("---") else ""
+    return (folder / "recipe.yaml").is_file() and MODEL_CARD_TAG in front_matter.splitlines()
+
+
 def refuse_existing_out(out: Path, force: bool) -> None:
-    if out.exists() and not force:
+    """KLError when OUT exists, unless `force` and OUT is a klconvert output or an empty folder."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
         raise KLError(f"{out}: already exists; choose another output folder, or pass --force to replace it "
                       "once the new one is complete")
+    if out.is_symlink() or not out.is_dir() or not (is_klconvert_output(out) or not any(out.iterdir())):
+        raise KLError(f"{out}: --force replaces only a folder klconvert wrote (or an empty one), and this "
+                      f"{'is not a folder' if out.is_symlink() or not out.is_dir() else 'holds other files'}; "
+                      "choose another output folder or move it away")
+
+
+class OutputLock:
+    """One writer per output: an exclusive flock on OUT.partial.lock, which holds the writer's pid.
+
+    A second run is refused naming the holder. A lock file left by a run that died (the kernel drops its flock) is
+    taken over, and said so on stderr. The file is removed when the lock is released.
+    """
+
+    def __init__(self, out: Path):
+        self.path, self.partial = lock_path(out), partial_path(out)
+        self._fd: int | None = None
+
+    def __enter__(self) -> OutputLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_pid(fd)
+                os.close(fd)
+                raise KLError(f"{self.partial}: another klconvert run (pid {holder if holder else 'unknown'}) is "
+                              f"writing it (lock {self.path}); wait for it to finish, or stop it and rerun") from None
+            try:
+                same_file = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:  # the holder removed it between our open and flock: lock the new one
+                same_file = False
+            if same_file:
+                break
+            os.close(fd)
+        previous = _read_pid(fd)
+        if previous is not None:
+            print(f"klconvert: taking over {self.path}, left by process {previous} "
+                  f"({'no longer running' if not _running(previous) else 'which no longer holds it'})",
+                  file=sys.stderr)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)  # while still holding it, so no one locks a file about to vanish
+        os.close(self._fd)
+        self._fd = None
+
+
+def _read_pid(fd: int) -> int | None:
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return int(text) if text.isdigit() else None
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:
@@ -64,6 +150,10 @@ class OutputFolder:
             return json.loads((self.path / RESUME_RECORD).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
+
+    def remove(self) -> None:
+        """Delete the whole folder (a run that failed before finishing any shard leaves nothing behind)."""
+        _remove(self.path)
 
     def remove_unfinished(self) -> None:
         """Delete files an interrupted write left under a temporary name."""

@@ -13,6 +13,7 @@ from klconvert.checkpoint.safetensors_header import DTYPE_BYTES
 from klconvert.checkpoint.safetensors_writer import SAFETENSORS_TO_TORCH, PlannedTensor
 from klconvert.quant import Policy, QuantScheme, compress_nf4, compress_weight
 from klconvert.quant.scheme import NF4_BLOCKSIZE
+from klconvert.quant.stored import nf4_parts, packed_parts
 
 Output = tuple[str, torch.dtype, tuple[int, ...]]  # (tensor name, dtype, shape) as written
 
@@ -21,7 +22,6 @@ Output = tuple[str, torch.dtype, tuple[int, ...]]  # (tensor name, dtype, shape)
 # A multiple of 8, so int4 zero points (8 rows to an int32 word) never straddle two blocks.
 ROW_BLOCK = 8192
 NF4_STATE = "weight.quant_state.bitsandbytes__nf4"  # the uint8 tensor holding bitsandbytes' JSON quant state
-NF4_NESTED_BLOCKSIZE = 256  # bitsandbytes' double quantization re-quantizes absmax in blocks of 256
 LONGEST_FLOAT = -2.2250738585072014e-308  # a double whose repr is as long as any (24 characters)
 # safetensors hands out tensors that view its mmap of the shard, so every page read stays mapped, and counted in
 # RSS, while the shard is open: reopening the shards after this many source bytes keeps RSS flat (a reopen
@@ -46,15 +46,7 @@ class ModulePlan:
 
 def packed_outputs(prefix: str, shape: tuple[int, ...], dtype: torch.dtype, scheme: QuantScheme) -> tuple[Output, ...]:
     """The tensors compress_weight makes for a [out, in] weight (compressed-tensors pack-quantized)."""
-    rows, cols = shape
-    per_word = 32 // scheme.bits
-    groups = 1 if scheme.group_size == -1 else cols // scheme.group_size
-    outputs = [(f"{prefix}.weight_packed", torch.int32, (rows, -(-cols // per_word))),
-               (f"{prefix}.weight_scale", dtype, (rows, groups))]
-    if not scheme.symmetric:  # int8 zero points packed along the output dim
-        outputs.append((f"{prefix}.weight_zero_point", torch.int32, (-(-rows // per_word), groups)))
-    outputs.append((f"{prefix}.weight_shape", torch.int64, (2,)))
-    return tuple(outputs)
+    return tuple((f"{prefix}.{part}", d, s) for part, d, s in packed_parts(shape, dtype, scheme))
 
 
 @functools.cache
@@ -73,13 +65,7 @@ def nf4_state_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 def nf4_outputs(prefix: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Output, ...]:
     """The tensors compress_nf4 makes (bitsandbytes' Linear4bit serialization, double-quantized absmax)."""
-    n = math.prod(shape)
-    blocks = -(-n // NF4_BLOCKSIZE)
-    return ((f"{prefix}.weight", torch.uint8, (n // 2, 1)),
-            (f"{prefix}.weight.absmax", torch.uint8, (blocks,)),
-            (f"{prefix}.weight.quant_map", torch.float32, (16,)),
-            (f"{prefix}.weight.nested_absmax", torch.float32, (-(-blocks // NF4_NESTED_BLOCKSIZE),)),
-            (f"{prefix}.weight.nested_quant_map", torch.float32, (256,)),
+    return (*((f"{prefix}.{part}", d, s) for part, d, s in nf4_parts(shape)),
             (f"{prefix}.{NF4_STATE}", torch.uint8, (nf4_state_bytes(shape, dtype),)))
 
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from klconvert.errors import KLError
+from klconvert.extras import require
 from klconvert.quant.pack_quantized import local_names
 from klconvert.quant.scheme import NF4_BLOCKSIZE
 
@@ -16,12 +17,8 @@ NF4_NAMES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absma
              "weight.quant_state.bitsandbytes__nf4")
 
 
-def _bnb():
-    try:
-        import bitsandbytes.functional as bnbf
-    except ImportError:
-        raise KLError("nf4 needs the bitsandbytes package: `pip install bitsandbytes`; or use --scheme int") from None
-    return bnbf
+def _bnb(feature: str):
+    return require("bitsandbytes.functional", feature)
 
 
 @torch.no_grad()
@@ -40,8 +37,9 @@ def compress_nf4(prefix: str, w: torch.Tensor, double_quant: bool = True) -> dic
     if not bool(torch.isfinite(w).all()):
         raise KLError(f"{prefix}.weight: the weight holds NaN or Inf values; the checkpoint is damaged -- "
                       "re-download it")
-    packed, state = _bnb().quantize_4bit(w.contiguous(), blocksize=NF4_BLOCKSIZE, compress_statistics=double_quant,
-                                         quant_type="nf4", quant_storage=torch.uint8)
+    bnbf = _bnb("--scheme nf4 (or use --scheme int)")
+    packed, state = bnbf.quantize_4bit(w.contiguous(), blocksize=NF4_BLOCKSIZE, compress_statistics=double_quant,
+                                       quant_type="nf4", quant_storage=torch.uint8)
     out = {f"{prefix}.weight": packed}
     for key, t in state.as_dict(packed=True).items():
         # clone: quant_map is bitsandbytes' shared code book, and safetensors refuses shared storage
@@ -58,7 +56,7 @@ def decompress_nf4(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
     if missing:
         raise KLError(f"nf4 tensors {sorted(tensors)[:4]} lack {missing}; the checkpoint is incomplete -- "
                       "re-run the conversion")
-    bnbf = _bnb()
+    bnbf = _bnb("reading an NF4 checkpoint")
     packed = found.pop("weight")
     state = bnbf.QuantState.from_dict({k.removeprefix("weight."): v for k, v in found.items()}, device=packed.device)
     return bnbf.dequantize_4bit(packed, state)

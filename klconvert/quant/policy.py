@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 import yaml
 
 from klconvert.errors import KLError
+from klconvert.quant.fused import fused_instances
 from klconvert.quant.groupwise import check_groupwise
 from klconvert.quant.nf4 import bnb_quantization_config
 from klconvert.quant.scheme import NF4_BLOCKSIZE, QuantScheme, compressed_tensors_config
@@ -25,6 +26,7 @@ _PROTECTED = (
     (re.compile(r"(.*\.)?embed_tokens$"), "the token embedding"),
 )
 _EMBEDDING = re.compile(r"(.*\.)?embed_tokens$")
+_ROUTED_EXPERT = re.compile(r".*\.experts\.\d+\.w[123]\.weight$")
 
 
 def match_key(tensor_name: str) -> str:
@@ -81,11 +83,14 @@ class Policy:
     error, because compressed-tensors and vLLM break that tie differently.
 
     strict: a target that selects no tensor is an error (recipes); otherwise check_against drops it.
+    keep_fused: names of vLLM fused modules (quant/fused.py) kept whole as released; check_against turns them into
+    an ignore entry naming each member, since a name pattern alone cannot tell a KDA q_proj from an MLA one.
     """
 
     groups: tuple[Group, ...]
     ignore: tuple[Entry, ...] = ()
     strict: bool = True
+    keep_fused: tuple[str, ...] = ()
 
     def __post_init__(self):
         kinds = {g.scheme.kind for g in self.groups}
@@ -146,14 +151,22 @@ class Policy:
 
         KLError for: a match scheme_for refuses; a linear weight neither targeted nor ignored (vLLM and
         bitsandbytes need every linear layer accounted for); under `strict`, a target that selects no
-        tensor. Returns the policy without unused targets (and groups left empty) -- the one to apply
-        and to write as recipe.yaml.
+        tensor; routed experts that transformers would read with another group's scheme. Returns the policy
+        without unused targets (and groups left empty), keep_fused spelled out in ignore -- the one to apply and
+        to write as recipe.yaml.
         """
+        names_and_shapes = [(name, tuple(shape)) for name, shape in names_and_shapes]
+        if self.keep_fused:
+            return replace(self, ignore=(*self.ignore, *self._kept_whole(names_and_shapes)),
+                           keep_fused=()).check_against(names_and_shapes)
         used: set[tuple[str, str]] = set()
+        experts_group: Group | None = None
         for name, shape in names_and_shapes:
             hit = self._resolve(name, shape)
             if hit:
                 used.update((hit[0].name, e.pattern) for e in hit[1])
+                if _ROUTED_EXPERT.match(name):
+                    experts_group = hit[0]
             elif is_linear_weight(name, shape) and not any(e.matches(match_key(name), True) for e in self.ignore):
                 raise KLError(f"{name} {list(shape)} is a linear weight that no target selects and no ignore entry "
                               "lists; runtimes would not know how it is stored -- add it to a group's targets or "
@@ -168,17 +181,55 @@ class Policy:
             kept = tuple(e for e in g.targets if (g.name, e.pattern) in used)
             if kept:
                 groups.append(replace(g, targets=kept))
-        return replace(self, groups=tuple(groups))
+        checked = replace(self, groups=tuple(groups))
+        if experts_group is not None and checked.kind == "int":
+            checked._refuse_transformers_experts_misread(experts_group)
+        return checked
+
+    def _kept_whole(self, names_and_shapes) -> list[Entry]:
+        """One ignore entry per kept fused module: `re:(parent|...)\\.(\\w+\\.)?(member|...)$` over its instances."""
+        entries = []
+        for fused in self.keep_fused:
+            found = [i for i in fused_instances(names_and_shapes) if i.module.name == fused]
+            if not found:
+                continue
+            parents = "|".join(re.escape(i.parent) for i in found)
+            members = "|".join(fused_member for fused_member in found[0].module.members)
+            # members may sit one module deeper in the transformers layout (self_attn.forget_gate.f_a_proj)
+            entries.append(Entry(f"re:({parents})\\.(\\w+\\.)?({members})$", f"default policy (keep {fused} whole)"))
+        return entries
+
+    def _written_groups(self) -> list[Group]:
+        # groups with a "Linear" target go last: compressed-tensors' model-free dequantizer takes the
+        # first group that matches and treats "Linear" as everything; vLLM and transformers let a
+        # name target win wherever it is listed
+        return sorted(self.groups, key=lambda g: any(e.pattern == LINEAR for e in g.targets))
+
+    def _refuse_transformers_experts_misread(self, experts: Group) -> None:
+        """transformers (5.17 to 5.24, integrations/compressed_tensors.py get_experts_scheme) reads every routed
+        expert with one group's scheme: the first group with a `re:` target containing "experts", else the first
+        with a plain (non-`re:`) target. KLError when that is not the group that stores them."""
+        written = self._written_groups()
+        mention = [g for g in written if any(e.pattern.startswith("re:") and "experts" in e.pattern for e in g.targets)]
+        plain = [g for g in written if any(not e.pattern.startswith("re:") for e in g.targets)]
+        chosen = (mention or plain or written)[0]
+        if chosen.name == experts.name or chosen.scheme == experts.scheme:
+            return
+        entry = next((e for e in chosen.targets if e.pattern.startswith("re:") and "experts" in e.pattern),
+                     next((e for e in chosen.targets if not e.pattern.startswith("re:")), chosen.targets[0]))
+        why = 'mentions "experts"' if mention else "is not a re: pattern"
+        raise KLError(f"{entry.where}: transformers reads the routed experts with the scheme of group {chosen.name} "
+                      f"({chosen.scheme.describe()}: its target {entry.pattern!r} is the first that {why}), but "
+                      f"group {experts.name} stores them ({experts.scheme.describe()}); write the other groups' "
+                      'targets as re: patterns without the word "experts" (e.g. re:^lm_head$, '
+                      r"re:.*\.shared_\w+\.down_proj$)")
 
     def quantization_config(self) -> dict:
         """config.json's `quantization_config`: compressed-tensors for int groups, bitsandbytes for nf4."""
         if self.kind == "nf4":
             return bnb_quantization_config([e.pattern.removeprefix("re:") for e in self.ignore])
-        # groups with a "Linear" target go last: compressed-tensors' model-free dequantizer takes the
-        # first group that matches and treats "Linear" as everything; vLLM and transformers let a
-        # name target win wherever it is listed
-        groups = sorted(self.groups, key=lambda g: any(e.pattern == LINEAR for e in g.targets))
-        return compressed_tensors_config([(g.name, [e.pattern for e in g.targets], g.scheme) for g in groups],
+        return compressed_tensors_config([(g.name, [e.pattern for e in g.targets], g.scheme)
+                                          for g in self._written_groups()],
                                          [e.pattern for e in self.ignore])
 
     def to_recipe_yaml(self, runtime: Mapping | None = None) -> str:

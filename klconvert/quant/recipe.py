@@ -46,7 +46,7 @@ class _Reader:
         types = types if isinstance(types, tuple) else (types,)
         try:
             value = self._constructor.construct_object(node) if isinstance(node, yaml.ScalarNode) else node
-        except yaml.YAMLError as e:  # e.g. an unknown !!tag
+        except (yaml.YAMLError, ValueError) as e:  # an unknown !!tag; an int of 4,300+ digits
             self.fail(node, f"{what}: {getattr(e, 'problem', None) or e}")
         ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
         if not ok:
@@ -129,6 +129,8 @@ def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise KLError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', None) or e}); fix the recipe") from None
+    except RecursionError:  # the composer recurses once per level; a recipe is five levels deep
+        raise KLError(f"{path}: nested too deeply to be a recipe; fix the recipe") from None
     if root is None:
         raise KLError(f"{path}: the recipe is empty; it needs a '<name>_stage:' section")
     top = r.mapping(root, "the recipe", None)

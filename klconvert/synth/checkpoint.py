@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import zlib
@@ -13,15 +14,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from klconvert.checkpoint.name_map import TensorSpec, expected_tensors
+from klconvert.checkpoint.name_map import (TRANSFORMERS_LAYOUT, TensorSpec, canonical_pieces, expected_tensors,
+                                          sliced_shape)
 from klconvert.checkpoint.safetensors_writer import (PlannedTensor, index_json, shard_names, split_into_shards,
                                                      write_shard)
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
-from klconvert.synth.presets import NUM_SPECIAL_TOKENS, preset_config
+from klconvert.presets import preset_config
+from klconvert.release import FP32_TENSORS, NUM_SPECIAL_TOKENS
 from klconvert.synth.tokenizer_files import write_tokenizer_files
 
-FP32_TENSORS = ("A_log", "dt_bias", "e_score_correction_bias")  # kept fp32 in the released files
 DEFAULT_SHARD_BYTES = {"tiny": 4 << 20, "kimi-linear-48b": 5 * 10**9}
 
 
@@ -73,46 +75,99 @@ def _released_layout(expected: dict[str, TensorSpec], seed: int) -> list[Planned
             for s in expected.values()]
 
 
-def _transformers_layout(expected: dict[str, TensorSpec], c: KimiLinearConfig, seed: int) -> list[PlannedTensor]:
-    """The native transformers port's layout, holding exactly the values of the released layout."""
-    def make(*names: str, dim: int = 0, stack: bool = False):
-        def build():
-            parts = [synth_values(expected[n], seed) for n in names]
-            return torch.stack(parts) if stack else torch.cat(parts, dim=dim)
-        return build
-
-    out: list[PlannedTensor] = []
-    for spec in expected.values():
-        name = spec.name
-        attn = name.rsplit(".self_attn.", 1)
-        if len(attn) == 2 and attn[1] in ("f_a_proj.weight", "f_b_proj.weight", "A_log", "dt_bias"):
-            out.append(PlannedTensor(f"{attn[0]}.self_attn.forget_gate.{attn[1]}", _dtype(name), spec.shape,
-                                     make(name)))
-        elif name.endswith("self_attn.q_conv1d.weight"):
-            base = name[: -len("q_conv1d.weight")]
-            parts = [base + p + "_conv1d.weight" for p in "qkv"]
-            out.append(PlannedTensor(base + "conv1d.weight", torch.bfloat16,
-                                     (3 * c.kda_dim, 1, c.conv_kernel_size), make(*parts)))
-        elif name.endswith(("k_conv1d.weight", "v_conv1d.weight")):
-            continue
-        elif ".block_sparse_moe.experts.0.w1.weight" in name:
-            layer = name.split(".block_sparse_moe.")[0]
-            w1 = [f"{layer}.block_sparse_moe.experts.{e}.w1.weight" for e in range(c.num_experts)]
-            w3 = [f"{layer}.block_sparse_moe.experts.{e}.w3.weight" for e in range(c.num_experts)]
-            w2 = [f"{layer}.block_sparse_moe.experts.{e}.w2.weight" for e in range(c.num_experts)]
-            i, d, n = c.moe_intermediate_size, c.hidden_size, c.num_experts
-            out.append(PlannedTensor(f"{layer}.mlp.experts.gate_up_proj", torch.bfloat16, (n, 2 * i, d),
-                                     lambda a=w1, b=w3: torch.cat([make(*a, stack=True)(),
-                                                                   make(*b, stack=True)()], dim=1)))
-            out.append(PlannedTensor(f"{layer}.mlp.experts.down_proj", torch.bfloat16, (n, d, i),
-                                     make(*w2, stack=True)))
-        elif ".block_sparse_moe.experts." in name:
-            continue
-        elif ".block_sparse_moe." in name:
-            out.append(PlannedTensor(name.replace(".block_sparse_moe.", ".mlp."), _dtype(name), spec.shape,
-                                     make(name)))
+def _filled(pattern: str, groups: tuple[str, ...]) -> str | None:
+    """The name `pattern` matches with these capture groups: its text with each top-level group replaced by its
+    value and escapes dropped; None where anything else (a class, a repeat) sits outside the groups."""
+    out, i, g = [], 0, 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < len(pattern) and not pattern[i + 1].isalnum():
+            out.append(pattern[i + 1])
+            i += 2
+        elif ch == "(":
+            depth, j = 1, i + 1
+            while depth:
+                depth += {"(": 1, ")": -1}.get(pattern[j], 0) if pattern[j - 1] != "\\" else 0
+                j += 1
+            if g >= len(groups):
+                return None
+            out.append(groups[g])
+            g, i = g + 1, j
+        elif (ch == "^" and i == 0) or (ch == "$" and i == len(pattern) - 1):
+            i += 1
+        elif ch in ".\\[]{}*+?|":
+            return None
         else:
-            out.append(PlannedTensor(name, _dtype(name), spec.shape, make(name)))
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+def _template_groups(template: str, name: str) -> tuple[str, ...] | None:
+    """The values of a Piece template's positional fields ({0}, {1}) that make `name`; {E} is an expert index."""
+    regex = re.sub(r"\\\{(\d+|E)\\\}", lambda m: r"(\d+)" if m.group(1) == "E" else f"(?P<g{m.group(1)}>.+)",
+                   re.escape(template))
+    m = re.fullmatch(regex, name)
+    if m is None:
+        return None
+    fields = {int(k[1:]): v for k, v in m.groupdict().items()}
+    return tuple(fields[i] for i in range(len(fields)))
+
+
+def _transformers_names(expected: dict[str, TensorSpec], c: KimiLinearConfig) -> dict[str, list[tuple[str, tuple]]]:
+    """{transformers-layout name: the canonical tensors it holds, each with its index into it}, in file order,
+    inverted from name_map.TRANSFORMERS_LAYOUT: a canonical name's source is the name a rule's piece makes it
+    from, checked by mapping that source forward again."""
+    rules = [(pattern, pieces) for pattern, pieces in TRANSFORMERS_LAYOUT]
+    forward: dict[str, list[tuple[str, tuple]]] = {}
+    sources: dict[str, str] = {}  # canonical -> source
+    for name in expected:
+        if name in sources:
+            continue
+        source = name
+        for pattern, pieces in rules:
+            for piece in pieces:
+                groups = _template_groups(piece.canonical, name)
+                candidate = _filled(pattern, groups) if groups is not None else None
+                if candidate is not None and re.match(pattern, candidate):
+                    held = forward.setdefault(candidate, canonical_pieces(candidate, c))
+                    if any(canonical == name for canonical, _ in held):
+                        source = candidate
+                        break
+            if source != name:
+                break
+        for canonical, _ in forward.get(source, [(name, ())]):
+            sources[canonical] = source
+    out: dict[str, list[tuple[str, tuple]]] = {}
+    for name, source in sources.items():
+        out.setdefault(source, forward.get(source, [(name, ())]))
+    return out
+
+
+def _transformers_layout(expected: dict[str, TensorSpec], c: KimiLinearConfig, seed: int) -> list[PlannedTensor]:
+    """The native transformers port's layout, holding exactly the values of the released layout: each of its
+    tensors is put together from the canonical tensors name_map says it splits into."""
+    out: list[PlannedTensor] = []
+    for source, pieces in _transformers_names(expected, c).items():
+        first = expected[pieces[0][0]]
+        if pieces == [(first.name, ())]:
+            out.append(PlannedTensor(source, _dtype(first.name), first.shape, lambda s=first: synth_values(s, seed)))
+            continue
+        lead = [0] * len(pieces[0][1])
+        for _, index in pieces:
+            for d, ix in enumerate(index):
+                lead[d] = max(lead[d], ix + 1 if isinstance(ix, int) else ix.stop)
+        sliced = sum(isinstance(ix, slice) for ix in pieces[0][1])
+        shape = (*lead, *first.shape[sliced:])
+        if any(sliced_shape(shape, index) != expected[name].shape for name, index in pieces):
+            raise KLError(f"name_map's transformers rule for {source} does not tile {shape}; fix the table")
+
+        def build(pieces=pieces, shape=shape, dtype=_dtype(first.name)):
+            t = torch.empty(shape, dtype=dtype)
+            for name, index in pieces:
+                t[index] = synth_values(expected[name], seed)
+            return t
+        out.append(PlannedTensor(source, _dtype(first.name), shape, build))
     return out
 
 

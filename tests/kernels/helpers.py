@@ -1,19 +1,16 @@
-"""Shared test helpers: relative RMS error, NaN-poisoned outputs, and weights quantized by compressed-tensors itself."""
+"""Kernel test helpers: the relative-error bound, NaN-poisoned outputs, and weights quantized by compressed-tensors
+itself."""
 import pytest
 import torch
+
+from testkit import rel_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="real shapes need a GPU")
 
 
-def rel_rms(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """RMS(got - ref) / RMS(ref), in fp64; NaN anywhere gives NaN (and fails any bound)."""
-    got, ref = got.double(), ref.double()
-    return ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
-
-
 def assert_close(got, ref, bound, what):
-    err = rel_rms(got, ref)
+    err = rel_error(got, ref)
     assert err <= bound, f"{what}: relative RMS error {err:.3g} > {bound:g}"  # NaN also lands here
     return err
 

@@ -1,10 +1,13 @@
-"""fused_moe (decode GEMV pair and grouped prefill GEMM) against its per-token, per-expert fp32 twin."""
+"""fused_moe (decode kernels on the CUDA and the tensor cores, grouped prefill GEMM) against its per-token,
+per-expert fp32 twin; the kernel choice table."""
 import pytest
 import torch
 from helpers import DEVICE, GPU, assert_close, ct_compress, poisoned
 
-from klconvert.kernels import fused_moe, naive_fused_moe, repack_moe_experts
-from klconvert.kernels.fused_moe import align_pairs, moe_decode_fwd, moe_grouped_fwd
+from klconvert.kernels.naive_moe import naive_fused_moe
+from klconvert.kernels.fused_moe import (DECODE_MAX_TOKENS, MOE_CROSSOVER, align_pairs, fused_moe, moe_decode_fwd,
+                                         moe_grouped_fwd, repack_moe_experts,
+                                         moe_kernel)
 
 BOUND = {torch.float32: 1e-5, torch.bfloat16: 8e-3}  # relative RMS vs the fp32 twin, by output dtype
 GROUPED_BOUND = 1.5e-2  # the grouped path also rounds x and the SiLU product to bf16 for the tensor cores
@@ -49,6 +52,31 @@ def test_fused_moe_decode_split_k():
     assert int(experts.gate.locks.abs().sum()) == 0 and int(experts.down.locks.abs().sum()) == 0
 
 
+@pytest.mark.parametrize("mma, bits, symmetric, shared, tokens", [
+    (True, 4, False, False, 16), (False, 4, False, False, 6), (True, 8, True, True, 3), (False, 8, True, True, 3),
+    (True, 4, True, True, 1), (False, 4, True, True, 1)])
+def test_decode_kernels(mma, bits, symmetric, shared, tokens):
+    """Both decode kernels at ragged token counts. 5 experts for 3 slots, so tokens share experts (one program
+    serves all of an expert's tokens); without the shared expert 3 slots pad to 4, aliasing the next token's pairs.
+    A second call reuses the locks, which must be re-armed."""
+    experts = make_experts(5, 256, 128, bits, symmetric, shared)
+    x = torch.randn(tokens, 256, device=DEVICE, dtype=torch.bfloat16)
+    ids, weights = routing(tokens, 5, 3)
+    for _ in range(2):
+        y = moe_decode_fwd(x, ids, weights, experts, poisoned(tokens, 256, dtype=x.dtype), mma=mma)
+        assert_close(y, naive_fused_moe(x, ids, weights, experts), BOUND[x.dtype], f"decode, mma {mma}")
+    assert int(experts.gate.locks.abs().sum()) == 0 and int(experts.down.locks.abs().sum()) == 0
+
+
+def test_moe_kernel_table():
+    for bits, (fma_max, mma_max) in MOE_CROSSOVER.items():
+        assert bits in (4, 8) and 0 <= fma_max <= DECODE_MAX_TOKENS and mma_max >= 0
+        for t in range(1, 40):
+            want = "fma" if t <= fma_max else "mma" if t <= min(mma_max, DECODE_MAX_TOKENS) else "grouped"
+            assert moe_kernel(t, bits, torch.bfloat16) == want
+            assert moe_kernel(t, bits, torch.float32) == ("fma" if t <= DECODE_MAX_TOKENS else "grouped")
+
+
 @pytest.mark.parametrize("m, block_m", [(7, 16), (20, None)])
 def test_fused_moe_grouped(m, block_m):
     experts = make_experts(5, 256, 128, 4, False)
@@ -76,5 +104,21 @@ def test_fused_moe_real_shapes(bits, m):
     x = torch.randn(m, 2304, device=DEVICE, dtype=torch.bfloat16)
     ids, weights = routing(m, 32, 8)
     y = fused_moe(x, ids, weights, experts, out=poisoned(m, 2304, dtype=x.dtype))
-    bound = BOUND[x.dtype] if m <= 8 else GROUPED_BOUND
+    bound = BOUND[x.dtype] if m <= DECODE_MAX_TOKENS else GROUPED_BOUND
     assert_close(y, naive_fused_moe(x, ids, weights, experts), bound, "fused_moe")
+
+
+@GPU
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("launch", [dict(mma=False), dict(mma=True, fast=True), dict(mma=True, fast=False),
+                                    dict(mma=True, fast=True, weights_as_a=False), dict(mma=True, block_n=128)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_decode_kernels_real_shapes(m, launch, symmetric):
+    """Each decode variant (the PTX unpack among them) at the model's expert shape, 8 of 32 experts + shared."""
+    experts = make_experts(32, 2304, 1024, 4, symmetric)
+    x = torch.randn(m, 2304, device=DEVICE, dtype=torch.bfloat16)
+    ids, weights = routing(m, 32, 8)
+    for _ in range(2):
+        y = moe_decode_fwd(x, ids, weights, experts, poisoned(m, 2304, dtype=x.dtype), **launch)
+        assert_close(y, naive_fused_moe(x, ids, weights, experts), BOUND[x.dtype], f"decode {launch}")
+    assert int(experts.gate.locks.abs().sum()) == 0 and int(experts.down.locks.abs().sum()) == 0

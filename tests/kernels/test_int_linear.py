@@ -1,10 +1,13 @@
-"""int_linear (W4A16/W8A16 GEMV and GEMM) against its fp32 twin, on weights packed by compressed-tensors."""
+"""int_linear (W4A16/W8A16: CUDA-core GEMV, tensor-core GEMV with split-K, tensor-core GEMM) against its fp32 twin,
+on weights packed by compressed-tensors; the repacked word order; the kernel choice table."""
 import pytest
 import torch
 from helpers import DEVICE, GPU, assert_close, ct_compress, ct_decompress, poisoned
 
-from klconvert.kernels import int_linear, naive_int_linear, repack_int_weight
-from klconvert.kernels.int_linear import int_gemv_fwd
+from klconvert.kernels.naive_int_linear import naive_int_linear
+from klconvert.kernels.int_linear import (CROSSOVER, FMA_MAX_M, KT, LARGE_WEIGHT, int_gemv_fwd, int_linear, int_mma_fwd,
+                                          linear_kernel, repack_int_weight,
+                                          unpack_words)
 from klconvert.kernels.naive_int_linear import dequantize_int_weight
 
 # bound on RMS error relative to the fp32 twin, by output dtype (bf16/fp16 outputs are rounded once)
@@ -27,7 +30,58 @@ def test_repack_is_the_checkpoint_weight(bits, symmetric, group, n, k):
     assert torch.equal(dequantize_int_weight(packed).to(want.dtype), want)
 
 
-@pytest.mark.parametrize("m", [1, 7, 20])  # GEMV, GEMV, GEMM
+def test_word_order_pairs_neighbours():
+    """What the PTX unpack rests on: slots i and i + 16/bits of word p of a k-tile hold inputs i*2P + 2p and
+    i*2P + 2p + 1, and unpack_words inverts the repack exactly."""
+    for bits in (4, 8):
+        n, k = 32, 2 * KT
+        codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.int32)
+        words = (codes.view(n, k * bits // 32, 32 // bits) << torch.arange(0, 32, bits, dtype=torch.int32)).sum(-1)
+        p = repack_int_weight(words.to(torch.int32), torch.ones(n, k // KT), None, (n, k), bits, KT)
+        assert torch.equal(unpack_words(p.qweight, bits), codes)
+        half, P = 16 // bits, KT * bits // 32
+        w = p.qweight[1, 1, 3]  # rows 16..31, k-tile 1, row 3 of the block: row 19
+        for i in range(half):
+            for b, slot in ((0, i), (1, i + half)):
+                got = (w >> (bits * slot)) & ((1 << bits) - 1)
+                assert torch.equal(got, codes[19, KT + i * 2 * P + b + 2 * torch.arange(P)])
+
+
+def test_crossover_table():
+    """Every (bits, weight class) has an entry; fp32 x stays on the exact GEMV; the choice follows the table."""
+    for (bits, cls), (fma_max, mma_max) in CROSSOVER.items():
+        assert bits in (4, 8) and cls in ("large", "small") and 0 <= fma_max <= FMA_MAX_M and mma_max >= 0
+    _, small = packed_linear(4, True, 128, 40, 384)
+    assert small.n * small.k < LARGE_WEIGHT
+    fma_max, mma_max = CROSSOVER[(4, "small")]
+    for m in range(1, 40):
+        want = "fma" if m <= fma_max else "mma" if m <= mma_max else "gemm"
+        assert linear_kernel(m, small, torch.bfloat16) == want
+        assert linear_kernel(m, small, torch.float32) == ("fma" if m <= max(fma_max, FMA_MAX_M) else want)
+
+
+# (kernel, launch options): every decode and prefill variant, whatever CROSSOVER picks
+VARIANTS = {"fma": (int_gemv_fwd, {}), "fma split 2": (int_gemv_fwd, dict(block_n=16, split_k=2)),
+            "mma W-as-A split": (int_mma_fwd, dict(weights_as_a=True)),
+            "mma x-as-A split 3": (int_mma_fwd, dict(weights_as_a=False, block_n=16, split_k=3)),
+            "gemm 2 row blocks of 16": (int_mma_fwd, dict(block_m=16, block_n=16, split_k=1)),
+            "gemm 32x32 x-as-A": (int_mma_fwd, dict(block_m=32, block_n=32, split_k=1))}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("bits, symmetric, group, n, k", CASES)
+def test_each_kernel(variant, bits, symmetric, group, n, k):
+    fn, launch = VARIANTS[variant]
+    _, packed = packed_linear(bits, symmetric, group, n, k)
+    m = 19 if variant.startswith("gemm") else 5  # ragged rows: partial row blocks everywhere
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+    for _ in range(2):  # a second call reuses the split-K locks
+        y = fn(x, packed, poisoned(m, n, dtype=x.dtype), **launch)
+        assert_close(y, naive_int_linear(x, packed), BOUND[x.dtype], variant)
+    assert int(packed.locks.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("m", [1, 7, 20])  # decode, decode, GEMM
 @pytest.mark.parametrize("bits, symmetric, group, n, k", CASES)
 def test_int_linear(bits, symmetric, group, n, k, m):
     _, packed = packed_linear(bits, symmetric, group, n, k)
@@ -70,3 +124,19 @@ def test_int_linear_real_shapes(bits, n, k, m, symmetric):
     x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
     y = int_linear(x, packed, out=poisoned(m, n, dtype=x.dtype))
     assert_close(y, naive_int_linear(x, packed), BOUND[x.dtype], "int_linear")
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("launch", [dict(weights_as_a=True), dict(weights_as_a=False), dict(block_n=128),
+                                    dict(block_m=64, split_k=1)])
+@pytest.mark.parametrize("n, k, m", [(12288, 2304, 1), (2304, 4096, 16), (4096, 2304, 77)])
+def test_int4_ptx_unpack(dtype, symmetric, launch, n, k, m):
+    """The PTX (LOP3 + packed FMA) unpack against the twin, and against the PTX-free unpack of the same kernel."""
+    _, packed = packed_linear(4, symmetric, 128, n, k)
+    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    y = int_mma_fwd(x, packed, poisoned(m, n, dtype=dtype), fast=True, **launch)
+    assert_close(y, naive_int_linear(x, packed), BOUND[dtype], "int4 PTX unpack")
+    # the same centred codes enter the same dots: the two unpacks agree up to the odd output rounding
+    assert_close(y, int_mma_fwd(x, packed, poisoned(m, n, dtype=dtype), fast=False, **launch), 1e-3, "PTX vs Triton")

@@ -64,9 +64,10 @@ def test_nf4_quantization_config_and_skip_list():
     skip = cfg["llm_int8_skip_modules"]
     # transformers' own matcher, on both the released and the transformers-native module names
     kept = ["lm_head", "model.layers.1.block_sparse_moe.gate", "model.layers.1.mlp.gate",
-            "model.layers.0.self_attn.b_proj", "model.layers.0.self_attn.f_a_proj",
+            "model.layers.0.self_attn.g_a_proj", "model.layers.0.self_attn.f_b_proj",
             "model.layers.0.self_attn.forget_gate.f_b_proj", "model.layers.0.self_attn.g_b_proj"]
     converted = ["model.layers.0.self_attn.q_proj", "model.layers.3.self_attn.kv_b_proj",
+                 "model.layers.0.self_attn.b_proj", "model.layers.0.self_attn.forget_gate.f_a_proj",
                  "model.layers.0.mlp.gate_proj", "model.layers.1.block_sparse_moe.shared_experts.down_proj",
                  "model.layers.3.self_attn.o_proj"]
     for name in kept:

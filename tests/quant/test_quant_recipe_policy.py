@@ -72,11 +72,11 @@ def test_default_policy_on_kimi_linear():
         "model.layers.0.self_attn.A_log": None,
         "model.layers.0.self_attn.dt_bias": None,
         "model.layers.0.self_attn.q_conv1d.weight": None,
-        "model.layers.0.self_attn.f_a_proj.weight": None,
+        "model.layers.0.self_attn.f_a_proj.weight": INT4,  # vLLM fuses it with q/k/v (in_proj_qkvgfab)
         "model.layers.0.self_attn.f_b_proj.weight": None,
         "model.layers.0.self_attn.g_a_proj.weight": None,
         "model.layers.0.self_attn.g_b_proj.weight": None,
-        "model.layers.0.self_attn.b_proj.weight": None,
+        "model.layers.0.self_attn.b_proj.weight": INT4,  # likewise
         "model.layers.0.self_attn.o_norm.weight": None,
         "model.layers.3.self_attn.kv_a_layernorm.weight": None,
         "model.layers.2.input_layernorm.weight": None,
@@ -86,11 +86,12 @@ def test_default_policy_on_kimi_linear():
     for name, scheme in expected.items():
         assert decided[name] == scheme, name
     counts = {s: sum(1 for v in decided.values() if v == s) for s in (INT4, INT8, None)}
-    # 26*256*3 experts + 26*3 shared + 3 dense + 20*4 KDA + 7*4 MLA at int4; lm_head at int8
-    assert counts == {INT4: 19968 + 78 + 3 + 80 + 28, INT8: 1, None: 20493 - 20157 - 1}
+    # 26*256*3 experts + 26*3 shared + 3 dense + 20*6 KDA + 7*4 MLA at int4; lm_head at int8
+    assert counts == {INT4: 19968 + 78 + 3 + 120 + 28, INT8: 1, None: 20493 - 20197 - 1}
     params = dict(KIMI)
     quantized = sum(params[n][0] * params[n][1] for n, s in decided.items() if s is not None)
-    assert quantized == 48_694_411_264  # of 49,122,681,728: the rest is embedding, router, gates, norms
+    # of 49,122,681,728: the rest is embedding, router, gates, norms; b_proj and f_a_proj add 20*(32+128)*2304
+    assert quantized == 48_694_411_264 + 7_372_800
 
 
 def test_quantization_config_validates_in_compressed_tensors():
@@ -100,7 +101,7 @@ def test_quantization_config_validates_in_compressed_tensors():
     by_target = {tuple(g.targets): g.weights for g in qc.config_groups.values()}
     assert by_target[("Linear",)].num_bits == 4 and not by_target[("Linear",)].symmetric
     assert by_target[("Linear",)].strategy == "group" and by_target[("Linear",)].group_size == 64
-    assert by_target[("lm_head",)].num_bits == 8 and by_target[("lm_head",)].symmetric
+    assert by_target[("re:^lm_head$",)].num_bits == 8 and by_target[("re:^lm_head$",)].symmetric
     assert list(cfg["config_groups"])[0] == "group_1"  # the lm_head group before the "Linear" one
     assert r"re:.*\.(block_sparse_moe|mlp)\.gate$" in qc.ignore
     channel = policy_from_options(bits=8, group_size=-1, lm_head_bits=None).quantization_config()

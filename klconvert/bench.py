@@ -1,0 +1,337 @@
+"""klconvert bench: decode speed of the bound model at given contexts and batch sizes, checked before it is timed,
+against the bandwidth floor of that configuration and (optionally) transformers measured in the same call.
+
+With a preset, the weights are random quantized tensors made directly on the GPU (random int codes, scales sized so
+activations stay O(1)), and the caches are filled to the asked context with random values, so a 1M-token context is
+timed without a 1M-token prefill.
+"""
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from klconvert.checkpoint.name_map import expected_tensors
+from klconvert.config import KimiLinearConfig
+from klconvert.errors import KLError
+from klconvert.quant import QuantScheme, decompress_weight, policy_from_options
+from klconvert.runtime.engine import Engine
+from klconvert.synth.checkpoint import synth_values
+
+RESIDUAL_OUTPUTS = ("o_proj.weight", "w2.weight", "down_proj.weight")  # what each layer adds to the residual
+CHECK_PROMPT = 64       # tokens of the depth check's prompt
+CHECK_DECODE = 8        # decode steps compared after it
+GRAPH_CHECK_STEPS = 4   # graph replays compared bit for bit with eager steps
+DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}
+
+
+@dataclass
+class Weights:
+    """A checkpoint's interface as the Engine takes it: read(name) dense, packed(name) stored parts, schemes."""
+
+    read: Callable[[str], torch.Tensor]
+    packed: Callable[[str], tuple[dict[str, torch.Tensor], QuantScheme] | None]
+    schemes: dict[str, QuantScheme]
+
+
+def random_quantized_weights(config: KimiLinearConfig, bits: int, device: str, seed: int = 0,
+                             calm: bool = False) -> Weights:
+    """The default policy at `bits` (lm_head int8), every quantized weight made as random codes on `device`.
+
+    `calm` pins each MoE layer's experts with a wide margin and scales the residual branches by 1/4 (as
+    tests/calm_checkpoint.py does), so bf16 rounding cannot flip expert choices and a comparison between two
+    correct paths measures the paths, not router chaos."""
+    specs = expected_tensors(config)
+    policy = policy_from_options(bits, 128).check_against([(n, s.shape) for n, s in specs.items()])
+    schemes = {n: s for n, spec in specs.items() if (s := policy.scheme_for(n, spec.shape)) is not None}
+    k = config.num_experts_per_token
+
+    def packed(name: str):
+        scheme = schemes.get(name)
+        if scheme is None:
+            return None
+        n, kk = specs[name].shape
+        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        codes = torch.randint(-2**31, 2**31, (n, kk * scheme.bits // 32), generator=g, dtype=torch.int64,
+                              device=device).to(torch.int32)
+        spread = math.sqrt((4 ** scheme.bits - 1) / 12)        # std of a uniform code around its midpoint
+        scale = 1.0 / (math.sqrt(kk) * spread) * (0.25 if calm and name.endswith(RESIDUAL_OUTPUTS) else 1.0)
+        scales = torch.empty(n, kk // scheme.group_size, device=device).uniform_(0.5, 1.5, generator=g) * scale
+        return {"weight_packed": codes, "weight_scale": scales.to(torch.bfloat16),
+                "weight_shape": torch.tensor([n, kk])}, scheme
+
+    def read(name: str) -> torch.Tensor:
+        found = packed(name)
+        if found is not None:
+            return decompress_weight(*found)
+        if calm and name.endswith("e_score_correction_bias"):
+            pinned = (torch.arange(k) + k * int(name.split(".")[2])) % specs[name].shape[0]
+            return torch.zeros(specs[name].shape, device=device).index_fill_(0, pinned.to(device), 10.0)
+        value = synth_values(specs[name], seed, device)
+        return value * 0.25 if calm and name.endswith(RESIDUAL_OUTPUTS) else value
+
+    return Weights(read, packed, schemes)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def depth_check(config: KimiLinearConfig, weights: Weights, device: torch.device, prompt: int = CHECK_PROMPT) -> dict:
+    """The Triton path against the PyTorch path in bf16 on the same (calm) weights, at the depth being timed:
+    prefill logits of a `prompt`-token prompt, then CHECK_DECODE graph-captured decode steps."""
+    ids = torch.randint(0, config.vocab_size - 256, (1, prompt + CHECK_DECODE),
+                        generator=torch.Generator().manual_seed(0)).to(device)
+    logits = {}
+    for kernels in ("torch", "triton"):
+        engine = Engine(config, weights.read, device, DTYPE[device.type], ids.shape[1] + 8, 1, packed=weights.packed,
+                        kernels=kernels, stored_schemes=weights.schemes)
+        step = engine.decoder(1)
+        prefill = engine.forward(ids[:, :prompt])[0]                      # [T, vocab]
+        decoded = []
+        for t in range(prompt, ids.shape[1]):
+            step.tokens.copy_(ids[:, t])
+            step.positions.fill_(t)
+            decoded.append(step.step()[0].clone())
+        logits[kernels] = torch.cat([prefill, torch.stack(decoded)])
+        del engine, step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    fast, ref = logits["triton"], logits["torch"]
+    return {"rel_err": _rel(fast, ref), "top1": (fast.argmax(-1) == ref.argmax(-1)).float().mean().item()}
+
+
+def fill_state(engine: Engine, context: int, seed: int = 0, slice_rows: int = 65536) -> None:
+    """Random latents in the first `context` cache rows of every sequence (drawn a slice at a time: a 1M-token
+    fp32 draw would be 2.4 GB per layer), a small random KDA state."""
+    g = torch.Generator(device=engine.device).manual_seed(seed)
+    state = engine.state
+    width = state.mla_cache.shape[-1]
+    for slot in range(state.mla_cache.shape[0]):
+        for start in range(0, context, slice_rows):
+            stop = min(context, start + slice_rows)
+            rows = torch.randn(state.batch, stop - start, width, device=engine.device, generator=g)
+            state.write_mla(slot, slice(start, stop), rows)
+    state.kda_state.normal_(0, 0.1, generator=g)
+    state.conv_state.zero_()
+
+
+def check_graph_matches_eager(engine: Engine, batch: int, context: int) -> None:
+    """GRAPH_CHECK_STEPS replays of the captured step equal the same steps run eagerly, bit for bit."""
+    step = engine.decoder(batch)
+    if step.graph is None:
+        return
+    kda, conv = engine.state.kda_state.clone(), engine.state.conv_state.clone()
+    tokens = torch.randint(0, engine.config.vocab_size, (GRAPH_CHECK_STEPS, batch), device=engine.device)
+    runs = []
+    for eager in (True, False):
+        engine.state.kda_state.copy_(kda)
+        engine.state.conv_state.copy_(conv)
+        step.positions.fill_(context - GRAPH_CHECK_STEPS)
+        got = []
+        for t in range(GRAPH_CHECK_STEPS):
+            step.tokens.copy_(tokens[t])
+            with torch.inference_mode():
+                got.append((step._run() if eager else step.step()).clone())
+            step.positions += 1
+        runs.append(torch.stack(got))
+    engine.state.kda_state.copy_(kda)
+    engine.state.conv_state.copy_(conv)
+    if not torch.equal(runs[0], runs[1]):
+        raise KLError(f"bench check failed: the CUDA-graph decode step differs from the eager step (max |diff| "
+                      f"{(runs[0] - runs[1]).abs().max().item():.3g}); nothing was timed")
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy, bytes read + written per second (median of 10, after 2 warm-ups)."""
+    a = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(12):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            b.copy_(a)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            b.copy_(a)
+            times.append(time.perf_counter() - t0)
+    return nbytes / sorted(times[2:])[len(times[2:]) // 2]
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    from klconvert.runtime.kernel_modules import PackedIntLinear
+
+    if isinstance(module, PackedIntLinear):
+        p = module.packed
+        return sum(t.numel() * t.element_size() for t in (p.qweight, p.scales, p.zeros) if t is not None)
+    return sum(t.numel() * t.element_size() for t in module.parameters(recurse=False))
+
+
+def bytes_per_step(engine: Engine, context: int, batch: int, experts_touched: int) -> int:
+    """What must move per decode step: every weight once (one embedding row per token; of each MoE layer's
+    routed experts, the `experts_touched` distinct ones), the KDA state and conv tails read and written, and
+    `context` cache rows per sequence per MLA layer read."""
+    from klconvert.runtime.kernel_modules import FusedExperts
+    from klconvert.runtime.model import Experts
+
+    c, total = engine.config, 0
+    for name, module in engine.model.named_modules():
+        if isinstance(module, FusedExperts):
+            p = module.packed
+            per_expert = sum(sum(t[0].numel() * t.element_size() for t in (x.qweight, x.scales, x.zeros)
+                                 if t is not None) for x in (p.gate, p.up, p.down))
+            total += per_expert * (experts_touched + int(p.has_shared))
+        elif isinstance(module, Experts):
+            total += sum(t[0].numel() * t.element_size() for t in (module.w13, module.w2)) * experts_touched
+        elif name == "model.embed_tokens":
+            total += batch * c.hidden_size * module.weight.element_size()
+        else:
+            total += _module_bytes(module)
+    state = engine.state
+    total += 2 * batch * (state.kda_state[:, 0].numel() * state.kda_state.element_size()
+                          + state.conv_state[:, 0].numel() * state.conv_state.element_size())
+    return total + batch * context * engine.plan.mla_bytes_per_token
+
+
+def _experts_touched(engine: Engine, batch: int) -> int:
+    """Distinct routed experts per MoE layer in one decode step (the mean over layers), from the router's choice."""
+    seen: list[int] = []
+    hooks = [block.ffn.gate.register_forward_hook(lambda m, a, r: seen.append(int(r[0].unique().numel())))
+             for layer, block in enumerate(engine.model.blocks) if engine.config.is_moe(layer)]
+    with torch.inference_mode():
+        engine.decoder(batch)._run()
+    for h in hooks:
+        h.remove()
+    return round(sum(seen) / len(seen)) if seen else 0
+
+
+def time_decode(engine: Engine, batch: int, context: int, new_tokens: int) -> float:
+    """Seconds per decode step: greedy generation through Engine.decode_loop (graph replay, on-device sampling,
+    async token copies) from cache rows 0..context-1, after one untimed warm-up loop."""
+    step = engine.decoder(batch)
+    logits = torch.randn(batch, engine.config.vocab_size, device=engine.device)
+    for n in (8, new_tokens):
+        step.positions.fill_(context)
+        engine.decode_loop(step, logits, n)
+    return engine.stats.decode_seconds / engine.stats.steps
+
+
+@dataclass
+class BenchRow:
+    context: int
+    batch: int
+    mla_cache_dtype: str
+    ms_per_token: float
+    tokens_per_s: float
+    peak_reserved_gib: float
+    plan_total_gib: float
+    experts_touched_per_layer: int
+    bytes_per_step: int
+    floor_ms: float
+    floor_ratio: float
+
+
+@dataclass
+class BenchResult:
+    gpu: str
+    layers: int
+    bits: int | str
+    copy_gb_s: float
+    graph_check: str = "bit-exact"
+    depth_check: dict = field(default_factory=dict)
+    rows: list[BenchRow] = field(default_factory=list)
+    peer: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[int], batches: list[int],
+          mla_cache_dtype: str = "bfloat16", new_tokens: int = 128, calm_weights: Weights | None = None,
+          report: Callable[[str], None] = print, device: str = "cuda", check_prompt: int = CHECK_PROMPT) -> BenchResult:
+    """Check, then time every (context, batch) on one bound model. calm_weights: run the depth check on them.
+    device "cpu" runs the same code on the CPU (Triton's interpreter; for tests of this code, not for figures)."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KLError("klconvert bench times the CUDA path and needs a CUDA GPU; none is visible")
+    cuda = device.type == "cuda"
+    gpu = torch.cuda.get_device_name() if cuda else "cpu"
+    copy = copy_bandwidth(device, 2 << 30 if cuda else 1 << 24)
+    result = BenchResult(gpu, config.num_hidden_layers, bits, copy / 1e9)
+    report(f"{result.gpu}: copy {result.copy_gb_s:.0f} GB/s; {config.num_hidden_layers} layers, {bits}")
+    if calm_weights is not None:
+        result.depth_check = depth_check(config, calm_weights, device, check_prompt)
+        report(f"check: Triton vs PyTorch bf16 path at {config.num_hidden_layers} layers (calm weights): "
+               f"rel err {result.depth_check['rel_err']:.4f}, top-1 {result.depth_check['top1']:.3f}")
+    engine = None
+    for context in contexts:
+        for batch in batches:
+            cache = torch.float8_e4m3fn if mla_cache_dtype == "float8_e4m3fn" else torch.bfloat16
+            plan_context = context + new_tokens + 16
+            if engine is None:
+                engine = Engine(config, weights.read, device, DTYPE[device.type], plan_context, batch,
+                                packed=weights.packed, kernels="triton", stored_schemes=weights.schemes,
+                                mla_cache_dtype=cache)
+            else:
+                engine.resize(plan_context, batch, cache)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            fill_state(engine, context)
+            check_graph_matches_eager(engine, batch, context)
+            touched = _experts_touched(engine, batch)
+            fill_state(engine, context)
+            seconds = time_decode(engine, batch, context, new_tokens)
+            moved = bytes_per_step(engine, context, batch, touched)
+            floor = moved / (result.copy_gb_s * 1e9)
+            row = BenchRow(context, batch, mla_cache_dtype, seconds * 1e3, batch / seconds,
+                           torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0, engine.plan.total / 2**30,
+                           touched, moved,
+                           floor * 1e3, seconds / floor)
+            result.rows.append(row)
+            report(f"context {context:,} batch {batch} cache {mla_cache_dtype}: {row.ms_per_token:.3f} ms/step, "
+                   f"{row.tokens_per_s:,.0f} tokens/s; floor {row.floor_ms:.3f} ms ({moved / 1e9:.2f} GB/step, "
+                   f"{touched} experts/layer) -> {row.floor_ratio:.2f}x the floor; peak reserved "
+                   f"{row.peak_reserved_gib:.1f} GiB vs plan {row.plan_total_gib:.1f} GiB")
+    return result
+
+
+def time_transformers(raw_config: dict, prompt_tokens: int = 512, new_tokens: int = 64,
+                      report: Callable[[str], None] = print) -> dict:
+    """transformers' KimiLinearForCausalLM in bf16 on the same config, greedy decode after a prompt, warmed
+    until two successive timings agree within 5% (at most 8 rounds)."""
+    try:
+        from transformers import KimiLinearConfig as HFConfig, KimiLinearForCausalLM
+    except ImportError as e:
+        raise KLError(f"--peer transformers needs transformers with Kimi Linear support ({e}); "
+                      "pip install 'klconvert[test]'") from None
+    with torch.device("cuda"):
+        model = KimiLinearForCausalLM(HFConfig(**raw_config)).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 163584, (1, prompt_tokens), device="cuda")
+
+    def seconds(n: int) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    timings: list[float] = []   # decode only: (time for n tokens - time for 1 token) / (n - 1)
+    with torch.no_grad():
+        while len(timings) < 8:
+            timings.append((seconds(new_tokens) - seconds(1)) / (new_tokens - 1) * 1e3)
+            if len(timings) >= 2 and abs(timings[-1] - timings[-2]) <= 0.05 * timings[-2]:
+                break
+    report(f"peer: transformers KimiLinearForCausalLM bf16, {raw_config['num_hidden_layers']} layers: "
+           f"{timings[-1]:.2f} ms/token (timings while warming: {', '.join(f'{t:.1f}' for t in timings)})")
+    model = None  # free it before anything else runs
+    torch.cuda.empty_cache()
+    return {"name": "transformers KimiLinearForCausalLM bf16", "layers": raw_config["num_hidden_layers"],
+            "ms_per_token": timings[-1], "warmup_ms": timings}

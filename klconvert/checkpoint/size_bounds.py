@@ -1,0 +1,48 @@
+"""How many tensors and parameters a config implies, in closed form from name_map's tables, checked before any
+table of tensors is built from an untrusted config.json (and, for a checkpoint folder, against its shards)."""
+from __future__ import annotations
+
+import math
+
+from klconvert.checkpoint.name_map import (
+    DENSE_MLP,
+    EVERY_LAYER,
+    EXPERT,
+    GLOBAL_TENSORS,
+    KDA_LAYER,
+    MLA_LAYER,
+    MOE_BLOCK,
+)
+from klconvert.config import KimiLinearConfig
+from klconvert.errors import KLError
+
+MAX_TENSORS = 1 << 18  # the released model has 20,253; a table of 262,144 specs is ~100 MB
+MIN_STORED_BITS = 1  # no format stores a parameter in less than a bit (int4 and nf4 take 4 and more)
+
+
+def _params(table, c: KimiLinearConfig) -> int:
+    return sum(math.prod(shape(c)) for _, shape, _ in table)
+
+
+def tensor_and_param_count(c: KimiLinearConfig) -> tuple[int, int]:
+    """(tensors, parameters) of the released layout for `c`: what name_map.expected_tensors would list."""
+    kda = len(c.kda_layers)
+    mla = c.num_hidden_layers - kda
+    moe = c.num_hidden_layers - c.first_k_dense_replace
+    dense = c.first_k_dense_replace
+    counts = [(GLOBAL_TENSORS, 1), (EVERY_LAYER, c.num_hidden_layers), (KDA_LAYER, kda), (MLA_LAYER, mla),
+              (DENSE_MLP, dense), (MOE_BLOCK, moe), (EXPERT, moe * c.num_experts)]
+    return (sum(len(table) * n for table, n in counts),
+            sum(_params(table, c) * n for table, n in counts))
+
+
+def check_model_size(c: KimiLinearConfig, where: str, stored_bytes: int | None = None) -> None:
+    """Refuse a config whose tensor table would be too large to build, or (given the bytes its shards hold)
+    whose parameters could not fit in those shards at any supported precision."""
+    tensors, params = tensor_and_param_count(c)
+    if tensors > MAX_TENSORS:
+        raise KLError(f"{where}: this config means {tensors:,} tensors ({c.num_hidden_layers} layers x "
+                      f"{c.num_experts} experts), over the {MAX_TENSORS:,} klconvert reads; fix the config")
+    if stored_bytes is not None and params * MIN_STORED_BITS > 8 * stored_bytes:
+        raise KLError(f"{where}: this config means {params:,} parameters but the shards hold only {stored_bytes:,} "
+                      "bytes of tensors; the config does not match the weights -- fix it or download both again")

@@ -1,0 +1,65 @@
+"""stack_kda_convs: rewrite a folder's KDA q/k/v_conv1d weights as transformers' one stacked conv1d (the workaround
+for transformers 5.24, which cannot load a quantized folder that holds them separately)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from klconvert.checkpoint.reader import INDEX_FILE, SINGLE_FILE
+from klconvert.errors import KLError
+
+_CONV = re.compile(r"^(model\.layers\.\d+\.self_attn\.)([qkv])_conv1d\.weight$")
+
+
+def stack_kda_convs(folder: str | Path) -> int:
+    """Replace each KDA layer's q_conv1d/k_conv1d/v_conv1d weights by `self_attn.conv1d.weight` (q, k, v stacked
+    on dim 0, as transformers' KimiLinear holds them), shard by shard, in place; returns the layers rewritten.
+
+    klconvert reads the result as before (the name table maps conv1d back); vLLM 0.33 expects the separate
+    weights, so make this change on a copy meant for transformers.
+    """
+    folder = Path(folder)
+    index_path = folder / INDEX_FILE
+    if index_path.is_file():
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        weight_map = index["weight_map"]
+    elif (folder / SINGLE_FILE).is_file():
+        index = None
+        with safe_open(folder / SINGLE_FILE, "pt") as f:
+            weight_map = {name: SINGLE_FILE for name in f.keys()}
+    else:
+        raise KLError(f"{folder}: neither {INDEX_FILE} nor {SINGLE_FILE} is here; pass a checkpoint folder")
+    layers: dict[str, dict[str, str]] = {}
+    for name, shard in weight_map.items():
+        m = _CONV.match(name)
+        if m:
+            layers.setdefault(m[1], {})[m[2]] = shard
+    for prefix, shards in layers.items():
+        if sorted(shards) != ["k", "q", "v"] or len(set(shards.values())) != 1:
+            raise KLError(f"{folder}: {prefix}q/k/v_conv1d are not all in one shard ({shards}); stack them by hand")
+    for shard in sorted({s for shards in layers.values() for s in shards.values()}):
+        with safe_open(folder / shard, "pt") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            metadata = f.metadata()
+        for prefix, shards in layers.items():
+            if shards["q"] == shard:
+                tensors[f"{prefix}conv1d.weight"] = torch.cat([tensors.pop(f"{prefix}{x}_conv1d.weight")
+                                                               for x in "qkv"])  # [3 * kda_dim, 1, kernel]
+        tmp = folder / (shard + ".partial")
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, folder / shard)
+    if index is not None:
+        for prefix, shards in layers.items():
+            for x in "qkv":
+                del weight_map[f"{prefix}{x}_conv1d.weight"]
+            weight_map[f"{prefix}conv1d.weight"] = shards["q"]
+        tmp = index_path.with_name(index_path.name + ".partial")
+        tmp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, index_path)
+    return len(layers)

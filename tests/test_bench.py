@@ -1,0 +1,58 @@
+"""klconvert bench's code path on the CPU (Triton's interpreter, tiny shapes): it checks before it times, and its
+floor counts the bytes a step must move. The figures themselves come from the GPU (BENCHMARKS.md)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from klconvert import bench as B
+from klconvert.config import KimiLinearConfig
+from klconvert.presets import preset_config
+
+
+@pytest.fixture(scope="module")
+def tiny4():
+    """Two layers of the tiny preset (KDA with the dense MLP, MLA with the MoE): the interpreter is slow."""
+    return KimiLinearConfig.from_dict(preset_config("tiny", 2))
+
+
+def test_bench_checks_then_times_on_the_cpu(tiny4):
+    weights = B.random_quantized_weights(tiny4, 4, "cpu")
+    calm = B.random_quantized_weights(tiny4, 4, "cpu", calm=True)
+    lines: list[str] = []
+    result = B.bench(tiny4, weights, bits="int4", contexts=[40], batches=[1, 2], new_tokens=16, calm_weights=calm,
+                     report=lines.append, device="cpu", check_prompt=12)
+    assert result.depth_check["rel_err"] < 2e-2 and result.depth_check["top1"] >= 0.9   # the kernels take bf16 inputs
+    assert [(r.context, r.batch) for r in result.rows] == [(40, 1), (40, 2)]
+    one, two = result.rows
+    assert one.experts_touched_per_layer == tiny4.num_experts_per_token                  # one token, k experts
+    assert tiny4.num_experts_per_token <= two.experts_touched_per_layer <= 2 * tiny4.num_experts_per_token
+    assert two.bytes_per_step > one.bytes_per_step > 0 and one.ms_per_token > 0 and one.floor_ratio > 0
+    assert any("ms/step" in line for line in lines)
+
+
+def test_random_weights_are_quantized_where_the_policy_says(tiny4):
+    w = B.random_quantized_weights(tiny4, 4, "cpu")
+    assert w.schemes["lm_head.weight"].bits == 8 and w.schemes["model.layers.1.self_attn.q_proj.weight"].bits == 4
+    assert w.packed("model.norm.weight") is None
+    q = w.read("model.layers.1.block_sparse_moe.experts.0.w1.weight")
+    assert q.shape == (128, 128) and 0.5 < q.float().std().item() * 128 ** 0.5 < 2.0        # O(1) activations
+    assert torch.equal(q, w.read("model.layers.1.block_sparse_moe.experts.0.w1.weight"))     # deterministic
+
+
+def test_bytes_per_step_grow_with_context(tiny4):
+    engine = B.Engine(tiny4, *(lambda w: (w.read,))(B.random_quantized_weights(tiny4, 4, "cpu")),
+                      torch.device("cpu"), torch.float32, 64, 1)
+    grown = B.bytes_per_step(engine, 60, 1, 4) - B.bytes_per_step(engine, 30, 1, 4)
+    assert grown == 30 * engine.plan.mla_bytes_per_token
+
+
+def test_bench_without_a_gpu_is_one_line():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    run = subprocess.run([sys.executable, "-m", "klconvert", "bench", "--preset", "kimi-linear-48b", "--layers", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "needs a CUDA GPU" in run.stderr

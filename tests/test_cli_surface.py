@@ -1,0 +1,134 @@
+"""The command line's surface: every flag described, --device a choice everywhere, every user error (usage errors
+included) one line with exit status 2, plan's exit status 3, --prompt, and a torch-free `--help`."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+from bounded_cli import klconvert_bounded
+from klconvert.cli import cli
+from testkit import assert_one_line_error, run_cli
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_help_describes_every_flag():
+    for name, command in cli.commands.items():
+        for param in command.params:
+            if isinstance(param, click.Option) and param.name != "help":
+                assert param.help and param.help.strip(), f"klconvert {name} {param.opts[0]} has no help"
+
+
+def test_device_is_a_choice_in_every_command():
+    for name, command in cli.commands.items():
+        for param in command.params:
+            if param.name == "device":
+                assert isinstance(param.type, click.Choice) and set(param.type.choices) == {"cpu", "cuda"}, name
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["run", "--bogus"], ["klconvert run: No such option '--bogus'", "see `klconvert run --help`"]),
+    (["quantize", "only-src"], ["Missing argument 'OUT'"]),
+    (["frobnicate"], ["No such command 'frobnicate'"]),
+    (["run", "--prompt", "x", "--temperature", "nan"], ["'--temperature'", "'nan' is not a finite number"]),
+    (["run", "--prompt", "x", "--temperature", "inf"], ["'--temperature'", "'inf' is not a finite number"]),
+    (["run", "--prompt", "x", "--top-p", "nan"], ["'--top-p'", "not a finite number"]),
+    (["run", "--prompt", "x", "--seed", "99999999999999999999999"], ["'--seed'", "not in the range"]),
+    (["synth", "--preset", "tiny", "--out", "x", "--seed", "99999999999999999999999"], ["'--seed'"]),
+    (["run", "--prompt", "x", "--device", "tpu"], ["'--device'", "'tpu' is not one of 'cpu', 'cuda'"]),
+    (["eval", "--model", "a", "--reference", "b", "--text-file", "c", "--device", "tpu"], ["'--device'"]),
+    (["quantize", "a", "b", "--device", "tpu"], ["'--device'"]),
+    (["pull-and-quantize", "--device", "tpu"], ["'--device'"]),
+    (["pull", "../../etc/passwd"], ["'../../etc/passwd' is not a hub repo id"]),
+    (["pull-and-quantize", "--model", "./typo-dir"], ["--model ./typo-dir: no such folder"]),
+    (["plan", "--preset", "tiny", "--gpu-memory", "9" * 400 + "GB"], ["--gpu-memory", "give a size like"]),
+])
+def test_user_errors_are_one_line(capsys, args, needles):
+    assert_one_line_error(*run_cli(capsys, *args)[::2], *needles)
+
+
+def test_usage_errors_are_one_line_from_the_installed_command():
+    proc = subprocess.run([sys.executable, "-m", "klconvert", "run", "--max-new-tokens", "-3"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("klconvert: error: klconvert run: Invalid value for '--max-new-tokens'")
+
+
+def test_triton_kernels_need_cuda(capsys, tiny_released, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' CPU interpreter is not a user's GPU
+    line = assert_one_line_error(*run_cli(capsys, "run", "--model", tiny_released, "--prompt", "x", "--device", "cpu",
+                                          "--kernels", "triton")[::2])
+    assert "--kernels triton needs a CUDA GPU" in line and "--kernels torch" in line
+
+
+def test_a_recipe_nested_too_deeply(capsys, tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("quant_stage: " + "[" * 5000 + "]" * 5000 + "\n")
+    for args in (["plan", "--preset", "tiny", "--recipe", deep], ["quantize", "a", tmp_path / "b", "--recipe", deep]):
+        assert_one_line_error(*run_cli(capsys, *args)[::2], "deep.yaml: nested too deeply to be a recipe")
+
+
+def test_prompt_text_or_file(capsys, tiny_released, tmp_path):
+    both = run_cli(capsys, "run", "--model", tiny_released, "--prompt", "x", "--prompt-file", "-")
+    assert_one_line_error(*both[::2], "--prompt TEXT or --prompt-file FILE")
+    assert_one_line_error(*run_cli(capsys, "run", "--model", tiny_released)[::2], "--prompt TEXT or --prompt-file")
+    assert_one_line_error(*run_cli(capsys, "run", "--model", tiny_released, "--prompt", "  ")[::2],
+                          "--prompt: the prompt is empty")
+    from klconvert.tokenizer import Tokenizer
+
+    code, out, err = run_cli(capsys, "run", "--model", tiny_released, "--prompt", "Once upon a time",
+                             "--max-new-tokens", "3", "--device", "cpu")
+    tokens = len(Tokenizer.from_folder(tiny_released).encode("Once upon a time"))
+    assert code == 0 and f"prompt {tokens} tokens" in err, err
+
+
+def test_plan_exits_3_when_it_does_not_fit(capsys):
+    code, out, err = run_cli(capsys, "plan", "--preset", "kimi-linear-48b", "--bits", "4", "--gpu-memory", "24GiB")
+    assert code == 3 and "does NOT fit" in out
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("klconvert: error: the plan needs"), err
+    code, out, err = run_cli(capsys, "plan", "--preset", "kimi-linear-48b", "--bits", "4", "--gpu-memory", "80GiB")
+    assert code == 0 and "does NOT fit" not in out, err
+
+
+def test_plan_refuses_a_context_over_the_models_limit(capsys, tmp_path):
+    line = assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--max-context", "2000000")[::2])
+    assert "--max-context 2000000 is over the model's model_max_length 1,048,576" in line
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "48gb.yaml"
+    text = re.sub(r"max_context: *\d+", "max_context: 4000000", recipe.read_text())
+    (tmp_path / "big.yaml").write_text(text)
+    line = assert_one_line_error(*run_cli(capsys, "plan", "--preset", "kimi-linear-48b", "--recipe",
+                                          tmp_path / "big.yaml")[::2])
+    assert "runtime.max_context 4000000 is over the model's model_max_length" in line
+
+
+def test_help_and_errors_do_not_load_torch():
+    code = ("import sys, klconvert.errors, klconvert\n"
+            "from klconvert.cli import cli\n"
+            "assert cli.main(['--help'], standalone_mode=False) == 0\n"
+            "assert cli.main(['run', '--help'], standalone_mode=False) == 0\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "assert callable(klconvert.Tokenizer.from_folder) and 'torch' not in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_the_readme_python_example_runs(tiny_released):
+    block = re.search(r"## Python API\n\n```python\n(.*?)```", README.read_text(), re.S).group(1)
+    assert "Tokenizer" in block and "decode" in block
+    namespace: dict = {}
+    exec(block.replace('"tiny-kimi"', repr(str(tiny_released))).replace("max_new_tokens=32", "max_new_tokens=4"),
+         namespace)
+    assert isinstance(namespace["text"], str) and namespace["new_ids"] and namespace["both"].shape[0] == 2
+
+
+def test_refusals_run_in_bounded_memory(tiny_released):
+    """A sample of the above under the address-space limit: the refusals come before anything big is loaded."""
+    for args in (["run", "--model", tiny_released, "--prompt", "x", "--temperature", "nan"],
+                 ["pull-and-quantize", "--model", "./typo-dir"]):
+        klconvert_bounded(*args).error_line()

@@ -1,0 +1,109 @@
+"""What a CPU user gets without the extras, and a Python started in the repository root: the repo's kernels/ folder
+never stands in for Hugging Face's `kernels` package."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from klconvert.errors import KLError
+from klconvert.quantize import quantize
+from klconvert.runtime.weights import use_triton
+from testkit import assert_one_line_error, run_klconvert
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTIONAL = ("triton", "transformers", "bitsandbytes")
+
+
+def without(pythonpath: list[Path]) -> dict:
+    """The environment for a child run with these PYTHONPATH entries (and no Triton interpreter switch)."""
+    return {"PYTHONPATH": os.pathsep.join(map(str, pythonpath)), "TRITON_INTERPRET": None}
+
+
+def python_c(code: str, cwd: Path, pythonpath: list[Path]) -> subprocess.CompletedProcess:
+    """`python -c code` in `cwd`, as a notebook or a shell started there runs it."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, pythonpath))}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def without_extras(tmp_path_factory) -> Path:
+    """A PYTHONPATH folder whose sitecustomize makes the optional packages unimportable."""
+    shim = tmp_path_factory.mktemp("no-extras")
+    (shim / "sitecustomize.py").write_text(
+        "import sys\n"
+        f"for name in {OPTIONAL!r}:\n"
+        "    sys.modules[name] = None  # `import name` raises ImportError, find_spec(name) is None\n")
+    return shim
+
+
+@pytest.mark.slow
+def test_synth_quantize_and_run_on_cpu_without_the_extras(without_extras, tmp_path):
+    tiny, q = tmp_path / "tiny", tmp_path / "q"
+    for args in (["synth", "--preset", "tiny", "--out", tiny],
+                 ["quantize", tiny, q, "--bits", "4", "--device", "cpu"]):
+        proc = run_klconvert(*args, cwd=tmp_path, env=without([without_extras]))
+        assert proc.returncode == 0, proc.stderr
+    proc = run_klconvert("run", "--model", q, "--prompt-file", "-", "--max-new-tokens", "4", "--device", "cpu",
+                         stdin="Hello", cwd=tmp_path, env=without([without_extras]))
+    assert proc.returncode == 0, proc.stderr
+    assert "torch, context" in proc.stderr.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_nf4_without_its_extra_is_one_line_naming_it(without_extras, tiny_released, tmp_path):
+    proc = run_klconvert("quantize", tiny_released, tmp_path / "q", "--scheme", "nf4", cwd=tmp_path,
+                         env=without([without_extras]))
+    assert_one_line_error(proc.returncode, proc.stderr, "--scheme nf4 needs bitsandbytes",
+                          "pip install 'klconvert[nf4]'")
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
+
+
+@pytest.mark.parametrize("kernels", ["triton", "auto"])
+def test_triton_kernels_without_triton_name_the_gpu_extra(monkeypatch, kernels):
+    monkeypatch.setitem(sys.modules, "triton", None)
+    with pytest.raises(KLError, match=rf"--kernels {kernels}.* needs triton.*pip install 'klconvert\[gpu\]'"):
+        use_triton(kernels, torch.device("cuda"))  # the choice is made before any CUDA work
+    assert use_triton("torch", torch.device("cuda")) is False
+
+
+def test_nf4_without_bitsandbytes_is_refused_before_anything_is_written(tiny_released, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    with pytest.raises(KLError, match=r"--scheme nf4 needs bitsandbytes.*\[nf4\]"):
+        quantize(tiny_released, tmp_path / "q", scheme="nf4", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+HF_STYLE = ("import importlib.util, transformers\n"
+            "from transformers import PreTrainedModel, KimiLinearForCausalLM\n"
+            "from transformers.utils.import_utils import is_kernels_available\n")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("blocked", [(), ("triton",)], ids=["with-triton", "without-triton"])
+def test_transformers_from_the_repository_root(tmp_path, blocked):
+    """transformers probes for `kernels`; from the root it finds the folder first, which must step aside."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(f"import sys\nfor n in {blocked!r}:\n    sys.modules[n] = None\n")
+    proc = python_c(HF_STYLE + "assert not is_kernels_available()\n"
+                  "assert importlib.util.find_spec('kernels') is None\n"
+                  "import klconvert.kernels.naive_kda\n", ROOT, [shim])
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.slow
+def test_an_installed_kernels_package_is_the_one_found_from_the_root(tmp_path):
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("__version__ = '0.0.1'\ndef get_kernel(name):\n    return name\n")
+    proc = python_c("import kernels\nassert kernels.get_kernel('x') == 'x', kernels\nprint(kernels.__file__)\n"
+                  "import klconvert.kernels.naive_kda\n", ROOT, [site])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(site / "kernels" / "__init__.py")

@@ -1,0 +1,241 @@
+"""Hostile files and inputs -- huge size fields, ids past the vocabulary, endless prompts, runaway chat templates,
+NaN weights -- are refused in one line with exit status 2, in bounded memory, before anything is built from them."""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bounded_cli import klconvert_bounded
+from klconvert.checkpoint.name_map import expected_tensors
+from klconvert.checkpoint.reader import Checkpoint
+from klconvert.checkpoint.size_bounds import MAX_TENSORS, check_model_size, tensor_and_param_count
+from klconvert.config import KimiLinearConfig
+from klconvert.errors import KLError
+from klconvert.presets import preset_config
+from klconvert.release import layer_lists
+
+
+def edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def edit_config(folder: Path, edit) -> None:
+    edit_json(folder / "config.json", edit)
+
+
+def run_on(folder: Path, *extra: str):
+    return klconvert_bounded("run", "--model", folder, "--prompt", "The quick brown fox", "--max-new-tokens", "2",
+                             "--device", "cpu", *extra)
+
+
+def test_a_real_run_fits_under_the_limit(tiny_released):
+    """The limit the refusals run under is not so tight that a normal run fails (or they would pass for nothing)."""
+    done = run_on(tiny_released)
+    assert done.code == 0, done.err[-2000:]
+
+
+# ---- size fields ---------------------------------------------------------------------------------------------
+def _more_layers(config: dict, layers: int) -> None:
+    config["num_hidden_layers"] = layers
+    config["linear_attn_config"].update(layer_lists(layers))
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (lambda c: c.update(num_experts=10**9), ["'num_experts' is 1000000000", "sane range"]),
+    (lambda c: c.update(num_hidden_layers=10**9), ["'num_hidden_layers' is 1000000000"]),
+    (lambda c: (_more_layers(c, 1000), c.update(num_experts=4000)), ["tensors", "over the"]),
+])
+def test_huge_size_fields_are_refused_in_bounded_memory(tiny_copy, edit, needles):
+    edit_config(tiny_copy, edit)
+    for done in (run_on(tiny_copy), klconvert_bounded("plan", "--model", tiny_copy)):
+        line = done.error_line()
+        for needle in needles:
+            assert needle in line, line
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (lambda c: c.update(vocab_size=10**12), ["'vocab_size'"]),
+    (lambda c: c.update(routed_scaling_factor=float("nan")), ["routed_scaling_factor", "finite"]),
+    (lambda c: c.update(rms_norm_eps=float("inf")), ["rms_norm_eps", "finite"]),
+    (lambda c: c.update(routed_scaling_factor=10**400), ["routed_scaling_factor", "finite"]),
+    (lambda c: c.update(eos_token_id=[10**6]), ["eos_token_id 1000000", "vocabulary"]),
+    (lambda c: c.update(first_k_dense_replace=99), ["first_k_dense_replace"]),
+    (lambda c: c.update(num_expert_group=0), ["num_expert_group"]),
+])
+def test_config_fields_are_checked(edit, needles):
+    config = preset_config("tiny")
+    edit(config)
+    with pytest.raises(KLError) as error:
+        KimiLinearConfig.from_dict(config)
+    for needle in needles:
+        assert needle in str(error.value), error.value
+
+
+def test_sizes_are_held_to_the_shard_headers(tiny_copy):
+    edit_config(tiny_copy, lambda c: c.update(num_experts=4000))  # in range; the shards cannot hold it
+    line = run_on(tiny_copy).error_line()
+    assert "parameters" in line and "bytes" in line
+
+
+def test_a_huge_or_deep_config_file_is_refused_unread(tiny_copy):
+    (tiny_copy / "config.json").write_text('{"a": "' + "x" * (2 << 20) + '"}')
+    assert "far larger" in run_on(tiny_copy).error_line()
+    (tiny_copy / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert "nested too deeply" in run_on(tiny_copy).error_line()
+
+
+@pytest.mark.parametrize("preset, layers", [("tiny", None), ("kimi-linear-48b", None), ("kimi-linear-48b", 5)])
+def test_the_closed_form_count_matches_the_table(preset, layers):
+    config = KimiLinearConfig.from_dict(preset_config(preset, layers))
+    table = expected_tensors(config)
+    assert tensor_and_param_count(config) == (len(table), sum(math.prod(s.shape) for s in table.values()))
+    check_model_size(config, "here")
+
+
+def test_the_tensor_bound_refuses_before_building(monkeypatch):
+    config = KimiLinearConfig.from_dict(preset_config("kimi-linear-48b"))
+    monkeypatch.setattr("klconvert.checkpoint.size_bounds.MAX_TENSORS", len(expected_tensors(config)) - 1)
+    with pytest.raises(KLError, match="tensors"):
+        check_model_size(config, "here")
+    assert MAX_TENSORS >= len(expected_tensors(config))
+
+
+# ---- tokenizer ids --------------------------------------------------------------------------------------------
+def _add_rank(folder: Path, rank: int) -> None:
+    with open(folder / "tiktoken.model", "a") as f:
+        f.write(f"{base64.b64encode(b'hostile-token').decode()} {rank}\n")
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (lambda f: _add_rank(f, 2_000_000), ["rank 2000000", "vocabulary of 1280"]),
+    (lambda f: _add_rank(f, 10**9), ["rank 1000000000"]),
+    (lambda f: edit_json(f / "tokenizer_config.json", lambda c: c["added_tokens_decoder"].update(
+        {"3000000": {"content": "<|far|>", "special": True}})), ["id 3000000", "vocabulary"]),
+    (lambda f: (edit_config(f, lambda c: c.update(vocab_size=1 << 20)),
+                edit_json(f / "tokenizer_config.json", lambda c: c["added_tokens_decoder"].update(
+                    {"1000000": {"content": "<|far|>", "special": True}}))), ["special tokens", "8,192"]),
+])
+def test_tokenizer_ids_are_bounded_by_the_vocabulary(tiny_copy, edit, needles):
+    edit(tiny_copy)
+    line = run_on(tiny_copy).error_line()
+    for needle in needles:
+        assert needle in line, line
+
+
+# ---- endless text -------------------------------------------------------------------------------------------
+def test_an_endless_prompt_is_refused_after_the_context(tiny_released):
+    line = klconvert_bounded("run", "--model", tiny_released, "--prompt-file", "/dev/zero").error_line()
+    assert "over the model's model_max_length of 1,048,576" in line and "--max-context" not in line
+    line = klconvert_bounded("run", "--model", tiny_released, "--prompt-file", "-", "--max-context", "64",
+                             "--max-new-tokens", "4",
+                             stdin=b"word " * 1000).error_line()
+    assert "--max-context is 64" in line and "raise --max-context" in line
+
+
+def test_eval_reads_only_the_tokens_it_scores(tiny_released):
+    done = klconvert_bounded("eval", "--model", tiny_released, "--reference", tiny_released, "--text-file",
+                             "/dev/zero", "--max-tokens", "8", "--device", "cpu")
+    assert done.code == 0, done.err[-2000:]
+    assert "tokens" in done.out and "8" in done.out
+    line = klconvert_bounded("eval", "--model", tiny_released, "--reference", tiny_released, "--text-file",
+                             "/dev/zero", "--max-tokens", str(10**12)).error_line()
+    assert "--max-tokens 1,000,000,000,000 is over the model's model_max_length 1,048,576" in line
+
+
+def test_prompts_say_what_is_true_about_the_context(tiny_released):
+    line = klconvert_bounded("run", "--model", tiny_released, "--prompt", "hi", "--max-context", "2000000").error_line()
+    assert "--max-context 2,000,000 is over the model's model_max_length 1,048,576" in line
+    line = klconvert_bounded("run", "--model", tiny_released, "--prompt", "hi", "--max-new-tokens", "2000000"
+                             ).error_line()
+    assert "lower --max-new-tokens" in line and "--max-context" not in line
+
+
+# ---- chat templates -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("template, needle", [
+    ("{% for i in range(99999) %}{% for j in range(99999) %}x{% endfor %}{% endfor %}", "range() items"),
+    ("{{ 'a' * 10**10 }}", "memory"),
+    ("{{ 'a'.ljust(10**10) }}", "memory"),
+    ("{% for i in range(99999) %}{{ 'ab' * 9999 }}{% endfor %}", "characters"),
+])
+def test_a_runaway_chat_template_is_stopped(tiny_copy, template, needle):
+    edit_json(tiny_copy / "tokenizer_config.json", lambda c: c.update(chat_template=template))
+    line = run_on(tiny_copy, "--chat").error_line()
+    assert "chat_template failed to render" in line and needle in line, line
+
+
+def test_a_chat_template_is_stopped_at_its_cpu_limit(monkeypatch):
+    from klconvert import chat_template
+
+    monkeypatch.setattr(chat_template, "CPU_SECONDS", 1)
+    busy = "{% set s = 'a' * 50000 %}{% for c in s %}{% for d in s %}{% endfor %}{% endfor %}"
+    with pytest.raises(KLError, match="more than 1 s of CPU"):
+        chat_template.render_chat_template(busy, "here", messages=[])
+
+
+# ---- NaN and infinite weights ---------------------------------------------------------------------------------
+NAME = "model.layers.1.self_attn.q_proj.weight"
+
+
+def _poison(folder: Path, value: float, name: str = NAME) -> Path:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = folder / index["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name].view(-1)[77] = value
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return shard
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tiny_copy, value):
+    _poison(tiny_copy, value)
+    line = run_on(tiny_copy).error_line()
+    assert NAME in line and "flat index 77" in line and "NaN or infinite" in line
+
+
+def test_checkpoint_get_checks_every_slice(tiny_copy, monkeypatch):
+    monkeypatch.setattr("klconvert.checkpoint.reader.FINITE_CHECK_ELEMENTS", 1000)
+    _poison(tiny_copy, float("nan"), "model.embed_tokens.weight")
+    checkpoint = Checkpoint(tiny_copy)
+    with pytest.raises(KLError, match=r"model.embed_tokens.weight holds nan at flat index 77"):
+        checkpoint.get("model.embed_tokens.weight")
+    assert torch.isfinite(checkpoint.get(NAME)).all()
+
+
+def test_large_finite_weights_are_not_mistaken_for_infinite(tiny_copy):
+    """The fast check sums in fp32: finite values summing past its range fall back to the exact check."""
+    index = json.loads((tiny_copy / "model.safetensors.index.json").read_text())
+    shard = tiny_copy / index["weight_map"][NAME]
+    tensors = load_file(shard)
+    tensors[NAME].view(-1)[:4] = torch.finfo(tensors[NAME].dtype).max
+    save_file(tensors, shard, metadata={"format": "pt"})
+    assert Checkpoint(tiny_copy).get(NAME).view(-1)[0] == torch.finfo(tensors[NAME].dtype).max
+
+
+def test_numbers_of_thousands_of_digits_are_refused(tiny_copy, tmp_path, capsys):
+    """Python will not parse an int of 4,300+ digits (a ValueError, not a JSON or YAML error)."""
+    from klconvert.quant import load_recipe
+    from klconvert.tokenizer import Tokenizer
+
+    huge = "9" * 5000
+    config = (tiny_copy / "config.json").read_text()
+    (tiny_copy / "config.json").write_text(config.replace('"num_experts": 16', f'"num_experts": {huge}'))
+    with pytest.raises(KLError, match="config.json: not a config"):
+        KimiLinearConfig.from_file(tiny_copy / "config.json")
+    (tiny_copy / "config.json").write_text(config)
+    edit_json(tiny_copy / "tokenizer_config.json", lambda c: c["added_tokens_decoder"].update(
+        {huge: {"content": "<|far|>", "special": True}}))
+    with pytest.raises(KLError, match="added_tokens_decoder entry"):
+        Tokenizer.from_folder(tiny_copy)
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "48gb.yaml"
+    (tmp_path / "r.yaml").write_text(re.sub(r"max_context: *\d+", f"max_context: {huge}", recipe.read_text()))
+    with pytest.raises(KLError, match="runtime.max_context"):
+        load_recipe(tmp_path / "r.yaml")

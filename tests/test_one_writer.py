@@ -1,0 +1,91 @@
+"""One writer per output folder: a second quantize into the same OUT is refused naming the first, which finishes
+whole; a lock left by a dead run is taken over and said so."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import klconvert.quantize as quantize_module
+from klconvert.checkpoint.reader import Checkpoint
+from klconvert.quantize import quantize
+from quantize_helpers import folder_files
+
+ARGS = ("--bits", "8", "--group-size", "32")
+
+
+def klconvert_quantize(src, out) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "klconvert", "quantize", str(src), str(out), *ARGS],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_released, tmp_path_factory):
+    """The same quantization, run alone."""
+    return quantize(tiny_released, tmp_path_factory.mktemp("ref") / "q", bits=8, group_size=32, progress=False).path
+
+
+def assert_same_output(out, reference) -> None:
+    got, want = folder_files(out), folder_files(reference)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        if name != "README.md":  # the model card names its own folder
+            assert got[name] == want[name], name
+    Checkpoint(out).get("model.layers.1.block_sparse_moe.experts.0.w1.weight")
+
+
+def test_a_second_writer_is_refused_and_the_first_finishes_whole(tiny_released, reference, tmp_path, monkeypatch):
+    out = tmp_path / "q"
+    holding, release = threading.Event(), threading.Event()
+    write_shard = quantize_module.write_shard
+
+    def slow_write_shard(*args, **kwargs):  # the first run stops inside its first shard until told to go on
+        holding.set()
+        assert release.wait(120)
+        return write_shard(*args, **kwargs)
+
+    monkeypatch.setattr(quantize_module, "write_shard", slow_write_shard)
+    first: dict = {}
+    thread = threading.Thread(target=lambda: first.update(result=quantize(tiny_released, out, bits=8, group_size=32,
+                                                                          progress=False)))
+    thread.start()
+    try:
+        assert holding.wait(120)
+        second = klconvert_quantize(tiny_released, out)
+        _, err = second.communicate(timeout=120)
+    finally:
+        release.set()
+        thread.join(120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert second.returncode == 2 and len(lines) == 1, err
+    assert f"another klconvert run (pid {os.getpid()}) is writing it" in lines[0] and "q.partial" in lines[0]
+    assert first["result"].path == out
+    assert_same_output(out, reference)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no partial folder, no lock file
+
+
+def test_two_runs_at_once_leave_one_whole_output(tiny_released, reference, tmp_path):
+    out = tmp_path / "q"
+    runs = [klconvert_quantize(tiny_released, out) for _ in range(2)]
+    finished = [(run.wait(300), run.stderr.read()) for run in runs]
+    codes = sorted(code for code, _ in finished)
+    assert codes == [0, 2], finished
+    refused = next(err for code, err in finished if code == 2)
+    assert ("another klconvert run" in refused or "already exists" in refused), refused
+    assert_same_output(out, reference)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+def test_a_dead_runs_lock_is_taken_over(tiny_released, reference, tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "q.partial.lock").write_text(f"{dead.pid}\n")
+    run = subprocess.run([sys.executable, "-m", "klconvert", "quantize", str(tiny_released), str(tmp_path / "q"),
+                          *ARGS], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert f"taking over {tmp_path / 'q.partial.lock'}, left by process {dead.pid} (no longer running)" in run.stderr
+    assert_same_output(tmp_path / "q", reference)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]

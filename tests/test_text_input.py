@@ -1,0 +1,52 @@
+"""Text read chunk by chunk and encoded window by window gives exactly Tokenizer.encode's ids, and stops early."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from klconvert import text_input
+from klconvert.errors import KLError
+from klconvert.text_input import read_prompt, read_text_file, read_tokens
+from klconvert.tokenizer import MAX_ENCODE_CHARS, Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_released):
+    return Tokenizer.from_folder(tiny_released)
+
+
+def awkward_text(chars: int, seed: int = 0) -> str:
+    """Words, digits, CJK, emoji and long whitespace runs, so windows and chunks cut inside every kind of piece."""
+    rng = random.Random(seed)
+    parts = ["the ", "quick", " 12345", "漢字", "😀", " " * 30000, "\n\n", "fox-jumps", "é"]
+    out, size = [], 0
+    while size < chars:
+        out.append(rng.choice(parts))
+        size += len(out[-1])
+    return "".join(out)
+
+
+def test_chunked_reading_matches_encode(tokenizer, monkeypatch):
+    monkeypatch.setattr(text_input, "READ_CHUNK_BYTES", 4099)  # chunks cut through multi-byte characters
+    text = awkward_text(2 * MAX_ENCODE_CHARS + 12345)
+    read = read_prompt(text, None, tokenizer, 10**9)
+    assert read.whole and read.text == text and read.ids == tokenizer.encode(text)
+
+
+def test_reading_stops_past_the_budget_with_a_prefix_of_the_ids(tokenizer, tmp_path):
+    text = awkward_text(3 * MAX_ENCODE_CHARS)
+    path = tmp_path / "long.txt"
+    path.write_text(text, encoding="utf-8")
+    full = tokenizer.encode(text)
+    read = read_tokens(text_input._chunks(str(path), "--text-file"), "here", tokenizer, 10)
+    assert not read.whole and len(read.text) == MAX_ENCODE_CHARS and read.ids == full[:len(read.ids)]
+    assert tokenizer.encode(read_text_file(path, "--text-file", tokenizer, 10))[:10] == full[:10]
+
+
+def test_a_bad_byte_is_placed_exactly(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(text_input, "READ_CHUNK_BYTES", 7)
+    path = tmp_path / "bad.txt"
+    path.write_bytes("héllo wörld".encode() + b"\xff tail")
+    with pytest.raises(KLError, match=r"bad\.txt: not UTF-8 text \(bad byte at offset 13\)"):
+        read_prompt(None, str(path), tokenizer, 100)

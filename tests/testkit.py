@@ -1,0 +1,64 @@
+"""What any test may use: the relative error of a tensor against its reference, and the klconvert command run
+in this process or as a user runs it, with its stderr read as a terminal shows it."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import torch
+
+from klconvert.cli import main
+
+
+def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """RMS(got - ref) / RMS(ref), in fp64 on the CPU; NaN anywhere gives NaN (and fails any bound)."""
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    return ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def run_cli(capsys, *args, stdin: str | None = None) -> tuple[int, str, str]:
+    """Run the klconvert entry point in this process: (exit status, stdout, stderr)."""
+    old_argv, old_stdin = sys.argv, sys.stdin
+    sys.argv = ["klconvert", *map(str, args)]
+    if stdin is not None:
+        sys.stdin = io.TextIOWrapper(io.BytesIO(stdin.encode()), encoding="utf-8")
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv, sys.stdin = old_argv, old_stdin
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def run_klconvert(*args, stdin: str | None = None, cwd=None, env: dict | None = None,
+                  timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m klconvert ARGS` in a new process, as a user does (env: variables to add or, as None, drop)."""
+    environ = dict(os.environ)
+    for name, value in (env or {}).items():
+        if value is None:
+            environ.pop(name, None)
+        else:
+            environ[name] = value
+    return subprocess.run([sys.executable, "-m", "klconvert", *map(str, args)], capture_output=True, text=True,
+                          input=stdin, cwd=cwd, env=environ, timeout=timeout)
+
+
+def shown_lines(err: str) -> list[str]:
+    """stderr as a terminal leaves it: a carriage return overwrites the line (progress bars); blanks dropped."""
+    return [line.rsplit("\r", 1)[-1] for line in err.split("\n") if line.rsplit("\r", 1)[-1].strip()]
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> str:
+    """Exit status 2 and one line on stderr, `klconvert: error: ...`, holding each needle; returns the line."""
+    assert code == 2, err
+    lines = shown_lines(err)
+    assert len(lines) == 1 and lines[0].startswith("klconvert: error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
