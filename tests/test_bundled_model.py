@@ -97,3 +97,11 @@ def test_tiny_names_it_for_quantize_pull_and_quantize_eval_and_plan(tmp_path, mo
     assert f"against {BUNDLED_DIR}" in out and "KL(reference || model)" in out
     code, out, err = run_cli(capsys, "plan", "--model", "tiny", "--max-context", "4096")
     assert code == 0 and str(BUNDLED_DIR) in out, err
+
+
+def test_tiny_is_a_name_and_anything_else_a_path(tmp_path, monkeypatch):
+    from klconvert.models import resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()                      # a folder of that name is reached as ./tiny
+    assert resolve_model("tiny") == BUNDLED_DIR and resolve_model("./tiny") == Path("./tiny")

@@ -37,8 +37,8 @@ def test_training_lowers_the_loss_and_writes_a_checkpoint(tmp_path):
     assert set(log["expert_load_validation"]) == {"1", "2", "3"}   # the MoE layers
     out = tmp_path / "out"
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["config.json", "loss.json", "model.safetensors.index.json", "model-00001-of-00001.safetensors",
-                     "tiktoken.model", "tokenizer_config.json"] or len(files) <= 8
+    assert files == ["config.json", "loss.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json",
+                     "tiktoken.model", "tokenizer_config.json"]     # with loss.png, 2 shards at full size: 8 files
     assert json.loads((out / "loss.json").read_text())["kept_step"] == log["kept_step"]
     ckpt = Checkpoint(out)
     bias = ckpt.get("model.layers.1.block_sparse_moe.gate.e_score_correction_bias")

