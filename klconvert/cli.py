@@ -404,7 +404,8 @@ def _int_list(ctx, param, value: str) -> list[int]:
 @click.option("--batch", "batches", default="1", show_default=True, callback=_int_list,
               help="Comma-separated batch sizes.")
 @click.option("--mla-cache-dtype", type=click.Choice(["bfloat16", "float8_e4m3fn"]), default="bfloat16",
-              show_default=True, help="The latent cache's dtype (float8_e4m3fn: one byte a value, an fp32 scale a row).")
+              show_default=True,
+              help="The latent cache's dtype (float8_e4m3fn: one byte a value, an fp32 scale a row).")
 @click.option("--new-tokens", type=click.IntRange(min=16), default=128, show_default=True,
               help="Decode steps timed per configuration.")
 @click.option("--check/--no-check", "check_depth", default=True, show_default=True,

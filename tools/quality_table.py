@@ -5,8 +5,8 @@ Rows: int8, int4 g128 sym (the default), int4 g128 asym, int4 g32, nf4, each shi
 then study 1 -- the default int4 g128 policy (b_proj and f_a_proj stored like q/k/v, as vLLM's fused KDA input
 projection needs) but with b_proj and f_a_proj in bf16 (the old, split policy), or g_a_proj, f_b_proj, g_b_proj
 quantized too, or the whole fused KDA input group or the shared experts kept in bf16; study 2 -- lm_head at 4
-bits, 8 bits (the default) and kept in bf16. Columns: perplexity (and its change), KL(bf16 || quantized) mean and p99, top-1
-agreement, mean router-set overlap, share of (token, layer) routing decisions whose whole expert set is
+bits, 8 bits (the default) and kept in bf16. Columns: perplexity (and its change), KL(bf16 || quantized) mean and
+p99, top-1 agreement, mean router-set overlap, share of (token, layer) routing decisions whose whole expert set is
 unchanged, the worst MoE layer, and the bits per weight over all the checkpoint's weights (embedding included).
 
 The bf16 reference runs once; each variant is quantized into a temporary folder and run on the same tokens, on
