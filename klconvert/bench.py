@@ -201,7 +201,7 @@ def bytes_per_step(engine: Engine, context: int, batch: int, experts_touched: in
     return total + batch * context * engine.plan.mla_bytes_per_token
 
 
-def _experts_touched(engine: Engine, batch: int) -> int:
+def experts_touched(engine: Engine, batch: int) -> int:
     """Distinct routed experts per MoE layer in one decode step (the mean over layers), from the router's choice."""
     seen: list[int] = []
     hooks = [block.ffn.gate.register_forward_hook(lambda m, a, r: seen.append(int(r[0].unique().numel())))
@@ -286,7 +286,7 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
                 torch.cuda.reset_peak_memory_stats()
             fill_state(engine, context)
             check_graph_matches_eager(engine, batch, context)
-            touched = _experts_touched(engine, batch)
+            touched = experts_touched(engine, batch)
             fill_state(engine, context)
             seconds = time_decode(engine, batch, context, new_tokens)
             moved = bytes_per_step(engine, context, batch, touched)
