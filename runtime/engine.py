@@ -99,9 +99,6 @@ class Engine:
         or Triton (auto: Triton on CUDA). The decode step is captured in a CUDA graph with Triton on CUDA."""
         self.config, self.device, self.dtype = config, device, dtype
         self.triton = use_triton(kernels, device)
-        if context > config.model_max_length:
-            raise KLError(f"a context of {context} tokens is over the model's model_max_length "
-                          f"{config.model_max_length}; lower --max-context (or shorten the prompt)")
         self.model = KimiLinear(config, biased_router_weights=biased_router_weights)
         held = packed_choice(self.model, stored_schemes or {}, self.triton)
         self.weight_bytes = weight_bytes(config, dtype, HeldPacked(held))
@@ -113,6 +110,9 @@ class Engine:
 
     def _plan_state(self, context: int, batch: int, mla_cache_dtype: torch.dtype, allocate: bool) -> None:
         """Size (and with `allocate`, allocate) the state for this context and batch; refuse what does not fit."""
+        if context > self.config.model_max_length:
+            raise KLError(f"a context of {context} tokens is over the model's model_max_length "
+                          f"{self.config.model_max_length}; lower --max-context (or shorten the prompt)")
         limit = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
         plan = MemoryPlan(self.config, batch=batch, context=context, weight_bytes=self.weight_bytes,
                           act_dtype=self.dtype, mla_cache_dtype=mla_cache_dtype, memory_limit=limit)

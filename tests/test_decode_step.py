@@ -144,3 +144,11 @@ def test_fast_path_at_8_real_layers_is_as_close_to_fp32_as_bf16_is():
         del engine, step
         torch.cuda.empty_cache()
     assert rel(logits["fast"], logits["fp32"]) <= 1.5 * rel(logits["bf16"], logits["fp32"])
+
+
+def test_a_context_over_the_model_limit_is_refused_on_load_and_on_resize(trained_like):
+    with pytest.raises(klconvert.KLError, match="over the model's model_max_length"):
+        klconvert.load(trained_like, device="cpu", max_context=2**21)
+    engine = klconvert.load(trained_like, device="cpu", max_context=16)
+    with pytest.raises(klconvert.KLError, match="over the model's model_max_length"):
+        engine.resize(2**21, 1)
