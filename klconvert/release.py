@@ -5,6 +5,23 @@ from __future__ import annotations
 NUM_SPECIAL_TOKENS = 256  # reserved specials after the BPE ranks, as released
 FP32_TENSORS = ("A_log", "dt_bias", "e_score_correction_bias")  # name suffixes the released files store in fp32
 
+# What the release keeps in high precision, as regexes on module names (a tensor's name less `.weight`): no
+# recipe may quantize these (quant/policy.py), and the default policy's ignore list names the linear ones among
+# them (quant/defaults.py). The router pattern takes the released (`block_sparse_moe`) and transformers (`mlp`)
+# spellings.
+ROUTER = r".*\.(block_sparse_moe|mlp)\.gate"
+SHORT_CONVS = r".*conv1d"
+EMBEDDING = r"(.*\.)?embed_tokens"
+HIGH_PRECISION = (
+    (ROUTER, "the MoE router"),
+    (r".*\.e_score_correction_bias", "the router's correction bias"),
+    (r".*(^|\.)A_log", "the KDA decay A_log"),
+    (r".*(^|\.)dt_bias", "the KDA dt_bias"),
+    (SHORT_CONVS, "a short-convolution weight"),
+    (r".*norm", "a norm weight"),
+    (EMBEDDING, "the token embedding"),
+)
+
 
 def _full_attn_layers(num_layers: int) -> list[int]:
     """1-indexed MLA layers: every fourth, and the last (released: 4, 8, ..., 24, 27)."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from klconvert.quant.policy import LINEAR, Entry, Group, Policy
 from klconvert.quant.scheme import NF4_BLOCKSIZE, QuantScheme
+from klconvert.release import ROUTER, SHORT_CONVS
 
 # The main group targets "Linear" rather than a list of regexes on purpose: vLLM's compressed-tensors
 # MoE method looks the routed experts' scheme up under "Linear" (or gate/up/down_proj names, which
@@ -11,9 +12,9 @@ from klconvert.quant.scheme import NF4_BLOCKSIZE, QuantScheme
 # With the names of reference/model.md this quantizes: routed experts w1/w2/w3, shared experts,
 # the dense MLP of layer 0, KDA q/k/v/b/f_a/o_proj and MLA q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj.
 KEEP = (
-    r"re:.*\.(block_sparse_moe|mlp)\.gate$",   # MoE router (gate.weight; its correction bias is not a weight)
+    f"re:{ROUTER}$",                            # MoE router (gate.weight; its correction bias is not a weight)
     r"re:.*\.(f_b|g_a|g_b)_proj$",             # KDA forget-gate up-projection, output gate low-rank pair: tiny
-    r"re:.*conv1d$",                           # KDA short convolutions (vLLM builds them as linear layers)
+    f"re:{SHORT_CONVS}$",                       # KDA short convolutions (vLLM builds them as linear layers)
 )
 # vLLM fuses a KDA layer's q, k, v, b and f_a projections into one module (in_proj_qkvgfab) with one scheme, so
 # b_proj and f_a_proj cannot stay bf16 while q/k/v are quantized. The default quantizes them with q/k/v: on the

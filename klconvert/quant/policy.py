@@ -12,20 +12,13 @@ from klconvert.quant.fused import fused_instances
 from klconvert.quant.groupwise import check_groupwise
 from klconvert.quant.nf4 import bnb_quantization_config
 from klconvert.quant.scheme import NF4_BLOCKSIZE, QuantScheme, compressed_tensors_config
+from klconvert.release import EMBEDDING, HIGH_PRECISION
 
 LINEAR = "Linear"  # the class-name target: every 2-D linear `.weight` (vLLM counts the router and convs as linear)
 
-# Tensors the runtimes keep in high precision (reference/model.md); matched on the match key (below).
-_PROTECTED = (
-    (re.compile(r"(.*\.)?gate$"), "the MoE router"),
-    (re.compile(r".*\.e_score_correction_bias$"), "the router's correction bias"),
-    (re.compile(r".*(^|\.)A_log$"), "the KDA decay A_log"),
-    (re.compile(r".*(^|\.)dt_bias$"), "the KDA dt_bias"),
-    (re.compile(r".*conv1d$"), "a short-convolution weight"),
-    (re.compile(r".*norm$"), "a norm weight"),
-    (re.compile(r"(.*\.)?embed_tokens$"), "the token embedding"),
-)
-_EMBEDDING = re.compile(r"(.*\.)?embed_tokens$")
+# Tensors the release keeps in high precision (klconvert/release.py); matched on the match key (below).
+_PROTECTED = tuple((re.compile(pattern + "$"), what) for pattern, what in HIGH_PRECISION)
+_EMBEDDING = re.compile(EMBEDDING + "$")
 _ROUTED_EXPERT = re.compile(r".*\.experts\.\d+\.w[123]\.weight$")
 
 
