@@ -58,6 +58,7 @@ def test_bytes_per_step_grow_with_context(tiny4):
     assert grown == 30 * engine.plan.mla_bytes_per_token
 
 
+@pytest.mark.slow
 def test_bench_without_a_gpu_is_one_line():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

@@ -83,6 +83,7 @@ def test_run_without_model_runs_the_bundled_one(tmp_path, monkeypatch, capsys):
     assert out == tokenizer.decode(RECORDED["greedy_ids"][:8]) + "\n"
 
 
+@pytest.mark.slow
 def test_tiny_names_it_for_quantize_pull_and_quantize_eval_and_plan(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(capsys, "pull-and-quantize", "--model", "tiny", "--device", "cpu")

@@ -75,6 +75,7 @@ def test_plan_for_a_folder(tiny_released):
     assert "MLA latent cache / token" in proc.stdout
 
 
+@pytest.mark.slow
 def test_several_prompt_files_run_as_one_batch(tiny_released, tmp_path):
     """Each prompt is continued at its own length, exactly as it is alone; the outputs come in order, headed."""
     files = [tmp_path / "a.txt", tmp_path / "b.txt"]

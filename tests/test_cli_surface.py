@@ -127,6 +127,7 @@ def test_the_readme_python_example_runs(tiny_released):
     assert isinstance(namespace["text"], str) and namespace["new_ids"] and namespace["both"].shape[0] == 2
 
 
+@pytest.mark.slow
 def test_refusals_run_in_bounded_memory(tiny_released):
     """A sample of the above under the address-space limit: the refusals come before anything big is loaded."""
     for args in (["run", "--model", tiny_released, "--prompt", "x", "--temperature", "nan"],

@@ -21,6 +21,8 @@ from klconvert.errors import KLError
 from klconvert.presets import preset_config
 from klconvert.release import layer_lists
 
+pytestmark = pytest.mark.slow  # subprocesses under memory limits: seconds each; CI runs them
+
 
 def edit_json(path: Path, edit) -> None:
     data = json.loads(path.read_text())

@@ -97,6 +97,7 @@ def for_transformers(folder: Path, tmp_path: Path) -> Path:
     return copy
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", [*OUTPUTS, KEPT])
 def test_transformers_predicts_what_we_predict(outputs, source_logits, label, tmp_path):
     folder = for_transformers(outputs[label], tmp_path)

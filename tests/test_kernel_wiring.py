@@ -104,6 +104,7 @@ def test_shared_expert_stored_otherwise_runs_beside_the_fused_moe(calm4, tmp_pat
     assert rel_error(tri.decode_step(ids[:, 4:], 4), ref.decode_step(ids[:, 4:], 4)) < TOLERANCE
 
 
+@pytest.mark.slow
 def test_decode_through_the_latent_attention_kernel(quantized, request):
     """bf16 binds the Triton latent attention (it reads bf16 or e4m3 caches); its decode steps match the PyTorch
     path's, and so does a batch of two sequences at different positions."""

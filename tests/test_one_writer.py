@@ -14,6 +14,8 @@ from klconvert.checkpoint.reader import Checkpoint
 from klconvert.quantize import quantize
 from quantize_helpers import folder_files
 
+pytestmark = pytest.mark.slow  # subprocesses under memory limits: seconds each; CI runs them
+
 ARGS = ("--bits", "8", "--group-size", "32")
 
 

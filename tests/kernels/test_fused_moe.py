@@ -41,6 +41,7 @@ def test_fused_moe_decode(bits, symmetric, shared, stacked, m):
     assert_close(y, naive_fused_moe(x, ids, weights, experts), BOUND[x.dtype], "fused_moe decode")
 
 
+@pytest.mark.slow
 def test_fused_moe_decode_split_k():
     """3 k-tiles for gate/up and 2 for down, split across programs and reduced in-launch; locks re-armed."""
     experts = make_experts(4, 384, 256, 4, False)
@@ -52,6 +53,7 @@ def test_fused_moe_decode_split_k():
     assert int(experts.gate.locks.abs().sum()) == 0 and int(experts.down.locks.abs().sum()) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mma, bits, symmetric, shared, tokens", [
     (True, 4, False, False, 16), (False, 4, False, False, 6), (True, 8, True, True, 3), (False, 8, True, True, 3),
     (True, 4, True, True, 1), (False, 4, True, True, 1)])
