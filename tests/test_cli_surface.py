@@ -66,6 +66,7 @@ def test_triton_kernels_need_cuda(capsys, tiny_released, monkeypatch):
     assert "--kernels triton needs a CUDA GPU" in line and "--kernels torch" in line
 
 
+@pytest.mark.slow
 def test_a_recipe_nested_too_deeply(capsys, tmp_path):
     deep = tmp_path / "deep.yaml"
     deep.write_text("quant_stage: " + "[" * 5000 + "]" * 5000 + "\n")

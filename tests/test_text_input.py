@@ -27,6 +27,7 @@ def awkward_text(chars: int, seed: int = 0) -> str:
     return "".join(out)
 
 
+@pytest.mark.slow
 def test_chunked_reading_matches_encode(tokenizer, monkeypatch):
     monkeypatch.setattr(text_input, "READ_CHUNK_BYTES", 4099)  # chunks cut through multi-byte characters
     text = awkward_text(2 * MAX_ENCODE_CHARS + 12345)

@@ -86,6 +86,7 @@ def test_split_counts():
     assert mla_decode_splits(1, 32, 100, "cpu") == 1
 
 
+@pytest.mark.slow
 def test_short_length_in_a_long_cache_runs_few_splits(poisoned_workspace):
     """Splits are sized from the device length: 300 tokens in a 4096-token cache run 5 splits of 64, not 64 of 5."""
     B, H, R, Dr, L_max = 2, 4, 64, 16, 4096
