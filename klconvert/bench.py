@@ -136,7 +136,7 @@ def check_graph_matches_eager(engine: Engine, batch: int, context: int) -> None:
         for t in range(GRAPH_CHECK_STEPS):
             step.tokens.copy_(tokens[t])
             with torch.inference_mode():
-                got.append((step._run() if eager else step.step()).clone())
+                got.append((step.eager() if eager else step.step()).clone())
             step.positions += 1
         runs.append(torch.stack(got))
     engine.state.kda_state.copy_(kda)
@@ -207,7 +207,7 @@ def experts_touched(engine: Engine, batch: int) -> int:
     hooks = [block.ffn.gate.register_forward_hook(lambda m, a, r: seen.append(int(r[0].unique().numel())))
              for layer, block in enumerate(engine.model.blocks) if engine.config.is_moe(layer)]
     with torch.inference_mode():
-        engine.decoder(batch)._run()
+        engine.decoder(batch).eager()
     for h in hooks:
         h.remove()
     return round(sum(seen) / len(seen)) if seen else 0

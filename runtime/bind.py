@@ -98,20 +98,6 @@ def _swap_packed(model: M.KimiLinear, packed: Packed, held: dict[str, QuantSchem
                 model.get_submodule(prefix).shared_experts = SharedInStack()
 
 
-class StackedLinear(nn.Module):
-    """A ParallelLinear group restacked: one module per part (a packed kernel per scheme, one dense matmul for
-    the rest), outputs side by side in `order`."""
-
-    def __init__(self, parts: list[nn.Module], order: list[str], sizes: dict[str, int]):
-        super().__init__()
-        self.parts, self.order, self.sizes = nn.ModuleList(parts), order, sizes
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.parts) == 1:
-            return self.parts[0](x)
-        return torch.cat([p(x) for p in self.parts], dim=-1)
-
-
 def _stack_groups(model: M.KimiLinear) -> None:
     """Each ParallelLinear becomes a StackedLinear: its packed members that stack (same format, whole row blocks)
     as one packed kernel, its dense members as one matmul; fewer launches per token, the same outputs."""
@@ -120,28 +106,30 @@ def _stack_groups(model: M.KimiLinear) -> None:
             continue
         runs: dict[tuple, list[str]] = {}
         for member in group.order:
-            m = getattr(group, member)
-            p = getattr(m, "packed", None)
-            rows_block = None if p is None else p.qweight.shape[2]   # packed rows per block: no padding between
-            key = ("dense",) if p is None else \
-                (p.k, p.bits, p.group_size, p.zeros is None) if p.n % rows_block == 0 else ("alone", member)
+            p = getattr(getattr(group, member), "packed", None)
+            if p is None:
+                key: tuple = ("dense",)
+            elif p.n % p.qweight.shape[2] == 0:   # whole blocks of packed rows: no padding lands between members
+                key = (p.k, p.bits, p.group_size, p.zeros is None)
+            else:
+                key = ("alone", member)
             runs.setdefault(key, []).append(member)
         parts, order = [], []
         for key, members in runs.items():
             modules = [getattr(group, m) for m in members]
-            if key == ("dense",):
+            if len(modules) == 1:
+                parts.append(modules[0])
+            elif key == ("dense",):
                 stacked = M.Linear(0, 0)
                 stacked.weight = nn.Parameter(torch.cat([m.weight for m in modules]), requires_grad=False)
-                parts.append(stacked if len(modules) > 1 else modules[0])
-            elif len(modules) > 1:
+                parts.append(stacked)
+            else:
                 from klconvert.kernels.int_linear import concat_packed_linears
                 from klconvert.runtime.kernel_modules import PackedIntLinear
 
                 parts.append(PackedIntLinear(concat_packed_linears([m.packed for m in modules])))
-            else:
-                parts.append(modules[0])
             order += members
-        _replace(model, name, StackedLinear(parts, order, group.sizes))
+        _replace(model, name, M.StackedLinear(parts, order, group.sizes))
 
 
 def _fill(model: M.KimiLinear, read: Read, device: torch.device, dtype: torch.dtype) -> None:

@@ -32,7 +32,8 @@ class DecodeStep:
         if graph:
             self._capture()
 
-    def _run(self) -> torch.Tensor:
+    def eager(self) -> torch.Tensor:
+        """The step run eagerly (no graph), on the same buffers."""
         return self.model.decode(self.tokens, self.state, self.positions)
 
     @torch.inference_mode()
@@ -43,17 +44,17 @@ class DecodeStep:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(WARMUP_STEPS):
-                self._run()
+                self.eager()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self._run()
+            self.logits = self.eager()
         self.state.reset()
 
     @torch.inference_mode()
     def step(self) -> torch.Tensor:
         if self.graph is None:
-            self.logits = self._run()
+            self.logits = self.eager()
         else:
             self.graph.replay()
         return self.logits

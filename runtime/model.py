@@ -83,6 +83,20 @@ class ParallelLinear(nn.Module):
         return torch.cat([getattr(self, name)(x) for name in self.order], dim=-1)
 
 
+class StackedLinear(nn.Module):
+    """A ParallelLinear group as bind restacks it: one module per part (a packed kernel per format, one dense
+    matmul for the rest), outputs side by side in `order`."""
+
+    def __init__(self, parts: list[nn.Module], order: list[str], sizes: dict[str, int]):
+        super().__init__()
+        self.parts, self.order, self.sizes = nn.ModuleList(parts), order, sizes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.parts) == 1:
+            return self.parts[0](x)
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
 def take(group: nn.Module, y: torch.Tensor, names: list[str]) -> torch.Tensor:
     """The columns of `names` (in that order) from a ParallelLinear-like group's output: a view when they sit
     side by side in the group's order, else a copy."""
