@@ -202,12 +202,16 @@ def bytes_per_step(engine: Engine, context: int, batch: int, experts_touched: in
 
 
 def experts_touched(engine: Engine, batch: int) -> int:
-    """Distinct routed experts per MoE layer in one decode step (the mean over layers), from the router's choice."""
+    """Distinct routed experts per MoE layer in one decode step (the mean over layers), from the router's choice,
+    with a different random token in each sequence (as the timed loop's random first logits give)."""
     seen: list[int] = []
     hooks = [block.ffn.gate.register_forward_hook(lambda m, a, r: seen.append(int(r[0].unique().numel())))
              for layer, block in enumerate(engine.model.blocks) if engine.config.is_moe(layer)]
+    step = engine.decoder(batch)
+    g = torch.Generator(device=engine.device).manual_seed(batch)
+    step.tokens.copy_(torch.randperm(engine.config.vocab_size, generator=g, device=engine.device)[:batch])
     with torch.inference_mode():
-        engine.decoder(batch).eager()
+        step.eager()
     for h in hooks:
         h.remove()
     return round(sum(seen) / len(seen)) if seen else 0
