@@ -6,16 +6,20 @@ import torch
 import triton
 import triton.language as tl
 
+from klconvert.kernels.naive_mla import FP8_MAX
+
 LOG2E = math.log2(math.e)  # the kernel's softmax runs in base 2
 H200_SMS = 132  # SM count assumed off CUDA (the interpreter), so CPU tests split the sequence as an H200 does
-# Default launch shapes per cache dtype, best first, each with the shared memory it needs at R=512; the first that fits
-# the GPU's per-block limit is used (H100/H200: the first). Chosen (untimed) from ptxas' report for sm_90: no register
-# spills, every cache load asynchronous, >= 36 KB of cache in flight per SM (bf16: 193 registers; fp8: 216).
-# bench/kernels.py --only mla times them against the neighbouring shapes.
+# Default launch shapes per cache dtype, best first, each with the shared memory it needs at R=512 (read off the
+# compiled kernel on an H200); the first that fits the GPU's per-block limit is used (H100/H200: the first). bf16:
+# chosen from ptxas' report for sm_90 (no spills, every cache load asynchronous); fp8: the fastest of
+# `bench/kernels.py --only mla`'s sweep at 1M on an H200 (609 us against 935 us for block_n 32 with bf16 dots; no
+# spills at 255 registers). The bf16 sweep's best (block_n 128, 2 stages: 422 us) is within 5% of the default's 440.
 LAUNCHES = {torch.bfloat16: [(188416, dict(block_n=64, num_warps=8, num_stages=3)),
                              (114688, dict(block_n=64, num_warps=8, num_stages=2)),
                              (75776, dict(block_n=32, num_warps=8, num_stages=2))],
-            torch.float8_e4m3fn: [(108800, dict(block_n=32, num_warps=8, num_stages=3)),
+            torch.float8_e4m3fn: [(110848, dict(block_n=64, num_warps=8, num_stages=2)),
+                                  (108800, dict(block_n=32, num_warps=8, num_stages=3)),
                                   (73856, dict(block_n=32, num_warps=8, num_stages=2))]}
 
 
@@ -35,7 +39,8 @@ def _clamped_length(lengths, i_b, L_max):
 def mla_decode_fwd_kernel(q_lat, q_rope, cache, cache_scale, lengths, part_o, part_lse, qk_scale, H, L_max,
                           stride_qb, stride_qh, stride_rb, stride_rh, stride_cb, stride_cl, stride_sb,
                           R: tl.constexpr, DR: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                          MIN_SPLIT: tl.constexpr, FP8: tl.constexpr, TOKENS_M: tl.constexpr):
+                          MIN_SPLIT: tl.constexpr, FP8: tl.constexpr, TOKENS_M: tl.constexpr,
+                          P_SCALE: tl.constexpr, DOT_DT: tl.constexpr):
     """One (head block, split, sequence) per program. Each cache tile [BLOCK_N, R + Dr] is read from HBM once and
     serves the whole head block: heads are the M dim of both dots (scores = q c^T, o += p c). Online softmax in base
     2 (qk_scale carries log2 e); writes the split's normalized o [BLOCK_H, R] and its log2-sum-exp2."""
@@ -52,11 +57,11 @@ def mla_decode_fwd_kernel(q_lat, q_rope, cache, cache_scale, lengths, part_o, pa
         mask_h = offs_h < H
         offs_r = tl.arange(0, R)
         offs_d = tl.arange(0, DR)
-        # queries rounded to bf16 once, for the tensor cores; padded heads are zero rows
+        # queries rounded once to the dots' 16-bit type, for the tensor cores; padded heads are zero rows
         q = tl.load(q_lat + i_b * stride_qb + offs_h[:, None] * stride_qh + offs_r[None, :], mask=mask_h[:, None],
-                    other=0.0).to(tl.bfloat16)  # [BLOCK_H, R]
+                    other=0.0).to(DOT_DT)  # [BLOCK_H, R]
         qr = tl.load(q_rope + i_b * stride_rb + offs_h[:, None] * stride_rh + offs_d[None, :], mask=mask_h[:, None],
-                     other=0.0).to(tl.bfloat16)  # [BLOCK_H, DR]
+                     other=0.0).to(DOT_DT)  # [BLOCK_H, DR]
         if TOKENS_M:  # [R, BLOCK_H], [DR, BLOCK_H]
             q = tl.trans(q)
             qr = tl.trans(qr)
@@ -70,17 +75,18 @@ def mla_decode_fwd_kernel(q_lat, q_rope, cache, cache_scale, lengths, part_o, pa
             c = tl.load(p_c + offs_n[:, None] * stride_cl + offs_r[None, :], mask=mask_n[:, None], other=0.0)
             kr = tl.load(p_c + offs_n[:, None] * stride_cl + R + offs_d[None, :], mask=mask_n[:, None], other=0.0)
             if FP8:  # the scores read the tile again (an L2 hit): one shared-memory layout per copy keeps both
-                # copies asynchronous (one fp8 tile serving both dots is loaded synchronously by Triton 3.9)
+                # copies asynchronous (measured: 1.25x faster at 1M than one fp8 tile converted once for both dots)
                 ck = tl.load(p_c + offs_n[:, None] * stride_cl + offs_r[None, :], mask=mask_n[:, None], other=0.0,
-                             eviction_policy="evict_first")
+                             eviction_policy="evict_first").to(DOT_DT)
+                c = c.to(DOT_DT)
             else:
                 ck = c
-            # fp8 e4m3 -> bf16 is exact; the per-token scale is applied to the scores and probabilities below
+            # fp8 e4m3 -> fp16 is exact; the per-token scale is applied to the scores and probabilities below
             if TOKENS_M:  # scores^T = c q^T: tokens are the M dim (Hopper's wgmma when BLOCK_N >= 64)
-                s = tl.trans(tl.dot(kr.to(tl.bfloat16), qr, tl.dot(ck.to(tl.bfloat16), q)))
+                s = tl.trans(tl.dot(kr.to(DOT_DT), qr, tl.dot(ck, q)))
             else:
-                s = tl.dot(q, tl.trans(ck.to(tl.bfloat16)))
-                s = tl.dot(qr, tl.trans(kr.to(tl.bfloat16)), s)  # [BLOCK_H, BLOCK_N] fp32
+                s = tl.dot(q, tl.trans(ck))
+                s = tl.dot(qr, tl.trans(kr.to(DOT_DT)), s)  # [BLOCK_H, BLOCK_N] fp32
             if FP8:
                 sc = tl.load(cache_scale + i_b * stride_sb + offs_n, mask=mask_n, other=0.0)
                 s = s * (sc * qk_scale)[None, :]
@@ -91,12 +97,12 @@ def mla_decode_fwd_kernel(q_lat, q_rope, cache, cache_scale, lengths, part_o, pa
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(s - m_new[:, None])
             l = l * alpha + tl.sum(p, axis=1)
-            if FP8:
-                p = p * sc[None, :]  # sum_l p_l (scale_l c8_l) = (p * scale) c8
-            acc = tl.dot(p.to(tl.bfloat16), c.to(tl.bfloat16), acc * alpha[:, None])
+            if FP8:  # sum_l p_l (scale_l c8_l) = (p * scale) c8, carried times P_SCALE (scale * 448 = the row's
+                p = p * (sc * P_SCALE)[None, :]  # amax) so small weights stay normal in fp16
+            acc = tl.dot(p.to(DOT_DT), c, acc * alpha[:, None])
             m = m_new
         row = (i_b * n_splits + i_s) * H + offs_h  # workspace rows [B, S, H]
-        tl.store(part_o + row[:, None] * R + offs_r[None, :], acc / l[:, None], mask=mask_h[:, None])
+        tl.store(part_o + row[:, None] * R + offs_r[None, :], acc / (l * P_SCALE)[:, None], mask=mask_h[:, None])
         tl.store(part_lse + row, m + tl.log2(l), mask=mask_h)
 
 
@@ -220,6 +226,8 @@ def mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale=None, *, out=No
     num_warps / num_stages (defaults per cache dtype and GPU: LAUNCHES), min_split_tokens, num_splits (default
     mla_decode_splits: two waves of programs over the GPU's SMs at long context), qk_tokens_as_m (scores as c q^T:
     wgmma on Hopper for the score product; spill-free at block_n 128 / 8 warps / 2 stages with a bf16 cache).
+    An fp8 cache runs its dots in fp16 (e4m3 -> fp16 is one conversion per pair on sm_89+, exact; measured 1.3x
+    faster at 1M than bf16 dots), the queries rounded to fp16, so |q| must stay below 65504.
     """
     _check(q_lat, q_rope, cache, lengths, cache_scale, out)
     B, H, R = q_lat.shape
@@ -237,7 +245,8 @@ def mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale=None, *, out=No
         q_lat, q_rope, cache, cache_scale if fp8 else cache, lengths, part_o, part_lse, scale * LOG2E,
         H, L_max, q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), cache.stride(0),
         cache.stride(1), cache_scale.stride(0) if fp8 else 0, R=R, DR=Dr, BLOCK_H=block_h, BLOCK_N=block_n,
-        MIN_SPLIT=min_split_tokens, FP8=fp8, TOKENS_M=qk_tokens_as_m, num_warps=num_warps or launch["num_warps"],
+        MIN_SPLIT=min_split_tokens, FP8=fp8, TOKENS_M=qk_tokens_as_m, P_SCALE=FP8_MAX if fp8 else 1.0,
+        DOT_DT=tl.float16 if fp8 else tl.bfloat16, num_warps=num_warps or launch["num_warps"],
         num_stages=num_stages or launch["num_stages"])
     o = out if out is not None else torch.empty(B, H, R, device=cache.device, dtype=torch.float32)
     block_r = min(R, 128)

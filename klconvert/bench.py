@@ -217,6 +217,34 @@ def experts_touched(engine: Engine, batch: int) -> int:
     return round(sum(seen) / len(seen)) if seen else 0
 
 
+class SpreadRouting(torch.nn.Module):
+    """Bench only: the token of sequence i always goes to its own fixed random `k` experts (rows drawn
+    independently: ~100 distinct of 256 at batch 16, as tokens of real text spread), with the weights of the
+    router it wraps. Random weights route every row of a batch alike (~11 distinct experts at batch 16), which
+    would time a step that reads a tenth of the experts a real batch reads."""
+
+    def __init__(self, router: torch.nn.Module, batch: int, num_experts: int, k: int, device, seed: int):
+        super().__init__()
+        g = torch.Generator(device=device).manual_seed(seed)
+        self.router = router
+        self.ids = torch.stack([torch.randperm(num_experts, generator=g, device=device)[:k] for _ in range(batch)])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, weights = self.router(x)
+        return self.ids[:x.shape[0]].to(ids.dtype), weights
+
+
+def spread_routing(engine: Engine, batch: int) -> None:
+    """Wrap (or re-wrap, after a resize) every MoE layer's router in SpreadRouting for `batch` sequences; take it
+    before the decode step is captured."""
+    c = engine.config
+    for layer, block in enumerate(engine.model.blocks):
+        if c.is_moe(layer):
+            router = block.ffn.gate.router if isinstance(block.ffn.gate, SpreadRouting) else block.ffn.gate
+            block.ffn.gate = SpreadRouting(router, batch, c.num_experts, c.num_experts_per_token, engine.device,
+                                           seed=layer)
+
+
 def time_decode(engine: Engine, batch: int, context: int, new_tokens: int) -> float:
     """Seconds per decode step: greedy generation through Engine.decode_loop (graph replay, on-device sampling,
     async token copies) from cache rows 0..context-1, after one untimed warm-up loop."""
@@ -260,8 +288,10 @@ class BenchResult:
 
 def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[int], batches: list[int],
           mla_cache_dtype: str = "bfloat16", new_tokens: int = 128, calm_weights: Weights | None = None,
-          report: Callable[[str], None] = print, device: str = "cuda", check_prompt: int = CHECK_PROMPT) -> BenchResult:
+          report: Callable[[str], None] = print, device: str = "cuda", check_prompt: int = CHECK_PROMPT,
+          spread: bool = False) -> BenchResult:
     """Check, then time every (context, batch) on one bound model. calm_weights: run the depth check on them.
+    spread: route each sequence to its own random experts (SpreadRouting) instead of the weights' router.
     device "cpu" runs the same code on the CPU (Triton's interpreter; for tests of this code, not for figures)."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -276,7 +306,10 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
         report(f"check: Triton vs PyTorch bf16 path at {config.num_hidden_layers} layers (calm weights): "
                f"rel err {result.depth_check['rel_err']:.4f}, top-1 {result.depth_check['top1']:.3f}")
     engine = None
-    for context in contexts:
+    for asked in contexts:
+        # the decoded tokens must fit the model's longest context too: at model_max_length the cache is filled
+        # that many tokens short of it
+        context = min(asked, config.model_max_length - new_tokens - 16)
         for batch in batches:
             cache = torch.float8_e4m3fn if mla_cache_dtype == "float8_e4m3fn" else torch.bfloat16
             plan_context = context + new_tokens + 16
@@ -286,6 +319,8 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
                                 mla_cache_dtype=cache)
             else:
                 engine.resize(plan_context, batch, cache)
+            if spread:
+                spread_routing(engine, batch)
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             fill_state(engine, context)

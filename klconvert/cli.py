@@ -415,10 +415,13 @@ def _int_list(ctx, param, value: str) -> list[int]:
               help="Also time transformers' KimiLinearForCausalLM (bf16, same config) in this call.")
 @click.option("--peer-layers", type=click.IntRange(min=1), default=4, show_default=True,
               help="Layers of the peer's model (a 27-layer bf16 model needs 98 GB).")
+@click.option("--spread-routing", is_flag=True,
+              help="Route each sequence to its own random experts (~100 distinct per layer at batch 16, as real text "
+                   "spreads) instead of the weights' router; random weights route a whole batch alike.")
 @click.option("--json", "json_file", type=click.Path(path_type=Path), default=None, help="Write the results here.")
 def bench(model: str | None, preset: str | None, layers: int | None, bits: str, contexts: list[int],
           batches: list[int], mla_cache_dtype: str, new_tokens: int, check_depth: bool, peer: str, peer_layers: int,
-          json_file: Path | None) -> None:
+          spread_routing: bool, json_file: Path | None) -> None:
     """Decode speed on the GPU: checked first, then ms/token, tokens/s, memory and the bandwidth floor."""
     import json
 
@@ -444,7 +447,7 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
         calm, label = (weights if check_depth else None), str(model)
     result = B.bench(config, weights, bits=label, contexts=contexts, batches=batches,
                      mla_cache_dtype=mla_cache_dtype, new_tokens=new_tokens, calm_weights=calm,
-                     report=lambda line: click.echo(line, err=True))
+                     report=lambda line: click.echo(line, err=True), spread=spread_routing)
     if peer == "transformers":
         result.peer = B.time_transformers(preset_config("kimi-linear-48b", peer_layers),
                                           report=lambda line: click.echo(line, err=True))

@@ -2,6 +2,7 @@
 floor counts the bytes a step must move. The figures themselves come from the GPU (BENCHMARKS.md)."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -24,7 +25,8 @@ def test_bench_checks_then_times_on_the_cpu(tiny4):
     weights = B.random_quantized_weights(tiny4, 4, "cpu")
     calm = B.random_quantized_weights(tiny4, 4, "cpu", calm=True)
     lines: list[str] = []
-    result = B.bench(tiny4, weights, bits="int4", contexts=[40], batches=[2], new_tokens=16, calm_weights=calm,
+    short = dataclasses.replace(tiny4, model_max_length=72)  # asking for the longest context fills 72 - 16 - 16
+    result = B.bench(short, weights, bits="int4", contexts=[72], batches=[2], new_tokens=16, calm_weights=calm,
                      report=lines.append, device="cpu", check_prompt=12)
     assert result.depth_check["rel_err"] < 2e-2 and result.depth_check["top1"] >= 0.9   # the kernels take bf16 inputs
     (row,) = result.rows
@@ -40,6 +42,19 @@ def test_one_token_touches_k_experts(tiny4):
                       64, 1)
     B.fill_state(engine, 20)
     assert B.experts_touched(engine, 1) == tiny4.num_experts_per_token
+
+
+def test_spread_routing_gives_each_sequence_its_own_experts(tiny4):
+    engine = B.Engine(tiny4, B.random_quantized_weights(tiny4, 4, "cpu").read, torch.device("cpu"), torch.float32,
+                      64, 4)
+    B.fill_state(engine, 20)
+    B.spread_routing(engine, 4)
+    B.spread_routing(engine, 4)  # re-wrapping (after a resize) wraps the router, not the wrapper
+    gates = [b.ffn.gate for i, b in enumerate(engine.model.blocks) if tiny4.is_moe(i)]
+    assert not any(isinstance(g.router, B.SpreadRouting) for g in gates)
+    assert all(len({tuple(sorted(r.tolist())) for r in g.ids}) == 4 for g in gates)   # each sequence its own set
+    distinct = [g.ids.unique().numel() for g in gates]
+    assert B.experts_touched(engine, 4) == round(sum(distinct) / len(distinct))
 
 
 def test_random_weights_are_quantized_where_the_policy_says(tiny4):
