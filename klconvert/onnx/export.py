@@ -35,7 +35,8 @@ TOKENIZER_FILES = (BPE_FILE, CONFIG_FILE, "special_tokens_map.json", CHAT_TEMPLA
 
 def state_spec(config) -> list[dict]:
     """Per layer, the state tensors the graph takes and returns: KDA's recurrent state and conv tail, MLA's latent
-    cache (which grows: `present` has past_sequence + sequence rows)."""
+    cache (row j of a sequence holds its token at position j: `present` grows to max(past_sequence,
+    position + sequence) rows)."""
     H, K, W = config.kda_num_heads, config.kda_head_dim, config.conv_kernel_size
     spec = []
     for layer in range(config.num_hidden_layers):
@@ -108,7 +109,8 @@ def genai_config(config, opset: int, external: bool, tokenizer_files: list[str])
             "bos_token_id": config.raw.get("bos_token_id"), "eos_token_id": config.raw.get("eos_token_id"),
             "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
                        {"name": "position", "dtype": "int64", "shape": ["batch"],
-                        "meaning": "position of input_ids[:, 0] in each sequence; past rows from it on are ignored"}]
+                        "meaning": "position of input_ids[:, 0] in each sequence: where its latent rows are "
+                                   "written; a token attends to the rows up to its own position"}]
             + [{"name": s["past"], "dtype": s["dtype"], "shape": s["shape"]} for s in states],
             "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", "sequence", config.vocab_size]}]
             + [{"name": s["present"], "dtype": s["dtype"], "shape": _present_shape(s["shape"])} for s in states],

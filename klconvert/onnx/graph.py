@@ -77,7 +77,3 @@ class GraphBuilder:
 
     def swiglu(self, gate: str, up: str) -> str:
         return self.op("Mul", self.silu(gate), up)
-
-
-def value_info(name: str, elem_type: int, shape: list) -> object:
-    return helper.make_tensor_value_info(name, elem_type, shape)

@@ -75,8 +75,8 @@ class OnnxEngine:
         return torch.from_numpy(logits)
 
     def _batched(self, states: list[State]) -> State:
-        """Per-sequence states as one batch; latent caches padded to the longest (the rows past a sequence's
-        position are masked)."""
+        """Per-sequence states as one batch; latent caches padded to the longest (a sequence's rows past its position
+        are masked, then overwritten as it grows)."""
         longest = max(s[x["past"]].shape[1] for s in states for x in self.states if x["kind"] == "mla_latent")
         out = {}
         for x in self.states:
