@@ -89,7 +89,7 @@ def exact_engine(folder, batch: int = 1) -> Engine:
 
     def read(name: str) -> torch.Tensor:
         found = checkpoint.packed(name)
-        if found is None:
+        if found is None or found[1].kind != "int":
             return checkpoint.get(name)
         parts, scheme = found
         return decompress_weight({**parts, "weight_scale": parts["weight_scale"].float()}, scheme)
@@ -118,6 +118,20 @@ def test_prompt_and_greedy_decode_match_klconvert(exported):
         token, position = want_tokens[-1], position + 1
     assert got_tokens == want_tokens
     assert onnx_engine.generate([PROMPT], DECODE_STEPS + 1)[0, 1:].tolist() == want_tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [dict(bits=4, group_size=64, symmetric=False), dict(scheme="nf4")],
+                         ids=["int4-asym", "nf4"])
+def test_other_schemes_export(options, tmp_path):
+    """Asymmetric int4 (zero points in MatMulNBits and QMoE) runs exactly; nf4, which MatMulNBits cannot express,
+    is exported dequantized (MatMul)."""
+    quantized = quantize(bundled_dir(), tmp_path / "q", progress=False, **options).path
+    export_onnx(quantized, tmp_path / "onnx")
+    ids = torch.tensor([PROMPT])
+    assert rel_error(OnnxEngine(tmp_path / "onnx").forward(ids), exact_engine(quantized).forward(ids)) < EXACT_BOUND
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.node}
+    assert ("MatMulNBits" in ops and "QMoE" in ops) if "bits" in options else not ops & {"MatMulNBits", "QMoE"}
 
 
 @pytest.mark.slow

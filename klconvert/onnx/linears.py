@@ -22,9 +22,10 @@ class Linears:
         self.config, self.packed = config, packed
 
     def stored(self, weight_name: str) -> NBitsWeight | None:
-        """A canonical weight's MatMulNBits form, or None when the checkpoint stores it as floats."""
+        """A canonical weight's MatMulNBits form, or None when the checkpoint stores it as floats or as nf4 (which
+        MatMulNBits cannot express: the bound, dequantized weight is exported)."""
         found = self.packed(weight_name)
-        return None if found is None else nbits_weight(*found, name=weight_name)
+        return None if found is None or found[1].kind != "int" else nbits_weight(*found, name=weight_name)
 
     def apply(self, g: GraphBuilder, x: str, module_name: str, weight: torch.Tensor) -> str:
         """x [..., in] through the linear `module_name` of the declared tree (bound weight `weight` [out, in])."""

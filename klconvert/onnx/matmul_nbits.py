@@ -52,10 +52,8 @@ def pack_along_blocks(values: np.ndarray, bits: int) -> np.ndarray:
 
 
 def nbits_weight(parts: dict[str, torch.Tensor], scheme: QuantScheme, name: str) -> NBitsWeight:
-    """A pack-quantized linear's stored parts (Checkpoint.packed) -> its MatMulNBits form; `name` for errors."""
-    if scheme.kind != "int":
-        raise KLError(f"{name} is stored as {scheme.describe()}, which MatMulNBits cannot take; export a "
-                      "compressed-tensors int4/int8 folder (klconvert quantize --bits 4 or 8)")
+    """A pack-quantized (int) linear's stored parts (Checkpoint.packed) -> its MatMulNBits form; `name` for
+    errors."""
     n, k = (int(d) for d in parts["weight_shape"].tolist())
     bits = scheme.bits
     group = k if scheme.group_size == -1 else scheme.group_size
