@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from klconvert.errors import KLError, PlanDoesNotFit
+from klconvert.extras import require
 from klconvert.hub import DEFAULT_REPO
 from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, default_run_model, resolve_model
 
@@ -186,6 +187,7 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
         prompts.append(ids)
     longest = max(len(ids) for ids in prompts)
     if engine == "onnxruntime":
+        require("onnxruntime", "--engine onnxruntime")
         from klconvert.onnx.session import OnnxEngine
 
         runner = OnnxEngine(model)
@@ -262,6 +264,7 @@ def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) ->
     if model is None:
         model, which = default_run_model()
         click.echo(f"klconvert: {which}", err=True)
+    require("onnx", "export-onnx")
     from klconvert.onnx.export import DEFAULT_OPSET, export_onnx as export
 
     path = export(resolve_model(model), out, opset=DEFAULT_OPSET if opset is None else opset, force=force)

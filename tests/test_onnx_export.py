@@ -7,6 +7,7 @@ load() only the logits are bounded."""
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -236,3 +237,12 @@ def test_run_with_onnxruntime_refuses_a_folder_that_is_no_export(capsys):
     code, _, err = run_cli(capsys, "run", "--model", "tiny", "--engine", "onnxruntime", "--prompt", "hi",
                            "--device", "cuda")
     assert_one_line_error(code, err, "--device cuda", "--engine klconvert")
+
+
+def test_without_the_onnx_extra_is_one_line_naming_it(monkeypatch, tmp_path, capsys):
+    for module, args in (("onnx", ["export-onnx", "--model", "tiny", "--out", tmp_path / "o"]),
+                         ("onnxruntime", ["run", "--model", "tiny", "--engine", "onnxruntime", "--prompt", "hi"])):
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, module, None)
+            code, _, err = run_cli(capsys, *args)
+        assert_one_line_error(code, err, module, "pip install 'klconvert[onnx]'")

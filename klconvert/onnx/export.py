@@ -9,11 +9,11 @@ import shutil
 from pathlib import Path
 
 import torch
+import onnx
 from onnx import helper
 
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.errors import KLError
-from klconvert.extras import require
 from klconvert.onnx.ffn import moe_layer, swiglu_mlp
 from klconvert.onnx.graph import FLOAT, INT64, MS_DOMAIN, GraphBuilder
 from klconvert.onnx.kda import kda_layer
@@ -138,7 +138,6 @@ def _prepare_out(out: Path, force: bool) -> None:
 def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPSET, force: bool = False) -> Path:
     """Export the checkpoint in `model_dir` to the folder `out` (created); returns the model.onnx path.
     onnx.checker checks the written model."""
-    onnx = require("onnx", "export-onnx")
     top = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= top:
         raise KLError(f"--opset {opset}: choose {MIN_OPSET} to {top} (the installed onnx's newest)")

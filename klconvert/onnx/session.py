@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
-from klconvert.extras import require
 from klconvert.onnx.export import GENAI_CONFIG
 from klconvert.runtime.engine import Engine, GenerationStats
 
@@ -40,7 +40,6 @@ class OnnxEngine:
     _small_model_threads = Engine._small_model_threads
 
     def __init__(self, folder: str | Path):
-        ort = require("onnxruntime", "--engine onnxruntime")
         folder = Path(folder)
         if not (folder / GENAI_CONFIG).is_file():
             raise KLError(f"{folder}: no {GENAI_CONFIG} here; --engine onnxruntime runs a folder written by "
