@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import klconvert
+from klconvert.checkpoint import reader
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.models import bundled_dir
 from klconvert.onnx import export as export_module
@@ -200,8 +201,15 @@ def test_run_with_onnxruntime(exported, capsys):
 
 
 @pytest.mark.slow
-def test_weights_over_the_protobuf_limit_go_to_external_data(exported, tmp_path, monkeypatch):
+def test_a_large_export_uses_external_data_and_dequantizes_nothing(exported, tmp_path, monkeypatch):
+    """Weights over the protobuf limit (lowered here) go to model.onnx.data; no packed weight is dequantized on the
+    way (the 48B model's packed weights would not fit a host in fp32)."""
     quantized, folder = exported
+
+    def refuse(*args):
+        raise AssertionError("a packed weight was dequantized")
+
+    monkeypatch.setattr(reader, "dequantize", refuse)
     monkeypatch.setattr(export_module, "PROTOBUF_LIMIT", 1 << 20)
     out = tmp_path / "external"
     export_onnx(quantized, out)

@@ -12,6 +12,7 @@ import torch
 import onnx
 from onnx import helper
 
+from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.errors import KLError
 from klconvert.onnx.ffn import moe_layer, swiglu_mlp
@@ -120,6 +121,22 @@ def genai_config(config, opset: int, external: bool, tokenizer_files: list[str])
     }
 
 
+def _unfilled_where_packed(model: M.KimiLinear, checkpoint: Checkpoint) -> M.KimiLinear:
+    """Give each parameter that the graph takes packed (every checkpoint weight behind it stored int: MatMulNBits,
+    QMoE) a zero-stride placeholder, so bind -- which fills only what is still on `meta` -- never dequantizes it:
+    the export holds the float weights and the packed parts, not the model dequantized."""
+    def stored_int(name: str) -> bool:
+        source = checkpoint.sources[name]
+        return isinstance(source, QuantizedSource) and source.scheme.kind == "int"
+
+    for pname, p in list(model.named_parameters()):
+        if all(stored_int(name) for name, _ in M.canonical_names(model.config, pname)):
+            owner, _, leaf = pname.rpartition(".")
+            placeholder = torch.zeros((), dtype=torch.float32).expand(p.shape)
+            setattr(model.get_submodule(owner), leaf, torch.nn.Parameter(placeholder, requires_grad=False))
+    return model
+
+
 def _prepare_out(out: Path, force: bool) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not force or not (out / GENAI_CONFIG).is_file():
@@ -144,8 +161,8 @@ def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPS
     model_dir, out = Path(model_dir), Path(out)
     checkpoint = Checkpoint(model_dir)
     _prepare_out(out, force)
-    model = bind(M.KimiLinear(checkpoint.config), checkpoint.get, checkpoint.packed, {}, torch.device("cpu"),
-                 torch.float32, triton=False, restack=False)
+    model = bind(_unfilled_where_packed(M.KimiLinear(checkpoint.config), checkpoint), checkpoint.get,
+                 checkpoint.packed, {}, torch.device("cpu"), torch.float32, triton=False, restack=False)
     proto = build_graph(model, Linears(checkpoint.config, checkpoint.packed), opset)
     external = sum(len(t.raw_data) for t in proto.graph.initializer) > PROTOBUF_LIMIT
     path = out / ONNX_FILE

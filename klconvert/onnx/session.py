@@ -76,12 +76,14 @@ class OnnxEngine:
     def _batched(self, states: list[State]) -> State:
         """Per-sequence states as one batch; latent caches padded to the longest (a sequence's rows past its position
         are masked, then overwritten as it grows)."""
-        longest = max(s[x["past"]].shape[1] for s in states for x in self.states if x["kind"] == "mla_latent")
         out = {}
         for x in self.states:
             parts = [s[x["past"]] for s in states]
-            if x["kind"] == "mla_latent":
-                parts = [np.pad(p, ((0, 0), (0, longest - p.shape[1]), (0, 0))) for p in parts]
+            if "past_sequence" in x["shape"]:   # the growing axis
+                axis = x["shape"].index("past_sequence")
+                longest = max(p.shape[axis] for p in parts)
+                parts = [np.pad(p, [(0, longest - p.shape[axis]) if d == axis else (0, 0) for d in range(p.ndim)])
+                         for p in parts]
             out[x["past"]] = np.concatenate(parts)
         return out
 
