@@ -8,8 +8,8 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 import onnx
+import torch
 from onnx import helper
 
 from klconvert.checkpoint.quantized import QuantizedSource

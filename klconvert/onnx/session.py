@@ -39,7 +39,8 @@ class OnnxEngine:
     decode_loop = Engine.decode_loop
     _small_model_threads = Engine._small_model_threads
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, threads: int | None = None):
+        """threads: onnxruntime's intra-op threads (default: its own choice, one per core)."""
         folder = Path(folder)
         if not (folder / GENAI_CONFIG).is_file():
             raise KLError(f"{folder}: no {GENAI_CONFIG} here; --engine onnxruntime runs a folder written by "
@@ -49,7 +50,10 @@ class OnnxEngine:
         self.states = spec["state"]
         self.device = torch.device("cpu")
         try:
-            self.session = ort.InferenceSession(str(folder / spec["file"]), providers=["CPUExecutionProvider"])
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads or 0
+            self.session = ort.InferenceSession(str(folder / spec["file"]), options,
+                                                providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for a missing or damaged file
             raise KLError(f"{folder / spec['file']}: onnxruntime cannot load it ({str(e).splitlines()[0]}); "
                           "export the folder again") from None
