@@ -217,6 +217,10 @@ def test_a_large_export_uses_external_data_and_dequantizes_nothing(exported, tmp
     assert json.loads((out / GENAI_CONFIG).read_text())["model"]["external_data"] == DATA_FILE
     ids = [PROMPT]
     assert torch.equal(OnnxEngine(out).forward(ids), OnnxEngine(folder).forward(ids))
+    monkeypatch.undo()
+    export_onnx(quantized, out, force=True)   # --force replaces the export, external data and all
+    assert not (out / DATA_FILE).exists()
+    assert torch.equal(OnnxEngine(out).forward(ids), OnnxEngine(folder).forward(ids))
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------
