@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from klconvert.errors import KLError, PlanDoesNotFit
+from klconvert.extras import require
 from klconvert.hub import DEFAULT_REPO
 from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, default_run_model, resolve_model
 
@@ -143,9 +144,11 @@ def _context_error(tokens: int, at_least: bool, max_new_tokens: int, max_context
 @click.option("--kernels", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True,
               help="Triton kernels (int weights, fused KDA step, fused MoE) or the PyTorch reference; auto: "
                    "Triton on cuda.")
+@click.option("--engine", type=click.Choice(["klconvert", "onnxruntime"]), default="klconvert", show_default=True,
+              help="klconvert's runtime, or onnxruntime (CPU) on a folder written by `klconvert export-onnx`.")
 def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], max_new_tokens: int, temperature: float,
         top_p: float, seed: int | None, chat: bool, show_special: bool, max_context: int | None, device: str | None,
-        dtype: str | None, kernels: str) -> None:
+        dtype: str | None, kernels: str, engine: str) -> None:
     """Continue a prompt (or several, as one batch): the text streams to stdout, a summary goes to stderr."""
     from klconvert.config import KimiLinearConfig
     from klconvert.text_input import read_prompt
@@ -168,7 +171,10 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
                       + (f"--max-context {max_context}; raise --max-context or lower --max-new-tokens"
                          if max_context is not None and max_context < limit else
                          f"the model's model_max_length of {limit:,} tokens; lower --max-new-tokens"))
-    _refuse_triton_without_cuda(kernels, device)
+    if engine == "onnxruntime":
+        _refuse_runtime_flags_for_onnxruntime(device, dtype, kernels, max_context)
+    else:
+        _refuse_triton_without_cuda(kernels, device)
     tokenizer = Tokenizer.from_folder(model)
     if prompt is not None and prompt_files:
         raise KLError("give the prompt as --prompt TEXT or --prompt-file FILE (- for standard input), not both")
@@ -179,12 +185,18 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
         if len(ids) > budget:
             raise _context_error(len(ids), not text.whole, max_new_tokens, max_context, limit)
         prompts.append(ids)
-    from klconvert.runtime.engine import load  # torch loads only now: every refusal above runs without it
-
     longest = max(len(ids) for ids in prompts)
-    engine = load(model, device=device, dtype=dtype, max_context=max_context or longest + max_new_tokens,
-                  batch=len(prompts), kernels=kernels)
-    engine.check_fits(longest, max_new_tokens)
+    if engine == "onnxruntime":
+        require("onnxruntime", "--engine onnxruntime")
+        from klconvert.onnx.session import OnnxEngine
+
+        runner = OnnxEngine(model)
+    else:
+        from klconvert.runtime.engine import load  # torch loads only now: every refusal above runs without it
+
+        runner = load(model, device=device, dtype=dtype, max_context=max_context or longest + max_new_tokens,
+                      batch=len(prompts), kernels=kernels)
+        runner.check_fits(longest, max_new_tokens)
     streams = [StreamDecoder(tokenizer) for _ in prompts]
     hidden = tokenizer.stop_ids if show_special else tokenizer.special_ids
     texts = [[] for _ in prompts]
@@ -196,17 +208,34 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
                 sys.stdout.write(texts[0].pop())
                 sys.stdout.flush()
 
-    engine.generate(prompts, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+    runner.generate(prompts, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                     stop_ids=tokenizer.stop_ids, on_token=emit)
     for i, (parts, stream) in enumerate(zip(texts, streams)):
         if len(prompts) > 1:
             sys.stdout.write(f"==> {prompt_files[i]} <==\n")
         sys.stdout.write("".join(parts) + stream.flush() + "\n")
-    s, plan = engine.stats, engine.plan
-    click.echo(f"prompt {s.prompt_tokens} tokens | prefill {s.prefill_tps:.1f} tokens/s | {s.new_tokens} new, "
-               f"decode {s.decode_tps:.1f} tokens/s | plan: {engine.device} {str(engine.dtype).split('.')[-1]} "
-               f"{'triton' if engine.triton else 'torch'}, "
+    s = runner.stats
+    summary = (f"prompt {s.prompt_tokens} tokens | prefill {s.prefill_tps:.1f} tokens/s | {s.new_tokens} new, "
+               f"decode {s.decode_tps:.1f} tokens/s")
+    if engine == "onnxruntime":
+        click.echo(f"{summary} | onnxruntime: cpu float32, batch {len(prompts)}", err=True)
+        return
+    plan = runner.plan
+    click.echo(f"{summary} | plan: {runner.device} {str(runner.dtype).split('.')[-1]} "
+               f"{'triton' if runner.triton else 'torch'}, "
                f"context {plan.context}, batch {plan.batch}, total {plan.total / 2**30:.2f} GiB", err=True)
+
+
+def _refuse_runtime_flags_for_onnxruntime(device: str | None, dtype: str | None, kernels: str,
+                                          max_context: int | None) -> None:
+    """The flags of klconvert's runtime that --engine onnxruntime cannot honour (it runs the exported fp32 graph on
+    the CPU, its cache growing with the sequence)."""
+    given = [flag for flag, bad in (("--device cuda", device == "cuda"), ("--dtype bfloat16", dtype == "bfloat16"),
+                                    (f"--kernels {kernels}", kernels == "triton"),
+                                    ("--max-context", max_context is not None)) if bad]
+    if given:
+        raise KLError(f"{given[0]} is a flag of klconvert's runtime; --engine onnxruntime runs the exported fp32 "
+                      "graph on the CPU -- drop it, or use --engine klconvert")
 
 
 def _refuse_triton_without_cuda(kernels: str, device: str | None) -> None:
@@ -219,6 +248,28 @@ def _refuse_triton_without_cuda(kernels: str, device: str | None) -> None:
         where = "--device cpu" if device == "cpu" else "this machine (no CUDA GPU is visible)"
         raise KLError(f"--kernels triton needs a CUDA GPU, but it was asked for on {where}; use --kernels torch "
                       "(or auto, the default)")
+
+
+@cli.command(name="export-onnx")
+@click.option("--model", default=None,
+              help=f"Checkpoint folder (quantized int4/int8 weights stay packed), or {BUNDLED_NAME} for the bundled "
+                   f"model [default: {DEFAULT_MODEL_DIR} when it exists, else {BUNDLED_NAME}].")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="New folder for model.onnx, genai_config.json, config.json and the tokenizer files.")
+@click.option("--opset", type=int, default=None,
+              help="ONNX opset of the default domain [default: the oldest the export takes, 18].")
+@click.option("--force", is_flag=True, help="Replace an earlier export in --out.")
+def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) -> None:
+    """Write the checkpoint as an ONNX graph that onnxruntime runs (prefill and decode, state in and out)."""
+    if model is None:
+        model, which = default_run_model()
+        click.echo(f"klconvert: {which}", err=True)
+    require("onnx", "export-onnx")
+    from klconvert.onnx.export import DEFAULT_OPSET, export_onnx as export
+
+    path = export(resolve_model(model), out, opset=DEFAULT_OPSET if opset is None else opset, force=force)
+    click.echo(f"wrote {path} (run it: klconvert run --model {out} --engine onnxruntime)", err=True)
+    click.echo(str(out))
 
 
 @cli.command()

@@ -6,7 +6,8 @@ from types import ModuleType
 
 from klconvert.errors import KLError
 
-EXTRAS = {"triton": "gpu", "bitsandbytes": "nf4"}  # module -> the pyproject extra that installs it
+# module -> the pyproject extra that installs it
+EXTRAS = {"triton": "gpu", "bitsandbytes": "nf4", "onnx": "onnx", "onnxruntime": "onnx"}
 
 
 def require(module: str, feature: str) -> ModuleType:

@@ -1,0 +1,178 @@
+"""export_onnx: a checkpoint folder -> an ONNX folder onnxruntime runs (model.onnx, genai_config.json, config.json and
+the tokenizer files). One graph prefills and decodes: input_ids [batch, sequence], position [batch] and the state in;
+logits [batch, sequence, vocab] and the updated state out. The graph is fp32; packed int4/int8 weights stay packed
+(MatMulNBits, QMoE), the rest are the bound model's float weights."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import torch
+from onnx import helper
+
+from klconvert.checkpoint.quantized import QuantizedSource
+from klconvert.checkpoint.reader import Checkpoint
+from klconvert.errors import KLError
+from klconvert.onnx.ffn import moe_layer, swiglu_mlp
+from klconvert.onnx.graph import FLOAT, INT64, MS_DOMAIN, GraphBuilder
+from klconvert.onnx.kda import kda_layer
+from klconvert.onnx.linears import Linears, as_numpy
+from klconvert.onnx.mla import mla_layer
+from klconvert.runtime import model as M
+from klconvert.runtime.bind import bind
+from klconvert.tokenizer import BPE_FILE, CHAT_TEMPLATE_FILE, CONFIG_FILE
+
+ONNX_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"      # the weights, when they are over PROTOBUF_LIMIT
+GENAI_CONFIG = "genai_config.json"
+PROTOBUF_LIMIT = 2 << 30           # a protobuf message holds at most 2 GB: past it the weights go to DATA_FILE
+MIN_OPSET = 18                     # ReduceMean / Split with axes and sizes as inputs, ScatterND reduction
+DEFAULT_OPSET = MIN_OPSET
+MS_OPSET = 1                       # com.microsoft's version (MatMulNBits, QMoE)
+TOKENIZER_FILES = (BPE_FILE, CONFIG_FILE, "special_tokens_map.json", CHAT_TEMPLATE_FILE)
+
+
+def state_spec(config) -> list[dict]:
+    """Per layer, the state tensors the graph takes and returns: KDA's recurrent state and conv tail, MLA's latent
+    cache (row j of a sequence holds its token at position j: `present` grows to max(past_sequence,
+    position + sequence) rows)."""
+    H, K, W = config.kda_num_heads, config.kda_head_dim, config.conv_kernel_size
+    spec = []
+    for layer in range(config.num_hidden_layers):
+        if config.is_kda(layer):
+            spec += [{"layer": layer, "kind": "kda_state", "shape": ["batch", H, K, K]},
+                     {"layer": layer, "kind": "conv_state", "shape": ["batch", 3 * H * K, W - 1]}]
+        else:
+            spec.append({"layer": layer, "kind": "mla_latent", "shape": ["batch", "past_sequence",
+                                                                        config.mla_cache_width]})
+    for s in spec:
+        s.update(past=f"past.{s['layer']}.{s['kind']}", present=f"present.{s['layer']}.{s['kind']}", dtype="float32")
+    return spec
+
+
+def _present_shape(shape: list) -> list:
+    return ["total_sequence" if d == "past_sequence" else d for d in shape]
+
+
+def build_graph(model: M.KimiLinear, linears: Linears, opset: int):
+    """The bound model as one ONNX ModelProto (weights inside)."""
+    c = model.config
+    g = GraphBuilder()
+    spec = {(s["layer"], s["kind"]): s for s in state_spec(c)}
+    embed = g.weight("model.embed_tokens.weight", as_numpy(model.model.embed_tokens.weight))
+    x = g.op("Gather", embed, "input_ids", axis=0)                                      # [B, T, D]
+    outputs = {}
+    for layer, block in enumerate(model.blocks):
+        prefix = f"model.layers.{layer}"
+        h = g.rms_norm(x, g.weight(f"{prefix}.input_layernorm.weight", as_numpy(block.input_layernorm.weight)),
+                       block.input_layernorm.eps)
+        mixer = block.self_attn
+        if isinstance(mixer, M.KDAMixer):
+            s, t = spec[layer, "kda_state"], spec[layer, "conv_state"]
+            h, outputs[s["present"]], outputs[t["present"]] = kda_layer(
+                g, h, mixer, f"{prefix}.self_attn", linears, s["past"], t["past"])
+        else:
+            s = spec[layer, "mla_latent"]
+            h, outputs[s["present"]] = mla_layer(g, h, mixer, f"{prefix}.self_attn", linears, s["past"], "position")
+        x = g.op("Add", x, h)
+        norm = block.post_attention_layernorm
+        h = g.rms_norm(x, g.weight(f"{prefix}.post_attention_layernorm.weight", as_numpy(norm.weight)), norm.eps)
+        if isinstance(block.ffn, M.MoE):
+            h = moe_layer(g, h, block.ffn, f"{prefix}.block_sparse_moe", linears)
+        else:
+            h = swiglu_mlp(g, h, block.ffn, f"{prefix}.mlp", linears)
+        x = g.op("Add", x, h)
+    x = g.rms_norm(x, g.weight("model.norm.weight", as_numpy(model.model.norm.weight)), model.model.norm.eps)
+    outputs = {"logits": linears.module(g, x, "lm_head", model.lm_head), **outputs}
+    for name, value in outputs.items():
+        g.nodes.append(helper.make_node("Identity", [value], [name]))
+    states = state_spec(c)
+    inputs = [helper.make_tensor_value_info("input_ids", INT64, ["batch", "sequence"]),
+              helper.make_tensor_value_info("position", INT64, ["batch"])]
+    inputs += [helper.make_tensor_value_info(s["past"], FLOAT, s["shape"]) for s in states]
+    outs = [helper.make_tensor_value_info("logits", FLOAT, ["batch", "sequence", c.vocab_size])]
+    outs += [helper.make_tensor_value_info(s["present"], FLOAT, _present_shape(s["shape"])) for s in states]
+    graph = helper.make_graph(g.nodes, "kimi_linear", inputs, outs, g.initializers)
+    return helper.make_model(graph, producer_name="klconvert",
+                             opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, MS_OPSET)])
+
+
+def genai_config(config, opset: int, external: bool, tokenizer_files: list[str]) -> dict:
+    """What a runner needs beside the graph: its file, inputs and outputs (names, dtypes, shapes), how each state
+    input maps to its output, and the tokenizer files."""
+    states = state_spec(config)
+    return {
+        "model": {
+            "type": "kimi_linear", "file": ONNX_FILE, "external_data": DATA_FILE if external else None,
+            "opset": opset, "vocab_size": config.vocab_size, "context_length": config.model_max_length,
+            "bos_token_id": config.raw.get("bos_token_id"), "eos_token_id": config.raw.get("eos_token_id"),
+            "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
+                       {"name": "position", "dtype": "int64", "shape": ["batch"],
+                        "meaning": "position of input_ids[:, 0] in each sequence: where its latent rows are "
+                                   "written; a token attends to the rows up to its own position"}]
+            + [{"name": s["past"], "dtype": s["dtype"], "shape": s["shape"]} for s in states],
+            "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", "sequence", config.vocab_size]}]
+            + [{"name": s["present"], "dtype": s["dtype"], "shape": _present_shape(s["shape"])} for s in states],
+            "state": states,
+        },
+        "tokenizer": {"files": tokenizer_files},
+    }
+
+
+def _unfilled_where_packed(model: M.KimiLinear, checkpoint: Checkpoint) -> M.KimiLinear:
+    """Give each parameter that the graph takes packed (every checkpoint weight behind it stored int: MatMulNBits,
+    QMoE) a zero-stride placeholder, so bind -- which fills only what is still on `meta` -- never dequantizes it:
+    the export holds the float weights and the packed parts, not the model dequantized."""
+    def stored_int(name: str) -> bool:
+        source = checkpoint.sources[name]
+        return isinstance(source, QuantizedSource) and source.scheme.kind == "int"
+
+    for pname, p in list(model.named_parameters()):
+        if all(stored_int(name) for name, _ in M.canonical_names(model.config, pname)):
+            owner, _, leaf = pname.rpartition(".")
+            placeholder = torch.zeros((), dtype=torch.float32).expand(p.shape)
+            setattr(model.get_submodule(owner), leaf, torch.nn.Parameter(placeholder, requires_grad=False))
+    return model
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force or not (out / GENAI_CONFIG).is_file():
+            raise KLError(f"--out {out}: already exists and is not empty; choose a new folder"
+                          + (" (--force replaces only an earlier ONNX export)" if force else
+                             ", or pass --force to replace an earlier ONNX export"))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".klconvert-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise KLError(f"--out {out}: cannot write there ({e.strerror}); choose a folder you can write to") from None
+
+
+def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPSET, force: bool = False) -> Path:
+    """Export the checkpoint in `model_dir` to the folder `out` (created); returns the model.onnx path.
+    onnx.checker checks the written model."""
+    top = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= top:
+        raise KLError(f"--opset {opset}: choose {MIN_OPSET} to {top} (the installed onnx's newest)")
+    model_dir, out = Path(model_dir), Path(out)
+    checkpoint = Checkpoint(model_dir)
+    _prepare_out(out, force)
+    model = bind(_unfilled_where_packed(M.KimiLinear(checkpoint.config), checkpoint), checkpoint.get,
+                 checkpoint.packed, {}, torch.device("cpu"), torch.float32, triton=False, restack=False)
+    proto = build_graph(model, Linears(checkpoint.config, checkpoint.packed), opset)
+    external = sum(len(t.raw_data) for t in proto.graph.initializer) > PROTOBUF_LIMIT
+    path = out / ONNX_FILE
+    (out / DATA_FILE).unlink(missing_ok=True)
+    onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+    onnx.checker.check_model(str(path))
+    copied = [name for name in ("config.json", *TOKENIZER_FILES) if (model_dir / name).is_file()]
+    for name in copied:
+        shutil.copyfile(model_dir / name, out / name)
+    config = genai_config(checkpoint.config, opset, external, [n for n in copied if n != "config.json"])
+    (out / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return path

@@ -1,0 +1,113 @@
+"""OnnxEngine: a folder written by `klconvert export-onnx`, run with onnxruntime. Each call feeds the state back
+(present -> past, as genai_config.json maps them); prompts prefill through the same graph that decodes; generation
+shares the runtime engine's sampling, stop handling and statistics (runtime/engine.py Engine.decode_loop)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from klconvert.config import KimiLinearConfig
+from klconvert.errors import KLError
+from klconvert.onnx.export import GENAI_CONFIG
+from klconvert.runtime.engine import Engine, GenerationStats
+
+State = dict[str, np.ndarray]  # past input name -> value
+
+
+class _SessionStep:
+    """The decode step Engine.decode_loop drives: it writes `tokens` and `positions`, step() runs one token per
+    sequence through the graph and keeps the state."""
+
+    def __init__(self, engine: "OnnxEngine", state: State, positions: list[int]):
+        self.engine, self.state = engine, state
+        self.tokens = torch.zeros(len(positions), dtype=torch.long)
+        self.positions = torch.tensor(positions, dtype=torch.long)
+
+    def step(self) -> torch.Tensor:
+        logits, self.state = self.engine.run(self.tokens.numpy()[:, None], self.state, self.positions.numpy())
+        return torch.from_numpy(logits[:, -1])
+
+
+class OnnxEngine:
+    """An exported model in an onnxruntime session (CPU), with the calls a runner needs."""
+
+    decode_loop = Engine.decode_loop
+    _small_model_threads = Engine._small_model_threads
+
+    def __init__(self, folder: str | Path, threads: int | None = None):
+        """threads: onnxruntime's intra-op threads (default: its own choice, one per core)."""
+        folder = Path(folder)
+        if not (folder / GENAI_CONFIG).is_file():
+            raise KLError(f"{folder}: no {GENAI_CONFIG} here; --engine onnxruntime runs a folder written by "
+                          "`klconvert export-onnx --model DIR --out FOLDER` -- export one first")
+        spec = json.loads((folder / GENAI_CONFIG).read_text())["model"]
+        self.config = KimiLinearConfig.from_file(folder / "config.json")
+        self.states = spec["state"]
+        self.device = torch.device("cpu")
+        try:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads or 0
+            self.session = ort.InferenceSession(str(folder / spec["file"]), options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for a missing or damaged file
+            raise KLError(f"{folder / spec['file']}: onnxruntime cannot load it ({str(e).splitlines()[0]}); "
+                          "export the folder again") from None
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.stats = GenerationStats()
+
+    def empty_state(self, batch: int) -> State:
+        """The state before any token: zero recurrent states and conv tails, no cached latent rows."""
+        return {s["past"]: np.zeros([batch if d == "batch" else 0 if d == "past_sequence" else d
+                                     for d in s["shape"]], np.float32) for s in self.states}
+
+    def run(self, ids: np.ndarray, state: State, positions: np.ndarray) -> tuple[np.ndarray, State]:
+        """ids [B, T] at positions [B] (of ids[:, 0]) -> (logits [B, T, vocab], the state after them)."""
+        feed = {"input_ids": ids.astype(np.int64), "position": positions.astype(np.int64), **state}
+        out = dict(zip(self.outputs, self.session.run(None, feed)))
+        return out["logits"], {s["past"]: out[s["present"]] for s in self.states}
+
+    def forward(self, input_ids) -> torch.Tensor:
+        """Whole sequences of one length from a fresh state: input_ids [B, T] -> logits [B, T, vocab] fp32."""
+        ids = np.asarray(input_ids, dtype=np.int64).reshape(-1, np.shape(input_ids)[-1])
+        logits, _ = self.run(ids, self.empty_state(ids.shape[0]), np.zeros(ids.shape[0], np.int64))
+        return torch.from_numpy(logits)
+
+    def _batched(self, states: list[State]) -> State:
+        """Per-sequence states as one batch; latent caches padded to the longest (a sequence's rows past its position
+        are masked, then overwritten as it grows)."""
+        out = {}
+        for x in self.states:
+            parts = [s[x["past"]] for s in states]
+            if "past_sequence" in x["shape"]:   # the growing axis
+                axis = x["shape"].index("past_sequence")
+                longest = max(p.shape[axis] for p in parts)
+                parts = [np.pad(p, [(0, longest - p.shape[axis]) if d == axis else (0, 0) for d in range(p.ndim)])
+                         for p in parts]
+            out[x["past"]] = np.concatenate(parts)
+        return out
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, stop_ids: frozenset[int] = frozenset(), on_token=None) -> torch.Tensor:
+        """Prefill each prompt, then decode them together; as Engine.generate (new ids [B, n], stop handling,
+        on_token, self.stats)."""
+        B = len(prompts)
+        self.stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts), batch=B)
+        if max_new_tokens <= 0:
+            return torch.empty(B, 0, dtype=torch.long)
+        generator = torch.Generator()
+        generator.manual_seed(seed if seed is not None else torch.seed())
+        t0 = time.perf_counter()
+        last, states = [], []
+        for p in prompts:
+            logits, state = self.run(np.asarray([p]), self.empty_state(1), np.zeros(1, np.int64))
+            last.append(torch.from_numpy(logits[:, -1]))
+            states.append(state)
+        step = _SessionStep(self, self._batched(states), [len(p) for p in prompts])
+        self.stats.prefill_seconds = time.perf_counter() - t0
+        return self.decode_loop(step, torch.cat(last), max_new_tokens, temperature, top_p, generator, stop_ids,
+                                on_token)

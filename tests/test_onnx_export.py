@@ -1,0 +1,260 @@
+"""ONNX export (klconvert/onnx/): the bundled model quantized to int4 and int8, exported, and run with onnxruntime.
+
+The reference is klconvert's own runtime on the same checkpoint with each packed weight dequantized in fp32
+(`exact_engine`): MatMulNBits and QMoE dequantize exactly so, while `klconvert.load` rounds a dequantized weight to
+its scale's dtype (bf16), ~0.2% of the logits' RMS -- enough to flip a near tie in greedy decoding, so against
+load() only the logits are bounded."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import klconvert
+from klconvert.checkpoint import reader
+from klconvert.checkpoint.reader import Checkpoint
+from klconvert.models import bundled_dir
+from klconvert.onnx import export as export_module
+from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, MS_OPSET, export_onnx
+from klconvert.onnx.graph import GraphBuilder
+from klconvert.onnx.matmul_nbits import dequantize_nbits, nbits_weight
+from klconvert.onnx.session import OnnxEngine
+from klconvert.quant import QuantScheme, compress_weight, decompress_weight, unpack_from_int32
+from klconvert.quantize import quantize
+from klconvert.runtime.engine import Engine
+from testkit import assert_one_line_error, rel_error, run_cli, shown_lines
+
+EXACT_BOUND = 1e-5  # onnxruntime vs klconvert on the same fp32 weights: summation order only
+LOAD_BOUND = 5e-3   # vs klconvert.load, whose dequantized weights are rounded to bf16
+PROMPT = [4096, 10, 200, 33, 1000, 7, 7, 99, 12, 400, 5, 6]
+DECODE_STEPS = 32
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+# ---- the weight conversion --------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_matmul_nbits_runs_the_stored_weight_exactly(bits, symmetric, group_size):
+    """compressed-tensors parts -> MatMulNBits: onnxruntime's product is x @ ((q - zero) * scale)^T with the
+    stored codes, zero points and scales (in fp32); K = 192 makes the per-channel group cut into 3 blocks of 64."""
+    torch.manual_seed(0)
+    n, k = 48, 192
+    w = torch.randn(n, k, dtype=torch.bfloat16)
+    scheme = QuantScheme(bits, group_size, symmetric)
+    parts = {name.rsplit(".", 1)[1]: t for name, t in compress_weight("m", w, scheme).items()}
+    q = unpack_from_int32(parts["weight_packed"], bits, (n, k)).float()
+    scale = parts["weight_scale"].float()
+    zero = torch.zeros_like(scale) if symmetric else \
+        unpack_from_int32(parts["weight_zero_point"], bits, tuple(scale.shape), packed_dim=0).float()
+    group = k // scale.shape[1]
+    want_w = (q - zero.repeat_interleave(group, 1)) * scale.repeat_interleave(group, 1)
+    assert torch.equal(decompress_weight(parts, scheme).float(), want_w.bfloat16().float())  # the format's own
+
+    nb = nbits_weight(parts, scheme, "m.weight")
+    assert nb.block_size == (32 if group_size == 32 else 64)
+    assert np.array_equal(dequantize_nbits(nb), want_w.numpy())
+    g = GraphBuilder()
+    y = g.matmul_nbits("x", nb, "m")
+    graph = onnx.helper.make_graph(g.nodes + [onnx.helper.make_node("Identity", [y], ["y"])], "one", [
+        onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, k])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, n])],
+        g.initializers)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18),
+                                                         onnx.helper.make_opsetid("com.microsoft", MS_OPSET)])
+    x = torch.randn(5, k)
+    got = torch.from_numpy(_session(model).run(None, {"x": x.numpy()})[0])
+    assert rel_error(got, x @ want_w.T) < 1e-6
+
+
+# ---- the exported model -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=[4, 8], ids=["int4", "int8"])
+def exported(request, tmp_path_factory):
+    """(quantized folder, its ONNX export) for the bundled model, group size 32."""
+    root = tmp_path_factory.mktemp(f"onnx{request.param}")
+    quantized = quantize(bundled_dir(), root / "q", bits=request.param, group_size=32, progress=False).path
+    export_onnx(quantized, root / "onnx")
+    return quantized, root / "onnx"
+
+
+def exact_engine(folder, batch: int = 1) -> Engine:
+    """klconvert's runtime on `folder` with every packed weight dequantized in fp32 (see the module docstring)."""
+    checkpoint = Checkpoint(folder)
+
+    def read(name: str) -> torch.Tensor:
+        found = checkpoint.packed(name)
+        if found is None or found[1].kind != "int":
+            return checkpoint.get(name)
+        parts, scheme = found
+        return decompress_weight({**parts, "weight_scale": parts["weight_scale"].float()}, scheme)
+
+    return Engine(checkpoint.config, read, torch.device("cpu"), torch.float32, context=128, batch=batch)
+
+
+@pytest.mark.slow
+def test_prompt_and_greedy_decode_match_klconvert(exported):
+    quantized, folder = exported
+    ref, onnx_engine = exact_engine(quantized), OnnxEngine(folder)
+    ids = torch.tensor([PROMPT])
+    want = ref.forward(ids)                                        # prefill; ref's state now holds the prompt
+    state = onnx_engine.empty_state(1)
+    logits, state = onnx_engine.run(ids.numpy(), state, np.zeros(1, np.int64))
+    assert rel_error(torch.from_numpy(logits), want) < EXACT_BOUND
+    assert rel_error(torch.from_numpy(logits), klconvert.load(quantized, device="cpu").forward(ids)) < LOAD_BOUND
+    got_tokens, want_tokens = [], []
+    token, position = int(want[0, -1].argmax()), len(PROMPT)
+    for _ in range(DECODE_STEPS):
+        want_step = ref.decode_step(torch.tensor([token]), position)[0]
+        got_step, state = onnx_engine.run(np.array([[token]]), state, np.array([position]))
+        assert rel_error(torch.from_numpy(got_step[0, -1]), want_step) < EXACT_BOUND
+        got_tokens.append(int(got_step[0, -1].argmax()))
+        want_tokens.append(int(want_step.argmax()))
+        token, position = want_tokens[-1], position + 1
+    assert got_tokens == want_tokens
+    assert onnx_engine.generate([PROMPT], DECODE_STEPS + 1)[0, 1:].tolist() == want_tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [dict(bits=4, group_size=64, symmetric=False), dict(scheme="nf4")],
+                         ids=["int4-asym", "nf4"])
+def test_other_schemes_export(options, tmp_path):
+    """Asymmetric int4 (zero points in MatMulNBits and QMoE) runs exactly; nf4, which MatMulNBits cannot express,
+    is exported dequantized (MatMul). Both at the installed onnx's newest opset (the others at the default)."""
+    quantized = quantize(bundled_dir(), tmp_path / "q", progress=False, **options).path
+    export_onnx(quantized, tmp_path / "onnx", opset=onnx.defs.onnx_opset_version())
+    ids = torch.tensor([PROMPT])
+    assert rel_error(OnnxEngine(tmp_path / "onnx").forward(ids), exact_engine(quantized).forward(ids)) < EXACT_BOUND
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.node}
+    assert ("MatMulNBits" in ops and "QMoE" in ops) if "bits" in options else not ops & {"MatMulNBits", "QMoE"}
+
+
+@pytest.mark.slow
+def test_a_prompt_over_two_calls_equals_one_call(exported):
+    engine = OnnxEngine(exported[1])
+    ids = np.array([PROMPT])
+    whole, _ = engine.run(ids, engine.empty_state(1), np.zeros(1, np.int64))
+    first, state = engine.run(ids[:, :5], engine.empty_state(1), np.zeros(1, np.int64))
+    second, _ = engine.run(ids[:, 5:], state, np.array([5]))
+    assert rel_error(torch.from_numpy(np.concatenate([first, second], axis=1)), torch.from_numpy(whole)) < 1e-6
+
+
+@pytest.mark.slow
+def test_prompts_of_different_lengths_decode_together_as_alone(exported):
+    """A batch pads the shorter sequence's latent cache; the position input masks the padding."""
+    quantized, folder = exported
+    engine, prompts = OnnxEngine(folder), [PROMPT[:5], PROMPT]
+    together = engine.generate(prompts, 12)
+    for b, prompt in enumerate(prompts):
+        assert engine.generate([prompt], 12)[0].tolist() == together[b].tolist()
+    assert together.tolist() == exact_engine(quantized, batch=2).generate(prompts, 12).tolist()
+
+
+@pytest.mark.slow
+def test_the_graph_holds_packed_weights(exported):
+    """Every packed weight of the checkpoint is a MatMulNBits or QMoE initializer of uint8 codes; no float
+    initializer stands for one; onnx.checker passes; genai_config.json names every graph input and output."""
+    quantized, folder = exported
+    checkpoint = Checkpoint(quantized)
+    packed = [n for n in checkpoint.sources if checkpoint.packed(n) is not None]
+    model = onnx.load(str(folder / "model.onnx"))
+    onnx.checker.check_model(model)
+    ops = [n.op_type for n in model.graph.node]
+    init = {t.name: t for t in model.graph.initializer}
+    bits = checkpoint.packed(packed[0])[1].bits
+    experts = [n for n in packed if ".experts." in n]
+    moe_layers = {n.split(".experts.")[0] for n in experts}
+    if bits == 4:   # the routed experts of each MoE layer in one QMoE
+        assert ops.count("QMoE") == len(moe_layers)
+        assert ops.count("MatMulNBits") == len(packed) - len(experts)
+        for layer in moe_layers:
+            assert init[f"{layer}.experts.fc1_weights"].data_type == onnx.TensorProto.UINT8
+    else:           # int8: a gather of per-expert MatMulNBits
+        assert "QMoE" not in ops and ops.count("MatMulNBits") == len(packed)
+    for name in packed:
+        module = name.removesuffix(".weight")
+        assert f"{module}.weight_t" not in init
+        if ".experts." not in name or bits == 8:
+            assert init[f"{module}.qweight"].data_type == onnx.TensorProto.UINT8
+    float_elements = sum(int(np.prod(t.dims)) for t in init.values() if t.data_type == onnx.TensorProto.FLOAT)
+    packed_elements = sum(int(np.prod(checkpoint.expected[n].shape)) for n in packed)
+    dense_elements = sum(int(np.prod(s.shape)) for n, s in checkpoint.expected.items() if n not in packed)
+    assert float_elements < dense_elements + packed_elements // 8   # the packed ones' scales only
+    config = json.loads((folder / GENAI_CONFIG).read_text())["model"]
+    assert [i["name"] for i in config["inputs"]] == [i.name for i in model.graph.input]
+    assert [o["name"] for o in config["outputs"]] == [o.name for o in model.graph.output]
+
+
+@pytest.mark.slow
+def test_run_with_onnxruntime(exported, capsys):
+    code, out, err = run_cli(capsys, "run", "--model", exported[1], "--engine", "onnxruntime", "--prompt", "ROMEO:",
+                             "--max-new-tokens", "8")
+    assert code == 0, err
+    assert out.strip() and "onnxruntime: cpu float32" in shown_lines(err)[-1]
+
+
+@pytest.mark.slow
+def test_a_large_export_uses_external_data_and_dequantizes_nothing(exported, tmp_path, monkeypatch):
+    """Weights over the protobuf limit (lowered here) go to model.onnx.data; no packed weight is dequantized on the
+    way (the 48B model's packed weights would not fit a host in fp32)."""
+    quantized, folder = exported
+
+    def refuse(*args):
+        raise AssertionError("a packed weight was dequantized")
+
+    monkeypatch.setattr(reader, "dequantize", refuse)
+    monkeypatch.setattr(export_module, "PROTOBUF_LIMIT", 1 << 20)
+    out = tmp_path / "external"
+    export_onnx(quantized, out)
+    assert (out / DATA_FILE).stat().st_size > (out / "model.onnx").stat().st_size
+    assert json.loads((out / GENAI_CONFIG).read_text())["model"]["external_data"] == DATA_FILE
+    ids = [PROMPT]
+    assert torch.equal(OnnxEngine(out).forward(ids), OnnxEngine(folder).forward(ids))
+    monkeypatch.undo()
+    export_onnx(quantized, out, force=True)   # --force replaces the export, external data and all
+    assert not (out / DATA_FILE).exists()
+    assert torch.equal(OnnxEngine(out).forward(ids), OnnxEngine(folder).forward(ids))
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------
+def test_export_refuses_bad_input_in_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    cases = [
+        (["--model", tmp_path / "missing", "--out", tmp_path / "o1"], "no such checkpoint folder"),
+        (["--model", "tiny", "--out", blocker / "sub"], "cannot write there"),
+        (["--model", "tiny", "--out", taken], "already exists"),
+        (["--model", "tiny", "--out", taken, "--force"], "replaces only an earlier ONNX export"),
+        (["--model", "tiny", "--out", tmp_path / "o2", "--opset", "12"], "--opset 12"),
+    ]
+    for args, needle in cases:
+        code, _, err = run_cli(capsys, "export-onnx", *args)
+        assert_one_line_error(code, err, needle)
+    assert (taken / "notes.txt").read_text() == "mine"
+
+
+def test_run_with_onnxruntime_refuses_a_folder_that_is_no_export(capsys):
+    code, _, err = run_cli(capsys, "run", "--model", "tiny", "--engine", "onnxruntime", "--prompt", "hi")
+    assert_one_line_error(code, err, "genai_config.json", "export-onnx")
+    code, _, err = run_cli(capsys, "run", "--model", "tiny", "--engine", "onnxruntime", "--prompt", "hi",
+                           "--device", "cuda")
+    assert_one_line_error(code, err, "--device cuda", "--engine klconvert")
+
+
+def test_without_the_onnx_extra_is_one_line_naming_it(monkeypatch, tmp_path, capsys):
+    for module, args in (("onnx", ["export-onnx", "--model", "tiny", "--out", tmp_path / "o"]),
+                         ("onnxruntime", ["run", "--model", "tiny", "--engine", "onnxruntime", "--prompt", "hi"])):
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, module, None)
+            code, _, err = run_cli(capsys, *args)
+        assert_one_line_error(code, err, module, "pip install 'klconvert[onnx]'")
