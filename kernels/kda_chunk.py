@@ -1,4 +1,5 @@
-"""KDA (Kimi delta attention) prefill: the chunked recurrence over T tokens (the WY form of naive_kda.kda_chunked)
+"""KDA (Kimi delta attention) prefill: the short conv + SiLU over T tokens (kda_prefill_conv), and the chunked
+recurrence over T tokens (the WY form of naive_kda.kda_chunked)
 with its matrix products on tensor cores, in four launches:
 
 1. per chunk of BT tokens: the gate g = -exp(A_log) softplus(g_raw + dt_bias) and its cumulative sum G inside the
@@ -21,6 +22,28 @@ BC = 16  # tokens per sub-block of the in-chunk products (tl.dot's smallest tile
 
 
 @triton.jit
+def kda_prefill_conv_kernel(x, tail, w, y, T, C, s_xb, s_xt, s_tail, W: tl.constexpr, BT: tl.constexpr,
+                            BCH: tl.constexpr):
+    """One (token block, channel block, sequence) per program: y[t, c] = silu(sum_j w[c, j] x[t - W + 1 + j, c]),
+    inputs before the first token from the tail (oldest first)."""
+    i_t, i_c, i_b = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    rows = i_t * BT + tl.arange(0, BT)
+    ch = i_c * BCH + tl.arange(0, BCH)
+    mask_c = ch < C
+    acc = tl.zeros([BT, BCH], dtype=tl.float32)
+    for j in tl.static_range(W):
+        src = rows - (W - 1) + j  # the input row this tap reads; < 0: tail column W - 1 + src
+        in_x = ((src >= 0) & (src < T))[:, None] & mask_c[None, :]
+        b_x = tl.load(x + i_b * s_xb + src[:, None] * s_xt + ch[None, :], mask=in_x, other=0.0)
+        in_tail = (src < 0)[:, None] & mask_c[None, :]
+        b_tail = tl.load(tail + i_b * s_tail + ch[None, :] * (W - 1) + (W - 1 + src)[:, None], mask=in_tail, other=0.0)
+        acc += (b_x.to(tl.float32) + b_tail.to(x.dtype.element_ty).to(tl.float32)) * \
+            tl.load(w + ch * W + j, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    tl.store(y + (i_b * T + rows)[:, None] * C + ch[None, :], acc * tl.sigmoid(acc),
+             mask=(rows < T)[:, None] & mask_c[None, :])
+
+
+@triton.jit
 def _rows_normed(p, s_t, rows, mask_t, offs_k, mask_k, scale):
     """Rows [len(rows), BK] of a [.., K] tensor with token stride s_t, l2-normalised (eps 1e-6 inside the sqrt)
     and times scale; rows past T are zero."""
@@ -38,7 +61,7 @@ def _cum_gate(G, rows, T, stride_G, offs_k, mask_k):
 
 @triton.jit
 def kda_chunk_gate_kernel(g, a_log, dt_bias, G, T, H, s_g, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-    i_t, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     rows = i_t * BT + tl.arange(0, BT)
     offs_k = tl.arange(0, BK)
@@ -52,8 +75,8 @@ def kda_chunk_gate_kernel(g, a_log, dt_bias, G, T, H, s_g, K: tl.constexpr, BT: 
 
 @triton.jit
 def kda_chunk_intra_kernel(q, k, beta, G, Akk, Aqk, scale, T, H, s_q, s_k, s_beta, K: tl.constexpr,
-                           BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
-    i_t, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+                           BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr):
+    i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     q += i_b * T * s_q + i_h * K
     k += i_b * T * s_k + i_h * K
@@ -80,8 +103,9 @@ def kda_chunk_intra_kernel(q, k, beta, G, Akk, Aqk, scale, T, H, s_q, s_k, s_bet
                 cols = i_t * BT + j * BC + offs_c
                 k_j = _rows_normed(k, s_k, cols, cols < T, offs_k, mask_k, 1.0)
                 k_j = tl.trans(k_j * tl.exp(G_ref[None, :] - _cum_gate(G, cols, T, H * K, offs_k, mask_k)))
-                tl.store(p_kk + j * BC + offs_c[None, :], tl.dot(kg_i, k_j) * b_i[:, None], mask=mask_t[:, None])
-                tl.store(p_qk + j * BC + offs_c[None, :], tl.dot(qg_i, k_j), mask=mask_t[:, None])
+                a_kk = tl.dot(kg_i, k_j, input_precision=DOT) * b_i[:, None]
+                tl.store(p_kk + j * BC + offs_c[None, :], a_kk, mask=mask_t[:, None])
+                tl.store(p_qk + j * BC + offs_c[None, :], tl.dot(qg_i, k_j, input_precision=DOT), mask=mask_t[:, None])
         a_kk = tl.zeros([BC, BC], dtype=tl.float32)
         a_qk = tl.zeros([BC, BC], dtype=tl.float32)
         for c in range(BC):  # the diagonal sub-block, one column (key token) at a time
@@ -101,8 +125,8 @@ def kda_chunk_intra_kernel(q, k, beta, G, Akk, Aqk, scale, T, H, s_q, s_k, s_bet
 
 @triton.jit
 def kda_chunk_solve_kernel(k, v, beta, G, Akk, w, u, T, H, s_k, s_v, s_beta, K: tl.constexpr, V: tl.constexpr,
-                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    i_t, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr):
+    i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     offs_t = tl.arange(0, BT)
     rows = i_t * BT + offs_t
@@ -123,18 +147,19 @@ def kda_chunk_solve_kernel(k, v, beta, G, Akk, w, u, T, H, s_k, s_v, s_beta, K: 
     mask_k, mask_v = offs_k < K, offs_v < V
     k_n = _rows_normed(k + i_b * T * s_k + i_h * K, s_k, rows, mask_t, offs_k, mask_k, 1.0)
     G_t = _cum_gate(G + i_b * T * H * K + i_h * K, rows, T, H * K, offs_k, mask_k)
-    b_w = tl.dot(X, k_n * tl.exp(G_t) * b[:, None])
+    b_w = tl.dot(X, k_n * tl.exp(G_t) * b[:, None], input_precision=DOT)
     tl.store(w + ((i_b * T + rows) * H + i_h)[:, None] * K + offs_k[None, :], b_w,
              mask=mask_t[:, None] & mask_k[None, :])
     mask_tv = mask_t[:, None] & mask_v[None, :]
     b_v = tl.load(v + (i_b * T + rows)[:, None] * s_v + i_h * V + offs_v[None, :], mask=mask_tv, other=0.0)
-    b_u = tl.dot(X, b_v.to(tl.float32) * b[:, None])
+    b_u = tl.dot(X, b_v.to(tl.float32) * b[:, None], input_precision=DOT)
     tl.store(u + ((i_b * T + rows) * H + i_h)[:, None] * V + offs_v[None, :], b_u, mask=mask_tv)
 
 
 @triton.jit
 def kda_chunk_state_kernel(q, k, G, Aqk, w, u, state, o, scale, T, H, s_q, s_k, s_o, stride_state,
-                           K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+                           K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                           DOT: tl.constexpr):
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     offs_t, offs_k = tl.arange(0, BT), tl.arange(0, BK)
@@ -147,7 +172,7 @@ def kda_chunk_state_kernel(q, k, G, Aqk, w, u, state, o, scale, T, H, s_q, s_k, 
     k += i_b * T * s_k + i_h * K
     G += i_b * T * H * K + i_h * K
     for i_t in range(tl.cdiv(T, BT)):
-        rows = i_t * BT + offs_t
+        rows = i_t * BT + offs_t.to(tl.int64)
         mask_t = rows < T
         q_n = _rows_normed(q, s_q, rows, mask_t, offs_k, mask_k, scale)
         k_n = _rows_normed(k, s_k, rows, mask_t, offs_k, mask_k, 1.0)
@@ -159,12 +184,31 @@ def kda_chunk_state_kernel(q, k, G, Aqk, w, u, state, o, scale, T, H, s_q, s_k, 
         b_u = tl.load(u + tok[:, None] * V + offs_v[None, :], mask=mask_tv, other=0.0)
         a_qk = tl.load(Aqk + tok[:, None] * BT + offs_t[None, :],
                        mask=mask_t[:, None] & (offs_t[None, :] <= offs_t[:, None]), other=0.0)
-        b_u -= tl.dot(b_w, S)
-        b_o = tl.dot(q_n * tl.exp(G_t), S) + tl.dot(a_qk, b_u)
+        b_u -= tl.dot(b_w, S, input_precision=DOT)
+        b_o = tl.dot(q_n * tl.exp(G_t), S, input_precision=DOT) + tl.dot(a_qk, b_u, input_precision=DOT)
         tl.store(o + (i_b * T + rows)[:, None] * s_o + i_h * V + offs_v[None, :], b_o.to(o.dtype.element_ty),
                  mask=mask_tv)
-        S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(k_n * tl.exp(G_last[None, :] - G_t)), b_u)
+        k_end = tl.trans(k_n * tl.exp(G_last[None, :] - G_t))  # each key decayed to the chunk's end
+        S = S * tl.exp(G_last)[:, None] + tl.dot(k_end, b_u, input_precision=DOT)
     tl.store(p_s, S.to(state.dtype.element_ty), mask=mask_s)
+
+
+def kda_prefill_conv(x, tail, weight, *, block_t=64, block_c=128):
+    """Causal depthwise conv + SiLU over T tokens. x [B, T, C] (rows may be strided, the last dim contiguous);
+    tail [B, C, W-1]: the W-1 inputs before x, oldest first, updated in place to the last W-1 of [tail, x];
+    weight [C, W] (or [C, 1, W]). Returns y [B, T, C] fp32, contiguous."""
+    B, T, C = x.shape
+    weight = weight.reshape(C, -1).contiguous()
+    W = weight.shape[1]
+    if tuple(tail.shape) != (B, C, W - 1) or tail.stride()[1:] != (W - 1, 1) or x.stride(-1) != 1:
+        raise ValueError(f"kda_prefill_conv: x must be [B, T, C] with a contiguous last dim and tail [{B}, {C}, "
+                         f"{W - 1}] contiguous past the batch dim; got {tuple(x.shape)}, {tuple(tail.shape)}")
+    y = torch.empty(B, T, C, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(T, block_t), triton.cdiv(C, block_c), B)
+    kda_prefill_conv_kernel[grid](x, tail, weight, y, T, C, x.stride(0), x.stride(1), tail.stride(0), W=W, BT=block_t,
+                                  BCH=block_c)
+    tail.copy_(torch.cat([tail, x[:, -(W - 1):].transpose(1, 2).to(tail.dtype)], dim=-1)[..., -(W - 1):])
+    return y
 
 
 def _token_stride(x, D):
@@ -176,11 +220,13 @@ def _token_stride(x, D):
     return x, x.stride(1)
 
 
-def kda_chunk(q, k, v, g, beta, state, *, A_log, dt_bias, scale=None, out=None, block_v=32, num_warps=4):
+def kda_chunk(q, k, v, g, beta, state, *, A_log, dt_bias, scale=None, out=None, block_v=32, num_warps=4,
+              precision="tf32"):
     """KDA over T tokens of each sequence from `state`. q, k, g (raw gate input) [B, T, H, K]; v [B, T, H, V];
     beta (logits) [B, T, H]; state [B, H, K, V] fp32 or bf16 (kda_decode's), updated in place to the state after
     the last token; A_log [H]; dt_bias [H*K]. Token rows may be strided (views of one projection). Returns
-    o [B, T, H, V] in v.dtype (into `out` if given). block_v, num_warps: the recurrence's launch shape."""
+    o [B, T, H, V] in v.dtype (into `out` if given). block_v, num_warps: the recurrence's launch shape; precision:
+    tl.dot's input_precision for the fp32 products ("tf32", or "ieee": exact fp32 at a third of the rate)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     if tuple(k.shape) != (B, T, H, K) or tuple(g.shape) != (B, T, H, K) or tuple(v.shape[:3]) != (B, T, H) \
@@ -203,11 +249,11 @@ def kda_chunk(q, k, v, g, beta, state, *, A_log, dt_bias, scale=None, out=None, 
     grid = (triton.cdiv(T, BT), B * H)
     kda_chunk_gate_kernel[grid](g, A_log.reshape(-1), dt_bias.reshape(-1), G, T, H, s_g, K=K, BT=BT, BK=BK)
     kda_chunk_intra_kernel[grid](q, k, beta, G, Akk, Aqk, scale, T, H, s_q, s_k, beta.stride(1), K=K, BT=BT, BC=BC,
-                                 BK=BK)
+                                 BK=BK, DOT=precision)
     kda_chunk_solve_kernel[grid](k, v, beta, G, Akk, w, u, T, H, s_k, s_v, beta.stride(1), K=K, V=V, BT=BT, BK=BK,
-                                 BV=BV, num_warps=8)
+                                 BV=BV, DOT=precision, num_warps=8)
     bv = min(triton.next_power_of_2(block_v), BV)
     kda_chunk_state_kernel[(triton.cdiv(V, bv), B * H)](
         q, k, G, Aqk, w, u, state, o, scale, T, H, s_q, s_k, o.stride(1), state.stride(0), K=K, V=V, BT=BT, BK=BK,
-        BV=bv, num_warps=num_warps)
+        BV=bv, DOT=precision, num_warps=num_warps)
     return o

@@ -1,5 +1,5 @@
-"""Plain-PyTorch fp32 twins of kda_decode, kda_layer_step and kda_chunk, one stage at a time; kda_chunked is the
-chunked (WY) form of the recurrence the runtime's model prefills and trains with."""
+"""Plain-PyTorch fp32 twins of kda_decode, kda_layer_step, kda_prefill_conv and kda_chunk, one stage at a time;
+kda_chunked is the chunked (WY) form of the recurrence that the runtime's model prefills and trains with."""
 import torch
 import torch.nn.functional as F
 
@@ -14,6 +14,20 @@ def kda_gate(g_raw, A_log, dt_bias):
     H, K = g_raw.shape[-2:]
     x = g_raw.float() + dt_bias.float().reshape(H, K)
     return -A_log.float().reshape(H, 1).exp() * F.softplus(x, threshold=20.0)
+
+
+def kda_short_conv(x, tail, weight):
+    """Causal depthwise conv + SiLU over [tail, x], in fp32: x [B, T, C]; tail [B, C, W-1] the W-1 inputs before x
+    (None: zeros), updated in place to the last W-1 of [tail, x]; weight [C, 1, W] or [C, W]. Returns [B, T, C]
+    fp32. The PyTorch model's short conv, and kda_prefill_conv's twin."""
+    B, T, C = x.shape
+    weight = weight.reshape(C, 1, -1)
+    W = weight.shape[-1]
+    past = tail.to(x.dtype) if tail is not None else x.new_zeros(B, C, W - 1)
+    xt = torch.cat([past, x.transpose(1, 2)], dim=-1)                   # [B, C, W-1+T]
+    if tail is not None:
+        tail.copy_(xt[..., -(W - 1):])
+    return F.silu(F.conv1d(xt.float(), weight.float(), groups=C)).transpose(1, 2)
 
 
 def _l2norm(x):
