@@ -15,7 +15,7 @@ from klconvert.runtime.state import StateBuffers
 
 # relative RMS bounds vs the fp32 twin: fp32 throughout; bf16 inputs/outputs or state, rounded once
 BOUND = {torch.float32: 1e-5, torch.bfloat16: 8e-3}
-GPU_BOUND = 2e-3  # real shapes on a GPU: tl.dot takes fp32 operands as tf32
+GPU_BOUND = 5e-3  # real shapes on a GPU: tl.dot takes fp32 operands as tf32
 
 
 def chunk_inputs(B, T, H, K, V, dtype, g_raw=None, a_log=None, device=DEVICE):
@@ -78,7 +78,7 @@ def test_kda_prefill_conv(T):
 @GPU
 @pytest.mark.parametrize("T", [4100])
 def test_kda_chunk_real_shapes(T):
-    check_chunk(1, T, 32, 128, 128, torch.bfloat16, bound=GPU_BOUND)
+    check_chunk(1, T, 32, 128, 128, bound=GPU_BOUND)
 
 
 def random_layer(H=2, K=16, device=DEVICE):
