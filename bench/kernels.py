@@ -217,7 +217,13 @@ def bench_kda_prefill():
     ref = naive_kda_chunk(*x, ref_state, A_log=A_log, dt_bias=dt_bias)
     ok = {}
     for name, fn in impls.items():
-        o, state = fn(x, s0.clone())
+        try:
+            o, state = fn(x, s0.clone())
+        except Exception as e:  # noqa: BLE001 -- say what failed, go on with the others
+            print(f"{name}: {e!r}"[:400], flush=True)
+            ok[name] = False
+            failures.append(name)
+            continue
         tag = f"{name} T={CHECK_TOKENS}"
         ok[name] = check(f"{tag} o", o, ref, 1e-2) & check(f"{tag} state", state, ref_state, 1e-2)
     for T in PREFILL_TOKENS:
@@ -226,20 +232,39 @@ def bench_kda_prefill():
             nbytes = T * H * (3 * K + 2 * V + 1) * dtype.itemsize
             for name, fn in impls.items():
                 if ok[name] and ("ieee" not in name or dtype == torch.bfloat16):
-                    us = median_us(lambda: fn(x, s0.clone()))
+                    try:
+                        us = median_us(lambda: fn(x, s0.clone()))
+                    except Exception as e:  # noqa: BLE001 -- fla with fp32 inputs, say
+                        print(f"{name} T={T} {dtype}: {e!r}"[:400], flush=True)
+                        continue
                     record(f"{name} T={T} {str(dtype)[6:]} in", (us, None), nbytes,
                            f"fla chunk_kda T={T} {str(dtype)[6:]} in" if "fla" not in name else None,
                            Mtok_s=T / us)
+            if T == PREFILL_TOKENS[0] and dtype == torch.float32 and ok["kda_chunk"]:
+                kda_chunk_launches(x, s0, T, nbytes, ours)
             x = None
         bench_kda_prefill_layer(T, first=T == PREFILL_TOKENS[0])
         torch.cuda.empty_cache()
+
+
+def kda_chunk_launches(x, s0, T, nbytes, ours):
+    """kda_chunk's recurrence launch shapes (block_v, num_warps, num_stages) around the default (32, 4, 1)."""
+    for bv, warps, stages in ((16, 4, 1), (64, 4, 1), (32, 8, 1), (64, 8, 1), (32, 4, 2)):
+        name = f"kda_chunk T={T} float32 in [block_v {bv}, {warps} warps, {stages} stages]"
+        kw = dict(block_v=bv, num_warps=warps, num_stages=stages)
+        try:
+            us = median_us(lambda: ours(x, s0.clone(), **kw))
+        except triton.runtime.errors.OutOfResources as e:
+            print(f"{name}: {e}", flush=True)
+            continue
+        record(name, (us, None), nbytes, Mtok_s=T / us)
 
 
 def bench_kda_prefill_layer(T, first):
     """KDA layer between its projections at the released shapes over T tokens, random weights."""
     from klconvert.config import KimiLinearConfig
     from klconvert.presets import preset_config
-    from klconvert.runtime.kernel_modules import kda_chunk_module
+    from klconvert.runtime.kernel_modules import TritonKDAChunk, kda_chunk_module
     from klconvert.runtime.model import KDAChunk, KDAMixer
 
     m = KDAMixer(KimiLinearConfig.from_dict(preset_config("kimi-linear-48b", 1)), 0).to_empty(device=DEV)
@@ -257,15 +282,19 @@ def bench_kda_prefill_layer(T, first):
     record(f"{tag}: short conv, kda_prefill_conv", (median_us(lambda: kda_prefill_conv(qkv, tail, conv)), None),
            T * C * 6, f"{tag}: short conv, PyTorch")
     record(f"{tag}: short conv, PyTorch", (median_us(lambda: kda_short_conv(qkv, tail, conv)), None), T * C * 6)
-    module = kda_chunk_module(m)
-    name = f"{tag}: {type(module).__name__} (conv + recurrence)"
-    us = median_us(lambda: module(m, qkv, g_raw, beta_raw, tail, S))
-    record(name, (us, None), T * (C * 6 + H * K * 6), Mtok_s=T / us)
+    modules = {type(x).__name__: x for x in (TritonKDAChunk(m), kda_chunk_module(m))}  # + fla's where installed
+    for name, module in modules.items():
+        us = median_us(lambda: module(m, qkv, g_raw, beta_raw, tail, S))
+        record(f"{tag}: {name} (conv + recurrence)", (us, None), T * (C * 6 + H * K * 6), Mtok_s=T / us)
     o = module(m, qkv, g_raw, beta_raw, tail, S)
     us = median_us(lambda: m.gated_norm(o, gate_raw))
     record(f"{tag}: gated norm, PyTorch", (us, None), T * H * V * 8, Mtok_s=T / us)
-    if first:
-        us = median_us(lambda: KDAChunk()(m, qkv, g_raw, beta_raw, tail, S))
+    if first:  # seconds per call: timed once
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        KDAChunk()(m, qkv, g_raw, beta_raw, tail, S)
+        torch.cuda.synchronize()
+        us = (time.perf_counter() - t0) * 1e6
         record(f"{tag}: KDAChunk, PyTorch chunked form", (us, None), T * C * 6, Mtok_s=T / us)
 
 

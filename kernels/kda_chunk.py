@@ -221,12 +221,13 @@ def _token_stride(x, D):
 
 
 def kda_chunk(q, k, v, g, beta, state, *, A_log, dt_bias, scale=None, out=None, block_v=32, num_warps=4,
-              precision="tf32"):
+              num_stages=1, precision="tf32"):
     """KDA over T tokens of each sequence from `state`. q, k, g (raw gate input) [B, T, H, K]; v [B, T, H, V];
     beta (logits) [B, T, H]; state [B, H, K, V] fp32 or bf16 (kda_decode's), updated in place to the state after
     the last token; A_log [H]; dt_bias [H*K]. Token rows may be strided (views of one projection). Returns
-    o [B, T, H, V] in v.dtype (into `out` if given). block_v, num_warps: the recurrence's launch shape; precision:
-    tl.dot's input_precision for the fp32 products ("tf32", or "ieee": exact fp32 at a third of the rate)."""
+    o [B, T, H, V] in v.dtype (into `out` if given). block_v, num_warps, num_stages: the recurrence's launch shape
+    (its chunk loop holds six [64, 128] fp32 tiles: pipelining them needs more shared memory than an H200 has);
+    precision: tl.dot's input_precision for the fp32 products ("tf32", or "ieee": exact fp32, slower)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     if tuple(k.shape) != (B, T, H, K) or tuple(g.shape) != (B, T, H, K) or tuple(v.shape[:3]) != (B, T, H) \
@@ -255,5 +256,5 @@ def kda_chunk(q, k, v, g, beta, state, *, A_log, dt_bias, scale=None, out=None, 
     bv = min(triton.next_power_of_2(block_v), BV)
     kda_chunk_state_kernel[(triton.cdiv(V, bv), B * H)](
         q, k, G, Aqk, w, u, state, o, scale, T, H, s_q, s_k, o.stride(1), state.stride(0), K=K, V=V, BT=BT, BK=BK,
-        BV=bv, DOT=precision, num_warps=num_warps)
+        BV=bv, DOT=precision, num_warps=num_warps, num_stages=num_stages)
     return o
