@@ -190,9 +190,10 @@ def bench_fla():
 
 def bench_kda_prefill():
     """One KDA layer's prefill: kda_chunk (tf32 and exact-fp32 products) and fla's chunk_kda checked against the
-    chunked reference over CHECK_TOKENS tokens from a non-zero state, then timed over PREFILL_TOKENS with bf16 and fp32
-    inputs (M tokens/s in the json); then the layer between its projections: the short conv (Triton, PyTorch),
-    bind's prefill module (conv + recurrence), the gated norm, and at the first length the PyTorch chunked form."""
+    chunked reference over CHECK_TOKENS tokens from a non-zero state, then timed (not the exact-fp32 one) over
+    PREFILL_TOKENS with bf16 and fp32 inputs (M tokens/s in the json); then the layer between its projections:
+    the short conv (Triton, PyTorch), bind's prefill modules (conv + recurrence), the gated norm, and at the first
+    length the PyTorch chunked form."""
     try:
         from fla.ops.kda import chunk_kda
     except Exception as e:  # noqa: BLE001 -- the peer is optional; say why it is missing
@@ -231,7 +232,7 @@ def bench_kda_prefill():
             x = inputs(T, dtype)
             nbytes = T * H * (3 * K + 2 * V + 1) * dtype.itemsize
             for name, fn in impls.items():
-                if ok[name] and ("ieee" not in name or dtype == torch.bfloat16):
+                if ok[name] and "ieee" not in name:  # exact fp32 products: 14x slower (248 ms at 32K), checked only
                     try:
                         us = median_us(lambda: fn(x, s0.clone()))
                     except Exception as e:  # noqa: BLE001 -- fla with fp32 inputs, say
@@ -248,8 +249,8 @@ def bench_kda_prefill():
 
 
 def kda_chunk_launches(x, s0, T, nbytes, ours):
-    """kda_chunk's recurrence launch shapes (block_v, num_warps, num_stages) around the default (32, 4, 1)."""
-    for bv, warps, stages in ((16, 4, 1), (64, 4, 1), (32, 8, 1), (64, 8, 1), (32, 4, 2)):
+    """kda_chunk's recurrence launch shapes (block_v, num_warps, num_stages) around the default (32, 8, 1)."""
+    for bv, warps, stages in ((32, 4, 1), (64, 8, 1), (16, 8, 1)):
         name = f"kda_chunk T={T} float32 in [block_v {bv}, {warps} warps, {stages} stages]"
         kw = dict(block_v=bv, num_warps=warps, num_stages=stages)
         try:

@@ -220,13 +220,14 @@ def _token_stride(x, D):
     return x, x.stride(1)
 
 
-def kda_chunk(q, k, v, g, beta, state, *, A_log, dt_bias, scale=None, out=None, block_v=32, num_warps=4,
+def kda_chunk(q, k, v, g, beta, state, *, A_log, dt_bias, scale=None, out=None, block_v=32, num_warps=8,
               num_stages=1, precision="tf32"):
     """KDA over T tokens of each sequence from `state`. q, k, g (raw gate input) [B, T, H, K]; v [B, T, H, V];
     beta (logits) [B, T, H]; state [B, H, K, V] fp32 or bf16 (kda_decode's), updated in place to the state after
     the last token; A_log [H]; dt_bias [H*K]. Token rows may be strided (views of one projection). Returns
     o [B, T, H, V] in v.dtype (into `out` if given). block_v, num_warps, num_stages: the recurrence's launch shape
-    (its chunk loop holds six [64, 128] fp32 tiles: pipelining them needs more shared memory than an H200 has);
+    (its chunk loop holds four [64, 128] fp32 tiles at once: 8 warps keep them in registers, and pipelining them
+    needs more shared memory than an H200 has);
     precision: tl.dot's input_precision for the fp32 products ("tf32", or "ieee": exact fp32, slower)."""
     B, T, H, K = q.shape
     V = v.shape[-1]

@@ -9,13 +9,14 @@ from klconvert.config import KimiLinearConfig
 from klconvert.kernels.kda_chunk import kda_chunk, kda_prefill_conv
 from klconvert.kernels.naive_kda import kda_short_conv, naive_kda_chunk
 from klconvert.presets import preset_config
-from klconvert.runtime.kernel_modules import FlaKDAChunk, FusedKDAStep, TritonKDAChunk
+from klconvert.runtime.kernel_modules import FlaKDAChunk, FusedKDAStep, TritonKDAChunk, kda_chunk_module
 from klconvert.runtime.model import KDAMixer
 from klconvert.runtime.state import StateBuffers
 
 # relative RMS bounds vs the fp32 twin: fp32 throughout; bf16 inputs/outputs or state, rounded once
 BOUND = {torch.float32: 1e-5, torch.bfloat16: 8e-3}
-GPU_BOUND = 5e-3  # real shapes on a GPU: tl.dot takes fp32 operands as tf32
+GPU_BOUND = 5e-3  # real shapes on a GPU: tl.dot takes fp32 operands as tf32 (measured 2.5e-3 on an H200)
+FLA_BOUND = 1e-2  # fla's chunk_kda keeps some intermediates in its inputs' dtype (measured 4.5e-3 from bf16)
 
 
 def chunk_inputs(B, T, H, K, V, dtype, g_raw=None, a_log=None, device=DEVICE):
@@ -94,6 +95,15 @@ def random_layer(H=2, K=16, device=DEVICE):
     return m
 
 
+def test_fla_on_cuda_when_installed_else_ours():
+    try:
+        import fla.ops.kda  # noqa: F401
+        fla = DEVICE == "cuda"
+    except ImportError:
+        fla = False
+    assert type(kda_chunk_module(random_layer())) is (FlaKDAChunk if fla else TritonKDAChunk)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
 def test_prefill_then_decode_equals_decode_only(state_dtype):
@@ -116,7 +126,8 @@ def test_prefill_then_decode_equals_decode_only(state_dtype):
         out = [m(x[:, :P], prefilled, 0)] + [m.decode(x[:, t], prefilled, at(t)).unsqueeze(1)
                                              for t in range(P, P + steps)]
         ref = [m.decode(x[:, t], alone, at(t)).unsqueeze(1) for t in range(P + steps)]
-    bound = BOUND[state_dtype] * 4  # bf16: decode rounds the state every token, the prefill once
+    # bf16: decode rounds the state every token, the prefill once; a GPU takes the prefill's fp32 products as tf32
+    bound = max(BOUND[state_dtype] * 4, GPU_BOUND if DEVICE == "cuda" else 0)
     assert_close(out[0], torch.cat(ref[:P], dim=1), bound, "prefill output")
     assert_close(torch.cat(out[1:], 1), torch.cat(ref[P:], 1), bound, "decode after prefill")
     assert_close(prefilled.kda_state, alone.kda_state, bound, "state")
@@ -138,6 +149,7 @@ def test_prefill_modules_at_real_shapes(module):
     ref_tail, ref_S = tail.clone(), S.clone()
     o = module(m)(m, qkv, g_raw, beta_raw, tail, S)
     ref = m.recurrent(qkv, g_raw, beta_raw, ref_tail, ref_S)
-    assert_close(o, ref, GPU_BOUND, "o")
-    assert_close(S, ref_S, GPU_BOUND, "state")
+    bound = FLA_BOUND if module is FlaKDAChunk else GPU_BOUND
+    assert_close(o, ref, bound, "o")
+    assert_close(S, ref_S, bound, "state")
     assert torch.equal(tail, ref_tail), "conv tail"
