@@ -39,7 +39,7 @@ def kda_prefill_conv_kernel(x, tail, w, y, T, C, s_xb, s_xt, s_tail, W: tl.const
         b_tail = tl.load(tail + i_b * s_tail + ch[None, :] * (W - 1) + (W - 1 + src)[:, None], mask=in_tail, other=0.0)
         acc += (b_x.to(tl.float32) + b_tail.to(x.dtype.element_ty).to(tl.float32)) * \
             tl.load(w + ch * W + j, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    tl.store(y + (i_b * T + rows)[:, None] * C + ch[None, :], acc * tl.sigmoid(acc),
+    tl.store(y + (i_b * T + rows)[:, None] * C + ch[None, :], (acc * tl.sigmoid(acc)).to(y.dtype.element_ty),
              mask=(rows < T)[:, None] & mask_c[None, :])
 
 
@@ -193,17 +193,17 @@ def kda_chunk_state_kernel(q, k, G, Aqk, w, u, state, o, scale, T, H, s_q, s_k, 
     tl.store(p_s, S.to(state.dtype.element_ty), mask=mask_s)
 
 
-def kda_prefill_conv(x, tail, weight, *, block_t=64, block_c=128):
+def kda_prefill_conv(x, tail, weight, *, out_dtype=torch.float32, block_t=64, block_c=128):
     """Causal depthwise conv + SiLU over T tokens. x [B, T, C] (rows may be strided, the last dim contiguous);
     tail [B, C, W-1]: the W-1 inputs before x, oldest first, updated in place to the last W-1 of [tail, x];
-    weight [C, W] (or [C, 1, W]). Returns y [B, T, C] fp32, contiguous."""
+    weight [C, W] (or [C, 1, W]). Returns y [B, T, C] in out_dtype (computed in fp32), contiguous."""
     B, T, C = x.shape
     weight = weight.reshape(C, -1).contiguous()
     W = weight.shape[1]
     if tuple(tail.shape) != (B, C, W - 1) or tail.stride()[1:] != (W - 1, 1) or x.stride(-1) != 1:
         raise ValueError(f"kda_prefill_conv: x must be [B, T, C] with a contiguous last dim and tail [{B}, {C}, "
                          f"{W - 1}] contiguous past the batch dim; got {tuple(x.shape)}, {tuple(tail.shape)}")
-    y = torch.empty(B, T, C, device=x.device, dtype=torch.float32)
+    y = torch.empty(B, T, C, device=x.device, dtype=out_dtype)
     grid = (triton.cdiv(T, block_t), triton.cdiv(C, block_c), B)
     kda_prefill_conv_kernel[grid](x, tail, weight, y, T, C, x.stride(0), x.stride(1), tail.stride(0), W=W, BT=block_t,
                                   BCH=block_c)

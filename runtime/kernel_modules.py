@@ -83,6 +83,8 @@ class TritonKDAChunk(nn.Module):
     """KDAChunk through kernels.kda_chunk: the short conv in one launch, then the chunked delta rule (l2norm, gate
     and beta fused in), weights prepared once."""
 
+    conv_dtype: torch.dtype | None = torch.float32  # q, k, v as the delta rule reads them (None: qkv's dtype)
+
     def __init__(self, mixer: nn.Module):
         super().__init__()
         self.conv = mixer.conv_weight.reshape(-1, mixer.conv_weight.shape[-1]).contiguous()   # [3HK, W]
@@ -94,8 +96,10 @@ class TritonKDAChunk(nn.Module):
         H, K = self.H, self.K
         if tail is None:
             tail = qkv.new_zeros(B, qkv.shape[-1], self.conv.shape[-1] - 1)
-        q, k, v = kda_prefill_conv(qkv, tail, self.conv).view(B, T, 3, H, K).unbind(2)
-        return self.delta(q, k, v, g_raw.view(B, T, H, K), beta_raw, S if S is not None else q.new_zeros(B, H, K, K))
+        y = kda_prefill_conv(qkv, tail, self.conv, out_dtype=self.conv_dtype or qkv.dtype)
+        q, k, v = y.view(B, T, 3, H, K).unbind(2)
+        S = S if S is not None else torch.zeros(B, H, K, K, device=q.device)
+        return self.delta(q, k, v, g_raw.view(B, T, H, K), beta_raw, S)
 
     def delta(self, q, k, v, g_raw, beta_raw, S) -> torch.Tensor:
         """The delta rule from S (updated in place): o [B, T, H, V] fp32."""
@@ -105,7 +109,10 @@ class TritonKDAChunk(nn.Module):
 class FlaKDAChunk(TritonKDAChunk):
     """KDAChunk with fla-core's chunk_kda for the delta rule (`pip install 'klconvert[fast]'`): the same
     conventions -- l2norm with eps 1e-6 inside the sqrt, q times K^-0.5, the gate -exp(A_log) softplus(g + dt_bias),
-    sigmoid(beta) -- and the state [B, H, K, V] fp32 in and out."""
+    sigmoid(beta) -- and the state [B, H, K, V] fp32 in and out. q, k, v go in the activation dtype (bf16 on a
+    GPU), as fla's documentation and our H200 check run it."""
+
+    conv_dtype = None
 
     def delta(self, q, k, v, g_raw, beta_raw, S) -> torch.Tensor:
         from fla.ops.kda import chunk_kda
@@ -114,7 +121,7 @@ class FlaKDAChunk(TritonKDAChunk):
                              use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
                              A_log=self.A_log, dt_bias=self.dt_bias)
         S.copy_(final)
-        return o
+        return o.float()
 
 
 def kda_chunk_module(mixer: nn.Module) -> nn.Module:

@@ -64,15 +64,17 @@ def test_kda_chunk_extreme_gates(g_raw, a_log):
     check_chunk(1, 80, 1, 16, 16, g_raw=g_raw, a_log=a_log)
 
 
-@pytest.mark.parametrize("T", [1, 2, 70])
-def test_kda_prefill_conv(T):
+@pytest.mark.parametrize("T, out_dtype", [(1, torch.float32), (2, torch.float32), (70, torch.float32),
+                                          (70, torch.bfloat16)])
+def test_kda_prefill_conv(T, out_dtype):
     B, C, W = 2, 40, 4
     x = torch.randn(B, T, C + 8, device=DEVICE).to(torch.bfloat16)[..., 4:C + 4]  # strided rows, as a projection's
     tail = torch.randn(B, C, W - 1, device=DEVICE).to(torch.bfloat16)
     weight = torch.randn(C, 1, W, device=DEVICE)
     ref_tail = tail.clone()
-    y = kda_prefill_conv(x, tail, weight, block_t=16, block_c=32)
-    assert_close(y, kda_short_conv(x, ref_tail, weight), 1e-6, "y")
+    y = kda_prefill_conv(x, tail, weight, out_dtype=out_dtype, block_t=16, block_c=32)
+    assert y.dtype == out_dtype
+    assert_close(y, kda_short_conv(x, ref_tail, weight), 1e-6 if out_dtype == torch.float32 else BOUND[out_dtype], "y")
     assert torch.equal(tail, ref_tail), "tail"
 
 
