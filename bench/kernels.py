@@ -1,7 +1,7 @@
 """Check each klconvert kernel against its naive twin, then time it and its peers (fla, bitsandbytes, torch) on one GPU.
 
-python bench/kernels.py [--only SECTION ...]: sections fla, kda, drift, linear, moe, mla, int4 (default: all); the
-results table goes to stdout and $OUT/kernels.json. `--only int4` (~3 minutes) sweeps the int4/int8 launch shapes
+python bench/kernels.py [--only SECTION ...]: sections fla, kda, prefill, drift, linear, moe, mla, int4 (default: all);
+the results table goes to stdout and $OUT/kernels.json. `--only int4` (~3 minutes) sweeps the int4/int8 launch shapes
 that matter and the row counts where each int kernel wins, and prints the defaults to set (CROSSOVER, MOE_CROSSOVER,
 MOE_DECODE_LAUNCH)."""
 import argparse
@@ -21,10 +21,11 @@ from klconvert.kernels.fused_moe import (DECODE_MAX_TOKENS, MOE_DECODE_LAUNCH, f
                                          moe_grouped_fwd, moe_kernel, repack_moe_experts)
 from klconvert.kernels.int_linear import (FMA_MAX_M, int_gemv_fwd, int_linear, int_mma_fwd, repack_int_weight,
                                           weight_class)
+from klconvert.kernels.kda_chunk import kda_chunk, kda_prefill_conv
 from klconvert.kernels.kda_decode import kda_decode, kda_layer_step
 from klconvert.kernels.mla_decode import mla_decode, mla_decode_splits
 from klconvert.kernels.naive_int_linear import dequantize_int_weight, naive_int_linear
-from klconvert.kernels.naive_kda import naive_kda_decode, naive_kda_layer_step
+from klconvert.kernels.naive_kda import kda_short_conv, naive_kda_chunk, naive_kda_decode, naive_kda_layer_step
 from klconvert.kernels.naive_mla import naive_mla_decode, quantize_mla_cache_rows
 from klconvert.kernels.naive_moe import naive_fused_moe
 
@@ -33,6 +34,8 @@ H, K, V, W = 32, 128, 128, 4  # KDA layer
 HIDDEN, INTER, EXPERTS, TOPK = 2304, 1024, 256, 8
 MLA_H, MLA_R, MLA_DR, MLA_SCALE = 32, 512, 64, 192 ** -0.5  # MLA layer: heads, latent, shared key, softmax scale
 MLA_CONTEXTS = (4096, 131072, 1048576)
+PREFILL_TOKENS = (32768, 131072)  # one KDA layer's prefill
+CHECK_TOKENS = 4100  # checked against the reference first
 LINEAR_SHAPES = {"lm_head": (163840, 2304), "o_proj": (2304, 4096), "kda_qkv": (12288, 2304),
                  "expert_w13": (2048, 2304), "expert_w2": (2304, 1024)}  # [out, in]
 ROTATE_BYTES = 400e6  # copies of weights/state rotated per call, so L2 (50 MB) does not serve them
@@ -183,6 +186,113 @@ def bench_fla():
                                         output_final_state=True, use_qk_l2norm_in_kernel=True,
                                         use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)
         record(f"fla fused_recurrent_kda B={B}", timed(f), 2 * B * H * K * V * 4)
+
+
+def bench_kda_prefill():
+    """One KDA layer's prefill: kda_chunk (tf32 and exact-fp32 products) and fla's chunk_kda checked against the
+    chunked reference over CHECK_TOKENS tokens from a non-zero state, then timed (not the exact-fp32 one) over
+    PREFILL_TOKENS with bf16 inputs, and ours with fp32 ones as bind passes them (M tokens/s in the json); then
+    the layer between its projections: the short conv (Triton, PyTorch), bind's prefill modules (conv +
+    recurrence), the gated norm, and at the first length the PyTorch chunked form."""
+    try:
+        from fla.ops.kda import chunk_kda
+    except Exception as e:  # noqa: BLE001 -- the peer is optional; say why it is missing
+        print("fla unavailable:", repr(e)[:200])
+        chunk_kda = None
+    A_log, dt_bias = torch.randn(H, device=DEV), torch.randn(H * K, device=DEV)
+
+    def inputs(T, dtype):  # q, k, v, g (gate input), beta (logits)
+        return [torch.randn(1, T, H, *d, device=DEV, dtype=dtype) for d in ((K,), (K,), (V,), (K,), ())]
+
+    def ours(x, state, **kw):
+        return kda_chunk(*x, state, A_log=A_log, dt_bias=dt_bias, **kw), state
+
+    def fla(x, state):
+        return chunk_kda(*x, initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True,
+                         use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True, A_log=A_log, dt_bias=dt_bias)
+    impls = {"kda_chunk": ours, "kda_chunk [ieee fp32 products]": lambda x, s: ours(x, s, precision="ieee")}
+    if chunk_kda is not None:
+        impls["fla chunk_kda"] = fla
+    x, s0 = inputs(CHECK_TOKENS, torch.bfloat16), torch.randn(1, H, K, V, device=DEV)
+    ref_state = s0.clone()
+    ref = naive_kda_chunk(*x, ref_state, A_log=A_log, dt_bias=dt_bias)
+    ok = {}
+    for name, fn in impls.items():
+        try:
+            o, state = fn(x, s0.clone())
+        except Exception as e:  # noqa: BLE001 -- say what failed, go on with the others
+            print(f"{name}: {e!r}"[:400], flush=True)
+            ok[name] = False
+            failures.append(name)
+            continue
+        tag = f"{name} T={CHECK_TOKENS}"
+        ok[name] = check(f"{tag} o", o, ref, 1e-2) & check(f"{tag} state", state, ref_state, 1e-2)
+    for T in PREFILL_TOKENS:
+        for dtype in (torch.bfloat16, torch.float32):
+            x = inputs(T, dtype)
+            nbytes = T * H * (3 * K + 2 * V + 1) * dtype.itemsize
+            for name, fn in impls.items():
+                # exact fp32 products: 14x slower (248 ms at 32K), checked only; fla: bind gives it bf16
+                if ok[name] and "ieee" not in name and ("fla" not in name or dtype == torch.bfloat16):
+                    us = median_us(lambda: fn(x, s0.clone()))
+                    record(f"{name} T={T} {str(dtype)[6:]} in", (us, None), nbytes,
+                           f"fla chunk_kda T={T} bfloat16 in" if "fla" not in name else None, Mtok_s=T / us)
+            if T == PREFILL_TOKENS[0] and dtype == torch.float32 and ok["kda_chunk"]:
+                kda_chunk_launches(x, s0, T, nbytes, ours)
+            x = None
+        bench_kda_prefill_layer(T, first=T == PREFILL_TOKENS[0])
+        torch.cuda.empty_cache()
+
+
+def kda_chunk_launches(x, s0, T, nbytes, ours):
+    """kda_chunk's recurrence launch shapes (block_v, num_warps, num_stages) around the default (32, 8, 1)."""
+    for bv, warps, stages in ((32, 4, 1), (64, 8, 1), (16, 8, 1)):
+        name = f"kda_chunk T={T} float32 in [block_v {bv}, {warps} warps, {stages} stages]"
+        kw = dict(block_v=bv, num_warps=warps, num_stages=stages)
+        try:
+            us = median_us(lambda: ours(x, s0.clone(), **kw))
+        except triton.runtime.errors.OutOfResources as e:
+            print(f"{name}: {e}", flush=True)
+            continue
+        record(name, (us, None), nbytes, Mtok_s=T / us)
+
+
+def bench_kda_prefill_layer(T, first):
+    """KDA layer between its projections at the released shapes over T tokens, random weights."""
+    from klconvert.config import KimiLinearConfig
+    from klconvert.presets import preset_config
+    from klconvert.runtime.kernel_modules import TritonKDAChunk, kda_chunk_module
+    from klconvert.runtime.model import KDAChunk, KDAMixer
+
+    m = KDAMixer(KimiLinearConfig.from_dict(preset_config("kimi-linear-48b", 1)), 0).to_empty(device=DEV)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    H, K, W = m.H, m.K, m.q_conv1d.weight.shape[-1]
+    C, V = 3 * H * K, K
+    qkv = torch.randn(1, T, C, device=DEV, dtype=torch.bfloat16)
+    g_raw, gate_raw = (torch.randn(1, T, H * K, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    beta_raw = torch.randn(1, T, H, device=DEV, dtype=torch.bfloat16)
+    tail, S = torch.zeros(1, C, W - 1, device=DEV, dtype=torch.bfloat16), torch.zeros(1, H, K, V, device=DEV)
+    conv = m.conv_weight.reshape(C, W).contiguous()
+    tag = f"KDA layer T={T}"
+    record(f"{tag}: short conv, kda_prefill_conv", (median_us(lambda: kda_prefill_conv(qkv, tail, conv)), None),
+           T * C * 6, f"{tag}: short conv, PyTorch")
+    record(f"{tag}: short conv, PyTorch", (median_us(lambda: kda_short_conv(qkv, tail, conv)), None), T * C * 6)
+    modules = {type(x).__name__: x for x in (TritonKDAChunk(m), kda_chunk_module(m))}  # + fla's where installed
+    for name, module in modules.items():
+        us = median_us(lambda: module(m, qkv, g_raw, beta_raw, tail, S))
+        record(f"{tag}: {name} (conv + recurrence)", (us, None), T * (C * 6 + H * K * 6), Mtok_s=T / us)
+    o = module(m, qkv, g_raw, beta_raw, tail, S)
+    us = median_us(lambda: m.gated_norm(o, gate_raw))
+    record(f"{tag}: gated norm, PyTorch", (us, None), T * H * V * 8, Mtok_s=T / us)
+    if first:  # seconds per call: timed once
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        KDAChunk()(m, qkv, g_raw, beta_raw, tail, S)
+        torch.cuda.synchronize()
+        us = (time.perf_counter() - t0) * 1e6
+        record(f"{tag}: KDAChunk, PyTorch chunked form", (us, None), T * C * 6, Mtok_s=T / us)
 
 
 def random_packed(n, k, bits, group=128):
@@ -527,8 +637,8 @@ def copy_ceiling():
     record("device copy (read + write)", (median_us(lambda: b.copy_(a)), None), 2 * a.numel() * 2)
 
 
-SECTIONS = {"fla": bench_fla, "kda": bench_kda, "drift": bf16_state_drift, "linear": bench_linear, "moe": bench_moe,
-            "mla": bench_mla, "int4": bench_int4}
+SECTIONS = {"fla": bench_fla, "kda": bench_kda, "prefill": bench_kda_prefill, "drift": bf16_state_drift,
+            "linear": bench_linear, "moe": bench_moe, "mla": bench_mla, "int4": bench_int4}
 
 
 def main():

@@ -1,6 +1,9 @@
-"""Plain-PyTorch fp32 twins of kda_decode and kda_layer_step, one stage at a time."""
+"""Plain-PyTorch fp32 twins of kda_decode, kda_layer_step, kda_prefill_conv and kda_chunk, one stage at a time;
+kda_chunked is the chunked (WY) form of the recurrence that the runtime's model prefills and trains with."""
 import torch
 import torch.nn.functional as F
+
+CHUNK = 64  # tokens per chunk of kda_chunked (the memory plan sizes its pairwise-decay temporary from it)
 
 
 def kda_gate(g_raw, A_log, dt_bias):
@@ -11,6 +14,20 @@ def kda_gate(g_raw, A_log, dt_bias):
     H, K = g_raw.shape[-2:]
     x = g_raw.float() + dt_bias.float().reshape(H, K)
     return -A_log.float().reshape(H, 1).exp() * F.softplus(x, threshold=20.0)
+
+
+def kda_short_conv(x, tail, weight):
+    """Causal depthwise conv + SiLU over [tail, x], in fp32: x [B, T, C]; tail [B, C, W-1] the W-1 inputs before x
+    (None: zeros), updated in place to the last W-1 of [tail, x]; weight [C, 1, W] or [C, W]. Returns [B, T, C]
+    fp32. The PyTorch model's short conv, and kda_prefill_conv's twin."""
+    B, T, C = x.shape
+    weight = weight.reshape(C, 1, -1)
+    W = weight.shape[-1]
+    past = tail.to(x.dtype) if tail is not None else x.new_zeros(B, C, W - 1)
+    xt = torch.cat([past, x.transpose(1, 2)], dim=-1)                   # [B, C, W-1+T]
+    if tail is not None:
+        tail.copy_(xt[..., -(W - 1):])
+    return F.silu(F.conv1d(xt.float(), weight.float(), groups=C)).transpose(1, 2)
 
 
 def _l2norm(x):
@@ -46,4 +63,51 @@ def naive_kda_layer_step(x_qkv, conv_state, conv_weight, g_raw, beta_raw, gate_r
                          beta_raw.float(), state, A_log=A_log, dt_bias=dt_bias, scale=scale)  # [B, H, V] fp32
     o = o * torch.rsqrt((o * o).mean(-1, keepdim=True) + eps) * o_norm_weight.float()
     o = (o * gate_raw.float().view(B, H, V).sigmoid()).reshape(B, H * V).to(x_qkv.dtype)
+    return o if out is None else out.copy_(o)
+
+
+def kda_chunked(q, k, v, g, beta, state, chunk: int = CHUNK):
+    """The KDA recurrence (runtime/kda.py) over T tokens, chunk by chunk (the WY / UT-transform form).
+
+    q, k, g [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]; state [B, H, K, V] fp32, the state before the first
+    token (not modified). Returns (o [B, T, H, V] fp32, the state after the last token). Nothing is updated in
+    place, so the same code trains (autograd) and prefills.
+    Within a chunk, with G the cumulative log decay and D[t, s] = exp(G_t - G_s) (t >= s, so never above 1):
+        (I + A) U = beta * (V - (K * exp(G)) S0),  A[t, s] = beta_t sum_i k_t,i k_s,i D[t, s, i]  (s < t)
+        O = (Q * exp(G)) S0 + (sum_i q_t,i k_s,i D[t, s, i])_{s <= t} U
+        S = exp(G_last) * S0 + (K * exp(G_last - G))^T U
+    """
+    B, T, H, K = k.shape
+    q, k, v, g, beta = (x.float().transpose(1, 2) for x in (q, k, v, g, beta))  # [B, H, T, .]
+    out = []
+    for start in range(0, T, chunk):
+        sl = slice(start, min(start + chunk, T))
+        qc, kc, vc, bc = q[:, :, sl], k[:, :, sl], v[:, :, sl], beta[:, :, sl]
+        G = g[:, :, sl].cumsum(dim=2)                                   # [B, H, C, K]
+        C = G.shape[2]
+        causal = torch.ones(C, C, dtype=torch.bool, device=G.device).tril()
+        diff = (G.unsqueeze(3) - G.unsqueeze(2)).masked_fill(~causal[:, :, None], float("-inf"))
+        D = diff.exp()                                                  # [B, H, C(t), C(s), K]
+        A = torch.einsum("bhti,bhsi,bhtsi->bhts", kc, kc, D).tril(-1) * bc.unsqueeze(-1)
+        eye = torch.eye(C, device=G.device, dtype=A.dtype)
+        rhs = torch.cat([bc.unsqueeze(-1) * vc, bc.unsqueeze(-1) * (kc * G.exp())], dim=-1)
+        sol = torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)
+        u_tilde, w = sol.split([vc.shape[-1], K], dim=-1)
+        u = u_tilde - w @ state                                         # [B, H, C, V]
+        qk = torch.einsum("bhti,bhsi,bhtsi->bhts", qc, kc, D)           # zero above the diagonal
+        out.append((qc * G.exp()) @ state + qk @ u)
+        g_last = G[:, :, -1:]                                            # [B, H, 1, K]
+        state = state * g_last.transpose(-1, -2).exp() + (kc * (g_last - G).exp()).transpose(-1, -2) @ u
+    return torch.cat(out, dim=2).transpose(1, 2), state
+
+
+def naive_kda_chunk(q, k, v, g, beta, state, *, A_log, dt_bias, scale=None, out=None):
+    """kda_chunk's twin: raw q, k (l2-normalised here, q scaled), g (gate input), beta (logits) [B, T, H, .];
+    state [B, H, K, V] updated in place. Returns o [B, T, H, V] in v.dtype."""
+    K = q.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    o, final = kda_chunked(_l2norm(q.float()) * scale, _l2norm(k.float()), v, kda_gate(g, A_log, dt_bias),
+                           beta.float().sigmoid(), state.float())
+    state.copy_(final)
+    o = o.to(v.dtype)
     return o if out is None else out.copy_(o)

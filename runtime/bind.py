@@ -156,9 +156,9 @@ def _fill(model: M.KimiLinear, read: Read, device: torch.device, dtype: torch.dt
 def bind(model: M.KimiLinear, read: Read, packed: Packed | None, held: dict[str, QuantScheme],
          device: torch.device, dtype: torch.dtype, triton: bool, restack: bool = True) -> M.KimiLinear:
     """Fill `model` in place: `held` (from packed_choice) stays packed, the rest is read dense; with `triton`
-    the KDA step and the latent attention become their fused kernels; with `restack` (inference) each group of
-    projections that read the same input becomes one matmul per format (training keeps the declared modules,
-    whose parameters carry the checkpoint's names). Returns the model."""
+    the KDA step and prefill and the latent attention become their fused kernels; with `restack` (inference) each
+    group of projections that read the same input becomes one matmul per format (training keeps the declared
+    modules, whose parameters carry the checkpoint's names). Returns the model."""
     if held:
         _swap_packed(model, packed, held, device)
     _fill(model, read, device, dtype)
@@ -170,13 +170,14 @@ def bind(model: M.KimiLinear, read: Read, packed: Packed | None, held: dict[str,
 
 
 def _swap_fused(model: M.KimiLinear, latent_kernel: bool) -> None:
-    """The weight-less decode modules and the small ones whose PyTorch form is many launches. latent_kernel: the
-    cache is bf16 or e4m3 (what the Triton latent attention reads), not fp32."""
-    from klconvert.runtime.kernel_modules import FusedKDAStep, FusedRMSNorm, FusedRouter, TritonLatentAttention
+    """The weight-less decode and prefill modules and the small ones whose PyTorch form is many launches.
+    latent_kernel: the cache is bf16 or e4m3 (what the Triton latent attention reads), not fp32."""
+    from klconvert.runtime.kernel_modules import (FusedKDAStep, FusedRMSNorm, FusedRouter, TritonLatentAttention,
+                                                  kda_chunk_module)
 
     for name, module in list(model.named_modules()):
         if isinstance(module, M.KDAMixer):
-            module.step = FusedKDAStep(module)
+            module.step, module.chunk = FusedKDAStep(module), kda_chunk_module(module)
         elif isinstance(module, M.MLAMixer) and latent_kernel:
             module.attend = TritonLatentAttention()
         elif isinstance(module, M.RMSNorm):

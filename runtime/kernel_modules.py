@@ -1,6 +1,7 @@
 """The Triton implementations bind swaps into the declared model: each has the call signature of the module it
 replaces in runtime/model.py (a packed int linear for `Linear` or a whole `ParallelLinear` group, the fused KDA
-decode step, the fused MoE experts, the Triton latent attention). Only imported when Triton is chosen."""
+decode step and chunked prefill, the fused MoE experts, the Triton latent attention). Only imported when Triton is
+chosen."""
 from __future__ import annotations
 
 import torch
@@ -8,6 +9,7 @@ from torch import nn
 
 from klconvert.kernels.fused_moe import PackedExperts, fused_moe
 from klconvert.kernels.int_linear import PackedLinear, int_linear
+from klconvert.kernels.kda_chunk import kda_chunk, kda_prefill_conv
 from klconvert.kernels.kda_decode import kda_layer_step
 from klconvert.kernels.mla_decode import mla_decode
 from klconvert.kernels.moe_route import moe_route, moe_router, moe_router_locks
@@ -75,6 +77,64 @@ class FusedKDAStep(nn.Module):
     def forward(self, m, qkv, g_raw, beta_raw, gate_raw, tail, S) -> torch.Tensor:
         return kda_layer_step(qkv, tail, self.conv, g_raw, beta_raw, gate_raw, S, A_log=self.A_log,
                                 dt_bias=self.dt_bias, o_norm_weight=self.o_norm, eps=self.eps)
+
+
+class TritonKDAChunk(nn.Module):
+    """KDAChunk through kernels.kda_chunk: the short conv in one launch, then the chunked delta rule (l2norm, gate
+    and beta fused in), weights prepared once."""
+
+    conv_dtype: torch.dtype | None = torch.float32  # q, k, v as the delta rule reads them (None: qkv's dtype)
+
+    def __init__(self, mixer: nn.Module):
+        super().__init__()
+        self.conv = mixer.conv_weight.reshape(-1, mixer.conv_weight.shape[-1]).contiguous()   # [3HK, W]
+        self.A_log, self.dt_bias = mixer.A_log.float().flatten(), mixer.dt_bias.float()
+        self.H, self.K = mixer.H, mixer.K
+
+    def forward(self, m, qkv, g_raw, beta_raw, tail, S) -> torch.Tensor:
+        B, T, _ = qkv.shape
+        H, K = self.H, self.K
+        if tail is None:
+            tail = qkv.new_zeros(B, qkv.shape[-1], self.conv.shape[-1] - 1)
+        y = kda_prefill_conv(qkv, tail, self.conv, out_dtype=self.conv_dtype or qkv.dtype)
+        q, k, v = y.view(B, T, 3, H, K).unbind(2)
+        S = S if S is not None else torch.zeros(B, H, K, K, device=q.device)
+        return self.delta(q, k, v, g_raw.view(B, T, H, K), beta_raw, S)
+
+    def delta(self, q, k, v, g_raw, beta_raw, S) -> torch.Tensor:
+        """The delta rule from S (updated in place): o [B, T, H, V] fp32."""
+        return kda_chunk(q, k, v, g_raw, beta_raw, S, A_log=self.A_log, dt_bias=self.dt_bias)
+
+
+class FlaKDAChunk(TritonKDAChunk):
+    """KDAChunk with fla-core's chunk_kda for the delta rule (`pip install 'klconvert[fast]'`): the same
+    conventions -- l2norm with eps 1e-6 inside the sqrt, q times K^-0.5, the gate -exp(A_log) softplus(g + dt_bias),
+    sigmoid(beta) -- and the state [B, H, K, V] fp32 in and out. q, k, v go in the activation dtype (bf16 on a
+    GPU), as fla's documentation and our H200 check run it."""
+
+    conv_dtype = None
+
+    def delta(self, q, k, v, g_raw, beta_raw, S) -> torch.Tensor:
+        from fla.ops.kda import chunk_kda
+
+        o, final = chunk_kda(q, k, v, g_raw, beta_raw, initial_state=S.float(), output_final_state=True,
+                             use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+                             A_log=self.A_log, dt_bias=self.dt_bias)
+        S.copy_(final)
+        return o.float()
+
+
+def kda_chunk_module(mixer: nn.Module) -> nn.Module:
+    """The prefill module bind swaps into a KDA layer: fla-core's chunk_kda where it is installed and the layer is
+    on CUDA, else the Triton kernel."""
+    if mixer.dt_bias.device.type == "cuda":
+        try:
+            import fla.ops.kda  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            return FlaKDAChunk(mixer)
+    return TritonKDAChunk(mixer)
 
 
 class FusedExperts(nn.Module):

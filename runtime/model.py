@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from klconvert.config import KimiLinearConfig
+from klconvert.kernels.naive_kda import kda_short_conv
 from klconvert.runtime.kda import kda_chunked, kda_gate, kda_step, l2norm
 from klconvert.runtime.state import StateBuffers
 
@@ -125,6 +126,17 @@ class KDAStep(nn.Module):
         return m.gated_norm(o, gate_raw.unsqueeze(1)).squeeze(1)
 
 
+class KDAChunk(nn.Module):
+    """T tokens of a KDA layer after its input projections, up to the output norm: conv + SiLU, l2norm, gate, the
+    delta rule in the chunked form. Holds no weights; bind replaces it on CUDA with a chunked kernel (fla-core's
+    chunk_kda when it is installed, else the Triton one)."""
+
+    def forward(self, m: "KDAMixer", qkv, g_raw, beta_raw, tail, S) -> torch.Tensor:
+        """qkv [B, T, 3HK], g_raw [B, T, HK], beta_raw [B, T, H]; tail [B, 3HK, W-1] and S [B, H, K, V] updated
+        in place (both None: from zeros, nothing kept). Returns o [B, T, H, V] fp32."""
+        return m.recurrent(qkv, g_raw, beta_raw, tail, S)
+
+
 class KDAMixer(nn.Module):
     """Kimi Delta Attention: short conv + SiLU on q, k, v; per-channel gated delta rule; gated output norm."""
 
@@ -138,7 +150,7 @@ class KDAMixer(nn.Module):
         self.A_log, self.dt_bias = _param(1, 1, H, 1), _param(H * K)
         self.f_b_proj, self.g_b_proj = Linear(K, H * K), Linear(K, H * K)
         self.o_norm, self.o_proj = RMSNorm(K, c.rms_norm_eps), Linear(H * K, D)
-        self.step = KDAStep()
+        self.step, self.chunk = KDAStep(), KDAChunk()
 
     @property
     def conv_weight(self) -> torch.Tensor:
@@ -151,22 +163,11 @@ class KDAMixer(nn.Module):
         f_a, g_a, beta_raw = (take(self.in_proj, y, [n]) for n in ("f_a_proj", "g_a_proj", "b_proj"))
         return qkv, self.f_b_proj(f_a), beta_raw, self.g_b_proj(g_a)
 
-    def short_conv(self, x: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
-        """Causal depthwise conv + SiLU over [tail, x]; x [B, T, C]; tail [B, C, W-1] (None: zeros), updated."""
-        B, T, C = x.shape
-        W = self.q_conv1d.weight.shape[-1]
-        past = tail.to(x.dtype) if tail is not None else x.new_zeros(B, C, W - 1)
-        xt = torch.cat([past, x.transpose(1, 2)], dim=-1)                   # [B, C, W-1+T]
-        if tail is not None:
-            tail.copy_(xt[..., -(W - 1):])
-        y = F.conv1d(xt.float(), self.conv_weight.float(), groups=C)        # [B, C, T]
-        return F.silu(y).transpose(1, 2)
-
     def recurrent(self, qkv, g_raw, beta_raw, tail, S) -> torch.Tensor:
         """The conv and the delta rule over T tokens -> o [B, T, H, V] fp32. S None: a fresh state, not kept."""
         B, T, _ = qkv.shape
         H, K = self.H, self.K
-        q, k, v = self.short_conv(qkv, tail).view(B, T, 3, H, K).unbind(2)  # [B, T, H, K] each
+        q, k, v = kda_short_conv(qkv, tail, self.conv_weight).view(B, T, 3, H, K).unbind(2)  # [B, T, H, K] each
         q, k = l2norm(q) * K ** -0.5, l2norm(k)
         g = kda_gate(g_raw.view(B, T, H, K), self.A_log, self.dt_bias)
         beta = torch.sigmoid(beta_raw.float())                               # [B, T, H]
@@ -188,7 +189,7 @@ class KDAMixer(nn.Module):
     def forward(self, x: torch.Tensor, state: StateBuffers | None, start=0) -> torch.Tensor:
         qkv, g_raw, beta_raw, gate_raw = self.project(x)
         tail, S = (None, None) if state is None else (state.conv_state[self.slot], state.kda_state[self.slot])
-        o = self.recurrent(qkv, g_raw, beta_raw, tail, S)
+        o = self.chunk(self, qkv, g_raw, beta_raw, tail, S)
         return self.o_proj(self.gated_norm(o, gate_raw))
 
     def decode(self, x: torch.Tensor, state: StateBuffers, positions: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ import klconvert
 from calm_checkpoint import calm_copy
 from klconvert.quantize import quantize
 from klconvert.synth.checkpoint import synth
-from klconvert.runtime.kernel_modules import FusedExperts, FusedKDAStep, PackedIntLinear, SharedInStack
+from klconvert.runtime.kernel_modules import (FlaKDAChunk, FusedExperts, FusedKDAStep, PackedIntLinear, SharedInStack,
+                                              TritonKDAChunk)
 from klconvert.runtime.model import Experts, Linear
 from testkit import rel_error
 
@@ -47,7 +48,7 @@ def test_triton_path_uses_the_kernels(quantized):
     assert attn.in_proj.order[:3] == ["q_proj", "k_proj", "v_proj"]              # as one kernel
     rows = sum(p.packed.n if isinstance(p, PackedIntLinear) else p.weight.shape[0] for p in attn.in_proj.parts)
     assert rows == sum(attn.in_proj.sizes.values())
-    assert isinstance(attn.step, FusedKDAStep)
+    assert isinstance(attn.step, FusedKDAStep) and isinstance(attn.chunk, (TritonKDAChunk, FlaKDAChunk))
     assert len(blocks) == 4 and all(isinstance(b.ffn.experts, FusedExperts) for b in blocks[1:])  # every MoE fused
     assert all(isinstance(b.ffn.shared_experts, SharedInStack) for b in blocks[1:])                # shared stacked in
     assert not any(p.is_meta for p in engine.model.parameters())
