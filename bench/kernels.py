@@ -128,26 +128,30 @@ def bench_kda():
             A_log, dt_bias = torch.randn(H, device=DEV), torch.randn(H * K, device=DEV)
             norm_w = torch.randn(V, device=DEV)
             conv_w = torch.randn(C, W, device=DEV) * 0.5
+            f_b = (torch.randn(H * K, K, device=DEV) * K ** -0.5).to(torch.bfloat16)   # the gates' up-projections
+            g_b = (torch.randn(H * V, K, device=DEV) * K ** -0.5).to(torch.bfloat16)
             sbytes = B * H * K * V * sdt.itemsize
 
             def make():
                 return dict(x=torch.randn(B, C, device=DEV, dtype=torch.bfloat16),
                             conv=torch.randn(B, C, W - 1, device=DEV, dtype=torch.bfloat16),
-                            g=torch.randn(B, H * K, device=DEV, dtype=torch.bfloat16),
+                            f_a=torch.randn(B, K, device=DEV, dtype=torch.bfloat16),
                             beta=torch.randn(B, H, device=DEV, dtype=torch.bfloat16),
-                            gate=torch.randn(B, H * V, device=DEV, dtype=torch.bfloat16),
+                            g_a=torch.randn(B, K, device=DEV, dtype=torch.bfloat16),
                             state=torch.randn(B, H, K, V, device=DEV).to(sdt))
             copies, pick = rotating(make, sbytes)
             c0 = copies[0]
             ref = {n: t.clone() for n, t in c0.items()}
-            args = lambda c: (c["x"], c["conv"], conv_w, c["g"], c["beta"], c["gate"], c["state"])
-            kw = dict(A_log=A_log, dt_bias=dt_bias, o_norm_weight=norm_w, eps=1e-5)
+            args = lambda c: (c["x"], c["conv"], conv_w, c["f_a"], c["beta"], c["g_a"], c["state"])
+            kw = dict(f_b_weight=f_b, g_b_weight=g_b, A_log=A_log, dt_bias=dt_bias, o_norm_weight=norm_w, eps=1e-5)
             o = kda_layer_step(*args(c0), **kw)
             o_ref = naive_kda_layer_step(*args(ref), **kw)
             tag = f"kda_layer_step B={B} {str(sdt)[6:]} state"
             if not (check(tag + " o", o, o_ref, 1e-2) & check(tag + " state", c0["state"], ref["state"], 1e-2)):
                 continue
-            moved = 2 * sbytes + B * (C * 2 + C * (W - 1) * 4 + H * K * 2 + H * V * 4)
+            # state in and out; per row x, the conv tail in and out, f_a, g_a, beta, o; the gates' weights once
+            moved = 2 * sbytes + B * (C * 2 + C * (W - 1) * 4 + 2 * K * 2 + H * 2 + H * V * 2) \
+                + (f_b.numel() + g_b.numel()) * 2
             for bv, warps in ((32, 4), (32, 8), (64, 8), (64, 16), (128, 16)):
                 t = timed(lambda: kda_layer_step(*args(pick()), **kw, block_v=bv, num_warps=warps))
                 cfg = "" if (bv, warps) == (32, 4) else f" [block_v {bv}, {warps} warps]"  # (32, 4): the default

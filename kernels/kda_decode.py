@@ -78,11 +78,27 @@ def _conv_shift(p_c, ch, mask, win, xt, W: tl.constexpr, BW: tl.constexpr):
 
 
 @triton.jit
-def kda_layer_step_fwd_kernel(x, conv, conv_w, g, beta, gate, state, a_log, dt_bias, norm_w, o, scale, eps, H,
-                              stride_x, stride_conv, stride_g, stride_beta, stride_gate, stride_state, stride_o,
+def _low_rank_up(a_row, w, rows, mask_rows, R: tl.constexpr, RC: tl.constexpr):
+    """w[rows, :] @ a (fp32) for a [R] low-rank activation and a [N, R] weight; rows any shape, R in RC chunks."""
+    acc = tl.zeros(rows.shape, dtype=tl.float32)
+    for r0 in range(0, R, RC):
+        offs_r = r0 + tl.arange(0, RC)
+        mask_r = offs_r < R
+        a = tl.load(a_row + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+        w_t = tl.load(w + tl.expand_dims(rows, -1) * R + offs_r, mask=tl.expand_dims(mask_rows, -1) & mask_r,
+                      other=0.0)
+        acc += tl.sum(w_t.to(tl.float32) * a, axis=-1)
+    return acc
+
+
+@triton.jit
+def kda_layer_step_fwd_kernel(x, conv, conv_w, f_a, f_b, beta, g_a, g_b, state, a_log, dt_bias, norm_w, o, scale,
+                              eps, H, stride_x, stride_conv, stride_fa, stride_beta, stride_ga, stride_state, stride_o,
                               K: tl.constexpr, V: tl.constexpr, W: tl.constexpr, BK: tl.constexpr,
-                              BV: tl.constexpr, NV: tl.constexpr, BW: tl.constexpr):
-    """One (batch, head) per program: it owns that head's conv channels, its state and the norm over V.
+                              BV: tl.constexpr, NV: tl.constexpr, BW: tl.constexpr, RF: tl.constexpr,
+                              RG: tl.constexpr, RC: tl.constexpr):
+    """One (batch, head) per program: it owns that head's conv channels, its state and the norm over V, and
+    computes its slice of the forget gate (f_b f_a) and of the output gate (g_b g_a) from the low-rank inputs.
     The state streams through in NV blocks of BV columns, so few registers hold it and loads pipeline."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -95,9 +111,9 @@ def kda_layer_step_fwd_kernel(x, conv, conv_w, g, beta, gate, state, a_log, dt_b
     blocks = tl.arange(0, NV)
     offs_o = blocks[:, None] * BV + tl.arange(0, BV)[None, :]  # [NV, BV]: every v of the head
     mask_o = offs_o < V
-    b_gate = tl.load(gate + i_b * stride_gate + i_h * V + offs_o, mask=mask_o, other=0.0).to(tl.float32)
     b_norm_w = tl.load(norm_w + offs_o, mask=mask_o, other=0.0).to(tl.float32)
-    b_g = tl.load(g + i_b * stride_g + i_h * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    b_gate = _low_rank_up(g_a + i_b * stride_ga, g_b, i_h * V + offs_o, mask_o, RG, RC)       # [NV, BV]
+    b_g = _low_rank_up(f_a + i_b * stride_fa, f_b, i_h * K + offs_k, mask_k, RF, RC)          # [BK]
     b_dt = tl.load(dt_bias + i_h * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
     b_beta = tl.sigmoid(tl.load(beta + i_b * stride_beta + i_h).to(tl.float32))
     p_x, p_c = x + i_b * stride_x, conv + i_b * stride_conv
@@ -160,15 +176,16 @@ def kda_decode(q, k, v, g, beta, state, *, A_log, dt_bias, scale=None, out=None,
     return o
 
 
-def kda_layer_step(x_qkv, conv_state, conv_weight, g_raw, beta_raw, gate_raw, state, *, A_log, dt_bias,
-                   o_norm_weight, eps, scale=None, out=None, block_v=32, num_warps=4):
-    """The KDA mixer for one token per sequence, in one launch, up to the output projection.
+def kda_layer_step(x_qkv, conv_state, conv_weight, f_a, beta_raw, g_a, state, *, f_b_weight, g_b_weight, A_log,
+                   dt_bias, o_norm_weight, eps, scale=None, out=None, block_v=32, num_warps=4):
+    """The KDA mixer for one token per sequence, in one launch, from its input projections to the output projection.
 
     x_qkv [B, 2*H*K + H*V]: the q, k, v projection outputs concatenated; conv_state [B, 2*H*K + H*V, W-1]: the
     last W-1 inputs, oldest first, updated in place; conv_weight [2*H*K + H*V, W] (or [.., 1, W]) depthwise;
-    g_raw [B, H*K] (forget-gate projection); beta_raw [B, H] (logits); gate_raw [B, H*V] (output-gate
-    projection); state [B, H, K, V] fp32 or bf16, updated in place; A_log [H]; dt_bias [H*K];
-    o_norm_weight [V]. Computes silu(conv(x)) for q, k, v, then kda_decode's step, then
+    f_a [B, RF] with f_b_weight [H*K, RF]: the forget gate's low-rank pair (g_raw = f_a f_b^T); beta_raw [B, H]
+    (logits); g_a [B, RG] with g_b_weight [H*V, RG]: the output gate's (gate_raw = g_a g_b^T); state [B, H, K, V]
+    fp32 or bf16, updated in place; A_log [H]; dt_bias [H*K]; o_norm_weight [V]. Computes silu(conv(x)) for q, k, v,
+    the two gates' up-projections in fp32, then kda_decode's step, then
     rmsnorm_head(o) * o_norm_weight * sigmoid(gate_raw). Returns o [B, H*V] in x_qkv.dtype.
     Rows may be strided (e.g. slices of a cache); the last dim of each input must be contiguous.
     block_v, num_warps: the launch shape (defaults: best measured on H100 at batch 1 and 64).
@@ -177,21 +194,25 @@ def kda_layer_step(x_qkv, conv_state, conv_weight, g_raw, beta_raw, gate_raw, st
     C = 2 * H * K + H * V
     conv_weight = conv_weight.reshape(C, -1)
     W = conv_weight.shape[1]
+    RF, RG = f_b_weight.shape[-1], g_b_weight.shape[-1]
     _check_state(state, B, H, K, V, "kda_layer_step")
-    expected = {"x_qkv": (x_qkv, (B, C)), "conv_state": (conv_state, (B, C, W - 1)), "g_raw": (g_raw, (B, H * K)),
-                "beta_raw": (beta_raw, (B, H)), "gate_raw": (gate_raw, (B, H * V))}
+    expected = {"x_qkv": (x_qkv, (B, C)), "conv_state": (conv_state, (B, C, W - 1)), "f_a": (f_a, (B, RF)),
+                "beta_raw": (beta_raw, (B, H)), "g_a": (g_a, (B, RG)), "f_b_weight": (f_b_weight, (H * K, RF)),
+                "g_b_weight": (g_b_weight, (H * V, RG))}
     for name, (t, shape) in expected.items():
         if tuple(t.shape) != shape or t.stride(-1) != 1:
             raise ValueError(f"kda_layer_step: {name} must be {list(shape)} with a contiguous last dim "
                              f"(H={H}, K={K}, V={V}, W={W}), got {list(t.shape)} strides {t.stride()}")
-    if conv_state.stride(1) != W - 1:
-        raise ValueError("kda_layer_step: conv_state must be contiguous past the batch dim")
+    if conv_state.stride(1) != W - 1 or not (f_b_weight.is_contiguous() and g_b_weight.is_contiguous()):
+        raise ValueError("kda_layer_step: conv_state must be contiguous past the batch dim, f_b_weight and "
+                         "g_b_weight contiguous")
     o = out if out is not None else x_qkv.new_empty(B, H * V)
     bv = min(triton.next_power_of_2(block_v), triton.next_power_of_2(V))
     kda_layer_step_fwd_kernel[(B * H,)](
-        x_qkv, conv_state, conv_weight.contiguous(), g_raw, beta_raw, gate_raw, state, A_log.reshape(-1),
-        dt_bias.reshape(-1), o_norm_weight, o, K ** -0.5 if scale is None else scale, eps, H, x_qkv.stride(0),
-        conv_state.stride(0), g_raw.stride(0), beta_raw.stride(0), gate_raw.stride(0), state.stride(0), o.stride(0),
-        K=K, V=V, W=W, BK=triton.next_power_of_2(K), BV=bv, NV=triton.next_power_of_2(triton.cdiv(V, bv)),
-        BW=triton.next_power_of_2(max(W - 1, 1)), num_warps=num_warps)
+        x_qkv, conv_state, conv_weight.contiguous(), f_a, f_b_weight, beta_raw, g_a, g_b_weight, state,
+        A_log.reshape(-1), dt_bias.reshape(-1), o_norm_weight, o, K ** -0.5 if scale is None else scale, eps, H,
+        x_qkv.stride(0), conv_state.stride(0), f_a.stride(0), beta_raw.stride(0), g_a.stride(0), state.stride(0),
+        o.stride(0), K=K, V=V, W=W, BK=triton.next_power_of_2(K), BV=bv,
+        NV=triton.next_power_of_2(triton.cdiv(V, bv)), BW=triton.next_power_of_2(max(W - 1, 1)), RF=RF, RG=RG,
+        RC=min(32, triton.next_power_of_2(max(RF, RG))), num_warps=num_warps)
     return o

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from klconvert.kernels.naive_mla import FP8_MAX
+from .naive_mla import FP8_MAX
 
 LOG2E = math.log2(math.e)  # the kernel's softmax runs in base 2
 H200_SMS = 132  # SM count assumed off CUDA (the interpreter), so CPU tests split the sequence as an H200 does

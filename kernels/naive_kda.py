@@ -50,9 +50,10 @@ def naive_kda_decode(q, k, v, g, beta, state, *, A_log, dt_bias, scale=None, out
     return o if out is None else out.copy_(o)
 
 
-def naive_kda_layer_step(x_qkv, conv_state, conv_weight, g_raw, beta_raw, gate_raw, state, *, A_log, dt_bias,
-                         o_norm_weight, eps, scale=None, out=None):
+def naive_kda_layer_step(x_qkv, conv_state, conv_weight, f_a, beta_raw, g_a, state, *, f_b_weight, g_b_weight, A_log,
+                         dt_bias, o_norm_weight, eps, scale=None, out=None):
     B, H, K, V = state.shape
+    g_raw, gate_raw = f_a.float() @ f_b_weight.float().T, g_a.float() @ g_b_weight.float().T  # [B, HK], [B, HV]
     C = 2 * H * K + H * V
     w = conv_weight.float().reshape(C, -1)  # [C, W]
     window = torch.cat([conv_state.float(), x_qkv.float()[..., None]], -1)  # [B, C, W], oldest first

@@ -66,17 +66,19 @@ class FusedRouter(nn.Module):
 
 
 class FusedKDAStep(nn.Module):
-    """KDAStep in one launch (conv + SiLU + l2norm + gate + delta rule + gated norm), weights prepared once."""
+    """KDAStep in one launch (conv + SiLU + l2norm + the gates' up-projections f_b, g_b + delta rule + gated norm),
+    weights prepared once. Takes a mixer whose f_b_proj and g_b_proj are dense (bind checks)."""
 
     def __init__(self, mixer: nn.Module):
         super().__init__()
         self.conv = mixer.conv_weight.reshape(-1, mixer.conv_weight.shape[-1]).contiguous()   # [3HK, W]
         self.A_log, self.dt_bias = mixer.A_log.float().flatten(), mixer.dt_bias.float()
         self.o_norm, self.eps = mixer.o_norm.weight.float(), mixer.eps
+        self.f_b, self.g_b = mixer.f_b_proj.weight.contiguous(), mixer.g_b_proj.weight.contiguous()
 
-    def forward(self, m, qkv, g_raw, beta_raw, gate_raw, tail, S) -> torch.Tensor:
-        return kda_layer_step(qkv, tail, self.conv, g_raw, beta_raw, gate_raw, S, A_log=self.A_log,
-                                dt_bias=self.dt_bias, o_norm_weight=self.o_norm, eps=self.eps)
+    def forward(self, m, qkv, f_a, beta_raw, g_a, tail, S) -> torch.Tensor:
+        return kda_layer_step(qkv, tail, self.conv, f_a, beta_raw, g_a, S, f_b_weight=self.f_b, g_b_weight=self.g_b,
+                              A_log=self.A_log, dt_bias=self.dt_bias, o_norm_weight=self.o_norm, eps=self.eps)
 
 
 class TritonKDAChunk(nn.Module):

@@ -119,9 +119,10 @@ class KDAStep(nn.Module):
     """One decode token of a KDA layer after its input projections: conv + SiLU, l2norm, gate, delta rule,
     gated output norm. Holds no weights; bind replaces it with the fused one-launch kernel on CUDA."""
 
-    def forward(self, m: "KDAMixer", qkv, g_raw, beta_raw, gate_raw, tail, S) -> torch.Tensor:
-        """qkv [B, 3HK], g_raw/gate_raw [B, HK], beta_raw [B, H]; tail [B, 3HK, W-1], S [B, H, K, V] in place.
-        Returns the normed, gated output [B, HK] in qkv's dtype."""
+    def forward(self, m: "KDAMixer", qkv, f_a, beta_raw, g_a, tail, S) -> torch.Tensor:
+        """qkv [B, 3HK], the gates' low-rank inputs f_a, g_a [B, K], beta_raw [B, H]; tail [B, 3HK, W-1],
+        S [B, H, K, V] in place. Returns the normed, gated output [B, HK] in qkv's dtype."""
+        g_raw, gate_raw = m.f_b_proj(f_a), m.g_b_proj(g_a)
         o = m.recurrent(qkv.unsqueeze(1), g_raw.unsqueeze(1), beta_raw.unsqueeze(1), tail, S)   # [B, 1, H, V]
         return m.gated_norm(o, gate_raw.unsqueeze(1)).squeeze(1)
 
@@ -157,11 +158,12 @@ class KDAMixer(nn.Module):
         return torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])    # [3HK, 1, W]
 
     def project(self, x: torch.Tensor):
-        """x [..., D] -> qkv [..., 3HK], g_raw [..., HK], beta_raw [..., H], gate_raw [..., HK]."""
+        """x [..., D] -> qkv [..., 3HK], the forget gate's low-rank f_a [..., K], beta_raw [..., H], the output
+        gate's low-rank g_a [..., K] (f_b_proj and g_b_proj take them up to HK)."""
         y = self.in_proj(x)
         qkv = take(self.in_proj, y, ["q_proj", "k_proj", "v_proj"])
-        f_a, g_a, beta_raw = (take(self.in_proj, y, [n]) for n in ("f_a_proj", "g_a_proj", "b_proj"))
-        return qkv, self.f_b_proj(f_a), beta_raw, self.g_b_proj(g_a)
+        f_a, beta_raw, g_a = (take(self.in_proj, y, [n]) for n in ("f_a_proj", "b_proj", "g_a_proj"))
+        return qkv, f_a, beta_raw, g_a
 
     def recurrent(self, qkv, g_raw, beta_raw, tail, S) -> torch.Tensor:
         """The conv and the delta rule over T tokens -> o [B, T, H, V] fp32. S None: a fresh state, not kept."""
@@ -187,15 +189,15 @@ class KDAMixer(nn.Module):
         return (o * torch.sigmoid(gate)).to(gate_raw.dtype).reshape(B, T, H * V)
 
     def forward(self, x: torch.Tensor, state: StateBuffers | None, start=0) -> torch.Tensor:
-        qkv, g_raw, beta_raw, gate_raw = self.project(x)
+        qkv, f_a, beta_raw, g_a = self.project(x)
         tail, S = (None, None) if state is None else (state.conv_state[self.slot], state.kda_state[self.slot])
-        o = self.chunk(self, qkv, g_raw, beta_raw, tail, S)
-        return self.o_proj(self.gated_norm(o, gate_raw))
+        o = self.chunk(self, qkv, self.f_b_proj(f_a), beta_raw, tail, S)
+        return self.o_proj(self.gated_norm(o, self.g_b_proj(g_a)))
 
     def decode(self, x: torch.Tensor, state: StateBuffers, positions: torch.Tensor) -> torch.Tensor:
         """x [B, D], one token per sequence -> [B, D]."""
-        qkv, g_raw, beta_raw, gate_raw = self.project(x)
-        o = self.step(self, qkv, g_raw, beta_raw, gate_raw, state.conv_state[self.slot], state.kda_state[self.slot])
+        qkv, f_a, beta_raw, g_a = self.project(x)
+        o = self.step(self, qkv, f_a, beta_raw, g_a, state.conv_state[self.slot], state.kda_state[self.slot])
         return self.o_proj(o)
 
 

@@ -10,6 +10,7 @@ from klconvert.kernels.naive_kda import naive_kda_decode, naive_kda_layer_step
 
 # relative RMS bounds vs the fp32 twin: fp32 throughout; bf16 inputs/outputs or state, rounded once per step
 BOUND = {torch.float32: 1e-5, torch.bfloat16: 8e-3}
+K_RANK = 48  # the gates' low rank in the small tests: not a multiple of the kernel's 32-wide rank chunk
 
 
 def step_inputs(B, H, K, V, dtype, g_raw=None, beta_raw=None, device=DEVICE):
@@ -57,31 +58,36 @@ def test_kda_decode_extreme_gates(g_raw, a_log, beta_raw):
     assert_close(state, ref_state, BOUND[torch.float32], "state")
 
 
-def layer_inputs(B, H, K, V, W, dtype, device=DEVICE):
+def layer_inputs(B, H, K, V, W, dtype, device=DEVICE, ranks=(K_RANK, K_RANK)):
+    """The gates' low-rank pairs at ranks (f, g): weights scaled so g_raw and gate_raw come out ~N(0, 1)."""
     C = 2 * H * K + H * V
+    rf, rg = ranks
     return dict(
         x_qkv=torch.randn(B, C, device=device, dtype=dtype),
         conv_state=torch.randn(B, C, W - 1, device=device, dtype=dtype),
         conv_weight=torch.randn(C, 1, W, device=device) * 0.5,
-        g_raw=torch.randn(B, H * K, device=device, dtype=dtype),
+        f_a=torch.randn(B, rf, device=device, dtype=dtype),
         beta_raw=torch.randn(B, H, device=device, dtype=dtype),
-        gate_raw=torch.randn(B, H * V, device=device, dtype=dtype),
+        g_a=torch.randn(B, rg, device=device, dtype=dtype),
         state=torch.randn(B, H, K, V, device=device),
+        f_b_weight=(torch.randn(H * K, rf, device=device) * rf ** -0.5).to(dtype),
+        g_b_weight=(torch.randn(H * V, rg, device=device) * rg ** -0.5).to(dtype),
     )
 
 
 def run_layer_step(fn, inputs, H, K, out=None, **options):
-    A_log, dt_bias, norm_w = inputs["A_log"], inputs["dt_bias"], inputs["o_norm_weight"]
-    args = [inputs[n] for n in ("x_qkv", "conv_state", "conv_weight", "g_raw", "beta_raw", "gate_raw", "state")]
-    return fn(*args, A_log=A_log, dt_bias=dt_bias, o_norm_weight=norm_w, eps=1e-5, out=out, **options)
+    named = {n: inputs[n] for n in ("A_log", "dt_bias", "o_norm_weight", "f_b_weight", "g_b_weight")}
+    args = [inputs[n] for n in ("x_qkv", "conv_state", "conv_weight", "f_a", "beta_raw", "g_a", "state")]
+    return fn(*args, **named, eps=1e-5, out=out, **options)
 
 
 # V = 40: one v block, or three (the last partial)
 @pytest.mark.parametrize("B, block_v", [(1, 64), (3, 16), pytest.param(17, 64, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("dtype, state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
-def test_kda_layer_step(B, block_v, dtype, state_dtype):
+@pytest.mark.parametrize("ranks", [(K_RANK, K_RANK), (20, 70)])
+def test_kda_layer_step(B, block_v, dtype, state_dtype, ranks):
     H, K, V, W = 2, 24, 40, 4
-    inputs = layer_inputs(B, H, K, V, W, dtype)
+    inputs = layer_inputs(B, H, K, V, W, dtype, ranks=ranks)
     inputs["state"] = inputs["state"].to(state_dtype)
     inputs.update(zip(("A_log", "dt_bias"), gate_params(H, K)), o_norm_weight=torch.randn(V, device=DEVICE))
     ref_inputs = {n: t.clone() for n, t in inputs.items()}
@@ -98,6 +104,7 @@ def test_kda_layer_step_strided_rows():
     inputs = layer_inputs(B, H, K, V, W, torch.float32)
     inputs["x_qkv"] = torch.randn(B, 2 * H * K + H * V + 8, device=DEVICE)[:, 8:]
     inputs["state"] = torch.randn(B + 2, H, K, V, device=DEVICE)[1:-1]
+    inputs["f_a"], inputs["g_a"] = torch.randn(B, 2 * K_RANK + 5, device=DEVICE)[:, 5:].split(K_RANK, dim=1)
     inputs.update(zip(("A_log", "dt_bias"), gate_params(H, K)), o_norm_weight=torch.randn(V, device=DEVICE))
     ref_inputs = {n: t.clone() for n, t in inputs.items()}
     o = run_layer_step(kda_layer_step, inputs, H, K)
@@ -138,7 +145,7 @@ def test_kda_decode_bf16_state_drift():
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
 def test_kda_layer_step_real_shapes(B, state_dtype):
     H, K, V, W = 32, 128, 128, 4
-    inputs = layer_inputs(B, H, K, V, W, torch.bfloat16)
+    inputs = layer_inputs(B, H, K, V, W, torch.bfloat16, ranks=(K, K))
     inputs["state"] = inputs["state"].to(state_dtype)
     inputs.update(zip(("A_log", "dt_bias"), gate_params(H, K)), o_norm_weight=torch.randn(V, device=DEVICE))
     ref_inputs = {n: t.clone() for n, t in inputs.items()}
