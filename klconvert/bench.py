@@ -271,6 +271,7 @@ class PrefillRow:
     seconds: float
     tokens_per_s: float
     peak_reserved_gib: float   # what the allocator held at most, weights and state included
+    peak_allocated_gib: float  # live tensors at most (the rest of what was reserved: the allocator's cache)
     plan_total_gib: float
     plan_workspace_gib: float
 
@@ -369,12 +370,13 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
             torch.cuda.reset_peak_memory_stats()
         seconds = time_prefill(engine, tokens)
         row = PrefillRow(tokens, mla_cache_dtype, seconds, tokens / seconds,
-                         torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0, engine.plan.total / 2**30,
+                         torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0,
+                         torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, engine.plan.total / 2**30,
                          engine.plan.workspace / 2**30)
         result.prefill_rows.append(row)
         report(f"prefill {tokens:,} tokens cache {mla_cache_dtype}: {row.seconds:.2f} s, {row.tokens_per_s:,.0f} "
-               f"tokens/s; peak reserved {row.peak_reserved_gib:.1f} GiB vs plan {row.plan_total_gib:.1f} GiB "
-               f"(workspace {row.plan_workspace_gib:.2f} GiB)")
+               f"tokens/s; peak reserved {row.peak_reserved_gib:.1f} GiB (live {row.peak_allocated_gib:.1f}) vs plan "
+               f"{row.plan_total_gib:.1f} GiB (workspace {row.plan_workspace_gib:.2f} GiB)")
     return result
 
 
