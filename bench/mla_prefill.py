@@ -52,6 +52,12 @@ def flash_padded(q, k, v, causal, scale):
     return out[0][..., :Dv], out[1]
 
 
+def efficient(q, k, v, causal, scale):
+    """The memory-efficient (CUTLASS) kernel: takes Dv != Dk; pads its lse to a multiple of 32 queries."""
+    out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)
+    return out[0], out[1][..., :q.shape[2]]
+
+
 def cudnn(q, k, v, causal, scale):
     out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
     return out[0], out[1].reshape(q.shape[:3])
@@ -127,15 +133,17 @@ def main() -> None:
     m = mixer(device)
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "check": check(m, device), "rows": []}
     print(json.dumps(result["check"]))
-    variants = {  # name: (attention module, segment, attention_with_lse or None for the model's)
-        f"blockwise efficient S{PREFILL_SEGMENT} kb8192": (M.PrefillAttention(8192), PREFILL_SEGMENT, None),
-        "blockwise efficient S4096 kb8192": (M.PrefillAttention(8192), 4096, None),
-        "blockwise efficient S8192 kb16384": (M.PrefillAttention(16384), 8192, None),
-        "blockwise efficient S2048 kb32768": (M.PrefillAttention(32768), 2048, None),
-        "blockwise flash (v padded) S2048 kb8192": (M.PrefillAttention(8192), 2048, flash_padded),
+    variants = {  # name: (attention module, segment, attention_with_lse in place of the model's, or None)
+        f"blockwise model's kernel S{PREFILL_SEGMENT} kb{M.MLA_KEY_BLOCK}": (M.PrefillAttention(), PREFILL_SEGMENT,
+                                                                             None),
         "blockwise cudnn S2048 kb8192": (M.PrefillAttention(8192), 2048, cudnn),
-        "blockwise efficient S2048 kb8192 fp8 cache": (M.PrefillAttention(8192), 2048, None),
-        "absorbed efficient S2048 kb8192": (Absorbed(8192), 2048, None),
+        "blockwise cudnn S4096 kb8192": (M.PrefillAttention(8192), 4096, cudnn),
+        "blockwise cudnn S8192 kb16384": (M.PrefillAttention(16384), 8192, cudnn),
+        "blockwise cudnn S2048 kb8192 fp8 cache": (M.PrefillAttention(8192), 2048, cudnn),
+        "blockwise flash (v padded) S2048 kb8192": (M.PrefillAttention(8192), 2048, flash_padded),
+        "blockwise efficient S2048 kb8192": (M.PrefillAttention(8192), 2048, efficient),
+        "blockwise efficient S8192 kb16384": (M.PrefillAttention(16384), 8192, efficient),
+        "absorbed cudnn-or-efficient S2048 kb8192": (Absorbed(8192), 2048, None),
         "whole-context (before) S2048": (whole_context, 2048, None),
     }
     model_lse = M.attention_with_lse

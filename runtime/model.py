@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.backends.cuda import SDPAParams
 
 from klconvert.config import KimiLinearConfig
 from klconvert.runtime.kda import kda_chunked, kda_gate, kda_step, l2norm
@@ -219,13 +220,14 @@ def attention_with_lse(q, k, v, causal: bool, scale: float) -> tuple[torch.Tenso
     over disjoint key blocks can be merged. q [B, H, T, Dk], k [B, H, L, Dk], v [B, H, L, Dv] -> (o [B, H, T, Dv]
     in q's dtype, lse [B, H, T] fp32). causal: query i sees keys 0..i (T == L here).
 
-    CUDA, 16-bit: cuDNN's flash kernel (takes Dv != Dk); on an H200 at the MLA shapes (Dk 192, Dv 128) it ran a
-    128K-token prompt's attention in 0.63 s against 0.96 s for FlashAttention-2 with v padded to 192 and 1.49 s for
-    the memory-efficient kernel (bench/results/h200-2026-11-29-mla-prefill.json). CUDA, fp32: the memory-efficient
-    kernel (cuDNN's takes 16-bit only; its lse is padded to a multiple of 32 queries). CPU: the flash kernel, which
-    needs Dv == Dk, so v is zero-padded to Dk and the padding sliced off the output."""
+    CUDA: cuDNN's flash kernel where PyTorch's own dispatch checks say it takes the inputs (16-bit, Dv != Dk
+    allowed); on an H200 at the MLA shapes (Dk 192, Dv 128) it ran a 128K-token prompt's attention in 0.63 s against
+    0.96 s for FlashAttention-2 with v padded to 192 and 1.49 s for the memory-efficient kernel
+    (bench/results/h200-2026-11-29-mla-prefill.json). Otherwise (fp32, an older GPU or cuDNN) the memory-efficient
+    kernel, whose lse is padded to a multiple of 32 queries. CPU: the flash kernel, which needs Dv == Dk, so v is
+    zero-padded to Dk and the padding sliced off the output."""
     T, Dv = q.shape[2], v.shape[-1]
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+    if q.is_cuda and torch.backends.cuda.can_use_cudnn_attention(SDPAParams(q, k, v, None, 0.0, causal, False)):
         out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
         return out[0], out[1].reshape(q.shape[:3])
     if q.is_cuda:
