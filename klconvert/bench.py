@@ -1,5 +1,7 @@
 """klconvert bench: decode speed of the bound model at given contexts and batch sizes, checked before it is timed,
-against the bandwidth floor of that configuration and (optionally) transformers measured in the same call.
+against the bandwidth floor of that configuration and (optionally) transformers measured in the same call; and
+prefill time of given prompt lengths, checked first (prefill then one decode step against prefill alone), with the
+peak memory the allocator reserved against the plan's total.
 
 With a preset, the weights are random quantized tensors made directly on the GPU (random int codes, scales sized so
 activations stay O(1)), and the caches are filled to the asked context with random values, so a 1M-token context is
@@ -20,6 +22,8 @@ from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.quant import QuantScheme, decompress_weight, policy_from_options
 from klconvert.runtime.engine import Engine
+from klconvert.runtime.memory_plan import PREFILL_SEGMENT
+from klconvert.runtime.model import MLA_KEY_BLOCK
 from klconvert.synth.checkpoint import synth_values
 
 RESIDUAL_OUTPUTS = ("o_proj.weight", "w2.weight", "down_proj.weight")  # what each layer adds to the residual
@@ -27,6 +31,8 @@ CHECK_PROMPT = 64       # tokens of the depth check's prompt
 CHECK_DECODE = 8        # decode steps compared after it
 GRAPH_CHECK_STEPS = 4   # graph replays compared bit for bit with eager steps
 DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}
+PREFILL_CHECK_TOKENS = 2 * MLA_KEY_BLOCK + PREFILL_SEGMENT // 2 + 1  # over two key blocks, in several segments
+PREFILL_CHECK_BOUND = 5e-2  # relative error of the last token's logits past which nothing is timed
 
 
 @dataclass
@@ -256,6 +262,52 @@ def time_decode(engine: Engine, batch: int, context: int, new_tokens: int) -> fl
     return engine.stats.decode_seconds / engine.stats.steps
 
 
+def prefill_check(config: KimiLinearConfig, weights: Weights, device: torch.device, tokens: int,
+                  mla_cache_dtype: torch.dtype) -> dict:
+    """The last token's logits two ways on the Triton path (calm weights): a `tokens`-long prefill, against a prefill
+    of all but the last token and one decode step (the absorbed latent-attention kernel over the whole cache, the
+    KDA step from the prefill's final state). Refuses to go on when they differ past PREFILL_CHECK_BOUND."""
+    ids = torch.randint(0, config.vocab_size - 256, (1, tokens), generator=torch.Generator().manual_seed(0))
+    engine = Engine(config, weights.read, device, DTYPE[device.type], tokens, 1, packed=weights.packed,
+                    kernels="triton", stored_schemes=weights.schemes, mla_cache_dtype=mla_cache_dtype)
+    whole = engine.prefill(ids)
+    engine.prefill(ids[:, :-1])
+    stepped = engine.decode_step(ids[:, -1], tokens - 1)
+    del engine
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    check = {"tokens": tokens, "rel_err": _rel(stepped, whole), "top1": bool(stepped.argmax() == whole.argmax())}
+    if not check["rel_err"] <= PREFILL_CHECK_BOUND:
+        raise KLError(f"bench check failed: a {tokens}-token prefill and prefill + one decode step differ by "
+                      f"{check['rel_err']:.3g} relative (bound {PREFILL_CHECK_BOUND}); nothing was timed")
+    return check
+
+
+def time_prefill(engine: Engine, tokens: int) -> float:
+    """Seconds to prefill one `tokens`-long random prompt (up to its last logits), after an untimed two-segment
+    warm-up (kernel compilation and autotuning)."""
+    ids = torch.randint(0, engine.config.vocab_size, (1, tokens), device=engine.device)
+    wait = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    engine.prefill(ids[:, :min(tokens, 2 * PREFILL_SEGMENT)])
+    wait()
+    t0 = time.perf_counter()
+    engine.prefill(ids)
+    wait()
+    return time.perf_counter() - t0
+
+
+@dataclass
+class PrefillRow:
+    tokens: int
+    mla_cache_dtype: str
+    seconds: float
+    tokens_per_s: float
+    peak_reserved_gib: float   # what the allocator held at most, weights and state included
+    peak_allocated_gib: float  # live tensors at most (the rest of what was reserved: the allocator's cache)
+    plan_total_gib: float
+    plan_workspace_gib: float
+
+
 @dataclass
 class BenchRow:
     context: int
@@ -281,6 +333,8 @@ class BenchResult:
     depth_check: dict = field(default_factory=dict)
     rows: list[BenchRow] = field(default_factory=list)
     peer: dict = field(default_factory=dict)
+    prefill_check: dict = field(default_factory=dict)
+    prefill_rows: list[PrefillRow] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -289,10 +343,12 @@ class BenchResult:
 def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[int], batches: list[int],
           mla_cache_dtype: str = "bfloat16", new_tokens: int = 128, calm_weights: Weights | None = None,
           report: Callable[[str], None] = print, device: str = "cuda", check_prompt: int = CHECK_PROMPT,
-          spread: bool = False) -> BenchResult:
-    """Check, then time every (context, batch) on one bound model. calm_weights: run the depth check on them.
-    spread: route each sequence to its own random experts (SpreadRouting) instead of the weights' router.
-    device "cpu" runs the same code on the CPU (Triton's interpreter; for tests of this code, not for figures)."""
+          spread: bool = False, prefills: list[int] = (),
+          prefill_check_tokens: int = PREFILL_CHECK_TOKENS) -> BenchResult:
+    """Check, then time every (context, batch) on one bound model, then every prefill length in `prefills` (batch
+    1). calm_weights: run the depth check (and with prefills, the prefill check) on them. spread: route each
+    sequence to its own random experts (SpreadRouting) instead of the weights' router. device "cpu" runs the same
+    code on the CPU (Triton's interpreter; for tests of this code, not for figures)."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KLError("klconvert bench times the CUDA path and needs a CUDA GPU; none is visible")
@@ -305,13 +361,17 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
         result.depth_check = depth_check(config, calm_weights, device, check_prompt)
         report(f"check: Triton vs PyTorch bf16 path at {config.num_hidden_layers} layers (calm weights): "
                f"rel err {result.depth_check['rel_err']:.4f}, top-1 {result.depth_check['top1']:.3f}")
+    cache = torch.float8_e4m3fn if mla_cache_dtype == "float8_e4m3fn" else torch.bfloat16
+    if prefills and calm_weights is not None:
+        result.prefill_check = prefill_check(config, calm_weights, device, prefill_check_tokens, cache)
+        report(f"check: {prefill_check_tokens:,}-token prefill vs prefill + one decode step (calm weights): rel err "
+               f"{result.prefill_check['rel_err']:.4f}, same top-1: {result.prefill_check['top1']}")
     engine = None
     for asked in contexts:
         # the decoded tokens must fit the model's longest context too: at model_max_length the cache is filled
         # that many tokens short of it
         context = min(asked, config.model_max_length - new_tokens - 16)
         for batch in batches:
-            cache = torch.float8_e4m3fn if mla_cache_dtype == "float8_e4m3fn" else torch.bfloat16
             plan_context = context + new_tokens + 16
             if engine is None:
                 engine = Engine(config, weights.read, device, DTYPE[device.type], plan_context, batch,
@@ -339,6 +399,23 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
                    f"{row.tokens_per_s:,.0f} tokens/s; floor {row.floor_ms:.3f} ms ({moved / 1e9:.2f} GB/step, "
                    f"{touched} experts/layer) -> {row.floor_ratio:.2f}x the floor; peak reserved "
                    f"{row.peak_reserved_gib:.1f} GiB vs plan {row.plan_total_gib:.1f} GiB")
+    for tokens in prefills:
+        if engine is None:
+            engine = Engine(config, weights.read, device, DTYPE[device.type], tokens, 1, packed=weights.packed,
+                            kernels="triton", stored_schemes=weights.schemes, mla_cache_dtype=cache)
+        else:
+            engine.resize(tokens, 1, cache)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        seconds = time_prefill(engine, tokens)
+        row = PrefillRow(tokens, mla_cache_dtype, seconds, tokens / seconds,
+                         torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0,
+                         torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, engine.plan.total / 2**30,
+                         engine.plan.workspace / 2**30)
+        result.prefill_rows.append(row)
+        report(f"prefill {tokens:,} tokens cache {mla_cache_dtype}: {row.seconds:.2f} s, {row.tokens_per_s:,.0f} "
+               f"tokens/s; peak reserved {row.peak_reserved_gib:.1f} GiB (live {row.peak_allocated_gib:.1f}) vs plan "
+               f"{row.plan_total_gib:.1f} GiB (workspace {row.plan_workspace_gib:.2f} GiB)")
     return result
 
 

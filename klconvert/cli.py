@@ -15,6 +15,8 @@ from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, default_run_model,
 
 DEVICE = click.Choice(["cpu", "cuda"])
 SEED = click.IntRange(0, 2**64 - 1)  # what torch.Generator.manual_seed takes
+DECODE_CONTEXT = 4096  # what `klconvert bench` decodes at when given no --context (nor --prefill)
+PREFILL_BAR_DELAY = 2.0  # seconds a prefill runs before `klconvert run` shows its bar on a terminal
 
 
 class FiniteFloat(click.FloatRange):
@@ -146,9 +148,12 @@ def _context_error(tokens: int, at_least: bool, max_new_tokens: int, max_context
                    "Triton on cuda.")
 @click.option("--engine", type=click.Choice(["klconvert", "onnxruntime"]), default="klconvert", show_default=True,
               help="klconvert's runtime, or onnxruntime (CPU) on a folder written by `klconvert export-onnx`.")
+@click.option("--progress/--no-progress", default=None,
+              help=f"A prefill progress bar on stderr, in tokens/s [default: on a terminal, for prefills longer "
+                   f"than {PREFILL_BAR_DELAY:g} s].")
 def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], max_new_tokens: int, temperature: float,
         top_p: float, seed: int | None, chat: bool, show_special: bool, max_context: int | None, device: str | None,
-        dtype: str | None, kernels: str, engine: str) -> None:
+        dtype: str | None, kernels: str, engine: str, progress: bool | None) -> None:
     """Continue a prompt (or several, as one batch): the text streams to stdout, a summary goes to stderr."""
     from klconvert.config import KimiLinearConfig
     from klconvert.text_input import read_prompt
@@ -209,7 +214,8 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
                 sys.stdout.flush()
 
     runner.generate(prompts, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                    stop_ids=tokenizer.stop_ids, on_token=emit)
+                    stop_ids=tokenizer.stop_ids, on_token=emit,
+                    on_prefill=_prefill_bar(sum(len(ids) for ids in prompts), progress))
     for i, (parts, stream) in enumerate(zip(texts, streams)):
         if len(prompts) > 1:
             sys.stdout.write(f"==> {prompt_files[i]} <==\n")
@@ -236,6 +242,25 @@ def _refuse_runtime_flags_for_onnxruntime(device: str | None, dtype: str | None,
     if given:
         raise KLError(f"{given[0]} is a flag of klconvert's runtime; --engine onnxruntime runs the exported fp32 "
                       "graph on the CPU -- drop it, or use --engine klconvert")
+
+
+def _prefill_bar(total: int, progress: bool | None):
+    """A tqdm bar on stderr counting prompt tokens in tokens/s -- always with --progress, never with --no-progress,
+    else on a terminal once a prefill has run PREFILL_BAR_DELAY seconds -- closed as the last token goes in.
+    Returns its update(n) for Engine.generate's on_prefill, or None (no bar, no per-segment sync)."""
+    if progress is False or (progress is None and not sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="prefill", unit="tok", unit_scale=True, file=sys.stderr, dynamic_ncols=True,
+               delay=0 if progress else PREFILL_BAR_DELAY)
+
+    def update(n: int) -> None:
+        bar.update(n)
+        if bar.n >= total:
+            bar.close()
+
+    return update
 
 
 def _refuse_triton_without_cuda(kernels: str, device: str | None) -> None:
@@ -431,7 +456,9 @@ def eval_(model: str, reference: str, text_file: Path, max_tokens: int, device: 
     click.echo(render_eval(result, str(model), str(reference)))
 
 
-def _int_list(ctx, param, value: str) -> list[int]:
+def _int_list(ctx, param, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
     try:
         out = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
@@ -450,8 +477,12 @@ def _int_list(ctx, param, value: str) -> list[int]:
 @click.option("--layers", type=click.IntRange(min=1), default=None, help="With --preset: keep only N layers.")
 @click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True,
               help="With --preset: bits of the quantized layers (default policy, lm_head int8, group 128).")
-@click.option("--context", "contexts", default="4096", show_default=True, callback=_int_list,
-              help="Comma-separated contexts to decode at (cache rows already filled).")
+@click.option("--context", "contexts", default=None, callback=_int_list,
+              help=f"Comma-separated contexts to decode at (cache rows already filled) [default: "
+                   f"{DECODE_CONTEXT}, none with --prefill].")
+@click.option("--prefill", "prefills", default=None, callback=_int_list,
+              help="Comma-separated prompt lengths to time the prefill of (batch 1, random tokens), e.g. "
+                   "131072,1048576; checked first against prefill + one decode step (calm weights).")
 @click.option("--batch", "batches", default="1", show_default=True, callback=_int_list,
               help="Comma-separated batch sizes.")
 @click.option("--mla-cache-dtype", type=click.Choice(["bfloat16", "float8_e4m3fn"]), default="bfloat16",
@@ -470,10 +501,11 @@ def _int_list(ctx, param, value: str) -> list[int]:
               help="Route each sequence to its own random experts (~100 distinct per layer at batch 16, as real text "
                    "spreads) instead of the weights' router; random weights route a whole batch alike.")
 @click.option("--json", "json_file", type=click.Path(path_type=Path), default=None, help="Write the results here.")
-def bench(model: str | None, preset: str | None, layers: int | None, bits: str, contexts: list[int],
-          batches: list[int], mla_cache_dtype: str, new_tokens: int, check_depth: bool, peer: str, peer_layers: int,
-          spread_routing: bool, json_file: Path | None) -> None:
-    """Decode speed on the GPU: checked first, then ms/token, tokens/s, memory and the bandwidth floor."""
+def bench(model: str | None, preset: str | None, layers: int | None, bits: str, contexts: list[int] | None,
+          prefills: list[int] | None, batches: list[int], mla_cache_dtype: str, new_tokens: int, check_depth: bool,
+          peer: str, peer_layers: int, spread_routing: bool, json_file: Path | None) -> None:
+    """Decode speed on the GPU: checked first, then ms/token, tokens/s, memory and the bandwidth floor; with
+    --prefill, prefill time and tokens/s, peak memory reserved against the plan."""
     import json
 
     from klconvert import bench as B
@@ -496,9 +528,16 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
         weights = B.Weights(ckpt.get, ckpt.packed,
                             {n: s.scheme for n, s in ckpt.sources.items() if isinstance(s, QuantizedSource)})
         calm, label = (weights if check_depth else None), str(model)
+    longest = max(prefills or [0])
+    if longest > config.model_max_length:
+        raise KLError(f"--prefill {longest:,} is over the model's model_max_length {config.model_max_length:,}; "
+                      "lower it")
+    if contexts is None:
+        contexts = [] if prefills else [DECODE_CONTEXT]
     result = B.bench(config, weights, bits=label, contexts=contexts, batches=batches,
                      mla_cache_dtype=mla_cache_dtype, new_tokens=new_tokens, calm_weights=calm,
-                     report=lambda line: click.echo(line, err=True), spread=spread_routing)
+                     report=lambda line: click.echo(line, err=True), spread=spread_routing,
+                     prefills=prefills or [])
     if peer == "transformers":
         result.peer = B.time_transformers(preset_config("kimi-linear-48b", peer_layers),
                                           report=lambda line: click.echo(line, err=True))

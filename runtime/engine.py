@@ -161,9 +161,12 @@ class Engine:
 
     # ---- prefill ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _prefill(self, ids: torch.Tensor, state, all_logits: bool) -> torch.Tensor:
+    def _prefill(self, ids: torch.Tensor, state, all_logits: bool,
+                 progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Run [B, T] prompts (one length) through fresh `state` rows, segment by segment; logits for every
-        token, or the last one."""
+        token, or the last one. `progress(n)`: n more prompt tokens done (called once the device has finished the
+        segment, so it costs a sync per segment). Each segment makes the same shapes (MLA's key blocks are fixed),
+        so the allocator reuses its blocks; a prefill of several segments hands its cache back at the end."""
         state.reset()
         out = []
         for start in range(0, ids.shape[1], PREFILL_SEGMENT):
@@ -172,6 +175,11 @@ class Engine:
             logits = self.model(seg, state, start, last_only=not all_logits)
             if all_logits or last:
                 out.append(logits)
+            if progress is not None:
+                _sync(self.device)
+                progress(seg.numel())
+        if self.device.type == "cuda" and ids.shape[1] > PREFILL_SEGMENT:
+            torch.cuda.empty_cache()
         return torch.cat(out, dim=1)
 
     def forward(self, input_ids) -> torch.Tensor:
@@ -179,6 +187,13 @@ class Engine:
         ids = self._as_batch(input_ids)
         self.check_fits(ids.shape[1], 0)
         return self._prefill(ids, self.state.rows(0, ids.shape[0]), all_logits=True)
+
+    def prefill(self, input_ids, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Prefill whole sequences of one length, input_ids [B, T] -> the logits after each one's last token
+        [B, vocab] fp32 (the cache then holds positions 0..T-1, ready for decode at T)."""
+        ids = self._as_batch(input_ids)
+        self.check_fits(ids.shape[1], 0)
+        return self._prefill(ids, self.state.rows(0, ids.shape[0]), all_logits=False, progress=progress)[:, -1]
 
     # ---- decode ----------------------------------------------------------------------------------
     def decoder(self, batch: int) -> DecodeStep:
@@ -198,12 +213,14 @@ class Engine:
 
     def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, stop_ids: frozenset[int] = frozenset(),
-                 on_token: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                 on_token: Callable[[int, int], None] | None = None,
+                 on_prefill: Callable[[int], None] | None = None) -> torch.Tensor:
         """Prefill each prompt, then decode all together, each sequence at its own position; returns the new ids
         [B, n] (n <= max_new_tokens). `prompts`: [T] / [B, T] ids, or a list of id lists of different lengths.
 
         A sequence that emits a stop id is padded with it; generation ends when every sequence has stopped.
-        `on_token(sequence, id)` receives each new id as it reaches the host (copied asynchronously).
+        `on_token(sequence, id)` receives each new id as it reaches the host (copied asynchronously);
+        `on_prefill(n)` hears of each prefill segment done, n prompt tokens (for a progress bar).
         """
         seqs = self._as_prompts(prompts)
         B = len(seqs)
@@ -216,7 +233,8 @@ class Engine:
         step = self.decoder(B)
         t0 = time.perf_counter()
         with self._small_model_threads():
-            last = torch.cat([self._prefill(s.view(1, -1), self.state.rows(b, b + 1), all_logits=False)[:, -1]
+            last = torch.cat([self._prefill(s.view(1, -1), self.state.rows(b, b + 1), all_logits=False,
+                                            progress=on_prefill)[:, -1]
                               for b, s in enumerate(seqs)])                     # [B, vocab]
         step.positions.copy_(torch.tensor([len(s) for s in seqs], device=self.device))
         _sync(self.device)

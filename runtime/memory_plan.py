@@ -15,6 +15,7 @@ from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.config import KimiLinearConfig
 from klconvert.quant.stored import stored_parts
 from klconvert.runtime.kda import CHUNK
+from klconvert.runtime.model import MLA_KEY_BLOCK
 from klconvert.runtime.state import FP8, StateBuffers
 from klconvert.runtime.weights import held_in_fp32
 
@@ -71,20 +72,25 @@ class MemoryPlan:
         return self.batch * self.context * self.mla_bytes_per_token
 
     def workspace_for(self, context: int) -> int:
-        """Peak temporaries of a prefill segment and the logits, an estimate from the shapes the code makes.
+        """Peak temporaries of a prefill segment and the logits, an estimate from the shapes the code makes; bounded
+        by the segment and MLA's key block, not the context (from one key block on it is the same at any context).
 
         Per segment of S tokens: hidden states and projections, the fp32 q/k/v/gate of a KDA layer, one
-        chunk's pairwise decay tensor [B, H, 64, 64, K] fp32 (twice, while it is built), and MLA's per-head
-        keys and values expanded over the whole context for one layer.
+        chunk's pairwise decay tensor [B, H, 64, 64, K] fp32 (twice, while it is built), and MLA's prefill
+        (model.PrefillAttention): one key block's rows dequantized and expanded into per-head keys and values,
+        the segment's queries, one block's output and the fp32 running output with its merge temporaries.
         """
         c, B = self.config, self.batch
-        S = min(PREFILL_SEGMENT, context)
+        S, block = min(PREFILL_SEGMENT, context), min(MLA_KEY_BLOCK, context)
         a = DTYPE_BYTES[self.act_dtype]
         hidden = B * S * c.hidden_size * a * 6
         kda = B * S * c.kda_dim * (3 * a + 6 * 4) + 2 * B * c.kda_num_heads * CHUNK * CHUNK * c.kda_head_dim * 4
         ffn = B * S * max(2 * c.intermediate_size, 2 * c.moe_intermediate_size * c.num_experts_per_token) * a
-        per_head = c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim
-        mla = B * context * c.num_attention_heads * per_head * a * 2
+        H, dn, dr, dv = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        rows = B * block * c.mla_cache_width * (a + (4 if self.mla_cache_dtype == FP8 else 0))
+        expanded = B * block * H * ((dn + dv) + (dn + dr)) * a          # kv_b's output, then the keys with the rope key
+        queries = B * S * H * ((dn + dr) * a + dv * (a + 4 * 4))         # q, a block's output, fp32 running + merge
+        mla = rows + expanded + queries
         logits = 2 * B * c.vocab_size * 4
         return hidden + max(kda, ffn, mla) + logits
 

@@ -11,6 +11,13 @@ from klconvert.kernels.naive_mla import quantize_mla_cache_rows
 FP8 = torch.float8_e4m3fn
 
 
+def cache_rows(values: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Cached MLA rows [..., W] in dtype: e4m3 values times their per-row fp32 scale [...], else a cast."""
+    if scale is None:
+        return values.to(dtype)
+    return (values.float() * scale[..., None]).to(dtype)
+
+
 @dataclass
 class StateBuffers:
     """Per-sequence recurrent state and the MLA latent cache, allocated once for the planned batch and context."""
@@ -59,10 +66,3 @@ class StateBuffers:
             values, scale = quantize_mla_cache_rows(rows)
             self.mla_cache[slot].index_put_((b, positions), values)
             self.mla_scale[slot].index_put_((b, positions), scale)
-
-    def read_mla(self, slot: int, length: int, dtype: torch.dtype) -> torch.Tensor:
-        """The first `length` cached rows of every sequence, [B, length, W] in dtype (e4m3 dequantized)."""
-        cache = self.mla_cache[slot][:, :length]
-        if self.mla_scale is None:
-            return cache.to(dtype)
-        return (cache.float() * self.mla_scale[slot][:, :length, None]).to(dtype)

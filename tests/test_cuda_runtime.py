@@ -29,3 +29,28 @@ def test_cuda_bf16_decode_matches_prefill(trained_like, kernels):
     assert rel_error(steps, full[:, 32:]) < 2e-2
     out = engine.generate(ids, max_new_tokens=16)
     assert out.shape == (1, 16) and out.device.type == "cpu"   # new ids come back to the host
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_blockwise_mla_prefill_at_real_shapes(dtype):
+    """The released MLA shapes through the CUDA attention kernel chosen for the dtype (cuDNN for bf16, the
+    memory-efficient one for fp32): key blocks merged by their log-sum-exp equal the whole-context form in fp32."""
+    import torch.nn.functional as F
+
+    from klconvert.config import KimiLinearConfig
+    from klconvert.presets import preset_config
+    from klconvert.runtime import model as M
+
+    m = M.MLAMixer(KimiLinearConfig.from_dict(preset_config("kimi-linear-48b")), 0)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(m.H * (m.dn + m.dv), m.r, device="cuda", generator=g) / m.r ** 0.5
+    start, T = 9000, 700
+    q = torch.randn(1, T, m.H, m.dn + m.dr, device="cuda", generator=g)
+    rows = torch.randn(1, start + T, m.r + m.dr, device="cuda", generator=g)
+    m.kv_b_proj.weight = torch.nn.Parameter(w, requires_grad=False)
+    k, v = M.PrefillAttention.expand(m, rows)
+    mask = torch.ones(T, start + T, dtype=torch.bool, device="cuda").tril(diagonal=start)
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=m.scale).transpose(1, 2)
+    m.kv_b_proj.weight = torch.nn.Parameter(w.to(dtype), requires_grad=False)
+    got = M.PrefillAttention(4096)(m, q.to(dtype), rows.to(dtype), None, start)
+    assert rel_error(got, ref) < (1e-2 if dtype == torch.bfloat16 else 1e-4)

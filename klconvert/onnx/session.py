@@ -92,9 +92,10 @@ class OnnxEngine:
         return out
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, stop_ids: frozenset[int] = frozenset(), on_token=None) -> torch.Tensor:
+                 seed: int | None = None, stop_ids: frozenset[int] = frozenset(), on_token=None,
+                 on_prefill=None) -> torch.Tensor:
         """Prefill each prompt, then decode them together; as Engine.generate (new ids [B, n], stop handling,
-        on_token, self.stats)."""
+        on_token, on_prefill(tokens) after each prompt, self.stats)."""
         B = len(prompts)
         self.stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts), batch=B)
         if max_new_tokens <= 0:
@@ -107,6 +108,8 @@ class OnnxEngine:
             logits, state = self.run(np.asarray([p]), self.empty_state(1), np.zeros(1, np.int64))
             last.append(torch.from_numpy(logits[:, -1]))
             states.append(state)
+            if on_prefill is not None:
+                on_prefill(len(p))
         step = _SessionStep(self, self._batched(states), [len(p) for p in prompts])
         self.stats.prefill_seconds = time.perf_counter() - t0
         return self.decode_loop(step, torch.cat(last), max_new_tokens, temperature, top_p, generator, stop_ids,
