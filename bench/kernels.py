@@ -610,9 +610,9 @@ def bench_prefill():
     """--only prefill: int_linear and fused_moe at prefill row counts, launch sweeps, the peers, the defaults to set."""
     global REP_MS
     start, defaults, rep, REP_MS = time.time(), {}, REP_MS, 100
-    bench_decode_unchanged()
-    bench_prefill_linear(defaults)
     bench_prefill_moe(defaults)
+    bench_prefill_linear(defaults)
+    bench_decode_unchanged()
     REP_MS = rep
     results["prefill defaults"] = {k: repr(v) for k, v in defaults.items()}
     print(f"\nprefill defaults, measured ({time.time() - start:.0f} s):")
