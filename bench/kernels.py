@@ -447,11 +447,13 @@ def bench_int4():
 
 
 PREFILL_LINEAR = {"kda_qkv": (12288, 2304), "o_proj": (2304, 4096)}  # the --only prefill shapes (lm_head-free)
-PREFILL_ROWS = (64, 256, 512, 2048, 4096)  # row counts (tokens) of the prefill sweep; the report rows are the last 3
-PREFILL_SCHEMES = ((4, True), (4, False), (8, True))  # (bits, symmetric); the launch sweep runs on the first
-GEMM_SWEEP = ((64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (128, 128, 4, 4), (128, 256, 8, 3),
-              (64, 256, 8, 3))  # (block_m, block_n, num_warps, num_stages) of int_gemm_fwd
-MOE_SWEEP = ((16, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3), (64, 128, 4, 4), (128, 128, 8, 3))  # moe_grouped_fwd
+PREFILL_ROWS = (32, 64, 128, 256, 512, 2048, 4096)  # row counts (tokens) of the sweep; the report rows: the last 3
+PREFILL_SCHEMES = ((4, True), (4, False), (8, True))  # (bits, symmetric); the launch sweeps run on the first
+# (block_m, block_n, num_warps, num_stages) of int_gemm_fwd and moe_grouped_fwd (the weights as the A operand: block_n
+# is the wgmma's M, 64 rows a warpgroup)
+GEMM_SWEEP = ((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4))
+MOE_SWEEP = ((16, 64, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (128, 128, 8, 3),
+             (128, 64, 4, 3))
 
 
 def launch_label(launch):
@@ -489,17 +491,29 @@ def launch_table(times, rows):
     return tuple(table[:-1]) + ((1 << 62, table[-1][1]),)
 
 
+def linear_bounds(winners):
+    """{m: "mma" | "gemm" | "dequant"} -> CROSSOVER's (mma, gemm) bounds: each kernel as far as its unbroken run of
+    wins goes (a later kind never hands back to an earlier one)."""
+    order, mma_max, gemm_max = ("mma", "gemm", "dequant"), 0, 0
+    stage = 0
+    for m in sorted(winners):
+        stage = max(stage, order.index(winners[m]))
+        mma_max, gemm_max = (m if stage == 0 else mma_max), (m if stage <= 1 else gemm_max)
+    return mma_max, gemm_max
+
+
 def bench_prefill_linear(defaults):
-    """int_linear at prefill: int_gemm_fwd over GEMM_SWEEP (int4 sym) or its default launch, int_dequant_mm, and torch
-    bf16 on the same shapes, per PREFILL_ROWS; the gemm/dequant crossover and GEMM_LAUNCH from the winners."""
+    """int_linear at prefill row counts: int_mma_fwd (the decode path's tensor-core kernel, split-K while one row
+    block), int_gemm_fwd over GEMM_SWEEP (int4 sym; else its default launch, and once with x as the A operand),
+    int_dequant_mm, and torch bf16 on the same shape; CROSSOVER's bounds and GEMM_LAUNCH from the winners."""
     sweep, crossover = {}, {}
     for name, (n, k) in PREFILL_LINEAR.items():
         w16 = torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02
         for bits, sym in PREFILL_SCHEMES:
             packed = random_packed(n, k, bits, symmetric=sym)
             w_ref = dequantize_int_weight(packed)
-            scheme = f"int{bits} g128 {'sym' if sym else 'asym'}"
-            gemm_max = prev = 0
+            scheme, swept = f"int{bits} g128 {'sym' if sym else 'asym'}", (bits, sym) == PREFILL_SCHEMES[0]
+            winners = {}
             for m in PREFILL_ROWS:
                 x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
                 ref = x.float() @ w_ref.t()
@@ -509,25 +523,31 @@ def bench_prefill_linear(defaults):
                     t = median_us(lambda: x @ w16.t())
                     record(peer, (t, None), n * k * 2 + m * (k + n) * 2, None, TFLOPs=flops / t / 1e6)
                 y = torch.empty(m, n, device=DEV, dtype=x.dtype)
-                gemm = {}
-                for launch in (GEMM_SWEEP if (bits, sym) == PREFILL_SCHEMES[0] else (gemm_launch(m),)):
+                times = {"mma": try_record(f"{base} {scheme} int_mma_fwd", lambda: int_mma_fwd(x, packed, y), ref,
+                                           1e-2, flops, nbytes, peer),
+                         "dequant": try_record(f"{base} {scheme} int_dequant_mm", lambda: int_dequant_mm(x, packed, y),
+                                               ref, 1e-2, flops, nbytes, peer)}
+                gemm = []
+                for launch in (GEMM_SWEEP if swept else (gemm_launch(m),)):
                     bm, bn, warps, stages = launch
                     t = try_record(f"{base} {scheme} int_gemm_fwd [{launch_label(launch)}]",
                                    lambda: int_gemm_fwd(x, packed, y, block_m=bm, block_n=bn, num_warps=warps,
                                                         num_stages=stages), ref, 1e-2, flops, nbytes, peer)
                     if t is not None:
-                        gemm[launch] = sweep[launch, name, m] = t
-                if (bits, sym) == PREFILL_SCHEMES[0]:
-                    launch = gemm_launch(m)
-                    try_record(f"{base} {scheme} int_gemm_fwd weights as A [{launch_label(launch)}]",
-                               lambda: int_gemm_fwd(x, packed, y, weights_as_a=True), ref, 1e-2, flops, nbytes, peer)
-                deq = try_record(f"{base} {scheme} int_dequant_mm", lambda: int_dequant_mm(x, packed, y), ref, 1e-2,
-                                 flops, nbytes, peer)
-                if gemm_max == prev and gemm and (deq is None or min(gemm.values()) <= deq):
-                    gemm_max = m  # the GEMM's bound: the last row count of its unbroken run of wins
-                prev = m
+                        gemm.append(t)
+                        if swept:
+                            sweep[launch, name, m] = t
+                times["gemm"] = min(gemm, default=None)
+                if swept:
+                    try_record(f"{base} {scheme} int_gemm_fwd x as A [{launch_label(gemm_launch(m))}]",
+                               lambda: int_gemm_fwd(x, packed, y, weights_as_a=False), ref, 1e-2, flops, nbytes, peer)
+                timed_kinds = {kind: t for kind, t in times.items() if t is not None}
+                if timed_kinds:
+                    winners[m] = min(timed_kinds, key=timed_kinds.get)
+            print(f"prefill {name} {scheme}: fastest per M {winners}", flush=True)
             key = (bits, weight_class(packed))
-            crossover[key] = min(crossover.get(key, gemm_max), gemm_max)
+            bounds = linear_bounds(winners)
+            crossover[key] = tuple(min(a, b) for a, b in zip(crossover.get(key, bounds), bounds))
             packed = w_ref = None  # free them before the next scheme
         w16 = None
         torch.cuda.empty_cache()
@@ -536,8 +556,8 @@ def bench_prefill_linear(defaults):
         per_m[launch, m] = per_m.get((launch, m), 0.0) + t
     full = {key: t for key, t in per_m.items() if all((key[0], name, key[1]) in sweep for name in PREFILL_LINEAR)}
     defaults["kernels/int_linear.py GEMM_LAUNCH"] = launch_table(full, PREFILL_ROWS)
-    defaults["kernels/int_linear.py CROSSOVER gemm bound (M <= it: int_gemm_fwd; past the sweep's last row: all)"] = {
-        key: (v if v < PREFILL_ROWS[-1] else "1 << 30") for key, v in crossover.items()}
+    defaults["kernels/int_linear.py CROSSOVER (mma, gemm) bounds over the swept rows (the last row: no bound)"] = \
+        crossover
 
 
 def bench_prefill_moe(defaults):
@@ -574,8 +594,8 @@ def bench_prefill_moe(defaults):
                     times[launch, m] = t
             if (bits, sym) == PREFILL_SCHEMES[0]:
                 launch = prefill_launch(m)
-                try_record(f"fused_moe prefill M={m} {scheme} weights as A [{launch_label(launch)}]",
-                           lambda: moe_grouped_fwd(x, ids, w, experts, y, weights_as_a=True), ref, 2e-2, flops,
+                try_record(f"fused_moe prefill M={m} {scheme} x as A [{launch_label(launch)}]",
+                           lambda: moe_grouped_fwd(x, ids, w, experts, y, weights_as_a=False), ref, 2e-2, flops,
                            nbytes, peer)
         experts = None
         torch.cuda.empty_cache()

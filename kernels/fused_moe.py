@@ -215,7 +215,6 @@ def moe_gemm_fwd_kernel(x, pair_ids, block_expert, wts, wa, wb, sa, sb, za, zb, 
         s_off = e * stride_se + offs_n
         x_ptrs = x + rows[:, None] * stride_xm + tl.arange(0, 2 * P)[None, :]
         DT: tl.constexpr = x.dtype.element_ty
-        CT: tl.constexpr = DT if FAST else tl.float32  # _group_params' dtype
         if WA:
             acc_a = tl.zeros([BN, BM], dtype=tl.float32)
         else:
@@ -224,11 +223,11 @@ def moe_gemm_fwd_kernel(x, pair_ids, block_expert, wts, wa, wb, sa, sb, za, zb, 
         for t in range(n_tiles):
             g = t // tiles_per_group
             w_a = tl.load(wa + w_off + t * ROWS * P, mask=mask_n[:, None], other=0)
-            sc_a, zc_a = _group_params(sa + s_off, za + s_off, mask_n, g, n_pad, BITS, ASYM, CT)
+            sc_a, zc_a = _group_params(sa + s_off, za + s_off, mask_n, g, n_pad, BITS, ASYM, FAST, DT)
             w_b, sc_b, zc_b = w_a, sc_a, zc_a
             if GATED:
                 w_b = tl.load(wb + w_off + t * ROWS * P, mask=mask_n[:, None], other=0)
-                sc_b, zc_b = _group_params(sb + s_off, zb + s_off, mask_n, g, n_pad, BITS, ASYM, CT)
+                sc_b, zc_b = _group_params(sb + s_off, zb + s_off, mask_n, g, n_pad, BITS, ASYM, FAST, DT)
             for i in tl.static_range(16 // BITS):
                 xi = tl.load(x_ptrs + t * (32 // BITS) * P + i * 2 * P, mask=mask_m[:, None], other=0.0)
                 acc_a = _dot_w(acc_a, xi, _dequant_pair(w_a, i, sc_a, zc_a, BITS, ASYM, FAST, DT), WA)
@@ -329,10 +328,12 @@ def prefill_launch(tokens: int) -> tuple[int, int, int, int]:
 
 
 def moe_grouped_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, block_m=None, block_n=None,
-                    num_warps=None, num_stages=None, fast=None, weights_as_a=False):
+                    num_warps=None, num_stages=None, fast=None, weights_as_a=True):
     """Prefill: (token, slot) pairs sorted by expert on the device (no host sync), one grouped GEMM launch for
     gate+up+SiLU and one for down with the routing weight, then the sum over slots (the shared expert is one more
-    slot, weight 1). x and the intermediates in 16 bits. Launch defaults from MOE_PREFILL_LAUNCH by token count."""
+    slot, weight 1). x and the intermediates in 16 bits. Launch defaults from MOE_PREFILL_LAUNCH by token count.
+    weights_as_a: the weight tile is the MMA's A operand (on Hopper a wgmma reading it from registers; measured
+    faster at every token count)."""
     M, topk = topk_ids.shape
     g, u, d = experts.gate, experts.up, experts.down
     ids, wts = topk_ids.to(torch.int64), topk_weights.to(torch.float32)
