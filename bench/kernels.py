@@ -375,7 +375,8 @@ def bench_int4_linear(defaults):
                   flush=True)
             del copies, bf16, w_ref
             torch.cuda.empty_cache()
-    defaults["kernels/int_linear.py CROSSOVER"] = crossover
+    # "gemm" here is int_mma_fwd without split-K, which int_linear's "mma" kind runs past one row block
+    defaults["kernels/int_linear.py CROSSOVER (fma, mma) bounds"] = crossover
 
 
 def bench_int4_moe(defaults):
@@ -449,15 +450,16 @@ def bench_int4():
 PREFILL_LINEAR = {"kda_qkv": (12288, 2304), "o_proj": (2304, 4096)}  # the --only prefill shapes (lm_head-free)
 PREFILL_ROWS = (32, 64, 128, 256, 512, 2048, 4096)  # row counts (tokens) of the sweep; the report rows: the last 3
 PREFILL_SCHEMES = ((4, True), (4, False), (8, True))  # (bits, symmetric); the launch sweeps run on the first
-# (block_m, block_n, num_warps, num_stages) of int_gemm_fwd and moe_grouped_fwd (the weights as the A operand: block_n
-# is the wgmma's M, 64 rows a warpgroup)
+# (block_m, block_n, num_warps, num_stages) of int_gemm_fwd, the weights as the A operand (block_n is the wgmma's M,
+# 64 rows a warpgroup); moe_grouped_fwd's add weights_as_a
 GEMM_SWEEP = ((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4))
-MOE_SWEEP = ((16, 64, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (128, 128, 8, 3),
-             (128, 64, 4, 3))
+MOE_SWEEP = ((16, 64, 4, 3, False), (16, 64, 4, 3, True), (32, 64, 4, 3, True), (32, 128, 4, 3, False),
+             (32, 128, 4, 3, True), (64, 128, 8, 3, False), (64, 128, 8, 3, True), (128, 128, 8, 3, True))
 
 
 def launch_label(launch):
-    return "block_m {}, block_n {}, {} warps, {} stages".format(*launch)
+    label = "block_m {}, block_n {}, {} warps, {} stages".format(*launch[:4])
+    return label + ("" if len(launch) == 4 else ", weights as A" if launch[4] else ", x as A")
 
 
 def try_record(name, fn, ref, bound, flops, nbytes, peer):
@@ -585,18 +587,13 @@ def bench_prefill_moe(defaults):
                 record(peer, (t, None), (2 * INTER * HIDDEN + HIDDEN * INTER) * 2, None, TFLOPs=flops / t / 1e6)
             y = torch.empty_like(x)
             for launch in (MOE_SWEEP if (bits, sym) == PREFILL_SCHEMES[0] else (prefill_launch(m),)):
-                bm, bn, warps, stages = launch
+                bm, bn, warps, stages, wa = launch
                 t = try_record(f"fused_moe prefill M={m} {scheme} [{launch_label(launch)}]",
                                lambda: moe_grouped_fwd(x, ids, w, experts, y, block_m=bm, block_n=bn,
-                                                       num_warps=warps, num_stages=stages), ref, 2e-2, flops,
-                               nbytes, peer)
+                                                       num_warps=warps, num_stages=stages, weights_as_a=wa), ref,
+                               2e-2, flops, nbytes, peer)
                 if t is not None and (bits, sym) == PREFILL_SCHEMES[0]:
                     times[launch, m] = t
-            if (bits, sym) == PREFILL_SCHEMES[0]:
-                launch = prefill_launch(m)
-                try_record(f"fused_moe prefill M={m} {scheme} x as A [{launch_label(launch)}]",
-                           lambda: moe_grouped_fwd(x, ids, w, experts, y, weights_as_a=False), ref, 2e-2, flops,
-                           nbytes, peer)
         experts = None
         torch.cuda.empty_cache()
     defaults["kernels/fused_moe.py MOE_PREFILL_LAUNCH"] = launch_table(times, PREFILL_ROWS)

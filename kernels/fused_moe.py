@@ -17,9 +17,12 @@ MAX_SLOTS = 16  # routed experts per token, plus the shared one, that the decode
 # int4 measured on an H200 (2026-11-29, `python bench/kernels.py --only int4`, BENCHMARKS.md); int8 is not covered by
 # that sweep and keeps its guess. The second bound stays 16: a decode batch that large still runs without a host sync.
 MOE_CROSSOVER = {4: (0, 16), 8: (1, 16)}
-# moe_grouped_fwd's launch (block_m, block_n, num_warps, num_stages) by token count: the first entry whose bound >= M.
-# block_m follows the pairs an expert gets (M * 9 / 257 on average): small blocks waste no MMA rows on padding.
-MOE_PREFILL_LAUNCH = ((64, (16, 64, 4, 3)), (1024, (32, 128, 4, 3)), (1 << 62, (64, 128, 8, 3)))
+# moe_grouped_fwd's launch (block_m, block_n, num_warps, num_stages, weights_as_a) by token count: the first entry
+# whose bound >= M. Measured on an H200 (2026-11-29, `python bench/kernels.py --only prefill`, 8 of 256 experts +
+# shared, int4 g128): small blocks while an expert gets few pairs (M * 9 / 257 on average), the weights as the wgmma's
+# A operand from 2048 tokens, where it was 1.3-1.4x faster.
+MOE_PREFILL_LAUNCH = ((64, (16, 64, 4, 3, False)), (256, (32, 128, 4, 3, True)), (512, (16, 64, 4, 3, False)),
+                      (1 << 62, (64, 128, 8, 3, True)))
 # Decode launch shape (block_n, split_k of (gate+up, down), num_warps) per kernel, measured the same way.
 MOE_DECODE_LAUNCH = {"fma": (16, (3, 2), 2), "mma": (64, (3, 2), 4)}
 
@@ -215,6 +218,7 @@ def moe_gemm_fwd_kernel(x, pair_ids, block_expert, wts, wa, wb, sa, sb, za, zb, 
         s_off = e * stride_se + offs_n
         x_ptrs = x + rows[:, None] * stride_xm + tl.arange(0, 2 * P)[None, :]
         DT: tl.constexpr = x.dtype.element_ty
+        CT: tl.constexpr = DT if FAST else tl.float32  # _group_params' dtype
         if WA:
             acc_a = tl.zeros([BN, BM], dtype=tl.float32)
         else:
@@ -223,11 +227,11 @@ def moe_gemm_fwd_kernel(x, pair_ids, block_expert, wts, wa, wb, sa, sb, za, zb, 
         for t in range(n_tiles):
             g = t // tiles_per_group
             w_a = tl.load(wa + w_off + t * ROWS * P, mask=mask_n[:, None], other=0)
-            sc_a, zc_a = _group_params(sa + s_off, za + s_off, mask_n, g, n_pad, BITS, ASYM, FAST, DT)
+            sc_a, zc_a = _group_params(sa + s_off, za + s_off, mask_n, g, n_pad, BITS, ASYM, CT)
             w_b, sc_b, zc_b = w_a, sc_a, zc_a
             if GATED:
                 w_b = tl.load(wb + w_off + t * ROWS * P, mask=mask_n[:, None], other=0)
-                sc_b, zc_b = _group_params(sb + s_off, zb + s_off, mask_n, g, n_pad, BITS, ASYM, FAST, DT)
+                sc_b, zc_b = _group_params(sb + s_off, zb + s_off, mask_n, g, n_pad, BITS, ASYM, CT)
             for i in tl.static_range(16 // BITS):
                 xi = tl.load(x_ptrs + t * (32 // BITS) * P + i * 2 * P, mask=mask_m[:, None], other=0.0)
                 acc_a = _dot_w(acc_a, xi, _dequant_pair(w_a, i, sc_a, zc_a, BITS, ASYM, FAST, DT), WA)
@@ -322,18 +326,17 @@ def align_pairs(ids: torch.Tensor, num_ids: int, block_m: int):
     return pair_ids, torch.where(block_expert < num_ids, block_expert, -1).to(torch.int32)
 
 
-def prefill_launch(tokens: int) -> tuple[int, int, int, int]:
-    """moe_grouped_fwd's default (block_m, block_n, num_warps, num_stages) for this many tokens."""
+def prefill_launch(tokens: int) -> tuple[int, int, int, int, bool]:
+    """moe_grouped_fwd's default (block_m, block_n, num_warps, num_stages, weights_as_a) for this many tokens."""
     return next(launch for bound, launch in MOE_PREFILL_LAUNCH if tokens <= bound)
 
 
 def moe_grouped_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, block_m=None, block_n=None,
-                    num_warps=None, num_stages=None, fast=None, weights_as_a=True):
+                    num_warps=None, num_stages=None, fast=None, weights_as_a=None):
     """Prefill: (token, slot) pairs sorted by expert on the device (no host sync), one grouped GEMM launch for
     gate+up+SiLU and one for down with the routing weight, then the sum over slots (the shared expert is one more
     slot, weight 1). x and the intermediates in 16 bits. Launch defaults from MOE_PREFILL_LAUNCH by token count.
-    weights_as_a: the weight tile is the MMA's A operand (on Hopper a wgmma reading it from registers; measured
-    faster at every token count)."""
+    weights_as_a: the weight tile is the MMA's A operand (on Hopper a wgmma reading it from registers)."""
     M, topk = topk_ids.shape
     g, u, d = experts.gate, experts.up, experts.down
     ids, wts = topk_ids.to(torch.int64), topk_weights.to(torch.float32)
@@ -341,7 +344,7 @@ def moe_grouped_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, blo
         ids = torch.cat([ids, ids.new_full((M, 1), experts.num_experts)], 1)
         wts = torch.cat([wts, wts.new_ones(M, 1)], 1)
     slots = ids.shape[1]
-    bm, bn, warps, stages = prefill_launch(M)
+    bm, bn, warps, stages, wa = prefill_launch(M)
     block_m, block_n = block_m or bm, block_n or bn
     pair_ids, block_expert = align_pairs(ids, g.qweight.shape[0], block_m)
     x16 = x if x.dtype in (torch.bfloat16, torch.float16) else x.to(torch.bfloat16)
@@ -349,8 +352,9 @@ def moe_grouped_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, blo
     out = torch.empty(M * slots, d.n, device=x.device, dtype=x16.dtype)
     n_blocks = block_expert.shape[0]
     common = dict(BITS=g.bits, P=KT * g.bits // 32, ROWS=ROWS, ASYM=g.zeros is not None, BM=block_m, BN=block_n,
-                  FAST=fast_unpack(g.bits, x.device) if fast is None else fast, WA=weights_as_a,
-                  num_warps=num_warps or warps, num_stages=num_stages or stages)
+                  FAST=fast_unpack(g.bits, x.device) if fast is None else fast,
+                  WA=wa if weights_as_a is None else weights_as_a, num_warps=num_warps or warps,
+                  num_stages=num_stages or stages)
     (wg, sg, zg), (wu, su, zu), (wd, sd, zd) = _args(g), _args(u), _args(d)
     moe_gemm_fwd_kernel[(n_blocks * triton.cdiv(g.n, block_n),)](
         x16, pair_ids, block_expert, wts, wg, wu, sg, su, zg, zu, h, n_blocks, g.n, sg.shape[-1], g.k // KT,

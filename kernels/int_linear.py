@@ -13,12 +13,16 @@ KT = 128  # input features per k-tile; P = KT * bits / 32 words per row (16 for 
 MMA_M = 16  # the tensor-core kernels pad x to blocks of at least this many rows (the smallest tl.dot M)
 LARGE_WEIGHT = 1 << 26  # weights from which a linear is "large" (the lm_head; it fills the GPU without split-K)
 # Kernel per row count M of x, by (bits, "large" or "small" weight), bounds (fma, mma, gemm): M <= fma -> CUDA-core
-# GEMV (int_gemv_fwd), M <= mma -> tensor-core GEMV (int_mma_fwd with split-K), M <= gemm -> tiled tensor-core GEMM
-# (int_gemm_fwd), past all three -> dequantize + cuBLAS (int_dequant_mm).
-# Measured on an H200 (2026-11-29, `python bench/kernels.py --only int4` for the first two, `--only prefill` for the
-# third; BENCHMARKS.md); (8, "small") decode bounds are not covered by the int4 sweep and keep their guess.
-CROSSOVER = {(4, "large"): (0, 4, 1 << 30), (4, "small"): (0, 16, 1 << 30), (8, "large"): (0, 4, 1 << 30),
-             (8, "small"): (1, 16, 1 << 30)}
+# GEMV (int_gemv_fwd), M <= mma -> tensor-core kernel (int_mma_fwd: split-K while x is one row block, else plain
+# tiles), M <= gemm -> tiled GEMM dequantizing in registers (int_gemm_fwd), past all three -> dequantize + cuBLAS
+# (int_dequant_mm). Measured on an H200 (2026-11-29): the decode bounds by `python bench/kernels.py --only int4`,
+# the prefill ones by `--only prefill` (q,k,v 12288x2304 + o_proj 2304x4096 summed, 32-4096 rows): int4 int_mma_fwd
+# to 64 rows, int8 to 128 (int_gemm_fwd led int8 at 64 only), dequantize + cuBLAS past that (at 4096 rows 94% of
+# torch's bf16 matmul); int_gemm_fwd wins no range (on q,k,v alone it led int4 at 32 rows; o_proj has too few column
+# tiles for it). The large (lm_head) weights were not swept at prefill and keep int_mma_fwd at every row count, as
+# before. (8, "small")'s fma bound is not covered by the int4 sweep (a guess).
+CROSSOVER = {(4, "large"): (0, 1 << 30, 1 << 30), (4, "small"): (0, 64, 64), (8, "large"): (0, 1 << 30, 1 << 30),
+             (8, "small"): (1, 128, 128)}
 FMA_MAX_M = 16  # the CUDA-core GEMV keeps a [M, BN, 2P] accumulator; fp32 x takes it up to here (exact fp32)
 # int_gemm_fwd's launch (block_m, block_n, num_warps, num_stages) by row count: the first entry whose bound >= M.
 GEMM_LAUNCH = ((64, (64, 64, 4, 3)), (1 << 62, (128, 128, 8, 3)))
@@ -380,79 +384,27 @@ def int_mma_fwd_kernel(x, w, s, z, y, ws, locks, M, N, n_pad, n_tiles, tiles_per
 
 
 @triton.jit
-def _int4_pair_dequant_asm(w, s2, b2, FP16: tl.constexpr):
-    """Slots 0 and 4 of int4 words w [BN, P] (pair i: pass w >> 4 i) dequantized to bf16 (fp16 if FP16), [BN, P, 2]:
-    _int4_pair_asm's LOP3 puts both nibbles under the exponent of 128.0 (1024.0), a packed FMA adds b2 = -(128 +
-    zero) (exact: codes - zero), a second multiplies by the scale s2 and rounds once; s2, b2: int32 [BN, P], each
-    the 16-bit value twice. 2 instructions a weight with the shift. CUDA only (PTX)."""
-    ww, ss, bb = tl.join(w, w), tl.join(s2, s2), tl.join(b2, b2)  # pack=2: register pairs, the copies never read
-    if FP16:
-        out = tl.inline_asm_elementwise(
-            """{
-            .reg .b32 t, one, zero;
-            mov.b32 one, 0x3C003C00;
-            mov.b32 zero, 0x80008000;
-            lop3.b32 t, $1, 0x000F000F, 0x64006400, 0xEA;
-            fma.rn.f16x2 t, t, one, $5;
-            fma.rn.f16x2 $0, t, $3, zero;
-            }""", "=r,r,r,r,r,r,r", [ww, ss, bb], dtype=tl.float16, is_pure=True, pack=2)
-    else:
-        out = tl.inline_asm_elementwise(
-            """{
-            .reg .b32 t, one, zero;
-            mov.b32 one, 0x3F803F80;
-            mov.b32 zero, 0x80008000;
-            lop3.b32 t, $1, 0x000F000F, 0x43004300, 0xEA;
-            fma.rn.bf16x2 t, t, one, $5;
-            fma.rn.bf16x2 $0, t, $3, zero;
-            }""", "=r,r,r,r,r,r,r", [ww, ss, bb], dtype=tl.bfloat16, is_pure=True, pack=2)
-    return out
-
-
-@triton.jit
-def _twice(v):
-    """16-bit floats v [BN] -> int32 words holding v in both halves (a packed-pair operand)."""
-    half = v.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    return half | (half << 16)
-
-
-@triton.jit
-def _group_params(s_ptrs, z_ptrs, mask_n, g, n_pad, BITS: tl.constexpr, ASYM: tl.constexpr, FAST: tl.constexpr,
-                  DT: tl.constexpr):
-    """Scale and zero point of k-group g for a block of rows, as _dequant_pair takes them. With the PTX unpack
-    (FAST): int32 [BN, 1] words holding twice the scale in DT and twice -(magic + zero) (exact in 16 bits). Else:
-    fp32 scale and zero point minus 2**(BITS-1) (0 when symmetric), [BN, 1, 1]."""
-    sc = tl.load(s_ptrs + g * n_pad, mask=mask_n, other=0.0).to(tl.float32)
+def _group_params(s_ptrs, z_ptrs, mask_n, g, n_pad, BITS: tl.constexpr, ASYM: tl.constexpr, DT: tl.constexpr):
+    """Scale and zero point minus 2**(BITS-1) (0 when symmetric) of k-group g for a block of rows, in DT, shaped
+    [BN, 1, 1] to meet a slot pair's codes; both exact in 16 bits for the zero point."""
+    sc = tl.load(s_ptrs + g * n_pad, mask=mask_n, other=0.0).to(DT)
     if ASYM:
-        zc = tl.load(z_ptrs + g * n_pad, mask=mask_n, other=0.0).to(tl.float32) - (1 << (BITS - 1))
+        zc = (tl.load(z_ptrs + g * n_pad, mask=mask_n, other=0.0).to(tl.float32) - (1 << (BITS - 1))).to(DT)
     else:
         zc = tl.zeros_like(sc)
-    if FAST:
-        if DT == tl.float16:
-            bias = -(zc + 1032.0)  # the magic 1024 plus 2**(BITS-1) plus the centred zero point
-        else:
-            bias = -(zc + 136.0)
-        sw, zw = _twice(sc.to(DT))[:, None], _twice(bias.to(DT))[:, None]
-    else:
-        sw, zw = sc[:, None, None], zc[:, None, None]
-    return sw, zw
+    return sc[:, None, None], zc[:, None, None]
 
 
 @triton.jit
 def _dequant_pair(w, i: tl.constexpr, sc, zc, BITS: tl.constexpr, ASYM: tl.constexpr, FAST: tl.constexpr,
                   DT: tl.constexpr):
-    """Pair i of words w [BN, P] dequantized, (code - zero) * scale rounded once to DT (x's 16-bit dtype): [BN, 2P];
-    sc, zc from _group_params. The product of a 5-bit integer and a 16-bit scale is exact before that rounding, so
-    the PTX unpack (FAST, int4 on CUDA) and the fp32 one give the same weights."""
-    if FAST:
-        c = _int4_pair_dequant_asm(w >> (4 * i), tl.broadcast_to(sc, w.shape), tl.broadcast_to(zc, w.shape),
-                                   DT == tl.float16)
-    else:
-        c = _pair_centred(w, i, BITS, tl.float32)
-        if ASYM:
-            c = c - zc
-        c = (c * sc).to(DT)
-    return tl.reshape(c, [w.shape[0], 2 * w.shape[1]])
+    """Pair i of words w [BN, P] dequantized, (code - zero) * scale rounded once to DT (x's 16-bit dtype): [BN, 2P].
+    sc, zc from _group_params, in DT with the PTX unpack (the product of a 5-bit integer and a 16-bit scale is
+    exact before the rounding either way), in fp32 otherwise."""
+    c = _codes(w, i, BITS, DT if FAST else tl.float32, FAST)
+    if ASYM:
+        c = c - zc
+    return tl.reshape((c * sc).to(DT), [w.shape[0], 2 * w.shape[1]])
 
 
 @triton.jit
@@ -486,7 +438,8 @@ def int_gemm_fwd_kernel(x, w, s, z, y, M, N, n_pad, n_tiles, tiles_per_group, st
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     for t in range(n_tiles):
         wt = tl.load(w_ptrs + t * ROWS * P, mask=mask_n[:, None], other=0)
-        sc, zc = _group_params(s + offs_n, z + offs_n, mask_n, t // tiles_per_group, n_pad, BITS, ASYM, FAST, DT)
+        sc, zc = _group_params(s + offs_n, z + offs_n, mask_n, t // tiles_per_group, n_pad, BITS, ASYM,
+                               DT if FAST else tl.float32)
         for i in tl.static_range(16 // BITS):
             xi = tl.load(x_ptrs + t * (32 // BITS) * P + i * 2 * P, mask=mask_m[:, None], other=0.0)
             acc = _dot_w(acc, xi, _dequant_pair(wt, i, sc, zc, BITS, ASYM, FAST, DT), WA)
@@ -507,9 +460,9 @@ def int_dequant_kernel(w, s, z, out, n0, n_rows, n_pad, n_tiles, tiles_per_group
     w_ptrs = w + ((offs_n // ROWS).to(tl.int64) * n_tiles * ROWS * P + (offs_n % ROWS) * P + t * ROWS * P)[:, None] \
         + tl.arange(0, P)[None, :]
     wt = tl.load(w_ptrs, mask=mask_r[:, None], other=0)
-    DT: tl.constexpr = out.dtype.element_ty
-    sc, zc = _group_params(s + offs_n, z + offs_n, mask_r, t // tiles_per_group, n_pad, BITS, ASYM, False, DT)
+    sc, zc = _group_params(s + offs_n, z + offs_n, mask_r, t // tiles_per_group, n_pad, BITS, ASYM, tl.float32)
     o_ptrs = out + offs_r[:, None].to(tl.int64) * stride_o + t * (32 // BITS) * P + tl.arange(0, 2 * P)[None, :]
+    DT: tl.constexpr = out.dtype.element_ty
     for i in tl.static_range(16 // BITS):
         tl.store(o_ptrs + i * 2 * P, _dequant_pair(wt, i, sc, zc, BITS, ASYM, False, DT), mask=mask_r[:, None])
 
