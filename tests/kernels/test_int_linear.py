@@ -97,8 +97,8 @@ VARIANTS = {"fma": (int_gemv_fwd, {}), "fma split 2": (int_gemv_fwd, dict(block_
             "mma x-as-A split 3": (int_mma_fwd, dict(weights_as_a=False, block_n=16, split_k=3)),
             "gemm 2 row blocks of 16": (int_mma_fwd, dict(block_m=16, block_n=16, split_k=1)),
             "gemm 32x32 x-as-A": (int_mma_fwd, dict(block_m=32, block_n=32, split_k=1)),
-            "prefill gemm 16x16": (int_gemm_fwd, dict(block_m=16, block_n=16)),
-            "prefill gemm 32x32 W-as-A": (int_gemm_fwd, dict(block_m=32, block_n=32, weights_as_a=True)),
+            "prefill gemm 16x16 x-as-A": (int_gemm_fwd, dict(block_m=16, block_n=16, weights_as_a=False)),
+            "prefill gemm 32x32 W-as-A": (int_gemm_fwd, dict(block_m=32, block_n=32)),
             "dequant + mm, 16-row chunks": (int_dequant_mm, dict(workspace_bytes=1))}
 
 
