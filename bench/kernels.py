@@ -1,9 +1,11 @@
 """Check each klconvert kernel against its naive twin, then time it and its peers (fla, bitsandbytes, torch) on one GPU.
 
-python bench/kernels.py [--only SECTION ...]: sections fla, kda, prefill, drift, linear, moe, mla, int4 (default: all);
-the results table goes to stdout and $OUT/kernels.json. `--only int4` (~3 minutes) sweeps the int4/int8 launch shapes
-that matter and the row counts where each int kernel wins, and prints the defaults to set (CROSSOVER, MOE_CROSSOVER,
-MOE_DECODE_LAUNCH)."""
+python bench/kernels.py [--only SECTION ...]: sections fla, kda, kda_prefill, drift, linear, moe, mla, int4,
+int_prefill (default: all); the results table goes to stdout and $OUT/kernels.json. `--only int4` (~3 minutes) sweeps
+the int4/int8 launch shapes that matter and the row counts where each int kernel wins, and prints the defaults to set
+(CROSSOVER, MOE_CROSSOVER, MOE_DECODE_LAUNCH). `--only int_prefill` does the same at prefill row counts (64-4096) for
+the q,k,v and o_proj GEMMs and the MoE layer (int4 sym/asym, int8), with TFLOP/s against torch bf16 matmuls, and
+prints GEMM_LAUNCH, CROSSOVER's gemm bound and MOE_PREFILL_LAUNCH. `--only kda_prefill`: one KDA layer's prefill."""
 import argparse
 import datetime
 import json
@@ -18,9 +20,9 @@ import triton
 from triton.testing import do_bench
 
 from klconvert.kernels.fused_moe import (DECODE_MAX_TOKENS, MOE_DECODE_LAUNCH, fused_moe, moe_decode_fwd,
-                                         moe_grouped_fwd, moe_kernel, repack_moe_experts)
-from klconvert.kernels.int_linear import (FMA_MAX_M, int_gemv_fwd, int_linear, int_mma_fwd, repack_int_weight,
-                                          weight_class)
+                                         moe_grouped_fwd, moe_kernel, prefill_launch, repack_moe_experts)
+from klconvert.kernels.int_linear import (FMA_MAX_M, gemm_launch, int_dequant_mm, int_gemm_fwd, int_gemv_fwd,
+                                          int_linear, int_mma_fwd, repack_int_weight, weight_class)
 from klconvert.kernels.kda_chunk import kda_chunk, kda_prefill_conv
 from klconvert.kernels.kda_decode import kda_decode, kda_layer_step
 from klconvert.kernels.mla_decode import mla_decode, mla_decode_splits
@@ -299,11 +301,14 @@ def bench_kda_prefill_layer(T, first):
         record(f"{tag}: KDAChunk, PyTorch chunked form", (us, None), T * C * 6, Mtok_s=T / us)
 
 
-def random_packed(n, k, bits, group=128):
-    """A PackedLinear from random compressed-tensors words (every int32 is a valid code word)."""
+def random_packed(n, k, bits, group=128, symmetric=True):
+    """A PackedLinear from random compressed-tensors words (every int32 is a valid code word), with random packed
+    zero points unless symmetric."""
     wp = torch.randint(-2**31, 2**31 - 1, (n, k * bits // 32), device=DEV, dtype=torch.int32)
     scale = (torch.rand(n, k // group, device=DEV) * 0.002 + 0.001).to(torch.bfloat16)
-    return repack_int_weight(wp, scale, None, (n, k), bits, group)
+    zero = None if symmetric else torch.randint(-2**31, 2**31 - 1, (n * bits // 32, k // group), device=DEV,
+                                                 dtype=torch.int32)
+    return repack_int_weight(wp, scale, zero, (n, k), bits, group)
 
 
 def packed_bytes(p):
@@ -353,13 +358,16 @@ def bench_linear_peers(name, n, k):
         del copies
 
 
-def random_experts():
-    """The model's MoE layer, int4 g128 symmetric: 256 routed experts + the shared one, random code words."""
-    wp = lambda n, k: torch.randint(-2**31, 2**31 - 1, (n, k // 8), device=DEV, dtype=torch.int32)
+def random_experts(bits=4, symmetric=True):
+    """The model's MoE layer, int g128: 256 routed experts + the shared one, random code words (and zero points)."""
+    words = lambda rows, cols: torch.randint(-2**31, 2**31 - 1, (rows, cols), device=DEV, dtype=torch.int32)
     sc = lambda n, k: (torch.rand(n, k // 128, device=DEV) * 0.002 + 0.001).to(torch.bfloat16)
-    ct = lambda n, k: {"weight_packed": wp(n, k), "weight_scale": sc(n, k), "weight_shape": (n, k)}
+
+    def ct(n, k):
+        zero = {} if symmetric else {"weight_zero_point": words(n * bits // 32, k // 128)}  # packed along n
+        return {"weight_packed": words(n, k * bits // 32), "weight_scale": sc(n, k), "weight_shape": (n, k), **zero}
     one = lambda: {"gate": ct(INTER, HIDDEN), "up": ct(INTER, HIDDEN), "down": ct(HIDDEN, INTER)}
-    return repack_moe_experts([one() for _ in range(EXPERTS)], shared=one(), bits=4, group_size=128)
+    return repack_moe_experts([one() for _ in range(EXPERTS)], shared=one(), bits=bits, group_size=128)
 
 
 def bench_moe():
@@ -481,7 +489,8 @@ def bench_int4_linear(defaults):
                   flush=True)
             del copies, bf16, w_ref
             torch.cuda.empty_cache()
-    defaults["kernels/int_linear.py CROSSOVER"] = crossover
+    # "gemm" here is int_mma_fwd without split-K, which int_linear's "mma" kind runs past one row block
+    defaults["kernels/int_linear.py CROSSOVER (fma, mma) bounds"] = crossover
 
 
 def bench_int4_moe(defaults):
@@ -550,6 +559,197 @@ def bench_int4():
     for k, v in defaults.items():
         print(f"  {k} = {v}")
     print("  (int_linear decode launch: read the 'M=1 mma [...]' / 'fma [...]' rows per shape in the table below)")
+
+
+PREFILL_LINEAR = {"kda_qkv": (12288, 2304), "o_proj": (2304, 4096)}  # the --only int_prefill shapes (lm_head-free)
+PREFILL_ROWS = (32, 64, 128, 256, 512, 2048, 4096)  # row counts (tokens) of the sweep; the report rows: the last 3
+PREFILL_SCHEMES = ((4, True), (4, False), (8, True))  # (bits, symmetric); the launch sweeps run on the first
+# (block_m, block_n, num_warps, num_stages) of int_gemm_fwd, the weights as the A operand (block_n is the wgmma's M,
+# 64 rows a warpgroup); moe_grouped_fwd's add weights_as_a
+GEMM_SWEEP = ((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4))
+MOE_SWEEP = ((16, 64, 4, 3, False), (16, 64, 4, 3, True), (32, 64, 4, 3, True), (32, 128, 4, 3, False),
+             (32, 128, 4, 3, True), (64, 128, 8, 3, False), (64, 128, 8, 3, True), (128, 128, 8, 3, True))
+
+
+def launch_label(launch):
+    label = "block_m {}, block_n {}, {} warps, {} stages".format(*launch[:4])
+    return label + ("" if len(launch) == 4 else ", weights as A" if launch[4] else ", x as A")
+
+
+def try_record(name, fn, ref, bound, flops, nbytes, peer):
+    """Check fn() against ref, then time it (do_bench; at these sizes launch overhead is noise) with TFLOP/s; a launch
+    shape too large for the SM's shared memory is reported and skipped, any other error fails the run at its end.
+    The time, or None."""
+    try:
+        if not check(name, fn(), ref, bound):
+            return None
+    except triton.runtime.errors.OutOfResources as e:
+        print(f"{name}: skipped ({str(e)[:120]})", flush=True)
+        return None
+    except Exception as e:  # noqa: BLE001 -- one launch shape failing must not lose the rest of the sweep
+        print(f"{name}: FAILED {e!r}"[:300], flush=True)
+        failures.append(name)
+        return None
+    t = median_us(fn)
+    record(name, (t, None), nbytes, peer, TFLOPs=flops / (t * 1e-6) / 1e12)
+    return t
+
+
+def launch_table(times, rows):
+    """((bound, launch), ...) in the GEMM_LAUNCH form: per row count the fastest launch, merged where it repeats."""
+    table = []
+    for m in rows:
+        best = min((t, launch) for (launch, mm), t in times.items() if mm == m)[1]
+        if table and table[-1][1] == best:
+            table[-1] = (m, best)
+        else:
+            table.append((m, best))
+    return tuple(table[:-1]) + ((1 << 62, table[-1][1]),)
+
+
+def linear_bounds(winners):
+    """{m: "mma" | "gemm" | "dequant"} -> CROSSOVER's (mma, gemm) bounds: each kernel as far as its unbroken run of
+    wins goes (a later kind never hands back to an earlier one)."""
+    order, mma_max, gemm_max = ("mma", "gemm", "dequant"), 0, 0
+    stage = 0
+    for m in sorted(winners):
+        stage = max(stage, order.index(winners[m]))
+        mma_max, gemm_max = (m if stage == 0 else mma_max), (m if stage <= 1 else gemm_max)
+    return mma_max, gemm_max
+
+
+def bench_prefill_linear(defaults):
+    """int_linear at prefill row counts: int_mma_fwd (the decode path's tensor-core kernel, split-K while one row
+    block), int_gemm_fwd over GEMM_SWEEP (int4 sym; else its default launch, and once with x as the A operand),
+    int_dequant_mm, and torch bf16 on the same shape; CROSSOVER's bounds and GEMM_LAUNCH from the winners."""
+    sweep, crossover = {}, {}
+    for name, (n, k) in PREFILL_LINEAR.items():
+        w16 = torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02
+        for bits, sym in PREFILL_SCHEMES:
+            packed = random_packed(n, k, bits, symmetric=sym)
+            w_ref = dequantize_int_weight(packed)
+            scheme, swept = f"int{bits} g128 {'sym' if sym else 'asym'}", (bits, sym) == PREFILL_SCHEMES[0]
+            winners = {}
+            for m in PREFILL_ROWS:
+                x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+                ref = x.float() @ w_ref.t()
+                flops, nbytes = 2 * m * n * k, packed_bytes(packed) + m * (k + n) * 2
+                base, peer = f"prefill {name} {n}x{k} M={m}", f"torch bf16 {name} {n}x{k} M={m}"
+                if peer not in results:  # random bf16 weights: timed, not checked
+                    t = median_us(lambda: x @ w16.t())
+                    record(peer, (t, None), n * k * 2 + m * (k + n) * 2, None, TFLOPs=flops / t / 1e6)
+                y = torch.empty(m, n, device=DEV, dtype=x.dtype)
+                times = {"mma": try_record(f"{base} {scheme} int_mma_fwd", lambda: int_mma_fwd(x, packed, y), ref,
+                                           1e-2, flops, nbytes, peer),
+                         "dequant": try_record(f"{base} {scheme} int_dequant_mm", lambda: int_dequant_mm(x, packed, y),
+                                               ref, 1e-2, flops, nbytes, peer)}
+                gemm = []
+                for launch in (GEMM_SWEEP if swept else (gemm_launch(m),)):
+                    bm, bn, warps, stages = launch
+                    t = try_record(f"{base} {scheme} int_gemm_fwd [{launch_label(launch)}]",
+                                   lambda: int_gemm_fwd(x, packed, y, block_m=bm, block_n=bn, num_warps=warps,
+                                                        num_stages=stages), ref, 1e-2, flops, nbytes, peer)
+                    if t is not None:
+                        gemm.append(t)
+                        if swept:
+                            sweep[launch, name, m] = t
+                times["gemm"] = min(gemm, default=None)
+                if swept:
+                    try_record(f"{base} {scheme} int_gemm_fwd x as A [{launch_label(gemm_launch(m))}]",
+                               lambda: int_gemm_fwd(x, packed, y, weights_as_a=False), ref, 1e-2, flops, nbytes, peer)
+                timed_kinds = {kind: t for kind, t in times.items() if t is not None}
+                if timed_kinds:
+                    winners[m] = min(timed_kinds, key=timed_kinds.get)
+            print(f"prefill {name} {scheme}: fastest per M {winners}", flush=True)
+            key = (bits, weight_class(packed))
+            bounds = linear_bounds(winners)
+            crossover[key] = tuple(min(a, b) for a, b in zip(crossover.get(key, bounds), bounds))
+            packed = w_ref = None  # free them before the next scheme
+        w16 = None
+        torch.cuda.empty_cache()
+    per_m = {}
+    for (launch, _, m), t in sweep.items():  # summed over the shapes
+        per_m[launch, m] = per_m.get((launch, m), 0.0) + t
+    full = {key: t for key, t in per_m.items() if all((key[0], name, key[1]) in sweep for name in PREFILL_LINEAR)}
+    defaults["kernels/int_linear.py GEMM_LAUNCH"] = launch_table(full, PREFILL_ROWS)
+    defaults["kernels/int_linear.py CROSSOVER (mma, gemm) bounds over the swept rows (the last row: no bound)"] = \
+        crossover
+
+
+def bench_prefill_moe(defaults):
+    """fused_moe's grouped GEMM at prefill (8 of 256 experts + shared) over MOE_SWEEP (int4 sym) or its default
+    launch, per PREFILL_ROWS, against torch bf16 matmuls of the same FLOPs; MOE_PREFILL_LAUNCH from the winners."""
+    times = {}
+    for bits, sym in PREFILL_SCHEMES:
+        experts = random_experts(bits, sym)
+        scheme = f"int{bits} g128 {'sym' if sym else 'asym'}"
+        for m in PREFILL_ROWS:
+            x = torch.randn(m, HIDDEN, device=DEV, dtype=torch.bfloat16)
+            ids = torch.rand(m, EXPERTS, device=DEV).topk(TOPK).indices
+            w = torch.rand(m, TOPK, device=DEV)
+            ref = naive_fused_moe(x, ids, w, experts)
+            pairs = m * (TOPK + 1)
+            flops = pairs * 2 * 3 * INTER * HIDDEN
+            nbytes = sum(packed_bytes(p) for p in (experts.gate, experts.up, experts.down)) + m * HIDDEN * 4
+            peer = f"torch bf16 matmuls, MoE FLOPs M={m}"
+            if peer not in results:  # the pairs through one dense gate+up [2I, D] and down [D, I]
+                a, w13 = torch.randn(pairs, HIDDEN, device=DEV, dtype=torch.bfloat16), torch.randn(
+                    2 * INTER, HIDDEN, device=DEV, dtype=torch.bfloat16)
+                hh, w2 = torch.randn(pairs, INTER, device=DEV, dtype=torch.bfloat16), torch.randn(
+                    HIDDEN, INTER, device=DEV, dtype=torch.bfloat16)
+                t = median_us(lambda: (a @ w13.t(), hh @ w2.t()))
+                record(peer, (t, None), (2 * INTER * HIDDEN + HIDDEN * INTER) * 2, None, TFLOPs=flops / t / 1e6)
+            y = torch.empty_like(x)
+            for launch in (MOE_SWEEP if (bits, sym) == PREFILL_SCHEMES[0] else (prefill_launch(m),)):
+                bm, bn, warps, stages, wa = launch
+                t = try_record(f"fused_moe prefill M={m} {scheme} [{launch_label(launch)}]",
+                               lambda: moe_grouped_fwd(x, ids, w, experts, y, block_m=bm, block_n=bn,
+                                                       num_warps=warps, num_stages=stages, weights_as_a=wa), ref,
+                               2e-2, flops, nbytes, peer)
+                if t is not None and (bits, sym) == PREFILL_SCHEMES[0]:
+                    times[launch, m] = t
+        experts = None
+        torch.cuda.empty_cache()
+    defaults["kernels/fused_moe.py MOE_PREFILL_LAUNCH"] = launch_table(times, PREFILL_ROWS)
+
+
+def bench_decode_unchanged():
+    """The decode paths the prefill work touched (the PTX unpack helper), at the rows BENCHMARKS.md reports."""
+    n, k = INT4_LINEAR["kda_qkv"]
+    one = random_packed(n, k, 4)
+    copies, pick = rotating(lambda: random_packed(n, k, 4), packed_bytes(one))
+    for m in (1, 16):
+        x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+        tag = f"int4 kda_qkv {n}x{k} M={m} int_linear (decode)"
+        if check(tag, int_linear(x, copies[0]), naive_int_linear(x, copies[0]), 1e-2):
+            record(tag, timed(lambda: int_linear(x, pick())), packed_bytes(one) + m * (k + n) * 2)
+    del copies
+    experts = random_experts()
+    per_expert = sum(packed_bytes(p) for p in experts.expert(0))
+    for m in (1, 16):
+        x = torch.randn(m, HIDDEN, device=DEV, dtype=torch.bfloat16)
+        routings = [torch.rand(m, EXPERTS, device=DEV).topk(TOPK).indices for _ in range(32)]
+        w = torch.rand(m, TOPK, device=DEV)
+        tag = f"fused_moe int4 M={m} (decode)"
+        if check(tag, fused_moe(x, routings[0], w, experts), naive_fused_moe(x, routings[0], w, experts), 1e-2):
+            ids = cycle(routings)
+            moved = (len(set(routings[0].flatten().tolist())) + 1) * per_expert + m * HIDDEN * 4
+            record(tag, timed(lambda: fused_moe(x, ids(), w, experts)), moved)
+
+
+def bench_prefill():
+    """--only int_prefill: int_linear and fused_moe at prefill row counts, launch sweeps, the peers, the defaults to
+    set."""
+    global REP_MS
+    start, defaults, rep, REP_MS = time.time(), {}, REP_MS, 100
+    bench_prefill_moe(defaults)
+    bench_prefill_linear(defaults)
+    bench_decode_unchanged()
+    REP_MS = rep
+    results["prefill defaults"] = {k: repr(v) for k, v in defaults.items()}
+    print(f"\nprefill defaults, measured ({time.time() - start:.0f} s):")
+    for k, v in defaults.items():
+        print(f"  {k} = {v}")
 
 
 def bf16_state_drift(steps=4096, B=1):
@@ -641,8 +841,9 @@ def copy_ceiling():
     record("device copy (read + write)", (median_us(lambda: b.copy_(a)), None), 2 * a.numel() * 2)
 
 
-SECTIONS = {"fla": bench_fla, "kda": bench_kda, "prefill": bench_kda_prefill, "drift": bf16_state_drift,
-            "linear": bench_linear, "moe": bench_moe, "mla": bench_mla, "int4": bench_int4}
+SECTIONS = {"fla": bench_fla, "kda": bench_kda, "kda_prefill": bench_kda_prefill, "drift": bf16_state_drift,
+            "linear": bench_linear, "moe": bench_moe, "mla": bench_mla, "int4": bench_int4,
+            "int_prefill": bench_prefill}
 
 
 def main():

@@ -1,22 +1,28 @@
 """Fused MoE over int4/int8 experts: for up to 16 tokens two launches (gate+up with SiLU, down with the weighted sum)
-that read each routed expert once for all its tokens, on the tensor or the CUDA cores (MOE_CROSSOVER); past that a
-grouped GEMM per projection over pairs sorted by expert."""
+that read each routed expert once for all its tokens, on the tensor or the CUDA cores (MOE_CROSSOVER); past that
+(prefill) a grouped GEMM per projection over pairs sorted by expert, dequantizing weight tiles in registers."""
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .int_linear import (KT, MMA_M, ROWS, PackedLinear, _arrive, _fma_tile, _mma_tile, _sum_partials, _tile_params,
-                         fast_unpack, repack_int_weight)
+from .int_linear import (KT, MMA_M, ROWS, PackedLinear, _arrive, _dequant_pair, _dot_w, _fma_tile, _group_params,
+                         _mma_tile, _sum_partials, _tile_params, fast_unpack, repack_int_weight)
 
 DECODE_MAX_TOKENS = 16  # up to this many tokens the decode kernels (no sort, no host sync) can run
 MAX_SLOTS = 16  # routed experts per token, plus the shared one, that the decode path's locks cover
 # Kernel per token count, by bits: T <= first -> decode kernels on the CUDA cores, T <= second -> decode kernels on
-# the tensor cores (int4: Marlin-style unpack), past both -> the sorted grouped GEMM (syncs with the host).
+# the tensor cores (int4: Marlin-style unpack), past both -> the grouped GEMM over pairs sorted on the device.
 # int4 measured on an H200 (2026-11-29, `python bench/kernels.py --only int4`, BENCHMARKS.md); int8 is not covered by
 # that sweep and keeps its guess. The second bound stays 16: a decode batch that large still runs without a host sync.
 MOE_CROSSOVER = {4: (0, 16), 8: (1, 16)}
+# moe_grouped_fwd's launch (block_m, block_n, num_warps, num_stages, weights_as_a) by token count: the first entry
+# whose bound >= M. Measured on an H200 (2026-11-29, `bench/kernels.py --only int_prefill`, 8 of 256 experts +
+# shared, int4 g128): small blocks while an expert gets few pairs (M * 9 / 257 on average), the weights as the wgmma's
+# A operand from 2048 tokens, where it was 1.3-1.4x faster.
+MOE_PREFILL_LAUNCH = ((64, (16, 64, 4, 3, False)), (256, (32, 128, 4, 3, True)), (512, (16, 64, 4, 3, False)),
+                      (1 << 62, (64, 128, 8, 3, True)))
 # Decode launch shape (block_n, split_k of (gate+up, down), num_warps) per kernel, measured the same way.
 MOE_DECODE_LAUNCH = {"fma": (16, (3, 2), 2), "mma": (64, (3, 2), 4)}
 
@@ -190,37 +196,50 @@ def moe_decode_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, T, 
 
 
 @triton.jit
-def moe_gemm_fwd_kernel(x, pair_ids, block_expert, wts, wa, wb, sa, sb, za, zb, y, n_out, n_pad, n_tiles,
+def moe_gemm_fwd_kernel(x, pair_ids, block_expert, wts, wa, wb, sa, sb, za, zb, y, n_blocks, n_out, n_pad, n_tiles,
                         tiles_per_group, stride_xm, stride_ym, stride_we, stride_se, x_div, BITS: tl.constexpr,
                         P: tl.constexpr, ROWS: tl.constexpr, ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        GATED: tl.constexpr, FAST: tl.constexpr):
-    """One (block of BM pairs of one expert, row block) per program; x row of a pair = pair // x_div.
-    GATED: y[pair] = silu(x Wg^T) * (x Wu^T). Else: y[pair] = weight[pair] * x Wd^T (fp32)."""
-    pid_b = tl.program_id(0)
-    pid_n = tl.program_id(1)
+                        GATED: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr):
+    """One (block of BM pairs of one expert, column tile) per program, the blocks of a column tile consecutive (an
+    expert's blocks meet its weight tile in L2); x row of a pair = pair // x_div. Each weight tile is dequantized
+    in registers right before its dots (int_gemm_fwd_kernel's loop). GATED: y[pair] = silu(x Wg^T) * (x Wu^T),
+    both from the same x tiles. Else: y[pair] = weight[pair] * x Wd^T."""
+    pid_b = tl.program_id(0) % n_blocks
+    pid_n = tl.program_id(0) // n_blocks
     e = tl.load(block_expert + pid_b).to(tl.int64)
     if e >= 0:
         pairs = tl.load(pair_ids + pid_b * BM + tl.arange(0, BM))
         mask_m = pairs >= 0
         rows = tl.where(mask_m, pairs // x_div, 0).to(tl.int64)
         offs_n = pid_n * BN + tl.arange(0, BN)
-        offs_p = tl.arange(0, P)
         mask_n = offs_n < n_pad
         w_off = e * stride_we + ((offs_n // ROWS).to(tl.int64) * n_tiles * ROWS * P + (offs_n % ROWS) * P)[:, None] \
-            + offs_p[None, :]
+            + tl.arange(0, P)[None, :]
         s_off = e * stride_se + offs_n
         x_ptrs = x + rows[:, None] * stride_xm + tl.arange(0, 2 * P)[None, :]
-        acc_a = tl.zeros([BM, BN], dtype=tl.float32)
-        acc_b = tl.zeros([BM, BN], dtype=tl.float32)
+        DT: tl.constexpr = x.dtype.element_ty
+        CT: tl.constexpr = DT if FAST else tl.float32  # _group_params' dtype
+        if WA:
+            acc_a = tl.zeros([BN, BM], dtype=tl.float32)
+        else:
+            acc_a = tl.zeros([BM, BN], dtype=tl.float32)
+        acc_b = tl.zeros_like(acc_a)
         for t in range(n_tiles):
             g = t // tiles_per_group
-            xt = x_ptrs + t * (32 // BITS) * P
-            acc_a += _mma_tile(tl.load(wa + w_off + t * ROWS * P, mask=mask_n[:, None], other=0), xt, mask_m[:, None],
-                               sa + s_off, za + s_off, mask_n, g, n_pad, BITS, P, ASYM, FAST, False)
+            w_a = tl.load(wa + w_off + t * ROWS * P, mask=mask_n[:, None], other=0)
+            sc_a, zc_a = _group_params(sa + s_off, za + s_off, mask_n, g, n_pad, BITS, ASYM, CT)
+            w_b, sc_b, zc_b = w_a, sc_a, zc_a
             if GATED:
-                acc_b += _mma_tile(tl.load(wb + w_off + t * ROWS * P, mask=mask_n[:, None], other=0), xt,
-                                   mask_m[:, None], sb + s_off, zb + s_off, mask_n, g, n_pad, BITS, P, ASYM, FAST,
-                                   False)
+                w_b = tl.load(wb + w_off + t * ROWS * P, mask=mask_n[:, None], other=0)
+                sc_b, zc_b = _group_params(sb + s_off, zb + s_off, mask_n, g, n_pad, BITS, ASYM, CT)
+            for i in tl.static_range(16 // BITS):
+                xi = tl.load(x_ptrs + t * (32 // BITS) * P + i * 2 * P, mask=mask_m[:, None], other=0.0)
+                acc_a = _dot_w(acc_a, xi, _dequant_pair(w_a, i, sc_a, zc_a, BITS, ASYM, FAST, DT), WA)
+                if GATED:
+                    acc_b = _dot_w(acc_b, xi, _dequant_pair(w_b, i, sc_b, zc_b, BITS, ASYM, FAST, DT), WA)
+        if WA:
+            acc_a = tl.trans(acc_a)
+            acc_b = tl.trans(acc_b)
         if GATED:
             out = acc_a * tl.sigmoid(acc_a) * acc_b
         else:
@@ -289,16 +308,17 @@ def moe_kernel(tokens: int, bits: int, dtype: torch.dtype) -> str:
 
 def align_pairs(ids: torch.Tensor, num_ids: int, block_m: int):
     """Sort (token, slot) pairs [M, slots] by expert, each expert's run padded to a multiple of block_m:
-    (pair index per row, -1 for padding) and (expert per block, -1 past the end). No host sync."""
+    (pair index per row, -1 for padding) and (expert per block, -1 past the end). No host sync: the block count is
+    the bound cdiv(pairs, block_m) + num_ids (each expert adds at most one partial block)."""
     flat = ids.reshape(-1)
     n = flat.numel()
-    counts = torch.bincount(flat, minlength=num_ids)
+    counts = torch.zeros(num_ids, device=ids.device, dtype=torch.int64).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     ends = padded.cumsum(0)
     order = torch.argsort(flat, stable=True)
     sorted_ids = flat[order]
     rank = torch.arange(n, device=ids.device) - (counts.cumsum(0) - counts)[sorted_ids]
-    n_blocks = triton.cdiv(n, block_m) + num_ids  # each expert adds at most one partial block
+    n_blocks = triton.cdiv(n, block_m) + num_ids
     pair_ids = torch.full((n_blocks * block_m,), -1, device=ids.device, dtype=torch.int32)
     pair_ids[(ends - padded)[sorted_ids] + rank] = order.to(torch.int32)
     starts = torch.arange(n_blocks, device=ids.device) * block_m
@@ -306,9 +326,17 @@ def align_pairs(ids: torch.Tensor, num_ids: int, block_m: int):
     return pair_ids, torch.where(block_expert < num_ids, block_expert, -1).to(torch.int32)
 
 
-def moe_grouped_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, block_m=None, block_n=64, num_warps=8,
-                    num_stages=3):
-    """Prefill: pairs sorted by expert, one grouped GEMM launch per projection, then a sum over slots."""
+def prefill_launch(tokens: int) -> tuple[int, int, int, int, bool]:
+    """moe_grouped_fwd's default (block_m, block_n, num_warps, num_stages, weights_as_a) for this many tokens."""
+    return next(launch for bound, launch in MOE_PREFILL_LAUNCH if tokens <= bound)
+
+
+def moe_grouped_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, block_m=None, block_n=None,
+                    num_warps=None, num_stages=None, fast=None, weights_as_a=None):
+    """Prefill: (token, slot) pairs sorted by expert on the device (no host sync), one grouped GEMM launch for
+    gate+up+SiLU and one for down with the routing weight, then the sum over slots (the shared expert is one more
+    slot, weight 1). x and the intermediates in 16 bits. Launch defaults from MOE_PREFILL_LAUNCH by token count.
+    weights_as_a: the weight tile is the MMA's A operand (on Hopper a wgmma reading it from registers)."""
     M, topk = topk_ids.shape
     g, u, d = experts.gate, experts.up, experts.down
     ids, wts = topk_ids.to(torch.int64), topk_weights.to(torch.float32)
@@ -316,22 +344,25 @@ def moe_grouped_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, blo
         ids = torch.cat([ids, ids.new_full((M, 1), experts.num_experts)], 1)
         wts = torch.cat([wts, wts.new_ones(M, 1)], 1)
     slots = ids.shape[1]
-    block_m = block_m or (16 if M * slots < 8 * g.qweight.shape[0] else 64)
+    bm, bn, warps, stages, wa = prefill_launch(M)
+    block_m, block_n = block_m or bm, block_n or bn
     pair_ids, block_expert = align_pairs(ids, g.qweight.shape[0], block_m)
     x16 = x if x.dtype in (torch.bfloat16, torch.float16) else x.to(torch.bfloat16)
     h = torch.empty(M * slots, g.n, device=x.device, dtype=x16.dtype)
-    out = torch.empty(M * slots, d.n, device=x.device, dtype=torch.float32)
-    common = dict(BITS=g.bits, P=KT * g.bits // 32, ROWS=ROWS, ASYM=g.zeros is not None, BM=block_m, BN=block_n,
-                  FAST=fast_unpack(g.bits, x.device), num_warps=num_warps, num_stages=num_stages)
-    (wg, sg, zg), (wu, su, zu), (wd, sd, zd) = _args(g), _args(u), _args(d)
+    out = torch.empty(M * slots, d.n, device=x.device, dtype=x16.dtype)
     n_blocks = block_expert.shape[0]
-    moe_gemm_fwd_kernel[(n_blocks, triton.cdiv(g.n, block_n))](
-        x16, pair_ids, block_expert, wts, wg, wu, sg, su, zg, zu, h, g.n, sg.shape[-1], g.k // KT, g.group_size // KT,
-        x16.stride(0), h.stride(0), wg.stride(0), sg.stride(0), slots, GATED=True, **common)
-    moe_gemm_fwd_kernel[(n_blocks, triton.cdiv(d.n, block_n))](
-        h, pair_ids, block_expert, wts, wd, wd, sd, sd, zd, zd, out, d.n, sd.shape[-1], d.k // KT, d.group_size // KT,
-        h.stride(0), out.stride(0), wd.stride(0), sd.stride(0), 1, GATED=False, **common)
-    return y.copy_(out.view(M, slots, d.n).sum(1))
+    common = dict(BITS=g.bits, P=KT * g.bits // 32, ROWS=ROWS, ASYM=g.zeros is not None, BM=block_m, BN=block_n,
+                  FAST=fast_unpack(g.bits, x.device) if fast is None else fast,
+                  WA=wa if weights_as_a is None else weights_as_a, num_warps=num_warps or warps,
+                  num_stages=num_stages or stages)
+    (wg, sg, zg), (wu, su, zu), (wd, sd, zd) = _args(g), _args(u), _args(d)
+    moe_gemm_fwd_kernel[(n_blocks * triton.cdiv(g.n, block_n),)](
+        x16, pair_ids, block_expert, wts, wg, wu, sg, su, zg, zu, h, n_blocks, g.n, sg.shape[-1], g.k // KT,
+        g.group_size // KT, x16.stride(0), h.stride(0), wg.stride(0), sg.stride(0), slots, GATED=True, **common)
+    moe_gemm_fwd_kernel[(n_blocks * triton.cdiv(d.n, block_n),)](
+        h, pair_ids, block_expert, wts, wd, wd, sd, sd, zd, zd, out, n_blocks, d.n, sd.shape[-1], d.k // KT,
+        d.group_size // KT, h.stride(0), out.stride(0), wd.stride(0), sd.stride(0), 1, GATED=False, **common)
+    return y.copy_(out.view(M, slots, d.n).sum(1, dtype=torch.float32))
 
 
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: PackedExperts, *,

@@ -1,5 +1,7 @@
-"""Weight-only int4/int8 linear (W4A16, W8A16): repack compressed-tensors weights once, then a CUDA-core GEMV, a
-tensor-core GEMV (one 16-row block, split-K) or a tiled tensor-core GEMM, chosen by the row count (CROSSOVER)."""
+"""Weight-only int4/int8 linear (W4A16, W8A16): repack compressed-tensors weights once, then, by the row count
+(CROSSOVER): a CUDA-core GEMV, a tensor-core GEMV (one 16-row block, split-K), a tiled tensor-core GEMM that
+dequantizes the weight tile in registers, or (prefill) the weight dequantized to 16 bits in a bounded workspace and
+cuBLAS."""
 from dataclasses import dataclass
 
 import torch
@@ -10,12 +12,21 @@ ROWS = 16  # output rows per packed block; one (block, k-tile) pair is ROWS * P 
 KT = 128  # input features per k-tile; P = KT * bits / 32 words per row (16 for int4, 32 for int8)
 MMA_M = 16  # the tensor-core kernels pad x to blocks of at least this many rows (the smallest tl.dot M)
 LARGE_WEIGHT = 1 << 26  # weights from which a linear is "large" (the lm_head; it fills the GPU without split-K)
-# Kernel per row count of x, by (bits, "large" or "small" weight): M <= first -> CUDA-core GEMV (int_gemv_fwd),
-# M <= second -> tensor-core GEMV (int_mma_fwd with split-K), past both -> tensor-core GEMM (int_mma_fwd, no split).
-# Measured on an H200 (2026-11-29, `python bench/kernels.py --only int4`, BENCHMARKS.md); (8, "small") is not
-# covered by that sweep and keeps its guess.
-CROSSOVER = {(4, "large"): (0, 4), (4, "small"): (0, 16), (8, "large"): (0, 4), (8, "small"): (1, 16)}
+# Kernel per row count M of x, by (bits, "large" or "small" weight), bounds (fma, mma, gemm): M <= fma -> CUDA-core
+# GEMV (int_gemv_fwd), M <= mma -> tensor-core kernel (int_mma_fwd: split-K while x is one row block, else plain
+# tiles), M <= gemm -> tiled GEMM dequantizing in registers (int_gemm_fwd), past all three -> dequantize + cuBLAS
+# (int_dequant_mm). Measured on an H200 (2026-11-29): the decode bounds by `python bench/kernels.py --only int4`,
+# the prefill ones by `--only int_prefill` (q,k,v 12288x2304 + o_proj 2304x4096 summed, 32-4096 rows): int4 int_mma_fwd
+# to 64 rows, int8 to 128 (int_gemm_fwd led int8 at 64 only), dequantize + cuBLAS past that (at 4096 rows 94% of
+# torch's bf16 matmul); int_gemm_fwd wins no range (on q,k,v alone it led int4 at 32 rows; o_proj has too few column
+# tiles for it). The large (lm_head) weights were not swept at prefill and keep int_mma_fwd at every row count, as
+# before. (8, "small")'s fma bound is not covered by the int4 sweep (a guess).
+CROSSOVER = {(4, "large"): (0, 1 << 30, 1 << 30), (4, "small"): (0, 64, 64), (8, "large"): (0, 1 << 30, 1 << 30),
+             (8, "small"): (1, 128, 128)}
 FMA_MAX_M = 16  # the CUDA-core GEMV keeps a [M, BN, 2P] accumulator; fp32 x takes it up to here (exact fp32)
+# int_gemm_fwd's launch (block_m, block_n, num_warps, num_stages) by row count: the first entry whose bound >= M.
+GEMM_LAUNCH = ((64, (64, 64, 4, 3)), (1 << 62, (128, 128, 8, 3)))
+DEQUANT_WORKSPACE = 64 << 20  # bytes of 16-bit weight int_dequant_mm dequantizes at a time (q,k,v stacked: 54 MiB)
 
 
 @dataclass
@@ -139,10 +150,11 @@ def _pair_centred(w, i: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
-def _int4_pairs_asm(w, FP16: tl.constexpr):
-    """All four pairs of int4 words w [BN, P] as codes minus 8 in bf16 (fp16 if FP16), [BN, P, 2] each: per pair one
-    shift, one LOP3 putting both nibbles under the exponent of 128.0 (1024.0), one packed FMA subtracting 136 (1032)
-    -- 1.4 instructions a weight, against ~4 for shift, mask, convert, subtract per value. CUDA only (PTX)."""
+def _int4_pair_asm(w, FP16: tl.constexpr):
+    """Slots 0 and 4 of int4 words w [BN, P] (pair i: pass w >> 4 i) as codes minus 8 in bf16 (fp16 if FP16),
+    [BN, P, 2]: one LOP3 puts both nibbles under the exponent of 128.0 (1024.0), one packed FMA subtracts 136
+    (1032) -- with the shift 1.5 instructions a weight, against ~4 for shift, mask, convert, subtract per value.
+    CUDA only (PTX)."""
     ww = tl.join(w, w)  # pack=2 hands each asm call a register pair [word, copy]; the copy is never read
     if FP16:
         out = tl.inline_asm_elementwise(
@@ -150,39 +162,30 @@ def _int4_pairs_asm(w, FP16: tl.constexpr):
             .reg .b32 t, one, bias;
             mov.b32 one, 0x3C003C00;
             mov.b32 bias, 0xE408E408;
-            lop3.b32 t, $4, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 t, $1, 0x000F000F, 0x64006400, 0xEA;
             fma.rn.f16x2 $0, t, one, bias;
-            shr.u32 t, $4, 4;
-            lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
-            fma.rn.f16x2 $1, t, one, bias;
-            shr.u32 t, $4, 8;
-            lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
-            fma.rn.f16x2 $2, t, one, bias;
-            shr.u32 t, $4, 12;
-            lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
-            fma.rn.f16x2 $3, t, one, bias;
-            }""", "=r,=r,=r,=r,r,r", [ww], dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True,
-            pack=2)
+            }""", "=r,r,r", [ww], dtype=tl.float16, is_pure=True, pack=2)
     else:
         out = tl.inline_asm_elementwise(
             """{
             .reg .b32 t, one, bias;
             mov.b32 one, 0x3F803F80;
             mov.b32 bias, 0xC308C308;
-            lop3.b32 t, $4, 0x000F000F, 0x43004300, 0xEA;
+            lop3.b32 t, $1, 0x000F000F, 0x43004300, 0xEA;
             fma.rn.bf16x2 $0, t, one, bias;
-            shr.u32 t, $4, 4;
-            lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
-            fma.rn.bf16x2 $1, t, one, bias;
-            shr.u32 t, $4, 8;
-            lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
-            fma.rn.bf16x2 $2, t, one, bias;
-            shr.u32 t, $4, 12;
-            lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
-            fma.rn.bf16x2 $3, t, one, bias;
-            }""", "=r,=r,=r,=r,r,r", [ww], dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True,
-            pack=2)
+            }""", "=r,r,r", [ww], dtype=tl.bfloat16, is_pure=True, pack=2)
     return out
+
+
+@triton.jit
+def _codes(w, i: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, FAST: tl.constexpr):
+    """Pair i of words w [BN, P] as codes minus 2**(BITS-1), [BN, P, 2]: in DT, or with the PTX unpack (FAST, int4
+    on CUDA) in x's 16-bit dtype DT."""
+    if FAST:
+        c = _int4_pair_asm(w >> (4 * i), DT == tl.float16)
+    else:
+        c = _pair_centred(w, i, BITS, DT)
+    return c
 
 
 @triton.jit
@@ -249,15 +252,8 @@ def _mma_tile(w, x_ptrs, x_mask, s_ptrs, z_ptrs, mask_n, g, n_pad, BITS: tl.cons
         acc = tl.zeros([x_ptrs.shape[0], w.shape[0]], dtype=tl.float32)
     xs = tl.zeros([x_ptrs.shape[0]], dtype=tl.float32)
     DT: tl.constexpr = x_ptrs.dtype.element_ty
-    if FAST:  # int4 on the GPU
-        c0, c1, c2, c3 = _int4_pairs_asm(w, DT == tl.float16)
-        acc, xs = _dot_pair(acc, xs, x_ptrs, x_mask, c0, ASYM, WA)
-        acc, xs = _dot_pair(acc, xs, x_ptrs + 2 * P, x_mask, c1, ASYM, WA)
-        acc, xs = _dot_pair(acc, xs, x_ptrs + 4 * P, x_mask, c2, ASYM, WA)
-        acc, xs = _dot_pair(acc, xs, x_ptrs + 6 * P, x_mask, c3, ASYM, WA)
-    else:
-        for i in tl.static_range(16 // BITS):
-            acc, xs = _dot_pair(acc, xs, x_ptrs + i * 2 * P, x_mask, _pair_centred(w, i, BITS, DT), ASYM, WA)
+    for i in tl.static_range(16 // BITS):
+        acc, xs = _dot_pair(acc, xs, x_ptrs + i * 2 * P, x_mask, _codes(w, i, BITS, DT, FAST), ASYM, WA)
     sc = tl.load(s_ptrs + g * n_pad, mask=mask_n, other=0.0).to(tl.float32)
     if ASYM:
         zc = tl.load(z_ptrs + g * n_pad, mask=mask_n, other=0.0).to(tl.float32) - (1 << (BITS - 1))
@@ -345,19 +341,23 @@ def int_gemv_fwd_kernel(x, w, s, z, y, ws, locks, M, N, n_pad, n_tiles, tiles_pe
 
 
 @triton.jit
+def _swizzle(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program pid: groups of GROUP_M row tiles share weight tiles in L2."""
+    num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
+    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % (GROUP_M * num_n)) % rows_in_group, (pid % (GROUP_M * num_n)) // rows_in_group
+
+
+@triton.jit
 def int_mma_fwd_kernel(x, w, s, z, y, ws, locks, M, N, n_pad, n_tiles, tiles_per_group, tiles_per_split,
                        stride_xm, stride_ym, BITS: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr,
                        ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
                        SPLIT_K: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr):
     """Tensor-core tiles [BM, BN] (computed as [BN, BM] with the weights as the A operand when WA); SPLIT_K > 1
     (one row block only) splits the k-tiles over grid dim 1."""
-    pid = tl.program_id(0)
+    pid_m, pid_n = _swizzle(tl.program_id(0), M, N, BM, BN, GROUP_M)
     pid_k = tl.program_id(1)
-    num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    first_m = (pid // (GROUP_M * num_n)) * GROUP_M  # groups of GROUP_M row tiles share weight tiles in L2
-    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % rows_in_group
-    pid_n = (pid % (GROUP_M * num_n)) // rows_in_group
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_p = tl.arange(0, P)
@@ -381,6 +381,90 @@ def int_mma_fwd_kernel(x, w, s, z, y, ws, locks, M, N, n_pad, n_tiles, tiles_per
     mask = mask_m[:, None] & (offs_n < N)[None, :]
     _store_or_reduce(acc, y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
                      ws + offs_m[:, None] * N + offs_n[None, :], mask, locks, pid_n, pid_k, M * N, SPLIT_K)
+
+
+@triton.jit
+def _group_params(s_ptrs, z_ptrs, mask_n, g, n_pad, BITS: tl.constexpr, ASYM: tl.constexpr, DT: tl.constexpr):
+    """Scale and zero point minus 2**(BITS-1) (0 when symmetric) of k-group g for a block of rows, in DT, shaped
+    [BN, 1, 1] to meet a slot pair's codes; both exact in 16 bits for the zero point."""
+    sc = tl.load(s_ptrs + g * n_pad, mask=mask_n, other=0.0).to(DT)
+    if ASYM:
+        zc = (tl.load(z_ptrs + g * n_pad, mask=mask_n, other=0.0).to(tl.float32) - (1 << (BITS - 1))).to(DT)
+    else:
+        zc = tl.zeros_like(sc)
+    return sc[:, None, None], zc[:, None, None]
+
+
+@triton.jit
+def _dequant_pair(w, i: tl.constexpr, sc, zc, BITS: tl.constexpr, ASYM: tl.constexpr, FAST: tl.constexpr,
+                  DT: tl.constexpr):
+    """Pair i of words w [BN, P] dequantized, (code - zero) * scale rounded once to DT (x's 16-bit dtype): [BN, 2P].
+    sc, zc from _group_params, in DT with the PTX unpack (the product of a 5-bit integer and a 16-bit scale is
+    exact before the rounding either way), in fp32 otherwise."""
+    c = _codes(w, i, BITS, DT if FAST else tl.float32, FAST)
+    if ASYM:
+        c = c - zc
+    return tl.reshape((c * sc).to(DT), [w.shape[0], 2 * w.shape[1]])
+
+
+@triton.jit
+def _dot_w(acc, xi, wt, WA: tl.constexpr):
+    """acc [BM, BN] += xi [BM, K] @ wt [BN, K]^T ([BN, BM] += wt @ xi^T when WA: the weights as the A operand)."""
+    if WA:
+        acc = tl.dot(wt, tl.trans(xi), acc)
+    else:
+        acc = tl.dot(xi, tl.trans(wt), acc)
+    return acc
+
+
+@triton.jit
+def int_gemm_fwd_kernel(x, w, s, z, y, M, N, n_pad, n_tiles, tiles_per_group, stride_xm, stride_ym,
+                        BITS: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr, ASYM: tl.constexpr, BM: tl.constexpr,
+                        BN: tl.constexpr, GROUP_M: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr):
+    """Prefill GEMM, tiles [BM, BN] over all of K: each weight tile is dequantized in registers (scale folded in)
+    right before its dots, so one accumulator runs through K."""
+    pid_m, pid_n = _swizzle(tl.program_id(0), M, N, BM, BN, GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_m = offs_m < M
+    mask_n = offs_n < n_pad
+    w_ptrs = w + ((offs_n // ROWS).to(tl.int64) * n_tiles * ROWS * P + (offs_n % ROWS) * P)[:, None] \
+        + tl.arange(0, P)[None, :]
+    x_ptrs = x + offs_m[:, None].to(tl.int64) * stride_xm + tl.arange(0, 2 * P)[None, :]
+    DT: tl.constexpr = x.dtype.element_ty
+    if WA:
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for t in range(n_tiles):
+        wt = tl.load(w_ptrs + t * ROWS * P, mask=mask_n[:, None], other=0)
+        sc, zc = _group_params(s + offs_n, z + offs_n, mask_n, t // tiles_per_group, n_pad, BITS, ASYM,
+                               DT if FAST else tl.float32)
+        for i in tl.static_range(16 // BITS):
+            xi = tl.load(x_ptrs + t * (32 // BITS) * P + i * 2 * P, mask=mask_m[:, None], other=0.0)
+            acc = _dot_w(acc, xi, _dequant_pair(wt, i, sc, zc, BITS, ASYM, FAST, DT), WA)
+    if WA:
+        acc = tl.trans(acc)
+    mask = mask_m[:, None] & (offs_n < N)[None, :]
+    tl.store(y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def int_dequant_kernel(w, s, z, out, n0, n_rows, n_pad, n_tiles, tiles_per_group, stride_o, BITS: tl.constexpr,
+                       P: tl.constexpr, ROWS: tl.constexpr, ASYM: tl.constexpr, BN: tl.constexpr):
+    """out[r, k] = W[n0 + r, k] in out's dtype for r < n_rows: one (block of BN rows, k-tile) per program."""
+    offs_r = tl.program_id(0) * BN + tl.arange(0, BN)
+    t = tl.program_id(1)
+    offs_n = n0 + offs_r
+    mask_r = offs_r < n_rows
+    w_ptrs = w + ((offs_n // ROWS).to(tl.int64) * n_tiles * ROWS * P + (offs_n % ROWS) * P + t * ROWS * P)[:, None] \
+        + tl.arange(0, P)[None, :]
+    wt = tl.load(w_ptrs, mask=mask_r[:, None], other=0)
+    sc, zc = _group_params(s + offs_n, z + offs_n, mask_r, t // tiles_per_group, n_pad, BITS, ASYM, tl.float32)
+    o_ptrs = out + offs_r[:, None].to(tl.int64) * stride_o + t * (32 // BITS) * P + tl.arange(0, 2 * P)[None, :]
+    DT: tl.constexpr = out.dtype.element_ty
+    for i in tl.static_range(16 // BITS):
+        tl.store(o_ptrs + i * 2 * P, _dequant_pair(wt, i, sc, zc, BITS, ASYM, False, DT), mask=mask_r[:, None])
 
 
 def num_sms(device: torch.device) -> int:
@@ -447,17 +531,71 @@ def int_mma_fwd(x, packed: PackedLinear, y, *, block_m=None, block_n=None, split
     return y
 
 
+def gemm_launch(m: int) -> tuple[int, int, int, int]:
+    """int_gemm_fwd's default (block_m, block_n, num_warps, num_stages) for m rows, from GEMM_LAUNCH."""
+    return next(launch for bound, launch in GEMM_LAUNCH if m <= bound)
+
+
+def int_gemm_fwd(x, packed: PackedLinear, y, *, block_m=None, block_n=None, num_warps=None, num_stages=None,
+                 fast=None, weights_as_a=True):
+    """Prefill GEMM: x [M, K] (bf16/fp16; fp32 is rounded to bf16), y [M, N]; each [block_n, KT] weight tile is
+    dequantized in registers (to x's dtype) right before its dots. Defaults from GEMM_LAUNCH by M. weights_as_a:
+    the weight tile is the MMA's A operand (on Hopper a wgmma reading it straight from registers)."""
+    M = x.shape[0]
+    x = x if x.dtype in (torch.bfloat16, torch.float16) else x.to(torch.bfloat16)
+    bm, bn, warps, stages = gemm_launch(M)
+    bm, bn = block_m or bm, block_n or bn
+    if bn < ROWS:
+        raise ValueError(f"int_gemm_fwd: block_n {bn} < {ROWS}")
+    int_gemm_fwd_kernel[(triton.cdiv(M, bm) * triton.cdiv(packed.n, bn),)](
+        x, packed.qweight, packed.scales, _zeros_arg(packed), y, M, packed.n, packed.scales.shape[1],
+        packed.k // KT, packed.group_size // KT, x.stride(0), y.stride(0), BITS=packed.bits,
+        P=KT * packed.bits // 32, ROWS=ROWS, ASYM=packed.zeros is not None, BM=bm, BN=bn, GROUP_M=8,
+        FAST=fast_unpack(packed.bits, x.device) if fast is None else fast, WA=weights_as_a,
+        num_warps=num_warps or warps, num_stages=num_stages or stages)
+    return y
+
+
+def dequantize_rows(packed: PackedLinear, n0: int, out: torch.Tensor, *, block_n=64) -> torch.Tensor:
+    """out [rows, K] (16-bit) = rows n0 .. n0 + rows of the weight, dequantized on the device."""
+    rows = out.shape[0]
+    int_dequant_kernel[(triton.cdiv(rows, block_n), packed.k // KT)](
+        packed.qweight, packed.scales, _zeros_arg(packed), out, n0, rows, packed.scales.shape[1], packed.k // KT,
+        packed.group_size // KT, out.stride(0), BITS=packed.bits, P=KT * packed.bits // 32, ROWS=ROWS,
+        ASYM=packed.zeros is not None, BN=block_n)
+    return out
+
+
+def int_dequant_mm(x, packed: PackedLinear, y, *, workspace_bytes=DEQUANT_WORKSPACE):
+    """The field's large-M path: the weight dequantized to x's 16-bit dtype (fp32 x: bf16), at most workspace_bytes
+    of it at a time, and multiplied by cuBLAS (torch.mm). x [M, K], y [M, N]."""
+    x16 = x if x.dtype in (torch.bfloat16, torch.float16) else x.to(torch.bfloat16)
+    chunk = max(ROWS, workspace_bytes // (2 * packed.k) // ROWS * ROWS)  # whole blocks of rows
+    ws = torch.empty(min(chunk, packed.n), packed.k, device=x.device, dtype=x16.dtype)
+    for n0 in range(0, packed.n, chunk):
+        w16 = dequantize_rows(packed, n0, ws[:min(chunk, packed.n - n0)])
+        if w16.shape[0] == packed.n and y.dtype == x16.dtype and y.is_contiguous():
+            torch.mm(x16, w16.t(), out=y)
+        else:
+            y[:, n0:n0 + w16.shape[0]] = x16 @ w16.t()
+    return y
+
+
 def weight_class(packed: PackedLinear) -> str:
     return "large" if packed.n * packed.k >= LARGE_WEIGHT else "small"
 
 
 def linear_kernel(m: int, packed: PackedLinear, dtype: torch.dtype) -> str:
-    """"fma" (CUDA-core GEMV), "mma" (tensor cores, split-K) or "gemm" (tensor cores, no split) for m rows of x,
-    from CROSSOVER; fp32 x takes the exact CUDA-core GEMV as far as it goes."""
-    fma_max, mma_max = CROSSOVER[(packed.bits, weight_class(packed))]
+    """"fma" (CUDA-core GEMV), "mma" (tensor cores, split-K), "gemm" (tiled, dequantizing in registers) or
+    "dequant" (dequantize + cuBLAS) for m rows of x, from CROSSOVER; fp32 x takes the exact CUDA-core GEMV as far as
+    it goes."""
+    fma_max, mma_max, gemm_max = CROSSOVER[(packed.bits, weight_class(packed))]
     if m <= fma_max or (dtype == torch.float32 and m <= FMA_MAX_M):
         return "fma"
-    return "mma" if m <= mma_max else "gemm"
+    return "mma" if m <= mma_max else "gemm" if m <= gemm_max else "dequant"
+
+
+LINEAR_KERNELS = {"fma": int_gemv_fwd, "mma": int_mma_fwd, "gemm": int_gemm_fwd, "dequant": int_dequant_mm}
 
 
 def int_linear(x: torch.Tensor, packed: PackedLinear, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -470,9 +608,5 @@ def int_linear(x: torch.Tensor, packed: PackedLinear, *, out: torch.Tensor | Non
     y2 = y.view(-1, packed.n)
     if x2.shape[0] == 0:
         return y
-    kind = linear_kernel(x2.shape[0], packed, x.dtype)
-    if kind == "fma":
-        int_gemv_fwd(x2, packed, y2)
-    else:
-        int_mma_fwd(x2, packed, y2, split_k=None if kind == "mma" else 1)
+    LINEAR_KERNELS[linear_kernel(x2.shape[0], packed, x.dtype)](x2, packed, y2)
     return y

@@ -1,13 +1,14 @@
-"""fused_moe (decode kernels on the CUDA and the tensor cores, grouped prefill GEMM) against its per-token,
-per-expert fp32 twin; the kernel choice table."""
+"""fused_moe (decode kernels on the CUDA and the tensor cores, grouped prefill GEMM) against its per-expert fp32
+twin; the kernel choice and launch tables."""
 import pytest
 import torch
 from helpers import DEVICE, GPU, assert_close, ct_compress, poisoned
 
 from klconvert.kernels.naive_moe import naive_fused_moe
-from klconvert.kernels.fused_moe import (DECODE_MAX_TOKENS, MOE_CROSSOVER, align_pairs, fused_moe, moe_decode_fwd,
-                                         moe_grouped_fwd, repack_moe_experts,
-                                         moe_kernel)
+from klconvert.kernels.fused_moe import (DECODE_MAX_TOKENS, MOE_CROSSOVER, MOE_PREFILL_LAUNCH, align_pairs, fused_moe,
+                                         moe_decode_fwd, moe_grouped_fwd, moe_kernel, prefill_launch,
+                                         repack_moe_experts)
+from klconvert.kernels.int_linear import MMA_M
 
 BOUND = {torch.float32: 1e-5, torch.bfloat16: 8e-3}  # relative RMS vs the fp32 twin, by output dtype
 GROUPED_BOUND = 1.5e-2  # the grouped path also rounds x and the SiLU product to bf16 for the tensor cores
@@ -79,13 +80,27 @@ def test_moe_kernel_table():
             assert moe_kernel(t, bits, torch.float32) == ("fma" if t <= DECODE_MAX_TOKENS else "grouped")
 
 
-@pytest.mark.parametrize("m, block_m", [(7, 16), (20, None)])
-def test_fused_moe_grouped(m, block_m):
-    experts = make_experts(5, 256, 128, 4, False)
+# (bits, symmetric, shared, tokens, launch): ragged token counts, blocks of 16 and 32 rows, the weights as the A operand
+GROUPED_CASES = [(4, False, True, 7, dict(block_m=16, block_n=16)), (4, True, False, 20, {}),
+                 (8, False, True, 11, dict(block_m=32, block_n=32, weights_as_a=True)),
+                 (8, True, True, 5, dict(block_m=16, block_n=64, num_warps=4))]
+
+
+@pytest.mark.parametrize("bits, symmetric, shared, m, launch", GROUPED_CASES)
+def test_fused_moe_grouped(bits, symmetric, shared, m, launch):
+    """The prefill grouped GEMM; experts 3 and 4 of 5 get no token (their blocks do no work, write nothing)."""
+    experts = make_experts(5, 256, 128, bits, symmetric, shared)
     x = torch.randn(m, 256, device=DEVICE, dtype=torch.bfloat16)
-    ids, weights = routing(m, 5, 2)
-    y = moe_grouped_fwd(x, ids, weights, experts, poisoned(m, 256, dtype=x.dtype), block_m=block_m)
+    ids, weights = routing(m, 3, 2)
+    y = moe_grouped_fwd(x, ids, weights, experts, poisoned(m, 256, dtype=x.dtype), **launch)
     assert_close(y, naive_fused_moe(x, ids, weights, experts), GROUPED_BOUND, "fused_moe grouped")
+
+
+def test_prefill_launch_table():
+    bounds = [bound for bound, _ in MOE_PREFILL_LAUNCH]
+    assert bounds == sorted(bounds) and prefill_launch(1 << 40) == MOE_PREFILL_LAUNCH[-1][1]
+    for bound, launch in MOE_PREFILL_LAUNCH:
+        assert prefill_launch(bound) == launch and launch[0] >= MMA_M
 
 
 def test_align_pairs():
@@ -99,10 +114,10 @@ def test_align_pairs():
 
 
 @GPU
-@pytest.mark.parametrize("m", [1, 4, 64])
-@pytest.mark.parametrize("bits", [4, 8])
-def test_fused_moe_real_shapes(bits, m):
-    experts = make_experts(32, 2304, 1024, bits, True)
+@pytest.mark.parametrize("m", [1, 4, 64, 600])
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (4, False), (8, True)])
+def test_fused_moe_real_shapes(bits, symmetric, m):
+    experts = make_experts(32, 2304, 1024, bits, symmetric)
     x = torch.randn(m, 2304, device=DEVICE, dtype=torch.bfloat16)
     ids, weights = routing(m, 32, 8)
     y = fused_moe(x, ids, weights, experts, out=poisoned(m, 2304, dtype=x.dtype))

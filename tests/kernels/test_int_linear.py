@@ -1,13 +1,14 @@
-"""int_linear (W4A16/W8A16: CUDA-core GEMV, tensor-core GEMV with split-K, tensor-core GEMM) against its fp32 twin,
-on weights packed by compressed-tensors; the repacked word order; the kernel choice table."""
+"""int_linear (W4A16/W8A16: CUDA-core GEMV, tensor-core GEMV with split-K, tensor-core GEMMs, dequantize + matmul)
+against its fp32 twin, on weights packed by compressed-tensors; the repacked word order; the kernel choice table."""
 import pytest
 import torch
 from helpers import DEVICE, GPU, assert_close, ct_compress, ct_decompress, poisoned
 
 from klconvert.kernels.naive_int_linear import naive_int_linear
-from klconvert.kernels.int_linear import (CROSSOVER, FMA_MAX_M, KT, LARGE_WEIGHT, int_gemv_fwd, int_linear, int_mma_fwd,
-                                          linear_kernel, repack_int_weight,
-                                          unpack_words)
+from klconvert.kernels import int_linear as int_linear_module
+from klconvert.kernels.int_linear import (CROSSOVER, FMA_MAX_M, GEMM_LAUNCH, KT, LARGE_WEIGHT, dequantize_rows,
+                                          gemm_launch, int_dequant_mm, int_gemm_fwd, int_gemv_fwd, int_linear,
+                                          int_mma_fwd, linear_kernel, repack_int_weight, unpack_words)
 from klconvert.kernels.naive_int_linear import dequantize_int_weight
 
 # bound on RMS error relative to the fp32 twin, by output dtype (bf16/fp16 outputs are rounded once)
@@ -49,15 +50,45 @@ def test_word_order_pairs_neighbours():
 
 def test_crossover_table():
     """Every (bits, weight class) has an entry; fp32 x stays on the exact GEMV; the choice follows the table."""
-    for (bits, cls), (fma_max, mma_max) in CROSSOVER.items():
-        assert bits in (4, 8) and cls in ("large", "small") and 0 <= fma_max <= FMA_MAX_M and mma_max >= 0
+    for (bits, cls), (fma_max, mma_max, gemm_max) in CROSSOVER.items():
+        assert bits in (4, 8) and cls in ("large", "small") and 0 <= fma_max <= FMA_MAX_M <= gemm_max
+        assert fma_max <= mma_max <= gemm_max
+    assert [bound for bound, _ in GEMM_LAUNCH] == sorted(bound for bound, _ in GEMM_LAUNCH)
+    assert gemm_launch(1 << 40) == GEMM_LAUNCH[-1][1]
     _, small = packed_linear(4, True, 128, 40, 384)
     assert small.n * small.k < LARGE_WEIGHT
-    fma_max, mma_max = CROSSOVER[(4, "small")]
-    for m in range(1, 40):
-        want = "fma" if m <= fma_max else "mma" if m <= mma_max else "gemm"
+    fma_max, mma_max, gemm_max = CROSSOVER[(4, "small")]
+    for m in (*range(1, 40), gemm_max, gemm_max + 1):
+        want = "fma" if m <= fma_max else "mma" if m <= mma_max else "gemm" if m <= gemm_max else "dequant"
         assert linear_kernel(m, small, torch.bfloat16) == want
         assert linear_kernel(m, small, torch.float32) == ("fma" if m <= max(fma_max, FMA_MAX_M) else want)
+
+
+def test_dispatch_follows_the_recorded_crossover(monkeypatch):
+    """With bounds (1, 4, 8), int_linear runs each of the four kernels for its rows, and each agrees with the twin."""
+    _, packed = packed_linear(4, False, 128, 24, 256)
+    monkeypatch.setitem(CROSSOVER, (4, "small"), (1, 4, 8))
+    ran = []
+    for kind, fn in list(int_linear_module.LINEAR_KERNELS.items()):
+        monkeypatch.setitem(int_linear_module.LINEAR_KERNELS, kind,
+                            lambda *a, kind=kind, fn=fn, **kw: ran.append(kind) or fn(*a, **kw))
+    for m in (1, 3, 7, 9):
+        x = torch.randn(m, 256, device=DEVICE, dtype=torch.bfloat16)
+        assert_close(int_linear(x, packed, out=poisoned(m, 24, dtype=x.dtype)), naive_int_linear(x, packed),
+                     BOUND[x.dtype], f"int_linear M={m}")
+    assert ran == ["fma", "mma", "gemm", "dequant"]
+
+
+@pytest.mark.parametrize("bits, symmetric, group, n, k", CASES)
+def test_dequantize_rows_is_the_twin_rounded(bits, symmetric, group, n, k):
+    """The device dequantization rounds the twin's exact fp32 weight once: bit-equal after the twin's rounding."""
+    _, packed = packed_linear(bits, symmetric, group, n, k)
+    want = dequantize_int_weight(packed)
+    for dtype in (torch.bfloat16, torch.float16):
+        n0 = n // 2  # from the middle of a block to the last, padded one
+        got = dequantize_rows(packed, n0, torch.full((n - n0, k), float("nan"), device=DEVICE, dtype=dtype),
+                              block_n=16)
+        assert torch.equal(got, want[n0:].to(dtype))
 
 
 # (kernel, launch options): every decode and prefill variant, whatever CROSSOVER picks
@@ -65,7 +96,10 @@ VARIANTS = {"fma": (int_gemv_fwd, {}), "fma split 2": (int_gemv_fwd, dict(block_
             "mma W-as-A split": (int_mma_fwd, dict(weights_as_a=True)),
             "mma x-as-A split 3": (int_mma_fwd, dict(weights_as_a=False, block_n=16, split_k=3)),
             "gemm 2 row blocks of 16": (int_mma_fwd, dict(block_m=16, block_n=16, split_k=1)),
-            "gemm 32x32 x-as-A": (int_mma_fwd, dict(block_m=32, block_n=32, split_k=1))}
+            "gemm 32x32 x-as-A": (int_mma_fwd, dict(block_m=32, block_n=32, split_k=1)),
+            "prefill gemm 16x16 x-as-A": (int_gemm_fwd, dict(block_m=16, block_n=16, weights_as_a=False)),
+            "prefill gemm 32x32 W-as-A": (int_gemm_fwd, dict(block_m=32, block_n=32)),
+            "dequant + mm, 16-row chunks": (int_dequant_mm, dict(workspace_bytes=1))}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -73,7 +107,7 @@ VARIANTS = {"fma": (int_gemv_fwd, {}), "fma split 2": (int_gemv_fwd, dict(block_
 def test_each_kernel(variant, bits, symmetric, group, n, k):
     fn, launch = VARIANTS[variant]
     _, packed = packed_linear(bits, symmetric, group, n, k)
-    m = 19 if variant.startswith("gemm") else 5  # ragged rows: partial row blocks everywhere
+    m = 19 if "gemm" in variant or "dequant" in variant else 5  # ragged rows: partial row blocks everywhere
     x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
     for _ in range(2):  # a second call reuses the split-K locks
         y = fn(x, packed, poisoned(m, n, dtype=x.dtype), **launch)
@@ -117,7 +151,8 @@ def test_rejects_bad_group():
 
 @GPU
 @pytest.mark.parametrize("bits, n, k, m", [(4, 163840, 2304, 1), (8, 163840, 2304, 1), (4, 2304, 4096, 1),
-                                           (4, 12288, 2304, 16), (8, 4096, 2304, 5), (4, 2304, 4096, 300)])
+                                           (4, 12288, 2304, 16), (8, 4096, 2304, 5), (4, 2304, 4096, 300),
+                                           (4, 12288, 2304, 2048), (8, 2304, 4096, 4096)])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_int_linear_real_shapes(bits, n, k, m, symmetric):
     _, packed = packed_linear(bits, symmetric, 128, n, k)
