@@ -12,6 +12,7 @@ import torch
 from klconvert import bench as B
 from klconvert.config import KimiLinearConfig
 from klconvert.presets import preset_config
+from klconvert.runtime import engine as engine_module
 
 
 @pytest.fixture(scope="module")
@@ -21,20 +22,27 @@ def tiny4():
 
 
 @pytest.mark.slow
-def test_bench_checks_then_times_on_the_cpu(tiny4):
+def test_bench_checks_then_times_on_the_cpu(tiny4, monkeypatch):
+    """Decode rows, then prefill rows (segments of 8), on one bound model: the depth check and the prefill check
+    (prefill against prefill + one decode step) pass before anything is timed. One call: the interpreter is slow."""
+    monkeypatch.setattr(engine_module, "PREFILL_SEGMENT", 8)
     weights = B.random_quantized_weights(tiny4, 4, "cpu")
     calm = B.random_quantized_weights(tiny4, 4, "cpu", calm=True)
     lines: list[str] = []
-    short = dataclasses.replace(tiny4, model_max_length=72)  # asking for the longest context fills 72 - 16 - 16
-    result = B.bench(short, weights, bits="int4", contexts=[72], batches=[2], new_tokens=16, calm_weights=calm,
-                     report=lines.append, device="cpu", check_prompt=12)
+    short = dataclasses.replace(tiny4, model_max_length=72)  # asking for the longest context fills 72 - 4 - 16
+    result = B.bench(short, weights, bits="int4", contexts=[72], batches=[2], new_tokens=4, calm_weights=calm,
+                     report=lines.append, device="cpu", check_prompt=12, prefills=[17], prefill_check_tokens=12)
     assert result.depth_check["rel_err"] < 2e-2 and result.depth_check["top1"] >= 0.9   # the kernels take bf16 inputs
     (row,) = result.rows
-    assert (row.context, row.batch) == (40, 2)
+    assert (row.context, row.batch) == (52, 2)
     k = tiny4.num_experts_per_token
     assert k <= row.experts_touched_per_layer <= 2 * k                                     # two tokens' choices
     assert row.bytes_per_step > 0 and row.ms_per_token > 0 and row.floor_ratio > 0
     assert any("ms/step" in line for line in lines)
+    assert result.prefill_check["rel_err"] < 2e-2 and result.prefill_check["top1"]
+    assert [r.tokens for r in result.prefill_rows] == [17]                      # three segments
+    assert all(r.seconds > 0 and r.tokens_per_s > 0 and r.plan_total_gib > 0 for r in result.prefill_rows)
+    assert sum("prefill 17 tokens" in line and "tokens/s" in line for line in lines) == 1
 
 
 def test_one_token_touches_k_experts(tiny4):

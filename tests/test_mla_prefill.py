@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 import klconvert
-from klconvert import bench as B
 from klconvert.cli import cli
 from klconvert.config import KimiLinearConfig
 from klconvert.kernels.naive_mla import quantize_mla_cache_rows
@@ -129,19 +128,3 @@ def test_bench_prefill_refuses_bad_lengths(monkeypatch, capsys, value, needle):
     with pytest.raises(SystemExit) as e:
         cli.main(["bench", "--preset", "kimi-linear-48b", "--prefill", value], prog_name="klconvert")
     assert_one_line_error(e.value.code, capsys.readouterr().err, "--prefill", needle)
-
-
-@pytest.mark.slow
-def test_bench_checks_then_times_a_prefill_on_the_cpu(monkeypatch):
-    """Two tiny layers (KDA, MLA) through the Triton interpreter, segments of 8: the check (prefill against prefill +
-    one decode step) passes, then each prefill length is timed against the plan."""
-    tiny2 = KimiLinearConfig.from_dict(preset_config("tiny", 2))
-    monkeypatch.setattr(engine_module, "PREFILL_SEGMENT", 8)
-    lines: list[str] = []
-    result = B.bench(tiny2, B.random_quantized_weights(tiny2, 4, "cpu"), bits="int4", contexts=[], batches=[1],
-                     calm_weights=B.random_quantized_weights(tiny2, 4, "cpu", calm=True), report=lines.append,
-                     device="cpu", check_prompt=4, prefills=[9, 17], prefill_check_tokens=19)
-    assert result.prefill_check["rel_err"] < 2e-2 and result.prefill_check["top1"]
-    assert [r.tokens for r in result.prefill_rows] == [9, 17] and not result.rows
-    assert all(r.seconds > 0 and r.tokens_per_s > 0 and r.plan_total_gib > 0 for r in result.prefill_rows)
-    assert sum("prefill 17 tokens" in line and "tokens/s" in line for line in lines) == 1
