@@ -118,8 +118,9 @@ def swiglu(x, gate, up, down):
 
 # ---- KDA ------------------------------------------------------------------------------------------------
 class KDAStep(nn.Module):
-    """One decode token of a KDA layer after its input projections: conv + SiLU, l2norm, gate, delta rule,
-    gated output norm. Holds no weights; bind replaces it with the fused one-launch kernel on CUDA."""
+    """One decode token of a KDA layer after its input projections: the gates' up-projections (f_b, g_b), conv +
+    SiLU, l2norm, gate, delta rule, gated output norm. Holds no weights of its own; bind replaces it with the fused
+    one-launch kernel on CUDA (when f_b and g_b are dense)."""
 
     def forward(self, m: "KDAMixer", qkv, f_a, beta_raw, g_a, tail, S) -> torch.Tensor:
         """qkv [B, 3HK], the gates' low-rank inputs f_a, g_a [B, K], beta_raw [B, H]; tail [B, 3HK, W-1],
