@@ -1,0 +1,81 @@
+"""Where a decode step's GPU time goes: the released shapes (random int4 g128 weights, lm_head int8, as `klconvert
+bench --preset kimi-linear-48b`), one CUDA-graph step profiled by kernel, grouped by kernel name.
+
+Checks first that the graph replay equals the eager step bit for bit (as `klconvert bench` does), then profiles
+--steps replays with torch.profiler and prints, per kernel name, launches and microseconds per step and the share of
+the step's kernel time, beside the step's wall time per replay (the difference is the gaps between kernels).
+
+    python bench/decode_profile.py [--layers 27] [--context 4096] [--batch 1] [--steps 16] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from klconvert.bench import DTYPE, check_graph_matches_eager, fill_state, random_quantized_weights
+from klconvert.config import KimiLinearConfig
+from klconvert.presets import preset_config
+from klconvert.runtime.engine import Engine
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=27)
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--json", default=None, help="Also write the table here.")
+    args = ap.parse_args()
+    config = KimiLinearConfig.from_dict(preset_config("kimi-linear-48b", args.layers))
+    weights = random_quantized_weights(config, 4, "cuda")
+    device = torch.device("cuda")
+    engine = Engine(config, weights.read, device, DTYPE["cuda"], args.context + args.steps + 64, args.batch,
+                    packed=weights.packed, kernels="triton", stored_schemes=weights.schemes)
+    fill_state(engine, args.context)
+    check_graph_matches_eager(engine, args.batch, args.context)
+    step = engine.decoder(args.batch)
+    step.positions.fill_(args.context)
+    with torch.inference_mode():
+        for _ in range(8):
+            step.step()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(args.steps):
+            step.step()
+        end.record()
+        torch.cuda.synchronize()
+        wall_us = start.elapsed_time(end) * 1e3 / args.steps
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                step.step()
+            torch.cuda.synchronize()
+    kernels = defaultdict(lambda: [0, 0.0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels[event.name]
+            k[0] += 1
+            k[1] += event.device_time
+    total = sum(us for _, us in kernels.values()) / args.steps
+    print(f"{torch.cuda.get_device_name()}: {args.layers} layers, context {args.context}, batch {args.batch}: "
+          f"graph replay {wall_us:.1f} us/step; kernel time {total:.1f} us/step in "
+          f"{sum(n for n, _ in kernels.values()) / args.steps:.0f} launches")
+    print("| kernel | launches/step | us/step | share |\n|---|---:|---:|---:|")
+    table = []
+    for name, (n, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1]):
+        table.append({"kernel": name, "launches": n / args.steps, "us": us / args.steps})
+        print(f"| {name[:90]} | {n / args.steps:.0f} | {us / args.steps:.1f} | {us / args.steps / total:.1%} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "layers": args.layers, "context": args.context,
+                       "batch": args.batch, "graph_us_per_step": wall_us, "kernel_us_per_step": total,
+                       "kernels": table}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
