@@ -1,12 +1,11 @@
 """Check each klconvert kernel against its naive twin, then time it and its peers (fla, bitsandbytes, torch) on one GPU.
 
-python bench/kernels.py [--only SECTION ...]: sections fla, kda, kda_prefill, drift, linear, moe, moe_chunk, mla,
-int4, int_prefill (default: all); the results table goes to stdout and $OUT/kernels.json. `--only int4` (~3 minutes)
-sweeps the int4/int8 launch shapes that matter and the row counts where each int kernel wins, and prints the defaults
-to set (CROSSOVER, MOE_CROSSOVER, MOE_DECODE_LAUNCH); `--only moe_chunk` times the one-launch MoE against them.
-`--only int_prefill` does the same at prefill row counts (64-4096) for the q,k,v and o_proj GEMMs and the MoE layer
-(int4 sym/asym, int8), with TFLOP/s against torch bf16 matmuls, and prints GEMM_LAUNCH, CROSSOVER's gemm bound and
-MOE_PREFILL_LAUNCH. `--only kda_prefill`: one KDA layer's prefill."""
+python bench/kernels.py [--only SECTION ...]: sections fla, kda, kda_prefill, drift, linear, moe, mla, int4,
+int_prefill (default: all); the results table goes to stdout and $OUT/kernels.json. `--only int4` (~3 minutes) sweeps
+the int4/int8 launch shapes that matter and the row counts where each int kernel wins, and prints the defaults to set
+(CROSSOVER, MOE_CROSSOVER, MOE_DECODE_LAUNCH). `--only int_prefill` does the same at prefill row counts (64-4096) for
+the q,k,v and o_proj GEMMs and the MoE layer (int4 sym/asym, int8), with TFLOP/s against torch bf16 matmuls, and
+prints GEMM_LAUNCH, CROSSOVER's gemm bound and MOE_PREFILL_LAUNCH. `--only kda_prefill`: one KDA layer's prefill."""
 import argparse
 import datetime
 import json
@@ -20,9 +19,8 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from klconvert.kernels.fused_moe import (DECODE_MAX_TOKENS, MOE_CHUNK_LAUNCH, MOE_DECODE_LAUNCH, fused_moe,
-                                         moe_chunk_fwd, moe_decode_fwd, moe_grouped_fwd, moe_kernel, prefill_launch,
-                                         repack_moe_experts)
+from klconvert.kernels.fused_moe import (DECODE_MAX_TOKENS, MOE_DECODE_LAUNCH, fused_moe, moe_decode_fwd,
+                                         moe_grouped_fwd, moe_kernel, prefill_launch, repack_moe_experts)
 from klconvert.kernels.int_linear import (FMA_MAX_M, gemm_launch, int_dequant_mm, int_gemm_fwd, int_gemv_fwd,
                                           int_linear, int_mma_fwd, repack_int_weight, weight_class)
 from klconvert.kernels.kda_chunk import kda_chunk, kda_prefill_conv
@@ -548,44 +546,6 @@ def bench_int4_moe(defaults):
     print("fused_moe int4: fastest per M", {m: k for m, (_, k) in best_decode.items()}, flush=True)
 
 
-CHUNK_SWEEP = tuple((bn, warps, stages) for bn in (32, 64, 128) for warps in (4, 8) for stages in (2, 3, 4))
-
-
-def bench_moe_chunk():
-    """--only moe_chunk: the one-launch MoE (moe_chunk_fwd) against the two-launch decode kernels (moe_decode_fwd,
-    tensor cores, its defaults) at 1-16 tokens, each token routed to its own random 8 of 256 experts + the shared
-    one; its (block_n, num_warps, num_stages) swept at 1 and 16 tokens. Prints MOE_CHUNK_LAUNCH to set."""
-    experts = random_experts()
-    per_expert = sum(packed_bytes(p) for p in experts.expert(0))
-    best = {}
-    for m in (1, 2, 4, 8, 16):
-        x = torch.randn(m, HIDDEN, device=DEV, dtype=torch.bfloat16)
-        routings = [torch.rand(m, EXPERTS, device=DEV).topk(TOPK).indices for _ in range(32)]
-        w = torch.rand(m, TOPK, device=DEV)
-        ref = naive_fused_moe(x, routings[0], w, experts)
-        moved = (len(set(routings[0].flatten().tolist())) + 1) * per_expert + m * HIDDEN * 4
-        ids, y = cycle(routings), torch.empty_like(x)
-        peer = f"moe_decode_fwd (two launches) M={m}"
-        if check(peer, moe_decode_fwd(x, routings[0], w, experts, y, mma=True), ref, 1e-2):
-            record(peer, timed(lambda: moe_decode_fwd(x, ids(), w, experts, y, mma=True)), moved)
-        for launch in (CHUNK_SWEEP if m in (1, 16) else (MOE_CHUNK_LAUNCH,)):
-            tag = f"moe_chunk_fwd M={m} block_n {launch[0]}, {launch[1]} warps, {launch[2]} stages"
-            opt = dict(block_n=launch[0], num_warps=launch[1], num_stages=launch[2])
-            try:
-                ok = check(tag, moe_chunk_fwd(x, routings[0], w, experts, y, **opt), ref, 1e-2)
-            except triton.runtime.errors.OutOfResources as e:
-                print(f"{tag}: skipped ({str(e)[:100]})", flush=True)
-                continue
-            if not ok:
-                failures.append(tag)
-                continue
-            record(tag, timed(lambda: moe_chunk_fwd(x, ids(), w, experts, y, **opt)), moved, peer)
-            best.setdefault(m, []).append((results[tag]["graph_us"], launch))
-    for m, times in best.items():
-        print(f"moe_chunk_fwd M={m}: fastest {min(times)}", flush=True)
-    results["moe_chunk fastest"] = {m: repr(min(t)) for m, t in best.items()}
-
-
 def bench_int4():
     """--only int4: the sweeps that set CROSSOVER, MOE_CROSSOVER and MOE_DECODE_LAUNCH, then the values to set."""
     global REP_MS
@@ -882,8 +842,8 @@ def copy_ceiling():
 
 
 SECTIONS = {"fla": bench_fla, "kda": bench_kda, "kda_prefill": bench_kda_prefill, "drift": bf16_state_drift,
-            "linear": bench_linear, "moe": bench_moe, "moe_chunk": bench_moe_chunk, "mla": bench_mla,
-            "int4": bench_int4, "int_prefill": bench_prefill}
+            "linear": bench_linear, "moe": bench_moe, "mla": bench_mla, "int4": bench_int4,
+            "int_prefill": bench_prefill}
 
 
 def main():

@@ -7,8 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .int_linear import (KT, MMA_M, ROWS, PackedLinear, _arrive, _codes, _dequant_pair, _dot_w, _fma_tile,
-                         _group_params, _mma_tile, _sum_partials, _tile_params, fast_unpack, repack_int_weight)
+from .int_linear import (KT, MMA_M, ROWS, PackedLinear, _arrive, _dequant_pair, _dot_w, _fma_tile, _group_params,
+                         _mma_tile, _sum_partials, _tile_params, fast_unpack, repack_int_weight)
 
 DECODE_MAX_TOKENS = 16  # up to this many tokens the decode kernels (no sort, no host sync) can run
 MAX_SLOTS = 16  # routed experts per token, plus the shared one, that the decode path's locks cover
@@ -25,7 +25,6 @@ MOE_PREFILL_LAUNCH = ((64, (16, 64, 4, 3, False)), (256, (32, 128, 4, 3, True)),
                       (1 << 62, (64, 128, 8, 3, True)))
 # Decode launch shape (block_n, split_k of (gate+up, down), num_warps) per kernel, measured the same way.
 MOE_DECODE_LAUNCH = {"fma": (16, (3, 2), 2), "mma": (64, (3, 2), 4)}
-MOE_CHUNK_LAUNCH = (64, 4, 3)  # moe_chunk_fwd's (block_n, num_warps, num_stages): a guess, not yet swept
 
 
 @dataclass
@@ -35,7 +34,7 @@ class PackedExperts:
 
     gate: PackedLinear  # [E', I, D]; its locks are [DECODE_MAX_TOKENS * MAX_SLOTS, I_pad / ROWS]
     up: PackedLinear  # [E', I, D]
-    down: PackedLinear  # [E', D, I]; its locks are [DECODE_MAX_TOKENS, D_pad / ROWS] (a row per token)
+    down: PackedLinear  # [E', D, I]; its locks are [D_pad / ROWS]
     num_experts: int
     has_shared: bool
 
@@ -78,8 +77,6 @@ def repack_moe_experts(experts, *, shared: dict | None = None, bits: int, group_
                          f"down [{down.n}, {down.k}]; expected down = [hidden, intermediate]")
     gate.locks = torch.zeros(DECODE_MAX_TOKENS * MAX_SLOTS, gate.scales.shape[-1] // ROWS, dtype=torch.int32,
                              device=gate.qweight.device)
-    down.locks = torch.zeros(DECODE_MAX_TOKENS, down.scales.shape[-1] // ROWS, dtype=torch.int32,
-                             device=down.qweight.device)
     return PackedExperts(gate, up, down, len(experts), shared is not None)
 
 
@@ -199,112 +196,6 @@ def moe_decode_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, T, 
 
 
 @triton.jit
-def _halves(h):
-    """h [2R, C] -> (h[:R], h[R:]), each [R, C]."""
-    return tl.split(tl.permute(tl.reshape(h, [2, h.shape[0] // 2, h.shape[1]]), [1, 2, 0]))
-
-
-@triton.jit
-def _dot_slice(acc, w, i: tl.constexpr, h, BITS: tl.constexpr, FAST: tl.constexpr):
-    """acc [BN, BM] += codes of slot pair i of words w [BN, P] (centred, [BN, 2P]) @ h [2P, BM]."""
-    DT: tl.constexpr = h.dtype
-    c = _codes(w, i, BITS, DT, FAST)
-    return tl.dot(tl.reshape(c, [c.shape[0], 2 * c.shape[1]]), h, acc)
-
-
-@triton.jit
-def moe_chunk_fwd_kernel(x, ids, wts, wg, wu, wd, sg, su, sd, zg, zu, zd, y, ws, locks, T, n_out, n_pad_i, n_pad_o,
-                         n_tiles, n_chunks, tiles_per_group, tiles_per_group_d, stride_xm, stride_ym, stride_we,
-                         stride_se, stride_wde, stride_sde, shared_id, locks_per_row, TOPK: tl.constexpr,
-                         SLOTS: tl.constexpr, BITS: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr,
-                         ASYM: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, NP: tl.constexpr,
-                         FAST: tl.constexpr):
-    """The whole MoE layer in one launch: one (chunk c of KT intermediate rows, token-slot pair u) per program.
-    As in moe_decode_fwd_kernel, the program of the first pair routed to an expert serves all its tokens (BM >=
-    tokens), the others return at once. It computes h = silu(x Wg_c^T) * (x Wu_c^T) for its chunk over all of K
-    (weights as the A operand, [KT, BM]), then that chunk's share of the down projection, h @ Wd[:, chunk]^T (the
-    chunk is exactly k-tile c of Wd), times the routing weight, BN output rows at a time. Every (token, slot,
-    chunk) parks its partial in ws [SLOTS * n_chunks, T, n_out]; per (token, row block) a lock counts them, and
-    the program that brings the last sums the NP-padded column of partials in one fixed-order reduction."""
-    c = tl.program_id(0)
-    u = tl.program_id(1)
-    offs_t = tl.arange(0, BM)
-    offs_s = tl.arange(0, BS)
-    valid = (offs_t[:, None] < T) & (offs_s[None, :] < SLOTS)
-    routed = tl.load(ids + offs_t[:, None] * TOPK + offs_s[None, :], mask=valid & (offs_s[None, :] < TOPK), other=0)
-    table = tl.where(valid, tl.where(offs_s[None, :] < TOPK, routed, shared_id), -1)  # [BM, BS] expert of each pair
-    pairs = offs_t[:, None] * SLOTS + offs_s[None, :]
-    e = tl.sum(tl.where((pairs == u) & valid, table, 0))
-    hit = table == e
-    if tl.min(tl.where(hit, pairs, BM * BS)) == u:
-        tok = tl.max(hit.to(tl.int32), axis=1) > 0  # [BM] tokens routed to e
-        slot = tl.sum(tl.where(hit, offs_s[None, :], 0), axis=1)  # [BM] and the slot that holds it
-        e = e.to(tl.int64)
-        KT: tl.constexpr = 32 // BITS * P
-        offs_p = tl.arange(0, P)
-        offs_r = c * KT + tl.arange(0, KT)  # the chunk's intermediate rows (I is a multiple of KT)
-        w_off = e * stride_we + ((offs_r // ROWS).to(tl.int64) * n_tiles * ROWS * P + (offs_r % ROWS) * P)[:, None] \
-            + offs_p[None, :]
-        s_off = e * stride_se + offs_r
-        mask_r = offs_r < n_pad_i
-        x_ptrs = x + offs_t[:, None].to(tl.int64) * stride_xm + tl.arange(0, 2 * P)[None, :]
-        a = tl.zeros([KT, BM], dtype=tl.float32)
-        b = tl.zeros([KT, BM], dtype=tl.float32)
-        for t in range(n_tiles):
-            g = t // tiles_per_group
-            xt = x_ptrs + t * (32 // BITS) * P
-            a += _mma_tile(tl.load(wg + w_off + t * ROWS * P), xt, tok[:, None], sg + s_off, zg + s_off, mask_r, g,
-                           n_pad_i, BITS, P, ASYM, FAST, True)
-            b += _mma_tile(tl.load(wu + w_off + t * ROWS * P), xt, tok[:, None], su + s_off, zu + s_off, mask_r, g,
-                           n_pad_i, BITS, P, ASYM, FAST, True)
-        h = (a * tl.sigmoid(a) * b).to(x.dtype.element_ty)  # [KT, BM], rounded as the k-input of a 16-bit dot
-        if BITS == 4:  # the chunk's slot-pair slices: pair i holds inputs i*2P .. i*2P + 2P of k-tile c
-            h01, h23 = _halves(h)
-            h0, h1 = _halves(h01)
-            h2, h3 = _halves(h23)
-        else:
-            h0, h1 = _halves(h)
-            h2, h3 = h0, h1
-        hs = tl.sum(h.to(tl.float32), axis=0)  # [BM] for the zero points
-        wt = tl.load(wts + offs_t * TOPK + tl.minimum(slot, TOPK - 1), mask=tok, other=0.0).to(tl.float32)
-        wt = tl.where(slot < TOPK, wt, 1.0)
-        g = c // tiles_per_group_d
-        part = (slot * n_chunks + c) * T + offs_t  # [BM] each token's partial row in ws
-        offs_np = tl.arange(0, NP)
-        for nb in range(tl.cdiv(n_out, BN)):
-            offs_n = nb * BN + tl.arange(0, BN)
-            mask_n = offs_n < n_pad_o
-            wdt = tl.load(wd + e * stride_wde + ((offs_n // ROWS).to(tl.int64) * n_chunks * ROWS * P
-                                                 + (offs_n % ROWS) * P + c * ROWS * P)[:, None] + offs_p[None, :],
-                          mask=mask_n[:, None], other=0)
-            acc = tl.zeros([BN, BM], dtype=tl.float32)
-            acc = _dot_slice(acc, wdt, 0, h0, BITS, FAST)
-            acc = _dot_slice(acc, wdt, 1, h1, BITS, FAST)
-            if BITS == 4:
-                acc = _dot_slice(acc, wdt, 2, h2, BITS, FAST)
-                acc = _dot_slice(acc, wdt, 3, h3, BITS, FAST)
-            sc = tl.load(sd + e * stride_sde + g * n_pad_o + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            if ASYM:
-                zc = tl.load(zd + e * stride_sde + g * n_pad_o + offs_n, mask=mask_n, other=0.0).to(tl.float32) \
-                    - (1 << (BITS - 1))
-                acc -= zc[:, None] * hs[None, :]
-            out = sc[:, None] * acc * wt[None, :]  # [BN, BM]
-            mask_o = offs_n < n_out
-            tl.store(ws + part[None, :].to(tl.int64) * n_out + offs_n[:, None], out,
-                     mask=tok[None, :] & mask_o[:, None])
-            tl.debug_barrier()  # every thread's partial is out before the release below
-            lock = locks + offs_t * locks_per_row + nb
-            last = tok & (tl.atomic_add(lock, 1, mask=tok) == SLOTS * n_chunks - 1)
-            for m in range(T):
-                if tl.sum(tl.where(offs_t == m, last, False).to(tl.int32)) > 0:
-                    mask = (offs_np < SLOTS * n_chunks)[:, None] & mask_o[None, :]
-                    col = tl.load(ws + (offs_np[:, None] * T + m).to(tl.int64) * n_out + offs_n[None, :], mask=mask,
-                                  other=0.0, cache_modifier=".cg")
-                    tl.store(y + m * stride_ym + offs_n, tl.sum(col, axis=0).to(y.dtype.element_ty), mask=mask_o)
-                    tl.atomic_xchg(locks + m * locks_per_row + nb, 0)
-
-
-@triton.jit
 def moe_gemm_fwd_kernel(x, pair_ids, block_expert, wts, wa, wb, sa, sb, za, zb, y, n_blocks, n_out, n_pad, n_tiles,
                         tiles_per_group, stride_xm, stride_ym, stride_we, stride_se, x_div, BITS: tl.constexpr,
                         P: tl.constexpr, ROWS: tl.constexpr, ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -403,34 +294,6 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
         h, topk_ids, topk_weights, wd, wd, sd, sd, zd, zd, y, ws, d.locks, T, d.n, sd.shape[-1], tiles,
         d.group_size // KT, per_split, h.stride(0), y.stride(0), wd.stride(0), sd.stride(0), experts.num_experts,
         0, SPLIT_K=split, GATED=False, **common)
-    return y
-
-
-def moe_chunk_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, block_n=None, num_warps=None,
-                  num_stages=None, fast=None):
-    """The MoE layer in one launch on the tensor cores (moe_chunk_fwd_kernel): a program per (chunk of KT
-    intermediate rows, routed pair), each routed expert's weights read once for all the tokens routed to it.
-    x [T <= DECODE_MAX_TOKENS, D] (fp32 is rounded to bf16), y [T, D]. Defaults from MOE_CHUNK_LAUNCH."""
-    T, topk = topk_ids.shape
-    slots = topk + experts.has_shared
-    if slots > MAX_SLOTS or T > DECODE_MAX_TOKENS:
-        raise ValueError(f"moe_chunk_fwd: {T} tokens x {slots} experts; the decode path takes at most "
-                         f"{DECODE_MAX_TOKENS} x {MAX_SLOTS}")
-    g, u, d = experts.gate, experts.up, experts.down
-    launch = MOE_CHUNK_LAUNCH
-    block_n, num_warps, num_stages = block_n or launch[0], num_warps or launch[1], num_stages or launch[2]
-    x = x if x.dtype in (torch.bfloat16, torch.float16) else x.to(torch.bfloat16)
-    n_chunks = d.k // KT
-    ws = torch.empty(slots * n_chunks * T * d.n, device=x.device, dtype=torch.float32)
-    (wg, sg, zg), (wu, su, zu), (wd, sd, zd) = _args(g), _args(u), _args(d)
-    moe_chunk_fwd_kernel[(n_chunks, T * slots)](
-        x, topk_ids, topk_weights, wg, wu, wd, sg, su, sd, zg, zu, zd, y, ws, d.locks, T, d.n, sg.shape[-1],
-        sd.shape[-1], g.k // KT, n_chunks, g.group_size // KT, d.group_size // KT, x.stride(0), y.stride(0),
-        wg.stride(0), sg.stride(0), wd.stride(0), sd.stride(0), experts.num_experts, d.locks.shape[-1], TOPK=topk,
-        SLOTS=slots, BITS=g.bits, P=KT * g.bits // 32, ROWS=ROWS, ASYM=g.zeros is not None,
-        BM=max(MMA_M, triton.next_power_of_2(T)), BS=triton.next_power_of_2(slots), BN=block_n,
-        NP=triton.next_power_of_2(slots * n_chunks), FAST=fast_unpack(g.bits, x.device) if fast is None else fast,
-        num_warps=num_warps, num_stages=num_stages)
     return y
 
 

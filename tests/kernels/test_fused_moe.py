@@ -6,8 +6,8 @@ from helpers import DEVICE, GPU, assert_close, ct_compress, poisoned
 
 from klconvert.kernels.naive_moe import naive_fused_moe
 from klconvert.kernels.fused_moe import (DECODE_MAX_TOKENS, MOE_CROSSOVER, MOE_PREFILL_LAUNCH, align_pairs, fused_moe,
-                                         moe_chunk_fwd, moe_decode_fwd, moe_grouped_fwd, moe_kernel,
-                                         prefill_launch, repack_moe_experts)
+                                         moe_decode_fwd, moe_grouped_fwd, moe_kernel, prefill_launch,
+                                         repack_moe_experts)
 from klconvert.kernels.int_linear import MMA_M
 
 BOUND = {torch.float32: 1e-5, torch.bfloat16: 8e-3}  # relative RMS vs the fp32 twin, by output dtype
@@ -69,20 +69,6 @@ def test_decode_kernels(mma, bits, symmetric, shared, tokens):
         y = moe_decode_fwd(x, ids, weights, experts, poisoned(tokens, 256, dtype=x.dtype), mma=mma)
         assert_close(y, naive_fused_moe(x, ids, weights, experts), BOUND[x.dtype], f"decode, mma {mma}")
     assert int(experts.gate.locks.abs().sum()) == 0 and int(experts.down.locks.abs().sum()) == 0
-
-
-@pytest.mark.parametrize("bits, symmetric, shared, tokens", [(4, True, True, 1), (4, False, False, 3),
-                                                             (8, True, True, 2), (8, False, True, 5)])
-def test_moe_chunk_kernel(bits, symmetric, shared, tokens):
-    """The one-launch MoE at ragged token counts, two intermediate chunks (each k-tile 128 of down), 5 experts for
-    3 slots (tokens share experts); the second call finds the per-token locks re-armed."""
-    experts = make_experts(5, 256, 256, bits, symmetric, shared)
-    x = torch.randn(tokens, 256, device=DEVICE, dtype=torch.bfloat16)
-    ids, weights = routing(tokens, 5, 3)
-    for _ in range(2):
-        y = moe_chunk_fwd(x, ids, weights, experts, poisoned(tokens, 256, dtype=x.dtype))
-        assert_close(y, naive_fused_moe(x, ids, weights, experts), BOUND[x.dtype], "moe_chunk_fwd")
-    assert int(experts.down.locks.abs().sum()) == 0
 
 
 def test_moe_kernel_table():
@@ -153,17 +139,3 @@ def test_decode_kernels_real_shapes(m, launch, symmetric):
         y = moe_decode_fwd(x, ids, weights, experts, poisoned(m, 2304, dtype=x.dtype), **launch)
         assert_close(y, naive_fused_moe(x, ids, weights, experts), BOUND[x.dtype], f"decode {launch}")
     assert int(experts.gate.locks.abs().sum()) == 0 and int(experts.down.locks.abs().sum()) == 0
-
-
-@GPU
-@pytest.mark.parametrize("m", [1, 5, 16])
-@pytest.mark.parametrize("bits, symmetric", [(4, True), (4, False), (8, True)])
-def test_moe_chunk_kernel_real_shapes(bits, symmetric, m):
-    """The one-launch MoE at the model's expert shape (8 chunks of 128), 8 of 32 experts + shared."""
-    experts = make_experts(32, 2304, 1024, bits, symmetric)
-    x = torch.randn(m, 2304, device=DEVICE, dtype=torch.bfloat16)
-    ids, weights = routing(m, 32, 8)
-    for _ in range(2):
-        y = moe_chunk_fwd(x, ids, weights, experts, poisoned(m, 2304, dtype=x.dtype))
-        assert_close(y, naive_fused_moe(x, ids, weights, experts), BOUND[x.dtype], "moe_chunk_fwd")
-    assert int(experts.down.locks.abs().sum()) == 0
