@@ -1,11 +1,12 @@
 """Check each klconvert kernel against its naive twin, then time it and its peers (fla, bitsandbytes, torch) on one GPU.
 
-python bench/kernels.py [--only SECTION ...]: sections fla, kda, kda_prefill, drift, linear, moe, mla, int4,
+python bench/kernels.py [--only SECTION ...]: sections fla, kda, kda_prefill, drift, linear, moe, route, mla, int4,
 int_prefill (default: all); the results table goes to stdout and $OUT/kernels.json. `--only int4` (~3 minutes) sweeps
 the int4/int8 launch shapes that matter and the row counts where each int kernel wins, and prints the defaults to set
 (CROSSOVER, MOE_CROSSOVER, MOE_DECODE_LAUNCH). `--only int_prefill` does the same at prefill row counts (64-4096) for
 the q,k,v and o_proj GEMMs and the MoE layer (int4 sym/asym, int8), with TFLOP/s against torch bf16 matmuls, and
-prints GEMM_LAUNCH, CROSSOVER's gemm bound and MOE_PREFILL_LAUNCH. `--only kda_prefill`: one KDA layer's prefill."""
+prints GEMM_LAUNCH, CROSSOVER's gemm bound and MOE_PREFILL_LAUNCH. `--only kda_prefill`: one KDA layer's prefill;
+`--only route`: the decode router's launch shapes."""
 import argparse
 import datetime
 import json
@@ -26,10 +27,12 @@ from klconvert.kernels.int_linear import (FMA_MAX_M, gemm_launch, int_dequant_mm
 from klconvert.kernels.kda_chunk import kda_chunk, kda_prefill_conv
 from klconvert.kernels.kda_decode import kda_decode, kda_layer_step
 from klconvert.kernels.mla_decode import mla_decode, mla_decode_splits
+from klconvert.kernels.moe_route import moe_router, moe_router_locks
 from klconvert.kernels.naive_int_linear import dequantize_int_weight, naive_int_linear
 from klconvert.kernels.naive_kda import kda_short_conv, naive_kda_chunk, naive_kda_decode, naive_kda_layer_step
 from klconvert.kernels.naive_mla import naive_mla_decode, quantize_mla_cache_rows
 from klconvert.kernels.naive_moe import naive_fused_moe
+from klconvert.kernels.naive_moe_route import naive_moe_router
 
 DEV = "cuda"
 H, K, V, W = 32, 128, 128, 4  # KDA layer
@@ -156,7 +159,7 @@ def bench_kda():
                 + (f_b.numel() + g_b.numel()) * 2
             for bv, warps in ((32, 4), (32, 8), (64, 8), (64, 16), (128, 16)):
                 t = timed(lambda: kda_layer_step(*args(pick()), **kw, block_v=bv, num_warps=warps))
-                cfg = "" if (bv, warps) == (32, 4) else f" [block_v {bv}, {warps} warps]"  # (32, 4): the default
+                cfg = f" [block_v {bv}, {warps} warps]"
                 record(tag + cfg, t, moved, "fla fused_recurrent_kda B=%d" % B,
                        state_GBps=2 * sbytes / ((t[1] or t[0]) * 1e-6) / 1e9)
             if sdt == torch.float32:  # the core op alone
@@ -394,6 +397,30 @@ def bench_moe():
                 t = timed(lambda: moe_decode_fwd(x, ids(), w, experts, y, mma=False, block_n=bn, split_k=split,
                                                  num_warps=warps))
                 record(f"{tag} [CUDA cores, block_n {bn}, {warps} warps, split_k {split}]", t, moved, peer)
+
+
+def bench_route():
+    """--only route: the decode router (fp32 GEMV over 256 experts + top-8, one launch) at 1 and 16 tokens over its
+    launch shapes (block_e, block_d, num_warps), against torch's linear + sigmoid + topk; sets moe_router's
+    defaults."""
+    w = torch.randn(EXPERTS, HIDDEN, device=DEV) * HIDDEN ** -0.5
+    bias = torch.randn(EXPERTS, device=DEV) * 0.1
+    locks = moe_router_locks(16, DEV)
+    for m in (1, 16):
+        x = torch.randn(m, HIDDEN, device=DEV, dtype=torch.bfloat16)
+        ref_ids, ref_wts = naive_moe_router(x, w, bias, TOPK, 2.446)
+        peer = f"torch router M={m}"
+        record(peer, timed(lambda: torch.topk(torch.sigmoid(x.float() @ w.t()) + bias, TOPK)), w.numel() * 4)
+        for block_e, block_d, warps in ((8, 256, 4), (4, 256, 4), (2, 256, 2), (4, 512, 4), (8, 256, 8),
+                                        (2, 512, 4), (1, 512, 2), (4, 128, 1)):
+            tag = f"moe_router M={m} [block_e {block_e}, block_d {block_d}, {warps} warps]"
+            launch = dict(block_e=block_e, block_d=block_d, num_warps=warps)
+            ids, wts = moe_router(x, w, bias, TOPK, 2.446, locks, **launch)
+            if not torch.equal(ids.sort(-1).values, ref_ids.sort(-1).values):
+                failures.append(tag)
+                print(f"check {tag}: FAILED (expert sets differ)", flush=True)
+                continue
+            record(tag, timed(lambda: moe_router(x, w, bias, TOPK, 2.446, locks, **launch)), w.numel() * 4, peer)
 
 
 def bench_moe_peers():
@@ -842,7 +869,7 @@ def copy_ceiling():
 
 
 SECTIONS = {"fla": bench_fla, "kda": bench_kda, "kda_prefill": bench_kda_prefill, "drift": bf16_state_drift,
-            "linear": bench_linear, "moe": bench_moe, "mla": bench_mla, "int4": bench_int4,
+            "linear": bench_linear, "moe": bench_moe, "route": bench_route, "mla": bench_mla, "int4": bench_int4,
             "int_prefill": bench_prefill}
 
 

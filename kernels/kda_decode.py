@@ -4,6 +4,11 @@ import torch
 import triton
 import triton.language as tl
 
+# kda_layer_step's (block_v, num_warps) by batch: the first entry whose bound >= B. Measured on an H200
+# (2026-11-29, `python bench/kernels.py --only kda`, graph time, fp32 state): at B=1 (64, 8) 8.8 us against (32, 4)
+# 10.2 us; at B=64 (32, 4) 109 us against (64, 8) 121 us. Batches between were not measured.
+LAYER_STEP_LAUNCH = ((4, (64, 8)), (1 << 62, (32, 4)))
+
 
 @triton.jit
 def _decay(g_raw, dt_bias, a_log):
@@ -81,7 +86,7 @@ def _conv_shift(p_c, ch, mask, win, xt, W: tl.constexpr, BW: tl.constexpr):
 def _low_rank_up(a_row, w, rows, mask_rows, R: tl.constexpr, RC: tl.constexpr):
     """w[rows, :] @ a (fp32) for a [R] low-rank activation and a [N, R] weight; rows any shape, R in RC chunks."""
     acc = tl.zeros(rows.shape, dtype=tl.float32)
-    for r0 in range(0, R, RC):
+    for r0 in tl.static_range(0, R, RC):  # unrolled: the chunks' loads go out together
         offs_r = r0 + tl.arange(0, RC)
         mask_r = offs_r < R
         a = tl.load(a_row + offs_r, mask=mask_r, other=0.0).to(tl.float32)
@@ -177,7 +182,7 @@ def kda_decode(q, k, v, g, beta, state, *, A_log, dt_bias, scale=None, out=None,
 
 
 def kda_layer_step(x_qkv, conv_state, conv_weight, f_a, beta_raw, g_a, state, *, f_b_weight, g_b_weight, A_log,
-                   dt_bias, o_norm_weight, eps, scale=None, out=None, block_v=32, num_warps=4):
+                   dt_bias, o_norm_weight, eps, scale=None, out=None, block_v=None, num_warps=None):
     """The KDA mixer for one token per sequence, in one launch, from its input projections to the output projection.
 
     x_qkv [B, 2*H*K + H*V]: the q, k, v projection outputs concatenated; conv_state [B, 2*H*K + H*V, W-1]: the
@@ -188,9 +193,11 @@ def kda_layer_step(x_qkv, conv_state, conv_weight, f_a, beta_raw, g_a, state, *,
     the two gates' up-projections in fp32, then kda_decode's step, then
     rmsnorm_head(o) * o_norm_weight * sigmoid(gate_raw). Returns o [B, H*V] in x_qkv.dtype.
     Rows may be strided (e.g. slices of a cache); the last dim of each input must be contiguous.
-    block_v, num_warps: the launch shape (defaults: best measured on H100 at batch 1 and 64).
+    block_v, num_warps: the launch shape (defaults by batch: LAYER_STEP_LAUNCH).
     """
     B, H, K, V = state.shape
+    launch = next(launch for bound, launch in LAYER_STEP_LAUNCH if B <= bound)
+    block_v, num_warps = block_v or launch[0], num_warps or launch[1]
     C = 2 * H * K + H * V
     conv_weight = conv_weight.reshape(C, -1)
     W = conv_weight.shape[1]

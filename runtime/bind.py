@@ -172,11 +172,14 @@ def bind(model: M.KimiLinear, read: Read, packed: Packed | None, held: dict[str,
 def _swap_fused(model: M.KimiLinear, latent_kernel: bool) -> None:
     """The weight-less decode and prefill modules and the small ones whose PyTorch form is many launches.
     latent_kernel: the cache is bf16 or e4m3 (what the Triton latent attention reads), not fp32."""
-    from klconvert.runtime.kernel_modules import (FusedKDAStep, FusedRMSNorm, FusedRouter, TritonLatentAttention,
-                                                  kda_chunk_module)
+    from klconvert.runtime.kernel_modules import (ConcurrentStackedLinear, FusedKDAStep, FusedRMSNorm, FusedRouter,
+                                                  TritonLatentAttention, kda_chunk_module)
 
+    device = next(model.parameters()).device
     for name, module in list(model.named_modules()):
-        if isinstance(module, M.KDAMixer):
+        if isinstance(module, M.StackedLinear) and len(module.parts) > 1 and device.type == "cuda":
+            _replace(model, name, ConcurrentStackedLinear(module, device))
+        elif isinstance(module, M.KDAMixer):
             module.chunk = kda_chunk_module(module)
             if isinstance(module.f_b_proj, M.Linear) and isinstance(module.g_b_proj, M.Linear):  # else quantized:
                 module.step = FusedKDAStep(module)                       # the PyTorch step calls them as they are

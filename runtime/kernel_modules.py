@@ -28,6 +28,27 @@ class PackedIntLinear(nn.Module):
         return int_linear(x, self.packed)
 
 
+class ConcurrentStackedLinear(nn.Module):
+    """A StackedLinear on CUDA whose parts (a packed kernel per format, one dense matmul) run side by side: the
+    first on the caller's stream, the rest on a second stream joined before the outputs meet -- parallel branches
+    of the decode step's CUDA graph, so a small dense GEMV (KDA's g_a, MLA's kv_a) no longer waits for the int4
+    one. The same kernels on the same inputs as StackedLinear, so the same outputs."""
+
+    def __init__(self, group: nn.Module, device: torch.device):
+        super().__init__()
+        self.parts, self.order, self.sizes = group.parts, group.order, group.sizes
+        self.side = torch.cuda.Stream(device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        main = torch.cuda.current_stream(x.device)
+        self.side.wait_stream(main)
+        with torch.cuda.stream(self.side):
+            rest = [p(x) for p in self.parts[1:]]
+        first = self.parts[0](x)
+        main.wait_stream(self.side)
+        return torch.cat([first] + rest, dim=-1)
+
+
 class FusedRMSNorm(nn.Module):
     """RMSNorm, and its residual add, in one launch."""
 
@@ -101,22 +122,26 @@ class TritonKDAChunk(nn.Module):
         y = kda_prefill_conv(qkv, tail, self.conv, out_dtype=self.conv_dtype or qkv.dtype)
         q, k, v = y.view(B, T, 3, H, K).unbind(2)
         S = S if S is not None else torch.zeros(B, H, K, K, device=q.device)
-        return self.delta(q, k, v, g_raw.view(B, T, H, K), beta_raw, S)
+        return self.delta(q, k, v, g_raw.view(B, T, H, K), beta_raw, S, exact=qkv.dtype == torch.float32)
 
-    def delta(self, q, k, v, g_raw, beta_raw, S) -> torch.Tensor:
-        """The delta rule from S (updated in place): o [B, T, H, V] fp32."""
-        return kda_chunk(q, k, v, g_raw, beta_raw, S, A_log=self.A_log, dt_bias=self.dt_bias)
+    def delta(self, q, k, v, g_raw, beta_raw, S, exact: bool) -> torch.Tensor:
+        """The delta rule from S (updated in place): o [B, T, H, V] fp32. exact (an fp32 model): the products in
+        full fp32 ("ieee"), not TF32."""
+        return kda_chunk(q, k, v, g_raw, beta_raw, S, A_log=self.A_log, dt_bias=self.dt_bias,
+                         precision="ieee" if exact else "tf32")
 
 
 class FlaKDAChunk(TritonKDAChunk):
     """KDAChunk with fla-core's chunk_kda for the delta rule (`pip install 'klconvert[fast]'`): the same
     conventions -- l2norm with eps 1e-6 inside the sqrt, q times K^-0.5, the gate -exp(A_log) softplus(g + dt_bias),
     sigmoid(beta) -- and the state [B, H, K, V] fp32 in and out. q, k, v go in the activation dtype (bf16 on a
-    GPU), as fla's documentation and our H200 check run it."""
+    GPU), as fla's documentation and our H200 check run it; an fp32 model takes the Triton kernel in full fp32."""
 
     conv_dtype = None
 
-    def delta(self, q, k, v, g_raw, beta_raw, S) -> torch.Tensor:
+    def delta(self, q, k, v, g_raw, beta_raw, S, exact: bool) -> torch.Tensor:
+        if exact:  # fla's kernels multiply in TF32 at best; an fp32 model gets the exact Triton products
+            return super().delta(q.float(), k.float(), v.float(), g_raw, beta_raw, S, exact)
         from fla.ops.kda import chunk_kda
 
         o, final = chunk_kda(q, k, v, g_raw, beta_raw, initial_state=S.float(), output_final_state=True,

@@ -5,7 +5,7 @@ import torch
 from helpers import DEVICE, GPU, assert_close, poisoned
 from testkit import rel_error
 
-from klconvert.kernels.kda_decode import kda_decode, kda_layer_step
+from klconvert.kernels.kda_decode import LAYER_STEP_LAUNCH, kda_decode, kda_layer_step
 from klconvert.kernels.naive_kda import naive_kda_decode, naive_kda_layer_step
 
 # relative RMS bounds vs the fp32 twin: fp32 throughout; bf16 inputs/outputs or state, rounded once per step
@@ -159,3 +159,9 @@ def test_kda_layer_step_real_shapes(B, state_dtype):
 def test_kda_decode_chain_real_shapes():
     err_o, err_s = chain(300, 2, 32, 128, 128, torch.float32)
     assert err_o < 1e-4 and err_s < 1e-4, (err_o, err_s)
+
+
+def test_layer_step_launch_table():
+    bounds = [bound for bound, _ in LAYER_STEP_LAUNCH]
+    assert bounds == sorted(bounds) and bounds[-1] >= 1 << 40
+    assert all(bv & (bv - 1) == 0 and warps in (1, 2, 4, 8, 16) for _, (bv, warps) in LAYER_STEP_LAUNCH)

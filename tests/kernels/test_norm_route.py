@@ -57,6 +57,14 @@ def test_moe_router_computes_the_logits_and_routes_in_one_launch(N, E, D, k, dty
     assert int(locks.abs().sum()) == 0
 
 
+def test_moe_route_ties_go_to_the_lowest_ids():
+    logits = torch.zeros(2, 40, device=DEVICE)
+    logits[1, 30:] = 1.0  # ten tied leaders, then ties among the rest
+    ids, _ = moe_route(logits, torch.zeros(40, device=DEVICE), 12, 1.0)
+    assert ids[0].sort().values.tolist() == list(range(12))
+    assert ids[1].sort().values.tolist() == [0, 1] + list(range(30, 40))
+
+
 def test_moe_route_without_renormalization():
     logits, bias = torch.randn(2, 32, device=DEVICE), torch.zeros(32, device=DEVICE)
     ids, wts = moe_route(logits, bias, 3, 1.0, renormalize=False)
