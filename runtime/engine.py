@@ -98,6 +98,7 @@ class Engine:
         parts (Checkpoint.packed) and `stored_schemes` how each packed weight is stored; `kernels` picks PyTorch
         or Triton (auto: Triton on CUDA). The decode step is captured in a CUDA graph with Triton on CUDA."""
         self.config, self.device, self.dtype = config, device, dtype
+        self.prefill_segment = PREFILL_SEGMENT  # prompt tokens per model call (the plan's workspace assumes this)
         self.triton = use_triton(kernels, device)
         self.model = KimiLinear(config, biased_router_weights=biased_router_weights)
         held = packed_choice(self.model, stored_schemes or {}, self.triton)
@@ -169,8 +170,8 @@ class Engine:
         so the allocator reuses its blocks; a prefill of several segments hands its cache back at the end."""
         state.reset()
         out = []
-        for start in range(0, ids.shape[1], PREFILL_SEGMENT):
-            seg = ids[:, start:start + PREFILL_SEGMENT]
+        for start in range(0, ids.shape[1], self.prefill_segment):
+            seg = ids[:, start:start + self.prefill_segment]
             last = start + seg.shape[1] == ids.shape[1]
             logits = self.model(seg, state, start, last_only=not all_logits)
             if all_logits or last:
@@ -178,7 +179,7 @@ class Engine:
             if progress is not None:
                 _sync(self.device)
                 progress(seg.numel())
-        if self.device.type == "cuda" and ids.shape[1] > PREFILL_SEGMENT:
+        if self.device.type == "cuda" and ids.shape[1] > self.prefill_segment:
             torch.cuda.empty_cache()
         return torch.cat(out, dim=1)
 
