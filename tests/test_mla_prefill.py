@@ -12,7 +12,6 @@ from klconvert.cli import cli
 from klconvert.config import KimiLinearConfig
 from klconvert.kernels.naive_mla import quantize_mla_cache_rows
 from klconvert.presets import preset_config
-from klconvert.runtime import engine as engine_module
 from klconvert.runtime import model as M
 from klconvert.runtime.memory_plan import MemoryPlan
 from klconvert.runtime.state import FP8, cache_rows
@@ -75,7 +74,7 @@ def test_attention_with_lse_matches_the_definition():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cache_dtype", [None, FP8])
-def test_a_prompt_of_several_segments_equals_one_causal_pass(trained_like, monkeypatch, cache_dtype):
+def test_a_prompt_of_several_segments_equals_one_causal_pass(trained_like, cache_dtype):
     """The tiny model, prefill segments of 16 and MLA key blocks of 24, a 75-token prompt: the same logits as one
     pass over the whole prompt with nothing cached (fp32; the e4m3 cache against its own one-segment prefill)."""
     engine = klconvert.load(trained_like, device="cpu", dtype=torch.float32, max_context=80,
@@ -85,7 +84,7 @@ def test_a_prompt_of_several_segments_equals_one_causal_pass(trained_like, monke
     for mixer in engine.model.modules():
         if isinstance(mixer, M.MLAMixer):
             mixer.prefill_attention = M.PrefillAttention(24)
-    monkeypatch.setattr(engine_module, "PREFILL_SEGMENT", 16)
+    engine.prefill_segment = 16
     segmented = engine.forward(ids)
     assert rel(segmented, one_pass) < (1e-5 if cache_dtype is None else 1e-4)
     assert rel(engine.prefill(ids), one_pass[:, -1]) < (1e-5 if cache_dtype is None else 1e-4)
