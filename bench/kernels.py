@@ -401,26 +401,39 @@ def bench_moe():
 
 def bench_route():
     """--only route: the decode router (fp32 GEMV over 256 experts + top-8, one launch) at 1 and 16 tokens over its
-    launch shapes (block_e, block_d, num_warps), against torch's linear + sigmoid + topk; sets moe_router's
-    defaults."""
+    launch shapes (block_e, block_d, num_warps), against torch's linear + sigmoid + topk + renormalize (each checked
+    against the naive twin first); sets moe_router's defaults."""
     w = torch.randn(EXPERTS, HIDDEN, device=DEV) * HIDDEN ** -0.5
     bias = torch.randn(EXPERTS, device=DEV) * 0.1
     locks = moe_router_locks(16, DEV)
     for m in (1, 16):
         x = torch.randn(m, HIDDEN, device=DEV, dtype=torch.bfloat16)
         ref_ids, ref_wts = naive_moe_router(x, w, bias, TOPK, 2.446)
+        ref_order = ref_ids.sort(-1)
+
+        def same_choice(tag, ids, wts):
+            order = ids.sort(-1)
+            if not torch.equal(order.values, ref_order.values):
+                failures.append(tag)
+                print(f"check {tag}: FAILED (expert sets differ)", flush=True)
+                return False
+            return check(tag, wts.gather(1, order.indices), ref_wts.gather(1, ref_order.indices), 1e-5)
+
+        def torch_router():
+            scores = torch.sigmoid(x.float() @ w.t())
+            ids = (scores + bias).topk(TOPK).indices
+            wts = scores.gather(1, ids)
+            return ids, wts / wts.sum(-1, keepdim=True) * 2.446
         peer = f"torch router M={m}"
-        record(peer, timed(lambda: torch.topk(torch.sigmoid(x.float() @ w.t()) + bias, TOPK)), w.numel() * 4)
+        if same_choice(peer, *torch_router()):
+            record(peer, timed(torch_router), w.numel() * 4)
         for block_e, block_d, warps in ((8, 256, 4), (4, 256, 4), (2, 256, 2), (4, 512, 4), (8, 256, 8),
                                         (2, 512, 4), (1, 512, 2), (4, 128, 1)):
             tag = f"moe_router M={m} [block_e {block_e}, block_d {block_d}, {warps} warps]"
             launch = dict(block_e=block_e, block_d=block_d, num_warps=warps)
-            ids, wts = moe_router(x, w, bias, TOPK, 2.446, locks, **launch)
-            if not torch.equal(ids.sort(-1).values, ref_ids.sort(-1).values):
-                failures.append(tag)
-                print(f"check {tag}: FAILED (expert sets differ)", flush=True)
-                continue
-            record(tag, timed(lambda: moe_router(x, w, bias, TOPK, 2.446, locks, **launch)), w.numel() * 4, peer)
+            if same_choice(tag, *moe_router(x, w, bias, TOPK, 2.446, locks, **launch)):
+                record(tag, timed(lambda: moe_router(x, w, bias, TOPK, 2.446, locks, **launch)), w.numel() * 4,
+                       peer)
 
 
 def bench_moe_peers():
