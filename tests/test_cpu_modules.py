@@ -1,0 +1,57 @@
+"""The CPU's PyTorch forms (runtime/cpu_modules.py, what bind picks for inference on the CPU without Triton) against
+the declared model's own modules: the same logits bit for bit in fp32 -- prefill, decode one sequence at a time and
+several together -- and close in bf16, where some of them hand over to the reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import klconvert
+import klconvert.runtime.bind as bind_module
+from klconvert.runtime import cpu_modules as C
+from klconvert.runtime import model as M
+
+
+def load_pair(folder, monkeypatch, **kw):
+    fast = klconvert.load(folder, device="cpu", kernels="torch", **kw)
+    with monkeypatch.context() as m:
+        m.setattr(bind_module, "_swap_cpu", lambda model: None)
+        reference = klconvert.load(folder, device="cpu", kernels="torch", **kw)
+    return fast, reference
+
+
+def decode_logits(engine, ids, start):
+    engine.forward(ids[:, :start])
+    return torch.stack([engine.decode_step(ids[:, t], t) for t in range(start, ids.shape[1])])
+
+
+def test_bind_picks_the_cpu_forms(trained_like):
+    engine = klconvert.load(trained_like, device="cpu", dtype=torch.float32, max_context=32, kernels="torch")
+    kinds = {type(m) for m in engine.model.modules()}
+    assert {C.CPUKDAMixer, C.CPUMLAMixer, C.CPUMoE, C.CPUDenseMLP, C.CPURMSNorm, C.CPULatentAttention} <= kinds
+    assert M.RMSNorm not in kinds and all(m.fast for m in engine.model.modules() if isinstance(m, C.CPUMoE))
+    assert any(isinstance(m, M.Experts) for m in engine.model.modules())      # the reference loop stays reachable
+    assert not any("cpu" in n for n, _ in engine.model.named_parameters())      # the checkpoint's names only
+
+
+def test_fp32_equals_the_reference_bit_for_bit(trained_like, monkeypatch):
+    fast, reference = load_pair(trained_like, monkeypatch, dtype=torch.float32, max_context=64)
+    ids = torch.randint(0, fast.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(fast.forward(ids), reference.forward(ids))
+    assert torch.equal(decode_logits(fast, ids, 8), decode_logits(reference, ids, 8))
+    prompts = [[5, 6, 7], [9] * 11, [1]]
+    assert torch.equal(fast.generate(prompts[:1], 24), reference.generate(prompts[:1], 24))
+
+
+def test_a_batch_equals_the_reference_bit_for_bit(trained_like, monkeypatch):
+    fast, reference = load_pair(trained_like, monkeypatch, dtype=torch.float32, max_context=40, batch=3)
+    prompts = [[5, 6, 7], [9] * 11, [1]]
+    assert torch.equal(fast.generate(prompts, 16), reference.generate(prompts, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_other_dtypes_stay_close(trained_like, monkeypatch, dtype):
+    fast, reference = load_pair(trained_like, monkeypatch, dtype=dtype, max_context=40)
+    ids = torch.randint(0, fast.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(5))
+    a, b = decode_logits(fast, ids, 8).float(), decode_logits(reference, ids, 8).float()
+    assert ((a - b).norm() / b.norm()).item() < 1e-2
