@@ -1,9 +1,8 @@
-"""The CPU's PyTorch forms (runtime/cpu_modules.py, what bind picks for inference on the CPU without Triton) against
-the declared model's own modules: the same logits bit for bit in fp32 -- prefill, decode one sequence at a time and
-several together -- and close in bf16, where some of them hand over to the reference."""
+"""The CPU's PyTorch forms (runtime/cpu_modules.py, what bind picks for fp32 inference on the CPU without Triton)
+against the declared model's own modules: the same logits bit for bit -- prefill, decode one sequence at a time and
+several together; other dtypes keep the declared modules."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 import klconvert
@@ -49,9 +48,6 @@ def test_a_batch_equals_the_reference_bit_for_bit(trained_like, monkeypatch):
     assert torch.equal(fast.generate(prompts, 16), reference.generate(prompts, 16))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16])
-def test_other_dtypes_stay_close(trained_like, monkeypatch, dtype):
-    fast, reference = load_pair(trained_like, monkeypatch, dtype=dtype, max_context=40)
-    ids = torch.randint(0, fast.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(5))
-    a, b = decode_logits(fast, ids, 8).float(), decode_logits(reference, ids, 8).float()
-    assert ((a - b).norm() / b.norm()).item() < 1e-2
+def test_bf16_keeps_the_declared_modules(trained_like):
+    engine = klconvert.load(trained_like, device="cpu", dtype=torch.bfloat16, max_context=16, kernels="torch")
+    assert not any(type(m).__module__ == C.__name__ for m in engine.model.modules())
