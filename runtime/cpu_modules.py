@@ -106,12 +106,14 @@ class CPUKDAMixer(M.KDAMixer):
         beta = torch.sigmoid(beta_raw.view(B, H, 1, 1))
         # the delta rule (runtime/kda.kda_step), u and o as [B, H, 1, V] rows
         S.mul_(decay)
-        u = beta * (y[:, 2] - torch.matmul(k, S))
+        S3 = S.view(B * H, K, -1)
+        u = beta * (y[:, 2] - torch.bmm(k.reshape(B * H, 1, K), S3).view(B, H, 1, -1))
         outer = self.cpu_outer
         if outer is None or outer.shape != S.shape or outer.is_inference() != torch.is_inference_mode_enabled():
             self.cpu_outer = outer = torch.empty_like(S)
         S.add_(torch.mul(k.transpose(-1, -2), u, out=outer))
-        o = self.cpu_norm(torch.matmul(q, S)) * torch.sigmoid(gate_raw.view(B, H, 1, -1))    # gated output norm
+        o = torch.bmm(q.reshape(B * H, 1, K), S3).view(B, H, 1, -1)
+        o = self.cpu_norm(o) * torch.sigmoid(gate_raw.view(B, H, 1, -1))                     # gated output norm
         return F.linear(o.view(B, -1), self.cpu_out)
 
 
@@ -127,12 +129,16 @@ class CPULatentAttention(nn.Module):
     def forward(self, q_lat, q_rope, cache, lengths, scale, cache_scale=None) -> torch.Tensor:
         if scale != self.scale or cache_scale is not None or cache.dtype != torch.float32:
             return M.LatentAttention.forward(self, q_lat, q_rope, cache, lengths, scale, cache_scale)
+        return self.upto(q_lat, q_rope, cache, lengths - 1)
+
+    def upto(self, q_lat, q_rope, cache, last) -> torch.Tensor:
+        """The fp32 cache's rows 0..last[b] of each sequence b."""
         B, L, _ = cache.shape
         R = q_lat.shape[-1]
         if self.arange is None or self.arange.shape[-1] != L:
             self.arange = torch.arange(L, device=cache.device).view(1, 1, L)
         scores = torch.bmm(torch.cat([q_lat, q_rope], dim=-1), cache.transpose(1, 2)) * self.scale_t   # [B, H, L]
-        p = scores.masked_fill_(self.arange >= lengths.view(B, 1, 1), float("-inf")).softmax(dim=-1)
+        p = scores.masked_fill_(self.arange > last.view(B, 1, 1), float("-inf")).softmax(dim=-1)
         return torch.bmm(p, cache[..., :R])
 
 
@@ -163,8 +169,11 @@ class CPUMLAMixer(M.MLAMixer):
         state.write_mla_at(self.slot, positions, rows)
         q_nope, q_rope = q.view(B, self.H, -1).split([self.dn, self.dr], dim=-1)
         q_lat = torch.bmm(q_nope.transpose(0, 1), self.cpu_w_uk).transpose(0, 1)             # [B, H, r]
-        o_lat = self.attend(q_lat, q_rope, state.mla_cache[self.slot], positions + 1, self.scale,
-                            state.mla_scale_of(self.slot))
+        cache, cache_scale = state.mla_cache[self.slot], state.mla_scale_of(self.slot)
+        if cache_scale is None and cache.dtype == torch.float32:
+            o_lat = self.attend.upto(q_lat, q_rope, cache, positions)
+        else:
+            o_lat = self.attend(q_lat, q_rope, cache, positions + 1, self.scale, cache_scale).to(x.dtype)
         o = torch.bmm(o_lat.transpose(0, 1), self.cpu_w_uv_t).transpose(0, 1)               # [B, H, dv]
         return F.linear(o.reshape(B, self.H * self.dv), self.cpu_out)
 
