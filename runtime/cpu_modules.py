@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_hooks
 
 from klconvert.runtime import model as M
 
@@ -196,8 +197,9 @@ class CPUDenseMLP(M.DenseMLP):
 class CPUMoE(M.MoE):
     """MoE for one token at a time: the router and the shared expert's gate and up as one matmul, then the chosen
     experts one after the other in ascending id (the reference's order of accumulation), each output times its
-    weight as a tensor (as the reference's index_add source). More tokens than one, or modules it cannot stack:
-    the reference MoE.forward over the same modules, which it keeps under their checkpoint names."""
+    weight as a tensor (as the reference's index_add source). More tokens than one, modules it cannot stack, or a
+    router replaced or hooked since: the reference MoE.forward over the same modules, which it keeps under their
+    checkpoint names."""
 
     def __init__(self, moe: M.MoE):
         nn.Module.__init__(self)
@@ -215,8 +217,15 @@ class CPUMoE(M.MoE):
             self.shared_down = shared.down_proj.weight.detach()
             self.w13, self.w2 = list(experts.w13.detach().unbind(0)), list(experts.w2.detach().unbind(0))
 
+    def router_watched(self) -> bool:
+        """Whether the router is called for its own sake -- replaced, or hooked (klconvert bench and eval read its
+        choices) -- so the reference path must call it."""
+        g = self.gate
+        return (type(g) is not M.Router or bool(g._forward_hooks or g._forward_pre_hooks)
+                or bool(_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fast or x.numel() != x.shape[-1]:
+        if not self.fast or x.numel() != x.shape[-1] or self.router_watched():
             return super().forward(x)
         shape = x.shape
         x = x.view(1, -1)

@@ -51,3 +51,14 @@ def test_a_batch_equals_the_reference_bit_for_bit(trained_like, monkeypatch):
 def test_bf16_keeps_the_declared_modules(trained_like):
     engine = klconvert.load(trained_like, device="cpu", dtype=torch.bfloat16, max_context=16, kernels="torch")
     assert not any(type(m).__module__ == C.__name__ for m in engine.model.modules())
+
+
+def test_a_hooked_router_is_still_called(trained_like):
+    """klconvert bench and eval read the routers' choices through forward hooks: the MoE then calls the router."""
+    engine = klconvert.load(trained_like, device="cpu", dtype=torch.float32, max_context=32, kernels="torch")
+    seen = []
+    moe = engine.model.blocks[1].ffn
+    hook = moe.gate.register_forward_hook(lambda m, a, r: seen.append(r[0].tolist()))
+    engine.generate([[3, 1, 4]], 3)
+    hook.remove()
+    assert isinstance(moe, C.CPUMoE) and len(seen) == 1 + 2       # the prefill, then two decode steps
