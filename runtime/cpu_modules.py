@@ -60,7 +60,7 @@ class CPURMSNorm(nn.Module):
 
 
 class CPUKDAMixer(M.KDAMixer):
-    """A KDA layer whose decode (one token per sequence) takes about a third of the reference's ops: the input
+    """A KDA layer whose decode (one token per sequence) takes about half the reference's ops: the input
     projection split by one op (the declared order puts f_a and g_a side by side), the gates' up-projections f_b and
     g_b as one bmm, the short conv as a dot per channel, q and k normed together and kept as [B, H, 1, K] rows (no
     unsqueeze later), -exp(A_log) prepared once, the delta rule's products as bmm and its rank-1 update through a kept
