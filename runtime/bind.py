@@ -158,7 +158,8 @@ def bind(model: M.KimiLinear, read: Read, packed: Packed | None, held: dict[str,
     """Fill `model` in place: `held` (from packed_choice) stays packed, the rest is read dense; with `triton`
     the KDA step and prefill and the latent attention become their fused kernels; with `restack` (inference) each
     group of projections that read the same input becomes one matmul per format (training keeps the declared
-    modules, whose parameters carry the checkpoint's names). Returns the model."""
+    modules, whose parameters carry the checkpoint's names); fp32 inference on the CPU without Triton gets the
+    PyTorch forms of runtime/cpu_modules.py (fewer ops a decode step, the same results). Returns the model."""
     if held:
         _swap_packed(model, packed, held, device)
     _fill(model, read, device, dtype)
@@ -166,6 +167,8 @@ def bind(model: M.KimiLinear, read: Read, packed: Packed | None, held: dict[str,
         _stack_groups(model)
     if triton:
         _swap_fused(model, latent_kernel=dtype != torch.float32)
+    elif restack and device.type == "cpu" and dtype == torch.float32:
+        _swap_cpu(model)
     return model.eval()
 
 
@@ -189,3 +192,20 @@ def _swap_fused(model: M.KimiLinear, latent_kernel: bool) -> None:
             _replace(model, name, FusedRMSNorm(module))
         elif isinstance(module, M.Router) and model.config.num_expert_group == 1:
             _replace(model, name, FusedRouter(module))
+
+
+def _swap_cpu(model: M.KimiLinear) -> None:
+    """The CPU's fp32 PyTorch forms (runtime/cpu_modules.py); each keeps the reference where it does not apply."""
+    from klconvert.runtime.cpu_modules import CPUDenseMLP, CPUKDAMixer, CPUMLAMixer, CPUMoE, CPURMSNorm
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, M.KDAMixer):
+            CPUKDAMixer.adopt(module)
+        elif isinstance(module, M.MLAMixer):
+            CPUMLAMixer.adopt(module)
+        elif isinstance(module, M.RMSNorm):
+            _replace(model, name, CPURMSNorm(module))
+        elif isinstance(module, M.MoE):
+            _replace(model, name, CPUMoE(module))
+        elif isinstance(module, M.DenseMLP):
+            CPUDenseMLP.adopt(module)

@@ -1,0 +1,64 @@
+"""The CPU's PyTorch forms (runtime/cpu_modules.py, what bind picks for fp32 inference on the CPU without Triton)
+against the declared model's own modules: the same logits bit for bit -- prefill, decode one sequence at a time and
+several together; other dtypes keep the declared modules."""
+from __future__ import annotations
+
+import torch
+
+import klconvert
+import klconvert.runtime.bind as bind_module
+from klconvert.runtime import cpu_modules as C
+from klconvert.runtime import model as M
+
+
+def load_pair(folder, monkeypatch, **kw):
+    fast = klconvert.load(folder, device="cpu", kernels="torch", **kw)
+    with monkeypatch.context() as m:
+        m.setattr(bind_module, "_swap_cpu", lambda model: None)
+        reference = klconvert.load(folder, device="cpu", kernels="torch", **kw)
+    return fast, reference
+
+
+def decode_logits(engine, ids, start):
+    engine.forward(ids[:, :start])
+    return torch.stack([engine.decode_step(ids[:, t], t) for t in range(start, ids.shape[1])])
+
+
+def test_bind_picks_the_cpu_forms(trained_like):
+    engine = klconvert.load(trained_like, device="cpu", dtype=torch.float32, max_context=32, kernels="torch")
+    kinds = {type(m) for m in engine.model.modules()}
+    assert {C.CPUKDAMixer, C.CPUMLAMixer, C.CPUMoE, C.CPUDenseMLP, C.CPURMSNorm, C.CPULatentAttention} <= kinds
+    assert M.RMSNorm not in kinds and all(m.fast for m in engine.model.modules() if isinstance(m, C.CPUMoE))
+    assert any(isinstance(m, M.Experts) for m in engine.model.modules())      # the reference loop stays reachable
+    assert not any("cpu" in n for n, _ in engine.model.named_parameters())      # the checkpoint's names only
+
+
+def test_fp32_equals_the_reference_bit_for_bit(trained_like, monkeypatch):
+    fast, reference = load_pair(trained_like, monkeypatch, dtype=torch.float32, max_context=64)
+    ids = torch.randint(0, fast.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(fast.forward(ids), reference.forward(ids))
+    assert torch.equal(decode_logits(fast, ids, 8), decode_logits(reference, ids, 8))
+    prompts = [[5, 6, 7], [9] * 11, [1]]
+    assert torch.equal(fast.generate(prompts[:1], 24), reference.generate(prompts[:1], 24))
+
+
+def test_a_batch_equals_the_reference_bit_for_bit(trained_like, monkeypatch):
+    fast, reference = load_pair(trained_like, monkeypatch, dtype=torch.float32, max_context=40, batch=3)
+    prompts = [[5, 6, 7], [9] * 11, [1]]
+    assert torch.equal(fast.generate(prompts, 16), reference.generate(prompts, 16))
+
+
+def test_bf16_keeps_the_declared_modules(trained_like):
+    engine = klconvert.load(trained_like, device="cpu", dtype=torch.bfloat16, max_context=16, kernels="torch")
+    assert not any(type(m).__module__ == C.__name__ for m in engine.model.modules())
+
+
+def test_a_hooked_router_is_still_called(trained_like):
+    """klconvert bench and eval read the routers' choices through forward hooks: the MoE then calls the router."""
+    engine = klconvert.load(trained_like, device="cpu", dtype=torch.float32, max_context=32, kernels="torch")
+    seen = []
+    moe = engine.model.blocks[1].ffn
+    hook = moe.gate.register_forward_hook(lambda m, a, r: seen.append(r[0].tolist()))
+    engine.generate([[3, 1, 4]], 3)
+    hook.remove()
+    assert isinstance(moe, C.CPUMoE) and len(seen) == 1 + 2       # the prefill, then two decode steps
