@@ -209,11 +209,8 @@ class CPUMoE(M.MoE):
         self.fast = (c.num_expert_group == 1 and type(router) is M.Router and type(experts) is M.Experts
                      and _dense(shared.gate_proj, shared.up_proj, shared.down_proj))
         if self.fast:
-            self.k, self.biased, self.renormalize = c.num_experts_per_token, router.biased, c.moe_renormalize
             self.split = [c.num_experts, shared.gate_proj.weight.shape[0], shared.up_proj.weight.shape[0]]
             self.stacked = torch.cat([router.weight, shared.gate_proj.weight, shared.up_proj.weight]).detach()
-            self.bias = router.e_score_correction_bias.detach().float()
-            self.tiny, self.scaling = _const(1e-20), _const(c.routed_scaling_factor)
             self.shared_down = shared.down_proj.weight.detach()
             self.w13, self.w2 = list(experts.w13.detach().unbind(0)), list(experts.w2.detach().unbind(0))
 
@@ -230,14 +227,8 @@ class CPUMoE(M.MoE):
         shape = x.shape
         x = x.view(1, -1)
         logits, gate, up = F.linear(x, self.stacked).split(self.split, dim=-1)
-        # Router: sigmoid scores, top k by score + bias, weights renormalized, times the scaling factor
-        scores = torch.sigmoid(logits)
-        choice = scores + self.bias
-        ids = choice.topk(self.k, dim=-1).indices
-        weights = (choice if self.biased else scores).gather(1, ids)
-        if self.renormalize:
-            weights = weights / (weights.sum(-1, keepdim=True) + self.tiny)
-        weights = (weights * self.scaling).unbind(1)                    # k tensors [1]
+        ids, weights = self.gate.route(logits)                         # the reference's routing from its logits
+        weights = weights.unbind(1)                                     # k tensors [1]
         out = F.linear(F.silu(gate) * up, self.shared_down)             # the shared expert
         for e, slot in sorted((e, slot) for slot, e in enumerate(ids.tolist()[0])):
             gate, up = F.linear(x, self.w13[e]).chunk(2, dim=-1)

@@ -362,11 +362,15 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D] -> (expert ids [N, k], weights [N, k] fp32)."""
+        return self.route(F.linear(x.float(), self.weight))                 # router in fp32
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's fp32 logits [N, E] -> (expert ids [N, k], weights [N, k] fp32)."""
         c = self.c
-        scores = torch.sigmoid(F.linear(x.float(), self.weight))            # [N, E], router in fp32
+        scores = torch.sigmoid(logits)                                       # [N, E]
         choice = scores + self.e_score_correction_bias.float()
         if c.num_expert_group > 1:  # keep the topk_group groups with the best top-2 sums
-            grouped = choice.view(x.shape[0], c.num_expert_group, -1)
+            grouped = choice.view(logits.shape[0], c.num_expert_group, -1)
             best = grouped.topk(2, dim=-1).values.sum(-1).topk(c.topk_group, dim=-1).indices
             keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best, True)
             choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
