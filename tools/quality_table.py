@@ -1,7 +1,8 @@
 """The quality table of the README: klconvert eval of each quantization of the bundled model against its bf16
 weights on the held-out test split (never trained on), plus the two policy studies.
 
-Rows: int8, int4 g128 sym (the default), int4 g128 asym, int4 g32, nf4, each shipped recipe (recipes/*.yaml);
+Rows: int8, int4 g128 sym (the default), int4 g128 asym, int4 g32, nf4, int4 g128 sym and asym with the MSE observer
+(llm-compressor's range search instead of min-max), each shipped recipe (recipes/*.yaml);
 then study 1 -- the default int4 g128 policy (b_proj and f_a_proj stored like q/k/v, as vLLM's fused KDA input
 projection needs) but with b_proj and f_a_proj in bf16 (the old, split policy), or g_a_proj, f_b_proj, g_b_proj
 quantized too, or the whole fused KDA input group or the shared experts kept in bf16; study 2 -- lm_head at 4
@@ -39,12 +40,15 @@ ROUTER, CONVS = KEEP[0], KEEP[2]
 
 
 def recipe(kept_small: tuple[str, ...] = DEFAULT_KEPT_SMALL, keep: tuple[str, ...] = (),
-           lm_head_bits: int | None = 8, bits: int = 4, group_size: int = 128) -> str:
+           lm_head_bits: int | None = 8, bits: int = 4, group_size: int = 128, symmetric: bool = True,
+           observer: str = "minmax") -> str:
     """The default policy as a recipe, with the small KDA projections `kept_small` (f_a, b, f_b, g_a, g_b) in
-    bf16, the modules matching the `keep` regexes kept in bf16 too, and lm_head at `lm_head_bits` (None: bf16)."""
+    bf16, the modules matching the `keep` regexes kept in bf16 too, lm_head at `lm_head_bits` (None: bf16), and the
+    other linears' scales from `observer` (lm_head's stay min-max)."""
     ignore = [ROUTER, CONVS] + ([rf"re:.*\.({'|'.join(kept_small)})_proj$"] if kept_small else [])
     ignore += [f"re:{k}" for k in keep] + ([LM_HEAD] if lm_head_bits is None else [])
-    weights = f"{{num_bits: {bits}, type: int, symmetric: true, strategy: group, group_size: {group_size}}}"
+    weights = (f"{{num_bits: {bits}, type: int, symmetric: {str(symmetric).lower()}, strategy: group, "
+               f"group_size: {group_size}, observer: {observer}}}")
     lines = ["quant_stage:", "  quant_modifiers:", "    QuantizationModifier:", "      ignore:"]
     lines += [f"        - {json_str(p)}" for p in ignore]
     lines += ["      config_groups:", "        group_0:", '          targets: ["Linear"]',
@@ -77,6 +81,8 @@ def variants(c: KimiLinearConfig) -> list[tuple[str, str, dict]]:
         ("schemes", "int4 g128 asym", {"bits": 4, "symmetric": False}),
         ("schemes", "int4 g32", {"bits": 4, "group_size": 32}),
         ("schemes", "nf4 (bitsandbytes, blocks of 64)", {"scheme": "nf4"}),
+        ("schemes", "int4 g128 sym, MSE observer", {"recipe_text": recipe(observer="mse")}),
+        ("schemes", "int4 g128 asym, MSE observer", {"recipe_text": recipe(symmetric=False, observer="mse")}),
     ]
     rows += [("recipes", f"recipes/{p.name}", {"recipe": p}) for p in sorted(RECIPES.glob("*.yaml"))]
     kept = DEFAULT_KEPT_SMALL

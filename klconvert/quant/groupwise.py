@@ -46,44 +46,90 @@ def check_groupwise(name: str, shape: tuple[int, ...], bits: int, group_size: in
     return group_size
 
 
+OBSERVERS = ("minmax", "mse")
+# llm-compressor's MSE observer (observers/mse.py) and its defaults: shrink the min-max range by p = 1, 1 - 1/GRID,
+# ... down to 1 - MAX_SHRINK, keep per group the p whose round trip has the least sum |w - deq(q(w))| ** NORM, stop
+# once PATIENCE steps in a row improve no group.
+MSE_GRID, MSE_MAX_SHRINK, MSE_NORM, MSE_PATIENCE = 100, 0.20, 2.4, 5
+
+
+def _qparams(lo, hi, symmetric: bool, q_min, q_max, dtype):
+    """calculate_qparams: (scale, zero point as int8 or None) of groups with bounds lo <= 0 <= hi."""
+    bit_range = q_max - q_min
+    if symmetric:
+        scale = torch.max(lo.abs(), hi.abs()) / (bit_range.to(dtype) / 2)
+        zero_point = None
+    else:
+        scale = (hi - lo) / bit_range.to(dtype)
+        zp = torch.clamp(q_min - lo / scale, q_min, q_max)
+        # an all-zero group gives 0/0; compressed-tensors casts that NaN to int8 (0 on x86): pin it to 0
+        zp = torch.nan_to_num(zp, nan=0.0)
+        zero_point = torch.round(zp).to(torch.int8)
+    eps = torch.tensor(torch.finfo(scale.dtype).eps, dtype=scale.dtype, device=lo.device)
+    return torch.where(scale == 0, eps, scale), zero_point
+
+
+def _codes(groups, scale, zero_point, q_min, q_max):
+    """q = round(clamp(w / scale (+ zero point))), int8, per group: (out, G, gs)."""
+    x = groups / scale.unsqueeze(-1)
+    if zero_point is not None:
+        x += zero_point.to(groups.dtype).unsqueeze(-1)
+    return torch.round(torch.clamp(x, q_min, q_max)).to(torch.int8)
+
+
+def _mse_bounds(groups, lo, hi, symmetric: bool, q_min, q_max):
+    """The MSE observer's shrunk (lo, hi) per group."""
+    best_lo, best_hi = lo, hi
+    best_err = torch.full(lo.shape, float("inf"), device=lo.device)
+    stale = 0
+    for i in range(int(MSE_MAX_SHRINK * MSE_GRID)):
+        p = 1 - i / MSE_GRID
+        s_lo, s_hi = lo * p, hi * p
+        scale, zp = _qparams(s_lo, s_hi, symmetric, q_min, q_max, groups.dtype)
+        q = _codes(groups, scale, zp, q_min, q_max).to(scale.dtype)
+        deq = (q - (zp.to(scale.dtype).unsqueeze(-1) if zp is not None else 0)) * scale.unsqueeze(-1)
+        err = (deq - groups).abs().float().pow(MSE_NORM).sum(-1)
+        better = err < best_err
+        if bool(better.any()):
+            best_err = torch.where(better, err, best_err)
+            best_lo, best_hi = torch.where(better, s_lo, best_lo), torch.where(better, s_hi, best_hi)
+            stale = 0
+        else:
+            stale += 1
+            if stale >= MSE_PATIENCE:
+                break
+    return best_lo, best_hi
+
+
 @torch.no_grad()
 def quantize_groupwise(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
-                       name: str = "weight") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                       name: str = "weight", observer: str = "minmax") -> tuple[torch.Tensor, torch.Tensor,
+                                                                                torch.Tensor | None]:
     """Quantize w [out, in] in groups of `group_size` input columns (-1 or None: per output channel).
 
+    observer "minmax": each group's range is its min and max (compressed-tensors' and llm-compressor's default);
+    "mse": that range shrunk to where the round trip's error is least (llm-compressor's MSE observer).
     Returns (q int8 [out, in] in [qmin, qmax], scale [out, in/group] in w's dtype,
     zero_point int8 [out, in/group] or None when symmetric).
     """
     gs = check_groupwise(name, tuple(w.shape), bits, group_size)
     if w.dtype not in _SCALE_DTYPES:
         raise KLError(f"{name}: dtype {w.dtype} is not a floating-point weight; only float weights can be quantized")
+    if observer not in OBSERVERS:
+        raise KLError(f"{name}: observer {observer!r} is not one of {OBSERVERS}")
     qmin, qmax = qrange(bits)
     # 0-dim fp32 bounds, as compressed-tensors' calculate_range builds them (they do not widen bf16 math)
     q_min, q_max = torch.tensor(float(qmin), device=w.device), torch.tensor(float(qmax), device=w.device)
-    bit_range = q_max - q_min
 
     groups = w.unflatten(-1, (w.shape[-1] // gs, gs))                       # (out, G, gs)
     lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)                       # (out, G)
     if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):  # NaN and Inf reach min or max
         raise KLError(f"{name}: the weight holds NaN or Inf values; the checkpoint is damaged -- re-download it")
     lo, hi = torch.min(lo, torch.zeros_like(lo)), torch.max(hi, torch.zeros_like(hi))
-    if symmetric:
-        scale = torch.max(lo.abs(), hi.abs()) / (bit_range.to(w.dtype) / 2)
-        zero_point = None
-    else:
-        scale = (hi - lo) / bit_range.to(w.dtype)
-        zp = torch.clamp(q_min - lo / scale, q_min, q_max)
-        # an all-zero group gives 0/0; compressed-tensors casts that NaN to int8 (0 on x86): pin it to 0
-        zp = torch.nan_to_num(zp, nan=0.0)
-        zero_point = torch.round(zp).to(torch.int8)
-    eps = torch.tensor(torch.finfo(scale.dtype).eps, dtype=scale.dtype, device=w.device)
-    scale = torch.where(scale == 0, eps, scale)
-
-    x = groups / scale.unsqueeze(-1)                                        # (out, G, gs)
-    if zero_point is not None:
-        x += zero_point.to(w.dtype).unsqueeze(-1)
-    q = torch.round(torch.clamp(x, q_min, q_max)).to(torch.int8).flatten(-2)  # (out, in)
-    return q, scale, zero_point
+    if observer == "mse":
+        lo, hi = _mse_bounds(groups, lo, hi, symmetric, q_min, q_max)
+    scale, zero_point = _qparams(lo, hi, symmetric, q_min, q_max, w.dtype)
+    return _codes(groups, scale, zero_point, q_min, q_max).flatten(-2), scale, zero_point
 
 
 @torch.no_grad()

@@ -67,7 +67,7 @@ def compress_weight(name_prefix: str, w: torch.Tensor, scheme: QuantScheme) -> d
     if name_prefix.endswith(".weight"):
         raise ValueError(f"compress_weight takes the module name, not the tensor name {name_prefix!r}")
     q, scale, zero_point = quantize_groupwise(w, scheme.bits, scheme.group_size, scheme.symmetric,
-                                              name=f"{name_prefix}.weight")
+                                              name=f"{name_prefix}.weight", observer=scheme.observer)
     out = {
         f"{name_prefix}.weight_packed": pack_to_int32(q, scheme.bits),
         f"{name_prefix}.weight_scale": scale.contiguous(),

@@ -14,7 +14,7 @@ _TOP_KEYS = ("<name>_stage", "runtime")
 _MODIFIER_KEYS = ("ignore", "config_groups")
 _GROUP_KEYS = ("targets", "weights", "input_activations", "output_activations", "format")
 _WEIGHT_KEYS = ("num_bits", "type", "symmetric", "strategy", "group_size", "dynamic", "observer", "actorder")
-_OBSERVERS = ("minmax", "memoryless_minmax", "static_minmax")  # all min-max: what klconvert computes
+_OBSERVERS = ("minmax", "memoryless_minmax", "static_minmax", "mse")  # llm-compressor's names: min-max, or MSE
 # klconvert's own section: what the runtime plans for. Types only here; the runtime checks values.
 _RUNTIME = {"max_context": int, "batch": int, "mla_cache_dtype": str, "kda_state_dtype": str,
             "gpu_memory": (str, int, float)}
@@ -96,9 +96,9 @@ class _Reader:
         group_size = get("group_size", (int, type(None)), None)
         if get("dynamic", bool, False):
             self.fail(w["dynamic"][1], "dynamic weight quantization is not supported; remove `dynamic: true`")
-        if get("observer", (str, type(None)), "minmax") not in (*_OBSERVERS, None):
-            self.fail(w["observer"][1], f"observer {w['observer'][1].value!r} is not supported; klconvert computes "
-                                        "min-max scales (use observer: minmax)")
+        observer = get("observer", (str, type(None)), "minmax") or "minmax"
+        if observer not in _OBSERVERS:
+            self.fail(w["observer"][1], f"observer {observer!r} is not supported; use minmax or mse")
         if get("actorder", (str, type(None)), None) is not None:
             self.fail(w["actorder"][1], "actorder needs calibration (GPTQ), which klconvert does not run; remove it")
         if kind not in ("int", "nf4"):
@@ -115,7 +115,8 @@ class _Reader:
         else:
             self.fail(w["strategy"][1], f"strategy {strategy!r} is not supported; use group or channel")
         try:
-            return QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric, kind=kind)
+            return QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric, kind=kind,
+                               observer="mse" if observer == "mse" else "minmax")
         except KLError as e:
             self.fail(node, str(e))
 

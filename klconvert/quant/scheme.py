@@ -5,6 +5,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from klconvert.errors import KLError
+from klconvert.quant.groupwise import OBSERVERS
 
 NF4_BLOCKSIZE = 64  # bitsandbytes' Params4bit / transformers' Linear4bit block size
 
@@ -21,13 +22,16 @@ class QuantScheme:
     group_size: int = 128
     symmetric: bool = True
     kind: str = "int"
+    observer: str = "minmax"  # how an int group's range is chosen: min-max, or shrunk to the least error ("mse")
 
     def __post_init__(self):
         if self.kind == "nf4":
-            if (self.bits, self.group_size, self.symmetric) != (4, NF4_BLOCKSIZE, True):
-                raise KLError(f"nf4 is 4-bit, symmetric, in blocks of {NF4_BLOCKSIZE}; got bits={self.bits}, "
-                              f"group_size={self.group_size}, symmetric={self.symmetric}")
+            if (self.bits, self.group_size, self.symmetric, self.observer) != (4, NF4_BLOCKSIZE, True, "minmax"):
+                raise KLError(f"nf4 is 4-bit, symmetric, in blocks of {NF4_BLOCKSIZE}, min-max; got bits={self.bits}, "
+                              f"group_size={self.group_size}, symmetric={self.symmetric}, observer={self.observer}")
         elif self.kind == "int":
+            if self.observer not in OBSERVERS:
+                raise KLError(f"observer {self.observer!r} is not supported; use one of {', '.join(OBSERVERS)}")
             if self.bits not in (4, 8):
                 raise KLError(f"integer quantization supports 4 or 8 bits, got {self.bits}")
             if self.group_size != -1 and (self.group_size <= 0 or self.group_size % 8):
@@ -44,7 +48,8 @@ class QuantScheme:
         if self.kind == "nf4":
             return "nf4"
         g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
-        return f"int{self.bits} {g} {'sym' if self.symmetric else 'asym'}"
+        return f"int{self.bits} {g} {'sym' if self.symmetric else 'asym'}" + ("" if self.observer == "minmax" else
+                                                                              f" {self.observer}")
 
     def weights_args(self) -> dict:
         """The `weights:` entry of a config group / recipe, as compressed-tensors' QuantizationArgs spells it."""
@@ -55,7 +60,7 @@ class QuantScheme:
             "strategy": self.strategy,
             "group_size": None if self.group_size == -1 else self.group_size,
             "dynamic": False,
-            "observer": "minmax",
+            "observer": self.observer,
         }
 
 

@@ -143,6 +143,18 @@ def test_recipe_parses_and_decides(tmp_path):
     assert policy.scheme_for("model.layers.1.block_sparse_moe.gate.weight", (256, 2304)) is None
 
 
+def test_recipe_takes_the_mse_observer(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE.replace("group_size: 128}", "group_size: 128, observer: mse}"))
+    policy = load_recipe(path).policy
+    expert = policy.scheme_for("model.layers.1.block_sparse_moe.experts.3.w2.weight", (2304, 1024))
+    assert expert == QuantScheme(4, 128, True, observer="mse")
+    assert policy.scheme_for("model.layers.0.mlp.up_proj.weight", (9216, 2304)).observer == "minmax"
+    path.write_text(RECIPE.replace("group_size: 128}", "group_size: 128, observer: histogram}"))
+    with pytest.raises(KLError, match="observer 'histogram' is not supported"):
+        load_recipe(path)
+
+
 @pytest.mark.parametrize("policy", [policy_from_options(), policy_from_options(8, 32, False, lm_head_bits=None),
                                     policy_from_options(scheme="nf4")])
 def test_recipe_yaml_round_trips(tmp_path, policy):
