@@ -365,9 +365,12 @@ def _quantize_options(command):
                      help="Symmetric scales, or asymmetric with zero points [default: --sym]."),
         click.option("--scheme", type=click.Choice(["int", "nf4"]), default=None,
                      help="int: compressed-tensors pack-quantized [default]; nf4: bitsandbytes 4-bit."),
+        click.option("--observer", type=click.Choice(["minmax", "mse"]), default=None,
+                     help="How each int group's range is chosen: minmax [default], or mse (llm-compressor's MSE "
+                          "observer: shrunk to the least round-trip error; up to 20 trials a weight)."),
         click.option("--recipe", type=click.Path(path_type=Path), default=None,
                      help="llm-compressor-shaped recipe YAML saying how each tensor is stored (instead of the "
-                          "four flags above)."),
+                          "five flags above)."),
         click.option("--device", type=DEVICE, default=None, help="Where to quantize [default: cuda if present]."),
         click.option("--max-shard-size", default=None,
                      help="Largest output shard, e.g. 5GB, 500MB [default: 5GB]; a rerun after a kill redoes only "
@@ -389,14 +392,14 @@ def _quantize_options(command):
 @click.argument("out", type=click.Path(path_type=Path))
 @_quantize_options
 def quantize(src: str, out: Path, bits: int | None, group_size: int | None, symmetric: bool | None,
-             scheme: str | None, recipe: Path | None, device: str | None, max_shard_size: str | None,
-             force: bool, allow_split_fused: bool) -> None:
+             scheme: str | None, observer: str | None, recipe: Path | None, device: str | None,
+             max_shard_size: str | None, force: bool, allow_split_fused: bool) -> None:
     """Quantize the checkpoint in SRC (a folder, or tiny for the bundled model) into a new compressed-tensors
     folder OUT (resumes if interrupted)."""
     from klconvert.quantize import quantize as quantize_checkpoint
 
     result = quantize_checkpoint(resolve_model(src), out, bits=bits, group_size=group_size, symmetric=symmetric,
-                                 scheme=scheme,
+                                 scheme=scheme, observer=observer,
                                  recipe=recipe, device=device, force=force, allow_split_fused=allow_split_fused,
                                  max_shard_bytes=_shard_bytes(max_shard_size))
     click.echo(result.summary(), err=True)
@@ -412,13 +415,14 @@ def quantize(src: str, out: Path, bits: int | None, group_size: int | None, symm
               help="Folder to create [default: ./<model-name>-w4a16, -w8a16 or -nf4].")
 @_quantize_options
 def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: int | None, group_size: int | None,
-                      symmetric: bool | None, scheme: str | None, recipe: Path | None, device: str | None,
-                      max_shard_size: str | None, force: bool, allow_split_fused: bool) -> None:
+                      symmetric: bool | None, scheme: str | None, observer: str | None, recipe: Path | None,
+                      device: str | None, max_shard_size: str | None, force: bool, allow_split_fused: bool) -> None:
     """Pull a Kimi Linear repo (or take a local folder) and quantize it in one go."""
     from klconvert.quantize import pull_and_quantize as pull_and_quantize_checkpoint
 
     result = pull_and_quantize_checkpoint(model, out, revision=revision, bits=bits, group_size=group_size,
-                                          symmetric=symmetric, scheme=scheme, recipe=recipe, device=device,
+                                          symmetric=symmetric, scheme=scheme, observer=observer, recipe=recipe,
+                                          device=device,
                                           force=force, allow_split_fused=allow_split_fused,
                                           max_shard_bytes=_shard_bytes(max_shard_size))
     click.echo(result.summary(), err=True)

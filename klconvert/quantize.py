@@ -61,11 +61,13 @@ class QuantizeResult:
 
 
 def choose_policy(bits: int | None = None, group_size: int | None = None, symmetric: bool | None = None,
-                  scheme: str | None = None, recipe: str | Path | None = None) -> tuple[Policy, dict]:
-    """(policy, recipe runtime section) from --recipe, or from the flags (defaults: int4, group 128, symmetric)."""
+                  scheme: str | None = None, recipe: str | Path | None = None,
+                  observer: str | None = None) -> tuple[Policy, dict]:
+    """(policy, recipe runtime section) from --recipe, or from the flags (defaults: int4, group 128, symmetric,
+    min-max ranges)."""
     if recipe is not None:
         given = [flag for flag, value in (("--bits", bits), ("--group-size", group_size), ("--sym/--asym", symmetric),
-                                          ("--scheme", scheme)) if value is not None]
+                                          ("--scheme", scheme), ("--observer", observer)) if value is not None]
         if given:
             raise KLError(f"--recipe {recipe} says how each tensor is stored; drop {', '.join(given)} or the recipe")
         parsed = load_recipe(recipe)
@@ -74,13 +76,15 @@ def choose_policy(bits: int | None = None, group_size: int | None = None, symmet
         return parsed.policy, parsed.runtime
     scheme = scheme or "int"
     bits = 4 if bits is None else bits
-    if scheme == "nf4" and (group_size is not None or symmetric is False):
-        raise KLError("--scheme nf4 is symmetric in blocks of 64; drop --group-size and --asym")
+    if scheme == "nf4" and (group_size is not None or symmetric is False or observer is not None):
+        raise KLError("--scheme nf4 is symmetric in blocks of 64 with bitsandbytes' own scales; drop --group-size, "
+                      "--asym and --observer")
     if scheme == "nf4":
         require("bitsandbytes.functional", "--scheme nf4")
     if bits not in (4, 8):
         raise KLError(f"--bits {bits} is not supported; use --bits 4 or --bits 8")
-    return policy_from_options(bits, 128 if group_size is None else group_size, symmetric is not False, scheme), {}
+    return policy_from_options(bits, 128 if group_size is None else group_size, symmetric is not False, scheme,
+                               observer=observer or "minmax"), {}
 
 
 def default_out_name(model: str, policy: Policy) -> Path:
@@ -145,7 +149,7 @@ def _write_error(e: OSError, folder: OutputFolder, done: int, total: int, kept: 
 def quantize(src: str | Path, out: str | Path, bits: int | None = None, group_size: int | None = None,
              symmetric: bool | None = None, scheme: str | None = None, recipe: str | Path | None = None,
              device: str | None = None, force: bool = False, max_shard_bytes: int | None = None,
-             progress: bool = True, allow_split_fused: bool = False) -> QuantizeResult:
+             progress: bool = True, allow_split_fused: bool = False, observer: str | None = None) -> QuantizeResult:
     """Quantize the checkpoint in SRC (released or transformers layout) into a new HF folder OUT.
 
     Streams module by module; always writes the released tensor names. OUT is built in OUT.partial and
@@ -155,7 +159,7 @@ def quantize(src: str | Path, out: str | Path, bits: int | None = None, group_si
     A policy that stores the parts of a module vLLM fuses differently is refused unless `allow_split_fused`.
     """
     src, out = Path(src), Path(out)
-    policy, runtime = choose_policy(bits, group_size, symmetric, scheme, recipe)
+    policy, runtime = choose_policy(bits, group_size, symmetric, scheme, recipe, observer)
     _refuse_out_over_src(src, out)
     refuse_existing_out(out, force)
     with OutputLock(out):
@@ -236,11 +240,11 @@ def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, 
                       bits: int | None = None, group_size: int | None = None, symmetric: bool | None = None,
                       scheme: str | None = None, recipe: str | Path | None = None, device: str | None = None,
                       force: bool = False, max_shard_bytes: int | None = None, progress: bool = True,
-                      allow_split_fused: bool = False) -> QuantizeResult:
+                      allow_split_fused: bool = False, observer: str | None = None) -> QuantizeResult:
     """Pull `model` (a hub repo; a folder that exists locally is used as it is; `tiny` is the bundled model) and
     quantize it into `out` (default ./<model-name>-w4a16, -w8a16 or -nf4). Options are checked before anything
     is downloaded."""
-    policy, _ = choose_policy(bits, group_size, symmetric, scheme, recipe)
+    policy, _ = choose_policy(bits, group_size, symmetric, scheme, recipe, observer)
     out = Path(out) if out is not None else default_out_name(model, policy)
     refuse_existing_out(out, force)
     looks_like_path = model.startswith((".", "/", "~", os.sep)) or model.count("/") > 1 or Path(model).exists()
@@ -259,4 +263,4 @@ def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, 
         src = pull(model, revision=revision, progress=progress).path
     return quantize(src, out, bits=bits, group_size=group_size, symmetric=symmetric, scheme=scheme, recipe=recipe,
                     device=device, force=force, max_shard_bytes=max_shard_bytes, progress=progress,
-                    allow_split_fused=allow_split_fused)
+                    allow_split_fused=allow_split_fused, observer=observer)

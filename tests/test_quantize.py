@@ -208,3 +208,24 @@ def test_row_blocks_give_the_same_tensors(tiny_released, tmp_path, monkeypatch):
                       progress=False)
     assert calls.count("lm_head") == 1280 // 256
     assert folder_files(blocks.path) == folder_files(whole.path)
+
+
+def test_the_mse_observer_flag(tiny_released, tmp_path):
+    """--observer mse: the same tensors and format, the ranges searched (the config and recipe say so), each
+    weight's round-trip error no worse than min-max's."""
+    from klconvert.quant import QuantScheme, decompress_weight
+
+    outs = {}
+    for observer in ("minmax", "mse"):
+        outs[observer] = tmp_path / observer
+        quantize(tiny_released, outs[observer], bits=4, group_size=32, observer=observer, progress=False)
+    config = json.loads((outs["mse"] / "config.json").read_text())["quantization_config"]
+    assert {g["weights"]["observer"] for g in config["config_groups"].values()} == {"mse"}
+    assert load_recipe(outs["mse"] / "recipe.yaml").policy.quantization_config() == config
+    ref = open_checkpoint(tiny_released).get(f"{KDA_Q}.weight").float()
+    scheme = QuantScheme(4, 32, True)
+    tensors = {o: state_dict(outs[o]) for o in outs}
+    assert set(tensors["minmax"]) == set(tensors["mse"])
+    err = {o: (decompress_weight({k: v for k, v in t.items() if k.startswith(KDA_Q + ".")}, scheme).float()
+               - ref).norm() for o, t in tensors.items()}
+    assert err["mse"] < err["minmax"]

@@ -48,6 +48,7 @@ KEEP = ["re:.*gate$", "re:.*(f_a|f_b|g_a|g_b|b)_proj$", "re:.*conv1d$", "lm_head
     (("--bits", "3"), "--bits 3 is not supported; use --bits 4 or --bits 8"),
     (("--bits", "8", "--scheme", "nf4"), "nf4 is 4-bit"),
     (("--scheme", "nf4", "--group-size", "32"), "--scheme nf4 is symmetric in blocks of 64"),
+    (("--scheme", "nf4", "--observer", "mse"), "drop --group-size, --asym and --observer"),
     (("--group-size", "20"), "group size 20 is not a positive multiple of 8"),
     (("--group-size", "48"), "group size 48 does not divide the input dim"),
     (("--group-size", "256"), "group size 256 does not divide the input dim"),  # tiny's inputs are 128 and 256
@@ -72,6 +73,8 @@ def test_recipe_problems(tiny_released, tmp_path, capsys):
                                                                           src=tiny_released)
     line = fails(capsys, tmp_path, "--recipe", nothing, "--bits", "8", src=tiny_released)
     assert "says how each tensor is stored; drop --bits" in line
+    line = fails(capsys, tmp_path, "--recipe", nothing, "--observer", "mse", src=tiny_released)
+    assert "says how each tensor is stored; drop --observer" in line
 
 
 def test_truncated_shard(tiny_copy, tmp_path, capsys):

@@ -28,11 +28,11 @@ LM_HEAD = "re:^lm_head$"  # a re: target: transformers takes the first plain-str
 
 
 def policy_from_options(bits: int = 4, group_size: int = 128, symmetric: bool = True, scheme: str = "int",
-                        lm_head_bits: int | None = 8) -> Policy:
-    """The default policy for the converter's --bits/--group-size/--symmetric/--scheme options.
+                        lm_head_bits: int | None = 8, observer: str = "minmax") -> Policy:
+    """The default policy for the converter's --bits/--group-size/--symmetric/--scheme/--observer options.
 
     scheme "int": group_0 = "Linear" at `bits` (group_size, symmetric), group_1 = lm_head at
-    `lm_head_bits` (symmetric, same group size; None keeps lm_head as it is).
+    `lm_head_bits` (symmetric, same group size; None keeps lm_head as it is); both groups' ranges from `observer`.
     scheme "nf4": every linear layer outside KEEP in bitsandbytes NF4 (bits must be 4, blocks of 64);
     lm_head stays as it is, since a bitsandbytes 4-bit checkpoint cannot hold an 8-bit layer.
     Targets that select nothing in a given checkpoint are dropped by Policy.check_against.
@@ -42,9 +42,10 @@ def policy_from_options(bits: int = 4, group_size: int = 128, symmetric: bool = 
         main = QuantScheme(bits=bits, group_size=NF4_BLOCKSIZE, symmetric=True, kind="nf4")
         return Policy(groups=(Group("group_0", (Entry(LINEAR),), main),), ignore=(*keep, Entry("lm_head")),
                       strict=False, keep_fused=KEEP_WHOLE)
-    groups = [Group("group_0", (Entry(LINEAR),), QuantScheme(bits, group_size, symmetric, scheme))]
+    groups = [Group("group_0", (Entry(LINEAR),), QuantScheme(bits, group_size, symmetric, scheme, observer))]
     if lm_head_bits is None:
         keep.append(Entry("lm_head"))
     else:
-        groups.append(Group("group_1", (Entry(LM_HEAD),), QuantScheme(lm_head_bits, group_size, True, "int")))
+        groups.append(Group("group_1", (Entry(LM_HEAD),), QuantScheme(lm_head_bits, group_size, True, "int",
+                                                                      observer)))
     return Policy(groups=tuple(groups), ignore=tuple(keep), strict=False, keep_fused=KEEP_WHOLE)
