@@ -8,7 +8,8 @@ import triton
 import triton.language as tl
 
 from .int_linear import (KT, MMA_M, ROWS, PackedLinear, _arrive, _dequant_pair, _dot_w, _fma_tile, _group_params,
-                         _mma_tile, _sum_partials, _tile_params, fast_unpack, repack_int_weight)
+                         _mma_tile, _prefetch_program, _sum_partials, _tile_params, fast_unpack, repack_int_weight)
+from .pdl import use_pdl, wait_for_inputs
 
 DECODE_MAX_TOKENS = 16  # up to this many tokens the decode kernels (no sort, no host sync) can run
 MAX_SLOTS = 16  # routed experts per token, plus the shared one, that the decode path's locks cover
@@ -86,15 +87,28 @@ def moe_decode_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, T, 
                           locks_per_row, TOPK: tl.constexpr, SLOTS: tl.constexpr, SPLIT_K: tl.constexpr,
                           BITS: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr, ASYM: tl.constexpr,
                           BM: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, GATED: tl.constexpr,
-                          MMA: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr):
+                          MMA: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr, PDL: tl.constexpr):
     """One (row block, token-slot pair u, k split) per program. The program of the first pair routed to an expert
     serves every token routed to it, as the rows of one tile (BM >= tokens); the other pairs' programs return at
     once: each weight is read once per launch, without sorting (and without a host sync).
     GATED: h[pair] = silu(x[token] Wg^T) * (x[token] Wu^T), the k splits reduced in-launch (a lock per pair).
-    Else: y[token] = sum over slots and k splits of weight * h[pair] Wd^T (one lock per row block, counting pairs)."""
+    Else: y[token] = sum over slots and k splits of weight * h[pair] Wd^T (one lock per row block, counting pairs).
+    PDL: the routed experts are known only after the wait; the shared one (every token's, so first taken by pair
+    TOPK) is prefetched before it."""
     pid_n = tl.program_id(0)
     u = tl.program_id(1) // SPLIT_K
     split = tl.program_id(1) % SPLIT_K
+    if PDL and SLOTS > TOPK:
+        if u == TOPK:
+            k0 = split * tiles_per_split
+            k1 = tl.minimum(k0 + tiles_per_split, n_tiles)
+            shared = shared_id.to(tl.int64)
+            _prefetch_program(wa + shared * stride_we, sa + shared * stride_se, za + shared * stride_se, pid_n, n_pad,
+                              n_tiles, tiles_per_group, k0, k1, BN, ROWS, P, ASYM)
+            if GATED:
+                _prefetch_program(wb + shared * stride_we, sb + shared * stride_se, zb + shared * stride_se, pid_n,
+                                  n_pad, n_tiles, tiles_per_group, k0, k1, BN, ROWS, P, ASYM)
+    wait_for_inputs(PDL)
     offs_t = tl.arange(0, BM)
     offs_s = tl.arange(0, BS)
     valid = (offs_t[:, None] < T) & (offs_s[None, :] < SLOTS)
@@ -272,11 +286,12 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
     if mma and x.dtype not in (torch.bfloat16, torch.float16):
         x = x.to(torch.bfloat16)
     (wg, sg, zg), (wu, su, zu), (wd, sd, zd) = _args(g), _args(u), _args(d)
+    pdl = use_pdl(x.device)
     common = dict(TOPK=topk, SLOTS=slots, BITS=g.bits, P=KT * g.bits // 32, ROWS=ROWS, ASYM=g.zeros is not None,
                   BM=max(MMA_M, triton.next_power_of_2(T)) if mma else triton.next_power_of_2(T),
                   BS=triton.next_power_of_2(slots), BN=block_n, MMA=mma,
                   FAST=mma and (fast_unpack(g.bits, x.device) if fast is None else fast), WA=mma and weights_as_a,
-                  num_warps=num_warps, num_stages=num_stages)
+                  PDL=pdl, launch_pdl=pdl, num_warps=num_warps, num_stages=num_stages)
     h = torch.empty(T * slots, g.n, device=x.device, dtype=x.dtype if mma else torch.float32)
     tiles = g.k // KT
     per_split = triton.cdiv(tiles, min(split_k[0], tiles))

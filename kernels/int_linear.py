@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import prefetch_runs, use_pdl, wait_for_inputs
+
 ROWS = 16  # output rows per packed block; one (block, k-tile) pair is ROWS * P contiguous int32 words
 KT = 128  # input features per k-tile; P = KT * bits / 32 words per row (16 for int4, 32 for int8)
 MMA_M = 16  # the tensor-core kernels pad x to blocks of at least this many rows (the smallest tl.dot M)
@@ -300,9 +302,26 @@ def _store_or_reduce(out, y_ptrs, ws_ptrs, mask, locks, pid_n, pid_k, split_stri
 
 
 @triton.jit
+def _prefetch_program(w, s, z, pid_n, n_pad, n_tiles, tiles_per_group, t0, t1, BN: tl.constexpr, ROWS: tl.constexpr,
+                      P: tl.constexpr, ASYM: tl.constexpr):
+    """L2 prefetch (PDL, before the wait) of what the program of rows [pid_n * BN, + BN) over k-tiles [t0, t1) reads:
+    its row blocks' words, its groups' scales and zero points."""
+    first = pid_n * BN
+    rows = tl.minimum(BN, n_pad - first)
+    prefetch_runs(w + (first // ROWS).to(tl.int64) * n_tiles * ROWS * P + t0 * ROWS * P, n_tiles * ROWS * P,
+                  rows // ROWS, (t1 - t0) * ROWS * P)
+    g0 = t0 // tiles_per_group
+    groups = (t1 - 1) // tiles_per_group - g0 + 1
+    prefetch_runs(s + g0 * n_pad + first, n_pad, groups, rows)
+    if ASYM:
+        prefetch_runs(z + g0 * n_pad + first, n_pad, groups, rows)
+
+
+@triton.jit
 def int_gemv_fwd_kernel(x, w, s, z, y, ws, locks, M, N, n_pad, n_tiles, tiles_per_group, tiles_per_split,
                         stride_xm, stride_ym, BITS: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr,
-                        ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr):
+                        ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
+                        PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BM)
@@ -320,6 +339,9 @@ def int_gemv_fwd_kernel(x, w, s, z, y, ws, locks, M, N, n_pad, n_tiles, tiles_pe
         acc = tl.zeros([BM, BN, 2 * P], dtype=tl.float32)
     t0 = pid_k * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+    if PDL:
+        _prefetch_program(w, s, z, pid_n, n_pad, n_tiles, tiles_per_group, t0, t1, BN, ROWS, P, ASYM)
+    wait_for_inputs(PDL)
     # the loop loads one tile ahead by hand (Triton pipelines only loads that feed tl.dot)
     wt = tl.load(w_ptrs + t0 * ROWS * P, mask=mask_n[:, None], other=0)
     sc, zz = _tile_params(s + offs_n, z + offs_n, mask_n, t0 // tiles_per_group, n_pad, BITS, ASYM)
@@ -354,7 +376,7 @@ def _swizzle(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexp
 def int_mma_fwd_kernel(x, w, s, z, y, ws, locks, M, N, n_pad, n_tiles, tiles_per_group, tiles_per_split,
                        stride_xm, stride_ym, BITS: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr,
                        ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
-                       SPLIT_K: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr):
+                       SPLIT_K: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr, PDL: tl.constexpr):
     """Tensor-core tiles [BM, BN] (computed as [BN, BM] with the weights as the A operand when WA); SPLIT_K > 1
     (one row block only) splits the k-tiles over grid dim 1."""
     pid_m, pid_n = _swizzle(tl.program_id(0), M, N, BM, BN, GROUP_M)
@@ -373,6 +395,9 @@ def int_mma_fwd_kernel(x, w, s, z, y, ws, locks, M, N, n_pad, n_tiles, tiles_per
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     t0 = pid_k * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+    if PDL:
+        _prefetch_program(w, s, z, pid_n, n_pad, n_tiles, tiles_per_group, t0, t1, BN, ROWS, P, ASYM)
+    wait_for_inputs(PDL)
     for t in range(t0, t1):
         wt = tl.load(w_ptrs + t * ROWS * P, mask=mask_n[:, None], other=0)
         acc += _mma_tile(wt, x_ptrs + t * (32 // BITS) * P, mask_m[:, None], s + offs_n, z + offs_n, mask_n,
@@ -494,11 +519,12 @@ def int_gemv_fwd(x, packed: PackedLinear, y, *, block_n=None, split_k=None, num_
     n_blocks, n_tiles = triton.cdiv(packed.n, bn), packed.k // KT
     per_split, split = _split(n_tiles, n_blocks, split_k, x.device)
     ws = torch.empty((split, M, packed.n), device=x.device, dtype=torch.float32) if split > 1 else y
+    pdl = use_pdl(x.device)
     int_gemv_fwd_kernel[(n_blocks, split)](
         x, packed.qweight, packed.scales, _zeros_arg(packed), y, ws, packed.locks, M, packed.n,
         packed.scales.shape[1], n_tiles, packed.group_size // KT, per_split, x.stride(0), y.stride(0),
         BITS=packed.bits, P=KT * packed.bits // 32, ROWS=ROWS, ASYM=packed.zeros is not None, BM=bm, BN=bn,
-        SPLIT_K=split, num_warps=num_warps, num_stages=num_stages)
+        SPLIT_K=split, PDL=pdl, launch_pdl=pdl, num_warps=num_warps, num_stages=num_stages)
     return y
 
 
@@ -523,12 +549,14 @@ def int_mma_fwd(x, packed: PackedLinear, y, *, block_m=None, block_n=None, split
         raise ValueError(f"int_mma_fwd: block_n {block_n} < {ROWS}, or split_k {split_k} over {num_m} row blocks")
     per_split, split = _split(n_tiles, n_blocks, split_k if num_m == 1 else 1, x.device)
     ws = torch.empty((split, M, packed.n), device=x.device, dtype=torch.float32) if split > 1 else y
+    pdl = use_pdl(x.device)
     int_mma_fwd_kernel[(num_m * n_blocks, split)](
         x, packed.qweight, packed.scales, _zeros_arg(packed), y, ws, packed.locks, M, packed.n,
         packed.scales.shape[1], n_tiles, packed.group_size // KT, per_split, x.stride(0), y.stride(0),
         BITS=packed.bits, P=KT * packed.bits // 32, ROWS=ROWS, ASYM=packed.zeros is not None, BM=block_m, BN=block_n,
         GROUP_M=8, SPLIT_K=split, FAST=fast_unpack(packed.bits, x.device) if fast is None else fast,
-        WA=block_m == MMA_M if weights_as_a is None else weights_as_a, num_warps=num_warps, num_stages=num_stages)
+        WA=block_m == MMA_M if weights_as_a is None else weights_as_a, PDL=pdl, launch_pdl=pdl,
+        num_warps=num_warps, num_stages=num_stages)
     return y
 
 

@@ -4,6 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import prefetch_runs, use_pdl, wait_for_inputs
+
 # kda_layer_step's (block_v, num_warps) by batch: the first entry whose bound >= B. Measured on an H200
 # (2026-11-29, `python bench/kernels.py --only kda`, graph time, fp32 state): at B=1 (64, 8) 8.8 us against (32, 4)
 # 10.2 us; at B=64 (32, 4) 109 us against (64, 8) 121 us. Batches between were not measured.
@@ -101,12 +103,24 @@ def kda_layer_step_fwd_kernel(x, conv, conv_w, f_a, f_b, beta, g_a, g_b, state, 
                               eps, H, stride_x, stride_conv, stride_fa, stride_beta, stride_ga, stride_state, stride_o,
                               K: tl.constexpr, V: tl.constexpr, W: tl.constexpr, BK: tl.constexpr,
                               BV: tl.constexpr, NV: tl.constexpr, BW: tl.constexpr, RF: tl.constexpr,
-                              RG: tl.constexpr, RC: tl.constexpr):
+                              RG: tl.constexpr, RC: tl.constexpr, PDL: tl.constexpr):
     """One (batch, head) per program: it owns that head's conv channels, its state and the norm over V, and
     computes its slice of the forget gate (f_b f_a) and of the output gate (g_b g_a) from the low-rank inputs.
-    The state streams through in NV blocks of BV columns, so few registers hold it and loads pipeline."""
+    The state streams through in NV blocks of BV columns, so few registers hold it and loads pipeline.
+    PDL: the head's state, its slices of f_b, g_b and the conv taps and windows are prefetched before the wait."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
+    if PDL:
+        prefetch_runs(state + i_b * stride_state + i_h * K * V, 0, 1, K * V)
+        prefetch_runs(f_b + i_h * K * RF, 0, 1, K * RF)
+        prefetch_runs(g_b + i_h * V * RG, 0, 1, V * RG)
+        # the head's q and k channels (H * K apart), then its v channels: conv taps and windows
+        prefetch_runs(conv_w + i_h * K * W, H * K * W, 2, K * W)
+        prefetch_runs(conv_w + (2 * H * K + i_h * V) * W, 0, 1, V * W)
+        p_win = conv + i_b * stride_conv
+        prefetch_runs(p_win + i_h * K * (W - 1), H * K * (W - 1), 2, K * (W - 1))
+        prefetch_runs(p_win + (2 * H * K + i_h * V) * (W - 1), 0, 1, V * (W - 1))
+    wait_for_inputs(PDL)
     offs_k = tl.arange(0, BK)
     mask_k = offs_k < K
     # every load that depends on nothing else goes out first, the state's first block before all
@@ -215,11 +229,12 @@ def kda_layer_step(x_qkv, conv_state, conv_weight, f_a, beta_raw, g_a, state, *,
                          "g_b_weight contiguous")
     o = out if out is not None else x_qkv.new_empty(B, H * V)
     bv = min(triton.next_power_of_2(block_v), triton.next_power_of_2(V))
+    pdl = use_pdl(state.device)
     kda_layer_step_fwd_kernel[(B * H,)](
         x_qkv, conv_state, conv_weight.contiguous(), f_a, f_b_weight, beta_raw, g_a, g_b_weight, state,
         A_log.reshape(-1), dt_bias.reshape(-1), o_norm_weight, o, K ** -0.5 if scale is None else scale, eps, H,
         x_qkv.stride(0), conv_state.stride(0), f_a.stride(0), beta_raw.stride(0), g_a.stride(0), state.stride(0),
         o.stride(0), K=K, V=V, W=W, BK=triton.next_power_of_2(K), BV=bv,
         NV=triton.next_power_of_2(triton.cdiv(V, bv)), BW=triton.next_power_of_2(max(W - 1, 1)), RF=RF, RG=RG,
-        RC=min(32, triton.next_power_of_2(max(RF, RG))), num_warps=num_warps)
+        RC=min(32, triton.next_power_of_2(max(RF, RG))), PDL=pdl, launch_pdl=pdl, num_warps=num_warps)
     return o

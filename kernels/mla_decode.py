@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from .naive_mla import FP8_MAX
+from .pdl import use_pdl, wait_for_inputs
 
 LOG2E = math.log2(math.e)  # the kernel's softmax runs in base 2
 H200_SMS = 132  # SM count assumed off CUDA (the interpreter), so CPU tests split the sequence as an H200 does
@@ -40,10 +41,11 @@ def mla_decode_fwd_kernel(q_lat, q_rope, cache, cache_scale, lengths, part_o, pa
                           stride_qb, stride_qh, stride_rb, stride_rh, stride_cb, stride_cl, stride_sb,
                           R: tl.constexpr, DR: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                           MIN_SPLIT: tl.constexpr, FP8: tl.constexpr, TOKENS_M: tl.constexpr,
-                          P_SCALE: tl.constexpr, DOT_DT: tl.constexpr):
+                          P_SCALE: tl.constexpr, DOT_DT: tl.constexpr, PDL: tl.constexpr):
     """One (head block, split, sequence) per program. Each cache tile [BLOCK_N, R + Dr] is read from HBM once and
     serves the whole head block: heads are the M dim of both dots (scores = q c^T, o += p c). Online softmax in base
     2 (qk_scale carries log2 e); writes the split's normalized o [BLOCK_H, R] and its log2-sum-exp2."""
+    wait_for_inputs(PDL)
     i_h = tl.program_id(0)
     i_s = tl.program_id(1)
     i_b = tl.program_id(2).to(tl.int64)
@@ -109,9 +111,10 @@ def mla_decode_fwd_kernel(q_lat, q_rope, cache, cache_scale, lengths, part_o, pa
 @triton.jit
 def mla_decode_merge_kernel(part_o, part_lse, lengths, o, H, L_max, n_splits, stride_ob, stride_oh,
                             R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
-                            MIN_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+                            MIN_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """One (R block, head, sequence) per program: o = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max) over the
     splits that ran for this length (the others' workspace is never read). Length 0 gives zeros."""
+    wait_for_inputs(PDL)
     i_r = tl.program_id(0)
     i_h = tl.program_id(1)
     i_b = tl.program_id(2).to(tl.int64)
@@ -241,16 +244,17 @@ def mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale=None, *, out=No
                                         min_split_tokens=min_split_tokens)
     part_o, part_lse = _workspace(B, S, H, R, cache.device)
     fp8 = cache_scale is not None
+    pdl = use_pdl(cache.device)
     mla_decode_fwd_kernel[(n_blocks_h, S, B)](
         q_lat, q_rope, cache, cache_scale if fp8 else cache, lengths, part_o, part_lse, scale * LOG2E,
         H, L_max, q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), cache.stride(0),
         cache.stride(1), cache_scale.stride(0) if fp8 else 0, R=R, DR=Dr, BLOCK_H=block_h, BLOCK_N=block_n,
         MIN_SPLIT=min_split_tokens, FP8=fp8, TOKENS_M=qk_tokens_as_m, P_SCALE=FP8_MAX if fp8 else 1.0,
-        DOT_DT=tl.float16 if fp8 else tl.bfloat16, num_warps=num_warps or launch["num_warps"],
+        DOT_DT=tl.float16 if fp8 else tl.bfloat16, PDL=pdl, launch_pdl=pdl, num_warps=num_warps or launch["num_warps"],
         num_stages=num_stages or launch["num_stages"])
     o = out if out is not None else torch.empty(B, H, R, device=cache.device, dtype=torch.float32)
     block_r = min(R, 128)
     mla_decode_merge_kernel[(triton.cdiv(R, block_r), H, B)](
         part_o, part_lse, lengths, o, H, L_max, S, o.stride(0), o.stride(1), R=R, BLOCK_R=block_r, BLOCK_S=16,
-        MIN_SPLIT=min_split_tokens, BLOCK_N=block_n, num_warps=4)
+        MIN_SPLIT=min_split_tokens, BLOCK_N=block_n, PDL=pdl, launch_pdl=pdl, num_warps=4)
     return o

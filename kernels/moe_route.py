@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import prefetch_runs, use_pdl, wait_for_inputs
+
 
 @triton.jit
 def _top_k(logits_ptrs, bias, ids, wts, row, E, scaling, K: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr,
@@ -48,7 +50,7 @@ def _top_k(logits_ptrs, bias, ids, wts, row, E, scaling, K: tl.constexpr, BK: tl
 @triton.jit
 def moe_router_fwd_kernel(x, w, bias, logits, locks, ids, wts, E, scaling, stride_x, D: tl.constexpr,
                           K: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr, BLOCK_E: tl.constexpr,
-                          BLOCK_D: tl.constexpr, RENORM: tl.constexpr, BIASED: tl.constexpr):
+                          BLOCK_D: tl.constexpr, RENORM: tl.constexpr, BIASED: tl.constexpr, PDL: tl.constexpr):
     """One (expert block, token) per program: logits[token, block] = x[token] . w[block] in fp32 (the loop over D
     unrolled, so every load is in flight at once); the last program of the token to arrive routes it and re-arms
     the token's lock (to 0)."""
@@ -56,6 +58,10 @@ def moe_router_fwd_kernel(x, w, bias, logits, locks, ids, wts, E, scaling, strid
     row = tl.program_id(1).to(tl.int64)
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
+    if PDL:  # the first token's programs prefetch the router's rows
+        if row == 0:
+            prefetch_runs(w + pid_e * BLOCK_E * D, 0, 1, tl.minimum(BLOCK_E, E - pid_e * BLOCK_E) * D)
+    wait_for_inputs(PDL)
     acc = tl.zeros([BLOCK_E, BLOCK_D], dtype=tl.float32)
     for d0 in tl.static_range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -115,8 +121,9 @@ def moe_router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int
     logits = torch.empty(N, E, dtype=torch.float32, device=x.device)
     if N:
         x = x if x.stride(-1) == 1 else x.contiguous()
+        pdl = use_pdl(x.device)
         moe_router_fwd_kernel[(triton.cdiv(E, block_e), N)](
             x, weight, bias, logits, locks, ids, wts, E, scaling, x.stride(0), D=D, K=k, BK=triton.next_power_of_2(k),
             BE=triton.next_power_of_2(E), BLOCK_E=block_e, BLOCK_D=block_d, RENORM=renormalize,
-            BIASED=biased_weights, num_warps=num_warps)
+            BIASED=biased_weights, PDL=pdl, launch_pdl=pdl, num_warps=num_warps)
     return ids, wts

@@ -3,11 +3,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import use_pdl, wait_for_inputs
+
 
 @triton.jit
 def add_rms_norm_fwd_kernel(x, r, w, y, x_out, n, eps, stride_x, stride_r, stride_y, stride_xo,
-                            HAS_RES: tl.constexpr, BN: tl.constexpr):
+                            HAS_RES: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr):
     """One row per program: the whole row in registers (hidden sizes up to a few thousand)."""
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BN)
     mask = offs < n
@@ -35,7 +38,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     summed = torch.empty_like(x2) if residual is not None else x2
     r2 = residual.reshape(-1, n).contiguous() if residual is not None else x2
     if rows:
+        pdl = use_pdl(x.device)
         add_rms_norm_fwd_kernel[(rows,)](x2, r2, weight, y.view(-1, n), summed, n, eps, x2.stride(0), r2.stride(0),
                                          n, summed.stride(0), HAS_RES=residual is not None,
-                                         BN=triton.next_power_of_2(n), num_warps=4 if n <= 4096 else 8)
+                                         BN=triton.next_power_of_2(n), PDL=pdl, launch_pdl=pdl,
+                                         num_warps=4 if n <= 4096 else 8)
     return summed.view(x.shape), y

@@ -152,3 +152,35 @@ def test_a_context_over_the_model_limit_is_refused_on_load_and_on_resize(trained
     engine = klconvert.load(trained_like, device="cpu", max_context=16)
     with pytest.raises(klconvert.KLError, match="over the model's model_max_length"):
         engine.resize(2**21, 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs a Hopper or later GPU")
+def test_graph_with_pdl_equals_graph_without_bit_for_bit(monkeypatch):
+    """4 real-size layers, int4 weights: the captured step whose kernels start early (PDL: each prefetches its
+    weights while the one before runs, then waits for its inputs) gives exactly the logits of the same step
+    without it (KLCONVERT_PDL=0), over 64 steps."""
+    from klconvert.bench import random_quantized_weights
+    from klconvert.config import KimiLinearConfig
+    from klconvert.presets import preset_config
+    from klconvert.runtime.engine import Engine
+
+    config = KimiLinearConfig.from_dict(preset_config("kimi-linear-48b", 4))
+    weights = random_quantized_weights(config, 4, "cuda", calm=True)
+    ids = torch.randint(0, 163584, (1, 80), generator=torch.Generator().manual_seed(5)).cuda()
+    logits = {}
+    for pdl in ("1", "0"):
+        monkeypatch.setenv("KLCONVERT_PDL", pdl)
+        engine = Engine(config, weights.read, torch.device("cuda"), torch.bfloat16, 96, 1, packed=weights.packed,
+                        kernels="triton", stored_schemes=weights.schemes)
+        step = engine.decoder(1)
+        engine.forward(ids[:, :16])
+        got = []
+        for t in range(16, 80):
+            step.tokens.copy_(ids[:, t])
+            step.positions.fill_(t)
+            got.append(step.step().clone())
+        logits[pdl] = torch.stack(got)
+        del engine, step
+        torch.cuda.empty_cache()
+    assert torch.equal(logits["1"], logits["0"])
