@@ -37,6 +37,7 @@ from klconvert.tokenizer import Tokenizer  # noqa: E402
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULT_KEPT_SMALL = ("f_b", "g_a", "g_b")   # the small KDA projections the default policy keeps in bf16
 ROUTER, CONVS = KEEP[0], KEEP[2]
+_DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8, "I8": 1, "U8": 1, "F8_E4M3": 1}
 
 
 def recipe(kept_small: tuple[str, ...] = DEFAULT_KEPT_SMALL, keep: tuple[str, ...] = (),
@@ -98,8 +99,10 @@ def variants(c: KimiLinearConfig) -> list[tuple[str, str, dict]]:
     return rows
 
 
-def measure(model: Path, tokens: int, only: str | None, log=lambda s: print(s, file=sys.stderr)) -> list:
-    """[(section, label, EvalResult, bits per weight over all weights)] for each variant whose label has `only`."""
+def measure(model: Path, tokens: int, only: str | None, folders: tuple[tuple[str, Path], ...] = (),
+            log=lambda s: print(s, file=sys.stderr)) -> list:
+    """[(section, label, EvalResult, bits per weight over all weights)] for each variant whose label has `only`,
+    then for each (label, folder) of `folders` (quantized elsewhere, e.g. by tools/gptq_bundled.py)."""
     text = bundled_corpus.split()["test"]
     ids = Tokenizer.from_folder(model).encode(text)[:tokens]
     t0 = time.perf_counter()
@@ -121,7 +124,28 @@ def measure(model: Path, tokens: int, only: str | None, log=lambda s: print(s, f
             got = run_model(out, ids, "cpu", "float32")
             rows.append((section, label, compare(reference, got, ids), result.totals.bits_per_weight))
             log(f"{label}: {time.perf_counter() - t0:.0f} s")
+    params = stored(model)[1]  # bits per weight as quantize counts them: bytes written over the source's parameters
+    for label, folder in folders:
+        got = run_model(folder, ids, "cpu", "float32")
+        rows.append(("quantized elsewhere", label, compare(reference, got, ids), 8 * stored(folder)[0] / params))
     return rows
+
+
+def stored(folder: Path) -> tuple[int, int]:
+    """(bytes, elements) of every tensor in a folder's safetensors shards."""
+    from safetensors import safe_open
+
+    size = count = 0
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for name in f.keys():
+                t = f.get_slice(name)
+                numel = 1
+                for d in t.get_shape():
+                    numel *= d
+                size += numel * _DTYPE_BYTES[t.get_dtype()]
+                count += numel
+    return size, count
 
 
 def render(rows: list, tokens: int) -> str:
@@ -161,8 +185,11 @@ def main() -> None:
     p.add_argument("--model", default="tiny", help="The bf16 model folder, or tiny (the bundled model).")
     p.add_argument("--tokens", type=int, default=20480, help="Held-out tokens to measure on.")
     p.add_argument("--only", default=None, help="Only the rows whose label contains this text.")
+    p.add_argument("--folder", action="append", default=[], metavar="LABEL=DIR",
+                   help="Also measure a folder quantized elsewhere (tools/gptq_bundled.py), as a row named LABEL.")
     a = p.parse_args()
-    rows = measure(resolve_model(a.model), a.tokens, a.only)
+    folders = tuple((label, Path(path)) for label, _, path in (f.partition("=") for f in a.folder))
+    rows = measure(resolve_model(a.model), a.tokens, a.only, folders)
     print(render(rows, rows[0][2].tokens) if rows else "no row matched --only")
     line = targets_line(rows)
     if line:
