@@ -22,10 +22,10 @@ ENV = "KLCONVERT_PDL"  # "0" turns PDL off (to compare, or to rule it out)
 
 
 def use_pdl(device: torch.device) -> bool:
-    """Whether kernels on this device launch with PDL: CUDA compute capability >= 9.0, not under the Triton
-    interpreter, and not turned off by KLCONVERT_PDL=0."""
-    return (device.type == "cuda" and os.environ.get(ENV, "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
-            and _major(device) >= 9)
+    """Whether kernels on this device launch with PDL: NVIDIA compute capability >= 9.0 (not ROCm, which shares
+    torch's "cuda" device type), not under the Triton interpreter, and not turned off by KLCONVERT_PDL=0."""
+    return (device.type == "cuda" and torch.version.hip is None and os.environ.get(ENV, "1") != "0"
+            and os.environ.get("TRITON_INTERPRET") != "1" and _major(device) >= 9)
 
 
 @functools.lru_cache(maxsize=None)

@@ -288,7 +288,7 @@ def time_prefill(engine: Engine, tokens: int) -> float:
     warm-up (kernel compilation and autotuning)."""
     ids = torch.randint(0, engine.config.vocab_size, (1, tokens), device=engine.device)
     wait = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
-    engine.prefill(ids[:, :min(tokens, 2 * PREFILL_SEGMENT)])
+    engine.prefill(ids[:, :min(tokens, 2 * engine.prefill_segment)])
     wait()
     t0 = time.perf_counter()
     engine.prefill(ids)
