@@ -549,7 +549,7 @@ def int_mma_fwd(x, packed: PackedLinear, y, *, block_m=None, block_n=None, split
         raise ValueError(f"int_mma_fwd: block_n {block_n} < {ROWS}, or split_k {split_k} over {num_m} row blocks")
     per_split, split = _split(n_tiles, n_blocks, split_k if num_m == 1 else 1, x.device)
     ws = torch.empty((split, M, packed.n), device=x.device, dtype=torch.float32) if split > 1 else y
-    pdl = use_pdl(x.device)
+    pdl = use_pdl(x.device) and num_m == 1  # decode-sized x: every row block would prefetch the same weights again
     int_mma_fwd_kernel[(num_m * n_blocks, split)](
         x, packed.qweight, packed.scales, _zeros_arg(packed), y, ws, packed.locks, M, packed.n,
         packed.scales.shape[1], n_tiles, packed.group_size // KT, per_split, x.stride(0), y.stride(0),
