@@ -1,9 +1,9 @@
 """Programmatic dependent launch (Hopper and later) for the decode step's kernels: a kernel launched with it may start
 while the kernel before it in the stream is still running. It first pulls what it will read into L2 (its weights,
 the state it owns), then waits for its inputs (`griddepcontrol.wait`: the previous kernel has finished and its
-writes are visible), then lets the next kernel start the same way. L2 is where the GPU's memory
-is coherent, so a prefetch never returns stale data, whoever writes the line. A chain of small
-latency-bound kernels, as a decode step is, then overlaps each one's launch and weight fetch with its predecessor.
+writes are visible), then lets the next kernel start the same way. L2 is where the GPU's memory is coherent, so a
+prefetch never returns stale data, whoever writes the line. A chain of small latency-bound kernels, as a decode
+step is, then overlaps each one's launch and weight fetch with its predecessor.
 
 The rule every kernel that takes PDL keeps: before `wait_for_inputs` it issues nothing but `prefetch_runs` (hints,
 which never change what a load returns) -- no load it uses, no store, no atomic. Kernels that are not launched
