@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bundled_corpus  # noqa: E402
 
+from klconvert.checkpoint.safetensors_header import read_header  # noqa: E402
 from klconvert.evaluate import EvalResult, compare, run_model  # noqa: E402
 from klconvert.models import resolve_model  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
@@ -37,7 +39,6 @@ from klconvert.tokenizer import Tokenizer  # noqa: E402
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULT_KEPT_SMALL = ("f_b", "g_a", "g_b")   # the small KDA projections the default policy keeps in bf16
 ROUTER, CONVS = KEEP[0], KEEP[2]
-_DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8, "I8": 1, "U8": 1, "F8_E4M3": 1}
 
 
 def recipe(kept_small: tuple[str, ...] = DEFAULT_KEPT_SMALL, keep: tuple[str, ...] = (),
@@ -132,20 +133,9 @@ def measure(model: Path, tokens: int, only: str | None, folders: tuple[tuple[str
 
 
 def stored(folder: Path) -> tuple[int, int]:
-    """(bytes, elements) of every tensor in a folder's safetensors shards."""
-    from safetensors import safe_open
-
-    size = count = 0
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            for name in f.keys():
-                t = f.get_slice(name)
-                numel = 1
-                for d in t.get_shape():
-                    numel *= d
-                size += numel * _DTYPE_BYTES[t.get_dtype()]
-                count += numel
-    return size, count
+    """(bytes, elements) of every tensor in a folder's safetensors shards, from their headers."""
+    tensors = [t for shard in sorted(folder.glob("*.safetensors")) for t in read_header(shard).tensors.values()]
+    return sum(t.nbytes for t in tensors), sum(math.prod(t.shape) for t in tensors)
 
 
 def render(rows: list, tokens: int) -> str:
