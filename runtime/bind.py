@@ -185,7 +185,7 @@ def _swap_fused(model: M.KimiLinear, latent_kernel: bool) -> None:
         elif isinstance(module, M.KDAMixer):
             module.chunk = kda_chunk_module(module)
             if isinstance(module.f_b_proj, M.Linear) and isinstance(module.g_b_proj, M.Linear):  # else quantized:
-                module.step = FusedKDAStep(module)                       # the PyTorch step calls them as they are
+                module.step = FusedKDAStep(module, module.chunk)         # the PyTorch step calls them as they are
         elif isinstance(module, M.MLAMixer) and latent_kernel:
             module.attend = TritonLatentAttention()
         elif isinstance(module, M.RMSNorm):

@@ -88,12 +88,12 @@ class FusedRouter(nn.Module):
 
 class FusedKDAStep(nn.Module):
     """KDAStep in one launch (conv + SiLU + l2norm + the gates' up-projections f_b, g_b + delta rule + gated norm),
-    weights prepared once. Takes a mixer whose f_b_proj and g_b_proj are dense (bind checks)."""
+    weights prepared once. Takes a mixer whose f_b_proj and g_b_proj are dense (bind checks), and the layer's
+    prefill module, whose prepared conv taps and gate parameters it shares."""
 
-    def __init__(self, mixer: nn.Module):
+    def __init__(self, mixer: nn.Module, chunk: TritonKDAChunk):
         super().__init__()
-        self.conv = mixer.conv_weight.reshape(-1, mixer.conv_weight.shape[-1]).contiguous()   # [3HK, W]
-        self.A_log, self.dt_bias = mixer.A_log.float().flatten(), mixer.dt_bias.float()
+        self.conv, self.A_log, self.dt_bias = chunk.conv, chunk.A_log, chunk.dt_bias
         self.o_norm, self.eps = mixer.o_norm.weight.float(), mixer.eps
         self.f_b, self.g_b = mixer.f_b_proj.weight.contiguous(), mixer.g_b_proj.weight.contiguous()
 

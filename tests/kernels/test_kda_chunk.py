@@ -93,7 +93,8 @@ def random_layer(H=2, K=16, device=DEVICE):
         for p in m.parameters():
             p.normal_(0, 0.3)
         m.o_norm.weight.fill_(1.0)
-    m.step, m.chunk = FusedKDAStep(m), TritonKDAChunk(m)
+    m.chunk = TritonKDAChunk(m)
+    m.step = FusedKDAStep(m, m.chunk)
     return m
 
 
