@@ -95,6 +95,17 @@ def test_kernels_import_nothing_from_the_rest_of_the_package():
                 assert not any(a.name.startswith("klconvert") for a in node.names), path.name
 
 
+def decode_each(step, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """The step's logits [T - start, B, vocab] for tokens ids[:, start:], one decode step per position after a
+    prefill of ids[:, :start]."""
+    got = []
+    for t in range(start, ids.shape[1]):
+        step.tokens.copy_(ids[:, t])
+        step.positions.fill_(t)
+        got.append(step.step().clone())
+    return torch.stack(got)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_graph_replay_equals_eager_bit_for_bit(trained_like, tmp_path):
     from klconvert.quantize import quantize
@@ -107,12 +118,7 @@ def test_graph_replay_equals_eager_bit_for_bit(trained_like, tmp_path):
         step = engine.decoder(1)
         assert (step.graph is not None) is graph
         engine.forward(ids[:, :16])
-        got = []
-        for t in range(16, 80):
-            step.tokens.copy_(ids[:, t])
-            step.positions.fill_(t)
-            got.append(step.step().clone())
-        logits[graph] = torch.stack(got)
+        logits[graph] = decode_each(step, ids, 16)
     assert torch.equal(logits[True], logits[False])
 
 
@@ -135,12 +141,7 @@ def test_fast_path_at_8_real_layers_is_as_close_to_fp32_as_bf16_is():
                         kernels=kernels, stored_schemes=weights.schemes)
         step = engine.decoder(1)
         prefill = engine.forward(ids[:, :56])[0]
-        decoded = []
-        for t in range(56, 64):
-            step.tokens.copy_(ids[:, t])
-            step.positions.fill_(t)
-            decoded.append(step.step()[0].clone())
-        logits[name] = torch.cat([prefill, torch.stack(decoded)]).float()
+        logits[name] = torch.cat([prefill, decode_each(step, ids, 56)[:, 0]]).float()
         del engine, step
         torch.cuda.empty_cache()
     assert rel(logits["fast"], logits["fp32"]) <= 1.5 * rel(logits["bf16"], logits["fp32"])
@@ -175,12 +176,7 @@ def test_graph_with_pdl_equals_graph_without_bit_for_bit(monkeypatch):
                         kernels="triton", stored_schemes=weights.schemes)
         step = engine.decoder(1)
         engine.forward(ids[:, :16])
-        got = []
-        for t in range(16, 80):
-            step.tokens.copy_(ids[:, t])
-            step.positions.fill_(t)
-            got.append(step.step().clone())
-        logits[pdl] = torch.stack(got)
+        logits[pdl] = decode_each(step, ids, 16)
         del engine, step
         torch.cuda.empty_cache()
     assert torch.equal(logits["1"], logits["0"])

@@ -179,6 +179,9 @@ def main() -> None:
                    help="Also measure a folder quantized elsewhere (tools/gptq_bundled.py), as a row named LABEL.")
     a = p.parse_args()
     folders = tuple((label, Path(path)) for label, _, path in (f.partition("=") for f in a.folder))
+    for label, path in folders:
+        if not label or not path.is_dir() or not any(path.glob("*.safetensors")):
+            p.error(f"--folder {label}={path}: give LABEL=DIR, DIR a quantized folder with safetensors shards")
     rows = measure(resolve_model(a.model), a.tokens, a.only, folders)
     print(render(rows, rows[0][2].tokens) if rows else "no row matched --only")
     line = targets_line(rows)
