@@ -13,6 +13,7 @@ from .pdl import prefetch_runs, use_pdl, wait_for_inputs
 ROWS = 16  # output rows per packed block; one (block, k-tile) pair is ROWS * P contiguous int32 words
 KT = 128  # input features per k-tile; P = KT * bits / 32 words per row (16 for int4, 32 for int8)
 MMA_M = 16  # the tensor-core kernels pad x to blocks of at least this many rows (the smallest tl.dot M)
+MMA_BLOCK_M = 64  # int_mma_fwd's largest row block: up to this many rows are one block (split-K, a dense tail)
 LARGE_WEIGHT = 1 << 26  # weights from which a linear is "large" (the lm_head; it fills the GPU without split-K)
 # Kernel per row count M of x, by (bits, "large" or "small" weight), bounds (fma, mma, gemm): M <= fma -> CUDA-core
 # GEMV (int_gemv_fwd), M <= mma -> tensor-core kernel (int_mma_fwd: split-K while x is one row block, else plain
@@ -373,40 +374,69 @@ def _swizzle(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexp
 
 
 @triton.jit
-def int_mma_fwd_kernel(x, w, s, z, y, ws, locks, M, N, n_pad, n_tiles, tiles_per_group, tiles_per_split,
-                       stride_xm, stride_ym, BITS: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr,
+def int_mma_fwd_kernel(x, w, s, z, y, ws, locks, wd, M, N, n_dense, n_blocks, n_pad, n_tiles, tiles_per_group,
+                       tiles_per_split, stride_xm, stride_ym, BITS: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr,
                        ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
-                       SPLIT_K: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr, PDL: tl.constexpr):
+                       SPLIT_K: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr, PDL: tl.constexpr,
+                       DENSE: tl.constexpr):
     """Tensor-core tiles [BM, BN] (computed as [BN, BM] with the weights as the A operand when WA); SPLIT_K > 1
-    (one row block only) splits the k-tiles over grid dim 1."""
-    pid_m, pid_n = _swizzle(tl.program_id(0), M, N, BM, BN, GROUP_M)
+    (one row block only) splits the k-tiles over grid dim 1. DENSE (one row block only): the programs past the
+    packed weight's n_blocks column tiles multiply x by the 16-bit weight wd [n_dense, K] into y's columns N ..
+    N + n_dense (a projection group's unquantized members, in the same launch)."""
     pid_k = tl.program_id(1)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_p = tl.arange(0, P)
-    offs_q = tl.arange(0, 2 * P)
-    mask_m = offs_m < M
-    mask_n = offs_n < n_pad
-    w_ptrs = w + ((offs_n // ROWS).to(tl.int64) * n_tiles * ROWS * P + (offs_n % ROWS) * P)[:, None] + offs_p[None, :]
-    x_ptrs = x + offs_m[:, None].to(tl.int64) * stride_xm + offs_q[None, :]
+    t0 = pid_k * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+    KTILE: tl.constexpr = (32 // BITS) * P  # inputs per k-tile
+    K = n_tiles * KTILE
+    cols = N + n_dense  # y's columns, and the split-K workspace's
+    if DENSE:
+        dense = tl.program_id(0) >= n_blocks
+    else:
+        dense = False
+    pid_d = tl.program_id(0) - n_blocks
+    pid_m, pid_n = _swizzle(tl.program_id(0), M, N, BM, BN, GROUP_M)
+    if PDL:
+        if dense:
+            prefetch_runs(wd + (pid_d * BN).to(tl.int64) * K + t0 * KTILE, K, tl.minimum(BN, n_dense - pid_d * BN),
+                          (t1 - t0) * KTILE)
+        else:
+            _prefetch_program(w, s, z, pid_n, n_pad, n_tiles, tiles_per_group, t0, t1, BN, ROWS, P, ASYM)
+    wait_for_inputs(PDL)
     if WA:
         acc = tl.zeros([BN, BM], dtype=tl.float32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-    t0 = pid_k * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
-    if PDL:
-        _prefetch_program(w, s, z, pid_n, n_pad, n_tiles, tiles_per_group, t0, t1, BN, ROWS, P, ASYM)
-    wait_for_inputs(PDL)
-    for t in range(t0, t1):
-        wt = tl.load(w_ptrs + t * ROWS * P, mask=mask_n[:, None], other=0)
-        acc += _mma_tile(wt, x_ptrs + t * (32 // BITS) * P, mask_m[:, None], s + offs_n, z + offs_n, mask_n,
-                         t // tiles_per_group, n_pad, BITS, P, ASYM, FAST, WA)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    mask_m = offs_m < M
+    if dense:  # rows pid_d * BN .. of wd, into columns N + row
+        offs_r = pid_d * BN + tl.arange(0, BN)
+        offs_k = tl.arange(0, KTILE)
+        mask_c = offs_r < n_dense
+        col = N + offs_r
+        wd_ptrs = wd + offs_r[:, None].to(tl.int64) * K + offs_k[None, :]
+        xd_ptrs = x + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+        for t in range(t0, t1):
+            xt = tl.load(xd_ptrs + t * KTILE, mask=mask_m[:, None], other=0.0)
+            acc = _dot_w(acc, xt, tl.load(wd_ptrs + t * KTILE, mask=mask_c[:, None], other=0.0).to(xt.dtype), WA)
+        lock = n_blocks + pid_d
+    else:
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        mask_n = offs_n < n_pad
+        mask_c = offs_n < N
+        col = offs_n
+        w_ptrs = w + ((offs_n // ROWS).to(tl.int64) * n_tiles * ROWS * P + (offs_n % ROWS) * P)[:, None] \
+            + tl.arange(0, P)[None, :]
+        x_ptrs = x + offs_m[:, None].to(tl.int64) * stride_xm + tl.arange(0, 2 * P)[None, :]
+        for t in range(t0, t1):
+            wt = tl.load(w_ptrs + t * ROWS * P, mask=mask_n[:, None], other=0)
+            acc += _mma_tile(wt, x_ptrs + t * (32 // BITS) * P, mask_m[:, None], s + offs_n, z + offs_n, mask_n,
+                             t // tiles_per_group, n_pad, BITS, P, ASYM, FAST, WA)
+        lock = pid_n
     if WA:
         acc = tl.trans(acc)
-    mask = mask_m[:, None] & (offs_n < N)[None, :]
-    _store_or_reduce(acc, y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
-                     ws + offs_m[:, None] * N + offs_n[None, :], mask, locks, pid_n, pid_k, M * N, SPLIT_K)
+    _store_or_reduce(acc, y + offs_m[:, None].to(tl.int64) * stride_ym + col[None, :],
+                     ws + offs_m[:, None] * cols + col[None, :], mask_m[:, None] & mask_c[None, :], locks, lock, pid_k,
+                     M * cols, SPLIT_K)
 
 
 @triton.jit
@@ -535,29 +565,45 @@ def fast_unpack(bits: int, device: torch.device) -> bool:
 
 
 def int_mma_fwd(x, packed: PackedLinear, y, *, block_m=None, block_n=None, split_k=None, num_warps=4, num_stages=3,
-                fast=None, weights_as_a=None):
+                fast=None, weights_as_a=None, dense=None, locks=None):
     """Tensor-core path: x [M, K] (bf16/fp16; fp32 is rounded to bf16), y [M, N], tiles of block_m (16 to 64 by M)
     x block_n (64). With one row block, split-K over the k-tiles like the GEMV (split_k=1: none). weights_as_a
     (default: block_m 16): the weight tile is the MMA's A operand, y^T = W x^T (on Hopper a wgmma reading the
-    unpacked weights straight from registers; block_n a multiple of 64 with 4 warps)."""
+    unpacked weights straight from registers; block_n a multiple of 64 with 4 warps). dense (one row block only):
+    a 16-bit weight [n_dense, K] computed in the same launch into y's last n_dense columns (y [M, N + n_dense]);
+    its split-K counters come after the packed ones in `locks` (dense_locks(packed, n_dense))."""
     M = x.shape[0]
     x = x if x.dtype in (torch.bfloat16, torch.float16) else x.to(torch.bfloat16)
-    block_m = block_m or max(MMA_M, min(64, triton.next_power_of_2(M)))
+    block_m = block_m or max(MMA_M, min(MMA_BLOCK_M, triton.next_power_of_2(M)))
     block_n = block_n or 64
     num_m, n_blocks, n_tiles = triton.cdiv(M, block_m), triton.cdiv(packed.n, block_n), packed.k // KT
     if block_n < ROWS or (num_m > 1 and split_k not in (None, 1)):
         raise ValueError(f"int_mma_fwd: block_n {block_n} < {ROWS}, or split_k {split_k} over {num_m} row blocks")
-    per_split, split = _split(n_tiles, n_blocks, split_k if num_m == 1 else 1, x.device)
-    ws = torch.empty((split, M, packed.n), device=x.device, dtype=torch.float32) if split > 1 else y
+    n_dense = 0 if dense is None else dense.shape[0]
+    dense_blocks = triton.cdiv(n_dense, block_n)
+    if dense is not None and (num_m > 1 or tuple(dense.shape) != (n_dense, packed.k) or not dense.is_contiguous()
+                              or locks is None or locks.numel() < n_blocks + dense_blocks):
+        raise ValueError(f"int_mma_fwd: a dense tail {list(dense.shape)} takes one row block (here {num_m}), a "
+                         f"contiguous [n, {packed.k}] weight and dense_locks (here {locks is not None})")
+    per_split, split = _split(n_tiles, n_blocks + dense_blocks, split_k if num_m == 1 else 1, x.device)
+    ws = torch.empty((split, M, packed.n + n_dense), device=x.device, dtype=torch.float32) if split > 1 else y
     pdl = use_pdl(x.device) and num_m == 1  # decode-sized x: every row block would prefetch the same weights again
-    int_mma_fwd_kernel[(num_m * n_blocks, split)](
-        x, packed.qweight, packed.scales, _zeros_arg(packed), y, ws, packed.locks, M, packed.n,
-        packed.scales.shape[1], n_tiles, packed.group_size // KT, per_split, x.stride(0), y.stride(0),
-        BITS=packed.bits, P=KT * packed.bits // 32, ROWS=ROWS, ASYM=packed.zeros is not None, BM=block_m, BN=block_n,
-        GROUP_M=8, SPLIT_K=split, FAST=fast_unpack(packed.bits, x.device) if fast is None else fast,
-        WA=block_m == MMA_M if weights_as_a is None else weights_as_a, PDL=pdl, launch_pdl=pdl,
-        num_warps=num_warps, num_stages=num_stages)
+    int_mma_fwd_kernel[(num_m * n_blocks + dense_blocks, split)](
+        x, packed.qweight, packed.scales, _zeros_arg(packed), y, ws, packed.locks if locks is None else locks,
+        x if dense is None else dense, M, packed.n, n_dense, n_blocks, packed.scales.shape[1], n_tiles,
+        packed.group_size // KT, per_split, x.stride(0), y.stride(0), BITS=packed.bits, P=KT * packed.bits // 32,
+        ROWS=ROWS, ASYM=packed.zeros is not None, BM=block_m, BN=block_n, GROUP_M=8, SPLIT_K=split,
+        FAST=fast_unpack(packed.bits, x.device) if fast is None else fast,
+        WA=block_m == MMA_M if weights_as_a is None else weights_as_a, PDL=pdl, DENSE=dense is not None,
+        launch_pdl=pdl, num_warps=num_warps, num_stages=num_stages)
     return y
+
+
+def dense_locks(packed: PackedLinear, n_dense: int) -> torch.Tensor:
+    """Split-K counters for int_mma_fwd with a dense tail of n_dense rows, at any block_n: zeros, re-armed by the
+    kernel after each call."""
+    return torch.zeros(packed.scales.shape[1] // ROWS + triton.cdiv(n_dense, ROWS), dtype=torch.int32,
+                       device=packed.qweight.device)
 
 
 def gemm_launch(m: int) -> tuple[int, int, int, int]:

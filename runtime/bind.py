@@ -176,11 +176,13 @@ def _swap_fused(model: M.KimiLinear, latent_kernel: bool) -> None:
     """The weight-less decode and prefill modules and the small ones whose PyTorch form is many launches.
     latent_kernel: the cache is bf16 or e4m3 (what the Triton latent attention reads), not fp32."""
     from klconvert.runtime.kernel_modules import (ConcurrentStackedLinear, FusedKDAStep, FusedRMSNorm, FusedRouter,
-                                                  TritonLatentAttention, kda_chunk_module)
+                                                  PackedDenseLinear, TritonLatentAttention, kda_chunk_module)
 
     device = next(model.parameters()).device
     for name, module in list(model.named_modules()):
-        if isinstance(module, M.StackedLinear) and len(module.parts) > 1 and device.type == "cuda":
+        if isinstance(module, M.StackedLinear) and PackedDenseLinear.takes(module):
+            _replace(model, name, PackedDenseLinear(module))
+        elif isinstance(module, M.StackedLinear) and len(module.parts) > 1 and device.type == "cuda":
             _replace(model, name, ConcurrentStackedLinear(module, device))
         elif isinstance(module, M.KDAMixer):
             module.chunk = kda_chunk_module(module)

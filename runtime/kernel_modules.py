@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from klconvert.kernels.fused_moe import PackedExperts, fused_moe
-from klconvert.kernels.int_linear import PackedLinear, int_linear
+from klconvert.kernels.int_linear import MMA_BLOCK_M, PackedLinear, dense_locks, int_linear, int_mma_fwd, linear_kernel
 from klconvert.kernels.kda_chunk import kda_chunk, kda_prefill_conv
 from klconvert.kernels.kda_decode import kda_layer_step
 from klconvert.kernels.mla_decode import mla_decode
@@ -26,6 +26,34 @@ class PackedIntLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int_linear(x, self.packed)
+
+
+class PackedDenseLinear(nn.Module):
+    """A StackedLinear of one packed part, then one dense part (KDA's q, k, v, f_a, b | g_a; MLA's q | kv_a):
+    inputs the tensor-core kernel takes in one row block (decode) run both in one launch, the dense rows as more
+    programs of int_mma_fwd (no second kernel, stream or cat); larger ones the two kernels and a cat."""
+
+    def __init__(self, group: nn.Module):
+        super().__init__()
+        self.order, self.sizes = group.order, group.sizes
+        self.packed, self.dense = group.parts[0].packed, group.parts[1].weight.contiguous()
+        self.locks = dense_locks(self.packed, self.dense.shape[0])
+
+    @staticmethod
+    def takes(group: nn.Module) -> bool:
+        """Whether `group` is one packed part, then one dense part, whose decode runs on the tensor cores."""
+        parts = group.parts
+        return (len(parts) == 2 and isinstance(parts[0], PackedIntLinear) and not hasattr(parts[1], "packed")
+                and linear_kernel(1, parts[0].packed, torch.bfloat16) == "mma")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] > MMA_BLOCK_M or linear_kernel(x2.shape[0], self.packed, x.dtype) != "mma":
+            return torch.cat([int_linear(x, self.packed), torch.nn.functional.linear(x, self.dense)], dim=-1)
+        y = x.new_empty(*x.shape[:-1], self.packed.n + self.dense.shape[0])
+        int_mma_fwd(x2 if x2.stride(-1) == 1 else x2.contiguous(), self.packed, y.view(x2.shape[0], -1),
+                    dense=self.dense, locks=self.locks)
+        return y
 
 
 class ConcurrentStackedLinear(nn.Module):

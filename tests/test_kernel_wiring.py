@@ -13,9 +13,11 @@ import klconvert
 from calm_checkpoint import calm_copy
 from klconvert.quantize import quantize
 from klconvert.synth.checkpoint import synth
-from klconvert.runtime.kernel_modules import (FlaKDAChunk, FusedExperts, FusedKDAStep, PackedIntLinear, SharedInStack,
-                                              TritonKDAChunk)
-from klconvert.runtime.model import Experts, Linear
+from klconvert.kernels.int_linear import MMA_BLOCK_M, repack_int_weight
+from klconvert.runtime import kernel_modules
+from klconvert.runtime.kernel_modules import (FlaKDAChunk, FusedExperts, FusedKDAStep, PackedDenseLinear,
+                                              PackedIntLinear, SharedInStack, TritonKDAChunk)
+from klconvert.runtime.model import Experts, Linear, StackedLinear
 from testkit import rel_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,6 +70,30 @@ def test_triton_and_torch_paths_agree(quantized, request):
     for t in (20, 21):                                  # decode from that state: GEMV, fused KDA step, fused MoE
         a, b = tri.decode_step(ids[:, t:t + 1].to(DEVICE), t), ref.decode_step(ids[:, t:t + 1].to(DEVICE), t)
         assert rel_error(a, b) < TOLERANCE, t
+
+
+def test_a_packed_and_a_dense_part_run_in_one_launch(monkeypatch):
+    """KDA's and MLA's projection groups on the 48B are [int4 rows | bf16 rows]: at decode sizes PackedDenseLinear
+    computes both in int_mma_fwd's one launch (int_linear and torch's linear are not called), past one row block
+    through the two kernels and a cat; either way what the StackedLinear gives."""
+    n, k = 48, 256
+    words = torch.randint(-2**31, 2**31 - 1, (n, k // 8), dtype=torch.int32, device=DEVICE)
+    packed = repack_int_weight(words, torch.rand(n, k // 128, device=DEVICE).to(torch.bfloat16) * 0.01, None,
+                               (n, k), 4, 128)
+    dense = Linear(0, 0)
+    dense.weight = torch.nn.Parameter(torch.randn(40, k, device=DEVICE, dtype=torch.bfloat16) * 0.05,
+                                      requires_grad=False)
+    group = StackedLinear([PackedIntLinear(packed), dense], ["q_proj", "kv_a_proj_with_mqa"],
+                          {"q_proj": n, "kv_a_proj_with_mqa": 40})
+    assert PackedDenseLinear.takes(group)
+    fused = PackedDenseLinear(group)
+    calls = []
+    monkeypatch.setattr(kernel_modules, "int_linear", lambda *a, f=kernel_modules.int_linear, **kw: calls.append(1)
+                        or f(*a, **kw))
+    for shape in ((1, k), (2, 1, k), (MMA_BLOCK_M + 3, k)):
+        x = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16)
+        assert rel_error(fused(x), group(x)) < 1e-2, shape
+    assert len(calls) == 1 + 3  # the StackedLinear each time; PackedDenseLinear past one row block only
 
 
 def test_auto_picks_torch_without_cuda(quantized):

@@ -49,7 +49,8 @@ def compile_launch(fn: JITFunction, *args, grid, warmup, **kwargs):
     def first(pattern):
         return next((i for i, line in enumerate(lines) if re.search(pattern, line)), None)
 
-    key = f"{fn.fn.__name__}[{', '.join(f'{k}={v}' for k, v in constexprs.items() if k in ('GATED', 'MMA', 'FP8'))}]"
+    variant = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k in ("GATED", "MMA", "FP8", "DENSE"))
+    key = f"{fn.fn.__name__}[{variant}]"
     found[key] = {"launch_pdl": bool(kwargs.get("launch_pdl")), "first_memory_op": first(MEMORY),
                   "wait": first(r"griddepcontrol\.wait"),
                   "launch_dependents": first(r"griddepcontrol\.launch_dependents"),
@@ -74,6 +75,10 @@ def launch_every_decode_kernel() -> None:
         p = int_linear.repack_int_weight(t["weight_packed"], t["weight_scale"], t.get("weight_zero_point"),
                                          t["weight_shape"], bits, 128)
         int_linear.int_mma_fwd(x, p, torch.empty(1, 128, dtype=torch.bfloat16))
+        if bits == 4:  # with a dense tail (a projection group's unquantized members)
+            int_linear.int_mma_fwd(x, p, torch.empty(1, 128 + 40, dtype=torch.bfloat16),
+                                   dense=torch.randn(40, 256, dtype=torch.bfloat16),
+                                   locks=int_linear.dense_locks(p, 40))
         int_linear.int_gemv_fwd(x, p, torch.empty(1, 128, dtype=torch.bfloat16))
     expert = {"gate": compressed(128, 256, 4, False), "up": compressed(128, 256, 4, False),
               "down": compressed(256, 128, 4, False)}

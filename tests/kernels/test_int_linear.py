@@ -6,9 +6,10 @@ from helpers import DEVICE, GPU, assert_close, ct_compress, ct_decompress, poiso
 
 from klconvert.kernels.naive_int_linear import naive_int_linear
 from klconvert.kernels import int_linear as int_linear_module
-from klconvert.kernels.int_linear import (CROSSOVER, FMA_MAX_M, GEMM_LAUNCH, KT, LARGE_WEIGHT, dequantize_rows,
-                                          gemm_launch, int_dequant_mm, int_gemm_fwd, int_gemv_fwd, int_linear,
-                                          int_mma_fwd, linear_kernel, repack_int_weight, unpack_words)
+from klconvert.kernels.int_linear import (CROSSOVER, FMA_MAX_M, GEMM_LAUNCH, KT, LARGE_WEIGHT, MMA_BLOCK_M,
+                                          dense_locks, dequantize_rows, gemm_launch, int_dequant_mm, int_gemm_fwd,
+                                          int_gemv_fwd, int_linear, int_mma_fwd, linear_kernel, repack_int_weight,
+                                          unpack_words)
 from klconvert.kernels.naive_int_linear import dequantize_int_weight
 
 # bound on RMS error relative to the fp32 twin, by output dtype (bf16/fp16 outputs are rounded once)
@@ -144,6 +145,26 @@ def test_gemv_split_k(split_k):
     assert int(packed.locks.abs().sum()) == 0
 
 
+@pytest.mark.parametrize("launch", [dict(), dict(block_n=16, split_k=3, weights_as_a=False), dict(split_k=1)])
+@pytest.mark.parametrize("bits, symmetric, group, n, k", CASES[:2])
+def test_mma_with_a_dense_tail(bits, symmetric, group, n, k, launch):
+    """int_mma_fwd with a dense 16-bit weight of 40 rows (not a whole block) in the same launch: y = [x W^T | x
+    Wd^T] against the twin and a plain matmul, ragged rows, twice (the split-K counters re-arm)."""
+    _, packed = packed_linear(bits, symmetric, group, n, k)
+    dense = (torch.randn(40, k, device=DEVICE) * 0.05).to(torch.bfloat16)
+    locks = dense_locks(packed, 40)
+    for m in (1, 5):
+        x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+        want = torch.cat([naive_int_linear(x, packed).float(), x.float() @ dense.float().t()], dim=-1)
+        for _ in range(2):
+            y = int_mma_fwd(x, packed, poisoned(m, n + 40, dtype=x.dtype), dense=dense, locks=locks, **launch)
+            assert_close(y, want, BOUND[x.dtype], f"dense tail M={m} {launch}")
+    assert int(locks.abs().sum()) == 0
+    with pytest.raises(ValueError, match="one row block"):
+        x = torch.randn(MMA_BLOCK_M + 1, k, device=DEVICE, dtype=torch.bfloat16)
+        int_mma_fwd(x, packed, poisoned(MMA_BLOCK_M + 1, n + 40, dtype=x.dtype), dense=dense, locks=locks)
+
+
 def test_rejects_bad_group():
     with pytest.raises(ValueError, match="multiple of 128"):
         repack_int_weight(torch.zeros(16, 8, dtype=torch.int32), torch.ones(16, 1), None, (16, 64), 4, 64)
@@ -175,3 +196,15 @@ def test_int4_ptx_unpack(dtype, symmetric, launch, n, k, m):
     assert_close(y, naive_int_linear(x, packed), BOUND[dtype], "int4 PTX unpack")
     # the same centred codes enter the same dots: the two unpacks agree up to the odd output rounding
     assert_close(y, int_mma_fwd(x, packed, poisoned(m, n, dtype=dtype), fast=False, **launch), 1e-3, "PTX vs Triton")
+
+
+@GPU
+@pytest.mark.parametrize("n, n_dense", [(12448, 128), (6144, 576)])  # KDA's [q k v f_a b | g_a], MLA's [q | kv_a]
+@pytest.mark.parametrize("m", [1, 16])
+def test_mma_with_a_dense_tail_real_shapes(n, n_dense, m):
+    _, packed = packed_linear(4, True, 128, n, 2304)
+    dense = (torch.randn(n_dense, 2304, device=DEVICE) * 0.02).to(torch.bfloat16)
+    x = torch.randn(m, 2304, device=DEVICE, dtype=torch.bfloat16)
+    want = torch.cat([naive_int_linear(x, packed).float(), x.float() @ dense.float().t()], dim=-1)
+    y = int_mma_fwd(x, packed, poisoned(m, n + n_dense, dtype=x.dtype), dense=dense, locks=dense_locks(packed, n_dense))
+    assert_close(y, want, BOUND[x.dtype], "dense tail")

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).with_name("pdl_ptx.py")
-DECODE_KERNELS = {"int_mma_fwd_kernel[]", "int_gemv_fwd_kernel[]", "moe_router_fwd_kernel[]",
-                  "add_rms_norm_fwd_kernel[]", "kda_layer_step_fwd_kernel[]", "mla_decode_merge_kernel[]",
-                  "mla_decode_fwd_kernel[FP8=False]", "mla_decode_fwd_kernel[FP8=True]"} | {
+INT_MMA = {"int_mma_fwd_kernel[DENSE=False]", "int_mma_fwd_kernel[DENSE=True]"}  # with and without a dense tail
+DECODE_KERNELS = INT_MMA | {"int_gemv_fwd_kernel[]", "moe_router_fwd_kernel[]", "add_rms_norm_fwd_kernel[]",
+                            "kda_layer_step_fwd_kernel[]", "mla_decode_merge_kernel[]",
+                            "mla_decode_fwd_kernel[FP8=False]", "mla_decode_fwd_kernel[FP8=True]"} | {
     f"moe_decode_fwd_kernel[GATED={g}, MMA={m}]" for g in (True, False) for m in (True, False)}
-PREFETCHING = {"int_mma_fwd_kernel[]", "int_gemv_fwd_kernel[]", "moe_router_fwd_kernel[]",
-               "kda_layer_step_fwd_kernel[]"} | {k for k in DECODE_KERNELS if k.startswith("moe_decode")}
+PREFETCHING = INT_MMA | {"int_gemv_fwd_kernel[]", "moe_router_fwd_kernel[]", "kda_layer_step_fwd_kernel[]"} | {
+    k for k in DECODE_KERNELS if k.startswith("moe_decode")}
 
 
 @pytest.mark.slow
