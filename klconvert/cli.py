@@ -549,6 +549,19 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
         json_file.write_text(json.dumps(result.as_dict(), indent=1))
 
 
+ALLOCATOR_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # torch reads either; the user's setting wins
+
+
+def expandable_segments() -> None:
+    """Unless the user configured torch's allocator, let it grow one virtually contiguous segment per stream
+    instead of caching fixed-size segments: a 128K-token prefill on an H200 (27 layers, 2026-11-30) then held 0.6
+    GiB over its live peak instead of 1.6, and a 4K decode 26.1 GiB instead of 28.0 against a 25.2 GiB plan, at the
+    same speed. torch reads this at its first CUDA allocation, so it is set before any command runs."""
+    if not any(name in os.environ for name in ALLOCATOR_ENV):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
 def main() -> None:
     """Entry point: expected errors end in one line on stderr (see OneLineErrors)."""
+    expandable_segments()
     cli.main(prog_name="klconvert")

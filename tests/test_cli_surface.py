@@ -2,6 +2,7 @@
 included) one line with exit status 2, plan's exit status 3, --prompt, and a torch-free `--help`."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -117,6 +118,24 @@ def test_help_and_errors_do_not_load_torch():
             "assert callable(klconvert.Tokenizer.from_folder) and 'torch' not in sys.modules\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("preset, want", [({}, "expandable_segments:True"),
+                                          ({"PYTORCH_ALLOC_CONF": "max_split_size_mb:64"}, None),
+                                          ({"PYTORCH_CUDA_ALLOC_CONF": "backend:native"}, "backend:native")])
+def test_the_command_grows_allocator_segments_unless_the_user_chose(preset, want):
+    """`klconvert` sets torch's allocator to expandable segments before any command runs (held memory then stays
+    near the live peak and the plan); a user's own PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF is left as it is."""
+    code = ("import os, sys\n"
+            "from klconvert.cli import main\n"
+            "sys.argv = ['klconvert', '--version']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=env | preset)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == str(want)
 
 
 def test_the_readme_python_example_runs(tiny_released):
