@@ -49,17 +49,25 @@ class PackedExperts:
 
 
 def _stack(tensors: list[dict], bits: int, group_size: int, what: str) -> PackedLinear:
-    parts = [repack_int_weight(t["weight_packed"], t["weight_scale"], t.get("weight_zero_point"),
-                               t["weight_shape"], bits, group_size) for t in tensors]
-    first = parts[0]
-    for e, p in enumerate(parts):
-        if (p.n, p.k, p.zeros is None) != (first.n, first.k, first.zeros is None):
+    """The experts' repacked linears along a leading dim, filled one expert at a time (no list of repacked copies
+    beside the stack)."""
+    stack = None
+    for e, t in enumerate(tensors):
+        p = repack_int_weight(t["weight_packed"], t["weight_scale"], t.get("weight_zero_point"), t["weight_shape"],
+                              bits, group_size)
+        if stack is None:
+            zeros = None if p.zeros is None else p.zeros.new_empty(len(tensors), *p.zeros.shape)
+            stack = PackedLinear(p.qweight.new_empty(len(tensors), *p.qweight.shape),
+                                 p.scales.new_empty(len(tensors), *p.scales.shape), zeros, p.locks, p.n, p.k, bits,
+                                 p.group_size)
+        elif (p.n, p.k, p.zeros is None) != (stack.n, stack.k, stack.zeros is None):
             raise ValueError(f"{what} of expert {e} is [{p.n}, {p.k}] (asymmetric: {p.zeros is not None}), "
-                             f"expert 0 is [{first.n}, {first.k}] (asymmetric: {first.zeros is not None}): "
+                             f"expert 0 is [{stack.n}, {stack.k}] (asymmetric: {stack.zeros is not None}): "
                              "stacked experts must share shape and scheme")
-    zeros = torch.stack([p.zeros for p in parts]) if first.zeros is not None else None
-    return PackedLinear(torch.stack([p.qweight for p in parts]), torch.stack([p.scales for p in parts]), zeros,
-                        first.locks, first.n, first.k, bits, first.group_size)
+        stack.qweight[e], stack.scales[e] = p.qweight, p.scales
+        if p.zeros is not None:
+            stack.zeros[e] = p.zeros
+    return stack
 
 
 def repack_moe_experts(experts, *, shared: dict | None = None, bits: int, group_size: int) -> PackedExperts:

@@ -29,6 +29,8 @@ CROSSOVER = {(4, "large"): (0, 1 << 30, 1 << 30), (4, "small"): (0, 64, 64), (8,
 FMA_MAX_M = 16  # the CUDA-core GEMV keeps a [M, BN, 2P] accumulator; fp32 x takes it up to here (exact fp32)
 # int_gemm_fwd's launch (block_m, block_n, num_warps, num_stages) by row count: the first entry whose bound >= M.
 GEMM_LAUNCH = ((64, (64, 64, 4, 3)), (1 << 62, (128, 128, 8, 3)))
+REPACK_ROWS = 4096  # rows repacked at a time (a multiple of ROWS): ~0.3 GB of temporaries at K = 2304 (the 48B's
+# lm_head repacked in one piece took ~7 GB more than it packs to: the whole model's peak while binding, on an H200)
 DEQUANT_WORKSPACE = 64 << 20  # bytes of 16-bit weight int_dequant_mm dequantizes at a time (q,k,v stacked: 54 MiB)
 
 
@@ -94,7 +96,12 @@ def repack_int_weight(weight_packed, weight_scale, weight_zero_point, weight_sha
     if tuple(weight_scale.shape) != (n, k // group_size):
         raise ValueError(f"{where}: weight_scale is {tuple(weight_scale.shape)}, expected {(n, k // group_size)}")
     n_pad = triton.cdiv(n, ROWS) * ROWS
-    codes = torch.nn.functional.pad(unpack_int32_codes(weight_packed, bits, k), (0, 0, 0, n_pad - n))
+    qweight = torch.empty(n_pad // ROWS, k // KT, ROWS, KT * bits // 32, dtype=torch.int32, device=weight_packed.device)
+    for r0 in range(0, n_pad, REPACK_ROWS):  # a slice of rows at a time: the int64 temporaries stay small
+        r1 = min(r0 + REPACK_ROWS, n_pad)
+        codes = unpack_int32_codes(weight_packed[r0:r1], bits, k)
+        qweight[r0 // ROWS:r1 // ROWS] = _pack_words(torch.nn.functional.pad(codes, (0, 0, 0, r1 - r0 - len(codes))),
+                                                     bits)
     scales = torch.nn.functional.pad(weight_scale, (0, 0, 0, n_pad - n)).t().contiguous()
     zeros = None
     if weight_zero_point is not None:
@@ -104,7 +111,7 @@ def repack_int_weight(weight_packed, weight_scale, weight_zero_point, weight_sha
             zp = weight_zero_point.to(torch.int32) + (1 << (bits - 1))
         zeros = torch.nn.functional.pad(zp, (0, 0, 0, n_pad - n)).t().to(scales.dtype).contiguous()
     locks = torch.zeros(n_pad // ROWS, dtype=torch.int32, device=weight_packed.device)
-    return PackedLinear(_pack_words(codes, bits), scales, zeros, locks, n, k, bits, group_size)
+    return PackedLinear(qweight, scales, zeros, locks, n, k, bits, group_size)
 
 
 def concat_packed_linears(parts: list[PackedLinear]) -> PackedLinear:

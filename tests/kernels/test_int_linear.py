@@ -32,6 +32,17 @@ def test_repack_is_the_checkpoint_weight(bits, symmetric, group, n, k):
     assert torch.equal(dequantize_int_weight(packed).to(want.dtype), want)
 
 
+@pytest.mark.parametrize("bits, symmetric", [(4, False), (8, True)])
+def test_repack_in_slices_of_rows_is_the_same(monkeypatch, bits, symmetric):
+    """The repack goes REPACK_ROWS rows at a time (bounded temporaries): slices of 16 rows, the last one padded,
+    give the same words as one piece."""
+    ct, whole = packed_linear(bits, symmetric, 128, 40, 384)
+    monkeypatch.setattr(int_linear_module, "REPACK_ROWS", 16)
+    sliced = repack_int_weight(ct["weight_packed"], ct["weight_scale"], ct.get("weight_zero_point"),
+                               ct["weight_shape"], bits, 128)
+    assert torch.equal(sliced.qweight, whole.qweight) and torch.equal(sliced.scales, whole.scales)
+
+
 def test_word_order_pairs_neighbours():
     """What the PTX unpack rests on: slots i and i + 16/bits of word p of a k-tile hold inputs i*2P + 2p and
     i*2P + 2p + 1, and unpack_words inverts the repack exactly."""
