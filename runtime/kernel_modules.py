@@ -57,10 +57,11 @@ class PackedDenseLinear(nn.Module):
 
 
 class ConcurrentStackedLinear(nn.Module):
-    """A StackedLinear on CUDA whose parts (a packed kernel per format, one dense matmul) run side by side: the
-    first on the caller's stream, the rest on a second stream joined before the outputs meet -- parallel branches
-    of the decode step's CUDA graph, so a small dense GEMV (KDA's g_a, MLA's kv_a) no longer waits for the int4
-    one. The same kernels on the same inputs as StackedLinear, so the same outputs."""
+    """A StackedLinear on CUDA that PackedDenseLinear does not take (more parts, or a packed part the tensor-core
+    kernel does not run at decode, such as int8 at one row) whose parts run side by side: the first on the caller's
+    stream, the rest on a second stream joined before the outputs meet -- parallel branches of the decode step's
+    CUDA graph, so a small dense GEMV does not wait for the packed one. The same kernels on the same inputs as
+    StackedLinear, so the same outputs."""
 
     def __init__(self, group: nn.Module, device: torch.device):
         super().__init__()
