@@ -172,13 +172,15 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
     return nbytes / sorted(times[2:])[len(times[2:]) // 2]
 
 
-def _module_bytes(module: torch.nn.Module) -> int:
-    from klconvert.runtime.kernel_modules import PackedIntLinear
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's own weights: its parameters and, for the Triton linears, its packed weight."""
+    from klconvert.kernels.int_linear import PackedLinear
 
-    if isinstance(module, PackedIntLinear):
-        p = module.packed
-        return sum(t.numel() * t.element_size() for t in (p.qweight, p.scales, p.zeros) if t is not None)
-    return sum(t.numel() * t.element_size() for t in module.parameters(recurse=False))
+    total = sum(t.numel() * t.element_size() for t in module.parameters(recurse=False))
+    p = getattr(module, "packed", None)
+    if isinstance(p, PackedLinear):
+        total += sum(t.numel() * t.element_size() for t in (p.qweight, p.scales, p.zeros) if t is not None)
+    return total
 
 
 def bytes_per_step(engine: Engine, context: int, batch: int, experts_touched: int) -> int:
@@ -200,7 +202,7 @@ def bytes_per_step(engine: Engine, context: int, batch: int, experts_touched: in
         elif name == "model.embed_tokens":
             total += batch * c.hidden_size * module.weight.element_size()
         else:
-            total += _module_bytes(module)
+            total += module_bytes(module)
     state = engine.state
     total += 2 * batch * (state.kda_state[:, 0].numel() * state.kda_state.element_size()
                           + state.conv_state[:, 0].numel() * state.conv_state.element_size())

@@ -36,7 +36,8 @@ class PackedDenseLinear(nn.Module):
     def __init__(self, group: nn.Module):
         super().__init__()
         self.order, self.sizes = group.order, group.sizes
-        self.packed, self.dense = group.parts[0].packed, group.parts[1].weight.contiguous()
+        self.packed = group.parts[0].packed
+        self.dense = nn.Parameter(group.parts[1].weight.contiguous(), requires_grad=False)
         self.locks = dense_locks(self.packed, self.dense.shape[0])
 
     @staticmethod

@@ -72,10 +72,9 @@ def test_triton_and_torch_paths_agree(quantized, request):
         assert rel_error(a, b) < TOLERANCE, t
 
 
-def test_a_packed_and_a_dense_part_run_in_one_launch(monkeypatch):
-    """KDA's and MLA's projection groups on the 48B are [int4 rows | bf16 rows]: at decode sizes PackedDenseLinear
-    computes both in int_mma_fwd's one launch (int_linear and torch's linear are not called), past one row block
-    through the two kernels and a cat; either way what the StackedLinear gives."""
+@pytest.fixture
+def packed_and_dense():
+    """A projection group as bind stacks it: 48 int4 rows, then 40 dense bf16 rows."""
     n, k = 48, 256
     words = torch.randint(-2**31, 2**31 - 1, (n, k // 8), dtype=torch.int32, device=DEVICE)
     packed = repack_int_weight(words, torch.rand(n, k // 128, device=DEVICE).to(torch.bfloat16) * 0.01, None,
@@ -83,17 +82,32 @@ def test_a_packed_and_a_dense_part_run_in_one_launch(monkeypatch):
     dense = Linear(0, 0)
     dense.weight = torch.nn.Parameter(torch.randn(40, k, device=DEVICE, dtype=torch.bfloat16) * 0.05,
                                       requires_grad=False)
-    group = StackedLinear([PackedIntLinear(packed), dense], ["q_proj", "kv_a_proj_with_mqa"],
-                          {"q_proj": n, "kv_a_proj_with_mqa": 40})
+    return StackedLinear([PackedIntLinear(packed), dense], ["q_proj", "kv_a_proj_with_mqa"],
+                         {"q_proj": n, "kv_a_proj_with_mqa": 40})
+
+
+def test_a_packed_and_a_dense_part_run_in_one_launch(packed_and_dense, monkeypatch):
+    """KDA's and MLA's projection groups on the 48B are [int4 rows | bf16 rows]: at decode sizes PackedDenseLinear
+    computes both in int_mma_fwd's one launch (int_linear and torch's linear are not called), past one row block
+    through the two kernels and a cat; either way what the StackedLinear gives."""
+    group = packed_and_dense
     assert PackedDenseLinear.takes(group)
     fused = PackedDenseLinear(group)
     calls = []
     monkeypatch.setattr(kernel_modules, "int_linear", lambda *a, f=kernel_modules.int_linear, **kw: calls.append(1)
                         or f(*a, **kw))
+    k = group.parts[1].weight.shape[1]
     for shape in ((1, k), (2, 1, k), (MMA_BLOCK_M + 3, k)):
         x = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16)
         assert rel_error(fused(x), group(x)) < 1e-2, shape
     assert len(calls) == 1 + 3  # the StackedLinear each time; PackedDenseLinear past one row block only
+
+
+def test_the_bench_floor_counts_both_parts(packed_and_dense):
+    """klconvert bench's bytes per step count a PackedDenseLinear's packed and dense weights, as the group's."""
+    from klconvert.bench import module_bytes
+
+    assert module_bytes(PackedDenseLinear(packed_and_dense)) == sum(module_bytes(p) for p in packed_and_dense.parts)
 
 
 def test_auto_picks_torch_without_cuda(quantized):
