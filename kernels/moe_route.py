@@ -109,7 +109,7 @@ def moe_router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int
     """x [N, D] (any float dtype), router weight [E, D] fp32, bias [E] -> moe_route(x @ weight.T, ...), in one
     launch; locks: moe_router_locks(>= N). For decode-sized N (the logits workspace is [N, E] fp32). The launch
     defaults are the fastest of `python bench/kernels.py --only route` on an H200 (2026-11-30; 256 experts x 2304,
-    graph time): 4.1 us at 1 token and 8.7 at 16, against 5.4 / 10.4 for (8, 256, 8 warps)."""
+    graph time): 4.1 us at 1 token and 8.6 at 16, against 5.4 / 10.3 for (8, 256, 8 warps)."""
     N, D = x.shape
     E = weight.shape[0]
     if weight.shape[1] != D or weight.dtype != torch.float32 or not weight.is_contiguous() or locks.numel() < N:

@@ -29,9 +29,10 @@ class PackedIntLinear(nn.Module):
 
 
 class PackedDenseLinear(nn.Module):
-    """A StackedLinear of one packed part, then one dense part (KDA's q, k, v, f_a, b | g_a; MLA's q | kv_a):
-    inputs the tensor-core kernel takes in one row block (decode) run both in one launch, the dense rows as more
-    programs of int_mma_fwd (no second kernel, stream or cat); larger ones the two kernels and a cat."""
+    """A StackedLinear of one packed part, then one dense part (under the default policy KDA's q, k, v, f_a, b |
+    g_a; a recipe that keeps MLA's kv_a gives q | kv_a): inputs the tensor-core kernel takes in one row block
+    (decode) run both in one launch, the dense rows as more programs of int_mma_fwd (no second kernel, stream or
+    cat); larger ones the two kernels and a cat."""
 
     def __init__(self, group: nn.Module):
         super().__init__()

@@ -87,7 +87,7 @@ def packed_and_dense():
 
 
 def test_a_packed_and_a_dense_part_run_in_one_launch(packed_and_dense, monkeypatch):
-    """KDA's and MLA's projection groups on the 48B are [int4 rows | bf16 rows]: at decode sizes PackedDenseLinear
+    """KDA's projection group on the 48B is [int4 rows | bf16 g_a rows]: at decode sizes PackedDenseLinear
     computes both in int_mma_fwd's one launch (int_linear and torch's linear are not called), past one row block
     through the two kernels and a cat; either way what the StackedLinear gives."""
     group = packed_and_dense

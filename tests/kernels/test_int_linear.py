@@ -210,7 +210,8 @@ def test_int4_ptx_unpack(dtype, symmetric, launch, n, k, m):
 
 
 @GPU
-@pytest.mark.parametrize("n, n_dense", [(12448, 128), (6144, 576)])  # KDA's [q k v f_a b | g_a], MLA's [q | kv_a]
+# KDA's [q k v f_a b | g_a]; MLA's [q | kv_a] where a recipe keeps kv_a
+@pytest.mark.parametrize("n, n_dense", [(12448, 128), (6144, 576)])
 @pytest.mark.parametrize("m", [1, 16])
 def test_mma_with_a_dense_tail_real_shapes(n, n_dense, m):
     _, packed = packed_linear(4, True, 128, n, 2304)
