@@ -589,9 +589,11 @@ def int_mma_fwd(x, packed: PackedLinear, y, *, block_m=None, block_n=None, split
     n_dense = 0 if dense is None else dense.shape[0]
     dense_blocks = triton.cdiv(n_dense, block_n)
     if dense is not None and (num_m > 1 or tuple(dense.shape) != (n_dense, packed.k) or not dense.is_contiguous()
-                              or locks is None or locks.numel() < n_blocks + dense_blocks):
+                              or y.shape[1] != packed.n + n_dense or locks is None
+                              or locks.numel() < n_blocks + dense_blocks):
         raise ValueError(f"int_mma_fwd: a dense tail {list(dense.shape)} takes one row block (here {num_m}), a "
-                         f"contiguous [n, {packed.k}] weight and dense_locks (here {locks is not None})")
+                         f"contiguous [n, {packed.k}] weight, y of {packed.n} + n columns (here {y.shape[1]}) and "
+                         f"dense_locks (here {locks is not None})")
     per_split, split = _split(n_tiles, n_blocks + dense_blocks, split_k if num_m == 1 else 1, x.device)
     ws = torch.empty((split, M, packed.n + n_dense), device=x.device, dtype=torch.float32) if split > 1 else y
     pdl = use_pdl(x.device) and num_m == 1  # decode-sized x: every row block would prefetch the same weights again

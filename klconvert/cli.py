@@ -549,7 +549,7 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
         json_file.write_text(json.dumps(result.as_dict(), indent=1))
 
 
-ALLOCATOR_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # torch reads either; the user's setting wins
+ALLOCATOR_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")  # the user's wins
 
 
 def expandable_segments() -> None:

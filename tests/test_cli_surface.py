@@ -12,7 +12,7 @@ import click
 import pytest
 
 from bounded_cli import klconvert_bounded
-from klconvert.cli import cli
+from klconvert.cli import ALLOCATOR_ENV, cli
 from testkit import assert_one_line_error, run_cli
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -125,13 +125,13 @@ def test_help_and_errors_do_not_load_torch():
                                           ({"PYTORCH_CUDA_ALLOC_CONF": "backend:native"}, "backend:native")])
 def test_the_command_grows_allocator_segments_unless_the_user_chose(preset, want):
     """`klconvert` sets torch's allocator to expandable segments before any command runs (held memory then stays
-    near the live peak and the plan); a user's own PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF is left as it is."""
+    near the live peak and the plan); a user's own allocator setting (ALLOCATOR_ENV) is left as it is."""
     code = ("import os, sys\n"
             "from klconvert.cli import main\n"
             "sys.argv = ['klconvert', '--version']\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
             "print(os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
+    env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env=env | preset)
     assert proc.returncode == 0, proc.stderr

@@ -174,6 +174,8 @@ def test_mma_with_a_dense_tail(bits, symmetric, group, n, k, launch):
     with pytest.raises(ValueError, match="one row block"):
         x = torch.randn(MMA_BLOCK_M + 1, k, device=DEVICE, dtype=torch.bfloat16)
         int_mma_fwd(x, packed, poisoned(MMA_BLOCK_M + 1, n + 40, dtype=x.dtype), dense=dense, locks=locks)
+    with pytest.raises(ValueError, match=f"y of {n} \\+ n columns \\(here {n}\\)"):
+        int_mma_fwd(x[:1], packed, poisoned(1, n, dtype=x.dtype), dense=dense, locks=locks)
 
 
 def test_rejects_bad_group():
