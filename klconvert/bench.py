@@ -253,12 +253,12 @@ def spread_routing(engine: Engine, batch: int) -> None:
                                            seed=layer)
 
 
-def time_decode(engine: Engine, batch: int, context: int, new_tokens: int) -> float:
+def time_decode(engine: Engine, batch: int, context: int, new_tokens: int, warmup: bool = True) -> float:
     """Seconds per decode step: greedy generation through Engine.decode_loop (graph replay, on-device sampling,
-    async token copies) from cache rows 0..context-1, after one untimed warm-up loop."""
+    async token copies) from cache rows 0..context-1, after one untimed warm-up loop (with `warmup`)."""
     step = engine.decoder(batch)
     logits = torch.randn(batch, engine.config.vocab_size, device=engine.device)
-    for n in (8, new_tokens):
+    for n in ((8,) if warmup else ()) + (new_tokens,):
         step.positions.fill_(context)
         engine.decode_loop(step, logits, n)
     return engine.stats.decode_seconds / engine.stats.steps
@@ -285,13 +285,14 @@ def prefill_check(config: KimiLinearConfig, weights: Weights, device: torch.devi
     return check
 
 
-def time_prefill(engine: Engine, tokens: int) -> float:
+def time_prefill(engine: Engine, tokens: int, warmup: bool = True) -> float:
     """Seconds to prefill one `tokens`-long random prompt (up to its last logits), after an untimed two-segment
-    warm-up (kernel compilation and autotuning)."""
+    warm-up (kernel compilation and autotuning; with `warmup`)."""
     ids = torch.randint(0, engine.config.vocab_size, (1, tokens), device=engine.device)
     wait = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
-    engine.prefill(ids[:, :min(tokens, 2 * engine.prefill_segment)])
-    wait()
+    if warmup:
+        engine.prefill(ids[:, :min(tokens, 2 * engine.prefill_segment)])
+        wait()
     t0 = time.perf_counter()
     engine.prefill(ids)
     wait()
@@ -346,11 +347,12 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
           mla_cache_dtype: str = "bfloat16", new_tokens: int = 128, calm_weights: Weights | None = None,
           report: Callable[[str], None] = print, device: str = "cuda", check_prompt: int = CHECK_PROMPT,
           spread: bool = False, prefills: list[int] = (),
-          prefill_check_tokens: int = PREFILL_CHECK_TOKENS) -> BenchResult:
+          prefill_check_tokens: int = PREFILL_CHECK_TOKENS, warmup: bool = True) -> BenchResult:
     """Check, then time every (context, batch) on one bound model, then every prefill length in `prefills` (batch
     1). calm_weights: run the depth check (and with prefills, the prefill check) on them. spread: route each
     sequence to its own random experts (SpreadRouting) instead of the weights' router. device "cpu" runs the same
-    code on the CPU (Triton's interpreter; for tests of this code, not for figures)."""
+    code on the CPU (Triton's interpreter; for tests of this code, not for figures), where warmup=False skips the
+    untimed warm-ups (nothing compiles there, and each interpreted step costs seconds)."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KLError("klconvert bench times the CUDA path and needs a CUDA GPU; none is visible")
@@ -389,7 +391,7 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
             check_graph_matches_eager(engine, batch, context)
             touched = experts_touched(engine, batch)
             fill_state(engine, context)
-            seconds = time_decode(engine, batch, context, new_tokens)
+            seconds = time_decode(engine, batch, context, new_tokens, warmup)
             moved = bytes_per_step(engine, context, batch, touched)
             floor = moved / (result.copy_gb_s * 1e9)
             row = BenchRow(context, batch, mla_cache_dtype, seconds * 1e3, batch / seconds,
@@ -409,7 +411,7 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
             engine.resize(tokens, 1, cache)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        seconds = time_prefill(engine, tokens)
+        seconds = time_prefill(engine, tokens, warmup)
         row = PrefillRow(tokens, mla_cache_dtype, seconds, tokens / seconds,
                          torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0,
                          torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, engine.plan.total / 2**30,
