@@ -23,7 +23,7 @@ from triton.testing import do_bench
 from klconvert.kernels.fused_moe import (DECODE_MAX_TOKENS, MOE_DECODE_LAUNCH, fused_moe, moe_decode_fwd,
                                          moe_grouped_fwd, moe_kernel, prefill_launch, repack_moe_experts)
 from klconvert.kernels.int_linear import (FMA_MAX_M, gemm_launch, int_dequant_mm, int_gemm_fwd, int_gemv_fwd,
-                                          int_linear, int_mma_fwd, repack_int_weight, weight_class)
+                                          int_linear, int_mma_fwd, packed_bytes, repack_int_weight, weight_class)
 from klconvert.kernels.kda_chunk import kda_chunk, kda_prefill_conv
 from klconvert.kernels.kda_decode import kda_decode, kda_layer_step
 from klconvert.kernels.mla_decode import mla_decode, mla_decode_splits
@@ -312,10 +312,6 @@ def random_packed(n, k, bits, group=128, symmetric=True):
     zero = None if symmetric else torch.randint(-2**31, 2**31 - 1, (n * bits // 32, k // group), device=DEV,
                                                  dtype=torch.int32)
     return repack_int_weight(wp, scale, zero, (n, k), bits, group)
-
-
-def packed_bytes(p):
-    return p.qweight.numel() * 4 + p.scales.numel() * p.scales.element_size()
 
 
 def bench_linear():

@@ -90,6 +90,18 @@ def repack_moe_experts(experts, *, shared: dict | None = None, bits: int, group_
 
 
 @triton.jit
+def _pair_expert(routed, valid, shared_id, u, offs_t, offs_s, SLOTS: tl.constexpr, TOPK: tl.constexpr,
+                 BM: tl.constexpr, BS: tl.constexpr):
+    """From the routed ids [BM, BS] (slots past TOPK: the shared expert): (the expert e of pair u; the [BM, BS]
+    pairs routed to e; whether pair u is the first of them, the one that serves e)."""
+    table = tl.where(valid, tl.where(offs_s[None, :] < TOPK, routed, shared_id), -1)
+    pairs = offs_t[:, None] * SLOTS + offs_s[None, :]  # (slots past SLOTS alias the next token's: masked by valid)
+    e = tl.sum(tl.where((pairs == u) & valid, table, 0))
+    hit = table == e  # top-k ids of a token are distinct: at most one slot per token
+    return e, hit, tl.min(tl.where(hit, pairs, BM * BS)) == u
+
+
+@triton.jit
 def moe_decode_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, T, n_out, n_pad, n_tiles,
                           tiles_per_group, tiles_per_split, stride_xm, stride_ym, stride_we, stride_se, shared_id,
                           locks_per_row, TOPK: tl.constexpr, SLOTS: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -101,31 +113,40 @@ def moe_decode_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, T, 
     once: each weight is read once per launch, without sorting (and without a host sync).
     GATED: h[pair] = silu(x[token] Wg^T) * (x[token] Wu^T), the k splits reduced in-launch (a lock per pair).
     Else: y[token] = sum over slots and k splits of weight * h[pair] Wd^T (one lock per row block, counting pairs).
-    PDL: the routed experts are known only after the wait; the shared one (every token's, so first taken by pair
-    TOPK) is prefetched before it."""
+    PDL, gate+up: the routed experts are known only after the wait; the shared one (every token's, so first taken
+    by pair TOPK) is prefetched before it. PDL, down: the ids are read before the wait -- the router wrote them two
+    launches back, and the gate+up launch between let this one go only after its own wait, so the router had
+    finished; read past L1 (.cg) -- and each serving program prefetches its tile of its expert's weights."""
     pid_n = tl.program_id(0)
     u = tl.program_id(1) // SPLIT_K
     split = tl.program_id(1) % SPLIT_K
-    if PDL and SLOTS > TOPK:
-        if u == TOPK:
-            k0 = split * tiles_per_split
-            k1 = tl.minimum(k0 + tiles_per_split, n_tiles)
-            shared = shared_id.to(tl.int64)
-            _prefetch_program(wa + shared * stride_we, sa + shared * stride_se, za + shared * stride_se, pid_n, n_pad,
-                              n_tiles, tiles_per_group, k0, k1, BN, ROWS, P, ASYM)
-            if GATED:
-                _prefetch_program(wb + shared * stride_we, sb + shared * stride_se, zb + shared * stride_se, pid_n,
-                                  n_pad, n_tiles, tiles_per_group, k0, k1, BN, ROWS, P, ASYM)
-    wait_for_inputs(PDL)
+    t0 = split * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
     offs_t = tl.arange(0, BM)
     offs_s = tl.arange(0, BS)
     valid = (offs_t[:, None] < T) & (offs_s[None, :] < SLOTS)
-    routed = tl.load(ids + offs_t[:, None] * TOPK + offs_s[None, :], mask=valid & (offs_s[None, :] < TOPK), other=0)
-    table = tl.where(valid, tl.where(offs_s[None, :] < TOPK, routed, shared_id), -1)  # [BM, BS] expert of each pair
-    pairs = offs_t[:, None] * SLOTS + offs_s[None, :]  # (slots past SLOTS alias the next token's: masked by valid)
-    e = tl.sum(tl.where((pairs == u) & valid, table, 0))
-    hit = table == e  # top-k ids of a token are distinct: at most one slot per token
-    if tl.min(tl.where(hit, pairs, BM * BS)) == u:
+    ids_ptrs = ids + offs_t[:, None] * TOPK + offs_s[None, :]
+    ids_mask = valid & (offs_s[None, :] < TOPK)
+    if PDL and not GATED:
+        e, hit, serving = _pair_expert(tl.load(ids_ptrs, mask=ids_mask, other=0, cache_modifier=".cg"), valid,
+                                       shared_id, u, offs_t, offs_s, SLOTS, TOPK, BM, BS)
+        if serving:
+            _prefetch_program(wa + e.to(tl.int64) * stride_we, sa + e.to(tl.int64) * stride_se,
+                              za + e.to(tl.int64) * stride_se, pid_n, n_pad, n_tiles, tiles_per_group, t0, t1, BN,
+                              ROWS, P, ASYM)
+        wait_for_inputs(PDL)
+    else:
+        if PDL and SLOTS > TOPK:  # gate+up (with PDL, the down launch took the branch above)
+            if u == TOPK:
+                shared = shared_id.to(tl.int64)
+                _prefetch_program(wa + shared * stride_we, sa + shared * stride_se, za + shared * stride_se, pid_n,
+                                  n_pad, n_tiles, tiles_per_group, t0, t1, BN, ROWS, P, ASYM)
+                _prefetch_program(wb + shared * stride_we, sb + shared * stride_se, zb + shared * stride_se, pid_n,
+                                  n_pad, n_tiles, tiles_per_group, t0, t1, BN, ROWS, P, ASYM)
+        wait_for_inputs(PDL)
+        e, hit, serving = _pair_expert(tl.load(ids_ptrs, mask=ids_mask, other=0), valid, shared_id, u, offs_t,
+                                       offs_s, SLOTS, TOPK, BM, BS)
+    if serving:
         tok = tl.max(hit.to(tl.int32), axis=1) > 0  # [BM] tokens routed to e
         slot = tl.sum(tl.where(hit, offs_s[None, :], 0), axis=1)  # [BM] and the slot that holds it
         pair = offs_t * SLOTS + slot
@@ -142,8 +163,6 @@ def moe_decode_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, T, 
         else:
             x_ptrs = x + pair[:, None].to(tl.int64) * stride_xm + offs_q[None, :]
         x_mask = tok[:, None]
-        t0 = split * tiles_per_split
-        t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
         if MMA:  # [BN, BM] accumulators when WA (weights as the A operand), [BM, BN] otherwise
             if WA:
                 a = tl.zeros([BN, BM], dtype=tl.float32)

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import prefetch_runs, use_pdl, wait_for_inputs
+from .pdl import prefetch_fits, prefetch_runs, use_pdl, wait_for_inputs
 
 ROWS = 16  # output rows per packed block; one (block, k-tile) pair is ROWS * P contiguous int32 words
 KT = 128  # input features per k-tile; P = KT * bits / 32 words per row (16 for int4, 32 for int8)
@@ -329,7 +329,7 @@ def _prefetch_program(w, s, z, pid_n, n_pad, n_tiles, tiles_per_group, t0, t1, B
 def int_gemv_fwd_kernel(x, w, s, z, y, ws, locks, M, N, n_pad, n_tiles, tiles_per_group, tiles_per_split,
                         stride_xm, stride_ym, BITS: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr,
                         ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
-                        PDL: tl.constexpr):
+                        PDL: tl.constexpr, PREFETCH: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BM)
@@ -347,7 +347,7 @@ def int_gemv_fwd_kernel(x, w, s, z, y, ws, locks, M, N, n_pad, n_tiles, tiles_pe
         acc = tl.zeros([BM, BN, 2 * P], dtype=tl.float32)
     t0 = pid_k * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
-    if PDL:
+    if PREFETCH:
         _prefetch_program(w, s, z, pid_n, n_pad, n_tiles, tiles_per_group, t0, t1, BN, ROWS, P, ASYM)
     wait_for_inputs(PDL)
     # the loop loads one tile ahead by hand (Triton pipelines only loads that feed tl.dot)
@@ -385,11 +385,12 @@ def int_mma_fwd_kernel(x, w, s, z, y, ws, locks, wd, M, N, n_dense, n_blocks, n_
                        tiles_per_split, stride_xm, stride_ym, BITS: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr,
                        ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
                        SPLIT_K: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr, PDL: tl.constexpr,
-                       DENSE: tl.constexpr):
+                       PREFETCH: tl.constexpr, DENSE: tl.constexpr):
     """Tensor-core tiles [BM, BN] (computed as [BN, BM] with the weights as the A operand when WA); SPLIT_K > 1
     (one row block only) splits the k-tiles over grid dim 1. DENSE (one row block only): the programs past the
     packed weight's n_blocks column tiles multiply x by the 16-bit weight wd [n_dense, K] into y's columns N ..
-    N + n_dense (a projection group's unquantized members, in the same launch)."""
+    N + n_dense (a projection group's unquantized members, in the same launch). PREFETCH (with PDL): each program
+    pulls its weights into L2 before the wait."""
     pid_k = tl.program_id(1)
     t0 = pid_k * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
@@ -402,7 +403,7 @@ def int_mma_fwd_kernel(x, w, s, z, y, ws, locks, wd, M, N, n_dense, n_blocks, n_
         dense = False
     pid_d = tl.program_id(0) - n_blocks
     pid_m, pid_n = _swizzle(tl.program_id(0), M, N, BM, BN, GROUP_M)
-    if PDL:
+    if PREFETCH:
         if dense:
             prefetch_runs(wd + (pid_d * BN).to(tl.int64) * K + t0 * KTILE, K, tl.minimum(BN, n_dense - pid_d * BN),
                           (t1 - t0) * KTILE)
@@ -542,6 +543,11 @@ def _split(n_tiles: int, n_blocks: int, split_k: int | None, device) -> tuple[in
     return per_split, triton.cdiv(n_tiles, per_split)
 
 
+def packed_bytes(packed: PackedLinear) -> int:
+    """Bytes a kernel reads for the weight: codes, scales and zero points."""
+    return sum(t.numel() * t.element_size() for t in (packed.qweight, packed.scales, packed.zeros) if t is not None)
+
+
 def _zeros_arg(packed: PackedLinear) -> torch.Tensor:
     return packed.zeros if packed.zeros is not None else packed.scales  # never read when symmetric
 
@@ -561,7 +567,8 @@ def int_gemv_fwd(x, packed: PackedLinear, y, *, block_n=None, split_k=None, num_
         x, packed.qweight, packed.scales, _zeros_arg(packed), y, ws, packed.locks, M, packed.n,
         packed.scales.shape[1], n_tiles, packed.group_size // KT, per_split, x.stride(0), y.stride(0),
         BITS=packed.bits, P=KT * packed.bits // 32, ROWS=ROWS, ASYM=packed.zeros is not None, BM=bm, BN=bn,
-        SPLIT_K=split, PDL=pdl, launch_pdl=pdl, num_warps=num_warps, num_stages=num_stages)
+        SPLIT_K=split, PDL=pdl, PREFETCH=pdl and prefetch_fits(x.device, packed_bytes(packed)), launch_pdl=pdl,
+        num_warps=num_warps, num_stages=num_stages)
     return y
 
 
@@ -572,13 +579,15 @@ def fast_unpack(bits: int, device: torch.device) -> bool:
 
 
 def int_mma_fwd(x, packed: PackedLinear, y, *, block_m=None, block_n=None, split_k=None, num_warps=4, num_stages=3,
-                fast=None, weights_as_a=None, dense=None, locks=None):
+                fast=None, weights_as_a=None, dense=None, locks=None, prefetch=None):
     """Tensor-core path: x [M, K] (bf16/fp16; fp32 is rounded to bf16), y [M, N], tiles of block_m (16 to 64 by M)
     x block_n (64). With one row block, split-K over the k-tiles like the GEMV (split_k=1: none). weights_as_a
     (default: block_m 16): the weight tile is the MMA's A operand, y^T = W x^T (on Hopper a wgmma reading the
     unpacked weights straight from registers; block_n a multiple of 64 with 4 warps). dense (one row block only):
     a 16-bit weight [n_dense, K] computed in the same launch into y's last n_dense columns (y [M, N + n_dense]);
-    its split-K counters come after the packed ones in `locks` (dense_locks(packed, n_dense))."""
+    its split-K counters come after the packed ones in `locks` (dense_locks(packed, n_dense)). prefetch (with PDL;
+    default: while the weights fit in half the L2, pdl.prefetch_fits): each program pulls its weights into L2 before
+    it waits for its inputs."""
     M = x.shape[0]
     x = x if x.dtype in (torch.bfloat16, torch.float16) else x.to(torch.bfloat16)
     block_m = block_m or max(MMA_M, min(MMA_BLOCK_M, triton.next_power_of_2(M)))
@@ -597,14 +606,16 @@ def int_mma_fwd(x, packed: PackedLinear, y, *, block_m=None, block_n=None, split
     per_split, split = _split(n_tiles, n_blocks + dense_blocks, split_k if num_m == 1 else 1, x.device)
     ws = torch.empty((split, M, packed.n + n_dense), device=x.device, dtype=torch.float32) if split > 1 else y
     pdl = use_pdl(x.device) and num_m == 1  # decode-sized x: every row block would prefetch the same weights again
+    if prefetch is None:
+        prefetch = pdl and prefetch_fits(x.device, packed_bytes(packed) + (0 if dense is None else dense.nbytes))
     int_mma_fwd_kernel[(num_m * n_blocks + dense_blocks, split)](
         x, packed.qweight, packed.scales, _zeros_arg(packed), y, ws, packed.locks if locks is None else locks,
         x if dense is None else dense, M, packed.n, n_dense, n_blocks, packed.scales.shape[1], n_tiles,
         packed.group_size // KT, per_split, x.stride(0), y.stride(0), BITS=packed.bits, P=KT * packed.bits // 32,
         ROWS=ROWS, ASYM=packed.zeros is not None, BM=block_m, BN=block_n, GROUP_M=8, SPLIT_K=split,
         FAST=fast_unpack(packed.bits, x.device) if fast is None else fast,
-        WA=block_m == MMA_M if weights_as_a is None else weights_as_a, PDL=pdl, DENSE=dense is not None,
-        launch_pdl=pdl, num_warps=num_warps, num_stages=num_stages)
+        WA=block_m == MMA_M if weights_as_a is None else weights_as_a, PDL=pdl, PREFETCH=pdl and prefetch,
+        DENSE=dense is not None, launch_pdl=pdl, num_warps=num_warps, num_stages=num_stages)
     return y
 
 

@@ -6,8 +6,11 @@ prefetch never returns stale data, whoever writes the line. A chain of small lat
 step is, then overlaps each one's launch and weight fetch with its predecessor.
 
 The rule every kernel that takes PDL keeps: before `wait_for_inputs` it issues nothing but `prefetch_runs` (hints,
-which never change what a load returns) -- no load it uses, no store, no atomic. Kernels that are not launched
-with PDL (PyTorch's, cuBLAS's) order as they always do.
+which never change what a load returns) -- no load it uses, no store, no atomic. One exception: a load, past L1
+(`.cg`), of what a kernel two or more launches back wrote, when every launch between is a PDL kernel of this kind
+(it lets the next one go only after its own wait, so the writer had finished before this kernel could start):
+the MoE's down launch reads the router's choices so, to prefetch its experts' weights. Kernels that are not
+launched with PDL (PyTorch's, cuBLAS's) order as they always do.
 """
 import functools
 import os
@@ -31,6 +34,18 @@ def use_pdl(device: torch.device) -> bool:
 @functools.lru_cache(maxsize=None)
 def _major(device: torch.device) -> int:
     return torch.cuda.get_device_capability(device)[0]
+
+
+def prefetch_fits(device: torch.device, nbytes: int) -> bool:
+    """Whether a PDL kernel that reads nbytes of weights prefetches them into L2 before its wait: only while they
+    fit in half of the L2. A larger weight (the lm_head's 0.2-0.4 GB) runs in many waves of programs; the first
+    wave's prefetches alone overflow the L2 and evict each other before they are read."""
+    return nbytes <= _l2_bytes(device) // 2
+
+
+@functools.lru_cache(maxsize=None)
+def _l2_bytes(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).L2_cache_size
 
 
 @triton.jit

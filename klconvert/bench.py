@@ -174,13 +174,11 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
 
 def module_bytes(module: torch.nn.Module) -> int:
     """Bytes of a module's own weights: its parameters and, for the Triton linears, its packed weight."""
-    from klconvert.kernels.int_linear import PackedLinear
+    from klconvert.kernels.int_linear import PackedLinear, packed_bytes
 
     total = sum(t.numel() * t.element_size() for t in module.parameters(recurse=False))
     p = getattr(module, "packed", None)
-    if isinstance(p, PackedLinear):
-        total += sum(t.numel() * t.element_size() for t in (p.qweight, p.scales, p.zeros) if t is not None)
-    return total
+    return total + (packed_bytes(p) if isinstance(p, PackedLinear) else 0)
 
 
 def bytes_per_step(engine: Engine, context: int, batch: int, experts_touched: int) -> int:

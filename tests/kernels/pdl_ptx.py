@@ -22,6 +22,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
           torch.int64: "i64", torch.int8: "i8", torch.float8_e4m3fn: "fp8e4nv"}
 MEMORY = re.compile(r"\b(ld\.global|st\.global|atom\.|red\.|cp\.async|cp\.reduce)")
+L2_LOAD = re.compile(r"\bld\.global\.cg\b")  # a load past L1 (what a kernel two launches back wrote)
 OPTIONS = ("num_warps", "num_stages", "launch_pdl")
 found: dict[str, dict] = {}
 
@@ -49,9 +50,12 @@ def compile_launch(fn: JITFunction, *args, grid, warmup, **kwargs):
     def first(pattern):
         return next((i for i, line in enumerate(lines) if re.search(pattern, line)), None)
 
-    variant = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k in ("GATED", "MMA", "FP8", "DENSE"))
+    variant = ", ".join(f"{k}={v}" for k, v in constexprs.items()
+                        if k in ("GATED", "MMA", "FP8", "DENSE", "PREFETCH"))
     key = f"{fn.fn.__name__}[{variant}]"
+    memory = [i for i, line in enumerate(lines) if MEMORY.search(line)]
     found[key] = {"launch_pdl": bool(kwargs.get("launch_pdl")), "first_memory_op": first(MEMORY),
+                  "first_memory_op_past_l2_loads": next((i for i in memory if not L2_LOAD.search(lines[i])), None),
                   "wait": first(r"griddepcontrol\.wait"),
                   "launch_dependents": first(r"griddepcontrol\.launch_dependents"),
                   "prefetches": sum("prefetch.global.L2" in line for line in lines)}
@@ -75,6 +79,8 @@ def launch_every_decode_kernel() -> None:
         p = int_linear.repack_int_weight(t["weight_packed"], t["weight_scale"], t.get("weight_zero_point"),
                                          t["weight_shape"], bits, 128)
         int_linear.int_mma_fwd(x, p, torch.empty(1, 128, dtype=torch.bfloat16))
+        if bits == 8:  # PDL without the prefetch, as a weight larger than half the L2 runs (pdl.prefetch_fits)
+            int_linear.int_mma_fwd(x, p, torch.empty(1, 128, dtype=torch.bfloat16), prefetch=False)
         if bits == 4:  # with a dense tail (a projection group's unquantized members)
             int_linear.int_mma_fwd(x, p, torch.empty(1, 128 + 40, dtype=torch.bfloat16),
                                    dense=torch.randn(40, 256, dtype=torch.bfloat16),
@@ -103,6 +109,7 @@ def launch_every_decode_kernel() -> None:
 def main() -> None:
     for module in (int_linear, fused_moe, kda_decode, mla_decode, moe_route, rms_norm):
         module.use_pdl = lambda device: True
+    int_linear.prefetch_fits = lambda device, nbytes: True  # the small weights of these launches fit any L2
     int_linear.fast_unpack = fused_moe.fast_unpack = lambda bits, device: bits == 4  # the PTX unpack, as on CUDA
     JITFunction.run = compile_launch
     launch_every_decode_kernel()
