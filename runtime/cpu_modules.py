@@ -85,8 +85,8 @@ class CPUKDAMixer(M.KDAMixer):
         mixer.cpu_dt_bias = mixer.dt_bias.detach().float().reshape(H, K, 1)
         mixer.cpu_norm = _Norm(mixer.o_norm.weight, mixer.eps)
         mixer.cpu_l2_eps, mixer.cpu_scale = _const(1e-6), _const(K ** -0.5)
-        # [2, HK, K] viewed as [2, K, HK]: bmm reads each weight as F.linear does (the same results)
-        mixer.cpu_fg_t = torch.stack([mixer.f_b_proj.weight, mixer.g_b_proj.weight]).detach().transpose(1, 2)
+        # [2, K, HK] laid out as the weights are (bind's _cpu_layout: [in, out]): bmm reads each as F.linear does
+        mixer.cpu_fg_t = torch.stack([mixer.f_b_proj.weight.t(), mixer.g_b_proj.weight.t()]).detach()
         mixer.cpu_outer = None     # k u^T [B, H, K, V], allocated at the first step
 
     def decode(self, x: torch.Tensor, state, positions: torch.Tensor) -> torch.Tensor:
@@ -186,7 +186,7 @@ class CPUDenseMLP(M.DenseMLP):
     def adopt(cls, mlp: M.DenseMLP) -> None:
         if type(mlp) is M.DenseMLP and _dense(mlp.gate_proj, mlp.up_proj, mlp.down_proj):
             mlp.__class__ = cls
-            mlp.cpu_gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+            mlp.cpu_gate_up = M.column_major(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach())
             mlp.cpu_down = mlp.down_proj.weight.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -210,7 +210,8 @@ class CPUMoE(M.MoE):
                      and _dense(shared.gate_proj, shared.up_proj, shared.down_proj))
         if self.fast:
             self.split = [c.num_experts, shared.gate_proj.weight.shape[0], shared.up_proj.weight.shape[0]]
-            self.stacked = torch.cat([router.weight, shared.gate_proj.weight, shared.up_proj.weight]).detach()
+            self.stacked = M.column_major(torch.cat([router.weight, shared.gate_proj.weight,
+                                                     shared.up_proj.weight]).detach())
             self.shared_down = shared.down_proj.weight.detach()
             self.w13, self.w2 = list(experts.w13.detach().unbind(0)), list(experts.w2.detach().unbind(0))
 

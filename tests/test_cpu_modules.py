@@ -31,6 +31,8 @@ def test_bind_picks_the_cpu_forms(trained_like):
     assert M.RMSNorm not in kinds and all(m.fast for m in engine.model.modules() if isinstance(m, C.CPUMoE))
     assert any(isinstance(m, M.Experts) for m in engine.model.modules())      # the reference loop stays reachable
     assert not any("cpu" in n for n, _ in engine.model.named_parameters())      # the checkpoint's names only
+    linears = [m for m in engine.model.modules() if type(m) in (M.Linear, M.Router)]
+    assert linears and all(m.weight.t().is_contiguous() for m in linears)     # laid out [in, out] (bind._cpu_layout)
 
 
 def test_fp32_equals_the_reference_bit_for_bit(trained_like, monkeypatch):
@@ -51,6 +53,7 @@ def test_a_batch_equals_the_reference_bit_for_bit(trained_like, monkeypatch):
 def test_bf16_keeps_the_declared_modules(trained_like):
     engine = klconvert.load(trained_like, device="cpu", dtype=torch.bfloat16, max_context=16, kernels="torch")
     assert not any(type(m).__module__ == C.__name__ for m in engine.model.modules())
+    assert engine.model.lm_head.weight.is_contiguous()                          # and their [out, in] layout
 
 
 def test_a_hooked_router_is_still_called(trained_like):
