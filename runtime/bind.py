@@ -202,9 +202,11 @@ def _cpu_layout(model: M.KimiLinear) -> None:
     (`column_major`). F.linear then multiplies as a plain x @ W-as-stored, which the project's 2-core host ran up
     to 2.6x faster than over the [out, in] rows for decode's one-row products of wide outputs (README). Every path
     bound so -- the declared modules and the CPU forms -- reads the same layout."""
+    from klconvert.runtime.cpu_modules import column_major
+
     for module in model.modules():
         if type(module) in (M.Linear, M.Router):
-            module.weight = nn.Parameter(M.column_major(module.weight.detach()), requires_grad=False)
+            module.weight = nn.Parameter(column_major(module.weight.detach()), requires_grad=False)
 
 
 def _swap_cpu(model: M.KimiLinear) -> None:

@@ -24,6 +24,12 @@ def _const(value: float) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float32)
 
 
+def column_major(w: torch.Tensor) -> torch.Tensor:
+    """w [out, in] with the same values, laid out [in, out] in memory (w.t() contiguous, viewed back): what bind
+    gives fp32 linears on the CPU, and these forms their stacks."""
+    return w.t().contiguous().t()
+
+
 def _dense(*modules: nn.Module) -> bool:
     return all(type(m) is M.Linear for m in modules)
 
@@ -186,7 +192,7 @@ class CPUDenseMLP(M.DenseMLP):
     def adopt(cls, mlp: M.DenseMLP) -> None:
         if type(mlp) is M.DenseMLP and _dense(mlp.gate_proj, mlp.up_proj, mlp.down_proj):
             mlp.__class__ = cls
-            mlp.cpu_gate_up = M.column_major(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach())
+            mlp.cpu_gate_up = column_major(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach())
             mlp.cpu_down = mlp.down_proj.weight.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -210,7 +216,7 @@ class CPUMoE(M.MoE):
                      and _dense(shared.gate_proj, shared.up_proj, shared.down_proj))
         if self.fast:
             self.split = [c.num_experts, shared.gate_proj.weight.shape[0], shared.up_proj.weight.shape[0]]
-            self.stacked = M.column_major(torch.cat([router.weight, shared.gate_proj.weight,
+            self.stacked = column_major(torch.cat([router.weight, shared.gate_proj.weight,
                                                      shared.up_proj.weight]).detach())
             self.shared_down = shared.down_proj.weight.detach()
             self.w13, self.w2 = list(experts.w13.detach().unbind(0)), list(experts.w2.detach().unbind(0))

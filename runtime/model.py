@@ -34,11 +34,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 
 
-def column_major(w: torch.Tensor) -> torch.Tensor:
-    """w [out, in] with the same values, laid out [in, out] in memory (w.t() contiguous, viewed back)."""
-    return w.t().contiguous().t()
-
-
 def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
 
