@@ -3,8 +3,8 @@ a whole prompt run segment by segment as the engine runs it: the blockwise form 
 with each SDPA kernel that returns a log-sum-exp, the absorbed form, and the whole-context form it replaced.
 
 Checked before it is timed: the blockwise form against the whole-context form in fp32 at a segment that starts past
-three key blocks. Figures: seconds per prompt, TFLOP/s of the causal attention (2 H (dk + dv) L^2 / 2 multiply-adds
-counted twice), and the peak memory allocated beyond the inputs (q for the whole prompt and the cache).
+three key blocks. Figures: seconds per prompt, TFLOP/s of the causal attention (H (dk + dv) L^2 / 2 multiply-adds,
+two FLOP each), and the peak memory allocated beyond the inputs (q for the whole prompt and the cache).
 
     python bench/mla_prefill.py --contexts 32768,131072 --json bench/results/h200-mla-prefill.json
 """
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from klconvert.config import KimiLinearConfig
 from klconvert.presets import preset_config
 from klconvert.runtime import model as M
+from klconvert.runtime.kernel_modules import TritonPrefillAttention
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT
 from klconvert.runtime.state import cache_rows
 
@@ -96,8 +97,9 @@ def rel(a, b) -> float:
 
 
 def check(m, device) -> dict:
-    """Blockwise (bf16, key block 8192) and whole-context (bf16) against whole-context fp32, for a 2048-query
-    segment at start 20480 (blocks 8192 + 8192 + 4096, then the causal one)."""
+    """Blockwise (bf16, key block 8192; merged in PyTorch and by the Triton kernel) and whole-context (bf16)
+    against whole-context fp32, for a 2048-query segment at start 20480 (blocks 8192 + 8192 + 4096, then the
+    causal one)."""
     g = torch.Generator(device=device).manual_seed(0)
     start, T = 20480, 2048
     q = torch.randn(1, T, m.H, m.dn + m.dr, device=device, generator=g)
@@ -105,11 +107,12 @@ def check(m, device) -> dict:
     m32 = mixer(device)
     m32.kv_b_proj.weight = torch.nn.Parameter(m.kv_b_proj.weight.float(), requires_grad=False)
     ref = whole_context(m32, q, cache, None, start)
-    block = M.PrefillAttention()(m, q.bfloat16(), cache.bfloat16(), None, start)
+    block = M.PrefillAttention(8192)(m, q.bfloat16(), cache.bfloat16(), None, start)
+    merged = TritonPrefillAttention(8192)(m, q.bfloat16(), cache.bfloat16(), None, start)
     whole = whole_context(m, q.bfloat16(), cache.bfloat16(), None, start)
     absorbed = Absorbed(8192)(m, q.bfloat16(), cache.bfloat16(), None, start)
-    return {"blockwise_bf16_vs_fp32": rel(block, ref), "whole_bf16_vs_fp32": rel(whole, ref),
-            "absorbed_bf16_vs_fp32": rel(absorbed, ref)}
+    return {"blockwise_bf16_vs_fp32": rel(block, ref), "blockwise_triton_merge_bf16_vs_fp32": rel(merged, ref),
+            "whole_bf16_vs_fp32": rel(whole, ref), "absorbed_bf16_vs_fp32": rel(absorbed, ref)}
 
 
 def timed(fn, reps: int) -> float:
@@ -126,6 +129,7 @@ def timed(fn, reps: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", default="32768,131072")
+    ap.add_argument("--variants", default="", help="comma-separated substrings: time only the variants named so")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     device = torch.device("cuda")
@@ -136,6 +140,12 @@ def main() -> None:
     variants = {  # name: (attention module, segment, attention_with_lse in place of the model's, or None)
         f"blockwise model's kernel S{PREFILL_SEGMENT} kb{M.MLA_KEY_BLOCK}": (M.PrefillAttention(), PREFILL_SEGMENT,
                                                                              None),
+        "blockwise cudnn S8192 kb8192 triton merge": (TritonPrefillAttention(8192), 8192, cudnn),
+        "blockwise cudnn S8192 kb32768 triton merge": (TritonPrefillAttention(32768), 8192, cudnn),
+        "blockwise cudnn S8192 kb65536 triton merge": (TritonPrefillAttention(65536), 8192, cudnn),
+        "blockwise cudnn S16384 kb32768 triton merge": (TritonPrefillAttention(32768), 16384, cudnn),
+        "blockwise cudnn S16384 kb65536 triton merge": (TritonPrefillAttention(65536), 16384, cudnn),
+        "blockwise cudnn S16384 kb32768 torch merge": (M.PrefillAttention(32768), 16384, cudnn),
         "blockwise cudnn S2048 kb8192": (M.PrefillAttention(8192), 2048, cudnn),
         "blockwise cudnn S4096 kb8192": (M.PrefillAttention(8192), 4096, cudnn),
         "blockwise cudnn S8192 kb16384": (M.PrefillAttention(16384), 8192, cudnn),
@@ -146,13 +156,15 @@ def main() -> None:
         "absorbed cudnn-or-efficient S2048 kb8192": (Absorbed(8192), 2048, None),
         "whole-context (before) S2048": (whole_context, 2048, None),
     }
+    wanted = [w for w in args.variants.split(",") if w]
+    variants = {k: v for k, v in variants.items() if not wanted or any(w in k for w in wanted)}
     model_lse = M.attention_with_lse
     for L in [int(x) for x in args.contexts.split(",")]:
         g = torch.Generator(device=device).manual_seed(1)
         q = torch.randn(1, L, m.H, m.dn + m.dr, device=device, generator=g, dtype=torch.bfloat16)
         cache = torch.randn(1, L, m.r + m.dr, device=device, generator=g, dtype=torch.bfloat16)
         fp8 = (cache.to(torch.float8_e4m3fn), torch.ones(1, L, device=device))
-        flop = 2 * m.H * (m.dn + m.dr + m.dv) * L * L / 2 * 2
+        flop = 2 * m.H * (m.dn + m.dr + m.dv) * L * L / 2
         for name, (attention, segment, lse_fn) in variants.items():
             M.attention_with_lse = lse_fn or model_lse
             c, s = fp8 if "fp8" in name else (cache, None)

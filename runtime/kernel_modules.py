@@ -1,12 +1,13 @@
 """The Triton implementations bind swaps into the declared model: each has the call signature of the module it
 replaces in runtime/model.py (a packed int linear for `Linear` or a whole `ParallelLinear` group, the fused KDA
-decode step and chunked prefill, the fused MoE experts, the Triton latent attention). Only imported when Triton is
-chosen."""
+decode step and chunked prefill, the fused MoE experts, the Triton latent attention, the prefill attention's
+merge). Only imported when Triton is chosen."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from klconvert.kernels.attention_merge import merge_attention_
 from klconvert.kernels.fused_moe import PackedExperts, fused_moe
 from klconvert.kernels.int_linear import MMA_BLOCK_M, PackedLinear, dense_locks, int_linear, int_mma_fwd, linear_kernel
 from klconvert.kernels.kda_chunk import kda_chunk, kda_prefill_conv
@@ -14,6 +15,7 @@ from klconvert.kernels.kda_decode import kda_layer_step
 from klconvert.kernels.mla_decode import mla_decode
 from klconvert.kernels.moe_route import moe_route, moe_router, moe_router_locks
 from klconvert.kernels.rms_norm import add_rms_norm
+from klconvert.runtime import model as M
 
 
 class PackedIntLinear(nn.Module):
@@ -212,6 +214,18 @@ class SharedInStack(nn.Module):
 
     def forward(self, x):
         raise RuntimeError("the shared expert runs inside FusedExperts")
+
+
+class TritonPrefillAttention(M.PrefillAttention):
+    """PrefillAttention whose per-block merge runs in one in-place pass (kernels.attention_merge) instead of
+    PyTorch's several over the fp32 running output."""
+
+    @staticmethod
+    def merge(o, lse, o_b, lse_b) -> tuple[torch.Tensor, torch.Tensor]:
+        if o is None:
+            return o_b.float(), lse_b
+        merge_attention_(o, lse, o_b, lse_b)
+        return o, lse
 
 
 class TritonLatentAttention(nn.Module):

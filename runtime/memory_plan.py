@@ -24,8 +24,10 @@ if TYPE_CHECKING:
 
 # Prompt tokens run through the model at once. Measured on an H200 (2026-11-29, `python bench/prefill_segment.py`,
 # 27 layers, int4, 128K prompt): 2048 -> 7.60 s, 4096 -> 6.20 s, 8192 -> 5.24 s (fewer expansions of each cached key
-# block, fuller GEMMs); the workspace it costs stays 1.27 GiB at any context.
-PREFILL_SEGMENT = 8192
+# block, fuller GEMMs); the workspace it costs stays 1.27 GiB at any context. 16384 with MLA key blocks of 32768
+# (runtime/model.py): one MLA layer's attention over a 1M-token prompt 24.5 -> 19.9 s (2026-11-30, `python
+# bench/mla_prefill.py`), the workspace 2.65 GiB.
+PREFILL_SEGMENT = 16384
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float8_e4m3fn: 1}
 WEIGHT_CATEGORIES = ("embedding", "lm_head", "attention", "kda_small", "experts", "shared_experts", "dense_mlp",
                      "router", "norm")

@@ -25,7 +25,7 @@ from klconvert.runtime.kda import kda_chunked, kda_gate, kda_step, l2norm
 from klconvert.runtime.state import StateBuffers, cache_rows
 
 MLA_LATENT_NORM_EPS = 1e-6  # the original remote code and transformers; vLLM uses 1e-5
-MLA_KEY_BLOCK = 8192  # cached rows a prefill expands into per-head keys and values at once (bounds its workspace)
+MLA_KEY_BLOCK = 32768  # cached rows a prefill expands into per-head keys and values at once (bounds its workspace)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -285,8 +285,12 @@ class PrefillAttention(nn.Module):
         blocks = [(a, min(a + self.key_block, start), False) for a in range(0, start, self.key_block)]
         for a, b, causal in blocks + [(start, start + T, True)]:  # the prefix, whole; then the segment, causally
             k, v = self.expand(m, cache_rows(cache[:, a:b], _rows(cache_scale, a, b), q.dtype))
-            o, lse = merge_partials(o, lse, *attention_with_lse(qh, k, v, causal, m.scale))
+            o, lse = self.merge(o, lse, *attention_with_lse(qh, k, v, causal, m.scale))
         return o.transpose(1, 2).to(q.dtype)
+
+    @staticmethod
+    def merge(o, lse, o_b, lse_b) -> tuple[torch.Tensor, torch.Tensor]:
+        return merge_partials(o, lse, o_b, lse_b)
 
     @staticmethod
     def expand(m: "MLAMixer", rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

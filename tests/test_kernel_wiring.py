@@ -151,11 +151,12 @@ def test_decode_through_the_latent_attention_kernel(quantized, request):
     path's, and so does a batch of two sequences at different positions."""
     if "int8" in request.node.callspec.id and DEVICE == "cpu":
         pytest.skip("one scheme is enough for the interpreter")
-    from klconvert.runtime.kernel_modules import TritonLatentAttention
+    from klconvert.runtime.kernel_modules import TritonLatentAttention, TritonPrefillAttention
 
     ref = klconvert.load(quantized, device=DEVICE, dtype=torch.bfloat16, max_context=32, batch=2, kernels="torch")
     tri = klconvert.load(quantized, device=DEVICE, dtype=torch.bfloat16, max_context=32, batch=2, kernels="triton")
     assert isinstance(tri.model.blocks[3].self_attn.attend, TritonLatentAttention)
+    assert isinstance(tri.model.blocks[3].self_attn.prefill_attention, TritonPrefillAttention)
     prompts = [[5, 9, 2, 7, 1, 3], [8, 4]]
     got, want = tri.generate(prompts, max_new_tokens=6), ref.generate(prompts, max_new_tokens=6)
     assert got.shape == want.shape == (2, 6)

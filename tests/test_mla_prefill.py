@@ -44,9 +44,11 @@ def mla():
 @pytest.mark.parametrize("start,T,key_block", [(0, 7, 3), (5, 7, 3), (13, 4, 5), (64, 9, 64), (65, 1, 64),
                                                (130, 33, 7), (1, 1, 1)])
 @pytest.mark.parametrize("fp8", [False, True])
-def test_blockwise_prefill_equals_the_whole_context_form(mla, start, T, key_block, fp8):
+@pytest.mark.parametrize("merge", ["torch", "triton"])
+def test_blockwise_prefill_equals_the_whole_context_form(mla, start, T, key_block, fp8, merge):
     """Odd block and segment boundaries, a segment at 0 and past it, one-token segments; an e4m3 cache is attended
-    as its dequantized rows. Rows past the segment's end hold junk that must not be read."""
+    as its dequantized rows. Rows past the segment's end hold junk that must not be read. The blocks merged in
+    PyTorch (the declared module) and by the Triton kernel bind swaps in."""
     g = torch.Generator().manual_seed(start * 100 + T)
     q = torch.randn(2, T, mla.H, mla.dn + mla.dr, generator=g)
     rows = torch.randn(2, start + T + 5, mla.r + mla.dr, generator=g)
@@ -54,7 +56,11 @@ def test_blockwise_prefill_equals_the_whole_context_form(mla, start, T, key_bloc
     written = cache_rows(cache, scale, torch.float32)[:, :start + T]
     rows_after = torch.full_like(cache[:, start + T:], float("nan") if not fp8 else 0)
     cache[:, start + T:] = rows_after.to(cache.dtype)
-    got = M.PrefillAttention(key_block)(mla, q, cache, scale, start)
+    if merge == "triton":
+        from klconvert.runtime.kernel_modules import TritonPrefillAttention
+        got = TritonPrefillAttention(key_block)(mla, q, cache, scale, start)
+    else:
+        got = M.PrefillAttention(key_block)(mla, q, cache, scale, start)
     assert got.shape == (2, T, mla.H, mla.dv)
     assert rel(got, whole_context(mla, q, written, start)) < 1e-5
 
