@@ -10,6 +10,7 @@ from .naive_mla import FP8_MAX
 from .pdl import use_pdl, wait_for_inputs
 
 LOG2E = math.log2(math.e)  # the kernel's softmax runs in base 2
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 H200_SMS = 132  # SM count assumed off CUDA (the interpreter), so CPU tests split the sequence as an H200 does
 # Default launch shapes per cache dtype, best first, each with the shared memory it needs at R=512 (read off the
 # compiled kernel on an H200); the first that fits the GPU's per-block limit is used (H100/H200: the first). bf16:
@@ -138,7 +139,7 @@ def mla_decode_merge_kernel(part_o, part_lse, lengths, o, H, L_max, n_splits, st
         den += w
     total = tl.sum(den, axis=0)
     out = tl.where(total > 0, acc / tl.maximum(total, 1e-30), 0.0)
-    tl.store(o + i_b * stride_ob + i_h * stride_oh + offs_r, out, mask=offs_r < R)
+    tl.store(o + i_b * stride_ob + i_h * stride_oh + offs_r, out.to(o.dtype.element_ty), mask=offs_r < R)
 
 
 @functools.lru_cache(maxsize=None)
@@ -196,8 +197,8 @@ def _check(q_lat, q_rope, cache, lengths, cache_scale, out):
                          f"{cache.dtype} strides {cache.stride()}")
     if cache.shape[1] * cache.stride(1) >= 2**31:
         raise ValueError(f"{where}: one sequence's cache spans >= 2**31 elements; token offsets are 32-bit")
-    if lengths.dtype != torch.int32 or tuple(lengths.shape) != (B,) or not lengths.is_contiguous():
-        raise ValueError(f"{where}: lengths must be a contiguous int32 [{B}] tensor, got {lengths.dtype} "
+    if lengths.dtype not in (torch.int32, torch.int64) or tuple(lengths.shape) != (B,) or not lengths.is_contiguous():
+        raise ValueError(f"{where}: lengths must be a contiguous int32 or int64 [{B}] tensor, got {lengths.dtype} "
                          f"{list(lengths.shape)}")
     fp8 = cache.dtype == torch.float8_e4m3fn
     if fp8 != (cache_scale is not None):
@@ -206,21 +207,23 @@ def _check(q_lat, q_rope, cache, lengths, cache_scale, out):
                 or cache_scale.stride(-1) != 1):
         raise ValueError(f"{where}: cache_scale must be fp32 {list(cache.shape[:2])} with a contiguous last dim, "
                          f"got {cache_scale.dtype} {list(cache_scale.shape)}")
-    if out is not None and (tuple(out.shape) != (B, H, R) or out.dtype != torch.float32 or out.stride(-1) != 1):
-        raise ValueError(f"{where}: out must be fp32 [{B}, {H}, {R}] with a contiguous last dim")
+    if out is not None and (tuple(out.shape) != (B, H, R) or out.dtype not in OUT_DTYPES or out.stride(-1) != 1):
+        raise ValueError(f"{where}: out must be fp32, bf16 or fp16 [{B}, {H}, {R}] with a contiguous last dim")
 
 
-def mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale=None, *, out=None, block_h=32, block_n=None,
-               num_warps=None, num_stages=None, min_split_tokens=256, num_splits=None, qk_tokens_as_m=False):
+def mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale=None, *, out=None, out_dtype=torch.float32,
+               block_h=32, block_n=None, num_warps=None, num_stages=None, min_split_tokens=256, num_splits=None,
+               qk_tokens_as_m=False):
     """Absorbed MLA attention for one query token per sequence.
 
     q_lat [B, H, R]: the query folded into the latent (q_nope @ W_uk); q_rope [B, H, Dr]: the query's shared-key
     part; both bf16 or fp32 (rounded to bf16 for the tensor cores). cache [B, L_max, R + Dr]: per token the normed
     latent then the shared key, bf16, or float8_e4m3fn with cache_scale [B, L_max] fp32 (row = values * scale, see
-    quantize_mla_cache_rows). lengths int32 [B]: the first lengths[b] tokens are attended; later rows are never read
-    (they may hold anything); lengths are clamped to [0, L_max] and a length of 0 gives zeros.
+    quantize_mla_cache_rows). lengths int32 or int64 [B]: the first lengths[b] tokens are attended; later rows are
+    never read (they may hold anything); lengths are clamped to [0, L_max] and a length of 0 gives zeros.
     scores = (q_lat . c_lat + q_rope . k_rope) * scale, softmax over the valid tokens, o = p @ c_lat.
-    Returns o_lat fp32 [B, H, R] (into `out` if given).
+    Returns o_lat [B, H, R] in out_dtype (fp32, bf16 or fp16; the merge rounds its fp32 sum once), or into `out`
+    (its dtype) if given.
 
     Two launches, fixed shapes (no host sync; CUDA-graph safe): the splits (grid head blocks x S splits x B, each
     writing its partial o and log-sum-exp to a workspace allocated per call: fp32 [B, S, H, R] and [B, S, H]; inside
@@ -252,7 +255,9 @@ def mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale=None, *, out=No
         MIN_SPLIT=min_split_tokens, FP8=fp8, TOKENS_M=qk_tokens_as_m, P_SCALE=FP8_MAX if fp8 else 1.0,
         DOT_DT=tl.float16 if fp8 else tl.bfloat16, PDL=pdl, launch_pdl=pdl, num_warps=num_warps or launch["num_warps"],
         num_stages=num_stages or launch["num_stages"])
-    o = out if out is not None else torch.empty(B, H, R, device=cache.device, dtype=torch.float32)
+    if out is None and out_dtype not in OUT_DTYPES:
+        raise ValueError(f"mla_decode: out_dtype must be one of {OUT_DTYPES}, not {out_dtype}")
+    o = out if out is not None else torch.empty(B, H, R, device=cache.device, dtype=out_dtype)
     block_r = min(R, 128)
     mla_decode_merge_kernel[(triton.cdiv(R, block_r), H, B)](
         part_o, part_lse, lengths, o, H, L_max, S, o.stride(0), o.stride(1), R=R, BLOCK_R=block_r, BLOCK_S=16,

@@ -28,3 +28,17 @@ def naive_mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale=None, *, 
         scores = (q_lat[b].float() @ c_lat.T + q_rope[b].float() @ k_rope.T) * scale  # [H, n]
         o[b] = scores.softmax(dim=-1) @ c_lat
     return o if out is None else out.copy_(o)
+
+
+def naive_mla_write_rows(kv, norm_weight, eps, positions, cache, cache_scale=None) -> None:
+    """The twin of mla_cache.mla_write_rows: row b = [rmsnorm(kv[b, :R]) * w (rounded to kv's dtype), kv[b, R:]],
+    written to cache[b, positions[b]] (e4m3 with its scale when cache_scale is given)."""
+    R = norm_weight.shape[0]
+    x = kv[:, :R].float()
+    normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()).to(kv.dtype)
+    rows = torch.cat([normed, kv[:, R:]], dim=-1)
+    b = torch.arange(kv.shape[0], device=kv.device)
+    if cache_scale is None:
+        cache[b, positions] = rows.to(cache.dtype)
+    else:
+        cache[b, positions], cache_scale[b, positions] = quantize_mla_cache_rows(rows)

@@ -177,8 +177,8 @@ def _swap_fused(model: M.KimiLinear, latent_kernel: bool) -> None:
     """The weight-less decode and prefill modules and the small ones whose PyTorch form is many launches.
     latent_kernel: the cache is bf16 or e4m3 (what the Triton latent attention reads), not fp32."""
     from klconvert.runtime.kernel_modules import (ConcurrentStackedLinear, FusedKDAStep, FusedRMSNorm, FusedRouter,
-                                                  PackedDenseLinear, TritonLatentAttention, TritonPrefillAttention,
-                                                  kda_chunk_module)
+                                                  PackedDenseLinear, TritonLatentAttention, TritonLatentRowWrite,
+                                                  TritonPrefillAttention, kda_chunk_module)
 
     device = next(model.parameters()).device
     for name, module in list(model.named_modules()):
@@ -193,7 +193,7 @@ def _swap_fused(model: M.KimiLinear, latent_kernel: bool) -> None:
         elif isinstance(module, M.MLAMixer):
             module.prefill_attention = TritonPrefillAttention(module.prefill_attention.key_block)
             if latent_kernel:
-                module.attend = TritonLatentAttention()
+                module.attend, module.write_rows = TritonLatentAttention(), TritonLatentRowWrite()
         elif isinstance(module, M.RMSNorm):
             _replace(model, name, FusedRMSNorm(module))
         elif isinstance(module, M.Router) and model.config.num_expert_group == 1:

@@ -1,7 +1,7 @@
 """The Triton implementations bind swaps into the declared model: each has the call signature of the module it
 replaces in runtime/model.py (a packed int linear for `Linear` or a whole `ParallelLinear` group, the fused KDA
-decode step and chunked prefill, the fused MoE experts, the Triton latent attention, the prefill attention's
-merge). Only imported when Triton is chosen."""
+decode step and chunked prefill, the fused MoE experts, the Triton latent attention and cache
+write, the prefill attention's merge). Only imported when Triton is chosen."""
 from __future__ import annotations
 
 import torch
@@ -12,6 +12,7 @@ from klconvert.kernels.fused_moe import PackedExperts, fused_moe
 from klconvert.kernels.int_linear import MMA_BLOCK_M, PackedLinear, dense_locks, int_linear, int_mma_fwd, linear_kernel
 from klconvert.kernels.kda_chunk import kda_chunk, kda_prefill_conv
 from klconvert.kernels.kda_decode import kda_layer_step
+from klconvert.kernels.mla_cache import mla_write_rows
 from klconvert.kernels.mla_decode import mla_decode
 from klconvert.kernels.moe_route import moe_route, moe_router, moe_router_locks
 from klconvert.kernels.rms_norm import add_rms_norm
@@ -236,5 +237,13 @@ class TritonLatentAttention(nn.Module):
     MIN_SPLIT_TOKENS = 64
 
     def forward(self, q_lat, q_rope, cache, lengths, scale, cache_scale=None) -> torch.Tensor:
-        return mla_decode(q_lat, q_rope, cache, lengths.to(torch.int32), scale, cache_scale,
-                          min_split_tokens=self.MIN_SPLIT_TOKENS)
+        return mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale, min_split_tokens=self.MIN_SPLIT_TOKENS,
+                          out_dtype=q_lat.dtype)
+
+
+class TritonLatentRowWrite(nn.Module):
+    """LatentRowWrite through kernels.mla_cache: the latent's norm, the row and its e4m3 scale in one launch."""
+
+    def forward(self, m, kv: torch.Tensor, state, positions: torch.Tensor) -> None:
+        mla_write_rows(kv, m.kv_a_layernorm.weight, m.kv_a_layernorm.eps, positions, state.mla_cache[m.slot],
+                       state.mla_scale_of(m.slot))

@@ -210,13 +210,22 @@ class LatentAttention(nn.Module):
     64-d shared key), each sequence up to its own length. Holds no weights; bind swaps in the Triton kernel."""
 
     def forward(self, q_lat, q_rope, cache, lengths, scale, cache_scale=None) -> torch.Tensor:
-        """q_lat [B, H, R], q_rope [B, H, Dr], cache [B, L, R+Dr], lengths [B] -> o_lat [B, H, R] fp32."""
+        """q_lat [B, H, R], q_rope [B, H, Dr], cache [B, L, R+Dr], lengths [B] -> o_lat [B, H, R] in q_lat's
+        dtype."""
         R = q_lat.shape[-1]
         c = cache_rows(cache, cache_scale, q_lat.dtype)
         scores = torch.einsum("bhc,blc->bhl", torch.cat([q_lat, q_rope], dim=-1), c).float() * scale
         valid = torch.arange(cache.shape[1], device=cache.device) < lengths[:, None]          # [B, L]
         p = scores.masked_fill(~valid[:, None], float("-inf")).softmax(dim=-1)
-        return torch.einsum("bhl,blr->bhr", p.to(c.dtype), c[..., :R]).float()
+        return torch.einsum("bhl,blr->bhr", p.to(c.dtype), c[..., :R])
+
+
+class LatentRowWrite(nn.Module):
+    """A decode step's cache rows (MLAMixer.latent_rows) written at each sequence's position. Holds no weights;
+    bind swaps in the Triton kernel."""
+
+    def forward(self, m: "MLAMixer", kv: torch.Tensor, state: StateBuffers, positions: torch.Tensor) -> None:
+        state.write_mla_at(m.slot, positions, m.latent_rows(kv))
 
 
 def attention_with_lse(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,21 +327,26 @@ class MLAMixer(nn.Module):
         self.kv_b_proj = Weight(H * (self.dn + self.dv), self.r)
         self.o_proj = Linear(H * self.dv, D)
         self.prefill_attention = PrefillAttention()
+        self.write_rows = LatentRowWrite()
         self.attend = LatentAttention()
 
     def project(self, x: torch.Tensor):
-        """x [..., D] -> q [..., H, dn+dr], cache rows [..., r+dr] (normed latent, shared key)."""
+        """x [..., D] -> q [..., H, dn+dr], kv [..., r+dr] (the latent before its norm, the shared key)."""
         y = self.in_proj(x)
         q, kv = take(self.in_proj, y, ["q_proj"]), take(self.in_proj, y, ["kv_a_proj_with_mqa"])
+        return q.unflatten(-1, (self.H, self.dn + self.dr)), kv
+
+    def latent_rows(self, kv: torch.Tensor) -> torch.Tensor:
+        """kv [..., r+dr] -> the cache rows [..., r+dr]: the latent RMS-normed, then the shared key."""
         latent, k_shared = kv.split([self.r, self.dr], dim=-1)
-        rows = torch.cat([self.kv_a_layernorm(latent), k_shared], dim=-1)
-        return q.unflatten(-1, (self.H, self.dn + self.dr)), rows
+        return torch.cat([self.kv_a_layernorm(latent), k_shared], dim=-1)
 
     def forward(self, x: torch.Tensor, state: StateBuffers | None, start: int = 0) -> torch.Tensor:
         """x [B, T, D] at positions start..start+T-1 -> [B, T, D]; the rows go into `state`'s cache first (None: a
         fresh sequence, attended from the rows themselves)."""
         B, T, _ = x.shape
-        q, rows = self.project(x)
+        q, kv = self.project(x)
+        rows = self.latent_rows(kv)
         if state is None:
             o = self.prefill_attention(self, q, rows, None, 0)
         else:
@@ -343,14 +357,14 @@ class MLAMixer(nn.Module):
     def decode(self, x: torch.Tensor, state: StateBuffers, positions: torch.Tensor) -> torch.Tensor:
         """x [B, D], one token per sequence at `positions` [B] -> [B, D]. Absorbed: kv_b folds into q and o."""
         B = x.shape[0]
-        q, rows = self.project(x)                                            # [B, H, dn+dr], [B, r+dr]
-        state.write_mla_at(self.slot, positions, rows)
+        q, kv = self.project(x)                                              # [B, H, dn+dr], [B, r+dr]
+        self.write_rows(self, kv, state, positions)
         q_nope, q_rope = q.split([self.dn, self.dr], dim=-1)
         w_uk, w_uv = self.kv_b_proj.weight.view(self.H, self.dn + self.dv, self.r).split([self.dn, self.dv], dim=1)
         q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)      # [B, H, r]
         o_lat = self.attend(q_lat, q_rope, state.mla_cache[self.slot], positions + 1, self.scale,
                             state.mla_scale_of(self.slot))
-        o = torch.bmm(o_lat.to(x.dtype).transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)   # [B, H, dv]
+        o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)   # [B, H, dv]
         return self.o_proj(o.reshape(B, self.H * self.dv))
 
 

@@ -16,7 +16,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from klconvert.kernels import fused_moe, int_linear, kda_decode, mla_decode, moe_route, rms_norm
+from klconvert.kernels import fused_moe, int_linear, kda_decode, mla_cache, mla_decode, moe_route, rms_norm
 
 TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
@@ -104,10 +104,12 @@ def launch_every_decode_kernel() -> None:
     for dtype, scale in ((torch.bfloat16, None), (torch.float8_e4m3fn, torch.ones(1, 512))):
         cache = torch.zeros(1, 512, 192, dtype=dtype)
         mla_decode.mla_decode(q_lat, q_rope, cache, torch.tensor([500], dtype=torch.int32), 0.1, scale)
+        mla_cache.mla_write_rows(torch.randn(1, 192, dtype=torch.bfloat16), torch.ones(128), 1e-6,
+                                 torch.tensor([7]), cache, scale)
 
 
 def main() -> None:
-    for module in (int_linear, fused_moe, kda_decode, mla_decode, moe_route, rms_norm):
+    for module in (int_linear, fused_moe, kda_decode, mla_cache, mla_decode, moe_route, rms_norm):
         module.use_pdl = lambda device: True
     int_linear.prefetch_fits = lambda device, nbytes: True  # the small weights of these launches fit any L2
     int_linear.fast_unpack = fused_moe.fast_unpack = lambda bits, device: bits == 4  # the PTX unpack, as on CUDA

@@ -66,6 +66,20 @@ def test_mla_decode(block_n, min_split, num_splits, tokens_m, fp8, q_dtype, pois
     assert_close(o, naive_mla_decode(q_lat, q_rope, cache, lengths, SCALE, scale), BOUND, "o_lat")
 
 
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_mla_decode_int64_lengths_and_a_16_bit_output(out_dtype, poisoned_workspace):
+    """What the model passes: its positions + 1 as int64, the output in the queries' dtype (the merge rounds once)."""
+    B, H, R, Dr, L_max = 2, 4, 64, 16, 200
+    lengths = torch.tensor([3, 177], dtype=torch.int64, device=DEVICE)
+    cache, scale = make_cache(B, L_max, lengths, R + Dr, False)
+    q_lat, q_rope = queries(B, H, R, Dr, torch.bfloat16)
+    o = mla_decode(q_lat, q_rope, cache, lengths, SCALE, scale, out_dtype=out_dtype, min_split_tokens=32)
+    assert o.dtype == out_dtype
+    assert_close(o, naive_mla_decode(q_lat, q_rope, cache, lengths, SCALE, scale), BOUND, "o_lat")
+    fp32 = mla_decode(q_lat, q_rope, cache, lengths.int(), SCALE, scale, min_split_tokens=32)
+    assert torch.equal(o, fp32.to(out_dtype))                  # the same sum, rounded once
+
+
 def test_mla_decode_head_blocks_and_strided_inputs(poisoned_workspace):
     """H over two head blocks (the second part padding); q slices of a wider projection; the cache a slot view."""
     B, H, R, Dr, L_max = 2, 20, 32, 16, 100
@@ -142,7 +156,7 @@ def test_quantize_mla_cache_rows():
 @pytest.mark.parametrize("bad, match", [
     (dict(q_rope=torch.zeros(2, 3, 12), cache=torch.zeros(2, 40, 44, dtype=torch.bfloat16)), "power of two"),
     (dict(cache_scale=torch.ones(2, 40)), "cache_scale goes with"),
-    (dict(lengths=torch.ones(2, dtype=torch.int64)), "lengths must be"),
+    (dict(lengths=torch.ones(2, dtype=torch.float32)), "lengths must be"),
     (dict(cache=torch.zeros(2, 40, 60, dtype=torch.bfloat16)), "cache \\[2, L, 48\\]"),
 ])
 def test_rejects_bad_input(bad, match):

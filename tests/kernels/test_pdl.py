@@ -20,7 +20,8 @@ DOWN = {f"moe_decode_fwd_kernel[GATED=False, MMA={m}]" for m in (True, False)}  
 DECODE_KERNELS = INT_MMA | DOWN | {
     "int_mma_fwd_kernel[PREFETCH=False, DENSE=False]", "int_gemv_fwd_kernel[PREFETCH=True]",
     "moe_router_fwd_kernel[]", "add_rms_norm_fwd_kernel[]", "kda_layer_step_fwd_kernel[]", "mla_decode_merge_kernel[]",
-    "mla_decode_fwd_kernel[FP8=False]", "mla_decode_fwd_kernel[FP8=True]"} | {
+    "mla_decode_fwd_kernel[FP8=False]", "mla_decode_fwd_kernel[FP8=True]", "mla_write_rows_kernel[FP8=False]",
+    "mla_write_rows_kernel[FP8=True]"} | {
     f"moe_decode_fwd_kernel[GATED=True, MMA={m}]" for m in (True, False)}
 PREFETCHING = INT_MMA | {"int_gemv_fwd_kernel[PREFETCH=True]", "moe_router_fwd_kernel[]",
                          "kda_layer_step_fwd_kernel[]"} | {k for k in DECODE_KERNELS if k.startswith("moe_decode")}
