@@ -178,7 +178,7 @@ def _swap_fused(model: M.KimiLinear, latent_kernel: bool) -> None:
     latent_kernel: the cache is bf16 or e4m3 (what the Triton latent attention reads), not fp32."""
     from klconvert.runtime.kernel_modules import (ConcurrentStackedLinear, FusedKDAStep, FusedRMSNorm, FusedRouter,
                                                   PackedDenseLinear, TritonLatentAttention, TritonLatentRowWrite,
-                                                  TritonPerHeadMatmul, TritonPrefillAttention, kda_chunk_module)
+                                                  TritonPrefillAttention, kda_chunk_module)
 
     device = next(model.parameters()).device
     for name, module in list(model.named_modules()):
@@ -194,7 +194,6 @@ def _swap_fused(model: M.KimiLinear, latent_kernel: bool) -> None:
             module.prefill_attention = TritonPrefillAttention(module.prefill_attention.key_block)
             if latent_kernel:
                 module.attend, module.write_rows = TritonLatentAttention(), TritonLatentRowWrite()
-                module.per_head = TritonPerHeadMatmul()
         elif isinstance(module, M.RMSNorm):
             _replace(model, name, FusedRMSNorm(module))
         elif isinstance(module, M.Router) and model.config.num_expert_group == 1:

@@ -1,7 +1,7 @@
 """The Triton implementations bind swaps into the declared model: each has the call signature of the module it
 replaces in runtime/model.py (a packed int linear for `Linear` or a whole `ParallelLinear` group, the fused KDA
-decode step and chunked prefill, the fused MoE experts, the Triton latent attention, cache
-write and per-head products, the prefill attention's merge). Only imported when Triton is chosen."""
+decode step and chunked prefill, the fused MoE experts, the Triton latent attention and cache
+write, the prefill attention's merge). Only imported when Triton is chosen."""
 from __future__ import annotations
 
 import torch
@@ -9,7 +9,6 @@ from torch import nn
 
 from klconvert.kernels.attention_merge import merge_attention_
 from klconvert.kernels.fused_moe import PackedExperts, fused_moe
-from klconvert.kernels.head_matmul import head_matmul
 from klconvert.kernels.int_linear import MMA_BLOCK_M, PackedLinear, dense_locks, int_linear, int_mma_fwd, linear_kernel
 from klconvert.kernels.kda_chunk import kda_chunk, kda_prefill_conv
 from klconvert.kernels.kda_decode import kda_layer_step
@@ -240,14 +239,6 @@ class TritonLatentAttention(nn.Module):
     def forward(self, q_lat, q_rope, cache, lengths, scale, cache_scale=None) -> torch.Tensor:
         return mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale, min_split_tokens=self.MIN_SPLIT_TOKENS,
                           out_dtype=q_lat.dtype)
-
-
-class TritonPerHeadMatmul(M.PerHeadMatmul):
-    """PerHeadMatmul through kernels.head_matmul (a PDL launch that prefetches the heads' matrices) for up to 16
-    rows a head; cuBLAS's batched GEMM beyond."""
-
-    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return head_matmul(x, w) if x.shape[0] <= 16 else super().forward(x, w)
 
 
 class TritonLatentRowWrite(nn.Module):

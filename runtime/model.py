@@ -220,14 +220,6 @@ class LatentAttention(nn.Module):
         return torch.einsum("bhl,blr->bhr", p.to(c.dtype), c[..., :R])
 
 
-class PerHeadMatmul(nn.Module):
-    """Each head's rows times that head's own matrix: x [B, H, K], w [H, K, N] -> [B, H, N] (decode's absorbed
-    query and output). Holds no weights; bind swaps in the Triton kernel."""
-
-    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(x.transpose(0, 1), w).transpose(0, 1)
-
-
 class LatentRowWrite(nn.Module):
     """A decode step's cache rows (MLAMixer.latent_rows) written at each sequence's position. Holds no weights;
     bind swaps in the Triton kernel."""
@@ -337,7 +329,6 @@ class MLAMixer(nn.Module):
         self.prefill_attention = PrefillAttention()
         self.write_rows = LatentRowWrite()
         self.attend = LatentAttention()
-        self.per_head = PerHeadMatmul()
 
     def project(self, x: torch.Tensor):
         """x [..., D] -> q [..., H, dn+dr], kv [..., r+dr] (the latent before its norm, the shared key)."""
@@ -370,10 +361,10 @@ class MLAMixer(nn.Module):
         self.write_rows(self, kv, state, positions)
         q_nope, q_rope = q.split([self.dn, self.dr], dim=-1)
         w_uk, w_uv = self.kv_b_proj.weight.view(self.H, self.dn + self.dv, self.r).split([self.dn, self.dv], dim=1)
-        q_lat = self.per_head(q_nope, w_uk)                                  # [B, H, r]
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)      # [B, H, r]
         o_lat = self.attend(q_lat, q_rope, state.mla_cache[self.slot], positions + 1, self.scale,
                             state.mla_scale_of(self.slot))
-        o = self.per_head(o_lat, w_uv.transpose(1, 2))                       # [B, H, dv]
+        o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)   # [B, H, dv]
         return self.o_proj(o.reshape(B, self.H * self.dv))
 
 

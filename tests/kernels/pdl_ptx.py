@@ -16,8 +16,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from klconvert.kernels import (fused_moe, head_matmul, int_linear, kda_decode, mla_cache, mla_decode, moe_route,
-                               rms_norm)
+from klconvert.kernels import fused_moe, int_linear, kda_decode, mla_cache, mla_decode, moe_route, rms_norm
 
 TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
@@ -52,7 +51,7 @@ def compile_launch(fn: JITFunction, *args, grid, warmup, **kwargs):
         return next((i for i, line in enumerate(lines) if re.search(pattern, line)), None)
 
     variant = ", ".join(f"{k}={v}" for k, v in constexprs.items()
-                        if k in ("GATED", "MMA", "FP8", "DENSE", "PREFETCH", "W_ROWS_N"))
+                        if k in ("GATED", "MMA", "FP8", "DENSE", "PREFETCH"))
     key = f"{fn.fn.__name__}[{variant}]"
     memory = [i for i, line in enumerate(lines) if MEMORY.search(line)]
     found[key] = {"launch_pdl": bool(kwargs.get("launch_pdl")), "first_memory_op": first(MEMORY),
@@ -107,16 +106,12 @@ def launch_every_decode_kernel() -> None:
         mla_decode.mla_decode(q_lat, q_rope, cache, torch.tensor([500], dtype=torch.int32), 0.1, scale)
         mla_cache.mla_write_rows(torch.randn(1, 192, dtype=torch.bfloat16), torch.ones(128), 1e-6,
                                  torch.tensor([7]), cache, scale)
-    w_ukv = torch.randn(16, 256, 128, dtype=torch.bfloat16)
-    q_lat = head_matmul.head_matmul(torch.randn(1, 16, 128, dtype=torch.bfloat16), w_ukv[:, :128])
-    head_matmul.head_matmul(q_lat, w_ukv[:, 128:].transpose(1, 2))
 
 
 def main() -> None:
-    for module in (int_linear, fused_moe, head_matmul, kda_decode, mla_cache, mla_decode, moe_route, rms_norm):
+    for module in (int_linear, fused_moe, kda_decode, mla_cache, mla_decode, moe_route, rms_norm):
         module.use_pdl = lambda device: True
-    # the small weights of these launches fit any L2
-    int_linear.prefetch_fits = head_matmul.prefetch_fits = lambda device, nbytes: True
+    int_linear.prefetch_fits = lambda device, nbytes: True  # the small weights of these launches fit any L2
     int_linear.fast_unpack = fused_moe.fast_unpack = lambda bits, device: bits == 4  # the PTX unpack, as on CUDA
     JITFunction.run = compile_launch
     launch_every_decode_kernel()

@@ -16,15 +16,14 @@ import pytest
 
 SCRIPT = Path(__file__).with_name("pdl_ptx.py")
 INT_MMA = {"int_mma_fwd_kernel[PREFETCH=True, DENSE=False]", "int_mma_fwd_kernel[PREFETCH=True, DENSE=True]"}
-HEAD_MATMUL = {f"head_matmul_fwd_kernel[W_ROWS_N={n}, PREFETCH=True]" for n in (True, False)}
 DOWN = {f"moe_decode_fwd_kernel[GATED=False, MMA={m}]" for m in (True, False)}  # read the ids before the wait
 DECODE_KERNELS = INT_MMA | DOWN | {
     "int_mma_fwd_kernel[PREFETCH=False, DENSE=False]", "int_gemv_fwd_kernel[PREFETCH=True]",
     "moe_router_fwd_kernel[]", "add_rms_norm_fwd_kernel[]", "kda_layer_step_fwd_kernel[]", "mla_decode_merge_kernel[]",
     "mla_decode_fwd_kernel[FP8=False]", "mla_decode_fwd_kernel[FP8=True]", "mla_write_rows_kernel[FP8=False]",
-    "mla_write_rows_kernel[FP8=True]"} | HEAD_MATMUL | {
+    "mla_write_rows_kernel[FP8=True]"} | {
     f"moe_decode_fwd_kernel[GATED=True, MMA={m}]" for m in (True, False)}
-PREFETCHING = INT_MMA | HEAD_MATMUL | {"int_gemv_fwd_kernel[PREFETCH=True]", "moe_router_fwd_kernel[]",
+PREFETCHING = INT_MMA | {"int_gemv_fwd_kernel[PREFETCH=True]", "moe_router_fwd_kernel[]",
                          "kda_layer_step_fwd_kernel[]"} | {k for k in DECODE_KERNELS if k.startswith("moe_decode")}
 
 
