@@ -62,5 +62,5 @@ def mla_write_rows(kv: torch.Tensor, norm_weight: torch.Tensor, eps: float, posi
     pdl = use_pdl(cache.device)
     mla_write_rows_kernel[(B,)](kv, norm_weight, positions, cache, cache_scale if fp8 else cache, eps, kv.stride(0),
                                 cache.stride(0), cache.stride(1), cache_scale.stride(0) if fp8 else 0, R=R, DR=Dr,
-                                FP8=fp8, FP8_MAX=FP8_MAX,
-                                SCALE_FLOOR=FP8_SCALE_FLOOR, PDL=pdl, launch_pdl=pdl, num_warps=4)
+                                FP8=fp8, FP8_MAX=FP8_MAX, SCALE_FLOOR=FP8_SCALE_FLOOR, PDL=pdl, launch_pdl=pdl,
+                                num_warps=4)

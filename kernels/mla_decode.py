@@ -236,6 +236,8 @@ def mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale=None, *, out=No
     faster at 1M than bf16 dots), the queries rounded to fp16, so |q| must stay below 65504.
     """
     _check(q_lat, q_rope, cache, lengths, cache_scale, out)
+    if out is None and out_dtype not in OUT_DTYPES:
+        raise ValueError(f"mla_decode: out_dtype must be one of {OUT_DTYPES}, not {out_dtype}")
     B, H, R = q_lat.shape
     Dr = q_rope.shape[-1]
     L_max = cache.shape[1]
@@ -255,8 +257,6 @@ def mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale=None, *, out=No
         MIN_SPLIT=min_split_tokens, FP8=fp8, TOKENS_M=qk_tokens_as_m, P_SCALE=FP8_MAX if fp8 else 1.0,
         DOT_DT=tl.float16 if fp8 else tl.bfloat16, PDL=pdl, launch_pdl=pdl, num_warps=num_warps or launch["num_warps"],
         num_stages=num_stages or launch["num_stages"])
-    if out is None and out_dtype not in OUT_DTYPES:
-        raise ValueError(f"mla_decode: out_dtype must be one of {OUT_DTYPES}, not {out_dtype}")
     o = out if out is not None else torch.empty(B, H, R, device=cache.device, dtype=out_dtype)
     block_r = min(R, 128)
     mla_decode_merge_kernel[(triton.cdiv(R, block_r), H, B)](

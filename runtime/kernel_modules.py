@@ -1,7 +1,7 @@
 """The Triton implementations bind swaps into the declared model: each has the call signature of the module it
 replaces in runtime/model.py (a packed int linear for `Linear` or a whole `ParallelLinear` group, the fused KDA
-decode step and chunked prefill, the fused MoE experts, the Triton latent attention and cache
-write, the prefill attention's merge). Only imported when Triton is chosen."""
+decode step and chunked prefill, the fused MoE experts, the Triton latent attention and cache-row write, the
+prefill attention's merge). Only imported when Triton is chosen."""
 from __future__ import annotations
 
 import torch

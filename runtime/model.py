@@ -297,9 +297,7 @@ class PrefillAttention(nn.Module):
             o, lse = self.merge(o, lse, *attention_with_lse(qh, k, v, causal, m.scale))
         return o.transpose(1, 2).to(q.dtype)
 
-    @staticmethod
-    def merge(o, lse, o_b, lse_b) -> tuple[torch.Tensor, torch.Tensor]:
-        return merge_partials(o, lse, o_b, lse_b)
+    merge = staticmethod(merge_partials)  # bind's Triton form merges in place, in one pass
 
     @staticmethod
     def expand(m: "MLAMixer", rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
