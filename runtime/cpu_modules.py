@@ -8,6 +8,11 @@ token where a kept buffer does, no modules called for one matmul -- and take the
 apply (prefill, a batch in the MoE). Each is the reference's ops in the reference's order, so the logits are the
 reference's bit for bit (tests/test_cpu_modules.py); where an op is swapped for a cheaper one, the two were checked
 to round alike (x*x for pow(2); sum * 1/D, a power of two, for mean).
+
+A token's decode streams every weight it multiplies by; on a small host that is memory-bound. The forms hold the
+weights of a bf16 checkpoint (upcast to fp32 at load) in bf16 and widen each at its matmul (`_held`): the same fp32
+values in the same layout, so the same products, from half the bytes. The lm_head keeps its fp32 weight: widening
+its 4.5 MB per token cost more than the bytes saved.
 """
 from __future__ import annotations
 
@@ -28,6 +33,15 @@ def column_major(w: torch.Tensor) -> torch.Tensor:
     """w [out, in] with the same values, laid out [in, out] in memory (w.t() contiguous, viewed back): what bind
     gives fp32 linears on the CPU, and these forms their stacks."""
     return w.t().contiguous().t()
+
+
+def _held(w: torch.Tensor) -> torch.Tensor:
+    """An fp32 weight as decode reads it: in bf16, same layout, where every value is a bf16 value (a checkpoint
+    stored in bf16, as the bundled one is), so that `.float()` at the matmul gives back the same tensor; else as
+    it is. Half the bytes a token streams, which then stay in the cache between tokens."""
+    w = w.detach()
+    b = w.to(torch.bfloat16)
+    return b if torch.equal(b.float(), w) else w
 
 
 def _dense(*modules: nn.Module) -> bool:
@@ -84,7 +98,7 @@ class CPUKDAMixer(M.KDAMixer):
             return
         mixer.__class__ = cls
         H, K = mixer.H, mixer.K
-        mixer.cpu_in, mixer.cpu_out = parts[0].weight.detach(), mixer.o_proj.weight.detach()
+        mixer.cpu_in, mixer.cpu_out = _held(parts[0].weight), _held(mixer.o_proj.weight)
         mixer.cpu_split = [3 * H * K, 2 * K, H]
         mixer.cpu_conv = mixer.conv_weight.detach().float().reshape(3 * H * K, -1).contiguous()  # [3HK, W]
         mixer.cpu_neg_A = -mixer.A_log.detach().float().reshape(H, 1, 1).exp()                   # as kda_gate
@@ -92,16 +106,16 @@ class CPUKDAMixer(M.KDAMixer):
         mixer.cpu_norm = _Norm(mixer.o_norm.weight, mixer.eps)
         mixer.cpu_l2_eps, mixer.cpu_scale = _const(1e-6), _const(K ** -0.5)
         # [2, K, HK] laid out as the weights are (bind's _cpu_layout: [in, out]): bmm reads each as F.linear does
-        mixer.cpu_fg_t = torch.stack([mixer.f_b_proj.weight.t(), mixer.g_b_proj.weight.t()]).detach()
+        mixer.cpu_fg_t = _held(torch.stack([mixer.f_b_proj.weight.t(), mixer.g_b_proj.weight.t()]))
         mixer.cpu_outer = None     # k u^T [B, H, K, V], allocated at the first step
 
     def decode(self, x: torch.Tensor, state, positions: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
         H, K = self.H, self.K
         tail, S = state.conv_state[self.slot], state.kda_state[self.slot]
-        qkv, fg, beta_raw = F.linear(x, self.cpu_in).split(self.cpu_split, dim=-1)
+        qkv, fg, beta_raw = F.linear(x, self.cpu_in.float()).split(self.cpu_split, dim=-1)
         fg = fg.view(2, 1, K) if B == 1 else fg.view(B, 2, K).transpose(0, 1)
-        g_raw, gate_raw = torch.bmm(fg, self.cpu_fg_t).unbind(0)                               # [B, HK] each
+        g_raw, gate_raw = torch.bmm(fg, self.cpu_fg_t.float()).unbind(0)                               # [B, HK] each
         # the short conv over [tail, x] (kernels/naive_kda.kda_short_conv at T == 1), then SiLU
         xt = torch.cat([tail, qkv.unsqueeze(-1)], dim=-1)                                      # [B, 3HK, W]
         tail.copy_(xt[..., 1:])
@@ -121,7 +135,7 @@ class CPUKDAMixer(M.KDAMixer):
         S.add_(torch.mul(k.transpose(-1, -2), u, out=outer))
         o = torch.bmm(q.reshape(B * H, 1, K), S3).view(B, H, 1, -1)
         o = self.cpu_norm(o) * torch.sigmoid(gate_raw.view(B, H, 1, -1))                     # gated output norm
-        return F.linear(o.view(B, -1), self.cpu_out)
+        return F.linear(o.view(B, -1), self.cpu_out.float())
 
 
 class CPULatentAttention(nn.Module):
@@ -162,7 +176,7 @@ class CPUMLAMixer(M.MLAMixer):
             return
         mixer.__class__ = cls
         mixer.attend = CPULatentAttention(mixer.scale)
-        mixer.cpu_in, mixer.cpu_out = parts[0].weight.detach(), mixer.o_proj.weight.detach()
+        mixer.cpu_in, mixer.cpu_out = _held(parts[0].weight), _held(mixer.o_proj.weight)
         mixer.cpu_split = [mixer.H * (mixer.dn + mixer.dr), mixer.r, mixer.dr]
         mixer.cpu_norm = _Norm(mixer.kv_a_layernorm.weight, mixer.kv_a_layernorm.eps)
         w_ukv = mixer.kv_b_proj.weight.detach().view(mixer.H, mixer.dn + mixer.dv, mixer.r)
@@ -171,7 +185,7 @@ class CPUMLAMixer(M.MLAMixer):
 
     def decode(self, x: torch.Tensor, state, positions: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
-        q, latent, k_shared = F.linear(x, self.cpu_in).split(self.cpu_split, dim=-1)
+        q, latent, k_shared = F.linear(x, self.cpu_in.float()).split(self.cpu_split, dim=-1)
         rows = torch.cat([self.cpu_norm(latent), k_shared], dim=-1)                          # [B, r+dr]
         state.write_mla_at(self.slot, positions, rows)
         q_nope, q_rope = q.view(B, self.H, -1).split([self.dn, self.dr], dim=-1)
@@ -182,7 +196,7 @@ class CPUMLAMixer(M.MLAMixer):
         else:
             o_lat = self.attend(q_lat, q_rope, cache, positions + 1, self.scale, cache_scale).to(x.dtype)
         o = torch.bmm(o_lat.transpose(0, 1), self.cpu_w_uv_t).transpose(0, 1)               # [B, H, dv]
-        return F.linear(o.reshape(B, self.H * self.dv), self.cpu_out)
+        return F.linear(o.reshape(B, self.H * self.dv), self.cpu_out.float())
 
 
 class CPUDenseMLP(M.DenseMLP):
@@ -192,12 +206,12 @@ class CPUDenseMLP(M.DenseMLP):
     def adopt(cls, mlp: M.DenseMLP) -> None:
         if type(mlp) is M.DenseMLP and _dense(mlp.gate_proj, mlp.up_proj, mlp.down_proj):
             mlp.__class__ = cls
-            mlp.cpu_gate_up = column_major(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach())
-            mlp.cpu_down = mlp.down_proj.weight.detach()
+            mlp.cpu_gate_up = _held(column_major(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])))
+            mlp.cpu_down = _held(mlp.down_proj.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.cpu_gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.cpu_down)
+        gate, up = F.linear(x, self.cpu_gate_up.float()).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.cpu_down.float())
 
 
 class CPUMoE(M.MoE):
@@ -216,10 +230,10 @@ class CPUMoE(M.MoE):
                      and _dense(shared.gate_proj, shared.up_proj, shared.down_proj))
         if self.fast:
             self.split = [c.num_experts, shared.gate_proj.weight.shape[0], shared.up_proj.weight.shape[0]]
-            self.stacked = column_major(torch.cat([router.weight, shared.gate_proj.weight,
-                                                     shared.up_proj.weight]).detach())
-            self.shared_down = shared.down_proj.weight.detach()
-            self.w13, self.w2 = list(experts.w13.detach().unbind(0)), list(experts.w2.detach().unbind(0))
+            self.stacked = _held(column_major(torch.cat([router.weight, shared.gate_proj.weight,
+                                                           shared.up_proj.weight])))
+            self.shared_down = _held(shared.down_proj.weight)
+            self.w13, self.w2 = [_held(w) for w in experts.w13.unbind(0)], [_held(w) for w in experts.w2.unbind(0)]
 
     def router_watched(self) -> bool:
         """Whether the router is called for its own sake -- replaced, or hooked (klconvert bench and eval read its
@@ -233,11 +247,11 @@ class CPUMoE(M.MoE):
             return super().forward(x)
         shape = x.shape
         x = x.view(1, -1)
-        logits, gate, up = F.linear(x, self.stacked).split(self.split, dim=-1)
+        logits, gate, up = F.linear(x, self.stacked.float()).split(self.split, dim=-1)
         ids, weights = self.gate.route(logits)                         # the reference's routing from its logits
         weights = weights.unbind(1)                                     # k tensors [1]
-        out = F.linear(F.silu(gate) * up, self.shared_down)             # the shared expert
+        out = F.linear(F.silu(gate) * up, self.shared_down.float())     # the shared expert
         for e, slot in sorted((e, slot) for slot, e in enumerate(ids.tolist()[0])):
-            gate, up = F.linear(x, self.w13[e]).chunk(2, dim=-1)
-            out.add_(F.linear(F.silu(gate) * up, self.w2[e]).mul_(weights[slot]))
+            gate, up = F.linear(x, self.w13[e].float()).chunk(2, dim=-1)
+            out.add_(F.linear(F.silu(gate) * up, self.w2[e].float()).mul_(weights[slot]))
         return out.view(shape)

@@ -35,6 +35,27 @@ def test_bind_picks_the_cpu_forms(trained_like):
     assert linears and all(m.weight.t().is_contiguous() for m in linears)     # laid out [in, out] (bind._cpu_layout)
 
 
+def test_the_forms_hold_bf16_weights_as_bf16(trained_like):
+    """A bf16 checkpoint's weights, upcast to fp32 at load, are held in bf16 by the forms (half the bytes a token
+    streams) in the layout they had; `.float()` gives the fp32 weight back exactly."""
+    engine = klconvert.load(trained_like, device="cpu", dtype=torch.float32, max_context=16, kernels="torch")
+    kda = next(m for m in engine.model.modules() if isinstance(m, C.CPUKDAMixer))
+    weight = kda.in_proj.parts[0].weight
+    assert kda.cpu_in.dtype == torch.bfloat16 and kda.cpu_in.stride() == weight.stride()
+    assert torch.equal(kda.cpu_in.float(), weight)
+    moe = next(m for m in engine.model.modules() if isinstance(m, C.CPUMoE))
+    assert all(w.dtype == torch.bfloat16 for w in moe.w13 + moe.w2 + [moe.stacked, moe.shared_down])
+
+
+def test_a_weight_that_is_not_all_bf16_values_stays_fp32():
+    w = C.column_major(torch.randn(48, 32))                                  # fp32 values, [in, out] in memory
+    held = C._held(w)
+    assert held.dtype == torch.float32 and torch.equal(held, w) and held.stride() == w.stride()
+    exact = w.bfloat16().float()
+    held = C._held(exact)
+    assert held.dtype == torch.bfloat16 and held.stride() == exact.stride() and torch.equal(held.float(), exact)
+
+
 def test_fp32_equals_the_reference_bit_for_bit(trained_like, monkeypatch):
     fast, reference = load_pair(trained_like, monkeypatch, dtype=torch.float32, max_context=64)
     ids = torch.randint(0, fast.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(4))
