@@ -20,6 +20,7 @@ from torch import nn
 from torch.backends.cuda import SDPAParams
 
 from klconvert.config import KimiLinearConfig
+from klconvert.kernels.naive_attention_merge import naive_merge_attention
 from klconvert.kernels.naive_kda import kda_short_conv
 from klconvert.runtime.kda import kda_chunked, kda_gate, kda_step, l2norm
 from klconvert.runtime.state import StateBuffers, cache_rows
@@ -255,10 +256,7 @@ def attention_with_lse(q, k, v, causal: bool, scale: float) -> tuple[torch.Tenso
 def merge_partials(o, lse, o_b, lse_b) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention over key set A (o [B, H, T, Dv] fp32, lse [B, H, T]; None: nothing yet) and over a
     disjoint set B -> the same over A and B, fp32."""
-    if o is None:
-        return o_b.float(), lse_b
-    both = torch.logaddexp(lse, lse_b)
-    return o * (lse - both).exp()[..., None] + o_b.float() * (lse_b - both).exp()[..., None], both
+    return (o_b.float(), lse_b) if o is None else naive_merge_attention(o, lse, o_b, lse_b)
 
 
 def _rows(scale: torch.Tensor | None, a: int, b: int) -> torch.Tensor | None:
