@@ -862,7 +862,7 @@ def mla_variants(tag, call, checked, nbytes, peer, fp8):
     if not fp8:
         variants["scores tokens-as-M, block_n 128, 8 warps, 2 stages"] = dict(block_n=128, num_warps=8, num_stages=2,
                                                                               qk_tokens_as_m=True)
-    for waves in (1, 4, 8):
+    for waves in (2, 4, 8):
         S = mla_decode_splits(1, MLA_H, MLA_CONTEXTS[-1], DEV, waves=waves)
         variants[f"{waves} waves: {S} splits"] = dict(num_splits=S)
     for what, launch in variants.items():

@@ -161,9 +161,12 @@ def _default_launch(dtype: torch.dtype, device: torch.device) -> dict:
 
 
 def mla_decode_splits(batch: int, heads: int, max_len: int, device, *, block_h: int = 32,
-                      min_split_tokens: int = 256, waves: int = 2) -> int:
+                      min_split_tokens: int = 256, waves: int = 1) -> int:
     """Splits of the sequence per (sequence, head block): enough programs for `waves` per SM when the cache is
-    long, never more than max_len / min_split_tokens (a short cache is not over-split). Shapes only, no sync."""
+    long, never more than max_len / min_split_tokens (a short cache is not over-split). Shapes only, no sync.
+    One wave: at 1M tokens on an H200 (`bench/kernels.py --only mla`, 2026-11-30) 407 us against 473 for two
+    waves with a bf16 cache, 616 against 654 with fp8 -- each split's prologue and its partial output (which the
+    merge reads back) paid once per SM, not twice."""
     programs = batch * triton.cdiv(heads, block_h)
     return max(1, min(triton.cdiv(waves * _sm_count(torch.device(device)), programs),
                       triton.cdiv(max_len, min_split_tokens)))
@@ -230,7 +233,7 @@ def mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale=None, *, out=No
     a CUDA graph the graph's pool keeps it), then the merge.
     Tuning: block_h heads per program (32: the model's H, so each cache tile is read once), block_n tokens per tile,
     num_warps / num_stages (defaults per cache dtype and GPU: LAUNCHES), min_split_tokens, num_splits (default
-    mla_decode_splits: two waves of programs over the GPU's SMs at long context), qk_tokens_as_m (scores as c q^T:
+    mla_decode_splits: one wave of programs over the GPU's SMs at long context), qk_tokens_as_m (scores as c q^T:
     wgmma on Hopper for the score product; spill-free at block_n 128 / 8 warps / 2 stages with a bf16 cache).
     An fp8 cache runs its dots in fp16 (e4m3 -> fp16 is one conversion per pair on sm_89+, exact; measured 1.3x
     faster at 1M than bf16 dots), the queries rounded to fp16, so |q| must stay below 65504.

@@ -232,7 +232,7 @@ class TritonPrefillAttention(M.PrefillAttention):
 class TritonLatentAttention(nn.Module):
     """LatentAttention through kernels.mla_decode (split over the sequence; bf16 or e4m3 cache). Splits of at
     least MIN_SPLIT_TOKENS: a 4K context then spreads over ~64 programs instead of 16 (a decode step at short
-    context is latency-bound); long contexts are capped by the kernel's two waves per SM either way."""
+    context is latency-bound); long contexts are capped by the kernel's one wave over the SMs either way."""
 
     MIN_SPLIT_TOKENS = 64
 

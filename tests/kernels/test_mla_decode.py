@@ -93,9 +93,9 @@ def test_mla_decode_head_blocks_and_strided_inputs(poisoned_workspace):
 
 
 def test_split_counts():
-    """One 1M sequence fills an H200 (two waves of its 132 SMs); a 4K cache is not over-split."""
-    assert mla_decode_splits(1, 32, 1 << 20, "cpu") == 264
-    assert mla_decode_splits(4, 32, 1 << 20, "cpu") == 66
+    """One 1M sequence fills an H200 (one wave over its 132 SMs); a 4K cache is not over-split."""
+    assert mla_decode_splits(1, 32, 1 << 20, "cpu") == 132
+    assert mla_decode_splits(4, 32, 1 << 20, "cpu") == 33
     assert mla_decode_splits(1, 32, 4096, "cpu") == 16
     assert mla_decode_splits(1, 32, 100, "cpu") == 1
 
