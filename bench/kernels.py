@@ -3,10 +3,10 @@
 python bench/kernels.py [--only SECTION ...]: sections fla, kda, kda_prefill, drift, linear, moe, route, mla, int4,
 int_prefill (default: all); the results table goes to stdout and $OUT/kernels.json. `--only int4` (~3 minutes) sweeps
 the int4/int8 launch shapes that matter and the row counts where each int kernel wins, and prints the defaults to set
-(CROSSOVER, MOE_CROSSOVER, MOE_DECODE_LAUNCH). `--only int_prefill` does the same at prefill row counts (64-4096) for
-the q,k,v and o_proj GEMMs and the MoE layer (int4 sym/asym, int8), with TFLOP/s against torch bf16 matmuls, and
-prints GEMM_LAUNCH, CROSSOVER's gemm bound and MOE_PREFILL_LAUNCH. `--only kda_prefill`: one KDA layer's prefill;
-`--only route`: the decode router's launch shapes."""
+(CROSSOVER, MOE_CROSSOVER, MOE_DECODE_LAUNCH, MOE_SPLIT_MAX_TOKENS). `--only int_prefill` does the same at prefill
+row counts (64-4096) for the q,k,v and o_proj GEMMs and the MoE layer (int4 sym/asym, int8), with TFLOP/s against
+torch bf16 matmuls, and prints GEMM_LAUNCH, CROSSOVER's gemm bound and MOE_PREFILL_LAUNCH. `--only kda_prefill`: one
+KDA layer's prefill; `--only route`: the decode router's launch shapes."""
 import argparse
 import datetime
 import json
@@ -551,7 +551,9 @@ def bench_int4_moe(defaults):
         for kind, options in launches.items():
             if m > DECODE_MAX_TOKENS or (kind == "fma" and m > 8):
                 continue
-            for opt in (options if m == 1 else options[:1]):
+            more = [dict(mma=True, split_k=sk) for sk in (MOE_DECODE_LAUNCH["mma"][1], (1, 1))] \
+                if kind == "mma" and m > 1 else []  # split over k or not, from 2 tokens on: MOE_SPLIT_MAX_TOKENS
+            for opt in (options if m == 1 else options[:1] + more):
                 tag = f"fused_moe int4 M={m} {kind} " + ", ".join(f"{k} {v}" for k, v in opt.items() if k != "mma")
                 tag = tag.rstrip()
                 y = torch.empty_like(x)
@@ -568,6 +570,10 @@ def bench_int4_moe(defaults):
         decode = _fastest(kinds.get("fma", []) + kinds.get("mma", []))
         best_decode[m] = (decode, "grouped" if decode is None or results[decode]["us"] > results.get(
             tag, {"us": float("inf")})["us"] else decode.split()[3])
+    split = {m: [f"fused_moe int4 M={m} mma split_k {sk}" for sk in (MOE_DECODE_LAUNCH["mma"][1], (1, 1))]
+             for m in best_decode if m > 1}
+    split_max = [m for m, tags in split.items() if _fastest(tags) == tags[0]]
+    defaults["kernels/fused_moe.py MOE_SPLIT_MAX_TOKENS"] = max(split_max, default=1)
     fma_max = max([m for m, (_, k) in best_decode.items() if k == "fma"], default=0)
     mma_max = max([m for m, (_, k) in best_decode.items() if k != "grouped"], default=0)
     defaults["kernels/fused_moe.py MOE_CROSSOVER[4]"] = (fma_max, max(fma_max, mma_max))
@@ -583,7 +589,8 @@ def bench_int4_moe(defaults):
 
 
 def bench_int4():
-    """--only int4: the sweeps that set CROSSOVER, MOE_CROSSOVER and MOE_DECODE_LAUNCH, then the values to set."""
+    """--only int4: the sweeps that set CROSSOVER, MOE_CROSSOVER, MOE_DECODE_LAUNCH and MOE_SPLIT_MAX_TOKENS, then
+    the values to set."""
     global REP_MS
     start, defaults, rep, REP_MS = time.time(), {}, REP_MS, 100
     bench_int4_linear(defaults)

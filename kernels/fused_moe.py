@@ -24,8 +24,14 @@ MOE_CROSSOVER = {4: (0, 16), 8: (1, 16)}
 # A operand from 2048 tokens, where it was 1.3-1.4x faster.
 MOE_PREFILL_LAUNCH = ((64, (16, 64, 4, 3, False)), (256, (32, 128, 4, 3, True)), (512, (16, 64, 4, 3, False)),
                       (1 << 62, (64, 128, 8, 3, True)))
-# Decode launch shape (block_n, split_k of (gate+up, down), num_warps) per kernel, measured the same way.
+# Decode launch shape (block_n, split_k of (gate+up, down), num_warps) per kernel, measured the same way (1 token).
 MOE_DECODE_LAUNCH = {"fma": (16, (3, 2), 2), "mma": (64, (3, 2), 4)}
+# Past this many tokens the tensor-core decode kernels split no k: the serving programs have enough rows to read
+# without it, and the partials' round trip then costs more than the extra programs gain. Measured on an H200
+# (2026-11-30, random routing, CUDA graphs; `bench/kernels.py --only int4` times both from 2 tokens and prints the
+# bound): 16 tokens 175.7 us split (3, 2) against 143.5 unsplit, 8 tokens 103.6 against 93.9, 4 tokens 60.7 against
+# 61.3; 1 token 24.8 against 28.9.
+MOE_SPLIT_MAX_TOKENS = 4
 
 
 @dataclass
@@ -298,8 +304,9 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
     """Two launches: gate+up+SiLU into h [T * slots, I], then down with the weighted sum over slots; each routed
     expert's weights are read once for all the tokens routed to it. mma: tensor cores (x and h in 16 bits; the
     default for 16-bit x from MOE_CROSSOVER) or CUDA cores (exact fp32 h). split_k: k splits of (gate+up, down),
-    each reduced inside its launch; defaults from MOE_DECODE_LAUNCH. weights_as_a: the weight tile is the MMA's A
-    operand (on Hopper a register-A wgmma; block_n a multiple of 64 with 4 warps)."""
+    each reduced inside its launch; defaults from MOE_DECODE_LAUNCH, none on the tensor cores past
+    MOE_SPLIT_MAX_TOKENS. weights_as_a: the weight tile is the MMA's A operand (on Hopper a register-A wgmma;
+    block_n a multiple of 64 with 4 warps)."""
     T, topk = topk_ids.shape
     slots = topk + experts.has_shared
     if slots > MAX_SLOTS or T > DECODE_MAX_TOKENS:
@@ -309,7 +316,8 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
     if mma is None:
         mma = moe_kernel(T, g.bits, x.dtype) == "mma"
     launch = MOE_DECODE_LAUNCH["mma" if mma else "fma"]
-    block_n, split_k, num_warps = block_n or launch[0], split_k or launch[1], num_warps or launch[2]
+    split_k = split_k or (launch[1] if not mma or T <= MOE_SPLIT_MAX_TOKENS else (1, 1))
+    block_n, num_warps = block_n or launch[0], num_warps or launch[2]
     if mma and x.dtype not in (torch.bfloat16, torch.float16):
         x = x.to(torch.bfloat16)
     (wg, sg, zg), (wu, su, zu), (wd, sd, zd) = _args(g), _args(u), _args(d)

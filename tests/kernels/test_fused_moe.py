@@ -55,18 +55,20 @@ def test_fused_moe_decode_split_k():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mma, bits, symmetric, shared, tokens", [
-    (True, 4, False, False, 16), (False, 4, False, False, 6), (True, 8, True, True, 3), (False, 8, True, True, 3),
-    (True, 4, True, True, 1), (False, 4, True, True, 1)])
-def test_decode_kernels(mma, bits, symmetric, shared, tokens):
-    """Both decode kernels at ragged token counts. 5 experts for 3 slots, so tokens share experts (one program
+@pytest.mark.parametrize("mma, bits, symmetric, shared, tokens, split_k", [
+    (True, 4, False, False, 16, None), (False, 4, False, False, 6, None), (True, 8, True, True, 3, None),
+    (False, 8, True, True, 3, None), (True, 4, True, True, 1, None), (False, 4, True, True, 1, None),
+    (True, 4, True, True, 9, (2, 2))])
+def test_decode_kernels(mma, bits, symmetric, shared, tokens, split_k):
+    """Both decode kernels at ragged token counts (the tensor cores' split over k by default only up to
+    MOE_SPLIT_MAX_TOKENS; the last case splits past it). 5 experts for 3 slots, so tokens share experts (one program
     serves all of an expert's tokens); without the shared expert 3 slots pad to 4, aliasing the next token's pairs.
     A second call reuses the locks, which must be re-armed."""
     experts = make_experts(5, 256, 128, bits, symmetric, shared)
     x = torch.randn(tokens, 256, device=DEVICE, dtype=torch.bfloat16)
     ids, weights = routing(tokens, 5, 3)
     for _ in range(2):
-        y = moe_decode_fwd(x, ids, weights, experts, poisoned(tokens, 256, dtype=x.dtype), mma=mma)
+        y = moe_decode_fwd(x, ids, weights, experts, poisoned(tokens, 256, dtype=x.dtype), mma=mma, split_k=split_k)
         assert_close(y, naive_fused_moe(x, ids, weights, experts), BOUND[x.dtype], f"decode, mma {mma}")
     assert int(experts.gate.locks.abs().sum()) == 0 and int(experts.down.locks.abs().sum()) == 0
 
