@@ -28,9 +28,9 @@ MOE_PREFILL_LAUNCH = ((64, (16, 64, 4, 3, False)), (256, (32, 128, 4, 3, True)),
 MOE_DECODE_LAUNCH = {"fma": (16, (3, 2), 2), "mma": (64, (3, 2), 4)}
 # Past this many tokens the tensor-core decode kernels split no k: the serving programs have enough rows to read
 # without it, and the partials' round trip then costs more than the extra programs gain. Measured on an H200
-# (2026-11-30, random routing, CUDA graphs; `bench/kernels.py --only int4` times both from 2 tokens and prints the
-# bound): 16 tokens 175.7 us split (3, 2) against 143.5 unsplit, 8 tokens 103.6 against 93.9, 4 tokens 60.7 against
-# 61.3; 1 token 24.8 against 28.9.
+# (2026-11-30, `bench/kernels.py --only int4`, which times both from 2 tokens and prints this bound; random routing,
+# CUDA graphs), split (3, 2) against unsplit: 1 token 23.3 us against 36.6, 2 tokens 38.2 / 53.0, 4 tokens 61.0 /
+# 61.5, 8 tokens 104.3 / 94.4, 16 tokens 177.6 / 144.1.
 MOE_SPLIT_MAX_TOKENS = 4
 
 
