@@ -188,11 +188,67 @@ def _int4_pair_asm(w, FP16: tl.constexpr):
 
 
 @triton.jit
+def _int8_pair_asm(w, i: tl.constexpr, FP16: tl.constexpr):
+    """Bytes i and i + 2 of int8 words w [BN, P] (pair i) as codes minus 128 in bf16 (fp16 if FP16), [BN, P, 2].
+    bf16, whose 8-bit significand cannot hold 2**k + code: one PRMT per value builds the fp32 2**23 + code, one FSUB
+    takes 2**23 + 128 off (exact), one CVT rounds the pair to bf16x2 (exact: |code - 128| <= 128) -- 2.5
+    instructions a weight, against ~5 for shift, mask, subtract and two conversions. fp16: one PRMT puts both bytes
+    under the exponent of 1024.0, one packed SUB takes 1152 off. CUDA only (PTX)."""
+    ww = tl.join(w, w)  # pack=2 hands each asm call a register pair [word, copy]; the copy is never read
+    if FP16:
+        if i == 0:
+            out = tl.inline_asm_elementwise(
+                """{
+                .reg .b32 t, magic, bias;
+                mov.b32 magic, 0x64646464;
+                mov.b32 bias, 0x64806480;
+                prmt.b32 t, $1, magic, 0x4240;
+                sub.f16x2 $0, t, bias;
+                }""", "=r,r,r", [ww], dtype=tl.float16, is_pure=True, pack=2)
+        else:
+            out = tl.inline_asm_elementwise(
+                """{
+                .reg .b32 t, magic, bias;
+                mov.b32 magic, 0x64646464;
+                mov.b32 bias, 0x64806480;
+                prmt.b32 t, $1, magic, 0x4341;
+                sub.f16x2 $0, t, bias;
+                }""", "=r,r,r", [ww], dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        if i == 0:
+            out = tl.inline_asm_elementwise(
+                """{
+                .reg .b32 lo, hi, magic;
+                mov.b32 magic, 0x4B000000;
+                prmt.b32 lo, $1, magic, 0x7540;
+                prmt.b32 hi, $1, magic, 0x7542;
+                sub.f32 lo, lo, 0f4B000080;
+                sub.f32 hi, hi, 0f4B000080;
+                cvt.rn.bf16x2.f32 $0, hi, lo;
+                }""", "=r,r,r", [ww], dtype=tl.bfloat16, is_pure=True, pack=2)
+        else:
+            out = tl.inline_asm_elementwise(
+                """{
+                .reg .b32 lo, hi, magic;
+                mov.b32 magic, 0x4B000000;
+                prmt.b32 lo, $1, magic, 0x7541;
+                prmt.b32 hi, $1, magic, 0x7543;
+                sub.f32 lo, lo, 0f4B000080;
+                sub.f32 hi, hi, 0f4B000080;
+                cvt.rn.bf16x2.f32 $0, hi, lo;
+                }""", "=r,r,r", [ww], dtype=tl.bfloat16, is_pure=True, pack=2)
+    return out
+
+
+@triton.jit
 def _codes(w, i: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, FAST: tl.constexpr):
-    """Pair i of words w [BN, P] as codes minus 2**(BITS-1), [BN, P, 2]: in DT, or with the PTX unpack (FAST, int4
-    on CUDA) in x's 16-bit dtype DT."""
+    """Pair i of words w [BN, P] as codes minus 2**(BITS-1), [BN, P, 2]: in DT, or with the PTX unpack (FAST: int4
+    or int8 on CUDA) in x's 16-bit dtype DT."""
     if FAST:
-        c = _int4_pair_asm(w >> (4 * i), DT == tl.float16)
+        if BITS == 4:
+            c = _int4_pair_asm(w >> (4 * i), DT == tl.float16)
+        else:
+            c = _int8_pair_asm(w, i, DT == tl.float16)
     else:
         c = _pair_centred(w, i, BITS, DT)
     return c
@@ -463,8 +519,8 @@ def _group_params(s_ptrs, z_ptrs, mask_n, g, n_pad, BITS: tl.constexpr, ASYM: tl
 def _dequant_pair(w, i: tl.constexpr, sc, zc, BITS: tl.constexpr, ASYM: tl.constexpr, FAST: tl.constexpr,
                   DT: tl.constexpr):
     """Pair i of words w [BN, P] dequantized, (code - zero) * scale rounded once to DT (x's 16-bit dtype): [BN, 2P].
-    sc, zc from _group_params, in DT with the PTX unpack (the product of a 5-bit integer and a 16-bit scale is
-    exact before the rounding either way), in fp32 otherwise."""
+    sc, zc from _group_params, in DT with the PTX unpack (the product of a small integer -- 5 bits for int4, 9 for
+    int8 -- and a 16-bit scale is exact before the rounding either way), in fp32 otherwise."""
     c = _codes(w, i, BITS, DT if FAST else tl.float32, FAST)
     if ASYM:
         c = c - zc
@@ -573,9 +629,9 @@ def int_gemv_fwd(x, packed: PackedLinear, y, *, block_n=None, split_k=None, num_
 
 
 def fast_unpack(bits: int, device: torch.device) -> bool:
-    """Whether the tensor-core kernels unpack with the PTX bit trick: int4 on CUDA (the interpreter runs PTX-free
-    Triton)."""
-    return bits == 4 and device.type == "cuda"
+    """Whether the tensor-core kernels unpack with the PTX bit tricks (_int4_pair_asm, _int8_pair_asm): on CUDA (the
+    interpreter runs PTX-free Triton)."""
+    return bits in (4, 8) and device.type == "cuda"
 
 
 def int_mma_fwd(x, packed: PackedLinear, y, *, block_m=None, block_n=None, split_k=None, num_warps=4, num_stages=3,

@@ -196,19 +196,25 @@ def test_int_linear_real_shapes(bits, n, k, m, symmetric):
 
 
 @GPU
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("launch", [dict(weights_as_a=True), dict(weights_as_a=False), dict(block_n=128),
                                     dict(block_m=64, split_k=1)])
 @pytest.mark.parametrize("n, k, m", [(12288, 2304, 1), (2304, 4096, 16), (4096, 2304, 77)])
-def test_int4_ptx_unpack(dtype, symmetric, launch, n, k, m):
-    """The PTX (LOP3 + packed FMA) unpack against the twin, and against the PTX-free unpack of the same kernel."""
-    _, packed = packed_linear(4, symmetric, 128, n, k)
+def test_ptx_unpack(bits, dtype, symmetric, launch, n, k, m):
+    """The PTX unpacks (int4: LOP3 + packed FMA; int8: PRMT + SUB) against the twin, and against the PTX-free unpack
+    of the same kernel; then the prefill GEMM, which dequantizes through the same unpack."""
+    _, packed = packed_linear(bits, symmetric, 128, n, k)
     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
     y = int_mma_fwd(x, packed, poisoned(m, n, dtype=dtype), fast=True, **launch)
-    assert_close(y, naive_int_linear(x, packed), BOUND[dtype], "int4 PTX unpack")
+    assert_close(y, naive_int_linear(x, packed), BOUND[dtype], f"int{bits} PTX unpack")
     # the same centred codes enter the same dots: the two unpacks agree up to the odd output rounding
     assert_close(y, int_mma_fwd(x, packed, poisoned(m, n, dtype=dtype), fast=False, **launch), 1e-3, "PTX vs Triton")
+    if launch.get("weights_as_a", True):
+        assert_close(int_gemm_fwd(x, packed, poisoned(m, n, dtype=dtype), fast=True, weights_as_a=True),
+                     int_gemm_fwd(x, packed, poisoned(m, n, dtype=dtype), fast=False, weights_as_a=True), 1e-3,
+                     "GEMM, PTX vs Triton")
 
 
 @GPU
