@@ -114,7 +114,9 @@ def mla_decode_merge_kernel(part_o, part_lse, lengths, o, H, L_max, n_splits, st
                             R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
                             MIN_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """One (R block, head, sequence) per program: o = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max) over the
-    splits that ran for this length (the others' workspace is never read). Length 0 gives zeros."""
+    splits that ran for this length (the others' workspace is never read), in one pass of BLOCK_S splits at a
+    time with the running max rescaled (so a 4K context's 64 splits are one round trip, not a pass for the max and
+    another for the sum, BLOCK_S at a time). Length 0 gives zeros."""
     wait_for_inputs(PDL)
     i_r = tl.program_id(0)
     i_h = tl.program_id(1)
@@ -124,22 +126,27 @@ def mla_decode_merge_kernel(part_o, part_lse, lengths, o, H, L_max, n_splits, st
     offs_s = tl.arange(0, BLOCK_S)
     offs_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
     rows = (i_b * n_splits + offs_s) * H + i_h  # workspace rows of splits 0..BLOCK_S-1
-    m_vec = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
-    for s0 in range(0, n_active, BLOCK_S):
-        lse = tl.load(part_lse + rows + s0 * H, mask=s0 + offs_s < n_active, other=float("-inf"))
-        m_vec = tl.maximum(m_vec, lse)
-    m = tl.max(m_vec, axis=0)
+    m = float("-inf")
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    den = tl.zeros([BLOCK_S], dtype=tl.float32)
+    den = 0.0
     for s0 in range(0, n_active, BLOCK_S):
         mask_s = s0 + offs_s < n_active
-        w = tl.where(mask_s, tl.exp2(tl.load(part_lse + rows + s0 * H, mask=mask_s, other=0.0) - m), 0.0)
+        lse = tl.load(part_lse + rows + s0 * H, mask=mask_s, other=float("-inf"))
         po = tl.load(part_o + (rows + s0 * H)[:, None] * R + offs_r[None, :], mask=mask_s[:, None], other=0.0)
-        acc += tl.sum(w[:, None] * po, axis=0)
-        den += w
-    total = tl.sum(den, axis=0)
-    out = tl.where(total > 0, acc / tl.maximum(total, 1e-30), 0.0)
+        m_new = tl.maximum(m, tl.max(lse, axis=0))  # finite: every active split saw at least one token
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)  # 0 on the masked splits
+        acc = acc * alpha + tl.sum(w[:, None] * po, axis=0)
+        den = den * alpha + tl.sum(w, axis=0)
+        m = m_new
+    out = tl.where(den > 0, acc / tl.maximum(den, 1e-30), 0.0)
     tl.store(o + i_b * stride_ob + i_h * stride_oh + offs_r, out.to(o.dtype.element_ty), mask=offs_r < R)
+
+
+def merge_blocks(n_splits: int, R: int) -> tuple[int, int]:
+    """The merge's (BLOCK_S, BLOCK_R): up to 64 splits per round trip, about 4K partial values a program."""
+    block_s = min(64, triton.next_power_of_2(n_splits))
+    return block_s, min(R, 128, max(16, 4096 // block_s))
 
 
 @functools.lru_cache(maxsize=None)
@@ -261,8 +268,8 @@ def mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale=None, *, out=No
         DOT_DT=tl.float16 if fp8 else tl.bfloat16, PDL=pdl, launch_pdl=pdl, num_warps=num_warps or launch["num_warps"],
         num_stages=num_stages or launch["num_stages"])
     o = out if out is not None else torch.empty(B, H, R, device=cache.device, dtype=out_dtype)
-    block_r = min(R, 128)
+    block_s, block_r = merge_blocks(S, R)
     mla_decode_merge_kernel[(triton.cdiv(R, block_r), H, B)](
-        part_o, part_lse, lengths, o, H, L_max, S, o.stride(0), o.stride(1), R=R, BLOCK_R=block_r, BLOCK_S=16,
+        part_o, part_lse, lengths, o, H, L_max, S, o.stride(0), o.stride(1), R=R, BLOCK_R=block_r, BLOCK_S=block_s,
         MIN_SPLIT=min_split_tokens, BLOCK_N=block_n, PDL=pdl, launch_pdl=pdl, num_warps=4)
     return o

@@ -66,6 +66,18 @@ def test_mla_decode(block_n, min_split, num_splits, tokens_m, fp8, q_dtype, pois
     assert_close(o, naive_mla_decode(q_lat, q_rope, cache, lengths, SCALE, scale), BOUND, "o_lat")
 
 
+def test_merge_over_more_splits_than_one_round_trip(poisoned_workspace):
+    """69 active splits: the merge takes them 64 at a time, rescaling its running max between the two rounds."""
+    B, H, R, Dr, L_max = 2, 3, 32, 16, 1200
+    lengths = torch.tensor([1100, 40], dtype=torch.int32, device=DEVICE)
+    cache, _ = make_cache(B, L_max, lengths, R + Dr, False)
+    q_lat, q_rope = queries(B, H, R, Dr, torch.float32)
+    assert mla.merge_blocks(70, R)[0] == 64
+    o = mla_decode(q_lat, q_rope, cache, lengths, SCALE, out=poisoned(B, H, R, dtype=torch.float32), block_n=16,
+                   min_split_tokens=16, num_splits=70)
+    assert_close(o, naive_mla_decode(q_lat, q_rope, cache, lengths, SCALE), BOUND, "o_lat")
+
+
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
 def test_mla_decode_int64_lengths_and_a_16_bit_output(out_dtype, poisoned_workspace):
     """What the model passes: its positions + 1 as int64, the output in the queries' dtype (the merge rounds once)."""
