@@ -47,12 +47,17 @@ def _top_k(logits_ptrs, bias, ids, wts, row, E, scaling, K: tl.constexpr, BK: tl
 
 
 @triton.jit
-def moe_router_fwd_kernel(x, w, bias, logits, locks, ids, wts, E, scaling, stride_x, D: tl.constexpr,
-                          K: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr, BLOCK_E: tl.constexpr,
-                          BLOCK_D: tl.constexpr, RENORM: tl.constexpr, BIASED: tl.constexpr, PDL: tl.constexpr):
+def moe_router_fwd_kernel(x, w, bias, logits, locks, ids, wts, E, scaling, stride_x, r, gamma, x_out, h_out, eps,
+                          stride_r, D: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr,
+                          BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, RENORM: tl.constexpr, BIASED: tl.constexpr,
+                          NORM: tl.constexpr, SLICE: tl.constexpr, PDL: tl.constexpr):
     """One (expert block, token) per program: logits[token, block] = x[token] . w[block] in fp32 (the loop over D
     unrolled, so every load is in flight at once); the last program of the token to arrive routes it and re-arms
-    the token's lock (to 0)."""
+    the token's lock (to 0).
+    NORM: x is the residual stream before its add and RMSNorm (the MoE layer's pre-norm): s = x + r rounded to x's
+    dtype, h = s * rstd * gamma. The dot runs on s * gamma and is scaled by rstd after it (the same products, the
+    norm's reduction beside the weight loads instead of before them); each program also writes its SLICE of the
+    token's s (x_out) and h (h_out, in x's dtype, what the experts read)."""
     pid_e = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -62,15 +67,35 @@ def moe_router_fwd_kernel(x, w, bias, logits, locks, ids, wts, E, scaling, strid
             prefetch_runs(w + pid_e * BLOCK_E * D, 0, 1, tl.minimum(BLOCK_E, E - pid_e * BLOCK_E) * D)
     wait_for_inputs(PDL)
     acc = tl.zeros([BLOCK_E, BLOCK_D], dtype=tl.float32)
+    ss = tl.zeros([BLOCK_D], dtype=tl.float32)
     for d0 in tl.static_range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        xv = tl.load(x + row * stride_x + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        xv = tl.load(x + row * stride_x + offs_d, mask=mask_d, other=0.0)
+        if NORM:
+            sv = (xv.to(tl.float32) + tl.load(r + row * stride_r + offs_d, mask=mask_d, other=0.0).to(tl.float32))
+            sv = sv.to(xv.dtype).to(tl.float32)  # the residual stream is kept in its dtype
+            ss += sv * sv
+            xv = sv * tl.load(gamma + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        else:
+            xv = xv.to(tl.float32)
         wv = tl.load(w + offs_e[:, None].to(tl.int64) * D + offs_d[None, :], mask=mask_e[:, None] & mask_d[None, :],
                      other=0.0)
         acc += wv * xv[None, :]
-    tl.store(logits + row * E + offs_e, tl.sum(acc, axis=1), mask=mask_e)
-    tl.debug_barrier()  # every thread's logits are out before the release below
+    dot = tl.sum(acc, axis=1)
+    if NORM:
+        rstd = tl.rsqrt(tl.sum(ss, axis=0) / D + eps)
+        dot = dot * rstd
+        offs_s = pid_e * SLICE + tl.arange(0, SLICE)
+        mask_s = offs_s < D
+        xs = tl.load(x + row * stride_x + offs_s, mask=mask_s, other=0.0)
+        sv = (xs.to(tl.float32) + tl.load(r + row * stride_r + offs_s, mask=mask_s, other=0.0).to(tl.float32))
+        sv = sv.to(xs.dtype)
+        tl.store(x_out + row * D + offs_s, sv, mask=mask_s)
+        hv = sv.to(tl.float32) * rstd * tl.load(gamma + offs_s, mask=mask_s, other=0.0).to(tl.float32)
+        tl.store(h_out + row * D + offs_s, hv.to(xs.dtype), mask=mask_s)
+    tl.store(logits + row * E + offs_e, dot, mask=mask_e)
+    tl.debug_barrier()  # every thread's logits (and slices) are out before the release below
     if tl.atomic_add(locks + row, 1) == tl.num_programs(0) - 1:
         _top_k(logits + row * E, bias, ids, wts, row, E, scaling, K, BK, BE, RENORM, BIASED, True)
         tl.atomic_xchg(locks + row, 0)
@@ -110,6 +135,27 @@ def moe_router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int
     launch; locks: moe_router_locks(>= N). For decode-sized N (the logits workspace is [N, E] fp32). The launch
     defaults are the fastest of `python bench/kernels.py --only route` on an H200 (2026-11-30; 256 experts x 2304,
     graph time): 4.1 us at 1 token and 8.6 at 16, against 5.4 / 10.3 for (8, 256, 8 warps)."""
+    return _router(x, None, None, 0.0, weight, bias, k, scaling, locks, renormalize, biased_weights, block_e, block_d,
+                   num_warps)[2:]
+
+
+def moe_add_norm_router(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                        weight: torch.Tensor, bias: torch.Tensor, k: int, scaling: float, locks: torch.Tensor, *,
+                        renormalize: bool = True, biased_weights: bool = False, block_e: int = 4, block_d: int = 512,
+                        num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The MoE layer's residual add and RMSNorm folded into moe_router's launch: x, residual [N, D] (one dtype),
+    norm_weight [D] -> (s = x + residual, h = rmsnorm(s) * norm_weight, both in x's dtype, as
+    rms_norm.add_rms_norm gives them; then the expert ids and weights of moe_router(h, ...)). The logits are
+    rstd * ((s * norm_weight) . w) in fp32: h's rounding to 16 bits does not enter them."""
+    if residual.shape != x.shape or residual.dtype != x.dtype or norm_weight.shape != (x.shape[-1],):
+        raise ValueError(f"moe_add_norm_router: x {x.dtype} {list(x.shape)}, residual {residual.dtype} "
+                         f"{list(residual.shape)}, norm weight {list(norm_weight.shape)}")
+    return _router(x, residual, norm_weight, eps, weight, bias, k, scaling, locks, renormalize, biased_weights,
+                   block_e, block_d, num_warps)
+
+
+def _router(x, residual, norm_weight, eps, weight, bias, k, scaling, locks, renormalize, biased_weights, block_e,
+            block_d, num_warps):
     N, D = x.shape
     E = weight.shape[0]
     if weight.shape[1] != D or weight.dtype != torch.float32 or not weight.is_contiguous() or locks.numel() < N:
@@ -118,11 +164,19 @@ def moe_router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int
     ids = torch.empty(N, k, dtype=torch.int64, device=x.device)
     wts = torch.empty(N, k, dtype=torch.float32, device=x.device)
     logits = torch.empty(N, E, dtype=torch.float32, device=x.device)
+    norm = residual is not None
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    summed = torch.empty(N, D, dtype=x.dtype, device=x.device) if norm else None
+    h = torch.empty_like(summed) if norm else None
     if N:
-        x = x if x.stride(-1) == 1 else x.contiguous()
+        r = residual if not norm or residual.stride(-1) == 1 else residual.contiguous()
         pdl = use_pdl(x.device)
-        moe_router_fwd_kernel[(triton.cdiv(E, block_e), N)](
-            x, weight, bias, logits, locks, ids, wts, E, scaling, x.stride(0), D=D, K=k, BK=triton.next_power_of_2(k),
-            BE=triton.next_power_of_2(E), BLOCK_E=block_e, BLOCK_D=block_d, RENORM=renormalize,
-            BIASED=biased_weights, PDL=pdl, launch_pdl=pdl, num_warps=num_warps)
-    return ids, wts
+        programs = triton.cdiv(E, block_e)
+        moe_router_fwd_kernel[(programs, N)](
+            x, weight, bias, logits, locks, ids, wts, E, scaling, x.stride(0), r if norm else x,
+            norm_weight if norm else x, summed if norm else x, h if norm else x, eps, r.stride(0) if norm else 0, D=D,
+            K=k, BK=triton.next_power_of_2(k), BE=triton.next_power_of_2(E), BLOCK_E=block_e, BLOCK_D=block_d,
+            RENORM=renormalize, BIASED=biased_weights, NORM=norm,
+            SLICE=max(16, triton.next_power_of_2(triton.cdiv(D, programs))), PDL=pdl, launch_pdl=pdl,
+            num_warps=num_warps)
+    return summed, h, ids, wts

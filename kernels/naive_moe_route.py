@@ -18,3 +18,15 @@ def naive_moe_router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
                      biased_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     return naive_moe_route(x.float() @ weight.float().T, bias, k, scaling, renormalize=renormalize,
                            biased_weights=biased_weights)
+
+
+def naive_moe_add_norm_router(x, residual, norm_weight, eps, weight, bias, k, scaling, locks=None, *,
+                              renormalize=True, biased_weights=False):
+    """moe_add_norm_router's math: s = x + residual (rounded to x's dtype), h = rmsnorm(s) * norm_weight, the logits
+    rstd * ((s * norm_weight) @ weight.T) in fp32, then naive_moe_route."""
+    s = x + residual
+    sf = s.float()
+    rstd = torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps)
+    h = (sf * rstd * norm_weight.float()).to(x.dtype)
+    logits = rstd * ((sf * norm_weight.float()) @ weight.float().T)
+    return (s, h) + naive_moe_route(logits, bias, k, scaling, renormalize=renormalize, biased_weights=biased_weights)

@@ -176,9 +176,9 @@ def bind(model: M.KimiLinear, read: Read, packed: Packed | None, held: dict[str,
 def _swap_fused(model: M.KimiLinear, latent_kernel: bool) -> None:
     """The weight-less decode and prefill modules and the small ones whose PyTorch form is many launches.
     latent_kernel: the cache is bf16 or e4m3 (what the Triton latent attention reads), not fp32."""
-    from klconvert.runtime.kernel_modules import (ConcurrentStackedLinear, FusedKDAStep, FusedRMSNorm, FusedRouter,
-                                                  PackedDenseLinear, TritonLatentAttention, TritonLatentRowWrite,
-                                                  TritonPrefillAttention, kda_chunk_module)
+    from klconvert.runtime.kernel_modules import (ConcurrentStackedLinear, FusedKDAStep, FusedNormMoE, FusedRMSNorm,
+                                                  FusedRouter, PackedDenseLinear, TritonLatentAttention,
+                                                  TritonLatentRowWrite, TritonPrefillAttention, kda_chunk_module)
 
     device = next(model.parameters()).device
     for name, module in list(model.named_modules()):
@@ -198,6 +198,9 @@ def _swap_fused(model: M.KimiLinear, latent_kernel: bool) -> None:
             _replace(model, name, FusedRMSNorm(module))
         elif isinstance(module, M.Router) and model.config.num_expert_group == 1:
             _replace(model, name, FusedRouter(module))
+    for module in model.modules():  # after the loop: an MoE is met before the router it holds is swapped
+        if isinstance(module, M.MoE):
+            FusedNormMoE.adopt(module)
 
 
 def _cpu_layout(model: M.KimiLinear) -> None:

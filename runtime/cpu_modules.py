@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as _module_hooks
 
 from klconvert.runtime import model as M
 
@@ -238,9 +237,7 @@ class CPUMoE(M.MoE):
     def router_watched(self) -> bool:
         """Whether the router is called for its own sake -- replaced, or hooked (klconvert bench and eval read its
         choices) -- so the reference path must call it."""
-        g = self.gate
-        return (type(g) is not M.Router or bool(g._forward_hooks or g._forward_pre_hooks)
-                or bool(_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks))
+        return type(self.gate) is not M.Router or M.hooked(self.gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fast or x.numel() != x.shape[-1] or self.router_watched():

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.backends.cuda import SDPAParams
+from torch.nn.modules import module as _module_hooks
 
 from klconvert.config import KimiLinearConfig
 from klconvert.kernels.naive_attention_merge import naive_merge_attention
@@ -395,6 +396,23 @@ class Router(nn.Module):
         return ids, weights * c.routed_scaling_factor
 
 
+class FeedForward(nn.Module):
+    """A block's feed-forward (MoE or dense MLP). `decode` takes it from the block's residual add and pre-norm: one
+    seam, so that a kernel can fold the norm into the feed-forward's first launch (kernel_modules.FusedNormMoE)."""
+
+    def decode(self, norm: RMSNorm, x: torch.Tensor, branch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + branch, self(norm(x + branch)))."""
+        x, h = norm.add_norm(x, branch)
+        return x, self(h)
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether `module` is called for its own sake -- a forward hook on it or on every module (klconvert bench and
+    eval read the router's choices so) -- so a fused form that skips its forward must not run."""
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks)
+
+
 class SharedExperts(nn.Module):
     def __init__(self, n_in: int, inner: int):
         super().__init__()
@@ -425,7 +443,7 @@ class Experts(nn.Module):
         return out.to(x.dtype)
 
 
-class MoE(nn.Module):
+class MoE(FeedForward):
     def __init__(self, c: KimiLinearConfig, biased_weights: bool):
         super().__init__()
         self.gate = Router(c, biased_weights)
@@ -438,7 +456,7 @@ class MoE(nn.Module):
         return self.experts(flat, ids, weights, self.shared_experts).view(x.shape)
 
 
-class DenseMLP(nn.Module):
+class DenseMLP(FeedForward):
     def __init__(self, c: KimiLinearConfig):
         super().__init__()
         D, I = c.hidden_size, c.intermediate_size
@@ -472,8 +490,7 @@ class Block(nn.Module):
     def decode(self, x, residual, state: StateBuffers, positions):
         """x [B, D] the residual stream, `residual` the last branch output not yet added -> the same pair."""
         x, h = self.input_layernorm.add_norm(x, residual)
-        x, h = self.post_attention_layernorm.add_norm(x, self.self_attn.decode(h, state, positions))
-        return x, self.ffn(h)
+        return self.ffn.decode(self.post_attention_layernorm, x, self.self_attn.decode(h, state, positions))
 
 
 class Decoder(nn.Module):

@@ -15,8 +15,8 @@ from klconvert.quantize import quantize
 from klconvert.synth.checkpoint import synth
 from klconvert.kernels.int_linear import MMA_BLOCK_M, repack_int_weight
 from klconvert.runtime import kernel_modules
-from klconvert.runtime.kernel_modules import (FlaKDAChunk, FusedExperts, FusedKDAStep, PackedDenseLinear,
-                                              PackedIntLinear, SharedInStack, TritonKDAChunk)
+from klconvert.runtime.kernel_modules import (FlaKDAChunk, FusedExperts, FusedKDAStep, FusedNormMoE, FusedRouter,
+                                              PackedDenseLinear, PackedIntLinear, SharedInStack, TritonKDAChunk)
 from klconvert.runtime.model import Experts, Linear, StackedLinear
 from testkit import rel_error
 
@@ -53,6 +53,7 @@ def test_triton_path_uses_the_kernels(quantized):
     assert isinstance(attn.step, FusedKDAStep) and isinstance(attn.chunk, (TritonKDAChunk, FlaKDAChunk))
     assert len(blocks) == 4 and all(isinstance(b.ffn.experts, FusedExperts) for b in blocks[1:])  # every MoE fused
     assert all(isinstance(b.ffn.shared_experts, SharedInStack) for b in blocks[1:])                # shared stacked in
+    assert all(type(b.ffn) is FusedNormMoE and type(b.ffn.gate) is FusedRouter for b in blocks[1:])  # norm in router
     assert not any(p.is_meta for p in engine.model.parameters())
     reference = klconvert.load(quantized, device=DEVICE, dtype=DTYPE, max_context=64, kernels="torch")
     assert isinstance(reference.model.lm_head, Linear) and isinstance(reference.model.blocks[1].ffn.experts, Experts)
@@ -164,3 +165,21 @@ def test_decode_through_the_latent_attention_kernel(quantized, request):
     ref.forward(ids[:, :5])
     tri.forward(ids[:, :5])
     assert rel_error(tri.decode_step(ids[:, 5], 5), ref.decode_step(ids[:, 5], 5)) < 3e-2
+
+
+def test_the_moe_folds_its_norm_into_the_router_unless_the_router_is_watched(quantized, monkeypatch):
+    engine = klconvert.load(quantized, device=DEVICE, dtype=DTYPE, max_context=64, kernels="triton")
+    block = engine.model.blocks[1]
+    folded = []
+    launch = kernel_modules.moe_add_norm_router
+    monkeypatch.setattr(kernel_modules, "moe_add_norm_router", lambda *a, **k: folded.append(1) or launch(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    x, branch = (torch.randn(2, engine.config.hidden_size, generator=g).to(DEVICE, DTYPE) for _ in range(2))
+    fused = block.ffn.decode(block.post_attention_layernorm, x, branch)
+    seen = []
+    hook = block.ffn.gate.register_forward_hook(lambda m, a, r: seen.append(r[0]))
+    watched = block.ffn.decode(block.post_attention_layernorm, x, branch)   # the router's forward, for its hook
+    hook.remove()
+    assert folded == [1] and len(seen) == 1
+    assert torch.equal(fused[0], watched[0])                                 # the residual stream, x + branch
+    assert rel_error(fused[1], watched[1]) < TOLERANCE

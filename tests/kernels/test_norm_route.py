@@ -3,8 +3,8 @@ import pytest
 import torch
 from helpers import DEVICE, GPU, assert_close, poisoned
 
-from klconvert.kernels.moe_route import moe_route, moe_router, moe_router_locks
-from klconvert.kernels.naive_moe_route import naive_moe_route, naive_moe_router
+from klconvert.kernels.moe_route import moe_add_norm_router, moe_route, moe_router, moe_router_locks
+from klconvert.kernels.naive_moe_route import naive_moe_add_norm_router, naive_moe_route, naive_moe_router
 from klconvert.kernels.naive_rms_norm import naive_add_rms_norm
 from klconvert.kernels.rms_norm import add_rms_norm
 
@@ -51,6 +51,24 @@ def test_moe_router_computes_the_logits_and_routes_in_one_launch(N, E, D, k, dty
     for _ in range(2):                                           # the locks re-arm: a second call routes the same
         ids, wts = moe_router(x, w, bias, k, 2.446, locks, block_e=8, block_d=64)
         ref_ids, ref_wts = naive_moe_router(x, w, bias, k, 2.446)
+        order, ref_order = ids.sort(-1), ref_ids.sort(-1)
+        assert torch.equal(order.values, ref_order.values)
+        assert_close(wts.gather(1, order.indices), ref_wts.gather(1, ref_order.indices), 1e-5, "weights")
+    assert int(locks.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("N, E, D, k", [(1, 16, 128, 4), (3, 37, 200, 5), (2, 256, 384, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_add_norm_router_folds_the_pre_norm_in(N, E, D, k, dtype):
+    x, r = torch.randn(N, D, device=DEVICE).to(dtype) * 4, torch.randn(N, D, device=DEVICE).to(dtype)
+    gamma = torch.rand(D, device=DEVICE) + 0.5
+    w, bias = torch.randn(E, D, device=DEVICE) / D ** 0.5 * 3, torch.randn(E, device=DEVICE) * 0.1
+    locks = moe_router_locks(4, DEVICE)
+    for _ in range(2):                                           # the locks re-arm: a second call routes the same
+        s, h, ids, wts = moe_add_norm_router(x, r, gamma, 1e-6, w, bias, k, 2.446, locks, block_e=8, block_d=64)
+        ref_s, ref_h, ref_ids, ref_wts = naive_moe_add_norm_router(x, r, gamma, 1e-6, w, bias, k, 2.446)
+        assert torch.equal(s, ref_s)                             # the residual stream, rounded as add_rms_norm does
+        assert_close(h, naive_add_rms_norm(x, r, gamma, 1e-6)[1], 1e-6 if dtype == torch.float32 else 8e-3, "h")
         order, ref_order = ids.sort(-1), ref_ids.sort(-1)
         assert torch.equal(order.values, ref_order.values)
         assert_close(wts.gather(1, order.indices), ref_wts.gather(1, ref_order.indices), 1e-5, "weights")
