@@ -179,7 +179,7 @@ def test_the_moe_folds_its_norm_into_the_router_unless_the_router_is_watched(qua
     fused = block.ffn.add_norm_forward(block.post_attention_layernorm, x, branch)
     seen = []
     hook = block.ffn.gate.register_forward_hook(lambda m, a, r: seen.append(r[0]))
-    watched = block.ffn.add_norm_forward(block.post_attention_layernorm, x, branch)   # the router's forward, for its hook
+    watched = block.ffn.add_norm_forward(block.post_attention_layernorm, x, branch)  # the router called, for its hook
     hook.remove()
     assert folded == [1] and len(seen) == 1
     assert torch.equal(fused[0], watched[0])                                 # the residual stream, x + branch

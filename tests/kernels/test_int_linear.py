@@ -210,7 +210,8 @@ def test_mma_with_the_pre_norm_folded_in(bits, symmetric, m, split_k, n_dense):
     if n_dense:
         assert int(locks.abs().sum()) == 0
     with pytest.raises(ValueError, match="norm takes a 16-bit x"):
-        int_mma_fwd(x.float(), packed, poisoned(m, n, dtype=torch.float32), norm=(r.float(), gamma, 1e-6, x_out.float()))
+        int_mma_fwd(x.float(), packed, poisoned(m, n, dtype=torch.float32),
+                    norm=(r.float(), gamma, 1e-6, x_out.float()))
 
 
 @GPU
