@@ -292,9 +292,10 @@ def _fma_tile_row(w, x_ptrs, s, zz, BITS: tl.constexpr, P: tl.constexpr):
 
 
 @triton.jit
-def _dot_pair(acc, xs, xi, c, ASYM: tl.constexpr, WA: tl.constexpr):
-    """acc += x_pair xi [BM, 2P] @ c [BN, P, 2]^T on the tensor cores ([BN, BM] += c @ x_pair^T when WA: the weights
+def _dot_pair(acc, xs, x_ptrs, x_mask, c, ASYM: tl.constexpr, WA: tl.constexpr):
+    """acc += x_pair [BM, 2P] @ c [BN, P, 2]^T on the tensor cores ([BN, BM] += c @ x_pair^T when WA: the weights
     as the A operand); xs += the row sums of x_pair when ASYM."""
+    xi = tl.load(x_ptrs, mask=x_mask, other=0.0)
     wt = tl.reshape(c, [c.shape[0], 2 * c.shape[1]])  # [BN, 2P]
     if WA:
         acc = tl.dot(wt, tl.trans(xi), acc)
@@ -303,23 +304,6 @@ def _dot_pair(acc, xs, xi, c, ASYM: tl.constexpr, WA: tl.constexpr):
     if ASYM:
         xs += tl.sum(xi.to(tl.float32), axis=1)
     return acc, xs
-
-
-@triton.jit
-def _scaled(acc, xs, s_ptrs, z_ptrs, mask_n, g, n_pad, BITS: tl.constexpr, ASYM: tl.constexpr, WA: tl.constexpr):
-    """A k-tile's dot of centred codes times the group's scale, less zero point times x's sums (ASYM)."""
-    sc = tl.load(s_ptrs + g * n_pad, mask=mask_n, other=0.0).to(tl.float32)
-    if ASYM:
-        zc = tl.load(z_ptrs + g * n_pad, mask=mask_n, other=0.0).to(tl.float32) - (1 << (BITS - 1))
-        if WA:
-            acc -= zc[:, None] * xs[None, :]
-        else:
-            acc -= zc[None, :] * xs[:, None]
-    if WA:
-        out = sc[:, None] * acc
-    else:
-        out = sc[None, :] * acc
-    return out
 
 
 @triton.jit
@@ -335,39 +319,19 @@ def _mma_tile(w, x_ptrs, x_mask, s_ptrs, z_ptrs, mask_n, g, n_pad, BITS: tl.cons
     xs = tl.zeros([x_ptrs.shape[0]], dtype=tl.float32)
     DT: tl.constexpr = x_ptrs.dtype.element_ty
     for i in tl.static_range(16 // BITS):
-        xi = tl.load(x_ptrs + i * 2 * P, mask=x_mask, other=0.0)
-        acc, xs = _dot_pair(acc, xs, xi, _codes(w, i, BITS, DT, FAST), ASYM, WA)
-    return _scaled(acc, xs, s_ptrs, z_ptrs, mask_n, g, n_pad, BITS, ASYM, WA)
-
-
-@triton.jit
-def _normed_input(x_ptrs, r_ptrs, g_ptrs, o_ptrs, mask, o_mask, ss):
-    """A tile of a block's pre-norm input: s = x + r rounded to x's dtype (the residual stream, stored at o_ptrs
-    where o_mask), returned as s * gamma in x's dtype -- the dot's input; the norm's 1 / rms scales the product
-    after the dot -- with ss plus the rows' sums of s^2."""
-    xv = tl.load(x_ptrs, mask=mask, other=0.0)
-    sv = (xv.to(tl.float32) + tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)).to(xv.dtype)
-    tl.store(o_ptrs, sv, mask=o_mask)
-    sf = sv.to(tl.float32)
-    return (sf * tl.load(g_ptrs).to(tl.float32)[None, :]).to(xv.dtype), ss + tl.sum(sf * sf, axis=1)
-
-
-@triton.jit
-def _mma_tile_normed(w, x_ptrs, r_ptrs, g_ptrs, o_ptrs, x_mask, o_mask, ss, s_ptrs, z_ptrs, mask_n, g, n_pad,
-                     BITS: tl.constexpr, P: tl.constexpr, ASYM: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr):
-    """_mma_tile on a block's pre-norm input (_normed_input; g_ptrs [2P], the others [BM, 2P], at pair 0): (the
-    tile's product with s * gamma, ss plus the tile's sums of s^2)."""
+        acc, xs = _dot_pair(acc, xs, x_ptrs + i * 2 * P, x_mask, _codes(w, i, BITS, DT, FAST), ASYM, WA)
+    sc = tl.load(s_ptrs + g * n_pad, mask=mask_n, other=0.0).to(tl.float32)
+    if ASYM:
+        zc = tl.load(z_ptrs + g * n_pad, mask=mask_n, other=0.0).to(tl.float32) - (1 << (BITS - 1))
+        if WA:
+            acc -= zc[:, None] * xs[None, :]
+        else:
+            acc -= zc[None, :] * xs[:, None]
     if WA:
-        acc = tl.zeros([w.shape[0], x_ptrs.shape[0]], dtype=tl.float32)
+        out = sc[:, None] * acc
     else:
-        acc = tl.zeros([x_ptrs.shape[0], w.shape[0]], dtype=tl.float32)
-    xs = tl.zeros([x_ptrs.shape[0]], dtype=tl.float32)
-    DT: tl.constexpr = x_ptrs.dtype.element_ty
-    for i in tl.static_range(16 // BITS):
-        xi, ss = _normed_input(x_ptrs + i * 2 * P, r_ptrs + i * 2 * P, g_ptrs + i * 2 * P, o_ptrs + i * 2 * P,
-                               x_mask, o_mask, ss)
-        acc, xs = _dot_pair(acc, xs, xi, _codes(w, i, BITS, DT, FAST), ASYM, WA)
-    return _scaled(acc, xs, s_ptrs, z_ptrs, mask_n, g, n_pad, BITS, ASYM, WA), ss
+        out = sc[None, :] * acc
+    return out
 
 
 @triton.jit
@@ -389,25 +353,14 @@ def _sum_partials(ws_ptrs, mask, N_SPLIT: tl.constexpr, split_stride):
 
 
 @triton.jit
-def _store_or_reduce(out, y_ptrs, ws_ptrs, mask, locks, pid_n, pid_k, split_stride, SPLIT_K: tl.constexpr,
-                     ss, ss_ptrs, rows, ss_stride, K, eps, NORM: tl.constexpr):
-    """Store out [BM, BN], or park it as split pid_k and let the last split to arrive store the sum. NORM: out is the
-    product with a block's pre-norm input (_normed_input), scaled here by each row's 1 / rms: rsqrt(mean of s^2 +
-    eps) from ss [BM], the sum of s^2 over this program's k-tiles; split-K parks ss beside the partials (at ss_ptrs
-    where `rows`, splits ss_stride apart) and the last split sums them."""
+def _store_or_reduce(out, y_ptrs, ws_ptrs, mask, locks, pid_n, pid_k, split_stride, SPLIT_K: tl.constexpr):
+    """Store out [BM, BN], or park it as split pid_k and let the last split to arrive store the sum."""
     if SPLIT_K == 1:
-        if NORM:
-            out = out * tl.rsqrt(ss / K + eps)[:, None]
         tl.store(y_ptrs, out.to(y_ptrs.dtype.element_ty), mask=mask)
     else:
         tl.store(ws_ptrs + pid_k * split_stride, out, mask=mask)
-        if NORM:
-            tl.store(ss_ptrs + pid_k * ss_stride, ss, mask=rows)
         if _arrive(locks + pid_n, 1, SPLIT_K):
             total = _sum_partials(ws_ptrs, mask, SPLIT_K, split_stride)
-            if NORM:
-                sums = _sum_partials(ss_ptrs, rows, SPLIT_K, ss_stride)
-                total = total * tl.rsqrt(sums / K + eps)[:, None]
             tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=mask)
             tl.atomic_xchg(locks + pid_n, 0)
 
@@ -471,7 +424,7 @@ def int_gemv_fwd_kernel(x, w, s, z, y, ws, locks, M, N, n_pad, n_tiles, tiles_pe
         out = tl.sum(acc, axis=2)  # [BM, BN]
     mask = mask_m[:, None] & (offs_n < N)[None, :]
     _store_or_reduce(out, y + offs_m[:, None] * stride_ym + offs_n[None, :], ws + offs_m[:, None] * N + offs_n[None, :],
-                     mask, locks, pid_n, pid_k, M * N, SPLIT_K, None, None, None, 0, 0, 0.0, False)
+                     mask, locks, pid_n, pid_k, M * N, SPLIT_K)
 
 
 @triton.jit
@@ -484,18 +437,16 @@ def _swizzle(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexp
 
 
 @triton.jit
-def int_mma_fwd_kernel(x, w, s, z, y, ws, locks, wd, r, gamma, x_out, ws_ss, M, N, n_dense, n_blocks, n_pad, n_tiles,
-                       tiles_per_group, tiles_per_split, stride_xm, stride_ym, stride_rm, eps, BITS: tl.constexpr,
-                       P: tl.constexpr, ROWS: tl.constexpr, ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                       GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr,
-                       PDL: tl.constexpr, PREFETCH: tl.constexpr, DENSE: tl.constexpr, NORM: tl.constexpr):
+def int_mma_fwd_kernel(x, w, s, z, y, ws, locks, wd, M, N, n_dense, n_blocks, n_pad, n_tiles, tiles_per_group,
+                       tiles_per_split, stride_xm, stride_ym, BITS: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr,
+                       ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
+                       SPLIT_K: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr, PDL: tl.constexpr,
+                       PREFETCH: tl.constexpr, DENSE: tl.constexpr):
     """Tensor-core tiles [BM, BN] (computed as [BN, BM] with the weights as the A operand when WA); SPLIT_K > 1
     (one row block only) splits the k-tiles over grid dim 1. DENSE (one row block only): the programs past the
     packed weight's n_blocks column tiles multiply x by the 16-bit weight wd [n_dense, K] into y's columns N ..
     N + n_dense (a projection group's unquantized members, in the same launch). PREFETCH (with PDL): each program
-    pulls its weights into L2 before the wait. NORM: x is the residual stream before a block's residual add and
-    RMSNorm: the products are taken with (x + r) * gamma and scaled by each row's 1 / rms after (_normed_input,
-    _store_or_reduce); the programs of column tile 0 write x + r to x_out; ws_ss parks the split-K sums of squares."""
+    pulls its weights into L2 before the wait."""
     pid_k = tl.program_id(1)
     t0 = pid_k * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
@@ -521,7 +472,6 @@ def int_mma_fwd_kernel(x, w, s, z, y, ws, locks, wd, r, gamma, x_out, ws_ss, M, 
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     offs_m = pid_m * BM + tl.arange(0, BM)
     mask_m = offs_m < M
-    ss = tl.zeros([BM], dtype=tl.float32)  # NORM: the sum of s^2 over this program's k-tiles, per row
     if dense:  # rows pid_d * BN .. of wd, into columns N + row
         offs_r = pid_d * BN + tl.arange(0, BN)
         offs_k = tl.arange(0, KTILE)
@@ -529,13 +479,8 @@ def int_mma_fwd_kernel(x, w, s, z, y, ws, locks, wd, r, gamma, x_out, ws_ss, M, 
         col = N + offs_r
         wd_ptrs = wd + offs_r[:, None].to(tl.int64) * K + offs_k[None, :]
         xd_ptrs = x + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-        rd_ptrs = r + offs_m[:, None].to(tl.int64) * stride_rm + offs_k[None, :]
         for t in range(t0, t1):
-            if NORM:
-                xt, ss = _normed_input(xd_ptrs + t * KTILE, rd_ptrs + t * KTILE, gamma + t * KTILE + offs_k,
-                                       xd_ptrs, mask_m[:, None], (offs_m < 0)[:, None], ss)
-            else:
-                xt = tl.load(xd_ptrs + t * KTILE, mask=mask_m[:, None], other=0.0)
+            xt = tl.load(xd_ptrs + t * KTILE, mask=mask_m[:, None], other=0.0)
             acc = _dot_w(acc, xt, tl.load(wd_ptrs + t * KTILE, mask=mask_c[:, None], other=0.0).to(xt.dtype), WA)
         lock = n_blocks + pid_d
     else:
@@ -545,28 +490,17 @@ def int_mma_fwd_kernel(x, w, s, z, y, ws, locks, wd, r, gamma, x_out, ws_ss, M, 
         col = offs_n
         w_ptrs = w + ((offs_n // ROWS).to(tl.int64) * n_tiles * ROWS * P + (offs_n % ROWS) * P)[:, None] \
             + tl.arange(0, P)[None, :]
-        offs_q = tl.arange(0, 2 * P)
-        x_ptrs = x + offs_m[:, None].to(tl.int64) * stride_xm + offs_q[None, :]
-        r_ptrs = r + offs_m[:, None].to(tl.int64) * stride_rm + offs_q[None, :]
-        o_ptrs = x_out + offs_m[:, None].to(tl.int64) * stride_xm + offs_q[None, :]
-        writes = offs_m < tl.where(pid_n == 0, M, 0)  # column tile 0 writes x + r
+        x_ptrs = x + offs_m[:, None].to(tl.int64) * stride_xm + tl.arange(0, 2 * P)[None, :]
         for t in range(t0, t1):
             wt = tl.load(w_ptrs + t * ROWS * P, mask=mask_n[:, None], other=0)
-            if NORM:
-                tile, ss = _mma_tile_normed(wt, x_ptrs + t * KTILE, r_ptrs + t * KTILE, gamma + t * KTILE + offs_q,
-                                            o_ptrs + t * KTILE, mask_m[:, None], writes[:, None], ss, s + offs_n,
-                                            z + offs_n, mask_n, t // tiles_per_group, n_pad, BITS, P, ASYM, FAST, WA)
-                acc += tile
-            else:
-                acc += _mma_tile(wt, x_ptrs + t * KTILE, mask_m[:, None], s + offs_n, z + offs_n, mask_n,
-                                 t // tiles_per_group, n_pad, BITS, P, ASYM, FAST, WA)
+            acc += _mma_tile(wt, x_ptrs + t * (32 // BITS) * P, mask_m[:, None], s + offs_n, z + offs_n, mask_n,
+                             t // tiles_per_group, n_pad, BITS, P, ASYM, FAST, WA)
         lock = pid_n
     if WA:
         acc = tl.trans(acc)
     _store_or_reduce(acc, y + offs_m[:, None].to(tl.int64) * stride_ym + col[None, :],
                      ws + offs_m[:, None] * cols + col[None, :], mask_m[:, None] & mask_c[None, :], locks, lock, pid_k,
-                     M * cols, SPLIT_K, ss, ws_ss + tl.program_id(0) * BM + tl.arange(0, BM), mask_m,
-                     tl.num_programs(0) * BM, K, eps, NORM)
+                     M * cols, SPLIT_K)
 
 
 @triton.jit
@@ -701,7 +635,7 @@ def fast_unpack(bits: int, device: torch.device) -> bool:
 
 
 def int_mma_fwd(x, packed: PackedLinear, y, *, block_m=None, block_n=None, split_k=None, num_warps=4, num_stages=3,
-                fast=None, weights_as_a=None, dense=None, locks=None, prefetch=None, norm=None):
+                fast=None, weights_as_a=None, dense=None, locks=None, prefetch=None):
     """Tensor-core path: x [M, K] (bf16/fp16; fp32 is rounded to bf16), y [M, N], tiles of block_m (16 to 64 by M)
     x block_n (64). With one row block, split-K over the k-tiles like the GEMV (split_k=1: none). weights_as_a
     (default: block_m 16): the weight tile is the MMA's A operand, y^T = W x^T (on Hopper a wgmma reading the
@@ -709,19 +643,8 @@ def int_mma_fwd(x, packed: PackedLinear, y, *, block_m=None, block_n=None, split
     a 16-bit weight [n_dense, K] computed in the same launch into y's last n_dense columns (y [M, N + n_dense]);
     its split-K counters come after the packed ones in `locks` (dense_locks(packed, n_dense)). prefetch (with PDL;
     default: while the weights fit in half the L2, pdl.prefetch_fits): each program pulls its weights into L2 before
-    it waits for its inputs. norm = (residual, weight, eps, x_out): x is the residual stream before a block's
-    residual add and RMSNorm, and the product is taken with rmsnorm(x + residual) * weight -- one launch for the add,
-    the norm and the projection: x_out (x's shape and dtype) receives x + residual as rms_norm.add_rms_norm rounds
-    it; the norm's 1 / rms scales the products after the dots (x and residual 16-bit, weight [K])."""
+    it waits for its inputs."""
     M = x.shape[0]
-    if norm is not None:
-        residual, gamma, eps, x_out = norm
-        if (x.dtype not in (torch.bfloat16, torch.float16) or residual.shape != x.shape or residual.dtype != x.dtype
-                or x_out.shape != x.shape or x_out.dtype != x.dtype or x_out.stride() != x.stride()
-                or residual.stride(-1) != 1 or gamma.shape != (packed.k,)):
-            raise ValueError(f"int_mma_fwd: norm takes a 16-bit x and residual of one shape (x {x.dtype} "
-                             f"{list(x.shape)}, residual {residual.dtype} {list(residual.shape)}), x_out like x and "
-                             f"a weight of {packed.k}")
     x = x if x.dtype in (torch.bfloat16, torch.float16) else x.to(torch.bfloat16)
     block_m = block_m or max(MMA_M, min(MMA_BLOCK_M, triton.next_power_of_2(M)))
     block_n = block_n or 64
@@ -738,21 +661,17 @@ def int_mma_fwd(x, packed: PackedLinear, y, *, block_m=None, block_n=None, split
                          f"dense_locks (here {locks is not None})")
     per_split, split = _split(n_tiles, n_blocks + dense_blocks, split_k if num_m == 1 else 1, x.device)
     ws = torch.empty((split, M, packed.n + n_dense), device=x.device, dtype=torch.float32) if split > 1 else y
-    programs = num_m * n_blocks + dense_blocks
-    ws_ss = torch.empty(split * programs * block_m, device=x.device, dtype=torch.float32) if norm and split > 1 else ws
     pdl = use_pdl(x.device) and num_m == 1  # decode-sized x: every row block would prefetch the same weights again
     if prefetch is None:
         prefetch = pdl and prefetch_fits(x.device, packed_bytes(packed) + (0 if dense is None else dense.nbytes))
-    residual, gamma, eps, x_out = norm if norm is not None else (x, x, 0.0, x)
-    int_mma_fwd_kernel[(programs, split)](
+    int_mma_fwd_kernel[(num_m * n_blocks + dense_blocks, split)](
         x, packed.qweight, packed.scales, _zeros_arg(packed), y, ws, packed.locks if locks is None else locks,
-        x if dense is None else dense, residual, gamma, x_out, ws_ss, M, packed.n, n_dense, n_blocks,
-        packed.scales.shape[1], n_tiles, packed.group_size // KT, per_split, x.stride(0), y.stride(0),
-        residual.stride(0), eps, BITS=packed.bits, P=KT * packed.bits // 32, ROWS=ROWS,
-        ASYM=packed.zeros is not None, BM=block_m, BN=block_n, GROUP_M=8, SPLIT_K=split,
+        x if dense is None else dense, M, packed.n, n_dense, n_blocks, packed.scales.shape[1], n_tiles,
+        packed.group_size // KT, per_split, x.stride(0), y.stride(0), BITS=packed.bits, P=KT * packed.bits // 32,
+        ROWS=ROWS, ASYM=packed.zeros is not None, BM=block_m, BN=block_n, GROUP_M=8, SPLIT_K=split,
         FAST=fast_unpack(packed.bits, x.device) if fast is None else fast,
         WA=block_m == MMA_M if weights_as_a is None else weights_as_a, PDL=pdl, PREFETCH=pdl and prefetch,
-        DENSE=dense is not None, NORM=norm is not None, launch_pdl=pdl, num_warps=num_warps, num_stages=num_stages)
+        DENSE=dense is not None, launch_pdl=pdl, num_warps=num_warps, num_stages=num_stages)
     return y
 
 

@@ -108,12 +108,11 @@ class CPUKDAMixer(M.KDAMixer):
         mixer.cpu_fg_t = _held(torch.stack([mixer.f_b_proj.weight.t(), mixer.g_b_proj.weight.t()]))
         mixer.cpu_outer = None     # k u^T [B, H, K, V], allocated at the first step
 
-    def decode(self, norm, x: torch.Tensor, residual: torch.Tensor, state, positions: torch.Tensor):
-        x, h = norm.add_norm(x, residual)
+    def decode(self, x: torch.Tensor, state, positions: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
         H, K = self.H, self.K
         tail, S = state.conv_state[self.slot], state.kda_state[self.slot]
-        qkv, fg, beta_raw = F.linear(h, self.cpu_in.float()).split(self.cpu_split, dim=-1)
+        qkv, fg, beta_raw = F.linear(x, self.cpu_in.float()).split(self.cpu_split, dim=-1)
         fg = fg.view(2, 1, K) if B == 1 else fg.view(B, 2, K).transpose(0, 1)
         g_raw, gate_raw = torch.bmm(fg, self.cpu_fg_t.float()).unbind(0)                               # [B, HK] each
         # the short conv over [tail, x] (kernels/naive_kda.kda_short_conv at T == 1), then SiLU
@@ -135,7 +134,7 @@ class CPUKDAMixer(M.KDAMixer):
         S.add_(torch.mul(k.transpose(-1, -2), u, out=outer))
         o = torch.bmm(q.reshape(B * H, 1, K), S3).view(B, H, 1, -1)
         o = self.cpu_norm(o) * torch.sigmoid(gate_raw.view(B, H, 1, -1))                     # gated output norm
-        return x, F.linear(o.view(B, -1), self.cpu_out.float())
+        return F.linear(o.view(B, -1), self.cpu_out.float())
 
 
 class CPULatentAttention(nn.Module):
@@ -183,10 +182,9 @@ class CPUMLAMixer(M.MLAMixer):
         w_uk, w_uv = w_ukv.split([mixer.dn, mixer.dv], dim=1)
         mixer.cpu_w_uk, mixer.cpu_w_uv_t = w_uk, w_uv.transpose(1, 2)
 
-    def decode(self, norm, x: torch.Tensor, residual: torch.Tensor, state, positions: torch.Tensor):
-        x, h = norm.add_norm(x, residual)
+    def decode(self, x: torch.Tensor, state, positions: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
-        q, latent, k_shared = F.linear(h, self.cpu_in.float()).split(self.cpu_split, dim=-1)
+        q, latent, k_shared = F.linear(x, self.cpu_in.float()).split(self.cpu_split, dim=-1)
         rows = torch.cat([self.cpu_norm(latent), k_shared], dim=-1)                          # [B, r+dr]
         state.write_mla_at(self.slot, positions, rows)
         q_nope, q_rope = q.view(B, self.H, -1).split([self.dn, self.dr], dim=-1)
@@ -197,7 +195,7 @@ class CPUMLAMixer(M.MLAMixer):
         else:
             o_lat = self.attend(q_lat, q_rope, cache, positions + 1, self.scale, cache_scale).to(x.dtype)
         o = torch.bmm(o_lat.transpose(0, 1), self.cpu_w_uv_t).transpose(0, 1)               # [B, H, dv]
-        return x, F.linear(o.reshape(B, self.H * self.dv), self.cpu_out.float())
+        return F.linear(o.reshape(B, self.H * self.dv), self.cpu_out.float())
 
 
 class CPUDenseMLP(M.DenseMLP):

@@ -19,16 +19,9 @@ from klconvert.kernels.rms_norm import add_rms_norm
 from klconvert.runtime import model as M
 
 
-def _folds(x: torch.Tensor, packed: PackedLinear) -> bool:
-    """Whether int_mma_fwd folds a block's residual add and pre-norm into its launch for this x: a decode step's
-    16-bit rows, one row block on the tensor cores."""
-    return (x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16) and x.shape[0] <= MMA_BLOCK_M
-            and x.stride(-1) == 1 and linear_kernel(x.shape[0], packed, x.dtype) == "mma")
-
-
-class PackedIntLinear(M.PreNormed):
+class PackedIntLinear(nn.Module):
     """y = x W^T with W held packed (int4/int8 groups); one kernel for a whole ParallelLinear group, whose rows
-    are stacked in the group's order. At decode the block's residual add and pre-norm fold into its launch."""
+    are stacked in the group's order."""
 
     def __init__(self, packed: PackedLinear):
         super().__init__()
@@ -37,15 +30,8 @@ class PackedIntLinear(M.PreNormed):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int_linear(x, self.packed)
 
-    def add_norm_forward(self, norm: nn.Module, x: torch.Tensor, residual: torch.Tensor):
-        if not _folds(x, self.packed) or residual.shape != x.shape or residual.stride(-1) != 1:
-            return super().add_norm_forward(norm, x, residual)
-        summed, y = torch.empty_like(x), x.new_empty(x.shape[0], self.packed.n)
-        int_mma_fwd(x, self.packed, y, norm=(residual, norm.weight, norm.eps, summed))
-        return summed, y
 
-
-class PackedDenseLinear(M.PreNormed):
+class PackedDenseLinear(nn.Module):
     """A StackedLinear of one packed part, then one dense part (under the default policy KDA's q, k, v, f_a, b |
     g_a; a recipe that keeps MLA's kv_a gives q | kv_a): inputs the tensor-core kernel takes in one row block
     (decode) run both in one launch, the dense rows as more programs of int_mma_fwd (no second kernel, stream or
@@ -74,17 +60,8 @@ class PackedDenseLinear(M.PreNormed):
                     dense=self.dense, locks=self.locks)
         return y
 
-    def add_norm_forward(self, norm: nn.Module, x: torch.Tensor, residual: torch.Tensor):
-        """At decode the block's residual add and pre-norm fold into the one launch."""
-        if not _folds(x, self.packed) or residual.shape != x.shape or residual.stride(-1) != 1:
-            return super().add_norm_forward(norm, x, residual)
-        summed, y = torch.empty_like(x), x.new_empty(x.shape[0], self.packed.n + self.dense.shape[0])
-        int_mma_fwd(x, self.packed, y, dense=self.dense, locks=self.locks,
-                    norm=(residual, norm.weight, norm.eps, summed))
-        return summed, y
 
-
-class ConcurrentStackedLinear(M.PreNormed):
+class ConcurrentStackedLinear(nn.Module):
     """A StackedLinear on CUDA that PackedDenseLinear does not take (more parts, or a packed part the tensor-core
     kernel does not run at decode, such as int8 at one row) whose parts run side by side: the first on the caller's
     stream, the rest on a second stream joined before the outputs meet -- parallel branches of the decode step's
@@ -150,21 +127,21 @@ class FusedRouter(nn.Module):
 
 
 class FusedNormMoE(M.MoE):
-    """MoE whose add_norm_forward (decode) folds the block's residual add and pre-norm into the router's launch
-    (FusedRouter.add_norm_route): one launch fewer per MoE layer. On an H200 (graph time, one token) 4.6 us against
-    5.5 for the norm's launch and the router's. The reference decode where the router is replaced or hooked
-    (klconvert bench and eval read its choices) or the tokens are more than the one-launch router takes. `adopt`
-    turns an MoE whose router is a FusedRouter into one (the same modules)."""
+    """MoE whose decode folds the block's residual add and pre-norm into the router's launch (FusedRouter.
+    add_norm_route): one launch fewer per MoE layer. On an H200 (graph time, one token) 4.6 us against 5.5 for the
+    norm's launch and the router's. The reference decode where the router is replaced or hooked (klconvert bench
+    and eval read its choices) or the tokens are more than the one-launch router takes. `adopt` turns an MoE whose
+    router is a FusedRouter into one (the same modules)."""
 
     @classmethod
     def adopt(cls, moe: M.MoE) -> None:
         if type(moe) is M.MoE and type(moe.gate) is FusedRouter:
             moe.__class__ = cls
 
-    def add_norm_forward(self, norm: nn.Module, x: torch.Tensor, branch: torch.Tensor):
+    def decode(self, norm: nn.Module, x: torch.Tensor, branch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.gate
         if type(g) is not FusedRouter or M.hooked(g) or x.shape[0] > g.FUSED_ROUTER_TOKENS:
-            return super().add_norm_forward(norm, x, branch)
+            return super().decode(norm, x, branch)
         x, h, ids, weights = g.add_norm_route(norm, x, branch)
         return x, self.experts(h, ids, weights, self.shared_experts)
 

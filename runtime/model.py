@@ -40,18 +40,7 @@ def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
 
 
-class PreNormed(nn.Module):
-    """A module a decode step reaches from the block's residual add and pre-norm: `add_norm_forward` takes the
-    pair before the norm -- one seam, so that a kernel can fold the add and the norm into the module's first launch
-    (kernel_modules: PackedIntLinear, PackedDenseLinear, FusedNormMoE)."""
-
-    def add_norm_forward(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor):
-        """(x + residual, self(norm(x + residual)))."""
-        x, h = norm.add_norm(x, residual)
-        return x, self(h)
-
-
-class Linear(PreNormed):
+class Linear(nn.Module):
     """y = x W^T, W [out, in]."""
 
     def __init__(self, n_in: int, n_out: int):
@@ -85,7 +74,7 @@ class Weight(nn.Module):
         self.weight = _param(*shape)
 
 
-class ParallelLinear(PreNormed):
+class ParallelLinear(nn.Module):
     """Several linears that read the same input, as one output [..., sum(out)] whose columns follow `order`;
     bind restacks the group (one packed kernel per scheme, one dense matmul for the rest) and sets `order`."""
 
@@ -99,7 +88,7 @@ class ParallelLinear(PreNormed):
         return torch.cat([getattr(self, name)(x) for name in self.order], dim=-1)
 
 
-class StackedLinear(PreNormed):
+class StackedLinear(nn.Module):
     """A ParallelLinear group as bind restacks it: one module per part (a packed kernel per format, one dense
     matmul for the rest), outputs side by side in `order`."""
 
@@ -111,11 +100,6 @@ class StackedLinear(PreNormed):
         if len(self.parts) == 1:
             return self.parts[0](x)
         return torch.cat([p(x) for p in self.parts], dim=-1)
-
-    def add_norm_forward(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor):
-        if len(self.parts) == 1:
-            return self.parts[0].add_norm_forward(norm, x, residual)
-        return super().add_norm_forward(norm, x, residual)
 
 
 def take(group: nn.Module, y: torch.Tensor, names: list[str]) -> torch.Tensor:
@@ -181,10 +165,7 @@ class KDAMixer(nn.Module):
     def project(self, x: torch.Tensor):
         """x [..., D] -> qkv [..., 3HK], the forget gate's low-rank f_a [..., K], beta_raw [..., H], the output
         gate's low-rank g_a [..., K] (f_b_proj and g_b_proj take them up to HK)."""
-        return self.split(self.in_proj(x))
-
-    def split(self, y: torch.Tensor):
-        """in_proj's output -> project's four parts."""
+        y = self.in_proj(x)
         qkv = take(self.in_proj, y, ["q_proj", "k_proj", "v_proj"])
         f_a, beta_raw, g_a = (take(self.in_proj, y, [n]) for n in ("f_a_proj", "b_proj", "g_a_proj"))
         return qkv, f_a, beta_raw, g_a
@@ -218,14 +199,11 @@ class KDAMixer(nn.Module):
         o = self.chunk(self, qkv, self.f_b_proj(f_a), beta_raw, tail, S)
         return self.o_proj(self.gated_norm(o, self.g_b_proj(g_a)))
 
-    def decode(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor, state: StateBuffers,
-               positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token per sequence from the block's residual add and pre-norm: x, residual [B, D] -> (x + residual,
-        the layer's output [B, D] for norm(x + residual)); in_proj takes the pair (PreNormed)."""
-        x, y = self.in_proj.add_norm_forward(norm, x, residual)
-        qkv, f_a, beta_raw, g_a = self.split(y)
+    def decode(self, x: torch.Tensor, state: StateBuffers, positions: torch.Tensor) -> torch.Tensor:
+        """x [B, D], one token per sequence -> [B, D]."""
+        qkv, f_a, beta_raw, g_a = self.project(x)
         o = self.step(self, qkv, f_a, beta_raw, g_a, state.conv_state[self.slot], state.kda_state[self.slot])
-        return x, self.o_proj(o)
+        return self.o_proj(o)
 
 
 # ---- MLA ------------------------------------------------------------------------------------------------
@@ -351,10 +329,7 @@ class MLAMixer(nn.Module):
 
     def project(self, x: torch.Tensor):
         """x [..., D] -> q [..., H, dn+dr], kv [..., r+dr] (the latent before its norm, the shared key)."""
-        return self.split(self.in_proj(x))
-
-    def split(self, y: torch.Tensor):
-        """in_proj's output -> project's two parts."""
+        y = self.in_proj(x)
         q, kv = take(self.in_proj, y, ["q_proj"]), take(self.in_proj, y, ["kv_a_proj_with_mqa"])
         return q.unflatten(-1, (self.H, self.dn + self.dr)), kv
 
@@ -376,13 +351,10 @@ class MLAMixer(nn.Module):
             o = self.prefill_attention(self, q, state.mla_cache[self.slot], state.mla_scale_of(self.slot), start)
         return self.o_proj(o.reshape(B, T, self.H * self.dv))
 
-    def decode(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor, state: StateBuffers,
-               positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token per sequence at `positions` [B], from the block's residual add and pre-norm, as KDAMixer.decode.
-        Absorbed: kv_b folds into q and o."""
+    def decode(self, x: torch.Tensor, state: StateBuffers, positions: torch.Tensor) -> torch.Tensor:
+        """x [B, D], one token per sequence at `positions` [B] -> [B, D]. Absorbed: kv_b folds into q and o."""
         B = x.shape[0]
-        x, y = self.in_proj.add_norm_forward(norm, x, residual)
-        q, kv = self.split(y)                                                # [B, H, dn+dr], [B, r+dr]
+        q, kv = self.project(x)                                              # [B, H, dn+dr], [B, r+dr]
         self.write_rows(self, kv, state, positions)
         q_nope, q_rope = q.split([self.dn, self.dr], dim=-1)
         w_uk, w_uv = self.kv_b_proj.weight.view(self.H, self.dn + self.dv, self.r).split([self.dn, self.dv], dim=1)
@@ -390,7 +362,7 @@ class MLAMixer(nn.Module):
         o_lat = self.attend(q_lat, q_rope, state.mla_cache[self.slot], positions + 1, self.scale,
                             state.mla_scale_of(self.slot))
         o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)   # [B, H, dv]
-        return x, self.o_proj(o.reshape(B, self.H * self.dv))
+        return self.o_proj(o.reshape(B, self.H * self.dv))
 
 
 # ---- feed-forward ----------------------------------------------------------------------------------------
@@ -422,6 +394,16 @@ class Router(nn.Module):
         if c.moe_renormalize:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return ids, weights * c.routed_scaling_factor
+
+
+class FeedForward(nn.Module):
+    """A block's feed-forward (MoE or dense MLP). `decode` takes it from the block's residual add and pre-norm: one
+    seam, so that a kernel can fold the norm into the feed-forward's first launch (kernel_modules.FusedNormMoE)."""
+
+    def decode(self, norm: RMSNorm, x: torch.Tensor, branch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + branch, self(norm(x + branch)))."""
+        x, h = norm.add_norm(x, branch)
+        return x, self(h)
 
 
 def hooked(module: nn.Module) -> bool:
@@ -461,7 +443,7 @@ class Experts(nn.Module):
         return out.to(x.dtype)
 
 
-class MoE(PreNormed):
+class MoE(FeedForward):
     def __init__(self, c: KimiLinearConfig, biased_weights: bool):
         super().__init__()
         self.gate = Router(c, biased_weights)
@@ -474,7 +456,7 @@ class MoE(PreNormed):
         return self.experts(flat, ids, weights, self.shared_experts).view(x.shape)
 
 
-class DenseMLP(PreNormed):
+class DenseMLP(FeedForward):
     def __init__(self, c: KimiLinearConfig):
         super().__init__()
         D, I = c.hidden_size, c.intermediate_size
@@ -507,8 +489,8 @@ class Block(nn.Module):
 
     def decode(self, x, residual, state: StateBuffers, positions):
         """x [B, D] the residual stream, `residual` the last branch output not yet added -> the same pair."""
-        x, branch = self.self_attn.decode(self.input_layernorm, x, residual, state, positions)
-        return self.ffn.add_norm_forward(self.post_attention_layernorm, x, branch)
+        x, h = self.input_layernorm.add_norm(x, residual)
+        return self.ffn.decode(self.post_attention_layernorm, x, self.self_attn.decode(h, state, positions))
 
 
 class Decoder(nn.Module):
@@ -556,7 +538,7 @@ class KimiLinear(nn.Module):
         branch = torch.zeros_like(x)
         for block in self.model.layers:
             x, branch = block.decode(x, branch, state, positions)
-        return self.lm_head.add_norm_forward(self.model.norm, x, branch)[1].float()
+        return self.lm_head(self.model.norm.add_norm(x, branch)[1]).float()
 
 
 def canonical_names(c: KimiLinearConfig, param_name: str) -> list[tuple[str, tuple]]:

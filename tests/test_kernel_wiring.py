@@ -17,7 +17,6 @@ from klconvert.kernels.int_linear import MMA_BLOCK_M, repack_int_weight
 from klconvert.runtime import kernel_modules
 from klconvert.runtime.kernel_modules import (FlaKDAChunk, FusedExperts, FusedKDAStep, FusedNormMoE, FusedRouter,
                                               PackedDenseLinear, PackedIntLinear, SharedInStack, TritonKDAChunk)
-from klconvert.runtime import model as M
 from klconvert.runtime.model import Experts, Linear, StackedLinear
 from testkit import rel_error
 
@@ -176,37 +175,11 @@ def test_the_moe_folds_its_norm_into_the_router_unless_the_router_is_watched(qua
     monkeypatch.setattr(kernel_modules, "moe_add_norm_router", lambda *a, **k: folded.append(1) or launch(*a, **k))
     g = torch.Generator().manual_seed(0)
     x, branch = (torch.randn(2, engine.config.hidden_size, generator=g).to(DEVICE, DTYPE) for _ in range(2))
-    fused = block.ffn.add_norm_forward(block.post_attention_layernorm, x, branch)
+    fused = block.ffn.decode(block.post_attention_layernorm, x, branch)
     seen = []
     hook = block.ffn.gate.register_forward_hook(lambda m, a, r: seen.append(r[0]))
-    watched = block.ffn.add_norm_forward(block.post_attention_layernorm, x, branch)  # the router called, for its hook
+    watched = block.ffn.decode(block.post_attention_layernorm, x, branch)  # the router called, for its hook
     hook.remove()
     assert folded == [1] and len(seen) == 1
     assert torch.equal(fused[0], watched[0])                                 # the residual stream, x + branch
     assert rel_error(fused[1], watched[1]) < TOLERANCE
-
-
-def test_the_input_projections_fold_the_pre_norm_in(packed_and_dense, monkeypatch):
-    """At decode a packed projection group -- packed rows alone, or with a dense tail in the same launch -- takes
-    the block's residual add and RMSNorm into its launch: the residual stream exactly as the norm's launch writes
-    it, and the projection of the normed sum up to bf16 rounding."""
-    folded = []
-    launch = kernel_modules.int_mma_fwd
-    monkeypatch.setattr(kernel_modules, "int_mma_fwd",
-                        lambda *a, **k: folded.append(k.get("norm") is not None) or launch(*a, **k))
-    norm = M.RMSNorm(256, 1e-6)
-    norm.weight = torch.nn.Parameter(torch.rand(256, device=DEVICE) + 0.5, requires_grad=False)
-    g = torch.Generator().manual_seed(1)
-    x = (torch.randn(2, 256, generator=g) * 3).to(DEVICE, torch.bfloat16)
-    residual = torch.randn(2, 256, generator=g).to(DEVICE, torch.bfloat16)
-    for proj in (packed_and_dense.parts[0], PackedDenseLinear(packed_and_dense)):
-        folded.clear()
-        summed, y = proj.add_norm_forward(norm, x, residual)
-        assert folded == [True]
-        ref_summed, ref_y = M.PreNormed.add_norm_forward(proj, norm, x, residual)   # the norm's launch, then this
-        assert torch.equal(summed, ref_summed)
-        assert rel_error(y, ref_y) < TOLERANCE
-    fp32 = x.float()                                          # not a decode step's 16-bit rows: the two launches
-    folded.clear()
-    packed_and_dense.parts[0].add_norm_forward(norm, fp32, residual.float())
-    assert True not in folded

@@ -11,7 +11,6 @@ from klconvert.kernels.int_linear import (CROSSOVER, FMA_MAX_M, GEMM_LAUNCH, KT,
                                           int_gemv_fwd, int_linear, int_mma_fwd, linear_kernel, repack_int_weight,
                                           unpack_words)
 from klconvert.kernels.naive_int_linear import dequantize_int_weight
-from klconvert.kernels.naive_rms_norm import naive_add_rms_norm
 
 # bound on RMS error relative to the fp32 twin, by output dtype (bf16/fp16 outputs are rounded once)
 BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}
@@ -182,36 +181,6 @@ def test_mma_with_a_dense_tail(bits, symmetric, group, n, k, launch):
 def test_rejects_bad_group():
     with pytest.raises(ValueError, match="multiple of 128"):
         repack_int_weight(torch.zeros(16, 8, dtype=torch.int32), torch.ones(16, 1), None, (16, 64), 4, 64)
-
-
-@pytest.mark.parametrize("bits, symmetric", [(4, True), (8, False)])
-@pytest.mark.parametrize("m, split_k, n_dense", [(1, None, 0), (1, 3, 40), (5, 1, 0), (3, None, 40), (20, None, 0)])
-def test_mma_with_the_pre_norm_folded_in(bits, symmetric, m, split_k, n_dense):
-    """int_mma_fwd(norm=...): the residual add written out exactly as add_rms_norm rounds it, the projection of
-    the RMS-normed sum against the twin's (norm, then project), over split-K, a dense tail and two row blocks;
-    twice (the counters re-arm)."""
-    n, k = 40, 384
-    _, packed = packed_linear(bits, symmetric, 128, n, k)
-    dense = (torch.randn(n_dense, k, device=DEVICE) * 0.05).to(torch.bfloat16) if n_dense else None
-    locks = dense_locks(packed, n_dense) if n_dense else None
-    x = (torch.randn(m, k, device=DEVICE) * 3).to(torch.bfloat16)
-    r = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
-    gamma = torch.rand(k, device=DEVICE) + 0.5
-    s_ref, h_ref = naive_add_rms_norm(x, r, gamma, 1e-6)
-    want = naive_int_linear(h_ref, packed).float()
-    if n_dense:
-        want = torch.cat([want, h_ref.float() @ dense.float().t()], dim=-1)
-    for _ in range(2):
-        x_out = poisoned(m, k, dtype=x.dtype)
-        y = int_mma_fwd(x, packed, poisoned(m, n + n_dense, dtype=x.dtype), split_k=split_k, dense=dense,
-                        locks=locks, norm=(r, gamma, 1e-6, x_out))
-        assert torch.equal(x_out, s_ref)
-        assert_close(y, want, BOUND[x.dtype], f"normed M={m}")
-    if n_dense:
-        assert int(locks.abs().sum()) == 0
-    with pytest.raises(ValueError, match="norm takes a 16-bit x"):
-        int_mma_fwd(x.float(), packed, poisoned(m, n, dtype=torch.float32),
-                    norm=(r.float(), gamma, 1e-6, x_out.float()))
 
 
 @GPU

@@ -124,17 +124,11 @@ def test_prefill_then_decode_equals_decode_only(state_dtype):
     def at(t):
         return torch.full((B,), t, device=DEVICE)
 
-    class AsIs:  # decode takes the block's pre-norm pair: here x itself, nothing added, not normed
-        def add_norm(self, x, residual):
-            return x, x
-
-    def decode(t, state):
-        return m.decode(AsIs(), x[:, t], None, state, at(t))[1].unsqueeze(1)
-
     with torch.inference_mode():
         prefilled, alone = buffers(), buffers()
-        out = [m(x[:, :P], prefilled, 0)] + [decode(t, prefilled) for t in range(P, P + steps)]
-        ref = [decode(t, alone) for t in range(P + steps)]
+        out = [m(x[:, :P], prefilled, 0)] + [m.decode(x[:, t], prefilled, at(t)).unsqueeze(1)
+                                             for t in range(P, P + steps)]
+        ref = [m.decode(x[:, t], alone, at(t)).unsqueeze(1) for t in range(P + steps)]
     # bf16: decode rounds the state every token, the prefill once; a GPU takes the prefill's fp32 products as tf32
     bound = max(BOUND[state_dtype] * 4, GPU_BOUND if DEVICE == "cuda" else 0)
     assert_close(out[0], torch.cat(ref[:P], dim=1), bound, "prefill output")
