@@ -501,7 +501,8 @@ def bench_int4_linear(defaults):
                     for bn, warps in ((64, 8), (128, 8)):
                         variants[f"fma [block_n {bn}, {warps} warps]"] = \
                             lambda p, y, bn=bn, warps=warps: int_gemv_fwd(x, p, y, block_n=bn, num_warps=warps)
-                    for bn, warps, wa, stages, fast in ((128, 4, True, 3, None), (128, 8, True, 3, None),
+                    for bn, warps, wa, stages, fast in ((64, 4, True, 3, None), (32, 1, True, 3, None),
+                                                        (128, 4, True, 3, None), (128, 8, True, 3, None),
                                                         (64, 4, True, 4, None), (64, 4, False, 3, None),
                                                         (128, 4, False, 3, None), (64, 4, True, 3, False)):
                         if fast is False and bits != 4:

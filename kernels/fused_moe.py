@@ -15,9 +15,10 @@ DECODE_MAX_TOKENS = 16  # up to this many tokens the decode kernels (no sort, no
 MAX_SLOTS = 16  # routed experts per token, plus the shared one, that the decode path's locks cover
 # Kernel per token count, by bits: T <= first -> decode kernels on the CUDA cores, T <= second -> decode kernels on
 # the tensor cores (int4: Marlin-style unpack), past both -> the grouped GEMM over pairs sorted on the device.
-# int4 measured on an H200 (2026-11-29, `python bench/kernels.py --only int4`, BENCHMARKS.md); int8 is not covered by
-# that sweep and keeps its guess. The second bound stays 16: a decode batch that large still runs without a host sync.
-MOE_CROSSOVER = {4: (0, 16), 8: (1, 16)}
+# int4 measured on an H200 (2026-11-29, `python bench/kernels.py --only int4`, BENCHMARKS.md); int8 on the same card
+# (2026-11-30, graphs of 32, random routing): 1 token on the CUDA cores 58.3 us against 36.7 on the tensor cores, 2
+# tokens 127.4 against 53.8. The second bound stays 16: a decode batch that large still runs without a host sync.
+MOE_CROSSOVER = {4: (0, 16), 8: (0, 16)}
 # moe_grouped_fwd's launch (block_m, block_n, num_warps, num_stages, weights_as_a) by token count: the first entry
 # whose bound >= M. Measured on an H200 (2026-11-29, `bench/kernels.py --only int_prefill`, 8 of 256 experts +
 # shared, int4 g128): small blocks while an expert gets few pairs (M * 9 / 257 on average), the weights as the wgmma's

@@ -200,7 +200,7 @@ def test_int_linear_real_shapes(bits, n, k, m, symmetric):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("launch", [dict(weights_as_a=True), dict(weights_as_a=False), dict(block_n=128),
-                                    dict(block_m=64, split_k=1)])
+                                    dict(block_n=64, num_warps=4), dict(block_m=64, split_k=1)])
 @pytest.mark.parametrize("n, k, m", [(12288, 2304, 1), (2304, 4096, 16), (4096, 2304, 77)])
 def test_ptx_unpack(bits, dtype, symmetric, launch, n, k, m):
     """The PTX unpacks (int4: LOP3 + packed FMA; int8: PRMT + SUB) against the twin, and against the PTX-free unpack
