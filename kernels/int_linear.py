@@ -24,17 +24,18 @@ LARGE_WEIGHT = 1 << 26  # weights from which a linear is "large" (the lm_head; i
 # torch's bf16 matmul); int_gemm_fwd wins no range (on q,k,v alone it led int4 at 32 rows; o_proj has too few column
 # tiles for it). The large (lm_head) weights were not swept at prefill and keep int_mma_fwd at every row count, as
 # before. (8, "small")'s fma bound, measured on an H200 (2026-11-30, the int8 o_proj 2304x4096, CUDA graphs): 1 row
-# CUDA-core GEMV 7.31 us against int_mma_fwd's 8.14, 2 rows 11.08 against 8.15.
+# CUDA-core GEMV 7.31 us against int_mma_fwd's 8.14, 2 rows 11.08 against 8.15 (int_mma_fwd on 64 rows, 4 warps).
 CROSSOVER = {(4, "large"): (0, 1 << 30, 1 << 30), (4, "small"): (0, 64, 64), (8, "large"): (0, 1 << 30, 1 << 30),
              (8, "small"): (1, 128, 128)}
 FMA_MAX_M = 16  # the CUDA-core GEMV keeps a [M, BN, 2P] accumulator; fp32 x takes it up to here (exact fp32)
 # int_gemm_fwd's launch (block_m, block_n, num_warps, num_stages) by row count: the first entry whose bound >= M.
 GEMM_LAUNCH = ((64, (64, 64, 4, 3)), (1 << 62, (128, 128, 8, 3)))
-# int_mma_fwd's (block_n, num_warps) for x of one MMA_M-row block on a small weight (decode); else (64, 4). Tiles of
-# 32 weight rows on 2 warps run on mma.sync (a wgmma needs 64 rows): no warpgroup fences, waits or shared-memory A.
-# Measured on an H200 (2026-11-30, CUDA graphs of 32, weights rotated; BENCHMARKS.md, tenth decode round) against
-# (64, 4): 1 row q,k,v 10.75 us against 11.27, o_proj 5.98 against 5.75, expert down 3.96 / 4.07, gate+up 4.96 /
-# 4.72; 16 rows q,k,v 13.1 / 13.2, o_proj 6.49 / 6.80; the 27-layer decode step at 4K 1.779 ms against 1.857.
+# int_mma_fwd's (block_n, num_warps) for x of one MMA_M-row block on a small int4 weight (decode); every other case,
+# int8 included (not timed so), takes (64, 4). 32 weight rows on 2 warps run on mma.sync (a wgmma needs 64 rows):
+# no warpgroup fence, commit and wait per pair of slots. Measured on an H200 (2026-11-30, CUDA graphs of 32, weights
+# rotated; BENCHMARKS.md, tenth decode round) against (64, 4): 1 row q,k,v 10.75 us against 11.27, o_proj 5.98
+# against 5.75, expert down 3.96 / 4.07, gate+up 4.96 / 4.72; 16 rows q,k,v 13.1 / 13.2, o_proj 6.49 / 6.80; the
+# 27-layer decode step at 4K 1.779 ms against 1.857.
 MMA_DECODE_LAUNCH = (32, 2)
 REPACK_ROWS = 4096  # rows repacked at a time (a multiple of ROWS): ~0.3 GB of temporaries at K = 2304 (the 48B's
 # lm_head repacked in one piece took ~7 GB more than it packs to: the whole model's peak while binding, on an H200)
@@ -644,7 +645,8 @@ def fast_unpack(bits: int, device: torch.device) -> bool:
 def int_mma_fwd(x, packed: PackedLinear, y, *, block_m=None, block_n=None, split_k=None, num_warps=None, num_stages=3,
                 fast=None, weights_as_a=None, dense=None, locks=None, prefetch=None):
     """Tensor-core path: x [M, K] (bf16/fp16; fp32 is rounded to bf16), y [M, N], tiles of block_m (16 to 64 by M)
-    x block_n; block_n and num_warps default to MMA_DECODE_LAUNCH for M <= MMA_M on a small weight, else 64 and 4.
+    x block_n; block_n and num_warps default to MMA_DECODE_LAUNCH for M <= MMA_M on a small int4 weight, else 64
+    and 4.
     With one row block, split-K over the k-tiles like the GEMV (split_k=1: none). weights_as_a (default: block_m 16):
     the weight tile is the MMA's A operand, y^T = W x^T (the unpacked weights straight from registers: on Hopper a
     wgmma when block_n is a multiple of 64 with 4 warps, mma.sync for 32 rows). dense (one row block only):
@@ -655,7 +657,7 @@ def int_mma_fwd(x, packed: PackedLinear, y, *, block_m=None, block_n=None, split
     M = x.shape[0]
     x = x if x.dtype in (torch.bfloat16, torch.float16) else x.to(torch.bfloat16)
     block_m = block_m or max(MMA_M, min(MMA_BLOCK_M, triton.next_power_of_2(M)))
-    if block_n is None and num_warps is None and M <= MMA_M and weight_class(packed) == "small":
+    if block_n is None and num_warps is None and M <= MMA_M and packed.bits == 4 and weight_class(packed) == "small":
         block_n, num_warps = MMA_DECODE_LAUNCH
     block_n, num_warps = block_n or 64, num_warps or 4
     num_m, n_blocks, n_tiles = triton.cdiv(M, block_m), triton.cdiv(packed.n, block_n), packed.k // KT
