@@ -477,12 +477,13 @@ def bench_int4_linear(defaults):
     """int_linear's kernels per shape: the M=1 launch sweep, then fma / mma / gemm / torch bf16 over INT4_ROWS."""
     crossover = {}
     for name, (n, k) in INT4_LINEAR.items():
-        for bits in ((4, 8) if name == "lm_head" else (4,)):  # int8: the lm_head (the default policy's only int8)
+        # int8: the lm_head (the default policy's only int8) and o_proj, a small weight (CROSSOVER[(8, "small")])
+        for bits in ((4, 8) if name in ("lm_head", "o_proj") else (4,)):
             one = random_packed(n, k, bits)
             copies, pick = rotating(lambda: random_packed(n, k, bits), packed_bytes(one))
             w_ref = dequantize_int_weight(copies[0])  # the twin's weight [N, K] fp32, for every check below
             bf16, pick16 = rotating(lambda: torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02, n * k * 2)
-            rows = INT4_ROWS if bits == 4 else (1, 4, 16)
+            rows = INT4_ROWS if bits == 4 else (1, 2, 4, 16)
             winners = {}
             for m in rows:
                 x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
@@ -531,7 +532,8 @@ def bench_int4_linear(defaults):
 
 
 def bench_int4_moe(defaults):
-    """fused_moe's decode kernels over 1-16 tokens (launch sweep at 1 token), and the grouped GEMM they hand over to."""
+    """fused_moe's decode kernels over 1-16 tokens (launch sweep at 1 token), and the grouped GEMM they hand over to;
+    then bench_int8_moe."""
     experts = random_experts()
     per_expert = sum(packed_bytes(p) for p in experts.expert(0))
     launches = {"fma": [dict(mma=False)], "mma": [dict(mma=True)]}
@@ -587,6 +589,31 @@ def bench_int4_moe(defaults):
             if kind == "mma":
                 defaults["moe_decode_fwd weights_as_a"] = o.get("weights_as_a", True)
     print("fused_moe int4: fastest per M", {m: k for m, (_, k) in best_decode.items()}, flush=True)
+    bench_int8_moe(defaults)
+
+
+def bench_int8_moe(defaults):
+    """The int8 fused MoE's decode kernels, CUDA against tensor cores, at 1 and 2 tokens: MOE_CROSSOVER[8]."""
+    experts = random_experts(bits=8)
+    per_expert = sum(packed_bytes(p) for p in experts.expert(0))
+    fma_max = 0
+    for m in (1, 2):
+        x = torch.randn(m, HIDDEN, device=DEV, dtype=torch.bfloat16)
+        routings = [torch.rand(m, EXPERTS, device=DEV).topk(TOPK).indices for _ in range(32)]
+        w = torch.rand(m, TOPK, device=DEV)
+        ref = naive_fused_moe(x, routings[0], w, experts)
+        moved = (len(set(routings[0].flatten().tolist())) + 1) * per_expert + m * HIDDEN * 4
+        ids = cycle(routings)
+        tags = []
+        for mma in (False, True):
+            tag = f"fused_moe int8 M={m} {'mma' if mma else 'fma'}"
+            y = torch.empty_like(x)
+            if check(tag, moe_decode_fwd(x, routings[0], w, experts, y, mma=mma), ref, 1e-2):
+                record(tag, timed(lambda: moe_decode_fwd(x, ids(), w, experts, y, mma=mma)), moved)
+                tags.append(tag)
+        if fma_max == m - 1 and (_fastest(tags) or "").endswith(" fma"):
+            fma_max = m
+    defaults["kernels/fused_moe.py MOE_CROSSOVER[8]"] = (fma_max, DECODE_MAX_TOKENS)
 
 
 def bench_int4():

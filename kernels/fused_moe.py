@@ -16,8 +16,9 @@ MAX_SLOTS = 16  # routed experts per token, plus the shared one, that the decode
 # Kernel per token count, by bits: T <= first -> decode kernels on the CUDA cores, T <= second -> decode kernels on
 # the tensor cores (int4: Marlin-style unpack), past both -> the grouped GEMM over pairs sorted on the device.
 # int4 measured on an H200 (2026-11-29, `python bench/kernels.py --only int4`, BENCHMARKS.md); int8 on the same card
-# (2026-11-30, graphs of 32, random routing): 1 token on the CUDA cores 58.3 us against 36.7 on the tensor cores, 2
-# tokens 127.4 against 53.8. The second bound stays 16: a decode batch that large still runs without a host sync.
+# (2026-11-30, a scratch script timing as that sweep does, which now covers int8 too): 1 token on the CUDA cores 58.3
+# us against 36.7 on the tensor cores, 2 tokens 127.4 against 53.8. The second bound stays 16: a decode batch that
+# large still runs without a host sync.
 MOE_CROSSOVER = {4: (0, 16), 8: (0, 16)}
 # moe_grouped_fwd's launch (block_m, block_n, num_warps, num_stages, weights_as_a) by token count: the first entry
 # whose bound >= M. Measured on an H200 (2026-11-29, `bench/kernels.py --only int_prefill`, 8 of 256 experts +

@@ -23,8 +23,9 @@ LARGE_WEIGHT = 1 << 26  # weights from which a linear is "large" (the lm_head; i
 # to 64 rows, int8 to 128 (int_gemm_fwd led int8 at 64 only), dequantize + cuBLAS past that (at 4096 rows 94% of
 # torch's bf16 matmul); int_gemm_fwd wins no range (on q,k,v alone it led int4 at 32 rows; o_proj has too few column
 # tiles for it). The large (lm_head) weights were not swept at prefill and keep int_mma_fwd at every row count, as
-# before. (8, "small")'s fma bound, measured on an H200 (2026-11-30, the int8 o_proj 2304x4096, CUDA graphs): 1 row
-# CUDA-core GEMV 7.31 us against int_mma_fwd's 8.14, 2 rows 11.08 against 8.15 (int_mma_fwd on 64 rows, 4 warps).
+# before. (8, "small")'s fma bound, measured on an H200 (2026-11-30, the int8 o_proj 2304x4096, CUDA graphs, a
+# scratch script; `--only int4` now sweeps that shape in int8 too): 1 row CUDA-core GEMV 7.31 us against
+# int_mma_fwd's 8.14, 2 rows 11.08 against 8.15 (int_mma_fwd on 64 rows, 4 warps).
 CROSSOVER = {(4, "large"): (0, 1 << 30, 1 << 30), (4, "small"): (0, 64, 64), (8, "large"): (0, 1 << 30, 1 << 30),
              (8, "small"): (1, 128, 128)}
 FMA_MAX_M = 16  # the CUDA-core GEMV keeps a [M, BN, 2P] accumulator; fp32 x takes it up to here (exact fp32)
