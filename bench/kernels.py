@@ -1,7 +1,7 @@
 """Check each klconvert kernel against its naive twin, then time it and its peers (fla, bitsandbytes, torch) on one GPU.
 
 python bench/kernels.py [--only SECTION ...]: sections fla, kda, kda_prefill, drift, linear, moe, route, mla, int4,
-int_prefill (default: all); the results table goes to stdout and $OUT/kernels.json. `--only int4` (~3 minutes) sweeps
+int_prefill (default: all); the results table goes to stdout and $OUT/kernels.json. `--only int4` (a few minutes) sweeps
 the int4/int8 launch shapes that matter and the row counts where each int kernel wins, and prints the defaults to set
 (CROSSOVER, MOE_CROSSOVER, MOE_DECODE_LAUNCH, MOE_SPLIT_MAX_TOKENS). `--only int_prefill` does the same at prefill
 row counts (64-4096) for the q,k,v and o_proj GEMMs and the MoE layer (int4 sym/asym, int8), with TFLOP/s against
@@ -47,7 +47,7 @@ ROTATE_BYTES = 400e6  # copies of weights/state rotated per call, so L2 (50 MB) 
 rows, results, failures = [], {}, []
 
 
-REP_MS = 200  # do_bench's timing window per figure; --only int4 halves it to stay within ~3 minutes
+REP_MS = 200  # do_bench's timing window per figure; --only int4 halves it to stay within a few minutes
 
 
 def median_us(fn):
