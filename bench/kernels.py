@@ -532,8 +532,7 @@ def bench_int4_linear(defaults):
 
 
 def bench_int4_moe(defaults):
-    """fused_moe's decode kernels over 1-16 tokens (launch sweep at 1 token), and the grouped GEMM they hand over to;
-    then bench_int8_moe."""
+    """fused_moe's decode kernels over 1-16 tokens (launch sweep at 1 token), and the grouped GEMM they hand over to."""
     experts = random_experts()
     per_expert = sum(packed_bytes(p) for p in experts.expert(0))
     launches = {"fma": [dict(mma=False)], "mma": [dict(mma=True)]}
@@ -589,7 +588,6 @@ def bench_int4_moe(defaults):
             if kind == "mma":
                 defaults["moe_decode_fwd weights_as_a"] = o.get("weights_as_a", True)
     print("fused_moe int4: fastest per M", {m: k for m, (_, k) in best_decode.items()}, flush=True)
-    bench_int8_moe(defaults)
 
 
 def bench_int8_moe(defaults):
@@ -624,6 +622,8 @@ def bench_int4():
     bench_int4_linear(defaults)
     torch.cuda.empty_cache()
     bench_int4_moe(defaults)
+    torch.cuda.empty_cache()
+    bench_int8_moe(defaults)
     REP_MS = rep
     results["int4 defaults"] = {k: repr(v) for k, v in defaults.items()}
     print(f"\nint4 defaults, measured ({time.time() - start:.0f} s); set them in one edit:")
