@@ -196,6 +196,30 @@ def _int4_pair_asm(w, FP16: tl.constexpr):
     return out
 
 
+def _int8_pair_ptx(fp16: bool, i: int) -> str:
+    """_int8_pair_asm's PTX for pair i (bytes i and i + 2 of the word $1) into $0."""
+    if fp16:
+        return f"""{{
+                .reg .b32 t, magic, bias;
+                mov.b32 magic, 0x64646464;
+                mov.b32 bias, 0x64806480;
+                prmt.b32 t, $1, magic, 0x4{2 + i}4{i};
+                sub.f16x2 $0, t, bias;
+                }}"""
+    return f"""{{
+                .reg .b32 lo, hi, magic;
+                mov.b32 magic, 0x4B000000;
+                prmt.b32 lo, $1, magic, 0x754{i};
+                prmt.b32 hi, $1, magic, 0x754{2 + i};
+                sub.f32 lo, lo, 0f4B000080;
+                sub.f32 hi, hi, 0f4B000080;
+                cvt.rn.bf16x2.f32 $0, hi, lo;
+                }}"""
+
+
+_INT8_PAIR_PTX = tl.constexpr(tuple(_int8_pair_ptx(fp16, i) for fp16 in (False, True) for i in (0, 1)))
+
+
 @triton.jit
 def _int8_pair_asm(w, i: tl.constexpr, FP16: tl.constexpr):
     """Bytes i and i + 2 of int8 words w [BN, P] (pair i) as codes minus 128 in bf16 (fp16 if FP16), [BN, P, 2].
@@ -205,47 +229,9 @@ def _int8_pair_asm(w, i: tl.constexpr, FP16: tl.constexpr):
     under the exponent of 1024.0, one packed SUB takes 1152 off. CUDA only (PTX)."""
     ww = tl.join(w, w)  # pack=2 hands each asm call a register pair [word, copy]; the copy is never read
     if FP16:
-        if i == 0:
-            out = tl.inline_asm_elementwise(
-                """{
-                .reg .b32 t, magic, bias;
-                mov.b32 magic, 0x64646464;
-                mov.b32 bias, 0x64806480;
-                prmt.b32 t, $1, magic, 0x4240;
-                sub.f16x2 $0, t, bias;
-                }""", "=r,r,r", [ww], dtype=tl.float16, is_pure=True, pack=2)
-        else:
-            out = tl.inline_asm_elementwise(
-                """{
-                .reg .b32 t, magic, bias;
-                mov.b32 magic, 0x64646464;
-                mov.b32 bias, 0x64806480;
-                prmt.b32 t, $1, magic, 0x4341;
-                sub.f16x2 $0, t, bias;
-                }""", "=r,r,r", [ww], dtype=tl.float16, is_pure=True, pack=2)
+        out = tl.inline_asm_elementwise(_INT8_PAIR_PTX[2 + i], "=r,r,r", [ww], dtype=tl.float16, is_pure=True, pack=2)
     else:
-        if i == 0:
-            out = tl.inline_asm_elementwise(
-                """{
-                .reg .b32 lo, hi, magic;
-                mov.b32 magic, 0x4B000000;
-                prmt.b32 lo, $1, magic, 0x7540;
-                prmt.b32 hi, $1, magic, 0x7542;
-                sub.f32 lo, lo, 0f4B000080;
-                sub.f32 hi, hi, 0f4B000080;
-                cvt.rn.bf16x2.f32 $0, hi, lo;
-                }""", "=r,r,r", [ww], dtype=tl.bfloat16, is_pure=True, pack=2)
-        else:
-            out = tl.inline_asm_elementwise(
-                """{
-                .reg .b32 lo, hi, magic;
-                mov.b32 magic, 0x4B000000;
-                prmt.b32 lo, $1, magic, 0x7541;
-                prmt.b32 hi, $1, magic, 0x7543;
-                sub.f32 lo, lo, 0f4B000080;
-                sub.f32 hi, hi, 0f4B000080;
-                cvt.rn.bf16x2.f32 $0, hi, lo;
-                }""", "=r,r,r", [ww], dtype=tl.bfloat16, is_pure=True, pack=2)
+        out = tl.inline_asm_elementwise(_INT8_PAIR_PTX[i], "=r,r,r", [ww], dtype=tl.bfloat16, is_pure=True, pack=2)
     return out
 
 
