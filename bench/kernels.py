@@ -369,20 +369,25 @@ def random_experts(bits=4, symmetric=True):
     return repack_moe_experts([one() for _ in range(EXPERTS)], shared=one(), bits=bits, group_size=128)
 
 
+def moe_batch(m, per_expert):
+    """m decode tokens for the MoE layer: (x, 32 routings of distinct experts per token, routing weights, the bytes
+    a call on the first routing moves, a picker cycling through the routings)."""
+    x = torch.randn(m, HIDDEN, device=DEV, dtype=torch.bfloat16)
+    routings = [torch.rand(m, EXPERTS, device=DEV).topk(TOPK).indices for _ in range(32)]
+    w = torch.rand(m, TOPK, device=DEV)
+    moved = (len(set(routings[0].flatten().tolist())) + 1) * per_expert + m * HIDDEN * 4
+    return x, routings, w, moved, cycle(routings)
+
 def bench_moe():
     bench_moe_peers()
     experts = random_experts()
     per_expert = sum(packed_bytes(p) for p in experts.expert(0))
     for m in (1, 4, 64, 512):
-        x = torch.randn(m, HIDDEN, device=DEV, dtype=torch.bfloat16)
-        routings = [torch.rand(m, EXPERTS, device=DEV).topk(TOPK).indices for _ in range(32)]  # distinct per token
-        w = torch.rand(m, TOPK, device=DEV)
+        x, routings, w, moved, ids = moe_batch(m, per_expert)
         tag = f"fused_moe int4 M={m}"
         if not check(tag, fused_moe(x, routings[0], w, experts), naive_fused_moe(x, routings[0], w, experts),
                      1e-2 if m <= 8 else 2e-2):
             continue
-        moved = (len(set(routings[0].flatten().tolist())) + 1) * per_expert + m * HIDDEN * 4
-        ids = cycle(routings)
         peer = "torch bf16 expert loop M=1" if m == 1 else None
         graph = moe_kernel(m, 4, x.dtype) != "grouped"  # the grouped path syncs with the host
         record(tag, timed(lambda: fused_moe(x, ids(), w, experts), graph=graph), moved, peer)
@@ -543,12 +548,8 @@ def bench_int4_moe(defaults):
                         for bn, sk, wp in ((32, (6, 4), 4), (16, (3, 2), 2))]
     best_decode, best_launch = {}, {"fma": {}, "mma": {}}
     for m in (1, 2, 4, 8, 16, 32):
-        x = torch.randn(m, HIDDEN, device=DEV, dtype=torch.bfloat16)
-        routings = [torch.rand(m, EXPERTS, device=DEV).topk(TOPK).indices for _ in range(32)]
-        w = torch.rand(m, TOPK, device=DEV)
+        x, routings, w, moved, ids = moe_batch(m, per_expert)
         ref = naive_fused_moe(x, routings[0], w, experts)
-        moved = (len(set(routings[0].flatten().tolist())) + 1) * per_expert + m * HIDDEN * 4
-        ids = cycle(routings)
         kinds = {}
         for kind, options in launches.items():
             if m > DECODE_MAX_TOKENS or (kind == "fma" and m > 8):
@@ -596,12 +597,8 @@ def bench_int8_moe(defaults):
     per_expert = sum(packed_bytes(p) for p in experts.expert(0))
     fma_max = 0
     for m in (1, 2):
-        x = torch.randn(m, HIDDEN, device=DEV, dtype=torch.bfloat16)
-        routings = [torch.rand(m, EXPERTS, device=DEV).topk(TOPK).indices for _ in range(32)]
-        w = torch.rand(m, TOPK, device=DEV)
+        x, routings, w, moved, ids = moe_batch(m, per_expert)
         ref = naive_fused_moe(x, routings[0], w, experts)
-        moved = (len(set(routings[0].flatten().tolist())) + 1) * per_expert + m * HIDDEN * 4
-        ids = cycle(routings)
         tags = []
         for mma in (False, True):
             tag = f"fused_moe int8 M={m} {'mma' if mma else 'fma'}"
@@ -798,13 +795,9 @@ def bench_decode_unchanged():
     experts = random_experts()
     per_expert = sum(packed_bytes(p) for p in experts.expert(0))
     for m in (1, 16):
-        x = torch.randn(m, HIDDEN, device=DEV, dtype=torch.bfloat16)
-        routings = [torch.rand(m, EXPERTS, device=DEV).topk(TOPK).indices for _ in range(32)]
-        w = torch.rand(m, TOPK, device=DEV)
+        x, routings, w, moved, ids = moe_batch(m, per_expert)
         tag = f"fused_moe int4 M={m} (decode)"
         if check(tag, fused_moe(x, routings[0], w, experts), naive_fused_moe(x, routings[0], w, experts), 1e-2):
-            ids = cycle(routings)
-            moved = (len(set(routings[0].flatten().tolist())) + 1) * per_expert + m * HIDDEN * 4
             record(tag, timed(lambda: fused_moe(x, ids(), w, experts)), moved)
 
 
