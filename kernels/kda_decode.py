@@ -10,7 +10,7 @@ from .pdl import prefetch_runs, use_pdl, wait_for_inputs
 # (2026-11-29, `python bench/kernels.py --only kda`, graph time, fp32 state): at B=1 (64, 8) 8.8 us against (32, 4)
 # 10.2 us; at B=64 (32, 4) 109 us against (64, 8) 121 us. Batches between were not measured. In the 27-layer decode
 # step at 4K (2026-11-30, `klconvert bench --preset kimi-linear-48b --context 4096 --no-check`, two runs each in one
-# call) (64, 4) beat (64, 8): 1.756 / 1.757 ms against 1.777 / 1.777; (64, 2) 7.96, (128, 4) 2.15.
+# call) (64, 4) beat (64, 8): 1.756 / 1.757 ms against 1.776 / 1.777; (64, 2) 7.96, (128, 4) 2.15.
 LAYER_STEP_LAUNCH = ((4, (64, 4)), (1 << 62, (32, 4)))
 
 

@@ -73,10 +73,7 @@ BUNDLED_CONFIG = {
     "v_head_dim": 64,
     "vocab_size": BPE_RANKS + NUM_SPECIAL_TOKENS,
 }
-# The committed weights' budget: on an H200 the schedule then decays within ~3.8 epochs of the 1.39 M training tokens.
-# Longer overfits: at 400 s the validation loss bottomed at step 200 (4.871, against 4.843 at 150 s) and rose to
-# 5.841 by step 850 while the training loss fell to 2.1 (bench/results/h200-2026-11-30-bundled-train-400s-loss.json).
-TIME_BUDGET_S = 150.0
+TIME_BUDGET_S = 150.0  # the committed weights' run; longer overfits the training split (README, "The bundled model")
 OUTPUT_PROJECTIONS = ("o_proj.weight", "down_proj.weight", ".w2.weight")  # scaled down at init: residual writers
 
 
