@@ -5,7 +5,8 @@ Checks first that the graph replay equals the eager step bit for bit (as `klconv
 --steps replays with torch.profiler and prints, per kernel name, launches and microseconds per step and the share of
 the step's kernel time, beside the step's wall time per replay (the difference is the gaps between kernels).
 
-    python bench/decode_profile.py [--layers 27] [--context 4096] [--batch 1] [--steps 16] [--json FILE]
+    python bench/decode_profile.py [--layers 27] [--context 4096] [--batch 1] [--steps 16] [--spread-routing]
+                                   [--json FILE]
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from klconvert.bench import DTYPE, check_graph_matches_eager, fill_state, random_quantized_weights
+from klconvert.bench import DTYPE, check_graph_matches_eager, fill_state, random_quantized_weights, spread_routing
 from klconvert.config import KimiLinearConfig
 from klconvert.presets import preset_config
 from klconvert.runtime.engine import Engine
@@ -28,6 +29,8 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--spread-routing", action="store_true",
+                    help="Route each sequence to its own fixed experts, as `klconvert bench --spread-routing`.")
     ap.add_argument("--json", default=None, help="Also write the table here.")
     args = ap.parse_args()
     config = KimiLinearConfig.from_dict(preset_config("kimi-linear-48b", args.layers))
@@ -36,6 +39,8 @@ def main() -> int:
     engine = Engine(config, weights.read, device, DTYPE["cuda"], args.context + args.steps + 64, args.batch,
                     packed=weights.packed, kernels="triton", stored_schemes=weights.schemes)
     fill_state(engine, args.context)
+    if args.spread_routing:
+        spread_routing(engine, args.batch)
     check_graph_matches_eager(engine, args.batch, args.context)
     step = engine.decoder(args.batch)
     step.positions.fill_(args.context)
@@ -72,7 +77,8 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "layers": args.layers, "context": args.context,
-                       "batch": args.batch, "graph_us_per_step": wall_us, "kernel_us_per_step": total,
+                       "batch": args.batch, "spread_routing": args.spread_routing, "graph_us_per_step": wall_us,
+                       "kernel_us_per_step": total,
                        "kernels": table}, f, indent=1)
     return 0
 

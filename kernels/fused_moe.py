@@ -8,8 +8,9 @@ import triton
 import triton.language as tl
 
 from .int_linear import (KT, MMA_M, ROWS, PackedLinear, _arrive, _dequant_pair, _dot_w, _fma_tile, _group_params,
-                         _mma_tile, _prefetch_program, _sum_partials, _tile_params, fast_unpack, repack_int_weight)
-from .pdl import use_pdl, wait_for_inputs
+                         _mma_tile, _prefetch_program, _sum_partials, _tile_params, fast_unpack, packed_bytes,
+                         repack_int_weight)
+from .pdl import prefetch_fits, use_pdl, wait_for_inputs
 
 DECODE_MAX_TOKENS = 16  # up to this many tokens the decode kernels (no sort, no host sync) can run
 MAX_SLOTS = 16  # routed experts per token, plus the shared one, that the decode path's locks cover
@@ -115,7 +116,8 @@ def moe_decode_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, T, 
                           locks_per_row, TOPK: tl.constexpr, SLOTS: tl.constexpr, SPLIT_K: tl.constexpr,
                           BITS: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr, ASYM: tl.constexpr,
                           BM: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, GATED: tl.constexpr,
-                          MMA: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr, PDL: tl.constexpr):
+                          MMA: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr, PDL: tl.constexpr,
+                          PREFETCH: tl.constexpr):
     """One (row block, token-slot pair u, k split) per program. The program of the first pair routed to an expert
     serves every token routed to it, as the rows of one tile (BM >= tokens); the other pairs' programs return at
     once: each weight is read once per launch, without sorting (and without a host sync).
@@ -124,7 +126,9 @@ def moe_decode_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, T, 
     PDL, gate+up: the routed experts are known only after the wait; the shared one (every token's, so first taken
     by pair TOPK) is prefetched before it. PDL, down: the ids are read before the wait -- the router wrote them two
     launches back, and the gate+up launch between let this one go only after its own wait, so the router had
-    finished; read past L1 (.cg) -- and each serving program prefetches its tile of its expert's weights."""
+    finished; read past L1 (.cg) -- and each serving program prefetches its tile of its expert's weights.
+    PREFETCH (with PDL; false when what the launch would prefetch exceeds half the L2): the prefetches, and the down
+    launch's early ids; without it both launches read the ids after the wait."""
     pid_n = tl.program_id(0)
     u = tl.program_id(1) // SPLIT_K
     split = tl.program_id(1) % SPLIT_K
@@ -135,7 +139,7 @@ def moe_decode_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, T, 
     valid = (offs_t[:, None] < T) & (offs_s[None, :] < SLOTS)
     ids_ptrs = ids + offs_t[:, None] * TOPK + offs_s[None, :]
     ids_mask = valid & (offs_s[None, :] < TOPK)
-    if PDL and not GATED:
+    if PDL and PREFETCH and not GATED:
         e, hit, serving = _pair_expert(tl.load(ids_ptrs, mask=ids_mask, other=0, cache_modifier=".cg"), valid,
                                        shared_id, u, offs_t, offs_s, SLOTS, TOPK, BM, BS)
         if serving:
@@ -144,7 +148,7 @@ def moe_decode_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, T, 
                               ROWS, P, ASYM)
         wait_for_inputs(PDL)
     else:
-        if PDL and SLOTS > TOPK:  # gate+up (with PDL, the down launch took the branch above)
+        if PDL and PREFETCH and GATED and SLOTS > TOPK:
             if u == TOPK:
                 shared = shared_id.to(tl.int64)
                 _prefetch_program(wa + shared * stride_we, sa + shared * stride_se, za + shared * stride_se, pid_n,
@@ -308,7 +312,9 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
     default for 16-bit x from MOE_CROSSOVER) or CUDA cores (exact fp32 h). split_k: k splits of (gate+up, down),
     each reduced inside its launch; defaults from MOE_DECODE_LAUNCH, none on the tensor cores past
     MOE_SPLIT_MAX_TOKENS. weights_as_a: the weight tile is the MMA's A operand (on Hopper a register-A wgmma;
-    block_n a multiple of 64 with 4 warps)."""
+    block_n a multiple of 64 with 4 warps). With PDL each launch prefetches (gate+up: the shared expert; down: every
+    pair's expert) while that fits in half the L2 (pdl.prefetch_fits): at 16 tokens the down launch's ~100 experts
+    do not."""
     T, topk = topk_ids.shape
     slots = topk + experts.has_shared
     if slots > MAX_SLOTS or T > DECODE_MAX_TOKENS:
@@ -330,6 +336,9 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
                   FAST=mma and (fast_unpack(g.bits, x.device) if fast is None else fast), WA=mma and weights_as_a,
                   PDL=pdl, launch_pdl=pdl, num_warps=num_warps, num_stages=num_stages)
     h = torch.empty(T * slots, g.n, device=x.device, dtype=x.dtype if mma else torch.float32)
+    per_expert = lambda p: packed_bytes(p) // p.qweight.shape[0]
+    prefetch = [pdl and prefetch_fits(x.device, n) for n in (2 * per_expert(g) * experts.has_shared,
+                                                             min(T * slots, d.qweight.shape[0]) * per_expert(d))]
     tiles = g.k // KT
     per_split = triton.cdiv(tiles, min(split_k[0], tiles))
     split = triton.cdiv(tiles, per_split)
@@ -337,7 +346,7 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
     moe_decode_fwd_kernel[(triton.cdiv(g.n, block_n), T * slots * split)](
         x, topk_ids, topk_weights, wg, wu, sg, su, zg, zu, h, ws, g.locks, T, g.n, sg.shape[-1], tiles,
         g.group_size // KT, per_split, x.stride(0), h.stride(0), wg.stride(0), sg.stride(0), experts.num_experts,
-        g.locks.shape[1], SPLIT_K=split, GATED=True, **common)
+        g.locks.shape[1], SPLIT_K=split, GATED=True, PREFETCH=prefetch[0], **common)
     tiles = d.k // KT
     per_split = triton.cdiv(tiles, min(split_k[1], tiles))
     split = triton.cdiv(tiles, per_split)
@@ -345,7 +354,7 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
     moe_decode_fwd_kernel[(triton.cdiv(d.n, block_n), T * slots * split)](
         h, topk_ids, topk_weights, wd, wd, sd, sd, zd, zd, y, ws, d.locks, T, d.n, sd.shape[-1], tiles,
         d.group_size // KT, per_split, h.stride(0), y.stride(0), wd.stride(0), sd.stride(0), experts.num_experts,
-        0, SPLIT_K=split, GATED=False, **common)
+        0, SPLIT_K=split, GATED=False, PREFETCH=prefetch[1], **common)
     return y
 
 

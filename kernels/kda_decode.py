@@ -4,14 +4,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import prefetch_runs, use_pdl, wait_for_inputs
+from .pdl import prefetch_fits, prefetch_runs, use_pdl, wait_for_inputs
 
 # kda_layer_step's (block_v, num_warps) by batch: the first entry whose bound >= B. Measured on an H200
 # (2026-11-29, `python bench/kernels.py --only kda`, graph time, fp32 state): at B=1 (64, 8) 8.8 us against (32, 4)
-# 10.2 us; at B=64 (32, 4) 109 us against (64, 8) 121 us. Batches between were not measured. In the 27-layer decode
-# step at 4K (2026-11-30, `klconvert bench --preset kimi-linear-48b --context 4096 --no-check`, two runs each in one
-# call) (64, 4) beat (64, 8): 1.756 / 1.757 ms against 1.776 / 1.777; (64, 2) 7.96, (128, 4) 2.15.
-LAYER_STEP_LAUNCH = ((4, (64, 4)), (1 << 62, (32, 4)))
+# 10.2 us; at B=64 (32, 4) 109 us against (64, 8) 121 us. In the 27-layer decode step at 4K (2026-11-30, `klconvert
+# bench --preset kimi-linear-48b --context 4096 --no-check`, two runs each in one call) (64, 4) beat (64, 8): 1.756 /
+# 1.757 ms against 1.776 / 1.777; (64, 2) 7.96, (128, 4) 2.15. At B=16 (2026-11-30, a scratch sweep timed as
+# `--only kda`, graph of 32 calls, states rotated) (64, 4) 28.0 us against (32, 4) 33.5, (16, 2) 30.7, (32, 2) 32.8,
+# (64, 8) 39.0; the batch-16 step (`--batch 16 --spread-routing --no-check`) 5.980 -> 5.869 / 5.866 ms. Batches
+# between 4 and 16 and between 16 and 64 were not measured.
+LAYER_STEP_LAUNCH = ((16, (64, 4)), (1 << 62, (32, 4)))
 
 
 @triton.jit
@@ -105,14 +108,15 @@ def kda_layer_step_fwd_kernel(x, conv, conv_w, f_a, f_b, beta, g_a, g_b, state, 
                               eps, H, stride_x, stride_conv, stride_fa, stride_beta, stride_ga, stride_state, stride_o,
                               K: tl.constexpr, V: tl.constexpr, W: tl.constexpr, BK: tl.constexpr,
                               BV: tl.constexpr, NV: tl.constexpr, BW: tl.constexpr, RF: tl.constexpr,
-                              RG: tl.constexpr, RC: tl.constexpr, PDL: tl.constexpr):
+                              RG: tl.constexpr, RC: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
     """One (batch, head) per program: it owns that head's conv channels, its state and the norm over V, and
     computes its slice of the forget gate (f_b f_a) and of the output gate (g_b g_a) from the low-rank inputs.
     The state streams through in NV blocks of BV columns, so few registers hold it and loads pipeline.
-    PDL: the head's state, its slices of f_b, g_b and the conv taps and windows are prefetched before the wait."""
+    PREFETCH (with PDL, while the batch's states fit in half the L2: about a dozen fp32 states of the 48B's 2 MiB on
+    an H200): the head's state, its slices of f_b, g_b and the conv taps and windows are prefetched before the wait."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    if PDL:
+    if PREFETCH:
         prefetch_runs(state + i_b * stride_state + i_h * K * V, 0, 1, K * V)
         prefetch_runs(f_b + i_h * K * RF, 0, 1, K * RF)
         prefetch_runs(g_b + i_h * V * RG, 0, 1, V * RG)
@@ -238,5 +242,6 @@ def kda_layer_step(x_qkv, conv_state, conv_weight, f_a, beta_raw, g_a, state, *,
         x_qkv.stride(0), conv_state.stride(0), f_a.stride(0), beta_raw.stride(0), g_a.stride(0), state.stride(0),
         o.stride(0), K=K, V=V, W=W, BK=triton.next_power_of_2(K), BV=bv,
         NV=triton.next_power_of_2(triton.cdiv(V, bv)), BW=triton.next_power_of_2(max(W - 1, 1)), RF=RF, RG=RG,
-        RC=min(32, triton.next_power_of_2(max(RF, RG))), PDL=pdl, launch_pdl=pdl, num_warps=num_warps)
+        RC=min(32, triton.next_power_of_2(max(RF, RG))), PDL=pdl,
+        PREFETCH=pdl and prefetch_fits(state.device, state.nbytes), launch_pdl=pdl, num_warps=num_warps)
     return o

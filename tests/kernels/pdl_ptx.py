@@ -92,6 +92,9 @@ def launch_every_decode_kernel() -> None:
     ids, weights = torch.tensor([[0, 2]]), torch.rand(1, 2)
     fused_moe.moe_decode_fwd(x, ids, weights, experts, torch.empty_like(x), mma=True)
     fused_moe.moe_decode_fwd(x.float(), ids, weights, experts, torch.empty(1, 256), mma=False)
+    fits, fused_moe.prefetch_fits = fused_moe.prefetch_fits, lambda device, nbytes: False
+    fused_moe.moe_decode_fwd(x, ids, weights, experts, torch.empty_like(x), mma=True)  # as 16 tokens' experts run
+    fused_moe.prefetch_fits = fits
     moe_route.moe_router(x, torch.randn(64, 256), torch.randn(64), 4, 2.5, moe_route.moe_router_locks(16, "cpu"))
     rms_norm.add_rms_norm(x, x.clone(), torch.ones(256), 1e-6)
     H, K = 2, 64
@@ -111,7 +114,8 @@ def launch_every_decode_kernel() -> None:
 def main() -> None:
     for module in (int_linear, fused_moe, kda_decode, mla_cache, mla_decode, moe_route, rms_norm):
         module.use_pdl = lambda device: True
-    int_linear.prefetch_fits = lambda device, nbytes: True  # the small weights of these launches fit any L2
+    int_linear.prefetch_fits = fused_moe.prefetch_fits = kda_decode.prefetch_fits = \
+        lambda device, nbytes: True  # these launches' small weights and states fit any L2
     int_linear.fast_unpack = fused_moe.fast_unpack = lambda bits, device: bits == 4  # the PTX unpack, as on CUDA
     JITFunction.run = compile_launch
     launch_every_decode_kernel()

@@ -127,6 +127,33 @@ def test_fused_moe_real_shapes(bits, symmetric, m):
     assert_close(y, naive_fused_moe(x, ids, weights, experts), bound, "fused_moe")
 
 
+def test_decode_prefetches_only_what_fits_half_the_l2(monkeypatch):
+    """With PDL the down launch prefetches every pair's expert only while they fit in half the L2 (at the 48B's
+    shapes 16 tokens' ~100 experts do not: 2,604 -> 2,670 tokens/s at batch 16 on an H200 without it); gate+up
+    prefetches the shared expert."""
+    from klconvert.kernels import fused_moe, pdl
+    from klconvert.kernels.int_linear import packed_bytes
+
+    launches = []
+
+    class Capture:  # stands in for the kernel: records each launch's (GATED, PREFETCH)
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((kw["GATED"], kw["PREFETCH"]))
+    experts = make_experts(32, 256, 128, 4, True, device="cpu")
+    down_expert = packed_bytes(experts.down) // 33
+    monkeypatch.setattr(fused_moe, "moe_decode_fwd_kernel", Capture())
+    monkeypatch.setattr(fused_moe, "use_pdl", lambda device: True)
+    monkeypatch.setattr(pdl, "_l2_bytes", lambda device: 2 * 9 * down_expert)  # half the L2: one token's 8 + shared
+    for m in (1, 2):
+        ids, weights = routing(m, 32, 8, device="cpu")
+        moe_decode_fwd(torch.randn(m, 256, dtype=torch.bfloat16), ids, weights, experts, torch.empty(m, 256), mma=True)
+    assert launches == [(True, True), (False, True), (True, True), (False, False)]
+    monkeypatch.setattr(fused_moe, "use_pdl", lambda device: False)
+    moe_decode_fwd(torch.randn(1, 256, dtype=torch.bfloat16), ids[:1], weights[:1], experts, torch.empty(1, 256),
+                   mma=True)
+    assert launches[-2:] == [(True, False), (False, False)]
+
+
 @GPU
 @pytest.mark.parametrize("m", [1, 5, 16])
 @pytest.mark.parametrize("launch", [dict(mma=False), dict(mma=True, fast=True), dict(mma=True, fast=False),

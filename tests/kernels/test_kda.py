@@ -165,3 +165,25 @@ def test_layer_step_launch_table():
     bounds = [bound for bound, _ in LAYER_STEP_LAUNCH]
     assert bounds == sorted(bounds) and bounds[-1] >= 1 << 40
     assert all(bv & (bv - 1) == 0 and warps in (1, 2, 4, 8, 16) for _, (bv, warps) in LAYER_STEP_LAUNCH)
+
+
+def test_layer_step_prefetches_states_only_while_they_fit_half_the_l2(monkeypatch):
+    """With PDL the step prefetches its heads' states before its wait only while the batch's states fit in half the
+    L2 (16 sequences of the 48B's fp32 states, 32 MiB, do not)."""
+    from klconvert.kernels import kda_decode as module
+    from klconvert.kernels import pdl
+
+    launches = []
+
+    class Capture:  # stands in for the kernel: records each launch's PREFETCH
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append(kw["PREFETCH"])
+    H, K, V = 2, 32, 40
+    monkeypatch.setattr(module, "kda_layer_step_fwd_kernel", Capture())
+    monkeypatch.setattr(module, "use_pdl", lambda device: True)
+    monkeypatch.setattr(pdl, "_l2_bytes", lambda device: 2 * H * K * V * 4)  # half the L2: one fp32 state
+    for B in (1, 2):
+        inputs = layer_inputs(B, H, K, V, 4, torch.float32, device="cpu")
+        inputs.update(A_log=torch.randn(H), dt_bias=torch.randn(H * K), o_norm_weight=torch.ones(V))
+        run_layer_step(kda_layer_step, inputs, H, K)
+    assert launches == [True, False]

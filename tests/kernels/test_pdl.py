@@ -1,9 +1,9 @@
 """kernels/pdl.py's rule, checked on the code the compiler makes for an H100/H200 (sm_90, compiled here without a
 GPU, by tests/kernels/pdl_ptx.py in a process without Triton's interpreter): every decode kernel launched with PDL
 waits for its predecessor before its first global load, store or atomic -- only L2 prefetches come first -- and
-lets the next kernel launch only after that wait -- except that the MoE's down launch reads the router's expert ids
-(written two launches back) before it, past L1. The kernels that read weights prefetch them, unless told not to (a
-weight larger than half the L2)."""
+lets the next kernel launch only after that wait -- except that the MoE's down launch, when it prefetches, reads the
+router's expert ids (written two launches back) before it, past L1. The kernels that read weights prefetch them,
+unless told not to (weights larger than half the L2)."""
 from __future__ import annotations
 
 import json
@@ -16,15 +16,18 @@ import pytest
 
 SCRIPT = Path(__file__).with_name("pdl_ptx.py")
 INT_MMA = {"int_mma_fwd_kernel[PREFETCH=True, DENSE=False]", "int_mma_fwd_kernel[PREFETCH=True, DENSE=True]"}
-DOWN = {f"moe_decode_fwd_kernel[GATED=False, MMA={m}]" for m in (True, False)}  # read the ids before the wait
+DOWN = {f"moe_decode_fwd_kernel[GATED=False, MMA={m}, PREFETCH=True]" for m in (True, False)}  # ids before the wait
 DECODE_KERNELS = INT_MMA | DOWN | {
     "int_mma_fwd_kernel[PREFETCH=False, DENSE=False]", "int_gemv_fwd_kernel[PREFETCH=True]",
-    "moe_router_fwd_kernel[]", "add_rms_norm_fwd_kernel[]", "kda_layer_step_fwd_kernel[]", "mla_decode_merge_kernel[]",
+    "moe_router_fwd_kernel[]", "add_rms_norm_fwd_kernel[]", "kda_layer_step_fwd_kernel[PREFETCH=True]",
+    "mla_decode_merge_kernel[]",
     "mla_decode_fwd_kernel[FP8=False]", "mla_decode_fwd_kernel[FP8=True]", "mla_write_rows_kernel[FP8=False]",
     "mla_write_rows_kernel[FP8=True]"} | {
-    f"moe_decode_fwd_kernel[GATED=True, MMA={m}]" for m in (True, False)}
+    f"moe_decode_fwd_kernel[GATED=True, MMA={m}, PREFETCH=True]" for m in (True, False)} | {
+    f"moe_decode_fwd_kernel[GATED={g}, MMA=True, PREFETCH=False]" for g in (True, False)}
 PREFETCHING = INT_MMA | {"int_gemv_fwd_kernel[PREFETCH=True]", "moe_router_fwd_kernel[]",
-                         "kda_layer_step_fwd_kernel[]"} | {k for k in DECODE_KERNELS if k.startswith("moe_decode")}
+                         "kda_layer_step_fwd_kernel[PREFETCH=True]"} | {
+    k for k in DECODE_KERNELS if k.startswith("moe_decode") and k.endswith("PREFETCH=True]")}
 
 
 @pytest.mark.slow
