@@ -378,6 +378,7 @@ def moe_batch(m, per_expert):
     moved = (len(set(routings[0].flatten().tolist())) + 1) * per_expert + m * HIDDEN * 4
     return x, routings, w, moved, cycle(routings)
 
+
 def bench_moe():
     bench_moe_peers()
     experts = random_experts()

@@ -139,7 +139,7 @@ def moe_decode_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, T, 
     valid = (offs_t[:, None] < T) & (offs_s[None, :] < SLOTS)
     ids_ptrs = ids + offs_t[:, None] * TOPK + offs_s[None, :]
     ids_mask = valid & (offs_s[None, :] < TOPK)
-    if PDL and PREFETCH and not GATED:
+    if PREFETCH and not GATED:
         e, hit, serving = _pair_expert(tl.load(ids_ptrs, mask=ids_mask, other=0, cache_modifier=".cg"), valid,
                                        shared_id, u, offs_t, offs_s, SLOTS, TOPK, BM, BS)
         if serving:
@@ -148,7 +148,7 @@ def moe_decode_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, T, 
                               ROWS, P, ASYM)
         wait_for_inputs(PDL)
     else:
-        if PDL and PREFETCH and GATED and SLOTS > TOPK:
+        if PREFETCH and GATED and SLOTS > TOPK:
             if u == TOPK:
                 shared = shared_id.to(tl.int64)
                 _prefetch_program(wa + shared * stride_we, sa + shared * stride_se, za + shared * stride_se, pid_n,
