@@ -3,7 +3,7 @@
 python bench/kernels.py [--only SECTION ...]: sections fla, kda, kda_prefill, drift, linear, moe, route, mla, int4,
 int_prefill (default: all); the results table goes to stdout and $OUT/kernels.json. `--only int4` (a few minutes) sweeps
 the int4/int8 launch shapes that matter and the row counts where each int kernel wins, and prints the defaults to set
-(CROSSOVER, MOE_CROSSOVER, MOE_DECODE_LAUNCH, MOE_SPLIT_MAX_TOKENS). `--only int_prefill` does the same at prefill
+(CROSSOVER, MOE_CROSSOVER, MOE_DECODE_LAUNCH by token count). `--only int_prefill` does the same at prefill
 row counts (64-4096) for the q,k,v and o_proj GEMMs and the MoE layer (int4 sym/asym, int8), with TFLOP/s against
 torch bf16 matmuls, and prints GEMM_LAUNCH, CROSSOVER's gemm bound and MOE_PREFILL_LAUNCH. `--only kda_prefill`: one
 KDA layer's prefill; `--only route`: the decode router's launch shapes."""
@@ -20,7 +20,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from klconvert.kernels.fused_moe import (DECODE_MAX_TOKENS, MOE_DECODE_LAUNCH, fused_moe, moe_decode_fwd,
+from klconvert.kernels.fused_moe import (DECODE_MAX_TOKENS, fused_moe, moe_decode_fwd,
                                          moe_grouped_fwd, moe_kernel, prefill_launch, repack_moe_experts)
 from klconvert.kernels.int_linear import (FMA_MAX_M, gemm_launch, int_dequant_mm, int_gemm_fwd, int_gemv_fwd,
                                           int_linear, int_mma_fwd, packed_bytes, repack_int_weight, weight_class)
@@ -537,59 +537,62 @@ def bench_int4_linear(defaults):
     defaults["kernels/int_linear.py CROSSOVER (fma, mma) bounds"] = crossover
 
 
+# the tensor-core decode launches swept at every token count (block_n, split_k, num_warps): MOE_DECODE_LAUNCH's and
+# the ones around them
+MOE_DECODE_SWEEP = ((64, (3, 2), 4), (64, (2, 1), 4), (64, (1, 1), 4), (64, (6, 4), 4), (128, (3, 2), 4),
+                    (128, (1, 1), 4), (128, (3, 2), 8), (128, (1, 1), 8))
+MOE_DECODE_TOKENS = (1, 2, 3, 4, 6, 8, 16)
+
+
 def bench_int4_moe(defaults):
-    """fused_moe's decode kernels over 1-16 tokens (launch sweep at 1 token), and the grouped GEMM they hand over to."""
+    """fused_moe's decode kernels over 1-16 tokens: the tensor-core launch sweep at each token count (the table to
+    set), the CUDA-core launches at 1 token, and the grouped GEMM they hand over to."""
     experts = random_experts()
     per_expert = sum(packed_bytes(p) for p in experts.expert(0))
-    launches = {"fma": [dict(mma=False)], "mma": [dict(mma=True)]}
-    launches["mma"] += [dict(mma=True, block_n=bn, split_k=sk, num_warps=wp, weights_as_a=wa)
-                        for bn, sk, wp, wa in ((128, (3, 2), 4, True), (64, (6, 4), 4, True), (64, (1, 1), 4, True),
-                                               (64, (2, 1), 4, True), (128, (6, 4), 8, True), (64, (3, 2), 4, False))]
-    launches["fma"] += [dict(mma=False, block_n=bn, split_k=sk, num_warps=wp)
-                        for bn, sk, wp in ((32, (6, 4), 4), (16, (3, 2), 2))]
-    best_decode, best_launch = {}, {"fma": {}, "mma": {}}
-    for m in (1, 2, 4, 8, 16, 32):
+    mma = [dict(mma=True, block_n=bn, split_k=sk, num_warps=wp) for bn, sk, wp in MOE_DECODE_SWEEP]
+    mma.append(dict(mma=True, weights_as_a=False))
+    fma = [dict(mma=False), *(dict(mma=False, block_n=bn, split_k=sk, num_warps=wp)
+                              for bn, sk, wp in ((32, (6, 4), 4), (16, (3, 2), 2)))]
+    best_decode, best_mma, fma_launch = {}, {}, None
+    for m in (*MOE_DECODE_TOKENS, 32):
         x, routings, w, moved, ids = moe_batch(m, per_expert)
         ref = naive_fused_moe(x, routings[0], w, experts)
-        kinds = {}
-        for kind, options in launches.items():
-            if m > DECODE_MAX_TOKENS or (kind == "fma" and m > 8):
+        tags = {}
+        options = ([dict(mma=True)] + mma if m <= DECODE_MAX_TOKENS else []) + (fma if m == 1 else [])
+        for opt in options:
+            tag = f"fused_moe int4 M={m} " + ("mma" if opt["mma"] else "fma") + " " + \
+                ", ".join(f"{k} {v}" for k, v in opt.items() if k != "mma")
+            tag = tag.rstrip()
+            y = torch.empty_like(x)
+            if not check(tag, moe_decode_fwd(x, routings[0], w, experts, y, **opt), ref, 1e-2):
                 continue
-            more = [dict(mma=True, split_k=sk) for sk in (MOE_DECODE_LAUNCH["mma"][1], (1, 1))] \
-                if kind == "mma" and m > 1 else []  # split over k or not, from 2 tokens on: MOE_SPLIT_MAX_TOKENS
-            for opt in (options if m == 1 else options[:1] + more):
-                tag = f"fused_moe int4 M={m} {kind} " + ", ".join(f"{k} {v}" for k, v in opt.items() if k != "mma")
-                tag = tag.rstrip()
-                y = torch.empty_like(x)
-                if not check(tag, moe_decode_fwd(x, routings[0], w, experts, y, **opt), ref, 1e-2):
-                    continue
-                record(tag, timed(lambda: moe_decode_fwd(x, ids(), w, experts, y, **opt)), moved)
-                kinds.setdefault(kind, []).append(tag)
-                if m == 1:
-                    best_launch[kind][tag] = opt
+            record(tag, timed(lambda: moe_decode_fwd(x, ids(), w, experts, y, **opt)), moved)
+            tags[tag] = opt
         tag = f"fused_moe int4 M={m} grouped"
         if check(tag, moe_grouped_fwd(x, routings[0], w, experts, torch.empty_like(x)), ref, 2e-2):
             record(tag, timed(lambda: moe_grouped_fwd(x, ids(), w, experts, torch.empty_like(x)), graph=False), moved)
-        # decode vs grouped on do_bench (the grouped path cannot be graphed); fma vs mma on graph time
-        decode = _fastest(kinds.get("fma", []) + kinds.get("mma", []))
-        best_decode[m] = (decode, "grouped" if decode is None or results[decode]["us"] > results.get(
-            tag, {"us": float("inf")})["us"] else decode.split()[3])
-    split = {m: [f"fused_moe int4 M={m} mma split_k {sk}" for sk in (MOE_DECODE_LAUNCH["mma"][1], (1, 1))]
-             for m in best_decode if m > 1}
-    split_max = [m for m, tags in split.items() if _fastest(tags) == tags[0]]
-    defaults["kernels/fused_moe.py MOE_SPLIT_MAX_TOKENS"] = max(split_max, default=1)
-    fma_max = max([m for m, (_, k) in best_decode.items() if k == "fma"], default=0)
-    mma_max = max([m for m, (_, k) in best_decode.items() if k != "grouped"], default=0)
+        # decode vs grouped on do_bench (the grouped path cannot be graphed); launches on graph time
+        decode = _fastest(list(tags))
+        best_decode[m] = "grouped" if decode is None or results[decode]["us"] > results.get(
+            tag, {"us": float("inf")})["us"] else decode.split()[3]
+        swept = [t for t, o in tags.items() if o["mma"] and "block_n" in o]
+        if swept:
+            o = tags[_fastest(swept)]
+            best_mma[m] = (o["block_n"], o["split_k"], o["num_warps"])
+        fastest_fma = _fastest([t for t, o in tags.items() if not o["mma"]])
+        if fastest_fma:  # 1 token
+            fma_launch = tags[fastest_fma]
+    fma_max = max([m for m, k in best_decode.items() if k == "fma"], default=0)
+    mma_max = max([m for m, k in best_decode.items() if k != "grouped"], default=0)
     defaults["kernels/fused_moe.py MOE_CROSSOVER[4]"] = (fma_max, max(fma_max, mma_max))
-    for kind in ("fma", "mma"):
-        tag = _fastest(list(best_launch[kind]))
-        if tag:
-            o, now = best_launch[kind][tag], MOE_DECODE_LAUNCH[kind]
-            defaults[f"kernels/fused_moe.py MOE_DECODE_LAUNCH[{kind!r}]"] = (
-                o.get("block_n", now[0]), o.get("split_k", now[1]), o.get("num_warps", now[2]))
-            if kind == "mma":
-                defaults["moe_decode_fwd weights_as_a"] = o.get("weights_as_a", True)
-    print("fused_moe int4: fastest per M", {m: k for m, (_, k) in best_decode.items()}, flush=True)
+    table = tuple((m, launch) for i, (m, launch) in enumerate(best_mma.items())
+                  if i + 1 == len(best_mma) or launch != list(best_mma.values())[i + 1])
+    defaults["kernels/fused_moe.py MOE_DECODE_LAUNCH['mma'] (each bound: the last swept token count its launch "
+             "was fastest at)"] = table
+    if fma_launch:
+        defaults["kernels/fused_moe.py MOE_DECODE_LAUNCH['fma'] (1 token)"] = "unchanged (the default)" \
+            if "block_n" not in fma_launch else (fma_launch["block_n"], fma_launch["split_k"], fma_launch["num_warps"])
+    print("fused_moe int4: fastest per M", best_decode, flush=True)
 
 
 def bench_int8_moe(defaults):
@@ -613,8 +616,7 @@ def bench_int8_moe(defaults):
 
 
 def bench_int4():
-    """--only int4: the sweeps that set CROSSOVER, MOE_CROSSOVER, MOE_DECODE_LAUNCH and MOE_SPLIT_MAX_TOKENS, then
-    the values to set."""
+    """--only int4: the sweeps that set CROSSOVER, MOE_CROSSOVER and MOE_DECODE_LAUNCH, then the values to set."""
     global REP_MS
     start, defaults, rep, REP_MS = time.time(), {}, REP_MS, 100
     bench_int4_linear(defaults)

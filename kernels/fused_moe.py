@@ -27,14 +27,18 @@ MOE_CROSSOVER = {4: (0, 16), 8: (0, 16)}
 # A operand from 2048 tokens, where it was 1.3-1.4x faster.
 MOE_PREFILL_LAUNCH = ((64, (16, 64, 4, 3, False)), (256, (32, 128, 4, 3, True)), (512, (16, 64, 4, 3, False)),
                       (1 << 62, (64, 128, 8, 3, True)))
-# Decode launch shape (block_n, split_k of (gate+up, down), num_warps) per kernel, measured the same way (1 token).
-MOE_DECODE_LAUNCH = {"fma": (16, (3, 2), 2), "mma": (64, (3, 2), 4)}
-# Past this many tokens the tensor-core decode kernels split no k: the serving programs have enough rows to read
-# without it, and the partials' round trip then costs more than the extra programs gain. Measured on an H200
-# (2026-11-30, `bench/kernels.py --only int4`, which times both from 2 tokens and prints this bound; random routing,
-# CUDA graphs), split (3, 2) against unsplit: 1 token 23.3 us against 36.6, 2 tokens 38.2 / 53.0, 4 tokens 61.0 /
-# 61.5, 8 tokens 104.3 / 94.4, 16 tokens 177.6 / 144.1.
-MOE_SPLIT_MAX_TOKENS = 4
+# Decode launch shapes (block_n, split_k of (gate+up, down), num_warps) by kernel and token count: the first entry
+# whose bound >= the tokens. CUDA cores: one shape (1 token, `bench/kernels.py --only int4`). Tensor cores, measured
+# on an H200 (2026-11-30, `--only int4`, which sweeps these shapes at 1-16 tokens and prints the table; random
+# routing, CUDA graphs): a k split pays while the serving programs are few -- 1 token (3, 2) 23.3 us against 36.6
+# unsplit; 2-3 tokens (2, 1) 35.1 / 45.0 against (3, 2)'s 38.1 / 49.0 -- and 4 tokens read best on 128-row tiles of
+# 8 warps, unsplit (51.2 against 61.3). Past 8 tokens each serving program has rows enough: unsplit (16 tokens 141.7
+# against 176.9 split). In the step (`klconvert bench --preset kimi-linear-48b --context 4096 --batch 2,4,8
+# --spread-routing --no-check`, same day, two runs each): batch 2 2.308 -> 2.268 ms, 4 3.076 -> 2.826, 8 4.054 ->
+# 3.926 against the former (3, 2) up to 4 tokens, unsplit past.
+MOE_DECODE_LAUNCH = {"fma": ((DECODE_MAX_TOKENS, (16, (3, 2), 2)),),
+                     "mma": ((1, (64, (3, 2), 4)), (3, (64, (2, 1), 4)), (4, (128, (1, 1), 8)), (8, (64, (2, 1), 4)),
+                             (DECODE_MAX_TOKENS, (64, (1, 1), 4)))}
 
 
 @dataclass
@@ -310,9 +314,9 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
     """Two launches: gate+up+SiLU into h [T * slots, I], then down with the weighted sum over slots; each routed
     expert's weights are read once for all the tokens routed to it. mma: tensor cores (x and h in 16 bits; the
     default for 16-bit x from MOE_CROSSOVER) or CUDA cores (exact fp32 h). split_k: k splits of (gate+up, down),
-    each reduced inside its launch; defaults from MOE_DECODE_LAUNCH, none on the tensor cores past
-    MOE_SPLIT_MAX_TOKENS. weights_as_a: the weight tile is the MMA's A operand (on Hopper a register-A wgmma;
-    block_n a multiple of 64 with 4 warps). With PDL each launch prefetches (gate+up: the shared expert; down: every
+    each reduced inside its launch; block_n, split_k and num_warps default by token count (MOE_DECODE_LAUNCH).
+    weights_as_a: the weight tile is the MMA's A operand (on Hopper a register-A wgmma; 64 rows of block_n a
+    warpgroup: 64 with 4 warps, 128 with 8). With PDL each launch prefetches (gate+up: the shared expert; down: every
     pair's expert) while that fits in half the L2 (pdl.prefetch_fits): at 16 tokens the down launch's ~100 experts
     do not."""
     T, topk = topk_ids.shape
@@ -323,8 +327,8 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
     g, u, d = experts.gate, experts.up, experts.down
     if mma is None:
         mma = moe_kernel(T, g.bits, x.dtype) == "mma"
-    launch = MOE_DECODE_LAUNCH["mma" if mma else "fma"]
-    split_k = split_k or (launch[1] if not mma or T <= MOE_SPLIT_MAX_TOKENS else (1, 1))
+    launch = decode_launch("mma" if mma else "fma", T)
+    split_k = split_k or launch[1]
     block_n, num_warps = block_n or launch[0], num_warps or launch[2]
     if mma and x.dtype not in (torch.bfloat16, torch.float16):
         x = x.to(torch.bfloat16)
@@ -356,6 +360,11 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
         d.group_size // KT, per_split, h.stride(0), y.stride(0), wd.stride(0), sd.stride(0), experts.num_experts,
         0, SPLIT_K=split, GATED=False, PREFETCH=prefetch[1], **common)
     return y
+
+
+def decode_launch(kind: str, tokens: int) -> tuple[int, tuple[int, int], int]:
+    """moe_decode_fwd's default (block_n, split_k, num_warps) on "fma" or "mma" for this many tokens."""
+    return next(launch for bound, launch in MOE_DECODE_LAUNCH[kind] if tokens <= bound)
 
 
 def moe_kernel(tokens: int, bits: int, dtype: torch.dtype) -> str:

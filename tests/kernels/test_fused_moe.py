@@ -5,9 +5,9 @@ import torch
 from helpers import DEVICE, GPU, assert_close, ct_compress, poisoned
 
 from klconvert.kernels.naive_moe import naive_fused_moe
-from klconvert.kernels.fused_moe import (DECODE_MAX_TOKENS, MOE_CROSSOVER, MOE_PREFILL_LAUNCH, align_pairs, fused_moe,
-                                         moe_decode_fwd, moe_grouped_fwd, moe_kernel, prefill_launch,
-                                         repack_moe_experts)
+from klconvert.kernels.fused_moe import (DECODE_MAX_TOKENS, MOE_CROSSOVER, MOE_DECODE_LAUNCH, MOE_PREFILL_LAUNCH,
+                                         align_pairs, decode_launch, fused_moe, moe_decode_fwd, moe_grouped_fwd,
+                                         moe_kernel, prefill_launch, repack_moe_experts)
 from klconvert.kernels.int_linear import MMA_M
 
 BOUND = {torch.float32: 1e-5, torch.bfloat16: 8e-3}  # relative RMS vs the fp32 twin, by output dtype
@@ -58,10 +58,11 @@ def test_fused_moe_decode_split_k():
 @pytest.mark.parametrize("mma, bits, symmetric, shared, tokens, split_k", [
     (True, 4, False, False, 16, None), (False, 4, False, False, 6, None), (True, 8, True, True, 3, None),
     (False, 8, True, True, 3, None), (True, 4, True, True, 1, None), (False, 4, True, True, 1, None),
-    (True, 4, True, True, 9, (2, 2))])
+    (True, 4, False, True, 4, None), (True, 4, True, True, 9, (2, 2))])
 def test_decode_kernels(mma, bits, symmetric, shared, tokens, split_k):
-    """Both decode kernels at ragged token counts (the tensor cores' split over k by default only up to
-    MOE_SPLIT_MAX_TOKENS; the last case splits past it). 5 experts for 3 slots, so tokens share experts (one program
+    """Both decode kernels at ragged token counts, on their default launches by token count (MOE_DECODE_LAUNCH: on
+    the tensor cores k split (3, 2) at 1 token, (2, 1) at 3, 128-row tiles of 8 warps unsplit at 4, unsplit at 16);
+    the last case splits where the default does not. 5 experts for 3 slots, so tokens share experts (one program
     serves all of an expert's tokens); without the shared expert 3 slots pad to 4, aliasing the next token's pairs.
     A second call reuses the locks, which must be re-armed."""
     experts = make_experts(5, 256, 128, bits, symmetric, shared)
@@ -71,6 +72,18 @@ def test_decode_kernels(mma, bits, symmetric, shared, tokens, split_k):
         y = moe_decode_fwd(x, ids, weights, experts, poisoned(tokens, 256, dtype=x.dtype), mma=mma, split_k=split_k)
         assert_close(y, naive_fused_moe(x, ids, weights, experts), BOUND[x.dtype], f"decode, mma {mma}")
     assert int(experts.gate.locks.abs().sum()) == 0 and int(experts.down.locks.abs().sum()) == 0
+
+
+def test_decode_launch_table():
+    """Each kernel's table covers 1 to DECODE_MAX_TOKENS in rising bounds; a wgmma with the weights as A takes 64 rows
+    of block_n a warpgroup."""
+    for kind, table in MOE_DECODE_LAUNCH.items():
+        bounds = [bound for bound, _ in table]
+        assert bounds == sorted(set(bounds)) and bounds[-1] == DECODE_MAX_TOKENS
+        for t in range(1, DECODE_MAX_TOKENS + 1):
+            assert decode_launch(kind, t) == next(launch for bound, launch in table if t <= bound)
+    for _, (block_n, split_k, num_warps) in MOE_DECODE_LAUNCH["mma"]:
+        assert block_n == 64 * (num_warps // 4) and len(split_k) == 2 and min(split_k) >= 1
 
 
 def test_moe_kernel_table():
