@@ -28,17 +28,19 @@ MOE_CROSSOVER = {4: (0, 16), 8: (0, 16)}
 MOE_PREFILL_LAUNCH = ((64, (16, 64, 4, 3, False)), (256, (32, 128, 4, 3, True)), (512, (16, 64, 4, 3, False)),
                       (1 << 62, (64, 128, 8, 3, True)))
 # Decode launch shapes (block_n, split_k of (gate+up, down), num_warps) by kernel and token count: the first entry
-# whose bound >= the tokens. CUDA cores: one shape (1 token, `bench/kernels.py --only int4`). Tensor cores, measured
-# on an H200 (2026-11-30, `--only int4`, which sweeps these shapes at 1-16 tokens and prints the table; random
-# routing, CUDA graphs): a k split pays while the serving programs are few -- 1 token (3, 2) 23.3 us against 36.6
-# unsplit; 2-3 tokens (2, 1) 35.1 / 45.0 against (3, 2)'s 38.1 / 49.0 -- and 4 tokens read best on 128-row tiles of
-# 8 warps, unsplit (51.2 against 61.3). Past 8 tokens each serving program has rows enough: unsplit (16 tokens 141.7
-# against 176.9 split). In the step (`klconvert bench --preset kimi-linear-48b --context 4096 --batch 2,4,8
-# --spread-routing --no-check`, same day, two runs each): batch 2 2.308 -> 2.268 ms, 4 3.076 -> 2.826, 8 4.054 ->
-# 3.926 against the former (3, 2) up to 4 tokens, unsplit past.
+# whose bound >= the tokens. CUDA cores: one shape (1 token, `bench/kernels.py --only int4`). Tensor cores: the
+# table `--only int4` printed on an H200 (2026-11-30; it sweeps 8 shapes at 1, 2, 3, 4, 6, 8 and 16 tokens, random
+# routing, CUDA graphs). A k split pays while the serving programs are few: 1 token (3, 2) 23.2 us against 36.5
+# unsplit; 2-3 tokens (2, 1) 35.1 / 45.1 against (3, 2)'s 38.0 / 49.3; 4 tokens read best on 128-row tiles of 8
+# warps, unsplit (51.3 against 61.7); 6 tokens unsplit 64.6 against (2, 1)'s 70.1, yet 8 tokens (2, 1) 85.0 against
+# 90.9 unsplit; 16 unsplit 138.4 against (2, 1)'s 140.8 and (3, 2)'s 175.4. In the step (`klconvert bench --preset
+# kimi-linear-48b --context 4096 --batch 2,...,8 --spread-routing --no-check`, same day, against the former (3, 2) up
+# to 4 tokens, unsplit past): batch 2 2.308 -> 2.270 ms, 3 2.673 -> 2.539, 4 3.076 -> 2.826, 5 and 6 unchanged
+# (3.08, 3.23), 7 3.769 -> 3.629, 8 4.042 -> 3.921; 1 and 16 tokens keep their launches. Tokens 5 and 7 were not
+# swept alone: they take the next bound's entry.
 MOE_DECODE_LAUNCH = {"fma": ((DECODE_MAX_TOKENS, (16, (3, 2), 2)),),
-                     "mma": ((1, (64, (3, 2), 4)), (3, (64, (2, 1), 4)), (4, (128, (1, 1), 8)), (8, (64, (2, 1), 4)),
-                             (DECODE_MAX_TOKENS, (64, (1, 1), 4)))}
+                     "mma": ((1, (64, (3, 2), 4)), (3, (64, (2, 1), 4)), (4, (128, (1, 1), 8)), (6, (64, (1, 1), 4)),
+                             (8, (64, (2, 1), 4)), (DECODE_MAX_TOKENS, (64, (1, 1), 4)))}
 
 
 @dataclass
