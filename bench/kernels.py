@@ -579,6 +579,8 @@ def bench_int4_moe(defaults):
         if swept:
             o = tags[_fastest(swept)]
             best_mma[m] = (o["block_n"], o["split_k"], o["num_warps"])
+        if tags.get(_fastest([t for t, o in tags.items() if o["mma"]]), {}).get("weights_as_a") is False:
+            defaults[f"moe_decode_fwd weights_as_a at {m} tokens"] = False  # x as A beat every weights-as-A shape
         fastest_fma = _fastest([t for t, o in tags.items() if not o["mma"]])
         if fastest_fma:  # 1 token
             fma_launch = tags[fastest_fma]

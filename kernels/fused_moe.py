@@ -37,7 +37,7 @@ MOE_PREFILL_LAUNCH = ((64, (16, 64, 4, 3, False)), (256, (32, 128, 4, 3, True)),
 # kimi-linear-48b --context 4096 --batch 2,...,8 --spread-routing --no-check`, same day, against the former (3, 2) up
 # to 4 tokens, unsplit past): batch 2 2.308 -> 2.270 ms, 3 2.673 -> 2.539, 4 3.076 -> 2.826, 5 and 6 unchanged
 # (3.08, 3.23), 7 3.769 -> 3.629, 8 4.042 -> 3.921; 1 and 16 tokens keep their launches. Tokens 5 and 7 were not
-# swept alone: they take the next bound's entry.
+# swept alone: they take the next bound's entry. Int8 experts take the same table (swept in int4 only).
 MOE_DECODE_LAUNCH = {"fma": ((DECODE_MAX_TOKENS, (16, (3, 2), 2)),),
                      "mma": ((1, (64, (3, 2), 4)), (3, (64, (2, 1), 4)), (4, (128, (1, 1), 8)), (6, (64, (1, 1), 4)),
                              (8, (64, (2, 1), 4)), (DECODE_MAX_TOKENS, (64, (1, 1), 4)))}
