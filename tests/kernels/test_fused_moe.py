@@ -80,8 +80,8 @@ def test_decode_launch_table():
     for kind, table in MOE_DECODE_LAUNCH.items():
         bounds = [bound for bound, _ in table]
         assert bounds == sorted(set(bounds)) and bounds[-1] == DECODE_MAX_TOKENS
-        for t in range(1, DECODE_MAX_TOKENS + 1):
-            assert decode_launch(kind, t) == next(launch for bound, launch in table if t <= bound)
+        for i, (bound, launch) in enumerate(table):  # each entry serves from past the one before up to its bound
+            assert decode_launch(kind, table[i - 1][0] + 1 if i else 1) == launch == decode_launch(kind, bound)
     for _, (block_n, split_k, num_warps) in MOE_DECODE_LAUNCH["mma"]:
         assert block_n == 64 * (num_warps // 4) and len(split_k) == 2 and min(split_k) >= 1
 
