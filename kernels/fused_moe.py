@@ -10,7 +10,7 @@ import triton.language as tl
 from .int_linear import (KT, MMA_M, ROWS, PackedLinear, _arrive, _dequant_pair, _dot_w, _fma_tile, _group_params,
                          _mma_tile, _prefetch_program, _sum_partials, _tile_params, fast_unpack, packed_bytes,
                          repack_int_weight)
-from .pdl import prefetch_fits, use_pdl, wait_for_inputs
+from .pdl import prefetch_fits, prefetch_share, use_pdl, wait_for_inputs
 
 DECODE_MAX_TOKENS = 16  # up to this many tokens the decode kernels (no sort, no host sync) can run
 MAX_SLOTS = 16  # routed experts per token, plus the shared one, that the decode path's locks cover
@@ -119,9 +119,10 @@ def _pair_expert(routed, valid, shared_id, u, offs_t, offs_s, SLOTS: tl.constexp
 @triton.jit
 def moe_decode_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, T, n_out, n_pad, n_tiles,
                           tiles_per_group, tiles_per_split, stride_xm, stride_ym, stride_we, stride_se, shared_id,
-                          locks_per_row, TOPK: tl.constexpr, SLOTS: tl.constexpr, SPLIT_K: tl.constexpr,
-                          BITS: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr, ASYM: tl.constexpr,
-                          BM: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, GATED: tl.constexpr,
+                          locks_per_row, after, after_bytes, AFTER: tl.constexpr, TOPK: tl.constexpr,
+                          SLOTS: tl.constexpr, SPLIT_K: tl.constexpr, BITS: tl.constexpr, P: tl.constexpr,
+                          ROWS: tl.constexpr, ASYM: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
+                          GATED: tl.constexpr,
                           MMA: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr, PDL: tl.constexpr,
                           PREFETCH: tl.constexpr):
     """One (row block, token-slot pair u, k split) per program. The program of the first pair routed to an expert
@@ -134,7 +135,8 @@ def moe_decode_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, T, 
     launches back, and the gate+up launch between let this one go only after its own wait, so the router had
     finished; read past L1 (.cg) -- and each serving program prefetches its tile of its expert's weights.
     PREFETCH (with PDL; false when what the launch would prefetch exceeds half the L2): the prefetches, and the down
-    launch's early ids; without it both launches read the ids after the wait."""
+    launch's early ids; without it both launches read the ids after the wait. AFTER (down, with PREFETCH): the
+    programs also prefetch, in shares, the first after_bytes bytes at `after` (a later launch's weights)."""
     pid_n = tl.program_id(0)
     u = tl.program_id(1) // SPLIT_K
     split = tl.program_id(1) % SPLIT_K
@@ -152,6 +154,9 @@ def moe_decode_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, T, 
             _prefetch_program(wa + e.to(tl.int64) * stride_we, sa + e.to(tl.int64) * stride_se,
                               za + e.to(tl.int64) * stride_se, pid_n, n_pad, n_tiles, tiles_per_group, t0, t1, BN,
                               ROWS, P, ASYM)
+        if AFTER:
+            prefetch_share(after, after_bytes, tl.program_id(1) * tl.num_programs(0) + pid_n,
+                           tl.num_programs(0) * tl.num_programs(1))
         wait_for_inputs(PDL)
     else:
         if PREFETCH and GATED and SLOTS > TOPK:
@@ -312,7 +317,7 @@ def _args(p: PackedLinear):
 
 
 def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=None, block_n=None, split_k=None,
-                   num_warps=None, num_stages=3, fast=None, weights_as_a=True):
+                   num_warps=None, num_stages=3, fast=None, weights_as_a=True, after=None):
     """Two launches: gate+up+SiLU into h [T * slots, I], then down with the weighted sum over slots; each routed
     expert's weights are read once for all the tokens routed to it. mma: tensor cores (x and h in 16 bits; the
     default for 16-bit x from MOE_CROSSOVER) or CUDA cores (exact fp32 h). split_k: k splits of (gate+up, down),
@@ -320,7 +325,8 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
     weights_as_a: the weight tile is the MMA's A operand (on Hopper a register-A wgmma; 64 rows of block_n a
     warpgroup: 64 with 4 warps, 128 with 8). With PDL each launch prefetches (gate+up: the shared expert; down: every
     pair's expert) while that fits in half the L2 (pdl.prefetch_fits): at 16 tokens the down launch's ~100 experts
-    do not."""
+    do not. after: a weight a later launch reads (the next layer's input projection), which the down launch's
+    programs also prefetch while it prefetches its own, if that fits in half the L2 too."""
     T, topk = topk_ids.shape
     slots = topk + experts.has_shared
     if slots > MAX_SLOTS or T > DECODE_MAX_TOKENS:
@@ -345,6 +351,7 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
     per_expert = lambda p: packed_bytes(p) // p.qweight.shape[0]
     prefetch = [pdl and prefetch_fits(x.device, n) for n in (2 * per_expert(g) * experts.has_shared,
                                                              min(T * slots, d.qweight.shape[0]) * per_expert(d))]
+    ahead = after is not None and prefetch[1] and prefetch_fits(x.device, after.nbytes)
     tiles = g.k // KT
     per_split = triton.cdiv(tiles, min(split_k[0], tiles))
     split = triton.cdiv(tiles, per_split)
@@ -352,7 +359,7 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
     moe_decode_fwd_kernel[(triton.cdiv(g.n, block_n), T * slots * split)](
         x, topk_ids, topk_weights, wg, wu, sg, su, zg, zu, h, ws, g.locks, T, g.n, sg.shape[-1], tiles,
         g.group_size // KT, per_split, x.stride(0), h.stride(0), wg.stride(0), sg.stride(0), experts.num_experts,
-        g.locks.shape[1], SPLIT_K=split, GATED=True, PREFETCH=prefetch[0], **common)
+        g.locks.shape[1], x, 0, AFTER=False, SPLIT_K=split, GATED=True, PREFETCH=prefetch[0], **common)
     tiles = d.k // KT
     per_split = triton.cdiv(tiles, min(split_k[1], tiles))
     split = triton.cdiv(tiles, per_split)
@@ -360,7 +367,8 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
     moe_decode_fwd_kernel[(triton.cdiv(d.n, block_n), T * slots * split)](
         h, topk_ids, topk_weights, wd, wd, sd, sd, zd, zd, y, ws, d.locks, T, d.n, sd.shape[-1], tiles,
         d.group_size // KT, per_split, h.stride(0), y.stride(0), wd.stride(0), sd.stride(0), experts.num_experts,
-        0, SPLIT_K=split, GATED=False, PREFETCH=prefetch[1], **common)
+        0, after if ahead else x, after.nbytes if ahead else 0, AFTER=ahead, SPLIT_K=split, GATED=False,
+        PREFETCH=prefetch[1], **common)
     return y
 
 
@@ -438,9 +446,10 @@ def moe_grouped_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, blo
 
 
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: PackedExperts, *,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, after: torch.Tensor | None = None) -> torch.Tensor:
     """sum_slot w * down(silu(gate x) * up x) over the top-k experts [M, topk], plus the shared expert (weight 1)
-    if packed; x [M, D] (bf16, fp16 or fp32), topk_weights fp32; returns [M, D] in x.dtype."""
+    if packed; x [M, D] (bf16, fp16 or fp32), topk_weights fp32; returns [M, D] in x.dtype. after: a weight a later
+    launch reads, prefetched into L2 by the decode path (moe_decode_fwd)."""
     M, D = x.shape
     if D != experts.gate.k or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != M:
         raise ValueError(f"fused_moe: x {tuple(x.shape)}, topk_ids {tuple(topk_ids.shape)}, topk_weights "
@@ -453,4 +462,4 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     if kind == "grouped":
         return moe_grouped_fwd(x, topk_ids, topk_weights, experts, y)
     return moe_decode_fwd(x, topk_ids.contiguous(), topk_weights.to(torch.float32).contiguous(), experts, y,
-                          mma=kind == "mma")
+                          mma=kind == "mma", after=after)

@@ -73,6 +73,17 @@ def prefetch_runs(first, stride, count, run_len, LANES: tl.constexpr = 128):
 
 
 @triton.jit
+def prefetch_share(after, after_bytes, program, programs):
+    """Program `program` of `programs` prefetches its share (a line-aligned piece) of the first `after_bytes` bytes
+    at `after` into L2: weights a later launch reads, fetched while this launch waits. CUDA only: call under
+    `if PDL:`."""
+    piece = tl.cdiv(tl.cdiv(after_bytes, programs), LINE) * LINE
+    lo = program * piece
+    if lo < after_bytes:
+        prefetch_runs(after.to(tl.pointer_type(tl.int8)) + lo, 0, 1, tl.minimum(piece, after_bytes - lo))
+
+
+@triton.jit
 def wait_for_inputs(PDL: tl.constexpr):
     """With PDL: wait until the previous kernel has finished and its writes are visible, then let the next one
     launch. Every load and store of a PDL kernel comes after this. Letting the next kernel go only after the wait

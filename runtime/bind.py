@@ -201,6 +201,35 @@ def _swap_fused(model: M.KimiLinear, latent_kernel: bool) -> None:
     for module in model.modules():  # after the loop: an MoE is met before the router it holds is swapped
         if isinstance(module, M.MoE):
             FusedNormMoE.adopt(module)
+    _prefetch_ahead(model)
+
+
+def _projection_weight(module: nn.Module) -> torch.Tensor | None:
+    """The bulk of what a projection reads at decode: a packed linear's codes, a group's first part's, or a dense
+    weight; None for anything else."""
+    packed = getattr(module, "packed", None)
+    if packed is not None:
+        return packed.qweight
+    parts = getattr(module, "parts", None)
+    if parts:
+        return _projection_weight(parts[0])
+    weight = getattr(module, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else None
+
+
+def _prefetch_ahead(model: M.KimiLinear) -> None:
+    """An MoE layer's down launch also pulls the next block's input projection into L2 (with PDL, in shares over
+    its programs, while the gate+up launch runs): that projection's own prefetch starts only during the short
+    add+RMSNorm launch before it, too late for its 8-14 MB. On an H200, 27 layers at 4K: 1.746 -> 1.719 ms a
+    step (BENCHMARKS.md, fourteenth decode round; the same for the MLA blocks' kv_b and the latent attention
+    fetching o_proj measured no further gain)."""
+    from klconvert.runtime.kernel_modules import FusedExperts
+
+    blocks = list(model.blocks)
+    for block, following in zip(blocks, blocks[1:]):
+        experts = getattr(block.ffn, "experts", None)
+        if isinstance(experts, FusedExperts):
+            experts.after = _projection_weight(following.self_attn.in_proj)
 
 
 def _cpu_layout(model: M.KimiLinear) -> None:

@@ -225,14 +225,16 @@ def kda_chunk_module(mixer: nn.Module) -> nn.Module:
 
 
 class FusedExperts(nn.Module):
-    """The routed experts (and the shared one, when it is stacked in) through kernels.fused_moe."""
+    """The routed experts (and the shared one, when it is stacked in) through kernels.fused_moe. `after`: a weight
+    of a later launch (bind: the next layer's input projection) that the decode launches prefetch into L2."""
 
     def __init__(self, packed: PackedExperts):
         super().__init__()
         self.packed = packed
+        self.after: torch.Tensor | None = None
 
     def forward(self, x, ids, weights, shared: nn.Module) -> torch.Tensor:
-        y = fused_moe(x, ids, weights, self.packed)
+        y = fused_moe(x, ids, weights, self.packed, after=self.after)
         return y if self.packed.has_shared else y + shared(x)
 
 

@@ -167,6 +167,18 @@ def test_decode_through_the_latent_attention_kernel(quantized, request):
     assert rel_error(tri.decode_step(ids[:, 5], 5), ref.decode_step(ids[:, 5], 5)) < 3e-2
 
 
+def test_each_moe_prefetches_the_next_blocks_input_projection(quantized):
+    """bind hands each fused MoE the next block's input projection codes (KDA's q, k, v group, MLA's q and kv_a),
+    which its down launch pulls into L2 on a GPU with PDL; the last block has none to fetch."""
+    engine = klconvert.load(quantized, device=DEVICE, dtype=DTYPE, max_context=64, kernels="triton")
+    blocks = engine.model.blocks
+    for block, following in zip(blocks[1:], blocks[2:]):  # KDA, KDA -> MLA (layer 3)
+        proj = following.self_attn.in_proj
+        codes = (proj.packed if hasattr(proj, "packed") else proj.parts[0].packed).qweight
+        assert block.ffn.experts.after is codes
+    assert blocks[-1].ffn.experts.after is None
+
+
 def test_the_moe_folds_its_norm_into_the_router_unless_the_router_is_watched(quantized, monkeypatch):
     engine = klconvert.load(quantized, device=DEVICE, dtype=DTYPE, max_context=64, kernels="triton")
     block = engine.model.blocks[1]

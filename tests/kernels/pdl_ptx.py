@@ -51,7 +51,7 @@ def compile_launch(fn: JITFunction, *args, grid, warmup, **kwargs):
         return next((i for i, line in enumerate(lines) if re.search(pattern, line)), None)
 
     variant = ", ".join(f"{k}={v}" for k, v in constexprs.items()
-                        if k in ("GATED", "MMA", "FP8", "DENSE", "PREFETCH"))
+                        if k in ("GATED", "MMA", "FP8", "DENSE", "PREFETCH", "AFTER"))
     key = f"{fn.fn.__name__}[{variant}]"
     memory = [i for i, line in enumerate(lines) if MEMORY.search(line)]
     found[key] = {"launch_pdl": bool(kwargs.get("launch_pdl")), "first_memory_op": first(MEMORY),
@@ -91,6 +91,8 @@ def launch_every_decode_kernel() -> None:
     experts = fused_moe.repack_moe_experts([expert] * 3, shared=expert, bits=4, group_size=128)
     ids, weights = torch.tensor([[0, 2]]), torch.rand(1, 2)
     fused_moe.moe_decode_fwd(x, ids, weights, experts, torch.empty_like(x), mma=True)
+    fused_moe.moe_decode_fwd(x, ids, weights, experts, torch.empty_like(x), mma=True,
+                             after=torch.zeros(1000, dtype=torch.int32))  # a later launch's weight too
     fused_moe.moe_decode_fwd(x.float(), ids, weights, experts, torch.empty(1, 256), mma=False)
     fits, fused_moe.prefetch_fits = fused_moe.prefetch_fits, lambda device, nbytes: False
     fused_moe.moe_decode_fwd(x, ids, weights, experts, torch.empty_like(x), mma=True)  # as 16 tokens' experts run

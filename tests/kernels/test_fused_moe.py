@@ -143,28 +143,49 @@ def test_fused_moe_real_shapes(bits, symmetric, m):
 def test_decode_prefetches_only_what_fits_half_the_l2(monkeypatch):
     """With PDL the down launch prefetches every pair's expert only while they fit in half the L2 (at the 48B's
     shapes 16 tokens' ~100 experts do not: 2,604 -> 2,670 tokens/s at batch 16 on an H200 without it); gate+up
-    prefetches the shared expert."""
+    prefetches the shared expert. A later launch's weight (`after`) goes with the down launch's own prefetch, if
+    it fits in half the L2 too."""
     from klconvert.kernels import fused_moe, pdl
     from klconvert.kernels.int_linear import packed_bytes
 
     launches = []
 
-    class Capture:  # stands in for the kernel: records each launch's (GATED, PREFETCH)
+    class Capture:  # stands in for the kernel: records each launch's (GATED, PREFETCH, AFTER, bytes of `after`)
         def __getitem__(self, grid):
-            return lambda *args, **kw: launches.append((kw["GATED"], kw["PREFETCH"]))
+            return lambda *args, **kw: launches.append((kw["GATED"], kw["PREFETCH"], kw["AFTER"], args[-1]))
     experts = make_experts(32, 256, 128, 4, True, device="cpu")
     down_expert = packed_bytes(experts.down) // 33
+    later = torch.zeros(down_expert // 4, dtype=torch.int32)  # a later launch's weight, one expert's size
     monkeypatch.setattr(fused_moe, "moe_decode_fwd_kernel", Capture())
     monkeypatch.setattr(fused_moe, "use_pdl", lambda device: True)
     monkeypatch.setattr(pdl, "_l2_bytes", lambda device: 2 * 9 * down_expert)  # half the L2: one token's 8 + shared
+    x1 = torch.randn(1, 256, dtype=torch.bfloat16)
     for m in (1, 2):
         ids, weights = routing(m, 32, 8, device="cpu")
-        moe_decode_fwd(torch.randn(m, 256, dtype=torch.bfloat16), ids, weights, experts, torch.empty(m, 256), mma=True)
-    assert launches == [(True, True), (False, True), (True, True), (False, False)]
+        moe_decode_fwd(torch.randn(m, 256, dtype=torch.bfloat16), ids, weights, experts, torch.empty(m, 256), mma=True,
+                       after=later)
+    assert launches == [(True, True, False, 0), (False, True, True, later.nbytes), (True, True, False, 0),
+                        (False, False, False, 0)]
+    too_big = torch.zeros(9 * down_expert // 4 + 1, dtype=torch.int32)
+    moe_decode_fwd(x1, ids[:1], weights[:1], experts, torch.empty(1, 256), mma=True, after=too_big)
+    moe_decode_fwd(x1, ids[:1], weights[:1], experts, torch.empty(1, 256), mma=True)
+    assert launches[-4:] == [(True, True, False, 0), (False, True, False, 0)] * 2
     monkeypatch.setattr(fused_moe, "use_pdl", lambda device: False)
-    moe_decode_fwd(torch.randn(1, 256, dtype=torch.bfloat16), ids[:1], weights[:1], experts, torch.empty(1, 256),
-                   mma=True)
-    assert launches[-2:] == [(True, False), (False, False)]
+    moe_decode_fwd(x1, ids[:1], weights[:1], experts, torch.empty(1, 256), mma=True, after=later)
+    assert launches[-2:] == [(True, False, False, 0), (False, False, False, 0)]
+
+
+@GPU
+def test_prefetching_a_later_weight_changes_nothing():
+    """The down launch's L2 prefetch of a later launch's weight (with PDL) is a hint: the output is the same bit for
+    bit, and the weight untouched."""
+    experts = make_experts(32, 2304, 1024, 4, True)
+    x = torch.randn(1, 2304, device=DEVICE, dtype=torch.bfloat16)
+    ids, weights = routing(1, 32, 8)
+    later = torch.randint(-2**31, 2**31 - 1, (12288, 288), device=DEVICE, dtype=torch.int32)  # KDA q,k,v's codes
+    kept = later.clone()
+    plain = fused_moe(x, ids, weights, experts)
+    assert torch.equal(fused_moe(x, ids, weights, experts, after=later), plain) and torch.equal(later, kept)
 
 
 @GPU

@@ -3,7 +3,7 @@ GPU, by tests/kernels/pdl_ptx.py in a process without Triton's interpreter): eve
 waits for its predecessor before its first global load, store or atomic -- only L2 prefetches come first -- and
 lets the next kernel launch only after that wait -- except that the MoE's down launch, when it prefetches, reads the
 router's expert ids (written two launches back) before it, past L1. The kernels that read weights prefetch them,
-unless told not to (weights larger than half the L2)."""
+unless told not to (weights larger than half the L2); the down launch, given a later launch's weight, that too."""
 from __future__ import annotations
 
 import json
@@ -16,17 +16,19 @@ import pytest
 
 SCRIPT = Path(__file__).with_name("pdl_ptx.py")
 INT_MMA = {"int_mma_fwd_kernel[PREFETCH=True, DENSE=False]", "int_mma_fwd_kernel[PREFETCH=True, DENSE=True]"}
-DOWN = {f"moe_decode_fwd_kernel[GATED=False, MMA={m}, PREFETCH=True]" for m in (True, False)}  # ids before the wait
-DECODE_KERNELS = INT_MMA | DOWN | {
+DOWN = {f"moe_decode_fwd_kernel[AFTER={a}, GATED=False, MMA={m}, PREFETCH=True]"  # ids before the wait
+        for a, m in ((False, True), (False, False), (True, True))}
+AFTER = {"moe_decode_fwd_kernel[AFTER=True, GATED=False, MMA=True, PREFETCH=True]"}  # later launches' weights too
+DECODE_KERNELS = INT_MMA | DOWN | AFTER | {
     "int_mma_fwd_kernel[PREFETCH=False, DENSE=False]", "int_gemv_fwd_kernel[PREFETCH=True]",
     "moe_router_fwd_kernel[]", "add_rms_norm_fwd_kernel[]", "kda_layer_step_fwd_kernel[PREFETCH=True]",
     "mla_decode_merge_kernel[]",
     "mla_decode_fwd_kernel[FP8=False]", "mla_decode_fwd_kernel[FP8=True]", "mla_write_rows_kernel[FP8=False]",
     "mla_write_rows_kernel[FP8=True]"} | {
-    f"moe_decode_fwd_kernel[GATED=True, MMA={m}, PREFETCH=True]" for m in (True, False)} | {
-    f"moe_decode_fwd_kernel[GATED={g}, MMA=True, PREFETCH=False]" for g in (True, False)}
-PREFETCHING = INT_MMA | {"int_gemv_fwd_kernel[PREFETCH=True]", "moe_router_fwd_kernel[]",
-                         "kda_layer_step_fwd_kernel[PREFETCH=True]"} | {
+    f"moe_decode_fwd_kernel[AFTER=False, GATED=True, MMA={m}, PREFETCH=True]" for m in (True, False)} | {
+    f"moe_decode_fwd_kernel[AFTER=False, GATED={g}, MMA=True, PREFETCH=False]" for g in (True, False)}
+PREFETCHING = INT_MMA | AFTER | {"int_gemv_fwd_kernel[PREFETCH=True]", "moe_router_fwd_kernel[]",
+                                 "kda_layer_step_fwd_kernel[PREFETCH=True]"} | {
     k for k in DECODE_KERNELS if k.startswith("moe_decode") and k.endswith("PREFETCH=True]")}
 
 
@@ -45,6 +47,8 @@ def test_every_decode_kernel_waits_before_touching_memory_and_lets_go_after():
         if name in DOWN:
             assert k["first_memory_op"] < k["wait"], (name, k)  # the ids are read first: the rule is checked above
         assert (k["prefetches"] > 0) == (name in PREFETCHING), (name, k)
+    for name in AFTER:  # the later launches' weights add prefetches to what the launch prefetches without them
+        assert found[name]["prefetches"] > found[name.replace("AFTER=True", "AFTER=False")]["prefetches"], name
 
 
 def test_only_weights_within_half_the_l2_are_prefetched(monkeypatch):
