@@ -326,7 +326,7 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
     warpgroup: 64 with 4 warps, 128 with 8). With PDL each launch prefetches (gate+up: the shared expert; down: every
     pair's expert) while that fits in half the L2 (pdl.prefetch_fits): at 16 tokens the down launch's ~100 experts
     do not. after: a weight a later launch reads (the next layer's input projection), which the down launch's
-    programs also prefetch while it prefetches its own, if that fits in half the L2 too."""
+    programs also prefetch while the two together fit in half the L2 (one token at the 48B's shapes: 11 + 14 MB)."""
     T, topk = topk_ids.shape
     slots = topk + experts.has_shared
     if slots > MAX_SLOTS or T > DECODE_MAX_TOKENS:
@@ -349,9 +349,9 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
                   PDL=pdl, launch_pdl=pdl, num_warps=num_warps, num_stages=num_stages)
     h = torch.empty(T * slots, g.n, device=x.device, dtype=x.dtype if mma else torch.float32)
     per_expert = lambda p: packed_bytes(p) // p.qweight.shape[0]
-    prefetch = [pdl and prefetch_fits(x.device, n) for n in (2 * per_expert(g) * experts.has_shared,
-                                                             min(T * slots, d.qweight.shape[0]) * per_expert(d))]
-    ahead = after is not None and prefetch[1] and prefetch_fits(x.device, after.nbytes)
+    down_bytes = min(T * slots, d.qweight.shape[0]) * per_expert(d)
+    prefetch = [pdl and prefetch_fits(x.device, n) for n in (2 * per_expert(g) * experts.has_shared, down_bytes)]
+    ahead = after is not None and prefetch[1] and prefetch_fits(x.device, down_bytes + after.nbytes)
     tiles = g.k // KT
     per_split = triton.cdiv(tiles, min(split_k[0], tiles))
     split = triton.cdiv(tiles, per_split)
