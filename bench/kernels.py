@@ -43,7 +43,7 @@ PREFILL_TOKENS = (32768, 131072)  # one KDA layer's prefill
 CHECK_TOKENS = 4100  # checked against the reference first
 LINEAR_SHAPES = {"lm_head": (163840, 2304), "o_proj": (2304, 4096), "kda_qkv": (12288, 2304),
                  "expert_w13": (2048, 2304), "expert_w2": (2304, 1024)}  # [out, in]
-ROTATE_BYTES = 400e6  # copies of weights/state rotated per call, so L2 (50 MB) does not serve them
+ROTATE_BYTES = 400e6  # copies of weights/state rotated per call, so L2 (50-60 MiB) does not serve them
 rows, results, failures = [], {}, []
 
 
