@@ -122,9 +122,8 @@ def moe_decode_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, T, 
                           locks_per_row, after, after_bytes, AFTER: tl.constexpr, TOPK: tl.constexpr,
                           SLOTS: tl.constexpr, SPLIT_K: tl.constexpr, BITS: tl.constexpr, P: tl.constexpr,
                           ROWS: tl.constexpr, ASYM: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
-                          GATED: tl.constexpr,
-                          MMA: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr, PDL: tl.constexpr,
-                          PREFETCH: tl.constexpr):
+                          GATED: tl.constexpr, MMA: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr,
+                          PDL: tl.constexpr, PREFETCH: tl.constexpr):
     """One (row block, token-slot pair u, k split) per program. The program of the first pair routed to an expert
     serves every token routed to it, as the rows of one tile (BM >= tokens); the other pairs' programs return at
     once: each weight is read once per launch, without sorting (and without a host sync).
