@@ -33,8 +33,8 @@ def _split_chunk(length, n_splits, MIN_SPLIT: tl.constexpr, BLOCK_N: tl.constexp
 
 
 @triton.jit
-def _clamped_length(lengths, i_b, L_max):
-    return tl.minimum(tl.maximum(tl.load(lengths + i_b), 0), L_max)
+def _clamped_length(lengths, i_b, L_max, OFFSET: tl.constexpr):
+    return tl.minimum(tl.maximum(tl.load(lengths + i_b) + OFFSET, 0), L_max)
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def mla_decode_fwd_kernel(q_lat, q_rope, cache, cache_scale, lengths, part_o, pa
                           stride_qb, stride_qh, stride_rb, stride_rh, stride_cb, stride_cl, stride_sb,
                           R: tl.constexpr, DR: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                           MIN_SPLIT: tl.constexpr, FP8: tl.constexpr, TOKENS_M: tl.constexpr,
-                          P_SCALE: tl.constexpr, DOT_DT: tl.constexpr, PDL: tl.constexpr):
+                          P_SCALE: tl.constexpr, DOT_DT: tl.constexpr, OFFSET: tl.constexpr, PDL: tl.constexpr):
     """One (head block, split, sequence) per program. Each cache tile [BLOCK_N, R + Dr] is read from HBM once and
     serves the whole head block: heads are the M dim of both dots (scores = q c^T, o += p c). Online softmax in base
     2 (qk_scale carries log2 e); writes the split's normalized o [BLOCK_H, R] and its log2-sum-exp2."""
@@ -51,7 +51,7 @@ def mla_decode_fwd_kernel(q_lat, q_rope, cache, cache_scale, lengths, part_o, pa
     i_s = tl.program_id(1)
     i_b = tl.program_id(2).to(tl.int64)
     n_splits = tl.num_programs(1)
-    length = _clamped_length(lengths, i_b, L_max)
+    length = _clamped_length(lengths, i_b, L_max, OFFSET)
     chunk = _split_chunk(length, n_splits, MIN_SPLIT, BLOCK_N)
     start = i_s * chunk
     if start < length:
@@ -112,7 +112,8 @@ def mla_decode_fwd_kernel(q_lat, q_rope, cache, cache_scale, lengths, part_o, pa
 @triton.jit
 def mla_decode_merge_kernel(part_o, part_lse, lengths, o, H, L_max, n_splits, stride_ob, stride_oh,
                             R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
-                            MIN_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                            MIN_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, OFFSET: tl.constexpr,
+                            PDL: tl.constexpr):
     """One (R block, head, sequence) per program: o = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max) over the
     splits that ran for this length (the others' workspace is never read), in one pass of BLOCK_S splits at a
     time with the running max rescaled (so a 4K context's 64 splits are one round trip, not a pass for the max and
@@ -121,7 +122,7 @@ def mla_decode_merge_kernel(part_o, part_lse, lengths, o, H, L_max, n_splits, st
     i_r = tl.program_id(0)
     i_h = tl.program_id(1)
     i_b = tl.program_id(2).to(tl.int64)
-    length = _clamped_length(lengths, i_b, L_max)
+    length = _clamped_length(lengths, i_b, L_max, OFFSET)
     n_active = tl.cdiv(length, _split_chunk(length, n_splits, MIN_SPLIT, BLOCK_N))
     offs_s = tl.arange(0, BLOCK_S)
     offs_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -223,14 +224,15 @@ def _check(q_lat, q_rope, cache, lengths, cache_scale, out):
 
 def mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale=None, *, out=None, out_dtype=torch.float32,
                block_h=32, block_n=None, num_warps=None, num_stages=None, min_split_tokens=256, num_splits=None,
-               qk_tokens_as_m=False):
+               qk_tokens_as_m=False, length_offset=0):
     """Absorbed MLA attention for one query token per sequence.
 
     q_lat [B, H, R]: the query folded into the latent (q_nope @ W_uk); q_rope [B, H, Dr]: the query's shared-key
     part; both bf16 or fp32 (rounded to bf16 for the tensor cores). cache [B, L_max, R + Dr]: per token the normed
     latent then the shared key, bf16, or float8_e4m3fn with cache_scale [B, L_max] fp32 (row = values * scale, see
-    quantize_mla_cache_rows). lengths int32 or int64 [B]: the first lengths[b] tokens are attended; later rows are
-    never read (they may hold anything); lengths are clamped to [0, L_max] and a length of 0 gives zeros.
+    quantize_mla_cache_rows). lengths int32 or int64 [B]: the first lengths[b] + length_offset tokens are attended
+    (length_offset, an int: a decode step passes its positions and 1, so no launch adds the 1); later rows are never
+    read (they may hold anything); lengths are clamped to [0, L_max] and a length of 0 gives zeros.
     scores = (q_lat . c_lat + q_rope . k_rope) * scale, softmax over the valid tokens, o = p @ c_lat.
     Returns o_lat [B, H, R] in out_dtype (fp32, bf16 or fp16; the merge rounds its fp32 sum once), or into `out`
     (its dtype) if given.
@@ -246,6 +248,8 @@ def mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale=None, *, out=No
     faster at 1M than bf16 dots), the queries rounded to fp16, so |q| must stay below 65504.
     """
     _check(q_lat, q_rope, cache, lengths, cache_scale, out)
+    if type(length_offset) is not int:
+        raise ValueError(f"mla_decode: length_offset must be an int, got {type(length_offset).__name__}")
     if out is None and out_dtype not in OUT_DTYPES:
         raise ValueError(f"mla_decode: out_dtype must be one of {OUT_DTYPES}, not {out_dtype}")
     B, H, R = q_lat.shape
@@ -265,11 +269,11 @@ def mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale=None, *, out=No
         H, L_max, q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), cache.stride(0),
         cache.stride(1), cache_scale.stride(0) if fp8 else 0, R=R, DR=Dr, BLOCK_H=block_h, BLOCK_N=block_n,
         MIN_SPLIT=min_split_tokens, FP8=fp8, TOKENS_M=qk_tokens_as_m, P_SCALE=FP8_MAX if fp8 else 1.0,
-        DOT_DT=tl.float16 if fp8 else tl.bfloat16, PDL=pdl, launch_pdl=pdl, num_warps=num_warps or launch["num_warps"],
-        num_stages=num_stages or launch["num_stages"])
+        DOT_DT=tl.float16 if fp8 else tl.bfloat16, OFFSET=length_offset, PDL=pdl, launch_pdl=pdl,
+        num_warps=num_warps or launch["num_warps"], num_stages=num_stages or launch["num_stages"])
     o = out if out is not None else torch.empty(B, H, R, device=cache.device, dtype=out_dtype)
     block_s, block_r = merge_blocks(S, R)
     mla_decode_merge_kernel[(triton.cdiv(R, block_r), H, B)](
         part_o, part_lse, lengths, o, H, L_max, S, o.stride(0), o.stride(1), R=R, BLOCK_R=block_r, BLOCK_S=block_s,
-        MIN_SPLIT=min_split_tokens, BLOCK_N=block_n, PDL=pdl, launch_pdl=pdl, num_warps=4)
+        MIN_SPLIT=min_split_tokens, BLOCK_N=block_n, OFFSET=length_offset, PDL=pdl, launch_pdl=pdl, num_warps=4)
     return o

@@ -15,10 +15,10 @@ def quantize_mla_cache_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return values, scale
 
 
-def naive_mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale=None, *, out=None):
+def naive_mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale=None, *, out=None, length_offset=0):
     B, H, R = q_lat.shape
     o = torch.zeros(B, H, R, device=q_lat.device, dtype=torch.float32)
-    for b, n in enumerate(lengths.clamp(0, cache.shape[1]).tolist()):
+    for b, n in enumerate((lengths + length_offset).clamp(0, cache.shape[1]).tolist()):
         if n == 0:
             continue
         rows = cache[b, :n].float()  # [n, R + Dr]

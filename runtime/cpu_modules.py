@@ -146,10 +146,10 @@ class CPULatentAttention(nn.Module):
         self.scale, self.scale_t = scale, _const(scale)
         self.arange: torch.Tensor | None = None
 
-    def forward(self, q_lat, q_rope, cache, lengths, scale, cache_scale=None) -> torch.Tensor:
+    def forward(self, q_lat, q_rope, cache, positions, scale, cache_scale=None) -> torch.Tensor:
         if scale != self.scale or cache_scale is not None or cache.dtype != torch.float32:
-            return M.LatentAttention.forward(self, q_lat, q_rope, cache, lengths, scale, cache_scale)
-        return self.upto(q_lat, q_rope, cache, lengths - 1)
+            return M.LatentAttention.forward(self, q_lat, q_rope, cache, positions, scale, cache_scale)
+        return self.upto(q_lat, q_rope, cache, positions)
 
     def upto(self, q_lat, q_rope, cache, last) -> torch.Tensor:
         """The fp32 cache's rows 0..last[b] of each sequence b."""
@@ -193,7 +193,7 @@ class CPUMLAMixer(M.MLAMixer):
         if cache_scale is None and cache.dtype == torch.float32:
             o_lat = self.attend.upto(q_lat, q_rope, cache, positions)
         else:
-            o_lat = self.attend(q_lat, q_rope, cache, positions + 1, self.scale, cache_scale).to(x.dtype)
+            o_lat = self.attend(q_lat, q_rope, cache, positions, self.scale, cache_scale).to(x.dtype)
         o = torch.bmm(o_lat.transpose(0, 1), self.cpu_w_uv_t).transpose(0, 1)               # [B, H, dv]
         return F.linear(o.reshape(B, self.H * self.dv), self.cpu_out.float())
 

@@ -260,13 +260,14 @@ class TritonPrefillAttention(M.PrefillAttention):
 class TritonLatentAttention(nn.Module):
     """LatentAttention through kernels.mla_decode (split over the sequence; bf16 or e4m3 cache). Splits of at
     least MIN_SPLIT_TOKENS: a 4K context then spreads over ~64 programs instead of 16 (a decode step at short
-    context is latency-bound); long contexts are capped by the kernel's one wave over the SMs either way."""
+    context is latency-bound); long contexts are capped by the kernel's one wave over the SMs either way. The
+    kernel adds the 1 to the positions (no launch of its own for it)."""
 
     MIN_SPLIT_TOKENS = 64
 
-    def forward(self, q_lat, q_rope, cache, lengths, scale, cache_scale=None) -> torch.Tensor:
-        return mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale, min_split_tokens=self.MIN_SPLIT_TOKENS,
-                          out_dtype=q_lat.dtype)
+    def forward(self, q_lat, q_rope, cache, positions, scale, cache_scale=None) -> torch.Tensor:
+        return mla_decode(q_lat, q_rope, cache, positions, scale, cache_scale, min_split_tokens=self.MIN_SPLIT_TOKENS,
+                          out_dtype=q_lat.dtype, length_offset=1)
 
 
 class TritonLatentRowWrite(nn.Module):

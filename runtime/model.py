@@ -209,15 +209,16 @@ class KDAMixer(nn.Module):
 # ---- MLA ------------------------------------------------------------------------------------------------
 class LatentAttention(nn.Module):
     """Decode attention over the planned latent cache in the absorbed form (MQA over the 512-d latent plus the
-    64-d shared key), each sequence up to its own length. Holds no weights; bind swaps in the Triton kernel."""
+    64-d shared key), each sequence up to and including its position (the row the step just wrote). Holds no
+    weights; bind swaps in the Triton kernel."""
 
-    def forward(self, q_lat, q_rope, cache, lengths, scale, cache_scale=None) -> torch.Tensor:
-        """q_lat [B, H, R], q_rope [B, H, Dr], cache [B, L, R+Dr], lengths [B] -> o_lat [B, H, R] in q_lat's
-        dtype."""
+    def forward(self, q_lat, q_rope, cache, positions, scale, cache_scale=None) -> torch.Tensor:
+        """q_lat [B, H, R], q_rope [B, H, Dr], cache [B, L, R+Dr], positions [B]: rows 0..positions[b] of sequence
+        b are attended -> o_lat [B, H, R] in q_lat's dtype."""
         R = q_lat.shape[-1]
         c = cache_rows(cache, cache_scale, q_lat.dtype)
         scores = torch.einsum("bhc,blc->bhl", torch.cat([q_lat, q_rope], dim=-1), c).float() * scale
-        valid = torch.arange(cache.shape[1], device=cache.device) < lengths[:, None]          # [B, L]
+        valid = torch.arange(cache.shape[1], device=cache.device) <= positions[:, None]       # [B, L]
         p = scores.masked_fill(~valid[:, None], float("-inf")).softmax(dim=-1)
         return torch.einsum("bhl,blr->bhr", p.to(c.dtype), c[..., :R])
 
@@ -359,7 +360,7 @@ class MLAMixer(nn.Module):
         q_nope, q_rope = q.split([self.dn, self.dr], dim=-1)
         w_uk, w_uv = self.kv_b_proj.weight.view(self.H, self.dn + self.dv, self.r).split([self.dn, self.dv], dim=1)
         q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)      # [B, H, r]
-        o_lat = self.attend(q_lat, q_rope, state.mla_cache[self.slot], positions + 1, self.scale,
+        o_lat = self.attend(q_lat, q_rope, state.mla_cache[self.slot], positions, self.scale,
                             state.mla_scale_of(self.slot))
         o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)   # [B, H, dv]
         return self.o_proj(o.reshape(B, self.H * self.dv))

@@ -79,16 +79,18 @@ def test_merge_over_more_splits_than_one_round_trip(poisoned_workspace):
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
-def test_mla_decode_int64_lengths_and_a_16_bit_output(out_dtype, poisoned_workspace):
-    """What the model passes: its positions + 1 as int64, the output in the queries' dtype (the merge rounds once)."""
+def test_mla_decode_positions_and_a_16_bit_output(out_dtype, poisoned_workspace):
+    """What the model passes: its int64 positions with length_offset 1 (rows 0..position attended; the row past
+    it is NaN, so one row too many fails), the output in the queries' dtype (the merge rounds once)."""
     B, H, R, Dr, L_max = 2, 4, 64, 16, 200
-    lengths = torch.tensor([3, 177], dtype=torch.int64, device=DEVICE)
-    cache, scale = make_cache(B, L_max, lengths, R + Dr, False)
+    positions = torch.tensor([2, 176], dtype=torch.int64, device=DEVICE)
+    cache, scale = make_cache(B, L_max, positions + 1, R + Dr, False)
     q_lat, q_rope = queries(B, H, R, Dr, torch.bfloat16)
-    o = mla_decode(q_lat, q_rope, cache, lengths, SCALE, scale, out_dtype=out_dtype, min_split_tokens=32)
+    o = mla_decode(q_lat, q_rope, cache, positions, SCALE, scale, out_dtype=out_dtype, min_split_tokens=32,
+                   length_offset=1)
     assert o.dtype == out_dtype
-    assert_close(o, naive_mla_decode(q_lat, q_rope, cache, lengths, SCALE, scale), BOUND, "o_lat")
-    fp32 = mla_decode(q_lat, q_rope, cache, lengths.int(), SCALE, scale, min_split_tokens=32)
+    assert_close(o, naive_mla_decode(q_lat, q_rope, cache, positions + 1, SCALE, scale), BOUND, "o_lat")
+    fp32 = mla_decode(q_lat, q_rope, cache, (positions + 1).int(), SCALE, scale, min_split_tokens=32)
     assert torch.equal(o, fp32.to(out_dtype))                  # the same sum, rounded once
 
 
@@ -170,6 +172,7 @@ def test_quantize_mla_cache_rows():
     (dict(cache_scale=torch.ones(2, 40)), "cache_scale goes with"),
     (dict(lengths=torch.ones(2, dtype=torch.float32)), "lengths must be"),
     (dict(cache=torch.zeros(2, 40, 60, dtype=torch.bfloat16)), "cache \\[2, L, 48\\]"),
+    (dict(length_offset=torch.ones(1, dtype=torch.int64)), "length_offset must be an int"),
 ])
 def test_rejects_bad_input(bad, match):
     args = dict(q_lat=torch.zeros(2, 3, 32), q_rope=torch.zeros(2, 3, 16), cache=torch.zeros(2, 40, 48,
