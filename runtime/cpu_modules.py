@@ -189,11 +189,8 @@ class CPUMLAMixer(M.MLAMixer):
         state.write_mla_at(self.slot, positions, rows)
         q_nope, q_rope = q.view(B, self.H, -1).split([self.dn, self.dr], dim=-1)
         q_lat = torch.bmm(q_nope.transpose(0, 1), self.cpu_w_uk).transpose(0, 1)             # [B, H, r]
-        cache, cache_scale = state.mla_cache[self.slot], state.mla_scale_of(self.slot)
-        if cache_scale is None and cache.dtype == torch.float32:
-            o_lat = self.attend.upto(q_lat, q_rope, cache, positions)
-        else:
-            o_lat = self.attend(q_lat, q_rope, cache, positions, self.scale, cache_scale).to(x.dtype)
+        o_lat = self.attend(q_lat, q_rope, state.mla_cache[self.slot], positions, self.scale,
+                            state.mla_scale_of(self.slot))                            # its fp32 path: upto
         o = torch.bmm(o_lat.transpose(0, 1), self.cpu_w_uv_t).transpose(0, 1)               # [B, H, dv]
         return F.linear(o.reshape(B, self.H * self.dv), self.cpu_out.float())
 
