@@ -537,8 +537,8 @@ def bench_int4_linear(defaults):
     defaults["kernels/int_linear.py CROSSOVER (fma, mma) bounds"] = crossover
 
 
-# the tensor-core decode launches swept at every token count (block_n, split_k, num_warps): MOE_DECODE_LAUNCH's and
-# the ones around them
+# the tensor-core decode launches swept at every token count (block_n, split_k, num_warps), each with and without the
+# RAW unpack of gate+up (x's k-tile sums given): MOE_DECODE_LAUNCH's and the ones around them
 MOE_DECODE_SWEEP = ((64, (3, 2), 4), (64, (2, 1), 4), (64, (1, 1), 4), (64, (6, 4), 4), (128, (3, 2), 4),
                     (128, (1, 1), 4), (128, (3, 2), 8), (128, (1, 1), 8))
 MOE_DECODE_TOKENS = (1, 2, 3, 4, 6, 8, 16)
@@ -549,13 +549,15 @@ def bench_int4_moe(defaults):
     set), the CUDA-core launches at 1 token, and the grouped GEMM they hand over to."""
     experts = random_experts()
     per_expert = sum(packed_bytes(p) for p in experts.expert(0))
-    mma = [dict(mma=True, block_n=bn, split_k=sk, num_warps=wp) for bn, sk, wp in MOE_DECODE_SWEEP]
+    mma = [dict(mma=True, block_n=bn, split_k=sk, num_warps=wp, raw=raw) for bn, sk, wp in MOE_DECODE_SWEEP
+           for raw in (False, True)]
     mma.append(dict(mma=True, weights_as_a=False))
     fma = [dict(mma=False), *(dict(mma=False, block_n=bn, split_k=sk, num_warps=wp)
                               for bn, sk, wp in ((32, (6, 4), 4), (16, (3, 2), 2)))]
     best_decode, best_mma, fma_launch = {}, {}, None
     for m in (*MOE_DECODE_TOKENS, 32):
         x, routings, w, moved, ids = moe_batch(m, per_expert)
+        sums = x.float().view(m, -1, 128).sum(-1)  # what the fused router writes beside h
         ref = naive_fused_moe(x, routings[0], w, experts)
         tags = {}
         options = ([dict(mma=True)] + mma if m <= DECODE_MAX_TOKENS else []) + (fma if m == 1 else [])
@@ -564,9 +566,10 @@ def bench_int4_moe(defaults):
                 ", ".join(f"{k} {v}" for k, v in opt.items() if k != "mma")
             tag = tag.rstrip()
             y = torch.empty_like(x)
-            if not check(tag, moe_decode_fwd(x, routings[0], w, experts, y, **opt), ref, 1e-2):
+            call = dict(opt, x_sums=sums) if opt["mma"] else opt  # the default launch takes RAW where its table says
+            if not check(tag, moe_decode_fwd(x, routings[0], w, experts, y, **call), ref, 1e-2):
                 continue
-            record(tag, timed(lambda: moe_decode_fwd(x, ids(), w, experts, y, **opt)), moved)
+            record(tag, timed(lambda: moe_decode_fwd(x, ids(), w, experts, y, **call)), moved)
             tags[tag] = opt
         tag = f"fused_moe int4 M={m} grouped"
         if check(tag, moe_grouped_fwd(x, routings[0], w, experts, torch.empty_like(x)), ref, 2e-2):
@@ -578,7 +581,7 @@ def bench_int4_moe(defaults):
         swept = [t for t, o in tags.items() if o["mma"] and "block_n" in o]
         if swept:
             o = tags[_fastest(swept)]
-            best_mma[m] = (o["block_n"], o["split_k"], o["num_warps"])
+            best_mma[m] = (o["block_n"], o["split_k"], o["num_warps"], o["raw"])
         if tags.get(_fastest([t for t, o in tags.items() if o["mma"]]), {}).get("weights_as_a") is False:
             defaults[f"moe_decode_fwd weights_as_a at {m} tokens"] = False  # x as A beat every weights-as-A shape
         fastest_fma = _fastest([t for t, o in tags.items() if not o["mma"]])
@@ -593,7 +596,7 @@ def bench_int4_moe(defaults):
              "was fastest at)"] = table
     if fma_launch:
         defaults["kernels/fused_moe.py MOE_DECODE_LAUNCH['fma'] (1 token)"] = "unchanged (the default)" \
-            if "block_n" not in fma_launch else (fma_launch["block_n"], fma_launch["split_k"], fma_launch["num_warps"])
+            if "block_n" not in fma_launch else (*(fma_launch[k] for k in ("block_n", "split_k", "num_warps")), False)
     print("fused_moe int4: fastest per M", best_decode, flush=True)
 
 

@@ -38,9 +38,14 @@ MOE_PREFILL_LAUNCH = ((64, (16, 64, 4, 3, False)), (256, (32, 128, 4, 3, True)),
 # to 4 tokens, unsplit past): batch 2 2.308 -> 2.270 ms, 3 2.673 -> 2.539, 4 3.076 -> 2.826, 5 and 6 unchanged
 # (3.08, 3.23), 7 3.769 -> 3.629, 8 4.042 -> 3.921; 1 and 16 tokens keep their launches. Tokens 5 and 7 were not
 # swept alone: they take the next bound's entry. Int8 experts take the same table (swept in int4 only).
-MOE_DECODE_LAUNCH = {"fma": ((DECODE_MAX_TOKENS, (16, (3, 2), 2)),),
-                     "mma": ((1, (64, (3, 2), 4)), (3, (64, (2, 1), 4)), (4, (128, (1, 1), 8)), (6, (64, (1, 1), 4)),
-                             (8, (64, (2, 1), 4)), (DECODE_MAX_TOKENS, (64, (1, 1), 4)))}
+# The fourth field: whether the gate+up launch takes the RAW unpack when x's k-tile sums come with x. Measured on an
+# H200 (2026-11-30, a scratch script timing as `--only int4` does, graph us, sym int4, the sums precomputed): 1 token
+# 23.4 -> 21.7, 4 tokens 51.5 -> 50.5, 16 tokens 139.7 -> 133-138; slower on the (2, 1) split: 2 tokens 35.4 ->
+# 38.6, 8 tokens 85.2 -> 87.4; 5-6 tokens not measured (off).
+MOE_DECODE_LAUNCH = {"fma": ((DECODE_MAX_TOKENS, (16, (3, 2), 2, False)),),
+                     "mma": ((1, (64, (3, 2), 4, True)), (3, (64, (2, 1), 4, False)), (4, (128, (1, 1), 8, True)),
+                             (6, (64, (1, 1), 4, False)), (8, (64, (2, 1), 4, False)),
+                             (DECODE_MAX_TOKENS, (64, (1, 1), 4, True)))}
 
 
 @dataclass
@@ -119,11 +124,11 @@ def _pair_expert(routed, valid, shared_id, u, offs_t, offs_s, SLOTS: tl.constexp
 @triton.jit
 def moe_decode_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, T, n_out, n_pad, n_tiles,
                           tiles_per_group, tiles_per_split, stride_xm, stride_ym, stride_we, stride_se, shared_id,
-                          locks_per_row, after, after_bytes, AFTER: tl.constexpr, TOPK: tl.constexpr,
+                          locks_per_row, after, after_bytes, x_sum, AFTER: tl.constexpr, TOPK: tl.constexpr,
                           SLOTS: tl.constexpr, SPLIT_K: tl.constexpr, BITS: tl.constexpr, P: tl.constexpr,
                           ROWS: tl.constexpr, ASYM: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
                           GATED: tl.constexpr, MMA: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr,
-                          PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                          PDL: tl.constexpr, PREFETCH: tl.constexpr, RAW: tl.constexpr):
     """One (row block, token-slot pair u, k split) per program. The program of the first pair routed to an expert
     serves every token routed to it, as the rows of one tile (BM >= tokens); the other pairs' programs return at
     once: each weight is read once per launch, without sorting (and without a host sync).
@@ -135,7 +140,9 @@ def moe_decode_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, T, 
     finished; read past L1 (.cg) -- and each serving program prefetches its tile of its expert's weights.
     PREFETCH (with PDL; false when what the launch would prefetch exceeds half the L2): the prefetches, and the down
     launch's early ids; without it both launches read the ids after the wait. AFTER (down, with PREFETCH): the
-    programs also prefetch, in shares, the first after_bytes bytes at `after` (a later launch's weights)."""
+    programs also prefetch, in shares, the first after_bytes bytes at `after` (a later launch's weights).
+    RAW (gate+up, int4 on the tensor cores with the PTX unpack): the codes enter the dots as O + code, and x_sum
+    [T, n_tiles] (each token's sum of x over each k-tile) takes O + zero off after them (_mma_tile)."""
     pid_n = tl.program_id(0)
     u = tl.program_id(1) // SPLIT_K
     split = tl.program_id(1) % SPLIT_K
@@ -194,11 +201,12 @@ def moe_decode_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, T, 
             for t in range(t0, t1):
                 g = t // tiles_per_group
                 xt = x_ptrs + t * (32 // BITS) * P
+                xsum_t = tl.load(x_sum + offs_t * n_tiles + t, mask=tok, other=0.0) if RAW else None
                 a += _mma_tile(tl.load(wa + w_off + t * ROWS * P, mask=mask_n[:, None], other=0), xt, x_mask,
-                               sa + s_off, za + s_off, mask_n, g, n_pad, BITS, P, ASYM, FAST, WA)
+                               sa + s_off, za + s_off, mask_n, g, n_pad, BITS, P, ASYM, FAST, WA, xsum_t, RAW)
                 if GATED:
                     b += _mma_tile(tl.load(wb + w_off + t * ROWS * P, mask=mask_n[:, None], other=0), xt, x_mask,
-                                   sb + s_off, zb + s_off, mask_n, g, n_pad, BITS, P, ASYM, FAST, WA)
+                                   sb + s_off, zb + s_off, mask_n, g, n_pad, BITS, P, ASYM, FAST, WA, xsum_t, RAW)
             if WA:
                 a = tl.trans(a)
                 b = tl.trans(b)
@@ -316,7 +324,7 @@ def _args(p: PackedLinear):
 
 
 def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=None, block_n=None, split_k=None,
-                   num_warps=None, num_stages=3, fast=None, weights_as_a=True, after=None):
+                   num_warps=None, num_stages=3, fast=None, weights_as_a=True, after=None, x_sums=None, raw=None):
     """Two launches: gate+up+SiLU into h [T * slots, I], then down with the weighted sum over slots; each routed
     expert's weights are read once for all the tokens routed to it. mma: tensor cores (x and h in 16 bits; the
     default for 16-bit x from MOE_CROSSOVER) or CUDA cores (exact fp32 h). split_k: k splits of (gate+up, down),
@@ -325,7 +333,11 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
     warpgroup: 64 with 4 warps, 128 with 8). With PDL each launch prefetches (gate+up: the shared expert; down: every
     pair's expert) while that fits in half the L2 (pdl.prefetch_fits): at 16 tokens the down launch's ~100 experts
     do not. after: a weight a later launch reads (the next layer's input projection), which the down launch's
-    programs also prefetch while the two together fit in half the L2 (one token at the 48B's shapes: 11 + 14 MB)."""
+    programs also prefetch while the two together fit in half the L2 (one token at the 48B's shapes: 11 + 14 MB).
+    x_sums: each token's sum of x (16-bit, as given) over each k-tile of KT inputs, fp32 [T, K / KT] (what the
+    fused router writes beside h): for int4 on the tensor cores with the PTX unpack the gate+up launch then unpacks a
+    pair of codes in one LOP3 and takes the offset off through these sums (RAW), where its launch says so (default)
+    or `raw`."""
     T, topk = topk_ids.shape
     slots = topk + experts.has_shared
     if slots > MAX_SLOTS or T > DECODE_MAX_TOKENS:
@@ -337,6 +349,12 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
     launch = decode_launch("mma" if mma else "fma", T)
     split_k = split_k or launch[1]
     block_n, num_warps = block_n or launch[0], num_warps or launch[2]
+    fast = mma and (fast_unpack(g.bits, x.device) if fast is None else fast)
+    raw = (x_sums is not None and fast and g.bits == 4 and x.dtype in (torch.bfloat16, torch.float16)
+           and (launch[3] if raw is None else raw))
+    if raw and (tuple(x_sums.shape) != (T, g.k // KT) or x_sums.dtype != torch.float32 or not x_sums.is_contiguous()):
+        raise ValueError(f"moe_decode_fwd: x_sums {x_sums.dtype} {list(x_sums.shape)}, expected contiguous fp32 "
+                         f"{[T, g.k // KT]}")
     if mma and x.dtype not in (torch.bfloat16, torch.float16):
         x = x.to(torch.bfloat16)
     (wg, sg, zg), (wu, su, zu), (wd, sd, zd) = _args(g), _args(u), _args(d)
@@ -344,7 +362,7 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
     common = dict(TOPK=topk, SLOTS=slots, BITS=g.bits, P=KT * g.bits // 32, ROWS=ROWS, ASYM=g.zeros is not None,
                   BM=max(MMA_M, triton.next_power_of_2(T)) if mma else triton.next_power_of_2(T),
                   BS=triton.next_power_of_2(slots), BN=block_n, MMA=mma,
-                  FAST=mma and (fast_unpack(g.bits, x.device) if fast is None else fast), WA=mma and weights_as_a,
+                  FAST=fast, WA=mma and weights_as_a,
                   PDL=pdl, launch_pdl=pdl, num_warps=num_warps, num_stages=num_stages)
     h = torch.empty(T * slots, g.n, device=x.device, dtype=x.dtype if mma else torch.float32)
     per_expert = lambda p: packed_bytes(p) // p.qweight.shape[0]
@@ -358,7 +376,8 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
     moe_decode_fwd_kernel[(triton.cdiv(g.n, block_n), T * slots * split)](
         x, topk_ids, topk_weights, wg, wu, sg, su, zg, zu, h, ws, g.locks, T, g.n, sg.shape[-1], tiles,
         g.group_size // KT, per_split, x.stride(0), h.stride(0), wg.stride(0), sg.stride(0), experts.num_experts,
-        g.locks.shape[1], x, 0, AFTER=False, SPLIT_K=split, GATED=True, PREFETCH=prefetch[0], **common)
+        g.locks.shape[1], x, 0, x_sums if raw else x, AFTER=False, SPLIT_K=split, GATED=True,
+        PREFETCH=prefetch[0], RAW=raw, **common)
     tiles = d.k // KT
     per_split = triton.cdiv(tiles, min(split_k[1], tiles))
     split = triton.cdiv(tiles, per_split)
@@ -366,13 +385,13 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
     moe_decode_fwd_kernel[(triton.cdiv(d.n, block_n), T * slots * split)](
         h, topk_ids, topk_weights, wd, wd, sd, sd, zd, zd, y, ws, d.locks, T, d.n, sd.shape[-1], tiles,
         d.group_size // KT, per_split, h.stride(0), y.stride(0), wd.stride(0), sd.stride(0), experts.num_experts,
-        0, after if ahead else x, after.nbytes if ahead else 0, AFTER=ahead, SPLIT_K=split, GATED=False,
-        PREFETCH=prefetch[1], **common)
+        0, after if ahead else x, after.nbytes if ahead else 0, x, AFTER=ahead, SPLIT_K=split, GATED=False,
+        PREFETCH=prefetch[1], RAW=False, **common)
     return y
 
 
-def decode_launch(kind: str, tokens: int) -> tuple[int, tuple[int, int], int]:
-    """moe_decode_fwd's default (block_n, split_k, num_warps) on "fma" or "mma" for this many tokens."""
+def decode_launch(kind: str, tokens: int) -> tuple[int, tuple[int, int], int, bool]:
+    """moe_decode_fwd's default (block_n, split_k, num_warps, raw) on "fma" or "mma" for this many tokens."""
     return next(launch for bound, launch in MOE_DECODE_LAUNCH[kind] if tokens <= bound)
 
 
@@ -445,10 +464,12 @@ def moe_grouped_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, blo
 
 
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: PackedExperts, *,
-              out: torch.Tensor | None = None, after: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, after: torch.Tensor | None = None,
+              x_sums: torch.Tensor | None = None) -> torch.Tensor:
     """sum_slot w * down(silu(gate x) * up x) over the top-k experts [M, topk], plus the shared expert (weight 1)
     if packed; x [M, D] (bf16, fp16 or fp32), topk_weights fp32; returns [M, D] in x.dtype. after: a weight a later
-    launch reads, prefetched into L2 by the decode path (moe_decode_fwd)."""
+    launch reads, prefetched into L2 by the decode path; x_sums: x's k-tile sums for its RAW unpack
+    (moe_decode_fwd)."""
     M, D = x.shape
     if D != experts.gate.k or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != M:
         raise ValueError(f"fused_moe: x {tuple(x.shape)}, topk_ids {tuple(topk_ids.shape)}, topk_weights "
@@ -461,4 +482,4 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     if kind == "grouped":
         return moe_grouped_fwd(x, topk_ids, topk_weights, experts, y)
     return moe_decode_fwd(x, topk_ids.contiguous(), topk_weights.to(torch.float32).contiguous(), experts, y,
-                          mma=kind == "mma", after=after)
+                          mma=kind == "mma", after=after, x_sums=x_sums)

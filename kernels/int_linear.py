@@ -196,6 +196,21 @@ def _int4_pair_asm(w, FP16: tl.constexpr):
     return out
 
 
+@triton.jit
+def _int4_pair_raw_asm(w, FP16: tl.constexpr):
+    """_int4_pair_asm without its subtraction: slots 0 and 4 of int4 words w [BN, P] as O + code in bf16 (O = 128;
+    fp16 if FP16: O = 1024), [BN, P, 2] -- one LOP3 a pair. The caller takes O + the zero point off after the dot
+    (_mma_tile). CUDA only (PTX)."""
+    ww = tl.join(w, w)
+    if FP16:
+        out = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x64006400, 0xEA;", "=r,r,r", [ww],
+                                        dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        out = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xEA;", "=r,r,r", [ww],
+                                        dtype=tl.bfloat16, is_pure=True, pack=2)
+    return out
+
+
 def _int8_pair_ptx(fp16: bool, i: int) -> str:
     """_int8_pair_asm's PTX for pair i (bytes i and i + 2 of the word $1) into $0."""
     if fp16:
@@ -303,20 +318,36 @@ def _dot_pair(acc, xs, x_ptrs, x_mask, c, ASYM: tl.constexpr, WA: tl.constexpr):
 
 @triton.jit
 def _mma_tile(w, x_ptrs, x_mask, s_ptrs, z_ptrs, mask_n, g, n_pad, BITS: tl.constexpr, P: tl.constexpr,
-              ASYM: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr):
+              ASYM: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr, x_sum=None, RAW: tl.constexpr = False):
     """One k-tile on the tensor cores: sum_k x_k (code_k - zero) * scale, [BM, BN] ([BN, BM] when WA); x 16-bit,
     x_ptrs [BM, 2P] at pair 0. The codes enter the dot centred on 2**(BITS-1); scale and zero point apply once per
-    tile, after it."""
+    tile, after it. RAW (int4 with the PTX unpack): they enter it as O + code (_int4_pair_raw_asm: no subtraction),
+    and (O + zero) * x_sum (x's sums over the tile, [BM] fp32) comes off after it -- exact either way but for the
+    fp32 accumulation of the larger products."""
     if WA:
         acc = tl.zeros([w.shape[0], x_ptrs.shape[0]], dtype=tl.float32)
     else:
         acc = tl.zeros([x_ptrs.shape[0], w.shape[0]], dtype=tl.float32)
     xs = tl.zeros([x_ptrs.shape[0]], dtype=tl.float32)
     DT: tl.constexpr = x_ptrs.dtype.element_ty
-    for i in tl.static_range(16 // BITS):
-        acc, xs = _dot_pair(acc, xs, x_ptrs + i * 2 * P, x_mask, _codes(w, i, BITS, DT, FAST), ASYM, WA)
+    if RAW:
+        for i in tl.static_range(4):
+            acc, xs = _dot_pair(acc, xs, x_ptrs + i * 2 * P, x_mask,
+                                _int4_pair_raw_asm(w >> (4 * i), DT == tl.float16), False, WA)
+        OFFSET: tl.constexpr = 1024 if DT == tl.float16 else 128
+        if ASYM:
+            zr = tl.load(z_ptrs + g * n_pad, mask=mask_n, other=0.0).to(tl.float32) + OFFSET
+        else:
+            zr = tl.zeros([w.shape[0]], dtype=tl.float32) + (OFFSET + 8)
+        if WA:
+            acc -= zr[:, None] * x_sum[None, :]
+        else:
+            acc -= zr[None, :] * x_sum[:, None]
+    else:
+        for i in tl.static_range(16 // BITS):
+            acc, xs = _dot_pair(acc, xs, x_ptrs + i * 2 * P, x_mask, _codes(w, i, BITS, DT, FAST), ASYM, WA)
     sc = tl.load(s_ptrs + g * n_pad, mask=mask_n, other=0.0).to(tl.float32)
-    if ASYM:
+    if ASYM and not RAW:
         zc = tl.load(z_ptrs + g * n_pad, mask=mask_n, other=0.0).to(tl.float32) - (1 << (BITS - 1))
         if WA:
             acc -= zc[:, None] * xs[None, :]

@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .int_linear import KT
 from .pdl import prefetch_runs, use_pdl, wait_for_inputs
 
 
@@ -48,16 +49,19 @@ def _top_k(logits_ptrs, bias, ids, wts, row, E, scaling, K: tl.constexpr, BK: tl
 
 @triton.jit
 def moe_router_fwd_kernel(x, w, bias, logits, locks, ids, wts, E, scaling, stride_x, r, gamma, x_out, h_out, eps,
-                          stride_r, D: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr,
+                          stride_r, h_sums, D: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr,
                           BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, RENORM: tl.constexpr, BIASED: tl.constexpr,
-                          NORM: tl.constexpr, SLICE: tl.constexpr, PDL: tl.constexpr):
+                          NORM: tl.constexpr, SLICE: tl.constexpr, SUMS: tl.constexpr, PDL: tl.constexpr,
+                          TILE: tl.constexpr):
     """One (expert block, token) per program: logits[token, block] = x[token] . w[block] in fp32 (the loop over D
     unrolled, so every load is in flight at once); the last program of the token to arrive routes it and re-arms
     the token's lock (to 0).
     NORM: x is the residual stream before its add and RMSNorm (the MoE layer's pre-norm): s = x + r rounded to x's
     dtype, h = s * rstd * gamma. The dot runs on s * gamma and is scaled by rstd after it (the same products, the
     norm's reduction beside the weight loads instead of before them); each program also writes its SLICE of the
-    token's s (x_out) and h (h_out, in x's dtype, what the experts read)."""
+    token's s (x_out) and h (h_out, in x's dtype, what the experts read); SUMS: and the sums of h as rounded over
+    each TILE inputs of its slice (h_sums [N, D / TILE] fp32: the fused MoE's RAW unpack takes them, TILE its
+    k-tile)."""
     pid_e = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -92,8 +96,12 @@ def moe_router_fwd_kernel(x, w, bias, logits, locks, ids, wts, E, scaling, strid
         sv = (xs.to(tl.float32) + tl.load(r + row * stride_r + offs_s, mask=mask_s, other=0.0).to(tl.float32))
         sv = sv.to(xs.dtype)
         tl.store(x_out + row * D + offs_s, sv, mask=mask_s)
-        hv = sv.to(tl.float32) * rstd * tl.load(gamma + offs_s, mask=mask_s, other=0.0).to(tl.float32)
-        tl.store(h_out + row * D + offs_s, hv.to(xs.dtype), mask=mask_s)
+        hv = (sv.to(tl.float32) * rstd * tl.load(gamma + offs_s, mask=mask_s, other=0.0).to(tl.float32)).to(xs.dtype)
+        tl.store(h_out + row * D + offs_s, hv, mask=mask_s)
+        if SUMS:  # SLICE a multiple of TILE
+            offs_g = pid_e * (SLICE // TILE) + tl.arange(0, SLICE // TILE)
+            tile_sums = tl.sum(tl.reshape(hv.to(tl.float32), [SLICE // TILE, TILE]), axis=1)
+            tl.store(h_sums + row * (D // TILE) + offs_g, tile_sums, mask=offs_g < D // TILE)
     tl.store(logits + row * E + offs_e, dot, mask=mask_e)
     tl.debug_barrier()  # every thread's logits (and slices) are out before the release below
     if tl.atomic_add(locks + row, 1) == tl.num_programs(0) - 1:
@@ -142,20 +150,27 @@ def moe_router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int
 def moe_add_norm_router(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                         weight: torch.Tensor, bias: torch.Tensor, k: int, scaling: float, locks: torch.Tensor, *,
                         renormalize: bool = True, biased_weights: bool = False, block_e: int = 4, block_d: int = 512,
-                        num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        num_warps: int = 4, h_sums: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The MoE layer's residual add and RMSNorm folded into moe_router's launch: x, residual [N, D] (one dtype),
     norm_weight [D] -> (s = x + residual, h = rmsnorm(s) * norm_weight, both in x's dtype, as
     rms_norm.add_rms_norm gives them; then the expert ids and weights of moe_router(h, ...)). The logits are
-    rstd * ((s * norm_weight) . w) in fp32: h's rounding to 16 bits does not enter them."""
+    rstd * ((s * norm_weight) . w) in fp32: h's rounding to 16 bits does not enter them. h_sums (fp32 [N, D / KT]):
+    filled with the sums of h, as rounded, over each k-tile of KT inputs (the fused MoE's x_sums); D a multiple of
+    KT."""
     if residual.shape != x.shape or residual.dtype != x.dtype or norm_weight.shape != (x.shape[-1],):
         raise ValueError(f"moe_add_norm_router: x {x.dtype} {list(x.shape)}, residual {residual.dtype} "
                          f"{list(residual.shape)}, norm weight {list(norm_weight.shape)}")
+    if h_sums is not None and (x.shape[-1] % KT or tuple(h_sums.shape) != (x.shape[0], x.shape[-1] // KT)
+                               or h_sums.dtype != torch.float32 or not h_sums.is_contiguous()):
+        raise ValueError(f"moe_add_norm_router: h_sums {h_sums.dtype} {list(h_sums.shape)} for x {list(x.shape)}: "
+                         f"contiguous fp32 [tokens, hidden / {KT}] expected, the hidden size a multiple of {KT}")
     return _router(x, residual, norm_weight, eps, weight, bias, k, scaling, locks, renormalize, biased_weights,
-                   block_e, block_d, num_warps)
+                   block_e, block_d, num_warps, h_sums)
 
 
 def _router(x, residual, norm_weight, eps, weight, bias, k, scaling, locks, renormalize, biased_weights, block_e,
-            block_d, num_warps):
+            block_d, num_warps, h_sums=None):
     N, D = x.shape
     E = weight.shape[0]
     if weight.shape[1] != D or weight.dtype != torch.float32 or not weight.is_contiguous() or locks.numel() < N:
@@ -172,11 +187,13 @@ def _router(x, residual, norm_weight, eps, weight, bias, k, scaling, locks, reno
         r = residual if not norm or residual.stride(-1) == 1 else residual.contiguous()
         pdl = use_pdl(x.device)
         programs = triton.cdiv(E, block_e)
+        sums = h_sums is not None
         moe_router_fwd_kernel[(programs, N)](
             x, weight, bias, logits, locks, ids, wts, E, scaling, x.stride(0), r if norm else x,
-            norm_weight if norm else x, summed if norm else x, h if norm else x, eps, r.stride(0) if norm else 0, D=D,
-            K=k, BK=triton.next_power_of_2(k), BE=triton.next_power_of_2(E), BLOCK_E=block_e, BLOCK_D=block_d,
-            RENORM=renormalize, BIASED=biased_weights, NORM=norm,
-            SLICE=max(16, triton.next_power_of_2(triton.cdiv(D, programs))), PDL=pdl, launch_pdl=pdl,
-            num_warps=num_warps)
+            norm_weight if norm else x, summed if norm else x, h if norm else x, eps, r.stride(0) if norm else 0,
+            h_sums if sums else logits, D=D, K=k, BK=triton.next_power_of_2(k), BE=triton.next_power_of_2(E),
+            BLOCK_E=block_e, BLOCK_D=block_d, RENORM=renormalize, BIASED=biased_weights, NORM=norm,
+            SLICE=KT * triton.next_power_of_2(triton.cdiv(D, programs * KT)) if sums else
+            max(16, triton.next_power_of_2(triton.cdiv(D, programs))), SUMS=sums, PDL=pdl, TILE=KT,
+            launch_pdl=pdl, num_warps=num_warps)
     return summed, h, ids, wts

@@ -9,7 +9,8 @@ from torch import nn
 
 from klconvert.kernels.attention_merge import merge_attention_
 from klconvert.kernels.fused_moe import PackedExperts, fused_moe
-from klconvert.kernels.int_linear import MMA_BLOCK_M, PackedLinear, dense_locks, int_linear, int_mma_fwd, linear_kernel
+from klconvert.kernels.int_linear import (KT, MMA_BLOCK_M, PackedLinear, dense_locks, int_linear, int_mma_fwd,
+                                         linear_kernel)
 from klconvert.kernels.kda_chunk import kda_chunk, kda_prefill_conv
 from klconvert.kernels.kda_decode import kda_layer_step
 from klconvert.kernels.mla_cache import mla_write_rows
@@ -119,11 +120,12 @@ class FusedRouter(nn.Module):
         return moe_route(logits, self.bias, self.k, self.scaling, renormalize=self.renorm,
                          biased_weights=self.biased)
 
-    def add_norm_route(self, norm: nn.Module, x: torch.Tensor, branch: torch.Tensor):
+    def add_norm_route(self, norm: nn.Module, x: torch.Tensor, branch: torch.Tensor,
+                       h_sums: torch.Tensor | None = None):
         """The block's residual add and `norm` folded into the one-launch router (up to FUSED_ROUTER_TOKENS tokens):
-        (x + branch, norm(x + branch), expert ids, weights)."""
+        (x + branch, norm(x + branch), expert ids, weights); h_sums: filled with the norm's k-tile sums."""
         return moe_add_norm_router(x, branch, norm.weight, norm.eps, self.weight, self.bias, self.k, self.scaling,
-                                   self.locks, renormalize=self.renorm, biased_weights=self.biased)
+                                   self.locks, renormalize=self.renorm, biased_weights=self.biased, h_sums=h_sums)
 
 
 class FusedNormMoE(M.MoE):
@@ -142,8 +144,13 @@ class FusedNormMoE(M.MoE):
         g = self.gate
         if type(g) is not FusedRouter or M.hooked(g) or x.shape[0] > g.FUSED_ROUTER_TOKENS:
             return super().decode(norm, x, branch)
-        x, h, ids, weights = g.add_norm_route(norm, x, branch)
-        return x, self.experts(h, ids, weights, self.shared_experts)
+        experts = self.experts
+        if not isinstance(experts, FusedExperts):
+            x, h, ids, weights = g.add_norm_route(norm, x, branch)
+            return x, experts(h, ids, weights, self.shared_experts)
+        sums = experts.sums_buffer(x)  # the router writes h's k-tile sums beside h, for the experts' RAW unpack
+        x, h, ids, weights = g.add_norm_route(norm, x, branch, sums)
+        return x, experts(h, ids, weights, self.shared_experts, x_sums=sums)
 
 
 class FusedKDAStep(nn.Module):
@@ -233,9 +240,16 @@ class FusedExperts(nn.Module):
         self.packed = packed
         self.after: torch.Tensor | None = None
 
-    def forward(self, x, ids, weights, shared: nn.Module) -> torch.Tensor:
-        y = fused_moe(x, ids, weights, self.packed, after=self.after)
+    def forward(self, x, ids, weights, shared: nn.Module, x_sums: torch.Tensor | None = None) -> torch.Tensor:
+        y = fused_moe(x, ids, weights, self.packed, after=self.after, x_sums=x_sums)
         return y if self.packed.has_shared else y + shared(x)
+
+    def sums_buffer(self, x: torch.Tensor) -> torch.Tensor | None:
+        """An fp32 [tokens, K / KT] buffer for x's k-tile sums where the decode launch can use them (int4 experts
+        on CUDA, whose tensor-core unpack then skips a subtraction: fused_moe's x_sums); else None."""
+        if self.packed.gate.bits != 4 or x.device.type != "cuda" or x.shape[-1] % KT:
+            return None
+        return torch.empty(x.shape[0], x.shape[-1] // KT, device=x.device, dtype=torch.float32)
 
 
 class SharedInStack(nn.Module):

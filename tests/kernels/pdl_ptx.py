@@ -51,7 +51,7 @@ def compile_launch(fn: JITFunction, *args, grid, warmup, **kwargs):
         return next((i for i, line in enumerate(lines) if re.search(pattern, line)), None)
 
     variant = ", ".join(f"{k}={v}" for k, v in constexprs.items()
-                        if k in ("GATED", "MMA", "FP8", "DENSE", "PREFETCH", "AFTER"))
+                        if k in ("GATED", "MMA", "FP8", "DENSE", "PREFETCH", "AFTER", "RAW"))
     key = f"{fn.fn.__name__}[{variant}]"
     memory = [i for i, line in enumerate(lines) if MEMORY.search(line)]
     found[key] = {"launch_pdl": bool(kwargs.get("launch_pdl")), "first_memory_op": first(MEMORY),
@@ -94,6 +94,8 @@ def launch_every_decode_kernel() -> None:
     fused_moe.moe_decode_fwd(x, ids, weights, experts, torch.empty_like(x), mma=True,
                              after=torch.zeros(1000, dtype=torch.int32))  # a later launch's weight too
     fused_moe.moe_decode_fwd(x.float(), ids, weights, experts, torch.empty(1, 256), mma=False)
+    fused_moe.moe_decode_fwd(x, ids, weights, experts, torch.empty_like(x), mma=True,
+                             x_sums=torch.zeros(1, 2), raw=True)  # gate+up's RAW unpack
     fits, fused_moe.prefetch_fits = fused_moe.prefetch_fits, lambda device, nbytes: False
     fused_moe.moe_decode_fwd(x, ids, weights, experts, torch.empty_like(x), mma=True)  # as 16 tokens' experts run
     fused_moe.prefetch_fits = fits

@@ -82,8 +82,9 @@ def test_decode_launch_table():
         assert bounds == sorted(set(bounds)) and bounds[-1] == DECODE_MAX_TOKENS
         for i, (bound, launch) in enumerate(table):  # each entry serves from past the one before up to its bound
             assert decode_launch(kind, table[i - 1][0] + 1 if i else 1) == launch == decode_launch(kind, bound)
-    for _, (block_n, split_k, num_warps) in MOE_DECODE_LAUNCH["mma"]:
-        assert block_n == 64 * (num_warps // 4) and len(split_k) == 2 and min(split_k) >= 1
+    for _, (block_n, split_k, num_warps, raw) in MOE_DECODE_LAUNCH["mma"]:
+        assert block_n == 64 * (num_warps // 4) and len(split_k) == 2 and min(split_k) >= 1 and raw in (True, False)
+    assert not any(raw for _, (*_, raw) in MOE_DECODE_LAUNCH["fma"])  # the RAW unpack is the tensor cores' PTX
 
 
 def test_moe_kernel_table():
@@ -152,7 +153,7 @@ def test_decode_prefetches_only_what_fits_half_the_l2(monkeypatch):
 
     class Capture:  # stands in for the kernel: records each launch's (GATED, PREFETCH, AFTER, bytes of `after`)
         def __getitem__(self, grid):
-            return lambda *args, **kw: launches.append((kw["GATED"], kw["PREFETCH"], kw["AFTER"], args[-1]))
+            return lambda *args, **kw: launches.append((kw["GATED"], kw["PREFETCH"], kw["AFTER"], args[-2]))
     experts = make_experts(32, 256, 128, 4, True, device="cpu")
     down_expert = packed_bytes(experts.down) // 33
     later = torch.zeros(down_expert // 4, dtype=torch.int32)  # a later launch's weight, one expert's size
@@ -173,6 +174,37 @@ def test_decode_prefetches_only_what_fits_half_the_l2(monkeypatch):
     monkeypatch.setattr(fused_moe, "use_pdl", lambda device: False)
     moe_decode_fwd(x1, ids[:1], weights[:1], experts, torch.empty(1, 256), mma=True, after=later)
     assert launches[-2:] == [(True, False, False, 0), (False, False, False, 0)]
+
+
+def test_x_sums_leave_the_ptx_free_paths_alone():
+    """x's k-tile sums serve only the PTX unpack (CUDA, int4, tensor cores): elsewhere the result is the same."""
+    experts = make_experts(5, 256, 128, 4, True)
+    x = torch.randn(2, 256, device=DEVICE, dtype=torch.bfloat16)
+    ids, weights = routing(2, 5, 3)
+    sums = x.float().view(2, 2, 128).sum(-1)
+    plain = moe_decode_fwd(x, ids, weights, experts, poisoned(2, 256, dtype=x.dtype), fast=False)
+    assert torch.equal(moe_decode_fwd(x, ids, weights, experts, poisoned(2, 256, dtype=x.dtype), fast=False,
+                                      x_sums=sums, raw=True), plain)
+
+
+@GPU
+@pytest.mark.parametrize("m", [1, 2, 4, 16])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_raw_unpack_real_shapes(m, symmetric):
+    """The gate+up launch's RAW unpack (codes as 128 + code, x's k-tile sums taking 128 + zero off after the dots) at
+    the model's expert shape, on and off at each token count, against the twin and the centred unpack."""
+    experts = make_experts(32, 2304, 1024, 4, symmetric)
+    x = torch.randn(m, 2304, device=DEVICE, dtype=torch.bfloat16)
+    ids, weights = routing(m, 32, 8)
+    sums = x.float().view(m, -1, 128).sum(-1)
+    centred = moe_decode_fwd(x, ids, weights, experts, poisoned(m, 2304, dtype=x.dtype))
+    raw = moe_decode_fwd(x, ids, weights, experts, poisoned(m, 2304, dtype=x.dtype), x_sums=sums, raw=True)
+    assert_close(raw, naive_fused_moe(x, ids, weights, experts), BOUND[x.dtype], "RAW unpack")
+    assert_close(raw, centred, 2e-3, "RAW against the centred unpack")  # the same products, rounded to bf16 once
+    assert torch.equal(moe_decode_fwd(x, ids, weights, experts, poisoned(m, 2304, dtype=x.dtype), x_sums=sums),
+                       raw if decode_launch("mma", m)[3] else centred)
+    with pytest.raises(ValueError, match="x_sums"):
+        moe_decode_fwd(x, ids, weights, experts, poisoned(m, 2304, dtype=x.dtype), x_sums=sums[:, :5], raw=True)
 
 
 @GPU

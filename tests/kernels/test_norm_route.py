@@ -75,6 +75,23 @@ def test_moe_add_norm_router_folds_the_pre_norm_in(N, E, D, k, dtype):
     assert int(locks.abs().sum()) == 0
 
 
+@pytest.mark.parametrize("E, D, block_e", [(16, 384, 8), (256, 2304, 4), (37, 256, 4)])
+def test_moe_add_norm_router_writes_h_k_tile_sums(E, D, block_e):
+    """h_sums: each token's sums of h as rounded over each k-tile of 128 inputs (the fused MoE's x_sums), also where
+    the programs are fewer than the tiles (16 experts in blocks of 8: 2 programs for 3 tiles)."""
+    x, r = torch.randn(3, D, device=DEVICE).to(torch.bfloat16) * 4, torch.randn(3, D, device=DEVICE).to(torch.bfloat16)
+    gamma = torch.rand(D, device=DEVICE) + 0.5
+    w, bias = torch.randn(E, D, device=DEVICE) / D ** 0.5 * 3, torch.randn(E, device=DEVICE) * 0.1
+    sums = torch.full((3, D // 128), float("nan"), device=DEVICE)
+    s, h, ids, _ = moe_add_norm_router(x, r, gamma, 1e-6, w, bias, 4, 2.446, moe_router_locks(4, DEVICE),
+                                       block_e=block_e, h_sums=sums)
+    plain = moe_add_norm_router(x, r, gamma, 1e-6, w, bias, 4, 2.446, moe_router_locks(4, DEVICE), block_e=block_e)
+    assert torch.equal(s, plain[0]) and torch.equal(h, plain[1]) and torch.equal(ids, plain[2])
+    assert_close(sums, h.float().view(3, -1, 128).sum(-1), 1e-6, "h sums")
+    with pytest.raises(ValueError, match="h_sums"):
+        moe_add_norm_router(x, r, gamma, 1e-6, w, bias, 4, 2.446, moe_router_locks(4, DEVICE), h_sums=sums[:, :1])
+
+
 def test_moe_route_ties_go_to_the_lowest_ids():
     logits = torch.zeros(2, 40, device=DEVICE)
     logits[1, 30:] = 1.0  # ten tied leaders, then ties among the rest

@@ -16,20 +16,22 @@ import pytest
 
 SCRIPT = Path(__file__).with_name("pdl_ptx.py")
 INT_MMA = {"int_mma_fwd_kernel[PREFETCH=True, DENSE=False]", "int_mma_fwd_kernel[PREFETCH=True, DENSE=True]"}
-DOWN = {f"moe_decode_fwd_kernel[AFTER={a}, GATED=False, MMA={m}, PREFETCH=True]"  # ids before the wait
+DOWN = {f"moe_decode_fwd_kernel[AFTER={a}, GATED=False, MMA={m}, PREFETCH=True, RAW=False]"  # ids before the wait
         for a, m in ((False, True), (False, False), (True, True))}
-AFTER = {"moe_decode_fwd_kernel[AFTER=True, GATED=False, MMA=True, PREFETCH=True]"}  # later launches' weights too
+# later launches' weights too
+AFTER = {"moe_decode_fwd_kernel[AFTER=True, GATED=False, MMA=True, PREFETCH=True, RAW=False]"}
 DECODE_KERNELS = INT_MMA | DOWN | AFTER | {
     "int_mma_fwd_kernel[PREFETCH=False, DENSE=False]", "int_gemv_fwd_kernel[PREFETCH=True]",
     "moe_router_fwd_kernel[]", "add_rms_norm_fwd_kernel[]", "kda_layer_step_fwd_kernel[PREFETCH=True]",
     "mla_decode_merge_kernel[]",
     "mla_decode_fwd_kernel[FP8=False]", "mla_decode_fwd_kernel[FP8=True]", "mla_write_rows_kernel[FP8=False]",
     "mla_write_rows_kernel[FP8=True]"} | {
-    f"moe_decode_fwd_kernel[AFTER=False, GATED=True, MMA={m}, PREFETCH=True]" for m in (True, False)} | {
-    f"moe_decode_fwd_kernel[AFTER=False, GATED={g}, MMA=True, PREFETCH=False]" for g in (True, False)}
+    f"moe_decode_fwd_kernel[AFTER=False, GATED=True, MMA={m}, PREFETCH=True, RAW={r}]"
+    for m, r in ((True, False), (False, False), (True, True))} | {
+    f"moe_decode_fwd_kernel[AFTER=False, GATED={g}, MMA=True, PREFETCH=False, RAW=False]" for g in (True, False)}
 PREFETCHING = INT_MMA | AFTER | {"int_gemv_fwd_kernel[PREFETCH=True]", "moe_router_fwd_kernel[]",
                                  "kda_layer_step_fwd_kernel[PREFETCH=True]"} | {
-    k for k in DECODE_KERNELS if k.startswith("moe_decode") and k.endswith("PREFETCH=True]")}
+    k for k in DECODE_KERNELS if k.startswith("moe_decode") and "PREFETCH=True" in k}
 
 
 @pytest.mark.slow
