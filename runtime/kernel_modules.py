@@ -131,9 +131,10 @@ class FusedRouter(nn.Module):
 class FusedNormMoE(M.MoE):
     """MoE whose decode folds the block's residual add and pre-norm into the router's launch (FusedRouter.
     add_norm_route): one launch fewer per MoE layer. On an H200 (graph time, one token) 4.6 us against 5.5 for the
-    norm's launch and the router's. The reference decode where the router is replaced or hooked (klconvert bench
-    and eval read its choices) or the tokens are more than the one-launch router takes. `adopt` turns an MoE whose
-    router is a FusedRouter into one (the same modules)."""
+    norm's launch and the router's. That launch also writes h's k-tile sums for fused experts that take them
+    (FusedExperts.sums_buffer: their gate+up launch's RAW unpack). The reference decode where the router is replaced
+    or hooked (klconvert bench and eval read its choices) or the tokens are more than the one-launch router takes.
+    `adopt` turns an MoE whose router is a FusedRouter into one (the same modules)."""
 
     @classmethod
     def adopt(cls, moe: M.MoE) -> None:
