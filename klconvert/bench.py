@@ -227,7 +227,9 @@ class SpreadRouting(torch.nn.Module):
     """Bench only: the token of sequence i always goes to its own fixed random `k` experts (rows drawn
     independently: ~100 distinct of 256 at batch 16, as tokens of real text spread), with the weights of the
     router it wraps. Random weights route every row of a batch alike (~11 distinct experts at batch 16), which
-    would time a step that reads a tenth of the experts a real batch reads."""
+    would time a step that reads a tenth of the experts a real batch reads. Where the wrapped router folds the MoE
+    layer's residual add and norm into its launch (add_norm_route), that launch still runs and only its choices are
+    swapped: the step runs the launches it runs unwrapped."""
 
     def __init__(self, router: torch.nn.Module, batch: int, num_experts: int, k: int, device, seed: int):
         super().__init__()
@@ -238,6 +240,14 @@ class SpreadRouting(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ids, weights = self.router(x)
         return self.ids[:x.shape[0]].to(ids.dtype), weights
+
+    @property
+    def FUSED_ROUTER_TOKENS(self) -> int:
+        return getattr(self.router, "FUSED_ROUTER_TOKENS", 0)
+
+    def add_norm_route(self, norm: torch.nn.Module, x: torch.Tensor, branch: torch.Tensor, h_sums=None):
+        x, h, ids, weights = self.router.add_norm_route(norm, x, branch, h_sums)
+        return x, h, self.ids[:x.shape[0]].to(ids.dtype), weights
 
 
 def spread_routing(engine: Engine, batch: int) -> None:

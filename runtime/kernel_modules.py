@@ -132,8 +132,9 @@ class FusedNormMoE(M.MoE):
     """MoE whose decode folds the block's residual add and pre-norm into the router's launch (FusedRouter.
     add_norm_route): one launch fewer per MoE layer. On an H200 (graph time, one token) 4.6 us against 5.5 for the
     norm's launch and the router's. That launch also writes h's k-tile sums for fused experts that take them
-    (FusedExperts.sums_buffer: their gate+up launch's RAW unpack). The reference decode where the router is replaced
-    or hooked (klconvert bench and eval read its choices) or the tokens are more than the one-launch router takes.
+    (FusedExperts.sums_buffer: their gate+up launch's RAW unpack). The reference decode where the router is hooked
+    (klconvert bench and eval read its choices) or replaced by one without add_norm_route, or the tokens are more
+    than the one-launch router takes.
     `adopt` turns an MoE whose router is a FusedRouter into one (the same modules)."""
 
     @classmethod
@@ -142,8 +143,8 @@ class FusedNormMoE(M.MoE):
             moe.__class__ = cls
 
     def decode(self, norm: nn.Module, x: torch.Tensor, branch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        g = self.gate
-        if type(g) is not FusedRouter or M.hooked(g) or x.shape[0] > g.FUSED_ROUTER_TOKENS:
+        g = self.gate  # a FusedRouter, or what wraps one keeping its add_norm_route (klconvert bench's routing)
+        if not hasattr(g, "add_norm_route") or M.hooked(g) or x.shape[0] > g.FUSED_ROUTER_TOKENS:
             return super().decode(norm, x, branch)
         experts = self.experts
         if not isinstance(experts, FusedExperts):

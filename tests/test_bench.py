@@ -66,6 +66,26 @@ def test_spread_routing_gives_each_sequence_its_own_experts(tiny4):
     assert B.experts_touched(engine, 4) == round(sum(distinct) / len(distinct))
 
 
+def test_spread_routing_keeps_the_fused_norm_and_router_launch(tiny4, monkeypatch):
+    """On the Triton path the wrapped router's launch (the MoE layer's add, norm and router in one) still runs; the
+    experts get the spread choices."""
+    from klconvert.runtime import kernel_modules
+
+    w = B.random_quantized_weights(tiny4, 4, "cpu")
+    engine = B.Engine(tiny4, w.read, torch.device("cpu"), torch.float32, 64, 2, packed=w.packed, kernels="triton",
+                      stored_schemes=w.schemes)
+    B.spread_routing(engine, 2)
+    block = next(b for i, b in enumerate(engine.model.blocks) if tiny4.is_moe(i))
+    launches, routed = [], []
+    fused, experts = kernel_modules.moe_add_norm_router, kernel_modules.fused_moe
+    monkeypatch.setattr(kernel_modules, "moe_add_norm_router", lambda *a, **k: launches.append(1) or fused(*a, **k))
+    monkeypatch.setattr(kernel_modules, "fused_moe",
+                        lambda h, ids, *a, **k: routed.append(ids) or experts(h, ids, *a, **k))
+    x, branch = torch.randn(2, tiny4.hidden_size), torch.randn(2, tiny4.hidden_size)
+    block.ffn.decode(block.post_attention_layernorm, x, branch)
+    assert launches == [1] and torch.equal(routed[0], block.ffn.gate.ids)
+
+
 def test_random_weights_are_quantized_where_the_policy_says(tiny4):
     w = B.random_quantized_weights(tiny4, 4, "cpu")
     assert w.schemes["lm_head.weight"].bits == 8 and w.schemes["model.layers.1.self_attn.q_proj.weight"].bits == 4
