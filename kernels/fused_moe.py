@@ -141,8 +141,8 @@ def moe_decode_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, T, 
     PREFETCH (with PDL; false when what the launch would prefetch exceeds half the L2): the prefetches, and the down
     launch's early ids; without it both launches read the ids after the wait. AFTER (down, with PREFETCH): the
     programs also prefetch, in shares, the first after_bytes bytes at `after` (a later launch's weights).
-    RAW (gate+up, int4 on the tensor cores with the PTX unpack): the codes enter the dots as O + code, and x_sum
-    [T, n_tiles] (each token's sum of x over each k-tile) takes O + zero off after them (_mma_tile)."""
+    RAW (gate+up, int4 and bf16 x on the tensor cores with the PTX unpack): the codes enter the dots as 128 + code,
+    and x_sum [T, n_tiles] (each token's sum of x over each k-tile) takes 128 + zero off after them (_mma_tile)."""
     pid_n = tl.program_id(0)
     u = tl.program_id(1) // SPLIT_K
     split = tl.program_id(1) % SPLIT_K
@@ -334,10 +334,10 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
     pair's expert) while that fits in half the L2 (pdl.prefetch_fits): at 16 tokens the down launch's ~100 experts
     do not. after: a weight a later launch reads (the next layer's input projection), which the down launch's
     programs also prefetch while the two together fit in half the L2 (one token at the 48B's shapes: 11 + 14 MB).
-    x_sums: each token's sum of x (16-bit, as given) over each k-tile of KT inputs, fp32 [T, K / KT] (what the
-    fused router writes beside h): for int4 on the tensor cores with the PTX unpack the gate+up launch then unpacks a
-    pair of codes in one LOP3 and takes the offset off through these sums (RAW), where its launch says so (default)
-    or `raw`."""
+    x_sums: each token's sum of x (bf16, as given) over each k-tile of KT inputs, fp32 [T, K / KT] (what the fused
+    router writes beside h): for int4 on the tensor cores with the PTX unpack the gate+up launch then unpacks a pair
+    of codes in one LOP3 and takes the offset off through these sums (RAW), where its launch says so (default) or
+    `raw`."""
     T, topk = topk_ids.shape
     slots = topk + experts.has_shared
     if slots > MAX_SLOTS or T > DECODE_MAX_TOKENS:
@@ -350,8 +350,9 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
     split_k = split_k or launch[1]
     block_n, num_warps = block_n or launch[0], num_warps or launch[2]
     fast = mma and (fast_unpack(g.bits, x.device) if fast is None else fast)
-    raw = (x_sums is not None and fast and g.bits == 4 and x.dtype in (torch.bfloat16, torch.float16)
-           and (launch[3] if raw is None else raw))
+    if raw is None:
+        raw = launch[3]
+    raw = raw and x_sums is not None and fast and g.bits == 4 and x.dtype == torch.bfloat16
     if raw and (tuple(x_sums.shape) != (T, g.k // KT) or x_sums.dtype != torch.float32 or not x_sums.is_contiguous()):
         raise ValueError(f"moe_decode_fwd: x_sums {x_sums.dtype} {list(x_sums.shape)}, expected contiguous fp32 "
                          f"{[T, g.k // KT]}")

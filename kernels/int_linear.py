@@ -197,18 +197,13 @@ def _int4_pair_asm(w, FP16: tl.constexpr):
 
 
 @triton.jit
-def _int4_pair_raw_asm(w, FP16: tl.constexpr):
-    """_int4_pair_asm without its subtraction: slots 0 and 4 of int4 words w [BN, P] as O + code in bf16 (O = 128;
-    fp16 if FP16: O = 1024), [BN, P, 2] -- one LOP3 a pair. The caller takes O + the zero point off after the dot
-    (_mma_tile). CUDA only (PTX)."""
+def _int4_pair_raw_asm(w):
+    """_int4_pair_asm's bf16 form without its subtraction: slots 0 and 4 of int4 words w [BN, P] as 128 + code in
+    bf16, [BN, P, 2] -- one LOP3 a pair. The caller takes 128 + the zero point off after the dot (_mma_tile). CUDA
+    only (PTX)."""
     ww = tl.join(w, w)
-    if FP16:
-        out = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x64006400, 0xEA;", "=r,r,r", [ww],
-                                        dtype=tl.float16, is_pure=True, pack=2)
-    else:
-        out = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xEA;", "=r,r,r", [ww],
-                                        dtype=tl.bfloat16, is_pure=True, pack=2)
-    return out
+    return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xEA;", "=r,r,r", [ww],
+                                     dtype=tl.bfloat16, is_pure=True, pack=2)
 
 
 def _int8_pair_ptx(fp16: bool, i: int) -> str:
@@ -321,9 +316,9 @@ def _mma_tile(w, x_ptrs, x_mask, s_ptrs, z_ptrs, mask_n, g, n_pad, BITS: tl.cons
               ASYM: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr, x_sum=None, RAW: tl.constexpr = False):
     """One k-tile on the tensor cores: sum_k x_k (code_k - zero) * scale, [BM, BN] ([BN, BM] when WA); x 16-bit,
     x_ptrs [BM, 2P] at pair 0. The codes enter the dot centred on 2**(BITS-1); scale and zero point apply once per
-    tile, after it. RAW (int4 with the PTX unpack): they enter it as O + code (_int4_pair_raw_asm: no subtraction),
-    and (O + zero) * x_sum (x's sums over the tile, [BM] fp32) comes off after it -- exact either way but for the
-    fp32 accumulation of the larger products."""
+    tile, after it. RAW (int4, bf16 x, the PTX unpack): they enter it as 128 + code (_int4_pair_raw_asm: no
+    subtraction), and (128 + zero) * x_sum (x's sums over the tile, [BM] fp32) comes off after it -- exact either way
+    but for the fp32 accumulation of the larger products."""
     if WA:
         acc = tl.zeros([w.shape[0], x_ptrs.shape[0]], dtype=tl.float32)
     else:
@@ -332,13 +327,11 @@ def _mma_tile(w, x_ptrs, x_mask, s_ptrs, z_ptrs, mask_n, g, n_pad, BITS: tl.cons
     DT: tl.constexpr = x_ptrs.dtype.element_ty
     if RAW:
         for i in tl.static_range(4):
-            acc, xs = _dot_pair(acc, xs, x_ptrs + i * 2 * P, x_mask,
-                                _int4_pair_raw_asm(w >> (4 * i), DT == tl.float16), False, WA)
-        OFFSET: tl.constexpr = 1024 if DT == tl.float16 else 128
+            acc, xs = _dot_pair(acc, xs, x_ptrs + i * 2 * P, x_mask, _int4_pair_raw_asm(w >> (4 * i)), False, WA)
         if ASYM:
-            zr = tl.load(z_ptrs + g * n_pad, mask=mask_n, other=0.0).to(tl.float32) + OFFSET
+            zr = tl.load(z_ptrs + g * n_pad, mask=mask_n, other=0.0).to(tl.float32) + 128
         else:
-            zr = tl.zeros([w.shape[0]], dtype=tl.float32) + (OFFSET + 8)
+            zr = tl.zeros([w.shape[0]], dtype=tl.float32) + (128 + 8)
         if WA:
             acc -= zr[:, None] * x_sum[None, :]
         else:
