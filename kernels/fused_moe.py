@@ -350,9 +350,7 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
     split_k = split_k or launch[1]
     block_n, num_warps = block_n or launch[0], num_warps or launch[2]
     fast = mma and (fast_unpack(g.bits, x.device) if fast is None else fast)
-    if raw is None:
-        raw = launch[3]
-    raw = raw and x_sums is not None and fast and g.bits == 4 and x.dtype == torch.bfloat16
+    raw = x_sums is not None and _raw_unpack(launch[3] if raw is None else raw, fast, g.bits, x.dtype)
     if raw and (tuple(x_sums.shape) != (T, g.k // KT) or x_sums.dtype != torch.float32 or not x_sums.is_contiguous()):
         raise ValueError(f"moe_decode_fwd: x_sums {x_sums.dtype} {list(x_sums.shape)}, expected contiguous fp32 "
                          f"{[T, g.k // KT]}")
@@ -389,6 +387,20 @@ def moe_decode_fwd(x, topk_ids, topk_weights, experts: PackedExperts, y, *, mma=
         0, after if ahead else x, after.nbytes if ahead else 0, x, AFTER=ahead, SPLIT_K=split, GATED=False,
         PREFETCH=prefetch[1], RAW=False, **common)
     return y
+
+
+def _raw_unpack(asked: bool, fast: bool, bits: int, dtype: torch.dtype) -> bool:
+    """Whether the gate+up launch takes the RAW unpack: asked (or its launch's default), and int4 with the PTX unpack
+    on bf16 x, the one form built."""
+    return bool(asked and fast and bits == 4 and dtype == torch.bfloat16)
+
+
+def takes_x_sums(experts: PackedExperts, x: torch.Tensor) -> bool:
+    """Whether fused_moe on x [T, K] (its defaults) runs the RAW unpack, so x's k-tile sums are worth writing (the
+    fused router writes them beside h when the experts ask: FusedExperts.sums_buffer)."""
+    T, bits = x.shape[0], experts.gate.bits
+    return moe_kernel(T, bits, x.dtype) == "mma" and _raw_unpack(decode_launch("mma", T)[3],
+                                                                 fast_unpack(bits, x.device), bits, x.dtype)
 
 
 def decode_launch(kind: str, tokens: int) -> tuple[int, tuple[int, int], int, bool]:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from klconvert.kernels.attention_merge import merge_attention_
-from klconvert.kernels.fused_moe import PackedExperts, fused_moe
+from klconvert.kernels.fused_moe import PackedExperts, fused_moe, takes_x_sums
 from klconvert.kernels.int_linear import (KT, MMA_BLOCK_M, PackedLinear, dense_locks, int_linear, int_mma_fwd,
                                          linear_kernel)
 from klconvert.kernels.kda_chunk import kda_chunk, kda_prefill_conv
@@ -147,11 +147,10 @@ class FusedNormMoE(M.MoE):
         if not hasattr(g, "add_norm_route") or M.hooked(g) or x.shape[0] > g.FUSED_ROUTER_TOKENS:
             return super().decode(norm, x, branch)
         experts = self.experts
-        if not isinstance(experts, FusedExperts):
-            x, h, ids, weights = g.add_norm_route(norm, x, branch)
-            return x, experts(h, ids, weights, self.shared_experts)
-        sums = experts.sums_buffer(x)  # the router writes h's k-tile sums beside h, for the experts' RAW unpack
+        sums = experts.sums_buffer(x) if isinstance(experts, FusedExperts) else None  # for the experts' RAW unpack
         x, h, ids, weights = g.add_norm_route(norm, x, branch, sums)
+        if sums is None:
+            return x, experts(h, ids, weights, self.shared_experts)
         return x, experts(h, ids, weights, self.shared_experts, x_sums=sums)
 
 
@@ -247,9 +246,9 @@ class FusedExperts(nn.Module):
         return y if self.packed.has_shared else y + shared(x)
 
     def sums_buffer(self, x: torch.Tensor) -> torch.Tensor | None:
-        """An fp32 [tokens, K / KT] buffer for x's k-tile sums where the decode launch can use them (int4 experts
-        on CUDA, whose tensor-core unpack then skips a subtraction: fused_moe's x_sums); else None."""
-        if self.packed.gate.bits != 4 or x.device.type != "cuda" or x.shape[-1] % KT:
+        """An fp32 [tokens, K / KT] buffer for x's k-tile sums where the decode launch uses them
+        (fused_moe.takes_x_sums: its gate+up launch then skips a subtraction); else None."""
+        if not takes_x_sums(self.packed, x):
             return None
         return torch.empty(x.shape[0], x.shape[-1] // KT, device=x.device, dtype=torch.float32)
 

@@ -199,14 +199,16 @@ def test_the_moe_folds_its_norm_into_the_router_unless_the_router_is_watched(qua
 
 def test_the_fused_router_hands_the_experts_h_k_tile_sums(quantized, monkeypatch):
     """The fused router's launch writes h's sums over each 128-input k-tile into the experts' buffer (on CUDA, for
-    int4 experts: their gate+up launch then skips a subtraction, fused_moe's x_sums), which reach fused_moe with h."""
+    int4 experts at token counts whose launch takes them -- 1, not 2: their gate+up launch then skips a subtraction,
+    fused_moe's x_sums), which reach fused_moe with h."""
     engine = klconvert.load(quantized, device=DEVICE, dtype=DTYPE, max_context=64, kernels="triton")
     block = engine.model.blocks[1]
     D = engine.config.hidden_size
     x, branch = (torch.randn(2, D, device=DEVICE).to(DTYPE) for _ in range(2))
-    real = block.ffn.experts.sums_buffer(x)
+    real = block.ffn.experts.sums_buffer(x[:1])
     assert (real is None) == (DEVICE != "cuda" or block.ffn.experts.packed.gate.bits != 4)
-    assert real is None or (real.shape == (2, D // 128) and real.dtype == torch.float32)
+    assert real is None or (real.shape == (1, D // 128) and real.dtype == torch.float32)
+    assert block.ffn.experts.sums_buffer(x) is None                          # 2 tokens: their launch does not
     monkeypatch.setattr(FusedExperts, "sums_buffer", lambda self, x: torch.full((x.shape[0], D // 128), float("nan"),
                                                                                device=x.device))
     seen = []

@@ -176,6 +176,21 @@ def test_decode_prefetches_only_what_fits_half_the_l2(monkeypatch):
     assert launches[-2:] == [(True, False, False, 0), (False, False, False, 0)]
 
 
+def test_takes_x_sums_where_the_launch_table_says(monkeypatch):
+    """x's k-tile sums are worth writing only where fused_moe's defaults run the RAW unpack: int4, bf16 x, the PTX
+    unpack (CUDA), and a decode launch marked RAW in MOE_DECODE_LAUNCH."""
+    from klconvert.kernels import fused_moe as fm
+
+    int4, int8 = make_experts(2, 128, 128, 4, True, device="cpu"), make_experts(2, 128, 128, 8, True, device="cpu")
+    x = lambda m, dtype=torch.bfloat16: torch.zeros(m, 128, dtype=dtype)
+    assert not fm.takes_x_sums(int4, x(1))                                   # the CPU: no PTX unpack
+    monkeypatch.setattr(fm, "fast_unpack", lambda bits, device: True)
+    assert [fm.takes_x_sums(int4, x(m)) for m in range(1, DECODE_MAX_TOKENS + 1)] == \
+        [decode_launch("mma", m)[3] for m in range(1, DECODE_MAX_TOKENS + 1)]
+    assert not fm.takes_x_sums(int4, x(1, torch.float32)) and not fm.takes_x_sums(int8, x(1))
+    assert not fm.takes_x_sums(int4, x(DECODE_MAX_TOKENS + 1))              # the grouped prefill path
+
+
 def test_x_sums_leave_the_ptx_free_paths_alone():
     """x's k-tile sums serve only the PTX unpack (CUDA, int4, tensor cores): elsewhere the result is the same."""
     experts = make_experts(5, 256, 128, 4, True)
