@@ -27,25 +27,19 @@ MOE_CROSSOVER = {4: (0, 16), 8: (0, 16)}
 # A operand from 2048 tokens, where it was 1.3-1.4x faster.
 MOE_PREFILL_LAUNCH = ((64, (16, 64, 4, 3, False)), (256, (32, 128, 4, 3, True)), (512, (16, 64, 4, 3, False)),
                       (1 << 62, (64, 128, 8, 3, True)))
-# Decode launch shapes (block_n, split_k of (gate+up, down), num_warps) by kernel and token count: the first entry
-# whose bound >= the tokens. CUDA cores: one shape (1 token, `bench/kernels.py --only int4`). Tensor cores: the
-# table `--only int4` printed on an H200 (2026-11-30; it sweeps 8 shapes at 1, 2, 3, 4, 6, 8 and 16 tokens, random
-# routing, CUDA graphs). A k split pays while the serving programs are few: 1 token (3, 2) 23.2 us against 36.5
-# unsplit; 2-3 tokens (2, 1) 35.1 / 45.1 against (3, 2)'s 38.0 / 49.3; 4 tokens read best on 128-row tiles of 8
-# warps, unsplit (51.3 against 61.7); 6 tokens unsplit 64.6 against (2, 1)'s 70.1, yet 8 tokens (2, 1) 85.0 against
-# 90.9 unsplit; 16 unsplit 138.4 against (2, 1)'s 140.8 and (3, 2)'s 175.4. In the step (`klconvert bench --preset
-# kimi-linear-48b --context 4096 --batch 2,...,8 --spread-routing --no-check`, same day, against the former (3, 2) up
-# to 4 tokens, unsplit past): batch 2 2.308 -> 2.270 ms, 3 2.673 -> 2.539, 4 3.076 -> 2.826, 5 and 6 unchanged
-# (3.08, 3.23), 7 3.769 -> 3.629, 8 4.042 -> 3.921; 1 and 16 tokens keep their launches. Tokens 5 and 7 were not
-# swept alone: they take the next bound's entry. Int8 experts take the same table (swept in int4 only).
-# The fourth field: whether the gate+up launch takes the RAW unpack when x's k-tile sums come with x. Measured on an
-# H200 (2026-11-30, a scratch script timing as `--only int4` does, graph us, sym int4, the sums precomputed): 1 token
-# 23.4 -> 21.7, 4 tokens 51.5 -> 50.5, 16 tokens 139.7 -> 133-138; slower on the (2, 1) split: 2 tokens 35.4 ->
-# 38.6, 8 tokens 85.2 -> 87.4; 5-6 tokens not measured (off).
+# Decode launch shapes (block_n, split_k of (gate+up, down), num_warps, raw) by kernel and token count: the first
+# entry whose bound >= the tokens; raw: whether the gate+up launch takes the RAW unpack when x's k-tile sums come with
+# x (takes_x_sums). CUDA cores: one shape (1 token). Tensor cores: the table `python bench/kernels.py --only int4`
+# printed on an H200 (2026-11-30, BENCHMARKS.md's eighteenth decode round; 8 shapes at 1, 2, 3, 4, 6, 8 and 16
+# tokens, each with and without RAW, random routing, CUDA graphs). A k split pays while the serving programs are
+# few: 1 token (3, 2) with RAW 21.6 us (23.4 without; unsplit 36.5), 2 tokens (2, 1) without RAW 35.2 (37.9 with);
+# from 3 tokens unsplit with RAW leads: 3 tokens 41.7 against (2, 1)'s 44.8, 4 tokens 46.7 against 128-row tiles on
+# 8 warps' 50.1, 8 tokens 80.5 against (2, 1)'s 85.3, 16 tokens 132.9 -- but at 6 tokens RAW reads 1.1 us slower
+# (65.9 against 64.8). Tokens 5 and 7 were not swept: they take the next bound's entry. Int8 experts take the same
+# table (swept in int4 only; RAW is int4's).
 MOE_DECODE_LAUNCH = {"fma": ((DECODE_MAX_TOKENS, (16, (3, 2), 2, False)),),
-                     "mma": ((1, (64, (3, 2), 4, True)), (3, (64, (2, 1), 4, False)), (4, (128, (1, 1), 8, True)),
-                             (6, (64, (1, 1), 4, False)), (8, (64, (2, 1), 4, False)),
-                             (DECODE_MAX_TOKENS, (64, (1, 1), 4, True)))}
+                     "mma": ((1, (64, (3, 2), 4, True)), (2, (64, (2, 1), 4, False)), (4, (64, (1, 1), 4, True)),
+                             (6, (64, (1, 1), 4, False)), (DECODE_MAX_TOKENS, (64, (1, 1), 4, True)))}
 
 
 @dataclass
