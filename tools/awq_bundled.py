@@ -28,11 +28,12 @@ from klconvert.config import KimiLinearConfig  # noqa: E402
 
 
 def kimi_linear_mappings(config: KimiLinearConfig) -> list[dict]:
-    """AWQ mappings (smooth_layer, balance_layers) over transformers' module names, layer by layer: each input norm
-    with every projection that reads it (KDA: q, k, v, f_a, b, g_a; MLA: q and kv_a, then kv_a's latent norm with
-    kv_b), each post-attention norm with the MLP's gate and up (an MoE layer: the router, every expert's and the
-    shared expert's), and each up with its down. KDA's o_proj reads a gated norm whose weight is per head dim, so it
-    takes no scales of its own input."""
+    """AWQ mappings (smooth_layer, balance_layers) over the module names llm-compressor sees (transformers' model, its
+    fused experts split into experts.N.{gate,up,down}_proj), layer by layer: each input norm with every projection
+    that reads it (KDA: q, k, v, f_a, b, g_a; MLA: q and kv_a, then kv_a's latent norm with kv_b), each
+    post-attention norm with the MLP's gate and up (an MoE layer: the router, every expert's and the shared expert's),
+    and each up with its down. KDA's o_proj reads a gated norm whose weight is per head dim, so it takes no scales of
+    its own input."""
     mappings = []
     for i in range(config.num_hidden_layers):
         at = rf"re:.*layers\.{i}\."
