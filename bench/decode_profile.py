@@ -3,7 +3,8 @@ bench --preset kimi-linear-48b`), one CUDA-graph step profiled by kernel, groupe
 
 Checks first that the graph replay equals the eager step bit for bit (as `klconvert bench` does), then profiles
 --steps replays with torch.profiler and prints, per kernel name, launches and microseconds per step and the share of
-the step's kernel time, beside the step's wall time per replay (the difference is the gaps between kernels).
+the step's kernel time, beside the step's wall time per replay (the difference is the gaps between kernels). With PDL
+on (the default on Hopper) a kernel's span includes its wait for the one before: run with KLCONVERT_PDL=0 for a split.
 
     python bench/decode_profile.py [--layers 27] [--context 4096] [--batch 1] [--steps 16] [--spread-routing]
                                    [--json FILE]
@@ -19,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from klconvert.bench import DTYPE, check_graph_matches_eager, fill_state, random_quantized_weights, spread_routing
 from klconvert.config import KimiLinearConfig
+from klconvert.kernels.pdl import use_pdl
 from klconvert.presets import preset_config
 from klconvert.runtime.engine import Engine
 
@@ -66,9 +68,13 @@ def main() -> int:
             k[0] += 1
             k[1] += event.device_time
     total = sum(us for _, us in kernels.values()) / args.steps
+    pdl = use_pdl(device)
     print(f"{torch.cuda.get_device_name()}: {args.layers} layers, context {args.context}, batch {args.batch}: "
           f"graph replay {wall_us:.1f} us/step; kernel time {total:.1f} us/step in "
           f"{sum(n for n, _ in kernels.values()) / args.steps:.0f} launches")
+    if pdl:
+        print("PDL is on: each kernel's span includes its wait for the one before, so spans overlap and their sum "
+              "is not a split of the step (KLCONVERT_PDL=0 profiles the step without it)")
     print("| kernel | launches/step | us/step | share |\n|---|---:|---:|---:|")
     table = []
     for name, (n, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1]):
@@ -77,7 +83,8 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "layers": args.layers, "context": args.context,
-                       "batch": args.batch, "spread_routing": args.spread_routing, "graph_us_per_step": wall_us,
+                       "batch": args.batch, "spread_routing": args.spread_routing, "pdl": pdl,
+                       "graph_us_per_step": wall_us,
                        "kernel_us_per_step": total,
                        "kernels": table}, f, indent=1)
     return 0
