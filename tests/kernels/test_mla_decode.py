@@ -107,9 +107,13 @@ def test_mla_decode_head_blocks_and_strided_inputs(poisoned_workspace):
 
 
 def test_split_counts():
-    """One 1M sequence fills an H200 (one wave over its 132 SMs); a 4K cache is not over-split."""
+    """One 1M sequence fills an H200 (one wave over its 132 SMs) and no batch spills into a second wave; a 4K cache
+    is not over-split."""
     assert mla_decode_splits(1, 32, 1 << 20, "cpu") == 132
     assert mla_decode_splits(4, 32, 1 << 20, "cpu") == 33
+    assert mla_decode_splits(16, 32, 1 << 20, "cpu") == 8                 # 128 programs, not 9 x 16 = 144
+    assert all(b * mla_decode_splits(b, 32, 1 << 20, "cpu") <= 132 for b in range(1, 133))
+    assert mla_decode_splits(200, 32, 1 << 20, "cpu") == 1
     assert mla_decode_splits(1, 32, 4096, "cpu") == 16
     assert mla_decode_splits(1, 32, 100, "cpu") == 1
 
