@@ -172,8 +172,9 @@ def mla_decode_splits(batch: int, heads: int, max_len: int, device, *, block_h: 
                       min_split_tokens: int = 256, waves: int = 1) -> int:
     """Splits of the sequence per (sequence, head block): as many programs as `waves` per SM take when the cache is
     long -- never more: 16 sequences on 132 SMs run 8 splits (128 programs), not 9 (144, 12 SMs running two), the
-    27-layer 4K step at batch 16 5.711 -> 5.662 ms on an H200 (2026-12-01; batch 7 unchanged, batch 5 2.998 ->
-    3.005) -- and never more than max_len / min_split_tokens (a short cache is not over-split). Shapes only, no sync.
+    27-layer 4K step at batch 16 5.711 -> 5.662 ms on an H200, batch 8 3.80 -> 3.75 (2026-12-01; batch 7 unchanged,
+    batch 5 2.998 -> 3.005) -- and never more than max_len / min_split_tokens (a short cache is not over-split).
+    Shapes only, no sync.
     One wave: at 1M tokens on an H200 (`bench/kernels.py --only mla`, 2026-11-30) 407 us against 473 for two
     waves with a bf16 cache, 616 against 654 with fp8 -- each split's prologue and its partial output (which the
     merge reads back) paid once per SM, not twice."""
