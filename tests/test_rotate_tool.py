@@ -1,0 +1,69 @@
+"""tools/rotate_bundled.py: the bundled model with its residual stream rotated is the same function -- every reader
+and writer of the residual stream found (a missed one is caught below), the norms folded in."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import rotate_bundled  # noqa: E402
+
+from klconvert.config import KimiLinearConfig  # noqa: E402
+from klconvert.evaluate import run_model  # noqa: E402
+
+BUNDLED = Path(rotate_bundled.BUNDLED)
+
+
+@pytest.fixture(scope="module")
+def reference_and_ids():
+    config = KimiLinearConfig.from_file(BUNDLED / "config.json")
+    ids = torch.randint(0, config.vocab_size, (96,), generator=torch.Generator().manual_seed(0)).tolist()
+    return run_model(BUNDLED, ids, "cpu", "float32"), ids
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            out.update({name: f.get_tensor(name) for name in f.keys()})
+    return out
+
+
+@pytest.mark.parametrize("kind", rotate_bundled.ROTATIONS)
+def test_rotation_is_orthogonal(kind):
+    q = rotate_bundled.rotation(256, kind)
+    assert torch.allclose(q @ q.T, torch.eye(256, dtype=torch.float64), atol=1e-12)
+    mixes = (q.abs() > 0).all()  # a Hadamard mixes every channel into every other
+    assert mixes if kind != "identity" else torch.equal(q, torch.eye(256, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", rotate_bundled.ROTATIONS)
+def test_rotated_model_is_the_same_function(tmp_path, reference_and_ids, kind):
+    reference, ids = reference_and_ids
+    rotate_bundled.rotate(BUNDLED, tmp_path / "rot", kind, dtype=torch.float32)
+    got = run_model(tmp_path / "rot", ids, "cpu", "float32")
+    assert (got.log_probs - reference.log_probs).abs().max() < 1e-3
+    assert all(torch.equal(got.expert_ids[k], reference.expert_ids[k]) for k in reference.expert_ids)
+    before, after = _tensors(BUNDLED), _tensors(tmp_path / "rot")
+    norms = [n for n in after if n.endswith(("input_layernorm.weight", "post_attention_layernorm.weight"))]
+    assert norms and all(torch.equal(after[n], torch.ones_like(after[n])) for n in norms + ["model.norm.weight"])
+    assert set(after) == set(before) and all(after[n].shape == before[n].shape for n in before)
+
+
+def test_a_missed_reader_changes_the_function(tmp_path, reference_and_ids, monkeypatch):
+    reference, ids = reference_and_ids
+    roles = rotate_bundled.residual_roles
+
+    def without_b_proj(config):
+        readers, writers = roles(config)
+        readers["model.layers.1.input_layernorm"].remove("model.layers.1.self_attn.b_proj")
+        return readers, writers
+
+    monkeypatch.setattr(rotate_bundled, "residual_roles", without_b_proj)
+    rotate_bundled.rotate(BUNDLED, tmp_path / "rot", "hadamard", dtype=torch.float32)
+    got = run_model(tmp_path / "rot", ids, "cpu", "float32")
+    assert (got.log_probs - reference.log_probs).abs().max() > 0.1
