@@ -2,6 +2,8 @@
 and writer of the residual stream found (a missed one is caught below), the norms folded in."""
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import rotate_bundled  # noqa: E402
 
 from klconvert.config import KimiLinearConfig  # noqa: E402
+from klconvert.errors import KLError  # noqa: E402
 from klconvert.evaluate import run_model  # noqa: E402
 
 BUNDLED = Path(rotate_bundled.BUNDLED)
@@ -67,3 +70,14 @@ def test_a_missed_reader_changes_the_function(tmp_path, reference_and_ids, monke
     rotate_bundled.rotate(BUNDLED, tmp_path / "rot", "hadamard", dtype=torch.float32)
     got = run_model(tmp_path / "rot", ids, "cpu", "float32")
     assert (got.log_probs - reference.log_probs).abs().max() > 0.1
+
+
+def test_a_folder_naming_a_shard_outside_itself_is_refused_before_anything_is_written(tmp_path):
+    folder = tmp_path / "hostile"
+    shutil.copytree(BUNDLED, folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["lm_head.weight"] = "../outside.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(KLError, match="not a plain file name"):
+        rotate_bundled.rotate(folder, tmp_path / "rot")
+    assert not (tmp_path / "rot").exists() and not (tmp_path / "outside.safetensors").exists()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -26,9 +27,12 @@ from compressed_tensors.transform.utils.hadamard import deterministic_hadamard_m
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from klconvert.config import KimiLinearConfig
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gptq_bundled import BUNDLED, TOKENIZER_FILES  # noqa: E402
 
-BUNDLED = Path(__file__).resolve().parent.parent / "klconvert" / "bundled"
+from klconvert.checkpoint.reader import INDEX_FILE, open_checkpoint  # noqa: E402
+from klconvert.config import KimiLinearConfig  # noqa: E402
+
 ROTATIONS = ("hadamard", "random-hadamard", "identity")
 
 
@@ -74,13 +78,15 @@ def residual_roles(config: KimiLinearConfig) -> tuple[dict[str, list[str]], list
 
 def rotate(model: Path, out: Path, kind: str = "hadamard", dtype: torch.dtype | None = None) -> None:
     """Write `model` (a bf16 Kimi Linear folder in the release's format) rotated into `out`, each tensor in its own
-    dtype (or `dtype`)."""
-    config = KimiLinearConfig.from_file(model / "config.json")
+    dtype (or `dtype`), in the same shards. The folder is checked first as klconvert checks any download (shard
+    names, sizes, the tensors the config implies)."""
+    checkpoint = open_checkpoint(model)
+    config = checkpoint.config
     if config.tie_word_embeddings:
         raise SystemExit(f"{model}: tied embeddings; the rotation folds the final norm into lm_head alone")
-    weight_map = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
+    weight_map = {name: shard for shard, header in checkpoint.headers.items() for name in header.tensors}
     tensors = {}
-    for shard in sorted(set(weight_map.values())):
+    for shard in checkpoint.headers:
         with safe_open(model / shard, "pt") as f:
             tensors.update({name: f.get_tensor(name) for name in f.keys()})
     q = rotation(config.hidden_size, kind)
@@ -94,13 +100,18 @@ def rotate(model: Path, out: Path, kind: str = "hadamard", dtype: torch.dtype | 
     rotated |= {f"{n}.weight": q.T @ w(n) for n in writers if n != "model.embed_tokens"}
     rotated["model.embed_tokens.weight"] = w("model.embed_tokens") @ q
     out.mkdir(parents=True, exist_ok=True)
-    for shard in sorted(set(weight_map.values())):
+    total = 0
+    for shard in checkpoint.headers:
         part = {name: rotated.get(name, t).to(dtype or t.dtype).contiguous()
                 for name, t in tensors.items() if weight_map[name] == shard}
         save_file(part, out / shard, metadata={"format": "pt"})
-    for f in model.iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors"):
-            shutil.copy(f, out / f.name)
+        total += sum(t.numel() * t.element_size() for t in part.values())
+    if (model / INDEX_FILE).exists():
+        (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=2))
+    for name in ("config.json", *TOKENIZER_FILES):
+        if (model / name).is_file():
+            shutil.copy(model / name, out / name)
 
 
 def main() -> None:
