@@ -117,7 +117,8 @@ def rotate(model: Path, out: Path, kind: str = "hadamard", dtype: torch.dtype | 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path, help="Output folder (the release's format).")
-    p.add_argument("--model", type=Path, default=BUNDLED, help="The bf16 model folder (default: the bundled one).")
+    p.add_argument("--model", type=Path, default=BUNDLED,
+                   help="The bf16 model folder (default: the bundled one), held in memory whole (fp64 where rotated).")
     p.add_argument("--rotation", choices=ROTATIONS, default="hadamard",
                    help="identity: the norms folded into their readers alone, the control [default: hadamard].")
     a = p.parse_args()
