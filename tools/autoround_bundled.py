@@ -1,0 +1,76 @@
+"""AutoRound of the bundled model through llm-compressor: the rounding of each weight and the clipping of each group
+learned block by block (signed gradient descent on the block's output error over calibration activations), in the
+scheme layout of a recipe klconvert wrote -- the same groups, bits and ignore list, with llm-compressor's
+AutoRoundModifier (Intel's auto-round underneath) where klconvert's own quantizer rounds to nearest.
+
+It runs in llm-compressor's environment, as tools/gptq_bundled.py does, with auto-round beside it:
+
+    klconvert quantize tiny q4 --bits 4
+    python -m venv /tmp/llmc && /tmp/llmc/bin/pip install llmcompressor==0.14.0 auto-round==0.15.1 tiktoken
+    PYTHONPATH=. /tmp/llmc/bin/python tools/autoround_bundled.py q4/recipe.yaml q4-autoround [--iters 200]
+
+AutoRound tunes the linears inside the decoder layers; lm_head, outside them, stays in bf16 here (auto-round 0.15.1
+under llm-compressor 0.14.0 wrote a NaN scale into the int8 lm_head of this model, which klconvert refuses to load).
+The quality table's study 2 measures the difference: lm_head in bf16 against int8, KL 0.0575 against 0.0576.
+Measure the folder with `python tools/quality_table.py --folder "int4 AutoRound=q4-autoround"`.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gptq_bundled import BUNDLED, TOKENIZER_FILES, calibration_windows  # noqa: E402
+
+LM_HEAD = "lm_head"
+
+
+def autoround_recipe(recipe_path: Path, iters: int, batch_size: int) -> str:
+    """klconvert's recipe with its QuantizationModifier swapped for an AutoRoundModifier of the same groups and
+    ignore list, lm_head added to the list (and its group dropped); AutoRound learns the ranges, so the groups'
+    observers go."""
+    recipe = yaml.safe_load(recipe_path.read_text())
+    modifiers = recipe["quant_stage"]["quant_modifiers"]
+    autoround = modifiers.pop("QuantizationModifier")
+    groups = autoround["config_groups"]
+    for name in [n for n, g in groups.items() if g.get("targets") == [f"re:^{LM_HEAD}$"]]:
+        del groups[name]
+    for group in groups.values():
+        group["weights"].pop("observer", None)
+    autoround["ignore"] = [*autoround.get("ignore", []), LM_HEAD]
+    autoround |= {"iters": iters, "batch_size": batch_size, "enable_torch_compile": False}
+    modifiers["AutoRoundModifier"] = autoround
+    recipe.pop("runtime", None)  # klconvert's runtime section; llm-compressor has no use for it
+    return yaml.safe_dump(recipe, sort_keys=False)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("recipe", type=Path, help="recipe.yaml of a folder klconvert quantized (the scheme layout).")
+    p.add_argument("out", type=Path, help="Output folder (compressed-tensors).")
+    p.add_argument("--model", type=Path, default=BUNDLED, help="The bf16 model folder (default: the bundled one).")
+    p.add_argument("--samples", type=int, default=32, help="Calibration windows.")
+    p.add_argument("--seq-len", type=int, default=512, help="Tokens per window.")
+    p.add_argument("--iters", type=int, default=200, help="Signed-gradient steps per decoder layer.")
+    p.add_argument("--batch-size", type=int, default=4, help="Windows per step.")
+    a = p.parse_args()
+    from llmcompressor import oneshot  # llm-compressor's environment only (see above)
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16)
+    oneshot(model=model, dataset=calibration_windows(a.model, a.samples, a.seq_len),
+            recipe=autoround_recipe(a.recipe, a.iters, a.batch_size), max_seq_length=a.seq_len,
+            num_calibration_samples=a.samples, output_dir=str(a.out))
+    for name in TOKENIZER_FILES:  # transformers saves no tiktoken tokenizer; klconvert reads these
+        shutil.copy(a.model / name, a.out / name)
+    print(f"AutoRound ({a.iters} steps, {a.samples} x {a.seq_len} training tokens) -> {a.out}")
+
+
+if __name__ == "__main__":
+    main()
