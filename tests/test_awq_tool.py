@@ -15,12 +15,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import awq_bundled  # noqa: E402
+from gptq_bundled import BUNDLED  # noqa: E402
 
 from klconvert.config import KimiLinearConfig  # noqa: E402
 from klconvert.models import resolve_model  # noqa: E402
 from klconvert.quantize import quantize  # noqa: E402
-
-BUNDLED = Path(awq_bundled.BUNDLED)
 
 
 def _config() -> KimiLinearConfig:

@@ -16,16 +16,13 @@ Measure the folder with `python tools/quality_table.py --folder "int4 AutoRound=
 """
 from __future__ import annotations
 
-import argparse
-import shutil
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gptq_bundled import BUNDLED, TOKENIZER_FILES, calibration_windows  # noqa: E402
+from gptq_bundled import calibrate, calibration_parser  # noqa: E402
 
 LM_HEAD = "lm_head"
 
@@ -50,25 +47,11 @@ def autoround_recipe(recipe_path: Path, iters: int, batch_size: int) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("recipe", type=Path, help="recipe.yaml of a folder klconvert quantized (the scheme layout).")
-    p.add_argument("out", type=Path, help="Output folder (compressed-tensors).")
-    p.add_argument("--model", type=Path, default=BUNDLED, help="The bf16 model folder (default: the bundled one).")
-    p.add_argument("--samples", type=int, default=32, help="Calibration windows.")
-    p.add_argument("--seq-len", type=int, default=512, help="Tokens per window.")
+    p = calibration_parser(__doc__.splitlines()[0], samples=32)
     p.add_argument("--iters", type=int, default=200, help="Signed-gradient steps per decoder layer.")
     p.add_argument("--batch-size", type=int, default=4, help="Windows per step.")
     a = p.parse_args()
-    from llmcompressor import oneshot  # llm-compressor's environment only (see above)
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16)
-    oneshot(model=model, dataset=calibration_windows(a.model, a.samples, a.seq_len),
-            recipe=autoround_recipe(a.recipe, a.iters, a.batch_size), max_seq_length=a.seq_len,
-            num_calibration_samples=a.samples, output_dir=str(a.out))
-    for name in TOKENIZER_FILES:  # transformers saves no tiktoken tokenizer; klconvert reads these
-        shutil.copy(a.model / name, a.out / name)
+    calibrate(a.model, a.out, autoround_recipe(a.recipe, a.iters, a.batch_size), a.samples, a.seq_len)
     print(f"AutoRound ({a.iters} steps, {a.samples} x {a.seq_len} training tokens) -> {a.out}")
 
 

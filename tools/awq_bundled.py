@@ -13,8 +13,6 @@ split):
 """
 from __future__ import annotations
 
-import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gptq_bundled import BUNDLED, TOKENIZER_FILES, calibration_windows  # noqa: E402
+from gptq_bundled import calibrate, calibration_parser  # noqa: E402
 
 from klconvert.config import KimiLinearConfig  # noqa: E402
 
@@ -68,28 +66,14 @@ def awq_recipe(recipe_path: Path, config: KimiLinearConfig, then: str = "rtn") -
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("recipe", type=Path, help="recipe.yaml of a folder klconvert quantized (the scheme layout).")
-    p.add_argument("out", type=Path, help="Output folder (compressed-tensors).")
-    p.add_argument("--model", type=Path, default=BUNDLED, help="The bf16 model folder (default: the bundled one).")
+    p = calibration_parser(__doc__.splitlines()[0], samples=64)
     p.add_argument("--then", choices=("rtn", "gptq"), default="rtn", help="The quantizer after the scales.")
-    p.add_argument("--samples", type=int, default=64, help="Calibration windows.")
-    p.add_argument("--seq-len", type=int, default=512, help="Tokens per window.")
     a = p.parse_args()
-    from llmcompressor import oneshot  # llm-compressor's environment only (see above)
-    from transformers import AutoModelForCausalLM
-
     if not torch.cuda.is_available():  # its AWQ pins the cached activations for GPU copies; a CPU run has none
         from llmcompressor.pipelines.cache import IntermediatesCache
         IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
-    torch.manual_seed(0)
     config = KimiLinearConfig.from_file(a.model / "config.json")
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16)
-    oneshot(model=model, dataset=calibration_windows(a.model, a.samples, a.seq_len),
-            recipe=awq_recipe(a.recipe, config, a.then), max_seq_length=a.seq_len, num_calibration_samples=a.samples,
-            output_dir=str(a.out))
-    for name in TOKENIZER_FILES:  # transformers saves no tiktoken tokenizer; klconvert reads these
-        shutil.copy(a.model / name, a.out / name)
+    calibrate(a.model, a.out, awq_recipe(a.recipe, config, a.then), a.samples, a.seq_len)
     print(f"AWQ then {a.then} ({a.samples} x {a.seq_len} training tokens) -> {a.out}")
 
 

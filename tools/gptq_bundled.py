@@ -55,23 +55,34 @@ def calibration_windows(model: Path, samples: int, seq_len: int):
     return Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * seq_len] * samples})
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def calibration_parser(description: str, samples: int) -> argparse.ArgumentParser:
+    """The arguments every llm-compressor tool here takes: the recipe, the output, the model, the calibration."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("recipe", type=Path, help="recipe.yaml of a folder klconvert quantized (the scheme layout).")
     p.add_argument("out", type=Path, help="Output folder (compressed-tensors).")
     p.add_argument("--model", type=Path, default=BUNDLED, help="The bf16 model folder (default: the bundled one).")
-    p.add_argument("--samples", type=int, default=64, help="Calibration windows.")
+    p.add_argument("--samples", type=int, default=samples, help="Calibration windows.")
     p.add_argument("--seq-len", type=int, default=512, help="Tokens per window.")
-    a = p.parse_args()
+    return p
+
+
+def calibrate(model_dir: Path, out: Path, recipe: str, samples: int, seq_len: int) -> None:
+    """llm-compressor's oneshot of `recipe` on the bf16 model in model_dir over calibration windows of its training
+    split, saved to out with the tokenizer files klconvert reads."""
     from llmcompressor import oneshot  # llm-compressor's environment only (see above)
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16)
-    oneshot(model=model, dataset=calibration_windows(a.model, a.samples, a.seq_len), recipe=gptq_recipe(a.recipe),
-            max_seq_length=a.seq_len, num_calibration_samples=a.samples, output_dir=str(a.out))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    oneshot(model=model, dataset=calibration_windows(model_dir, samples, seq_len), recipe=recipe,
+            max_seq_length=seq_len, num_calibration_samples=samples, output_dir=str(out))
     for name in TOKENIZER_FILES:  # transformers saves no tiktoken tokenizer; klconvert reads these
-        shutil.copy(a.model / name, a.out / name)
+        shutil.copy(model_dir / name, out / name)
+
+
+def main() -> None:
+    a = calibration_parser(__doc__.splitlines()[0], samples=64).parse_args()
+    calibrate(a.model, a.out, gptq_recipe(a.recipe), a.samples, a.seq_len)
     print(f"GPTQ ({a.samples} x {a.seq_len} training tokens) -> {a.out}")
 
 
