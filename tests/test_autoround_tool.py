@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import autoround_bundled  # noqa: E402
 
 from klconvert.models import resolve_model  # noqa: E402
+from klconvert.quant.defaults import LM_HEAD  # noqa: E402
 from klconvert.quantize import quantize  # noqa: E402
 
 
@@ -26,7 +27,7 @@ def test_autoround_recipe_keeps_klconvert_groups_and_ignore_list_and_leaves_lm_h
     autoround = modifiers["AutoRoundModifier"]
     assert (autoround["iters"], autoround["batch_size"], autoround["enable_torch_compile"]) == (50, 2, False)
     assert autoround["ignore"] == written["ignore"] + ["lm_head"]
-    lm_head_groups = [n for n, g in written["config_groups"].items() if g["targets"] == ["re:^lm_head$"]]
+    lm_head_groups = [n for n, g in written["config_groups"].items() if g["targets"] == [LM_HEAD]]
     assert len(lm_head_groups) == 1 and set(autoround["config_groups"]) == set(written["config_groups"]) - set(
         lm_head_groups)
     for name, group in autoround["config_groups"].items():
