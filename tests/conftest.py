@@ -41,6 +41,10 @@ def _fix_interpreter_bf16():
 if os.environ.get("TRITON_INTERPRET") == "1":
     _fix_interpreter_bf16()
 
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # one process per core (`-n auto`): each on one intra-op thread, so the workers do not fight over the cores
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_released(tmp_path_factory):

@@ -149,7 +149,7 @@ def test_shared_expert_stored_otherwise_runs_beside_the_fused_moe(calm4, tmp_pat
 @pytest.mark.slow
 def test_decode_through_the_latent_attention_kernel(quantized, request):
     """bf16 binds the Triton latent attention (it reads bf16 or e4m3 caches); its decode steps match the PyTorch
-    path's, and so does a batch of two sequences at different positions."""
+    path's, one sequence alone and then a batch of two at different positions (each row against its own)."""
     if "int8" in request.node.callspec.id and DEVICE == "cpu":
         pytest.skip("one scheme is enough for the interpreter")
     from klconvert.runtime.kernel_modules import TritonLatentAttention, TritonPrefillAttention
@@ -158,13 +158,16 @@ def test_decode_through_the_latent_attention_kernel(quantized, request):
     tri = klconvert.load(quantized, device=DEVICE, dtype=torch.bfloat16, max_context=32, batch=2, kernels="triton")
     assert isinstance(tri.model.blocks[3].self_attn.attend, TritonLatentAttention)
     assert isinstance(tri.model.blocks[3].self_attn.prefill_attention, TritonPrefillAttention)
-    prompts = [[5, 9, 2, 7, 1, 3], [8, 4]]
-    got, want = tri.generate(prompts, max_new_tokens=6), ref.generate(prompts, max_new_tokens=6)
-    assert got.shape == want.shape == (2, 6)
-    ids = torch.tensor([prompts[0]], device=DEVICE)
-    ref.forward(ids[:, :5])
-    tri.forward(ids[:, :5])
-    assert rel_error(tri.decode_step(ids[:, 5], 5), ref.decode_step(ids[:, 5], 5)) < 3e-2
+    ids = torch.tensor([[5, 9, 2, 7, 1, 3, 6], [8, 4, 11, 12, 13, 14, 15]], device=DEVICE)
+    for engine in (ref, tri):
+        engine.forward(ids[:, :6])                                   # both sequences hold positions 0..5
+    alone = [engine.decode_step(ids[:1, 6], 6) for engine in (tri, ref)]    # the first moves on to position 7
+    assert rel_error(*alone) < 3e-2
+    tokens, positions = torch.tensor([9, 15], device=DEVICE), torch.tensor([7, 6], device=DEVICE)
+    got, want = (engine.decode_step(tokens, positions) for engine in (tri, ref))
+    assert got.shape == want.shape == (2, ref.config.vocab_size)
+    for row in range(2):
+        assert rel_error(got[row], want[row]) < 3e-2, row
 
 
 def test_each_moe_prefetches_the_next_blocks_input_projection(quantized):
