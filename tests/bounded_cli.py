@@ -3,6 +3,7 @@ refusal must run: one line, the right exit status, and memory bounded while refu
 from __future__ import annotations
 
 import functools
+import os
 import re
 import resource
 import subprocess
@@ -18,10 +19,16 @@ TIMEOUT_SECONDS = 120
 _IMPORTS = "import torch, tiktoken, jinja2, safetensors, klconvert.cli, klconvert.runtime.engine, klconvert.tokenizer"
 
 
+# Each thread's malloc arena reserves 64 MB of address space and OpenMP starts a thread per core, so without a cap the
+# limit would measure the machine's cores (a 16-core GPU host failed a real run with it), not the command's memory.
+_CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "2", "MALLOC_ARENA_MAX": "2"}
+
+
 @functools.cache
 def address_space_limit() -> int:
     status = subprocess.run([sys.executable, "-c", f"{_IMPORTS}; print(open('/proc/self/status').read())"],
-                            capture_output=True, text=True, timeout=TIMEOUT_SECONDS, check=True).stdout
+                            capture_output=True, text=True, timeout=TIMEOUT_SECONDS, check=True,
+                            env=_CHILD_ENV).stdout
     return int(re.search(r"VmPeak:\s+(\d+) kB", status).group(1)) * 1024 + HEADROOM_BYTES
 
 
@@ -42,7 +49,7 @@ class Finished:
 def klconvert_bounded(*args: str, stdin: bytes | None = None) -> Finished:
     """`python -m klconvert ARGS` under address_space_limit() and TIMEOUT_SECONDS."""
     limit = address_space_limit()
+    bound = lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # noqa: E731
     proc = subprocess.run([sys.executable, "-m", "klconvert", *map(str, args)], input=stdin, capture_output=True,
-                          timeout=TIMEOUT_SECONDS, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS,
-                                                                                          (limit, limit)))
+                          env=_CHILD_ENV, timeout=TIMEOUT_SECONDS, preexec_fn=bound)
     return Finished(proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace"))

@@ -15,6 +15,11 @@ from klconvert.presets import preset_config
 from klconvert.runtime import engine as engine_module
 
 
+# the Triton path on CPU tensors: Triton's interpreter, which conftest turns on only where there is no GPU
+ON_THE_INTERPRETER = pytest.mark.skipif(torch.cuda.is_available(), reason="Triton on CPU tensors needs the interpreter "
+                                        "(conftest sets it only without a GPU); the GPU runs `klconvert bench` itself")
+
+
 @pytest.fixture(scope="module")
 def tiny4():
     """Two layers of the tiny preset (KDA with the dense MLP, MLA with the MoE): the interpreter is slow."""
@@ -22,6 +27,7 @@ def tiny4():
 
 
 @pytest.mark.slow
+@ON_THE_INTERPRETER
 def test_bench_checks_then_times_on_the_cpu(tiny4, monkeypatch):
     """Decode rows, then prefill rows (segments of 8), on one bound model: the depth check and the prefill check
     (prefill against prefill + one decode step) pass before anything is timed. One call: the interpreter is slow."""
@@ -66,6 +72,7 @@ def test_spread_routing_gives_each_sequence_its_own_experts(tiny4):
     assert B.experts_touched(engine, 4) == round(sum(distinct) / len(distinct))
 
 
+@ON_THE_INTERPRETER
 def test_spread_routing_keeps_the_fused_norm_and_router_launch(tiny4, monkeypatch):
     """On the Triton path the wrapped router's launch (the MoE layer's add, norm and router in one) still runs; the
     experts get the spread choices."""

@@ -14,7 +14,7 @@ def test_run_streams_the_greedy_continuation(tiny_released, tmp_path):
     prompt = tmp_path / "p.txt"
     prompt.write_text("Once upon a time, in a land far away,")
     proc = run_klconvert("run", "--model", str(tiny_released), "--prompt-file", str(prompt),
-                         "--max-new-tokens", "12")
+                         "--max-new-tokens", "12", "--device", "cpu")          # the path `expected` runs
     assert proc.returncode == 0, proc.stderr
     tok = Tokenizer.from_folder(tiny_released)
     ids = tok.encode(prompt.read_text())
@@ -23,7 +23,7 @@ def test_run_streams_the_greedy_continuation(tiny_released, tmp_path):
     expected = expected[: stop[0]] if stop else expected
     assert proc.stdout == tok.decode([t for t in expected if t not in tok.special_ids]) + "\n"
     shown = run_klconvert("run", "--model", str(tiny_released), "--prompt", prompt.read_text(), "--max-new-tokens",
-                          "12", "--show-special")
+                          "12", "--show-special", "--device", "cpu")
     assert shown.stdout == tok.decode(expected) + "\n"
     assert any(t in tok.special_ids for t in expected)  # so the two differ
     summary = proc.stderr.strip().splitlines()[-1]

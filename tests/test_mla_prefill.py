@@ -33,12 +33,17 @@ def whole_context(m: M.MLAMixer, q, rows, start: int) -> torch.Tensor:
     return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=m.scale).transpose(1, 2)
 
 
-@pytest.fixture(scope="module")
-def mla():
+def mla_on(device: str) -> M.MLAMixer:
+    """The tiny preset's MLA layer with a random kv_b (what prefill attention reads; the rest stays on meta)."""
     m = M.MLAMixer(TINY, 0)
     w = torch.randn(m.H * (m.dn + m.dv), m.r, generator=torch.Generator().manual_seed(0)) / m.r ** 0.5
-    m.kv_b_proj.weight = torch.nn.Parameter(w, requires_grad=False)
+    m.kv_b_proj.weight = torch.nn.Parameter(w.to(device), requires_grad=False)
     return m
+
+
+@pytest.fixture(scope="module")
+def mla():
+    return mla_on("cpu")
 
 
 @pytest.mark.parametrize("start,T,key_block", [(0, 7, 3), (5, 7, 3), (13, 4, 5), (64, 9, 64), (65, 1, 64),
@@ -56,9 +61,11 @@ def test_blockwise_prefill_equals_the_whole_context_form(mla, start, T, key_bloc
     written = cache_rows(cache, scale, torch.float32)[:, :start + T]
     rows_after = torch.full_like(cache[:, start + T:], float("nan") if not fp8 else 0)
     cache[:, start + T:] = rows_after.to(cache.dtype)
-    if merge == "triton":
+    if merge == "triton":   # on the GPU where there is one (elsewhere Triton's interpreter, set in conftest)
         from klconvert.runtime.kernel_modules import TritonPrefillAttention
-        got = TritonPrefillAttention(key_block)(mla, q, cache, scale, start)
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        got = TritonPrefillAttention(key_block)(mla_on(dev), q.to(dev), cache.to(dev),
+                                                None if scale is None else scale.to(dev), start).cpu()
     else:
         got = M.PrefillAttention(key_block)(mla, q, cache, scale, start)
     assert got.shape == (2, T, mla.H, mla.dv)
