@@ -20,6 +20,7 @@ from gptq_bundled import BUNDLED  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
 from klconvert.models import resolve_model  # noqa: E402
 from klconvert.quantize import quantize  # noqa: E402
+from testkit import TRANSFORMERS_ON_THE_CPU  # noqa: E402
 
 
 def _config() -> KimiLinearConfig:
@@ -38,6 +39,7 @@ def test_awq_recipe_puts_the_scales_ahead_of_klconvert_quantizer(tmp_path, then,
     assert "runtime" not in awq
 
 
+@TRANSFORMERS_ON_THE_CPU
 def test_awq_mappings_balance_every_reader_of_each_smoothed_activation():
     transformers = pytest.importorskip("transformers")
     raw = json.loads((BUNDLED / "config.json").read_text())

@@ -15,6 +15,7 @@ from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.convert.stacked_convs import stack_kda_convs
 from klconvert.quant import policy_from_options
 from klconvert.quantize import quantize
+from testkit import TRANSFORMERS_ON_THE_CPU
 
 transformers = pytest.importorskip("transformers")
 from packaging.version import Version  # noqa: E402  (a transformers dependency)
@@ -98,6 +99,7 @@ def for_transformers(folder: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
+@TRANSFORMERS_ON_THE_CPU
 @pytest.mark.parametrize("label", [*OUTPUTS, KEPT])
 def test_transformers_predicts_what_we_predict(outputs, source_logits, label, tmp_path):
     folder = for_transformers(outputs[label], tmp_path)

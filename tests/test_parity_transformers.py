@@ -1,20 +1,14 @@
 """The reference model against transformers' KimiLinearForCausalLM on the same folder, fp32 on CPU."""
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
 import klconvert
-from testkit import rel_error
+from testkit import TRANSFORMERS_ON_THE_CPU, rel_error
 
 transformers = pytest.importorskip("transformers")
-if importlib.util.find_spec("fla") is not None:
-    # transformers' KimiLinear takes fla-core's chunk_kda and l2norm whenever fla imports, on CPU tensors too, where
-    # its Triton kernels cannot run: its PyTorch path, the reference here, runs only without fla
-    pytest.skip("fla-core is installed: transformers would run its Triton kernels on these CPU tensors",
-                allow_module_level=True)
+pytestmark = TRANSFORMERS_ON_THE_CPU
 
 LENGTHS = (1, 63, 64, 65, 130)
 

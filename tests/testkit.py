@@ -2,14 +2,23 @@
 in this process or as a user runs it, with its stderr read as a terminal shows it."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from klconvert.cli import main
+
+
+# transformers' KimiLinear takes fla-core's Triton kernels (chunk_kda, l2norm) whenever fla imports, on CPU tensors
+# too, where they cannot run: a test of its PyTorch path on the CPU skips where fla is installed (CI has no fla)
+TRANSFORMERS_ON_THE_CPU = pytest.mark.skipif(importlib.util.find_spec("fla") is not None,
+                                             reason="fla-core is installed: transformers would run its Triton kernels "
+                                                    "on these CPU tensors")
 
 
 def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
