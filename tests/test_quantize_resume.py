@@ -168,3 +168,18 @@ def test_a_different_max_shard_size_does_not_resume_without_force(tiny_released,
     assert "kept from an interrupted run" not in err
     packed = [h for h in map(read_header, out.glob("*.safetensors")) if len(h.tensors) > 1]
     assert max(sum(e.nbytes for e in h.tensors.values()) for h in packed) > 150_000  # written at the new size
+
+
+@pytest.mark.parametrize("record", [None, "[" * 100_000])   # no record; one nested past Python's stack
+def test_force_leaves_a_partial_folder_klconvert_did_not_write(tiny_released, tmp_path, record):
+    """OUT.partial without a readable resume record is someone else's: refused with --force too, left as it was."""
+    partial = tmp_path / "q.partial"
+    partial.mkdir()
+    (partial / "notes.txt").write_text("mine")
+    if record is not None:
+        (partial / ".klconvert-resume.json").write_text(record)
+    for force in (False, True):
+        with pytest.raises(KLError, match=r"q\.partial: exists but holds no readable \.klconvert-resume\.json, so it "
+                                          r"is not an interrupted klconvert run; move or delete it yourself"):
+            quantize(tiny_released, tmp_path / "q", force=force, **OPTIONS)
+    assert (partial / "notes.txt").read_text() == "mine" and not (tmp_path / "q").exists()

@@ -133,9 +133,13 @@ class OutputFolder:
     def open(self) -> bool:
         """Make the folder ready; True when an interrupted run's folder was taken up."""
         if self.path.exists() or self.path.is_symlink():
-            if self._stored_record() == self.record:
+            stored = self._stored_record()
+            if stored == self.record:
                 self.remove_unfinished()
                 return True
+            if stored is None:   # not a run of ours: --force must not delete what klconvert did not write
+                raise KLError(f"{self.path}: exists but holds no readable {RESUME_RECORD}, so it is not an "
+                              "interrupted klconvert run; move or delete it yourself, or choose another OUT")
             if not self.force:
                 raise KLError(f"{self.path}: holds an interrupted conversion of another source or with other "
                               "options; rerun with the same SRC and options to resume it, or pass --force to "
@@ -148,7 +152,7 @@ class OutputFolder:
     def _stored_record(self) -> dict | None:
         try:
             return json.loads((self.path / RESUME_RECORD).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):   # RecursionError: JSON nested past Python's stack
             return None
 
     def remove(self) -> None:
