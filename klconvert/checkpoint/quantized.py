@@ -121,6 +121,6 @@ def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, S
     return out
 
 
-def dequantize(tensors: dict[str, torch.Tensor], scheme: QuantScheme) -> torch.Tensor:
-    """Rebuild a dense weight (in the dtype of its scales) from its packed parts."""
-    return decompress_nf4(tensors) if scheme.kind == "nf4" else decompress_weight(tensors, scheme)
+def dequantize(tensors: dict[str, torch.Tensor], scheme: QuantScheme, where: str = "a packed weight") -> torch.Tensor:
+    """Rebuild a dense weight (in the dtype of its scales) from its packed parts; `where` names it in errors."""
+    return decompress_nf4(tensors, where) if scheme.kind == "nf4" else decompress_weight(tensors, scheme)

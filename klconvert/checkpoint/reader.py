@@ -193,7 +193,7 @@ class Checkpoint:
         """One canonical tensor, read from the memory-mapped shards: as stored, or dequantized if packed."""
         src = self.sources[name]
         if isinstance(src, QuantizedSource):
-            return dequantize(*self.packed(name))
+            return dequantize(*self.packed(name), where=f"{self.folder}: {name}")
         return self._read(src.shard, src.name, src.index)
 
     def packed(self, name: str) -> tuple[dict[str, torch.Tensor], QuantScheme] | None:

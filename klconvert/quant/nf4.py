@@ -1,6 +1,8 @@
 """NF4 through bitsandbytes: a module's 4-bit tensors as transformers saves them, and its quantization_config."""
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -48,8 +50,9 @@ def compress_nf4(prefix: str, w: torch.Tensor, double_quant: bool = True) -> dic
 
 
 @torch.no_grad()
-def decompress_nf4(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Rebuild one module's weight (in the dtype it was quantized from) from its NF4 tensors."""
+def decompress_nf4(tensors: Mapping[str, torch.Tensor], where: str = "an NF4 weight") -> torch.Tensor:
+    """Rebuild one module's weight (in the dtype it was quantized from) from its NF4 tensors; `where` names it in
+    errors."""
     found = local_names(tensors, NF4_NAMES)
     missing = [n for n in ("weight", "weight.absmax", "weight.quant_map", "weight.quant_state.bitsandbytes__nf4")
                if n not in found]
@@ -57,9 +60,51 @@ def decompress_nf4(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         raise KLError(f"nf4 tensors {sorted(tensors)[:4]} lack {missing}; the checkpoint is incomplete -- "
                       "re-run the conversion")
     bnbf = _bnb("reading an NF4 checkpoint")
+    _check_state(found, where)
     packed = found.pop("weight")
     state = bnbf.QuantState.from_dict({k.removeprefix("weight."): v for k, v in found.items()}, device=packed.device)
-    return bnbf.dequantize_4bit(packed, state)
+    w = bnbf.dequantize_4bit(packed, state)
+    if not bool(torch.isfinite(w).all()):
+        raise KLError(f"{where}: its NF4 tensors dequantize to NaN or Inf; the checkpoint is damaged -- re-download "
+                      "or re-convert it")
+    return w
+
+
+_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' kernels take
+_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _check_state(found: Mapping[str, torch.Tensor], where: str) -> None:
+    """Hold the untrusted quant state to the packed tensor before bitsandbytes reads it (its kernels trust every
+    size: an absmax cut short is read past its end)."""
+    def bad(what: str):
+        return KLError(f"{where}: NF4 quant state {what}; the checkpoint is damaged -- re-download or re-convert it")
+
+    try:
+        state = json.loads(bytes(found["weight.quant_state.bitsandbytes__nf4"].to(torch.uint8).tolist()).decode())
+    except (ValueError, RecursionError, TypeError) as e:   # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise bad(f"is not JSON ({type(e).__name__})") from None
+    nested = "nested_absmax" in {k.removeprefix("weight.") for k in found}
+    if not isinstance(state, dict):
+        raise bad("is not a JSON object")
+    shape, n = state.get("shape"), 2 * found["weight"].numel()
+    fields_ok = (state.get("quant_type") == "nf4" and state.get("blocksize") in _BLOCKSIZES
+                 and state.get("dtype") in _DTYPES and isinstance(shape, list) and len(shape) == 2
+                 and all(type(d) is int and d > 0 for d in shape) and shape[0] * shape[1] == n)
+    if nested:
+        offset = state.get("nested_offset")
+        fields_ok = fields_ok and state.get("nested_blocksize") in _BLOCKSIZES and \
+            state.get("nested_dtype") in _DTYPES and type(offset) in (int, float) and math.isfinite(offset)
+    if not fields_ok:
+        raise bad(f"fields {json.dumps(state)[:200]} do not describe its {n} packed values")
+    blocks = -(-n // state["blocksize"])
+    sizes = {"weight.absmax": blocks, "weight.quant_map": 16}
+    if nested:
+        sizes.update({"weight.nested_absmax": -(-blocks // state["nested_blocksize"]), "weight.nested_quant_map": 256})
+    for name, size in sizes.items():
+        if name not in found or found[name].numel() != size:
+            got = found[name].numel() if name in found else "none"
+            raise bad(f"{name.removeprefix('weight.')} holds {got} values where its shape needs {size}")
 
 
 def bnb_quantization_config(skip_modules: Sequence[str], compute_dtype: str = "bfloat16",

@@ -55,6 +55,50 @@ def test_nf4_errors():
         decompress_nf4({P + ".weight": torch.zeros(8, 1, dtype=torch.uint8)})
 
 
+def _state(text: str) -> torch.Tensor:
+    return torch.tensor(list(text.encode()), dtype=torch.uint8)
+
+
+def _damaged(tensors: dict, part: str, value) -> dict:
+    return {**tensors, f"{P}.{part}": value}
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_a_damaged_nf4_quant_state_is_refused_before_bitsandbytes_reads_it(double_quant):
+    """bitsandbytes trusts every size in the state: an absmax cut short is read past its end (exit 0, garbage)."""
+    tensors = compress_nf4(P, torch.randn(128, 128), double_quant=double_quant)
+    state = P + ".weight.quant_state.bitsandbytes__nf4"
+    fields = bytes(tensors[state].tolist()).decode()
+    cases = [
+        (_damaged(tensors, "weight.absmax", tensors[P + ".weight.absmax"][:1].clone()),
+         "absmax holds 1 values where its shape needs 256"),
+        (_damaged(tensors, "weight.quant_map", tensors[P + ".weight.quant_map"][:4].clone()), "quant_map holds 4"),
+        ({**tensors, state: _state("not json")}, "is not JSON"),
+        ({**tensors, state: _state("[" * 100_000)}, "is not JSON"),
+        ({**tensors, state: _state("[1, 2]")}, "is not a JSON object"),
+        ({**tensors, state: _state(fields.replace('"blocksize": 64', '"blocksize": 0'))}, "do not describe"),
+        ({**tensors, state: _state(fields.replace("[128, 128]", "[128, 64]"))}, "do not describe its 16384"),
+        ({**tensors, state: _state('{"quant_type": "nf4"}')}, "do not describe"),
+    ]
+    if double_quant:
+        cases.append((_damaged(tensors, "weight.nested_absmax", tensors[P + ".weight.nested_absmax"][:0].clone()),
+                      "nested_absmax holds 0 values where its shape needs 1"))
+        cases.append(({**tensors, state: _state(fields.replace('"nested_offset": ', '"nested_offset": "x", "o": '))},
+                      "do not describe"))
+    for damaged, message in cases:
+        with pytest.raises(KLError, match=rf"^q_proj here: NF4 quant state .*{message}.*re-download or re-convert"):
+            decompress_nf4(damaged, "q_proj here")
+    assert decompress_nf4(tensors).shape == (128, 128)                    # the undamaged parts still read
+
+
+def test_nf4_that_dequantizes_to_nan_is_refused():
+    tensors = compress_nf4(P, torch.randn(128, 128), double_quant=False)
+    absmax = tensors[P + ".weight.absmax"].clone()
+    absmax[3] = float("inf")
+    with pytest.raises(KLError, match="q_proj here: its NF4 tensors dequantize to NaN or Inf"):
+        decompress_nf4(_damaged(tensors, "weight.absmax", absmax), "q_proj here")
+
+
 def test_nf4_quantization_config_and_skip_list():
     policy = policy_from_options(scheme="nf4")
     cfg = policy.quantization_config()
