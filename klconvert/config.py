@@ -210,6 +210,13 @@ class KimiLinearConfig:
                                 ("topk_group", 1, values["num_expert_group"]), ("first_k_dense_replace", 0, n)):
             if not low <= values[name] <= high:
                 raise KLError(f"{where}: field '{name}' is {values[name]}, outside {low}..{high}; fix the config")
+        experts, groups = values["num_experts"], values["num_expert_group"]
+        if groups > 1 and (experts % groups or experts // groups < 2
+                           or values["num_experts_per_token"] > values["topk_group"] * (experts // groups)):
+            raise KLError(f"{where}: num_expert_group {groups} must split num_experts {experts} into equal groups of "
+                          f"at least 2 (the router ranks groups by their top-2 sums), and topk_group "
+                          f"{values['topk_group']} of them must hold num_experts_per_token "
+                          f"{values['num_experts_per_token']}; fix the config")
         for name in ("rms_norm_eps", "routed_scaling_factor"):
             if not _positive_finite(values[name]):
                 raise KLError(f"{where}: field '{name}' is {values[name]!r:.40}; it must be a positive finite number "

@@ -146,7 +146,7 @@ def named_special_token(config: dict, key: str, special_tokens: Mapping[str, int
     text = config.get(key)
     if isinstance(text, dict):  # transformers' serialized AddedToken
         text = text.get("content")
-    if text is not None and text not in special_tokens:
+    if text is not None and (not isinstance(text, str) or text not in special_tokens):
         raise KLError(f"{path}: {key} {text!r} is not in added_tokens_decoder; "
                       "fix the file or re-download the model")
     return text

@@ -44,8 +44,8 @@ def _memory_bytes(value: str | int | float, where: str) -> int:
             return parse_size(value)
         except KLError:
             raise KLError(f"{where}: runtime.gpu_memory {value!r} is not a size; write e.g. 48GiB or 80GB") from None
-    if value <= 0:
-        raise KLError(f"{where}: runtime.gpu_memory should be positive, got {value}")
+    if not 0 < value < 2 ** 63:   # NaN fails too
+        raise KLError(f"{where}: runtime.gpu_memory should be a positive number of bytes, got {value}")
     return int(value)
 
 

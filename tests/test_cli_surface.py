@@ -75,6 +75,18 @@ def test_a_recipe_nested_too_deeply(capsys, tmp_path):
         assert_one_line_error(*run_cli(capsys, *args)[::2], "deep.yaml: nested too deeply to be a recipe")
 
 
+def test_a_recipe_that_is_not_one_is_refused_unread(capsys, tmp_path):
+    """/dev/zero (or any huge file) is refused after a bounded read; NaN and Inf are not sizes."""
+    assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--recipe", "/dev/zero")[::2],
+                          "/dev/zero: over 1024 KiB, far larger than a recipe")
+    base = (Path(__file__).parents[1] / "recipes" / "48gb.yaml").read_text()
+    for value in (".nan", ".inf", "-.inf"):
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(re.sub(r"gpu_memory:.*", f"gpu_memory: {value}", base))
+        assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--recipe", recipe)[::2],
+                              "runtime.gpu_memory should be a positive number of bytes")
+
+
 def test_prompt_text_or_file(capsys, tiny_released, tmp_path):
     both = run_cli(capsys, "run", "--model", tiny_released, "--prompt", "x", "--prompt-file", "-")
     assert_one_line_error(*both[::2], "--prompt TEXT or --prompt-file FILE")

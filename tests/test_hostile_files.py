@@ -72,6 +72,9 @@ def test_huge_size_fields_are_refused_in_bounded_memory(tiny_copy, edit, needles
     (lambda c: c.update(eos_token_id=[10**6]), ["eos_token_id 1000000", "vocabulary"]),
     (lambda c: c.update(first_k_dense_replace=99), ["first_k_dense_replace"]),
     (lambda c: c.update(num_expert_group=0), ["num_expert_group"]),
+    (lambda c: c.update(num_expert_group=3, topk_group=1), ["num_expert_group 3", "equal groups of at least 2"]),
+    (lambda c: c.update(num_expert_group=16, topk_group=16), ["num_expert_group 16", "at least 2"]),
+    (lambda c: c.update(num_expert_group=4, topk_group=1, num_experts_per_token=5), ["num_experts_per_token 5"]),
 ])
 def test_config_fields_are_checked(edit, needles):
     config = preset_config("tiny")
@@ -80,6 +83,38 @@ def test_config_fields_are_checked(edit, needles):
         KimiLinearConfig.from_dict(config)
     for needle in needles:
         assert needle in str(error.value), error.value
+
+
+def _header_dtype_as_a_list(folder: Path) -> None:
+    shard = next(folder.glob("model-*.safetensors"))
+    data = shard.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["dtype"] = [header[name]["dtype"]]
+    raw = json.dumps(header).encode()
+    shard.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+
+
+def _first_shard_as_a_list(index: dict) -> None:
+    name = next(iter(index["weight_map"]))
+    index["weight_map"][name] = [index["weight_map"][name]]
+
+
+@pytest.mark.parametrize("edit, needles", [   # JSON lists and objects where a string belongs
+    (_header_dtype_as_a_list, ["unknown dtype ["]),
+    (lambda f: edit_json(f / "model.safetensors.index.json", _first_shard_as_a_list),
+     ["weight_map gives", "not a file name (list)"]),
+    (lambda f: edit_json(f / "tokenizer_config.json", lambda c: c.update(bos_token=["[BOS]"])),
+     ["bos_token ['[BOS]'] is not in added_tokens_decoder"]),
+    (lambda f: edit_json(f / "tokenizer_config.json", lambda c: c.update(eos_token={"content": ["x"]})),
+     ["eos_token ['x'] is not in added_tokens_decoder"]),
+])
+def test_a_list_where_a_name_belongs_is_refused(tiny_copy, edit, needles):
+    edit(tiny_copy)
+    line = run_on(tiny_copy).error_line()
+    for needle in needles:
+        assert needle in line, line
 
 
 def test_sizes_are_held_to_the_shard_headers(tiny_copy):

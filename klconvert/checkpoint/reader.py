@@ -107,6 +107,10 @@ class Checkpoint:
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise KLError(f"{index_path}: no 'weight_map' object; the index is corrupt -- download it again")
+        odd = next((name for name, shard in weight_map.items() if not isinstance(shard, str)), None)
+        if odd is not None:
+            raise KLError(f"{index_path}: weight_map gives {odd!r:.80} a shard that is not a file name "
+                          f"({type(weight_map[odd]).__name__}); the index is corrupt -- download it again")
         for shard in set(weight_map.values()):
             _shard_path(self.folder, shard, str(index_path))
         return weight_map

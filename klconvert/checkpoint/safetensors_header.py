@@ -77,7 +77,7 @@ def read_header(path: Path) -> SafetensorsHeader:
         if not isinstance(info, dict):
             raise _fail(path, f"entry {name!r} is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in DTYPE_BYTES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
             raise _fail(path, f"tensor {name!r} has unknown dtype {dtype!r}")
         if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                 for d in shape)):

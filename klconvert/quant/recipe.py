@@ -10,6 +10,7 @@ from klconvert.errors import KLError
 from klconvert.quant.policy import Entry, Group, Policy
 from klconvert.quant.scheme import NF4_BLOCKSIZE, QuantScheme
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few KB; a larger --recipe is the wrong file (or /dev/zero)
 _TOP_KEYS = ("<name>_stage", "runtime")
 _MODIFIER_KEYS = ("ignore", "config_groups")
 _GROUP_KEYS = ("targets", "weights", "input_activations", "output_activations", "format")
@@ -181,7 +182,12 @@ def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and parse a recipe file (see parse_recipe)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+        if len(data) > MAX_RECIPE_BYTES:
+            raise KLError(f"{path}: over {MAX_RECIPE_BYTES >> 10} KiB, far larger than a recipe; check the --recipe "
+                          "path")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise KLError(f"{path}: no such recipe file; check the --recipe path") from None
     except (OSError, UnicodeDecodeError) as e:
