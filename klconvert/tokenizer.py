@@ -193,10 +193,11 @@ class Tokenizer:
         folder = Path(path)
         if not folder.is_dir():
             raise KLError(f"{folder}: not a folder; point --model at a Kimi Linear checkpoint folder")
+        known_vocab = vocab_size
         if vocab_size is None:
             has_config = (folder / "config.json").is_file()
-            vocab_size = (KimiLinearConfig.from_file(folder / "config.json").vocab_size if has_config
-                          else SIZE_RANGES["vocab_size"][1])
+            known_vocab = KimiLinearConfig.from_file(folder / "config.json").vocab_size if has_config else None
+            vocab_size = known_vocab or SIZE_RANGES["vocab_size"][1]
         bpe_path, config_path = folder / BPE_FILE, folder / CONFIG_FILE
         ranks = read_bpe_ranks(bpe_path, vocab_size)
         config = read_tokenizer_config(config_path)
@@ -206,15 +207,17 @@ class Tokenizer:
             if token_id in rank_ids:
                 raise KLError(f"{config_path}: special token {text!r} has id {token_id}, which {bpe_path} already "
                               f"gives to a BPE token; the two files are from different models, re-download them")
-        # Ids below the largest that neither file names get the released tokenizer's placeholder name, so that
-        # any id the model can produce decodes (some Kimi configs list only the named specials).
+        # Ids of the model's vocabulary (without a config: below the largest named) that neither file names get the
+        # released tokenizer's placeholder name, so that any id the model can produce decodes (some Kimi configs list
+        # only the named specials).
         taken_ids = rank_ids | set(special_tokens.values())
-        specials = max(taken_ids) + 1 - len(ranks)  # named, and unnamed ids below the largest
+        end = known_vocab or max(taken_ids) + 1
+        specials = end - len(ranks)  # named, and unnamed ids below the end
         if specials > MAX_SPECIAL_TOKENS:
-            raise KLError(f"{config_path}: {specials:,} of the ids up to {max(taken_ids)} are not BPE ranks and would "
+            raise KLError(f"{config_path}: {specials:,} of the ids below {end:,} are not BPE ranks and would "
                           f"all be special tokens, over the {MAX_SPECIAL_TOKENS:,} klconvert takes (the released "
                           "model has 256); fix the file or re-download the model")
-        for token_id in range(max(taken_ids) + 1):
+        for token_id in range(end):
             if token_id not in taken_ids:
                 special_tokens.setdefault(f"<|reserved_token_{token_id}|>", token_id)
         named = {key: named_special_token(config, key, special_tokens, config_path)

@@ -288,3 +288,15 @@ def test_ids_missing_from_added_tokens_decoder_still_decode(broken_folder):
     tokenizer = Tokenizer.from_folder(broken_folder)
     assert tokenizer.vocab_size == SMALL_RANKS + 256
     assert tokenizer.decode([gap]) == f"<|reserved_token_{gap}|>"
+
+
+def test_ids_past_the_last_named_one_decode_up_to_the_vocabulary(broken_folder):
+    """The model's vocabulary may run past every id the tokenizer files name: each one it can sample decodes."""
+    end = SMALL_RANKS + 256
+    kept = SMALL_RANKS + 16
+    edit_config(broken_folder, lambda c: (c.pop("pad_token"), c.update(added_tokens_decoder={
+        k: v for k, v in c["added_tokens_decoder"].items() if int(k) < kept})))
+    assert Tokenizer.from_folder(broken_folder).vocab_size == kept                  # no config: what the files name
+    tokenizer = Tokenizer.from_folder(broken_folder, vocab_size=end)
+    assert tokenizer.vocab_size == end
+    assert tokenizer.decode([end - 1]) == f"<|reserved_token_{end - 1}|>"
