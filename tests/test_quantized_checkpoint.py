@@ -72,6 +72,36 @@ def test_missing_scale_is_one_clear_error(tiny_released, tmp_path):
         open_checkpoint(tmp_path / "q")
 
 
+def _damage(folder, edit) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+Q_PROJ = "model.layers.1.self_attn.q_proj"
+
+
+def test_weight_shape_values_must_say_the_configs_shape(tiny_released, tmp_path):
+    """weight_shape's values reach the unpacking (and the ONNX export): held to config.json's shape on reading."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _damage(tmp_path / "q", lambda t: t.__setitem__(f"{Q_PROJ}.weight_shape", torch.tensor([128, 64])))
+    ckpt = open_checkpoint(tmp_path / "q")
+    with pytest.raises(klconvert.KLError, match=rf"{Q_PROJ}\.weight_shape says \[128, 64\], but config\.json makes "
+                                                rf"{Q_PROJ}\.weight \[\d+, \d+\]; the checkpoint is damaged"):
+        ckpt.get(f"{Q_PROJ}.weight")
+
+
+@pytest.mark.parametrize("zero", [torch.zeros(3, 7, dtype=torch.int32), None], ids=["misshapen", "bf16"])
+def test_a_zero_point_that_does_not_fit_its_scale_is_refused(tiny_released, tmp_path, zero):
+    write_quantized(tiny_released, tmp_path / "q", bits=4, symmetric=False)
+    name = f"{Q_PROJ}.weight_zero_point"
+    _damage(tmp_path / "q", lambda t: t.__setitem__(name, zero if zero is not None else t[name].bfloat16()))
+    with pytest.raises(klconvert.KLError, match=rf"{Q_PROJ}.*weight_zero_point .* does not fit its scale"):
+        open_checkpoint(tmp_path / "q")
+
+
 def test_unknown_quant_method_is_refused(tiny_copy):
     config = json.loads((tiny_copy / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "gptq"}

@@ -24,6 +24,7 @@ class QuantizedSource:
 
     parts: dict[str, tuple[str, str]]
     scheme: QuantScheme
+    shape: tuple[int, int]  # the dense weight's [out, in], from config.json (weight_shape's values must say it)
 
     @property
     def name(self) -> str:
@@ -108,6 +109,11 @@ def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, S
             if not ok:
                 raise KLError(f"{where}: packed tensors {packed.dtype} {list(packed.shape)} / scale {scale.dtype} "
                               f"{list(scale.shape)} do not fit its shape {list(spec.shape)}; re-run the conversion")
+            if "weight_zero_point" in group:   # packed along the rows: [ceil(out / (32 / bits)), groups] int32
+                zero = entry("weight_zero_point")
+                if zero.dtype != "I32" or zero.shape != (-(-out_dim * bits // 32), scale.shape[1]):
+                    raise KLError(f"{where}: weight_zero_point {zero.dtype} {list(zero.shape)} does not fit its "
+                                  f"scale {list(scale.shape)} at {bits} bits; re-run the conversion")
             group_size = in_dim // scale.shape[1]
             scheme = QuantScheme(bits, group_size if group_size % 8 == 0 else -1, "weight_zero_point" not in group)
         else:
@@ -117,7 +123,7 @@ def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, S
                 raise KLError(f"{where}: nf4 data {packed.dtype} {list(packed.shape)} does not fit its shape "
                               f"{list(spec.shape)}; re-run the conversion")
             scheme = QuantScheme(4, NF4_BLOCKSIZE, True, "nf4")
-        out[canonical] = QuantizedSource(group, scheme)
+        out[canonical] = QuantizedSource(group, scheme, (out_dim, in_dim))
     return out
 
 

@@ -205,7 +205,12 @@ class Checkpoint:
         src = self.sources[name]
         if not isinstance(src, QuantizedSource):
             return None
-        return {part: self._read(shard, n) for part, (shard, n) in src.parts.items()}, src.scheme
+        parts = {part: self._read(shard, n) for part, (shard, n) in src.parts.items()}
+        if "weight_shape" in parts and parts["weight_shape"].tolist() != list(src.shape):
+            raise KLError(f"{self.folder}: {src.parts['weight_shape'][1]} says {parts['weight_shape'].tolist()}, but "
+                          f"config.json makes {name} {list(src.shape)}; the checkpoint is damaged -- re-run the "
+                          "conversion")
+        return parts, src.scheme
 
 
 def open_checkpoint(folder: str | Path) -> Checkpoint:
