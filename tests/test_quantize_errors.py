@@ -142,3 +142,14 @@ def test_already_quantized_source(quantized, tmp_path, capsys):
 def test_cuda_requested_without_cuda(tiny_released, tmp_path, capsys):
     assert "--device cuda: no CUDA device" in fails(capsys, tmp_path, "--group-size", "32", "--device", "cuda",
                                                     src=tiny_released)
+
+
+def test_an_output_path_under_a_file_is_one_line(tiny_released, tmp_path, capsys):
+    """OUT whose parent is a regular file: quantize and synth say so, and leave nothing."""
+    (tmp_path / "afile").write_text("x")
+    for args in (["quantize", tiny_released, tmp_path / "afile" / "out", "--device", "cpu"],
+                 ["synth", "--preset", "tiny", "--out", tmp_path / "afile" / "out"]):
+        assert_one_line_error(*run_cli(capsys, *args)[::2],
+                              f"{tmp_path / 'afile' / 'out'}: cannot create the folder it goes in, "
+                              f"{tmp_path / 'afile'} (a file is in the way); choose another output path")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

@@ -49,6 +49,16 @@ def refuse_existing_out(out: Path, force: bool) -> None:
                       "choose another output folder or move it away")
 
 
+def make_parent(out: Path) -> None:
+    """Create the folder `out` goes in (and those above it), or say in one line why it cannot be."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:   # a file where a folder should be, no permission, a read-only or virtual file system
+        reason = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror
+        raise KLError(f"{out}: cannot create the folder it goes in, {out.parent} ({reason}); choose another "
+                      "output path") from None
+
+
 class OutputLock:
     """One writer per output: an exclusive flock on OUT.partial.lock, which holds the writer's pid.
 
@@ -57,11 +67,11 @@ class OutputLock:
     """
 
     def __init__(self, out: Path):
-        self.path, self.partial = lock_path(out), partial_path(out)
+        self.out, self.path, self.partial = out, lock_path(out), partial_path(out)
         self._fd: int | None = None
 
     def __enter__(self) -> OutputLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_parent(self.out)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:

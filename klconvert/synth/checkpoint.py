@@ -19,6 +19,7 @@ from klconvert.checkpoint.name_map import (TRANSFORMERS_LAYOUT, TensorSpec, cano
 from klconvert.checkpoint.safetensors_writer import (PlannedTensor, index_json, shard_names, split_into_shards,
                                                      write_shard)
 from klconvert.config import KimiLinearConfig
+from klconvert.convert.output_folder import make_parent
 from klconvert.errors import KLError
 from klconvert.presets import preset_config
 from klconvert.release import FP32_TENSORS, NUM_SPECIAL_TOKENS
@@ -188,7 +189,7 @@ def synth(preset: str, out: str | Path, layers: int | None = None, seed: int = 0
     names = shard_names(len(shards))
     total = sum(t.nbytes for t in planned)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
