@@ -50,6 +50,7 @@ MAX_BPE_BYTES = 32 << 20
 MAX_TOKENIZER_CONFIG_BYTES = 16 << 20
 MAX_CHAT_TEMPLATE_BYTES = 1 << 20
 MAX_SPECIAL_TOKENS = 8192
+MAX_SPECIAL_TOKEN_CHARS = 256  # the released ones are short tags ("<|im_user|>"); tiktoken compiles them into a regex
 
 
 def read_bounded(path: Path, max_bytes: int, what: str) -> bytes:
@@ -131,6 +132,10 @@ def read_special_tokens(config: dict, path: Path, vocab_size: int = SIZE_RANGES[
         if not re.fullmatch(r"[0-9]{1,10}", key) or not isinstance(content, str) or not content:
             raise KLError(f"{path}: added_tokens_decoder entry {key!r} is not '<id>': {{\"content\": \"<text>\"}}; "
                           "fix the file or re-download the model")
+        if len(content) > MAX_SPECIAL_TOKEN_CHARS:
+            raise KLError(f"{path}: added_tokens_decoder entry {key} is {len(content):,} characters long, over the "
+                          f"{MAX_SPECIAL_TOKEN_CHARS} a special token's text may be; fix the file or re-download the "
+                          "model")
         if content in special_tokens:
             raise KLError(f"{path}: special token {content!r} appears twice in added_tokens_decoder (ids "
                           f"{special_tokens[content]} and {key}); fix the file or re-download the model")

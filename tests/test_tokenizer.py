@@ -300,3 +300,11 @@ def test_ids_past_the_last_named_one_decode_up_to_the_vocabulary(broken_folder):
     tokenizer = Tokenizer.from_folder(broken_folder, vocab_size=end)
     assert tokenizer.vocab_size == end
     assert tokenizer.decode([end - 1]) == f"<|reserved_token_{end - 1}|>"
+
+
+def test_a_special_token_of_a_megabyte_is_refused(broken_folder):
+    """tiktoken compiles the special tokens' text into one regex: a 1 MB one fails there, a 5 MB one takes GBs."""
+    first = SMALL_RANKS
+    edit_config(broken_folder, lambda c: c["added_tokens_decoder"][str(first + 2)].update(content="x" * 1_000_000))
+    with pytest.raises(KLError, match=rf"entry {first + 2} is 1,000,000 characters long, over the 256"):
+        Tokenizer.from_folder(broken_folder)
