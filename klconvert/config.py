@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from klconvert.checkpoint.regular_file import open_regular
 from klconvert.errors import KLError
 
 SUPPORTED_MODEL_TYPES = ("kimi_linear",)
@@ -241,7 +242,7 @@ class KimiLinearConfig:
     def from_file(cls, path: str | Path) -> "KimiLinearConfig":
         path = Path(path)
         try:
-            with open(path, "rb") as f:
+            with open_regular(path) as f:
                 data = f.read(MAX_CONFIG_BYTES + 1)
             if len(data) > MAX_CONFIG_BYTES:
                 raise KLError(f"{path}: over {MAX_CONFIG_BYTES:,} bytes, far larger than any model's config.json; "

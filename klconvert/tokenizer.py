@@ -12,6 +12,7 @@ from types import MappingProxyType
 
 import tiktoken
 
+from klconvert.checkpoint.regular_file import open_regular
 from klconvert.chat_template import render_chat_template
 from klconvert.config import SIZE_RANGES, KimiLinearConfig
 from klconvert.errors import KLError
@@ -55,7 +56,7 @@ MAX_SPECIAL_TOKEN_CHARS = 256  # the released ones are short tags ("<|im_user|>"
 
 def read_bounded(path: Path, max_bytes: int, what: str) -> bytes:
     """The bytes of a file the model folder ships, refused past `max_bytes` (read no further)."""
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise KLError(f"{path}: over {max_bytes >> 20} MB, far larger than any model's {what}; re-download the model")

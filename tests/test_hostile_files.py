@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -115,6 +116,25 @@ def test_a_list_where_a_name_belongs_is_refused(tiny_copy, edit, needles):
     line = run_on(tiny_copy).error_line()
     for needle in needles:
         assert needle in line, line
+
+
+@pytest.mark.parametrize("name, needle", [("config.json", "cannot read the config"),
+                                          ("model.safetensors.index.json", "cannot read the index"),
+                                          ("tiktoken.model", "cannot read the BPE ranks"),
+                                          ("tokenizer_config.json", "tokenizer_config.json")])
+def test_a_fifo_in_the_folder_is_refused_not_waited_on(tiny_copy, name, needle):
+    """Opening a FIFO blocks until something writes to it: a folder's files are read only when regular."""
+    (tiny_copy / name).unlink()
+    os.mkfifo(tiny_copy / name)
+    line = run_on(tiny_copy).error_line()
+    assert needle in line and "not a regular file (a FIFO, device or socket)" in line, line
+
+
+def test_a_fifo_shard_is_refused(tiny_copy):
+    shard = next(tiny_copy.glob("model-*.safetensors"))
+    shard.unlink()
+    os.mkfifo(shard)
+    assert "not a regular file" in run_on(tiny_copy).error_line()
 
 
 def test_sizes_are_held_to_the_shard_headers(tiny_copy):

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from klconvert.checkpoint.regular_file import open_regular
 from klconvert.checkpoint.name_map import TensorSpec, canonical_pieces, expected_tensors, sliced_shape
 from klconvert.checkpoint.quantized import QuantizedSource, dequantize, find_quantized, quant_method
 from klconvert.checkpoint.safetensors_header import SafetensorsHeader, read_header
@@ -95,7 +96,7 @@ class Checkpoint:
             raise KLError(f"{self.folder}: neither {INDEX_FILE} nor {SINGLE_FILE} is here; the download is "
                           "incomplete -- pull the model again")
         try:
-            with open(index_path, "rb") as f:
+            with open_regular(index_path) as f:
                 data = f.read(MAX_INDEX_BYTES + 1)
             if len(data) > MAX_INDEX_BYTES:
                 raise KLError(f"{index_path}: over {MAX_INDEX_BYTES >> 20} MB, far larger than an index of this "

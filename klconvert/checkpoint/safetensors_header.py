@@ -7,6 +7,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from klconvert.checkpoint.regular_file import open_regular
 from klconvert.errors import KLError
 
 # safetensors dtype tag -> bytes per element
@@ -49,7 +50,7 @@ def read_header(path: Path) -> SafetensorsHeader:
     """Parse the header of `path` and check every entry against the file's real size."""
     try:
         size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             head = f.read(8)
             if len(head) < 8:
                 raise _fail(path, f"only {size} bytes, too short for a safetensors header")

@@ -1,0 +1,22 @@
+"""Opening a file a model folder ships: regular files only (opening a FIFO blocks until someone writes to it, and a
+device such as /dev/zero never ends), refused as an OSError that each reader words in its own one-line error."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+from typing import BinaryIO
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """`open(path, "rb")`, refused with OSError(EINVAL) unless `path` (links followed) is a regular file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)   # non-blocking: a FIFO's open returns at once
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or socket)", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
