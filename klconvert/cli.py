@@ -329,17 +329,25 @@ def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path
     if (model is None) == (preset is None):
         raise KLError("give exactly one of --model DIR or --preset NAME")
     model = None if model is None else resolve_model(model)
+    memory_limit = parse_size(gpu_memory) if gpu_memory else None
+    if memory_limit == 0:
+        raise KLError(f"--gpu-memory {gpu_memory}: give the GPU's memory, e.g. 80GiB or 24GB")
     p = plan_for(model=model, preset=preset, layers=layers, recipe=recipe, batch=batch, context=max_context,
                  bits=None if bits in (None, "16") else int(bits), group_size=group_size,
-                 memory_limit=parse_size(gpu_memory) if gpu_memory else None, mla_cache_dtype=mla_cache_dtype,
+                 memory_limit=memory_limit, mla_cache_dtype=mla_cache_dtype,
                  kda_state_dtype=kda_state_dtype)
     click.echo(render_plan(p, title=str(model or preset) + (f" with {recipe}" if recipe else "")))
     if p.memory_limit is not None and p.headroom < 0:
         fit = p.largest_context()
+        if fit:
+            advice = f"plan for a context of {fit:,} or fewer"
+        elif p.weights > p.memory_limit:
+            advice = "the weights alone do not fit: plan with fewer bits (--bits 4 or a smaller recipe)"
+        else:   # the weights fit; the batch's state and one segment's workspace do not, at any context
+            advice = (f"the weights ({p.weights / 2**30:.2f} GiB) fit, but a batch of {p.batch:,} sequences' state "
+                      "and workspace do not at any context: plan a smaller --batch")
         raise PlanDoesNotFit(f"the plan needs {p.total / 2**30:.2f} GiB but the GPU memory is "
-                             f"{p.memory_limit / 2**30:.2f} GiB; "
-                             + (f"plan for a context of {fit:,} or fewer" if fit else
-                                "the weights alone do not fit: plan with fewer bits (--bits 4 or a smaller recipe)"))
+                             f"{p.memory_limit / 2**30:.2f} GiB; {advice}")
 
 
 def _shard_bytes(max_shard_size: str | None) -> int | None:

@@ -110,6 +110,22 @@ def test_plan_exits_3_when_it_does_not_fit(capsys):
     assert code == 0 and "does NOT fit" not in out, err
 
 
+@pytest.mark.parametrize("args, advice", [
+    (["--gpu-memory", "30GiB", "--max-context", "1048576"], "plan for a context of"),
+    (["--gpu-memory", "16GiB"], "the weights alone do not fit: plan with fewer bits"),
+    (["--gpu-memory", "80GiB", "--batch", "2000"], "a batch of 2,000 sequences' state and workspace do not at any "
+                                                   "context: plan a smaller --batch"),
+])
+def test_a_plan_that_does_not_fit_says_what_to_change(capsys, args, advice):
+    code, _, err = run_cli(capsys, "plan", "--preset", "kimi-linear-48b", "--bits", "4", *args)
+    assert code == 3 and advice in err, err
+
+
+def test_a_gpu_of_no_memory_is_refused(capsys):
+    assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--gpu-memory", "0")[::2],
+                          "--gpu-memory 0: give the GPU's memory")
+
+
 def test_plan_refuses_a_context_over_the_models_limit(capsys, tmp_path):
     line = assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--max-context", "2000000")[::2])
     assert "--max-context 2000000 is over the model's model_max_length 1,048,576" in line
