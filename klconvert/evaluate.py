@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.tokenizer import Tokenizer
 
@@ -82,6 +83,14 @@ def run_model(path: Path, ids: list[int], device: str | None, dtype: str | None)
     return run
 
 
+def _same_architecture(got: tuple[int, tuple[int, ...]], ref: tuple[int, tuple[int, ...]], model: str,
+                       reference: str) -> None:
+    """(vocabulary size, MoE layers) of the model and of its reference must agree."""
+    if got != ref:
+        raise KLError(f"{model} is not the same architecture as {reference} (vocabulary {got[0]} vs {ref[0]}, MoE "
+                      f"layers {len(got[1])} vs {len(ref[1])}); compare a model with its own source")
+
+
 def _perplexity(log_probs: torch.Tensor, ids: list[int]) -> float:
     """exp of the mean negative log-likelihood of each next token (positions 0..T-2 predict 1..T-1)."""
     targets = torch.tensor(ids[1:])
@@ -105,6 +114,9 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
             raise KLError(f"{flag} {folder}: no such folder; pass a checkpoint folder")
     if max_tokens < 2:
         raise KLError(f"--max-tokens {max_tokens}: need at least 2 tokens to score a next-token prediction")
+    configs = [KimiLinearConfig.from_file(folder / "config.json") for folder in (model, reference)]
+    _same_architecture(*((c.vocab_size, tuple(i for i in range(c.num_hidden_layers) if c.is_moe(i)))
+                         for c in configs), f"--model {model}", f"--reference {reference}")   # before either runs
     ids = Tokenizer.from_folder(reference).encode(text)[:max_tokens]
     if len(ids) < 2:
         raise KLError(f"the text is {len(ids)} token(s) long; give at least 2 tokens of text to evaluate on")
@@ -117,10 +129,7 @@ def compare(ref: ModelRun, got: ModelRun, ids: list[int], model: str = "the mode
             reference: str = "the reference") -> EvalResult:
     """The figures of `got` against `ref`, both run on `ids` (one reference run can serve many models); `model`
     and `reference` name them in an error."""
-    if (got.vocab_size, got.moe_layers) != (ref.vocab_size, ref.moe_layers):
-        raise KLError(f"{model} is not the same architecture as {reference} (vocabulary "
-                      f"{got.vocab_size} vs {ref.vocab_size}, MoE layers {len(got.moe_layers)} vs "
-                      f"{len(ref.moe_layers)}); compare a model with its own source")
+    _same_architecture((got.vocab_size, got.moe_layers), (ref.vocab_size, ref.moe_layers), model, reference)
 
     kl = torch.cat([(p.exp() * (p - q)).sum(-1) for p, q in zip(ref.log_probs.split(KL_ROWS),
                                                                   got.log_probs.split(KL_ROWS))]).clamp_min(0)  # [T]

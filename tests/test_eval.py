@@ -99,12 +99,17 @@ def test_eval_command_prints_the_table(tiny_released, tiny_perturbed, tmp_path, 
 
 
 @pytest.mark.slow
-def test_models_of_different_shapes_are_refused(tiny_released, tmp_path):
+def test_models_of_different_shapes_are_refused(tiny_released, tmp_path, monkeypatch):
+    """From their config.json files, before either model runs."""
+    import klconvert.evaluate as evaluate_module
     from klconvert.synth.checkpoint import synth
 
     short = synth("tiny", tmp_path / "short", layers=4, progress=False).path
-    with pytest.raises(klconvert.KLError, match="not the same architecture"):
-        evaluate(short, tiny_released, TEXT, max_tokens=16)
+    with monkeypatch.context() as m:
+        m.setattr(evaluate_module, "run_model", lambda *a: pytest.fail("a model ran before the check"))
+        with pytest.raises(klconvert.KLError, match=r"--model .*short is not the same architecture as --reference "
+                                                    r".*\(vocabulary 1280 vs 1280, MoE layers 3 vs 7\)"):
+            evaluate(short, tiny_released, TEXT, max_tokens=16)
     with pytest.raises(klconvert.KLError, match="at least 2 tokens"):
         evaluate(tiny_released, tiny_released, "a", max_tokens=16)
 
