@@ -328,6 +328,8 @@ def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path
 
     if (model is None) == (preset is None):
         raise KLError("give exactly one of --model DIR or --preset NAME")
+    if model is not None and layers is not None:
+        raise KLError("--layers cuts a --preset; a --model folder's config.json sets its layers -- drop --layers")
     model = None if model is None else resolve_model(model)
     memory_limit = parse_size(gpu_memory) if gpu_memory else None
     if memory_limit == 0:
@@ -526,6 +528,8 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
 
     if (model is None) == (preset is None):
         raise KLError("give exactly one of --model DIR or --preset kimi-linear-48b")
+    if model is not None and layers is not None:
+        raise KLError("--layers cuts a --preset; a --model folder's config.json sets its layers -- drop --layers")
     if preset is not None:
         config = KimiLinearConfig.from_dict(preset_config(preset, layers))
         weights = B.random_quantized_weights(config, int(bits), "cuda")

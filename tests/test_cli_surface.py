@@ -181,3 +181,9 @@ def test_refusals_run_in_bounded_memory(tiny_released):
     for args in (["run", "--model", tiny_released, "--prompt", "x", "--temperature", "nan"],
                  ["pull-and-quantize", "--model", "./typo-dir"]):
         klconvert_bounded(*args).error_line()
+
+
+@pytest.mark.parametrize("verb", ["plan", "bench"])
+def test_layers_with_a_model_folder_is_refused_not_ignored(capsys, tiny_released, verb):
+    assert_one_line_error(*run_cli(capsys, verb, "--model", tiny_released, "--layers", "3")[::2],
+                          "--layers cuts a --preset; a --model folder's config.json sets its layers")
