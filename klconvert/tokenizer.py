@@ -308,6 +308,9 @@ class Tokenizer:
                 ids.append(self._special_tokens[part])
             else:
                 ids.extend(self.encode(self._unescape(part)))
+        if not ids:
+            raise KLError(f"{self._chat_template_path}: the chat template renders the conversation as no text; fix "
+                          "the template, or send the prompt without --chat")
         return ids
 
     def _escape(self, value):

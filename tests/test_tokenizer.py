@@ -308,3 +308,10 @@ def test_a_special_token_of_a_megabyte_is_refused(broken_folder):
     edit_config(broken_folder, lambda c: c["added_tokens_decoder"][str(first + 2)].update(content="x" * 1_000_000))
     with pytest.raises(KLError, match=rf"entry {first + 2} is 1,000,000 characters long, over the 256"):
         Tokenizer.from_folder(broken_folder)
+
+
+def test_a_chat_template_that_renders_nothing_is_named(broken_folder):
+    edit_config(broken_folder, lambda c: c.update(chat_template="{% for m in messages %}{% endfor %}"))
+    with pytest.raises(KLError, match=r"tokenizer_config\.json: the chat template renders the conversation as no "
+                                      r"text; fix the template, or send the prompt without --chat"):
+        Tokenizer.from_folder(broken_folder).encode_chat([{"role": "user", "content": "hi"}])
