@@ -72,6 +72,11 @@ def decompress_nf4(tensors: Mapping[str, torch.Tensor], where: str = "an NF4 wei
 
 _BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' kernels take
 _DTYPES = ("bfloat16", "float16", "float32")
+MAX_STATE_BYTES = 4096  # the quant state's JSON: seven short fields
+
+
+def _block_size(value) -> bool:
+    return type(value) is int and value in _BLOCKSIZES
 
 
 def _check_state(found: Mapping[str, torch.Tensor], where: str) -> None:
@@ -80,20 +85,23 @@ def _check_state(found: Mapping[str, torch.Tensor], where: str) -> None:
     def bad(what: str):
         return KLError(f"{where}: NF4 quant state {what}; the checkpoint is damaged -- re-download or re-convert it")
 
+    blob = found["weight.quant_state.bitsandbytes__nf4"]
+    if blob.numel() > MAX_STATE_BYTES:
+        raise bad(f"is {blob.numel():,} bytes, far more than its few fields")
     try:
-        state = json.loads(bytes(found["weight.quant_state.bitsandbytes__nf4"].to(torch.uint8).tolist()).decode())
+        state = json.loads(bytes(blob.to(torch.uint8).tolist()).decode())
     except (ValueError, RecursionError, TypeError) as e:   # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise bad(f"is not JSON ({type(e).__name__})") from None
     nested = "nested_absmax" in {k.removeprefix("weight.") for k in found}
     if not isinstance(state, dict):
         raise bad("is not a JSON object")
     shape, n = state.get("shape"), 2 * found["weight"].numel()
-    fields_ok = (state.get("quant_type") == "nf4" and state.get("blocksize") in _BLOCKSIZES
+    fields_ok = (state.get("quant_type") == "nf4" and _block_size(state.get("blocksize"))
                  and state.get("dtype") in _DTYPES and isinstance(shape, list) and len(shape) == 2
                  and all(type(d) is int and d > 0 for d in shape) and shape[0] * shape[1] == n)
     if nested:
         offset = state.get("nested_offset")
-        fields_ok = fields_ok and state.get("nested_blocksize") in _BLOCKSIZES and \
+        fields_ok = fields_ok and _block_size(state.get("nested_blocksize")) and \
             state.get("nested_dtype") in _DTYPES and type(offset) in (int, float) and math.isfinite(offset)
     if not fields_ok:
         raise bad(f"fields {json.dumps(state)[:200]} do not describe its {n} packed values")

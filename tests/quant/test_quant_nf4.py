@@ -74,11 +74,13 @@ def test_a_damaged_nf4_quant_state_is_refused_before_bitsandbytes_reads_it(doubl
          "absmax holds 1 values where its shape needs 256"),
         (_damaged(tensors, "weight.quant_map", tensors[P + ".weight.quant_map"][:4].clone()), "quant_map holds 4"),
         ({**tensors, state: _state("not json")}, "is not JSON"),
-        ({**tensors, state: _state("[" * 100_000)}, "is not JSON"),
+        ({**tensors, state: _state("[" * 4000)}, "is not JSON"),
         ({**tensors, state: _state("[1, 2]")}, "is not a JSON object"),
         ({**tensors, state: _state(fields.replace('"blocksize": 64', '"blocksize": 0'))}, "do not describe"),
         ({**tensors, state: _state(fields.replace("[128, 128]", "[128, 64]"))}, "do not describe its 16384"),
         ({**tensors, state: _state('{"quant_type": "nf4"}')}, "do not describe"),
+        ({**tensors, state: _state(fields.replace('"blocksize": 64', '"blocksize": 64.0'))}, "do not describe"),
+        ({**tensors, state: _state(fields + " " * 5000)}, "is 5,1.. bytes, far more than its few fields"),
     ]
     if double_quant:
         cases.append((_damaged(tensors, "weight.nested_absmax", tensors[P + ".weight.nested_absmax"][:0].clone()),
