@@ -8,6 +8,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -128,13 +129,14 @@ def pull(
     offline = constants.is_offline_mode()
     api = HfApi()
     with _as_user_errors(repo, revision, api.endpoint, target):
-        resolved = api.resolve_revision(repo, revision=revision, cache_dir=cache_dir, local_files_only=offline)
-        commit = resolved.resolved
-        where = f"{repo}@{commit}"
-        if offline:
-            listing = _cached_listing(repo, commit, cache_dir, local_dir)
-        else:
-            listing = _published_listing(api, repo, commit)
+        with _malformed_answers(repo, api.endpoint):
+            resolved = api.resolve_revision(repo, revision=revision, cache_dir=cache_dir, local_files_only=offline)
+            commit = _checked_commit(resolved.resolved, repo, api.endpoint)
+            where = f"{repo}@{commit}"
+            listing = (_cached_listing(repo, commit, cache_dir, local_dir) if offline
+                       else _published_listing(api, repo, commit))
+            if listing is not None:
+                _check_listing(listing, where, api.endpoint)
         wanted = _select_from(listing, include, exclude, where) if listing is not None else None
         fetch_bytes = 0
         if not offline:
@@ -211,6 +213,59 @@ def free_disk_bytes(folder: Path) -> int:
     """Free bytes on the disk that holds `folder` (or its nearest existing parent)."""
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     return shutil.disk_usage(existing).free
+
+
+COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "blob_id": re.compile(r"[0-9a-f]{40}")}
+MAX_PATH_CHARS = 1024
+MAX_FILE_BYTES = 1 << 40  # past any one file of a checkpoint (the release's shards are ~5 GB)
+
+
+@contextmanager
+def _malformed_answers(repo: str, endpoint: str) -> Iterator[None]:
+    """What huggingface_hub raises when the hub's JSON is not what it should be (HTML, nested past the stack, the
+    wrong types) as one line."""
+    try:
+        yield
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as e:   # hf's own errors are OSErrors
+        reason = "nested too deeply" if isinstance(e, RecursionError) else _first_line(e)[:200]
+        raise KLError(f"{endpoint} answered for {repo} with something that is not the hub's JSON ({reason}); check "
+                      "HF_ENDPOINT, or retry later") from None
+
+
+def _checked_commit(commit, repo: str, endpoint: str) -> str:
+    """The commit a revision resolves to: 40 hex digits (it names cache folders, so nothing else is let through)."""
+    if not isinstance(commit, str) or not COMMIT_SHA.fullmatch(commit):
+        raise KLError(f"{endpoint} resolved {repo} to commit {str(commit)[:80]!r}, which is not a 40-digit sha; "
+                      "check HF_ENDPOINT")
+    return commit
+
+
+def _check_listing(listing: list[HubFile], where: str, endpoint: str) -> None:
+    """Every path a relative POSIX path inside the repo, once, no file also a folder; sizes whole bytes in range;
+    hashes hex of their length. The hub's listing names what is written, hashed and removed on this disk."""
+    def bad(what: str) -> KLError:
+        return KLError(f"{endpoint}'s listing of {where} {what}; the repo or the endpoint is broken -- check "
+                       "HF_ENDPOINT, or report it to the repo's owner")
+
+    paths = set()
+    for f in listing:
+        parts = f.path.split("/") if isinstance(f.path, str) else []
+        if (not parts or len(f.path) > MAX_PATH_CHARS or "\\" in f.path or "\0" in f.path
+                or any(part in ("", ".", "..") for part in parts)):
+            raise bad(f"names a file {str(f.path)[:80]!r}, not a path inside the repo")
+        if f.path in paths:
+            raise bad(f"names {f.path!r} twice")
+        paths.add(f.path)
+        if f.size is not None and (type(f.size) is not int or not 0 <= f.size <= MAX_FILE_BYTES):
+            raise bad(f"gives {f.path!r} the size {str(f.size)[:40]}, not a number of bytes up to 1 TiB")
+        for name, pattern in HEX.items():
+            value = getattr(f, name)
+            if value is not None and (not isinstance(value, str) or not pattern.fullmatch(value)):
+                raise bad(f"gives {f.path!r} a {name} {str(value)[:80]!r} that is not a hex digest")
+    folders = {"/".join(p.split("/")[:i]) for p in paths for i in range(1, p.count("/") + 1)}
+    if paths & folders:
+        raise bad(f"names {sorted(paths & folders)[0]!r} both as a file and as a folder")
 
 
 def _published_listing(api: HfApi, repo: str, commit: str) -> list[HubFile]:
@@ -373,9 +428,18 @@ def _check_index_shards(folder: Path, listing: list[HubFile], wanted: list[HubFi
     if INDEX_FILE not in {f.path for f in wanted}:
         return
     try:
-        shards = set(json.loads((folder / INDEX_FILE).read_text())["weight_map"].values())
-    except (ValueError, KeyError, AttributeError) as e:
-        raise KLError(f"{INDEX_FILE} of {where} is not a safetensors index ({e}); the repo is broken") from e
+        shards = json.loads((folder / INDEX_FILE).read_text())["weight_map"].values()
+        if not all(isinstance(shard, str) for shard in shards):
+            raise ValueError("a shard name that is not a string")
+        shards = set(shards)
+    except (ValueError, KeyError, AttributeError, TypeError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else _first_line(e)[:200]
+        raise KLError(f"{INDEX_FILE} of {where} is not a safetensors index ({reason}); the repo is broken") from None
+    listed = {f.path for f in listing}
+    strays = sorted(shard for shard in shards if shard not in listed)
+    if strays:
+        raise KLError(f"{INDEX_FILE} of {where} names {len(strays)} shard(s) that are not files of the repo "
+                      f"({', '.join(repr(s[:80]) for s in strays[:3])}); the repo is broken")
     left_out_by_filters = set(select_files([f.path for f in listing])) - {f.path for f in wanted}
     missing = sorted(s for s in shards - left_out_by_filters if not (folder / s).is_file())
     if missing:

@@ -66,6 +66,8 @@ class HubStandIn:
       cut_short: path -> bytes; the next GET of that path sends that many bytes and drops the connection.
       unavailable: paths whose GETs answer 503 (after any cut_short has fired).
       tokens: bearer tokens accepted for private repos.
+      info_edit: a function given each model_info answer (a dict) that returns what is sent instead (a dict, or
+        bytes sent as they are): a hostile hub's listing.
     Counters: requests[(method, path)] for resolve calls, ranges[path] the Range headers received.
     """
 
@@ -75,6 +77,7 @@ class HubStandIn:
         self.cut_short: dict[str, int] = {}
         self.unavailable: set[str] = set()
         self.tokens: set[str] = set()
+        self.info_edit = None
         self.requests: Counter[tuple[str, str]] = Counter()
         self.ranges: dict[str, list[str]] = {}
         self._lock = threading.Lock()
@@ -177,7 +180,8 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
                         sibling["lfs"] = {"size": len(f.data), "sha256": sha256, "pointerSize": 134}
                 siblings.append(sibling)
             info = {"id": repo_id, "modelId": repo_id, "sha": repo.commit, "private": repo.private}
-            self._json(info | {"siblings": siblings}, send_body)
+            info |= {"siblings": siblings}
+            self._json(hub.info_edit(info) if hub.info_edit else info, send_body)
 
         def _tree_entry(self, path: str, f: ServedFile) -> dict:
             entry = {"type": "file", "oid": f.blob_id, "size": len(f.data), "path": path}
@@ -247,7 +251,7 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
             return False
 
         def _json(self, body, send_body: bool) -> None:
-            payload = json.dumps(body).encode()
+            payload = body if isinstance(body, bytes) else json.dumps(body).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -345,3 +346,49 @@ def test_private_repo_needs_a_token(hub_server, checkpoint, tmp_path):
             hub.pull("moonshotai/private", progress=False)
     with hub_environment(hub_server.endpoint, tmp_path / "hf_home", HF_TOKEN="hf_good"):
         assert files_under(hub.pull("moonshotai/private", progress=False).path) == PULLED
+
+
+def _listing_plus(entry: dict):
+    return lambda info: info | {"siblings": info["siblings"] + [entry]}
+
+
+def _sibling(path, size=5) -> dict:
+    return {"rfilename": path, "size": size, "blobId": "0" * 40}
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (_listing_plus(_sibling("../victim.json")), "names a file '../victim.json', not a path inside the repo"),
+    (_listing_plus(_sibling(None)), "names a file 'None', not a path inside the repo"),
+    (_listing_plus(_sibling("config.json/inner.json")), "names 'config.json' both as a file and as a folder"),
+    (_listing_plus(_sibling("extra.json", size="5")), "gives 'extra.json' the size 5, not a number of bytes"),
+    (_listing_plus(_sibling("extra.json", size=-(1 << 40))), "the size -1099511627776, not a number of bytes"),
+    (lambda info: info | {"sha": "../../../escaped"}, "resolved moonshotai/Kimi-Linear-48B-A3B-Instruct to commit "
+                                                      "'../../../escaped', which is not a 40-digit sha"),
+    (lambda info: b"<html>not the hub</html>", "answered for moonshotai/Kimi-Linear-48B-A3B-Instruct with something "
+                                               "that is not the hub's JSON"),
+    (lambda info: info | {"siblings": {"a": 1}}, "something that is not the hub's JSON"),
+])
+def test_a_hostile_listing_is_refused_before_anything_is_written(served, tmp_path, edit, needle):
+    """The hub's listing names what is written, hashed and removed here: a path out of the folder, a file that is
+    also a folder, sizes that are not byte counts, a commit that is not a sha, an answer that is not JSON."""
+    server, _ = served
+    victim = tmp_path / "victim.json"
+    victim.write_text("mine")
+    server.info_edit = edit
+    with pytest.raises(KLError, match=re.escape(needle)):
+        hub.pull(REPO, local_dir=tmp_path / "kimi", progress=False)
+    assert victim.read_text() == "mine" and not (tmp_path / "kimi").exists()
+    assert not list(tmp_path.rglob("escaped*"))
+    assert sum(n for (method, _), n in server.requests.items() if method == "GET") == 0
+
+
+@pytest.mark.parametrize("values, needle", [([1, 2], "a shard name that is not a string"),
+                                            (["/etc/hostname"], "not files of the repo ('/etc/hostname')")])
+def test_an_index_naming_odd_shards_is_refused(hub_server, checkpoint, tmp_path, values, needle):
+    index = json.loads((checkpoint / "model.safetensors.index.json").read_text())
+    index["weight_map"] = dict(zip(index["weight_map"], values * len(index["weight_map"])))
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps(index))
+    hub_server.add_repo(REPO, checkpoint)
+    with hub_environment(hub_server.endpoint, tmp_path / "hf_home"):
+        with pytest.raises(KLError, match=re.escape(needle)):
+            hub.pull(REPO, progress=False)
