@@ -513,6 +513,9 @@ def _as_user_errors(repo: str, revision: str | None, endpoint: str, target: Path
         if e.errno == errno.ENOSPC:
             raise KLError(f"disk full while pulling {where} into {target}: free space and rerun") from e
         raise KLError(f"pulling {where} into {target} failed: {_first_line(e)}; {RERUN}") from e
+    except ValueError as e:   # huggingface_hub refusing what the server sent (a file size past its limits, a name)
+        raise KLError(f"{endpoint} sent something huggingface_hub refuses while pulling {where} ({_first_line(e)}); "
+                      "check HF_ENDPOINT, or retry later") from None
 
 
 def _first_line(error: Exception) -> str:

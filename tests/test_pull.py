@@ -392,3 +392,13 @@ def test_an_index_naming_odd_shards_is_refused(hub_server, checkpoint, tmp_path,
     with hub_environment(hub_server.endpoint, tmp_path / "hf_home"):
         with pytest.raises(KLError, match=re.escape(needle)):
             hub.pull(REPO, progress=False)
+
+
+def test_what_huggingface_hub_refuses_mid_download_is_one_line(served, tmp_path, monkeypatch):
+    """A server's X-Linked-Size past huggingface_hub's limit ends in its ValueError (\"install hf_xet\")."""
+    def refuse(*args, **kwargs):
+        raise ValueError("The file is too large to be downloaded using the regular download method.\nUse hf_xet")
+    monkeypatch.setattr(hub, "snapshot_download", refuse)
+    with pytest.raises(KLError, match=r"sent something huggingface_hub refuses while pulling .* \(The file is too "
+                                      r"large to be downloaded using the regular download method\.\); check"):
+        hub.pull(REPO, local_dir=tmp_path / "kimi", progress=False)
