@@ -424,7 +424,8 @@ def _check_sizes(folder: Path, wanted: list[HubFile], where: str) -> list[Pulled
 
 
 def _check_index_shards(folder: Path, listing: list[HubFile], wanted: list[HubFile], where: str) -> None:
-    """Every shard the safetensors index names is downloaded, unless include/exclude left it out."""
+    """Every shard the safetensors index names is a file of the repo, and downloaded unless include/exclude left it
+    out."""
     if INDEX_FILE not in {f.path for f in wanted}:
         return
     try:
