@@ -7,6 +7,8 @@ load() only the logits are bounded."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import sys
 
 import numpy as np
@@ -258,3 +260,27 @@ def test_without_the_onnx_extra_is_one_line_naming_it(monkeypatch, tmp_path, cap
             m.setitem(sys.modules, module, None)
             code, _, err = run_cli(capsys, *args)
         assert_one_line_error(code, err, module, "pip install 'klconvert[onnx]'")
+
+
+def _edited_genai_config(folder, edit):
+    config = json.loads((folder / GENAI_CONFIG).read_text())
+    edit(config["model"])
+    (folder / GENAI_CONFIG).write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m: m["state"][0].update(shape=["batch", 10**12, 64, 64]), "are not what export-onnx writes"),
+    (lambda m: m.update(file="../../elsewhere.onnx"), "are not what export-onnx writes"),
+    (lambda m: m.pop("state"), "cannot read it (KeyError"),
+    (lambda m: m.update(state=7), "are not what export-onnx writes"),
+])
+def test_an_untrusted_genai_config_sizes_nothing(exported, tmp_path, edit, needle):
+    """genai_config.json is checked against what export-onnx writes for the folder's config.json: a state of 10^12
+    rows or a graph file elsewhere is refused before anything is allocated or opened."""
+    folder = shutil.copytree(exported[1], tmp_path / "onnx")
+    _edited_genai_config(folder, edit)
+    with pytest.raises(klconvert.KLError, match=re.escape(needle)):
+        OnnxEngine(folder)
+    (folder / GENAI_CONFIG).write_text("[" * 100_000)
+    with pytest.raises(klconvert.KLError, match="nested too deeply"):
+        OnnxEngine(folder)

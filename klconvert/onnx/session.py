@@ -13,10 +13,12 @@ import torch
 
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
-from klconvert.onnx.export import GENAI_CONFIG
+from klconvert.checkpoint.regular_file import open_regular
+from klconvert.onnx.export import GENAI_CONFIG, ONNX_FILE, state_spec
 from klconvert.runtime.engine import Engine, GenerationStats
 
 State = dict[str, np.ndarray]  # past input name -> value
+MAX_GENAI_CONFIG_BYTES = 1 << 20  # export-onnx writes a few KB
 
 
 class _SessionStep:
@@ -45,20 +47,37 @@ class OnnxEngine:
         if not (folder / GENAI_CONFIG).is_file():
             raise KLError(f"{folder}: no {GENAI_CONFIG} here; --engine onnxruntime runs a folder written by "
                           "`klconvert export-onnx --model DIR --out FOLDER` -- export one first")
-        spec = json.loads((folder / GENAI_CONFIG).read_text())["model"]
         self.config = KimiLinearConfig.from_file(folder / "config.json")
-        self.states = spec["state"]
+        # The state's names and shapes come from config.json (checked and bounded), the graph's file name is
+        # export-onnx's own; GENAI_CONFIG (untrusted: it sizes every allocation here) must agree with both.
+        self.states = state_spec(self.config)
+        self._check_genai_config(folder / GENAI_CONFIG)
         self.device = torch.device("cpu")
         try:
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads or 0
-            self.session = ort.InferenceSession(str(folder / spec["file"]), options,
+            self.session = ort.InferenceSession(str(folder / ONNX_FILE), options,
                                                 providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for a missing or damaged file
-            raise KLError(f"{folder / spec['file']}: onnxruntime cannot load it ({str(e).splitlines()[0]}); "
+            raise KLError(f"{folder / ONNX_FILE}: onnxruntime cannot load it ({str(e).splitlines()[0]}); "
                           "export the folder again") from None
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.stats = GenerationStats()
+
+    def _check_genai_config(self, path: Path) -> None:
+        try:
+            with open_regular(path) as f:
+                data = f.read(MAX_GENAI_CONFIG_BYTES + 1)
+            if len(data) > MAX_GENAI_CONFIG_BYTES:
+                raise ValueError(f"over {MAX_GENAI_CONFIG_BYTES >> 20} MiB")
+            spec = json.loads(data.decode("utf-8"))["model"]
+            agrees = spec["file"] == ONNX_FILE and spec["state"] == self.states
+        except (OSError, ValueError, RecursionError, KeyError, TypeError) as e:
+            reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:120]
+            raise KLError(f"{path}: cannot read it ({type(e).__name__}: {reason}); export the folder again") from None
+        if not agrees:
+            raise KLError(f"{path}: its graph file or state tensors are not what export-onnx writes for this folder's "
+                          "config.json; export the folder again")
 
     def empty_state(self, batch: int) -> State:
         """The state before any token: zero recurrent states and conv tails, no cached latent rows."""
