@@ -328,8 +328,7 @@ def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path
 
     if (model is None) == (preset is None):
         raise KLError("give exactly one of --model DIR or --preset NAME")
-    if model is not None and layers is not None:
-        raise KLError("--layers cuts a --preset; a --model folder's config.json sets its layers -- drop --layers")
+    _refuse_layers_with_model(model, layers)
     model = None if model is None else resolve_model(model)
     memory_limit = parse_size(gpu_memory) if gpu_memory else None
     if memory_limit == 0:
@@ -350,6 +349,11 @@ def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path
                       "and workspace do not at any context: plan a smaller --batch")
         raise PlanDoesNotFit(f"the plan needs {p.total / 2**30:.2f} GiB but the GPU memory is "
                              f"{p.memory_limit / 2**30:.2f} GiB; {advice}")
+
+
+def _refuse_layers_with_model(model: str | None, layers: int | None) -> None:
+    if model is not None and layers is not None:
+        raise KLError("--layers cuts a --preset; a --model folder's config.json sets its layers -- drop --layers")
 
 
 def _shard_bytes(max_shard_size: str | None) -> int | None:
@@ -528,8 +532,7 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
 
     if (model is None) == (preset is None):
         raise KLError("give exactly one of --model DIR or --preset kimi-linear-48b")
-    if model is not None and layers is not None:
-        raise KLError("--layers cuts a --preset; a --model folder's config.json sets its layers -- drop --layers")
+    _refuse_layers_with_model(model, layers)
     if preset is not None:
         config = KimiLinearConfig.from_dict(preset_config(preset, layers))
         weights = B.random_quantized_weights(config, int(bits), "cuda")

@@ -228,9 +228,8 @@ def _malformed_answers(repo: str, endpoint: str) -> Iterator[None]:
     try:
         yield
     except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as e:   # hf's own errors are OSErrors
-        reason = "nested too deeply" if isinstance(e, RecursionError) else _first_line(e)[:200]
-        raise KLError(f"{endpoint} answered for {repo} with something that is not the hub's JSON ({reason}); check "
-                      "HF_ENDPOINT, or retry later") from None
+        raise KLError(f"{endpoint} answered for {repo} with something that is not the hub's JSON ({_reason(e)}); "
+                      "check HF_ENDPOINT, or retry later") from None
 
 
 def _checked_commit(commit, repo: str, endpoint: str) -> str:
@@ -434,8 +433,8 @@ def _check_index_shards(folder: Path, listing: list[HubFile], wanted: list[HubFi
             raise ValueError("a shard name that is not a string")
         shards = set(shards)
     except (ValueError, KeyError, AttributeError, TypeError, RecursionError) as e:
-        reason = "nested too deeply" if isinstance(e, RecursionError) else _first_line(e)[:200]
-        raise KLError(f"{INDEX_FILE} of {where} is not a safetensors index ({reason}); the repo is broken") from None
+        raise KLError(f"{INDEX_FILE} of {where} is not a safetensors index ({_reason(e)}); the repo is "
+                      "broken") from None
     listed = {f.path for f in listing}
     strays = sorted(shard for shard in shards if shard not in listed)
     if strays:
@@ -517,6 +516,11 @@ def _as_user_errors(repo: str, revision: str | None, endpoint: str, target: Path
     except ValueError as e:   # huggingface_hub refusing what the server sent (a file size past its limits, a name)
         raise KLError(f"{endpoint} sent something huggingface_hub refuses while pulling {where} ({_first_line(e)}); "
                       "check HF_ENDPOINT, or retry later") from None
+
+
+def _reason(error: Exception) -> str:
+    """Why a JSON answer or file could not be read, in a few words."""
+    return "nested too deeply" if isinstance(error, RecursionError) else _first_line(error)[:200]
 
 
 def _first_line(error: Exception) -> str:

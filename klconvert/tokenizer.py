@@ -12,7 +12,7 @@ from types import MappingProxyType
 
 import tiktoken
 
-from klconvert.checkpoint.regular_file import open_regular
+from klconvert.checkpoint.regular_file import read_bounded
 from klconvert.chat_template import render_chat_template
 from klconvert.config import SIZE_RANGES, KimiLinearConfig
 from klconvert.errors import KLError
@@ -52,15 +52,6 @@ MAX_TOKENIZER_CONFIG_BYTES = 16 << 20
 MAX_CHAT_TEMPLATE_BYTES = 1 << 20
 MAX_SPECIAL_TOKENS = 8192
 MAX_SPECIAL_TOKEN_CHARS = 256  # the released ones are short tags ("<|im_user|>"); tiktoken compiles them into a regex
-
-
-def read_bounded(path: Path, max_bytes: int, what: str) -> bytes:
-    """The bytes of a file the model folder ships, refused past `max_bytes` (read no further)."""
-    with open_regular(path) as f:
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise KLError(f"{path}: over {max_bytes >> 20} MB, far larger than any model's {what}; re-download the model")
-    return data
 
 
 def read_bpe_ranks(path: Path, vocab_size: int = SIZE_RANGES["vocab_size"][1]) -> dict[bytes, int]:

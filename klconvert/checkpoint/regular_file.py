@@ -1,5 +1,6 @@
-"""Opening a file a model folder ships: regular files only (opening a FIFO blocks until someone writes to it, and a
-device such as /dev/zero never ends), refused as an OSError that each reader words in its own one-line error."""
+"""Reading a file a model folder ships: regular files only (opening a FIFO blocks until someone writes to it, and a
+device such as /dev/zero never ends), refused as an OSError that each reader words in its own one-line error; and
+no more of it than a bound."""
 from __future__ import annotations
 
 import errno
@@ -7,6 +8,8 @@ import os
 import stat
 from pathlib import Path
 from typing import BinaryIO
+
+from klconvert.errors import KLError
 
 
 def open_regular(path: str | Path) -> BinaryIO:
@@ -20,3 +23,12 @@ def open_regular(path: str | Path) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def read_bounded(path: Path, max_bytes: int, what: str) -> bytes:
+    """The bytes of a file the model folder ships, refused past `max_bytes` (read no further)."""
+    with open_regular(path) as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise KLError(f"{path}: over {max_bytes >> 20} MB, far larger than any model's {what}; re-download the model")
+    return data

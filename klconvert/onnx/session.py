@@ -13,7 +13,7 @@ import torch
 
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
-from klconvert.checkpoint.regular_file import open_regular
+from klconvert.checkpoint.regular_file import read_bounded
 from klconvert.onnx.export import GENAI_CONFIG, ONNX_FILE, state_spec
 from klconvert.runtime.engine import Engine, GenerationStats
 
@@ -66,11 +66,7 @@ class OnnxEngine:
 
     def _check_genai_config(self, path: Path) -> None:
         try:
-            with open_regular(path) as f:
-                data = f.read(MAX_GENAI_CONFIG_BYTES + 1)
-            if len(data) > MAX_GENAI_CONFIG_BYTES:
-                raise ValueError(f"over {MAX_GENAI_CONFIG_BYTES >> 20} MiB")
-            spec = json.loads(data.decode("utf-8"))["model"]
+            spec = json.loads(read_bounded(path, MAX_GENAI_CONFIG_BYTES, GENAI_CONFIG).decode("utf-8"))["model"]
             agrees = spec["file"] == ONNX_FILE and spec["state"] == self.states
         except (OSError, ValueError, RecursionError, KeyError, TypeError) as e:
             reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:120]

@@ -92,7 +92,7 @@ def _check_state(found: Mapping[str, torch.Tensor], where: str) -> None:
         state = json.loads(bytes(blob.to(torch.uint8).tolist()).decode())
     except (ValueError, RecursionError, TypeError) as e:   # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise bad(f"is not JSON ({type(e).__name__})") from None
-    nested = "nested_absmax" in {k.removeprefix("weight.") for k in found}
+    nested = "weight.nested_absmax" in found
     if not isinstance(state, dict):
         raise bad("is not a JSON object")
     shape, n = state.get("shape"), 2 * found["weight"].numel()
