@@ -1,0 +1,91 @@
+"""tools/distill_bundled.py: the round trip it trains through is what `klconvert quantize` stores, its steps lower
+the KL they are taken on, and the folder it writes is the one it measured (a short run on CPU)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn.utils import parametrize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import distill_bundled as D  # noqa: E402
+
+from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
+from klconvert.models import BUNDLED_DIR  # noqa: E402
+from klconvert.quant.defaults import policy_from_options  # noqa: E402
+from klconvert.quant.pack_quantized import compress_weight, decompress_weight  # noqa: E402
+from klconvert.quant.scheme import QuantScheme  # noqa: E402
+from klconvert.tokenizer import Tokenizer  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def test_round_trip_is_the_stored_weight_and_passes_the_gradient_through():
+    torch.manual_seed(0)
+    w = torch.randn(3, 24, 256) * 0.05               # a stack of three [24, 256] weights
+    for scheme in (QuantScheme(4, 128, True), QuantScheme(4, 32, False), QuantScheme(8, 128, True)):
+        latent = w.clone().requires_grad_(True)
+        got = D.RoundTrip(scheme)(latent)
+        for e in range(3):
+            stored = compress_weight("m", w[e].to(torch.bfloat16), scheme)
+            assert torch.equal(got[e].detach(), decompress_weight(stored, scheme, torch.float32)), scheme
+        assert not torch.equal(got.detach(), w)
+        upstream = torch.randn_like(w)
+        (got * upstream).sum().backward()
+        assert torch.equal(latent.grad, upstream)
+
+
+def _models():
+    teacher = D.load_student(BUNDLED_DIR, CPU).eval()
+    student = D.load_student(BUNDLED_DIR, CPU)
+    schemes = D.quantized_parameters(student, policy_from_options(4))
+    return teacher, student, schemes, D.attach_round_trips(student, schemes)
+
+
+def test_the_policy_picks_the_quantized_parameters_and_steps_lower_the_kl():
+    teacher, student, schemes, latents = _models()
+    names = set(schemes)
+    assert "lm_head.weight" in names and schemes["lm_head.weight"].bits == 8
+    assert any(n.endswith("experts.w13") for n in names) and any(n.endswith("experts.w2") for n in names)
+    assert not any(n.endswith(("gate.weight", "norm.weight", "embed_tokens.weight", "g_a_proj.weight",
+                                "f_b_proj.weight", "conv1d.weight")) for n in names), sorted(names)
+    assert all(p.requires_grad for p in latents)
+    assert not any(p.requires_grad for n, p in student.named_parameters() if "parametrizations" not in n)
+
+    x = torch.randint(0, 4096, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        target = teacher(x)
+    optimizer = torch.optim.Adam(latents, lr=3e-5)
+    kls = []
+    for _ in range(4):
+        with parametrize.cached():
+            loss = D.kl_per_token(target, student(x)).mean()
+            kls.append(loss.item())
+            optimizer.zero_grad()
+            loss.backward()
+        optimizer.step()
+    assert kls[0] > 0.01 and kls[-1] < kls[0] * 0.8, kls
+
+
+def test_distill_writes_the_folder_it_measured(tmp_path):
+    lines = []
+    record = D.distill(tmp_path / "q4", steps=2, batch=2, seq_len=64, eval_every=1, validation_tokens=256,
+                       max_chars=200_000, device="cpu", log=lines.append)
+    assert record["step"] == [0, 1, 2] and len(record["validation_kl"]) == 3
+    kept = record["validation_kl"][record["step"].index(record["kept_step"])]
+    assert kept == min(record["validation_kl"]) == record["kept_validation_kl"]
+    assert lines[-1].startswith(f"kept step {record['kept_step']}")
+
+    out = Checkpoint(tmp_path / "q4")
+    assert out.quant_method == "compressed-tensors"
+    source = Checkpoint(BUNDLED_DIR)
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.1.block_sparse_moe.gate.weight",
+                 "model.layers.1.self_attn.g_a_proj.weight", "model.layers.1.block_sparse_moe.gate."
+                 "e_score_correction_bias"):
+        assert torch.equal(out.get(name), source.get(name)), name
+
+    teacher = D.load_student(BUNDLED_DIR, CPU).eval()
+    quantized = D.load_student(tmp_path / "q4", CPU).eval()
+    tokens = D.token_splits(Tokenizer.from_folder(BUNDLED_DIR), 256, 200_000)["validation"]
+    assert abs(D.mean_kl(teacher, quantized, tokens, 2, 64, CPU) - kept) < 1e-6
