@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch.nn.utils import parametrize
 
@@ -12,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import distill_bundled as D  # noqa: E402
 
 from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
+from klconvert.errors import KLError  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.quant.defaults import policy_from_options  # noqa: E402
 from klconvert.quant.pack_quantized import compress_weight, decompress_weight  # noqa: E402
@@ -66,6 +68,12 @@ def test_the_policy_picks_the_quantized_parameters_and_steps_lower_the_kl():
             loss.backward()
         optimizer.step()
     assert kls[0] > 0.01 and kls[-1] < kls[0] * 0.8, kls
+
+
+def test_distill_refuses_an_existing_output_before_tuning(tmp_path):
+    (tmp_path / "q4").mkdir()
+    with pytest.raises(KLError, match="already exists"):
+        D.distill(tmp_path / "q4", steps=10_000, device="cpu", log=lambda line: pytest.fail(line))
 
 
 def test_distill_writes_the_folder_it_measured(tmp_path):

@@ -38,6 +38,7 @@ from train_bundled import canonical_state, learning_rate, sample_batch, token_sp
 
 from klconvert.checkpoint.name_map import expected_tensors  # noqa: E402
 from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
+from klconvert.errors import KLError  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.quant.defaults import policy_from_options  # noqa: E402
 from klconvert.quant.groupwise import dequantize_groupwise, quantize_groupwise  # noqa: E402
@@ -134,6 +135,8 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int = 4, group_size: in
             eval_every: int = 100, validation_tokens: int | None = 16384, max_chars: int | None = None,
             seed: int = 0, device: str | None = None, log=print) -> dict:
     """Tune, keep the least-validation-KL weights, quantize them into `out`; returns the log (also out/distill.json)."""
+    if out.exists() or out.is_symlink():  # before the tuning, not after it
+        raise KLError(f"{out}: already exists; choose another output folder")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     policy = policy_from_options(bits, group_size, symmetric)
@@ -206,8 +209,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu [default: cuda if present].")
     a = p.parse_args()
-    distill(a.out, a.model, a.bits, a.group_size, not a.asymmetric, a.steps, a.batch, a.seq_len, a.lr,
-            eval_every=a.eval_every, seed=a.seed, device=a.device)
+    try:
+        distill(a.out, a.model, a.bits, a.group_size, not a.asymmetric, a.steps, a.batch, a.seq_len, a.lr,
+                eval_every=a.eval_every, seed=a.seed, device=a.device)
+    except KLError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
