@@ -39,8 +39,8 @@ def test_round_trip_is_the_stored_weight_and_passes_the_gradient_through():
 
 
 def _models():
-    teacher = D.load_student(BUNDLED_DIR, CPU).eval()
-    student = D.load_student(BUNDLED_DIR, CPU)
+    teacher = D.training_model(BUNDLED_DIR, CPU).eval()
+    student = D.training_model(BUNDLED_DIR, CPU)
     schemes = D.quantized_parameters(student, policy_from_options(4))
     return teacher, student, schemes, D.attach_round_trips(student, schemes)
 
@@ -93,7 +93,7 @@ def test_distill_writes_the_folder_it_measured(tmp_path):
                  "e_score_correction_bias"):
         assert torch.equal(out.get(name), source.get(name)), name
 
-    teacher = D.load_student(BUNDLED_DIR, CPU).eval()
-    quantized = D.load_student(tmp_path / "q4", CPU).eval()
+    teacher = D.training_model(BUNDLED_DIR, CPU).eval()
+    quantized = D.training_model(tmp_path / "q4", CPU).eval()
     tokens = D.token_splits(Tokenizer.from_folder(BUNDLED_DIR), 256, 200_000)["validation"]
     assert abs(D.mean_kl(teacher, quantized, tokens, 2, 64, CPU) - kept) < 1e-6

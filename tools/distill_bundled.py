@@ -65,8 +65,9 @@ class RoundTrip(nn.Module):
         return w + (stored - w).detach()
 
 
-def load_student(folder: Path, device: torch.device) -> M.KimiLinear:
-    """The folder's model in fp32, training-mode forward, nothing trainable yet."""
+def training_model(folder: Path, device: torch.device) -> M.KimiLinear:
+    """The folder's model in fp32 with the training-mode forward (the declared modules, a fresh causal pass),
+    nothing trainable yet: the teacher as it is, the student once its round trips are attached."""
     checkpoint = Checkpoint(folder)
     return bind(M.KimiLinear(checkpoint.config), checkpoint.get, packed=None, held={}, device=device,
                 dtype=torch.float32, triton=False, restack=False).train()
@@ -141,8 +142,8 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int = 4, group_size: in
     torch.manual_seed(seed)
     policy = policy_from_options(bits, group_size, symmetric)
     data = token_splits(Tokenizer.from_folder(source), validation_tokens, max_chars)
-    teacher = load_student(source, device).eval()
-    student = load_student(source, device)
+    teacher = training_model(source, device).eval()
+    student = training_model(source, device)
     schemes = quantized_parameters(student, policy)
     latents = attach_round_trips(student, schemes)
     optimizer = torch.optim.Adam(latents, lr=lr)
