@@ -12,12 +12,14 @@ from torch.nn.utils import parametrize
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import distill_bundled as D  # noqa: E402
 
+from klconvert.checkpoint.name_map import expected_tensors  # noqa: E402
 from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.quant.defaults import policy_from_options  # noqa: E402
 from klconvert.quant.pack_quantized import compress_weight, decompress_weight  # noqa: E402
 from klconvert.quant.scheme import QuantScheme  # noqa: E402
+from klconvert.runtime import model as M  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -52,6 +54,9 @@ def test_the_policy_picks_the_quantized_parameters_and_steps_lower_the_kl():
     assert any(n.endswith("experts.w13") for n in names) and any(n.endswith("experts.w2") for n in names)
     assert not any(n.endswith(("gate.weight", "norm.weight", "embed_tokens.weight", "g_a_proj.weight",
                                 "f_b_proj.weight", "conv1d.weight")) for n in names), sorted(names)
+    c, policy = student.config, policy_from_options(4)
+    covered = {name for pname in names for name, _ in M.canonical_names(c, pname)}
+    assert covered == {n for n, spec in expected_tensors(c).items() if policy.scheme_for(n, spec.shape)}
     assert all(p.requires_grad for p in latents)
     assert not any(p.requires_grad for n, p in student.named_parameters() if "parametrizations" not in n)
 
