@@ -13,16 +13,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import distill_bundled as D  # noqa: E402
 
 from klconvert.checkpoint.name_map import expected_tensors  # noqa: E402
+from klconvert.checkpoint.quantized import QuantizedSource  # noqa: E402
 from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.quant.defaults import policy_from_options  # noqa: E402
 from klconvert.quant.pack_quantized import compress_weight, decompress_weight  # noqa: E402
 from klconvert.quant.scheme import QuantScheme  # noqa: E402
+from klconvert.quantize import choose_policy  # noqa: E402
 from klconvert.runtime import model as M  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
 
 CPU = torch.device("cpu")
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
 def test_round_trip_is_the_stored_weight_and_passes_the_gradient_through():
@@ -81,10 +84,11 @@ def test_distill_refuses_an_existing_output_before_tuning(tmp_path):
         D.distill(tmp_path / "q4", steps=10_000, device="cpu", log=lambda line: pytest.fail(line))
 
 
-def test_distill_writes_the_folder_it_measured(tmp_path):
+@pytest.mark.parametrize("recipe", [None, RECIPES / "32gb.yaml"], ids=["default", "recipe"])
+def test_distill_writes_the_folder_it_measured(tmp_path, recipe):
     lines = []
-    record = D.distill(tmp_path / "q4", steps=2, batch=2, seq_len=64, eval_every=1, validation_tokens=256,
-                       max_chars=200_000, device="cpu", log=lines.append)
+    record = D.distill(tmp_path / "q4", recipe=recipe, steps=2, batch=2, seq_len=64, eval_every=1,
+                       validation_tokens=256, max_chars=200_000, device="cpu", log=lines.append)
     assert record["step"] == [0, 1, 2] and len(record["validation_kl"]) == 3
     kept = record["validation_kl"][record["step"].index(record["kept_step"])]
     assert kept == min(record["validation_kl"]) == record["kept_validation_kl"]
@@ -92,6 +96,12 @@ def test_distill_writes_the_folder_it_measured(tmp_path):
 
     out = Checkpoint(tmp_path / "q4")
     assert out.quant_method == "compressed-tensors"
+    policy, _ = choose_policy(recipe=recipe)
+    stored = {n: s.scheme for n, s in out.sources.items() if isinstance(s, QuantizedSource)}
+    assert stored == {n: policy.scheme_for(n, spec.shape) for n, spec in out.expected.items()
+                      if policy.scheme_for(n, spec.shape)}
+    assert stored["model.layers.0.self_attn.q_proj.weight"].bits == (8 if recipe else 4)   # the recipe's, or not
+    assert stored["model.layers.1.block_sparse_moe.experts.0.w1.weight"].bits == 4
     source = Checkpoint(BUNDLED_DIR)
     for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.1.block_sparse_moe.gate.weight",
                  "model.layers.1.self_attn.g_a_proj.weight", "model.layers.1.block_sparse_moe.gate."

@@ -11,7 +11,8 @@ with the least KL on the validation split are kept, written as a bf16 folder, an
 quantize` with the same policy: the folder holds the standard scheme (the same groups, bits and scales rule), only
 the codes differ from round-to-nearest of the released weights. The test split stays unseen.
 
-    python tools/distill_bundled.py OUT [--bits 4 --steps 800 --batch 32 --seq-len 512 --lr 5e-5] [--device cuda]
+    python tools/distill_bundled.py OUT [--bits 4 [--group-size 128] [--asym] | --recipe recipes/32gb.yaml]
+                                        [--steps 800 --batch 32 --seq-len 512 --lr 5e-5] [--device cuda]
     python tools/quality_table.py --folder "int4 g128, distilled=OUT"
 
 On an H200 a step of the defaults takes ~0.65 s (the training-mode forward is PyTorch's, chunked KDA included):
@@ -40,10 +41,9 @@ from klconvert.checkpoint.name_map import expected_tensors  # noqa: E402
 from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
-from klconvert.quant.defaults import policy_from_options  # noqa: E402
 from klconvert.quant.groupwise import dequantize_groupwise, quantize_groupwise  # noqa: E402
 from klconvert.quant.scheme import QuantScheme  # noqa: E402
-from klconvert.quantize import quantize  # noqa: E402
+from klconvert.quantize import choose_policy, quantize  # noqa: E402
 from klconvert.runtime import model as M  # noqa: E402
 from klconvert.runtime.bind import bind  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
@@ -85,8 +85,6 @@ def quantized_parameters(model: M.KimiLinear, policy) -> dict[str, QuantScheme]:
             raise ValueError(f"{pname}: its checkpoint tensors take different schemes {schemes}")
         scheme = schemes.pop()
         if scheme is not None:
-            if scheme.kind != "int":
-                raise ValueError(f"{pname}: distillation covers integer schemes, not {scheme.kind}")
             out[pname] = scheme
     return out
 
@@ -131,16 +129,20 @@ def mean_kl(teacher: M.KimiLinear, student: M.KimiLinear, tokens: torch.Tensor, 
     return total / (n * seq_len)
 
 
-def distill(out: Path, source: Path = BUNDLED_DIR, bits: int = 4, group_size: int = 128, symmetric: bool = True,
-            steps: int = 800, batch: int = 32, seq_len: int = 512, lr: float = 5e-5, warmup: float = 0.05,
-            eval_every: int = 100, validation_tokens: int | None = 16384, max_chars: int | None = None,
-            seed: int = 0, device: str | None = None, log=print) -> dict:
+def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, group_size: int | None = None,
+            symmetric: bool | None = None, recipe: Path | None = None, steps: int = 800, batch: int = 32,
+            seq_len: int = 512, lr: float = 5e-5, warmup: float = 0.05, eval_every: int = 100,
+            validation_tokens: int | None = 16384, max_chars: int | None = None, seed: int = 0,
+            device: str | None = None, log=print) -> dict:
     """Tune, keep the least-validation-KL weights, quantize them into `out`; returns the log (also out/distill.json)."""
     if out.exists() or out.is_symlink():  # before the tuning, not after it
         raise KLError(f"{out}: already exists; choose another output folder")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
-    policy = policy_from_options(bits, group_size, symmetric)
+    layout = {"bits": bits, "group_size": group_size, "symmetric": symmetric, "recipe": recipe}
+    policy, _ = choose_policy(**layout)   # klconvert quantize's: the default policy at these options, or the recipe's
+    if policy.kind != "int":
+        raise KLError(f"{recipe}: distillation tunes integer schemes; this recipe stores {policy.kind}")
     data = token_splits(Tokenizer.from_folder(source), validation_tokens, max_chars)
     teacher = training_model(source, device).eval()
     student = training_model(source, device)
@@ -184,9 +186,9 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int = 4, group_size: in
     with tempfile.TemporaryDirectory() as tmp:
         tuned = Path(tmp) / "bf16"
         write_checkpoint(tuned, json.loads((source / "config.json").read_text()), canonical_state(student), source)
-        quantize(tuned, out, bits=bits, group_size=group_size, symmetric=symmetric, device="cpu", progress=False)
+        quantize(tuned, out, **layout, device="cpu", progress=False)
     record = {"kept_step": best[1], "kept_validation_kl": best[0], "seconds": time.perf_counter() - started,
-              "device": str(device), "settings": {"bits": bits, "group_size": group_size, "symmetric": symmetric,
+              "device": str(device), "settings": {**layout, "recipe": None if recipe is None else str(recipe),
                                                    "steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr,
                                                    "warmup": warmup, "seed": seed,
                                                    "validation_tokens": len(data["validation"])}, **history}
@@ -199,9 +201,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path, help="Output folder: the quantized model (compressed-tensors).")
     p.add_argument("--model", type=Path, default=BUNDLED_DIR, help="The bf16 folder (default: the bundled model).")
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--asymmetric", action="store_true")
+    p.add_argument("--bits", type=int, default=None, help="The default policy at these bits [default: 4].")
+    p.add_argument("--group-size", type=int, default=None, help="[default: 128]")
+    p.add_argument("--asym", dest="symmetric", action="store_const", const=False, default=None)
+    p.add_argument("--recipe", type=Path, default=None, help="A recipe's policy instead of the default one.")
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
@@ -211,7 +214,7 @@ def main() -> None:
     p.add_argument("--device", default=None, help="cuda or cpu [default: cuda if present].")
     a = p.parse_args()
     try:
-        distill(a.out, a.model, a.bits, a.group_size, not a.asymmetric, a.steps, a.batch, a.seq_len, a.lr,
+        distill(a.out, a.model, a.bits, a.group_size, a.symmetric, a.recipe, a.steps, a.batch, a.seq_len, a.lr,
                 eval_every=a.eval_every, seed=a.seed, device=a.device)
     except KLError as e:
         print(f"error: {e}", file=sys.stderr)
