@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from klconvert.checkpoint.regular_file import open_regular
+from klconvert.checkpoint.regular_file import read_bounded
 from klconvert.errors import KLError
 
 SUPPORTED_MODEL_TYPES = ("kimi_linear",)
@@ -242,12 +242,7 @@ class KimiLinearConfig:
     def from_file(cls, path: str | Path) -> "KimiLinearConfig":
         path = Path(path)
         try:
-            with open_regular(path) as f:
-                data = f.read(MAX_CONFIG_BYTES + 1)
-            if len(data) > MAX_CONFIG_BYTES:
-                raise KLError(f"{path}: over {MAX_CONFIG_BYTES:,} bytes, far larger than any model's config.json; "
-                              "re-download the model")
-            text = data.decode("utf-8")
+            text = read_bounded(path, MAX_CONFIG_BYTES, "config.json").decode("utf-8")
         except FileNotFoundError:
             raise KLError(f"{path}: no config.json here; point --model at a Kimi Linear checkpoint folder") from None
         except (OSError, UnicodeDecodeError) as e:

@@ -150,6 +150,13 @@ def test_a_huge_or_deep_config_file_is_refused_unread(tiny_copy):
     assert "nested too deeply" in run_on(tiny_copy).error_line()
 
 
+def test_a_huge_index_is_refused_past_its_bound(tiny_copy):
+    index = tiny_copy / "model.safetensors.index.json"
+    index.write_bytes(index.read_bytes() + b" " * (64 << 20))   # valid JSON, padded past 64 MB
+    line = run_on(tiny_copy).error_line()
+    assert "model.safetensors.index.json: over 64 MB, far larger than any model's" in line, line
+
+
 @pytest.mark.parametrize("preset, layers", [("tiny", None), ("kimi-linear-48b", None), ("kimi-linear-48b", 5)])
 def test_the_closed_form_count_matches_the_table(preset, layers):
     config = KimiLinearConfig.from_dict(preset_config(preset, layers))

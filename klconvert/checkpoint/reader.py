@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from klconvert.checkpoint.regular_file import open_regular
+from klconvert.checkpoint.regular_file import read_bounded
 from klconvert.checkpoint.name_map import TensorSpec, canonical_pieces, expected_tensors, sliced_shape
 from klconvert.checkpoint.quantized import QuantizedSource, dequantize, find_quantized, quant_method
 from klconvert.checkpoint.safetensors_header import SafetensorsHeader, read_header
@@ -96,12 +96,7 @@ class Checkpoint:
             raise KLError(f"{self.folder}: neither {INDEX_FILE} nor {SINGLE_FILE} is here; the download is "
                           "incomplete -- pull the model again")
         try:
-            with open_regular(index_path) as f:
-                data = f.read(MAX_INDEX_BYTES + 1)
-            if len(data) > MAX_INDEX_BYTES:
-                raise KLError(f"{index_path}: over {MAX_INDEX_BYTES >> 20} MB, far larger than an index of this "
-                              "model; download it again")
-            index = json.loads(data.decode("utf-8"))
+            index = json.loads(read_bounded(index_path, MAX_INDEX_BYTES, INDEX_FILE).decode("utf-8"))
         except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, or a 4,300-digit int
             reason = "nested too deeply" if isinstance(e, RecursionError) else e
             raise KLError(f"{index_path}: cannot read the index ({reason}); download it again") from None
