@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
@@ -18,9 +19,10 @@ from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.quant.defaults import policy_from_options  # noqa: E402
+from klconvert.quant.groupwise import quantize_groupwise  # noqa: E402
 from klconvert.quant.pack_quantized import compress_weight, decompress_weight  # noqa: E402
 from klconvert.quant.scheme import QuantScheme  # noqa: E402
-from klconvert.quantize import choose_policy  # noqa: E402
+from klconvert.quantize import choose_policy, quantize  # noqa: E402
 from klconvert.runtime import model as M  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
 
@@ -43,15 +45,50 @@ def test_round_trip_is_the_stored_weight_and_passes_the_gradient_through():
         assert torch.equal(latent.grad, upstream)
 
 
-def _models():
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_scale_gradient_keeps_the_stored_weight_and_adds_lsq_gradient_at_the_group_edges(symmetric):
+    torch.manual_seed(1)
+    w = torch.randn(5, 64) * 0.05
+    scheme = QuantScheme(4, 16, symmetric)
+    latent = w.clone().requires_grad_(True)
+    got = D.RoundTrip(scheme, scale_gradient=True)(latent)
+    assert torch.equal(got.detach(), D.RoundTrip(scheme)(w).detach())        # the same stored weight
+    upstream = torch.randn_like(w)
+    (got * upstream).sum().backward()
+
+    # by hand: straight through for every weight, plus sum_group g * (code - w / scale) * d scale / d w at the
+    # weights that set the scale: scale = range / levels, range = max|w| (sym) or max - min (asym; min <= 0 <= max),
+    # so d scale / d range = scale / range
+    q, scale, zero = quantize_groupwise(w.to(torch.bfloat16), 4, 16, symmetric)
+    groups, g = w.view(5, 4, 16), upstream.view(5, 4, 16)
+    code = (q.view(5, 4, 16) - (0 if zero is None else zero.unsqueeze(-1))).float()
+    d_scale = (g * (code - groups / scale.float().unsqueeze(-1))).sum(-1)      # [5, 4]
+    want = g.clone()
+    lo, hi = groups.min(-1), groups.max(-1)
+    spread = torch.maximum(-lo.values, hi.values) if symmetric else hi.values - lo.values
+    d_spread = d_scale * scale.float() / spread
+    for r in range(5):
+        for c in range(4):
+            if symmetric:
+                at = hi.indices[r, c] if hi.values[r, c] >= -lo.values[r, c] else lo.indices[r, c]
+                want[r, c, at] += d_spread[r, c] * torch.sign(groups[r, c, at])
+            else:
+                want[r, c, hi.indices[r, c]] += d_spread[r, c]
+                want[r, c, lo.indices[r, c]] -= d_spread[r, c]
+    torch.testing.assert_close(latent.grad, want.view(5, 64), rtol=1e-4, atol=1e-6)
+    assert not torch.equal(latent.grad, upstream)
+
+
+def _models(scale_gradient: bool):
     teacher = D.training_model(BUNDLED_DIR, CPU).eval()
     student = D.training_model(BUNDLED_DIR, CPU)
     schemes = D.quantized_parameters(student, policy_from_options(4))
-    return teacher, student, schemes, D.attach_round_trips(student, schemes)
+    return teacher, student, schemes, D.attach_round_trips(student, schemes, scale_gradient)
 
 
-def test_the_policy_picks_the_quantized_parameters_and_steps_lower_the_kl():
-    teacher, student, schemes, latents = _models()
+@pytest.mark.parametrize("scale_gradient", [False, True], ids=["straight", "scale_gradient"])
+def test_the_policy_picks_the_quantized_parameters_and_steps_lower_the_kl(scale_gradient):
+    teacher, student, schemes, latents = _models(scale_gradient)
     names = set(schemes)
     assert "lm_head.weight" in names and schemes["lm_head.weight"].bits == 8
     assert any(n.endswith("experts.w13") for n in names) and any(n.endswith("experts.w2") for n in names)
@@ -84,6 +121,17 @@ def test_distill_refuses_an_existing_output_before_tuning(tmp_path):
         D.distill(tmp_path / "q4", steps=10_000, device="cpu", log=lambda line: pytest.fail(line))
 
 
+def test_a_spent_time_budget_stops_before_the_first_step_and_writes_round_to_nearest(tmp_path):
+    record = D.distill(tmp_path / "q4", steps=10_000, batch=2, seq_len=64, validation_tokens=256,
+                       max_chars=200_000, time_budget_s=1e-9, device="cpu", log=lambda line: None)
+    assert record["steps_run"] == 0 and record["step"] == [0] and record["kept_step"] == 0
+    quantize(BUNDLED_DIR, tmp_path / "rtn", bits=4, device="cpu", progress=False)
+    ours, rtn = Checkpoint(tmp_path / "q4"), Checkpoint(tmp_path / "rtn")
+    assert set(ours.sources) == set(rtn.sources)
+    for name in ours.sources:   # the untuned weights through the writer and `klconvert quantize`: RTN to the bit
+        assert torch.equal(ours.get(name), rtn.get(name)), name
+
+
 @pytest.mark.parametrize("recipe", [None, RECIPES / "32gb.yaml"], ids=["default", "recipe"])
 def test_distill_writes_the_folder_it_measured(tmp_path, recipe):
     lines = []
@@ -112,3 +160,19 @@ def test_distill_writes_the_folder_it_measured(tmp_path, recipe):
     quantized = D.training_model(tmp_path / "q4", CPU).eval()
     tokens = D.token_splits(Tokenizer.from_folder(BUNDLED_DIR), 256, 200_000)["validation"]
     assert abs(D.mean_kl(teacher, quantized, tokens, 2, 64, CPU) - kept) < 1e-6
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and D.fla_installed()), reason="needs CUDA and fla-core")
+def test_fla_chunk_follows_the_pytorch_training_forward_and_its_gradient():
+    cuda = torch.device("cuda")
+    x = torch.randint(0, 4096, (2, 256), generator=torch.Generator().manual_seed(2)).to(cuda)
+    grads = []
+    for fla in (False, True):
+        model = D.training_model(BUNDLED_DIR, cuda, fla)
+        weight = model.model.layers[1].self_attn.in_proj.q_proj.weight.requires_grad_(True)   # a KDA input
+        logits = model(x)
+        logits.float().logsumexp(-1).mean().backward()
+        grads.append((logits.detach(), weight.grad))
+    (ref, ref_grad), (got, got_grad) = grads
+    assert (got - ref).norm() / ref.norm() < 1e-2
+    assert F.cosine_similarity(got_grad.flatten(), ref_grad.flatten(), dim=0) > 0.99

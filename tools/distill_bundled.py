@@ -4,7 +4,8 @@ end, through their round trip, so that the quantized model's next-token distribu
 The student is runtime/model.py's training-mode KimiLinear filled from the bf16 folder; every weight the policy
 quantizes (by its canonical name: experts, shared expert, dense MLP, KDA and MLA projections, lm_head) is seen
 through the policy's own round trip (quant/groupwise.py's quantize_groupwise then dequantize_groupwise of the weight
-rounded to bf16, as `klconvert quantize` and the runtime do), the gradient passing straight through the rounding.
+rounded to bf16, as `klconvert quantize` and the runtime do), the gradient passing straight through the rounding
+(--scale-gradient: also through each group's min-max scale, LSQ's gradient, to the weights that set it).
 The loss is KL(bf16 model || student) per token on random windows of the training split; only the quantized
 weights move (norms, routers and their correction biases, embedding, convolutions stay as released). The weights
 with the least KL on the validation split are kept, written as a bf16 folder, and quantized by `klconvert
@@ -12,7 +13,8 @@ quantize` with the same policy: the folder holds the standard scheme (the same g
 the codes differ from round-to-nearest of the released weights. The test split stays unseen.
 
     python tools/distill_bundled.py OUT [--bits 4 [--group-size 128] [--asym] | --recipe recipes/32gb.yaml]
-                                        [--steps 800 --batch 32 --seq-len 512 --lr 5e-5] [--device cuda]
+                                        [--steps 800 --batch 32 --seq-len 512 --lr 5e-5] [--scale-gradient]
+                                        [--time-budget-s S] [--device cuda]
     python tools/quality_table.py --folder "int4 g128, distilled=OUT"
 
 On an H200 a step of the defaults takes ~0.65 s (the training-mode forward is PyTorch's, chunked KDA included):
@@ -23,6 +25,7 @@ flips the codes of the weights nearest a rounding boundary, and a step of 2e-4 o
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import tempfile
@@ -40,6 +43,7 @@ from train_bundled import canonical_state, learning_rate, sample_batch, token_sp
 from klconvert.checkpoint.name_map import expected_tensors  # noqa: E402
 from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
+from klconvert.kernels.naive_kda import kda_short_conv  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.quant.groupwise import dequantize_groupwise, quantize_groupwise  # noqa: E402
 from klconvert.quant.scheme import QuantScheme  # noqa: E402
@@ -51,26 +55,71 @@ from klconvert.tokenizer import Tokenizer  # noqa: E402
 
 class RoundTrip(nn.Module):
     """A weight as the quantized folder will hold it: rounded to bf16, quantized and dequantized by `scheme` in
-    groups along its last dim (stacked experts: per expert, per row), the gradient passed straight through."""
+    groups along its last dim (stacked experts: per expert, per row), the gradient passed straight through.
 
-    def __init__(self, scheme: QuantScheme):
+    scale_gradient: also pass the gradient through each group's scale to the weights that set it (LSQ's gradient,
+    d w_hat / d scale = code - w / scale, taken on to the group's extremes through the min-max rule, scale = range /
+    levels, as d scale / d range = scale / range): a weight at a group's edge then moves for the resolution it
+    gives the whole group, not only for its own error -- clipping learned inside the folder's own scales rule.
+    The forward value is the same."""
+
+    def __init__(self, scheme: QuantScheme, scale_gradient: bool = False):
         super().__init__()
-        self.scheme = scheme
+        self.scheme, self.scale_gradient = scheme, scale_gradient
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         s = self.scheme
         flat = w.detach().to(torch.bfloat16).reshape(-1, w.shape[-1])
         q, scale, zero = quantize_groupwise(flat, s.bits, s.group_size, s.symmetric, observer=s.observer)
         stored = dequantize_groupwise(q, scale, zero).to(w.dtype).view_as(w)
-        return w + (stored - w).detach()
+        if not self.scale_gradient:
+            return w + (stored - w).detach()
+        groups = w.reshape(-1, scale.shape[-1], w.shape[-1] // scale.shape[-1])       # [rows, G, group]
+        lo, hi = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)            # as the min-max rule
+        spread = torch.maximum(-lo, hi) if s.symmetric else hi - lo                    # what the scale divides
+        fixed = spread.detach()
+        g_scale = scale.to(w.dtype) * torch.where(fixed > 0, spread / fixed.clamp_min(1e-30), 1.0)  # its value
+        code = q.view(groups.shape) if zero is None else q.view(groups.shape) - zero.unsqueeze(-1)
+        code = code.to(w.dtype)
+        x = groups / g_scale.unsqueeze(-1)
+        lsq = g_scale.unsqueeze(-1) * (code + x - x.detach())                          # value: code * scale
+        return stored + (lsq - lsq.detach()).view_as(w)                                # + exactly zero
 
 
-def training_model(folder: Path, device: torch.device) -> M.KimiLinear:
+class FlaChunk(nn.Module):
+    """The training-mode KDA delta rule through fla-core's chunk_kda, whose forward and backward are Triton kernels
+    (CUDA, `pip install 'klconvert[fast]'`), in place of kda_chunked's PyTorch chunks: the same conventions as the
+    runtime's FlaKDAChunk, q, k, v from the PyTorch short conv in fp32, a fresh pass (no state in or kept). Its
+    products are TF32 (~1e-3 from fp32): for the tuning only; the folder is measured in fp32 on the CPU."""
+
+    def forward(self, m: M.KDAMixer, qkv, g_raw, beta_raw, tail, S) -> torch.Tensor:
+        from fla.ops.kda import chunk_kda
+
+        assert tail is None and S is None, "the training-mode forward keeps no state"
+        B, T, _ = qkv.shape
+        q, k, v = kda_short_conv(qkv, None, m.conv_weight).view(B, T, 3, m.H, m.K).unbind(2)
+        o, _ = chunk_kda(q, k, v, g_raw.view(B, T, m.H, m.K), beta_raw, A_log=m.A_log.float().flatten(),
+                         dt_bias=m.dt_bias.float(), use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+                         use_beta_sigmoid_in_kernel=True)
+        return o.float()
+
+
+def training_model(folder: Path, device: torch.device, fla: bool = False) -> M.KimiLinear:
     """The folder's model in fp32 with the training-mode forward (the declared modules, a fresh causal pass),
-    nothing trainable yet: the teacher as it is, the student once its round trips are attached."""
+    nothing trainable yet: the teacher as it is, the student once its round trips are attached. fla: the KDA
+    layers' delta rule through FlaChunk."""
     checkpoint = Checkpoint(folder)
-    return bind(M.KimiLinear(checkpoint.config), checkpoint.get, packed=None, held={}, device=device,
-                dtype=torch.float32, triton=False, restack=False).train()
+    model = bind(M.KimiLinear(checkpoint.config), checkpoint.get, packed=None, held={}, device=device,
+                 dtype=torch.float32, triton=False, restack=False).train()
+    if fla:
+        for module in model.modules():
+            if isinstance(module, M.KDAMixer):
+                module.chunk = FlaChunk()
+    return model
+
+
+def fla_installed() -> bool:
+    return importlib.util.find_spec("fla") is not None
 
 
 def quantized_parameters(model: M.KimiLinear, policy) -> dict[str, QuantScheme]:
@@ -89,14 +138,15 @@ def quantized_parameters(model: M.KimiLinear, policy) -> dict[str, QuantScheme]:
     return out
 
 
-def attach_round_trips(model: M.KimiLinear, schemes: dict[str, QuantScheme]) -> list[nn.Parameter]:
+def attach_round_trips(model: M.KimiLinear, schemes: dict[str, QuantScheme],
+                       scale_gradient: bool = False) -> list[nn.Parameter]:
     """Route every quantized parameter through its RoundTrip; returns the latent weights, now trainable."""
     latents = []
     for pname, scheme in schemes.items():
         owner, _, leaf = pname.rpartition(".")
         module = model.get_submodule(owner)
         getattr(module, leaf).requires_grad_(True)
-        parametrize.register_parametrization(module, leaf, RoundTrip(scheme))
+        parametrize.register_parametrization(module, leaf, RoundTrip(scheme, scale_gradient))
         latents.append(module.parametrizations[leaf].original)
     return latents
 
@@ -133,8 +183,11 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
             symmetric: bool | None = None, recipe: Path | None = None, steps: int = 800, batch: int = 32,
             seq_len: int = 512, lr: float = 5e-5, warmup: float = 0.05, eval_every: int = 100,
             validation_tokens: int | None = 16384, max_chars: int | None = None, seed: int = 0,
-            device: str | None = None, log=print) -> dict:
-    """Tune, keep the least-validation-KL weights, quantize them into `out`; returns the log (also out/distill.json)."""
+            scale_gradient: bool = False, time_budget_s: float | None = None, device: str | None = None,
+            log=print) -> dict:
+    """Tune, keep the least-validation-KL weights, quantize them into `out`; returns the log (also out/distill.json).
+    The run stops at `steps` or `time_budget_s` (tuning and validation), whichever comes first; the learning rate
+    follows whichever is further along."""
     if out.exists() or out.is_symlink():  # before the tuning, not after it
         raise KLError(f"{out}: already exists; choose another output folder")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -144,21 +197,37 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
     if policy.kind != "int":
         raise KLError(f"{recipe}: distillation tunes integer schemes; this recipe stores {policy.kind}")
     data = token_splits(Tokenizer.from_folder(source), validation_tokens, max_chars)
-    teacher = training_model(source, device).eval()
-    student = training_model(source, device)
+    fla = device.type == "cuda" and fla_installed()
+    teacher = training_model(source, device, fla).eval()
+    student = training_model(source, device, fla)
     schemes = quantized_parameters(student, policy)
-    latents = attach_round_trips(student, schemes)
+    latents = attach_round_trips(student, schemes, scale_gradient)
     optimizer = torch.optim.Adam(latents, lr=lr)
     g = torch.Generator().manual_seed(seed)
     val = mean_kl(teacher, student, data["validation"], batch, seq_len, device)
     log(f"{len(schemes)} quantized parameters ({sum(p.numel() for p in latents) / 1e6:.2f}M weights) on {device}; "
-        f"validation KL before: {val:.4f}")
+        f"validation KL before: {val:.4f}; KDA through {'fla-core' if fla else 'PyTorch'}")
     history = {"step": [0], "train_kl": [None], "validation_kl": [val]}
+
+    def evaluate(step: int, best: tuple) -> tuple:
+        nonlocal running, running_n
+        val = mean_kl(teacher, student, data["validation"], batch, seq_len, device)
+        history["step"].append(step)
+        history["train_kl"].append(running / running_n)
+        history["validation_kl"].append(val)
+        running, running_n = 0.0, 0
+        log(f"step {step:4d}  train KL {history['train_kl'][-1]:.4f}  validation KL {val:.4f}  "
+            f"{time.perf_counter() - started:.0f} s")
+        return (val, step, [p.detach().clone() for p in latents]) if val < best[0] else best
+
     best = (val, 0, [p.detach().clone() for p in latents])
-    running, running_n, started = 0.0, 0, time.perf_counter()
-    for step in range(1, steps + 1):
+    running, running_n, step, started = 0.0, 0, 0, time.perf_counter()
+    while step < steps:
+        progress = max(step / steps, (time.perf_counter() - started) / time_budget_s if time_budget_s else 0.0)
+        if progress >= 1.0:
+            break
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate((step - 1) / steps, lr, warmup, 0.0)
+            group["lr"] = learning_rate(progress, lr, warmup, 0.0)
         x, _ = sample_batch(data["train"], batch, seq_len, g)
         x = x.to(device)
         with torch.no_grad():
@@ -168,17 +237,12 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
         optimizer.step()
+        step += 1
         running, running_n = running + loss.item(), running_n + 1
         if step % eval_every == 0 or step == steps:
-            val = mean_kl(teacher, student, data["validation"], batch, seq_len, device)
-            history["step"].append(step)
-            history["train_kl"].append(running / running_n)
-            history["validation_kl"].append(val)
-            running, running_n = 0.0, 0
-            if val < best[0]:
-                best = (val, step, [p.detach().clone() for p in latents])
-            log(f"step {step:4d}  train KL {history['train_kl'][-1]:.4f}  validation KL {val:.4f}  "
-                f"{time.perf_counter() - started:.0f} s")
+            best = evaluate(step, best)
+    if running_n:  # stopped by the time budget between evaluations
+        best = evaluate(step, best)
     with torch.no_grad():
         for p, kept in zip(latents, best[2]):
             p.copy_(kept)
@@ -187,10 +251,12 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
         tuned = Path(tmp) / "bf16"
         write_checkpoint(tuned, json.loads((source / "config.json").read_text()), canonical_state(student), source)
         quantize(tuned, out, **layout, device="cpu", progress=False)
-    record = {"kept_step": best[1], "kept_validation_kl": best[0], "seconds": time.perf_counter() - started,
+    record = {"kept_step": best[1], "kept_validation_kl": best[0], "steps_run": step,
+              "seconds": time.perf_counter() - started,
               "device": str(device), "settings": {**layout, "recipe": None if recipe is None else str(recipe),
                                                    "steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr,
-                                                   "warmup": warmup, "seed": seed,
+                                                   "warmup": warmup, "seed": seed, "scale_gradient": scale_gradient,
+                                                   "time_budget_s": time_budget_s, "kda": "fla" if fla else "torch",
                                                    "validation_tokens": len(data["validation"])}, **history}
     (out / "distill.json").write_text(json.dumps(record, indent=1) + "\n")
     log(f"kept step {best[1]} (validation KL {best[0]:.4f}); quantized into {out}")
@@ -210,12 +276,17 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--lr", type=float, default=5e-5, help="Peak learning rate (Adam), cosine to zero.")
     p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--time-budget-s", type=float, default=None,
+                   help="Stop tuning after this many seconds even before --steps (the schedule follows it).")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale-gradient", action="store_true",
+                   help="Pass the gradient through each group's scale too (LSQ's), to the weights that set it.")
     p.add_argument("--device", default=None, help="cuda or cpu [default: cuda if present].")
     a = p.parse_args()
     try:
         distill(a.out, a.model, a.bits, a.group_size, a.symmetric, a.recipe, a.steps, a.batch, a.seq_len, a.lr,
-                eval_every=a.eval_every, seed=a.seed, device=a.device)
+                eval_every=a.eval_every, seed=a.seed,
+                scale_gradient=a.scale_gradient, time_budget_s=a.time_budget_s, device=a.device)
     except KLError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
