@@ -17,8 +17,9 @@ the codes differ from round-to-nearest of the released weights. The test split s
                                         [--time-budget-s S] [--device cuda]
     python tools/quality_table.py --folder "int4 g128, distilled=OUT"
 
-On an H200 a step of the defaults takes ~0.65 s (the training-mode forward is PyTorch's, chunked KDA included):
-800 steps ~9 min. On a 2-core CPU a step of 4 x 256 tokens takes ~6 s. The learning rate matters most: each step
+On an H200 a step of the defaults takes ~0.3 s with the KDA layers through fla-core's chunk_kda (FlaChunk, on CUDA
+where fla-core is installed; 0.38 s with --scale-gradient), 0.62 s through the PyTorch chunks; --time-budget-s
+ends the schedule in time. On a 2-core CPU a step of 4 x 256 tokens takes ~6 s. The learning rate matters most: each step
 flips the codes of the weights nearest a rounding boundary, and a step of 2e-4 or more flips too many at once
 (README, "Quality").
 """
