@@ -19,9 +19,9 @@ the codes differ from round-to-nearest of the released weights. The test split s
 
 On an H200 a step of the defaults takes ~0.3 s with the KDA layers through fla-core's chunk_kda (FlaChunk, on CUDA
 where fla-core is installed; 0.38 s with --scale-gradient), 0.62 s through the PyTorch chunks; --time-budget-s
-ends the schedule in time. On a 2-core CPU a step of 4 x 256 tokens takes ~6 s. The learning rate matters most: each step
-flips the codes of the weights nearest a rounding boundary, and a step of 2e-4 or more flips too many at once
-(README, "Quality").
+ends the schedule in time. On a 2-core CPU a step of 4 x 256 tokens takes ~6 s. The learning rate matters most:
+each step flips the codes of the weights nearest a rounding boundary, and a step of 2e-4 or more flips too many at
+once (README, "Quality").
 """
 from __future__ import annotations
 
@@ -120,6 +120,7 @@ def training_model(folder: Path, device: torch.device, fla: bool = False) -> M.K
 
 
 def fla_installed() -> bool:
+    """fla-core importable (FlaChunk's kernels), without importing it."""
     return importlib.util.find_spec("fla") is not None
 
 
