@@ -119,6 +119,10 @@ def test_distill_refuses_an_existing_output_before_tuning(tmp_path):
     (tmp_path / "q4").mkdir()
     with pytest.raises(KLError, match="already exists"):
         D.distill(tmp_path / "q4", steps=10_000, device="cpu", log=lambda line: pytest.fail(line))
+    for budget in (0.0, -5.0, float("nan")):
+        with pytest.raises(KLError, match="positive number of seconds"):
+            D.distill(tmp_path / "new", time_budget_s=budget, device="cpu", log=lambda line: pytest.fail(line))
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_spent_time_budget_stops_before_the_first_step_and_writes_round_to_nearest(tmp_path):

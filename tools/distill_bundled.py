@@ -192,6 +192,8 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
     follows whichever is further along."""
     if out.exists() or out.is_symlink():  # before the tuning, not after it
         raise KLError(f"{out}: already exists; choose another output folder")
+    if time_budget_s is not None and not time_budget_s > 0:
+        raise KLError(f"--time-budget-s {time_budget_s}: give a positive number of seconds (or leave it out)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     layout = {"bits": bits, "group_size": group_size, "symmetric": symmetric, "recipe": recipe}
