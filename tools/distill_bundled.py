@@ -39,7 +39,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_bundled import canonical_state, learning_rate, sample_batch, token_splits, write_checkpoint  # noqa: E402
+from train_bundled import (canonical_state, learning_rate, run_progress, sample_batch, token_splits,  # noqa: E402
+                           write_checkpoint)
 
 from klconvert.checkpoint.name_map import expected_tensors  # noqa: E402
 from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
@@ -227,7 +228,7 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
     best = (val, 0, [p.detach().clone() for p in latents])
     running, running_n, step, started = 0.0, 0, 0, time.perf_counter()
     while step < steps:
-        progress = max(step / steps, (time.perf_counter() - started) / time_budget_s if time_budget_s else 0.0)
+        progress = run_progress(step, steps, time.perf_counter() - started, time_budget_s)
         if progress >= 1.0:
             break
         for group in optimizer.param_groups:

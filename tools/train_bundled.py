@@ -182,6 +182,12 @@ def mean_loss(model: M.KimiLinear, tokens: torch.Tensor, batch: int, seq_len: in
     return total / (n * seq_len)
 
 
+def run_progress(step: int, steps: int, elapsed_s: float, time_budget_s: float | None) -> float:
+    """How far a run is, 0 to 1: by its steps or by its time budget (None: no budget), whichever is further along;
+    the run stops at 1 and the learning rate follows it."""
+    return max(step / steps, elapsed_s / time_budget_s if time_budget_s else 0.0)
+
+
 def learning_rate(progress: float, peak: float, warmup: float, floor: float) -> float:
     """Linear warm-up over the first `warmup` of the run, then cosine down to floor * peak."""
     if progress < warmup:
@@ -257,7 +263,7 @@ def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: in
     running, running_n, step = 0.0, 0, 0
     train_start = time.perf_counter()
     while step < steps:
-        progress = max(step / steps, (time.perf_counter() - train_start) / time_budget_s)
+        progress = run_progress(step, steps, time.perf_counter() - train_start, time_budget_s)
         if progress >= 1.0:
             break
         rate = learning_rate(progress, lr, warmup, lr_floor)
