@@ -125,6 +125,43 @@ def test_distill_refuses_an_existing_output_before_tuning(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_bad_generated_settings_are_refused_before_anything_runs(tmp_path):
+    for windows, share in ((-1, 0.5), (4, 0.0), (4, 1.5), (4, float("nan"))):
+        with pytest.raises(KLError, match="--generated-windows"):
+            D.distill(tmp_path / "q4", generated_windows=windows, generated_share=share, device="cpu",
+                      log=lambda line: pytest.fail(line))
+    assert not (tmp_path / "q4").exists()
+
+
+def test_teacher_windows_are_the_models_own_samples_from_the_given_first_tokens():
+    first = torch.tensor([5, 100, 2000])
+    got = D.teacher_windows(BUNDLED_DIR, first, 32, seed=3, device=CPU, chunk=2)   # two chunks: 2 + 1
+    assert got.shape == (3, 32) and torch.equal(got[:, 0], first)
+    assert torch.equal(got, D.teacher_windows(BUNDLED_DIR, first, 32, seed=3, device=CPU, chunk=2))
+    assert not torch.equal(got, D.teacher_windows(BUNDLED_DIR, first, 32, seed=4, device=CPU, chunk=2))
+    teacher = D.training_model(BUNDLED_DIR, CPU).eval()
+    with torch.no_grad():   # sampled from the model: far likelier under it than the same tokens shuffled
+        own = F.cross_entropy(teacher(got[:, :-1]).flatten(0, 1), got[:, 1:].flatten())
+        mixed = got.flatten()[torch.randperm(got.numel(), generator=torch.Generator().manual_seed(0))].view(3, 32)
+        other = F.cross_entropy(teacher(mixed[:, :-1]).flatten(0, 1), mixed[:, 1:].flatten())
+    assert own < 0.6 * other, (own, other)
+
+
+def test_a_training_batch_takes_its_share_from_the_models_own_text():
+    train = torch.arange(1000)
+    own = torch.arange(5000, 5000 + 6 * 16).view(6, 16)
+    g = torch.Generator().manual_seed(0)
+    for share, n_own in ((0.5, 2), (0.25, 1), (1.0, 4)):
+        x = D.training_batch(train, own, 4, 16, share, g)
+        assert x.shape == (4, 16)
+        from_own = [row for row in x if any(torch.equal(row, o) for o in own)]
+        assert len(from_own) == n_own, share
+        for row in x[:4 - n_own]:   # the rest: windows of the training split
+            assert torch.equal(row, torch.arange(int(row[0]), int(row[0]) + 16))
+    assert torch.equal(D.training_batch(train, None, 4, 16, 0.5, torch.Generator().manual_seed(1)),
+                       D.sample_batch(train, 4, 16, torch.Generator().manual_seed(1))[0])
+
+
 def test_a_spent_time_budget_stops_before_the_first_step_and_writes_round_to_nearest(tmp_path):
     record = D.distill(tmp_path / "q4", steps=10_000, batch=2, seq_len=64, validation_tokens=256,
                        max_chars=200_000, time_budget_s=1e-9, device="cpu", log=lambda line: None)
@@ -136,12 +173,17 @@ def test_a_spent_time_budget_stops_before_the_first_step_and_writes_round_to_nea
         assert torch.equal(ours.get(name), rtn.get(name)), name
 
 
-@pytest.mark.parametrize("recipe", [None, RECIPES / "32gb.yaml"], ids=["default", "recipe"])
-def test_distill_writes_the_folder_it_measured(tmp_path, recipe):
+@pytest.mark.parametrize("recipe, generated", [(None, 0), (RECIPES / "32gb.yaml", 3)],
+                         ids=["default", "recipe-generated"])
+def test_distill_writes_the_folder_it_measured(tmp_path, recipe, generated):
     lines = []
     record = D.distill(tmp_path / "q4", recipe=recipe, steps=2, batch=2, seq_len=64, eval_every=1,
-                       validation_tokens=256, max_chars=200_000, device="cpu", log=lines.append)
+                       validation_tokens=256, max_chars=200_000, generated_windows=generated, device="cpu",
+                       log=lines.append)
     assert record["step"] == [0, 1, 2] and len(record["validation_kl"]) == 3
+    assert record["settings"]["generated_windows"] == generated
+    assert any(line.startswith("3 windows of 64 tokens of the bf16 model's own text") for line in lines) == \
+        bool(generated)
     kept = record["validation_kl"][record["step"].index(record["kept_step"])]
     assert kept == min(record["validation_kl"]) == record["kept_validation_kl"]
     assert lines[-1].startswith(f"kept step {record['kept_step']}")

@@ -6,14 +6,18 @@ quantizes (by its canonical name: experts, shared expert, dense MLP, KDA and MLA
 through the policy's own round trip (quant/groupwise.py's quantize_groupwise then dequantize_groupwise of the weight
 rounded to bf16, as `klconvert quantize` and the runtime do), the gradient passing straight through the rounding
 (--scale-gradient: also through each group's min-max scale, LSQ's gradient, to the weights that set it).
-The loss is KL(bf16 model || student) per token on random windows of the training split; only the quantized
-weights move (norms, routers and their correction biases, embedding, convolutions stay as released). The weights
-with the least KL on the validation split are kept, written as a bf16 folder, and quantized by `klconvert
-quantize` with the same policy: the folder holds the standard scheme (the same groups, bits and scales rule), only
-the codes differ from round-to-nearest of the released weights. The test split stays unseen.
+The loss is KL(bf16 model || student) per token on random windows of the training split (--generated-windows N:
+a share of each batch drawn instead from N windows of the bf16 model's own text, sampled once before the tuning by
+the runtime's engine, each from one token of the training split: fresh text, where the training split repeats every
+~85 steps of the defaults); only the quantized weights move (norms, routers and their correction biases,
+embedding, convolutions stay as released). The weights with the least KL on the validation split are kept,
+written as a bf16 folder, and quantized by `klconvert quantize` with the same policy: the folder holds the standard
+scheme (the same groups, bits and scales rule), only the codes differ from round-to-nearest of the released weights.
+The test split stays unseen.
 
     python tools/distill_bundled.py OUT [--bits 4 [--group-size 128] [--asym] | --recipe recipes/32gb.yaml]
                                         [--steps 800 --batch 32 --seq-len 512 --lr 5e-5] [--scale-gradient]
+                                        [--generated-windows N [--generated-share 0.5]]
                                         [--time-budget-s S] [--device cuda]
     python tools/quality_table.py --folder "int4 g128, distilled=OUT"
 
@@ -52,6 +56,7 @@ from klconvert.quant.scheme import QuantScheme  # noqa: E402
 from klconvert.quantize import choose_policy, quantize  # noqa: E402
 from klconvert.runtime import model as M  # noqa: E402
 from klconvert.runtime.bind import bind  # noqa: E402
+from klconvert.runtime.engine import load  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
 
 
@@ -182,12 +187,36 @@ def mean_kl(teacher: M.KimiLinear, student: M.KimiLinear, tokens: torch.Tensor, 
     return total / (n * seq_len)
 
 
+def teacher_windows(source: Path, first: torch.Tensor, seq_len: int, seed: int, device: torch.device,
+                    chunk: int = 64) -> torch.Tensor:
+    """[len(first), seq_len] token windows of the model's own text: window i opens with first[i] and goes on as the
+    model samples it at temperature 1 (the runtime's engine, `chunk` sequences at a time; the same ids for a seed)."""
+    engine = load(source, device, max_context=seq_len, batch=min(chunk, len(first)))
+    windows = []
+    for i in range(0, len(first), chunk):
+        prompts = first[i:i + chunk].view(-1, 1)
+        sampled = engine.generate(prompts, seq_len - 1, temperature=1.0, seed=seed + i)
+        windows.append(torch.cat([prompts, sampled.cpu()], dim=1))
+    return torch.cat(windows)
+
+
+def training_batch(train: torch.Tensor, own: torch.Tensor | None, batch: int, seq_len: int, share: float,
+                   g: torch.Generator) -> torch.Tensor:
+    """`batch` windows [batch, seq_len]: random windows of the training split, of which round(batch * share) are
+    replaced by windows drawn from `own` (the model's own text) when there is any."""
+    n_own = 0 if own is None else round(batch * share)
+    parts = [sample_batch(train, batch - n_own, seq_len, g)[0]] if batch > n_own else []
+    if n_own:
+        parts.append(own[torch.randint(0, len(own), (n_own,), generator=g)])
+    return torch.cat(parts)
+
+
 def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, group_size: int | None = None,
             symmetric: bool | None = None, recipe: Path | None = None, steps: int = 800, batch: int = 32,
             seq_len: int = 512, lr: float = 5e-5, warmup: float = 0.05, eval_every: int = 100,
             validation_tokens: int | None = 16384, max_chars: int | None = None, seed: int = 0,
-            scale_gradient: bool = False, time_budget_s: float | None = None, device: str | None = None,
-            log=print) -> dict:
+            scale_gradient: bool = False, time_budget_s: float | None = None, generated_windows: int = 0,
+            generated_share: float = 0.5, device: str | None = None, log=print) -> dict:
     """Tune, keep the least-validation-KL weights, quantize them into `out`; returns the log (also out/distill.json).
     The run stops at `steps` or `time_budget_s` (tuning and validation), whichever comes first; the learning rate
     follows whichever is further along."""
@@ -195,6 +224,9 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
         raise KLError(f"{out}: already exists; choose another output folder")
     if time_budget_s is not None and not time_budget_s > 0:
         raise KLError(f"--time-budget-s {time_budget_s}: give a positive number of seconds (or leave it out)")
+    if generated_windows < 0 or not 0 < generated_share <= 1:
+        raise KLError(f"--generated-windows {generated_windows}, --generated-share {generated_share}: give a "
+                      "number of windows >= 0 and a share of each batch in (0, 1]")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     layout = {"bits": bits, "group_size": group_size, "symmetric": symmetric, "recipe": recipe}
@@ -209,6 +241,14 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
     latents = attach_round_trips(student, schemes, scale_gradient)
     optimizer = torch.optim.Adam(latents, lr=lr)
     g = torch.Generator().manual_seed(seed)
+    own, generated_s = None, 0.0
+    if generated_windows:
+        t0 = time.perf_counter()
+        first = data["train"][torch.randint(0, len(data["train"]), (generated_windows,), generator=g)]
+        own = teacher_windows(source, first, seq_len, seed, device)
+        generated_s = time.perf_counter() - t0
+        log(f"{generated_windows} windows of {seq_len} tokens of the bf16 model's own text sampled in "
+            f"{generated_s:.0f} s")
     val = mean_kl(teacher, student, data["validation"], batch, seq_len, device)
     log(f"{len(schemes)} quantized parameters ({sum(p.numel() for p in latents) / 1e6:.2f}M weights) on {device}; "
         f"validation KL before: {val:.4f}; KDA through {'fla-core' if fla else 'PyTorch'}")
@@ -233,8 +273,7 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
             break
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(progress, lr, warmup, 0.0)
-        x, _ = sample_batch(data["train"], batch, seq_len, g)
-        x = x.to(device)
+        x = training_batch(data["train"], own, batch, seq_len, generated_share, g).to(device)
         with torch.no_grad():
             target = teacher(x)
         with parametrize.cached():  # each round trip once a step, not at every read of its weight
@@ -262,6 +301,9 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
                                                    "steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr,
                                                    "warmup": warmup, "seed": seed, "scale_gradient": scale_gradient,
                                                    "time_budget_s": time_budget_s, "kda": "fla" if fla else "torch",
+                                                   "generated_windows": generated_windows,
+                                                   "generated_share": generated_share if generated_windows else None,
+                                                   "generated_seconds": generated_s,
                                                    "validation_tokens": len(data["validation"])}, **history}
     (out / "distill.json").write_text(json.dumps(record, indent=1) + "\n")
     log(f"kept step {best[1]} (validation KL {best[0]:.4f}); quantized into {out}")
@@ -286,12 +328,17 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale-gradient", action="store_true",
                    help="Pass the gradient through each group's scale too (LSQ's), to the weights that set it.")
+    p.add_argument("--generated-windows", type=int, default=0,
+                   help="Sample this many windows of the bf16 model's own text before tuning [default: none].")
+    p.add_argument("--generated-share", type=float, default=0.5,
+                   help="The share of each batch drawn from them [default: 0.5].")
     p.add_argument("--device", default=None, help="cuda or cpu [default: cuda if present].")
     a = p.parse_args()
     try:
         distill(a.out, a.model, a.bits, a.group_size, a.symmetric, a.recipe, a.steps, a.batch, a.seq_len, a.lr,
                 eval_every=a.eval_every, seed=a.seed,
-                scale_gradient=a.scale_gradient, time_budget_s=a.time_budget_s, device=a.device)
+                scale_gradient=a.scale_gradient, time_budget_s=a.time_budget_s,
+                generated_windows=a.generated_windows, generated_share=a.generated_share, device=a.device)
     except KLError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
