@@ -15,6 +15,7 @@ from torch import nn
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.quant import QuantScheme
 from klconvert.runtime import model as M
+from klconvert.runtime.device_experts import DeviceExperts
 from klconvert.runtime.weights import Packed, held_in_fp32, kernel_takes
 
 Read = Callable[[str], torch.Tensor]
@@ -201,6 +202,8 @@ def _swap_fused(model: M.KimiLinear, latent_kernel: bool) -> None:
     for module in model.modules():  # after the loop: an MoE is met before the router it holds is swapped
         if isinstance(module, M.MoE):
             FusedNormMoE.adopt(module)
+        elif isinstance(module, M.Experts) and device.type == "cuda":   # dense experts: no host sync at decode
+            DeviceExperts.adopt(module)
     _prefetch_ahead(model)
 
 

@@ -11,10 +11,11 @@ from klconvert.runtime.state import StateBuffers
 WARMUP_STEPS = 2  # eager runs on a side stream before capture: Triton compiles, cuBLAS picks its kernels
 
 
-def capturable(model: KimiLinear) -> bool:
-    """Whether the decode step can be captured: the reference expert loop (model.Experts) asks the host which
-    experts were chosen, so a model still holding it (dense or unfusable experts) decodes eagerly."""
-    return not any(isinstance(m, Experts) for m in model.modules())
+def capturable(model: KimiLinear, batch: int) -> bool:
+    """Whether the decode step of `batch` sequences can be captured: the reference expert loop (model.Experts)
+    asks the host which experts were chosen, so a model still holding it (dense or unfusable experts) decodes
+    eagerly; dense experts bind adopted as DeviceExperts do not ask up to their token limit."""
+    return all(m.on_device(batch) for m in model.modules() if isinstance(m, Experts))
 
 
 class DecodeStep:

@@ -105,7 +105,7 @@ class Engine:
         self.weight_bytes = weight_bytes(config, dtype, HeldPacked(held))
         self._plan_state(context, batch, mla_cache_dtype or dtype, allocate=False)
         bind(self.model, read, packed, held, device, dtype, self.triton)
-        self.cuda_graph = cuda_graph and self.triton and device.type == "cuda" and capturable(self.model)
+        self.cuda_graph = cuda_graph and self.triton and device.type == "cuda"   # for each batch that captures
         self.resize(context, batch, mla_cache_dtype or dtype)
         self.stats = GenerationStats()
 
@@ -201,7 +201,8 @@ class Engine:
         """The decode step for the first `batch` sequences (captured once per batch size on CUDA + Triton).
         Capturing writes into the state: take it before prefilling."""
         if batch not in self._steps:
-            self._steps[batch] = DecodeStep(self.model, self.state.rows(0, batch), graph=self.cuda_graph)
+            self._steps[batch] = DecodeStep(self.model, self.state.rows(0, batch),
+                                            graph=self.cuda_graph and capturable(self.model, batch))
         return self._steps[batch]
 
     def decode_step(self, token: torch.Tensor, position) -> torch.Tensor:

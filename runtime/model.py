@@ -432,6 +432,11 @@ class Experts(nn.Module):
         E, I, D = c.num_experts, c.moe_intermediate_size, c.hidden_size
         self.w13, self.w2 = _param(E, 2 * I, D), _param(E, D, I)
 
+    def on_device(self, tokens: int) -> bool:
+        """Whether forward over this many tokens runs without asking the host (so a CUDA graph can hold it): this
+        loop asks which experts were chosen."""
+        return False
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shared: nn.Module) -> torch.Tensor:
         """x [N, D], ids/weights [N, k] -> sum_k weight * expert(x) + shared(x), [N, D]."""
         I = self.w2.shape[-1]

@@ -83,7 +83,7 @@ def test_fp8_latent_cache_stays_close_to_full_precision(trained_like):
 def test_eager_decode_step_needs_no_graph(trained_like):
     engine = klconvert.load(trained_like, device="cpu", dtype=torch.float32, max_context=16)
     assert isinstance(engine.decoder(1), DecodeStep) and engine.decoder(1).graph is None
-    assert not capturable(engine.model)      # unquantized experts run the reference loop, which asks the host
+    assert not capturable(engine.model, 1)   # unquantized experts on the CPU: the reference loop, which asks the host
 
 
 def test_kernels_import_nothing_from_the_rest_of_the_package():
@@ -116,6 +116,25 @@ def test_graph_replay_equals_eager_bit_for_bit(trained_like, tmp_path):
     for graph in (True, False):
         engine = klconvert.load(q, device="cuda", max_context=96, kernels="triton", cuda_graph=graph)
         step = engine.decoder(1)
+        assert (step.graph is not None) is graph
+        engine.forward(ids[:, :16])
+        logits[graph] = decode_each(step, ids, 16)
+    assert torch.equal(logits[True], logits[False])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("batch", [1, 8])
+def test_dense_experts_decode_in_a_graph_equal_to_eager(batch):
+    """The bundled model as released (bf16, experts not quantized): bind adopts its experts as DeviceExperts,
+    which never ask the host at decode, so the step is captured and replays the eager step bit for bit."""
+    from klconvert.models import BUNDLED_DIR
+
+    ids = torch.randint(0, 4096, (batch, 48), generator=torch.Generator().manual_seed(batch)).cuda()
+    logits = {}
+    for graph in (True, False):
+        engine = klconvert.load(BUNDLED_DIR, device="cuda", max_context=64, batch=batch, kernels="triton",
+                                cuda_graph=graph)
+        step = engine.decoder(batch)
         assert (step.graph is not None) is graph
         engine.forward(ids[:, :16])
         logits[graph] = decode_each(step, ids, 16)
