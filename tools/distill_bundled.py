@@ -188,15 +188,22 @@ def mean_kl(teacher: M.KimiLinear, student: M.KimiLinear, tokens: torch.Tensor, 
 
 
 def teacher_windows(source: Path, first: torch.Tensor, seq_len: int, seed: int, device: torch.device,
-                    chunk: int = 64) -> torch.Tensor:
+                    chunk: int = 64, log=None) -> torch.Tensor:
     """[len(first), seq_len] token windows of the model's own text: window i opens with first[i] and goes on as the
-    model samples it at temperature 1 (the runtime's engine, `chunk` sequences at a time; the same ids for a seed)."""
+    model samples it at temperature 1 (the runtime's engine, `chunk` sequences at a time; the same ids for a seed
+    and chunk). On CUDA the engine captures the decode step of up to 64 sequences: the bf16 folder's dense experts
+    keep their dispatch on the device there (runtime/device_experts.py); a larger chunk decodes eagerly through
+    the reference expert loop, which asks the host at every MoE layer (before the experts stayed on the device,
+    on an H200 on 2026-12-01, 4096 windows of 512 tokens did not finish in 540 s 64 at a time, and took 239 s 1024
+    at a time)."""
     engine = load(source, device, max_context=seq_len, batch=min(chunk, len(first)))
-    windows = []
+    windows, t0 = [], time.perf_counter()
     for i in range(0, len(first), chunk):
         prompts = first[i:i + chunk].view(-1, 1)
         sampled = engine.generate(prompts, seq_len - 1, temperature=1.0, seed=seed + i)
         windows.append(torch.cat([prompts, sampled.cpu()], dim=1))
+        if log:
+            log(f"sampled {min(i + chunk, len(first))} of {len(first)} windows, {time.perf_counter() - t0:.0f} s")
     return torch.cat(windows)
 
 
@@ -245,7 +252,7 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
     if generated_windows:
         t0 = time.perf_counter()
         first = data["train"][torch.randint(0, len(data["train"]), (generated_windows,), generator=g)]
-        own = teacher_windows(source, first, seq_len, seed, device)
+        own = teacher_windows(source, first, seq_len, seed, device, log=log)
         generated_s = time.perf_counter() - t0
         log(f"{generated_windows} windows of {seq_len} tokens of the bf16 model's own text sampled in "
             f"{generated_s:.0f} s")
