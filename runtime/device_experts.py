@@ -13,10 +13,11 @@ from klconvert.runtime.model import Experts
 class DeviceExperts(Experts):
     """Experts whose forward never waits on the host up to MAX_TOKENS tokens: every expert runs over every token,
     weighted by an [N, E] matrix that is zero off the chosen experts -- all E experts read once a call, no weight
-    copied, temporaries [E, N, 2I]. More tokens (a prefill) take the reference loop, which computes only what was
-    chosen. `adopt` turns a stack of at most MAX_BYTES into one (the same parameters): reading a layer's every
-    expert each step then costs ~15 us at an H200's bandwidth; a larger stack keeps the loop, whose host syncs cost
-    less than reading experts nobody chose (a bf16 48B layer's are 3.6 GB)."""
+    copied, temporaries [E, N, 2I] and [E, N, D] (under the stack's own size at these token counts). More tokens (a
+    prefill) take the reference loop, which computes only what was chosen. `adopt` turns a stack of at most
+    MAX_BYTES into one (the same parameters): reading a layer's every expert each step then costs at most ~15 us at
+    an H200's copy bandwidth; a larger stack (a bf16 48B layer's is 3.6 GB) keeps the loop, which reads only the
+    chosen experts but asks the host, so its model decodes eagerly."""
 
     MAX_TOKENS = 64
     MAX_BYTES = 64 * 2**20
