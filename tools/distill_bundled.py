@@ -56,6 +56,7 @@ from klconvert.quant.scheme import QuantScheme  # noqa: E402
 from klconvert.quantize import choose_policy, quantize  # noqa: E402
 from klconvert.runtime import model as M  # noqa: E402
 from klconvert.runtime.bind import bind  # noqa: E402
+from klconvert.runtime.device_experts import DeviceExperts  # noqa: E402
 from klconvert.runtime.engine import load  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
 
@@ -188,14 +189,14 @@ def mean_kl(teacher: M.KimiLinear, student: M.KimiLinear, tokens: torch.Tensor, 
 
 
 def teacher_windows(source: Path, first: torch.Tensor, seq_len: int, seed: int, device: torch.device,
-                    chunk: int = 64, log=None) -> torch.Tensor:
+                    chunk: int = DeviceExperts.MAX_TOKENS, log=None) -> torch.Tensor:
     """[len(first), seq_len] token windows of the model's own text: window i opens with first[i] and goes on as the
     model samples it at temperature 1 (the runtime's engine, `chunk` sequences at a time; the same ids for a seed
-    and chunk). On CUDA the engine captures the decode step of up to 64 sequences: the bf16 folder's dense experts
-    keep their dispatch on the device there (runtime/device_experts.py); a larger chunk decodes eagerly through
-    the reference expert loop, which asks the host at every MoE layer (before the experts stayed on the device,
-    on an H200 on 2026-12-01, 4096 windows of 512 tokens did not finish in 540 s 64 at a time, and took 239 s 1024
-    at a time)."""
+    and chunk). The default chunk is the largest batch whose decode step the engine captures on CUDA with the bf16
+    folder's dense experts (their dispatch stays on the device up to DeviceExperts.MAX_TOKENS); a larger chunk
+    decodes eagerly through the reference expert loop, which asks the host at every MoE layer (before the experts
+    stayed on the device, on an H200 on 2026-12-01, 4096 windows of 512 tokens did not finish in 540 s 64 at a
+    time, and took 239 s 1024 at a time)."""
     engine = load(source, device, max_context=seq_len, batch=min(chunk, len(first)))
     windows, t0 = [], time.perf_counter()
     for i in range(0, len(first), chunk):
