@@ -186,6 +186,7 @@ def test_distill_writes_the_folder_it_measured(tmp_path, recipe, generated):
         bool(generated)
     kept = record["validation_kl"][record["step"].index(record["kept_step"])]
     assert kept == min(record["validation_kl"]) == record["kept_validation_kl"]
+    assert sum(line.startswith("first step done at ") for line in lines) == 1
     assert lines[-1].startswith(f"kept step {record['kept_step']}")
 
     out = Checkpoint(tmp_path / "q4")

@@ -291,6 +291,8 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
         optimizer.step()
         step += 1
         running, running_n = running + loss.item(), running_n + 1
+        if step == 1:  # on a fresh GPU machine the kernels' compiles and autotunes fall here
+            log(f"first step done at {time.perf_counter() - started:.0f} s")
         if step % eval_every == 0 or step == steps:
             best = evaluate(step, best)
     if running_n:  # stopped by the time budget between evaluations
