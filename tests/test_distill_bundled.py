@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
@@ -171,6 +172,59 @@ def test_a_spent_time_budget_stops_before_the_first_step_and_writes_round_to_nea
     assert set(ours.sources) == set(rtn.sources)
     for name in ours.sources:   # the untuned weights through the writer and `klconvert quantize`: RTN to the bit
         assert torch.equal(ours.get(name), rtn.get(name)), name
+
+
+def test_saved_windows_come_back_as_they_were_and_bad_files_are_refused(tmp_path):
+    windows = torch.randint(0, 4352, (5, 64), generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "own.safetensors"
+    D.save_windows(path, windows, BUNDLED_DIR, 4352)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["own.safetensors"]      # no partial file left
+    assert path.stat().st_size < windows.numel() * 2 + 1024                         # int16 ids
+    got = D.load_windows(path, BUNDLED_DIR, 64, 4352)
+    assert got.dtype == torch.long and torch.equal(got, windows)
+
+    def refused(tensors: dict, match: str, teacher: str | None = None, seq_len: int = 64, vocab: int = 4352):
+        bad = tmp_path / "bad.safetensors"
+        save_file(tensors, str(bad), metadata={"teacher": teacher or D.teacher_id(BUNDLED_DIR)})
+        with pytest.raises(KLError, match=match):
+            D.load_windows(bad, BUNDLED_DIR, seq_len, vocab)
+
+    refused({"windows": windows.short()}, "not sampled from", teacher="0" * 64)
+    refused({"windows": windows.short()}, r"\[n, 32\]", seq_len=32)
+    refused({"windows": windows.float()}, "integer ids")
+    refused({"windows": windows.short()[:0]}, "integer ids")
+    refused({"windows": windows.short().flatten()}, "integer ids")
+    refused({"windows": windows.short(), "more": windows.short()}, "one tensor 'windows'")
+    refused({"windows": windows.short()}, "outside 0..99", vocab=100)
+    refused({"windows": -windows.short() - 1}, "outside 0..4351")
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(KLError, match="not a readable safetensors file"):
+        D.load_windows(tmp_path / "junk.safetensors", BUNDLED_DIR, 64, 4352)
+
+
+def test_windows_kept_in_a_file_are_sampled_once_and_read_by_the_next_run(tmp_path):
+    own = tmp_path / "own.safetensors"
+    fail = dict(device="cpu", log=lambda line: pytest.fail(line))
+    with pytest.raises(KLError, match="no such file; give --generated-windows"):
+        D.distill(tmp_path / "q4", generated_file=own, **fail)
+    with pytest.raises(KLError, match="its folder does not exist"):
+        D.distill(tmp_path / "q4", generated_windows=3, generated_file=tmp_path / "no" / "own.safetensors", **fail)
+    short = dict(steps=1, batch=2, seq_len=64, eval_every=1, validation_tokens=256, max_chars=200_000,
+                 device="cpu")
+    first, second = [], []
+    D.distill(tmp_path / "a", generated_windows=3, generated_file=own, log=first.append, **short)
+    saved = D.load_windows(own, BUNDLED_DIR, 64, 4352)
+    assert saved.shape == (3, 64) and any(line.startswith("3 windows of 64 tokens") and "sampled" in line
+                                          for line in first)
+    record = D.distill(tmp_path / "b", generated_file=own, log=second.append, **short)
+    assert f"3 windows of 64 tokens of the bf16 model's own text read from {own}" in second
+    assert not any(line.startswith("sampled ") for line in second)
+    assert record["settings"]["generated_windows"] == 3 and record["settings"]["generated_file"] == str(own)
+    with pytest.raises(KLError, match="holds 3 windows, not --generated-windows 4"):
+        D.distill(tmp_path / "c", seq_len=64, generated_windows=4, generated_file=own, **fail)
+    with pytest.raises(KLError, match=r"\[n, 32\]"):
+        D.distill(tmp_path / "c", seq_len=32, generated_file=own, **fail)
+    assert not (tmp_path / "c").exists()
 
 
 @pytest.mark.parametrize("recipe, generated", [(None, 0), (RECIPES / "32gb.yaml", 3)],

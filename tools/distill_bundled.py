@@ -17,7 +17,7 @@ The test split stays unseen.
 
     python tools/distill_bundled.py OUT [--bits 4 [--group-size 128] [--asym] | --recipe recipes/32gb.yaml]
                                         [--steps 800 --batch 32 --seq-len 512 --lr 5e-5] [--scale-gradient]
-                                        [--generated-windows N [--generated-share 0.5]]
+                                        [--generated-windows N [--generated-share 0.5]] [--generated-file F]
                                         [--time-budget-s S] [--device cuda]
     python tools/quality_table.py --folder "int4 g128, distilled=OUT"
 
@@ -30,8 +30,10 @@ once (README, "Quality").
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
+import os
 import sys
 import tempfile
 import time
@@ -43,6 +45,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record_bundled import file_checksums  # noqa: E402
+from safetensors import SafetensorError, safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 from train_bundled import (canonical_state, learning_rate, run_progress, sample_batch, token_splits,  # noqa: E402
                            write_checkpoint)
 
@@ -208,6 +213,45 @@ def teacher_windows(source: Path, first: torch.Tensor, seq_len: int, seed: int, 
     return torch.cat(windows)
 
 
+def teacher_id(source: Path) -> str:
+    """The bf16 folder's identity for saved windows: sha256 over its files' checksums (weights, config,
+    tokenizer), so that windows sampled from other weights -- the bundled model retrained -- are refused."""
+    return hashlib.sha256(json.dumps(file_checksums(source), sort_keys=True).encode()).hexdigest()
+
+
+def save_windows(path: Path, windows: torch.Tensor, source: Path, vocab_size: int) -> None:
+    """`windows` [n, seq_len] into a safetensors file (int16 ids where the vocabulary allows: 4,096 windows of 512
+    tokens then make 4 MiB), marked with the bf16 folder's teacher_id; written whole or not at all."""
+    dtype = torch.int16 if vocab_size <= 1 << 15 else torch.int32
+    partial = path.with_name(path.name + ".partial")
+    save_file({"windows": windows.to(dtype).contiguous()}, str(partial), metadata={"teacher": teacher_id(source)})
+    os.replace(partial, path)
+
+
+def load_windows(path: Path, source: Path, seq_len: int, vocab_size: int) -> torch.Tensor:
+    """The windows save_windows wrote for this bf16 folder, checked: [n >= 1, seq_len] integer ids below the
+    vocabulary size, from the same teacher. Any other file is a KLError naming what is wrong."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            teacher = (f.metadata() or {}).get("teacher")
+            if teacher != teacher_id(source):
+                raise KLError(f"{path}: its windows were not sampled from {source} (another model, or the model "
+                              "since changed); sample new ones into another file")
+            if set(f.keys()) != {"windows"}:
+                raise KLError(f"{path}: expected one tensor 'windows', found {sorted(f.keys())}")
+            windows = f.get_tensor("windows")
+    except (SafetensorError, OSError) as e:
+        raise KLError(f"{path}: not a readable safetensors file ({e}); sample the windows again") from None
+    if windows.dtype not in (torch.int16, torch.int32, torch.int64) or windows.dim() != 2 or \
+            windows.shape[0] < 1 or windows.shape[1] != seq_len:
+        raise KLError(f"{path}: windows of {str(windows.dtype).removeprefix('torch.')} {list(windows.shape)}, "
+                      f"expected integer ids [n, {seq_len}] (--seq-len); sample windows this long into another file")
+    windows = windows.long()
+    if windows.min() < 0 or windows.max() >= vocab_size:
+        raise KLError(f"{path}: token ids outside 0..{vocab_size - 1}; sample the windows again")
+    return windows
+
+
 def training_batch(train: torch.Tensor, own: torch.Tensor | None, batch: int, seq_len: int, share: float,
                    g: torch.Generator) -> torch.Tensor:
     """`batch` windows [batch, seq_len]: random windows of the training split, of which round(batch * share) are
@@ -224,10 +268,12 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
             seq_len: int = 512, lr: float = 5e-5, warmup: float = 0.05, eval_every: int = 100,
             validation_tokens: int | None = 16384, max_chars: int | None = None, seed: int = 0,
             scale_gradient: bool = False, time_budget_s: float | None = None, generated_windows: int = 0,
-            generated_share: float = 0.5, device: str | None = None, log=print) -> dict:
+            generated_share: float = 0.5, generated_file: Path | None = None, device: str | None = None,
+            log=print) -> dict:
     """Tune, keep the least-validation-KL weights, quantize them into `out`; returns the log (also out/distill.json).
     The run stops at `steps` or `time_budget_s` (tuning and validation), whichever comes first; the learning rate
-    follows whichever is further along."""
+    follows whichever is further along. generated_file: where the sampled windows are kept -- read from it when it
+    exists (all of them), else sampled (`generated_windows` of them) and saved there for the next run."""
     if out.exists() or out.is_symlink():  # before the tuning, not after it
         raise KLError(f"{out}: already exists; choose another output folder")
     if time_budget_s is not None and not time_budget_s > 0:
@@ -235,6 +281,19 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
     if generated_windows < 0 or not 0 < generated_share <= 1:
         raise KLError(f"--generated-windows {generated_windows}, --generated-share {generated_share}: give a "
                       "number of windows >= 0 and a share of each batch in (0, 1]")
+    saved = None
+    if generated_file is not None:
+        vocab_size = Checkpoint(source).config.vocab_size
+        if generated_file.exists() or generated_file.is_symlink():
+            saved = load_windows(generated_file, source, seq_len, vocab_size)
+            if generated_windows not in (0, len(saved)):
+                raise KLError(f"{generated_file}: holds {len(saved)} windows, not --generated-windows "
+                              f"{generated_windows}; leave that out to take them all, or name another file")
+        elif not generated_windows:
+            raise KLError(f"{generated_file}: no such file; give --generated-windows N to sample N windows and "
+                          "save them there")
+        elif not generated_file.parent.is_dir():
+            raise KLError(f"{generated_file}: its folder does not exist; create it first or name another file")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     layout = {"bits": bits, "group_size": group_size, "symmetric": symmetric, "recipe": recipe}
@@ -249,14 +308,19 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
     latents = attach_round_trips(student, schemes, scale_gradient)
     optimizer = torch.optim.Adam(latents, lr=lr)
     g = torch.Generator().manual_seed(seed)
-    own, generated_s = None, 0.0
-    if generated_windows:
+    own, generated_s = saved, 0.0
+    if saved is not None:
+        generated_windows = len(saved)
+        log(f"{generated_windows} windows of {seq_len} tokens of the bf16 model's own text read from {generated_file}")
+    elif generated_windows:
         t0 = time.perf_counter()
         first = data["train"][torch.randint(0, len(data["train"]), (generated_windows,), generator=g)]
         own = teacher_windows(source, first, seq_len, seed, device, log=log)
         generated_s = time.perf_counter() - t0
         log(f"{generated_windows} windows of {seq_len} tokens of the bf16 model's own text sampled in "
             f"{generated_s:.0f} s")
+        if generated_file is not None:
+            save_windows(generated_file, own, source, vocab_size)
     val = mean_kl(teacher, student, data["validation"], batch, seq_len, device)
     log(f"{len(schemes)} quantized parameters ({sum(p.numel() for p in latents) / 1e6:.2f}M weights) on {device}; "
         f"validation KL before: {val:.4f}; KDA through {'fla-core' if fla else 'PyTorch'}")
@@ -314,6 +378,8 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
                                                    "generated_windows": generated_windows,
                                                    "generated_share": generated_share if generated_windows else None,
                                                    "generated_seconds": generated_s,
+                                                   "generated_file": None if generated_file is None
+                                                   else str(generated_file),
                                                    "validation_tokens": len(data["validation"])}, **history}
     (out / "distill.json").write_text(json.dumps(record, indent=1) + "\n")
     log(f"kept step {best[1]} (validation KL {best[0]:.4f}); quantized into {out}")
@@ -342,13 +408,16 @@ def main() -> None:
                    help="Sample this many windows of the bf16 model's own text before tuning [default: none].")
     p.add_argument("--generated-share", type=float, default=0.5,
                    help="The share of each batch drawn from them [default: 0.5].")
+    p.add_argument("--generated-file", type=Path, default=None,
+                   help="Keep the sampled windows here: read when it exists, else sampled and saved for next time.")
     p.add_argument("--device", default=None, help="cuda or cpu [default: cuda if present].")
     a = p.parse_args()
     try:
         distill(a.out, a.model, a.bits, a.group_size, a.symmetric, a.recipe, a.steps, a.batch, a.seq_len, a.lr,
                 eval_every=a.eval_every, seed=a.seed,
                 scale_gradient=a.scale_gradient, time_budget_s=a.time_budget_s,
-                generated_windows=a.generated_windows, generated_share=a.generated_share, device=a.device)
+                generated_windows=a.generated_windows, generated_share=a.generated_share,
+                generated_file=a.generated_file, device=a.device)
     except KLError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
