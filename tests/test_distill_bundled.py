@@ -174,7 +174,7 @@ def test_a_spent_time_budget_stops_before_the_first_step_and_writes_round_to_nea
         assert torch.equal(ours.get(name), rtn.get(name)), name
 
 
-def test_saved_windows_come_back_as_they_were_and_bad_files_are_refused(tmp_path):
+def test_saved_windows_come_back_as_they_were_and_bad_files_are_refused(tmp_path, monkeypatch):
     windows = torch.randint(0, 4352, (5, 64), generator=torch.Generator().manual_seed(0))
     path = tmp_path / "own.safetensors"
     D.save_windows(path, windows, BUNDLED_DIR, 4352)
@@ -197,6 +197,14 @@ def test_saved_windows_come_back_as_they_were_and_bad_files_are_refused(tmp_path
     refused({"windows": windows.short(), "more": windows.short()}, "one tensor 'windows'")
     refused({"windows": windows.short()}, "outside 0..99", vocab=100)
     refused({"windows": -windows.short() - 1}, "outside 0..4351")
+    def full_disk(tensors, filename, metadata):
+        Path(filename).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(D, "save_file", full_disk)
+    with pytest.raises(KLError, match="could not be written"):
+        D.save_windows(tmp_path / "full.safetensors", windows, BUNDLED_DIR, 4352)
+    assert not list(tmp_path.glob("full.safetensors*"))                           # nothing half-written left
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(KLError, match="not a readable safetensors file"):
         D.load_windows(tmp_path / "junk.safetensors", BUNDLED_DIR, 64, 4352)

@@ -224,8 +224,13 @@ def save_windows(path: Path, windows: torch.Tensor, source: Path, vocab_size: in
     tokens then make 4 MiB), marked with the bf16 folder's teacher_id; written whole or not at all."""
     dtype = torch.int16 if vocab_size <= 1 << 15 else torch.int32
     partial = path.with_name(path.name + ".partial")
-    save_file({"windows": windows.to(dtype).contiguous()}, str(partial), metadata={"teacher": teacher_id(source)})
-    os.replace(partial, path)
+    try:
+        save_file({"windows": windows.to(dtype).contiguous()}, str(partial), metadata={"teacher": teacher_id(source)})
+        os.replace(partial, path)
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        raise KLError(f"{path}: the sampled windows could not be written ({e}); free space or name another file") \
+            from None
 
 
 def load_windows(path: Path, source: Path, seq_len: int, vocab_size: int) -> torch.Tensor:
