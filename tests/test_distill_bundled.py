@@ -197,6 +197,7 @@ def test_saved_windows_come_back_as_they_were_and_bad_files_are_refused(tmp_path
     refused({"windows": windows.short(), "more": windows.short()}, "one tensor 'windows'")
     refused({"windows": windows.short()}, "outside 0..99", vocab=100)
     refused({"windows": -windows.short() - 1}, "outside 0..4351")
+
     def full_disk(tensors, filename, metadata):
         Path(filename).write_bytes(b"half")
         raise OSError(28, "No space left on device")

@@ -244,14 +244,14 @@ def load_windows(path: Path, source: Path, seq_len: int, vocab_size: int) -> tor
                               "since changed); sample new ones into another file")
             if set(f.keys()) != {"windows"}:
                 raise KLError(f"{path}: expected one tensor 'windows', found {sorted(f.keys())}")
-            windows = f.get_tensor("windows")
+            header = f.get_slice("windows")  # checked from the header, before any of it is read
+            dtype, shape = header.get_dtype(), header.get_shape()
+            if dtype not in ("I16", "I32", "I64") or len(shape) != 2 or shape[0] < 1 or shape[1] != seq_len:
+                raise KLError(f"{path}: windows of {dtype} {shape}, expected integer ids [n, {seq_len}] "
+                              "(--seq-len); sample windows this long into another file")
+            windows = f.get_tensor("windows").long()
     except (SafetensorError, OSError) as e:
         raise KLError(f"{path}: not a readable safetensors file ({e}); sample the windows again") from None
-    if windows.dtype not in (torch.int16, torch.int32, torch.int64) or windows.dim() != 2 or \
-            windows.shape[0] < 1 or windows.shape[1] != seq_len:
-        raise KLError(f"{path}: windows of {str(windows.dtype).removeprefix('torch.')} {list(windows.shape)}, "
-                      f"expected integer ids [n, {seq_len}] (--seq-len); sample windows this long into another file")
-    windows = windows.long()
     if windows.min() < 0 or windows.max() >= vocab_size:
         raise KLError(f"{path}: token ids outside 0..{vocab_size - 1}; sample the windows again")
     return windows
