@@ -14,14 +14,15 @@ import torch
 from tqdm import tqdm
 
 from klconvert.checkpoint.name_map import expected_tensors
-from klconvert.checkpoint.reader import INDEX_FILE, SINGLE_FILE, open_checkpoint
+from klconvert.checkpoint.reader import INDEX_FILE, MAX_INDEX_BYTES, SINGLE_FILE, open_checkpoint
+from klconvert.checkpoint.regular_file import read_bounded
 from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.checkpoint.safetensors_writer import index_json, shard_names, split_into_shards, write_shard
 from klconvert.convert.model_card import count_text, model_card, size_text
 from klconvert.convert.output_folder import OutputFolder, OutputLock, refuse_existing_out
 from klconvert.convert.outputs import ModuleMaker, PlanTotals, plan_modules, plan_totals
 from klconvert.convert.provenance import SourceOrigin, source_fingerprint, source_origin
-from klconvert.config import KimiLinearConfig
+from klconvert.config import MAX_CONFIG_BYTES, KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.extras import require
 from klconvert.hub import DEFAULT_REPO, pull
@@ -105,22 +106,32 @@ def pick_device(device: str | None) -> torch.device:
 
 
 def refuse_quantized_source(src: Path) -> None:
-    """KLError when SRC already holds quantized weights (a quantization_config, or packed tensor names)."""
+    """KLError when SRC already holds quantized weights (a quantization_config, or packed tensor names). It reads
+    config.json and the index as the checkpoint's reader does -- regular files only, no further than their bounds --
+    and leaves whatever it cannot read to open_checkpoint, which refuses it in its own words."""
     try:
-        config = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # open_checkpoint explains what is wrong with the folder
-    if isinstance(config, dict) and config.get("quantization_config") is not None:
-        method = (config["quantization_config"] or {}).get("quant_method", "unknown")
-        raise KLError(f"{src}: already quantized (config.json has a quantization_config, quant_method {method}); "
+        config = json.loads(read_bounded(src / "config.json", MAX_CONFIG_BYTES, "config.json").decode("utf-8"))
+    except (OSError, ValueError, RecursionError, KLError):  # RecursionError: JSON nested past Python's stack
+        return
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    if quantization is not None:
+        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
+        raise KLError(f"{src}: already quantized (config.json has a quantization_config, quant_method {method!s:.40}); "
                       "quantize the original bf16 checkpoint instead")
-    try:
-        names = json.loads((src / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError):
-        names = read_header(src / SINGLE_FILE).tensors if (src / SINGLE_FILE).is_file() else {}
+    if (src / INDEX_FILE).exists():
+        try:
+            index = json.loads(read_bounded(src / INDEX_FILE, MAX_INDEX_BYTES, INDEX_FILE).decode("utf-8"))
+        except (OSError, ValueError, RecursionError, KLError):
+            return
+        names = index.get("weight_map") if isinstance(index, dict) else None
+    else:
+        names = read_header(src / SINGLE_FILE).tensors if (src / SINGLE_FILE).is_file() else None
+    if not isinstance(names, dict):
+        return
     packed = next((n for n in names if n.endswith(QUANTIZED_TENSOR_SUFFIXES)), None)
     if packed is not None:
-        raise KLError(f"{src}: already quantized (it holds {packed}); quantize the original bf16 checkpoint instead")
+        raise KLError(f"{src}: already quantized (it holds {packed:.120}); quantize the original bf16 checkpoint "
+                      "instead")
 
 
 def _refuse_out_over_src(src: Path, out: Path) -> None:
@@ -211,7 +222,7 @@ def _quantize(src: Path, out: Path, policy: Policy, runtime: dict, device: str |
             else:
                 write_shard(folder.path / name, shard, on_tensor=lambda t: bar.update(source_bytes.get(t.name, 0)))
             done += 1
-        config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+        config = dict(checkpoint.config.raw)  # as read and checked, not read again
         config["quantization_config"] = policy.quantization_config()
         folder.write_text("config.json", json.dumps(config, indent=2) + "\n")
         folder.write_text(INDEX_FILE, index_json(shards, names) + "\n")

@@ -150,6 +150,31 @@ def test_a_huge_or_deep_config_file_is_refused_unread(tiny_copy):
     assert "nested too deeply" in run_on(tiny_copy).error_line()
 
 
+def quantize_on(folder: Path):
+    return klconvert_bounded("quantize", folder, folder.parent / "out", "--group-size", "32", "--device", "cpu")
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda f: os.truncate(f / "config.json", 8 << 30), "far larger"),  # sparse: 8 GB that read whole would not fit
+    (lambda f: (f / "config.json").write_text("[" * 100_000 + "]" * 100_000), "nested too deeply"),
+    (lambda f: ((f / "config.json").unlink(), os.mkfifo(f / "config.json")), "not a regular file"),
+    (lambda f: edit_config(f, lambda c: c.update(quantization_config=["int4"])), "already quantized"),
+    (lambda f: ((f / "model.safetensors.index.json").unlink(), os.mkfifo(f / "model.safetensors.index.json")),
+     "not a regular file"),
+    (lambda f: (f / "model.safetensors.index.json").write_text("[" * 100_000 + "]" * 100_000), "nested too deeply"),
+    (lambda f: edit_json(f / "model.safetensors.index.json", lambda i: i.update(weight_map=[1, 2])),
+     "no 'weight_map' object"),
+], ids=["huge config", "deep config", "config fifo", "quantization_config a list", "index fifo", "deep index",
+        "weight_map a list"])
+def test_quantize_refuses_a_hostile_source_before_reading_it(tiny_copy, edit, needle):
+    """quantize looks for quantized weights in SRC before it opens it as a checkpoint: that look reads as the
+    checkpoint's reader does (bounded, regular files), so whatever it meets is refused in one line."""
+    edit(tiny_copy)
+    done = quantize_on(tiny_copy)
+    assert needle in done.error_line(), done.err
+    assert not (tiny_copy.parent / "out").exists()
+
+
 def test_a_huge_index_is_refused_past_its_bound(tiny_copy):
     index = tiny_copy / "model.safetensors.index.json"
     index.write_bytes(index.read_bytes() + b" " * (64 << 20))   # valid JSON, padded past 64 MB
