@@ -11,7 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from klconvert.checkpoint.reader import INDEX_FILE, SINGLE_FILE
+from klconvert.checkpoint.reader import INDEX_FILE, MAX_INDEX_BYTES, open_checkpoint
+from klconvert.checkpoint.regular_file import read_bounded
 from klconvert.errors import KLError
 
 _CONV = re.compile(r"^(model\.layers\.\d+\.self_attn\.)([qkv])_conv1d\.weight$")
@@ -22,19 +23,15 @@ def stack_kda_convs(folder: str | Path) -> int:
     on dim 0, as transformers' KimiLinear holds them), shard by shard, in place; returns the layers rewritten.
 
     klconvert reads the result as before (the name table maps conv1d back); vLLM 0.33 expects the separate
-    weights, so make this change on a copy meant for transformers.
+    weights, so make this change on a copy meant for transformers. The folder is read as a checkpoint first
+    (open_checkpoint: config, index, shard names and headers checked, each file bounded), so every shard this
+    rewrites is one the index names inside the folder.
     """
     folder = Path(folder)
+    weight_map = {name: shard for shard, header in open_checkpoint(folder).headers.items() for name in header.tensors}
     index_path = folder / INDEX_FILE
-    if index_path.is_file():
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        weight_map = index["weight_map"]
-    elif (folder / SINGLE_FILE).is_file():
-        index = None
-        with safe_open(folder / SINGLE_FILE, "pt") as f:
-            weight_map = {name: SINGLE_FILE for name in f.keys()}
-    else:
-        raise KLError(f"{folder}: neither {INDEX_FILE} nor {SINGLE_FILE} is here; pass a checkpoint folder")
+    index = json.loads(read_bounded(index_path, MAX_INDEX_BYTES, INDEX_FILE).decode("utf-8")) \
+        if index_path.is_file() else None
     layers: dict[str, dict[str, str]] = {}
     for name, shard in weight_map.items():
         m = _CONV.match(name)
@@ -59,6 +56,7 @@ def stack_kda_convs(folder: str | Path) -> int:
             for x in "qkv":
                 del weight_map[f"{prefix}{x}_conv1d.weight"]
             weight_map[f"{prefix}conv1d.weight"] = shards["q"]
+        index["weight_map"] = weight_map  # the checked map (the file's own, as open_checkpoint held it to the headers)
         tmp = index_path.with_name(index_path.name + ".partial")
         tmp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, index_path)

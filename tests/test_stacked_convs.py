@@ -1,0 +1,37 @@
+"""stack_kda_convs rewrites shards in place, so it reads the folder as a checkpoint first: a shard name from the
+index is untrusted, and one that points outside the folder is refused before anything is written."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from klconvert.checkpoint.reader import open_checkpoint
+from klconvert.convert.stacked_convs import stack_kda_convs
+from klconvert.errors import KLError
+
+
+def test_a_shard_outside_the_folder_is_refused_untouched(tiny_copy, tmp_path):
+    index_path = tiny_copy / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = next(iter(index["weight_map"].values()))
+    outside = shutil.copyfile(tiny_copy / shard, tmp_path / "outside.safetensors")
+    before = outside.read_bytes()
+    index["weight_map"] = {name: "../outside.safetensors" for name in index["weight_map"]}
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(KLError, match=r"shard name '../outside.safetensors' is not a plain file name"):
+        stack_kda_convs(tiny_copy)
+    assert outside.read_bytes() == before
+    assert json.loads(index_path.read_text()) == index
+
+
+def test_the_stacked_folder_reads_the_same_and_a_second_run_finds_nothing(tiny_released, tiny_copy):
+    names = json.loads((tiny_copy / "model.safetensors.index.json").read_text())["weight_map"]
+    convs = [n for n in names if n.endswith(("q_conv1d.weight", "k_conv1d.weight", "v_conv1d.weight"))]
+    assert convs and stack_kda_convs(tiny_copy) == len(convs) // 3 and stack_kda_convs(tiny_copy) == 0
+    stacked = json.loads((tiny_copy / "model.safetensors.index.json").read_text())["weight_map"]
+    assert not set(convs) & set(stacked) and sum(n.endswith(".conv1d.weight") for n in stacked) == len(convs) // 3
+    before, after = open_checkpoint(tiny_released), open_checkpoint(tiny_copy)
+    assert all(torch.equal(before.get(name), after.get(name)) for name in before.expected)
