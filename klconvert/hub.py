@@ -40,6 +40,8 @@ from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
+from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_INDEX_BYTES
+from klconvert.checkpoint.regular_file import read_bounded
 from klconvert.errors import KLError
 from klconvert.verified_files import VerifiedFiles
 
@@ -53,7 +55,6 @@ DEFAULT_REPO = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
 ALLOWED_PATTERNS = ("*.safetensors", "*.json", "tiktoken.model", "*.jinja")
 # Never fetched, whatever --include says: pickles run code when loaded, .py files are remote code.
 REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".py")
-INDEX_FILE = "model.safetensors.index.json"
 # Provenance of a --local-dir pull, beside the files; never written into the HF cache's snapshots.
 LOCAL_DIR_RECORD = Path(".klconvert") / "pull.json"
 # What was verified (size, mtime, hashes), so a second pull re-hashes only what changed: in a --local-dir, and in
@@ -428,11 +429,12 @@ def _check_index_shards(folder: Path, listing: list[HubFile], wanted: list[HubFi
     if INDEX_FILE not in {f.path for f in wanted}:
         return
     try:
-        shards = json.loads((folder / INDEX_FILE).read_text())["weight_map"].values()
+        index = json.loads(read_bounded(folder / INDEX_FILE, MAX_INDEX_BYTES, INDEX_FILE).decode("utf-8"))
+        shards = index["weight_map"].values()
         if not all(isinstance(shard, str) for shard in shards):
             raise ValueError("a shard name that is not a string")
         shards = set(shards)
-    except (ValueError, KeyError, AttributeError, TypeError, RecursionError) as e:
+    except (OSError, ValueError, KeyError, AttributeError, TypeError, RecursionError) as e:
         raise KLError(f"{INDEX_FILE} of {where} is not a safetensors index ({_reason(e)}); the repo is "
                       "broken") from None
     listed = {f.path for f in listing}

@@ -14,7 +14,8 @@ import torch
 from tqdm import tqdm
 
 from klconvert.checkpoint.name_map import expected_tensors
-from klconvert.checkpoint.reader import INDEX_FILE, MAX_INDEX_BYTES, SINGLE_FILE, open_checkpoint
+from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_INDEX_BYTES, SINGLE_FILE
+from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.checkpoint.regular_file import read_bounded
 from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.checkpoint.safetensors_writer import index_json, shard_names, split_into_shards, write_shard

@@ -6,6 +6,9 @@ import json
 import os
 from pathlib import Path
 
+from klconvert.checkpoint.regular_file import read_bounded
+from klconvert.errors import KLError
+
 MAX_RECORD_BYTES = 64 << 20  # far above any real record (a few hundred bytes a file); a larger one is ignored
 
 
@@ -17,11 +20,10 @@ class VerifiedFiles:
         self.record = record
         self.entries: dict[str, dict] = {}
         try:
-            if record.stat().st_size <= MAX_RECORD_BYTES:
-                body = json.loads(record.read_text(encoding="utf-8"))
-                self.entries = {p: e for p, e in body["files"].items() if _well_formed(e)}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            self.entries = {}  # no record, or a damaged one: everything is hashed again
+            body = json.loads(read_bounded(record, MAX_RECORD_BYTES, "verified-files record").decode("utf-8"))
+            self.entries = {p: e for p, e in body["files"].items() if _well_formed(e)}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, KLError):
+            self.entries = {}  # no record, or a damaged, huge or special one: everything is hashed again
 
     def digests(self, path: str, stat: os.stat_result) -> tuple[str, str] | None:
         """(sha256, git blob id) recorded for `path`, if the file (whose stat is given) is unchanged since."""

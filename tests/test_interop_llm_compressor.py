@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import klconvert
-from klconvert.checkpoint.reader import INDEX_FILE, open_checkpoint
+from klconvert.checkpoint.folder_files import INDEX_FILE
+from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.errors import KLError
 from klconvert.quantize import quantize
 

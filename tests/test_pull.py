@@ -168,10 +168,18 @@ def test_a_second_pull_hashes_only_what_changed(served, tmp_path, monkeypatch, i
     assert hub.pull(REPO, progress=False, **where).files == first.files and server.gets(SHARD_2) == 2
 
 
-def test_a_damaged_verification_record_means_hashing_again(served, tmp_path, monkeypatch):
+def _fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+@pytest.mark.parametrize("damage", [lambda p: p.write_text('{"files": {"config.json": {"size": "x"}}, '),
+                                    lambda p: p.write_text("[" * 100_000 + "]" * 100_000), _fifo],
+                         ids=["cut short", "nested too deeply", "a FIFO"])
+def test_a_damaged_verification_record_means_hashing_again(served, tmp_path, monkeypatch, damage):
     out = tmp_path / "kimi"
     first = hub.pull(REPO, local_dir=out, progress=False)
-    (out / ".klconvert" / "verified.json").write_text('{"files": {"config.json": {"size": "x"}}, ')
+    damage(out / ".klconvert" / "verified.json")
     hashed = count_hashing(monkeypatch)
     assert hub.pull(REPO, local_dir=out, progress=False).files == first.files
     assert sorted(hashed) == sorted(Path(p).name for p in PULLED)
@@ -391,6 +399,15 @@ def test_an_index_naming_odd_shards_is_refused(hub_server, checkpoint, tmp_path,
     hub_server.add_repo(REPO, checkpoint)
     with hub_environment(hub_server.endpoint, tmp_path / "hf_home"):
         with pytest.raises(KLError, match=re.escape(needle)):
+            hub.pull(REPO, progress=False)
+
+
+def test_an_index_past_its_bound_is_refused_unparsed(hub_server, checkpoint, tmp_path):
+    index = checkpoint / "model.safetensors.index.json"
+    index.write_bytes(index.read_bytes() + b" " * (64 << 20))  # valid JSON, padded past the reader's 64 MB
+    hub_server.add_repo(REPO, checkpoint)
+    with hub_environment(hub_server.endpoint, tmp_path / "hf_home"):
+        with pytest.raises(KLError, match="model.safetensors.index.json: over 64 MB, far larger than any model's"):
             hub.pull(REPO, progress=False)
 
 

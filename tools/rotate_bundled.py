@@ -30,7 +30,8 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gptq_bundled import BUNDLED, TOKENIZER_FILES  # noqa: E402
 
-from klconvert.checkpoint.reader import INDEX_FILE, open_checkpoint  # noqa: E402
+from klconvert.checkpoint.folder_files import INDEX_FILE  # noqa: E402
+from klconvert.checkpoint.reader import open_checkpoint  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
 
 ROTATIONS = ("hadamard", "random-hadamard", "identity")

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_INDEX_BYTES, SINGLE_FILE
 from klconvert.checkpoint.regular_file import read_bounded
 from klconvert.checkpoint.name_map import TensorSpec, canonical_pieces, expected_tensors, sliced_shape
 from klconvert.checkpoint.quantized import QuantizedSource, dequantize, find_quantized, quant_method
@@ -18,10 +19,7 @@ from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.quant import QuantScheme
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 FLOAT_DTYPES = {"F32", "BF16", "F16"}
-MAX_INDEX_BYTES = 64 << 20  # the released index is 2 MB for 20,253 tensors
 FINITE_CHECK_ELEMENTS = 1 << 24  # checked a slice at a time: the bool temporaries stay at 16 MB
 
 

@@ -6,8 +6,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub.utils import validate_repo_id
+
 from klconvert.checkpoint.reader import Checkpoint
-from klconvert.hub import LOCAL_DIR_RECORD
+from klconvert.checkpoint.regular_file import read_bounded
+from klconvert.errors import KLError
+from klconvert.hub import COMMIT_SHA, LOCAL_DIR_RECORD
+from klconvert.verified_files import MAX_RECORD_BYTES
 
 HF_CACHE_REPO_PREFIX = "models--"  # the HF cache's models--org--name/snapshots/<commit>/ layout
 
@@ -28,11 +33,13 @@ def source_origin(folder: str | Path) -> SourceOrigin:
     """The origin recorded by `klconvert pull --local-dir` (.klconvert/pull.json), else read off an HF cache
     snapshot path, else just the folder."""
     folder = Path(folder).resolve()
-    try:
-        record = json.loads((folder / LOCAL_DIR_RECORD).read_text(encoding="utf-8"))
-        if isinstance(record.get("repo"), str) and isinstance(record.get("commit"), str):
-            return SourceOrigin(folder, record["repo"], record["commit"])
-    except (OSError, ValueError, AttributeError):
+    try:  # the record is the folder's, as untrusted as the rest of it: it is taken only when well formed
+        record = json.loads(read_bounded(folder / LOCAL_DIR_RECORD, MAX_RECORD_BYTES, "pull record").decode("utf-8"))
+        repo, commit = record["repo"], record["commit"]
+        validate_repo_id(repo)  # a ValueError unless a hub repo id: it goes into the model card's front matter
+        if COMMIT_SHA.fullmatch(commit):
+            return SourceOrigin(folder, repo, commit)
+    except (OSError, ValueError, RecursionError, KLError, KeyError, TypeError):
         pass
     storage = folder.parent.parent
     if folder.parent.name == "snapshots" and storage.name.startswith(HF_CACHE_REPO_PREFIX):

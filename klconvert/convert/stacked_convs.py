@@ -11,7 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from klconvert.checkpoint.reader import INDEX_FILE, MAX_INDEX_BYTES, open_checkpoint
+from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_INDEX_BYTES
+from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.checkpoint.regular_file import read_bounded
 from klconvert.errors import KLError
 

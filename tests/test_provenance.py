@@ -1,0 +1,43 @@
+"""source_origin takes the repo and commit for the model card from the source folder's `.klconvert/pull.json`, which
+is as untrusted as the rest of the folder: a well-formed record is taken, anything else ignored (the source is then
+named as a local folder), without a traceback, a wait on a FIFO, or a read past the record's bound."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from klconvert.convert.provenance import source_origin
+from klconvert.hub import LOCAL_DIR_RECORD
+
+REPO = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def record(folder):
+    path = folder / LOCAL_DIR_RECORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_a_well_formed_record_names_the_repo_and_commit(tmp_path):
+    record(tmp_path).write_text(json.dumps({"repo": REPO, "commit": COMMIT, "files": []}))
+    origin = source_origin(tmp_path)
+    assert (origin.folder, origin.repo, origin.commit) == (tmp_path.resolve(), REPO, COMMIT)
+
+
+@pytest.mark.parametrize("write", [
+    lambda p: p.write_text(json.dumps({"repo": f"{REPO}\nbase_model: someone/else", "commit": COMMIT})),
+    lambda p: p.write_text(json.dumps({"repo": REPO, "commit": "main"})),
+    lambda p: p.write_text(json.dumps({"repo": ["x"], "commit": COMMIT})),
+    lambda p: p.write_text(json.dumps([REPO, COMMIT])),
+    lambda p: p.write_text("[" * 100_000 + "]" * 100_000),
+    lambda p: (p.touch(), os.truncate(p, 8 << 30)),  # sparse: 8 GB that is never read whole
+    os.mkfifo,
+], ids=["a newline in the repo", "a branch for a commit", "a list for a repo", "a list for the record",
+        "nested too deeply", "huge", "a FIFO"])
+def test_anything_else_is_ignored(tmp_path, write):
+    write(record(tmp_path))
+    origin = source_origin(tmp_path)
+    assert (origin.folder, origin.repo, origin.commit) == (tmp_path.resolve(), None, None)
