@@ -10,6 +10,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.checkpoint.regular_file import read_bounded
+from klconvert.config import MAX_CONFIG_BYTES
 from klconvert.errors import KLError
 from klconvert.hub import COMMIT_SHA, LOCAL_DIR_RECORD
 from klconvert.verified_files import MAX_RECORD_BYTES
@@ -63,4 +64,5 @@ def source_fingerprint(checkpoint: Checkpoint, origin: SourceOrigin) -> dict:
         shards[shard] = {"size": (checkpoint.folder / shard).stat().st_size,
                          "header_sha256": _sha256(json.dumps(entries, sort_keys=True).encode())}
     return {"folder": str(origin.folder), "repo": origin.repo, "commit": origin.commit,
-            "config_sha256": _sha256((checkpoint.folder / "config.json").read_bytes()), "shards": shards}
+            "config_sha256": _sha256(read_bounded(checkpoint.folder / "config.json", MAX_CONFIG_BYTES, "config.json")),
+            "shards": shards}
