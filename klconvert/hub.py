@@ -176,7 +176,8 @@ def pull(
         storage = cache_dir / repo_folder_name(repo_id=repo, repo_type="model")
         record = (local_dir / VERIFIED_RECORD if local_dir is not None
                   else storage / VERIFIED_RECORD.parent / "verified" / f"{commit}.json")
-        files = _verify(folder, wanted, where, progress, VerifiedFiles(record))
+        blobs = None if local_dir is not None else storage / "blobs"
+        files = _verify(folder, wanted, where, progress, VerifiedFiles(record), blobs)
     _check_index_shards(folder, listing, wanted, where)
     if local_dir is not None and not offline:
         _write_local_dir_record(folder, repo, revision, commit, files)
@@ -342,10 +343,10 @@ def _announce(repo, revision, commit, listing: list[HubFile], wanted: list[HubFi
     )
 
 
-def _verify(folder: Path, wanted: list[HubFile], where: str, progress: bool,
-            record: VerifiedFiles) -> list[PulledFile]:
+def _verify(folder: Path, wanted: list[HubFile], where: str, progress: bool, record: VerifiedFiles,
+            blobs: Path | None) -> list[PulledFile]:
     """Check each file's size and hash against the hub's (hashing only files changed since `record` saw them);
-    remove the bad ones and raise KLError."""
+    remove the bad ones (_remove; blobs: the cache's blob folder, None in a --local-dir) and raise KLError."""
     total = sum((folder / f.path).stat().st_size for f in wanted if (folder / f.path).is_file())
     with hf_tqdm(total=total, unit="B", unit_scale=True, desc="Verifying", disable=not progress) as bar:
         with ThreadPoolExecutor(max_workers=HASH_WORKERS) as pool:
@@ -358,7 +359,7 @@ def _verify(folder: Path, wanted: list[HubFile], where: str, progress: bool,
     if problems:
         for f, (_, problem) in zip(wanted, checks):
             if problem is not None:
-                _remove(folder / f.path)
+                _remove(folder / f.path, blobs)
         raise KLError(
             f"{len(problems)} file(s) of {where} failed verification and were removed, rerun to fetch them "
             f"again: {'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}"
@@ -451,9 +452,10 @@ def _check_index_shards(folder: Path, listing: list[HubFile], wanted: list[HubFi
         )
 
 
-def _remove(path: Path) -> None:
-    """Delete a bad file; in the HF cache also the blob its snapshot link points to."""
-    if path.is_symlink():
+def _remove(path: Path, blobs: Path | None) -> None:
+    """Delete a bad file. A link goes, and what it points to only when that is a blob in `blobs` (the HF cache's,
+    which its snapshot links point to): a link a user put in a --local-dir keeps its target."""
+    if blobs is not None and path.is_symlink() and path.resolve().parent == blobs.resolve():
         path.resolve().unlink(missing_ok=True)
     path.unlink(missing_ok=True)
 

@@ -319,6 +319,19 @@ def test_wrong_sha256_in_a_local_dir_removes_the_file(served, tmp_path):
     assert not (tmp_path / "kimi" / ".klconvert" / "pull.json").exists()  # no provenance for a failed pull
 
 
+def test_a_users_link_in_a_local_dir_keeps_its_target(served, checkpoint, tmp_path):
+    """A shard the user linked into a pulled --local-dir from elsewhere that then fails verification: the link goes,
+    not the file it points to (the HF cache's own snapshot links, to its blobs, take their blob with them)."""
+    mine = tmp_path / "mine.safetensors"
+    mine.write_bytes(b"x" * (checkpoint / SHARD_2).stat().st_size)  # the published size, older than the pull
+    hub.pull(REPO, local_dir=tmp_path / "kimi", progress=False)
+    (tmp_path / "kimi" / SHARD_2).unlink()
+    (tmp_path / "kimi" / SHARD_2).symlink_to(mine)  # huggingface_hub's metadata still calls the file current
+    with pytest.raises(KLError, match=f"{SHARD_2} has sha256"):
+        hub.pull(REPO, local_dir=tmp_path / "kimi", progress=False)
+    assert not (tmp_path / "kimi" / SHARD_2).is_symlink() and mine.read_bytes() == b"x" * mine.stat().st_size
+
+
 def test_not_enough_disk_space_is_refused_before_downloading(served, monkeypatch, tmp_path):
     server, _ = served
     monkeypatch.setattr(hub, "free_disk_bytes", lambda folder: 1000)
