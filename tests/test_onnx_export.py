@@ -20,6 +20,7 @@ import torch
 import klconvert
 from klconvert.checkpoint import reader
 from klconvert.checkpoint.reader import Checkpoint
+from klconvert.errors import KLError
 from klconvert.models import bundled_dir
 from klconvert.onnx import export as export_module
 from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, MS_OPSET, export_onnx
@@ -222,6 +223,27 @@ def test_a_large_export_uses_external_data_and_dequantizes_nothing(exported, tmp
     monkeypatch.undo()
     export_onnx(quantized, out, force=True)   # --force replaces the export, external data and all
     assert not (out / DATA_FILE).exists()
+    assert torch.equal(OnnxEngine(out).forward(ids), OnnxEngine(folder).forward(ids))
+
+
+@pytest.mark.slow
+def test_a_replacing_export_that_fails_leaves_nothing_that_looks_complete(exported, tmp_path, monkeypatch):
+    quantized, folder = exported
+    out = shutil.copytree(folder, tmp_path / "onnx")
+    (out / "chat_template.jinja").write_text("{{ 'from the export being replaced' }}")
+
+    def fail(path):
+        raise RuntimeError("the checker stops here")
+
+    monkeypatch.setattr(export_module.onnx.checker, "check_model", fail)
+    with pytest.raises(RuntimeError, match="the checker stops here"):
+        export_onnx(quantized, out, force=True)
+    assert not (out / GENAI_CONFIG).exists() and not (out / "chat_template.jinja").exists()
+    with pytest.raises(KLError, match=GENAI_CONFIG):
+        OnnxEngine(out)
+    monkeypatch.undo()
+    export_onnx(quantized, out, force=True)  # what a failed run left is an export's files: --force takes it
+    ids = [PROMPT]
     assert torch.equal(OnnxEngine(out).forward(ids), OnnxEngine(folder).forward(ids))
 
 

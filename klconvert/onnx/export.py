@@ -32,6 +32,7 @@ MIN_OPSET = 18                     # ReduceMean / Split with axes and sizes as i
 DEFAULT_OPSET = MIN_OPSET
 MS_OPSET = 1                       # com.microsoft's version (MatMulNBits, QMoE)
 TOKENIZER_FILES = (BPE_FILE, CONFIG_FILE, "special_tokens_map.json", CHAT_TEMPLATE_FILE)
+EXPORT_FILES = {ONNX_FILE, DATA_FILE, GENAI_CONFIG, "config.json", *TOKENIZER_FILES}  # all an export writes
 
 
 def state_spec(config) -> list[dict]:
@@ -138,13 +139,19 @@ def _unfilled_where_packed(model: M.KimiLinear, checkpoint: Checkpoint) -> M.Kim
 
 
 def _prepare_out(out: Path, force: bool) -> None:
+    """Refuse OUT unless it is new or empty or, with `force`, holds nothing but an export's files (EXPORT_FILES: an
+    earlier export, or one a failed run left); then clear them, genai_config.json first, so that an export that
+    fails part way never leaves a folder that looks complete, nor a file of the export it replaces."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not force or not (out / GENAI_CONFIG).is_file():
+        if not force or out.is_symlink() or not out.is_dir() or any(
+                p.name not in EXPORT_FILES or p.is_symlink() or not p.is_file() for p in out.iterdir()):
             raise KLError(f"--out {out}: already exists and is not empty; choose a new folder"
-                          + (" (--force replaces only an earlier ONNX export)" if force else
-                             ", or pass --force to replace an earlier ONNX export"))
+                          + (" (--force replaces only an earlier ONNX export, a folder holding nothing else)"
+                             if force else ", or pass --force to replace an earlier ONNX export"))
     try:
         out.mkdir(parents=True, exist_ok=True)
+        for name in (GENAI_CONFIG, *sorted(EXPORT_FILES - {GENAI_CONFIG})):
+            (out / name).unlink(missing_ok=True)
         probe = out / ".klconvert-write-test"
         probe.write_bytes(b"")
         probe.unlink()
@@ -166,7 +173,6 @@ def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPS
     proto = build_graph(model, Linears(checkpoint.config, checkpoint.packed), opset)
     external = sum(len(t.raw_data) for t in proto.graph.initializer) > PROTOBUF_LIMIT
     path = out / ONNX_FILE
-    (out / DATA_FILE).unlink(missing_ok=True)
     onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
     onnx.checker.check_model(str(path))
@@ -174,5 +180,5 @@ def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPS
     for name in copied:
         shutil.copyfile(model_dir / name, out / name)
     config = genai_config(checkpoint.config, opset, external, [n for n in copied if n != "config.json"])
-    (out / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    (out / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n")  # last: the folder is complete now
     return path
