@@ -7,6 +7,7 @@ load() only the logits are bounded."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -265,6 +266,15 @@ def test_export_refuses_bad_input_in_one_line(tmp_path, capsys):
         code, _, err = run_cli(capsys, "export-onnx", *args)
         assert_one_line_error(code, err, needle)
     assert (taken / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("name", ["model.onnx", DATA_FILE])
+def test_run_with_onnxruntime_refuses_a_fifo_not_waits_on_it(exported, tmp_path, capsys, name):
+    out = shutil.copytree(exported[1], tmp_path / "onnx")
+    (out / name).unlink(missing_ok=True)  # the tiny export keeps its weights inside model.onnx: no DATA_FILE
+    os.mkfifo(out / name)
+    code, _, err = run_cli(capsys, "run", "--model", out, "--engine", "onnxruntime", "--prompt", "hi")
+    assert_one_line_error(code, err, f"{name}: onnxruntime cannot load it", "not a regular file (a FIFO")
 
 
 def test_run_with_onnxruntime_refuses_a_folder_that_is_no_export(capsys):

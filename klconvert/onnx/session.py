@@ -13,8 +13,8 @@ import torch
 
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
-from klconvert.checkpoint.regular_file import read_bounded
-from klconvert.onnx.export import GENAI_CONFIG, ONNX_FILE, state_spec
+from klconvert.checkpoint.regular_file import open_regular, read_bounded
+from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, ONNX_FILE, state_spec
 from klconvert.runtime.engine import Engine, GenerationStats
 
 State = dict[str, np.ndarray]  # past input name -> value
@@ -53,6 +53,13 @@ class OnnxEngine:
         self.states = state_spec(self.config)
         self._check_genai_config(folder / GENAI_CONFIG)
         self.device = torch.device("cpu")
+        for name in (ONNX_FILE, DATA_FILE):  # onnxruntime would wait on a FIFO as long as nothing writes to it
+            if name == ONNX_FILE or (folder / name).exists():
+                try:
+                    open_regular(folder / name).close()
+                except OSError as e:
+                    raise KLError(f"{folder / name}: onnxruntime cannot load it ({e.strerror}); export the folder "
+                                  "again") from None
         try:
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads or 0
