@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 
 import pytest
 
@@ -109,6 +110,11 @@ def test_existing_out_is_refused_and_force_replaces_it_at_the_end(tiny_released,
     assert_one_line_error(*run_cli(capsys, *args, "--force")[::2], "--force replaces only a folder klconvert wrote",
                           "holds other files")
     assert (out / "keep.txt").read_text() == "mine"
+    (out / "recipe.yaml").write_text("")
+    os.mkfifo(out / "README.md")  # where a klconvert output keeps its card: read only when a regular file
+    assert_one_line_error(*run_cli(capsys, *args, "--force")[::2], "--force replaces only a folder klconvert wrote")
+    (out / "README.md").unlink()
+    (out / "recipe.yaml").unlink()
 
     (out / "keep.txt").unlink()  # an empty folder, then a klconvert output, are replaced
     code, _, err = run_cli(capsys, *args[:3], "--group-size", "32", "--force")

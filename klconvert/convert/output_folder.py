@@ -9,6 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from klconvert.checkpoint.regular_file import open_regular
 from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.checkpoint.safetensors_writer import TORCH_TO_SAFETENSORS, PlannedTensor
 from klconvert.errors import KLError
@@ -28,9 +29,9 @@ def lock_path(out: Path) -> Path:
 def is_klconvert_output(folder: Path) -> bool:
     """Whether `folder` is a finished klconvert output: its recipe.yaml, and its model card's klconvert tag."""
     try:
-        with open(folder / "README.md", encoding="utf-8") as f:
-            card = f.read(4096)
-    except (OSError, UnicodeDecodeError):
+        with open_regular(folder / "README.md") as f:  # not a FIFO: opening one waits for a writer
+            card = f.read(4096).decode("utf-8", "ignore")
+    except OSError:
         return False
     front_matter = card.split("\n---", 1)[0] if card.startswith("---") else ""
     return (folder / "recipe.yaml").is_file() and MODEL_CARD_TAG in front_matter.splitlines()
