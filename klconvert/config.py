@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from klconvert.checkpoint.regular_file import read_bounded
-from klconvert.errors import KLError
+from klconvert.errors import KLError, unreadable_reason
 
 SUPPORTED_MODEL_TYPES = ("kimi_linear",)
 MAX_CONFIG_BYTES = 1 << 20  # the released config.json is 1.6 KB
@@ -252,6 +252,5 @@ class KimiLinearConfig:
         except json.JSONDecodeError as e:
             raise KLError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); re-download the model") from None
         except (RecursionError, ValueError) as e:  # nesting past Python's stack; an int of 4,300+ digits
-            reason = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:80]
-            raise KLError(f"{path}: not a config ({reason}); re-download the model") from None
+            raise KLError(f"{path}: not a config ({unreadable_reason(e, 80)}); re-download the model") from None
         return cls.from_dict(d, where=str(path))

@@ -42,7 +42,7 @@ from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
 from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_INDEX_BYTES
 from klconvert.checkpoint.regular_file import read_bounded
-from klconvert.errors import KLError
+from klconvert.errors import KLError, first_line, unreadable_reason
 from klconvert.verified_files import VerifiedFiles
 
 # huggingface_hub 2.x talks through httpx2, 1.x through httpx: a dropped connection surfaces as either's TransportError.
@@ -230,8 +230,8 @@ def _malformed_answers(repo: str, endpoint: str) -> Iterator[None]:
     try:
         yield
     except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as e:   # hf's own errors are OSErrors
-        raise KLError(f"{endpoint} answered for {repo} with something that is not the hub's JSON ({_reason(e)}); "
-                      "check HF_ENDPOINT, or retry later") from None
+        raise KLError(f"{endpoint} answered for {repo} with something that is not the hub's JSON "
+                      f"({unreadable_reason(e)}); check HF_ENDPOINT, or retry later") from None
 
 
 def _checked_commit(commit, repo: str, endpoint: str) -> str:
@@ -436,7 +436,7 @@ def _check_index_shards(folder: Path, listing: list[HubFile], wanted: list[HubFi
             raise ValueError("a shard name that is not a string")
         shards = set(shards)
     except (OSError, ValueError, KeyError, AttributeError, TypeError, RecursionError) as e:
-        raise KLError(f"{INDEX_FILE} of {where} is not a safetensors index ({_reason(e)}); the repo is "
+        raise KLError(f"{INDEX_FILE} of {where} is not a safetensors index ({unreadable_reason(e)}); the repo is "
                       "broken") from None
     listed = {f.path for f in listing}
     strays = sorted(shard for shard in shards if shard not in listed)
@@ -503,29 +503,23 @@ def _as_user_errors(repo: str, revision: str | None, endpoint: str, target: Path
                 f"HF_HUB_OFFLINE is set and {target} holds no complete copy of {where}: "
                 "unset HF_HUB_OFFLINE and pull once online"
             ) from e
-        raise KLError(f"cannot fetch {where} from {endpoint}: {_first_line(e)}; {RERUN}") from e
+        raise KLError(f"cannot fetch {where} from {endpoint}: {first_line(e)}; {RERUN}") from e
     except HfHubHTTPError as e:
         if e.response.status_code == 401:
             raise KLError(f"{endpoint} rejected the token for {repo}: check HF_TOKEN") from e
-        raise KLError(f"{endpoint} failed while pulling {where}: {_first_line(e)}; {RERUN}") from e
+        raise KLError(f"{endpoint} failed while pulling {where}: {first_line(e)}; {RERUN}") from e
     except TRANSPORT_ERRORS as e:
         raise KLError(
-            f"lost the connection to {endpoint} while pulling {where} ({_first_line(e)}); {RERUN}, "
+            f"lost the connection to {endpoint} while pulling {where} ({first_line(e)}); {RERUN}, "
             "or set HF_HUB_OFFLINE=1 to use a cached copy"
         ) from e
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise KLError(f"disk full while pulling {where} into {target}: free space and rerun") from e
-        raise KLError(f"pulling {where} into {target} failed: {_first_line(e)}; {RERUN}") from e
+        raise KLError(f"pulling {where} into {target} failed: {first_line(e)}; {RERUN}") from e
     except ValueError as e:   # huggingface_hub refusing what the server sent (a file size past its limits, a name)
-        raise KLError(f"{endpoint} sent something huggingface_hub refuses while pulling {where} ({_first_line(e)}); "
+        raise KLError(f"{endpoint} sent something huggingface_hub refuses while pulling {where} ({first_line(e)}); "
                       "check HF_ENDPOINT, or retry later") from None
 
 
-def _reason(error: Exception) -> str:
-    """Why a JSON answer or file could not be read, in a few words."""
-    return "nested too deeply" if isinstance(error, RecursionError) else _first_line(error)[:200]
 
-
-def _first_line(error: Exception) -> str:
-    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)

@@ -15,7 +15,7 @@ import tiktoken
 from klconvert.checkpoint.regular_file import read_bounded
 from klconvert.chat_template import render_chat_template
 from klconvert.config import SIZE_RANGES, KimiLinearConfig
-from klconvert.errors import KLError
+from klconvert.errors import KLError, unreadable_reason
 
 BPE_FILE = "tiktoken.model"
 CONFIG_FILE = "tokenizer_config.json"
@@ -106,8 +106,7 @@ def read_tokenizer_config(path: Path) -> dict:
     except json.JSONDecodeError as e:
         raise KLError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); re-download the model") from None
     except (RecursionError, ValueError) as e:  # nesting past Python's stack; an int of 4,300+ digits
-        reason = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:80]
-        raise KLError(f"{path}: not a tokenizer config ({reason}); re-download the model") from None
+        raise KLError(f"{path}: not a tokenizer config ({unreadable_reason(e, 80)}); re-download the model") from None
     if not isinstance(config, dict):
         raise KLError(f"{path}: expected a JSON object at the top level; re-download the model")
     return config

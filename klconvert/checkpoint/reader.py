@@ -16,7 +16,7 @@ from klconvert.checkpoint.quantized import QuantizedSource, dequantize, find_qua
 from klconvert.checkpoint.safetensors_header import SafetensorsHeader, read_header
 from klconvert.checkpoint.size_bounds import check_model_size
 from klconvert.config import KimiLinearConfig
-from klconvert.errors import KLError
+from klconvert.errors import KLError, unreadable_reason
 from klconvert.quant import QuantScheme
 
 FLOAT_DTYPES = {"F32", "BF16", "F16"}
@@ -96,8 +96,7 @@ class Checkpoint:
         try:
             index = json.loads(read_bounded(index_path, MAX_INDEX_BYTES, INDEX_FILE).decode("utf-8"))
         except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, or a 4,300-digit int
-            reason = "nested too deeply" if isinstance(e, RecursionError) else e
-            raise KLError(f"{index_path}: cannot read the index ({reason}); download it again") from None
+            raise KLError(f"{index_path}: cannot read the index ({unreadable_reason(e)}); download it again") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise KLError(f"{index_path}: no 'weight_map' object; the index is corrupt -- download it again")

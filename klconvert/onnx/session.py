@@ -12,7 +12,7 @@ import onnxruntime as ort
 import torch
 
 from klconvert.config import KimiLinearConfig
-from klconvert.errors import KLError
+from klconvert.errors import KLError, unreadable_reason
 from klconvert.checkpoint.regular_file import open_regular, read_bounded
 from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, ONNX_FILE, state_spec
 from klconvert.runtime.engine import Engine, GenerationStats
@@ -76,7 +76,7 @@ class OnnxEngine:
             spec = json.loads(read_bounded(path, MAX_GENAI_CONFIG_BYTES, GENAI_CONFIG).decode("utf-8"))["model"]
             agrees = spec["file"] == ONNX_FILE and spec["state"] == self.states
         except (OSError, ValueError, RecursionError, KeyError, TypeError) as e:
-            reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:120]
+            reason = unreadable_reason(e, 120)
             raise KLError(f"{path}: cannot read it ({type(e).__name__}: {reason}); export the folder again") from None
         if not agrees:
             raise KLError(f"{path}: its graph file or state tensors are not what export-onnx writes for this folder's "
