@@ -12,7 +12,7 @@ import onnxruntime as ort
 import torch
 
 from klconvert.config import KimiLinearConfig
-from klconvert.errors import KLError, unreadable_reason
+from klconvert.errors import KLError, first_line, unreadable_reason
 from klconvert.checkpoint.regular_file import open_regular, read_bounded
 from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, ONNX_FILE, state_spec
 from klconvert.runtime.engine import Engine, GenerationStats
@@ -66,7 +66,7 @@ class OnnxEngine:
             self.session = ort.InferenceSession(str(folder / ONNX_FILE), options,
                                                 providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for a missing or damaged file
-            raise KLError(f"{folder / ONNX_FILE}: onnxruntime cannot load it ({str(e).splitlines()[0]}); "
+            raise KLError(f"{folder / ONNX_FILE}: onnxruntime cannot load it ({first_line(e)}); "
                           "export the folder again") from None
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.stats = GenerationStats()
