@@ -41,7 +41,7 @@ from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
 from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_INDEX_BYTES
-from klconvert.checkpoint.regular_file import read_bounded
+from klconvert.checkpoint.regular_file import read_json
 from klconvert.errors import KLError, first_line, unreadable_reason
 from klconvert.verified_files import VerifiedFiles
 
@@ -430,7 +430,7 @@ def _check_index_shards(folder: Path, listing: list[HubFile], wanted: list[HubFi
     if INDEX_FILE not in {f.path for f in wanted}:
         return
     try:
-        index = json.loads(read_bounded(folder / INDEX_FILE, MAX_INDEX_BYTES, INDEX_FILE).decode("utf-8"))
+        index = read_json(folder / INDEX_FILE, MAX_INDEX_BYTES, INDEX_FILE)
         shards = index["weight_map"].values()
         if not all(isinstance(shard, str) for shard in shards):
             raise ValueError("a shard name that is not a string")
@@ -520,6 +520,3 @@ def _as_user_errors(repo: str, revision: str | None, endpoint: str, target: Path
     except ValueError as e:   # huggingface_hub refusing what the server sent (a file size past its limits, a name)
         raise KLError(f"{endpoint} sent something huggingface_hub refuses while pulling {where} ({first_line(e)}); "
                       "check HF_ENDPOINT, or retry later") from None
-
-
-

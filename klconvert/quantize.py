@@ -16,7 +16,7 @@ from tqdm import tqdm
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_INDEX_BYTES, SINGLE_FILE
 from klconvert.checkpoint.reader import open_checkpoint
-from klconvert.checkpoint.regular_file import read_bounded
+from klconvert.checkpoint.regular_file import read_json
 from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.checkpoint.safetensors_writer import index_json, shard_names, split_into_shards, write_shard
 from klconvert.convert.model_card import count_text, model_card, size_text
@@ -111,7 +111,7 @@ def refuse_quantized_source(src: Path) -> None:
     config.json and the index as the checkpoint's reader does -- regular files only, no further than their bounds --
     and leaves whatever it cannot read to open_checkpoint, which refuses it in its own words."""
     try:
-        config = json.loads(read_bounded(src / "config.json", MAX_CONFIG_BYTES, "config.json").decode("utf-8"))
+        config = read_json(src / "config.json", MAX_CONFIG_BYTES, "config.json")
     except (OSError, ValueError, RecursionError, KLError):  # RecursionError: JSON nested past Python's stack
         return
     quantization = config.get("quantization_config") if isinstance(config, dict) else None
@@ -121,7 +121,7 @@ def refuse_quantized_source(src: Path) -> None:
                       "quantize the original bf16 checkpoint instead")
     if (src / INDEX_FILE).exists():
         try:
-            index = json.loads(read_bounded(src / INDEX_FILE, MAX_INDEX_BYTES, INDEX_FILE).decode("utf-8"))
+            index = read_json(src / INDEX_FILE, MAX_INDEX_BYTES, INDEX_FILE)
         except (OSError, ValueError, RecursionError, KLError):
             return
         names = index.get("weight_map") if isinstance(index, dict) else None

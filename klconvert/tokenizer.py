@@ -12,7 +12,7 @@ from types import MappingProxyType
 
 import tiktoken
 
-from klconvert.checkpoint.regular_file import read_bounded
+from klconvert.checkpoint.regular_file import read_bounded, read_json
 from klconvert.chat_template import render_chat_template
 from klconvert.config import SIZE_RANGES, KimiLinearConfig
 from klconvert.errors import KLError, unreadable_reason
@@ -98,7 +98,7 @@ def read_bpe_ranks(path: Path, vocab_size: int = SIZE_RANGES["vocab_size"][1]) -
 def read_tokenizer_config(path: Path) -> dict:
     """tokenizer_config.json as a dict."""
     try:
-        config = json.loads(read_bounded(path, MAX_TOKENIZER_CONFIG_BYTES, CONFIG_FILE).decode("utf-8"))
+        config = read_json(path, MAX_TOKENIZER_CONFIG_BYTES, CONFIG_FILE)
     except FileNotFoundError:
         raise KLError(f"{path}: no {CONFIG_FILE} here; re-download the model") from None
     except (OSError, UnicodeDecodeError) as e:

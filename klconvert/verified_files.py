@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from klconvert.checkpoint.regular_file import read_bounded
+from klconvert.checkpoint.regular_file import read_json
 from klconvert.errors import KLError
 
 MAX_RECORD_BYTES = 64 << 20  # far above any real record (a few hundred bytes a file); a larger one is ignored
@@ -20,7 +20,7 @@ class VerifiedFiles:
         self.record = record
         self.entries: dict[str, dict] = {}
         try:
-            body = json.loads(read_bounded(record, MAX_RECORD_BYTES, "verified-files record").decode("utf-8"))
+            body = read_json(record, MAX_RECORD_BYTES, "verified-files record")
             self.entries = {p: e for p, e in body["files"].items() if _well_formed(e)}
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, KLError):
             self.entries = {}  # no record, or a damaged, huge or special one: everything is hashed again

@@ -1,7 +1,6 @@
 """Checkpoint: a checkpoint folder opened lazily, its index and shards checked before anything runs."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +9,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_INDEX_BYTES, SINGLE_FILE
-from klconvert.checkpoint.regular_file import read_bounded
+from klconvert.checkpoint.regular_file import read_json
 from klconvert.checkpoint.name_map import TensorSpec, canonical_pieces, expected_tensors, sliced_shape
 from klconvert.checkpoint.quantized import QuantizedSource, dequantize, find_quantized, quant_method
 from klconvert.checkpoint.safetensors_header import SafetensorsHeader, read_header
@@ -94,7 +93,7 @@ class Checkpoint:
             raise KLError(f"{self.folder}: neither {INDEX_FILE} nor {SINGLE_FILE} is here; the download is "
                           "incomplete -- pull the model again")
         try:
-            index = json.loads(read_bounded(index_path, MAX_INDEX_BYTES, INDEX_FILE).decode("utf-8"))
+            index = read_json(index_path, MAX_INDEX_BYTES, INDEX_FILE)
         except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, or a 4,300-digit int
             raise KLError(f"{index_path}: cannot read the index ({unreadable_reason(e)}); download it again") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None

@@ -4,6 +4,7 @@ no more of it than a bound."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 from pathlib import Path
@@ -32,3 +33,9 @@ def read_bounded(path: Path, max_bytes: int, what: str) -> bytes:
     if len(data) > max_bytes:
         raise KLError(f"{path}: over {max_bytes >> 20} MB, far larger than any model's {what}; re-download the model")
     return data
+
+
+def read_json(path: Path, max_bytes: int, what: str):
+    """The JSON value of a file the model folder ships, read as read_bounded reads it (bad UTF-8 and bad JSON raise
+    ValueErrors; JSON nested past Python's stack, RecursionError)."""
+    return json.loads(read_bounded(path, max_bytes, what).decode("utf-8"))

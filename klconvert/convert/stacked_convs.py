@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_INDEX_BYTES
 from klconvert.checkpoint.reader import open_checkpoint
-from klconvert.checkpoint.regular_file import read_bounded
+from klconvert.checkpoint.regular_file import read_json
 from klconvert.errors import KLError
 
 _CONV = re.compile(r"^(model\.layers\.\d+\.self_attn\.)([qkv])_conv1d\.weight$")
@@ -31,8 +31,7 @@ def stack_kda_convs(folder: str | Path) -> int:
     folder = Path(folder)
     weight_map = {name: shard for shard, header in open_checkpoint(folder).headers.items() for name in header.tensors}
     index_path = folder / INDEX_FILE
-    index = json.loads(read_bounded(index_path, MAX_INDEX_BYTES, INDEX_FILE).decode("utf-8")) \
-        if index_path.is_file() else None
+    index = read_json(index_path, MAX_INDEX_BYTES, INDEX_FILE) if index_path.is_file() else None
     layers: dict[str, dict[str, str]] = {}
     for name, shard in weight_map.items():
         m = _CONV.match(name)

@@ -3,7 +3,6 @@
 shares the runtime engine's sampling, stop handling and statistics (runtime/engine.py Engine.decode_loop)."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError, first_line, unreadable_reason
-from klconvert.checkpoint.regular_file import open_regular, read_bounded
+from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, ONNX_FILE, state_spec
 from klconvert.runtime.engine import Engine, GenerationStats
 
@@ -73,7 +72,7 @@ class OnnxEngine:
 
     def _check_genai_config(self, path: Path) -> None:
         try:
-            spec = json.loads(read_bounded(path, MAX_GENAI_CONFIG_BYTES, GENAI_CONFIG).decode("utf-8"))["model"]
+            spec = read_json(path, MAX_GENAI_CONFIG_BYTES, GENAI_CONFIG)["model"]
             agrees = spec["file"] == ONNX_FILE and spec["state"] == self.states
         except (OSError, ValueError, RecursionError, KeyError, TypeError) as e:
             reason = unreadable_reason(e, 120)
