@@ -176,14 +176,22 @@ def test_a_different_max_shard_size_does_not_resume_without_force(tiny_released,
     assert max(sum(e.nbytes for e in h.tensors.values()) for h in packed) > 150_000  # written at the new size
 
 
-@pytest.mark.parametrize("record", [None, "[" * 100_000])   # no record; one nested past Python's stack
+# no record; one nested past Python's stack; a FIFO (waited on forever if opened blocking); one past the bound (read
+# no further than it: a sparse file of 4 GB)
+@pytest.mark.parametrize("record", [None, "[" * 100_000, "fifo", "huge"])
 def test_force_leaves_a_partial_folder_klconvert_did_not_write(tiny_released, tmp_path, record):
     """OUT.partial without a readable resume record is someone else's: refused with --force too, left as it was."""
     partial = tmp_path / "q.partial"
     partial.mkdir()
     (partial / "notes.txt").write_text("mine")
-    if record is not None:
-        (partial / ".klconvert-resume.json").write_text(record)
+    path = partial / ".klconvert-resume.json"
+    if record == "fifo":
+        os.mkfifo(path)
+    elif record == "huge":
+        with open(path, "wb") as f:
+            f.truncate(4 << 30)
+    elif record is not None:
+        path.write_text(record)
     for force in (False, True):
         with pytest.raises(KLError, match=r"q\.partial: exists but holds no readable \.klconvert-resume\.json, so it "
                                           r"is not an interrupted klconvert run; move or delete it yourself"):

@@ -9,12 +9,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from klconvert.checkpoint.regular_file import open_regular
+from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.checkpoint.safetensors_writer import TORCH_TO_SAFETENSORS, PlannedTensor
 from klconvert.errors import KLError
 
 RESUME_RECORD = ".klconvert-resume.json"  # what the partial folder is for: source fingerprint and options
+MAX_RESUME_RECORD_BYTES = 16 << 20  # a record holds ~150 bytes a shard: past this it is not one of ours
 MODEL_CARD_TAG = "- klconvert"  # a tag line in the front matter of the README.md every klconvert output has
 
 
@@ -161,9 +162,9 @@ class OutputFolder:
         return False
 
     def _stored_record(self) -> dict | None:
-        try:
-            return json.loads((self.path / RESUME_RECORD).read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError):   # RecursionError: JSON nested past Python's stack
+        try:   # a regular file, bounded: OUT.partial may hold anything, a FIFO or /dev/zero under that name too
+            return read_json(self.path / RESUME_RECORD, MAX_RESUME_RECORD_BYTES, RESUME_RECORD)
+        except (OSError, ValueError, RecursionError, KLError):   # RecursionError: JSON nested past Python's stack
             return None
 
     def remove(self) -> None:
