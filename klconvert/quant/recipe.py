@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from klconvert.checkpoint.regular_file import open_regular
 from klconvert.errors import KLError
 from klconvert.quant.policy import Entry, Group, Policy
 from klconvert.quant.scheme import NF4_BLOCKSIZE, QuantScheme
@@ -182,7 +183,7 @@ def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and parse a recipe file (see parse_recipe)."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:   # a FIFO's open would wait for a writer
             data = f.read(MAX_RECIPE_BYTES + 1)
         if len(data) > MAX_RECIPE_BYTES:
             raise KLError(f"{path}: over {MAX_RECIPE_BYTES >> 10} KiB, far larger than a recipe; check the --recipe "

@@ -1,4 +1,5 @@
 """Recipes (parsing, each error with its line) and policy decisions on the real Kimi Linear tensor list."""
+import os
 import textwrap
 
 import pytest
@@ -299,6 +300,9 @@ def test_yaml_syntax_and_structure_errors(tmp_path):
     assert msg.startswith("bad.yaml:4: unknown key 'scheme' in QuantizationModifier"), msg
     with pytest.raises(KLError, match="no such recipe file"):
         load_recipe(tmp_path / "missing.yaml")
+    os.mkfifo(tmp_path / "fifo.yaml")   # refused, not waited on
+    with pytest.raises(KLError, match=r"fifo\.yaml: cannot read the recipe \(.*not a regular file"):
+        load_recipe(tmp_path / "fifo.yaml")
     with pytest.raises(KLError, match="group_1 is nf4 but others are integer"):
         parse_recipe(HEAD + groups("""\
             group_0:
