@@ -76,9 +76,15 @@ def test_a_recipe_nested_too_deeply(capsys, tmp_path):
 
 
 def test_a_recipe_that_is_not_one_is_refused_unread(capsys, tmp_path):
-    """/dev/zero (or any huge file) is refused after a bounded read; NaN and Inf are not sizes."""
+    """/dev/zero is refused unopened (not a regular file), a huge file after a bounded read; NaN and Inf are not
+    sizes."""
     assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--recipe", "/dev/zero")[::2],
-                          "/dev/zero: over 1024 KiB, far larger than a recipe")
+                          "/dev/zero: cannot read the recipe", "not a regular file")
+    huge = tmp_path / "huge.yaml"
+    with open(huge, "wb") as f:
+        f.truncate(4 << 30)   # sparse: read whole, 4 GB
+    assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--recipe", huge)[::2],
+                          "huge.yaml: over 1024 KiB, far larger than a recipe")
     base = (Path(__file__).parents[1] / "recipes" / "48gb.yaml").read_text()
     for value in (".nan", ".inf", "-.inf"):
         recipe = tmp_path / "r.yaml"
