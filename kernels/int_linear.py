@@ -372,10 +372,14 @@ def _sum_partials(ws_ptrs, mask, N_SPLIT: tl.constexpr, split_stride):
 
 
 @triton.jit
-def _store_or_reduce(out, y_ptrs, ws_ptrs, mask, locks, pid_n, pid_k, split_stride, SPLIT_K: tl.constexpr):
-    """Store out [BM, BN], or park it as split pid_k and let the last split to arrive store the sum."""
+def _store_or_reduce(out, y_ptrs, ws_ptrs, mask, locks, pid_n, pid_k, split_stride, SPLIT_K: tl.constexpr,
+                     PARK: tl.constexpr = False):
+    """Store out [BM, BN], or park it as split pid_k and let the last split to arrive store the sum (PARK: leave
+    the sum to a later launch)."""
     if SPLIT_K == 1:
         tl.store(y_ptrs, out.to(y_ptrs.dtype.element_ty), mask=mask)
+    elif PARK:
+        tl.store(ws_ptrs + pid_k * split_stride, out, mask=mask)
     else:
         tl.store(ws_ptrs + pid_k * split_stride, out, mask=mask)
         if _arrive(locks + pid_n, 1, SPLIT_K):
@@ -460,12 +464,13 @@ def int_mma_fwd_kernel(x, w, s, z, y, ws, locks, wd, M, N, n_dense, n_blocks, n_
                        tiles_per_split, stride_xm, stride_ym, BITS: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr,
                        ASYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
                        SPLIT_K: tl.constexpr, FAST: tl.constexpr, WA: tl.constexpr, PDL: tl.constexpr,
-                       PREFETCH: tl.constexpr, DENSE: tl.constexpr):
+                       PREFETCH: tl.constexpr, DENSE: tl.constexpr, PARK: tl.constexpr = False):
     """Tensor-core tiles [BM, BN] (computed as [BN, BM] with the weights as the A operand when WA); SPLIT_K > 1
     (one row block only) splits the k-tiles over grid dim 1. DENSE (one row block only): the programs past the
     packed weight's n_blocks column tiles multiply x by the 16-bit weight wd [n_dense, K] into y's columns N ..
     N + n_dense (a projection group's unquantized members, in the same launch). PREFETCH (with PDL): each program
-    pulls its weights into L2 before the wait."""
+    pulls its weights into L2 before the wait. PARK (SPLIT_K > 1): each split's partial stays in ws, summed by the
+    next launch instead of by the last split to arrive."""
     pid_k = tl.program_id(1)
     t0 = pid_k * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
@@ -519,7 +524,7 @@ def int_mma_fwd_kernel(x, w, s, z, y, ws, locks, wd, M, N, n_dense, n_blocks, n_
         acc = tl.trans(acc)
     _store_or_reduce(acc, y + offs_m[:, None].to(tl.int64) * stride_ym + col[None, :],
                      ws + offs_m[:, None] * cols + col[None, :], mask_m[:, None] & mask_c[None, :], locks, lock, pid_k,
-                     M * cols, SPLIT_K)
+                     M * cols, SPLIT_K, PARK)
 
 
 @triton.jit
@@ -654,7 +659,7 @@ def fast_unpack(bits: int, device: torch.device) -> bool:
 
 
 def int_mma_fwd(x, packed: PackedLinear, y, *, block_m=None, block_n=None, split_k=None, num_warps=None, num_stages=3,
-                fast=None, weights_as_a=None, dense=None, locks=None, prefetch=None):
+                fast=None, weights_as_a=None, dense=None, locks=None, prefetch=None, park=False):
     """Tensor-core path: x [M, K] (bf16/fp16; fp32 is rounded to bf16), y [M, N], tiles of block_m (16 to 64 by M)
     x block_n; block_n and num_warps default to MMA_DECODE_LAUNCH for M <= MMA_M on a small int4 weight, else 64
     and 4.
@@ -664,7 +669,9 @@ def int_mma_fwd(x, packed: PackedLinear, y, *, block_m=None, block_n=None, split
     a 16-bit weight [n_dense, K] computed in the same launch into y's last n_dense columns (y [M, N + n_dense]);
     its split-K counters come after the packed ones in `locks` (dense_locks(packed, n_dense)). prefetch (with PDL;
     default: while the weights fit in half the L2, pdl.prefetch_fits): each program pulls its weights into L2 before
-    it waits for its inputs."""
+    it waits for its inputs. park (one row block, no dense tail): where the launch splits k, return its fp32
+    partials [splits, M, N] unsummed, for a later launch to add in split order (sum_parked gives the y this would
+    have written); else y as usual."""
     M = x.shape[0]
     x = x if x.dtype in (torch.bfloat16, torch.float16) else x.to(torch.bfloat16)
     block_m = block_m or max(MMA_M, min(MMA_BLOCK_M, triton.next_power_of_2(M)))
@@ -683,6 +690,8 @@ def int_mma_fwd(x, packed: PackedLinear, y, *, block_m=None, block_n=None, split
                          f"contiguous [n, {packed.k}] weight, y of {packed.n} + n columns (here {y.shape[1]}) and "
                          f"dense_locks (here {locks is not None})")
     per_split, split = _split(n_tiles, n_blocks + dense_blocks, split_k if num_m == 1 else 1, x.device)
+    if park and (num_m > 1 or dense is not None):
+        raise ValueError(f"int_mma_fwd: park takes one row block (here {num_m}) and no dense tail")
     ws = torch.empty((split, M, packed.n + n_dense), device=x.device, dtype=torch.float32) if split > 1 else y
     pdl = use_pdl(x.device) and num_m == 1  # decode-sized x: every row block would prefetch the same weights again
     if prefetch is None:
@@ -694,8 +703,18 @@ def int_mma_fwd(x, packed: PackedLinear, y, *, block_m=None, block_n=None, split
         ROWS=ROWS, ASYM=packed.zeros is not None, BM=block_m, BN=block_n, GROUP_M=8, SPLIT_K=split,
         FAST=fast_unpack(packed.bits, x.device) if fast is None else fast,
         WA=block_m == MMA_M if weights_as_a is None else weights_as_a, PDL=pdl, PREFETCH=pdl and prefetch,
-        DENSE=dense is not None, launch_pdl=pdl, num_warps=num_warps, num_stages=num_stages)
-    return y
+        DENSE=dense is not None, PARK=park and split > 1, launch_pdl=pdl, num_warps=num_warps,
+        num_stages=num_stages)
+    return ws if park and split > 1 else y
+
+
+def sum_parked(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int_mma_fwd's parked partials [splits, M, N] fp32 summed as its last split sums them (in split order, fp32)
+    and rounded to `dtype`: the y it would have written, bit for bit."""
+    total = parts[0].clone()
+    for part in parts[1:]:
+        total += part
+    return total.to(dtype)
 
 
 def dense_locks(packed: PackedLinear, n_dense: int) -> torch.Tensor:

@@ -48,11 +48,24 @@ def _top_k(logits_ptrs, bias, ids, wts, row, E, scaling, K: tl.constexpr, BK: tl
 
 
 @triton.jit
+def _residual(ptrs, mask, PARTS: tl.constexpr, part_stride, DT: tl.constexpr):
+    """The residual's values at ptrs in fp32: loaded as they are (PARTS 0), or the sum of PARTS fp32 partials
+    part_stride apart, added in order and rounded to DT (what the projection that parked them would have
+    written: int_linear.sum_parked)."""
+    if PARTS == 0:
+        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    total = tl.load(ptrs, mask=mask, other=0.0)
+    for i in tl.static_range(1, PARTS):
+        total += tl.load(ptrs + i * part_stride, mask=mask, other=0.0)
+    return total.to(DT).to(tl.float32)
+
+
+@triton.jit
 def moe_router_fwd_kernel(x, w, bias, logits, locks, ids, wts, E, scaling, stride_x, r, gamma, x_out, h_out, eps,
                           stride_r, h_sums, D: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr,
                           BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, RENORM: tl.constexpr, BIASED: tl.constexpr,
                           NORM: tl.constexpr, SLICE: tl.constexpr, SUMS: tl.constexpr, PDL: tl.constexpr,
-                          TILE: tl.constexpr):
+                          TILE: tl.constexpr, PARTS: tl.constexpr = 0, part_stride=0):
     """One (expert block, token) per program: logits[token, block] = x[token] . w[block] in fp32 (the loop over D
     unrolled, so every load is in flight at once); the last program of the token to arrive routes it and re-arms
     the token's lock (to 0).
@@ -61,7 +74,8 @@ def moe_router_fwd_kernel(x, w, bias, logits, locks, ids, wts, E, scaling, strid
     norm's reduction beside the weight loads instead of before them); each program also writes its SLICE of the
     token's s (x_out) and h (h_out, in x's dtype, what the experts read); SUMS: and the sums of h as rounded over
     each TILE inputs of its slice (h_sums [N, D / TILE] fp32: the fused MoE's RAW unpack takes them, TILE its
-    k-tile)."""
+    k-tile). PARTS > 0: r is a projection's parked split-K partials, PARTS of them part_stride apart (_residual).
+    """
     pid_e = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -77,7 +91,7 @@ def moe_router_fwd_kernel(x, w, bias, logits, locks, ids, wts, E, scaling, strid
         mask_d = offs_d < D
         xv = tl.load(x + row * stride_x + offs_d, mask=mask_d, other=0.0)
         if NORM:
-            sv = (xv.to(tl.float32) + tl.load(r + row * stride_r + offs_d, mask=mask_d, other=0.0).to(tl.float32))
+            sv = xv.to(tl.float32) + _residual(r + row * stride_r + offs_d, mask_d, PARTS, part_stride, xv.dtype)
             sv = sv.to(xv.dtype).to(tl.float32)  # the residual stream is kept in its dtype
             ss += sv * sv
             xv = sv * tl.load(gamma + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -93,7 +107,7 @@ def moe_router_fwd_kernel(x, w, bias, logits, locks, ids, wts, E, scaling, strid
         offs_s = pid_e * SLICE + tl.arange(0, SLICE)
         mask_s = offs_s < D
         xs = tl.load(x + row * stride_x + offs_s, mask=mask_s, other=0.0)
-        sv = (xs.to(tl.float32) + tl.load(r + row * stride_r + offs_s, mask=mask_s, other=0.0).to(tl.float32))
+        sv = xs.to(tl.float32) + _residual(r + row * stride_r + offs_s, mask_s, PARTS, part_stride, xs.dtype)
         sv = sv.to(xs.dtype)
         tl.store(x_out + row * D + offs_s, sv, mask=mask_s)
         hv = (sv.to(tl.float32) * rstd * tl.load(gamma + offs_s, mask=mask_s, other=0.0).to(tl.float32)).to(xs.dtype)
@@ -157,10 +171,14 @@ def moe_add_norm_router(x: torch.Tensor, residual: torch.Tensor, norm_weight: to
     rms_norm.add_rms_norm gives them; then the expert ids and weights of moe_router(h, ...)). The logits are
     rstd * ((s * norm_weight) . w) in fp32: h's rounding to 16 bits does not enter them. h_sums (fp32 [N, D / KT]):
     filled with the sums of h, as rounded, over each k-tile of KT inputs (the fused MoE's x_sums); D a multiple of
-    KT."""
-    if residual.shape != x.shape or residual.dtype != x.dtype or norm_weight.shape != (x.shape[-1],):
+    KT. residual may also be a projection's parked split-K partials, fp32 [splits, N, D] (int_mma_fwd(park=True)):
+    added up here, in split order and rounded to x's dtype, as the projection would have."""
+    parked = residual.dim() == 3
+    if (residual.shape[parked:] != x.shape or residual.dtype != (torch.float32 if parked else x.dtype)
+            or norm_weight.shape != (x.shape[-1],)):
         raise ValueError(f"moe_add_norm_router: x {x.dtype} {list(x.shape)}, residual {residual.dtype} "
-                         f"{list(residual.shape)}, norm weight {list(norm_weight.shape)}")
+                         f"{list(residual.shape)} (x's shape and dtype, or fp32 [splits, *x.shape] parked), norm "
+                         f"weight {list(norm_weight.shape)}")
     if h_sums is not None and (x.shape[-1] % KT or tuple(h_sums.shape) != (x.shape[0], x.shape[-1] // KT)
                                or h_sums.dtype != torch.float32 or not h_sums.is_contiguous()):
         raise ValueError(f"moe_add_norm_router: h_sums {h_sums.dtype} {list(h_sums.shape)} for x {list(x.shape)}: "
@@ -185,15 +203,16 @@ def _router(x, residual, norm_weight, eps, weight, bias, k, scaling, locks, reno
     h = torch.empty_like(summed) if norm else None
     if N:
         r = residual if not norm or residual.stride(-1) == 1 else residual.contiguous()
+        parts = r.shape[0] if norm and r.dim() == 3 else 0
         pdl = use_pdl(x.device)
         programs = triton.cdiv(E, block_e)
         sums = h_sums is not None
         moe_router_fwd_kernel[(programs, N)](
             x, weight, bias, logits, locks, ids, wts, E, scaling, x.stride(0), r if norm else x,
-            norm_weight if norm else x, summed if norm else x, h if norm else x, eps, r.stride(0) if norm else 0,
+            norm_weight if norm else x, summed if norm else x, h if norm else x, eps, r.stride(-2) if norm else 0,
             h_sums if sums else logits, D=D, K=k, BK=triton.next_power_of_2(k), BE=triton.next_power_of_2(E),
             BLOCK_E=block_e, BLOCK_D=block_d, RENORM=renormalize, BIASED=biased_weights, NORM=norm,
             SLICE=KT * triton.next_power_of_2(triton.cdiv(D, programs * KT)) if sums else
             max(16, triton.next_power_of_2(triton.cdiv(D, programs))), SUMS=sums, PDL=pdl, TILE=KT,
-            launch_pdl=pdl, num_warps=num_warps)
+            PARTS=parts, part_stride=r.stride(0) if parts else 0, launch_pdl=pdl, num_warps=num_warps)
     return summed, h, ids, wts

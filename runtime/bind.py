@@ -204,7 +204,20 @@ def _swap_fused(model: M.KimiLinear, latent_kernel: bool) -> None:
             FusedNormMoE.adopt(module)
         elif isinstance(module, M.Experts) and device.type == "cuda":   # dense experts: no host sync at decode
             DeviceExperts.adopt(module)
+    _park_o_proj(model)
     _prefetch_ahead(model)
+
+
+def _park_o_proj(model: M.KimiLinear) -> None:
+    """An MoE block's packed o_proj leaves its split-K partials to the fused router's launch, which adds them up
+    beside the residual add (PackedIntLinear.park, at one token): the o_proj launch skips its arrival and
+    last-split sum. On an H200 a graph of o_proj -> norm + router pairs at the 48B's shapes, one token: 10.8 -> 10.1
+    us a pair (BENCHMARKS.md, twenty-second decode round)."""
+    from klconvert.runtime.kernel_modules import FusedNormMoE, PackedIntLinear
+
+    for block in model.blocks:
+        if type(block.ffn) is FusedNormMoE and isinstance(block.self_attn.o_proj, PackedIntLinear):
+            block.self_attn.o_proj.park = True
 
 
 def _projection_weight(module: nn.Module) -> torch.Tensor | None:

@@ -10,7 +10,7 @@ from torch import nn
 from klconvert.kernels.attention_merge import merge_attention_
 from klconvert.kernels.fused_moe import PackedExperts, fused_moe, takes_x_sums
 from klconvert.kernels.int_linear import (KT, MMA_BLOCK_M, PackedLinear, dense_locks, int_linear, int_mma_fwd,
-                                         linear_kernel)
+                                         linear_kernel, sum_parked)
 from klconvert.kernels.kda_chunk import kda_chunk, kda_prefill_conv
 from klconvert.kernels.kda_decode import kda_layer_step
 from klconvert.kernels.mla_cache import mla_write_rows
@@ -22,13 +22,27 @@ from klconvert.runtime import model as M
 
 class PackedIntLinear(nn.Module):
     """y = x W^T with W held packed (int4/int8 groups); one kernel for a whole ParallelLinear group, whose rows
-    are stacked in the group's order."""
+    are stacked in the group's order.
+    park (bind sets it on an MoE block's o_proj, whose sum the fused router's launch can finish): a decode step's
+    input [B, K], B <= PARK_MAX_TOKENS, on the tensor-core kernel then gets that launch's split-K partials, fp32
+    [splits, B, N], unsummed (int_mma_fwd(park=True)) -- the launch skips its arrival and last-split sum;
+    FusedNormMoE hands them on. Each of the router launch's programs reads its token's partials whole, so the
+    bound: on an H200 (27 layers, 4K, `klconvert bench --preset kimi-linear-48b --batch 1,16 --spread-routing`,
+    BENCHMARKS.md twenty-second decode round) one token 1.701 / 1.705 -> 1.685 / 1.683 ms a step, 16 tokens 5.671 /
+    5.673 -> 5.726 / 5.726 (1,024 router programs each reading 74 KB of partials); 2 to 15 not measured."""
+
+    PARK_MAX_TOKENS = 1
 
     def __init__(self, packed: PackedLinear):
         super().__init__()
         self.packed = packed
+        self.park = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.park and x.dim() == 2 and x.shape[0] <= self.PARK_MAX_TOKENS and not M.hooked(self)
+                and linear_kernel(x.shape[0], self.packed, x.dtype) == "mma"):
+            return int_mma_fwd(x if x.stride(-1) == 1 else x.contiguous(), self.packed,
+                               x.new_empty(x.shape[0], self.packed.n), park=True)
         return int_linear(x, self.packed)
 
 
@@ -143,9 +157,11 @@ class FusedNormMoE(M.MoE):
             moe.__class__ = cls
 
     def decode(self, norm: nn.Module, x: torch.Tensor, branch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """branch: the mixer's output, or its o_proj's parked partials [splits, B, D] (PackedIntLinear.park), which
+        the router's launch adds up."""
         g = self.gate  # a FusedRouter, or what wraps one keeping its add_norm_route (klconvert bench's routing)
         if not hasattr(g, "add_norm_route") or M.hooked(g) or x.shape[0] > g.FUSED_ROUTER_TOKENS:
-            return super().decode(norm, x, branch)
+            return super().decode(norm, x, sum_parked(branch, x.dtype) if branch.dim() > x.dim() else branch)
         experts = self.experts
         sums = experts.sums_buffer(x) if isinstance(experts, FusedExperts) else None  # for the experts' RAW unpack
         x, h, ids, weights = g.add_norm_route(norm, x, branch, sums)

@@ -13,7 +13,7 @@ import klconvert
 from calm_checkpoint import calm_copy
 from klconvert.quantize import quantize
 from klconvert.synth.checkpoint import synth
-from klconvert.kernels.int_linear import MMA_BLOCK_M, repack_int_weight
+from klconvert.kernels.int_linear import MMA_BLOCK_M, repack_int_weight, sum_parked
 from klconvert.runtime import kernel_modules
 from klconvert.runtime.kernel_modules import (FlaKDAChunk, FusedExperts, FusedKDAStep, FusedNormMoE, FusedRouter,
                                               PackedDenseLinear, PackedIntLinear, SharedInStack, TritonKDAChunk)
@@ -198,6 +198,38 @@ def test_the_moe_folds_its_norm_into_the_router_unless_the_router_is_watched(qua
     assert folded == [1] and len(seen) == 1
     assert torch.equal(fused[0], watched[0])                                 # the residual stream, x + branch
     assert rel_error(fused[1], watched[1]) < TOLERANCE
+
+
+def test_an_moe_blocks_o_proj_leaves_its_sum_to_the_router(quantized):
+    """bind parks the packed o_proj of each MoE block, not the dense block's. A parked projection at decode (in
+    16 bits, up to PARK_MAX_TOKENS tokens, where its launch splits k: the tiny model's o_proj is one k-tile, so a
+    4-tile one here) returns its split-K partials unsummed; the MoE block then gives what it gives their sum, bit
+    for bit, adding them up in the router's launch -- or, with the router watched, summing them as the projection
+    would have."""
+    engine = klconvert.load(quantized, device=DEVICE, dtype=torch.bfloat16, max_context=64, kernels="triton")
+    blocks = engine.model.blocks
+    assert [b.self_attn.o_proj.park for b in blocks] == [False] + [True] * (len(blocks) - 1)
+    D = engine.config.hidden_size
+    words = torch.randint(-2**31, 2**31 - 1, (D, 512 // 8), dtype=torch.int32, device=DEVICE)
+    proj = PackedIntLinear(repack_int_weight(words, torch.rand(D, 4, device=DEVICE).to(torch.bfloat16) * 0.001, None,
+                                             (D, 512), 4, 128))
+    o = torch.randn(2, 512, device=DEVICE, dtype=torch.bfloat16)
+    summed = proj(o)
+    proj.park = True
+    assert torch.equal(proj(o), summed) and proj(o[None]).shape == (1, 2, D)   # past PARK_MAX_TOKENS, or prefill
+    proj.PARK_MAX_TOKENS = 2
+    parked = proj(o)
+    assert parked.dtype == torch.float32 and parked.shape[1:] == (2, D) and parked.shape[0] > 1
+    assert torch.equal(sum_parked(parked, o.dtype), summed)
+    block = blocks[1]
+    x = torch.randn(2, D, device=DEVICE, dtype=torch.bfloat16)
+    together = block.ffn.decode(block.post_attention_layernorm, x, parked)
+    apart = block.ffn.decode(block.post_attention_layernorm, x, summed)
+    assert all(torch.equal(a, b) for a, b in zip(together, apart))
+    hook = block.ffn.gate.register_forward_hook(lambda m, a, r: None)          # watched: the reference decode
+    watched = block.ffn.decode(block.post_attention_layernorm, x, parked)
+    hook.remove()
+    assert torch.equal(watched[0], together[0]) and rel_error(watched[1], together[1]) < TOLERANCE
 
 
 def test_the_fused_router_hands_the_experts_h_k_tile_sums(quantized, monkeypatch):

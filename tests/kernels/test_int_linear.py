@@ -9,7 +9,7 @@ from klconvert.kernels import int_linear as int_linear_module
 from klconvert.kernels.int_linear import (CROSSOVER, FMA_MAX_M, GEMM_LAUNCH, KT, LARGE_WEIGHT, MMA_BLOCK_M,
                                           dense_locks, dequantize_rows, gemm_launch, int_dequant_mm, int_gemm_fwd,
                                           int_gemv_fwd, int_linear, int_mma_fwd, linear_kernel, repack_int_weight,
-                                          unpack_words)
+                                          sum_parked, unpack_words)
 from klconvert.kernels.naive_int_linear import dequantize_int_weight
 
 # bound on RMS error relative to the fp32 twin, by output dtype (bf16/fp16 outputs are rounded once)
@@ -176,6 +176,28 @@ def test_mma_with_a_dense_tail(bits, symmetric, group, n, k, launch):
         int_mma_fwd(x, packed, poisoned(MMA_BLOCK_M + 1, n + 40, dtype=x.dtype), dense=dense, locks=locks)
     with pytest.raises(ValueError, match=f"y of {n} \\+ n columns \\(here {n}\\)"):
         int_mma_fwd(x[:1], packed, poisoned(1, n, dtype=x.dtype), dense=dense, locks=locks)
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("bits, symmetric, group, n, k", CASES[:2])
+def test_mma_parks_its_split_partials(bits, symmetric, group, n, k, split_k):
+    """park=True: a launch that splits k returns its fp32 partials [splits, M, N] unsummed (3 asked of 3 or 4
+    k-tiles: 3 or 2 splits), whose sum in split order (sum_parked) is what the same launch writes unparked, bit for
+    bit, and leaves its counters untouched; unsplit it writes y as ever."""
+    _, packed = packed_linear(bits, symmetric, group, n, k)
+    for m in (1, 5):
+        x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+        y = int_mma_fwd(x, packed, poisoned(m, n, dtype=x.dtype), split_k=split_k)
+        parked = int_mma_fwd(x, packed, poisoned(m, n, dtype=x.dtype), split_k=split_k, park=True)
+        if split_k == 1:
+            assert torch.equal(parked, y)
+        else:
+            assert parked.shape[1:] == (m, n) and parked.shape[0] > 1 and parked.dtype == torch.float32
+            assert torch.equal(sum_parked(parked, x.dtype), y)
+    assert int(packed.locks.abs().sum()) == 0
+    with pytest.raises(ValueError, match="park takes one row block"):
+        x = torch.randn(MMA_BLOCK_M + 1, k, device=DEVICE, dtype=torch.bfloat16)
+        int_mma_fwd(x, packed, poisoned(MMA_BLOCK_M + 1, n, dtype=x.dtype), park=True)
 
 
 def test_rejects_bad_group():

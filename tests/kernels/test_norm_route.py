@@ -3,6 +3,7 @@ import pytest
 import torch
 from helpers import DEVICE, GPU, assert_close, poisoned
 
+from klconvert.kernels.int_linear import sum_parked
 from klconvert.kernels.moe_route import moe_add_norm_router, moe_route, moe_router, moe_router_locks
 from klconvert.kernels.naive_moe_route import naive_moe_add_norm_router, naive_moe_route, naive_moe_router
 from klconvert.kernels.naive_rms_norm import naive_add_rms_norm
@@ -90,6 +91,24 @@ def test_moe_add_norm_router_writes_h_k_tile_sums(E, D, block_e):
     assert_close(sums, h.float().view(3, -1, 128).sum(-1), 1e-6, "h sums")
     with pytest.raises(ValueError, match="h_sums"):
         moe_add_norm_router(x, r, gamma, 1e-6, w, bias, 4, 2.446, moe_router_locks(4, DEVICE), h_sums=sums[:, :1])
+
+
+@pytest.mark.parametrize("N, E, D, parts", [(1, 16, 384, 3), (3, 37, 256, 8), (2, 256, 2304, 1)])
+def test_moe_add_norm_router_adds_up_a_parked_residual(N, E, D, parts):
+    """The residual as a projection's parked split-K partials, fp32 [parts, N, D]: the same launch gives what it
+    gives the partials' sum in split order, rounded to x's dtype (sum_parked), bit for bit; h sums too."""
+    x = torch.randn(N, D, device=DEVICE).to(torch.bfloat16) * 4
+    partials = torch.randn(parts, N, D, device=DEVICE) / parts ** 0.5
+    gamma = torch.rand(D, device=DEVICE) + 0.5
+    w, bias = torch.randn(E, D, device=DEVICE) / D ** 0.5 * 3, torch.randn(E, device=DEVICE) * 0.1
+    sums, ref_sums = (torch.full((N, D // 128), float("nan"), device=DEVICE) for _ in range(2))
+    got = moe_add_norm_router(x, partials, gamma, 1e-6, w, bias, 4, 2.446, moe_router_locks(4, DEVICE), block_e=4,
+                              h_sums=sums)
+    want = moe_add_norm_router(x, sum_parked(partials, x.dtype), gamma, 1e-6, w, bias, 4, 2.446,
+                               moe_router_locks(4, DEVICE), block_e=4, h_sums=ref_sums)
+    assert all(torch.equal(a, b) for a, b in zip(got, want)) and torch.equal(sums, ref_sums)
+    with pytest.raises(ValueError, match="parked"):
+        moe_add_norm_router(x, partials.to(x.dtype), gamma, 1e-6, w, bias, 4, 2.446, moe_router_locks(4, DEVICE))
 
 
 def test_moe_route_ties_go_to_the_lowest_ids():
