@@ -178,8 +178,9 @@ def test_mma_with_a_dense_tail(bits, symmetric, group, n, k, launch):
         int_mma_fwd(x[:1], packed, poisoned(1, n, dtype=x.dtype), dense=dense, locks=locks)
 
 
-@pytest.mark.parametrize("split_k", [1, 3])
-@pytest.mark.parametrize("bits, symmetric, group, n, k", CASES[:2])
+@pytest.mark.parametrize("bits, symmetric, group, n, k, split_k",
+                         [case + (split,) for case in CASES[:2] for split in (1, 3)]
+                         + [pytest.param(4, True, 128, 2304, 4096, None, marks=GPU)])   # the 48B's o_proj, its split
 def test_mma_parks_its_split_partials(bits, symmetric, group, n, k, split_k):
     """park=True: a launch that splits k returns its fp32 partials [splits, M, N] unsummed (3 asked of 3 or 4
     k-tiles: 3 or 2 splits), whose sum in split order (sum_parked) is what the same launch writes unparked, bit for

@@ -93,7 +93,8 @@ def test_moe_add_norm_router_writes_h_k_tile_sums(E, D, block_e):
         moe_add_norm_router(x, r, gamma, 1e-6, w, bias, 4, 2.446, moe_router_locks(4, DEVICE), h_sums=sums[:, :1])
 
 
-@pytest.mark.parametrize("N, E, D, parts", [(1, 16, 384, 3), (3, 37, 256, 8), (2, 256, 2304, 1)])
+@pytest.mark.parametrize("N, E, D, parts", [(1, 16, 384, 3), (3, 37, 256, 8), (2, 256, 2304, 1),
+                                            pytest.param(1, 256, 2304, 8, marks=GPU)])   # the 48B's o_proj's parts
 def test_moe_add_norm_router_adds_up_a_parked_residual(N, E, D, parts):
     """The residual as a projection's parked split-K partials, fp32 [parts, N, D]: the same launch gives what it
     gives the partials' sum in split order, rounded to x's dtype (sum_parked), bit for bit; h sums too."""
