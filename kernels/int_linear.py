@@ -378,14 +378,13 @@ def _store_or_reduce(out, y_ptrs, ws_ptrs, mask, locks, pid_n, pid_k, split_stri
     the sum to a later launch)."""
     if SPLIT_K == 1:
         tl.store(y_ptrs, out.to(y_ptrs.dtype.element_ty), mask=mask)
-    elif PARK:
-        tl.store(ws_ptrs + pid_k * split_stride, out, mask=mask)
     else:
         tl.store(ws_ptrs + pid_k * split_stride, out, mask=mask)
-        if _arrive(locks + pid_n, 1, SPLIT_K):
-            total = _sum_partials(ws_ptrs, mask, SPLIT_K, split_stride)
-            tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(locks + pid_n, 0)
+        if not PARK:
+            if _arrive(locks + pid_n, 1, SPLIT_K):
+                total = _sum_partials(ws_ptrs, mask, SPLIT_K, split_stride)
+                tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(locks + pid_n, 0)
 
 
 @triton.jit

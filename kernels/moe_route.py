@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .int_linear import KT
+from .int_linear import KT, _sum_partials
 from .pdl import prefetch_runs, use_pdl, wait_for_inputs
 
 
@@ -54,10 +54,7 @@ def _residual(ptrs, mask, PARTS: tl.constexpr, part_stride, DT: tl.constexpr):
     written: int_linear.sum_parked)."""
     if PARTS == 0:
         return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    total = tl.load(ptrs, mask=mask, other=0.0)
-    for i in tl.static_range(1, PARTS):
-        total += tl.load(ptrs + i * part_stride, mask=mask, other=0.0)
-    return total.to(DT).to(tl.float32)
+    return _sum_partials(ptrs, mask, PARTS, part_stride).to(DT).to(tl.float32)
 
 
 @triton.jit
