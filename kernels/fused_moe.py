@@ -95,12 +95,48 @@ def repack_moe_experts(experts, *, shared: dict | None = None, bits: int, group_
                    for e in range(count)]
     every = list(experts) + ([shared] if shared is not None else [])
     gate, up, down = (_stack([ex[p] for ex in every], bits, group_size, p) for p in ("gate", "up", "down"))
+    return _experts(gate, up, down, len(experts), shared is not None)
+
+
+def _experts(gate: PackedLinear, up: PackedLinear, down: PackedLinear, num_experts: int,
+             has_shared: bool) -> PackedExperts:
+    """PackedExperts of three stacks whose shapes agree, with the gate's per-pair split-K locks."""
     if (gate.n, gate.k) != (up.n, up.k) or (down.n, down.k) != (gate.k, gate.n):
         raise ValueError(f"expert shapes disagree: gate [{gate.n}, {gate.k}], up [{up.n}, {up.k}], "
                          f"down [{down.n}, {down.k}]; expected down = [hidden, intermediate]")
     gate.locks = torch.zeros(DECODE_MAX_TOKENS * MAX_SLOTS, gate.scales.shape[-1] // ROWS, dtype=torch.int32,
                              device=gate.qweight.device)
-    return PackedExperts(gate, up, down, len(experts), shared is not None)
+    return PackedExperts(gate, up, down, num_experts, has_shared)
+
+
+def dense_mlp_experts(gate: PackedLinear, up: PackedLinear, down: PackedLinear, chunk: int) -> PackedExperts:
+    """A dense SwiGLU MLP's packed linears (gate and up [I, D], down [D, I], one format) restacked as I / chunk
+    experts of `chunk` intermediate rows each, the last as the shared one. The MLP is the sum over its chunks c of
+    down_c(silu(gate_c x) * up_c x), so fused_moe with every other chunk routed at weight 1 runs it. The same codes,
+    scales and zero points, moved (gate's codes not even that: its row blocks already lie chunk after chunk)."""
+    I, D = gate.n, gate.k
+    formats = {(p.bits, p.group_size, p.zeros is None) for p in (gate, up, down)}
+    if ((up.n, up.k, down.n, down.k) != (I, D, D, I) or len(formats) != 1 or I % chunk or chunk % gate.group_size
+            or chunk % KT or not 2 <= I // chunk <= MAX_SLOTS):
+        raise ValueError(f"dense_mlp_experts: gate [{gate.n}, {gate.k}], up [{up.n}, {up.k}], down [{down.n}, "
+                         f"{down.k}] in {len(formats)} format(s), chunks of {chunk} rows: expected one format, "
+                         f"down = [D, I], and 2 to {MAX_SLOTS} chunks, each whole groups of {gate.group_size} and "
+                         f"k-tiles of {KT}")
+    E = I // chunk
+
+    def rows(p: PackedLinear) -> PackedLinear:  # [I, D] -> E x [chunk, D]: row blocks, and scale columns
+        per_chunk = lambda t: t.view(t.shape[0], E, chunk).transpose(0, 1).contiguous()
+        return PackedLinear(p.qweight.view(E, chunk // ROWS, *p.qweight.shape[1:]), per_chunk(p.scales),
+                            None if p.zeros is None else per_chunk(p.zeros),
+                            torch.zeros(chunk // ROWS, dtype=torch.int32, device=p.locks.device), chunk, D, p.bits,
+                            p.group_size)
+
+    q = down.qweight  # [D_pad / ROWS, I / KT, ROWS, P] -> E x [D_pad / ROWS, chunk / KT, ROWS, P]: k-tiles
+    per_chunk = lambda t: t.view(E, chunk // down.group_size, t.shape[-1])  # groups of k, already chunk after chunk
+    by_k = PackedLinear(q.view(q.shape[0], E, chunk // KT, *q.shape[2:]).transpose(0, 1).contiguous(),
+                        per_chunk(down.scales), None if down.zeros is None else per_chunk(down.zeros), down.locks, D,
+                        chunk, down.bits, down.group_size)
+    return _experts(rows(gate), rows(up), by_k, E - 1, True)
 
 
 @triton.jit
@@ -115,7 +151,7 @@ def _pair_expert(routed, valid, shared_id, u, offs_t, offs_s, SLOTS: tl.constexp
     return e, hit, tl.min(tl.where(hit, pairs, BM * BS)) == u
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["shared_id"])  # a stack of one routed expert (a dense MLP's two chunks) passes 1
 def moe_decode_fwd_kernel(x, ids, wts, wa, wb, sa, sb, za, zb, y, ws, locks, T, n_out, n_pad, n_tiles,
                           tiles_per_group, tiles_per_split, stride_xm, stride_ym, stride_we, stride_se, shared_id,
                           locks_per_row, after, after_bytes, x_sum, AFTER: tl.constexpr, TOPK: tl.constexpr,

@@ -173,11 +173,15 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
 
 
 def module_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a module's own weights: its parameters and, for the Triton linears, its packed weight."""
+    """Bytes of a module's own weights: its parameters and, for the Triton linears, its packed weight (a whole
+    stack of packed experts where it holds one)."""
+    from klconvert.kernels.fused_moe import PackedExperts
     from klconvert.kernels.int_linear import PackedLinear, packed_bytes
 
     total = sum(t.numel() * t.element_size() for t in module.parameters(recurse=False))
     p = getattr(module, "packed", None)
+    if isinstance(p, PackedExperts):
+        return total + sum(packed_bytes(x) for x in (p.gate, p.up, p.down))
     return total + (packed_bytes(p) if isinstance(p, PackedLinear) else 0)
 
 

@@ -177,8 +177,8 @@ def bind(model: M.KimiLinear, read: Read, packed: Packed | None, held: dict[str,
 def _swap_fused(model: M.KimiLinear, latent_kernel: bool) -> None:
     """The weight-less decode and prefill modules and the small ones whose PyTorch form is many launches.
     latent_kernel: the cache is bf16 or e4m3 (what the Triton latent attention reads), not fp32."""
-    from klconvert.runtime.kernel_modules import (ConcurrentStackedLinear, FusedKDAStep, FusedNormMoE, FusedRMSNorm,
-                                                  FusedRouter, PackedDenseLinear, TritonLatentAttention,
+    from klconvert.runtime.kernel_modules import (ConcurrentStackedLinear, FusedDenseMLP, FusedKDAStep, FusedNormMoE,
+                                                  FusedRMSNorm, FusedRouter, PackedDenseLinear, TritonLatentAttention,
                                                   TritonLatentRowWrite, TritonPrefillAttention, kda_chunk_module)
 
     device = next(model.parameters()).device
@@ -199,12 +199,15 @@ def _swap_fused(model: M.KimiLinear, latent_kernel: bool) -> None:
             _replace(model, name, FusedRMSNorm(module))
         elif isinstance(module, M.Router) and model.config.num_expert_group == 1:
             _replace(model, name, FusedRouter(module))
+        elif isinstance(module, M.DenseMLP) and (chunk := FusedDenseMLP.chunk(module, model.config)):
+            _replace(model, name, FusedDenseMLP(module, chunk))
     for module in model.modules():  # after the loop: an MoE is met before the router it holds is swapped
         if isinstance(module, M.MoE):
             FusedNormMoE.adopt(module)
         elif isinstance(module, M.Experts) and device.type == "cuda":   # dense experts: no host sync at decode
             DeviceExperts.adopt(module)
     _park_o_proj(model)
+    _logits_in_fp32(model)
     _prefetch_ahead(model)
 
 
@@ -218,6 +221,16 @@ def _park_o_proj(model: M.KimiLinear) -> None:
     for block in model.blocks:
         if type(block.ffn) is FusedNormMoE and isinstance(block.self_attn.o_proj, PackedIntLinear):
             block.self_attn.o_proj.park = True
+
+
+def _logits_in_fp32(model: M.KimiLinear) -> None:
+    """A packed lm_head writes the logits in fp32, the dtype KimiLinear returns them in, so the model's widening of
+    them is no copy (on an H200 a 4.2 us launch a decode step, BENCHMARKS.md twenty-third decode round); the
+    logits are then the kernel's fp32 sums, not their bf16 rounding."""
+    from klconvert.runtime.kernel_modules import PackedIntLinear
+
+    if isinstance(model.lm_head, PackedIntLinear):
+        model.lm_head.out_dtype = torch.float32
 
 
 def _projection_weight(module: nn.Module) -> torch.Tensor | None:
@@ -234,18 +247,18 @@ def _projection_weight(module: nn.Module) -> torch.Tensor | None:
 
 
 def _prefetch_ahead(model: M.KimiLinear) -> None:
-    """An MoE layer's down launch also pulls the next block's input projection into L2 (with PDL, in shares over
-    its programs, while the gate+up launch runs): that projection's own prefetch starts only during the short
-    add+RMSNorm launch before it, too late for its 8-14 MB. On an H200, 27 layers at 4K: 1.746 -> 1.719 ms a
-    step (BENCHMARKS.md, fourteenth decode round; the same for the MLA blocks' kv_b and the latent attention
-    fetching o_proj measured no further gain)."""
-    from klconvert.runtime.kernel_modules import FusedExperts
+    """An MoE layer's down launch (a fused dense MLP's too) also pulls the next block's input projection into L2
+    (with PDL, in shares over its programs, while the gate+up launch runs): that projection's own prefetch starts
+    only during the short add+RMSNorm launch before it, too late for its 8-14 MB. On an H200, 27 layers at 4K:
+    1.746 -> 1.719 ms a step (BENCHMARKS.md, fourteenth decode round; the same for the MLA blocks' kv_b and the
+    latent attention fetching o_proj measured no further gain)."""
+    from klconvert.runtime.kernel_modules import FusedDenseMLP, FusedExperts
 
     blocks = list(model.blocks)
     for block, following in zip(blocks, blocks[1:]):
-        experts = getattr(block.ffn, "experts", None)
-        if isinstance(experts, FusedExperts):
-            experts.after = _projection_weight(following.self_attn.in_proj)
+        launches = block.ffn if isinstance(block.ffn, FusedDenseMLP) else getattr(block.ffn, "experts", None)
+        if isinstance(launches, (FusedExperts, FusedDenseMLP)):
+            launches.after = _projection_weight(following.self_attn.in_proj)
 
 
 def _cpu_layout(model: M.KimiLinear) -> None:

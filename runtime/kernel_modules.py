@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from klconvert.kernels.attention_merge import merge_attention_
-from klconvert.kernels.fused_moe import PackedExperts, fused_moe, takes_x_sums
+from klconvert.kernels.fused_moe import (DECODE_MAX_TOKENS, MAX_SLOTS, PackedExperts, dense_mlp_experts, fused_moe,
+                                         takes_x_sums)
 from klconvert.kernels.int_linear import (KT, MMA_BLOCK_M, PackedLinear, dense_locks, int_linear, int_mma_fwd,
                                          linear_kernel, sum_parked)
 from klconvert.kernels.kda_chunk import kda_chunk, kda_prefill_conv
@@ -37,13 +38,15 @@ class PackedIntLinear(nn.Module):
         super().__init__()
         self.packed = packed
         self.park = False
+        self.out_dtype: torch.dtype | None = None  # y's dtype; None: x's (bind sets fp32 on the lm_head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.park and x.dim() == 2 and x.shape[0] <= self.PARK_MAX_TOKENS and not M.hooked(self)
                 and linear_kernel(x.shape[0], self.packed, x.dtype) == "mma"):
             return int_mma_fwd(x if x.stride(-1) == 1 else x.contiguous(), self.packed,
                                x.new_empty(x.shape[0], self.packed.n), park=True)
-        return int_linear(x, self.packed)
+        out = None if self.out_dtype is None else x.new_empty(*x.shape[:-1], self.packed.n, dtype=self.out_dtype)
+        return int_linear(x, self.packed, out=out)
 
 
 class PackedDenseLinear(nn.Module):
@@ -108,7 +111,7 @@ class FusedRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return add_rms_norm(x, None, self.weight, self.eps)[1]
 
-    def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         return add_rms_norm(x, residual, self.weight, self.eps)
 
 
@@ -267,6 +270,50 @@ class FusedExperts(nn.Module):
         if not takes_x_sums(self.packed, x):
             return None
         return torch.empty(x.shape[0], x.shape[-1] // KT, device=x.device, dtype=torch.float32)
+
+
+class FusedDenseMLP(M.FeedForward):
+    """A packed dense SwiGLU MLP (layer 0's) held as the fused MoE's stack of its row chunks (the last as the shared
+    expert), every chunk taken at weight 1: up to DECODE_MAX_TOKENS tokens the fused MoE's two launches (gate+up
+    with the SiLU product, down with the sum) run it where the PyTorch form takes five (three projections, the SiLU,
+    the product); prefill sums the chunks' projections. On an H200 (the 48B's 9216 x 2304 in 9 chunks of 1024,
+    int4 g128, graph us, weights rotated; BENCHMARKS.md twenty-third decode round): one token 34.7-36.0 -> 23.1 us,
+    16 tokens 40.0 -> 37.3. `after`: as FusedExperts'."""
+
+    def __init__(self, mlp: M.DenseMLP, chunk: int):
+        super().__init__()
+        self.packed = dense_mlp_experts(mlp.gate_proj.packed, mlp.up_proj.packed, mlp.down_proj.packed, chunk)
+        routed, device = self.packed.num_experts, self.packed.gate.qweight.device
+        self.ids = torch.arange(routed, device=device).expand(DECODE_MAX_TOKENS, routed).contiguous()
+        self.weights = torch.ones(DECODE_MAX_TOKENS, routed, device=device)
+        self.after: torch.Tensor | None = None
+
+    @staticmethod
+    def chunk(mlp: nn.Module, c) -> int | None:
+        """The chunk a DenseMLP restacks in, or None where it stays as it is: all three projections packed alike,
+        in chunks of the MoE's expert width (the launches measured on those shapes) that fill whole groups, no more
+        chunks than an MoE layer's slots (its decode workspace bounds this one's)."""
+        parts = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if type(mlp) is not M.DenseMLP or not all(isinstance(p, PackedIntLinear) for p in parts):
+            return None
+        chunk, (g, u, d) = c.moe_intermediate_size, (p.packed for p in parts)
+        count = c.intermediate_size // chunk
+        alike = len({(p.bits, p.group_size, p.zeros is None) for p in (g, u, d)}) == 1
+        fits = (c.intermediate_size % chunk == 0 and chunk % g.group_size == 0 and chunk % KT == 0
+                and 2 <= count <= min(MAX_SLOTS, c.num_experts_per_token + c.num_shared_experts))
+        return chunk if alike and fits else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        T = x2.shape[0]
+        if T <= DECODE_MAX_TOKENS:
+            return fused_moe(x2, self.ids[:T], self.weights[:T], self.packed, after=self.after).view(x.shape)
+        y = torch.zeros(x2.shape, device=x.device, dtype=torch.float32)
+        part = torch.empty_like(y)
+        for e in range(self.packed.num_experts + 1):
+            gate, up, down = self.packed.expert(e)
+            y += int_linear(torch.nn.functional.silu(int_linear(x2, gate)) * int_linear(x2, up), down, out=part)
+        return y.to(x.dtype).view(x.shape)
 
 
 class SharedInStack(nn.Module):

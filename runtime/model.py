@@ -59,9 +59,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
 
-    def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + residual, norm(x + residual)): the residual stream's add, where a kernel can fold it in."""
-        x = x + residual
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, norm(x + residual)): the residual stream's add, where a kernel can fold it in; residual
+        None (the first block's): nothing to add."""
+        x = x if residual is None else x + residual
         return x, self(x)
 
 
@@ -494,7 +495,8 @@ class Block(nn.Module):
         return x + self.ffn(self.post_attention_layernorm(x))
 
     def decode(self, x, residual, state: StateBuffers, positions):
-        """x [B, D] the residual stream, `residual` the last branch output not yet added -> the same pair."""
+        """x [B, D] the residual stream, `residual` the last branch output not yet added (None before the first
+        block) -> the same pair."""
         x, h = self.input_layernorm.add_norm(x, residual)
         return self.ffn.decode(self.post_attention_layernorm, x, self.self_attn.decode(h, state, positions))
 
@@ -540,8 +542,7 @@ class KimiLinear(nn.Module):
     def decode(self, input_ids: torch.Tensor, state: StateBuffers, positions: torch.Tensor) -> torch.Tensor:
         """input_ids [B], one new token per sequence at positions [B] (device tensors) -> logits [B, vocab] fp32.
         No host work and no shape that depends on a position: the step a CUDA graph captures."""
-        x = self.model.embed_tokens(input_ids)
-        branch = torch.zeros_like(x)
+        x, branch = self.model.embed_tokens(input_ids), None
         for block in self.model.layers:
             x, branch = block.decode(x, branch, state, positions)
         return self.lm_head(self.model.norm.add_norm(x, branch)[1]).float()

@@ -15,7 +15,8 @@ from klconvert.quantize import quantize
 from klconvert.synth.checkpoint import synth
 from klconvert.kernels.int_linear import MMA_BLOCK_M, repack_int_weight, sum_parked
 from klconvert.runtime import kernel_modules
-from klconvert.runtime.kernel_modules import (FlaKDAChunk, FusedExperts, FusedKDAStep, FusedNormMoE, FusedRouter,
+from klconvert.runtime.kernel_modules import (FlaKDAChunk, FusedDenseMLP, FusedExperts, FusedKDAStep, FusedNormMoE,
+                                              FusedRouter,
                                               PackedDenseLinear, PackedIntLinear, SharedInStack, TritonKDAChunk)
 from klconvert.runtime.model import Experts, Linear, StackedLinear
 from testkit import rel_error
@@ -52,6 +53,7 @@ def test_triton_path_uses_the_kernels(quantized):
     assert rows == sum(attn.in_proj.sizes.values())
     assert isinstance(attn.step, FusedKDAStep) and isinstance(attn.chunk, (TritonKDAChunk, FlaKDAChunk))
     assert len(blocks) == 4 and all(isinstance(b.ffn.experts, FusedExperts) for b in blocks[1:])  # every MoE fused
+    assert isinstance(blocks[0].ffn, FusedDenseMLP)                              # layer 0's MLP as chunk experts
     assert all(isinstance(b.ffn.shared_experts, SharedInStack) for b in blocks[1:])                # shared stacked in
     assert all(type(b.ffn) is FusedNormMoE and type(b.ffn.gate) is FusedRouter for b in blocks[1:])  # norm in router
     assert not any(p.is_meta for p in engine.model.parameters())
@@ -230,6 +232,44 @@ def test_an_moe_blocks_o_proj_leaves_its_sum_to_the_router(quantized):
     watched = block.ffn.decode(block.post_attention_layernorm, x, parked)
     hook.remove()
     assert torch.equal(watched[0], together[0]) and rel_error(watched[1], together[1]) < TOLERANCE
+
+
+def test_the_dense_mlp_runs_as_its_chunk_experts(quantized):
+    """Layer 0's packed MLP (256 rows, the tiny MoE's 128-wide experts: two chunks) through the fused MoE's decode
+    launches up to DECODE_MAX_TOKENS tokens and the chunks' projections past that, against the reference MLP on the
+    same codes; klconvert bench counts its bytes as the three projections'."""
+    from klconvert.bench import module_bytes
+
+    tri = klconvert.load(quantized, device=DEVICE, dtype=torch.bfloat16, max_context=64, kernels="triton")
+    ref = klconvert.load(quantized, device=DEVICE, dtype=torch.bfloat16, max_context=64, kernels="torch")
+    fused, mlp = tri.model.blocks[0].ffn, ref.model.blocks[0].ffn
+    assert fused.packed.num_experts + 1 == 2 and fused.after is not None        # prefetches layer 1's projection
+    c = tri.config
+    for tokens in (1, 5, 20):
+        x = torch.randn(tokens, c.hidden_size, device=DEVICE, dtype=torch.bfloat16)
+        assert rel_error(fused(x), mlp(x)) < TOLERANCE, tokens
+    bits = fused.packed.gate.bits
+    per_group = 2 * (1 + (fused.packed.gate.zeros is not None))                 # a bf16 scale (and zero point)
+    weights = 3 * c.intermediate_size * c.hidden_size
+    assert module_bytes(fused) == weights * bits // 8 + weights // 128 * per_group
+
+
+def test_a_packed_lm_head_writes_the_logits_in_fp32(quantized):
+    """bind has the packed lm_head write fp32, the dtype the model returns logits in, so the model's widening is no
+    copy: the same kernel's sums, unrounded (rounded to bf16, they are its bf16 output bit for bit)."""
+    engine = klconvert.load(quantized, device=DEVICE, dtype=torch.bfloat16, max_context=64, kernels="triton")
+    head = engine.model.lm_head
+    assert head.out_dtype == torch.float32
+    x = torch.randn(3, engine.config.hidden_size, device=DEVICE, dtype=torch.bfloat16)
+    logits = head(x)
+    head.out_dtype = None
+    rounded = head(x)
+    assert logits.dtype == torch.float32 and rounded.dtype == torch.bfloat16
+    assert torch.equal(logits.to(torch.bfloat16), rounded)
+    head.out_dtype = torch.float32
+    ids = torch.randint(0, engine.config.vocab_size, (1, 3))
+    step = engine.decode_step(ids[:, :1].to(DEVICE), 0)
+    assert step.dtype == torch.float32 and step.shape[-1] == engine.config.vocab_size
 
 
 def test_the_fused_router_hands_the_experts_h_k_tile_sums(quantized, monkeypatch):

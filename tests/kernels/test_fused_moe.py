@@ -6,9 +6,10 @@ from helpers import DEVICE, GPU, assert_close, ct_compress, poisoned
 
 from klconvert.kernels.naive_moe import naive_fused_moe
 from klconvert.kernels.fused_moe import (DECODE_MAX_TOKENS, MOE_CROSSOVER, MOE_DECODE_LAUNCH, MOE_PREFILL_LAUNCH,
-                                         align_pairs, decode_launch, fused_moe, moe_decode_fwd, moe_grouped_fwd,
-                                         moe_kernel, prefill_launch, repack_moe_experts)
-from klconvert.kernels.int_linear import MMA_M
+                                         align_pairs, decode_launch, dense_mlp_experts, fused_moe, moe_decode_fwd,
+                                         moe_grouped_fwd, moe_kernel, prefill_launch, repack_moe_experts)
+from klconvert.kernels.int_linear import MMA_M, repack_int_weight
+from klconvert.kernels.naive_int_linear import dequantize_int_weight
 
 BOUND = {torch.float32: 1e-5, torch.bfloat16: 8e-3}  # relative RMS vs the fp32 twin, by output dtype
 GROUPED_BOUND = 1.5e-2  # the grouped path also rounds x and the SiLU product to bf16 for the tensor cores
@@ -40,6 +41,37 @@ def test_fused_moe_decode(bits, symmetric, shared, stacked, m):
     ids, weights = routing(m, 6, 3)
     y = fused_moe(x, ids, weights, experts, out=poisoned(m, 128, dtype=x.dtype))
     assert_close(y, naive_fused_moe(x, ids, weights, experts), BOUND[x.dtype], "fused_moe decode")
+
+
+@pytest.mark.parametrize("bits, symmetric, m", [(4, True, 1), (4, False, 3), (8, False, 2)])
+def test_a_dense_mlp_restacked_as_experts_runs_it(bits, symmetric, m):
+    """dense_mlp_experts moves a SwiGLU MLP's codes into chunk experts (each chunk's dequantized weights are the
+    MLP's rows or columns, exactly), and fused_moe with every chunk taken at weight 1 gives the MLP."""
+    D, I, chunk = 128, 384, 128
+    gate, up, down = _packed(I, D, bits, symmetric), _packed(I, D, bits, symmetric), _packed(D, I, bits, symmetric)
+    experts = dense_mlp_experts(gate, up, down, chunk)
+    assert (experts.num_experts, experts.has_shared) == (I // chunk - 1, True)
+    g, u, d = (dequantize_int_weight(p) for p in (gate, up, down))
+    for e in range(I // chunk):
+        rows = slice(e * chunk, (e + 1) * chunk)
+        ge, ue, de = (dequantize_int_weight(p) for p in experts.expert(e))
+        assert torch.equal(ge, g[rows]) and torch.equal(ue, u[rows]) and torch.equal(de, d[:, rows])
+    x = torch.randn(m, D, device=DEVICE, dtype=torch.bfloat16)
+    ids = torch.arange(experts.num_experts, device=DEVICE).expand(m, -1)
+    y = fused_moe(x, ids, torch.ones(ids.shape, device=DEVICE), experts, out=poisoned(m, D, dtype=x.dtype))
+    ref = (torch.nn.functional.silu(x.float() @ g.t()) * (x.float() @ u.t())) @ d.t()
+    assert_close(y, ref, BOUND[x.dtype], "a dense MLP through fused_moe")
+    with pytest.raises(ValueError, match="chunks of 256 rows"):
+        dense_mlp_experts(gate, up, down, 256)
+    with pytest.raises(ValueError, match="2 format"):
+        dense_mlp_experts(gate, up, _packed(D, I, bits, not symmetric), chunk)
+
+
+def _packed(n, k, bits, symmetric):
+    """A random [n, k] linear, quantized by compressed-tensors and repacked."""
+    t = ct_compress((torch.randn(n, k, device=DEVICE) * 0.05).to(torch.bfloat16), bits, 128, symmetric)
+    return repack_int_weight(t["weight_packed"], t["weight_scale"], t.get("weight_zero_point"), t["weight_shape"],
+                             bits, 128)
 
 
 @pytest.mark.slow
