@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from klconvert.config import KimiLinearConfig
 from klconvert.kernels.attention_merge import merge_attention_
 from klconvert.kernels.fused_moe import (DECODE_MAX_TOKENS, MAX_SLOTS, PackedExperts, dense_mlp_experts, fused_moe,
                                          takes_x_sums)
@@ -289,7 +290,7 @@ class FusedDenseMLP(M.FeedForward):
         self.after: torch.Tensor | None = None
 
     @staticmethod
-    def chunk(mlp: nn.Module, c) -> int | None:
+    def chunk(mlp: nn.Module, c: KimiLinearConfig) -> int | None:
         """The chunk a DenseMLP restacks in, or None where it stays as it is: all three projections packed alike,
         in chunks of the MoE's expert width (the launches measured on those shapes) that fill whole groups, no more
         chunks than an MoE layer's slots (its decode workspace bounds this one's)."""
