@@ -53,7 +53,7 @@ def test_triton_path_uses_the_kernels(quantized):
     assert rows == sum(attn.in_proj.sizes.values())
     assert isinstance(attn.step, FusedKDAStep) and isinstance(attn.chunk, (TritonKDAChunk, FlaKDAChunk))
     assert len(blocks) == 4 and all(isinstance(b.ffn.experts, FusedExperts) for b in blocks[1:])  # every MoE fused
-    assert isinstance(blocks[0].ffn, FusedDenseMLP)                              # layer 0's MLP as chunk experts
+    assert isinstance(blocks[0].ffn, FusedDenseMLP) == (qkv.packed.bits == 4)    # layer 0's int4 MLP as chunk experts
     assert all(isinstance(b.ffn.shared_experts, SharedInStack) for b in blocks[1:])                # shared stacked in
     assert all(type(b.ffn) is FusedNormMoE and type(b.ffn.gate) is FusedRouter for b in blocks[1:])  # norm in router
     assert not any(p.is_meta for p in engine.model.parameters())
@@ -237,14 +237,20 @@ def test_an_moe_blocks_o_proj_leaves_its_sum_to_the_router(quantized):
 def test_the_dense_mlp_runs_as_its_chunk_experts(quantized):
     """Layer 0's packed MLP (256 rows, the tiny MoE's 128-wide experts: two chunks) through the fused MoE's decode
     launches up to DECODE_MAX_TOKENS tokens and the chunks' projections past that, against the reference MLP on the
-    same codes; klconvert bench counts its bytes as the three projections'."""
+    same codes; klconvert bench counts its bytes as the three projections'. bind takes int4 MLPs only (the case
+    measured); an int8 one, built here by hand, runs the same way."""
     from klconvert.bench import module_bytes
 
     tri = klconvert.load(quantized, device=DEVICE, dtype=torch.bfloat16, max_context=64, kernels="triton")
     ref = klconvert.load(quantized, device=DEVICE, dtype=torch.bfloat16, max_context=64, kernels="torch")
-    fused, mlp = tri.model.blocks[0].ffn, ref.model.blocks[0].ffn
-    assert fused.packed.num_experts + 1 == 2 and fused.after is not None        # prefetches layer 1's projection
-    c = tri.config
+    c, bound, mlp = tri.config, tri.model.blocks[0].ffn, ref.model.blocks[0].ffn
+    if isinstance(bound, FusedDenseMLP):
+        fused = bound
+        assert fused.after is not None                                          # prefetches layer 1's projection
+    else:
+        assert bound.gate_proj.packed.bits == 8 and FusedDenseMLP.chunk(bound, c) is None
+        fused = FusedDenseMLP(bound, c.moe_intermediate_size)
+    assert fused.packed.num_experts + 1 == 2
     for tokens in (1, 5, 20):
         x = torch.randn(tokens, c.hidden_size, device=DEVICE, dtype=torch.bfloat16)
         assert rel_error(fused(x), mlp(x)) < TOLERANCE, tokens
