@@ -16,8 +16,8 @@ from klconvert.synth.checkpoint import synth
 from klconvert.kernels.int_linear import MMA_BLOCK_M, repack_int_weight, sum_parked
 from klconvert.runtime import kernel_modules
 from klconvert.runtime.kernel_modules import (FlaKDAChunk, FusedDenseMLP, FusedExperts, FusedKDAStep, FusedNormMoE,
-                                              FusedRouter,
-                                              PackedDenseLinear, PackedIntLinear, SharedInStack, TritonKDAChunk)
+                                              FusedRouter, PackedDenseLinear, PackedIntLinear, SharedInStack,
+                                              TritonKDAChunk)
 from klconvert.runtime.model import Experts, Linear, StackedLinear
 from testkit import rel_error
 
