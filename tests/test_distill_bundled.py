@@ -131,7 +131,44 @@ def test_bad_generated_settings_are_refused_before_anything_runs(tmp_path):
         with pytest.raises(KLError, match="--generated-windows"):
             D.distill(tmp_path / "q4", generated_windows=windows, generated_share=share, device="cpu",
                       log=lambda line: pytest.fail(line))
+    for weight in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(KLError, match="--hidden-weight"):
+            D.distill(tmp_path / "q4", hidden_weight=weight, device="cpu", log=lambda line: pytest.fail(line))
     assert not (tmp_path / "q4").exists()
+
+
+def test_block_outputs_keep_the_armed_forward_and_their_distance_trains():
+    """BlockOutputs keeps each block's output of the forwards run while armed, until taken (nothing while
+    disarmed, as in validation); hidden_distance is zero between equal streams, and its steps lower it on the
+    quantized student."""
+    teacher, student, _, latents = _models(False)
+    kept = D.BlockOutputs(teacher), D.BlockOutputs(student)
+    x = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        teacher(x)
+    assert kept[0].take() == []
+    for outputs in kept:
+        outputs.arm()
+    with torch.no_grad():
+        teacher(x)
+    mine = kept[0].take()
+    assert len(mine) == len(teacher.model.layers) and all(t.shape == (2, 32, teacher.config.hidden_size) for t in mine)
+    with torch.no_grad():
+        teacher(x)
+    assert kept[0].take() == []                                                 # take disarms
+    assert D.hidden_distance(mine, mine).item() == 0.0
+    optimizer = torch.optim.Adam(latents, lr=3e-5)
+    distances = []
+    for _ in range(4):
+        kept[1].arm()
+        with parametrize.cached():
+            student(x)
+            distance = D.hidden_distance(kept[1].take(), mine)
+            distances.append(distance.item())
+            optimizer.zero_grad()
+            distance.backward()
+        optimizer.step()
+    assert distances[0] > 0 and distances[-1] < distances[0], distances
 
 
 def test_teacher_windows_are_the_models_own_samples_from_the_given_first_tokens():
@@ -236,15 +273,15 @@ def test_windows_kept_in_a_file_are_sampled_once_and_read_by_the_next_run(tmp_pa
     assert not (tmp_path / "c").exists()
 
 
-@pytest.mark.parametrize("recipe, generated", [(None, 0), (RECIPES / "32gb.yaml", 3)],
-                         ids=["default", "recipe-generated"])
-def test_distill_writes_the_folder_it_measured(tmp_path, recipe, generated):
+@pytest.mark.parametrize("recipe, generated, hidden", [(None, 0, 0.25), (RECIPES / "32gb.yaml", 3, 0.0)],
+                         ids=["default-hidden", "recipe-generated"])
+def test_distill_writes_the_folder_it_measured(tmp_path, recipe, generated, hidden):
     lines = []
     record = D.distill(tmp_path / "q4", recipe=recipe, steps=2, batch=2, seq_len=64, eval_every=1,
-                       validation_tokens=256, max_chars=200_000, generated_windows=generated, device="cpu",
-                       log=lines.append)
+                       validation_tokens=256, max_chars=200_000, generated_windows=generated, hidden_weight=hidden,
+                       device="cpu", log=lines.append)
     assert record["step"] == [0, 1, 2] and len(record["validation_kl"]) == 3
-    assert record["settings"]["generated_windows"] == generated
+    assert record["settings"]["generated_windows"] == generated and record["settings"]["hidden_weight"] == hidden
     assert any(line.startswith("3 windows of 64 tokens of the bf16 model's own text") for line in lines) == \
         bool(generated)
     kept = record["validation_kl"][record["step"].index(record["kept_step"])]

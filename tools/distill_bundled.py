@@ -9,7 +9,9 @@ rounded to bf16, as `klconvert quantize` and the runtime do), the gradient passi
 The loss is KL(bf16 model || student) per token on random windows of the training split (--generated-windows N:
 a share of each batch drawn instead from N windows of the bf16 model's own text, sampled once before the tuning by
 the runtime's engine, each from one token of the training split: fresh text, where the training split repeats every
-~85 steps of the defaults); only the quantized weights move (norms, routers and their correction biases,
+~85 steps of the defaults; --hidden-weight W: plus W times the sum over the blocks of the student's output residual
+stream's squared distance from the bf16 model's, relative to the latter's mean square -- each layer held to its
+reference, not only the last); only the quantized weights move (norms, routers and their correction biases,
 embedding, convolutions stay as released). The weights with the least KL on the validation split are kept,
 written as a bf16 folder, and quantized by `klconvert quantize` with the same policy: the folder holds the standard
 scheme (the same groups, bits and scales rule), only the codes differ from round-to-nearest of the released weights.
@@ -18,6 +20,7 @@ The test split stays unseen.
     python tools/distill_bundled.py OUT [--bits 4 [--group-size 128] [--asym] | --recipe recipes/32gb.yaml]
                                         [--steps 800 --batch 32 --seq-len 512 --lr 5e-5] [--scale-gradient]
                                         [--generated-windows N [--generated-share 0.5]] [--generated-file F]
+                                        [--hidden-weight W]
                                         [--time-budget-s S] [--device cuda]
     python tools/quality_table.py --folder "int4 g128, distilled=OUT"
 
@@ -179,6 +182,33 @@ def kl_per_token(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> 
     return (t.exp() * (t - s)).sum(-1)
 
 
+class BlockOutputs:
+    """Each block's output (the residual stream after it) in a model's forwards while armed, kept until taken
+    (which disarms); forwards while disarmed (validation) keep nothing."""
+
+    def __init__(self, model: M.KimiLinear):
+        self.outputs: list[torch.Tensor] = []
+        self.armed = False
+        for block in model.model.layers:
+            block.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, out) -> None:
+        if self.armed:
+            self.outputs.append(out)
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def take(self) -> list[torch.Tensor]:
+        outputs, self.outputs, self.armed = self.outputs, [], False
+        return outputs
+
+
+def hidden_distance(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """The sum over blocks of |h_student - h_teacher|^2 / |h_teacher|^2 (means over every value, fp32)."""
+    return sum(((s.float() - t.float()) ** 2).mean() / (t.float() ** 2).mean() for s, t in zip(student, teacher))
+
+
 @torch.no_grad()
 def mean_kl(teacher: M.KimiLinear, student: M.KimiLinear, tokens: torch.Tensor, batch: int, seq_len: int,
             device: torch.device) -> float:
@@ -273,16 +303,20 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
             seq_len: int = 512, lr: float = 5e-5, warmup: float = 0.05, eval_every: int = 100,
             validation_tokens: int | None = 16384, max_chars: int | None = None, seed: int = 0,
             scale_gradient: bool = False, time_budget_s: float | None = None, generated_windows: int = 0,
-            generated_share: float = 0.5, generated_file: Path | None = None, device: str | None = None,
-            log=print) -> dict:
+            generated_share: float = 0.5, generated_file: Path | None = None, hidden_weight: float = 0.0,
+            device: str | None = None, log=print) -> dict:
     """Tune, keep the least-validation-KL weights, quantize them into `out`; returns the log (also out/distill.json).
     The run stops at `steps` or `time_budget_s` (tuning and validation), whichever comes first; the learning rate
     follows whichever is further along. generated_file: where the sampled windows are kept -- read from it when it
-    exists (all of them), else sampled (`generated_windows` of them) and saved there for the next run."""
+    exists (all of them), else sampled (`generated_windows` of them) and saved there for the next run.
+    hidden_weight: the weight of the blocks' hidden-state distance (hidden_distance) in the training loss; the
+    validation KL, which picks the kept weights, is the KL alone."""
     if out.exists() or out.is_symlink():  # before the tuning, not after it
         raise KLError(f"{out}: already exists; choose another output folder")
     if time_budget_s is not None and not time_budget_s > 0:
         raise KLError(f"--time-budget-s {time_budget_s}: give a positive number of seconds (or leave it out)")
+    if not 0 <= hidden_weight < float("inf"):
+        raise KLError(f"--hidden-weight {hidden_weight}: give a weight >= 0")
     if generated_windows < 0 or not 0 < generated_share <= 1:
         raise KLError(f"--generated-windows {generated_windows}, --generated-share {generated_share}: give a "
                       "number of windows >= 0 and a share of each batch in (0, 1]")
@@ -311,6 +345,7 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
     student = training_model(source, device, fla)
     schemes = quantized_parameters(student, policy)
     latents = attach_round_trips(student, schemes, scale_gradient)
+    blocks = (BlockOutputs(teacher), BlockOutputs(student)) if hidden_weight else None
     optimizer = torch.optim.Adam(latents, lr=lr)
     g = torch.Generator().manual_seed(seed)
     own, generated_s = saved, 0.0
@@ -351,15 +386,18 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(progress, lr, warmup, 0.0)
         x = training_batch(data["train"], own, batch, seq_len, generated_share, g).to(device)
+        for outputs in blocks or ():
+            outputs.arm()
         with torch.no_grad():
             target = teacher(x)
         with parametrize.cached():  # each round trip once a step, not at every read of its weight
-            loss = kl_per_token(target, student(x)).mean()
+            kl = kl_per_token(target, student(x)).mean()
+            loss = kl + hidden_weight * hidden_distance(blocks[1].take(), blocks[0].take()) if blocks else kl
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
         optimizer.step()
         step += 1
-        running, running_n = running + loss.item(), running_n + 1
+        running, running_n = running + kl.item(), running_n + 1  # the training KL alone, as validation's
         if step == 1:  # on a fresh GPU machine the kernels' compiles and autotunes fall here
             log(f"first step done at {time.perf_counter() - started:.0f} s")
         if step % eval_every == 0 or step == steps:
@@ -380,6 +418,7 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
                                                    "steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr,
                                                    "warmup": warmup, "seed": seed, "scale_gradient": scale_gradient,
                                                    "time_budget_s": time_budget_s, "kda": "fla" if fla else "torch",
+                                                   "hidden_weight": hidden_weight,
                                                    "generated_windows": generated_windows,
                                                    "generated_share": generated_share if generated_windows else None,
                                                    "generated_seconds": generated_s,
@@ -415,6 +454,8 @@ def main() -> None:
                    help="The share of each batch drawn from them [default: 0.5].")
     p.add_argument("--generated-file", type=Path, default=None,
                    help="Keep the sampled windows here: read when it exists, else sampled and saved for next time.")
+    p.add_argument("--hidden-weight", type=float, default=0.0,
+                   help="Also hold each block's output to the bf16 model's, at this weight [default: 0, off].")
     p.add_argument("--device", default=None, help="cuda or cpu [default: cuda if present].")
     a = p.parse_args()
     try:
@@ -422,7 +463,7 @@ def main() -> None:
                 eval_every=a.eval_every, seed=a.seed,
                 scale_gradient=a.scale_gradient, time_budget_s=a.time_budget_s,
                 generated_windows=a.generated_windows, generated_share=a.generated_share,
-                generated_file=a.generated_file, device=a.device)
+                generated_file=a.generated_file, hidden_weight=a.hidden_weight, device=a.device)
     except KLError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
