@@ -302,7 +302,7 @@ class FusedDenseMLP(M.FeedForward):
         chunk, (g, u, d) = c.moe_intermediate_size, (p.packed for p in parts)
         count = c.intermediate_size // chunk
         alike = len({(p.bits, p.group_size, p.zeros is None) for p in (g, u, d)}) == 1 and g.bits == 4
-        fits = (c.intermediate_size % chunk == 0 and chunk % g.group_size == 0 and chunk % KT == 0
+        fits = (c.intermediate_size % chunk == 0 and chunk % g.group_size == 0   # whole groups, so whole k-tiles
                 and 2 <= count <= min(MAX_SLOTS, c.num_experts_per_token + c.num_shared_experts))
         return chunk if alike and fits else None
 
