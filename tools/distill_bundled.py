@@ -74,6 +74,7 @@ from klconvert.tokenizer import Tokenizer  # noqa: E402
 # once: 0.0413 -> 0.0372; W = 4 0.0380), README "Quality"
 HIDDEN_WEIGHT = 1.0
 
+
 class RoundTrip(nn.Module):
     """A weight as the quantized folder will hold it: rounded to bf16, quantized and dequantized by `scheme` in
     groups along its last dim (stacked experts: per expert, per row), the gradient passed straight through.
