@@ -29,15 +29,17 @@ def tiny4():
 @pytest.mark.slow
 @ON_THE_INTERPRETER
 def test_bench_checks_then_times_on_the_cpu(tiny4, monkeypatch):
-    """Decode rows, then prefill rows (segments of 8), on one bound model: the depth check and the prefill check
-    (prefill against prefill + one decode step) pass before anything is timed. One call: the interpreter is slow."""
-    monkeypatch.setattr(engine_module, "PREFILL_SEGMENT", 8)
+    """Decode rows, then prefill rows (segments of 4), on one bound model: the depth check (two decode steps after
+    its prompt) and the prefill check (prefill against prefill + one decode step) pass before anything is timed.
+    One call, short prompts: the interpreter is slow."""
+    monkeypatch.setattr(engine_module, "PREFILL_SEGMENT", 4)
+    monkeypatch.setattr(B, "CHECK_DECODE", 2)
     weights = B.random_quantized_weights(tiny4, 4, "cpu")
     calm = B.random_quantized_weights(tiny4, 4, "cpu", calm=True)
     lines: list[str] = []
     short = dataclasses.replace(tiny4, model_max_length=72)  # asking for the longest context fills 72 - 2 - 16
     result = B.bench(short, weights, bits="int4", contexts=[72], batches=[2], new_tokens=2, calm_weights=calm,
-                     report=lines.append, device="cpu", check_prompt=8, prefills=[9], prefill_check_tokens=9,
+                     report=lines.append, device="cpu", check_prompt=8, prefills=[5], prefill_check_tokens=5,
                      warmup=False)
     assert result.depth_check["rel_err"] < 2e-2 and result.depth_check["top1"] >= 0.9   # the kernels take bf16 inputs
     (row,) = result.rows
@@ -47,9 +49,9 @@ def test_bench_checks_then_times_on_the_cpu(tiny4, monkeypatch):
     assert row.bytes_per_step > 0 and row.ms_per_token > 0 and row.floor_ratio > 0
     assert any("ms/step" in line for line in lines)
     assert result.prefill_check["rel_err"] < 2e-2 and result.prefill_check["top1"]
-    assert [r.tokens for r in result.prefill_rows] == [9]                       # two segments
+    assert [r.tokens for r in result.prefill_rows] == [5]                       # two segments
     assert all(r.seconds > 0 and r.tokens_per_s > 0 and r.plan_total_gib > 0 for r in result.prefill_rows)
-    assert sum("prefill 9 tokens" in line and "tokens/s" in line for line in lines) == 1
+    assert sum("prefill 5 tokens" in line and "tokens/s" in line for line in lines) == 1
 
 
 def test_one_token_touches_k_experts(tiny4):
