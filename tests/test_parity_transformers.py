@@ -13,6 +13,18 @@ pytestmark = TRANSFORMERS_ON_THE_CPU
 LENGTHS = (1, 63, 64, 65, 130)
 
 
+# The synthetic routers have near ties: in ~1% of 130-token prompts some token's k-th and (k+1)-th expert lie within
+# 1e-6, where the two implementations' fp32 roundings may choose differently (an unseeded draw failed the T = 130
+# case once in CI). Every draw here comes from this seed, whose prompts leave each routing decision a margin of at
+# least 7e-5 on the tiny checkpoint (seed 1) in every test below, and not from the process's generator, whose state
+# depends on the tests run before.
+SEED = 5
+
+
+def token_ids(vocab_size: int, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.randint(0, vocab_size, shape, generator=torch.Generator().manual_seed(SEED))
+
+
 @pytest.fixture(scope="module", params=["released", "transformers"])
 def pair(request, tiny_released, tiny_transformers):
     path = tiny_released if request.param == "released" else tiny_transformers
@@ -24,7 +36,7 @@ def pair(request, tiny_released, tiny_transformers):
 @pytest.mark.parametrize("T", LENGTHS)
 def test_prefill_logits_match_transformers(pair, T):
     hf, ours = pair
-    ids = torch.randint(0, ours.config.vocab_size, (1, T))
+    ids = token_ids(ours.config.vocab_size, (1, T))
     with torch.no_grad():
         ref = hf(ids).logits
     got = ours.forward(ids)
@@ -35,7 +47,7 @@ def test_prefill_logits_match_transformers(pair, T):
 def test_batched_prefill_matches_transformers(tiny_released):
     hf = transformers.KimiLinearForCausalLM.from_pretrained(tiny_released, dtype=torch.float32).eval()
     ours = klconvert.load(tiny_released, device="cpu", dtype=torch.float32, max_context=128, batch=3)
-    ids = torch.randint(0, ours.config.vocab_size, (3, 70))
+    ids = token_ids(ours.config.vocab_size, (3, 70))
     with torch.no_grad():
         ref = hf(ids).logits
     assert rel_error(ours.forward(ids), ref) <= 1e-4
@@ -43,7 +55,7 @@ def test_batched_prefill_matches_transformers(tiny_released):
 
 def test_decode_path_equals_prefill(pair):
     _, ours = pair
-    ids = torch.randint(0, ours.config.vocab_size, (1, 140))
+    ids = token_ids(ours.config.vocab_size, (1, 140))
     full = ours.forward(ids)
     ours.forward(ids[:, :1])  # fresh state holding token 0
     steps = torch.stack([ours.decode_step(ids[:, t:t + 1], t) for t in range(1, ids.shape[1])], dim=1)
@@ -53,7 +65,7 @@ def test_decode_path_equals_prefill(pair):
 
 def test_greedy_generation_identical(pair):
     hf, ours = pair
-    ids = torch.randint(0, ours.config.vocab_size, (1, 40))
+    ids = token_ids(ours.config.vocab_size, (1, 40))
     got = ours.generate(ids, max_new_tokens=32)
     with torch.no_grad():
         # an explicit mask: without one, generate masks every prompt token equal to pad_token_id
@@ -66,7 +78,7 @@ def test_greedy_generation_identical(pair):
 def test_layouts_load_identically(tiny_released, tiny_transformers):
     a = klconvert.load(tiny_released, device="cpu", max_context=64)
     b = klconvert.load(tiny_transformers, device="cpu", max_context=64)
-    ids = torch.randint(0, a.config.vocab_size, (1, 50))
+    ids = token_ids(a.config.vocab_size, (1, 50))
     assert torch.equal(a.forward(ids), b.forward(ids))
 
 
@@ -74,5 +86,5 @@ def test_biased_router_weights_option_differs(tiny_released):
     """The original remote code's biased routing weights stay available, and they do change the output."""
     a = klconvert.load(tiny_released, device="cpu", max_context=64)
     b = klconvert.load(tiny_released, device="cpu", max_context=64, biased_router_weights=True)
-    ids = torch.randint(0, a.config.vocab_size, (1, 20))
+    ids = token_ids(a.config.vocab_size, (1, 20))
     assert rel_error(a.forward(ids), b.forward(ids)) > 1e-3
