@@ -220,6 +220,51 @@ def test_mse_observer_never_loses_to_min_max_and_decompresses_exactly(bits, sym,
     assert scheme.weights_args()["observer"] == "mse" and scheme.describe().endswith("mse")
 
 
+def mse_observer_with_break(groups, bits, symmetric, patience):
+    """llm-compressor's MSE observer loop as it is written there: the host reads whether a step improved any group,
+    and stops after `patience` steps in a row that did not. Returns each group's scale."""
+    from klconvert.quant.groupwise import MSE_GRID, MSE_MAX_SHRINK, MSE_NORM, qrange
+    q_min, q_max = qrange(bits)
+    lo, hi = torch.clamp(groups.amin(-1), max=0.0), torch.clamp(groups.amax(-1), min=0.0)
+    best, best_scale, stale = torch.full(lo.shape, float("inf")), torch.zeros_like(lo), 0
+    for i in range(int(MSE_MAX_SHRINK * MSE_GRID)):
+        p = 1 - i / MSE_GRID
+        s_lo, s_hi = lo * p, hi * p
+        if symmetric:
+            scale, zp = torch.max(s_lo.abs(), s_hi.abs()) / ((q_max - q_min) / 2), torch.zeros_like(lo)
+        else:
+            scale = (s_hi - s_lo) / (q_max - q_min)
+            zp = torch.round(torch.clamp(q_min - s_lo / scale, q_min, q_max))
+        q = torch.round(torch.clamp(groups / scale[..., None] + zp[..., None], q_min, q_max))
+        err = ((q - zp[..., None]) * scale[..., None] - groups).abs().pow(MSE_NORM).sum(-1)
+        better = err < best
+        if torch.any(better):
+            best[better], best_scale[better], stale = err[better], scale[better], 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    return best_scale
+
+
+def test_mse_observer_stops_where_its_patience_runs_out():
+    """The search keeps its patience on the device (no host read a step) and still ends where llm-compressor's
+    break does: on one-group weights, where a later shrink often does better after five steps that improved nothing,
+    the scale is the break's exactly -- and such cases are among them."""
+    from klconvert.quant.groupwise import MSE_PATIENCE
+    g = torch.Generator().manual_seed(0)
+    cut_short = 0
+    for _ in range(100):
+        w = torch.randn(1, 128, generator=g) * 0.02
+        for symmetric in (True, False):
+            _, scale, _ = quantize_groupwise(w, 4, 128, symmetric, observer="mse")
+            with_break = mse_observer_with_break(w.unflatten(-1, (1, 128)), 4, symmetric, MSE_PATIENCE)
+            assert torch.equal(scale, with_break)
+            cut_short += not torch.equal(with_break, mse_observer_with_break(w.unflatten(-1, (1, 128)), 4,
+                                                                             symmetric, patience=1000))
+    assert cut_short >= 5
+
+
 def test_observer_must_be_known():
     with pytest.raises(KLError, match="observer"):
         QuantScheme(4, 128, True, observer="histogram")
