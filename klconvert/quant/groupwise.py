@@ -78,12 +78,10 @@ def _codes(groups, scale, zero_point, q_min, q_max):
 
 
 def _mse_bounds(groups, lo, hi, symmetric: bool, q_min, q_max):
-    """The MSE observer's shrunk (lo, hi) per group. Its patience is kept on the device -- a step's updates count only
-    while fewer than MSE_PATIENCE steps in a row have improved no group, so every step runs and the result is the
-    break's -- and a GPU searches without a host sync a step."""
+    """The MSE observer's shrunk (lo, hi) per group."""
     best_lo, best_hi = lo, hi
     best_err = torch.full(lo.shape, float("inf"), device=lo.device)
-    stale = torch.zeros((), dtype=torch.int32, device=lo.device)
+    stale = 0
     for i in range(int(MSE_MAX_SHRINK * MSE_GRID)):
         p = 1 - i / MSE_GRID
         s_lo, s_hi = lo * p, hi * p
@@ -91,10 +89,15 @@ def _mse_bounds(groups, lo, hi, symmetric: bool, q_min, q_max):
         q = _codes(groups, scale, zp, q_min, q_max).to(scale.dtype)
         deq = (q - (zp.to(scale.dtype).unsqueeze(-1) if zp is not None else 0)) * scale.unsqueeze(-1)
         err = (deq - groups).abs().float().pow(MSE_NORM).sum(-1)
-        better = (err < best_err) & (stale < MSE_PATIENCE)
-        best_err = torch.where(better, err, best_err)
-        best_lo, best_hi = torch.where(better, s_lo, best_lo), torch.where(better, s_hi, best_hi)
-        stale = torch.where(stale >= MSE_PATIENCE, stale, torch.where(better.any(), 0, stale + 1))
+        better = err < best_err
+        if bool(better.any()):
+            best_err = torch.where(better, err, best_err)
+            best_lo, best_hi = torch.where(better, s_lo, best_lo), torch.where(better, s_hi, best_hi)
+            stale = 0
+        else:
+            stale += 1
+            if stale >= MSE_PATIENCE:
+                break
     return best_lo, best_hi
 
 

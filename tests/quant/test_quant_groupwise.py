@@ -248,9 +248,8 @@ def mse_observer_with_break(groups, bits, symmetric, patience):
 
 
 def test_mse_observer_stops_where_its_patience_runs_out():
-    """The search keeps its patience on the device (no host read a step) and still ends where llm-compressor's
-    break does: on one-group weights, where a later shrink often does better after five steps that improved nothing,
-    the scale is the break's exactly -- and such cases are among them."""
+    """The search ends where llm-compressor's break does: on one-group weights, where a later shrink often does
+    better after five steps that improved nothing, the scale is the break's exactly -- and such cases are among them."""
     from klconvert.quant.groupwise import MSE_PATIENCE
     g = torch.Generator().manual_seed(0)
     cut_short = 0
