@@ -11,6 +11,7 @@ from compressed_tensors.quantization.lifecycle.forward import quantize as ct_qua
 from compressed_tensors.quantization.utils import calculate_qparams
 
 from klconvert.errors import KLError
+from klconvert.quant.groupwise import MSE_GRID, MSE_MAX_SHRINK, MSE_NORM, MSE_PATIENCE, qrange
 from klconvert.quant import (
     QuantScheme,
     compress_weight,
@@ -221,9 +222,8 @@ def test_mse_observer_never_loses_to_min_max_and_decompresses_exactly(bits, sym,
 
 
 def mse_observer_with_break(groups, bits, symmetric, patience):
-    """llm-compressor's MSE observer loop as it is written there: the host reads whether a step improved any group,
-    and stops after `patience` steps in a row that did not. Returns each group's scale."""
-    from klconvert.quant.groupwise import MSE_GRID, MSE_MAX_SHRINK, MSE_NORM, qrange
+    """llm-compressor's MSE observer loop written out plainly: the host reads whether a step improved any group, and
+    stops after `patience` steps in a row that did not. Returns each group's scale."""
     q_min, q_max = qrange(bits)
     lo, hi = torch.clamp(groups.amin(-1), max=0.0), torch.clamp(groups.amax(-1), min=0.0)
     best, best_scale, stale = torch.full(lo.shape, float("inf")), torch.zeros_like(lo), 0
@@ -250,7 +250,6 @@ def mse_observer_with_break(groups, bits, symmetric, patience):
 def test_mse_observer_stops_where_its_patience_runs_out():
     """The search ends where llm-compressor's break does: on one-group weights, where a later shrink often does
     better after five steps that improved nothing, the scale is the break's exactly -- and such cases are among them."""
-    from klconvert.quant.groupwise import MSE_PATIENCE
     g = torch.Generator().manual_seed(0)
     cut_short = 0
     for _ in range(100):
