@@ -11,7 +11,6 @@ from compressed_tensors.quantization.lifecycle.forward import quantize as ct_qua
 from compressed_tensors.quantization.utils import calculate_qparams
 
 from klconvert.errors import KLError
-from klconvert.quant.groupwise import MSE_GRID, MSE_MAX_SHRINK, MSE_NORM, MSE_PATIENCE, qrange
 from klconvert.quant import (
     QuantScheme,
     compress_weight,
@@ -22,6 +21,7 @@ from klconvert.quant import (
     quantize_groupwise,
     unpack_from_int32,
 )
+from klconvert.quant.groupwise import MSE_GRID, MSE_MAX_SHRINK, MSE_NORM, MSE_PATIENCE, qrange
 
 CASES = [(bits, sym, gs, dtype) for bits in (4, 8) for sym in (True, False) for gs in (32, 128)
          for dtype in (torch.float32, torch.bfloat16)]
