@@ -533,6 +533,12 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
     if (model is None) == (preset is None):
         raise KLError("give exactly one of --model DIR or --preset kimi-linear-48b")
     _refuse_layers_with_model(model, layers)
+    if json_file is not None:   # said now, not after minutes of timing
+        from klconvert.convert.output_folder import make_parent
+
+        if json_file.is_dir():
+            raise KLError(f"--json {json_file}: is a folder; give a file name, e.g. {json_file / 'bench.json'}")
+        make_parent(json_file)
     if preset is not None:
         config = KimiLinearConfig.from_dict(preset_config(preset, layers))
         weights = B.random_quantized_weights(config, int(bits), "cuda")
@@ -561,7 +567,11 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
         result.peer = B.time_transformers(preset_config("kimi-linear-48b", peer_layers),
                                           report=lambda line: click.echo(line, err=True))
     if json_file is not None:
-        json_file.write_text(json.dumps(result.as_dict(), indent=1))
+        try:
+            json_file.write_text(json.dumps(result.as_dict(), indent=1))
+        except OSError as e:
+            raise KLError(f"--json {json_file}: cannot write it ({e.strerror}); the figures are in the lines "
+                          "above") from None
 
 
 ALLOCATOR_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")  # the user's wins

@@ -20,7 +20,7 @@ from klconvert.checkpoint.regular_file import read_json
 from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.checkpoint.safetensors_writer import index_json, shard_names, split_into_shards, write_shard
 from klconvert.convert.model_card import count_text, model_card, size_text
-from klconvert.convert.output_folder import OutputFolder, OutputLock, refuse_existing_out
+from klconvert.convert.output_folder import OutputFolder, OutputLock, make_parent, refuse_existing_out
 from klconvert.convert.outputs import ModuleMaker, PlanTotals, plan_modules, plan_totals
 from klconvert.convert.provenance import SourceOrigin, source_fingerprint, source_origin
 from klconvert.config import MAX_CONFIG_BYTES, KimiLinearConfig
@@ -254,8 +254,8 @@ def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, 
                       force: bool = False, max_shard_bytes: int | None = None, progress: bool = True,
                       allow_split_fused: bool = False, observer: str | None = None) -> QuantizeResult:
     """Pull `model` (a hub repo; a folder that exists locally is used as it is; `tiny` is the bundled model) and
-    quantize it into `out` (default ./<model-name>-w4a16, -w8a16 or -nf4). Options are checked before anything
-    is downloaded."""
+    quantize it into `out` (default ./<model-name>-w4a16, -w8a16 or -nf4). Options, and whether OUT's folder takes
+    files, are checked before anything is downloaded."""
     policy, _ = choose_policy(bits, group_size, symmetric, scheme, recipe, observer)
     out = Path(out) if out is not None else default_out_name(model, policy)
     refuse_existing_out(out, force)
@@ -272,6 +272,7 @@ def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, 
             released = [(n, spec.shape) for n, spec in expected_tensors(KimiLinearConfig.from_dict(
                 preset_config("kimi-linear-48b"))).items()]
             refuse_split_fused(policy.check_against(released), released)
+        make_parent(out)   # an OUT that cannot take files is said before a 98 GB download, not after it
         src = pull(model, revision=revision, progress=progress).path
     return quantize(src, out, bits=bits, group_size=group_size, symmetric=symmetric, scheme=scheme, recipe=recipe,
                     device=device, force=force, max_shard_bytes=max_shard_bytes, progress=progress,

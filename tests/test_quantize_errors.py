@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,6 +144,26 @@ def test_already_quantized_source(quantized, tmp_path, capsys):
 def test_cuda_requested_without_cuda(tiny_released, tmp_path, capsys):
     assert "--device cuda: no CUDA device" in fails(capsys, tmp_path, "--group-size", "32", "--device", "cuda",
                                                     src=tiny_released)
+
+
+@pytest.mark.parametrize("where", ["proc", "read-only"])
+def test_an_output_folder_that_takes_no_files_is_one_line(tiny_released, tmp_path, capsys, where):
+    """OUT in an existing folder where no file can be created: quantize and synth say so, and leave nothing."""
+    if where == "proc":
+        if not Path("/proc/self").is_dir():
+            pytest.skip("no /proc here")
+        parent = Path("/proc")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        parent = tmp_path / "read-only"
+        parent.mkdir(mode=0o555)
+    out = parent / f"klconvert-out-{os.getpid()}"
+    for args in (["quantize", tiny_released, out, "--device", "cpu"], ["synth", "--preset", "tiny", "--out", out]):
+        assert_one_line_error(*run_cli(capsys, *args)[::2],
+                              f"{out}: cannot create files in the folder it goes in, {parent} (", "); choose a folder "
+                              "you can write to")
+    assert not any(f"klconvert-out-{os.getpid()}" in p.name for p in parent.iterdir())   # nor a probe
 
 
 def test_an_output_path_under_a_file_is_one_line(tiny_released, tmp_path, capsys):

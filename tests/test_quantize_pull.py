@@ -61,6 +61,16 @@ def test_bad_options_fail_before_any_download(served, capsys):
     assert sum(server.requests.values()) == 0
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc here")
+def test_an_output_folder_that_takes_no_files_fails_before_any_download(served, capsys):
+    """OUT under Linux's /proc (a folder where no file can be created) is refused before the pull, not after it."""
+    server, _ = served
+    out = Path("/proc") / "klconvert-w4a16"
+    assert_one_line_error(*run_cli(capsys, "pull-and-quantize", "--out", out)[::2],
+                          f"{out}: cannot create files in the folder it goes in, /proc (")
+    assert sum(server.requests.values()) == 0
+
+
 def test_local_folder_skips_the_pull(tiny_released, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code, stdout, err = run_cli(capsys, "pull-and-quantize", "--model", tiny_released, "--bits", "8",

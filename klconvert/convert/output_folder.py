@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from klconvert.checkpoint.regular_file import open_regular, read_json
@@ -52,13 +53,21 @@ def refuse_existing_out(out: Path, force: bool) -> None:
 
 
 def make_parent(out: Path) -> None:
-    """Create the folder `out` goes in (and those above it), or say in one line why it cannot be."""
+    """Create the folder `out` goes in (and those above it) and check that files can be created in it, or say in
+    one line why not."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:   # a file where a folder should be, no permission, a read-only or virtual file system
         reason = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror
         raise KLError(f"{out}: cannot create the folder it goes in, {out.parent} ({reason}); choose another "
                       "output path") from None
+    try:   # the folder exists, but its file system may be read-only or virtual, or the user may lack write access
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.write-test-", dir=out.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise KLError(f"{out}: cannot create files in the folder it goes in, {out.parent} ({e.strerror}); choose "
+                      "a folder you can write to") from None
 
 
 class OutputLock:
