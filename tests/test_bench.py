@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from klconvert import bench as B
 from klconvert.config import KimiLinearConfig
 from klconvert.presets import preset_config
 from klconvert.runtime import engine as engine_module
+from testkit import assert_one_line_error, run_cli
 
 
 # the Triton path on CPU tensors: Triton's interpreter, which conftest turns on only where there is no GPU
@@ -32,14 +34,14 @@ def test_bench_checks_then_times_on_the_cpu(tiny4, monkeypatch):
     """Decode rows, then prefill rows (segments of 4), on one bound model: the depth check (two decode steps after
     its prompt) and the prefill check (prefill against prefill + one decode step) pass before anything is timed.
     One call, short prompts: the interpreter is slow."""
-    monkeypatch.setattr(engine_module, "PREFILL_SEGMENT", 4)
+    monkeypatch.setattr(engine_module, "PREFILL_SEGMENT", 2)
     monkeypatch.setattr(B, "CHECK_DECODE", 2)
     weights = B.random_quantized_weights(tiny4, 4, "cpu")
     calm = B.random_quantized_weights(tiny4, 4, "cpu", calm=True)
     lines: list[str] = []
     short = dataclasses.replace(tiny4, model_max_length=72)  # asking for the longest context fills 72 - 2 - 16
     result = B.bench(short, weights, bits="int4", contexts=[72], batches=[2], new_tokens=2, calm_weights=calm,
-                     report=lines.append, device="cpu", check_prompt=8, prefills=[5], prefill_check_tokens=5,
+                     report=lines.append, device="cpu", check_prompt=2, prefills=[3], prefill_check_tokens=3,
                      warmup=False)
     assert result.depth_check["rel_err"] < 2e-2 and result.depth_check["top1"] >= 0.9   # the kernels take bf16 inputs
     (row,) = result.rows
@@ -49,9 +51,9 @@ def test_bench_checks_then_times_on_the_cpu(tiny4, monkeypatch):
     assert row.bytes_per_step > 0 and row.ms_per_token > 0 and row.floor_ratio > 0
     assert any("ms/step" in line for line in lines)
     assert result.prefill_check["rel_err"] < 2e-2 and result.prefill_check["top1"]
-    assert [r.tokens for r in result.prefill_rows] == [5]                       # two segments
+    assert [r.tokens for r in result.prefill_rows] == [3]                       # two segments
     assert all(r.seconds > 0 and r.tokens_per_s > 0 and r.plan_total_gib > 0 for r in result.prefill_rows)
-    assert sum("prefill 5 tokens" in line and "tokens/s" in line for line in lines) == 1
+    assert sum("prefill 3 tokens" in line and "tokens/s" in line for line in lines) == 1
 
 
 def test_one_token_touches_k_experts(tiny4):
@@ -118,3 +120,15 @@ def test_bench_without_a_gpu_is_one_line():
     run = subprocess.run([sys.executable, "-m", "klconvert", "bench", "--preset", "kimi-linear-48b", "--layers", "1"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "needs a CUDA GPU" in run.stderr
+
+
+def test_a_json_file_that_cannot_be_written_is_refused_before_the_bench(tmp_path, capsys):
+    """--json naming a folder, or a file in a folder that takes no files, ends in one line before anything runs
+    (on a GPU too: nothing would be timed)."""
+    cases = [(tmp_path, f"--json {tmp_path}: is a folder; give a file name")]
+    if Path("/proc/self").is_dir():   # Linux's /proc: a folder where no file can be created
+        cases.append((Path("/proc/bench.json"),
+                      "/proc/bench.json: cannot create files in the folder it goes in, /proc ("))
+    for where, needle in cases:
+        assert_one_line_error(*run_cli(capsys, "bench", "--preset", "kimi-linear-48b", "--layers", "1", "--json",
+                                       where)[::2], needle)
