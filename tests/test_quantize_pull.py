@@ -61,6 +61,13 @@ def test_bad_options_fail_before_any_download(served, capsys):
     assert sum(server.requests.values()) == 0
 
 
+def test_an_existing_out_is_refused_before_any_download(served, capsys):
+    server, _ = served
+    Path("taken").mkdir()
+    assert_one_line_error(*run_cli(capsys, "pull-and-quantize", "--out", "taken")[::2], "taken: already exists")
+    assert sum(server.requests.values()) == 0
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc here")
 def test_an_output_folder_that_takes_no_files_fails_before_any_download(served, capsys):
     """OUT under Linux's /proc (a folder where no file can be created) is refused before the pull, not after it."""
