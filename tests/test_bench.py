@@ -31,7 +31,7 @@ def tiny4():
 @pytest.mark.slow
 @ON_THE_INTERPRETER
 def test_bench_checks_then_times_on_the_cpu(tiny4, monkeypatch):
-    """Decode rows, then prefill rows (segments of 4), on one bound model: the depth check (two decode steps after
+    """Decode rows, then prefill rows (segments of 2), on one bound model: the depth check (two decode steps after
     its prompt) and the prefill check (prefill against prefill + one decode step) pass before anything is timed.
     One call, short prompts: the interpreter is slow."""
     monkeypatch.setattr(engine_module, "PREFILL_SEGMENT", 2)
