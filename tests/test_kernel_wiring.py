@@ -142,10 +142,10 @@ def test_shared_expert_stored_otherwise_runs_beside_the_fused_moe(calm4, tmp_pat
     moe = tri.model.blocks[1].ffn
     assert isinstance(moe.experts, FusedExperts) and not moe.experts.packed.has_shared
     assert isinstance(moe.shared_experts.gate_proj, PackedIntLinear)
-    ids = torch.randint(0, ref.config.vocab_size, (1, 5), device=DEVICE)
-    ref.forward(ids[:, :4])
-    tri.forward(ids[:, :4])
-    assert rel_error(tri.decode_step(ids[:, 4:], 4), ref.decode_step(ids[:, 4:], 4)) < TOLERANCE
+    ids = torch.randint(0, ref.config.vocab_size, (1, 3), device=DEVICE)
+    ref.forward(ids[:, :2])
+    tri.forward(ids[:, :2])
+    assert rel_error(tri.decode_step(ids[:, 2:], 2), ref.decode_step(ids[:, 2:], 2)) < TOLERANCE
 
 
 @pytest.mark.slow

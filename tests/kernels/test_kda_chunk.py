@@ -51,9 +51,8 @@ def test_kda_chunk_odd_lengths(T):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("T", [2049, 4100])
-def test_kda_chunk_long(T):
-    check_chunk(1, T, 1, 16, 16)
+def test_kda_chunk_long():
+    check_chunk(1, 2049, 1, 16, 16)   # 33 chunks, the last of one token: the state carried through every one
 
 
 @pytest.mark.parametrize("dtype, state_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
