@@ -38,8 +38,52 @@ def _fix_interpreter_bf16():
     InterpreterBuilder.cast_impl, InterpreterBuilder.create_dot = cast_impl, create_dot
 
 
+def _patch_the_language_once_a_launch():
+    """The interpreter patches triton.language before each launch and restores it after -- and again on every call
+    of a @triton.jit helper inside the kernel (tl.sum, tl.zeros and our own helpers alike: `inspect.getmembers` of
+    the language modules each time, never restored), about 40% of an interpreted launch of the fused MoE. Here a
+    helper's call patches only the language modules the launch has not patched yet, and the launch restores all it
+    patched, last first, when it ends: every helper still runs under the same patches, so what the kernels compute is
+    unchanged."""
+    import inspect
+
+    from triton.runtime import interpreter
+
+    if not all(hasattr(interpreter, name) for name in ("_patch_lang", "GridExecutor", "_LangPatchScope")):
+        return  # another Triton's interpreter: run it as it is
+    patch, launch = interpreter._patch_lang, interpreter.GridExecutor.__call__
+    langs_of: dict = {}
+    running: list = []  # while a kernel runs: [lang modules patched, their scopes]
+
+    def patch_lang(fn):
+        if not running:
+            return patch(fn)
+        patched, scopes = running
+        langs = langs_of.get(fn)
+        if langs is None:
+            langs = langs_of[fn] = {id(v) for v in fn.__globals__.values()
+                                    if inspect.ismodule(v) and v in (tl, tl.core)}
+        if not langs <= patched:
+            scopes.append(patch(fn))
+            patched |= langs
+        return interpreter._LangPatchScope()  # nothing of its own to restore: the launch restores it all
+
+    def run_grid(self, *args, **kwargs):
+        running[:] = [set(), []]
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            scopes = running[1]
+            running.clear()
+            for scope in reversed(scopes):
+                scope.restore()
+
+    interpreter._patch_lang, interpreter.GridExecutor.__call__ = patch_lang, run_grid
+
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     _fix_interpreter_bf16()
+    _patch_the_language_once_a_launch()
 
 if "PYTEST_XDIST_WORKER" in os.environ:
     # one process per core (`-n auto`): each on one intra-op thread, so the workers do not fight over the cores
