@@ -228,8 +228,6 @@ class Engine:
         B = len(seqs)
         self.check_fits(max(len(s) for s in seqs), max_new_tokens)
         self.stats = GenerationStats(prompt_tokens=sum(len(s) for s in seqs), batch=B)
-        if max_new_tokens <= 0:
-            return torch.empty(B, 0, dtype=torch.long)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else torch.seed())
         step = self.decoder(B)
@@ -241,6 +239,8 @@ class Engine:
         step.positions.copy_(torch.tensor([len(s) for s in seqs], device=self.device))
         _sync(self.device)
         self.stats.prefill_seconds = time.perf_counter() - t0
+        if max_new_tokens <= 0:  # the prompts through the model (their prefill timed), nothing to decode
+            return torch.empty(B, 0, dtype=torch.long)
         return self.decode_loop(step, last, max_new_tokens, temperature, top_p, generator, stop_ids, on_token)
 
     @contextmanager

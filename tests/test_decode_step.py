@@ -50,6 +50,15 @@ def test_generate_streams_every_token_of_every_sequence(trained_like):
     assert [seen[0], seen[1]] == out.tolist()
 
 
+def test_no_new_tokens_still_prefills(trained_like):
+    """`run --max-new-tokens 0` puts the prompts through the model and stops: no ids, and the prefill timed, so
+    the summary's prefill tokens/s is a real figure (it read 0.0 when nothing ran)."""
+    engine = klconvert.load(trained_like, device="cpu", dtype=torch.float32, max_context=32, batch=2)
+    out = engine.generate([[1, 2, 3], [4, 5]], max_new_tokens=0)
+    assert out.shape == (2, 0) and engine.stats.new_tokens == 0
+    assert engine.stats.prompt_tokens == 5 and engine.stats.prefill_seconds > 0 and engine.stats.prefill_tps > 0
+
+
 def test_stop_token_ends_a_sequence_and_pads_it(trained_like):
     engine = klconvert.load(trained_like, device="cpu", dtype=torch.float32, max_context=32)
     free = engine.generate([[7, 8, 9]], max_new_tokens=8)[0].tolist()

@@ -159,6 +159,7 @@ def test_prompts_of_different_lengths_decode_together_as_alone(exported):
     for b, prompt in enumerate(prompts):
         assert engine.generate([prompt], 12)[0].tolist() == together[b].tolist()
     assert together.tolist() == exact_engine(quantized, batch=2).generate(prompts, 12).tolist()
+    assert engine.generate(prompts, 0).shape == (2, 0) and engine.stats.prefill_tps > 0  # prefilled, nothing decoded
 
 
 @pytest.mark.slow

@@ -119,8 +119,6 @@ class OnnxEngine:
         on_token, on_prefill(tokens) after each prompt, self.stats)."""
         B = len(prompts)
         self.stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts), batch=B)
-        if max_new_tokens <= 0:
-            return torch.empty(B, 0, dtype=torch.long)
         generator = torch.Generator()
         generator.manual_seed(seed if seed is not None else torch.seed())
         t0 = time.perf_counter()
@@ -133,5 +131,7 @@ class OnnxEngine:
                 on_prefill(len(p))
         step = _SessionStep(self, self._batched(states), [len(p) for p in prompts])
         self.stats.prefill_seconds = time.perf_counter() - t0
+        if max_new_tokens <= 0:  # as Engine.generate: prefilled, nothing to decode
+            return torch.empty(B, 0, dtype=torch.long)
         return self.decode_loop(step, torch.cat(last), max_new_tokens, temperature, top_p, generator, stop_ids,
                                 on_token)
