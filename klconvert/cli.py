@@ -128,7 +128,8 @@ def _context_error(tokens: int, at_least: bool, max_new_tokens: int, max_context
               help="UTF-8 text file with the prompt, or - for standard input; repeat it to continue several prompts "
                    "as one batch (each at its own length).")
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=256, show_default=True,
-              help="Stop after this many new tokens (or earlier, at the end-of-turn token).")
+              help="Stop after this many new tokens (or earlier, at the end-of-turn token); 0 only prefills the "
+                   "prompts.")
 @click.option("--temperature", type=FiniteFloat(min=0.0), default=0.0, show_default=True,
               help="Sampling temperature; 0 is greedy.")
 @click.option("--top-p", type=FiniteFloat(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True,
