@@ -230,16 +230,17 @@ class Engine:
         self.stats = GenerationStats(prompt_tokens=sum(len(s) for s in seqs), batch=B)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else torch.seed())
-        step = self.decoder(B)
+        step = self.decoder(B) if max_new_tokens > 0 else None  # none to capture when only prefilling
         t0 = time.perf_counter()
         with self._small_model_threads():
             last = torch.cat([self._prefill(s.view(1, -1), self.state.rows(b, b + 1), all_logits=False,
                                             progress=on_prefill)[:, -1]
                               for b, s in enumerate(seqs)])                     # [B, vocab]
-        step.positions.copy_(torch.tensor([len(s) for s in seqs], device=self.device))
+        if step is not None:
+            step.positions.copy_(torch.tensor([len(s) for s in seqs], device=self.device))
         _sync(self.device)
         self.stats.prefill_seconds = time.perf_counter() - t0
-        if max_new_tokens <= 0:  # the prompts through the model (their prefill timed), nothing to decode
+        if step is None:  # the prompts through the model (their prefill timed), nothing to decode
             return torch.empty(B, 0, dtype=torch.long)
         return self.decode_loop(step, last, max_new_tokens, temperature, top_p, generator, stop_ids, on_token)
 

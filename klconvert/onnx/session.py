@@ -129,9 +129,9 @@ class OnnxEngine:
             states.append(state)
             if on_prefill is not None:
                 on_prefill(len(p))
-        step = _SessionStep(self, self._batched(states), [len(p) for p in prompts])
         self.stats.prefill_seconds = time.perf_counter() - t0
         if max_new_tokens <= 0:  # as Engine.generate: prefilled, nothing to decode
             return torch.empty(B, 0, dtype=torch.long)
+        step = _SessionStep(self, self._batched(states), [len(p) for p in prompts])
         return self.decode_loop(step, torch.cat(last), max_new_tokens, temperature, top_p, generator, stop_ids,
                                 on_token)
