@@ -273,7 +273,7 @@ def time_decode(engine: Engine, batch: int, context: int, new_tokens: int, warmu
     for n in ((8,) if warmup else ()) + (new_tokens,):
         step.positions.fill_(context)
         engine.decode_loop(step, logits, n)
-    return engine.stats.decode_seconds / engine.stats.steps
+    return engine.stats.decode_seconds / engine.stats.timed_steps
 
 
 def prefill_check(config: KimiLinearConfig, weights: Weights, device: torch.device, tokens: int,
