@@ -9,7 +9,10 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     """logits [B, vocab] -> token ids [B]. temperature 0 is greedy."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # Shifted so the top logit is 0 before dividing: a tiny temperature then sends every other logit to -inf (and
+    # 0 / T, with T underflowing to 0 in fp32, is kept 0, not NaN), so the draw tends to greedy, never to NaN.
+    shifted = logits.float() - logits.float().amax(dim=-1, keepdim=True)
+    probs = torch.softmax(torch.where(shifted < 0, shifted / temperature, 0.0), dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)

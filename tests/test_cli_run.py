@@ -59,6 +59,17 @@ def test_top_p_keeps_only_the_nucleus():
     assert int(sample(logits, 0.0, 1.0, g)) == 0
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 1e-45, 1e-30])
+def test_a_tiny_temperature_draws_the_top_token_not_nan(temperature):
+    """logits / T overflows fp32 (and T itself underflows to 0): the draw must tend to greedy, not to NaN."""
+    from klconvert.runtime.sampling import sample
+
+    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(1)) * 5
+    g = torch.Generator().manual_seed(0)
+    for top_p in (1.0, 0.5):
+        assert torch.equal(sample(logits, temperature, top_p, g), logits.argmax(dim=-1))
+
+
 @pytest.mark.slow
 def test_plan_command_prints_the_table():
     proc = run_klconvert("plan", "--preset", "kimi-linear-48b", "--bits", "4", "--gpu-memory", "48GiB",
