@@ -32,7 +32,7 @@ CACHE_DTYPES = {"bfloat16": torch.bfloat16, "float8_e4m3fn": FP8}
 class GenerationStats:
     prompt_tokens: int = 0
     batch: int = 1
-    new_tokens: int = 0      # over all sequences
+    new_tokens: int = 0      # over all sequences, each up to and including its stop id (not the padding after)
     steps: int = 0           # decode steps run (each makes one token per sequence)
     timed_steps: int = 0     # the steps decode_seconds covers: all but the first, when there are two or more
     prefill_seconds: float = 0.0
@@ -278,14 +278,14 @@ class Engine:
         done = torch.isin(token, stop)
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=self.device)
         out[:, 0] = token
-        stream, stopped = _TokenStream(self.device), [False] * B
+        stream, stopped, made = _TokenStream(self.device), [False] * B, [0] * B
         stream.push(token)
 
         def hand_on(rows: list[list[int]]) -> None:
             for row in rows:
                 for b, t in enumerate(row):
                     if not stopped[b]:
-                        stopped[b] = t in stop_ids
+                        stopped[b], made[b] = t in stop_ids, made[b] + 1
                         if on_token:
                             on_token(b, t)
 
@@ -309,7 +309,7 @@ class Engine:
         _sync(self.device)
         self.stats.decode_seconds = time.perf_counter() - t0
         self.stats.steps, self.stats.timed_steps, self.stats.batch = n - 1, n - timed_from, B
-        self.stats.new_tokens = n * B
+        self.stats.new_tokens = sum(made)
         return out[:, :n].cpu()
 
     def _as_prompts(self, prompts) -> list[torch.Tensor]:
