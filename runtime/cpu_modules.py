@@ -155,10 +155,10 @@ class CPULatentAttention(nn.Module):
         """The fp32 cache's rows 0..last[b] of each sequence b."""
         B, L, _ = cache.shape
         R = q_lat.shape[-1]
-        if self.arange is None or self.arange.shape[-1] != L:
+        if self.arange is None or self.arange.shape[-1] < L:
             self.arange = torch.arange(L, device=cache.device).view(1, 1, L)
         scores = torch.bmm(torch.cat([q_lat, q_rope], dim=-1), cache.transpose(1, 2)) * self.scale_t   # [B, H, L]
-        p = scores.masked_fill_(self.arange > last.view(B, 1, 1), float("-inf")).softmax(dim=-1)
+        p = scores.masked_fill_(self.arange[..., :L] > last.view(B, 1, 1), float("-inf")).softmax(dim=-1)
         return torch.bmm(p, cache[..., :R])
 
 

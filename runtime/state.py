@@ -42,6 +42,11 @@ class StateBuffers:
                        mla_cache=self.mla_cache[:, sl],
                        mla_scale=None if self.mla_scale is None else self.mla_scale[:, sl])
 
+    def upto(self, n: int) -> "StateBuffers":
+        """Views of the cache's first n positions of every sequence (the recurrent state whole)."""
+        return replace(self, mla_cache=self.mla_cache[:, :, :n],
+                       mla_scale=None if self.mla_scale is None else self.mla_scale[:, :, :n])
+
     def reset(self) -> None:
         """Start new sequences: recurrent state and conv tails to zero (the cache is overwritten as it fills)."""
         self.kda_state.zero_()

@@ -33,6 +33,21 @@ def test_decode_step_equals_prefill_over_64_steps(trained_like):
         assert rel(step.step()[0], full[t]) < 1e-5, t
 
 
+@pytest.mark.parametrize("cache_dtype", ["bfloat16", "float8_e4m3fn"])
+def test_a_cpu_step_reads_no_cache_row_past_the_furthest_position(trained_like, cache_dtype):
+    """On the CPU a step costs the tokens so far, not the planned context: rows past every sequence's position,
+    poisoned with NaN, never reach the logits (masked rows that were read would: 0 * NaN)."""
+    engine = klconvert.load(trained_like, device="cpu", dtype=torch.float32, max_context=64, batch=2,
+                            mla_cache_dtype=cache_dtype)
+    step = engine.decoder(2)
+    engine.generate([[1, 2, 3], [4, 5, 6, 7, 8]], max_new_tokens=1)
+    poison = engine.state.mla_scale if engine.state.mla_scale is not None else engine.state.mla_cache
+    poison[:, :, 9:] = float("nan")
+    step.tokens.copy_(torch.tensor([9, 10]))
+    step.positions.copy_(torch.tensor([3, 8]))
+    assert torch.isfinite(step.step()).all()
+
+
 def test_batch_of_different_lengths_equals_each_alone(trained_like):
     engine = klconvert.load(trained_like, device="cpu", dtype=torch.float32, max_context=64, batch=3)
     g = torch.Generator().manual_seed(1)
@@ -89,6 +104,16 @@ def test_stop_token_ends_a_sequence_and_pads_it(trained_like):
     stopped = engine.generate([[7, 8, 9]], max_new_tokens=8, stop_ids=frozenset({stop}))[0].tolist()
     first = free.index(stop)
     assert stopped[:first + 1] == free[:first + 1] and len(stopped) == first + 1
+
+
+def test_new_tokens_count_each_sequence_up_to_its_stop(trained_like):
+    """The summary's `N new`: each sequence's tokens through its stop id, not the padding after it."""
+    engine = klconvert.load(trained_like, device="cpu", dtype=torch.float32, max_context=32, batch=2)
+    prompts = [[7, 8, 9], [4, 5]]
+    stop = engine.generate(prompts, max_new_tokens=8)[0].tolist()[1]
+    out = engine.generate(prompts, max_new_tokens=8, stop_ids=frozenset({stop})).tolist()
+    made = [row.index(stop) + 1 if stop in row else len(row) for row in out]
+    assert made[0] == 2 and engine.stats.new_tokens == sum(made) < 2 * len(out[0])
 
 
 def test_sampling_is_seeded(trained_like):
