@@ -16,7 +16,7 @@ from tqdm import tqdm
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_INDEX_BYTES, SINGLE_FILE
 from klconvert.checkpoint.reader import open_checkpoint
-from klconvert.checkpoint.regular_file import read_json
+from klconvert.checkpoint.regular_file import read_bounded, read_json
 from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.checkpoint.safetensors_writer import index_json, shard_names, split_into_shards, write_shard
 from klconvert.convert.model_card import count_text, model_card, size_text
@@ -32,9 +32,11 @@ from klconvert.quant import Policy, load_recipe, policy_from_options
 from klconvert.quant.fused import refuse_split_fused
 from klconvert.quant.policy import LINEAR
 from klconvert.presets import preset_config
+from klconvert.tokenizer import Tokenizer
 
 MAX_SHARD_BYTES = 5 * 10**9  # the "5GB" shards transformers and the released checkpoint use
 COPIED_FILES = ("tiktoken.model", "*.jinja", "*.json")  # tokenizer, chat templates and small configs; never .py
+MAX_COPIED_FILE_BYTES = 32 << 20  # the most any side file is read (tiktoken.model's bound); the released are < 3 MB
 WRITTEN_FILES = ("config.json", INDEX_FILE)  # made here, not copied
 QUANTIZED_TENSOR_SUFFIXES = ("weight_packed", "weight_scale", ".absmax", "quant_state.bitsandbytes__nf4")
 RESUME_FORMAT = 1  # bump when the output of the same source and options changes
@@ -144,8 +146,16 @@ def _refuse_out_over_src(src: Path, out: Path) -> None:
 
 
 def _copied_files(src: Path) -> list[Path]:
-    found = {p for pattern in COPIED_FILES for p in src.glob(pattern) if p.is_file()}
-    return sorted(p for p in found if p.name not in WRITTEN_FILES)
+    """The side files OUT takes from SRC, each refused past MAX_COPIED_FILE_BYTES. Hidden files stay behind: none is
+    a model's, and klconvert's own (a partial output's .klconvert-resume.json) would overwrite OUT's."""
+    found = {p for pattern in COPIED_FILES for p in src.glob(pattern)
+             if p.is_file() and not p.name.startswith(".") and p.name not in WRITTEN_FILES}
+    for path in found:
+        size = path.stat().st_size
+        if size > MAX_COPIED_FILE_BYTES:
+            raise KLError(f"{path}: {size:,} bytes, over the {MAX_COPIED_FILE_BYTES >> 20} MB a side file klconvert "
+                          "copies (tokenizer, chat template, small config) may be; remove it or re-download the model")
+    return sorted(found)
 
 
 def _write_error(e: OSError, folder: OutputFolder, done: int, total: int, kept: bool) -> KLError:
@@ -187,6 +197,8 @@ def _quantize(src: Path, out: Path, policy: Policy, runtime: dict, device: str |
     torch_device = pick_device(device)
     refuse_quantized_source(src)
     checkpoint = open_checkpoint(src)
+    Tokenizer.from_folder(src, checkpoint.config.vocab_size)  # as `run` reads it: refused now, not in OUT later
+    copied_files = _copied_files(src)
     names_and_shapes = [(name, spec.shape) for name, spec in checkpoint.expected.items()]
     policy = policy.check_against(names_and_shapes)
     if not allow_split_fused:
@@ -225,11 +237,12 @@ def _quantize(src: Path, out: Path, policy: Policy, runtime: dict, device: str |
             done += 1
         config = dict(checkpoint.config.raw)  # as read and checked, not read again
         config["quantization_config"] = policy.quantization_config()
+        config["tie_word_embeddings"] = False  # lm_head is written on its own, even where the source tied it
         folder.write_text("config.json", json.dumps(config, indent=2) + "\n")
         folder.write_text(INDEX_FILE, index_json(shards, names) + "\n")
         folder.write_text("recipe.yaml", recipe_yaml)
-        for path in _copied_files(src):
-            shutil.copyfile(path, folder.path / path.name)
+        for path in copied_files:
+            (folder.path / path.name).write_bytes(read_bounded(path, MAX_COPIED_FILE_BYTES, path.name))
         folder.write_text("README.md", model_card(out.name, origin, policy, totals, len(shards), version("klconvert")))
         folder.finish()
     except BaseException as e:

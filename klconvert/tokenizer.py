@@ -119,8 +119,11 @@ def read_special_tokens(config: dict, path: Path, vocab_size: int = SIZE_RANGES[
         raise KLError(f"{path}: no 'added_tokens_decoder' map of special tokens; re-download the model")
     special_tokens: dict[str, int] = {}
     for key, entry in decoder.items():
+        if not re.fullmatch(r"0|[1-9][0-9]{0,9}", key):   # "01026" would name the id of "1026" a second time
+            raise KLError(f"{path}: added_tokens_decoder entry {key!r:.40} is not an id in plain decimal (digits, no "
+                          "leading zeros); fix the file or re-download the model")
         content = entry.get("content") if isinstance(entry, dict) else None
-        if not re.fullmatch(r"[0-9]{1,10}", key) or not isinstance(content, str) or not content:
+        if not isinstance(content, str) or not content:
             raise KLError(f"{path}: added_tokens_decoder entry {key!r} is not '<id>': {{\"content\": \"<text>\"}}; "
                           "fix the file or re-download the model")
         if len(content) > MAX_SPECIAL_TOKEN_CHARS:
@@ -234,6 +237,11 @@ class Tokenizer:
             if chat_template is not None and not isinstance(chat_template, str):
                 raise KLError(f"{config_path}: chat_template should be one jinja string, got "
                               f"{type(chat_template).__name__}; fix the file or re-download the model")
+            size = len(chat_template.encode("utf-8", "surrogatepass")) if chat_template else 0
+            if size > MAX_CHAT_TEMPLATE_BYTES:   # held to the bound of the template file
+                raise KLError(f"{config_path}: chat_template is {size:,} bytes, over the "
+                              f"{MAX_CHAT_TEMPLATE_BYTES >> 20} MB a chat template may be; fix the file or re-download "
+                              "the model")
         encoding = tiktoken.Encoding(name=folder.name or "kimi", pat_str=KIMI_PRETOKENIZE_PATTERN,
                                      mergeable_ranks=ranks, special_tokens=special_tokens)
         return cls(encoding, special_tokens, named["bos_token"], named["eos_token"], named["pad_token"],

@@ -1,13 +1,19 @@
 """Each bad input ends in one clear line on stderr, exit status 2, and no traceback."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import shutil
 import struct
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
+from klconvert.checkpoint.reader import Checkpoint
+from klconvert.quantize import quantize
 from testkit import assert_one_line_error, run_cli, run_klconvert
 
 
@@ -57,14 +63,57 @@ def damage_truncated_shard(folder):
     path.write_bytes(data[: len(data) // 2])
 
 
-def damage_lying_header(folder):
-    path = shard_holding(folder, NAME)
+def rewrite_header(path: Path, edit) -> None:
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + n])
-    header[NAME]["shape"][0] *= 2  # claims twice the bytes its offsets span
+    edit(header)
     raw = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+def damage_lying_header(folder):
+    def claim_twice_the_bytes(header):  # twice the bytes its offsets span
+        header[NAME]["shape"][0] *= 2
+
+    rewrite_header(shard_holding(folder, NAME), claim_twice_the_bytes)
+
+
+def damage_negative_offsets(folder):
+    def shift_below_zero(header):  # the same span, before the data
+        begin, end = header[NAME]["data_offsets"]
+        header[NAME]["data_offsets"] = [begin - end - 10**6, -10**6]
+
+    rewrite_header(shard_holding(folder, NAME), shift_below_zero)
+
+
+def damage_header_over_the_format_limit(folder):
+    path = shard_holding(folder, NAME)
+    data = path.read_bytes()
+    path.write_bytes(struct.pack("<Q", 200 << 20) + data[8:])
+
+
+def damage_long_shard_name(folder):
+    shard = shard_holding(folder, NAME).name
+    set_index(folder, lambda m: m.update({n: "x" * 300 + ".safetensors" for n, s in m.items() if s == shard}))
+
+
+def damage_directory_for_a_shard(folder):
+    path = shard_holding(folder, NAME)
+    path.unlink()
+    path.mkdir()
+
+
+def damage_symlink_loop_for_a_shard(folder):
+    path = shard_holding(folder, NAME)
+    path.unlink()
+    os.symlink(path.name, path)
+
+
+def damage_packed_weight_without_quantization_config(folder):
+    packed = NAME.removesuffix("weight") + "weight_packed"
+    rewrite_shard(shard_holding(folder, NAME), lambda t: t.__setitem__(packed, torch.zeros(2, 2, dtype=torch.int32)))
+    set_index(folder, lambda m: m.__setitem__(packed, m[NAME]))
 
 
 def damage_tensor_missing(folder):
@@ -88,6 +137,15 @@ CHECKPOINT_DAMAGE = [
     (damage_missing_shard, ["shard is missing"]),
     (damage_truncated_shard, ["truncated"]),
     (damage_lying_header, [NAME, "needs", "bytes"]),
+    (damage_negative_offsets, [NAME, "data_offsets [-", "not a byte range of the data"]),
+    (damage_header_over_the_format_limit, ["header claims 209,715,200 bytes",
+                                           "over the safetensors limit of 104,857,600 bytes (100 MB)"]),
+    (damage_long_shard_name, ["shard name 'xxx", "not a plain file name", "at most 255 bytes", "download it again"]),
+    (damage_directory_for_a_shard, ["not a regular file (a directory)", "pull the model again"]),
+    (damage_symlink_loop_for_a_shard, ["Too many levels of symbolic links", "pull the model again"]),
+    (damage_packed_weight_without_quantization_config, [
+        "weight_packed has dtype I32", "config.json has no quantization_config",
+        "put back the config.json the quantized weights came with"]),
     (damage_tensor_missing, [NAME, "missing"]),
     (damage_unknown_tensor, ["mystery", "maps to nothing"]),
     (damage_wrong_shape, [NAME, "shape"]),
@@ -106,6 +164,70 @@ def test_damaged_checkpoint(capsys, tiny_copy, prompt, damage, needles):
     code, _, err = run_cli(capsys, "run", "--model", str(tiny_copy), "--prompt-file", str(prompt),
                         "--max-new-tokens", "2")
     assert_one_line_error(code, err, *needles)
+
+
+def test_a_symlink_loop_is_not_called_missing(capsys, tiny_copy, prompt):
+    damage_symlink_loop_for_a_shard(tiny_copy)
+    code, _, err = run_cli(capsys, "run", "--model", str(tiny_copy), "--prompt-file", str(prompt))
+    assert "missing" not in assert_one_line_error(code, err, "symbolic links")
+
+
+@pytest.mark.parametrize("extra", [-1, 1])
+def test_stacked_experts_must_number_what_the_config_says(capsys, tiny_transformers, tmp_path, prompt, extra):
+    """The transformers layout stacks a layer's experts in one tensor: 15 or 17 of them for 16 is refused."""
+    folder = shutil.copytree(tiny_transformers, tmp_path / "tiny-tf")
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+
+    def restack(tensors):
+        stacked = tensors[name]
+        tensors[name] = stacked[:extra].clone() if extra < 0 else torch.cat([stacked, stacked[:extra]])
+
+    rewrite_shard(shard_holding(folder, name), restack)
+    code, _, err = run_cli(capsys, "run", "--model", str(folder), "--prompt-file", str(prompt), "--max-new-tokens", "2")
+    assert_one_line_error(code, err, name, f"[{16 + extra}, ", "the checkpoint does not match its config.json")
+
+
+def tie_embeddings(folder: Path, keep_lm_head: bool) -> None:
+    edit_config(folder, lambda c: c.update(tie_word_embeddings=True))
+    if not keep_lm_head:
+        rewrite_shard(shard_holding(folder, "lm_head.weight"), lambda t: t.pop("lm_head.weight"))
+        set_index(folder, lambda m: m.pop("lm_head.weight"))
+
+
+def test_tied_embeddings_stand_in_for_lm_head(tiny_copy, tmp_path):
+    """tie_word_embeddings: true and no lm_head.weight (as transformers saves a tied model): lm_head is the
+    embedding. A quantized copy stores lm_head on its own, so its config unties them."""
+    tie_embeddings(tiny_copy, keep_lm_head=False)
+    checkpoint = Checkpoint(tiny_copy)
+    assert torch.equal(checkpoint.get("lm_head.weight"), checkpoint.get("model.embed_tokens.weight"))
+    out = quantize(tiny_copy, tmp_path / "q", bits=8, group_size=32, device="cpu", progress=False).path
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    assert "lm_head.weight" in Checkpoint(out).sources
+
+
+def test_tied_embeddings_beside_a_stored_lm_head_are_refused(capsys, tiny_copy, prompt):
+    tie_embeddings(tiny_copy, keep_lm_head=True)
+    code, _, err = run_cli(capsys, "run", "--model", str(tiny_copy), "--prompt-file", str(prompt))
+    assert_one_line_error(code, err, "config.json: tie_word_embeddings is true", "also stores lm_head.weight")
+
+
+def _export_onnx(src: Path, out: Path) -> tuple[str, ...]:
+    if importlib.util.find_spec("onnx") is None:
+        pytest.skip("onnx is not installed")
+    return "export-onnx", "--model", str(src), "--out", str(out)
+
+
+@pytest.mark.parametrize("command", [
+    lambda src, out: ("quantize", str(src), str(out), "--group-size", "32", "--device", "cpu"),
+    _export_onnx,
+], ids=["quantize", "export-onnx"])
+def test_a_broken_source_tokenizer_is_refused_before_writing(capsys, tiny_copy, tmp_path, command):
+    """quantize and export-onnx check the tokenizer as run does: no finished folder that run then refuses."""
+    (tiny_copy / "tiktoken.model").unlink()
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, *command(tiny_copy, out))
+    assert_one_line_error(code, err, "tiktoken.model")
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
 
 
 def test_empty_prompt(capsys, tiny_released, tmp_path):

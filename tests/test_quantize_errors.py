@@ -175,3 +175,28 @@ def test_an_output_path_under_a_file_is_one_line(tiny_released, tmp_path, capsys
                               f"{tmp_path / 'afile' / 'out'}: cannot create the folder it goes in, "
                               f"{tmp_path / 'afile'} (a file is in the way); choose another output path")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_a_huge_side_file_is_refused_before_anything_is_written(tiny_copy, tmp_path, capsys):
+    os.truncate(tiny_copy / "generation_config.json", 40 << 20)  # sparse: a side file past any model's
+    line = fails(capsys, tmp_path, "--group-size", "32", "--device", "cpu", src=tiny_copy)
+    assert "generation_config.json: 41,943,040 bytes, over the 32 MB" in line, line
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_klconvert_bookkeeping_in_the_source_is_not_copied(tiny_copy, tmp_path, monkeypatch):
+    """A source holding a partial output's resume record (or any hidden file) gives OUT none of them: the record of
+    OUT.partial stays its own until the rename, so a run stopped after the side files still resumes."""
+    (tiny_copy / ".klconvert-resume.json").write_text('{"format": 1}')
+    (tiny_copy / ".hidden.json").write_text("{}")
+
+    def stop(*args):
+        raise KLError("stopped before the model card")
+
+    monkeypatch.setattr("klconvert.quantize.model_card", stop)
+    with pytest.raises(KLError, match="stopped before the model card"):
+        quantize(tiny_copy, tmp_path / "out", bits=8, group_size=32, device="cpu", progress=False)
+    partial = tmp_path / "out.partial"
+    assert (partial / "generation_config.json").read_bytes() == (tiny_copy / "generation_config.json").read_bytes()
+    assert "source" in json.loads((partial / ".klconvert-resume.json").read_text())
+    assert not (partial / ".hidden.json").exists()

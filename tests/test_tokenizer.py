@@ -315,3 +315,16 @@ def test_a_chat_template_that_renders_nothing_is_named(broken_folder):
     with pytest.raises(KLError, match=r"tokenizer_config\.json: the chat template renders the conversation as no "
                                       r"text; fix the template, or send the prompt without --chat"):
         Tokenizer.from_folder(broken_folder).encode_chat([{"role": "user", "content": "hi"}])
+
+
+def test_a_chat_template_in_the_config_is_bounded_like_the_file(broken_folder):
+    """tokenizer_config.json may be 16 MB; the chat template inside it is held to chat_template.jinja's 1 MB."""
+    edit_config(broken_folder, lambda c: c.update(chat_template="x" * (3 << 19)))
+    assert_one_line_error(broken_folder, "tokenizer_config.json", "chat_template is 1,572,864 bytes, over the 1 MB")
+
+
+@pytest.mark.parametrize("key", [f"0{SMALL_RANKS + 2}", f"00{SMALL_RANKS + 2}", "00"])
+def test_special_token_ids_are_canonical_decimals(broken_folder, key):
+    """A key with leading zeros ("01002") names the same id as another ("1002"): refused, not collided."""
+    edit_config(broken_folder, lambda c: c["added_tokens_decoder"].update({key: {"content": "<|twin|>"}}))
+    assert_one_line_error(broken_folder, "tokenizer_config.json", f"entry {key!r} is not an id in plain decimal")

@@ -1,6 +1,7 @@
 """Checkpoint: a checkpoint folder opened lazily, its index and shards checked before anything runs."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,13 +14,15 @@ from klconvert.checkpoint.regular_file import read_json
 from klconvert.checkpoint.name_map import TensorSpec, canonical_pieces, expected_tensors, sliced_shape
 from klconvert.checkpoint.quantized import QuantizedSource, dequantize, find_quantized, quant_method
 from klconvert.checkpoint.safetensors_header import SafetensorsHeader, read_header
-from klconvert.checkpoint.size_bounds import check_model_size
+from klconvert.checkpoint.size_bounds import check_model_size, max_header_bytes
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError, unreadable_reason
 from klconvert.quant import QuantScheme
 
 FLOAT_DTYPES = {"F32", "BF16", "F16"}
 FINITE_CHECK_ELEMENTS = 1 << 24  # checked a slice at a time: the bool temporaries stay at 16 MB
+MAX_FILE_NAME_BYTES = 255  # NAME_MAX of Linux's, macOS's and Windows' file systems
+PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "absmax")  # tensors only a quantized folder holds
 
 
 @dataclass(frozen=True)
@@ -33,10 +36,14 @@ class Source:
 
 
 def _shard_path(folder: Path, shard: object, where: str) -> Path:
-    """A shard file named by untrusted JSON: a plain file name inside the folder, nothing else."""
-    if not isinstance(shard, str) or not shard or shard != os.path.basename(shard) or shard in (".", ".."):
-        raise KLError(f"{where}: shard name {shard!r} is not a plain file name in the checkpoint folder; "
-                      "the index is corrupt -- download it again")
+    """A shard file named by untrusted JSON: a plain, printable file name inside the folder that any file system
+    takes, nothing else."""
+    plain = (isinstance(shard, str) and shard.isprintable() and shard == os.path.basename(shard)
+             and shard not in ("", ".", ".."))
+    if not plain or len(os.fsencode(shard)) > MAX_FILE_NAME_BYTES:   # printable: no lone surrogate fsencode refuses
+        raise KLError(f"{where}: shard name {shard!r:.80} is not a plain file name in the checkpoint folder "
+                      f"(printable, no folder, at most {MAX_FILE_NAME_BYTES} bytes); the index is corrupt -- download "
+                      "it again")
     return folder / shard
 
 
@@ -86,9 +93,9 @@ class Checkpoint:
     # ---- checking ----------------------------------------------------------------------------
     def _weight_map(self) -> dict[str, str]:
         index_path = self.folder / INDEX_FILE
-        if not index_path.exists():
-            if (self.folder / SINGLE_FILE).exists():
-                header = read_header(self.folder / SINGLE_FILE)
+        if not os.path.lexists(index_path):   # lexists: a link that leads nowhere is read, and refused as it is
+            if os.path.lexists(self.folder / SINGLE_FILE):
+                header = read_header(self.folder / SINGLE_FILE, max_header_bytes(self.config))
                 return {name: SINGLE_FILE for name in header.tensors}
             raise KLError(f"{self.folder}: neither {INDEX_FILE} nor {SINGLE_FILE} is here; the download is "
                           "incomplete -- pull the model again")
@@ -108,15 +115,18 @@ class Checkpoint:
         return weight_map
 
     def _read_headers(self) -> dict[str, str]:
-        """Read every shard's header (checked against its file); return the weight map they agree with."""
+        """Read every shard's header (checked against its file), all of them together no larger than the config's
+        tensor count allows; return the weight map they agree with."""
         weight_map = self._weight_map()
+        header_bytes_left = max_header_bytes(self.config)
         for shard in sorted(set(weight_map.values())):
             path = self.folder / shard
-            if not path.exists():
+            if not os.path.lexists(path):
                 names = [n for n, s in weight_map.items() if s == shard]
                 raise KLError(f"{path}: shard is missing ({len(names)} tensors, e.g. {names[0]}, are indexed in "
                               "it); the download is incomplete -- pull the model again")
-            self.headers[shard] = read_header(path)
+            self.headers[shard] = read_header(path, header_bytes_left)
+            header_bytes_left -= self.headers[shard].data_start - 8
         return weight_map
 
     def _check(self, weight_map: dict[str, str]) -> None:
@@ -137,13 +147,18 @@ class Checkpoint:
                                                self.config, self.folder))
             packed = {name for q in self.sources.values() for _, name in q.parts.values()}
             weight_map = {n: s for n, s in weight_map.items() if n not in packed}
+        packed_name = next((name for name in weight_map if name.endswith(PACKED_SUFFIXES)), None)
         for source_name, shard in sorted(weight_map.items()):
             entry = self.headers[shard].tensors[source_name]
             where = f"{self.folder / shard}: tensor {source_name}"
+            if entry.dtype not in FLOAT_DTYPES and packed_name:
+                raise KLError(f"{where} has dtype {entry.dtype}: the folder holds quantized weights "
+                              f"({packed_name:.120}), but config.json has no quantization_config to say how they are "
+                              "packed; put back the config.json the quantized weights came with, or download the "
+                              "checkpoint again")
             if entry.dtype not in FLOAT_DTYPES:
-                hint = (" (packed weights, but config.json has no quantization_config)"
-                        if source_name.endswith(("weight_packed", "weight_scale", "weight_shape", "absmax")) else "")
-                raise KLError(f"{where} has dtype {entry.dtype}, expected one of {sorted(FLOAT_DTYPES)}{hint}")
+                raise KLError(f"{where} has dtype {entry.dtype}, expected one of {sorted(FLOAT_DTYPES)}; the "
+                              "checkpoint is damaged or not a Kimi Linear one -- download it again")
             pieces = canonical_pieces(source_name, self.config)
             for canonical, index in pieces:
                 spec = self.expected.get(canonical)
@@ -161,11 +176,27 @@ class Checkpoint:
                                   f"{self.sources[canonical].name} already provides; the checkpoint mixes "
                                   "layouts twice over")
                 self.sources[canonical] = Source(shard, source_name, index, entry.dtype)
+            used = sum(math.prod(self.expected[canonical].shape) for canonical, _ in pieces)
+            if used != math.prod(entry.shape):  # a stacked tensor of more experts, or a fused one of more parts
+                raise KLError(f"{where} has shape {list(entry.shape)}, but this config ({self.config.num_experts} "
+                              f"experts) takes {used:,} of its {math.prod(entry.shape):,} values; the checkpoint "
+                              "does not match its config.json")
+        if self.config.tie_word_embeddings:
+            self._tie_lm_head()
         missing = [n for n in self.expected if n not in self.sources]
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise KLError(f"{self.folder}: tensor {missing[0]}{more} is missing from the checkpoint; "
                           "the download is incomplete or the config does not match the weights")
+
+    def _tie_lm_head(self) -> None:
+        """tie_word_embeddings: lm_head reads the embedding, as transformers ties them (and saves no lm_head)."""
+        if "lm_head.weight" in self.sources:
+            raise KLError(f"{self.folder / 'config.json'}: tie_word_embeddings is true (lm_head is the embedding), "
+                          "but the checkpoint also stores lm_head.weight; set it to false to use the stored lm_head, "
+                          "or remove that tensor")
+        if "model.embed_tokens.weight" in self.sources:
+            self.sources["lm_head.weight"] = self.sources["model.embed_tokens.weight"]
 
     # ---- reading -----------------------------------------------------------------------------
     def close(self) -> None:

@@ -13,12 +13,22 @@ from typing import BinaryIO
 from klconvert.errors import KLError
 
 
+def _kind(mode: int) -> str:
+    """What a file that is not regular is, in a word or two."""
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket"
+
+
 def open_regular(path: str | Path) -> BinaryIO:
     """`open(path, "rb")`, refused with OSError(EINVAL) unless `path` (links followed) is a regular file."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)   # non-blocking: a FIFO's open returns at once
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or socket)", str(path))
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, f"not a regular file ({_kind(mode)})", str(path))
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:

@@ -46,8 +46,9 @@ def _fail(path: Path, what: str) -> KLError:
     return KLError(f"{path}: {what}; the file is damaged or incomplete -- delete it and download it again")
 
 
-def read_header(path: Path) -> SafetensorsHeader:
-    """Parse the header of `path` and check every entry against the file's real size."""
+def read_header(path: Path, max_bytes: int = MAX_HEADER_BYTES) -> SafetensorsHeader:
+    """Parse the header of `path` and check every entry against the file's real size. A header of more than
+    `max_bytes` (what the folder's other headers left of their bound) is refused unread."""
     try:
         size = path.stat().st_size
         with open_regular(path) as f:
@@ -55,13 +56,20 @@ def read_header(path: Path) -> SafetensorsHeader:
             if len(head) < 8:
                 raise _fail(path, f"only {size} bytes, too short for a safetensors header")
             (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES or 8 + n > size:
+            if n > MAX_HEADER_BYTES:
+                raise _fail(path, f"header claims {n:,} bytes, over the safetensors limit of {MAX_HEADER_BYTES:,} "
+                                  "bytes (100 MB)")
+            if n > max_bytes:
+                raise _fail(path, f"header claims {n:,} bytes, over the {max_bytes:,} left for the headers of this "
+                                  "folder's shards (bounded together by the config's tensor count)")
+            if 8 + n > size:
                 raise _fail(path, f"header claims {n} bytes but the file holds {size}")
             raw = f.read(n)
     except FileNotFoundError:
         raise KLError(f"{path}: shard is missing; download the checkpoint again") from None
     except OSError as e:
-        raise KLError(f"{path}: cannot read ({e.strerror})") from None
+        raise KLError(f"{path}: cannot read the shard ({e.strerror}); put the shard file there -- pull the model "
+                      "again") from None
     try:
         header = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError):  # bad UTF-8 or JSON, a 4,300-digit int, nesting past Python's stack
@@ -87,8 +95,11 @@ def read_header(path: Path) -> SafetensorsHeader:
                 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
             raise _fail(path, f"tensor {name!r} has malformed data_offsets {offsets!r}")
         begin, end = offsets
+        if not 0 <= begin <= end:
+            raise _fail(path, f"tensor {name!r} has data_offsets {offsets}, not a byte range of the data "
+                              "(0 <= begin <= end)")
         need = math.prod(shape) * DTYPE_BYTES[dtype]
-        if not 0 <= begin <= end or end - begin != need:
+        if end - begin != need:
             raise _fail(path, f"tensor {name!r} ({dtype} {shape}) needs {need} bytes but its offsets "
                               f"span {end - begin}")
         if end > data_size:

@@ -13,11 +13,17 @@ from klconvert.checkpoint.name_map import (
     MLA_LAYER,
     MOE_BLOCK,
 )
+from klconvert.checkpoint.safetensors_header import MAX_HEADER_BYTES
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 
 MAX_TENSORS = 1 << 18  # the released model has 20,253; a table of 262,144 specs is ~100 MB
 MIN_STORED_BITS = 1  # no format stores a parameter in less than a bit (int4 and nf4 take 4 and more)
+# A header entry takes ~120 bytes, and a packed weight up to 6 entries (nf4: ~650 bytes): 3x that a tensor. Parsed,
+# headers take ~12x their bytes, so the released model's (20,493 tensors) stay near 0.5 GB however they are padded;
+# and a folder's headers together never take more than the format lets one file's (MAX_HEADER_BYTES).
+HEADER_BYTES_PER_TENSOR = 2048
+HEADER_BYTES_SLACK = 1 << 20  # __metadata__ and the like, whatever the model's size
 
 
 def _params(table, c: KimiLinearConfig) -> int:
@@ -46,3 +52,8 @@ def check_model_size(c: KimiLinearConfig, where: str, stored_bytes: int | None =
     if stored_bytes is not None and params * MIN_STORED_BITS > 8 * stored_bytes:
         raise KLError(f"{where}: this config means {params:,} parameters but the shards hold only {stored_bytes:,} "
                       "bytes of tensors; the config does not match the weights -- fix it or download both again")
+
+
+def max_header_bytes(c: KimiLinearConfig) -> int:
+    """The most bytes the safetensors headers of a checkpoint for `c` may hold in all its shards."""
+    return min(HEADER_BYTES_PER_TENSOR * tensor_and_param_count(c)[0] + HEADER_BYTES_SLACK, MAX_HEADER_BYTES)

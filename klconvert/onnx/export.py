@@ -22,7 +22,7 @@ from klconvert.onnx.linears import Linears, as_numpy
 from klconvert.onnx.mla import mla_layer
 from klconvert.runtime import model as M
 from klconvert.runtime.bind import bind
-from klconvert.tokenizer import BPE_FILE, CHAT_TEMPLATE_FILE, CONFIG_FILE
+from klconvert.tokenizer import BPE_FILE, CHAT_TEMPLATE_FILE, CONFIG_FILE, Tokenizer
 
 ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"      # the weights, when they are over PROTOBUF_LIMIT
@@ -167,6 +167,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPS
         raise KLError(f"--opset {opset}: choose {MIN_OPSET} to {top} (the installed onnx's newest)")
     model_dir, out = Path(model_dir), Path(out)
     checkpoint = Checkpoint(model_dir)
+    Tokenizer.from_folder(model_dir, checkpoint.config.vocab_size)  # as `run` reads it: refused now, not in OUT later
     _prepare_out(out, force)
     model = bind(_unfilled_where_packed(M.KimiLinear(checkpoint.config), checkpoint), checkpoint.get,
                  checkpoint.packed, {}, torch.device("cpu"), torch.float32, triton=False, restack=False)
