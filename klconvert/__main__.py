@@ -1,4 +1,4 @@
 """`python -m klconvert` runs the CLI."""
-from klconvert.cli import main
+from klconvert.entry import main
 
 main()

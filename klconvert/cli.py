@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from klconvert.errors import KLError, PlanDoesNotFit
+from klconvert.errors import KLError, PlanDoesNotFit, exit_interrupted
 from klconvert.extras import require
 from klconvert.hub import DEFAULT_REPO
 from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, default_run_model, resolve_model
@@ -52,8 +52,7 @@ class OneLineErrors(click.Group):
             click.echo(f"klconvert: error: {_one_line(e.format_message())}", err=True)
             sys.exit(e.exit_code)
         except (click.exceptions.Abort, KeyboardInterrupt):
-            click.echo("klconvert: interrupted", err=True)
-            sys.exit(130)
+            exit_interrupted()
 
 
 def _one_line(message: str) -> str:

@@ -1,4 +1,9 @@
-"""The one exception type for errors a user can cause: printed as one line, exit status 2."""
+"""The one exception type for errors a user can cause: printed as one line, exit status 2; and the one line an
+interrupted command ends with."""
+import sys
+from typing import NoReturn
+
+INTERRUPTED_EXIT = 130  # a shell's status for a command ended by SIGINT (128 + 2)
 
 
 class KLError(Exception):
@@ -26,3 +31,9 @@ def unreadable_reason(error: BaseException, limit: int = 200) -> str:
     """Why a file or a JSON answer could not be read, in a few words: "nested too deeply" for JSON nested past
     Python's stack (a RecursionError's text speaks only of the recursion), else first_line, cut at `limit`."""
     return "nested too deeply" if isinstance(error, RecursionError) else first_line(error)[:limit]
+
+
+def exit_interrupted() -> NoReturn:
+    """End the command after Ctrl-C: one line on stderr, exit status INTERRUPTED_EXIT."""
+    print("klconvert: interrupted", file=sys.stderr)
+    sys.exit(INTERRUPTED_EXIT)

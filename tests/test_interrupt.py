@@ -1,0 +1,92 @@
+"""Ctrl-C at any moment of the `klconvert` command ends in one line, `klconvert: interrupted`, exit status 130: while
+its libraries import, inside a library import that would swallow it, after a library swallowed one and failed, and
+in a real run."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from klconvert.errors import INTERRUPTED_EXIT
+
+LONG_RUN = ("run", "--model", "tiny", "--prompt", "hi", "--max-new-tokens", "3000", "--max-context", "3008")
+
+
+def _entry(prelude: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
+    """The command's entry point in a child, after `prelude` sets up where the interrupt lands."""
+    code = textwrap.dedent(prelude) + (f"import sys\nsys.argv = ['klconvert', *{list(args)!r}]\n"
+                                       "from klconvert.entry import main\nmain()\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def _assert_interrupted(proc) -> None:
+    assert proc.returncode == INTERRUPTED_EXIT, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "klconvert: interrupted" and "Traceback" not in proc.stderr
+
+
+def test_an_interrupt_while_the_cli_imports():
+    _assert_interrupted(_entry("""
+        import importlib.abc, os, signal, sys
+        class InterruptOnImport(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "klconvert.cli":
+                    os.kill(os.getpid(), signal.SIGINT)
+        sys.meta_path.insert(0, InterruptOnImport())
+        """, *LONG_RUN))
+
+
+def test_an_interrupt_inside_an_import_waits_for_it_to_end(tmp_path):
+    """A library that swallows KeyboardInterrupt while importing (torch's numpy import did) must not lose the Ctrl-C:
+    it is raised once the import is over."""
+    (tmp_path / "swallows.py").write_text(textwrap.dedent("""
+        import os, signal, time
+        os.kill(os.getpid(), signal.SIGINT)
+        try:
+            time.sleep(0.3)
+        except KeyboardInterrupt:
+            pass
+        """))
+    proc = _entry("""
+        import sys, time, klconvert.cli
+        def imports_then_works():
+            import swallows
+            time.sleep(5)
+            print("ran on as if no Ctrl-C had come")
+        klconvert.cli.main = imports_then_works
+        """, cwd=tmp_path)
+    _assert_interrupted(proc)
+    assert "ran on" not in proc.stdout
+
+
+def test_a_failure_after_a_swallowed_interrupt():
+    _assert_interrupted(_entry("""
+        import os, signal, time, klconvert.cli
+        def swallows_then_fails():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+            except KeyboardInterrupt:
+                pass
+            raise ImportError("cannot load module more than once per process")
+        klconvert.cli.main = swallows_then_fails
+        """))
+
+
+def test_errors_without_an_interrupt_are_not_called_one():
+    proc = _entry("import klconvert.cli\nklconvert.cli.main = lambda: 1 / 0\n")
+    assert proc.returncode == 1 and "ZeroDivisionError" in proc.stderr and "interrupted" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.05, 0.3, 0.6, 1.0, 2.0])
+def test_a_real_ctrl_c_during_a_run(delay):
+    proc = subprocess.Popen([sys.executable, "-m", "klconvert", *LONG_RUN], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    _assert_interrupted(subprocess.CompletedProcess(proc.args, proc.returncode, "", err))
