@@ -13,6 +13,7 @@ import klconvert.quantize as quantize_module
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.quantize import quantize
 from quantize_helpers import folder_files
+from testkit import assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.slow  # subprocesses under memory limits: seconds each; CI runs them
 
@@ -91,3 +92,25 @@ def test_a_dead_runs_lock_is_taken_over(tiny_released, reference, tmp_path):
     assert f"taking over {tmp_path / 'q.partial.lock'}, left by process {dead.pid} (no longer running)" in run.stderr
     assert_same_output(tmp_path / "q", reference)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+@pytest.mark.parametrize("held", ["99999999999999999999999\n", "0\n", "-7\n", "not a pid\n", ""])
+def test_a_lock_file_holding_no_pid_is_taken_over(tiny_released, reference, tmp_path, held):
+    """A number past pid_t's range once overflowed os.kill: whatever is no process's id is a stale lock."""
+    (tmp_path / "q.partial.lock").write_text(held)
+    quantize(tiny_released, tmp_path / "q", bits=8, group_size=32, progress=False)
+    assert_same_output(tmp_path / "q", reference)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+@pytest.mark.parametrize("kind, needle", [("folder", "(a folder)"), ("link", "(a symbolic link)"),
+                                          ("fifo", "(not a regular file: a FIFO, device or socket)")])
+def test_a_lock_path_that_is_no_regular_file_is_refused(tiny_released, tmp_path, capsys, kind, needle):
+    """A folder there once raised IsADirectoryError; a link would have had the pid written over its target."""
+    lock, target = tmp_path / "q.partial.lock", tmp_path / "precious.txt"
+    target.write_text("mine")
+    {"folder": lock.mkdir, "link": lambda: lock.symlink_to(target), "fifo": lambda: os.mkfifo(lock)}[kind]()
+    code, _, err = run_cli(capsys, "quantize", tiny_released, tmp_path / "q", *ARGS)
+    assert_one_line_error(code, err, f"{lock}: cannot use it as this output's lock file {needle}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt", "q.partial.lock"]
+    assert target.read_text() == "mine"

@@ -2,10 +2,12 @@
 resumable by finished shard, renamed when whole."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -18,6 +20,7 @@ from klconvert.errors import KLError
 RESUME_RECORD = ".klconvert-resume.json"  # what the partial folder is for: source fingerprint and options
 MAX_RESUME_RECORD_BYTES = 16 << 20  # a record holds ~150 bytes a shard: past this it is not one of ours
 MODEL_CARD_TAG = "- klconvert"  # a tag line in the front matter of the README.md every klconvert output has
+MAX_PID = 2**31 - 1  # pid_t's largest: a larger number in a lock file is no process's id
 
 
 def partial_path(out: Path) -> Path:
@@ -84,7 +87,7 @@ class OutputLock:
     def __enter__(self) -> OutputLock:
         make_parent(self.out)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_lock_file(self.path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -115,9 +118,27 @@ class OutputLock:
         self._fd = None
 
 
+def _open_lock_file(path: Path) -> int:
+    """The lock file, opened read-write (created when missing); KLError unless it is a regular file -- not a folder,
+    FIFO or device, nor a link, whose target the pid would be written over."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        kind = {errno.EISDIR: "a folder", errno.ELOOP: "a symbolic link"}.get(e.errno, e.strerror)
+        raise KLError(f"{path}: cannot use it as this output's lock file ({kind}); remove it, or choose another "
+                      "output folder") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise KLError(f"{path}: cannot use it as this output's lock file (not a regular file: a FIFO, device or "
+                      "socket); remove it, or choose another output folder")
+    return fd
+
+
 def _read_pid(fd: int) -> int | None:
+    """The pid the lock file holds, or None when it holds no process's id (empty, garbage, out of pid_t's range)."""
     text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-    return int(text) if text.isdigit() else None
+    pid = int(text) if text.isdigit() else 0
+    return pid if 0 < pid <= MAX_PID else None
 
 
 def _running(pid: int) -> bool:
