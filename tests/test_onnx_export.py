@@ -317,3 +317,47 @@ def test_an_untrusted_genai_config_sizes_nothing(exported, tmp_path, edit, needl
     (folder / GENAI_CONFIG).write_text("[" * 100_000)
     with pytest.raises(klconvert.KLError, match="nested too deeply"):
         OnnxEngine(folder)
+
+
+def _edited_logits(folder, extra_columns: int, declared_extra: int, add: float = 0.0):
+    """Rewrite the exported graph: its logits padded with batch * `extra_columns` columns of 1e9 (which sampling picks;
+    a width only a run finds out) and `add` added, the logits output declared `declared_extra` wider than the
+    vocabulary."""
+    model = onnx.load(folder / "model.onnx")
+    last = next(n for n in model.graph.node if n.output[0] == "logits")
+    last.output[0] = "logits.raw"
+    constant = lambda name, value: onnx.helper.make_node(  # noqa: E731
+        "Constant", [], [name], value=onnx.numpy_helper.from_array(np.asarray(value)))
+    node = onnx.helper.make_node
+    model.graph.node.extend([
+        constant("logits.zeros", np.zeros(5, np.int64)), constant("logits.extra", np.array([extra_columns])),
+        constant("logits.fill", np.float32(1e9)), constant("logits.add", np.float32(add)),
+        node("Shape", ["input_ids"], ["logits.batch"], end=1),
+        node("Mul", ["logits.batch", "logits.extra"], ["logits.wider"]),
+        node("Concat", ["logits.zeros", "logits.wider"], ["logits.pads"], axis=0),
+        node("Pad", ["logits.raw", "logits.pads", "logits.fill"], ["logits.padded"]),
+        node("Add", ["logits.padded", "logits.add"], ["logits"])])
+    output = next(o for o in model.graph.output if o.name == "logits")
+    output.type.tensor_type.shape.dim[2].dim_value += declared_extra
+    onnx.save(model, folder / "model.onnx")
+
+
+VOCAB = json.loads((bundled_dir() / "config.json").read_text())["vocab_size"]
+
+
+@pytest.mark.parametrize("extra_columns, declared_extra, add, needle", [
+    (1, 1, 0.0, f"its logits output is ['batch', 'sequence', {VOCAB + 1}], where config.json's vocab_size makes "
+                f"it [batch, sequence, {VOCAB}]"),
+    (1, 0, 0.0, f"the graph returned logits [1, 1, {VOCAB + 1}], where config.json's vocab_size is {VOCAB}"),
+    (0, 0, float("nan"), "the graph computed NaN or infinite logits"),
+], ids=["declared-wider", "returned-wider", "nan"])
+def test_logits_the_vocabulary_cannot_take_are_refused(exported, tmp_path, capsys, extra_columns, declared_extra,
+                                                       add, needle):
+    """The graph's logits were trusted: a wider row sampled ids past the vocabulary (a KeyError in the tokenizer's
+    decode), NaN sampled garbage. Its declared width is checked when the folder is loaded, what it returns each call."""
+    folder = shutil.copytree(exported[1], tmp_path / "onnx")
+    _edited_logits(folder, extra_columns, declared_extra, add)
+    code, out, err = run_cli(capsys, "run", "--model", folder, "--engine", "onnxruntime", "--prompt", "hi",
+                             "--max-new-tokens", "4")
+    assert_one_line_error(code, err, f"{folder / 'model.onnx'}: {needle}")
+    assert out == ""

@@ -18,6 +18,7 @@ from klconvert.runtime.engine import Engine, GenerationStats
 
 State = dict[str, np.ndarray]  # past input name -> value
 MAX_GENAI_CONFIG_BYTES = 1 << 20  # export-onnx writes a few KB
+ORT_ERRORS_ONLY = 3  # onnxruntime's log severity: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal
 
 
 class _SessionStep:
@@ -46,7 +47,7 @@ class OnnxEngine:
         if not (folder / GENAI_CONFIG).is_file():
             raise KLError(f"{folder}: no {GENAI_CONFIG} here; --engine onnxruntime runs a folder written by "
                           "`klconvert export-onnx --model DIR --out FOLDER` -- export one first")
-        self.config = KimiLinearConfig.from_file(folder / "config.json")
+        self.folder, self.config = folder, KimiLinearConfig.from_file(folder / "config.json")
         # The state's names and shapes come from config.json (checked and bounded), the graph's file name is
         # export-onnx's own; GENAI_CONFIG (untrusted: it sizes every allocation here) must agree with both.
         self.states = state_spec(self.config)
@@ -62,12 +63,18 @@ class OnnxEngine:
         try:
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads or 0
+            options.log_severity_level = ORT_ERRORS_ONLY   # a graph's warnings are no line of a run's output
             self.session = ort.InferenceSession(str(folder / ONNX_FILE), options,
                                                 providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for a missing or damaged file
             raise KLError(f"{folder / ONNX_FILE}: onnxruntime cannot load it ({first_line(e)}); "
                           "export the folder again") from None
         self.outputs = [o.name for o in self.session.get_outputs()]
+        logits = next((o.shape for o in self.session.get_outputs() if o.name == "logits"), None)
+        if logits is None or len(logits) != 3 or logits[2] != self.config.vocab_size:
+            raise KLError(f"{folder / ONNX_FILE}: its logits output is {logits if logits is not None else 'missing'}, "
+                          f"where config.json's vocab_size makes it [batch, sequence, {self.config.vocab_size}]; "
+                          "export the folder again")
         self.stats = GenerationStats()
 
     def _check_genai_config(self, path: Path) -> None:
@@ -90,7 +97,18 @@ class OnnxEngine:
         """ids [B, T] at positions [B] (of ids[:, 0]) -> (logits [B, T, vocab], the state after them)."""
         feed = {"input_ids": ids.astype(np.int64), "position": positions.astype(np.int64), **state}
         out = dict(zip(self.outputs, self.session.run(None, feed)))
-        return out["logits"], {s["past"]: out[s["present"]] for s in self.states}
+        return self._checked(out["logits"]), {s["past"]: out[s["present"]] for s in self.states}
+
+    def _checked(self, logits: np.ndarray) -> np.ndarray:
+        """The graph's logits, refused unless they are vocab_size wide (a wider row samples ids the tokenizer does not
+        have) and finite (NaN samples garbage)."""
+        if logits.ndim != 3 or logits.shape[2] != self.config.vocab_size:
+            raise KLError(f"{self.folder / ONNX_FILE}: the graph returned logits {list(logits.shape)}, where "
+                          f"config.json's vocab_size is {self.config.vocab_size}; export the folder again")
+        if not np.isfinite(logits.sum(dtype=np.float64)):   # finite iff every value is: fp32s cannot overflow it
+            raise KLError(f"{self.folder / ONNX_FILE}: the graph computed NaN or infinite logits; its weights or "
+                          "graph are damaged -- export the folder again")
+        return logits
 
     def forward(self, input_ids) -> torch.Tensor:
         """Whole sequences of one length from a fresh state: input_ids [B, T] -> logits [B, T, vocab] fp32."""
