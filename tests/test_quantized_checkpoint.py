@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -12,6 +13,7 @@ import klconvert
 from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.quant import compress_nf4, compress_weight, policy_from_options
+from testkit import assert_one_line_error, run_cli
 
 
 def write_quantized(src_folder, out, **options):
@@ -108,3 +110,155 @@ def test_unknown_quant_method_is_refused(tiny_copy):
     (tiny_copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(klconvert.KLError, match="'gptq' is not supported"):
         open_checkpoint(tiny_copy)
+
+
+EXPERT = "model.layers.1.block_sparse_moe.experts.0.w1"
+
+
+def _edit_quantization_config(folder, edit) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    edit(config["quantization_config"])
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _groups_of_4(module: str):
+    """Scales for groups of 4 inputs: a layout no scheme holds (groups are multiples of 8, or a whole row)."""
+    def edit(t):
+        rows, cols = (int(d) for d in t[f"{module}.weight_shape"])
+        t[f"{module}.weight_scale"] = torch.full((rows, cols // 4), 0.01, dtype=torch.bfloat16)
+    return edit
+
+
+@pytest.mark.parametrize("module", [Q_PROJ, EXPERT])
+def test_groups_that_no_scheme_holds_are_refused_naming_the_weight(tiny_released, tmp_path, capsys, module):
+    """A scale of [128, 32] for a [128, 128] weight (groups of 4) once read as per-channel: `run` took it and
+    `export-onnx` crashed or wrote a broken graph. Now refused when the folder is opened, naming the weight."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _damage(tmp_path / "q", _groups_of_4(module))
+    with pytest.raises(klconvert.KLError, match=rf"{module}\.weight is stored as int4 in groups of 4 inputs "
+                                                r"without zero points, but quantization_config's group_0 declares "
+                                                r"int4 g32 sym"):
+        open_checkpoint(tmp_path / "q")
+    code, _, err = run_cli(capsys, "export-onnx", "--model", tmp_path / "q", "--out", tmp_path / "onnx")
+    assert_one_line_error(code, err, f"{module}.weight is stored as int4 in groups of 4 inputs")
+    assert not (tmp_path / "onnx" / "genai_config.json").exists()
+
+
+def _drop_zero_points(t):
+    for name in [n for n in t if n.endswith(".weight_zero_point")]:
+        del t[name]
+
+
+@pytest.mark.parametrize("options, tensors, config, needle", [
+    (dict(bits=4, symmetric=False), _drop_zero_points, None, "in groups of 32 inputs without zero points, but "
+                                                             "quantization_config's group_0 declares int4 g32 asym"),
+    (dict(bits=4), None, lambda qc: qc["config_groups"]["group_0"]["weights"].update(symmetric=False),
+     "without zero points, but quantization_config's group_0 declares int4 g32 asym"),
+    (dict(bits=4), None, lambda qc: qc["config_groups"]["group_0"]["weights"].update(group_size=64),
+     "in groups of 32 inputs without zero points, but quantization_config's group_0 declares int4 g64 sym"),
+    (dict(bits=4), None, lambda qc: qc["config_groups"]["group_0"]["weights"].update(num_bits=8),
+     "is stored as int4 in groups of 32 inputs without zero points, but quantization_config's group_0 declares int8"),
+    (dict(bits=4), None, lambda qc: qc["ignore"].append("re:.*q_proj$"),
+     "q_proj.weight is stored packed, but quantization_config's config_groups select no scheme for it"),
+    (dict(bits=4), None, lambda qc: qc.pop("config_groups"), "quantization_config.config_groups is missing"),
+    (dict(bits=4), None, lambda qc: qc["config_groups"]["group_0"]["weights"].update(group_size=12),
+     "config_groups.group_0.weights declares num_bits 4, type 'int', symmetric True, strategy 'group', group_size 12"),
+    (dict(bits=4), None, lambda qc: qc["config_groups"]["group_0"].update(targets="Linear"),
+     "config_groups.group_0.targets is not a list"),
+], ids=["zero-points-deleted", "declared-asym", "declared-g64", "declared-int8", "ignored", "no-groups",
+        "declared-g12", "targets-not-a-list"])
+def test_stored_parts_must_be_what_quantization_config_declares(tiny_released, tmp_path, options, tensors, config,
+                                                                needle):
+    """The scheme a weight is read with is the one its config group declares (as vLLM and transformers read it), held
+    to what is stored: zero points iff asymmetric, the bits, the group size; a packed weight no group selects is
+    refused, as is a config group klconvert cannot read."""
+    write_quantized(tiny_released, tmp_path / "q", **options)
+    if tensors is not None:
+        _damage(tmp_path / "q", tensors)
+    if config is not None:
+        _edit_quantization_config(tmp_path / "q", config)
+    with pytest.raises(klconvert.KLError, match=re.escape(needle)):
+        open_checkpoint(tmp_path / "q")
+
+
+def test_read_schemes_are_the_declared_ones(tiny_released, tmp_path):
+    packed = write_quantized(tiny_released, tmp_path / "q", bits=4, symmetric=False)
+    sources = open_checkpoint(tmp_path / "q").sources
+    assert {name: sources[name].scheme for name in packed} == {name: scheme for name, (_, scheme) in packed.items()}
+
+
+def _scale_at(module: str, value: float, zero_point: int | None = None):
+    """The first group's scale set to `value` (and its zero point to `zero_point`, in [-8, 7], at int4)."""
+    def edit(t):
+        t[f"{module}.weight_scale"].view(-1)[0] = value
+        if zero_point is not None:   # row 0's is the low nibble of the first word, stored as zero_point + 8
+            t[f"{module}.weight_zero_point"][0, 0] = t[f"{module}.weight_zero_point"][0, 0] & ~0xF | zero_point + 8
+    return edit
+
+
+@pytest.mark.parametrize("options, value, zero_point", [
+    (dict(bits=4), 3e38, None), (dict(bits=4), -3e38, None), (dict(bits=8), 3e36, None),
+    (dict(bits=4, symmetric=False), 3e37, 7),   # codes -8 .. 7 less 7: 15 steps of 3e37 (8 steps would be finite)
+], ids=["int4", "negative", "int8", "int4-asym"])
+def test_scales_that_dequantize_past_the_dtype_are_refused(tiny_released, tmp_path, capsys, options, value,
+                                                           zero_point):
+    """A finite scale of 3e38 dequantized to infinity and `run` printed NUL bytes: now the weight is refused, named,
+    when read -- dequantized, or as the packed parts Triton and the ONNX export's MatMulNBits take."""
+    write_quantized(tiny_released, tmp_path / "q", **options)
+    _damage(tmp_path / "q", _scale_at(Q_PROJ, value, zero_point))
+    ckpt = open_checkpoint(tmp_path / "q")
+    needle = rf"{Q_PROJ}\.weight: its scale -?\d\.\d+e\+3\d \(at flat index 0\) dequantizes a weight to .*, past the " \
+             r"largest finite value 3\.39e\+38; the checkpoint is damaged"
+    with pytest.raises(klconvert.KLError, match=needle):
+        ckpt.get(f"{Q_PROJ}.weight")
+    with pytest.raises(klconvert.KLError, match=needle):  # the parts the Triton kernels and the ONNX export take
+        ckpt.packed(f"{Q_PROJ}.weight")
+    code, out, err = run_cli(capsys, "run", "--model", tmp_path / "q", "--prompt", "The quick", "--max-new-tokens",
+                             "4", "--device", "cpu")
+    assert_one_line_error(code, err, f"{Q_PROJ}.weight: its scale")
+    assert out == ""
+
+
+@pytest.mark.parametrize("value", [0.0, -0.5, torch.finfo(torch.bfloat16).max / 8], ids=["zero", "negative", "edge"])
+def test_zero_negative_and_largest_finite_scales_are_read(tiny_released, tmp_path, value):
+    """A zero scale (an all-zero group) and a negative one are sound; so is one that dequantizes to bf16's largest."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _damage(tmp_path / "q", _scale_at(Q_PROJ, value))
+    assert torch.isfinite(open_checkpoint(tmp_path / "q").get(f"{Q_PROJ}.weight")).all()
+
+
+def _edit_nf4_state(module: str, edit):
+    def damage(t):
+        name = f"{module}.weight.quant_state.bitsandbytes__nf4"
+        state = json.loads(bytes(t[name].tolist()))
+        edit(state)
+        t[name] = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+    return damage
+
+
+@pytest.fixture(scope="module")
+def nf4_folder(tiny_released, tmp_path_factory):
+    out = tmp_path_factory.mktemp("nf4") / "q"
+    write_quantized(tiny_released, out, scheme="nf4")
+    return out
+
+
+def test_an_nf4_quant_state_field_bitsandbytes_does_not_know_is_refused(nf4_folder, tmp_path, capsys):
+    """bitsandbytes asserts on a field it does not know: a traceback, now one line naming the weight."""
+    folder = shutil.copytree(nf4_folder, tmp_path / "q")
+    _damage(folder, _edit_nf4_state(Q_PROJ, lambda s: s.update(extra=1)))
+    code, _, err = run_cli(capsys, "run", "--model", folder, "--prompt", "The quick", "--max-new-tokens", "4",
+                           "--device", "cpu")
+    assert_one_line_error(code, err, f"{Q_PROJ}.weight: NF4 quant state has fields extra beyond bitsandbytes' "
+                                     "quant_type, blocksize, dtype, shape, nested_blocksize")
+
+
+def test_an_nf4_quant_state_must_say_the_configs_shape(nf4_folder, tmp_path):
+    """Its shape was held only to the packed size: [1, 16384] passed for a [128, 128] weight."""
+    folder = shutil.copytree(nf4_folder, tmp_path / "q")
+    _damage(folder, _edit_nf4_state(Q_PROJ, lambda s: s.update(shape=[1, s["shape"][0] * s["shape"][1]])))
+    ckpt = open_checkpoint(folder)
+    name = f"{Q_PROJ}.weight"
+    with pytest.raises(klconvert.KLError, match=rf"{name}: NF4 quant state says shape \[1, 16384\], but config\.json "
+                                                r"makes the weight \[128, 128\]"):
+        ckpt.get(name)

@@ -18,6 +18,7 @@ from klconvert.checkpoint.size_bounds import check_model_size, max_header_bytes
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError, unreadable_reason
 from klconvert.quant import QuantScheme
+from klconvert.quant.pack_quantized import check_scales
 
 FLOAT_DTYPES = {"F32", "BF16", "F16"}
 FINITE_CHECK_ELEMENTS = 1 << 24  # checked a slice at a time: the bool temporaries stay at 16 MB
@@ -220,7 +221,7 @@ class Checkpoint:
         """One canonical tensor, read from the memory-mapped shards: as stored, or dequantized if packed."""
         src = self.sources[name]
         if isinstance(src, QuantizedSource):
-            return dequantize(*self.packed(name), where=f"{self.folder}: {name}")
+            return dequantize(*self.packed(name), where=f"{self.folder}: {name}", shape=src.shape)
         return self._read(src.shard, src.name, src.index)
 
     def packed(self, name: str) -> tuple[dict[str, torch.Tensor], QuantScheme] | None:
@@ -233,6 +234,8 @@ class Checkpoint:
             raise KLError(f"{self.folder}: {src.parts['weight_shape'][1]} says {parts['weight_shape'].tolist()}, but "
                           f"config.json makes {name} {list(src.shape)}; the checkpoint is damaged -- re-run the "
                           "conversion")
+        if src.scheme.kind == "int":  # every reader of packed parts -- dequantize, Triton, ONNX -- comes through here
+            check_scales(parts, src.scheme, f"{self.folder}: {name}")
         return parts, src.scheme
 
 

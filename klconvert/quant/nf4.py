@@ -50,9 +50,10 @@ def compress_nf4(prefix: str, w: torch.Tensor, double_quant: bool = True) -> dic
 
 
 @torch.no_grad()
-def decompress_nf4(tensors: Mapping[str, torch.Tensor], where: str = "an NF4 weight") -> torch.Tensor:
+def decompress_nf4(tensors: Mapping[str, torch.Tensor], where: str = "an NF4 weight",
+                   shape: tuple[int, int] | None = None) -> torch.Tensor:
     """Rebuild one module's weight (in the dtype it was quantized from) from its NF4 tensors; `where` names it in
-    errors."""
+    errors, `shape` (config.json's, when known) is the one its quant state must say."""
     found = local_names(tensors, NF4_NAMES)
     missing = [n for n in ("weight", "weight.absmax", "weight.quant_map", "weight.quant_state.bitsandbytes__nf4")
                if n not in found]
@@ -60,7 +61,7 @@ def decompress_nf4(tensors: Mapping[str, torch.Tensor], where: str = "an NF4 wei
         raise KLError(f"nf4 tensors {sorted(tensors)[:4]} lack {missing}; the checkpoint is incomplete -- "
                       "re-run the conversion")
     bnbf = _bnb("reading an NF4 checkpoint")
-    _check_state(found, where)
+    _check_state(found, where, shape)
     packed = found.pop("weight")
     state = bnbf.QuantState.from_dict({k.removeprefix("weight."): v for k, v in found.items()}, device=packed.device)
     w = bnbf.dequantize_4bit(packed, state)
@@ -71,6 +72,8 @@ def decompress_nf4(tensors: Mapping[str, torch.Tensor], where: str = "an NF4 wei
 
 
 _BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' kernels take
+_FIELDS = ("quant_type", "blocksize", "dtype", "shape")  # QuantState.as_dict's fields that are not tensors
+_NESTED_FIELDS = ("nested_blocksize", "nested_dtype", "nested_offset")  # and those of double quantization
 _DTYPES = ("bfloat16", "float16", "float32")
 MAX_STATE_BYTES = 4096  # the quant state's JSON: seven short fields
 
@@ -79,9 +82,10 @@ def _block_size(value) -> bool:
     return type(value) is int and value in _BLOCKSIZES
 
 
-def _check_state(found: Mapping[str, torch.Tensor], where: str) -> None:
-    """Hold the untrusted quant state to the packed tensor before bitsandbytes reads it (its kernels trust every
-    size: an absmax cut short is read past its end)."""
+def _check_state(found: Mapping[str, torch.Tensor], where: str, weight_shape: tuple[int, int] | None) -> None:
+    """Hold the untrusted quant state to the packed tensor, and to `weight_shape` when given, before bitsandbytes
+    reads it (its kernels trust every size: an absmax cut short is read past its end; a field it does not know fails
+    an assert)."""
     def bad(what: str):
         return KLError(f"{where}: NF4 quant state {what}; the checkpoint is damaged -- re-download or re-convert it")
 
@@ -95,6 +99,13 @@ def _check_state(found: Mapping[str, torch.Tensor], where: str) -> None:
     nested = "weight.nested_absmax" in found
     if not isinstance(state, dict):
         raise bad("is not a JSON object")
+    fields = _FIELDS + (_NESTED_FIELDS if nested else ())
+    unknown = sorted(set(state) - set(fields))
+    if unknown:
+        raise bad(f"has fields {', '.join(unknown)[:100]} beyond bitsandbytes' {', '.join(fields)}")
+    if weight_shape is not None and state.get("shape") != list(weight_shape):
+        raise bad(f"says shape {json.dumps(state.get('shape'))[:40]}, but config.json makes the weight "
+                  f"{list(weight_shape)}")
     shape, n = state.get("shape"), 2 * found["weight"].numel()
     fields_ok = (state.get("quant_type") == "nf4" and _block_size(state.get("blocksize"))
                  and state.get("dtype") in _DTYPES and isinstance(shape, list) and len(shape) == 2

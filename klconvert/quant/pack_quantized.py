@@ -7,11 +7,14 @@ from collections.abc import Mapping
 import torch
 
 from klconvert.errors import KLError
-from klconvert.quant.groupwise import dequantize_groupwise, quantize_groupwise
+from klconvert.quant.groupwise import dequantize_groupwise, qrange, quantize_groupwise
 from klconvert.quant.scheme import QuantScheme
 
 # The tensors PackedQuantizationCompressor writes for a module, under "<module>.<name>".
 PACKED_NAMES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+# A dequantized weight must be finite in the narrowest dtype a runtime holds weights in (bf16; fp32's range is a hair
+# wider) and in its scale's dtype, which dequantizing computes in.
+NARROWEST_RUNTIME_DTYPE = torch.bfloat16
 
 
 def pack_to_int32(q: torch.Tensor, bits: int, packed_dim: int = 1) -> torch.Tensor:
@@ -109,3 +112,24 @@ def decompress_weight(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme,
         zero_point = unpack_from_int32(found["weight_zero_point"], scheme.bits, (shape[0], scale.shape[-1]),
                                        packed_dim=0)
     return dequantize_groupwise(q, found["weight_scale"], zero_point, dtype)
+
+
+def check_scales(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, where: str) -> None:
+    """KLError naming `where` when a scale times the code farthest from its group's zero point passes the largest
+    finite value of the scale's dtype or of NARROWEST_RUNTIME_DTYPE: that weight would dequantize to infinity. (Zero
+    and negative scales are sound; NaN and infinite ones are refused on reading.)"""
+    found = local_names(tensors, PACKED_NAMES)
+    scale = found["weight_scale"]
+    qmin, qmax = qrange(scheme.bits)
+    if scheme.symmetric:
+        reach = torch.tensor(float(-qmin), dtype=torch.float64)
+    else:
+        zero = unpack_from_int32(found["weight_zero_point"], scheme.bits, tuple(scale.shape), packed_dim=0)
+        reach = torch.maximum(zero.double() - qmin, qmax - zero.double())
+    largest = (scale.double().abs() * reach).reshape(-1)
+    limit = min(torch.finfo(scale.dtype).max, torch.finfo(NARROWEST_RUNTIME_DTYPE).max)
+    at = int(largest.argmax())
+    if float(largest[at]) > limit:
+        raise KLError(f"{where}: its scale {float(scale.reshape(-1)[at]):.4g} (at flat index {at:,}) dequantizes "
+                      f"a weight to {float(largest[at]):.4g}, past the largest finite value {limit:.4g}; the "
+                      "checkpoint is damaged -- re-run the conversion")

@@ -1,4 +1,6 @@
 """NF4 through bitsandbytes on CPU: the serialization transformers reads, and its quantization_config."""
+import re
+
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import pytest
@@ -85,12 +87,22 @@ def test_a_damaged_nf4_quant_state_is_refused_before_bitsandbytes_reads_it(doubl
     if double_quant:
         cases.append((_damaged(tensors, "weight.nested_absmax", tensors[P + ".weight.nested_absmax"][:0].clone()),
                       "nested_absmax holds 0 values where its shape needs 1"))
-        cases.append(({**tensors, state: _state(fields.replace('"nested_offset": ', '"nested_offset": "x", "o": '))},
+        cases.append(({**tensors, state: _state(re.sub(r'"nested_offset": [^,}]+', '"nested_offset": "x"', fields))},
                       "do not describe"))
+        cases.append(({**tensors, state: _state(fields.replace("{", '{"extra": 1, ', 1))},
+                      "has fields extra beyond bitsandbytes' quant_type, blocksize, dtype, shape, nested_blocksize"))
+    else:
+        cases.append(({**tensors, state: _state(fields.replace("{", '{"nested_offset": 0.5, ', 1))},
+                      "has fields nested_offset beyond bitsandbytes' quant_type, blocksize, dtype, shape;"))
     for damaged, message in cases:
         with pytest.raises(KLError, match=rf"^q_proj here: NF4 quant state .*{message}.*re-download or re-convert"):
             decompress_nf4(damaged, "q_proj here")
     assert decompress_nf4(tensors).shape == (128, 128)                    # the undamaged parts still read
+    flat = {**tensors, state: _state(fields.replace("[128, 128]", "[1, 16384]"))}
+    assert decompress_nf4(flat).shape == (1, 16384)                       # its values fill [1, 16384] too
+    with pytest.raises(KLError, match=r"NF4 quant state says shape \[1, 16384\], but config\.json makes the weight "
+                                      r"\[128, 128\]"):
+        decompress_nf4(flat, "q_proj here", (128, 128))                     # but config.json says otherwise
 
 
 def test_nf4_that_dequantizes_to_nan_is_refused():
