@@ -7,12 +7,17 @@ from pathlib import Path
 import torch
 
 from klconvert.checkpoint.name_map import expected_tensors
+from klconvert.checkpoint.quantized import QuantizedSource
+from klconvert.checkpoint.reader import Checkpoint
 from klconvert.checkpoint.size_bounds import check_model_size
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.presets import preset_config
 from klconvert.quant import Recipe, load_recipe, policy_from_options
+from klconvert.runtime.bind import packed_choice
 from klconvert.runtime.memory_plan import MemoryPlan, weight_bytes
+from klconvert.runtime.model import KimiLinear
+from klconvert.runtime.weights import HeldPacked
 
 DEFAULT_CONTEXT = 131072
 MLA_CACHE_DTYPES = {"bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn}
@@ -49,6 +54,14 @@ def _memory_bytes(value: str | int | float, where: str) -> int:
     return int(value)
 
 
+def held_on_a_gpu(folder: Path) -> HeldPacked:
+    """How the runtime on a GPU holds a folder's weights, read from its stored tensors (checked): packed where the
+    Triton kernels take the stored scheme, the rest dequantized -- not what its recipe.yaml or config.json claims."""
+    checkpoint = Checkpoint(folder)
+    schemes = {n: s.scheme for n, s in checkpoint.sources.items() if isinstance(s, QuantizedSource)}
+    return HeldPacked(packed_choice(KimiLinear(checkpoint.config), schemes, triton=True))
+
+
 def plan_for(model: Path | None = None, preset: str | None = None, layers: int | None = None,
              recipe: Recipe | str | Path | None = None, batch: int | None = None, context: int | None = None,
              bits: int | None = None, group_size: int = 128, memory_limit: int | None = None,
@@ -57,22 +70,27 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
     """The plan the runtime would make on a GPU for this model, weight policy, context and batch.
 
     Weights are sized by the recipe's policy, or by the default policy at `bits` (lm_head at 8 bits),
-    or unquantized when neither is given; a quantized `model` folder's own recipe.yaml is used when
-    neither is given. Each setting given here wins over the recipe's `runtime:` section, which wins
-    over the defaults (context 131072, batch 1, bf16 MLA cache, fp32 KDA state, no memory limit).
+    or, when neither is given, as a `model` folder stores them (held_on_a_gpu; its recipe.yaml gives only the
+    runtime settings), or unquantized for a preset. Each setting given here wins over the recipe's `runtime:`
+    section, which wins over the defaults (context 131072, batch 1, bf16 MLA cache, fp32 KDA state, no memory limit).
     """
     if recipe is not None and bits is not None:
         raise KLError("give a recipe or --bits, not both: the recipe already says how each tensor is stored")
+    stored = None
     if model is not None:
         config = KimiLinearConfig.from_file(Path(model) / "config.json")
-        if recipe is None and bits is None and (Path(model) / "recipe.yaml").is_file():
-            recipe = Path(model) / "recipe.yaml"
+        if recipe is None and bits is None:
+            stored = held_on_a_gpu(Path(model))
+            if (Path(model) / "recipe.yaml").is_file():
+                recipe = Path(model) / "recipe.yaml"  # for its runtime: section; the tensors say how they are stored
     else:
         config = KimiLinearConfig.from_dict(preset_config(preset, layers), where=f"preset {preset}")
     check_model_size(config, str(Path(model) / "config.json") if model is not None else f"preset {preset}")
     if isinstance(recipe, (str, Path)):
         recipe = load_recipe(recipe)
-    if recipe is not None:  # every target must select a tensor of this model: a typo is an error, not a no-op
+    if stored is not None:
+        policy = stored
+    elif recipe is not None:  # every target must select a tensor of this model: a typo is an error, not a no-op
         policy = recipe.policy.check_against((s.name, s.shape) for s in expected_tensors(config).values())
     else:
         policy = policy_from_options(bits, group_size) if bits else None
