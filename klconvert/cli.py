@@ -133,10 +133,11 @@ def _context_error(tokens: int, at_least: bool, max_new_tokens: int, max_context
               help="Sampling temperature; 0 is greedy.")
 @click.option("--top-p", type=FiniteFloat(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True,
               help="Sample only from the smallest set of tokens whose probability reaches P; 1 keeps them all.")
-@click.option("--seed", type=SEED, default=None, help="Seed for sampling [default: a fresh random seed].")
+@click.option("--seed", type=SEED, default=None,
+              help="Seed for sampling [default: a fresh random seed, which the summary prints].")
 @click.option("--chat", is_flag=True, help="Wrap the prompt as a user turn with the model's chat template.")
 @click.option("--show-special", is_flag=True,
-              help="Print generated special tokens (<|im_start|>, <|reserved_token_N|>, ...) as text; by default "
+              help="Print generated special tokens (<|im_assistant|>, <|reserved_token_N|>, ...) as text; by default "
                    "they are skipped.")
 @click.option("--max-context", type=click.IntRange(min=1), default=None,
               help="Context the memory plan holds [default: prompt + max-new-tokens].")
@@ -165,8 +166,8 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
     else:
         model = resolve_model(model)
     if not model.is_dir():
-        raise KLError(f"--model {model}: no such folder; pass --model DIR, or run `klconvert pull-and-quantize "
-                      "--bits 4` first (it writes the default folder)")
+        raise KLError(f"--model {model}: no such folder; pass --model DIR (or {BUNDLED_NAME}, the bundled model), or "
+                      "run `klconvert pull-and-quantize --bits 4` first (it writes the default folder)")
     limit = KimiLinearConfig.from_file(model / "config.json").model_max_length
     if max_context is not None and max_context > limit:
         raise KLError(f"--max-context {max_context:,} is over the model's model_max_length {limit:,}; lower it")
@@ -213,6 +214,8 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
                 sys.stdout.write(texts[0].pop())
                 sys.stdout.flush()
 
+    if seed is None:  # drawn here, so that the summary can say which (--seed then repeats the run)
+        seed = int.from_bytes(os.urandom(8), "little")
     runner.generate(prompts, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                     stop_ids=tokenizer.stop_ids, on_token=emit,
                     on_prefill=_prefill_bar(sum(len(ids) for ids in prompts), progress))
@@ -222,7 +225,7 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
         sys.stdout.write("".join(parts) + stream.flush() + "\n")
     s = runner.stats
     summary = (f"prompt {s.prompt_tokens} tokens | prefill {s.prefill_tps:.1f} tokens/s | {s.new_tokens} new, "
-               f"decode {s.decode_tps:.1f} tokens/s")
+               f"decode {s.decode_tps:.1f} tokens/s" + (f" | seed {seed}" if temperature > 0 else ""))
     if engine == "onnxruntime":
         click.echo(f"{summary} | onnxruntime: cpu float32, batch {len(prompts)}", err=True)
         return

@@ -14,6 +14,7 @@ from klconvert.errors import KLError
 from klconvert.tokenizer import MAX_ENCODE_CHARS, Tokenizer
 
 READ_CHUNK_BYTES = 1 << 20
+BYTE_ORDER_MARK = "\ufeff"
 
 
 @dataclass(frozen=True)
@@ -43,11 +44,12 @@ def _text_chunks(text: str) -> Iterator[bytes]:
 
 
 def read_tokens(chunks: Iterator[bytes], where: str, tokenizer: Tokenizer, max_tokens: int) -> TokenizedText:
-    """Decode UTF-8 `chunks` and encode them, stopping once more than `max_tokens` ids are made; `where` names the
-    source in errors."""
+    """Decode UTF-8 `chunks` (a byte-order mark at the start dropped, as editors on Windows write one) and encode
+    them, stopping once more than `max_tokens` ids are made; `where` names the source in errors."""
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     read = 0  # bytes handed to the decoder so far
     pending, windows, ids = "", [], []
+    at_start = True
     for chunk in _with_end(chunks):
         held = len(decoder.getstate()[0])
         try:
@@ -56,6 +58,8 @@ def read_tokens(chunks: Iterator[bytes], where: str, tokenizer: Tokenizer, max_t
             raise KLError(f"{where}: not UTF-8 text (bad byte at offset {read - held + e.start}); convert it to "
                           "UTF-8") from None
         read += len(chunk)
+        if at_start and pending:
+            pending, at_start = pending.removeprefix(BYTE_ORDER_MARK), False
         while len(pending) >= MAX_ENCODE_CHARS or (not chunk and pending):
             window, pending = pending[:MAX_ENCODE_CHARS], pending[MAX_ENCODE_CHARS:]
             windows.append(window)
@@ -73,7 +77,8 @@ def _with_end(chunks: Iterator[bytes]) -> Iterator[bytes]:
 def read_prompt(prompt: str | None, prompt_file: str | None, tokenizer: Tokenizer, max_tokens: int) -> TokenizedText:
     """`--prompt TEXT` or `--prompt-file FILE|-`, refused when empty; see read_tokens."""
     if (prompt is None) == (prompt_file is None):
-        raise KLError("give the prompt as --prompt TEXT or --prompt-file FILE (- for standard input), not both")
+        raise KLError("give the prompt as --prompt TEXT or --prompt-file FILE (- for standard input)"
+                      + (", not both" if prompt is not None else ""))
     if prompt is not None:
         where, chunks = "--prompt", _text_chunks(prompt)
     else:

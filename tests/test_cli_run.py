@@ -1,12 +1,14 @@
 """`klconvert run` and `klconvert plan` end to end on a tiny checkpoint."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 import klconvert
 from klconvert.tokenizer import Tokenizer
-from testkit import run_klconvert
+from testkit import run_cli, run_klconvert
 
 
 @pytest.mark.slow
@@ -40,6 +42,15 @@ def test_run_reads_stdin_chat_and_sampling_is_seeded(tiny_released):
     assert a.returncode == other.returncode == 0, a.stderr + other.stderr
     assert a.stdout.strip() and a.stdout == b.stdout  # the same seed, the same text
     assert other.stdout != a.stdout  # another seed, other text: the seed reaches the sampler
+
+
+@pytest.mark.slow
+def test_the_summary_names_the_drawn_seed_which_repeats_the_run(tiny_released):
+    args = ("run", "--model", str(tiny_released), "--prompt", "Hello", "--max-new-tokens", "16", "--temperature", "1")
+    drawn = run_klconvert(*args)
+    seed = re.search(r"\| seed (\d+)", drawn.stderr.splitlines()[-1]).group(1)
+    assert run_klconvert(*args, "--seed", seed).stdout == drawn.stdout
+    assert "seed" not in run_klconvert(*args[:-2]).stderr.splitlines()[-1]  # greedy: no seed to name
 
 
 def test_chat_prompt_uses_the_template(tiny_released):
@@ -84,6 +95,26 @@ def test_plan_for_a_folder(tiny_released):
     proc = run_klconvert("plan", "--model", str(tiny_released), "--max-context", "4096")
     assert proc.returncode == 0, proc.stderr
     assert "MLA latent cache / token" in proc.stdout
+
+
+def test_a_folders_plan_sizes_the_stored_tensors_not_its_recipe(tiny_released, tmp_path, capsys):
+    """The weights planned for a quantized folder are those it stores, as a GPU holds them (packed where the Triton
+    kernels take them: the experts here; dequantized elsewhere), whatever its recipe.yaml says or whether it has
+    one; the recipe's runtime: section still applies."""
+    from klconvert.runtime.plan_report import plan_for
+
+    out = tmp_path / "q"
+    assert run_cli(capsys, "quantize", tiny_released, out, "--bits", "4")[0] == 0
+    stored = plan_for(model=out).weight_bytes
+    assert stored["experts"] == plan_for(model=out, bits=4).weight_bytes["experts"]
+    assert stored["experts"] < plan_for(model=tiny_released).weight_bytes["experts"]
+    recipe = out / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("num_bits: 4", "num_bits: 8") + "runtime:\n  batch: 3\n")
+    assert "num_bits: 8" in recipe.read_text()
+    plan = plan_for(model=out)
+    assert plan.weight_bytes == stored and plan.batch == 3
+    recipe.unlink()
+    assert plan_for(model=out).weight_bytes == stored
 
 
 @pytest.mark.slow

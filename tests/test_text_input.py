@@ -51,3 +51,21 @@ def test_a_bad_byte_is_placed_exactly(tokenizer, tmp_path, monkeypatch):
     path.write_bytes("héllo wörld".encode() + b"\xff tail")
     with pytest.raises(KLError, match=r"bad\.txt: not UTF-8 text \(bad byte at offset 13\)"):
         read_prompt(None, str(path), tokenizer, 100)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4096])
+def test_a_byte_order_mark_at_the_start_is_dropped(tokenizer, tmp_path, monkeypatch, chunk):
+    """Editors on Windows start UTF-8 files with EF BB BF: not text of the prompt (wherever the chunks cut it)."""
+    monkeypatch.setattr(text_input, "READ_CHUNK_BYTES", chunk)
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbfTo be, or not to be \xef\xbb\xbf")
+    got = read_text_file(path, "--prompt-file", tokenizer, 100)
+    assert got == "To be, or not to be \ufeff"  # only the first is a mark; one inside the text stays
+
+
+def test_no_prompt_is_not_called_two():
+    with pytest.raises(KLError) as e:
+        read_prompt(None, None, None, 10)
+    assert "--prompt TEXT or --prompt-file FILE" in str(e.value) and "not both" not in str(e.value)
+    with pytest.raises(KLError, match="not both"):
+        read_prompt("a", "b.txt", None, 10)
