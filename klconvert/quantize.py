@@ -14,10 +14,17 @@ import torch
 from tqdm import tqdm
 
 from klconvert.checkpoint.name_map import expected_tensors
-from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_INDEX_BYTES, SINGLE_FILE
+from klconvert.checkpoint.folder_files import (
+    INDEX_FILE,
+    MAX_INDEX_BYTES,
+    MAX_SIDE_FILE_BYTES,
+    SINGLE_FILE,
+    refuse_large_side_files,
+)
 from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.checkpoint.regular_file import read_bounded, read_json
 from klconvert.checkpoint.safetensors_header import read_header
+from klconvert.checkpoint.size_bounds import max_header_bytes
 from klconvert.checkpoint.safetensors_writer import index_json, shard_names, split_into_shards, write_shard
 from klconvert.convert.model_card import count_text, model_card, size_text
 from klconvert.convert.output_folder import OutputFolder, OutputLock, make_parent, refuse_existing_out
@@ -36,7 +43,6 @@ from klconvert.tokenizer import Tokenizer
 
 MAX_SHARD_BYTES = 5 * 10**9  # the "5GB" shards transformers and the released checkpoint use
 COPIED_FILES = ("tiktoken.model", "*.jinja", "*.json")  # tokenizer, chat templates and small configs; never .py
-MAX_COPIED_FILE_BYTES = 32 << 20  # the most any side file is read (tiktoken.model's bound); the released are < 3 MB
 WRITTEN_FILES = ("config.json", INDEX_FILE)  # made here, not copied
 QUANTIZED_TENSOR_SUFFIXES = ("weight_packed", "weight_scale", ".absmax", "quant_state.bitsandbytes__nf4")
 RESUME_FORMAT = 1  # bump when the output of the same source and options changes
@@ -127,8 +133,14 @@ def refuse_quantized_source(src: Path) -> None:
         except (OSError, ValueError, RecursionError, KLError):
             return
         names = index.get("weight_map") if isinstance(index, dict) else None
+    elif (src / SINGLE_FILE).is_file():
+        try:  # its header read no further than the config's tensor count allows (the reader's own bound)
+            bound = max_header_bytes(KimiLinearConfig.from_dict(config, where=str(src / "config.json")))
+        except KLError:
+            return
+        names = read_header(src / SINGLE_FILE, bound).tensors
     else:
-        names = read_header(src / SINGLE_FILE).tensors if (src / SINGLE_FILE).is_file() else None
+        return
     if not isinstance(names, dict):
         return
     packed = next((n for n in names if n.endswith(QUANTIZED_TENSOR_SUFFIXES)), None)
@@ -146,16 +158,12 @@ def _refuse_out_over_src(src: Path, out: Path) -> None:
 
 
 def _copied_files(src: Path) -> list[Path]:
-    """The side files OUT takes from SRC, each refused past MAX_COPIED_FILE_BYTES. Hidden files stay behind: none is
+    """The side files OUT takes from SRC, each refused past MAX_SIDE_FILE_BYTES. Hidden files stay behind: none is
     a model's, and klconvert's own (a partial output's .klconvert-resume.json) would overwrite OUT's."""
-    found = {p for pattern in COPIED_FILES for p in src.glob(pattern)
-             if p.is_file() and not p.name.startswith(".") and p.name not in WRITTEN_FILES}
-    for path in found:
-        size = path.stat().st_size
-        if size > MAX_COPIED_FILE_BYTES:
-            raise KLError(f"{path}: {size:,} bytes, over the {MAX_COPIED_FILE_BYTES >> 20} MB a side file klconvert "
-                          "copies (tokenizer, chat template, small config) may be; remove it or re-download the model")
-    return sorted(found)
+    found = sorted({p for pattern in COPIED_FILES for p in src.glob(pattern)
+                    if p.is_file() and not p.name.startswith(".") and p.name not in WRITTEN_FILES})
+    refuse_large_side_files(found)
+    return found
 
 
 def _write_error(e: OSError, folder: OutputFolder, done: int, total: int, kept: bool) -> KLError:
@@ -242,7 +250,7 @@ def _quantize(src: Path, out: Path, policy: Policy, runtime: dict, device: str |
         folder.write_text(INDEX_FILE, index_json(shards, names) + "\n")
         folder.write_text("recipe.yaml", recipe_yaml)
         for path in copied_files:
-            (folder.path / path.name).write_bytes(read_bounded(path, MAX_COPIED_FILE_BYTES, path.name))
+            (folder.path / path.name).write_bytes(read_bounded(path, MAX_SIDE_FILE_BYTES, path.name))
         folder.write_text("README.md", model_card(out.name, origin, policy, totals, len(shards), version("klconvert")))
         folder.finish()
     except BaseException as e:

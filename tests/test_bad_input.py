@@ -230,6 +230,19 @@ def test_a_broken_source_tokenizer_is_refused_before_writing(capsys, tiny_copy, 
     assert not out.exists() and not (tmp_path / "out.partial").exists()
 
 
+@pytest.mark.parametrize("command", [
+    lambda src, out: ("quantize", str(src), str(out), "--group-size", "32", "--device", "cpu"),
+    _export_onnx,
+], ids=["quantize", "export-onnx"])
+def test_a_huge_side_file_is_refused_before_writing(capsys, tiny_copy, tmp_path, command):
+    """special_tokens_map.json is copied, never parsed: only its size is checked, and before OUT is begun."""
+    os.truncate(tiny_copy / "special_tokens_map.json", 40 << 20)  # sparse
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, *command(tiny_copy, out))
+    assert_one_line_error(code, err, "special_tokens_map.json: 41,943,040 bytes, over the 32 MB")
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
 def test_empty_prompt(capsys, tiny_released, tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     code, _, err = run_cli(capsys, "run", "--model", str(tiny_released), "--prompt-file", str(tmp_path / "empty.txt"))

@@ -346,3 +346,20 @@ def test_shard_headers_are_bounded_in_all_not_only_each(tiny_copy):
         _pad_header(shard, 400_000)
     line = run_on(tiny_copy).error_line()
     assert "header claims" in line and "left for the headers of this folder's shards" in line, line
+
+
+@pytest.mark.parametrize("command", ["run", "quantize"])
+def test_a_single_file_header_is_bounded_by_the_config(tiny_copy, tmp_path, command):
+    """One model.safetensors (no index) whose header is under the format's 100 MB but far past what the config's
+    tensors need: refused unparsed, in bounded memory, by run and by quantize's already-quantized check alike."""
+    tensors = {}
+    for shard in sorted(tiny_copy.glob("model-*.safetensors")):
+        tensors.update(load_file(shard))
+        shard.unlink()
+    (tiny_copy / "model.safetensors.index.json").unlink()
+    save_file(tensors, tiny_copy / "model.safetensors")
+    _pad_header(tiny_copy / "model.safetensors", 1_400_000)  # ~85 MB: parsed, past the memory limit
+    done = run_on(tiny_copy) if command == "run" else \
+        klconvert_bounded("quantize", tiny_copy, tmp_path / "out", "--device", "cpu")
+    line = done.error_line()
+    assert "header claims" in line and "left for the headers of this folder's shards" in line, line

@@ -5,15 +5,16 @@ logits [batch, sequence, vocab] and the updated state out. The graph is fp32; pa
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import onnx
 import torch
 from onnx import helper
 
+from klconvert.checkpoint.folder_files import MAX_SIDE_FILE_BYTES, refuse_large_side_files
 from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import Checkpoint
+from klconvert.checkpoint.regular_file import read_bounded
 from klconvert.errors import KLError
 from klconvert.onnx.ffn import moe_layer, swiglu_mlp
 from klconvert.onnx.graph import FLOAT, INT64, MS_DOMAIN, GraphBuilder
@@ -168,6 +169,8 @@ def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPS
     model_dir, out = Path(model_dir), Path(out)
     checkpoint = Checkpoint(model_dir)
     Tokenizer.from_folder(model_dir, checkpoint.config.vocab_size)  # as `run` reads it: refused now, not in OUT later
+    copied = [name for name in ("config.json", *TOKENIZER_FILES) if (model_dir / name).is_file()]
+    refuse_large_side_files(model_dir / name for name in copied)
     _prepare_out(out, force)
     model = bind(_unfilled_where_packed(M.KimiLinear(checkpoint.config), checkpoint), checkpoint.get,
                  checkpoint.packed, {}, torch.device("cpu"), torch.float32, triton=False, restack=False)
@@ -177,9 +180,8 @@ def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPS
     onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
     onnx.checker.check_model(str(path))
-    copied = [name for name in ("config.json", *TOKENIZER_FILES) if (model_dir / name).is_file()]
     for name in copied:
-        shutil.copyfile(model_dir / name, out / name)
+        (out / name).write_bytes(read_bounded(model_dir / name, MAX_SIDE_FILE_BYTES, name))
     config = genai_config(checkpoint.config, opset, external, [n for n in copied if n != "config.json"])
     (out / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n")  # last: the folder is complete now
     return path
