@@ -9,8 +9,8 @@ from klconvert.checkpoint.name_map import TensorSpec, canonical_pieces
 from klconvert.checkpoint.safetensors_header import SafetensorsHeader
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
-from klconvert.quant import Policy, QuantScheme, decompress_nf4, decompress_weight
-from klconvert.quant.declared import declared_policy
+from klconvert.quant import QuantScheme, decompress_nf4, decompress_weight
+from klconvert.quant.declared import declared_schemes
 from klconvert.quant.nf4 import NF4_NAMES
 from klconvert.quant.pack_quantized import PACKED_NAMES as PACKED_PARTS
 from klconvert.quant.scheme import NF4_BLOCKSIZE
@@ -55,8 +55,8 @@ def _module_of(name: str, parts: tuple[str, ...]) -> tuple[str, str] | None:
 def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, SafetensorsHeader],
                    expected: dict[str, TensorSpec], config: KimiLinearConfig, folder) -> dict[str, QuantizedSource]:
     """Group the packed tensors by module, name each module's weight through the name table (any layout, as for
-    unquantized tensors), and check each group against the weight it replaces and (compressed-tensors) the scheme
-    its config group declares, which it is read with.
+    unquantized tensors), and check each group against the weight it replaces and (compressed-tensors) against the
+    schemes quantization_config declares: it is read with the one whose parts it stores.
 
     Returns {canonical weight name: QuantizedSource}; every source tensor it names belongs to one group.
     """
@@ -71,7 +71,7 @@ def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, S
             if f"{module}.weight" in weight_map:
                 group["weight"] = (weight_map[f"{module}.weight"], f"{module}.weight")
 
-    declared = declared_policy(config.raw["quantization_config"], f"{folder}/config.json") \
+    declared = declared_schemes(config.raw["quantization_config"], f"{folder}/config.json") \
         if method == "compressed-tensors" else None
     out: dict[str, QuantizedSource] = {}
     stored_as: dict[str, str] = {}
@@ -118,8 +118,7 @@ def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, S
                 if zero.dtype != "I32" or zero.shape != (-(-out_dim * bits // 32), scale.shape[1]):
                     raise KLError(f"{where}: weight_zero_point {zero.dtype} {list(zero.shape)} does not fit its "
                                   f"scale {list(scale.shape)} at {bits} bits; re-run the conversion")
-            scheme = _declared_scheme(declared, f"{module}.weight", spec.shape, where,
-                                      (bits, scale.shape[1], "weight_zero_point" in group))
+            scheme = _declared_scheme(declared, in_dim, where, (bits, scale.shape[1], "weight_zero_point" in group))
         else:
             packed = entry("weight")
             if packed.dtype != "U8" or 2 * packed.shape[0] * (packed.shape[1] if len(packed.shape) > 1 else 1) \
@@ -131,26 +130,21 @@ def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, S
     return out
 
 
-def _declared_scheme(declared: Policy, name: str, shape: tuple[int, int], where: str,
+def _declared_scheme(declared: dict[str, QuantScheme], in_dim: int, where: str,
                      stored: tuple[int, int, bool]) -> QuantScheme:
-    """The scheme quantization_config declares for a packed weight, when its stored parts -- (bits, scales a row,
-    zero points or not) -- are what that scheme stores; else KLError (a weight read with another scheme than its
-    runtime's, or in groups that no scheme holds, reads as garbage or not at all)."""
-    hit = declared.match(name, shape)
-    if hit is None:
-        raise KLError(f"{where} is stored packed, but quantization_config's config_groups select no scheme for it "
-                      "(or its ignore list names it); the folder does not match its config.json -- re-run the "
-                      "conversion")
-    config_group, _ = hit
-    scheme = config_group.scheme
+    """The declared scheme whose parts a packed weight stores -- (bits, scales a row, zero points or not): groups of
+    in_dim / scales inputs, one a row being per-channel, zero points iff asymmetric; else KLError (read with another
+    scheme than it was written with it reads as garbage, and groups no declared scheme has are none the runtime
+    runs)."""
     bits, groups, zero_points = stored
-    group_size = shape[1] if scheme.group_size == -1 else scheme.group_size
-    if (bits, groups * group_size, zero_points) != (scheme.bits, shape[1], not scheme.symmetric):
-        raise KLError(f"{where} is stored as int{bits} in groups of {shape[1] // groups} inputs "
-                      f"{'with' if zero_points else 'without'} zero points, but quantization_config's "
-                      f"{config_group.name} declares {scheme.describe()} for it; the folder does not match its "
-                      "config.json -- re-run the conversion")
-    return scheme
+    for scheme in declared.values():
+        group_size = in_dim if scheme.group_size == -1 else scheme.group_size
+        if (bits, groups * group_size, zero_points) == (scheme.bits, in_dim, not scheme.symmetric):
+            return scheme
+    schemes = ", ".join(f"{name} {scheme.describe()}" for name, scheme in declared.items())
+    raise KLError(f"{where} is stored as int{bits} in groups of {in_dim // groups} inputs "
+                  f"{'with' if zero_points else 'without'} zero points, but quantization_config declares "
+                  f"{schemes:.200}; the folder does not match its config.json -- re-run the conversion")
 
 
 def dequantize(tensors: dict[str, torch.Tensor], scheme: QuantScheme, where: str = "a packed weight",

@@ -153,10 +153,11 @@ class Checkpoint:
             entry = self.headers[shard].tensors[source_name]
             where = f"{self.folder / shard}: tensor {source_name}"
             if entry.dtype not in FLOAT_DTYPES and packed_name:
+                said = (f"its quantization_config says {self.quant_method}, which does not pack them so"
+                        if self.quant_method else "config.json has no quantization_config to say how they are packed")
                 raise KLError(f"{where} has dtype {entry.dtype}: the folder holds quantized weights "
-                              f"({packed_name:.120}), but config.json has no quantization_config to say how they are "
-                              "packed; put back the config.json the quantized weights came with, or download the "
-                              "checkpoint again")
+                              f"({packed_name:.120}), but {said}; put back the config.json the quantized weights came "
+                              "with, or download the checkpoint again")
             if entry.dtype not in FLOAT_DTYPES:
                 raise KLError(f"{where} has dtype {entry.dtype}, expected one of {sorted(FLOAT_DTYPES)}; the "
                               "checkpoint is damaged or not a Kimi Linear one -- download it again")

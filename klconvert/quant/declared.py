@@ -1,31 +1,26 @@
-"""The schemes a checkpoint's compressed-tensors quantization_config declares: its config groups and ignore list read
-back into a Policy, which matches each module to its group as compressed-tensors and vLLM do."""
+"""The weight schemes a checkpoint's compressed-tensors quantization_config declares (its config groups' `weights`),
+read from untrusted JSON. A packed weight is held to them by what it stores -- bits, scales a row, zero points --
+not by matching the groups' targets to its name: those are regular expressions from the download, and running them
+over every module would let one pattern that backtracks hang any command that opens the folder."""
 from __future__ import annotations
 
 from klconvert.errors import KLError
-from klconvert.quant.policy import Entry, Group, Policy
 from klconvert.quant.scheme import QuantScheme
 
 
-def declared_policy(quantization_config: dict, where: str) -> Policy:
-    """The Policy a quantization_config (untrusted JSON) declares; KLError naming the first field that is missing,
-    of the wrong type, or a scheme klconvert does not read (int weights by group or channel)."""
+def declared_schemes(quantization_config: dict, where: str) -> dict[str, QuantScheme]:
+    """{config group name: the QuantScheme its weights are stored with}, for the groups that quantize weights (an
+    activation-only group, `weights` null, declares none); KLError naming the first field that is malformed or a
+    scheme klconvert does not read (int weights by group or channel), or when no group declares weights."""
     groups = quantization_config.get("config_groups")
-    if not isinstance(groups, dict) or not groups:
-        raise _bad(where, "config_groups", "is missing or empty")
-    declared = []
-    for name, group in groups.items():
-        field = f"config_groups.{name:.40}"
-        targets = group.get("targets") if isinstance(group, dict) else None
-        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
-            raise _bad(where, f"{field}.targets", "is not a list of module names or patterns")
-        declared.append(Group(name, tuple(Entry(t, f"{where}: quantization_config.{field}") for t in targets),
-                              _scheme(group.get("weights"), where, f"{field}.weights")))
-    ignore = quantization_config.get("ignore") or []
-    if not isinstance(ignore, list) or not all(isinstance(e, str) for e in ignore):
-        raise _bad(where, "ignore", "is not a list of module names or patterns")
-    return Policy(tuple(declared), tuple(Entry(e, f"{where}: quantization_config.ignore") for e in ignore),
-                  strict=False)
+    if not isinstance(groups, dict):
+        raise _bad(where, "config_groups", "is missing or not an object")
+    declared = {name: _scheme(group.get("weights"), where, f"config_groups.{name:.40}.weights")
+                for name, group in groups.items()
+                if not (isinstance(group, dict) and group.get("weights") is None)}
+    if not declared:
+        raise _bad(where, "config_groups", "declares no weight scheme")
+    return declared
 
 
 def _scheme(weights, where: str, field: str) -> QuantScheme:

@@ -102,9 +102,9 @@ class Policy:
     def kind(self) -> str:
         return self.groups[0].scheme.kind if self.groups else "int"
 
-    def match(self, tensor_name: str, shape: Sequence[int]) -> tuple[Group, list[Entry]] | None:
-        """The group whose targets select this tensor and those targets, or None when ignored or unselected; KLError
-        when two groups' targets select it."""
+    def _resolve(self, tensor_name: str, shape: Sequence[int]) -> tuple[Group, list[Entry]] | None:
+        """The group that stores this tensor and the targets that selected it, or None; KLError when the
+        match is ambiguous or selects a tensor that cannot or must not be quantized."""
         key, linear = match_key(tensor_name), is_linear_weight(tensor_name, shape)
         if any(e.matches(key, linear) for e in self.ignore):
             return None
@@ -119,20 +119,11 @@ class Policy:
                 raise KLError(f"{tensor_name} is selected by {entry.pattern!r} of {group.name} ({entry.where}) and by "
                               f"{other_entry.pattern!r} of {other.name} ({other_entry.where}); runtimes disagree on "
                               "which wins -- narrow one pattern or add the module to the other group's ignore")
-        return group, [e for g, e in hits if g.name == group.name]
-
-    def _resolve(self, tensor_name: str, shape: Sequence[int]) -> tuple[Group, list[Entry]] | None:
-        """match, and KLError when it selects a tensor that cannot or must not be quantized."""
-        hit = self.match(tensor_name, shape)
-        if hit is None:
-            return None
-        group, entries = hit
-        entry, key = entries[0], match_key(tensor_name)
         for pattern, what in _PROTECTED:
             if pattern.match(key):
                 raise KLError(f"{entry.where}: target {entry.pattern!r} of {group.name} would quantize {tensor_name} "
                               f"({what}), which must stay in high precision; narrow the target or add it to ignore")
-        if not is_linear_weight(tensor_name, shape):
+        if not linear:
             raise KLError(f"{entry.where}: target {entry.pattern!r} of {group.name} selects {tensor_name} "
                           f"{list(shape)}, which is not a 2-D linear weight; narrow the target or add it to ignore")
         if group.scheme.kind == "int":
@@ -141,7 +132,7 @@ class Policy:
         elif shape[0] * shape[1] % NF4_BLOCKSIZE:
             raise KLError(f"{tensor_name} {list(shape)} does not fill whole NF4 blocks of {NF4_BLOCKSIZE}; "
                           f"add it to ignore ({entry.where})")
-        return hit
+        return group, [e for g, e in hits if g.name == group.name]
 
     def scheme_for(self, tensor_name: str, shape: Sequence[int]) -> QuantScheme | None:
         """The scheme to store this tensor with, or None to keep it as it is."""
