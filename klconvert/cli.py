@@ -590,6 +590,7 @@ def expandable_segments() -> None:
 
 
 def main() -> None:
-    """Entry point: expected errors end in one line on stderr (see OneLineErrors)."""
+    """The CLI: expected errors end in one line on stderr (see OneLineErrors). The console command enters through
+    klconvert.entry, which guards Ctrl-C first."""
     expandable_segments()
     cli.main(prog_name="klconvert")

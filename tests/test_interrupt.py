@@ -1,6 +1,7 @@
 """Ctrl-C at any moment of the `klconvert` command ends in one line, `klconvert: interrupted`, exit status 130: while
-its libraries import, inside a library import that would swallow it, after a library swallowed one and failed, and
-in a real run."""
+its libraries import, inside a library import that would swallow it, after a library swallowed one and failed, a
+second one inside an import that hangs, and in a real run. An alarm that is no Ctrl-C, and a SIGINT the command was
+started ignoring, are let be."""
 from __future__ import annotations
 
 import signal
@@ -74,6 +75,63 @@ def test_a_failure_after_a_swallowed_interrupt():
             raise ImportError("cannot load module more than once per process")
         klconvert.cli.main = swallows_then_fails
         """))
+
+
+def test_a_failure_inside_the_import_that_swallowed_it(tmp_path):
+    """Held back, then the import fails inside itself: one line and 130 -- not the retry's alarm ending the process
+    afterwards ("Alarm clock", 142)."""
+    (tmp_path / "fails.py").write_text(textwrap.dedent("""
+        import os, signal, time
+        os.kill(os.getpid(), signal.SIGINT)
+        try:
+            time.sleep(0.05)
+        except KeyboardInterrupt:
+            pass
+        raise ImportError("cannot load module more than once per process")
+        """))
+    _assert_interrupted(_entry("import klconvert.cli\nklconvert.cli.main = lambda: __import__('fails')\n",
+                               cwd=tmp_path))
+
+
+def test_a_second_ctrl_c_stops_an_import_that_hangs(tmp_path):
+    (tmp_path / "hangs.py").write_text("import time\ntime.sleep(60)\nprint('the import ended')\n")
+    proc = _entry("""
+        import os, signal, threading, klconvert.cli
+        def presses_twice():
+            for at in (0.5, 1.0):
+                threading.Timer(at, os.kill, (os.getpid(), signal.SIGINT)).start()
+            import hangs
+        klconvert.cli.main = presses_twice
+        """, cwd=tmp_path)
+    _assert_interrupted(proc)
+    assert "the import ended" not in proc.stdout
+
+
+def test_an_alarm_that_is_no_ctrl_c_is_let_be():
+    proc = _entry("""
+        import signal, time, klconvert.cli
+        def times_itself():
+            signal.setitimer(signal.ITIMER_REAL, 0.1)   # a library's own timer, or `kill -ALRM`
+            time.sleep(0.5)
+            print("finished")
+        klconvert.cli.main = times_itself
+        """)
+    assert proc.returncode == 0 and proc.stdout == "finished\n", proc.stderr
+
+
+def test_a_command_started_ignoring_sigint_keeps_ignoring_it():
+    """A background job of a script starts with SIGINT ignored: a Ctrl-C meant for the script's foreground
+    command must not stop it."""
+    proc = _entry("""
+        import os, signal, time, klconvert.cli
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        def works():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.3)
+            print("finished")
+        klconvert.cli.main = works
+        """)
+    assert proc.returncode == 0 and proc.stdout == "finished\n", proc.stderr
 
 
 def test_errors_without_an_interrupt_are_not_called_one():
