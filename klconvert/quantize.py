@@ -39,7 +39,7 @@ from klconvert.quant import Policy, load_recipe, policy_from_options
 from klconvert.quant.fused import refuse_split_fused
 from klconvert.quant.policy import LINEAR
 from klconvert.presets import preset_config
-from klconvert.tokenizer import Tokenizer
+from klconvert.tokenizer import check_tokenizer_if_any
 
 MAX_SHARD_BYTES = 5 * 10**9  # the "5GB" shards transformers and the released checkpoint use
 COPIED_FILES = ("tiktoken.model", "*.jinja", "*.json")  # tokenizer, chat templates and small configs; never .py
@@ -205,7 +205,7 @@ def _quantize(src: Path, out: Path, policy: Policy, runtime: dict, device: str |
     torch_device = pick_device(device)
     refuse_quantized_source(src)
     checkpoint = open_checkpoint(src)
-    Tokenizer.from_folder(src, checkpoint.config.vocab_size)  # as `run` reads it: refused now, not in OUT later
+    check_tokenizer_if_any(src, checkpoint.config.vocab_size)
     copied_files = _copied_files(src)
     names_and_shapes = [(name, spec.shape) for name, spec in checkpoint.expected.items()]
     policy = policy.check_against(names_and_shapes)

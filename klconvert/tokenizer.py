@@ -64,8 +64,8 @@ def read_bpe_ranks(path: Path, vocab_size: int = SIZE_RANGES["vocab_size"][1]) -
     try:
         data = read_bounded(path, MAX_BPE_BYTES, BPE_FILE)
     except FileNotFoundError:
-        raise KLError(f"{path}: no {BPE_FILE} here; point --model at a Kimi Linear checkpoint folder "
-                      "or re-download the model") from None
+        raise KLError(f"{path}: no {BPE_FILE} here (the tokenizer's BPE ranks); name a Kimi Linear checkpoint "
+                      "folder, or re-download the model") from None
     except OSError as e:
         raise KLError(f"{path}: cannot read the BPE ranks ({e}); check the file's permissions") from None
     ranks: dict[bytes, int] = {}
@@ -332,6 +332,14 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """Ids to text; bytes that are not valid UTF-8 become U+FFFD."""
         return self._encoding.decode(list(ids), errors="replace")
+
+
+def check_tokenizer_if_any(folder: Path, vocab_size: int) -> None:
+    """A source folder's tokenizer read as `run` reads it -- refused now, not in an output that copies it -- when it
+    has one: a folder of weights alone (neither tiktoken.model nor tokenizer_config.json) passes, as its output
+    will."""
+    if (folder / BPE_FILE).exists() or (folder / CONFIG_FILE).exists():
+        Tokenizer.from_folder(folder, vocab_size)
 
 
 class StreamDecoder:

@@ -234,6 +234,20 @@ def test_a_broken_source_tokenizer_is_refused_before_writing(capsys, tiny_copy, 
     lambda src, out: ("quantize", str(src), str(out), "--group-size", "32", "--device", "cpu"),
     _export_onnx,
 ], ids=["quantize", "export-onnx"])
+def test_a_source_of_weights_alone_still_converts(capsys, tiny_copy, tmp_path, command):
+    """No tokenizer files at all is no broken tokenizer: the output holds the weights, as the source does."""
+    for name in ("tiktoken.model", "tokenizer_config.json", "special_tokens_map.json"):
+        (tiny_copy / name).unlink()
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, *command(tiny_copy, out))
+    assert code == 0, err
+    assert not (out / "tiktoken.model").exists() and (out / "config.json").is_file()
+
+
+@pytest.mark.parametrize("command", [
+    lambda src, out: ("quantize", str(src), str(out), "--group-size", "32", "--device", "cpu"),
+    _export_onnx,
+], ids=["quantize", "export-onnx"])
 def test_a_huge_side_file_is_refused_before_writing(capsys, tiny_copy, tmp_path, command):
     """special_tokens_map.json is copied, never parsed: only its size is checked, and before OUT is begun."""
     os.truncate(tiny_copy / "special_tokens_map.json", 40 << 20)  # sparse

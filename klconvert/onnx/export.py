@@ -23,7 +23,7 @@ from klconvert.onnx.linears import Linears, as_numpy
 from klconvert.onnx.mla import mla_layer
 from klconvert.runtime import model as M
 from klconvert.runtime.bind import bind
-from klconvert.tokenizer import BPE_FILE, CHAT_TEMPLATE_FILE, CONFIG_FILE, Tokenizer
+from klconvert.tokenizer import BPE_FILE, CHAT_TEMPLATE_FILE, CONFIG_FILE, check_tokenizer_if_any
 
 ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"      # the weights, when they are over PROTOBUF_LIMIT
@@ -168,7 +168,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPS
         raise KLError(f"--opset {opset}: choose {MIN_OPSET} to {top} (the installed onnx's newest)")
     model_dir, out = Path(model_dir), Path(out)
     checkpoint = Checkpoint(model_dir)
-    Tokenizer.from_folder(model_dir, checkpoint.config.vocab_size)  # as `run` reads it: refused now, not in OUT later
+    check_tokenizer_if_any(model_dir, checkpoint.config.vocab_size)
     copied = [name for name in ("config.json", *TOKENIZER_FILES) if (model_dir / name).is_file()]
     refuse_large_side_files(model_dir / name for name in copied)
     _prepare_out(out, force)
