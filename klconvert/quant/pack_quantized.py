@@ -117,19 +117,23 @@ def decompress_weight(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme,
 def check_scales(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, where: str) -> None:
     """KLError naming `where` when a scale times the code farthest from its group's zero point passes the largest
     finite value of the scale's dtype or of NARROWEST_RUNTIME_DTYPE: that weight would dequantize to infinity. (Zero
-    and negative scales are sound; NaN and infinite ones are refused on reading.)"""
+    and negative scales are sound; NaN and infinite ones are refused on reading.) One reduction a weight, in the
+    scales' own precision or fp32 -- a product past fp32's range is inf, refused all the same."""
     found = local_names(tensors, PACKED_NAMES)
     scale = found["weight_scale"]
     qmin, qmax = qrange(scheme.bits)
     if scheme.symmetric:
-        reach = torch.tensor(float(-qmin), dtype=torch.float64)
+        reach = torch.tensor(float(-qmin))
     else:
         zero = unpack_from_int32(found["weight_zero_point"], scheme.bits, tuple(scale.shape), packed_dim=0)
-        reach = torch.maximum(zero.double() - qmin, qmax - zero.double())
-    largest = (scale.double().abs() * reach).reshape(-1)
+        reach = torch.maximum(zero - qmin, qmax - zero).float()
     limit = min(torch.finfo(scale.dtype).max, torch.finfo(NARROWEST_RUNTIME_DTYPE).max)
-    at = int(largest.argmax())
-    if float(largest[at]) > limit:
-        raise KLError(f"{where}: its scale {float(scale.reshape(-1)[at]):.4g} (at flat index {at:,}) dequantizes "
-                      f"a weight to {float(largest[at]):.4g}, past the largest finite value {limit:.4g}; the "
-                      "checkpoint is damaged -- re-run the conversion")
+    largest = float(scale.abs().amax()) * float(reach) if scheme.symmetric else \
+        float((scale.float().abs() * reach).amax())
+    if largest <= limit:
+        return
+    reached = (scale.double().abs() * reach.double()).reshape(-1)   # where, for the message
+    at = int(reached.argmax())
+    raise KLError(f"{where}: its scale {float(scale.reshape(-1)[at]):.4g} (at flat index {at:,}) dequantizes a weight "
+                  f"to {float(reached[at]):.4g}, past the largest finite value {limit:.4g}; the checkpoint is damaged "
+                  "-- re-run the conversion")
