@@ -29,6 +29,13 @@ def _assert_interrupted(proc) -> None:
     assert proc.stderr.strip().splitlines()[-1] == "klconvert: interrupted" and "Traceback" not in proc.stderr
 
 
+def _module_swallowing_a_ctrl_c(path, then: str = "") -> None:
+    """A module whose import sends itself SIGINT and swallows the KeyboardInterrupt (as torch's import of numpy did),
+    then runs `then`."""
+    path.write_text("import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\n"
+                    f"try:\n    time.sleep(0.3)\nexcept KeyboardInterrupt:\n    pass\n{then}\n")
+
+
 def test_an_interrupt_while_the_cli_imports():
     _assert_interrupted(_entry("""
         import importlib.abc, os, signal, sys
@@ -43,14 +50,7 @@ def test_an_interrupt_while_the_cli_imports():
 def test_an_interrupt_inside_an_import_waits_for_it_to_end(tmp_path):
     """A library that swallows KeyboardInterrupt while importing (torch's numpy import did) must not lose the Ctrl-C:
     it is raised once the import is over."""
-    (tmp_path / "swallows.py").write_text(textwrap.dedent("""
-        import os, signal, time
-        os.kill(os.getpid(), signal.SIGINT)
-        try:
-            time.sleep(0.3)
-        except KeyboardInterrupt:
-            pass
-        """))
+    _module_swallowing_a_ctrl_c(tmp_path / "swallows.py")
     proc = _entry("""
         import sys, time, klconvert.cli
         def imports_then_works():
@@ -80,15 +80,7 @@ def test_a_failure_after_a_swallowed_interrupt():
 def test_a_failure_inside_the_import_that_swallowed_it(tmp_path):
     """Held back, then the import fails inside itself: one line and 130 -- not the retry's alarm ending the process
     afterwards ("Alarm clock", 142)."""
-    (tmp_path / "fails.py").write_text(textwrap.dedent("""
-        import os, signal, time
-        os.kill(os.getpid(), signal.SIGINT)
-        try:
-            time.sleep(0.05)
-        except KeyboardInterrupt:
-            pass
-        raise ImportError("cannot load module more than once per process")
-        """))
+    _module_swallowing_a_ctrl_c(tmp_path / "fails.py", then="raise ImportError('cannot load module more than once')")
     _assert_interrupted(_entry("import klconvert.cli\nklconvert.cli.main = lambda: __import__('fails')\n",
                                cwd=tmp_path))
 
