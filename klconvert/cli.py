@@ -184,6 +184,9 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
     tokenizer = Tokenizer.from_folder(model)
     if prompt is not None and prompt_files:
         raise KLError("give the prompt as --prompt TEXT or --prompt-file FILE (- for standard input), not both")
+    if prompt_files.count("-") > 1:
+        raise KLError(f"--prompt-file - is given {prompt_files.count('-')} times, but standard input can be read "
+                      "once; give it once (other prompts as files)")
     prompts = []
     for prompt_file in prompt_files or (None,):
         text = read_prompt(prompt, prompt_file, tokenizer, budget)
@@ -333,7 +336,7 @@ def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path
         raise KLError("give exactly one of --model DIR or --preset NAME")
     _refuse_layers_with_model(model, layers)
     model = None if model is None else resolve_model(model)
-    memory_limit = parse_size(gpu_memory) if gpu_memory else None
+    memory_limit = parse_size(gpu_memory) if gpu_memory is not None else None
     if memory_limit == 0:
         raise KLError(f"--gpu-memory {gpu_memory}: give the GPU's memory, e.g. 80GiB or 24GB")
     p = plan_for(model=model, preset=preset, layers=layers, recipe=recipe, batch=batch, context=max_context,

@@ -34,6 +34,11 @@ SIZE_RANGES = {
     "linear_attn_config.short_conv_kernel_size": (1, 64),
 }
 
+# The float fields' upper bounds, as wide around the released (1e-5, 2.446): past them the activations overflow (a
+# routed_scaling_factor of 1e30 made every logit NaN).
+FLOAT_BOUNDS = {"rms_norm_eps": 1.0, "routed_scaling_factor": 1000.0}
+MAX_LISTED = 8  # layer numbers a message lists before it says how many more
+
 # (field name in config.json, accepted Python types). bool is excluded from int fields below.
 _REQUIRED = {
     "model_type": str,
@@ -84,6 +89,13 @@ def _check_type(where: str, name: str, value, types) -> None:
         names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
         raise KLError(f"{where}: field '{name}' should be {names}, got {type(value).__name__} {value!r:.40}; "
                       "fix the config or re-download the model")
+
+
+def _few(numbers) -> str:
+    """Sorted numbers for a one-line message: the first MAX_LISTED, then how many more."""
+    numbers = sorted(numbers)
+    more = f", ... {len(numbers) - MAX_LISTED} more" if len(numbers) > MAX_LISTED else ""
+    return "[" + ", ".join(map(str, numbers[:MAX_LISTED])) + more + "]"
 
 
 def _positive_finite(value: int | float) -> bool:
@@ -204,8 +216,8 @@ class KimiLinearConfig:
         every = set(layers["kda_layers"]) | set(layers["full_attn_layers"])
         if both or every != set(range(n)):
             raise KLError(f"{where}: linear_attn_config's kda_layers and full_attn_layers must each name every layer "
-                          f"1..{n} exactly once (overlap {sorted(v + 1 for v in both)}, "
-                          f"missing {sorted(set(range(1, n + 1)) - {v + 1 for v in every})}); fix the config")
+                          f"1..{n} exactly once (overlap {_few(v + 1 for v in both)}, "
+                          f"missing {_few(set(range(1, n + 1)) - {v + 1 for v in every})}); fix the config")
         for name, low, high in (("num_experts_per_token", 1, values["num_experts"]),
                                 ("num_expert_group", 1, values["num_experts"]),
                                 ("topk_group", 1, values["num_expert_group"]), ("first_k_dense_replace", 0, n)):
@@ -218,10 +230,10 @@ class KimiLinearConfig:
                           f"at least 2 (the router ranks groups by their top-2 sums), and topk_group "
                           f"{values['topk_group']} of them must hold num_experts_per_token "
                           f"{values['num_experts_per_token']}; fix the config")
-        for name in ("rms_norm_eps", "routed_scaling_factor"):
-            if not _positive_finite(values[name]):
-                raise KLError(f"{where}: field '{name}' is {values[name]!r:.40}; it must be a positive finite number "
-                              "-- fix the config")
+        for name, high in FLOAT_BOUNDS.items():
+            if not _positive_finite(values[name]) or values[name] > high:
+                raise KLError(f"{where}: field '{name}' is {values[name]!r:.40}; it must be a positive number of at "
+                              f"most {high:g} -- fix the config")
             values[name] = float(values[name])
         eos = values.pop("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))

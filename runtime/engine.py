@@ -185,7 +185,12 @@ class Engine:
                 progress(seg.numel())
         if self.device.type == "cuda" and ids.shape[1] > self.prefill_segment:
             torch.cuda.empty_cache()
-        return torch.cat(out, dim=1)
+        logits = torch.cat(out, dim=1)
+        if not bool(torch.isfinite(logits).all()):  # a prefill ends in a sync anyway
+            raise KLError("the model computed NaN or infinite logits for the prompt: its weights or config.json "
+                          "(e.g. routed_scaling_factor) make the activations overflow -- check them, or re-download "
+                          "the model")
+        return logits
 
     def forward(self, input_ids) -> torch.Tensor:
         """The prefill path over whole sequences of one length: input_ids [B, T] -> logits [B, T, vocab] fp32."""

@@ -48,6 +48,9 @@ def test_device_is_a_choice_in_every_command():
     (["pull", "../../etc/passwd"], ["'../../etc/passwd' is not a hub repo id"]),
     (["pull-and-quantize", "--model", "./typo-dir"], ["--model ./typo-dir: no such folder"]),
     (["plan", "--preset", "tiny", "--gpu-memory", "9" * 400 + "GB"], ["--gpu-memory", "give a size like"]),
+    (["plan", "--preset", "tiny", "--gpu-memory", ""], ["--gpu-memory ''", "give a size like"]),  # not: no limit
+    (["run", "--model", "tiny", "--prompt-file", "-", "--prompt-file", "-"],
+     ["--prompt-file - is given 2 times, but standard input can be read once"]),
 ])
 def test_user_errors_are_one_line(capsys, args, needles):
     assert_one_line_error(*run_cli(capsys, *args)[::2], *needles)

@@ -67,9 +67,11 @@ def test_huge_size_fields_are_refused_in_bounded_memory(tiny_copy, edit, needles
 
 @pytest.mark.parametrize("edit, needles", [
     (lambda c: c.update(vocab_size=10**12), ["'vocab_size'"]),
-    (lambda c: c.update(routed_scaling_factor=float("nan")), ["routed_scaling_factor", "finite"]),
-    (lambda c: c.update(rms_norm_eps=float("inf")), ["rms_norm_eps", "finite"]),
-    (lambda c: c.update(routed_scaling_factor=10**400), ["routed_scaling_factor", "finite"]),
+    (lambda c: c.update(routed_scaling_factor=float("nan")), ["routed_scaling_factor", "positive number"]),
+    (lambda c: c.update(rms_norm_eps=float("inf")), ["rms_norm_eps", "positive number"]),
+    (lambda c: c.update(routed_scaling_factor=10**400), ["routed_scaling_factor", "positive number"]),
+    (lambda c: c.update(routed_scaling_factor=1e30), ["routed_scaling_factor", "at most 1000"]),  # NaN logits
+    (lambda c: c.update(num_hidden_layers=1024), ["missing [9, 10, 11, 12, 13, 14, 15, 16, ... 1008 more]"]),
     (lambda c: c.update(eos_token_id=[10**6]), ["eos_token_id 1000000", "vocabulary"]),
     (lambda c: c.update(first_k_dense_replace=99), ["first_k_dense_replace"]),
     (lambda c: c.update(num_expert_group=0), ["num_expert_group"]),
@@ -363,3 +365,24 @@ def test_a_single_file_header_is_bounded_by_the_config(tiny_copy, tmp_path, comm
         klconvert_bounded("quantize", tiny_copy, tmp_path / "out", "--device", "cpu")
     line = done.error_line()
     assert "header claims" in line and "left for the headers of this folder's shards" in line, line
+
+
+def test_weights_that_overflow_the_activations_are_refused_not_printed(tiny_copy):
+    """Finite weights (here the final norm's, at 3e38) can still overflow the logits: run printed NUL bytes for them.
+    The prompt's logits are checked, so the refusal comes before any token."""
+    norm = "model.norm.weight"
+    index = json.loads((tiny_copy / "model.safetensors.index.json").read_text())
+    shard = tiny_copy / index["weight_map"][norm]
+    tensors = load_file(shard)
+    tensors[norm].fill_(3e38)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    done = run_on(tiny_copy)
+    assert "NaN or infinite logits for the prompt" in done.error_line() and done.out == ""
+
+
+def test_an_onnx_export_is_named_as_such_where_a_checkpoint_belongs(tiny_copy):
+    for name in ("model.safetensors.index.json", *(p.name for p in tiny_copy.glob("model-*.safetensors"))):
+        (tiny_copy / name).unlink()
+    (tiny_copy / "genai_config.json").write_text("{}")
+    assert "an ONNX export (genai_config.json), not a safetensors checkpoint; run it with `klconvert run --engine " \
+           "onnxruntime`" in run_on(tiny_copy).error_line()

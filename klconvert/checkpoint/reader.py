@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_INDEX_BYTES, SINGLE_FILE
+from klconvert.checkpoint.folder_files import GENAI_CONFIG, INDEX_FILE, MAX_INDEX_BYTES, SINGLE_FILE
 from klconvert.checkpoint.regular_file import read_json
 from klconvert.checkpoint.name_map import TensorSpec, canonical_pieces, expected_tensors, sliced_shape
 from klconvert.checkpoint.quantized import QuantizedSource, dequantize, find_quantized, quant_method
@@ -98,6 +98,9 @@ class Checkpoint:
             if os.path.lexists(self.folder / SINGLE_FILE):
                 header = read_header(self.folder / SINGLE_FILE, max_header_bytes(self.config))
                 return {name: SINGLE_FILE for name in header.tensors}
+            if os.path.lexists(self.folder / GENAI_CONFIG):
+                raise KLError(f"{self.folder}: an ONNX export ({GENAI_CONFIG}), not a safetensors checkpoint; run it "
+                              "with `klconvert run --engine onnxruntime`, or name the checkpoint it was exported from")
             raise KLError(f"{self.folder}: neither {INDEX_FILE} nor {SINGLE_FILE} is here; the download is "
                           "incomplete -- pull the model again")
         try:

@@ -11,7 +11,7 @@ import onnx
 import torch
 from onnx import helper
 
-from klconvert.checkpoint.folder_files import MAX_SIDE_FILE_BYTES, refuse_large_side_files
+from klconvert.checkpoint.folder_files import GENAI_CONFIG, MAX_SIDE_FILE_BYTES, refuse_large_side_files
 from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.checkpoint.regular_file import read_bounded
@@ -27,7 +27,6 @@ from klconvert.tokenizer import BPE_FILE, CHAT_TEMPLATE_FILE, CONFIG_FILE, check
 
 ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"      # the weights, when they are over PROTOBUF_LIMIT
-GENAI_CONFIG = "genai_config.json"
 PROTOBUF_LIMIT = 2 << 30           # a protobuf message holds at most 2 GB: past it the weights go to DATA_FILE
 MIN_OPSET = 18                     # ReduceMean / Split with axes and sizes as inputs, ScatterND reduction
 DEFAULT_OPSET = MIN_OPSET
