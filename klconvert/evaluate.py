@@ -119,7 +119,8 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
                          for c in configs), f"--model {model}", f"--reference {reference}")   # before either runs
     ids = Tokenizer.from_folder(reference).encode(text)[:max_tokens]
     if len(ids) < 2:
-        raise KLError(f"the text is {len(ids)} token(s) long; give at least 2 tokens of text to evaluate on")
+        raise KLError(f"the evaluation text (--text-file) is {len(ids)} token(s) long; give at least 2 tokens of "
+                      "text to evaluate on")
 
     return compare(run_model(reference, ids, device, dtype), run_model(model, ids, device, dtype), ids,
                    f"--model {model}", f"--reference {reference}")

@@ -82,7 +82,12 @@ def test_a_recipe_that_is_not_one_is_refused_unread(capsys, tmp_path):
     """/dev/zero is refused unopened (not a regular file), a huge file after a bounded read; NaN and Inf are not
     sizes."""
     assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--recipe", "/dev/zero")[::2],
-                          "/dev/zero: cannot read the recipe", "not a regular file")
+                          "/dev/zero: cannot read the recipe (not a regular file (a device)); check the --recipe path")
+    assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--recipe", tmp_path)[::2],
+                          f"{tmp_path}: cannot read the recipe (not a regular file (a directory)); check the --recipe")
+    (tmp_path / "latin1.yaml").write_bytes("caf\xe9".encode("latin-1"))
+    assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--recipe", tmp_path / "latin1.yaml")[::2],
+                          "latin1.yaml: not UTF-8 text (bad byte at offset 3), so no recipe; check the --recipe path")
     huge = tmp_path / "huge.yaml"
     with open(huge, "wb") as f:
         f.truncate(4 << 30)   # sparse: read whole, 4 GB

@@ -110,7 +110,8 @@ def test_models_of_different_shapes_are_refused(tiny_released, tmp_path, monkeyp
         with pytest.raises(klconvert.KLError, match=r"--model .*short is not the same architecture as --reference "
                                                     r".*\(vocabulary 1280 vs 1280, MoE layers 3 vs 7\)"):
             evaluate(short, tiny_released, TEXT, max_tokens=16)
-    with pytest.raises(klconvert.KLError, match="at least 2 tokens"):
+    with pytest.raises(klconvert.KLError, match=r"the evaluation text \(--text-file\) is 1 token\(s\) long; give at "
+                                                r"least 2 tokens"):
         evaluate(tiny_released, tiny_released, "a", max_tokens=16)
 
 

@@ -191,6 +191,9 @@ def load_recipe(path: str | Path) -> Recipe:
         text = data.decode("utf-8")
     except FileNotFoundError:
         raise KLError(f"{path}: no such recipe file; check the --recipe path") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise KLError(f"{path}: cannot read the recipe ({e})") from None
+    except UnicodeDecodeError as e:
+        raise KLError(f"{path}: not UTF-8 text (bad byte at offset {e.start}), so no recipe; check the --recipe "
+                      "path") from None
+    except OSError as e:
+        raise KLError(f"{path}: cannot read the recipe ({e.strerror}); check the --recipe path") from None
     return parse_recipe(text, str(path))
