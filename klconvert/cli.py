@@ -105,10 +105,12 @@ def pull(repo: str, revision: str | None, include: tuple[str, ...], exclude: tup
     click.echo(str(result.path))
 
 
-def _context_error(tokens: int, at_least: bool, max_new_tokens: int, max_context: int | None,
+def _context_error(where: str, tokens: int, at_least: bool, max_new_tokens: int, max_context: int | None,
                    model_max_length: int) -> KLError:
-    """What is true when a prompt of `tokens` (or more) plus --max-new-tokens does not fit."""
-    prompt = f"the prompt ({'over ' if at_least else ''}{tokens:,} tokens) plus --max-new-tokens {max_new_tokens}"
+    """What is true when the prompt of `where` (the flag that gave it), of `tokens` (or more), plus --max-new-tokens
+    does not fit."""
+    prompt = (f"the prompt of {where} ({'over ' if at_least else ''}{tokens:,} tokens) plus --max-new-tokens "
+              f"{max_new_tokens}")
     need = tokens + max_new_tokens
     if max_context is not None and need <= model_max_length:
         return KLError(f"{prompt} needs a context of {'more than ' if at_least else ''}{need:,} tokens but "
@@ -192,7 +194,8 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
         text = read_prompt(prompt, prompt_file, tokenizer, budget)
         ids = tokenizer.encode_chat([{"role": "user", "content": text.text}]) if chat and text.whole else text.ids
         if len(ids) > budget:
-            raise _context_error(len(ids), not text.whole, max_new_tokens, max_context, limit)
+            where = "--prompt" if prompt is not None else f"--prompt-file {prompt_file}"
+            raise _context_error(where, len(ids), not text.whole, max_new_tokens, max_context, limit)
         prompts.append(ids)
     longest = max(len(ids) for ids in prompts)
     if engine == "onnxruntime":

@@ -250,6 +250,15 @@ def test_prompts_say_what_is_true_about_the_context(tiny_released):
     assert "lower --max-new-tokens" in line and "--max-context" not in line
 
 
+def test_a_prompt_too_long_is_named_among_several(tiny_released, tmp_path):
+    short, long = tmp_path / "short.txt", tmp_path / "long.txt"
+    short.write_text("To be, or not to be")
+    long.write_text("To be, or not to be " * 400)
+    line = klconvert_bounded("run", "--model", tiny_released, "--prompt-file", short, "--prompt-file", long,
+                             "--max-new-tokens", "8", "--max-context", "256").error_line()
+    assert f"the prompt of --prompt-file {long} (" in line and "raise --max-context" in line
+
+
 # ---- chat templates -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("template, needle", [
     ("{% for i in range(99999) %}{% for j in range(99999) %}x{% endfor %}{% endfor %}", "range() items"),
