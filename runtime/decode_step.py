@@ -55,7 +55,7 @@ class DecodeStep:
     def _used_rows(self) -> StateBuffers:
         """The state an eager step attends over. Off CUDA the host reads the positions for nothing, so the cache
         is viewed up to the furthest one: a step costs the tokens so far, not the planned context (the bundled model
-        on the CPU decoded 122 tokens/s planned for 100 tokens and 17 planned for 100,000 when it read them all)."""
+        on a 2-core CPU decoded 2.4 tokens/s planned for 1,000,000 tokens when it read them all, 192 now)."""
         if self.state.kda_state.device.type == "cuda":
             return self.state
         return self.state.upto(int(self.positions.max()) + 1)
