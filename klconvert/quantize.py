@@ -21,6 +21,7 @@ from klconvert.checkpoint.folder_files import (
     SINGLE_FILE,
     refuse_large_side_files,
 )
+from klconvert.checkpoint.quantized import PACKED_TENSOR_SUFFIXES
 from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.checkpoint.regular_file import read_bounded, read_json
 from klconvert.checkpoint.safetensors_header import read_header
@@ -44,7 +45,6 @@ from klconvert.tokenizer import check_tokenizer_if_any
 MAX_SHARD_BYTES = 5 * 10**9  # the "5GB" shards transformers and the released checkpoint use
 COPIED_FILES = ("tiktoken.model", "*.jinja", "*.json")  # tokenizer, chat templates and small configs; never .py
 WRITTEN_FILES = ("config.json", INDEX_FILE)  # made here, not copied
-QUANTIZED_TENSOR_SUFFIXES = ("weight_packed", "weight_scale", ".absmax", "quant_state.bitsandbytes__nf4")
 RESUME_FORMAT = 1  # bump when the output of the same source and options changes
 
 
@@ -143,7 +143,7 @@ def refuse_quantized_source(src: Path) -> None:
         return
     if not isinstance(names, dict):
         return
-    packed = next((n for n in names if n.endswith(QUANTIZED_TENSOR_SUFFIXES)), None)
+    packed = next((n for n in names if n.endswith(PACKED_TENSOR_SUFFIXES)), None)
     if packed is not None:
         raise KLError(f"{src}: already quantized (it holds {packed:.120}); quantize the original bf16 checkpoint "
                       "instead")

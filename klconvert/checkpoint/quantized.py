@@ -16,6 +16,8 @@ from klconvert.quant.pack_quantized import PACKED_NAMES as PACKED_PARTS
 from klconvert.quant.scheme import NF4_BLOCKSIZE
 
 NF4_PARTS = tuple(n for n in NF4_NAMES if n != "weight")  # "weight" itself is the packed data
+# names that end so are tensors only a quantized folder holds (either method's)
+PACKED_TENSOR_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "absmax", "quant_state.bitsandbytes__nf4")
 METHODS = ("compressed-tensors", "bitsandbytes")
 
 

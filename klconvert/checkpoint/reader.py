@@ -12,7 +12,13 @@ from safetensors import SafetensorError, safe_open
 from klconvert.checkpoint.folder_files import GENAI_CONFIG, INDEX_FILE, MAX_INDEX_BYTES, SINGLE_FILE
 from klconvert.checkpoint.regular_file import read_json
 from klconvert.checkpoint.name_map import TensorSpec, canonical_pieces, expected_tensors, sliced_shape
-from klconvert.checkpoint.quantized import QuantizedSource, dequantize, find_quantized, quant_method
+from klconvert.checkpoint.quantized import (
+    PACKED_TENSOR_SUFFIXES,
+    QuantizedSource,
+    dequantize,
+    find_quantized,
+    quant_method,
+)
 from klconvert.checkpoint.safetensors_header import SafetensorsHeader, read_header
 from klconvert.checkpoint.size_bounds import check_model_size, max_header_bytes
 from klconvert.config import KimiLinearConfig
@@ -23,7 +29,6 @@ from klconvert.quant.pack_quantized import check_scales
 FLOAT_DTYPES = {"F32", "BF16", "F16"}
 FINITE_CHECK_ELEMENTS = 1 << 24  # checked a slice at a time: the bool temporaries stay at 16 MB
 MAX_FILE_NAME_BYTES = 255  # NAME_MAX of Linux's, macOS's and Windows' file systems
-PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "absmax")  # tensors only a quantized folder holds
 
 
 @dataclass(frozen=True)
@@ -151,7 +156,7 @@ class Checkpoint:
                                                self.config, self.folder))
             packed = {name for q in self.sources.values() for _, name in q.parts.values()}
             weight_map = {n: s for n, s in weight_map.items() if n not in packed}
-        packed_name = next((name for name in weight_map if name.endswith(PACKED_SUFFIXES)), None)
+        packed_name = next((name for name in weight_map if name.endswith(PACKED_TENSOR_SUFFIXES)), None)
         for source_name, shard in sorted(weight_map.items()):
             entry = self.headers[shard].tensors[source_name]
             where = f"{self.folder / shard}: tensor {source_name}"

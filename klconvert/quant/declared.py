@@ -30,12 +30,16 @@ def _scheme(weights, where: str, field: str) -> QuantScheme:
     bits, kind, symmetric = weights.get("num_bits"), weights.get("type", "int"), weights.get("symmetric", True)
     strategy, group_size = weights.get("strategy"), weights.get("group_size")
     channel = strategy == "channel" or (strategy is None and group_size == -1)
-    grouped = strategy in ("group", None) and type(group_size) is int and group_size > 0 and group_size % 8 == 0
-    if not (type(bits) is int and bits in (4, 8) and kind == "int" and type(symmetric) is bool
+    grouped = strategy in ("group", None) and type(group_size) is int and group_size > 0
+    declares = (f"declares num_bits {bits!r:.20}, type {kind!r:.20}, symmetric {symmetric!r:.20}, strategy "
+                f"{strategy!r:.20}, group_size {group_size!r:.20}")
+    if not (type(bits) is int and kind == "int" and type(symmetric) is bool
             and (group_size in (None, -1) if channel else grouped)):
-        raise _bad(where, field, f"declares num_bits {bits!r:.20}, type {kind!r:.20}, symmetric {symmetric!r:.20}, "
-                   f"strategy {strategy!r:.20}, group_size {group_size!r:.20}")
-    return QuantScheme(bits, -1 if channel else group_size, symmetric)
+        raise _bad(where, field, declares)
+    try:  # the bits and group sizes a scheme may have are QuantScheme's to say
+        return QuantScheme(bits, -1 if channel else group_size, symmetric)
+    except KLError:
+        raise _bad(where, field, declares) from None
 
 
 def _bad(where: str, field: str, what: str) -> KLError:
