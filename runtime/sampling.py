@@ -17,6 +17,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
         drop = sorted_p.cumsum(dim=-1) - sorted_p >= top_p
+        drop[..., 0] = False  # a top_p under fp32's least value compares as 0, which the first token's 0 reaches
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
     race = torch.empty_like(probs).exponential_(generator=generator)
     return (probs / race).argmax(dim=-1)

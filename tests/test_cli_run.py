@@ -70,6 +70,16 @@ def test_top_p_keeps_only_the_nucleus():
     assert int(sample(logits, 0.0, 1.0, g)) == 0
 
 
+@pytest.mark.parametrize("top_p", [1e-46, 1e-300, 1e-30])
+def test_a_tiny_top_p_keeps_the_top_token(top_p):
+    """A top_p that rounds to 0 in fp32 must still keep the first token (it dropped them all: token 0, NUL bytes)."""
+    from klconvert.runtime.sampling import sample
+
+    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(1)) * 5
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample(logits, 1.0, top_p, g), logits.argmax(dim=-1))
+
+
 @pytest.mark.parametrize("temperature", [1e-300, 1e-45, 1e-30])
 def test_a_tiny_temperature_draws_the_top_token_not_nan(temperature):
     """logits / T overflows fp32 (and T itself underflows to 0): the draw must tend to greedy, not to NaN."""
