@@ -29,6 +29,35 @@ class FiniteFloat(click.FloatRange):
         return number
 
 
+class PathArg(click.Path):
+    """A click.Path that refuses the empty string, which pathlib reads as ".": an unset shell variable would quietly
+    name the current folder."""
+
+    def convert(self, value, param, ctx):
+        if value == "":
+            self.fail("an empty path; give the path", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class ModelArg(click.ParamType):
+    """A model named on the command line: not empty, for the reason PathArg gives (and an empty repo id is none)."""
+
+    name = "text"
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def convert(self, value, param, ctx):
+        if value == "":
+            self.fail(f"an empty name; give {self.what}", param, ctx)
+        return value
+
+
+MODEL = ModelArg(f"a checkpoint folder or {BUNDLED_NAME}")
+REPO = ModelArg("a hub repo id (owner/name)")
+REPO_OR_MODEL = ModelArg(f"a hub repo id, a checkpoint folder or {BUNDLED_NAME}")
+
+
 class OneLineErrors(click.Group):
     """The klconvert group: every error a user can cause -- a KLError or a usage error -- ends in one line on stderr,
     `klconvert: error: ...`, with the error's exit status (2 for bad input) and no traceback."""
@@ -73,7 +102,7 @@ def cli() -> None:
               help="Seed of the random weights.")
 @click.option("--layout", type=click.Choice(["released", "transformers"]), default="released", show_default=True,
               help="Tensor layout: the released checkpoint's, or the native transformers port's.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to create.")
+@click.option("--out", type=PathArg(path_type=Path), required=True, help="Folder to create.")
 def synth(preset: str, layers: int | None, seed: int, layout: str, out: Path) -> None:
     """Write a random-weight checkpoint in exactly the released format."""
     from klconvert.synth.checkpoint import synth as write_synth
@@ -84,12 +113,12 @@ def synth(preset: str, layers: int | None, seed: int, layout: str, out: Path) ->
 
 
 @cli.command()
-@click.argument("repo", default=DEFAULT_REPO)
+@click.argument("repo", type=REPO, default=DEFAULT_REPO)
 @click.option("--revision", default=None, help="Branch, tag or commit [default: main].")
 @click.option("--include", multiple=True, help="Only files matching this pattern (repeatable).")
 @click.option("--exclude", multiple=True, help="Skip files matching this pattern (repeatable).")
-@click.option("--local-dir", type=click.Path(path_type=Path), default=None, help="Download into this folder.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+@click.option("--local-dir", type=PathArg(path_type=Path), default=None, help="Download into this folder.")
+@click.option("--cache-dir", type=PathArg(path_type=Path), default=None,
               help="Hugging Face cache to use [default: $HF_HOME/hub].")
 def pull(repo: str, revision: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
          local_dir: Path | None, cache_dir: Path | None) -> None:
@@ -121,7 +150,7 @@ def _context_error(where: str, tokens: int, at_least: bool, max_new_tokens: int,
 
 
 @cli.command()
-@click.option("--model", default=None,
+@click.option("--model", type=MODEL, default=None,
               help=f"Checkpoint folder (released, transformers or quantized layout), or {BUNDLED_NAME} for the "
                    f"bundled model [default: {DEFAULT_MODEL_DIR} when it exists, else {BUNDLED_NAME}].")
 @click.option("--prompt", default=None, help="The prompt text itself (instead of --prompt-file).")
@@ -285,10 +314,10 @@ def _refuse_triton_without_cuda(kernels: str, device: str | None) -> None:
 
 
 @cli.command(name="export-onnx")
-@click.option("--model", default=None,
+@click.option("--model", type=MODEL, default=None,
               help=f"Checkpoint folder (quantized int4/int8 weights stay packed), or {BUNDLED_NAME} for the bundled "
                    f"model [default: {DEFAULT_MODEL_DIR} when it exists, else {BUNDLED_NAME}].")
-@click.option("--out", type=click.Path(path_type=Path), required=True,
+@click.option("--out", type=PathArg(path_type=Path), required=True,
               help="New folder for model.onnx, genai_config.json, config.json and the tokenizer files.")
 @click.option("--opset", type=int, default=None,
               help="ONNX opset of the default domain [default: the oldest the export takes, 18].")
@@ -307,11 +336,12 @@ def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) ->
 
 
 @cli.command()
-@click.option("--model", default=None, help=f"Checkpoint folder to plan for, or {BUNDLED_NAME} (the bundled model).")
+@click.option("--model", type=MODEL, default=None,
+              help=f"Checkpoint folder to plan for, or {BUNDLED_NAME} (the bundled model).")
 @click.option("--preset", type=click.Choice(["tiny", "kimi-linear-48b"]), default=None,
               help="Plan for a preset instead of a folder.")
 @click.option("--layers", type=int, default=None, help="With --preset: keep only N layers.")
-@click.option("--recipe", type=click.Path(path_type=Path), default=None,
+@click.option("--recipe", type=PathArg(path_type=Path), default=None,
               help="Recipe YAML (recipes/*.yaml): its quantization sizes the weights, its runtime section sets "
                    "the defaults of the flags below.")
 @click.option("--gpu-memory", default=None, help="Device memory to fit, e.g. 80GiB, 24GB.")
@@ -391,7 +421,7 @@ def _quantize_options(command):
         click.option("--observer", type=click.Choice(["minmax", "mse"]), default=None,
                      help="How each int group's range is chosen: minmax [default], or mse (llm-compressor's MSE "
                           "observer: shrunk to the least round-trip error; up to 20 trials a weight)."),
-        click.option("--recipe", type=click.Path(path_type=Path), default=None,
+        click.option("--recipe", type=PathArg(path_type=Path), default=None,
                      help="llm-compressor-shaped recipe YAML saying how each tensor is stored (instead of the "
                           "five flags above)."),
         click.option("--device", type=DEVICE, default=None, help="Where to quantize [default: cuda if present]."),
@@ -411,8 +441,8 @@ def _quantize_options(command):
 
 
 @cli.command()
-@click.argument("src")
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("src", type=MODEL)
+@click.argument("out", type=PathArg(path_type=Path))
 @_quantize_options
 def quantize(src: str, out: Path, bits: int | None, group_size: int | None, symmetric: bool | None,
              scheme: str | None, observer: str | None, recipe: Path | None, device: str | None,
@@ -430,11 +460,11 @@ def quantize(src: str, out: Path, bits: int | None, group_size: int | None, symm
 
 
 @cli.command(name="pull-and-quantize")
-@click.option("--model", default=DEFAULT_REPO, show_default=True,
+@click.option("--model", type=REPO_OR_MODEL, default=DEFAULT_REPO, show_default=True,
               help=f"Hub repo to pull, a local checkpoint folder (used as it is), or {BUNDLED_NAME} (the bundled "
                    "model).")
 @click.option("--revision", default=None, help="Branch, tag or commit of the hub repo [default: main].")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
+@click.option("--out", type=PathArg(path_type=Path), default=None,
               help="Folder to create [default: ./<model-name>-w4a16, -w8a16 or -nf4].")
 @_quantize_options
 def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: int | None, group_size: int | None,
@@ -453,11 +483,11 @@ def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: 
 
 
 @cli.command(name="eval")
-@click.option("--model", required=True, help="The model to measure (e.g. quantized): a folder, or tiny.")
-@click.option("--reference", required=True,
+@click.option("--model", type=MODEL, required=True, help="The model to measure (e.g. quantized): a folder, or tiny.")
+@click.option("--reference", type=MODEL, required=True,
               help="The model it should match (e.g. its bf16 source; tiny for the bundled model); its tokenizer "
                    "reads the text.")
-@click.option("--text-file", type=click.Path(path_type=Path, dir_okay=False), required=True,
+@click.option("--text-file", type=PathArg(path_type=Path, dir_okay=False), required=True,
               help="UTF-8 text to run both models on.")
 @click.option("--max-tokens", type=click.IntRange(min=2), default=2048, show_default=True,
               help="Cut the tokenized text to this many tokens (only that much of the file is read).")
@@ -496,7 +526,7 @@ def _int_list(ctx, param, value: str | None) -> list[int] | None:
 
 
 @cli.command()
-@click.option("--model", default=None,
+@click.option("--model", type=MODEL, default=None,
               help=f"A quantized checkpoint folder to time, or {BUNDLED_NAME} (its weights; caches filled with random "
                    "values).")
 @click.option("--preset", type=click.Choice(["kimi-linear-48b"]), default=None,
@@ -527,7 +557,7 @@ def _int_list(ctx, param, value: str | None) -> list[int] | None:
 @click.option("--spread-routing", is_flag=True,
               help="Route each sequence to its own random experts (~100 distinct per layer at batch 16, as real text "
                    "spreads) instead of the weights' router; random weights route a whole batch alike.")
-@click.option("--json", "json_file", type=click.Path(path_type=Path), default=None, help="Write the results here.")
+@click.option("--json", "json_file", type=PathArg(path_type=Path), default=None, help="Write the results here.")
 def bench(model: str | None, preset: str | None, layers: int | None, bits: str, contexts: list[int] | None,
           prefills: list[int] | None, batches: list[int], mla_cache_dtype: str, new_tokens: int, check_depth: bool,
           peer: str, peer_layers: int, spread_routing: bool, json_file: Path | None) -> None:

@@ -296,6 +296,42 @@ def test_synth_refuses_existing_output(capsys, tiny_released):
     assert_one_line_error(code, err, "already exists")
 
 
+@pytest.mark.parametrize("args,flag", [
+    (("run", "--model", "", "--prompt", "hi"), "--model"),
+    (("quantize", "", "out", "--bits", "4"), "SRC"),
+    (("quantize", "tiny", "", "--bits", "4"), "OUT"),
+    (("pull-and-quantize", "--model", "", "--bits", "4"), "--model"),
+    (("pull-and-quantize", "--model", "tiny", "--out", ""), "--out"),
+    (("eval", "--model", "tiny", "--reference", "", "--text-file", "t.txt"), "--reference"),
+    (("eval", "--model", "tiny", "--reference", "tiny", "--text-file", ""), "--text-file"),
+    (("plan", "--model", ""), "--model"),
+    (("plan", "--preset", "tiny", "--recipe", ""), "--recipe"),
+    (("export-onnx", "--model", "tiny", "--out", ""), "--out"),
+    (("pull", ""), "REPO"),
+    (("pull", "--local-dir", ""), "--local-dir"),
+    (("synth", "--preset", "tiny", "--out", ""), "--out"),
+    (("bench", "--model", ""), "--model"),
+])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(capsys, tmp_path, monkeypatch, args, flag):
+    """pathlib reads "" as ".": an unset shell variable quietly named the current folder (a checkpoint there ran,
+    export-onnx wrote into it, quantize raised a traceback)."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, flag, "empty")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("out", [".", "..", "./"])
+def test_quantize_refuses_an_output_naming_the_current_folder(capsys, tmp_path, monkeypatch, out):
+    """OUT.partial is made beside OUT and renamed onto it: "." raised a traceback (PosixPath('.') has an empty
+    name)."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    code, _, err = run_cli(capsys, "quantize", "tiny", out, "--bits", "4", "--force")
+    assert_one_line_error(code, err, "names the current folder or one above it", "give the new folder's name")
+    assert [p.name for p in tmp_path.iterdir()] == ["here"] and not any((tmp_path / "here").iterdir())
+
+
 def test_usage_error_exits_2(capsys):
     code, _, err = run_cli(capsys, "run", "--max-new-tokens", "-3", "--prompt-file", "x")
     assert code == 2 and "Traceback" not in err and "--max-new-tokens" in err

@@ -43,7 +43,11 @@ def is_klconvert_output(folder: Path) -> bool:
 
 
 def refuse_existing_out(out: Path, force: bool) -> None:
-    """KLError when OUT exists, unless `force` and OUT is a klconvert output or an empty folder."""
+    """KLError when OUT exists, unless `force` and OUT is a klconvert output or an empty folder; or when OUT names
+    the current folder or one above it (OUT.partial is made beside OUT, and renamed onto it)."""
+    if out.name in ("", ".."):
+        raise KLError(f"{out}: names the current folder or one above it, not a folder to create; give the new "
+                      f"folder's name, e.g. {out / 'q4'}")
     if not (out.exists() or out.is_symlink()):
         return
     if not force:
