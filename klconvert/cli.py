@@ -355,11 +355,12 @@ def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) ->
               help="KDA recurrent state dtype [default: the recipe's, else float32].")
 @click.option("--bits", type=click.Choice(["4", "8", "16"]), default=None,
               help="Without --recipe: weight bits of the quantized layers, lm_head at 8 [default: 16, unquantized].")
-@click.option("--group-size", type=click.IntRange(min=1), default=128, show_default=True,
-              help="With --bits 4 or 8: input columns per scale.")
+@click.option("--group-size", type=int, default=None,
+              help="With --bits 4 or 8: input columns per scale, e.g. 32, 64, 128; -1: one scale per row "
+                   "[default: 128].")
 def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path | None, gpu_memory: str | None,
          max_context: int | None, batch: int | None, mla_cache_dtype: str | None, kda_state_dtype: str | None,
-         bits: str | None, group_size: int) -> None:
+         bits: str | None, group_size: int | None) -> None:
     """Print the memory plan: weights, KDA state, MLA cache, workspace, headroom, largest context.
 
     Exits with status 3 when the plan does not fit the given GPU memory."""

@@ -39,6 +39,7 @@ from klconvert.models import BUNDLED_NAME, resolve_model
 from klconvert.quant import Policy, load_recipe, policy_from_options
 from klconvert.quant.fused import refuse_split_fused
 from klconvert.quant.policy import LINEAR
+from klconvert.quant.scheme import GROUP_SIZE
 from klconvert.presets import preset_config
 from klconvert.tokenizer import check_tokenizer_if_any
 
@@ -93,7 +94,7 @@ def choose_policy(bits: int | None = None, group_size: int | None = None, symmet
         require("bitsandbytes.functional", "--scheme nf4")
     if bits not in (4, 8):
         raise KLError(f"--bits {bits} is not supported; use --bits 4 or --bits 8")
-    return policy_from_options(bits, 128 if group_size is None else group_size, symmetric is not False, scheme,
+    return policy_from_options(bits, GROUP_SIZE if group_size is None else group_size, symmetric is not False, scheme,
                                observer=observer or "minmax"), {}
 
 

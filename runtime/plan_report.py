@@ -14,6 +14,7 @@ from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.presets import preset_config
 from klconvert.quant import Recipe, load_recipe, policy_from_options
+from klconvert.quant.scheme import GROUP_SIZE
 from klconvert.runtime.bind import packed_choice
 from klconvert.runtime.memory_plan import MemoryPlan, weight_bytes
 from klconvert.runtime.model import KimiLinear
@@ -64,7 +65,7 @@ def held_on_a_gpu(folder: Path) -> HeldPacked:
 
 def plan_for(model: Path | None = None, preset: str | None = None, layers: int | None = None,
              recipe: Recipe | str | Path | None = None, batch: int | None = None, context: int | None = None,
-             bits: int | None = None, group_size: int = 128, memory_limit: int | None = None,
+             bits: int | None = None, group_size: int | None = None, memory_limit: int | None = None,
              mla_cache_dtype: str | None = None, kda_state_dtype: str | None = None,
              dtype: torch.dtype = torch.bfloat16) -> MemoryPlan:
     """The plan the runtime would make on a GPU for this model, weight policy, context and batch.
@@ -76,6 +77,9 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
     """
     if recipe is not None and bits is not None:
         raise KLError("give a recipe or --bits, not both: the recipe already says how each tensor is stored")
+    if group_size is not None and bits is None:
+        raise KLError(f"--group-size {group_size} sizes the groups of --bits 4 or 8 (without a recipe); add --bits 4 "
+                      "or 8, or drop --group-size")
     stored = None
     if model is not None:
         config = KimiLinearConfig.from_file(Path(model) / "config.json")
@@ -93,7 +97,7 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
     elif recipe is not None:  # every target must select a tensor of this model: a typo is an error, not a no-op
         policy = recipe.policy.check_against((s.name, s.shape) for s in expected_tensors(config).values())
     else:
-        policy = policy_from_options(bits, group_size) if bits else None
+        policy = policy_from_options(bits, GROUP_SIZE if group_size is None else group_size) if bits else None
 
     settings = recipe.runtime if recipe is not None else {}
     where = recipe.path if recipe is not None else "plan"

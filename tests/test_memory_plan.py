@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from klconvert.quant import QuantScheme, compress_nf4, compress_weight, policy_f
 from klconvert.quant.stored import stored_parts
 from klconvert.runtime.memory_plan import MemoryPlan, stored_bytes, weight_bytes
 from klconvert.runtime.plan_report import plan_for, render_plan
+from testkit import assert_one_line_error, run_cli
 
 REAL = KimiLinearConfig.from_dict(preset_config("kimi-linear-48b"))
 
@@ -67,6 +69,16 @@ def test_largest_context_fits_and_one_more_chunk_does_not():
     assert roomy.largest_context() == REAL.model_max_length  # capped at the model's own limit
     bf16 = plan_for(preset="kimi-linear-48b", memory_limit=80 * 2**30)
     assert bf16.headroom < 0 and bf16.largest_context() == 0  # 98 GB of bf16 weights do not fit 80 GiB
+
+
+def test_group_size_sizes_the_groups_of_bits_or_is_refused(capsys):
+    """--group-size without --bits 4|8 (or beside a recipe) was ignored: the plan read as if it applied."""
+    g32, g128 = (plan_for(preset="kimi-linear-48b", bits=4, group_size=g).weights for g in (32, None))
+    assert g32 > g128  # four times the scales
+    assert g128 == plan_for(preset="kimi-linear-48b", bits=4, group_size=128).weights
+    for extra in ([], ["--bits", "16"], ["--recipe", str(Path(__file__).parents[1] / "recipes" / "32gb.yaml")]):
+        code, _, err = run_cli(capsys, "plan", "--preset", "tiny", "--group-size", "32", *extra)
+        assert_one_line_error(code, err, "--group-size 32", "add --bits 4 or 8, or drop --group-size")
 
 
 def test_render_plan_lists_every_part():

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from klconvert.quant.policy import LINEAR, Entry, Group, Policy
-from klconvert.quant.scheme import NF4_BLOCKSIZE, QuantScheme
+from klconvert.quant.scheme import GROUP_SIZE, NF4_BLOCKSIZE, QuantScheme
 from klconvert.release import ROUTER, SHORT_CONVS
 
 # The main group targets "Linear" rather than a list of regexes on purpose: vLLM's compressed-tensors
@@ -27,7 +27,7 @@ LM_HEAD = "re:^lm_head$"  # a re: target: transformers takes the first plain-str
 # e_score_correction_bias (Policy refuses any target that would select them).
 
 
-def policy_from_options(bits: int = 4, group_size: int = 128, symmetric: bool = True, scheme: str = "int",
+def policy_from_options(bits: int = 4, group_size: int = GROUP_SIZE, symmetric: bool = True, scheme: str = "int",
                         lm_head_bits: int | None = 8, observer: str = "minmax") -> Policy:
     """The default policy for the converter's --bits/--group-size/--symmetric/--scheme/--observer options.
 

@@ -8,6 +8,7 @@ from klconvert.errors import KLError
 from klconvert.quant.groupwise import OBSERVERS
 
 NF4_BLOCKSIZE = 64  # bitsandbytes' Params4bit / transformers' Linear4bit block size
+GROUP_SIZE = 128  # an int scheme's input columns per scale unless told otherwise
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,7 @@ class QuantScheme:
     """
 
     bits: int = 4
-    group_size: int = 128
+    group_size: int = GROUP_SIZE
     symmetric: bool = True
     kind: str = "int"
     observer: str = "minmax"  # how an int group's range is chosen: min-max, or shrunk to the least error ("mse")
