@@ -321,7 +321,7 @@ def _refuse_triton_without_cuda(kernels: str, device: str | None) -> None:
               help="New folder for model.onnx, genai_config.json, config.json and the tokenizer files.")
 @click.option("--opset", type=int, default=None,
               help="ONNX opset of the default domain [default: the oldest the export takes, 18].")
-@click.option("--force", is_flag=True, help="Replace an earlier export in --out (or what a failed one left).")
+@click.option("--force", is_flag=True, help="Replace an earlier export in --out (or what one killed part way left).")
 def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) -> None:
     """Write the checkpoint as an ONNX graph that onnxruntime runs (prefill and decode, state in and out)."""
     if model is None:

@@ -21,7 +21,6 @@ import torch
 import klconvert
 from klconvert.checkpoint import reader
 from klconvert.checkpoint.reader import Checkpoint
-from klconvert.errors import KLError
 from klconvert.models import bundled_dir
 from klconvert.onnx import export as export_module
 from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, MS_OPSET, export_onnx
@@ -229,22 +228,25 @@ def test_a_large_export_uses_external_data_and_dequantizes_nothing(exported, tmp
 
 
 @pytest.mark.slow
-def test_a_replacing_export_that_fails_leaves_nothing_that_looks_complete(exported, tmp_path, monkeypatch):
+@pytest.mark.parametrize("interrupt", [RuntimeError, KeyboardInterrupt])
+def test_a_replacing_export_that_fails_leaves_nothing_that_looks_complete(exported, tmp_path, monkeypatch,
+                                                                           interrupt):
     quantized, folder = exported
     out = shutil.copytree(folder, tmp_path / "onnx")
     (out / "chat_template.jinja").write_text("{{ 'from the export being replaced' }}")
 
     def fail(path):
-        raise RuntimeError("the checker stops here")
+        raise interrupt("the checker stops here")
 
     monkeypatch.setattr(export_module.onnx.checker, "check_model", fail)
-    with pytest.raises(RuntimeError, match="the checker stops here"):
+    with pytest.raises(interrupt, match="the checker stops here"):
         export_onnx(quantized, out, force=True)
-    assert not (out / GENAI_CONFIG).exists() and not (out / "chat_template.jinja").exists()
-    with pytest.raises(KLError, match=GENAI_CONFIG):
-        OnnxEngine(out)
+    assert list(out.iterdir()) == []  # the replaced export's files and this run's model.onnx are gone
+    with pytest.raises(interrupt):
+        export_onnx(quantized, tmp_path / "new", force=False)
+    assert not (tmp_path / "new").exists()  # a folder the failed run made is taken back whole
     monkeypatch.undo()
-    export_onnx(quantized, out, force=True)  # what a failed run left is an export's files: --force takes it
+    export_onnx(quantized, out)  # an empty folder needs no --force
     ids = [PROMPT]
     assert torch.equal(OnnxEngine(out).forward(ids), OnnxEngine(folder).forward(ids))
 

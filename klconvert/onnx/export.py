@@ -140,8 +140,8 @@ def _unfilled_where_packed(model: M.KimiLinear, checkpoint: Checkpoint) -> M.Kim
 
 def _prepare_out(out: Path, force: bool) -> None:
     """Refuse OUT unless it is new or empty or, with `force`, holds nothing but an export's files (EXPORT_FILES: an
-    earlier export, or one a failed run left); then clear them, genai_config.json first, so that an export that
-    fails part way never leaves a folder that looks complete, nor a file of the export it replaces."""
+    earlier export, or what one killed part way left); then clear them, genai_config.json first, so that an export
+    that fails part way never leaves a folder that looks complete, nor a file of the export it replaces."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not force or out.is_symlink() or not out.is_dir() or any(
                 p.name not in EXPORT_FILES or p.is_symlink() or not p.is_file() for p in out.iterdir()):
@@ -170,7 +170,25 @@ def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPS
     check_tokenizer_if_any(model_dir, checkpoint.config.vocab_size)
     copied = [name for name in ("config.json", *TOKENIZER_FILES) if (model_dir / name).is_file()]
     refuse_large_side_files(model_dir / name for name in copied)
+    created = not out.exists()
     _prepare_out(out, force)
+    try:
+        return _write_export(checkpoint, model_dir, out, opset, copied)
+    except BaseException:  # a failure or Ctrl-C part way: take back what this run wrote (a half export misleads)
+        _remove_export_files(out, created)
+        raise
+
+
+def _remove_export_files(out: Path, created: bool) -> None:
+    """Delete the export's files from OUT, and OUT itself when this run made it and it is left empty."""
+    for name in (GENAI_CONFIG, *sorted(EXPORT_FILES - {GENAI_CONFIG})):
+        (out / name).unlink(missing_ok=True)
+    if created and not any(out.iterdir()):
+        out.rmdir()
+
+
+def _write_export(checkpoint: Checkpoint, model_dir: Path, out: Path, opset: int, copied: list[str]) -> Path:
+    """export_onnx's writing, into the prepared OUT: model.onnx (checked), the side files, genai_config.json last."""
     model = bind(_unfilled_where_packed(M.KimiLinear(checkpoint.config), checkpoint), checkpoint.get,
                  checkpoint.packed, {}, torch.device("cpu"), torch.float32, triton=False, restack=False)
     proto = build_graph(model, Linears(checkpoint.config, checkpoint.packed), opset)
