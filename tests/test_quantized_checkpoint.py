@@ -112,6 +112,22 @@ def test_unknown_quant_method_is_refused(tiny_copy):
         open_checkpoint(tiny_copy)
 
 
+def test_a_packed_config_over_float_weights_is_refused(tiny_copy, capsys):
+    """A quantization_config copied over float weights ran as them and measured as lossless (eval: KL 0, top-1 100%)
+    under a name that says int4, and loads nowhere else; a dense-format config (floats by its own word) stays read."""
+    config = json.loads((tiny_copy / "config.json").read_text())
+    config["quantization_config"] = policy_from_options(bits=4).quantization_config()
+    (tiny_copy / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(capsys, "run", "--model", str(tiny_copy), "--prompt", "hi", "--max-new-tokens", "1")
+    assert_one_line_error(code, err, "config.json: quantization_config declares pack-quantized weights",
+                          "no tensor here is stored packed", "delete its quantization_config")
+    for group in config["quantization_config"]["config_groups"].values():
+        group["format"] = "dense"
+    config["quantization_config"]["format"] = "dense"
+    (tiny_copy / "config.json").write_text(json.dumps(config))
+    assert not any(isinstance(s, QuantizedSource) for s in open_checkpoint(tiny_copy).sources.values())
+
+
 EXPERT = "model.layers.1.block_sparse_moe.experts.0.w1"
 
 

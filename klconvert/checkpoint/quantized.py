@@ -13,7 +13,7 @@ from klconvert.quant import QuantScheme, decompress_nf4, decompress_weight
 from klconvert.quant.declared import declared_schemes
 from klconvert.quant.nf4 import NF4_NAMES
 from klconvert.quant.pack_quantized import PACKED_NAMES as PACKED_PARTS
-from klconvert.quant.scheme import NF4_BLOCKSIZE
+from klconvert.quant.scheme import NF4_BLOCKSIZE, PACKED_FORMAT
 
 NF4_PARTS = tuple(n for n in NF4_NAMES if n != "weight")  # "weight" itself is the packed data
 # names that end so are tensors only a quantized folder holds (either method's)
@@ -129,7 +129,18 @@ def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, S
                               f"{list(spec.shape)}; re-run the conversion")
             scheme = QuantScheme(4, NF4_BLOCKSIZE, True, "nf4")
         out[canonical] = QuantizedSource(group, scheme, (out_dim, in_dim))
+    if not out and method == "compressed-tensors" and _declares_packed(config.raw["quantization_config"]):
+        raise KLError(f"{folder}/config.json: quantization_config declares {PACKED_FORMAT} weights, but no tensor "
+                      "here is stored packed (no *.weight_packed): this config.json does not belong to these weights "
+                      "-- put back the one they came with, or delete its quantization_config")
     return out
+
+
+def _declares_packed(quantization_config: dict) -> bool:
+    """Whether compressed-tensors' config says its weights are stored packed (top-level or any group's format)."""
+    groups = quantization_config.get("config_groups")
+    formats = [g.get("format") for g in groups.values() if isinstance(g, dict)] if isinstance(groups, dict) else []
+    return PACKED_FORMAT in [quantization_config.get("format"), *formats]
 
 
 def _declared_scheme(declared: dict[str, QuantScheme], in_dim: int, where: str,

@@ -9,7 +9,7 @@ import yaml
 from klconvert.checkpoint.regular_file import open_regular
 from klconvert.errors import KLError
 from klconvert.quant.policy import Entry, Group, Policy
-from klconvert.quant.scheme import NF4_BLOCKSIZE, QuantScheme
+from klconvert.quant.scheme import NF4_BLOCKSIZE, PACKED_FORMAT, QuantScheme
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few KB; a larger --recipe is the wrong file (or /dev/zero)
 _TOP_KEYS = ("<name>_stage", "runtime")
@@ -162,8 +162,8 @@ def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
         for key in ("input_activations", "output_activations"):
             if key in g:
                 r.scalar(g[key][1], f"{name}.{key} (activations stay unquantized)", type(None))
-        if "format" in g and r.scalar(g["format"][1], f"{name}.format", str) != "pack-quantized":
-            r.fail(g["format"][1], "format should be pack-quantized")
+        if "format" in g and r.scalar(g["format"][1], f"{name}.format", str) != PACKED_FORMAT:
+            r.fail(g["format"][1], f"format should be {PACKED_FORMAT}")
         targets = r.entries(g["targets"][1], f"{name}.targets")
         if not targets:
             r.fail(g["targets"][1], f"config group {name!r} has no targets")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from klconvert.errors import KLError
 from klconvert.quant.groupwise import OBSERVERS
 
+PACKED_FORMAT = "pack-quantized"  # compressed-tensors' format of the int weights klconvert writes and reads
 NF4_BLOCKSIZE = 64  # bitsandbytes' Params4bit / transformers' Linear4bit block size
 GROUP_SIZE = 128  # an int scheme's input columns per scale unless told otherwise
 
@@ -79,11 +80,11 @@ def compressed_tensors_config(groups: Sequence[tuple[str, Sequence[str], QuantSc
             "weights": scheme.weights_args(),
             "input_activations": None,
             "output_activations": None,
-            "format": "pack-quantized",
+            "format": PACKED_FORMAT,
         }
     return {
         "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
+        "format": PACKED_FORMAT,
         "quantization_status": "compressed",
         "config_groups": config_groups,
         "ignore": list(ignore),
