@@ -356,6 +356,17 @@ def test_unknown_repo_and_revision_are_one_line_errors(served):
     assert "\n" not in str(unknown_repo.value) + str(unknown_revision.value)
 
 
+@pytest.mark.parametrize("revision", ["..", "../../../../escaped", "/tmp/escaped", "main/../main", "", "a\nb",
+                                      "x" * 300])
+def test_a_revision_that_is_a_path_is_refused_before_any_request(served, tmp_path, revision):
+    """huggingface_hub keeps the revision as the file refs/<revision> in the cache: ".." or an absolute path wrote
+    outside it (and ".." pulled main under the name "..")."""
+    server, _ = served
+    with pytest.raises(KLError, match="is not a branch, tag or commit name"):
+        hub.pull(REPO, revision=revision, progress=False)
+    assert not server.requests and not list(tmp_path.rglob("escaped*"))
+
+
 def test_private_repo_needs_a_token(hub_server, checkpoint, tmp_path):
     hub_server.add_repo("moonshotai/private", checkpoint, private=True)
     hub_server.tokens.add("hf_good")
@@ -380,6 +391,8 @@ def _sibling(path, size=5) -> dict:
 @pytest.mark.parametrize("edit, needle", [
     (_listing_plus(_sibling("../victim.json")), "names a file '../victim.json', not a path inside the repo"),
     (_listing_plus(_sibling(None)), "names a file 'None', not a path inside the repo"),
+    (_listing_plus(_sibling("a\x1b]0;title\x07.md")), "names a file 'a\\x1b]0;title\\x07.md', not a path inside"),
+    (_listing_plus(_sibling("two\nlines.json")), "names a file 'two\\nlines.json', not a path inside the repo"),
     (_listing_plus(_sibling("config.json/inner.json")), "names 'config.json' both as a file and as a folder"),
     (_listing_plus(_sibling("extra.json", size="5")), "gives 'extra.json' the size 5, not a number of bytes"),
     (_listing_plus(_sibling("extra.json", size=-(1 << 40))), "the size -1099511627776, not a number of bytes"),
