@@ -46,8 +46,10 @@ from klconvert.errors import KLError, first_line, unreadable_reason
 from klconvert.verified_files import VerifiedFiles
 
 # huggingface_hub 2.x talks through httpx2, 1.x through httpx: a dropped connection surfaces as either's TransportError.
-TRANSPORT_ERRORS = tuple(getattr(importlib.import_module(m), "TransportError")
-                         for m in ("httpx2", "httpx") if importlib.util.find_spec(m) is not None)
+_HTTP_MODULES = [importlib.import_module(m) for m in ("httpx2", "httpx") if importlib.util.find_spec(m) is not None]
+TRANSPORT_ERRORS = tuple(m.TransportError for m in _HTTP_MODULES)
+# What else the client raises on an answer it cannot follow: redirect loops, bodies that do not decode, bad URLs.
+BROKEN_ANSWER_ERRORS = tuple(e for m in _HTTP_MODULES for e in (m.HTTPError, m.InvalidURL))
 
 DEFAULT_REPO = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
 # Everything a pull may fetch: weights, configs (index, tokenizer_config, special_tokens_map
@@ -534,6 +536,9 @@ def _as_user_errors(repo: str, revision: str | None, endpoint: str, target: Path
             f"lost the connection to {endpoint} while pulling {where} ({first_line(e)}); {RERUN}, "
             "or set HF_HUB_OFFLINE=1 to use a cached copy"
         ) from e
+    except BROKEN_ANSWER_ERRORS as e:  # after TRANSPORT_ERRORS, which are HTTPErrors too
+        raise KLError(f"{endpoint} sent an answer the client cannot follow while pulling {where} ({first_line(e)}); "
+                      "check HF_ENDPOINT, or report it to the repo's owner") from e
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise KLError(f"disk full while pulling {where} into {target}: free space and rerun") from e

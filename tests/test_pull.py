@@ -367,6 +367,28 @@ def test_a_revision_that_is_a_path_is_refused_before_any_request(served, tmp_pat
     assert not server.requests and not list(tmp_path.rglob("escaped*"))
 
 
+def test_an_answer_the_client_cannot_follow_is_one_line(served):
+    """A redirect loop (or a body that does not decode, a bad URL) raised the HTTP client's own error: a traceback."""
+    server, _ = served
+
+    class RedirectLoop:
+        def _route(self, send_body):
+            if not self.path.startswith("/api/models"):
+                return super()._route(send_body)
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    handler = server._server.RequestHandlerClass
+    server._server.RequestHandlerClass = type("Looping", (RedirectLoop, handler), {})
+    try:
+        with pytest.raises(KLError, match="sent an answer the client cannot follow .*redirects.* check HF_ENDPOINT"):
+            hub.pull(REPO, progress=False)
+    finally:
+        server._server.RequestHandlerClass = handler
+
+
 def test_private_repo_needs_a_token(hub_server, checkpoint, tmp_path):
     hub_server.add_repo("moonshotai/private", checkpoint, private=True)
     hub_server.tokens.add("hf_good")
