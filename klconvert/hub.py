@@ -59,6 +59,7 @@ ALLOWED_PATTERNS = ("*.safetensors", "*.json", "tiktoken.model", "*.jinja")
 REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".py")
 # Provenance of a --local-dir pull, beside the files; never written into the HF cache's snapshots.
 LOCAL_DIR_RECORD = Path(".klconvert") / "pull.json"
+METADATA_FOLDERS = (".cache/", f"{LOCAL_DIR_RECORD.parent}/")  # huggingface_hub's and klconvert's records in a folder
 # What was verified (size, mtime, hashes), so a second pull re-hashes only what changed: in a --local-dir, and in
 # the cache beside the repo's snapshots (never inside them), one record per commit.
 VERIFIED_RECORD = Path(".klconvert") / "verified.json"
@@ -228,8 +229,11 @@ def refuse_unsafe_includes(include: list[str] | None) -> None:
 def select_files(
     paths: list[str], include: list[str] | None = None, exclude: list[str] | None = None
 ) -> list[str]:
-    """The repo paths a pull fetches: ALLOWED_PATTERNS, narrowed by include, minus exclude."""
-    allowed = filter_repo_objects(paths, allow_patterns=list(ALLOWED_PATTERNS))
+    """The repo paths a pull fetches: ALLOWED_PATTERNS, narrowed by include, minus exclude; never a file in the
+    folders huggingface_hub and klconvert keep their own records in (a repo's .klconvert/pull.json would name
+    another origin)."""
+    ours = [p for p in paths if not p.startswith(METADATA_FOLDERS)]
+    allowed = filter_repo_objects(ours, allow_patterns=list(ALLOWED_PATTERNS))
     return sorted(filter_repo_objects(allowed, allow_patterns=include, ignore_patterns=exclude))
 
 
@@ -322,10 +326,9 @@ def _snapshot_on_disk(repo: str, commit: str, cache_dir: Path, local_dir: Path |
 
 def _listing_on_disk(folder: Path) -> list[HubFile]:
     """The files under a downloaded folder, skipping huggingface_hub's and klconvert's own metadata."""
-    metadata_folders = (".cache/", f"{LOCAL_DIR_RECORD.parent}/")
     files = (p for p in folder.rglob("*") if p.is_file())
     listing = [HubFile(path=p.relative_to(folder).as_posix(), size=p.stat().st_size) for p in files]
-    return [f for f in listing if not f.path.startswith(metadata_folders)]
+    return [f for f in listing if not f.path.startswith(METADATA_FOLDERS)]
 
 
 def _select_from(listing: list[HubFile], include, exclude, where: str) -> list[HubFile]:

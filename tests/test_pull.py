@@ -467,3 +467,10 @@ def test_what_huggingface_hub_refuses_mid_download_is_one_line(served, tmp_path,
     with pytest.raises(KLError, match=r"sent something huggingface_hub refuses while pulling .* \(The file is too "
                                       r"large to be downloaded using the regular download method\.\); check"):
         hub.pull(REPO, local_dir=tmp_path / "kimi", progress=False)
+
+
+def test_a_repo_cannot_place_files_in_the_folders_of_our_records():
+    """A repo's .klconvert/pull.json, left in --local-dir by a pull that then failed, named another origin for the
+    model card; .cache/huggingface/ is huggingface_hub's own."""
+    paths = ["config.json", ".klconvert/pull.json", ".cache/huggingface/download/x.json", "sub/.klconvert/pull.json"]
+    assert hub.select_files(paths) == ["config.json", "sub/.klconvert/pull.json"]
