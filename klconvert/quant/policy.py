@@ -48,8 +48,8 @@ class Entry:
         if self.pattern.startswith("re:"):
             try:
                 object.__setattr__(self, "regex", re.compile(self.pattern[3:]))
-            except re.error as e:
-                raise KLError(f"{self.where}: {self.pattern!r} is not a valid regular expression ({e}); "
+            except (re.error, OverflowError, RecursionError) as e:  # a huge repeat count; groups nested too deep
+                raise KLError(f"{self.where}: {self.pattern[:80]!r} is not a valid regular expression ({e}); "
                               "fix the pattern (remember to escape '.' as '\\\\.' in YAML double quotes)") from None
 
     def matches(self, key: str, linear: bool) -> bool:
