@@ -200,20 +200,15 @@ def refuse_bad_repo_id(repo: str) -> None:
 MAX_REVISION_CHARS = 256  # a branch, tag or commit id is far shorter
 
 
-def _has_control_characters(text: str) -> bool:
-    """C0 controls and DEL: a newline or an escape sequence in a name would reach the terminal as it is."""
-    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
-
-
 def refuse_bad_revision(revision: str | None) -> None:
     """Raise KLError unless `revision` is a plain branch, tag or commit name: huggingface_hub keeps it as the path
     refs/<revision> in the cache, so "..", "/" or an absolute path there would write outside it."""
     if revision is None:
         return
-    if (len(revision) > MAX_REVISION_CHARS or _has_control_characters(revision)
+    if (len(revision) > MAX_REVISION_CHARS or not revision.isprintable()
             or any(part in ("", ".", "..") for part in revision.split("/"))):  # "" also: empty, leading "/"
         raise KLError(f"--revision {revision[:80]!r} is not a branch, tag or commit name (no empty, '.' or '..' "
-                      "parts, no leading '/', no control characters); check the revision")
+                      "parts, no leading '/', only printable characters); check the revision")
 
 
 def refuse_unsafe_includes(include: list[str] | None) -> None:
@@ -279,7 +274,7 @@ def _check_listing(listing: list[HubFile], where: str, endpoint: str) -> None:
     for f in listing:
         parts = f.path.split("/") if isinstance(f.path, str) else []
         if (not parts or len(f.path) > MAX_PATH_CHARS or "\\" in f.path
-                or _has_control_characters(f.path)
+                or not f.path.isprintable()  # a newline or an escape sequence would reach the terminal
                 or any(part in ("", ".", "..") for part in parts)):
             raise bad(f"names a file {str(f.path)[:80]!r}, not a path inside the repo")
         if f.path in paths:
