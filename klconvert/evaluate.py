@@ -14,6 +14,9 @@ from klconvert.tokenizer import Tokenizer
 
 KL_QUANTILE = 0.99
 KL_ROWS = 256  # positions per step of the KL sum: [256, 163840] fp32 temporaries are 168 MB each
+# eval keeps both models' fp32 log-probabilities on the host ([T, vocab] each, together 5.4 GB for 4,096 tokens of the
+# release's 163,840-word vocabulary); the rest of available memory is left to the models and the machine.
+HOST_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -73,10 +76,13 @@ def run_model(path: Path, ids: list[int], device: str | None, dtype: str | None)
             def record(module, args, result, out=chosen.setdefault(layer, [])):
                 out.append(result[0].cpu())  # expert ids, one [B*S, k] per prefill segment, in order
             block.ffn.gate.register_forward_hook(record)
-    logits = engine.forward(torch.tensor([ids]))[0]                      # [T, V] fp32
-    run = ModelRun(torch.log_softmax(logits.float(), dim=-1).cpu(), {k: torch.cat(v) for k, v in chosen.items()},
-               tuple(chosen), c.vocab_size)
-    del engine, logits
+    log_probs = torch.empty(len(ids), c.vocab_size)        # on the host; the device holds one segment's at a time
+    start = 0
+    for logits in engine.forward_segments(torch.tensor([ids])):              # [1, S, V] fp32
+        log_probs[start:start + logits.shape[1]] = torch.log_softmax(logits[0].float(), dim=-1)
+        start += logits.shape[1]
+    run = ModelRun(log_probs, {k: torch.cat(v) for k, v in chosen.items()}, tuple(chosen), c.vocab_size)
+    del engine
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -121,9 +127,30 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
     if len(ids) < 2:
         raise KLError(f"the evaluation text (--text-file) is {len(ids)} token(s) long; give at least 2 tokens of "
                       "text to evaluate on")
+    _refuse_past_host_memory(len(ids), configs[1].vocab_size, host_bytes_available())
 
     return compare(run_model(reference, ids, device, dtype), run_model(model, ids, device, dtype), ids,
                    f"--model {model}", f"--reference {reference}")
+
+
+def host_bytes_available() -> int | None:
+    """Memory the host can still give without swapping (Linux's MemAvailable), or None where it is not known."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _refuse_past_host_memory(tokens: int, vocab_size: int, available: int | None) -> None:
+    """Both models' [tokens, vocab] fp32 log-probabilities must fit in HOST_SHARE of the available host memory."""
+    per_token = 2 * vocab_size * 4
+    if available is not None and tokens * per_token > HOST_SHARE * available:
+        raise KLError(f"eval keeps both models' log-probabilities on the host: {tokens * per_token / 2**30:.1f} GiB "
+                      f"for {tokens:,} tokens of a {vocab_size:,}-word vocabulary, more than {HOST_SHARE:.0%} of the "
+                      f"{available / 2**30:.1f} GiB available; lower --max-tokens to "
+                      f"{max(2, int(HOST_SHARE * available) // per_token):,} or less")
 
 
 def compare(ref: ModelRun, got: ModelRun, ids: list[int], model: str = "the model",

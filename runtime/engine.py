@@ -6,7 +6,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -167,33 +167,36 @@ class Engine:
     # ---- prefill ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def _prefill(self, ids: torch.Tensor, state, all_logits: bool,
-                 progress: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Run [B, T] prompts (one length) through fresh `state` rows, segment by segment; logits for every
-        token, or the last one. `progress(n)`: n more prompt tokens done (called once the device has finished the
-        segment, so it costs a sync per segment). Each segment makes the same shapes (MLA's key blocks are fixed),
-        so the allocator reuses its blocks; a prefill of several segments hands its cache back at the end."""
+                 progress: Callable[[int], None] | None = None) -> Iterator[torch.Tensor]:
+        """Run [B, T] prompts (one length) through fresh `state` rows, segment by segment, yielding each segment's
+        logits [B, S, vocab] fp32 (all_logits), or only the last token's [B, 1, vocab]. `progress(n)`: n more prompt
+        tokens done (called once the device has finished the segment, so it costs a sync per segment). Each segment
+        makes the same shapes (MLA's key blocks are fixed), so the allocator reuses its blocks; a prefill of several
+        segments hands its cache back at the end."""
         state.reset()
-        out = []
         for start in range(0, ids.shape[1], self.prefill_segment):
             seg = ids[:, start:start + self.prefill_segment]
             last = start + seg.shape[1] == ids.shape[1]
             logits = self.model(seg, state, start, last_only=not all_logits)
-            if all_logits or last:
-                out.append(logits)
             if progress is not None:
                 _sync(self.device)
                 progress(seg.numel())
-        if self.device.type == "cuda" and ids.shape[1] > self.prefill_segment:
-            torch.cuda.empty_cache()
-        logits = torch.cat(out, dim=1)
-        if not bool(torch.isfinite(logits).all()):  # a prefill ends in a sync anyway
-            raise KLError("the model computed NaN or infinite logits for the prompt: its weights or config.json "
-                          "(e.g. routed_scaling_factor) make the activations overflow -- check them, or re-download "
-                          "the model")
-        return logits
+            if last and self.device.type == "cuda" and ids.shape[1] > self.prefill_segment:
+                torch.cuda.empty_cache()
+            if all_logits or last:
+                if not bool(torch.isfinite(logits).all()):  # a sync, which handing the logits on needs anyway
+                    raise KLError("the model computed NaN or infinite logits for the prompt: its weights or "
+                                  "config.json (e.g. routed_scaling_factor) make the activations overflow -- check "
+                                  "them, or re-download the model")
+                yield logits[:, -1:] if not all_logits else logits
 
     def forward(self, input_ids) -> torch.Tensor:
         """The prefill path over whole sequences of one length: input_ids [B, T] -> logits [B, T, vocab] fp32."""
+        return torch.cat(list(self.forward_segments(input_ids)), dim=1)
+
+    def forward_segments(self, input_ids) -> Iterator[torch.Tensor]:
+        """`forward` one prefill segment at a time: yields logits [B, S, vocab] fp32 for positions in order, so a
+        caller that moves each on (to the host, into a sum) never holds all T positions' logits on the device."""
         ids = self._as_batch(input_ids)
         self.check_fits(ids.shape[1], 0)
         return self._prefill(ids, self.state.rows(0, ids.shape[0]), all_logits=True)
@@ -203,7 +206,12 @@ class Engine:
         [B, vocab] fp32 (the cache then holds positions 0..T-1, ready for decode at T)."""
         ids = self._as_batch(input_ids)
         self.check_fits(ids.shape[1], 0)
-        return self._prefill(ids, self.state.rows(0, ids.shape[0]), all_logits=False, progress=progress)[:, -1]
+        return self._last_logits(ids, self.state.rows(0, ids.shape[0]), progress)
+
+    def _last_logits(self, ids: torch.Tensor, state, progress: Callable[[int], None] | None) -> torch.Tensor:
+        """Prefill [B, T] into fresh `state` rows -> the logits after each one's last token [B, vocab] fp32."""
+        (last,) = self._prefill(ids, state, all_logits=False, progress=progress)
+        return last[:, -1]
 
     # ---- decode ----------------------------------------------------------------------------------
     def decoder(self, batch: int) -> DecodeStep:
@@ -242,8 +250,7 @@ class Engine:
         step = self.decoder(B) if max_new_tokens > 0 else None  # none to capture when only prefilling
         t0 = time.perf_counter()
         with self._small_model_threads():
-            last = torch.cat([self._prefill(s.view(1, -1), self.state.rows(b, b + 1), all_logits=False,
-                                            progress=on_prefill)[:, -1]
+            last = torch.cat([self._last_logits(s.view(1, -1), self.state.rows(b, b + 1), on_prefill)
                               for b, s in enumerate(seqs)])                     # [B, vocab]
         if step is not None:
             step.positions.copy_(torch.tensor([len(s) for s in seqs], device=self.device))

@@ -116,6 +116,48 @@ def test_models_of_different_shapes_are_refused(tiny_released, tmp_path, monkeyp
 
 
 @pytest.mark.slow
+def test_log_probs_reach_the_host_one_prefill_segment_at_a_time(tiny_released, monkeypatch):
+    """run_model fills its [T, V] log-probs segment by segment; they match one whole-text forward to the bit."""
+    import klconvert.runtime.engine as engine_module
+    from klconvert.evaluate import run_model
+
+    ids = Tokenizer.from_folder(tiny_released).encode(TEXT)[:40]
+    whole = klconvert.load(tiny_released, device="cpu", max_context=64).forward([ids])[0].log_softmax(-1)
+    monkeypatch.setattr(engine_module, "PREFILL_SEGMENT", 16)     # 40 tokens: segments of 16, 16 and 8
+    seen = []
+    forward_segments = engine_module.Engine.forward_segments
+    monkeypatch.setattr(engine_module.Engine, "forward_segments",
+                        lambda self, x: (seen.append(s.shape[1]) or s for s in forward_segments(self, x)))
+    monkeypatch.setattr(engine_module.Engine, "forward", lambda *a: pytest.fail("all logits at once"))
+    run = run_model(tiny_released, ids, "cpu", None)
+    assert seen == [16, 16, 8]
+    assert torch.allclose(run.log_probs, whole, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_text_whose_log_probs_would_not_fit_the_host_is_refused(tiny_released, tmp_path, monkeypatch, capsys):
+    """Before either model loads, with the largest --max-tokens that fits; on the command line, one line."""
+    import klconvert.evaluate as evaluate_module
+    from klconvert.cli import main
+
+    per_token = 2 * 1280 * 4                                        # both models' fp32 log-probs, tiny vocabulary
+    monkeypatch.setattr(evaluate_module, "host_bytes_available", lambda: 100 * per_token)
+    monkeypatch.setattr(evaluate_module, "run_model", lambda *a: pytest.fail("a model ran before the check"))
+    with pytest.raises(klconvert.KLError, match=r"eval keeps both models' log-probabilities on the host: 0\.0 GiB "
+                                                r"for 128 tokens of a 1,280-word vocabulary, more than 80% of the "
+                                                r"0\.0 GiB available; lower --max-tokens to 80 or less"):
+        evaluate(tiny_released, tiny_released, TEXT, max_tokens=128)
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    monkeypatch.setattr(sys, "argv", ["klconvert", "eval", "--model", str(tiny_released), "--reference",
+                                      str(tiny_released), "--text-file", str(text), "--max-tokens", "128"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "lower --max-tokens to 80 or less" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.slow
 def test_render_names_the_worst_layer(tiny_released, tiny_perturbed):
     r = evaluate(tiny_perturbed, tiny_released, TEXT, max_tokens=32)
     text = render_eval(r, "q", "src")
