@@ -39,7 +39,7 @@ from klconvert.models import BUNDLED_NAME, resolve_model
 from klconvert.quant import Policy, load_recipe, policy_from_options
 from klconvert.quant.fused import refuse_split_fused
 from klconvert.quant.policy import LINEAR
-from klconvert.quant.scheme import GROUP_SIZE
+from klconvert.quant.scheme import GROUP_SIZE, NF4_BLOCKSIZE
 from klconvert.presets import preset_config
 from klconvert.tokenizer import check_tokenizer_if_any
 
@@ -87,13 +87,16 @@ def choose_policy(bits: int | None = None, group_size: int | None = None, symmet
         return parsed.policy, parsed.runtime
     scheme = scheme or "int"
     bits = 4 if bits is None else bits
-    if scheme == "nf4" and (group_size is not None or symmetric is False or observer is not None):
-        raise KLError("--scheme nf4 is symmetric in blocks of 64 with bitsandbytes' own scales; drop --group-size, "
-                      "--asym and --observer")
-    if scheme == "nf4":
-        require("bitsandbytes.functional", "--scheme nf4")
     if bits not in (4, 8):
         raise KLError(f"--bits {bits} is not supported; use --bits 4 or --bits 8")
+    if scheme == "nf4":
+        clashes = [flag for flag, clash in ((f"--bits {bits}", bits != 4), (f"--group-size {group_size}",
+                                            group_size is not None), ("--asym", symmetric is False),
+                                            (f"--observer {observer}", observer is not None)) if clash]
+        if clashes:
+            raise KLError(f"--scheme nf4 is 4-bit and symmetric, in blocks of {NF4_BLOCKSIZE} with bitsandbytes' own "
+                          f"scales; drop {', '.join(clashes)}")
+        require("bitsandbytes.functional", "--scheme nf4")
     return policy_from_options(bits, GROUP_SIZE if group_size is None else group_size, symmetric is not False, scheme,
                                observer=observer or "minmax"), {}
 

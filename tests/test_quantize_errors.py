@@ -48,9 +48,10 @@ KEEP = ["re:.*gate$", "re:.*(f_a|f_b|g_a|g_b|b)_proj$", "re:.*conv1d$", "lm_head
 
 @pytest.mark.parametrize("args,needle", [
     (("--bits", "3"), "--bits 3 is not supported; use --bits 4 or --bits 8"),
-    (("--bits", "8", "--scheme", "nf4"), "nf4 is 4-bit"),
-    (("--scheme", "nf4", "--group-size", "32"), "--scheme nf4 is symmetric in blocks of 64"),
-    (("--scheme", "nf4", "--observer", "mse"), "drop --group-size, --asym and --observer"),
+    (("--bits", "8", "--scheme", "nf4"), "--scheme nf4 is 4-bit and symmetric, in blocks of 64 with bitsandbytes' "
+                                         "own scales; drop --bits 8"),
+    (("--scheme", "nf4", "--group-size", "32", "--asym"), "bitsandbytes' own scales; drop --group-size 32, --asym"),
+    (("--scheme", "nf4", "--observer", "mse"), "; drop --observer mse"),
     (("--group-size", "20"), "group size 20 is not a positive multiple of 8"),
     (("--group-size", "48"), "group size 48 does not divide the input dim"),
     (("--group-size", "256"), "group size 256 does not divide the input dim"),  # tiny's inputs are 128 and 256

@@ -70,6 +70,13 @@ BAD_RECIPES = {
                              "unknown key 'scheme_typo'"),
     "bad regex": (('"re:.*w1$"', '"re:.*experts.(w1"'), 7, "not a valid regular expression"),
     "target selecting nothing": (('"re:.*w1$"', r'"re:.*\\.experts\\.\\d+\\.w9$"'), 7, "selects no tensor"),
+    "escape sequence in a target": (('"re:.*w1$"', r'"re:.*w1\e[2J$"'), 7,
+                                    r"'re:.*w1\x1b[2J$' holds a control character or an unpaired surrogate"),
+    "unpaired surrogate in ignore": (("[lm_head,", r'["lm_head\ud800",'), 4, "holds a control character or an "
+                                                                            "unpaired surrogate; a name or pattern"),
+    "control character in a group name": (("group_0:", '"group\\t0":'), 6, "a key of config_groups"),
+    "nf4 by channel": (("type: int, symmetric: true, strategy: group, group_size: 32", "type: nf4, strategy: channel"),
+                       8, "strategy 'channel' is not nf4's"),
 }
 
 

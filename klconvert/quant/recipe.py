@@ -51,6 +51,9 @@ class _Reader:
         except (yaml.YAMLError, ValueError) as e:  # an unknown !!tag; an int of 4,300+ digits
             self.fail(node, f"{what}: {getattr(e, 'problem', None) or e}")
         ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if ok and isinstance(value, str) and not value.isprintable():  # would reach the terminal and the model card
+            self.fail(node, f"{what} {value[:80]!r} holds a control character or an unpaired surrogate; a name or "
+                            "pattern is plain text")
         if not ok:
             names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             shown = repr(value) if isinstance(node, yaml.ScalarNode) else f"a {type(node).__name__[:-4].lower()}"
@@ -106,6 +109,9 @@ class _Reader:
         if kind not in ("int", "nf4"):
             self.fail(w["type"][1], f"type {kind!r} is not supported; use int or nf4")
         if kind == "nf4":
+            if strategy not in ("group", None):
+                self.fail(w["strategy"][1], f"strategy {strategy!r} is not nf4's; nf4 is quantized in groups (blocks) "
+                                            f"of {NF4_BLOCKSIZE}: use strategy group or leave it out")
             group_size = NF4_BLOCKSIZE if group_size is None else group_size
         elif strategy == "channel" or (strategy is None and group_size == -1):
             if group_size not in (None, -1):
