@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+import regex
 import yaml
 
 from klconvert.errors import KLError
@@ -33,30 +35,48 @@ def is_linear_weight(tensor_name: str, shape: Sequence[int]) -> bool:
     return tensor_name.endswith(".weight") and len(shape) == 2 and not _EMBEDDING.match(match_key(tensor_name))
 
 
+# Seconds one re: entry may spend matching, over all the names it is tried on (a model's ~21,000 tensor names take
+# milliseconds); past it the pattern is one that backtracks without end.
+REGEX_BUDGET_S = 2.0
+
+
 @dataclass(frozen=True)
 class Entry:
     """One targets/ignore item: `re:<regex>` (re.match on the match key), an exact module name, or
-    "Linear"; `where` says where it was written ("recipe.yaml:12" or "default policy")."""
+    "Linear"; `where` says where it was written ("recipe.yaml:12" or "default policy").
+
+    A regex must compile under Python's re, as compressed-tensors and vLLM compile it; it is matched with the
+    `regex` module in its re-compatible mode, which can be given a time limit (re's own match cannot be stopped)."""
 
     pattern: str
     where: str = field(default="default policy", compare=False)
-    regex: re.Pattern | None = field(default=None, compare=False, repr=False)
+    compiled: regex.Pattern | None = field(default=None, compare=False, repr=False)
+    _seconds: list[float] = field(default_factory=lambda: [0.0], compare=False, repr=False)  # spent matching
 
     def __post_init__(self):
         if not isinstance(self.pattern, str) or not self.pattern:
             raise KLError(f"{self.where}: a target or ignore entry must be a non-empty string, got {self.pattern!r}")
         if self.pattern.startswith("re:"):
             try:
-                object.__setattr__(self, "regex", re.compile(self.pattern[3:]))
-            except (re.error, OverflowError, RecursionError) as e:  # a huge repeat count; groups nested too deep
+                re.compile(self.pattern[3:])
+                object.__setattr__(self, "compiled", regex.compile(self.pattern[3:], flags=regex.VERSION0))
+            except (re.error, regex.error, OverflowError, RecursionError) as e:  # huge repeats; groups nested deep
                 raise KLError(f"{self.where}: {self.pattern[:80]!r} is not a valid regular expression ({e}); "
                               "fix the pattern (remember to escape '.' as '\\\\.' in YAML double quotes)") from None
 
     def matches(self, key: str, linear: bool) -> bool:
         if self.pattern == LINEAR:
             return linear
-        if self.regex is not None:
-            return self.regex.match(key) is not None
+        if self.compiled is not None:
+            start = time.perf_counter()
+            try:
+                return self.compiled.match(key, timeout=max(REGEX_BUDGET_S - self._seconds[0], 0.0)) is not None
+            except TimeoutError:
+                raise KLError(f"{self.where}: {self.pattern[:80]!r} spent over {REGEX_BUDGET_S:g} s matching tensor "
+                              f"names (the last {key[:80]!r}): it backtracks without end (many repeats before a "
+                              "backreference, or repeats inside repeats); simplify the pattern") from None
+            finally:
+                self._seconds[0] += time.perf_counter() - start
         return key == self.pattern
 
 
