@@ -12,7 +12,7 @@ import re
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -43,6 +43,7 @@ from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_INDEX_BYTES
 from klconvert.checkpoint.regular_file import read_json
 from klconvert.errors import KLError, first_line, unreadable_reason
+from klconvert.hub_guard import AnswerGuard
 from klconvert.verified_files import VerifiedFiles
 
 # huggingface_hub 2.x talks through httpx2, 1.x through httpx: a dropped connection surfaces as either's TransportError.
@@ -133,15 +134,17 @@ def pull(
     target = local_dir if local_dir is not None else cache_dir
     offline = constants.is_offline_mode()
     api = HfApi()
-    with _as_user_errors(repo, revision, api.endpoint, target):
+    guard = AnswerGuard(api.endpoint, repo)
+    with _as_user_errors(repo, revision, api.endpoint, target), nullcontext() if offline else guard:
         with _malformed_answers(repo, api.endpoint):
             resolved = api.resolve_revision(repo, revision=revision, cache_dir=cache_dir, local_files_only=offline)
-            commit = _checked_commit(resolved.resolved, repo, api.endpoint)
+            commit = guard.commit = _checked_commit(resolved.resolved, repo, api.endpoint)
             where = f"{repo}@{commit}"
             listing = (_cached_listing(repo, commit, cache_dir, local_dir) if offline
                        else _published_listing(api, repo, commit))
             if listing is not None:
-                _check_listing(listing, where, api.endpoint)
+                _check_listing(listing, where, api.endpoint, published=not offline)
+                guard.sizes = {f.path: f.size for f in listing if f.size is not None}
         wanted = _select_from(listing, include, exclude, where) if listing is not None else None
         fetch_bytes = 0
         if not offline:
@@ -242,6 +245,10 @@ COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "blob_id": re.compile(r"[0-9a-f]{40}")}
 MAX_PATH_CHARS = 1024
 MAX_FILE_BYTES = 1 << 40  # past any one file of a checkpoint (the release's shards are ~5 GB)
+# A model repo holds tens of files (the release: 29); past these a listing is hostile, and huggingface_hub's
+# filtering of it by the files a pull asks for (one pattern each) grows as their product (20,000 x 1,000: 7 s).
+MAX_LISTED_FILES = 20_000
+MAX_PULLED_FILES = 1_000
 
 
 @contextmanager
@@ -263,13 +270,17 @@ def _checked_commit(commit, repo: str, endpoint: str) -> str:
     return commit
 
 
-def _check_listing(listing: list[HubFile], where: str, endpoint: str) -> None:
-    """Every path a relative POSIX path inside the repo, once, no file also a folder; sizes whole bytes in range;
-    hashes hex of their length. The hub's listing names what is written, hashed and removed on this disk."""
+def _check_listing(listing: list[HubFile], where: str, endpoint: str, published: bool) -> None:
+    """At most MAX_LISTED_FILES; every path a relative POSIX path inside the repo, once, no file also a folder; sizes
+    whole bytes in range; hashes hex of their length; and in the hub's own listing (`published`, not the cache's) a
+    size and a hash for every file, which the pull is verified against. The listing names what is written, hashed
+    and removed on this disk."""
     def bad(what: str) -> KLError:
         return KLError(f"{endpoint}'s listing of {where} {what}; the repo or the endpoint is broken -- check "
                        "HF_ENDPOINT, or report it to the repo's owner")
 
+    if len(listing) > MAX_LISTED_FILES:
+        raise bad(f"names {len(listing):,} files, more than the {MAX_LISTED_FILES:,} a model repo could hold")
     paths = set()
     for f in listing:
         parts = f.path.split("/") if isinstance(f.path, str) else []
@@ -280,6 +291,8 @@ def _check_listing(listing: list[HubFile], where: str, endpoint: str) -> None:
         if f.path in paths:
             raise bad(f"names {f.path!r} twice")
         paths.add(f.path)
+        if published and (f.size is None or (f.sha256 is None and f.blob_id is None)):
+            raise bad(f"gives {f.path!r} no size or no hash, so it could not be verified")
         if f.size is not None and (type(f.size) is not int or not 0 <= f.size <= MAX_FILE_BYTES):
             raise bad(f"gives {f.path!r} the size {str(f.size)[:40]}, not a number of bytes up to 1 TiB")
         for name, pattern in HEX.items():
@@ -335,6 +348,9 @@ def _select_from(listing: list[HubFile], include, exclude, where: str) -> list[H
             f"no file of {where} matches the allowed set {list(ALLOWED_PATTERNS)} narrowed by "
             f"include={include} exclude={exclude}; the repo has: {', '.join(sorted(by_path)[:10]) or 'no files'}"
         )
+    if len(chosen) > MAX_PULLED_FILES:
+        raise KLError(f"{where} has {len(chosen):,} files to pull, more than the {MAX_PULLED_FILES:,} one pull "
+                      "takes; narrow it with --include/--exclude")
     return [by_path[p] for p in chosen]
 
 

@@ -1,10 +1,12 @@
 """A Hugging Face Hub stand-in on 127.0.0.1 serving repos from local folders, with fault switches for tests."""
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib
 import json
 import threading
+import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,6 +70,13 @@ class HubStandIn:
       tokens: bearer tokens accepted for private repos.
       info_edit: a function given each model_info answer (a dict) that returns what is sent instead (a dict, or
         bytes sent as they are): a hostile hub's listing.
+      header_edit: path -> headers sent in place of the usual ones on its resolve answers (a hostile endpoint's
+        ETag or X-Repo-Commit).
+      gone: paths whose resolve answers 404 EntryNotFound, with X-Repo-Commit as the hub sends it.
+      body_edit: path -> how its GETs misstate the body: "longer" (twice the bytes, declared), "unframed" (four
+        times the bytes, no Content-Length, until the connection closes), "gzip" (gzip-encoded).
+      tree_next_forever: every tree listing page links to itself as the next one.
+      slow_body: path -> seconds its GETs wait between 1 KiB pieces of the body.
     Counters: requests[(method, path)] for resolve calls, ranges[path] the Range headers received.
     """
 
@@ -78,6 +87,11 @@ class HubStandIn:
         self.unavailable: set[str] = set()
         self.tokens: set[str] = set()
         self.info_edit = None
+        self.header_edit: dict[str, dict[str, str]] = {}
+        self.gone: set[str] = set()
+        self.body_edit: dict[str, str] = {}
+        self.tree_next_forever = False
+        self.slow_body: dict[str, float] = {}
         self.requests: Counter[tuple[str, str]] = Counter()
         self.ranges: dict[str, list[str]] = {}
         self._lock = threading.Lock()
@@ -165,7 +179,8 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
                     self._model_info(repo_id, repo, blobs, send_body)
             elif rest[0] == "tree" and len(rest) >= 2:
                 if self._known_revision(repo, rest[1], send_body):
-                    self._json([self._tree_entry(path, f) for path, f in repo.files.items()], send_body)
+                    self._json([self._tree_entry(path, f) for path, f in repo.files.items()], send_body,
+                               {"Link": f'<{hub.endpoint}{self.path}>; rel="next"'} if hub.tree_next_forever else {})
             else:
                 self._error(404, None, "Not found", send_body)
 
@@ -195,8 +210,9 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
             if repo is None or not self._known_revision(repo, revision, send_body):
                 return
             served = repo.files.get(path)
-            if served is None:
-                self._error(404, "EntryNotFound", f"{path} does not exist", send_body)
+            if served is None or path in hub.gone:
+                self._error(404, "EntryNotFound", f"{path} does not exist", send_body,
+                            hub.header_edit.get(path, {"X-Repo-Commit": repo.commit}))
                 return
             if send_body and path in hub.cut_short:
                 self._send_file(repo, path, served, cut_at=hub.cut_short.pop(path))
@@ -213,22 +229,35 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
                 first, _, last = range_header[len("bytes="):].partition("-")
                 start = int(first)
                 data = served.data[start : int(last) + 1 if last else None]
+            misstated = hub.body_edit.get(path) if send_body else None
+            data = {"longer": data * 2, "unframed": data * 4, "gzip": gzip.compress(data)}.get(misstated, data)
             self.send_response(206 if range_header else 200)
             if range_header:
                 self.send_header("Content-Range", f"bytes {start}-{start + len(data) - 1}/{len(served.data)}")
             etag = hub.published_sha256(path, served) or served.blob_id
-            self.send_header("ETag", f'"{etag}"')
+            headers = {"ETag": f'"{etag}"', "X-Repo-Commit": repo.commit}
             if served.sha256 is not None:
-                self.send_header("X-Linked-Etag", f'"{etag}"')
-                self.send_header("X-Linked-Size", str(len(served.data)))
-            self.send_header("X-Repo-Commit", repo.commit)
+                headers |= {"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(served.data))}
+            for name, value in hub.header_edit.get(path, headers).items():
+                self.send_header(name, value)
             self.send_header("Accept-Ranges", "bytes")
             self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(len(data)))
+            if misstated == "gzip":
+                self.send_header("Content-Encoding", "gzip")
+            if misstated == "unframed":  # the body runs until the connection closes
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            else:
+                self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             if cut_at is not None:  # an interruption: part of the body, then the connection drops
                 self.wfile.write(data[:cut_at])
                 self.close_connection = True
+            elif send_body and path in hub.slow_body:
+                for piece in range(0, len(data), 1024):
+                    self.wfile.write(data[piece:piece + 1024])
+                    self.wfile.flush()
+                    time.sleep(hub.slow_body[path])
             elif send_body:
                 self.wfile.write(data)
 
@@ -250,18 +279,23 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
             self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", send_body)
             return False
 
-        def _json(self, body, send_body: bool) -> None:
+        def _json(self, body, send_body: bool, headers: dict[str, str] | None = None) -> None:
             payload = body if isinstance(body, bytes) else json.dumps(body).encode()
             self.send_response(200)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             if send_body:
                 self.wfile.write(payload)
 
-        def _error(self, status: int, error_code: str | None, message: str, send_body: bool) -> None:
+        def _error(self, status: int, error_code: str | None, message: str, send_body: bool,
+                   headers: dict[str, str] | None = None) -> None:
             payload = json.dumps({"error": message}).encode()
             self.send_response(status)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             if error_code is not None:
                 self.send_header("X-Error-Code", error_code)
             self.send_header("X-Error-Message", message)

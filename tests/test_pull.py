@@ -6,6 +6,9 @@ import json
 import os
 import re
 import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ import torch
 from huggingface_hub import constants
 from safetensors.torch import save_file
 
-from klconvert import hub
+from klconvert import hub, hub_guard
 from klconvert.errors import KLError
 from hub_standin import HubStandIn, hub_environment
 
@@ -423,6 +426,10 @@ def _sibling(path, size=5) -> dict:
     (lambda info: b"<html>not the hub</html>", "answered for moonshotai/Kimi-Linear-48B-A3B-Instruct with something "
                                                "that is not the hub's JSON"),
     (lambda info: info | {"siblings": {"a": 1}}, "something that is not the hub's JSON"),
+    (lambda info: info | {"siblings": [s | {"blobId": None} if s["rfilename"] == "config.json" else s
+                                       for s in info["siblings"]]}, "gives 'config.json' no size or no hash"),
+    (lambda info: info | {"siblings": [{k: v for k, v in s.items() if k != "size"} for s in info["siblings"]]},
+     "no size or no hash, so it could not be verified"),
 ])
 def test_a_hostile_listing_is_refused_before_anything_is_written(served, tmp_path, edit, needle):
     """The hub's listing names what is written, hashed and removed here: a path out of the folder, a file that is
@@ -474,3 +481,98 @@ def test_a_repo_cannot_place_files_in_the_folders_of_our_records():
     model card; .cache/huggingface/ is huggingface_hub's own."""
     paths = ["config.json", ".klconvert/pull.json", ".cache/huggingface/download/x.json", "sub/.klconvert/pull.json"]
     assert hub.select_files(paths) == ["config.json", "sub/.klconvert/pull.json"]
+
+
+ESCAPED = "../../../escaped"  # from the cache's blobs/ or snapshots/<commit>/ folder: out of the cache
+
+
+def _file_headers(server, path: str, **changed: str) -> dict[str, str]:
+    """The headers the stand-in sends for `path`, with some of them changed."""
+    served = server.repos[REPO].files[path]
+    headers = {"ETag": f'"{served.sha256 or served.blob_id}"', "X-Repo-Commit": server.repos[REPO].commit}
+    if served.sha256 is not None:
+        headers |= {"X-Linked-Etag": f'"{served.sha256}"', "X-Linked-Size": str(len(served.data))}
+    return headers | {name.replace("_", "-"): value for name, value in changed.items()}
+
+
+@pytest.mark.parametrize("path, changed, gone, needle", [
+    (SHARD_1, {"X_Linked_Etag": f'"{ESCAPED}"'}, False, f"with X-Linked-Etag '\"{ESCAPED}\"', which is not a digest"),
+    ("config.json", {"ETag": f'W/"{ESCAPED}"'}, False, f"with ETag 'W/\"{ESCAPED}\"', which is not a digest"),
+    ("config.json", {"X_Repo_Commit": ESCAPED}, False, f"from commit '{ESCAPED}', not "),
+    ("config.json", {"X_Repo_Commit": ESCAPED}, True, f"from commit '{ESCAPED}', not "),
+])
+@pytest.mark.parametrize("into", ["cache", "local_dir"])
+def test_file_headers_that_would_name_paths_out_of_the_cache_are_refused(served, tmp_path, path, changed, gone,
+                                                                         needle, into):
+    """huggingface_hub names the blob after X-Linked-Etag (else ETag), the snapshot after X-Repo-Commit, and on a 404
+    a .no_exist marker after X-Repo-Commit: from a hostile endpoint each wrote outside the cache."""
+    server, commit = served
+    server.header_edit[path] = _file_headers(server, path, **changed)
+    if gone:
+        server.gone.add(path)
+    with pytest.raises(KLError, match=re.escape(needle)) as error:
+        hub.pull(REPO, local_dir=tmp_path / "kimi" if into == "local_dir" else None, progress=False)
+    assert str(error.value).endswith("the endpoint is not answering as the hub does -- check HF_ENDPOINT (finished "
+                                     "files are kept)")
+    assert not [p for p in tmp_path.rglob("*escaped*")]
+
+
+@pytest.mark.parametrize("misstated, needle", [
+    ("longer", f"answered '{SHARD_2}' with 32,944 bytes where the listing gives 16,472"),
+    ("unframed", f"sent over 16,472 bytes for '{SHARD_2}', the size the listing gives"),
+    ("gzip", "in 'gzip' encoding when asked for none"),
+])
+def test_a_body_past_the_listed_size_is_cut_off_and_removed(served, tmp_path, misstated, needle):
+    """A file's body stops at the size the listing gives (a declared length past it is refused before the body, an
+    undeclared one at that many bytes), and an encoded body, whose size on the wire says nothing, is refused."""
+    server, commit = served
+    server.body_edit[SHARD_2] = misstated
+    with pytest.raises(KLError, match=re.escape(needle)):
+        hub.pull(REPO, progress=False)
+    storage = cache_dir(tmp_path) / "models--moonshotai--Kimi-Linear-48B-A3B-Instruct"
+    assert SHARD_2 not in files_under(storage / "snapshots" / commit)
+    assert not [p for p in storage.rglob("*") if p.is_file() and p.stat().st_size > 16 << 10]
+    assert not [p for p in storage.rglob("*.incomplete")]
+    del server.body_edit[SHARD_2]
+    assert files_under(hub.pull(REPO, progress=False).path) == PULLED
+
+
+def test_a_tree_listing_whose_next_page_never_ends_is_refused(served, monkeypatch):
+    """huggingface_hub lists the tree again, following Link: next; that is bounded in answers and in bytes."""
+    server, _ = served
+    server.tree_next_forever = True
+    monkeypatch.setattr(hub_guard, "MAX_OTHER_ANSWERS", 40)
+    with pytest.raises(KLError, match="sent over 40 answers that are not file downloads"):
+        hub.pull(REPO, progress=False)
+    monkeypatch.setattr(hub_guard, "MAX_OTHER_ANSWERS", 10_000)
+    monkeypatch.setattr(hub_guard, "MAX_OTHER_BYTES", 64 << 10)
+    with pytest.raises(KLError, match="sent over 0 MiB in answers that are not file downloads"):
+        hub.pull(REPO, progress=False)
+
+
+def test_a_listing_past_the_file_bounds_is_refused(served, monkeypatch):
+    monkeypatch.setattr(hub, "MAX_LISTED_FILES", 10)
+    with pytest.raises(KLError, match="names 11 files, more than the 10 a model repo could hold"):
+        hub.pull(REPO, progress=False)
+    monkeypatch.setattr(hub, "MAX_PULLED_FILES", 3)
+    monkeypatch.setattr(hub, "MAX_LISTED_FILES", 20_000)
+    with pytest.raises(KLError, match=r"has 7 files to pull, more than the 3 one pull takes; narrow it with "
+                                      r"--include/--exclude"):
+        hub.pull(REPO, progress=False)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_download_threads(served, tmp_path):
+    """The main thread's KeyboardInterrupt waits for huggingface_hub's download threads: they stop at their next
+    chunk, and leave no partial file, instead of finishing a shard."""
+    server, commit = served
+    server.slow_body[SHARD_2] = 0.5          # 16 KiB: 8 s to send
+    threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        hub.pull(REPO, progress=False)
+    assert time.monotonic() - start < 5
+    storage = cache_dir(tmp_path) / "models--moonshotai--Kimi-Linear-48B-A3B-Instruct"
+    assert SHARD_2 not in files_under(storage / "snapshots" / commit)
+    assert not [p for p in storage.rglob("*.incomplete")]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -1,0 +1,168 @@
+"""What a pull lets huggingface_hub act on. huggingface_hub names cache files after the hub's ETag and X-Repo-Commit
+headers and reads answers to their end, trusting the endpoint; while a pull runs, every answer passes AnswerGuard:
+those headers must be the digests and the commit they claim to be, bodies stop at the size the listing gave (file
+downloads) or at a budget (the hub's JSON), and a Ctrl-C stops the download threads at their next chunk."""
+from __future__ import annotations
+
+import functools
+import re
+import signal
+import sys
+import threading
+from urllib.parse import unquote, urljoin, urlsplit
+
+from huggingface_hub import constants, set_client_factory
+from huggingface_hub.utils import _http
+
+from klconvert.errors import KLError
+
+# Hub answers that are not file downloads (model info, tree listing pages) together, and how many: a model repo's
+# listing is kilobytes (~250 bytes a file), and a tree listing that keeps sending a next page would otherwise grow
+# without end.
+MAX_OTHER_BYTES = 16 << 20
+MAX_OTHER_ANSWERS = 10_000
+DIGEST = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # git blob id or sha256, as the hub sends them in ETags
+COMMIT = re.compile(r"[0-9a-f]{40}")
+RESOLVE = re.compile(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<path>.+)")
+
+
+class PullInterrupted(Exception):
+    """Raised in a download thread after a Ctrl-C, so that it stops instead of finishing its file."""
+
+
+class AnswerGuard:
+    """Installed around a pull's huggingface_hub calls (`with AnswerGuard(...)`): a client factory whose clients ask
+    for uncompressed bodies and check each answer. The pull sets `commit` once resolved and `sizes` once listed."""
+
+    def __init__(self, endpoint: str, repo: str):
+        self.endpoint, self.repo = endpoint, repo
+        self.commit: str | None = None   # once resolved, the only X-Repo-Commit let through
+        self.sizes: dict[str, int] = {}  # once listed: repo path -> bytes the listing gives it
+        self._files: dict[str, tuple[str, int]] = {}  # URL (a file's, or its redirect target) -> (file, size)
+        self._other_bytes = 0
+        self._other_answers = 0
+        self._lock = threading.Lock()
+        self.cancelled = False
+
+    # ---- installation --------------------------------------------------------------------------
+    def __enter__(self) -> AnswerGuard:
+        self._factory_before = _http._GLOBAL_CLIENT_FACTORY
+        set_client_factory(self._client)          # closes the shared client; the next call makes a guarded one
+        self._sigint_before = None
+        if threading.current_thread() is threading.main_thread():
+            self._sigint_before = signal.signal(signal.SIGINT, self._interrupt)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._sigint_before is not None:
+            signal.signal(signal.SIGINT, self._sigint_before)
+        set_client_factory(self._factory_before)
+
+    def _client(self):
+        client = self._factory_before()
+        client.event_hooks["request"].append(self._on_request)
+        client.event_hooks["response"].append(self._on_response)
+        return client
+
+    def _interrupt(self, signum, frame) -> None:
+        """Tell the download threads, then do what SIGINT did before (raise KeyboardInterrupt, usually)."""
+        self.cancelled = True
+        before = self._sigint_before
+        if callable(before):
+            before(signum, frame)
+        elif before != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+    # ---- the checks ----------------------------------------------------------------------------
+    def _on_request(self, request) -> None:
+        request.headers["Accept-Encoding"] = "identity"   # huggingface_hub asks so for files; the JSON too, so
+        if self.cancelled:                                # that a body's size on the wire is its size
+            raise PullInterrupted
+
+    def _on_response(self, response) -> None:
+        url = str(response.request.url)
+        resolve = RESOLVE.fullmatch(urlsplit(url).path)
+        if resolve is not None:
+            path = unquote(resolve["path"])
+            self._check_file_headers(response, path)
+            if path in self.sizes:
+                self._files.setdefault(url, (path, self.sizes[path]))
+        file = self._files.get(url)
+        if response.is_redirect and file is not None and "location" in response.headers:
+            self._files[urljoin(url, response.headers["location"])] = file   # the CDN answers for the file
+        if response.request.method == "HEAD" or response.is_redirect:
+            return
+        what = repr(file[0][:80]) if file is not None else urlsplit(url).path[:100]
+        encoding = response.headers.get("content-encoding", "identity").lower()
+        if encoding != "identity":
+            raise self._bad(f"answered {what} in {encoding[:20]!r} encoding when asked for none")
+        limit = file[1] if file is not None else None
+        if limit is None:
+            with self._lock:
+                self._other_answers += 1
+                if self._other_answers > MAX_OTHER_ANSWERS:
+                    raise self._bad(f"sent over {MAX_OTHER_ANSWERS:,} answers that are not file downloads (a tree "
+                                    "listing whose next page never ends?)")
+        declared = response.headers.get("content-length")
+        if limit is not None and declared is not None and declared.isdigit() and int(declared) > limit:
+            raise self._bad(f"answered {what} with {int(declared):,} bytes where the listing gives {limit:,}")
+        response.stream = _bounded_stream_type(sys.modules[type(response).__module__.partition(".")[0]])(
+            response.stream, self, what, limit)
+
+    def _check_file_headers(self, response, path: str) -> None:
+        """The headers huggingface_hub builds cache paths from: ETag / X-Linked-Etag (the blob's file name) and
+        X-Repo-Commit (the snapshot's, and on a 404 the .no_exist marker's, folder name)."""
+        header = next((h for h in (constants.HUGGINGFACE_HEADER_X_LINKED_ETAG, "ETag") if h in response.headers),
+                      None)                                           # the one huggingface_hub takes
+        if header is not None:
+            value = response.headers[header]
+            if not DIGEST.fullmatch(value.removeprefix("W/").strip('"')):
+                raise self._bad(f"answered for {path[:80]!r} with {header} {value[:80]!r}, which is not a digest "
+                                "(huggingface_hub would name a cache file after it)")
+        commit = response.headers.get(constants.HUGGINGFACE_HEADER_X_REPO_COMMIT)
+        if commit is not None and not (commit == self.commit if self.commit else COMMIT.fullmatch(commit)):
+            raise self._bad(f"answered for {path[:80]!r} from commit {commit[:80]!r}, not "
+                            f"{self.commit or 'a 40-digit sha'}")
+
+    def count(self, what: str, limit: int | None, total: int) -> None:
+        """A body reached `total` bytes: past its file's size, or past the shared budget, it is refused."""
+        if self.cancelled:
+            raise PullInterrupted
+        if limit is not None:
+            if total > limit:
+                raise self._bad(f"sent over {limit:,} bytes for {what}, the size the listing gives")
+            return
+        with self._lock:
+            if total > MAX_OTHER_BYTES:
+                raise self._bad(f"sent over {MAX_OTHER_BYTES >> 20} MiB in answers that are not file downloads")
+
+    def add_other(self, n: int) -> int:
+        with self._lock:
+            self._other_bytes += n
+            return self._other_bytes
+
+    def _bad(self, what: str) -> KLError:
+        return KLError(f"{self.endpoint} {what} while pulling {self.repo}; the endpoint is not answering as the "
+                       "hub does -- check HF_ENDPOINT (finished files are kept)")
+
+
+@functools.cache
+def _bounded_stream_type(http_module):
+    """A SyncByteStream of `http_module` (httpx or httpx2, whichever huggingface_hub talks through) that hands the
+    guard a running count of each chunk, which may raise."""
+
+    class BoundedStream(http_module.SyncByteStream):
+        def __init__(self, stream, guard: AnswerGuard, what: str, limit: int | None):
+            self.stream, self.guard, self.what, self.limit = stream, guard, what, limit
+
+        def __iter__(self):
+            total = 0
+            for chunk in self.stream:
+                total = total + len(chunk) if self.limit is not None else self.guard.add_other(len(chunk))
+                self.guard.count(self.what, self.limit, total)
+                yield chunk
+
+        def close(self) -> None:
+            self.stream.close()
+
+    return BoundedStream
