@@ -88,14 +88,18 @@ HF_STYLE = ("import importlib.util, transformers\n"
 @pytest.mark.slow
 @pytest.mark.parametrize("blocked", [(), ("triton",)], ids=["with-triton", "without-triton"])
 def test_transformers_from_the_repository_root(tmp_path, blocked):
-    """transformers probes for `kernels`; from the root it finds the folder first, which must step aside."""
+    """transformers probes for `kernels` (Hugging Face's package, which transformers 5.25 installs); from the root it
+    finds the folder first, which must step aside: to the real package where one is installed, else to nothing --
+    transformers sees there what it sees from anywhere else."""
     shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "sitecustomize.py").write_text(f"import sys\nfor n in {blocked!r}:\n    sys.modules[n] = None\n")
-    proc = python_c(HF_STYLE + "assert not is_kernels_available()\n"
-                  "assert importlib.util.find_spec('kernels') is None\n"
-                  "import klconvert.kernels.naive_kda\n", ROOT, [shim])
-    assert proc.returncode == 0, proc.stderr
+    probe = HF_STYLE + ("spec = importlib.util.find_spec('kernels')\n"
+                        "print(is_kernels_available(), spec is not None and spec.origin)\n")
+    elsewhere = python_c(probe, tmp_path, [shim])
+    at_root = python_c(probe + "import klconvert.kernels.naive_kda\n", ROOT, [shim])
+    assert elsewhere.returncode == 0 and at_root.returncode == 0, elsewhere.stderr + at_root.stderr
+    assert at_root.stdout == elsewhere.stdout and str(ROOT / "kernels") not in at_root.stdout
 
 
 @pytest.mark.slow
