@@ -111,3 +111,45 @@ def test_an_installed_kernels_package_is_the_one_found_from_the_root(tmp_path):
                   "import klconvert.kernels.naive_kda\n", ROOT, [site])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(site / "kernels" / "__init__.py")
+
+
+# Run in a fresh interpreter: bitsandbytes' CPU backend asks for the hub kernel while it imports, on a CPU with
+# AVX512-BF16 -- made true here for any CPU -- and a stand-in `kernels` package records whether it was asked.
+HUB_KERNEL_PROBE = '''
+import importlib.abc, sys
+class AlwaysAvx512Bf16(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "bitsandbytes.functional":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+        def exec_module(module):
+            run(module)
+            module.has_avx512bf16 = lambda: True
+        spec.loader.exec_module = exec_module
+        return spec
+import importlib.util
+sys.meta_path.insert(0, AlwaysAvx512Bf16())
+from klconvert.extras import require
+require("bitsandbytes.functional", "the probe")
+import kernels
+print("asked" if kernels.ASKED else "not asked")
+'''
+STAND_IN_KERNELS = '''
+ASKED = []
+def get_kernel(*args, **kwargs):
+    ASKED.append(args)
+    raise RuntimeError("a stand-in")
+'''
+
+
+def test_bitsandbytes_imports_without_the_hub_kernels(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    (tmp_path / "kernels.py").write_text(STAND_IN_KERNELS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", HUB_KERNEL_PROBE], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "not asked"
+    assert "kernels-community" not in done.stderr
