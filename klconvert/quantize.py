@@ -19,7 +19,7 @@ from klconvert.checkpoint.folder_files import (
     MAX_INDEX_BYTES,
     MAX_SIDE_FILE_BYTES,
     SINGLE_FILE,
-    refuse_large_side_files,
+    refuse_unfit_side_files,
 )
 from klconvert.checkpoint.quantized import PACKED_TENSOR_SUFFIXES
 from klconvert.checkpoint.reader import open_checkpoint
@@ -162,11 +162,12 @@ def _refuse_out_over_src(src: Path, out: Path) -> None:
 
 
 def _copied_files(src: Path) -> list[Path]:
-    """The side files OUT takes from SRC, each refused past MAX_SIDE_FILE_BYTES. Hidden files stay behind: none is
-    a model's, and klconvert's own (a partial output's .klconvert-resume.json) would overwrite OUT's."""
+    """The side files OUT takes from SRC, each refused when a link out of SRC or past MAX_SIDE_FILE_BYTES. Hidden
+    files stay behind: none is a model's, and klconvert's own (a partial output's .klconvert-resume.json) would
+    overwrite OUT's."""
     found = sorted({p for pattern in COPIED_FILES for p in src.glob(pattern)
                     if p.is_file() and not p.name.startswith(".") and p.name not in WRITTEN_FILES})
-    refuse_large_side_files(found)
+    refuse_unfit_side_files(src, found)
     return found
 
 
@@ -254,7 +255,7 @@ def _quantize(src: Path, out: Path, policy: Policy, runtime: dict, device: str |
         folder.write_text(INDEX_FILE, index_json(shards, names) + "\n")
         folder.write_text("recipe.yaml", recipe_yaml)
         for path in copied_files:
-            (folder.path / path.name).write_bytes(read_bounded(path, MAX_SIDE_FILE_BYTES, path.name))
+            folder.write_bytes(path.name, read_bounded(path, MAX_SIDE_FILE_BYTES, path.name))
         folder.write_text("README.md", model_card(out.name, origin, policy, totals, len(shards), version("klconvert")))
         folder.finish()
     except BaseException as e:

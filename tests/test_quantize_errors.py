@@ -201,3 +201,24 @@ def test_klconvert_bookkeeping_in_the_source_is_not_copied(tiny_copy, tmp_path, 
     assert (partial / "generation_config.json").read_bytes() == (tiny_copy / "generation_config.json").read_bytes()
     assert "source" in json.loads((partial / ".klconvert-resume.json").read_text())
     assert not (partial / ".hidden.json").exists()
+
+
+def test_a_side_file_linked_from_outside_the_source_is_refused(tiny_copy, tmp_path, capsys):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for sharing")
+    (tiny_copy / "leak.json").symlink_to(secret)
+    line = fails(capsys, tmp_path, src=tiny_copy)
+    assert "leak.json: a link to" in line and "outside the model folder" in line
+
+
+def test_side_files_linked_into_the_hub_caches_blobs_are_copied(tiny_released, tmp_path):
+    """The Hugging Face cache's snapshots/<commit>/ holds links into the repo's blobs/: the files are its own."""
+    storage = tmp_path / "models--org--name"
+    snapshot, blobs = storage / "snapshots" / ("a" * 40), storage / "blobs"
+    shutil.copytree(tiny_released, snapshot)
+    blobs.mkdir()
+    for name in ("tiktoken.model", "tokenizer_config.json"):
+        (snapshot / name).rename(blobs / name)
+        (snapshot / name).symlink_to(Path("../../blobs") / name)
+    out = quantize(snapshot, tmp_path / "q", bits=8, group_size=32, progress=False).path
+    assert (out / "tiktoken.model").read_bytes() == (blobs / "tiktoken.model").read_bytes()

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from klconvert.checkpoint.safetensors_header import read_header
+from klconvert.convert.output_folder import OutputFolder
 from klconvert.errors import KLError
 from klconvert.quantize import quantize
 from quantize_helpers import break_shard_write, count_quantize_calls, folder_files, modules_in_shards
@@ -123,7 +124,36 @@ def test_existing_out_is_refused_and_force_replaces_it_at_the_end(tiny_released,
     assert code == 0, err
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 8
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no q.partial, no lock, no q.replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no q.partial, no lock, no folder moved aside
+
+
+def test_force_touches_nothing_beside_out(tiny_released, tmp_path, capsys):
+    out = tmp_path / "q"
+    args = ("quantize", tiny_released, out, "--bits", "8", "--group-size", "32")
+    assert run_cli(capsys, *args)[0] == 0
+    for beside in ("q.replaced", ".q.replaced"):   # names a replaced OUT might be moved to
+        (tmp_path / beside).mkdir()
+        (tmp_path / beside / "thesis.txt").write_text("mine")
+    code, _, err = run_cli(capsys, *args, "--force")
+    assert code == 0, err
+    assert (tmp_path / "q.replaced" / "thesis.txt").read_text() == "mine"
+    assert (tmp_path / ".q.replaced" / "thesis.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".q.replaced", "q", "q.replaced"]
+
+
+def test_force_refuses_what_appeared_at_out_while_converting(tiny_released, tmp_path, monkeypatch):
+    out = tmp_path / "q"
+    finish = OutputFolder.finish
+
+    def someone_writes_out(self):
+        out.mkdir()
+        (out / "thesis.txt").write_text("mine")
+        return finish(self)
+
+    monkeypatch.setattr(OutputFolder, "finish", someone_writes_out)
+    with pytest.raises(KLError, match="--force replaces only a folder klconvert wrote.*holds other files"):
+        quantize(tiny_released, out, force=True, **OPTIONS)
+    assert (out / "thesis.txt").read_text() == "mine"
 
 
 def test_out_inside_the_source_is_refused(tiny_copy, capsys):
@@ -197,3 +227,46 @@ def test_force_leaves_a_partial_folder_klconvert_did_not_write(tiny_released, tm
                                           r"is not an interrupted klconvert run; move or delete it yourself"):
             quantize(tiny_released, tmp_path / "q", force=force, **OPTIONS)
     assert (partial / "notes.txt").read_text() == "mine" and not (tmp_path / "q").exists()
+
+
+def test_a_local_source_rewritten_in_place_is_not_resumed(tiny_copy, tmp_path):
+    """A folder with no hub commit is held to its shards' modification times: a fine-tune saved over it keeps every
+    size and header, and resuming would mix the two models' shards."""
+    out = tmp_path / "q"
+    with pytest.MonkeyPatch.context() as m:
+        break_shard_write(m, 3, KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            quantize(tiny_copy, out, **OPTIONS)
+    for shard in tiny_copy.glob("*.safetensors"):
+        os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    with pytest.raises(KLError, match="q.partial: holds an interrupted conversion of another source"):
+        quantize(tiny_copy, out, **OPTIONS)
+    assert quantize(tiny_copy, out, force=True, **OPTIONS).shards_resumed == 0
+
+
+def test_a_link_in_the_partial_folder_is_replaced_not_written_through(tiny_released, tmp_path):
+    out, partial = tmp_path / "q", tmp_path / "q.partial"
+    with pytest.MonkeyPatch.context() as m:
+        break_shard_write(m, 3, KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            quantize(tiny_released, out, **OPTIONS)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    for name in ("tiktoken.model", "config.json", "README.md.partial"):
+        (partial / name).symlink_to(victim)
+    assert quantize(tiny_released, out, **OPTIONS).shards_resumed == 2
+    assert victim.read_text() == "mine"
+    assert not any(p.is_symlink() for p in out.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["link", "file"])
+def test_a_partial_folder_that_is_not_a_folder_of_this_user_is_refused(tiny_released, tmp_path, kind):
+    partial = tmp_path / "q.partial"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    partial.symlink_to(elsewhere) if kind == "link" else partial.write_text("mine")
+    for force in (False, True):
+        with pytest.raises(KLError, match=r"q\.partial: exists but is (a link|not a folder), so it is not an "
+                                          r"interrupted klconvert run of yours"):
+            quantize(tiny_released, tmp_path / "q", force=force, **OPTIONS)
+    assert partial.is_symlink() if kind == "link" else partial.read_text() == "mine"

@@ -14,10 +14,18 @@ MAX_INDEX_BYTES = 64 << 20  # the released index is 2 MB for 20,253 tensors
 MAX_SIDE_FILE_BYTES = 32 << 20  # a side file an output copies (tokenizer, chat template, small config); released: <3 MB
 
 
-def refuse_large_side_files(paths: Iterable[Path]) -> None:
-    """KLError for the first side file over MAX_SIDE_FILE_BYTES (checked before an output is begun; the copy then
-    reads no further than the bound)."""
+def refuse_unfit_side_files(folder: Path, paths: Iterable[Path]) -> None:
+    """KLError for the first side file of `folder` that is a link to a file outside it (an output copies the
+    target's bytes, and outputs get shared: a link to ~/.ssh/id_rsa must not travel) or over MAX_SIDE_FILE_BYTES
+    (checked before an output is begun; the copy then reads no further than the bound). In the Hugging Face
+    cache's snapshots/<commit>/ a file is a link into the repo's blobs/, which is its own."""
+    root = folder.resolve()
+    own = (root,) + ((root.parent.parent / "blobs",) if root.parent.name == "snapshots" else ())
     for path in paths:
+        target = path.resolve()
+        if not any(target.is_relative_to(place) for place in own):
+            raise KLError(f"{path}: a link to {target}, outside the model folder; an output copies the file it names, "
+                          "so put the file itself in the folder (or remove the link)")
         size = path.stat().st_size
         if size > MAX_SIDE_FILE_BYTES:
             raise KLError(f"{path}: {size:,} bytes, over the {MAX_SIDE_FILE_BYTES >> 20} MB a side file klconvert "

@@ -155,6 +155,13 @@ def _running(pid: int) -> bool:
     return True
 
 
+def _not_a_partial_output(path: Path) -> str:
+    """What `path`, found where OUT.partial goes, is instead of a folder of this user's."""
+    if path.is_symlink():
+        return "a link"
+    return "not a folder" if not path.is_dir() else f"owned by another user (uid {path.stat().st_uid})"
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -162,9 +169,12 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def _write_atomically(path: Path, data: bytes) -> None:
+    """`data` as `path`, whole or not at all; a link at either name is replaced, never written through."""
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.unlink(missing_ok=True)
+    with open(tmp, "xb") as f:   # O_EXCL: a link put at the name in between is refused, not followed
+        f.write(data)
     os.replace(tmp, path)
 
 
@@ -179,6 +189,9 @@ class OutputFolder:
     def open(self) -> bool:
         """Make the folder ready; True when an interrupted run's folder was taken up."""
         if self.path.exists() or self.path.is_symlink():
+            if self.path.is_symlink() or not self.path.is_dir() or self.path.stat().st_uid != os.getuid():
+                raise KLError(f"{self.path}: exists but is {_not_a_partial_output(self.path)}, so it is not an "
+                              "interrupted klconvert run of yours; move or delete it yourself, or choose another OUT")
             stored = self._stored_record()
             if stored == self.record:
                 self.remove_unfinished()
@@ -192,7 +205,7 @@ class OutputFolder:
                               "start over")
             _remove(self.path)
         self.path.mkdir(parents=True)
-        _write_atomically(self.path / RESUME_RECORD, json.dumps(self.record, indent=1) + "\n")
+        _write_atomically(self.path / RESUME_RECORD, (json.dumps(self.record, indent=1) + "\n").encode())
         return False
 
     def _stored_record(self) -> dict | None:
@@ -224,7 +237,10 @@ class OutputFolder:
         return found == planned and path.stat().st_size == header.data_start + sum(t.nbytes for t in tensors)
 
     def write_text(self, name: str, text: str) -> None:
-        _write_atomically(self.path / name, text)
+        _write_atomically(self.path / name, text.encode())
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        _write_atomically(self.path / name, data)
 
     def finish(self) -> Path:
         """Drop the resume record and rename the folder to OUT (an existing OUT goes only now)."""
@@ -232,11 +248,11 @@ class OutputFolder:
         if out_exists and not self.force:
             raise KLError(f"{self.out}: appeared while converting; move it away and rerun to finish "
                           f"(the finished shards wait in {self.path}), or pass --force to replace it")
+        if out_exists:   # what is at OUT now may not be what was checked when the run began
+            refuse_existing_out(self.out, force=True)
         (self.path / RESUME_RECORD).unlink()
-        if out_exists:
-            replaced = self.out.with_name(self.out.name + ".replaced")
-            if replaced.exists() or replaced.is_symlink():
-                _remove(replaced)
+        if out_exists:   # moved aside under a fresh name (an empty folder renamed over), never a name someone holds
+            replaced = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.replaced-", dir=self.out.parent))
             os.rename(self.out, replaced)
             os.rename(self.path, self.out)
             _remove(replaced)

@@ -53,16 +53,20 @@ def _sha256(data: bytes) -> str:
 
 
 def source_fingerprint(checkpoint: Checkpoint, origin: SourceOrigin) -> dict:
-    """What identifies a source for resuming: folder, commit, config.json, and each shard's size and header.
+    """What identifies a source for resuming: folder, commit, config.json, and each shard's size and header; for
+    a folder with no hub commit, each shard's modification time too.
 
-    Not the shards' bytes: hashing 98 GB takes minutes, and a pull has already verified them. A shard
-    damaged and downloaded again has the same fingerprint, so the conversion still resumes after it.
+    Not the shards' bytes: hashing 98 GB takes minutes. A hub commit pins them (a pull has verified them), so a
+    shard damaged and downloaded again has the same fingerprint and the conversion still resumes after it; a
+    local folder has no such pin, and a fine-tune saved over it keeps every size and header.
     """
     shards = {}
     for shard, header in sorted(checkpoint.headers.items()):
         entries = {name: [e.dtype, list(e.shape), e.begin, e.end] for name, e in header.tensors.items()}
-        shards[shard] = {"size": (checkpoint.folder / shard).stat().st_size,
-                         "header_sha256": _sha256(json.dumps(entries, sort_keys=True).encode())}
+        found = (checkpoint.folder / shard).stat()
+        shards[shard] = {"size": found.st_size, "header_sha256": _sha256(json.dumps(entries, sort_keys=True).encode())}
+        if origin.commit is None:
+            shards[shard]["mtime_ns"] = found.st_mtime_ns
     return {"folder": str(origin.folder), "repo": origin.repo, "commit": origin.commit,
             "config_sha256": _sha256(read_bounded(checkpoint.folder / "config.json", MAX_CONFIG_BYTES, "config.json")),
             "shards": shards}
