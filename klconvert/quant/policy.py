@@ -35,9 +35,48 @@ def is_linear_weight(tensor_name: str, shape: Sequence[int]) -> bool:
     return tensor_name.endswith(".weight") and len(shape) == 2 and not _EMBEDDING.match(match_key(tensor_name))
 
 
-# Seconds one re: entry may spend matching, over all the names it is tried on (a model's ~21,000 tensor names take
-# milliseconds); past it the pattern is one that backtracks without end.
+try:   # Python's own parser of re patterns: reads a pattern's structure without compiling it
+    from re import _parser as re_parser
+except ImportError:   # Python 3.10
+    import sre_parse as re_parser
+
+# Seconds the re: entries of one recipe may spend matching, all together over all the names each is tried on (a
+# model's ~21,000 tensor names take milliseconds); past it a pattern is one that backtracks without end.
 REGEX_BUDGET_S = 2.0
+# How long a re: pattern may be with its bounded repeats written out: the regex module compiles x{1000} as 1,000
+# copies, so repeats nested in repeats take minutes and gigabytes; a tensor-name pattern is a few dozen.
+MAX_PATTERN_EXPANSION = 10_000
+_REPEATS = ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
+
+
+def _expansion(parsed) -> int:
+    """How many items a parsed pattern holds with each bounded repeat written out (unbounded ones at their minimum)."""
+    total = 0
+    for op, av in parsed:
+        name = op.name
+        if name in _REPEATS:
+            low, high, sub = av
+            total += max(low if high == re_parser.MAXREPEAT else high, 1) * _expansion(sub)
+        elif name == "SUBPATTERN":
+            total += _expansion(av[-1])
+        elif name == "BRANCH":
+            total += sum(_expansion(alternative) for alternative in av[1])
+        elif name in ("ASSERT", "ASSERT_NOT"):
+            total += _expansion(av[1])
+        elif name == "ATOMIC_GROUP":
+            total += _expansion(av)
+        elif name == "GROUPREF_EXISTS":
+            total += sum(_expansion(branch) for branch in av[1:] if branch is not None)
+        else:
+            total += 1
+    return total
+
+
+@dataclass
+class RegexBudget:
+    """Seconds left to the re: entries that share it (one recipe's), spent as they match."""
+
+    seconds: float = field(default_factory=lambda: REGEX_BUDGET_S)
 
 
 @dataclass(frozen=True)
@@ -50,8 +89,8 @@ class Entry:
 
     pattern: str
     where: str = field(default="default policy", compare=False)
+    budget: RegexBudget = field(default_factory=RegexBudget, compare=False, repr=False)
     compiled: regex.Pattern | None = field(default=None, compare=False, repr=False)
-    _seconds: list[float] = field(default_factory=lambda: [0.0], compare=False, repr=False)  # spent matching
 
     def __post_init__(self):
         if not isinstance(self.pattern, str) or not self.pattern:
@@ -59,10 +98,15 @@ class Entry:
         if self.pattern.startswith("re:"):
             try:
                 re.compile(self.pattern[3:])
-                object.__setattr__(self, "compiled", regex.compile(self.pattern[3:], flags=regex.VERSION0))
-            except (re.error, regex.error, OverflowError, RecursionError) as e:  # huge repeats; groups nested deep
+                expansion = _expansion(re_parser.parse(self.pattern[3:]))
+            except (re.error, OverflowError, RecursionError) as e:  # huge repeats; groups nested deep
                 raise KLError(f"{self.where}: {self.pattern[:80]!r} is not a valid regular expression ({e}); "
                               "fix the pattern (remember to escape '.' as '\\\\.' in YAML double quotes)") from None
+            if expansion > MAX_PATTERN_EXPANSION:
+                raise KLError(f"{self.where}: {self.pattern[:80]!r} spells out {expansion:,} items with its repeats "
+                              f"written out (repeats inside repeats), past the {MAX_PATTERN_EXPANSION:,} a tensor-name "
+                              "pattern needs; simplify the pattern")
+            object.__setattr__(self, "compiled", regex.compile(self.pattern[3:], flags=regex.VERSION0))
 
     def matches(self, key: str, linear: bool) -> bool:
         if self.pattern == LINEAR:
@@ -70,13 +114,14 @@ class Entry:
         if self.compiled is not None:
             start = time.perf_counter()
             try:
-                return self.compiled.match(key, timeout=max(REGEX_BUDGET_S - self._seconds[0], 0.0)) is not None
+                return self.compiled.match(key, timeout=max(self.budget.seconds, 0.0)) is not None
             except TimeoutError:
-                raise KLError(f"{self.where}: {self.pattern[:80]!r} spent over {REGEX_BUDGET_S:g} s matching tensor "
-                              f"names (the last {key[:80]!r}): it backtracks without end (many repeats before a "
-                              "backreference, or repeats inside repeats); simplify the pattern") from None
+                raise KLError(f"{self.where}: {self.pattern[:80]!r} took the recipe's patterns past "
+                              f"{REGEX_BUDGET_S:g} s matching tensor names (the last {key[:80]!r}): it backtracks "
+                              "without end (many repeats before a backreference, or repeats inside repeats); simplify "
+                              "the pattern") from None
             finally:
-                self._seconds[0] += time.perf_counter() - start
+                self.budget.seconds -= time.perf_counter() - start
         return key == self.pattern
 
 

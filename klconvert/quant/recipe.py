@@ -8,10 +8,11 @@ import yaml
 
 from klconvert.checkpoint.regular_file import open_regular
 from klconvert.errors import KLError
-from klconvert.quant.policy import Entry, Group, Policy
+from klconvert.quant.policy import Entry, Group, Policy, RegexBudget
 from klconvert.quant.scheme import NF4_BLOCKSIZE, PACKED_FORMAT, QuantScheme
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few KB; a larger --recipe is the wrong file (or /dev/zero)
+MAX_LIST_ENTRIES = 1_000  # a targets or ignore list names a handful; YAML aliases can make one of millions
 _TOP_KEYS = ("<name>_stage", "runtime")
 _MODIFIER_KEYS = ("ignore", "config_groups")
 _GROUP_KEYS = ("targets", "weights", "input_activations", "output_activations", "format")
@@ -37,6 +38,7 @@ class _Reader:
     def __init__(self, path: str):
         self.path = path
         self._constructor = yaml.SafeLoader("")
+        self._regex_budget = RegexBudget()   # the recipe's re: entries share one matching budget
 
     def where(self, node: yaml.Node) -> str:
         return f"{self.path}:{node.start_mark.line + 1}"
@@ -77,7 +79,11 @@ class _Reader:
     def entries(self, node: yaml.Node, what: str) -> tuple[Entry, ...]:
         if not isinstance(node, yaml.SequenceNode):
             self.fail(node, f"{what} should be a list of module names or re: patterns")
-        return tuple(Entry(self.scalar(item, f"an item of {what}", str), self.where(item)) for item in node.value)
+        if len(node.value) > MAX_LIST_ENTRIES:
+            self.fail(node, f"{what} holds {len(node.value):,} entries, past the {MAX_LIST_ENTRIES:,} a recipe needs; "
+                            "name modules with re: patterns instead")
+        return tuple(Entry(self.scalar(item, f"an item of {what}", str), self.where(item), self._regex_budget)
+                     for item in node.value)
 
     def single(self, node: yaml.Node, what: str, suffix: str) -> tuple[yaml.Node, yaml.Node]:
         """The one `<name><suffix>` key of a mapping (llm-compressor's stage / modifiers level)."""

@@ -26,7 +26,8 @@ def test_a_pattern_that_backtracks_without_end_stops_at_its_budget(monkeypatch):
     monkeypatch.setattr(policy_module, "REGEX_BUDGET_S", 0.2)
     entry = Entry(BACKTRACKING, "recipe.yaml:7")
     start = time.perf_counter()
-    with pytest.raises(KLError, match=r"recipe\.yaml:7: .* spent over 0\.2 s matching tensor names \(the last "
+    with pytest.raises(KLError, match=r"recipe\.yaml:7: .* took the recipe's patterns past 0\.2 s matching tensor "
+                                      r"names \(the last "
                                       r"'model\.layers\.10\..*'\): it backtracks without end .*; simplify the pattern"):
         for _ in range(1000):
             entry.matches(NAME, True)
@@ -49,3 +50,45 @@ def test_plan_refuses_a_backtracking_recipe_in_one_line(tmp_path, capsys):
     code, _, err = run_cli(capsys, "plan", "--preset", "kimi-linear-48b", "--recipe", str(recipe))
     assert_one_line_error(code, err, f"{recipe}:6: ", "backtracks without end")
     assert time.perf_counter() - start < 60
+
+
+@pytest.mark.parametrize("pattern", [r"re:(?:(?:(?:(?:x{1000}){1000}){1000}){1000})|^lm_head$",
+                                     r"re:(?:(?:(?:x{100}){100}){100})", r"re:(?:(?:a{1000,}){1000,})"])
+def test_repeats_inside_repeats_are_refused_before_they_compile(pattern):
+    """The regex module writes bounded repeats out as it compiles: the first took 24 GB before the OOM killer."""
+    start = time.perf_counter()
+    with pytest.raises(KLError, match=r"recipe\.yaml:3: .* spells out [\d,]+ items with its repeats written out"):
+        Entry(pattern, "recipe.yaml:3")
+    assert time.perf_counter() - start < 1
+    assert Entry(r"re:.*\.experts\.\d{1,3}\.w[13]$").matches(NAME, True)
+
+
+def slow_recipe(path, copies: int) -> None:
+    items = ", ".join([f"&a '{BACKTRACKING}'"] + ["*a"] * (copies - 1))
+    path.write_text(f"""quant_stage:
+  quant_modifiers:
+    QuantizationModifier:
+      ignore: [{items}]
+      config_groups:
+        group_0:
+          targets: ["Linear"]
+          weights: {{num_bits: 4, group_size: 32}}
+""")
+
+
+def test_a_recipes_patterns_share_one_budget(tmp_path, capsys, monkeypatch):
+    """200 aliases of one slow pattern: each with a budget of its own ran for minutes."""
+    monkeypatch.setattr(policy_module, "REGEX_BUDGET_S", 0.5)
+    recipe = tmp_path / "aliases.yaml"
+    slow_recipe(recipe, 200)
+    start = time.perf_counter()
+    code, _, err = run_cli(capsys, "plan", "--preset", "kimi-linear-48b", "--recipe", str(recipe))
+    assert_one_line_error(code, err, f"{recipe}:4: ", "past 0.5 s", "backtracks without end")
+    assert time.perf_counter() - start < 30
+
+
+def test_a_list_of_too_many_entries_is_one_line(tmp_path, capsys):
+    recipe = tmp_path / "long.yaml"
+    slow_recipe(recipe, 1001)
+    code, _, err = run_cli(capsys, "plan", "--preset", "kimi-linear-48b", "--recipe", str(recipe))
+    assert_one_line_error(code, err, f"{recipe}:4: ", "1,001 entries, past the 1,000")
