@@ -290,7 +290,12 @@ class PrefillAttention(nn.Module):
         qh = q.transpose(1, 2)                                                # [B, H, T, dn+dr]
         if start == 0:  # one block, nothing to merge: plain SDPA (differentiable, for training)
             k, v = self.expand(m, cache_rows(cache[:, :T], _rows(cache_scale, 0, T), q.dtype))
-            return F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=m.scale).transpose(1, 2)
+            if q.is_cuda:
+                return F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=m.scale).transpose(1, 2)
+            # the CPU's flash kernel needs Dv == Dk (else SDPA falls back to its math form, T x T scores per head:
+            # 9 GB for a 14,400-token prompt of the bundled model), so v is zero-padded and the padding sliced off
+            o = F.scaled_dot_product_attention(qh, k, F.pad(v, (0, k.shape[-1] - m.dv)), is_causal=True, scale=m.scale)
+            return o[..., :m.dv].transpose(1, 2)
         o = lse = None
         blocks = [(a, min(a + self.key_block, start), False) for a in range(0, start, self.key_block)]
         for a, b, causal in blocks + [(start, start + T, True)]:  # the prefix, whole; then the segment, causally
