@@ -86,12 +86,25 @@ def test_truncated_shard(tiny_copy, tmp_path, capsys):
     assert "truncated?" in fails(capsys, tmp_path, "--group-size", "32", src=tiny_copy)
 
 
-def _poison(folder, victim: str) -> None:
+def _poison(folder, victim: str, values=(float("nan"),)) -> None:
+    """Set the first len(values) elements of `victim` to `values` (the whole tensor when one value is given)."""
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     shard = folder / index["weight_map"][victim]
     tensors = load_file(shard)
-    tensors[victim] = torch.full_like(tensors[victim], float("nan"))
+    if len(values) == 1:
+        tensors[victim] = torch.full_like(tensors[victim], values[0])
+    else:
+        tensors[victim].view(-1)[:len(values)] = torch.tensor(values, dtype=tensors[victim].dtype)
     save_file(tensors, shard, metadata={"format": "pt"})
+
+
+def test_weights_too_large_for_a_finite_scale_are_one_line(tiny_copy, tmp_path, capsys):
+    """Finite bf16 weights near its largest: asymmetric max - min overflows, and the folder's scale would be inf
+    (the folder looked complete and failed to load)."""
+    victim = "model.layers.1.block_sparse_moe.experts.0.w1.weight"
+    _poison(tiny_copy, victim, (3.0e38, -3.0e38))
+    line = fails(capsys, tmp_path, "--group-size", "32", "--asym", src=tiny_copy)
+    assert f"{victim}: its scale" in line and "the source's weights are too large" in line
 
 
 def test_corrupt_values_in_a_shard_leave_nothing_behind(tiny_copy, tmp_path, capsys):

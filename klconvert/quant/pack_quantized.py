@@ -78,6 +78,8 @@ def compress_weight(name_prefix: str, w: torch.Tensor, scheme: QuantScheme) -> d
     }
     if zero_point is not None:
         out[f"{name_prefix}.weight_zero_point"] = pack_to_int32(zero_point, scheme.bits, packed_dim=0)
+    check_scales(out, scheme, f"{name_prefix}.weight", "the source's weights are too large for any model's; check "
+                 "the source (a fine-tune that diverged?) or re-download it")
     return out
 
 
@@ -114,11 +116,13 @@ def decompress_weight(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme,
     return dequantize_groupwise(q, found["weight_scale"], zero_point, dtype)
 
 
-def check_scales(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, where: str) -> None:
+def check_scales(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, where: str,
+                 remedy: str = "the checkpoint is damaged -- re-run the conversion") -> None:
     """KLError naming `where` when a scale times the code farthest from its group's zero point passes the largest
     finite value of the scale's dtype or of NARROWEST_RUNTIME_DTYPE: that weight would dequantize to infinity. (Zero
     and negative scales are sound; NaN and infinite ones are refused on reading.) One reduction a weight, in the
-    scales' own precision or fp32 -- a product past fp32's range is inf, refused all the same."""
+    scales' own precision or fp32 -- a product past fp32's range is inf, refused all the same. `remedy` ends the
+    line: reading a folder, it was damaged; writing one, the source's weights are out of range."""
     found = local_names(tensors, PACKED_NAMES)
     scale = found["weight_scale"]
     qmin, qmax = qrange(scheme.bits)
@@ -135,5 +139,4 @@ def check_scales(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, where
     reached = (scale.double().abs() * reach.double()).reshape(-1)   # where, for the message
     at = int(reached.argmax())
     raise KLError(f"{where}: its scale {float(scale.reshape(-1)[at]):.4g} (at flat index {at:,}) dequantizes a weight "
-                  f"to {float(reached[at]):.4g}, past the largest finite value {limit:.4g}; the checkpoint is damaged "
-                  "-- re-run the conversion")
+                  f"to {float(reached[at]):.4g}, past the largest finite value {limit:.4g}; {remedy}")
