@@ -6,8 +6,8 @@ library may swallow it half-imported (torch's import of numpy did, on this machi
 and then either failed on the next import, "cannot load module more than once per process", or ran on as if no
 Ctrl-C had come). So a first interrupt that lands inside an import is held back and raised as soon as no import is
 running (a second is raised where it lands: an import that hangs can still be stopped); and whatever fails after an
-interrupt was heard is reported as the interrupt. A SIGINT the command was started ignoring (a background job of a
-script) stays ignored."""
+interrupt was heard is reported as the interrupt. SIGTERM is taken the same way. A SIGINT the command was started
+ignoring (a background job of a script) stays ignored."""
 from __future__ import annotations
 
 import signal
@@ -51,17 +51,19 @@ class _CtrlC:
         raise KeyboardInterrupt
 
     def install(self) -> bool:
-        """Take over SIGINT (and SIGALRM for the retries), unless SIGINT is ignored; whether it did."""
-        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-            return False
-        self.alarm_before = signal.signal(signal.SIGALRM, self.on_alarm)
-        signal.signal(signal.SIGINT, self.interrupt)
-        return True
+        """Take over SIGINT and SIGTERM (`kill`, `timeout`: a run stopped either way cleans up as after Ctrl-C), each
+        unless it is ignored, and SIGALRM for the retries; whether it took either."""
+        self.before = {sig: signal.signal(sig, self.interrupt) for sig in (signal.SIGINT, signal.SIGTERM)
+                       if signal.getsignal(sig) is not signal.SIG_IGN}
+        if self.before:
+            self.before[signal.SIGALRM] = signal.signal(signal.SIGALRM, self.on_alarm)
+        return bool(self.before)
 
     def uninstall(self) -> None:
         """No retry left pending past the command (it would end the process as SIGALRM's, "Alarm clock")."""
         signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, self.alarm_before)
+        for sig, handler in self.before.items():
+            signal.signal(sig, handler)
 
 
 def main() -> None:

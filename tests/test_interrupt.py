@@ -1,7 +1,7 @@
 """Ctrl-C at any moment of the `klconvert` command ends in one line, `klconvert: interrupted`, exit status 130: while
 its libraries import, inside a library import that would swallow it, after a library swallowed one and failed, a
-second one inside an import that hangs, and in a real run. An alarm that is no Ctrl-C, and a SIGINT the command was
-started ignoring, are let be."""
+second one inside an import that hangs, and in a real run; SIGTERM as Ctrl-C. An alarm that is no Ctrl-C, and a SIGINT
+the command was started ignoring, are let be."""
 from __future__ import annotations
 
 import signal
@@ -129,6 +129,21 @@ def test_a_command_started_ignoring_sigint_keeps_ignoring_it():
 def test_errors_without_an_interrupt_are_not_called_one():
     proc = _entry("import klconvert.cli\nklconvert.cli.main = lambda: 1 / 0\n")
     assert proc.returncode == 1 and "ZeroDivisionError" in proc.stderr and "interrupted" not in proc.stderr
+
+
+def test_sigterm_during_a_conversion_is_an_interrupt_that_leaves_nothing(tiny_released, tmp_path):
+    """`kill` or `timeout` sends SIGTERM: it left a 721 MB OUT.partial and its lock behind, where Ctrl-C leaves
+    nothing (no shard was finished)."""
+    proc = _entry("""
+        import os, signal, klconvert.quantize as q
+        write = q.write_shard
+        def write_shard(path, tensors, metadata=None, on_tensor=None):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return write(path, tensors, metadata, on_tensor)
+        q.write_shard = write_shard
+        """, "quantize", str(tiny_released), str(tmp_path / "q"), "--bits", "4", "--group-size", "32")
+    _assert_interrupted(proc)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow
