@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from klconvert.checkpoint.folder_files import MAX_FILE_NAME_BYTES
 from klconvert.errors import KLError, PlanDoesNotFit, exit_interrupted
 from klconvert.extras import require
 from klconvert.hub import DEFAULT_REPO
@@ -29,13 +30,27 @@ class FiniteFloat(click.FloatRange):
         return number
 
 
+def path_problem(value: str) -> str | None:
+    """What makes a path given on the command line unusable, or None: a control character (it would reach the
+    terminal, and a folder's model card, as a line of its own), or a name longer than a file system allows."""
+    if not value.isprintable():
+        return "it holds a control character (a newline, a tab, an escape); give a plain path"
+    longest = max(len(os.fsencode(name)) for name in value.split(os.sep))
+    if longest > MAX_FILE_NAME_BYTES:
+        return (f"a name in it is {longest:,} bytes, over the {MAX_FILE_NAME_BYTES} a file system allows; give a "
+                "shorter name")
+    return None
+
+
 class PathArg(click.Path):
     """A click.Path that refuses the empty string, which pathlib reads as ".": an unset shell variable would quietly
-    name the current folder."""
+    name the current folder; and what `path_problem` finds."""
 
     def convert(self, value, param, ctx):
         if value == "":
             self.fail("an empty path; give the path", param, ctx)
+        if problem := path_problem(value):
+            self.fail(f"{value[:80]!r}: {problem}", param, ctx)
         return super().convert(value, param, ctx)
 
 
@@ -50,6 +65,8 @@ class ModelArg(click.ParamType):
     def convert(self, value, param, ctx):
         if value == "":
             self.fail(f"an empty name; give {self.what}", param, ctx)
+        if problem := path_problem(value):
+            self.fail(f"{value[:80]!r}: {problem}", param, ctx)
         return value
 
 

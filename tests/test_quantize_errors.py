@@ -235,3 +235,24 @@ def test_side_files_linked_into_the_hub_caches_blobs_are_copied(tiny_released, t
         (snapshot / name).symlink_to(Path("../../blobs") / name)
     out = quantize(snapshot, tmp_path / "q", bits=8, group_size=32, progress=False).path
     assert (out / "tiktoken.model").read_bytes() == (blobs / "tiktoken.model").read_bytes()
+
+
+def test_a_refused_run_leaves_no_folders_it_made_for_out(tiny_copy, tmp_path, capsys):
+    config = json.loads((tiny_copy / "config.json").read_text())
+    (tiny_copy / "config.json").write_text(json.dumps({**config, "hidden_size": -1}))
+    code, _, err = run_cli(capsys, "quantize", tiny_copy, tmp_path / "deep" / "a" / "out")
+    assert_one_line_error(code, err, "hidden_size")
+    assert not (tmp_path / "deep").exists()
+
+
+@pytest.mark.parametrize("command", ["quantize", "synth", "pull-and-quantize"])
+@pytest.mark.parametrize("name,needle", [("q\nlicense: evil", "holds a control character"),
+                                         ("a" * 300, "300 bytes, over the 255"),
+                                         ("a" * 250, "too long for the files made beside it")])
+def test_an_out_name_no_file_system_or_terminal_takes_is_one_line(tiny_released, tmp_path, capsys, command, name,
+                                                                  needle):
+    out = str(tmp_path / name)
+    args = {"quantize": ("quantize", tiny_released, out), "synth": ("synth", "--preset", "tiny", "--out", out),
+            "pull-and-quantize": ("pull-and-quantize", "--model", tiny_released, "--out", out)}[command]
+    assert_one_line_error(*run_cli(capsys, *args)[::2], needle)
+    assert list(tmp_path.iterdir()) == []

@@ -9,7 +9,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from klconvert.checkpoint.folder_files import GENAI_CONFIG, INDEX_FILE, MAX_INDEX_BYTES, SINGLE_FILE
+from klconvert.checkpoint.folder_files import (
+    GENAI_CONFIG,
+    INDEX_FILE,
+    MAX_FILE_NAME_BYTES,
+    MAX_INDEX_BYTES,
+    SINGLE_FILE,
+)
 from klconvert.checkpoint.regular_file import read_json
 from klconvert.checkpoint.name_map import TensorSpec, canonical_pieces, expected_tensors, sliced_shape
 from klconvert.checkpoint.quantized import (
@@ -28,7 +34,6 @@ from klconvert.quant.pack_quantized import check_scales
 
 FLOAT_DTYPES = {"F32", "BF16", "F16"}
 FINITE_CHECK_ELEMENTS = 1 << 24  # checked a slice at a time: the bool temporaries stay at 16 MB
-MAX_FILE_NAME_BYTES = 255  # NAME_MAX of Linux's, macOS's and Windows' file systems
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from klconvert.checkpoint.folder_files import MAX_FILE_NAME_BYTES
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.checkpoint.safetensors_writer import TORCH_TO_SAFETENSORS, PlannedTensor
@@ -59,9 +60,14 @@ def refuse_existing_out(out: Path, force: bool) -> None:
                       "choose another output folder or move it away")
 
 
-def make_parent(out: Path) -> None:
+def make_parent(out: Path) -> list[Path]:
     """Create the folder `out` goes in (and those above it) and check that files can be created in it, or say in
-    one line why not."""
+    one line why not; the folders it created, outermost first."""
+    longest = len(os.fsencode(lock_path(out).name))
+    if longest > MAX_FILE_NAME_BYTES:
+        raise KLError(f"{out}: its name is too long for the files made beside it ({lock_path(out).name[:40]}..., "
+                      f"{longest} bytes, over the {MAX_FILE_NAME_BYTES} a file system allows); choose a shorter name")
+    created = [folder for folder in reversed(out.absolute().parents) if not folder.exists()]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:   # a file where a folder should be, no permission, a read-only or virtual file system
@@ -75,13 +81,15 @@ def make_parent(out: Path) -> None:
     except OSError as e:
         raise KLError(f"{out}: cannot create files in the folder it goes in, {out.parent} ({e.strerror}); choose "
                       "a folder you can write to") from None
+    return created
 
 
 class OutputLock:
     """One writer per output: an exclusive flock on OUT.partial.lock, which holds the writer's pid.
 
     A second run is refused naming the holder. A lock file left by a run that died (the kernel drops its flock) is
-    taken over, and said so on stderr. The file is removed when the lock is released.
+    taken over, and said so on stderr. The file is removed when the lock is released, and after a run that failed,
+    the folders made for OUT too while empty (a refused run leaves nothing behind).
     """
 
     def __init__(self, out: Path):
@@ -89,7 +97,7 @@ class OutputLock:
         self._fd: int | None = None
 
     def __enter__(self) -> OutputLock:
-        make_parent(self.out)
+        self._created = make_parent(self.out)
         while True:
             fd = _open_lock_file(self.path)
             try:
@@ -116,10 +124,16 @@ class OutputLock:
         self._fd = fd
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, failure, *exc) -> None:
         self.path.unlink(missing_ok=True)  # while still holding it, so no one locks a file about to vanish
         os.close(self._fd)
         self._fd = None
+        if failure is not None:
+            for folder in reversed(self._created):
+                try:
+                    folder.rmdir()
+                except OSError:   # not empty: a partial output to resume from, or someone else's files
+                    break
 
 
 def _open_lock_file(path: Path) -> int:

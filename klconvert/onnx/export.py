@@ -11,7 +11,7 @@ import onnx
 import torch
 from onnx import helper
 
-from klconvert.checkpoint.folder_files import GENAI_CONFIG, MAX_SIDE_FILE_BYTES, refuse_large_side_files
+from klconvert.checkpoint.folder_files import GENAI_CONFIG, MAX_SIDE_FILE_BYTES, refuse_unfit_side_files
 from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.checkpoint.regular_file import read_bounded
@@ -169,7 +169,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPS
     checkpoint = Checkpoint(model_dir)
     check_tokenizer_if_any(model_dir, checkpoint.config.vocab_size)
     copied = [name for name in ("config.json", *TOKENIZER_FILES) if (model_dir / name).is_file()]
-    refuse_large_side_files(model_dir / name for name in copied)
+    refuse_unfit_side_files(model_dir, (model_dir / name for name in copied))
     created = not out.exists()
     _prepare_out(out, force)
     try:
