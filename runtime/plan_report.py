@@ -21,6 +21,7 @@ from klconvert.runtime.model import KimiLinear
 from klconvert.runtime.weights import HeldPacked
 
 DEFAULT_CONTEXT = 131072
+MAX_BATCH = 65_536  # sequences a plan sizes; the 48B's KDA state alone is ~2.9 TB at this many
 MLA_CACHE_DTYPES = {"bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn}
 KDA_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(|B|KB|MB|GB|TB|KiB|MiB|GiB|TiB|K|M|G|T)\s*$", re.IGNORECASE)
@@ -53,6 +54,19 @@ def _memory_bytes(value: str | int | float, where: str) -> int:
     if not 0 < value < 2 ** 63:   # NaN fails too
         raise KLError(f"{where}: runtime.gpu_memory should be a positive number of bytes, got {value}")
     return int(value)
+
+
+def check_runtime_settings(settings: dict, where: str) -> None:
+    """KLError naming `where` for the first value of a recipe's runtime: section that a plan cannot take (the
+    recipe reader checked the types), so that `klconvert quantize` does not write one into a folder that `klconvert
+    plan` then refuses. The reader holds the counts positive; plan_for the context to the model's length."""
+    if settings.get("batch", 1) > MAX_BATCH:
+        raise KLError(f"{where}: runtime.batch {settings['batch']} is past the {MAX_BATCH:,} sequences a plan sizes; "
+                      "fix the recipe")
+    if "gpu_memory" in settings:
+        _memory_bytes(settings["gpu_memory"], where)
+    _dtype_named(settings.get("mla_cache_dtype", "bfloat16"), MLA_CACHE_DTYPES, f"{where}: MLA cache dtype")
+    _dtype_named(settings.get("kda_state_dtype", "float32"), KDA_STATE_DTYPES, f"{where}: KDA state dtype")
 
 
 def held_on_a_gpu(folder: Path) -> HeldPacked:
@@ -101,6 +115,9 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
 
     settings = recipe.runtime if recipe is not None else {}
     where = recipe.path if recipe is not None else "plan"
+    check_runtime_settings(settings, where)
+    if batch is not None and not 1 <= batch <= MAX_BATCH:
+        raise KLError(f"--batch {batch}: plan 1 to {MAX_BATCH:,} sequences")
     if memory_limit is None and "gpu_memory" in settings:
         memory_limit = _memory_bytes(settings["gpu_memory"], where)
     cache_name = mla_cache_dtype or settings.get("mla_cache_dtype", "bfloat16")

@@ -12,7 +12,7 @@ from klconvert.runtime.plan_report import parse_size
 from klconvert.quant import QuantScheme, compress_weight, load_recipe
 from klconvert.runtime.memory_plan import stored_bytes
 from klconvert.runtime.plan_report import plan_for
-from testkit import run_cli
+from testkit import assert_one_line_error, run_cli
 
 RECIPE_DIR = Path(__file__).parent.parent / "recipes"
 RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
@@ -128,3 +128,24 @@ def test_plan_of_a_quantized_folder_sizes_its_tensors_as_a_gpu_holds_them(tiny_r
                 if ".experts." in n and n.endswith("weight_shape"):
                     bf16 += 2 * math.prod(f.get_tensor(n).tolist())
     assert p.weight_bytes["experts"] == (written if group_size == 128 else bf16)
+
+
+@pytest.mark.parametrize("runtime,message", [
+    ("gpu_memory: .nan", "runtime.gpu_memory should be a positive number of bytes, got nan"),
+    ("gpu_memory: '1e400GiB'", "runtime.gpu_memory '1e400GiB' is not a size"),
+    ("batch: 99999999999999999999", "runtime.batch 99999999999999999999 is past the 65,536 sequences"),
+    ("mla_cache_dtype: int8", "MLA cache dtype 'int8' is not supported"),
+])
+def test_quantize_refuses_a_runtime_section_plan_would_refuse(runtime, message, tiny_released, tmp_path, capsys):
+    """quantize writes the recipe into OUT/recipe.yaml, which `klconvert plan --model OUT` reads."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(RECIPE + f"runtime:\n  {runtime}\n")
+    for args in (("quantize", tiny_released, tmp_path / "q"), ("plan", "--preset", "tiny")):
+        code, _, err = run_cli(capsys, *args, "--recipe", str(path))
+        assert_one_line_error(code, err, f"{path}: ", message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_plan_refuses_an_absurd_batch(capsys):
+    assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--batch", "99999999999999999999")[::2],
+                          "--batch 99999999999999999999: plan 1 to 65,536 sequences")
