@@ -130,6 +130,11 @@ def read_special_tokens(config: dict, path: Path, vocab_size: int = SIZE_RANGES[
             raise KLError(f"{path}: added_tokens_decoder entry {key} is {len(content):,} characters long, over the "
                           f"{MAX_SPECIAL_TOKEN_CHARS} a special token's text may be; fix the file or re-download the "
                           "model")
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError:   # a lone surrogate ("\ud800" in the JSON): no text, and tiktoken cannot take it
+            raise KLError(f"{path}: added_tokens_decoder entry {key} holds {content[:40]!r}, with an unpaired "
+                          "surrogate that is no text; fix the file or re-download the model") from None
         if content in special_tokens:
             raise KLError(f"{path}: special token {content!r} appears twice in added_tokens_decoder (ids "
                           f"{special_tokens[content]} and {key}); fix the file or re-download the model")
@@ -218,7 +223,12 @@ class Tokenizer:
                           "model has 256); fix the file or re-download the model")
         for token_id in range(end):
             if token_id not in taken_ids:
-                special_tokens.setdefault(f"<|reserved_token_{token_id}|>", token_id)
+                placeholder = f"<|reserved_token_{token_id}|>"
+                if placeholder in special_tokens:   # the id would have no name, and decoding it would fail mid-run
+                    raise KLError(f"{config_path}: special token {placeholder!r} has id {special_tokens[placeholder]}, "
+                                  f"but it is the placeholder name of the unnamed id {token_id}; fix the file or "
+                                  "re-download the model")
+                special_tokens[placeholder] = token_id
         named = {key: named_special_token(config, key, special_tokens, config_path)
                  for key in ("bos_token", "eos_token", "pad_token")}
         for key in ("bos_token", "eos_token"):

@@ -328,3 +328,23 @@ def test_special_token_ids_are_canonical_decimals(broken_folder, key):
     """A key with leading zeros ("01002") names the same id as another ("1002"): refused, not collided."""
     edit_config(broken_folder, lambda c: c["added_tokens_decoder"].update({key: {"content": "<|twin|>"}}))
     assert_one_line_error(broken_folder, "tokenizer_config.json", f"entry {key!r} is not an id in plain decimal")
+
+
+def test_a_special_token_with_an_unpaired_surrogate_is_refused(broken_folder):
+    """JSON's "\\ud800" reads as a lone surrogate: tiktoken failed on it with a traceback."""
+    first = SMALL_RANKS
+    edit_config(broken_folder, lambda c: c["added_tokens_decoder"][str(first + 2)].update(content="\ud800x"))
+    assert_one_line_error(broken_folder, "tokenizer_config.json", f"entry {first + 2} holds '\\ud800x', with an "
+                                                                   "unpaired surrogate")
+
+
+def test_a_special_token_named_as_another_ids_placeholder_is_refused(broken_folder):
+    """The unnamed id would have had no name: decoding it failed mid-generation with a KeyError."""
+    gap, other = SMALL_RANKS + 20, SMALL_RANKS + 30
+
+    def edit(config):
+        config["added_tokens_decoder"].pop(str(gap))
+        config["added_tokens_decoder"][str(other)]["content"] = f"<|reserved_token_{gap}|>"
+    edit_config(broken_folder, edit)
+    assert_one_line_error(broken_folder, "tokenizer_config.json", f"'<|reserved_token_{gap}|>' has id {other}, but it "
+                                                                   f"is the placeholder name of the unnamed id {gap}")
