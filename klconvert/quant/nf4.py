@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -75,6 +74,9 @@ _BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' ke
 _FIELDS = ("quant_type", "blocksize", "dtype", "shape")  # QuantState.as_dict's fields that are not tensors
 _NESTED_FIELDS = ("nested_blocksize", "nested_dtype", "nested_offset")  # and those of double quantization
 _DTYPES = ("bfloat16", "float16", "float32")
+# bitsandbytes holds nested_offset as an fp32 tensor; compared, not converted (an int of 400 digits overflows a float),
+# and NaN fails the comparison
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 MAX_STATE_BYTES = 4096  # the quant state's JSON: seven short fields
 
 
@@ -113,7 +115,7 @@ def _check_state(found: Mapping[str, torch.Tensor], where: str, weight_shape: tu
     if nested:
         offset = state.get("nested_offset")
         fields_ok = fields_ok and _block_size(state.get("nested_blocksize")) and \
-            state.get("nested_dtype") in _DTYPES and type(offset) in (int, float) and math.isfinite(offset)
+            state.get("nested_dtype") in _DTYPES and type(offset) in (int, float) and abs(offset) <= _FLOAT32_MAX
     if not fields_ok:
         raise bad(f"fields {json.dumps(state)[:200]} do not describe its {n} packed values")
     blocks = -(-n // state["blocksize"])

@@ -87,8 +87,9 @@ def test_a_damaged_nf4_quant_state_is_refused_before_bitsandbytes_reads_it(doubl
     if double_quant:
         cases.append((_damaged(tensors, "weight.nested_absmax", tensors[P + ".weight.nested_absmax"][:0].clone()),
                       "nested_absmax holds 0 values where its shape needs 1"))
-        cases.append(({**tensors, state: _state(re.sub(r'"nested_offset": [^,}]+', '"nested_offset": "x"', fields))},
-                      "do not describe"))
+        for offset in ('"x"', "1" + "0" * 400, "NaN", "1e39"):   # an int of 400 digits overflowed a float: a traceback
+            cases.append(({**tensors, state: _state(re.sub(r'"nested_offset": [^,}]+', f'"nested_offset": {offset}',
+                                                           fields))}, "do not describe"))
         cases.append(({**tensors, state: _state(fields.replace("{", '{"extra": 1, ', 1))},
                       "has fields extra beyond bitsandbytes' quant_type, blocksize, dtype, shape, nested_blocksize"))
     else:
