@@ -8,6 +8,7 @@ from pathlib import Path
 
 from klconvert.checkpoint.regular_file import read_bounded
 from klconvert.errors import KLError, unreadable_reason
+from klconvert.release import RELEASED_CONFIG
 
 SUPPORTED_MODEL_TYPES = ("kimi_linear",)
 MAX_CONFIG_BYTES = 1 << 20  # the released config.json is 1.6 KB
@@ -73,6 +74,9 @@ _OPTIONAL = {  # field: (types, default)
     "eos_token_id": ((int, list, type(None)), None),
     "pad_token_id": ((int, type(None)), None),
 }
+# Fields the runtime does not read, since it implements one value of each (the release's): a checkpoint with another
+# would run as a model it is not (a "gelu" MLP through SiLU).
+_FIXED = {name: RELEASED_CONFIG[name] for name in ("hidden_act", "moe_layer_freq", "num_nextn_predict_layers")}
 _LINEAR_REQUIRED = {
     "kda_layers": list,
     "full_attn_layers": list,
@@ -179,6 +183,12 @@ class KimiLinearConfig:
             value = d.get(name, default)
             _check_type(where, name, value, types)
             values[name] = value
+        for name, only in _FIXED.items():
+            if name in d and (type(d[name]) is not type(only) or d[name] != only):
+                raise KLError(f"{where}: field '{name}' is {d[name]!r:.40}; klconvert's runtime implements only "
+                              f"{only!r} (the release's), so this checkpoint is another model")
+        if "use_grouped_topk" in d:   # with num_expert_group 1 (checked below) grouping is a no-op either way
+            _check_type(where, "use_grouped_topk", d["use_grouped_topk"], bool)
         if values["q_lora_rank"] is not None:
             raise KLError(f"{where}: q_lora_rank={values['q_lora_rank']} (a low-rank MLA query) is not part of "
                           "Kimi Linear; this checkpoint is another model")
@@ -259,8 +269,11 @@ class KimiLinearConfig:
             raise KLError(f"{path}: no config.json here; point --model at a Kimi Linear checkpoint folder") from None
         except (OSError, UnicodeDecodeError) as e:
             raise KLError(f"{path}: cannot read the config ({e}); re-download the model") from None
+        def refuse_constant(name: str):   # json reads NaN and Infinity, which are no JSON and no size
+            raise KLError(f"{path}: holds {name}, which is not a JSON number; fix the config or re-download the model")
+
         try:
-            d = json.loads(text)
+            d = json.loads(text, parse_constant=refuse_constant)
         except json.JSONDecodeError as e:
             raise KLError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); re-download the model") from None
         except (RecursionError, ValueError) as e:  # nesting past Python's stack; an int of 4,300+ digits

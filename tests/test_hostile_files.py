@@ -78,6 +78,12 @@ def test_huge_size_fields_are_refused_in_bounded_memory(tiny_copy, edit, needles
     (lambda c: c.update(num_expert_group=3, topk_group=1), ["num_expert_group 3", "equal groups of at least 2"]),
     (lambda c: c.update(num_expert_group=16, topk_group=16), ["num_expert_group 16", "at least 2"]),
     (lambda c: c.update(num_expert_group=4, topk_group=1, num_experts_per_token=5), ["num_experts_per_token 5"]),
+    # fields the runtime implements one value of: another ran silently as the released model
+    (lambda c: c.update(hidden_act="gelu"), ["'hidden_act' is 'gelu'", "implements only 'silu'"]),
+    (lambda c: c.update(moe_layer_freq=7), ["'moe_layer_freq' is 7", "implements only 1"]),
+    (lambda c: c.update(moe_layer_freq=True), ["'moe_layer_freq' is True", "implements only 1"]),
+    (lambda c: c.update(num_nextn_predict_layers=3), ["'num_nextn_predict_layers' is 3"]),
+    (lambda c: c.update(use_grouped_topk="maybe"), ["'use_grouped_topk' should be bool"]),
 ])
 def test_config_fields_are_checked(edit, needles):
     config = preset_config("tiny")
@@ -143,6 +149,15 @@ def test_sizes_are_held_to_the_shard_headers(tiny_copy):
     edit_config(tiny_copy, lambda c: c.update(num_experts=4000))  # in range; the shards cannot hold it
     line = run_on(tiny_copy).error_line()
     assert "parameters" in line and "bytes" in line
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_a_config_holding_nan_or_infinity_is_refused(tiny_copy, constant):
+    """Python's json reads them, into a config that quantize copied out as invalid JSON."""
+    path = tiny_copy / "config.json"
+    path.write_text(path.read_text().replace('"rope_theta": 10000.0', f'"rope_theta": {constant}'))
+    with pytest.raises(KLError, match=rf"config\.json: holds {constant}, which is not a JSON number"):
+        KimiLinearConfig.from_file(path)
 
 
 def test_a_huge_or_deep_config_file_is_refused_unread(tiny_copy):
