@@ -261,6 +261,7 @@ def test_export_refuses_bad_input_in_one_line(tmp_path, capsys):
     cases = [
         (["--model", tmp_path / "missing", "--out", tmp_path / "o1"], "no such checkpoint folder"),
         (["--model", "tiny", "--out", blocker / "sub"], "cannot write there"),
+        (["--model", "tiny", "--out", blocker], "is not a folder"),
         (["--model", "tiny", "--out", taken], "already exists"),
         (["--model", "tiny", "--out", taken, "--force"], "replaces only an earlier ONNX export"),
         (["--model", "tiny", "--out", tmp_path / "o2", "--opset", "12"], "--opset 12"),
@@ -363,3 +364,41 @@ def test_logits_the_vocabulary_cannot_take_are_refused(exported, tmp_path, capsy
                              "--max-new-tokens", "4")
     assert_one_line_error(code, err, f"{folder / 'model.onnx'}: {needle}")
     assert out == ""
+
+
+def _without_a_present_output(model):
+    model.graph.output.remove(next(o for o in model.graph.output if o.name.startswith("present.")))
+
+
+def _with_another_input(model):
+    model.graph.input.append(onnx.helper.make_tensor_value_info("past.99.kda_state", onnx.TensorProto.FLOAT, [1]))
+
+
+def _failing_at_run_time(model):
+    """A state output reshaped to 7 values on the way out: valid when loaded, an onnxruntime error when run."""
+    name = next(o.name for o in model.graph.output if o.name.startswith("present."))
+    last = next(n for n in model.graph.node if name in n.output)
+    last.output[list(last.output).index(name)] = name + ".raw"
+    model.graph.node.extend([
+        onnx.helper.make_node("Constant", [], [name + ".seven"], value=onnx.numpy_helper.from_array(
+            np.array([7], np.int64))),
+        onnx.helper.make_node("Reshape", [name + ".raw", name + ".seven"], [name])])
+    output = next(o for o in model.graph.output if o.name == name)
+    output.type.tensor_type.ClearField("shape")
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (_without_a_present_output, "the graph lacks present."),
+    (_with_another_input, "the graph takes past.99.kda_state besides"),
+    (_failing_at_run_time, "onnxruntime failed running it"),
+], ids=["missing-output", "extra-input", "run-time-failure"])
+def test_a_graph_that_is_not_this_folders_export_is_one_line(exported, tmp_path, capsys, edit, needle):
+    """A graph exported from another config failed mid-run with onnxruntime's traceback (an input it lacks, a
+    KeyError for a state output it does not give)."""
+    folder = shutil.copytree(exported[1], tmp_path / "onnx")
+    model = onnx.load(folder / "model.onnx")
+    edit(model)
+    onnx.save(model, folder / "model.onnx")
+    code, out, err = run_cli(capsys, "run", "--model", folder, "--engine", "onnxruntime", "--prompt", "hi",
+                             "--max-new-tokens", "2")
+    assert_one_line_error(code, err, f"{folder / 'model.onnx'}: {needle}")

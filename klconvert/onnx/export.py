@@ -142,7 +142,9 @@ def _prepare_out(out: Path, force: bool) -> None:
     """Refuse OUT unless it is new or empty or, with `force`, holds nothing but an export's files (EXPORT_FILES: an
     earlier export, or what one killed part way left); then clear them, genai_config.json first, so that an export
     that fails part way never leaves a folder that looks complete, nor a file of the export it replaces."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():   # a file or device: no --force makes it a folder
+        raise KLError(f"--out {out}: is not a folder; give the path of a new folder to write the export in")
+    if out.exists() and any(out.iterdir()):
         if not force or out.is_symlink() or not out.is_dir() or any(
                 p.name not in EXPORT_FILES or p.is_symlink() or not p.is_file() for p in out.iterdir()):
             raise KLError(f"--out {out}: already exists and is not empty; choose a new folder"

@@ -19,6 +19,8 @@ from klconvert.runtime.engine import Engine, GenerationStats
 State = dict[str, np.ndarray]  # past input name -> value
 MAX_GENAI_CONFIG_BYTES = 1 << 20  # export-onnx writes a few KB
 ORT_ERRORS_ONLY = 3  # onnxruntime's log severity: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal
+ORT_FATAL_ONLY = 4  # while running: a failing run is one KLError line, not onnxruntime's log line besides
+GRAPH_INPUTS = ("input_ids", "position")  # what export-onnx feeds besides the state
 
 
 class _SessionStep:
@@ -70,12 +72,27 @@ class OnnxEngine:
             raise KLError(f"{folder / ONNX_FILE}: onnxruntime cannot load it ({first_line(e)}); "
                           "export the folder again") from None
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self._check_names(folder / ONNX_FILE)
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = ORT_FATAL_ONLY
         logits = next((o.shape for o in self.session.get_outputs() if o.name == "logits"), None)
         if logits is None or len(logits) != 3 or logits[2] != self.config.vocab_size:
             raise KLError(f"{folder / ONNX_FILE}: its logits output is {logits if logits is not None else 'missing'}, "
                           f"where config.json's vocab_size makes it [batch, sequence, {self.config.vocab_size}]; "
                           "export the folder again")
         self.stats = GenerationStats()
+
+    def _check_names(self, path: Path) -> None:
+        """The graph takes exactly the inputs and gives at least the outputs that config.json's state implies (a graph
+        exported from another config failed mid-run, naming an input it does not have)."""
+        inputs = {i.name for i in self.session.get_inputs()}
+        wanted = {*GRAPH_INPUTS, *(s["past"] for s in self.states)}
+        missing = sorted(wanted - inputs) + sorted({"logits", *(s["present"] for s in self.states)} - set(self.outputs))
+        extra = sorted(inputs - wanted)
+        if missing or extra:
+            problem = f"lacks {', '.join(missing[:3])}" if missing else f"takes {', '.join(extra[:3])} besides"
+            raise KLError(f"{path}: the graph {problem}{' ...' if len(missing or extra) > 3 else ''}, which this "
+                          "folder's config.json does not make; export the folder again")
 
     def _check_genai_config(self, path: Path) -> None:
         try:
@@ -96,7 +113,11 @@ class OnnxEngine:
     def run(self, ids: np.ndarray, state: State, positions: np.ndarray) -> tuple[np.ndarray, State]:
         """ids [B, T] at positions [B] (of ids[:, 0]) -> (logits [B, T, vocab], the state after them)."""
         feed = {"input_ids": ids.astype(np.int64), "position": positions.astype(np.int64), **state}
-        out = dict(zip(self.outputs, self.session.run(None, feed)))
+        try:
+            out = dict(zip(self.outputs, self.session.run(None, feed, self._run_options)))
+        except Exception as e:  # onnxruntime's own exception types (Fail, InvalidArgument, ...) share no base
+            raise KLError(f"{self.folder / ONNX_FILE}: onnxruntime failed running it ({first_line(e)[:200]}); export "
+                          "the folder again") from None
         return self._checked(out["logits"]), {s["past"]: out[s["present"]] for s in self.states}
 
     def _checked(self, logits: np.ndarray) -> np.ndarray:
