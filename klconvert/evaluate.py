@@ -10,6 +10,7 @@ import torch
 
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
+from klconvert.runtime.memory_plan import host_bytes_available
 from klconvert.tokenizer import Tokenizer
 
 KL_QUANTILE = 0.99
@@ -131,16 +132,6 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
 
     return compare(run_model(reference, ids, device, dtype), run_model(model, ids, device, dtype), ids,
                    f"--model {model}", f"--reference {reference}")
-
-
-def host_bytes_available() -> int | None:
-    """Memory the host can still give without swapping (Linux's MemAvailable), or None where it is not known."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
 
 
 def _refuse_past_host_memory(tokens: int, vocab_size: int, available: int | None) -> None:

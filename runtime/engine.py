@@ -17,9 +17,9 @@ from klconvert.errors import KLError
 from klconvert.quant import QuantScheme
 from klconvert.runtime.bind import bind, packed_choice
 from klconvert.runtime.decode_step import DecodeStep, capturable
-from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
+from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, host_bytes_available, weight_bytes
 from klconvert.runtime.model import KimiLinear
-from klconvert.runtime.sampling import sample
+from klconvert.runtime.sampling import check_sampling, sample
 from klconvert.runtime.state import FP8
 from klconvert.runtime.weights import HeldPacked, Packed, use_triton
 
@@ -118,12 +118,14 @@ class Engine:
         if context > self.config.model_max_length:
             raise KLError(f"a context of {context} tokens is over the model's model_max_length "
                           f"{self.config.model_max_length}; lower --max-context (or shorten the prompt)")
-        limit = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
+        limit = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else \
+            host_bytes_available()
         plan = MemoryPlan(self.config, batch=batch, context=context, weight_bytes=self.weight_bytes,
                           act_dtype=self.dtype, mla_cache_dtype=mla_cache_dtype, memory_limit=limit)
         if limit is not None and plan.total > limit:
             fit = plan.largest_context()
-            raise KLError(f"the plan needs {plan.total / 2**30:.1f} GiB but {self.device} has {limit / 2**30:.1f} GiB; "
+            raise KLError(f"the plan needs {plan.total / 2**30:.1f} GiB but {self.device} has {limit / 2**30:.1f} GiB"
+                          + (" available" if self.device.type == "cpu" else "") + "; "
                           + (f"lower --max-context to {fit} or less" if fit else
                              "the weights alone do not fit: use a quantized model (klconvert quantize --bits 4)"))
         self.plan = plan
@@ -152,8 +154,9 @@ class Engine:
             raise KLError(f"{batch} sequences are over the planned batch {self.plan.batch}; load with batch="
                           f"{batch} (--batch)")
         for s in seqs:
-            if s.numel() and (int(s.min()) < 0 or int(s.max()) >= self.config.vocab_size):
-                bad = int(s.max()) if int(s.max()) >= 0 else int(s.min())
+            low, high = (int(s.min()), int(s.max())) if s.numel() else (0, 0)
+            if low < 0 or high >= self.config.vocab_size:
+                bad = low if low < 0 else high
                 raise KLError(f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
 
     def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -225,8 +228,12 @@ class Engine:
     def decode_step(self, token: torch.Tensor, position) -> torch.Tensor:
         """One token per sequence: token [B, 1] or [B] at `position` (an int for all, or [B]) -> logits [B, vocab].
         Runs eagerly (the graph-captured step is `decoder(B)`)."""
-        token = torch.as_tensor(token, device=self.device).reshape(-1)
-        positions = torch.as_tensor(position, dtype=torch.long, device=self.device).expand(token.shape[0])
+        token = torch.as_tensor(token, dtype=torch.long).reshape(-1)
+        self._check_ids([token], token.shape[0])
+        positions = torch.as_tensor(position, dtype=torch.long).expand(token.shape[0])
+        if positions.numel() and not 0 <= int(positions.min()) <= int(positions.max()) < self.plan.context:
+            raise KLError(f"position {position} is outside the planned context 0..{self.plan.context - 1}")
+        token, positions = token.to(self.device), positions.to(self.device)
         with torch.inference_mode():
             return self.model.decode(token, self.state.rows(0, token.shape[0]), positions)
 
@@ -241,6 +248,7 @@ class Engine:
         `on_token(sequence, id)` receives each new id as it reaches the host (copied asynchronously);
         `on_prefill(n)` hears of each prefill segment done, n prompt tokens (for a progress bar).
         """
+        check_sampling(temperature, top_p, seed)
         seqs = self._as_prompts(prompts)
         B = len(seqs)
         self.check_fits(max(len(s) for s in seqs), max_new_tokens)
@@ -349,7 +357,12 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
 
     kernels: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch". mla_cache_dtype: the latent cache's
     dtype (default: the compute dtype; "float8_e4m3fn" halves it, with one fp32 scale per cached row)."""
-    device = torch.device(device) if device is not None else default_device()
+    try:
+        device = torch.device(device) if device is not None else default_device()
+    except (RuntimeError, TypeError):   # torch's words for a name it does not know
+        raise KLError(f"device {device!r} is not one torch knows; use cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise KLError(f"device {device} is not supported; use cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KLError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     if isinstance(dtype, str):
@@ -358,12 +371,16 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
             raise KLError(f"--dtype {dtype}: choose float32 or bfloat16")
         dtype = names[dtype]
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise KLError(f"--dtype {dtype}: choose float32 or bfloat16")
     if isinstance(mla_cache_dtype, str):
         if mla_cache_dtype not in CACHE_DTYPES:
             raise KLError(f"--mla-cache-dtype {mla_cache_dtype}: choose {' or '.join(CACHE_DTYPES)}")
         mla_cache_dtype = CACHE_DTYPES[mla_cache_dtype]
-    if max_context < 1 or batch < 1:
-        raise KLError(f"--max-context ({max_context}) and --batch ({batch}) must be at least 1")
+    if mla_cache_dtype is not None and mla_cache_dtype not in CACHE_DTYPES.values():
+        raise KLError(f"--mla-cache-dtype {mla_cache_dtype}: choose {' or '.join(CACHE_DTYPES)}")
+    if type(max_context) is not int or type(batch) is not int or max_context < 1 or batch < 1:
+        raise KLError(f"--max-context ({max_context!r}) and --batch ({batch!r}) must be whole numbers of at least 1")
     checkpoint = Checkpoint(path)
     schemes = {n: s.scheme for n, s in checkpoint.sources.items() if isinstance(s, QuantizedSource)}
     return Engine(checkpoint.config, checkpoint.get, device, dtype, max_context, batch, biased_router_weights,

@@ -168,3 +168,13 @@ def weight_bytes(config: KimiLinearConfig, dtype: torch.dtype, policy: Policy | 
             size = math.prod(spec.shape) * DTYPE_BYTES[dtype]
         out[spec.category] += size
     return out
+
+
+def host_bytes_available() -> int | None:
+    """Memory the host can still give without swapping (Linux's MemAvailable), or None where it is not known."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None

@@ -2,7 +2,25 @@
 (top-p) filtering, drawn by the exponential race (argmax p / E, E ~ Exp(1)), which samples p exactly."""
 from __future__ import annotations
 
+import math
+
 import torch
+
+from klconvert.errors import KLError
+
+
+def check_sampling(temperature: float, top_p: float, seed: int | None) -> None:
+    """KLError unless temperature is finite and >= 0, 0 < top_p <= 1 and the seed None or one torch.Generator takes
+    (the CLI's flags hold them so; the Python API is held here: a NaN temperature sampled token 0 on every step)."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise KLError(f"temperature {temperature!r} should be a finite number >= 0 (0 is greedy)")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):   # NaN fails too
+        raise KLError(f"top_p {top_p!r} should be in (0, 1] (1 keeps every token)")
+    if seed is not None:
+        try:
+            torch.Generator().manual_seed(seed)
+        except (RuntimeError, ValueError, TypeError):
+            raise KLError(f"seed {seed!r} should be a whole number torch.Generator takes, 0 .. 2**64 - 1") from None
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:

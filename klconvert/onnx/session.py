@@ -15,6 +15,7 @@ from klconvert.errors import KLError, first_line, unreadable_reason
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, ONNX_FILE, state_spec
 from klconvert.runtime.engine import Engine, GenerationStats
+from klconvert.runtime.sampling import check_sampling
 
 State = dict[str, np.ndarray]  # past input name -> value
 MAX_GENAI_CONFIG_BYTES = 1 << 20  # export-onnx writes a few KB
@@ -156,6 +157,7 @@ class OnnxEngine:
                  on_prefill=None) -> torch.Tensor:
         """Prefill each prompt, then decode them together; as Engine.generate (new ids [B, n], stop handling,
         on_token, on_prefill(tokens) after each prompt, self.stats)."""
+        check_sampling(temperature, top_p, seed)
         B = len(prompts)
         self.stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts), batch=B)
         generator = torch.Generator()

@@ -1,0 +1,70 @@
+"""The Python API (`klconvert.load` and its Engine) refuses bad arguments in one KLError line, as the CLI's flags
+do: garbage tokens, NaN logits and allocator or index errors before."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import klconvert
+from klconvert.errors import KLError
+import klconvert.runtime.engine as engine_module
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_released):
+    return klconvert.load(tiny_released, device="cpu", max_context=64)
+
+
+@pytest.mark.parametrize("ids, bad", [([[1, -5, 3]], -5), ([[1, 2, 10**6]], 10**6)])
+def test_the_offending_token_id_is_named(engine, ids, bad):
+    with pytest.raises(KLError, match=rf"^token id {bad} is outside the vocabulary"):
+        engine.generate(ids, 2)
+    with pytest.raises(KLError, match=rf"^token id {bad} is outside the vocabulary"):
+        engine.forward(torch.tensor(ids))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=float("nan")), "temperature nan should be a finite number >= 0"),
+    (dict(temperature=-1.0), "temperature -1.0 should be"),
+    (dict(top_p=float("nan")), r"top_p nan should be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p 1.5 should be in \(0, 1\]"),
+    (dict(top_p=0.0), r"top_p 0.0 should be in \(0, 1\]"),
+    (dict(seed=2**70), "seed 1180591620717411303424 should be a whole number torch.Generator takes"),
+])
+def test_sampling_arguments_are_checked(engine, kwargs, message):
+    """A NaN temperature sampled token 0 at every step; a seed of 2**70 was a ValueError from torch."""
+    with pytest.raises(KLError, match=message):
+        engine.generate([[1, 2, 3]], 2, **kwargs)
+
+
+@pytest.mark.parametrize("token, position, message", [
+    ([5], -3, r"position -3 is outside the planned context 0\.\.63"),
+    ([5], 10**6, r"position 1000000 is outside the planned context"),
+    ([10**6], 0, r"token id 1000000 is outside the vocabulary"),
+])
+def test_decode_step_checks_its_token_and_position(engine, token, position, message):
+    """Position -3 gave NaN logits, 10**6 and an id past the vocabulary IndexErrors."""
+    with pytest.raises(KLError, match=message):
+        engine.decode_step(torch.tensor(token), position)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mla_cache_dtype=torch.int8), "--mla-cache-dtype torch.int8: choose bfloat16 or float8_e4m3fn"),
+    (dict(mla_cache_dtype=torch.bool), "--mla-cache-dtype torch.bool"),
+    (dict(dtype=torch.int32), "--dtype torch.int32: choose float32 or bfloat16"),
+    (dict(max_context=4096.5), r"--max-context \(4096.5\) and --batch \(1\) must be whole numbers"),
+    (dict(max_context="4096"), r"--max-context \('4096'\)"),
+    (dict(device="tpu"), "device 'tpu' is not one torch knows"),
+    (dict(device="meta"), "device meta is not supported"),
+])
+def test_load_checks_its_arguments(tiny_released, kwargs, message):
+    """An int8 cache decoded garbage; the others were TypeError, KeyError or torch's RuntimeError."""
+    with pytest.raises(KLError, match=message):
+        klconvert.load(tiny_released, **{"device": "cpu", **kwargs})
+
+
+def test_a_batch_past_the_hosts_memory_is_refused_before_allocating(tiny_released, monkeypatch):
+    """batch=10**9 asked the allocator for 98 TB: its RuntimeError."""
+    monkeypatch.setattr(engine_module, "host_bytes_available", lambda: 1 << 30)
+    with pytest.raises(KLError, match=r"the plan needs [\d,.]+ GiB but cpu has 1\.0 GiB available"):
+        klconvert.load(tiny_released, device="cpu", batch=10**9)
