@@ -269,6 +269,7 @@ class KimiLinearConfig:
             raise KLError(f"{path}: no config.json here; point --model at a Kimi Linear checkpoint folder") from None
         except (OSError, UnicodeDecodeError) as e:
             raise KLError(f"{path}: cannot read the config ({e}); re-download the model") from None
+
         def refuse_constant(name: str):   # json reads NaN and Infinity, which are no JSON and no size
             raise KLError(f"{path}: holds {name}, which is not a JSON number; fix the config or re-download the model")
 

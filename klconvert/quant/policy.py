@@ -9,6 +9,11 @@ from dataclasses import dataclass, field, replace
 import regex
 import yaml
 
+try:   # Python's own parser of re patterns: reads a pattern's structure without compiling it
+    from re import _parser as re_parser
+except ImportError:   # Python 3.10
+    import sre_parse as re_parser
+
 from klconvert.errors import KLError
 from klconvert.quant.fused import fused_instances
 from klconvert.quant.groupwise import check_groupwise
@@ -34,11 +39,6 @@ def is_linear_weight(tensor_name: str, shape: Sequence[int]) -> bool:
     """A 2-D `.weight` that is not an embedding: what the "Linear" target means by name alone."""
     return tensor_name.endswith(".weight") and len(shape) == 2 and not _EMBEDDING.match(match_key(tensor_name))
 
-
-try:   # Python's own parser of re patterns: reads a pattern's structure without compiling it
-    from re import _parser as re_parser
-except ImportError:   # Python 3.10
-    import sre_parse as re_parser
 
 # Seconds the re: entries of one recipe may spend matching, all together over all the names each is tried on (a
 # model's ~21,000 tensor names take milliseconds); past it a pattern is one that backtracks without end.
