@@ -41,7 +41,6 @@ from klconvert.quant.fused import refuse_split_fused
 from klconvert.quant.policy import LINEAR
 from klconvert.quant.scheme import GROUP_SIZE, NF4_BLOCKSIZE
 from klconvert.presets import preset_config
-from klconvert.runtime.plan_report import check_runtime_settings
 from klconvert.tokenizer import check_tokenizer_if_any
 
 MAX_SHARD_BYTES = 5 * 10**9  # the "5GB" shards transformers and the released checkpoint use
@@ -83,7 +82,10 @@ def choose_policy(bits: int | None = None, group_size: int | None = None, symmet
         if given:
             raise KLError(f"--recipe {recipe} says how each tensor is stored; drop {', '.join(given)} or the recipe")
         parsed = load_recipe(recipe)
-        check_runtime_settings(parsed.runtime, parsed.path)
+        if parsed.runtime:   # checked as `plan --model OUT` will read it; the planner imports the runtime, so only then
+            from klconvert.runtime.plan_report import check_runtime_settings
+
+            check_runtime_settings(parsed.runtime, parsed.path)
         if parsed.policy.kind == "nf4":
             require("bitsandbytes.functional", f"--recipe {recipe} (NF4 weights)")
         return parsed.policy, parsed.runtime
