@@ -24,6 +24,7 @@ from klconvert.quant import QuantScheme, decompress_weight, policy_from_options
 from klconvert.runtime.engine import Engine
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT
 from klconvert.runtime.model import MLA_KEY_BLOCK
+from klconvert.runtime.state import MLA_CACHE_DTYPES
 from klconvert.synth.checkpoint import synth_values
 
 RESIDUAL_OUTPUTS = ("o_proj.weight", "w2.weight", "down_proj.weight")  # what each layer adds to the residual
@@ -365,6 +366,8 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
     sequence to its own random experts (SpreadRouting) instead of the weights' router. device "cpu" runs the same
     code on the CPU (Triton's interpreter; for tests of this code, not for figures), where warmup=False skips the
     untimed warm-ups (nothing compiles there, and each interpreted step costs seconds)."""
+    if mla_cache_dtype not in MLA_CACHE_DTYPES:
+        raise KLError(f"bench: MLA cache dtype {mla_cache_dtype!r}: choose {' or '.join(MLA_CACHE_DTYPES)}")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KLError("klconvert bench times the CUDA path and needs a CUDA GPU; none is visible")
@@ -377,7 +380,7 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
         result.depth_check = depth_check(config, calm_weights, device, check_prompt)
         report(f"check: Triton vs PyTorch bf16 path at {config.num_hidden_layers} layers (calm weights): "
                f"rel err {result.depth_check['rel_err']:.4f}, top-1 {result.depth_check['top1']:.3f}")
-    cache = torch.float8_e4m3fn if mla_cache_dtype == "float8_e4m3fn" else torch.bfloat16
+    cache = MLA_CACHE_DTYPES[mla_cache_dtype]
     if prefills and calm_weights is not None:
         result.prefill_check = prefill_check(config, calm_weights, device, prefill_check_tokens, cache)
         report(f"check: {prefill_check_tokens:,}-token prefill vs prefill + one decode step (calm weights): rel err "

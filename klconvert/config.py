@@ -23,7 +23,7 @@ SIZE_RANGES = {
     "intermediate_size": (1, 1 << 18),
     "moe_intermediate_size": (1, 1 << 18),
     "num_experts": (1, 4096),
-    "num_shared_experts": (0, 64),
+    "num_shared_experts": (1, 64),  # the MoE blocks carry a shared expert, as the release's do
     "num_attention_heads": (1, 1024),
     "kv_lora_rank": (1, 1 << 14),
     "qk_nope_head_dim": (1, 1 << 12),

@@ -20,12 +20,11 @@ from klconvert.runtime.decode_step import DecodeStep, capturable
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, host_bytes_available, weight_bytes
 from klconvert.runtime.model import KimiLinear
 from klconvert.runtime.sampling import check_sampling, sample
-from klconvert.runtime.state import FP8
+from klconvert.runtime.state import MLA_CACHE_DTYPES
 from klconvert.runtime.weights import HeldPacked, Packed, use_triton
 
 SMALL_MODEL_HIDDEN = 1024  # below this hidden size, CPU decode runs on one thread (see Engine._small_model_threads)
 MAX_TOKENS_IN_FLIGHT = 8  # decode steps the host may run ahead of the tokens it has seen (stop checks lag so)
-CACHE_DTYPES = {"bfloat16": torch.bfloat16, "float8_e4m3fn": FP8}
 
 
 @dataclass
@@ -374,11 +373,11 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     if dtype not in (torch.float32, torch.bfloat16):
         raise KLError(f"--dtype {dtype}: choose float32 or bfloat16")
     if isinstance(mla_cache_dtype, str):
-        if mla_cache_dtype not in CACHE_DTYPES:
-            raise KLError(f"--mla-cache-dtype {mla_cache_dtype}: choose {' or '.join(CACHE_DTYPES)}")
-        mla_cache_dtype = CACHE_DTYPES[mla_cache_dtype]
-    if mla_cache_dtype is not None and mla_cache_dtype not in CACHE_DTYPES.values():
-        raise KLError(f"--mla-cache-dtype {mla_cache_dtype}: choose {' or '.join(CACHE_DTYPES)}")
+        if mla_cache_dtype not in MLA_CACHE_DTYPES:
+            raise KLError(f"--mla-cache-dtype {mla_cache_dtype}: choose {' or '.join(MLA_CACHE_DTYPES)}")
+        mla_cache_dtype = MLA_CACHE_DTYPES[mla_cache_dtype]
+    if mla_cache_dtype is not None and mla_cache_dtype not in MLA_CACHE_DTYPES.values():
+        raise KLError(f"--mla-cache-dtype {mla_cache_dtype}: choose {' or '.join(MLA_CACHE_DTYPES)}")
     if type(max_context) is not int or type(batch) is not int or max_context < 1 or batch < 1:
         raise KLError(f"--max-context ({max_context!r}) and --batch ({batch!r}) must be whole numbers of at least 1")
     checkpoint = Checkpoint(path)

@@ -18,11 +18,11 @@ from klconvert.quant.scheme import GROUP_SIZE
 from klconvert.runtime.bind import packed_choice
 from klconvert.runtime.memory_plan import MemoryPlan, weight_bytes
 from klconvert.runtime.model import KimiLinear
+from klconvert.runtime.state import MLA_CACHE_DTYPES
 from klconvert.runtime.weights import HeldPacked
 
 DEFAULT_CONTEXT = 131072
 MAX_BATCH = 65_536  # sequences a plan sizes; the 48B's KDA state alone is ~2.9 TB at this many
-MLA_CACHE_DTYPES = {"bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn}
 KDA_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(|B|KB|MB|GB|TB|KiB|MiB|GiB|TiB|K|M|G|T)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,

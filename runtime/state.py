@@ -9,6 +9,7 @@ import torch
 from klconvert.kernels.naive_mla import quantize_mla_cache_rows
 
 FP8 = torch.float8_e4m3fn
+MLA_CACHE_DTYPES = {"bfloat16": torch.bfloat16, "float8_e4m3fn": FP8}  # the latent cache's dtypes, by name
 
 
 def cache_rows(values: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

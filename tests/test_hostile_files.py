@@ -83,6 +83,7 @@ def test_huge_size_fields_are_refused_in_bounded_memory(tiny_copy, edit, needles
     (lambda c: c.update(moe_layer_freq=7), ["'moe_layer_freq' is 7", "implements only 1"]),
     (lambda c: c.update(moe_layer_freq=True), ["'moe_layer_freq' is True", "implements only 1"]),
     (lambda c: c.update(num_nextn_predict_layers=3), ["'num_nextn_predict_layers' is 3"]),
+    (lambda c: c.update(num_shared_experts=0), ["'num_shared_experts' is 0", "1..64"]),  # was a shape message
     (lambda c: c.update(use_grouped_topk="maybe"), ["'use_grouped_topk' should be bool"]),
 ])
 def test_config_fields_are_checked(edit, needles):
