@@ -15,6 +15,8 @@ from klconvert.hub import DEFAULT_REPO
 from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, default_run_model, resolve_model
 
 DEVICE = click.Choice(["cpu", "cuda"])
+# the runtime's MLA cache dtypes by name (runtime/state.py MLA_CACHE_DTYPES; named here, torch-free, for --help)
+MLA_CACHE_DTYPE = click.Choice(["bfloat16", "float8_e4m3fn"])
 SEED = click.IntRange(0, 2**64 - 1)  # what torch.Generator.manual_seed takes
 DECODE_CONTEXT = 4096  # what `klconvert bench` decodes at when given no --context (nor --prefill)
 PREFILL_BAR_DELAY = 2.0  # seconds a prefill runs before `klconvert run` shows its bar on a terminal
@@ -366,7 +368,7 @@ def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) ->
               help="Planned context [default: the recipe's, else 131072].")
 @click.option("--batch", type=click.IntRange(min=1), default=None,
               help="Planned batch [default: the recipe's, else 1].")
-@click.option("--mla-cache-dtype", type=click.Choice(["bfloat16", "float8_e4m3fn"]), default=None,
+@click.option("--mla-cache-dtype", type=MLA_CACHE_DTYPE, default=None,
               help="MLA latent cache dtype [default: the recipe's, else bfloat16].")
 @click.option("--kda-state-dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
               help="KDA recurrent state dtype [default: the recipe's, else float32].")
@@ -560,7 +562,7 @@ def _int_list(ctx, param, value: str | None) -> list[int] | None:
                    "131072,1048576; checked first against prefill + one decode step (calm weights).")
 @click.option("--batch", "batches", default="1", show_default=True, callback=_int_list,
               help="Comma-separated batch sizes.")
-@click.option("--mla-cache-dtype", type=click.Choice(["bfloat16", "float8_e4m3fn"]), default="bfloat16",
+@click.option("--mla-cache-dtype", type=MLA_CACHE_DTYPE, default="bfloat16",
               show_default=True,
               help="The latent cache's dtype (float8_e4m3fn: one byte a value, an fp32 scale a row).")
 @click.option("--new-tokens", type=click.IntRange(min=16), default=128, show_default=True,

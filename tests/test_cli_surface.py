@@ -25,6 +25,15 @@ def test_help_describes_every_flag():
                 assert param.help and param.help.strip(), f"klconvert {name} {param.opts[0]} has no help"
 
 
+@pytest.mark.parametrize("flag, uses", [("mla_cache_dtype", 2), ("kda_state_dtype", 1)])
+def test_dtype_choices_are_the_runtimes(flag, uses):
+    from klconvert.runtime.plan_report import KDA_STATE_DTYPES
+    from klconvert.runtime.state import MLA_CACHE_DTYPES
+    names = list({"mla_cache_dtype": MLA_CACHE_DTYPES, "kda_state_dtype": KDA_STATE_DTYPES}[flag])
+    flags = [param for command in cli.commands.values() for param in command.params if param.name == flag]
+    assert len(flags) == uses and all(list(p.type.choices) == names for p in flags)
+
+
 def test_device_is_a_choice_in_every_command():
     for name, command in cli.commands.items():
         for param in command.params:
