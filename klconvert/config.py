@@ -261,12 +261,13 @@ class KimiLinearConfig:
                    conv_kernel_size=lin["short_conv_kernel_size"], eos_token_ids=eos_ids, raw=dict(d))
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "KimiLinearConfig":
+    def from_file(cls, path: str | Path, flag: str = "--model") -> "KimiLinearConfig":
+        """flag: the option that named the folder, for the message when it holds no config.json."""
         path = Path(path)
         try:
             text = read_bounded(path, MAX_CONFIG_BYTES, "config.json").decode("utf-8")
         except FileNotFoundError:
-            raise KLError(f"{path}: no config.json here; point --model at a Kimi Linear checkpoint folder") from None
+            raise KLError(f"{path}: no config.json here; point {flag} at a Kimi Linear checkpoint folder") from None
         except (OSError, UnicodeDecodeError) as e:
             raise KLError(f"{path}: cannot read the config ({e}); re-download the model") from None
 

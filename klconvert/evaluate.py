@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gc
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -18,6 +18,10 @@ KL_ROWS = 256  # positions per step of the KL sum: [256, 163840] fp32 temporarie
 # eval keeps both models' fp32 log-probabilities on the host ([T, vocab] each, together 5.4 GB for 4,096 tokens of the
 # release's 163,840-word vocabulary); the rest of available memory is left to the models and the machine.
 HOST_SHARE = 0.8
+# config fields that leave the model's function alone (token ids, the context it is sized for); every other field of
+# KimiLinearConfig must agree between a model and its reference
+NOT_ARCHITECTURE = ("model_max_length", "bos_token_id", "eos_token_ids", "pad_token_id")
+LAYER_LISTS = ("kda_layers", "full_attn_layers")  # 0-indexed in KimiLinearConfig, 1-indexed in config.json
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ class ModelRun:
     log_probs: torch.Tensor
     expert_ids: dict[int, torch.Tensor]
     moe_layers: tuple[int, ...]
-    vocab_size: int
+    config: KimiLinearConfig
 
 
 def run_model(path: Path, ids: list[int], device: str | None, dtype: str | None) -> ModelRun:
@@ -82,7 +86,7 @@ def run_model(path: Path, ids: list[int], device: str | None, dtype: str | None)
     for logits in engine.forward_segments(torch.tensor([ids])):              # [1, S, V] fp32
         log_probs[start:start + logits.shape[1]] = torch.log_softmax(logits[0].float(), dim=-1)
         start += logits.shape[1]
-    run = ModelRun(log_probs, {k: torch.cat(v) for k, v in chosen.items()}, tuple(chosen), c.vocab_size)
+    run = ModelRun(log_probs, {k: torch.cat(v) for k, v in chosen.items()}, tuple(chosen), c)
     del engine
     gc.collect()
     if torch.cuda.is_available():
@@ -90,12 +94,21 @@ def run_model(path: Path, ids: list[int], device: str | None, dtype: str | None)
     return run
 
 
-def _same_architecture(got: tuple[int, tuple[int, ...]], ref: tuple[int, tuple[int, ...]], model: str,
-                       reference: str) -> None:
-    """(vocabulary size, MoE layers) of the model and of its reference must agree."""
-    if got != ref:
-        raise KLError(f"{model} is not the same architecture as {reference} (vocabulary {got[0]} vs {ref[0]}, MoE "
-                      f"layers {len(got[1])} vs {len(ref[1])}); compare a model with its own source")
+def _same_architecture(got: KimiLinearConfig, ref: KimiLinearConfig, model: str, reference: str) -> None:
+    """Every architecture field of the model's config must equal its reference's (a different top-k, say, would make
+    the router figures meaningless); the error names the fields that differ, the layer lists 1-indexed as
+    config.json writes them."""
+    def shown(config: KimiLinearConfig, name: str) -> str:
+        value = getattr(config, name)
+        text = str([i + 1 for i in value] if name in LAYER_LISTS else value)
+        return text if len(text) <= 60 else text[:57] + "..."
+    differ = [f"{name}{' (1-indexed)' if name in LAYER_LISTS else ''} {shown(got, name)} vs {shown(ref, name)}"
+              for name in (f.name for f in fields(ref) if f.compare and f.name not in NOT_ARCHITECTURE)
+              if getattr(got, name) != getattr(ref, name)]
+    if differ:
+        more = f"; {len(differ) - 3} more" if len(differ) > 3 else ""
+        raise KLError(f"{model} is not the same architecture as {reference} ({'; '.join(differ[:3])}{more}); "
+                      "compare a model with its own source")
 
 
 def _perplexity(log_probs: torch.Tensor, ids: list[int]) -> float:
@@ -121,9 +134,9 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
             raise KLError(f"{flag} {folder}: no such folder; pass a checkpoint folder")
     if max_tokens < 2:
         raise KLError(f"--max-tokens {max_tokens}: need at least 2 tokens to score a next-token prediction")
-    configs = [KimiLinearConfig.from_file(folder / "config.json") for folder in (model, reference)]
-    _same_architecture(*((c.vocab_size, tuple(i for i in range(c.num_hidden_layers) if c.is_moe(i)))
-                         for c in configs), f"--model {model}", f"--reference {reference}")   # before either runs
+    configs = [KimiLinearConfig.from_file(folder / "config.json", flag) for folder, flag in
+               ((model, "--model"), (reference, "--reference"))]
+    _same_architecture(*configs, f"--model {model}", f"--reference {reference}")   # before either runs
     ids = Tokenizer.from_folder(reference).encode(text)[:max_tokens]
     if len(ids) < 2:
         raise KLError(f"the evaluation text (--text-file) is {len(ids)} token(s) long; give at least 2 tokens of "
@@ -148,7 +161,7 @@ def compare(ref: ModelRun, got: ModelRun, ids: list[int], model: str = "the mode
             reference: str = "the reference") -> EvalResult:
     """The figures of `got` against `ref`, both run on `ids` (one reference run can serve many models); `model`
     and `reference` name them in an error."""
-    _same_architecture((got.vocab_size, got.moe_layers), (ref.vocab_size, ref.moe_layers), model, reference)
+    _same_architecture(got.config, ref.config, model, reference)
 
     kl = torch.cat([(p.exp() * (p - q)).sum(-1) for p, q in zip(ref.log_probs.split(KL_ROWS),
                                                                   got.log_probs.split(KL_ROWS))]).clamp_min(0)  # [T]

@@ -108,11 +108,54 @@ def test_models_of_different_shapes_are_refused(tiny_released, tmp_path, monkeyp
     with monkeypatch.context() as m:
         m.setattr(evaluate_module, "run_model", lambda *a: pytest.fail("a model ran before the check"))
         with pytest.raises(klconvert.KLError, match=r"--model .*short is not the same architecture as --reference "
-                                                    r".*\(vocabulary 1280 vs 1280, MoE layers 3 vs 7\)"):
+                                                    r".*\(num_hidden_layers 4 vs 8; kda_layers \(1-indexed\) "
+                                                    r"\[1, 2, 3\] vs \[1, 2, 3, 5, 6, 7\]; "):
             evaluate(short, tiny_released, TEXT, max_tokens=16)
     with pytest.raises(klconvert.KLError, match=r"the evaluation text \(--text-file\) is 1 token\(s\) long; give at "
                                                 r"least 2 tokens"):
         evaluate(tiny_released, tiny_released, "a", max_tokens=16)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c.update(num_experts_per_token=3), "(num_experts_per_token 3 vs 2)"),   # router figures meaningless
+    (lambda c: c.update(routed_scaling_factor=1.0, rms_norm_eps=1e-3),
+     "(routed_scaling_factor 1.0 vs 2.446; rms_norm_eps 0.001 vs 1e-05)"),
+    (lambda c: c.update(eos_token_id=[7], model_max_length=64), None),                   # the same function
+])
+def test_every_architecture_field_must_agree(tmp_path, monkeypatch, edit, needle):
+    """Checked from the two config.json files before anything loads; the message names the fields that differ."""
+    import json
+
+    import klconvert.evaluate as evaluate_module
+    from klconvert.models import BUNDLED_DIR
+
+    class PassedTheCheck(Exception):
+        pass
+
+    def passed(folder):
+        raise PassedTheCheck
+
+    config = json.loads((BUNDLED_DIR / "config.json").read_text())
+    edited = dict(config)
+    edit(edited)
+    folders = [tmp_path / "model", tmp_path / "reference"]
+    for folder, c in zip(folders, (edited, config)):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(c))
+    monkeypatch.setattr(evaluate_module, "run_model", lambda *a: pytest.fail("a model ran before the check"))
+    monkeypatch.setattr(evaluate_module.Tokenizer, "from_folder", passed)      # the next step after the check
+    with pytest.raises(PassedTheCheck if needle is None else klconvert.KLError) as stopped:
+        evaluate(*folders, TEXT, max_tokens=16)
+    if needle is not None:
+        assert f"is not the same architecture as --reference {folders[1]} {needle}; compare" in str(stopped.value)
+
+
+def test_a_reference_without_config_is_named_by_its_flag(tmp_path):
+    from klconvert.models import BUNDLED_DIR
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(klconvert.KLError, match=r"empty/config\.json: no config\.json here; point --reference at"):
+        evaluate(BUNDLED_DIR, tmp_path / "empty", TEXT, max_tokens=16)
 
 
 @pytest.mark.slow
