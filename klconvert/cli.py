@@ -218,6 +218,10 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
     if not model.is_dir():
         raise KLError(f"--model {model}: no such folder; pass --model DIR (or {BUNDLED_NAME}, the bundled model), or "
                       "run `klconvert pull-and-quantize --bits 4` first (it writes the default folder)")
+    if engine == "onnxruntime":  # before the context checks, which would name --max-context
+        _refuse_runtime_flags_for_onnxruntime(device, dtype, kernels, max_context)
+    else:
+        _refuse_triton_without_cuda(kernels, device)
     limit = KimiLinearConfig.from_file(model / "config.json").model_max_length
     if max_context is not None and max_context > limit:
         raise KLError(f"--max-context {max_context:,} is over the model's model_max_length {limit:,}; lower it")
@@ -227,10 +231,6 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
                       + (f"--max-context {max_context}; raise --max-context or lower --max-new-tokens"
                          if max_context is not None and max_context < limit else
                          f"the model's model_max_length of {limit:,} tokens; lower --max-new-tokens"))
-    if engine == "onnxruntime":
-        _refuse_runtime_flags_for_onnxruntime(device, dtype, kernels, max_context)
-    else:
-        _refuse_triton_without_cuda(kernels, device)
     tokenizer = Tokenizer.from_folder(model)
     if prompt is not None and prompt_files:
         raise KLError("give the prompt as --prompt TEXT or --prompt-file FILE (- for standard input), not both")

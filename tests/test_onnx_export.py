@@ -150,6 +150,55 @@ def test_a_prompt_over_two_calls_equals_one_call(exported):
 
 
 @pytest.mark.slow
+def test_a_prompt_prefills_in_calls_sized_by_its_scores(exported, monkeypatch):
+    """The graph builds each MLA layer's [B, heads, tokens, keys] scores whole, so a long prompt in one call took
+    memory growing with its square; forward and generate prefill in calls whose scores fit SCORE_BYTES."""
+    import klconvert.onnx.session as session_module
+
+    engine = OnnxEngine(exported[1])
+    ids = np.array([PROMPT, PROMPT[::-1]])
+    whole, _ = engine.run(ids, engine.empty_state(2), np.zeros(2, np.int64))
+    heads = engine.config.num_attention_heads
+    monkeypatch.setattr(session_module, "SCORE_BYTES", 4 * 2 * heads * len(PROMPT) * 5)     # 5 tokens a call
+    assert engine.prefill_segment(2, len(PROMPT)) == 5
+    calls = []
+    run = engine.run
+    monkeypatch.setattr(engine, "run", lambda ids, *a: (calls.append(ids.shape[1]), run(ids, *a))[1])
+    assert rel_error(engine.forward(ids), torch.from_numpy(whole)) < 1e-6
+    assert calls == [5, 5, 2]
+    calls.clear()
+    want = engine.generate([PROMPT], 4)
+    assert calls == [10, 2, 1, 1, 1]     # one sequence: twice the tokens a call; then the decode steps
+    monkeypatch.setattr(session_module, "SCORE_BYTES", 1 << 40)
+    assert engine.generate([PROMPT], 4).tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("ids, needle", [([[-1, 5]], "token id -1 is outside the vocabulary"),
+                                         ([[5, 4352]], "token id 4352 is outside the vocabulary (0..4351)"),
+                                         ([[]], "with T >= 1"), ([[1.5]], "integer")])
+def test_token_ids_outside_the_vocabulary_are_refused(exported, ids, needle):
+    """The graph's Gather wraps a negative id round to the vocabulary's end; one past it failed inside onnxruntime."""
+    engine = OnnxEngine(exported[1])
+    with pytest.raises(klconvert.KLError) as refused:
+        engine.forward(ids)
+    assert needle in str(refused.value)
+
+
+def test_onnxruntime_out_of_memory_is_named_so(exported, monkeypatch):
+    """Not 'export the folder again', which sends the user to the wrong fix."""
+    engine = OnnxEngine(exported[1])
+
+    class Session:
+        def run(self, *a):
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : bfc_arena.cc:360 Failed to allocate memory for "
+                               "requested buffer of size 9663676416")
+    monkeypatch.setattr(engine, "session", Session())
+    with pytest.raises(klconvert.KLError, match=r"onnxruntime ran out of memory running it \(.*\); give fewer or "
+                                                r"shorter prompts"):
+        engine.forward([PROMPT])
+
+
+@pytest.mark.slow
 def test_prompts_of_different_lengths_decode_together_as_alone(exported):
     """A batch pads the shorter sequence's latent cache; the position input masks the padding."""
     quantized, folder = exported
@@ -287,6 +336,9 @@ def test_run_with_onnxruntime_refuses_a_folder_that_is_no_export(capsys):
     code, _, err = run_cli(capsys, "run", "--model", "tiny", "--engine", "onnxruntime", "--prompt", "hi",
                            "--device", "cuda")
     assert_one_line_error(code, err, "--device cuda", "--engine klconvert")
+    code, _, err = run_cli(capsys, "run", "--model", "tiny", "--engine", "onnxruntime", "--prompt", "hi",
+                           "--max-context", "10")    # not "raise --max-context", a flag this engine refuses
+    assert_one_line_error(code, err, "--max-context is a flag of klconvert's runtime", "--engine klconvert")
 
 
 def test_without_the_onnx_extra_is_one_line_naming_it(monkeypatch, tmp_path, capsys):

@@ -22,6 +22,10 @@ MAX_GENAI_CONFIG_BYTES = 1 << 20  # export-onnx writes a few KB
 ORT_ERRORS_ONLY = 3  # onnxruntime's log severity: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal
 ORT_FATAL_ONLY = 4  # while running: a failing run is one KLError line, not onnxruntime's log line besides
 GRAPH_INPUTS = ("input_ids", "position")  # what export-onnx feeds besides the state
+# A prompt prefills in calls of as many tokens as keep one MLA layer's fp32 scores [batch, heads, tokens, keys] under
+# this: the graph builds that tensor whole, a few times over (one call of 24,000 tokens of the bundled model took
+# over 18 GB; in calls of ~700 it takes ~1 GB).
+SCORE_BYTES = 256 << 20
 
 
 class _SessionStep:
@@ -113,13 +117,29 @@ class OnnxEngine:
 
     def run(self, ids: np.ndarray, state: State, positions: np.ndarray) -> tuple[np.ndarray, State]:
         """ids [B, T] at positions [B] (of ids[:, 0]) -> (logits [B, T, vocab], the state after them)."""
-        feed = {"input_ids": ids.astype(np.int64), "position": positions.astype(np.int64), **state}
+        ids = self._checked_ids(ids)
+        feed = {"input_ids": ids, "position": positions.astype(np.int64), **state}
         try:
             out = dict(zip(self.outputs, self.session.run(None, feed, self._run_options)))
         except Exception as e:  # onnxruntime's own exception types (Fail, InvalidArgument, ...) share no base
-            raise KLError(f"{self.folder / ONNX_FILE}: onnxruntime failed running it ({first_line(e)[:200]}); export "
-                          "the folder again") from None
+            reason = first_line(e)[:200]
+            if "allocate" in reason.lower():
+                raise KLError(f"{self.folder / ONNX_FILE}: onnxruntime ran out of memory running it ({reason}); give "
+                              "fewer or shorter prompts") from None
+            raise KLError(f"{self.folder / ONNX_FILE}: onnxruntime failed running it ({reason}); export the folder "
+                          "again") from None
         return self._checked(out["logits"]), {s["past"]: out[s["present"]] for s in self.states}
+
+    def _checked_ids(self, ids) -> np.ndarray:
+        """Token ids as the graph takes them, [B, T >= 1] int64 inside the vocabulary (its Gather wraps a negative id
+        round to the vocabulary's end)."""
+        ids = np.asarray(ids)
+        if ids.ndim != 2 or ids.shape[1] == 0 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
+            raise KLError(f"input_ids must be integer [B, T] with T >= 1, got {ids.dtype} {list(ids.shape)}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            bad = ids.min() if ids.min() < 0 else ids.max()
+            raise KLError(f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        return ids.astype(np.int64)
 
     def _checked(self, logits: np.ndarray) -> np.ndarray:
         """The graph's logits, refused unless they are vocab_size wide (a wider row samples ids the tokenizer does not
@@ -133,10 +153,26 @@ class OnnxEngine:
         return logits
 
     def forward(self, input_ids) -> torch.Tensor:
-        """Whole sequences of one length from a fresh state: input_ids [B, T] -> logits [B, T, vocab] fp32."""
-        ids = np.asarray(input_ids, dtype=np.int64).reshape(-1, np.shape(input_ids)[-1])
-        logits, _ = self.run(ids, self.empty_state(ids.shape[0]), np.zeros(ids.shape[0], np.int64))
+        """Whole sequences of one length from a fresh state: input_ids [T] or [B, T] -> logits [B, T, vocab] fp32."""
+        ids = np.asarray(input_ids)
+        logits, _ = self._prefill(ids[None] if ids.ndim == 1 else ids, every_position=True)
         return torch.from_numpy(logits)
+
+    def _prefill(self, ids, every_position: bool) -> tuple[np.ndarray, State]:
+        """ids [B, T] from a fresh state, in calls of prefill_segment tokens -> (the logits of every position, or of
+        the last [B, 1, vocab]; the state after them)."""
+        ids = self._checked_ids(ids)
+        B, T = ids.shape
+        state, size, kept = self.empty_state(B), self.prefill_segment(B, T), []
+        for start in range(0, T, size):
+            logits, state = self.run(ids[:, start:start + size], state, np.full(B, start, np.int64))
+            kept.append(logits if every_position else logits[:, -1:])
+        return (np.concatenate(kept, axis=1) if every_position else kept[-1]), state
+
+    def prefill_segment(self, batch: int, tokens: int) -> int:
+        """Tokens a prefill call of `batch` sequences of `tokens` takes: its scores against all `tokens` keys fit
+        SCORE_BYTES."""
+        return max(1, min(tokens, SCORE_BYTES // (4 * batch * self.config.num_attention_heads * tokens)))
 
     def _batched(self, states: list[State]) -> State:
         """Per-sequence states as one batch; latent caches padded to the longest (a sequence's rows past its position
@@ -165,7 +201,7 @@ class OnnxEngine:
         t0 = time.perf_counter()
         last, states = [], []
         for p in prompts:
-            logits, state = self.run(np.asarray([p]), self.empty_state(1), np.zeros(1, np.int64))
+            logits, state = self._prefill(np.asarray([p]), every_position=False)
             last.append(torch.from_numpy(logits[:, -1]))
             states.append(state)
             if on_prefill is not None:
