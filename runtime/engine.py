@@ -34,6 +34,7 @@ class GenerationStats:
     new_tokens: int = 0      # over all sequences, each up to and including its stop id (not the padding after)
     steps: int = 0           # decode steps run (each makes one token per sequence)
     timed_steps: int = 0     # the steps decode_seconds covers: all but the first, when there are two or more
+    timed_tokens: int = 0    # the tokens those steps made, each sequence's through its stop id
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
 
@@ -44,10 +45,11 @@ class GenerationStats:
     @property
     def decode_tps(self) -> float:
         """Tokens per second over all sequences, over the timed decode steps (the first token of each comes from
-        prefill). The clock starts after the first step when another follows: on CUDA the first use of each of the
-        loop's PyTorch ops in a process loads its GPU code (40-70 ms an op on an H100), which the first token and
-        step pay once, and the rate is the loop's, not that."""
-        return self.timed_steps * self.batch / self.decode_seconds if self.decode_seconds else 0.0
+        prefill), counting each sequence's tokens through its stop id, not the padding a batch steps on after it.
+        The clock starts after the first step when another follows: on CUDA the first use of each of the loop's
+        PyTorch ops in a process loads its GPU code (40-70 ms an op on an H100), which the first token and step pay
+        once, and the rate is the loop's, not that."""
+        return self.timed_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
 
 def _sync(device: torch.device) -> None:
@@ -329,6 +331,7 @@ class Engine:
         self.stats.decode_seconds = time.perf_counter() - t0
         self.stats.steps, self.stats.timed_steps, self.stats.batch = n - 1, n - timed_from, B
         self.stats.new_tokens = sum(made)
+        self.stats.timed_tokens = sum(max(0, min(m, n) - timed_from) for m in made)  # columns timed_from.. of each
         return out[:, :n].cpu()
 
     def _as_prompts(self, prompts) -> list[torch.Tensor]:

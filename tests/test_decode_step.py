@@ -114,6 +114,10 @@ def test_new_tokens_count_each_sequence_up_to_its_stop(trained_like):
     out = engine.generate(prompts, max_new_tokens=8, stop_ids=frozenset({stop})).tolist()
     made = [row.index(stop) + 1 if stop in row else len(row) for row in out]
     assert made[0] == 2 and engine.stats.new_tokens == sum(made) < 2 * len(out[0])
+    # the decode rate counts the same tokens: those of the timed steps (columns 2..) before each sequence's stop
+    s = engine.stats
+    assert s.timed_tokens == sum(max(0, m - 2) for m in made) < s.timed_steps * 2
+    assert s.decode_tps == s.timed_tokens / s.decode_seconds
 
 
 def test_sampling_is_seeded(trained_like):
