@@ -168,12 +168,21 @@ def _context_error(where: str, tokens: int, at_least: bool, max_new_tokens: int,
                    "or lower --max-new-tokens")
 
 
+def _given_once(param: click.Parameter, given: tuple[str, ...]) -> str | None:
+    """A `multiple` option's one value: click keeps a repeated option's last value and drops the rest unsaid."""
+    if len(given) > 1:
+        raise click.BadParameter(f"given {len(given)} times; give it once (several --prompt-file FILE make a batch)",
+                                 param=param)
+    return given[0] if given else None
+
+
 @cli.command()
 @click.option("--model", type=MODEL, default=None,
               help=f"Checkpoint folder (released, transformers or quantized layout), or {BUNDLED_NAME} for the "
                    f"bundled model [default: {DEFAULT_MODEL_DIR} when it exists, else {BUNDLED_NAME}].")
-@click.option("--prompt", default=None, help="The prompt text itself (instead of --prompt-file).")
-@click.option("--prompt-file", "prompt_files", multiple=True,
+@click.option("--prompt", multiple=True, callback=lambda ctx, param, given: _given_once(param, given),
+              help="The prompt text itself (instead of --prompt-file).")
+@click.option("--prompt-file", "prompt_files", type=PathArg(allow_dash=True), multiple=True,
               help="UTF-8 text file with the prompt, or - for standard input; repeat it to continue several prompts "
                    "as one batch (each at its own length).")
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=256, show_default=True,
@@ -206,6 +215,8 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
         top_p: float, seed: int | None, chat: bool, show_special: bool, max_context: int | None, device: str | None,
         dtype: str | None, kernels: str, engine: str, progress: bool | None) -> None:
     """Continue a prompt (or several, as one batch): the text streams to stdout, a summary goes to stderr."""
+    if hasattr(sys.stdout, "reconfigure"):  # what stdout's encoding cannot hold (PYTHONIOENCODING=ascii) shows as ?
+        sys.stdout.reconfigure(errors="replace")
     from klconvert.config import KimiLinearConfig
     from klconvert.text_input import read_prompt
     from klconvert.tokenizer import StreamDecoder, Tokenizer

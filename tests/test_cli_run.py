@@ -140,3 +140,13 @@ def test_several_prompt_files_run_as_one_batch(tiny_released, tmp_path):
                            "--show-special").stdout for f in files]
     assert both.stdout == "".join(f"==> {f} <==\n{text}" for f, text in zip(files, alone))
     assert "batch 2" in both.stderr.strip().splitlines()[-1]
+
+
+def test_text_stdout_cannot_encode_is_replaced_not_a_traceback(tmp_path):
+    """PYTHONIOENCODING=ascii: a batch header's file name (and sampled text) outside it shows as '?'."""
+    prompt = tmp_path / "café.txt"
+    prompt.write_text("ROMEO.")
+    proc = run_klconvert("run", "--model", "tiny", "--prompt-file", prompt, "--prompt-file", prompt,
+                         "--max-new-tokens", "2", "--device", "cpu", env={"PYTHONIOENCODING": "ascii"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count(f"==> {tmp_path}/caf?.txt <==") == 2

@@ -60,6 +60,10 @@ def test_device_is_a_choice_in_every_command():
     (["plan", "--preset", "tiny", "--gpu-memory", ""], ["--gpu-memory ''", "give a size like"]),  # not: no limit
     (["run", "--model", "tiny", "--prompt-file", "-", "--prompt-file", "-"],
      ["--prompt-file - is given 2 times, but standard input can be read once"]),
+    (["run", "--model", "tiny", "--prompt", "ROMEO.", "--prompt", "JULIET."],     # click kept the last, unsaid
+     ["'--prompt': given 2 times; give it once (several --prompt-file FILE make a batch)"]),
+    (["run", "--model", "tiny", "--prompt-file", "esc\x1b[31mred.txt"],   # it heads the file's text on stdout
+     ["'--prompt-file'", "holds a control character"]),
 ])
 def test_user_errors_are_one_line(capsys, args, needles):
     assert_one_line_error(*run_cli(capsys, *args)[::2], *needles)
