@@ -134,7 +134,7 @@ class OnnxEngine:
         """Token ids as the graph takes them, [B, T >= 1] int64 inside the vocabulary (its Gather wraps a negative id
         round to the vocabulary's end)."""
         ids = np.asarray(ids)
-        if ids.ndim != 2 or ids.shape[1] == 0 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
+        if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
             raise KLError(f"input_ids must be integer [B, T] with T >= 1, got {ids.dtype} {list(ids.shape)}")
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
             bad = ids.min() if ids.min() < 0 else ids.max()
