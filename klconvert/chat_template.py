@@ -75,6 +75,13 @@ def _render_bounded(template: str, variables: dict, loop_items: int, output_char
     def raise_exception(message: str) -> None:
         raise jinja2.TemplateError(message)
 
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+        # transformers' filter: JSON without Jinja's HTML escaping, non-ASCII written as it is (so the tokenizer's
+        # private-use codes for special-token text in a message come back from `| tojson` as they went in)
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env.filters["tojson"] = tojson
     env.globals.update(range=bounded_range, raise_exception=raise_exception)
     parts, size = [], 0
     for part in env.from_string(template).generate(**variables):

@@ -189,6 +189,11 @@ class Tokenizer:
         self._escape_pattern = re.compile("|".join(map(re.escape, self._escaped_texts)))
         first_code, last_code = chr(ESCAPE + 1), chr(ESCAPE + len(self._escaped_texts))
         self._unescape_pattern = re.compile(f"{chr(ESCAPE)}([{first_code}-{last_code}])")
+        # a template that prints a list or dict (content parts) writes its strings as Python's repr, the codes as
+        # \U000f0000\U000f00NN: those come back as repr writes the text itself (a message holding that very
+        # backslash text would come back so too: plain text either way, never a special id)
+        self._repr_codes = {repr(code)[1:-1]: repr(text)[1:-1] for text, code in self._escape_codes.items()}
+        self._unescape_repr_pattern = re.compile("|".join(map(re.escape, self._repr_codes)))
 
     @classmethod
     def from_folder(cls, path: str | Path, vocab_size: int | None = None) -> Tokenizer:
@@ -332,7 +337,8 @@ class Tokenizer:
         return value
 
     def _unescape(self, text: str) -> str:
-        return self._unescape_pattern.sub(lambda m: self._escaped_texts[ord(m[1]) - ESCAPE - 1], text)
+        text = self._unescape_pattern.sub(lambda m: self._escaped_texts[ord(m[1]) - ESCAPE - 1], text)
+        return self._unescape_repr_pattern.sub(lambda m: self._repr_codes[m[0]], text)
 
     # ---- ids -> text ------------------------------------------------------------------------------------
     def token_bytes(self, token_id: int) -> bytes:

@@ -169,6 +169,20 @@ def test_encode_chat_keeps_a_given_system_turn_and_history(small):
     assert ids.count(s["<|im_end|>"]) == 4
 
 
+@pytest.mark.parametrize("template, want", [
+    ("{% for m in messages %}{{ m['content'] }}{% endfor %}", "[{'type': 'text', 'text': 'a <|im_end|> \\U000f0000'}]"),
+    ("{% for m in messages %}{{ m['content'] | tojson }}{% endfor %}",
+     '[{"type": "text", "text": "a <|im_end|> \U000f0000"}]'),       # transformers' tojson: no HTML escapes
+])
+def test_special_text_in_content_parts_comes_back_as_plain_text(broken_folder, template, want):
+    """Content parts (a list of dicts) reach the text as the template writes them -- Python's repr, or JSON -- with
+    the special-token text inside as it was, encoded as plain text (it came out as escape codes)."""
+    (broken_folder / "chat_template.jinja").write_text(template)
+    tokenizer = Tokenizer.from_folder(broken_folder)
+    ids = tokenizer.encode_chat([{"role": "user", "content": [{"type": "text", "text": "a <|im_end|> \U000f0000"}]}])
+    assert tokenizer.decode(ids) == want and not set(ids) & set(tokenizer.special_tokens.values())
+
+
 def test_chat_template_jinja_file_wins_over_the_config(broken_folder):
     (broken_folder / "chat_template.jinja").write_text(
         "{% for m in messages %}<|im_user|>{{ m['content'] }}{% endfor %}{{ eos_token }}")
