@@ -5,6 +5,7 @@ import base64
 import binascii
 import codecs
 import json
+import operator
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -343,11 +344,25 @@ class Tokenizer:
     # ---- ids -> text ------------------------------------------------------------------------------------
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes of one id (a special token's bytes are its UTF-8 text)."""
-        return self._encoding.decode_single_token_bytes(token_id)
+        return self._encoding.decode_single_token_bytes(*self._known([token_id]))
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids to text; bytes that are not valid UTF-8 become U+FFFD."""
-        return self._encoding.decode(list(ids), errors="replace")
+        return self._encoding.decode(self._known(ids), errors="replace")
+
+    def _known(self, ids: Iterable[int]) -> list[int]:
+        """ids as a list, each one the vocabulary has, else a KLError naming it (tiktoken raised KeyError, or an
+        OverflowError naming no id for a negative one)."""
+        known, n = [], self.vocab_size
+        for i in ids:
+            try:
+                index = None if isinstance(i, bool) else operator.index(i)  # numpy's and torch's integers too
+            except TypeError:
+                index = None
+            if index is None or not 0 <= index < n:
+                raise KLError(f"token id {i if index is None else index!r} is outside the vocabulary (0..{n - 1})")
+            known.append(index)
+        return known
 
 
 def check_tokenizer_if_any(folder: Path, vocab_size: int) -> None:

@@ -1,9 +1,11 @@
 """Tests of klconvert.tokenizer on synthetic tokenizer folders written by klconvert.synth.tokenizer_files."""
 import base64
 import json
+import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
@@ -190,6 +192,18 @@ def test_chat_template_jinja_file_wins_over_the_config(broken_folder):
     s = tokenizer.special_tokens
     assert tokenizer.encode_chat([{"role": "user", "content": "x"}]) == [s["<|im_user|>"], *tokenizer.encode("x"),
                                                                           s["[EOS]"]]
+
+
+@pytest.mark.parametrize("token_id", [-1, "end", 2**64, True, 1.0])
+def test_ids_outside_the_vocabulary_are_one_line(small, token_id):
+    """tiktoken raised KeyError, or for a negative id an OverflowError naming no id."""
+    end = small.vocab_size
+    bad = end if token_id == "end" else token_id
+    for decode in (small.decode, lambda ids: StreamDecoder(small).push(ids[0])):
+        with pytest.raises(KLError, match=rf"token id {re.escape(str(bad))} is outside the vocabulary "
+                                          rf"\(0\.\.{end - 1}\)"):
+            decode([bad])
+    assert small.decode(np.array(small.encode("hi"))) == "hi"    # numpy's (and torch's) integers are ids
 
 
 # ---- streaming ---------------------------------------------------------------------------------------------
