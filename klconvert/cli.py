@@ -233,7 +233,8 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
         _refuse_runtime_flags_for_onnxruntime(device, dtype, kernels, max_context)
     else:
         _refuse_triton_without_cuda(kernels, device)
-    limit = KimiLinearConfig.from_file(model / "config.json").model_max_length
+    config = KimiLinearConfig.from_file(model / "config.json")
+    limit = config.model_max_length
     if max_context is not None and max_context > limit:
         raise KLError(f"--max-context {max_context:,} is over the model's model_max_length {limit:,}; lower it")
     budget = (max_context or limit) - max_new_tokens  # the most prompt tokens the context can hold
@@ -269,7 +270,8 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
                       batch=len(prompts), kernels=kernels)
         runner.check_fits(longest, max_new_tokens)
     streams = [StreamDecoder(tokenizer) for _ in prompts]
-    hidden = tokenizer.stop_ids if show_special else tokenizer.special_ids
+    stop_ids = tokenizer.stop_ids | frozenset(config.eos_token_ids)  # the tokenizer's and config.json's eos
+    hidden = stop_ids if show_special else tokenizer.special_ids | stop_ids
     texts = [[] for _ in prompts]
 
     def emit(sequence: int, token: int) -> None:  # one prompt streams; several are printed whole, in order
@@ -282,7 +284,7 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
     if seed is None:  # drawn here, so that the summary can say which (--seed then repeats the run)
         seed = int.from_bytes(os.urandom(8), "little")
     runner.generate(prompts, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                    stop_ids=tokenizer.stop_ids, on_token=emit,
+                    stop_ids=stop_ids, on_token=emit,
                     on_prefill=_prefill_bar(sum(len(ids) for ids in prompts), progress))
     for i, (parts, stream) in enumerate(zip(texts, streams)):
         if len(prompts) > 1:

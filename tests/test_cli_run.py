@@ -150,3 +150,25 @@ def test_text_stdout_cannot_encode_is_replaced_not_a_traceback(tmp_path):
                          "--max-new-tokens", "2", "--device", "cpu", env={"PYTHONIOENCODING": "ascii"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count(f"==> {tmp_path}/caf?.txt <==") == 2
+
+
+def test_config_eos_ids_stop_a_run_too(tmp_path):
+    """A generated id that config.json names as eos_token_id ends the turn, as the tokenizer's eos does."""
+    import json
+    import shutil
+
+    from klconvert.models import bundled_dir
+
+    folder = tmp_path / "model"
+    shutil.copytree(bundled_dir(), folder)
+    tok = Tokenizer.from_folder(folder)
+    ids = tok.encode("ROMEO.")
+    free = klconvert.load(folder, device="cpu", max_context=32).generate(ids, 12)[0].tolist()
+    at = next(i for i in range(2, 12) if free[i] not in tok.special_ids and free[i] not in free[:i])
+    config = json.loads((folder / "config.json").read_text())
+    config["eos_token_id"] = [config["eos_token_id"], free[at]]
+    (folder / "config.json").write_text(json.dumps(config))
+    proc = run_klconvert("run", "--model", folder, "--prompt", "ROMEO.", "--max-new-tokens", "12", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == tok.decode([t for t in free[:at] if t not in tok.special_ids]) + "\n"
+    assert f"{at + 1} new" in proc.stderr
