@@ -406,7 +406,7 @@ def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path
     if memory_limit == 0:
         raise KLError(f"--gpu-memory {gpu_memory}: give the GPU's memory, e.g. 80GiB or 24GB")
     p = plan_for(model=model, preset=preset, layers=layers, recipe=recipe, batch=batch, context=max_context,
-                 bits=None if bits in (None, "16") else int(bits), group_size=group_size,
+                 bits=None if bits is None else int(bits), group_size=group_size,
                  memory_limit=memory_limit, mla_cache_dtype=mla_cache_dtype,
                  kda_state_dtype=kda_state_dtype)
     click.echo(render_plan(p, title=str(model or preset) + (f" with {recipe}" if recipe else "")))
@@ -415,7 +415,8 @@ def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path
         if fit:
             advice = f"plan for a context of {fit:,} or fewer"
         elif p.weights > p.memory_limit:
-            advice = "the weights alone do not fit: plan with fewer bits (--bits 4 or a smaller recipe)"
+            advice = ("the weights alone do not fit: plan with fewer bits (--bits 4 with groups of 128, which the "
+                      "kernels keep packed) or a smaller recipe, or for a larger GPU")
         else:   # the weights fit; the batch's state and one segment's workspace do not, at any context
             advice = (f"the weights ({p.weights / 2**30:.2f} GiB) fit, but a batch of {p.batch:,} sequences' state "
                       "and workspace do not at any context: plan a smaller --batch")
@@ -597,53 +598,53 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
     """Decode speed on the GPU: checked first, then ms/token, tokens/s, memory and the bandwidth floor; with
     --prefill, prefill time and tokens/s, peak memory reserved against the plan."""
     import json
+    from contextlib import nullcontext
 
     from klconvert import bench as B
     from klconvert.config import KimiLinearConfig
+    from klconvert.convert.output_folder import parent_made
     from klconvert.presets import preset_config
 
     if (model is None) == (preset is None):
         raise KLError("give exactly one of --model DIR or --preset kimi-linear-48b")
     _refuse_layers_with_model(model, layers)
-    if json_file is not None:   # said now, not after minutes of timing
-        from klconvert.convert.output_folder import make_parent
+    if json_file is not None and json_file.is_dir():
+        raise KLError(f"--json {json_file}: is a folder; give a file name, e.g. {json_file / 'bench.json'}")
+    # its folder made now, not after minutes of timing, and removed again if the bench fails (no GPU, say)
+    with parent_made(json_file) if json_file is not None else nullcontext():
+        if preset is not None:
+            config = KimiLinearConfig.from_dict(preset_config(preset, layers))
+            weights = B.random_quantized_weights(config, int(bits), "cuda")
+            calm = B.random_quantized_weights(config, int(bits), "cuda", calm=True) if check_depth else None
+            label = f"int{bits} g128, lm_head int8"
+        else:
+            from klconvert.checkpoint.quantized import QuantizedSource
+            from klconvert.checkpoint.reader import Checkpoint
 
-        if json_file.is_dir():
-            raise KLError(f"--json {json_file}: is a folder; give a file name, e.g. {json_file / 'bench.json'}")
-        make_parent(json_file)
-    if preset is not None:
-        config = KimiLinearConfig.from_dict(preset_config(preset, layers))
-        weights = B.random_quantized_weights(config, int(bits), "cuda")
-        calm = B.random_quantized_weights(config, int(bits), "cuda", calm=True) if check_depth else None
-        label = f"int{bits} g128, lm_head int8"
-    else:
-        from klconvert.checkpoint.quantized import QuantizedSource
-        from klconvert.checkpoint.reader import Checkpoint
-
-        ckpt = Checkpoint(resolve_model(model))
-        config = ckpt.config
-        weights = B.Weights(ckpt.get, ckpt.packed,
-                            {n: s.scheme for n, s in ckpt.sources.items() if isinstance(s, QuantizedSource)})
-        calm, label = (weights if check_depth else None), str(model)
-    longest = max(prefills or [0])
-    if longest > config.model_max_length:
-        raise KLError(f"--prefill {longest:,} is over the model's model_max_length {config.model_max_length:,}; "
-                      "lower it")
-    if contexts is None:
-        contexts = [] if prefills else [DECODE_CONTEXT]
-    result = B.bench(config, weights, bits=label, contexts=contexts, batches=batches,
-                     mla_cache_dtype=mla_cache_dtype, new_tokens=new_tokens, calm_weights=calm,
-                     report=lambda line: click.echo(line, err=True), spread=spread_routing,
-                     prefills=prefills or [])
-    if peer == "transformers":
-        result.peer = B.time_transformers(preset_config("kimi-linear-48b", peer_layers),
-                                          report=lambda line: click.echo(line, err=True))
-    if json_file is not None:
-        try:
-            json_file.write_text(json.dumps(result.as_dict(), indent=1))
-        except OSError as e:
-            raise KLError(f"--json {json_file}: cannot write it ({e.strerror}); the figures are in the lines "
-                          "above") from None
+            ckpt = Checkpoint(resolve_model(model))
+            config = ckpt.config
+            weights = B.Weights(ckpt.get, ckpt.packed,
+                                {n: s.scheme for n, s in ckpt.sources.items() if isinstance(s, QuantizedSource)})
+            calm, label = (weights if check_depth else None), str(model)
+        for flag, asked in (("--prefill", prefills), ("--context", contexts)):
+            if max(asked or [0]) > config.model_max_length:
+                raise KLError(f"{flag} {max(asked):,} is over the model's model_max_length "
+                              f"{config.model_max_length:,}; lower it")
+        if contexts is None:
+            contexts = [] if prefills else [DECODE_CONTEXT]
+        result = B.bench(config, weights, bits=label, contexts=contexts, batches=batches,
+                         mla_cache_dtype=mla_cache_dtype, new_tokens=new_tokens, calm_weights=calm,
+                         report=lambda line: click.echo(line, err=True), spread=spread_routing,
+                         prefills=prefills or [])
+        if peer == "transformers":
+            result.peer = B.time_transformers(preset_config("kimi-linear-48b", peer_layers),
+                                              report=lambda line: click.echo(line, err=True))
+        if json_file is not None:
+            try:
+                json_file.write_text(json.dumps(result.as_dict(), indent=1))
+            except OSError as e:
+                raise KLError(f"--json {json_file}: cannot write it ({e.strerror}); the figures are in the lines "
+                              "above") from None
 
 
 ALLOCATOR_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")  # the user's wins

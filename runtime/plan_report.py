@@ -77,6 +77,15 @@ def held_on_a_gpu(folder: Path) -> HeldPacked:
     return HeldPacked(packed_choice(KimiLinear(checkpoint.config), schemes, triton=True))
 
 
+def held_as_written(config: KimiLinearConfig, policy) -> HeldPacked:
+    """How the runtime on a GPU would hold the weights a policy writes: packed where the Triton kernels take the
+    scheme, the rest dequantized (groups finer than the kernels take, MLA's kv_b_proj) -- as held_on_a_gpu finds
+    for a folder."""
+    schemes = {spec.name: scheme for spec in expected_tensors(config).values()
+               if (scheme := policy.scheme_for(spec.name, spec.shape)) is not None}
+    return HeldPacked(packed_choice(KimiLinear(config), schemes, triton=True))
+
+
 def plan_for(model: Path | None = None, preset: str | None = None, layers: int | None = None,
              recipe: Recipe | str | Path | None = None, batch: int | None = None, context: int | None = None,
              bits: int | None = None, group_size: int | None = None, memory_limit: int | None = None,
@@ -84,14 +93,15 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
              dtype: torch.dtype = torch.bfloat16) -> MemoryPlan:
     """The plan the runtime would make on a GPU for this model, weight policy, context and batch.
 
-    Weights are sized by the recipe's policy, or by the default policy at `bits` (lm_head at 8 bits),
-    or, when neither is given, as a `model` folder stores them (held_on_a_gpu; its recipe.yaml gives only the
-    runtime settings), or unquantized for a preset. Each setting given here wins over the recipe's `runtime:`
-    section, which wins over the defaults (context 131072, batch 1, bf16 MLA cache, fp32 KDA state, no memory limit).
+    Weights are sized as a GPU holds what the recipe's policy, or the default policy at `bits` (lm_head at 8 bits),
+    writes (held_as_written), or, when neither is given, as a `model` folder stores them (held_on_a_gpu; its
+    recipe.yaml gives only the runtime settings), or unquantized for a preset or at `bits` 16. Each setting given
+    here wins over the recipe's `runtime:` section, which wins over the defaults (context 131072, batch 1, bf16 MLA
+    cache, fp32 KDA state, no memory limit).
     """
     if recipe is not None and bits is not None:
         raise KLError("give a recipe or --bits, not both: the recipe already says how each tensor is stored")
-    if group_size is not None and bits is None:
+    if group_size is not None and bits not in (4, 8):
         raise KLError(f"--group-size {group_size} sizes the groups of --bits 4 or 8 (without a recipe); add --bits 4 "
                       "or 8, or drop --group-size")
     stored = None
@@ -111,7 +121,10 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
     elif recipe is not None:  # every target must select a tensor of this model: a typo is an error, not a no-op
         policy = recipe.policy.check_against((s.name, s.shape) for s in expected_tensors(config).values())
     else:
-        policy = policy_from_options(bits, GROUP_SIZE if group_size is None else group_size) if bits else None
+        policy = policy_from_options(bits, GROUP_SIZE if group_size is None else group_size) if bits in (4, 8) \
+            else None  # 16: unquantized, a folder's stored weights too
+    if policy is not None and stored is None:  # as a GPU would hold the folder this policy writes
+        policy = held_as_written(config, policy)
 
     settings = recipe.runtime if recipe is not None else {}
     where = recipe.path if recipe is not None else "plan"

@@ -122,6 +122,19 @@ def test_bench_without_a_gpu_is_one_line():
     assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "needs a CUDA GPU" in run.stderr
 
 
+def test_a_bench_that_fails_leaves_no_folder_for_its_json(tmp_path, capsys):
+    """The --json file's folders are made before the bench (so a bad path is said at once) and go again when it
+    fails; a --context past the model's length is refused as --prefill is (it was cut to fit, unsaid)."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the bench would run")
+    json_file = tmp_path / "new" / "sub" / "x.json"
+    assert_one_line_error(*run_cli(capsys, "bench", "--preset", "kimi-linear-48b", "--layers", "1", "--json",
+                                   json_file)[::2], "needs a CUDA GPU")
+    assert not (tmp_path / "new").exists()
+    assert_one_line_error(*run_cli(capsys, "bench", "--preset", "kimi-linear-48b", "--layers", "1", "--context",
+                                   "2000000")[::2], "--context 2,000,000 is over the model's model_max_length")
+
+
 def test_a_json_file_that_cannot_be_written_is_refused_before_the_bench(tmp_path, capsys):
     """--json naming a folder, or a file in a folder that takes no files, ends in one line before anything runs
     (on a GPU too: nothing would be timed)."""

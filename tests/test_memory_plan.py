@@ -74,11 +74,27 @@ def test_largest_context_fits_and_one_more_chunk_does_not():
 def test_group_size_sizes_the_groups_of_bits_or_is_refused(capsys):
     """--group-size without --bits 4|8 (or beside a recipe) was ignored: the plan read as if it applied."""
     g32, g128 = (plan_for(preset="kimi-linear-48b", bits=4, group_size=g).weights for g in (32, None))
-    assert g32 > g128  # four times the scales
+    assert g32 > 3 * g128  # dequantized to bf16: the kernels keep only groups of 128 (or a multiple) packed
     assert g128 == plan_for(preset="kimi-linear-48b", bits=4, group_size=128).weights
     for extra in ([], ["--bits", "16"], ["--recipe", str(Path(__file__).parents[1] / "recipes" / "32gb.yaml")]):
         code, _, err = run_cli(capsys, "plan", "--preset", "tiny", "--group-size", "32", *extra)
         assert_one_line_error(code, err, "--group-size 32", "add --bits 4 or 8, or drop --group-size")
+
+
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_a_policy_is_planned_as_the_folder_it_writes_is_held(tmp_path, group_size):
+    """--bits planned the policy's stored bytes, where the runtime on a GPU dequantizes what the Triton kernels do
+    not take (groups of 64; MLA's kv_b_proj always): the 48B at --group-size 64 planned 25.1 GiB and would hold
+    91.5. Now the same bytes as `plan --model` of the folder that policy writes."""
+    from klconvert.models import bundled_dir
+    from klconvert.quantize import quantize
+
+    folder = quantize(bundled_dir(), tmp_path / "q", bits=4, group_size=group_size, progress=False).path
+    from_folder = plan_for(model=folder).weight_bytes
+    assert plan_for(model=bundled_dir(), bits=4, group_size=group_size).weight_bytes == from_folder
+    bf16 = weight_bytes(KimiLinearConfig.from_file(folder / "config.json"), torch.bfloat16)
+    assert (from_folder["experts"] == bf16["experts"]) == (group_size == 64)
+    assert plan_for(model=folder, bits=16).weight_bytes == bf16    # --bits 16: unquantized (was: as stored)
 
 
 def test_render_plan_lists_every_part():

@@ -10,7 +10,9 @@ import shutil
 import stat
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from klconvert.checkpoint.folder_files import MAX_FILE_NAME_BYTES
 from klconvert.checkpoint.regular_file import open_regular, read_json
@@ -84,6 +86,26 @@ def make_parent(out: Path) -> list[Path]:
     return created
 
 
+def remove_created(created: list[Path]) -> None:
+    """Remove the folders make_parent created (innermost first), as far as they are empty."""
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:   # not empty: a partial output to resume from, or someone else's files
+            break
+
+
+@contextmanager
+def parent_made(out: Path) -> Iterator[None]:
+    """make_parent(out) for the body; if the body fails, the folders it created go again (while empty)."""
+    created = make_parent(out)
+    try:
+        yield
+    except BaseException:
+        remove_created(created)
+        raise
+
+
 class OutputLock:
     """One writer per output: an exclusive flock on OUT.partial.lock, which holds the writer's pid.
 
@@ -129,11 +151,7 @@ class OutputLock:
         os.close(self._fd)
         self._fd = None
         if failure is not None:
-            for folder in reversed(self._created):
-                try:
-                    folder.rmdir()
-                except OSError:   # not empty: a partial output to resume from, or someone else's files
-                    break
+            remove_created(self._created)
 
 
 def _open_lock_file(path: Path) -> int:
