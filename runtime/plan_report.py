@@ -74,7 +74,12 @@ def held_on_a_gpu(folder: Path) -> HeldPacked:
     Triton kernels take the stored scheme, the rest dequantized -- not what its recipe.yaml or config.json claims."""
     checkpoint = Checkpoint(folder)
     schemes = {n: s.scheme for n, s in checkpoint.sources.items() if isinstance(s, QuantizedSource)}
-    return HeldPacked(packed_choice(KimiLinear(checkpoint.config), schemes, triton=True))
+    return _held(checkpoint.config, schemes)
+
+
+def _held(config: KimiLinearConfig, schemes: dict) -> HeldPacked:
+    """Of the stored schemes, those the runtime on a GPU keeps packed (bind.packed_choice), as a policy."""
+    return HeldPacked(packed_choice(KimiLinear(config), schemes, triton=True))
 
 
 def held_as_written(config: KimiLinearConfig, policy) -> HeldPacked:
@@ -83,7 +88,7 @@ def held_as_written(config: KimiLinearConfig, policy) -> HeldPacked:
     for a folder."""
     schemes = {spec.name: scheme for spec in expected_tensors(config).values()
                if (scheme := policy.scheme_for(spec.name, spec.shape)) is not None}
-    return HeldPacked(packed_choice(KimiLinear(config), schemes, triton=True))
+    return _held(config, schemes)
 
 
 def plan_for(model: Path | None = None, preset: str | None = None, layers: int | None = None,
