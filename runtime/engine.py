@@ -52,6 +52,13 @@ class GenerationStats:
         return self.timed_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
 
+def check_id_range(low: int, high: int, vocab_size: int) -> None:
+    """KLError unless token ids from `low` to `high` lie in the vocabulary, naming the smallest id when it is
+    negative, else the largest."""
+    if low < 0 or high >= vocab_size:
+        raise KLError(f"token id {low if low < 0 else high} is outside the vocabulary (0..{vocab_size - 1})")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -155,10 +162,8 @@ class Engine:
             raise KLError(f"{batch} sequences are over the planned batch {self.plan.batch}; load with batch="
                           f"{batch} (--batch)")
         for s in seqs:
-            low, high = (int(s.min()), int(s.max())) if s.numel() else (0, 0)
-            if low < 0 or high >= self.config.vocab_size:
-                bad = low if low < 0 else high
-                raise KLError(f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+            if s.numel():
+                check_id_range(int(s.min()), int(s.max()), self.config.vocab_size)
 
     def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """Refuse up front a request that would run past the planned context."""

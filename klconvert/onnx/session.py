@@ -14,7 +14,7 @@ from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError, first_line, unreadable_reason
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, ONNX_FILE, state_spec
-from klconvert.runtime.engine import Engine, GenerationStats
+from klconvert.runtime.engine import Engine, GenerationStats, check_id_range
 from klconvert.runtime.sampling import check_sampling
 
 State = dict[str, np.ndarray]  # past input name -> value
@@ -136,9 +136,8 @@ class OnnxEngine:
         ids = np.asarray(ids)
         if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
             raise KLError(f"input_ids must be integer [B, T] with T >= 1, got {ids.dtype} {list(ids.shape)}")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
-            bad = ids.min() if ids.min() < 0 else ids.max()
-            raise KLError(f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        if ids.size:
+            check_id_range(int(ids.min()), int(ids.max()), self.config.vocab_size)
         return ids.astype(np.int64)
 
     def _checked(self, logits: np.ndarray) -> np.ndarray:
