@@ -175,6 +175,27 @@ def _copied_files(src: Path) -> list[Path]:
     return found
 
 
+def without_remote_code(fields: dict) -> dict:
+    """A config's fields less `auto_map`, which points at the release's Python files: the folder has none of them
+    (COPIED_FILES), so with it transformers' and vLLM's --trust-remote-code failed to load the folder; without it
+    both take their own kimi_linear classes, with or without that flag."""
+    return {k: v for k, v in fields.items() if k != "auto_map"}
+
+
+def _side_file(path: Path) -> bytes:
+    """A copied file's bytes, as read; a JSON object that names remote code is written again without it (a file
+    that is no JSON object is copied as it is: not klconvert's to judge)."""
+    data = read_bounded(path, MAX_SIDE_FILE_BYTES, path.name)
+    if path.suffix == ".json" and b'"auto_map"' in data:
+        try:
+            fields = json.loads(data)
+        except (ValueError, RecursionError):
+            return data
+        if isinstance(fields, dict) and "auto_map" in fields:
+            return (json.dumps(without_remote_code(fields), indent=2, ensure_ascii=False) + "\n").encode()
+    return data
+
+
 def _write_error(e: OSError, folder: OutputFolder, done: int, total: int, kept: bool) -> KLError:
     where = e.filename or folder.path
     if e.errno == errno.ENOSPC:
@@ -252,14 +273,14 @@ def _quantize(src: Path, out: Path, policy: Policy, runtime: dict, device: str |
             else:
                 write_shard(folder.path / name, shard, on_tensor=lambda t: bar.update(source_bytes.get(t.name, 0)))
             done += 1
-        config = dict(checkpoint.config.raw)  # as read and checked, not read again
+        config = without_remote_code(checkpoint.config.raw)  # as read and checked, not read again
         config["quantization_config"] = policy.quantization_config()
         config["tie_word_embeddings"] = False  # lm_head is written on its own, even where the source tied it
         folder.write_text("config.json", json.dumps(config, indent=2) + "\n")
         folder.write_text(INDEX_FILE, index_json(shards, names) + "\n")
         folder.write_text("recipe.yaml", recipe_yaml)
         for path in copied_files:
-            folder.write_bytes(path.name, read_bounded(path, MAX_SIDE_FILE_BYTES, path.name))
+            folder.write_bytes(path.name, _side_file(path))
         folder.write_text("README.md", model_card(out.name, origin, policy, totals, len(shards), version("klconvert")))
         folder.finish()
     except BaseException as e:
@@ -270,7 +291,8 @@ def _quantize(src: Path, out: Path, policy: Policy, runtime: dict, device: str |
             raise _write_error(e, folder, done, len(shards), kept) from None
         if isinstance(e, KLError):
             raise KLError(f"{e}" + (f" ({done} of {len(shards)} shards are finished in {folder.path}; a rerun "
-                                    "resumes after them)" if kept else "")) from None
+                                    "with the same options resumes after them while SRC's files stay as they "
+                                    "are)" if kept else "")) from None
         raise
     finally:
         bar.close()

@@ -2,6 +2,7 @@
 its known upstream bugs are reproduced, and the conv1d workaround is tested."""
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,7 @@ from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.convert.stacked_convs import stack_kda_convs
 from klconvert.quant import policy_from_options
 from klconvert.quantize import quantize
+from klconvert.tokenizer import Tokenizer
 from testkit import TRANSFORMERS_ON_THE_CPU
 
 transformers = pytest.importorskip("transformers")
@@ -121,6 +123,22 @@ def test_transformers_predicts_what_we_predict(outputs, source_logits, label, tm
 
 
 @pytest.mark.skipif(not CONV1D_BUG, reason="the conv1d concatenation bug is in transformers >= 5.24")
+def test_the_folder_names_no_remote_code_so_trust_remote_code_loads_it(outputs, trained_like):
+    """The release's config.json and tokenizer_config.json name its Python files in auto_map; the folder copies no
+    .py, so with auto_map kept `trust_remote_code=True` (the release's own instructions, and vLLM's
+    --trust-remote-code) failed for want of configuration_kimi.py. Without it transformers takes its own classes."""
+    folder = outputs["int4-sym"]
+    for name in ("config.json", "tokenizer_config.json"):
+        source, written = (json.loads((f / name).read_text()) for f in (trained_like, folder))
+        assert "auto_map" in source and "auto_map" not in written, name
+        assert {k: v for k, v in source.items() if k != "auto_map"}.items() <= written.items(), name
+    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    assert type(config) is transformers.KimiLinearConfig
+    text = "The quick brown fox said: 42 apples,\n  and then some."
+    assert (transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=True).encode(text)
+            == Tokenizer.from_folder(folder).encode(text))
+
+
 def test_conv1d_bug_reproduction(outputs):
     """Minimal reproduction: any quantized folder with the released q/k/v_conv1d names (ours; llm-compressor's too)."""
     with pytest.raises(RuntimeError, match="automatic conversion of the weights"):

@@ -116,11 +116,22 @@ def test_corrupt_values_in_a_shard_leave_nothing_behind(tiny_copy, tmp_path, cap
 
 
 def test_corrupt_values_after_finished_shards_keep_them_to_resume(tiny_copy, tmp_path):
+    """The finished shards stay for a rerun on the same files; once the source is mended its files have changed,
+    and the refusal says so and how to start over (it used to ask for "the same SRC and options", as given)."""
+    index = json.loads((tiny_copy / "model.safetensors.index.json").read_text())
+    shard = tiny_copy / index["weight_map"]["lm_head.weight"]
+    good = shard.read_bytes()
     _poison(tiny_copy, "lm_head.weight")  # the last tensor written
+    options = dict(group_size=32, max_shard_bytes=2 << 20, progress=False)
     with pytest.raises(KLError, match=r"tensor lm_head.weight holds nan.* of \d+ shards are finished .* a rerun "
-                                      r"resumes after them"):
-        quantize(tiny_copy, tmp_path / "out", group_size=32, max_shard_bytes=2 << 20, progress=False)
+                                      r"with the same options resumes after them while SRC's files stay as they are"):
+        quantize(tiny_copy, tmp_path / "out", **options)
     assert list((tmp_path / "out.partial").glob("*.safetensors"))
+    shard.write_bytes(good)
+    with pytest.raises(KLError, match=r"out.partial: holds an interrupted conversion of .* as its files were then "
+                                      r"\(they have changed since\); pass --force to start over"):
+        quantize(tiny_copy, tmp_path / "out", **options)
+    assert quantize(tiny_copy, tmp_path / "out", force=True, **options).path.is_dir()
 
 
 def test_disk_full(tiny_released, tmp_path, capsys, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 
 import pytest
 
@@ -89,7 +90,8 @@ def test_other_options_refuse_to_resume_unless_force(tiny_released, tmp_path, mo
         with pytest.raises(KeyboardInterrupt):
             quantize(tiny_released, out, **OPTIONS)
     int8 = {**OPTIONS, "bits": 8}
-    with pytest.raises(KLError, match="q.partial: holds an interrupted conversion .* or pass --force to start over"):
+    with pytest.raises(KLError, match=r"q.partial: holds an interrupted conversion with other options; pass --force "
+                                          r"to start over"):
         quantize(tiny_released, out, **int8)
     calls = count_quantize_calls(monkeypatch)
     result = quantize(tiny_released, out, force=True, **int8)
@@ -239,8 +241,13 @@ def test_a_local_source_rewritten_in_place_is_not_resumed(tiny_copy, tmp_path):
             quantize(tiny_copy, out, **OPTIONS)
     for shard in tiny_copy.glob("*.safetensors"):
         os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
-    with pytest.raises(KLError, match="q.partial: holds an interrupted conversion of another source"):
+    with pytest.raises(KLError, match=rf"q.partial: holds an interrupted conversion of {tiny_copy} as its files were "
+                                      r"then \(they have changed since\); pass --force to start over"):
         quantize(tiny_copy, out, **OPTIONS)
+    elsewhere = shutil.copytree(tiny_copy, tmp_path / "elsewhere")
+    with pytest.raises(KLError, match="q.partial: holds an interrupted conversion of another source and with other "
+                                      "options; pass --force"):
+        quantize(elsewhere, out, **{**OPTIONS, "bits": 8})
     assert quantize(tiny_copy, out, force=True, **OPTIONS).shards_resumed == 0
 
 
@@ -270,3 +277,23 @@ def test_a_partial_folder_that_is_not_a_folder_of_this_user_is_refused(tiny_rele
                                           r"interrupted klconvert run of yours"):
             quantize(tiny_released, tmp_path / "q", force=force, **OPTIONS)
     assert partial.is_symlink() if kind == "link" else partial.read_text() == "mine"
+
+
+@pytest.mark.parametrize("replacing", [False, True])
+def test_an_interrupt_while_finishing_leaves_a_folder_a_rerun_takes_up(tiny_released, uninterrupted, tmp_path,
+                                                                        replacing):
+    """The resume record goes only after the rename: an interrupt at the rename (replacing an older OUT or not)
+    used to leave a whole OUT.partial with no record, which no rerun, even with --force, would take up."""
+    out = tmp_path / "q"
+    if replacing:
+        quantize(tiny_released, out, **OPTIONS)
+    with pytest.MonkeyPatch.context() as m:
+        def interrupted(*_):
+            raise KeyboardInterrupt
+        m.setattr("klconvert.convert.output_folder.os.rename", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            quantize(tiny_released, out, force=replacing, **OPTIONS)
+    result = quantize(tiny_released, out, force=replacing, **OPTIONS)
+    assert result.shards_resumed == result.shards
+    assert folder_files(out) == folder_files(uninterrupted)
+    assert not (out / ".klconvert-resume.json").exists() and not (tmp_path / "q.partial").exists()

@@ -232,9 +232,8 @@ class OutputFolder:
                 raise KLError(f"{self.path}: exists but holds no readable {RESUME_RECORD}, so it is not an "
                               "interrupted klconvert run; move or delete it yourself, or choose another OUT")
             if not self.force:
-                raise KLError(f"{self.path}: holds an interrupted conversion of another source or with other "
-                              "options; rerun with the same SRC and options to resume it, or pass --force to "
-                              "start over")
+                raise KLError(f"{self.path}: holds an interrupted conversion {_what_differs(stored, self.record)}; "
+                              "pass --force to start over (or rerun with that run's SRC and options to resume it)")
             _remove(self.path)
         self.path.mkdir(parents=True)
         _write_atomically(self.path / RESUME_RECORD, (json.dumps(self.record, indent=1) + "\n").encode())
@@ -275,14 +274,14 @@ class OutputFolder:
         _write_atomically(self.path / name, data)
 
     def finish(self) -> Path:
-        """Drop the resume record and rename the folder to OUT (an existing OUT goes only now)."""
+        """Rename the folder to OUT (an existing OUT goes only now), then drop its resume record: until the rename,
+        an interrupted finish leaves a folder that a rerun takes up."""
         out_exists = self.out.exists() or self.out.is_symlink()
         if out_exists and not self.force:
             raise KLError(f"{self.out}: appeared while converting; move it away and rerun to finish "
                           f"(the finished shards wait in {self.path}), or pass --force to replace it")
         if out_exists:   # what is at OUT now may not be what was checked when the run began
             refuse_existing_out(self.out, force=True)
-        (self.path / RESUME_RECORD).unlink()
         if out_exists:   # moved aside under a fresh name (an empty folder renamed over), never a name someone holds
             replaced = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.replaced-", dir=self.out.parent))
             os.rename(self.out, replaced)
@@ -290,4 +289,18 @@ class OutputFolder:
             _remove(replaced)
         else:
             os.rename(self.path, self.out)
+        (self.out / RESUME_RECORD).unlink()
         return self.out
+
+
+def _what_differs(stored: dict, record: dict) -> str:
+    """How an interrupted run's record differs from this run's, as the refusal says it."""
+    before, now = stored.get("source"), record["source"]
+    options_differ = {k: v for k, v in stored.items() if k != "source"} != {k: v for k, v in record.items()
+                                                                            if k != "source"}
+    if before == now:
+        return "with other options"
+    same_folder = isinstance(before, dict) and before.get("folder") == now["folder"]
+    source = f"of {now['folder']} as its files were then (they have changed since)" if same_folder else \
+        "of another source"
+    return source + (" and with other options" if options_differ else "")
