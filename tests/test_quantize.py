@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.quant import compress_nf4, decompress_nf4, load_recipe
+from klconvert.convert.model_card import count_text
 from klconvert.quantize import quantize
 from klconvert.synth.checkpoint import synth
 from klconvert.convert import outputs
@@ -106,7 +107,9 @@ def test_model_card(int4_asym, tiny_released):
     bits = re.search(r"bits per weight \| (\d+\.\d+) over the quantized tensors", card)
     assert "# tiny-w4a16" in card and bits and 4.625 < float(bits.group(1)) < 5.0
     assert "| int4 g32 asym |" in card and "| int8 g32 asym |" not in card and "| int8 g32 sym | 1 |" in card
-    assert "klconvert run --model tiny-w4a16" in card
+    assert "klconvert run --model path/to/tiny-w4a16 --prompt-file prompt.txt\n" in card
+    assert "| parameters | 6.98 M, of which 6.72 M quantized |" in card
+    assert [count_text(n) for n in (8192, 11_757_380, 48_314_000_000)] == ["8,192", "11.76 M", "48.31 B"]  # not 0.01 B
 
 
 def test_compressed_tensors_decompresses_our_folder(int4_asym, tiny_released):

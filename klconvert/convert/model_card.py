@@ -9,7 +9,8 @@ HUB = "https://huggingface.co"
 
 
 def count_text(n: int) -> str:
-    return f"{n / 1e9:.2f} B" if n >= 1e7 else f"{n:,}"
+    """A parameter count at three significant figures or more: 48.31 B, 11.76 M, 8,192."""
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n:,}"
 
 
 def size_text(n: int) -> str:
@@ -35,7 +36,8 @@ def model_card(title: str, origin: SourceOrigin, policy: Policy, totals: PlanTot
     if policy.kind == "nf4":
         fmt = "bitsandbytes NF4 (`quantization_config.quant_method: bitsandbytes`), double-quantized absmax"
     else:
-        fmt = "compressed-tensors `pack-quantized`: int weights with group scales; activations stay 16-bit"
+        fmt = ("compressed-tensors `pack-quantized`: int weights with the scales of their scheme (below); "
+               "activations stay 16-bit")
     rows = [f"| {scheme} | {tensors:,} | {count_text(params)} |"
             for scheme, (tensors, params) in sorted(totals.by_scheme.items(), key=lambda kv: -kv[1][1])]
     ignore = ", ".join(f"`{e.pattern}`" for e in policy.ignore) or "nothing"
@@ -68,6 +70,9 @@ applied is in `recipe.yaml` (llm-compressor shape); `config.json` carries the ma
 ## Run it
 
 ```bash
-klconvert run --model {title} --prompt-file prompt.txt --chat
+klconvert run --model path/to/{title} --prompt-file prompt.txt
 ```
+
+continues the text in `prompt.txt`; `--chat` sends it as a user turn through the folder's chat template instead
+(for an instruct model).
 """
