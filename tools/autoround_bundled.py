@@ -48,7 +48,7 @@ def autoround_recipe(recipe_path: Path, iters: int, batch_size: int) -> str:
 
 
 def main() -> None:
-    p = calibration_parser(__doc__.splitlines()[0], samples=32)
+    p = calibration_parser(__doc__.split("\n\n")[0], samples=32)
     p.add_argument("--iters", type=int, default=200, help="Signed-gradient steps per decoder layer.")
     p.add_argument("--batch-size", type=int, default=4, help="Windows per step.")
     a = p.parse_args()

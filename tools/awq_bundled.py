@@ -66,7 +66,7 @@ def awq_recipe(recipe_path: Path, config: KimiLinearConfig, then: str = "rtn") -
 
 
 def main() -> None:
-    p = calibration_parser(__doc__.splitlines()[0], samples=64)
+    p = calibration_parser(__doc__.split("\n\n")[0], samples=64)
     p.add_argument("--then", choices=("rtn", "gptq"), default="rtn", help="The quantizer after the scales.")
     a = p.parse_args()
     if not torch.cuda.is_available():  # its AWQ pins the cached activations for GPU copies; a CPU run has none

@@ -438,7 +438,7 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path, help="Output folder: the quantized model (compressed-tensors).")
     p.add_argument("--model", type=Path, default=BUNDLED_DIR, help="The bf16 folder (default: the bundled model).")
     p.add_argument("--bits", type=int, default=None, help="The default policy at these bits [default: 4].")

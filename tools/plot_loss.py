@@ -9,13 +9,12 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 
 def plot_loss(loss_json: Path, png: Path) -> None:
+    import matplotlib  # in no extra: the README's plot is made once, by whoever retrains the model
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     log = json.loads(Path(loss_json).read_text())
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     ax.plot(log["step"], log["train_loss"], label="train (mean since the last point)")
@@ -38,11 +37,16 @@ def plot_loss(loss_json: Path, png: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("loss_json", type=Path)
     p.add_argument("--png", type=Path, default=None, help="[default: loss.png beside the JSON]")
     a = p.parse_args()
-    plot_loss(a.loss_json, a.png or a.loss_json.with_name("loss.png"))
+    try:
+        plot_loss(a.loss_json, a.png or a.loss_json.with_name("loss.png"))
+    except ModuleNotFoundError as e:
+        if e.name != "matplotlib":
+            raise
+        p.exit(2, "plot_loss.py: needs matplotlib, which klconvert does not install; pip install matplotlib\n")
 
 
 if __name__ == "__main__":

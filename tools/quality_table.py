@@ -171,7 +171,7 @@ def targets_line(rows: list) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help="The bf16 model folder, or tiny (the bundled model).")
     p.add_argument("--tokens", type=int, default=20480, help="Held-out tokens to measure on.")
     p.add_argument("--only", default=None, help="Only the rows whose label contains this text.")

@@ -8,6 +8,7 @@ Everything runs on CPU in fp32 with the PyTorch kernels (what the tests run), in
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -80,6 +81,7 @@ def record() -> dict:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help, and no stray arguments
     v = record()
     print(f"recorded {RECORDED}: {len(v['files'])} files; held-out perplexity {v['perplexity']:.3f} "
           f"(log {math.log(v['perplexity']):.4f}) over {v['held_out_tokens']} tokens; int4 g128 KL "

@@ -116,7 +116,7 @@ def rotate(model: Path, out: Path, kind: str = "hadamard", dtype: torch.dtype | 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path, help="Output folder (the release's format).")
     p.add_argument("--model", type=Path, default=BUNDLED,
                    help="The bf16 model folder (default: the bundled one), held in memory whole (fp64 where rotated).")
