@@ -10,6 +10,7 @@ import torch
 
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
+from klconvert.models import resolve_model
 from klconvert.runtime.memory_plan import host_bytes_available
 from klconvert.tokenizer import Tokenizer
 
@@ -126,9 +127,10 @@ def _layer_routing(layer: int, ref: torch.Tensor, got: torch.Tensor) -> LayerRou
 
 def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: int = 2048, device: str | None = None,
              dtype: str | None = None) -> EvalResult:
-    """Measure `model` against `reference` on `text` (tokenized with the reference's tokenizer, cut to
-    `max_tokens`). The reference runs first and is freed before the model loads: peak memory is one model."""
-    model, reference = Path(model), Path(reference)
+    """Measure `model` against `reference` (folders; `tiny`: the bundled model) on `text` (tokenized with the
+    reference's tokenizer, cut to `max_tokens`). The reference runs first and is freed before the model loads: peak
+    memory is one model."""
+    model, reference = resolve_model(model), resolve_model(reference)
     for flag, folder in (("--model", model), ("--reference", reference)):
         if not folder.is_dir():
             raise KLError(f"{flag} {folder}: no such folder; pass a checkpoint folder")

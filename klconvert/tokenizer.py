@@ -17,6 +17,7 @@ from klconvert.checkpoint.regular_file import read_bounded, read_json
 from klconvert.chat_template import render_chat_template
 from klconvert.config import SIZE_RANGES, KimiLinearConfig
 from klconvert.errors import KLError, unreadable_reason
+from klconvert.models import resolve_model
 
 BPE_FILE = "tiktoken.model"
 CONFIG_FILE = "tokenizer_config.json"
@@ -198,9 +199,9 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, path: str | Path, vocab_size: int | None = None) -> Tokenizer:
-        """The folder's tokenizer, every id below `vocab_size` (default: the folder's config.json vocab_size, or
-        klconvert's largest where the folder has no config.json)."""
-        folder = Path(path)
+        """The folder's tokenizer (`tiny`: the bundled model's), every id below `vocab_size` (default: the folder's
+        config.json vocab_size, or klconvert's largest where the folder has no config.json)."""
+        folder = resolve_model(path)
         if not folder.is_dir():
             raise KLError(f"{folder}: not a folder; point --model at a Kimi Linear checkpoint folder")
         known_vocab = vocab_size

@@ -14,6 +14,7 @@ from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
+from klconvert.models import resolve_model
 from klconvert.quant import QuantScheme
 from klconvert.runtime.bind import bind, packed_choice
 from klconvert.runtime.decode_step import DecodeStep, capturable
@@ -360,7 +361,8 @@ def default_device() -> torch.device:
 def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
          max_context: int = 4096, batch: int = 1, biased_router_weights: bool = False,
          kernels: str = "auto", mla_cache_dtype: str | torch.dtype | None = None, cuda_graph: bool = True) -> Engine:
-    """Open, check and bind a Kimi Linear checkpoint folder; allocate its memory plan once.
+    """Open, check and bind a Kimi Linear checkpoint folder (`tiny`: the bundled model); allocate its memory plan
+    once.
 
     kernels: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch". mla_cache_dtype: the latent cache's
     dtype (default: the compute dtype; "float8_e4m3fn" halves it, with one fp32 scale per cached row)."""
@@ -388,7 +390,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
         raise KLError(f"--mla-cache-dtype {mla_cache_dtype}: choose {' or '.join(MLA_CACHE_DTYPES)}")
     if type(max_context) is not int or type(batch) is not int or max_context < 1 or batch < 1:
         raise KLError(f"--max-context ({max_context!r}) and --batch ({batch!r}) must be whole numbers of at least 1")
-    checkpoint = Checkpoint(path)
+    checkpoint = Checkpoint(resolve_model(path))
     schemes = {n: s.scheme for n, s in checkpoint.sources.items() if isinstance(s, QuantizedSource)}
     return Engine(checkpoint.config, checkpoint.get, device, dtype, max_context, batch, biased_router_weights,
                   packed=checkpoint.packed, kernels=kernels, stored_schemes=schemes, mla_cache_dtype=mla_cache_dtype,

@@ -193,15 +193,6 @@ def test_the_command_grows_allocator_segments_unless_the_user_chose(preset, want
     assert proc.stdout.strip().splitlines()[-1] == str(want)
 
 
-def test_the_readme_python_example_runs(tiny_released):
-    block = re.search(r"## Python API\n\n```python\n(.*?)```", README.read_text(), re.S).group(1)
-    assert "Tokenizer" in block and "decode" in block
-    namespace: dict = {}
-    exec(block.replace('"tiny-kimi"', repr(str(tiny_released))).replace("max_new_tokens=32", "max_new_tokens=4"),
-         namespace)
-    assert isinstance(namespace["text"], str) and namespace["new_ids"] and namespace["both"].shape[0] == 2
-
-
 @pytest.mark.slow
 def test_refusals_run_in_bounded_memory(tiny_released):
     """A sample of the above under the address-space limit: the refusals come before anything big is loaded."""
