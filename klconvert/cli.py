@@ -102,6 +102,14 @@ class OneLineErrors(click.Group):
         except (click.exceptions.Abort, KeyboardInterrupt):
             exit_interrupted()
 
+    def invoke(self, ctx: click.Context):
+        """The command; Ctrl-C as click's Abort, which click passes on as it is (a KeyboardInterrupt it meets first
+        it answers with a blank line on stderr, for a terminal's ^C: exit_interrupted writes that only to one)."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise click.exceptions.Abort() from None
+
 
 def _one_line(message: str) -> str:
     return " ".join(message.split())
@@ -131,7 +139,8 @@ def synth(preset: str, layers: int | None, seed: int, layout: str, out: Path) ->
                "shard(s)", err=True)
 
 
-@cli.command()
+@cli.command(help="Download a repo's safetensors, configs and tokenizer (never pickles or code) and verify every "
+             f"file.\n\nREPO defaults to the release, {DEFAULT_REPO}.")
 @click.argument("repo", type=REPO, default=DEFAULT_REPO)
 @click.option("--revision", default=None, help="Branch, tag or commit [default: main].")
 @click.option("--include", multiple=True, help="Only files matching this pattern (repeatable).")
@@ -141,7 +150,6 @@ def synth(preset: str, layers: int | None, seed: int, layout: str, out: Path) ->
               help="Hugging Face cache to use [default: $HF_HOME/hub].")
 def pull(repo: str, revision: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
          local_dir: Path | None, cache_dir: Path | None) -> None:
-    """Download a repo's safetensors, configs and tokenizer (never pickles or code) and verify every file."""
     from klconvert.hub import pull as hub_pull
 
     if local_dir is not None and cache_dir is not None:
@@ -376,7 +384,8 @@ def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) ->
 @click.option("--recipe", type=PathArg(path_type=Path), default=None,
               help="Recipe YAML (recipes/*.yaml): its quantization sizes the weights, its runtime section sets "
                    "the defaults of the flags below.")
-@click.option("--gpu-memory", default=None, help="Device memory to fit, e.g. 80GiB, 24GB.")
+@click.option("--gpu-memory", default=None,
+              help="Device memory to fit, e.g. 80GiB, 24GB [default: the recipe's, else no fit check].")
 @click.option("--max-context", type=click.IntRange(min=1), default=None,
               help="Planned context [default: the recipe's, else 131072].")
 @click.option("--batch", type=click.IntRange(min=1), default=None,
@@ -386,7 +395,8 @@ def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) ->
 @click.option("--kda-state-dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
               help="KDA recurrent state dtype [default: the recipe's, else float32].")
 @click.option("--bits", type=click.Choice(["4", "8", "16"]), default=None,
-              help="Without --recipe: weight bits of the quantized layers, lm_head at 8 [default: 16, unquantized].")
+              help="Without --recipe: weight bits of the quantized layers, lm_head at 8 (at 16: nothing quantized) "
+                   "[default: a folder as stored, a preset at 16].")
 @click.option("--group-size", type=int, default=None,
               help="With --bits 4 or 8: input columns per scale, e.g. 32, 64, 128; -1: one scale per row "
                    "[default: 128].")
@@ -405,18 +415,20 @@ def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path
     memory_limit = parse_size(gpu_memory) if gpu_memory is not None else None
     if memory_limit == 0:
         raise KLError(f"--gpu-memory {gpu_memory}: give the GPU's memory, e.g. 80GiB or 24GB")
-    p = plan_for(model=model, preset=preset, layers=layers, recipe=recipe, batch=batch, context=max_context,
-                 bits=None if bits is None else int(bits), group_size=group_size,
-                 memory_limit=memory_limit, mla_cache_dtype=mla_cache_dtype,
-                 kda_state_dtype=kda_state_dtype)
+    same = dict(model=model, preset=preset, layers=layers, batch=batch, context=max_context, memory_limit=memory_limit,
+                mla_cache_dtype=mla_cache_dtype, kda_state_dtype=kda_state_dtype)
+    p = plan_for(recipe=recipe, bits=None if bits is None else int(bits), group_size=group_size, **same)
     click.echo(render_plan(p, title=str(model or preset) + (f" with {recipe}" if recipe else "")))
     if p.memory_limit is not None and p.headroom < 0:
         fit = p.largest_context()
         if fit:
             advice = f"plan for a context of {fit:,} or fewer"
-        elif p.weights > p.memory_limit:
+        elif p.weights > p.memory_limit and plan_for(bits=4, **same).weights < p.memory_limit:
             advice = ("the weights alone do not fit: plan with fewer bits (--bits 4 with groups of 128, which the "
                       "kernels keep packed) or a smaller recipe, or for a larger GPU")
+        elif p.weights > p.memory_limit:
+            advice = ("the weights alone do not fit, even at 4 bits with groups of 128 (the smallest the kernels "
+                      "keep packed): plan for a larger GPU")
         else:   # the weights fit; the batch's state and one segment's workspace do not, at any context
             advice = (f"the weights ({p.weights / 2**30:.2f} GiB) fit, but a batch of {p.batch:,} sequences' state "
                       "and workspace do not at any context: plan a smaller --batch")

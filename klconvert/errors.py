@@ -34,6 +34,7 @@ def unreadable_reason(error: BaseException, limit: int = 200) -> str:
 
 
 def exit_interrupted() -> NoReturn:
-    """End the command after Ctrl-C: one line on stderr, exit status INTERRUPTED_EXIT."""
-    print("klconvert: interrupted", file=sys.stderr)
+    """End the command after Ctrl-C: one line on stderr (after a line break that closes a terminal's ^C echo),
+    exit status INTERRUPTED_EXIT."""
+    print("\nklconvert: interrupted" if sys.stderr.isatty() else "klconvert: interrupted", file=sys.stderr)
     sys.exit(INTERRUPTED_EXIT)
