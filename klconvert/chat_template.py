@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from klconvert.errors import KLError
 
@@ -19,6 +20,9 @@ WALL_SECONDS = 60            # a child that does not end (or start) within this 
 LOOP_ITEMS = 1_000_000       # range() items over the whole render, all loops together
 OUTPUT_CHARS_OVER_INPUT = 4  # the rendered text may be 4x its input, plus 1 M characters of the template's own
 OUTPUT_CHARS_EXTRA = 1 << 20
+# The child's working folder, which `python -m` puts first on its import path: the folder klconvert is imported
+# from, never the user's (a json.py or jinja2.py there -- a cloned model repo's, say -- would run in the child).
+CHILD_FOLDER = Path(__file__).resolve().parent.parent
 
 
 def render_chat_template(template: str, where: str, **variables) -> str:
@@ -29,7 +33,7 @@ def render_chat_template(template: str, where: str, **variables) -> str:
     try:
         proc = subprocess.run([sys.executable, "-m", "klconvert.chat_template"],
                               input=json.dumps({"limits": limits, "request": request}).encode("utf-8"),
-                              capture_output=True, timeout=WALL_SECONDS)
+                              capture_output=True, timeout=WALL_SECONDS, cwd=CHILD_FOLDER)
     except subprocess.TimeoutExpired:
         raise _failed(where, f"it did not finish in {WALL_SECONDS} s") from None
     try:

@@ -101,6 +101,10 @@ class OneLineErrors(click.Group):
             sys.exit(e.exit_code)
         except (click.exceptions.Abort, KeyboardInterrupt):
             exit_interrupted()
+        except MemoryError:   # the host's memory, or a limit on the process's: whatever asked for it, one line
+            click.echo("klconvert: error: out of host memory (or the process's memory limit); free some memory, or "
+                       "give the command less to hold (a shorter context or text, a smaller batch or model)", err=True)
+            sys.exit(2)
 
     def invoke(self, ctx: click.Context):
         """The command; Ctrl-C as click's Abort, which click passes on as it is (a KeyboardInterrupt it meets first
@@ -112,7 +116,9 @@ class OneLineErrors(click.Group):
 
 
 def _one_line(message: str) -> str:
-    return " ".join(message.split())
+    """The message on one line, any character a terminal would act on (ESC, BEL, NUL...) written as its escape:
+    tensor names, index keys and a template's own error text come from the download."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(message.split()))
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

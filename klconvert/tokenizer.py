@@ -54,6 +54,9 @@ MAX_TOKENIZER_CONFIG_BYTES = 16 << 20
 MAX_CHAT_TEMPLATE_BYTES = 1 << 20
 MAX_SPECIAL_TOKENS = 8192
 MAX_SPECIAL_TOKEN_CHARS = 256  # the released ones are short tags ("<|im_user|>"); tiktoken compiles them into a regex
+# All named special tokens' text together (released: ~6,000 characters). 8,192 of 250 characters each took 0.8 GB
+# (the Encoding's regex, ours) before the checkpoint itself was checked.
+MAX_SPECIAL_TEXT_CHARS = 1 << 17
 
 
 def read_bpe_ranks(path: Path, vocab_size: int = SIZE_RANGES["vocab_size"][1]) -> dict[bytes, int]:
@@ -144,6 +147,11 @@ def read_special_tokens(config: dict, path: Path, vocab_size: int = SIZE_RANGES[
             raise KLError(f"{path}: added_tokens_decoder gives {content!r:.40} the id {key}, outside the model's "
                           f"vocabulary 0..{vocab_size - 1}; fix the file or re-download the model")
         special_tokens[content] = int(key)
+    text_chars = sum(map(len, special_tokens))
+    if text_chars > MAX_SPECIAL_TEXT_CHARS:
+        raise KLError(f"{path}: added_tokens_decoder's {len(special_tokens):,} special tokens hold {text_chars:,} "
+                      f"characters of text, over the {MAX_SPECIAL_TEXT_CHARS:,} klconvert takes (the released model's "
+                      "hold ~6,000); fix the file or re-download the model")
     return special_tokens
 
 

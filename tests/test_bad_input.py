@@ -93,6 +93,11 @@ def damage_header_over_the_format_limit(folder):
     path.write_bytes(struct.pack("<Q", 200 << 20) + data[8:])
 
 
+def damage_shape_of_huge_dims(folder):
+    """77,000 dimensions of 2**63 - 1: their product took 24 s, then a 4,300-digit int failed to print (a traceback)."""
+    rewrite_header(shard_holding(folder, NAME), lambda h: h[NAME].update(shape=[2**63 - 1] * 77_000))
+
+
 def damage_long_shard_name(folder):
     shard = shard_holding(folder, NAME).name
     set_index(folder, lambda m: m.update({n: "x" * 300 + ".safetensors" for n, s in m.items() if s == shard}))
@@ -138,6 +143,8 @@ CHECKPOINT_DAMAGE = [
     (damage_truncated_shard, ["truncated"]),
     (damage_lying_header, [NAME, "needs", "bytes"]),
     (damage_negative_offsets, [NAME, "data_offsets [-", "not a byte range of the data"]),
+    (damage_shape_of_huge_dims, [NAME, "has a shape [9223372036854775807, 9223372036854775807, ",
+                                 "(1,617,000 characters) of 77000 dimensions, over the 8 a tensor may have"]),
     (damage_header_over_the_format_limit, ["header claims 209,715,200 bytes",
                                            "over the safetensors limit of 104,857,600 bytes (100 MB)"]),
     (damage_long_shard_name, ["shard name 'xxx", "not a plain file name", "at most 255 bytes", "download it again"]),
@@ -164,6 +171,16 @@ def test_damaged_checkpoint(capsys, tiny_copy, prompt, damage, needles):
     code, _, err = run_cli(capsys, "run", "--model", str(tiny_copy), "--prompt-file", str(prompt),
                         "--max-new-tokens", "2")
     assert_one_line_error(code, err, *needles)
+
+
+def test_control_characters_from_the_download_are_escaped_in_the_error(capsys, tiny_copy, prompt):
+    """A tensor name holding a terminal's title-setting sequence reached stderr as it was."""
+    extra = "model.layers.1.self_attn.x\x1b]0;PWNED\x07\x00.weight"
+    rewrite_shard(shard_holding(tiny_copy, NAME), lambda t: t.__setitem__(extra, torch.zeros(2, 2)))
+    set_index(tiny_copy, lambda m: m.__setitem__(extra, m[NAME]))
+    code, _, err = run_cli(capsys, "run", "--model", str(tiny_copy), "--prompt-file", str(prompt))
+    assert_one_line_error(code, err, "self_attn.x\\x1b]0;PWNED\\x07\\x00.weight", "maps to nothing")
+    assert all(c.isprintable() or c == "\n" for c in err)
 
 
 def test_a_symlink_loop_is_not_called_missing(capsys, tiny_copy, prompt):

@@ -151,6 +151,13 @@ def test_a_plan_that_does_not_fit_says_what_to_change(capsys, args, advice):
     assert code == 3 and advice in err, err
 
 
+def test_running_out_of_host_memory_is_one_line(capsys, monkeypatch):
+    def exhausted(**_):
+        raise MemoryError
+    monkeypatch.setattr("klconvert.runtime.plan_report.plan_for", exhausted)
+    assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny")[::2], "out of host memory")
+
+
 def test_a_gpu_of_no_memory_is_refused(capsys):
     assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--gpu-memory", "0")[::2],
                           "--gpu-memory 0: give the GPU's memory")

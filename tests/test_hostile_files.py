@@ -194,10 +194,14 @@ def test_quantize_refuses_a_hostile_source_before_reading_it(tiny_copy, edit, ne
 
 
 def test_a_huge_index_is_refused_past_its_bound(tiny_copy):
+    """Bounded by the config's tensor count, as the headers are: a 61 MB index of 5 M short entries, under the
+    absolute 64 MB, took 864 MB to refuse (and a MemoryError under an address-space limit)."""
     index = tiny_copy / "model.safetensors.index.json"
-    index.write_bytes(index.read_bytes() + b" " * (64 << 20))   # valid JSON, padded past 64 MB
+    entries = ", ".join(f'"{i}a": "a"' for i in range(200_000))
+    index.write_text(index.read_text().replace('"weight_map": {', '"weight_map": {' + entries + ", ", 1))
     line = run_on(tiny_copy).error_line()
-    assert "model.safetensors.index.json: over 64 MB, far larger than any model's" in line, line
+    assert re.search(r"model.safetensors.index.json: [\d,]+ bytes, more than the index of the tensors config.json "
+                     r"declares can hold \([\d,]+\); the index is corrupt", line), line
 
 
 @pytest.mark.parametrize("preset, layers", [("tiny", None), ("kimi-linear-48b", None), ("kimi-linear-48b", 5)])
@@ -295,6 +299,19 @@ def test_a_chat_template_is_stopped_at_its_cpu_limit(monkeypatch):
     busy = "{% set s = 'a' * 50000 %}{% for c in s %}{% for d in s %}{% endfor %}{% endfor %}"
     with pytest.raises(KLError, match="more than 1 s of CPU"):
         chat_template.render_chat_template(busy, "here", messages=[])
+
+
+def test_the_renderer_imports_nothing_from_the_working_folder(tmp_path, monkeypatch):
+    """`python -m` puts its working folder first on the import path, and the child imports json first: run from a
+    folder holding a json.py (a cloned model repo's, say), the renderer ran it."""
+    from klconvert import chat_template
+
+    marker = tmp_path / "ran"
+    for module in ("json", "jinja2", "resource"):
+        (tmp_path / f"{module}.py").write_text(f"open({str(marker)!r}, 'a').write({module!r})\n")
+    monkeypatch.chdir(tmp_path)
+    assert chat_template.render_chat_template("{{ messages[0] }}!", "here", messages=["hi"]) == "hi!"
+    assert not marker.exists()
 
 
 # ---- NaN and infinite weights ---------------------------------------------------------------------------------

@@ -179,8 +179,10 @@ def _drop_zero_points(t):
      "quantization_config.config_groups declares no weight scheme"),
     (dict(bits=4), None, lambda qc: qc["config_groups"]["group_0"]["weights"].update(group_size=12),
      "config_groups.group_0.weights declares num_bits 4, type 'int', symmetric True, strategy 'group', group_size 12"),
+    (dict(bits=4), None, lambda qc: qc["config_groups"].update(group_0=["Linear"]),   # was an AttributeError
+     "quantization_config.config_groups.group_0 is not an object (targets, weights, ...)"),
 ], ids=["zero-points-deleted", "declared-asym", "declared-g64", "declared-int8", "no-groups", "no-weight-scheme",
-        "declared-g12"])
+        "declared-g12", "group-not-an-object"])
 def test_stored_parts_must_be_what_quantization_config_declares(tiny_released, tmp_path, options, tensors, config,
                                                                 needle):
     """A weight is read with a scheme quantization_config declares (as vLLM and transformers read it), the one whose

@@ -376,3 +376,18 @@ def test_a_special_token_named_as_another_ids_placeholder_is_refused(broken_fold
     edit_config(broken_folder, edit)
     assert_one_line_error(broken_folder, "tokenizer_config.json", f"'<|reserved_token_{gap}|>' has id {other}, but it "
                                                                    f"is the placeholder name of the unnamed id {gap}")
+
+
+def test_special_tokens_text_is_bounded_in_all_not_only_each(tmp_path):
+    """8,192 specials of 250 characters each, every one within its own bound, took 0.8 GB to build a tokenizer
+    from, before the checkpoint was checked; the text of them all is now bounded too."""
+    from klconvert.tokenizer import MAX_SPECIAL_TEXT_CHARS, MAX_SPECIAL_TOKEN_CHARS, read_special_tokens
+
+    count = MAX_SPECIAL_TEXT_CHARS // MAX_SPECIAL_TOKEN_CHARS + 1
+    config = {"added_tokens_decoder": {str(i): {"content": f"<|{i:06d}|" + "x" * (MAX_SPECIAL_TOKEN_CHARS - 10) + ">"}
+                                       for i in range(count)}}
+    with pytest.raises(KLError, match=rf"added_tokens_decoder's {count:,} special tokens hold [\d,]+ characters of "
+                                      rf"text, over the {MAX_SPECIAL_TEXT_CHARS:,} klconvert takes"):
+        read_special_tokens(config, tmp_path / "tokenizer_config.json", 1 << 20)
+    del config["added_tokens_decoder"]["0"]
+    assert len(read_special_tokens(config, tmp_path / "tokenizer_config.json", 1 << 20)) == count - 1

@@ -113,6 +113,10 @@ class Checkpoint:
                               "with `klconvert run --engine onnxruntime`, or name the checkpoint it was exported from")
             raise KLError(f"{self.folder}: neither {INDEX_FILE} nor {SINGLE_FILE} is here; the download is "
                           "incomplete -- pull the model again")
+        bound = max_header_bytes(self.config)   # an index is shorter than the headers it maps (~100 bytes a tensor)
+        if os.path.isfile(index_path) and os.path.getsize(index_path) > bound:
+            raise KLError(f"{index_path}: {os.path.getsize(index_path):,} bytes, more than the index of the tensors "
+                          f"config.json declares can hold ({bound:,}); the index is corrupt -- download it again")
         try:
             index = read_json(index_path, MAX_INDEX_BYTES, INDEX_FILE)
         except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, or a 4,300-digit int

@@ -18,6 +18,7 @@ DTYPE_BYTES = {
     "U64": 8, "I64": 8, "F64": 8,
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
+MAX_DIMS = 8  # a tensor's dimensions: torch's checkpoints hold up to 5; a longer shape is damage, not a tensor
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,12 @@ class SafetensorsHeader:
     tensors: dict[str, TensorEntry]
     metadata: dict[str, str]
     data_start: int  # absolute file offset of the data section
+
+
+def _clipped(value: object, limit: int = 80) -> str:
+    """A header value as an error line quotes it: its repr, cut to `limit` characters (a shape may hold 77,000)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
 
 
 def _fail(path: Path, what: str) -> KLError:
@@ -84,31 +91,34 @@ def read_header(path: Path, max_bytes: int = MAX_HEADER_BYTES) -> SafetensorsHea
     tensors: dict[str, TensorEntry] = {}
     for name, info in header.items():
         if not isinstance(info, dict):
-            raise _fail(path, f"entry {name!r} is not an object")
+            raise _fail(path, f"entry {_clipped(name)} is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
-            raise _fail(path, f"tensor {name!r} has unknown dtype {dtype!r}")
+            raise _fail(path, f"tensor {_clipped(name)} has unknown dtype {_clipped(dtype)}")
         if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                 for d in shape)):
-            raise _fail(path, f"tensor {name!r} has a malformed shape {shape!r}")
+            raise _fail(path, f"tensor {_clipped(name)} has a malformed shape {_clipped(shape)}")
+        if len(shape) > MAX_DIMS or any(d > data_size for d in shape):  # before their product: 77,000 huge dims
+            raise _fail(path, f"tensor {_clipped(name)} has a shape {_clipped(shape)} of {len(shape)} dimensions, over "
+                              f"the {MAX_DIMS} a tensor may have or longer than the {data_size} data bytes")
         if not (isinstance(offsets, list) and len(offsets) == 2
                 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
-            raise _fail(path, f"tensor {name!r} has malformed data_offsets {offsets!r}")
+            raise _fail(path, f"tensor {_clipped(name)} has malformed data_offsets {_clipped(offsets)}")
         begin, end = offsets
         if not 0 <= begin <= end:
-            raise _fail(path, f"tensor {name!r} has data_offsets {offsets}, not a byte range of the data "
+            raise _fail(path, f"tensor {_clipped(name)} has data_offsets {offsets}, not a byte range of the data "
                               "(0 <= begin <= end)")
         need = math.prod(shape) * DTYPE_BYTES[dtype]
         if end - begin != need:
-            raise _fail(path, f"tensor {name!r} ({dtype} {shape}) needs {need} bytes but its offsets "
+            raise _fail(path, f"tensor {_clipped(name)} ({dtype} {shape}) needs {need} bytes but its offsets "
                               f"span {end - begin}")
         if end > data_size:
-            raise _fail(path, f"tensor {name!r} ends at byte {end} of the data but the file holds only "
+            raise _fail(path, f"tensor {_clipped(name)} ends at byte {end} of the data but the file holds only "
                               f"{data_size} data bytes (truncated?)")
         tensors[name] = TensorEntry(dtype, tuple(shape), begin, end)
 
     spans = sorted((t.begin, t.end, k) for k, t in tensors.items() if t.end > t.begin)
     for (b0, e0, k0), (b1, _e1, k1) in zip(spans, spans[1:]):
         if b1 < e0:
-            raise _fail(path, f"tensors {k0!r} and {k1!r} overlap")
+            raise _fail(path, f"tensors {_clipped(k0)} and {_clipped(k1)} overlap")
     return SafetensorsHeader(path, tensors, metadata, 8 + n)

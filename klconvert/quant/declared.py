@@ -15,9 +15,11 @@ def declared_schemes(quantization_config: dict, where: str) -> dict[str, QuantSc
     groups = quantization_config.get("config_groups")
     if not isinstance(groups, dict):
         raise _bad(where, "config_groups", "is missing or not an object")
+    for name, group in groups.items():
+        if not isinstance(group, dict):
+            raise _bad(where, f"config_groups.{name:.40}", "is not an object (targets, weights, ...)")
     declared = {name: _scheme(group.get("weights"), where, f"config_groups.{name:.40}.weights")
-                for name, group in groups.items()
-                if not (isinstance(group, dict) and group.get("weights") is None)}
+                for name, group in groups.items() if group.get("weights") is not None}
     if not declared:
         raise _bad(where, "config_groups", "declares no weight scheme")
     return declared
