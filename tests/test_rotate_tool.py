@@ -81,3 +81,12 @@ def test_a_folder_naming_a_shard_outside_itself_is_refused_before_anything_is_wr
     with pytest.raises(KLError, match="not a plain file name"):
         rotate_bundled.rotate(folder, tmp_path / "rot")
     assert not (tmp_path / "rot").exists() and not (tmp_path / "outside.safetensors").exists()
+
+
+def test_the_model_folder_itself_or_any_existing_output_is_refused(tmp_path):
+    """`rotate_bundled.py DIR --model DIR` rewrote DIR's shards in place, then crashed half way."""
+    folder = shutil.copytree(BUNDLED, tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(KLError, match="model: already exists; choose another output folder"):
+        rotate_bundled.rotate(folder, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

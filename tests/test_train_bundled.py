@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import train_bundled  # noqa: E402
 
 from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
+from klconvert.errors import KLError  # noqa: E402
 from klconvert.runtime.engine import load  # noqa: E402
 from klconvert.release import layer_lists  # noqa: E402
 
@@ -55,3 +58,43 @@ def test_balancing_moves_biases_toward_the_even_load():
     train_bundled.balance(model, counts, rate=0.5)
     bias = model.blocks[1].block_sparse_moe.gate.e_score_correction_bias
     assert bias.tolist() == [-0.5, 0.5, 0.0, 0.0]   # overloaded down, idle up, average untouched
+
+
+SMALL_RUN = dict(config=TINY, steps=2, batch=2, seq_len=32, eval_every=2, validation_tokens=256, max_chars=50_000,
+                 device="cpu", plot=False, log=lambda _: None)
+
+
+def test_the_output_is_a_new_folder_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """The run wrote into an existing folder in place: stale files stayed, and an interrupted write left new and old
+    shards side by side that loaded."""
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    with pytest.raises(KLError, match="taken: already exists; choose another output folder"):
+        train_bundled.train(taken, **SMALL_RUN)   # refused before the training
+    shards_written = []
+
+    def interrupted(path, tensors):
+        shards_written.append(path)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_bundled, "write_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_bundled.train(tmp_path / "out", **SMALL_RUN)
+    assert shards_written and not any(tmp_path.glob("out*"))
+
+
+def test_bad_arguments_are_one_usage_line(tmp_path):
+    tool = Path(train_bundled.__file__)
+    for args, needle in ((["--steps", "0"], "argument --steps: '0' is not a whole number of at least 1"),
+                         (["--lr", "-1"], "argument --lr: '-1' is not a positive finite number"),
+                         (["--device", "bogus"], "argument --device: invalid choice: 'bogus'")):
+        proc = subprocess.run([sys.executable, str(tool), "--out", str(tmp_path / "o"), *args], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_split_shorter_than_one_window_is_refused(tmp_path):
+    """refuse_short_splits, as distill_bundled.py calls it too."""
+    with pytest.raises(KLError, match="the validation split has 10 tokens, not one window of --seq-len 32"):
+        train_bundled.train(tmp_path / "out", **{**SMALL_RUN, "validation_tokens": 10})
+    assert not (tmp_path / "out").exists()

@@ -49,10 +49,11 @@ from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record_bundled import file_checksums  # noqa: E402
+from tool_output import positive_float, positive_int  # noqa: E402
 from safetensors import SafetensorError, safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from train_bundled import (canonical_state, learning_rate, run_progress, sample_batch, token_splits,  # noqa: E402
-                           write_checkpoint)
+from train_bundled import (canonical_state, learning_rate, refuse_short_splits, run_progress,  # noqa: E402
+                           sample_batch, token_splits, write_checkpoint)
 
 from klconvert.checkpoint.name_map import expected_tensors  # noqa: E402
 from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
@@ -347,6 +348,7 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
     if policy.kind != "int":
         raise KLError(f"{recipe}: distillation tunes integer schemes; this recipe stores {policy.kind}")
     data = token_splits(Tokenizer.from_folder(source), validation_tokens, max_chars)
+    refuse_short_splits(data, seq_len)
     fla = device.type == "cuda" and fla_installed()
     teacher = training_model(source, device, fla).eval()
     student = training_model(source, device, fla)
@@ -445,11 +447,11 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=None, help="[default: 128]")
     p.add_argument("--asym", dest="symmetric", action="store_const", const=False, default=None)
     p.add_argument("--recipe", type=Path, default=None, help="A recipe's policy instead of the default one.")
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--lr", type=float, default=5e-5, help="Peak learning rate (Adam), cosine to zero.")
-    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--steps", type=positive_int, default=800)
+    p.add_argument("--batch", type=positive_int, default=32)
+    p.add_argument("--seq-len", type=positive_int, default=512)
+    p.add_argument("--lr", type=positive_float, default=5e-5, help="Peak learning rate (Adam), cosine to zero.")
+    p.add_argument("--eval-every", type=positive_int, default=100)
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="Stop tuning after this many seconds even before --steps (the schedule follows it).")
     p.add_argument("--seed", type=int, default=0)
@@ -464,7 +466,7 @@ def main() -> None:
     p.add_argument("--hidden-weight", type=float, default=HIDDEN_WEIGHT,
                    help=f"Also hold each block's output to the bf16 model's, at this weight; 0: the KL alone "
                         f"[default: {HIDDEN_WEIGHT:g}].")
-    p.add_argument("--device", default=None, help="cuda or cpu [default: cuda if present].")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="[default: cuda if present].")
     a = p.parse_args()
     try:
         distill(a.out, a.model, a.bits, a.group_size, a.symmetric, a.recipe, a.steps, a.batch, a.seq_len, a.lr,

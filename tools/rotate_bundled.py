@@ -29,10 +29,12 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gptq_bundled import BUNDLED, TOKENIZER_FILES  # noqa: E402
+from tool_output import refuse_existing, whole_folder  # noqa: E402
 
 from klconvert.checkpoint.folder_files import INDEX_FILE  # noqa: E402
 from klconvert.checkpoint.reader import open_checkpoint  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
+from klconvert.errors import KLError  # noqa: E402
 
 ROTATIONS = ("hadamard", "random-hadamard", "identity")
 
@@ -79,12 +81,14 @@ def residual_roles(config: KimiLinearConfig) -> tuple[dict[str, list[str]], list
 
 def rotate(model: Path, out: Path, kind: str = "hadamard", dtype: torch.dtype | None = None) -> None:
     """Write `model` (a bf16 Kimi Linear folder in the release's format) rotated into `out`, each tensor in its own
-    dtype (or `dtype`), in the same shards. The folder is checked first as klconvert checks any download (shard
-    names, sizes, the tensors the config implies)."""
+    dtype (or `dtype`), in the same shards, as a new folder written whole or not at all (it once wrote over its own
+    input when `out` was `model`). The folder is checked first as klconvert checks any download (shard names, sizes,
+    the tensors the config implies)."""
+    refuse_existing(out)
     checkpoint = open_checkpoint(model)
     config = checkpoint.config
     if config.tie_word_embeddings:
-        raise SystemExit(f"{model}: tied embeddings; the rotation folds the final norm into lm_head alone")
+        raise KLError(f"{model}: tied embeddings; the rotation folds the final norm into lm_head alone")
     weight_map = {name: shard for shard, header in checkpoint.headers.items() for name in header.tensors}
     tensors = {}
     for shard in checkpoint.headers:
@@ -100,19 +104,19 @@ def rotate(model: Path, out: Path, kind: str = "hadamard", dtype: torch.dtype | 
         rotated[f"{norm}.weight"] = torch.ones_like(gamma)
     rotated |= {f"{n}.weight": q.T @ w(n) for n in writers if n != "model.embed_tokens"}
     rotated["model.embed_tokens.weight"] = w("model.embed_tokens") @ q
-    out.mkdir(parents=True, exist_ok=True)
-    total = 0
-    for shard in checkpoint.headers:
-        part = {name: rotated.get(name, t).to(dtype or t.dtype).contiguous()
-                for name, t in tensors.items() if weight_map[name] == shard}
-        save_file(part, out / shard, metadata={"format": "pt"})
-        total += sum(t.numel() * t.element_size() for t in part.values())
-    if (model / INDEX_FILE).exists():
-        (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                 indent=2))
-    for name in ("config.json", *TOKENIZER_FILES):
-        if (model / name).is_file():
-            shutil.copy(model / name, out / name)
+    with whole_folder(out) as folder:
+        total = 0
+        for shard in checkpoint.headers:
+            part = {name: rotated.get(name, t).to(dtype or t.dtype).contiguous()
+                    for name, t in tensors.items() if weight_map[name] == shard}
+            save_file(part, folder / shard, metadata={"format": "pt"})
+            total += sum(t.numel() * t.element_size() for t in part.values())
+        if (model / INDEX_FILE).exists():
+            (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
+                                                         "weight_map": weight_map}, indent=2))
+        for name in ("config.json", *TOKENIZER_FILES):
+            if (model / name).is_file():
+                shutil.copy(model / name, folder / name)
 
 
 def main() -> None:
@@ -123,7 +127,10 @@ def main() -> None:
     p.add_argument("--rotation", choices=ROTATIONS, default="hadamard",
                    help="identity: the norms folded into their readers alone, the control [default: hadamard].")
     a = p.parse_args()
-    rotate(a.model, a.out, a.rotation)
+    try:
+        rotate(a.model, a.out, a.rotation)
+    except KLError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
     print(f"{a.model} rotated ({a.rotation}) -> {a.out}")
 
 

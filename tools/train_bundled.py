@@ -32,11 +32,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bundled_corpus  # noqa: E402
+from tool_output import positive_float, positive_int, refuse_existing, whole_folder  # noqa: E402
 
 from klconvert.checkpoint.name_map import TensorSpec, expected_tensors  # noqa: E402
 from klconvert.checkpoint.safetensors_writer import (PlannedTensor, index_json, shard_names,  # noqa: E402
                                                      split_into_shards, write_shard)
 from klconvert.config import KimiLinearConfig  # noqa: E402
+from klconvert.errors import KLError  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.runtime import model as M  # noqa: E402
 from klconvert.runtime.bind import bind  # noqa: E402
@@ -228,6 +230,15 @@ def write_checkpoint(out: Path, config: dict, state: dict[str, torch.Tensor], to
     return ["config.json", *names, "model.safetensors.index.json", *TOKENIZER_FILES]
 
 
+def refuse_short_splits(data: dict[str, torch.Tensor], seq_len: int) -> None:
+    """KLError unless every split holds a window of `seq_len` tokens and its next token (--validation-tokens 10
+    under windows of 32 divided by zero; 0 once 'measured' a perplexity of 1)."""
+    for split, tokens in data.items():
+        if len(tokens) <= seq_len:
+            raise KLError(f"the {split} split has {len(tokens):,} tokens, not one window of --seq-len {seq_len} and "
+                          "its next token; lower --seq-len (or raise --validation-tokens)")
+
+
 # ---- the run ---------------------------------------------------------------------------------------------
 def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: int = 32, seq_len: int = 512,
           lr: float = 2e-3, warmup: float = 0.03, lr_floor: float = 0.1, weight_decay: float = 0.1,
@@ -235,8 +246,11 @@ def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: in
           validation_tokens: int | None = None, max_chars: int | None = None, seed: int = 0,
           device: str | None = None, tokenizer_dir: Path = BUNDLED_DIR, plot: bool = True,
           log=print) -> dict:
-    """Train, keep the best-validation weights, write the checkpoint and loss.json (and loss.png). Returns the
-    loss log."""
+    """Train, keep the best-validation weights, write the checkpoint and loss.json (and loss.png) to `out`, a new
+    folder, whole or not at all. Returns the loss log."""
+    refuse_existing(out)   # before the training, not after it
+    if not 0 <= time_budget_s < float("inf"):
+        raise KLError(f"--time-budget-s {time_budget_s}: give seconds >= 0 (0: no budget)")
     t0 = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -246,6 +260,7 @@ def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: in
     if tokenizer.vocab_size != c.vocab_size:
         raise ValueError(f"{tokenizer_dir}: tokenizer has {tokenizer.vocab_size} ids, config {c.vocab_size}")
     data = token_splits(tokenizer, validation_tokens, max_chars)
+    refuse_short_splits(data, seq_len)
     model = fresh_model(c, device, seed)
     loads = ExpertLoads(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -303,7 +318,6 @@ def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: in
     loads.take()
     mean_loss(model, data["validation"], batch, seq_len, device)   # the kept weights' loads on held-out text
     spread = load_spread(loads.take())
-    files = write_checkpoint(out, config, canonical_state(model), tokenizer_dir)
     record = {
         "kept_step": best[1], "kept_validation_loss": best[0], "steps_run": step, "train_seconds": train_seconds,
         "parameters": n_params, "device": str(device), "tokens_per_step": batch * seq_len,
@@ -313,16 +327,19 @@ def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: in
                      "validation_tokens": len(data["validation"]), "seed": seed},
         "expert_load_validation": spread, **history,
     }
-    (out / "loss.json").write_text(json.dumps(record, indent=1) + "\n")
-    files.append("loss.json")
-    if plot:
-        try:
-            from plot_loss import plot_loss
-        except ImportError:
-            log(f"matplotlib is not installed: plot later with `python tools/plot_loss.py {out / 'loss.json'}`")
-        else:
-            plot_loss(out / "loss.json", out / "loss.png")
-            files.append("loss.png")
+    with whole_folder(out) as folder:
+        files = write_checkpoint(folder, config, canonical_state(model), tokenizer_dir)
+        (folder / "loss.json").write_text(json.dumps(record, indent=1) + "\n")
+        files.append("loss.json")
+        if plot:
+            try:
+                from plot_loss import plot_loss
+                plot_loss(folder / "loss.json", folder / "loss.png")
+                files.append("loss.png")
+            except ModuleNotFoundError as e:
+                if e.name != "matplotlib":
+                    raise
+                log(f"matplotlib is not installed: plot later with `python tools/plot_loss.py {out / 'loss.json'}`")
     worst = max((s["max_over_even"] for s in spread.values()), default=1.0)
     log(f"kept step {best[1]} (validation loss {best[0]:.4f}, perplexity {math.exp(best[0]):.2f}); {step} steps "
         f"in {train_seconds:.0f} s; busiest expert {worst:.2f}x its even share; wrote {len(files)} files to {out}")
@@ -331,25 +348,29 @@ def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: in
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="Folder to write (created; files in it are replaced).")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--lr", type=float, default=2e-3, help="Peak learning rate.")
+    p.add_argument("--out", type=Path, required=True,
+                   help="Folder to write, which must not exist (written as OUT.partial, renamed when complete).")
+    p.add_argument("--steps", type=positive_int, default=1500)
+    p.add_argument("--batch", type=positive_int, default=32)
+    p.add_argument("--seq-len", type=positive_int, default=512)
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="Peak learning rate.")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--bias-rate", type=float, default=5e-3, help="Correction-bias update speed u.")
     p.add_argument("--time-budget-s", type=float, default=TIME_BUDGET_S,
-                   help="Stop training after this many seconds.")
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--validation-tokens", type=int, default=None, help="Validate on the first N tokens only "
+                   help="Stop training after this many seconds (0: no budget, --steps alone).")
+    p.add_argument("--eval-every", type=positive_int, default=50)
+    p.add_argument("--validation-tokens", type=positive_int, default=None, help="Validate on the first N tokens only "
                    "[default: the whole validation split].")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cuda or cpu [default: cuda if present].")
+    p.add_argument("--seed", type=int, default=0, help="A run repeats bit for bit on one machine with "
+                   "--time-budget-s 0; under a budget the learning rate follows the clock too.")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="[default: cuda if present].")
     a = p.parse_args()
-    train(a.out, steps=a.steps, batch=a.batch, seq_len=a.seq_len, lr=a.lr, weight_decay=a.weight_decay,
-          bias_rate=a.bias_rate, time_budget_s=a.time_budget_s, eval_every=a.eval_every,
-          validation_tokens=a.validation_tokens, seed=a.seed,
-          device=a.device)
+    try:
+        train(a.out, steps=a.steps, batch=a.batch, seq_len=a.seq_len, lr=a.lr, weight_decay=a.weight_decay,
+              bias_rate=a.bias_rate, time_budget_s=a.time_budget_s, eval_every=a.eval_every,
+              validation_tokens=a.validation_tokens, seed=a.seed, device=a.device)
+    except KLError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
 
 
 if __name__ == "__main__":

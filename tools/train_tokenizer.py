@@ -71,8 +71,11 @@ def ranked_tokens(tokenizer: Tokenizer) -> list[bytes]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vocab", type=int, default=4096, help="BPE ranks (the 256 bytes included).")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="Where tiktoken.model and the token configs go [default: the bundled model's folder].")
     args = parser.parse_args()
+    if args.vocab <= 256:
+        parser.error(f"--vocab {args.vocab}: the 256 byte tokens come first; give more ranks than that")
     splits = bundled_corpus.split()
     hf = train_bpe(splits["train"], args.vocab)
     tokens = ranked_tokens(hf)
@@ -89,6 +92,8 @@ def main() -> None:
     print(f"{len(tokens)} ranks + {NUM_SPECIAL_TOKENS} specials -> {args.out}; test split: {len(test):,} chars, "
           f"{len(ids):,} tokens ({len(test) / len(ids):.2f} chars/token); tokenizers gives {len(hf_ids):,} tokens, "
           f"{'identical' if ids == hf_ids else f'{same:,} equal by position'}")
+    if ids != hf_ids:   # the files say what tokenizers learned only if they encode as it does
+        raise SystemExit("the written tiktoken files encode the test split other than tokenizers does")
 
 
 if __name__ == "__main__":
