@@ -115,6 +115,12 @@ class OneLineErrors(click.Group):
             raise click.exceptions.Abort() from None
 
 
+def _bars_shown() -> bool:
+    """Whether pull's and quantize's progress bars show: on a terminal only, as git's and pip's do (in a log their
+    carriage returns run into one long line, and into the error line after them)."""
+    return sys.stderr.isatty()
+
+
 def _one_line(message: str) -> str:
     """The message on one line, any character a terminal would act on (ESC, BEL, NUL...) written as its escape:
     tensor names, index keys and a template's own error text come from the download."""
@@ -161,7 +167,7 @@ def pull(repo: str, revision: str | None, include: tuple[str, ...], exclude: tup
     if local_dir is not None and cache_dir is not None:
         raise KLError("give at most one of --local-dir and --cache-dir")
     result = hub_pull(repo, revision=revision, include=list(include) or None, exclude=list(exclude) or None,
-                      local_dir=local_dir, cache_dir=cache_dir)
+                      local_dir=local_dir, cache_dir=cache_dir, progress=_bars_shown())
     click.echo(f"{repo}@{result.commit}: {len(result.files)} files verified, "
                f"{result.bytes_downloaded / 1e9:.2f} GB downloaded", err=True)
     click.echo(str(result.path))
@@ -506,7 +512,7 @@ def quantize(src: str, out: Path, bits: int | None, group_size: int | None, symm
     result = quantize_checkpoint(resolve_model(src), out, bits=bits, group_size=group_size, symmetric=symmetric,
                                  scheme=scheme, observer=observer,
                                  recipe=recipe, device=device, force=force, allow_split_fused=allow_split_fused,
-                                 max_shard_bytes=_shard_bytes(max_shard_size))
+                                 max_shard_bytes=_shard_bytes(max_shard_size), progress=_bars_shown())
     click.echo(result.summary(), err=True)
     click.echo(str(result.path))
 
@@ -529,7 +535,7 @@ def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: 
                                           symmetric=symmetric, scheme=scheme, observer=observer, recipe=recipe,
                                           device=device,
                                           force=force, allow_split_fused=allow_split_fused,
-                                          max_shard_bytes=_shard_bytes(max_shard_size))
+                                          max_shard_bytes=_shard_bytes(max_shard_size), progress=_bars_shown())
     click.echo(result.summary(), err=True)
     click.echo(str(result.path))
 

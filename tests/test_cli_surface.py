@@ -215,3 +215,10 @@ def test_refusals_run_in_bounded_memory(tiny_released):
 def test_layers_with_a_model_folder_is_refused_not_ignored(capsys, tiny_released, verb):
     assert_one_line_error(*run_cli(capsys, verb, "--model", tiny_released, "--layers", "3")[::2],
                           "--layers cuts a --preset; a --model folder's config.json sets its layers")
+
+
+def test_quantize_shows_no_bar_off_a_terminal(capsys, tmp_path):
+    """Its bar wrote carriage returns into a log, and an error line ran on after them."""
+    code, out, err = run_cli(capsys, "quantize", "tiny", tmp_path / "q", "--bits", "8")
+    assert code == 0 and out.strip() == str(tmp_path / "q")
+    assert "\r" not in err and len(err.splitlines()) == 1 and err.startswith("quantized "), err
