@@ -145,6 +145,8 @@ CHECKPOINT_DAMAGE = [
     (damage_negative_offsets, [NAME, "data_offsets [-", "not a byte range of the data"]),
     (damage_shape_of_huge_dims, [NAME, "has a shape [9223372036854775807, 9223372036854775807, ",
                                  "(1,617,000 characters) of 77000 dimensions, over the 8 a tensor may have"]),
+    (lambda f: rewrite_header(shard_holding(f, NAME), lambda h: h[NAME].update(shape=[0, 10**30])),
+     [NAME, "has a shape [0, 1000000000000000000000000000000] with a dimension longer than the file's"]),
     (damage_header_over_the_format_limit, ["header claims 209,715,200 bytes",
                                            "over the safetensors limit of 104,857,600 bytes (100 MB)"]),
     (damage_long_shard_name, ["shard name 'xxx", "not a plain file name", "at most 255 bytes", "download it again"]),
