@@ -21,6 +21,7 @@ from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.quant import QuantScheme, decompress_weight, policy_from_options
+from klconvert.release import NUM_SPECIAL_TOKENS
 from klconvert.runtime.engine import Engine
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT
 from klconvert.runtime.model import MLA_KEY_BLOCK
@@ -127,11 +128,12 @@ def fill_state(engine: Engine, context: int, seed: int = 0, slice_rows: int = 65
     state.conv_state.zero_()
 
 
-def check_graph_matches_eager(engine: Engine, batch: int, context: int) -> None:
-    """GRAPH_CHECK_STEPS replays of the captured step equal the same steps run eagerly, bit for bit."""
+def check_graph_matches_eager(engine: Engine, batch: int, context: int) -> str:
+    """GRAPH_CHECK_STEPS replays of the captured step equal the same steps run eagerly, bit for bit (else KLError);
+    what was checked, as the row records it."""
     step = engine.decoder(batch)
     if step.graph is None:
-        return
+        return "no graph: the eager step is what runs"
     kda, conv = engine.state.kda_state.clone(), engine.state.conv_state.clone()
     tokens = torch.randint(0, engine.config.vocab_size, (GRAPH_CHECK_STEPS, batch), device=engine.device)
     runs = []
@@ -151,6 +153,7 @@ def check_graph_matches_eager(engine: Engine, batch: int, context: int) -> None:
     if not torch.equal(runs[0], runs[1]):
         raise KLError(f"bench check failed: the CUDA-graph decode step differs from the eager step (max |diff| "
                       f"{(runs[0] - runs[1]).abs().max().item():.3g}); nothing was timed")
+    return f"graph = eager bit for bit over {GRAPH_CHECK_STEPS} steps"
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
@@ -337,6 +340,7 @@ class BenchRow:
     bytes_per_step: int
     floor_ms: float
     floor_ratio: float
+    graph_check: str
 
 
 @dataclass
@@ -345,7 +349,6 @@ class BenchResult:
     layers: int
     bits: int | str
     copy_gb_s: float
-    graph_check: str = "bit-exact"
     depth_check: dict = field(default_factory=dict)
     rows: list[BenchRow] = field(default_factory=list)
     peer: dict = field(default_factory=dict)
@@ -403,7 +406,7 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             fill_state(engine, context)
-            check_graph_matches_eager(engine, batch, context)
+            graph_check = check_graph_matches_eager(engine, batch, context)
             touched = experts_touched(engine, batch)
             fill_state(engine, context)
             seconds = time_decode(engine, batch, context, new_tokens, warmup)
@@ -411,13 +414,12 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
             floor = moved / (result.copy_gb_s * 1e9)
             row = BenchRow(context, batch, mla_cache_dtype, seconds * 1e3, batch / seconds,
                            torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0, engine.plan.total / 2**30,
-                           touched, moved,
-                           floor * 1e3, seconds / floor)
+                           touched, moved, floor * 1e3, seconds / floor, graph_check)
             result.rows.append(row)
             report(f"context {context:,} batch {batch} cache {mla_cache_dtype}: {row.ms_per_token:.3f} ms/step, "
                    f"{row.tokens_per_s:,.0f} tokens/s; floor {row.floor_ms:.3f} ms ({moved / 1e9:.2f} GB/step, "
                    f"{touched} experts/layer) -> {row.floor_ratio:.2f}x the floor; peak reserved "
-                   f"{row.peak_reserved_gib:.1f} GiB vs plan {row.plan_total_gib:.1f} GiB")
+                   f"{row.peak_reserved_gib:.1f} GiB vs plan {row.plan_total_gib:.1f} GiB; {graph_check}")
     for tokens in prefills:
         if engine is None:
             engine = Engine(config, weights.read, device, DTYPE[device.type], tokens, 1, packed=weights.packed,
@@ -449,7 +451,7 @@ def time_transformers(raw_config: dict, prompt_tokens: int = 512, new_tokens: in
                       "pip install 'klconvert[test]'") from None
     with torch.device("cuda"):
         model = KimiLinearForCausalLM(HFConfig(**raw_config)).to(torch.bfloat16).eval()
-    ids = torch.randint(0, 163584, (1, prompt_tokens), device="cuda")
+    ids = torch.randint(0, raw_config["vocab_size"] - NUM_SPECIAL_TOKENS, (1, prompt_tokens), device="cuda")
 
     def seconds(n: int) -> float:
         torch.cuda.synchronize()
@@ -469,4 +471,5 @@ def time_transformers(raw_config: dict, prompt_tokens: int = 512, new_tokens: in
     model = None  # free it before anything else runs
     torch.cuda.empty_cache()
     return {"name": "transformers KimiLinearForCausalLM bf16", "layers": raw_config["num_hidden_layers"],
-            "ms_per_token": timings[-1], "warmup_ms": timings}
+            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "ms_per_token": timings[-1],
+            "warmup_ms": timings}

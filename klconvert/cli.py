@@ -661,7 +661,7 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
                          report=lambda line: click.echo(line, err=True), spread=spread_routing,
                          prefills=prefills or [])
         if peer == "transformers":
-            result.peer = B.time_transformers(preset_config("kimi-linear-48b", peer_layers),
+            result.peer = B.time_transformers(preset_config("kimi-linear-48b", peer_layers), new_tokens=new_tokens,
                                               report=lambda line: click.echo(line, err=True))
         if json_file is not None:
             try:

@@ -15,8 +15,6 @@ from bounded_cli import klconvert_bounded
 from klconvert.cli import ALLOCATOR_ENV, cli
 from testkit import assert_one_line_error, run_cli
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-
 
 def test_help_describes_every_flag():
     for name, command in cli.commands.items():

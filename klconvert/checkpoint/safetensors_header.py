@@ -43,10 +43,10 @@ class SafetensorsHeader:
     data_start: int  # absolute file offset of the data section
 
 
-def _clipped(value: object, limit: int = 80) -> str:
-    """A header value as an error line quotes it: its repr, cut to `limit` characters (a shape may hold 77,000)."""
+def _clipped(value: object) -> str:
+    """A header value as an error line quotes it: its repr, cut to 80 characters (a shape may hold 77,000)."""
     text = repr(value)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
+    return text if len(text) <= 80 else text[:80] + f"... ({len(text):,} characters)"
 
 
 def _fail(path: Path, what: str) -> KLError:
