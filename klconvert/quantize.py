@@ -37,9 +37,10 @@ from klconvert.extras import require
 from klconvert.hub import DEFAULT_REPO, pull
 from klconvert.models import BUNDLED_NAME, resolve_model
 from klconvert.quant import Policy, load_recipe, policy_from_options
+from klconvert.quant.defaults import DEFAULT
 from klconvert.quant.fused import refuse_split_fused
 from klconvert.quant.policy import LINEAR
-from klconvert.quant.scheme import GROUP_SIZE, NF4_BLOCKSIZE
+from klconvert.quant.scheme import NF4_BLOCKSIZE
 from klconvert.presets import preset_config
 from klconvert.tokenizer import check_tokenizer_if_any
 
@@ -89,8 +90,8 @@ def choose_policy(bits: int | None = None, group_size: int | None = None, symmet
         if parsed.policy.kind == "nf4":
             require("bitsandbytes.functional", f"--recipe {recipe} (NF4 weights)")
         return parsed.policy, parsed.runtime
-    scheme = scheme or "int"
-    bits = 4 if bits is None else bits
+    scheme = scheme or DEFAULT.kind
+    bits = DEFAULT.bits if bits is None else bits
     if bits not in (4, 8):
         raise KLError(f"--bits {bits} is not supported; use --bits 4 or --bits 8")
     if scheme == "nf4":
@@ -101,8 +102,9 @@ def choose_policy(bits: int | None = None, group_size: int | None = None, symmet
             raise KLError(f"--scheme nf4 is 4-bit and symmetric, in blocks of {NF4_BLOCKSIZE} with bitsandbytes' own "
                           f"scales; drop {', '.join(clashes)}")
         require("bitsandbytes.functional", "--scheme nf4")
-    return policy_from_options(bits, GROUP_SIZE if group_size is None else group_size, symmetric is not False, scheme,
-                               observer=observer or "minmax"), {}
+    return policy_from_options(bits, DEFAULT.group_size if group_size is None else group_size,
+                               DEFAULT.symmetric if symmetric is None else symmetric, scheme,
+                               observer=observer or DEFAULT.observer), {}
 
 
 def default_out_name(model: str, policy: Policy) -> Path:

@@ -220,3 +220,15 @@ def test_quantize_shows_no_bar_off_a_terminal(capsys, tmp_path):
     code, out, err = run_cli(capsys, "quantize", "tiny", tmp_path / "q", "--bits", "8")
     assert code == 0 and out.strip() == str(tmp_path / "q")
     assert "\r" not in err and len(err.splitlines()) == 1 and err.startswith("quantized "), err
+
+
+def test_quantize_help_states_the_defaults_the_code_has():
+    """The help restates the flags' defaults in words; they are defined once (quant.defaults), and held to it here."""
+    from klconvert.quant.defaults import DEFAULT, LM_HEAD_BITS
+
+    helps = {p.name: p.help for p in cli.commands["quantize"].params if isinstance(p, click.Option)}
+    assert f"[default: {DEFAULT.bits}]; lm_head stays at {LM_HEAD_BITS}." in helps["bits"]
+    assert f"[default: {DEFAULT.group_size}]" in helps["group_size"]
+    assert f"[default: {'--sym' if DEFAULT.symmetric else '--asym'}]" in helps["symmetric"]
+    assert f"{DEFAULT.kind}: compressed-tensors pack-quantized [default]" in helps["scheme"]
+    assert f"{DEFAULT.observer} [default]" in helps["observer"]

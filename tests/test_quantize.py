@@ -190,7 +190,7 @@ def test_summary_numbers(tiny_released, tmp_path):
                     if len(s.shape) == 2 and "embed" not in n and "gate.weight" not in n
                     and not re.search(r"\.(f_b|g_a|g_b)_proj\.", n))
     assert t.quantized_params == quantized
-    assert f"{t.quantized_bits_per_weight:.3f} bits/weight over {quantized:,} quantized params" in summary
+    assert f"{t.quantized_bits_per_weight:.3f} bits/weight over {count_text(quantized)} quantized params" in summary
     assert f"{t.bits_per_weight:.3f} overall" in summary
     assert f"{t.bytes_in / 1e6:.2f} MB -> {t.bytes_out / 1e6:.2f} MB" in summary
     assert "MB/s" in summary and str(tmp_path / "q") in summary

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from klconvert.quant.policy import LINEAR, Entry, Group, Policy
-from klconvert.quant.scheme import GROUP_SIZE, NF4_BLOCKSIZE, QuantScheme
+from klconvert.quant.scheme import NF4_BLOCKSIZE, QuantScheme
 from klconvert.release import ROUTER, SHORT_CONVS
 
 # The main group targets "Linear" rather than a list of regexes on purpose: vLLM's compressed-tensors
@@ -22,13 +22,16 @@ KEEP = (
 # keeping the whole group as released costs 0.79 GiB on the 48B. To keep the whole group instead, set this to
 # ("in_proj_qkvgfab",): the one switch (quant/fused.py names the fused modules).
 KEEP_WHOLE: tuple[str, ...] = ()
+DEFAULT = QuantScheme()  # the flags' defaults: int4, groups of GROUP_SIZE, symmetric, min-max ranges
+LM_HEAD_BITS = 8  # lm_head's bits in the default policy: 4 costs it several times the rest's KL (README, study 2)
 LM_HEAD = "re:^lm_head$"  # a re: target: transformers takes the first plain-string target's group for the experts
 # Not linear layers, hence never selected by "Linear": embed_tokens, every norm, A_log, dt_bias,
 # e_score_correction_bias (Policy refuses any target that would select them).
 
 
-def policy_from_options(bits: int = 4, group_size: int = GROUP_SIZE, symmetric: bool = True, scheme: str = "int",
-                        lm_head_bits: int | None = 8, observer: str = "minmax") -> Policy:
+def policy_from_options(bits: int = DEFAULT.bits, group_size: int = DEFAULT.group_size,
+                        symmetric: bool = DEFAULT.symmetric, scheme: str = DEFAULT.kind,
+                        lm_head_bits: int | None = LM_HEAD_BITS, observer: str = DEFAULT.observer) -> Policy:
     """The default policy for the converter's --bits/--group-size/--symmetric/--scheme/--observer options.
 
     scheme "int": group_0 = "Linear" at `bits` (group_size, symmetric), group_1 = lm_head at
