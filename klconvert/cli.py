@@ -394,8 +394,8 @@ def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) ->
               help="Plan for a preset instead of a folder.")
 @click.option("--layers", type=int, default=None, help="With --preset: keep only N layers.")
 @click.option("--recipe", type=PathArg(path_type=Path), default=None,
-              help="Recipe YAML (recipes/*.yaml): its quantization sizes the weights, its runtime section sets "
-                   "the defaults of the flags below.")
+              help="A recipe YAML, or a shipped one by name (32gb, 48gb, 80gb, 141gb): its quantization sizes the "
+                   "weights, its runtime section sets the defaults of the flags below.")
 @click.option("--gpu-memory", default=None,
               help="Device memory to fit, e.g. 80GiB, 24GB [default: the recipe's, else no fit check].")
 @click.option("--max-context", type=click.IntRange(min=1), default=None,
@@ -481,7 +481,7 @@ def _quantize_options(command):
                           "observer: shrunk to the least round-trip error; up to 20 trials a weight)."),
         click.option("--recipe", type=PathArg(path_type=Path), default=None,
                      help="llm-compressor-shaped recipe YAML saying how each tensor is stored (instead of the "
-                          "five flags above)."),
+                          "five flags above), or a shipped one by name (32gb, 48gb, 80gb, 141gb)."),
         click.option("--device", type=DEVICE, default=None, help="Where to quantize [default: cuda if present]."),
         click.option("--max-shard-size", default=None,
                      help="Largest output shard, e.g. 5GB, 500MB [default: 5GB]; a rerun after a kill redoes only "

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from klconvert.runtime.plan_report import parse_size
+from klconvert.errors import KLError
 from klconvert.quant import QuantScheme, compress_weight, load_recipe
 from klconvert.runtime.memory_plan import stored_bytes
 from klconvert.runtime.plan_report import plan_for
@@ -149,3 +150,21 @@ def test_quantize_refuses_a_runtime_section_plan_would_refuse(runtime, message, 
 def test_plan_refuses_an_absurd_batch(capsys):
     assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--batch", "99999999999999999999")[::2],
                           "--batch 99999999999999999999: plan 1 to 65,536 sequences")
+
+
+def test_a_shipped_recipe_is_found_by_name_wherever_klconvert_runs(tmp_path, monkeypatch):
+    """A wheel user has no recipes/ folder: `--recipe 48gb` (or the README's recipes/48gb.yaml) is the shipped one,
+    a file of that name in the working folder wins, and an unknown name lists the shipped ones."""
+    from klconvert.recipes import FOLDER, shipped_names
+
+    assert shipped_names() == sorted(p.stem for p in RECIPES) and FOLDER == RECIPE_DIR.resolve()
+    monkeypatch.chdir(tmp_path)
+    for given in ("48gb", "48gb.yaml", "recipes/48gb.yaml"):
+        assert load_recipe(given).policy == load_recipe(FOLDER / "48gb.yaml").policy, given
+    (tmp_path / "48gb").write_text((FOLDER / "32gb.yaml").read_text())
+    assert load_recipe("48gb").policy == load_recipe(FOLDER / "32gb.yaml").policy
+    with pytest.raises(KLError, match="24gb: no such recipe file; check the --recipe path, or name a shipped recipe: "
+                                      + ", ".join(shipped_names())):
+        load_recipe("24gb")
+    with pytest.raises(KLError, match="no such recipe file"):
+        load_recipe("elsewhere/48gb.yaml")

@@ -10,6 +10,7 @@ from klconvert.checkpoint.regular_file import open_regular
 from klconvert.errors import KLError
 from klconvert.quant.policy import Entry, Group, Policy, RegexBudget
 from klconvert.quant.scheme import NF4_BLOCKSIZE, PACKED_FORMAT, QuantScheme
+from klconvert.recipes import shipped_names, shipped_recipe
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few KB; a larger --recipe is the wrong file (or /dev/zero)
 MAX_LIST_ENTRIES = 1_000  # a targets or ignore list names a handful; YAML aliases can make one of millions
@@ -193,7 +194,8 @@ def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and parse a recipe file (see parse_recipe)."""
+    """Read and parse a recipe file, or a shipped recipe by name (klconvert.recipes; see parse_recipe)."""
+    path = shipped_recipe(Path(path)) or path
     try:
         with open_regular(path) as f:   # a FIFO's open would wait for a writer
             data = f.read(MAX_RECIPE_BYTES + 1)
@@ -202,7 +204,8 @@ def load_recipe(path: str | Path) -> Recipe:
                           "path")
         text = data.decode("utf-8")
     except FileNotFoundError:
-        raise KLError(f"{path}: no such recipe file; check the --recipe path") from None
+        raise KLError(f"{path}: no such recipe file; check the --recipe path, or name a shipped recipe: "
+                      f"{', '.join(shipped_names())}") from None
     except UnicodeDecodeError as e:
         raise KLError(f"{path}: not UTF-8 text (bad byte at offset {e.start}), so no recipe; check the --recipe "
                       "path") from None

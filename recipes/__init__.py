@@ -1,0 +1,21 @@
+"""The recipes klconvert ships, one per GPU tier, installed beside the code as `klconvert.recipes`: `--recipe 48gb`
+(or `recipes/48gb.yaml` where no such file is) names `48gb.yaml` here, wherever klconvert is installed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+FOLDER = Path(__file__).resolve().parent
+
+
+def shipped_names() -> list[str]:
+    """The shipped recipes' names: 141gb, 32gb, 48gb, 80gb."""
+    return sorted(p.stem for p in FOLDER.glob("*.yaml"))
+
+
+def shipped_recipe(given: Path) -> Path | None:
+    """The shipped recipe a --recipe value names that is no file here -- `48gb`, `48gb.yaml` or `recipes/48gb.yaml`
+    -- or None."""
+    if given.exists() or given.parent.name not in ("", "recipes") or given.parent.parent.name:
+        return None
+    name = given.name.removesuffix(".yaml")
+    return FOLDER / f"{name}.yaml" if name in shipped_names() else None
