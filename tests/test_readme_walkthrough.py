@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from klconvert.models import BUNDLED_DIR
+
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
@@ -38,6 +40,9 @@ def walked(tmp_path_factory):
 def test_the_main_job_runs_as_written(walked):
     folder, outputs = walked
     assert (folder / "tiny-w4a16" / "config.json").is_file() and outputs[1][0].strip().endswith("tiny-w4a16")
+    card = (folder / "tiny-w4a16" / "README.md").read_text()   # not the install's path, which it once named
+    assert "quantized by klconvert" in card and "from the bundled model tiny (a small Kimi Linear" in card
+    assert "| source | the bundled model tiny |" in card and str(BUNDLED_DIR) not in card
     quantized, bundled = outputs[2], outputs[3]
     for out, _ in (quantized, bundled):   # the continuation: English words, several of the commonest among them
         words = re.findall(r"[a-z]+", out.lower())

@@ -29,7 +29,9 @@ def _front_matter(origin: SourceOrigin, policy: Policy) -> str:
 def model_card(title: str, origin: SourceOrigin, policy: Policy, totals: PlanTotals, shards: int,
                klconvert_version: str) -> str:
     """README.md text for the output folder `title`."""
-    if origin.repo:
+    if origin.bundled:
+        source = f"{origin.describe()} (a small Kimi Linear trained on Shakespeare, shipped with klconvert)"
+    elif origin.repo:
         source = f"[{origin.repo}]({HUB}/{origin.repo}/tree/{origin.commit}) at commit `{origin.commit}`"
     else:
         source = f"local folder `{origin.folder}` (no hub commit recorded)"

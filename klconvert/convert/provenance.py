@@ -13,6 +13,7 @@ from klconvert.checkpoint.regular_file import read_bounded, read_json
 from klconvert.config import MAX_CONFIG_BYTES
 from klconvert.errors import KLError
 from klconvert.hub import COMMIT_SHA, LOCAL_DIR_RECORD
+from klconvert.models import BUNDLED_DIR, BUNDLED_NAME
 from klconvert.verified_files import MAX_RECORD_BYTES
 
 HF_CACHE_REPO_PREFIX = "models--"  # the HF cache's models--org--name/snapshots/<commit>/ layout
@@ -26,7 +27,14 @@ class SourceOrigin:
     repo: str | None = None
     commit: str | None = None
 
+    @property
+    def bundled(self) -> bool:
+        """Whether the source is klconvert's bundled model (`tiny`), wherever klconvert is installed."""
+        return self.folder == BUNDLED_DIR
+
     def describe(self) -> str:
+        if self.bundled:
+            return f"the bundled model {BUNDLED_NAME}"
         return f"{self.repo}@{self.commit}" if self.repo else f"local folder {self.folder}"
 
 
