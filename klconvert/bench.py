@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -26,7 +25,7 @@ from klconvert.runtime.engine import Engine
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT
 from klconvert.runtime.model import MLA_KEY_BLOCK
 from klconvert.runtime.state import MLA_CACHE_DTYPES
-from klconvert.synth.checkpoint import synth_values
+from klconvert.synth.checkpoint import synth_values, tensor_generator
 
 RESIDUAL_OUTPUTS = ("o_proj.weight", "w2.weight", "down_proj.weight")  # what each layer adds to the residual
 CHECK_PROMPT = 64       # tokens of the depth check's prompt
@@ -63,7 +62,7 @@ def random_quantized_weights(config: KimiLinearConfig, bits: int, device: str, s
         if scheme is None:
             return None
         n, kk = specs[name].shape
-        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        g = tensor_generator(name, seed, device)
         codes = torch.randint(-2**31, 2**31, (n, kk * scheme.bits // 32), generator=g, dtype=torch.int64,
                               device=device).to(torch.int32)
         spread = math.sqrt((4 ** scheme.bits - 1) / 12)        # std of a uniform code around its midpoint

@@ -44,6 +44,7 @@ from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_INDEX_BYTES
 from klconvert.checkpoint.regular_file import read_json
 from klconvert.errors import KLError, first_line, unreadable_reason
 from klconvert.hub_guard import AnswerGuard
+from klconvert.units import size_text
 from klconvert.verified_files import VerifiedFiles
 
 # huggingface_hub 2.x talks through httpx2, 1.x through httpx: a dropped connection surfaces as either's TransportError.
@@ -155,8 +156,8 @@ def pull(
                 _announce(repo, revision, commit, listing, wanted, fetch_bytes, target, free)
             if fetch_bytes > free:
                 raise KLError(
-                    f"not enough disk space in {target}: pulling {where} needs {_size(fetch_bytes)} for "
-                    f"{len(missing)} files but only {_size(free)} is free; free space or pass a --local-dir or "
+                    f"not enough disk space in {target}: pulling {where} needs {size_text(fetch_bytes)} for "
+                    f"{len(missing)} files but only {size_text(free)} is free; free space or pass a --local-dir or "
                     "--cache-dir on a larger disk"
                 )
             if local_dir is not None:  # a record of an earlier pull must not describe a half-updated folder
@@ -373,9 +374,9 @@ def _announce(repo, revision, commit, listing: list[HubFile], wanted: list[HubFi
     total = sum(f.size or 0 for f in wanted)
     print(
         f"{repo}@{revision or constants.DEFAULT_REVISION} is commit {commit}: pulling {len(wanted)} files "
-        f"({_size(total)}), leaving {len(left_out)} on the hub ({', '.join(left_out[:5])}"
-        f"{', ...' if len(left_out) > 5 else ''}); {_size(total - fetch_bytes)} already here, "
-        f"fetching {_size(fetch_bytes)} into {target} ({_size(free)} free)",
+        f"({size_text(total)}), leaving {len(left_out)} on the hub ({', '.join(left_out[:5])}"
+        f"{', ...' if len(left_out) > 5 else ''}); {size_text(total - fetch_bytes)} already here, "
+        f"fetching {size_text(fetch_bytes)} into {target} ({size_text(free)} free)",
         file=sys.stderr,
     )
 
@@ -510,10 +511,6 @@ def _write_local_dir_record(folder: Path, repo, revision, commit, files: list[Pu
     partial = record.with_name(record.name + ".partial")
     partial.write_text(json.dumps(body, indent=1) + "\n")
     os.replace(partial, record)
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 @contextmanager

@@ -27,7 +27,7 @@ from klconvert.checkpoint.regular_file import read_bounded, read_json
 from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.checkpoint.size_bounds import max_header_bytes
 from klconvert.checkpoint.safetensors_writer import index_json, shard_names, split_into_shards, write_shard
-from klconvert.convert.model_card import count_text, model_card, size_text
+from klconvert.convert.model_card import model_card
 from klconvert.convert.output_folder import OutputFolder, OutputLock, make_parent, refuse_existing_out
 from klconvert.convert.outputs import ModuleMaker, PlanTotals, plan_modules, plan_totals
 from klconvert.convert.provenance import SourceOrigin, source_fingerprint, source_origin
@@ -43,6 +43,7 @@ from klconvert.quant.policy import LINEAR
 from klconvert.quant.scheme import NF4_BLOCKSIZE
 from klconvert.presets import preset_config
 from klconvert.tokenizer import check_tokenizer_if_any
+from klconvert.units import count_text, size_text
 
 MAX_SHARD_BYTES = 5 * 10**9  # the "5GB" shards transformers and the released checkpoint use
 COPIED_FILES = ("tiktoken.model", "*.jinja", "*.json")  # tokenizer, chat templates and small configs; never .py

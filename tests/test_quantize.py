@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.quant import compress_nf4, decompress_nf4, load_recipe
-from klconvert.convert.model_card import count_text
+from klconvert.units import count_text
 from klconvert.quantize import quantize
 from klconvert.synth.checkpoint import synth
 from klconvert.convert import outputs

@@ -24,7 +24,6 @@ import math
 import shutil
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import torch
@@ -42,7 +41,7 @@ from klconvert.errors import KLError  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.runtime import model as M  # noqa: E402
 from klconvert.runtime.bind import bind  # noqa: E402
-from klconvert.synth.checkpoint import FP32_TENSORS, synth_values  # noqa: E402
+from klconvert.synth.checkpoint import FP32_TENSORS, synth_values, tensor_generator  # noqa: E402
 from klconvert.release import NUM_SPECIAL_TOKENS, RELEASED_CONFIG, layer_lists  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
 
@@ -90,7 +89,7 @@ def init_value(spec: TensorSpec, num_layers: int, seed: int) -> torch.Tensor:
         return torch.zeros(shape)
     if spec.category == "norm":
         return torch.ones(shape)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    g = tensor_generator(name, seed)
     std = 1.0 if name.endswith("embed_tokens.weight") else shape[-1] ** -0.5
     if name.endswith(OUTPUT_PROJECTIONS):
         std /= math.sqrt(2 * num_layers)

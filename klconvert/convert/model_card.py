@@ -4,17 +4,9 @@ from __future__ import annotations
 from klconvert.convert.outputs import PlanTotals
 from klconvert.convert.provenance import SourceOrigin
 from klconvert.quant import Policy
+from klconvert.units import count_text, size_text
 
 HUB = "https://huggingface.co"
-
-
-def count_text(n: int) -> str:
-    """A parameter count at three significant figures or more: 48.31 B, 11.76 M, 8,192."""
-    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n:,}"
-
-
-def size_text(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def _front_matter(origin: SourceOrigin, policy: Policy) -> str:

@@ -51,11 +51,16 @@ def _normal(shape: tuple[int, ...], g: torch.Generator, mean: float, std: float,
     return out
 
 
+def tensor_generator(name: str, seed: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """The random stream of one named tensor under `seed`: the same values whatever order tensors are made in."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
 def synth_values(spec: TensorSpec, seed: int, device: str | torch.device = "cpu") -> torch.Tensor:
     """Deterministic random values for one canonical tensor, in its stored dtype, scaled so activations stay O(1).
 
-    Made on `device` (bench/engine.py makes real-size weights on the GPU this way)."""
-    g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(spec.name.encode()))
+    Made on `device` (klconvert bench makes real-size weights on the GPU this way)."""
+    g = tensor_generator(spec.name, seed, device)
     name, shape, dtype = spec.name, spec.shape, _dtype(spec.name)
     if name.endswith("A_log"):
         return torch.empty(shape, device=device).uniform_(1.0, 16.0, generator=g).log()
