@@ -21,7 +21,9 @@ from klconvert.runtime.model import KimiLinear
 from klconvert.runtime.state import MLA_CACHE_DTYPES
 from klconvert.runtime.weights import HeldPacked
 
-DEFAULT_CONTEXT = 131072
+# What a plan takes where neither a flag nor the recipe's runtime: section says (the help and README restate these;
+# tests/test_memory_plan.py holds the help to them)
+RUNTIME_DEFAULTS = {"max_context": 131072, "batch": 1, "mla_cache_dtype": "bfloat16", "kda_state_dtype": "float32"}
 MAX_BATCH = 65_536  # sequences a plan sizes; the 48B's KDA state alone is ~2.9 TB at this many
 KDA_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(|B|KB|MB|GB|TB|KiB|MiB|GiB|TiB|K|M|G|T)\s*$", re.IGNORECASE)
@@ -60,13 +62,14 @@ def check_runtime_settings(settings: dict, where: str) -> None:
     """KLError naming `where` for the first value of a recipe's runtime: section that a plan cannot take (the
     recipe reader checked the types), so that `klconvert quantize` does not write one into a folder that `klconvert
     plan` then refuses. The reader holds the counts positive; plan_for the context to the model's length."""
-    if settings.get("batch", 1) > MAX_BATCH:
+    settings = RUNTIME_DEFAULTS | settings
+    if settings["batch"] > MAX_BATCH:
         raise KLError(f"{where}: runtime.batch {settings['batch']} is past the {MAX_BATCH:,} sequences a plan sizes; "
                       "fix the recipe")
     if "gpu_memory" in settings:
         _memory_bytes(settings["gpu_memory"], where)
-    _dtype_named(settings.get("mla_cache_dtype", "bfloat16"), MLA_CACHE_DTYPES, f"{where}: MLA cache dtype")
-    _dtype_named(settings.get("kda_state_dtype", "float32"), KDA_STATE_DTYPES, f"{where}: KDA state dtype")
+    _dtype_named(settings["mla_cache_dtype"], MLA_CACHE_DTYPES, f"{where}: MLA cache dtype")
+    _dtype_named(settings["kda_state_dtype"], KDA_STATE_DTYPES, f"{where}: KDA state dtype")
 
 
 def held_on_a_gpu(folder: Path) -> HeldPacked:
@@ -101,8 +104,7 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
     Weights are sized as a GPU holds what the recipe's policy, or the default policy at `bits` (lm_head at 8 bits),
     writes (held_as_written), or, when neither is given, as a `model` folder stores them (held_on_a_gpu; its
     recipe.yaml gives only the runtime settings), or unquantized for a preset or at `bits` 16. Each setting given
-    here wins over the recipe's `runtime:` section, which wins over the defaults (context 131072, batch 1, bf16 MLA
-    cache, fp32 KDA state, no memory limit).
+    here wins over the recipe's `runtime:` section, which wins over RUNTIME_DEFAULTS (and no memory limit).
     """
     if recipe is not None and bits is not None:
         raise KLError("give a recipe or --bits, not both: the recipe already says how each tensor is stored")
@@ -138,8 +140,8 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
         raise KLError(f"--batch {batch}: plan 1 to {MAX_BATCH:,} sequences")
     if memory_limit is None and "gpu_memory" in settings:
         memory_limit = _memory_bytes(settings["gpu_memory"], where)
-    cache_name = mla_cache_dtype or settings.get("mla_cache_dtype", "bfloat16")
-    state_name = kda_state_dtype or settings.get("kda_state_dtype", "float32")
+    cache_name = mla_cache_dtype or settings.get("mla_cache_dtype", RUNTIME_DEFAULTS["mla_cache_dtype"])
+    state_name = kda_state_dtype or settings.get("kda_state_dtype", RUNTIME_DEFAULTS["kda_state_dtype"])
     if context is None and "max_context" in settings:
         context, asked = settings["max_context"], f"{where}: runtime.max_context {settings['max_context']}"
     else:
@@ -147,8 +149,8 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
     if context is not None and context > config.model_max_length:
         raise KLError(f"{asked} is over the model's model_max_length {config.model_max_length:,}; plan for "
                       f"{config.model_max_length:,} tokens or fewer")
-    return MemoryPlan(config, batch=batch or settings.get("batch", 1),
-                      context=context or min(DEFAULT_CONTEXT, config.model_max_length),
+    return MemoryPlan(config, batch=batch or settings.get("batch", RUNTIME_DEFAULTS["batch"]),
+                      context=context or min(RUNTIME_DEFAULTS["max_context"], config.model_max_length),
                       weight_bytes=weight_bytes(config, dtype, policy), act_dtype=dtype,
                       kda_state_dtype=_dtype_named(state_name, KDA_STATE_DTYPES, f"{where}: KDA state dtype"),
                       mla_cache_dtype=_dtype_named(cache_name, MLA_CACHE_DTYPES, f"{where}: MLA cache dtype"),

@@ -144,3 +144,15 @@ def test_stored_bytes_are_the_bytes_the_converter_writes(scheme):
     assert sum(t.nbytes for t in on_device.values()) == stored_bytes((256, 384), scheme, torch.bfloat16)
     assert {f"m.{p}" for p, _, _ in stored_parts((256, 384), torch.bfloat16, scheme)} == \
         {n for n in made if not n.endswith("quant_state.bitsandbytes__nf4")}
+
+
+def test_plan_help_states_the_runtime_defaults_the_code_has():
+    """The help restates the plan's defaults in words; they are defined once (RUNTIME_DEFAULTS), held to it here."""
+    import click
+
+    from klconvert.cli import cli
+    from klconvert.runtime.plan_report import RUNTIME_DEFAULTS
+
+    helps = {p.name: p.help for p in cli.commands["plan"].params if isinstance(p, click.Option)}
+    for name, value in RUNTIME_DEFAULTS.items():
+        assert f"[default: the recipe's, else {value}]" in helps[name], (name, helps[name])
