@@ -69,7 +69,7 @@ _OPTIONAL = {  # field: (types, default)
     "num_expert_group": (int, 1),
     "topk_group": (int, 1),
     "tie_word_embeddings": (bool, False),
-    "model_max_length": (int, 1048576),
+    "model_max_length": (int, RELEASED_CONFIG["model_max_length"]),
     "bos_token_id": ((int, type(None)), None),
     "eos_token_id": ((int, list, type(None)), None),
     "pad_token_id": ((int, type(None)), None),
@@ -134,17 +134,14 @@ class KimiLinearConfig:
     kda_num_heads: int
     kda_head_dim: int
     conv_kernel_size: int
-    q_lora_rank: int | None = None
-    mla_use_nope: bool = True
-    moe_router_activation_func: str = "sigmoid"
-    moe_renormalize: bool = True
-    num_expert_group: int = 1
-    topk_group: int = 1
-    tie_word_embeddings: bool = False
-    model_max_length: int = 1048576
-    bos_token_id: int | None = None
-    eos_token_ids: tuple[int, ...] = ()
-    pad_token_id: int | None = None
+    moe_renormalize: bool    # this and the fields below: optional in config.json (defaults: _OPTIONAL)
+    num_expert_group: int
+    topk_group: int
+    tie_word_embeddings: bool
+    model_max_length: int
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     # ---- derived shapes -------------------------------------------------------------------
@@ -189,13 +186,14 @@ class KimiLinearConfig:
                               f"{only!r} (the release's), so this checkpoint is another model")
         if "use_grouped_topk" in d:   # with num_expert_group 1 (checked below) grouping is a no-op either way
             _check_type(where, "use_grouped_topk", d["use_grouped_topk"], bool)
-        if values["q_lora_rank"] is not None:
-            raise KLError(f"{where}: q_lora_rank={values['q_lora_rank']} (a low-rank MLA query) is not part of "
+        # checked, not kept: the runtime implements the one value each may have
+        if values.pop("q_lora_rank") is not None:
+            raise KLError(f"{where}: q_lora_rank={d['q_lora_rank']} (a low-rank MLA query) is not part of "
                           "Kimi Linear; this checkpoint is another model")
-        if not values["mla_use_nope"]:
+        if not values.pop("mla_use_nope"):
             raise KLError(f"{where}: mla_use_nope=false (rotary MLA) is not supported; Kimi Linear uses NoPE MLA")
-        if values["moe_router_activation_func"] != "sigmoid":
-            raise KLError(f"{where}: moe_router_activation_func={values['moe_router_activation_func']!r} "
+        if values.pop("moe_router_activation_func") != "sigmoid":
+            raise KLError(f"{where}: moe_router_activation_func={d['moe_router_activation_func']!r} "
                           "is not supported; Kimi Linear routes with 'sigmoid'")
 
         lin = d["linear_attn_config"]
