@@ -42,11 +42,11 @@ from klconvert.quant.fused import refuse_split_fused
 from klconvert.quant.policy import LINEAR
 from klconvert.quant.scheme import NF4_BLOCKSIZE
 from klconvert.presets import preset_config
-from klconvert.tokenizer import check_tokenizer_if_any
+from klconvert.tokenizer import BPE_FILE, check_tokenizer_if_any
 from klconvert.units import count_text, size_text
 
 MAX_SHARD_BYTES = 5 * 10**9  # the "5GB" shards transformers and the released checkpoint use
-COPIED_FILES = ("tiktoken.model", "*.jinja", "*.json")  # tokenizer, chat templates and small configs; never .py
+COPIED_FILES = (BPE_FILE, "*.jinja", "*.json")  # tokenizer, chat templates and small configs; never .py
 WRITTEN_FILES = ("config.json", INDEX_FILE)  # made here, not copied
 RESUME_FORMAT = 1  # bump when the output of the same source and options changes
 

@@ -22,6 +22,8 @@ from klconvert.models import resolve_model
 BPE_FILE = "tiktoken.model"
 CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # newer HF folders keep the template here; it wins over the config's
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"  # transformers' copy of the specials; klconvert reads the config's
+TOKENIZER_FILES = (BPE_FILE, CONFIG_FILE, SPECIAL_TOKENS_FILE)  # what a tokenizer folder holds (the release's)
 
 # The pre-tokenizer of the released tokenization_kimi.py (TikTokenTokenizer.pat_str), carried as data: runs
 # of Han characters; cased words (Han excluded) with an optional English contraction; 1-3 digits; punctuation

@@ -16,6 +16,7 @@ import train_bundled  # noqa: E402
 
 from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
+from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.runtime.engine import load  # noqa: E402
 from klconvert.release import layer_lists  # noqa: E402
 
@@ -41,7 +42,9 @@ def test_training_lowers_the_loss_and_writes_a_checkpoint(tmp_path):
     out = tmp_path / "out"
     files = sorted(p.name for p in out.iterdir())
     assert files == ["config.json", "loss.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json",
-                     "tiktoken.model", "tokenizer_config.json"]     # with loss.png, 2 shards at full size: 8 files
+                     "special_tokens_map.json", "tiktoken.model", "tokenizer_config.json"]   # + loss.png, 2 shards
+    unsharded = {name for name in files if not name.endswith(".safetensors")} - {"loss.json"}
+    assert unsharded == {p.name for p in BUNDLED_DIR.iterdir() if not p.name.endswith(".safetensors")}
     assert json.loads((out / "loss.json").read_text())["kept_step"] == log["kept_step"]
     ckpt = Checkpoint(out)
     bias = ckpt.get("model.layers.1.block_sparse_moe.gate.e_score_correction_bias")

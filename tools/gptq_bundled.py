@@ -27,10 +27,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bundled_corpus  # noqa: E402
 
-from klconvert.tokenizer import Tokenizer  # noqa: E402
+from klconvert.tokenizer import TOKENIZER_FILES, Tokenizer  # noqa: E402
 
 BUNDLED = Path(__file__).resolve().parent.parent / "klconvert" / "bundled"
-TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def gptq_recipe(recipe_path: Path) -> str:

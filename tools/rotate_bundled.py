@@ -28,13 +28,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gptq_bundled import BUNDLED, TOKENIZER_FILES  # noqa: E402
+from gptq_bundled import BUNDLED  # noqa: E402
 from tool_output import refuse_existing, whole_folder  # noqa: E402
 
 from klconvert.checkpoint.folder_files import INDEX_FILE  # noqa: E402
 from klconvert.checkpoint.reader import open_checkpoint  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
+from klconvert.tokenizer import TOKENIZER_FILES  # noqa: E402
 
 ROTATIONS = ("hadamard", "random-hadamard", "identity")
 
@@ -62,7 +63,7 @@ def residual_roles(config: KimiLinearConfig) -> tuple[dict[str, list[str]], list
         if config.is_kda(i):
             attn = ["q_proj", "k_proj", "v_proj", "f_a_proj", "b_proj", "g_a_proj"]
         else:
-            attn = ["q_a_proj" if config.q_lora_rank else "q_proj", "kv_a_proj_with_mqa"]
+            attn = ["q_proj", "kv_a_proj_with_mqa"]   # Kimi Linear's MLA has no low-rank query (config.py)
         readers[f"{at}.input_layernorm"] = [f"{at}.self_attn.{p}" for p in attn]
         writers.append(f"{at}.self_attn.o_proj")
         if config.is_moe(i):

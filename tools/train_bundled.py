@@ -43,11 +43,10 @@ from klconvert.runtime import model as M  # noqa: E402
 from klconvert.runtime.bind import bind  # noqa: E402
 from klconvert.synth.checkpoint import FP32_TENSORS, synth_values, tensor_generator  # noqa: E402
 from klconvert.release import NUM_SPECIAL_TOKENS, RELEASED_CONFIG, layer_lists  # noqa: E402
-from klconvert.tokenizer import Tokenizer  # noqa: E402
+from klconvert.tokenizer import TOKENIZER_FILES, Tokenizer  # noqa: E402
 
 BPE_RANKS = 4096
 MAX_SHARD_BYTES = 15 << 20      # files coming back from the GPU machine are capped at 16 MiB
-TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json")
 
 # The released structure at small size: 8 layers (KDA x3, MLA, KDA x3, MLA), dense layer 0, MoE layers of 8
 # experts (top 2, sigmoid, correction bias) plus a shared expert. Every linear input is a multiple of 128 (hidden

@@ -23,7 +23,7 @@ from klconvert.onnx.linears import Linears, as_numpy
 from klconvert.onnx.mla import mla_layer
 from klconvert.runtime import model as M
 from klconvert.runtime.bind import bind
-from klconvert.tokenizer import BPE_FILE, CHAT_TEMPLATE_FILE, CONFIG_FILE, check_tokenizer_if_any
+from klconvert.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_FILES, check_tokenizer_if_any
 
 ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"      # the weights, when they are over PROTOBUF_LIMIT
@@ -31,8 +31,8 @@ PROTOBUF_LIMIT = 2 << 30           # a protobuf message holds at most 2 GB: past
 MIN_OPSET = 18                     # ReduceMean / Split with axes and sizes as inputs, ScatterND reduction
 DEFAULT_OPSET = MIN_OPSET
 MS_OPSET = 1                       # com.microsoft's version (MatMulNBits, QMoE)
-TOKENIZER_FILES = (BPE_FILE, CONFIG_FILE, "special_tokens_map.json", CHAT_TEMPLATE_FILE)
-EXPORT_FILES = {ONNX_FILE, DATA_FILE, GENAI_CONFIG, "config.json", *TOKENIZER_FILES}  # all an export writes
+COPIED_TOKENIZER_FILES = (*TOKENIZER_FILES, CHAT_TEMPLATE_FILE)  # each where the model folder has it
+EXPORT_FILES = {ONNX_FILE, DATA_FILE, GENAI_CONFIG, "config.json", *COPIED_TOKENIZER_FILES}  # all an export writes
 
 
 def state_spec(config) -> list[dict]:
@@ -170,7 +170,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPS
     model_dir, out = Path(model_dir), Path(out)
     checkpoint = Checkpoint(model_dir)
     check_tokenizer_if_any(model_dir, checkpoint.config.vocab_size)
-    copied = [name for name in ("config.json", *TOKENIZER_FILES) if (model_dir / name).is_file()]
+    copied = [name for name in ("config.json", *COPIED_TOKENIZER_FILES) if (model_dir / name).is_file()]
     refuse_unfit_side_files(model_dir, (model_dir / name for name in copied))
     created = not out.exists()
     _prepare_out(out, force)

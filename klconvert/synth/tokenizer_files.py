@@ -7,6 +7,8 @@ import os
 import random
 from pathlib import Path
 
+from klconvert.tokenizer import BPE_FILE, CONFIG_FILE, SPECIAL_TOKENS_FILE
+
 # The first special ids, in the released order; "<|reserved_token_{id}|>" fills the rest, then UNK and PAD.
 NAMED_SPECIAL_TOKENS = ("[BOS]", "[EOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|start_header_id|>",
                         "<|end_header_id|>", "[EOT_ID]", "<|im_system|>", "<|im_middle|>")
@@ -137,11 +139,11 @@ def write_tiktoken_files(out_dir: Path, tokens: list[bytes], num_specials: int =
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ranks_text = b"".join(base64.b64encode(token) + b" %d\n" % rank for rank, token in enumerate(tokens))
-    write_atomically(out_dir / "tiktoken.model", ranks_text)
+    write_atomically(out_dir / BPE_FILE, ranks_text)
     config = tokenizer_config(len(tokens), num_specials)
-    write_atomically(out_dir / "tokenizer_config.json",
+    write_atomically(out_dir / CONFIG_FILE,
                      json.dumps(config, indent=2, ensure_ascii=False).encode("utf-8"))
     special_tokens_map = {key: config[key] for key in
                           ("additional_special_tokens", "bos_token", "eos_token", "pad_token", "unk_token")}
-    write_atomically(out_dir / "special_tokens_map.json",
+    write_atomically(out_dir / SPECIAL_TOKENS_FILE,
                      json.dumps(special_tokens_map, indent=2, ensure_ascii=False).encode("utf-8"))
