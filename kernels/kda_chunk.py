@@ -17,7 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .naive_kda import L2NORM_EPS, SOFTPLUS_THRESHOLD
+
 BT = 64  # tokens per chunk
+_L2NORM_EPS = tl.constexpr(L2NORM_EPS)
+_SOFTPLUS_THRESHOLD = tl.constexpr(SOFTPLUS_THRESHOLD)
 BC = 16  # tokens per sub-block of the in-chunk products (tl.dot's smallest tile)
 
 
@@ -45,11 +49,11 @@ def kda_prefill_conv_kernel(x, tail, w, y, T, C, s_xb, s_xt, s_tail, W: tl.const
 
 @triton.jit
 def _rows_normed(p, s_t, rows, mask_t, offs_k, mask_k, scale):
-    """Rows [len(rows), BK] of a [.., K] tensor with token stride s_t, l2-normalised (eps 1e-6 inside the sqrt)
+    """Rows [len(rows), BK] of a [.., K] tensor with token stride s_t, l2-normalised (eps L2NORM_EPS inside the sqrt)
     and times scale; rows past T are zero."""
     x = tl.load(p + rows[:, None] * s_t + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :],
                 other=0.0).to(tl.float32)
-    return x * (tl.rsqrt(tl.sum(x * x, axis=1) + 1e-6) * scale)[:, None]
+    return x * (tl.rsqrt(tl.sum(x * x, axis=1) + _L2NORM_EPS) * scale)[:, None]
 
 
 @triton.jit
@@ -68,7 +72,7 @@ def kda_chunk_gate_kernel(g, a_log, dt_bias, G, T, H, s_g, K: tl.constexpr, BT: 
     mask = (rows < T)[:, None] & (offs_k < K)[None, :]
     x = tl.load(g + (i_b * T + rows)[:, None] * s_g + i_h * K + offs_k[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32) + tl.load(dt_bias + i_h * K + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)[None, :]
-    softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+    softplus = tl.where(x > _SOFTPLUS_THRESHOLD, x, tl.log(1.0 + tl.exp(tl.minimum(x, _SOFTPLUS_THRESHOLD))))
     gate = tl.where(mask, -tl.exp(tl.load(a_log + i_h).to(tl.float32)) * softplus, 0.0)
     tl.store(G + (i_b * T + rows)[:, None] * (H * K) + i_h * K + offs_k[None, :], tl.cumsum(gate, axis=0), mask=mask)
 
@@ -111,7 +115,7 @@ def kda_chunk_intra_kernel(q, k, beta, G, Akk, Aqk, scale, T, H, s_q, s_k, s_bet
         for c in range(BC):  # the diagonal sub-block, one column (key token) at a time
             col = i_t * BT + i * BC + c
             k_c = tl.load(k + tl.minimum(col, T - 1) * s_k + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            k_c = k_c * tl.rsqrt(tl.sum(k_c * k_c, axis=0) + 1e-6)
+            k_c = k_c * tl.rsqrt(tl.sum(k_c * k_c, axis=0) + _L2NORM_EPS)
             G_c = tl.load(G + tl.minimum(col, T - 1) * (H * K) + offs_k, mask=mask_k, other=0.0)
             below = (offs_c >= c)[:, None]
             decay = tl.exp(tl.where(below, G_i - G_c[None, :], 0.0)) * k_c[None, :]

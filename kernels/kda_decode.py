@@ -4,7 +4,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .naive_kda import L2NORM_EPS, SOFTPLUS_THRESHOLD
 from .pdl import prefetch_fits, prefetch_runs, use_pdl, wait_for_inputs
+
+_L2NORM_EPS = tl.constexpr(L2NORM_EPS)
+_SOFTPLUS_THRESHOLD = tl.constexpr(SOFTPLUS_THRESHOLD)
 
 # kda_layer_step's (block_v, num_warps) by batch: the first entry whose bound >= B. Measured on an H200
 # (2026-11-29, `python bench/kernels.py --only kda`, graph time, fp32 state): at B=1 (64, 8) 8.8 us against (32, 4)
@@ -21,12 +25,13 @@ LAYER_STEP_LAUNCH = ((16, (64, 4)), (1 << 62, (32, 4)))
 def _decay(g_raw, dt_bias, a_log):
     """exp(g) with g = -exp(A_log) * softplus(g_raw + dt_bias), softplus threshold 20."""
     x = g_raw + dt_bias
-    return tl.exp(-tl.exp(a_log) * tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0)))))
+    return tl.exp(-tl.exp(a_log) * tl.where(x > _SOFTPLUS_THRESHOLD, x,
+                                            tl.log(1.0 + tl.exp(tl.minimum(x, _SOFTPLUS_THRESHOLD)))))
 
 
 @triton.jit
 def _l2norm(x):
-    return x / tl.sqrt(tl.sum(x * x, axis=0) + 1e-6)
+    return x / tl.sqrt(tl.sum(x * x, axis=0) + _L2NORM_EPS)
 
 
 @triton.jit

@@ -7,7 +7,10 @@ import triton
 import triton.language as tl
 
 from .int_linear import KT, _sum_partials
+from .naive_moe_route import ROUTE_EPS
 from .pdl import prefetch_runs, use_pdl, wait_for_inputs
+
+_ROUTE_EPS = tl.constexpr(ROUTE_EPS)
 
 
 @triton.jit
@@ -42,7 +45,7 @@ def _top_k(logits_ptrs, bias, ids, wts, row, E, scaling, K: tl.constexpr, BK: tl
         weight += tl.load(bias + picked, mask=keep, other=0.0).to(tl.float32)
     weight = tl.where(keep, weight, 0.0)
     if RENORM:
-        weight = weight / (tl.sum(weight, axis=0) + 1e-20)
+        weight = weight / (tl.sum(weight, axis=0) + _ROUTE_EPS)
     tl.store(ids + row * K + offs_k, picked, mask=keep)
     tl.store(wts + row * K + offs_k, weight * scaling, mask=keep)
 

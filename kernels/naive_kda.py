@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 
 CHUNK = 64  # tokens per chunk of kda_chunked (the memory plan sizes its pairwise-decay temporary from it)
+L2NORM_EPS = 1e-6  # q and k's l2norm: eps inside the sqrt, as fla and the release (the Triton kernels take it too)
+SOFTPLUS_THRESHOLD = 20.0  # the gate's softplus is linear above this, as torch's F.softplus(threshold=20)
 
 
 def kda_gate(g_raw, A_log, dt_bias):
@@ -13,7 +15,7 @@ def kda_gate(g_raw, A_log, dt_bias):
     model uses it too; kda_decode's Triton kernel restates it (_decay)."""
     H, K = g_raw.shape[-2:]
     x = g_raw.float() + dt_bias.float().reshape(H, K)
-    return -A_log.float().reshape(H, 1).exp() * F.softplus(x, threshold=20.0)
+    return -A_log.float().reshape(H, 1).exp() * F.softplus(x, threshold=SOFTPLUS_THRESHOLD)
 
 
 def kda_short_conv(x, tail, weight):
@@ -32,15 +34,17 @@ def kda_short_conv(x, tail, weight):
     return F.silu(F.conv1d(xt.float(), weight.float(), groups=C)).transpose(1, 2)
 
 
-def _l2norm(x):
-    return x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-6)
+def l2norm(x: torch.Tensor) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + L2NORM_EPS) over the last dim, in fp32: the one PyTorch statement of it."""
+    x = x.float()
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + L2NORM_EPS)
 
 
 def naive_kda_decode(q, k, v, g, beta, state, *, A_log, dt_bias, scale=None, out=None):
     B, H, K = q.shape
     scale = K ** -0.5 if scale is None else scale
-    q = _l2norm(q.float()) * scale  # [B, H, K]
-    k = _l2norm(k.float())
+    q = l2norm(q.float()) * scale  # [B, H, K]
+    k = l2norm(k.float())
     gk = kda_gate(g, A_log, dt_bias)  # [B, H, K]
     b = beta.float().sigmoid()[..., None]  # [B, H, 1]
     S = state.float() * gk.exp()[..., None]  # [B, H, K, V]
@@ -109,7 +113,7 @@ def naive_kda_chunk(q, k, v, g, beta, state, *, A_log, dt_bias, scale=None, out=
     state [B, H, K, V] updated in place. Returns o [B, T, H, V] in v.dtype."""
     K = q.shape[-1]
     scale = K ** -0.5 if scale is None else scale
-    o, final = kda_chunked(_l2norm(q.float()) * scale, _l2norm(k.float()), v, kda_gate(g, A_log, dt_bias),
+    o, final = kda_chunked(l2norm(q.float()) * scale, l2norm(k.float()), v, kda_gate(g, A_log, dt_bias),
                            beta.float().sigmoid(), state.float())
     state.copy_(final)
     o = o.to(v.dtype)

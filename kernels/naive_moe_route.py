@@ -1,6 +1,8 @@
 """The twins of moe_route.moe_route and moe_route.moe_router in plain PyTorch."""
 import torch
 
+ROUTE_EPS = 1e-20  # the renormalized routing weights' sum guard, as the release (the Triton router takes it too)
+
 
 def naive_moe_route(logits: torch.Tensor, bias: torch.Tensor, k: int, scaling: float, *, renormalize: bool = True,
                     biased_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -9,7 +11,7 @@ def naive_moe_route(logits: torch.Tensor, bias: torch.Tensor, k: int, scaling: f
     ids = choice.topk(k, dim=-1).indices
     weights = (choice if biased_weights else scores).gather(1, ids)
     if renormalize:
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        weights = weights / (weights.sum(-1, keepdim=True) + ROUTE_EPS)
     return ids, weights * scaling
 
 

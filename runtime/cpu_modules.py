@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from klconvert.kernels.naive_kda import L2NORM_EPS, SOFTPLUS_THRESHOLD
 from klconvert.runtime import model as M
 
 
@@ -103,7 +104,7 @@ class CPUKDAMixer(M.KDAMixer):
         mixer.cpu_neg_A = -mixer.A_log.detach().float().reshape(H, 1, 1).exp()                   # as kda_gate
         mixer.cpu_dt_bias = mixer.dt_bias.detach().float().reshape(H, K, 1)
         mixer.cpu_norm = _Norm(mixer.o_norm.weight, mixer.eps)
-        mixer.cpu_l2_eps, mixer.cpu_scale = _const(1e-6), _const(K ** -0.5)
+        mixer.cpu_l2_eps, mixer.cpu_scale = _const(L2NORM_EPS), _const(K ** -0.5)
         # [2, K, HK] laid out as the weights are (bind's _cpu_layout: [in, out]): bmm reads each as F.linear does
         mixer.cpu_fg_t = _held(torch.stack([mixer.f_b_proj.weight.t(), mixer.g_b_proj.weight.t()]))
         mixer.cpu_outer = None     # k u^T [B, H, K, V], allocated at the first step
@@ -122,7 +123,8 @@ class CPUKDAMixer(M.KDAMixer):
         qk = y[:, :2]                                                                          # l2norm, q and k
         q, k = (qk * torch.rsqrt_((qk * qk).sum(-1, keepdim=True) + self.cpu_l2_eps)).unbind(1)  # [B, H, 1, K]
         q = q * self.cpu_scale
-        decay = (self.cpu_neg_A * F.softplus(g_raw.view(B, H, K, 1) + self.cpu_dt_bias, threshold=20.0)).exp_()
+        gate = F.softplus(g_raw.view(B, H, K, 1) + self.cpu_dt_bias, threshold=SOFTPLUS_THRESHOLD)
+        decay = (self.cpu_neg_A * gate).exp_()
         beta = torch.sigmoid(beta_raw.view(B, H, 1, 1))
         # the delta rule (runtime/kda.kda_step), u and o as [B, H, 1, V] rows
         S.mul_(decay)

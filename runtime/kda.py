@@ -9,15 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from klconvert.kernels.naive_kda import CHUNK, kda_chunked, kda_gate
+from klconvert.kernels.naive_kda import CHUNK, kda_chunked, kda_gate, l2norm
 
 __all__ = ["CHUNK", "kda_chunked", "kda_gate", "kda_step", "l2norm"]
-
-
-def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / sqrt(sum(x^2) + eps) over the last dim, in fp32 (fla's form: eps inside the sqrt)."""
-    x = x.float()
-    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
 def kda_step(q, k, v, g, beta, state):

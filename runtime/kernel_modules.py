@@ -221,7 +221,7 @@ class TritonKDAChunk(nn.Module):
 
 class FlaKDAChunk(TritonKDAChunk):
     """KDAChunk with fla-core's chunk_kda for the delta rule (`pip install 'klconvert[fast]'`): the same
-    conventions -- l2norm with eps 1e-6 inside the sqrt, q times K^-0.5, the gate -exp(A_log) softplus(g + dt_bias),
+    conventions -- l2norm (eps inside the sqrt), q times K^-0.5, the gate -exp(A_log) softplus(g + dt_bias),
     sigmoid(beta) -- and the state [B, H, K, V] fp32 in and out. q, k, v go in the activation dtype (bf16 on a
     GPU), as fla's documentation and our H200 check run it; an fp32 model takes the Triton kernel in full fp32."""
 

@@ -23,6 +23,7 @@ from torch.nn.modules import module as _module_hooks
 from klconvert.config import KimiLinearConfig
 from klconvert.kernels.naive_attention_merge import naive_merge_attention
 from klconvert.kernels.naive_kda import kda_short_conv
+from klconvert.kernels.naive_moe_route import ROUTE_EPS
 from klconvert.runtime.kda import kda_chunked, kda_gate, kda_step, l2norm
 from klconvert.runtime.state import StateBuffers, cache_rows
 
@@ -399,7 +400,7 @@ class Router(nn.Module):
         ids = choice.topk(c.num_experts_per_token, dim=-1).indices
         weights = (choice if self.biased else scores).gather(1, ids)
         if c.moe_renormalize:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+            weights = weights / (weights.sum(-1, keepdim=True) + ROUTE_EPS)
         return ids, weights * c.routed_scaling_factor
 
 

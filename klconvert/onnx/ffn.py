@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from klconvert.errors import KLError
+from klconvert.kernels.naive_moe_route import ROUTE_EPS
 from klconvert.onnx.graph import MS_DOMAIN, GraphBuilder
 from klconvert.onnx.linears import Linears, as_numpy
 from klconvert.onnx.matmul_nbits import stack_experts
@@ -60,7 +61,7 @@ def _routed_by_gather(g: GraphBuilder, flat: str, out: str, choice: str, weigh: 
     weights = g.op("GatherElements", weigh, ids, axis=1)
     if c.moe_renormalize:
         total = g.op("ReduceSum", weights, g.const([1]), keepdims=1)
-        weights = g.op("Div", weights, g.op("Add", total, g.const(1e-20, np.float32)))
+        weights = g.op("Div", weights, g.op("Add", total, g.const(ROUTE_EPS, np.float32)))
     weights = g.op("Mul", weights, g.const(c.routed_scaling_factor, np.float32))
     zero = g.const(0.0, np.float32)
     for e in range(c.num_experts):

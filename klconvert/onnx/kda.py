@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper
 
+from klconvert.kernels.naive_kda import L2NORM_EPS
 from klconvert.onnx.graph import FLOAT, GraphBuilder
 from klconvert.onnx.linears import Linears, as_numpy
 from klconvert.runtime import model as M
 
-L2NORM_EPS = 1e-6  # runtime/kda.py l2norm's default: fla's eps inside the sqrt
 
 
 def _l2norm(g: GraphBuilder, x: str) -> str:
