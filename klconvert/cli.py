@@ -13,6 +13,7 @@ from klconvert.errors import KLError, PlanDoesNotFit, exit_interrupted
 from klconvert.extras import require
 from klconvert.hub import DEFAULT_REPO
 from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, default_run_model, resolve_model
+from klconvert.presets import PRESETS
 
 DEVICE = click.Choice(["cpu", "cuda"])
 # the runtime's MLA cache dtypes by name (runtime/state.py MLA_CACHE_DTYPES; named here, torch-free, for --help)
@@ -134,7 +135,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--preset", type=click.Choice(["tiny", "kimi-linear-48b"]), required=True,
+@click.option("--preset", type=click.Choice(list(PRESETS)), required=True,
               help="tiny: a few-MB model of the same structure; kimi-linear-48b: the released shapes.")
 @click.option("--layers", type=int, default=None, help="Keep only N layers (3:1 KDA:MLA pattern kept).")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
@@ -390,7 +391,7 @@ def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) ->
 @cli.command()
 @click.option("--model", type=MODEL, default=None,
               help=f"Checkpoint folder to plan for, or {BUNDLED_NAME} (the bundled model).")
-@click.option("--preset", type=click.Choice(["tiny", "kimi-linear-48b"]), default=None,
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
               help="Plan for a preset instead of a folder.")
 @click.option("--layers", type=int, default=None, help="With --preset: keep only N layers.")
 @click.option("--recipe", type=PathArg(path_type=Path), default=None,

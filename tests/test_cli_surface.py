@@ -32,6 +32,17 @@ def test_dtype_choices_are_the_runtimes(flag, uses):
     assert len(flags) == uses and all(list(p.type.choices) == names for p in flags)
 
 
+def test_choices_are_the_codes_tables():
+    """The torch-free CLI cannot import these tables for its choices (they sit beside torch code): held to them here."""
+    from klconvert.quant.groupwise import OBSERVERS
+    from klconvert.runtime.weights import KERNEL_MODES
+
+    choices = {(name, p.name): list(p.type.choices) for name, command in cli.commands.items()
+               for p in command.params if isinstance(p.type, click.Choice)}
+    assert choices[("run", "kernels")] == list(KERNEL_MODES)
+    assert choices[("quantize", "observer")] == choices[("pull-and-quantize", "observer")] == list(OBSERVERS)
+
+
 def test_device_is_a_choice_in_every_command():
     for name, command in cli.commands.items():
         for param in command.params:
