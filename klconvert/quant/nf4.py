@@ -14,6 +14,9 @@ from klconvert.quant.scheme import NF4_BLOCKSIZE
 # Linear4bit._save_to_state_dict writes "<module>.weight" plus QuantState.as_dict(packed=True) under
 # "<module>.weight.": absmax (uint8 when double-quantized), quant_map, the nested_* pair and one uint8
 # tensor holding the non-tensor fields as JSON (quant_type, blocksize, dtype, shape, nested_*).
+# The absmax of each block double-quantized (bitsandbytes' compress_statistics): what klconvert writes, what
+# quantization_config declares, and what stored.nf4_parts sizes; a folder without it is read too
+NF4_DOUBLE_QUANT = True
 NF4_NAMES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
              "weight.quant_state.bitsandbytes__nf4")
 
@@ -23,7 +26,7 @@ def _bnb(feature: str):
 
 
 @torch.no_grad()
-def compress_nf4(prefix: str, w: torch.Tensor, double_quant: bool = True) -> dict[str, torch.Tensor]:
+def compress_nf4(prefix: str, w: torch.Tensor, double_quant: bool = NF4_DOUBLE_QUANT) -> dict[str, torch.Tensor]:
     """Quantize module `prefix`'s weight w [out, in] to NF4 (blocks of 64) with bitsandbytes, on w's device.
 
     Returns {prefix.weight: uint8 [out*in/2, 1], prefix.weight.absmax, .quant_map,
@@ -128,8 +131,7 @@ def _check_state(found: Mapping[str, torch.Tensor], where: str, weight_shape: tu
             raise bad(f"{name.removeprefix('weight.')} holds {got} values where its shape needs {size}")
 
 
-def bnb_quantization_config(skip_modules: Sequence[str], compute_dtype: str = "bfloat16",
-                            double_quant: bool = True) -> dict:
+def bnb_quantization_config(skip_modules: Sequence[str]) -> dict:
     """config.json's `quantization_config` for a pre-quantized bitsandbytes NF4 checkpoint.
 
     transformers converts every nn.Linear not matched by `llm_int8_skip_modules` (regexes from the
@@ -141,8 +143,8 @@ def bnb_quantization_config(skip_modules: Sequence[str], compute_dtype: str = "b
         "load_in_4bit": True,
         "load_in_8bit": False,
         "bnb_4bit_quant_type": "nf4",
-        "bnb_4bit_compute_dtype": compute_dtype,
-        "bnb_4bit_use_double_quant": double_quant,
+        "bnb_4bit_compute_dtype": "bfloat16",
+        "bnb_4bit_use_double_quant": NF4_DOUBLE_QUANT,
         "bnb_4bit_quant_storage": "uint8",
         "llm_int8_skip_modules": list(skip_modules),
         "llm_int8_threshold": 6.0,
