@@ -8,7 +8,7 @@ from importlib import import_module
 
 _LAZY = {"Engine": "klconvert.runtime.engine", "load": "klconvert.runtime.engine", "KLError": "klconvert.errors",
          "Tokenizer": "klconvert.tokenizer"}
-__all__ = ["Engine", "KLError", "Tokenizer", "load"]
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str):

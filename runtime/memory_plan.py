@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 # (runtime/model.py): one MLA layer's attention over a 1M-token prompt 24.5 -> 19.9 s (2026-11-30, `python
 # bench/mla_prefill.py`), the workspace 2.65 GiB.
 PREFILL_SEGMENT = 16384
-DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float8_e4m3fn: 1}
 WEIGHT_CATEGORIES = ("embedding", "lm_head", "attention", "kda_small", "experts", "shared_experts", "dense_mlp",
                      "router", "norm")
 
@@ -49,19 +48,19 @@ class MemoryPlan:
     def kda_state_bytes_per_seq(self) -> int:
         c = self.config
         return len(c.kda_layers) * c.kda_num_heads * c.kda_head_dim * c.kda_head_dim * \
-            DTYPE_BYTES[self.kda_state_dtype]
+            self.kda_state_dtype.itemsize
 
     @property
     def conv_bytes_per_seq(self) -> int:
         c = self.config
-        return len(c.kda_layers) * 3 * c.kda_dim * (c.conv_kernel_size - 1) * DTYPE_BYTES[self.act_dtype]
+        return len(c.kda_layers) * 3 * c.kda_dim * (c.conv_kernel_size - 1) * self.act_dtype.itemsize
 
     @property
     def mla_bytes_per_token(self) -> int:
         """The cached values, plus one fp32 scale per row when the cache is e4m3."""
         c = self.config
         scale = 4 if self.mla_cache_dtype == FP8 else 0
-        return len(c.full_attn_layers) * (c.mla_cache_width * DTYPE_BYTES[self.mla_cache_dtype] + scale)
+        return len(c.full_attn_layers) * (c.mla_cache_width * self.mla_cache_dtype.itemsize + scale)
 
     # ---- totals ---------------------------------------------------------------------------------
     @property
@@ -87,7 +86,7 @@ class MemoryPlan:
         """
         c, B = self.config, self.batch
         S, block = min(PREFILL_SEGMENT, context), min(MLA_KEY_BLOCK, context)
-        a = DTYPE_BYTES[self.act_dtype]
+        a = self.act_dtype.itemsize
         hidden = B * S * c.hidden_size * a * 6
         kda = B * S * c.kda_dim * (3 * a + 6 * 4) + 2 * B * c.kda_num_heads * CHUNK * CHUNK * c.kda_head_dim * 4
         ffn = B * S * max(2 * c.intermediate_size, 2 * c.moe_intermediate_size * c.num_experts_per_token) * a
@@ -165,7 +164,7 @@ def weight_bytes(config: KimiLinearConfig, dtype: torch.dtype, policy: Policy | 
         elif held_in_fp32(spec.name, spec.category):
             size = math.prod(spec.shape) * 4
         else:
-            size = math.prod(spec.shape) * DTYPE_BYTES[dtype]
+            size = math.prod(spec.shape) * dtype.itemsize
         out[spec.category] += size
     return out
 
