@@ -14,6 +14,7 @@ from klconvert.extras import require
 from klconvert.hub import DEFAULT_REPO
 from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, default_run_model, resolve_model
 from klconvert.presets import PRESETS
+from klconvert.recipes import shipped_names
 
 DEVICE = click.Choice(["cpu", "cuda"])
 # the runtime's MLA cache dtypes by name (runtime/state.py MLA_CACHE_DTYPES; named here, torch-free, for --help)
@@ -116,12 +117,6 @@ class OneLineErrors(click.Group):
             raise click.exceptions.Abort() from None
 
 
-def _bars_shown() -> bool:
-    """Whether pull's and quantize's progress bars show: on a terminal only, as git's and pip's do (in a log their
-    carriage returns run into one long line, and into the error line after them)."""
-    return sys.stderr.isatty()
-
-
 def _one_line(message: str) -> str:
     """The message on one line, any character a terminal would act on (ESC, BEL, NUL...) written as its escape:
     tensor names, index keys and a template's own error text come from the download."""
@@ -168,7 +163,7 @@ def pull(repo: str, revision: str | None, include: tuple[str, ...], exclude: tup
     if local_dir is not None and cache_dir is not None:
         raise KLError("give at most one of --local-dir and --cache-dir")
     result = hub_pull(repo, revision=revision, include=list(include) or None, exclude=list(exclude) or None,
-                      local_dir=local_dir, cache_dir=cache_dir, progress=_bars_shown())
+                      local_dir=local_dir, cache_dir=cache_dir)
     click.echo(f"{repo}@{result.commit}: {len(result.files)} files verified, "
                f"{result.bytes_downloaded / 1e9:.2f} GB downloaded", err=True)
     click.echo(str(result.path))
@@ -395,8 +390,8 @@ def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) ->
               help="Plan for a preset instead of a folder.")
 @click.option("--layers", type=int, default=None, help="With --preset: keep only N layers.")
 @click.option("--recipe", type=PathArg(path_type=Path), default=None,
-              help="A recipe YAML, or a shipped one by name (32gb, 48gb, 80gb, 141gb): its quantization sizes the "
-                   "weights, its runtime section sets the defaults of the flags below.")
+              help=f"A recipe YAML, or a shipped one by name ({', '.join(shipped_names())}): its quantization sizes "
+                   "the weights, its runtime section sets the defaults of the flags below.")
 @click.option("--gpu-memory", default=None,
               help="Device memory to fit, e.g. 80GiB, 24GB [default: the recipe's, else no fit check].")
 @click.option("--max-context", type=click.IntRange(min=1), default=None,
@@ -482,7 +477,7 @@ def _quantize_options(command):
                           "observer: shrunk to the least round-trip error; up to 20 trials a weight)."),
         click.option("--recipe", type=PathArg(path_type=Path), default=None,
                      help="llm-compressor-shaped recipe YAML saying how each tensor is stored (instead of the "
-                          "five flags above), or a shipped one by name (32gb, 48gb, 80gb, 141gb)."),
+                          f"five flags above), or a shipped one by name ({', '.join(shipped_names())})."),
         click.option("--device", type=DEVICE, default=None, help="Where to quantize [default: cuda if present]."),
         click.option("--max-shard-size", default=None,
                      help="Largest output shard, e.g. 5GB, 500MB [default: 5GB]; a rerun after a kill redoes only "
@@ -513,7 +508,7 @@ def quantize(src: str, out: Path, bits: int | None, group_size: int | None, symm
     result = quantize_checkpoint(resolve_model(src), out, bits=bits, group_size=group_size, symmetric=symmetric,
                                  scheme=scheme, observer=observer,
                                  recipe=recipe, device=device, force=force, allow_split_fused=allow_split_fused,
-                                 max_shard_bytes=_shard_bytes(max_shard_size), progress=_bars_shown())
+                                 max_shard_bytes=_shard_bytes(max_shard_size))
     click.echo(result.summary(), err=True)
     click.echo(str(result.path))
 
@@ -536,7 +531,7 @@ def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: 
                                           symmetric=symmetric, scheme=scheme, observer=observer, recipe=recipe,
                                           device=device,
                                           force=force, allow_split_fused=allow_split_fused,
-                                          max_shard_bytes=_shard_bytes(max_shard_size), progress=_bars_shown())
+                                          max_shard_bytes=_shard_bytes(max_shard_size))
     click.echo(result.summary(), err=True)
     click.echo(str(result.path))
 

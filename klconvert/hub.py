@@ -113,6 +113,15 @@ class _QuietTqdm(hf_tqdm):
         super().__init__(*args, **kwargs)
 
 
+class _TerminalTqdm(hf_tqdm):
+    """huggingface_hub's progress bar on a terminal only (tqdm's disable=None), as git's and pip's: in a log its
+    carriage returns run into one long line, and into an error line after it."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["disable"] = None if not kwargs.get("disable") else True
+        super().__init__(*args, **kwargs)
+
+
 def pull(
     repo: str = DEFAULT_REPO,
     revision: str | None = None,
@@ -172,7 +181,7 @@ def pull(
                     cache_dir=cache_dir,
                     local_dir=local_dir,
                     allow_patterns=[glob.escape(f.path) for f in wanted],
-                    tqdm_class=None if progress else _QuietTqdm,
+                    tqdm_class=_TerminalTqdm if progress else _QuietTqdm,
                 )
             )
     if listing is None:  # offline, and the cache holds no tree listing (older huggingface_hub): use the disk
@@ -386,7 +395,7 @@ def _verify(folder: Path, wanted: list[HubFile], where: str, progress: bool, rec
     """Check each file's size and hash against the hub's (hashing only files changed since `record` saw them);
     remove the bad ones (_remove; blobs: the cache's blob folder, None in a --local-dir) and raise KLError."""
     total = sum((folder / f.path).stat().st_size for f in wanted if (folder / f.path).is_file())
-    with hf_tqdm(total=total, unit="B", unit_scale=True, desc="Verifying", disable=not progress) as bar:
+    with hf_tqdm(total=total, unit="B", unit_scale=True, desc="Verifying", disable=None if progress else True) as bar:
         with ThreadPoolExecutor(max_workers=HASH_WORKERS) as pool:
             checks = list(pool.map(lambda f: _check_file(folder, f, bar, record), wanted))
     problems = [problem for _, problem in checks if problem is not None]

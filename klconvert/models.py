@@ -20,9 +20,9 @@ def bundled_dir() -> Path:
 
 
 def resolve_model(value: str | Path) -> Path:
-    """`tiny` names the bundled model; anything else is a folder path, returned as given (write ./tiny for a
-    folder of that name)."""
-    return bundled_dir() if str(value) == BUNDLED_NAME else Path(value)
+    """The string `tiny` names the bundled model; anything else (a Path too: Path("./tiny") is "tiny") is a folder
+    path, returned as given (write ./tiny for a folder of that name)."""
+    return bundled_dir() if isinstance(value, str) and value == BUNDLED_NAME else Path(value)
 
 
 def default_run_model() -> tuple[Path, str]:

@@ -257,7 +257,8 @@ def _quantize(src: Path, out: Path, policy: Policy, runtime: dict, device: str |
     folder.open()
 
     source_bytes = {p.outputs[0][0]: p.source_bytes for p in plans}  # progress counts a module at its first tensor
-    bar = tqdm(total=totals.bytes_in, unit="B", unit_scale=True, desc=f"quantize {out.name}", disable=not progress)
+    bar = tqdm(total=totals.bytes_in, unit="B", unit_scale=True, desc=f"quantize {out.name}",
+               disable=None if progress else True)   # None: on a terminal only
     done = resumed = resumed_bytes = 0
     finished: list[bool] = []
     try:

@@ -2,6 +2,7 @@
 (or `recipes/48gb.yaml` where no such file is) names `48gb.yaml` here, wherever klconvert is installed."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 FOLDER = Path(__file__).resolve().parent
@@ -13,9 +14,9 @@ def shipped_names() -> list[str]:
 
 
 def shipped_recipe(given: Path) -> Path | None:
-    """The shipped recipe a --recipe value names that is no file here -- `48gb`, `48gb.yaml` or `recipes/48gb.yaml`
-    -- or None."""
-    if given.exists() or given.parent.name not in ("", "recipes") or given.parent.parent.name:
+    """The shipped recipe a --recipe value names that is no file here (nor a link, even a broken one) -- `48gb`,
+    `48gb.yaml` or `recipes/48gb.yaml`, relative -- or None."""
+    if given.is_absolute() or os.path.lexists(given) or given.parent not in (Path("."), Path("recipes")):
         return None
     name = given.name.removesuffix(".yaml")
     return FOLDER / f"{name}.yaml" if name in shipped_names() else None

@@ -106,3 +106,4 @@ def test_tiny_is_a_name_and_anything_else_a_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny").mkdir()                      # a folder of that name is reached as ./tiny
     assert resolve_model("tiny") == BUNDLED_DIR and resolve_model("./tiny") == Path("./tiny")
+    assert resolve_model(Path("./tiny")) == Path("tiny")     # a Path is a path: Path("./tiny") prints as "tiny"

@@ -122,7 +122,6 @@ def test_transformers_predicts_what_we_predict(outputs, source_logits, label, tm
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95
 
 
-@pytest.mark.skipif(not CONV1D_BUG, reason="the conv1d concatenation bug is in transformers >= 5.24")
 def test_the_folder_names_no_remote_code_so_trust_remote_code_loads_it(outputs, trained_like):
     """The release's config.json and tokenizer_config.json name its Python files in auto_map; the folder copies no
     .py, so with auto_map kept `trust_remote_code=True` (the release's own instructions, and vLLM's
@@ -139,6 +138,7 @@ def test_the_folder_names_no_remote_code_so_trust_remote_code_loads_it(outputs, 
             == Tokenizer.from_folder(folder).encode(text))
 
 
+@pytest.mark.skipif(not CONV1D_BUG, reason="the conv1d concatenation bug is in transformers >= 5.24")
 def test_conv1d_bug_reproduction(outputs):
     """Minimal reproduction: any quantized folder with the released q/k/v_conv1d names (ours; llm-compressor's too)."""
     with pytest.raises(RuntimeError, match="automatic conversion of the weights"):

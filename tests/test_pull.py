@@ -104,6 +104,7 @@ def test_pull_by_commit_sha_and_progress_output(served, capsys):
     assert result.commit == commit
     said = capsys.readouterr().err
     assert f"is commit {commit}" in said and "pulling 7 files" in said and "modeling_kimi.py" in said
+    assert "\r" not in said and "Verifying" not in said   # stderr is no terminal here: the line, and no bars
 
 
 def test_local_dir_gets_files_and_a_pull_record(served, checkpoint, tmp_path):

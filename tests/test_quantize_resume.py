@@ -209,8 +209,8 @@ def test_a_different_max_shard_size_does_not_resume_without_force(tiny_released,
 
 
 # no record; one nested past Python's stack; a FIFO (waited on forever if opened blocking); one past the bound (read
-# no further than it: a sparse file of 4 GB)
-@pytest.mark.parametrize("record", [None, "[" * 100_000, "fifo", "huge"])
+# no further than it: a sparse file of 4 GB); JSON that is no record of ours (a list: an AttributeError once)
+@pytest.mark.parametrize("record", [None, "[" * 100_000, "fifo", "huge", "[1]", '{"source": 3}'])
 def test_force_leaves_a_partial_folder_klconvert_did_not_write(tiny_released, tmp_path, record):
     """OUT.partial without a readable resume record is someone else's: refused with --force too, left as it was."""
     partial = tmp_path / "q.partial"

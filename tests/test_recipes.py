@@ -168,3 +168,19 @@ def test_a_shipped_recipe_is_found_by_name_wherever_klconvert_runs(tmp_path, mon
         load_recipe("24gb")
     with pytest.raises(KLError, match="no such recipe file"):
         load_recipe("elsewhere/48gb.yaml")
+
+
+def test_only_a_relative_name_that_is_no_file_finds_a_shipped_recipe(tmp_path, monkeypatch):
+    """/recipes/48gb.yaml (a missing mount) and a dangling link are the user's paths, refused as such -- not
+    quietly swapped for the shipped recipe."""
+    from klconvert.recipes import shipped_recipe
+
+    monkeypatch.chdir(tmp_path)
+    for given in ("/recipes/48gb.yaml", "/48gb", "//48gb.yaml", "other/48gb.yaml", "./recipes/x/48gb.yaml"):
+        assert shipped_recipe(Path(given)) is None, given
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "48gb.yaml").symlink_to(tmp_path / "nowhere.yaml")
+    assert shipped_recipe(Path("recipes/48gb.yaml")) is None
+    with pytest.raises(KLError, match="recipes/48gb.yaml: no such recipe file"):
+        load_recipe("recipes/48gb.yaml")
+    assert shipped_recipe(Path("./48gb")) is not None

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bundled_corpus  # noqa: E402
-from tool_output import positive_float, positive_int, refuse_existing, whole_folder  # noqa: E402
+from tool_output import nonnegative_float, positive_float, positive_int, refuse_existing, whole_folder  # noqa: E402
 
 from klconvert.checkpoint.name_map import TensorSpec, expected_tensors  # noqa: E402
 from klconvert.checkpoint.safetensors_writer import (PlannedTensor, index_json, shard_names,  # noqa: E402
@@ -223,9 +223,10 @@ def write_checkpoint(out: Path, config: dict, state: dict[str, torch.Tensor], to
     for shard, name in zip(shards, names):
         write_shard(out / name, shard)
     (out / "model.safetensors.index.json").write_text(index_json(shards, names) + "\n")
-    for name in TOKENIZER_FILES:
+    copied = [name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()]   # special_tokens_map optional
+    for name in copied:
         shutil.copyfile(tokenizer_dir / name, out / name)
-    return ["config.json", *names, "model.safetensors.index.json", *TOKENIZER_FILES]
+    return ["config.json", *names, "model.safetensors.index.json", *copied]
 
 
 def refuse_short_splits(data: dict[str, torch.Tensor], seq_len: int) -> None:
@@ -329,15 +330,14 @@ def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: in
         files = write_checkpoint(folder, config, canonical_state(model), tokenizer_dir)
         (folder / "loss.json").write_text(json.dumps(record, indent=1) + "\n")
         files.append("loss.json")
-        if plot:
-            try:
-                from plot_loss import plot_loss
-                plot_loss(folder / "loss.json", folder / "loss.png")
-                files.append("loss.png")
-            except ModuleNotFoundError as e:
-                if e.name != "matplotlib":
-                    raise
-                log(f"matplotlib is not installed: plot later with `python tools/plot_loss.py {out / 'loss.json'}`")
+    if plot:   # after the folder is whole: an optional picture must never cost the weights
+        try:
+            from plot_loss import plot_loss
+            plot_loss(out / "loss.json", out / "loss.png")
+            files.append("loss.png")
+        except Exception as e:   # noqa: BLE001 -- matplotlib missing or broken, a backend error: said, not fatal
+            log(f"no loss.png ({type(e).__name__}: {e}); plot later with `python tools/plot_loss.py "
+                f"{out / 'loss.json'}`")
     worst = max((s["max_over_even"] for s in spread.values()), default=1.0)
     log(f"kept step {best[1]} (validation loss {best[0]:.4f}, perplexity {math.exp(best[0]):.2f}); {step} steps "
         f"in {train_seconds:.0f} s; busiest expert {worst:.2f}x its even share; wrote {len(files)} files to {out}")
@@ -347,13 +347,14 @@ def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: in
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True,
-                   help="Folder to write, which must not exist (written as OUT.partial, renamed when complete).")
+                   help="Folder to write, which must not exist or must be empty (written under a hidden name beside "
+                        "it, renamed when complete).")
     p.add_argument("--steps", type=positive_int, default=1500)
     p.add_argument("--batch", type=positive_int, default=32)
     p.add_argument("--seq-len", type=positive_int, default=512)
     p.add_argument("--lr", type=positive_float, default=2e-3, help="Peak learning rate.")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--bias-rate", type=float, default=5e-3, help="Correction-bias update speed u.")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=0.1)
+    p.add_argument("--bias-rate", type=nonnegative_float, default=5e-3, help="Correction-bias update speed u.")
     p.add_argument("--time-budget-s", type=float, default=TIME_BUDGET_S,
                    help="Stop training after this many seconds (0: no budget, --steps alone).")
     p.add_argument("--eval-every", type=positive_int, default=50)

@@ -241,9 +241,10 @@ class OutputFolder:
 
     def _stored_record(self) -> dict | None:
         try:   # a regular file, bounded: OUT.partial may hold anything, a FIFO or /dev/zero under that name too
-            return read_json(self.path / RESUME_RECORD, MAX_RESUME_RECORD_BYTES, RESUME_RECORD)
+            stored = read_json(self.path / RESUME_RECORD, MAX_RESUME_RECORD_BYTES, RESUME_RECORD)
         except (OSError, ValueError, RecursionError, KLError):   # RecursionError: JSON nested past Python's stack
             return None
+        return stored if isinstance(stored, dict) and isinstance(stored.get("source"), dict) else None
 
     def remove(self) -> None:
         """Delete the whole folder (a run that failed before finishing any shard leaves nothing behind)."""
@@ -286,21 +287,22 @@ class OutputFolder:
             replaced = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.replaced-", dir=self.out.parent))
             os.rename(self.out, replaced)
             os.rename(self.path, self.out)
-            _remove(replaced)
+            (self.out / RESUME_RECORD).unlink()
+            _remove(replaced)   # may take long: OUT is whole by now, its record gone
         else:
             os.rename(self.path, self.out)
-        (self.out / RESUME_RECORD).unlink()
+            (self.out / RESUME_RECORD).unlink()
         return self.out
 
 
 def _what_differs(stored: dict, record: dict) -> str:
     """How an interrupted run's record differs from this run's, as the refusal says it."""
-    before, now = stored.get("source"), record["source"]
+    before, now = stored["source"], record["source"]
     options_differ = {k: v for k, v in stored.items() if k != "source"} != {k: v for k, v in record.items()
                                                                             if k != "source"}
     if before == now:
         return "with other options"
-    same_folder = isinstance(before, dict) and before.get("folder") == now["folder"]
+    same_folder = before.get("folder") == now["folder"]
     source = f"of {now['folder']} as its files were then (they have changed since)" if same_folder else \
         "of another source"
     return source + (" and with other options" if options_differ else "")
