@@ -21,24 +21,22 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
+def _finite(text: str, zero_too: bool, what: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive finite number")
+    if not (0 <= value if zero_too else 0 < value) or value == float("inf") or value != value:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
     return value
+
+
+def positive_float(text: str) -> float:
+    return _finite(text, False, "a positive finite number")
 
 
 def nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
-    return value
+    return _finite(text, True, "a finite number >= 0")
 
 
 def refuse_existing(out: Path) -> None:
