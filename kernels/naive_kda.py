@@ -43,8 +43,8 @@ def l2norm(x: torch.Tensor) -> torch.Tensor:
 def naive_kda_decode(q, k, v, g, beta, state, *, A_log, dt_bias, scale=None, out=None):
     B, H, K = q.shape
     scale = K ** -0.5 if scale is None else scale
-    q = l2norm(q.float()) * scale  # [B, H, K]
-    k = l2norm(k.float())
+    q = l2norm(q) * scale  # [B, H, K], fp32
+    k = l2norm(k)
     gk = kda_gate(g, A_log, dt_bias)  # [B, H, K]
     b = beta.float().sigmoid()[..., None]  # [B, H, 1]
     S = state.float() * gk.exp()[..., None]  # [B, H, K, V]
@@ -113,7 +113,7 @@ def naive_kda_chunk(q, k, v, g, beta, state, *, A_log, dt_bias, scale=None, out=
     state [B, H, K, V] updated in place. Returns o [B, T, H, V] in v.dtype."""
     K = q.shape[-1]
     scale = K ** -0.5 if scale is None else scale
-    o, final = kda_chunked(l2norm(q.float()) * scale, l2norm(k.float()), v, kda_gate(g, A_log, dt_bias),
+    o, final = kda_chunked(l2norm(q) * scale, l2norm(k), v, kda_gate(g, A_log, dt_bias),
                            beta.float().sigmoid(), state.float())
     state.copy_(final)
     o = o.to(v.dtype)

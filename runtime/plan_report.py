@@ -140,8 +140,9 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
         raise KLError(f"--batch {batch}: plan 1 to {MAX_BATCH:,} sequences")
     if memory_limit is None and "gpu_memory" in settings:
         memory_limit = _memory_bytes(settings["gpu_memory"], where)
-    cache_name = mla_cache_dtype or settings.get("mla_cache_dtype", RUNTIME_DEFAULTS["mla_cache_dtype"])
-    state_name = kda_state_dtype or settings.get("kda_state_dtype", RUNTIME_DEFAULTS["kda_state_dtype"])
+    runtime = RUNTIME_DEFAULTS | settings   # the recipe's over the defaults; a flag given here over both
+    cache_name = mla_cache_dtype or runtime["mla_cache_dtype"]
+    state_name = kda_state_dtype or runtime["kda_state_dtype"]
     if context is None and "max_context" in settings:
         context, asked = settings["max_context"], f"{where}: runtime.max_context {settings['max_context']}"
     else:
@@ -149,8 +150,8 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
     if context is not None and context > config.model_max_length:
         raise KLError(f"{asked} is over the model's model_max_length {config.model_max_length:,}; plan for "
                       f"{config.model_max_length:,} tokens or fewer")
-    return MemoryPlan(config, batch=batch or settings.get("batch", RUNTIME_DEFAULTS["batch"]),
-                      context=context or min(RUNTIME_DEFAULTS["max_context"], config.model_max_length),
+    return MemoryPlan(config, batch=batch or runtime["batch"],
+                      context=context or min(runtime["max_context"], config.model_max_length),
                       weight_bytes=weight_bytes(config, dtype, policy), act_dtype=dtype,
                       kda_state_dtype=_dtype_named(state_name, KDA_STATE_DTYPES, f"{where}: KDA state dtype"),
                       mla_cache_dtype=_dtype_named(cache_name, MLA_CACHE_DTYPES, f"{where}: MLA cache dtype"),
