@@ -123,3 +123,14 @@ def test_a_split_shorter_than_one_window_is_refused(tmp_path):
     with pytest.raises(KLError, match="the validation split has 10 tokens, not one window of --seq-len 32"):
         train_bundled.train(tmp_path / "out", **{**SMALL_RUN, "validation_tokens": 10})
     assert not (tmp_path / "out").exists()
+
+
+def test_training_windows_reach_the_last_start_and_a_split_of_one_window_is_sampled():
+    """Every start whose window and next token fit is drawn, the last one too; a split of exactly one window and its
+    next token (what refuse_short_splits lets through) is that window, not a random_ error."""
+    tokens = torch.arange(20)
+    x, y = train_bundled.sample_batch(tokens, 400, 16, torch.Generator().manual_seed(0))
+    assert set(x[:, 0].tolist()) == {0, 1, 2, 3}
+    assert torch.equal(y, x + 1)
+    x, y = train_bundled.sample_batch(torch.arange(17), 2, 16, torch.Generator().manual_seed(0))
+    assert torch.equal(x, torch.arange(16).expand(2, 16)) and torch.equal(y, x + 1)

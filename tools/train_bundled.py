@@ -163,8 +163,9 @@ def token_splits(tokenizer: Tokenizer, validation_tokens: int | None = None,
 
 
 def sample_batch(tokens: torch.Tensor, batch: int, seq_len: int, g: torch.Generator):
-    """`batch` random windows: inputs and next-token targets, [batch, seq_len] each."""
-    starts = torch.randint(0, len(tokens) - seq_len - 1, (batch,), generator=g)
+    """`batch` random windows: inputs and next-token targets, [batch, seq_len] each; any start whose window and next
+    token fit, the last one included."""
+    starts = torch.randint(0, len(tokens) - seq_len, (batch,), generator=g)
     window = torch.stack([tokens[s:s + seq_len + 1] for s in starts.tolist()])
     return window[:, :-1], window[:, 1:]
 
