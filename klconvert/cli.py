@@ -556,15 +556,15 @@ def eval_(model: str, reference: str, text_file: Path, max_tokens: int, device: 
     from klconvert.text_input import read_text_file
     from klconvert.tokenizer import Tokenizer
 
-    model, reference = resolve_model(model), resolve_model(reference)
-    if not reference.is_dir():
-        raise KLError(f"--reference {reference}: no such folder; pass a checkpoint folder")
-    limit = KimiLinearConfig.from_file(reference / "config.json").model_max_length
+    reference_dir = resolve_model(reference)
+    if not reference_dir.is_dir():
+        raise KLError(f"--reference {reference_dir}: no such folder; pass a checkpoint folder")
+    limit = KimiLinearConfig.from_file(reference_dir / "config.json").model_max_length
     if max_tokens > limit:
         raise KLError(f"--max-tokens {max_tokens:,} is over the model's model_max_length {limit:,}; lower it")
-    text = read_text_file(text_file, "--text-file", Tokenizer.from_folder(reference), max_tokens)
+    text = read_text_file(text_file, "--text-file", Tokenizer.from_folder(reference_dir), max_tokens)
     result = evaluate(model, reference, text, max_tokens=max_tokens, device=device, dtype=dtype)
-    click.echo(render_eval(result, str(model), str(reference)))
+    click.echo(render_eval(result, model, reference))   # as the user named them: `tiny`, not the install path
 
 
 def _int_list(ctx, param, value: str | None) -> list[int] | None:
