@@ -7,7 +7,6 @@ import hashlib
 import importlib
 import importlib.util
 import json
-import os
 import re
 import shutil
 import sys
@@ -40,6 +39,7 @@ from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
+from klconvert.atomic_file import write_atomically
 from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_INDEX_BYTES
 from klconvert.checkpoint.regular_file import read_json
 from klconvert.errors import KLError, first_line, unreadable_reason
@@ -517,9 +517,7 @@ def _write_local_dir_record(folder: Path, repo, revision, commit, files: list[Pu
         "commit": commit,
         "files": [asdict(f) for f in files],
     }
-    partial = record.with_name(record.name + ".partial")
-    partial.write_text(json.dumps(body, indent=1) + "\n")
-    os.replace(partial, record)
+    write_atomically(record, (json.dumps(body, indent=1) + "\n").encode())
 
 
 @contextmanager

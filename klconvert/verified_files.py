@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from klconvert.atomic_file import write_atomically
 from klconvert.checkpoint.regular_file import read_json
 from klconvert.errors import KLError
 
@@ -43,14 +44,12 @@ class VerifiedFiles:
     def save(self) -> None:
         """Write the record atomically (a temporary file per process, then a rename). A record that cannot be
         written costs only time (the next pull hashes again), so that is not an error."""
-        partial = self.record.with_name(f"{self.record.name}.{os.getpid()}.partial")
         try:
             self.record.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(json.dumps({"files": self.entries}, indent=1, sort_keys=True) + "\n",
-                               encoding="utf-8")
-            os.replace(partial, self.record)
+            write_atomically(self.record, (json.dumps({"files": self.entries}, indent=1, sort_keys=True) + "\n")
+                             .encode())
         except OSError:
-            partial.unlink(missing_ok=True)
+            pass
 
 
 def _well_formed(e) -> bool:

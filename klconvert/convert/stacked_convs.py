@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from klconvert.atomic_file import write_atomically
 from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_INDEX_BYTES
 from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.checkpoint.regular_file import read_json
@@ -57,7 +58,5 @@ def stack_kda_convs(folder: str | Path) -> int:
                 del weight_map[f"{prefix}{x}_conv1d.weight"]
             weight_map[f"{prefix}conv1d.weight"] = shards["q"]
         index["weight_map"] = weight_map  # the checked map (the file's own, as open_checkpoint held it to the headers)
-        tmp = index_path.with_name(index_path.name + ".partial")
-        tmp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, index_path)
+        write_atomically(index_path, (json.dumps(index, indent=2) + "\n").encode())
     return len(layers)

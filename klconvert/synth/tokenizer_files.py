@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import random
 from pathlib import Path
 
+from klconvert.atomic_file import write_atomically
 from klconvert.tokenizer import BPE_FILE, CONFIG_FILE, SPECIAL_TOKENS_FILE
 
 # The first special ids, in the released order; "<|reserved_token_{id}|>" fills the rest, then UNK and PAD.
@@ -110,13 +110,6 @@ def tokenizer_config(num_ranks: int, num_specials: int) -> dict:
         "tokenizer_class": "TikTokenTokenizer",
         "unk_token": UNK_TOKEN,
     }
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary name beside `path`, then rename, so `path` is never seen half-written."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
 
 
 def write_tokenizer_files(out_dir: Path, num_ranks: int, num_specials: int = 256, seed: int = 0) -> None:
