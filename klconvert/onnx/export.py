@@ -95,9 +95,16 @@ def build_graph(model: M.KimiLinear, linears: Linears, opset: int):
     inputs += [helper.make_tensor_value_info(s["past"], FLOAT, s["shape"]) for s in states]
     outs = [helper.make_tensor_value_info("logits", FLOAT, ["batch", "sequence", c.vocab_size])]
     outs += [helper.make_tensor_value_info(s["present"], FLOAT, _present_shape(s["shape"])) for s in states]
-    graph = helper.make_graph(g.nodes, "kimi_linear", inputs, outs, g.initializers)
-    return helper.make_model(graph, producer_name="klconvert",
-                             opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, MS_OPSET)])
+    return make_model(helper.make_graph(g.nodes, "kimi_linear", inputs, outs, g.initializers), opset)
+
+
+def make_model(graph, opset: int):
+    """`graph` as a model of ONNX `opset` and com.microsoft's, declaring the lowest IR version the opset allows --
+    not the installed onnx's newest: onnx 1.23 stamps IR 14, which onnxruntime 1.30 refuses to load ("max supported
+    IR version: 13") although it runs every op here."""
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, MS_OPSET)]
+    return helper.make_model(graph, producer_name="klconvert", opset_imports=opsets,
+                             ir_version=helper.find_min_ir_version_for(opsets, ignore_unknown=True))
 
 
 def genai_config(config, opset: int, external: bool, tokenizer_files: list[str]) -> dict:
