@@ -1,6 +1,7 @@
 """Engine: a declared model bound to a checkpoint, with its memory plan -- prefill, the decode step, generation."""
 from __future__ import annotations
 
+import numbers
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from klconvert.runtime.bind import bind, packed_choice
 from klconvert.runtime.decode_step import DecodeStep, capturable
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, host_bytes_available, weight_bytes
 from klconvert.runtime.model import KimiLinear
-from klconvert.runtime.sampling import check_sampling, sample
+from klconvert.runtime.sampling import check_generate_args, sample, sampling_generator
 from klconvert.runtime.state import MLA_CACHE_DTYPES
 from klconvert.runtime.weights import HeldPacked, Packed, use_triton
 
@@ -58,6 +59,19 @@ def check_id_range(low: int, high: int, vocab_size: int) -> None:
     negative, else the largest."""
     if low < 0 or high >= vocab_size:
         raise KLError(f"token id {low if low < 0 else high} is outside the vocabulary (0..{vocab_size - 1})")
+
+
+def whole_numbers(value, what: str = "token ids") -> torch.Tensor:
+    """`value` (ids, positions: a tensor, list or number) as int64; KLError for floats and bools, which
+    torch.as_tensor(..., dtype=torch.long) would truncate (1.7 -> 1) or count (True -> 1), and for what no tensor
+    holds (ragged lists, ids past int64)."""
+    try:
+        t = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        raise KLError(f"{what} should be whole numbers in a list or tensor ({str(e).splitlines()[0][:120]})") from None
+    if t.numel() and (t.dtype == torch.bool or t.is_floating_point() or t.is_complex()):
+        raise KLError(f"{what} should be whole numbers, got {t.dtype}")
+    return t.long()
 
 
 def _sync(device: torch.device) -> None:
@@ -151,7 +165,7 @@ class Engine:
 
     # ---- checks ----------------------------------------------------------------------------------
     def _as_batch(self, input_ids) -> torch.Tensor:
-        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        ids = whole_numbers(input_ids, "input_ids")
         ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
         if ids.dim() != 2 or ids.shape[1] == 0:
             raise KLError(f"input_ids must be [T] or [B, T] with T >= 1, got shape {list(ids.shape)}")
@@ -235,9 +249,9 @@ class Engine:
     def decode_step(self, token: torch.Tensor, position) -> torch.Tensor:
         """One token per sequence: token [B, 1] or [B] at `position` (an int for all, or [B]) -> logits [B, vocab].
         Runs eagerly (the graph-captured step is `decoder(B)`)."""
-        token = torch.as_tensor(token, dtype=torch.long).reshape(-1)
+        token = whole_numbers(token).reshape(-1)
         self._check_ids([token], token.shape[0])
-        positions = torch.as_tensor(position, dtype=torch.long).expand(token.shape[0])
+        positions = whole_numbers(position, "positions").expand(token.shape[0])
         if positions.numel() and not 0 <= int(positions.min()) <= int(positions.max()) < self.plan.context:
             raise KLError(f"position {position} is outside the planned context 0..{self.plan.context - 1}")
         token, positions = token.to(self.device), positions.to(self.device)
@@ -255,13 +269,12 @@ class Engine:
         `on_token(sequence, id)` receives each new id as it reaches the host (copied asynchronously);
         `on_prefill(n)` hears of each prefill segment done, n prompt tokens (for a progress bar).
         """
-        check_sampling(temperature, top_p, seed)
+        check_generate_args(max_new_tokens, temperature, top_p, seed)
         seqs = self._as_prompts(prompts)
         B = len(seqs)
         self.check_fits(max(len(s) for s in seqs), max_new_tokens)
         self.stats = GenerationStats(prompt_tokens=sum(len(s) for s in seqs), batch=B)
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed if seed is not None else torch.seed())
+        generator = sampling_generator(seed, self.device)
         step = self.decoder(B) if max_new_tokens > 0 else None  # none to capture when only prefilling
         t0 = time.perf_counter()
         with self._small_model_threads():
@@ -341,13 +354,11 @@ class Engine:
         return out[:, :n].cpu()
 
     def _as_prompts(self, prompts) -> list[torch.Tensor]:
-        if isinstance(prompts, torch.Tensor):
-            ids = prompts.unsqueeze(0) if prompts.dim() == 1 else prompts
-            seqs = list(ids)
-        else:
-            seqs = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
-            if seqs and seqs[0].dim() == 0:   # one prompt as a flat list of ids
-                seqs = [torch.as_tensor(prompts, dtype=torch.long)]
+        if isinstance(prompts, (list, tuple)) and any(not isinstance(p, numbers.Integral) for p in prompts):
+            seqs = [whole_numbers(p) for p in prompts]          # prompts of their own lengths
+        else:                                                   # one tensor or flat list of ids: [T] or [B, T]
+            ids = whole_numbers(prompts)
+            seqs = list(ids.view(1, -1) if ids.dim() <= 1 else ids)
         if not seqs or any(s.dim() != 1 or s.numel() == 0 for s in seqs):
             raise KLError("generate needs at least one prompt, each a non-empty list of token ids")
         self._check_ids(seqs, len(seqs))

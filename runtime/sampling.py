@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 from klconvert.errors import KLError
 
 
-def check_sampling(temperature: float, top_p: float, seed: int | None) -> None:
-    """KLError unless temperature is finite and >= 0, 0 < top_p <= 1 and the seed None or one torch.Generator takes
-    (the CLI's flags hold them so; the Python API is held here: a NaN temperature sampled token 0 on every step)."""
+def check_generate_args(max_new_tokens: int, temperature: float, top_p: float, seed: int | None) -> None:
+    """KLError unless max_new_tokens is a whole number >= 0, temperature finite and >= 0, 0 < top_p <= 1 and the
+    seed None or one torch.Generator takes (the CLI's flags hold them so; the Python API is held here: a NaN
+    temperature sampled token 0 on every step, -1 new tokens returned none, 1.5 was a TypeError)."""
+    if not (isinstance(max_new_tokens, numbers.Integral) and not isinstance(max_new_tokens, bool)
+            and max_new_tokens >= 0):
+        raise KLError(f"max_new_tokens {max_new_tokens!r} should be a whole number >= 0 (0 only prefills)")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
         raise KLError(f"temperature {temperature!r} should be a finite number >= 0 (0 is greedy)")
     if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):   # NaN fails too
@@ -21,6 +26,17 @@ def check_sampling(temperature: float, top_p: float, seed: int | None) -> None:
             torch.Generator().manual_seed(seed)
         except (RuntimeError, ValueError, TypeError):
             raise KLError(f"seed {seed!r} should be a whole number torch.Generator takes, 0 .. 2**64 - 1") from None
+
+
+def sampling_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator of the call's own: seeded with `seed`, or (None) from the OS -- never by torch.seed(), which
+    reseeds torch's global generator under a caller who seeded it."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:

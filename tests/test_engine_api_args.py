@@ -37,6 +37,36 @@ def test_sampling_arguments_are_checked(engine, kwargs, message):
         engine.generate([[1, 2, 3]], 2, **kwargs)
 
 
+@pytest.mark.parametrize("max_new_tokens", [-1, 1.5, "3", None, True])
+def test_max_new_tokens_is_a_whole_number_of_at_least_0(engine, max_new_tokens):
+    """-1 returned no tokens, 1.5 / "3" / None were TypeErrors from torch, True ran as 1."""
+    with pytest.raises(KLError, match=rf"^max_new_tokens {max_new_tokens!r} should be a whole number >= 0"):
+        engine.generate([[1, 2, 3]], max_new_tokens)
+
+
+@pytest.mark.parametrize("prompts", [[[1.7, 2.2]], [1.7, 2.2], [[True, False]], torch.tensor([[1.0, 2.0]]),
+                                     [[1, 2], [3.5]]])
+def test_token_ids_that_are_not_whole_numbers_are_refused(engine, prompts):
+    """torch.as_tensor(..., dtype=long) ran [[1.7, 2.2]] as [1, 2] and [[True, False]] as [1, 0]."""
+    with pytest.raises(KLError, match="token ids should be whole numbers"):
+        engine.generate(prompts, 2)
+    with pytest.raises(KLError, match="should be whole numbers"):
+        engine.decode_step(torch.tensor([1.5]), 0)
+    with pytest.raises(KLError, match="positions should be whole numbers"):
+        engine.decode_step(torch.tensor([1]), 0.5)
+
+
+def test_generate_leaves_the_global_generator_alone(engine):
+    """An unseeded generate seeded its own generator by torch.seed(), which reseeds the global one: a caller's
+    torch.manual_seed no longer held past it."""
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        engine.generate([[1, 2, 3]], 2, temperature=1.0)
+        draws.append(torch.rand(4))
+    assert torch.equal(draws[0], draws[1])
+
+
 @pytest.mark.parametrize("token, position, message", [
     ([5], -3, r"position -3 is outside the planned context 0\.\.63"),
     ([5], 10**6, r"position 1000000 is outside the planned context"),

@@ -15,7 +15,7 @@ from klconvert.errors import KLError, first_line, unreadable_reason
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, ONNX_FILE, state_spec
 from klconvert.runtime.engine import Engine, GenerationStats, check_id_range
-from klconvert.runtime.sampling import check_sampling
+from klconvert.runtime.sampling import check_generate_args, sampling_generator
 
 State = dict[str, np.ndarray]  # past input name -> value
 MAX_GENAI_CONFIG_BYTES = 1 << 20  # export-onnx writes a few KB
@@ -192,11 +192,10 @@ class OnnxEngine:
                  on_prefill=None) -> torch.Tensor:
         """Prefill each prompt, then decode them together; as Engine.generate (new ids [B, n], stop handling,
         on_token, on_prefill(tokens) after each prompt, self.stats)."""
-        check_sampling(temperature, top_p, seed)
+        check_generate_args(max_new_tokens, temperature, top_p, seed)
         B = len(prompts)
         self.stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts), batch=B)
-        generator = torch.Generator()
-        generator.manual_seed(seed if seed is not None else torch.seed())
+        generator = sampling_generator(seed)
         t0 = time.perf_counter()
         last, states = [], []
         for p in prompts:
@@ -206,7 +205,7 @@ class OnnxEngine:
             if on_prefill is not None:
                 on_prefill(len(p))
         self.stats.prefill_seconds = time.perf_counter() - t0
-        if max_new_tokens <= 0:  # as Engine.generate: prefilled, nothing to decode
+        if max_new_tokens == 0:  # as Engine.generate: prefilled, nothing to decode
             return torch.empty(B, 0, dtype=torch.long)
         step = _SessionStep(self, self._batched(states), [len(p) for p in prompts])
         return self.decode_loop(step, torch.cat(last), max_new_tokens, temperature, top_p, generator, stop_ids,
