@@ -74,9 +74,13 @@ _OPTIONAL = {  # field: (types, default)
     "eos_token_id": ((int, list, type(None)), None),
     "pad_token_id": ((int, type(None)), None),
 }
+# transformers' other name (its KimiLinearConfig.attribute_map) for a field of _OPTIONAL: the release writes
+# model_max_length, a config saved under the other name bounds the context by it all the same
+_OPTIONAL_ALIASES = {"model_max_length": "max_position_embeddings"}
 # Fields the runtime does not read, since it implements one value of each (the release's): a checkpoint with another
 # would run as a model it is not (a "gelu" MLP through SiLU).
 _FIXED = {name: RELEASED_CONFIG[name] for name in ("hidden_act", "moe_layer_freq", "num_nextn_predict_layers")}
+_NULL_IS_ABSENT = ("num_nextn_predict_layers",)  # null: no multi-token-prediction layers, as when the field is absent
 _LINEAR_REQUIRED = {
     "kda_layers": list,
     "full_attn_layers": list,
@@ -93,6 +97,18 @@ def _check_type(where: str, name: str, value, types) -> None:
         names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
         raise KLError(f"{where}: field '{name}' should be {names}, got {type(value).__name__} {value!r:.40}; "
                       "fix the config or re-download the model")
+
+
+def _stored_name(d: dict, name: str, where: str) -> str:
+    """The name config.json gives the optional field `name`: its own, else its transformers alias where only that is
+    there; KLError where both are there and disagree (which one bounds the model is then anyone's guess)."""
+    alias = _OPTIONAL_ALIASES.get(name)
+    if alias is None or alias not in d:
+        return name
+    if name in d and d[name] != d[alias]:
+        raise KLError(f"{where}: fields '{name}' ({d[name]!r:.40}) and '{alias}' ({d[alias]!r:.40}) are two names of "
+                      "one field and disagree; keep the right one -- fix the config")
+    return alias if name not in d else name
 
 
 def _few(numbers) -> str:
@@ -176,11 +192,14 @@ class KimiLinearConfig:
                 raise KLError(f"{where}: required field '{name}' is missing; fix the config or re-download the model")
             _check_type(where, name, d[name], types)
         values = {name: d[name] for name in _REQUIRED if name not in ("model_type", "linear_attn_config")}
+        stored_as = {name: _stored_name(d, name, where) for name in _OPTIONAL}  # the name config.json gives each
         for name, (types, default) in _OPTIONAL.items():
-            value = d.get(name, default)
-            _check_type(where, name, value, types)
+            value = d.get(stored_as[name], default)
+            _check_type(where, stored_as[name], value, types)
             values[name] = value
         for name, only in _FIXED.items():
+            if d.get(name) is None and name in _NULL_IS_ABSENT:
+                continue
             if name in d and (type(d[name]) is not type(only) or d[name] != only):
                 raise KLError(f"{where}: field '{name}' is {d[name]!r:.40}; klconvert's runtime implements only "
                               f"{only!r} (the release's), so this checkpoint is another model")
@@ -205,8 +224,8 @@ class KimiLinearConfig:
         for name, (low, high) in SIZE_RANGES.items():
             value = lin[name.split(".", 1)[1]] if name.startswith("linear_attn_config.") else values[name]
             if not low <= value <= high:
-                raise KLError(f"{where}: field '{name}' is {value}, outside the sane range {low}..{high:,}; "
-                              "fix the config or re-download the model")
+                raise KLError(f"{where}: field '{stored_as.get(name, name)}' is {value}, outside the sane range "
+                              f"{low}..{high:,}; fix the config or re-download the model")
         n = values["num_hidden_layers"]
         if len(lin["kda_layers"]) + len(lin["full_attn_layers"]) > n:
             raise KLError(f"{where}: linear_attn_config's kda_layers and full_attn_layers hold "

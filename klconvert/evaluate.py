@@ -19,9 +19,10 @@ KL_ROWS = 256  # positions per step of the KL sum: [256, 163840] fp32 temporarie
 # eval keeps both models' fp32 log-probabilities on the host ([T, vocab] each, together 5.4 GB for 4,096 tokens of the
 # release's 163,840-word vocabulary); the rest of available memory is left to the models and the machine.
 HOST_SHARE = 0.8
-# config fields that leave the model's function alone (token ids, the context it is sized for); every other field of
+# config fields that leave the model's function alone (token ids, the context it is sized for, whether lm_head is
+# stored or read from the embedding: a quantized copy of a tied model stores it, untied); every other field of
 # KimiLinearConfig must agree between a model and its reference
-NOT_ARCHITECTURE = ("model_max_length", "bos_token_id", "eos_token_ids", "pad_token_id")
+NOT_ARCHITECTURE = ("model_max_length", "bos_token_id", "eos_token_ids", "pad_token_id", "tie_word_embeddings")
 LAYER_LISTS = ("kda_layers", "full_attn_layers")  # 0-indexed in KimiLinearConfig, 1-indexed in config.json
 
 

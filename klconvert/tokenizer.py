@@ -24,6 +24,9 @@ CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # newer HF folders keep the template here; it wins over the config's
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"  # transformers' copy of the specials; klconvert reads the config's
 TOKENIZER_FILES = (BPE_FILE, CONFIG_FILE, SPECIAL_TOKENS_FILE)  # what a tokenizer folder holds (the release's)
+# what transformers 5 saves in their place (with a slim tokenizer_config.json): read by the `tokenizers` library,
+# which klconvert does not depend on
+TRANSFORMERS_TOKENIZER_FILE = "tokenizer.json"
 
 # The pre-tokenizer of the released tokenization_kimi.py (TikTokenTokenizer.pat_str), carried as data: runs
 # of Han characters; cased words (Han excluded) with an optional English contraction; 1-3 digits; punctuation
@@ -71,11 +74,16 @@ def read_bpe_ranks(path: Path, vocab_size: int = SIZE_RANGES["vocab_size"][1]) -
     try:
         data = read_bounded(path, MAX_BPE_BYTES, BPE_FILE)
     except FileNotFoundError:
+        if path.with_name(TRANSFORMERS_TOKENIZER_FILE).is_file():
+            raise KLError(f"{path}: no {BPE_FILE} here, only a {TRANSFORMERS_TOKENIZER_FILE} that transformers saved, "
+                          f"which klconvert does not read; copy the release's {', '.join(TOKENIZER_FILES)} into "
+                          f"{path.parent}") from None
         raise KLError(f"{path}: no {BPE_FILE} here (the tokenizer's BPE ranks); name a Kimi Linear checkpoint "
                       "folder, or re-download the model") from None
     except OSError as e:
         raise KLError(f"{path}: cannot read the BPE ranks ({e}); check the file's permissions") from None
     ranks: dict[bytes, int] = {}
+    line_of_rank: dict[int, int] = {}
     for line_number, line in enumerate(data.splitlines(), start=1):
         if not line:
             continue
@@ -92,9 +100,11 @@ def read_bpe_ranks(path: Path, vocab_size: int = SIZE_RANGES["vocab_size"][1]) -
             problem = f"rank {rank}" if rank >= vocab_size else f"rank number {len(ranks) + 1}"
             raise KLError(f"{path}: line {line_number} holds {problem}, outside the model's vocabulary of "
                           f"{vocab_size} ids; the tokenizer is not this model's -- re-download the model")
+        if rank in line_of_rank:
+            raise KLError(f"{path}: line {line_number} holds rank {rank}, which line {line_of_rank[rank]} already "
+                          "gives another token; re-download the model")
         ranks[token] = rank
-    if len(set(ranks.values())) != len(ranks):
-        raise KLError(f"{path}: two tokens share a rank; re-download the model")
+        line_of_rank[rank] = line_number
     missing_bytes = [b for b in range(256) if bytes([b]) not in ranks]
     if missing_bytes:
         raise KLError(f"{path}: {len(missing_bytes)} of the 256 single bytes have no rank (first: "

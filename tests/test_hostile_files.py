@@ -85,6 +85,12 @@ def test_huge_size_fields_are_refused_in_bounded_memory(tiny_copy, edit, needles
     (lambda c: c.update(num_nextn_predict_layers=3), ["'num_nextn_predict_layers' is 3"]),
     (lambda c: c.update(num_shared_experts=0), ["'num_shared_experts' is 0", "1..64"]),  # was a shape message
     (lambda c: c.update(use_grouped_topk="maybe"), ["'use_grouped_topk' should be bool"]),
+    # transformers' name for model_max_length: checked under the name the config gives it
+    (lambda c: (c.pop("model_max_length"), c.update(max_position_embeddings=0)),
+     ["field 'max_position_embeddings' is 0, outside the sane range"]),
+    (lambda c: c.update(max_position_embeddings=4096),
+     ["fields 'model_max_length' (1048576) and 'max_position_embeddings' (4096) are two names of one field and "
+      "disagree"]),
 ])
 def test_config_fields_are_checked(edit, needles):
     config = preset_config("tiny")
@@ -93,6 +99,24 @@ def test_config_fields_are_checked(edit, needles):
         KimiLinearConfig.from_dict(config)
     for needle in needles:
         assert needle in str(error.value), error.value
+
+
+def test_null_multi_token_prediction_layers_read_as_absent():
+    """num_nextn_predict_layers null (no MTP layers) was refused as another model while the field left out was not."""
+    config = preset_config("tiny")
+    released = KimiLinearConfig.from_dict(config)
+    assert KimiLinearConfig.from_dict({**config, "num_nextn_predict_layers": None}) == released
+    config.pop("num_nextn_predict_layers")
+    assert KimiLinearConfig.from_dict(config) == released
+
+
+def test_max_position_embeddings_bounds_the_context(tiny_copy):
+    """transformers' name for model_max_length: a config giving only it is bounded by it (it was ignored, and the
+    release's 1,048,576 let --max-context run past the model)."""
+    edit_config(tiny_copy, lambda c: (c.pop("model_max_length"), c.update(max_position_embeddings=4096)))
+    assert KimiLinearConfig.from_file(tiny_copy / "config.json").model_max_length == 4096
+    line = run_on(tiny_copy, "--max-context", "8192").error_line()
+    assert "--max-context 8,192 is over the model's model_max_length 4,096" in line, line
 
 
 def _header_dtype_as_a_list(folder: Path) -> None:

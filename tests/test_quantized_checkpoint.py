@@ -181,8 +181,13 @@ def _drop_zero_points(t):
      "config_groups.group_0.weights declares num_bits 4, type 'int', symmetric True, strategy 'group', group_size 12"),
     (dict(bits=4), None, lambda qc: qc["config_groups"].update(group_0=["Linear"]),   # was an AttributeError
      "quantization_config.config_groups.group_0 is not an object (targets, weights, ...)"),
+    (dict(bits=8), None, lambda qc: qc["config_groups"]["group_0"].update(input_activations={"num_bits": 8}),
+     "quantization_config.config_groups.group_0.input_activations quantizes activations, which klconvert does not; "
+     "klconvert reads pack-quantized int4 or int8 weights"),
+    (dict(bits=4), None, lambda qc: qc["config_groups"]["group_0"].update(format="marlin-24"),
+     "quantization_config.config_groups.group_0.format is 'marlin-24', a format klconvert does not read"),
 ], ids=["zero-points-deleted", "declared-asym", "declared-g64", "declared-int8", "no-groups", "no-weight-scheme",
-        "declared-g12", "group-not-an-object"])
+        "declared-g12", "group-not-an-object", "quantized-activations", "group-format"])
 def test_stored_parts_must_be_what_quantization_config_declares(tiny_released, tmp_path, options, tensors, config,
                                                                 needle):
     """A weight is read with a scheme quantization_config declares (as vLLM and transformers read it), the one whose
@@ -199,17 +204,46 @@ def test_stored_parts_must_be_what_quantization_config_declares(tiny_released, t
 
 def test_targets_are_not_run_when_a_folder_is_read(tiny_released, tmp_path):
     """The groups' targets and ignore list are regular expressions from the download: reading the folder must not run
-    them (a pattern that backtracks would hang it; one nested 2,000 deep raised RecursionError). An activation-only
-    group beside the weights' declares nothing to hold them to."""
+    them (a pattern that backtracks would hang it; one nested 2,000 deep raised RecursionError). A group of no weight
+    scheme beside the weights' declares nothing to hold them to."""
     write_quantized(tiny_released, tmp_path / "q", bits=4)
 
     def hostile(qc):
         qc["config_groups"]["group_0"]["targets"].append("re:(.*.*)*Z")
         qc["ignore"] = [*(qc.get("ignore") or []), "re:" + "(" * 2000 + "x" + ")" * 2000, "re:("]
-        qc["config_groups"]["activations_only"] = {"targets": ["Linear"], "weights": None,
-                                                   "input_activations": {"num_bits": 8}}
+        qc["config_groups"]["no_weights"] = {"targets": ["Linear"], "weights": None, "input_activations": None}
     _edit_quantization_config(tmp_path / "q", hostile)
     assert open_checkpoint(tmp_path / "q").get(f"{Q_PROJ}.weight").isfinite().all()
+
+
+def _int_quantized(t):
+    """Each packed weight as compressed-tensors' int-quantized format stores it (llm-compressor's W8A8): an int8
+    `weight` beside its `weight_scale`, unpacked."""
+    for module in [n.removesuffix(".weight_packed") for n in t if n.endswith(".weight_packed")]:
+        rows, cols = (int(d) for d in t.pop(f"{module}.weight_shape"))
+        t.pop(f"{module}.weight_packed")
+        t[f"{module}.weight"] = torch.zeros(rows, cols, dtype=torch.int8)
+
+
+def test_a_format_klconvert_does_not_read_is_named(tiny_released, tmp_path, capsys):
+    """int-quantized weights (int8, unpacked) were called a conversion cut short (no weight_packed); the refusal names
+    the format config.json declares and what klconvert reads. A mixed-precision folder of pack-quantized groups
+    reads."""
+    write_quantized(tiny_released, tmp_path / "q", bits=8)
+    _edit_quantization_config(tmp_path / "q", lambda qc: qc.update(format="mixed-precision"))
+    assert open_checkpoint(tmp_path / "q").get(f"{Q_PROJ}.weight").isfinite().all()
+
+    _damage(tmp_path / "q", _int_quantized)
+
+    def w8a8(qc):
+        qc["format"] = "int-quantized"
+        for group in qc["config_groups"].values():
+            group.update(format="int-quantized", input_activations={"num_bits": 8, "type": "int", "dynamic": True})
+    _edit_quantization_config(tmp_path / "q", w8a8)
+    code, _, err = run_cli(capsys, "run", "--model", tmp_path / "q", "--prompt", "hi", "--max-new-tokens", "1")
+    assert_one_line_error(code, err, "config.json: quantization_config.format is 'int-quantized', a format klconvert "
+                          "does not read; klconvert reads pack-quantized int4 or int8 weights")
+    assert "cut short" not in err
 
 
 def test_parts_of_another_method_are_named_as_such(tiny_released, tmp_path):

@@ -253,11 +253,24 @@ def test_missing_bpe_file(broken_folder):
     assert_one_line_error(broken_folder, "tiktoken.model", "no tiktoken.model")
 
 
+def test_a_tokenizer_saved_by_transformers_is_named_as_such(broken_folder):
+    """transformers 5 saves tokenizer.json, chat_template.jinja and a slim tokenizer_config.json in place of the
+    release's files: the refusal says what it found and which files to copy in, not to re-download."""
+    (broken_folder / "tiktoken.model").unlink()
+    edit_config(broken_folder, lambda c: (c.pop("added_tokens_decoder"), c.pop("chat_template")))
+    (broken_folder / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {}, "merges": []}}')
+    (broken_folder / "chat_template.jinja").write_text("{{ messages }}")
+    assert_one_line_error(broken_folder, "tiktoken.model", "no tiktoken.model here, only a tokenizer.json that "
+                          "transformers saved, which klconvert does not read; copy the release's tiktoken.model, "
+                          f"tokenizer_config.json, special_tokens_map.json into {broken_folder}")
+
+
 @pytest.mark.parametrize("bad_line, words", [
     (b"not-base64! 7", "line 3 is not"),
     (b"YWJj", "line 3 is not"),
     (b"YWJj seven", "line 3 is not"),
     (base64.b64encode(b"\x00") + b" 999", "repeated token"),
+    (base64.b64encode(b"a token of its own") + b" 0", "line 3 holds rank 0, which line 1 already gives another token"),
 ])
 def test_malformed_bpe_line(broken_folder, bad_line, words):
     path = broken_folder / "tiktoken.model"

@@ -9,6 +9,7 @@ from klconvert.errors import KLError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"  # a checkpoint of one shard and no index
+PICKLED_WEIGHTS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")  # transformers' pickled weights: never read
 GENAI_CONFIG = "genai_config.json"  # what `klconvert export-onnx` writes last: an ONNX export, not a checkpoint
 MAX_INDEX_BYTES = 64 << 20  # the released index is 2 MB for 20,253 tensors
 MAX_FILE_NAME_BYTES = 255  # NAME_MAX of Linux's, macOS's and Windows' file systems

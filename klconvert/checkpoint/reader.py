@@ -14,6 +14,7 @@ from klconvert.checkpoint.folder_files import (
     INDEX_FILE,
     MAX_FILE_NAME_BYTES,
     MAX_INDEX_BYTES,
+    PICKLED_WEIGHTS,
     SINGLE_FILE,
 )
 from klconvert.checkpoint.regular_file import read_json
@@ -33,6 +34,7 @@ from klconvert.quant import QuantScheme
 from klconvert.quant.pack_quantized import check_scales
 
 FLOAT_DTYPES = {"F32", "BF16", "F16"}
+FP8_DTYPES = {"F8_E4M3", "F8_E5M2"}  # FP8-quantized weights: a form of the model klconvert does not read
 FINITE_CHECK_ELEMENTS = 1 << 24  # checked a slice at a time: the bool temporaries stay at 16 MB
 
 
@@ -111,6 +113,11 @@ class Checkpoint:
             if os.path.lexists(self.folder / GENAI_CONFIG):
                 raise KLError(f"{self.folder}: an ONNX export ({GENAI_CONFIG}), not a safetensors checkpoint; run it "
                               "with `klconvert run --engine onnxruntime`, or name the checkpoint it was exported from")
+            pickled = sorted(path.name for pattern in PICKLED_WEIGHTS for path in self.folder.glob(pattern))
+            if pickled:   # named, never opened: unpickling a download runs whatever code it holds
+                raise KLError(f"{self.folder}: holds pickled PyTorch weights ({pickled[0]:.80}) and no safetensors; "
+                              "klconvert never unpickles .bin files -- convert them to safetensors first (e.g. "
+                              "transformers' save_pretrained(out, safe_serialization=True)) and name that folder")
             raise KLError(f"{self.folder}: neither {INDEX_FILE} nor {SINGLE_FILE} is here; the download is "
                           "incomplete -- pull the model again")
         bound = max_header_bytes(self.config)   # an index is shorter than the headers it maps (~100 bytes a tensor)
@@ -169,6 +176,10 @@ class Checkpoint:
         for source_name, shard in sorted(weight_map.items()):
             entry = self.headers[shard].tensors[source_name]
             where = f"{self.folder / shard}: tensor {source_name}"
+            if entry.dtype in FP8_DTYPES:   # block-FP8 releases' (with weight_scale_inv), compressed-tensors' fp8
+                raise KLError(f"{where} has dtype {entry.dtype}: the folder holds FP8-quantized weights, which "
+                              "klconvert does not read; quantize from the bf16 release instead (`klconvert "
+                              "pull-and-quantize` fetches it)")
             if entry.dtype not in FLOAT_DTYPES and packed_name:
                 said = (f"its quantization_config says {self.quant_method}, which does not pack them so"
                         if self.quant_method else "config.json has no quantization_config to say how they are packed")

@@ -5,19 +5,35 @@ over every module would let one pattern that backtracks hang any command that op
 from __future__ import annotations
 
 from klconvert.errors import KLError
-from klconvert.quant.scheme import QuantScheme
+from klconvert.quant.scheme import PACKED_FORMAT, QuantScheme
+
+# compressed-tensors' formats klconvert reads: its own packed int weights, and weights stored as plain floats
+READ_FORMATS = (PACKED_FORMAT, "dense")
+MIXED_FORMAT = "mixed-precision"  # a top-level format only: each config group names its own
+ACTIVATIONS = ("input_activations", "output_activations")  # a group's activation schemes (W8A8's inputs)
 
 
 def declared_schemes(quantization_config: dict, where: str) -> dict[str, QuantScheme]:
-    """{config group name: the QuantScheme its weights are stored with}, for the groups that quantize weights (an
-    activation-only group, `weights` null, declares none); KLError naming the first field that is malformed or a
-    scheme klconvert does not read (int weights by group or channel), or when no group declares weights."""
+    """{config group name: the QuantScheme its weights are stored with}, for the groups that quantize weights (a
+    group whose `weights` is null declares none); KLError naming the first field that is malformed or says what
+    klconvert does not read (a format of READ_FORMATS' others, quantized activations, weights other than int by group
+    or channel), or when no group declares weights."""
     groups = quantization_config.get("config_groups")
     if not isinstance(groups, dict):
         raise _bad(where, "config_groups", "is missing or not an object")
+    top_format = quantization_config.get("format")
+    if top_format not in (None, MIXED_FORMAT, *READ_FORMATS):
+        raise _bad(where, "format", f"is {top_format!r:.40}, a format klconvert does not read")
     for name, group in groups.items():
         if not isinstance(group, dict):
             raise _bad(where, f"config_groups.{name:.40}", "is not an object (targets, weights, ...)")
+        if group.get("format") not in (None, *READ_FORMATS):
+            raise _bad(where, f"config_groups.{name:.40}.format",
+                       f"is {group['format']!r:.40}, a format klconvert does not read")
+        quantized = next((key for key in ACTIVATIONS if group.get(key) is not None), None)
+        if quantized:   # the runtime would run them unquantized: another model than the one calibrated
+            raise _bad(where, f"config_groups.{name:.40}.{quantized}",
+                       "quantizes activations, which klconvert does not")
     declared = {name: _scheme(group.get("weights"), where, f"config_groups.{name:.40}.weights")
                 for name, group in groups.items() if group.get("weights") is not None}
     if not declared:
