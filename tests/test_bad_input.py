@@ -98,6 +98,47 @@ def damage_shape_of_huge_dims(folder):
     rewrite_header(shard_holding(folder, NAME), lambda h: h[NAME].update(shape=[2**63 - 1] * 77_000))
 
 
+def damage_too_short_for_a_header(folder):
+    path = shard_holding(folder, NAME)
+    path.write_bytes(path.read_bytes()[:5])
+
+
+def damage_header_longer_than_the_file(folder):
+    """The 8-byte length intact, the file cut inside the header it announces."""
+    path = shard_holding(folder, NAME)
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    path.write_bytes(data[:8 + n - 1])
+
+
+def damage_header_not_json(folder):
+    path = shard_holding(folder, NAME)
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    path.write_bytes(data[:8] + b"{" * n + data[8 + n:])
+
+
+def damage_bool_dimension(folder):
+    """JSON's true is an int to Python: [true, rows x cols] spans the right bytes but is no shape."""
+    def bool_first_dim(header):
+        rows, cols = header[NAME]["shape"]
+        header[NAME]["shape"] = [True, rows * cols]
+
+    rewrite_header(shard_holding(folder, NAME), bool_first_dim)
+
+
+def damage_bool_offset(folder):
+    """[begin, true]: without the bool check, an end of byte 1 (then a size mismatch, not the malformed entry)."""
+    rewrite_header(shard_holding(folder, NAME), lambda h: h[NAME].update(data_offsets=[h[NAME]["data_offsets"][0],
+                                                                                      True]))
+
+
+def damage_overlapping_tensors(folder):
+    """A second entry naming the same bytes as q_proj."""
+    rewrite_header(shard_holding(folder, NAME),
+                   lambda h: h.__setitem__("model.layers.1.self_attn.alias.weight", dict(h[NAME])))
+
+
 def damage_long_shard_name(folder):
     shard = shard_holding(folder, NAME).name
     set_index(folder, lambda m: m.update({n: "x" * 300 + ".safetensors" for n, s in m.items() if s == shard}))
@@ -149,6 +190,12 @@ CHECKPOINT_DAMAGE = [
      [NAME, "has a shape [0, 1000000000000000000000000000000] with a dimension longer than the file's"]),
     (damage_header_over_the_format_limit, ["header claims 209,715,200 bytes",
                                            "over the safetensors limit of 104,857,600 bytes (100 MB)"]),
+    (damage_too_short_for_a_header, ["only 5 bytes, too short for a safetensors header", "download it again"]),
+    (damage_header_longer_than_the_file, ["header claims", "bytes but the file holds"]),
+    (damage_header_not_json, ["header is not valid JSON"]),
+    (damage_bool_dimension, [NAME, "has a malformed shape [True, "]),
+    (damage_bool_offset, [NAME, "has malformed data_offsets [", ", True]"]),
+    (damage_overlapping_tensors, ["tensors 'model.layers.1.self_attn.alias.weight' and", NAME, "overlap"]),
     (damage_long_shard_name, ["shard name 'xxx", "not a plain file name", "at most 255 bytes", "download it again"]),
     (damage_directory_for_a_shard, ["not a regular file (a directory)", "pull the model again"]),
     (damage_symlink_loop_for_a_shard, ["Too many levels of symbolic links", "pull the model again"]),
@@ -228,6 +275,37 @@ def test_tied_embeddings_beside_a_stored_lm_head_are_refused(capsys, tiny_copy, 
     tie_embeddings(tiny_copy, keep_lm_head=True)
     code, _, err = run_cli(capsys, "run", "--model", str(tiny_copy), "--prompt-file", str(prompt))
     assert_one_line_error(code, err, "config.json: tie_word_embeddings is true", "also stores lm_head.weight")
+
+
+@pytest.mark.parametrize("files", [("pytorch_model.bin",),
+                                   ("pytorch_model.bin.index.json", "pytorch_model-00001-of-00002.bin")])
+def test_pickled_weights_are_named_never_opened(capsys, tiny_copy, prompt, monkeypatch, files):
+    """A folder of .bin weights and no safetensors is no incomplete download: the message says klconvert does not
+    unpickle them and how to convert them, and nothing reads them."""
+    for shard in [*tiny_copy.glob("*.safetensors"), tiny_copy / "model.safetensors.index.json"]:
+        shard.unlink()
+    for name in files:
+        (tiny_copy / name).write_bytes(b"\x80\x04not read")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a .bin file was unpickled"))
+    code, _, err = run_cli(capsys, "run", "--model", str(tiny_copy), "--prompt-file", str(prompt))
+    assert_one_line_error(code, err, f"holds pickled PyTorch weights ({sorted(files)[0]}) and no safetensors",
+                          "never unpickles", "save_pretrained(out, safe_serialization=True)")
+
+
+def test_fp8_weights_are_named_not_called_damaged(capsys, tiny_copy, prompt):
+    """Block-FP8 weights (F8_E4M3 beside a weight_scale_inv, as DeepSeek-style FP8 releases store them) with no
+    quantization_config: another form of the model, to be quantized from the bf16 release."""
+    def to_fp8(tensors):
+        scale = tensors[NAME].float().abs().amax() / 448
+        tensors[NAME] = (tensors[NAME].float() / scale).to(torch.float8_e4m3fn)
+        tensors[NAME + "_scale_inv"] = scale.reshape(1, 1)
+
+    rewrite_shard(shard_holding(tiny_copy, NAME), to_fp8)
+    set_index(tiny_copy, lambda m: m.__setitem__(NAME + "_scale_inv", m[NAME]))
+    code, _, err = run_cli(capsys, "run", "--model", str(tiny_copy), "--prompt-file", str(prompt))
+    line = assert_one_line_error(code, err, f"tensor {NAME} has dtype F8_E4M3: the folder holds FP8-quantized "
+                                 "weights", "quantize from the bf16 release")
+    assert "damaged" not in line
 
 
 def _export_onnx(src: Path, out: Path) -> tuple[str, ...]:

@@ -43,7 +43,8 @@ def test_bench_checks_then_times_on_the_cpu(tiny4, monkeypatch):
     result = B.bench(short, weights, bits="int4", contexts=[72], batches=[2], new_tokens=2, calm_weights=calm,
                      report=lines.append, device="cpu", check_prompt=2, prefills=[3], prefill_check_tokens=3,
                      warmup=False)
-    assert result.depth_check["rel_err"] < 2e-2 and result.depth_check["top1"] >= 0.9   # the kernels take bf16 inputs
+    # the kernels take bf16 inputs; the bound bench itself refuses past
+    assert result.depth_check["rel_err"] <= B.DEPTH_CHECK_BOUND and result.depth_check["top1"] >= B.DEPTH_CHECK_TOP1
     (row,) = result.rows
     assert (row.context, row.batch) == (54, 2)
     k = tiny4.num_experts_per_token
@@ -51,10 +52,65 @@ def test_bench_checks_then_times_on_the_cpu(tiny4, monkeypatch):
     assert row.bytes_per_step > 0 and row.ms_per_token > 0 and row.floor_ratio > 0
     assert row.graph_check == "no graph: the eager step is what runs"   # on the CPU; the JSON said "bit-exact"
     assert any("ms/step" in line for line in lines)
-    assert result.prefill_check["rel_err"] < 2e-2 and result.prefill_check["top1"]
+    assert result.prefill_check["rel_err"] <= B.PREFILL_CHECK_BOUND and result.prefill_check["top1"]
     assert [r.tokens for r in result.prefill_rows] == [3]                       # two segments
     assert all(r.seconds > 0 and r.tokens_per_s > 0 and r.plan_total_gib > 0 for r in result.prefill_rows)
     assert sum("prefill 3 tokens" in line and "tokens/s" in line for line in lines) == 1
+
+
+def _nothing_timed(monkeypatch) -> list[str]:
+    """Record any call of the timing functions (and stop there): a refused check must come before all of them."""
+    timed: list[str] = []
+
+    def timing(name):
+        def called(*args, **kwargs):
+            timed.append(name)
+            raise AssertionError(f"{name} ran after a failed check")
+        return called
+
+    for name in ("time_decode", "time_prefill", "check_graph_matches_eager"):
+        monkeypatch.setattr(B, name, timing(name))
+    return timed
+
+
+@pytest.mark.slow
+@ON_THE_INTERPRETER
+def test_bench_refuses_to_time_when_the_depth_check_fails(tiny4, monkeypatch):
+    """The Triton path reading far from the PyTorch path: one line with the figures, and no row timed."""
+    monkeypatch.setattr(B, "CHECK_DECODE", 2)
+    monkeypatch.setattr(B, "_rel", lambda a, b: 0.5)
+    timed = _nothing_timed(monkeypatch)
+    weights = B.random_quantized_weights(tiny4, 4, "cpu")
+    calm = B.random_quantized_weights(tiny4, 4, "cpu", calm=True)
+    lines: list[str] = []
+    with pytest.raises(B.KLError) as refused:
+        B.bench(tiny4, weights, bits="int4", contexts=[32], batches=[1], new_tokens=2, calm_weights=calm,
+                report=lines.append, device="cpu", check_prompt=2, prefills=[3], prefill_check_tokens=3, warmup=False)
+    message = str(refused.value)
+    assert "\n" not in message and "bench check failed" in message and "rel err 0.5" in message
+    assert f"bound {B.DEPTH_CHECK_BOUND}" in message and "nothing was timed" in message
+    assert timed == [] and not any("ms/step" in line or "tokens/s" in line for line in lines)
+
+
+@pytest.mark.slow
+@ON_THE_INTERPRETER
+def test_bench_refuses_to_time_when_the_prefill_check_fails(tiny4, monkeypatch):
+    """Prefill and prefill + one decode step reading apart: one line with the figures, and nothing timed (the
+    prefill check runs before the decode rows too)."""
+    monkeypatch.setattr(engine_module, "PREFILL_SEGMENT", 2)
+    monkeypatch.setattr(B, "depth_check", lambda *a, **k: {"rel_err": 0.0, "top1": 1.0})   # tested above
+    monkeypatch.setattr(B, "_rel", lambda a, b: 0.5)
+    timed = _nothing_timed(monkeypatch)
+    weights = B.random_quantized_weights(tiny4, 4, "cpu")
+    calm = B.random_quantized_weights(tiny4, 4, "cpu", calm=True)
+    lines: list[str] = []
+    with pytest.raises(B.KLError) as refused:
+        B.bench(tiny4, weights, bits="int4", contexts=[32], batches=[1], new_tokens=2, calm_weights=calm,
+                report=lines.append, device="cpu", check_prompt=2, prefills=[3], prefill_check_tokens=3, warmup=False)
+    message = str(refused.value)
+    assert "\n" not in message and "3-token prefill and prefill + one decode step differ by 0.5" in message
+    assert f"bound {B.PREFILL_CHECK_BOUND}" in message and "nothing was timed" in message
+    assert timed == [] and not any("ms/step" in line or "tokens/s" in line for line in lines)
 
 
 def test_one_token_touches_k_experts(tiny4):

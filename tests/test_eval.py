@@ -57,8 +57,35 @@ def test_a_perturbed_model_against_an_independent_computation(tiny_released, tin
     assert r.top1_agreement == pytest.approx((ref.argmax(-1) == got.argmax(-1)).float().mean().item())
     nll = -ref[:-1].gather(1, torch.tensor(ids[1:])[:, None]).mean().item()
     assert r.reference_perplexity == pytest.approx(torch.tensor(nll).exp().item(), rel=1e-5)
+    own_nll = -got[:-1].gather(1, torch.tensor(ids[1:])[:, None]).mean().item()   # the model's own log-probs
+    assert r.model_perplexity == pytest.approx(torch.tensor(own_nll).exp().item(), rel=1e-5)
+    assert abs(own_nll - nll) > 1e-3   # the two perplexities differ: a model's read from the reference would show
     assert 0 < r.routing_overlap < 1 and r.routing_unchanged <= r.routing_overlap
     assert r.worst_layer.overlap == min(x.overlap for x in r.routing)
+
+
+def test_compare_takes_each_perplexity_from_its_own_run():
+    """compare() on two made-up runs of different log-probs: each perplexity is exp of the mean NLL of its own run's
+    log-probs of the next token (a model perplexity computed from the reference's log-probs once passed them all)."""
+    from klconvert.config import KimiLinearConfig
+    from klconvert.evaluate import ModelRun, compare
+    from klconvert.presets import preset_config
+
+    config = KimiLinearConfig.from_dict(preset_config("tiny"))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (33,), generator=g).tolist()
+
+    def run(scale: float) -> ModelRun:
+        log_probs = (scale * torch.randn(len(ids), 50, generator=g)).log_softmax(-1)
+        return ModelRun(log_probs, {}, (), config)
+
+    ref, got = run(1.0), run(3.0)
+    r = compare(ref, got, ids)
+    targets = torch.tensor(ids[1:])[:, None]
+    for figure, own in ((r.model_perplexity, got), (r.reference_perplexity, ref)):
+        nll = -own.log_probs[:-1].gather(1, targets).mean().item()
+        assert figure == pytest.approx(torch.tensor(nll).exp().item(), rel=1e-6)
+    assert r.model_perplexity != pytest.approx(r.reference_perplexity, rel=1e-2)
 
 
 def test_the_two_models_are_never_loaded_together(tiny_released, tiny_perturbed, monkeypatch):
@@ -224,3 +251,24 @@ def test_a_quantized_model_against_its_source(tiny_released, tiny_quantized):
     assert int8.routing_overlap > int4.routing_overlap > 0.5
     assert int8.routing_unchanged > int4.routing_unchanged
     assert int8.reference_perplexity == int4.reference_perplexity
+
+
+@pytest.mark.slow
+def test_a_model_quantized_from_a_tied_source_against_it(tiny_released, tmp_path):
+    """A tied source (tie_word_embeddings true, no lm_head tensor) quantizes to a folder that stores lm_head, untied:
+    the same function, so eval compares them rather than calling them two architectures."""
+    import json
+
+    from klconvert.quantize import quantize
+
+    tied = shutil.copytree(tiny_released, tmp_path / "tied")
+    config = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    index = json.loads((tied / "model.safetensors.index.json").read_text())
+    shard = tied / index["weight_map"].pop("lm_head.weight")
+    save_file({n: t for n, t in load_file(shard).items() if n != "lm_head.weight"}, shard, metadata={"format": "pt"})
+    (tied / "model.safetensors.index.json").write_text(json.dumps(index))
+    quantized = quantize(tied, tmp_path / "q", bits=8, group_size=32, device="cpu", progress=False).path
+    assert json.loads((quantized / "config.json").read_text())["tie_word_embeddings"] is False
+    r = evaluate(quantized, tied, TEXT, max_tokens=32)
+    assert r.tokens == 32 and 0 < r.kl_mean < 1

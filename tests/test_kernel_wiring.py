@@ -75,6 +75,37 @@ def test_triton_and_torch_paths_agree(quantized, request):
         assert rel_error(a, b) < TOLERANCE, t
 
 
+@pytest.mark.slow
+def test_biased_router_weights_agree_on_both_paths(quantized, request):
+    """biased_router_weights=True (the remote code's weights: the biased scores) reaches the Triton routers -- the
+    one-launch router and its add+norm form in decode, the cuBLAS GEMV + route launch in a 20-token prefill -- and
+    they give what the PyTorch path gives; both differ from the unbiased output (the calm bias of 10 makes the
+    biased weights near 1/k each)."""
+    if "int8" in request.node.callspec.id and DEVICE == "cpu":
+        pytest.skip("one scheme through the whole model is enough for the interpreter")
+    ref = klconvert.load(quantized, device=DEVICE, dtype=DTYPE, max_context=64, kernels="torch",
+                         biased_router_weights=True)
+    tri = klconvert.load(quantized, device=DEVICE, dtype=DTYPE, max_context=64, kernels="triton",
+                         biased_router_weights=True)
+    unbiased = klconvert.load(quantized, device=DEVICE, dtype=DTYPE, max_context=64, kernels="torch")
+    routers = [b.ffn.gate for b in tri.model.blocks[1:]]
+    assert all(type(r) is FusedRouter and r.biased for r in routers)
+    assert routers[0].FUSED_ROUTER_TOKENS < 20                                   # the prefill takes the other form
+    x = torch.randn(4, ref.config.hidden_size, generator=torch.Generator().manual_seed(4)).to(DEVICE, DTYPE)
+    for fused, plain in zip(routers, (b.ffn.gate for b in ref.model.blocks[1:])):   # the one-launch router alone
+        (got_ids, got_w), (want_ids, want_w) = fused(x), plain(x)
+        dense = [torch.zeros(4, ref.config.num_experts, device=DEVICE).scatter(1, i.long(), w.float())
+                 for i, w in ((got_ids, got_w), (want_ids, want_w))]
+        torch.testing.assert_close(*dense, rtol=1e-3, atol=1e-4)
+    ids = torch.randint(0, ref.config.vocab_size, (1, 21), generator=torch.Generator().manual_seed(3))
+    want = ref.forward(ids[:, :20])
+    assert rel_error(tri.forward(ids[:, :20]), want) < TOLERANCE
+    assert rel_error(unbiased.forward(ids[:, :20]), want) > 2 * TOLERANCE       # the option changes the output
+    a, b = tri.decode_step(ids[:, 20:].to(DEVICE), 20), ref.decode_step(ids[:, 20:].to(DEVICE), 20)
+    assert rel_error(a, b) < TOLERANCE
+    assert rel_error(unbiased.decode_step(ids[:, 20:].to(DEVICE), 20), b) > 2 * TOLERANCE
+
+
 @pytest.fixture
 def packed_and_dense():
     """A projection group as bind stacks it: 48 int4 rows, then 40 dense bf16 rows."""

@@ -88,3 +88,49 @@ def test_biased_router_weights_option_differs(tiny_released):
     b = klconvert.load(tiny_released, device="cpu", max_context=64, biased_router_weights=True)
     ids = token_ids(a.config.vocab_size, (1, 20))
     assert rel_error(a.forward(ids), b.forward(ids)) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny_grouped(tiny_released, tmp_path_factory):
+    """The tiny checkpoint with grouped routing: 16 experts in 4 groups, each token's top-2 taken from the 2 groups
+    of the best top-2 sums (transformers reads num_expert_group as its n_group)."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(tiny_released, tmp_path_factory.mktemp("grouped") / "tiny-grouped")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_expert_group": 4, "topk_group": 2}))
+    return folder
+
+
+def test_grouped_routing_matches_transformers(tiny_released, tiny_grouped):
+    """Prefill and the one-token decode path against transformers' grouped router; ungrouped, the same weights read
+    far from it (so the grouping is what is compared)."""
+    hf = transformers.KimiLinearForCausalLM.from_pretrained(tiny_grouped, dtype=torch.float32).eval()
+    assert (hf.model.layers[1].mlp.gate.num_group, hf.model.layers[1].mlp.gate.topk_group) == (4, 2)
+    ours = klconvert.load(tiny_grouped, device="cpu", dtype=torch.float32, max_context=128)
+    assert (ours.config.num_expert_group, ours.config.topk_group) == (4, 2)
+    ids = token_ids(ours.config.vocab_size, (1, 65))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert rel_error(ours.forward(ids), ref) <= 1e-4
+    ungrouped = klconvert.load(tiny_released, device="cpu", dtype=torch.float32, max_context=128)
+    assert rel_error(ungrouped.forward(ids), ref) > 0.1
+    ours.forward(ids[:, :40])
+    steps = torch.stack([ours.decode_step(ids[:, t:t + 1], t) for t in range(40, 65)], dim=1)
+    assert rel_error(steps, ref[:, 40:]) <= 1e-4
+
+
+def test_bind_keeps_the_grouped_router(tiny_released, tiny_grouped):
+    """The fused router and the CPU MoE's stacked router take no groups: with num_expert_group > 1 both keep the
+    reference Router (the ungrouped model gets them, so the check can tell)."""
+    from klconvert.runtime import model as M
+    from klconvert.runtime.kernel_modules import FusedRouter
+
+    for folder, grouped in ((tiny_grouped, True), (tiny_released, False)):
+        tri = klconvert.load(folder, device="cpu", dtype=torch.float32, max_context=64, kernels="triton")
+        cpu = klconvert.load(folder, device="cpu", dtype=torch.float32, max_context=64, kernels="torch")
+        moe = [i for i in range(tri.config.num_hidden_layers) if tri.config.is_moe(i)]
+        assert moe and all((type(tri.model.blocks[i].ffn.gate) is M.Router) == grouped for i in moe)
+        assert all((type(tri.model.blocks[i].ffn.gate) is FusedRouter) != grouped for i in moe)
+        assert all(cpu.model.blocks[i].ffn.fast != grouped for i in moe)
