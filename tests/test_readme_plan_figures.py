@@ -84,5 +84,9 @@ def test_cache_and_state_figures_per_token_and_sequence():
     assert (f"the MLA cache takes {bf16.mla_bytes_per_token:,} bytes per token in bf16 ({layers} layers x {width} "
             f"values; {fp8.mla_bytes_per_token:,} in fp8: {layers * width:,} values and {layers} fp32 row scales), the "
             f"KDA state {bf16.kda_state_bytes_per_seq / 1e6:.1f} MB per sequence in fp32") in text
+    for recipe in sorted(RECIPE_DIR.glob("*.yaml")):   # each recipe's comment on the fp8 cache repeats the two
+        comment = " ".join(recipe.read_text().replace("#", " ").split())
+        assert (f"halves the MLA cache ({fp8.mla_bytes_per_token:,} B/token against {bf16.mla_bytes_per_token:,} in "
+                "bf16)") in comment, recipe.name
     per_seq = bf16.kda_state_bytes_per_seq + bf16.conv_bytes_per_seq
     assert f"the KDA state and conv tails add {per_seq / 2**20:.1f} MiB per sequence" in text
