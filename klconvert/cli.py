@@ -15,6 +15,7 @@ from klconvert.hub import DEFAULT_REPO
 from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, default_run_model, resolve_model
 from klconvert.presets import PRESETS
 from klconvert.recipes import shipped_names
+from klconvert.units import size_text
 
 DEVICE = click.Choice(["cpu", "cuda"])
 # the runtime's MLA cache dtypes by name (runtime/state.py MLA_CACHE_DTYPES; named here, torch-free, for --help)
@@ -143,7 +144,7 @@ def synth(preset: str, layers: int | None, seed: int, layout: str, out: Path) ->
     from klconvert.synth.checkpoint import synth as write_synth
 
     result = write_synth(preset, out, layers=layers, seed=seed, layout=layout)
-    click.echo(f"wrote {result.path}: {result.tensors} tensors, {result.bytes / 1e9:.3f} GB in {result.shards} "
+    click.echo(f"wrote {result.path}: {result.tensors} tensors, {size_text(result.bytes)} in {result.shards} "
                "shard(s)", err=True)
 
 
@@ -369,7 +370,7 @@ def _refuse_triton_without_cuda(kernels: str, device: str | None) -> None:
               help="New folder for model.onnx, genai_config.json, config.json and the tokenizer files.")
 @click.option("--opset", type=int, default=None,
               help="ONNX opset of the default domain [default: the oldest the export takes, 18].")
-@click.option("--force", is_flag=True, help="Replace an earlier export in --out (or what one killed part way left).")
+@click.option("--force", is_flag=True, help="Replace an earlier export in --out, once the new one is whole.")
 def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) -> None:
     """Write the checkpoint as an ONNX graph that onnxruntime runs (prefill and decode, state in and out)."""
     if model is None:

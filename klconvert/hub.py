@@ -8,7 +8,6 @@ import importlib
 import importlib.util
 import json
 import re
-import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -42,6 +41,7 @@ from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 from klconvert.atomic_file import write_atomically
 from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_INDEX_BYTES
 from klconvert.checkpoint.regular_file import read_json
+from klconvert.convert.output_folder import free_disk_bytes
 from klconvert.errors import KLError, first_line, unreadable_reason
 from klconvert.hub_guard import AnswerGuard
 from klconvert.units import size_text
@@ -141,6 +141,8 @@ def pull(
     refuse_unsafe_includes(include)
     cache_dir = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
     local_dir = Path(local_dir) if local_dir is not None else None
+    if local_dir is not None:
+        refuse_file_as_local_dir(local_dir)
     target = local_dir if local_dir is not None else cache_dir
     offline = constants.is_offline_mode()
     api = HfApi()
@@ -201,6 +203,16 @@ def pull(
     return PullResult(path=folder, commit=commit, files=files, bytes_downloaded=fetch_bytes)
 
 
+def refuse_file_as_local_dir(local_dir: Path) -> None:
+    """KLError when --local-dir, or the nearest of the folders above it that exists, is a file: no rerun makes a
+    folder of it."""
+    existing = next((p for p in (local_dir, *local_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == local_dir else f"goes in {existing}, which is a file"
+        raise KLError(f"--local-dir {local_dir}: {where}, not a folder; name a folder to download into (one that "
+                      "does not exist yet is made)")
+
+
 def refuse_bad_repo_id(repo: str) -> None:
     """Raise KLError unless `repo` is a hub repo id (owner/name), e.g. not a path."""
     try:
@@ -243,12 +255,6 @@ def select_files(
     ours = [p for p in paths if not p.startswith(METADATA_FOLDERS)]
     allowed = filter_repo_objects(ours, allow_patterns=list(ALLOWED_PATTERNS))
     return sorted(filter_repo_objects(allowed, allow_patterns=include, ignore_patterns=exclude))
-
-
-def free_disk_bytes(folder: Path) -> int:
-    """Free bytes on the disk that holds `folder` (or its nearest existing parent)."""
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    return shutil.disk_usage(existing).free
 
 
 COMMIT_SHA = re.compile(r"[0-9a-f]{40}")

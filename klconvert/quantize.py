@@ -1,11 +1,11 @@
 """`quantize` and `pull_and_quantize`: stream a Kimi Linear checkpoint through a quantization policy to a new folder."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -28,7 +28,8 @@ from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.checkpoint.size_bounds import max_header_bytes
 from klconvert.checkpoint.safetensors_writer import index_json, shard_names, split_into_shards, write_shard
 from klconvert.convert.model_card import model_card
-from klconvert.convert.output_folder import OutputFolder, OutputLock, make_parent, refuse_existing_out
+from klconvert.convert.output_folder import (OutputFolder, OutputLock, failed_write, parent_made,
+                                             refuse_existing_out)
 from klconvert.convert.outputs import ModuleMaker, PlanTotals, plan_modules, plan_totals
 from klconvert.convert.provenance import SourceOrigin, source_fingerprint, source_origin
 from klconvert.config import MAX_CONFIG_BYTES, KimiLinearConfig
@@ -200,12 +201,7 @@ def _side_file(path: Path) -> bytes:
 
 
 def _write_error(e: OSError, folder: OutputFolder, done: int, total: int, kept: bool) -> KLError:
-    where = e.filename or folder.path
-    if e.errno == errno.ENOSPC:
-        return KLError(f"disk full writing {where}: free some space and rerun the same command"
-                       + (f"; {done} of {total} shards are finished in {folder.path} and the run resumes after them"
-                          if kept else ""))
-    return KLError(f"cannot write {where} ({e.strerror or e}); fix that and rerun the same command"
+    return KLError(f"{failed_write(e, Path(e.filename or folder.path))} and rerun the same command"
                    + (f" to resume ({done} of {total} shards are finished in {folder.path})" if kept else ""))
 
 
@@ -254,7 +250,10 @@ def _quantize(src: Path, out: Path, policy: Policy, runtime: dict, device: str |
     folder = OutputFolder(out, {"format": RESUME_FORMAT, "klconvert": version("klconvert"),
                                 "source": source_fingerprint(checkpoint, origin), "recipe": recipe_yaml,
                                 "max_shard_bytes": max_shard_bytes, "shards": names}, force)
-    folder.open()
+    try:
+        folder.open()
+    except OSError as e:   # the folder or its resume record could not be made: open() took back what it made
+        raise _write_error(e, folder, 0, len(shards), kept=False) from None
 
     source_bytes = {p.outputs[0][0]: p.source_bytes for p in plans}  # progress counts a module at its first tensor
     bar = tqdm(total=totals.bytes_in, unit="B", unit_scale=True, desc=f"quantize {out.name}",
@@ -266,7 +265,7 @@ def _quantize(src: Path, out: Path, policy: Policy, runtime: dict, device: str |
         left = sum(t.nbytes for shard, ok in zip(shards, finished) if not ok for t in shard)
         free = shutil.disk_usage(folder.path).free
         if left > free:
-            raise KLError(f"{folder.path}: {free / 1e9:.2f} GB free but {left / 1e9:.2f} GB of shards are left to "
+            raise KLError(f"{folder.path}: {size_text(free)} free but {size_text(left)} of shards are left to "
                           "write; free some space and rerun")
         for shard, name, ok in zip(shards, names, finished):
             if ok:
@@ -318,18 +317,18 @@ def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, 
     looks_like_path = model.startswith((".", "/", "~", os.sep)) or model.count("/") > 1 or Path(model).exists()
     if looks_like_path and not Path(model).is_dir():
         raise KLError(f"--model {model}: no such folder (and not a hub repo id like {DEFAULT_REPO}); check the path")
-    if model == BUNDLED_NAME or Path(model).is_dir():
-        if revision is not None:
-            raise KLError(f"--revision {revision} picks a hub revision, but --model {model} is a local folder; "
-                          "drop --revision")
-        src = resolve_model(model)
-    else:
-        if not allow_split_fused:  # a split shows in any Kimi Linear's names: refuse it before a 98 GB download
-            released = [(n, spec.shape) for n, spec in expected_tensors(KimiLinearConfig.from_dict(
-                preset_config("kimi-linear-48b"))).items()]
-            refuse_split_fused(policy.check_against(released), released)
-        make_parent(out)   # an OUT that cannot take files is said before a 98 GB download, not after it
-        src = pull(model, revision=revision, progress=progress).path
-    return quantize(src, out, bits=bits, group_size=group_size, symmetric=symmetric, scheme=scheme, recipe=recipe,
-                    device=device, force=force, max_shard_bytes=max_shard_bytes, progress=progress,
-                    allow_split_fused=allow_split_fused, observer=observer)
+    local = model == BUNDLED_NAME or Path(model).is_dir()
+    if local and revision is not None:
+        raise KLError(f"--revision {revision} picks a hub revision, but --model {model} is a local folder; "
+                      "drop --revision")
+    if not local and not allow_split_fused:  # a split shows in any Kimi Linear's names: refuse it before a download
+        released = [(n, spec.shape) for n, spec in expected_tensors(KimiLinearConfig.from_dict(
+            preset_config("kimi-linear-48b"))).items()]
+        refuse_split_fused(policy.check_against(released), released)
+    # an OUT that cannot take files is said before a 98 GB download, not after it; a failed run takes back the
+    # folders made for it
+    with nullcontext() if local else parent_made(out):
+        src = resolve_model(model) if local else pull(model, revision=revision, progress=progress).path
+        return quantize(src, out, bits=bits, group_size=group_size, symmetric=symmetric, scheme=scheme,
+                        recipe=recipe, device=device, force=force, max_shard_bytes=max_shard_bytes, progress=progress,
+                        allow_split_fused=allow_split_fused, observer=observer)

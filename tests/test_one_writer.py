@@ -2,6 +2,7 @@
 whole; a lock left by a dead run is taken over and said so."""
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -114,3 +115,16 @@ def test_a_lock_path_that_is_no_regular_file_is_refused(tiny_released, tmp_path,
     assert_one_line_error(code, err, f"{lock}: cannot use it as this output's lock file {needle}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt", "q.partial.lock"]
     assert target.read_text() == "mine"
+
+
+def test_a_full_disk_at_the_lock_is_one_line_and_leaves_nothing(tiny_released, tmp_path, capsys, monkeypatch):
+    """The pid was written with no try: a traceback, exit 1, an empty lock file and the folders made for OUT left."""
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("klconvert.convert.output_folder.os.pwrite", full)
+    out = tmp_path / "new" / "q"
+    assert_one_line_error(*run_cli(capsys, "quantize", tiny_released, out, *ARGS)[::2],
+                          f"disk full writing {tmp_path / 'new' / 'q.partial.lock'} (", " free); free some space and "
+                          "rerun")
+    assert list(tmp_path.iterdir()) == []

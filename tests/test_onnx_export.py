@@ -6,11 +6,13 @@ its scale's dtype (bf16), ~0.2% of the logits' RMS -- enough to flip a near tie 
 load() only the logits are bounded."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -21,6 +23,7 @@ import torch
 import klconvert
 from klconvert.checkpoint import reader
 from klconvert.checkpoint.reader import Checkpoint
+from klconvert.convert.output_folder import OutputLock
 from klconvert.models import bundled_dir
 from klconvert.onnx import export as export_module
 from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, MIN_OPSET, export_onnx, make_model
@@ -284,11 +287,12 @@ def test_a_large_export_uses_external_data_and_dequantizes_nothing(exported, tmp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("interrupt", [RuntimeError, KeyboardInterrupt])
-def test_a_replacing_export_that_fails_leaves_nothing_that_looks_complete(exported, tmp_path, monkeypatch,
-                                                                           interrupt):
+def test_a_replacing_export_that_fails_keeps_the_earlier_one(exported, tmp_path, monkeypatch, interrupt):
+    """--force deleted the earlier export's files before the new one existed: a failed replacement lost both."""
     quantized, folder = exported
     out = shutil.copytree(folder, tmp_path / "onnx")
     (out / "chat_template.jinja").write_text("{{ 'from the export being replaced' }}")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def fail(path):
         raise interrupt("the checker stops here")
@@ -296,14 +300,41 @@ def test_a_replacing_export_that_fails_leaves_nothing_that_looks_complete(export
     monkeypatch.setattr(export_module.onnx.checker, "check_model", fail)
     with pytest.raises(interrupt, match="the checker stops here"):
         export_onnx(quantized, out, force=True)
-    assert list(out.iterdir()) == []  # the replaced export's files and this run's model.onnx are gone
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before   # the earlier export, whole
     with pytest.raises(interrupt):
         export_onnx(quantized, tmp_path / "new", force=False)
-    assert not (tmp_path / "new").exists()  # a folder the failed run made is taken back whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]   # no folder made, nothing hidden left beside
     monkeypatch.undo()
-    export_onnx(quantized, out)  # an empty folder needs no --force
+    export_onnx(quantized, out, force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} != before
     ids = [PROMPT]
     assert torch.equal(OnnxEngine(out).forward(ids), OnnxEngine(folder).forward(ids))
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EFBIG])
+def test_a_failed_write_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch, error):
+    """A full disk (or a file-size limit) was a traceback, exit 1."""
+    def full(proto, path, **kwargs):
+        Path(path).write_bytes(b"part")
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(export_module.onnx, "save_model", full)
+    out = tmp_path / "new" / "onnx"
+    line = assert_one_line_error(*run_cli(capsys, "export-onnx", "--model", "tiny", "--out", out)[::2],
+                                 f"writing {out}" if error == errno.ENOSPC else f"cannot write {out} (File too large)",
+                                 f"(nothing was written to {out})")
+    assert ("disk full" in line) == (error == errno.ENOSPC)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_export_into_the_same_out_is_refused(tmp_path, capsys):
+    """Two exports into one --out both said they succeeded, one result lost; one's cleanup could delete the
+    other's files."""
+    out = tmp_path / "onnx"
+    with OutputLock(out):
+        assert_one_line_error(*run_cli(capsys, "export-onnx", "--model", "tiny", "--out", out)[::2],
+                              f"{out}: another klconvert run (pid {os.getpid()}) is writing it")
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------
@@ -315,7 +346,7 @@ def test_export_refuses_bad_input_in_one_line(tmp_path, capsys):
     (taken / "notes.txt").write_text("mine")
     cases = [
         (["--model", tmp_path / "missing", "--out", tmp_path / "o1"], "no such checkpoint folder"),
-        (["--model", "tiny", "--out", blocker / "sub"], "cannot write there"),
+        (["--model", "tiny", "--out", blocker / "sub"], "cannot create the folder it goes in"),
         (["--model", "tiny", "--out", blocker], "is not a folder"),
         (["--model", "tiny", "--out", taken], "already exists"),
         (["--model", "tiny", "--out", taken, "--force"], "replaces only an earlier ONNX export"),

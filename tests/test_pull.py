@@ -577,3 +577,15 @@ def test_ctrl_c_stops_the_download_threads(served, tmp_path):
     assert SHARD_2 not in files_under(storage / "snapshots" / commit)
     assert not [p for p in storage.rglob("*.incomplete")]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("under", [False, True])
+def test_a_local_dir_that_is_a_file_is_said_so(tmp_path, under):
+    """It said "[Errno 20] Not a directory ... rerun the pull to continue": no rerun makes a file a folder."""
+    (tmp_path / "afile").write_text("mine")
+    local_dir = tmp_path / "afile" / "sub" if under else tmp_path / "afile"
+    said = f"goes in {tmp_path / 'afile'}, which is a file" if under else "is a file"
+    with pytest.raises(KLError, match=rf"^--local-dir {re.escape(str(local_dir))}: {re.escape(said)}, not a folder; "
+                                      "name a folder to download into"):
+        hub.pull(REPO, local_dir=local_dir, progress=False)
+    assert (tmp_path / "afile").read_text() == "mine"

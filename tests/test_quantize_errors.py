@@ -259,7 +259,9 @@ def test_a_refused_run_leaves_no_folders_it_made_for_out(tiny_copy, tmp_path, ca
 @pytest.mark.parametrize("command", ["quantize", "synth", "pull-and-quantize"])
 @pytest.mark.parametrize("name,needle", [("q\nlicense: evil", "holds a control character"),
                                          ("a" * 300, "300 bytes, over the 255"),
-                                         ("a" * 250, "too long for the files made beside it")])
+                                         ("a" * 250, "too long for the files made beside it"),
+                                         # the write test's name was left out: "cannot create files in the folder"
+                                         ("a" * 240, "choose a name of at most 223 bytes")])
 def test_an_out_name_no_file_system_or_terminal_takes_is_one_line(tiny_released, tmp_path, capsys, command, name,
                                                                   needle):
     out = str(tmp_path / name)

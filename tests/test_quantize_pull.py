@@ -102,3 +102,10 @@ def test_max_shard_size_reaches_the_quantizer(tiny_released, tmp_path, capsys):
     assert code == 0, err
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 5  # the 5GB default would make one
+
+
+def test_a_failed_pull_leaves_no_folders_made_for_out(served, capsys):
+    """The folders made to check OUT before the download stayed when the pull failed."""
+    code, _, err = run_cli(capsys, "pull-and-quantize", "--model", "acme/none", "--out", "newp/deeper/x")
+    assert code == 2 and "acme/none" in shown_lines(err)[-1]
+    assert list(Path().iterdir()) == []

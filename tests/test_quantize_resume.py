@@ -35,7 +35,8 @@ def test_disk_full_then_resume_redoes_only_unfinished_shards(tiny_released, unin
     assert len(names) >= 5
     with monkeypatch.context() as m:
         break_shard_write(m, 3, OSError(errno.ENOSPC, "No space left on device"))
-        with pytest.raises(KLError, match=rf"disk full .* 2 of {len(names)} shards are finished in .*q\.partial"):
+        with pytest.raises(KLError, match=rf"disk full .* to resume \(2 of {len(names)} shards are finished in "
+                                          r".*q\.partial"):
             quantize(tiny_released, out, **OPTIONS)
     assert not out.exists()
     assert shard_files(partial) == names[:2] and not list(partial.glob("*.partial"))
@@ -297,3 +298,26 @@ def test_an_interrupt_while_finishing_leaves_a_folder_a_rerun_takes_up(tiny_rele
     assert result.shards_resumed == result.shards
     assert folder_files(out) == folder_files(uninterrupted)
     assert not (out / ".klconvert-resume.json").exists() and not (tmp_path / "q.partial").exists()
+
+
+def test_a_resume_record_that_cannot_be_written_is_one_line_and_blocks_no_rerun(tiny_released, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """A traceback, and an empty OUT.partial left that every rerun refused, --force too (no readable record)."""
+    args = ("quantize", tiny_released, tmp_path / "new" / "q", "--bits", "4", "--group-size", "32")
+    with monkeypatch.context() as m:
+        def too_large(path, data):
+            raise OSError(errno.EFBIG, "File too large")
+
+        m.setattr("klconvert.convert.output_folder.write_atomically", too_large)
+        assert_one_line_error(*run_cli(capsys, *args)[::2],
+                              f"cannot write {tmp_path / 'new' / 'q.partial'} (File too large); fix that and rerun")
+    assert list(tmp_path.iterdir()) == []
+    assert run_cli(capsys, *args)[0] == 0
+
+
+def test_too_little_space_is_said_in_readable_units(tiny_released, tmp_path, capsys, monkeypatch):
+    """It said "0.00 GB free but 0.01 GB of shards are left to write"."""
+    monkeypatch.setattr("klconvert.quantize.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(1, 1, 10_000))
+    assert_one_line_error(*run_cli(capsys, "quantize", tiny_released, tmp_path / "q")[::2],
+                          "q.partial: 0.01 MB free but ", " MB of shards are left to write")
+    assert list(tmp_path.iterdir()) == []

@@ -2,8 +2,11 @@
 and writer of the residual stream found (a missed one is caught below), the norms folded in."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -90,3 +93,29 @@ def test_the_model_folder_itself_or_any_existing_output_is_refused(tmp_path):
     with pytest.raises(KLError, match="model: already exists; choose another output folder"):
         rotate_bundled.rotate(folder, folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_the_output_gets_the_umasks_usual_modes(tmp_path):
+    """It was left 0700 (mkdtemp's), its shards 0600 (save_file's)."""
+    old = os.umask(0o022)
+    try:
+        rotate_bundled.rotate(BUNDLED, tmp_path / "rot", "identity")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "rot").stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "rot").iterdir()} == {0o644}
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """main caught only KLError: a full disk (or a folder it may not write in) was a traceback."""
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rotate_bundled, "save_file", full)
+    monkeypatch.setattr(sys, "argv", ["rotate_bundled.py", str(tmp_path / "new" / "rot"), "--rotation", "identity"])
+    with pytest.raises(SystemExit) as exit:
+        rotate_bundled.main()
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1, err
+    assert f"error: disk full writing {tmp_path / 'new' / 'rot'} (" in err
+    assert list(tmp_path.iterdir()) == []

@@ -1,18 +1,25 @@
 """`klconvert synth`: the released format exactly, both layouts, and streaming one tensor at a time."""
 from __future__ import annotations
 
+import errno
 import gc
 import json
+import os
 import weakref
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.checkpoint.safetensors_writer import PlannedTensor, write_shard
+from klconvert.config import KimiLinearConfig
+from klconvert.convert.output_folder import OutputLock
 from klconvert.synth.checkpoint import synth
 from klconvert.presets import preset_config
+from klconvert.units import size_text
+from testkit import assert_one_line_error, run_cli
 
 
 def test_released_format(tiny_released):
@@ -94,4 +101,50 @@ def test_interrupted_write_leaves_nothing_complete(tmp_path, monkeypatch):
     monkeypatch.setattr(synth_module, "write_shard", failing)
     with pytest.raises(KeyboardInterrupt):
         synth("tiny", tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_out_that_is_a_dangling_link_is_refused_up_front(tmp_path, capsys, monkeypatch):
+    """out.exists() let a link to nothing through, to a traceback after all the work."""
+    import klconvert.synth.checkpoint as synth_module
+
+    monkeypatch.setattr(synth_module, "write_shard", lambda *a, **k: pytest.fail("wrote before refusing"))
+    (tmp_path / "out").symlink_to(tmp_path / "nowhere")
+    assert_one_line_error(*run_cli(capsys, "synth", "--preset", "tiny", "--out", tmp_path / "out")[::2],
+                          "out: is a symbolic link to nothing")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_full_disk_part_way_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import klconvert.synth.checkpoint as synth_module
+
+    def full(path, *args, **kwargs):
+        path.with_name(path.name + ".partial").write_bytes(b"part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(synth_module, "write_shard", full)
+    out = tmp_path / "new" / "deeper" / "out"
+    assert_one_line_error(*run_cli(capsys, "synth", "--preset", "tiny", "--out", out)[::2],
+                          f"disk full writing {out} (", " free); free some space and rerun")
+    assert list(tmp_path.iterdir()) == []   # the folders made for it too
+
+
+def test_too_little_space_is_said_before_writing_in_readable_units(tmp_path, capsys, monkeypatch):
+    """It said "0.0 GB free but the checkpoint needs 0.0 GB", and left out the headers and tokenizer files."""
+    import klconvert.synth.checkpoint as synth_module
+
+    tensors = sum(t.nbytes for t in synth_module._released_layout(
+        expected_tensors(KimiLinearConfig.from_dict(preset_config("tiny"))), 0))
+    monkeypatch.setattr(synth_module, "free_disk_bytes", lambda folder: tensors + 1)   # the tensors alone fit
+    line = assert_one_line_error(*run_cli(capsys, "synth", "--preset", "tiny", "--out", tmp_path / "out")[::2],
+                                 f"{size_text(tensors + 1)} free but the shards need up to ")
+    assert " MB;" in line and list(tmp_path.iterdir()) == []
+
+
+def test_a_second_synth_on_the_same_out_is_refused_in_one_line(tmp_path, capsys):
+    """It did all the work, then crashed on os.replace (Directory not empty)."""
+    out = tmp_path / "out"
+    with OutputLock(out):
+        assert_one_line_error(*run_cli(capsys, "synth", "--preset", "tiny", "--out", out)[::2],
+                              f"another klconvert run (pid {os.getpid()}) is writing it")
     assert list(tmp_path.iterdir()) == []

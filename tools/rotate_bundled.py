@@ -29,13 +29,13 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gptq_bundled import BUNDLED  # noqa: E402
-from tool_output import refuse_existing, whole_folder  # noqa: E402
 
 from klconvert.checkpoint.folder_files import INDEX_FILE  # noqa: E402
 from klconvert.checkpoint.reader import open_checkpoint  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
 from klconvert.tokenizer import TOKENIZER_FILES  # noqa: E402
+from klconvert.whole_folder import refuse_taken, whole_folder  # noqa: E402
 
 ROTATIONS = ("hadamard", "random-hadamard", "identity")
 
@@ -85,7 +85,7 @@ def rotate(model: Path, out: Path, kind: str = "hadamard", dtype: torch.dtype | 
     dtype (or `dtype`), in the same shards, as a new folder written whole or not at all (it once wrote over its own
     input when `out` was `model`). The folder is checked first as klconvert checks any download (shard names, sizes,
     the tensors the config implies)."""
-    refuse_existing(out)
+    refuse_taken(out)
     checkpoint = open_checkpoint(model)
     config = checkpoint.config
     if config.tie_word_embeddings:

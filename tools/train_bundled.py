@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bundled_corpus  # noqa: E402
-from tool_output import nonnegative_float, positive_float, positive_int, refuse_existing, whole_folder  # noqa: E402
+from tool_output import nonnegative_float, positive_float, positive_int  # noqa: E402
 
 from klconvert.checkpoint.name_map import TensorSpec, expected_tensors  # noqa: E402
 from klconvert.checkpoint.safetensors_writer import (PlannedTensor, index_json, shard_names,  # noqa: E402
@@ -44,6 +44,7 @@ from klconvert.runtime.bind import bind  # noqa: E402
 from klconvert.synth.checkpoint import FP32_TENSORS, synth_values, tensor_generator  # noqa: E402
 from klconvert.release import NUM_SPECIAL_TOKENS, RELEASED_CONFIG, layer_lists  # noqa: E402
 from klconvert.tokenizer import TOKENIZER_FILES, Tokenizer  # noqa: E402
+from klconvert.whole_folder import refuse_taken, whole_folder  # noqa: E402
 
 BPE_RANKS = 4096
 MAX_SHARD_BYTES = 15 << 20      # files coming back from the GPU machine are capped at 16 MiB
@@ -248,7 +249,7 @@ def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: in
           log=print) -> dict:
     """Train, keep the best-validation weights, write the checkpoint and loss.json (and loss.png) to `out`, a new
     folder, whole or not at all. Returns the loss log."""
-    refuse_existing(out)   # before the training, not after it
+    refuse_taken(out)   # before the training, not after it
     if not 0 <= time_budget_s < float("inf"):
         raise KLError(f"--time-budget-s {time_budget_s}: give seconds >= 0 (0: no budget)")
     t0 = time.perf_counter()

@@ -6,6 +6,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import stat
 import sys
@@ -20,11 +21,16 @@ from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.checkpoint.safetensors_writer import TORCH_TO_SAFETENSORS, PlannedTensor
 from klconvert.errors import KLError
+from klconvert.units import size_text
 
 RESUME_RECORD = ".klconvert-resume.json"  # what the partial folder is for: source fingerprint and options
 MAX_RESUME_RECORD_BYTES = 16 << 20  # a record holds ~150 bytes a shard: past this it is not one of ours
 MODEL_CARD_TAG = "- klconvert"  # a tag line in the front matter of the README.md every klconvert output has
 MAX_PID = 2**31 - 1  # pid_t's largest: a larger number in a lock file is no process's id
+# Hidden names a run makes beside OUT for a while, .OUT.PURPOSE-PID-XXXXXXXX (tempfile's 8 random characters): a
+# folder written whole before it is renamed to OUT, an OUT moved aside while its replacement goes in, a write test
+TEMPORARY_PURPOSES = ("partial", "replaced", "write-test")
+TEMPORARY_NAME = re.compile(rf"({'|'.join(TEMPORARY_PURPOSES)})-([0-9]{{1,10}})-[a-z0-9_]{{8}}")
 
 
 def partial_path(out: Path) -> Path:
@@ -33,6 +39,33 @@ def partial_path(out: Path) -> Path:
 
 def lock_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial.lock")
+
+
+def temporary_prefix(out: Path, purpose: str, pid: int | None = None) -> str:
+    """The start of a hidden name process `pid` (default: this one) makes beside `out` for `purpose` (tempfile
+    adds 8 characters)."""
+    return f".{out.name}.{purpose}-{os.getpid() if pid is None else pid}-"
+
+
+def names_beside(out: Path) -> list[str]:
+    """Every name a run writing `out` makes beside it, at its longest: the lock, OUT.partial and the temporaries
+    (under the largest pid: what OUT's name may be does not hang on this run's pid)."""
+    return [lock_path(out).name, partial_path(out).name,
+            *(temporary_prefix(out, purpose, MAX_PID) + "x" * 8 for purpose in TEMPORARY_PURPOSES)]
+
+
+def free_disk_bytes(folder: Path) -> int:
+    """Free bytes on the disk that holds `folder` (or its nearest existing parent)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    return shutil.disk_usage(existing).free
+
+
+def failed_write(e: OSError, where: Path) -> str:
+    """How a write that failed is said, and what to do, for the caller to end (" and rerun"): a full disk (or
+    quota) with the space left there, else the system's reason."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full writing {where} ({size_text(free_disk_bytes(where))} free); free some space"
+    return f"cannot write {where} ({e.strerror or e}); fix that"
 
 
 def is_klconvert_output(folder: Path) -> bool:
@@ -46,12 +79,18 @@ def is_klconvert_output(folder: Path) -> bool:
     return (folder / "recipe.yaml").is_file() and MODEL_CARD_TAG in front_matter.splitlines()
 
 
-def refuse_existing_out(out: Path, force: bool) -> None:
-    """KLError when OUT exists, unless `force` and OUT is a klconvert output or an empty folder; or when OUT names
-    the current folder or one above it (OUT.partial is made beside OUT, and renamed onto it)."""
+def refuse_no_new_name(out: Path) -> None:
+    """KLError when OUT names the current folder or one above it (what is written is made beside OUT, and renamed
+    onto it)."""
     if out.name in ("", ".."):
         raise KLError(f"{out}: names the current folder or one above it, not a folder to create; give the new "
                       f"folder's name, e.g. {out / 'q4'}")
+
+
+def refuse_existing_out(out: Path, force: bool) -> None:
+    """KLError when OUT exists, unless `force` and OUT is a klconvert output or an empty folder; or when OUT names
+    the current folder or one above it (OUT.partial is made beside OUT, and renamed onto it)."""
+    refuse_no_new_name(out)
     if not (out.exists() or out.is_symlink()):
         return
     if not force:
@@ -66,10 +105,12 @@ def refuse_existing_out(out: Path, force: bool) -> None:
 def make_parent(out: Path) -> list[Path]:
     """Create the folder `out` goes in (and those above it) and check that files can be created in it, or say in
     one line why not; the folders it created, outermost first."""
-    longest = len(os.fsencode(lock_path(out).name))
-    if longest > MAX_FILE_NAME_BYTES:
-        raise KLError(f"{out}: its name is too long for the files made beside it ({lock_path(out).name[:40]}..., "
-                      f"{longest} bytes, over the {MAX_FILE_NAME_BYTES} a file system allows); choose a shorter name")
+    longest = max(names_beside(out), key=lambda name: len(os.fsencode(name)))
+    extra = len(os.fsencode(longest)) - len(os.fsencode(out.name))
+    if len(os.fsencode(longest)) > MAX_FILE_NAME_BYTES:
+        raise KLError(f"{out}: its name is too long for the files made beside it ({longest[:40]}..., "
+                      f"{len(os.fsencode(longest))} bytes, over the {MAX_FILE_NAME_BYTES} a file system allows); "
+                      f"choose a name of at most {MAX_FILE_NAME_BYTES - extra} bytes")
     created = [folder for folder in reversed(out.absolute().parents) if not folder.exists()]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +119,7 @@ def make_parent(out: Path) -> list[Path]:
         raise KLError(f"{out}: cannot create the folder it goes in, {out.parent} ({reason}); choose another "
                       "output path") from None
     try:   # the folder exists, but its file system may be read-only or virtual, or the user may lack write access
-        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.write-test-", dir=out.parent)
+        fd, probe = tempfile.mkstemp(prefix=temporary_prefix(out, "write-test"), dir=out.parent)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
@@ -111,16 +152,27 @@ class OutputLock:
     """One writer per output: an exclusive flock on OUT.partial.lock, which holds the writer's pid.
 
     A second run is refused naming the holder. A lock file left by a run that died (the kernel drops its flock) is
-    taken over, and said so on stderr. The file is removed when the lock is released, and after a run that failed,
-    the folders made for OUT too while empty (a refused run leaves nothing behind).
+    taken over, and said so on stderr; holding it, what dead runs left beside OUT under a temporary name is removed.
+    The file is removed when the lock is released, and after a run that failed (or could not take the lock, or write
+    its pid), the folders made for OUT too while empty (a refused run leaves nothing behind).
     """
 
     def __init__(self, out: Path):
-        self.out, self.path, self.partial = out, lock_path(out), partial_path(out)
+        self.out, self.path = out, lock_path(out)
         self._fd: int | None = None
 
     def __enter__(self) -> OutputLock:
         self._created = make_parent(self.out)
+        try:
+            self._fd = self._lock()
+        except BaseException:
+            remove_created(self._created)
+            raise
+        remove_dead_runs_temporaries(self.out)
+        return self
+
+    def _lock(self) -> int:
+        """The lock file's descriptor, locked and holding this process's pid."""
         while True:
             fd = _open_lock_file(self.path)
             try:
@@ -128,7 +180,7 @@ class OutputLock:
             except BlockingIOError:
                 holder = _read_pid(fd)
                 os.close(fd)
-                raise KLError(f"{self.partial}: another klconvert run (pid {holder if holder else 'unknown'}) is "
+                raise KLError(f"{self.out}: another klconvert run (pid {holder if holder else 'unknown'}) is "
                               f"writing it (lock {self.path}); wait for it to finish, or stop it and rerun") from None
             try:
                 same_file = os.stat(self.path).st_ino == os.fstat(fd).st_ino
@@ -142,10 +194,14 @@ class OutputLock:
             print(f"klconvert: taking over {self.path}, left by process {previous} "
                   f"({'no longer running' if not _running(previous) else 'which no longer holds it'})",
                   file=sys.stderr)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-        return self
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:   # a full disk: an empty file could be made, not written
+            self.path.unlink(missing_ok=True)
+            os.close(fd)
+            raise KLError(f"{failed_write(e, self.path)} and rerun") from None
+        return fd
 
     def __exit__(self, failure, *exc) -> None:
         self.path.unlink(missing_ok=True)  # while still holding it, so no one locks a file about to vanish
@@ -161,7 +217,9 @@ def _open_lock_file(path: Path) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     except OSError as e:
-        kind = {errno.EISDIR: "a folder", errno.ELOOP: "a symbolic link"}.get(e.errno, e.strerror)
+        kind = {errno.EISDIR: "a folder", errno.ELOOP: "a symbolic link"}.get(e.errno)
+        if kind is None:   # a full disk, no permission: nothing in the way to remove
+            raise KLError(f"{failed_write(e, path)} and rerun") from None
         raise KLError(f"{path}: cannot use it as this output's lock file ({kind}); remove it, or choose another "
                       "output folder") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -169,6 +227,26 @@ def _open_lock_file(path: Path) -> int:
         raise KLError(f"{path}: cannot use it as this output's lock file (not a regular file: a FIFO, device or "
                       "socket); remove it, or choose another output folder")
     return fd
+
+
+def remove_dead_runs_temporaries(out: Path) -> None:
+    """Delete what killed runs left beside OUT under a temporary name (TEMPORARY_NAME: a folder written whole, an
+    OUT moved aside, a write test) whose process is no longer running; called holding OUT's lock, which every writer
+    of OUT takes before it makes one."""
+    prefix = f".{out.name}."
+    try:
+        beside = [entry for entry in out.parent.iterdir() if entry.name.startswith(prefix)]
+    except OSError:   # a folder one may write to but not list: nothing found, nothing removed
+        return
+    for entry in beside:
+        name = TEMPORARY_NAME.fullmatch(entry.name[len(prefix):])
+        if name is None or not 0 < int(name[2]) <= MAX_PID or _running(int(name[2])):
+            continue
+        try:
+            if entry.lstat().st_uid == os.getuid():
+                _remove(entry)
+        except OSError:   # gone meanwhile, or not ours to remove: left as it is
+            continue
 
 
 def _read_pid(fd: int) -> int | None:
@@ -228,7 +306,11 @@ class OutputFolder:
                               "pass --force to start over (or rerun with that run's SRC and options to resume it)")
             _remove(self.path)
         self.path.mkdir(parents=True)
-        write_atomically(self.path / RESUME_RECORD, (json.dumps(self.record, indent=1) + "\n").encode())
+        try:
+            write_atomically(self.path / RESUME_RECORD, (json.dumps(self.record, indent=1) + "\n").encode())
+        except BaseException:   # an empty folder with no record would block every rerun, --force too
+            _remove(self.path)
+            raise
         return False
 
     def _stored_record(self) -> dict | None:
@@ -275,9 +357,8 @@ class OutputFolder:
                           f"(the finished shards wait in {self.path}), or pass --force to replace it")
         if out_exists:   # what is at OUT now may not be what was checked when the run began
             refuse_existing_out(self.out, force=True)
-        if out_exists:   # moved aside under a fresh name (an empty folder renamed over), never a name someone holds
-            replaced = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.replaced-", dir=self.out.parent))
-            os.rename(self.out, replaced)
+        if out_exists:
+            replaced = move_aside(self.out)
             os.rename(self.path, self.out)
             (self.out / RESUME_RECORD).unlink()
             _remove(replaced)   # may take long: OUT is whole by now, its record gone
@@ -285,6 +366,14 @@ class OutputFolder:
             os.rename(self.path, self.out)
             (self.out / RESUME_RECORD).unlink()
         return self.out
+
+
+def move_aside(out: Path) -> Path:
+    """Rename `out` to a fresh hidden name beside it (an empty folder made and renamed over, never a name someone
+    holds, and one a later run removes should this one be killed before it does); that name."""
+    aside = Path(tempfile.mkdtemp(prefix=temporary_prefix(out, "replaced"), dir=out.parent))
+    os.rename(out, aside)
+    return aside
 
 
 def _what_differs(stored: dict, record: dict) -> str:

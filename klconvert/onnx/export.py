@@ -24,6 +24,7 @@ from klconvert.onnx.mla import mla_layer
 from klconvert.runtime import model as M
 from klconvert.runtime.bind import bind
 from klconvert.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_FILES, check_tokenizer_if_any
+from klconvert.whole_folder import Replaceable, refuse_taken, whole_folder
 
 ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"      # the weights, when they are over PROTOBUF_LIMIT
@@ -145,69 +146,45 @@ def _unfilled_where_packed(model: M.KimiLinear, checkpoint: Checkpoint) -> M.Kim
     return model
 
 
-def _prepare_out(out: Path, force: bool) -> None:
-    """Refuse OUT unless it is new or empty or, with `force`, holds nothing but an export's files (EXPORT_FILES: an
-    earlier export, or what one killed part way left); then clear them, genai_config.json first, so that an export
-    that fails part way never leaves a folder that looks complete, nor a file of the export it replaces."""
-    if out.exists() and not out.is_dir():   # a file or device: no --force makes it a folder
-        raise KLError(f"--out {out}: is not a folder; give the path of a new folder to write the export in")
-    if out.exists() and any(out.iterdir()):
-        if not force or out.is_symlink() or not out.is_dir() or any(
-                p.name not in EXPORT_FILES or p.is_symlink() or not p.is_file() for p in out.iterdir()):
-            raise KLError(f"--out {out}: already exists and is not empty; choose a new folder"
-                          + (" (--force replaces only an earlier ONNX export, a folder holding nothing else)"
-                             if force else ", or pass --force to replace an earlier ONNX export"))
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        for name in (GENAI_CONFIG, *sorted(EXPORT_FILES - {GENAI_CONFIG})):
-            (out / name).unlink(missing_ok=True)
-        probe = out / ".klconvert-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise KLError(f"--out {out}: cannot write there ({e.strerror}); choose a folder you can write to") from None
+def _holds_only_an_export(folder: Path) -> bool:
+    """Whether `folder` holds nothing but an export's files (EXPORT_FILES, regular files): an earlier export, or
+    what one killed part way left in a folder it wrote into."""
+    return all(p.name in EXPORT_FILES and not p.is_symlink() and p.is_file() for p in folder.iterdir())
+
+
+EARLIER_EXPORT = Replaceable("an earlier ONNX export", _holds_only_an_export)
 
 
 def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPSET, force: bool = False) -> Path:
-    """Export the checkpoint in `model_dir` to the folder `out` (created); returns the model.onnx path.
+    """Export the checkpoint in `model_dir` to the folder `out` (new or empty; with `force`, an earlier export,
+    replaced only once the new one is whole), written whole or not at all; returns the model.onnx path.
     onnx.checker checks the written model."""
     top = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= top:
         raise KLError(f"--opset {opset}: choose {MIN_OPSET} to {top} (the installed onnx's newest)")
     model_dir, out = Path(model_dir), Path(out)
+    refuse_taken(out, force, EARLIER_EXPORT)
     checkpoint = Checkpoint(model_dir)
     check_tokenizer_if_any(model_dir, checkpoint.config.vocab_size)
     copied = [name for name in ("config.json", *COPIED_TOKENIZER_FILES) if (model_dir / name).is_file()]
     refuse_unfit_side_files(model_dir, (model_dir / name for name in copied))
-    created = not out.exists()
-    _prepare_out(out, force)
-    try:
-        return _write_export(checkpoint, model_dir, out, opset, copied)
-    except BaseException:  # a failure or Ctrl-C part way: take back what this run wrote (a half export misleads)
-        _remove_export_files(out, created)
-        raise
+    with whole_folder(out, force, EARLIER_EXPORT) as folder:
+        _write_export(checkpoint, model_dir, folder, opset, copied)
+    return out / ONNX_FILE
 
 
-def _remove_export_files(out: Path, created: bool) -> None:
-    """Delete the export's files from OUT, and OUT itself when this run made it and it is left empty."""
-    for name in (GENAI_CONFIG, *sorted(EXPORT_FILES - {GENAI_CONFIG})):
-        (out / name).unlink(missing_ok=True)
-    if created and not any(out.iterdir()):
-        out.rmdir()
-
-
-def _write_export(checkpoint: Checkpoint, model_dir: Path, out: Path, opset: int, copied: list[str]) -> Path:
-    """export_onnx's writing, into the prepared OUT: model.onnx (checked), the side files, genai_config.json last."""
+def _write_export(checkpoint: Checkpoint, model_dir: Path, folder: Path, opset: int, copied: list[str]) -> None:
+    """export_onnx's writing, into the folder that becomes OUT: model.onnx (checked), the side files,
+    genai_config.json."""
     model = bind(_unfilled_where_packed(M.KimiLinear(checkpoint.config), checkpoint), checkpoint.get,
                  checkpoint.packed, {}, torch.device("cpu"), torch.float32, triton=False, restack=False)
     proto = build_graph(model, Linears(checkpoint.config, checkpoint.packed), opset)
     external = sum(len(t.raw_data) for t in proto.graph.initializer) > PROTOBUF_LIMIT
-    path = out / ONNX_FILE
+    path = folder / ONNX_FILE
     onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
     onnx.checker.check_model(str(path))
     for name in copied:
-        (out / name).write_bytes(read_bounded(model_dir / name, MAX_SIDE_FILE_BYTES, name))
+        (folder / name).write_bytes(read_bounded(model_dir / name, MAX_SIDE_FILE_BYTES, name))
     config = genai_config(checkpoint.config, opset, external, [n for n in copied if n != "config.json"])
-    (out / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n")  # last: the folder is complete now
-    return path
+    (folder / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n")

@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +16,15 @@ from klconvert.checkpoint.name_map import (TRANSFORMERS_LAYOUT, TensorSpec, cano
 from klconvert.checkpoint.safetensors_writer import (PlannedTensor, index_json, shard_names, split_into_shards,
                                                      write_shard)
 from klconvert.config import KimiLinearConfig
-from klconvert.convert.output_folder import make_parent
+from klconvert.atomic_file import write_atomically
+from klconvert.checkpoint.size_bounds import HEADER_BYTES_PER_TENSOR
+from klconvert.convert.output_folder import free_disk_bytes
 from klconvert.errors import KLError
 from klconvert.presets import preset_config
 from klconvert.release import FP32_TENSORS, NUM_SPECIAL_TOKENS
 from klconvert.synth.tokenizer_files import write_tokenizer_files
+from klconvert.units import size_text
+from klconvert.whole_folder import refuse_taken, whole_folder
 
 DEFAULT_SHARD_BYTES = {"tiny": 4 << 20, "kimi-linear-48b": 5 * 10**9}
 
@@ -179,10 +180,9 @@ def _transformers_layout(expected: dict[str, TensorSpec], c: KimiLinearConfig, s
 
 def synth(preset: str, out: str | Path, layers: int | None = None, seed: int = 0, layout: str = "released",
           max_shard_bytes: int | None = None, progress: bool = True) -> SynthResult:
-    """Write a random-weight checkpoint folder for `preset` at `out` (which must not exist yet)."""
+    """Write a random-weight checkpoint folder for `preset` at `out` (new, or an empty folder), whole or not at all."""
     out = Path(out)
-    if out.exists():
-        raise KLError(f"{out}: already exists; choose a new --out folder or delete it first")
+    refuse_taken(out)
     if layout not in ("released", "transformers"):
         raise KLError(f"unknown layout {layout!r}; choose 'released' or 'transformers'")
     config = preset_config(preset, layers)
@@ -194,29 +194,26 @@ def synth(preset: str, out: str | Path, layers: int | None = None, seed: int = 0
     names = shard_names(len(shards))
     total = sum(t.nbytes for t in planned)
 
-    make_parent(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the finished folder gets the usual mode
-    try:
-        free = shutil.disk_usage(tmp).free
-        if free < total:
-            raise KLError(f"{out.parent}: {free / 1e9:.1f} GB free but the checkpoint needs {total / 1e9:.1f} GB; "
-                          "free some space or use --layers to write fewer layers")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        write_tokenizer_files(tmp, num_ranks=c.vocab_size - NUM_SPECIAL_TOKENS, num_specials=NUM_SPECIAL_TOKENS,
+    with whole_folder(out) as folder:
+        write_atomically(folder / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+        write_tokenizer_files(folder, num_ranks=c.vocab_size - NUM_SPECIAL_TOKENS, num_specials=NUM_SPECIAL_TOKENS,
                               seed=seed)
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="synth", disable=not progress)
-        for shard, name in zip(shards, names):
-            write_shard(tmp / name, shard, on_tensor=lambda t: bar.update(t.nbytes))
-        bar.close()
-        (tmp / "model.safetensors.index.json").write_text(index_json(shards, names) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(
+        write_atomically(folder / "model.safetensors.index.json", (index_json(shards, names) + "\n").encode())
+        write_atomically(folder / "generation_config.json", (json.dumps(
             {"bos_token_id": c.bos_token_id, "eos_token_id": list(c.eos_token_ids) or None,
-             "pad_token_id": c.pad_token_id, "max_length": c.model_max_length}, indent=2) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+             "pad_token_id": c.pad_token_id, "max_length": c.model_max_length}, indent=2) + "\n").encode())
+        need = total + len(planned) * HEADER_BYTES_PER_TENSOR   # the small files are written by now
+        free = free_disk_bytes(folder)
+        if free < need:
+            raise KLError(f"{out.parent}: {size_text(free)} free but the shards need up to {size_text(need)}; free "
+                          "some space or use --layers to write fewer layers")
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="synth", disable=None if progress else True)
+        try:   # None: on a terminal only
+            for shard, name in zip(shards, names):
+                write_shard(folder / name, shard, on_tensor=lambda t: bar.update(t.nbytes))
+        except BaseException:
+            bar.leave = False   # a failed run ends with its error line, not a half-full bar
+            raise
+        finally:
+            bar.close()
     return SynthResult(out, len(planned), total, len(shards))

@@ -1,0 +1,89 @@
+"""klconvert.whole_folder, how synth, export-onnx and the tools write a folder: whole or not at all, one writer at a
+time, what a killed run left removed by the next, a failed write one line, the folder in the umask's usual modes."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from klconvert.errors import KLError
+from klconvert.whole_folder import whole_folder
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_the_folder_gets_the_umasks_usual_modes(tmp_path, umask_022):
+    """The tools' folders were left 0700 (mkdtemp's) with 0600 shards."""
+    out = tmp_path / "out"
+    with whole_folder(out) as folder:
+        os.close(os.open(folder / "shard.safetensors", os.O_CREAT | os.O_WRONLY, 0o600))
+        (folder / "sub").mkdir(mode=0o700)
+    assert _mode(out) == 0o755 and _mode(out / "sub") == 0o755 and _mode(out / "shard.safetensors") == 0o644
+
+
+def test_a_failed_write_is_one_line_and_leaves_nothing(tmp_path):
+    out = tmp_path / "a" / "b" / "out"
+    with pytest.raises(KLError, match=rf"^disk full writing {out / 'x'} \(.* free\); free some space and rerun "
+                                      rf"\(nothing was written to {out}\)$"):
+        with whole_folder(out) as folder:
+            (folder / "x").write_bytes(b"part")
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder / "x"))
+    assert list(tmp_path.iterdir()) == []   # the folders made for OUT, the lock and the hidden folder are gone
+
+
+def test_a_second_writer_is_refused_and_the_first_finishes(tmp_path):
+    out = tmp_path / "out"
+    with whole_folder(out) as folder:
+        (folder / "mine").write_text("first")
+        with pytest.raises(KLError, match=rf"out: another klconvert run \(pid {os.getpid()}\) is writing it"):
+            with whole_folder(out):
+                pass
+    assert (out / "mine").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_folder_that_appears_at_out_meanwhile_is_never_renamed_over(tmp_path):
+    """os.replace took an empty folder made at OUT while writing, silently."""
+    out = tmp_path / "out"
+    with pytest.raises(KLError, match="out: appeared while writing it; move it away and rerun"):
+        with whole_folder(out) as folder:
+            (folder / "x").write_text("ours")
+            out.mkdir()
+    assert list(out.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_empty_folder_is_taken(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with whole_folder(out) as folder:
+        (folder / "x").write_text("ours")
+    assert (out / "x").read_text() == "ours"
+
+
+def test_what_a_killed_run_left_is_removed_by_the_next(tmp_path):
+    """A killed synth left .OUT.partial-XXXX (up to 98 GB) for ever: now named with its writer's pid, removed by the
+    next run on OUT once that process is gone; a live process's, and names that are no temporary of ours, stay."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    names = (f".out.partial-{dead.pid}-abcd_123", f".out.replaced-{dead.pid}-x1y2z3w4",
+             f".out.partial-{os.getpid()}-abcdefgh", ".out.partial-notes", f".other.partial-{dead.pid}-abcdefgh")
+    left = {name: tmp_path / name for name in names}
+    for folder in left.values():
+        folder.mkdir()
+        (folder / "shard").write_bytes(b"x" * 100)
+    with whole_folder(tmp_path / "out") as folder:
+        (folder / "x").write_text("ours")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *list(left)[2:]])
