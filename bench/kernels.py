@@ -190,10 +190,17 @@ def bench_fla():
         v = torch.randn(B, 1, H, V, device=DEV, dtype=torch.bfloat16)
         beta = torch.randn(B, 1, H, device=DEV, dtype=torch.bfloat16)
         A_log, dt_bias = torch.randn(H, device=DEV), torch.randn(H * K, device=DEV)
-        _, pick = rotating(lambda: torch.randn(B, H, K, V, device=DEV), B * H * K * V * 4)
-        f = lambda: fused_recurrent_kda(q, k, v, g, beta, A_log=A_log, dt_bias=dt_bias, initial_state=pick(),
-                                        output_final_state=True, use_qk_l2norm_in_kernel=True,
-                                        use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)
+        copies, pick = rotating(lambda: torch.randn(B, H, K, V, device=DEV), B * H * K * V * 4)
+        f = lambda state=None: fused_recurrent_kda(q, k, v, g, beta, A_log=A_log, dt_bias=dt_bias,
+                                                   initial_state=pick() if state is None else state,
+                                                   output_final_state=True, use_qk_l2norm_in_kernel=True,
+                                                   use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)
+        state = copies[0].clone()
+        o, final = f(state.clone())
+        o_ref = naive_kda_decode(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state, A_log=A_log, dt_bias=dt_bias)
+        tag = f"fla fused_recurrent_kda B={B}"
+        if not (check(f"{tag} o", o[:, 0], o_ref, 1e-2) & check(f"{tag} state", final, state, 1e-2)):
+            continue
         record(f"fla fused_recurrent_kda B={B}", timed(f), 2 * B * H * K * V * 4)
 
 
@@ -351,7 +358,11 @@ def bench_linear_peers(name, n, k):
             continue
         copies, pick = rotating(lambda: bnbf.quantize_4bit(torch.randn(n, k, device=DEV, dtype=torch.bfloat16),
                                                            blocksize=64, quant_type="nf4"), n * k // 2)
-        f = lambda: (lambda q: bnb.matmul_4bit(x, q[0].t(), quant_state=q[1]))(pick())
+        f = lambda q=None: (lambda q: bnb.matmul_4bit(x, q[0].t(), quant_state=q[1]))(q or pick())
+        want = x.float() @ bnbf.dequantize_4bit(*copies[0]).float().t()   # its own dequantized weight, in fp32
+        if not check(f"bnb nf4 {name} M={m}", f(copies[0]), want, 1e-2):
+            del copies
+            continue
         record(f"bnb nf4 {name} M={m}", timed(f, graph=False), n * k // 2 + n * k // 64 * 4 + m * (n + k) * 2,
                f"int4 linear {name} {n}x{k} M={m}")
         del copies
@@ -449,14 +460,19 @@ def bench_moe_peers():
             for _ in range(EXPERTS + 1)]
     routes = cycle(host)
 
-    def loop(weights, matmul):
+    def loop(weights, matmul, route=None, x=x):
         y = torch.zeros_like(x)
-        for e, wt in zip(routes(), w):
+        for e, wt in zip(route or routes(), w):
             gate, up, down = weights[e]
             y += wt * matmul(torch.nn.functional.silu(matmul(x, gate)) * matmul(x, up), down)
         return y
-    record("torch bf16 expert loop M=1", timed(lambda: loop(bf16, lambda a, b: a @ b.t())),
-           n * 3 * INTER * HIDDEN * 2)
+
+    def checked(name, weights, matmul, exact_matmul):   # one route against the same weights in fp32 (the loop
+        return check(name, loop(weights, matmul, host[0]),     # sums nine experts in bf16: ~5e-3)
+                     loop(weights, exact_matmul, host[0], x.float()), 2e-2)
+    bf16_matmul = lambda a, b: a @ b.t()
+    if checked("torch bf16 expert loop M=1", bf16, bf16_matmul, lambda a, b: a @ b.float().t()):
+        record("torch bf16 expert loop M=1", timed(lambda: loop(bf16, bf16_matmul)), n * 3 * INTER * HIDDEN * 2)
     try:
         import bitsandbytes as bnb
         import bitsandbytes.functional as bnbf
@@ -466,6 +482,8 @@ def bench_moe_peers():
     nf4 = [[bnbf.quantize_4bit(torch.randn(s, device=DEV, dtype=torch.bfloat16), blocksize=64, quant_type="nf4")
             for s in ((INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER))] for _ in range(EXPERTS + 1)]
     nf4_matmul = lambda a, q: bnb.matmul_4bit(a, q[0].t(), quant_state=q[1])
+    if not checked("bnb nf4 expert loop M=1", nf4, nf4_matmul, lambda a, q: a @ bnbf.dequantize_4bit(*q).float().t()):
+        return
     record("bnb nf4 expert loop M=1", timed(lambda: loop(nf4, nf4_matmul), graph=False), n * 3 * INTER * HIDDEN // 2,
            "fused_moe int4 M=1")
 

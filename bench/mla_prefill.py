@@ -2,9 +2,11 @@
 a whole prompt run segment by segment as the engine runs it: the blockwise form (runtime/model.py PrefillAttention)
 with each SDPA kernel that returns a log-sum-exp, the absorbed form, and the whole-context form it replaced.
 
-Checked before it is timed: the blockwise form against the whole-context form in fp32 at a segment that starts past
-three key blocks. Figures: seconds per prompt, TFLOP/s of the causal attention (H (dk + dv) L^2 / 2 multiply-adds,
-two FLOP each), and the peak memory allocated beyond the inputs (q for the whole prompt and the cache).
+Checked before it is timed: every variant, run as it is timed (its attention module, its SDPA kernel, its cache dtype),
+against the whole-context form in fp32 at a segment that starts past three key blocks; one past CHECK_BOUND ends the
+run (exit 1) before anything is timed, one whose kernel will not run here is left out. Figures: seconds per prompt,
+TFLOP/s of the causal attention (H (dk + dv) L^2 / 2 multiply-adds, two FLOP each), and the peak memory allocated
+beyond the inputs (q for the whole prompt and the cache).
 
     python bench/mla_prefill.py --contexts 32768,131072 --json bench/results/h200-mla-prefill.json
 """
@@ -24,6 +26,9 @@ from klconvert.runtime import model as M
 from klconvert.runtime.kernel_modules import TritonPrefillAttention
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT
 from klconvert.runtime.state import cache_rows
+
+
+CHECK_BOUND = {"bf16": 2e-2, "fp8": 1e-1}  # relative error against fp32; fp8: e4m3 rounds each value by up to 6%
 
 
 def mixer(device) -> M.MLAMixer:
@@ -96,10 +101,9 @@ def rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def check(m, device) -> dict:
-    """Blockwise (bf16, key block 8192; merged in PyTorch and by the Triton kernel) and whole-context (bf16)
-    against whole-context fp32, for a 2048-query segment at start 20480 (blocks 8192 + 8192 + 4096, then the
-    causal one)."""
+def check(m, device, variants: dict) -> dict:
+    """{variant: its relative error against whole-context fp32, or why it did not run}, each run as it is timed on a
+    2048-query segment at start 20480 (key blocks of 8192: 8192 + 8192 + 4096, then the causal one)."""
     g = torch.Generator(device=device).manual_seed(0)
     start, T = 20480, 2048
     q = torch.randn(1, T, m.H, m.dn + m.dr, device=device, generator=g)
@@ -107,12 +111,22 @@ def check(m, device) -> dict:
     m32 = mixer(device)
     m32.kv_b_proj.weight = torch.nn.Parameter(m.kv_b_proj.weight.float(), requires_grad=False)
     ref = whole_context(m32, q, cache, None, start)
-    block = M.PrefillAttention(8192)(m, q.bfloat16(), cache.bfloat16(), None, start)
-    merged = TritonPrefillAttention(8192)(m, q.bfloat16(), cache.bfloat16(), None, start)
-    whole = whole_context(m, q.bfloat16(), cache.bfloat16(), None, start)
-    absorbed = Absorbed(8192)(m, q.bfloat16(), cache.bfloat16(), None, start)
-    return {"blockwise_bf16_vs_fp32": rel(block, ref), "blockwise_triton_merge_bf16_vs_fp32": rel(merged, ref),
-            "whole_bf16_vs_fp32": rel(whole, ref), "absorbed_bf16_vs_fp32": rel(absorbed, ref)}
+    model_lse, found = M.attention_with_lse, {}
+    for name, (attention, _, lse_fn) in variants.items():
+        c, s = fp8_cache(cache) if "fp8" in name else (cache.bfloat16(), None)
+        M.attention_with_lse = lse_fn or model_lse
+        try:
+            found[name] = rel(attention(m, q.bfloat16(), c, s, start), ref)
+        except (RuntimeError, NotImplementedError) as e:
+            found[name] = "did not run: " + " ".join(str(e).split())[:200]
+        finally:
+            M.attention_with_lse = model_lse
+    return found
+
+
+def fp8_cache(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache as e4m3 values with a row scale of 1 (the random rows are O(1))."""
+    return cache.to(torch.float8_e4m3fn), torch.ones(cache.shape[:2], device=cache.device)
 
 
 def timed(fn, reps: int) -> float:
@@ -135,8 +149,6 @@ def main() -> None:
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     m = mixer(device)
-    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "check": check(m, device), "rows": []}
-    print(json.dumps(result["check"]))
     variants = {  # name: (attention module, segment, attention_with_lse in place of the model's, or None)
         f"blockwise model's kernel S{PREFILL_SEGMENT} kb{M.MLA_KEY_BLOCK}": (M.PrefillAttention(), PREFILL_SEGMENT,
                                                                              None),
@@ -158,12 +170,21 @@ def main() -> None:
     }
     wanted = [w for w in args.variants.split(",") if w]
     variants = {k: v for k, v in variants.items() if not wanted or any(w in k for w in wanted)}
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "check": check(m, device, variants),
+              "rows": []}
+    print(json.dumps(result["check"]))
+    for name, error in result["check"].items():
+        bound = CHECK_BOUND["fp8" if "fp8" in name else "bf16"]
+        if isinstance(error, float) and not error <= bound:   # NaN fails too
+            raise SystemExit(f"mla_prefill: {name} is {error:.3g} from whole-context fp32, past {bound}; nothing "
+                             "was timed")
+    variants = {k: v for k, v in variants.items() if isinstance(result["check"][k], float)}
     model_lse = M.attention_with_lse
     for L in [int(x) for x in args.contexts.split(",")]:
         g = torch.Generator(device=device).manual_seed(1)
         q = torch.randn(1, L, m.H, m.dn + m.dr, device=device, generator=g, dtype=torch.bfloat16)
         cache = torch.randn(1, L, m.r + m.dr, device=device, generator=g, dtype=torch.bfloat16)
-        fp8 = (cache.to(torch.float8_e4m3fn), torch.ones(1, L, device=device))
+        fp8 = fp8_cache(cache)
         flop = 2 * m.H * (m.dn + m.dr + m.dv) * L * L / 2
         for name, (attention, segment, lse_fn) in variants.items():
             M.attention_with_lse = lse_fn or model_lse
