@@ -58,8 +58,9 @@ def test_bench_checks_then_times_on_the_cpu(tiny4, monkeypatch):
     assert sum("prefill 3 tokens" in line and "tokens/s" in line for line in lines) == 1
 
 
-def _nothing_timed(monkeypatch) -> list[str]:
-    """Record any call of the timing functions (and stop there): a refused check must come before all of them."""
+def _refusal(config, monkeypatch) -> str:
+    """bench's one-line refusal on `config` with one decode row and one prefill row asked for, checked to come before
+    any timing function ran or any figure was reported."""
     timed: list[str] = []
 
     def timing(name):
@@ -70,7 +71,14 @@ def _nothing_timed(monkeypatch) -> list[str]:
 
     for name in ("time_decode", "time_prefill", "check_graph_matches_eager"):
         monkeypatch.setattr(B, name, timing(name))
-    return timed
+    weights = B.random_quantized_weights(config, 4, "cpu")
+    calm = B.random_quantized_weights(config, 4, "cpu", calm=True)
+    lines: list[str] = []
+    with pytest.raises(B.KLError) as refused:
+        B.bench(config, weights, bits="int4", contexts=[32], batches=[1], new_tokens=2, calm_weights=calm,
+                report=lines.append, device="cpu", check_prompt=2, prefills=[3], prefill_check_tokens=3, warmup=False)
+    assert timed == [] and not any("ms/step" in line or "tokens/s" in line for line in lines)
+    return str(refused.value)
 
 
 @pytest.mark.slow
@@ -79,17 +87,9 @@ def test_bench_refuses_to_time_when_the_depth_check_fails(tiny4, monkeypatch):
     """The Triton path reading far from the PyTorch path: one line with the figures, and no row timed."""
     monkeypatch.setattr(B, "CHECK_DECODE", 2)
     monkeypatch.setattr(B, "_rel", lambda a, b: 0.5)
-    timed = _nothing_timed(monkeypatch)
-    weights = B.random_quantized_weights(tiny4, 4, "cpu")
-    calm = B.random_quantized_weights(tiny4, 4, "cpu", calm=True)
-    lines: list[str] = []
-    with pytest.raises(B.KLError) as refused:
-        B.bench(tiny4, weights, bits="int4", contexts=[32], batches=[1], new_tokens=2, calm_weights=calm,
-                report=lines.append, device="cpu", check_prompt=2, prefills=[3], prefill_check_tokens=3, warmup=False)
-    message = str(refused.value)
+    message = _refusal(tiny4, monkeypatch)
     assert "\n" not in message and "bench check failed" in message and "rel err 0.5" in message
     assert f"bound {B.DEPTH_CHECK_BOUND}" in message and "nothing was timed" in message
-    assert timed == [] and not any("ms/step" in line or "tokens/s" in line for line in lines)
 
 
 @pytest.mark.slow
@@ -100,17 +100,9 @@ def test_bench_refuses_to_time_when_the_prefill_check_fails(tiny4, monkeypatch):
     monkeypatch.setattr(engine_module, "PREFILL_SEGMENT", 2)
     monkeypatch.setattr(B, "depth_check", lambda *a, **k: {"rel_err": 0.0, "top1": 1.0})   # tested above
     monkeypatch.setattr(B, "_rel", lambda a, b: 0.5)
-    timed = _nothing_timed(monkeypatch)
-    weights = B.random_quantized_weights(tiny4, 4, "cpu")
-    calm = B.random_quantized_weights(tiny4, 4, "cpu", calm=True)
-    lines: list[str] = []
-    with pytest.raises(B.KLError) as refused:
-        B.bench(tiny4, weights, bits="int4", contexts=[32], batches=[1], new_tokens=2, calm_weights=calm,
-                report=lines.append, device="cpu", check_prompt=2, prefills=[3], prefill_check_tokens=3, warmup=False)
-    message = str(refused.value)
+    message = _refusal(tiny4, monkeypatch)
     assert "\n" not in message and "3-token prefill and prefill + one decode step differ by 0.5" in message
     assert f"bound {B.PREFILL_CHECK_BOUND}" in message and "nothing was timed" in message
-    assert timed == [] and not any("ms/step" in line or "tokens/s" in line for line in lines)
 
 
 def test_one_token_touches_k_experts(tiny4):
