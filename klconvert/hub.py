@@ -41,7 +41,7 @@ from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 from klconvert.atomic_file import write_atomically
 from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_INDEX_BYTES
 from klconvert.checkpoint.regular_file import read_json
-from klconvert.convert.output_folder import free_disk_bytes
+from klconvert.disk_space import free_disk_bytes
 from klconvert.errors import KLError, first_line, unreadable_reason
 from klconvert.hub_guard import AnswerGuard
 from klconvert.units import size_text

@@ -28,11 +28,11 @@ from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.checkpoint.size_bounds import max_header_bytes
 from klconvert.checkpoint.safetensors_writer import index_json, shard_names, split_into_shards, write_shard
 from klconvert.convert.model_card import model_card
-from klconvert.convert.output_folder import (OutputFolder, OutputLock, failed_write, parent_made,
-                                             refuse_existing_out)
+from klconvert.convert.output_folder import OutputFolder, OutputLock, parent_made, refuse_existing_out
 from klconvert.convert.outputs import ModuleMaker, PlanTotals, plan_modules, plan_totals
 from klconvert.convert.provenance import SourceOrigin, source_fingerprint, source_origin
 from klconvert.config import MAX_CONFIG_BYTES, KimiLinearConfig
+from klconvert.disk_space import failed_write
 from klconvert.errors import KLError
 from klconvert.extras import require
 from klconvert.hub import DEFAULT_REPO, pull

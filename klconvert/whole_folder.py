@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from klconvert.convert.output_folder import (OutputLock, failed_write, move_aside, refuse_no_new_name,
-                                             temporary_prefix)
+from klconvert.convert.output_folder import OutputLock, move_aside, refuse_no_new_name, temporary_prefix
+from klconvert.disk_space import failed_write
 from klconvert.errors import KLError
 
 

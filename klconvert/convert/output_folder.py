@@ -20,8 +20,8 @@ from klconvert.checkpoint.folder_files import MAX_FILE_NAME_BYTES
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.checkpoint.safetensors_writer import TORCH_TO_SAFETENSORS, PlannedTensor
+from klconvert.disk_space import failed_write
 from klconvert.errors import KLError
-from klconvert.units import size_text
 
 RESUME_RECORD = ".klconvert-resume.json"  # what the partial folder is for: source fingerprint and options
 MAX_RESUME_RECORD_BYTES = 16 << 20  # a record holds ~150 bytes a shard: past this it is not one of ours
@@ -52,20 +52,6 @@ def names_beside(out: Path) -> list[str]:
     (under the largest pid: what OUT's name may be does not hang on this run's pid)."""
     return [lock_path(out).name, partial_path(out).name,
             *(temporary_prefix(out, purpose, MAX_PID) + "x" * 8 for purpose in TEMPORARY_PURPOSES)]
-
-
-def free_disk_bytes(folder: Path) -> int:
-    """Free bytes on the disk that holds `folder` (or its nearest existing parent)."""
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    return shutil.disk_usage(existing).free
-
-
-def failed_write(e: OSError, where: Path) -> str:
-    """How a write that failed is said, and what to do, for the caller to end (" and rerun"): a full disk (or
-    quota) with the space left there, else the system's reason."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"disk full writing {where} ({size_text(free_disk_bytes(where))} free); free some space"
-    return f"cannot write {where} ({e.strerror or e}); fix that"
 
 
 def is_klconvert_output(folder: Path) -> bool:

@@ -18,7 +18,7 @@ from klconvert.checkpoint.safetensors_writer import (PlannedTensor, index_json, 
 from klconvert.config import KimiLinearConfig
 from klconvert.atomic_file import write_atomically
 from klconvert.checkpoint.size_bounds import HEADER_BYTES_PER_TENSOR
-from klconvert.convert.output_folder import free_disk_bytes
+from klconvert.disk_space import free_disk_bytes
 from klconvert.errors import KLError
 from klconvert.presets import preset_config
 from klconvert.release import FP32_TENSORS, NUM_SPECIAL_TOKENS
