@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from klconvert.convert.output_folder import OutputLock, move_aside, refuse_no_new_name, temporary_prefix
+from klconvert.convert.output_folder import (TEMPORARY_NAME, OutputLock, move_aside, refuse_no_new_name,
+                                             temporary_prefix)
 from klconvert.disk_space import failed_write
 from klconvert.errors import KLError
 
@@ -40,7 +41,7 @@ def refuse_taken(out: Path, force: bool = False, replaceable: Replaceable | None
         return
     if not out.is_dir():
         raise KLError(f"{out}: exists and is not a folder; give the path of a new folder")
-    if not any(out.iterdir()):
+    if _empty_but_for_temporaries(out):
         return
     if replaceable is None:
         raise KLError(f"{out}: already exists; choose another output folder (or move it away)")
@@ -52,29 +53,61 @@ def refuse_taken(out: Path, force: bool = False, replaceable: Replaceable | None
                       "holds other files; choose another output folder or move it away")
 
 
+def _empty_but_for_temporaries(folder: Path) -> bool:
+    """Whether `folder` holds nothing but the hidden folders runs writing it in place make (a killed one's the lock's
+    holder removes; a live one's holder refuses the lock)."""
+    prefix = f".{folder.name}."
+    return all(entry.name.startswith(prefix) and TEMPORARY_NAME.fullmatch(entry.name[len(prefix):])
+               for entry in folder.iterdir())
+
+
 @contextmanager
-def whole_folder(out: Path, force: bool = False, replaceable: Replaceable | None = None) -> Iterator[Path]:
-    """The folder to write OUT's files into, renamed to OUT when the body ends (see the module's text). OUT is
-    checked now and again at the end; an OSError of the body or of the rename is one KLError line."""
+def whole_folder(out: Path, force: bool = False, replaceable: Replaceable | None = None,
+                 last: str = "config.json") -> Iterator[Path]:
+    """The folder to write OUT's files into, renamed to OUT when the body ends (see the module's text) -- or, where
+    OUT is an empty folder already (a mount point, say, which no rename replaces; its mode and group the user's),
+    made inside it and its files moved up into it, `last` (the file that says the folder is whole) after the rest.
+    OUT is checked now and again at the end; an OSError of the body or of the rename is one KLError line."""
     refuse_taken(out, force, replaceable)
     with OutputLock(out):
         refuse_taken(out, force, replaceable)   # again: a writer that held the lock before us may have made OUT
         was_there = out.exists()
+        in_place = was_there and _empty_but_for_temporaries(out)
         new: Path | None = None
         try:
-            new = Path(tempfile.mkdtemp(prefix=temporary_prefix(out, "partial"), dir=out.parent))
+            new = Path(tempfile.mkdtemp(prefix=temporary_prefix(out, "partial"), dir=out if in_place else out.parent))
             yield new
             give_usual_modes(new)
             if out.exists() and not was_there:   # someone else's, empty or not: never renamed over
                 raise KLError(f"{out}: appeared while writing it; move it away and rerun")
-            refuse_taken(out, force, replaceable)   # what is at OUT now may not be what was checked when we began
-            _put_in_place(new, out)
+            if in_place:
+                if not out.is_dir() or out.is_symlink() or set(out.iterdir()) != {new}:
+                    raise KLError(f"{out}: changed while writing into it; move it away and rerun")
+                _move_into(new, out, last)
+            else:
+                refuse_taken(out, force, replaceable)   # what is at OUT now may not be what was checked at first
+                _put_in_place(new, out)
         except BaseException as e:
             if new is not None:
                 shutil.rmtree(new, ignore_errors=True)
             if isinstance(e, OSError):
                 raise KLError(_write_error(e, new, out)) from None
             raise
+
+
+def _move_into(new: Path, out: Path, last: str) -> None:
+    """Move `new`'s entries up into `out` (its parent), `last` after the rest, then remove `new`; on a failure the
+    entries moved so far are removed again, so OUT is left empty."""
+    moved: list[Path] = []
+    try:
+        for name in sorted(os.listdir(new), key=lambda name: (name == last, name)):
+            os.rename(new / name, out / name)
+            moved.append(out / name)
+        new.rmdir()
+    except BaseException:
+        for path in moved:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+        raise
 
 
 def _put_in_place(new: Path, out: Path) -> None:
@@ -85,10 +118,22 @@ def _put_in_place(new: Path, out: Path) -> None:
         os.rename(new, out)
     except BaseException:
         if aside is not None:
-            os.rename(aside, out)
+            _put_back(aside, out)
         raise
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)   # what stays (a file one cannot delete) a later run removes
+
+
+def _put_back(aside: Path, out: Path) -> None:
+    """The earlier OUT back from `aside`; where OUT is taken meanwhile, under a name no later run removes (a hidden
+    temporary name is a dead run's to the next), said in the error."""
+    try:
+        os.rename(aside, out)
+    except OSError:
+        kept = Path(tempfile.mkdtemp(prefix=f"{out.name}.earlier-", dir=out.parent))
+        os.rename(aside, kept)
+        raise KLError(f"{out}: taken while replacing it; the earlier {out.name} is kept as {kept} -- move it back "
+                      "yourself") from None
 
 
 def _write_error(e: OSError, new: Path | None, out: Path) -> str:

@@ -87,3 +87,61 @@ def test_what_a_killed_run_left_is_removed_by_the_next(tmp_path):
     with whole_folder(tmp_path / "out") as folder:
         (folder / "x").write_text("ours")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *list(left)[2:]])
+
+
+def test_an_empty_folder_is_filled_in_place_with_the_marker_last(tmp_path, monkeypatch, umask_022):
+    """An empty OUT (a mount point, which no rename replaces: export-onnx failed there with EBUSY) keeps its inode and
+    mode; its files are moved up into it, the file that says the folder is whole last."""
+    out = tmp_path / "out"
+    out.mkdir(mode=0o750)
+    before = out.stat().st_ino
+    moves = []
+    real_rename = os.rename
+    monkeypatch.setattr(os, "rename", lambda a, b: (moves.append(os.path.basename(b)), real_rename(a, b)))
+    with whole_folder(out, last="genai_config.json") as folder:
+        assert folder.parent == out
+        for name in ("genai_config.json", "model.onnx", "a.json"):
+            (folder / name).write_text(name)
+    assert out.stat().st_ino == before and _mode(out) == 0o750
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "genai_config.json", "model.onnx"]
+    assert moves[-1] == "genai_config.json" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_failed_write_in_place_leaves_the_folder_empty_and_a_killed_ones_leftover_is_removed(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(KLError, match="disk full"):
+        with whole_folder(out) as folder:
+            (folder / "x").write_text("part")
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder / "x"))
+    assert list(out.iterdir()) == []
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / f".out.partial-{dead.pid}-abcdefgh").mkdir()   # what a run killed while writing in place leaves
+    with whole_folder(out) as folder:
+        (folder / "config.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+
+
+def test_a_failed_put_back_keeps_the_earlier_folder_under_a_name_no_run_removes(tmp_path, monkeypatch):
+    """Moved aside under a hidden temporary name, the earlier OUT was a dead run's leftover to the next run."""
+    from klconvert.whole_folder import Replaceable
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier").write_text("keep me")
+    anything = Replaceable("an earlier folder", lambda folder: True)
+    real_rename = os.rename
+
+    def rename(a, b):   # OUT taken by someone between the move aside and the rename of the new folder
+        if os.path.basename(a).startswith(".out.partial-"):
+            os.mkdir(out)
+            (out / "theirs").write_text("theirs")
+        real_rename(a, b)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(KLError, match=r"out: taken while replacing it; the earlier out is kept as .*out\.earlier-"):
+        with whole_folder(out, force=True, replaceable=anything) as folder:
+            (folder / "config.json").write_text("{}")
+    (kept,) = tmp_path.glob("out.earlier-*")
+    assert (kept / "earlier").read_text() == "keep me" and (out / "theirs").read_text() == "theirs"

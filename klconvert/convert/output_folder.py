@@ -216,14 +216,16 @@ def _open_lock_file(path: Path) -> int:
 
 
 def remove_dead_runs_temporaries(out: Path) -> None:
-    """Delete what killed runs left beside OUT under a temporary name (TEMPORARY_NAME: a folder written whole, an
-    OUT moved aside, a write test) whose process is no longer running; called holding OUT's lock, which every writer
-    of OUT takes before it makes one."""
+    """Delete what killed runs left beside OUT (or in it) under a temporary name (TEMPORARY_NAME: a folder written
+    whole, an OUT moved aside, a write test) whose process is no longer running; called holding OUT's lock, which
+    every writer of OUT takes before it makes one."""
     prefix = f".{out.name}."
-    try:
-        beside = [entry for entry in out.parent.iterdir() if entry.name.startswith(prefix)]
-    except OSError:   # a folder one may write to but not list: nothing found, nothing removed
-        return
+    beside = []
+    for folder in (out.parent, out):   # beside OUT, and inside an OUT written in place (whole_folder)
+        try:
+            beside += [entry for entry in folder.iterdir() if entry.name.startswith(prefix)]
+        except OSError:   # no such folder, or one may write to but not list: nothing found, nothing removed
+            continue
     for entry in beside:
         name = TEMPORARY_NAME.fullmatch(entry.name[len(prefix):])
         if name is None or not 0 < int(name[2]) <= MAX_PID or _running(int(name[2])):

@@ -168,7 +168,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPS
     check_tokenizer_if_any(model_dir, checkpoint.config.vocab_size)
     copied = [name for name in ("config.json", *COPIED_TOKENIZER_FILES) if (model_dir / name).is_file()]
     refuse_unfit_side_files(model_dir, (model_dir / name for name in copied))
-    with whole_folder(out, force, EARLIER_EXPORT) as folder:
+    with whole_folder(out, force, EARLIER_EXPORT, last=GENAI_CONFIG) as folder:
         _write_export(checkpoint, model_dir, folder, opset, copied)
     return out / ONNX_FILE
 
