@@ -74,6 +74,24 @@ def whole_numbers(value, what: str = "token ids") -> torch.Tensor:
     return t.long()
 
 
+def as_prompts(prompts) -> list[torch.Tensor]:
+    """generate's prompts -- a [T] or [B, T] tensor or list of ids, or a list of id lists (or tensors) of their own
+    lengths -- as int64 [T] tensors, at least one, none empty (the vocabulary is the engine's to check)."""
+    if isinstance(prompts, (list, tuple)) and not all(_one_id(p) for p in prompts):
+        seqs = [whole_numbers(p) for p in prompts]          # prompts of their own lengths
+    else:                                                   # one tensor or flat list of ids: [T] or [B, T]
+        ids = whole_numbers(prompts)
+        seqs = list(ids.view(1, -1) if ids.dim() <= 1 else ids)
+    if not seqs or any(s.dim() != 1 or s.numel() == 0 for s in seqs):
+        raise KLError("generate needs at least one prompt, each a non-empty list of token ids")
+    return seqs
+
+
+def _one_id(value) -> bool:
+    """Whether a prompt list's item is one token id (a number or a 0-d tensor), not a prompt of its own."""
+    return isinstance(value, numbers.Number) or (isinstance(value, torch.Tensor) and value.dim() == 0)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -354,15 +372,9 @@ class Engine:
         return out[:, :n].cpu()
 
     def _as_prompts(self, prompts) -> list[torch.Tensor]:
-        if isinstance(prompts, (list, tuple)) and any(not isinstance(p, numbers.Integral) for p in prompts):
-            seqs = [whole_numbers(p) for p in prompts]          # prompts of their own lengths
-        else:                                                   # one tensor or flat list of ids: [T] or [B, T]
-            ids = whole_numbers(prompts)
-            seqs = list(ids.view(1, -1) if ids.dim() <= 1 else ids)
-        if not seqs or any(s.dim() != 1 or s.numel() == 0 for s in seqs):
-            raise KLError("generate needs at least one prompt, each a non-empty list of token ids")
+        seqs = as_prompts(prompts)
         self._check_ids(seqs, len(seqs))
-        return [s.to(self.device, torch.long) for s in seqs]
+        return [s.to(self.device) for s in seqs]
 
 
 def default_device() -> torch.device:

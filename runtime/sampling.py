@@ -17,9 +17,10 @@ def check_generate_args(max_new_tokens: int, temperature: float, top_p: float, s
     if not (isinstance(max_new_tokens, numbers.Integral) and not isinstance(max_new_tokens, bool)
             and max_new_tokens >= 0):
         raise KLError(f"max_new_tokens {max_new_tokens!r} should be a whole number >= 0 (0 only prefills)")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and math.isfinite(temperature)
+            and temperature >= 0):
         raise KLError(f"temperature {temperature!r} should be a finite number >= 0 (0 is greedy)")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):   # NaN fails too
+    if not (isinstance(top_p, (int, float)) and not isinstance(top_p, bool) and 0 < top_p <= 1):   # NaN fails too
         raise KLError(f"top_p {top_p!r} should be in (0, 1] (1 keeps every token)")
     if seed is not None:
         try:

@@ -30,6 +30,8 @@ def test_the_offending_token_id_is_named(engine, ids, bad):
     (dict(top_p=1.5), r"top_p 1.5 should be in \(0, 1\]"),
     (dict(top_p=0.0), r"top_p 0.0 should be in \(0, 1\]"),
     (dict(seed=2**70), "seed 1180591620717411303424 should be a whole number torch.Generator takes"),
+    (dict(temperature=True), "temperature True should be"),
+    (dict(top_p=True), r"top_p True should be in \(0, 1\]"),
 ])
 def test_sampling_arguments_are_checked(engine, kwargs, message):
     """A NaN temperature sampled token 0 at every step; a seed of 2**70 was a ValueError from torch."""
@@ -54,6 +56,13 @@ def test_token_ids_that_are_not_whole_numbers_are_refused(engine, prompts):
         engine.decode_step(torch.tensor([1.5]), 0)
     with pytest.raises(KLError, match="positions should be whole numbers"):
         engine.decode_step(torch.tensor([1]), 0.5)
+
+
+def test_one_prompt_is_taken_in_each_form(engine):
+    """A flat list, a [T] tensor, a list of 0-d tensors and a list of one list are one prompt alike."""
+    want = engine.generate([[1, 2, 3]], 3)
+    for prompts in ([1, 2, 3], torch.tensor([1, 2, 3]), list(torch.tensor([1, 2, 3])), [torch.tensor([1, 2, 3])]):
+        assert torch.equal(engine.generate(prompts, 3), want), prompts
 
 
 def test_generate_leaves_the_global_generator_alone(engine):

@@ -111,6 +111,20 @@ def test_the_graph_declares_the_lowest_ir_version_its_opsets_allow(exported):
 
 
 @pytest.mark.slow
+def test_onnx_generate_takes_prompts_and_arguments_as_engine_generate_does(exported):
+    """A flat list and a [T] tensor were TypeErrors, [] a ValueError, 10**12 new tokens an 8 TB allocation."""
+    onnx_engine = OnnxEngine(exported[1])
+    want = onnx_engine.generate([PROMPT], 4)
+    for prompts in (PROMPT, torch.tensor(PROMPT), list(torch.tensor(PROMPT))):
+        assert torch.equal(onnx_engine.generate(prompts, 4), want)
+    for prompts, message in (([], "generate needs at least one prompt"), ([1.5, 2.0], "should be whole numbers")):
+        with pytest.raises(klconvert.KLError, match=message):
+            onnx_engine.generate(prompts, 4)
+    with pytest.raises(klconvert.KLError, match=r"plus max_new_tokens 1000000000000 is over the model's model_max"):
+        onnx_engine.generate([PROMPT], 10**12)
+
+
+@pytest.mark.slow
 def test_prompt_and_greedy_decode_match_klconvert(exported):
     quantized, folder = exported
     ref, onnx_engine = exact_engine(quantized), OnnxEngine(folder)

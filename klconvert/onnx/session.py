@@ -14,7 +14,7 @@ from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError, first_line, unreadable_reason
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, ONNX_FILE, state_spec
-from klconvert.runtime.engine import Engine, GenerationStats, check_id_range
+from klconvert.runtime.engine import Engine, GenerationStats, as_prompts, check_id_range
 from klconvert.runtime.sampling import check_generate_args, sampling_generator
 
 State = dict[str, np.ndarray]  # past input name -> value
@@ -187,12 +187,17 @@ class OnnxEngine:
             out[x["past"]] = np.concatenate(parts)
         return out
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+    def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, stop_ids: frozenset[int] = frozenset(), on_token=None,
                  on_prefill=None) -> torch.Tensor:
         """Prefill each prompt, then decode them together; as Engine.generate (new ids [B, n], stop handling,
         on_token, on_prefill(tokens) after each prompt, self.stats)."""
         check_generate_args(max_new_tokens, temperature, top_p, seed)
+        prompts = [p.tolist() for p in as_prompts(prompts)]
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.config.model_max_length:
+            raise KLError(f"the prompt ({longest} tokens) plus max_new_tokens {max_new_tokens} is over the model's "
+                          f"model_max_length {self.config.model_max_length}; shorten them")
         B = len(prompts)
         self.stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts), batch=B)
         generator = sampling_generator(seed)
