@@ -145,3 +145,12 @@ def test_a_failed_put_back_keeps_the_earlier_folder_under_a_name_no_run_removes(
             (folder / "config.json").write_text("{}")
     (kept,) = tmp_path.glob("out.earlier-*")
     assert (kept / "earlier").read_text() == "keep me" and (out / "theirs").read_text() == "theirs"
+
+
+def test_a_name_too_long_for_what_is_made_beside_it_is_refused_up_front(tmp_path):
+    """train_bundled's up-front refuse_taken passed it, and whole_folder refused it after the training."""
+    from klconvert.whole_folder import refuse_taken
+
+    with pytest.raises(KLError, match="its name is too long .* choose a name of at most 223 bytes"):
+        refuse_taken(tmp_path / ("m" * 230))
+    assert list(tmp_path.iterdir()) == []

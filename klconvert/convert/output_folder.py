@@ -67,10 +67,16 @@ def is_klconvert_output(folder: Path) -> bool:
 
 def refuse_no_new_name(out: Path) -> None:
     """KLError when OUT names the current folder or one above it (what is written is made beside OUT, and renamed
-    onto it)."""
+    onto it), or when a name made beside it would be too long for a file system -- said before any work."""
     if out.name in ("", ".."):
         raise KLError(f"{out}: names the current folder or one above it, not a folder to create; give the new "
                       f"folder's name, e.g. {out / 'q4'}")
+    longest = max(names_beside(out), key=lambda name: len(os.fsencode(name)))
+    extra = len(os.fsencode(longest)) - len(os.fsencode(out.name))
+    if len(os.fsencode(longest)) > MAX_FILE_NAME_BYTES:
+        raise KLError(f"{out}: its name is too long for the files made beside it ({longest[:40]}..., "
+                      f"{len(os.fsencode(longest))} bytes, over the {MAX_FILE_NAME_BYTES} a file system allows); "
+                      f"choose a name of at most {MAX_FILE_NAME_BYTES - extra} bytes")
 
 
 def refuse_existing_out(out: Path, force: bool) -> None:
@@ -91,12 +97,7 @@ def refuse_existing_out(out: Path, force: bool) -> None:
 def make_parent(out: Path) -> list[Path]:
     """Create the folder `out` goes in (and those above it) and check that files can be created in it, or say in
     one line why not; the folders it created, outermost first."""
-    longest = max(names_beside(out), key=lambda name: len(os.fsencode(name)))
-    extra = len(os.fsencode(longest)) - len(os.fsencode(out.name))
-    if len(os.fsencode(longest)) > MAX_FILE_NAME_BYTES:
-        raise KLError(f"{out}: its name is too long for the files made beside it ({longest[:40]}..., "
-                      f"{len(os.fsencode(longest))} bytes, over the {MAX_FILE_NAME_BYTES} a file system allows); "
-                      f"choose a name of at most {MAX_FILE_NAME_BYTES - extra} bytes")
+    refuse_no_new_name(out)
     created = [folder for folder in reversed(out.absolute().parents) if not folder.exists()]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
