@@ -103,7 +103,7 @@ def _stored_name(d: dict, name: str, where: str) -> str:
     """The name config.json gives the optional field `name`: its own, else its transformers alias where only that is
     there; KLError where both are there and disagree (which one bounds the model is then anyone's guess)."""
     alias = _OPTIONAL_ALIASES.get(name)
-    if alias is None or alias not in d:
+    if alias is None or d.get(alias) is None:   # absent, or null: as absent
         return name
     if name in d and d[name] != d[alias]:
         raise KLError(f"{where}: fields '{name}' ({d[name]!r:.40}) and '{alias}' ({d[alias]!r:.40}) are two names of "

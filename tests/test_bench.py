@@ -83,13 +83,19 @@ def _refusal(config, monkeypatch) -> str:
 
 @pytest.mark.slow
 @ON_THE_INTERPRETER
-def test_bench_refuses_to_time_when_the_depth_check_fails(tiny4, monkeypatch):
-    """The Triton path reading far from the PyTorch path: one line with the figures, and no row timed."""
+@pytest.mark.parametrize("failing", ["relative error", "top-1"])
+def test_bench_refuses_to_time_when_the_depth_check_fails(tiny4, monkeypatch, failing):
+    """The Triton path reading far from the PyTorch path, or choosing other tokens (a top-1 no run reaches): one line
+    with the figures, and no row timed -- each condition alone."""
     monkeypatch.setattr(B, "CHECK_DECODE", 2)
-    monkeypatch.setattr(B, "_rel", lambda a, b: 0.5)
+    if failing == "relative error":
+        monkeypatch.setattr(B, "_rel", lambda a, b: 0.5)
+    else:
+        monkeypatch.setattr(B, "DEPTH_CHECK_TOP1", 1.01)
     message = _refusal(tiny4, monkeypatch)
-    assert "\n" not in message and "bench check failed" in message and "rel err 0.5" in message
-    assert f"bound {B.DEPTH_CHECK_BOUND}" in message and "nothing was timed" in message
+    assert "\n" not in message and "bench check failed" in message and "nothing was timed" in message
+    assert ("rel err 0.5" in message) == (failing == "relative error")
+    assert f"bound {B.DEPTH_CHECK_BOUND}" in message and f"(at least {B.DEPTH_CHECK_TOP1})" in message
 
 
 @pytest.mark.slow

@@ -102,10 +102,12 @@ def test_config_fields_are_checked(edit, needles):
 
 
 def test_null_multi_token_prediction_layers_read_as_absent():
-    """num_nextn_predict_layers null (no MTP layers) was refused as another model while the field left out was not."""
+    """num_nextn_predict_layers null (no MTP layers) was refused as another model while the field left out was not;
+    a null max_position_embeddings beside model_max_length was refused as disagreeing with it."""
     config = preset_config("tiny")
     released = KimiLinearConfig.from_dict(config)
     assert KimiLinearConfig.from_dict({**config, "num_nextn_predict_layers": None}) == released
+    assert KimiLinearConfig.from_dict({**config, "max_position_embeddings": None}) == released   # the alias too
     config.pop("num_nextn_predict_layers")
     assert KimiLinearConfig.from_dict(config) == released
 
