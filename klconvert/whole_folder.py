@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from klconvert.convert.output_folder import (TEMPORARY_NAME, OutputLock, move_aside, refuse_no_new_name,
-                                             temporary_prefix)
+from klconvert.convert.output_folder import (OutputLock, mark_temporary, move_aside, refuse_no_new_name,
+                                             runs_temporary, temporary_prefix, unmark_temporary)
 from klconvert.disk_space import failed_write
 from klconvert.errors import KLError
 
@@ -56,9 +56,7 @@ def refuse_taken(out: Path, force: bool = False, replaceable: Replaceable | None
 def _empty_but_for_temporaries(folder: Path) -> bool:
     """Whether `folder` holds nothing but the hidden folders runs writing it in place make (a killed one's the lock's
     holder removes; a live one's holder refuses the lock)."""
-    prefix = f".{folder.name}."
-    return all(entry.name.startswith(prefix) and TEMPORARY_NAME.fullmatch(entry.name[len(prefix):])
-               for entry in folder.iterdir())
+    return all(runs_temporary(entry, folder) is not None for entry in folder.iterdir())
 
 
 @contextmanager
@@ -76,7 +74,9 @@ def whole_folder(out: Path, force: bool = False, replaceable: Replaceable | None
         new: Path | None = None
         try:
             new = Path(tempfile.mkdtemp(prefix=temporary_prefix(out, "partial"), dir=out if in_place else out.parent))
+            mark_temporary(new)
             yield new
+            unmark_temporary(new)
             give_usual_modes(new)
             if out.exists() and not was_there:   # someone else's, empty or not: never renamed over
                 raise KLError(f"{out}: appeared while writing it; move it away and rerun")
@@ -127,6 +127,7 @@ def _put_in_place(new: Path, out: Path) -> None:
 def _put_back(aside: Path, out: Path) -> None:
     """The earlier OUT back from `aside`; where OUT is taken meanwhile, under a name no later run removes (a hidden
     temporary name is a dead run's to the next), said in the error."""
+    unmark_temporary(aside)
     try:
         os.rename(aside, out)
     except OSError:

@@ -74,19 +74,27 @@ def test_an_empty_folder_is_taken(tmp_path):
 
 
 def test_what_a_killed_run_left_is_removed_by_the_next(tmp_path):
-    """A killed synth left .OUT.partial-XXXX (up to 98 GB) for ever: now named with its writer's pid, removed by the
-    next run on OUT once that process is gone; a live process's, and names that are no temporary of ours, stay."""
+    """A killed synth left .OUT.partial-XXXX (up to 98 GB) for ever: now named with its writer's pid and marked,
+    removed by the next run on OUT once that process is gone; a live process's, a folder so named without the mark
+    (a user's own), and names that are no temporary of ours, stay."""
+    from klconvert.convert.output_folder import mark_temporary
+
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     names = (f".out.partial-{dead.pid}-abcd_123", f".out.replaced-{dead.pid}-x1y2z3w4",
-             f".out.partial-{os.getpid()}-abcdefgh", ".out.partial-notes", f".other.partial-{dead.pid}-abcdefgh")
+             f".out.partial-{os.getpid()}-abcdefgh", ".out.partial-notes", f".other.partial-{dead.pid}-abcdefgh",
+             f".out.partial-{dead.pid}-draft_v2")
     left = {name: tmp_path / name for name in names}
     for folder in left.values():
         folder.mkdir()
         (folder / "shard").write_bytes(b"x" * 100)
+        if not folder.name.endswith("draft_v2"):   # the user's own folder, named like a temporary by chance
+            mark_temporary(folder)
     with whole_folder(tmp_path / "out") as folder:
+        assert [p.name for p in folder.iterdir()] == [".klconvert-temporary"]   # a run's own temporary is marked
         (folder / "x").write_text("ours")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *list(left)[2:]])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x"]   # the mark is gone from what it wrote
 
 
 def test_an_empty_folder_is_filled_in_place_with_the_marker_last(tmp_path, monkeypatch, umask_022):

@@ -31,6 +31,9 @@ MAX_PID = 2**31 - 1  # pid_t's largest: a larger number in a lock file is no pro
 # folder written whole before it is renamed to OUT, an OUT moved aside while its replacement goes in, a write test
 TEMPORARY_PURPOSES = ("partial", "replaced", "write-test")
 TEMPORARY_NAME = re.compile(rf"({'|'.join(TEMPORARY_PURPOSES)})-([0-9]{{1,10}})-[a-z0-9_]{{8}}")
+# An empty file a run puts in each folder it holds under a temporary name: only a folder with it (or an empty one, or
+# an empty write-test file) is a dead run's to remove -- a folder of the user's that happens to be so named is not
+TEMPORARY_MARKER = ".klconvert-temporary"
 
 
 def partial_path(out: Path) -> Path:
@@ -216,26 +219,51 @@ def _open_lock_file(path: Path) -> int:
     return fd
 
 
+def mark_temporary(folder: Path) -> None:
+    """Put TEMPORARY_MARKER in `folder`, which this run holds under a temporary name."""
+    (folder / TEMPORARY_MARKER).touch()
+
+
+def unmark_temporary(folder: Path) -> None:
+    (folder / TEMPORARY_MARKER).unlink(missing_ok=True)
+
+
+def runs_temporary(entry: Path, out: Path) -> int | None:
+    """The pid of the run whose temporary `entry` (beside OUT, or in it) is -- named so (TEMPORARY_NAME), this user's,
+    and a marked or empty folder or an empty write-test file, never a link -- else None."""
+    prefix = f".{out.name}."
+    name = TEMPORARY_NAME.fullmatch(entry.name[len(prefix):]) if entry.name.startswith(prefix) else None
+    if name is None or not 0 < int(name[2]) <= MAX_PID:
+        return None
+    try:
+        st = entry.lstat()
+        if st.st_uid != os.getuid():
+            return None
+        if stat.S_ISDIR(st.st_mode):
+            ours = (entry / TEMPORARY_MARKER).is_file() or not any(entry.iterdir())
+        else:
+            ours = stat.S_ISREG(st.st_mode) and st.st_size == 0 and name[1] == "write-test"
+    except OSError:   # gone meanwhile, or not ours to look into
+        return None
+    return int(name[2]) if ours else None
+
+
 def remove_dead_runs_temporaries(out: Path) -> None:
-    """Delete what killed runs left beside OUT (or in it) under a temporary name (TEMPORARY_NAME: a folder written
+    """Delete what killed runs left beside OUT (or in it) under a temporary name (runs_temporary: a folder written
     whole, an OUT moved aside, a write test) whose process is no longer running; called holding OUT's lock, which
     every writer of OUT takes before it makes one."""
-    prefix = f".{out.name}."
-    beside = []
     for folder in (out.parent, out):   # beside OUT, and inside an OUT written in place (whole_folder)
         try:
-            beside += [entry for entry in folder.iterdir() if entry.name.startswith(prefix)]
+            entries = list(folder.iterdir())
         except OSError:   # no such folder, or one may write to but not list: nothing found, nothing removed
             continue
-    for entry in beside:
-        name = TEMPORARY_NAME.fullmatch(entry.name[len(prefix):])
-        if name is None or not 0 < int(name[2]) <= MAX_PID or _running(int(name[2])):
-            continue
-        try:
-            if entry.lstat().st_uid == os.getuid():
-                _remove(entry)
-        except OSError:   # gone meanwhile, or not ours to remove: left as it is
-            continue
+        for entry in entries:
+            pid = runs_temporary(entry, out)
+            if pid is not None and not _running(pid):
+                try:
+                    _remove(entry)
+                except OSError:   # gone meanwhile, or not ours to remove: left as it is
+                    continue
 
 
 def _read_pid(fd: int) -> int | None:
@@ -362,6 +390,7 @@ def move_aside(out: Path) -> Path:
     holds, and one a later run removes should this one be killed before it does); that name."""
     aside = Path(tempfile.mkdtemp(prefix=temporary_prefix(out, "replaced"), dir=out.parent))
     os.rename(out, aside)
+    mark_temporary(aside)
     return aside
 
 
