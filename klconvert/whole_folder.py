@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from klconvert.convert.output_folder import (OutputLock, mark_temporary, move_aside, refuse_no_new_name,
-                                             runs_temporary, temporary_prefix, unmark_temporary)
+from klconvert.convert.output_folder import (TEMPORARY_MARKER, OutputLock, mark_temporary, move_aside,
+                                             refuse_no_new_name, runs_temporary, temporary_prefix, unmark_temporary)
 from klconvert.disk_space import failed_write
 from klconvert.errors import KLError
 
@@ -70,18 +70,17 @@ def whole_folder(out: Path, force: bool = False, replaceable: Replaceable | None
     with OutputLock(out):
         refuse_taken(out, force, replaceable)   # again: a writer that held the lock before us may have made OUT
         was_there = out.exists()
-        in_place = was_there and _empty_but_for_temporaries(out)
+        in_place = was_there and not any(out.iterdir())   # the lock removed what dead runs left in it
         new: Path | None = None
         try:
             new = Path(tempfile.mkdtemp(prefix=temporary_prefix(out, "partial"), dir=out if in_place else out.parent))
-            mark_temporary(new)
+            mark_temporary(new)   # until it is in place: a run killed before leaves it for the next to remove
             yield new
-            unmark_temporary(new)
             give_usual_modes(new)
             if out.exists() and not was_there:   # someone else's, empty or not: never renamed over
                 raise KLError(f"{out}: appeared while writing it; move it away and rerun")
             if in_place:
-                if not out.is_dir() or out.is_symlink() or set(out.iterdir()) != {new}:
+                if not out.is_dir() or out.is_symlink() or {p.name for p in out.iterdir()} != {new.name}:
                     raise KLError(f"{out}: changed while writing into it; move it away and rerun")
                 _move_into(new, out, last)
             else:
@@ -100,9 +99,10 @@ def _move_into(new: Path, out: Path, last: str) -> None:
     entries moved so far are removed again, so OUT is left empty."""
     moved: list[Path] = []
     try:
-        for name in sorted(os.listdir(new), key=lambda name: (name == last, name)):
+        for name in sorted(set(os.listdir(new)) - {TEMPORARY_MARKER}, key=lambda name: (name == last, name)):
+            moved.append(out / name)   # before the rename: an interrupt between the two must not miss it
             os.rename(new / name, out / name)
-            moved.append(out / name)
+        unmark_temporary(new)
         new.rmdir()
     except BaseException:
         for path in moved:
@@ -120,6 +120,7 @@ def _put_in_place(new: Path, out: Path) -> None:
         if aside is not None:
             _put_back(aside, out)
         raise
+    unmark_temporary(out)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)   # what stays (a file one cannot delete) a later run removes
 
@@ -139,9 +140,9 @@ def _put_back(aside: Path, out: Path) -> None:
 
 def _write_error(e: OSError, new: Path | None, out: Path) -> str:
     """The line for an OSError while writing OUT: the file named as it would be in OUT."""
-    where = Path(e.filename) if e.filename else out
-    if new is not None and where.is_relative_to(new):
-        where = out / where.relative_to(new)
+    where = Path(os.path.abspath(e.filename)) if e.filename else out
+    if new is not None and where.is_relative_to(os.path.abspath(new)):
+        where = out / where.relative_to(os.path.abspath(new))
     return f"{failed_write(e, where)} and rerun (nothing was written to {out})"
 
 

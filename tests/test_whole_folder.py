@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -162,3 +165,70 @@ def test_a_name_too_long_for_what_is_made_beside_it_is_refused_up_front(tmp_path
     with pytest.raises(KLError, match="its name is too long .* choose a name of at most 223 bytes"):
         refuse_taken(tmp_path / ("m" * 230))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_relative_empty_out_is_filled_in_place(tmp_path, monkeypatch):
+    """Python 3.12's mkdtemp returns an absolute path where OUT's entries are relative: the in-place check compared
+    the two and failed every such run after its work."""
+    monkeypatch.chdir(tmp_path)
+    Path("out").mkdir()
+    real_mkdtemp = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: os.path.abspath(real_mkdtemp(**kw)))   # 3.12's, on any
+    with whole_folder(Path("out")) as folder:
+        (folder / "config.json").write_text("{}")
+    assert sorted(p.name for p in Path("out").iterdir()) == ["config.json"]
+
+
+def test_a_leftover_inside_out_whose_pid_runs_again_is_removed_before_the_work(tmp_path):
+    """A container's runs share a pid (1): a marked leftover inside OUT under this very pid passed the first check,
+    was kept as a live run's, and failed the run after its body."""
+    from klconvert.convert.output_folder import mark_temporary
+
+    out = tmp_path / "out"
+    leftover = out / f".out.partial-{os.getpid()}-abcdefgh"
+    leftover.mkdir(parents=True)
+    (leftover / "shard").write_bytes(b"x")
+    mark_temporary(leftover)
+    with whole_folder(out) as folder:
+        (folder / "config.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+
+
+def test_an_interrupt_while_moving_in_leaves_out_empty_not_looking_complete(tmp_path, monkeypatch):
+    """An interrupt between a move and its record left config.json alone in OUT."""
+    out = tmp_path / "out"
+    out.mkdir()
+    real_rename = os.rename
+
+    def rename(a, b):
+        real_rename(a, b)
+        if os.path.basename(b) == "config.json":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        with whole_folder(out) as folder:
+            for name in ("config.json", "model.safetensors"):
+                (folder / name).write_text(name)
+    assert list(out.iterdir()) == []
+
+
+def test_a_run_killed_before_its_folder_is_in_place_leaves_it_marked(tmp_path, monkeypatch):
+    """The mark went before the moves and the rename: a kill there left an unmarked temporary no run removed (in
+    place, one that refused every rerun)."""
+    import klconvert.whole_folder as whole_folder_module
+    from klconvert.convert.output_folder import TEMPORARY_MARKER
+
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def killed(folder):
+        raise SystemExit("killed")   # stands for the kill: what is on disk now is what a kill leaves
+
+    monkeypatch.setattr(whole_folder_module, "give_usual_modes", killed)
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: None)   # a kill runs no clean-up
+    with pytest.raises(SystemExit):
+        with whole_folder(out) as folder:
+            (folder / "config.json").write_text("{}")
+    (left,) = out.iterdir()
+    assert (left / TEMPORARY_MARKER).is_file()

@@ -250,16 +250,17 @@ def runs_temporary(entry: Path, out: Path) -> int | None:
 
 def remove_dead_runs_temporaries(out: Path) -> None:
     """Delete what killed runs left beside OUT (or in it) under a temporary name (runs_temporary: a folder written
-    whole, an OUT moved aside, a write test) whose process is no longer running; called holding OUT's lock, which
-    every writer of OUT takes before it makes one."""
-    for folder in (out.parent, out):   # beside OUT, and inside an OUT written in place (whole_folder)
+    whole, an OUT moved aside, a write test): beside OUT, those whose process is no longer running (a write test is
+    made before the lock); inside OUT, every one -- only a run holding OUT's lock, as the caller does, makes one there,
+    so a pid that runs again (a container's 1) is another process. Called holding OUT's lock."""
+    for folder, whatever_pid in ((out.parent, False), (out, True)):
         try:
             entries = list(folder.iterdir())
         except OSError:   # no such folder, or one may write to but not list: nothing found, nothing removed
             continue
         for entry in entries:
             pid = runs_temporary(entry, out)
-            if pid is not None and not _running(pid):
+            if pid is not None and (whatever_pid or not _running(pid)):
                 try:
                     _remove(entry)
                 except OSError:   # gone meanwhile, or not ours to remove: left as it is
@@ -389,8 +390,12 @@ def move_aside(out: Path) -> Path:
     """Rename `out` to a fresh hidden name beside it (an empty folder made and renamed over, never a name someone
     holds, and one a later run removes should this one be killed before it does); that name."""
     aside = Path(tempfile.mkdtemp(prefix=temporary_prefix(out, "replaced"), dir=out.parent))
-    os.rename(out, aside)
-    mark_temporary(aside)
+    mark_temporary(out)   # before the rename: a run killed after it leaves a marked folder, which the next removes
+    try:
+        os.rename(out, aside)
+    except BaseException:
+        unmark_temporary(out)
+        raise
     return aside
 
 
