@@ -1,141 +1,172 @@
 """A new folder written whole or not at all: how synth, export-onnx and the tools/ scripts write their output (quantize
 keeps its own resumable OUT.partial, convert.output_folder).
 
-The files go into a fresh hidden folder beside OUT (.OUT.partial-PID-XXXXXXXX), made holding OUT's lock (one writer
-per output: a second is refused naming the first), and renamed to OUT once the body ends -- an existing OUT, which
-only `force` lets go and only when `replaceable` says it may, is moved aside and deleted only then. A failed or
-interrupted run leaves nothing at OUT and nothing beside it (the folders made for OUT go too while empty); what a
-killed one left, the next run on OUT removes (output_folder.remove_dead_runs_temporaries)."""
+One writer per output: a run holds OUT's lock (a second is refused naming the first), and holding it, what killed runs
+left -- beside OUT or in it -- is removed (output_folder.remove_dead_runs_temporaries). Where OUT is missing, the
+files go into a fresh hidden folder beside it (.OUT.partial-PID-XXXXXXXX), the lock is OUT.partial.lock beside it, and
+the folder is renamed to OUT once the body ends. Where OUT is a folder already -- empty, or an earlier output that only
+`force` lets go, and only when `replaceable` says it may -- it is filled in place, since no rename replaces a mount
+point (the GPU machine's $OUT is one) and its parent may take no file: the lock (.OUT.partial.lock) and the hidden
+folder are made in OUT, and once the body ends OUT's earlier entries are moved aside into another hidden folder in it,
+the file that says OUT is whole (`last`) first, the new ones moved up, `last` after the rest, and the earlier deleted
+only then -- OUT holds `last` only while whole. A failed or interrupted run leaves OUT as it was and nothing beside it
+(the folders made for OUT go too while empty); whether OUT may be written and takes files is said before any work."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from klconvert.convert.output_folder import (TEMPORARY_MARKER, OutputLock, mark_temporary, move_aside,
-                                             refuse_no_new_name, runs_temporary, temporary_prefix, unmark_temporary)
+from klconvert.convert.output_folder import (TEMPORARY_MARKER, TEMPORARY_NAME, OutputLock, lock_path, make_parent,
+                                             mark_temporary, refuse_no_new_name, remove_created,
+                                             runs_temporary, temporary_prefix,
+                                             unmark_temporary)
 from klconvert.disk_space import failed_write
 from klconvert.errors import KLError
 
 
 @dataclass(frozen=True)
 class Replaceable:
-    """What --force may replace at OUT: `what`, as the refusal names it, and the test a folder must pass."""
+    """What --force may replace at OUT: `what`, as the refusal names it, and the test each of its entries must pass
+    (but the hidden ones runs writing OUT make in it)."""
 
     what: str
-    holds_only_that: Callable[[Path], bool]
+    may_hold: Callable[[Path], bool]
 
 
 def refuse_taken(out: Path, force: bool = False, replaceable: Replaceable | None = None) -> None:
-    """KLError unless OUT may be written: missing, an empty folder, or -- with `force` -- a folder `replaceable`
-    accepts; never a link (a dangling one too), a file, or the current folder or one above it."""
+    """KLError unless OUT may be written: missing, an empty folder, or -- with `force` -- a folder whose entries
+    `replaceable` accepts; never a link (a dangling one too), a file, the current folder or one above it, or a name
+    shaped like a run's temporary (which a run beside it may delete); and files must be makeable where the run makes
+    them (in OUT when it exists, else in the folder it goes in) -- all said before any work."""
     refuse_no_new_name(out)
+    if re.fullmatch(rf"\..+\.{TEMPORARY_NAME.pattern}", out.name):
+        raise KLError(f"{out}: is named as klconvert names its temporary folders, which a later run may delete; "
+                      "choose another name")
     if out.is_symlink():
         raise KLError(f"{out}: is a symbolic link{'' if out.exists() else ' to nothing'}; give the path of a new "
                       "folder")
     if not out.exists():
+        remove_created(make_parent(out))   # the folders it goes in made, and tried with a file, now: gone again
         return
     if not out.is_dir():
         raise KLError(f"{out}: exists and is not a folder; give the path of a new folder")
-    if _empty_but_for_temporaries(out):
-        return
-    if replaceable is None:
-        raise KLError(f"{out}: already exists; choose another output folder (or move it away)")
-    if not force:
-        raise KLError(f"{out}: already exists and is not empty; choose another output folder, or pass --force to "
-                      f"replace {replaceable.what}")
-    if not replaceable.holds_only_that(out):
-        raise KLError(f"{out}: --force replaces only {replaceable.what}, a folder holding nothing else, and this "
-                      "holds other files; choose another output folder or move it away")
+    others = _others(out)
+    if others:
+        if replaceable is None:
+            raise KLError(f"{out}: already exists; choose another output folder (or move it away)")
+        if not force:
+            raise KLError(f"{out}: already exists and is not empty; choose another output folder, or pass --force "
+                          f"to replace {replaceable.what}")
+        if not all(replaceable.may_hold(entry) for entry in others):
+            raise KLError(f"{out}: --force replaces only {replaceable.what}, a folder holding nothing else, and this "
+                          "holds other files; choose another output folder or move it away")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=temporary_prefix(out, "write-test"), dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:   # a read-only file system, no write access
+        raise KLError(f"{out}: cannot create files in it ({e.strerror}); choose a folder you can write to") from None
 
 
-def _empty_but_for_temporaries(folder: Path) -> bool:
-    """Whether `folder` holds nothing but the hidden folders runs writing it in place make (a killed one's the lock's
-    holder removes; a live one's holder refuses the lock)."""
-    return all(runs_temporary(entry, folder) is not None for entry in folder.iterdir())
+def _others(out: Path) -> list[Path]:
+    """OUT's entries but those runs filling it in place make in it: the lock, and the hidden temporaries (a killed
+    run's the lock's holder removes; a live one's holder refuses the lock)."""
+    return [entry for entry in out.iterdir()
+            if entry.name != lock_path(out, inside=True).name and runs_temporary(entry, out) is None]
+
+
+def _identities(out: Path) -> dict[str, tuple[int, int]]:
+    """OUT's other entries (_others), each by name with its inode and modification time: what may not change while
+    a run fills OUT in place."""
+    return {entry.name: (st.st_ino, st.st_mtime_ns) for entry in _others(out) for st in (entry.lstat(),)}
 
 
 @contextmanager
 def whole_folder(out: Path, force: bool = False, replaceable: Replaceable | None = None,
                  last: str = "config.json") -> Iterator[Path]:
-    """The folder to write OUT's files into, renamed to OUT when the body ends (see the module's text) -- or, where
-    OUT is an empty folder already (a mount point, say, which no rename replaces; its mode and group the user's),
-    made inside it and its files moved up into it, `last` (the file that says the folder is whole) after the rest.
-    OUT is checked now and again at the end; an OSError of the body or of the rename is one KLError line."""
+    """The folder to write OUT's files into, renamed to OUT when the body ends -- or, where OUT is a folder already
+    (its mode and group the user's), made in it and its files moved up into it in place of OUT's earlier ones,
+    `last` (the file that says the folder is whole) after the rest (see the module's text). OUT is checked now and
+    again at the end; an OSError of the body or of the moves is one KLError line."""
     refuse_taken(out, force, replaceable)
-    with OutputLock(out):
-        refuse_taken(out, force, replaceable)   # again: a writer that held the lock before us may have made OUT
-        was_there = out.exists()
-        in_place = was_there and not any(out.iterdir())   # the lock removed what dead runs left in it
+    in_place = out.exists()
+    with OutputLock(out, inside=in_place):   # in OUT where it exists: refuse_taken tried that it takes files
+        refuse_taken(out, force, replaceable)   # again: a writer that held the lock before us may have changed OUT
+        if out.exists() and not in_place:
+            raise KLError(f"{out}: appeared as this run started; rerun to write into it")
+        earlier = _identities(out) if in_place else {}
         new: Path | None = None
         try:
             new = Path(tempfile.mkdtemp(prefix=temporary_prefix(out, "partial"), dir=out if in_place else out.parent))
             mark_temporary(new)   # until it is in place: a run killed before leaves it for the next to remove
             yield new
             give_usual_modes(new)
-            if out.exists() and not was_there:   # someone else's, empty or not: never renamed over
-                raise KLError(f"{out}: appeared while writing it; move it away and rerun")
-            if in_place:
-                if not out.is_dir() or out.is_symlink() or {p.name for p in out.iterdir()} != {new.name}:
-                    raise KLError(f"{out}: changed while writing into it; move it away and rerun")
-                _move_into(new, out, last)
+            if not in_place:
+                if os.path.lexists(out):   # someone else's, empty or not: never renamed over
+                    raise KLError(f"{out}: appeared while writing it; move it away and rerun")
+                os.rename(new, out)
+                unmark_temporary(out)   # a kill between the two leaves it in OUT, which no run takes for a temporary
+            elif not out.is_dir() or out.is_symlink() or _identities(out) != earlier:
+                raise KLError(f"{out}: changed while writing into it; move it away and rerun")
             else:
-                refuse_taken(out, force, replaceable)   # what is at OUT now may not be what was checked at first
-                _put_in_place(new, out)
+                _replace_in_place(new, out, list(earlier), last)
         except BaseException as e:
             if new is not None:
-                shutil.rmtree(new, ignore_errors=True)
+                _remove_temporary(new)
             if isinstance(e, OSError):
                 raise KLError(_write_error(e, new, out)) from None
             raise
 
 
-def _move_into(new: Path, out: Path, last: str) -> None:
-    """Move `new`'s entries up into `out` (its parent), `last` after the rest, then remove `new`; on a failure the
-    entries moved so far are removed again, so OUT is left empty."""
-    moved: list[Path] = []
+def _replace_in_place(new: Path, out: Path, earlier: list[str], last: str) -> None:
+    """Put `new`'s entries into OUT, its parent, in place of OUT's `earlier` ones (none where it was empty): these
+    moved aside into a hidden folder in OUT, `last` first, then `new`'s moved up, `last` after the rest, then the
+    aside folder deleted -- OUT holds `last` only while whole. On a failure (an interrupt too) the earlier entries
+    go back, `last` after the rest."""
+    aside = Path(tempfile.mkdtemp(prefix=temporary_prefix(out, "replaced"), dir=out))
     try:
-        for name in sorted(set(os.listdir(new)) - {TEMPORARY_MARKER}, key=lambda name: (name == last, name)):
-            moved.append(out / name)   # before the rename: an interrupt between the two must not miss it
-            os.rename(new / name, out / name)
+        mark_temporary(aside)   # before any move: a run killed after leaves it for the next to remove
+        _move(sorted(earlier, key=lambda name: (name != last, name)), out, aside)
+        try:
+            _move(sorted(set(os.listdir(new)) - {TEMPORARY_MARKER}, key=lambda name: (name == last, name)), new, out)
+        except BaseException:
+            _move(sorted(earlier, key=lambda name: (name == last, name)), aside, out)
+            raise
         unmark_temporary(new)
         new.rmdir()
+    finally:
+        _remove_temporary(aside)
+
+
+def _move(names: list[str], source: Path, target: Path) -> None:
+    """Rename each of `names`, in this order, from `source` into `target`; on a failure (an interrupt too) those
+    moved so far go back, the other way round, so `source` is left as it was."""
+    moved: list[str] = []
+    try:
+        for name in names:
+            moved.append(name)   # before the rename: an interrupt between the two must not miss it
+            os.rename(source / name, target / name)
     except BaseException:
-        for path in moved:
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+        for name in reversed(moved):
+            if not os.path.lexists(source / name):   # the last one's rename may not have happened
+                os.rename(target / name, source / name)
         raise
 
 
-def _put_in_place(new: Path, out: Path) -> None:
-    """Rename `new` to `out` (over an empty folder there too); a folder of files there is moved aside first, put
-    back if the rename fails, and deleted once `new` is in place."""
-    aside = move_aside(out) if out.is_dir() and any(out.iterdir()) else None
-    try:
-        os.rename(new, out)
-    except BaseException:
-        if aside is not None:
-            _put_back(aside, out)
-        raise
-    unmark_temporary(out)
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)   # what stays (a file one cannot delete) a later run removes
-
-
-def _put_back(aside: Path, out: Path) -> None:
-    """The earlier OUT back from `aside`; where OUT is taken meanwhile, under a name no later run removes (a hidden
-    temporary name is a dead run's to the next), said in the error."""
-    unmark_temporary(aside)
-    try:
-        os.rename(aside, out)
-    except OSError:
-        kept = Path(tempfile.mkdtemp(prefix=f"{out.name}.earlier-", dir=out.parent))
-        os.rename(aside, kept)
-        raise KLError(f"{out}: taken while replacing it; the earlier {out.name} is kept as {kept} -- move it back "
-                      "yourself") from None
+def _remove_temporary(folder: Path) -> None:
+    """Delete `folder`, a temporary of this run's, its mark last: a run killed meanwhile (deleting a 98 GB folder
+    takes a while) leaves it marked, for the next run to remove, as does a file that cannot be deleted."""
+    with suppress(OSError):
+        for entry in folder.iterdir():
+            if entry.name != TEMPORARY_MARKER:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        shutil.rmtree(folder)
 
 
 def _write_error(e: OSError, new: Path | None, out: Path) -> str:

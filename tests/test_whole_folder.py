@@ -134,30 +134,6 @@ def test_a_failed_write_in_place_leaves_the_folder_empty_and_a_killed_ones_lefto
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
 
 
-def test_a_failed_put_back_keeps_the_earlier_folder_under_a_name_no_run_removes(tmp_path, monkeypatch):
-    """Moved aside under a hidden temporary name, the earlier OUT was a dead run's leftover to the next run."""
-    from klconvert.whole_folder import Replaceable
-
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "earlier").write_text("keep me")
-    anything = Replaceable("an earlier folder", lambda folder: True)
-    real_rename = os.rename
-
-    def rename(a, b):   # OUT taken by someone between the move aside and the rename of the new folder
-        if os.path.basename(a).startswith(".out.partial-"):
-            os.mkdir(out)
-            (out / "theirs").write_text("theirs")
-        real_rename(a, b)
-
-    monkeypatch.setattr(os, "rename", rename)
-    with pytest.raises(KLError, match=r"out: taken while replacing it; the earlier out is kept as .*out\.earlier-"):
-        with whole_folder(out, force=True, replaceable=anything) as folder:
-            (folder / "config.json").write_text("{}")
-    (kept,) = tmp_path.glob("out.earlier-*")
-    assert (kept / "earlier").read_text() == "keep me" and (out / "theirs").read_text() == "theirs"
-
-
 def test_a_name_too_long_for_what_is_made_beside_it_is_refused_up_front(tmp_path):
     """train_bundled's up-front refuse_taken passed it, and whole_folder refused it after the training."""
     from klconvert.whole_folder import refuse_taken
@@ -202,7 +178,7 @@ def test_an_interrupt_while_moving_in_leaves_out_empty_not_looking_complete(tmp_
 
     def rename(a, b):
         real_rename(a, b)
-        if os.path.basename(b) == "config.json":
+        if os.path.basename(b) == "config.json" and os.path.dirname(b) == str(out):   # its move in, not back out
             raise KeyboardInterrupt
 
     monkeypatch.setattr(os, "rename", rename)
@@ -232,3 +208,278 @@ def test_a_run_killed_before_its_folder_is_in_place_leaves_it_marked(tmp_path, m
             (folder / "config.json").write_text("{}")
     (left,) = out.iterdir()
     assert (left / TEMPORARY_MARKER).is_file()
+
+
+# ---- a mount point, a read-only parent, a stray mark --------------------------------------------------------------
+def _as_mount_point(monkeypatch, out: Path) -> None:
+    """OUT made a mount point as the kernel sees it: it cannot be renamed away (EBUSY), and nothing renames across
+    its edge (EXDEV)."""
+    real_rename, top = os.rename, os.path.abspath(out)
+
+    def rename(a, b):
+        a, b = os.path.abspath(a), os.path.abspath(b)
+        if top in (a, b):
+            raise OSError(errno.EBUSY, "Device or resource busy", a)
+        if (a.startswith(top + os.sep)) != (b.startswith(top + os.sep)):
+            raise OSError(errno.EXDEV, "Invalid cross-device link", a)
+        real_rename(a, b)
+
+    monkeypatch.setattr(os, "rename", rename)
+
+
+def _read_only(monkeypatch, folder: Path) -> None:
+    """`folder` takes no new entry (a read-only file system; chmod stops no root, who runs these tests at times)."""
+    top = os.path.abspath(folder)
+    for name in ("open", "mkdir", "rename", "unlink", "rmdir"):
+        real = getattr(os, name)
+
+        def refusing(*args, real=real, **kwargs):
+            paths = [arg for arg in args if isinstance(arg, (str, Path))]   # rename's both
+            if any(os.path.dirname(os.path.abspath(path)) == top for path in paths):
+                raise OSError(errno.EROFS, "Read-only file system", str(paths[0]))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, refusing)
+
+
+def _earlier_export(out: Path) -> dict[str, str]:
+    out.mkdir(exist_ok=True)
+    files = {"genai_config.json": "earlier config", "model.onnx": "earlier model", "tokenizer.json": "earlier"}
+    for name, text in files.items():
+        (out / name).write_text(text)
+    return files
+
+
+def _visible(folder: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in folder.iterdir() if not p.name.startswith(".")}
+
+
+def test_force_onto_a_mount_point_replaces_it_in_place_never_looking_whole_when_not(tmp_path, monkeypatch):
+    """A mount point of files cannot be renamed away: --force failed with EBUSY after all the work. Now its files
+    are replaced in place, and after every rename OUT holds the marker only when it holds the one whole set."""
+    from klconvert.convert.output_folder import TEMPORARY_MARKER
+    from klconvert.whole_folder import Replaceable
+
+    out = tmp_path / "out"
+    earlier = _earlier_export(out)
+    new = {"genai_config.json": "new config", "model.onnx": "new model", "model.onnx.data": "new data"}
+    before = out.stat().st_ino
+    _as_mount_point(monkeypatch, out)
+    mounted_rename, seen = os.rename, []
+
+    def rename(a, b):
+        mounted_rename(a, b)
+        seen.append(os.path.basename(b))
+        if (out / "genai_config.json").exists():
+            assert _visible(out) in (earlier, new), seen
+        for hidden in out.glob(".out.*"):   # what is hidden in OUT a kill leaves for the next run to remove
+            assert hidden.name == ".out.partial.lock" or (hidden / TEMPORARY_MARKER).is_file() or not any(
+                hidden.iterdir()), hidden
+
+    monkeypatch.setattr(os, "rename", rename)
+    ran = []
+    with whole_folder(out, force=True, replaceable=Replaceable("an earlier export", lambda p: True),
+                      last="genai_config.json") as folder:
+        ran.append(True)
+        for name, text in new.items():
+            (folder / name).write_text(text)
+    assert ran and out.stat().st_ino == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(new) and _visible(out) == new
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and seen[-1] == "genai_config.json"
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.EIO, "Input/output error"), KeyboardInterrupt()])
+def test_a_replacement_in_place_that_fails_puts_the_earlier_files_back(tmp_path, monkeypatch, failure):
+    """A move in that fails after the earlier files went aside: they come back, and nothing of the run stays."""
+    from klconvert.whole_folder import Replaceable
+
+    out = tmp_path / "out"
+    earlier = _earlier_export(out)
+    _as_mount_point(monkeypatch, out)
+    mounted_rename = os.rename
+
+    def rename(a, b):   # the new model.onnx's move into OUT fails (after the earlier files went aside)
+        if os.path.basename(a) == "model.onnx" and ".out.partial-" in str(a):
+            raise failure
+        mounted_rename(a, b)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(type(failure) if isinstance(failure, KeyboardInterrupt) else KLError):
+        with whole_folder(out, force=True, replaceable=Replaceable("an earlier export", lambda p: True),
+                          last="genai_config.json") as folder:
+            for name in ("genai_config.json", "model.onnx", "z.bin"):
+                (folder / name).write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == sorted(earlier) and _visible(out) == earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+def test_a_mount_point_under_a_read_only_folder_is_filled_in_place(tmp_path, monkeypatch, earlier):
+    """The lock and the write test went beside OUT, in its read-only parent: train_bundled's up-front refuse_taken
+    passed, and whole_folder failed after the training. Now they go inside OUT, hidden, and are gone after."""
+    from klconvert.whole_folder import Replaceable, refuse_taken
+
+    out = tmp_path / "mnt" / "out"
+    out.mkdir(parents=True)
+    if earlier:
+        _earlier_export(out)
+    _as_mount_point(monkeypatch, out)
+    _read_only(monkeypatch, out.parent)
+    anything = Replaceable("an earlier export", lambda p: True)
+    refuse_taken(out, earlier, anything)
+    with whole_folder(out, earlier, anything) as folder:
+        (folder / "config.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mnt"] and [p.name for p in out.parent.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_a_folder_that_takes_no_file_is_refused_before_any_work(tmp_path, monkeypatch, exists):
+    """train_bundled calls refuse_taken before its training: OUT (or the folder it goes in) taking no file was said
+    only after it."""
+    from klconvert.whole_folder import refuse_taken
+
+    out = tmp_path / "out"
+    if exists:
+        out.mkdir()
+    _read_only(monkeypatch, out if exists else tmp_path)
+    where = "it" if exists else f"the folder it goes in, {tmp_path}"
+    with pytest.raises(KLError, match=rf"^{out}: cannot create files in {where} \(Read-only file system\); choose a "
+                                      "folder you can write to$"):
+        refuse_taken(out)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if exists else [])
+
+
+def test_a_finished_folder_a_kill_left_marked_stays_the_users(tmp_path, monkeypatch):
+    """A kill between the rename into place and the mark's removal leaves the mark in the finished OUT: it is still
+    the user's folder, refused as taken, kept by every later run on it or beside it, never removed as a temporary."""
+    import klconvert.whole_folder as whole_folder_module
+    from klconvert.convert.output_folder import TEMPORARY_MARKER
+    from klconvert.whole_folder import Replaceable, refuse_taken
+
+    out = tmp_path / "out"
+
+    def killed(folder):
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(whole_folder_module, "unmark_temporary", killed)
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: None)   # a kill runs no clean-up
+    with pytest.raises(SystemExit):
+        with whole_folder(out) as folder:
+            (folder / "config.json").write_text("{}")
+    monkeypatch.undo()
+    finished = {TEMPORARY_MARKER: "", "config.json": "{}"}
+    assert {p.name: p.read_text() for p in out.iterdir()} == finished
+    with pytest.raises(KLError, match="out: already exists"):
+        with whole_folder(out):
+            pass
+    only_config = Replaceable("an earlier config", lambda p: p.name == "config.json")
+    with pytest.raises(KLError, match="holds other files"):
+        with whole_folder(out, force=True, replaceable=only_config):
+            pass
+    for beside in ("other", "out2", "out/sub"):   # each removes dead runs' leftovers beside it and in it
+        with whole_folder(tmp_path / beside) as folder:
+            (folder / "config.json").write_text("{}")
+    assert {p.name: p.read_text() for p in out.iterdir() if p.is_file()} == finished
+    with pytest.raises(KLError, match="named as klconvert names its temporary folders"):   # one a run could take
+        refuse_taken(tmp_path / ".q4.partial-123-abcdefgh")
+
+
+def test_what_a_kill_left_in_a_finished_folder_stops_no_replacement(tmp_path, monkeypatch):
+    """A kill after the marker went in, in place, leaves the hidden folders and the lock in the whole OUT: a rerun
+    is refused as taken, and --force replaces it (they are a dead run's, not files of OUT's)."""
+    import klconvert.whole_folder as whole_folder_module
+    from klconvert.whole_folder import Replaceable
+
+    out = tmp_path / "out"
+    earlier = _earlier_export(out)
+
+    def killed(folder):
+        raise SystemExit("killed")
+
+    export_files = Replaceable("an earlier export", lambda p: p.name in {*earlier, "model.onnx.data"})
+    monkeypatch.setattr(whole_folder_module, "unmark_temporary", killed)
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: None)   # a kill runs no clean-up
+    with pytest.raises(SystemExit):
+        with whole_folder(out, force=True, replaceable=export_files, last="genai_config.json") as folder:
+            (folder / "genai_config.json").write_text("second")
+    monkeypatch.undo()
+    (out / ".out.partial.lock").write_text("999999\n")   # the lock too: a kill does not remove it
+    assert _visible(out) == {"genai_config.json": "second"} and len(list(out.glob(".out.*"))) == 3
+    with pytest.raises(KLError, match="out: already exists and is not empty"):
+        with whole_folder(out, replaceable=export_files):
+            pass
+    with whole_folder(out, force=True, replaceable=export_files, last="genai_config.json") as folder:
+        (folder / "genai_config.json").write_text("third")
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"genai_config.json": "third"}
+
+
+@pytest.mark.parametrize("change", ["added", "rewritten", "removed"])
+def test_an_out_changed_while_filled_in_place_is_left_as_it_is(tmp_path, change):
+    """What is in OUT besides the run's own may not change while the run writes: the new files never go in over it."""
+    from klconvert.whole_folder import Replaceable
+
+    out = tmp_path / "out"
+    _earlier_export(out)
+    with pytest.raises(KLError, match="out: changed while writing into it; move it away and rerun"):
+        with whole_folder(out, force=True, replaceable=Replaceable("an earlier export", lambda p: True),
+                          last="genai_config.json") as folder:
+            (folder / "genai_config.json").write_text("new")
+            if change == "added":
+                (out / "notes.txt").write_text("theirs")
+            elif change == "rewritten":
+                (out / "model.onnx.new").write_text("theirs")
+                os.replace(out / "model.onnx.new", out / "model.onnx")
+            else:
+                (out / "tokenizer.json").unlink()
+    assert _visible(out)["genai_config.json"] == "earlier config" and not list(out.glob(".out.*"))
+
+
+def test_an_out_made_as_the_run_takes_the_lock_is_not_filled_under_the_wrong_lock(tmp_path, monkeypatch):
+    """A missing OUT is locked beside it, an existing one in it: one made in between (by the lock's holder before
+    us) would be filled while a run locking it in OUT could write it too."""
+    import klconvert.whole_folder as whole_folder_module
+    from klconvert.convert.output_folder import OutputLock
+
+    out = tmp_path / "out"
+
+    class MadeMeanwhile(OutputLock):
+        def __enter__(self):
+            entered = super().__enter__()
+            out.mkdir()
+            return entered
+
+    monkeypatch.setattr(whole_folder_module, "OutputLock", MadeMeanwhile)
+    with pytest.raises(KLError, match="out: appeared as this run started; rerun to write into it"):
+        with whole_folder(out):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_failed_runs_folder_loses_its_mark_last(tmp_path, monkeypatch, in_place):
+    """Deleting a failed run's folder (a 98 GB one takes a while) took its mark with the rest, in whatever order: a
+    kill meanwhile left an unmarked folder no run removed -- in OUT, one that refused every rerun."""
+    from klconvert.convert.output_folder import TEMPORARY_MARKER
+
+    out = tmp_path / "out"
+    if in_place:
+        out.mkdir()
+    real_unlink, marks = os.unlink, []
+
+    def unlink(path, *args, **kwargs):
+        real_unlink(path, *args, **kwargs)
+        if os.path.basename(path).startswith(("shard-", "part-")):   # a kill now leaves the rest, marked
+            marks.append(any(p.is_file() for p in tmp_path.glob(f"**/.out.partial-*/{TEMPORARY_MARKER}")))
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(RuntimeError):
+        with whole_folder(out) as folder:
+            (folder / "sub").mkdir()
+            for i in range(40):
+                (folder / f"shard-{i}").write_bytes(b"x")
+                (folder / "sub" / f"part-{i}").write_bytes(b"x")
+            raise RuntimeError("the work fails")
+    assert len(marks) == 80 and all(marks)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if in_place else [])

@@ -40,8 +40,10 @@ def partial_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def lock_path(out: Path) -> Path:
-    return out.with_name(out.name + ".partial.lock")
+def lock_path(out: Path, inside: bool = False) -> Path:
+    """OUT's lock file: OUT.partial.lock beside it, or -- `inside`, for a run filling an existing OUT in place, whose
+    parent (a mount point's) may take no file -- the same name hidden in OUT."""
+    return out / f".{out.name}.partial.lock" if inside else out.with_name(out.name + ".partial.lock")
 
 
 def temporary_prefix(out: Path, purpose: str, pid: int | None = None) -> str:
@@ -144,15 +146,16 @@ class OutputLock:
     A second run is refused naming the holder. A lock file left by a run that died (the kernel drops its flock) is
     taken over, and said so on stderr; holding it, what dead runs left beside OUT under a temporary name is removed.
     The file is removed when the lock is released, and after a run that failed (or could not take the lock, or write
-    its pid), the folders made for OUT too while empty (a refused run leaves nothing behind).
+    its pid), the folders made for OUT too while empty (a refused run leaves nothing behind). `inside`: the lock is
+    made in OUT, an existing folder (lock_path), and no folder is made for it.
     """
 
-    def __init__(self, out: Path):
-        self.out, self.path = out, lock_path(out)
+    def __init__(self, out: Path, inside: bool = False):
+        self.out, self.path, self.inside = out, lock_path(out, inside), inside
         self._fd: int | None = None
 
     def __enter__(self) -> OutputLock:
-        self._created = make_parent(self.out)
+        self._created = [] if self.inside else make_parent(self.out)
         try:
             self._fd = self._lock()
         except BaseException:

@@ -146,13 +146,13 @@ def _unfilled_where_packed(model: M.KimiLinear, checkpoint: Checkpoint) -> M.Kim
     return model
 
 
-def _holds_only_an_export(folder: Path) -> bool:
-    """Whether `folder` holds nothing but an export's files (EXPORT_FILES, regular files): an earlier export, or
-    what one killed part way left in a folder it wrote into."""
-    return all(p.name in EXPORT_FILES and not p.is_symlink() and p.is_file() for p in folder.iterdir())
+def _is_an_export_file(path: Path) -> bool:
+    """Whether `path`, in a folder --force would replace, is one of an export's files (EXPORT_FILES, a regular
+    file): a folder of only these is an earlier export, or what one killed part way left in a folder it wrote into."""
+    return path.name in EXPORT_FILES and not path.is_symlink() and path.is_file()
 
 
-EARLIER_EXPORT = Replaceable("an earlier ONNX export", _holds_only_an_export)
+EARLIER_EXPORT = Replaceable("an earlier ONNX export", _is_an_export_file)
 
 
 def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPSET, force: bool = False) -> Path:
