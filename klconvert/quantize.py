@@ -21,7 +21,7 @@ from klconvert.checkpoint.folder_files import (
     SINGLE_FILE,
     refuse_unfit_side_files,
 )
-from klconvert.checkpoint.quantized import PACKED_TENSOR_SUFFIXES
+from klconvert.checkpoint.quantized import METHODS, PACKED_TENSOR_SUFFIXES
 from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.checkpoint.regular_file import read_bounded, read_json
 from klconvert.checkpoint.safetensors_header import read_header
@@ -127,9 +127,11 @@ def pick_device(device: str | None) -> torch.device:
 
 
 def refuse_quantized_source(src: Path) -> None:
-    """KLError when SRC already holds quantized weights (a quantization_config, or packed tensor names). It reads
-    config.json and the index as the checkpoint's reader does -- regular files only, no further than their bounds --
-    and leaves whatever it cannot read to open_checkpoint, which refuses it in its own words."""
+    """KLError when SRC already holds quantized weights: packed tensor names, or a quantization_config of a method
+    klconvert does not read. A config of one it reads over tensors none of which is packed is not taken at its word:
+    open_checkpoint holds it to them and names the mismatch. It reads config.json and the index as the checkpoint's
+    reader does -- regular files only, no further than their bounds -- and leaves whatever it cannot read to
+    open_checkpoint, which refuses it in its own words."""
     try:
         config = read_json(src / "config.json", MAX_CONFIG_BYTES, "config.json")
     except (OSError, ValueError, RecursionError, KLError):  # RecursionError: JSON nested past Python's stack
@@ -137,28 +139,34 @@ def refuse_quantized_source(src: Path) -> None:
     quantization = config.get("quantization_config") if isinstance(config, dict) else None
     if quantization is not None:
         method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
+        if method in METHODS and _packed_tensor(src, config) is None:
+            return
         raise KLError(f"{src}: already quantized (config.json has a quantization_config, quant_method {method!s:.40}); "
                       "quantize the original bf16 checkpoint instead")
+    packed = _packed_tensor(src, config)
+    if packed is not None:
+        raise KLError(f"{src}: already quantized (it holds {packed:.120}, though config.json has no "
+                      "quantization_config); quantize the original bf16 checkpoint instead")
+
+
+def _packed_tensor(src: Path, config: dict) -> str | None:
+    """The first tensor SRC's index (or single shard's header) names as a part of a packed weight; None when there is
+    none, or no index or header here that can be read."""
     if (src / INDEX_FILE).exists():
         try:
             index = read_json(src / INDEX_FILE, MAX_INDEX_BYTES, INDEX_FILE)
         except (OSError, ValueError, RecursionError, KLError):
-            return
+            return None
         names = index.get("weight_map") if isinstance(index, dict) else None
     elif (src / SINGLE_FILE).is_file():
         try:  # its header read no further than the config's tensor count allows (the reader's own bound)
             bound = max_header_bytes(KimiLinearConfig.from_dict(config, where=str(src / "config.json")))
         except KLError:
-            return
+            return None
         names = read_header(src / SINGLE_FILE, bound).tensors
     else:
-        return
-    if not isinstance(names, dict):
-        return
-    packed = next((n for n in names if n.endswith(PACKED_TENSOR_SUFFIXES)), None)
-    if packed is not None:
-        raise KLError(f"{src}: already quantized (it holds {packed:.120}); quantize the original bf16 checkpoint "
-                      "instead")
+        return None
+    return next((n for n in names if n.endswith(PACKED_TENSOR_SUFFIXES)), None) if isinstance(names, dict) else None
 
 
 def _refuse_out_over_src(src: Path, out: Path) -> None:
@@ -191,7 +199,7 @@ def _side_file(path: Path) -> bytes:
     that is no JSON object is copied as it is: not klconvert's to judge)."""
     data = read_bounded(path, MAX_SIDE_FILE_BYTES, path.name)
     if path.suffix == ".json" and b'"auto_map"' in data:
-        try:
+        try:   # json.loads as transformers reads it: a key given twice keeps its last, and is written once
             fields = json.loads(data)
         except (ValueError, RecursionError):
             return data

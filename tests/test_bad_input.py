@@ -162,6 +162,50 @@ def damage_packed_weight_without_quantization_config(folder):
     set_index(folder, lambda m: m.__setitem__(packed, m[NAME]))
 
 
+def damage_float_scale_without_quantization_config(folder):
+    """A bf16 scale beside a bf16 weight (compressed-tensors' dense and fp8 formats keep one) was a tensor that
+    "maps to nothing", as if the config were another model's."""
+    scale = NAME.removesuffix("weight") + "weight_scale"
+    rewrite_shard(shard_holding(folder, NAME), lambda t: t.__setitem__(scale, t[NAME][:, :1].clone()))
+    set_index(folder, lambda m: m.__setitem__(scale, m[NAME]))
+
+
+def given_twice(object_text: str, key: str, value) -> str:
+    """A JSON object's text with `key` given once more, as `value`, before its own entries (json.loads keeps the
+    last of the two, other readers the first)."""
+    return "{" + json.dumps(key) + ": " + json.dumps(value) + ", " + object_text.lstrip()[1:]
+
+
+def damage_config_key_twice(folder):
+    path = folder / "config.json"
+    path.write_text(given_twice(path.read_text(), "num_hidden_layers", 2))
+
+
+def damage_index_entry_twice(folder):
+    """NAME placed in two shards: json.loads kept the second, a first-wins reader would look in the other."""
+    index = index_of(folder)
+    other = next(shard for shard in index["weight_map"].values() if shard != index["weight_map"][NAME])
+    (folder / "model.safetensors.index.json").write_text(
+        '{"metadata": ' + json.dumps(index["metadata"]) + ', "weight_map": '
+        + given_twice(json.dumps(index["weight_map"]), NAME, other) + "}")
+
+
+def damage_header_entry_twice(folder):
+    """NAME described twice in its shard's header, the first time as the same bytes read [cols, rows]."""
+    path = shard_holding(folder, NAME)
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    transposed = {**header[NAME], "shape": header[NAME]["shape"][::-1]}
+    raw = given_twice(json.dumps(header), NAME, transposed).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+def damage_tokenizer_config_key_twice(folder):
+    path = folder / "tokenizer_config.json"
+    path.write_text(given_twice(path.read_text(), "added_tokens_decoder", {}))
+
+
 def damage_tensor_missing(folder):
     rewrite_shard(shard_holding(folder, NAME), lambda t: t.pop(NAME))
     set_index(folder, lambda m: m.pop(NAME))
@@ -202,6 +246,17 @@ CHECKPOINT_DAMAGE = [
     (damage_packed_weight_without_quantization_config, [
         "weight_packed has dtype I32", "config.json has no quantization_config",
         "put back the config.json the quantized weights came with"]),
+    (damage_float_scale_without_quantization_config, [
+        "weight_scale is a part of a quantized weight", "config.json has no quantization_config",
+        "put back the config.json the quantized weights came with"]),
+    (damage_config_key_twice, ["config.json: not a config (key 'num_hidden_layers' appears twice in one object",
+                               "re-download the model"]),
+    (damage_index_entry_twice, ["model.safetensors.index.json: cannot read the index (key "
+                                f"'{NAME}' appears twice in one object", "download it again"]),
+    (damage_header_entry_twice, [f"header is not valid JSON (key '{NAME}' appears twice in one object",
+                                 "download it again"]),
+    (damage_tokenizer_config_key_twice, ["tokenizer_config.json: not a tokenizer config (key 'added_tokens_decoder' "
+                                         "appears twice in one object", "re-download the model"]),
     (damage_tensor_missing, [NAME, "missing"]),
     (damage_unknown_tensor, ["mystery", "maps to nothing"]),
     (damage_wrong_shape, [NAME, "shape"]),

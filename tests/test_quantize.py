@@ -5,9 +5,11 @@ import json
 import re
 from pathlib import Path
 
+import compressed_tensors
 import pytest
 import torch
 from compressed_tensors import QuantizationConfig
+from compressed_tensors.compressors import ModelCompressor
 from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -97,6 +99,26 @@ def test_config_and_recipe(int4_asym, tiny_released):
     recipe = load_recipe(int4_asym / "recipe.yaml")
     assert recipe.policy.quantization_config() == qc
     assert recipe.policy.to_recipe_yaml() == (int4_asym / "recipe.yaml").read_text()
+
+
+def test_config_holds_what_compressed_tensors_writes(int4_asym, tmp_path):
+    """compressed-tensors' own writer (ModelCompressor.update_config, which llm-compressor saves through), given our
+    quantization_config, writes the same fields with the same values -- the empty sparsity and transform configs, no
+    KV-cache scheme -- but `version`, its own release where ours names the one whose format we write (a newer
+    compressed-tensors installed here must not fail this). Its config groups spell out every QuantizationArgs
+    default; ours say the same where they speak."""
+    ours = json.loads((int4_asym / "config.json").read_text())["quantization_config"]
+    (tmp_path / "config.json").write_text("{}")
+    ModelCompressor(quantization_config=QuantizationConfig.model_validate(ours)).update_config(str(tmp_path))
+    theirs = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert theirs["version"] == compressed_tensors.__version__ and re.fullmatch(r"\d+\.\d+\.\d+", ours["version"])
+    assert {k: v for k, v in ours.items() if k not in ("config_groups", "version")} == \
+        {k: v for k, v in theirs.items() if k not in ("config_groups", "version")}
+    assert set(ours["config_groups"]) == set(theirs["config_groups"])
+    for name, group in ours["config_groups"].items():
+        said = {key: theirs["config_groups"][name][key] for key in group}
+        said["weights"] = {key: said["weights"][key] for key in group["weights"]}
+        assert group == said, name
 
 
 def test_model_card(int4_asym, tiny_released):

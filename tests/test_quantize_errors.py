@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from klconvert.errors import KLError
+from klconvert.quant import policy_from_options
 from klconvert.quantize import quantize
 from quantize_helpers import break_shard_write
 from testkit import assert_one_line_error, run_cli
@@ -161,8 +162,25 @@ def test_already_quantized_source(quantized, tmp_path, capsys):
     config = json.loads((stripped / "config.json").read_text())
     del config["quantization_config"]
     (stripped / "config.json").write_text(json.dumps(config))
-    assert "already quantized (it holds model.layers.0.self_attn.q_proj.weight_packed)" in fails(
-        capsys, tmp_path, "--group-size", "32", src=stripped)
+    assert "already quantized (it holds model.layers.0.self_attn.q_proj.weight_packed, though config.json has no " \
+           "quantization_config)" in fails(capsys, tmp_path, "--group-size", "32", src=stripped)
+
+
+@pytest.mark.parametrize("declared, needle", [
+    (policy_from_options(bits=4).quantization_config(), "declares pack-quantized weights, but no tensor here is "
+                                                        "stored packed (no *.weight_packed)"),
+    (policy_from_options(scheme="nf4").quantization_config(), "declares bitsandbytes weights, but no tensor here is "
+                                                              "stored packed (no *.weight.absmax)"),
+], ids=["compressed-tensors", "bitsandbytes"])
+def test_a_quantization_config_over_float_weights_is_named_not_called_quantized(tiny_copy, tmp_path, capsys,
+                                                                                declared, needle):
+    """quantize trusted quantization_config alone: float weights under a config copied over them were "already
+    quantized", and the fix it named -- quantize the bf16 checkpoint -- was this folder. The tensors decide."""
+    config = json.loads((tiny_copy / "config.json").read_text())
+    (tiny_copy / "config.json").write_text(json.dumps({**config, "quantization_config": declared}))
+    line = fails(capsys, tmp_path, "--group-size", "32", "--device", "cpu", src=tiny_copy)
+    assert f"{tiny_copy}/config.json: quantization_config {needle}: this config.json does not belong to these " \
+           "weights -- put back the one they came with, or delete its quantization_config" in line, line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")

@@ -128,6 +128,35 @@ def test_a_packed_config_over_float_weights_is_refused(tiny_copy, capsys):
     assert not any(isinstance(s, QuantizedSource) for s in open_checkpoint(tiny_copy).sources.values())
 
 
+@pytest.mark.parametrize("command", ["run", "eval"])
+def test_a_bitsandbytes_config_over_float_weights_is_refused(tiny_copy, tiny_released, tmp_path, capsys, command):
+    """The same config copied over float weights, bitsandbytes': read as the floats, eval measured the "nf4" folder
+    as lossless (KL 0) and run ran it, where transformers looks for its 4-bit tensors and fails."""
+    config = json.loads((tiny_copy / "config.json").read_text())
+    config["quantization_config"] = policy_from_options(scheme="nf4").quantization_config()
+    (tiny_copy / "config.json").write_text(json.dumps(config))
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 4)
+    args = {"run": ("run", "--model", tiny_copy, "--prompt", "hi", "--max-new-tokens", "1"),
+            "eval": ("eval", "--model", tiny_copy, "--reference", tiny_released, "--text-file", tmp_path / "text.txt")}
+    code, _, err = run_cli(capsys, *args[command], "--device", "cpu")
+    assert_one_line_error(code, err, "config.json: quantization_config declares bitsandbytes weights, but no tensor "
+                          "here is stored packed (no *.weight.absmax)", "delete its quantization_config")
+
+
+@pytest.mark.parametrize("stored, declared", [(dict(bits=4), "nf4"), (dict(scheme="nf4"), "int")])
+def test_one_methods_config_over_the_others_weights_names_both(tiny_released, tmp_path, stored, declared):
+    """Packed weights under the other method's config are packed -- not "no tensor stored packed": the refusal names
+    a packed tensor and the method the config says."""
+    write_quantized(tiny_released, tmp_path / "q", **stored)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    config["quantization_config"] = policy_from_options(scheme=declared).quantization_config()
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(klconvert.KLError, match=r"the folder holds quantized weights \(.*\), but its "
+                                                r"quantization_config says (bitsandbytes|compressed-tensors), which "
+                                                r"does not pack them so"):
+        open_checkpoint(tmp_path / "q")
+
+
 EXPERT = "model.layers.1.block_sparse_moe.experts.0.w1"
 
 
@@ -336,3 +365,21 @@ def test_an_nf4_quant_state_must_say_the_configs_shape(nf4_folder, tmp_path):
     with pytest.raises(klconvert.KLError, match=rf"{name}: NF4 quant state says shape \[1, 16384\], but config\.json "
                                                 r"makes the weight \[128, 128\]"):
         ckpt.get(name)
+
+
+FP8_KV_CACHE = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False}
+
+
+@pytest.mark.parametrize("edit", [lambda qc: qc.update(kv_cache_scheme=FP8_KV_CACHE),
+                                  lambda qc: qc.update(kv_cache_scheme=FP8_KV_CACHE, config_groups={})],
+                         ids=["beside-weights", "alone"])
+def test_a_quantized_kv_cache_is_refused_by_name(tiny_released, tmp_path, capsys, edit):
+    """A KV cache the source was calibrated to hold quantized (llm-compressor's kv_cache_scheme, fp8 scales beside
+    the attention) ran unquantized here -- another model than the one calibrated -- unmentioned; a config of that
+    alone was called one that declares no weight scheme."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _edit_quantization_config(tmp_path / "q", edit)
+    code, _, err = run_cli(capsys, "run", "--model", tmp_path / "q", "--prompt", "hi", "--max-new-tokens", "1")
+    assert_one_line_error(code, err, "q/config.json: quantization_config.kv_cache_scheme quantizes the KV cache "
+                          "(num_bits 8, type 'float'), which klconvert does not",
+                          "quantize the model again with `klconvert quantize`")

@@ -11,14 +11,14 @@ from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.quant import QuantScheme, decompress_nf4, decompress_weight
 from klconvert.quant.declared import declared_schemes
-from klconvert.quant.nf4 import NF4_NAMES
+from klconvert.quant.nf4 import BITSANDBYTES, NF4_NAMES
 from klconvert.quant.pack_quantized import PACKED_NAMES as PACKED_PARTS
-from klconvert.quant.scheme import NF4_BLOCKSIZE, PACKED_FORMAT
+from klconvert.quant.scheme import COMPRESSED_TENSORS, NF4_BLOCKSIZE, PACKED_FORMAT
 
 NF4_PARTS = tuple(n for n in NF4_NAMES if n != "weight")  # "weight" itself is the packed data
 # names that end so are tensors only a quantized folder holds (either method's)
 PACKED_TENSOR_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "absmax", "quant_state.bitsandbytes__nf4")
-METHODS = ("compressed-tensors", "bitsandbytes")
+METHODS = (COMPRESSED_TENSORS, BITSANDBYTES)
 
 
 @dataclass(frozen=True)
@@ -62,19 +62,19 @@ def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, S
 
     Returns {canonical weight name: QuantizedSource}; every source tensor it names belongs to one group.
     """
-    parts = PACKED_PARTS if method == "compressed-tensors" else NF4_PARTS
+    parts = PACKED_PARTS if method == COMPRESSED_TENSORS else NF4_PARTS
     groups: dict[str, dict[str, tuple[str, str]]] = {}
     for name, shard in weight_map.items():
         hit = _module_of(name, parts)
         if hit:
             groups.setdefault(hit[0], {})[hit[1]] = (shard, name)
-    if method == "bitsandbytes":
+    if method == BITSANDBYTES:
         for module, group in groups.items():
             if f"{module}.weight" in weight_map:
                 group["weight"] = (weight_map[f"{module}.weight"], f"{module}.weight")
 
     declared = declared_schemes(config.raw["quantization_config"], f"{folder}/config.json") \
-        if method == "compressed-tensors" else None
+        if method == COMPRESSED_TENSORS else None
     out: dict[str, QuantizedSource] = {}
     stored_as: dict[str, str] = {}
     for module, group in groups.items():
@@ -99,13 +99,13 @@ def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, S
             shard, name = group[part]
             return headers[shard].tensors[name]
 
-        need = ("weight_packed", "weight_scale", "weight_shape") if method == "compressed-tensors" else \
+        need = ("weight_packed", "weight_scale", "weight_shape") if method == COMPRESSED_TENSORS else \
             ("weight", "weight.absmax", "weight.quant_map", "weight.quant_state.bitsandbytes__nf4")
         missing = [p for p in need if p not in group]
         if missing:
             raise KLError(f"{where} lacks {', '.join(missing)}; the conversion was cut short -- run it again")
         out_dim, in_dim = spec.shape
-        if method == "compressed-tensors":
+        if method == COMPRESSED_TENSORS:
             packed, scale = entry("weight_packed"), entry("weight_scale")
             bits = packed.shape[1] * 32 // in_dim if len(packed.shape) == 2 and in_dim else 0
             ok = (packed.dtype == "I32" and bits in (4, 8) and packed.shape == (out_dim, in_dim * bits // 32)
@@ -129,18 +129,24 @@ def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, S
                               f"{list(spec.shape)}; re-run the conversion")
             scheme = QuantScheme(4, NF4_BLOCKSIZE, True, "nf4")
         out[canonical] = QuantizedSource(group, scheme, (out_dim, in_dim))
-    if not out and method == "compressed-tensors" and _declares_packed(config.raw["quantization_config"]):
-        raise KLError(f"{folder}/config.json: quantization_config declares {PACKED_FORMAT} weights, but no tensor "
-                      "here is stored packed (no *.weight_packed): this config.json does not belong to these weights "
-                      "-- put back the one they came with, or delete its quantization_config")
+    # floats under a config that says packed read as the floats, and measured as lossless under a name saying int4;
+    # the other method's packed parts are left to the reader, which names them
+    declared = _declared_packing(method, config.raw["quantization_config"])
+    if not out and declared and not any(name.endswith(PACKED_TENSOR_SUFFIXES) for name in weight_map):
+        raise KLError(f"{folder}/config.json: quantization_config declares {declared} weights, but no tensor here is "
+                      f"stored packed (no *.{parts[0]}): this config.json does not belong to these weights -- put "
+                      "back the one they came with, or delete its quantization_config")   # parts[0]: the packed data
     return out
 
 
-def _declares_packed(quantization_config: dict) -> bool:
-    """Whether compressed-tensors' config says its weights are stored packed (top-level or any group's format)."""
+def _declared_packing(method: str, quantization_config: dict) -> str | None:
+    """How the config says its weights are stored packed, or None where it says they are not: bitsandbytes always
+    packs them; compressed-tensors does in its pack-quantized format (top-level or any group's), not in "dense"."""
+    if method == BITSANDBYTES:
+        return BITSANDBYTES
     groups = quantization_config.get("config_groups")
     formats = [g.get("format") for g in groups.values() if isinstance(g, dict)] if isinstance(groups, dict) else []
-    return PACKED_FORMAT in [quantization_config.get("format"), *formats]
+    return PACKED_FORMAT if PACKED_FORMAT in [quantization_config.get("format"), *formats] else None
 
 
 def _declared_scheme(declared: dict[str, QuantScheme], in_dim: int, where: str,

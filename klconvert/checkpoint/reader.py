@@ -180,10 +180,12 @@ class Checkpoint:
                 raise KLError(f"{where} has dtype {entry.dtype}: the folder holds FP8-quantized weights, which "
                               "klconvert does not read; quantize from the bf16 release instead (`klconvert "
                               "pull-and-quantize` fetches it)")
-            if entry.dtype not in FLOAT_DTYPES and packed_name:
+            part = source_name.endswith(PACKED_TENSOR_SUFFIXES)   # one no method read: a float scale, say
+            if part or (entry.dtype not in FLOAT_DTYPES and packed_name):
                 said = (f"its quantization_config says {self.quant_method}, which does not pack them so"
                         if self.quant_method else "config.json has no quantization_config to say how they are packed")
-                raise KLError(f"{where} has dtype {entry.dtype}: the folder holds quantized weights "
+                what = "is a part of a quantized weight" if entry.dtype in FLOAT_DTYPES else f"has dtype {entry.dtype}"
+                raise KLError(f"{where} {what}: the folder holds quantized weights "
                               f"({packed_name:.120}), but {said}; put back the config.json the quantized weights came "
                               "with, or download the checkpoint again")
             if entry.dtype not in FLOAT_DTYPES:

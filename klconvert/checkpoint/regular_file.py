@@ -45,7 +45,23 @@ def read_bounded(path: Path, max_bytes: int, what: str) -> bytes:
     return data
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"key {twice!r:.80} appears twice in one object")
+    return obj
+
+
+def parse_json(text: str | bytes, parse_constant=None):
+    """The value of JSON that came with a model -- the one parser of it. A key given twice in one object is a
+    ValueError: json keeps the last, other readers (and other JSON libraries) the first, so two readers of one file
+    would disagree on a config value or where a tensor's bytes lie. Bad UTF-8 and bad JSON are ValueErrors too; JSON
+    nested past Python's stack, a RecursionError. `parse_constant`: json.loads', called for NaN and Infinity."""
+    return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=parse_constant)
+
+
 def read_json(path: Path, max_bytes: int, what: str):
-    """The JSON value of a file the model folder ships, read as read_bounded reads it (bad UTF-8 and bad JSON raise
-    ValueErrors; JSON nested past Python's stack, RecursionError)."""
-    return json.loads(read_bounded(path, max_bytes, what).decode("utf-8"))
+    """The JSON value of a file the model folder ships, read as read_bounded reads it and parsed by parse_json."""
+    return parse_json(read_bounded(path, max_bytes, what).decode("utf-8"))

@@ -1,14 +1,13 @@
 """Read and check a safetensors file's header against the file, before any tensor is touched."""
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from klconvert.checkpoint.regular_file import open_regular
-from klconvert.errors import KLError
+from klconvert.checkpoint.regular_file import open_regular, parse_json
+from klconvert.errors import KLError, unreadable_reason
 
 # safetensors dtype tag -> bytes per element
 DTYPE_BYTES = {
@@ -77,10 +76,10 @@ def read_header(path: Path, max_bytes: int = MAX_HEADER_BYTES) -> SafetensorsHea
     except OSError as e:
         raise KLError(f"{path}: cannot read the shard ({e.strerror}); put the shard file there -- pull the model "
                       "again") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError):  # bad UTF-8 or JSON, a 4,300-digit int, nesting past Python's stack
-        raise _fail(path, "header is not valid JSON (or is nested too deeply)") from None
+    try:   # a tensor described twice: the safetensors library reads one entry, the checks here another
+        header = parse_json(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, a key twice, a 4,300-digit int, deep nesting
+        raise _fail(path, f"header is not valid JSON ({unreadable_reason(e, 120)})") from None
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
 

@@ -11,13 +11,19 @@ from klconvert.quant.scheme import PACKED_FORMAT, QuantScheme
 READ_FORMATS = (PACKED_FORMAT, "dense")
 MIXED_FORMAT = "mixed-precision"  # a top-level format only: each config group names its own
 ACTIVATIONS = ("input_activations", "output_activations")  # a group's activation schemes (W8A8's inputs)
+KV_CACHE = "kv_cache_scheme"  # a KV cache held quantized (llm-compressor's fp8 K/V, with scales beside the attention)
 
 
 def declared_schemes(quantization_config: dict, where: str) -> dict[str, QuantScheme]:
     """{config group name: the QuantScheme its weights are stored with}, for the groups that quantize weights (a
     group whose `weights` is null declares none); KLError naming the first field that is malformed or says what
-    klconvert does not read (a format of READ_FORMATS' others, quantized activations, weights other than int by group
-    or channel), or when no group declares weights."""
+    klconvert does not read (a format of READ_FORMATS' others, quantized activations or KV cache, weights other than
+    int by group or channel), or when no group declares weights."""
+    kv_cache = quantization_config.get(KV_CACHE)
+    if kv_cache is not None:   # the runtime caches K and V in the model's dtype: another model than the one calibrated
+        said = (f"num_bits {kv_cache.get('num_bits')!r:.20}, type {kv_cache.get('type')!r:.20}"
+                if isinstance(kv_cache, dict) else f"{kv_cache!r:.40}")
+        raise _bad(where, KV_CACHE, f"quantizes the KV cache ({said}), which klconvert does not")
     groups = quantization_config.get("config_groups")
     if not isinstance(groups, dict):
         raise _bad(where, "config_groups", "is missing or not an object")

@@ -6,7 +6,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from klconvert.errors import KLError
+from klconvert.checkpoint.regular_file import parse_json
+from klconvert.errors import KLError, unreadable_reason
 from klconvert.extras import require
 from klconvert.quant.pack_quantized import local_names
 from klconvert.quant.scheme import NF4_BLOCKSIZE
@@ -17,6 +18,7 @@ from klconvert.quant.scheme import NF4_BLOCKSIZE
 # The absmax of each block double-quantized (bitsandbytes' compress_statistics): what klconvert writes, what
 # quantization_config declares, and what stored.nf4_parts sizes; a folder without it is read too
 NF4_DOUBLE_QUANT = True
+BITSANDBYTES = "bitsandbytes"  # the quant_method of bitsandbytes' configs
 NF4_NAMES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
              "weight.quant_state.bitsandbytes__nf4")
 
@@ -98,9 +100,9 @@ def _check_state(found: Mapping[str, torch.Tensor], where: str, weight_shape: tu
     if blob.numel() > MAX_STATE_BYTES:
         raise bad(f"is {blob.numel():,} bytes, far more than its few fields")
     try:
-        state = json.loads(bytes(blob.to(torch.uint8).tolist()).decode())
+        state = parse_json(bytes(blob.to(torch.uint8).tolist()).decode())
     except (ValueError, RecursionError, TypeError) as e:   # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise bad(f"is not JSON ({type(e).__name__})") from None
+        raise bad(f"is not JSON ({unreadable_reason(e, 120)})") from None
     nested = "weight.nested_absmax" in found
     if not isinstance(state, dict):
         raise bad("is not a JSON object")
@@ -139,7 +141,7 @@ def bnb_quantization_config(skip_modules: Sequence[str]) -> dict:
     list is given -- so every linear left in high precision must be listed.
     """
     return {
-        "quant_method": "bitsandbytes",
+        "quant_method": BITSANDBYTES,
         "load_in_4bit": True,
         "load_in_8bit": False,
         "bnb_4bit_quant_type": "nf4",

@@ -8,6 +8,10 @@ from klconvert.errors import KLError
 from klconvert.quant.groupwise import OBSERVERS
 
 PACKED_FORMAT = "pack-quantized"  # compressed-tensors' format of the int weights klconvert writes and reads
+COMPRESSED_TENSORS = "compressed-tensors"  # the quant_method of that format's configs
+# The compressed-tensors release whose config fields and packing klconvert writes: its `version` field, where
+# compressed-tensors' own writer puts its release (tests/test_quantize.py holds the other fields to its output)
+COMPRESSED_TENSORS_VERSION = "0.20.1"
 NF4_BLOCKSIZE = 64  # bitsandbytes' Params4bit / transformers' Linear4bit block size
 GROUP_SIZE = 128  # an int scheme's input columns per scale unless told otherwise
 
@@ -69,7 +73,8 @@ class QuantScheme:
 def compressed_tensors_config(groups: Sequence[tuple[str, Sequence[str], QuantScheme]],
                               ignore: Sequence[str]) -> dict:
     """config.json's `quantization_config` for pack-quantized weights: one config group per
-    (name, targets, scheme), and the modules left unquantized in `ignore`."""
+    (name, targets, scheme), and the modules left unquantized in `ignore` -- with every field compressed-tensors'
+    own writer (ModelCompressor.update_config) puts beside them: no sparsity, transforms or KV-cache quantization."""
     config_groups = {}
     for name, targets, scheme in groups:
         if scheme.kind != "int":
@@ -83,11 +88,15 @@ def compressed_tensors_config(groups: Sequence[tuple[str, Sequence[str], QuantSc
             "format": PACKED_FORMAT,
         }
     return {
-        "quant_method": "compressed-tensors",
+        "version": COMPRESSED_TENSORS_VERSION,
+        "quant_method": COMPRESSED_TENSORS,
         "format": PACKED_FORMAT,
         "quantization_status": "compressed",
         "config_groups": config_groups,
         "ignore": list(ignore),
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
+        "sparsity_config": {},
+        "transform_config": {},
+        "moe_sparsity_config": None,
     }

@@ -78,6 +78,8 @@ def test_a_damaged_nf4_quant_state_is_refused_before_bitsandbytes_reads_it(doubl
         ({**tensors, state: _state("not json")}, "is not JSON"),
         ({**tensors, state: _state("[" * 4000)}, "is not JSON"),
         ({**tensors, state: _state("[1, 2]")}, "is not a JSON object"),
+        ({**tensors, state: _state(fields.replace("{", '{"blocksize": 4096, ', 1))},
+         r"is not JSON \(key 'blocksize' appears twice in one object"),
         ({**tensors, state: _state(fields.replace('"blocksize": 64', '"blocksize": 0'))}, "do not describe"),
         ({**tensors, state: _state(fields.replace("[128, 128]", "[128, 64]"))}, "do not describe its 16384"),
         ({**tensors, state: _state('{"quant_type": "nf4"}')}, "do not describe"),
