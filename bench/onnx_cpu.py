@@ -46,18 +46,19 @@ def main() -> int:
     onnx_engine = OnnxEngine(args.onnx, threads=args.threads)
     engine = load(args.model, device="cpu", max_context=len(ids) + args.new_tokens, kernels="torch")
 
-    new = onnx_engine.generate([ids], args.new_tokens)[0].tolist()
+    no_stop = frozenset()   # every one of --new-tokens decoded (and timed), past an end of turn
+    new = onnx_engine.generate([ids], args.new_tokens, stop_ids=no_stop)[0].tolist()
     forced = onnx_engine.forward([ids + new[:-1]])[0, len(ids) - 1:].argmax(-1).tolist()
     if new != forced:
         print("FAILED: onnxruntime's decode disagrees with its prefill", file=sys.stderr)
         return 1
     print(f"check: {len(new)} decoded tokens equal the prefill argmax", flush=True)
 
+    onnx_run = lambda: onnx_engine.generate([ids], args.new_tokens, stop_ids=no_stop)
+    klconvert_run = lambda: engine.generate(ids, args.new_tokens, stop_ids=no_stop)
     res = {"model": args.model, "threads": args.threads, "new_tokens": args.new_tokens,
-           "onnxruntime_tokens_per_s": round(best_tokens_per_s(lambda: onnx_engine.generate([ids], args.new_tokens),
-                                                               args.repeats), 1),
-           "klconvert_tokens_per_s": round(best_tokens_per_s(lambda: engine.generate(ids, args.new_tokens),
-                                                             args.repeats), 1),
+           "onnxruntime_tokens_per_s": round(best_tokens_per_s(onnx_run, args.repeats), 1),
+           "klconvert_tokens_per_s": round(best_tokens_per_s(klconvert_run, args.repeats), 1),
            "load_average_1min": os.getloadavg()[0], "cpus": os.cpu_count()}
     print(f"greedy decode, {args.threads} threads, fp32: onnxruntime {res['onnxruntime_tokens_per_s']} tokens/s, "
           f"klconvert {res['klconvert_tokens_per_s']} tokens/s (prefill included; load average "

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from klconvert.checkpoint.folder_files import MAX_FILE_NAME_BYTES
+from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError, PlanDoesNotFit, exit_interrupted
 from klconvert.extras import require
 from klconvert.hub import DEFAULT_REPO
@@ -171,18 +172,18 @@ def pull(repo: str, revision: str | None, include: tuple[str, ...], exclude: tup
 
 
 def _context_error(where: str, tokens: int, at_least: bool, max_new_tokens: int, max_context: int | None,
-                   model_max_length: int) -> KLError:
+                   config: KimiLinearConfig) -> KLError:
     """What is true when the prompt of `where` (the flag that gave it), of `tokens` (or more), plus --max-new-tokens
     does not fit."""
     prompt = (f"the prompt of {where} ({'over ' if at_least else ''}{tokens:,} tokens) plus --max-new-tokens "
               f"{max_new_tokens}")
-    need = tokens + max_new_tokens
-    if max_context is not None and need <= model_max_length:
+    need, limit, limit_name = tokens + max_new_tokens, config.model_max_length, config.model_max_length_name
+    if max_context is not None and need <= limit:
         return KLError(f"{prompt} needs a context of {'more than ' if at_least else ''}{need:,} tokens but "
-                       f"--max-context is {max_context:,}; raise --max-context (up to the model's model_max_length "
-                       f"{model_max_length:,}) or shorten the prompt")
-    return KLError(f"{prompt} is over the model's model_max_length of {model_max_length:,} tokens; shorten the prompt "
-                   "or lower --max-new-tokens")
+                       f"--max-context is {max_context:,}; raise --max-context (up to the model's {limit_name} "
+                       f"{limit:,}) or shorten the prompt")
+    return KLError(f"{prompt} is over the model's {limit_name} of {limit:,} tokens; shorten the prompt or lower "
+                   "--max-new-tokens")
 
 
 def _given_once(param: click.Parameter, given: tuple[str, ...]) -> str | None:
@@ -234,7 +235,6 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
     """Continue a prompt (or several, as one batch): the text streams to stdout, a summary goes to stderr."""
     if hasattr(sys.stdout, "reconfigure"):  # what stdout's encoding cannot hold (PYTHONIOENCODING=ascii) shows as ?
         sys.stdout.reconfigure(errors="replace")
-    from klconvert.config import KimiLinearConfig
     from klconvert.text_input import read_prompt
     from klconvert.tokenizer import StreamDecoder, Tokenizer
 
@@ -251,15 +251,15 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
     else:
         _refuse_triton_without_cuda(kernels, device)
     config = KimiLinearConfig.from_file(model / "config.json")
-    limit = config.model_max_length
+    limit, limit_name = config.model_max_length, config.model_max_length_name
     if max_context is not None and max_context > limit:
-        raise KLError(f"--max-context {max_context:,} is over the model's model_max_length {limit:,}; lower it")
+        raise KLError(f"--max-context {max_context:,} is over the model's {limit_name} {limit:,}; lower it")
     budget = (max_context or limit) - max_new_tokens  # the most prompt tokens the context can hold
     if budget < 1:
         raise KLError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in "
                       + (f"--max-context {max_context}; raise --max-context or lower --max-new-tokens"
                          if max_context is not None and max_context < limit else
-                         f"the model's model_max_length of {limit:,} tokens; lower --max-new-tokens"))
+                         f"the model's {limit_name} of {limit:,} tokens; lower --max-new-tokens"))
     tokenizer = Tokenizer.from_folder(model)
     if prompt is not None and prompt_files:
         raise KLError("give the prompt as --prompt TEXT or --prompt-file FILE (- for standard input), not both")
@@ -272,7 +272,7 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
         ids = tokenizer.encode_chat([{"role": "user", "content": text.text}]) if chat and text.whole else text.ids
         if len(ids) > budget:
             where = "--prompt" if prompt is not None else f"--prompt-file {prompt_file}"
-            raise _context_error(where, len(ids), not text.whole, max_new_tokens, max_context, limit)
+            raise _context_error(where, len(ids), not text.whole, max_new_tokens, max_context, config)
         prompts.append(ids)
     longest = max(len(ids) for ids in prompts)
     if engine == "onnxruntime":
@@ -287,8 +287,7 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
                       batch=len(prompts), kernels=kernels)
         runner.check_fits(longest, max_new_tokens)
     streams = [StreamDecoder(tokenizer) for _ in prompts]
-    stop_ids = tokenizer.stop_ids | frozenset(config.eos_token_ids)  # the tokenizer's and config.json's eos
-    hidden = stop_ids if show_special else tokenizer.special_ids | stop_ids
+    hidden = runner.stop_ids if show_special else tokenizer.special_ids | runner.stop_ids   # what generate stops at
     texts = [[] for _ in prompts]
 
     def emit(sequence: int, token: int) -> None:  # one prompt streams; several are printed whole, in order
@@ -300,9 +299,8 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
 
     if seed is None:  # drawn here, so that the summary can say which (--seed then repeats the run)
         seed = int.from_bytes(os.urandom(8), "little")
-    runner.generate(prompts, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                    stop_ids=stop_ids, on_token=emit,
-                    on_prefill=_prefill_bar(sum(len(ids) for ids in prompts), progress))
+    runner.generate(prompts, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, on_token=emit,
+                    on_prefill=_prefill_bar(sum(len(ids) for ids in prompts), progress))   # at the model's stop ids
     for i, (parts, stream) in enumerate(zip(texts, streams)):
         if len(prompts) > 1:
             sys.stdout.write(f"==> {prompt_files[i]} <==\n")
@@ -552,7 +550,6 @@ def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: 
 def eval_(model: str, reference: str, text_file: Path, max_tokens: int, device: str | None,
           dtype: str | None) -> None:
     """Perplexity of both, KL of the model from the reference, top-1 and router agreement."""
-    from klconvert.config import KimiLinearConfig
     from klconvert.evaluate import evaluate, render_eval
     from klconvert.text_input import read_text_file
     from klconvert.tokenizer import Tokenizer
@@ -560,9 +557,10 @@ def eval_(model: str, reference: str, text_file: Path, max_tokens: int, device: 
     reference_dir = resolve_model(reference)
     if not reference_dir.is_dir():
         raise KLError(f"--reference {reference_dir}: no such folder; pass a checkpoint folder")
-    limit = KimiLinearConfig.from_file(reference_dir / "config.json").model_max_length
-    if max_tokens > limit:
-        raise KLError(f"--max-tokens {max_tokens:,} is over the model's model_max_length {limit:,}; lower it")
+    config = KimiLinearConfig.from_file(reference_dir / "config.json")
+    if max_tokens > config.model_max_length:
+        raise KLError(f"--max-tokens {max_tokens:,} is over the model's {config.model_max_length_name} "
+                      f"{config.model_max_length:,}; lower it")
     text = read_text_file(text_file, "--text-file", Tokenizer.from_folder(reference_dir), max_tokens)
     result = evaluate(model, reference, text, max_tokens=max_tokens, device=device, dtype=dtype)
     click.echo(render_eval(result, model, reference))   # as the user named them: `tiny`, not the install path
@@ -622,7 +620,6 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
     from contextlib import nullcontext
 
     from klconvert import bench as B
-    from klconvert.config import KimiLinearConfig
     from klconvert.convert.output_folder import parent_made
     from klconvert.presets import preset_config
 
@@ -649,7 +646,7 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
             calm, label = (weights if check_depth else None), str(model)
         for flag, asked in (("--prefill", prefills), ("--context", contexts)):
             if max(asked or [0]) > config.model_max_length:
-                raise KLError(f"{flag} {max(asked):,} is over the model's model_max_length "
+                raise KLError(f"{flag} {max(asked):,} is over the model's {config.model_max_length_name} "
                               f"{config.model_max_length:,}; lower it")
         if contexts is None:
             contexts = [] if prefills else [DECODE_CONTEXT]

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from klconvert.checkpoint.regular_file import read_bounded
+from klconvert.checkpoint.regular_file import parse_json, read_bounded
 from klconvert.errors import KLError, unreadable_reason
 from klconvert.release import RELEASED_CONFIG
 
@@ -174,6 +174,12 @@ class KimiLinearConfig:
         """Values cached per token per MLA layer: the latent plus the shared key slice."""
         return self.kv_lora_rank + self.qk_rope_head_dim
 
+    @property
+    def model_max_length_name(self) -> str:
+        """The name config.json gives model_max_length -- its own, or transformers' max_position_embeddings -- for
+        a message that sends the user to the field."""
+        return _stored_name(self.raw, "model_max_length", "config.json")
+
     def is_kda(self, layer: int) -> bool:
         return layer in self.kda_layers
 
@@ -292,9 +298,9 @@ class KimiLinearConfig:
             raise KLError(f"{path}: holds {name}, which is not a JSON number; fix the config or re-download the model")
 
         try:
-            d = json.loads(text, parse_constant=refuse_constant)
+            d = parse_json(text, parse_constant=refuse_constant)
         except json.JSONDecodeError as e:
             raise KLError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); re-download the model") from None
-        except (RecursionError, ValueError) as e:  # nesting past Python's stack; an int of 4,300+ digits
+        except (RecursionError, ValueError) as e:  # nesting past Python's stack; a key twice; an int of 4,300+ digits
             raise KLError(f"{path}: not a config ({unreadable_reason(e, 80)}); re-download the model") from None
         return cls.from_dict(d, where=str(path))

@@ -314,7 +314,8 @@ class Tokenizer:
 
     @property
     def stop_ids(self) -> frozenset[int]:
-        """Ids that end a generated turn: the eos token and <|im_end|>."""
+        """The tokenizer's ids that end a generated turn: the eos token and <|im_end|> (the model's stop tokens add
+        config.json's eos_token_id: model_stop_ids)."""
         stop_ids = {self.eos_id}
         if "<|im_end|>" in self._special_tokens:
             stop_ids.add(self._special_tokens["<|im_end|>"])
@@ -386,12 +387,20 @@ class Tokenizer:
         return known
 
 
-def check_tokenizer_if_any(folder: Path, vocab_size: int) -> None:
+def check_tokenizer_if_any(folder: Path, vocab_size: int) -> Tokenizer | None:
     """A source folder's tokenizer read as `run` reads it -- refused now, not in an output that copies it -- when it
     has one: a folder of weights alone (neither tiktoken.model nor tokenizer_config.json) passes, as its output
-    will."""
+    will, and has None."""
     if (folder / BPE_FILE).exists() or (folder / CONFIG_FILE).exists():
-        Tokenizer.from_folder(folder, vocab_size)
+        return Tokenizer.from_folder(folder, vocab_size)
+    return None
+
+
+def model_stop_ids(config: KimiLinearConfig, tokenizer: Tokenizer | None) -> frozenset[int]:
+    """The model's stop tokens, the ids that end a generated turn -- where `klconvert run` stops, and Engine.generate
+    and OnnxEngine.generate without stop_ids: config.json's eos_token_id (one id or a list) and the tokenizer's
+    (its eos_token and <|im_end|>), where the folder has a tokenizer."""
+    return frozenset(config.eos_token_ids) | (tokenizer.stop_ids if tokenizer is not None else frozenset())
 
 
 class StreamDecoder:

@@ -7,7 +7,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import torch
 
@@ -24,6 +24,7 @@ from klconvert.runtime.model import KimiLinear
 from klconvert.runtime.sampling import check_generate_args, sample, sampling_generator
 from klconvert.runtime.state import MLA_CACHE_DTYPES
 from klconvert.runtime.weights import HeldPacked, Packed, use_triton
+from klconvert.tokenizer import Tokenizer, check_tokenizer_if_any, model_stop_ids
 
 SMALL_MODEL_HIDDEN = 1024  # below this hidden size, CPU decode runs on one thread (see Engine._small_model_threads)
 MAX_TOKENS_IN_FLIGHT = 8  # decode steps the host may run ahead of the tokens it has seen (stop checks lag so)
@@ -54,17 +55,25 @@ class GenerationStats:
         return self.timed_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
 
-def check_id_range(low: int, high: int, vocab_size: int) -> None:
-    """KLError unless token ids from `low` to `high` lie in the vocabulary, naming the smallest id when it is
+def check_id_range(ids: torch.Tensor, vocab_size: int) -> None:
+    """KLError unless every token id of `ids` (int64) lies in the vocabulary, naming the smallest id when it is
     negative, else the largest."""
+    if not ids.numel():
+        return
+    low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= vocab_size:
         raise KLError(f"token id {low if low < 0 else high} is outside the vocabulary (0..{vocab_size - 1})")
 
 
-def whole_numbers(value, what: str = "token ids") -> torch.Tensor:
+def whole_numbers(value, what: str = "token ids", where: str = "") -> torch.Tensor:
     """`value` (ids, positions: a tensor, list or number) as int64; KLError for floats and bools, which
-    torch.as_tensor(..., dtype=torch.long) would truncate (1.7 -> 1) or count (True -> 1), and for what no tensor
-    holds (ragged lists, ids past int64)."""
+    torch.as_tensor(..., dtype=torch.long) would truncate (1.7 -> 1) or count (True -> 1) -- a bool inside a list
+    too, which torch.as_tensor makes an int ([True, 5] -> [1, 5]), named by its index (after `where`, the index of
+    `value` in what the caller was given) -- and for what no tensor holds (ragged lists, ids past int64)."""
+    at = _bool_at(value)
+    if at is not None:
+        raise KLError(f"{what} should be whole numbers, got a bool at {where}{at}; give ints (a bool would run as "
+                      "0 or 1)")
     try:
         t = torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError, OverflowError) as e:
@@ -74,17 +83,46 @@ def whole_numbers(value, what: str = "token ids") -> torch.Tensor:
     return t.long()
 
 
-def as_prompts(prompts) -> list[torch.Tensor]:
+def _bool_at(value) -> str | None:
+    """The index ("[1][0]") of the first bool (or bool tensor) inside the lists and tuples of `value`, else None."""
+    if not isinstance(value, (list, tuple)):
+        return None     # a bool or bool tensor itself: torch.as_tensor keeps its dtype, which whole_numbers refuses
+    for i, item in enumerate(value):
+        if type(item) is int:   # the common case, at once
+            continue
+        if isinstance(item, bool) or (isinstance(item, torch.Tensor) and item.dtype == torch.bool):
+            return f"[{i}]"
+        inner = _bool_at(item) if isinstance(item, (list, tuple)) else None
+        if inner is not None:
+            return f"[{i}]{inner}"
+    return None
+
+
+def as_prompts(prompts, vocab_size: int) -> list[torch.Tensor]:
     """generate's prompts -- a [T] or [B, T] tensor or list of ids, or a list of id lists (or tensors) of their own
-    lengths -- as int64 [T] tensors, at least one, none empty (the vocabulary is the engine's to check)."""
+    lengths -- as int64 [T] tensors, at least one, none empty, every id inside the vocabulary: every prompt checked
+    before any work (each engine holds the lengths to its own limit)."""
     if isinstance(prompts, (list, tuple)) and not all(_one_id(p) for p in prompts):
-        seqs = [whole_numbers(p) for p in prompts]          # prompts of their own lengths
+        seqs = [whole_numbers(p, where=f"[{i}]") for i, p in enumerate(prompts)]   # prompts of their own lengths
     else:                                                   # one tensor or flat list of ids: [T] or [B, T]
         ids = whole_numbers(prompts)
         seqs = list(ids.view(1, -1) if ids.dim() <= 1 else ids)
     if not seqs or any(s.dim() != 1 or s.numel() == 0 for s in seqs):
         raise KLError("generate needs at least one prompt, each a non-empty list of token ids")
+    for s in seqs:
+        check_id_range(s, vocab_size)
     return seqs
+
+
+def as_batch(input_ids, vocab_size: int) -> torch.Tensor:
+    """forward's input_ids -- [T] or [B, T], a tensor or lists -- as int64 [B, T], T >= 1, every id inside the
+    vocabulary."""
+    ids = whole_numbers(input_ids, "input_ids")
+    ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
+    if ids.dim() != 2 or ids.shape[1] == 0:
+        raise KLError(f"input_ids must be [T] or [B, T] with T >= 1, got shape {list(ids.shape)}")
+    check_id_range(ids, vocab_size)
+    return ids
 
 
 def _one_id(value) -> bool:
@@ -138,11 +176,13 @@ class Engine:
                  dtype: torch.dtype, context: int, batch: int, biased_router_weights: bool = False,
                  packed: Packed | None = None, kernels: str = "torch",
                  stored_schemes: dict[str, QuantScheme] | None = None, mla_cache_dtype: torch.dtype | None = None,
-                 cuda_graph: bool = True):
+                 cuda_graph: bool = True, tokenizer: Tokenizer | None = None):
         """`read(name)` gives a canonical tensor (e.g. Checkpoint.get), `packed(name)` a quantized weight's stored
         parts (Checkpoint.packed) and `stored_schemes` how each packed weight is stored; `kernels` picks PyTorch
-        or Triton (auto: Triton on CUDA). The decode step is captured in a CUDA graph with Triton on CUDA."""
+        or Triton (auto: Triton on CUDA). The decode step is captured in a CUDA graph with Triton on CUDA.
+        `tokenizer`: the folder's, whose stop tokens join config.json's in `stop_ids` (model_stop_ids)."""
         self.config, self.device, self.dtype = config, device, dtype
+        self.stop_ids = model_stop_ids(config, tokenizer)   # where generate stops unless told otherwise
         self.prefill_segment = PREFILL_SEGMENT  # prompt tokens per model call (the plan's workspace assumes this)
         self.triton = use_triton(kernels, device)
         self.model = KimiLinear(config, biased_router_weights=biased_router_weights)
@@ -157,7 +197,7 @@ class Engine:
     def _plan_state(self, context: int, batch: int, mla_cache_dtype: torch.dtype, allocate: bool) -> None:
         """Size (and with `allocate`, allocate) the state for this context and batch; refuse what does not fit."""
         if context > self.config.model_max_length:
-            raise KLError(f"a context of {context} tokens is over the model's model_max_length "
+            raise KLError(f"a context of {context} tokens is over the model's {self.config.model_max_length_name} "
                           f"{self.config.model_max_length}; lower --max-context (or shorten the prompt)")
         limit = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else \
             host_bytes_available()
@@ -183,20 +223,14 @@ class Engine:
 
     # ---- checks ----------------------------------------------------------------------------------
     def _as_batch(self, input_ids) -> torch.Tensor:
-        ids = whole_numbers(input_ids, "input_ids")
-        ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
-        if ids.dim() != 2 or ids.shape[1] == 0:
-            raise KLError(f"input_ids must be [T] or [B, T] with T >= 1, got shape {list(ids.shape)}")
-        self._check_ids([ids.reshape(-1)], ids.shape[0])
+        ids = as_batch(input_ids, self.config.vocab_size)
+        self._check_batch(ids.shape[0])
         return ids.to(self.device)
 
-    def _check_ids(self, seqs: Sequence[torch.Tensor], batch: int) -> None:
+    def _check_batch(self, batch: int) -> None:
         if batch > self.plan.batch:
             raise KLError(f"{batch} sequences are over the planned batch {self.plan.batch}; load with batch="
                           f"{batch} (--batch)")
-        for s in seqs:
-            if s.numel():
-                check_id_range(int(s.min()), int(s.max()), self.config.vocab_size)
 
     def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """Refuse up front a request that would run past the planned context."""
@@ -268,7 +302,8 @@ class Engine:
         """One token per sequence: token [B, 1] or [B] at `position` (an int for all, or [B]) -> logits [B, vocab].
         Runs eagerly (the graph-captured step is `decoder(B)`)."""
         token = whole_numbers(token).reshape(-1)
-        self._check_ids([token], token.shape[0])
+        self._check_batch(token.shape[0])
+        check_id_range(token, self.config.vocab_size)
         positions = whole_numbers(position, "positions").expand(token.shape[0])
         if positions.numel() and not 0 <= int(positions.min()) <= int(positions.max()) < self.plan.context:
             raise KLError(f"position {position} is outside the planned context 0..{self.plan.context - 1}")
@@ -277,13 +312,15 @@ class Engine:
             return self.model.decode(token, self.state.rows(0, token.shape[0]), positions)
 
     def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, stop_ids: frozenset[int] = frozenset(),
+                 seed: int | None = None, stop_ids: frozenset[int] | None = None,
                  on_token: Callable[[int, int], None] | None = None,
                  on_prefill: Callable[[int], None] | None = None) -> torch.Tensor:
         """Prefill each prompt, then decode all together, each sequence at its own position; returns the new ids
         [B, n] (n <= max_new_tokens). `prompts`: [T] / [B, T] ids, or a list of id lists of different lengths.
 
         A sequence that emits a stop id is padded with it; generation ends when every sequence has stopped.
+        `stop_ids` default: the model's stop tokens, self.stop_ids (where `klconvert run` stops); frozenset() runs
+        every sequence to max_new_tokens.
         `on_token(sequence, id)` receives each new id as it reaches the host (copied asynchronously);
         `on_prefill(n)` hears of each prefill segment done, n prompt tokens (for a progress bar).
         """
@@ -304,7 +341,8 @@ class Engine:
         self.stats.prefill_seconds = time.perf_counter() - t0
         if step is None:  # the prompts through the model (their prefill timed), nothing to decode
             return torch.empty(B, 0, dtype=torch.long)
-        return self.decode_loop(step, last, max_new_tokens, temperature, top_p, generator, stop_ids, on_token)
+        return self.decode_loop(step, last, max_new_tokens, temperature, top_p, generator,
+                                self.stop_ids if stop_ids is None else stop_ids, on_token)
 
     @contextmanager
     def _small_model_threads(self):
@@ -372,8 +410,8 @@ class Engine:
         return out[:, :n].cpu()
 
     def _as_prompts(self, prompts) -> list[torch.Tensor]:
-        seqs = as_prompts(prompts)
-        self._check_ids(seqs, len(seqs))
+        seqs = as_prompts(prompts, self.config.vocab_size)
+        self._check_batch(len(seqs))
         return [s.to(self.device) for s in seqs]
 
 
@@ -385,7 +423,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
          max_context: int = 4096, batch: int = 1, biased_router_weights: bool = False,
          kernels: str = "auto", mla_cache_dtype: str | torch.dtype | None = None, cuda_graph: bool = True) -> Engine:
     """Open, check and bind a Kimi Linear checkpoint folder (`tiny`: the bundled model); allocate its memory plan
-    once.
+    once. The folder's tokenizer, where it has one, is read (and checked) for the model's stop tokens (stop_ids).
 
     kernels: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch". mla_cache_dtype: the latent cache's
     dtype (default: the compute dtype; "float8_e4m3fn" halves it, with one fp32 scale per cached row)."""
@@ -415,6 +453,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
         raise KLError(f"--max-context ({max_context!r}) and --batch ({batch!r}) must be whole numbers of at least 1")
     checkpoint = Checkpoint(resolve_model(path))
     schemes = {n: s.scheme for n, s in checkpoint.sources.items() if isinstance(s, QuantizedSource)}
+    tokenizer = check_tokenizer_if_any(checkpoint.folder, checkpoint.config.vocab_size)   # for its stop tokens
     return Engine(checkpoint.config, checkpoint.get, device, dtype, max_context, batch, biased_router_weights,
                   packed=checkpoint.packed, kernels=kernels, stored_schemes=schemes, mla_cache_dtype=mla_cache_dtype,
-                  cuda_graph=cuda_graph)
+                  cuda_graph=cuda_graph, tokenizer=tokenizer)

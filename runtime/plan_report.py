@@ -148,8 +148,8 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
     else:
         asked = f"--max-context {context}"
     if context is not None and context > config.model_max_length:
-        raise KLError(f"{asked} is over the model's model_max_length {config.model_max_length:,}; plan for "
-                      f"{config.model_max_length:,} tokens or fewer")
+        raise KLError(f"{asked} is over the model's {config.model_max_length_name} {config.model_max_length:,}; "
+                      f"plan for {config.model_max_length:,} tokens or fewer")
     return MemoryPlan(config, batch=batch or runtime["batch"],
                       context=context or min(runtime["max_context"], config.model_max_length),
                       weight_bytes=weight_bytes(config, dtype, policy), act_dtype=dtype,

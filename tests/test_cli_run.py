@@ -182,7 +182,7 @@ def test_config_eos_ids_stop_a_run_too(tmp_path):
     shutil.copytree(bundled_dir(), folder)
     tok = Tokenizer.from_folder(folder)
     ids = tok.encode("ROMEO.")
-    free = klconvert.load(folder, device="cpu", max_context=32).generate(ids, 12)[0].tolist()
+    free = klconvert.load(folder, device="cpu", max_context=32).generate(ids, 12, stop_ids=frozenset())[0].tolist()
     at = next(i for i in range(2, 12) if free[i] not in tok.special_ids and free[i] not in free[:i])
     config = json.loads((folder / "config.json").read_text())
     config["eos_token_id"] = [config["eos_token_id"], free[at]]
@@ -191,3 +191,8 @@ def test_config_eos_ids_stop_a_run_too(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == tok.decode([t for t in free[:at] if t not in tok.special_ids]) + "\n"
     assert f"{at + 1} new" in proc.stderr
+    # the API's default stop tokens are run's: generate without stop_ids ran on through free[at]
+    engine = klconvert.load(folder, device="cpu", max_context=32)
+    assert engine.stop_ids == tok.stop_ids | {free[at]}
+    stopped = engine.generate(ids, 12)[0].tolist()
+    assert stopped[:at + 1] == free[:at + 1] and set(stopped[at:]) == {free[at]} and engine.stats.new_tokens == at + 1

@@ -52,10 +52,10 @@ def test_batch_of_different_lengths_equals_each_alone(trained_like):
     engine = klconvert.load(trained_like, device="cpu", dtype=torch.float32, max_context=64, batch=3)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, engine.config.vocab_size, (n,), generator=g).tolist() for n in (5, 17, 1)]
-    together = engine.generate(prompts, max_new_tokens=12)
+    together = engine.generate(prompts, max_new_tokens=12, stop_ids=frozenset())
     assert together.shape == (3, 12)
     for b, prompt in enumerate(prompts):
-        alone = engine.generate([prompt], max_new_tokens=12)
+        alone = engine.generate([prompt], max_new_tokens=12, stop_ids=frozenset())
         assert alone[0].tolist() == together[b].tolist(), b
 
 
@@ -88,18 +88,18 @@ def test_decode_rate_is_timed_from_the_second_step(trained_like, monkeypatch):
             time.sleep(0.5)
         return replay()
     monkeypatch.setattr(step, "step", first_slow)
-    out = engine.generate([[1, 2, 3]], max_new_tokens=6)
+    out = engine.generate([[1, 2, 3]], max_new_tokens=6, stop_ids=frozenset())
     s = engine.stats
     assert out.shape == (1, 6) and (s.steps, s.timed_steps) == (5, 4) and len(calls) == 5
     assert 0 < s.decode_seconds < 0.5 and s.decode_tps == 4 / s.decode_seconds
     calls.clear()
-    engine.generate([[1, 2, 3]], max_new_tokens=2)
+    engine.generate([[1, 2, 3]], max_new_tokens=2, stop_ids=frozenset())
     assert (engine.stats.steps, engine.stats.timed_steps) == (1, 1) and engine.stats.decode_seconds >= 0.5
 
 
 def test_stop_token_ends_a_sequence_and_pads_it(trained_like):
     engine = klconvert.load(trained_like, device="cpu", dtype=torch.float32, max_context=32)
-    free = engine.generate([[7, 8, 9]], max_new_tokens=8)[0].tolist()
+    free = engine.generate([[7, 8, 9]], max_new_tokens=8, stop_ids=frozenset())[0].tolist()
     stop = free[2]
     stopped = engine.generate([[7, 8, 9]], max_new_tokens=8, stop_ids=frozenset({stop}))[0].tolist()
     first = free.index(stop)
@@ -110,7 +110,7 @@ def test_new_tokens_count_each_sequence_up_to_its_stop(trained_like):
     """The summary's `N new`: each sequence's tokens through its stop id, not the padding after it."""
     engine = klconvert.load(trained_like, device="cpu", dtype=torch.float32, max_context=32, batch=2)
     prompts = [[7, 8, 9], [4, 5]]
-    stop = engine.generate(prompts, max_new_tokens=8)[0].tolist()[1]
+    stop = engine.generate(prompts, max_new_tokens=8, stop_ids=frozenset())[0].tolist()[1]
     out = engine.generate(prompts, max_new_tokens=8, stop_ids=frozenset({stop})).tolist()
     made = [row.index(stop) + 1 if stop in row else len(row) for row in out]
     assert made[0] == 2 and engine.stats.new_tokens == sum(made) < 2 * len(out[0])

@@ -58,6 +58,45 @@ def test_token_ids_that_are_not_whole_numbers_are_refused(engine, prompts):
         engine.decode_step(torch.tensor([1]), 0.5)
 
 
+@pytest.mark.parametrize("prompts, where", [([True, 5], r"\[0\]"), ([[1, 2], [3, True]], r"\[1\]\[1\]"),
+                                           ([5, torch.tensor(True)], r"\[1\]"), ((1, (2, False)), r"\[1\]\[1\]")])
+def test_a_bool_among_token_ids_is_refused(engine, prompts, where):
+    """bool is an int to Python and torch.as_tensor: [True, 5] ran as the token ids [1, 5]."""
+    with pytest.raises(KLError, match=rf"^token ids should be whole numbers, got a bool at {where}; give ints"):
+        engine.generate(prompts, 2)
+
+
+def test_bools_and_floats_are_refused_wherever_ids_or_positions_are_taken(engine):
+    """forward, prefill and decode_step read ids and positions through the same check as generate."""
+    for call in (engine.forward, engine.prefill):
+        with pytest.raises(KLError, match=r"^input_ids should be whole numbers, got a bool at \[0\]\[1\]"):
+            call([[5, True]])
+        for bad in (torch.tensor([[True, False]]), torch.tensor([[5.0, 6.0]])):
+            with pytest.raises(KLError, match=rf"^input_ids should be whole numbers, got {bad.dtype}"):
+                call(bad)
+    with pytest.raises(KLError, match=r"^token ids should be whole numbers, got a bool at \[0\]"):
+        engine.decode_step([True], 0)
+    with pytest.raises(KLError, match=r"^token ids should be whole numbers, got torch.bool"):
+        engine.decode_step(torch.tensor([True]), 0)
+    with pytest.raises(KLError, match=r"^positions should be whole numbers, got a bool at \[0\]"):
+        engine.decode_step([5], [True])
+    with pytest.raises(KLError, match=r"^positions should be whole numbers, got torch.bool"):
+        engine.decode_step([5], True)
+
+
+def test_the_default_stop_tokens_of_a_folder_without_a_tokenizer_are_config_jsons(tiny_copy):
+    """The model's stop tokens: config.json's eos_token_id and the tokenizer's eos and <|im_end|>; a folder of
+    weights alone has config.json's."""
+    with_tokenizer = klconvert.load(tiny_copy, device="cpu", max_context=16)
+    tokenizer = klconvert.Tokenizer.from_folder(tiny_copy)
+    assert with_tokenizer.stop_ids == {*with_tokenizer.config.eos_token_ids, tokenizer.eos_id,
+                                       tokenizer.special_tokens["<|im_end|>"]}
+    for name in ("tiktoken.model", "tokenizer_config.json", "special_tokens_map.json"):
+        (tiny_copy / name).unlink()
+    alone = klconvert.load(tiny_copy, device="cpu", max_context=16)
+    assert alone.stop_ids == set(alone.config.eos_token_ids) and alone.stop_ids
+
+
 def test_one_prompt_is_taken_in_each_form(engine):
     """A flat list, a [T] tensor, a list of 0-d tensors and a list of one list are one prompt alike."""
     want = engine.generate([[1, 2, 3]], 3)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import klconvert
 from bounded_cli import klconvert_bounded
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.checkpoint.reader import Checkpoint
@@ -114,11 +115,28 @@ def test_null_multi_token_prediction_layers_read_as_absent():
 
 def test_max_position_embeddings_bounds_the_context(tiny_copy):
     """transformers' name for model_max_length: a config giving only it is bounded by it (it was ignored, and the
-    release's 1,048,576 let --max-context run past the model)."""
+    release's 1,048,576 let --max-context run past the model), and each refusal names it so (they named
+    model_max_length, a field that config.json does not have)."""
     edit_config(tiny_copy, lambda c: (c.pop("model_max_length"), c.update(max_position_embeddings=4096)))
     assert KimiLinearConfig.from_file(tiny_copy / "config.json").model_max_length == 4096
     line = run_on(tiny_copy, "--max-context", "8192").error_line()
-    assert "--max-context 8,192 is over the model's model_max_length 4,096" in line, line
+    assert "--max-context 8,192 is over the model's max_position_embeddings 4,096" in line, line
+    line = run_on(tiny_copy, "--max-new-tokens", "5000").error_line()
+    assert "the model's max_position_embeddings of 4,096 tokens; lower --max-new-tokens" in line, line
+    line = klconvert_bounded("run", "--model", tiny_copy, "--prompt", "word " * 5000, "--device", "cpu").error_line()
+    assert "is over the model's max_position_embeddings of 4,096 tokens" in line, line
+    line = klconvert_bounded("run", "--model", tiny_copy, "--prompt", "word " * 1500, "--max-context", "2048",
+                             "--device", "cpu").error_line()
+    assert "raise --max-context (up to the model's max_position_embeddings 4,096)" in line, line
+    line = klconvert_bounded("plan", "--model", tiny_copy, "--max-context", "8192").error_line()
+    assert "--max-context 8192 is over the model's max_position_embeddings 4,096" in line, line
+    line = klconvert_bounded("eval", "--model", tiny_copy, "--reference", tiny_copy, "--text-file", "/dev/zero",
+                             "--max-tokens", "8192").error_line()
+    assert "--max-tokens 8,192 is over the model's max_position_embeddings 4,096" in line, line
+    line = klconvert_bounded("bench", "--model", tiny_copy, "--context", "8192").error_line()
+    assert "--context 8,192 is over the model's max_position_embeddings 4,096" in line, line
+    with pytest.raises(KLError, match=r"^a context of 8192 tokens is over the model's max_position_embeddings 4096"):
+        klconvert.load(tiny_copy, device="cpu", max_context=8192)
 
 
 def _header_dtype_as_a_list(folder: Path) -> None:

@@ -91,7 +91,8 @@ def exported(request, tmp_path_factory):
 
 
 def exact_engine(folder, batch: int = 1) -> Engine:
-    """klconvert's runtime on `folder` with every packed weight dequantized in fp32 (see the module docstring)."""
+    """klconvert's runtime on `folder` with every packed weight dequantized in fp32 (see the module docstring), with
+    its stop tokens."""
     checkpoint = Checkpoint(folder)
 
     def read(name: str) -> torch.Tensor:
@@ -101,7 +102,8 @@ def exact_engine(folder, batch: int = 1) -> Engine:
         parts, scheme = found
         return decompress_weight({**parts, "weight_scale": parts["weight_scale"].float()}, scheme)
 
-    return Engine(checkpoint.config, read, torch.device("cpu"), torch.float32, context=128, batch=batch)
+    return Engine(checkpoint.config, read, torch.device("cpu"), torch.float32, context=128, batch=batch,
+                  tokenizer=klconvert.Tokenizer.from_folder(folder))
 
 
 def test_the_graph_declares_the_lowest_ir_version_its_opsets_allow(exported):
@@ -144,7 +146,7 @@ def test_prompt_and_greedy_decode_match_klconvert(exported):
         want_tokens.append(int(want_step.argmax()))
         token, position = want_tokens[-1], position + 1
     assert got_tokens == want_tokens
-    assert onnx_engine.generate([PROMPT], DECODE_STEPS + 1)[0, 1:].tolist() == want_tokens
+    assert onnx_engine.generate([PROMPT], DECODE_STEPS + 1, stop_ids=frozenset())[0, 1:].tolist() == want_tokens
 
 
 @pytest.mark.slow
@@ -198,13 +200,85 @@ def test_a_prompt_prefills_in_calls_sized_by_its_scores(exported, monkeypatch):
 
 @pytest.mark.parametrize("ids, needle", [([[-1, 5]], "token id -1 is outside the vocabulary"),
                                          ([[5, 4352]], "token id 4352 is outside the vocabulary (0..4351)"),
-                                         ([[]], "with T >= 1"), ([[1.5]], "integer")])
+                                         ([[]], "with T >= 1"),
+                                         ([[1.5]], "input_ids should be whole numbers, got torch.float"),
+                                         (torch.tensor([[True, False]]), "input_ids should be whole numbers, got "
+                                                                         "torch.bool"),
+                                         ([[5, True]], "input_ids should be whole numbers, got a bool at [0][1]")])
 def test_token_ids_outside_the_vocabulary_are_refused(exported, ids, needle):
-    """The graph's Gather wraps a negative id round to the vocabulary's end; one past it failed inside onnxruntime."""
+    """The graph's Gather wraps a negative id round to the vocabulary's end; one past it failed inside onnxruntime;
+    [[5, True]] ran as [[5, 1]]."""
     engine = OnnxEngine(exported[1])
     with pytest.raises(klconvert.KLError) as refused:
         engine.forward(ids)
     assert needle in str(refused.value)
+
+
+@pytest.mark.parametrize("positions, needle", [(np.array([True]), "positions should be whole numbers, got torch.bool"),
+                                               (np.array([0.5]), "positions should be whole numbers, got torch.float")])
+def test_run_takes_positions_as_whole_numbers(exported, positions, needle):
+    """A bool or fractional position was cast to int64 (True -> 1, 0.5 -> 0) and run."""
+    engine = OnnxEngine(exported[1])
+    with pytest.raises(klconvert.KLError) as refused:
+        engine.run(np.array([PROMPT]), engine.empty_state(1), positions)
+    assert needle in str(refused.value)
+
+
+@pytest.mark.parametrize("second, message", [([5, 4352], r"^token id 4352 is outside the vocabulary"),
+                                             ([5, True], r"^token ids should be whole numbers, got a bool at "
+                                                         r"\[1\]\[1\]"),
+                                             ([5, 1.5], r"^token ids should be whole numbers")])
+def test_every_prompt_is_checked_before_any_is_prefilled(exported, monkeypatch, second, message):
+    """A bad id in the second prompt was found only as that prompt prefilled, after the first one's work."""
+    engine = OnnxEngine(exported[1])
+    work = []
+    monkeypatch.setattr(engine, "run", lambda *args: work.append(args))
+    with pytest.raises(klconvert.KLError, match=message):
+        engine.generate([PROMPT, second], 2, on_prefill=work.append)
+    assert work == []
+
+
+def _with_eos(folder: Path, token: int) -> None:
+    """config.json's eos_token_id made a list that holds `token` besides."""
+    config = json.loads((folder / "config.json").read_text())
+    config["eos_token_id"] = [config["eos_token_id"], token]
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.slow
+def test_generate_stops_where_run_does_by_default(exported, tmp_path, capsys):
+    """OnnxEngine.generate without stop_ids ran through the model's stop tokens, which `run --engine onnxruntime`
+    stops at (the tokenizer's and config.json's eos): both now stop at the one set, klconvert.load's too."""
+    quantized, folder = exported
+    folder = shutil.copytree(folder, tmp_path / "onnx")
+    tokenizer = klconvert.Tokenizer.from_folder(folder)
+    ids = tokenizer.encode("ROMEO.")
+    free = OnnxEngine(folder).generate([ids], 12, stop_ids=frozenset())[0].tolist()
+    at = next(i for i in range(2, 12) if free[i] not in tokenizer.special_ids and free[i] not in free[:i])
+    _with_eos(folder, free[at])
+    engine = OnnxEngine(folder)
+    assert engine.stop_ids == tokenizer.stop_ids | {free[at]}
+    stopped = engine.generate([ids], 12)[0].tolist()
+    assert stopped[:at + 1] == free[:at + 1] and set(stopped[at:]) == {free[at]} and engine.stats.new_tokens == at + 1
+    code, out, err = run_cli(capsys, "run", "--model", folder, "--engine", "onnxruntime", "--prompt", "ROMEO.",
+                             "--max-new-tokens", "12")
+    assert code == 0, err
+    assert out == tokenizer.decode([t for t in free[:at] if t not in tokenizer.special_ids]) + "\n"
+    assert f"{at + 1} new" in err
+    quantized = shutil.copytree(quantized, tmp_path / "q")
+    _with_eos(quantized, free[at])
+    assert klconvert.load(quantized, device="cpu", max_context=32).stop_ids == engine.stop_ids
+
+
+def test_the_length_limit_is_named_as_config_json_names_it(exported, tmp_path):
+    """A config giving transformers' max_position_embeddings (not model_max_length) was refused naming
+    model_max_length, a field the user's config.json does not have."""
+    folder = shutil.copytree(exported[1], tmp_path / "onnx")
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("model_max_length")
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+    with pytest.raises(klconvert.KLError, match=r"is over the model's max_position_embeddings 16;"):
+        OnnxEngine(folder).generate([PROMPT], 8)
 
 
 def test_onnxruntime_out_of_memory_is_named_so(exported, monkeypatch):

@@ -66,7 +66,7 @@ def test_decode_path_equals_prefill(pair):
 def test_greedy_generation_identical(pair):
     hf, ours = pair
     ids = token_ids(ours.config.vocab_size, (1, 40))
-    got = ours.generate(ids, max_new_tokens=32)
+    got = ours.generate(ids, max_new_tokens=32, stop_ids=frozenset())   # as hf's, eos_token_id=None
     with torch.no_grad():
         # an explicit mask: without one, generate masks every prompt token equal to pad_token_id
         ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,

@@ -244,7 +244,8 @@ def teacher_windows(source: Path, first: torch.Tensor, seq_len: int, seed: int, 
     windows, t0 = [], time.perf_counter()
     for i in range(0, len(first), chunk):
         prompts = first[i:i + chunk].view(-1, 1)
-        sampled = engine.generate(prompts, seq_len - 1, temperature=1.0, seed=seed + i)
+        sampled = engine.generate(prompts, seq_len - 1, temperature=1.0, seed=seed + i,
+                                  stop_ids=frozenset())   # whole windows: on past an end of turn
         windows.append(torch.cat([prompts, sampled.cpu()], dim=1))
         if log:
             log(f"sampled {min(i + chunk, len(first))} of {len(first)} windows, {time.perf_counter() - t0:.0f} s")

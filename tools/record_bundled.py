@@ -48,7 +48,7 @@ def greedy_continuation(folder: Path = BUNDLED_DIR) -> list[int]:
     tokenizer = Tokenizer.from_folder(folder)
     ids = tokenizer.encode(PROMPT)
     engine = load(folder, device="cpu", dtype="float32", max_context=len(ids) + NEW_TOKENS, kernels="torch")
-    return engine.generate(ids, NEW_TOKENS, stop_ids=tokenizer.stop_ids)[0].tolist()
+    return engine.generate(ids, NEW_TOKENS)[0].tolist()   # to the model's stop tokens, as `run`
 
 
 def int4_eval(folder: Path = BUNDLED_DIR, tokens: int = HELD_OUT_TOKENS):

@@ -14,8 +14,9 @@ from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError, first_line, unreadable_reason
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, ONNX_FILE, state_spec
-from klconvert.runtime.engine import Engine, GenerationStats, as_prompts, check_id_range
+from klconvert.runtime.engine import Engine, GenerationStats, as_batch, as_prompts, whole_numbers
 from klconvert.runtime.sampling import check_generate_args, sampling_generator
+from klconvert.tokenizer import check_tokenizer_if_any, model_stop_ids
 
 State = dict[str, np.ndarray]  # past input name -> value
 MAX_GENAI_CONFIG_BYTES = 1 << 20  # export-onnx writes a few KB
@@ -59,6 +60,8 @@ class OnnxEngine:
         # export-onnx's own; GENAI_CONFIG (untrusted: it sizes every allocation here) must agree with both.
         self.states = state_spec(self.config)
         self._check_genai_config(folder / GENAI_CONFIG)
+        # where generate stops unless told otherwise (export-onnx copies the tokenizer, if the model has one)
+        self.stop_ids = model_stop_ids(self.config, check_tokenizer_if_any(folder, self.config.vocab_size))
         self.device = torch.device("cpu")
         for name in (ONNX_FILE, DATA_FILE):  # onnxruntime would wait on a FIFO as long as nothing writes to it
             if name == ONNX_FILE or (folder / name).exists():
@@ -118,7 +121,7 @@ class OnnxEngine:
     def run(self, ids: np.ndarray, state: State, positions: np.ndarray) -> tuple[np.ndarray, State]:
         """ids [B, T] at positions [B] (of ids[:, 0]) -> (logits [B, T, vocab], the state after them)."""
         ids = self._checked_ids(ids)
-        feed = {"input_ids": ids, "position": positions.astype(np.int64), **state}
+        feed = {"input_ids": ids, "position": whole_numbers(positions, "positions").numpy(), **state}
         try:
             out = dict(zip(self.outputs, self.session.run(None, feed, self._run_options)))
         except Exception as e:  # onnxruntime's own exception types (Fail, InvalidArgument, ...) share no base
@@ -133,12 +136,7 @@ class OnnxEngine:
     def _checked_ids(self, ids) -> np.ndarray:
         """Token ids as the graph takes them, [B, T >= 1] int64 inside the vocabulary (its Gather wraps a negative id
         round to the vocabulary's end)."""
-        ids = np.asarray(ids)
-        if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise KLError(f"input_ids must be integer [B, T] with T >= 1, got {ids.dtype} {list(ids.shape)}")
-        if ids.size:
-            check_id_range(int(ids.min()), int(ids.max()), self.config.vocab_size)
-        return ids.astype(np.int64)
+        return as_batch(ids, self.config.vocab_size).contiguous().numpy()
 
     def _checked(self, logits: np.ndarray) -> np.ndarray:
         """The graph's logits, refused unless they are vocab_size wide (a wider row samples ids the tokenizer does not
@@ -153,8 +151,7 @@ class OnnxEngine:
 
     def forward(self, input_ids) -> torch.Tensor:
         """Whole sequences of one length from a fresh state: input_ids [T] or [B, T] -> logits [B, T, vocab] fp32."""
-        ids = np.asarray(input_ids)
-        logits, _ = self._prefill(ids[None] if ids.ndim == 1 else ids, every_position=True)
+        logits, _ = self._prefill(input_ids, every_position=True)
         return torch.from_numpy(logits)
 
     def _prefill(self, ids, every_position: bool) -> tuple[np.ndarray, State]:
@@ -188,16 +185,17 @@ class OnnxEngine:
         return out
 
     def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, stop_ids: frozenset[int] = frozenset(), on_token=None,
+                 seed: int | None = None, stop_ids: frozenset[int] | None = None, on_token=None,
                  on_prefill=None) -> torch.Tensor:
-        """Prefill each prompt, then decode them together; as Engine.generate (new ids [B, n], stop handling,
-        on_token, on_prefill(tokens) after each prompt, self.stats)."""
+        """Prefill each prompt, then decode them together; as Engine.generate (new ids [B, n], stop handling -- by
+        default at the model's stop tokens, self.stop_ids --, on_token, on_prefill(tokens) after each prompt,
+        self.stats). Every prompt is checked before any is prefilled."""
         check_generate_args(max_new_tokens, temperature, top_p, seed)
-        prompts = [p.tolist() for p in as_prompts(prompts)]
+        prompts = [p.tolist() for p in as_prompts(prompts, self.config.vocab_size)]
         longest = max(len(p) for p in prompts)
         if longest + max_new_tokens > self.config.model_max_length:
             raise KLError(f"the prompt ({longest} tokens) plus max_new_tokens {max_new_tokens} is over the model's "
-                          f"model_max_length {self.config.model_max_length}; shorten them")
+                          f"{self.config.model_max_length_name} {self.config.model_max_length}; shorten them")
         B = len(prompts)
         self.stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts), batch=B)
         generator = sampling_generator(seed)
@@ -213,5 +211,5 @@ class OnnxEngine:
         if max_new_tokens == 0:  # as Engine.generate: prefilled, nothing to decode
             return torch.empty(B, 0, dtype=torch.long)
         step = _SessionStep(self, self._batched(states), [len(p) for p in prompts])
-        return self.decode_loop(step, torch.cat(last), max_new_tokens, temperature, top_p, generator, stop_ids,
-                                on_token)
+        return self.decode_loop(step, torch.cat(last), max_new_tokens, temperature, top_p, generator,
+                                self.stop_ids if stop_ids is None else stop_ids, on_token)
