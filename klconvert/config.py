@@ -111,6 +111,21 @@ def _stored_name(d: dict, name: str, where: str) -> str:
     return alias if name not in d else name
 
 
+def _transformers_kinds_agree(d: dict, where: str, full_attn_layers: tuple[int, ...], first_dense: int,
+                              n: int) -> None:
+    """KLError where transformers' names of the layer kinds, which its KimiLinearConfig saves beside the release's
+    and builds the model from when they are there, say otherwise than linear_attn_config and first_k_dense_replace,
+    which klconvert (and vLLM) build it from: two readers would build two models."""
+    said = {"layer_types": ("linear_attn_config",
+                            ["full_attention" if i in full_attn_layers else "linear_attention" for i in range(n)]),
+            "mlp_layer_types": ("first_k_dense_replace", ["dense" if i < first_dense else "sparse" for i in range(n)])}
+    for name, (ours, kinds) in said.items():
+        if d.get(name) is not None and d[name] != kinds:
+            raise KLError(f"{where}: field '{name}' ({d[name]!r:.60}) says other layer kinds than {ours} "
+                          f"({kinds!r:.60}); transformers builds the model from the one, klconvert and vLLM from the "
+                          "other -- fix the config")
+
+
 def _few(numbers) -> str:
     """Sorted numbers for a one-line message: the first MAX_LISTED, then how many more."""
     numbers = sorted(numbers)
@@ -251,6 +266,7 @@ class KimiLinearConfig:
             raise KLError(f"{where}: linear_attn_config's kda_layers and full_attn_layers must each name every layer "
                           f"1..{n} exactly once (overlap {_few(v + 1 for v in both)}, "
                           f"missing {_few(set(range(1, n + 1)) - {v + 1 for v in every})}); fix the config")
+        _transformers_kinds_agree(d, where, layers["full_attn_layers"], values["first_k_dense_replace"], n)
         for name, low, high in (("num_experts_per_token", 1, values["num_experts"]),
                                 ("num_expert_group", 1, values["num_experts"]),
                                 ("topk_group", 1, values["num_expert_group"]), ("first_k_dense_replace", 0, n)):

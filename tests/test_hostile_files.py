@@ -92,6 +92,11 @@ def test_huge_size_fields_are_refused_in_bounded_memory(tiny_copy, edit, needles
     (lambda c: c.update(max_position_embeddings=4096),
      ["fields 'model_max_length' (1048576) and 'max_position_embeddings' (4096) are two names of one field and "
       "disagree"]),
+    # transformers' layer kinds, which it builds the model from where they are there, held to the release's
+    (lambda c: c.update(layer_types=["linear_attention"] * c["num_hidden_layers"]),
+     ["field 'layer_types' (['linear_attention',", "says other layer kinds than linear_attn_config"]),
+    (lambda c: c.update(mlp_layer_types=["sparse"] * c["num_hidden_layers"]),
+     ["field 'mlp_layer_types' (['sparse',", "says other layer kinds than first_k_dense_replace"]),
 ])
 def test_config_fields_are_checked(edit, needles):
     config = preset_config("tiny")

@@ -138,6 +138,19 @@ def test_the_folder_names_no_remote_code_so_trust_remote_code_loads_it(outputs, 
             == Tokenizer.from_folder(folder).encode(text))
 
 
+def test_a_config_transformers_saved_reads_as_the_release_s(tmp_path):
+    """transformers' KimiLinearConfig saves the layer kinds again under its own names (layer_types, mlp_layer_types,
+    linear_*), beside linear_attn_config: klconvert reads such a config as the one it came from, and refuses one whose
+    two sayings disagree (tests/test_hostile_files.py)."""
+    source = json.loads((Path(klconvert.__file__).parent / "bundled" / "config.json").read_text())
+    fields = {k: v for k, v in source.items() if k not in ("architectures", "auto_map")}
+    transformers.KimiLinearConfig(**fields).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert {"layer_types", "mlp_layer_types", "linear_head_dim"} <= saved.keys()
+    read = klconvert.config.KimiLinearConfig.from_dict
+    assert replace(read(saved), raw={}) == replace(read(source), raw={})
+
+
 @pytest.mark.skipif(not CONV1D_BUG, reason="the conv1d concatenation bug is in transformers >= 5.24")
 def test_conv1d_bug_reproduction(outputs):
     """Minimal reproduction: any quantized folder with the released q/k/v_conv1d names (ours; llm-compressor's too)."""
