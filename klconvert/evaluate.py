@@ -11,7 +11,7 @@ import torch
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.models import resolve_model
-from klconvert.runtime.memory_plan import host_bytes_available
+from klconvert.runtime.host_memory import HostMemory, host_memory
 from klconvert.tokenizer import Tokenizer
 
 KL_QUANTILE = 0.99
@@ -144,20 +144,21 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
     if len(ids) < 2:
         raise KLError(f"the evaluation text (--text-file) is {len(ids)} token(s) long; give at least 2 tokens of "
                       "text to evaluate on")
-    _refuse_past_host_memory(len(ids), configs[1].vocab_size, host_bytes_available())
+    _refuse_past_host_memory(len(ids), configs[1].vocab_size, host_memory())
 
     return compare(run_model(reference, ids, device, dtype), run_model(model, ids, device, dtype), ids,
                    f"--model {model}", f"--reference {reference}")
 
 
-def _refuse_past_host_memory(tokens: int, vocab_size: int, available: int | None) -> None:
-    """Both models' [tokens, vocab] fp32 log-probabilities must fit in HOST_SHARE of the available host memory."""
+def _refuse_past_host_memory(tokens: int, vocab_size: int, host: HostMemory | None) -> None:
+    """Both models' [tokens, vocab] fp32 log-probabilities must fit in HOST_SHARE of the memory the host (and the
+    process's limits) leave."""
     per_token = 2 * vocab_size * 4
-    if available is not None and tokens * per_token > HOST_SHARE * available:
+    if host is not None and tokens * per_token > HOST_SHARE * host.available:
         raise KLError(f"eval keeps both models' log-probabilities on the host: {tokens * per_token / 2**30:.1f} GiB "
                       f"for {tokens:,} tokens of a {vocab_size:,}-word vocabulary, more than {HOST_SHARE:.0%} of the "
-                      f"{available / 2**30:.1f} GiB available; lower --max-tokens to "
-                      f"{max(2, int(HOST_SHARE * available) // per_token):,} or less")
+                      f"{host}; lower --max-tokens to {max(2, int(HOST_SHARE * host.available) // per_token):,} or "
+                      f"less, or {host.remedy}")
 
 
 def compare(ref: ModelRun, got: ModelRun, ids: list[int], model: str = "the model",

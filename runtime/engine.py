@@ -5,7 +5,7 @@ import numbers
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -19,7 +19,8 @@ from klconvert.models import resolve_model
 from klconvert.quant import QuantScheme
 from klconvert.runtime.bind import bind, packed_choice
 from klconvert.runtime.decode_step import DecodeStep, capturable
-from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, host_bytes_available, weight_bytes
+from klconvert.runtime.host_memory import host_allocation, host_memory
+from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.model import KimiLinear
 from klconvert.runtime.sampling import check_generate_args, sample, sampling_generator
 from klconvert.runtime.state import MLA_CACHE_DTYPES
@@ -188,10 +189,16 @@ class Engine:
         self.model = KimiLinear(config, biased_router_weights=biased_router_weights)
         held = packed_choice(self.model, stored_schemes or {}, self.triton)
         self.weight_bytes = weight_bytes(config, dtype, HeldPacked(held))
-        self._plan_state(context, batch, mla_cache_dtype or dtype, allocate=False)
-        bind(self.model, read, packed, held, device, dtype, self.triton)
+        self.weights_held = 0    # bytes of weights bound (what a resize on the CPU adds back to what the host has)
+        self._plan_state(context, batch, mla_cache_dtype or dtype, allocate=False)   # refused before any weight read
+        with host_allocation(f"the weights ({sum(self.weight_bytes.values()) / 2**30:.1f} GiB)"):
+            bind(self.model, read, packed, held, device, dtype, self.triton)
+        self.weights_held = sum(self.weight_bytes.values())
         self.cuda_graph = cuda_graph and self.triton and device.type == "cuda"   # for each batch that captures
-        self.resize(context, batch, mla_cache_dtype or dtype)
+        self._steps: dict[int, DecodeStep] = {}
+        # the plan checked above, not again: reading the weights (and the threads that did) took more of the host
+        # than the weights' own bytes, and a second figure would refuse what the first just named as fitting
+        self.state = self.plan.allocate(device)
         self.stats = GenerationStats()
 
     def _plan_state(self, context: int, batch: int, mla_cache_dtype: torch.dtype, allocate: bool) -> None:
@@ -199,16 +206,23 @@ class Engine:
         if context > self.config.model_max_length:
             raise KLError(f"a context of {context} tokens is over the model's {self.config.model_max_length_name} "
                           f"{self.config.model_max_length}; lower --max-context (or shorten the prompt)")
-        limit = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else \
-            host_bytes_available()
+        host = None    # on the CPU: what the host, and the process's limits, leave it (the weights it holds back in)
+        if self.device.type == "cuda":
+            limit = torch.cuda.get_device_properties(self.device).total_memory
+        elif (host := host_memory()) is not None:
+            host = replace(host, available=host.available + self.weights_held)
+            limit = host.available
+        else:
+            limit = None
         plan = MemoryPlan(self.config, batch=batch, context=context, weight_bytes=self.weight_bytes,
                           act_dtype=self.dtype, mla_cache_dtype=mla_cache_dtype, memory_limit=limit)
         if limit is not None and plan.total > limit:
             fit = plan.largest_context()
-            raise KLError(f"the plan needs {plan.total / 2**30:.1f} GiB but {self.device} has {limit / 2**30:.1f} GiB"
-                          + (" available" if self.device.type == "cpu" else "") + "; "
+            raise KLError(f"the plan needs {plan.total / 2**30:.1f} GiB but {self.device} has "
+                          + (f"{limit / 2**30:.1f} GiB" if host is None else str(host)) + "; "
                           + (f"lower --max-context to {fit} or less" if fit else
-                             "the weights alone do not fit: use a quantized model (klconvert quantize --bits 4)"))
+                             "the weights alone do not fit: use a quantized model (klconvert quantize --bits 4)")
+                          + ("" if host is None else f", or {host.remedy}"))
         self.plan = plan
         if allocate:
             self.state = plan.allocate(self.device)

@@ -14,6 +14,7 @@ import torch
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.config import KimiLinearConfig
 from klconvert.quant.stored import stored_parts
+from klconvert.runtime.host_memory import host_allocation
 from klconvert.runtime.kda import CHUNK
 from klconvert.runtime.model import MLA_KEY_BLOCK
 from klconvert.runtime.state import FP8, StateBuffers
@@ -128,7 +129,13 @@ class MemoryPlan:
         return lo * CHUNK
 
     def allocate(self, device: torch.device | str) -> StateBuffers:
-        """The one allocation the runtime makes for state; nothing grows after this."""
+        """The one allocation the runtime makes for state; nothing grows after this. The CPU allocator's refusal is
+        HostMemoryExhausted (a MemoryError)."""
+        what = f"the memory plan's state and MLA cache ({(self.state_bytes + self.mla_cache_bytes) / 2**30:.1f} GiB)"
+        with host_allocation(what):
+            return self._allocate(device)
+
+    def _allocate(self, device: torch.device | str) -> StateBuffers:
         c, B = self.config, self.batch
         n_kda, n_mla = len(c.kda_layers), len(c.full_attn_layers)
         return StateBuffers(
@@ -167,13 +174,3 @@ def weight_bytes(config: KimiLinearConfig, dtype: torch.dtype, policy: Policy | 
             size = math.prod(spec.shape) * dtype.itemsize
         out[spec.category] += size
     return out
-
-
-def host_bytes_available() -> int | None:
-    """Memory the host can still give without swapping (Linux's MemAvailable), or None where it is not known."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None

@@ -8,6 +8,8 @@ import torch
 import klconvert
 from klconvert.errors import KLError
 import klconvert.runtime.engine as engine_module
+from klconvert.runtime.host_memory import ADDRESS_SPACE_BOUND, HostMemory, HostMemoryExhausted
+from testkit import assert_one_line_error, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +145,64 @@ def test_load_checks_its_arguments(tiny_released, kwargs, message):
 
 def test_a_batch_past_the_hosts_memory_is_refused_before_allocating(tiny_released, monkeypatch):
     """batch=10**9 asked the allocator for 98 TB: its RuntimeError."""
-    monkeypatch.setattr(engine_module, "host_bytes_available", lambda: 1 << 30)
-    with pytest.raises(KLError, match=r"the plan needs [\d,.]+ GiB but cpu has 1\.0 GiB available"):
+    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(1 << 30))
+    with pytest.raises(KLError, match=r"the plan needs [\d,.]+ GiB but cpu has 1\.0 GiB available on the host "
+                                      r"\(MemAvailable\); .*, or free some memory$"):
         klconvert.load(tiny_released, device="cpu", batch=10**9)
+
+
+def test_a_plan_past_a_process_limit_names_the_limit(tiny_released, monkeypatch):
+    """ulimit -v 1500000 and --max-context 1000000 was the allocator's traceback, MemAvailable being all it read."""
+    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(1 << 29, *ADDRESS_SPACE_BOUND))
+    with pytest.raises(KLError, match=r"^the plan needs 1\.\d GiB but cpu has 0\.5 GiB available under the process's "
+                                      r"address-space limit \(ulimit -v\); lower --max-context to \d+ or less, or "
+                                      r"raise ulimit -v$"):
+        klconvert.load(tiny_released, device="cpu", max_context=10**6)
+
+
+def test_a_resize_counts_the_weights_it_holds_as_its_own(tiny_released, monkeypatch):
+    """After load the weights are out of what the host has left: a resize held them against it a second time."""
+    engine = klconvert.load(tiny_released, device="cpu", max_context=64)
+    plan = engine.plan
+    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(plan.total_for(4096) - plan.weights + 1))
+    engine.resize(4096, 1)
+    assert engine.state.context == 4096
+    with pytest.raises(KLError, match=r"lower --max-context to 4096 or less"):
+        engine.resize(8192, 1)
+
+
+def test_load_checks_the_plan_once_before_the_weights_take_their_share(tiny_released, monkeypatch):
+    """Reading the weights (and the threads that do it) takes more than the weights' bytes: a second check after them
+    refused the --max-context the first had named as fitting."""
+    answers = iter([HostMemory(1 << 40)])
+    monkeypatch.setattr(engine_module, "host_memory", lambda: next(answers, HostMemory(0)))
+    assert klconvert.load(tiny_released, device="cpu", max_context=64).state.context == 64
+
+
+ALLOCATOR_REFUSED = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                     "tried to allocate 1280000000 bytes. Error code 12 (Cannot allocate memory)")
+
+
+@pytest.mark.parametrize("where", ["klconvert.runtime.memory_plan.MemoryPlan._allocate",
+                                   "klconvert.runtime.engine.bind"])
+def test_the_allocator_refusing_at_load_is_out_of_memory_in_one_line(tiny_released, monkeypatch, capsys, where):
+    """torch's CPU allocator raises a RuntimeError, not a MemoryError: under a limit the plan's check did not see
+    (or past it) `run` ended in its traceback, exit status 1."""
+    def refused(*_, **__):
+        raise RuntimeError(ALLOCATOR_REFUSED)
+    monkeypatch.setattr(where, refused)
+    with pytest.raises(HostMemoryExhausted, match=r"^out of host memory \(or the process's memory limit\) allocating "
+                                                  r"the (memory plan's state and MLA cache|weights) \(\d\.\d GiB\): "
+                                                  r".*DefaultCPUAllocator: can't allocate memory"):
+        klconvert.load(tiny_released, device="cpu", max_context=64)
+    code, _, err = run_cli(capsys, "run", "--model", tiny_released, "--prompt", "a", "--max-new-tokens", "2")
+    assert_one_line_error(code, err, "out of host memory (or the process's memory limit)")
+
+
+def test_other_runtime_errors_at_load_are_not_called_out_of_memory(tiny_released, monkeypatch):
+    def broken(*_, **__):
+        raise RuntimeError("DefaultCPUAllocator is fine; something else is not")
+    monkeypatch.setattr("klconvert.runtime.memory_plan.MemoryPlan._allocate", broken)
+    with pytest.raises(RuntimeError, match="something else") as error:
+        klconvert.load(tiny_released, device="cpu", max_context=64)
+    assert not isinstance(error.value, MemoryError)

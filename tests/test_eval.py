@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import klconvert
 from klconvert.evaluate import evaluate, render_eval
+from klconvert.runtime.host_memory import DATA_BOUND, HostMemory
 from klconvert.tokenizer import Tokenizer
 
 TEXT = "The quick brown fox jumps over the lazy dog; a tiny model reads the same line again and again. " * 8
@@ -211,11 +212,13 @@ def test_a_text_whose_log_probs_would_not_fit_the_host_is_refused(tiny_released,
     from klconvert.cli import main
 
     per_token = 2 * 1280 * 4                                        # both models' fp32 log-probs, tiny vocabulary
-    monkeypatch.setattr(evaluate_module, "host_bytes_available", lambda: 100 * per_token)
+    monkeypatch.setattr(evaluate_module, "host_memory", lambda: HostMemory(100 * per_token, *DATA_BOUND))
     monkeypatch.setattr(evaluate_module, "run_model", lambda *a: pytest.fail("a model ran before the check"))
     with pytest.raises(klconvert.KLError, match=r"eval keeps both models' log-probabilities on the host: 0\.0 GiB "
                                                 r"for 128 tokens of a 1,280-word vocabulary, more than 80% of the "
-                                                r"0\.0 GiB available; lower --max-tokens to 80 or less"):
+                                                r"0\.0 GiB available under the process's data-segment "
+                                                r"limit \(ulimit -d\); lower --max-tokens to 80 or less, or raise "
+                                                r"ulimit -d$"):
         evaluate(tiny_released, tiny_released, TEXT, max_tokens=128)
     text = tmp_path / "text.txt"
     text.write_text(TEXT)

@@ -1,0 +1,187 @@
+"""What the process can still allocate on the host -- the host's available memory and the process's own limits
+(ulimit -v / -d, its memory cgroups) -- and the CPU allocator's refusal of a large allocation as a MemoryError."""
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterator
+
+from klconvert.errors import first_line
+
+try:
+    import resource
+except ImportError:  # not a POSIX system: no process limits to read
+    resource = None
+
+# What bounds the memory the process can still allocate on the host, in the words an error quotes, and what to do.
+HOST_BOUND = ("on the host (MemAvailable)", "free some memory")
+ADDRESS_SPACE_BOUND = ("under the process's address-space limit (ulimit -v)", "raise ulimit -v")
+DATA_BOUND = ("under the process's data-segment limit (ulimit -d)", "raise ulimit -d")
+CGROUP_REMEDY = "raise the container's (cgroup's) memory limit"
+NO_CGROUP_LIMIT = 1 << 62   # cgroup v1 writes "no limit" as 2**63 - 1 rounded down to a page
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    """The bytes the process can still allocate on the host -- the least of the host's available memory and what
+    each of the process's limits leaves -- with the one that bounds it (`bound`, as an error names it) and how to get
+    more (`remedy`)."""
+
+    available: int
+    bound: str = HOST_BOUND[0]
+    remedy: str = HOST_BOUND[1]
+
+    def __str__(self) -> str:
+        return f"{self.available / 2**30:.1f} GiB available {self.bound}"
+
+
+def host_memory(root: Path = Path("/")) -> HostMemory | None:
+    """What the process can still allocate on the host (None where nothing is known: not Linux): the least of
+    Linux's MemAvailable, the soft RLIMIT_AS less the address space mapped (VmSize), the soft RLIMIT_DATA less the
+    data mapped (VmData), and each memory cgroup the process is in, with its ancestors, its limit less its usage
+    (the page cache it could reclaim not counted as used). A few small reads; one that fails, or a limit that is not
+    set, only leaves that bound out. `root`: where /proc and /sys are (tests give a folder of fakes)."""
+    found: list[HostMemory] = []
+    meminfo = _fields(root / "proc/meminfo")
+    if (available := _kib(meminfo.get("MemAvailable"))) is not None:
+        found.append(HostMemory(available, *HOST_BOUND))
+    status = _fields(root / "proc/self/status")
+    for name, used, bound in (("RLIMIT_AS", "VmSize", ADDRESS_SPACE_BOUND), ("RLIMIT_DATA", "VmData", DATA_BOUND)):
+        limit, mapped = _soft_limit(name), _kib(status.get(used))
+        if limit is not None and mapped is not None:
+            found.append(HostMemory(max(0, limit - mapped), *bound))
+    found += _cgroup_rooms(root)
+    return min(found, key=lambda h: h.available, default=None)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(1 << 20)   # /proc and /sys files are small; a bound keeps an odd one cheap
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _fields(path: Path) -> dict[str, str]:
+    """`name: value` lines (/proc/meminfo, /proc/self/status) or `name value` lines (a cgroup's memory.stat)."""
+    out = {}
+    for line in (_read(path) or "").splitlines():
+        name, _, value = line.replace(":", " ", 1).partition(" ")
+        out[name] = value.strip()
+    return out
+
+
+def _kib(value: str | None) -> int | None:
+    """Bytes of a `123 kB` field, or None where it is missing or not that."""
+    number, _, unit = (value or "").partition(" ")
+    return _int(number) * 1024 if _int(number) is not None and unit.strip() == "kB" else None
+
+
+def _int(value: str | None) -> int | None:
+    """A whole number of ASCII digits (`max`, a sign or str.isdigit's other digits, like "²", are none)."""
+    value = (value or "").strip()
+    return int(value) if value.isascii() and value.isdigit() else None
+
+
+def _soft_limit(name: str) -> int | None:
+    """The soft limit in bytes, or None where it is unlimited or cannot be read."""
+    if resource is None or not hasattr(resource, name):
+        return None
+    try:
+        soft = resource.getrlimit(getattr(resource, name))[0]
+    except (OSError, ValueError):
+        return None
+    return None if soft == resource.RLIM_INFINITY or soft < 0 else soft
+
+
+def _cgroup_rooms(root: Path) -> list[HostMemory]:
+    """For each memory cgroup hierarchy the process is in (v2, and v1's memory controller), what its cgroup and each
+    ancestor with a limit leave: the limit less the usage, the reclaimable page cache (inactive file) not counted."""
+    paths = {}   # filesystem type -> the process's cgroup in that hierarchy
+    for line in (_read(root / "proc/self/cgroup") or "").splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "":
+            paths["cgroup2"] = path
+        elif "memory" in controllers.split(","):
+            paths["cgroup"] = path
+    out = []
+    for fstype, mount_root, mount_point in _cgroup_mounts(root):
+        if fstype not in paths:
+            continue
+        try:
+            inside = PurePosixPath(paths[fstype]).relative_to(mount_root)
+        except ValueError:     # the process's cgroup is not under this mount (another namespace's view)
+            continue
+        if ".." in inside.parts:
+            continue
+        top = PurePosixPath(mount_point)
+        group = top / inside
+        while True:
+            room = _cgroup_room(root / group.relative_to("/"), fstype)
+            if room is not None:
+                limit_file = group / ("memory.max" if fstype == "cgroup2" else "memory.limit_in_bytes")
+                out.append(HostMemory(room, f"under its cgroup's memory limit ({limit_file})", CGROUP_REMEDY))
+            if group == top:
+                break
+            group = group.parent
+    return out
+
+
+def _cgroup_mounts(root: Path) -> Iterator[tuple[str, str, str]]:
+    """(filesystem type, the mount's root within its hierarchy, mount point) of each cgroup2 mount and each cgroup
+    v1 mount with the memory controller, from /proc/self/mountinfo."""
+    for line in (_read(root / "proc/self/mountinfo") or "").splitlines():
+        mount, sep, fs = line.partition(" - ")
+        mount, fs = mount.split(), fs.split()
+        if not sep or len(mount) < 5 or len(fs) < 3:
+            continue
+        if fs[0] == "cgroup2" or (fs[0] == "cgroup" and "memory" in fs[2].split(",")):
+            if mount[3].startswith("/") and mount[4].startswith("/"):
+                yield fs[0], _unescape(mount[3]), _unescape(mount[4])
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo path as it is: the kernel writes a space, tab, newline or backslash in it as an octal escape."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
+def _cgroup_room(folder: Path, fstype: str) -> int | None:
+    """Bytes a cgroup's limit leaves (v2: memory.max less memory.current; v1: memory.limit_in_bytes less
+    memory.usage_in_bytes), its inactive file cache counted as free; None where it has no limit or it is not read."""
+    if fstype == "cgroup2":
+        limit, usage = _int(_read(folder / "memory.max")), _int(_read(folder / "memory.current"))
+        cache = _int(_fields(folder / "memory.stat").get("inactive_file")) or 0
+    else:
+        limit, usage = _int(_read(folder / "memory.limit_in_bytes")), _int(_read(folder / "memory.usage_in_bytes"))
+        stat = _fields(folder / "memory.stat")
+        cache = _int(stat.get("total_inactive_file", stat.get("inactive_file"))) or 0
+    if limit is None or usage is None or limit >= NO_CGROUP_LIMIT:
+        return None
+    return max(0, limit - max(0, usage - cache))
+
+
+# torch's CPU allocator reports a failed allocation as a RuntimeError (not a MemoryError), in these words.
+_ALLOCATOR_REFUSED = re.compile(r"DefaultCPUAllocator: (can't allocate memory|not enough memory)")
+
+
+class HostMemoryExhausted(MemoryError):
+    """torch's CPU allocator could not give what the runtime asked for: a MemoryError, which the command line reports
+    in its one line (out of host memory, or the process's memory limit)."""
+
+
+@contextmanager
+def host_allocation(what: str) -> Iterator[None]:
+    """Around a large host allocation: the CPU allocator's refusal (a RuntimeError) becomes HostMemoryExhausted,
+    naming `what` was being allocated and what bounds the memory left; any other error passes as it is."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not _ALLOCATOR_REFUSED.search(str(e)):
+            raise
+        host = host_memory()
+        raise HostMemoryExhausted(f"out of host memory (or the process's memory limit) allocating {what}: "
+                                  f"{first_line(e)}" + (f"; {host}: {host.remedy}" if host is not None else "")
+                                  ) from e

@@ -1,0 +1,182 @@
+"""What the process can still allocate on the host (fake /proc and /sys trees, fake rlimits; one real ulimit), and
+the CPU allocator's refusal as a MemoryError."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import klconvert.runtime.host_memory as host_memory_module
+from bounded_cli import klconvert_bounded
+from klconvert.runtime.host_memory import HostMemory, HostMemoryExhausted, host_allocation, host_memory
+
+GiB = 2**30
+INFINITY = host_memory_module.resource.RLIM_INFINITY
+
+
+def fake_host(root: Path, files: dict[str, str | bytes]) -> Path:
+    """A folder standing for / (proc/..., sys/...) holding `files`."""
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    return root
+
+
+def fake_limits(monkeypatch, address_space=INFINITY, data=INFINITY) -> None:
+    resource = host_memory_module.resource
+    soft = {resource.RLIMIT_AS: address_space, resource.RLIMIT_DATA: data}
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (soft.get(which, INFINITY), INFINITY))
+
+
+def kb(n: int) -> str:
+    return f"{n // 1024} kB"
+
+
+MEMINFO = {"proc/meminfo": f"MemTotal:       {kb(32 * GiB)}\nMemAvailable:   {kb(20 * GiB)}\nCached: 0 kB\n"}
+STATUS = {"proc/self/status": f"Name:\tpython\nVmPeak:\t{kb(3 * GiB)}\nVmSize:\t{kb(3 * GiB // 2)}\n"
+                              f"VmData:\t{kb(GiB // 2)}\nThreads:\t3\n"}
+V2_MOUNT = "30 24 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate\n"
+
+
+def test_the_host_alone_is_memavailable(tmp_path, monkeypatch):
+    fake_limits(monkeypatch)
+    host = host_memory(fake_host(tmp_path, {**MEMINFO, **STATUS}))
+    assert host == HostMemory(20 * GiB) and str(host) == "20.0 GiB available on the host (MemAvailable)"
+    assert host.remedy == "free some memory"
+
+
+@pytest.mark.parametrize("limits, left, bound", [
+    (dict(address_space=2 * GiB), GiB // 2, "under the process's address-space limit (ulimit -v)"),  # less VmSize
+    (dict(data=GiB), GiB // 2, "under the process's data-segment limit (ulimit -d)"),              # less VmData
+    (dict(address_space=GiB), 0, "under the process's address-space limit (ulimit -v)"),          # past it already
+    (dict(address_space=2 * GiB, data=GiB - 1), GiB // 2 - 1, "under the process's data-segment limit (ulimit -d)"),
+    (dict(address_space=64 * GiB), 20 * GiB, "on the host (MemAvailable)"),
+])
+def test_a_process_limit_below_the_host_bounds_it_and_is_named(tmp_path, monkeypatch, limits, left, bound):
+    """Only MemAvailable was read: under `ulimit -v` a plan the limit could not hold passed, and the allocator's
+    RuntimeError ended the run."""
+    fake_limits(monkeypatch, **limits)
+    host = host_memory(fake_host(tmp_path, {**MEMINFO, **STATUS}))
+    assert (host.available, host.bound) == (left, bound)
+
+
+def test_a_limit_without_the_mapped_figure_is_left_out(tmp_path, monkeypatch):
+    fake_limits(monkeypatch, address_space=GiB)
+    assert host_memory(fake_host(tmp_path, MEMINFO)) == HostMemory(20 * GiB)          # no /proc/self/status
+    fake_limits(monkeypatch, address_space=GiB)
+    assert host_memory(tmp_path / "nothing") is None                                   # not Linux: nothing known
+
+
+@pytest.mark.parametrize("cgroup, mountinfo, files, left, limit_file", [
+    # v2 in its own namespace: the process's cgroup is the mount's root
+    ("0::/\n", V2_MOUNT, {"sys/fs/cgroup/memory.max": f"{4 * GiB}\n", "sys/fs/cgroup/memory.current": f"{3 * GiB}\n",
+                         "sys/fs/cgroup/memory.stat": f"anon {2 * GiB}\ninactive_file {GiB // 2}\n"},
+     GiB + GiB // 2, "/sys/fs/cgroup/memory.max"),
+    # v2 on the host's view: a service's cgroup under its slice, the slice's limit the tighter
+    ("0::/work.slice/run.service\n", V2_MOUNT,
+     {"sys/fs/cgroup/work.slice/run.service/memory.max": f"{8 * GiB}\n",
+      "sys/fs/cgroup/work.slice/run.service/memory.current": f"{GiB}\n",
+      "sys/fs/cgroup/work.slice/memory.max": f"{3 * GiB}\n", "sys/fs/cgroup/work.slice/memory.current": f"{2 * GiB}\n",
+      "sys/fs/cgroup/memory.current": f"{10 * GiB}\n"},   # the root cgroup has no memory.max
+     GiB, "/sys/fs/cgroup/work.slice/memory.max"),
+    # v2 bind-mounted from the container's cgroup (no namespace): the mount's root is the process's cgroup
+    ("0::/docker/abc\n", V2_MOUNT.replace(" / /sys", " /docker/abc /sys"),
+     {"sys/fs/cgroup/memory.max": f"{2 * GiB}\n", "sys/fs/cgroup/memory.current": f"{GiB}\n"},
+     GiB, "/sys/fs/cgroup/memory.max"),
+    # v1's memory controller (hybrid), with another hierarchy's line before it
+    ("5:cpu,cpuacct:/x\n4:memory:/process_api/abc\n0::/\n",
+     "35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
+     "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n",
+     {"sys/fs/cgroup/memory/process_api/abc/memory.limit_in_bytes": f"{3 * GiB}\n",
+      "sys/fs/cgroup/memory/process_api/abc/memory.usage_in_bytes": f"{2 * GiB}\n",
+      "sys/fs/cgroup/memory/process_api/abc/memory.stat": f"inactive_file 1\ntotal_inactive_file {GiB // 4}\n",
+      "sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n",   # v1's "no limit"
+      "sys/fs/cgroup/memory/memory.usage_in_bytes": f"{20 * GiB}\n"},
+     GiB + GiB // 4, "/sys/fs/cgroup/memory/process_api/abc/memory.limit_in_bytes"),
+    # a mount point with a space in it, which mountinfo writes as \040
+    ("0::/\n", V2_MOUNT.replace("/sys/fs/cgroup", "/run/my\\040cgroup"),
+     {"run/my cgroup/memory.max": f"{2 * GiB}\n", "run/my cgroup/memory.current": "0\n"},
+     2 * GiB, "/run/my cgroup/memory.max"),
+])
+def test_a_memory_cgroup_limit_bounds_it_and_is_named(tmp_path, monkeypatch, cgroup, mountinfo, files, left,
+                                                      limit_file):
+    """A container's limit: memory.max (v2) or memory.limit_in_bytes (v1) of the process's cgroup or an ancestor,
+    less its usage (the reclaimable page cache counted free); MemAvailable is the whole machine's."""
+    fake_limits(monkeypatch)
+    host = host_memory(fake_host(tmp_path, {**MEMINFO, **STATUS, "proc/self/cgroup": cgroup,
+                                            "proc/self/mountinfo": mountinfo, **files}))
+    assert host.available == left
+    assert host.bound == f"under its cgroup's memory limit ({limit_file})"
+    assert host.remedy == "raise the container's (cgroup's) memory limit"
+
+
+@pytest.mark.parametrize("files", [
+    {"proc/self/cgroup": "0::/\n", "proc/self/mountinfo": V2_MOUNT, "sys/fs/cgroup/memory.max": "max\n",
+     "sys/fs/cgroup/memory.current": "123\n"},                                               # no limit
+    {"proc/self/cgroup": "0::/\n", "proc/self/mountinfo": V2_MOUNT},                          # no memory controller
+    {"proc/self/cgroup": "0::/../../elsewhere\n", "proc/self/mountinfo": V2_MOUNT,
+     "sys/fs/cgroup/memory.max": "1\n", "sys/fs/cgroup/memory.current": "0\n"},              # outside the mount
+    {"proc/self/cgroup": "0::/a\n", "proc/self/mountinfo": V2_MOUNT.replace(" / /sys", " /b /sys"),
+     "sys/fs/cgroup/memory.max": "1\n", "sys/fs/cgroup/memory.current": "0\n"},              # another mount's
+    {"proc/self/cgroup": "garbage\n::\n0::\n1:memory\n", "proc/self/mountinfo": "garbage - \n - cgroup2\n1 2 3\n"},
+    {"proc/self/cgroup": "0::/\n", "proc/self/mountinfo": V2_MOUNT, "sys/fs/cgroup/memory.max": b"\xff\xfe\n",
+     "sys/fs/cgroup/memory.current": "-5\n", "sys/fs/cgroup/memory.stat": "inactive_file\n"},
+    {"proc/self/cgroup": "0::/\n", "proc/self/mountinfo": V2_MOUNT, "sys/fs/cgroup/memory.max": "12\n",
+     "sys/fs/cgroup/memory.current": "-5\n"},
+    {"proc/self/cgroup": "0::/\n", "proc/self/mountinfo": V2_MOUNT, "sys/fs/cgroup/memory.max": "\u00b2\n",
+     "sys/fs/cgroup/memory.current": "1\n"},                                                 # a digit to isdigit
+])
+def test_what_cannot_be_read_or_is_not_a_limit_leaves_the_bound_out(tmp_path, monkeypatch, files):
+    """Reading the limits never fails the run: a missing or odd file, `max`, a cgroup outside the mount."""
+    fake_limits(monkeypatch)
+    assert host_memory(fake_host(tmp_path, {**MEMINFO, **STATUS, **files})) == HostMemory(20 * GiB)
+
+
+@pytest.mark.parametrize("files", [
+    {"proc/meminfo": "MemAvailable: lots kB\nMemFree 12\n", "proc/self/status": "VmSize:\t\nVmData: 12 MB\n"},
+    {"proc/meminfo": b"MemAvailable: \xff kB\n", "proc/self/status": "VmSize:\t5 MB\n"},
+    {"proc/meminfo": "MemAvailable:\n", "proc/self/status": "VmSize: -5 kB\n"},
+])
+def test_odd_proc_files_leave_nothing_known(tmp_path, monkeypatch, files):
+    fake_limits(monkeypatch, address_space=64 * GiB, data=64 * GiB)
+    assert host_memory(fake_host(tmp_path, files)) is None
+
+
+def test_an_unreadable_rlimit_or_no_resource_module_leaves_the_bound_out(tmp_path, monkeypatch):
+    root = fake_host(tmp_path, {**MEMINFO, **STATUS})
+
+    def refused(which):
+        raise ValueError("not on this system")
+    monkeypatch.setattr(host_memory_module.resource, "getrlimit", refused)
+    assert host_memory(root) == HostMemory(20 * GiB)
+    monkeypatch.setattr(host_memory_module, "resource", None)
+    assert host_memory(root) == HostMemory(20 * GiB)
+
+
+def test_this_machine_is_read_without_error():
+    host = host_memory()
+    assert host is None or (host.available >= 0 and host.bound and host.remedy)
+
+
+def test_the_cpu_allocators_refusal_is_a_memory_error_naming_what_and_the_bound():
+    """torch's CPU allocator raises RuntimeError, not MemoryError: the command line's one line never saw it."""
+    with pytest.raises(HostMemoryExhausted, match=r"^out of host memory \(or the process's memory limit\) allocating "
+                                                  r"a test tensor: .*DefaultCPUAllocator: can't allocate memory") as e:
+        with host_allocation("a test tensor"):
+            torch.empty(1 << 60, dtype=torch.uint8)     # 1 EiB: refused by the real allocator, on any host
+    assert isinstance(e.value, MemoryError) and "\n" not in str(e.value)
+    with pytest.raises(RuntimeError, match="shape") as other:   # any other RuntimeError is left as it is
+        with host_allocation("a test tensor"):
+            torch.zeros(2, 3).view(7)
+    assert not isinstance(other.value, MemoryError)
+
+
+@pytest.mark.slow
+def test_a_plan_past_a_real_address_space_limit_is_refused_in_one_line(tmp_path):
+    """`ulimit -v` and --max-context 1000000 on the tiny model: the allocator's traceback, exit status 1."""
+    done = klconvert_bounded("run", "--model", "tiny", "--device", "cpu", "--prompt", "Hello there",
+                             "--max-new-tokens", "5", "--max-context", "1000000")
+    line = done.error_line()
+    assert "available under the process's address-space limit (ulimit -v); lower --max-context to" in line, line
+    assert line.endswith("or less, or raise ulimit -v"), line
