@@ -190,19 +190,18 @@ class Engine:
         held = packed_choice(self.model, stored_schemes or {}, self.triton)
         self.weight_bytes = weight_bytes(config, dtype, HeldPacked(held))
         self.weights_held = 0    # bytes of weights bound (what a resize on the CPU adds back to what the host has)
-        self._plan_state(context, batch, mla_cache_dtype or dtype, allocate=False)   # refused before any weight read
+        self._plan_state(context, batch, mla_cache_dtype or dtype)   # refused before any weight is read
         with host_allocation(f"the weights ({sum(self.weight_bytes.values()) / 2**30:.1f} GiB)"):
             bind(self.model, read, packed, held, device, dtype, self.triton)
         self.weights_held = sum(self.weight_bytes.values())
         self.cuda_graph = cuda_graph and self.triton and device.type == "cuda"   # for each batch that captures
-        self._steps: dict[int, DecodeStep] = {}
         # the plan checked above, not again: reading the weights (and the threads that did) took more of the host
         # than the weights' own bytes, and a second figure would refuse what the first just named as fitting
-        self.state = self.plan.allocate(device)
+        self._allocate_state()
         self.stats = GenerationStats()
 
-    def _plan_state(self, context: int, batch: int, mla_cache_dtype: torch.dtype, allocate: bool) -> None:
-        """Size (and with `allocate`, allocate) the state for this context and batch; refuse what does not fit."""
+    def _plan_state(self, context: int, batch: int, mla_cache_dtype: torch.dtype) -> None:
+        """Size the state for this context and batch (self.plan); refuse what does not fit."""
         if context > self.config.model_max_length:
             raise KLError(f"a context of {context} tokens is over the model's {self.config.model_max_length_name} "
                           f"{self.config.model_max_length}; lower --max-context (or shorten the prompt)")
@@ -224,16 +223,20 @@ class Engine:
                              "the weights alone do not fit: use a quantized model (klconvert quantize --bits 4)")
                           + ("" if host is None else f", or {host.remedy}"))
         self.plan = plan
-        if allocate:
-            self.state = plan.allocate(self.device)
+
+    def _allocate_state(self) -> None:
+        """The plan's state and cache, allocated once per plan (the device's cached free blocks released first, so
+        the plan's figure is what is reserved); decode steps are captured anew for it."""
+        self._steps: dict[int, DecodeStep] = {}
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.state = self.plan.allocate(self.device)
 
     def resize(self, context: int, batch: int, mla_cache_dtype: torch.dtype | None = None) -> None:
         """A new memory plan for the same weights: state and cache reallocated (once), decode steps re-captured."""
-        self._steps: dict[int, DecodeStep] = {}
-        self.state = None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        self._plan_state(context, batch, mla_cache_dtype or self.plan.mla_cache_dtype, allocate=True)
+        self._steps, self.state = {}, None   # the old state freed before the new plan is checked against the host
+        self._plan_state(context, batch, mla_cache_dtype or self.plan.mla_cache_dtype)
+        self._allocate_state()
 
     # ---- checks ----------------------------------------------------------------------------------
     def _as_batch(self, input_ids) -> torch.Tensor:
