@@ -6,8 +6,8 @@ left -- beside OUT or in it -- is removed (output_folder.remove_dead_runs_tempor
 files go into a fresh hidden folder beside it (.OUT.partial-PID-XXXXXXXX), the lock is OUT.partial.lock beside it, and
 the folder is renamed to OUT once the body ends. Where OUT is a folder already -- empty, or an earlier output that only
 `force` lets go, and only when `replaceable` says it may -- it is filled in place, since no rename replaces a mount
-point (the GPU machine's $OUT is one) and its parent may take no file: the lock (.OUT.partial.lock) and the hidden
-folder are made in OUT, and once the body ends OUT's earlier entries are moved aside into another hidden folder in it,
+point (the GPU machine's $OUT is one): the hidden folder is made in OUT (and the lock too, hidden, where OUT's parent
+takes no file), and once the body ends OUT's earlier entries are moved aside into another hidden folder in it,
 the file that says OUT is whole (`last`) first, the new ones moved up, `last` after the rest, and the earlier deleted
 only then -- OUT holds `last` only while whole. A failed or interrupted run leaves OUT as it was and nothing beside it
 (the folders made for OUT go too while empty); whether OUT may be written and takes files is said before any work."""
@@ -69,9 +69,26 @@ def refuse_taken(out: Path, force: bool = False, replaceable: Replaceable | None
     try:
         fd, probe = tempfile.mkstemp(prefix=temporary_prefix(out, "write-test"), dir=out)
         os.close(fd)
-        os.unlink(probe)
     except OSError as e:   # a read-only file system, no write access
         raise KLError(f"{out}: cannot create files in it ({e.strerror}); choose a folder you can write to") from None
+    with suppress(FileNotFoundError):   # a run taking OUT's lock meanwhile removes temporaries in OUT, this one too
+        os.unlink(probe)
+
+
+def _lock_inside(out: Path) -> bool:
+    """Whether OUT's lock goes in OUT: only where OUT is a folder whose parent takes no file (a mount point's, say).
+    Elsewhere it goes beside OUT, where quantize -- which writes OUT.partial beside OUT, so never runs where that
+    parent takes no file -- takes it too: the two refuse each other."""
+    if not out.is_dir():
+        return False
+    try:
+        fd, probe = tempfile.mkstemp(prefix=temporary_prefix(out, "write-test"), dir=out.parent)
+    except OSError:
+        return True
+    os.close(fd)
+    with suppress(FileNotFoundError):
+        os.unlink(probe)
+    return False
 
 
 def _others(out: Path) -> list[Path]:
@@ -96,7 +113,7 @@ def whole_folder(out: Path, force: bool = False, replaceable: Replaceable | None
     again at the end; an OSError of the body or of the moves is one KLError line."""
     refuse_taken(out, force, replaceable)
     in_place = out.exists()
-    with OutputLock(out, inside=in_place):   # in OUT where it exists: refuse_taken tried that it takes files
+    with OutputLock(out, inside=_lock_inside(out)):
         refuse_taken(out, force, replaceable)   # again: a writer that held the lock before us may have changed OUT
         if out.exists() and not in_place:
             raise KLError(f"{out}: appeared as this run started; rerun to write into it")
@@ -154,8 +171,9 @@ def _move(names: list[str], source: Path, target: Path) -> None:
             os.rename(source / name, target / name)
     except BaseException:
         for name in reversed(moved):
-            if not os.path.lexists(source / name):   # the last one's rename may not have happened
-                os.rename(target / name, source / name)
+            if os.path.lexists(target / name):   # the last one's rename may not have happened, or one vanished
+                with suppress(OSError):   # one that cannot go back keeps none of the others from it
+                    os.rename(target / name, source / name)
         raise
 
 

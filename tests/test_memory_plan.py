@@ -156,6 +156,3 @@ def test_plan_help_states_the_runtime_defaults_the_code_has():
     helps = {p.name: p.help for p in cli.commands["plan"].params if isinstance(p, click.Option)}
     for name, value in RUNTIME_DEFAULTS.items():
         assert f"[default: the recipe's, else {value}]" in helps[name], (name, helps[name])
-
-
-# ---- what the host leaves the process: MemAvailable, the process's rlimits, its memory cgroups ------------------

@@ -387,8 +387,8 @@ def test_a_finished_folder_a_kill_left_marked_stays_the_users(tmp_path, monkeypa
 
 
 def test_what_a_kill_left_in_a_finished_folder_stops_no_replacement(tmp_path, monkeypatch):
-    """A kill after the marker went in, in place, leaves the hidden folders and the lock in the whole OUT: a rerun
-    is refused as taken, and --force replaces it (they are a dead run's, not files of OUT's)."""
+    """A kill after the marker went in, in place, leaves the hidden folders in the whole OUT, the lock beside it: a
+    rerun is refused as taken, and --force replaces it (they are a dead run's, not files of OUT's)."""
     import klconvert.whole_folder as whole_folder_module
     from klconvert.whole_folder import Replaceable
 
@@ -405,14 +405,15 @@ def test_what_a_kill_left_in_a_finished_folder_stops_no_replacement(tmp_path, mo
         with whole_folder(out, force=True, replaceable=export_files, last="genai_config.json") as folder:
             (folder / "genai_config.json").write_text("second")
     monkeypatch.undo()
-    (out / ".out.partial.lock").write_text("999999\n")   # the lock too: a kill does not remove it
-    assert _visible(out) == {"genai_config.json": "second"} and len(list(out.glob(".out.*"))) == 3
+    (tmp_path / "out.partial.lock").write_text("999999\n")   # the lock too (beside OUT): a kill does not remove it
+    assert _visible(out) == {"genai_config.json": "second"} and len(list(out.glob(".out.*"))) == 2
     with pytest.raises(KLError, match="out: already exists and is not empty"):
         with whole_folder(out, replaceable=export_files):
             pass
     with whole_folder(out, force=True, replaceable=export_files, last="genai_config.json") as folder:
         (folder / "genai_config.json").write_text("third")
     assert {p.name: p.read_text() for p in out.iterdir()} == {"genai_config.json": "third"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 @pytest.mark.parametrize("change", ["added", "rewritten", "removed"])
@@ -483,3 +484,65 @@ def test_a_failed_runs_folder_loses_its_mark_last(tmp_path, monkeypatch, in_plac
             raise RuntimeError("the work fails")
     assert len(marks) == 80 and all(marks)
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if in_place else [])
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+def test_quantize_and_a_run_filling_out_in_place_refuse_each_other(tmp_path, earlier):
+    """quantize locks OUT beside it; a run filling an existing OUT in place locked it in OUT, so neither refused the
+    other (an export went into the folder quantize was about to rename over). Both lock beside OUT now, where OUT's
+    parent takes files -- as it must for quantize's OUT.partial."""
+    from klconvert.convert.output_folder import OutputLock
+    from klconvert.whole_folder import Replaceable
+
+    out = tmp_path / "out"
+    out.mkdir()
+    files = _earlier_export(out) if earlier else {}
+    with OutputLock(out):   # quantize's, as quantize.py takes it
+        with pytest.raises(KLError, match=r"another klconvert run \(pid \d+\) is writing it"):
+            with whole_folder(out, force=True, replaceable=Replaceable("an earlier export", lambda p: True),
+                              last="genai_config.json") as folder:
+                (folder / "genai_config.json").write_text("new")
+    assert _visible(out) == files and sorted(p.name for p in out.iterdir()) == sorted(files)
+
+
+def test_an_earlier_file_that_vanishes_while_going_aside_keeps_the_others(tmp_path, monkeypatch):
+    """The undo of a failed move aside looked for each name in the source, not the target: an earlier file gone
+    before its move stopped the undo, and the files already aside were deleted with the aside folder."""
+    from klconvert.whole_folder import Replaceable
+
+    out = tmp_path / "out"
+    earlier = _earlier_export(out)
+    real_rename = os.rename
+
+    def rename(a, b):   # tokenizer.json deleted by someone else just as its move aside begins
+        if os.path.basename(a) == "tokenizer.json" and ".out.replaced-" in str(b):
+            os.unlink(a)
+        real_rename(a, b)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(KLError):
+        with whole_folder(out, force=True, replaceable=Replaceable("an earlier export", lambda p: True),
+                          last="genai_config.json") as folder:
+            (folder / "genai_config.json").write_text("new")
+    del earlier["tokenizer.json"]
+    assert _visible(out) == earlier and sorted(p.name for p in out.iterdir()) == sorted(earlier)
+
+
+def test_a_write_test_removed_by_a_run_taking_the_lock_is_no_refusal(tmp_path, monkeypatch):
+    """refuse_taken's write test in OUT is made before the lock: a run taking the lock meanwhile removes every
+    temporary in OUT, this one too, and the unlink that followed said OUT took no files."""
+    import klconvert.whole_folder as whole_folder_module
+    from klconvert.whole_folder import refuse_taken
+
+    out = tmp_path / "out"
+    out.mkdir()
+    real_mkstemp = tempfile.mkstemp
+
+    def removed_at_once(*args, **kwargs):
+        fd, path = real_mkstemp(*args, **kwargs)
+        os.unlink(path)   # as remove_dead_runs_temporaries in another run does
+        return fd, path
+
+    monkeypatch.setattr(whole_folder_module.tempfile, "mkstemp", removed_at_once)
+    refuse_taken(out)
+    assert list(out.iterdir()) == []
