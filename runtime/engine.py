@@ -190,6 +190,7 @@ class Engine:
         held = packed_choice(self.model, stored_schemes or {}, self.triton)
         self.weight_bytes = weight_bytes(config, dtype, HeldPacked(held))
         self.weights_held = 0    # bytes of weights bound (what a resize on the CPU adds back to what the host has)
+        self.state = None
         self._plan_state(context, batch, mla_cache_dtype or dtype)   # refused before any weight is read
         with host_allocation(f"the weights ({sum(self.weight_bytes.values()) / 2**30:.1f} GiB)"):
             bind(self.model, read, packed, held, device, dtype, self.triton)
@@ -205,11 +206,13 @@ class Engine:
         if context > self.config.model_max_length:
             raise KLError(f"a context of {context} tokens is over the model's {self.config.model_max_length_name} "
                           f"{self.config.model_max_length}; lower --max-context (or shorten the prompt)")
-        host = None    # on the CPU: what the host, and the process's limits, leave it (the weights it holds back in)
+        host = None    # on the CPU: what the host, and the process's limits, leave it (what it holds back in)
         if self.device.type == "cuda":
             limit = torch.cuda.get_device_properties(self.device).total_memory
         elif (host := host_memory()) is not None:
-            host = replace(host, available=host.available + self.weights_held)
+            held = self.weights_held + (self.plan.state_bytes + self.plan.mla_cache_bytes if self.state is not None
+                                        else 0)   # a resize's old state, freed once the new plan is taken
+            host = replace(host, available=host.available + held)
             limit = host.available
         else:
             limit = None
@@ -220,7 +223,8 @@ class Engine:
             raise KLError(f"the plan needs {plan.total / 2**30:.1f} GiB but {self.device} has "
                           + (f"{limit / 2**30:.1f} GiB" if host is None else str(host)) + "; "
                           + (f"lower --max-context to {fit} or less" if fit else
-                             "the weights alone do not fit: use a quantized model (klconvert quantize --bits 4)")
+                             "the weights alone do not fit: use a quantized model (klconvert quantize --bits 4)"
+                             if plan.weights > limit else f"no context fits a batch of {batch}: lower --batch")
                           + ("" if host is None else f", or {host.remedy}"))
         self.plan = plan
 
@@ -233,9 +237,10 @@ class Engine:
         self.state = self.plan.allocate(self.device)
 
     def resize(self, context: int, batch: int, mla_cache_dtype: torch.dtype | None = None) -> None:
-        """A new memory plan for the same weights: state and cache reallocated (once), decode steps re-captured."""
-        self._steps, self.state = {}, None   # the old state freed before the new plan is checked against the host
-        self._plan_state(context, batch, mla_cache_dtype or self.plan.mla_cache_dtype)
+        """A new memory plan for the same weights: state and cache reallocated (once), decode steps re-captured. A
+        plan refused leaves the engine as it was."""
+        self._plan_state(context, batch, mla_cache_dtype or self.plan.mla_cache_dtype)   # the old state counted free
+        self._steps, self.state = {}, None   # freed before the new one is allocated
         self._allocate_state()
 
     # ---- checks ----------------------------------------------------------------------------------

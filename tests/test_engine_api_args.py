@@ -2,6 +2,8 @@
 do: garbage tokens, NaN logits and allocator or index errors before."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -161,14 +163,30 @@ def test_a_plan_past_a_process_limit_names_the_limit(tiny_released, monkeypatch)
 
 
 def test_a_resize_counts_the_weights_it_holds_as_its_own(tiny_released, monkeypatch):
-    """After load the weights are out of what the host has left: a resize held them against it a second time."""
+    """After load the weights are out of what the host has left: a resize held them against it a second time. The
+    state it holds counts as its own too (the new plan's is allocated once the old one is freed)."""
     engine = klconvert.load(tiny_released, device="cpu", max_context=64)
     plan = engine.plan
-    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(plan.total_for(4096) - plan.weights + 1))
+    left = plan.total_for(4096) - plan.weights - plan.state_bytes - plan.mla_cache_bytes + 1   # 64's state held
+    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(left))
     engine.resize(4096, 1)
     assert engine.state.context == 4096
-    with pytest.raises(KLError, match=r"lower --max-context to 4096 or less"):
+    limit = left + plan.weights + engine.plan.state_bytes + engine.plan.mla_cache_bytes   # 4096's state held now
+    fit = dataclasses.replace(engine.plan, memory_limit=limit).largest_context()
+    assert 4096 <= fit < 8192
+    with pytest.raises(KLError, match=rf"lower --max-context to {fit} or less"):
         engine.resize(8192, 1)
+
+
+def test_a_refused_resize_leaves_the_engine_as_it_was(tiny_released):
+    """resize freed the state before checking the new plan: a refusal left the engine with none (generate's
+    AttributeError), and a batch no context fits was said to be the weights not fitting."""
+    engine = klconvert.load(tiny_released, device="cpu", max_context=64)
+    before = engine.generate([1, 2, 3], 4, stop_ids=frozenset())
+    with pytest.raises(KLError, match=r"no context fits a batch of 1000000000: lower --batch"):
+        engine.resize(64, 10**9)
+    assert engine.plan.batch == 1 and engine.state.context == 64
+    assert torch.equal(engine.generate([1, 2, 3], 4, stop_ids=frozenset()), before)
 
 
 def test_load_checks_the_plan_once_before_the_weights_take_their_share(tiny_released, monkeypatch):
