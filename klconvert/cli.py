@@ -1,8 +1,10 @@
 """The `klconvert` command: one verb per subcommand, each parsing its flags and calling one library function."""
 from __future__ import annotations
 
+import errno
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -10,7 +12,8 @@ import click
 
 from klconvert.checkpoint.folder_files import MAX_FILE_NAME_BYTES
 from klconvert.config import KimiLinearConfig
-from klconvert.errors import KLError, PlanDoesNotFit, exit_interrupted
+from klconvert.entry import StdoutFailed, exit_interrupted, signal_of, signal_status
+from klconvert.errors import KLError, PlanDoesNotFit
 from klconvert.extras import require
 from klconvert.hub import DEFAULT_REPO
 from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, default_run_model, resolve_model
@@ -37,8 +40,14 @@ class FiniteFloat(click.FloatRange):
 
 
 def path_problem(value: str) -> str | None:
-    """What makes a path given on the command line unusable, or None: a control character (it would reach the
-    terminal, and a folder's model card, as a line of its own), or a name longer than a file system allows."""
+    """What makes a path given on the command line unusable, or None: bytes that are not text in the file names'
+    encoding (Python holds them as lone surrogates, which no UTF-8 message or model card can write), a control
+    character (it would reach the terminal, and a folder's model card, as a line of its own), or a name longer than
+    a file system allows."""
+    undecoded = next((c for c in value if "\udc80" <= c <= "\udcff"), None)   # os.fsdecode's escape of a byte
+    if undecoded is not None:
+        return (f"its name is not {sys.getfilesystemencoding().upper()} (byte 0x{ord(undecoded) - 0xDC00:02X}), the "
+                "encoding of file names here; rename it")
     if not value.isprintable():
         return "it holds a control character (a newline, a tab, an escape); give a plain path"
     longest = max(len(os.fsencode(name)) for name in value.split(os.sep))
@@ -83,13 +92,23 @@ REPO_OR_MODEL = ModelArg(f"a hub repo id, a checkpoint folder or {BUNDLED_NAME}"
 
 class OneLineErrors(click.Group):
     """The klconvert group: every error a user can cause -- a KLError or a usage error -- ends in one line on stderr,
-    `klconvert: error: ...`, with the error's exit status (2 for bad input) and no traceback."""
+    `klconvert: error: ...`, with the error's exit status (2 for bad input) and no traceback; so does a standard
+    output that cannot be written (one whose reader is gone: no line, 141)."""
 
     def main(self, args=None, prog_name=None, standalone_mode: bool = True, **extra):
         if not standalone_mode:  # the caller handles the errors (click's own non-standalone contract)
             return super().main(args, prog_name, standalone_mode=False, **extra)
         try:
-            return super().main(args, prog_name, standalone_mode=False, **extra)
+            _refuse_a_working_folder_that_is_gone()
+            result = super().main(args, prog_name, standalone_mode=False, **extra)
+            sys.stdout.flush()   # what the command left in stdout's buffer: failing to write it fails the command
+            return result
+        except StdoutFailed as e:   # klconvert.entry's standard output (a full disk, closed, a reader gone)
+            if e.errno == errno.EPIPE:   # its reader stopped reading (`| head`): no line, and a shell's status for
+                sys.exit(signal_status(signal.SIGPIPE))   # a command SIGPIPE ended, as Python ignores SIGPIPE
+            click.echo(f"klconvert: error: cannot write standard output ({e.strerror}); redirect it somewhere that "
+                       "can take it", err=True)
+            sys.exit(KLError.exit_code)
         except KLError as e:
             click.echo(f"klconvert: error: {_one_line(str(e))}", err=True)
             sys.exit(e.exit_code)
@@ -103,20 +122,31 @@ class OneLineErrors(click.Group):
         except click.ClickException as e:
             click.echo(f"klconvert: error: {_one_line(e.format_message())}", err=True)
             sys.exit(e.exit_code)
-        except (click.exceptions.Abort, KeyboardInterrupt):
-            exit_interrupted()
+        except click.exceptions.Abort as e:   # click's, of an interrupt while it read the command line
+            exit_interrupted(signal_of(e.__cause__))
+        except KeyboardInterrupt as e:
+            exit_interrupted(signal_of(e))
         except MemoryError:   # the host's memory, or a limit on the process's: whatever asked for it, one line
             click.echo("klconvert: error: out of host memory (or the process's memory limit); free some memory, or "
                        "give the command less to hold (a shorter context or text, a smaller batch or model)", err=True)
             sys.exit(2)
 
     def invoke(self, ctx: click.Context):
-        """The command; Ctrl-C as click's Abort, which click passes on as it is (a KeyboardInterrupt it meets first
-        it answers with a blank line on stderr, for a terminal's ^C: exit_interrupted writes that only to one)."""
+        """The command; an interrupt ends it here (click, meeting a KeyboardInterrupt first, would answer with a
+        blank line on stderr, for a terminal's ^C: exit_interrupted writes that only to one)."""
         try:
             return super().invoke(ctx)
-        except KeyboardInterrupt:
-            raise click.exceptions.Abort() from None
+        except KeyboardInterrupt as e:
+            exit_interrupted(signal_of(e))
+
+
+def _refuse_a_working_folder_that_is_gone() -> None:
+    """A current folder removed under the shell: every relative path fails, and so does torch's import ("Intel
+    oneMKL FATAL ERROR: Cannot load libtorch_cpu.so") -- said first, in one line."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise KLError("the current folder no longer exists; cd to an existing folder") from None
 
 
 def _one_line(message: str) -> str:
@@ -239,18 +269,18 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
     from klconvert.tokenizer import StreamDecoder, Tokenizer
 
     if model is None:
-        model, which = default_run_model()
+        folder, which = default_run_model()
         click.echo(f"klconvert: {which}", err=True)
     else:
-        model = resolve_model(model)
-    if not model.is_dir():
+        folder = resolve_model(model)
+    if not folder.is_dir():   # named as given: Path("./tiny") prints as tiny, the bundled model's name
         raise KLError(f"--model {model}: no such folder; pass --model DIR (or {BUNDLED_NAME}, the bundled model), or "
                       "run `klconvert pull-and-quantize --bits 4` first (it writes the default folder)")
     if engine == "onnxruntime":  # before the context checks, which would name --max-context
         _refuse_runtime_flags_for_onnxruntime(device, dtype, kernels, max_context)
     else:
         _refuse_triton_without_cuda(kernels, device)
-    config = KimiLinearConfig.from_file(model / "config.json")
+    config = KimiLinearConfig.from_file(folder / "config.json")
     limit, limit_name = config.model_max_length, config.model_max_length_name
     if max_context is not None and max_context > limit:
         raise KLError(f"--max-context {max_context:,} is over the model's {limit_name} {limit:,}; lower it")
@@ -260,7 +290,7 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
                       + (f"--max-context {max_context}; raise --max-context or lower --max-new-tokens"
                          if max_context is not None and max_context < limit else
                          f"the model's {limit_name} of {limit:,} tokens; lower --max-new-tokens"))
-    tokenizer = Tokenizer.from_folder(model)
+    tokenizer = Tokenizer.from_folder(folder)
     if prompt is not None and prompt_files:
         raise KLError("give the prompt as --prompt TEXT or --prompt-file FILE (- for standard input), not both")
     if prompt_files.count("-") > 1:
@@ -271,19 +301,18 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
         text = read_prompt(prompt, prompt_file, tokenizer, budget)
         ids = tokenizer.encode_chat([{"role": "user", "content": text.text}]) if chat and text.whole else text.ids
         if len(ids) > budget:
-            where = "--prompt" if prompt is not None else f"--prompt-file {prompt_file}"
-            raise _context_error(where, len(ids), not text.whole, max_new_tokens, max_context, config)
+            raise _context_error(text.where, len(ids), not text.whole, max_new_tokens, max_context, config)
         prompts.append(ids)
     longest = max(len(ids) for ids in prompts)
     if engine == "onnxruntime":
         require("onnxruntime", "--engine onnxruntime")
         from klconvert.onnx.session import OnnxEngine
 
-        runner = OnnxEngine(model)
+        runner = OnnxEngine(model or folder)   # named as given in its messages
     else:
         from klconvert.runtime.engine import load  # torch loads only now: every refusal above runs without it
 
-        runner = load(model, device=device, dtype=dtype, max_context=max_context or longest + max_new_tokens,
+        runner = load(folder, device=device, dtype=dtype, max_context=max_context or longest + max_new_tokens,
                       batch=len(prompts), kernels=kernels)
         runner.check_fits(longest, max_new_tokens)
     streams = [StreamDecoder(tokenizer) for _ in prompts]
@@ -418,11 +447,11 @@ def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path
     if (model is None) == (preset is None):
         raise KLError("give exactly one of --model DIR or --preset NAME")
     _refuse_layers_with_model(model, layers)
-    model = None if model is None else resolve_model(model)
+    folder = None if model is None else resolve_model(model)
     memory_limit = parse_size(gpu_memory) if gpu_memory is not None else None
     if memory_limit == 0:
         raise KLError(f"--gpu-memory {gpu_memory}: give the GPU's memory, e.g. 80GiB or 24GB")
-    same = dict(model=model, preset=preset, layers=layers, batch=batch, context=max_context, memory_limit=memory_limit,
+    same = dict(model=folder, preset=preset, layers=layers, batch=batch, context=max_context, memory_limit=memory_limit,
                 mla_cache_dtype=mla_cache_dtype, kda_state_dtype=kda_state_dtype)
     p = plan_for(recipe=recipe, bits=None if bits is None else int(bits), group_size=group_size, **same)
     click.echo(render_plan(p, title=str(model or preset) + (f" with {recipe}" if recipe else "")))
@@ -556,7 +585,7 @@ def eval_(model: str, reference: str, text_file: Path, max_tokens: int, device: 
 
     reference_dir = resolve_model(reference)
     if not reference_dir.is_dir():
-        raise KLError(f"--reference {reference_dir}: no such folder; pass a checkpoint folder")
+        raise KLError(f"--reference {reference}: no such folder; pass a checkpoint folder")
     config = KimiLinearConfig.from_file(reference_dir / "config.json")
     if max_tokens > config.model_max_length:
         raise KLError(f"--max-tokens {max_tokens:,} is over the model's {config.model_max_length_name} "
@@ -679,6 +708,6 @@ def expandable_segments() -> None:
 
 def main() -> None:
     """The CLI: expected errors end in one line on stderr (see OneLineErrors). The console command enters through
-    klconvert.entry, which guards Ctrl-C first."""
+    klconvert.entry, which takes over Ctrl-C and the standard streams first."""
     expandable_segments()
     cli.main(prog_name="klconvert")

@@ -1,20 +1,72 @@
-"""The `klconvert` command's entry point. It imports nothing heavy before it takes over Ctrl-C, so that an interrupt
-at any moment ends in one line, `klconvert: interrupted`, exit status 130, not a traceback -- nor a run that goes on.
+"""The `klconvert` command's entry point. Before anything else it takes over SIGINT and SIGTERM, then the standard
+streams, so that the command ends in one line or none -- never a traceback, nor a run that goes on.
 
-Python's own handler raises KeyboardInterrupt wherever the main thread is. Inside an import that goes wrong: a
-library may swallow it half-imported (torch's import of numpy did, on this machine 0.5-0.6 s into `klconvert run`,
-and then either failed on the next import, "cannot load module more than once per process", or ran on as if no
-Ctrl-C had come). So a first interrupt that lands inside an import is held back and raised as soon as no import is
-running (a second is raised where it lands: an import that hangs can still be stopped); and whatever fails after an
-interrupt was heard is reported as the interrupt. SIGTERM is taken the same way. A SIGINT the command was started
-ignoring (a background job of a script) stays ignored."""
+Signals. Ctrl-C or SIGTERM (`kill`, `timeout`) at any moment ends in one line, `klconvert: interrupted`, with the status
+a shell shows for a command the signal ended: 130 for SIGINT, 143 for SIGTERM. A signal the command was started
+ignoring (a background job of a script) stays ignored. Python's own handler raises KeyboardInterrupt wherever the main
+thread is. Inside an import that goes wrong: a library may swallow it half-imported (torch's import of numpy did, on
+this machine 0.5-0.6 s into `klconvert run`, and then either failed on the next import, "cannot load module more than
+once per process", or ran on as if no Ctrl-C had come). So an interrupt that lands inside an import is never raised
+there. While the command has changed no file (what a library's own import makes, torch's cache folder, is not the
+command's), there is nothing to clean up: the process ends at once, the import left as it is. Once it has, a first
+interrupt inside an import is held back and raised as soon as no import is running (a second is raised where it
+lands: an import that hangs can still be stopped), and whatever fails after an interrupt was heard is reported as
+the interrupt.
+
+Standard streams. A standard output that cannot be written (a full disk, closed: `>&-`) fails the command at its
+first write, as StdoutFailed (the CLI says so in one line; for a reader that is gone, `| head`, it ends quietly with
+141, as a command SIGPIPE killed does); a message standard error cannot show (closed, a reader gone) is dropped, and
+the command ends as it would have."""
 from __future__ import annotations
 
+import errno  # all but signal are loaded with the interpreter: no import runs before the handler but signal's
+import io
+import os
 import signal
-
-from klconvert.errors import exit_interrupted
+import sys
 
 RETRY_SECONDS = 0.02  # how soon an interrupt held back during an import is tried again
+
+
+def signal_status(signum: int) -> int:
+    """The exit status a shell shows for a command that signal `signum` ended: 128 + its number (SIGINT 130, SIGPIPE
+    141, SIGTERM 143)."""
+    return 128 + signum
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM as the handler raises it: a KeyboardInterrupt (what cleans up after Ctrl-C cleans up after
+    either) that knows its signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def signal_of(interrupt: BaseException | None) -> int:
+    """The signal a KeyboardInterrupt stands for: an Interrupted's own, else (Python's own handler's) SIGINT."""
+    return getattr(interrupt, "signum", signal.SIGINT)
+
+
+def _interrupted_line() -> str:
+    """The line an interrupted command ends with, after a line break on a terminal (it closes the terminal's ^C)."""
+    return ("\n" if sys.stderr.isatty() else "") + "klconvert: interrupted"
+
+
+def exit_interrupted(signum: int) -> None:
+    """End the command after signal `signum`: _interrupted_line on stderr, exit status signal_status(signum). Never
+    returns."""
+    print(_interrupted_line(), file=sys.stderr)
+    sys.exit(signal_status(signum))
+
+
+def _end_now(signum: int) -> None:
+    """End the process inside whatever it is doing (an import): no exception, no clean-up, no exit handlers."""
+    try:
+        os.write(sys.stderr.fileno(), (_interrupted_line() + "\n").encode())
+    except (AttributeError, OSError):  # no standard error (closed), or one that cannot take it
+        pass
+    os._exit(signal_status(signum))
 
 
 def _importing(frame) -> bool:
@@ -25,16 +77,27 @@ def _importing(frame) -> bool:
     return False
 
 
+# the audit events (Python's "audit events table") that make, change or remove a file: once the command (not an
+# import) has raised one, there may be something to undo after an interrupt; and an "open" event's flags that do
+FILE_CHANGES = frozenset({"os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.truncate", "os.link", "os.symlink"})
+FILE_WRITES = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
 class _CtrlC:
-    """SIGINT's handler, and SIGALRM's while an interrupt is held back."""
+    """SIGINT's and SIGTERM's handler, SIGALRM's while an interrupt is held back, and the audit hook that tells
+    whether the command has changed a file."""
 
     def __init__(self) -> None:
-        self.heard = self.held = False
+        self.heard = self.held = self.changed = False
+        self.signum = signal.SIGINT
 
     def interrupt(self, signum, frame) -> None:
         if self.held or not _importing(frame):
-            self._raise()
+            self._raise(signum)
+        if not self.changed:
+            _end_now(signum)
         self.heard = self.held = True
+        self.signum = signum
         signal.setitimer(signal.ITIMER_REAL, RETRY_SECONDS)   # ask again soon: on_alarm
 
     def on_alarm(self, signum, frame) -> None:
@@ -43,44 +106,125 @@ class _CtrlC:
         if _importing(frame):
             signal.setitimer(signal.ITIMER_REAL, RETRY_SECONDS)
             return
-        self._raise()
+        self._raise(self.signum)
 
-    def _raise(self) -> None:
-        self.heard, self.held = True, False
+    def _raise(self, signum: int) -> None:
+        self.heard, self.held, self.signum = True, False, signum
         signal.setitimer(signal.ITIMER_REAL, 0)
-        raise KeyboardInterrupt
+        raise Interrupted(signum)
+
+    def audit(self, event: str, args: tuple) -> None:
+        """The first file the command (in any thread) makes, writes, moves or removes, but inside an import."""
+        if self.changed or not (event in FILE_CHANGES or event == "open" and args[2] & FILE_WRITES):
+            return
+        if not _importing(sys._getframe()):
+            self.changed = True
 
     def install(self) -> bool:
-        """Take over SIGINT and SIGTERM (`kill`, `timeout`: a run stopped either way cleans up as after Ctrl-C), each
-        unless it is ignored, and SIGALRM for the retries; whether it took either."""
+        """Take over SIGINT and SIGTERM (a run stopped either way cleans up as after Ctrl-C), each unless it is
+        ignored, and SIGALRM for the retries; whether it took either."""
         self.before = {sig: signal.signal(sig, self.interrupt) for sig in (signal.SIGINT, signal.SIGTERM)
                        if signal.getsignal(sig) is not signal.SIG_IGN}
         if self.before:
             self.before[signal.SIGALRM] = signal.signal(signal.SIGALRM, self.on_alarm)
+            sys.addaudithook(self.audit)
         return bool(self.before)
 
     def uninstall(self) -> None:
-        """No retry left pending past the command (it would end the process as SIGALRM's, "Alarm clock")."""
+        """No retry left pending past the command (it would end the process as SIGALRM's, "Alarm clock"); the audit
+        hook, which Python cannot remove, returns at once from now on."""
         signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in self.before.items():
             signal.signal(sig, handler)
+        self.changed = True
+
+
+class StdoutFailed(Exception):
+    """A write to standard output failed: `errno` and `strerror` are its OSError's (EBADF, "it is closed", for a
+    closed one). Not an OSError, which click takes for its own: one of a reader that is gone (EPIPE) it answered
+    with status 1, unsaid."""
+
+    def __init__(self, error: OSError):
+        super().__init__(error.strerror)
+        self.errno, self.strerror = error.errno, error.strerror
+
+
+class _StandardFile(io.RawIOBase):
+    """Standard output's or error's file descriptor (None: closed) under the command's sys.stdout or sys.stderr. Once
+    a write fails, every later byte is dropped, so that nothing fails twice (as Python flushes the stream at exit);
+    standard output's first failure is raised as StdoutFailed, standard error's is not."""
+
+    def __init__(self, fd: int | None, raises: bool):
+        super().__init__()
+        self.fd, self.raises, self.failed = fd, raises, False
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return super().fileno() if self.fd is None else self.fd
+
+    def isatty(self) -> bool:
+        return self.fd is not None and os.isatty(self.fd)
+
+    def write(self, data) -> int:
+        if not self.failed:
+            try:
+                if self.fd is None:
+                    raise OSError(errno.EBADF, "it is closed")
+                return os.write(self.fd, data)
+            except OSError as e:
+                self.failed = True
+                if self.raises:
+                    raise StdoutFailed(e) from None
+        return len(data)
+
+
+def _standard(stream, raises: bool):
+    """`stream` (sys.stdout or sys.stderr; None where it was closed) written through a _StandardFile, as it was
+    encoded and buffered; one with no file descriptor (a test's capture) as it is."""
+    if stream is None:
+        return io.TextIOWrapper(io.BufferedWriter(_StandardFile(None, raises)), encoding="utf-8",
+                                errors="backslashreplace")
+    try:
+        fd = stream.fileno()
+    except OSError:
+        return stream
+    stream.flush()
+    return io.TextIOWrapper(io.BufferedWriter(_StandardFile(fd, raises)), encoding=stream.encoding,
+                            errors=stream.errors, line_buffering=stream.line_buffering,
+                            write_through=stream.write_through)
 
 
 def main() -> None:
     ctrl_c = _CtrlC()
     installed = ctrl_c.install()
+    streams = sys.stdout, sys.stderr
+    try:
+        sys.stdout, sys.stderr = _standard(sys.stdout, raises=True), _standard(sys.stderr, raises=False)
+        _run(ctrl_c)
+    finally:
+        try:  # what is left in the command's stdout: a failure now is dropped (the command has ended otherwise)
+            sys.stdout.flush()
+        except StdoutFailed:
+            pass
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = streams
+        if installed:
+            ctrl_c.uninstall()
+
+
+def _run(ctrl_c: _CtrlC) -> None:
     try:
         from klconvert.cli import main as cli_main
 
         cli_main()
         if ctrl_c.held:  # an interrupt held back through the command's last import: it is still the answer
-            exit_interrupted()
+            exit_interrupted(ctrl_c.signum)
     except SystemExit:
         raise
     except BaseException:
-        if ctrl_c.heard:  # whatever broke after a Ctrl-C broke because of it
-            exit_interrupted()
+        if ctrl_c.heard:  # whatever broke after an interrupt broke because of it
+            exit_interrupted(ctrl_c.signum)
         raise
-    finally:
-        if installed:
-            ctrl_c.uninstall()
+

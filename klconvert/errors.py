@@ -1,9 +1,4 @@
-"""The one exception type for errors a user can cause: printed as one line, exit status 2; and the one line an
-interrupted command ends with."""
-import sys
-from typing import NoReturn
-
-INTERRUPTED_EXIT = 130  # a shell's status for a command ended by SIGINT (128 + 2)
+"""The one exception type for errors a user can cause: printed as one line, exit status 2."""
 
 
 class KLError(Exception):
@@ -32,9 +27,3 @@ def unreadable_reason(error: BaseException, limit: int = 200) -> str:
     Python's stack (a RecursionError's text speaks only of the recursion), else first_line, cut at `limit`."""
     return "nested too deeply" if isinstance(error, RecursionError) else first_line(error)[:limit]
 
-
-def exit_interrupted() -> NoReturn:
-    """End the command after Ctrl-C: one line on stderr (after a line break that closes a terminal's ^C echo),
-    exit status INTERRUPTED_EXIT."""
-    print("\nklconvert: interrupted" if sys.stderr.isatty() else "klconvert: interrupted", file=sys.stderr)
-    sys.exit(INTERRUPTED_EXIT)

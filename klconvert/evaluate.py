@@ -131,23 +131,23 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
     """Measure `model` against `reference` (folders; `tiny`: the bundled model) on `text` (tokenized with the
     reference's tokenizer, cut to `max_tokens`). The reference runs first and is freed before the model loads: peak
     memory is one model."""
+    names = f"--model {model}", f"--reference {reference}"   # as given: `tiny`, not where it is installed
     model, reference = resolve_model(model), resolve_model(reference)
-    for flag, folder in (("--model", model), ("--reference", reference)):
+    for name, folder in zip(names, (model, reference)):
         if not folder.is_dir():
-            raise KLError(f"{flag} {folder}: no such folder; pass a checkpoint folder")
+            raise KLError(f"{name}: no such folder; pass a checkpoint folder")
     if max_tokens < 2:
         raise KLError(f"--max-tokens {max_tokens}: need at least 2 tokens to score a next-token prediction")
     configs = [KimiLinearConfig.from_file(folder / "config.json", flag) for folder, flag in
                ((model, "--model"), (reference, "--reference"))]
-    _same_architecture(*configs, f"--model {model}", f"--reference {reference}")   # before either runs
+    _same_architecture(*configs, *names)   # before either runs
     ids = Tokenizer.from_folder(reference).encode(text)[:max_tokens]
     if len(ids) < 2:
         raise KLError(f"the evaluation text (--text-file) is {len(ids)} token(s) long; give at least 2 tokens of "
                       "text to evaluate on")
     _refuse_past_host_memory(len(ids), configs[1].vocab_size, host_memory())
 
-    return compare(run_model(reference, ids, device, dtype), run_model(model, ids, device, dtype), ids,
-                   f"--model {model}", f"--reference {reference}")
+    return compare(run_model(reference, ids, device, dtype), run_model(model, ids, device, dtype), ids, *names)
 
 
 def _refuse_past_host_memory(tokens: int, vocab_size: int, host: HostMemory | None) -> None:

@@ -20,15 +20,19 @@ BYTE_ORDER_MARK = "\ufeff"
 @dataclass(frozen=True)
 class TokenizedText:
     """The text read and its ids (Tokenizer.encode(text), the first ids of the whole text's); `whole` is False when
-    reading stopped past the budget, so the whole text has at least len(ids) tokens."""
+    reading stopped past the budget, so the whole text has at least len(ids) tokens; `where` names its source in
+    messages (`--prompt-file -` for standard input, as given)."""
 
     text: str
     ids: list[int]
     whole: bool
+    where: str
 
 
 def _chunks(source: str, flag: str) -> Iterator[bytes]:
     """The bytes of a file, or of standard input for '-', a chunk at a time."""
+    if source == "-" and sys.stdin is None:   # started with it closed (<&-)
+        raise KLError(f"{flag} -: standard input is closed; pipe the text in, or give a file")
     try:
         with (open(sys.stdin.fileno(), "rb", closefd=False) if source == "-" else open(source, "rb")) as f:
             while chunk := f.read(READ_CHUNK_BYTES):
@@ -55,6 +59,9 @@ def read_tokens(chunks: Iterator[bytes], where: str, tokenizer: Tokenizer, max_t
         try:
             pending += decoder.decode(chunk, final=not chunk)
         except UnicodeDecodeError as e:
+            if read == 0 and e.start == 0 and chunk.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+                raise KLError(f"{where}: UTF-16 text, not UTF-8 (it starts with {chunk[:2].hex(' ').upper()}, a "
+                              "UTF-16 byte-order mark); convert it to UTF-8") from None
             raise KLError(f"{where}: not UTF-8 text (bad byte at offset {read - held + e.start}); convert it to "
                           "UTF-8") from None
         read += len(chunk)
@@ -65,8 +72,8 @@ def read_tokens(chunks: Iterator[bytes], where: str, tokenizer: Tokenizer, max_t
             windows.append(window)
             ids += tokenizer.encode(window)
             if len(ids) > max_tokens:
-                return TokenizedText("".join(windows), ids, whole=not (pending or chunk))
-    return TokenizedText("".join(windows), ids, whole=True)
+                return TokenizedText("".join(windows), ids, whole=not (pending or chunk), where=where)
+    return TokenizedText("".join(windows), ids, whole=True, where=where)
 
 
 def _with_end(chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -82,8 +89,7 @@ def read_prompt(prompt: str | None, prompt_file: str | None, tokenizer: Tokenize
     if prompt is not None:
         where, chunks = "--prompt", _text_chunks(prompt)
     else:
-        where = "--prompt-file " + ("standard input" if prompt_file == "-" else prompt_file)
-        chunks = _chunks(prompt_file, "--prompt-file")
+        where, chunks = f"--prompt-file {prompt_file}", _chunks(prompt_file, "--prompt-file")
     result = read_tokens(chunks, where, tokenizer, max_tokens)
     if result.whole and not result.text.strip():
         raise KLError(f"{where}: the prompt is empty; write some text into it")

@@ -1,7 +1,8 @@
 """Ctrl-C at any moment of the `klconvert` command ends in one line, `klconvert: interrupted`, exit status 130: while
-its libraries import, inside a library import that would swallow it, after a library swallowed one and failed, a
-second one inside an import that hangs, and in a real run; SIGTERM as Ctrl-C. An alarm that is no Ctrl-C, and a SIGINT
-the command was started ignoring, are let be."""
+its libraries import (at once while the command has changed nothing; once it has, after the import), inside a library
+import that would swallow it, after a library swallowed one and failed, a second one inside an import that hangs, and
+in a real run; SIGTERM as Ctrl-C, with its own status, 143. An alarm that is no Ctrl-C, and a SIGINT the command was
+started ignoring, are let be."""
 from __future__ import annotations
 
 import signal
@@ -11,8 +12,6 @@ import textwrap
 import time
 
 import pytest
-
-from klconvert.errors import INTERRUPTED_EXIT
 
 LONG_RUN = ("run", "--model", "tiny", "--prompt", "hi", "--max-new-tokens", "3000", "--max-context", "3008")
 
@@ -24,17 +23,23 @@ def _entry(prelude: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
-def _assert_interrupted(proc) -> None:
-    assert proc.returncode == INTERRUPTED_EXIT, proc.stderr
+# a command that has changed something (a file made) before the import the test interrupts: there is work to undo
+TOUCHES = "open('made', 'w').close()"
+
+
+def _assert_interrupted(proc, status: int = 130) -> None:
+    """One line, and the status a shell shows for a command SIGINT ended (128 + 2), or SIGTERM (143)."""
+    assert proc.returncode == status, proc.stderr
     lines = proc.stderr.split("\n")   # the one line, no blank one before it (click's for a terminal's ^C)
     assert lines[-2:] == ["klconvert: interrupted", ""] and lines[-3:-2] != [""] and "Traceback" not in proc.stderr
 
 
 def _module_swallowing_a_ctrl_c(path, then: str = "") -> None:
     """A module whose import sends itself SIGINT and swallows the KeyboardInterrupt (as torch's import of numpy did),
-    then runs `then`."""
+    then runs `then`, and says that its import ended."""
     path.write_text("import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\n"
-                    f"try:\n    time.sleep(0.3)\nexcept KeyboardInterrupt:\n    pass\n{then}\n")
+                    f"try:\n    time.sleep(0.3)\nexcept KeyboardInterrupt:\n    pass\n{then}\n"
+                    "print('the import ended')\n")
 
 
 def test_an_interrupt_while_the_cli_imports():
@@ -48,20 +53,48 @@ def test_an_interrupt_while_the_cli_imports():
         """, *LONG_RUN))
 
 
+def test_an_interrupt_while_the_entry_point_imports():
+    """The entry point imports klconvert's modules after it takes over SIGINT: Python's own handler raised a
+    KeyboardInterrupt, with its traceback, inside the first."""
+    _assert_interrupted(_entry("""
+        import importlib.abc, os, signal, sys
+        class InterruptOnImport(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "klconvert.errors":
+                    os.kill(os.getpid(), signal.SIGINT)
+        sys.meta_path.insert(0, InterruptOnImport())
+        """, *LONG_RUN))
+
+
+def test_an_interrupt_inside_a_long_import_ends_an_untouched_command_at_once(tmp_path):
+    """Held until the import was over, a Ctrl-C waited out torch's import (1.5-3 s): a command that has changed
+    nothing has nothing to undo, and ends inside the import, which no exception reaches -- what the import itself
+    makes (torch's cache folder) is not the command's change."""
+    (tmp_path / "slow.py").write_text("import os, signal, time\nos.makedirs('cache', exist_ok=True)\n"
+                                      "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(20)\n"
+                                      "print('the import ended')\n")
+    started = time.monotonic()
+    proc = _entry("import klconvert.cli\nklconvert.cli.main = lambda: __import__('slow')\n", cwd=tmp_path)
+    assert time.monotonic() - started < 10
+    _assert_interrupted(proc, 143)
+    assert "the import ended" not in proc.stdout
+
+
 def test_an_interrupt_inside_an_import_waits_for_it_to_end(tmp_path):
-    """A library that swallows KeyboardInterrupt while importing (torch's numpy import did) must not lose the Ctrl-C:
-    it is raised once the import is over."""
+    """Once the command has changed something, a library that swallows KeyboardInterrupt while importing (torch's
+    numpy import did) must not lose the Ctrl-C: it is raised once the import is over."""
     _module_swallowing_a_ctrl_c(tmp_path / "swallows.py")
-    proc = _entry("""
+    proc = _entry(f"""
         import sys, time, klconvert.cli
         def imports_then_works():
+            {TOUCHES}
             import swallows
             time.sleep(5)
             print("ran on as if no Ctrl-C had come")
         klconvert.cli.main = imports_then_works
         """, cwd=tmp_path)
     _assert_interrupted(proc)
-    assert "ran on" not in proc.stdout
+    assert "the import ended" in proc.stdout and "ran on" not in proc.stdout
 
 
 def test_a_failure_after_a_swallowed_interrupt():
@@ -82,15 +115,16 @@ def test_a_failure_inside_the_import_that_swallowed_it(tmp_path):
     """Held back, then the import fails inside itself: one line and 130 -- not the retry's alarm ending the process
     afterwards ("Alarm clock", 142)."""
     _module_swallowing_a_ctrl_c(tmp_path / "fails.py", then="raise ImportError('cannot load module more than once')")
-    _assert_interrupted(_entry("import klconvert.cli\nklconvert.cli.main = lambda: __import__('fails')\n",
+    _assert_interrupted(_entry(f"import klconvert.cli\nklconvert.cli.main = lambda: ({TOUCHES}, __import__('fails'))\n",
                                cwd=tmp_path))
 
 
 def test_a_second_ctrl_c_stops_an_import_that_hangs(tmp_path):
     (tmp_path / "hangs.py").write_text("import time\ntime.sleep(60)\nprint('the import ended')\n")
-    proc = _entry("""
+    proc = _entry(f"""
         import os, signal, threading, klconvert.cli
         def presses_twice():
+            {TOUCHES}
             for at in (0.5, 1.0):
                 threading.Timer(at, os.kill, (os.getpid(), signal.SIGINT)).start()
             import hangs
@@ -143,7 +177,7 @@ def test_sigterm_during_a_conversion_is_an_interrupt_that_leaves_nothing(tiny_re
             return write(path, tensors, metadata, on_tensor)
         q.write_shard = write_shard
         """, "quantize", str(tiny_released), str(tmp_path / "q"), "--bits", "4", "--group-size", "32")
-    _assert_interrupted(proc)
+    _assert_interrupted(proc, 143)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -69,3 +69,13 @@ def test_no_prompt_is_not_called_two():
     assert "--prompt TEXT or --prompt-file FILE" in str(e.value) and "not both" not in str(e.value)
     with pytest.raises(KLError, match="not both"):
         read_prompt("a", "b.txt", None, 10)
+
+
+@pytest.mark.parametrize("mark, encoding", [("FF FE", "utf-16-le"), ("FE FF", "utf-16-be")])
+def test_utf16_text_is_named(tokenizer, tmp_path, mark, encoding):
+    """Windows' "Unicode" text starts with a UTF-16 byte-order mark: said so, not "bad byte at offset 0"."""
+    path = tmp_path / "u16.txt"
+    path.write_bytes(bytes.fromhex(mark) + "To be, or not to be".encode(encoding))
+    with pytest.raises(KLError, match=rf"u16\.txt: UTF-16 text, not UTF-8 \(it starts with {mark}, a UTF-16 "
+                                      r"byte-order mark\); convert it to UTF-8$"):
+        read_prompt(None, str(path), tokenizer, 100)

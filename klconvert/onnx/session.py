@@ -12,6 +12,7 @@ import torch
 
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError, first_line, unreadable_reason
+from klconvert.models import resolve_model
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, ONNX_FILE, state_spec
 from klconvert.runtime.engine import Engine, GenerationStats, as_batch, as_prompts, whole_numbers
@@ -50,10 +51,11 @@ class OnnxEngine:
     _small_model_threads = Engine._small_model_threads
 
     def __init__(self, folder: str | Path, threads: int | None = None):
-        """threads: onnxruntime's intra-op threads (default: its own choice, one per core)."""
-        folder = Path(folder)
-        if not (folder / GENAI_CONFIG).is_file():
-            raise KLError(f"{folder}: no {GENAI_CONFIG} here; --engine onnxruntime runs a folder written by "
+        """folder: an export (`tiny` names the bundled model, as the CLI does: no export); threads: onnxruntime's
+        intra-op threads (default: its own choice, one per core)."""
+        given, folder = folder, resolve_model(folder)
+        if not (folder / GENAI_CONFIG).is_file():   # named as given: `tiny`, not where it is installed
+            raise KLError(f"{given}: no {GENAI_CONFIG} here; --engine onnxruntime runs a folder written by "
                           "`klconvert export-onnx --model DIR --out FOLDER` -- export one first")
         self.folder, self.config = folder, KimiLinearConfig.from_file(folder / "config.json")
         # The state's names and shapes come from config.json (checked and bounded), the graph's file name is

@@ -1,0 +1,153 @@
+"""What the `klconvert` command does with standard streams it cannot use, a working folder that is gone and a file name
+that is not UTF-8: a standard output that cannot be written is one line and status 2 (its reader gone, as after `|
+head`: no line, 141, what a shell shows for a command SIGPIPE ended); a message standard error cannot show is dropped,
+the status unchanged; a closed standard input read as `--prompt-file -` is one line; and messages name what the user
+typed. The streams' cases run through the entry point in this process, its streams real files, and once from a shell."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from klconvert import entry
+from klconvert.models import bundled_dir
+from testkit import assert_one_line_error, run_cli
+
+PLAN = ("plan", "--model", "tiny")   # a few lines on stdout, no model loaded
+RUN = ("run", "--model", "tiny", "--prompt", "ROMEO.", "--max-new-tokens", "4", "--device", "cpu")
+
+
+def run_entry(monkeypatch, *args, stdin="keep", stdout, stderr) -> int:
+    """The entry point with these standard streams (None: closed; "keep" for stdin: the test's): its exit status."""
+    monkeypatch.setattr(sys, "argv", ["klconvert", *map(str, args)])
+    if stdin != "keep":
+        monkeypatch.setattr(sys, "stdin", stdin)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    try:
+        entry.main()
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+@pytest.fixture
+def err_file(tmp_path):
+    with open(tmp_path / "stderr.txt", "w+", encoding="utf-8") as f:
+        yield f
+
+
+def written(f) -> str:
+    return Path(f.name).read_text(encoding="utf-8")
+
+
+@pytest.fixture
+def broken_pipe():
+    """A pipe's writing end, its reader gone: a write fails with EPIPE (Python ignores SIGPIPE)."""
+    read, write = os.pipe()
+    os.close(read)
+    with open(write, "w", encoding="utf-8") as f:
+        yield f
+
+
+@pytest.mark.parametrize("args", [PLAN, ("--help",), ("run", "--help")])
+def test_a_full_standard_output_is_one_line(monkeypatch, err_file, args):
+    with open("/dev/full", "w", encoding="utf-8") as full:
+        code = run_entry(monkeypatch, *args, stdout=full, stderr=err_file)
+    assert_one_line_error(code, written(err_file),
+                          "klconvert: error: cannot write standard output (No space left on device)")
+
+
+def test_a_closed_standard_output_is_one_line(monkeypatch, err_file):
+    code = run_entry(monkeypatch, *PLAN, stdout=None, stderr=err_file)
+    assert_one_line_error(code, written(err_file), "cannot write standard output (it is closed)")
+
+
+@pytest.mark.parametrize("args", [PLAN, RUN])
+def test_a_reader_that_is_gone_ends_the_command_quietly(monkeypatch, err_file, broken_pipe, args):
+    assert run_entry(monkeypatch, *args, stdout=broken_pipe, stderr=err_file) == 141
+    assert written(err_file) == ""
+
+
+def test_messages_standard_error_cannot_show_change_no_status(monkeypatch, tmp_path, broken_pipe):
+    assert run_entry(monkeypatch, "plan", stdout=sys.stdout, stderr=broken_pipe) == 2   # bad input: still 2
+    for stderr in (broken_pipe, None):   # a run whose summary line (and the rest) cannot be shown: still 0
+        with open(tmp_path / "out.txt", "w", encoding="utf-8") as out:
+            assert run_entry(monkeypatch, *RUN, stdout=out, stderr=stderr) == 0
+        assert (tmp_path / "out.txt").read_text(encoding="utf-8").strip()
+
+
+def test_a_closed_standard_input(monkeypatch, err_file):
+    code = run_entry(monkeypatch, "run", "--model", "tiny", "--prompt-file", "-", stdin=None, stdout=sys.stdout,
+                     stderr=err_file)
+    assert_one_line_error(code, written(err_file), "--prompt-file -: standard input is closed")
+
+
+def test_a_working_folder_that_is_gone(capsys, tmp_path, monkeypatch):
+    """torch's import failed in one ("Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"), before any line."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    assert_one_line_error(*run_cli(capsys, *PLAN)[::2], "the current folder no longer exists; cd to an existing")
+
+
+def test_a_file_name_that_is_not_utf8(capsys, tmp_path, monkeypatch):
+    """Refused by what is wrong with it (its bytes are not UTF-8 text), not as a control character; the line stays
+    printable."""
+    monkeypatch.chdir(tmp_path)
+    name = os.fsdecode(b"caf\xe9.txt")
+    Path(name).write_text("ROMEO. What light", encoding="utf-8")
+    line = assert_one_line_error(*run_cli(capsys, "run", "--model", "tiny", "--prompt-file", name)[::2],
+                                 "its name is not UTF-8 (byte 0xE9)", "rename it")
+    assert line.isprintable() and "control character" not in line
+
+
+def test_errors_name_the_model_as_it_was_given(capsys, tmp_path, monkeypatch):
+    """`tiny` is not shown as the install path, nor ./tiny as tiny."""
+    monkeypatch.chdir(tmp_path)
+    line = assert_one_line_error(*run_cli(capsys, "run", "--model", "tiny", "--engine", "onnxruntime", "--prompt",
+                                          "hi")[::2], "klconvert: error: tiny: no genai_config.json here")
+    assert str(bundled_dir()) not in line, line
+    assert_one_line_error(*run_cli(capsys, "run", "--model", "./tiny", "--prompt", "hi")[::2],
+                          "klconvert: error: --model ./tiny: no such folder")
+
+
+def test_an_eval_of_another_architecture_names_the_reference_as_given(capsys, tiny_released, tmp_path):
+    (tmp_path / "p.txt").write_text("ROMEO. What light", encoding="utf-8")
+    line = assert_one_line_error(*run_cli(capsys, "eval", "--model", tiny_released, "--reference", "tiny",
+                                          "--text-file", tmp_path / "p.txt")[::2])
+    assert "is not the same architecture as --reference tiny (" in line and str(bundled_dir()) not in line, line
+
+
+def test_standard_input_is_named_as_given(capsys, tmp_path, monkeypatch):
+    """--prompt-file - in every message about it (one said `standard input`, another `-`)."""
+    for text, args, needle in (("   ", (), "--prompt-file -: the prompt is empty"),
+                               ("word " * 500, ("--max-context", "100"), "the prompt of --prompt-file - (")):
+        (tmp_path / "in.txt").write_text(text, encoding="utf-8")
+        with open(tmp_path / "in.txt", encoding="utf-8") as stdin:
+            monkeypatch.setattr(sys, "stdin", stdin)
+            assert_one_line_error(*run_cli(capsys, "run", "--model", "tiny", "--prompt-file", "-",
+                                           "--max-new-tokens", "8", *args)[::2], needle)
+
+
+@pytest.mark.slow
+def test_standard_streams_from_a_shell(tmp_path):
+    """As a user's shell leaves them: closed (>&-, 2>&-, <&-), full (/dev/full), a reader gone (| head)."""
+    (tmp_path / "p.txt").write_text("ROMEO. What light", encoding="utf-8")
+    k = f"{sys.executable} -m klconvert run --model tiny --device cpu --max-new-tokens 300 --prompt-file"
+
+    def sh(line: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", line], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+
+    for line, needle in ((f"{k} p.txt >/dev/full", "(No space left on device)"), (f"{k} p.txt >&-", "(it is closed)"),
+                         (f"{k} - <&-", "--prompt-file -: standard input is closed")):
+        proc = sh(line)
+        assert_one_line_error(proc.returncode, proc.stderr, needle)
+    proc = sh(f"{k} p.txt 2>&- >out.txt")
+    assert proc.returncode == 0 and (tmp_path / "out.txt").read_text().strip()
+    proc = sh(f"{k} p.txt | head -c 10 >/dev/null; echo \"${{PIPESTATUS[0]}}\"")
+    assert proc.stdout == "141\n" and proc.stderr == "", proc.stderr
