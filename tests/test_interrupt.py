@@ -42,25 +42,15 @@ def _module_swallowing_a_ctrl_c(path, then: str = "") -> None:
                     "print('the import ended')\n")
 
 
-def test_an_interrupt_while_the_cli_imports():
-    _assert_interrupted(_entry("""
+@pytest.mark.parametrize("module", ["klconvert.cli", "klconvert.errors"])
+def test_an_interrupt_while_the_entry_point_imports(module):
+    """The entry point imports klconvert's modules after it takes over SIGINT (klconvert.errors, the first: Python's
+    own handler raised a KeyboardInterrupt there, with its traceback)."""
+    _assert_interrupted(_entry(f"""
         import importlib.abc, os, signal, sys
         class InterruptOnImport(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path, target=None):
-                if name == "klconvert.cli":
-                    os.kill(os.getpid(), signal.SIGINT)
-        sys.meta_path.insert(0, InterruptOnImport())
-        """, *LONG_RUN))
-
-
-def test_an_interrupt_while_the_entry_point_imports():
-    """The entry point imports klconvert's modules after it takes over SIGINT: Python's own handler raised a
-    KeyboardInterrupt, with its traceback, inside the first."""
-    _assert_interrupted(_entry("""
-        import importlib.abc, os, signal, sys
-        class InterruptOnImport(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name == "klconvert.errors":
+                if name == "{module}":
                     os.kill(os.getpid(), signal.SIGINT)
         sys.meta_path.insert(0, InterruptOnImport())
         """, *LONG_RUN))
