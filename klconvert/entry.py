@@ -61,7 +61,13 @@ def exit_interrupted(signum: int) -> None:
 
 
 def _end_now(signum: int) -> None:
-    """End the process inside whatever it is doing (an import): no exception, no clean-up, no exit handlers."""
+    """End the process inside whatever it is doing (an import): no exception, no clean-up, no exit handlers -- what
+    the standard streams hold written first."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:   # closed, full, a reader gone: what it held is lost, as it would be anyway
+            pass
     try:
         os.write(sys.stderr.fileno(), (_interrupted_line() + "\n").encode())
     except (AttributeError, OSError):  # no standard error (closed), or one that cannot take it
@@ -115,7 +121,8 @@ class _CtrlC:
 
     def audit(self, event: str, args: tuple) -> None:
         """The first file the command (in any thread) makes, writes, moves or removes, but inside an import."""
-        if self.changed or not (event in FILE_CHANGES or event == "open" and args[2] & FILE_WRITES):
+        opens_to_write = event == "open" and len(args) > 2 and isinstance(args[2], int) and args[2] & FILE_WRITES
+        if self.changed or not (event in FILE_CHANGES or opens_to_write):
             return
         if not _importing(sys._getframe()):
             self.changed = True
@@ -172,7 +179,10 @@ class _StandardFile(io.RawIOBase):
             try:
                 if self.fd is None:
                     raise OSError(errno.EBADF, "it is closed")
-                return os.write(self.fd, data)
+                view, done = memoryview(data), 0
+                while done < len(view):   # unbuffered (python -u), nothing else retries a short write
+                    done += os.write(self.fd, view[done:])
+                return done
             except OSError as e:
                 self.failed = True
                 if self.raises:
@@ -191,7 +201,9 @@ def _standard(stream, raises: bool):
     except OSError:
         return stream
     stream.flush()
-    return io.TextIOWrapper(io.BufferedWriter(_StandardFile(fd, raises)), encoding=stream.encoding,
+    raw = _StandardFile(fd, raises)   # unbuffered where Python's stream is (python -u, PYTHONUNBUFFERED): no 8 KiB held
+    buffered = raw if isinstance(getattr(stream, "buffer", None), io.RawIOBase) else io.BufferedWriter(raw)
+    return io.TextIOWrapper(buffered, encoding=stream.encoding,
                             errors=stream.errors, line_buffering=stream.line_buffering,
                             write_through=stream.write_through)
 

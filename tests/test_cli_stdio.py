@@ -6,6 +6,7 @@ typed. The streams' cases run through the entry point in this process, its strea
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,20 @@ def test_standard_streams_from_a_shell(tmp_path):
     assert proc.returncode == 0 and (tmp_path / "out.txt").read_text().strip()
     proc = sh(f"{k} p.txt | head -c 10 >/dev/null; echo \"${{PIPESTATUS[0]}}\"")
     assert proc.stdout == "141\n" and proc.stderr == "", proc.stderr
+
+
+def test_an_unbuffered_python_keeps_its_streams_unbuffered():
+    """Under python -u (PYTHONUNBUFFERED, common in containers) Python's streams write at once; the entry point's
+    wrappers held up to 8 KiB of each, so stderr's notices came at the end and `run`'s texts after its summary."""
+    code = ("import sys, time\nfrom klconvert import entry\n"
+            "def cli():\n    print('to stderr', file=sys.stderr)\n    sys.stdout.write('to stdout, no newline')\n"
+            "    time.sleep(30)\n"
+            "entry._run = lambda ctrl_c: cli()\nentry.main()\n")
+    child = subprocess.Popen([sys.executable, "-u", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:   # each there long before the child's 30 s are up (its exit flushed what was held)
+        for pipe, written in ((child.stderr, b"to stderr\n"), (child.stdout, b"to stdout, no newline")):
+            assert select.select([pipe], [], [], 15)[0], written
+            assert os.read(pipe.fileno(), 100) == written
+    finally:
+        child.kill()
+        child.wait()
