@@ -164,8 +164,11 @@ def test_an_unbuffered_python_keeps_its_streams_unbuffered():
     child = subprocess.Popen([sys.executable, "-u", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:   # each there long before the child's 30 s are up (its exit flushed what was held)
         for pipe, written in ((child.stderr, b"to stderr\n"), (child.stdout, b"to stdout, no newline")):
-            assert select.select([pipe], [], [], 15)[0], written
-            assert os.read(pipe.fileno(), 100) == written
+            got = b""
+            while len(got) < len(written):   # print writes its text and its newline apart
+                assert select.select([pipe], [], [], 15)[0], (written, got)
+                got += os.read(pipe.fileno(), 100)
+            assert got == written
     finally:
         child.kill()
         child.wait()
