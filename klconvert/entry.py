@@ -1,5 +1,6 @@
-"""The `klconvert` command's entry point. Before anything else it takes over SIGINT and SIGTERM, then the standard
-streams, so that the command ends in one line or none -- never a traceback, nor a run that goes on.
+"""The `klconvert` command's entry point. Before anything else it holds any closed standard descriptor on /dev/null,
+takes over SIGINT and SIGTERM, then the standard streams, so that the command ends in one line or none -- never a
+traceback, nor a run that goes on.
 
 Signals. Ctrl-C or SIGTERM (`kill`, `timeout`) at any moment ends in one line, `klconvert: interrupted`, with the status
 a shell shows for a command the signal ended: 130 for SIGINT, 143 for SIGTERM. A signal the command was started
@@ -16,7 +17,9 @@ the interrupt.
 Standard streams. A standard output that cannot be written (a full disk, closed: `>&-`) fails the command at its
 first write, as StdoutFailed (the CLI says so in one line; for a reader that is gone, `| head`, it ends quietly with
 141, as a command SIGPIPE killed does); a message standard error cannot show (closed, a reader gone) is dropped, and
-the command ends as it would have."""
+the command ends as it would have. A standard descriptor (0, 1, 2) the command was started without is held open on
+/dev/null first, so that no file the command opens takes its number: what a library writes to descriptor 2 (a CUDA
+or Triton warning) would land in that file."""
 from __future__ import annotations
 
 import errno  # all but signal are loaded with the interpreter: no import runs before the handler but signal's
@@ -83,10 +86,20 @@ def _importing(frame) -> bool:
     return False
 
 
-# the audit events (Python's "audit events table") that make, change or remove a file: once the command (not an
-# import) has raised one, there may be something to undo after an interrupt; and an "open" event's flags that do
-FILE_CHANGES = frozenset({"os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.truncate", "os.link", "os.symlink"})
+# the audit event note_change raises: a file change no Python call makes, so Python raises no event of its own
+FILE_CHANGE_EVENT = "klconvert.file_change"
+# the audit events (Python's "audit events table", and note_change's) that make, change or remove a file: once the
+# command (not an import) has raised one, there may be something to undo after an interrupt; and an "open" event's
+# flags that do
+FILE_CHANGES = frozenset({"os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.truncate", "os.link", "os.symlink",
+                          FILE_CHANGE_EVENT})
 FILE_WRITES = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def note_change(path) -> None:
+    """Say, before it starts, that the command changes `path` through code the audit hook cannot see: C or Rust
+    that opens and writes the file itself (safetensors' save_file)."""
+    sys.audit(FILE_CHANGE_EVENT, os.fspath(path))
 
 
 class _CtrlC:
@@ -208,7 +221,20 @@ def _standard(stream, raises: bool):
                             write_through=stream.write_through)
 
 
+def _hold_standard_descriptors() -> None:
+    """Each of descriptors 0, 1 and 2 the command was started without, opened on /dev/null: a file opened later
+    would take its number (the lowest free), and C code writing to it (a library's warning on 2, a compiler the
+    command starts) would write into that file. Python left sys.stdin, sys.stdout or sys.stderr None for it all the
+    same, so the command's streams still treat it as closed."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:   # closed: those below it are open, so /dev/null gets this number
+            os.set_inheritable(os.open(os.devnull, os.O_RDWR), True)   # as a standard descriptor is: a child's too
+
+
 def main() -> None:
+    _hold_standard_descriptors()   # before the audit hook: opening /dev/null changes no file of the user's
     ctrl_c = _CtrlC()
     installed = ctrl_c.install()
     streams = sys.stdout, sys.stderr

@@ -42,6 +42,7 @@ from klconvert.atomic_file import write_atomically
 from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_INDEX_BYTES
 from klconvert.checkpoint.regular_file import read_json
 from klconvert.disk_space import free_disk_bytes
+from klconvert.entry import note_change
 from klconvert.errors import KLError, first_line, unreadable_reason
 from klconvert.hub_guard import AnswerGuard
 from klconvert.units import size_text
@@ -176,6 +177,7 @@ def pull(
         if listing is None:  # offline, no cached listing: huggingface_hub 1.x would ask the hub for one, so look
             folder = _snapshot_on_disk(repo, commit, cache_dir, local_dir, where)
         else:
+            note_change(target)   # hf_xet's downloads are written in Rust, which Python's audit events do not show
             folder = Path(
                 snapshot_download(
                     repo,

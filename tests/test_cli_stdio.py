@@ -9,6 +9,7 @@ import os
 import select
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,30 @@ def test_standard_streams_from_a_shell(tmp_path):
     assert proc.returncode == 0 and (tmp_path / "out.txt").read_text().strip()
     proc = sh(f"{k} p.txt | head -c 10 >/dev/null; echo \"${{PIPESTATUS[0]}}\"")
     assert proc.stdout == "141\n" and proc.stderr == "", proc.stderr
+
+
+@pytest.mark.parametrize("closed", ["<&-", ">&-", "2>&-", "<&- >&- 2>&-"])
+def test_a_closed_standard_descriptor_is_no_file_of_the_command(tmp_path, closed):
+    """A file the command opened took the closed descriptor's number, so what C code wrote to it (a library's
+    warning on descriptor 2) landed in that file; and a child the command started had it closed as well."""
+    code = textwrap.dedent("""
+        import os, subprocess, sys
+        from klconvert import entry
+        def cli():
+            with open("out.txt", "w") as f:
+                f.write("the file\\n")
+                f.flush()
+                for fd in (0, 1, 2):
+                    os.write(fd, b"what C code writes\\n")
+            child = subprocess.run([sys.executable, "-c", "import os\\nfor fd in 0, 1, 2: os.fstat(fd)"])
+            sys.exit(child.returncode)
+        entry._run = lambda ctrl_c: cli()
+        entry.main()
+        """)
+    proc = subprocess.run(["bash", "-c", f'"$0" -c "$1" {closed}', sys.executable, code], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out.txt").read_text() == "the file\n"
 
 
 def test_an_unbuffered_python_keeps_its_streams_unbuffered():

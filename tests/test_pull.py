@@ -589,3 +589,13 @@ def test_a_local_dir_that_is_a_file_is_said_so(tmp_path, under):
                                       "name a folder to download into"):
         hub.pull(REPO, local_dir=local_dir, progress=False)
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_download_is_said_to_change_files_before_it_starts(served, tmp_path, monkeypatch):
+    """hf_xet writes its downloads in Rust, which the entry point's audit hook cannot hear: pull says the target
+    changes before snapshot_download starts, so an interrupt from then on is cleaned up after, not ended at once."""
+    calls, download = [], hub.snapshot_download
+    monkeypatch.setattr(hub, "note_change", lambda path: calls.append(("change", Path(path))))
+    monkeypatch.setattr(hub, "snapshot_download", lambda *a, **k: calls.append(("download",)) or download(*a, **k))
+    hub.pull(REPO, progress=False)
+    assert calls == [("change", cache_dir(tmp_path)), ("download",)]

@@ -1,14 +1,18 @@
 """stack_kda_convs rewrites shards in place, so it reads the folder as a checkpoint first: a shard name from the
-index is untrusted, and one that points outside the folder is refused before anything is written."""
+index is untrusted, and one that points outside the folder is refused before anything is written. Its shards are
+written by safetensors' Rust code, which the entry point's audit hook cannot see, so it says so itself."""
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
 
+from klconvert import entry
 from klconvert.checkpoint.reader import open_checkpoint
+from klconvert.convert import stacked_convs
 from klconvert.convert.stacked_convs import stack_kda_convs
 from klconvert.errors import KLError
 
@@ -35,3 +39,22 @@ def test_the_stacked_folder_reads_the_same_and_a_second_run_finds_nothing(tiny_r
     assert not set(convs) & set(stacked) and sum(n.endswith(".conv1d.weight") for n in stacked) == len(convs) // 3
     before, after = open_checkpoint(tiny_released), open_checkpoint(tiny_copy)
     assert all(torch.equal(before.get(name), after.get(name)) for name in before.expected)
+
+
+def test_a_shard_written_by_rust_is_a_change_before_it_is_written(tiny_copy, monkeypatch):
+    """The entry point's hook, which hears only Python's own file calls, knows the command changed a file before
+    save_file writes one: an interrupt from then on is handled, not ended at once with a shard half-written."""
+    ctrl_c = entry._CtrlC()
+    sys.addaudithook(ctrl_c.audit)   # for good (Python cannot remove one): it returns at once once `changed` is set
+    changed_before_writes, write = [], stacked_convs.save_file
+
+    def save_file(*args, **kwargs):
+        changed_before_writes.append(ctrl_c.changed)
+        return write(*args, **kwargs)
+
+    try:
+        monkeypatch.setattr(stacked_convs, "save_file", save_file)
+        assert stack_kda_convs(tiny_copy)
+    finally:
+        ctrl_c.changed = True
+    assert changed_before_writes and all(changed_before_writes)

@@ -15,6 +15,7 @@ from klconvert.atomic_file import write_atomically
 from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_INDEX_BYTES
 from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.checkpoint.regular_file import read_json
+from klconvert.entry import note_change
 from klconvert.errors import KLError
 
 _CONV = re.compile(r"^(model\.layers\.\d+\.self_attn\.)([qkv])_conv1d\.weight$")
@@ -50,6 +51,7 @@ def stack_kda_convs(folder: str | Path) -> int:
                 tensors[f"{prefix}conv1d.weight"] = torch.cat([tensors.pop(f"{prefix}{x}_conv1d.weight")
                                                                for x in "qkv"])  # [3 * kda_dim, 1, kernel]
         tmp = folder / (shard + ".partial")
+        note_change(tmp)   # save_file writes it in Rust, which Python's audit events do not show
         save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, folder / shard)
     if index is not None:
