@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import klconvert
 from klconvert.checkpoint.reader import open_checkpoint
@@ -64,8 +64,6 @@ def test_packed_weights_read_back_dequantized(tiny_released, tmp_path, options):
 
 def test_missing_scale_is_one_clear_error(tiny_released, tmp_path):
     write_quantized(tiny_released, tmp_path / "q", bits=4)
-    from safetensors.torch import load_file
-
     tensors = load_file(tmp_path / "q" / "model.safetensors")
     victim = "model.layers.1.self_attn.q_proj.weight_scale"
     del tensors[victim]
@@ -383,3 +381,157 @@ def test_a_quantized_kv_cache_is_refused_by_name(tiny_released, tmp_path, capsys
     assert_one_line_error(code, err, "q/config.json: quantization_config.kv_cache_scheme quantizes the KV cache "
                           "(num_bits 8, type 'float'), which klconvert does not",
                           "quantize the model again with `klconvert quantize`")
+
+
+# transformers 5's BitsAndBytesConfig(load_in_8bit=True).to_dict(), as save_pretrained writes it into config.json
+LLM_INT8_CONFIG = {"quant_method": "bitsandbytes", "_load_in_8bit": True, "_load_in_4bit": False,
+                   "llm_int8_threshold": 6.0, "llm_int8_skip_modules": None, "llm_int8_enable_fp32_cpu_offload": False,
+                   "llm_int8_has_fp16_weight": False, "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False,
+                   "bnb_4bit_compute_dtype": "float32", "bnb_4bit_quant_storage": "uint8", "load_in_4bit": False,
+                   "load_in_8bit": True}
+
+
+def write_llm_int8(src_folder, out, quantization_config):
+    """An 8-bit copy of `src_folder` as transformers saves a model loaded with load_in_8bit=True (bitsandbytes'
+    Linear8bitLt._save_to_state_dict): each linear NF4 would quantize becomes an int8 `weight`, its fp32 row scales
+    `SCB` and a uint8 scalar `weight_format` (0: row-major). quantization_config None leaves config.json without one."""
+    src = open_checkpoint(src_folder)
+    policy = policy_from_options(scheme="nf4").check_against([(n, s.shape) for n, s in src.expected.items()])
+    tensors = {}
+    for name, spec in src.expected.items():
+        w = src.get(name)
+        if policy.scheme_for(name, spec.shape) is None:
+            tensors[name] = w
+            continue
+        module = name.removesuffix(".weight")
+        scales = w.float().abs().amax(dim=1).clamp(min=1e-8)
+        tensors[name] = torch.round(w.float() / scales[:, None] * 127).to(torch.int8)
+        tensors[f"{module}.SCB"] = scales
+        tensors[f"{module}.weight_format"] = torch.tensor(0, dtype=torch.uint8)
+    out.mkdir()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src_folder / "config.json").read_text())
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
+    (out / "config.json").write_text(json.dumps(config))
+    for f in ("tiktoken.model", "tokenizer_config.json"):
+        shutil.copy(src_folder / f, out / f)
+
+
+LLM_INT8 = "bitsandbytes 8-bit (LLM.int8) checkpoints are not supported"
+
+
+@pytest.mark.parametrize("command", ["run", "quantize"])
+def test_a_bitsandbytes_8bit_checkpoint_is_named_as_such(tiny_released, tmp_path, capsys, command):
+    """A load_in_8bit folder (int8 weights, SCB, weight_format) was refused as one whose config.json "does not belong
+    to these weights": now it is named for what it is, with the forms klconvert does read."""
+    write_llm_int8(tiny_released, tmp_path / "q8", LLM_INT8_CONFIG)
+    args = {"run": ("run", "--model", tmp_path / "q8", "--prompt", "hi", "--max-new-tokens", "1"),
+            "quantize": ("quantize", tmp_path / "q8", tmp_path / "out", "--group-size", "32")}
+    code, _, err = run_cli(capsys, *args[command], "--device", "cpu")
+    assert_one_line_error(code, err, "q8/config.json: quantization_config.load_in_8bit is true: " + LLM_INT8,
+                          "give the bf16 release (or its 4-bit NF4 form")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("declared", [None, policy_from_options(scheme="nf4").quantization_config()],
+                         ids=["no-quantization-config", "nf4-config"])
+def test_bitsandbytes_8bit_tensors_are_named_whatever_config_json_says(tiny_released, tmp_path, capsys, declared):
+    """Without the config that says 8-bit, its tensors say it: the int8 weights were "damaged or not a Kimi Linear
+    checkpoint", or under an NF4 config "no tensor here is stored packed"."""
+    write_llm_int8(tiny_released, tmp_path / "q8", declared)
+    code, _, err = run_cli(capsys, "run", "--model", tmp_path / "q8", "--prompt", "hi", "--max-new-tokens", "1",
+                           "--device", "cpu")
+    line = assert_one_line_error(code, err, "q8/model.safetensors: tensor model.layers.", f".SCB: {LLM_INT8}")
+    assert "damaged" not in line and "does not belong" not in line
+
+
+@pytest.mark.parametrize("says_fp4", [True, False], ids=["config-says-fp4", "config-says-nf4"])
+def test_a_bitsandbytes_fp4_checkpoint_is_named_as_such(tiny_released, tmp_path, capsys, says_fp4):
+    """bitsandbytes' other 4-bit type (transformers' default bnb_4bit_quant_type, fp4) was taken for an NF4 folder
+    cut short ("lacks ...quant_state.bitsandbytes__nf4"): its config, or else its quant states, name it."""
+    write_quantized(tiny_released, tmp_path / "fp4", scheme="nf4")
+    shard = tmp_path / "fp4" / "model.safetensors"
+    save_file({n.replace("bitsandbytes__nf4", "bitsandbytes__fp4"): t for n, t in load_file(shard).items()}, shard,
+              metadata={"format": "pt"})
+    if says_fp4:
+        _edit_quantization_config(tmp_path / "fp4", lambda qc: qc.update(bnb_4bit_quant_type="fp4"))
+    code, _, err = run_cli(capsys, "run", "--model", tmp_path / "fp4", "--prompt", "hi", "--max-new-tokens", "1",
+                           "--device", "cpu")
+    where = ("fp4/config.json: quantization_config.bnb_4bit_quant_type is 'fp4'" if says_fp4 else
+             "fp4/model.safetensors: tensor model.layers.")
+    assert_one_line_error(code, err, where, "bitsandbytes 4-bit FP4 checkpoints are not supported",
+                          "klconvert reads bitsandbytes' 4-bit NF4 only")
+
+
+# compressed-tensors' TransformConfig.model_dump() (0.20.1) of llm-compressor's QuIP rotations: `v` rotates each
+# Linear's inputs online and fuses the inverse into its weight; `u` fuses into the weight and undoes it online
+QUIP = {"config_groups": {
+    "v": {"type": "hadamard", "apply": [
+        {"targets": ["Linear"], "location": "weight_input", "inverse": True, "ignore": ["lm_head"]},
+        {"targets": ["Linear"], "location": "input", "inverse": False, "ignore": ["lm_head"]}],
+        "randomize": True, "requires_grad": False, "head_dim": None, "precision": "torch.float32"},
+}}
+# SpinQuant's R1 alone: every rotation fused into the weights (offline), nothing for a runtime to apply
+FUSED_R1 = {"config_groups": {
+    "R1": {"type": "hadamard", "apply": [
+        {"targets": ["embed_tokens", "o_proj"], "location": "weight_output", "inverse": False, "ignore": []},
+        {"targets": ["q_proj", "lm_head"], "location": "weight_input", "inverse": True, "ignore": []}],
+        "randomize": False, "requires_grad": False, "head_dim": None, "precision": "torch.float32"},
+}}
+# an older compressed-tensors' Sparse24BitMaskConfig.model_dump(), and the dense form of one (weights stored as is)
+SPARSE_24 = {"format": "sparse-24-bitmask", "global_sparsity": 0.45, "ignore": ["lm_head"],
+             "registry_requires_subclass": False, "sparsity_structure": "2:4", "targets": ["Linear"]}
+DENSE_SPARSITY = {**SPARSE_24, "format": "dense"}
+
+
+@pytest.mark.parametrize("field, content, needle", [
+    ("transform_config", QUIP, "quantization_config.transform_config.config_groups.v.apply[1] applies a 'hadamard' "
+                               "transform online (location 'input', at run time), which klconvert does not"),
+    ("transform_config", {"config_groups": {"v": {"type": "hadamard", "apply": [{"location": "k_cache"}]}}},
+     "quantization_config.transform_config.config_groups.v.apply[0] applies a 'hadamard' transform online "
+     "(location 'k_cache'"),
+    ("transform_config", {"rotations": ["R1"]}, "quantization_config.transform_config is not compressed-tensors' "
+                                                "TransformConfig"),
+    ("transform_config", {"config_groups": {"v": {"type": "hadamard", "apply": [{"targets": ["Linear"]}]}}},
+     "quantization_config.transform_config is not compressed-tensors' TransformConfig"),
+    ("sparsity_config", SPARSE_24, "quantization_config.sparsity_config stores weights sparse (format "
+                                   "'sparse-24-bitmask'), which klconvert does not read"),
+    ("sparsity_config", ["2:4"], "quantization_config.sparsity_config is not compressed-tensors' sparsity config"),
+], ids=["quip-online", "k-cache", "transforms-malformed", "apply-without-location", "sparse-24-bitmask",
+        "sparsity-malformed"])
+def test_transforms_and_sparsity_klconvert_would_not_apply_are_refused(tiny_released, tmp_path, capsys, field,
+                                                                       content, needle):
+    """A compressed-tensors source whose config declares rotations applied at run time (QuIP, SpinQuant's R3/R4) or
+    weights stored sparse was read as if it declared none: it ran another model than the one quantized."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _edit_quantization_config(tmp_path / "q", lambda qc: qc.update({field: content}))
+    code, _, err = run_cli(capsys, "run", "--model", tmp_path / "q", "--prompt", "hi", "--max-new-tokens", "1",
+                           "--device", "cpu")
+    assert_one_line_error(code, err, f"q/config.json: {needle}", "quantize again without")
+
+
+def test_experts_pruned_or_merged_are_refused_by_name(tiny_released, tmp_path, capsys):
+    """compressed-tensors 0.20's moe_sparsity_config (experts pruned by REAP or merged, per layer) declares another
+    expert set than config.json's: named, not found missing tensor by tensor."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _edit_quantization_config(tmp_path / "q", lambda qc: qc.update(moe_sparsity_config={"layers": {"1": [0, 3]}}))
+    code, _, err = run_cli(capsys, "run", "--model", tmp_path / "q", "--prompt", "hi", "--max-new-tokens", "1",
+                           "--device", "cpu")
+    assert_one_line_error(code, err, "q/config.json: quantization_config.moe_sparsity_config declares experts pruned "
+                          "or merged, which klconvert does not read")
+
+
+@pytest.mark.parametrize("field, content", [
+    ("transform_config", None), ("transform_config", {}), ("transform_config", {"config_groups": {}}),
+    ("transform_config", FUSED_R1), ("transform_config", {"config_groups": {"v": {"type": "hadamard", "apply": []}}}),
+    ("transform_config", {"config_groups": {"v": {"type": "hadamard"}}}),   # compressed-tensors' default: apply []
+    ("sparsity_config", None), ("sparsity_config", {}), ("sparsity_config", DENSE_SPARSITY),
+], ids=["transforms-null", "transforms-empty", "no-transform-groups", "fused-only", "applied-nowhere",
+        "apply-left-out", "sparsity-null", "sparsity-empty", "dense-sparsity"])
+def test_transforms_fused_into_the_weights_and_dense_sparsity_are_read(tiny_released, tmp_path, field, content):
+    """What changes nothing at run time is read: no transforms, rotations already fused into the weights (their
+    every location weight_input or weight_output), a sparsity config whose weights are stored dense."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _edit_quantization_config(tmp_path / "q", lambda qc: qc.update({field: content}))
+    assert open_checkpoint(tmp_path / "q").get(f"{Q_PROJ}.weight").isfinite().all()

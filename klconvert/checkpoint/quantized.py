@@ -3,6 +3,8 @@ against the weight they stand for and the scheme config.json declares, and dequa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 
 from klconvert.checkpoint.name_map import TensorSpec, canonical_pieces
@@ -19,6 +21,11 @@ NF4_PARTS = tuple(n for n in NF4_NAMES if n != "weight")  # "weight" itself is t
 # names that end so are tensors only a quantized folder holds (either method's)
 PACKED_TENSOR_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "absmax", "quant_state.bitsandbytes__nf4")
 METHODS = (COMPRESSED_TENSORS, BITSANDBYTES)
+LLM_INT8 = "8-bit (LLM.int8)"
+# bitsandbytes' forms klconvert does not read, by a tensor only that form writes beside a module's weight: LLM.int8
+# (transformers' load_in_8bit: Linear8bitLt's _save_to_state_dict writes the int8 weight's fp32 row scales and a
+# uint8 scalar naming its layout) and 4-bit FP4 (Params4bit's quant state, named for its quant type)
+UNREAD_BNB_PARTS = {"SCB": LLM_INT8, "weight_format": LLM_INT8, "weight.quant_state.bitsandbytes__fp4": "4-bit FP4"}
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,27 @@ def quant_method(raw_config: dict, where: str) -> str | None:
     if method not in METHODS:
         raise KLError(f"{where}: quantization_config.quant_method {method!r} is not supported; klconvert reads "
                       f"{' and '.join(METHODS)} checkpoints (write one with `klconvert quantize`)")
+    if method == BITSANDBYTES and qc.get("load_in_8bit") is True:
+        raise _unread_bnb_form(f"{where}: quantization_config.load_in_8bit is true", LLM_INT8)
+    if method == BITSANDBYTES and qc.get("load_in_4bit") is True and qc.get("bnb_4bit_quant_type") == "fp4":
+        raise _unread_bnb_form(f"{where}: quantization_config.bnb_4bit_quant_type is 'fp4'", "4-bit FP4")
     return method
+
+
+def refuse_unread_bnb_parts(weight_map: dict[str, str], folder: Path) -> None:
+    """KLError naming the first tensor of a bitsandbytes form klconvert does not read (UNREAD_BNB_PARTS) when the
+    folder holds one, whatever config.json says (with no quantization_config, or an NF4 one, its weights would be
+    called damaged, unpacked or cut short)."""
+    part = min((name for name in weight_map if _module_of(name, tuple(UNREAD_BNB_PARTS))), default=None)
+    if part is not None:
+        raise _unread_bnb_form(f"{folder / weight_map[part]}: tensor {part}",
+                               UNREAD_BNB_PARTS[_module_of(part, tuple(UNREAD_BNB_PARTS))[1]])
+
+
+def _unread_bnb_form(where: str, form: str) -> KLError:
+    return KLError(f"{where}: bitsandbytes {form} checkpoints are not supported -- klconvert reads bitsandbytes' "
+                   "4-bit NF4 only; give the bf16 release (or its 4-bit NF4 form, which `klconvert quantize --scheme "
+                   "nf4` makes from it)")
 
 
 def _module_of(name: str, parts: tuple[str, ...]) -> tuple[str, str] | None:

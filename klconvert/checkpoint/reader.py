@@ -25,6 +25,7 @@ from klconvert.checkpoint.quantized import (
     dequantize,
     find_quantized,
     quant_method,
+    refuse_unread_bnb_parts,
 )
 from klconvert.checkpoint.safetensors_header import SafetensorsHeader, read_header
 from klconvert.checkpoint.size_bounds import check_model_size, max_header_bytes
@@ -167,6 +168,7 @@ class Checkpoint:
                                   f"{'places in ' + weight_map[name] if name in weight_map else 'does not list'}; "
                                   "the index and shards disagree -- download the checkpoint again")
 
+        refuse_unread_bnb_parts(weight_map, self.folder)
         if self.quant_method:
             self.sources.update(find_quantized(self.quant_method, weight_map, self.headers, self.expected,
                                                self.config, self.folder))
