@@ -5,6 +5,7 @@ import base64
 import binascii
 import codecs
 import json
+import numbers
 import operator
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -221,6 +222,11 @@ class Tokenizer:
     def from_folder(cls, path: str | Path, vocab_size: int | None = None) -> Tokenizer:
         """The folder's tokenizer (`tiny`: the bundled model's), every id below `vocab_size` (default: the folder's
         config.json vocab_size, or klconvert's largest where the folder has no config.json)."""
+        low, high = SIZE_RANGES["vocab_size"]
+        if vocab_size is not None and not (isinstance(vocab_size, numbers.Integral) and not isinstance(vocab_size, bool)
+                                           and low <= vocab_size <= high):
+            raise KLError(f"vocab_size {vocab_size!r} should be a whole number from {low} to {high:,} (the model's "
+                          "vocabulary), or None to take config.json's")
         folder = resolve_model(path)
         if not folder.is_dir():
             raise KLError(f"{folder}: not a folder; point --model at a Kimi Linear checkpoint folder")
@@ -228,7 +234,7 @@ class Tokenizer:
         if vocab_size is None:
             has_config = (folder / "config.json").is_file()
             known_vocab = KimiLinearConfig.from_file(folder / "config.json").vocab_size if has_config else None
-            vocab_size = known_vocab or SIZE_RANGES["vocab_size"][1]
+            vocab_size = known_vocab or high
         bpe_path, config_path = folder / BPE_FILE, folder / CONFIG_FILE
         ranks = read_bpe_ranks(bpe_path, vocab_size)
         config = read_tokenizer_config(config_path)
@@ -332,12 +338,18 @@ class Tokenizer:
 
         Special tokens count only where the template wrote them; their text inside a message stays plain text.
         """
+        _check_messages(messages)
         if self._chat_template is None:
             raise KLError(f"{self._chat_template_path}: no chat_template (nor {CHAT_TEMPLATE_FILE}) in this "
                           "folder; send the prompt as plain text or use a checkpoint that ships a chat template")
-        rendered = render_chat_template(self._chat_template, str(self._chat_template_path),
-                                        messages=self._escape(messages), add_generation_prompt=True,
-                                        bos_token=self._bos_token, eos_token=self._eos_token)
+        try:
+            escaped = self._escape(messages, "messages")
+        except RecursionError:
+            raise KLError("encode_chat: messages are nested too deeply (or a list or dict holds itself); give "
+                          "[{'role': ..., 'content': ...}] dicts of strings") from None
+        rendered = render_chat_template(self._chat_template, str(self._chat_template_path), messages=escaped,
+                                        add_generation_prompt=True, bos_token=self._bos_token,
+                                        eos_token=self._eos_token)
         ids: list[int] = []
         for index, part in enumerate(self._special_split.split(rendered)):  # [text, special, text, ...]
             if index % 2:
@@ -349,15 +361,23 @@ class Tokenizer:
                           "the template, or send the prompt without --chat")
         return ids
 
-    def _escape(self, value):
-        """`value` (message dicts, lists, strings) with special-token text swapped for private-use codes."""
+    def _escape(self, value, where: str):
+        """`value` (message dicts, lists, strings: JSON values, the template's input) with special-token text swapped
+        for private-use codes; KLError naming `where` in it for what is no JSON value (json.dumps raised TypeError)."""
         if isinstance(value, str):
             return self._escape_pattern.sub(lambda m: self._escape_codes[m[0]], value)
         if isinstance(value, dict):
-            return {key: self._escape(item) for key, item in value.items()}
+            for key in value:
+                if not isinstance(key, str):
+                    raise KLError(f"encode_chat: {where} has the key {key!r:.40}, which is no string; JSON keys are "
+                                  "strings")
+            return {key: self._escape(item, f"{where}[{key!r}]") for key, item in value.items()}
         if isinstance(value, (list, tuple)):
-            return [self._escape(item) for item in value]
-        return value
+            return [self._escape(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        if value is None or isinstance(value, (int, float)):   # bools too; numpy's float64 is a float
+            return value
+        raise KLError(f"encode_chat: {where} holds {value!r:.40} ({type(value).__name__}), which is no JSON value; "
+                      "give strings, numbers, lists and dicts")
 
     def _unescape(self, text: str) -> str:
         text = self._unescape_pattern.sub(lambda m: self._escaped_texts[ord(m[1]) - ESCAPE - 1], text)
@@ -366,25 +386,65 @@ class Tokenizer:
     # ---- ids -> text ------------------------------------------------------------------------------------
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes of one id (a special token's bytes are its UTF-8 text)."""
-        return self._encoding.decode_single_token_bytes(*self._known([token_id]))
+        return self._encoding.decode_single_token_bytes(self._known_id(token_id))
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Ids to text; bytes that are not valid UTF-8 become U+FFFD."""
+        """One sequence of ids (a flat list, or a [T] tensor or array) to text; bytes that are not valid UTF-8 become
+        U+FFFD."""
         return self._encoding.decode(self._known(ids), errors="replace")
 
     def _known(self, ids: Iterable[int]) -> list[int]:
-        """ids as a list, each one the vocabulary has, else a KLError naming it (tiktoken raised KeyError, or an
-        OverflowError naming no id for a negative one)."""
+        """ids as a list of ints, each one the vocabulary has (_known_id); a list or [n] tensor inside is a batch's
+        row, refused as that (it was called an id outside the vocabulary)."""
         known, n = [], self.vocab_size
-        for i in ids:
-            try:
-                index = None if isinstance(i, bool) else operator.index(i)  # numpy's and torch's integers too
-            except TypeError:
-                index = None
-            if index is None or not 0 <= index < n:
-                raise KLError(f"token id {i if index is None else index!r} is outside the vocabulary (0..{n - 1})")
-            known.append(index)
+        for at, i in enumerate(ids):
+            if type(i) is int and 0 <= i < n:   # the common case, at once
+                known.append(i)
+            elif isinstance(i, (list, tuple)) or getattr(i, "ndim", 0):
+                raise KLError(f"decode takes one sequence of token ids (a flat list), got a sequence at [{at}]; decode "
+                              "each row of generate's [batch, n] output, e.g. decode(generate(...)[0])")
+            else:
+                known.append(self._known_id(i, f" at [{at}]"))
         return known
+
+    def _known_id(self, token_id, where: str = "") -> int:
+        """One id -- an int, numpy's or a 0-d tensor's integer -- as an int the vocabulary has, else a KLError naming
+        it as given (`where`: its index): tiktoken raised KeyError, or an OverflowError naming no id for a negative
+        one; a bool was read as id 0 or 1, a torch uint64 past int64 a RuntimeError."""
+        value = token_id.item() if getattr(token_id, "ndim", None) == 0 else token_id   # exact, uint64 too
+        if isinstance(value, bool):
+            raise KLError(f"token ids should be whole numbers, got a bool{where}; give ints (a bool would decode as "
+                          "id 0 or 1)")
+        try:
+            index = operator.index(value)
+        except TypeError:
+            index = None
+        if index is None or not 0 <= index < self.vocab_size:
+            raise KLError(f"token id {value if index is None else index!r} is outside the vocabulary "
+                          f"(0..{self.vocab_size - 1})")
+        return index
+
+
+def _check_messages(messages) -> None:
+    """KLError unless `messages` is a list (or tuple) of dicts, each with a string 'role' and a string 'content' (or
+    a list of content-part dicts, which chat templates take too): a str rendered each character as a message, a
+    missing or None content an empty turn."""
+    if not isinstance(messages, (list, tuple)):
+        example = f" give [{{'role': 'user', 'content': {messages[:40]!r}}}]" if isinstance(messages, str) else ""
+        raise KLError(f"encode_chat: messages should be a list of {{'role': ..., 'content': ...}} dicts, got a "
+                      f"{type(messages).__name__};{example or ' make it a list'}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise KLError(f"encode_chat: messages[{i}] should be a dict with string 'role' and 'content', got a "
+                          f"{type(message).__name__}")
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str):
+            raise KLError(f"encode_chat: messages[{i}]['role'] should be a string ('system', 'user', 'assistant'), "
+                          f"got {role!r:.40}")
+        if not (isinstance(content, str) or (isinstance(content, (list, tuple))
+                                             and all(isinstance(part, dict) for part in content))):
+            raise KLError(f"encode_chat: messages[{i}]['content'] should be a string (or a list of content-part "
+                          f"dicts), got {content!r:.40}")
 
 
 def check_tokenizer_if_any(folder: Path, vocab_size: int) -> Tokenizer | None:

@@ -29,6 +29,7 @@ from klconvert.tokenizer import Tokenizer, check_tokenizer_if_any, model_stop_id
 
 SMALL_MODEL_HIDDEN = 1024  # below this hidden size, CPU decode runs on one thread (see Engine._small_model_threads)
 MAX_TOKENS_IN_FLIGHT = 8  # decode steps the host may run ahead of the tokens it has seen (stop checks lag so)
+OUT_COLUMNS = 1024  # new ids held on the device a block of this many steps at a time: the output grows as they come
 
 
 @dataclass
@@ -56,14 +57,31 @@ class GenerationStats:
         return self.timed_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
 
-def check_id_range(ids: torch.Tensor, vocab_size: int) -> None:
+def check_id_range(ids: torch.Tensor, vocab_size: int, what: str = "token id") -> None:
     """KLError unless every token id of `ids` (int64) lies in the vocabulary, naming the smallest id when it is
     negative, else the largest."""
     if not ids.numel():
         return
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= vocab_size:
-        raise KLError(f"token id {low if low < 0 else high} is outside the vocabulary (0..{vocab_size - 1})")
+        raise KLError(f"{what} {low if low < 0 else high} is outside the vocabulary (0..{vocab_size - 1})")
+
+
+def as_stop_ids(stop_ids, vocab_size: int) -> frozenset[int]:
+    """generate's stop_ids -- any iterable of token ids (a set, list, tuple, generator or 1-d tensor; numpy and torch
+    integers taken as ints) -- as a frozenset of ints inside the vocabulary, read once: the device compares against
+    them and the host too, so a generator read up by one (the host then never stopped), 44.5 truncated by one and not
+    the other, True taken as 1, or an id no token can be (never matched) is refused."""
+    try:
+        items = list(stop_ids)
+    except TypeError:
+        raise KLError(f"stop_ids {stop_ids!r:.60} should be a set of token ids, e.g. {{{stop_ids!r:.20}}} for one "
+                      "(frozenset() never stops)") from None
+    ids = whole_numbers(items, "stop_ids")
+    if ids.dim() != 1:
+        raise KLError(f"stop_ids should be a flat set of token ids, got them nested (shape {list(ids.shape)})")
+    check_id_range(ids, vocab_size, "stop id")
+    return frozenset(ids.tolist())
 
 
 def whole_numbers(value, what: str = "token ids", where: str = "") -> torch.Tensor:
@@ -81,6 +99,11 @@ def whole_numbers(value, what: str = "token ids", where: str = "") -> torch.Tens
         raise KLError(f"{what} should be whole numbers in a list or tensor ({str(e).splitlines()[0][:120]})") from None
     if t.numel() and (t.dtype == torch.bool or t.is_floating_point() or t.is_complex()):
         raise KLError(f"{what} should be whole numbers, got {t.dtype}")
+    if t.dtype == torch.uint64 and t.numel():   # past 2**63 - 1, .long() would wrap it round to a negative number
+        wrapped = t.view(torch.int64)
+        if bool((wrapped < 0).any()):
+            raise KLError(f"{what}: {int(wrapped[wrapped < 0][0]) + 2**64} is past any id or position (a "
+                          "whole number below 2**63)")
     return t.long()
 
 
@@ -126,9 +149,35 @@ def as_batch(input_ids, vocab_size: int) -> torch.Tensor:
     return ids
 
 
+def check_plan_args(max_context, batch, mla_cache_dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """KLError unless the memory plan's context and batch are whole numbers >= 1 and the MLA cache dtype None (the
+    caller's default) or one of MLA_CACHE_DTYPES, by name or dtype; returns that dtype (load and resize take the
+    same)."""
+    if isinstance(mla_cache_dtype, str):
+        if mla_cache_dtype not in MLA_CACHE_DTYPES:
+            raise KLError(f"--mla-cache-dtype {mla_cache_dtype}: choose {' or '.join(MLA_CACHE_DTYPES)}")
+        mla_cache_dtype = MLA_CACHE_DTYPES[mla_cache_dtype]
+    if mla_cache_dtype is not None and mla_cache_dtype not in MLA_CACHE_DTYPES.values():
+        raise KLError(f"--mla-cache-dtype {mla_cache_dtype}: choose {' or '.join(MLA_CACHE_DTYPES)}")
+    if type(max_context) is not int or type(batch) is not int or max_context < 1 or batch < 1:
+        raise KLError(f"--max-context ({max_context!r}) and --batch ({batch!r}) must be whole numbers of at least 1")
+    return mla_cache_dtype
+
+
 def _one_id(value) -> bool:
     """Whether a prompt list's item is one token id (a number or a 0-d tensor), not a prompt of its own."""
     return isinstance(value, numbers.Number) or (isinstance(value, torch.Tensor) and value.dim() == 0)
+
+
+@contextmanager
+def failure_resets_stats(runner) -> Iterator[None]:
+    """A generation that fails (an exception from a callback, an interrupt) leaves runner.stats reset to
+    GenerationStats(), not its partial figures (an Engine's or an OnnxEngine's: both decode through decode_loop)."""
+    try:
+        yield
+    except BaseException:
+        runner.stats = GenerationStats()
+        raise
 
 
 def _sync(device: torch.device) -> None:
@@ -191,6 +240,7 @@ class Engine:
         self.weight_bytes = weight_bytes(config, dtype, HeldPacked(held))
         self.weights_held = 0    # bytes of weights bound (what a resize on the CPU adds back to what the host has)
         self.state = None
+        self._generating = False   # while generate runs: its callbacks may not use the state it holds
         self._plan_state(context, batch, mla_cache_dtype or dtype)   # refused before any weight is read
         with host_allocation(f"the weights ({sum(self.weight_bytes.values()) / 2**30:.1f} GiB)"):
             bind(self.model, read, packed, held, device, dtype, self.triton)
@@ -236,14 +286,37 @@ class Engine:
             torch.cuda.empty_cache()
         self.state = self.plan.allocate(self.device)
 
-    def resize(self, context: int, batch: int, mla_cache_dtype: torch.dtype | None = None) -> None:
-        """A new memory plan for the same weights: state and cache reallocated (once), decode steps re-captured. A
-        plan refused leaves the engine as it was."""
+    def resize(self, context: int, batch: int, mla_cache_dtype: str | torch.dtype | None = None) -> None:
+        """A new memory plan for the same weights: state and cache reallocated (once), decode steps re-captured.
+        Arguments as load's max_context, batch and mla_cache_dtype (None: the cache's dtype now). A plan refused
+        leaves the engine as it was."""
+        self._check_idle("resize")
+        mla_cache_dtype = check_plan_args(context, batch, mla_cache_dtype)
         self._plan_state(context, batch, mla_cache_dtype or self.plan.mla_cache_dtype)   # the old state counted free
         self._steps, self.state = {}, None   # freed before the new one is allocated
         self._allocate_state()
 
     # ---- checks ----------------------------------------------------------------------------------
+    def _check_idle(self, call: str) -> None:
+        """KLError when generate is running on this engine: `call` (from its on_token or on_prefill) would write
+        the state rows and step buffers that generate is using, and corrupt its output."""
+        if self._generating:
+            raise KLError(f"{call} was called while generate is running on this engine (from its on_token or "
+                          f"on_prefill callback); the two would share one state -- call it after generate returns, "
+                          "or on a second engine")
+
+    @contextmanager
+    def _generation(self) -> Iterator[None]:
+        """generate's hold on the engine: refused while one runs (self.stats then untouched: they are that one's),
+        released however it ends; a call that fails leaves self.stats reset."""
+        self._check_idle("generate")
+        self._generating = True
+        try:
+            with failure_resets_stats(self):
+                yield
+        finally:
+            self._generating = False
+
     def _as_batch(self, input_ids) -> torch.Tensor:
         ids = as_batch(input_ids, self.config.vocab_size)
         self._check_batch(ids.shape[0])
@@ -295,6 +368,7 @@ class Engine:
     def forward_segments(self, input_ids) -> Iterator[torch.Tensor]:
         """`forward` one prefill segment at a time: yields logits [B, S, vocab] fp32 for positions in order, so a
         caller that moves each on (to the host, into a sum) never holds all T positions' logits on the device."""
+        self._check_idle("forward")
         ids = self._as_batch(input_ids)
         self.check_fits(ids.shape[1], 0)
         return self._prefill(ids, self.state.rows(0, ids.shape[0]), all_logits=True)
@@ -302,6 +376,7 @@ class Engine:
     def prefill(self, input_ids, progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Prefill whole sequences of one length, input_ids [B, T] -> the logits after each one's last token
         [B, vocab] fp32 (the cache then holds positions 0..T-1, ready for decode at T)."""
+        self._check_idle("prefill")
         ids = self._as_batch(input_ids)
         self.check_fits(ids.shape[1], 0)
         return self._last_logits(ids, self.state.rows(0, ids.shape[0]), progress)
@@ -323,11 +398,21 @@ class Engine:
     def decode_step(self, token: torch.Tensor, position) -> torch.Tensor:
         """One token per sequence: token [B, 1] or [B] at `position` (an int for all, or [B]) -> logits [B, vocab].
         Runs eagerly (the graph-captured step is `decoder(B)`)."""
-        token = whole_numbers(token).reshape(-1)
+        self._check_idle("decode_step")
+        token = whole_numbers(token)
+        if token.dim() not in (1, 2) or (token.dim() == 2 and token.shape[1] != 1) or token.shape[0] == 0:
+            raise KLError(f"decode_step takes one token per sequence, [B] or [B, 1] ids with B >= 1, got shape "
+                          f"{list(token.shape)}" + (" (a sequence's several tokens go through prefill)"
+                                                    if token.dim() == 2 and token.shape[1] > 1 else ""))
+        token = token.view(-1)
         self._check_batch(token.shape[0])
         check_id_range(token, self.config.vocab_size)
-        positions = whole_numbers(position, "positions").expand(token.shape[0])
-        if positions.numel() and not 0 <= int(positions.min()) <= int(positions.max()) < self.plan.context:
+        positions = whole_numbers(position, "positions")
+        if positions.dim() > 1 or (positions.dim() == 1 and positions.shape[0] != token.shape[0]):
+            raise KLError(f"decode_step's position should be one int for all sequences or [B] = [{token.shape[0]}] "
+                          f"positions, one a sequence, got shape {list(positions.shape)}")
+        positions = positions.expand(token.shape[0])
+        if not 0 <= int(positions.min()) <= int(positions.max()) < self.plan.context:
             raise KLError(f"position {position} is outside the planned context 0..{self.plan.context - 1}")
         token, positions = token.to(self.device), positions.to(self.device)
         with torch.inference_mode():
@@ -341,12 +426,24 @@ class Engine:
         [B, n] (n <= max_new_tokens). `prompts`: [T] / [B, T] ids, or a list of id lists of different lengths.
 
         A sequence that emits a stop id is padded with it; generation ends when every sequence has stopped.
-        `stop_ids` default: the model's stop tokens, self.stop_ids (where `klconvert run` stops); frozenset() runs
-        every sequence to max_new_tokens.
+        `stop_ids`: token ids (any iterable of ints, as_stop_ids); default: the model's stop tokens, self.stop_ids
+        (where `klconvert run` stops); frozenset() runs every sequence to max_new_tokens.
         `on_token(sequence, id)` receives each new id as it reaches the host (copied asynchronously);
-        `on_prefill(n)` hears of each prefill segment done, n prompt tokens (for a progress bar).
+        `on_prefill(n)` hears of each prefill segment done, n prompt tokens (for a progress bar). Neither may call
+        back into this engine (generate, prefill, decode_step, resize: a KLError), whose state generate is using.
+
+        self.stats: the figures of the last call that completed; a call that fails (an exception from a callback, an
+        interrupt) leaves them reset (GenerationStats()), never a failed call's partial figures.
         """
-        check_generate_args(max_new_tokens, temperature, top_p, seed)
+        with self._generation():
+            return self._generate(prompts, *check_generate_args(max_new_tokens, temperature, top_p, seed),
+                                  as_stop_ids(self.stop_ids if stop_ids is None else stop_ids, self.config.vocab_size),
+                                  on_token, on_prefill)
+
+    def _generate(self, prompts, max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
+                  stop_ids: frozenset[int], on_token: Callable[[int, int], None] | None,
+                  on_prefill: Callable[[int], None] | None) -> torch.Tensor:
+        """generate with its arguments checked, holding the engine."""
         seqs = self._as_prompts(prompts)
         B = len(seqs)
         self.check_fits(max(len(s) for s in seqs), max_new_tokens)
@@ -363,8 +460,7 @@ class Engine:
         self.stats.prefill_seconds = time.perf_counter() - t0
         if step is None:  # the prompts through the model (their prefill timed), nothing to decode
             return torch.empty(B, 0, dtype=torch.long)
-        return self.decode_loop(step, last, max_new_tokens, temperature, top_p, generator,
-                                self.stop_ids if stop_ids is None else stop_ids, on_token)
+        return self.decode_loop(step, last, max_new_tokens, temperature, top_p, generator, stop_ids, on_token)
 
     @contextmanager
     def _small_model_threads(self):
@@ -388,48 +484,60 @@ class Engine:
         """From the logits after each sequence's last token (step.positions at the next free position), sample
         and run decode steps; the host never waits for the device except to hand tokens on (async copies, at
         most MAX_TOKENS_IN_FLIGHT steps behind) and once, after the first step, to start the clock. Returns the
-        new ids [B, n] on the CPU; fills self.stats."""
-        B = logits.shape[0]
-        t0 = time.perf_counter()
-        stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
-        token = sample(logits, temperature, top_p, generator)
-        done = torch.isin(token, stop)
-        out = torch.empty(B, max_new_tokens, dtype=torch.long, device=self.device)
-        out[:, 0] = token
-        stream, stopped, made = _TokenStream(self.device), [False] * B, [0] * B
-        stream.push(token)
+        new ids [B, n] on the CPU; fills self.stats (reset when it fails, as generate says). Its arguments are
+        checked here, where every generate ends (OnnxEngine.generate's too): as check_generate_args and as_stop_ids."""
+        with failure_resets_stats(self):
+            max_new_tokens, temperature, top_p, _ = check_generate_args(max_new_tokens, temperature, top_p, None)
+            stop_ids = as_stop_ids(stop_ids, self.config.vocab_size)
+            B = logits.shape[0]
+            t0 = time.perf_counter()
+            stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
+            token = sample(logits, temperature, top_p, generator)
+            done = torch.isin(token, stop)
+            blocks: list[torch.Tensor] = []   # the new ids: a block of OUT_COLUMNS steps added as the steps reach it
 
-        def hand_on(rows: list[list[int]]) -> None:
-            for row in rows:
-                for b, t in enumerate(row):
-                    if not stopped[b]:
-                        stopped[b], made[b] = t in stop_ids, made[b] + 1
-                        if on_token:
-                            on_token(b, t)
+            def keep(token: torch.Tensor, n: int) -> None:   # token: the new ids of step n (0-based)
+                if n % OUT_COLUMNS == 0:
+                    blocks.append(torch.empty(B, min(OUT_COLUMNS, max_new_tokens - n), dtype=torch.long,
+                                              device=self.device))
+                blocks[-1][:, n % OUT_COLUMNS] = token
 
-        n, timed_from = 1, 1
-        hand_on(stream.landed())
-        with self._small_model_threads():
-            while n < max_new_tokens and not all(stopped):
-                if n == 2:  # the first step is in: time the rest (GenerationStats.decode_tps)
-                    _sync(self.device)
-                    t0, timed_from = time.perf_counter(), 2
-                step.tokens.copy_(token)
-                logits = step.step()
-                token = torch.where(done, token, sample(logits, temperature, top_p, generator))
-                done |= torch.isin(token, stop)
-                step.positions += 1
-                out[:, n] = token
-                stream.push(token)
-                n += 1
-                hand_on(stream.landed())
-        hand_on(stream.landed(wait=True))
-        _sync(self.device)
-        self.stats.decode_seconds = time.perf_counter() - t0
-        self.stats.steps, self.stats.timed_steps, self.stats.batch = n - 1, n - timed_from, B
-        self.stats.new_tokens = sum(made)
-        self.stats.timed_tokens = sum(max(0, min(m, n) - timed_from) for m in made)  # columns timed_from.. of each
-        return out[:, :n].cpu()
+            keep(token, 0)
+            stream, stopped, made = _TokenStream(self.device), [False] * B, [0] * B
+            stream.push(token)
+
+            def hand_on(rows: list[list[int]]) -> None:
+                for row in rows:
+                    for b, t in enumerate(row):
+                        if not stopped[b]:
+                            stopped[b], made[b] = t in stop_ids, made[b] + 1
+                            if on_token:
+                                on_token(b, t)
+
+            n, timed_from = 1, 1
+            hand_on(stream.landed())
+            with self._small_model_threads():
+                while n < max_new_tokens and not all(stopped):
+                    if n == 2:  # the first step is in: time the rest (GenerationStats.decode_tps)
+                        _sync(self.device)
+                        t0, timed_from = time.perf_counter(), 2
+                    step.tokens.copy_(token)
+                    logits = step.step()
+                    token = torch.where(done, token, sample(logits, temperature, top_p, generator))
+                    done |= torch.isin(token, stop)
+                    step.positions += 1
+                    keep(token, n)
+                    stream.push(token)
+                    n += 1
+                    hand_on(stream.landed())
+            hand_on(stream.landed(wait=True))
+            _sync(self.device)
+            self.stats.decode_seconds = time.perf_counter() - t0
+            self.stats.steps, self.stats.timed_steps, self.stats.batch = n - 1, n - timed_from, B
+            self.stats.new_tokens = sum(made)
+            # columns timed_from.. of each sequence
+            self.stats.timed_tokens = sum(max(0, min(m, n) - timed_from) for m in made)
+            return torch.cat(blocks, dim=1)[:, :n].cpu()
 
     def _as_prompts(self, prompts) -> list[torch.Tensor]:
         seqs = as_prompts(prompts, self.config.vocab_size)
@@ -465,14 +573,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if dtype not in (torch.float32, torch.bfloat16):
         raise KLError(f"--dtype {dtype}: choose float32 or bfloat16")
-    if isinstance(mla_cache_dtype, str):
-        if mla_cache_dtype not in MLA_CACHE_DTYPES:
-            raise KLError(f"--mla-cache-dtype {mla_cache_dtype}: choose {' or '.join(MLA_CACHE_DTYPES)}")
-        mla_cache_dtype = MLA_CACHE_DTYPES[mla_cache_dtype]
-    if mla_cache_dtype is not None and mla_cache_dtype not in MLA_CACHE_DTYPES.values():
-        raise KLError(f"--mla-cache-dtype {mla_cache_dtype}: choose {' or '.join(MLA_CACHE_DTYPES)}")
-    if type(max_context) is not int or type(batch) is not int or max_context < 1 or batch < 1:
-        raise KLError(f"--max-context ({max_context!r}) and --batch ({batch!r}) must be whole numbers of at least 1")
+    mla_cache_dtype = check_plan_args(max_context, batch, mla_cache_dtype)
     checkpoint = Checkpoint(resolve_model(path))
     schemes = {n: s.scheme for n, s in checkpoint.sources.items() if isinstance(s, QuantizedSource)}
     tokenizer = check_tokenizer_if_any(checkpoint.folder, checkpoint.config.vocab_size)   # for its stop tokens

@@ -10,23 +10,45 @@ import torch
 from klconvert.errors import KLError
 
 
-def check_generate_args(max_new_tokens: int, temperature: float, top_p: float, seed: int | None) -> None:
-    """KLError unless max_new_tokens is a whole number >= 0, temperature finite and >= 0, 0 < top_p <= 1 and the
-    seed None or one torch.Generator takes (the CLI's flags hold them so; the Python API is held here: a NaN
-    temperature sampled token 0 on every step, -1 new tokens returned none, 1.5 was a TypeError)."""
-    if not (isinstance(max_new_tokens, numbers.Integral) and not isinstance(max_new_tokens, bool)
-            and max_new_tokens >= 0):
+SEEDS = 2**64  # a seed is 0 .. SEEDS - 1: what torch.Generator.manual_seed takes (it wraps -1 round to 2**64 - 1)
+
+
+def as_number(value, whole: bool = False) -> int | float | None:
+    """`value` as a Python int (`whole`) or float, or None when it is not one: Python, numpy and 0-d torch numbers
+    are taken alike; bools (which count as 0 or 1), complex numbers, and floats where a whole number is asked (1.5 new
+    tokens) are not. (A 0-d CUDA tensor is read once, here, not at every step.)"""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            return None
+        if whole and value.is_floating_point():
+            return None
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
+        return None   # numpy's bool_ is no numbers.Number; its integer and float scalars are registered there
+    try:
+        return int(value) if whole else float(value)
+    except OverflowError:   # an int past any float (10**400): no finite number
+        return None
+
+
+def check_generate_args(max_new_tokens, temperature, top_p, seed) -> tuple[int, float, float, int | None]:
+    """max_new_tokens, temperature, top_p and seed as Python numbers (as_number: numpy and torch scalars taken); KLError
+    unless max_new_tokens is a whole number >= 0, temperature finite and >= 0, 0 < top_p <= 1 and the seed None or a
+    whole number 0 .. 2**64 - 1 (the CLI's flags hold them so; the Python API is held here: a NaN temperature sampled
+    token 0 on every step, -1 new tokens returned none, 1.5 was a TypeError, seed -1 drew as 2**64 - 1)."""
+    new_tokens = as_number(max_new_tokens, whole=True)
+    if new_tokens is None or new_tokens < 0:
         raise KLError(f"max_new_tokens {max_new_tokens!r} should be a whole number >= 0 (0 only prefills)")
-    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and math.isfinite(temperature)
-            and temperature >= 0):
+    t = as_number(temperature)
+    if t is None or not math.isfinite(t) or t < 0:
         raise KLError(f"temperature {temperature!r} should be a finite number >= 0 (0 is greedy)")
-    if not (isinstance(top_p, (int, float)) and not isinstance(top_p, bool) and 0 < top_p <= 1):   # NaN fails too
+    p = as_number(top_p)
+    if p is None or not 0 < p <= 1:   # NaN fails too
         raise KLError(f"top_p {top_p!r} should be in (0, 1] (1 keeps every token)")
-    if seed is not None:
-        try:
-            torch.Generator().manual_seed(seed)
-        except (RuntimeError, ValueError, TypeError):
-            raise KLError(f"seed {seed!r} should be a whole number torch.Generator takes, 0 .. 2**64 - 1") from None
+    s = None if seed is None else as_number(seed, whole=True)
+    if seed is not None and (s is None or not 0 <= s < SEEDS):
+        raise KLError(f"seed {seed!r} should be a whole number 0 .. 2**64 - 1 (or None for a fresh one)")
+    return new_tokens, t, p, s
 
 
 def sampling_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
@@ -36,7 +58,7 @@ def sampling_generator(seed: int | None, device: torch.device | str = "cpu") -> 
     if seed is None:
         generator.seed()
     else:
-        generator.manual_seed(seed)
+        generator.manual_seed(int(seed))   # as check_generate_args took it: a numpy or torch integer too
     return generator
 
 

@@ -2,6 +2,7 @@
 the Triton int kernels take, which tensors the runtime keeps in fp32. runtime/bind.py applies them."""
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -40,10 +41,22 @@ class HeldPacked:
         return self.schemes.get(name)
 
 
+def refuse_triton_off_cuda(kernels: str, device: torch.device) -> None:
+    """KLError when --kernels triton is asked for off CUDA: Triton's kernels run on a CUDA GPU (or under
+    TRITON_INTERPRET=1, Triton's CPU interpreter, as the tests run them); elsewhere the first step would fail in
+    Triton's driver ("0 active drivers")."""
+    if kernels != "triton" or device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    where = "--device cpu" if torch.cuda.is_available() else "this machine (no CUDA GPU is visible)"
+    raise KLError(f"--kernels triton needs a CUDA GPU, but it was asked for on {where}; use --kernels torch "
+                  "(or auto, the default)")
+
+
 def use_triton(kernels: str, device: torch.device) -> bool:
     """Resolve --kernels: auto means Triton on CUDA, PyTorch elsewhere."""
     if kernels not in KERNEL_MODES:
         raise KLError(f"--kernels {kernels!r}: choose one of {', '.join(KERNEL_MODES)}")
+    refuse_triton_off_cuda(kernels, device)
     chosen = device.type == "cuda" if kernels == "auto" else kernels == "triton"
     if chosen:
         require("triton", f"--kernels {kernels}" + (" (Triton on CUDA; --kernels torch runs without it)"

@@ -33,14 +33,39 @@ def test_the_offending_token_id_is_named(engine, ids, bad):
     (dict(top_p=float("nan")), r"top_p nan should be in \(0, 1\]"),
     (dict(top_p=1.5), r"top_p 1.5 should be in \(0, 1\]"),
     (dict(top_p=0.0), r"top_p 0.0 should be in \(0, 1\]"),
-    (dict(seed=2**70), "seed 1180591620717411303424 should be a whole number torch.Generator takes"),
+    (dict(seed=2**70), r"seed 1180591620717411303424 should be a whole number 0 \.\. 2\*\*64 - 1"),
+    (dict(seed=-1), r"seed -1 should be a whole number 0 \.\. 2\*\*64 - 1 \(or None for a fresh one\)"),
+    (dict(seed=2**64), "seed 18446744073709551616 should be"),
+    (dict(seed=3.0), "seed 3.0 should be"),
+    (dict(seed=True), "seed True should be"),
+    (dict(temperature=10**400), "should be a finite number >= 0"),
     (dict(temperature=True), "temperature True should be"),
     (dict(top_p=True), r"top_p True should be in \(0, 1\]"),
 ])
 def test_sampling_arguments_are_checked(engine, kwargs, message):
-    """A NaN temperature sampled token 0 at every step; a seed of 2**70 was a ValueError from torch."""
+    """A NaN temperature sampled token 0 at every step; a seed of 2**70 was a ValueError from torch, -1 drew as
+    2**64 - 1 though the message said 0 .. 2**64 - 1."""
     with pytest.raises(KLError, match=message):
         engine.generate([[1, 2, 3]], 2, **kwargs)
+
+
+def test_numpy_and_torch_numbers_are_numbers_to_every_argument(engine):
+    """np.float32(0.7) was refused as no finite temperature, np.int64(3) as no seed, while np.int64(4) new tokens
+    ran: each is taken as the Python number it holds, and draws as it does."""
+    import numpy as np
+
+    want = engine.generate([[1, 2, 3]], 4, temperature=0.5, top_p=0.75, seed=3, stop_ids=frozenset())
+    for kwargs in (dict(max_new_tokens=np.int64(4), temperature=np.float32(0.5), top_p=np.float32(0.75),
+                        seed=np.int64(3)),
+                   dict(max_new_tokens=torch.tensor(4), temperature=torch.tensor(0.5), top_p=torch.tensor(0.75),
+                        seed=torch.tensor(3)),
+                   dict(max_new_tokens=4, temperature=np.float64(0.5), top_p=0.75, seed=np.uint64(3))):
+        assert torch.equal(engine.generate([[1, 2, 3]], stop_ids=frozenset(), **kwargs), want), kwargs
+    for kwargs, message in ((dict(temperature=np.bool_(True)), "should be a finite number >= 0"),
+                            (dict(seed=torch.tensor(3.0)), r"seed tensor\(3\.\) should be"),
+                            (dict(top_p=torch.tensor([0.5])), r"top_p tensor\(\[0\.5000\]\) should be")):
+        with pytest.raises(KLError, match=message):
+            engine.generate([[1, 2, 3]], 2, **kwargs)
 
 
 @pytest.mark.parametrize("max_new_tokens", [-1, 1.5, "3", None, True])
@@ -214,7 +239,8 @@ def test_the_allocator_refusing_at_load_is_out_of_memory_in_one_line(tiny_releas
                                                   r".*DefaultCPUAllocator: can't allocate memory"):
         klconvert.load(tiny_released, device="cpu", max_context=64)
     code, _, err = run_cli(capsys, "run", "--model", tiny_released, "--prompt", "a", "--max-new-tokens", "2")
-    assert_one_line_error(code, err, "out of host memory (or the process's memory limit)")
+    assert_one_line_error(code, err, "out of host memory (or the process's memory limit) allocating the ",
+                          "DefaultCPUAllocator")   # the CLI's line says what was allocated, as the error does
 
 
 def test_other_runtime_errors_at_load_are_not_called_out_of_memory(tiny_released, monkeypatch):
@@ -224,3 +250,176 @@ def test_other_runtime_errors_at_load_are_not_called_out_of_memory(tiny_released
     with pytest.raises(RuntimeError, match="something else") as error:
         klconvert.load(tiny_released, device="cpu", max_context=64)
     assert not isinstance(error.value, MemoryError)
+
+
+@pytest.mark.parametrize("call", ["generate", "prefill", "forward", "decode_step", "resize"])
+def test_a_callback_cannot_call_back_into_the_engine_generating(engine, call):
+    """generate from its own on_token ran on the outer call's state rows and step: the outer output came out
+    corrupted, silently. Any call that writes the state is refused while generate runs, and the outer call goes on
+    as if it had not been made."""
+    calls = {"generate": lambda: engine.generate([9, 9, 9], 3), "prefill": lambda: engine.prefill([[9, 9]]),
+             "forward": lambda: engine.forward([[9, 9]]), "decode_step": lambda: engine.decode_step([9], 5),
+             "resize": lambda: engine.resize(32, 1)}
+    refused = []
+
+    def call_back(*_):
+        with pytest.raises(KLError, match=rf"^{call} was called while generate is running on this engine \(from its "
+                                          r"on_token or on_prefill callback\); .* call it after generate returns, or "
+                                          r"on a second engine$"):
+            calls[call]()
+        refused.append(call)
+
+    want = engine.generate([1, 2, 3], 6, stop_ids=frozenset())
+    assert torch.equal(engine.generate([1, 2, 3], 6, stop_ids=frozenset(), on_token=call_back), want)
+    assert torch.equal(engine.generate([1, 2, 3], 6, stop_ids=frozenset(), on_prefill=call_back), want)
+    assert len(refused) == 6 + 1 and engine.plan.context == 64
+
+
+def test_a_generate_ended_by_its_callback_leaves_the_engine_free(engine):
+    """The hold generate takes on the engine is let go however it ends, and the failed call's partial figures are not
+    left in stats: they are reset, as the docstring says."""
+    def fail(*_):
+        raise ValueError("the caller's own error")
+
+    for callbacks in (dict(on_token=fail), dict(on_prefill=fail)):
+        engine.generate([1, 2, 3], 4, stop_ids=frozenset())
+        with pytest.raises(ValueError, match="the caller's own error"):
+            engine.generate([1, 2, 3], 4, stop_ids=frozenset(), **callbacks)
+        assert engine.stats == klconvert.runtime.engine.GenerationStats()
+        engine.generate([1, 2, 3], 4, stop_ids=frozenset())   # not refused as running
+        assert engine.stats.new_tokens == 4 and engine.stats.prompt_tokens == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    ((-5, 1), r"--max-context \(-5\) and --batch \(1\) must be whole numbers of at least 1"),
+    ((64, -1), r"--batch \(-1\) must be"),
+    ((0, 1), r"--max-context \(0\)"),
+    ((64, 0), r"--batch \(0\) must be"),
+    ((1.5, 1), r"--max-context \(1\.5\)"),
+    ((True, 1), r"--max-context \(True\)"),
+    ((float("nan"), 1), r"--max-context \(nan\)"),
+    ((64, 1, torch.int8), "--mla-cache-dtype torch.int8: choose bfloat16 or float8_e4m3fn"),
+    ((64, 1, torch.float16), "--mla-cache-dtype torch.float16: choose"),
+    ((64, 1, "int8"), "--mla-cache-dtype int8: choose"),
+])
+def test_resize_checks_its_arguments_as_load_does_before_anything_changes(tiny_released, args, message):
+    """resize checked nothing: a negative or fractional size was torch's error after the new plan was kept and the
+    state freed (the next generate an AttributeError), 0 broke later calls, an int8 cache generated garbage."""
+    engine = klconvert.load(tiny_released, device="cpu", max_context=64)
+    before, plan, state = engine.generate([1, 2, 3], 4, stop_ids=frozenset()), engine.plan, engine.state
+    with pytest.raises(KLError, match=message):
+        engine.resize(*args)
+    assert engine.plan is plan and engine.state is state
+    assert torch.equal(engine.generate([1, 2, 3], 4, stop_ids=frozenset()), before)
+
+
+def test_resize_takes_the_cache_dtype_by_name_as_load_does(tiny_released):
+    """resize(64, 1, "float8_e4m3fn") was an AttributeError; load takes the name."""
+    engine = klconvert.load(tiny_released, device="cpu", max_context=64)
+    engine.resize(32, 1, "float8_e4m3fn")
+    assert engine.plan.mla_cache_dtype == engine.state.mla_cache.dtype == torch.float8_e4m3fn
+    engine.resize(64, 1)   # None keeps the cache's dtype
+    assert engine.plan.mla_cache_dtype == torch.float8_e4m3fn and engine.plan.context == 64
+
+
+@pytest.mark.parametrize("stop_ids, message", [
+    (44, r"^stop_ids 44 should be a set of token ids, e\.g\. \{44\} for one \(frozenset\(\) never stops\)$"),
+    (torch.tensor(44), r"^stop_ids tensor\(44\) should be a set of token ids"),
+    ({44.5}, r"^stop_ids should be whole numbers, got torch\.float"),
+    ({True}, r"^stop_ids should be whole numbers, got a bool at \[0\]"),
+    ({-1}, r"^stop id -1 is outside the vocabulary \(0\.\.\d+\)$"),
+    ({10**6}, r"^stop id 1000000 is outside the vocabulary"),
+    ({2**70}, r"^stop_ids should be whole numbers in a list or tensor"),
+    ("44", r"^stop_ids should be whole numbers in a list or tensor"),
+    ([[1, 2]], r"^stop_ids should be a flat set of token ids, got them nested \(shape \[1, 2\]\)$"),
+])
+def test_stop_ids_that_are_no_set_of_token_ids_are_refused(engine, stop_ids, message):
+    """The device stopped at torch.tensor(sorted(stop_ids)), the host at `t in stop_ids`: {44.5} stopped one and not
+    the other, {True} stopped at 1, an id no token can be never stopped, 44 and 2**70 were torch's errors. Refused
+    before any work, and by decode_loop itself, which OnnxEngine.generate ends in too."""
+    with pytest.raises(KLError, match=message):
+        engine.generate([1, 2, 3], 4, stop_ids=stop_ids)
+    with pytest.raises(KLError, match=message):
+        engine.decode_loop(engine.decoder(1), torch.zeros(1, engine.config.vocab_size), 4, stop_ids=stop_ids)
+
+
+def test_stop_ids_are_taken_in_every_iterable_form(engine):
+    """A generator was read up by sorted() for the device: the host never saw a stop, padded on, and handed the
+    padding to on_token. A list, a tensor, numpy and torch integers stop alike."""
+    import numpy as np
+
+    stop = engine.generate([1, 2, 3], 6, stop_ids=frozenset())[0, 2].item()
+    want = engine.generate([1, 2, 3], 6, stop_ids=frozenset({stop}))
+    assert want.shape == (1, 3) and engine.stats.new_tokens == 3
+    for stop_ids in ((s for s in [stop]), [stop], torch.tensor([stop]), {np.int64(stop)}, [torch.tensor(stop)]):
+        seen = []
+        assert torch.equal(engine.generate([1, 2, 3], 6, stop_ids=stop_ids, on_token=lambda b, t: seen.append(t)),
+                           want), stop_ids
+        assert seen == want[0].tolist() and engine.stats.new_tokens == 3, stop_ids
+
+
+@pytest.mark.parametrize("token, position, message", [
+    (torch.tensor([[5, 6]]), 0, r"^decode_step takes one token per sequence, \[B\] or \[B, 1\] ids with B >= 1, got "
+                                r"shape \[1, 2\] \(a sequence's several tokens go through prefill\)$"),
+    (torch.tensor([], dtype=torch.long), 0, r"got shape \[0\]$"),
+    (torch.tensor(5), 0, r"got shape \[\]$"),
+    (torch.tensor([[[5]]]), 0, r"got shape \[1, 1, 1\]$"),
+    ([5], [1, 2], r"^decode_step's position should be one int for all sequences or \[B\] = \[1\] positions, one a "
+                  r"sequence, got shape \[2\]$"),
+    ([5], [[1]], r"got shape \[1, 1\]$"),
+    ([5], [], r"got shape \[0\]$"),
+])
+def test_decode_step_takes_one_token_per_sequence(engine, token, position, message):
+    """[[5, 6]] ran as a batch of two; an empty token, positions of another length or 2-d were torch's errors."""
+    with pytest.raises(KLError, match=message):
+        engine.decode_step(token, position)
+
+
+def test_decode_step_takes_b_or_b_by_1_tokens_alike(engine):
+    engine.prefill([[1, 2, 3]])
+    flat = engine.decode_step(torch.tensor([4]), 3)
+    engine.prefill([[1, 2, 3]])
+    assert torch.equal(engine.decode_step(torch.tensor([[4]]), torch.tensor([3])), flat)
+
+
+def test_the_output_grows_with_the_tokens_made_not_max_new_tokens(engine, monkeypatch):
+    """decode_loop took [B, max_new_tokens] up front: through OnnxEngine.generate (no plan bounds B there) 200
+    prompts and 10**6 new tokens took 1.46 GB, though every sequence stopped at its first token."""
+    allocate = torch.empty
+
+    def bounded(*size, **kwargs):
+        shape = size[0] if len(size) == 1 and not isinstance(size[0], int) else size
+        assert torch.Size(shape).numel() <= 1 << 20, f"allocates {list(shape)}"
+        return allocate(*size, **kwargs)
+
+    logits = engine.prefill([[1, 2, 3]])
+    monkeypatch.setattr(torch, "empty", bounded)
+    out = engine.decode_loop(engine.decoder(1), logits, 10**9, stop_ids=frozenset(range(engine.config.vocab_size)))
+    assert out.shape == (1, 1) and engine.stats.new_tokens == 1
+
+
+def test_the_output_across_blocks_is_the_output_in_one(engine, monkeypatch):
+    """The new ids are kept a block of OUT_COLUMNS steps at a time: a generation over several blocks (and one ending
+    inside a block) returns what one block holds."""
+    want = engine.generate([1, 2, 3], 11, stop_ids=frozenset())
+    stop = want[0, 8].item()
+    stopped = engine.generate([1, 2, 3], 11, stop_ids={stop})
+    monkeypatch.setattr(engine_module, "OUT_COLUMNS", 3)
+    assert torch.equal(engine.generate([1, 2, 3], 11, stop_ids=frozenset()), want)
+    assert torch.equal(engine.generate([1, 2, 3], 11, stop_ids={stop}), stopped)
+
+
+def test_a_uint64_id_past_int64_is_named_as_given(engine):
+    """numpy's uint64 ids past 2**63 - 1 wrapped round to negative int64 ids: the message named
+    -9223372036854775803."""
+    numpy = pytest.importorskip("numpy")
+    with pytest.raises(KLError, match=r"^token ids: 9223372036854775813 is past any id or position"):
+        engine.generate([numpy.array([5, 2**63 + 5], dtype=numpy.uint64)], 1)
+
+
+def test_triton_kernels_off_cuda_are_refused_at_load(tiny_released, monkeypatch):
+    """load(kernels="triton") on the CPU was taken, and generate then failed in Triton's driver ("0 active drivers"):
+    refused at load, as the CLI's --kernels triton is (under TRITON_INTERPRET=1 the interpreter runs them)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(KLError, match=r"^--kernels triton needs a CUDA GPU, but it was asked for on "):
+        klconvert.load(tiny_released, device="cpu", kernels="triton")

@@ -32,7 +32,8 @@ from klconvert.onnx.matmul_nbits import dequantize_nbits, nbits_weight
 from klconvert.onnx.session import OnnxEngine
 from klconvert.quant import QuantScheme, compress_weight, decompress_weight, unpack_from_int32
 from klconvert.quantize import quantize
-from klconvert.runtime.engine import Engine
+from klconvert.runtime.engine import Engine, GenerationStats
+from klconvert.runtime.host_memory import DATA_BOUND, HostMemory
 from testkit import assert_one_line_error, rel_error, run_cli, shown_lines
 
 EXACT_BOUND = 1e-5  # onnxruntime vs klconvert on the same fp32 weights: summation order only
@@ -224,6 +225,100 @@ def test_run_takes_positions_as_whole_numbers(exported, positions, needle):
     assert needle in str(refused.value)
 
 
+@pytest.mark.parametrize("batch", [-1, 0, 1.5, True, "2", None])
+def test_empty_state_takes_a_whole_batch_of_at_least_one(exported, batch):
+    """-1 was a raw ValueError, 1.5 and True raw TypeErrors."""
+    engine = OnnxEngine(exported[1])
+    with pytest.raises(klconvert.KLError, match=rf"^empty_state: batch {re.escape(repr(batch))} should be a whole "
+                                                r"number >= 1 \(the sequences the state holds\)$"):
+        engine.empty_state(batch)
+    assert {name: value.shape[0] for name, value in engine.empty_state(np.int64(3)).items()} == \
+        {name: 3 for name in engine.empty_state(1)}
+
+
+def test_empty_state_past_host_memory_is_refused(exported, monkeypatch):
+    """10**12 sequences were numpy's MemoryError "Unable to allocate 116. PiB"."""
+    import klconvert.onnx.session as session_module
+
+    engine = OnnxEngine(exported[1])
+    per_sequence = sum(value.nbytes for value in engine.empty_state(1).values())
+    with pytest.raises(klconvert.KLError, match=r"^empty_state: a state of 1,000,000,000,000 sequences takes "
+                                                r"[\d,.]+ GiB, more than the [\d.]+ GiB available .*; lower batch"):
+        engine.empty_state(10**12)
+    monkeypatch.setattr(session_module, "host_memory", lambda: HostMemory(3 * per_sequence, *DATA_BOUND))
+    engine.empty_state(3)
+    with pytest.raises(klconvert.KLError, match=r"^empty_state: a state of 4 sequences takes [\d.]+ GiB, more than "
+                                                r"the 0\.0 GiB available under the process's data-segment limit "
+                                                r"\(ulimit -d\); lower batch \(3 fit\), or raise ulimit -d$"):
+        engine.empty_state(4)
+
+
+@pytest.mark.parametrize("positions, message", [
+    (np.array([7]), r"^positions \[7\]: the state holds 0 tokens \(its latent caches' rows\), so the longest "
+                    r"sequence's position is 0"),
+    (np.array([-1]), r"^positions: -1 is negative; a sequence's first token is at position 0$"),
+    (np.array([10**9]), r"^positions: 1000000000 plus 3 tokens is over the model's model_max_length 1048576; "),
+    (np.array([2**62]), r"^positions: 4611686018427387904 plus 3 tokens is over"),
+    (np.array([0, 0]), r"^positions should be \[batch\] = \[1\], one per sequence of input_ids, got shape \[2\]$"),
+    (np.array(0), r"^positions should be \[batch\] = \[1\], one per sequence of input_ids, got shape \[\]$"),
+])
+def test_run_refuses_positions_the_state_does_not_hold(exported, positions, message):
+    """7 on an empty state gave other logits silently; -1 and a positions array of the wrong length were blamed on
+    the export (ScatterND); 10**9 made onnxruntime try a huge allocation."""
+    engine = OnnxEngine(exported[1])
+    with pytest.raises(klconvert.KLError, match=message):
+        engine.run(np.array([[5, 6, 7]]), engine.empty_state(1), positions)
+
+
+def test_run_takes_the_position_its_state_has_reached(exported):
+    """After 5 tokens the next goes at 5: 4 and 6 are refused (the recurrent state has seen 5 tokens); in a batch,
+    a shorter sequence sits below the longest (its latent rows past its position are padding)."""
+    engine = OnnxEngine(exported[1])
+    _, state = engine.run(np.array([PROMPT[:5]]), engine.empty_state(1), np.zeros(1, np.int64))
+    for position in (4, 6):
+        with pytest.raises(klconvert.KLError, match=rf"^positions \[{position}\]: the state holds 5 tokens"):
+            engine.run(np.array([[9]]), state, np.array([position]))
+    engine.run(np.array([[9]]), state, np.array([5]))
+    _, pair = engine.run(np.array([PROMPT[:5]] * 2), engine.empty_state(2), np.zeros(2, np.int64))
+    engine.run(np.array([[9], [9]]), pair, np.array([5, 3]))
+    with pytest.raises(klconvert.KLError, match=r"^positions \[4, 3\]: the state holds 5 tokens"):
+        engine.run(np.array([[9], [9]]), pair, np.array([4, 3]))
+
+
+def test_run_refuses_a_state_that_is_not_the_tokens(exported):
+    """A state of another batch size was blamed on the export (Concat, "Non concat axis dimensions must match")."""
+    engine = OnnxEngine(exported[1])
+    ids, at0 = np.array([[5, 6, 7]]), np.zeros(1, np.int64)
+    state = engine.empty_state(1)
+    latent = next(name for name in state if name.endswith("mla_latent"))
+    width = state[latent].shape[2]
+    for bad, message in [
+        (engine.empty_state(2), r"^state\['past\.0\.kda_state'\] is float32 \[2, 2, 128, 128\], where a state of 1 "
+                                r"sequence\(s\) \(input_ids' first dimension\) is float32 \[1, 2, 128, 128\]; pass "
+                                r"the state empty_state\(1\) or run returned$"),
+        ({**state, latent: state[latent].astype(np.float64)}, rf"^state\['{latent}'\] is float64 \[1, 0, {width}\], "
+                                                              rf"where .* is float32 \[1, past_sequence, {width}\]; "),
+        ({**state, latent: torch.zeros(1, 0, width)}, rf"^state\['{latent}'\] is a Tensor, where "),
+        ({k: v for k, v in state.items() if k != latent}, rf"^state lacks {latent}, which the graph takes; pass the "
+                                                          r"state empty_state\(1\) or run returned$"),
+        ({**state, "past.99.x": state[latent]}, r"^state holds past\.99\.x, which the graph does not take; "),
+        ([state], r"^state should be the dict of arrays that empty_state\(1\) or run returns, got a list$"),
+    ]:
+        with pytest.raises(klconvert.KLError, match=message):
+            engine.run(ids, bad, at0)
+    _, grown = engine.run(ids, state, at0)
+    other = next(name for name in grown if name.endswith("mla_latent") and name != latent)
+    with pytest.raises(klconvert.KLError, match=rf"^state's latent caches hold different numbers of rows \({latent}: "
+                                                rf"3, {other}: 2\); pass the state run returned$"):
+        engine.run(np.array([[9]]), {**grown, other: grown[other][:, :2]}, np.array([3]))
+
+
+def test_run_of_no_sequence_is_refused(exported):
+    engine = OnnxEngine(exported[1])
+    with pytest.raises(klconvert.KLError, match=r"^input_ids holds no sequence \(shape \[0, 3\]\); give at least one$"):
+        engine.forward(np.zeros((0, 3), np.int64))
+
+
 @pytest.mark.parametrize("second, message", [([5, 4352], r"^token id 4352 is outside the vocabulary"),
                                              ([5, True], r"^token ids should be whole numbers, got a bool at "
                                                          r"\[1\]\[1\]"),
@@ -236,6 +331,29 @@ def test_every_prompt_is_checked_before_any_is_prefilled(exported, monkeypatch, 
     with pytest.raises(klconvert.KLError, match=message):
         engine.generate([PROMPT, second], 2, on_prefill=work.append)
     assert work == []
+
+
+def test_stop_ids_are_checked_before_any_prompt_is_prefilled(exported, monkeypatch):
+    """OnnxEngine.generate checked its stop ids only in the decode loop, after every prompt's prefill."""
+    engine = OnnxEngine(exported[1])
+    work = []
+    monkeypatch.setattr(engine, "run", lambda *args: work.append(args))
+    with pytest.raises(klconvert.KLError, match=r"^stop id 4352 is outside the vocabulary"):
+        engine.generate([PROMPT], 2, stop_ids={4352})
+    assert work == []
+
+
+def test_a_generate_that_fails_in_prefill_leaves_no_partial_stats(exported):
+    """An on_prefill that raised left the failed call's prompt count in stats, as Engine.generate no longer does."""
+    engine = OnnxEngine(exported[1])
+    engine.generate([PROMPT], 2)
+
+    def fail(tokens):
+        raise ValueError("the caller's own")
+
+    with pytest.raises(ValueError, match="the caller's own"):
+        engine.generate([PROMPT, PROMPT[:3]], 2, on_prefill=fail)
+    assert engine.stats == GenerationStats()
 
 
 def _with_eos(folder: Path, token: int) -> None:
@@ -433,7 +551,7 @@ def test_export_refuses_bad_input_in_one_line(tmp_path, capsys):
     taken.mkdir()
     (taken / "notes.txt").write_text("mine")
     cases = [
-        (["--model", tmp_path / "missing", "--out", tmp_path / "o1"], "no such checkpoint folder"),
+        (["--model", tmp_path / "missing", "--out", tmp_path / "o1"], f"--model {tmp_path}/missing: no such folder"),
         (["--model", "tiny", "--out", blocker / "sub"], "cannot create the folder it goes in"),
         (["--model", "tiny", "--out", blocker], "is not a folder"),
         (["--model", "tiny", "--out", taken], "already exists"),
@@ -444,6 +562,23 @@ def test_export_refuses_bad_input_in_one_line(tmp_path, capsys):
         code, _, err = run_cli(capsys, "export-onnx", *args)
         assert_one_line_error(code, err, needle)
     assert (taken / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("opset", [18.0, "18", None])
+def test_an_opset_that_is_no_whole_number_is_refused(tmp_path, opset):
+    """export_onnx(opset=18.0) got as far as onnx's own error; "18" and None were a TypeError."""
+    with pytest.raises(klconvert.KLError, match=re.escape(f"--opset {opset!r}: choose {MIN_OPSET} to ")):
+        export_onnx("tiny", tmp_path / "onnx", opset=opset)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_onnx_takes_tiny_as_the_bundled_model(tmp_path, monkeypatch):
+    """As the CLI's --model tiny, klconvert.load("tiny") and OnnxEngine do (it was "tiny: no such checkpoint
+    folder"), though the current folder holds nothing of that name."""
+    monkeypatch.chdir(tmp_path)
+    path = export_onnx("tiny", tmp_path / "onnx")
+    assert path == tmp_path / "onnx" / "model.onnx" and path.is_file()
+    assert (tmp_path / "onnx" / "config.json").read_bytes() == (bundled_dir() / "config.json").read_bytes()
 
 
 @pytest.mark.parametrize("name", ["model.onnx", DATA_FILE])

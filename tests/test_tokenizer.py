@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiktoken
+import torch
 from tiktoken.load import load_tiktoken_bpe
 
 from klconvert.errors import KLError
@@ -185,6 +186,47 @@ def test_special_text_in_content_parts_comes_back_as_plain_text(broken_folder, t
     assert tokenizer.decode(ids) == want and not set(ids) & set(tokenizer.special_tokens.values())
 
 
+@pytest.mark.parametrize("messages, needle", [
+    ("hello", "messages should be a list of {'role': ..., 'content': ...} dicts, got a str; give "
+              "[{'role': 'user', 'content': 'hello'}]"),
+    ((m for m in [{"role": "user", "content": "hi"}]), "messages should be a list of {'role': ..., 'content': ...} "
+                                                       "dicts, got a generator"),
+    (["hi"], "messages[0] should be a dict with string 'role' and 'content', got a str"),
+    ([{"role": 1, "content": "hi"}], "messages[0]['role'] should be a string ('system', 'user', 'assistant'), "
+                                     "got 1"),
+    ([{"role": "user", "content": "hi"}, {"role": "user"}], "messages[1]['content'] should be a string (or a list "
+                                                            "of content-part dicts), got None"),
+    ([{"role": "user", "content": None}], "messages[0]['content'] should be a string"),
+    ([{"role": "user", "content": ["hi"]}], "messages[0]['content'] should be a string"),
+    ([{"role": "user", "content": [{"type": "text", "text": {1, 2}}]}],
+     "messages[0]['content'][0]['text'] holds {1, 2} (set), which is no JSON value; give strings, numbers, "
+     "lists and dicts"),
+    ([{"role": "user", "content": "hi", "name": np.int64(3)}], "messages[0]['name'] holds np.int64(3) (int64), "
+                                                               "which is no JSON value"),
+    ([{"role": "user", "content": "hi", 1: "x"}], "messages[0] has the key 1, which is no string; JSON keys are "
+                                                  "strings"),
+])
+def test_encode_chat_refuses_what_is_no_list_of_messages(small, messages, needle):
+    """"hello" rendered each character as a message (35 ids of empty turns); an int role or a missing or None
+    content was rendered; a generator was a raw TypeError "not JSON serializable"."""
+    with pytest.raises(KLError) as refused:
+        small.encode_chat(messages)
+    assert str(refused.value).startswith(f"encode_chat: {needle}") and "\n" not in str(refused.value), refused.value
+
+
+def test_encode_chat_takes_a_tuple_of_messages(small):
+    message = {"role": "user", "content": "hi", "name": None, "weight": 1.5, "parts": [1, True]}
+    assert small.encode_chat((message,)) == small.encode_chat([message])
+
+
+def test_encode_chat_refuses_a_message_that_holds_itself(small):
+    message = {"role": "user", "content": "hi"}
+    message["self"] = message
+    with pytest.raises(KLError, match=r"^encode_chat: messages are nested too deeply \(or a list or dict holds "
+                                      r"itself\)"):
+        small.encode_chat([message])
+
+
 def test_chat_template_jinja_file_wins_over_the_config(broken_folder):
     (broken_folder / "chat_template.jinja").write_text(
         "{% for m in messages %}<|im_user|>{{ m['content'] }}{% endfor %}{{ eos_token }}")
@@ -194,16 +236,39 @@ def test_chat_template_jinja_file_wins_over_the_config(broken_folder):
                                                                           s["[EOS]"]]
 
 
-@pytest.mark.parametrize("token_id", [-1, "end", 2**64, True, 1.0])
+@pytest.mark.parametrize("token_id", [-1, "end", 2**64, 1.0, np.uint64(2**63 + 5),
+                                      torch.tensor(2**63 + 5, dtype=torch.uint64)])
 def test_ids_outside_the_vocabulary_are_one_line(small, token_id):
-    """tiktoken raised KeyError, or for a negative id an OverflowError naming no id."""
+    """tiktoken raised KeyError, or for a negative id an OverflowError naming no id; a torch uint64 id past int64 a
+    RuntimeError. The id is named as given."""
     end = small.vocab_size
-    bad = end if token_id == "end" else token_id
+    bad = end if isinstance(token_id, str) else token_id
+    named = 2**63 + 5 if hasattr(bad, "dtype") else bad
     for decode in (small.decode, lambda ids: StreamDecoder(small).push(ids[0])):
-        with pytest.raises(KLError, match=rf"token id {re.escape(str(bad))} is outside the vocabulary "
+        with pytest.raises(KLError, match=rf"^token id {re.escape(str(named))} is outside the vocabulary "
                                           rf"\(0\.\.{end - 1}\)"):
             decode([bad])
-    assert small.decode(np.array(small.encode("hi"))) == "hi"    # numpy's (and torch's) integers are ids
+    assert small.decode(np.array(small.encode("hi"))) == "hi"    # numpy's and torch's integers are ids
+    assert small.decode(torch.tensor(small.encode("hi"))) == "hi"
+
+
+@pytest.mark.parametrize("ids", [[True], np.array([True]), torch.tensor([True]), [5, np.True_]])
+def test_bool_ids_are_refused(small, ids):
+    """torch.tensor([True]) decoded as id 1 ('\\x01'); a Python True was called outside the vocabulary."""
+    with pytest.raises(KLError, match=r"^token ids should be whole numbers, got a bool at \[\d\]; give ints"):
+        small.decode(ids)
+    with pytest.raises(KLError, match=r"^token ids should be whole numbers, got a bool; give ints"):
+        small.token_bytes(ids[-1])
+
+
+@pytest.mark.parametrize("ids", [[[352, 1824]], torch.tensor([[352, 1824]]), np.array([[352, 1824]]), [5, (6,)]])
+def test_decode_of_a_batch_says_it_takes_one_sequence(small, ids):
+    """decode(engine.generate(...)) -- the [1, n] output as it comes -- read "token id [352, 1824] is outside the
+    vocabulary"."""
+    with pytest.raises(KLError, match=r"^decode takes one sequence of token ids \(a flat list\), got a sequence "
+                                      r"at \[\d\]; decode each row of generate's \[batch, n\] output, e\.g\. "
+                                      r"decode\(generate\(\.\.\.\)\[0\]\)$"):
+        small.decode(ids)
 
 
 # ---- streaming ---------------------------------------------------------------------------------------------
@@ -341,6 +406,15 @@ def test_ids_past_the_last_named_one_decode_up_to_the_vocabulary(broken_folder):
     tokenizer = Tokenizer.from_folder(broken_folder, vocab_size=end)
     assert tokenizer.vocab_size == end
     assert tokenizer.decode([end - 1]) == f"<|reserved_token_{end - 1}|>"
+
+
+@pytest.mark.parametrize("vocab_size", [True, 1.5, -1, 0, 2**20 + 1, "4352"])
+def test_from_folder_refuses_a_bad_vocab_size(small_folder, vocab_size):
+    """True, 1.5 and -1 were blamed on the file ("tiktoken.model ... not this model's -- re-download the model")."""
+    with pytest.raises(KLError, match=rf"^vocab_size {re.escape(repr(vocab_size))} should be a whole number from 1 "
+                                      r"to 1,048,576 \(the model's vocabulary\), or None to take config\.json's$"):
+        Tokenizer.from_folder(small_folder, vocab_size=vocab_size)
+    assert Tokenizer.from_folder(small_folder, vocab_size=np.int64(SMALL_RANKS + 256)).vocab_size == SMALL_RANKS + 256
 
 
 def test_a_special_token_of_a_megabyte_is_refused(broken_folder):

@@ -3,6 +3,7 @@
 shares the runtime engine's sampling, stop handling and statistics (runtime/engine.py Engine.decode_loop)."""
 from __future__ import annotations
 
+import numbers
 import time
 from pathlib import Path
 
@@ -15,7 +16,9 @@ from klconvert.errors import KLError, first_line, unreadable_reason
 from klconvert.models import resolve_model
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, ONNX_FILE, state_spec
-from klconvert.runtime.engine import Engine, GenerationStats, as_batch, as_prompts, whole_numbers
+from klconvert.runtime.engine import (Engine, GenerationStats, as_batch, as_prompts, as_stop_ids, failure_resets_stats,
+                                      whole_numbers)
+from klconvert.runtime.host_memory import host_memory
 from klconvert.runtime.sampling import check_generate_args, sampling_generator
 from klconvert.tokenizer import check_tokenizer_if_any, model_stop_ids
 
@@ -28,6 +31,11 @@ GRAPH_INPUTS = ("input_ids", "position")  # what export-onnx feeds besides the s
 # this: the graph builds that tensor whole, a few times over (one call of 24,000 tokens of the bundled model took
 # over 18 GB; in calls of ~700 it takes ~1 GB).
 SCORE_BYTES = 256 << 20
+
+
+def _shape(spec: dict, batch: int, rows: int) -> list[int]:
+    """A state tensor's shape (state_spec's `spec`) for `batch` sequences whose latent caches hold `rows` tokens."""
+    return [batch if d == "batch" else rows if d == "past_sequence" else d for d in spec["shape"]]
 
 
 class _SessionStep:
@@ -116,14 +124,29 @@ class OnnxEngine:
                           "config.json; export the folder again")
 
     def empty_state(self, batch: int) -> State:
-        """The state before any token: zero recurrent states and conv tails, no cached latent rows."""
-        return {s["past"]: np.zeros([batch if d == "batch" else 0 if d == "past_sequence" else d
-                                     for d in s["shape"]], np.float32) for s in self.states}
+        """The state of `batch` sequences before any token: zero recurrent states and conv tails, no cached latent
+        rows. KLError unless batch is a whole number >= 1 whose state fits what the host leaves (-1 and 1.5 were
+        numpy's errors, 10**12 its MemoryError of 116 PiB)."""
+        if not (isinstance(batch, numbers.Integral) and not isinstance(batch, bool) and batch >= 1):
+            raise KLError(f"empty_state: batch {batch!r} should be a whole number >= 1 (the sequences the state holds)")
+        batch = int(batch)
+        per_sequence = sum(int(np.prod(_shape(s, 1, 0))) * np.dtype(s["dtype"]).itemsize for s in self.states)
+        host = host_memory()
+        if host is not None and batch * per_sequence > host.available:
+            raise KLError(f"empty_state: a state of {batch:,} sequences takes {batch * per_sequence / 2**30:,.1f} GiB, "
+                          f"more than the {host}; lower batch ({host.available // per_sequence:,} fit), or "
+                          f"{host.remedy}")
+        return {s["past"]: np.zeros(_shape(s, batch, 0), s["dtype"]) for s in self.states}
 
     def run(self, ids: np.ndarray, state: State, positions: np.ndarray) -> tuple[np.ndarray, State]:
-        """ids [B, T] at positions [B] (of ids[:, 0]) -> (logits [B, T, vocab], the state after them)."""
+        """ids [B, T] at positions [B] (of ids[:, 0]) -> (logits [B, T, vocab], the state after them). `state` is
+        empty_state(B)'s or what run returned; each position is where its sequence's next token goes (the longest
+        sequence's: the tokens the state holds). Refused with a KLError naming the argument otherwise: onnxruntime
+        ran most such input into an error that blamed the export, and a position past the state's silently."""
         ids = self._checked_ids(ids)
-        feed = {"input_ids": ids, "position": whole_numbers(positions, "positions").numpy(), **state}
+        B, T = ids.shape
+        positions = self._checked_positions(positions, B, T, self._state_rows(state, B))
+        feed = {"input_ids": ids, "position": positions, **state}
         try:
             out = dict(zip(self.outputs, self.session.run(None, feed, self._run_options)))
         except Exception as e:  # onnxruntime's own exception types (Fail, InvalidArgument, ...) share no base
@@ -136,9 +159,68 @@ class OnnxEngine:
         return self._checked(out["logits"]), {s["past"]: out[s["present"]] for s in self.states}
 
     def _checked_ids(self, ids) -> np.ndarray:
-        """Token ids as the graph takes them, [B, T >= 1] int64 inside the vocabulary (its Gather wraps a negative id
-        round to the vocabulary's end)."""
-        return as_batch(ids, self.config.vocab_size).contiguous().numpy()
+        """Token ids as the graph takes them, [B >= 1, T >= 1] int64 inside the vocabulary (its Gather wraps a
+        negative id round to the vocabulary's end)."""
+        ids = as_batch(ids, self.config.vocab_size)
+        if ids.shape[0] == 0:
+            raise KLError(f"input_ids holds no sequence (shape {list(ids.shape)}); give at least one")
+        return ids.contiguous().numpy()
+
+    def _state_rows(self, state, batch: int) -> int | None:
+        """The tokens `state` holds -- its latent caches' rows (None where the model has no MLA layer to count them)
+        -- once it is checked to be a state of `batch` sequences as empty_state and run give: every past input the
+        graph takes, each a numpy array of its dtype and shape."""
+        take = f"pass the state empty_state({batch}) or run returned"
+        if not isinstance(state, dict):
+            raise KLError(f"state should be the dict of arrays that empty_state({batch}) or run returns, got a "
+                          f"{type(state).__name__}")
+        names = [s["past"] for s in self.states]
+        missing, extra = [n for n in names if n not in state], sorted(map(str, set(state) - set(names)))
+        if missing or extra:
+            problem = (f"lacks {missing[0]}, which the graph takes" if missing else
+                       f"holds {extra[0][:80]}, which the graph does not take")
+            raise KLError(f"state {problem}; {take}")
+        rows = {}
+        for s in self.states:
+            value = state[s["past"]]
+            axis = s["shape"].index("past_sequence") if "past_sequence" in s["shape"] else None
+            fits = isinstance(value, np.ndarray) and value.ndim == len(s["shape"])
+            held = value.shape[axis] if fits and axis is not None else 0
+            if not (fits and value.dtype == s["dtype"] and list(value.shape) == _shape(s, batch, held)):
+                got = f"{value.dtype} {list(value.shape)}" if isinstance(value, np.ndarray) else \
+                    f"a {type(value).__name__}"
+                wanted = ", ".join(str(batch) if d == "batch" else str(d) for d in s["shape"])
+                raise KLError(f"state[{s['past']!r}] is {got}, where a state of {batch} sequence(s) (input_ids' first "
+                              f"dimension) is {s['dtype']} [{wanted}]; {take}")
+            if axis is not None:
+                rows[s["past"]] = held
+        if len(set(rows.values())) > 1:
+            shown = ", ".join(f"{name}: {n}" for name, n in list(rows.items())[:4])
+            raise KLError(f"state's latent caches hold different numbers of rows ({shown}); pass the state run "
+                          "returned")
+        return next(iter(rows.values()), None)
+
+    def _checked_positions(self, positions, batch: int, tokens: int, rows: int | None) -> np.ndarray:
+        """positions as the graph takes them: [batch] int64, room for `tokens` more within the model's context, the
+        longest at `rows` (the tokens the state holds: a position past them attended zero rows, one before them
+        re-ran tokens the recurrent state has already seen); a shorter sequence of a batch may sit lower, its rows
+        past its position being padding that the position masks."""
+        p = whole_numbers(positions, "positions")
+        if p.shape != (batch,):
+            raise KLError(f"positions should be [batch] = [{batch}], one per sequence of input_ids, got shape "
+                          f"{list(p.shape)}")
+        low, high, limit = int(p.min()), int(p.max()), self.config.model_max_length
+        if low < 0:
+            raise KLError(f"positions: {low} is negative; a sequence's first token is at position 0")
+        if high + tokens > limit:
+            raise KLError(f"positions: {high} plus {tokens} tokens is over the model's "
+                          f"{self.config.model_max_length_name} {limit}; start lower, or give fewer tokens")
+        if rows is not None and high != rows:
+            shown = f"{p.tolist()[:8]}"[:-1] + (", ...]" if batch > 8 else "]")
+            raise KLError(f"positions {shown}: the state holds {rows} tokens (its latent caches' rows), so the "
+                          f"longest sequence's position is {rows}, where its next token goes; pass the positions of "
+                          "the state given (0 for empty_state's)")
+        return p.numpy()
 
     def _checked(self, logits: np.ndarray) -> np.ndarray:
         """The graph's logits, refused unless they are vocab_size wide (a wider row samples ids the tokenizer does not
@@ -191,27 +273,29 @@ class OnnxEngine:
                  on_prefill=None) -> torch.Tensor:
         """Prefill each prompt, then decode them together; as Engine.generate (new ids [B, n], stop handling -- by
         default at the model's stop tokens, self.stop_ids --, on_token, on_prefill(tokens) after each prompt,
-        self.stats). Every prompt is checked before any is prefilled."""
-        check_generate_args(max_new_tokens, temperature, top_p, seed)
+        self.stats). Every prompt and argument is checked before any is prefilled."""
+        max_new_tokens, temperature, top_p, seed = check_generate_args(max_new_tokens, temperature, top_p, seed)
+        stop_ids = as_stop_ids(self.stop_ids if stop_ids is None else stop_ids, self.config.vocab_size)
         prompts = [p.tolist() for p in as_prompts(prompts, self.config.vocab_size)]
         longest = max(len(p) for p in prompts)
         if longest + max_new_tokens > self.config.model_max_length:
             raise KLError(f"the prompt ({longest} tokens) plus max_new_tokens {max_new_tokens} is over the model's "
                           f"{self.config.model_max_length_name} {self.config.model_max_length}; shorten them")
         B = len(prompts)
-        self.stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts), batch=B)
-        generator = sampling_generator(seed)
-        t0 = time.perf_counter()
-        last, states = [], []
-        for p in prompts:
-            logits, state = self._prefill(np.asarray([p]), every_position=False)
-            last.append(torch.from_numpy(logits[:, -1]))
-            states.append(state)
-            if on_prefill is not None:
-                on_prefill(len(p))
-        self.stats.prefill_seconds = time.perf_counter() - t0
-        if max_new_tokens == 0:  # as Engine.generate: prefilled, nothing to decode
-            return torch.empty(B, 0, dtype=torch.long)
-        step = _SessionStep(self, self._batched(states), [len(p) for p in prompts])
-        return self.decode_loop(step, torch.cat(last), max_new_tokens, temperature, top_p, generator,
-                                self.stop_ids if stop_ids is None else stop_ids, on_token)
+        with failure_resets_stats(self):
+            self.stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts), batch=B)
+            generator = sampling_generator(seed)
+            t0 = time.perf_counter()
+            last, states = [], []
+            for p in prompts:
+                logits, state = self._prefill(np.asarray([p]), every_position=False)
+                last.append(torch.from_numpy(logits[:, -1]))
+                states.append(state)
+                if on_prefill is not None:
+                    on_prefill(len(p))
+            self.stats.prefill_seconds = time.perf_counter() - t0
+            if max_new_tokens == 0:  # as Engine.generate: prefilled, nothing to decode
+                return torch.empty(B, 0, dtype=torch.long)
+            step = _SessionStep(self, self._batched(states), [len(p) for p in prompts])
+            return self.decode_loop(step, torch.cat(last), max_new_tokens, temperature, top_p, generator, stop_ids,
+                                    on_token)
