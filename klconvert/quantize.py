@@ -40,8 +40,9 @@ from klconvert.models import BUNDLED_NAME, resolve_model
 from klconvert.quant import Policy, load_recipe, policy_from_options
 from klconvert.quant.defaults import DEFAULT
 from klconvert.quant.fused import refuse_split_fused
+from klconvert.quant.groupwise import OBSERVERS
 from klconvert.quant.policy import LINEAR
-from klconvert.quant.scheme import NF4_BLOCKSIZE
+from klconvert.quant.scheme import KINDS, NF4_BLOCKSIZE
 from klconvert.presets import preset_config
 from klconvert.tokenizer import BPE_FILE, check_tokenizer_if_any
 from klconvert.units import count_text, size_text
@@ -74,11 +75,30 @@ class QuantizeResult:
                 f"{self.bytes_converted / 1e6 / max(self.seconds, 1e-9):.1f} MB/s in")
 
 
+def _refuse_flag_types(group_size, symmetric, scheme, observer) -> None:
+    """KLError for a value of the flags that the command line's parser never passes (a float, a string, a bool
+    where a whole number belongs; a symmetric that is no bool): a caller of the library gets it named, not written
+    into config.json, taken for the default or met as a TypeError. None is each one's default; --bits is checked
+    with its values."""
+    if group_size is not None and type(group_size) is not int:
+        raise KLError(f"--group-size {group_size!r} is not a whole number; use 32, 64 or 128 (or -1 for one scale "
+                      "per row)")
+    if symmetric is not None and type(symmetric) is not bool:
+        raise KLError(f"--sym/--asym: symmetric={symmetric!r} is not a bool; pass symmetric=True (--sym), False "
+                      "(--asym) or None (the default, --sym)")
+    if scheme is not None and (not isinstance(scheme, str) or scheme not in KINDS):
+        raise KLError(f"--scheme {scheme!r} is not supported; use {' or '.join(f'--scheme {k}' for k in KINDS)}")
+    if observer is not None and (not isinstance(observer, str) or observer not in OBSERVERS):
+        raise KLError(f"--observer {observer!r} is not supported; use "
+                      f"{' or '.join(f'--observer {o}' for o in OBSERVERS)}")
+
+
 def choose_policy(bits: int | None = None, group_size: int | None = None, symmetric: bool | None = None,
                   scheme: str | None = None, recipe: str | Path | None = None,
                   observer: str | None = None) -> tuple[Policy, dict]:
     """(policy, recipe runtime section) from --recipe, or from the flags (defaults: int4, group 128, symmetric,
     min-max ranges)."""
+    _refuse_flag_types(group_size, symmetric, scheme, observer)
     if recipe is not None:
         given = [flag for flag, value in (("--bits", bits), ("--group-size", group_size), ("--sym/--asym", symmetric),
                                           ("--scheme", scheme), ("--observer", observer)) if value is not None]
@@ -92,10 +112,10 @@ def choose_policy(bits: int | None = None, group_size: int | None = None, symmet
         if parsed.policy.kind == "nf4":
             require("bitsandbytes.functional", f"--recipe {recipe} (NF4 weights)")
         return parsed.policy, parsed.runtime
-    scheme = scheme or DEFAULT.kind
+    scheme = DEFAULT.kind if scheme is None else scheme
     bits = DEFAULT.bits if bits is None else bits
-    if bits not in (4, 8):
-        raise KLError(f"--bits {bits} is not supported; use --bits 4 or --bits 8")
+    if type(bits) is not int or bits not in (4, 8):   # 4.0 and "4" too: the repr shows which
+        raise KLError(f"--bits {bits!r} is not supported; use --bits 4 or --bits 8")
     if scheme == "nf4":
         clashes = [flag for flag, clash in ((f"--bits {bits}", bits != 4), (f"--group-size {group_size}",
                                             group_size is not None), ("--asym", symmetric is False),
@@ -106,7 +126,7 @@ def choose_policy(bits: int | None = None, group_size: int | None = None, symmet
         require("bitsandbytes.functional", "--scheme nf4")
     return policy_from_options(bits, DEFAULT.group_size if group_size is None else group_size,
                                DEFAULT.symmetric if symmetric is None else symmetric, scheme,
-                               observer=observer or DEFAULT.observer), {}
+                               observer=DEFAULT.observer if observer is None else observer), {}
 
 
 def default_out_name(model: str, policy: Policy) -> Path:
@@ -118,12 +138,30 @@ def default_out_name(model: str, policy: Policy) -> Path:
     return Path(f"{name}-w{main.scheme.bits}a16")
 
 
-def pick_device(device: str | None) -> torch.device:
+def pick_device(device: str | torch.device | None) -> torch.device:
+    """Where to quantize: cpu or cuda (cuda:N too); None: cuda when torch sees one, else cpu."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        chosen = torch.device(device) if isinstance(device, (str, torch.device)) else None
+    except RuntimeError:   # torch's words for a name it does not know
+        chosen = None
+    if chosen is None or chosen.type not in ("cpu", "cuda"):
+        raise KLError(f"--device {device!r} is not supported; use --device cpu or --device cuda")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
         raise KLError(f"--device {device}: no CUDA device is visible to torch; use --device cpu")
-    return torch.device(device)
+    return chosen
+
+
+def shard_limit(max_shard_bytes: int | None) -> int:
+    """The most bytes a shard holds: `max_shard_bytes`, a whole number of at least 1 as --max-shard-size is, or
+    MAX_SHARD_BYTES for None."""
+    if max_shard_bytes is None:
+        return MAX_SHARD_BYTES
+    if type(max_shard_bytes) is not int or max_shard_bytes < 1:
+        raise KLError(f"max_shard_bytes={max_shard_bytes!r} (--max-shard-size): give a whole number of bytes, at "
+                      f"least 1, or None for the default {size_text(MAX_SHARD_BYTES)}")
+    return max_shard_bytes
 
 
 def refuse_quantized_source(src: Path) -> None:
@@ -217,7 +255,8 @@ def quantize(src: str | Path, out: str | Path, bits: int | None = None, group_si
              symmetric: bool | None = None, scheme: str | None = None, recipe: str | Path | None = None,
              device: str | None = None, force: bool = False, max_shard_bytes: int | None = None,
              progress: bool = True, allow_split_fused: bool = False, observer: str | None = None) -> QuantizeResult:
-    """Quantize the checkpoint in SRC (released or transformers layout) into a new HF folder OUT.
+    """Quantize the checkpoint in SRC (released or transformers layout; `tiny` is the bundled model) into a new HF
+    folder OUT.
 
     Streams module by module; always writes the released tensor names. OUT is built in OUT.partial and
     renamed when whole; an interrupted run resumes from its finished shards when rerun with the same SRC
@@ -225,21 +264,20 @@ def quantize(src: str | Path, out: str | Path, bits: int | None = None, group_si
     made from another source or with other options. Shards hold at most `max_shard_bytes` (default 5 GB).
     A policy that stores the parts of a module vLLM fuses differently is refused unless `allow_split_fused`.
     """
-    src, out = Path(src), Path(out)
+    src, out = resolve_model(src), Path(out)
     policy, runtime = choose_policy(bits, group_size, symmetric, scheme, recipe, observer)
+    torch_device, shard_bytes = pick_device(device), shard_limit(max_shard_bytes)
     _refuse_out_over_src(src, out)
     refuse_existing_out(out, force)
     with OutputLock(out):
-        return _quantize(src, out, policy, runtime, device, force, max_shard_bytes or MAX_SHARD_BYTES, progress,
-                         allow_split_fused)
+        return _quantize(src, out, policy, runtime, torch_device, force, shard_bytes, progress, allow_split_fused)
 
 
-def _quantize(src: Path, out: Path, policy: Policy, runtime: dict, device: str | None, force: bool,
+def _quantize(src: Path, out: Path, policy: Policy, runtime: dict, torch_device: torch.device, force: bool,
               max_shard_bytes: int, progress: bool, allow_split_fused: bool) -> QuantizeResult:
     """quantize() once it holds OUT's lock."""
     started = time.monotonic()
     refuse_existing_out(out, force)  # again: a run that held the lock before us may have just finished OUT
-    torch_device = pick_device(device)
     refuse_quantized_source(src)
     checkpoint = open_checkpoint(src)
     check_tokenizer_if_any(src, checkpoint.config.vocab_size)
@@ -320,6 +358,8 @@ def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, 
     quantize it into `out` (default ./<model-name>-w4a16, -w8a16 or -nf4). Options, and whether OUT's folder takes
     files, are checked before anything is downloaded."""
     policy, _ = choose_policy(bits, group_size, symmetric, scheme, recipe, observer)
+    pick_device(device)   # these two checked before a download, as the policy is
+    shard_limit(max_shard_bytes)
     out = Path(out) if out is not None else default_out_name(model, policy)
     refuse_existing_out(out, force)
     looks_like_path = model.startswith((".", "/", "~", os.sep)) or model.count("/") > 1 or Path(model).exists()
@@ -336,7 +376,7 @@ def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, 
     # an OUT that cannot take files is said before a 98 GB download, not after it; a failed run takes back the
     # folders made for it
     with nullcontext() if local else parent_made(out):
-        src = resolve_model(model) if local else pull(model, revision=revision, progress=progress).path
+        src = model if local else pull(model, revision=revision, progress=progress).path   # quantize reads tiny
         return quantize(src, out, bits=bits, group_size=group_size, symmetric=symmetric, scheme=scheme,
                         recipe=recipe, device=device, force=force, max_shard_bytes=max_shard_bytes, progress=progress,
                         allow_split_fused=allow_split_fused, observer=observer)

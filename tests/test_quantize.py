@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.checkpoint.safetensors_header import read_header
+from klconvert.models import bundled_dir
 from klconvert.quant import compress_nf4, decompress_nf4, load_recipe
 from klconvert.units import count_text
 from klconvert.quantize import quantize
@@ -257,3 +258,14 @@ def test_the_mse_observer_flag(tiny_released, tmp_path):
     err = {o: (decompress_weight({k: v for k, v in t.items() if k.startswith(KDA_Q + ".")}, scheme).float()
                - ref).norm() for o, t in tensors.items()}
     assert err["mse"] < err["minmax"]
+
+
+def test_tiny_names_the_bundled_model(tmp_path, monkeypatch):
+    """quantize("tiny", ...) takes the bundled model, as `klconvert quantize tiny` and load("tiny") do (it was
+    "tiny: no such checkpoint folder"), though the current folder holds nothing of that name."""
+    monkeypatch.chdir(tmp_path)
+    named = quantize("tiny", tmp_path / "named", bits=8, progress=False)
+    by_path = quantize(bundled_dir(), tmp_path / "by_path", bits=8, progress=False)
+    assert named.origin == by_path.origin and "quantized the bundled model tiny -> " in named.summary()
+    a, b = folder_files(named.path), folder_files(by_path.path)
+    assert a.pop("README.md").replace(b"named", b"by_path") == b.pop("README.md") and a == b

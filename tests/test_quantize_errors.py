@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import klconvert.quantize as quantize_module
 from klconvert.errors import KLError
 from klconvert.quant import policy_from_options
 from klconvert.quantize import quantize
@@ -286,4 +288,47 @@ def test_an_out_name_no_file_system_or_terminal_takes_is_one_line(tiny_released,
     args = {"quantize": ("quantize", tiny_released, out), "synth": ("synth", "--preset", "tiny", "--out", out),
             "pull-and-quantize": ("pull-and-quantize", "--model", tiny_released, "--out", out)}[command]
     assert_one_line_error(*run_cli(capsys, *args)[::2], needle)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- the Python API: values the command line's parser never passes ------------------------------------------
+@pytest.mark.parametrize("options,needle", [
+    # symmetric="no" quantized symmetric and symmetric=0 asymmetric, each written as given into config.json
+    (dict(symmetric="no"), "--sym/--asym: symmetric='no' is not a bool; pass symmetric=True (--sym), False"),
+    (dict(symmetric=0), "symmetric=0 is not a bool"),
+    (dict(bits=4.0), "--bits 4.0 is not supported; use --bits 4 or --bits 8"),   # was a TypeError
+    (dict(bits="4"), "--bits '4' is not supported"),   # was "--bits 4 is not supported; use --bits 4"
+    (dict(bits=True), "--bits True is not supported"),
+    (dict(group_size=32.0), "--group-size 32.0 is not a whole number; use 32, 64 or 128"),
+    (dict(group_size="32"), "--group-size '32' is not a whole number"),   # was a TypeError
+    (dict(group_size=True), "--group-size True is not a whole number"),
+    (dict(scheme=""), "--scheme '' is not supported; use --scheme int or --scheme nf4"),   # was the default
+    (dict(scheme="int4"), "--scheme 'int4' is not supported"),
+    (dict(observer=""), "--observer '' is not supported; use --observer minmax or --observer mse"),
+    (dict(observer=0), "--observer 0 is not supported"),
+    # 0 was the default 5 GB; -5, 1.5 and True a shard per tensor
+    (dict(max_shard_bytes=0), "max_shard_bytes=0 (--max-shard-size): give a whole number of bytes, at least 1"),
+    (dict(max_shard_bytes=-5), "max_shard_bytes=-5 (--max-shard-size)"),
+    (dict(max_shard_bytes=1.5), "max_shard_bytes=1.5 (--max-shard-size)"),
+    (dict(max_shard_bytes=True), "max_shard_bytes=True (--max-shard-size)"),
+    (dict(device="tpu"), "--device 'tpu' is not supported; use --device cpu or --device cuda"),  # was torch's
+    (dict(device="meta"), "--device 'meta' is not supported"),
+    (dict(device=0), "--device 0 is not supported"),
+])
+def test_a_bad_value_from_python_is_refused_up_front(tiny_released, tmp_path, options, needle):
+    out = tmp_path / "q"
+    with pytest.raises(KLError) as e:
+        quantize(tiny_released, out, progress=False, **options)
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pull_and_quantize_refuses_a_bad_device_or_shard_size_before_any_download(tmp_path, monkeypatch):
+    def no_pull(*args, **kwargs):
+        raise AssertionError("pulled")
+
+    monkeypatch.setattr(quantize_module, "pull", no_pull)
+    for options, needle in ((dict(device="tpu"), "--device 'tpu'"), (dict(max_shard_bytes=0), "max_shard_bytes=0")):
+        with pytest.raises(KLError, match=re.escape(needle)):
+            quantize_module.pull_and_quantize("acme/kimi", tmp_path / "q", progress=False, **options)
     assert list(tmp_path.iterdir()) == []

@@ -16,6 +16,7 @@ from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.checkpoint.regular_file import read_bounded
 from klconvert.errors import KLError
+from klconvert.models import resolve_model
 from klconvert.onnx.ffn import moe_layer, swiglu_mlp
 from klconvert.onnx.graph import FLOAT, INT64, MS_DOMAIN, GraphBuilder
 from klconvert.onnx.kda import kda_layer
@@ -156,13 +157,13 @@ EARLIER_EXPORT = Replaceable("an earlier ONNX export", _is_an_export_file)
 
 
 def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPSET, force: bool = False) -> Path:
-    """Export the checkpoint in `model_dir` to the folder `out` (new or empty; with `force`, an earlier export,
-    replaced only once the new one is whole), written whole or not at all; returns the model.onnx path.
-    onnx.checker checks the written model."""
+    """Export the checkpoint in `model_dir` (`tiny`: the bundled model) to the folder `out` (new or empty; with
+    `force`, an earlier export, replaced only once the new one is whole), written whole or not at all; returns the
+    model.onnx path. onnx.checker checks the written model."""
     top = onnx.defs.onnx_opset_version()
-    if not MIN_OPSET <= opset <= top:
-        raise KLError(f"--opset {opset}: choose {MIN_OPSET} to {top} (the installed onnx's newest)")
-    model_dir, out = Path(model_dir), Path(out)
+    if type(opset) is not int or not MIN_OPSET <= opset <= top:   # 18.0 and "18" too: the repr shows which
+        raise KLError(f"--opset {opset!r}: choose {MIN_OPSET} to {top} (the installed onnx's newest)")
+    model_dir, out = resolve_model(model_dir), Path(out)
     refuse_taken(out, force, EARLIER_EXPORT)
     checkpoint = Checkpoint(model_dir)
     check_tokenizer_if_any(model_dir, checkpoint.config.vocab_size)

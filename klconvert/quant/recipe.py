@@ -9,7 +9,7 @@ import yaml
 from klconvert.checkpoint.regular_file import open_regular
 from klconvert.errors import KLError
 from klconvert.quant.policy import Entry, Group, Policy, RegexBudget
-from klconvert.quant.scheme import NF4_BLOCKSIZE, PACKED_FORMAT, QuantScheme
+from klconvert.quant.scheme import KINDS, NF4_BLOCKSIZE, PACKED_FORMAT, QuantScheme
 from klconvert.recipes import shipped_names, shipped_recipe
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few KB; a larger --recipe is the wrong file (or /dev/zero)
@@ -113,7 +113,7 @@ class _Reader:
             self.fail(w["observer"][1], f"observer {observer!r} is not supported; use minmax or mse")
         if get("actorder", (str, type(None)), None) is not None:
             self.fail(w["actorder"][1], "actorder needs calibration (GPTQ), which klconvert does not run; remove it")
-        if kind not in ("int", "nf4"):
+        if kind not in KINDS:
             self.fail(w["type"][1], f"type {kind!r} is not supported; use int or nf4")
         if kind == "nf4":
             if strategy not in ("group", None):

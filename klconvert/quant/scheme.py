@@ -14,6 +14,7 @@ COMPRESSED_TENSORS = "compressed-tensors"  # the quant_method of that format's c
 COMPRESSED_TENSORS_VERSION = "0.20.1"
 NF4_BLOCKSIZE = 64  # bitsandbytes' Params4bit / transformers' Linear4bit block size
 GROUP_SIZE = 128  # an int scheme's input columns per scale unless told otherwise
+KINDS = ("int", "nf4")  # QuantScheme's kinds: --scheme's and a recipe's `type:` choices
 
 
 @dataclass(frozen=True)
