@@ -9,16 +9,18 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from klconvert.checkpoint.folder_files import MAX_FILE_NAME_BYTES
 from klconvert.config import KimiLinearConfig
 from klconvert.entry import StdoutFailed, exit_interrupted, signal_of, signal_status
 from klconvert.errors import KLError, PlanDoesNotFit
 from klconvert.extras import require
-from klconvert.hub import DEFAULT_REPO
-from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, default_run_model, resolve_model
+from klconvert.hub import DEFAULT_REPO, is_repo_id
+from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, default_model, resolve_model
 from klconvert.presets import PRESETS
 from klconvert.recipes import shipped_names
+from klconvert.runtime.host_memory import HostMemoryExhausted
 from klconvert.units import size_text
 
 DEVICE = click.Choice(["cpu", "cuda"])
@@ -90,6 +92,21 @@ REPO = ModelArg("a hub repo id (owner/name)")
 REPO_OR_MODEL = ModelArg(f"a hub repo id, a checkpoint folder or {BUNDLED_NAME}")
 
 
+def model_folder(value: str, named: str) -> Path:
+    """The folder a MODEL names (`tiny`: the bundled model's); KLError when there is none, naming the value as the
+    command line gave it (`named`: "--model X", "SRC X") and what would work there -- for an owner/name, the
+    commands that download a hub repo."""
+    folder = resolve_model(value)
+    if folder.is_dir():
+        return folder
+    if "/" in value and is_repo_id(value):
+        raise KLError(f"{named}: no such folder, and a hub repo id is not fetched here -- `klconvert "
+                      f"pull-and-quantize --model {value}` pulls and quantizes it, `klconvert pull {value}` only "
+                      "downloads it (and prints the folder to give here)")
+    raise KLError(f"{named}: no such folder; give a Kimi Linear checkpoint folder (`klconvert pull` downloads one, "
+                  f"`klconvert pull-and-quantize` a quantized one) or {BUNDLED_NAME}, the bundled model")
+
+
 class OneLineErrors(click.Group):
     """The klconvert group: every error a user can cause -- a KLError or a usage error -- ends in one line on stderr,
     `klconvert: error: ...`, with the error's exit status (2 for bad input) and no traceback; so does a standard
@@ -126,6 +143,9 @@ class OneLineErrors(click.Group):
             exit_interrupted(signal_of(e.__cause__))
         except KeyboardInterrupt as e:
             exit_interrupted(signal_of(e))
+        except HostMemoryExhausted as e:   # the runtime's, naming what it was allocating and what bounds the host
+            click.echo(f"klconvert: error: {_one_line(str(e))}", err=True)
+            sys.exit(2)
         except MemoryError:   # the host's memory, or a limit on the process's: whatever asked for it, one line
             click.echo("klconvert: error: out of host memory (or the process's memory limit); free some memory, or "
                        "give the command less to hold (a shorter context or text, a smaller batch or model)", err=True)
@@ -263,19 +283,14 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
         top_p: float, seed: int | None, chat: bool, show_special: bool, max_context: int | None, device: str | None,
         dtype: str | None, kernels: str, engine: str, progress: bool | None) -> None:
     """Continue a prompt (or several, as one batch): the text streams to stdout, a summary goes to stderr."""
+    _refuse_sampling_flags_when_greedy(click.get_current_context(), temperature)
     if hasattr(sys.stdout, "reconfigure"):  # what stdout's encoding cannot hold (PYTHONIOENCODING=ascii) shows as ?
         sys.stdout.reconfigure(errors="replace")
     from klconvert.text_input import read_prompt
     from klconvert.tokenizer import StreamDecoder, Tokenizer
 
-    if model is None:
-        folder, which = default_run_model()
-        click.echo(f"klconvert: {which}", err=True)
-    else:
-        folder = resolve_model(model)
-    if not folder.is_dir():   # named as given: Path("./tiny") prints as tiny, the bundled model's name
-        raise KLError(f"--model {model}: no such folder; pass --model DIR (or {BUNDLED_NAME}, the bundled model), or "
-                      "run `klconvert pull-and-quantize --bits 4` first (it writes the default folder)")
+    # which model runs is said once every check has passed, just before it runs
+    folder, which = default_model("running") if model is None else (model_folder(model, f"--model {model}"), None)
     if engine == "onnxruntime":  # before the context checks, which would name --max-context
         _refuse_runtime_flags_for_onnxruntime(device, dtype, kernels, max_context)
     else:
@@ -315,6 +330,8 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
         runner = load(folder, device=device, dtype=dtype, max_context=max_context or longest + max_new_tokens,
                       batch=len(prompts), kernels=kernels)
         runner.check_fits(longest, max_new_tokens)
+    if which is not None:
+        click.echo(f"klconvert: {which}", err=True)
     streams = [StreamDecoder(tokenizer) for _ in prompts]
     hidden = runner.stop_ids if show_special else tokenizer.special_ids | runner.stop_ids   # what generate stops at
     texts = [[] for _ in prompts]
@@ -344,6 +361,20 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
     click.echo(f"{summary} | plan: {runner.device} {str(runner.dtype).split('.')[-1]} "
                f"{'triton' if runner.triton else 'torch'}, "
                f"context {plan.context}, batch {plan.batch}, total {plan.total / 2**30:.2f} GiB", err=True)
+
+
+def _refuse_sampling_flags_when_greedy(ctx: click.Context, temperature: float) -> None:
+    """--top-p and --seed shape sampling: given with --temperature 0 (greedy, the default) they would do nothing."""
+    if temperature > 0:
+        return
+    given = [flag for flag, name in (("--top-p", "top_p"), ("--seed", "seed"))
+             if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
+    if given:
+        greedy = ("--temperature 0" if ctx.get_parameter_source("temperature") != ParameterSource.DEFAULT
+                  else "the default --temperature 0")
+        raise KLError(f"{' and '.join(given)} given with {greedy}, which decodes greedily: --top-p and --seed take "
+                      f"effect only with --temperature > 0; add --temperature T above 0 to sample, or drop "
+                      f"{' and '.join(given)}")
 
 
 def _refuse_runtime_flags_for_onnxruntime(device: str | None, dtype: str | None, kernels: str,
@@ -378,15 +409,16 @@ def _prefill_bar(total: int, progress: bool | None):
 
 
 def _refuse_triton_without_cuda(kernels: str, device: str | None) -> None:
-    """--kernels triton runs on CUDA (or under TRITON_INTERPRET=1, Triton's CPU interpreter, as the tests do)."""
-    if kernels != "triton" or os.environ.get("TRITON_INTERPRET") == "1":
+    """--kernels triton off CUDA, refused before the prompt is read (runtime.weights.refuse_triton_off_cuda, which
+    load applies too)."""
+    if kernels != "triton":
         return
     import torch
 
-    if device == "cpu" or not torch.cuda.is_available():
-        where = "--device cpu" if device == "cpu" else "this machine (no CUDA GPU is visible)"
-        raise KLError(f"--kernels triton needs a CUDA GPU, but it was asked for on {where}; use --kernels torch "
-                      "(or auto, the default)")
+    from klconvert.runtime.engine import default_device
+    from klconvert.runtime.weights import refuse_triton_off_cuda
+
+    refuse_triton_off_cuda(kernels, torch.device(device) if device is not None else default_device())
 
 
 @cli.command(name="export-onnx")
@@ -400,13 +432,13 @@ def _refuse_triton_without_cuda(kernels: str, device: str | None) -> None:
 @click.option("--force", is_flag=True, help="Replace an earlier export in --out, once the new one is whole.")
 def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) -> None:
     """Write the checkpoint as an ONNX graph that onnxruntime runs (prefill and decode, state in and out)."""
-    if model is None:
-        model, which = default_run_model()
-        click.echo(f"klconvert: {which}", err=True)
     require("onnx", "export-onnx")
     from klconvert.onnx.export import DEFAULT_OPSET, export_onnx as export
 
-    path = export(resolve_model(model), out, opset=DEFAULT_OPSET if opset is None else opset, force=force)
+    folder, which = default_model("exported") if model is None else (model_folder(model, f"--model {model}"), None)
+    path = export(folder, out, opset=DEFAULT_OPSET if opset is None else opset, force=force)
+    if which is not None:   # said once the export is done: a refused one is its error line alone
+        click.echo(f"klconvert: {which}", err=True)
     click.echo(f"wrote {path} (run it: klconvert run --model {out} --engine onnxruntime)", err=True)
     click.echo(str(out))
 
@@ -447,7 +479,7 @@ def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path
     if (model is None) == (preset is None):
         raise KLError("give exactly one of --model DIR or --preset NAME")
     _refuse_layers_with_model(model, layers)
-    folder = None if model is None else resolve_model(model)
+    folder = None if model is None else model_folder(model, f"--model {model}")
     memory_limit = parse_size(gpu_memory) if gpu_memory is not None else None
     if memory_limit == 0:
         raise KLError(f"--gpu-memory {gpu_memory}: give the GPU's memory, e.g. 80GiB or 24GB")
@@ -533,8 +565,8 @@ def quantize(src: str, out: Path, bits: int | None, group_size: int | None, symm
     folder OUT (resumes if interrupted)."""
     from klconvert.quantize import quantize as quantize_checkpoint
 
-    result = quantize_checkpoint(resolve_model(src), out, bits=bits, group_size=group_size, symmetric=symmetric,
-                                 scheme=scheme, observer=observer,
+    result = quantize_checkpoint(model_folder(src, f"SRC {src}"), out, bits=bits, group_size=group_size,
+                                 symmetric=symmetric, scheme=scheme, observer=observer,
                                  recipe=recipe, device=device, force=force, allow_split_fused=allow_split_fused,
                                  max_shard_bytes=_shard_bytes(max_shard_size))
     click.echo(result.summary(), err=True)
@@ -583,9 +615,8 @@ def eval_(model: str, reference: str, text_file: Path, max_tokens: int, device: 
     from klconvert.text_input import read_text_file
     from klconvert.tokenizer import Tokenizer
 
-    reference_dir = resolve_model(reference)
-    if not reference_dir.is_dir():
-        raise KLError(f"--reference {reference}: no such folder; pass a checkpoint folder")
+    model_folder(model, f"--model {model}")   # checked here too, to be worded as the command line gave it
+    reference_dir = model_folder(reference, f"--reference {reference}")
     config = KimiLinearConfig.from_file(reference_dir / "config.json")
     if max_tokens > config.model_max_length:
         raise KLError(f"--max-tokens {max_tokens:,} is over the model's {config.model_max_length_name} "
@@ -668,7 +699,7 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
             from klconvert.checkpoint.quantized import QuantizedSource
             from klconvert.checkpoint.reader import Checkpoint
 
-            ckpt = Checkpoint(resolve_model(model))
+            ckpt = Checkpoint(model_folder(model, f"--model {model}"))
             config = ckpt.config
             weights = B.Weights(ckpt.get, ckpt.packed,
                                 {n: s.scheme for n, s in ckpt.sources.items() if isinstance(s, QuantizedSource)})

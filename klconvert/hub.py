@@ -7,6 +7,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import logging
 import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,7 @@ from klconvert.disk_space import free_disk_bytes
 from klconvert.entry import note_change
 from klconvert.errors import KLError, first_line, unreadable_reason
 from klconvert.hub_guard import AnswerGuard
+from klconvert.models import BUNDLED_NAME
 from klconvert.units import size_text
 from klconvert.verified_files import VerifiedFiles
 
@@ -67,8 +69,10 @@ METADATA_FOLDERS = (".cache/", f"{LOCAL_DIR_RECORD.parent}/")  # huggingface_hub
 # the cache beside the repo's snapshots (never inside them), one record per commit.
 VERIFIED_RECORD = Path(".klconvert") / "verified.json"
 # huggingface_hub 2.4.0 deletes a partly downloaded file when its download fails, so a rerun
-# skips the finished files and starts the interrupted ones again.
+# skips the finished files and starts the interrupted ones again: said only of a failure while files download.
 RERUN = "rerun the pull to continue (finished files are kept)"
+# What to do when the hub cannot be reached (or answers 5xx) before anything downloads.
+UNREACHABLE = "check the network connection, any proxy (HTTPS_PROXY) and HF_ENDPOINT"
 HASH_CHUNK_BYTES = 8 * 1024 * 1024
 HASH_WORKERS = 4  # hashlib releases the GIL on large buffers, so shards hash in parallel
 
@@ -137,6 +141,7 @@ def pull(
     `include`/`exclude` are `hf download`-style fnmatch patterns that narrow ALLOWED_PATTERNS.
     With HF_HUB_OFFLINE=1 the pull is answered from the cache alone.
     """
+    refuse_bundled_name(repo)
     refuse_bad_repo_id(repo)
     refuse_bad_revision(revision)
     refuse_unsafe_includes(include)
@@ -148,8 +153,8 @@ def pull(
     offline = constants.is_offline_mode()
     api = HfApi()
     guard = AnswerGuard(api.endpoint, repo)
-    with _as_user_errors(repo, revision, api.endpoint, target), nullcontext() if offline else guard:
-        with _malformed_answers(repo, api.endpoint):
+    with _as_user_errors(repo, revision, api.endpoint, target) as stage, nullcontext() if offline else guard:
+        with _malformed_answers(repo, api.endpoint), _no_cache_fallback_warning():
             resolved = api.resolve_revision(repo, revision=revision, cache_dir=cache_dir, local_files_only=offline)
             commit = guard.commit = _checked_commit(resolved.resolved, repo, api.endpoint)
             where = f"{repo}@{commit}"
@@ -178,6 +183,7 @@ def pull(
             folder = _snapshot_on_disk(repo, commit, cache_dir, local_dir, where)
         else:
             note_change(target)   # hf_xet's downloads are written in Rust, which Python's audit events do not show
+            stage.fetching = True
             folder = Path(
                 snapshot_download(
                     repo,
@@ -215,13 +221,28 @@ def refuse_file_as_local_dir(local_dir: Path) -> None:
                       "does not exist yet is made)")
 
 
+def refuse_bundled_name(repo: str) -> None:
+    """KLError for the bundled model's name: it comes installed, and no hub repo has that id."""
+    if repo == BUNDLED_NAME:
+        raise KLError(f"{BUNDLED_NAME} is the bundled model, installed with klconvert, not a hub repo: give it where "
+                      f"a model goes (`klconvert run --model {BUNDLED_NAME}`); pull takes a hub repo id (owner/name, "
+                      f"like {DEFAULT_REPO})")
+
+
+def is_repo_id(text: str) -> bool:
+    """Whether `text` is a hub repo id (name or owner/name); a path (./x, /x, ~/x, a/b/c) is not."""
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
 def refuse_bad_repo_id(repo: str) -> None:
     """Raise KLError unless `repo` is a hub repo id (owner/name), e.g. not a path."""
-    try:
-        validate_repo_id(repo)
-    except HFValidationError:
+    if not is_repo_id(repo):
         raise KLError(f"{repo!r} is not a hub repo id (name or owner/name, like {DEFAULT_REPO}); check the "
-                      "name") from None
+                      "name")
 
 
 MAX_REVISION_CHARS = 256  # a branch, tag or commit id is far shorter
@@ -267,6 +288,22 @@ MAX_FILE_BYTES = 1 << 40  # past any one file of a checkpoint (the release's sha
 # filtering of it by the files a pull asks for (one pattern each) grows as their product (20,000 x 1,000: 7 s).
 MAX_LISTED_FILES = 20_000
 MAX_PULLED_FILES = 1_000
+
+
+def _is_not_a_cache_fallback(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Could not reach the Hub")
+
+
+@contextmanager
+def _no_cache_fallback_warning() -> Iterator[None]:
+    """Without the line huggingface_hub writes on stderr when it resolves a revision from the cache because the hub
+    could not be reached: the listing asked for next cannot be reached either, and that error says so, in one line."""
+    logger = logging.getLogger("huggingface_hub.hf_api")
+    logger.addFilter(_is_not_a_cache_fallback)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_is_not_a_cache_fallback)
 
 
 @contextmanager
@@ -528,13 +565,23 @@ def _write_local_dir_record(folder: Path, repo, revision, commit, files: list[Pu
     write_atomically(record, (json.dumps(body, indent=1) + "\n").encode())
 
 
+@dataclass
+class _Stage:
+    """How far a pull got: `fetching` once snapshot_download has started writing files (only then does a rerun
+    resume anything)."""
+
+    fetching: bool = False
+
+
 @contextmanager
-def _as_user_errors(repo: str, revision: str | None, endpoint: str, target: Path) -> Iterator[None]:
-    """Turn huggingface_hub's errors a user can cause into one-line KLErrors saying what to do."""
+def _as_user_errors(repo: str, revision: str | None, endpoint: str, target: Path) -> Iterator[_Stage]:
+    """Turn huggingface_hub's errors a user can cause into one-line KLErrors saying what to do: a rerun only where
+    files were downloading (the finished ones are kept), the network where the hub could not be reached before."""
     revision = revision or constants.DEFAULT_REVISION
     where = f"{repo}@{revision}"
+    stage = _Stage()
     try:
-        yield
+        yield stage
     except GatedRepoError as e:
         raise KLError(f"{repo} is gated: accept its terms at {endpoint}/{repo}, then set HF_TOKEN") from e
     except RepositoryNotFoundError as e:
@@ -552,23 +599,31 @@ def _as_user_errors(repo: str, revision: str | None, endpoint: str, target: Path
                 f"HF_HUB_OFFLINE is set and {target} holds no complete copy of {where}: "
                 "unset HF_HUB_OFFLINE and pull once online"
             ) from e
-        raise KLError(f"cannot fetch {where} from {endpoint}: {first_line(e)}; {RERUN}") from e
+        if stage.fetching:
+            raise KLError(f"cannot fetch {where} from {endpoint}: {first_line(e)}; {RERUN}") from e
+        # the hub unreachable (or down) and no commit of `revision` in the cache: HF_HUB_OFFLINE=1 would find none
+        cause = e.__cause__ if e.__cause__ is not None else e
+        raise KLError(f"cannot resolve {where} at {endpoint} ({type(cause).__name__}: {first_line(cause)}), and the "
+                      f"cache holds no copy of it; {UNREACHABLE}, then try again") from e
     except HfHubHTTPError as e:
         if e.response.status_code == 401:
             raise KLError(f"{endpoint} rejected the token for {repo}: check HF_TOKEN") from e
-        raise KLError(f"{endpoint} failed while pulling {where}: {first_line(e)}; {RERUN}") from e
+        raise KLError(f"{endpoint} failed while pulling {where}: {first_line(e)}; "
+                      + (RERUN if stage.fetching else "check HF_ENDPOINT, or retry later")) from e
     except TRANSPORT_ERRORS as e:
-        raise KLError(
-            f"lost the connection to {endpoint} while pulling {where} ({first_line(e)}); {RERUN}, "
-            "or set HF_HUB_OFFLINE=1 to use a cached copy"
-        ) from e
+        if stage.fetching:
+            raise KLError(f"lost the connection to {endpoint} while pulling {where} ({first_line(e)}); {RERUN}, "
+                          "or set HF_HUB_OFFLINE=1 to use a cached copy") from e
+        raise KLError(f"cannot reach {endpoint} to look up {where} ({type(e).__name__}: {first_line(e)}); "
+                      f"{UNREACHABLE}, or set HF_HUB_OFFLINE=1 to use the copy in the cache") from e
     except BROKEN_ANSWER_ERRORS as e:  # after TRANSPORT_ERRORS, which are HTTPErrors too
         raise KLError(f"{endpoint} sent an answer the client cannot follow while pulling {where} ({first_line(e)}); "
                       "check HF_ENDPOINT, or report it to the repo's owner") from e
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise KLError(f"disk full while pulling {where} into {target}: free space and rerun") from e
-        raise KLError(f"pulling {where} into {target} failed: {first_line(e)}; {RERUN}") from e
+        raise KLError(f"pulling {where} into {target} failed: {first_line(e)}; "
+                      + (RERUN if stage.fetching else f"check that {target} is a folder you can write")) from e
     except ValueError as e:   # huggingface_hub refusing what the server sent (a file size past its limits, a name)
         raise KLError(f"{endpoint} sent something huggingface_hub refuses while pulling {where} ({first_line(e)}); "
                       "check HF_ENDPOINT, or retry later") from None

@@ -1,5 +1,5 @@
 """Model names the verbs accept: `tiny`, the small Kimi Linear trained on Shakespeare and shipped inside the
-package (klconvert/bundled/), and the folder `klconvert run` uses when given no --model."""
+package (klconvert/bundled/), and the folder `klconvert run` and `export-onnx` use when given no --model."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +15,7 @@ def bundled_dir() -> Path:
     """The bundled model's folder, checked to hold a checkpoint."""
     if not (BUNDLED_DIR / "config.json").is_file():
         raise KLError(f"{BUNDLED_DIR}: the bundled model's files are missing from this install; reinstall klconvert "
-                      "(pip install klconvert) or pass --model DIR")
+                      "(pip install --force-reinstall klconvert), or name a checkpoint folder instead")
     return BUNDLED_DIR
 
 
@@ -25,10 +25,10 @@ def resolve_model(value: str | Path) -> Path:
     return bundled_dir() if isinstance(value, str) and value == BUNDLED_NAME else Path(value)
 
 
-def default_run_model() -> tuple[Path, str]:
-    """What `klconvert run` runs without --model: the quantized 48B folder when it is here, else the bundled
-    model; with a line saying which."""
+def default_model(verb: str) -> tuple[Path, str]:
+    """What `klconvert run` and `export-onnx` use without --model: the quantized 48B folder when it is here, else
+    the bundled model; with the line saying which, `verb` being what the command does with it ("running")."""
     if Path(DEFAULT_MODEL_DIR).is_dir():
-        return Path(DEFAULT_MODEL_DIR), f"running {DEFAULT_MODEL_DIR} (pass --model to choose another)"
-    return bundled_dir(), (f"no {DEFAULT_MODEL_DIR} here: running the bundled model `{BUNDLED_NAME}` (a small Kimi "
+        return Path(DEFAULT_MODEL_DIR), f"{verb} {DEFAULT_MODEL_DIR} (pass --model to choose another)"
+    return bundled_dir(), (f"no {DEFAULT_MODEL_DIR} here: {verb} the bundled model `{BUNDLED_NAME}` (a small Kimi "
                            "Linear trained on Shakespeare); `klconvert pull-and-quantize --bits 4` makes the 48B one")

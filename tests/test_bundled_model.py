@@ -18,7 +18,7 @@ from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
 from klconvert.models import BUNDLED_DIR, DEFAULT_MODEL_DIR  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
-from testkit import run_cli, shown_lines  # noqa: E402
+from testkit import assert_one_line_error, run_cli, shown_lines  # noqa: E402
 
 RECORDED = json.loads(record_bundled.RECORDED.read_text())
 MAX_BYTES = 25 * 10**6
@@ -81,6 +81,42 @@ def test_run_without_model_runs_the_bundled_one(tmp_path, monkeypatch, capsys):
     assert shown_lines(err)[0].startswith(f"klconvert: no {DEFAULT_MODEL_DIR} here: running the bundled model")
     tokenizer = Tokenizer.from_folder(BUNDLED_DIR)
     assert out == tokenizer.decode(RECORDED["greedy_ids"][:8]) + "\n"
+
+
+@pytest.mark.parametrize("args", [
+    ["run", "--prompt", "hi", "--prompt-file", "prompt.txt"],
+    ["run", "--device", "cuda", "--prompt", "hi"],      # on a machine without CUDA (made so below)
+    ["run"],
+    ["run", "--seed", "5", "--prompt", "hi"],
+    ["export-onnx", "--out", "taken"],
+])
+def test_a_refusal_without_model_is_its_error_line_alone(tmp_path, monkeypatch, capsys, args):
+    """The line saying the bundled model runs came first, before the options were checked: two lines."""
+    monkeypatch.chdir(tmp_path)        # no ./Kimi-Linear-48B-A3B-Instruct-w4a16 here
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    (tmp_path / "prompt.txt").write_text(RECORDED["prompt"])
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("mine")
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and len(shown_lines(err)) == 1 and shown_lines(err)[0].startswith("klconvert: error: "), err
+
+
+@pytest.mark.slow
+def test_export_without_model_says_it_exported_the_bundled_one(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("onnx")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "export-onnx", "--out", "onnx")
+    assert code == 0 and out == "onnx\n", err
+    assert shown_lines(err)[0].startswith(f"klconvert: no {DEFAULT_MODEL_DIR} here: exported the bundled model "
+                                          "`tiny`"), err
+
+
+def test_a_bundled_model_missing_from_the_install_names_no_flag_a_verb_lacks(tmp_path, monkeypatch, capsys):
+    """quantize takes SRC, not --model: the advice fits every verb that takes `tiny`."""
+    monkeypatch.setattr("klconvert.models.BUNDLED_DIR", tmp_path / "gone")
+    line = assert_one_line_error(*run_cli(capsys, "quantize", "tiny", tmp_path / "q")[::2],
+                                 "the bundled model's files are missing from this install", "reinstall klconvert")
+    assert "--model" not in line
 
 
 @pytest.mark.slow

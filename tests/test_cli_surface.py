@@ -96,7 +96,8 @@ def test_triton_kernels_need_cuda(capsys, tiny_released, monkeypatch):
 def test_a_recipe_nested_too_deeply(capsys, tmp_path):
     deep = tmp_path / "deep.yaml"
     deep.write_text("quant_stage: " + "[" * 5000 + "]" * 5000 + "\n")
-    for args in (["plan", "--preset", "tiny", "--recipe", deep], ["quantize", "a", tmp_path / "b", "--recipe", deep]):
+    for args in (["plan", "--preset", "tiny", "--recipe", deep],
+                 ["quantize", "tiny", tmp_path / "b", "--recipe", deep]):
         assert_one_line_error(*run_cli(capsys, *args)[::2], "deep.yaml: nested too deeply to be a recipe")
 
 
@@ -260,3 +261,61 @@ def test_other_defaults_the_cli_states_are_the_codes():
     onnx_export = pytest.importorskip("klconvert.onnx.export")
     assert f"the oldest the export takes, {onnx_export.DEFAULT_OPSET}]" in options[("export-onnx", "opset")].help
     assert onnx_export.DEFAULT_OPSET == onnx_export.MIN_OPSET
+
+
+@pytest.mark.parametrize("args, named", [
+    (["quantize", "missing", "qm"], "SRC missing"),        # it said "pass --model DIR": quantize has no --model
+    (["run", "--model", "missing", "--prompt", "x"], "--model missing"),
+    (["export-onnx", "--model", "missing", "--out", "o"], "--model missing"),
+    (["bench", "--model", "missing"], "--model missing"),
+    (["plan", "--model", "missing"], "--model missing"),
+    (["eval", "--model", "missing", "--reference", "tiny", "--text-file", "t.txt"], "--model missing"),
+    (["eval", "--model", "tiny", "--reference", "missing", "--text-file", "t.txt"], "--reference missing"),
+])
+def test_a_missing_model_folder_is_named_as_its_command_takes_it(capsys, tmp_path, monkeypatch, args, named):
+    """Each command words it for its own option (or SRC), and says what a valid model is."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.txt").write_text("ROMEO. What light")
+    line = assert_one_line_error(*run_cli(capsys, *args)[::2], f"{named}: no such folder; give a Kimi Linear "
+                                 "checkpoint folder", "or tiny, the bundled model")
+    assert ("--model" in line) == named.startswith("--model"), line
+    assert not list(tmp_path.glob("o*")) and not list(tmp_path.glob("qm"))
+
+
+@pytest.mark.parametrize("args, named", [
+    (["quantize", "moonshotai/Kimi-Linear-48B-A3B-Instruct", "qx"], "SRC moonshotai/Kimi-Linear-48B-A3B-Instruct"),
+    (["run", "--model", "moonshotai/Kimi-Linear-48B-A3B-Instruct", "--prompt", "x"],
+     "--model moonshotai/Kimi-Linear-48B-A3B-Instruct"),
+])
+def test_a_hub_repo_id_for_a_folder_points_at_the_commands_that_pull(capsys, tmp_path, monkeypatch, args, named):
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(*run_cli(capsys, *args)[::2], f"{named}: no such folder",
+                          "`klconvert pull-and-quantize --model moonshotai/Kimi-Linear-48B-A3B-Instruct` pulls and "
+                          "quantizes it", "`klconvert pull moonshotai/Kimi-Linear-48B-A3B-Instruct` only downloads it")
+
+
+def test_the_readers_own_missing_folder_names_no_flag(tmp_path):
+    """The Python API (klconvert.load, Checkpoint) has no flags: it says what is missing and what a checkpoint is."""
+    from klconvert.checkpoint.reader import Checkpoint
+    from klconvert.errors import KLError
+
+    with pytest.raises(KLError) as caught:
+        Checkpoint(tmp_path / "nope")
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'nope'}: no such checkpoint folder; name a folder holding a Kimi Linear "
+                              "checkpoint (config.json and safetensors weights)"), message
+    assert "--" not in message
+
+
+@pytest.mark.parametrize("args, given", [
+    (["--prompt-file", "p.txt", "--top-p", "0.5"], "--top-p given with the default --temperature 0"),
+    (["--seed", "5", "--prompt", "hi"], "--seed given with the default --temperature 0"),
+    (["--prompt", "hi", "--temperature", "0", "--top-p", "1", "--seed", "0"], "--top-p and --seed given with "
+                                                                             "--temperature 0"),
+])
+def test_sampling_flags_without_a_temperature_are_refused_not_ignored(capsys, tmp_path, monkeypatch, args, given):
+    """Greedy decoding takes neither: they were dropped unsaid."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.txt").write_text("ROMEO.")
+    assert_one_line_error(*run_cli(capsys, "run", "--model", "tiny", *args)[::2], given,
+                          "--top-p and --seed take effect only with --temperature > 0")

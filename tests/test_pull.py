@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 from klconvert import hub, hub_guard
 from klconvert.errors import KLError
 from hub_standin import HubStandIn, hub_environment
+from testkit import assert_one_line_error, run_klconvert
 
 REPO = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
 SHARD_1 = "model-00001-of-00002.safetensors"
@@ -599,3 +601,46 @@ def test_a_download_is_said_to_change_files_before_it_starts(served, tmp_path, m
     monkeypatch.setattr(hub, "snapshot_download", lambda *a, **k: calls.append(("download",)) or download(*a, **k))
     hub.pull(REPO, progress=False)
     assert calls == [("change", cache_dir(tmp_path)), ("download",)]
+
+
+def closed_endpoint() -> str:
+    """A loopback address nothing listens on: connections to it are refused, as to a hub that cannot be reached."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_an_unreachable_hub_says_to_check_the_network_not_to_rerun(tmp_path):
+    """It said "rerun the pull to continue (finished files are kept)": nothing was fetched, and a rerun meets the
+    same refused connection. With nothing cached, HF_HUB_OFFLINE=1 could not help either."""
+    endpoint = closed_endpoint()
+    with hub_environment(endpoint, tmp_path / "hf_home"):
+        for args in (["pull", "nope/nope"], ["pull-and-quantize", "--model", "nope/nope", "--out", tmp_path / "q"]):
+            proc = run_klconvert(*args)
+            line = assert_one_line_error(proc.returncode, proc.stderr, f"cannot resolve nope/nope@main at {endpoint} "
+                                         "(ConnectError:", "and the cache holds no copy of it; check the network "
+                                         "connection, any proxy (HTTPS_PROXY) and HF_ENDPOINT")
+            assert "rerun" not in line and "kept" not in line and "HF_HUB_OFFLINE" not in line, line
+    assert not (tmp_path / "q").exists()
+
+
+def test_an_unreachable_hub_with_a_cached_copy_points_to_it(served, tmp_path):
+    """A copy pulled before: the hub unreachable now, HF_HUB_OFFLINE=1 is what works -- and does. One line, from the
+    installed command too (huggingface_hub's own warning, that it used the cached commit, came first)."""
+    hub.pull(REPO, progress=False)
+    with hub_environment(closed_endpoint(), tmp_path / "hf_home"):
+        proc = run_klconvert("pull", REPO)
+        line = assert_one_line_error(proc.returncode, proc.stderr, "cannot reach ", f"to look up {REPO}@main",
+                                     "or set HF_HUB_OFFLINE=1 to use the copy in the cache")
+        assert "rerun" not in line and "kept" not in line, line
+    with hub_environment(closed_endpoint(), tmp_path / "hf_home", HF_HUB_OFFLINE="1"):
+        assert files_under(hub.pull(REPO, progress=False).path) == PULLED
+
+
+def test_pull_tiny_says_it_is_the_bundled_model(served):
+    """`tiny` names the bundled model where a model goes; pull takes hub repos, and asked the hub for one."""
+    server, _ = served
+    proc = run_klconvert("pull", "tiny")
+    assert_one_line_error(proc.returncode, proc.stderr, "tiny is the bundled model, installed with "
+                          "klconvert, not a hub repo", "`klconvert run --model tiny`", "pull takes a hub repo id")
+    assert not server.requests

@@ -91,8 +91,9 @@ class Checkpoint:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         if not self.folder.is_dir():
-            raise KLError(f"{self.folder}: no such checkpoint folder; pass --model DIR pointing at a downloaded "
-                          "Kimi Linear folder (or make one with `klconvert synth`)")
+            raise KLError(f"{self.folder}: no such checkpoint folder; name a folder holding a Kimi Linear checkpoint "
+                          "(config.json and safetensors weights): `klconvert pull` downloads one, `klconvert synth` "
+                          "makes a random one")
         self.config = KimiLinearConfig.from_file(self.folder / "config.json")
         self.quant_method = quant_method(self.config.raw, str(self.folder / "config.json"))
         self.headers: dict[str, SafetensorsHeader] = {}
