@@ -11,13 +11,16 @@ import torch
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.models import resolve_model
-from klconvert.runtime.host_memory import HostMemory, host_memory
+from klconvert.runtime.host_memory import HostMemory, host_allocation, host_memory
+from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.tokenizer import Tokenizer
 
 KL_QUANTILE = 0.99
 KL_ROWS = 256  # positions per step of the KL sum: [256, 163840] fp32 temporaries are 168 MB each
-# eval keeps both models' fp32 log-probabilities on the host ([T, vocab] each, together 5.4 GB for 4,096 tokens of the
-# release's 163,840-word vocabulary); the rest of available memory is left to the models and the machine.
+KL_TEMPORARIES = 3  # [KL_ROWS, vocab] fp32 tensors alive at once in a step of the KL sum: exp(p), p - q, their product
+# eval's peak on the host (_host_bytes: both models' fp32 log-probabilities, on the CPU the model and its logits) may
+# take this share of what the host and the process's limits leave; the rest is left to what no figure counts (the
+# checkpoint's files mapped while a model binds, the allocator's slack, the threads) and the machine.
 HOST_SHARE = 0.8
 # config fields that leave the model's function alone (token ids, the context it is sized for, whether lm_head is
 # stored or read from the embedding: a quantized copy of a tied model stores it, untied); every other field of
@@ -72,23 +75,26 @@ class ModelRun:
 
 
 def run_model(path: Path, ids: list[int], device: str | None, dtype: str | None) -> ModelRun:
-    """Load one model, run the ids through Engine.forward recording each MoE layer's choices, free it."""
+    """Load one model, run the ids through Engine.forward recording each MoE layer's choices, free it. The CPU
+    allocator refusing any of it (loading, the log-probs, a segment's logits) is HostMemoryExhausted (a
+    MemoryError)."""
     from klconvert.runtime.engine import load
 
-    engine = load(path, device=device, dtype=dtype, max_context=len(ids))
-    c = engine.config
-    chosen: dict[int, list[torch.Tensor]] = {}
-    for layer, block in enumerate(engine.model.blocks):
-        if c.is_moe(layer):
-            def record(module, args, result, out=chosen.setdefault(layer, [])):
-                out.append(result[0].cpu())  # expert ids, one [B*S, k] per prefill segment, in order
-            block.ffn.gate.register_forward_hook(record)
-    log_probs = torch.empty(len(ids), c.vocab_size)        # on the host; the device holds one segment's at a time
-    start = 0
-    for logits in engine.forward_segments(torch.tensor([ids])):              # [1, S, V] fp32
-        log_probs[start:start + logits.shape[1]] = torch.log_softmax(logits[0].float(), dim=-1)
-        start += logits.shape[1]
-    run = ModelRun(log_probs, {k: torch.cat(v) for k, v in chosen.items()}, tuple(chosen), c)
+    with host_allocation(f"a run of {path} over {len(ids):,} tokens (the model, its log-probabilities and logits)"):
+        engine = load(path, device=device, dtype=dtype, max_context=len(ids))
+        c = engine.config
+        chosen: dict[int, list[torch.Tensor]] = {}
+        for layer, block in enumerate(engine.model.blocks):
+            if c.is_moe(layer):
+                def record(module, args, result, out=chosen.setdefault(layer, [])):
+                    out.append(result[0].cpu())  # expert ids, one [B*S, k] per prefill segment, in order
+                block.ffn.gate.register_forward_hook(record)
+        log_probs = torch.empty(len(ids), c.vocab_size)        # on the host; the device holds one segment's at a time
+        start = 0
+        for logits in engine.forward_segments(torch.tensor([ids])):              # [1, S, V] fp32
+            log_probs[start:start + logits.shape[1]] = torch.log_softmax(logits[0].float(), dim=-1)
+            start += logits.shape[1]
+        run = ModelRun(log_probs, {k: torch.cat(v) for k, v in chosen.items()}, tuple(chosen), c)
     del engine
     gc.collect()
     if torch.cuda.is_available():
@@ -130,7 +136,8 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
              dtype: str | None = None) -> EvalResult:
     """Measure `model` against `reference` (folders; `tiny`: the bundled model) on `text` (tokenized with the
     reference's tokenizer, cut to `max_tokens`). The reference runs first and is freed before the model loads: peak
-    memory is one model."""
+    memory is one model. A text whose run the host could not hold is refused before either loads; the CPU allocator
+    refusing anyway is HostMemoryExhausted (a MemoryError)."""
     names = f"--model {model}", f"--reference {reference}"   # as given: `tiny`, not where it is installed
     model, reference = resolve_model(model), resolve_model(reference)
     for name, folder in zip(names, (model, reference)):
@@ -145,20 +152,68 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
     if len(ids) < 2:
         raise KLError(f"the evaluation text (--text-file) is {len(ids)} token(s) long; give at least 2 tokens of "
                       "text to evaluate on")
-    _refuse_past_host_memory(len(ids), configs[1].vocab_size, host_memory())
+    _refuse_past_host_memory(len(ids), configs[1], _plan_on_the_host(configs[1], len(ids), device, dtype),
+                             host_memory())
 
-    return compare(run_model(reference, ids, device, dtype), run_model(model, ids, device, dtype), ids, *names)
+    ref, got = run_model(reference, ids, device, dtype), run_model(model, ids, device, dtype)
+    with host_allocation(f"the KL sum's rows ([{KL_ROWS}, {configs[1].vocab_size:,}] fp32)"):
+        return compare(ref, got, ids, *names)
 
 
-def _refuse_past_host_memory(tokens: int, vocab_size: int, host: HostMemory | None) -> None:
-    """Both models' [tokens, vocab] fp32 log-probabilities must fit in HOST_SHARE of the memory the host (and the
-    process's limits) leave."""
-    per_token = 2 * vocab_size * 4
-    if host is not None and tokens * per_token > HOST_SHARE * host.available:
-        raise KLError(f"eval keeps both models' log-probabilities on the host: {tokens * per_token / 2**30:.1f} GiB "
-                      f"for {tokens:,} tokens of a {vocab_size:,}-word vocabulary, more than {HOST_SHARE:.0%} of the "
-                      f"{host}; lower --max-tokens to {max(2, int(HOST_SHARE * host.available) // per_token):,} or "
-                      f"less, or {host.remedy}")
+def _plan_on_the_host(config: KimiLinearConfig, tokens: int, device: str | None, dtype: str | None
+                      ) -> MemoryPlan | None:
+    """The memory plan a CPU engine makes to run `tokens` tokens, before any model loads: every weight as bound on
+    the CPU (dequantized: the packed kernels are Triton's, on CUDA), at the dtype asked for, else at float32, the
+    widest the runtime computes in. None on a GPU, where the model and its logits live (the engine checks its own
+    plan against the device)."""
+    from klconvert.runtime.engine import default_device
+
+    if str(device or default_device()).partition(":")[0] != "cpu":
+        return None
+    act = torch.bfloat16 if dtype in ("bfloat16", "bf16") else torch.float32
+    return MemoryPlan(config, batch=1, context=tokens, weight_bytes=weight_bytes(config, act), act_dtype=act,
+                      mla_cache_dtype=act)
+
+
+def _host_bytes(tokens: int, config: KimiLinearConfig, plan: MemoryPlan | None) -> tuple[int, int, int]:
+    """What eval holds on the host at its peak for `tokens` tokens, in three parts: both runs' fp32 log-probs and
+    int64 expert ids (kept until compare); the model on the CPU (its plan: weights, state, cache, a segment's
+    workspace; 0 on a GPU); and the logits in hand -- on the CPU two prefill segments' [S, vocab] fp32 (the one
+    handed on, alive while the next is made, or its log-softmax), at least the KL sum's rows."""
+    c = config
+    moe_layers = sum(c.is_moe(layer) for layer in range(c.num_hidden_layers))
+    kept = 2 * tokens * (c.vocab_size * 4 + moe_layers * c.num_experts_per_token * 8)
+    if plan is None:
+        return kept, 0, KL_TEMPORARIES * KL_ROWS * c.vocab_size * 4
+    segments = 2 * min(PREFILL_SEGMENT, tokens) * c.vocab_size * 4
+    return kept, plan.total_for(tokens), max(segments, KL_TEMPORARIES * KL_ROWS * c.vocab_size * 4)
+
+
+def _refuse_past_host_memory(tokens: int, config: KimiLinearConfig, plan: MemoryPlan | None,
+                             host: HostMemory | None) -> None:
+    """What eval holds at its peak (_host_bytes) must fit in HOST_SHARE of the memory the host (and the process's
+    limits) leave; the refusal names the largest --max-tokens that does."""
+    if host is None:
+        return
+    budget = HOST_SHARE * host.available
+    kept, model, logits = parts = _host_bytes(tokens, config, plan)
+    if sum(parts) <= budget:
+        return
+    fits, past = 1, tokens        # the most tokens that fit (below 2, none does), the fewest that do not
+    while past - fits > 1:
+        mid = (fits + past) // 2
+        fits, past = (mid, past) if sum(_host_bytes(mid, config, plan)) <= budget else (fits, mid)
+    held = (f"both models' log-probabilities and router choices over a {config.vocab_size:,}-word vocabulary "
+            f"({_gib(kept)}), " + (f"one model on the CPU with its memory plan ({_gib(model)}), " if plan else "")
+            + f"the logits in hand ({_gib(logits)})")
+    raise KLError(f"eval would hold {_gib(sum(parts))} on the host for {tokens:,} tokens -- {held} -- more than "
+                  f"{HOST_SHARE:.0%} of the {host}; "
+                  + (f"lower --max-tokens to {fits:,} or less, or {host.remedy}" if fits >= 2 else
+                     f"not even 2 tokens fit: {host.remedy}"))
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"   # as HostMemory writes what is available, which the refusal quotes beside it
 
 
 def compare(ref: ModelRun, got: ModelRun, ids: list[int], model: str = "the model",

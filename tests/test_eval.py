@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import klconvert
+import klconvert.runtime.engine as engine_module
 from klconvert.evaluate import evaluate, render_eval
-from klconvert.runtime.host_memory import DATA_BOUND, HostMemory
+from klconvert.runtime.host_memory import DATA_BOUND, HostMemory, HostMemoryExhausted
 from klconvert.tokenizer import Tokenizer
+from testkit import assert_one_line_error, run_cli
 
 TEXT = "The quick brown fox jumps over the lazy dog; a tiny model reads the same line again and again. " * 8
 
@@ -31,9 +33,27 @@ def perturbed_copy(src, out, relative_noise: float, seed: int = 0):
     return out
 
 
+class PassedTheCheck(Exception):
+    """What a stand-in for the step after a check raises: the check passed."""
+
+
+def passed(*args):
+    raise PassedTheCheck
+
+
 @pytest.fixture(scope="module")
 def tiny_perturbed(tiny_released, tmp_path_factory):
     return perturbed_copy(tiny_released, tmp_path_factory.mktemp("ckpt") / "tiny-perturbed", relative_noise=0.05)
+
+
+@pytest.fixture(scope="module")
+def tiny_quantized(tiny_released, tmp_path_factory):
+    """The tiny checkpoint through `klconvert quantize` at int8 and int4 (group size 32: tiny rows are 64 wide)."""
+    from klconvert.quantize import quantize
+
+    folder = tmp_path_factory.mktemp("quantized")
+    return {bits: quantize(tiny_released, folder / f"int{bits}", bits=bits, group_size=32, device="cpu",
+                           progress=False).path for bits in (8, 4)}
 
 
 @pytest.mark.slow
@@ -90,8 +110,6 @@ def test_compare_takes_each_perplexity_from_its_own_run():
 
 
 def test_the_two_models_are_never_loaded_together(tiny_released, tiny_perturbed, monkeypatch):
-    import klconvert.runtime.engine as engine_module
-
     load, alive = engine_module.load, []
 
     def tracking_load(*args, **kwargs):
@@ -157,12 +175,6 @@ def test_every_architecture_field_must_agree(tmp_path, monkeypatch, edit, needle
     import klconvert.evaluate as evaluate_module
     from klconvert.models import BUNDLED_DIR
 
-    class PassedTheCheck(Exception):
-        pass
-
-    def passed(folder):
-        raise PassedTheCheck
-
     config = json.loads((BUNDLED_DIR / "config.json").read_text())
     edited = dict(config)
     edit(edited)
@@ -189,7 +201,6 @@ def test_a_reference_without_config_is_named_by_its_flag(tmp_path):
 @pytest.mark.slow
 def test_log_probs_reach_the_host_one_prefill_segment_at_a_time(tiny_released, monkeypatch):
     """run_model fills its [T, V] log-probs segment by segment; they match one whole-text forward to the bit."""
-    import klconvert.runtime.engine as engine_module
     from klconvert.evaluate import run_model
 
     ids = Tokenizer.from_folder(tiny_released).encode(TEXT)[:40]
@@ -205,29 +216,100 @@ def test_log_probs_reach_the_host_one_prefill_segment_at_a_time(tiny_released, m
     assert torch.allclose(run.log_probs, whole, rtol=0, atol=1e-5)
 
 
-@pytest.mark.slow
-def test_a_text_whose_log_probs_would_not_fit_the_host_is_refused(tiny_released, tmp_path, monkeypatch, capsys):
-    """Before either model loads, with the largest --max-tokens that fits; on the command line, one line."""
+@pytest.mark.parametrize("device, available, held", [
+    ("cpu", 60 << 20, r"both models' log-probabilities and router choices over a 1,280-word vocabulary \(0\.\d GiB\), "
+                      r"one model on the CPU with its memory plan \(0\.\d GiB\), the logits in hand \(0\.\d GiB\)"),
+    ("cuda", 12 << 20, r"both models' log-probabilities and router choices over a 1,280-word vocabulary \(0\.\d GiB\), "
+                       r"the logits in hand \(0\.\d GiB\)"),     # the model and its logits on the GPU
+])
+def test_a_text_eval_could_not_hold_is_refused_naming_the_largest_that_fits(tiny_released, monkeypatch, device,
+                                                                            available, held):
+    """Before either model loads. Only the two log-probs buffers were counted: on the CPU the model and each prefill
+    segment's [S, vocab] logits were left out, and a --max-tokens the check passed ran out of memory in a traceback.
+    The --max-tokens named passes the check; one more does not."""
     import klconvert.evaluate as evaluate_module
-    from klconvert.cli import main
 
-    per_token = 2 * 1280 * 4                                        # both models' fp32 log-probs, tiny vocabulary
-    monkeypatch.setattr(evaluate_module, "host_memory", lambda: HostMemory(100 * per_token, *DATA_BOUND))
+    monkeypatch.setattr(evaluate_module, "host_memory", lambda: HostMemory(available, *DATA_BOUND))
+    monkeypatch.setattr(evaluate_module, "run_model", passed)
+    text = TEXT * 4                                                  # 1,028 tokens
+    with pytest.raises(klconvert.KLError, match=r"^eval would hold 0\.\d GiB on the host for 1,000 tokens -- "
+                                                + held + r" -- more than 80% of the 0\.\d GiB available under the "
+                                                r"process's data-segment limit \(ulimit -d\); lower --max-tokens to "
+                                                r"[\d,]+ or less, or raise ulimit -d$") as refused:
+        evaluate(tiny_released, tiny_released, text, max_tokens=1000, device=device)
+    fits = int(str(refused.value).split("lower --max-tokens to ")[1].split()[0].replace(",", ""))
+    assert 2 <= fits < 1000
+    with pytest.raises(PassedTheCheck):
+        evaluate(tiny_released, tiny_released, text, max_tokens=fits, device=device)
+    with pytest.raises(klconvert.KLError, match=f"lower --max-tokens to {fits:,} or less"):
+        evaluate(tiny_released, tiny_released, text, max_tokens=fits + 1, device=device)
+
+
+def test_a_host_that_cannot_hold_the_model_names_no_max_tokens(tiny_released, monkeypatch):
+    import klconvert.evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "host_memory", lambda: HostMemory(1 << 20, *DATA_BOUND))
+    monkeypatch.setattr(evaluate_module, "run_model", passed)
+    with pytest.raises(klconvert.KLError, match=r"one model on the CPU .* not even 2 tokens fit: raise ulimit -d$"):
+        evaluate(tiny_released, tiny_released, TEXT, max_tokens=16, device="cpu")
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("dtype", [None, "float32", "bfloat16"])
+def test_the_plan_eval_counts_is_the_one_a_cpu_engine_makes(tiny_released, tiny_quantized, bits, dtype):
+    """eval sizes the model before it loads, from config.json; the engine, loaded, plans the same bytes: on the CPU
+    every weight is dequantized to the compute dtype, so an int4 folder's stored size is not what it holds."""
+    from klconvert.config import KimiLinearConfig
+    from klconvert.evaluate import _plan_on_the_host
+
+    folder = tiny_released if bits is None else tiny_quantized[bits]
+    config = KimiLinearConfig.from_file(folder / "config.json")
+    assert _plan_on_the_host(config, 300, "cpu", dtype).total == \
+        klconvert.load(folder, device="cpu", dtype=dtype, max_context=300).plan.total
+    assert _plan_on_the_host(config, 300, "cuda", dtype) is None
+
+
+def test_the_refusal_on_the_command_line_is_one_line(tiny_released, tmp_path, monkeypatch, capsys):
+    import klconvert.evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "host_memory", lambda: HostMemory(60 << 20, *DATA_BOUND))
     monkeypatch.setattr(evaluate_module, "run_model", lambda *a: pytest.fail("a model ran before the check"))
-    with pytest.raises(klconvert.KLError, match=r"eval keeps both models' log-probabilities on the host: 0\.0 GiB "
-                                                r"for 128 tokens of a 1,280-word vocabulary, more than 80% of the "
-                                                r"0\.0 GiB available under the process's data-segment "
-                                                r"limit \(ulimit -d\); lower --max-tokens to 80 or less, or raise "
-                                                r"ulimit -d$"):
-        evaluate(tiny_released, tiny_released, TEXT, max_tokens=128)
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT * 4)
+    code, _, err = run_cli(capsys, "eval", "--model", tiny_released, "--reference", tiny_released, "--text-file",
+                           text, "--max-tokens", "1000", "--device", "cpu")
+    assert_one_line_error(code, err, "eval would hold", "lower --max-tokens to")
+
+
+@pytest.mark.parametrize("where, what", [
+    pytest.param("klconvert.runtime.engine.load",
+                 r"a run of .*tiny over 16 tokens \(the model, its log-probabilities and logits\)", id="load"),
+    pytest.param("klconvert.runtime.engine.Engine.forward_segments", r"a run of .*tiny over 16 tokens",
+                 marks=pytest.mark.slow, id="forward"),                         # after a load
+    pytest.param("klconvert.evaluate.compare", r"the KL sum's rows \(\[256, 1,280\] fp32\)",
+                 marks=pytest.mark.slow, id="compare"),                         # after both runs
+])
+def test_the_allocator_refusing_during_eval_is_out_of_memory_in_one_line(tiny_released, tmp_path, monkeypatch,
+                                                                          capsys, where, what):
+    """torch's CPU allocator raises a RuntimeError, not a MemoryError: past what the check counts (or on a host
+    that changed after it), eval ended in the allocator's traceback, exit status 1."""
+    module, _, name = where.rpartition(".")
+    owner = engine_module.Engine if module.endswith("Engine") else sys.modules[module]
+    real = getattr(owner, name)
+
+    def refused(*args, **kwargs):
+        torch.empty(1 << 60, dtype=torch.uint8)       # 1 EiB: refused by the real allocator, on any host
+        return real(*args, **kwargs)
+    monkeypatch.setattr(owner, name, refused)
+    with pytest.raises(HostMemoryExhausted, match=r"^out of host memory \(or the process's memory limit\) allocating "
+                                                  + what + r".*: .*DefaultCPUAllocator: can't allocate memory") as e:
+        evaluate(tiny_released, tiny_released, TEXT, max_tokens=16, device="cpu")
+    assert "\n" not in str(e.value)
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
-    monkeypatch.setattr(sys, "argv", ["klconvert", "eval", "--model", str(tiny_released), "--reference",
-                                      str(tiny_released), "--text-file", str(text), "--max-tokens", "128"])
-    with pytest.raises(SystemExit) as exit_:
-        main()
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "lower --max-tokens to 80 or less" in err and len(err.splitlines()) == 1
+    code, _, err = run_cli(capsys, "eval", "--model", tiny_released, "--reference", tiny_released, "--text-file",
+                           text, "--max-tokens", "16", "--device", "cpu")
+    assert_one_line_error(code, err, "out of host memory (or the process's memory limit)")
 
 
 @pytest.mark.slow
@@ -235,16 +317,6 @@ def test_render_names_the_worst_layer(tiny_released, tiny_perturbed):
     r = evaluate(tiny_perturbed, tiny_released, TEXT, max_tokens=32)
     text = render_eval(r, "q", "src")
     assert f"layer {r.worst_layer.layer}: overlap" in text
-
-
-@pytest.fixture(scope="module")
-def tiny_quantized(tiny_released, tmp_path_factory):
-    """The tiny checkpoint through `klconvert quantize` at int8 and int4 (group size 32: tiny rows are 64 wide)."""
-    from klconvert.quantize import quantize
-
-    folder = tmp_path_factory.mktemp("quantized")
-    return {bits: quantize(tiny_released, folder / f"int{bits}", bits=bits, group_size=32, device="cpu",
-                           progress=False).path for bits in (8, 4)}
 
 
 @pytest.mark.slow

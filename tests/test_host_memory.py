@@ -180,3 +180,19 @@ def test_a_plan_past_a_real_address_space_limit_is_refused_in_one_line(tmp_path)
     line = done.error_line()
     assert "available under the process's address-space limit (ulimit -v); lower --max-context to" in line, line
     assert line.endswith("or less, or raise ulimit -v"), line
+
+
+@pytest.mark.slow
+def test_an_eval_past_a_real_address_space_limit_is_refused_in_one_line(tmp_path):
+    """`ulimit -v` and --max-tokens 8192 on the tiny model: both log-probs buffers fit the limit, but with the model
+    and a prefill segment's logits they do not -- the check counted only the buffers, and the allocator's traceback
+    ended the run, exit status 1."""
+    text = tmp_path / "long.txt"
+    text.write_text(" ".join(f"word{i % 997} and more" for i in range(4000)))   # over 8,192 tokens
+    done = klconvert_bounded("eval", "--model", "tiny", "--reference", "tiny", "--text-file", text, "--max-tokens",
+                             "8192", "--device", "cpu")
+    line = done.error_line()
+    assert line.startswith("klconvert: error: eval would hold "), line
+    assert "one model on the CPU with its memory plan" in line and "the logits in hand" in line, line
+    assert "available under the process's address-space limit (ulimit -v); lower --max-tokens to" in line, line
+    assert line.endswith("or less, or raise ulimit -v"), line
