@@ -512,8 +512,9 @@ class Decoder(nn.Module):
 
     def __init__(self, c: KimiLinearConfig, biased_router_weights: bool):
         super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, device="meta")
-        self.embed_tokens.weight.requires_grad_(False)
+        # its weight given, not initialised: nn.Embedding's normal_ init, even on meta, imports torch._dynamo (~1 s)
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, _weight=_param(c.vocab_size, c.hidden_size),
+                                         _freeze=True)
         slot = {layer: i for i, layer in enumerate(c.kda_layers)} | \
             {layer: i for i, layer in enumerate(c.full_attn_layers)}
         self.layers = nn.ModuleList(Block(c, layer, slot[layer], biased_router_weights)

@@ -330,3 +330,16 @@ def test_the_fused_router_hands_the_experts_h_k_tile_sums(quantized, monkeypatch
     block.ffn.decode(block.post_attention_layernorm, x, branch)
     (h, sums), = seen
     assert torch.allclose(sums, h.float().view(2, -1, 128).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_declaring_the_model_loads_no_compiler(tiny_released):
+    """nn.Embedding's own init, even on meta, imported torch._dynamo, sympy and Triton (~1 s, ~265 MB of address
+    space) at every load; the model declares its embedding's weight without it."""
+    import subprocess
+    import sys
+
+    check = ("import sys, klconvert\n"
+             f"klconvert.load({str(tiny_released)!r}, device='cpu', max_context=64, kernels='torch')\n"
+             "assert 'torch._dynamo' not in sys.modules, 'loading imported torch._dynamo'\n")
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
