@@ -128,7 +128,8 @@ def test_bind_keeps_the_grouped_router(tiny_released, tiny_grouped):
     from klconvert.runtime.kernel_modules import FusedRouter
 
     for folder, grouped in ((tiny_grouped, True), (tiny_released, False)):
-        tri = klconvert.load(folder, device="cpu", dtype=torch.float32, max_context=64, kernels="triton")
+        tri = klconvert.load(folder, device="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.float32,
+                             max_context=64, kernels="triton")   # Triton on CPU tensors: the tests' interpreter only
         cpu = klconvert.load(folder, device="cpu", dtype=torch.float32, max_context=64, kernels="torch")
         moe = [i for i in range(tri.config.num_hidden_layers) if tri.config.is_moe(i)]
         assert moe and all((type(tri.model.blocks[i].ffn.gate) is M.Router) == grouped for i in moe)
