@@ -364,17 +364,17 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
 
 
 def _refuse_sampling_flags_when_greedy(ctx: click.Context, temperature: float) -> None:
-    """--top-p and --seed shape sampling: given with --temperature 0 (greedy, the default) they would do nothing."""
-    if temperature > 0:
+    """--top-p and --seed shape sampling: given without --temperature (greedy, the default) they would do nothing,
+    and the user most likely meant to sample. An explicit --temperature 0 takes them (a sweep over temperatures that
+    passes the same flags each time)."""
+    if temperature > 0 or ctx.get_parameter_source("temperature") != ParameterSource.DEFAULT:
         return
     given = [flag for flag, name in (("--top-p", "top_p"), ("--seed", "seed"))
              if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
     if given:
-        greedy = ("--temperature 0" if ctx.get_parameter_source("temperature") != ParameterSource.DEFAULT
-                  else "the default --temperature 0")
-        raise KLError(f"{' and '.join(given)} given with {greedy}, which decodes greedily: --top-p and --seed take "
-                      f"effect only with --temperature > 0; add --temperature T above 0 to sample, or drop "
-                      f"{' and '.join(given)}")
+        raise KLError(f"{' and '.join(given)} given with the default --temperature 0, which decodes greedily: --top-p "
+                      f"and --seed take effect only with --temperature > 0; add --temperature T above 0 to sample, "
+                      f"or drop {' and '.join(given)}")
 
 
 def _refuse_runtime_flags_for_onnxruntime(device: str | None, dtype: str | None, kernels: str,

@@ -170,7 +170,7 @@ def _plan_on_the_host(config: KimiLinearConfig, tokens: int, device: str | None,
 
     if str(device or default_device()).partition(":")[0] != "cpu":
         return None
-    act = torch.bfloat16 if dtype in ("bfloat16", "bf16") else torch.float32
+    act = torch.bfloat16 if dtype in ("bfloat16", "bf16", torch.bfloat16) else torch.float32
     return MemoryPlan(config, batch=1, context=tokens, weight_bytes=weight_bytes(config, act), act_dtype=act,
                       mla_cache_dtype=act)
 
@@ -191,23 +191,28 @@ def _host_bytes(tokens: int, config: KimiLinearConfig, plan: MemoryPlan | None) 
 
 def _refuse_past_host_memory(tokens: int, config: KimiLinearConfig, plan: MemoryPlan | None,
                              host: HostMemory | None) -> None:
-    """What eval holds at its peak (_host_bytes) must fit in HOST_SHARE of the memory the host (and the process's
-    limits) leave; the refusal names the largest --max-tokens that does."""
+    """What eval holds at its peak (_host_bytes) must fit in the memory the host (and the process's limits) leave:
+    the model's plan whole, as the engine checks it, and the buffers no plan counts (log-probs, logits) within
+    HOST_SHARE of it; the refusal names the largest --max-tokens that fits."""
     if host is None:
         return
-    budget = HOST_SHARE * host.available
+
+    def fit(parts: tuple[int, int, int]) -> bool:
+        kept, model, logits = parts
+        return model + (kept + logits) / HOST_SHARE <= host.available
+
     kept, model, logits = parts = _host_bytes(tokens, config, plan)
-    if sum(parts) <= budget:
+    if fit(parts):
         return
     fits, past = 1, tokens        # the most tokens that fit (below 2, none does), the fewest that do not
     while past - fits > 1:
         mid = (fits + past) // 2
-        fits, past = (mid, past) if sum(_host_bytes(mid, config, plan)) <= budget else (fits, mid)
+        fits, past = (mid, past) if fit(_host_bytes(mid, config, plan)) else (fits, mid)
     held = (f"both models' log-probabilities and router choices over a {config.vocab_size:,}-word vocabulary "
             f"({_gib(kept)}), " + (f"one model on the CPU with its memory plan ({_gib(model)}), " if plan else "")
             + f"the logits in hand ({_gib(logits)})")
     raise KLError(f"eval would hold {_gib(sum(parts))} on the host for {tokens:,} tokens -- {held} -- more than "
-                  f"{HOST_SHARE:.0%} of the {host}; "
+                  f"fits (the model's plan, and the rest within {HOST_SHARE:.0%}) in the {host}; "
                   + (f"lower --max-tokens to {fits:,} or less, or {host.remedy}" if fits >= 2 else
                      f"not even 2 tokens fit: {host.remedy}"))
 

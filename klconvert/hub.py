@@ -615,7 +615,8 @@ def _as_user_errors(repo: str, revision: str | None, endpoint: str, target: Path
             raise KLError(f"lost the connection to {endpoint} while pulling {where} ({first_line(e)}); {RERUN}, "
                           "or set HF_HUB_OFFLINE=1 to use a cached copy") from e
         raise KLError(f"cannot reach {endpoint} to look up {where} ({type(e).__name__}: {first_line(e)}); "
-                      f"{UNREACHABLE}, or set HF_HUB_OFFLINE=1 to use the copy in the cache") from e
+                      f"{UNREACHABLE}, then try again (or, where an earlier pull left a copy in the cache, set "
+                      "HF_HUB_OFFLINE=1 to use it)") from e
     except BROKEN_ANSWER_ERRORS as e:  # after TRANSPORT_ERRORS, which are HTTPErrors too
         raise KLError(f"{endpoint} sent an answer the client cannot follow while pulling {where} ({first_line(e)}); "
                       "check HF_ENDPOINT, or report it to the repo's owner") from e

@@ -427,8 +427,8 @@ class Tokenizer:
 
 def _check_messages(messages) -> None:
     """KLError unless `messages` is a list (or tuple) of dicts, each with a string 'role' and a string 'content' (or
-    a list of content-part dicts, which chat templates take too): a str rendered each character as a message, a
-    missing or None content an empty turn."""
+    a list of content-part dicts, which chat templates take too; None or none beside 'tool_calls'): a str rendered
+    each character as a message, a missing or None content an empty turn."""
     if not isinstance(messages, (list, tuple)):
         example = f" give [{{'role': 'user', 'content': {messages[:40]!r}}}]" if isinstance(messages, str) else ""
         raise KLError(f"encode_chat: messages should be a list of {{'role': ..., 'content': ...}} dicts, got a "
@@ -441,6 +441,8 @@ def _check_messages(messages) -> None:
         if not isinstance(role, str):
             raise KLError(f"encode_chat: messages[{i}]['role'] should be a string ('system', 'user', 'assistant'), "
                           f"got {role!r:.40}")
+        if content is None and message.get("tool_calls"):
+            continue   # an assistant turn of tool calls alone (OpenAI's form): the template renders the calls
         if not (isinstance(content, str) or (isinstance(content, (list, tuple))
                                              and all(isinstance(part, dict) for part in content))):
             raise KLError(f"encode_chat: messages[{i}]['content'] should be a string (or a list of content-part "

@@ -72,8 +72,10 @@ def as_stop_ids(stop_ids, vocab_size: int) -> frozenset[int]:
     integers taken as ints) -- as a frozenset of ints inside the vocabulary, read once: the device compares against
     them and the host too, so a generator read up by one (the host then never stopped), 44.5 truncated by one and not
     the other, True taken as 1, or an id no token can be (never matched) is refused."""
-    try:
-        items = list(stop_ids)
+    try:   # a tensor or array as it is (its dtype kept: a uint64 one's ids past int64 are named, not wrapped)
+        items = stop_ids if isinstance(stop_ids, torch.Tensor) or hasattr(stop_ids, "__array__") else list(stop_ids)
+        if getattr(items, "ndim", 1) == 0:
+            raise TypeError
     except TypeError:
         raise KLError(f"stop_ids {stop_ids!r:.60} should be a set of token ids, e.g. {{{stop_ids!r:.20}}} for one "
                       "(frozenset() never stops)") from None

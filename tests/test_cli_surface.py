@@ -309,9 +309,7 @@ def test_the_readers_own_missing_folder_names_no_flag(tmp_path):
 
 @pytest.mark.parametrize("args, given", [
     (["--prompt-file", "p.txt", "--top-p", "0.5"], "--top-p given with the default --temperature 0"),
-    (["--seed", "5", "--prompt", "hi"], "--seed given with the default --temperature 0"),
-    (["--prompt", "hi", "--temperature", "0", "--top-p", "1", "--seed", "0"], "--top-p and --seed given with "
-                                                                             "--temperature 0"),
+    (["--seed", "5", "--prompt", "hi", "--top-p", "0.9"], "--top-p and --seed given with the default --temperature 0"),
 ])
 def test_sampling_flags_without_a_temperature_are_refused_not_ignored(capsys, tmp_path, monkeypatch, args, given):
     """Greedy decoding takes neither: they were dropped unsaid."""
@@ -319,3 +317,12 @@ def test_sampling_flags_without_a_temperature_are_refused_not_ignored(capsys, tm
     (tmp_path / "p.txt").write_text("ROMEO.")
     assert_one_line_error(*run_cli(capsys, "run", "--model", "tiny", *args)[::2], given,
                           "--top-p and --seed take effect only with --temperature > 0")
+
+
+def test_an_explicit_greedy_temperature_takes_the_sampling_flags(capsys, tmp_path, monkeypatch):
+    """A sweep over temperatures passes the same --seed and --top-p each time; at an explicit --temperature 0 they
+    change nothing and are taken."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "run", "--model", "tiny", "--prompt", "hi", "--temperature", "0", "--top-p", "0.5",
+                           "--seed", "0", "--max-new-tokens", "2")
+    assert code == 0, err

@@ -415,6 +415,9 @@ def test_a_uint64_id_past_int64_is_named_as_given(engine):
     numpy = pytest.importorskip("numpy")
     with pytest.raises(KLError, match=r"^token ids: 9223372036854775813 is past any id or position"):
         engine.generate([numpy.array([5, 2**63 + 5], dtype=numpy.uint64)], 1)
+    with pytest.raises(KLError, match=r"^stop_ids: 9223372036854775813 is past any id or position"):
+        engine.generate([[5]], 1, stop_ids=numpy.array([2, 2**63 + 5], dtype=numpy.uint64))
+    assert engine.generate([[5]], 1, stop_ids=numpy.array([2], dtype=numpy.uint64)).shape == (1, 1)
 
 
 def test_triton_kernels_off_cuda_are_refused_at_load(tiny_released, monkeypatch):

@@ -233,7 +233,8 @@ def test_a_text_eval_could_not_hold_is_refused_naming_the_largest_that_fits(tiny
     monkeypatch.setattr(evaluate_module, "run_model", passed)
     text = TEXT * 4                                                  # 1,028 tokens
     with pytest.raises(klconvert.KLError, match=r"^eval would hold 0\.\d GiB on the host for 1,000 tokens -- "
-                                                + held + r" -- more than 80% of the 0\.\d GiB available under the "
+                                                + held + r" -- more than fits \(the model's plan, and the rest "
+                                                r"within 80%\) in the 0\.\d GiB available under the "
                                                 r"process's data-segment limit \(ulimit -d\); lower --max-tokens to "
                                                 r"[\d,]+ or less, or raise ulimit -d$") as refused:
         evaluate(tiny_released, tiny_released, text, max_tokens=1000, device=device)

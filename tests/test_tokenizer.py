@@ -219,6 +219,14 @@ def test_encode_chat_takes_a_tuple_of_messages(small):
     assert small.encode_chat((message,)) == small.encode_chat([message])
 
 
+def test_encode_chat_takes_a_turn_of_tool_calls_without_content(small):
+    """OpenAI's assistant turn of tool calls alone has content None; the check of content refused it."""
+    calls = [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    for message in ({"role": "assistant", "content": None, "tool_calls": calls},
+                    {"role": "assistant", "tool_calls": calls}):
+        assert small.encode_chat([{"role": "user", "content": "hi"}, message])
+
+
 def test_encode_chat_refuses_a_message_that_holds_itself(small):
     message = {"role": "user", "content": "hi"}
     message["self"] = message
