@@ -163,14 +163,13 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
 def _plan_on_the_host(config: KimiLinearConfig, tokens: int, device: str | None, dtype: str | None
                       ) -> MemoryPlan | None:
     """The memory plan a CPU engine makes to run `tokens` tokens, before any model loads: every weight as bound on
-    the CPU (dequantized: the packed kernels are Triton's, on CUDA), at the dtype asked for, else at float32, the
-    widest the runtime computes in. None on a GPU, where the model and its logits live (the engine checks its own
-    plan against the device)."""
-    from klconvert.runtime.engine import default_device
+    the CPU (dequantized: the packed kernels are Triton's, on CUDA), at the dtype load takes (device_and_dtype).
+    None on a GPU, where the model and its logits live (the engine checks its own plan against the device)."""
+    from klconvert.runtime.engine import default_device, device_and_dtype
 
     if str(device or default_device()).partition(":")[0] != "cpu":
         return None
-    act = torch.bfloat16 if dtype in ("bfloat16", "bf16", torch.bfloat16) else torch.float32
+    _, act = device_and_dtype("cpu", dtype)
     return MemoryPlan(config, batch=1, context=tokens, weight_bytes=weight_bytes(config, act), act_dtype=act,
                       mla_cache_dtype=act)
 

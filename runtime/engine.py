@@ -551,14 +551,10 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-         max_context: int = 4096, batch: int = 1, biased_router_weights: bool = False,
-         kernels: str = "auto", mla_cache_dtype: str | torch.dtype | None = None, cuda_graph: bool = True) -> Engine:
-    """Open, check and bind a Kimi Linear checkpoint folder (`tiny`: the bundled model); allocate its memory plan
-    once. The folder's tokenizer, where it has one, is read (and checked) for the model's stop tokens (stop_ids).
-
-    kernels: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch". mla_cache_dtype: the latent cache's
-    dtype (default: the compute dtype; "float8_e4m3fn" halves it, with one fp32 scale per cached row)."""
+def device_and_dtype(device: str | torch.device | None, dtype: torch.dtype | str | None
+                     ) -> tuple[torch.device, torch.dtype]:
+    """load's device (default: default_device) and compute dtype (by name or dtype; default bf16 on CUDA, fp32 on
+    the CPU), KLError for what the runtime does not run."""
     try:
         device = torch.device(device) if device is not None else default_device()
     except (RuntimeError, TypeError):   # torch's words for a name it does not know
@@ -575,6 +571,18 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if dtype not in (torch.float32, torch.bfloat16):
         raise KLError(f"--dtype {dtype}: choose float32 or bfloat16")
+    return device, dtype
+
+
+def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+         max_context: int = 4096, batch: int = 1, biased_router_weights: bool = False,
+         kernels: str = "auto", mla_cache_dtype: str | torch.dtype | None = None, cuda_graph: bool = True) -> Engine:
+    """Open, check and bind a Kimi Linear checkpoint folder (`tiny`: the bundled model); allocate its memory plan
+    once. The folder's tokenizer, where it has one, is read (and checked) for the model's stop tokens (stop_ids).
+
+    kernels: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch". mla_cache_dtype: the latent cache's
+    dtype (default: the compute dtype; "float8_e4m3fn" halves it, with one fp32 scale per cached row)."""
+    device, dtype = device_and_dtype(device, dtype)
     mla_cache_dtype = check_plan_args(max_context, batch, mla_cache_dtype)
     checkpoint = Checkpoint(resolve_model(path))
     schemes = {n: s.scheme for n, s in checkpoint.sources.items() if isinstance(s, QuantizedSource)}
