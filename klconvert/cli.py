@@ -13,17 +13,18 @@ from click.core import ParameterSource
 
 from klconvert.checkpoint.folder_files import MAX_FILE_NAME_BYTES
 from klconvert.config import KimiLinearConfig
+from klconvert.devices import DEVICE_TYPES, checked_device
 from klconvert.entry import StdoutFailed, exit_interrupted, signal_of, signal_status
 from klconvert.errors import KLError, PlanDoesNotFit
 from klconvert.extras import require
-from klconvert.hub import DEFAULT_REPO, is_repo_id
-from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, default_model, resolve_model
+from klconvert.hub import DEFAULT_REPO
+from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, default_model, model_folder
 from klconvert.presets import PRESETS
 from klconvert.recipes import shipped_names
 from klconvert.runtime.host_memory import HostMemoryExhausted
 from klconvert.units import size_text
 
-DEVICE = click.Choice(["cpu", "cuda"])
+DEVICE = click.Choice(DEVICE_TYPES)
 # the runtime's MLA cache dtypes by name (runtime/state.py MLA_CACHE_DTYPES; named here, torch-free, for --help)
 MLA_CACHE_DTYPE = click.Choice(["bfloat16", "float8_e4m3fn"])
 SEED = click.IntRange(0, 2**64 - 1)  # what torch.Generator.manual_seed takes
@@ -90,21 +91,6 @@ class ModelArg(click.ParamType):
 MODEL = ModelArg(f"a checkpoint folder or {BUNDLED_NAME}")
 REPO = ModelArg("a hub repo id (owner/name)")
 REPO_OR_MODEL = ModelArg(f"a hub repo id, a checkpoint folder or {BUNDLED_NAME}")
-
-
-def model_folder(value: str, named: str) -> Path:
-    """The folder a MODEL names (`tiny`: the bundled model's); KLError when there is none, naming the value as the
-    command line gave it (`named`: "--model X", "SRC X") and what would work there -- for an owner/name, the
-    commands that download a hub repo."""
-    folder = resolve_model(value)
-    if folder.is_dir():
-        return folder
-    if "/" in value and is_repo_id(value):
-        raise KLError(f"{named}: no such folder, and a hub repo id is not fetched here -- `klconvert "
-                      f"pull-and-quantize --model {value}` pulls and quantizes it, `klconvert pull {value}` only "
-                      "downloads it (and prints the folder to give here)")
-    raise KLError(f"{named}: no such folder; give a Kimi Linear checkpoint folder (`klconvert pull` downloads one, "
-                  f"`klconvert pull-and-quantize` a quantized one) or {BUNDLED_NAME}, the bundled model")
 
 
 class OneLineErrors(click.Group):
@@ -413,12 +399,9 @@ def _refuse_triton_without_cuda(kernels: str, device: str | None) -> None:
     load applies too)."""
     if kernels != "triton":
         return
-    import torch
-
-    from klconvert.runtime.engine import default_device
     from klconvert.runtime.weights import refuse_triton_off_cuda
 
-    refuse_triton_off_cuda(kernels, torch.device(device) if device is not None else default_device())
+    refuse_triton_off_cuda(kernels, checked_device(device))
 
 
 @cli.command(name="export-onnx")
@@ -510,15 +493,13 @@ def _refuse_layers_with_model(model: str | None, layers: int | None) -> None:
 
 
 def _shard_bytes(max_shard_size: str | None) -> int | None:
-    """--max-shard-size as bytes (None: the default); a size of zero is refused."""
+    """--max-shard-size as bytes (None: the default), held to the quantizer's minimum (shard_limit)."""
     if max_shard_size is None:
         return None
+    from klconvert.quantize import shard_limit
     from klconvert.runtime.plan_report import parse_size
 
-    size = parse_size(max_shard_size, "--max-shard-size")
-    if size < 1:
-        raise KLError(f"--max-shard-size {max_shard_size!r}: give a positive size such as 5GB or 500MB")
-    return size
+    return shard_limit(parse_size(max_shard_size, "--max-shard-size"), max_shard_size)
 
 
 def _quantize_options(command):
@@ -615,7 +596,7 @@ def eval_(model: str, reference: str, text_file: Path, max_tokens: int, device: 
     from klconvert.text_input import read_text_file
     from klconvert.tokenizer import Tokenizer
 
-    model_folder(model, f"--model {model}")   # checked here too, to be worded as the command line gave it
+    # the reference's folder first, for its config and tokenizer, which read the text; evaluate checks --model
     reference_dir = model_folder(reference, f"--reference {reference}")
     config = KimiLinearConfig.from_file(reference_dir / "config.json")
     if max_tokens > config.model_max_length:

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from klconvert.config import KimiLinearConfig
+from klconvert.devices import checked_device
 from klconvert.errors import KLError
-from klconvert.models import resolve_model
+from klconvert.models import model_folder
 from klconvert.runtime.host_memory import HostMemory, host_allocation, host_memory
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.tokenizer import Tokenizer
@@ -74,7 +75,7 @@ class ModelRun:
     config: KimiLinearConfig
 
 
-def run_model(path: Path, ids: list[int], device: str | None, dtype: str | None) -> ModelRun:
+def run_model(path: Path, ids: list[int], device: str | torch.device | None, dtype: str | None) -> ModelRun:
     """Load one model, run the ids through Engine.forward recording each MoE layer's choices, free it. The CPU
     allocator refusing any of it (loading, the log-probs, a segment's logits) is HostMemoryExhausted (a
     MemoryError)."""
@@ -139,10 +140,8 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
     memory is one model. A text whose run the host could not hold is refused before either loads; the CPU allocator
     refusing anyway is HostMemoryExhausted (a MemoryError)."""
     names = f"--model {model}", f"--reference {reference}"   # as given: `tiny`, not where it is installed
-    model, reference = resolve_model(model), resolve_model(reference)
-    for name, folder in zip(names, (model, reference)):
-        if not folder.is_dir():
-            raise KLError(f"{name}: no such folder; pass a checkpoint folder")
+    model, reference = (model_folder(value, name) for value, name in zip((model, reference), names))
+    device = checked_device(device)
     if max_tokens < 2:
         raise KLError(f"--max-tokens {max_tokens}: need at least 2 tokens to score a next-token prediction")
     configs = [KimiLinearConfig.from_file(folder / "config.json", flag) for folder, flag in
@@ -160,14 +159,14 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
         return compare(ref, got, ids, *names)
 
 
-def _plan_on_the_host(config: KimiLinearConfig, tokens: int, device: str | None, dtype: str | None
+def _plan_on_the_host(config: KimiLinearConfig, tokens: int, device: str | torch.device, dtype: str | None
                       ) -> MemoryPlan | None:
     """The memory plan a CPU engine makes to run `tokens` tokens, before any model loads: every weight as bound on
     the CPU (dequantized: the packed kernels are Triton's, on CUDA), at the dtype load takes (device_and_dtype).
     None on a GPU, where the model and its logits live (the engine checks its own plan against the device)."""
-    from klconvert.runtime.engine import default_device, device_and_dtype
+    from klconvert.runtime.engine import device_and_dtype
 
-    if str(device or default_device()).partition(":")[0] != "cpu":
+    if torch.device(device).type != "cpu":
         return None
     _, act = device_and_dtype("cpu", dtype)
     return MemoryPlan(config, batch=1, context=tokens, weight_bytes=weight_bytes(config, act), act_dtype=act,

@@ -25,6 +25,23 @@ def resolve_model(value: str | Path) -> Path:
     return bundled_dir() if isinstance(value, str) and value == BUNDLED_NAME else Path(value)
 
 
+def model_folder(value: str | Path, named: str) -> Path:
+    """The folder a model name gives (resolve_model), checked to be one; KLError when it is not, naming the value as
+    the caller gave it (`named`: "--model X", "SRC X") and what would work there -- for an owner/name, the commands
+    that download a hub repo."""
+    folder = resolve_model(value)
+    if folder.is_dir():
+        return folder
+    from klconvert.hub import is_repo_id   # huggingface_hub's check, imported only for a name that is no folder
+
+    if isinstance(value, str) and "/" in value and is_repo_id(value):
+        raise KLError(f"{named}: no such folder, and a hub repo id is not fetched here -- `klconvert "
+                      f"pull-and-quantize --model {value}` pulls and quantizes it, `klconvert pull {value}` only "
+                      "downloads it (and prints the folder to give here)")
+    raise KLError(f"{named}: no such folder; give a Kimi Linear checkpoint folder (`klconvert pull` downloads one, "
+                  f"`klconvert pull-and-quantize` a quantized one) or {BUNDLED_NAME}, the bundled model")
+
+
 def default_model(verb: str) -> tuple[Path, str]:
     """What `klconvert run` and `export-onnx` use without --model: the quantized 48B folder when it is here, else
     the bundled model; with the line saying which, `verb` being what the command does with it ("running")."""

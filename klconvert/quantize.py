@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -11,6 +10,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from tqdm import tqdm
 
 from klconvert.checkpoint.name_map import expected_tensors
@@ -32,10 +32,11 @@ from klconvert.convert.output_folder import OutputFolder, OutputLock, parent_mad
 from klconvert.convert.outputs import ModuleMaker, PlanTotals, plan_modules, plan_totals
 from klconvert.convert.provenance import SourceOrigin, source_fingerprint, source_origin
 from klconvert.config import MAX_CONFIG_BYTES, KimiLinearConfig
+from klconvert.devices import checked_device
 from klconvert.disk_space import failed_write
 from klconvert.errors import KLError
 from klconvert.extras import require
-from klconvert.hub import DEFAULT_REPO, pull
+from klconvert.hub import DEFAULT_REPO, is_repo_id, pull
 from klconvert.models import BUNDLED_NAME, resolve_model
 from klconvert.quant import Policy, load_recipe, policy_from_options
 from klconvert.quant.defaults import DEFAULT
@@ -48,6 +49,7 @@ from klconvert.tokenizer import BPE_FILE, check_tokenizer_if_any
 from klconvert.units import count_text, size_text
 
 MAX_SHARD_BYTES = 5 * 10**9  # the "5GB" shards transformers and the released checkpoint use
+MIN_SHARD_BYTES = 1  # the smallest limit a shard takes (a tensor larger than the limit gets a shard of its own)
 COPIED_FILES = (BPE_FILE, "*.jinja", "*.json")  # tokenizer, chat templates and small configs; never .py
 WRITTEN_FILES = ("config.json", INDEX_FILE)  # made here, not copied
 RESUME_FORMAT = 1  # bump when the output of the same source and options changes
@@ -138,29 +140,18 @@ def default_out_name(model: str, policy: Policy) -> Path:
     return Path(f"{name}-w{main.scheme.bits}a16")
 
 
-def pick_device(device: str | torch.device | None) -> torch.device:
-    """Where to quantize: cpu or cuda (cuda:N too); None: cuda when torch sees one, else cpu."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device) if isinstance(device, (str, torch.device)) else None
-    except RuntimeError:   # torch's words for a name it does not know
-        chosen = None
-    if chosen is None or chosen.type not in ("cpu", "cuda"):
-        raise KLError(f"--device {device!r} is not supported; use --device cpu or --device cuda")
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise KLError(f"--device {device}: no CUDA device is visible to torch; use --device cpu")
-    return chosen
-
-
-def shard_limit(max_shard_bytes: int | None) -> int:
-    """The most bytes a shard holds: `max_shard_bytes`, a whole number of at least 1 as --max-shard-size is, or
-    MAX_SHARD_BYTES for None."""
+def shard_limit(max_shard_bytes: int | None, given: str | None = None) -> int:
+    """The most bytes a shard holds: `max_shard_bytes`, a whole number of at least MIN_SHARD_BYTES, or
+    MAX_SHARD_BYTES for None. `given`: the --max-shard-size text it was read from, which a refusal then quotes."""
     if max_shard_bytes is None:
         return MAX_SHARD_BYTES
-    if type(max_shard_bytes) is not int or max_shard_bytes < 1:
+    if type(max_shard_bytes) is not int or max_shard_bytes < MIN_SHARD_BYTES:
+        least = f"{MIN_SHARD_BYTES:,} byte{'' if MIN_SHARD_BYTES == 1 else 's'}"
+        if given is not None:
+            raise KLError(f"--max-shard-size {given!r}: a shard holds at least {least}; give a size such as 5GB or "
+                          "500MB")
         raise KLError(f"max_shard_bytes={max_shard_bytes!r} (--max-shard-size): give a whole number of bytes, at "
-                      f"least 1, or None for the default {size_text(MAX_SHARD_BYTES)}")
+                      f"least {MIN_SHARD_BYTES:,}, or None for the default {size_text(MAX_SHARD_BYTES)}")
     return max_shard_bytes
 
 
@@ -266,7 +257,7 @@ def quantize(src: str | Path, out: str | Path, bits: int | None = None, group_si
     """
     src, out = resolve_model(src), Path(out)
     policy, runtime = choose_policy(bits, group_size, symmetric, scheme, recipe, observer)
-    torch_device, shard_bytes = pick_device(device), shard_limit(max_shard_bytes)
+    torch_device, shard_bytes = checked_device(device), shard_limit(max_shard_bytes)
     _refuse_out_over_src(src, out)
     refuse_existing_out(out, force)
     with OutputLock(out):
@@ -358,14 +349,13 @@ def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, 
     quantize it into `out` (default ./<model-name>-w4a16, -w8a16 or -nf4). Options, and whether OUT's folder takes
     files, are checked before anything is downloaded."""
     policy, _ = choose_policy(bits, group_size, symmetric, scheme, recipe, observer)
-    pick_device(device)   # these two checked before a download, as the policy is
+    checked_device(device)   # these two checked before a download, as the policy is
     shard_limit(max_shard_bytes)
     out = Path(out) if out is not None else default_out_name(model, policy)
     refuse_existing_out(out, force)
-    looks_like_path = model.startswith((".", "/", "~", os.sep)) or model.count("/") > 1 or Path(model).exists()
-    if looks_like_path and not Path(model).is_dir():
-        raise KLError(f"--model {model}: no such folder (and not a hub repo id like {DEFAULT_REPO}); check the path")
     local = model == BUNDLED_NAME or Path(model).is_dir()
+    if not local and (Path(model).exists() or not is_repo_id(model)):   # ./x, ~/x, a/b/c, a file: a path
+        raise KLError(f"--model {model}: no such folder (and not a hub repo id like {DEFAULT_REPO}); check the path")
     if local and revision is not None:
         raise KLError(f"--revision {revision} picks a hub revision, but --model {model} is a local folder; "
                       "drop --revision")
@@ -376,7 +366,18 @@ def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, 
     # an OUT that cannot take files is said before a 98 GB download, not after it; a failed run takes back the
     # folders made for it
     with nullcontext() if local else parent_made(out):
-        src = model if local else pull(model, revision=revision, progress=progress).path   # quantize reads tiny
+        src = model if local else _pulled(model, revision, progress)   # quantize reads tiny
         return quantize(src, out, bits=bits, group_size=group_size, symmetric=symmetric, scheme=scheme,
                         recipe=recipe, device=device, force=force, max_shard_bytes=max_shard_bytes, progress=progress,
                         allow_split_fused=allow_split_fused, observer=observer)
+
+
+def _pulled(model: str, revision: str | None, progress: bool) -> Path:
+    """The folder `model`, a hub repo id that names no folder here, is pulled into. The hub's "no such repo" says the
+    folder is missing too: a bare word is as likely a folder typed wrong as an id without an owner (gpt2's)."""
+    try:
+        return pull(model, revision=revision, progress=progress).path
+    except KLError as e:
+        if isinstance(e.__cause__, RepositoryNotFoundError) and not isinstance(e.__cause__, GatedRepoError):
+            raise KLError(f"--model {model}: no such folder here, and {e}") from e
+        raise

@@ -427,8 +427,9 @@ class Tokenizer:
 
 def _check_messages(messages) -> None:
     """KLError unless `messages` is a list (or tuple) of dicts, each with a string 'role' and a string 'content' (or
-    a list of content-part dicts, which chat templates take too; None or none beside 'tool_calls'): a str rendered
-    each character as a message, a missing or None content an empty turn."""
+    a list of text parts, {"type": "text", "text": str}, which chat templates take too; None or none beside
+    'tool_calls'): a str rendered each character as a message, a missing or None content an empty turn, and a part
+    that is not text (an image) nothing the model could see."""
     if not isinstance(messages, (list, tuple)):
         example = f" give [{{'role': 'user', 'content': {messages[:40]!r}}}]" if isinstance(messages, str) else ""
         raise KLError(f"encode_chat: messages should be a list of {{'role': ..., 'content': ...}} dicts, got a "
@@ -447,6 +448,14 @@ def _check_messages(messages) -> None:
                                              and all(isinstance(part, dict) for part in content))):
             raise KLError(f"encode_chat: messages[{i}]['content'] should be a string (or a list of content-part "
                           f"dicts), got {content!r:.40}")
+        for j, part in enumerate(content if isinstance(content, (list, tuple)) else ()):
+            if part.get("type") != "text":
+                raise KLError(f"encode_chat: messages[{i}]['content'][{j}] is a part of type {part.get('type')!r:.40}; "
+                              "Kimi Linear reads text only -- send the text as {'type': 'text', 'text': ...} parts, "
+                              "or as one string")
+            if not isinstance(part.get("text"), str):
+                raise KLError(f"encode_chat: messages[{i}]['content'][{j}]['text'] should be a string, got "
+                              f"{part.get('text')!r:.40}")
 
 
 def check_tokenizer_if_any(folder: Path, vocab_size: int) -> Tokenizer | None:

@@ -61,7 +61,8 @@ class HubStandIn:
 
     Endpoints: GET /api/models/{repo}[/revision/{rev}] (model_info, `?blobs=true` for sizes and LFS
     sha256), GET /api/models/{repo}/tree/{rev} (list_repo_tree), HEAD/GET /{repo}/resolve/{rev}/{path}
-    (X-Repo-Commit, ETag, X-Linked-Etag, X-Linked-Size, Range). Never sends Xet headers.
+    (X-Repo-Commit, ETag, X-Linked-Etag, X-Linked-Size, Range); {repo} is owner/name or, as huggingface.co also
+    serves (gpt2), a name alone. Never sends Xet headers.
 
     Switches, set by tests between requests:
       wrong_sha256: paths whose published sha256 (API and ETag) is not the content's.
@@ -162,10 +163,16 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
 
         def _route(self, send_body: bool) -> None:
             parts = [unquote(p) for p in urlsplit(self.path).path.strip("/").split("/")]
-            if parts[:2] == ["api", "models"] and len(parts) >= 4:
-                self._api(f"{parts[2]}/{parts[3]}", parts[4:], send_body)
+            if parts[:2] == ["api", "models"] and len(parts) >= 3:
+                # an id without an owner (gpt2's) unless the next part is a served repo's name
+                owner_less = len(parts) == 3 or (parts[3] in ("revision", "tree")
+                                                 and "/".join(parts[2:4]) not in hub.repos)
+                self._api(parts[2] if owner_less else f"{parts[2]}/{parts[3]}", parts[3 if owner_less else 4:],
+                          send_body)
             elif len(parts) >= 5 and parts[2] == "resolve":
                 self._resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]), send_body)
+            elif len(parts) >= 4 and parts[1] == "resolve":
+                self._resolve(parts[0], parts[2], "/".join(parts[3:]), send_body)
             else:
                 self._error(404, None, "Not found", send_body)
 

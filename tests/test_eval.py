@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,6 +145,36 @@ def test_eval_command_prints_the_table(tiny_released, tiny_perturbed, tmp_path, 
     assert exit_.value.code == 2 and err.startswith("klconvert: error: --model") and len(err.splitlines()) == 1
 
 
+def test_eval_checks_each_model_once(tiny_released, tmp_path, monkeypatch, capsys):
+    """The command checked --model itself, then evaluate checked it again (each resolving the name)."""
+    import klconvert.cli as cli_module
+    import klconvert.evaluate as evaluate_module
+    import klconvert.models as models_module
+
+    resolved = []
+
+    def counting(value):
+        resolved.append(str(value))
+        return models_module.BUNDLED_DIR if value == "tiny" else Path(value)
+
+    for module in (cli_module, evaluate_module, models_module):
+        monkeypatch.setattr(module, "resolve_model", counting, raising=False)
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    code, _, err = run_cli(capsys, "eval", "--model", "tiny", "--reference", tiny_released, "--text-file", text,
+                           "--max-tokens", "16", "--device", "cpu")   # refused before either model runs
+    assert_one_line_error(code, err, "--model tiny is not the same architecture as --reference")
+    assert resolved.count("tiny") == 1, resolved
+
+
+def test_a_missing_model_is_worded_the_same_from_python(tmp_path):
+    """evaluate said "no such folder; pass a checkpoint folder" where the command line points a hub id at the
+    commands that pull it: one check, one wording."""
+    with pytest.raises(klconvert.KLError, match=r"^--model acme/none: no such folder, and a hub repo id is not fetched "
+                                                r"here -- `klconvert pull-and-quantize --model acme/none` pulls"):
+        evaluate("acme/none", "tiny", TEXT, max_tokens=16)
+
+
 @pytest.mark.slow
 def test_models_of_different_shapes_are_refused(tiny_released, tmp_path, monkeypatch):
     """From their config.json files, before either model runs."""
@@ -231,6 +262,9 @@ def test_a_text_eval_could_not_hold_is_refused_naming_the_largest_that_fits(tiny
 
     monkeypatch.setattr(evaluate_module, "host_memory", lambda: HostMemory(available, *DATA_BOUND))
     monkeypatch.setattr(evaluate_module, "run_model", passed)
+    if device == "cuda":   # a GPU torch sees, which eval checks before anything else (nothing runs on it here)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     text = TEXT * 4                                                  # 1,028 tokens
     with pytest.raises(klconvert.KLError, match=r"^eval would hold 0\.\d GiB on the host for 1,000 tokens -- "
                                                 + held + r" -- more than fits \(the model's plan, and the rest "

@@ -357,6 +357,8 @@ def test_index_naming_a_shard_the_repo_lacks_fails(hub_server, tmp_path):
 def test_unknown_repo_and_revision_are_one_line_errors(served):
     with pytest.raises(KLError, match="has no repo moonshotai/nope .* HF_TOKEN") as unknown_repo:
         hub.pull("moonshotai/nope", progress=False)
+    with pytest.raises(KLError, match="has no repo nope .* HF_TOKEN"):   # an id without an owner, as gpt2's
+        hub.pull("nope", progress=False)
     with pytest.raises(KLError, match="has no revision 'v9'") as unknown_revision:
         hub.pull(REPO, revision="v9", progress=False)
     assert "\n" not in str(unknown_repo.value) + str(unknown_revision.value)

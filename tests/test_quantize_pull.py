@@ -109,3 +109,54 @@ def test_a_failed_pull_leaves_no_folders_made_for_out(served, capsys):
     code, _, err = run_cli(capsys, "pull-and-quantize", "--model", "acme/none", "--out", "newp/deeper/x")
     assert code == 2 and "acme/none" in shown_lines(err)[-1]
     assert list(Path().iterdir()) == []
+
+
+def test_a_name_that_is_no_folder_nor_repo_says_both(served, capsys):
+    """A bare word is a hub id (gpt2 is one) or a folder typed wrong: the hub's "no repo" then says the folder is
+    missing too (it said only that the hub has no such repo, or, for a name that is no hub id, only that)."""
+    server, _ = served
+    line = assert_one_line_error(*run_cli(capsys, "pull-and-quantize", "--model", "my-checkpoint")[::2],
+                                 "--model my-checkpoint: no such folder here, and ", " has no repo my-checkpoint ",
+                                 "check the name")
+    assert line.count("klconvert: error:") == 1
+
+
+def test_a_gated_repo_is_not_called_missing(served, monkeypatch, capsys):
+    """huggingface_hub's GatedRepoError is a RepositoryNotFoundError: a repo that exists, which the folder remark
+    would have hidden."""
+    import httpx2
+
+    from huggingface_hub.errors import GatedRepoError
+
+    import klconvert.quantize as quantize_module
+    from klconvert import hub
+
+    def gated(model, **kwargs):
+        with hub._as_user_errors(model, None, "https://hub.example", Path("cache")):
+            raise GatedRepoError("gated", response=httpx2.Response(401, request=httpx2.Request("GET", "https://x")))
+
+    monkeypatch.setattr(quantize_module, "pull", gated)
+    line = assert_one_line_error(*run_cli(capsys, "pull-and-quantize", "--model", "acme/kimi")[::2],
+                                 "acme/kimi is gated: accept its terms at https://hub.example/acme/kimi")
+    assert "no such folder" not in line
+
+
+def test_a_name_that_can_only_be_a_folder_is_not_looked_up(served, monkeypatch, capsys):
+    """A name that is no hub id (a space, ./, ~/, two slashes) or names a file went to the hub, which said only that
+    it is no repo id."""
+    import klconvert.quantize as quantize_module
+
+    monkeypatch.setattr(quantize_module, "pull", lambda *a, **k: pytest.fail("pulled"))
+    Path("config.json").write_text("{}")   # a file, not a folder
+    for name in ("my checkpoint", "./my-checkpoint", "~/kimi", "a/b/c", "config.json"):
+        assert_one_line_error(*run_cli(capsys, "pull-and-quantize", "--model", name)[::2],
+                              f"--model {name}: no such folder (and not a hub repo id like {REPO}); check the path")
+
+
+def test_a_hub_id_without_an_owner_is_pulled(served, tiny_released, capsys):
+    server, _ = served
+    commit = server.add_repo("kimi-tiny", tiny_released)
+    code, stdout, err = run_cli(capsys, "pull-and-quantize", "--model", "kimi-tiny", "--bits", "8", "--group-size",
+                                "32")
+    assert code == 0, err
+    assert stdout == "kimi-tiny-w8a16\n" and shown_lines(err)[-1].startswith(f"quantized kimi-tiny@{commit} -> ")

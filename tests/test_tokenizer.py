@@ -12,7 +12,8 @@ import torch
 from tiktoken.load import load_tiktoken_bpe
 
 from klconvert.errors import KLError
-from klconvert.synth.tokenizer_files import bpe_tokens, write_tokenizer_files
+from klconvert.models import BUNDLED_DIR
+from klconvert.synth.tokenizer_files import KIMI_CHAT_TEMPLATE, bpe_tokens, write_tokenizer_files
 from klconvert.tokenizer import (KIMI_PRETOKENIZE_PATTERN, StreamDecoder, Tokenizer, pieces_for_tiktoken,
                                  read_bpe_ranks)
 
@@ -186,6 +187,37 @@ def test_special_text_in_content_parts_comes_back_as_plain_text(broken_folder, t
     assert tokenizer.decode(ids) == want and not set(ids) & set(tokenizer.special_tokens.values())
 
 
+@pytest.mark.parametrize("folder", ["synth", "bundled"])
+def test_text_parts_render_as_their_text_joined(small_folder, folder):
+    """OpenAI-style content ([{"type": "text", "text": ...}, ...]) renders as the text of its parts, one after the
+    other, as the released Kimi template renders it: the template printed the list's Python repr into the prompt."""
+    tokenizer = Tokenizer.from_folder(small_folder if folder == "synth" else "tiny")
+    parts = [{"type": "text", "text": "Hi <|im_end|>"}, {"type": "text", "text": " there"}]
+    assert tokenizer.encode_chat([{"role": "user", "content": parts}]) == \
+        tokenizer.encode_chat([{"role": "user", "content": "Hi <|im_end|> there"}])
+
+
+def test_the_bundled_chat_template_is_the_synthetic_ones():
+    """One template: the bundled model's tokenizer_config.json carries the one klconvert.synth writes."""
+    config = json.loads((BUNDLED_DIR / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == KIMI_CHAT_TEMPLATE
+
+
+@pytest.mark.parametrize("content, needle", [
+    ([{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "https://x/y.png"}}],
+     "messages[0]['content'][1] is a part of type 'image_url'; Kimi Linear reads text only -- send the text as "
+     "{'type': 'text', 'text': ...} parts, or as one string"),
+    ([{"text": "hi"}], "messages[0]['content'][0] is a part of type None"),
+    ([{"type": "text"}], "messages[0]['content'][0]['text'] should be a string, got None"),
+    ([{"type": "text", "text": 5}], "messages[0]['content'][0]['text'] should be a string, got 5"),
+])
+def test_parts_that_are_not_text_are_refused(small, content, needle):
+    """An image part rendered as nothing (or its dict's repr): the model cannot see it, and the user would not know."""
+    with pytest.raises(KLError) as refused:
+        small.encode_chat([{"role": "user", "content": content}])
+    assert str(refused.value).startswith(f"encode_chat: {needle}") and "\n" not in str(refused.value), refused.value
+
+
 @pytest.mark.parametrize("messages, needle", [
     ("hello", "messages should be a list of {'role': ..., 'content': ...} dicts, got a str; give "
               "[{'role': 'user', 'content': 'hello'}]"),
@@ -198,9 +230,9 @@ def test_special_text_in_content_parts_comes_back_as_plain_text(broken_folder, t
                                                             "of content-part dicts), got None"),
     ([{"role": "user", "content": None}], "messages[0]['content'] should be a string"),
     ([{"role": "user", "content": ["hi"]}], "messages[0]['content'] should be a string"),
-    ([{"role": "user", "content": [{"type": "text", "text": {1, 2}}]}],
-     "messages[0]['content'][0]['text'] holds {1, 2} (set), which is no JSON value; give strings, numbers, "
-     "lists and dicts"),
+    ([{"role": "user", "content": "hi", "meta": {"seen": {1, 2}}}],
+     "messages[0]['meta']['seen'] holds {1, 2} (set), which is no JSON value; give strings, numbers, lists and "
+     "dicts"),
     ([{"role": "user", "content": "hi", "name": np.int64(3)}], "messages[0]['name'] holds np.int64(3) (int64), "
                                                                "which is no JSON value"),
     ([{"role": "user", "content": "hi", 1: "x"}], "messages[0] has the key 1, which is no string; JSON keys are "

@@ -40,7 +40,9 @@ EXTENSION_BYTES = (b"eeeeeeeeeeeettttttttaaaaaaaaooooooooiiiiiiinnnnnnnsssssshhh
                    b"yyppbbvk            ,.0123456789")
 MAX_TOKEN_BYTES = 16  # keeps tiktoken.model for the real 163584 ranks at a few MB
 
-# The Kimi turn format; a system turn is added when the conversation has none, as the released template does.
+# The Kimi turn format; a system turn is added when the conversation has none, and a content given as a list of
+# parts ([{"type": "text", "text": ...}, ...]) is the text of its parts one after the other, as the released template
+# does (klconvert.tokenizer refuses parts that are not text before the template runs).
 KIMI_CHAT_TEMPLATE = (
     "{%- if not messages or messages[0]['role'] != 'system' -%}"
     "<|im_system|>system<|im_middle|>You are a helpful assistant<|im_end|>"
@@ -50,7 +52,10 @@ KIMI_CHAT_TEMPLATE = (
     "{%- elif message['role'] == 'assistant' -%}<|im_assistant|>assistant<|im_middle|>"
     "{%- else -%}<|im_system|>{{ message['role'] }}<|im_middle|>"
     "{%- endif -%}"
-    "{{ message['content'] }}<|im_end|>"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- elif message['content'] is not none -%}{%- for part in message['content'] -%}{{ part['text'] }}{%- endfor -%}"
+    "{%- endif -%}"
+    "<|im_end|>"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}<|im_assistant|>assistant<|im_middle|>{%- endif -%}"
 )
