@@ -22,7 +22,7 @@ from klconvert.runtime.decode_step import DecodeStep, capturable
 from klconvert.runtime.host_memory import host_allocation, host_memory
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.model import KimiLinear
-from klconvert.runtime.sampling import check_generate_args, sample, sampling_generator
+from klconvert.runtime.sampling import as_number, check_generate_args, sample, sampling_generator
 from klconvert.runtime.state import MLA_CACHE_DTYPES
 from klconvert.runtime.weights import HeldPacked, Packed, use_triton
 from klconvert.tokenizer import Tokenizer, check_tokenizer_if_any, model_stop_ids
@@ -151,35 +151,29 @@ def as_batch(input_ids, vocab_size: int) -> torch.Tensor:
     return ids
 
 
-def check_plan_args(max_context, batch, mla_cache_dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """KLError unless the memory plan's context and batch are whole numbers >= 1 and the MLA cache dtype None (the
-    caller's default) or one of MLA_CACHE_DTYPES, by name or dtype; returns that dtype (load and resize take the
-    same)."""
-    if isinstance(mla_cache_dtype, str):
-        if mla_cache_dtype not in MLA_CACHE_DTYPES:
-            raise KLError(f"--mla-cache-dtype {mla_cache_dtype}: choose {' or '.join(MLA_CACHE_DTYPES)}")
+def check_plan_args(context, batch, mla_cache_dtype: str | torch.dtype | None, context_name: str
+                    ) -> tuple[int, int, torch.dtype | None]:
+    """The memory plan's context and batch as Python ints (as_number: numpy and torch integers taken), and the MLA
+    cache dtype as None (the caller's default) or one of MLA_CACHE_DTYPES, given by name or dtype; KLError otherwise,
+    naming the argument as the caller (load, resize) calls it -- `context_name` for the context -- with the flag
+    that sets it (the CLI's parser holds the flags so: only the Python API gets here with another value)."""
+    if isinstance(mla_cache_dtype, str) and mla_cache_dtype in MLA_CACHE_DTYPES:
         mla_cache_dtype = MLA_CACHE_DTYPES[mla_cache_dtype]
     if mla_cache_dtype is not None and mla_cache_dtype not in MLA_CACHE_DTYPES.values():
-        raise KLError(f"--mla-cache-dtype {mla_cache_dtype}: choose {' or '.join(MLA_CACHE_DTYPES)}")
-    if type(max_context) is not int or type(batch) is not int or max_context < 1 or batch < 1:
-        raise KLError(f"--max-context ({max_context!r}) and --batch ({batch!r}) must be whole numbers of at least 1")
-    return mla_cache_dtype
+        raise KLError(f"mla_cache_dtype={mla_cache_dtype!r} (--mla-cache-dtype): choose "
+                      f"{' or '.join(MLA_CACHE_DTYPES)}, by name or torch dtype")
+    sizes = []
+    for name, flag, value in ((context_name, "--max-context", context), ("batch", "--batch", batch)):
+        number = as_number(value, whole=True)
+        if number is None or number < 1:
+            raise KLError(f"{name}={value!r} ({flag}) should be a whole number of at least 1")
+        sizes.append(number)
+    return sizes[0], sizes[1], mla_cache_dtype
 
 
 def _one_id(value) -> bool:
     """Whether a prompt list's item is one token id (a number or a 0-d tensor), not a prompt of its own."""
     return isinstance(value, numbers.Number) or (isinstance(value, torch.Tensor) and value.dim() == 0)
-
-
-@contextmanager
-def failure_resets_stats(runner) -> Iterator[None]:
-    """A generation that fails (an exception from a callback, an interrupt) leaves runner.stats reset to
-    GenerationStats(), not its partial figures (an Engine's or an OnnxEngine's: both decode through decode_loop)."""
-    try:
-        yield
-    except BaseException:
-        runner.stats = GenerationStats()
-        raise
 
 
 def _sync(device: torch.device) -> None:
@@ -221,7 +215,122 @@ class _TokenStream:
         return out
 
 
-class Engine:
+class Runner:
+    """What Engine and OnnxEngine (klconvert/onnx/session.py) share: the hold a generation takes on the engine, the
+    decode loop, and the figures it leaves in self.stats. A subclass sets self.device, self.config and self.stats."""
+
+    _holder: str | None = None   # the call running a generation (generate, decode_loop), while it runs
+
+    def _check_idle(self, call: str) -> None:
+        """KLError while a generation runs on this engine: `call` (from one of its callbacks) would write the state,
+        step buffers or stats that it is using, and corrupt its output or figures."""
+        if self._holder is not None:
+            raise KLError(f"{call} was called while {self._holder} is running on this engine (from one of its "
+                          f"callbacks, e.g. on_token), whose state or stats it would overwrite -- call it after "
+                          f"{self._holder} returns, or on a second engine")
+
+    @contextmanager
+    def _held(self, call: str) -> Iterator[None]:
+        """A generation's hold on the engine (`call`: generate or decode_loop): refused while one runs (self.stats
+        then untouched: they are that one's), released however it ends. A call that fails -- on a bad argument, an
+        exception from a callback, an interrupt -- leaves self.stats reset to GenerationStats(), not its partial
+        figures."""
+        self._check_idle(call)
+        self._holder = call
+        try:
+            yield
+        except BaseException:
+            self.stats = GenerationStats()
+            raise
+        finally:
+            self._holder = None
+
+    @contextmanager
+    def _small_model_threads(self):
+        """On the CPU, a small model runs on one intra-op thread: its ops are too small to split, and idle-spinning
+        workers cost more than they save (decode 89 vs 0.7 tokens/s for the bundled model on a loaded 2-core
+        machine). Restored afterwards."""
+        if self.device.type != "cpu" or self.config.hidden_size >= SMALL_MODEL_HIDDEN:
+            yield
+            return
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+    def decode_loop(self, step: DecodeStep, logits: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                    top_p: float = 1.0, generator: torch.Generator | None = None,
+                    stop_ids: frozenset[int] = frozenset(),
+                    on_token: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """From the logits after each sequence's last token (step.positions at the next free position), sample
+        and run decode steps; the host never waits for the device except to hand tokens on (async copies, at
+        most MAX_TOKENS_IN_FLIGHT steps behind) and once, after the first step, to start the clock. Returns the
+        new ids [B, n] on the CPU; fills self.stats' decode figures (all reset when it fails, as generate's are).
+        The arguments are checked as generate's are (check_generate_args, as_stop_ids); it holds the engine as
+        generate does, so its on_token may not call back into it."""
+        with self._held("decode_loop"):
+            max_new_tokens, temperature, top_p, _ = check_generate_args(max_new_tokens, temperature, top_p, None)
+            return self._decode_loop(step, logits, max_new_tokens, temperature, top_p, generator,
+                                     as_stop_ids(stop_ids, self.config.vocab_size), on_token)
+
+    def _decode_loop(self, step: DecodeStep, logits: torch.Tensor, max_new_tokens: int, temperature: float,
+                     top_p: float, generator: torch.Generator | None, stop_ids: frozenset[int],
+                     on_token: Callable[[int, int], None] | None) -> torch.Tensor:
+        """decode_loop with its arguments checked, holding the engine (generate ends here)."""
+        B = logits.shape[0]
+        t0 = time.perf_counter()
+        stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
+        token = sample(logits, temperature, top_p, generator)
+        done = torch.isin(token, stop)
+        blocks: list[torch.Tensor] = []   # the new ids: a block of OUT_COLUMNS steps added as the steps reach it
+
+        def keep(token: torch.Tensor, n: int) -> None:   # token: the new ids of step n (0-based)
+            if n % OUT_COLUMNS == 0:
+                blocks.append(torch.empty(B, min(OUT_COLUMNS, max_new_tokens - n), dtype=torch.long,
+                                          device=self.device))
+            blocks[-1][:, n % OUT_COLUMNS] = token
+
+        keep(token, 0)
+        stream, stopped, made = _TokenStream(self.device), [False] * B, [0] * B
+        stream.push(token)
+
+        def hand_on(rows: list[list[int]]) -> None:
+            for row in rows:
+                for b, t in enumerate(row):
+                    if not stopped[b]:
+                        stopped[b], made[b] = t in stop_ids, made[b] + 1
+                        if on_token:
+                            on_token(b, t)
+
+        n, timed_from = 1, 1
+        hand_on(stream.landed())
+        with self._small_model_threads():
+            while n < max_new_tokens and not all(stopped):
+                if n == 2:  # the first step is in: time the rest (GenerationStats.decode_tps)
+                    _sync(self.device)
+                    t0, timed_from = time.perf_counter(), 2
+                step.tokens.copy_(token)
+                logits = step.step()
+                token = torch.where(done, token, sample(logits, temperature, top_p, generator))
+                done |= torch.isin(token, stop)
+                step.positions += 1
+                keep(token, n)
+                stream.push(token)
+                n += 1
+                hand_on(stream.landed())
+        hand_on(stream.landed(wait=True))
+        _sync(self.device)
+        self.stats.decode_seconds = time.perf_counter() - t0
+        self.stats.steps, self.stats.timed_steps, self.stats.batch = n - 1, n - timed_from, B
+        self.stats.new_tokens = sum(made)
+        # columns timed_from.. of each sequence
+        self.stats.timed_tokens = sum(max(0, min(m, n) - timed_from) for m in made)
+        return torch.cat(blocks, dim=1)[:, :n].cpu()
+
+
+class Engine(Runner):
     """A model on one device, with state buffers allocated once by its MemoryPlan."""
 
     def __init__(self, config: KimiLinearConfig, read: Callable[[str], torch.Tensor], device: torch.device,
@@ -242,7 +351,6 @@ class Engine:
         self.weight_bytes = weight_bytes(config, dtype, HeldPacked(held))
         self.weights_held = 0    # bytes of weights bound (what a resize on the CPU adds back to what the host has)
         self.state = None
-        self._generating = False   # while generate runs: its callbacks may not use the state it holds
         self._plan_state(context, batch, mla_cache_dtype or dtype)   # refused before any weight is read
         with host_allocation(f"the weights ({sum(self.weight_bytes.values()) / 2**30:.1f} GiB)"):
             bind(self.model, read, packed, held, device, dtype, self.triton)
@@ -293,32 +401,12 @@ class Engine:
         Arguments as load's max_context, batch and mla_cache_dtype (None: the cache's dtype now). A plan refused
         leaves the engine as it was."""
         self._check_idle("resize")
-        mla_cache_dtype = check_plan_args(context, batch, mla_cache_dtype)
+        context, batch, mla_cache_dtype = check_plan_args(context, batch, mla_cache_dtype, "context")
         self._plan_state(context, batch, mla_cache_dtype or self.plan.mla_cache_dtype)   # the old state counted free
         self._steps, self.state = {}, None   # freed before the new one is allocated
         self._allocate_state()
 
     # ---- checks ----------------------------------------------------------------------------------
-    def _check_idle(self, call: str) -> None:
-        """KLError when generate is running on this engine: `call` (from its on_token or on_prefill) would write
-        the state rows and step buffers that generate is using, and corrupt its output."""
-        if self._generating:
-            raise KLError(f"{call} was called while generate is running on this engine (from its on_token or "
-                          f"on_prefill callback); the two would share one state -- call it after generate returns, "
-                          "or on a second engine")
-
-    @contextmanager
-    def _generation(self) -> Iterator[None]:
-        """generate's hold on the engine: refused while one runs (self.stats then untouched: they are that one's),
-        released however it ends; a call that fails leaves self.stats reset."""
-        self._check_idle("generate")
-        self._generating = True
-        try:
-            with failure_resets_stats(self):
-                yield
-        finally:
-            self._generating = False
-
     def _as_batch(self, input_ids) -> torch.Tensor:
         ids = as_batch(input_ids, self.config.vocab_size)
         self._check_batch(ids.shape[0])
@@ -391,7 +479,13 @@ class Engine:
     # ---- decode ----------------------------------------------------------------------------------
     def decoder(self, batch: int) -> DecodeStep:
         """The decode step for the first `batch` sequences (captured once per batch size on CUDA + Triton).
-        Capturing writes into the state: take it before prefilling."""
+        Capturing writes into the state: take it before prefilling. Refused while generate runs (its callbacks):
+        the step is the one generate is running, or its capture would write the state generate is using."""
+        self._check_idle("decoder")
+        return self._decoder(batch)
+
+    def _decoder(self, batch: int) -> DecodeStep:
+        """decoder, for the generation that holds the engine."""
         if batch not in self._steps:
             self._steps[batch] = DecodeStep(self.model, self.state.rows(0, batch),
                                             graph=self.cuda_graph and capturable(self.model, batch))
@@ -432,12 +526,13 @@ class Engine:
         (where `klconvert run` stops); frozenset() runs every sequence to max_new_tokens.
         `on_token(sequence, id)` receives each new id as it reaches the host (copied asynchronously);
         `on_prefill(n)` hears of each prefill segment done, n prompt tokens (for a progress bar). Neither may call
-        back into this engine (generate, prefill, decode_step, resize: a KLError), whose state generate is using.
+        back into this engine (generate, prefill, forward, decode_step, decoder, decode_loop, resize: a KLError), whose
+        state generate is using.
 
-        self.stats: the figures of the last call that completed; a call that fails (an exception from a callback, an
-        interrupt) leaves them reset (GenerationStats()), never a failed call's partial figures.
+        self.stats: the figures of the last call that completed; a call that fails (a bad argument, an exception from
+        a callback, an interrupt) leaves them reset (GenerationStats()), never a failed call's partial figures.
         """
-        with self._generation():
+        with self._held("generate"):
             return self._generate(prompts, *check_generate_args(max_new_tokens, temperature, top_p, seed),
                                   as_stop_ids(self.stop_ids if stop_ids is None else stop_ids, self.config.vocab_size),
                                   on_token, on_prefill)
@@ -451,7 +546,7 @@ class Engine:
         self.check_fits(max(len(s) for s in seqs), max_new_tokens)
         self.stats = GenerationStats(prompt_tokens=sum(len(s) for s in seqs), batch=B)
         generator = sampling_generator(seed, self.device)
-        step = self.decoder(B) if max_new_tokens > 0 else None  # none to capture when only prefilling
+        step = self._decoder(B) if max_new_tokens > 0 else None  # none to capture when only prefilling
         t0 = time.perf_counter()
         with self._small_model_threads():
             last = torch.cat([self._last_logits(s.view(1, -1), self.state.rows(b, b + 1), on_prefill)
@@ -462,84 +557,7 @@ class Engine:
         self.stats.prefill_seconds = time.perf_counter() - t0
         if step is None:  # the prompts through the model (their prefill timed), nothing to decode
             return torch.empty(B, 0, dtype=torch.long)
-        return self.decode_loop(step, last, max_new_tokens, temperature, top_p, generator, stop_ids, on_token)
-
-    @contextmanager
-    def _small_model_threads(self):
-        """On the CPU, a small model runs on one intra-op thread: its ops are too small to split, and idle-spinning
-        workers cost more than they save (decode 89 vs 0.7 tokens/s for the bundled model on a loaded 2-core
-        machine). Restored afterwards."""
-        if self.device.type != "cpu" or self.config.hidden_size >= SMALL_MODEL_HIDDEN:
-            yield
-            return
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
-
-    def decode_loop(self, step: DecodeStep, logits: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                    top_p: float = 1.0, generator: torch.Generator | None = None,
-                    stop_ids: frozenset[int] = frozenset(),
-                    on_token: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """From the logits after each sequence's last token (step.positions at the next free position), sample
-        and run decode steps; the host never waits for the device except to hand tokens on (async copies, at
-        most MAX_TOKENS_IN_FLIGHT steps behind) and once, after the first step, to start the clock. Returns the
-        new ids [B, n] on the CPU; fills self.stats (reset when it fails, as generate says). Its arguments are
-        checked here, where every generate ends (OnnxEngine.generate's too): as check_generate_args and as_stop_ids."""
-        with failure_resets_stats(self):
-            max_new_tokens, temperature, top_p, _ = check_generate_args(max_new_tokens, temperature, top_p, None)
-            stop_ids = as_stop_ids(stop_ids, self.config.vocab_size)
-            B = logits.shape[0]
-            t0 = time.perf_counter()
-            stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
-            token = sample(logits, temperature, top_p, generator)
-            done = torch.isin(token, stop)
-            blocks: list[torch.Tensor] = []   # the new ids: a block of OUT_COLUMNS steps added as the steps reach it
-
-            def keep(token: torch.Tensor, n: int) -> None:   # token: the new ids of step n (0-based)
-                if n % OUT_COLUMNS == 0:
-                    blocks.append(torch.empty(B, min(OUT_COLUMNS, max_new_tokens - n), dtype=torch.long,
-                                              device=self.device))
-                blocks[-1][:, n % OUT_COLUMNS] = token
-
-            keep(token, 0)
-            stream, stopped, made = _TokenStream(self.device), [False] * B, [0] * B
-            stream.push(token)
-
-            def hand_on(rows: list[list[int]]) -> None:
-                for row in rows:
-                    for b, t in enumerate(row):
-                        if not stopped[b]:
-                            stopped[b], made[b] = t in stop_ids, made[b] + 1
-                            if on_token:
-                                on_token(b, t)
-
-            n, timed_from = 1, 1
-            hand_on(stream.landed())
-            with self._small_model_threads():
-                while n < max_new_tokens and not all(stopped):
-                    if n == 2:  # the first step is in: time the rest (GenerationStats.decode_tps)
-                        _sync(self.device)
-                        t0, timed_from = time.perf_counter(), 2
-                    step.tokens.copy_(token)
-                    logits = step.step()
-                    token = torch.where(done, token, sample(logits, temperature, top_p, generator))
-                    done |= torch.isin(token, stop)
-                    step.positions += 1
-                    keep(token, n)
-                    stream.push(token)
-                    n += 1
-                    hand_on(stream.landed())
-            hand_on(stream.landed(wait=True))
-            _sync(self.device)
-            self.stats.decode_seconds = time.perf_counter() - t0
-            self.stats.steps, self.stats.timed_steps, self.stats.batch = n - 1, n - timed_from, B
-            self.stats.new_tokens = sum(made)
-            # columns timed_from.. of each sequence
-            self.stats.timed_tokens = sum(max(0, min(m, n) - timed_from) for m in made)
-            return torch.cat(blocks, dim=1)[:, :n].cpu()
+        return self._decode_loop(step, last, max_new_tokens, temperature, top_p, generator, stop_ids, on_token)
 
     def _as_prompts(self, prompts) -> list[torch.Tensor]:
         seqs = as_prompts(prompts, self.config.vocab_size)
@@ -583,7 +601,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     kernels: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch". mla_cache_dtype: the latent cache's
     dtype (default: the compute dtype; "float8_e4m3fn" halves it, with one fp32 scale per cached row)."""
     device, dtype = device_and_dtype(device, dtype)
-    mla_cache_dtype = check_plan_args(max_context, batch, mla_cache_dtype)
+    max_context, batch, mla_cache_dtype = check_plan_args(max_context, batch, mla_cache_dtype, "max_context")
     checkpoint = Checkpoint(resolve_model(path))
     schemes = {n: s.scheme for n, s in checkpoint.sources.items() if isinstance(s, QuantizedSource)}
     tokenizer = check_tokenizer_if_any(checkpoint.folder, checkpoint.config.vocab_size)   # for its stop tokens

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -156,11 +157,16 @@ def test_decode_step_checks_its_token_and_position(engine, token, position, mess
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(mla_cache_dtype=torch.int8), "--mla-cache-dtype torch.int8: choose bfloat16 or float8_e4m3fn"),
-    (dict(mla_cache_dtype=torch.bool), "--mla-cache-dtype torch.bool"),
+    (dict(mla_cache_dtype=torch.int8), r"^mla_cache_dtype=torch.int8 \(--mla-cache-dtype\): choose bfloat16 or "
+                                       r"float8_e4m3fn, by name or torch dtype$"),
+    (dict(mla_cache_dtype=torch.bool), r"^mla_cache_dtype=torch.bool \(--mla-cache-dtype\)"),
+    (dict(mla_cache_dtype="int8"), r"^mla_cache_dtype='int8' \(--mla-cache-dtype\): choose"),
     (dict(dtype=torch.int32), "--dtype torch.int32: choose float32 or bfloat16"),
-    (dict(max_context=4096.5), r"--max-context \(4096.5\) and --batch \(1\) must be whole numbers"),
-    (dict(max_context="4096"), r"--max-context \('4096'\)"),
+    (dict(max_context=4096.5), r"^max_context=4096.5 \(--max-context\) should be a whole number of at least 1$"),
+    (dict(max_context="4096"), r"^max_context='4096' \(--max-context\)"),
+    (dict(max_context=np.float64(4096)), r"^max_context=np.float64\(4096.0\) \(--max-context\)"),
+    (dict(batch=0), r"^batch=0 \(--batch\) should be a whole number of at least 1$"),
+    (dict(batch=torch.tensor([2])), r"^batch=tensor\(\[2\]\) \(--batch\)"),
     (dict(device="tpu"), "device 'tpu' is not one torch knows"),
     (dict(device="meta"), "device meta is not supported"),
 ])
@@ -252,27 +258,59 @@ def test_other_runtime_errors_at_load_are_not_called_out_of_memory(tiny_released
     assert not isinstance(error.value, MemoryError)
 
 
-@pytest.mark.parametrize("call", ["generate", "prefill", "forward", "decode_step", "resize"])
+def _calls_into(engine) -> dict:
+    """Each call that writes the engine's state, step buffers or stats, by name, as a callback might make it."""
+    return {"generate": lambda: engine.generate([9, 9, 9], 3), "prefill": lambda: engine.prefill([[9, 9]]),
+            "forward": lambda: engine.forward([[9, 9]]), "decode_step": lambda: engine.decode_step([9], 5),
+            "resize": lambda: engine.resize(32, 1), "decoder": lambda: engine.decoder(1).step(),
+            "decode_loop": lambda: engine.decode_loop(engine._steps[1], torch.zeros(1, engine.config.vocab_size), 3)}
+
+
+def _refused_while(holder: str, call: str) -> str:
+    return (rf"^{call} was called while {holder} is running on this engine \(from one of its callbacks, e\.g\. "
+            rf"on_token\), whose state or stats it would overwrite -- call it after {holder} returns, or on a second "
+            r"engine$")
+
+
+@pytest.mark.parametrize("call", ["generate", "prefill", "forward", "decode_step", "resize", "decoder", "decode_loop"])
 def test_a_callback_cannot_call_back_into_the_engine_generating(engine, call):
     """generate from its own on_token ran on the outer call's state rows and step: the outer output came out
     corrupted, silently. Any call that writes the state is refused while generate runs, and the outer call goes on
-    as if it had not been made."""
-    calls = {"generate": lambda: engine.generate([9, 9, 9], 3), "prefill": lambda: engine.prefill([[9, 9]]),
-             "forward": lambda: engine.forward([[9, 9]]), "decode_step": lambda: engine.decode_step([9], 5),
-             "resize": lambda: engine.resize(32, 1)}
+    as if it had not been made -- decoder (whose step is the one generate runs, or whose capture writes the state)
+    and decode_loop (bench's) too, which were not refused."""
     refused = []
 
     def call_back(*_):
-        with pytest.raises(KLError, match=rf"^{call} was called while generate is running on this engine \(from its "
-                                          r"on_token or on_prefill callback\); .* call it after generate returns, or "
-                                          r"on a second engine$"):
-            calls[call]()
+        with pytest.raises(KLError, match=_refused_while("generate", call)):
+            _calls_into(engine)[call]()
         refused.append(call)
 
     want = engine.generate([1, 2, 3], 6, stop_ids=frozenset())
     assert torch.equal(engine.generate([1, 2, 3], 6, stop_ids=frozenset(), on_token=call_back), want)
     assert torch.equal(engine.generate([1, 2, 3], 6, stop_ids=frozenset(), on_prefill=call_back), want)
     assert len(refused) == 6 + 1 and engine.plan.context == 64
+
+
+@pytest.mark.parametrize("call", ["generate", "decoder", "decode_loop", "decode_step"])
+def test_decode_loop_holds_the_engine_as_generate_does(engine, call):
+    """decode_loop, called directly (as bench does), hands tokens to its on_token as generate does: a call back into
+    the engine from there is refused alike, the loop going on as if it had not been made, its stats its own."""
+    engine.generate([1, 2, 3], 1)   # captures decoder(1)
+    step = engine.decoder(1)
+    logits = engine.prefill([[1, 2, 3]])
+    step.positions.fill_(3)
+    want = engine.decode_loop(step, logits, 6, stop_ids=frozenset())
+    refused = []
+
+    def call_back(*_):
+        with pytest.raises(KLError, match=_refused_while("decode_loop", call)):
+            _calls_into(engine)[call]()
+        refused.append(call)
+
+    engine.prefill([[1, 2, 3]])
+    step.positions.fill_(3)
+    assert torch.equal(engine.decode_loop(step, logits, 6, stop_ids=frozenset(), on_token=call_back), want)
+    assert len(refused) == 6 and engine.stats.new_tokens == 6 and engine.stats.steps == 5
 
 
 def test_a_generate_ended_by_its_callback_leaves_the_engine_free(engine):
@@ -291,16 +329,17 @@ def test_a_generate_ended_by_its_callback_leaves_the_engine_free(engine):
 
 
 @pytest.mark.parametrize("args, message", [
-    ((-5, 1), r"--max-context \(-5\) and --batch \(1\) must be whole numbers of at least 1"),
-    ((64, -1), r"--batch \(-1\) must be"),
-    ((0, 1), r"--max-context \(0\)"),
-    ((64, 0), r"--batch \(0\) must be"),
-    ((1.5, 1), r"--max-context \(1\.5\)"),
-    ((True, 1), r"--max-context \(True\)"),
-    ((float("nan"), 1), r"--max-context \(nan\)"),
-    ((64, 1, torch.int8), "--mla-cache-dtype torch.int8: choose bfloat16 or float8_e4m3fn"),
-    ((64, 1, torch.float16), "--mla-cache-dtype torch.float16: choose"),
-    ((64, 1, "int8"), "--mla-cache-dtype int8: choose"),
+    ((-5, 1), r"^context=-5 \(--max-context\) should be a whole number of at least 1$"),
+    ((64, -1), r"^batch=-1 \(--batch\) should be a whole number of at least 1$"),
+    ((0, 1), r"^context=0 \(--max-context\)"),
+    ((64, 0), r"^batch=0 \(--batch\)"),
+    ((1.5, 1), r"^context=1\.5 \(--max-context\)"),
+    ((True, 1), r"^context=True \(--max-context\)"),
+    ((float("nan"), 1), r"^context=nan \(--max-context\)"),
+    ((np.bool_(True), 1), r"^context=np.True_ \(--max-context\)"),
+    ((64, 1, torch.int8), r"^mla_cache_dtype=torch.int8 \(--mla-cache-dtype\): choose bfloat16 or float8_e4m3fn"),
+    ((64, 1, torch.float16), r"^mla_cache_dtype=torch.float16 \(--mla-cache-dtype\): choose"),
+    ((64, 1, "int8"), r"^mla_cache_dtype='int8' \(--mla-cache-dtype\): choose"),
 ])
 def test_resize_checks_its_arguments_as_load_does_before_anything_changes(tiny_released, args, message):
     """resize checked nothing: a negative or fractional size was torch's error after the new plan was kept and the
@@ -311,6 +350,37 @@ def test_resize_checks_its_arguments_as_load_does_before_anything_changes(tiny_r
         engine.resize(*args)
     assert engine.plan is plan and engine.state is state
     assert torch.equal(engine.generate([1, 2, 3], 4, stop_ids=frozenset()), before)
+
+
+def test_load_and_resize_take_numpy_and_torch_integers_as_generate_does(tiny_released):
+    """load(max_context=np.int64(64)) was refused as no whole number, where generate takes np.int64(4) new tokens;
+    the plan holds them as Python ints."""
+    engine = klconvert.load(tiny_released, device="cpu", max_context=np.int64(64), batch=np.int32(2))
+    assert (engine.plan.context, engine.plan.batch) == (64, 2) and type(engine.plan.context) is int
+    engine.resize(torch.tensor(32), np.uint8(1))
+    assert (engine.plan.context, engine.plan.batch) == (32, 1) and type(engine.plan.batch) is int
+    assert engine.generate([1, 2, 3], 4, stop_ids=frozenset()).shape == (1, 4)
+
+
+def test_generate_checks_its_arguments_once(engine, monkeypatch):
+    """generate checked its sampling arguments and stop ids, then decode_loop checked them again; each check runs
+    once a call now, through generate or through decode_loop called directly."""
+    counts = {"check_generate_args": 0, "as_stop_ids": 0}
+
+    def counted(name):
+        check = getattr(engine_module, name)
+
+        def count(*args):
+            counts[name] += 1
+            return check(*args)
+        return count
+
+    for name in counts:
+        monkeypatch.setattr(engine_module, name, counted(name))
+    engine.generate([1, 2, 3], 4, temperature=0.5, seed=1, stop_ids={7})
+    assert counts == {"check_generate_args": 1, "as_stop_ids": 1}
+    engine.decode_loop(engine.decoder(1), engine.prefill([[1, 2, 3]]), 4, stop_ids={7})
+    assert counts == {"check_generate_args": 2, "as_stop_ids": 2}
 
 
 def test_resize_takes_the_cache_dtype_by_name_as_load_does(tiny_released):
@@ -336,7 +406,7 @@ def test_resize_takes_the_cache_dtype_by_name_as_load_does(tiny_released):
 def test_stop_ids_that_are_no_set_of_token_ids_are_refused(engine, stop_ids, message):
     """The device stopped at torch.tensor(sorted(stop_ids)), the host at `t in stop_ids`: {44.5} stopped one and not
     the other, {True} stopped at 1, an id no token can be never stopped, 44 and 2**70 were torch's errors. Refused
-    before any work, and by decode_loop itself, which OnnxEngine.generate ends in too."""
+    before any work, and by decode_loop, for its own callers (bench)."""
     with pytest.raises(KLError, match=message):
         engine.generate([1, 2, 3], 4, stop_ids=stop_ids)
     with pytest.raises(KLError, match=message):

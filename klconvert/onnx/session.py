@@ -1,6 +1,6 @@
 """OnnxEngine: a folder written by `klconvert export-onnx`, run with onnxruntime. Each call feeds the state back
 (present -> past, as genai_config.json maps them); prompts prefill through the same graph that decodes; generation
-shares the runtime engine's sampling, stop handling and statistics (runtime/engine.py Engine.decode_loop)."""
+shares the runtime engine's sampling, stop handling, statistics and hold on the engine (runtime/engine.py Runner)."""
 from __future__ import annotations
 
 import numbers
@@ -16,8 +16,7 @@ from klconvert.errors import KLError, first_line, unreadable_reason
 from klconvert.models import resolve_model
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, ONNX_FILE, state_spec
-from klconvert.runtime.engine import (Engine, GenerationStats, as_batch, as_prompts, as_stop_ids, failure_resets_stats,
-                                      whole_numbers)
+from klconvert.runtime.engine import GenerationStats, Runner, as_batch, as_prompts, as_stop_ids, whole_numbers
 from klconvert.runtime.host_memory import host_memory
 from klconvert.runtime.sampling import check_generate_args, sampling_generator
 from klconvert.tokenizer import check_tokenizer_if_any, model_stop_ids
@@ -39,7 +38,7 @@ def _shape(spec: dict, batch: int, rows: int) -> list[int]:
 
 
 class _SessionStep:
-    """The decode step Engine.decode_loop drives: it writes `tokens` and `positions`, step() runs one token per
+    """The decode step Runner.decode_loop drives: it writes `tokens` and `positions`, step() runs one token per
     sequence through the graph and keeps the state."""
 
     def __init__(self, engine: "OnnxEngine", state: State, positions: list[int]):
@@ -52,11 +51,8 @@ class _SessionStep:
         return torch.from_numpy(logits[:, -1])
 
 
-class OnnxEngine:
+class OnnxEngine(Runner):
     """An exported model in an onnxruntime session (CPU), with the calls a runner needs."""
-
-    decode_loop = Engine.decode_loop
-    _small_model_threads = Engine._small_model_threads
 
     def __init__(self, folder: str | Path, threads: int | None = None):
         """folder: an export (`tiny` names the bundled model, as the CLI does: no export); threads: onnxruntime's
@@ -273,16 +269,18 @@ class OnnxEngine:
                  on_prefill=None) -> torch.Tensor:
         """Prefill each prompt, then decode them together; as Engine.generate (new ids [B, n], stop handling -- by
         default at the model's stop tokens, self.stop_ids --, on_token, on_prefill(tokens) after each prompt,
-        self.stats). Every prompt and argument is checked before any is prefilled."""
-        max_new_tokens, temperature, top_p, seed = check_generate_args(max_new_tokens, temperature, top_p, seed)
-        stop_ids = as_stop_ids(self.stop_ids if stop_ids is None else stop_ids, self.config.vocab_size)
-        prompts = [p.tolist() for p in as_prompts(prompts, self.config.vocab_size)]
-        longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > self.config.model_max_length:
-            raise KLError(f"the prompt ({longest} tokens) plus max_new_tokens {max_new_tokens} is over the model's "
-                          f"{self.config.model_max_length_name} {self.config.model_max_length}; shorten them")
-        B = len(prompts)
-        with failure_resets_stats(self):
+        self.stats). Every prompt and argument is checked before any is prefilled. Its callbacks may not call back
+        into generate or decode_loop (a KLError), whose stats it is filling; a call that fails (a bad argument too)
+        leaves self.stats reset, as Engine.generate's does."""
+        with self._held("generate"):
+            max_new_tokens, temperature, top_p, seed = check_generate_args(max_new_tokens, temperature, top_p, seed)
+            stop_ids = as_stop_ids(self.stop_ids if stop_ids is None else stop_ids, self.config.vocab_size)
+            prompts = [p.tolist() for p in as_prompts(prompts, self.config.vocab_size)]
+            longest = max(len(p) for p in prompts)
+            if longest + max_new_tokens > self.config.model_max_length:
+                raise KLError(f"the prompt ({longest} tokens) plus max_new_tokens {max_new_tokens} is over the model's "
+                              f"{self.config.model_max_length_name} {self.config.model_max_length}; shorten them")
+            B = len(prompts)
             self.stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts), batch=B)
             generator = sampling_generator(seed)
             t0 = time.perf_counter()
@@ -297,5 +295,5 @@ class OnnxEngine:
             if max_new_tokens == 0:  # as Engine.generate: prefilled, nothing to decode
                 return torch.empty(B, 0, dtype=torch.long)
             step = _SessionStep(self, self._batched(states), [len(p) for p in prompts])
-            return self.decode_loop(step, torch.cat(last), max_new_tokens, temperature, top_p, generator, stop_ids,
-                                    on_token)
+            return self._decode_loop(step, torch.cat(last), max_new_tokens, temperature, top_p, generator, stop_ids,
+                                     on_token)
