@@ -77,35 +77,49 @@ def kda_chunked(q, k, v, g, beta, state, chunk: int = CHUNK):
     """The KDA recurrence (runtime/kda.py) over T tokens, chunk by chunk (the WY / UT-transform form).
 
     q, k, g [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]; state [B, H, K, V] fp32, the state before the first
-    token (not modified). Returns (o [B, T, H, V] fp32, the state after the last token). Nothing is updated in
-    place, so the same code trains (autograd) and prefills.
+    token (not modified). Returns (o [B, T, H, V] fp32, the state after the last token). Nothing passed in is
+    updated in place (the in-place ops write only tensors made here, whose old values autograd does not keep), so
+    the same code trains (autograd) and prefills.
     Within a chunk, with G the cumulative log decay and D[t, s] = exp(G_t - G_s) (t >= s, so never above 1):
         (I + A) U = beta * (V - (K * exp(G)) S0),  A[t, s] = beta_t sum_i k_t,i k_s,i D[t, s, i]  (s < t)
         O = (Q * exp(G)) S0 + (sum_i q_t,i k_s,i D[t, s, i])_{s <= t} U
         S = exp(G_last) * S0 + (K * exp(G_last - G))^T U
+    Each chunk writes its rows of one preallocated o, and its temporaries are as few as the math allows and all
+    freed before the next chunk starts: glibc serves blocks under its mmap threshold (raised to the largest block
+    freed so far, up to 32 MB) from its heap, where freed ones stay resident and fragment it, so chunk outputs
+    listed and concatenated at the end, D built in three tensors and one chunk's temporaries freed amid the next's
+    took a CPU prefill's peak resident memory to 2-5x the workspace its plan counts (tests/test_cpu_prefill_memory.py).
     """
     B, T, H, K = k.shape
     q, k, v, g, beta = (x.float().transpose(1, 2) for x in (q, k, v, g, beta))  # [B, H, T, .]
-    out = []
+    out = q.new_empty(B, H, T, v.shape[-1])
     for start in range(0, T, chunk):
         sl = slice(start, min(start + chunk, T))
-        qc, kc, vc, bc = q[:, :, sl], k[:, :, sl], v[:, :, sl], beta[:, :, sl]
-        G = g[:, :, sl].cumsum(dim=2)                                   # [B, H, C, K]
-        C = G.shape[2]
-        causal = torch.ones(C, C, dtype=torch.bool, device=G.device).tril()
-        diff = (G.unsqueeze(3) - G.unsqueeze(2)).masked_fill(~causal[:, :, None], float("-inf"))
-        D = diff.exp()                                                  # [B, H, C(t), C(s), K]
-        A = torch.einsum("bhti,bhsi,bhtsi->bhts", kc, kc, D).tril(-1) * bc.unsqueeze(-1)
-        eye = torch.eye(C, device=G.device, dtype=A.dtype)
-        rhs = torch.cat([bc.unsqueeze(-1) * vc, bc.unsqueeze(-1) * (kc * G.exp())], dim=-1)
-        sol = torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)
-        u_tilde, w = sol.split([vc.shape[-1], K], dim=-1)
-        u = u_tilde - w @ state                                         # [B, H, C, V]
-        qk = torch.einsum("bhti,bhsi,bhtsi->bhts", qc, kc, D)           # zero above the diagonal
-        out.append((qc * G.exp()) @ state + qk @ u)
-        g_last = G[:, :, -1:]                                            # [B, H, 1, K]
-        state = state * g_last.transpose(-1, -2).exp() + (kc * (g_last - G).exp()).transpose(-1, -2) @ u
-    return torch.cat(out, dim=2).transpose(1, 2), state
+        out[:, :, sl], state = _wy_chunk(q[:, :, sl], k[:, :, sl], v[:, :, sl], g[:, :, sl], beta[:, :, sl], state)
+    return out.transpose(1, 2), state
+
+
+def _wy_chunk(qc, kc, vc, gc, bc, state):
+    """One chunk of kda_chunked: qc, kc, gc [B, H, C, K], vc [B, H, C, V], bc [B, H, C] fp32, state [B, H, K, V]
+    before the chunk -> (o [B, H, C, V], the state after it)."""
+    # q's and k's chunks contiguous: the einsums' pairwise products are then laid out as their bmm reads them
+    # (from strided chunks, each product was copied once more)
+    qc, kc = qc.contiguous(), kc.contiguous()
+    G = gc.cumsum(dim=2)                                                # [B, H, C, K]
+    C, K = G.shape[2:]
+    causal = torch.ones(C, C, dtype=torch.bool, device=G.device).tril()
+    D = G.unsqueeze(3) - G.unsqueeze(2)                                 # [B, H, C(t), C(s), K]
+    D.masked_fill_(~causal[:, :, None], float("-inf")).exp_()           # in place: one such tensor, not three
+    A = torch.einsum("bhti,bhsi,bhtsi->bhts", kc, kc, D).tril(-1) * bc.unsqueeze(-1)
+    eye = torch.eye(C, device=G.device, dtype=A.dtype)
+    rhs = torch.cat([bc.unsqueeze(-1) * vc, bc.unsqueeze(-1) * (kc * G.exp())], dim=-1)
+    sol = torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)
+    u_tilde, w = sol.split([vc.shape[-1], K], dim=-1)
+    u = u_tilde - w @ state                                             # [B, H, C, V]
+    qk = torch.einsum("bhti,bhsi,bhtsi->bhts", qc, kc, D)               # zero above the diagonal
+    o = (qc * G.exp()) @ state + qk @ u
+    g_last = G[:, :, -1:]                                                # [B, H, 1, K]
+    return o, state * g_last.transpose(-1, -2).exp() + (kc * (g_last - G).exp()).transpose(-1, -2) @ u
 
 
 def naive_kda_chunk(q, k, v, g, beta, state, *, A_log, dt_bias, scale=None, out=None):

@@ -445,14 +445,15 @@ class Experts(nn.Module):
         return False
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shared: nn.Module) -> torch.Tensor:
-        """x [N, D], ids/weights [N, k] -> sum_k weight * expert(x) + shared(x), [N, D]."""
+        """x [N, D], ids/weights [N, k] -> sum_k weight * expert(x) + shared(x), [N, D]. The sum accumulates in place:
+        a new one per expert stayed resident in a CPU prefill (kernels/naive_kda.kda_chunked says why)."""
         I = self.w2.shape[-1]
         out = shared(x).float()
         for e in ids.unique().tolist():
             token, slot = (ids == e).nonzero(as_tuple=True)
             gate_up = F.linear(x[token], self.w13[e])
             y = F.linear(F.silu(gate_up[:, :I]) * gate_up[:, I:], self.w2[e])
-            out = out.index_add(0, token, y.float() * weights[token, slot, None])  # a token picks an expert once
+            out.index_add_(0, token, y.float() * weights[token, slot, None])  # a token picks an expert once
         return out.to(x.dtype)
 
 
