@@ -23,6 +23,7 @@ from klconvert.presets import PRESETS
 from klconvert.recipes import shipped_names
 from klconvert.runtime.host_memory import HostMemoryExhausted
 from klconvert.units import size_text
+from klconvert.user_paths import refuse_unreachable, shown
 
 DEVICE = click.Choice(DEVICE_TYPES)
 # the runtime's MLA cache dtypes by name (runtime/state.py MLA_CACHE_DTYPES; named here, torch-free, for --help)
@@ -60,15 +61,28 @@ def path_problem(value: str) -> str | None:
     return None
 
 
+def refuse_unreachable_arg(value: str, param: click.Parameter | None) -> None:
+    """KLError, naming the flag (or argument) and the path, when a path given on the command line cannot be looked
+    at -- a folder on its way that cannot be entered, a path past the system's length (user_paths.unreachable): said
+    here, where every path the user gives comes in, before any command touches it."""
+    if param is None:
+        named = shown(value)
+    else:
+        named = f"{param.opts[0] if isinstance(param, click.Option) else param.human_readable_name} {shown(value)}"
+    refuse_unreachable(value, named)
+
+
 class PathArg(click.Path):
     """A click.Path that refuses the empty string, which pathlib reads as ".": an unset shell variable would quietly
-    name the current folder; and what `path_problem` finds."""
+    name the current folder; what `path_problem` finds; and a path that cannot be looked at (refuse_unreachable_arg)."""
 
     def convert(self, value, param, ctx):
         if value == "":
             self.fail("an empty path; give the path", param, ctx)
         if problem := path_problem(value):
             self.fail(f"{value[:80]!r}: {problem}", param, ctx)
+        if not (self.allow_dash and value == "-"):
+            refuse_unreachable_arg(value, param)
         return super().convert(value, param, ctx)
 
 
@@ -77,19 +91,21 @@ class ModelArg(click.ParamType):
 
     name = "text"
 
-    def __init__(self, what: str):
-        self.what = what
+    def __init__(self, what: str, folder: bool = True):
+        self.what, self.folder = what, folder   # folder: it may name a folder (checked as PathArg checks a path)
 
     def convert(self, value, param, ctx):
         if value == "":
             self.fail(f"an empty name; give {self.what}", param, ctx)
         if problem := path_problem(value):
             self.fail(f"{value[:80]!r}: {problem}", param, ctx)
+        if self.folder and value != BUNDLED_NAME:
+            refuse_unreachable_arg(value, param)
         return value
 
 
 MODEL = ModelArg(f"a checkpoint folder or {BUNDLED_NAME}")
-REPO = ModelArg("a hub repo id (owner/name)")
+REPO = ModelArg("a hub repo id (owner/name)", folder=False)
 REPO_OR_MODEL = ModelArg(f"a hub repo id, a checkpoint folder or {BUNDLED_NAME}")
 
 
@@ -661,6 +677,7 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
     from contextlib import nullcontext
 
     from klconvert import bench as B
+    from klconvert.atomic_file import write_atomically
     from klconvert.convert.output_folder import parent_made
     from klconvert.presets import preset_config
 
@@ -699,8 +716,8 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
             result.peer = B.time_transformers(preset_config("kimi-linear-48b", peer_layers), new_tokens=new_tokens,
                                               report=lambda line: click.echo(line, err=True))
         if json_file is not None:
-            try:
-                json_file.write_text(json.dumps(result.as_dict(), indent=1))
+            try:   # whole or not at all: a full disk leaves the earlier file as it was, not a truncated one
+                write_atomically(json_file, json.dumps(result.as_dict(), indent=1).encode())
             except OSError as e:
                 raise KLError(f"--json {json_file}: cannot write it ({e.strerror}); the figures are in the lines "
                               "above") from None

@@ -6,8 +6,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from klconvert.checkpoint.folder_files import refuse_link_out
 from klconvert.checkpoint.regular_file import parse_json, read_bounded
-from klconvert.errors import KLError, unreadable_reason
+from klconvert.errors import KLError, refuse_if_not_permitted, unreadable_reason
 from klconvert.release import RELEASED_CONFIG
 
 SUPPORTED_MODEL_TYPES = ("kimi_linear",)
@@ -303,11 +304,13 @@ class KimiLinearConfig:
     def from_file(cls, path: str | Path, flag: str = "--model") -> "KimiLinearConfig":
         """flag: the option that named the folder, for the message when it holds no config.json."""
         path = Path(path)
+        refuse_link_out(path)
         try:
             text = read_bounded(path, MAX_CONFIG_BYTES, "config.json").decode("utf-8")
         except FileNotFoundError:
             raise KLError(f"{path}: no config.json here; point {flag} at a Kimi Linear checkpoint folder") from None
         except (OSError, UnicodeDecodeError) as e:
+            refuse_if_not_permitted(e, path)
             raise KLError(f"{path}: cannot read the config ({e}); re-download the model") from None
 
         def refuse_constant(name: str):   # json reads NaN and Infinity, which are no JSON and no size

@@ -1,4 +1,5 @@
 """The one exception type for errors a user can cause: printed as one line, exit status 2."""
+import errno
 
 
 class KLError(Exception):
@@ -27,3 +28,24 @@ def unreadable_reason(error: BaseException, limit: int = 200) -> str:
     Python's stack (a RecursionError's text speaks only of the recursion), else first_line, cut at `limit`."""
     return "nested too deeply" if isinstance(error, RecursionError) else first_line(error)[:limit]
 
+
+def is_permission_error(error: BaseException) -> bool:
+    """Whether an OSError is the system's refusal to let this user at a file (EACCES, EPERM): said as that, with the
+    permissions to fix -- not as a file that is damaged or missing."""
+    return isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM)
+
+
+def read_failure(error: OSError, where: object, otherwise: str) -> str:
+    """The line for a file `where` that could not be read: for a permission problem, to fix the permissions; else
+    the system's reason and `otherwise`, what to do."""
+    if is_permission_error(error):
+        return (f"{where}: cannot read it ({error.strerror}); make it readable for you (chmod u+r, or ask its owner) "
+                "and rerun")
+    return f"{where}: cannot read it ({error.strerror or first_line(error)}); {otherwise}"
+
+
+def refuse_if_not_permitted(error: BaseException, where: object) -> None:
+    """KLError saying to fix the permissions when `error` (reading `where`) is a permission problem -- never the
+    damaged or missing file a reader's own line would call it; nothing otherwise."""
+    if is_permission_error(error):
+        raise KLError(read_failure(error, where, "")) from None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from klconvert.errors import KLError
 from klconvert.models import model_folder
 from klconvert.runtime.host_memory import HostMemory, host_allocation, host_memory
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
-from klconvert.tokenizer import Tokenizer
+from klconvert.tokenizer import BPE_FILE, CONFIG_FILE, Tokenizer
 
 KL_QUANTILE = 0.99
 KL_ROWS = 256  # positions per step of the KL sum: [256, 163840] fp32 temporaries are 168 MB each
@@ -120,6 +121,39 @@ def _same_architecture(got: KimiLinearConfig, ref: KimiLinearConfig, model: str,
                       "compare a model with its own source")
 
 
+def _same_tokenizer(folder: Path, reference: Tokenizer, model: str, reference_name: str) -> None:
+    """The model folder's own tokenizer, where it has one, must be the reference's (the same BPE ranks, every special
+    token at the same id): eval reads the text with the reference's and scores the model on those ids, which a model
+    of another tokenizer reads as other tokens. A folder of weights alone (no tokenizer files) says nothing against
+    it."""
+    if not any(os.path.lexists(folder / name) for name in (BPE_FILE, CONFIG_FILE)):
+        return
+    own = Tokenizer.from_folder(folder)
+    flag, reference_flag = model.split(" ", 1)[0], reference_name.split(" ", 1)[0]
+    differ = None
+    if own.bpe_digest != reference.bpe_digest:
+        differ = (f"its {BPE_FILE} ranks other tokens than {reference_flag}'s (sha256 {own.bpe_digest[:12]}... vs "
+                  f"{reference.bpe_digest[:12]}...)")
+    else:
+        theirs, ours = reference.special_tokens, own.special_tokens
+        for text, token_id in sorted(theirs.items(), key=lambda item: item[1]):
+            if ours.get(text) != token_id:
+                differ = (f"special token {text!r:.80} is id {ours[text]} in {flag}'s tokenizer, {token_id} in "
+                          f"{reference_flag}'s" if text in ours else
+                          f"special token {text!r:.80} (id {token_id} in {reference_flag}'s tokenizer) is not in "
+                          f"{flag}'s")
+                break
+        else:
+            extra = next((text for text in ours if text not in theirs), None)
+            if extra is not None:
+                differ = (f"special token {extra!r:.80} (id {ours[extra]} in {flag}'s tokenizer) is not in "
+                          f"{reference_flag}'s")
+    if differ is not None:
+        raise KLError(f"{model}'s tokenizer is not {reference_name}'s: {differ}; eval reads the text with the "
+                      "reference's token ids, which this model reads as other tokens -- compare a model with its own "
+                      "source (a quantized folder carries its source's tokenizer files)")
+
+
 def _perplexity(log_probs: torch.Tensor, ids: list[int]) -> float:
     """exp of the mean negative log-likelihood of each next token (positions 0..T-2 predict 1..T-1)."""
     targets = torch.tensor(ids[1:])
@@ -147,7 +181,9 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
     configs = [KimiLinearConfig.from_file(folder / "config.json", flag) for folder, flag in
                ((model, "--model"), (reference, "--reference"))]
     _same_architecture(*configs, *names)   # before either runs
-    ids = Tokenizer.from_folder(reference).encode(text)[:max_tokens]
+    tokenizer = Tokenizer.from_folder(reference)
+    _same_tokenizer(model, tokenizer, *names)
+    ids = tokenizer.encode(text)[:max_tokens]
     if len(ids) < 2:
         raise KLError(f"the evaluation text (--text-file) is {len(ids)} token(s) long; give at least 2 tokens of "
                       "text to evaluate on")

@@ -8,8 +8,11 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
 import re
 import sys
+import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -48,6 +51,7 @@ from klconvert.errors import KLError, first_line, unreadable_reason
 from klconvert.hub_guard import AnswerGuard
 from klconvert.models import BUNDLED_NAME
 from klconvert.units import size_text
+from klconvert.user_paths import refuse_unreachable, shown
 from klconvert.verified_files import VerifiedFiles
 
 # huggingface_hub 2.x talks through httpx2, 1.x through httpx: a dropped connection surfaces as either's TransportError.
@@ -145,12 +149,15 @@ def pull(
     refuse_bad_repo_id(repo)
     refuse_bad_revision(revision)
     refuse_unsafe_includes(include)
+    given_cache_dir = cache_dir is not None
     cache_dir = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
     local_dir = Path(local_dir) if local_dir is not None else None
     if local_dir is not None:
         refuse_file_as_local_dir(local_dir)
     target = local_dir if local_dir is not None else cache_dir
     offline = constants.is_offline_mode()
+    if not offline:   # said before huggingface_hub's own "Ignored error ..." lines, and before any download
+        refuse_unwritable_target(target, local_dir is not None, given_cache_dir)
     api = HfApi()
     guard = AnswerGuard(api.endpoint, repo)
     with _as_user_errors(repo, revision, api.endpoint, target) as stage, nullcontext() if offline else guard:
@@ -184,16 +191,23 @@ def pull(
         else:
             note_change(target)   # hf_xet's downloads are written in Rust, which Python's audit events do not show
             stage.fetching = True
-            folder = Path(
-                snapshot_download(
-                    repo,
-                    revision=resolved,
-                    cache_dir=cache_dir,
-                    local_dir=local_dir,
-                    allow_patterns=[glob.escape(f.path) for f in wanted],
-                    tqdm_class=_TerminalTqdm if progress else _QuietTqdm,
-                )
-            )
+            before = _local_files_before(local_dir, wanted) if local_dir is not None else {}
+            try:
+                with _no_disk_space_warnings():
+                    folder = Path(
+                        snapshot_download(
+                            repo,
+                            revision=resolved,
+                            cache_dir=cache_dir,
+                            local_dir=local_dir,
+                            allow_patterns=[glob.escape(f.path) for f in wanted],
+                            tqdm_class=_TerminalTqdm if progress else _QuietTqdm,
+                        )
+                    )
+            except BaseException:
+                if local_dir is not None:
+                    _remove_unfinished_local_files(local_dir, wanted, before)
+                raise
     if listing is None:  # offline, and the cache holds no tree listing (older huggingface_hub): use the disk
         listing = _listing_on_disk(folder)
         wanted = _select_from(listing, include, exclude, where)
@@ -219,6 +233,80 @@ def refuse_file_as_local_dir(local_dir: Path) -> None:
         where = "is a file" if existing == local_dir else f"goes in {existing}, which is a file"
         raise KLError(f"--local-dir {local_dir}: {where}, not a folder; name a folder to download into (one that "
                       "does not exist yet is made)")
+
+
+def _cache_setting(given: bool) -> str:
+    """What set the Hugging Face cache folder a pull writes into: --cache-dir, or the variable it comes from."""
+    if given:
+        return "--cache-dir"
+    return next((name for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME")
+                 if os.environ.get(name)), "HOME (~/.cache/huggingface)")
+
+
+def refuse_unwritable_target(target: Path, local: bool, given_cache_dir: bool = False) -> None:
+    """KLError when the folder a pull writes into -- `target`, the --local-dir (`local`) or the Hugging Face cache --
+    cannot take files: it, or the nearest folder above it that exists, is a file or takes no new file (read-only, no
+    write access). A cache is named with what set it (_cache_setting), which is what to change."""
+    if local:
+        named, advice = f"--local-dir {shown(target)}", "name a folder you can write to"
+    else:
+        setting = _cache_setting(given_cache_dir)
+        named = f"the Hugging Face cache {shown(target)} (set by {setting})"
+        advice = ("give a --cache-dir you can write to, or a --local-dir" if given_cache_dir else
+                  "set HF_HOME (or HF_HUB_CACHE) to a folder you can write to, or pass --cache-dir or --local-dir")
+        advice += "; a read-only cache that holds the model already is read with HF_HUB_OFFLINE=1"
+    refuse_unreachable(target, named)   # a folder on its way that cannot be entered, a path past the system's length
+    existing = next((p for p in (target, *target.parents) if os.path.lexists(p)), Path("."))
+    if not existing.is_dir():
+        raise KLError(f"{named}: {'is' if existing == target else f'goes in {existing}, which is'} not a folder; "
+                      f"{advice}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".klconvert-write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        where = "it" if existing == target else f"the folder it goes in, {existing}"
+        raise KLError(f"{named}: cannot create files in {where} ({e.strerror}); {advice}") from None
+
+
+def _local_files_before(local_dir: Path, wanted: list[HubFile]) -> dict[str, tuple[int, int, int] | None]:
+    """Each wanted file's (inode, size, mtime) in the --local-dir before the download, None where there is none."""
+    before = {}
+    for f in wanted:
+        try:
+            st = (local_dir / f.path).stat()
+            before[f.path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            before[f.path] = None
+    return before
+
+
+def _remove_unfinished_local_files(local_dir: Path, wanted: list[HubFile],
+                                   before: dict[str, tuple[int, int, int] | None]) -> None:
+    """After a failed download into a --local-dir: delete each file this pull wrote that is not whole -- not of the
+    size the hub lists (huggingface_hub copies a file the HF cache holds straight under its final name, so a full
+    disk leaves it cut short there) -- so that only whole files are kept. A file the pull did not touch stays."""
+    for f in wanted:
+        path = local_dir / f.path
+        try:
+            st = path.lstat()
+        except OSError:
+            continue
+        if (st.st_ino, st.st_size, st.st_mtime_ns) != before.get(f.path) and st.st_size != f.size \
+                and not path.is_symlink():
+            try:
+                path.unlink()
+            except OSError:   # not ours to remove after all: a rerun refetches it (its size is not the hub's)
+                pass
+
+
+@contextmanager
+def _no_disk_space_warnings() -> Iterator[None]:
+    """Without huggingface_hub's UserWarning "Not enough free disk space ..." (two lines a file, each time it checks):
+    klconvert checks the space before a pull, and says a full disk once, in its own line."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Not enough free disk space", category=UserWarning)
+        yield
 
 
 def refuse_bundled_name(repo: str) -> None:

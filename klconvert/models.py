@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from klconvert.errors import KLError
+from klconvert.user_paths import refuse_unreachable
 
 BUNDLED_NAME = "tiny"
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
@@ -30,6 +31,7 @@ def model_folder(value: str | Path, named: str) -> Path:
     the caller gave it (`named`: "--model X", "SRC X") and what would work there -- for an owner/name, the commands
     that download a hub repo."""
     folder = resolve_model(value)
+    refuse_unreachable(folder, named)
     if folder.is_dir():
         return folder
     from klconvert.hub import is_repo_id   # huggingface_hub's check, imported only for a name that is no folder
@@ -45,6 +47,7 @@ def model_folder(value: str | Path, named: str) -> Path:
 def default_model(verb: str) -> tuple[Path, str]:
     """What `klconvert run` and `export-onnx` use without --model: the quantized 48B folder when it is here, else
     the bundled model; with the line saying which, `verb` being what the command does with it ("running")."""
+    refuse_unreachable(DEFAULT_MODEL_DIR)
     if Path(DEFAULT_MODEL_DIR).is_dir():
         return Path(DEFAULT_MODEL_DIR), f"{verb} {DEFAULT_MODEL_DIR} (pass --model to choose another)"
     return bundled_dir(), (f"no {DEFAULT_MODEL_DIR} here: {verb} the bundled model `{BUNDLED_NAME}` (a small Kimi "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -34,7 +35,7 @@ from klconvert.convert.provenance import SourceOrigin, source_fingerprint, sourc
 from klconvert.config import MAX_CONFIG_BYTES, KimiLinearConfig
 from klconvert.devices import checked_device
 from klconvert.disk_space import failed_write
-from klconvert.errors import KLError
+from klconvert.errors import KLError, read_failure
 from klconvert.extras import require
 from klconvert.hub import DEFAULT_REPO, is_repo_id, pull
 from klconvert.models import BUNDLED_NAME, resolve_model
@@ -210,6 +211,12 @@ def _copied_files(src: Path) -> list[Path]:
     """The side files OUT takes from SRC, each refused when a link out of SRC or past MAX_SIDE_FILE_BYTES. Hidden
     files stay behind: none is a model's, and klconvert's own (a partial output's .klconvert-resume.json) would
     overwrite OUT's."""
+    try:   # glob skips a folder it cannot list, unsaid: the output would lack the tokenizer's files
+        os.listdir(src)
+    except OSError as e:
+        raise KLError(f"{src}: cannot list its files ({e.strerror}); quantize copies the tokenizer and configs "
+                      "beside the weights -- make the folder readable for you (chmod u+r, or ask its owner) and "
+                      "rerun") from None
     found = sorted({p for pattern in COPIED_FILES for p in src.glob(pattern)
                     if p.is_file() and not p.name.startswith(".") and p.name not in WRITTEN_FILES})
     refuse_unfit_side_files(src, found)
@@ -225,8 +232,12 @@ def without_remote_code(fields: dict) -> dict:
 
 def _side_file(path: Path) -> bytes:
     """A copied file's bytes, as read; a JSON object that names remote code is written again without it (a file
-    that is no JSON object is copied as it is: not klconvert's to judge)."""
-    data = read_bounded(path, MAX_SIDE_FILE_BYTES, path.name)
+    that is no JSON object is copied as it is: not klconvert's to judge). Read before any shard is written: a file
+    that cannot be read is said as that, at once."""
+    try:
+        data = read_bounded(path, MAX_SIDE_FILE_BYTES, path.name)
+    except OSError as e:
+        raise KLError(read_failure(e, path, "check the file (or re-download the model)")) from None
     if path.suffix == ".json" and b'"auto_map"' in data:
         try:   # json.loads as transformers reads it: a key given twice keeps its last, and is written once
             fields = json.loads(data)
@@ -272,7 +283,7 @@ def _quantize(src: Path, out: Path, policy: Policy, runtime: dict, torch_device:
     refuse_quantized_source(src)
     checkpoint = open_checkpoint(src)
     check_tokenizer_if_any(src, checkpoint.config.vocab_size)
-    copied_files = _copied_files(src)
+    side_files = {path.name: _side_file(path) for path in _copied_files(src)}   # small: read before any work
     names_and_shapes = [(name, spec.shape) for name, spec in checkpoint.expected.items()]
     policy = policy.check_against(names_and_shapes)
     if not allow_split_fused:
@@ -319,8 +330,8 @@ def _quantize(src: Path, out: Path, policy: Policy, runtime: dict, torch_device:
         folder.write_text("config.json", json.dumps(config, indent=2) + "\n")
         folder.write_text(INDEX_FILE, index_json(shards, names) + "\n")
         folder.write_text("recipe.yaml", recipe_yaml)
-        for path in copied_files:
-            folder.write_bytes(path.name, _side_file(path))
+        for name, data in side_files.items():
+            folder.write_bytes(name, data)
         folder.write_text("README.md", model_card(out.name, origin, policy, totals, len(shards), version("klconvert")))
         folder.finish()
     except BaseException as e:

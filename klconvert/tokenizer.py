@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import hashlib
 import json
 import numbers
 import operator
@@ -14,10 +15,11 @@ from types import MappingProxyType
 
 import tiktoken
 
+from klconvert.checkpoint.folder_files import refuse_link_out
 from klconvert.checkpoint.regular_file import read_bounded, read_json
 from klconvert.chat_template import render_chat_template
 from klconvert.config import SIZE_RANGES, KimiLinearConfig
-from klconvert.errors import KLError, unreadable_reason
+from klconvert.errors import KLError, refuse_if_not_permitted, unreadable_reason
 from klconvert.models import resolve_model
 
 BPE_FILE = "tiktoken.model"
@@ -72,6 +74,7 @@ def read_bpe_ranks(path: Path, vocab_size: int = SIZE_RANGES["vocab_size"][1]) -
     load_tiktoken_bpe itself is not used: it copies every file it reads into /tmp/data-gym-cache keyed by
     the path alone, and later serves that copy even after the file at that path has changed.
     """
+    refuse_link_out(path)
     try:
         data = read_bounded(path, MAX_BPE_BYTES, BPE_FILE)
     except FileNotFoundError:
@@ -82,6 +85,7 @@ def read_bpe_ranks(path: Path, vocab_size: int = SIZE_RANGES["vocab_size"][1]) -
         raise KLError(f"{path}: no {BPE_FILE} here (the tokenizer's BPE ranks); name a Kimi Linear checkpoint "
                       "folder, or re-download the model") from None
     except OSError as e:
+        refuse_if_not_permitted(e, path)
         raise KLError(f"{path}: cannot read the BPE ranks ({e}); check the file's permissions") from None
     ranks: dict[bytes, int] = {}
     line_of_rank: dict[int, int] = {}
@@ -115,11 +119,13 @@ def read_bpe_ranks(path: Path, vocab_size: int = SIZE_RANGES["vocab_size"][1]) -
 
 def read_tokenizer_config(path: Path) -> dict:
     """tokenizer_config.json as a dict."""
+    refuse_link_out(path)
     try:
         config = read_json(path, MAX_TOKENIZER_CONFIG_BYTES, CONFIG_FILE)
     except FileNotFoundError:
         raise KLError(f"{path}: no {CONFIG_FILE} here; re-download the model") from None
     except (OSError, UnicodeDecodeError) as e:
+        refuse_if_not_permitted(e, path)
         raise KLError(f"{path}: cannot read the tokenizer config ({e}); re-download the model") from None
     except json.JSONDecodeError as e:
         raise KLError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); re-download the model") from None
@@ -269,10 +275,12 @@ class Tokenizer:
                 raise KLError(f"{config_path}: '{key}' is not set; fix the file or re-download the model")
         chat_template_path = folder / CHAT_TEMPLATE_FILE
         if chat_template_path.is_file():
+            refuse_link_out(chat_template_path)
             try:
                 chat_template = read_bounded(chat_template_path, MAX_CHAT_TEMPLATE_BYTES,
                                              CHAT_TEMPLATE_FILE).decode("utf-8")
             except (OSError, UnicodeDecodeError) as e:
+                refuse_if_not_permitted(e, chat_template_path)
                 raise KLError(f"{chat_template_path}: cannot read the chat template ({e}); "
                               "fix the file or re-download the model") from None
         else:
@@ -295,6 +303,13 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Largest id (BPE rank or special) + 1."""
         return self._encoding.n_vocab
+
+    @property
+    def bpe_digest(self) -> str:
+        """sha256 of the BPE ranks as tiktoken.model lists them, one '<base64 token> <rank>' line each in rank order:
+        equal for two folders whose files rank the same tokens alike."""
+        ranks = sorted(self._encoding._mergeable_ranks.items(), key=operator.itemgetter(1))
+        return hashlib.sha256(b"".join(base64.b64encode(token) + b" %d\n" % rank for token, rank in ranks)).hexdigest()
 
     @property
     def special_tokens(self) -> Mapping[str, int]:

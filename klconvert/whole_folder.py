@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from klconvert.convert.output_folder import (TEMPORARY_MARKER, TEMPORARY_NAME, OutputLock, lock_path, make_parent,
-                                             mark_temporary, refuse_no_new_name, remove_created,
-                                             runs_temporary, temporary_prefix,
-                                             unmark_temporary)
+                                             mark_temporary, refuse_link_or_file, refuse_no_new_name,
+                                             remove_created, runs_temporary, temporary_prefix, unmark_temporary,
+                                             write_test)
 from klconvert.disk_space import failed_write
 from klconvert.errors import KLError
 
@@ -48,15 +48,15 @@ def refuse_taken(out: Path, force: bool = False, replaceable: Replaceable | None
     if re.fullmatch(rf"\..+\.{TEMPORARY_NAME.pattern}", out.name):
         raise KLError(f"{out}: is named as klconvert names its temporary folders, which a later run may delete; "
                       "choose another name")
-    if out.is_symlink():
-        raise KLError(f"{out}: is a symbolic link{'' if out.exists() else ' to nothing'}; give the path of a new "
-                      "folder")
+    refuse_link_or_file(out)
     if not out.exists():
         remove_created(make_parent(out))   # the folders it goes in made, and tried with a file, now: gone again
         return
-    if not out.is_dir():
-        raise KLError(f"{out}: exists and is not a folder; give the path of a new folder")
-    others = _others(out)
+    try:
+        others = _others(out)
+    except OSError as e:
+        raise KLError(f"{out}: cannot list it ({e.strerror}); choose another output folder, or make it readable "
+                      "(chmod u+rx)") from None
     if others:
         if replaceable is None:
             raise KLError(f"{out}: already exists; choose another output folder (or move it away)")
@@ -67,12 +67,9 @@ def refuse_taken(out: Path, force: bool = False, replaceable: Replaceable | None
             raise KLError(f"{out}: --force replaces only {replaceable.what}, a folder holding nothing else, and this "
                           "holds other files; choose another output folder or move it away")
     try:
-        fd, probe = tempfile.mkstemp(prefix=temporary_prefix(out, "write-test"), dir=out)
-        os.close(fd)
+        write_test(out, out)
     except OSError as e:   # a read-only file system, no write access
         raise KLError(f"{out}: cannot create files in it ({e.strerror}); choose a folder you can write to") from None
-    with suppress(FileNotFoundError):   # a run taking OUT's lock meanwhile removes temporaries in OUT, this one too
-        os.unlink(probe)
 
 
 def _lock_inside(out: Path) -> bool:

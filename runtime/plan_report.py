@@ -1,19 +1,24 @@
 """`klconvert plan`: build a MemoryPlan for a folder or a preset, from a recipe or --bits, and render it as a table."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
+import click
 import torch
 
+from klconvert.checkpoint.folder_files import refuse_link_out
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import Checkpoint
+from klconvert.checkpoint.regular_file import open_regular
 from klconvert.checkpoint.size_bounds import check_model_size
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.presets import preset_config
-from klconvert.quant import Recipe, load_recipe, policy_from_options
+from klconvert.quant import Policy, Recipe, load_recipe, policy_from_options
+from klconvert.quant.recipe import MAX_RECIPE_BYTES, parse_runtime_section
 from klconvert.quant.scheme import GROUP_SIZE
 from klconvert.runtime.bind import packed_choice
 from klconvert.runtime.memory_plan import MemoryPlan, weight_bytes
@@ -26,6 +31,7 @@ from klconvert.runtime.weights import HeldPacked
 RUNTIME_DEFAULTS = {"max_context": 131072, "batch": 1, "mla_cache_dtype": "bfloat16", "kda_state_dtype": "float32"}
 MAX_BATCH = 65_536  # sequences a plan sizes; the 48B's KDA state alone is ~2.9 TB at this many
 KDA_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+FOLDER_RECIPE = "recipe.yaml"  # what `klconvert quantize` writes into its output: the recipe it applied, provenance
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(|B|KB|MB|GB|TB|KiB|MiB|GiB|TiB|K|M|G|T)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
           "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -94,6 +100,40 @@ def held_as_written(config: KimiLinearConfig, policy) -> HeldPacked:
     return _held(config, schemes)
 
 
+def folder_recipe(path: Path, config: KimiLinearConfig) -> Recipe | None:
+    """A model folder's recipe.yaml, for its `runtime:` section alone (the plan's defaults): None where the folder has
+    none. The file is provenance, which run and eval never read: one that cannot be read, is no YAML, or holds a
+    runtime: section the plan cannot take is left out with a note on stderr saying why, not refused -- a plan of the
+    folder is made as run would load it. A link out of the folder is refused, as for any file of a model folder."""
+    if not os.path.lexists(path):
+        return None
+    refuse_link_out(path)
+    try:
+        with open_regular(path) as f:   # a FIFO's open would wait for a writer
+            data = f.read(MAX_RECIPE_BYTES + 1)
+        if len(data) > MAX_RECIPE_BYTES:
+            raise KLError(f"{path}: over {MAX_RECIPE_BYTES >> 10} KiB, far larger than a recipe")
+        settings = parse_runtime_section(data.decode("utf-8"), str(path))
+        check_runtime_settings(settings, str(path))
+        if settings.get("max_context", 0) > config.model_max_length:
+            raise KLError(f"{path}: runtime.max_context {settings['max_context']} is over the model's "
+                          f"{config.model_max_length_name} {config.model_max_length:,}")
+    except UnicodeDecodeError as e:
+        problem = f"{path}: not UTF-8 text (bad byte at offset {e.start})"
+    except OSError as e:
+        problem = f"{path}: cannot read it ({e.strerror})"
+    except KLError as e:
+        problem = str(e)
+    else:
+        return Recipe(policy=Policy(groups=()), runtime=settings, path=str(path))
+    line = (f"{problem}; the plan leaves out the runtime: defaults of the folder's recipe.yaml (which run and eval do "
+            "not read) -- fix or delete the file, or give the settings as flags")
+    # on one line, what a terminal would act on escaped (the file's path and its parser's words come from the folder)
+    click.echo("klconvert: note: " + "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(line.split())),
+               err=True)
+    return None
+
+
 def plan_for(model: Path | None = None, preset: str | None = None, layers: int | None = None,
              recipe: Recipe | str | Path | None = None, batch: int | None = None, context: int | None = None,
              bits: int | None = None, group_size: int | None = None, memory_limit: int | None = None,
@@ -116,8 +156,7 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
         config = KimiLinearConfig.from_file(Path(model) / "config.json")
         if recipe is None and bits is None:
             stored = held_on_a_gpu(Path(model))
-            if (Path(model) / "recipe.yaml").is_file():
-                recipe = Path(model) / "recipe.yaml"  # for its runtime: section; the tensors say how they are stored
+            recipe = folder_recipe(Path(model) / FOLDER_RECIPE, config)  # the tensors say how they are stored
     else:
         config = KimiLinearConfig.from_dict(preset_config(preset, layers), where=f"preset {preset}")
     check_model_size(config, str(Path(model) / "config.json") if model is not None else f"preset {preset}")

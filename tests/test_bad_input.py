@@ -409,6 +409,57 @@ def test_a_huge_side_file_is_refused_before_writing(capsys, tiny_copy, tmp_path,
     assert not out.exists() and not (tmp_path / "out.partial").exists()
 
 
+def _linked_out(folder: Path, name: str, outside: Path) -> Path:
+    """`name` moved out of the model folder, a link to it left in its place; returns where it went."""
+    outside.mkdir(exist_ok=True)
+    target = outside / name
+    shutil.move(folder / name, target)
+    (folder / name).symlink_to(target)
+    return target
+
+
+@pytest.mark.parametrize("name", ["chat_template.jinja", "tokenizer_config.json", "tiktoken.model", "config.json"])
+def test_a_model_file_linked_from_outside_the_folder_is_refused(capsys, tiny_copy, tiny_released, tmp_path, name):
+    """run --chat read a chat_template.jinja that linked to /etc/passwd into the prompt; quantize refused such a link
+    (an output copies it), run, eval and plan followed it. Now every reader of a folder's small files refuses it."""
+    if name == "chat_template.jinja":
+        (tiny_copy / name).write_text("{{ messages[0]['content'] }}")
+    target = _linked_out(tiny_copy, name, tmp_path / "outside")
+    needle = f"{tiny_copy / name}: a link to {target}, outside the model folder"
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 4)
+    for args in (("run", "--model", tiny_copy, "--prompt", "hi", "--max-new-tokens", "1", "--chat", "--device", "cpu"),
+                 ("eval", "--model", tiny_copy, "--reference", tiny_released, "--text-file", text, "--device", "cpu"),
+                 ("plan", "--model", tiny_copy)):
+        if args[0] == "plan" and name not in ("config.json",):
+            continue   # the plan reads no tokenizer
+        if args[0] == "eval" and name == "chat_template.jinja":
+            continue   # eval renders no chat
+        assert_one_line_error(*run_cli(capsys, *args)[::2], needle, "put the file itself in the folder")
+
+
+def test_a_folders_recipe_linked_from_outside_is_refused_by_plan(capsys, tiny_released, tmp_path):
+    out = tmp_path / "q"
+    assert run_cli(capsys, "quantize", tiny_released, out, "--bits", "4", "--group-size", "32")[0] == 0
+    target = _linked_out(out, "recipe.yaml", tmp_path / "outside")
+    assert_one_line_error(*run_cli(capsys, "plan", "--model", out)[::2],
+                          f"{out / 'recipe.yaml'}: a link to {target}, outside the model folder")
+
+
+def test_files_linked_into_the_hub_caches_blobs_are_read(capsys, tiny_released, tmp_path):
+    """The Hugging Face cache's snapshots/<commit>/ holds links into the repo's blobs/: the files are its own."""
+    storage = tmp_path / "models--org--name"
+    snapshot, blobs = storage / "snapshots" / ("a" * 40), storage / "blobs"
+    shutil.copytree(tiny_released, snapshot)
+    blobs.mkdir()
+    for name in ("config.json", "tiktoken.model", "tokenizer_config.json"):
+        (snapshot / name).rename(blobs / name)
+        (snapshot / name).symlink_to(Path("../../blobs") / name)
+    code, _, err = run_cli(capsys, "run", "--model", snapshot, "--prompt", "hi", "--max-new-tokens", "1", "--chat",
+                           "--device", "cpu")
+    assert code == 0, err
+
+
 def test_empty_prompt(capsys, tiny_released, tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     code, _, err = run_cli(capsys, "run", "--model", str(tiny_released), "--prompt-file", str(tmp_path / "empty.txt"))

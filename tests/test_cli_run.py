@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 
 import pytest
 import torch
@@ -196,3 +197,60 @@ def test_config_eos_ids_stop_a_run_too(tmp_path):
     assert engine.stop_ids == tok.stop_ids | {free[at]}
     stopped = engine.generate(ids, 12)[0].tolist()
     assert stopped[:at + 1] == free[:at + 1] and set(stopped[at:]) == {free[at]} and engine.stats.new_tokens == at + 1
+
+
+@pytest.fixture(scope="module")
+def quantized_tiny(tiny_released, tmp_path_factory):
+    from klconvert.quantize import quantize
+
+    return quantize(tiny_released, tmp_path_factory.mktemp("q") / "q", bits=4, group_size=32, device="cpu",
+                    progress=False).path
+
+
+# what llm-compressor's oneshot writes beside the weights: its own recipe, modifiers klconvert does not run
+GPTQ_RECIPE = """default_stage:
+  default_modifiers:
+    GPTQModifier:
+      targets: [Linear]
+      ignore: [lm_head]
+      scheme: W4A16
+      actorder: weight
+"""
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"quant_stage:\n  [", "recipe.yaml:2: not valid YAML"),
+    (b"x: " + b"y" * (1 << 20), "recipe.yaml: over 1024 KiB, far larger than a recipe"),
+    (b"runtime:\n  batch: \xff\n", "recipe.yaml: not UTF-8 text (bad byte at offset 18)"),
+    (b"runtime:\n  batch: -1\n", "recipe.yaml:2: runtime.batch should be positive, got -1"),
+    (b"runtime:\n  mla_cache_dtype: int8\n", "recipe.yaml: MLA cache dtype 'int8' is not supported"),
+    (b"runtime:\n  max_context: 99999999\n", "recipe.yaml: runtime.max_context 99999999 is over the model's"),
+], ids=["not-yaml", "oversized", "not-utf8", "negative-batch", "unknown-dtype", "past-the-model"])
+def test_a_folders_unreadable_recipe_is_left_out_of_its_plan_with_a_note(quantized_tiny, tmp_path, capsys, content,
+                                                                         problem):
+    """A folder's recipe.yaml is provenance, which run and eval never read: `plan --model DIR` refused a folder they
+    load ("... check the --recipe path", where no --recipe was given). Now the plan is made without its runtime:
+    defaults, and one note on stderr says why."""
+    folder = shutil.copytree(quantized_tiny, tmp_path / "q")
+    (folder / "recipe.yaml").write_bytes(content)
+    code, out, err = run_cli(capsys, "plan", "--model", folder, "--max-context", "64")
+    assert code == 0, err
+    assert out.startswith(f"Memory plan for {folder}: batch 1, context 64")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"klconvert: note: {folder}/{problem}"), err
+    assert "leaves out the runtime: defaults of the folder's recipe.yaml" in lines[0] and "--recipe" not in lines[0]
+    assert run_cli(capsys, "run", "--model", folder, "--prompt", "hi", "--max-new-tokens", "1", "--device",
+                   "cpu")[0] == 0
+
+
+def test_a_folders_recipe_of_another_tool_gives_only_its_runtime_section(quantized_tiny, tmp_path, capsys):
+    """llm-compressor writes its own recipe.yaml (GPTQModifier, ...), which is no recipe klconvert applies: the plan
+    reads nothing of it but a runtime: section, and says nothing of the rest."""
+    from klconvert.runtime.plan_report import plan_for
+
+    folder = shutil.copytree(quantized_tiny, tmp_path / "q")
+    (folder / "recipe.yaml").write_text(GPTQ_RECIPE)
+    code, out, err = run_cli(capsys, "plan", "--model", folder, "--max-context", "64")
+    assert code == 0 and out.startswith(f"Memory plan for {folder}: batch 1") and err == "", err
+    (folder / "recipe.yaml").write_text(GPTQ_RECIPE + "runtime:\n  batch: 3\n")
+    assert plan_for(model=folder).batch == 3

@@ -1,6 +1,7 @@
 """`klconvert eval` on tiny checkpoints: a model against itself, against a perturbed copy, against a quantized copy."""
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import weakref
@@ -382,3 +383,61 @@ def test_a_model_quantized_from_a_tied_source_against_it(tiny_released, tmp_path
     assert json.loads((quantized / "config.json").read_text())["tie_word_embeddings"] is False
     r = evaluate(quantized, tied, TEXT, max_tokens=32)
     assert r.tokens == 32 and 0 < r.kl_mean < 1
+
+
+def _swap_special_ids(folder: Path, first: str = "<|im_end|>", second: str = "<|im_user|>") -> None:
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    decoder = config["added_tokens_decoder"]
+    a, b = (next(key for key, entry in decoder.items() if entry["content"] == text) for text in (first, second))
+    decoder[a]["content"], decoder[b]["content"] = second, first
+    path.write_text(json.dumps(config))
+
+
+def _swap_ranks(folder: Path) -> None:
+    """Two BPE tokens trade ranks (lines 100 and 101 trade their tokens)."""
+    path = folder / "tiktoken.model"
+    lines = path.read_bytes().splitlines()
+    (a, ra), (b, rb) = lines[100].split(), lines[101].split()
+    lines[100], lines[101] = b + b" " + ra, a + b" " + rb
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (_swap_special_ids, "special token '<|im_end|>' is id {user} in --model's tokenizer, {end} in --reference's"),
+    (_swap_ranks, "its tiktoken.model ranks other tokens than --reference's"),
+], ids=["special-id-moved", "bpe-ranks"])
+def test_a_model_whose_tokenizer_is_not_the_references_is_refused(tiny_released, tmp_path, monkeypatch, capsys,
+                                                                   damage, needle):
+    """eval reads the text with the reference's tokenizer and scores the model on those ids: a model folder whose own
+    tokenizer gives them other tokens (a special token's id moved) was scored on the wrong ids, silently."""
+    import klconvert.evaluate as evaluate_module
+
+    model = shutil.copytree(tiny_released, tmp_path / "model")
+    damage(model)
+    monkeypatch.setattr(evaluate_module, "run_model", lambda *a: pytest.fail("a model ran before the check"))
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    code, _, err = run_cli(capsys, "eval", "--model", model, "--reference", tiny_released, "--text-file", text,
+                           "--max-tokens", "16", "--device", "cpu")
+    ids = Tokenizer.from_folder(tiny_released).special_tokens
+    needle = needle.format(end=ids["<|im_end|>"], user=ids["<|im_user|>"])
+    assert_one_line_error(code, err, f"--model {model}'s tokenizer is not --reference {tiny_released}'s: {needle}",
+                          "compare a model with its own source")
+
+
+def test_a_model_folder_without_a_tokenizer_is_scored_with_the_references(tiny_released, tmp_path, monkeypatch):
+    """Weights alone (no tokenizer files) say nothing against the reference's tokenizer: eval goes on."""
+    import klconvert.evaluate as evaluate_module
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors.index.json", *(p.name for p in tiny_released.glob("*.safetensors"))):
+        shutil.copy(tiny_released / name, model / name)
+    monkeypatch.setattr(evaluate_module, "run_model", passed)
+    with pytest.raises(PassedTheCheck):
+        evaluate(model, tiny_released, TEXT, max_tokens=16, device="cpu")
+    shutil.copy(tiny_released / "tiktoken.model", model / "tiktoken.model")
+    shutil.copy(tiny_released / "tokenizer_config.json", model / "tokenizer_config.json")
+    with pytest.raises(PassedTheCheck):   # the same tokenizer
+        evaluate(model, tiny_released, TEXT, max_tokens=16, device="cpu")

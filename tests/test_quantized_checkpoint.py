@@ -229,20 +229,6 @@ def test_stored_parts_must_be_what_quantization_config_declares(tiny_released, t
         open_checkpoint(tmp_path / "q")
 
 
-def test_targets_are_not_run_when_a_folder_is_read(tiny_released, tmp_path):
-    """The groups' targets and ignore list are regular expressions from the download: reading the folder must not run
-    them (a pattern that backtracks would hang it; one nested 2,000 deep raised RecursionError). A group of no weight
-    scheme beside the weights' declares nothing to hold them to."""
-    write_quantized(tiny_released, tmp_path / "q", bits=4)
-
-    def hostile(qc):
-        qc["config_groups"]["group_0"]["targets"].append("re:(.*.*)*Z")
-        qc["ignore"] = [*(qc.get("ignore") or []), "re:" + "(" * 2000 + "x" + ")" * 2000, "re:("]
-        qc["config_groups"]["no_weights"] = {"targets": ["Linear"], "weights": None, "input_activations": None}
-    _edit_quantization_config(tmp_path / "q", hostile)
-    assert open_checkpoint(tmp_path / "q").get(f"{Q_PROJ}.weight").isfinite().all()
-
-
 def _int_quantized(t):
     """Each packed weight as compressed-tensors' int-quantized format stores it (llm-compressor's W8A8): an int8
     `weight` beside its `weight_scale`, unpacked."""
@@ -534,4 +520,163 @@ def test_transforms_fused_into_the_weights_and_dense_sparsity_are_read(tiny_rele
     every location weight_input or weight_output), a sparsity config whose weights are stored dense."""
     write_quantized(tiny_released, tmp_path / "q", bits=4)
     _edit_quantization_config(tmp_path / "q", lambda qc: qc.update({field: content}))
+    assert open_checkpoint(tmp_path / "q").get(f"{Q_PROJ}.weight").isfinite().all()
+
+
+GROUP_ACT_ORDER = "GPTQ activation ordering by group"
+
+
+@pytest.mark.parametrize("actorder", ["group", "dynamic", "Group", True])
+def test_act_order_by_group_is_refused_by_name(tiny_released, tmp_path, capsys, actorder):
+    """llm-compressor's actorder "group" ("dynamic" its alias; True once meant it) stores each weight with a group index
+    per input column (weight_g_idx) that klconvert does not read: the folder was refused as one whose int32 g_idx was
+    a damaged float tensor. Now the config names it, with what to do."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _edit_quantization_config(tmp_path / "q", lambda qc: qc["config_groups"]["group_0"]["weights"].update(
+        actorder=actorder))
+    _damage(tmp_path / "q", lambda t: t.__setitem__(f"{Q_PROJ}.weight_g_idx", torch.arange(128, dtype=torch.int32)
+                                                    // 32))
+    code, _, err = run_cli(capsys, "run", "--model", tmp_path / "q", "--prompt", "hi", "--max-new-tokens", "1",
+                           "--device", "cpu")
+    line = assert_one_line_error(code, err, "q/config.json: quantization_config.config_groups.group_0.weights."
+                                 f"actorder is {actorder!r}: {GROUP_ACT_ORDER}", "weight_g_idx",
+                                 "actorder null or 'weight'", "give the bf16 release to `klconvert quantize`")
+    assert "damaged" not in line
+
+
+def test_an_act_order_group_index_is_refused_whatever_config_json_says(tiny_released, tmp_path, capsys):
+    """A weight_g_idx beside the packed weight under a config that declares no act order: named by the tensor."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _damage(tmp_path / "q", lambda t: t.__setitem__(f"{Q_PROJ}.weight_g_idx", torch.arange(128, dtype=torch.int32)
+                                                    // 32))
+    code, _, err = run_cli(capsys, "run", "--model", tmp_path / "q", "--prompt", "hi", "--max-new-tokens", "1",
+                           "--device", "cpu")
+    line = assert_one_line_error(code, err, f"q/model.safetensors: tensor {Q_PROJ}.weight_g_idx: {GROUP_ACT_ORDER}",
+                                 "give the bf16 release to `klconvert quantize`")
+    assert "damaged" not in line and "dtype I32" not in line
+
+
+@pytest.mark.parametrize("actorder", [None, False, "weight", "static"])
+def test_act_order_by_weight_is_read(tiny_released, tmp_path, actorder):
+    """actorder "weight" ("static" its alias) orders GPTQ's calibration only: the weight is stored in plain groups,
+    with no group index, and reads as any other."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _edit_quantization_config(tmp_path / "q", lambda qc: qc["config_groups"]["group_0"]["weights"].update(
+        actorder=actorder))
+    assert open_checkpoint(tmp_path / "q").get(f"{Q_PROJ}.weight").isfinite().all()
+
+
+def test_an_act_order_compressed_tensors_does_not_define_is_refused(tiny_released, tmp_path):
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _edit_quantization_config(tmp_path / "q", lambda qc: qc["config_groups"]["group_0"]["weights"].update(
+        actorder="sideways"))
+    with pytest.raises(klconvert.KLError, match=r"config_groups\.group_0\.weights\.actorder is 'sideways', not an "
+                                                r"activation ordering compressed-tensors defines"):
+        open_checkpoint(tmp_path / "q")
+
+
+def _drop_zero_point(module: str):
+    return lambda t: t.pop(f"{module}.weight_zero_point")
+
+
+def test_a_weight_is_held_to_the_group_that_targets_it(tiny_released, tmp_path, capsys):
+    """An asymmetric int8 folder (group_0: Linear, int8 asym) missing one weight's zero points matched lm_head's group
+    (int8 sym) by its parts and ran, dequantized about the wrong zero: KL 48x worse. The weight is held to group_0,
+    whose target selects it, and refused naming the group and the part."""
+    write_quantized(tiny_released, tmp_path / "q", bits=8, symmetric=False)
+    _damage(tmp_path / "q", _drop_zero_point(Q_PROJ))
+    code, _, err = run_cli(capsys, "run", "--model", tmp_path / "q", "--prompt", "hi", "--max-new-tokens", "1",
+                           "--device", "cpu")
+    assert_one_line_error(code, err, f"quantized weight {Q_PROJ}.weight is stored as int8 in groups of 32 inputs "
+                          "without zero points, but quantization_config declares group_0 int8 g32 asym for it "
+                          "(its target 'Linear' selects it): it lacks weight_zero_point",
+                          "the folder does not match its config.json")
+
+
+@pytest.mark.parametrize("edit, needle", [
+    # a name target wins over "Linear", whatever group lists it
+    (lambda qc: qc["config_groups"].update(group_9={"targets": [Q_PROJ], "weights": {**qc["config_groups"][
+        "group_0"]["weights"], "num_bits": 8}, "format": "pack-quantized"}),
+     f"declares group_9 int8 g32 sym for it (its target '{Q_PROJ}' selects it)"),
+    (lambda qc: qc["config_groups"]["group_0"]["weights"].update(symmetric=False),
+     "declares group_0 int4 g32 asym for it (its target 'Linear' selects it): it lacks weight_zero_point"),
+    (lambda qc: qc["ignore"].append(Q_PROJ), f"but quantization_config.ignore lists it ('{Q_PROJ}')"),
+    (lambda qc: qc["config_groups"]["group_0"].update(targets=["re:.*experts.*"]),
+     "but no config group of quantization_config targets it"),
+    # two groups name one target: the later one holds it, as compressed-tensors and vLLM read the config
+    (lambda qc: qc["config_groups"].update(none={"targets": ["Linear"], "weights": None}),
+     "but config group none, whose target 'Linear' selects it, quantizes no weights"),
+], ids=["name-target-wins", "declared-asym", "ignored", "targeted-by-none", "later-group-wins"])
+def test_a_weight_whose_group_declares_otherwise_is_refused_naming_it(tiny_released, tmp_path, edit, needle):
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _edit_quantization_config(tmp_path / "q", edit)
+    with pytest.raises(klconvert.KLError, match=re.escape(needle)):
+        open_checkpoint(tmp_path / "q")
+
+
+def test_an_extra_zero_point_is_named(tiny_released, tmp_path):
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    write_quantized(tiny_released, tmp_path / "asym", bits=4, symmetric=False)
+    zero_points = {n: t for n, t in load_file(tmp_path / "asym" / "model.safetensors").items()
+                   if n == f"{Q_PROJ}.weight_zero_point"}
+    _damage(tmp_path / "q", lambda t: t.update(zero_points))
+    with pytest.raises(klconvert.KLError, match=re.escape(
+            f"{Q_PROJ}.weight is stored as int4 in groups of 32 inputs with zero points, but quantization_config "
+            "declares group_0 int4 g32 sym for it (its target 'Linear' selects it): it holds a weight_zero_point, "
+            "which a symmetric scheme has none of")):
+        open_checkpoint(tmp_path / "q")
+
+
+def test_hostile_target_patterns_are_refused_in_one_line_in_bounded_time(tiny_released, tmp_path, capsys,
+                                                                         monkeypatch):
+    """The groups' targets and ignore list are regular expressions from the download, run over each packed weight's
+    name as compressed-tensors runs them: one that does not compile (or nests 2,000 deep: RecursionError) is refused
+    naming where it is, one that backtracks without end stops at the matching budget, a group of no weight scheme that
+    selects no packed weight declares nothing to hold them to."""
+    import time
+
+    import klconvert.quant.policy as policy_module
+
+    # seven .* before four backreferences (tests/quant/test_policy_regex_bounds.py): seconds a name
+    backtracking = r"re:(.*)(.*)(.*)(.*)(.*)(.*)(.*)\7\6\5\4[Q-Z]"
+
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _edit_quantization_config(tmp_path / "q", lambda qc: qc["config_groups"].update(
+        no_weights={"targets": ["re:.*\\.nothing$"], "weights": None, "input_activations": None}))
+    assert open_checkpoint(tmp_path / "q").get(f"{Q_PROJ}.weight").isfinite().all()
+    for pattern, needle in [("re:(", "is not a valid regular expression"),
+                            ("re:" + "(" * 2000 + "x" + ")" * 2000, "is not a valid regular expression"),
+                            (backtracking, "backtracks without end")]:
+        folder = shutil.copytree(tmp_path / "q", tmp_path / f"q{len(pattern)}")
+        _edit_quantization_config(folder, lambda qc: qc["ignore"].append(pattern))
+        monkeypatch.setattr(policy_module, "REGEX_BUDGET_S", 0.2)
+        start = time.perf_counter()
+        code, _, err = run_cli(capsys, "run", "--model", folder, "--prompt", "hi", "--max-new-tokens", "1",
+                               "--device", "cpu")
+        line = assert_one_line_error(code, err, f"{folder}/config.json: quantization_config.ignore[3]: ", needle)
+        assert "recipe" not in line and "YAML" not in line
+        assert time.perf_counter() - start < 30
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda qc: [g.update(format="dense") for g in [qc, *qc["config_groups"].values()]], "config_groups.group_"),
+    (lambda qc: [qc.update(format="dense")] + [g.pop("format") for g in qc["config_groups"].values()], "format"),
+    (lambda qc: qc["config_groups"]["group_0"].update(format="dense"), "config_groups.group_0"),
+], ids=["everywhere", "top-level-alone", "one-group"])
+def test_a_dense_format_over_packed_weights_is_refused(tiny_released, tmp_path, capsys, edit, field):
+    """The mirror of a packed config over float weights: `format: dense` (weights stored as plain floats) over
+    pack-quantized tensors ran, where vLLM and transformers would read them as the floats they are not."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _edit_quantization_config(tmp_path / "q", edit)
+    code, _, err = run_cli(capsys, "run", "--model", tmp_path / "q", "--prompt", "hi", "--max-new-tokens", "1",
+                           "--device", "cpu")
+    assert_one_line_error(code, err, "quantized weight ", ".weight is stored packed (pack-quantized), "
+                          f"but quantization_config.{field}", "format is 'dense' (weights stored as plain floats)",
+                          "the folder does not match its config.json")
+
+
+def test_a_groups_own_format_wins_over_the_top_level_one(tiny_released, tmp_path):
+    """As vLLM reads it: a group's format, where it names one, is its weights'; the top-level one only stands in."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _edit_quantization_config(tmp_path / "q", lambda qc: qc.update(format="dense"))
     assert open_checkpoint(tmp_path / "q").get(f"{Q_PROJ}.weight").isfinite().all()

@@ -2,6 +2,7 @@
 here: the hub's pull checks the index it downloaded too)."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,18 +17,26 @@ MAX_FILE_NAME_BYTES = 255  # NAME_MAX of Linux's, macOS's and Windows' file syst
 MAX_SIDE_FILE_BYTES = 32 << 20  # a side file an output copies (tokenizer, chat template, small config); released: <3 MB
 
 
-def refuse_unfit_side_files(folder: Path, paths: Iterable[Path]) -> None:
-    """KLError for the first side file of `folder` that is a link to a file outside it (an output copies the
-    target's bytes, and outputs get shared: a link to ~/.ssh/id_rsa must not travel) or over MAX_SIDE_FILE_BYTES
-    (checked before an output is begun; the copy then reads no further than the bound). In the Hugging Face
-    cache's snapshots/<commit>/ a file is a link into the repo's blobs/, which is its own."""
-    root = folder.resolve()
+def refuse_link_out(path: Path, folder: Path | None = None) -> None:
+    """KLError when `path`, a file of the model folder `folder` (default: the folder it is in), is a link to a file
+    outside it: klconvert reads a model's files from its own folder only (a chat template linked to /etc/passwd was
+    read into the prompt), and an output copies the file a link names (outputs get shared: a link to ~/.ssh/id_rsa
+    must not travel). In the Hugging Face cache's snapshots/<commit>/ a file is a link into the repo's blobs/, which
+    is its own. A link round in a loop is left to the file's reader, which names it."""
+    root = Path(os.path.realpath(path.parent if folder is None else folder))
     own = (root,) + ((root.parent.parent / "blobs",) if root.parent.name == "snapshots" else ())
+    target = Path(os.path.realpath(path))
+    if not any(target.is_relative_to(place) for place in own):
+        raise KLError(f"{path}: a link to {target}, outside the model folder; klconvert reads a model's files from its "
+                      "own folder only (and an output copies the file a link names), so put the file itself in the "
+                      "folder (or remove the link)")
+
+
+def refuse_unfit_side_files(folder: Path, paths: Iterable[Path]) -> None:
+    """KLError for the first side file of `folder` that is a link to a file outside it (refuse_link_out) or over
+    MAX_SIDE_FILE_BYTES (checked before an output is begun; the copy then reads no further than the bound)."""
     for path in paths:
-        target = path.resolve()
-        if not any(target.is_relative_to(place) for place in own):
-            raise KLError(f"{path}: a link to {target}, outside the model folder; an output copies the file it names, "
-                          "so put the file itself in the folder (or remove the link)")
+        refuse_link_out(path, folder)
         size = path.stat().st_size
         if size > MAX_SIDE_FILE_BYTES:
             raise KLError(f"{path}: {size:,} bytes, over the {MAX_SIDE_FILE_BYTES >> 20} MB a side file klconvert "

@@ -12,9 +12,10 @@ from klconvert.checkpoint.safetensors_header import SafetensorsHeader
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.quant import QuantScheme, decompress_nf4, decompress_weight
-from klconvert.quant.declared import declared_schemes
+from klconvert.quant.declared import DENSE_FORMAT, G_IDX, Declared, declared_groups, group_act_order
 from klconvert.quant.nf4 import BITSANDBYTES, NF4_NAMES
 from klconvert.quant.pack_quantized import PACKED_NAMES as PACKED_PARTS
+from klconvert.quant.policy import is_linear_weight
 from klconvert.quant.scheme import COMPRESSED_TENSORS, NF4_BLOCKSIZE, PACKED_FORMAT
 
 NF4_PARTS = tuple(n for n in NF4_NAMES if n != "weight")  # "weight" itself is the packed data
@@ -68,6 +69,14 @@ def refuse_unread_bnb_parts(weight_map: dict[str, str], folder: Path) -> None:
                                UNREAD_BNB_PARTS[_module_of(part, tuple(UNREAD_BNB_PARTS))[1]])
 
 
+def refuse_act_order_index(weight_map: dict[str, str], folder: Path) -> None:
+    """KLError naming the first group index of GPTQ's act order by group (*.weight_g_idx) when the folder holds one,
+    whatever config.json says (it was called a damaged float tensor, for its int32 dtype)."""
+    part = min((name for name in weight_map if name.endswith("." + G_IDX)), default=None)
+    if part is not None:
+        raise group_act_order(f"{folder / weight_map[part]}: tensor {part}")
+
+
 def _unread_bnb_form(where: str, form: str) -> KLError:
     return KLError(f"{where}: bitsandbytes {form} checkpoints are not supported -- klconvert reads bitsandbytes' "
                    "4-bit NF4 only; give the bf16 release (or its 4-bit NF4 form, which `klconvert quantize --scheme "
@@ -100,7 +109,7 @@ def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, S
             if f"{module}.weight" in weight_map:
                 group["weight"] = (weight_map[f"{module}.weight"], f"{module}.weight")
 
-    declared = declared_schemes(config.raw["quantization_config"], f"{folder}/config.json") \
+    declared = declared_groups(config.raw["quantization_config"], f"{folder}/config.json") \
         if method == COMPRESSED_TENSORS else None
     out: dict[str, QuantizedSource] = {}
     stored_as: dict[str, str] = {}
@@ -147,7 +156,8 @@ def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, S
                 if zero.dtype != "I32" or zero.shape != (-(-out_dim * bits // 32), scale.shape[1]):
                     raise KLError(f"{where}: weight_zero_point {zero.dtype} {list(zero.shape)} does not fit its "
                                   f"scale {list(scale.shape)} at {bits} bits; re-run the conversion")
-            scheme = _declared_scheme(declared, in_dim, where, (bits, scale.shape[1], "weight_zero_point" in group))
+            scheme = _held_scheme(declared, module, is_linear_weight(f"{module}.weight", spec.shape), in_dim, where,
+                                  (bits, scale.shape[1], "weight_zero_point" in group))
         else:
             packed = entry("weight")
             if packed.dtype != "U8" or 2 * packed.shape[0] * (packed.shape[1] if len(packed.shape) > 1 else 1) \
@@ -176,21 +186,42 @@ def _declared_packing(method: str, quantization_config: dict) -> str | None:
     return PACKED_FORMAT if PACKED_FORMAT in [quantization_config.get("format"), *formats] else None
 
 
-def _declared_scheme(declared: dict[str, QuantScheme], in_dim: int, where: str,
-                     stored: tuple[int, int, bool]) -> QuantScheme:
-    """The declared scheme whose parts a packed weight stores -- (bits, scales a row, zero points or not): groups of
-    in_dim / scales inputs, one a row being per-channel, zero points iff asymmetric; else KLError (read with another
-    scheme than it was written with it reads as garbage, and groups no declared scheme has are none the runtime
-    runs)."""
+def _held_scheme(declared: Declared, module: str, linear: bool, in_dim: int, where: str,
+                 stored: tuple[int, int, bool]) -> QuantScheme:
+    """The scheme of the config group that holds a packed module (compressed-tensors' matching of targets and
+    ignore), checked against the parts it stores -- (bits, scales a row, zero points or not): groups of in_dim /
+    scales inputs, one a row being per-channel, zero points iff asymmetric -- and the group's format; else KLError
+    naming the group, and the part missing or extra (read with another scheme than it was written with it reads as
+    garbage; vLLM and transformers read it with its group's, or as unquantized where no group holds it)."""
     bits, groups, zero_points = stored
-    for scheme in declared.values():
-        group_size = in_dim if scheme.group_size == -1 else scheme.group_size
-        if (bits, groups * group_size, zero_points) == (scheme.bits, in_dim, not scheme.symmetric):
-            return scheme
-    schemes = ", ".join(f"{name} {scheme.describe()}" for name, scheme in declared.items())
+    held = declared.held(module, linear)
+    group, entry = held.group, held.entry
+    if group is None:
+        why = (f"quantization_config.ignore lists it ({entry.pattern!r:.80})" if entry is not None else
+               f"no config group of quantization_config targets it ({declared.describe():.200})")
+        raise KLError(f"{where} is stored packed, but {why}: runtimes would read it as unquantized -- the folder does "
+                      "not match its config.json; re-run the conversion")
+    if group.scheme is None:
+        raise KLError(f"{where} is stored packed, but config group {group.name:.40}, whose target "
+                      f"{entry.pattern!r:.80} selects it, quantizes no weights (weights null): runtimes would read it "
+                      "as unquantized -- the folder does not match its config.json; re-run the conversion")
+    if group.format == DENSE_FORMAT:
+        raise KLError(f"{where} is stored packed ({PACKED_FORMAT}), but quantization_config.{group.format_field} is "
+                      f"{DENSE_FORMAT!r} (weights stored as plain floats): vLLM and transformers would look for its "
+                      "float weight and find none -- the folder does not match its config.json; put back the one "
+                      f"its weights came with (format {PACKED_FORMAT!r})")
+    scheme = group.scheme
+    group_size = in_dim if scheme.group_size == -1 else scheme.group_size
+    if (bits, groups * group_size, zero_points) == (scheme.bits, in_dim, not scheme.symmetric):
+        return scheme
+    part = ""
+    if zero_points != (not scheme.symmetric):
+        part = (": it holds a weight_zero_point, which a symmetric scheme has none of" if zero_points else
+                ": it lacks weight_zero_point")
     raise KLError(f"{where} is stored as int{bits} in groups of {in_dim // groups} inputs "
                   f"{'with' if zero_points else 'without'} zero points, but quantization_config declares "
-                  f"{schemes:.200}; the folder does not match its config.json -- re-run the conversion")
+                  f"{group.name:.40} {scheme.describe()} for it (its target {entry.pattern!r:.80} selects it){part}; "
+                  "the folder does not match its config.json -- re-run the conversion")
 
 
 def dequantize(tensors: dict[str, torch.Tensor], scheme: QuantScheme, where: str = "a packed weight",

@@ -25,12 +25,13 @@ from klconvert.checkpoint.quantized import (
     dequantize,
     find_quantized,
     quant_method,
+    refuse_act_order_index,
     refuse_unread_bnb_parts,
 )
 from klconvert.checkpoint.safetensors_header import SafetensorsHeader, read_header
 from klconvert.checkpoint.size_bounds import check_model_size, max_header_bytes
 from klconvert.config import KimiLinearConfig
-from klconvert.errors import KLError, unreadable_reason
+from klconvert.errors import KLError, refuse_if_not_permitted, unreadable_reason
 from klconvert.quant import QuantScheme
 from klconvert.quant.pack_quantized import check_scales
 
@@ -129,6 +130,7 @@ class Checkpoint:
         try:
             index = read_json(index_path, MAX_INDEX_BYTES, INDEX_FILE)
         except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, or a 4,300-digit int
+            refuse_if_not_permitted(e, index_path)
             raise KLError(f"{index_path}: cannot read the index ({unreadable_reason(e)}); download it again") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
@@ -175,6 +177,7 @@ class Checkpoint:
                                                self.config, self.folder))
             packed = {name for q in self.sources.values() for _, name in q.parts.values()}
             weight_map = {n: s for n, s in weight_map.items() if n not in packed}
+        refuse_act_order_index(weight_map, self.folder)   # after the config's word on it, which names the field
         packed_name = next((name for name in weight_map if name.endswith(PACKED_TENSOR_SUFFIXES)), None)
         for source_name, shard in sorted(weight_map.items()):
             entry = self.headers[shard].tensors[source_name]

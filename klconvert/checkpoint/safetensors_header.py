@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from klconvert.checkpoint.regular_file import open_regular, parse_json
-from klconvert.errors import KLError, unreadable_reason
+from klconvert.errors import KLError, refuse_if_not_permitted, unreadable_reason
 
 # safetensors dtype tag -> bytes per element
 DTYPE_BYTES = {
@@ -74,6 +74,7 @@ def read_header(path: Path, max_bytes: int = MAX_HEADER_BYTES) -> SafetensorsHea
     except FileNotFoundError:
         raise KLError(f"{path}: shard is missing; download the checkpoint again") from None
     except OSError as e:
+        refuse_if_not_permitted(e, path)
         raise KLError(f"{path}: cannot read the shard ({e.strerror}); put the shard file there -- pull the model "
                       "again") from None
     try:   # a tensor described twice: the safetensors library reads one entry, the checks here another

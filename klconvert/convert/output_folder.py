@@ -22,10 +22,12 @@ from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.checkpoint.safetensors_writer import TORCH_TO_SAFETENSORS, PlannedTensor
 from klconvert.disk_space import failed_write
 from klconvert.errors import KLError
+from klconvert.user_paths import refuse_unreachable, shown
 
 RESUME_RECORD = ".klconvert-resume.json"  # what the partial folder is for: source fingerprint and options
 MAX_RESUME_RECORD_BYTES = 16 << 20  # a record holds ~150 bytes a shard: past this it is not one of ours
 MODEL_CARD_TAG = "- klconvert"  # a tag line in the front matter of the README.md every klconvert output has
+PATH_MAX = 4096  # Linux's bound on a path, its closing NUL included: a longer one is ENAMETOOLONG
 MAX_PID = 2**31 - 1  # pid_t's largest: a larger number in a lock file is no process's id
 # Hidden names a run makes beside OUT for a while, .OUT.PURPOSE-PID-XXXXXXXX (tempfile's 8 random characters): a
 # folder written whole before it is renamed to OUT, an OUT moved aside while its replacement goes in, a write test
@@ -72,7 +74,9 @@ def is_klconvert_output(folder: Path) -> bool:
 
 def refuse_no_new_name(out: Path) -> None:
     """KLError when OUT names the current folder or one above it (what is written is made beside OUT, and renamed
-    onto it), or when a name made beside it would be too long for a file system -- said before any work."""
+    onto it), when a name made beside it would be too long for a file system, or when OUT cannot be looked at (a
+    folder on its way that cannot be entered: user_paths.unreachable) -- said before any work."""
+    refuse_unreachable(out)
     if out.name in ("", ".."):
         raise KLError(f"{out}: names the current folder or one above it, not a folder to create; give the new "
                       f"folder's name, e.g. {out / 'q4'}")
@@ -82,21 +86,61 @@ def refuse_no_new_name(out: Path) -> None:
         raise KLError(f"{out}: its name is too long for the files made beside it ({longest[:40]}..., "
                       f"{len(os.fsencode(longest))} bytes, over the {MAX_FILE_NAME_BYTES} a file system allows); "
                       f"choose a name of at most {MAX_FILE_NAME_BYTES - extra} bytes")
+    longest_path = len(os.fsencode(os.path.abspath(out.parent / longest)))
+    if longest_path >= PATH_MAX:
+        raise KLError(f"{shown(out)}: its path is too long for the files made beside it ({longest_path:,} bytes as a "
+                      f"full path, over the {PATH_MAX - 1:,} the system takes); give a shorter path")
+
+
+def refuse_link_or_file(out: Path) -> None:
+    """KLError when OUT is a symbolic link (a dangling one too) or something other than a folder: no output of any
+    command replaces either, with --force or without."""
+    if out.is_symlink():
+        raise KLError(f"{out}: is a symbolic link{'' if out.exists() else ' to nothing'}; give the path of a new "
+                      "folder")
+    if out.exists() and not out.is_dir():
+        raise KLError(f"{out}: exists and is not a folder; give the path of a new folder")
+
+
+def write_test(folder: Path, out: Path) -> None:
+    """Create and remove an empty file in `folder` under OUT's write-test name: OSError when no file can be made
+    there (a read-only folder or file system)."""
+    fd, probe = tempfile.mkstemp(prefix=temporary_prefix(out, "write-test"), dir=folder)
+    os.close(fd)
+    try:
+        os.unlink(probe)
+    except FileNotFoundError:   # a run taking OUT's lock meanwhile removes temporaries in OUT, this one too
+        pass
 
 
 def refuse_existing_out(out: Path, force: bool) -> None:
-    """KLError when OUT exists, unless `force` and OUT is a klconvert output or an empty folder; or when OUT names
-    the current folder or one above it (OUT.partial is made beside OUT, and renamed onto it)."""
+    """KLError when OUT exists, unless `force` and OUT is a klconvert output or an empty folder that can be listed and
+    written (the finished folder replaces it: its earlier files are marked and moved aside); or when OUT names the
+    current folder or one above it, is a link or a file, or is a mount point (OUT.partial is made beside OUT, and
+    renamed onto it, which no rename does onto a mount point)."""
     refuse_no_new_name(out)
-    if not (out.exists() or out.is_symlink()):
+    refuse_link_or_file(out)
+    if not out.exists():
         return
+    if os.path.ismount(out):
+        raise KLError(f"{out}: is a mount point, which the finished folder (made beside it, then renamed onto it) "
+                      f"cannot replace; give a folder inside the volume, e.g. {out / 'quantized'}")
     if not force:
         raise KLError(f"{out}: already exists; choose another output folder, or pass --force to replace it "
                       "once the new one is complete")
-    if out.is_symlink() or not out.is_dir() or not (is_klconvert_output(out) or not any(out.iterdir())):
-        raise KLError(f"{out}: --force replaces only a folder klconvert wrote (or an empty one), and this "
-                      f"{'is not a folder' if out.is_symlink() or not out.is_dir() else 'holds other files'}; "
-                      "choose another output folder or move it away")
+    try:
+        entries = os.listdir(out)
+    except OSError as e:
+        raise KLError(f"{out}: cannot list it ({e.strerror}), so --force cannot tell what it would replace; choose "
+                      "another output folder, or make it readable (chmod u+rx)") from None
+    if entries and not is_klconvert_output(out):
+        raise KLError(f"{out}: --force replaces only a folder klconvert wrote (or an empty one), and this holds "
+                      "other files; choose another output folder or move it away")
+    try:
+        write_test(out, out)
+    except OSError as e:
+        raise KLError(f"{out}: cannot create files in it ({e.strerror}), which --force needs to replace it; choose "
+                      "another output folder, or make it writable (chmod u+w)") from None
 
 
 def make_parent(out: Path) -> list[Path]:
@@ -107,6 +151,7 @@ def make_parent(out: Path) -> list[Path]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:   # a file where a folder should be, no permission, a read-only or virtual file system
+        remove_created(created)   # those made before the one that failed
         reason = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror
         raise KLError(f"{out}: cannot create the folder it goes in, {out.parent} ({reason}); choose another "
                       "output path") from None
@@ -115,6 +160,7 @@ def make_parent(out: Path) -> list[Path]:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
+        remove_created(created)
         raise KLError(f"{out}: cannot create files in the folder it goes in, {out.parent} ({e.strerror}); choose "
                       "a folder you can write to") from None
     return created
@@ -125,6 +171,8 @@ def remove_created(created: list[Path]) -> None:
     for folder in reversed(created):
         try:
             folder.rmdir()
+        except FileNotFoundError:   # never made: a mkdir failed before it
+            continue
         except OSError:   # not empty: a partial output to resume from, or someone else's files
             break
 
@@ -393,11 +441,18 @@ def move_aside(out: Path) -> Path:
     """Rename `out` to a fresh hidden name beside it (an empty folder made and renamed over, never a name someone
     holds, and one a later run removes should this one be killed before it does); that name."""
     aside = Path(tempfile.mkdtemp(prefix=temporary_prefix(out, "replaced"), dir=out.parent))
-    mark_temporary(out)   # before the rename: a run killed after it leaves a marked folder, which the next removes
+    marked = False
     try:
+        mark_temporary(out)   # before the rename: a run killed after it leaves a marked folder, which the next removes
+        marked = True
         os.rename(out, aside)
-    except BaseException:
-        unmark_temporary(out)
+    except BaseException:   # nothing left of the attempt: the mark goes, and the empty folder made for the rename
+        if marked:
+            unmark_temporary(out)
+        try:
+            aside.rmdir()
+        except OSError:   # not empty: the rename happened after all (an interrupt right after it)
+            pass
         raise
     return aside
 

@@ -14,6 +14,7 @@ import torch
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError, first_line, unreadable_reason
 from klconvert.models import resolve_model
+from klconvert.checkpoint.folder_files import refuse_link_out
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, ONNX_FILE, state_spec
 from klconvert.runtime.engine import GenerationStats, Runner, as_batch, as_prompts, as_stop_ids, whole_numbers
@@ -109,6 +110,7 @@ class OnnxEngine(Runner):
                           "folder's config.json does not make; export the folder again")
 
     def _check_genai_config(self, path: Path) -> None:
+        refuse_link_out(path)
         try:
             spec = read_json(path, MAX_GENAI_CONFIG_BYTES, GENAI_CONFIG)["model"]
             agrees = spec["file"] == ONNX_FILE and spec["state"] == self.states

@@ -1,11 +1,15 @@
 """The weight schemes a checkpoint's compressed-tensors quantization_config declares (its config groups' `weights`),
-read from untrusted JSON, and the refusal of what else it declares that klconvert would not run as declared. A packed
-weight is held to the schemes by what it stores -- bits, scales a row, zero points -- not by matching the groups'
-targets to its name: those are regular expressions from the download, and running them over every module would let
-one pattern that backtracks hang any command that opens the folder."""
+read from untrusted JSON, the group that holds each packed weight (its targets and the ignore list matched to the
+weight's name as compressed-tensors matches them), and the refusal of what else it declares that klconvert would not
+run as declared. The targets are regular expressions from the download: they are run as a recipe's are (quant/policy's
+Entry): compiled only when Python's re compiles them and their repeats stay bounded, matched within one budget of CPU
+time for them all, so that a pattern that backtracks is one error line, not a hang."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from klconvert.errors import KLError
+from klconvert.quant.policy import LINEAR, Entry, RegexBudget
 from klconvert.quant.scheme import PACKED_FORMAT, QuantScheme
 
 DENSE_FORMAT = "dense"  # compressed-tensors' format of weights stored as they are (plain floats, every zero kept)
@@ -22,14 +26,69 @@ FUSED_LOCATIONS = ("weight_input", "weight_output")
 SPARSITY = "sparsity_config"  # an older compressed-tensors' SparsityCompressionConfig (0.20.1 writes {} there)
 # compressed-tensors 0.20's experts pruned (REAP) or merged per layer: another expert set than the config's
 MOE_SPARSITY = "moe_sparsity_config"
+# compressed-tensors' ActivationOrdering (GPTQ's) a weight stored in plain groups comes from: none, or WEIGHT ("static"
+# its alias), which orders the calibration only. GROUP ("dynamic" its alias; `true` meant it) stores beside the weight
+# a group index per input column (G_IDX) that dequantizing needs and klconvert does not read.
+READ_ACT_ORDERS = ("weight", "static")
+GROUP_ACT_ORDERS = ("group", "dynamic")
+G_IDX = "weight_g_idx"
+SOURCE = "quantization_config"  # whose patterns the targets and ignore list are, in an error
 
 
-def declared_schemes(quantization_config: dict, where: str) -> dict[str, QuantScheme]:
-    """{config group name: the QuantScheme its weights are stored with}, for the groups that quantize weights (a
-    group whose `weights` is null declares none); KLError naming the first field that is malformed or says what
-    klconvert does not read (a format of READ_FORMATS' others, quantized activations or KV cache, transforms applied
-    at run time, weights stored sparse, experts pruned or merged, weights other than int by group or channel), or
-    when no group declares weights."""
+@dataclass(frozen=True)
+class DeclaredGroup:
+    """A config group: the scheme its weights are stored with (None: it quantizes no weights), its targets, and the
+    format its weights are stored in (its own, else the top-level one; None where neither names one)."""
+
+    name: str
+    scheme: QuantScheme | None
+    targets: tuple[Entry, ...]
+    format: str | None
+    format_field: str  # where that format is said: "format" or "config_groups.<name>.format"
+
+
+@dataclass(frozen=True)
+class Held:
+    """What quantization_config says of one module: the group holding it and the target that selected it; or, with
+    group None, the ignore entry that lists it (entry) or nothing that selects it (entry None)."""
+
+    group: DeclaredGroup | None
+    entry: Entry | None
+
+
+@dataclass(frozen=True)
+class Declared:
+    """A compressed-tensors quantization_config as klconvert reads it: its config groups and ignore list."""
+
+    groups: dict[str, DeclaredGroup]
+    ignore: tuple[Entry, ...]
+    # every target in the order compressed-tensors tries them on a module (exact names, re: patterns, each sorted,
+    # then "Linear"), each with the group it stands for: the last group that lists it (compressed-tensors and vLLM
+    # both map a target to a group, a later group's replacing an earlier's)
+    order: tuple[tuple[Entry, DeclaredGroup], ...]
+
+    def held(self, module: str, linear: bool) -> Held:
+        """The group that holds `module` (a linear layer's name when `linear`; "Linear" selects only those), as
+        compressed-tensors' apply_quantization_config finds it: an ignore entry wins; else the first target that
+        selects it."""
+        ignored = next((e for e in self.ignore if e.matches(module, linear)), None)
+        if ignored is not None:
+            return Held(None, ignored)
+        return next((Held(group, entry) for entry, group in self.order if entry.matches(module, linear)),
+                    Held(None, None))
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {group.scheme.describe()}" for name, group in self.groups.items()
+                         if group.scheme is not None)
+
+
+def declared_groups(quantization_config: dict, where: str) -> Declared:
+    """The config groups (each with the QuantScheme its weights are stored with; a group whose `weights` is null
+    declares none) and the ignore list; KLError naming the first field that is malformed or says what klconvert does
+    not read (a format of READ_FORMATS' others, quantized activations or KV cache, transforms applied at run time,
+    weights stored sparse, experts pruned or merged, weights other than int by group or channel, GPTQ's act order by
+    group), a target or ignore entry that is no pattern compressed-tensors compiles, or when no group declares
+    weights."""
     kv_cache = quantization_config.get(KV_CACHE)
     if kv_cache is not None:   # the runtime caches K and V in the model's dtype: another model than the one calibrated
         said = (f"num_bits {kv_cache.get('num_bits')!r:.20}, type {kv_cache.get('type')!r:.20}"
@@ -60,7 +119,37 @@ def declared_schemes(quantization_config: dict, where: str) -> dict[str, QuantSc
                 for name, group in groups.items() if group.get("weights") is not None}
     if not declared:
         raise _bad(where, "config_groups", "declares no weight scheme")
-    return declared
+    budget = RegexBudget()   # the config's patterns share one matching budget, as a recipe's do
+    read: dict[str, DeclaredGroup] = {}
+    for name, group in groups.items():
+        own = group.get("format")
+        fmt, fmt_field = (own, f"config_groups.{name:.40}.format") if own is not None else \
+            (None if top_format == MIXED_FORMAT else top_format, "format")
+        read[name] = DeclaredGroup(name, declared.get(name), _entries(group.get("targets"), where,
+                                                                      f"config_groups.{name:.40}.targets", budget),
+                                   fmt, fmt_field)
+    ignore = _entries(quantization_config.get("ignore") or [], where, "ignore", budget)
+    latest = {entry.pattern: (entry, group) for group in read.values() for entry in group.targets}
+    order = sorted(latest.values(), key=lambda hit: (hit[0].pattern == LINEAR, hit[0].pattern.startswith("re:"),
+                                                     hit[0].pattern))
+    return Declared(read, ignore, tuple(order))
+
+
+def _entries(items, where: str, field: str, budget: RegexBudget) -> tuple[Entry, ...]:
+    """A targets or ignore list: module names, re: patterns or "Linear", each an Entry (a pattern checked as a
+    recipe's is)."""
+    if not isinstance(items, list) or not all(isinstance(item, str) and item for item in items):
+        raise _bad(where, field, "is not a list of module names, re: patterns or 'Linear'")
+    return tuple(Entry(item, f"{where}: quantization_config.{field}[{i}]", budget, source=SOURCE)
+                 for i, item in enumerate(items))
+
+
+def group_act_order(where: str) -> KLError:
+    """The refusal of GPTQ's act order by group, `where` naming what says it (the config, or a tensor)."""
+    return KLError(f"{where}: GPTQ activation ordering by group, whose weights are read through a group index per "
+                   f"input column (*.{G_IDX}) that klconvert does not read -- without it each column dequantizes with "
+                   "another group's scale; quantize without act order by group (actorder null or 'weight', which "
+                   "stores the weights in plain groups), or give the bf16 release to `klconvert quantize`")
 
 
 def _refuse_online_transforms(transforms, where: str) -> None:
@@ -112,6 +201,13 @@ def _scheme(weights, where: str, field: str) -> QuantScheme:
     """A config group's `weights` (compressed-tensors' QuantizationArgs) as the QuantScheme it stores."""
     if not isinstance(weights, dict):
         raise _bad(where, field, "is not an object saying how the weights are stored")
+    actorder = weights.get("actorder")
+    named = actorder.lower() if isinstance(actorder, str) else actorder
+    if named is True or named in GROUP_ACT_ORDERS:
+        raise group_act_order(f"{where}: quantization_config.{field}.actorder is {actorder!r:.40}")
+    if named not in (None, False, *READ_ACT_ORDERS):
+        raise _bad(where, f"{field}.actorder", f"is {actorder!r:.40}, not an activation ordering compressed-tensors "
+                   "defines (null, weight or static; group or dynamic)")
     bits, kind, symmetric = weights.get("num_bits"), weights.get("type", "int"), weights.get("symmetric", True)
     strategy, group_size = weights.get("strategy"), weights.get("group_size")
     channel = strategy == "channel" or (strategy is None and group_size == -1)

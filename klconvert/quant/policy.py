@@ -93,6 +93,7 @@ class Entry:
     where: str = field(default="default policy", compare=False)
     budget: RegexBudget = field(default_factory=RegexBudget, compare=False, repr=False)
     compiled: regex.Pattern | None = field(default=None, compare=False, repr=False)
+    source: str = field(default="recipe", compare=False, repr=False)  # whose patterns share the budget, for errors
 
     def __post_init__(self):
         if not isinstance(self.pattern, str) or not self.pattern:
@@ -102,8 +103,9 @@ class Entry:
                 re.compile(self.pattern[3:])
                 expansion = _expansion(re_parser.parse(self.pattern[3:]))
             except (re.error, OverflowError, RecursionError) as e:  # huge repeats; groups nested deep
+                hint = " (remember to escape '.' as '\\\\.' in YAML double quotes)" if self.source == "recipe" else ""
                 raise KLError(f"{self.where}: {self.pattern[:80]!r} is not a valid regular expression ({e}); "
-                              "fix the pattern (remember to escape '.' as '\\\\.' in YAML double quotes)") from None
+                              f"fix the pattern{hint}") from None
             if expansion > MAX_PATTERN_EXPANSION:
                 raise KLError(f"{self.where}: {self.pattern[:80]!r} spells out {expansion:,} items with its repeats "
                               f"written out (repeats inside repeats), past the {MAX_PATTERN_EXPANSION:,} a tensor-name "
@@ -118,7 +120,7 @@ class Entry:
             try:
                 return self.compiled.match(key, timeout=max(self.budget.seconds, 0.0)) is not None
             except TimeoutError:
-                raise KLError(f"{self.where}: {self.pattern[:80]!r} took the recipe's patterns past "
+                raise KLError(f"{self.where}: {self.pattern[:80]!r} took the {self.source}'s patterns past "
                               f"{REGEX_BUDGET_S:g} s matching tensor names (the last {key[:80]!r}): it backtracks "
                               "without end (many repeats before a backreference, or repeats inside repeats); simplify "
                               "the pattern") from None

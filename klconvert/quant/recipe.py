@@ -212,3 +212,29 @@ def load_recipe(path: str | Path) -> Recipe:
     except OSError as e:
         raise KLError(f"{path}: cannot read the recipe ({e.strerror}); check the --recipe path") from None
     return parse_recipe(text, str(path))
+
+
+def parse_runtime_section(text: str, path: str) -> dict:
+    """The `runtime:` section of recipe text, its types checked as parse_recipe checks them; {} where the text holds
+    none. Nothing else in the text is read: a model folder's recipe.yaml, whose runtime: section `klconvert plan`
+    takes for its defaults, is provenance, and may be another tool's (llm-compressor writes its GPTQ recipes there).
+    KLError naming `path` (and the line) for text that is no YAML, or a runtime: section that is malformed."""
+    r = _Reader(path)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise KLError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except RecursionError:
+        raise KLError(f"{path}: nested too deeply to be a recipe") from None
+    if not isinstance(root, yaml.MappingNode):
+        return {}
+    top = r.mapping(root, "the recipe", None)
+    runtime = {}
+    if "runtime" in top:
+        for key, (_, value_node) in r.mapping(top["runtime"][1], "runtime", tuple(_RUNTIME)).items():
+            runtime[key] = r.scalar(value_node, f"runtime.{key}", _RUNTIME[key])
+            if _RUNTIME[key] is int and runtime[key] <= 0:
+                r.fail(value_node, f"runtime.{key} should be positive, got {runtime[key]}")
+    return runtime

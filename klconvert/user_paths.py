@@ -1,0 +1,61 @@
+"""A path the user names, looked at before anything uses it: a folder on the way that cannot be entered (a home
+folder at mode 700), or a path longer than the system takes, is said in one line naming the path and the cause --
+not an OSError out of whichever is_dir() or exists() first touches it. Whether anything is there is left to the
+caller: only a path that cannot be looked at is refused."""
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from klconvert.errors import KLError
+
+SHOWN_PATH_CHARS = 100  # a path longer than this is shortened in messages (one over PATH_MAX fills a screen)
+
+
+def shown(path: str | Path) -> str:
+    """`path` as a message shows it: whole, or its start and end around "..." when longer than SHOWN_PATH_CHARS."""
+    text = str(path)
+    return text if len(text) <= SHOWN_PATH_CHARS else f"{text[:60]}...{text[-30:]}"
+
+
+def unreachable(path: str | Path) -> str | None:
+    """Why `path` cannot be looked at, with what to do, or None when it can (whether or not anything is there)."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):   # nothing there, or a file on the way: the caller's to say
+        return None
+    except OSError as e:
+        return _why(path, e)
+    return None
+
+
+def refuse_unreachable(path: str | Path, named: str | None = None) -> None:
+    """KLError when `path` cannot be looked at (unreachable), the line starting with `named` (default: the path)."""
+    problem = unreachable(path)
+    if problem is not None:
+        raise KLError(f"{named if named is not None else shown(path)}: {problem}")
+
+
+def _why(path: str | Path, e: OSError) -> str:
+    if e.errno == errno.ENAMETOOLONG:
+        return (f"the path is {len(os.fsencode(os.fspath(path))):,} bytes, longer than the system takes "
+                f"({e.strerror}); give a shorter path")
+    if e.errno in (errno.EACCES, errno.EPERM):
+        folder = _closed_folder(Path(path))
+        return (f"cannot look into {folder} ({e.strerror}); give a path you can reach, or get access to that folder "
+                "(its owner can chmod a+x it)")
+    return f"cannot look at it ({e.strerror}); check the path"
+
+
+def _closed_folder(path: Path) -> str:
+    """The folder on `path`'s way that cannot be entered: the first whose entry cannot be looked at."""
+    chain = [*reversed(path.parents), path]   # "/" or "." first
+    for folder, entry in zip(chain, chain[1:]):
+        try:
+            os.lstat(entry)
+        except PermissionError:
+            return f"the current folder ({os.getcwd()})" if str(folder) == "." else str(folder)
+        except OSError:
+            break
+    return str(path.parent)

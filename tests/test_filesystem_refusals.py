@@ -1,0 +1,354 @@
+"""What the file system refuses, said in one line before any work and leaving nothing behind: a folder on a path's way
+that cannot be entered, a path past the system's length, an output that is a mount point, a link or a file, an
+earlier output --force cannot write, a source file or folder that cannot be read or listed, a cache that takes no
+files; and what a failed write leaves (a bench's --json, a pull's --local-dir).
+
+The permission cases run the command held to the files' mode bits: as a user that is not root directly, as root
+through setpriv without the DAC override capabilities; skipped where neither can be arranged."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+
+from hub_standin import HubStandIn, hub_environment
+from klconvert import hub
+from klconvert.convert import output_folder
+from klconvert.convert.output_folder import TEMPORARY_MARKER, move_aside
+from klconvert.errors import KLError
+from klconvert.quantize import quantize
+from test_pull import PULLED, REPO, SHARD_2, files_under, write_checkpoint
+from testkit import assert_one_line_error, run_cli
+
+CAPS = "-dac_override,-dac_read_search"
+
+
+def held_to_modes() -> list[str]:
+    """The command prefix that runs a command held to files' mode bits (none for a user that is not root); skips the
+    test where that cannot be arranged."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root, and no setpriv to drop the DAC override capabilities")
+    prefix = [setpriv, f"--bounding-set={CAPS}", f"--inh-caps={CAPS}"]
+    try:
+        works = subprocess.run([*prefix, "true"], capture_output=True, timeout=30).returncode == 0
+    except OSError:
+        works = False
+    if not works:
+        pytest.skip("running as root, and setpriv cannot drop the DAC override capabilities here")
+    return prefix
+
+
+def klconvert_held(*args, env: dict | None = None, timeout: float = 300) -> tuple[int, str]:
+    """Run `python -m klconvert ARGS` held to the files' mode bits: (exit status, stderr)."""
+    done = subprocess.run([*held_to_modes(), sys.executable, "-m", "klconvert", *map(str, args)],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+    return done.returncode, done.stderr
+
+
+@pytest.fixture
+def chmod_back():
+    """chmod(path, mode) for the test; each path's mode is put back afterwards (so tmp_path can be removed)."""
+    changed: list[tuple[Path, int]] = []
+
+    def chmod(path: Path, mode: int) -> None:
+        changed.append((path, path.stat().st_mode & 0o7777))
+        path.chmod(mode)
+
+    yield chmod
+    for path, mode in reversed(changed):
+        path.chmod(mode)
+
+
+def entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# 1. A folder on the way that cannot be entered; a path past PATH_MAX
+
+def long_path(tmp_path: Path) -> str:
+    return str(tmp_path / (("x" * 200 + "/") * 25) / "out")   # over 5,000 bytes, each name within 255
+
+
+def path_commands(path: str) -> list[tuple[list[str], str]]:
+    """Each command with `path` in each place a path goes, and the flag the error line names."""
+    return [
+        (["quantize", path, "OUT-unused", "--device", "cpu"], "SRC"),
+        (["quantize", "tiny", path, "--device", "cpu"], "OUT"),
+        (["synth", "--preset", "tiny", "--out", path], "--out"),
+        (["export-onnx", "--model", "tiny", "--out", path], "--out"),
+        (["run", "--model", path, "--prompt", "hi"], "--model"),
+        (["plan", "--model", path], "--model"),
+        (["eval", "--model", path, "--reference", "tiny", "--text-file", "x.txt"], "--model"),
+        (["pull", "me/repo", "--local-dir", path], "--local-dir"),
+        (["pull-and-quantize", "--model", "tiny", "--out", path, "--device", "cpu"], "--out"),
+        (["pull-and-quantize", "--model", path, "--device", "cpu"], "--model"),
+        (["bench", "--model", "tiny", "--json", path], "--json"),
+    ]
+
+
+def test_a_path_past_the_systems_length_is_one_line(tmp_path, capsys):
+    """It was an OSError (ENAMETOOLONG) out of is_dir() or exists(), a traceback and exit status 1."""
+    path = long_path(tmp_path)
+    for args, flag in path_commands(path):
+        line = assert_one_line_error(*run_cli(capsys, *args)[::2], f"{flag} {path[:60]}...",
+                                     "bytes, longer than the system takes (File name too long); give a shorter path")
+        assert len(line) < 400, line
+    assert entries(tmp_path) == []
+
+
+def test_files_made_beside_an_output_past_the_systems_length_are_said_at_once(tmp_path, capsys):
+    """OUT itself fits, but OUT.partial.lock or a write test beside it would not: said so, and the folders made for
+    OUT are gone again (they were left, under a "cannot create files ... (File name too long)" line)."""
+    room = 4080 - len(os.fsencode(str(tmp_path))) - 1
+    out = tmp_path / ((("y" * 200 + "/") * 25)[:room - 1] + "z")
+    assert len(os.fsencode(str(out))) == 4080
+    for args in (["quantize", "tiny", out, "--device", "cpu"], ["synth", "--preset", "tiny", "--out", out]):
+        assert_one_line_error(*run_cli(capsys, *args)[::2], "its path is too long for the files made beside it",
+                              "give a shorter path")
+    assert entries(tmp_path) == []
+
+
+def test_a_folder_on_the_way_that_cannot_be_entered_is_one_line(tmp_path, chmod_back):
+    """A path through a folder the user cannot enter (someone else's home at 700): it was a PermissionError out of
+    is_dir(), exists() or is_symlink(), a traceback and exit status 1."""
+    closed = tmp_path / "closed"
+    (closed / "m").mkdir(parents=True)
+    chmod_back(closed, 0o000)
+    path = str(closed / "m")
+    for args, flag in path_commands(path):
+        code, err = klconvert_held(*args)
+        assert_one_line_error(code, err, f"{flag} {path}: cannot look into {closed} (Permission denied); give a "
+                                         "path you can reach")
+    chmod_back(closed, 0o700)
+    assert entries(closed) == ["m"] and entries(closed / "m") == []
+
+
+# 2. An output that is a mount point (quantize renames OUT.partial onto OUT, which no rename does onto a mount)
+
+def test_a_mount_point_as_output_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """It did the whole job, then failed at the rename (EBUSY), leaving a whole OUT.partial beside the mount point
+    and an empty hidden folder."""
+    out = tmp_path / "mnt"
+    out.mkdir()
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda path: os.fspath(path) == str(out) or real_ismount(path))
+    for args in (["quantize", "tiny", out, "--device", "cpu", "--force"],
+                 ["quantize", "tiny", out, "--device", "cpu"],
+                 ["pull-and-quantize", "--model", "tiny", "--out", out, "--device", "cpu", "--force"]):
+        assert_one_line_error(*run_cli(capsys, *args)[::2],
+                              f"{out}: is a mount point, which the finished folder", "cannot replace; give a folder "
+                              f"inside the volume, e.g. {out / 'quantized'}")
+    assert entries(tmp_path) == ["mnt"] and entries(out) == []
+
+
+def test_moving_an_output_aside_that_fails_leaves_nothing(tmp_path, monkeypatch):
+    """The rename of OUT aside failing (EBUSY: a mount point), or the mark before it (a read-only OUT): no empty
+    hidden folder beside OUT, no mark in it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+
+    def busy(source, target):
+        raise OSError(errno.EBUSY, "Device or resource busy", str(source))
+
+    monkeypatch.setattr(output_folder.os, "rename", busy)
+    with pytest.raises(OSError):
+        move_aside(out)
+    assert entries(tmp_path) == ["out"] and entries(out) == ["config.json"]
+    monkeypatch.undo()
+
+    def read_only(folder):
+        raise PermissionError(errno.EACCES, "Permission denied", str(folder / TEMPORARY_MARKER))
+
+    monkeypatch.setattr(output_folder, "mark_temporary", read_only)
+    with pytest.raises(PermissionError):
+        move_aside(out)
+    assert entries(tmp_path) == ["out"] and entries(out) == ["config.json"]
+
+
+# 3. An output that is a file or a link: said at once, not "pass --force" and then "not a folder"
+
+@pytest.mark.parametrize("kind,said", [("file", "exists and is not a folder"),
+                                       ("link", "is a symbolic link; give the path of a new folder"),
+                                       ("dangling", "is a symbolic link to nothing; give the path of a new folder")])
+def test_an_output_that_is_a_file_or_a_link_is_said_so_at_once(tmp_path, capsys, kind, said):
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("mine")
+    else:
+        (tmp_path / "real").mkdir()
+        out.symlink_to(tmp_path / ("real" if kind == "link" else "nowhere"))
+    before = entries(tmp_path)
+    for force in ([], ["--force"]):
+        for args in (["quantize", "tiny", out, "--device", "cpu"],
+                     ["pull-and-quantize", "--model", "tiny", "--out", out, "--device", "cpu"]):
+            line = assert_one_line_error(*run_cli(capsys, *args, *force)[::2], f"{out}: {said}")
+            assert "--force" not in line, line
+    assert entries(tmp_path) == before
+
+
+# 4. --force over an earlier output that cannot be written
+
+def test_force_over_a_read_only_earlier_output_is_refused_up_front(tiny_released, tmp_path, chmod_back):
+    """It did all the work, then failed "cannot write old/.klconvert-temporary (Permission denied)", leaving an empty
+    hidden folder beside OUT."""
+    old = quantize(tiny_released, tmp_path / "old", bits=8, group_size=32, device="cpu", progress=False).path
+    files = {p.name: p.read_bytes() for p in old.iterdir()}
+    chmod_back(old, 0o555)
+    code, err = klconvert_held("quantize", tiny_released, old, "--bits", "8", "--group-size", "32", "--device", "cpu",
+                               "--force")
+    assert_one_line_error(code, err, f"{old}: cannot create files in it (Permission denied), which --force needs to "
+                                     "replace it")
+    assert entries(tmp_path) == ["old"] and {p.name: p.read_bytes() for p in old.iterdir()} == files
+
+
+# 5, 6. A source file that cannot be read, a source folder that cannot be listed
+
+def test_an_unreadable_side_file_is_a_read_error_before_any_shard(tiny_copy, tmp_path, chmod_back):
+    """It failed only after every shard was written, as "cannot write OUT/generation_config.json"."""
+    chmod_back(tiny_copy / "generation_config.json", 0o000)
+    out = tmp_path / "out"
+    code, err = klconvert_held("quantize", tiny_copy, out, "--device", "cpu")
+    line = assert_one_line_error(code, err, f"{tiny_copy / 'generation_config.json'}: cannot read it (Permission "
+                                            "denied); make it readable for you")
+    assert "write" not in line, line
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_a_source_folder_that_cannot_be_listed_is_refused(tiny_copy, tmp_path, chmod_back):
+    """A folder that can be entered but not listed: glob found no side file, and the run ended with status 0 and an
+    output without tokenizer_config.json."""
+    chmod_back(tiny_copy, 0o111)
+    out = tmp_path / "out"
+    code, err = klconvert_held("quantize", tiny_copy, out, "--device", "cpu")
+    assert_one_line_error(code, err, f"{tiny_copy}: cannot list its files (Permission denied)",
+                          "make the folder readable for you")
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+# 7. A permission problem is not a damaged download
+
+@pytest.mark.parametrize("name,command", [
+    ("model-00001-of-00004.safetensors", ["quantize", "{src}", "{out}", "--device", "cpu"]),
+    ("model.safetensors.index.json", ["quantize", "{src}", "{out}", "--device", "cpu"]),
+    ("config.json", ["plan", "--model", "{src}"]),
+    ("tokenizer_config.json", ["run", "--model", "{src}", "--prompt", "hi", "--device", "cpu"]),
+    ("tiktoken.model", ["run", "--model", "{src}", "--prompt", "hi", "--device", "cpu"]),
+])
+def test_a_file_that_cannot_be_read_is_a_permission_problem(tiny_copy, tmp_path, chmod_back, name, command):
+    """It said "put the shard file there -- pull the model again", or "re-download the model"."""
+    chmod_back(tiny_copy / name, 0o000)
+    code, err = klconvert_held(*(arg.format(src=tiny_copy, out=tmp_path / "out") for arg in command))
+    line = assert_one_line_error(code, err, f"{tiny_copy / name}: cannot read it (Permission denied); make it "
+                                            "readable for you (chmod u+r, or ask its owner)")
+    assert "download" not in line and "pull" not in line, line
+
+
+# 8. bench --json written whole or not at all
+
+BENCH_WITH_A_FULL_DISK = textwrap.dedent("""
+    import resource, sys
+    import klconvert.bench as B
+
+    class Result:
+        peer = None
+
+        def as_dict(self):
+            return {"rows": [{"context": i, "ms": 1.0} for i in range(5000)]}
+
+    B.bench = lambda *args, **kwargs: Result()   # the timing, which needs a GPU, stood in for
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))   # a disk that fills after 4 KiB (EFBIG)
+    from klconvert.entry import main
+    sys.argv = ["klconvert", "bench", "--model", "tiny", "--no-check", "--json", sys.argv[1]]
+    main()
+""")
+
+
+def test_a_bench_json_that_cannot_be_written_whole_leaves_the_earlier_file(tmp_path):
+    """It was written in place: a full disk left a truncated JSON, the earlier file already overwritten."""
+    json_file = tmp_path / "bench.json"
+    json_file.write_text('{"earlier": true}\n')
+    done = subprocess.run([sys.executable, "-c", BENCH_WITH_A_FULL_DISK, str(json_file)], capture_output=True,
+                          text=True, timeout=300)
+    assert_one_line_error(done.returncode, done.stderr, f"--json {json_file}: cannot write it (File too large)")
+    assert entries(tmp_path) == ["bench.json"] and json_file.read_text() == '{"earlier": true}\n'
+
+
+# 9, 10. pull: a --local-dir copy from the cache that fails; a cache that takes no files; the disk-space warning
+
+@pytest.fixture
+def served(tmp_path):
+    with HubStandIn() as server:
+        commit = server.add_repo(REPO, write_checkpoint(tmp_path / "upstream"))
+        with hub_environment(server.endpoint, tmp_path / "hf_home"):
+            yield server, commit
+
+
+def test_a_failed_copy_from_the_cache_into_a_local_dir_keeps_only_whole_files(served, tmp_path, monkeypatch):
+    """huggingface_hub copies a file the cache holds straight under its final name: a full disk left it cut short
+    there (0 bytes, or part of it) while the line said "finished files are kept"."""
+    hub.pull(REPO, progress=False)   # the cache holds the repo
+    real_copyfile = shutil.copyfile
+
+    def disk_fills(source, target, *args, **kwargs):
+        if Path(target).name == SHARD_2:
+            Path(target).write_bytes(Path(source).read_bytes()[:1000])
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+        return real_copyfile(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", disk_fills)
+    local_dir = tmp_path / "kimi"
+    with pytest.raises(KLError, match="disk full while pulling"):
+        hub.pull(REPO, local_dir=local_dir, progress=False)
+    upstream = tmp_path / "upstream"
+    for name in files_under(local_dir):
+        if not name.startswith(".cache/"):
+            assert (local_dir / name).read_bytes() == (upstream / name).read_bytes(), name
+    assert SHARD_2 not in files_under(local_dir)
+    monkeypatch.undo()
+    assert [f for f in files_under(hub.pull(REPO, local_dir=local_dir, progress=False).path)
+            if not f.startswith(".")] == PULLED
+
+
+def test_a_cache_under_a_file_is_named_with_what_set_it(served, tmp_path):
+    """It went on to huggingface_hub's "Ignored error ..." lines and "rerun the pull to continue"."""
+    (tmp_path / "afile").write_text("mine")
+    with hub_environment(served[0].endpoint, tmp_path / "afile" / "hf"):
+        with pytest.raises(KLError, match=r"^the Hugging Face cache .*afile/hf/hub \(set by HF_HOME\): goes in "
+                                          r".*afile, which is not a folder; set HF_HOME \(or HF_HUB_CACHE\)"):
+            hub.pull(REPO, progress=False)
+    with pytest.raises(KLError, match=r"^the Hugging Face cache .*afile \(set by --cache-dir\): is not a folder; "
+                                      "give a --cache-dir you can write to"):
+        hub.pull(REPO, cache_dir=tmp_path / "afile", progress=False)
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_cache_that_takes_no_files_is_refused_before_the_pull(served, tmp_path, chmod_back):
+    home = tmp_path / "read-only-home"
+    home.mkdir()
+    chmod_back(home, 0o555)
+    code, err = klconvert_held("pull", REPO, env={"HF_HOME": str(home / "hf")})
+    assert_one_line_error(code, err, f"the Hugging Face cache {home / 'hf' / 'hub'} (set by HF_HOME): cannot create "
+                                     f"files in the folder it goes in, {home} (Permission denied); set HF_HOME")
+    assert entries(home) == []
+
+
+def test_huggingface_hubs_disk_space_warning_is_not_repeated(served, tmp_path, monkeypatch):
+    """A disk filling mid-pull flooded stderr with huggingface_hub's "UserWarning: Not enough free disk space" pairs
+    before klconvert's own line."""
+    monkeypatch.setattr(hub, "free_disk_bytes", lambda folder: 1 << 40)   # klconvert's check passes; then it fills
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 30, 1 << 30, 0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hub.pull(REPO, progress=False)
+    assert not [w for w in caught if "free disk space" in str(w.message)], [str(w.message) for w in caught]
