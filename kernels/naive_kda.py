@@ -3,6 +3,8 @@ kda_chunked is the chunked (WY) form of the recurrence that the runtime's model 
 import torch
 import torch.nn.functional as F
 
+from .naive_rms_norm import rms_norm
+
 CHUNK = 64  # tokens per chunk of kda_chunked (the memory plan sizes its pairwise-decay temporary from it)
 L2NORM_EPS = 1e-6  # q and k's l2norm: eps inside the sqrt, as fla and the release (the Triton kernels take it too)
 SOFTPLUS_THRESHOLD = 20.0  # the gate's softplus is linear above this, as torch's F.softplus(threshold=20)
@@ -68,7 +70,7 @@ def naive_kda_layer_step(x_qkv, conv_state, conv_weight, f_a, beta_raw, g_a, sta
     q, k, v = y.split([H * K, H * K, H * V], -1)
     o = naive_kda_decode(q.view(B, H, K), k.view(B, H, K), v.view(B, H, V), g_raw.float().view(B, H, K),
                          beta_raw.float(), state, A_log=A_log, dt_bias=dt_bias, scale=scale)  # [B, H, V] fp32
-    o = o * torch.rsqrt((o * o).mean(-1, keepdim=True) + eps) * o_norm_weight.float()
+    o = rms_norm(o, o_norm_weight, eps)  # fp32 in, fp32 out: the gate applies before the one rounding
     o = (o * gate_raw.float().view(B, H, V).sigmoid()).reshape(B, H * V).to(x_qkv.dtype)
     return o if out is None else out.copy_(o)
 

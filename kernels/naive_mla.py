@@ -2,6 +2,8 @@
 e4m3 row quantization that fills an fp8 cache (PyTorch ops, shared by the runtime and the kernel tests)."""
 import torch
 
+from .naive_rms_norm import rms_norm
+
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_SCALE_FLOOR = 1e-12  # an all-zero row still gets a positive scale (its values stay zero)
 
@@ -34,8 +36,7 @@ def naive_mla_write_rows(kv, norm_weight, eps, positions, cache, cache_scale=Non
     """The twin of mla_cache.mla_write_rows: row b = [rmsnorm(kv[b, :R]) * w (rounded to kv's dtype), kv[b, R:]],
     written to cache[b, positions[b]] (e4m3 with its scale when cache_scale is given)."""
     R = norm_weight.shape[0]
-    x = kv[:, :R].float()
-    normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()).to(kv.dtype)
+    normed = rms_norm(kv[:, :R], norm_weight, eps)
     rows = torch.cat([normed, kv[:, R:]], dim=-1)
     b = torch.arange(kv.shape[0], device=kv.device)
     if cache_scale is None:

@@ -1,6 +1,8 @@
 """The twins of moe_route.moe_route and moe_route.moe_router in plain PyTorch."""
 import torch
 
+from .naive_rms_norm import rms_norm, rms_rstd
+
 ROUTE_EPS = 1e-20  # the renormalized routing weights' sum guard, as the release (the Triton router takes it too)
 
 
@@ -28,7 +30,6 @@ def naive_moe_add_norm_router(x, residual, norm_weight, eps, weight, bias, k, sc
     rstd * ((s * norm_weight) @ weight.T) in fp32, then naive_moe_route."""
     s = x + residual
     sf = s.float()
-    rstd = torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps)
-    h = (sf * rstd * norm_weight.float()).to(x.dtype)
-    logits = rstd * ((sf * norm_weight.float()) @ weight.float().T)
+    h = rms_norm(sf, norm_weight, eps).to(x.dtype)
+    logits = rms_rstd(sf, eps) * ((sf * norm_weight.float()) @ weight.float().T)
     return (s, h) + naive_moe_route(logits, bias, k, scaling, renormalize=renormalize, biased_weights=biased_weights)

@@ -24,17 +24,12 @@ from klconvert.config import KimiLinearConfig
 from klconvert.kernels.naive_attention_merge import naive_merge_attention
 from klconvert.kernels.naive_kda import kda_short_conv
 from klconvert.kernels.naive_moe_route import ROUTE_EPS
+from klconvert.kernels.naive_rms_norm import rms_norm
 from klconvert.runtime.kda import kda_chunked, kda_gate, kda_step, l2norm
 from klconvert.runtime.state import StateBuffers, cache_rows
 
 MLA_LATENT_NORM_EPS = 1e-6  # the original remote code and transformers; vLLM uses 1e-5
 MLA_KEY_BLOCK = 32768  # cached rows a prefill expands into per-head keys and values at once (bounds its workspace)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm in fp32, returned in x's dtype."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -192,7 +187,7 @@ class KDAMixer(nn.Module):
         """o [B, T, H, V] fp32 -> rmsnorm per head * o_norm * sigmoid(gate), [B, T, HK] in gate_raw's dtype."""
         B, T, H, V = o.shape
         gate = gate_raw.view(B, T, H, V).float()
-        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps) * self.o_norm.weight.float()
+        o = rms_norm(o, self.o_norm.weight, self.eps)    # fp32 in, fp32 out: the gate applies before rounding
         return (o * torch.sigmoid(gate)).to(gate_raw.dtype).reshape(B, T, H * V)
 
     def forward(self, x: torch.Tensor, state: StateBuffers | None, start=0) -> torch.Tensor:
