@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 
 import torch
 
+from cpu_timing import best_rates, load_text, machine_load
 from klconvert.models import resolve_model
 from klconvert.runtime.engine import load
 from klconvert.tokenizer import Tokenizer
@@ -46,18 +45,12 @@ def main() -> int:
         print("FAILED: the decode path disagrees with the prefill path", file=sys.stderr)
         return 1
 
-    best = best_cpu = 0.0
-    for _ in range(args.repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = engine.generate(ids, args.new_tokens, stop_ids=frozenset())
-        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-        best, best_cpu = max(best, out.shape[1] / seconds), max(best_cpu, out.shape[1] / cpu_seconds)
+    best, best_cpu = best_rates(lambda: engine.generate(ids, args.new_tokens, stop_ids=frozenset()), args.repeats)
+    machine = machine_load()
     res = {"model": str(folder), "threads": args.threads, "dtype": args.dtype, "new_tokens": args.new_tokens,
-           "tokens_per_s": round(best, 1), "tokens_per_cpu_s": round(best_cpu, 1),
-           "load_average_1min": os.getloadavg()[0], "cpus": os.cpu_count()}
+           "tokens_per_s": round(best, 1), "tokens_per_cpu_s": round(best_cpu, 1), **machine}
     print(f"greedy decode, {args.threads} threads, {args.dtype}: {best:.1f} tokens/s wall clock, {best_cpu:.1f} "
-          f"tokens per CPU-second (prefill included; load average {res['load_average_1min']:.1f} on "
-          f"{res['cpus']} cores)")
+          f"tokens per CPU-second (prefill included; {load_text(machine)})")
     print(json.dumps(res))
     return 0
 

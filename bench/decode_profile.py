@@ -20,11 +20,11 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from klconvert.bench import DTYPE, check_graph_matches_eager, fill_state, random_quantized_weights, spread_routing
+from klconvert.bench import check_graph_matches_eager, fill_state, random_quantized_weights, spread_routing
 from klconvert.config import KimiLinearConfig
 from klconvert.kernels.pdl import use_pdl
 from klconvert.presets import preset_config
-from klconvert.runtime.engine import Engine
+from klconvert.runtime.engine import DEFAULT_DTYPES, Engine
 
 
 def main() -> int:
@@ -42,7 +42,7 @@ def main() -> int:
     config = KimiLinearConfig.from_dict(preset_config("kimi-linear-48b", args.layers))
     weights = random_quantized_weights(config, 4, "cuda")
     device = torch.device("cuda")
-    engine = Engine(config, weights.read, device, DTYPE["cuda"], args.context + args.steps + 64, args.batch,
+    engine = Engine(config, weights.read, device, DEFAULT_DTYPES["cuda"], args.context + args.steps + 64, args.batch,
                     packed=weights.packed, kernels="triton", stored_schemes=weights.schemes)
     fill_state(engine, args.context)
     if args.spread_routing:

@@ -860,8 +860,8 @@ def bf16_state_drift(steps=4096, B=1):
 
 
 def mla_peer(q_lat, q_rope, cache, cache_scale, n):
-    """Plain PyTorch absorbed decode over the same cache (runtime/model.py's _absorbed einsums) in bf16, fp32 softmax;
-    an fp8 cache is dequantized to bf16 first."""
+    """Plain PyTorch absorbed decode over the same cache (runtime/model.py's LatentAttention einsums) in bf16, fp32
+    softmax; an fp8 cache is dequantized to bf16 first."""
     rows = cache[:, :n].to(torch.bfloat16)
     if cache_scale is not None:
         rows = rows * cache_scale[:, :n, None].to(torch.bfloat16)

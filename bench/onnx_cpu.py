@@ -11,26 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 
 import torch
 
+from cpu_timing import best_rates, load_text, machine_load
 from klconvert.onnx.session import OnnxEngine
 from klconvert.runtime.engine import load
 from klconvert.tokenizer import Tokenizer
 
 PROMPT = "ROMEO.\nBut soft, what light through yonder window breaks?\n"
-
-
-def best_tokens_per_s(generate, repeats: int) -> float:
-    best = 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        n = generate().shape[1]
-        best = max(best, n / (time.perf_counter() - t0))
-    return best
 
 
 def main() -> int:
@@ -56,13 +46,12 @@ def main() -> int:
 
     onnx_run = lambda: onnx_engine.generate([ids], args.new_tokens, stop_ids=no_stop)
     klconvert_run = lambda: engine.generate(ids, args.new_tokens, stop_ids=no_stop)
+    machine = machine_load()
     res = {"model": args.model, "threads": args.threads, "new_tokens": args.new_tokens,
-           "onnxruntime_tokens_per_s": round(best_tokens_per_s(onnx_run, args.repeats), 1),
-           "klconvert_tokens_per_s": round(best_tokens_per_s(klconvert_run, args.repeats), 1),
-           "load_average_1min": os.getloadavg()[0], "cpus": os.cpu_count()}
+           "onnxruntime_tokens_per_s": round(best_rates(onnx_run, args.repeats)[0], 1),
+           "klconvert_tokens_per_s": round(best_rates(klconvert_run, args.repeats)[0], 1), **machine}
     print(f"greedy decode, {args.threads} threads, fp32: onnxruntime {res['onnxruntime_tokens_per_s']} tokens/s, "
-          f"klconvert {res['klconvert_tokens_per_s']} tokens/s (prefill included; load average "
-          f"{res['load_average_1min']:.1f} on {res['cpus']} cores)")
+          f"klconvert {res['klconvert_tokens_per_s']} tokens/s (prefill included; {load_text(machine)})")
     print(json.dumps(res))
     return 0
 

@@ -13,10 +13,10 @@ import argparse
 
 import torch
 
-from klconvert.bench import DTYPE, random_quantized_weights, time_prefill
+from klconvert.bench import random_quantized_weights, time_prefill
 from klconvert.config import KimiLinearConfig
 from klconvert.presets import preset_config
-from klconvert.runtime.engine import Engine
+from klconvert.runtime.engine import DEFAULT_DTYPES, Engine
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT
 from klconvert.runtime.model import MLA_KEY_BLOCK
 
@@ -30,7 +30,7 @@ def main() -> int:
     segments = [int(s) for s in args.segments.split(",")]
     config = KimiLinearConfig.from_dict(preset_config("kimi-linear-48b", args.layers))
     weights = random_quantized_weights(config, 4, "cuda", calm=True)
-    engine = Engine(config, weights.read, torch.device("cuda"), DTYPE["cuda"], args.tokens, 1,
+    engine = Engine(config, weights.read, torch.device("cuda"), DEFAULT_DTYPES["cuda"], args.tokens, 1,
                     packed=weights.packed, kernels="triton", stored_schemes=weights.schemes)
     probe = torch.randint(0, config.vocab_size - 256, (1, 2 * MLA_KEY_BLOCK + 1000), device="cuda")
     ref = engine.prefill(probe)

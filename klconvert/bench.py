@@ -21,17 +21,15 @@ from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.quant import QuantScheme, decompress_weight, policy_from_options
 from klconvert.release import NUM_SPECIAL_TOKENS
-from klconvert.runtime.engine import Engine
+from klconvert.runtime.engine import DEFAULT_DTYPES, Engine, checked_mla_cache_dtype
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT
 from klconvert.runtime.model import MLA_KEY_BLOCK
-from klconvert.runtime.state import MLA_CACHE_DTYPES
 from klconvert.synth.checkpoint import synth_values, tensor_generator
 
 RESIDUAL_OUTPUTS = ("o_proj.weight", "w2.weight", "down_proj.weight")  # what each layer adds to the residual
 CHECK_PROMPT = 64       # tokens of the depth check's prompt
 CHECK_DECODE = 8        # decode steps compared after it
 GRAPH_CHECK_STEPS = 4   # graph replays compared bit for bit with eager steps
-DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}
 PREFILL_CHECK_TOKENS = 2 * MLA_KEY_BLOCK + PREFILL_SEGMENT // 2 + 1  # over two key blocks, in several segments
 PREFILL_CHECK_BOUND = 5e-2  # relative error of the last token's logits past which nothing is timed
 # the depth check's bound, past which nothing is timed: relative error of the Triton path's logits against the
@@ -101,8 +99,8 @@ def depth_check(config: KimiLinearConfig, weights: Weights, device: torch.device
                         generator=torch.Generator().manual_seed(0)).to(device)
     logits = {}
     for kernels in ("torch", "triton"):
-        engine = Engine(config, weights.read, device, DTYPE[device.type], ids.shape[1] + 8, 1, packed=weights.packed,
-                        kernels=kernels, stored_schemes=weights.schemes)
+        engine = Engine(config, weights.read, device, DEFAULT_DTYPES[device.type], ids.shape[1] + 8, 1,
+                        packed=weights.packed, kernels=kernels, stored_schemes=weights.schemes)
         step = engine.decoder(1)
         prefill = engine.forward(ids[:, :prompt])[0]                      # [T, vocab]
         decoded = []
@@ -296,7 +294,7 @@ def prefill_check(config: KimiLinearConfig, weights: Weights, device: torch.devi
     of all but the last token and one decode step (the absorbed latent-attention kernel over the whole cache, the
     KDA step from the prefill's final state). Refuses to go on when they differ past PREFILL_CHECK_BOUND."""
     ids = torch.randint(0, config.vocab_size - 256, (1, tokens), generator=torch.Generator().manual_seed(0))
-    engine = Engine(config, weights.read, device, DTYPE[device.type], tokens, 1, packed=weights.packed,
+    engine = Engine(config, weights.read, device, DEFAULT_DTYPES[device.type], tokens, 1, packed=weights.packed,
                     kernels="triton", stored_schemes=weights.schemes, mla_cache_dtype=mla_cache_dtype)
     whole = engine.prefill(ids)
     engine.prefill(ids[:, :-1])
@@ -379,8 +377,7 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
     sequence to its own random experts (SpreadRouting) instead of the weights' router. device "cpu" runs the same
     code on the CPU (Triton's interpreter; for tests of this code, not for figures), where warmup=False skips the
     untimed warm-ups (nothing compiles there, and each interpreted step costs seconds)."""
-    if mla_cache_dtype not in MLA_CACHE_DTYPES:
-        raise KLError(f"bench: MLA cache dtype {mla_cache_dtype!r}: choose {' or '.join(MLA_CACHE_DTYPES)}")
+    cache = checked_mla_cache_dtype(mla_cache_dtype)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KLError("klconvert bench times the CUDA path and needs a CUDA GPU; none is visible")
@@ -393,7 +390,6 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
         result.depth_check = depth_check(config, calm_weights, device, check_prompt)
         report(f"check: Triton vs PyTorch bf16 path at {config.num_hidden_layers} layers (calm weights): "
                f"rel err {result.depth_check['rel_err']:.4f}, top-1 {result.depth_check['top1']:.3f}")
-    cache = MLA_CACHE_DTYPES[mla_cache_dtype]
     if prefills and calm_weights is not None:
         result.prefill_check = prefill_check(config, calm_weights, device, prefill_check_tokens, cache)
         report(f"check: {prefill_check_tokens:,}-token prefill vs prefill + one decode step (calm weights): rel err "
@@ -406,7 +402,7 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
         for batch in batches:
             plan_context = context + new_tokens + 16
             if engine is None:
-                engine = Engine(config, weights.read, device, DTYPE[device.type], plan_context, batch,
+                engine = Engine(config, weights.read, device, DEFAULT_DTYPES[device.type], plan_context, batch,
                                 packed=weights.packed, kernels="triton", stored_schemes=weights.schemes,
                                 mla_cache_dtype=cache)
             else:
@@ -432,7 +428,7 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
                    f"{row.peak_reserved_gib:.1f} GiB vs plan {row.plan_total_gib:.1f} GiB; {graph_check}")
     for tokens in prefills:
         if engine is None:
-            engine = Engine(config, weights.read, device, DTYPE[device.type], tokens, 1, packed=weights.packed,
+            engine = Engine(config, weights.read, device, DEFAULT_DTYPES[device.type], tokens, 1, packed=weights.packed,
                             kernels="triton", stored_schemes=weights.schemes, mla_cache_dtype=cache)
         else:
             engine.resize(tokens, 1, cache)

@@ -17,8 +17,7 @@ from klconvert.devices import DEVICE_TYPES, checked_device
 from klconvert.entry import StdoutFailed, exit_interrupted, signal_of, signal_status
 from klconvert.errors import KLError, PlanDoesNotFit
 from klconvert.extras import require
-from klconvert.hub import DEFAULT_REPO
-from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, default_model, model_folder
+from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, DEFAULT_REPO, default_model, model_folder
 from klconvert.presets import PRESETS
 from klconvert.recipes import shipped_names
 from klconvert.runtime.host_memory import HostMemoryExhausted
@@ -28,7 +27,9 @@ from klconvert.user_paths import refuse_unreachable, shown
 DEVICE = click.Choice(DEVICE_TYPES)
 # the runtime's MLA cache dtypes by name (runtime/state.py MLA_CACHE_DTYPES; named here, torch-free, for --help)
 MLA_CACHE_DTYPE = click.Choice(["bfloat16", "float8_e4m3fn"])
-SEED = click.IntRange(0, 2**64 - 1)  # what torch.Generator.manual_seed takes
+# the runtime's compute dtypes by name (runtime/engine.py COMPUTE_DTYPES; named here, torch-free, for --help)
+DTYPE = click.Choice(["bfloat16", "float32"])
+SEED = click.IntRange(0, 2**64 - 1)  # what torch.Generator.manual_seed takes (runtime/sampling.py SEEDS)
 DECODE_CONTEXT = 4096  # what `klconvert bench` decodes at when given no --context (nor --prefill)
 PREFILL_BAR_DELAY = 2.0  # seconds a prefill runs before `klconvert run` shows its bar on a terminal
 
@@ -271,7 +272,7 @@ def _given_once(param: click.Parameter, given: tuple[str, ...]) -> str | None:
 @click.option("--max-context", type=click.IntRange(min=1), default=None,
               help="Context the memory plan holds [default: prompt + max-new-tokens].")
 @click.option("--device", type=DEVICE, default=None, help="Where to run [default: cuda if present].")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default=None,
+@click.option("--dtype", type=DTYPE, default=None,
               help="Compute dtype [default: bfloat16 on cuda, float32 on cpu].")
 @click.option("--kernels", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True,
               help="Triton kernels (int weights, fused KDA step, fused MoE) or the PyTorch reference; auto: "
@@ -603,7 +604,7 @@ def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: 
 @click.option("--max-tokens", type=click.IntRange(min=2), default=2048, show_default=True,
               help="Cut the tokenized text to this many tokens (only that much of the file is read).")
 @click.option("--device", type=DEVICE, default=None, help="Where to run [default: cuda if present].")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default=None,
+@click.option("--dtype", type=DTYPE, default=None,
               help="Compute dtype [default: bfloat16 on cuda, float32 on cpu].")
 def eval_(model: str, reference: str, text_file: Path, max_tokens: int, device: str | None,
           dtype: str | None) -> None:

@@ -18,6 +18,12 @@ class PlanDoesNotFit(KLError):
     exit_code = 3
 
 
+def either(choices, flag: str | None = None) -> str:
+    """`choices` as a message offers them: "4 or 8", or as the command line's `flag` takes them, "--bits 4 or --bits
+    8"."""
+    return " or ".join(str(c) if flag is None else f"{flag} {c}" for c in choices)
+
+
 def first_line(error: BaseException) -> str:
     """An error's first non-blank line (its type's name when it has none): what a one-line message quotes of it."""
     return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)

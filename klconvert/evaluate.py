@@ -20,9 +20,10 @@ from klconvert.tokenizer import BPE_FILE, CONFIG_FILE, Tokenizer
 KL_QUANTILE = 0.99
 KL_ROWS = 256  # positions per step of the KL sum: [256, 163840] fp32 temporaries are 168 MB each
 KL_TEMPORARIES = 3  # [KL_ROWS, vocab] fp32 tensors alive at once in a step of the KL sum: exp(p), p - q, their product
-# eval's peak on the host (_host_bytes: both models' fp32 log-probabilities, on the CPU the model and its logits) may
-# take this share of what the host and the process's limits leave; the rest is left to what no figure counts (the
-# checkpoint's files mapped while a model binds, the allocator's slack, the threads) and the machine.
+# what eval holds on the host beside the model (_host_bytes: both models' fp32 log-probabilities and router choices,
+# the logits in hand) may take this share of what the host and the process's limits leave once the model's plan is
+# counted whole (as the engine checks it); the rest is left to what no figure counts (the checkpoint's files mapped
+# while a model binds, the allocator's slack, the threads) and the machine.
 HOST_SHARE = 0.8
 # config fields that leave the model's function alone (token ids, the context it is sized for, whether lm_head is
 # stored or read from the embedding: a quantized copy of a tied model stores it, untied); every other field of

@@ -49,7 +49,8 @@ from klconvert.disk_space import free_disk_bytes
 from klconvert.entry import note_change
 from klconvert.errors import KLError, first_line, unreadable_reason
 from klconvert.hub_guard import AnswerGuard
-from klconvert.models import BUNDLED_NAME
+from klconvert.models import BUNDLED_NAME, DEFAULT_REPO
+from klconvert.tokenizer import BPE_FILE
 from klconvert.units import size_text
 from klconvert.user_paths import refuse_unreachable, shown
 from klconvert.verified_files import VerifiedFiles
@@ -60,10 +61,11 @@ TRANSPORT_ERRORS = tuple(m.TransportError for m in _HTTP_MODULES)
 # What else the client raises on an answer it cannot follow: redirect loops, bodies that do not decode, bad URLs.
 BROKEN_ANSWER_ERRORS = tuple(e for m in _HTTP_MODULES for e in (m.HTTPError, m.InvalidURL))
 
-DEFAULT_REPO = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
-# Everything a pull may fetch: weights, configs (index, tokenizer_config, special_tokens_map
-# included) and the tiktoken tokenizer with its chat templates. Anything else stays on the hub.
-ALLOWED_PATTERNS = ("*.safetensors", "*.json", "tiktoken.model", "*.jinja")
+# A model's files beside its weights: configs (index, tokenizer_config, special_tokens_map included) and the tiktoken
+# tokenizer with its chat templates -- what a pull fetches with the weights, and what a quantized copy takes over.
+SIDE_FILES = ("*.json", BPE_FILE, "*.jinja")
+# Everything a pull may fetch: the weights and their side files. Anything else stays on the hub.
+ALLOWED_PATTERNS = ("*.safetensors", *SIDE_FILES)
 # Never fetched, whatever --include says: pickles run code when loaded, .py files are remote code.
 REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".py")
 # Provenance of a --local-dir pull, beside the files; never written into the HF cache's snapshots.
@@ -700,8 +702,9 @@ def _as_user_errors(repo: str, revision: str | None, endpoint: str, target: Path
                       + (RERUN if stage.fetching else "check HF_ENDPOINT, or retry later")) from e
     except TRANSPORT_ERRORS as e:
         if stage.fetching:
-            raise KLError(f"lost the connection to {endpoint} while pulling {where} ({first_line(e)}); {RERUN}, "
-                          "or set HF_HUB_OFFLINE=1 to use a cached copy") from e
+            # no HF_HUB_OFFLINE=1 here: the cache's copy of this revision is the one left short, which an offline pull
+            # refuses as incomplete
+            raise KLError(f"lost the connection to {endpoint} while pulling {where} ({first_line(e)}); {RERUN}") from e
         raise KLError(f"cannot reach {endpoint} to look up {where} ({type(e).__name__}: {first_line(e)}); "
                       f"{UNREACHABLE}, then try again (or, where an earlier pull left a copy in the cache, set "
                       "HF_HUB_OFFLINE=1 to use it)") from e

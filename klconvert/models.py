@@ -9,7 +9,17 @@ from klconvert.user_paths import refuse_unreachable
 
 BUNDLED_NAME = "tiny"
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
-DEFAULT_MODEL_DIR = "./Kimi-Linear-48B-A3B-Instruct-w4a16"  # where `pull-and-quantize --bits 4` writes
+DEFAULT_REPO = "moonshotai/Kimi-Linear-48B-A3B-Instruct"  # the release: what `pull` and `pull-and-quantize` fetch
+
+
+def quantized_folder_name(model: str, kind: str, bits: int) -> str:
+    """The folder `pull-and-quantize` writes `model` (a hub repo or a folder) into unless told: <model-name>-w4a16
+    (int4), -w8a16 (int8) or -nf4."""
+    name = model.rstrip("/").rsplit("/", 1)[-1]
+    return f"{name}-nf4" if kind == "nf4" else f"{name}-w{bits}a16"
+
+
+DEFAULT_MODEL_DIR = f"./{quantized_folder_name(DEFAULT_REPO, 'int', 4)}"  # where `pull-and-quantize --bits 4` writes
 
 
 def bundled_dir() -> Path:

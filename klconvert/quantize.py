@@ -19,6 +19,7 @@ from klconvert.checkpoint.folder_files import (
     INDEX_FILE,
     MAX_INDEX_BYTES,
     MAX_SIDE_FILE_BYTES,
+    RECIPE_FILE,
     SINGLE_FILE,
     refuse_unfit_side_files,
 )
@@ -35,23 +36,22 @@ from klconvert.convert.provenance import SourceOrigin, source_fingerprint, sourc
 from klconvert.config import MAX_CONFIG_BYTES, KimiLinearConfig
 from klconvert.devices import checked_device
 from klconvert.disk_space import failed_write
-from klconvert.errors import KLError, read_failure
+from klconvert.errors import KLError, either, read_failure
 from klconvert.extras import require
-from klconvert.hub import DEFAULT_REPO, is_repo_id, pull
-from klconvert.models import BUNDLED_NAME, resolve_model
+from klconvert.hub import SIDE_FILES, is_repo_id, pull
+from klconvert.models import BUNDLED_NAME, DEFAULT_REPO, quantized_folder_name, resolve_model
 from klconvert.quant import Policy, load_recipe, policy_from_options
 from klconvert.quant.defaults import DEFAULT
 from klconvert.quant.fused import refuse_split_fused
-from klconvert.quant.groupwise import OBSERVERS
+from klconvert.quant.groupwise import OBSERVERS, SUPPORTED_BITS, unsupported_observer
 from klconvert.quant.policy import LINEAR
 from klconvert.quant.scheme import KINDS, NF4_BLOCKSIZE
 from klconvert.presets import preset_config
-from klconvert.tokenizer import BPE_FILE, check_tokenizer_if_any
+from klconvert.tokenizer import check_tokenizer_if_any
 from klconvert.units import count_text, size_text
 
 MAX_SHARD_BYTES = 5 * 10**9  # the "5GB" shards transformers and the released checkpoint use
 MIN_SHARD_BYTES = 1  # the smallest limit a shard takes (a tensor larger than the limit gets a shard of its own)
-COPIED_FILES = (BPE_FILE, "*.jinja", "*.json")  # tokenizer, chat templates and small configs; never .py
 WRITTEN_FILES = ("config.json", INDEX_FILE)  # made here, not copied
 RESUME_FORMAT = 1  # bump when the output of the same source and options changes
 
@@ -90,10 +90,9 @@ def _refuse_flag_types(group_size, symmetric, scheme, observer) -> None:
         raise KLError(f"--sym/--asym: symmetric={symmetric!r} is not a bool; pass symmetric=True (--sym), False "
                       "(--asym) or None (the default, --sym)")
     if scheme is not None and (not isinstance(scheme, str) or scheme not in KINDS):
-        raise KLError(f"--scheme {scheme!r} is not supported; use {' or '.join(f'--scheme {k}' for k in KINDS)}")
+        raise KLError(f"--scheme {scheme!r} is not supported; use {either(KINDS, '--scheme')}")
     if observer is not None and (not isinstance(observer, str) or observer not in OBSERVERS):
-        raise KLError(f"--observer {observer!r} is not supported; use "
-                      f"{' or '.join(f'--observer {o}' for o in OBSERVERS)}")
+        raise KLError(unsupported_observer(observer, "--observer"))
 
 
 def choose_policy(bits: int | None = None, group_size: int | None = None, symmetric: bool | None = None,
@@ -117,8 +116,8 @@ def choose_policy(bits: int | None = None, group_size: int | None = None, symmet
         return parsed.policy, parsed.runtime
     scheme = DEFAULT.kind if scheme is None else scheme
     bits = DEFAULT.bits if bits is None else bits
-    if type(bits) is not int or bits not in (4, 8):   # 4.0 and "4" too: the repr shows which
-        raise KLError(f"--bits {bits!r} is not supported; use --bits 4 or --bits 8")
+    if type(bits) is not int or bits not in SUPPORTED_BITS:   # 4.0 and "4" too: the repr shows which
+        raise KLError(f"--bits {bits!r} is not supported; use {either(SUPPORTED_BITS, '--bits')}")
     if scheme == "nf4":
         clashes = [flag for flag, clash in ((f"--bits {bits}", bits != 4), (f"--group-size {group_size}",
                                             group_size is not None), ("--asym", symmetric is False),
@@ -133,12 +132,9 @@ def choose_policy(bits: int | None = None, group_size: int | None = None, symmet
 
 
 def default_out_name(model: str, policy: Policy) -> Path:
-    """./<model-name>-w4a16 (int4), -w8a16 (int8) or -nf4, after the bits of the main ("Linear") group."""
-    name = model.rstrip("/").rsplit("/", 1)[-1]
-    if policy.kind == "nf4":
-        return Path(f"{name}-nf4")
+    """quantized_folder_name after the bits of the policy's main ("Linear") group."""
     main = next((g for g in policy.groups if any(e.pattern == LINEAR for e in g.targets)), policy.groups[0])
-    return Path(f"{name}-w{main.scheme.bits}a16")
+    return Path(quantized_folder_name(model, policy.kind, main.scheme.bits))
 
 
 def shard_limit(max_shard_bytes: int | None, given: str | None = None) -> int:
@@ -217,7 +213,7 @@ def _copied_files(src: Path) -> list[Path]:
         raise KLError(f"{src}: cannot list its files ({e.strerror}); quantize copies the tokenizer and configs "
                       "beside the weights -- make the folder readable for you (chmod u+r, or ask its owner) and "
                       "rerun") from None
-    found = sorted({p for pattern in COPIED_FILES for p in src.glob(pattern)
+    found = sorted({p for pattern in SIDE_FILES for p in src.glob(pattern)
                     if p.is_file() and not p.name.startswith(".") and p.name not in WRITTEN_FILES})
     refuse_unfit_side_files(src, found)
     return found
@@ -225,7 +221,7 @@ def _copied_files(src: Path) -> list[Path]:
 
 def without_remote_code(fields: dict) -> dict:
     """A config's fields less `auto_map`, which points at the release's Python files: the folder has none of them
-    (COPIED_FILES), so with it transformers' and vLLM's --trust-remote-code failed to load the folder; without it
+    (SIDE_FILES), so with it transformers' and vLLM's --trust-remote-code failed to load the folder; without it
     both take their own kimi_linear classes, with or without that flag."""
     return {k: v for k, v in fields.items() if k != "auto_map"}
 
@@ -329,7 +325,7 @@ def _quantize(src: Path, out: Path, policy: Policy, runtime: dict, torch_device:
         config["tie_word_embeddings"] = False  # lm_head is written on its own, even where the source tied it
         folder.write_text("config.json", json.dumps(config, indent=2) + "\n")
         folder.write_text(INDEX_FILE, index_json(shards, names) + "\n")
-        folder.write_text("recipe.yaml", recipe_yaml)
+        folder.write_text(RECIPE_FILE, recipe_yaml)
         for name, data in side_files.items():
             folder.write_bytes(name, data)
         folder.write_text("README.md", model_card(out.name, origin, policy, totals, len(shards), version("klconvert")))

@@ -14,6 +14,7 @@ import torch
 from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.config import KimiLinearConfig
+from klconvert.devices import checked_device
 from klconvert.errors import KLError
 from klconvert.models import resolve_model
 from klconvert.quant import QuantScheme
@@ -30,6 +31,9 @@ from klconvert.tokenizer import Tokenizer, check_tokenizer_if_any, model_stop_id
 SMALL_MODEL_HIDDEN = 1024  # below this hidden size, CPU decode runs on one thread (see Engine._small_model_threads)
 MAX_TOKENS_IN_FLIGHT = 8  # decode steps the host may run ahead of the tokens it has seen (stop checks lag so)
 OUT_COLUMNS = 1024  # new ids held on the device a block of this many steps at a time: the output grows as they come
+SEGMENTS = "forward_segments"  # Runner._holder while a forward_segments iterator is being read
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}  # load's dtype by name (--dtype's choices)
+DEFAULT_DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}  # the compute dtype on each device type unless told
 
 
 @dataclass
@@ -151,17 +155,24 @@ def as_batch(input_ids, vocab_size: int) -> torch.Tensor:
     return ids
 
 
-def check_plan_args(context, batch, mla_cache_dtype: str | torch.dtype | None, context_name: str
-                    ) -> tuple[int, int, torch.dtype | None]:
-    """The memory plan's context and batch as Python ints (as_number: numpy and torch integers taken), and the MLA
-    cache dtype as None (the caller's default) or one of MLA_CACHE_DTYPES, given by name or dtype; KLError otherwise,
-    naming the argument as the caller (load, resize) calls it -- `context_name` for the context -- with the flag
-    that sets it (the CLI's parser holds the flags so: only the Python API gets here with another value)."""
+def checked_mla_cache_dtype(mla_cache_dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """The MLA cache dtype as None (the caller's default) or one of MLA_CACHE_DTYPES, given by name or dtype;
+    KLError otherwise, naming the argument with the flag that sets it."""
     if isinstance(mla_cache_dtype, str) and mla_cache_dtype in MLA_CACHE_DTYPES:
-        mla_cache_dtype = MLA_CACHE_DTYPES[mla_cache_dtype]
+        return MLA_CACHE_DTYPES[mla_cache_dtype]
     if mla_cache_dtype is not None and mla_cache_dtype not in MLA_CACHE_DTYPES.values():
         raise KLError(f"mla_cache_dtype={mla_cache_dtype!r} (--mla-cache-dtype): choose "
                       f"{' or '.join(MLA_CACHE_DTYPES)}, by name or torch dtype")
+    return mla_cache_dtype
+
+
+def check_plan_args(context, batch, mla_cache_dtype: str | torch.dtype | None, context_name: str
+                    ) -> tuple[int, int, torch.dtype | None]:
+    """The memory plan's context and batch as Python ints (as_number: numpy and torch integers taken), and the MLA
+    cache dtype as checked_mla_cache_dtype takes it; KLError otherwise, naming the argument as the caller (load,
+    resize) calls it -- `context_name` for the context -- with the flag that sets it (the CLI's parser holds the
+    flags so: only the Python API gets here with another value)."""
+    mla_cache_dtype = checked_mla_cache_dtype(mla_cache_dtype)
     sizes = []
     for name, flag, value in ((context_name, "--max-context", context), ("batch", "--batch", batch)):
         number = as_number(value, whole=True)
@@ -219,11 +230,17 @@ class Runner:
     """What Engine and OnnxEngine (klconvert/onnx/session.py) share: the hold a generation takes on the engine, the
     decode loop, and the figures it leaves in self.stats. A subclass sets self.device, self.config and self.stats."""
 
-    _holder: str | None = None   # the call running a generation (generate, decode_loop), while it runs
+    # what holds the engine: the call running a generation (generate, decode_loop) while it runs, or SEGMENTS
+    _holder: str | None = None
 
     def _check_idle(self, call: str) -> None:
-        """KLError while a generation runs on this engine: `call` (from one of its callbacks) would write the state,
-        step buffers or stats that it is using, and corrupt its output or figures."""
+        """KLError while a generation runs on this engine (`call` from one of its callbacks) or a forward_segments
+        iterator is being read: `call` would write the state, step buffers or stats that it is using, and corrupt its
+        output or figures."""
+        if self._holder == SEGMENTS:
+            raise KLError(f"{call} was called while a forward_segments iterator of this engine is being read, whose "
+                          "later segments run on the state it would overwrite -- read the iterator to its end or "
+                          "close() it first, or call it on a second engine")
         if self._holder is not None:
             raise KLError(f"{call} was called while {self._holder} is running on this engine (from one of its "
                           f"callbacks, e.g. on_token), whose state or stats it would overwrite -- call it after "
@@ -457,11 +474,23 @@ class Engine(Runner):
 
     def forward_segments(self, input_ids) -> Iterator[torch.Tensor]:
         """`forward` one prefill segment at a time: yields logits [B, S, vocab] fp32 for positions in order, so a
-        caller that moves each on (to the host, into a sum) never holds all T positions' logits on the device."""
+        caller that moves each on (to the host, into a sum) never holds all T positions' logits on the device. The
+        arguments are checked at once; the iterator holds the engine from its first segment until it is read to its
+        end, closed or dropped: a call that writes the state meanwhile (generate, prefill, another forward...) is
+        refused, since the later segments run on that state."""
         self._check_idle("forward")
         ids = self._as_batch(input_ids)
         self.check_fits(ids.shape[1], 0)
-        return self._prefill(ids, self.state.rows(0, ids.shape[0]), all_logits=True)
+        return self._held_segments(ids)
+
+    def _held_segments(self, ids: torch.Tensor) -> Iterator[torch.Tensor]:
+        """forward_segments' iterator, holding the engine while it is read (no stats of its own to reset)."""
+        self._check_idle("forward")   # its first segment may be read from a generation's callback
+        self._holder = SEGMENTS
+        try:
+            yield from self._prefill(ids, self.state.rows(0, ids.shape[0]), all_logits=True)
+        finally:
+            self._holder = None
 
     def prefill(self, input_ids, progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Prefill whole sequences of one length, input_ids [B, T] -> the logits after each one's last token
@@ -565,31 +594,18 @@ class Engine(Runner):
         return [s.to(self.device) for s in seqs]
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def device_and_dtype(device: str | torch.device | None, dtype: torch.dtype | str | None
                      ) -> tuple[torch.device, torch.dtype]:
-    """load's device (default: default_device) and compute dtype (by name or dtype; default bf16 on CUDA, fp32 on
-    the CPU), KLError for what the runtime does not run."""
-    try:
-        device = torch.device(device) if device is not None else default_device()
-    except (RuntimeError, TypeError):   # torch's words for a name it does not know
-        raise KLError(f"device {device!r} is not one torch knows; use cpu or cuda") from None
-    if device.type not in ("cpu", "cuda"):
-        raise KLError(f"device {device} is not supported; use cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise KLError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    if isinstance(dtype, str):
-        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-        if dtype not in names:
-            raise KLError(f"--dtype {dtype}: choose float32 or bfloat16")
-        dtype = names[dtype]
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise KLError(f"--dtype {dtype}: choose float32 or bfloat16")
-    return device, dtype
+    """load's device (checked_device; default: cuda when torch sees a GPU, else cpu) and compute dtype (one of
+    COMPUTE_DTYPES, by name or dtype; default: DEFAULT_DTYPES' for the device), KLError for what the runtime does not
+    run."""
+    device = checked_device(device)
+    if dtype is None:
+        return device, DEFAULT_DTYPES[device.type]
+    named = COMPUTE_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if named not in COMPUTE_DTYPES.values():
+        raise KLError(f"--dtype {dtype}: choose {' or '.join(COMPUTE_DTYPES)}")
+    return device, named
 
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,

@@ -8,16 +8,17 @@ from pathlib import Path
 import click
 import torch
 
-from klconvert.checkpoint.folder_files import refuse_link_out
+from klconvert.checkpoint.folder_files import RECIPE_FILE, refuse_link_out
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.checkpoint.regular_file import open_regular
 from klconvert.checkpoint.size_bounds import check_model_size
 from klconvert.config import KimiLinearConfig
-from klconvert.errors import KLError
+from klconvert.errors import KLError, either
 from klconvert.presets import preset_config
 from klconvert.quant import Policy, Recipe, load_recipe, policy_from_options
+from klconvert.quant.groupwise import SUPPORTED_BITS
 from klconvert.quant.recipe import MAX_RECIPE_BYTES, parse_runtime_section
 from klconvert.quant.scheme import GROUP_SIZE
 from klconvert.runtime.bind import packed_choice
@@ -31,7 +32,6 @@ from klconvert.runtime.weights import HeldPacked
 RUNTIME_DEFAULTS = {"max_context": 131072, "batch": 1, "mla_cache_dtype": "bfloat16", "kda_state_dtype": "float32"}
 MAX_BATCH = 65_536  # sequences a plan sizes; the 48B's KDA state alone is ~2.9 TB at this many
 KDA_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-FOLDER_RECIPE = "recipe.yaml"  # what `klconvert quantize` writes into its output: the recipe it applied, provenance
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(|B|KB|MB|GB|TB|KiB|MiB|GiB|TiB|K|M|G|T)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
           "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -148,15 +148,15 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
     """
     if recipe is not None and bits is not None:
         raise KLError("give a recipe or --bits, not both: the recipe already says how each tensor is stored")
-    if group_size is not None and bits not in (4, 8):
-        raise KLError(f"--group-size {group_size} sizes the groups of --bits 4 or 8 (without a recipe); add --bits 4 "
-                      "or 8, or drop --group-size")
+    if group_size is not None and bits not in SUPPORTED_BITS:
+        raise KLError(f"--group-size {group_size} sizes the groups of --bits {either(SUPPORTED_BITS)} (without a "
+                      f"recipe); add --bits {either(SUPPORTED_BITS)}, or drop --group-size")
     stored = None
     if model is not None:
         config = KimiLinearConfig.from_file(Path(model) / "config.json")
         if recipe is None and bits is None:
             stored = held_on_a_gpu(Path(model))
-            recipe = folder_recipe(Path(model) / FOLDER_RECIPE, config)  # the tensors say how they are stored
+            recipe = folder_recipe(Path(model) / RECIPE_FILE, config)  # the tensors say how they are stored
     else:
         config = KimiLinearConfig.from_dict(preset_config(preset, layers), where=f"preset {preset}")
     check_model_size(config, str(Path(model) / "config.json") if model is not None else f"preset {preset}")
@@ -167,7 +167,7 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
     elif recipe is not None:  # every target must select a tensor of this model: a typo is an error, not a no-op
         policy = recipe.policy.check_against((s.name, s.shape) for s in expected_tensors(config).values())
     else:
-        policy = policy_from_options(bits, GROUP_SIZE if group_size is None else group_size) if bits in (4, 8) \
+        policy = policy_from_options(bits, GROUP_SIZE if group_size is None else group_size) if bits in SUPPORTED_BITS \
             else None  # 16: unquantized, a folder's stored weights too
     if policy is not None and stored is None:  # as a GPU would hold the folder this policy writes
         policy = held_as_written(config, policy)

@@ -446,15 +446,18 @@ def test_a_folders_recipe_linked_from_outside_is_refused_by_plan(capsys, tiny_re
                           f"{out / 'recipe.yaml'}: a link to {target}, outside the model folder")
 
 
-def test_files_linked_into_the_hub_caches_blobs_are_read(capsys, tiny_released, tmp_path):
-    """The Hugging Face cache's snapshots/<commit>/ holds links into the repo's blobs/: the files are its own."""
+@pytest.mark.parametrize("subfolder", ["", "model"])
+def test_files_linked_into_the_hub_caches_blobs_are_read(capsys, tiny_released, tmp_path, subfolder):
+    """The Hugging Face cache's snapshots/<commit>/ holds links into the repo's blobs/: the files are its own -- in a
+    subfolder of the snapshot too (a repo keeping its model there)."""
     storage = tmp_path / "models--org--name"
-    snapshot, blobs = storage / "snapshots" / ("a" * 40), storage / "blobs"
+    snapshot, blobs = storage / "snapshots" / ("a" * 40) / subfolder, storage / "blobs"
     shutil.copytree(tiny_released, snapshot)
     blobs.mkdir()
+    up = Path(*[".."] * (3 if subfolder else 2))
     for name in ("config.json", "tiktoken.model", "tokenizer_config.json"):
         (snapshot / name).rename(blobs / name)
-        (snapshot / name).symlink_to(Path("../../blobs") / name)
+        (snapshot / name).symlink_to(up / "blobs" / name)
     code, _, err = run_cli(capsys, "run", "--model", snapshot, "--prompt", "hi", "--max-new-tokens", "1", "--chat",
                            "--device", "cpu")
     assert code == 0, err

@@ -161,6 +161,14 @@ def test_random_weights_are_quantized_where_the_policy_says(tiny4):
     assert torch.equal(q, w.read("model.layers.1.block_sparse_moe.experts.0.w1.weight"))     # deterministic
 
 
+def test_a_cache_dtype_the_runtime_does_not_take_is_refused_as_load_refuses_it(tiny4):
+    """bench worded load's refusal its own way; both say it with engine.checked_mla_cache_dtype now."""
+    weights = B.random_quantized_weights(tiny4, 4, "cpu")
+    with pytest.raises(B.KLError, match=r"^mla_cache_dtype='int8' \(--mla-cache-dtype\): choose bfloat16 or "
+                                        r"float8_e4m3fn, by name or torch dtype$"):
+        B.bench(tiny4, weights, bits="int4", contexts=[32], batches=[1], mla_cache_dtype="int8", device="cpu")
+
+
 def test_bytes_per_step_grow_with_context(tiny4):
     engine = B.Engine(tiny4, B.random_quantized_weights(tiny4, 4, "cpu").read, torch.device("cpu"), torch.float32,
                       64, 1)

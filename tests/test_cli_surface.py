@@ -12,7 +12,7 @@ import click
 import pytest
 
 from bounded_cli import klconvert_bounded
-from klconvert.cli import ALLOCATOR_ENV, cli
+from klconvert.cli import ALLOCATOR_ENV, SEED, cli
 from testkit import assert_one_line_error, run_cli
 
 
@@ -23,24 +23,34 @@ def test_help_describes_every_flag():
                 assert param.help and param.help.strip(), f"klconvert {name} {param.opts[0]} has no help"
 
 
-@pytest.mark.parametrize("flag, uses", [("mla_cache_dtype", 2), ("kda_state_dtype", 1)])
+@pytest.mark.parametrize("flag, uses", [("mla_cache_dtype", 2), ("kda_state_dtype", 1), ("dtype", 2)])
 def test_dtype_choices_are_the_runtimes(flag, uses):
+    from klconvert.runtime.engine import COMPUTE_DTYPES
     from klconvert.runtime.plan_report import KDA_STATE_DTYPES
     from klconvert.runtime.state import MLA_CACHE_DTYPES
-    names = list({"mla_cache_dtype": MLA_CACHE_DTYPES, "kda_state_dtype": KDA_STATE_DTYPES}[flag])
+    names = list({"mla_cache_dtype": MLA_CACHE_DTYPES, "kda_state_dtype": KDA_STATE_DTYPES,
+                  "dtype": COMPUTE_DTYPES}[flag])
     flags = [param for command in cli.commands.values() for param in command.params if param.name == flag]
     assert len(flags) == uses and all(list(p.type.choices) == names for p in flags)
 
 
 def test_choices_are_the_codes_tables():
     """The torch-free CLI cannot import these tables for its choices (they sit beside torch code): held to them here."""
-    from klconvert.quant.groupwise import OBSERVERS
+    from klconvert.quant.groupwise import OBSERVERS, SUPPORTED_BITS
+    from klconvert.quant.scheme import KINDS
+    from klconvert.runtime.sampling import SEEDS
     from klconvert.runtime.weights import KERNEL_MODES
+    from klconvert.synth.checkpoint import LAYOUTS
 
     choices = {(name, p.name): list(p.type.choices) for name, command in cli.commands.items()
                for p in command.params if isinstance(p.type, click.Choice)}
     assert choices[("run", "kernels")] == list(KERNEL_MODES)
     assert choices[("quantize", "observer")] == choices[("pull-and-quantize", "observer")] == list(OBSERVERS)
+    assert choices[("quantize", "scheme")] == choices[("pull-and-quantize", "scheme")] == list(KINDS)
+    assert choices[("synth", "layout")] == list(LAYOUTS)
+    assert choices[("bench", "bits")] == [str(bits) for bits in SUPPORTED_BITS]
+    assert choices[("plan", "bits")] == [str(bits) for bits in SUPPORTED_BITS] + ["16"]   # 16: nothing quantized
+    assert (SEED.min, SEED.max) == (0, SEEDS - 1)
 
 
 def test_device_is_a_choice_in_every_command():
@@ -124,7 +134,7 @@ def test_a_recipe_that_is_not_one_is_refused_unread(capsys, tmp_path):
                               "runtime.gpu_memory should be a positive number of bytes")
 
 
-def test_prompt_text_or_file(capsys, tiny_released, tmp_path):
+def test_prompt_text_or_file(capsys, tiny_released):
     both = run_cli(capsys, "run", "--model", tiny_released, "--prompt", "x", "--prompt-file", "-")
     assert_one_line_error(*both[::2], "--prompt TEXT or --prompt-file FILE")
     assert_one_line_error(*run_cli(capsys, "run", "--model", tiny_released)[::2], "--prompt TEXT or --prompt-file")

@@ -62,6 +62,15 @@ def test_quantize_refuses_a_gpu_past_the_count_before_any_work(two_gpus, tiny_re
     assert list(tmp_path.iterdir()) == []
 
 
+def test_load_refuses_a_gpu_past_the_count_before_any_model_loads(two_gpus, tiny_released, monkeypatch):
+    """load took cuda:7 unchecked (its own copy of the device rule) and failed deep in torch."""
+    import klconvert.runtime.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "Checkpoint", lambda *a: pytest.fail("a checkpoint was read"))
+    with pytest.raises(KLError, match=r"^--device cuda:7: torch sees 2 CUDA devices"):
+        engine_module.load(tiny_released, device="cuda:7")
+
+
 def test_eval_refuses_a_gpu_past_the_count_before_any_model_loads(two_gpus, tiny_released, monkeypatch):
     import klconvert.evaluate as evaluate_module
 

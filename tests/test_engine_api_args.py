@@ -161,14 +161,15 @@ def test_decode_step_checks_its_token_and_position(engine, token, position, mess
                                        r"float8_e4m3fn, by name or torch dtype$"),
     (dict(mla_cache_dtype=torch.bool), r"^mla_cache_dtype=torch.bool \(--mla-cache-dtype\)"),
     (dict(mla_cache_dtype="int8"), r"^mla_cache_dtype='int8' \(--mla-cache-dtype\): choose"),
-    (dict(dtype=torch.int32), "--dtype torch.int32: choose float32 or bfloat16"),
+    (dict(dtype=torch.int32), r"^--dtype torch.int32: choose bfloat16 or float32$"),
+    (dict(dtype="bf16"), r"^--dtype bf16: choose bfloat16 or float32$"),   # --dtype's names, which the message says
     (dict(max_context=4096.5), r"^max_context=4096.5 \(--max-context\) should be a whole number of at least 1$"),
     (dict(max_context="4096"), r"^max_context='4096' \(--max-context\)"),
     (dict(max_context=np.float64(4096)), r"^max_context=np.float64\(4096.0\) \(--max-context\)"),
     (dict(batch=0), r"^batch=0 \(--batch\) should be a whole number of at least 1$"),
     (dict(batch=torch.tensor([2])), r"^batch=tensor\(\[2\]\) \(--batch\)"),
-    (dict(device="tpu"), "device 'tpu' is not one torch knows"),
-    (dict(device="meta"), "device meta is not supported"),
+    (dict(device="tpu"), r"^--device 'tpu' is not supported; use --device cpu or --device cuda"),
+    (dict(device="meta"), r"^--device 'meta' is not supported"),
 ])
 def test_load_checks_its_arguments(tiny_released, kwargs, message):
     """An int8 cache decoded garbage; the others were TypeError, KeyError or torch's RuntimeError."""
@@ -311,6 +312,29 @@ def test_decode_loop_holds_the_engine_as_generate_does(engine, call):
     step.positions.fill_(3)
     assert torch.equal(engine.decode_loop(step, logits, 6, stop_ids=frozenset(), on_token=call_back), want)
     assert len(refused) == 6 and engine.stats.new_tokens == 6 and engine.stats.steps == 5
+
+
+@pytest.mark.parametrize("call", ["generate", "prefill", "forward", "decode_step", "resize", "decoder", "decode_loop"])
+def test_a_forward_segments_iterator_holds_the_engine_while_it_is_read(engine, monkeypatch, call):
+    """forward_segments checked that the engine was idle only when called, and its iterator ran each segment when
+    read: a generate between two segments overwrote the state the later ones ran on, and their logits came out
+    wrong, silently. The iterator holds the engine from its first segment until it is read to its end or closed."""
+    monkeypatch.setattr(engine, "prefill_segment", 4)
+    ids = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]]   # three segments
+    engine.generate([1, 2, 3], 2)   # captures decoder(1), which decode_loop takes
+    want = engine.forward(ids)
+    segments = engine.forward_segments(ids)
+    first = next(segments)
+    with pytest.raises(KLError, match=rf"^{call} was called while a forward_segments iterator of this engine is being "
+                                      r"read, whose later segments run on the state it would overwrite -- read the "
+                                      r"iterator to its end or close\(\) it first, or call it on a second engine$"):
+        _calls_into(engine)[call]()
+    assert torch.equal(torch.cat([first, *segments], dim=1), want)
+    engine.generate([1, 2, 3], 2)   # free once read to its end
+    segments = engine.forward_segments(ids)
+    next(segments)
+    segments.close()
+    assert torch.equal(engine.forward(ids), want)   # and once closed
 
 
 def test_a_generate_ended_by_its_callback_leaves_the_engine_free(engine):

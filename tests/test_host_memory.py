@@ -173,7 +173,7 @@ def test_the_cpu_allocators_refusal_is_a_memory_error_naming_what_and_the_bound(
 
 
 @pytest.mark.slow
-def test_a_plan_past_a_real_address_space_limit_is_refused_in_one_line(tmp_path):
+def test_a_plan_past_a_real_address_space_limit_is_refused_in_one_line():
     """`ulimit -v` and --max-context 1000000 on the tiny model: the allocator's traceback, exit status 1."""
     done = klconvert_bounded("run", "--model", "tiny", "--device", "cpu", "--prompt", "Hello there",
                              "--max-new-tokens", "5", "--max-context", "1000000")

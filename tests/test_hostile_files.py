@@ -402,7 +402,7 @@ def test_large_finite_weights_are_not_mistaken_for_infinite(tiny_copy):
     assert Checkpoint(tiny_copy).get(NAME).view(-1)[0] == torch.finfo(tensors[NAME].dtype).max
 
 
-def test_numbers_of_thousands_of_digits_are_refused(tiny_copy, tmp_path, capsys):
+def test_numbers_of_thousands_of_digits_are_refused(tiny_copy, tmp_path):
     """Python will not parse an int of 4,300+ digits (a ValueError, not a JSON or YAML error)."""
     from klconvert.quant import load_recipe
     from klconvert.tokenizer import Tokenizer

@@ -28,7 +28,7 @@ from klconvert.models import bundled_dir
 from klconvert.onnx import export as export_module
 from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, MIN_OPSET, export_onnx, make_model
 from klconvert.onnx.graph import GraphBuilder
-from klconvert.onnx.matmul_nbits import dequantize_nbits, nbits_weight
+from klconvert.onnx.matmul_nbits import NBitsWeight, nbits_weight
 from klconvert.onnx.session import OnnxEngine
 from klconvert.quant import QuantScheme, compress_weight, decompress_weight, unpack_from_int32
 from klconvert.quantize import quantize
@@ -40,6 +40,21 @@ EXACT_BOUND = 1e-5  # onnxruntime vs klconvert on the same fp32 weights: summati
 LOAD_BOUND = 5e-3   # vs klconvert.load, whose dequantized weights are rounded to bf16
 PROMPT = [4096, 10, 200, 33, 1000, 7, 7, 99, 12, 400, 5, 6]
 DECODE_STEPS = 32
+
+
+def dequantize_nbits(w: NBitsWeight) -> np.ndarray:
+    """The fp32 weight [n, k] a NBitsWeight stands for, as MatMulNBits computes it."""
+    blob = w.codes.astype(np.int32)
+    codes = np.stack([blob & 15, blob >> 4], axis=-1).reshape(w.n, w.k) if w.bits == 4 else blob.reshape(w.n, w.k)
+    blocks = w.k // w.block_size
+    if w.zero_points is None:
+        zero = np.full((w.n, blocks), 1 << (w.bits - 1), np.float32)
+    elif w.bits == 4:
+        zp = w.zero_points.astype(np.int32)
+        zero = np.stack([zp & 15, zp >> 4], axis=-1).reshape(w.n, -1)[:, :blocks].astype(np.float32)
+    else:
+        zero = w.zero_points.astype(np.float32)
+    return ((codes.reshape(w.n, blocks, w.block_size) - zero[..., None]) * w.scales[..., None]).reshape(w.n, w.k)
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:

@@ -481,6 +481,18 @@ def test_what_huggingface_hub_refuses_mid_download_is_one_line(served, tmp_path,
         hub.pull(REPO, local_dir=tmp_path / "kimi", progress=False)
 
 
+def test_a_connection_lost_mid_download_says_to_rerun(served, monkeypatch):
+    """It added "or set HF_HUB_OFFLINE=1 to use a cached copy": the cache's copy of the revision being pulled is the
+    one the drop left short, which an offline pull refuses as incomplete."""
+    def drop(*args, **kwargs):
+        raise hub.TRANSPORT_ERRORS[0]("[Errno 104] Connection reset by peer")
+    monkeypatch.setattr(hub, "snapshot_download", drop)
+    with pytest.raises(KLError, match=rf"^lost the connection to .* while pulling {REPO}@main \(\[Errno "
+                                      r"104\] Connection reset by peer\); rerun the pull to continue \(finished files "
+                                      r"are kept\)$"):
+        hub.pull(REPO, progress=False)
+
+
 def test_a_repo_cannot_place_files_in_the_folders_of_our_records():
     """A repo's .klconvert/pull.json, left in --local-dir by a pull that then failed, named another origin for the
     model card; .cache/huggingface/ is huggingface_hub's own."""

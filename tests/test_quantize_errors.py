@@ -19,8 +19,6 @@ from klconvert.quantize import quantize
 from quantize_helpers import break_shard_write
 from testkit import assert_one_line_error, run_cli
 
-ROUTER = "model.layers.1.block_sparse_moe.gate.weight"
-
 
 @pytest.fixture(scope="module")
 def quantized(tiny_released, tmp_path_factory):

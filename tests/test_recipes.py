@@ -36,7 +36,7 @@ def test_recipe_fits_its_tier_with_headroom(path):
     assert p.weight_bytes["experts"] < 0.52 * BF16_EXPERTS  # the routed experts at 8 bits or fewer
 
 
-def test_plan_command_takes_the_recipe_and_flags_override_it(monkeypatch, capsys):
+def test_plan_command_takes_the_recipe_and_flags_override_it(capsys):
     code, out, err = run_cli(capsys, "plan", "--preset", "kimi-linear-48b", "--layers", "4",
                                     "--recipe", str(RECIPE_DIR / "32gb.yaml"), "--max-context", "4096",
                                     "--mla-cache-dtype", "float8_e4m3fn")
@@ -82,7 +82,7 @@ BAD_RECIPES = {
 
 
 @pytest.mark.parametrize("case", BAD_RECIPES)
-def test_recipe_errors_name_the_line(case, tmp_path, monkeypatch, capsys):
+def test_recipe_errors_name_the_line(case, tmp_path, capsys):
     (old, new), line, message = BAD_RECIPES[case]
     path = tmp_path / "bad.yaml"
     path.write_text(RECIPE.replace(old, new))

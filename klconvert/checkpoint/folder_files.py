@@ -11,6 +11,7 @@ from klconvert.errors import KLError
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"  # a checkpoint of one shard and no index
 PICKLED_WEIGHTS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")  # transformers' pickled weights: never read
+RECIPE_FILE = "recipe.yaml"  # what `klconvert quantize` writes into its output: the recipe it applied, provenance
 GENAI_CONFIG = "genai_config.json"  # what `klconvert export-onnx` writes last: an ONNX export, not a checkpoint
 MAX_INDEX_BYTES = 64 << 20  # the released index is 2 MB for 20,253 tensors
 MAX_FILE_NAME_BYTES = 255  # NAME_MAX of Linux's, macOS's and Windows' file systems
@@ -21,10 +22,12 @@ def refuse_link_out(path: Path, folder: Path | None = None) -> None:
     """KLError when `path`, a file of the model folder `folder` (default: the folder it is in), is a link to a file
     outside it: klconvert reads a model's files from its own folder only (a chat template linked to /etc/passwd was
     read into the prompt), and an output copies the file a link names (outputs get shared: a link to ~/.ssh/id_rsa
-    must not travel). In the Hugging Face cache's snapshots/<commit>/ a file is a link into the repo's blobs/, which
-    is its own. A link round in a loop is left to the file's reader, which names it."""
+    must not travel). In the Hugging Face cache's snapshots/<commit>/ (and any folder under it: a repo keeping its
+    model in a subfolder) a file is a link into the repo's blobs/, which is its own. A link round in a loop is left to
+    the file's reader, which names it."""
     root = Path(os.path.realpath(path.parent if folder is None else folder))
-    own = (root,) + ((root.parent.parent / "blobs",) if root.parent.name == "snapshots" else ())
+    own = (root,) + tuple(place.parent.parent / "blobs" for place in (root, *root.parents)
+                          if place.parent.name == "snapshots")
     target = Path(os.path.realpath(path))
     if not any(target.is_relative_to(place) for place in own):
         raise KLError(f"{path}: a link to {target}, outside the model folder; klconvert reads a model's files from its "

@@ -13,6 +13,7 @@ from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.quant import QuantScheme, decompress_nf4, decompress_weight
 from klconvert.quant.declared import DENSE_FORMAT, G_IDX, Declared, declared_groups, group_act_order
+from klconvert.quant.groupwise import SUPPORTED_BITS
 from klconvert.quant.nf4 import BITSANDBYTES, NF4_NAMES
 from klconvert.quant.pack_quantized import PACKED_NAMES as PACKED_PARTS
 from klconvert.quant.policy import is_linear_weight
@@ -144,7 +145,7 @@ def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, S
         if method == COMPRESSED_TENSORS:
             packed, scale = entry("weight_packed"), entry("weight_scale")
             bits = packed.shape[1] * 32 // in_dim if len(packed.shape) == 2 and in_dim else 0
-            ok = (packed.dtype == "I32" and bits in (4, 8) and packed.shape == (out_dim, in_dim * bits // 32)
+            ok = (packed.dtype == "I32" and bits in SUPPORTED_BITS and packed.shape == (out_dim, in_dim * bits // 32)
                   and len(scale.shape) == 2 and scale.shape[0] == out_dim and scale.shape[1] > 0
                   and in_dim % scale.shape[1] == 0 and scale.dtype in ("BF16", "F16", "F32")
                   and entry("weight_shape").shape == (2,) and entry("weight_shape").dtype in ("I64", "I32"))

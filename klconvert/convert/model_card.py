@@ -1,6 +1,7 @@
 """The quantized folder's README.md: a model card naming the source, the schemes, the sizes, and how to run it."""
 from __future__ import annotations
 
+from klconvert.checkpoint.folder_files import RECIPE_FILE
 from klconvert.convert.outputs import PlanTotals
 from klconvert.convert.provenance import SourceOrigin
 from klconvert.quant import Policy
@@ -58,7 +59,7 @@ Moonshot AI's Kimi Linear, weight-quantized by klconvert {klconvert_version} fro
 
 "kept" tensors are stored exactly as in the source: the ignore list ({ignore}) and everything that is
 not a linear weight (embedding, norms, `A_log`, `dt_bias`, the router's correction bias). The recipe
-applied is in `recipe.yaml` (llm-compressor shape); `config.json` carries the matching
+applied is in `{RECIPE_FILE}` (llm-compressor shape); `config.json` carries the matching
 `quantization_config`. Tensor names are the released checkpoint's.
 
 ## Run it

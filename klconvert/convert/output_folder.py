@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from klconvert.atomic_file import write_atomically
-from klconvert.checkpoint.folder_files import MAX_FILE_NAME_BYTES
+from klconvert.checkpoint.folder_files import MAX_FILE_NAME_BYTES, RECIPE_FILE
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.checkpoint.safetensors_writer import TORCH_TO_SAFETENSORS, PlannedTensor
@@ -69,7 +69,7 @@ def is_klconvert_output(folder: Path) -> bool:
     except OSError:
         return False
     front_matter = card.split("\n---", 1)[0] if card.startswith("---") else ""
-    return (folder / "recipe.yaml").is_file() and MODEL_CARD_TAG in front_matter.splitlines()
+    return (folder / RECIPE_FILE).is_file() and MODEL_CARD_TAG in front_matter.splitlines()
 
 
 def refuse_no_new_name(out: Path) -> None:

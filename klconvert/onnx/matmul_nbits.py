@@ -76,21 +76,6 @@ def nbits_weight(parts: dict[str, torch.Tensor], scheme: QuantScheme, name: str)
                        zero_points, n, k, bits, block)
 
 
-def dequantize_nbits(w: NBitsWeight) -> np.ndarray:
-    """The fp32 weight [n, k] a NBitsWeight stands for, as MatMulNBits computes it (the tests' reference)."""
-    blob = w.codes.astype(np.int32)
-    codes = np.stack([blob & 15, blob >> 4], axis=-1).reshape(w.n, w.k) if w.bits == 4 else blob.reshape(w.n, w.k)
-    blocks = w.k // w.block_size
-    if w.zero_points is None:
-        zero = np.full((w.n, blocks), 1 << (w.bits - 1), np.float32)
-    elif w.bits == 4:
-        zp = w.zero_points.astype(np.int32)
-        zero = np.stack([zp & 15, zp >> 4], axis=-1).reshape(w.n, -1)[:, :blocks].astype(np.float32)
-    else:
-        zero = w.zero_points.astype(np.float32)
-    return ((codes.reshape(w.n, blocks, w.block_size) - zero[..., None]) * w.scales[..., None]).reshape(w.n, w.k)
-
-
 def stack_experts(gate: list[NBitsWeight], up: list[NBitsWeight], down: list[NBitsWeight]) -> dict[str, np.ndarray]:
     """Per-expert weights -> QMoE's inputs (swiglu_fusion=1: fc1 rows interleave gate and up, g0 u0 g1 u1 ...):
     fc1/fc2 weights [E, N, K * bits / 8], scales [E, N, K / block], zero points [E, N, ...] when asymmetric."""

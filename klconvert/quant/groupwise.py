@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from klconvert.errors import KLError
+from klconvert.errors import KLError, either
 
-SUPPORTED_BITS = (4, 8)
+SUPPORTED_BITS = (4, 8)  # an int scheme's bits (kernels/ check their own: they import nothing from the package)
 CHANNEL = -1  # group_size meaning "one group per output row" (compressed-tensors strategy "channel")
 _SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -30,7 +30,7 @@ def qrange(bits: int) -> tuple[int, int]:
 def check_groupwise(name: str, shape: tuple[int, ...], bits: int, group_size: int | None) -> int:
     """Check a tensor can take this scheme; return the effective group size (the input dim for channel)."""
     if bits not in SUPPORTED_BITS:
-        raise KLError(f"{name}: {bits}-bit integer quantization is not supported; use one of {SUPPORTED_BITS}")
+        raise KLError(f"{name}: {bits}-bit integer quantization is not supported; use {either(SUPPORTED_BITS)} bits")
     if len(shape) != 2:
         raise KLError(f"{name}: shape {list(shape)} is not a 2-D [out, in] weight; only linear weights can be "
                       "quantized group-wise -- leave this tensor out of the recipe's targets")
@@ -47,10 +47,16 @@ def check_groupwise(name: str, shape: tuple[int, ...], bits: int, group_size: in
 
 
 OBSERVERS = ("minmax", "mse")
-# llm-compressor's MSE observer (observers/mse.py) and its defaults: shrink the min-max range by p = 1, 1 - 1/GRID,
-# ... down to 1 - MAX_SHRINK, keep per group the p whose round trip has the least sum |w - deq(q(w))| ** NORM, stop
-# once PATIENCE steps in a row improve no group.
+# llm-compressor's MSE observer (observers/mse.py) and its defaults: shrink the min-max range by p = 1,
+# 1 - 1/MSE_GRID, ... down to 1 - MSE_MAX_SHRINK, keep per group the p whose round trip has the least
+# sum |w - deq(q(w))| ** MSE_NORM, stop once MSE_PATIENCE steps in a row improve no group.
 MSE_GRID, MSE_MAX_SHRINK, MSE_NORM, MSE_PATIENCE = 100, 0.20, 2.4, 5
+
+
+def unsupported_observer(observer, flag: str | None = None) -> str:
+    """The line refusing `observer`, not one of OBSERVERS: as a recipe and the library name it, or as the command
+    line's `flag` (--observer) does."""
+    return f"{flag or 'observer'} {observer!r} is not supported; use {either(OBSERVERS, flag)}"
 
 
 def _qparams(lo, hi, symmetric: bool, q_min, q_max, dtype):
@@ -116,7 +122,7 @@ def quantize_groupwise(w: torch.Tensor, bits: int, group_size: int | None, symme
     if w.dtype not in _SCALE_DTYPES:
         raise KLError(f"{name}: dtype {w.dtype} is not a floating-point weight; only float weights can be quantized")
     if observer not in OBSERVERS:
-        raise KLError(f"{name}: observer {observer!r} is not one of {OBSERVERS}")
+        raise KLError(f"{name}: {unsupported_observer(observer)}")
     qmin, qmax = qrange(bits)
     # 0-dim fp32 bounds, as compressed-tensors' calculate_range builds them (they do not widen bf16 math)
     q_min, q_max = torch.tensor(float(qmin), device=w.device), torch.tensor(float(qmax), device=w.device)

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 import torch
 
-from klconvert.errors import KLError
-from klconvert.quant.groupwise import dequantize_groupwise, qrange, quantize_groupwise
+from klconvert.errors import KLError, either
+from klconvert.quant.groupwise import SUPPORTED_BITS, dequantize_groupwise, qrange, quantize_groupwise
 from klconvert.quant.scheme import QuantScheme
 
 # The tensors PackedQuantizationCompressor writes for a module, under "<module>.<name>".
@@ -26,8 +26,8 @@ def pack_to_int32(q: torch.Tensor, bits: int, packed_dim: int = 1) -> torch.Tens
     """
     if q.dtype != torch.int8 or q.ndim != 2:
         raise ValueError(f"pack_to_int32 takes a 2-D int8 tensor, got {q.ndim}-D {q.dtype}")
-    if bits not in (4, 8):
-        raise ValueError(f"pack_to_int32 packs 4- or 8-bit values, got {bits}")
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"pack_to_int32 packs {either(SUPPORTED_BITS)}-bit values, got {bits}")
     v = (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)         # unsigned, (rows, cols)
     if packed_dim == 0:
         v = v.T
@@ -46,8 +46,8 @@ def unpack_from_int32(packed: torch.Tensor, bits: int, shape: tuple[int, ...] | 
     """Inverse of pack_to_int32: int32 words -> int8 values of the original 2-D `shape`."""
     if packed.dtype != torch.int32 or packed.ndim != 2:
         raise ValueError(f"unpack_from_int32 takes a 2-D int32 tensor, got {packed.ndim}-D {packed.dtype}")
-    if bits not in (4, 8):
-        raise ValueError(f"unpack_from_int32 unpacks 4- or 8-bit values, got {bits}")
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"unpack_from_int32 unpacks {either(SUPPORTED_BITS)}-bit values, got {bits}")
     words = (packed.T if packed_dim == 0 else packed).contiguous()
     v = words.flatten().view(torch.uint8).view(words.shape[0], -1)       # (rows, 4 * words)
     if sys.byteorder == "big":

@@ -7,7 +7,8 @@ from pathlib import Path
 import yaml
 
 from klconvert.checkpoint.regular_file import open_regular
-from klconvert.errors import KLError
+from klconvert.errors import KLError, either
+from klconvert.quant.groupwise import SUPPORTED_BITS, unsupported_observer
 from klconvert.quant.policy import Entry, Group, Policy, RegexBudget
 from klconvert.quant.scheme import KINDS, NF4_BLOCKSIZE, PACKED_FORMAT, QuantScheme
 from klconvert.recipes import shipped_names, shipped_recipe
@@ -101,7 +102,7 @@ class _Reader:
 
         bits = get("num_bits", int, None)
         if bits is None:
-            self.fail(node, f"{what} needs num_bits (4 or 8)")
+            self.fail(node, f"{what} needs num_bits ({either(SUPPORTED_BITS)})")
         kind = get("type", str, "int")
         symmetric = get("symmetric", bool, True)
         strategy = get("strategy", (str, type(None)), None)
@@ -110,11 +111,11 @@ class _Reader:
             self.fail(w["dynamic"][1], "dynamic weight quantization is not supported; remove `dynamic: true`")
         observer = get("observer", (str, type(None)), "minmax") or "minmax"
         if observer not in _OBSERVERS:
-            self.fail(w["observer"][1], f"observer {observer!r} is not supported; use minmax or mse")
+            self.fail(w["observer"][1], unsupported_observer(observer))
         if get("actorder", (str, type(None)), None) is not None:
             self.fail(w["actorder"][1], "actorder needs calibration (GPTQ), which klconvert does not run; remove it")
         if kind not in KINDS:
-            self.fail(w["type"][1], f"type {kind!r} is not supported; use int or nf4")
+            self.fail(w["type"][1], f"type {kind!r} is not supported; use {either(KINDS)}")
         if kind == "nf4":
             if strategy not in ("group", None):
                 self.fail(w["strategy"][1], f"strategy {strategy!r} is not nf4's; nf4 is quantized in groups (blocks) "

@@ -4,8 +4,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from klconvert.errors import KLError
-from klconvert.quant.groupwise import OBSERVERS
+from klconvert.errors import KLError, either
+from klconvert.quant.groupwise import OBSERVERS, SUPPORTED_BITS, unsupported_observer
 
 PACKED_FORMAT = "pack-quantized"  # compressed-tensors' format of the int weights klconvert writes and reads
 COMPRESSED_TENSORS = "compressed-tensors"  # the quant_method of that format's configs
@@ -38,14 +38,14 @@ class QuantScheme:
                               f"group_size={self.group_size}, symmetric={self.symmetric}, observer={self.observer}")
         elif self.kind == "int":
             if self.observer not in OBSERVERS:
-                raise KLError(f"observer {self.observer!r} is not supported; use one of {', '.join(OBSERVERS)}")
-            if self.bits not in (4, 8):
-                raise KLError(f"integer quantization supports 4 or 8 bits, got {self.bits}")
+                raise KLError(unsupported_observer(self.observer))
+            if self.bits not in SUPPORTED_BITS:
+                raise KLError(f"integer quantization supports {either(SUPPORTED_BITS)} bits, got {self.bits}")
             if self.group_size != -1 and (self.group_size <= 0 or self.group_size % 8):
                 raise KLError(f"group size {self.group_size} is not a positive multiple of 8 (or -1 for "
                               "per-channel); use 32, 64 or 128")
         else:
-            raise KLError(f"quantization kind {self.kind!r} is unknown; use 'int' or 'nf4'")
+            raise KLError(f"quantization kind {self.kind!r} is unknown; use {either(map(repr, KINDS))}")
 
     @property
     def strategy(self) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from klconvert.checkpoint.folder_files import INDEX_FILE
 from klconvert.checkpoint.name_map import (TRANSFORMERS_LAYOUT, TensorSpec, canonical_pieces, expected_tensors,
                                           sliced_shape)
 from klconvert.checkpoint.safetensors_writer import (PlannedTensor, index_json, shard_names, split_into_shards,
@@ -27,6 +28,7 @@ from klconvert.units import size_text
 from klconvert.whole_folder import refuse_taken, whole_folder
 
 DEFAULT_SHARD_BYTES = {"tiny": 4 << 20, "kimi-linear-48b": 5 * 10**9}
+LAYOUTS = ("released", "transformers")  # synth's tensor layouts (--layout's choices): the release's, the port's
 
 
 @dataclass(frozen=True)
@@ -183,8 +185,8 @@ def synth(preset: str, out: str | Path, layers: int | None = None, seed: int = 0
     """Write a random-weight checkpoint folder for `preset` at `out` (new, or an empty folder), whole or not at all."""
     out = Path(out)
     refuse_taken(out)
-    if layout not in ("released", "transformers"):
-        raise KLError(f"unknown layout {layout!r}; choose 'released' or 'transformers'")
+    if layout not in LAYOUTS:
+        raise KLError(f"unknown layout {layout!r}; choose {' or '.join(map(repr, LAYOUTS))}")
     config = preset_config(preset, layers)
     c = KimiLinearConfig.from_dict(config, where=f"preset {preset}")
     expected = expected_tensors(c)
@@ -198,7 +200,7 @@ def synth(preset: str, out: str | Path, layers: int | None = None, seed: int = 0
         write_atomically(folder / "config.json", (json.dumps(config, indent=2) + "\n").encode())
         write_tokenizer_files(folder, num_ranks=c.vocab_size - NUM_SPECIAL_TOKENS, num_specials=NUM_SPECIAL_TOKENS,
                               seed=seed)
-        write_atomically(folder / "model.safetensors.index.json", (index_json(shards, names) + "\n").encode())
+        write_atomically(folder / INDEX_FILE, (index_json(shards, names) + "\n").encode())
         write_atomically(folder / "generation_config.json", (json.dumps(
             {"bos_token_id": c.bos_token_id, "eos_token_id": list(c.eos_token_ids) or None,
              "pad_token_id": c.pad_token_id, "max_length": c.model_max_length}, indent=2) + "\n").encode())

@@ -75,7 +75,7 @@ def layer_inputs(B, H, K, V, W, dtype, device=DEVICE, ranks=(K_RANK, K_RANK)):
     )
 
 
-def run_layer_step(fn, inputs, H, K, out=None, **options):
+def run_layer_step(fn, inputs, out=None, **options):
     named = {n: inputs[n] for n in ("A_log", "dt_bias", "o_norm_weight", "f_b_weight", "g_b_weight")}
     args = [inputs[n] for n in ("x_qkv", "conv_state", "conv_weight", "f_a", "beta_raw", "g_a", "state")]
     return fn(*args, **named, eps=1e-5, out=out, **options)
@@ -91,8 +91,8 @@ def test_kda_layer_step(B, block_v, dtype, state_dtype, ranks):
     inputs["state"] = inputs["state"].to(state_dtype)
     inputs.update(zip(("A_log", "dt_bias"), gate_params(H, K)), o_norm_weight=torch.randn(V, device=DEVICE))
     ref_inputs = {n: t.clone() for n, t in inputs.items()}
-    o = run_layer_step(kda_layer_step, inputs, H, K, out=poisoned(B, H * V, dtype=dtype), block_v=block_v)
-    ref = run_layer_step(naive_kda_layer_step, ref_inputs, H, K)
+    o = run_layer_step(kda_layer_step, inputs, out=poisoned(B, H * V, dtype=dtype), block_v=block_v)
+    ref = run_layer_step(naive_kda_layer_step, ref_inputs)
     assert_close(o, ref, BOUND[dtype], "o")
     assert_close(inputs["state"], ref_inputs["state"], BOUND[state_dtype], "state")
     assert torch.equal(inputs["conv_state"], ref_inputs["conv_state"]), "conv state"
@@ -107,8 +107,8 @@ def test_kda_layer_step_strided_rows():
     inputs["f_a"], inputs["g_a"] = torch.randn(B, 2 * K_RANK + 5, device=DEVICE)[:, 5:].split(K_RANK, dim=1)
     inputs.update(zip(("A_log", "dt_bias"), gate_params(H, K)), o_norm_weight=torch.randn(V, device=DEVICE))
     ref_inputs = {n: t.clone() for n, t in inputs.items()}
-    o = run_layer_step(kda_layer_step, inputs, H, K)
-    assert_close(o, run_layer_step(naive_kda_layer_step, ref_inputs, H, K), BOUND[torch.float32], "o")
+    o = run_layer_step(kda_layer_step, inputs)
+    assert_close(o, run_layer_step(naive_kda_layer_step, ref_inputs), BOUND[torch.float32], "o")
     assert_close(inputs["state"], ref_inputs["state"], BOUND[torch.float32], "state")
 
 
@@ -149,8 +149,8 @@ def test_kda_layer_step_real_shapes(B, state_dtype):
     inputs["state"] = inputs["state"].to(state_dtype)
     inputs.update(zip(("A_log", "dt_bias"), gate_params(H, K)), o_norm_weight=torch.randn(V, device=DEVICE))
     ref_inputs = {n: t.clone() for n, t in inputs.items()}
-    o = run_layer_step(kda_layer_step, inputs, H, K, out=poisoned(B, H * V, dtype=torch.bfloat16))
-    assert_close(o, run_layer_step(naive_kda_layer_step, ref_inputs, H, K), BOUND[torch.bfloat16], "o")
+    o = run_layer_step(kda_layer_step, inputs, out=poisoned(B, H * V, dtype=torch.bfloat16))
+    assert_close(o, run_layer_step(naive_kda_layer_step, ref_inputs), BOUND[torch.bfloat16], "o")
     assert_close(inputs["state"], ref_inputs["state"], BOUND[state_dtype], "state")
     assert torch.equal(inputs["conv_state"], ref_inputs["conv_state"]), "conv state"
 
@@ -185,5 +185,5 @@ def test_layer_step_prefetches_states_only_while_they_fit_half_the_l2(monkeypatc
     for B in (1, 2):
         inputs = layer_inputs(B, H, K, V, 4, torch.float32, device="cpu")
         inputs.update(A_log=torch.randn(H), dt_bias=torch.randn(H * K), o_norm_weight=torch.ones(V))
-        run_layer_step(kda_layer_step, inputs, H, K)
+        run_layer_step(kda_layer_step, inputs)
     assert launches == [True, False]
