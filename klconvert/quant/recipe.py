@@ -137,17 +137,23 @@ class _Reader:
             self.fail(node, str(e))
 
 
-def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
-    """Parse recipe text; every error is a KLError naming `path` and the line."""
-    r = _Reader(path)
+def _compose(text: str, path: str, advice: str = "") -> yaml.Node | None:
+    """Recipe text as YAML nodes (no object is built from them); KLError naming `path` and the line for text that is
+    no YAML, `advice` appended to it."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        return yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
-        raise KLError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', None) or e}); fix the recipe") from None
+        raise KLError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', None) or e}){advice}") from None
     except RecursionError:  # the composer recurses once per level; a recipe is five levels deep
-        raise KLError(f"{path}: nested too deeply to be a recipe; fix the recipe") from None
+        raise KLError(f"{path}: nested too deeply to be a recipe{advice}") from None
+
+
+def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
+    """Parse recipe text; every error is a KLError naming `path` and the line."""
+    r = _Reader(path)
+    root = _compose(text, path, "; fix the recipe")
     if root is None:
         raise KLError(f"{path}: the recipe is empty; it needs a '<name>_stage:' section")
     top = r.mapping(root, "the recipe", None)
@@ -221,14 +227,7 @@ def parse_runtime_section(text: str, path: str) -> dict:
     takes for its defaults, is provenance, and may be another tool's (llm-compressor writes its GPTQ recipes there).
     KLError naming `path` (and the line) for text that is no YAML, or a runtime: section that is malformed."""
     r = _Reader(path)
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise KLError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
-    except RecursionError:
-        raise KLError(f"{path}: nested too deeply to be a recipe") from None
+    root = _compose(text, path)
     if not isinstance(root, yaml.MappingNode):
         return {}
     top = r.mapping(root, "the recipe", None)
