@@ -124,16 +124,16 @@ def test_a_name_that_is_no_folder_nor_repo_says_both(served, capsys):
 def test_a_gated_repo_is_not_called_missing(served, monkeypatch, capsys):
     """huggingface_hub's GatedRepoError is a RepositoryNotFoundError: a repo that exists, which the folder remark
     would have hidden."""
-    import httpx2
-
     from huggingface_hub.errors import GatedRepoError
 
     import klconvert.quantize as quantize_module
     from klconvert import hub
 
+    http = hub._HTTP_MODULES[0]   # httpx2 under huggingface_hub 2.x, httpx under 1.x (this test imported httpx2 alone)
+
     def gated(model, **kwargs):
         with hub._as_user_errors(model, None, "https://hub.example", Path("cache")):
-            raise GatedRepoError("gated", response=httpx2.Response(401, request=httpx2.Request("GET", "https://x")))
+            raise GatedRepoError("gated", response=http.Response(401, request=http.Request("GET", "https://x")))
 
     monkeypatch.setattr(quantize_module, "pull", gated)
     line = assert_one_line_error(*run_cli(capsys, "pull-and-quantize", "--model", "acme/kimi")[::2],
