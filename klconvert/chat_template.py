@@ -25,11 +25,16 @@ OUTPUT_CHARS_EXTRA = 1 << 20
 CHILD_FOLDER = Path(__file__).resolve().parent.parent
 
 
-def render_chat_template(template: str, where: str, **variables) -> str:
-    """The template rendered with `variables` (JSON values), or a KLError naming `where` and what went wrong."""
+def render_chat_template(template: str, where: str, max_chars: tuple[int, str] | None = None, **variables) -> str:
+    """The template rendered with `variables` (JSON values), or a KLError naming `where` and what went wrong.
+    `max_chars`: (characters, why) -- the caller's bound on the rendered text, where tighter than the renderer's own
+    (e.g. what the context can hold), and what it is, said after the count where the render passes it."""
     request = json.dumps({"template": template, "variables": variables})
+    output_chars, over = OUTPUT_CHARS_OVER_INPUT * len(request) + OUTPUT_CHARS_EXTRA, ""
+    if max_chars is not None and max_chars[0] < output_chars:
+        output_chars, over = max_chars
     limits = {"memory": MEMORY_BYTES + 16 * len(request), "cpu": CPU_SECONDS, "loop_items": LOOP_ITEMS,
-              "output_chars": OUTPUT_CHARS_OVER_INPUT * len(request) + OUTPUT_CHARS_EXTRA}
+              "output_chars": output_chars, "output_over": over}
     try:
         proc = subprocess.run([sys.executable, "-m", "klconvert.chat_template"],
                               input=json.dumps({"limits": limits, "request": request}).encode("utf-8"),
@@ -60,7 +65,7 @@ class _TooMuchWork(Exception):
     pass
 
 
-def _render_bounded(template: str, variables: dict, loop_items: int, output_chars: int) -> str:
+def _render_bounded(template: str, variables: dict, loop_items: int, output_chars: int, over: str) -> str:
     import jinja2
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
@@ -91,7 +96,7 @@ def _render_bounded(template: str, variables: dict, loop_items: int, output_char
     for part in env.from_string(template).generate(**variables):
         size += len(part)
         if size > output_chars:
-            raise _TooMuchWork(f"it writes more than {output_chars:,} characters")
+            raise _TooMuchWork(f"it writes more than {output_chars:,} characters{over}")
         parts.append(part)
     return "".join(parts)
 
@@ -111,7 +116,7 @@ def _child() -> None:
     request = json.loads(job["request"])
     try:
         answer = {"text": _render_bounded(request["template"], request["variables"], limits["loop_items"],
-                                          limits["output_chars"])}
+                                          limits["output_chars"], limits["output_over"])}
     except MemoryError:
         answer = {"error": f"it needs more than {limits['memory'] >> 20} MB of memory"}
     except RecursionError:

@@ -5,6 +5,7 @@ import errno
 import math
 import os
 import signal
+import stat
 import sys
 from pathlib import Path
 
@@ -12,19 +13,19 @@ import click
 from click.core import ParameterSource
 
 from klconvert.checkpoint.folder_files import MAX_FILE_NAME_BYTES
+from klconvert.checkpoint.regular_file import kind_of
 from klconvert.config import KimiLinearConfig
-from klconvert.devices import DEVICE_TYPES, checked_device
+from klconvert.devices import DEVICE_NAMES, checked_device, device_name
 from klconvert.entry import StdoutFailed, exit_interrupted, signal_of, signal_status
 from klconvert.errors import KLError, PlanDoesNotFit
 from klconvert.extras import require
 from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, DEFAULT_REPO, default_model, model_folder
 from klconvert.presets import PRESETS
 from klconvert.recipes import shipped_names
-from klconvert.runtime.host_memory import HostMemoryExhausted
+from klconvert.runtime.host_memory import import_exhausted
 from klconvert.units import size_text
 from klconvert.user_paths import refuse_unreachable, shown
 
-DEVICE = click.Choice(DEVICE_TYPES)
 # the runtime's MLA cache dtypes by name (runtime/state.py MLA_CACHE_DTYPES; named here, torch-free, for --help)
 MLA_CACHE_DTYPE = click.Choice(["bfloat16", "float8_e4m3fn"])
 # the runtime's compute dtypes by name (runtime/engine.py COMPUTE_DTYPES; named here, torch-free, for --help)
@@ -110,6 +111,23 @@ REPO = ModelArg("a hub repo id (owner/name)", folder=False)
 REPO_OR_MODEL = ModelArg(f"a hub repo id, a checkpoint folder or {BUNDLED_NAME}")
 
 
+class DeviceArg(click.ParamType):
+    """--device: a name klconvert.devices reads (device_name: cpu, cuda or cuda:N), refused as the library refuses
+    it, without torch; whether torch sees that GPU, checked_device says when the command runs."""
+
+    name = "device"
+
+    def get_metavar(self, param, ctx=None):
+        return f"[{'|'.join(DEVICE_NAMES)}]"
+
+    def convert(self, value, param, ctx):
+        device_name(value)
+        return value
+
+
+DEVICE = DeviceArg()
+
+
 class OneLineErrors(click.Group):
     """The klconvert group: every error a user can cause -- a KLError or a usage error -- ends in one line on stderr,
     `klconvert: error: ...`, with the error's exit status (2 for bad input) and no traceback; so does a standard
@@ -146,9 +164,12 @@ class OneLineErrors(click.Group):
             exit_interrupted(signal_of(e.__cause__))
         except KeyboardInterrupt as e:
             exit_interrupted(signal_of(e))
-        except HostMemoryExhausted as e:   # the runtime's, naming what it was allocating and what bounds the host
-            click.echo(f"klconvert: error: {_one_line(str(e))}", err=True)
-            sys.exit(2)
+        except RuntimeError as e:   # a library's import out of memory (torch's std::bad_alloc), else not a user's
+            exhausted = import_exhausted(e)
+            if exhausted is None:
+                raise
+            click.echo(f"klconvert: error: {_one_line(str(exhausted))}", err=True)
+            sys.exit(exhausted.exit_code)
         except MemoryError:   # the host's memory, or a limit on the process's: whatever asked for it, one line
             click.echo("klconvert: error: out of host memory (or the process's memory limit); free some memory, or "
                        "give the command less to hold (a shorter context or text, a smaller batch or model)", err=True)
@@ -271,7 +292,8 @@ def _given_once(param: click.Parameter, given: tuple[str, ...]) -> str | None:
                    "they are skipped.")
 @click.option("--max-context", type=click.IntRange(min=1), default=None,
               help="Context the memory plan holds [default: prompt + max-new-tokens].")
-@click.option("--device", type=DEVICE, default=None, help="Where to run [default: cuda if present].")
+@click.option("--device", type=DEVICE, default=None,
+              help="Where to run; cuda:N picks the N-th GPU [default: cuda if present].")
 @click.option("--dtype", type=DTYPE, default=None,
               help="Compute dtype [default: bfloat16 on cuda, float32 on cpu].")
 @click.option("--kernels", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True,
@@ -317,7 +339,9 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
     prompts = []
     for prompt_file in prompt_files or (None,):
         text = read_prompt(prompt, prompt_file, tokenizer, budget)
-        ids = tokenizer.encode_chat([{"role": "user", "content": text.text}]) if chat and text.whole else text.ids
+        ids = text.ids
+        if chat and text.whole:   # the render held to what the context leaves the prompt
+            ids = tokenizer.encode_chat([{"role": "user", "content": text.text}], budget)
         if len(ids) > budget:
             raise _context_error(text.where, len(ids), not text.whole, max_new_tokens, max_context, config)
         prompts.append(ids)
@@ -384,7 +408,8 @@ def _refuse_runtime_flags_for_onnxruntime(device: str | None, dtype: str | None,
                                           max_context: int | None) -> None:
     """The flags of klconvert's runtime that --engine onnxruntime cannot honour (it runs the exported fp32 graph on
     the CPU, its cache growing with the sequence)."""
-    given = [flag for flag, bad in (("--device cuda", device == "cuda"), ("--dtype bfloat16", dtype == "bfloat16"),
+    given = [flag for flag, bad in ((f"--device {device}", device is not None and device_name(device)[0] == "cuda"),
+                                    ("--dtype bfloat16", dtype == "bfloat16"),
                                     (f"--kernels {kernels}", kernels == "triton"),
                                     ("--max-context", max_context is not None)) if bad]
     if given:
@@ -536,7 +561,8 @@ def _quantize_options(command):
         click.option("--recipe", type=PathArg(path_type=Path), default=None,
                      help="llm-compressor-shaped recipe YAML saying how each tensor is stored (instead of the "
                           f"five flags above), or a shipped one by name ({', '.join(shipped_names())})."),
-        click.option("--device", type=DEVICE, default=None, help="Where to quantize [default: cuda if present]."),
+        click.option("--device", type=DEVICE, default=None,
+                     help="Where to quantize; cuda:N picks the N-th GPU [default: cuda if present]."),
         click.option("--max-shard-size", default=None,
                      help="Largest output shard, e.g. 5GB, 500MB [default: 5GB]; a rerun after a kill redoes only "
                           "the unfinished shard, so smaller shards lose less."),
@@ -603,7 +629,8 @@ def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: 
               help="UTF-8 text to run both models on.")
 @click.option("--max-tokens", type=click.IntRange(min=2), default=2048, show_default=True,
               help="Cut the tokenized text to this many tokens (only that much of the file is read).")
-@click.option("--device", type=DEVICE, default=None, help="Where to run [default: cuda if present].")
+@click.option("--device", type=DEVICE, default=None,
+              help="Where to run; cuda:N picks the N-th GPU [default: cuda if present].")
 @click.option("--dtype", type=DTYPE, default=None,
               help="Compute dtype [default: bfloat16 on cuda, float32 on cpu].")
 def eval_(model: str, reference: str, text_file: Path, max_tokens: int, device: str | None,
@@ -687,6 +714,8 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
     _refuse_layers_with_model(model, layers)
     if json_file is not None and json_file.is_dir():
         raise KLError(f"--json {json_file}: is a folder; give a file name, e.g. {json_file / 'bench.json'}")
+    if json_file is not None:
+        _refuse_what_the_results_would_replace(json_file)
     # its folder made now, not after minutes of timing, and removed again if the bench fails (no GPU, say)
     with parent_made(json_file) if json_file is not None else nullcontext():
         if preset is not None:
@@ -722,6 +751,21 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
             except OSError as e:
                 raise KLError(f"--json {json_file}: cannot write it ({e.strerror}); the figures are in the lines "
                               "above") from None
+
+
+def _refuse_what_the_results_would_replace(json_file: Path) -> None:
+    """bench writes --json whole, a new file renamed over the name (write_atomically): a link there (/dev/stdout is
+    one) or a FIFO, device or socket would be replaced by that file, not written into -- refused before the bench."""
+    try:
+        mode = os.lstat(json_file).st_mode
+    except (FileNotFoundError, NotADirectoryError):   # a new name (PathArg refused one that cannot be looked at)
+        return
+    if stat.S_ISLNK(mode):
+        raise KLError(f"--json {json_file}: is a link (to {os.readlink(json_file)}), which the results would replace, "
+                      "not write through; give the file's own name or a new one")
+    if not stat.S_ISREG(mode):
+        raise KLError(f"--json {json_file}: is {kind_of(mode)}, not a file; give the name of a file to write (a new "
+                      "one, or one to replace)")
 
 
 ALLOCATOR_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")  # the user's wins

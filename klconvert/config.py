@@ -40,6 +40,11 @@ SIZE_RANGES = {
 # routed_scaling_factor of 1e30 made every logit NaN).
 FLOAT_BOUNDS = {"rms_norm_eps": 1.0, "routed_scaling_factor": 1000.0}
 MAX_LISTED = 8  # layer numbers a message lists before it says how many more
+# torch_dtype's values (transformers 5 names the field dtype), each with the safetensors dtype it names: the float
+# types klconvert reads weights in (checkpoint/reader.py). klconvert reads no weights by it, but its outputs copy
+# config.json, and transformers and vLLM load the model in it: another string failed transformers' config ("auto",
+# "garbage": torch has no such attribute) or loaded bf16 weights in float64.
+WEIGHT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 # (field name in config.json, accepted Python types). bool is excluded from int fields below.
 _REQUIRED = {
@@ -74,10 +79,11 @@ _OPTIONAL = {  # field: (types, default)
     "bos_token_id": ((int, type(None)), None),
     "eos_token_id": ((int, list, type(None)), None),
     "pad_token_id": ((int, type(None)), None),
+    "torch_dtype": ((str, type(None)), None),
 }
-# transformers' other name (its KimiLinearConfig.attribute_map) for a field of _OPTIONAL: the release writes
-# model_max_length, a config saved under the other name bounds the context by it all the same
-_OPTIONAL_ALIASES = {"model_max_length": "max_position_embeddings"}
+# transformers' other name for a field of _OPTIONAL: the release writes model_max_length (torch_dtype), a config saved
+# under the other name (KimiLinearConfig.attribute_map's; transformers 5's dtype) is read by it all the same
+_OPTIONAL_ALIASES = {"model_max_length": "max_position_embeddings", "torch_dtype": "dtype"}
 # Fields the runtime does not read, since it implements one value of each (the release's): a checkpoint with another
 # would run as a model it is not (a "gelu" MLP through SiLU).
 _FIXED = {name: RELEASED_CONFIG[name] for name in ("hidden_act", "moe_layer_freq", "num_nextn_predict_layers")}
@@ -227,6 +233,11 @@ class KimiLinearConfig:
                               f"{only!r} (the release's), so this checkpoint is another model")
         if "use_grouped_topk" in d:   # with num_expert_group 1 (checked below) grouping is a no-op either way
             _check_type(where, "use_grouped_topk", d["use_grouped_topk"], bool)
+        dtype = values.pop("torch_dtype")   # checked, not kept: for the readers of the outputs that copy it
+        if dtype is not None and dtype not in WEIGHT_DTYPES:
+            raise KLError(f"{where}: field '{stored_as['torch_dtype']}' is {dtype!r:.40}; it names the float type the "
+                          f"weights are stored in, which transformers and vLLM load the model in: one of "
+                          f"{', '.join(WEIGHT_DTYPES)} -- fix the config")
         # checked, not kept: the runtime implements the one value each may have
         if values.pop("q_lora_rank") is not None:
             raise KLError(f"{where}: q_lora_rank={d['q_lora_rank']} (a low-rank MLA query) is not part of "

@@ -24,6 +24,16 @@ def either(choices, flag: str | None = None) -> str:
     return " or ".join(str(c) if flag is None else f"{flag} {c}" for c in choices)
 
 
+_UNSAID = object()
+
+
+def argument(name: str, flag: str, value=_UNSAID) -> str:
+    """An argument as a message names it to both kinds of caller: as the Python API's `name` (with the `value` given,
+    when there is one) and as the command line's `flag` that sets it -- "max_context=0 (--max-context)", "batch
+    (--batch)"."""
+    return f"{name if value is _UNSAID else f'{name}={value!r}'} ({flag})"
+
+
 def first_line(error: BaseException) -> str:
     """An error's first non-blank line (its type's name when it has none): what a one-line message quotes of it."""
     return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)

@@ -16,6 +16,7 @@ from klconvert.models import model_folder
 from klconvert.runtime.host_memory import HostMemory, host_allocation, host_memory
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.tokenizer import BPE_FILE, CONFIG_FILE, Tokenizer
+from klconvert.units import size_text
 
 KL_QUANTILE = 0.99
 KL_ROWS = 256  # positions per step of the KL sum: [256, 163840] fp32 temporaries are 168 MB each
@@ -77,13 +78,15 @@ class ModelRun:
     config: KimiLinearConfig
 
 
-def run_model(path: Path, ids: list[int], device: str | torch.device | None, dtype: str | None) -> ModelRun:
+def run_model(path: Path, ids: list[int], device: str | torch.device | None, dtype: str | None,
+              named: str | None = None) -> ModelRun:
     """Load one model, run the ids through Engine.forward recording each MoE layer's choices, free it. The CPU
     allocator refusing any of it (loading, the log-probs, a segment's logits) is HostMemoryExhausted (a
-    MemoryError)."""
+    MemoryError), naming the model as `named` (as the user gave it: "--model tiny"; default: its path)."""
     from klconvert.runtime.engine import load
 
-    with host_allocation(f"a run of {path} over {len(ids):,} tokens (the model, its log-probabilities and logits)"):
+    with host_allocation(f"a run of {named or path} over {len(ids):,} tokens (the model, its log-probabilities and "
+                         "logits)"):
         engine = load(path, device=device, dtype=dtype, max_context=len(ids))
         c = engine.config
         chosen: dict[int, list[torch.Tensor]] = {}
@@ -191,7 +194,7 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
     _refuse_past_host_memory(len(ids), configs[1], _plan_on_the_host(configs[1], len(ids), device, dtype),
                              host_memory())
 
-    ref, got = run_model(reference, ids, device, dtype), run_model(model, ids, device, dtype)
+    ref, got = run_model(reference, ids, device, dtype, names[1]), run_model(model, ids, device, dtype, names[0])
     with host_allocation(f"the KL sum's rows ([{KL_ROWS}, {configs[1].vocab_size:,}] fp32)"):
         return compare(ref, got, ids, *names)
 
@@ -244,16 +247,13 @@ def _refuse_past_host_memory(tokens: int, config: KimiLinearConfig, plan: Memory
         mid = (fits + past) // 2
         fits, past = (mid, past) if fit(_host_bytes(mid, config, plan)) else (fits, mid)
     held = (f"both models' log-probabilities and router choices over a {config.vocab_size:,}-word vocabulary "
-            f"({_gib(kept)}), " + (f"one model on the CPU with its memory plan ({_gib(model)}), " if plan else "")
-            + f"the logits in hand ({_gib(logits)})")
-    raise KLError(f"eval would hold {_gib(sum(parts))} on the host for {tokens:,} tokens -- {held} -- more than "
+            f"({size_text(kept)}), "
+            + (f"one model on the CPU with its memory plan ({size_text(model)}), " if plan else "")
+            + f"the logits in hand ({size_text(logits)})")
+    raise KLError(f"eval would hold {size_text(sum(parts))} on the host for {tokens:,} tokens -- {held} -- more than "
                   f"fits (the model's plan, and the rest within {HOST_SHARE:.0%}) in the {host}; "
                   + (f"lower --max-tokens to {fits:,} or less, or {host.remedy}" if fits >= 2 else
                      f"not even 2 tokens fit: {host.remedy}"))
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"   # as HostMemory writes what is available, which the refusal quotes beside it
 
 
 def compare(ref: ModelRun, got: ModelRun, ids: list[int], model: str = "the model",

@@ -2,6 +2,7 @@
 package (klconvert/bundled/), and the folder `klconvert run` and `export-onnx` use when given no --model."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from klconvert.errors import KLError
@@ -56,9 +57,16 @@ def model_folder(value: str | Path, named: str) -> Path:
 
 def default_model(verb: str) -> tuple[Path, str]:
     """What `klconvert run` and `export-onnx` use without --model: the quantized 48B folder when it is here, else
-    the bundled model; with the line saying which, `verb` being what the command does with it ("running")."""
+    the bundled model; with the line saying which, `verb` being what the command does with it ("running"). A name
+    there that is no folder -- a file, or a link to nothing (a disk not mounted) -- is refused, not passed over."""
     refuse_unreachable(DEFAULT_MODEL_DIR)
-    if Path(DEFAULT_MODEL_DIR).is_dir():
-        return Path(DEFAULT_MODEL_DIR), f"{verb} {DEFAULT_MODEL_DIR} (pass --model to choose another)"
+    default = Path(DEFAULT_MODEL_DIR)
+    if default.is_dir():
+        return default, f"{verb} {DEFAULT_MODEL_DIR} (pass --model to choose another)"
+    if os.path.lexists(default):
+        what = (f"is a link to {os.readlink(default)}, which does not exist (a disk not mounted?)"
+                if not default.exists() else "is not a folder")
+        raise KLError(f"{DEFAULT_MODEL_DIR}: {what} -- the 48B folder used when no --model is given; pass --model "
+                      f"DIR, or --model {BUNDLED_NAME} for the bundled model")
     return bundled_dir(), (f"no {DEFAULT_MODEL_DIR} here: {verb} the bundled model `{BUNDLED_NAME}` (a small Kimi "
                            "Linear trained on Shakespeare); `klconvert pull-and-quantize --bits 4` makes the 48B one")

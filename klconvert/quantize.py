@@ -36,7 +36,7 @@ from klconvert.convert.provenance import SourceOrigin, source_fingerprint, sourc
 from klconvert.config import MAX_CONFIG_BYTES, KimiLinearConfig
 from klconvert.devices import checked_device
 from klconvert.disk_space import failed_write
-from klconvert.errors import KLError, either, read_failure
+from klconvert.errors import KLError, argument, either, read_failure
 from klconvert.extras import require
 from klconvert.hub import SIDE_FILES, is_repo_id, pull
 from klconvert.models import BUNDLED_NAME, DEFAULT_REPO, quantized_folder_name, resolve_model
@@ -147,8 +147,8 @@ def shard_limit(max_shard_bytes: int | None, given: str | None = None) -> int:
         if given is not None:
             raise KLError(f"--max-shard-size {given!r}: a shard holds at least {least}; give a size such as 5GB or "
                           "500MB")
-        raise KLError(f"max_shard_bytes={max_shard_bytes!r} (--max-shard-size): give a whole number of bytes, at "
-                      f"least {MIN_SHARD_BYTES:,}, or None for the default {size_text(MAX_SHARD_BYTES)}")
+        raise KLError(f"{argument('max_shard_bytes', '--max-shard-size', max_shard_bytes)}: give a whole number of "
+                      f"bytes, at least {MIN_SHARD_BYTES:,}, or None for the default {size_text(MAX_SHARD_BYTES)}")
     return max_shard_bytes
 
 
@@ -278,7 +278,7 @@ def _quantize(src: Path, out: Path, policy: Policy, runtime: dict, torch_device:
     refuse_existing_out(out, force)  # again: a run that held the lock before us may have just finished OUT
     refuse_quantized_source(src)
     checkpoint = open_checkpoint(src)
-    check_tokenizer_if_any(src, checkpoint.config.vocab_size)
+    check_tokenizer_if_any(src, checkpoint.config)
     side_files = {path.name: _side_file(path) for path in _copied_files(src)}   # small: read before any work
     names_and_shapes = [(name, spec.shape) for name, spec in checkpoint.expected.items()]
     policy = policy.check_against(names_and_shapes)
@@ -356,13 +356,14 @@ def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, 
     quantize it into `out` (default ./<model-name>-w4a16, -w8a16 or -nf4). Options, and whether OUT's folder takes
     files, are checked before anything is downloaded."""
     policy, _ = choose_policy(bits, group_size, symmetric, scheme, recipe, observer)
+    local = model == BUNDLED_NAME or Path(model).is_dir()
+    if not local and (Path(model).exists() or not is_repo_id(model)):   # ./x, ~/x, a/b/c, a file: a path
+        raise KLError(f"--model {model}: no such folder (and not a hub repo id like {DEFAULT_REPO}); check the path")
+    # the name before the device: the default device starts CUDA, which refusing a mistyped folder need not
     checked_device(device)   # these two checked before a download, as the policy is
     shard_limit(max_shard_bytes)
     out = Path(out) if out is not None else default_out_name(model, policy)
     refuse_existing_out(out, force)
-    local = model == BUNDLED_NAME or Path(model).is_dir()
-    if not local and (Path(model).exists() or not is_repo_id(model)):   # ./x, ~/x, a/b/c, a file: a path
-        raise KLError(f"--model {model}: no such folder (and not a hub repo id like {DEFAULT_REPO}); check the path")
     if local and revision is not None:
         raise KLError(f"--revision {revision} picks a hub revision, but --model {model} is a local folder; "
                       "drop --revision")

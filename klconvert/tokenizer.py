@@ -6,6 +6,7 @@ import binascii
 import codecs
 import hashlib
 import json
+import math
 import numbers
 import operator
 import re
@@ -223,6 +224,14 @@ class Tokenizer:
         # backslash text would come back so too: plain text either way, never a special id)
         self._repr_codes = {repr(code)[1:-1]: repr(text)[1:-1] for text, code in self._escape_codes.items()}
         self._unescape_repr_pattern = re.compile("|".join(map(re.escape, self._repr_codes)))
+        # The most characters of a rendered chat one id can stand for (encode_chat's bound on a render): an id covers
+        # at most its token's bytes (a character is one byte or more) or its special token's text, and the render
+        # writes a message's special-token text as its code -- 2 characters, 20 in a printed list's repr --, at most
+        # `expansion` characters for each character it comes back as.
+        longest = max(max(map(len, encoding._mergeable_ranks)), max(map(len, special_tokens)))
+        expansion = max(len(code) / len(text) for code, text in
+                        [*((code, text) for text, code in self._escape_codes.items()), *self._repr_codes.items()])
+        self._rendered_chars_per_id = math.ceil(longest * max(1.0, expansion))
 
     @classmethod
     def from_folder(cls, path: str | Path, vocab_size: int | None = None) -> Tokenizer:
@@ -348,12 +357,18 @@ class Tokenizer:
         return [token_id for piece in pieces_for_tiktoken(text)
                 for token_id in self._encoding.encode_ordinary(piece)]
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], max_tokens: int | None = None) -> list[int]:
         """Chat turns ([{"role": ..., "content": ...}]) through the folder's chat template, ready to generate.
 
         Special tokens count only where the template wrote them; their text inside a message stays plain text.
+        `max_tokens`: the most ids the caller can take (`run`: what the context leaves the prompt); a render longer
+        than that many ids can stand for is stopped as it passes it, unencoded (the caller counts the ids).
         """
         _check_messages(messages)
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral)
+                                       or max_tokens < 1):
+            raise KLError(f"encode_chat: max_tokens {max_tokens!r:.40} should be a whole number of at least 1, or "
+                          "None for no bound")
         if self._chat_template is None:
             raise KLError(f"{self._chat_template_path}: no chat_template (nor {CHAT_TEMPLATE_FILE}) in this "
                           "folder; send the prompt as plain text or use a checkpoint that ships a chat template")
@@ -362,7 +377,10 @@ class Tokenizer:
         except RecursionError:
             raise KLError("encode_chat: messages are nested too deeply (or a list or dict holds itself); give "
                           "[{'role': ..., 'content': ...}] dicts of strings") from None
-        rendered = render_chat_template(self._chat_template, str(self._chat_template_path), messages=escaped,
+        per_id = self._rendered_chars_per_id
+        bound = None if max_tokens is None else (int(max_tokens) * per_id, f", more than {max_tokens:,} tokens can "
+                                                                          f"hold at up to {per_id} characters a token")
+        rendered = render_chat_template(self._chat_template, str(self._chat_template_path), bound, messages=escaped,
                                         add_generation_prompt=True, bos_token=self._bos_token,
                                         eos_token=self._eos_token)
         ids: list[int] = []
@@ -473,13 +491,37 @@ def _check_messages(messages) -> None:
                               f"{part.get('text')!r:.40}")
 
 
-def check_tokenizer_if_any(folder: Path, vocab_size: int) -> Tokenizer | None:
-    """A source folder's tokenizer read as `run` reads it -- refused now, not in an output that copies it -- when it
-    has one: a folder of weights alone (neither tiktoken.model nor tokenizer_config.json) passes, as its output
-    will, and has None."""
+def check_tokenizer_if_any(folder: Path, config: KimiLinearConfig) -> Tokenizer | None:
+    """A source folder's tokenizer read as `run` reads it, config.json's token ids held to it (check_config_token_ids)
+    -- refused now, not in an output that copies it -- when it has one: a folder of weights alone (neither
+    tiktoken.model nor tokenizer_config.json) passes, as its output will, and has None."""
     if (folder / BPE_FILE).exists() or (folder / CONFIG_FILE).exists():
-        return Tokenizer.from_folder(folder, vocab_size)
+        tokenizer = Tokenizer.from_folder(folder, config.vocab_size)
+        check_config_token_ids(config, tokenizer, folder)
+        return tokenizer
     return None
+
+
+def check_config_token_ids(config: KimiLinearConfig, tokenizer: Tokenizer, folder: Path) -> None:
+    """KLError where config.json's bos_token_id, eos_token_id (each, where a list) or pad_token_id is an ordinary text
+    token of tiktoken.model rather than a special token of tokenizer_config.json: generation stops at config.json's
+    eos ids (model_stop_ids), so such an id stopped it wherever that text came. A special other than the
+    tokenizer's own is no contradiction: the release's eos_token_id is <|im_end|>, its tokenizer's eos_token [EOS]
+    (both stop)."""
+    own_ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
+    for kind, token_ids in (("bos", (config.bos_token_id,)), ("eos", config.eos_token_ids),
+                            ("pad", (config.pad_token_id,))):
+        for token_id in token_ids:
+            if token_id is None or token_id in tokenizer.special_ids:
+                continue
+            own = own_ids[kind]
+            said = f"its {kind}_token has id {own}" if own is not None else f"it names no {kind}_token"
+            harm = ("generation would stop wherever that text came" if kind == "eos" else
+                    f"a runtime reading it would take that text for the {kind} token")
+            raise KLError(f"{folder / 'config.json'}: {kind}_token_id {token_id} is the text token "
+                          f"{tokenizer.token_bytes(token_id)!r:.40} of {BPE_FILE}, not a special token of "
+                          f"{CONFIG_FILE} ({said}); {harm} -- set {kind}_token_id to a special token's id, or "
+                          "re-download the model")
 
 
 def model_stop_ids(config: KimiLinearConfig, tokenizer: Tokenizer | None) -> frozenset[int]:

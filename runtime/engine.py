@@ -15,7 +15,7 @@ from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.config import KimiLinearConfig
 from klconvert.devices import checked_device
-from klconvert.errors import KLError
+from klconvert.errors import KLError, argument
 from klconvert.models import resolve_model
 from klconvert.quant import QuantScheme
 from klconvert.runtime.bind import bind, packed_choice
@@ -27,6 +27,7 @@ from klconvert.runtime.sampling import as_number, check_generate_args, sample, s
 from klconvert.runtime.state import MLA_CACHE_DTYPES
 from klconvert.runtime.weights import HeldPacked, Packed, use_triton
 from klconvert.tokenizer import Tokenizer, check_tokenizer_if_any, model_stop_ids
+from klconvert.units import size_text
 
 SMALL_MODEL_HIDDEN = 1024  # below this hidden size, CPU decode runs on one thread (see Engine._small_model_threads)
 MAX_TOKENS_IN_FLIGHT = 8  # decode steps the host may run ahead of the tokens it has seen (stop checks lag so)
@@ -161,7 +162,7 @@ def checked_mla_cache_dtype(mla_cache_dtype: str | torch.dtype | None) -> torch.
     if isinstance(mla_cache_dtype, str) and mla_cache_dtype in MLA_CACHE_DTYPES:
         return MLA_CACHE_DTYPES[mla_cache_dtype]
     if mla_cache_dtype is not None and mla_cache_dtype not in MLA_CACHE_DTYPES.values():
-        raise KLError(f"mla_cache_dtype={mla_cache_dtype!r} (--mla-cache-dtype): choose "
+        raise KLError(f"{argument('mla_cache_dtype', '--mla-cache-dtype', mla_cache_dtype)}: choose "
                       f"{' or '.join(MLA_CACHE_DTYPES)}, by name or torch dtype")
     return mla_cache_dtype
 
@@ -177,7 +178,7 @@ def check_plan_args(context, batch, mla_cache_dtype: str | torch.dtype | None, c
     for name, flag, value in ((context_name, "--max-context", context), ("batch", "--batch", batch)):
         number = as_number(value, whole=True)
         if number is None or number < 1:
-            raise KLError(f"{name}={value!r} ({flag}) should be a whole number of at least 1")
+            raise KLError(f"{argument(name, flag, value)} should be a whole number of at least 1")
         sizes.append(number)
     return sizes[0], sizes[1], mla_cache_dtype
 
@@ -232,6 +233,8 @@ class Runner:
 
     # what holds the engine: the call running a generation (generate, decode_loop) while it runs, or SEGMENTS
     _holder: str | None = None
+    # what asks for less memory, as an out-of-host-memory line in a decode step says it (host_allocation's `less`)
+    decode_less = "give fewer or shorter prompts"
 
     def _check_idle(self, call: str) -> None:
         """KLError while a generation runs on this engine (`call` from one of its callbacks) or a forward_segments
@@ -323,7 +326,8 @@ class Runner:
 
         n, timed_from = 1, 1
         hand_on(stream.landed())
-        with self._small_model_threads():
+        with self._small_model_threads(), host_allocation(f"a decode step's activations (batch {B})",
+                                                          self.decode_less):
             while n < max_new_tokens and not all(stopped):
                 if n == 2:  # the first step is in: time the rest (GenerationStats.decode_tps)
                     _sync(self.device)
@@ -350,15 +354,18 @@ class Runner:
 class Engine(Runner):
     """A model on one device, with state buffers allocated once by its MemoryPlan."""
 
+    decode_less = f"lower {argument('max_context', '--max-context')} or {argument('batch', '--batch')}"
+
     def __init__(self, config: KimiLinearConfig, read: Callable[[str], torch.Tensor], device: torch.device,
                  dtype: torch.dtype, context: int, batch: int, biased_router_weights: bool = False,
                  packed: Packed | None = None, kernels: str = "torch",
                  stored_schemes: dict[str, QuantScheme] | None = None, mla_cache_dtype: torch.dtype | None = None,
-                 cuda_graph: bool = True, tokenizer: Tokenizer | None = None):
+                 cuda_graph: bool = True, tokenizer: Tokenizer | None = None, context_name: str = "context"):
         """`read(name)` gives a canonical tensor (e.g. Checkpoint.get), `packed(name)` a quantized weight's stored
         parts (Checkpoint.packed) and `stored_schemes` how each packed weight is stored; `kernels` picks PyTorch
         or Triton (auto: Triton on CUDA). The decode step is captured in a CUDA graph with Triton on CUDA.
-        `tokenizer`: the folder's, whose stop tokens join config.json's in `stop_ids` (model_stop_ids)."""
+        `tokenizer`: the folder's, whose stop tokens join config.json's in `stop_ids` (model_stop_ids).
+        `context_name`: what the caller named the context (load: max_context), as a refusal names it."""
         self.config, self.device, self.dtype = config, device, dtype
         self.stop_ids = model_stop_ids(config, tokenizer)   # where generate stops unless told otherwise
         self.prefill_segment = PREFILL_SEGMENT  # prompt tokens per model call (the plan's workspace assumes this)
@@ -368,8 +375,8 @@ class Engine(Runner):
         self.weight_bytes = weight_bytes(config, dtype, HeldPacked(held))
         self.weights_held = 0    # bytes of weights bound (what a resize on the CPU adds back to what the host has)
         self.state = None
-        self._plan_state(context, batch, mla_cache_dtype or dtype)   # refused before any weight is read
-        with host_allocation(f"the weights ({sum(self.weight_bytes.values()) / 2**30:.1f} GiB)"):
+        self._plan_state(context, batch, mla_cache_dtype or dtype, context_name)   # refused before any weight is read
+        with host_allocation(f"the weights ({size_text(sum(self.weight_bytes.values()))})"):
             bind(self.model, read, packed, held, device, dtype, self.triton)
         self.weights_held = sum(self.weight_bytes.values())
         self.cuda_graph = cuda_graph and self.triton and device.type == "cuda"   # for each batch that captures
@@ -378,11 +385,12 @@ class Engine(Runner):
         self._allocate_state()
         self.stats = GenerationStats()
 
-    def _plan_state(self, context: int, batch: int, mla_cache_dtype: torch.dtype) -> None:
-        """Size the state for this context and batch (self.plan); refuse what does not fit."""
+    def _plan_state(self, context: int, batch: int, mla_cache_dtype: torch.dtype, context_name: str) -> None:
+        """Size the state for this context and batch (self.plan); refuse what does not fit, naming the context as
+        the caller did (`context_name`) with --max-context."""
         if context > self.config.model_max_length:
-            raise KLError(f"a context of {context} tokens is over the model's {self.config.model_max_length_name} "
-                          f"{self.config.model_max_length}; lower --max-context (or shorten the prompt)")
+            raise KLError(f"{argument(context_name, '--max-context', context)} is over the model's "
+                          f"{self.config.model_max_length_name} {self.config.model_max_length}; lower it")
         host = None    # on the CPU: what the host, and the process's limits, leave it (what it holds back in)
         if self.device.type == "cuda":
             limit = torch.cuda.get_device_properties(self.device).total_memory
@@ -397,11 +405,12 @@ class Engine(Runner):
                           act_dtype=self.dtype, mla_cache_dtype=mla_cache_dtype, memory_limit=limit)
         if limit is not None and plan.total > limit:
             fit = plan.largest_context()
-            raise KLError(f"the plan needs {plan.total / 2**30:.1f} GiB but {self.device} has "
-                          + (f"{limit / 2**30:.1f} GiB" if host is None else str(host)) + "; "
-                          + (f"lower --max-context to {fit} or less" if fit else
+            raise KLError(f"the plan needs {size_text(plan.total)} but {self.device} has "
+                          + (size_text(limit) if host is None else str(host)) + "; "
+                          + (f"lower {argument(context_name, '--max-context')} to {fit} or less" if fit else
                              "the weights alone do not fit: use a quantized model (klconvert quantize --bits 4)"
-                             if plan.weights > limit else f"no context fits a batch of {batch}: lower --batch")
+                             if plan.weights > limit else
+                             f"no context fits a batch of {batch}: lower {argument('batch', '--batch')}")
                           + ("" if host is None else f", or {host.remedy}"))
         self.plan = plan
 
@@ -419,7 +428,8 @@ class Engine(Runner):
         leaves the engine as it was."""
         self._check_idle("resize")
         context, batch, mla_cache_dtype = check_plan_args(context, batch, mla_cache_dtype, "context")
-        self._plan_state(context, batch, mla_cache_dtype or self.plan.mla_cache_dtype)   # the old state counted free
+        self._plan_state(context, batch, mla_cache_dtype or self.plan.mla_cache_dtype,   # the old state counted free
+                         "context")
         self._steps, self.state = {}, None   # freed before the new one is allocated
         self._allocate_state()
 
@@ -431,16 +441,17 @@ class Engine(Runner):
 
     def _check_batch(self, batch: int) -> None:
         if batch > self.plan.batch:
-            raise KLError(f"{batch} sequences are over the planned batch {self.plan.batch}; load with batch="
-                          f"{batch} (--batch)")
+            raise KLError(f"{batch} sequences are over the planned batch {self.plan.batch}; load with "
+                          f"{argument('batch', '--batch', batch)}")
 
     def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        """Refuse up front a request that would run past the planned context."""
+        """Refuse up front a request that would run past the planned context (max_new_tokens 0: a prefill's)."""
         need = prompt_tokens + max_new_tokens
         if need > self.plan.context:
-            raise KLError(f"the prompt ({prompt_tokens} tokens) plus --max-new-tokens {max_new_tokens} needs a "
-                          f"context of {need} tokens but the memory plan holds {self.plan.context}; raise "
-                          f"--max-context to {need} or more, or shorten the prompt")
+            new = f" plus {argument('max_new_tokens', '--max-new-tokens', max_new_tokens)}" if max_new_tokens else ""
+            raise KLError(f"the prompt ({prompt_tokens} tokens){new} needs a context of {need} tokens but the memory "
+                          f"plan holds {self.plan.context}; raise {argument('max_context', '--max-context')} to {need} "
+                          "or more, or shorten the prompt")
 
     # ---- prefill ---------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -452,10 +463,14 @@ class Engine(Runner):
         makes the same shapes (MLA's key blocks are fixed), so the allocator reuses its blocks; a prefill of several
         segments hands its cache back at the end."""
         state.reset()
+        batch = f", batch {ids.shape[0]}" if ids.shape[0] > 1 else ""
+        what = f"a prefill's activations ({ids.shape[1]:,} tokens{batch})"   # an allocator's refusal names it
+        less = f"give a shorter prompt, or lower {argument('max_context', '--max-context')}"
         for start in range(0, ids.shape[1], self.prefill_segment):
             seg = ids[:, start:start + self.prefill_segment]
             last = start + seg.shape[1] == ids.shape[1]
-            logits = self.model(seg, state, start, last_only=not all_logits)
+            with host_allocation(what, less):
+                logits = self.model(seg, state, start, last_only=not all_logits)
             if progress is not None:
                 _sync(self.device)
                 progress(seg.numel())
@@ -540,7 +555,8 @@ class Engine(Runner):
         if not 0 <= int(positions.min()) <= int(positions.max()) < self.plan.context:
             raise KLError(f"position {position} is outside the planned context 0..{self.plan.context - 1}")
         token, positions = token.to(self.device), positions.to(self.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), host_allocation(f"a decode step's activations (batch {token.shape[0]})",
+                                                      self.decode_less):
             return self.model.decode(token, self.state.rows(0, token.shape[0]), positions)
 
     def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
@@ -604,7 +620,7 @@ def device_and_dtype(device: str | torch.device | None, dtype: torch.dtype | str
         return device, DEFAULT_DTYPES[device.type]
     named = COMPUTE_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
     if named not in COMPUTE_DTYPES.values():
-        raise KLError(f"--dtype {dtype}: choose {' or '.join(COMPUTE_DTYPES)}")
+        raise KLError(f"{argument('dtype', '--dtype', dtype)}: choose {' or '.join(COMPUTE_DTYPES)}")
     return device, named
 
 
@@ -620,7 +636,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     max_context, batch, mla_cache_dtype = check_plan_args(max_context, batch, mla_cache_dtype, "max_context")
     checkpoint = Checkpoint(resolve_model(path))
     schemes = {n: s.scheme for n, s in checkpoint.sources.items() if isinstance(s, QuantizedSource)}
-    tokenizer = check_tokenizer_if_any(checkpoint.folder, checkpoint.config.vocab_size)   # for its stop tokens
+    tokenizer = check_tokenizer_if_any(checkpoint.folder, checkpoint.config)   # for its stop tokens
     return Engine(checkpoint.config, checkpoint.get, device, dtype, max_context, batch, biased_router_weights,
                   packed=checkpoint.packed, kernels=kernels, stored_schemes=schemes, mla_cache_dtype=mla_cache_dtype,
-                  cuda_graph=cuda_graph, tokenizer=tokenizer)
+                  cuda_graph=cuda_graph, tokenizer=tokenizer, context_name="max_context")

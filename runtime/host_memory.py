@@ -1,5 +1,6 @@
 """What the process can still allocate on the host -- the host's available memory and the process's own limits
-(ulimit -v / -d, its memory cgroups) -- and the CPU allocator's refusal of a large allocation as a MemoryError."""
+(ulimit -v / -d, its memory cgroups) -- and the CPU allocator's refusal of a large allocation (or a library's import
+failing with std::bad_alloc) as HostMemoryExhausted, a one-line KLError that is a MemoryError too."""
 from __future__ import annotations
 
 import re
@@ -8,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from klconvert.errors import first_line
+from klconvert.errors import KLError, first_line
+from klconvert.units import size_text
 
 try:
     import resource
@@ -21,6 +23,7 @@ ADDRESS_SPACE_BOUND = ("under the process's address-space limit (ulimit -v)", "r
 DATA_BOUND = ("under the process's data-segment limit (ulimit -d)", "raise ulimit -d")
 CGROUP_REMEDY = "raise the container's (cgroup's) memory limit"
 NO_CGROUP_LIMIT = 1 << 62   # cgroup v1 writes "no limit" as 2**63 - 1 rounded down to a page
+READ_BOUND, READ_PIECE = 1 << 20, 1 << 14   # characters of a /proc or /sys file read at most, and at a time
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class HostMemory:
     remedy: str = HOST_BOUND[1]
 
     def __str__(self) -> str:
-        return f"{self.available / 2**30:.1f} GiB available {self.bound}"
+        return f"{size_text(self.available)} available {self.bound}"
 
 
 def host_memory(root: Path = Path("/")) -> HostMemory | None:
@@ -57,10 +60,16 @@ def host_memory(root: Path = Path("/")) -> HostMemory | None:
 
 
 def _read(path: Path) -> str | None:
+    """The text of a /proc or /sys file, up to READ_BOUND (they are small; a bound keeps an odd one cheap), read
+    READ_PIECE at a time: this runs while an out-of-memory error is worded, where a 1 MiB buffer was refused. None
+    where it cannot be read (out of memory too)."""
     try:
         with open(path, encoding="utf-8") as f:
-            return f.read(1 << 20)   # /proc and /sys files are small; a bound keeps an odd one cheap
-    except (OSError, UnicodeDecodeError):
+            pieces: list[str] = []
+            while sum(map(len, pieces)) < READ_BOUND and (piece := f.read(READ_PIECE)):
+                pieces.append(piece)
+            return "".join(pieces)
+    except (OSError, UnicodeDecodeError, MemoryError):
         return None
 
 
@@ -167,21 +176,45 @@ def _cgroup_room(folder: Path, fstype: str) -> int | None:
 _ALLOCATOR_REFUSED = re.compile(r"DefaultCPUAllocator: (can't allocate memory|not enough memory)")
 
 
-class HostMemoryExhausted(MemoryError):
-    """torch's CPU allocator could not give what the runtime asked for: a MemoryError, which the command line reports
-    in its one line (out of host memory, or the process's memory limit)."""
+class HostMemoryExhausted(KLError, MemoryError):
+    """The host's memory (or the process's limit) ran out for what the runtime asked: a KLError, which the command
+    line and the Python API give as one line (out of host memory, or the process's memory limit), and a
+    MemoryError."""
+
+
+def exhausted(doing: str, error: BaseException, less: str = "") -> HostMemoryExhausted:
+    """The HostMemoryExhausted for `error`, an allocator's refusal while `doing` ("allocating the weights"), naming
+    it, what bounds the memory left with how to get more, and `less`: what asks for less ("give a shorter
+    prompt")."""
+    host = host_memory()
+    remedies = ([f"{host}: {host.remedy}"] if host is not None else []) + ([less] if less else [])
+    return HostMemoryExhausted(f"out of host memory (or the process's memory limit) {doing}: {first_line(error)}"
+                               + (f"; {', or '.join(remedies)}" if remedies else ""))
+
+
+def import_exhausted(error: BaseException) -> HostMemoryExhausted | None:
+    """A library's import that ran out of memory -- C++'s std::bad_alloc, which torch's import raises as a
+    RuntimeError of those words alone (under ulimit -v) -- as HostMemoryExhausted naming the library: the top package
+    of the innermost module whose top-level code (`<module>`) the error came through. None for any other error, and
+    for a std::bad_alloc raised outside an import."""
+    if not (isinstance(error, RuntimeError) and str(error).strip() == "std::bad_alloc"):
+        return None
+    modules, tb = [], error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "<module>":
+            modules.append(str(tb.tb_frame.f_globals.get("__name__", "")))
+        tb = tb.tb_next
+    return exhausted(f"importing {modules[-1].partition('.')[0]}", error) if modules else None
 
 
 @contextmanager
-def host_allocation(what: str) -> Iterator[None]:
+def host_allocation(what: str, less: str = "") -> Iterator[None]:
     """Around a large host allocation: the CPU allocator's refusal (a RuntimeError) becomes HostMemoryExhausted,
-    naming `what` was being allocated and what bounds the memory left; any other error passes as it is."""
+    naming `what` was being allocated, what bounds the memory left and `less`, what asks for less; any other error
+    passes as it is."""
     try:
         yield
     except RuntimeError as e:
         if not _ALLOCATOR_REFUSED.search(str(e)):
             raise
-        host = host_memory()
-        raise HostMemoryExhausted(f"out of host memory (or the process's memory limit) allocating {what}: "
-                                  f"{first_line(e)}" + (f"; {host}: {host.remedy}" if host is not None else "")
-                                  ) from e
+        raise exhausted(f"allocating {what}", e, less) from e

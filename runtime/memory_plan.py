@@ -19,6 +19,7 @@ from klconvert.runtime.kda import CHUNK
 from klconvert.runtime.model import MLA_KEY_BLOCK
 from klconvert.runtime.state import FP8, StateBuffers
 from klconvert.runtime.weights import held_in_fp32
+from klconvert.units import size_text
 
 if TYPE_CHECKING:
     from klconvert.quant import Policy, QuantScheme
@@ -132,7 +133,7 @@ class MemoryPlan:
     def allocate(self, device: torch.device | str) -> StateBuffers:
         """The one allocation the runtime makes for state; nothing grows after this. The CPU allocator's refusal is
         HostMemoryExhausted (a MemoryError)."""
-        what = f"the memory plan's state and MLA cache ({(self.state_bytes + self.mla_cache_bytes) / 2**30:.1f} GiB)"
+        what = f"the memory plan's state and MLA cache ({size_text(self.state_bytes + self.mla_cache_bytes)})"
         with host_allocation(what):
             return self._allocate(device)
 

@@ -35,14 +35,20 @@ KDA_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(|B|KB|MB|GB|TB|KiB|MiB|GiB|TiB|K|M|G|T)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
           "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+# fewer bytes than this given with no unit (`--gpu-memory 80`) are no GPU's memory: a unit left off, refused
+LEAST_BARE_BYTES = 2**20
 
 
 def parse_size(text: str, flag: str = "--gpu-memory") -> int:
-    """'80GiB', '24GB', '141G' (binary), '1000000' -> bytes; `flag` names the option in the error."""
+    """'80GiB', '24GB', '141G' (binary), '85899345920' (no unit: bytes) -> bytes; `flag` names the option in the
+    error. A number with no unit that is under LEAST_BARE_BYTES (but 0) is refused as a unit left off."""
     m = _SIZE.match(text)
     size = float(m.group(1)) * _UNITS[m.group(2).lower()] if m else None
     if size is None or not size < 2**64:  # inf from a 400-digit number included
         raise KLError(f"{flag} {text[:40]!r}: give a size like 80GiB, 24GB or 141G")
+    if not m.group(2) and 0 < size < LEAST_BARE_BYTES:
+        raise KLError(f"{flag} {m.group(1)}: a size with no unit is bytes, and {int(size)} bytes is no GPU's memory; "
+                      f"did you mean {m.group(1)}GB or {m.group(1)}GiB? give the unit")
     return int(size)
 
 
@@ -61,6 +67,9 @@ def _memory_bytes(value: str | int | float, where: str) -> int:
             raise KLError(f"{where}: runtime.gpu_memory {value!r} is not a size; write e.g. 48GiB or 80GB") from None
     if not 0 < value < 2 ** 63:   # NaN fails too
         raise KLError(f"{where}: runtime.gpu_memory should be a positive number of bytes, got {value}")
+    if value < LEAST_BARE_BYTES:
+        raise KLError(f"{where}: runtime.gpu_memory {value} is {int(value)} bytes, no GPU's memory; write {value}GB or "
+                      f"{value}GiB")
     return int(value)
 
 

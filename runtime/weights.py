@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from klconvert.errors import KLError
+from klconvert.errors import KLError, argument
 from klconvert.extras import require
 from klconvert.quant import QuantScheme
 from klconvert.release import FP32_TENSORS
@@ -47,18 +47,19 @@ def refuse_triton_off_cuda(kernels: str, device: torch.device) -> None:
     Triton's driver ("0 active drivers")."""
     if kernels != "triton" or device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return
-    where = "--device cpu" if torch.cuda.is_available() else "this machine (no CUDA GPU is visible)"
-    raise KLError(f"--kernels triton needs a CUDA GPU, but it was asked for on {where}; use --kernels torch "
-                  "(or auto, the default)")
+    where = (argument("device", "--device", str(device)) if torch.cuda.is_available() else
+             "this machine (no CUDA GPU is visible)")
+    raise KLError(f"{argument('kernels', '--kernels', kernels)} needs a CUDA GPU, but it was asked for on {where}; "
+                  "use torch (or auto, the default)")
 
 
 def use_triton(kernels: str, device: torch.device) -> bool:
     """Resolve --kernels: auto means Triton on CUDA, PyTorch elsewhere."""
     if kernels not in KERNEL_MODES:
-        raise KLError(f"--kernels {kernels!r}: choose one of {', '.join(KERNEL_MODES)}")
+        raise KLError(f"{argument('kernels', '--kernels', kernels)}: choose one of {', '.join(KERNEL_MODES)}")
     refuse_triton_off_cuda(kernels, device)
     chosen = device.type == "cuda" if kernels == "auto" else kernels == "triton"
     if chosen:
-        require("triton", f"--kernels {kernels}" + (" (Triton on CUDA; --kernels torch runs without it)"
-                                                    if kernels == "auto" else ""))
+        require("triton", argument("kernels", "--kernels", kernels) + (", Triton on CUDA (torch runs without it),"
+                                                                       if kernels == "auto" else ""))
     return chosen

@@ -3,6 +3,8 @@ floor counts the bytes a step must move. The figures themselves come from the GP
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -196,6 +198,28 @@ def test_a_bench_that_fails_leaves_no_folder_for_its_json(tmp_path, capsys):
     assert not (tmp_path / "new").exists()
     assert_one_line_error(*run_cli(capsys, "bench", "--preset", "kimi-linear-48b", "--layers", "1", "--context",
                                    "2000000")[::2], "--context 2,000,000 is over the model's model_max_length")
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "link to a file", "link to nothing"])
+def test_a_json_name_that_is_no_regular_file_is_refused_and_left_as_it_is(tmp_path, capsys, kind):
+    """The results are written whole: a new file renamed over --json. Only a folder was refused: a FIFO there (or
+    /dev/null, /dev/stdout, a link) was replaced by a regular file after the bench."""
+    json_file, target = tmp_path / "bench.json", tmp_path / "earlier.json"
+    if kind == "FIFO":
+        os.mkfifo(json_file)
+    else:
+        if kind == "link to a file":
+            target.write_text("{}")
+        json_file.symlink_to(target)
+    code, _, err = run_cli(capsys, "bench", "--preset", "kimi-linear-48b", "--layers", "1", "--json", json_file)
+    if kind == "FIFO":
+        assert_one_line_error(code, err, f"--json {json_file}: is a FIFO, not a file; give the name of a file to "
+                                         "write (a new one, or one to replace)")
+        assert stat.S_ISFIFO(os.lstat(json_file).st_mode)
+    else:
+        assert_one_line_error(code, err, f"--json {json_file}: is a link (to {target}), which the results would "
+                                         f"replace, not write through; give the file's own name or a new one")
+        assert json_file.is_symlink()
 
 
 def test_a_json_file_that_cannot_be_written_is_refused_before_the_bench(tmp_path, capsys):

@@ -83,6 +83,26 @@ def test_run_without_model_runs_the_bundled_one(tmp_path, monkeypatch, capsys):
     assert out == tokenizer.decode(RECORDED["greedy_ids"][:8]) + "\n"
 
 
+@pytest.mark.parametrize("kind", ["file", "link to nothing"])
+@pytest.mark.parametrize("verb", ["run", "export-onnx"])
+def test_a_default_model_name_that_is_no_folder_is_refused_not_passed_over(tmp_path, monkeypatch, capsys, kind, verb):
+    """A file of that name, or a link to a folder that is not there (a disk not mounted), was taken for no 48B folder:
+    the bundled model ran instead, said only in a note."""
+    monkeypatch.chdir(tmp_path)
+    default, target = Path(DEFAULT_MODEL_DIR), tmp_path / "unmounted" / "Kimi-Linear-48B-A3B-Instruct-w4a16"
+    if kind == "file":
+        default.write_text("not a model")
+    else:
+        default.symlink_to(target)
+    (tmp_path / "prompt.txt").write_text("hi")
+    args = ["--prompt-file", "prompt.txt", "--max-new-tokens", "2", "--device", "cpu"] if verb == "run" else \
+        ["--out", "onnx"]
+    code, _, err = run_cli(capsys, verb, *args)
+    what = "is not a folder" if kind == "file" else f"is a link to {target}, which does not exist"
+    assert_one_line_error(code, err, f"{DEFAULT_MODEL_DIR}: {what}", "pass --model")
+    assert not (tmp_path / "onnx").exists()
+
+
 @pytest.mark.parametrize("args", [
     ["run", "--prompt", "hi", "--prompt-file", "prompt.txt"],
     ["run", "--device", "cuda", "--prompt", "hi"],      # on a machine without CUDA (made so below)

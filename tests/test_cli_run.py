@@ -9,7 +9,7 @@ import torch
 
 import klconvert
 from klconvert.tokenizer import Tokenizer
-from testkit import run_cli, run_klconvert
+from testkit import emitting_a_special, run_cli, run_klconvert
 
 
 @pytest.mark.slow
@@ -173,30 +173,30 @@ def test_text_stdout_cannot_encode_is_replaced_not_a_traceback(tmp_path):
 
 
 def test_config_eos_ids_stop_a_run_too(tmp_path):
-    """A generated id that config.json names as eos_token_id ends the turn, as the tokenizer's eos does."""
+    """A generated id that config.json names as eos_token_id ends the turn, as the tokenizer's eos does (a special
+    token, as config.json's eos ids must be: the model made to emit one where it emitted text)."""
     import json
-    import shutil
 
     from klconvert.models import bundled_dir
 
-    folder = tmp_path / "model"
-    shutil.copytree(bundled_dir(), folder)
-    tok = Tokenizer.from_folder(folder)
+    tok = Tokenizer.from_folder("tiny")
     ids = tok.encode("ROMEO.")
-    free = klconvert.load(folder, device="cpu", max_context=32).generate(ids, 12, stop_ids=frozenset())[0].tolist()
-    at = next(i for i in range(2, 12) if free[i] not in tok.special_ids and free[i] not in free[:i])
+    free = klconvert.load("tiny", device="cpu", max_context=32).generate(ids, 12, stop_ids=frozenset())[0].tolist()
+    at = next(i for i in range(2, 12) if free[i] not in tok.special_ids and free[i] not in free[:i] + ids)
+    stop = tok.special_tokens["[EOT_ID]"]   # a special that is no stop token of the tokenizer's
+    folder = emitting_a_special(bundled_dir(), tmp_path / "model", free[at], stop)
     config = json.loads((folder / "config.json").read_text())
-    config["eos_token_id"] = [config["eos_token_id"], free[at]]
+    config["eos_token_id"] = [config["eos_token_id"], stop]
     (folder / "config.json").write_text(json.dumps(config))
     proc = run_klconvert("run", "--model", folder, "--prompt", "ROMEO.", "--max-new-tokens", "12", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == tok.decode([t for t in free[:at] if t not in tok.special_ids]) + "\n"
     assert f"{at + 1} new" in proc.stderr
-    # the API's default stop tokens are run's: generate without stop_ids ran on through free[at]
+    # the API's default stop tokens are run's: generate without stop_ids ran on through the stop token
     engine = klconvert.load(folder, device="cpu", max_context=32)
-    assert engine.stop_ids == tok.stop_ids | {free[at]}
+    assert engine.stop_ids == tok.stop_ids | {stop}
     stopped = engine.generate(ids, 12)[0].tolist()
-    assert stopped[:at + 1] == free[:at + 1] and set(stopped[at:]) == {free[at]} and engine.stats.new_tokens == at + 1
+    assert stopped[:at] == free[:at] and set(stopped[at:]) == {stop} and engine.stats.new_tokens == at + 1
 
 
 @pytest.fixture(scope="module")

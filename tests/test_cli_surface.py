@@ -1,4 +1,4 @@
-"""The command line's surface: every flag described, --device a choice everywhere, every user error (usage errors
+"""The command line's surface: every flag described, --device one type everywhere, every user error (usage errors
 included) one line with exit status 2, plan's exit status 3, --prompt, and a torch-free `--help`."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import click
 import pytest
 
 from bounded_cli import klconvert_bounded
-from klconvert.cli import ALLOCATOR_ENV, SEED, cli
+from klconvert.cli import ALLOCATOR_ENV, DEVICE, SEED, cli
 from testkit import assert_one_line_error, run_cli
 
 
@@ -53,11 +53,10 @@ def test_choices_are_the_codes_tables():
     assert (SEED.min, SEED.max) == (0, SEEDS - 1)
 
 
-def test_device_is_a_choice_in_every_command():
-    for name, command in cli.commands.items():
-        for param in command.params:
-            if param.name == "device":
-                assert isinstance(param.type, click.Choice) and set(param.type.choices) == {"cpu", "cuda"}, name
+def test_device_is_one_type_in_every_command():
+    """Each --device reads its name as klconvert.devices does (cpu, cuda or cuda:N; tests/test_devices.py)."""
+    types = [param.type for command in cli.commands.values() for param in command.params if param.name == "device"]
+    assert len(types) == 4 and all(t is DEVICE for t in types)
 
 
 @pytest.mark.parametrize("args, needles", [
@@ -69,10 +68,11 @@ def test_device_is_a_choice_in_every_command():
     (["run", "--prompt", "x", "--top-p", "nan"], ["'--top-p'", "not a finite number"]),
     (["run", "--prompt", "x", "--seed", "99999999999999999999999"], ["'--seed'", "not in the range"]),
     (["synth", "--preset", "tiny", "--out", "x", "--seed", "99999999999999999999999"], ["'--seed'"]),
-    (["run", "--prompt", "x", "--device", "tpu"], ["'--device'", "'tpu' is not one of 'cpu', 'cuda'"]),
-    (["eval", "--model", "a", "--reference", "b", "--text-file", "c", "--device", "tpu"], ["'--device'"]),
-    (["quantize", "a", "b", "--device", "tpu"], ["'--device'"]),
-    (["pull-and-quantize", "--device", "tpu"], ["'--device'"]),
+    (["run", "--prompt", "x", "--device", "tpu"], ["device='tpu' (--device) is not supported; use cpu, cuda or "
+                                                   "cuda:N"]),
+    (["eval", "--model", "a", "--reference", "b", "--text-file", "c", "--device", "tpu"], ["device='tpu' (--device)"]),
+    (["quantize", "a", "b", "--device", "tpu"], ["device='tpu' (--device)"]),
+    (["pull-and-quantize", "--device", "tpu"], ["device='tpu' (--device)"]),
     (["pull", "../../etc/passwd"], ["'../../etc/passwd' is not a hub repo id"]),
     (["pull-and-quantize", "--model", "./typo-dir"], ["--model ./typo-dir: no such folder"]),
     (["plan", "--preset", "tiny", "--gpu-memory", "9" * 400 + "GB"], ["--gpu-memory", "give a size like"]),
@@ -99,7 +99,7 @@ def test_triton_kernels_need_cuda(capsys, tiny_released, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' CPU interpreter is not a user's GPU
     line = assert_one_line_error(*run_cli(capsys, "run", "--model", tiny_released, "--prompt", "x", "--device", "cpu",
                                           "--kernels", "triton")[::2])
-    assert "--kernels triton needs a CUDA GPU" in line and "--kernels torch" in line
+    assert "kernels='triton' (--kernels) needs a CUDA GPU" in line and "use torch" in line
 
 
 @pytest.mark.slow
@@ -178,9 +178,58 @@ def test_running_out_of_host_memory_is_one_line(capsys, monkeypatch):
     assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny")[::2], "out of host memory")
 
 
+def _a_library_whose_import_raises(tmp_path, monkeypatch, text: str) -> None:
+    """onnxruntime, shadowed by a module whose import raises RuntimeError(text), as torch's raised std::bad_alloc
+    under `ulimit -v 700000` (torch/library.py, 39 lines of traceback, exit status 1)."""
+    (tmp_path / "onnxruntime.py").write_text(f"raise RuntimeError({text!r})\n")
+    monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
+    monkeypatch.delitem(sys.modules, "klconvert.onnx.session", raising=False)
+    monkeypatch.syspath_prepend(tmp_path)
+
+
+def test_an_import_out_of_memory_is_one_line(capsys, tmp_path, monkeypatch):
+    _a_library_whose_import_raises(tmp_path, monkeypatch, "std::bad_alloc")
+    code, _, err = run_cli(capsys, "run", "--model", "tiny", "--prompt", "hi", "--engine", "onnxruntime")
+    assert_one_line_error(code, err, "out of host memory (or the process's memory limit) importing onnxruntime: "
+                                     "std::bad_alloc")
+
+
+def test_other_runtime_errors_are_not_called_out_of_memory(capsys, tmp_path, monkeypatch):
+    """Only std::bad_alloc, and only out of an import: a library's other error, or a bad_alloc elsewhere, is left as
+    it is (a bug to report, not the host's memory)."""
+    _a_library_whose_import_raises(tmp_path, monkeypatch, "something else broke")
+    with pytest.raises(RuntimeError, match="something else broke"):
+        run_cli(capsys, "run", "--model", "tiny", "--prompt", "hi", "--engine", "onnxruntime")
+
+    def bad_alloc(*_, **__):
+        raise RuntimeError("std::bad_alloc")
+    monkeypatch.setattr("klconvert.runtime.engine.load", bad_alloc)
+    with pytest.raises(RuntimeError, match="std::bad_alloc"):
+        run_cli(capsys, "run", "--model", "tiny", "--prompt", "hi", "--device", "cpu")
+
+
 def test_a_gpu_of_no_memory_is_refused(capsys):
     assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--gpu-memory", "0")[::2],
                           "--gpu-memory 0: give the GPU's memory")
+
+
+@pytest.mark.parametrize("value, bytes_", [("80", "80"), ("24.5", "24"), (" 141 ", "141")])
+def test_a_gpu_memory_without_a_unit_that_reads_as_a_few_bytes_is_refused(capsys, value, bytes_):
+    """`--gpu-memory 80` was 80 bytes: "the GPU memory is 0.00 GiB ... plan for a larger GPU", exit status 3."""
+    assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--gpu-memory", value)[::2],
+                          f"--gpu-memory {value.strip()}: a size with no unit is bytes, and {bytes_} bytes is no GPU's "
+                          f"memory; did you mean {value.strip()}GB or {value.strip()}GiB? give the unit")
+    code, _, err = run_cli(capsys, "plan", "--preset", "tiny", "--gpu-memory", str(80 * 2**30))   # bytes, as ever
+    assert code == 0, err
+
+
+def test_a_recipe_gpu_memory_of_a_few_bytes_is_refused(capsys, tmp_path):
+    base = (Path(__file__).parents[1] / "recipes" / "48gb.yaml").read_text()
+    for value, needle in (("48", "runtime.gpu_memory 48 is 48 bytes, no GPU's memory; write 48GB or 48GiB"),
+                          ("'48'", "runtime.gpu_memory '48' is not a size")):
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(re.sub(r"gpu_memory:.*", f"gpu_memory: {value}", base))
+        assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--recipe", recipe)[::2], needle)
 
 
 def test_plan_refuses_a_context_over_the_models_limit(capsys, tmp_path):
@@ -200,7 +249,13 @@ def test_help_and_errors_do_not_load_torch():
             "assert cli.main(['--help'], standalone_mode=False) == 0\n"
             "assert cli.main(['run', '--help'], standalone_mode=False) == 0\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n"
-            "assert callable(klconvert.Tokenizer.from_folder) and 'torch' not in sys.modules\n")
+            "assert callable(klconvert.Tokenizer.from_folder) and 'torch' not in sys.modules\n"
+            "try:\n"   # a --device that names no device, refused as it is parsed
+            "    cli.main(['run', '--prompt', 'x', '--device', 'cuda:x'], standalone_mode=False)\n"
+            "except klconvert.errors.KLError as e:\n"
+            "    assert 'is not supported' in str(e) and 'torch' not in sys.modules, (e, 'torch was imported')\n"
+            "else:\n"
+            "    raise AssertionError('--device cuda:x was taken')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
 

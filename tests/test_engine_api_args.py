@@ -3,6 +3,7 @@ do: garbage tokens, NaN logits and allocator or index errors before."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import klconvert
 from klconvert.errors import KLError
 import klconvert.runtime.engine as engine_module
 from klconvert.runtime.host_memory import ADDRESS_SPACE_BOUND, HostMemory, HostMemoryExhausted
+from klconvert.units import size_text
 from testkit import assert_one_line_error, run_cli
 
 
@@ -161,15 +163,18 @@ def test_decode_step_checks_its_token_and_position(engine, token, position, mess
                                        r"float8_e4m3fn, by name or torch dtype$"),
     (dict(mla_cache_dtype=torch.bool), r"^mla_cache_dtype=torch.bool \(--mla-cache-dtype\)"),
     (dict(mla_cache_dtype="int8"), r"^mla_cache_dtype='int8' \(--mla-cache-dtype\): choose"),
-    (dict(dtype=torch.int32), r"^--dtype torch.int32: choose bfloat16 or float32$"),
-    (dict(dtype="bf16"), r"^--dtype bf16: choose bfloat16 or float32$"),   # --dtype's names, which the message says
+    (dict(dtype=torch.int32), r"^dtype=torch.int32 \(--dtype\): choose bfloat16 or float32$"),
+    (dict(dtype="bf16"), r"^dtype='bf16' \(--dtype\): choose bfloat16 or float32$"),   # --dtype's names, as said
     (dict(max_context=4096.5), r"^max_context=4096.5 \(--max-context\) should be a whole number of at least 1$"),
     (dict(max_context="4096"), r"^max_context='4096' \(--max-context\)"),
     (dict(max_context=np.float64(4096)), r"^max_context=np.float64\(4096.0\) \(--max-context\)"),
     (dict(batch=0), r"^batch=0 \(--batch\) should be a whole number of at least 1$"),
     (dict(batch=torch.tensor([2])), r"^batch=tensor\(\[2\]\) \(--batch\)"),
-    (dict(device="tpu"), r"^--device 'tpu' is not supported; use --device cpu or --device cuda"),
-    (dict(device="meta"), r"^--device 'meta' is not supported"),
+    (dict(device="tpu"), r"^device='tpu' \(--device\) is not supported; use cpu, cuda or cuda:N"),
+    (dict(device="meta"), r"^device='meta' \(--device\) is not supported"),
+    (dict(kernels="fast"), r"^kernels='fast' \(--kernels\): choose one of auto, triton, torch$"),
+    (dict(max_context=2**21), r"^max_context=2097152 \(--max-context\) is over the model's model_max_length "
+                              r"1048576; lower it$"),
 ])
 def test_load_checks_its_arguments(tiny_released, kwargs, message):
     """An int8 cache decoded garbage; the others were TypeError, KeyError or torch's RuntimeError."""
@@ -177,10 +182,22 @@ def test_load_checks_its_arguments(tiny_released, kwargs, message):
         klconvert.load(tiny_released, **{"device": "cpu", **kwargs})
 
 
+def test_generate_past_the_plan_names_its_argument_and_loads(engine):
+    """The line named only the CLI's flags (--max-new-tokens, --max-context) to a caller who passed neither; forward's
+    named a --max-new-tokens 0 it does not take."""
+    with pytest.raises(KLError, match=r"^the prompt \(3 tokens\) plus max_new_tokens=100 \(--max-new-tokens\) needs a "
+                                      r"context of 103 tokens but the memory plan holds 64; raise max_context "
+                                      r"\(--max-context\) to 103 or more, or shorten the prompt$"):
+        engine.generate([[1, 2, 3]], 100)
+    with pytest.raises(KLError, match=r"^the prompt \(65 tokens\) needs a context of 65 tokens but the memory plan "
+                                      r"holds 64; raise max_context \(--max-context\) to 65 or more"):
+        engine.forward([[1] * 65])
+
+
 def test_a_batch_past_the_hosts_memory_is_refused_before_allocating(tiny_released, monkeypatch):
     """batch=10**9 asked the allocator for 98 TB: its RuntimeError."""
     monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(1 << 30))
-    with pytest.raises(KLError, match=r"the plan needs [\d,.]+ GiB but cpu has 1\.0 GiB available on the host "
+    with pytest.raises(KLError, match=r"the plan needs [\d,.]+ [MG]B but cpu has 1\.07 GB available on the host "
                                       r"\(MemAvailable\); .*, or free some memory$"):
         klconvert.load(tiny_released, device="cpu", batch=10**9)
 
@@ -188,10 +205,20 @@ def test_a_batch_past_the_hosts_memory_is_refused_before_allocating(tiny_release
 def test_a_plan_past_a_process_limit_names_the_limit(tiny_released, monkeypatch):
     """ulimit -v 1500000 and --max-context 1000000 was the allocator's traceback, MemAvailable being all it read."""
     monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(1 << 29, *ADDRESS_SPACE_BOUND))
-    with pytest.raises(KLError, match=r"^the plan needs 1\.\d GiB but cpu has 0\.5 GiB available under the process's "
-                                      r"address-space limit \(ulimit -v\); lower --max-context to \d+ or less, or "
-                                      r"raise ulimit -v$"):
+    with pytest.raises(KLError, match=r"^the plan needs [\d.]+ GB but cpu has 0\.54 GB available under the process's "
+                                      r"address-space limit \(ulimit -v\); lower max_context \(--max-context\) to \d+ "
+                                      r"or less, or raise ulimit -v$"):
         klconvert.load(tiny_released, device="cpu", max_context=10**6)
+
+
+def test_a_small_plan_past_the_host_names_two_figures_that_differ(tiny_released, engine, monkeypatch):
+    """The figures were GiB at one decimal: "the plan needs 0.1 GiB but cpu has 0.1 GiB available under ..."."""
+    need = engine.plan.total_for(4096)
+    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(need - 3_000_000, *ADDRESS_SPACE_BOUND))
+    with pytest.raises(KLError, match=r"^the plan needs ") as error:
+        klconvert.load(tiny_released, device="cpu", max_context=4096)
+    needed, available = re.match(r"the plan needs (.+) but cpu has (.+) available under", str(error.value)).groups()
+    assert needed != available and size_text(need) == needed, str(error.value)
 
 
 def test_a_resize_counts_the_weights_it_holds_as_its_own(tiny_released, monkeypatch):
@@ -206,7 +233,7 @@ def test_a_resize_counts_the_weights_it_holds_as_its_own(tiny_released, monkeypa
     limit = left + plan.weights + engine.plan.state_bytes + engine.plan.mla_cache_bytes   # 4096's state held now
     fit = dataclasses.replace(engine.plan, memory_limit=limit).largest_context()
     assert 4096 <= fit < 8192
-    with pytest.raises(KLError, match=rf"lower --max-context to {fit} or less"):
+    with pytest.raises(KLError, match=rf"lower context \(--max-context\) to {fit} or less"):   # resize's name
         engine.resize(8192, 1)
 
 
@@ -215,7 +242,7 @@ def test_a_refused_resize_leaves_the_engine_as_it_was(tiny_released):
     AttributeError), and a batch no context fits was said to be the weights not fitting."""
     engine = klconvert.load(tiny_released, device="cpu", max_context=64)
     before = engine.generate([1, 2, 3], 4, stop_ids=frozenset())
-    with pytest.raises(KLError, match=r"no context fits a batch of 1000000000: lower --batch"):
+    with pytest.raises(KLError, match=r"no context fits a batch of 1000000000: lower batch \(--batch\)"):
         engine.resize(64, 10**9)
     assert engine.plan.batch == 1 and engine.state.context == 64
     assert torch.equal(engine.generate([1, 2, 3], 4, stop_ids=frozenset()), before)
@@ -242,12 +269,41 @@ def test_the_allocator_refusing_at_load_is_out_of_memory_in_one_line(tiny_releas
         raise RuntimeError(ALLOCATOR_REFUSED)
     monkeypatch.setattr(where, refused)
     with pytest.raises(HostMemoryExhausted, match=r"^out of host memory \(or the process's memory limit\) allocating "
-                                                  r"the (memory plan's state and MLA cache|weights) \(\d\.\d GiB\): "
+                                                  r"the (memory plan's state and MLA cache|weights) \([\d.]+ MB\): "
                                                   r".*DefaultCPUAllocator: can't allocate memory"):
         klconvert.load(tiny_released, device="cpu", max_context=64)
     code, _, err = run_cli(capsys, "run", "--model", tiny_released, "--prompt", "a", "--max-new-tokens", "2")
     assert_one_line_error(code, err, "out of host memory (or the process's memory limit) allocating the ",
                           "DefaultCPUAllocator")   # the CLI's line says what was allocated, as the error does
+
+
+def _refused_by_the_allocator(*_, **__):
+    torch.empty(1 << 60, dtype=torch.uint8)   # 1 EiB: refused by the real allocator, on any host
+
+
+@pytest.mark.parametrize("where, what, less", [
+    ("forward", r"a prefill's activations \(3 tokens\)", r"give a shorter prompt"),
+    ("decode", r"a decode step's activations \(batch 1\)", r"lower max_context \(--max-context\)"),
+])
+def test_the_allocator_refusing_mid_generation_is_out_of_memory_in_one_line(tiny_released, engine, monkeypatch, capsys,
+                                                                           where, what, less):
+    """Only loading was under host_allocation: out of host memory in a prefill (ulimit -v 850000 and a 4,061-token
+    prompt) or a decode step was the allocator's traceback from Engine.generate, exit status 1."""
+    monkeypatch.setattr(f"klconvert.runtime.model.KimiLinear.{where}", _refused_by_the_allocator)
+    pattern = (r"^out of host memory \(or the process's memory limit\) allocating " + what + r": "
+               r"\[enforce fail.*DefaultCPUAllocator: can't allocate memory.*; .*" + less)
+    calls = [lambda: engine.generate([[9, 9, 9]], 3)]
+    if where == "forward":
+        calls += [lambda: engine.prefill([[9, 9, 9]]), lambda: engine.forward([[9, 9, 9]])]
+    else:
+        calls += [lambda: engine.decode_step([9], 3)]
+    for call in calls:
+        with pytest.raises(HostMemoryExhausted, match=pattern) as error:
+            call()
+        assert isinstance(error.value, KLError) and "\n" not in str(error.value)   # the API's one line too
+    code, _, err = run_cli(capsys, "run", "--model", tiny_released, "--prompt", "a b", "--max-new-tokens", "3",
+                           "--device", "cpu")
+    assert_one_line_error(code, err, "out of host memory (or the process's memory limit) allocating a ")
 
 
 def test_other_runtime_errors_at_load_are_not_called_out_of_memory(tiny_released, monkeypatch):
@@ -364,6 +420,7 @@ def test_a_generate_ended_by_its_callback_leaves_the_engine_free(engine):
     ((64, 1, torch.int8), r"^mla_cache_dtype=torch.int8 \(--mla-cache-dtype\): choose bfloat16 or float8_e4m3fn"),
     ((64, 1, torch.float16), r"^mla_cache_dtype=torch.float16 \(--mla-cache-dtype\): choose"),
     ((64, 1, "int8"), r"^mla_cache_dtype='int8' \(--mla-cache-dtype\): choose"),
+    ((2**21, 1), r"^context=2097152 \(--max-context\) is over the model's model_max_length 1048576; lower it$"),
 ])
 def test_resize_checks_its_arguments_as_load_does_before_anything_changes(tiny_released, args, message):
     """resize checked nothing: a negative or fractional size was torch's error after the new plan was kept and the
@@ -518,5 +575,5 @@ def test_triton_kernels_off_cuda_are_refused_at_load(tiny_released, monkeypatch)
     """load(kernels="triton") on the CPU was taken, and generate then failed in Triton's driver ("0 active drivers"):
     refused at load, as the CLI's --kernels triton is (under TRITON_INTERPRET=1 the interpreter runs them)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(KLError, match=r"^--kernels triton needs a CUDA GPU, but it was asked for on "):
+    with pytest.raises(KLError, match=r"^kernels='triton' \(--kernels\) needs a CUDA GPU, but it was asked for on "):
         klconvert.load(tiny_released, device="cpu", kernels="triton")

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 import klconvert
 import klconvert.runtime.engine as engine_module
 from klconvert.evaluate import evaluate, render_eval
+from klconvert.models import BUNDLED_DIR
 from klconvert.runtime.host_memory import DATA_BOUND, HostMemory, HostMemoryExhausted
 from klconvert.tokenizer import Tokenizer
 from testkit import assert_one_line_error, run_cli
@@ -249,10 +250,10 @@ def test_log_probs_reach_the_host_one_prefill_segment_at_a_time(tiny_released, m
 
 
 @pytest.mark.parametrize("device, available, held", [
-    ("cpu", 60 << 20, r"both models' log-probabilities and router choices over a 1,280-word vocabulary \(0\.\d GiB\), "
-                      r"one model on the CPU with its memory plan \(0\.\d GiB\), the logits in hand \(0\.\d GiB\)"),
-    ("cuda", 12 << 20, r"both models' log-probabilities and router choices over a 1,280-word vocabulary \(0\.\d GiB\), "
-                       r"the logits in hand \(0\.\d GiB\)"),     # the model and its logits on the GPU
+    ("cpu", 60 << 20, r"both models' log-probabilities and router choices over a 1,280-word vocabulary \([\d.]+ MB\), "
+                      r"one model on the CPU with its memory plan \([\d.]+ MB\), the logits in hand \([\d.]+ MB\)"),
+    ("cuda", 12 << 20, r"both models' log-probabilities and router choices over a 1,280-word vocabulary \([\d.]+ MB\), "
+                       r"the logits in hand \([\d.]+ MB\)"),     # the model and its logits on the GPU
 ])
 def test_a_text_eval_could_not_hold_is_refused_naming_the_largest_that_fits(tiny_released, monkeypatch, device,
                                                                             available, held):
@@ -267,9 +268,9 @@ def test_a_text_eval_could_not_hold_is_refused_naming_the_largest_that_fits(tiny
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     text = TEXT * 4                                                  # 1,028 tokens
-    with pytest.raises(klconvert.KLError, match=r"^eval would hold 0\.\d GiB on the host for 1,000 tokens -- "
+    with pytest.raises(klconvert.KLError, match=r"^eval would hold [\d.]+ MB on the host for 1,000 tokens -- "
                                                 + held + r" -- more than fits \(the model's plan, and the rest "
-                                                r"within 80%\) in the 0\.\d GiB available under the "
+                                                r"within 80%\) in the [\d.]+ MB available under the "
                                                 r"process's data-segment limit \(ulimit -d\); lower --max-tokens to "
                                                 r"[\d,]+ or less, or raise ulimit -d$") as refused:
         evaluate(tiny_released, tiny_released, text, max_tokens=1000, device=device)
@@ -346,6 +347,22 @@ def test_the_allocator_refusing_during_eval_is_out_of_memory_in_one_line(tiny_re
     code, _, err = run_cli(capsys, "eval", "--model", tiny_released, "--reference", tiny_released, "--text-file",
                            text, "--max-tokens", "16", "--device", "cpu")
     assert_one_line_error(code, err, "out of host memory (or the process's memory limit)")
+
+
+def test_an_out_of_memory_run_names_the_model_as_given(monkeypatch, tmp_path, capsys):
+    """`--reference tiny` was named as the bundled model's install path ("a run of /.../klconvert/bundled")."""
+    real = engine_module.load
+
+    def refused(*args, **kwargs):
+        torch.empty(1 << 60, dtype=torch.uint8)       # 1 EiB: refused by the real allocator, on any host
+        return real(*args, **kwargs)
+    monkeypatch.setattr(engine_module, "load", refused)
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    code, _, err = run_cli(capsys, "eval", "--model", "tiny", "--reference", "tiny", "--text-file", text,
+                           "--max-tokens", "16", "--device", "cpu")
+    line = assert_one_line_error(code, err, "allocating a run of --reference tiny over 16 tokens")
+    assert str(BUNDLED_DIR) not in line
 
 
 @pytest.mark.slow

@@ -67,7 +67,8 @@ def test_nf4_without_its_extra_is_one_line_naming_it(without_extras, tiny_releas
 @pytest.mark.parametrize("kernels", ["triton", "auto"])
 def test_triton_kernels_without_triton_name_the_gpu_extra(monkeypatch, kernels):
     monkeypatch.setitem(sys.modules, "triton", None)
-    with pytest.raises(KLError, match=rf"--kernels {kernels}.* needs triton.*pip install 'klconvert\[gpu\]'"):
+    with pytest.raises(KLError, match=rf"^kernels='{kernels}' \(--kernels\).* needs triton.*pip install "
+                                      r"'klconvert\[gpu\]'"):
         use_triton(kernels, torch.device("cuda"))  # the choice is made before any CUDA work
     assert use_triton("torch", torch.device("cuda")) is False
 

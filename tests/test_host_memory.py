@@ -9,7 +9,8 @@ import torch
 
 import klconvert.runtime.host_memory as host_memory_module
 from bounded_cli import klconvert_bounded
-from klconvert.runtime.host_memory import HostMemory, HostMemoryExhausted, host_allocation, host_memory
+from klconvert.runtime.host_memory import (ADDRESS_SPACE_BOUND, DATA_BOUND, HostMemory, HostMemoryExhausted,
+                                           host_allocation, host_memory)
 
 GiB = 2**30
 INFINITY = host_memory_module.resource.RLIM_INFINITY
@@ -42,7 +43,7 @@ V2_MOUNT = "30 24 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4
 def test_the_host_alone_is_memavailable(tmp_path, monkeypatch):
     fake_limits(monkeypatch)
     host = host_memory(fake_host(tmp_path, {**MEMINFO, **STATUS}))
-    assert host == HostMemory(20 * GiB) and str(host) == "20.0 GiB available on the host (MemAvailable)"
+    assert host == HostMemory(20 * GiB) and str(host) == "21.47 GB available on the host (MemAvailable)"
     assert host.remedy == "free some memory"
 
 
@@ -159,6 +160,42 @@ def test_this_machine_is_read_without_error():
     assert host is None or (host.available >= 0 and host.bound and host.remedy)
 
 
+def test_the_files_are_read_in_small_pieces_and_a_read_out_of_memory_leaves_its_bound_out(tmp_path, monkeypatch):
+    """The bound is read while an out-of-memory error is being worded: torch's import out of memory under ulimit -v
+    700000 left no room for the 1 MiB buffer a read asked for, and its MemoryError replaced the one line with a
+    traceback."""
+    real_open = open
+
+    class Tight:   # a file whose read of more than 64 KiB at once is refused, as the allocator refused it
+        def __init__(self, *args, **kwargs):
+            self.file = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def read(self, size=-1):
+            if size < 0 or size > 64 << 10:
+                raise MemoryError
+            return self.file.read(size)
+
+    fake_limits(monkeypatch, address_space=2 * GiB)
+    root = fake_host(tmp_path, {**MEMINFO, **STATUS})
+    monkeypatch.setattr(host_memory_module, "open", Tight, raising=False)
+    assert host_memory(root) == HostMemory(GiB // 2, *ADDRESS_SPACE_BOUND)
+    monkeypatch.setattr(Tight, "read", lambda self, size=-1: (_ for _ in ()).throw(MemoryError))
+    assert host_memory(root) is None    # every read refused: nothing known, and no MemoryError
+
+
+def test_a_small_figure_is_written_with_its_digits():
+    """One decimal of a GiB wrote 50 MB as "0.0 GiB available", and 0.14 GiB beside 0.1 GiB as the same figure."""
+    assert str(HostMemory(50_000_000, *DATA_BOUND)) == ("50.00 MB available under the process's data-segment limit "
+                                                        "(ulimit -d)")
+    assert str(HostMemory(20 * GiB)) == "21.47 GB available on the host (MemAvailable)"
+
+
 def test_the_cpu_allocators_refusal_is_a_memory_error_naming_what_and_the_bound():
     """torch's CPU allocator raises RuntimeError, not MemoryError: the command line's one line never saw it."""
     with pytest.raises(HostMemoryExhausted, match=r"^out of host memory \(or the process's memory limit\) allocating "
@@ -178,7 +215,8 @@ def test_a_plan_past_a_real_address_space_limit_is_refused_in_one_line():
     done = klconvert_bounded("run", "--model", "tiny", "--device", "cpu", "--prompt", "Hello there",
                              "--max-new-tokens", "5", "--max-context", "1000000")
     line = done.error_line()
-    assert "available under the process's address-space limit (ulimit -v); lower --max-context to" in line, line
+    assert ("available under the process's address-space limit (ulimit -v); lower max_context (--max-context) to"
+            in line), line
     assert line.endswith("or less, or raise ulimit -v"), line
 
 

@@ -92,6 +92,13 @@ def test_huge_size_fields_are_refused_in_bounded_memory(tiny_copy, edit, needles
     (lambda c: c.update(max_position_embeddings=4096),
      ["fields 'model_max_length' (1048576) and 'max_position_embeddings' (4096) are two names of one field and "
       "disagree"]),
+    # the weights' dtype, which klconvert's outputs copy and transformers and vLLM load the model in
+    (lambda c: c.update(torch_dtype="garbage"), ["'torch_dtype' is 'garbage'", "one of bfloat16, float16, float32"]),
+    (lambda c: c.update(torch_dtype="float64"), ["'torch_dtype' is 'float64'"]),
+    (lambda c: c.update(torch_dtype=5), ["'torch_dtype' should be str or null, got int 5"]),
+    (lambda c: (c.pop("torch_dtype"), c.update(dtype="auto")), ["'dtype' is 'auto'"]),
+    (lambda c: c.update(dtype="float32"),
+     ["fields 'torch_dtype' ('bfloat16') and 'dtype' ('float32') are two names of one field and disagree"]),
     # transformers' layer kinds, which it builds the model from where they are there, held to the release's
     (lambda c: c.update(layer_types=["linear_attention"] * c["num_hidden_layers"]),
      ["field 'layer_types' (['linear_attention',", "says other layer kinds than linear_attn_config"]),
@@ -140,7 +147,8 @@ def test_max_position_embeddings_bounds_the_context(tiny_copy):
     assert "--max-tokens 8,192 is over the model's max_position_embeddings 4,096" in line, line
     line = klconvert_bounded("bench", "--model", tiny_copy, "--context", "8192").error_line()
     assert "--context 8,192 is over the model's max_position_embeddings 4,096" in line, line
-    with pytest.raises(KLError, match=r"^a context of 8192 tokens is over the model's max_position_embeddings 4096"):
+    with pytest.raises(KLError, match=r"^max_context=8192 \(--max-context\) is over the model's "
+                       "max_position_embeddings 4096; lower it$"):
         klconvert.load(tiny_copy, device="cpu", max_context=8192)
 
 
@@ -291,6 +299,33 @@ def test_tokenizer_ids_are_bounded_by_the_vocabulary(tiny_copy, edit, needles):
         assert needle in line, line
 
 
+@pytest.mark.parametrize("field, value, needles", [
+    ("eos_token_id", 262, ["config.json: eos_token_id 262 is the text token", "not a special token of "
+                           "tokenizer_config.json (its eos_token has id 1025)", "generation would stop wherever"]),
+    ("eos_token_id", [1026, 300], ["eos_token_id 300 is the text token"]),   # a list: each id
+    ("bos_token_id", 5, ["bos_token_id 5 is the text token", "its bos_token has id 1024", "for the bos token"]),
+    ("pad_token_id", 0, ["pad_token_id 0 is the text token", "its pad_token has id 1279"]),
+])
+def test_config_token_ids_are_special_tokens_of_the_tokenizer(tiny_copy, field, value, needles):
+    """config.json's eos ids are where generation stops (beside the tokenizer's): an ordinary text token there
+    stopped a run wherever that text came; run and quantize (whose output copies config.json) refuse it."""
+    edit_config(tiny_copy, lambda c: c.update({field: value}))
+    for done in (run_on(tiny_copy), quantize_on(tiny_copy)):
+        line = done.error_line()
+        for needle in needles:
+            assert needle in line, line
+    assert not (tiny_copy.parent / "out").exists()
+
+
+def test_config_eos_may_be_another_special_than_the_tokenizers(tiny_copy):
+    """The release's config.json says eos <|im_end|> where its tokenizer says [EOS]: both stop, nothing refused."""
+    from klconvert.runtime.engine import load
+
+    edit_config(tiny_copy, lambda c: c.update(eos_token_id=[1026, 1030], bos_token_id=1031, pad_token_id=None))
+    engine = load(tiny_copy, device="cpu", max_context=16)
+    assert {1025, 1026, 1030} <= engine.stop_ids
+
+
 # ---- endless text -------------------------------------------------------------------------------------------
 def test_an_endless_prompt_is_refused_after_the_context(tiny_released):
     line = klconvert_bounded("run", "--model", tiny_released, "--prompt-file", "/dev/zero").error_line()
@@ -339,6 +374,15 @@ def test_a_runaway_chat_template_is_stopped(tiny_copy, template, needle):
     edit_json(tiny_copy / "tokenizer_config.json", lambda c: c.update(chat_template=template))
     line = run_on(tiny_copy, "--chat").error_line()
     assert "chat_template failed to render" in line and needle in line, line
+
+
+def test_a_chat_template_is_held_to_what_the_context_can_hold(tiny_copy):
+    """`run --chat` stops a render once it is longer than the prompt's room in the context can hold (it rendered and
+    encoded 100,000 characters of a two-letter prompt, then counted the ids)."""
+    edit_json(tiny_copy / "tokenizer_config.json", lambda c: c.update(chat_template="{{ 'x' * 100000 }}"))
+    line = run_on(tiny_copy, "--chat", "--max-context", "512").error_line()
+    assert "chat_template failed to render (it writes more than" in line, line
+    assert "characters, more than 510 tokens can hold at up to" in line, line
 
 
 def test_a_chat_template_is_stopped_at_its_cpu_limit(monkeypatch):

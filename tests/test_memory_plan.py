@@ -106,7 +106,8 @@ def test_render_plan_lists_every_part():
 
 def test_prompt_over_the_plan_is_refused(tiny_released):
     engine = klconvert.load(tiny_released, device="cpu", max_context=32)
-    with pytest.raises(klconvert.KLError, match=r"prompt \(30 tokens\).*--max-new-tokens 8.*32.*--max-context"):
+    with pytest.raises(klconvert.KLError, match=r"prompt \(30 tokens\).*max_new_tokens=8 \(--max-new-tokens\).*32.*"
+                                                r"max_context \(--max-context\)"):
         engine.generate(torch.zeros(30, dtype=torch.long), max_new_tokens=8)
     with pytest.raises(klconvert.KLError, match="--max-context"):
         engine.forward(torch.zeros(1, 33, dtype=torch.long))

@@ -185,8 +185,8 @@ def test_a_quantization_config_over_float_weights_is_named_not_called_quantized(
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_cuda_requested_without_cuda(tiny_released, tmp_path, capsys):
-    assert "--device cuda: no CUDA device" in fails(capsys, tmp_path, "--group-size", "32", "--device", "cuda",
-                                                    src=tiny_released)
+    assert "device='cuda' (--device): no CUDA device" in fails(capsys, tmp_path, "--group-size", "32", "--device",
+                                                               "cuda", src=tiny_released)
 
 
 @pytest.mark.parametrize("where", ["proc", "read-only"])
@@ -309,9 +309,9 @@ def test_an_out_name_no_file_system_or_terminal_takes_is_one_line(tiny_released,
     (dict(max_shard_bytes=-5), "max_shard_bytes=-5 (--max-shard-size)"),
     (dict(max_shard_bytes=1.5), "max_shard_bytes=1.5 (--max-shard-size)"),
     (dict(max_shard_bytes=True), "max_shard_bytes=True (--max-shard-size)"),
-    (dict(device="tpu"), "--device 'tpu' is not supported; use --device cpu or --device cuda"),  # was torch's
-    (dict(device="meta"), "--device 'meta' is not supported"),
-    (dict(device=0), "--device 0 is not supported"),
+    (dict(device="tpu"), "device='tpu' (--device) is not supported; use cpu, cuda or cuda:N"),  # was torch's
+    (dict(device="meta"), "device='meta' (--device) is not supported"),
+    (dict(device=0), "device=0 (--device) is not supported"),
 ])
 def test_a_bad_value_from_python_is_refused_up_front(tiny_released, tmp_path, options, needle):
     out = tmp_path / "q"
@@ -326,7 +326,8 @@ def test_pull_and_quantize_refuses_a_bad_device_or_shard_size_before_any_downloa
         raise AssertionError("pulled")
 
     monkeypatch.setattr(quantize_module, "pull", no_pull)
-    for options, needle in ((dict(device="tpu"), "--device 'tpu'"), (dict(max_shard_bytes=0), "max_shard_bytes=0")):
+    for options, needle in ((dict(device="tpu"), "device='tpu' (--device)"),
+                            (dict(max_shard_bytes=0), "max_shard_bytes=0")):
         with pytest.raises(KLError, match=re.escape(needle)):
             quantize_module.pull_and_quantize("acme/kimi", tmp_path / "q", progress=False, **options)
     assert list(tmp_path.iterdir()) == []

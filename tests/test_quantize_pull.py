@@ -153,6 +153,16 @@ def test_a_name_that_can_only_be_a_folder_is_not_looked_up(served, monkeypatch, 
                               f"--model {name}: no such folder (and not a hub repo id like {REPO}); check the path")
 
 
+def test_a_missing_folder_is_refused_before_the_device_is_looked_at(monkeypatch, capsys):
+    """The default device asks torch for CUDA, which under an address-space limit on a GPU machine printed CUDA's
+    failed initialization above the folder's refusal (the H200 run of test_refusals_run_in_bounded_memory)."""
+    import klconvert.quantize as quantize_module
+
+    monkeypatch.setattr(quantize_module, "checked_device", lambda device: pytest.fail("looked at the device"))
+    assert_one_line_error(*run_cli(capsys, "pull-and-quantize", "--model", "./typo-dir")[::2],
+                          "--model ./typo-dir: no such folder")
+
+
 def test_a_hub_id_without_an_owner_is_pulled(served, tiny_released, capsys):
     server, _ = served
     commit = server.add_repo("kimi-tiny", tiny_released)

@@ -680,3 +680,39 @@ def test_a_groups_own_format_wins_over_the_top_level_one(tiny_released, tmp_path
     write_quantized(tiny_released, tmp_path / "q", bits=4)
     _edit_quantization_config(tmp_path / "q", lambda qc: qc.update(format="dense"))
     assert open_checkpoint(tmp_path / "q").get(f"{Q_PROJ}.weight").isfinite().all()
+
+
+def _packed_by_name(module: str, kind: str):
+    """`module`'s float weight stored packed as `kind` (int8 g32 sym, or nf4) and, for int, a config group that targets
+    it by name (and out of ignore, which lists the router): a folder consistent in every other way."""
+    from klconvert.quant import QuantScheme
+
+    def edit_tensors(t):
+        weight = t.pop(f"{module}.weight")
+        t.update(compress_nf4(module, weight) if kind == "nf4" else compress_weight(module, weight, QuantScheme(8, 32)))
+
+    def edit_config(qc):
+        if kind != "nf4":
+            qc["config_groups"]["group_9"] = {**qc["config_groups"]["group_0"], "targets": [module]}
+            qc["ignore"] = [entry for entry in qc["ignore"] if not entry.endswith(r"\.gate$")]
+    return edit_tensors, edit_config
+
+
+@pytest.mark.parametrize("module, what", [("model.embed_tokens", "the token embedding"),
+                                          ("model.layers.1.block_sparse_moe.gate", "the MoE router")])
+@pytest.mark.parametrize("options", [dict(bits=8), dict(scheme="nf4")], ids=["int8", "nf4"])
+def test_a_packed_embedding_or_router_is_refused_by_name(tiny_released, tmp_path, capsys, module, what, options):
+    """The embedding and the router stay in high precision: vLLM builds both unquantized (a packed one it cannot load)
+    and no recipe packs them. Stored packed, `run` read them dequantized on either path, but export-onnx wrote them
+    as zeros (the graph's placeholders for packed weights); every command refuses them now, naming the weight."""
+    write_quantized(tiny_released, tmp_path / "q", **options)
+    edit_tensors, edit_config = _packed_by_name(module, options.get("scheme", "int"))
+    _damage(tmp_path / "q", edit_tensors)
+    _edit_quantization_config(tmp_path / "q", edit_config)
+    needles = (f"quantized weight {module}.weight is stored packed, but it is {what}, which Kimi Linear keeps in "
+               "high precision", "vLLM builds it unquantized")
+    for command in (("run", "--model", tmp_path / "q", "--prompt", "hi", "--max-new-tokens", "1", "--device", "cpu"),
+                    ("export-onnx", "--model", tmp_path / "q", "--out", tmp_path / "onnx")):
+        code, _, err = run_cli(capsys, *command)
+        assert_one_line_error(code, err, *needles)
+    assert not (tmp_path / "onnx").exists()

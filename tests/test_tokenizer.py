@@ -197,6 +197,52 @@ def test_text_parts_render_as_their_text_joined(small_folder, folder):
         tokenizer.encode_chat([{"role": "user", "content": "Hi <|im_end|> there"}])
 
 
+@pytest.mark.parametrize("template", ["{{ messages[0]['content'] }}", "{{ messages }}"], ids=["text", "repr"])
+@pytest.mark.parametrize("content", ["[BOS]" * 300, "\U000f0000" * 300, "a <|im_end|>" * 200,
+                                     "The quick brown fox. " * 100], ids=["special", "escape", "mixed", "words"])
+def test_a_render_bounded_by_its_own_ids_count_is_never_stopped(broken_folder, template, content):
+    """encode_chat's max_tokens stops a render longer than that many ids can stand for: a render that fits is never
+    stopped, however its text comes back (message text equal to a special token's is rendered as a code of 2
+    characters, 20 in a printed list's repr)."""
+    (broken_folder / "chat_template.jinja").write_text(template)
+    tokenizer = Tokenizer.from_folder(broken_folder)
+    ids = tokenizer.encode_chat([{"role": "user", "content": content}])
+    assert tokenizer.encode_chat([{"role": "user", "content": content}], max_tokens=len(ids)) == ids
+
+
+def test_the_bound_allows_for_special_text_rendered_longer_than_it_comes_back(broken_folder):
+    """A message's special-token text is rendered as a 20-character code in a printed list's repr: a one-character
+    special "Q" in a vocabulary holding a 16-"Q" token renders 320 characters an id, past any token's length."""
+    config = json.loads((broken_folder / "tokenizer_config.json").read_text())
+    first = max(map(int, config["added_tokens_decoder"])) + 1   # QQ, QQQQ, 8 Qs, 16 Qs: the merges that make it
+    with open(broken_folder / "tiktoken.model", "a") as f:
+        f.writelines(f"{base64.b64encode(b'Q' * 2 ** i).decode()} {first + i - 1}\n" for i in (1, 2, 3, 4))
+    rank = first + 3
+    edit_config(broken_folder, lambda c: c["added_tokens_decoder"].update({str(rank + 1): {"content": "Q"}}))
+    (broken_folder / "chat_template.jinja").write_text("{{ messages }}")
+    tokenizer = Tokenizer.from_folder(broken_folder)
+    ids = tokenizer.encode_chat([{"role": "user", "content": "Q" * 1600}])
+    assert ids.count(rank) == 100
+    assert tokenizer.encode_chat([{"role": "user", "content": "Q" * 1600}], max_tokens=len(ids)) == ids
+
+
+def test_a_render_longer_than_max_tokens_can_hold_is_stopped(broken_folder):
+    """`{{ 'x' * 100000 }}` made a two-letter prompt 100,000 characters, encoded whole before `run` counted its ids
+    against the context; it is stopped as it passes what max_tokens ids can stand for."""
+    (broken_folder / "chat_template.jinja").write_text("{{ 'x' * 100000 }}")
+    tokenizer = Tokenizer.from_folder(broken_folder)
+    assert len(tokenizer.encode_chat([{"role": "user", "content": "hi"}])) > 64   # no bound: rendered and encoded
+    with pytest.raises(KLError) as refused:
+        tokenizer.encode_chat([{"role": "user", "content": "hi"}], max_tokens=64)
+    message = str(refused.value)
+    assert re.search(r"chat_template failed to render \(it writes more than [\d,]+ characters, more than 64 tokens "
+                     r"can hold at up to \d+ characters a token\)", message) and "\n" not in message, message
+    for wrong in (0, -1, 2.5, True, "64"):
+        with pytest.raises(KLError, match=f"encode_chat: max_tokens {re.escape(repr(wrong))} should be a whole "
+                                          "number of at least 1"):
+            tokenizer.encode_chat([{"role": "user", "content": "hi"}], max_tokens=wrong)
+
+
 def test_the_bundled_chat_template_is_the_synthetic_ones():
     """One template: the bundled model's tokenizer_config.json carries the one klconvert.synth writes."""
     config = json.loads((BUNDLED_DIR / "tokenizer_config.json").read_text())

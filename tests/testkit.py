@@ -57,6 +57,23 @@ def run_klconvert(*args, stdin: str | None = None, cwd=None, env: dict | None = 
                           input=stdin, cwd=cwd, env=environ, timeout=timeout)
 
 
+def emitting_a_special(src, out, token: int, special: int):
+    """A copy of the unquantized checkpoint folder `src` at `out` with the embedding's and lm_head's rows `token` and
+    `special` swapped: it emits the special id wherever `src` emitted `token`, and reads it back as `src` read `token`
+    (how a test makes the model end a turn on a special token, which config.json's eos ids must be)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, out)
+    for shard in sorted(out.glob("*.safetensors")):
+        tensors = load_file(shard)
+        for name in set(tensors) & {"model.embed_tokens.weight", "lm_head.weight"}:
+            tensors[name][[token, special]] = tensors[name][[special, token]]
+        save_file(tensors, shard, metadata={"format": "pt"})
+    return out
+
+
 def shown_lines(err: str) -> list[str]:
     """stderr as a terminal leaves it: a carriage return overwrites the line (progress bars); blanks dropped."""
     return [line.rsplit("\r", 1)[-1] for line in err.split("\n") if line.rsplit("\r", 1)[-1].strip()]

@@ -16,7 +16,7 @@ from klconvert.quant.declared import DENSE_FORMAT, G_IDX, Declared, declared_gro
 from klconvert.quant.groupwise import SUPPORTED_BITS
 from klconvert.quant.nf4 import BITSANDBYTES, NF4_NAMES
 from klconvert.quant.pack_quantized import PACKED_NAMES as PACKED_PARTS
-from klconvert.quant.policy import is_linear_weight
+from klconvert.quant.policy import is_linear_weight, kept_in_high_precision
 from klconvert.quant.scheme import COMPRESSED_TENSORS, NF4_BLOCKSIZE, PACKED_FORMAT
 
 NF4_PARTS = tuple(n for n in NF4_NAMES if n != "weight")  # "weight" itself is the packed data
@@ -127,6 +127,11 @@ def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, S
         if spec is None or len(spec.shape) != 2:
             raise KLError(f"{where} maps to no linear weight of this model; the checkpoint does not match its "
                           "config.json")
+        kept = kept_in_high_precision(canonical)
+        if kept is not None:   # the embedding and the router: vLLM's kimi_linear builds both without a quant method
+            raise KLError(f"{where} is stored packed, but it is {kept}, which Kimi Linear keeps in high precision: "
+                          "vLLM builds it unquantized and finds no float weight to load, and `klconvert quantize` "
+                          "never packs it -- quantize the bf16 release with `klconvert quantize`, which keeps it")
         if canonical in stored_as:
             raise KLError(f"{where} and {stored_as[canonical]}.weight both provide {canonical}; the checkpoint "
                           "holds one weight under two layouts' names -- keep one")

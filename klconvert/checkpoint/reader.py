@@ -30,12 +30,12 @@ from klconvert.checkpoint.quantized import (
 )
 from klconvert.checkpoint.safetensors_header import SafetensorsHeader, read_header
 from klconvert.checkpoint.size_bounds import check_model_size, max_header_bytes
-from klconvert.config import KimiLinearConfig
+from klconvert.config import WEIGHT_DTYPES, KimiLinearConfig
 from klconvert.errors import KLError, refuse_if_not_permitted, unreadable_reason
 from klconvert.quant import QuantScheme
 from klconvert.quant.pack_quantized import check_scales
 
-FLOAT_DTYPES = {"F32", "BF16", "F16"}
+FLOAT_DTYPES = set(WEIGHT_DTYPES.values())
 FP8_DTYPES = {"F8_E4M3", "F8_E5M2"}  # FP8-quantized weights: a form of the model klconvert does not read
 FINITE_CHECK_ELEMENTS = 1 << 24  # checked a slice at a time: the bool temporaries stay at 16 MB
 

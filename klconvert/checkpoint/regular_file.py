@@ -13,7 +13,7 @@ from typing import BinaryIO
 from klconvert.errors import KLError
 
 
-def _kind(mode: int) -> str:
+def kind_of(mode: int) -> str:
     """What a file that is not regular is, in a word or two."""
     if stat.S_ISDIR(mode):
         return "a directory"
@@ -28,7 +28,7 @@ def open_regular(path: str | Path) -> BinaryIO:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise OSError(errno.EINVAL, f"not a regular file ({_kind(mode)})", str(path))
+            raise OSError(errno.EINVAL, f"not a regular file ({kind_of(mode)})", str(path))
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:

@@ -166,7 +166,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPS
     model_dir, out = resolve_model(model_dir), Path(out)
     refuse_taken(out, force, EARLIER_EXPORT)
     checkpoint = Checkpoint(model_dir)
-    check_tokenizer_if_any(model_dir, checkpoint.config.vocab_size)
+    check_tokenizer_if_any(model_dir, checkpoint.config)
     copied = [name for name in ("config.json", *COPIED_TOKENIZER_FILES) if (model_dir / name).is_file()]
     refuse_unfit_side_files(model_dir, (model_dir / name for name in copied))
     with whole_folder(out, force, EARLIER_EXPORT, last=GENAI_CONFIG) as folder:

@@ -21,6 +21,7 @@ from klconvert.runtime.engine import GenerationStats, Runner, as_batch, as_promp
 from klconvert.runtime.host_memory import host_memory
 from klconvert.runtime.sampling import check_generate_args, sampling_generator
 from klconvert.tokenizer import check_tokenizer_if_any, model_stop_ids
+from klconvert.units import size_text
 
 State = dict[str, np.ndarray]  # past input name -> value
 MAX_GENAI_CONFIG_BYTES = 1 << 20  # export-onnx writes a few KB
@@ -68,7 +69,7 @@ class OnnxEngine(Runner):
         self.states = state_spec(self.config)
         self._check_genai_config(folder / GENAI_CONFIG)
         # where generate stops unless told otherwise (export-onnx copies the tokenizer, if the model has one)
-        self.stop_ids = model_stop_ids(self.config, check_tokenizer_if_any(folder, self.config.vocab_size))
+        self.stop_ids = model_stop_ids(self.config, check_tokenizer_if_any(folder, self.config))
         self.device = torch.device("cpu")
         for name in (ONNX_FILE, DATA_FILE):  # onnxruntime would wait on a FIFO as long as nothing writes to it
             if name == ONNX_FILE or (folder / name).exists():
@@ -131,7 +132,7 @@ class OnnxEngine(Runner):
         per_sequence = sum(int(np.prod(_shape(s, 1, 0))) * np.dtype(s["dtype"]).itemsize for s in self.states)
         host = host_memory()
         if host is not None and batch * per_sequence > host.available:
-            raise KLError(f"empty_state: a state of {batch:,} sequences takes {batch * per_sequence / 2**30:,.1f} GiB, "
+            raise KLError(f"empty_state: a state of {batch:,} sequences takes {size_text(batch * per_sequence)}, "
                           f"more than the {host}; lower batch ({host.available // per_sequence:,} fit), or "
                           f"{host.remedy}")
         return {s["past"]: np.zeros(_shape(s, batch, 0), s["dtype"]) for s in self.states}
@@ -149,7 +150,7 @@ class OnnxEngine(Runner):
             out = dict(zip(self.outputs, self.session.run(None, feed, self._run_options)))
         except Exception as e:  # onnxruntime's own exception types (Fail, InvalidArgument, ...) share no base
             reason = first_line(e)[:200]
-            if "allocate" in reason.lower():
+            if "allocate" in str(e).lower():   # the whole message: the word can lie past the cut (at 245)
                 raise KLError(f"{self.folder / ONNX_FILE}: onnxruntime ran out of memory running it ({reason}); give "
                               "fewer or shorter prompts") from None
             raise KLError(f"{self.folder / ONNX_FILE}: onnxruntime failed running it ({reason}); export the folder "

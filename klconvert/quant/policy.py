@@ -35,6 +35,13 @@ def match_key(tensor_name: str) -> str:
     return tensor_name.removesuffix(".weight") if tensor_name.endswith(".weight") else tensor_name
 
 
+def kept_in_high_precision(tensor_name: str) -> str | None:
+    """What the tensor is ("the MoE router") where the release keeps it in high precision (release.HIGH_PRECISION):
+    no recipe quantizes it, and a checkpoint that stores it packed is refused (vLLM builds it unquantized)."""
+    key = match_key(tensor_name)
+    return next((what for pattern, what in _PROTECTED if pattern.match(key)), None)
+
+
 def is_linear_weight(tensor_name: str, shape: Sequence[int]) -> bool:
     """A 2-D `.weight` that is not an embedding: what the "Linear" target means by name alone."""
     return tensor_name.endswith(".weight") and len(shape) == 2 and not _EMBEDDING.match(match_key(tensor_name))
@@ -188,10 +195,10 @@ class Policy:
                 raise KLError(f"{tensor_name} is selected by {entry.pattern!r} of {group.name} ({entry.where}) and by "
                               f"{other_entry.pattern!r} of {other.name} ({other_entry.where}); runtimes disagree on "
                               "which wins -- narrow one pattern or add the module to the other group's ignore")
-        for pattern, what in _PROTECTED:
-            if pattern.match(key):
-                raise KLError(f"{entry.where}: target {entry.pattern!r} of {group.name} would quantize {tensor_name} "
-                              f"({what}), which must stay in high precision; narrow the target or add it to ignore")
+        what = kept_in_high_precision(tensor_name)
+        if what is not None:
+            raise KLError(f"{entry.where}: target {entry.pattern!r} of {group.name} would quantize {tensor_name} "
+                          f"({what}), which must stay in high precision; narrow the target or add it to ignore")
         if not linear:
             raise KLError(f"{entry.where}: target {entry.pattern!r} of {group.name} selects {tensor_name} "
                           f"{list(shape)}, which is not a 2-D linear weight; narrow the target or add it to ignore")
