@@ -25,16 +25,22 @@ OUTPUT_CHARS_EXTRA = 1 << 20
 CHILD_FOLDER = Path(__file__).resolve().parent.parent
 
 
-def render_chat_template(template: str, where: str, max_chars: tuple[int, str] | None = None, **variables) -> str:
+class RenderPastBound(KLError):
+    """A render stopped at the caller's bound on its length (render_chat_template's max_chars): the text is too
+    long for what the caller can take, which is no fault of the template."""
+
+
+def render_chat_template(template: str, where: str, max_chars: int | None = None, **variables) -> str:
     """The template rendered with `variables` (JSON values), or a KLError naming `where` and what went wrong.
-    `max_chars`: (characters, why) -- the caller's bound on the rendered text, where tighter than the renderer's own
-    (e.g. what the context can hold), and what it is, said after the count where the render passes it."""
+    `max_chars`: the caller's bound on the rendered text (e.g. what the context can hold); a render past it, where
+    tighter than the renderer's own, is a RenderPastBound."""
     request = json.dumps({"template": template, "variables": variables})
-    output_chars, over = OUTPUT_CHARS_OVER_INPUT * len(request) + OUTPUT_CHARS_EXTRA, ""
-    if max_chars is not None and max_chars[0] < output_chars:
-        output_chars, over = max_chars
+    output_chars = OUTPUT_CHARS_OVER_INPUT * len(request) + OUTPUT_CHARS_EXTRA
+    callers_bound = max_chars is not None and max_chars < output_chars
+    if callers_bound:
+        output_chars = max_chars
     limits = {"memory": MEMORY_BYTES + 16 * len(request), "cpu": CPU_SECONDS, "loop_items": LOOP_ITEMS,
-              "output_chars": output_chars, "output_over": over}
+              "output_chars": output_chars}
     try:
         proc = subprocess.run([sys.executable, "-m", "klconvert.chat_template"],
                               input=json.dumps({"limits": limits, "request": request}).encode("utf-8"),
@@ -51,6 +57,8 @@ def render_chat_template(template: str, where: str, max_chars: tuple[int, str] |
                   f"{' '.join(proc.stderr.decode('utf-8', 'replace').split())[-300:]}")
         raise _failed(where, reason)
     if "error" in answer:
+        if callers_bound and answer.get("past_output_chars"):
+            raise RenderPastBound(f"{where}: the rendered chat is longer than {output_chars:,} characters")
         raise _failed(where, answer["error"])
     return answer["text"]
 
@@ -65,7 +73,11 @@ class _TooMuchWork(Exception):
     pass
 
 
-def _render_bounded(template: str, variables: dict, loop_items: int, output_chars: int, over: str) -> str:
+class _PastOutputChars(_TooMuchWork):
+    pass
+
+
+def _render_bounded(template: str, variables: dict, loop_items: int, output_chars: int) -> str:
     import jinja2
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
@@ -96,7 +108,7 @@ def _render_bounded(template: str, variables: dict, loop_items: int, output_char
     for part in env.from_string(template).generate(**variables):
         size += len(part)
         if size > output_chars:
-            raise _TooMuchWork(f"it writes more than {output_chars:,} characters{over}")
+            raise _PastOutputChars(f"it writes more than {output_chars:,} characters")
         parts.append(part)
     return "".join(parts)
 
@@ -116,13 +128,13 @@ def _child() -> None:
     request = json.loads(job["request"])
     try:
         answer = {"text": _render_bounded(request["template"], request["variables"], limits["loop_items"],
-                                          limits["output_chars"], limits["output_over"])}
+                                          limits["output_chars"])}
     except MemoryError:
         answer = {"error": f"it needs more than {limits['memory'] >> 20} MB of memory"}
     except RecursionError:
         answer = {"error": "it recurses too deeply"}
     except _TooMuchWork as e:
-        answer = {"error": str(e)}
+        answer = {"error": str(e), "past_output_chars": isinstance(e, _PastOutputChars)}
     except Exception as e:  # a template is a program: whatever it raises is the template's fault
         answer = {"error": f"{type(e).__name__}: {' '.join(str(e).split())}"}  # jinja may quote several lines
     sys.stdout.write(json.dumps(answer))

@@ -312,7 +312,7 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
     if hasattr(sys.stdout, "reconfigure"):  # what stdout's encoding cannot hold (PYTHONIOENCODING=ascii) shows as ?
         sys.stdout.reconfigure(errors="replace")
     from klconvert.text_input import read_prompt
-    from klconvert.tokenizer import StreamDecoder, Tokenizer
+    from klconvert.tokenizer import ChatPastTokens, StreamDecoder, Tokenizer
 
     # which model runs is said once every check has passed, just before it runs
     folder, which = default_model("running") if model is None else (model_folder(model, f"--model {model}"), None)
@@ -341,7 +341,10 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
         text = read_prompt(prompt, prompt_file, tokenizer, budget)
         ids = text.ids
         if chat and text.whole:   # the render held to what the context leaves the prompt
-            ids = tokenizer.encode_chat([{"role": "user", "content": text.text}], budget)
+            try:
+                ids = tokenizer.encode_chat([{"role": "user", "content": text.text}], budget)
+            except ChatPastTokens as e:
+                raise _context_error(text.where, e.max_tokens, True, max_new_tokens, max_context, config) from None
         if len(ids) > budget:
             raise _context_error(text.where, len(ids), not text.whole, max_new_tokens, max_context, config)
         prompts.append(ids)
@@ -541,7 +544,7 @@ def _shard_bytes(max_shard_size: str | None) -> int | None:
     from klconvert.quantize import shard_limit
     from klconvert.runtime.plan_report import parse_size
 
-    return shard_limit(parse_size(max_shard_size, "--max-shard-size"), max_shard_size)
+    return shard_limit(parse_size(max_shard_size, "--max-shard-size", least_bare_bytes=0), max_shard_size)
 
 
 def _quantize_options(command):

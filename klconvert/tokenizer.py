@@ -18,7 +18,7 @@ import tiktoken
 
 from klconvert.checkpoint.folder_files import refuse_link_out
 from klconvert.checkpoint.regular_file import read_bounded, read_json
-from klconvert.chat_template import render_chat_template
+from klconvert.chat_template import RenderPastBound, render_chat_template
 from klconvert.config import SIZE_RANGES, KimiLinearConfig
 from klconvert.errors import KLError, refuse_if_not_permitted, unreadable_reason
 from klconvert.models import resolve_model
@@ -200,6 +200,15 @@ def pieces_for_tiktoken(text: str, max_chars: int = MAX_ENCODE_CHARS,
         yield window[cut:]
 
 
+class ChatPastTokens(KLError):
+    """encode_chat's render stopped past what its max_tokens ids can stand for: the chat needs more than max_tokens
+    ids (`run` says so against the context)."""
+
+    def __init__(self, max_tokens: int, message: str):
+        super().__init__(message)
+        self.max_tokens = max_tokens
+
+
 class Tokenizer:
     """Kimi's tiktoken BPE with the special tokens and chat template of one checkpoint folder."""
 
@@ -362,7 +371,7 @@ class Tokenizer:
 
         Special tokens count only where the template wrote them; their text inside a message stays plain text.
         `max_tokens`: the most ids the caller can take (`run`: what the context leaves the prompt); a render longer
-        than that many ids can stand for is stopped as it passes it, unencoded (the caller counts the ids).
+        than that many ids can stand for is stopped as it passes it, unencoded: a ChatPastTokens.
         """
         _check_messages(messages)
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral)
@@ -378,11 +387,14 @@ class Tokenizer:
             raise KLError("encode_chat: messages are nested too deeply (or a list or dict holds itself); give "
                           "[{'role': ..., 'content': ...}] dicts of strings") from None
         per_id = self._rendered_chars_per_id
-        bound = None if max_tokens is None else (int(max_tokens) * per_id, f", more than {max_tokens:,} tokens can "
-                                                                          f"hold at up to {per_id} characters a token")
-        rendered = render_chat_template(self._chat_template, str(self._chat_template_path), bound, messages=escaped,
-                                        add_generation_prompt=True, bos_token=self._bos_token,
-                                        eos_token=self._eos_token)
+        try:
+            rendered = render_chat_template(self._chat_template, str(self._chat_template_path),
+                                            None if max_tokens is None else int(max_tokens) * per_id,
+                                            messages=escaped, add_generation_prompt=True, bos_token=self._bos_token,
+                                            eos_token=self._eos_token)
+        except RenderPastBound as e:
+            raise ChatPastTokens(int(max_tokens), f"{e}, more than {max_tokens:,} tokens can hold at up to {per_id} "
+                                 "characters a token") from None
         ids: list[int] = []
         for index, part in enumerate(self._special_split.split(rendered)):  # [text, special, text, ...]
             if index % 2:

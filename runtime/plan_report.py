@@ -39,14 +39,15 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k
 LEAST_BARE_BYTES = 2**20
 
 
-def parse_size(text: str, flag: str = "--gpu-memory") -> int:
+def parse_size(text: str, flag: str = "--gpu-memory", least_bare_bytes: int = LEAST_BARE_BYTES) -> int:
     """'80GiB', '24GB', '141G' (binary), '85899345920' (no unit: bytes) -> bytes; `flag` names the option in the
-    error. A number with no unit that is under LEAST_BARE_BYTES (but 0) is refused as a unit left off."""
+    error. A number with no unit under `least_bare_bytes` (but 0) is refused as a unit left off: a GPU's memory
+    (the default); a shard's size passes 0, since any number of bytes is one."""
     m = _SIZE.match(text)
     size = float(m.group(1)) * _UNITS[m.group(2).lower()] if m else None
     if size is None or not size < 2**64:  # inf from a 400-digit number included
         raise KLError(f"{flag} {text[:40]!r}: give a size like 80GiB, 24GB or 141G")
-    if not m.group(2) and 0 < size < LEAST_BARE_BYTES:
+    if not m.group(2) and 0 < size < least_bare_bytes:
         raise KLError(f"{flag} {m.group(1)}: a size with no unit is bytes, and {int(size)} bytes is no GPU's memory; "
                       f"did you mean {m.group(1)}GB or {m.group(1)}GiB? give the unit")
     return int(size)

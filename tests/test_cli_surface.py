@@ -223,6 +223,13 @@ def test_a_gpu_memory_without_a_unit_that_reads_as_a_few_bytes_is_refused(capsys
     assert code == 0, err
 
 
+def test_a_shard_size_of_a_few_bytes_without_a_unit_is_still_bytes(capsys, tmp_path):
+    """The GPU-memory check in parse_size refused `--max-shard-size 500` (any number of bytes is a shard's size)."""
+    code, _, err = run_cli(capsys, "quantize", "tiny", tmp_path / "q", "--bits", "8", "--max-shard-size", "500000")
+    assert code == 0, err
+    assert len(list((tmp_path / "q").glob("model-*.safetensors"))) > 1
+
+
 def test_a_recipe_gpu_memory_of_a_few_bytes_is_refused(capsys, tmp_path):
     base = (Path(__file__).parents[1] / "recipes" / "48gb.yaml").read_text()
     for value, needle in (("48", "runtime.gpu_memory 48 is 48 bytes, no GPU's memory; write 48GB or 48GiB"),

@@ -381,8 +381,17 @@ def test_a_chat_template_is_held_to_what_the_context_can_hold(tiny_copy):
     encoded 100,000 characters of a two-letter prompt, then counted the ids)."""
     edit_json(tiny_copy / "tokenizer_config.json", lambda c: c.update(chat_template="{{ 'x' * 100000 }}"))
     line = run_on(tiny_copy, "--chat", "--max-context", "512").error_line()
-    assert "chat_template failed to render (it writes more than" in line, line
-    assert "characters, more than 510 tokens can hold at up to" in line, line
+    assert "(over 510 tokens) plus --max-new-tokens 2 needs a context of more than 512 tokens but --max-context is " \
+           "512; raise --max-context" in line, line
+
+
+def test_a_chat_with_no_room_left_is_over_the_context_not_a_broken_template(tiny_copy):
+    """With the prompt's room in the context a token or two, the bundled template's own text passed the render's
+    bound, and the line said "chat_template failed to render ...; fix the template" (the reviewer's finding)."""
+    line = klconvert_bounded("run", "--model", tiny_copy, "--prompt", "hi", "--chat", "--max-context", "20",
+                             "--max-new-tokens", "19", "--device", "cpu").error_line()
+    assert "the prompt of --prompt (over 1 tokens) plus --max-new-tokens 19 needs a context of more than 20 tokens " \
+           "but --max-context is 20; raise --max-context" in line, line
 
 
 def test_a_chat_template_is_stopped_at_its_cpu_limit(monkeypatch):

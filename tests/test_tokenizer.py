@@ -14,8 +14,8 @@ from tiktoken.load import load_tiktoken_bpe
 from klconvert.errors import KLError
 from klconvert.models import BUNDLED_DIR
 from klconvert.synth.tokenizer_files import KIMI_CHAT_TEMPLATE, bpe_tokens, write_tokenizer_files
-from klconvert.tokenizer import (KIMI_PRETOKENIZE_PATTERN, StreamDecoder, Tokenizer, pieces_for_tiktoken,
-                                 read_bpe_ranks)
+from klconvert.tokenizer import (KIMI_PRETOKENIZE_PATTERN, ChatPastTokens, StreamDecoder, Tokenizer,
+                                 pieces_for_tiktoken, read_bpe_ranks)
 
 SMALL_RANKS = 1000
 REAL_RANKS = 163584  # the released vocabulary: 163584 BPE ranks + 256 specials = 163840
@@ -232,11 +232,12 @@ def test_a_render_longer_than_max_tokens_can_hold_is_stopped(broken_folder):
     (broken_folder / "chat_template.jinja").write_text("{{ 'x' * 100000 }}")
     tokenizer = Tokenizer.from_folder(broken_folder)
     assert len(tokenizer.encode_chat([{"role": "user", "content": "hi"}])) > 64   # no bound: rendered and encoded
-    with pytest.raises(KLError) as refused:
+    with pytest.raises(ChatPastTokens) as refused:
         tokenizer.encode_chat([{"role": "user", "content": "hi"}], max_tokens=64)
     message = str(refused.value)
-    assert re.search(r"chat_template failed to render \(it writes more than [\d,]+ characters, more than 64 tokens "
-                     r"can hold at up to \d+ characters a token\)", message) and "\n" not in message, message
+    assert refused.value.max_tokens == 64
+    assert re.search(r"the rendered chat is longer than [\d,]+ characters, more than 64 tokens can hold at up to "
+                     r"\d+ characters a token$", message) and "\n" not in message, message
     for wrong in (0, -1, 2.5, True, "64"):
         with pytest.raises(KLError, match=f"encode_chat: max_tokens {re.escape(repr(wrong))} should be a whole "
                                           "number of at least 1"):
