@@ -515,25 +515,19 @@ def check_tokenizer_if_any(folder: Path, config: KimiLinearConfig) -> Tokenizer 
 
 
 def check_config_token_ids(config: KimiLinearConfig, tokenizer: Tokenizer, folder: Path) -> None:
-    """KLError where config.json's bos_token_id, eos_token_id (each, where a list) or pad_token_id is an ordinary text
-    token of tiktoken.model rather than a special token of tokenizer_config.json: generation stops at config.json's
-    eos ids (model_stop_ids), so such an id stopped it wherever that text came. A special other than the
-    tokenizer's own is no contradiction: the release's eos_token_id is <|im_end|>, its tokenizer's eos_token [EOS]
-    (both stop)."""
-    own_ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
-    for kind, token_ids in (("bos", (config.bos_token_id,)), ("eos", config.eos_token_ids),
-                            ("pad", (config.pad_token_id,))):
-        for token_id in token_ids:
-            if token_id is None or token_id in tokenizer.special_ids:
-                continue
-            own = own_ids[kind]
-            said = f"its {kind}_token has id {own}" if own is not None else f"it names no {kind}_token"
-            harm = ("generation would stop wherever that text came" if kind == "eos" else
-                    f"a runtime reading it would take that text for the {kind} token")
-            raise KLError(f"{folder / 'config.json'}: {kind}_token_id {token_id} is the text token "
-                          f"{tokenizer.token_bytes(token_id)!r:.40} of {BPE_FILE}, not a special token of "
-                          f"{CONFIG_FILE} ({said}); {harm} -- set {kind}_token_id to a special token's id, or "
-                          "re-download the model")
+    """KLError where one of config.json's eos_token_id (each, where a list) is an ordinary text token of
+    tiktoken.model rather than a special token of tokenizer_config.json: generation stops at config.json's eos ids
+    (model_stop_ids), so such an id stopped it wherever that text came. A special other than the tokenizer's own is
+    no contradiction: the release's eos_token_id is <|im_end|>, its tokenizer's eos_token [EOS] (both stop).
+    bos_token_id and pad_token_id are not held: klconvert reads neither, and a fine-tune's generic pad id is no harm."""
+    for token_id in config.eos_token_ids:
+        if token_id is None or token_id in tokenizer.special_ids:
+            continue
+        said = f"its eos_token has id {tokenizer.eos_id}" if tokenizer.eos_id is not None else "it names no eos_token"
+        raise KLError(f"{folder / 'config.json'}: eos_token_id {token_id} is the text token "
+                      f"{tokenizer.token_bytes(token_id)!r:.40} of {BPE_FILE}, not a special token of {CONFIG_FILE} "
+                      f"({said}); generation would stop wherever that text came -- set eos_token_id to a special "
+                      "token's id, or re-download the model")
 
 
 def model_stop_ids(config: KimiLinearConfig, tokenizer: Tokenizer | None) -> frozenset[int]:

@@ -354,7 +354,7 @@ class Runner:
 class Engine(Runner):
     """A model on one device, with state buffers allocated once by its MemoryPlan."""
 
-    decode_less = f"lower {argument('max_context', '--max-context')} or {argument('batch', '--batch')}"
+    decode_less = f"lower {argument('max_context', '--max-context')}, or give fewer prompts"   # run has no --batch
 
     def __init__(self, config: KimiLinearConfig, read: Callable[[str], torch.Tensor], device: torch.device,
                  dtype: torch.dtype, context: int, batch: int, biased_router_weights: bool = False,

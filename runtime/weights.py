@@ -50,7 +50,7 @@ def refuse_triton_off_cuda(kernels: str, device: torch.device) -> None:
     where = (argument("device", "--device", str(device)) if torch.cuda.is_available() else
              "this machine (no CUDA GPU is visible)")
     raise KLError(f"{argument('kernels', '--kernels', kernels)} needs a CUDA GPU, but it was asked for on {where}; "
-                  "use torch (or auto, the default)")
+                  "use kernels='torch' (--kernels torch), or auto, the default")
 
 
 def use_triton(kernels: str, device: torch.device) -> bool:

@@ -99,7 +99,7 @@ def test_triton_kernels_need_cuda(capsys, tiny_released, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' CPU interpreter is not a user's GPU
     line = assert_one_line_error(*run_cli(capsys, "run", "--model", tiny_released, "--prompt", "x", "--device", "cpu",
                                           "--kernels", "triton")[::2])
-    assert "kernels='triton' (--kernels) needs a CUDA GPU" in line and "use torch" in line
+    assert "kernels='triton' (--kernels) needs a CUDA GPU" in line and "use kernels='torch' (--kernels torch)" in line
 
 
 @pytest.mark.slow
