@@ -86,40 +86,49 @@ def kda_chunked(q, k, v, g, beta, state, chunk: int = CHUNK):
         (I + A) U = beta * (V - (K * exp(G)) S0),  A[t, s] = beta_t sum_i k_t,i k_s,i D[t, s, i]  (s < t)
         O = (Q * exp(G)) S0 + (sum_i q_t,i k_s,i D[t, s, i])_{s <= t} U
         S = exp(G_last) * S0 + (K * exp(G_last - G))^T U
-    Each chunk writes its rows of one preallocated o, and its temporaries are as few as the math allows and all
-    freed before the next chunk starts: glibc serves blocks under its mmap threshold (raised to the largest block
-    freed so far, up to 32 MB) from its heap, where freed ones stay resident and fragment it, so chunk outputs
-    listed and concatenated at the end, D built in three tensors and one chunk's temporaries freed amid the next's
-    took a CPU prefill's peak resident memory to 2-5x the workspace its plan counts (tests/test_cpu_prefill_memory.py).
+    Each chunk writes its rows of one preallocated o. Where autograd records nothing (a prefill), every chunk builds
+    its D, [B, H, C, C, K] -- by far the largest temporary of a chunk -- in one tensor made once for the call, and
+    multiplies it by k in place; the rest of a chunk's temporaries are freed before the next starts. A new D per
+    chunk (and the einsums' two products of its size) cost a CPU prefill a page fault per 4 KB wherever blocks of
+    that size are mapped afresh (runtime/host_malloc.py), and once kept resident by glibc fragmented its heap.
     """
     B, T, H, K = k.shape
+    records = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, beta, state))
     q, k, v, g, beta = (x.float().transpose(1, 2) for x in (q, k, v, g, beta))  # [B, H, T, .]
     out = q.new_empty(B, H, T, v.shape[-1])
+    decay = None if records else q.new_empty(B, H, chunk, chunk, K)   # autograd keeps each chunk's D: a new one
     for start in range(0, T, chunk):
         sl = slice(start, min(start + chunk, T))
-        out[:, :, sl], state = _wy_chunk(q[:, :, sl], k[:, :, sl], v[:, :, sl], g[:, :, sl], beta[:, :, sl], state)
+        out[:, :, sl], state = _wy_chunk(q[:, :, sl], k[:, :, sl], v[:, :, sl], g[:, :, sl], beta[:, :, sl], state,
+                                         decay)
     return out.transpose(1, 2), state
 
 
-def _wy_chunk(qc, kc, vc, gc, bc, state):
+def _wy_chunk(qc, kc, vc, gc, bc, state, decay=None):
     """One chunk of kda_chunked: qc, kc, gc [B, H, C, K], vc [B, H, C, V], bc [B, H, C] fp32, state [B, H, K, V]
-    before the chunk -> (o [B, H, C, V], the state after it)."""
-    # q's and k's chunks contiguous: the einsums' pairwise products are then laid out as their bmm reads them
-    # (from strided chunks, each product was copied once more)
+    before the chunk -> (o [B, H, C, V], the state after it). `decay`: a [B, H, C', C', K] fp32 tensor (C' >= C) to
+    build D in and multiply in place (nothing records autograd); None: D and its product with k made anew."""
+    # q's and k's chunks contiguous: the products below read them as laid out (from strided chunks, each product
+    # copied them once more)
     qc, kc = qc.contiguous(), kc.contiguous()
     G = gc.cumsum(dim=2)                                                # [B, H, C, K]
     C, K = G.shape[2:]
-    causal = torch.ones(C, C, dtype=torch.bool, device=G.device).tril()
-    D = G.unsqueeze(3) - G.unsqueeze(2)                                 # [B, H, C(t), C(s), K]
-    D.masked_fill_(~causal[:, :, None], float("-inf")).exp_()           # in place: one such tensor, not three
-    A = torch.einsum("bhti,bhsi,bhtsi->bhts", kc, kc, D).tril(-1) * bc.unsqueeze(-1)
+    causal = torch.ones(C, C, device=G.device).tril()                  # 1 where s <= t, else 0: products by it exact
+    # D[t, s, i] = exp(G_t - G_s), the exponent zeroed above the diagonal first (D is 1 there, masked out of the
+    # products below): exp over finite values, twice as fast as over the -inf a masked_fill would write
+    D = (G.unsqueeze(3) - G.unsqueeze(2) if decay is None
+         else torch.sub(G.unsqueeze(3), G.unsqueeze(2), out=decay[:, :, :C, :C]))   # [B, H, C(t), C(s), K]
+    D.mul_(causal[:, :, None]).exp_()
+    kD = D * kc.unsqueeze(2) if decay is None else D.mul_(kc.unsqueeze(2))           # D[t, s, i] k_s,i
+    # sum_i k_t,i k_s,i D[t, s, i] and sum_i q_t,i k_s,i D[t, s, i] from one pass over kD
+    A, qk = (kD @ torch.stack([kc, qc], dim=-1)).unbind(-1)            # [B, H, C(t), C(s)] each
     eye = torch.eye(C, device=G.device, dtype=A.dtype)
+    A = A * (causal - eye) * bc.unsqueeze(-1)                            # s < t
     rhs = torch.cat([bc.unsqueeze(-1) * vc, bc.unsqueeze(-1) * (kc * G.exp())], dim=-1)
     sol = torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)
     u_tilde, w = sol.split([vc.shape[-1], K], dim=-1)
     u = u_tilde - w @ state                                             # [B, H, C, V]
-    qk = torch.einsum("bhti,bhsi,bhtsi->bhts", qc, kc, D)               # zero above the diagonal
-    o = (qc * G.exp()) @ state + qk @ u
+    o = (qc * G.exp()) @ state + (qk * causal) @ u                      # s <= t
     g_last = G[:, :, -1:]                                                # [B, H, 1, K]
     return o, state * g_last.transpose(-1, -2).exp() + (kc * (g_last - G).exp()).transpose(-1, -2) @ u
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numbers
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -20,6 +20,7 @@ from klconvert.models import resolve_model
 from klconvert.quant import QuantScheme
 from klconvert.runtime.bind import bind, packed_choice
 from klconvert.runtime.decode_step import DecodeStep, capturable
+from klconvert.runtime.host_malloc import large_blocks_mapped
 from klconvert.runtime.host_memory import host_allocation, host_memory
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.model import KimiLinear
@@ -469,7 +470,8 @@ class Engine(Runner):
         for start in range(0, ids.shape[1], self.prefill_segment):
             seg = ids[:, start:start + self.prefill_segment]
             last = start + seg.shape[1] == ids.shape[1]
-            with host_allocation(what, less):
+            # on the CPU its temporaries given back to the system when freed, not kept (runtime/host_malloc.py)
+            with host_allocation(what, less), large_blocks_mapped() if self.device.type == "cpu" else nullcontext():
                 logits = self.model(seg, state, start, last_only=not all_logits)
             if progress is not None:
                 _sync(self.device)

@@ -82,8 +82,9 @@ class MemoryPlan:
         by the segment and MLA's key block, not the context (from one key block on it is the same at any context).
 
         Per segment of S tokens: hidden states and projections, the fp32 q/k/v/gate of a KDA layer, one
-        chunk's pairwise decay tensor [B, H, 64, 64, K] fp32 (counted twice: kda_chunked builds it in place, the
-        second for the chunk's other temporaries and what the CPU allocator keeps of them), and MLA's prefill
+        chunk's pairwise decay tensor [B, H, 64, 64, K] fp32 (counted twice: a prefill's kda_chunked builds it in
+        one tensor and multiplies by k in place, training's makes the product anew; the second also for the chunk's
+        other temporaries), and MLA's prefill
         (model.PrefillAttention): one key block's rows dequantized and expanded into per-head keys and values,
         the segment's queries, one block's output and the fp32 running output with its merge temporaries.
         """

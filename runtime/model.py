@@ -441,7 +441,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shared: nn.Module) -> torch.Tensor:
         """x [N, D], ids/weights [N, k] -> sum_k weight * expert(x) + shared(x), [N, D]. The sum accumulates in place:
-        a new one per expert stayed resident in a CPU prefill (kernels/naive_kda.kda_chunked says why)."""
+        a new one per expert stayed resident in a CPU prefill (runtime/host_malloc.py says why)."""
         I = self.w2.shape[-1]
         out = shared(x).float()
         for e in ids.unique().tolist():

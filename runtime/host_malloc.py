@@ -1,0 +1,64 @@
+"""glibc's malloc around a CPU prefill: every block from 1 MiB up mapped on its own and returned when freed, so that
+the prefill's resident memory stays near the workspace its memory plan counts; glibc's ceiling again after it."""
+from __future__ import annotations
+
+import ctypes
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+# glibc serves a block under its mmap threshold from its heap, and raises the threshold to the size of each mapped
+# block freed (up to 32 MiB on 64-bit), so a prefill's temporaries, megabytes each, soon all come from the heap,
+# where freed ones stay resident and fragment it: the bundled model's prefill added 0.97-1.25x (8,192 tokens) and
+# 1.0-1.5x (2,048) the plan's workspace to the resident memory, run to run (as tests/test_cpu_prefill_memory.py
+# measures). With the threshold fixed at 1 MiB (mallopt, which also ends the raising) 0.93-1.07x, at a page fault
+# per 4 KB of each such block: the prefill 13-34% slower than without (BENCHMARKS.md, "CPU prefill memory"). 512 KiB
+# measured the same, 4 MiB up to 1.1x, 16 MiB as glibc's own. Not for the whole process: a decode step widens bf16
+# weights into fp32 blocks of about 1 MiB every token (runtime/cpu_modules.py), which mapped afresh each time ran
+# the bundled model's decode at 120 tokens/s instead of 205; outside a prefill the threshold is glibc's ceiling,
+# where such blocks stay on the heap for the next step, as its raised threshold kept them.
+PREFILL_THRESHOLD = 1 << 20
+CEILING = 32 << 20   # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
+# The heap's free top is handed back once over the trim threshold, which glibc otherwise moves with the mmap
+# threshold (twice it) and no longer does once that is set: after a prefill twice CEILING, as glibc's would be, so
+# that a decode step's blocks are not handed back and faulted in again every token; during one, glibc's default.
+PREFILL_TRIM, TRIM = 128 << 10, 2 * CEILING
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # mallopt's parameter numbers (glibc's malloc.h)
+USER_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"   # a threshold the user gave glibc, as is
+USER_THRESHOLD_TUNABLE = "glibc.malloc.mmap_threshold"   # in GLIBC_TUNABLES
+
+
+@contextmanager
+def large_blocks_mapped() -> Iterator[None]:
+    """Inside, glibc maps every block from PREFILL_THRESHOLD up that its heap's free space cannot serve on its own,
+    and unmaps it when freed, rather than growing the heap for it (process-wide while it lasts); after, its mmap
+    threshold is CEILING and its trim threshold TRIM. Nothing where the C library is
+    not glibc (macOS, Windows, musl), nor where the user chose a threshold (MALLOC_MMAP_THRESHOLD_, or
+    glibc.malloc.mmap_threshold in GLIBC_TUNABLES): theirs stands."""
+    mallopt = _mallopt()
+    if mallopt is None:
+        yield
+        return
+    mallopt(M_MMAP_THRESHOLD, PREFILL_THRESHOLD)
+    mallopt(M_TRIM_THRESHOLD, PREFILL_TRIM)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_THRESHOLD, CEILING)
+        mallopt(M_TRIM_THRESHOLD, TRIM)
+
+
+def _mallopt():
+    """glibc's mallopt, or None where large_blocks_mapped leaves malloc as it is."""
+    if not glibc() or USER_THRESHOLD_ENV in os.environ \
+            or USER_THRESHOLD_TUNABLE in os.environ.get("GLIBC_TUNABLES", ""):
+        return None
+    return ctypes.CDLL(None).mallopt
+
+
+def glibc() -> bool:
+    """Whether the process's C library is glibc."""
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (AttributeError, ValueError, OSError):   # no confstr (Windows), or no such name (macOS, musl)
+        return False
