@@ -22,7 +22,7 @@ from klconvert.extras import require
 from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, DEFAULT_REPO, default_model, model_folder
 from klconvert.presets import PRESETS
 from klconvert.recipes import shipped_names
-from klconvert.runtime.host_memory import import_exhausted
+from klconvert.runtime.host_memory import OUT_OF_HOST_MEMORY, import_exhausted
 from klconvert.units import size_text
 from klconvert.user_paths import refuse_unreachable, shown
 
@@ -171,7 +171,7 @@ class OneLineErrors(click.Group):
             click.echo(f"klconvert: error: {_one_line(str(exhausted))}", err=True)
             sys.exit(exhausted.exit_code)
         except MemoryError:   # the host's memory, or a limit on the process's: whatever asked for it, one line
-            click.echo("klconvert: error: out of host memory (or the process's memory limit); free some memory, or "
+            click.echo(f"klconvert: error: {OUT_OF_HOST_MEMORY}; free some memory, or "
                        "give the command less to hold (a shorter context or text, a smaller batch or model)", err=True)
             sys.exit(2)
 

@@ -355,7 +355,9 @@ class Runner:
 class Engine(Runner):
     """A model on one device, with state buffers allocated once by its MemoryPlan."""
 
-    decode_less = f"lower {argument('max_context', '--max-context')}, or give fewer prompts"   # run has no --batch
+    @property
+    def decode_less(self) -> str:
+        return f"lower {self._context_argument()}, or give fewer prompts"   # run has no --batch
 
     def __init__(self, config: KimiLinearConfig, read: Callable[[str], torch.Tensor], device: torch.device,
                  dtype: torch.dtype, context: int, batch: int, biased_router_weights: bool = False,
@@ -413,7 +415,11 @@ class Engine(Runner):
                              if plan.weights > limit else
                              f"no context fits a batch of {batch}: lower {argument('batch', '--batch')}")
                           + ("" if host is None else f", or {host.remedy}"))
-        self.plan = plan
+        self.plan, self.context_name = plan, context_name
+
+    def _context_argument(self) -> str:
+        """The planned context as the caller last named it (load's max_context, resize's context) with its flag."""
+        return argument(self.context_name, "--max-context")
 
     def _allocate_state(self) -> None:
         """The plan's state and cache, allocated once per plan (the device's cached free blocks released first, so
@@ -451,7 +457,7 @@ class Engine(Runner):
         if need > self.plan.context:
             new = f" plus {argument('max_new_tokens', '--max-new-tokens', max_new_tokens)}" if max_new_tokens else ""
             raise KLError(f"the prompt ({prompt_tokens} tokens){new} needs a context of {need} tokens but the memory "
-                          f"plan holds {self.plan.context}; raise {argument('max_context', '--max-context')} to {need} "
+                          f"plan holds {self.plan.context}; raise {self._context_argument()} to {need} "
                           "or more, or shorten the prompt")
 
     # ---- prefill ---------------------------------------------------------------------------------
@@ -466,7 +472,7 @@ class Engine(Runner):
         state.reset()
         batch = f", batch {ids.shape[0]}" if ids.shape[0] > 1 else ""
         what = f"a prefill's activations ({ids.shape[1]:,} tokens{batch})"   # an allocator's refusal names it
-        less = f"give a shorter prompt, or lower {argument('max_context', '--max-context')}"
+        less = f"give a shorter prompt, or lower {self._context_argument()}"
         for start in range(0, ids.shape[1], self.prefill_segment):
             seg = ids[:, start:start + self.prefill_segment]
             last = start + seg.shape[1] == ids.shape[1]

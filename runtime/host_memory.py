@@ -24,6 +24,7 @@ DATA_BOUND = ("under the process's data-segment limit (ulimit -d)", "raise ulimi
 CGROUP_REMEDY = "raise the container's (cgroup's) memory limit"
 NO_CGROUP_LIMIT = 1 << 62   # cgroup v1 writes "no limit" as 2**63 - 1 rounded down to a page
 READ_BOUND, READ_PIECE = 1 << 20, 1 << 14   # characters of a /proc or /sys file read at most, and at a time
+OUT_OF_HOST_MEMORY = "out of host memory (or the process's memory limit)"   # how a refusal of memory opens
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,7 @@ def exhausted(doing: str, error: BaseException, less: str = "") -> HostMemoryExh
     prompt")."""
     host = host_memory()
     remedies = ([f"{host}: {host.remedy}"] if host is not None else []) + ([less] if less else [])
-    return HostMemoryExhausted(f"out of host memory (or the process's memory limit) {doing}: {first_line(error)}"
+    return HostMemoryExhausted(f"{OUT_OF_HOST_MEMORY} {doing}: {first_line(error)}"
                                + (f"; {', or '.join(remedies)}" if remedies else ""))
 
 

@@ -237,6 +237,19 @@ def test_a_resize_counts_the_weights_it_holds_as_its_own(tiny_released, monkeypa
         engine.resize(8192, 1)
 
 
+def test_after_a_resize_the_context_is_named_as_resize_names_it(tiny_released):
+    """Past the plan after resize(context=...), the advice still said max_context, load's name, and a refused resize
+    leaves load's."""
+    engine = klconvert.load(tiny_released, device="cpu", max_context=64)
+    with pytest.raises(KLError):
+        engine.resize(64, 10**9)
+    assert engine.decode_less == "lower max_context (--max-context), or give fewer prompts"
+    engine.resize(32, 1)
+    with pytest.raises(KLError, match=r"plan holds 32; raise context \(--max-context\) to 33 or more"):
+        engine.forward([[1] * 33])
+    assert engine.decode_less == "lower context (--max-context), or give fewer prompts"
+
+
 def test_a_refused_resize_leaves_the_engine_as_it_was(tiny_released):
     """resize freed the state before checking the new plan: a refusal left the engine with none (generate's
     AttributeError), and a batch no context fits was said to be the weights not fitting."""

@@ -439,6 +439,21 @@ def test_onnxruntime_out_of_memory_is_named_so(exported, monkeypatch, message):
         engine.forward([PROMPT])
 
 
+@pytest.mark.parametrize("message", [
+    "[ONNXRuntimeError] : 1 : FAIL : Load model from model.onnx failed:bad allocation: std::bad_alloc",
+    "[ONNXRuntimeError] : 1 : FAIL : bfc_arena.cc:360 Failed to allocate memory for requested buffer of size 268435456",
+])
+def test_onnxruntime_out_of_memory_loading_is_named_so(exported, monkeypatch, message):
+    """A session that could not load for memory said 'export the folder again', as for a damaged graph."""
+    def refused(*args, **kwargs):
+        raise RuntimeError(message)
+    monkeypatch.setattr(ort, "InferenceSession", refused)
+    with pytest.raises(klconvert.KLError, match=r"^out of host memory \(or the process's memory limit\) loading "
+                                                r".*model\.onnx into onnxruntime: \[ONNXRuntimeError\]") as refusal:
+        OnnxEngine(exported[1])
+    assert "export" not in str(refusal.value)
+
+
 @pytest.mark.slow
 def test_prompts_of_different_lengths_decode_together_as_alone(exported):
     """A batch pads the shorter sequence's latent cache; the position input masks the padding."""

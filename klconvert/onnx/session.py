@@ -18,7 +18,7 @@ from klconvert.checkpoint.folder_files import refuse_link_out
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, ONNX_FILE, state_spec
 from klconvert.runtime.engine import GenerationStats, Runner, as_batch, as_prompts, as_stop_ids, whole_numbers
-from klconvert.runtime.host_memory import host_memory
+from klconvert.runtime.host_memory import exhausted, host_memory
 from klconvert.runtime.sampling import check_generate_args, sampling_generator
 from klconvert.tokenizer import check_tokenizer_if_any, model_stop_ids
 from klconvert.units import size_text
@@ -32,6 +32,12 @@ GRAPH_INPUTS = ("input_ids", "position")  # what export-onnx feeds besides the s
 # this: the graph builds that tensor whole, a few times over (one call of 24,000 tokens of the bundled model took
 # over 18 GB; in calls of ~700 it takes ~1 GB).
 SCORE_BYTES = 256 << 20
+
+
+def _out_of_memory(error: Exception) -> bool:
+    """Whether onnxruntime's error is an allocation it could not make (its BFCArena's "Failed to allocate memory",
+    std::bad_alloc): the whole message is read, the words can lie past the first line's cut (at 245 characters)."""
+    return any(word in str(error).lower() for word in ("allocate", "bad_alloc"))
 
 
 def _shape(spec: dict, batch: int, rows: int) -> list[int]:
@@ -85,6 +91,8 @@ class OnnxEngine(Runner):
             self.session = ort.InferenceSession(str(folder / ONNX_FILE), options,
                                                 providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for a missing or damaged file
+            if _out_of_memory(e):
+                raise exhausted(f"loading {folder / ONNX_FILE} into onnxruntime", e) from None
             raise KLError(f"{folder / ONNX_FILE}: onnxruntime cannot load it ({first_line(e)}); "
                           "export the folder again") from None
         self.outputs = [o.name for o in self.session.get_outputs()]
@@ -150,7 +158,7 @@ class OnnxEngine(Runner):
             out = dict(zip(self.outputs, self.session.run(None, feed, self._run_options)))
         except Exception as e:  # onnxruntime's own exception types (Fail, InvalidArgument, ...) share no base
             reason = first_line(e)[:200]
-            if "allocate" in str(e).lower():   # the whole message: the word can lie past the cut (at 245)
+            if _out_of_memory(e):
                 raise KLError(f"{self.folder / ONNX_FILE}: onnxruntime ran out of memory running it ({reason}); give "
                               "fewer or shorter prompts") from None
             raise KLError(f"{self.folder / ONNX_FILE}: onnxruntime failed running it ({reason}); export the folder "
