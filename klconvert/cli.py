@@ -15,7 +15,7 @@ from click.core import ParameterSource
 from klconvert.checkpoint.folder_files import MAX_FILE_NAME_BYTES
 from klconvert.checkpoint.regular_file import kind_of
 from klconvert.config import KimiLinearConfig
-from klconvert.devices import DEVICE_NAMES, checked_device, device_name
+from klconvert.devices import DEVICE_NAMES, NOT_A_DEVICE, checked_device, device_name
 from klconvert.entry import StdoutFailed, exit_interrupted, signal_of, signal_status
 from klconvert.errors import KLError, PlanDoesNotFit
 from klconvert.extras import require
@@ -112,8 +112,8 @@ REPO_OR_MODEL = ModelArg(f"a hub repo id, a checkpoint folder or {BUNDLED_NAME}"
 
 
 class DeviceArg(click.ParamType):
-    """--device: a name klconvert.devices reads (device_name: cpu, cuda or cuda:N), refused as the library refuses
-    it, without torch; whether torch sees that GPU, checked_device says when the command runs."""
+    """--device: a name klconvert.devices reads (device_name: cpu, cuda or cuda:N), another refused as any bad value
+    of a flag is, without torch; whether torch sees that GPU, checked_device says when the command runs."""
 
     name = "device"
 
@@ -121,7 +121,10 @@ class DeviceArg(click.ParamType):
         return f"[{'|'.join(DEVICE_NAMES)}]"
 
     def convert(self, value, param, ctx):
-        device_name(value)
+        try:
+            device_name(value)
+        except KLError:   # the library's line names device= too; the parser's names the flag and the command
+            self.fail(f"{value[:80]!r} {NOT_A_DEVICE}", param, ctx)
         return value
 
 

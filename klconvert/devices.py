@@ -20,6 +20,8 @@ DEVICE_NAMES = ("cpu", "cuda", "cuda:N")   # as --help and the messages name the
 # a name as torch spells it (no sign, no leading zero; cpu:0 is cpu), read here and not by torch.device, which keeps N
 # in a byte: it read cuda:255 as cuda (the current GPU) and cuda:128 as cuda:-128
 _NAME = re.compile(r"(cpu)(?::0)?|(cuda)(?::(0|[1-9][0-9]*))?", re.ASCII)
+# how a name that is none of them is refused, after the name (by the API as device=..., by --device's parser)
+NOT_A_DEVICE = f"is not supported; use {', '.join(DEVICE_NAMES[:-1])} or {DEVICE_NAMES[-1]} (the N-th GPU torch sees)"
 
 
 def device_name(device: object) -> tuple[str, int | None]:
@@ -27,8 +29,7 @@ def device_name(device: object) -> tuple[str, int | None]:
     device= and --device. Reads no torch."""
     match = _NAME.fullmatch(device) if isinstance(device, str) else None
     if match is None:
-        raise KLError(f"{argument('device', '--device', device)} is not supported; use {', '.join(DEVICE_NAMES[:-1])} "
-                      f"or {DEVICE_NAMES[-1]} (the N-th GPU torch sees)")
+        raise KLError(f"{argument('device', '--device', device)} {NOT_A_DEVICE}")
     cpu, cuda, index = match.groups()
     return cpu or cuda, None if index is None else int(index)
 

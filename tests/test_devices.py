@@ -131,11 +131,15 @@ def test_the_command_line_refuses_a_gpu_past_the_count(two_gpus, tiny_released, 
 
 @pytest.mark.parametrize("command", ["run", "eval", "quantize", "pull-and-quantize"])
 @pytest.mark.parametrize("device", ["tpu", "cuda:x", "cuda:-1"])
-def test_the_command_line_refuses_no_device_as_python_does(tiny_released, tmp_path, capsys, command, device):
+def test_the_command_line_refuses_no_device_as_it_refuses_a_bad_value(tiny_released, tmp_path, capsys, command,
+                                                                       device):
+    """A name that is no device is a bad value of --device, refused as the parser refuses any (it was the Python API's
+    line, device='tpu' (--device), without the command or its --help)."""
     args = commands_with_device(tiny_released, tmp_path)[command]
     assert_one_line_error(*run_cli(capsys, *args, "--device", device)[::2],
-                          f"klconvert: error: device='{device}' (--device) is not supported; use cpu, cuda or cuda:N "
-                          "(the N-th GPU torch sees)")
+                          f"klconvert: error: klconvert {command}: Invalid value for '--device': '{device}' is not "
+                          f"supported; use cpu, cuda or cuda:N (the N-th GPU torch sees) (see `klconvert {command} "
+                          "--help`)")
 
 
 def test_onnxruntime_refuses_any_gpu(capsys):
