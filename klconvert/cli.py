@@ -23,7 +23,7 @@ from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, DEFAULT_REPO, defa
 from klconvert.presets import PRESETS
 from klconvert.recipes import shipped_names
 from klconvert.runtime.host_memory import OUT_OF_HOST_MEMORY, import_exhausted
-from klconvert.units import size_text
+from klconvert.units import binary_size_text, size_text
 from klconvert.user_paths import refuse_unreachable, shown
 
 # the runtime's MLA cache dtypes by name (runtime/state.py MLA_CACHE_DTYPES; named here, torch-free, for --help)
@@ -393,7 +393,7 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
     plan = runner.plan
     click.echo(f"{summary} | plan: {runner.device} {str(runner.dtype).split('.')[-1]} "
                f"{'triton' if runner.triton else 'torch'}, "
-               f"context {plan.context}, batch {plan.batch}, total {plan.total / 2**30:.2f} GiB", err=True)
+               f"context {plan.context}, batch {plan.batch}, total {binary_size_text(plan.total)}", err=True)
 
 
 def _refuse_sampling_flags_when_greedy(ctx: click.Context, temperature: float) -> None:
@@ -529,10 +529,10 @@ def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path
             advice = ("the weights alone do not fit, even at 4 bits with groups of 128 (the smallest the kernels "
                       "keep packed): plan for a larger GPU")
         else:   # the weights fit; the batch's state and one segment's workspace do not, at any context
-            advice = (f"the weights ({p.weights / 2**30:.2f} GiB) fit, but a batch of {p.batch:,} sequences' state "
+            advice = (f"the weights ({binary_size_text(p.weights)}) fit, but a batch of {p.batch:,} sequences' state "
                       "and workspace do not at any context: plan a smaller --batch")
-        raise PlanDoesNotFit(f"the plan needs {p.total / 2**30:.2f} GiB but the GPU memory is "
-                             f"{p.memory_limit / 2**30:.2f} GiB; {advice}")
+        raise PlanDoesNotFit(f"the plan needs {binary_size_text(p.total)} but the GPU memory is "
+                             f"{binary_size_text(p.memory_limit)}; {advice}")
 
 
 def _refuse_layers_with_model(model: str | None, layers: int | None) -> None:

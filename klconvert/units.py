@@ -7,6 +7,15 @@ def size_text(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
+def binary_size_text(n: int) -> str:
+    """Bytes in binary units, as memory plans and GPUs count them: 80.00 GiB, 22.5 MiB, 57,568 B."""
+    if n < 2**20:
+        return f"{n:,} B"
+    if n < 2**30:
+        return f"{n / 2**20:,.1f} MiB"
+    return f"{n / 2**30:,.2f} GiB"
+
+
 def count_text(n: int) -> str:
     """A parameter count at three significant figures or more: 48.31 B, 11.76 M, 8,192."""
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n:,}"

@@ -26,6 +26,7 @@ from klconvert.runtime.memory_plan import MemoryPlan, weight_bytes
 from klconvert.runtime.model import KimiLinear
 from klconvert.runtime.state import MLA_CACHE_DTYPES
 from klconvert.runtime.weights import HeldPacked
+from klconvert.units import binary_size_text
 
 # What a plan takes where neither a flag nor the recipe's runtime: section says (the help and README restate these;
 # tests/test_memory_plan.py holds the help to them)
@@ -207,36 +208,28 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
                       memory_limit=memory_limit)
 
 
-def _size(n: int) -> str:
-    if n < 2**20:
-        return f"{n:,} B"
-    if n < 2**30:
-        return f"{n / 2**20:,.1f} MiB"
-    return f"{n / 2**30:,.2f} GiB"
-
-
 def render_plan(p: MemoryPlan, title: str) -> str:
     """The plan as an aligned text table."""
     rows: list[tuple[str, str]] = []
     for category, n in p.weight_bytes.items():
         if n:
-            rows.append((f"  weights: {category}", _size(n)))
+            rows.append((f"  weights: {category}", binary_size_text(n)))
     rows += [
-        ("weights total", _size(p.weights)),
+        ("weights total", binary_size_text(p.weights)),
         ("KDA recurrent state / sequence",
-         f"{_size(p.kda_state_bytes_per_seq)} ({p.kda_state_bytes_per_seq / 1e6:.1f} MB)"),
-        ("KDA conv tails / sequence", _size(p.conv_bytes_per_seq)),
-        (f"state x batch {p.batch}", _size(p.state_bytes)),
+         f"{binary_size_text(p.kda_state_bytes_per_seq)} ({p.kda_state_bytes_per_seq / 1e6:.1f} MB)"),
+        ("KDA conv tails / sequence", binary_size_text(p.conv_bytes_per_seq)),
+        (f"state x batch {p.batch}", binary_size_text(p.state_bytes)),
         ("MLA latent cache / token", f"{p.mla_bytes_per_token:,} B"),
-        (f"MLA latent cache @ {p.context:,} tokens x {p.batch}", _size(p.mla_cache_bytes)),
-        ("workspace (prefill segment, logits)", _size(p.workspace)),
-        ("total", _size(p.total)),
+        (f"MLA latent cache @ {p.context:,} tokens x {p.batch}", binary_size_text(p.mla_cache_bytes)),
+        ("workspace (prefill segment, logits)", binary_size_text(p.workspace)),
+        ("total", binary_size_text(p.total)),
     ]
     if p.memory_limit is not None:
         headroom = p.headroom
-        rows += [("GPU memory", _size(p.memory_limit)),
-                 ("headroom", ("-" + _size(-headroom) + "  (does NOT fit)") if headroom < 0
-                  else f"{_size(headroom)} ({100 * headroom / p.memory_limit:.1f}%)"),
+        rows += [("GPU memory", binary_size_text(p.memory_limit)),
+                 ("headroom", ("-" + binary_size_text(-headroom) + "  (does NOT fit)") if headroom < 0
+                  else f"{binary_size_text(headroom)} ({100 * headroom / p.memory_limit:.1f}%)"),
                  ("largest context that fits", f"{p.largest_context():,} tokens")]
     width = max(len(k) for k, _ in rows)
     head = (f"Memory plan for {title}: batch {p.batch}, context {p.context:,}, activations "

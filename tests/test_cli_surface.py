@@ -172,6 +172,14 @@ def test_a_plan_that_does_not_fit_says_what_to_change(capsys, args, advice):
     assert code == 3 and advice in err, err
 
 
+def test_a_small_plans_refusal_gives_its_figures_in_units_that_show_them(capsys):
+    """The bundled model's plan on a 20 MiB GPU read "the plan needs 0.29 GiB but the GPU memory is 0.02 GiB" (0.00
+    for 2 MiB): the table above it gives MiB."""
+    code, out, err = run_cli(capsys, "plan", "--model", "tiny", "--gpu-memory", "20MiB")
+    total = next(line.split()[-2:] for line in out.splitlines() if line.startswith("total"))
+    assert code == 3 and f"the plan needs {' '.join(total)} but the GPU memory is 20.0 MiB;" in err, err
+
+
 def test_running_out_of_host_memory_is_one_line(capsys, monkeypatch):
     def exhausted(**_):
         raise MemoryError
