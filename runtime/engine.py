@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+import threading
 import time
 from collections import deque
 from contextlib import contextmanager, nullcontext
@@ -232,15 +233,24 @@ class Runner:
     """What Engine and OnnxEngine (klconvert/onnx/session.py) share: the hold a generation takes on the engine, the
     decode loop, and the figures it leaves in self.stats. A subclass sets self.device, self.config and self.stats."""
 
-    # what holds the engine: the call running a generation (generate, decode_loop) while it runs, or SEGMENTS
+    # what holds the engine: the call running on its state (generate, decode_loop, prefill, decode_step, decoder,
+    # resize) while it runs, or SEGMENTS; and the thread it runs in
     _holder: str | None = None
+    _holder_thread: int | None = None
+    _taking = threading.Lock()   # one check-and-take of a hold at a time (all engines: it is held for microseconds)
     # what asks for less memory, as an out-of-host-memory line in a decode step says it (host_allocation's `less`)
     decode_less = "give fewer or shorter prompts"
 
     def _check_idle(self, call: str) -> None:
-        """KLError while a generation runs on this engine (`call` from one of its callbacks) or a forward_segments
-        iterator is being read: `call` would write the state, step buffers or stats that it is using, and corrupt its
-        output or figures."""
+        """KLError while a call holds this engine -- `call` from another thread, or from one of a generation's
+        callbacks -- or a forward_segments iterator is being read: `call` would write the state, step buffers or
+        stats that it is using, and corrupt its output or figures."""
+        if self._holder is not None and self._holder_thread != threading.get_ident():
+            running = "a forward_segments iterator is being read" if self._holder == SEGMENTS else \
+                f"{self._holder} is running"
+            raise KLError(f"{call} was called from another thread while {running} on this engine, whose state it "
+                          "would overwrite -- an engine runs one call at a time: wait for that one to end, or give "
+                          "each thread an engine of its own")
         if self._holder == SEGMENTS:
             raise KLError(f"{call} was called while a forward_segments iterator of this engine is being read, whose "
                           "later segments run on the state it would overwrite -- read the iterator to its end or "
@@ -251,20 +261,28 @@ class Runner:
                           f"{self._holder} returns, or on a second engine")
 
     @contextmanager
-    def _held(self, call: str) -> Iterator[None]:
-        """A generation's hold on the engine (`call`: generate or decode_loop): refused while one runs (self.stats
-        then untouched: they are that one's), released however it ends. A call that fails -- on a bad argument, an
-        exception from a callback, an interrupt -- leaves self.stats reset to GenerationStats(), not its partial
-        figures."""
-        self._check_idle(call)
-        self._holder = call
+    def _holding(self, call: str, holder: str | None = None) -> Iterator[None]:
+        """`call`'s hold on the engine's state (as `holder`, default `call`): refused while another call holds it,
+        released however it ends."""
+        with self._taking:
+            self._check_idle(call)
+            self._holder, self._holder_thread = holder or call, threading.get_ident()
         try:
             yield
-        except BaseException:
-            self.stats = GenerationStats()
-            raise
         finally:
-            self._holder = None
+            self._holder = self._holder_thread = None
+
+    @contextmanager
+    def _held(self, call: str) -> Iterator[None]:
+        """A generation's hold on the engine (`call`: generate or decode_loop): refused while another call holds it
+        (self.stats then untouched: they may be that one's). A call that fails -- on a bad argument, an exception
+        from a callback, an interrupt -- leaves self.stats reset to GenerationStats(), not its partial figures."""
+        with self._holding(call):
+            try:
+                yield
+            except BaseException:
+                self.stats = GenerationStats()
+                raise
 
     @contextmanager
     def _small_model_threads(self):
@@ -433,12 +451,12 @@ class Engine(Runner):
         """A new memory plan for the same weights: state and cache reallocated (once), decode steps re-captured.
         Arguments as load's max_context, batch and mla_cache_dtype (None: the cache's dtype now). A plan refused
         leaves the engine as it was."""
-        self._check_idle("resize")
-        context, batch, mla_cache_dtype = check_plan_args(context, batch, mla_cache_dtype, "context")
-        self._plan_state(context, batch, mla_cache_dtype or self.plan.mla_cache_dtype,   # the old state counted free
-                         "context")
-        self._steps, self.state = {}, None   # freed before the new one is allocated
-        self._allocate_state()
+        with self._holding("resize"):
+            context, batch, mla_cache_dtype = check_plan_args(context, batch, mla_cache_dtype, "context")
+            self._plan_state(context, batch, mla_cache_dtype or self.plan.mla_cache_dtype,   # the old state free
+                             "context")
+            self._steps, self.state = {}, None   # freed before the new one is allocated
+            self._allocate_state()
 
     # ---- checks ----------------------------------------------------------------------------------
     def _as_batch(self, input_ids) -> torch.Tensor:
@@ -508,20 +526,16 @@ class Engine(Runner):
 
     def _held_segments(self, ids: torch.Tensor) -> Iterator[torch.Tensor]:
         """forward_segments' iterator, holding the engine while it is read (no stats of its own to reset)."""
-        self._check_idle("forward")   # its first segment may be read from a generation's callback
-        self._holder = SEGMENTS
-        try:
+        with self._holding("forward", SEGMENTS):   # its first segment may be read from a generation's callback
             yield from self._prefill(ids, self.state.rows(0, ids.shape[0]), all_logits=True)
-        finally:
-            self._holder = None
 
     def prefill(self, input_ids, progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Prefill whole sequences of one length, input_ids [B, T] -> the logits after each one's last token
         [B, vocab] fp32 (the cache then holds positions 0..T-1, ready for decode at T)."""
-        self._check_idle("prefill")
-        ids = self._as_batch(input_ids)
-        self.check_fits(ids.shape[1], 0)
-        return self._last_logits(ids, self.state.rows(0, ids.shape[0]), progress)
+        with self._holding("prefill"):
+            ids = self._as_batch(input_ids)
+            self.check_fits(ids.shape[1], 0)
+            return self._last_logits(ids, self.state.rows(0, ids.shape[0]), progress)
 
     def _last_logits(self, ids: torch.Tensor, state, progress: Callable[[int], None] | None) -> torch.Tensor:
         """Prefill [B, T] into fresh `state` rows -> the logits after each one's last token [B, vocab] fp32."""
@@ -533,8 +547,8 @@ class Engine(Runner):
         """The decode step for the first `batch` sequences (captured once per batch size on CUDA + Triton).
         Capturing writes into the state: take it before prefilling. Refused while generate runs (its callbacks):
         the step is the one generate is running, or its capture would write the state generate is using."""
-        self._check_idle("decoder")
-        return self._decoder(batch)
+        with self._holding("decoder"):
+            return self._decoder(batch)
 
     def _decoder(self, batch: int) -> DecodeStep:
         """decoder, for the generation that holds the engine."""
@@ -546,7 +560,11 @@ class Engine(Runner):
     def decode_step(self, token: torch.Tensor, position) -> torch.Tensor:
         """One token per sequence: token [B, 1] or [B] at `position` (an int for all, or [B]) -> logits [B, vocab].
         Runs eagerly (the graph-captured step is `decoder(B)`)."""
-        self._check_idle("decode_step")
+        with self._holding("decode_step"):
+            return self._decode_step(token, position)
+
+    def _decode_step(self, token, position) -> torch.Tensor:
+        """decode_step, holding the engine."""
         token = whole_numbers(token)
         if token.dim() not in (1, 2) or (token.dim() == 2 and token.shape[1] != 1) or token.shape[0] == 0:
             raise KLError(f"decode_step takes one token per sequence, [B] or [B, 1] ids with B >= 1, got shape "
