@@ -11,10 +11,11 @@ import torch
 
 from klconvert.config import KimiLinearConfig
 from klconvert.devices import checked_device
-from klconvert.errors import KLError
+from klconvert.errors import KLError, argument
 from klconvert.models import model_folder
 from klconvert.runtime.host_memory import HostMemory, host_allocation, host_memory
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
+from klconvert.runtime.sampling import as_number
 from klconvert.tokenizer import BPE_FILE, CONFIG_FILE, Tokenizer
 from klconvert.units import size_text
 
@@ -180,14 +181,19 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
     names = f"--model {model}", f"--reference {reference}"   # as given: `tiny`, not where it is installed
     model, reference = (model_folder(value, name) for value, name in zip((model, reference), names))
     device = checked_device(device)
-    if max_tokens < 2:
-        raise KLError(f"--max-tokens {max_tokens}: need at least 2 tokens to score a next-token prediction")
+    tokens = as_number(max_tokens, whole=True)
+    if tokens is None or tokens < 2:
+        raise KLError(f"{argument('max_tokens', '--max-tokens', max_tokens)} should be a whole number >= 2: a "
+                      "next-token prediction takes 2 tokens to score")
+    if not isinstance(text, str):
+        raise KLError(f"text should be the evaluation text as a str (what --text-file holds), got a "
+                      f"{type(text).__name__}")
     configs = [KimiLinearConfig.from_file(folder / "config.json", flag) for folder, flag in
                ((model, "--model"), (reference, "--reference"))]
     _same_architecture(*configs, *names)   # before either runs
     tokenizer = Tokenizer.from_folder(reference)
     _same_tokenizer(model, tokenizer, *names)
-    ids = tokenizer.encode(text)[:max_tokens]
+    ids = tokenizer.encode(text)[:tokens]
     if len(ids) < 2:
         raise KLError(f"the evaluation text (--text-file) is {len(ids)} token(s) long; give at least 2 tokens of "
                       "text to evaluate on")

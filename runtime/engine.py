@@ -229,6 +229,14 @@ class _TokenStream:
         return out
 
 
+def check_callbacks(**callbacks) -> None:
+    """KLError unless each callback, by its argument's name, is None or callable (an int was a TypeError once the
+    first token or segment was done, mid-call)."""
+    for name, value in callbacks.items():
+        if value is not None and not callable(value):
+            raise KLError(f"{name} should be a function (or None), got a {type(value).__name__}")
+
+
 class Runner:
     """What Engine and OnnxEngine (klconvert/onnx/session.py) share: the hold a generation takes on the engine, the
     decode loop, and the figures it leaves in self.stats. A subclass sets self.device, self.config and self.stats."""
@@ -311,6 +319,7 @@ class Runner:
         generate does, so its on_token may not call back into it."""
         with self._held("decode_loop"):
             max_new_tokens, temperature, top_p, _ = check_generate_args(max_new_tokens, temperature, top_p, None)
+            check_callbacks(on_token=on_token)
             return self._decode_loop(step, logits, max_new_tokens, temperature, top_p, generator,
                                      as_stop_ids(stop_ids, self.config.vocab_size), on_token)
 
@@ -533,6 +542,7 @@ class Engine(Runner):
         """Prefill whole sequences of one length, input_ids [B, T] -> the logits after each one's last token
         [B, vocab] fp32 (the cache then holds positions 0..T-1, ready for decode at T)."""
         with self._holding("prefill"):
+            check_callbacks(progress=progress)
             ids = self._as_batch(input_ids)
             self.check_fits(ids.shape[1], 0)
             return self._last_logits(ids, self.state.rows(0, ids.shape[0]), progress)
@@ -604,6 +614,7 @@ class Engine(Runner):
         a callback, an interrupt) leaves them reset (GenerationStats()), never a failed call's partial figures.
         """
         with self._held("generate"):
+            check_callbacks(on_token=on_token, on_prefill=on_prefill)
             return self._generate(prompts, *check_generate_args(max_new_tokens, temperature, top_p, seed),
                                   as_stop_ids(self.stop_ids if stop_ids is None else stop_ids, self.config.vocab_size),
                                   on_token, on_prefill)

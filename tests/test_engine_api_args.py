@@ -53,6 +53,19 @@ def test_sampling_arguments_are_checked(engine, kwargs, message):
         engine.generate([[1, 2, 3]], 2, **kwargs)
 
 
+@pytest.mark.parametrize("call, callback", [("generate", "on_token"), ("generate", "on_prefill"),
+                                            ("prefill", "progress"), ("decode_loop", "on_token")])
+def test_a_callback_that_is_no_function_is_refused_before_anything_runs(engine, call, callback):
+    """on_token=1 was a TypeError after the first token, mid-generation."""
+    engine.decoder(1)
+    runs = {"generate": lambda **kw: engine.generate([[1, 2, 3]], 2, **kw),
+            "prefill": lambda **kw: engine.prefill([[1, 2, 3]], **kw),
+            "decode_loop": lambda **kw: engine.decode_loop(engine._steps[1], torch.zeros(1, engine.config.vocab_size),
+                                                          2, **kw)}
+    with pytest.raises(KLError, match=rf"^{callback} should be a function \(or None\), got a int$"):
+        runs[call](**{callback: 1})
+
+
 def test_numpy_and_torch_numbers_are_numbers_to_every_argument(engine):
     """np.float32(0.7) was refused as no finite temperature, np.int64(3) as no seed, while np.int64(4) new tokens
     ran: each is taken as the Python number it holds, and draws as it does."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import weakref
@@ -175,6 +176,22 @@ def test_a_missing_model_is_worded_the_same_from_python(tmp_path):
     with pytest.raises(klconvert.KLError, match=r"^--model acme/none: no such folder, and a hub repo id is not fetched "
                                                 r"here -- `klconvert pull-and-quantize --model acme/none` pulls"):
         evaluate("acme/none", "tiny", TEXT, max_tokens=16)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 8.0, True, "8", None])
+def test_max_tokens_is_a_whole_number_of_at_least_2(max_tokens):
+    """8.0 was a TypeError from a slice, True ran as 1 token."""
+    with pytest.raises(klconvert.KLError, match=rf"^max_tokens={re.escape(repr(max_tokens))} \(--max-tokens\) should "
+                                                r"be a whole number >= 2"):
+        evaluate("tiny", "tiny", TEXT, max_tokens=max_tokens)
+
+
+@pytest.mark.parametrize("text", [None, TEXT.encode(), [1, 2, 3]])
+def test_the_text_is_a_str(text):
+    """None, bytes and a list of ids were TypeErrors from len() and the tokenizer's regex."""
+    with pytest.raises(klconvert.KLError, match=rf"^text should be the evaluation text as a str \(what --text-file "
+                                                rf"holds\), got a {type(text).__name__}$"):
+        evaluate("tiny", "tiny", text, max_tokens=16)
 
 
 @pytest.mark.slow

@@ -50,6 +50,12 @@ def test_a_callback_cannot_call_back_into_generate(onnx_engine, callback):
     onnx_engine.generate([PROMPT], 2)   # let go once it returned
 
 
+@pytest.mark.parametrize("callback", ["on_token", "on_prefill"])
+def test_a_callback_that_is_no_function_is_refused(onnx_engine, callback):
+    with pytest.raises(KLError, match=rf"^{callback} should be a function \(or None\), got a str$"):
+        onnx_engine.generate([[1, 2, 3]], 2, **{callback: "print"})
+
+
 @pytest.mark.parametrize("kwargs", [dict(temperature=float("nan")), dict(stop_ids={10**6}), dict(prompts=[[1.5]]),
                                     dict(max_new_tokens=10**12), dict(seed=np.float64(1.0))])
 def test_a_call_refused_on_its_arguments_leaves_stats_reset(onnx_engine, kwargs):

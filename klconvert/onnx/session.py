@@ -17,7 +17,8 @@ from klconvert.models import resolve_model
 from klconvert.checkpoint.folder_files import refuse_link_out
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, ONNX_FILE, state_spec
-from klconvert.runtime.engine import GenerationStats, Runner, as_batch, as_prompts, as_stop_ids, whole_numbers
+from klconvert.runtime.engine import (GenerationStats, Runner, as_batch, as_prompts, as_stop_ids, check_callbacks,
+                                      whole_numbers)
 from klconvert.runtime.host_memory import exhausted, host_memory
 from klconvert.runtime.sampling import check_generate_args, sampling_generator
 from klconvert.tokenizer import check_tokenizer_if_any, model_stop_ids
@@ -285,6 +286,7 @@ class OnnxEngine(Runner):
         leaves self.stats reset, as Engine.generate's does."""
         with self._held("generate"):
             max_new_tokens, temperature, top_p, seed = check_generate_args(max_new_tokens, temperature, top_p, seed)
+            check_callbacks(on_token=on_token, on_prefill=on_prefill)
             stop_ids = as_stop_ids(self.stop_ids if stop_ids is None else stop_ids, self.config.vocab_size)
             prompts = [p.tolist() for p in as_prompts(prompts, self.config.vocab_size)]
             longest = max(len(p) for p in prompts)
