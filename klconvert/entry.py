@@ -127,6 +127,12 @@ class _CtrlC:
             return
         self._raise(self.signum)
 
+    def settle(self) -> None:
+        """The command ends now, on the interrupt it heard: no retry left to raise it again while the line is
+        written."""
+        self.held = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
     def _raise(self, signum: int) -> None:
         self.heard, self.held, self.signum = True, False, signum
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -258,11 +264,13 @@ def _run(ctrl_c: _CtrlC) -> None:
 
         cli_main()
         if ctrl_c.held:  # an interrupt held back through the command's last import: it is still the answer
+            ctrl_c.settle()
             exit_interrupted(ctrl_c.signum)
     except SystemExit:
         raise
     except BaseException:
         if ctrl_c.heard:  # whatever broke after an interrupt broke because of it
+            ctrl_c.settle()
             exit_interrupted(ctrl_c.signum)
         raise
 

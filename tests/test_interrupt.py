@@ -109,6 +109,25 @@ def test_a_failure_inside_the_import_that_swallowed_it(tmp_path):
                                cwd=tmp_path))
 
 
+# the interrupted line written slowly (a loaded machine, a slow terminal): past the retry's RETRY_SECONDS
+SLOW_LINE = """import os, time
+_write = os.write
+def _slow(fd, data):
+    if fd == 2 and b"interrupted" in bytes(data):
+        time.sleep(0.2)
+    return _write(fd, data)
+os.write = _slow
+"""
+
+
+def test_the_interrupted_line_is_not_cut_by_the_retry(tmp_path):
+    """The retry's alarm, still armed, went off while the line was being written: a traceback ending in
+    Interrupted, exit status 1 (seen once under load in CI)."""
+    _module_swallowing_a_ctrl_c(tmp_path / "fails.py", then="raise ImportError('cannot load module more than once')")
+    _assert_interrupted(_entry(SLOW_LINE + f"import klconvert.cli\nklconvert.cli.main = lambda: ({TOUCHES}, "
+                                           "__import__('fails'))\n", cwd=tmp_path))
+
+
 def test_a_second_ctrl_c_stops_an_import_that_hangs(tmp_path):
     (tmp_path / "hangs.py").write_text("import time\ntime.sleep(60)\nprint('the import ended')\n")
     proc = _entry(f"""
