@@ -320,8 +320,24 @@ class Runner:
         with self._held("decode_loop"):
             max_new_tokens, temperature, top_p, _ = check_generate_args(max_new_tokens, temperature, top_p, None)
             check_callbacks(on_token=on_token)
+            self._check_loop_start(step, logits, max_new_tokens)
             return self._decode_loop(step, logits, max_new_tokens, temperature, top_p, generator,
                                      as_stop_ids(stop_ids, self.config.vocab_size), on_token)
+
+    def _check_loop_start(self, step, logits, max_new_tokens: int) -> None:
+        """KLError unless `step` is a decode step of this engine's (its decoder's) and `logits` the [B, vocab] logits of
+        its B sequences (a list, a [vocab] row or another batch were errors from deep inside the loop)."""
+        B, vocab = self._step_batch(step, max_new_tokens), self.config.vocab_size
+        if not (isinstance(logits, torch.Tensor) and logits.is_floating_point() and logits.shape == (B, vocab)):
+            got = f"shape {list(logits.shape)}" if isinstance(logits, torch.Tensor) else f"a {type(logits).__name__}"
+            raise KLError(f"decode_loop's logits should be a float tensor [B, vocab] = [{B}, {vocab}], the logits "
+                          f"after each of the step's sequences, got {got}")
+
+    def _step_batch(self, step, max_new_tokens: int) -> int:
+        """The sequences of `step`, a decode step of this runner's with room for `max_new_tokens` more tokens; a
+        KLError for anything else."""
+        raise KLError(f"{type(self).__name__} makes its decode steps itself: decode_loop takes none, got a "
+                      f"{type(step).__name__}")
 
     def _decode_loop(self, step: DecodeStep, logits: torch.Tensor, max_new_tokens: int, temperature: float,
                      top_p: float, generator: torch.Generator | None, stop_ids: frozenset[int],
@@ -558,7 +574,22 @@ class Engine(Runner):
         Capturing writes into the state: take it before prefilling. Refused while generate runs (its callbacks):
         the step is the one generate is running, or its capture would write the state generate is using."""
         with self._holding("decoder"):
-            return self._decoder(batch)
+            n = as_number(batch, whole=True)
+            if n is None or n < 1:
+                raise KLError(f"decoder's batch {batch!r} should be a whole number >= 1")
+            self._check_batch(n)
+            return self._decoder(n)
+
+    def _step_batch(self, step, max_new_tokens: int) -> int:
+        if not any(step is mine for mine in self._steps.values()):
+            raise KLError(f"decode_loop's step should be one this engine's decoder(batch) gave, got a "
+                          f"{type(step).__name__}" + (" of another engine, or of its plan before a resize"
+                                                      if isinstance(step, DecodeStep) else ""))
+        if (last := int(step.positions.max())) + max_new_tokens > self.plan.context:
+            raise KLError(f"decode_loop from position {last} with {argument('max_new_tokens', '--max-new-tokens')} "
+                          f"{max_new_tokens} runs past the planned context of {self.plan.context}; make fewer tokens, "
+                          f"or raise {self._context_argument()}")
+        return step.tokens.shape[0]
 
     def _decoder(self, batch: int) -> DecodeStep:
         """decoder, for the generation that holds the engine."""

@@ -66,6 +66,39 @@ def test_a_callback_that_is_no_function_is_refused_before_anything_runs(engine, 
         runs[call](**{callback: 1})
 
 
+@pytest.mark.parametrize("batch, message", [(-1, r"decoder's batch -1 should be a whole number >= 1"),
+                                            (0, r"decoder's batch 0 should be"), (1.0, r"decoder's batch 1\.0 should"),
+                                            (2, r"2 sequences are over the planned batch 1")])
+def test_decoder_takes_a_batch_the_plan_holds(engine, batch, message):
+    """decoder(-1) and decoder(0) gave steps (of one and of no sequence)."""
+    with pytest.raises(KLError, match=message):
+        engine.decoder(batch)
+
+
+def test_decode_loop_takes_its_engines_step_and_the_logits_of_its_sequences(engine, tiny_released):
+    """A list, a [vocab] row, a batch of 2 for a step of 1, another engine's step or None were AttributeError,
+    TypeError and RuntimeError from inside the loop; a [1, 7] row sampled ids from 7 columns; a loop past the planned
+    context was an IndexError."""
+    step, vocab = engine.decoder(1), engine.config.vocab_size
+    step.positions.fill_(0)
+    for logits, got in [([[0.0] * vocab], "a list"), (torch.zeros(vocab), f"shape \\[{vocab}\\]"),
+                        (torch.zeros(2, vocab), f"shape \\[2, {vocab}\\]"), (torch.zeros(1, 7), "shape \\[1, 7\\]"),
+                        (torch.zeros(1, vocab, dtype=torch.long), f"shape \\[1, {vocab}\\]")]:
+        with pytest.raises(KLError, match=rf"^decode_loop's logits should be a float tensor \[B, vocab\] = \[1, "
+                                          rf"{vocab}\], the logits after each of the step's sequences, got {got}$"):
+            engine.decode_loop(step, logits, 3)
+    other = klconvert.load(tiny_released, device="cpu", max_context=64).decoder(1)
+    for wrong, named in [(None, "NoneType$"), (other, "DecodeStep of another engine, or of its plan before a resize$")]:
+        with pytest.raises(KLError, match=rf"^decode_loop's step should be one this engine's decoder\(batch\) gave, "
+                                          rf"got a {named}"):
+            engine.decode_loop(wrong, torch.zeros(1, vocab), 3)
+    step.positions.fill_(60)
+    with pytest.raises(KLError, match=r"^decode_loop from position 60 with max_new_tokens \(--max-new-tokens\) 5 "
+                                      r"runs past the planned context of 64; make fewer tokens, or raise max_context"):
+        engine.decode_loop(step, torch.zeros(1, vocab), 5, stop_ids=frozenset())
+    assert engine.decode_loop(step, torch.zeros(1, vocab), 4, stop_ids=frozenset()).shape == (1, 4)
+
+
 def test_numpy_and_torch_numbers_are_numbers_to_every_argument(engine):
     """np.float32(0.7) was refused as no finite temperature, np.int64(3) as no seed, while np.int64(4) new tokens
     ran: each is taken as the Python number it holds, and draws as it does."""
@@ -602,19 +635,21 @@ def test_decode_step_takes_b_or_b_by_1_tokens_alike(engine):
     assert torch.equal(engine.decode_step(torch.tensor([[4]]), torch.tensor([3])), flat)
 
 
-def test_the_output_grows_with_the_tokens_made_not_max_new_tokens(engine, monkeypatch):
+def test_the_output_grows_with_the_tokens_made_not_max_new_tokens(tiny_released, monkeypatch):
     """decode_loop took [B, max_new_tokens] up front: through OnnxEngine.generate (no plan bounds B there) 200
     prompts and 10**6 new tokens took 1.46 GB, though every sequence stopped at its first token."""
+    engine = klconvert.load(tiny_released, device="cpu", max_context=1 << 16)
     allocate = torch.empty
 
     def bounded(*size, **kwargs):
         shape = size[0] if len(size) == 1 and not isinstance(size[0], int) else size
-        assert torch.Size(shape).numel() <= 1 << 20, f"allocates {list(shape)}"
+        assert torch.Size(shape).numel() <= 1 << 14, f"allocates {list(shape)}"
         return allocate(*size, **kwargs)
 
     logits = engine.prefill([[1, 2, 3]])
     monkeypatch.setattr(torch, "empty", bounded)
-    out = engine.decode_loop(engine.decoder(1), logits, 10**9, stop_ids=frozenset(range(engine.config.vocab_size)))
+    out = engine.decode_loop(engine.decoder(1), logits, (1 << 16) - 3,
+                             stop_ids=frozenset(range(engine.config.vocab_size)))
     assert out.shape == (1, 1) and engine.stats.new_tokens == 1
 
 
