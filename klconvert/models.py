@@ -33,7 +33,11 @@ def bundled_dir() -> Path:
 
 def resolve_model(value: str | Path) -> Path:
     """The string `tiny` names the bundled model; anything else (a Path too: Path("./tiny") is "tiny") is a folder
-    path, returned as given (write ./tiny for a folder of that name)."""
+    path, returned as given (write ./tiny for a folder of that name). KLError for any other type (None, bytes, an
+    int were TypeErrors from pathlib)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise KLError(f"the model {value!r:.80} should be a folder's path (a str or Path) or {BUNDLED_NAME!r}, got a "
+                      f"{type(value).__name__}")
     return bundled_dir() if isinstance(value, str) and value == BUNDLED_NAME else Path(value)
 
 

@@ -99,6 +99,14 @@ def test_decode_loop_takes_its_engines_step_and_the_logits_of_its_sequences(engi
     assert engine.decode_loop(step, torch.zeros(1, vocab), 4, stop_ids=frozenset()).shape == (1, 4)
 
 
+@pytest.mark.parametrize("path", [None, 3, b"tiny"])
+def test_a_model_that_is_no_path_is_refused(path):
+    """None, an int and bytes were TypeErrors from pathlib."""
+    with pytest.raises(KLError, match=rf"^the model {re.escape(repr(path))} should be a folder's path \(a str or "
+                                      rf"Path\) or 'tiny', got a {type(path).__name__}$"):
+        klconvert.load(path, device="cpu")
+
+
 def test_numpy_and_torch_numbers_are_numbers_to_every_argument(engine):
     """np.float32(0.7) was refused as no finite temperature, np.int64(3) as no seed, while np.int64(4) new tokens
     ran: each is taken as the Python number it holds, and draws as it does."""
