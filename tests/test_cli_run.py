@@ -45,6 +45,13 @@ def test_run_reads_stdin_chat_and_sampling_is_seeded(tiny_released):
     assert other.stdout != a.stdout  # another seed, other text: the seed reaches the sampler
 
 
+def test_max_new_tokens_0_only_prefills(capsys):
+    """The README's `--max-new-tokens N` (0: only prefill the prompts), from the command line."""
+    code, out, err = run_cli(capsys, "run", "--model", "tiny", "--prompt", "ROMEO.", "--max-new-tokens", "0",
+                             "--device", "cpu")
+    assert code == 0 and out == "\n" and re.match(r"prompt \d+ tokens \| prefill [\d.]+ tokens/s \| 0 new", err), err
+
+
 @pytest.mark.slow
 def test_the_summary_names_the_drawn_seed_which_repeats_the_run(tiny_released):
     args = ("run", "--model", str(tiny_released), "--prompt", "Hello", "--max-new-tokens", "16", "--temperature", "1")

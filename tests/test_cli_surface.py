@@ -84,6 +84,8 @@ def test_device_is_one_type_in_every_command():
      ["'--prompt': given 2 times; give it once (several --prompt-file FILE make a batch)"]),
     (["run", "--model", "tiny", "--prompt-file", "esc\x1b[31mred.txt"],   # it heads the file's text on stdout
      ["'--prompt-file'", "holds a control character"]),
+    (["pull", "acme/model", "--local-dir", "a", "--cache-dir", "b"],
+     ["give at most one of --local-dir and --cache-dir"]),
 ])
 def test_user_errors_are_one_line(capsys, args, needles):
     assert_one_line_error(*run_cli(capsys, *args)[::2], *needles)

@@ -640,6 +640,10 @@ def test_run_with_onnxruntime_refuses_a_folder_that_is_no_export(capsys):
     code, _, err = run_cli(capsys, "run", "--model", "tiny", "--engine", "onnxruntime", "--prompt", "hi",
                            "--max-context", "10")    # not "raise --max-context", a flag this engine refuses
     assert_one_line_error(code, err, "--max-context is a flag of klconvert's runtime", "--engine klconvert")
+    for flag, value in (("--dtype", "bfloat16"), ("--kernels", "triton")):   # as the README says
+        code, _, err = run_cli(capsys, "run", "--model", "tiny", "--engine", "onnxruntime", "--prompt", "hi", flag,
+                               value)
+        assert_one_line_error(code, err, f"{flag} {value} is a flag of klconvert's runtime", "--engine klconvert")
 
 
 def test_without_the_onnx_extra_is_one_line_naming_it(monkeypatch, tmp_path, capsys):
