@@ -315,7 +315,8 @@ class Runner:
         and run decode steps; the host never waits for the device except to hand tokens on (async copies, at
         most MAX_TOKENS_IN_FLIGHT steps behind) and once, after the first step, to start the clock. Returns the
         new ids [B, n] on the CPU; fills self.stats' decode figures (all reset when it fails, as generate's are).
-        The arguments are checked as generate's are (check_generate_args, as_stop_ids); it holds the engine as
+        The arguments are checked as generate's are (check_generate_args, as_stop_ids), and the step's positions
+        against the plan's context before it starts (a sync, before the clock); it holds the engine as
         generate does, so its on_token may not call back into it."""
         with self._held("decode_loop"):
             max_new_tokens, temperature, top_p, _ = check_generate_args(max_new_tokens, temperature, top_p, None)
