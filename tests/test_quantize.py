@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.checkpoint.safetensors_header import read_header
+from klconvert.convert.output_folder import OUTPUT_RECORD
 from klconvert.models import bundled_dir
 from klconvert.quant import compress_nf4, decompress_nf4, load_recipe
 from klconvert.units import count_text
@@ -50,7 +51,8 @@ def test_folder_layout(int4_asym, tiny_released):
                                            for i in range(1, len(shards) + 1)]
     assert names == sorted(shards + ["config.json", "model.safetensors.index.json", "recipe.yaml", "README.md",
                                      "tiktoken.model", "tokenizer_config.json", "special_tokens_map.json",
-                                     "generation_config.json"])
+                                     "generation_config.json", OUTPUT_RECORD])
+    assert json.loads((int4_asym / OUTPUT_RECORD).read_text()) == {"files": [n for n in names if n != OUTPUT_RECORD]}
     for f in ("tiktoken.model", "generation_config.json", "special_tokens_map.json"):
         assert (int4_asym / f).read_bytes() == (tiny_released / f).read_bytes()
     tokenizer_config = json.loads((tiny_released / "tokenizer_config.json").read_text())

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from klconvert.checkpoint.safetensors_header import read_header
-from klconvert.convert.output_folder import OutputFolder
+from klconvert.convert.output_folder import OUTPUT_RECORD, OutputFolder
 from klconvert.errors import KLError
 from klconvert.quantize import quantize
 from quantize_helpers import break_shard_write, count_quantize_calls, folder_files, modules_in_shards
@@ -128,6 +128,69 @@ def test_existing_out_is_refused_and_force_replaces_it_at_the_end(tiny_released,
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no q.partial, no lock, no folder moved aside
+
+
+def test_force_keeps_what_the_user_added_to_a_klconvert_output(tiny_released, tmp_path, capsys):
+    """A folder klconvert wrote, with the user's own files beside its files (notes, a benchmark's JSON, an ONNX export
+    in a subfolder): --force refuses it, naming them, and deletes nothing; without them it is replaced."""
+    out = tmp_path / "q"
+    args = ("quantize", tiny_released, out, "--bits", "8", "--group-size", "32")
+    assert run_cli(capsys, *args)[0] == 0
+    record = json.loads((out / OUTPUT_RECORD).read_text())
+    assert record == {"files": sorted(p.name for p in out.iterdir() if p.name != OUTPUT_RECORD)}
+    (out / "notes.txt").write_text("mine")
+    (out / "bench.json").write_text("{}")   # a name quantize's own side files could have: listed or not
+    (out / "onnx").mkdir()
+    (out / "onnx" / "model.onnx").write_text("mine")
+    code, _, err = run_cli(capsys, *args, "--force")
+    assert_one_line_error(code, err, "--force replaces only a folder klconvert wrote",
+                          "also holds other files, which klconvert did not write: bench.json, notes.txt, onnx;")
+    assert (out / "notes.txt").read_text() == "mine" and (out / "onnx" / "model.onnx").read_text() == "mine"
+    assert (out / "bench.json").read_text() == "{}"
+
+    (out / "notes.txt").unlink()
+    (out / "bench.json").unlink()
+    shutil.rmtree(out / "onnx")
+    shard = next(out.glob("*.safetensors"))
+    shard.unlink()
+    shard.mkdir()   # a folder under a name the run wrote a file as: the user's
+    (shard / "thesis.txt").write_text("mine")
+    assert_one_line_error(*run_cli(capsys, *args, "--force")[::2], f"which klconvert did not write: {shard.name};")
+    assert (shard / "thesis.txt").read_text() == "mine"
+
+    shutil.rmtree(shard)
+    code, _, err = run_cli(capsys, *args, "--force")
+    assert code == 0, err
+    assert sorted(json.loads((out / OUTPUT_RECORD).read_text())["files"]) == sorted(
+        p.name for p in out.iterdir() if p.name != OUTPUT_RECORD)
+
+
+@pytest.mark.parametrize("record", [None, b"", b"[1, 2]", b'{"files": "config.json"}', b'{"files": [1]}',
+                                    b"\xff" * 10, b"[" * 100_000, b" " * (2 << 20)])
+def test_force_refuses_a_klconvert_output_whose_record_is_missing_or_not_one(tiny_released, tmp_path, capsys,
+                                                                              record):
+    """Without a readable record of what klconvert wrote (gone, garbage, deeply nested, past its bound) nothing in OUT
+    is known to be klconvert's: --force deletes nothing."""
+    out = tmp_path / "q"
+    args = ("quantize", tiny_released, out, "--bits", "8", "--group-size", "32")
+    assert run_cli(capsys, *args)[0] == 0
+    before = sorted(p.name for p in out.iterdir())
+    if record is None:
+        (out / OUTPUT_RECORD).unlink()
+    else:
+        (out / OUTPUT_RECORD).write_bytes(record)
+    assert_one_line_error(*run_cli(capsys, *args, "--force")[::2], "--force replaces only a folder klconvert wrote",
+                          f"no {OUTPUT_RECORD} lists what klconvert wrote")
+    assert sorted(p.name for p in out.iterdir()) == sorted(set(before) - ({OUTPUT_RECORD} if record is None else set()))
+
+
+def test_force_refuses_a_record_that_is_a_fifo(tiny_released, tmp_path, capsys):
+    out = tmp_path / "q"
+    args = ("quantize", tiny_released, out, "--bits", "8", "--group-size", "32")
+    assert run_cli(capsys, *args)[0] == 0
+    (out / OUTPUT_RECORD).unlink()
+    os.mkfifo(out / OUTPUT_RECORD)   # opening it for reading would wait for a writer
+    assert_one_line_error(*run_cli(capsys, *args, "--force")[::2], f"no {OUTPUT_RECORD} lists what klconvert wrote")
 
 
 def test_force_touches_nothing_beside_out(tiny_released, tmp_path, capsys):

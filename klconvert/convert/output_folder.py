@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Iterator
 
 from klconvert.atomic_file import write_atomically
-from klconvert.checkpoint.folder_files import MAX_FILE_NAME_BYTES, RECIPE_FILE
-from klconvert.checkpoint.regular_file import open_regular, read_json
+from klconvert.checkpoint.folder_files import MAX_FILE_NAME_BYTES
+from klconvert.checkpoint.regular_file import read_json
 from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.checkpoint.safetensors_writer import TORCH_TO_SAFETENSORS, PlannedTensor
 from klconvert.disk_space import failed_write
@@ -26,7 +26,9 @@ from klconvert.user_paths import refuse_unreachable, shown
 
 RESUME_RECORD = ".klconvert-resume.json"  # what the partial folder is for: source fingerprint and options
 MAX_RESUME_RECORD_BYTES = 16 << 20  # a record holds ~150 bytes a shard: past this it is not one of ours
-MODEL_CARD_TAG = "- klconvert"  # a tag line in the front matter of the README.md every klconvert output has
+# What a finished OUT holds besides the files it lists: the names of the files the run wrote (what --force may replace)
+OUTPUT_RECORD = ".klconvert-output.json"
+MAX_OUTPUT_RECORD_BYTES = 1 << 20  # a record holds ~40 bytes a file: past this it is not one of ours
 PATH_MAX = 4096  # Linux's bound on a path, its closing NUL included: a longer one is ENAMETOOLONG
 MAX_PID = 2**31 - 1  # pid_t's largest: a larger number in a lock file is no process's id
 # Hidden names a run makes beside OUT for a while, .OUT.PURPOSE-PID-XXXXXXXX (tempfile's 8 random characters): a
@@ -61,15 +63,35 @@ def names_beside(out: Path) -> list[str]:
             *(temporary_prefix(out, purpose, MAX_PID) + "x" * 8 for purpose in TEMPORARY_PURPOSES)]
 
 
-def is_klconvert_output(folder: Path) -> bool:
-    """Whether `folder` is a finished klconvert output: its recipe.yaml, and its model card's klconvert tag."""
-    try:
-        with open_regular(folder / "README.md") as f:  # not a FIFO: opening one waits for a writer
-            card = f.read(4096).decode("utf-8", "ignore")
-    except OSError:
-        return False
-    front_matter = card.split("\n---", 1)[0] if card.startswith("---") else ""
-    return (folder / RECIPE_FILE).is_file() and MODEL_CARD_TAG in front_matter.splitlines()
+def files_klconvert_wrote(folder: Path) -> set[str] | None:
+    """The names of the files a klconvert run wrote into `folder`, as its OUTPUT_RECORD lists them; None when it holds
+    no such record (not an output of klconvert's, or one whose record is gone or unreadable)."""
+    try:   # a regular file, bounded: OUT may hold anything under that name
+        record = read_json(folder / OUTPUT_RECORD, MAX_OUTPUT_RECORD_BYTES, OUTPUT_RECORD)
+    except (OSError, ValueError, RecursionError, KLError):   # RecursionError: JSON nested past Python's stack
+        return None
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+        return None
+    return set(files)
+
+
+def not_written_by_klconvert(folder: Path, entries: list[str]) -> list[str] | None:
+    """Those of `entries` (the folder's) that no klconvert run wrote there: neither listed in its OUTPUT_RECORD as a
+    file (a folder under a listed name is the user's) nor the record itself or a mark a run left; None when the folder
+    holds no record, so nothing in it is known to be klconvert's."""
+    written = files_klconvert_wrote(folder)
+    if written is None:
+        return None
+    ours = written | {OUTPUT_RECORD, TEMPORARY_MARKER}
+    return sorted(name for name in entries if name not in ours or (folder / name).is_dir())
+
+
+def write_output_record(folder: Path) -> None:
+    """List the files in `folder`, the output about to be renamed into place, in its OUTPUT_RECORD (the resume
+    record and the temporary mark, which go before it is finished, left out)."""
+    files = sorted(set(os.listdir(folder)) - {RESUME_RECORD, TEMPORARY_MARKER, OUTPUT_RECORD})
+    write_atomically(folder / OUTPUT_RECORD, (json.dumps({"files": files}, indent=1) + "\n").encode())
 
 
 def refuse_no_new_name(out: Path) -> None:
@@ -114,8 +136,9 @@ def write_test(folder: Path, out: Path) -> None:
 
 
 def refuse_existing_out(out: Path, force: bool) -> None:
-    """KLError when OUT exists, unless `force` and OUT is a klconvert output or an empty folder that can be listed and
-    written (the finished folder replaces it: its earlier files are marked and moved aside); or when OUT names the
+    """KLError when OUT exists, unless `force` and OUT is an empty folder or one that holds only what a klconvert run
+    wrote there (not_written_by_klconvert), and can be listed and written (the finished folder replaces it: its earlier
+    files are marked and moved aside); or when OUT names the
     current folder or one above it, is a link or a file, or is a mount point (OUT.partial is made beside OUT, and
     renamed onto it, which no rename does onto a mount point)."""
     refuse_no_new_name(out)
@@ -133,9 +156,16 @@ def refuse_existing_out(out: Path, force: bool) -> None:
     except OSError as e:
         raise KLError(f"{out}: cannot list it ({e.strerror}), so --force cannot tell what it would replace; choose "
                       "another output folder, or make it readable (chmod u+rx)") from None
-    if entries and not is_klconvert_output(out):
+    others = not_written_by_klconvert(out, entries) if entries else []
+    if others is None:
         raise KLError(f"{out}: --force replaces only a folder klconvert wrote (or an empty one), and this holds "
-                      "other files; choose another output folder or move it away")
+                      f"other files (no {OUTPUT_RECORD} lists what klconvert wrote); choose another output folder or "
+                      "move it away")
+    if others:
+        shown_names = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise KLError(f"{out}: --force replaces only a folder klconvert wrote (or an empty one), and this also holds "
+                      f"other files, which klconvert did not write: {shown_names}; move them out of it, or choose "
+                      "another output folder")
     try:
         write_test(out, out)
     except OSError as e:
@@ -426,6 +456,7 @@ class OutputFolder:
                           f"(the finished shards wait in {self.path}), or pass --force to replace it")
         if out_exists:   # what is at OUT now may not be what was checked when the run began
             refuse_existing_out(self.out, force=True)
+        write_output_record(self.path)
         if out_exists:
             replaced = move_aside(self.out)
             os.rename(self.path, self.out)
