@@ -34,6 +34,14 @@ def argument(name: str, flag: str, value=_UNSAID) -> str:
     return f"{name if value is _UNSAID else f'{name}={value!r}'} ({flag})"
 
 
+def refuse_non_bool(value, name: str, flag: str | None = None) -> None:
+    """KLError unless `value`, the Python API's `name` (the command line's `flag`, where it has one), is a bool: the
+    truth of "no", 1 or None is no answer -- force="no" would replace a folder."""
+    if type(value) is not bool:
+        said = argument(name, flag, value) if flag is not None else f"{name}={value!r}"
+        raise KLError(f"{said} is not a bool; pass True or False")
+
+
 def first_line(error: BaseException) -> str:
     """An error's first non-blank line (its type's name when it has none): what a one-line message quotes of it."""
     return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)

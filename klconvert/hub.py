@@ -47,7 +47,7 @@ from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_INDEX_BYTES
 from klconvert.checkpoint.regular_file import read_json
 from klconvert.disk_space import free_disk_bytes
 from klconvert.entry import note_change
-from klconvert.errors import KLError, first_line, unreadable_reason
+from klconvert.errors import KLError, first_line, refuse_non_bool, unreadable_reason
 from klconvert.hub_guard import AnswerGuard
 from klconvert.models import BUNDLED_NAME, DEFAULT_REPO
 from klconvert.tokenizer import BPE_FILE
@@ -150,6 +150,7 @@ def pull(
     refuse_bundled_name(repo)
     refuse_bad_repo_id(repo)
     refuse_bad_revision(revision)
+    refuse_non_bool(progress, "progress")
     refuse_unsafe_includes(include)
     given_cache_dir = cache_dir is not None
     cache_dir = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)

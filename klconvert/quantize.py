@@ -36,7 +36,7 @@ from klconvert.convert.provenance import SourceOrigin, source_fingerprint, sourc
 from klconvert.config import MAX_CONFIG_BYTES, KimiLinearConfig
 from klconvert.devices import checked_device
 from klconvert.disk_space import failed_write
-from klconvert.errors import KLError, argument, either, read_failure
+from klconvert.errors import KLError, argument, either, read_failure, refuse_non_bool
 from klconvert.extras import require
 from klconvert.hub import SIDE_FILES, is_repo_id, pull
 from klconvert.models import BUNDLED_NAME, DEFAULT_REPO, quantized_folder_name, resolve_model
@@ -93,6 +93,13 @@ def _refuse_flag_types(group_size, symmetric, scheme, observer) -> None:
         raise KLError(f"--scheme {scheme!r} is not supported; use {either(KINDS, '--scheme')}")
     if observer is not None and (not isinstance(observer, str) or observer not in OBSERVERS):
         raise KLError(unsupported_observer(observer, "--observer"))
+
+
+def _refuse_non_bool_switches(force, progress, allow_split_fused) -> None:
+    """KLError for a switch of quantize's that is no bool (force="no" would replace OUT)."""
+    refuse_non_bool(force, "force", "--force")
+    refuse_non_bool(progress, "progress")
+    refuse_non_bool(allow_split_fused, "allow_split_fused", "--allow-split-fused")
 
 
 def choose_policy(bits: int | None = None, group_size: int | None = None, symmetric: bool | None = None,
@@ -262,6 +269,7 @@ def quantize(src: str | Path, out: str | Path, bits: int | None = None, group_si
     made from another source or with other options. Shards hold at most `max_shard_bytes` (default 5 GB).
     A policy that stores the parts of a module vLLM fuses differently is refused unless `allow_split_fused`.
     """
+    _refuse_non_bool_switches(force, progress, allow_split_fused)
     src, out = resolve_model(src), Path(out)
     policy, runtime = choose_policy(bits, group_size, symmetric, scheme, recipe, observer)
     torch_device, shard_bytes = checked_device(device), shard_limit(max_shard_bytes)
@@ -355,6 +363,7 @@ def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, 
     """Pull `model` (a hub repo; a folder that exists locally is used as it is; `tiny` is the bundled model) and
     quantize it into `out` (default ./<model-name>-w4a16, -w8a16 or -nf4). Options, and whether OUT's folder takes
     files, are checked before anything is downloaded."""
+    _refuse_non_bool_switches(force, progress, allow_split_fused)
     policy, _ = choose_policy(bits, group_size, symmetric, scheme, recipe, observer)
     local = model == BUNDLED_NAME or Path(model).is_dir()
     if not local and (Path(model).exists() or not is_repo_id(model)):   # ./x, ~/x, a/b/c, a file: a path

@@ -16,7 +16,7 @@ from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.config import KimiLinearConfig
 from klconvert.devices import checked_device
-from klconvert.errors import KLError, argument
+from klconvert.errors import KLError, argument, refuse_non_bool
 from klconvert.models import resolve_model
 from klconvert.quant import QuantScheme
 from klconvert.runtime.bind import bind, packed_choice
@@ -413,6 +413,8 @@ class Engine(Runner):
         or Triton (auto: Triton on CUDA). The decode step is captured in a CUDA graph with Triton on CUDA.
         `tokenizer`: the folder's, whose stop tokens join config.json's in `stop_ids` (model_stop_ids).
         `context_name`: what the caller named the context (load: max_context), as a refusal names it."""
+        refuse_non_bool(biased_router_weights, "biased_router_weights")
+        refuse_non_bool(cuda_graph, "cuda_graph")
         self.config, self.device, self.dtype = config, device, dtype
         self.stop_ids = model_stop_ids(config, tokenizer)   # where generate stops unless told otherwise
         self.prefill_segment = PREFILL_SEGMENT  # prompt tokens per model call (the plan's workspace assumes this)

@@ -228,6 +228,8 @@ def test_decode_step_checks_its_token_and_position(engine, token, position, mess
     (dict(device="tpu"), r"^device='tpu' \(--device\) is not supported; use cpu, cuda or cuda:N"),
     (dict(device="meta"), r"^device='meta' \(--device\) is not supported"),
     (dict(kernels="fast"), r"^kernels='fast' \(--kernels\): choose one of auto, triton, torch$"),
+    (dict(biased_router_weights="no"), r"^biased_router_weights='no' is not a bool; pass True or False$"),  # was on
+    (dict(cuda_graph=0), r"^cuda_graph=0 is not a bool; pass True or False$"),
     (dict(max_context=2**21), r"^max_context=2097152 \(--max-context\) is over the model's model_max_length "
                               r"1048576; lower it$"),
 ])

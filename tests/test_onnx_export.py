@@ -613,6 +613,16 @@ def test_an_opset_that_is_no_whole_number_is_refused(tmp_path, opset):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_force_that_is_no_bool_is_refused(tmp_path):
+    """force="no" replaced an earlier export, its truth taken for yes."""
+    out = tmp_path / "onnx"
+    export_onnx("tiny", out)
+    written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(klconvert.KLError, match=re.escape("force='no' (--force) is not a bool; pass True or False")):
+        export_onnx("tiny", out, force="no")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
+
+
 def test_export_onnx_takes_tiny_as_the_bundled_model(tmp_path, monkeypatch):
     """As the CLI's --model tiny, klconvert.load("tiny") and OnnxEngine do (it was "tiny: no such checkpoint
     folder"), though the current folder holds nothing of that name."""

@@ -354,6 +354,12 @@ def test_index_naming_a_shard_the_repo_lacks_fails(hub_server, tmp_path):
             hub.pull(REPO, progress=False)
 
 
+def test_progress_that_is_no_bool_is_refused_before_any_request(tmp_path):
+    with pytest.raises(KLError, match=r"^progress='no' is not a bool; pass True or False$"):
+        hub.pull(REPO, local_dir=tmp_path / "out", progress="no")   # no hub here: a request would fail otherwise
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unknown_repo_and_revision_are_one_line_errors(served):
     with pytest.raises(KLError, match="has no repo moonshotai/nope .* HF_TOKEN") as unknown_repo:
         hub.pull("moonshotai/nope", progress=False)

@@ -312,11 +312,16 @@ def test_an_out_name_no_file_system_or_terminal_takes_is_one_line(tiny_released,
     (dict(device="tpu"), "device='tpu' (--device) is not supported; use cpu, cuda or cuda:N"),  # was torch's
     (dict(device="meta"), "device='meta' (--device) is not supported"),
     (dict(device=0), "device=0 (--device) is not supported"),
+    # each taken by its truth: force="no" replaced an existing OUT, allow_split_fused="no" wrote a folder vLLM refuses
+    (dict(force="no"), "force='no' (--force) is not a bool; pass True or False"),
+    (dict(force=1), "force=1 (--force) is not a bool"),
+    (dict(allow_split_fused="no"), "allow_split_fused='no' (--allow-split-fused) is not a bool"),
+    (dict(progress=None), "progress=None is not a bool; pass True or False"),
 ])
 def test_a_bad_value_from_python_is_refused_up_front(tiny_released, tmp_path, options, needle):
     out = tmp_path / "q"
     with pytest.raises(KLError) as e:
-        quantize(tiny_released, out, progress=False, **options)
+        quantize(tiny_released, out, **{"progress": False, **options})
     assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
     assert list(tmp_path.iterdir()) == []
 
@@ -327,7 +332,8 @@ def test_pull_and_quantize_refuses_a_bad_device_or_shard_size_before_any_downloa
 
     monkeypatch.setattr(quantize_module, "pull", no_pull)
     for options, needle in ((dict(device="tpu"), "device='tpu' (--device)"),
-                            (dict(max_shard_bytes=0), "max_shard_bytes=0")):
+                            (dict(max_shard_bytes=0), "max_shard_bytes=0"),
+                            (dict(force="no"), "force='no' (--force) is not a bool")):
         with pytest.raises(KLError, match=re.escape(needle)):
             quantize_module.pull_and_quantize("acme/kimi", tmp_path / "q", progress=False, **options)
     assert list(tmp_path.iterdir()) == []

@@ -16,6 +16,7 @@ from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.checkpoint.safetensors_writer import PlannedTensor, write_shard
 from klconvert.config import KimiLinearConfig
 from klconvert.convert.output_folder import OutputLock
+from klconvert.errors import KLError
 from klconvert.synth.checkpoint import synth
 from klconvert.presets import preset_config
 from klconvert.units import size_text
@@ -147,4 +148,10 @@ def test_a_second_synth_on_the_same_out_is_refused_in_one_line(tmp_path, capsys)
     with OutputLock(out):
         assert_one_line_error(*run_cli(capsys, "synth", "--preset", "tiny", "--out", out)[::2],
                               f"another klconvert run (pid {os.getpid()}) is writing it")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_that_is_no_bool_is_refused(tmp_path):
+    with pytest.raises(KLError, match=r"^progress='no' is not a bool; pass True or False$"):
+        synth("tiny", tmp_path / "out", progress="no")
     assert list(tmp_path.iterdir()) == []

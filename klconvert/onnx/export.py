@@ -15,7 +15,7 @@ from klconvert.checkpoint.folder_files import GENAI_CONFIG, MAX_SIDE_FILE_BYTES,
 from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.checkpoint.regular_file import read_bounded
-from klconvert.errors import KLError
+from klconvert.errors import KLError, refuse_non_bool
 from klconvert.models import resolve_model
 from klconvert.onnx.ffn import moe_layer, swiglu_mlp
 from klconvert.onnx.graph import FLOAT, INT64, MS_DOMAIN, GraphBuilder
@@ -160,6 +160,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPS
     """Export the checkpoint in `model_dir` (`tiny`: the bundled model) to the folder `out` (new or empty; with
     `force`, an earlier export, replaced only once the new one is whole), written whole or not at all; returns the
     model.onnx path. onnx.checker checks the written model."""
+    refuse_non_bool(force, "force", "--force")
     top = onnx.defs.onnx_opset_version()
     if type(opset) is not int or not MIN_OPSET <= opset <= top:   # 18.0 and "18" too: the repr shows which
         raise KLError(f"--opset {opset!r}: choose {MIN_OPSET} to {top} (the installed onnx's newest)")

@@ -20,7 +20,7 @@ from klconvert.config import KimiLinearConfig
 from klconvert.atomic_file import write_atomically
 from klconvert.checkpoint.size_bounds import HEADER_BYTES_PER_TENSOR
 from klconvert.disk_space import free_disk_bytes
-from klconvert.errors import KLError
+from klconvert.errors import KLError, refuse_non_bool
 from klconvert.presets import preset_config
 from klconvert.release import FP32_TENSORS, NUM_SPECIAL_TOKENS
 from klconvert.synth.tokenizer_files import write_tokenizer_files
@@ -183,6 +183,7 @@ def _transformers_layout(expected: dict[str, TensorSpec], c: KimiLinearConfig, s
 def synth(preset: str, out: str | Path, layers: int | None = None, seed: int = 0, layout: str = "released",
           max_shard_bytes: int | None = None, progress: bool = True) -> SynthResult:
     """Write a random-weight checkpoint folder for `preset` at `out` (new, or an empty folder), whole or not at all."""
+    refuse_non_bool(progress, "progress")
     out = Path(out)
     refuse_taken(out)
     if layout not in LAYOUTS:
