@@ -52,7 +52,7 @@ from klconvert.hub_guard import AnswerGuard
 from klconvert.models import BUNDLED_NAME, DEFAULT_REPO
 from klconvert.tokenizer import BPE_FILE
 from klconvert.units import size_text
-from klconvert.user_paths import refuse_unreachable, shown
+from klconvert.user_paths import given_path, refuse_unreachable, shown
 from klconvert.verified_files import VerifiedFiles
 
 # huggingface_hub 2.x talks through httpx2, 1.x through httpx: a dropped connection surfaces as either's TransportError.
@@ -153,8 +153,8 @@ def pull(
     refuse_non_bool(progress, "progress")
     refuse_unsafe_includes(include)
     given_cache_dir = cache_dir is not None
-    cache_dir = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
-    local_dir = Path(local_dir) if local_dir is not None else None
+    cache_dir = given_path(cache_dir, "cache_dir") if cache_dir is not None else Path(constants.HF_HUB_CACHE)
+    local_dir = given_path(local_dir, "local_dir") if local_dir is not None else None
     if local_dir is not None:
         refuse_file_as_local_dir(local_dir)
     target = local_dir if local_dir is not None else cache_dir

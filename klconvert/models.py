@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from klconvert.errors import KLError
-from klconvert.user_paths import refuse_unreachable
+from klconvert.user_paths import given_path, refuse_unreachable
 
 BUNDLED_NAME = "tiny"
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
@@ -33,12 +33,11 @@ def bundled_dir() -> Path:
 
 def resolve_model(value: str | Path) -> Path:
     """The string `tiny` names the bundled model; anything else (a Path too: Path("./tiny") is "tiny") is a folder
-    path, returned as given (write ./tiny for a folder of that name). KLError for any other type (None, bytes, an
-    int were TypeErrors from pathlib)."""
-    if not isinstance(value, (str, os.PathLike)):
-        raise KLError(f"the model {value!r:.80} should be a folder's path (a str or Path) or {BUNDLED_NAME!r}, got a "
-                      f"{type(value).__name__}")
-    return bundled_dir() if isinstance(value, str) and value == BUNDLED_NAME else Path(value)
+    path, returned as given (write ./tiny for a folder of that name). KLError for any other type and for ""
+    (given_path)."""
+    if isinstance(value, str) and value == BUNDLED_NAME:
+        return bundled_dir()
+    return given_path(value, "the model", f" or {BUNDLED_NAME!r}")
 
 
 def model_folder(value: str | Path, named: str) -> Path:

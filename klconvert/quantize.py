@@ -40,6 +40,7 @@ from klconvert.errors import KLError, argument, either, read_failure, refuse_non
 from klconvert.extras import require
 from klconvert.hub import SIDE_FILES, is_repo_id, pull
 from klconvert.models import BUNDLED_NAME, DEFAULT_REPO, quantized_folder_name, resolve_model
+from klconvert.user_paths import given_path
 from klconvert.quant import Policy, load_recipe, policy_from_options
 from klconvert.quant.defaults import DEFAULT
 from klconvert.quant.fused import refuse_split_fused
@@ -270,7 +271,7 @@ def quantize(src: str | Path, out: str | Path, bits: int | None = None, group_si
     A policy that stores the parts of a module vLLM fuses differently is refused unless `allow_split_fused`.
     """
     _refuse_non_bool_switches(force, progress, allow_split_fused)
-    src, out = resolve_model(src), Path(out)
+    src, out = resolve_model(src), given_path(out, "out")
     policy, runtime = choose_policy(bits, group_size, symmetric, scheme, recipe, observer)
     torch_device, shard_bytes = checked_device(device), shard_limit(max_shard_bytes)
     _refuse_out_over_src(src, out)
@@ -371,7 +372,7 @@ def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, 
     # the name before the device: the default device starts CUDA, which refusing a mistyped folder need not
     checked_device(device)   # these two checked before a download, as the policy is
     shard_limit(max_shard_bytes)
-    out = Path(out) if out is not None else default_out_name(model, policy)
+    out = given_path(out, "out") if out is not None else default_out_name(model, policy)
     refuse_existing_out(out, force)
     if local and revision is not None:
         raise KLError(f"--revision {revision} picks a hub revision, but --model {model} is a local folder; "

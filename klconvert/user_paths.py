@@ -13,6 +13,19 @@ from klconvert.errors import KLError
 SHOWN_PATH_CHARS = 100  # a path longer than this is shortened in messages (one over PATH_MAX fills a screen)
 
 
+def given_path(value, what: str, other: str = "") -> Path:
+    """`value`, a path the Python API was given as `what` ("out", "the model"), as a Path; KLError for anything but a
+    str or PathLike (None, bytes, an int were pathlib's TypeErrors), naming what else it takes (`other`: " or 'tiny'"),
+    and for "" -- an empty path, which Path() reads as the current folder, is never taken for it (the command line
+    refuses one too)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise KLError(f"{what} {value!r:.80} should be a path (a str or Path){other}, got a {type(value).__name__}")
+    if isinstance(value, str) and value == "":
+        raise KLError(f"{what} is an empty path, which is never read as the current folder; give the path (\".\" "
+                      "for the current folder)")
+    return Path(value)
+
+
 def shown(path: str | Path) -> str:
     """`path` as a message shows it: whole, or its start and end around "..." when longer than SHOWN_PATH_CHARS."""
     text = str(path)

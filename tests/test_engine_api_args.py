@@ -102,7 +102,7 @@ def test_decode_loop_takes_its_engines_step_and_the_logits_of_its_sequences(engi
 @pytest.mark.parametrize("path", [None, 3, b"tiny"])
 def test_a_model_that_is_no_path_is_refused(path):
     """None, an int and bytes were TypeErrors from pathlib."""
-    with pytest.raises(KLError, match=rf"^the model {re.escape(repr(path))} should be a folder's path \(a str or "
+    with pytest.raises(KLError, match=rf"^the model {re.escape(repr(path))} should be a path \(a str or "
                                       rf"Path\) or 'tiny', got a {type(path).__name__}$"):
         klconvert.load(path, device="cpu")
 

@@ -613,6 +613,16 @@ def test_an_opset_that_is_no_whole_number_is_refused(tmp_path, opset):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_empty_path_is_never_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for model, out, what in (("", tmp_path / "onnx", "the model"), ("tiny", "", "out")):
+        with pytest.raises(klconvert.KLError, match=rf"^{what} is an empty path, which is never read as the current "):
+            export_onnx(model, out)
+    with pytest.raises(klconvert.KLError, match=r"^the model is an empty path"):
+        OnnxEngine("")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_force_that_is_no_bool_is_refused(tmp_path):
     """force="no" replaced an earlier export, its truth taken for yes."""
     out = tmp_path / "onnx"

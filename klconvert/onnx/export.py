@@ -17,6 +17,7 @@ from klconvert.checkpoint.reader import Checkpoint
 from klconvert.checkpoint.regular_file import read_bounded
 from klconvert.errors import KLError, refuse_non_bool
 from klconvert.models import resolve_model
+from klconvert.user_paths import given_path
 from klconvert.onnx.ffn import moe_layer, swiglu_mlp
 from klconvert.onnx.graph import FLOAT, INT64, MS_DOMAIN, GraphBuilder
 from klconvert.onnx.kda import kda_layer
@@ -164,7 +165,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPS
     top = onnx.defs.onnx_opset_version()
     if type(opset) is not int or not MIN_OPSET <= opset <= top:   # 18.0 and "18" too: the repr shows which
         raise KLError(f"--opset {opset!r}: choose {MIN_OPSET} to {top} (the installed onnx's newest)")
-    model_dir, out = resolve_model(model_dir), Path(out)
+    model_dir, out = resolve_model(model_dir), given_path(out, "out")
     refuse_taken(out, force, EARLIER_EXPORT)
     checkpoint = Checkpoint(model_dir)
     check_tokenizer_if_any(model_dir, checkpoint.config)

@@ -25,6 +25,7 @@ from klconvert.presets import preset_config
 from klconvert.release import FP32_TENSORS, NUM_SPECIAL_TOKENS
 from klconvert.synth.tokenizer_files import write_tokenizer_files
 from klconvert.units import size_text
+from klconvert.user_paths import given_path
 from klconvert.whole_folder import refuse_taken, whole_folder
 
 DEFAULT_SHARD_BYTES = {"tiny": 4 << 20, "kimi-linear-48b": 5 * 10**9}
@@ -184,7 +185,7 @@ def synth(preset: str, out: str | Path, layers: int | None = None, seed: int = 0
           max_shard_bytes: int | None = None, progress: bool = True) -> SynthResult:
     """Write a random-weight checkpoint folder for `preset` at `out` (new, or an empty folder), whole or not at all."""
     refuse_non_bool(progress, "progress")
-    out = Path(out)
+    out = given_path(out, "out")
     refuse_taken(out)
     if layout not in LAYOUTS:
         raise KLError(f"unknown layout {layout!r}; choose {' or '.join(map(repr, LAYOUTS))}")
