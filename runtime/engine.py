@@ -315,9 +315,9 @@ class Runner:
         and run decode steps; the host never waits for the device except to hand tokens on (async copies, at
         most MAX_TOKENS_IN_FLIGHT steps behind) and once, after the first step, to start the clock. Returns the
         new ids [B, n] on the CPU; fills self.stats' decode figures (all reset when it fails, as generate's are).
-        The arguments are checked as generate's are (check_generate_args, as_stop_ids), and the step's positions
-        against the plan's context before it starts (a sync, before the clock); it holds the engine as
-        generate does, so its on_token may not call back into it."""
+        The arguments are checked as generate's are (check_generate_args, as_stop_ids), the step's positions
+        against the plan's context and the logits for NaN before it starts (syncs, before the clock); it holds the
+        engine as generate does, so its on_token may not call back into it."""
         with self._held("decode_loop"):
             max_new_tokens, temperature, top_p, _ = check_generate_args(max_new_tokens, temperature, top_p, None)
             check_callbacks(on_token=on_token)
@@ -333,6 +333,11 @@ class Runner:
             got = f"shape {list(logits.shape)}" if isinstance(logits, torch.Tensor) else f"a {type(logits).__name__}"
             raise KLError(f"decode_loop's logits should be a float tensor [B, vocab] = [{B}, {vocab}], the logits "
                           f"after each of the step's sequences, got {got}")
+        # each row's largest is NaN where the row holds one (argmax would pick it: token 0, unsaid), +inf, or -inf
+        # where every value is; a -inf among finite values is a token masked out, and stays
+        if not bool(torch.isfinite(logits.amax(dim=-1)).all()):
+            raise KLError("decode_loop's logits hold NaN or +inf, or a row of only -inf; pass the logits the model "
+                          "computed after each sequence's last token (prefill's)")
 
     def _step_batch(self, step, max_new_tokens: int) -> int:
         """The sequences of `step`, a decode step of this runner's with room for `max_new_tokens` more tokens; a
@@ -500,11 +505,16 @@ class Engine(Runner):
     def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """Refuse up front a request that would run past the planned context (max_new_tokens 0: a prefill's)."""
         need = prompt_tokens + max_new_tokens
-        if need > self.plan.context:
-            new = f" plus {argument('max_new_tokens', '--max-new-tokens', max_new_tokens)}" if max_new_tokens else ""
-            raise KLError(f"the prompt ({prompt_tokens} tokens){new} needs a context of {need} tokens but the memory "
-                          f"plan holds {self.plan.context}; raise {self._context_argument()} to {need} "
-                          "or more, or shorten the prompt")
+        if need <= self.plan.context:
+            return
+        new = f" plus {argument('max_new_tokens', '--max-new-tokens', max_new_tokens)}" if max_new_tokens else ""
+        limit, limit_name = self.config.model_max_length, self.config.model_max_length_name
+        if need > limit:   # no plan holds it: raising the context would only be refused in turn
+            raise KLError(f"the prompt ({prompt_tokens} tokens){new} is over the model's {limit_name} of {limit} "
+                          "tokens; shorten the prompt" + (" or make fewer new tokens" if max_new_tokens else ""))
+        raise KLError(f"the prompt ({prompt_tokens} tokens){new} needs a context of {need} tokens but the memory plan "
+                      f"holds {self.plan.context}; raise {self._context_argument()} to {need} or more, or shorten the "
+                      "prompt")
 
     # ---- prefill ---------------------------------------------------------------------------------
     @torch.inference_mode()

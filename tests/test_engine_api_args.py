@@ -3,6 +3,7 @@ do: garbage tokens, NaN logits and allocator or index errors before."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import threading
 
@@ -92,6 +93,15 @@ def test_decode_loop_takes_its_engines_step_and_the_logits_of_its_sequences(engi
         with pytest.raises(KLError, match=rf"^decode_loop's step should be one this engine's decoder\(batch\) gave, "
                                           rf"got a {named}"):
             engine.decode_loop(wrong, torch.zeros(1, vocab), 3)
+    for poison in (float("nan"), float("inf"), None):   # NaN was read as the largest: token 0
+        logits = torch.full((1, vocab), -float("inf")) if poison is None else torch.zeros(1, vocab)
+        logits[0, 5] = poison if poison is not None else logits[0, 5]
+        with pytest.raises(KLError, match=r"^decode_loop's logits hold NaN or \+inf, or a row of only -inf; pass the "
+                                          r"logits the model computed"):
+            engine.decode_loop(step, logits, 3)
+    masked = torch.zeros(1, vocab)
+    masked[0, :5] = -float("inf")   # tokens masked out: the loop runs
+    assert engine.decode_loop(step, masked, 2, stop_ids=frozenset()).shape == (1, 2)
     step.positions.fill_(60)
     with pytest.raises(KLError, match=r"^decode_loop from position 60 with max_new_tokens \(--max-new-tokens\) 5 "
                                       r"runs past the planned context of 64; make fewer tokens, or raise max_context"):
@@ -248,6 +258,21 @@ def test_generate_past_the_plan_names_its_argument_and_loads(engine):
         engine.generate([[1, 2, 3]], 100)
     with pytest.raises(KLError, match=r"^the prompt \(65 tokens\) needs a context of 65 tokens but the memory plan "
                                       r"holds 64; raise max_context \(--max-context\) to 65 or more"):
+        engine.forward([[1] * 65])
+
+
+def test_a_request_past_the_models_length_is_not_told_to_raise_the_context(tiny_copy):
+    """With the plan at the model's length, raising max_context (as the line advised) is refused in turn."""
+    config = json.loads((tiny_copy / "config.json").read_text())
+    config["model_max_length"] = 64
+    (tiny_copy / "config.json").write_text(json.dumps(config))
+    engine = klconvert.load(tiny_copy, device="cpu", max_context=64)
+    with pytest.raises(KLError, match=r"^the prompt \(3 tokens\) plus max_new_tokens=100 \(--max-new-tokens\) is over "
+                                      r"the model's model_max_length of 64 tokens; shorten the prompt or make fewer "
+                                      r"new tokens$"):
+        engine.generate([[1, 2, 3]], 100)
+    with pytest.raises(KLError, match=r"^the prompt \(65 tokens\) is over the model's model_max_length of 64 tokens; "
+                                      r"shorten the prompt$"):
         engine.forward([[1] * 65])
 
 
