@@ -1,6 +1,7 @@
 """Engine: a declared model bound to a checkpoint, with its memory plan -- prefill, the decode step, generation."""
 from __future__ import annotations
 
+import inspect
 import numbers
 import threading
 import time
@@ -229,12 +230,32 @@ class _TokenStream:
         return out
 
 
+# what each callback of the engines' is called with, by its argument's name
+CALLBACK_ARGUMENTS = {"on_token": ("sequence", "id"), "on_prefill": ("n",), "progress": ("n",)}
+
+
 def check_callbacks(**callbacks) -> None:
-    """KLError unless each callback, by its argument's name, is None or callable (an int was a TypeError once the
-    first token or segment was done, mid-call)."""
+    """KLError unless each callback, by its argument's name, is None or a function that takes what it is called with
+    (CALLBACK_ARGUMENTS): an int, or a function of other arguments, was a TypeError once the first token or segment
+    was done, mid-call. A callable whose signature Python cannot read (some builtins) is taken as it is."""
     for name, value in callbacks.items():
-        if value is not None and not callable(value):
+        if value is None:
+            continue
+        if not callable(value):
             raise KLError(f"{name} should be a function (or None), got a {type(value).__name__}")
+        arguments = CALLBACK_ARGUMENTS[name]
+        try:
+            inspect.signature(value).bind(*arguments)
+        except ValueError:   # no signature to read
+            continue
+        except TypeError:
+            raise KLError(f"{name} is called as {name}({', '.join(arguments)}), which {_callable_name(value)} does "
+                          "not take; give a function of those arguments") from None
+
+
+def _callable_name(value) -> str:
+    name = getattr(value, "__qualname__", None)
+    return f"{name}{inspect.signature(value)}" if isinstance(name, str) else f"this {type(value).__name__}"
 
 
 class Runner:

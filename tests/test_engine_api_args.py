@@ -65,6 +65,14 @@ def test_a_callback_that_is_no_function_is_refused_before_anything_runs(engine, 
                                                           2, **kw)}
     with pytest.raises(KLError, match=rf"^{callback} should be a function \(or None\), got a int$"):
         runs[call](**{callback: 1})
+    def no_arguments():
+        pass
+
+    # a function of other arguments was a TypeError once the first token or segment was done
+    with pytest.raises(KLError, match=rf"^{callback} is called as {callback}\(.*\), which "
+                                      rf".*no_arguments\(\) does not take; give a function of those arguments$"):
+        runs[call](**{callback: no_arguments})
+    runs[call](**{callback: lambda *arguments: None})   # this one takes them
 
 
 @pytest.mark.parametrize("batch, message", [(-1, r"decoder's batch -1 should be a whole number >= 1"),
