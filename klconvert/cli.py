@@ -642,7 +642,7 @@ def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: 
 def eval_(model: str, reference: str, text_file: Path, max_tokens: int, device: str | None,
           dtype: str | None) -> None:
     """Perplexity of both, KL of the model from the reference, top-1 and router agreement."""
-    from klconvert.evaluate import evaluate, render_eval
+    from klconvert.evaluate import MIN_SCORED_TOKENS, evaluate, render_eval
     from klconvert.text_input import read_text_file
     from klconvert.tokenizer import Tokenizer
 
@@ -652,7 +652,8 @@ def eval_(model: str, reference: str, text_file: Path, max_tokens: int, device: 
     if max_tokens > config.model_max_length:
         raise KLError(f"--max-tokens {max_tokens:,} is over the model's {config.model_max_length_name} "
                       f"{config.model_max_length:,}; lower it")
-    text = read_text_file(text_file, "--text-file", Tokenizer.from_folder(reference_dir), max_tokens)
+    text = read_text_file(text_file, "--text-file", Tokenizer.from_folder(reference_dir), max_tokens,
+                          MIN_SCORED_TOKENS)
     result = evaluate(model, reference, text, max_tokens=max_tokens, device=device, dtype=dtype)
     click.echo(render_eval(result, model, reference))   # as the user named them: `tiny`, not the install path
 

@@ -19,6 +19,7 @@ from klconvert.runtime.sampling import as_number
 from klconvert.tokenizer import BPE_FILE, CONFIG_FILE, Tokenizer
 from klconvert.units import size_text
 
+MIN_SCORED_TOKENS = 2  # a next-token prediction takes a token and the one after it to score
 KL_QUANTILE = 0.99
 KL_ROWS = 256  # positions per step of the KL sum: [256, 163840] fp32 temporaries are 168 MB each
 KL_TEMPORARIES = 3  # [KL_ROWS, vocab] fp32 tensors alive at once in a step of the KL sum: exp(p), p - q, their product
@@ -182,9 +183,9 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
     model, reference = (model_folder(value, name) for value, name in zip((model, reference), names))
     device = checked_device(device)
     tokens = as_number(max_tokens, whole=True)
-    if tokens is None or tokens < 2:
-        raise KLError(f"{argument('max_tokens', '--max-tokens', max_tokens)} should be a whole number >= 2: a "
-                      "next-token prediction takes 2 tokens to score")
+    if tokens is None or tokens < MIN_SCORED_TOKENS:
+        raise KLError(f"{argument('max_tokens', '--max-tokens', max_tokens)} should be a whole number >= "
+                      f"{MIN_SCORED_TOKENS}: a next-token prediction takes {MIN_SCORED_TOKENS} tokens to score")
     if not isinstance(text, str):
         raise KLError(f"text should be the evaluation text as a str (what --text-file holds), got a "
                       f"{type(text).__name__}")
@@ -194,9 +195,9 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
     tokenizer = Tokenizer.from_folder(reference)
     _same_tokenizer(model, tokenizer, *names)
     ids = tokenizer.encode(text)[:tokens]
-    if len(ids) < 2:
-        raise KLError(f"the evaluation text (--text-file) is {len(ids)} token(s) long; give at least 2 tokens of "
-                      "text to evaluate on")
+    if len(ids) < MIN_SCORED_TOKENS:
+        raise KLError(f"the evaluation text (--text-file) is {len(ids)} token(s) long; give at least "
+                      f"{MIN_SCORED_TOKENS} tokens of text to evaluate on")
     _refuse_past_host_memory(len(ids), configs[1], _plan_on_the_host(configs[1], len(ids), device, dtype),
                              host_memory())
 

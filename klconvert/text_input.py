@@ -96,6 +96,10 @@ def read_prompt(prompt: str | None, prompt_file: str | None, tokenizer: Tokenize
     return result
 
 
-def read_text_file(path: str | Path, flag: str, tokenizer: Tokenizer, max_tokens: int) -> str:
-    """The start of a UTF-8 file that holds its first `max_tokens` tokens (all of it when shorter)."""
-    return read_tokens(_chunks(str(path), flag), f"{flag} {path}", tokenizer, max_tokens).text
+def read_text_file(path: str | Path, flag: str, tokenizer: Tokenizer, max_tokens: int, min_tokens: int = 0) -> str:
+    """The start of a UTF-8 file that holds its first `max_tokens` tokens (all of it when shorter); refused when the
+    file holds fewer than `min_tokens`."""
+    result = read_tokens(_chunks(str(path), flag), f"{flag} {path}", tokenizer, max_tokens)
+    if len(result.ids) < min_tokens:
+        raise KLError(f"{result.where}: holds {len(result.ids)} token(s) of text; give at least {min_tokens}")
+    return result.text

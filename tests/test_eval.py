@@ -194,6 +194,21 @@ def test_the_text_is_a_str(text):
         evaluate("tiny", "tiny", text, max_tokens=16)
 
 
+@pytest.mark.parametrize("content", ["", "\n", "a"])
+def test_a_text_file_of_fewer_than_2_tokens_is_refused_naming_it(tmp_path, capsys, content):
+    """The line said "the evaluation text (--text-file)", not which file."""
+    path = tmp_path / "short.txt"
+    path.write_text(content)
+    tokens = len(Tokenizer.from_folder("tiny").encode(content))
+    assert tokens < 2
+    code, _, err = run_cli(capsys, "eval", "--model", "tiny", "--reference", "tiny", "--text-file", path,
+                           "--device", "cpu")
+    assert_one_line_error(code, err, f"--text-file {path}: holds {tokens} token(s) of text; give at least 2")
+    with pytest.raises(klconvert.KLError, match=rf"^the evaluation text \(--text-file\) is {tokens} token\(s\) long; "
+                                                r"give at least 2 tokens of text to evaluate on$"):
+        evaluate("tiny", "tiny", content, device="cpu")
+
+
 @pytest.mark.slow
 def test_models_of_different_shapes_are_refused(tiny_released, tmp_path, monkeypatch):
     """From their config.json files, before either model runs."""
