@@ -48,6 +48,7 @@ from klconvert.quant.groupwise import OBSERVERS, SUPPORTED_BITS, unsupported_obs
 from klconvert.quant.policy import LINEAR
 from klconvert.quant.scheme import KINDS, NF4_BLOCKSIZE
 from klconvert.presets import preset_config
+from klconvert.runtime.sampling import as_number
 from klconvert.tokenizer import check_tokenizer_if_any
 from klconvert.units import count_text, size_text
 
@@ -79,12 +80,12 @@ class QuantizeResult:
                 f"{self.bytes_converted / 1e6 / max(self.seconds, 1e-9):.1f} MB/s in")
 
 
-def _refuse_flag_types(group_size, symmetric, scheme, observer) -> None:
-    """KLError for a value of the flags that the command line's parser never passes (a float, a string, a bool
-    where a whole number belongs; a symmetric that is no bool): a caller of the library gets it named, not written
-    into config.json, taken for the default or met as a TypeError. None is each one's default; --bits is checked
-    with its values."""
-    if group_size is not None and type(group_size) is not int:
+def _checked_flag_types(group_size, symmetric, scheme, observer) -> int | None:
+    """The group size as a Python int (as_number: numpy and torch integers taken), or None; KLError for a value of
+    the flags that the command line's parser never passes (a float, a string, a bool where a whole number belongs; a
+    symmetric that is no bool): a caller of the library gets it named, not written into config.json, taken for the
+    default or met as a TypeError. None is each one's default; --bits is checked with its values."""
+    if group_size is not None and as_number(group_size, whole=True) is None:
         raise KLError(f"--group-size {group_size!r} is not a whole number; use 32, 64 or 128 (or -1 for one scale "
                       "per row)")
     if symmetric is not None and type(symmetric) is not bool:
@@ -94,6 +95,7 @@ def _refuse_flag_types(group_size, symmetric, scheme, observer) -> None:
         raise KLError(f"--scheme {scheme!r} is not supported; use {either(KINDS, '--scheme')}")
     if observer is not None and (not isinstance(observer, str) or observer not in OBSERVERS):
         raise KLError(unsupported_observer(observer, "--observer"))
+    return None if group_size is None else as_number(group_size, whole=True)
 
 
 def _refuse_non_bool_switches(force, progress, allow_split_fused) -> None:
@@ -108,7 +110,7 @@ def choose_policy(bits: int | None = None, group_size: int | None = None, symmet
                   observer: str | None = None) -> tuple[Policy, dict]:
     """(policy, recipe runtime section) from --recipe, or from the flags (defaults: int4, group 128, symmetric,
     min-max ranges)."""
-    _refuse_flag_types(group_size, symmetric, scheme, observer)
+    group_size = _checked_flag_types(group_size, symmetric, scheme, observer)
     if recipe is not None:
         given = [flag for flag, value in (("--bits", bits), ("--group-size", group_size), ("--sym/--asym", symmetric),
                                           ("--scheme", scheme), ("--observer", observer)) if value is not None]
@@ -123,9 +125,9 @@ def choose_policy(bits: int | None = None, group_size: int | None = None, symmet
             require("bitsandbytes.functional", f"--recipe {recipe} (NF4 weights)")
         return parsed.policy, parsed.runtime
     scheme = DEFAULT.kind if scheme is None else scheme
-    bits = DEFAULT.bits if bits is None else bits
-    if type(bits) is not int or bits not in SUPPORTED_BITS:   # 4.0 and "4" too: the repr shows which
-        raise KLError(f"--bits {bits!r} is not supported; use {either(SUPPORTED_BITS, '--bits')}")
+    given_bits, bits = bits, DEFAULT.bits if bits is None else as_number(bits, whole=True)
+    if bits not in SUPPORTED_BITS:   # 4.0 and "4" too: the repr shows which
+        raise KLError(f"--bits {given_bits!r} is not supported; use {either(SUPPORTED_BITS, '--bits')}")
     if scheme == "nf4":
         clashes = [flag for flag, clash in ((f"--bits {bits}", bits != 4), (f"--group-size {group_size}",
                                             group_size is not None), ("--asym", symmetric is False),
@@ -150,14 +152,15 @@ def shard_limit(max_shard_bytes: int | None, given: str | None = None) -> int:
     MAX_SHARD_BYTES for None. `given`: the --max-shard-size text it was read from, which a refusal then quotes."""
     if max_shard_bytes is None:
         return MAX_SHARD_BYTES
-    if type(max_shard_bytes) is not int or max_shard_bytes < MIN_SHARD_BYTES:
+    number = as_number(max_shard_bytes, whole=True)
+    if number is None or number < MIN_SHARD_BYTES:
         least = f"{MIN_SHARD_BYTES:,} byte{'' if MIN_SHARD_BYTES == 1 else 's'}"
         if given is not None:
             raise KLError(f"--max-shard-size {given!r}: a shard holds at least {least}; give a size such as 5GB or "
                           "500MB")
         raise KLError(f"{argument('max_shard_bytes', '--max-shard-size', max_shard_bytes)}: give a whole number of "
                       f"bytes, at least {MIN_SHARD_BYTES:,}, or None for the default {size_text(MAX_SHARD_BYTES)}")
-    return max_shard_bytes
+    return number
 
 
 def refuse_quantized_source(src: Path) -> None:

@@ -8,6 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -290,6 +291,14 @@ def test_an_out_name_no_file_system_or_terminal_takes_is_one_line(tiny_released,
 
 
 # ---- the Python API: values the command line's parser never passes ------------------------------------------
+def test_numpy_and_torch_integers_are_whole_numbers_to_quantize(tiny_released, tmp_path):
+    """As load and generate take them: bits=np.int64(4) was "--bits np.int64(4) is not supported; use --bits 4"."""
+    out = quantize(tiny_released, tmp_path / "q", bits=np.int64(4), group_size=torch.tensor(32),
+                   max_shard_bytes=np.int32(400_000), progress=False).path
+    config = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert config["weights"]["num_bits"] == 4 and config["weights"]["group_size"] == 32
+
+
 @pytest.mark.parametrize("options,needle", [
     # symmetric="no" quantized symmetric and symmetric=0 asymmetric, each written as given into config.json
     (dict(symmetric="no"), "--sym/--asym: symmetric='no' is not a bool; pass symmetric=True (--sym), False"),
