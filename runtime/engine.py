@@ -159,24 +159,29 @@ def as_batch(input_ids, vocab_size: int) -> torch.Tensor:
     return ids
 
 
-def checked_mla_cache_dtype(mla_cache_dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """The MLA cache dtype as None (the caller's default) or one of MLA_CACHE_DTYPES, given by name or dtype;
-    KLError otherwise, naming the argument with the flag that sets it."""
-    if isinstance(mla_cache_dtype, str) and mla_cache_dtype in MLA_CACHE_DTYPES:
-        return MLA_CACHE_DTYPES[mla_cache_dtype]
-    if mla_cache_dtype is not None and mla_cache_dtype not in MLA_CACHE_DTYPES.values():
+def checked_mla_cache_dtype(mla_cache_dtype: str | torch.dtype | None,
+                            compute_dtype: torch.dtype | None = None) -> torch.dtype | None:
+    """The MLA cache dtype as None (the caller's default) or one of MLA_CACHE_DTYPES -- or the engine's
+    `compute_dtype`, the cache's default (float32 on the CPU) -- given by name or dtype; KLError otherwise, naming the
+    argument with the flag that sets it."""
+    choices = dict(MLA_CACHE_DTYPES)
+    if compute_dtype is not None:
+        choices.update((name, dtype) for name, dtype in COMPUTE_DTYPES.items() if dtype == compute_dtype)
+    if isinstance(mla_cache_dtype, str) and mla_cache_dtype in choices:
+        return choices[mla_cache_dtype]
+    if mla_cache_dtype is not None and mla_cache_dtype not in choices.values():
         raise KLError(f"{argument('mla_cache_dtype', '--mla-cache-dtype', mla_cache_dtype)}: choose "
-                      f"{' or '.join(MLA_CACHE_DTYPES)}, by name or torch dtype")
+                      f"{' or '.join(choices)}, by name or torch dtype")
     return mla_cache_dtype
 
 
-def check_plan_args(context, batch, mla_cache_dtype: str | torch.dtype | None, context_name: str
-                    ) -> tuple[int, int, torch.dtype | None]:
+def check_plan_args(context, batch, mla_cache_dtype: str | torch.dtype | None, context_name: str,
+                    compute_dtype: torch.dtype) -> tuple[int, int, torch.dtype | None]:
     """The memory plan's context and batch as Python ints (as_number: numpy and torch integers taken), and the MLA
-    cache dtype as checked_mla_cache_dtype takes it; KLError otherwise, naming the argument as the caller (load,
-    resize) calls it -- `context_name` for the context -- with the flag that sets it (the CLI's parser holds the
-    flags so: only the Python API gets here with another value)."""
-    mla_cache_dtype = checked_mla_cache_dtype(mla_cache_dtype)
+    cache dtype as checked_mla_cache_dtype takes it (`compute_dtype` among its choices); KLError otherwise, naming
+    the argument as the caller (load, resize) calls it -- `context_name` for the context -- with the flag that sets it
+    (the CLI's parser holds the flags so: only the Python API gets here with another value)."""
+    mla_cache_dtype = checked_mla_cache_dtype(mla_cache_dtype, compute_dtype)
     sizes = []
     for name, flag, value in ((context_name, "--max-context", context), ("batch", "--batch", batch)):
         number = as_number(value, whole=True)
@@ -503,10 +508,11 @@ class Engine(Runner):
 
     def resize(self, context: int, batch: int, mla_cache_dtype: str | torch.dtype | None = None) -> None:
         """A new memory plan for the same weights: state and cache reallocated (once), decode steps re-captured.
-        Arguments as load's max_context, batch and mla_cache_dtype (None: the cache's dtype now). A plan refused
+        Arguments as load's max_context, batch and mla_cache_dtype (None: the cache's dtype now; the compute dtype
+        by name goes back to the default cache). A plan refused
         leaves the engine as it was."""
         with self._holding("resize"):
-            context, batch, mla_cache_dtype = check_plan_args(context, batch, mla_cache_dtype, "context")
+            context, batch, mla_cache_dtype = check_plan_args(context, batch, mla_cache_dtype, "context", self.dtype)
             self._plan_state(context, batch, mla_cache_dtype or self.plan.mla_cache_dtype,   # the old state free
                              "context")
             self._steps, self.state = {}, None   # freed before the new one is allocated
@@ -735,7 +741,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     kernels: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch". mla_cache_dtype: the latent cache's
     dtype (default: the compute dtype; "float8_e4m3fn" halves it, with one fp32 scale per cached row)."""
     device, dtype = device_and_dtype(device, dtype)
-    max_context, batch, mla_cache_dtype = check_plan_args(max_context, batch, mla_cache_dtype, "max_context")
+    max_context, batch, mla_cache_dtype = check_plan_args(max_context, batch, mla_cache_dtype, "max_context", dtype)
     checkpoint = Checkpoint(resolve_model(path))
     schemes = {n: s.scheme for n, s in checkpoint.sources.items() if isinstance(s, QuantizedSource)}
     tokenizer = check_tokenizer_if_any(checkpoint.folder, checkpoint.config)   # for its stop tokens

@@ -233,7 +233,7 @@ def test_decode_step_checks_its_token_and_position(engine, token, position, mess
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(mla_cache_dtype=torch.int8), r"^mla_cache_dtype=torch.int8 \(--mla-cache-dtype\): choose bfloat16 or "
-                                       r"float8_e4m3fn, by name or torch dtype$"),
+                                       r"float8_e4m3fn or float32, by name or torch dtype$"),   # float32: the CPU's
     (dict(mla_cache_dtype=torch.bool), r"^mla_cache_dtype=torch.bool \(--mla-cache-dtype\)"),
     (dict(mla_cache_dtype="int8"), r"^mla_cache_dtype='int8' \(--mla-cache-dtype\): choose"),
     (dict(dtype=torch.int32), r"^dtype=torch.int32 \(--dtype\): choose bfloat16 or float32$"),
@@ -610,12 +610,23 @@ def test_generate_checks_its_arguments_once(engine, monkeypatch):
 
 
 def test_resize_takes_the_cache_dtype_by_name_as_load_does(tiny_released):
-    """resize(64, 1, "float8_e4m3fn") was an AttributeError; load takes the name."""
+    """resize(64, 1, "float8_e4m3fn") was an AttributeError; load takes the name. After it the CPU's default cache,
+    float32 (the compute dtype), could not be asked for again: None keeps the cache's dtype, and "float32" was
+    refused."""
     engine = klconvert.load(tiny_released, device="cpu", max_context=64)
     engine.resize(32, 1, "float8_e4m3fn")
     assert engine.plan.mla_cache_dtype == engine.state.mla_cache.dtype == torch.float8_e4m3fn
     engine.resize(64, 1)   # None keeps the cache's dtype
     assert engine.plan.mla_cache_dtype == torch.float8_e4m3fn and engine.plan.context == 64
+    engine.resize(64, 1, "float32")   # the compute dtype by name: the default cache again (it was refused)
+    assert engine.plan.mla_cache_dtype == engine.state.mla_cache.dtype == torch.float32
+    engine.resize(64, 1, torch.float32)
+    fresh = klconvert.load(tiny_released, device="cpu", max_context=64, mla_cache_dtype="float32")
+    assert torch.equal(engine.generate([1, 2, 3], 4, stop_ids=frozenset()),
+                       fresh.generate([1, 2, 3], 4, stop_ids=frozenset()))
+    with pytest.raises(KLError, match=r"^mla_cache_dtype='bfloat16x' \(--mla-cache-dtype\): choose bfloat16 or "
+                                      r"float8_e4m3fn or float32, by name or torch dtype$"):
+        engine.resize(64, 1, "bfloat16x")
 
 
 @pytest.mark.parametrize("stop_ids, message", [
