@@ -40,7 +40,6 @@ from klconvert.errors import KLError, argument, either, read_failure, refuse_non
 from klconvert.extras import require
 from klconvert.hub import SIDE_FILES, is_repo_id, pull
 from klconvert.models import BUNDLED_NAME, DEFAULT_REPO, quantized_folder_name, resolve_model
-from klconvert.user_paths import given_path
 from klconvert.quant import Policy, load_recipe, policy_from_options
 from klconvert.quant.defaults import DEFAULT
 from klconvert.quant.fused import refuse_split_fused
@@ -51,6 +50,7 @@ from klconvert.presets import preset_config
 from klconvert.runtime.sampling import as_number
 from klconvert.tokenizer import check_tokenizer_if_any
 from klconvert.units import count_text, size_text
+from klconvert.user_paths import given_path
 
 MAX_SHARD_BYTES = 5 * 10**9  # the "5GB" shards transformers and the released checkpoint use
 MIN_SHARD_BYTES = 1  # the smallest limit a shard takes (a tensor larger than the limit gets a shard of its own)

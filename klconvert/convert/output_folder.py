@@ -138,9 +138,8 @@ def write_test(folder: Path, out: Path) -> None:
 def refuse_existing_out(out: Path, force: bool) -> None:
     """KLError when OUT exists, unless `force` and OUT is an empty folder or one that holds only what a klconvert run
     wrote there (not_written_by_klconvert), and can be listed and written (the finished folder replaces it: its earlier
-    files are marked and moved aside); or when OUT names the
-    current folder or one above it, is a link or a file, or is a mount point (OUT.partial is made beside OUT, and
-    renamed onto it, which no rename does onto a mount point)."""
+    files are marked and moved aside); or when OUT names the current folder or one above it, is a link or a file, or
+    is a mount point (OUT.partial is made beside OUT, and renamed onto it, which no rename does onto a mount point)."""
     refuse_no_new_name(out)
     refuse_link_or_file(out)
     if not out.exists():

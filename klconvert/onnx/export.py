@@ -17,7 +17,6 @@ from klconvert.checkpoint.reader import Checkpoint
 from klconvert.checkpoint.regular_file import read_bounded
 from klconvert.errors import KLError, refuse_non_bool
 from klconvert.models import resolve_model
-from klconvert.user_paths import given_path
 from klconvert.onnx.ffn import moe_layer, swiglu_mlp
 from klconvert.onnx.graph import FLOAT, INT64, MS_DOMAIN, GraphBuilder
 from klconvert.onnx.kda import kda_layer
@@ -26,6 +25,7 @@ from klconvert.onnx.mla import mla_layer
 from klconvert.runtime import model as M
 from klconvert.runtime.bind import bind
 from klconvert.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_FILES, check_tokenizer_if_any
+from klconvert.user_paths import given_path
 from klconvert.whole_folder import Replaceable, refuse_taken, whole_folder
 
 ONNX_FILE = "model.onnx"
