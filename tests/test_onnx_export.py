@@ -180,6 +180,16 @@ def test_other_schemes_export(options, tmp_path):
     assert ("MatMulNBits" in ops and "QMoE" in ops) if "bits" in options else not ops & {"MatMulNBits", "QMoE"}
 
 
+def test_a_group_size_no_matmul_nbits_block_divides_is_refused_naming_the_tensor(tmp_path, capsys):
+    """Group 8 quantizes (a multiple of 8 dividing every input) but MatMulNBits takes blocks of 16 and up."""
+    quantized = quantize(bundled_dir(), tmp_path / "q", bits=4, group_size=8, progress=False).path
+    code, _, err = run_cli(capsys, "export-onnx", "--model", quantized, "--out", tmp_path / "onnx")
+    assert_one_line_error(code, err, ": group size 8 has no power-of-two block of at least 16 that MatMulNBits can "
+                                     "take; quantize with --group-size 32, 64 or 128")
+    assert re.search(r"model\.layers\.\d+\.\S+\.weight: group size 8", err), err
+    assert not (tmp_path / "onnx").exists()
+
+
 @pytest.mark.slow
 def test_a_prompt_over_two_calls_equals_one_call(exported):
     engine = OnnxEngine(exported[1])
