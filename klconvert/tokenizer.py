@@ -362,7 +362,12 @@ class Tokenizer:
 
     # ---- text -> ids ------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        """Plain text to ids; special-token text in it ("<|im_end|>") is encoded as ordinary text."""
+        """Plain text to ids; special-token text in it ("<|im_end|>") is encoded as ordinary text. KLError for what is
+        no str (None, bytes, 5 were TypeErrors from inside tiktoken)."""
+        if not isinstance(text, str):
+            fix = ("decode the bytes first, e.g. text.decode('utf-8')" if isinstance(text, (bytes, bytearray))
+                   else "give the text to encode as a str")
+            raise KLError(f"encode: text should be a str, got {type(text).__name__}; {fix}")
         return [token_id for piece in pieces_for_tiktoken(text)
                 for token_id in self._encoding.encode_ordinary(piece)]
 
@@ -455,7 +460,8 @@ class Tokenizer:
     def _known_id(self, token_id, where: str = "") -> int:
         """One id -- an int, numpy's or a 0-d tensor's integer -- as an int the vocabulary has, else a KLError naming
         it as given (`where`: its index): tiktoken raised KeyError, or an OverflowError naming no id for a negative
-        one; a bool was read as id 0 or 1, a torch uint64 past int64 a RuntimeError."""
+        one; a bool was read as id 0 or 1, a torch uint64 past int64 a RuntimeError, and a float (1.5) was called an
+        id outside the vocabulary."""
         value = token_id.item() if getattr(token_id, "ndim", None) == 0 else token_id   # exact, uint64 too
         if isinstance(value, bool):
             raise KLError(f"token ids should be whole numbers, got a bool{where}; give ints (a bool would decode as "
@@ -464,9 +470,11 @@ class Tokenizer:
             index = operator.index(value)
         except TypeError:
             index = None
-        if index is None or not 0 <= index < self.vocab_size:
-            raise KLError(f"token id {value if index is None else index!r} is outside the vocabulary "
-                          f"(0..{self.vocab_size - 1})")
+        if index is None:
+            raise KLError(f"token ids should be whole numbers, got {value!r:.40} ({type(value).__name__}){where}; "
+                          "give ints")
+        if not 0 <= index < self.vocab_size:
+            raise KLError(f"token id {index!r} is outside the vocabulary (0..{self.vocab_size - 1})")
         return index
 
 

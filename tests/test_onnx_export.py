@@ -29,7 +29,7 @@ from klconvert.onnx import export as export_module
 from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, MIN_OPSET, export_onnx, make_model
 from klconvert.onnx.graph import GraphBuilder
 from klconvert.onnx.matmul_nbits import NBitsWeight, nbits_weight
-from klconvert.onnx.session import OnnxEngine
+from klconvert.onnx.session import MAX_THREADS, OnnxEngine
 from klconvert.quant import QuantScheme, compress_weight, decompress_weight, unpack_from_int32
 from klconvert.quantize import quantize
 from klconvert.runtime.engine import Engine, GenerationStats
@@ -336,6 +336,39 @@ def test_run_refuses_a_state_that_is_not_the_tokens(exported):
     with pytest.raises(klconvert.KLError, match=rf"^state's latent caches hold different numbers of rows \({latent}: "
                                                 rf"3, {other}: 2\); pass the state run returned$"):
         engine.run(np.array([[9]]), {**grown, other: grown[other][:, :2]}, np.array([3]))
+
+
+@pytest.mark.parametrize("name, value", [("past.0.kda_state", np.nan), ("past.0.conv_state", np.inf),
+                                         ("past.3.mla_latent", np.nan), ("past.7.mla_latent", -np.inf)])
+def test_a_state_holding_nan_or_inf_is_the_callers_not_the_exports(exported, name, value):
+    """A NaN in the state passed was said as NaN logits the graph computed, "export the folder again"."""
+    engine = OnnxEngine(exported[1])
+    _, grown = engine.run(np.array([[5, 6, 7]]), engine.empty_state(1), np.zeros(1, np.int64))
+    spoiled = {**grown, name: grown[name].copy()}
+    spoiled[name][0, 1, 2] = value
+    with pytest.raises(klconvert.KLError, match=rf"^state\['{re.escape(name)}'\] holds NaN or infinite values, which "
+                                                r"the graph carried into its logits; pass the state empty_state\(1\) "
+                                                r"or run returned$"):
+        engine.run(np.array([[9]]), spoiled, np.array([3]))
+
+
+@pytest.mark.parametrize("threads", [1.5, "x", -5, True, 10**6, MAX_THREADS + 1, np.float64(2.0)])
+def test_threads_is_a_whole_number_in_range_checked_before_any_session(exported, monkeypatch, threads):
+    """1.5 and 'x' were blamed on the export (onnxruntime's TypeError, caught around the session's creation), -5
+    was taken, and 10**6 hung onnxruntime starting threads (~7 GB): each is refused before a session is made."""
+    def no_session(*args, **kwargs):
+        raise AssertionError("a session was made")
+    monkeypatch.setattr(ort, "InferenceSession", no_session)
+    with pytest.raises(klconvert.KLError, match=rf"^threads={re.escape(repr(threads))} should be a whole number from "
+                                                rf"0 to {MAX_THREADS} \(onnxruntime's intra-op threads; 0 or None: "
+                                                r"its own choice, one per core\)$"):
+        OnnxEngine(exported[1], threads=threads)
+
+
+def test_threads_takes_none_zero_and_numpy_integers(exported):
+    for threads, count in [(None, 0), (0, 0), (np.int64(2), 2), (torch.tensor(1), 1)]:
+        options = OnnxEngine(exported[1], threads=threads).session.get_session_options()
+        assert options.intra_op_num_threads == count
 
 
 def test_run_of_no_sequence_is_refused(exported):

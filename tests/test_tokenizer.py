@@ -323,7 +323,7 @@ def test_chat_template_jinja_file_wins_over_the_config(broken_folder):
                                                                           s["[EOS]"]]
 
 
-@pytest.mark.parametrize("token_id", [-1, "end", 2**64, 1.0, np.uint64(2**63 + 5),
+@pytest.mark.parametrize("token_id", [-1, "end", 2**64, np.uint64(2**63 + 5),
                                       torch.tensor(2**63 + 5, dtype=torch.uint64)])
 def test_ids_outside_the_vocabulary_are_one_line(small, token_id):
     """tiktoken raised KeyError, or for a negative id an OverflowError naming no id; a torch uint64 id past int64 a
@@ -346,6 +346,32 @@ def test_bool_ids_are_refused(small, ids):
         small.decode(ids)
     with pytest.raises(KLError, match=r"^token ids should be whole numbers, got a bool; give ints"):
         small.token_bytes(ids[-1])
+
+
+@pytest.mark.parametrize("ids, at, named", [([1.5], 0, "1.5 (float)"), ([5, 1.0], 1, "1.0 (float)"),
+                                            (np.array([2.5]), 0, "2.5 (float)"),
+                                            (torch.tensor([0.5]), 0, "0.5 (float)"), (["5"], 0, "'5' (str)")])
+def test_ids_that_are_no_whole_numbers_are_refused_as_that(small, ids, at, named):
+    """[1.5] was called an id outside the vocabulary; numpy's and torch's integers stay ids, a tensor's too."""
+    with pytest.raises(KLError, match=rf"^token ids should be whole numbers, got {re.escape(named)} at \[{at}\]; give "
+                                      r"ints$"):
+        small.decode(ids)
+    with pytest.raises(KLError, match=rf"^token ids should be whole numbers, got {re.escape(named)}; give ints$"):
+        small.token_bytes(ids[at])
+    hi = small.encode("hi")
+    for given in (np.array(hi), torch.tensor(hi), torch.tensor(hi, dtype=torch.int32), [np.int16(i) for i in hi],
+                  [torch.tensor(i) for i in hi]):
+        assert small.decode(given) == "hi"
+
+
+@pytest.mark.parametrize("text, fix", [(None, "give the text to encode as a str"),
+                                       (5, "give the text to encode as a str"),
+                                       (b"bytes", "decode the bytes first, e.g. text.decode('utf-8')"),
+                                       (bytearray(b"bytes"), "decode the bytes first, e.g. text.decode('utf-8')")])
+def test_encode_takes_a_str_only(small, text, fix):
+    """None, bytes and 5 were TypeErrors from inside tiktoken."""
+    with pytest.raises(KLError, match=rf"^encode: text should be a str, got {type(text).__name__}; {re.escape(fix)}$"):
+        small.encode(text)
 
 
 @pytest.mark.parametrize("ids", [[[352, 1824]], torch.tensor([[352, 1824]]), np.array([[352, 1824]]), [5, (6,)]])

@@ -20,7 +20,7 @@ from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, ONNX_FILE, state_spec
 from klconvert.runtime.engine import (GenerationStats, Runner, as_batch, as_prompts, as_stop_ids, check_callbacks,
                                       whole_numbers)
 from klconvert.runtime.host_memory import exhausted, host_memory
-from klconvert.runtime.sampling import check_generate_args, sampling_generator
+from klconvert.runtime.sampling import as_number, check_generate_args, sampling_generator
 from klconvert.tokenizer import check_tokenizer_if_any, model_stop_ids
 from klconvert.units import size_text
 
@@ -33,6 +33,10 @@ GRAPH_INPUTS = ("input_ids", "position")  # what export-onnx feeds besides the s
 # this: the graph builds that tensor whole, a few times over (one call of 24,000 tokens of the bundled model took
 # over 18 GB; in calls of ~700 it takes ~1 GB).
 SCORE_BYTES = 256 << 20
+# The most intra-op threads OnnxEngine asks onnxruntime for: above the logical CPUs of the largest machines (a
+# two-socket server of 192-core CPUs with SMT has 768), so no machine's count is refused, while onnxruntime starts
+# every thread up front -- 1024 took 39 s to start on 2 cores, 10**6 hung taking ~7 GB.
+MAX_THREADS = 1024
 
 
 def _out_of_memory(error: Exception) -> bool:
@@ -44,6 +48,11 @@ def _out_of_memory(error: Exception) -> bool:
 def _shape(spec: dict, batch: int, rows: int) -> list[int]:
     """A state tensor's shape (state_spec's `spec`) for `batch` sequences whose latent caches hold `rows` tokens."""
     return [batch if d == "batch" else rows if d == "past_sequence" else d for d in spec["shape"]]
+
+
+def _pass_a_state(batch: int) -> str:
+    """What to do with a state `run` refuses (of `batch` sequences)."""
+    return f"pass the state empty_state({batch}) or run returned"
 
 
 class _SessionStep:
@@ -65,7 +74,12 @@ class OnnxEngine(Runner):
 
     def __init__(self, folder: str | Path, threads: int | None = None):
         """folder: an export (`tiny` names the bundled model, as the CLI does: no export); threads: onnxruntime's
-        intra-op threads (default: its own choice, one per core)."""
+        intra-op threads, 0 to MAX_THREADS (None or 0: its own choice, one per core); checked before anything is read
+        (1.5 was blamed on the export, -5 taken, 10**6 hung onnxruntime)."""
+        count = 0 if threads is None else as_number(threads, whole=True)
+        if count is None or not 0 <= count <= MAX_THREADS:
+            raise KLError(f"threads={threads!r:.40} should be a whole number from 0 to {MAX_THREADS} (onnxruntime's "
+                          "intra-op threads; 0 or None: its own choice, one per core)")
         given, folder = folder, resolve_model(folder)
         if not (folder / GENAI_CONFIG).is_file():   # named as given: `tiny`, not where it is installed
             raise KLError(f"{given}: no {GENAI_CONFIG} here; --engine onnxruntime runs a folder written by "
@@ -87,7 +101,7 @@ class OnnxEngine(Runner):
                                   "again") from None
         try:
             options = ort.SessionOptions()
-            options.intra_op_num_threads = threads or 0
+            options.intra_op_num_threads = count
             options.log_severity_level = ORT_ERRORS_ONLY   # a graph's warnings are no line of a run's output
             self.session = ort.InferenceSession(str(folder / ONNX_FILE), options,
                                                 providers=["CPUExecutionProvider"])
@@ -164,7 +178,7 @@ class OnnxEngine(Runner):
                               "fewer or shorter prompts") from None
             raise KLError(f"{self.folder / ONNX_FILE}: onnxruntime failed running it ({reason}); export the folder "
                           "again") from None
-        return self._checked(out["logits"]), {s["past"]: out[s["present"]] for s in self.states}
+        return self._checked(out["logits"], state), {s["past"]: out[s["present"]] for s in self.states}
 
     def _checked_ids(self, ids) -> np.ndarray:
         """Token ids as the graph takes them, [B >= 1, T >= 1] int64 inside the vocabulary (its Gather wraps a
@@ -178,7 +192,7 @@ class OnnxEngine(Runner):
         """The tokens `state` holds -- its latent caches' rows (None where the model has no MLA layer to count them)
         -- once it is checked to be a state of `batch` sequences as empty_state and run give: every past input the
         graph takes, each a numpy array of its dtype and shape."""
-        take = f"pass the state empty_state({batch}) or run returned"
+        take = _pass_a_state(batch)
         if not isinstance(state, dict):
             raise KLError(f"state should be the dict of arrays that empty_state({batch}) or run returns, got a "
                           f"{type(state).__name__}")
@@ -230,13 +244,18 @@ class OnnxEngine(Runner):
                           "the state given (0 for empty_state's)")
         return p.numpy()
 
-    def _checked(self, logits: np.ndarray) -> np.ndarray:
+    def _checked(self, logits: np.ndarray, state: State) -> np.ndarray:
         """The graph's logits, refused unless they are vocab_size wide (a wider row samples ids the tokenizer does not
-        have) and finite (NaN samples garbage)."""
+        have) and finite (NaN samples garbage): non-finite logits from a `state` (the one they were run on) that holds
+        NaN or inf are the caller's state's, else the graph's. The state is read only then, not on every call."""
         if logits.ndim != 3 or logits.shape[2] != self.config.vocab_size:
             raise KLError(f"{self.folder / ONNX_FILE}: the graph returned logits {list(logits.shape)}, where "
                           f"config.json's vocab_size is {self.config.vocab_size}; export the folder again")
         if not np.isfinite(logits.sum(dtype=np.float64)):   # finite iff every value is: fp32s cannot overflow it
+            bad = next((name for name, value in state.items() if not np.isfinite(value.sum(dtype=np.float64))), None)
+            if bad is not None:
+                raise KLError(f"state[{bad!r}] holds NaN or infinite values, which the graph carried into its "
+                              f"logits; {_pass_a_state(logits.shape[0])}")
             raise KLError(f"{self.folder / ONNX_FILE}: the graph computed NaN or infinite logits; its weights or "
                           "graph are damaged -- export the folder again")
         return logits
