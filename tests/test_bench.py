@@ -3,6 +3,7 @@ floor counts the bytes a step must move. The figures themselves come from the GP
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import stat
 import subprocess
@@ -232,3 +233,68 @@ def test_a_json_file_that_cannot_be_written_is_refused_before_the_bench(tmp_path
     for where, needle in cases:
         assert_one_line_error(*run_cli(capsys, "bench", "--preset", "kimi-linear-48b", "--layers", "1", "--json",
                                        where)[::2], needle)
+
+
+@pytest.mark.parametrize("given, layers", [((), 4), (("--peer-layers", "2"), 2)])
+def test_peer_times_transformers_on_the_release_at_peer_layers_with_the_same_new_tokens(tmp_path, monkeypatch, capsys,
+                                                                                       given, layers):
+    """README: `--peer transformers` times KimiLinearForCausalLM (`--peer-layers`, default 4, the same
+    `--new-tokens`) in the same call. klconvert's own bench, which needs a GPU, stands in here."""
+    timed = []
+    monkeypatch.setattr(B, "random_quantized_weights", lambda *args, **kwargs: None)
+    monkeypatch.setattr(B, "bench", lambda config, weights, **kwargs: B.BenchResult("stand-in", 1, "int4", 1.0))
+    monkeypatch.setattr(B, "time_transformers", lambda raw, **kwargs: timed.append((raw, kwargs)) or {"ms": 1.5})
+    json_file = tmp_path / "bench.json"
+    code, _, err = run_cli(capsys, "bench", "--preset", "kimi-linear-48b", "--layers", "1", "--new-tokens", "32",
+                           "--peer", "transformers", *given, "--json", json_file)
+    assert code == 0, err
+    ((raw, kwargs),) = timed
+    assert raw == preset_config("kimi-linear-48b", layers) and kwargs["new_tokens"] == 32
+    assert json.loads(json_file.read_text())["peer"] == {"ms": 1.5}
+    assert run_cli(capsys, "bench", "--preset", "kimi-linear-48b", "--layers", "1")[0] == 0 and len(timed) == 1
+    assert_one_line_error(*run_cli(capsys, "bench", "--preset", "kimi-linear-48b", "--peer", "transformers",
+                                   "--peer-layers", "0")[::2], "--peer-layers")
+
+
+def test_the_peer_is_timed_in_bf16_after_a_512_token_prompt_until_two_timings_agree_within_5_percent(monkeypatch):
+    """README: the peer runs in bf16 after a 512-token prompt, the same new tokens, warmed until two timings agree
+    within 5%. transformers' model stands in (a fake whose decode takes the ms below, on a clock the test sets)."""
+    import types
+
+    per_token_ms = iter([12.0, 10.0, 9.4, 9.35, 1.0])   # 10 -> 9.4 is 6% apart; 9.4 -> 9.35 within 5%: 4 rounds
+    clock, seen = [0.0], []
+
+    class Model:
+        def __init__(self, config):
+            seen.append(("config", config.fields))
+
+        def to(self, dtype):
+            seen.append(("dtype", dtype))
+            return self
+
+        def eval(self):
+            return self
+
+        def generate(self, ids, max_new_tokens, min_new_tokens, do_sample):
+            seen.append(("generate", tuple(ids.shape), max_new_tokens, min_new_tokens, do_sample))
+            clock[0] += 0.05 + (0 if max_new_tokens == 1 else (max_new_tokens - 1) * next(per_token_ms) / 1e3)
+
+    class Config:
+        def __init__(self, **fields):
+            self.fields = fields
+
+    fake = types.ModuleType("transformers")
+    fake.KimiLinearConfig, fake.KimiLinearForCausalLM = Config, Model
+    monkeypatch.setitem(sys.modules, "transformers", fake)
+    randint = torch.randint
+    monkeypatch.setattr(torch, "randint", lambda *args, device=None, **kwargs: randint(*args, **kwargs))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(B, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    raw, lines = preset_config("tiny", 2), []
+    result = B.time_transformers(raw, new_tokens=32, report=lines.append)
+    assert result["ms_per_token"] == pytest.approx(9.35) and result["warmup_ms"] == pytest.approx([12, 10, 9.4, 9.35])
+    assert (result["prompt_tokens"], result["new_tokens"], result["layers"]) == (512, 32, 2)
+    assert seen[:2] == [("config", raw), ("dtype", torch.bfloat16)]
+    assert seen[2:] == [("generate", (1, 512), n, n, False) for _ in range(4) for n in (32, 1)]
+    assert len(lines) == 1 and "9.35 ms/token" in lines[0]

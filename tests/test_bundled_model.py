@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -81,6 +82,21 @@ def test_run_without_model_runs_the_bundled_one(tmp_path, monkeypatch, capsys):
     assert shown_lines(err)[0].startswith(f"klconvert: no {DEFAULT_MODEL_DIR} here: running the bundled model")
     tokenizer = Tokenizer.from_folder(BUNDLED_DIR)
     assert out == tokenizer.decode(RECORDED["greedy_ids"][:8]) + "\n"
+
+
+def test_run_without_model_runs_the_48b_folder_when_it_is_here(tiny_released, tmp_path, monkeypatch, capsys):
+    """README: no --model runs ./Kimi-Linear-48B-A3B-Instruct-w4a16 (where `pull-and-quantize --bits 4` writes) when
+    it exists, saying so on stderr -- here the tiny random checkpoint under that name, whose continuation is not the
+    bundled model's."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_released, tmp_path / Path(DEFAULT_MODEL_DIR).name)
+    (tmp_path / "prompt.txt").write_text(RECORDED["prompt"])
+    args = ("run", "--prompt-file", "prompt.txt", "--max-new-tokens", "8", "--device", "cpu")
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert shown_lines(err)[0] == f"klconvert: running {DEFAULT_MODEL_DIR} (pass --model to choose another)"
+    continuations = {name: run_cli(capsys, *args, "--model", name)[1] for name in (DEFAULT_MODEL_DIR, "tiny")}
+    assert out == continuations[DEFAULT_MODEL_DIR] != continuations["tiny"]
 
 
 @pytest.mark.parametrize("kind", ["file", "link to nothing"])

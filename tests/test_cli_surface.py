@@ -13,7 +13,7 @@ import pytest
 
 from bounded_cli import klconvert_bounded
 from klconvert.cli import ALLOCATOR_ENV, DEVICE, SEED, cli
-from testkit import assert_one_line_error, run_cli
+from testkit import assert_one_line_error, run_cli, run_klconvert_on_a_terminal
 
 
 def test_help_describes_every_flag():
@@ -280,7 +280,8 @@ def test_help_and_errors_do_not_load_torch():
 
 @pytest.mark.parametrize("preset, want", [({}, "expandable_segments:True"),
                                           ({"PYTORCH_ALLOC_CONF": "max_split_size_mb:64"}, None),
-                                          ({"PYTORCH_CUDA_ALLOC_CONF": "backend:native"}, "backend:native")])
+                                          ({"PYTORCH_CUDA_ALLOC_CONF": "backend:native"}, "backend:native"),
+                                          ({"PYTORCH_HIP_ALLOC_CONF": "expandable_segments:False"}, None)])
 def test_the_command_grows_allocator_segments_unless_the_user_chose(preset, want):
     """`klconvert` sets torch's allocator to expandable segments before any command runs (held memory then stays
     near the live peak and the plan); a user's own allocator setting (ALLOCATOR_ENV) is left as it is."""
@@ -294,6 +295,19 @@ def test_the_command_grows_allocator_segments_unless_the_user_chose(preset, want
                           env=env | preset)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == str(want)
+
+
+def test_a_python_program_chooses_its_allocator_itself():
+    """README: the command sets expandable segments; a Python program sets the variable itself -- importing
+    klconvert and loading a model leave torch's allocator settings as the program had them."""
+    code = ("import os, sys\n"
+            "import klconvert\n"
+            "klconvert.load('tiny', device='cpu', max_context=16)\n"
+            f"print([name for name in {ALLOCATOR_ENV!r} if name in os.environ])\n")
+    env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
 @pytest.mark.slow
@@ -315,6 +329,15 @@ def test_quantize_shows_no_bar_off_a_terminal(capsys, tmp_path):
     code, out, err = run_cli(capsys, "quantize", "tiny", tmp_path / "q", "--bits", "8")
     assert code == 0 and out.strip() == str(tmp_path / "q")
     assert "\r" not in err and len(err.splitlines()) == 1 and err.startswith("quantized "), err
+
+
+def test_quantize_shows_its_bar_on_a_terminal(tmp_path):
+    """README: its progress bar shows on a terminal only, as git's and pip's do -- the terminal's half: on one, the
+    bar redraws its line, and the summary follows it."""
+    code, out, shown = run_klconvert_on_a_terminal("quantize", "tiny", tmp_path / "q", "--bits", "8")
+    assert code == 0 and out == f"{tmp_path / 'q'}\n", shown
+    assert shown.count("\rquantize q: ") >= 2 and "quantize q: 100%" in shown, shown
+    assert shown.rsplit("\r\n", 2)[-2].startswith("quantized the bundled model tiny -> "), shown
 
 
 def test_quantize_help_states_the_defaults_the_code_has():

@@ -148,6 +148,23 @@ def test_eval_command_prints_the_table(tiny_released, tiny_perturbed, tmp_path, 
     assert exit_.value.code == 2 and err.startswith("klconvert: error: --model") and len(err.splitlines()) == 1
 
 
+def test_eval_reads_the_text_from_standard_input_for_a_dash(tiny_released, tiny_perturbed, tmp_path, monkeypatch,
+                                                             capsys):
+    """README: `--text-file` reads any stream, `-` for stdin: the table for `--text-file -` with the text piped in is
+    the one for the file holding it (no file named `-` in the working folder to read instead)."""
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    monkeypatch.chdir(tmp_path)
+    args = ("eval", "--model", tiny_perturbed, "--reference", tiny_released, "--max-tokens", "32", "--device", "cpu")
+    code, from_file, err = run_cli(capsys, *args, "--text-file", text)
+    assert code == 0, err
+    with open(text, encoding="utf-8") as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)   # a real stream, with a file descriptor, as a pipe has
+        code, from_stdin, err = run_cli(capsys, *args, "--text-file", "-")
+    assert code == 0, err
+    assert from_stdin == from_file and re.search(r"^tokens +32$", from_stdin, re.M), from_stdin
+
+
 def test_eval_checks_each_model_once(tiny_released, tmp_path, monkeypatch, capsys):
     """The command checked --model itself, then evaluate checked it again (each resolving the name)."""
     import klconvert.cli as cli_module

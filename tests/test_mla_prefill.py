@@ -2,6 +2,9 @@
 one causal pass, the plan's workspace does not grow with the context, the progress bar, bench --prefill."""
 from __future__ import annotations
 
+import io
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -131,6 +134,52 @@ def test_the_progress_bar_shows_with_progress_only(trained_like):
     assert "prefill:" not in plain_err and "tok/s" not in plain_err
     assert "prefill: 100%" in shown_err and "tok/s" in shown_err
     assert shown_out == plain_out
+
+
+class _Terminal(io.StringIO):
+    """A standard error that is a terminal, keeping what was written to it."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def _prefill_shows(monkeypatch, progress, stderr, segments) -> list[str]:
+    """What `klconvert run`'s prefill bar (cli._prefill_bar, the real tqdm on a clock the test sets) has written to
+    `stderr` after each segment of a 100-token prefill, `segments` being (seconds since the prefill began, tokens)."""
+    from klconvert import cli as cli_module
+
+    clock = [1000.0]
+    monkeypatch.setattr("tqdm.std.time", lambda: clock[0])
+    monkeypatch.setattr(sys, "stderr", stderr)
+    update = cli_module._prefill_bar(100, progress)
+    shown = []
+    for at, tokens in segments:
+        clock[0] = 1000.0 + at
+        if update is not None:
+            update(tokens)
+        shown.append(stderr.getvalue())
+    return shown
+
+
+def test_on_a_terminal_the_prefill_bar_shows_once_a_prefill_has_run_2_s(monkeypatch):
+    """README: run's prefill bar is shown by default only when stderr is a terminal, once a prefill has run 2 s: a
+    prefill done in 1.9 s shows none; a longer one shows it from 2 s on, counting prompt tokens in tokens/s."""
+    assert _prefill_shows(monkeypatch, None, _Terminal(), [(0.5, 50), (1.9, 50)]) == ["", ""]
+    before, after, done = _prefill_shows(monkeypatch, None, _Terminal(), [(1.9, 25), (2.1, 25), (3.0, 50)])
+    assert before == "" and after.startswith("\rprefill:  50%") and "tok/s" in after
+    assert "prefill: 100%" in done and done.endswith("\n")
+
+
+@pytest.mark.parametrize("progress, stderr", [(None, io.StringIO), (False, _Terminal), (True, io.StringIO)],
+                         ids=["default, in a log", "--no-progress, on a terminal", "--progress, in a log"])
+def test_the_prefill_bar_off_a_terminal_needs_progress(monkeypatch, progress, stderr):
+    """In a log (stderr no terminal) no bar's carriage returns, however long the prefill, unless --progress asks
+    for the bar (then at once); --no-progress shows none on a terminal either."""
+    shown = _prefill_shows(monkeypatch, progress, stderr(), [(0.1, 10), (5.0, 40), (9.0, 50)])
+    if progress:
+        assert "\rprefill:  10%" in shown[0] and "prefill: 100%" in shown[-1]
+    else:
+        assert shown == ["", "", ""]
 
 
 @pytest.mark.parametrize("value,needle", [("0", "at least 1"), ("12,x", "whole numbers"), ("", "at least 1"),

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from klconvert import hub, hub_guard
 from klconvert.errors import KLError
 from hub_standin import HubStandIn, hub_environment
-from testkit import assert_one_line_error, run_klconvert
+from testkit import assert_one_line_error, run_klconvert, run_klconvert_on_a_terminal
 
 REPO = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
 SHARD_1 = "model-00001-of-00002.safetensors"
@@ -128,6 +128,36 @@ def test_local_dir_gets_files_and_a_pull_record(served, checkpoint, tmp_path):
 
     again = hub.pull(REPO, local_dir=out, progress=False)
     assert again.bytes_downloaded == 0 and all(server.gets(p) == 1 for p in PULLED)
+
+
+@pytest.mark.parametrize("into", ["cache", "local-dir"])
+def test_the_command_prints_the_folder_alone_on_stdout_and_the_commit_on_stderr(served, tmp_path, into):
+    """README: pull "prints the folder on stdout and the resolved commit on stderr" -- stdout is the path and nothing
+    else, for `cd "$(klconvert pull)"`; stderr, a log here, holds the announcement and the summary, no bars."""
+    server, commit = served
+    out = tmp_path / "kimi"
+    proc = run_klconvert("pull", REPO, *(["--local-dir", out] if into == "local-dir" else []))
+    assert proc.returncode == 0, proc.stderr
+    folder = out.resolve() if into == "local-dir" else (
+        cache_dir(tmp_path) / "models--moonshotai--Kimi-Linear-48B-A3B-Instruct" / "snapshots" / commit)
+    assert proc.stdout == f"{folder}\n"
+    announcement, summary = proc.stderr.splitlines()
+    assert announcement.startswith(f"{REPO}@main is commit {commit}: pulling {len(PULLED)} files "), announcement
+    assert summary == f"{REPO}@{commit}: {len(PULLED)} files verified, 0.00 GB downloaded"
+    assert "\r" not in proc.stderr
+    assert [p for p in files_under(folder) if not p.startswith(".")] == PULLED   # the folder it names
+
+
+def test_the_bars_show_on_a_terminal(served, tmp_path):
+    """README: pull's progress bars show on a terminal only -- the terminal's half (a log's is above): on one, the
+    download's and the verification's bars redraw their lines after the announcement."""
+    server, commit = served
+    code, out, shown = run_klconvert_on_a_terminal("pull", REPO, "--local-dir", tmp_path / "kimi")
+    assert code == 0 and out == f"{(tmp_path / 'kimi').resolve()}\n", shown
+    lines = shown.split("\r\n")
+    assert lines[0].startswith(f"{REPO}@main is commit {commit}: pulling {len(PULLED)} files "), shown
+    assert f"{REPO}@{commit}: {len(PULLED)} files verified, 0.00 GB downloaded" in lines, shown
+    assert f"\rFetching {len(PULLED)} files: 100%" in shown and "\rVerifying: 100%" in shown, shown
 
 
 def count_hashing(monkeypatch) -> list[str]:

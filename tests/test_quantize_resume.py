@@ -356,6 +356,30 @@ def test_a_partial_folder_that_is_not_a_folder_of_this_user_is_refused(tiny_rele
     assert partial.is_symlink() if kind == "link" else partial.read_text() == "mine"
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a folder another user's takes root (os.chown)")
+def test_a_partial_folder_of_another_user_is_refused_even_with_force(tiny_released, tmp_path, capsys):
+    """README: an `OUT.partial/` that is another user's is someone else's and is refused even with --force -- here
+    an interrupted run's, resume record and all, which root could write into: neither resumed nor deleted."""
+    out, partial = tmp_path / "q", tmp_path / "q.partial"
+    with pytest.MonkeyPatch.context() as m:
+        break_shard_write(m, 3, KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            quantize(tiny_released, out, **OPTIONS)
+    other = 65534   # nobody: not root, whose run this is
+    try:
+        for path in (partial, *partial.rglob("*")):
+            os.lchown(path, other, -1)
+    except PermissionError:
+        pytest.skip("this root may not give files away (no CAP_CHOWN: a user namespace)")
+    kept = folder_files(partial)
+    args = ("quantize", tiny_released, out, "--bits", "4", "--group-size", "32", "--max-shard-size", "150KB")
+    for force in ((), ("--force",)):   # the same options as the interrupted run: resumable, were it ours
+        assert_one_line_error(*run_cli(capsys, *args, *force)[::2],
+                              f"q.partial: exists but is owned by another user (uid {other}), so it is not an "
+                              "interrupted klconvert run of yours")
+    assert folder_files(partial) == kept and partial.stat().st_uid == other and not out.exists()
+
+
 @pytest.mark.parametrize("replacing", [False, True])
 def test_an_interrupt_while_finishing_leaves_a_folder_a_rerun_takes_up(tiny_released, uninterrupted, tmp_path,
                                                                         replacing):

@@ -88,3 +88,42 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+def run_klconvert_on_a_terminal(*args, timeout: float = 300) -> tuple[int, str, str]:
+    """Run `python -m klconvert ARGS` in a new process whose stderr is a terminal (a pseudo-terminal, 100 columns):
+    (exit status, stdout, what the terminal received: carriage returns kept, each newline as its \\r\\n)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import tempfile
+    import termios
+    import time
+
+    master, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    with tempfile.TemporaryFile() as out:
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "klconvert", *map(str, args)], stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=terminal)
+        finally:
+            os.close(terminal)
+        shown, deadline = bytearray(), time.monotonic() + timeout
+        try:
+            while True:
+                if not select.select([master], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                    proc.kill()
+                    raise TimeoutError(f"klconvert {' '.join(map(str, args))} ran past {timeout} s")
+                try:
+                    chunk = os.read(master, 1 << 16)
+                except OSError:   # EIO: the command has ended, closing its end of the terminal
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+        finally:
+            os.close(master)
+        code = proc.wait(timeout=timeout)
+        out.seek(0)
+        return code, out.read().decode(), shown.decode(errors="replace")
