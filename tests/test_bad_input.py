@@ -405,7 +405,7 @@ def test_a_huge_side_file_is_refused_before_writing(capsys, tiny_copy, tmp_path,
     os.truncate(tiny_copy / "special_tokens_map.json", 40 << 20)  # sparse
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, *command(tiny_copy, out))
-    assert_one_line_error(code, err, "special_tokens_map.json: 41,943,040 bytes, over the 32 MB")
+    assert_one_line_error(code, err, "special_tokens_map.json: 41,943,040 bytes, over the 32.0 MiB a")
     assert not out.exists() and not (tmp_path / "out.partial").exists()
 
 

@@ -224,7 +224,7 @@ def test_an_output_path_under_a_file_is_one_line(tiny_released, tmp_path, capsys
 def test_a_huge_side_file_is_refused_before_anything_is_written(tiny_copy, tmp_path, capsys):
     os.truncate(tiny_copy / "generation_config.json", 40 << 20)  # sparse: a side file past any model's
     line = fails(capsys, tmp_path, "--group-size", "32", "--device", "cpu", src=tiny_copy)
-    assert "generation_config.json: 41,943,040 bytes, over the 32 MB" in line, line
+    assert "generation_config.json: 41,943,040 bytes, over the 32.0 MiB a" in line, line
     assert not (tmp_path / "out.partial").exists()
 
 

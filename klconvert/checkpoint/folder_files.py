@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from klconvert.errors import KLError
+from klconvert.units import binary_size_text
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"  # a checkpoint of one shard and no index
@@ -42,5 +43,6 @@ def refuse_unfit_side_files(folder: Path, paths: Iterable[Path]) -> None:
         refuse_link_out(path, folder)
         size = path.stat().st_size
         if size > MAX_SIDE_FILE_BYTES:
-            raise KLError(f"{path}: {size:,} bytes, over the {MAX_SIDE_FILE_BYTES >> 20} MB a side file klconvert "
-                          "copies (tokenizer, chat template, small config) may be; remove it or re-download the model")
+            raise KLError(f"{path}: {size:,} bytes, over the {binary_size_text(MAX_SIDE_FILE_BYTES)} a side file "
+                          "klconvert copies (tokenizer, chat template, small config) may be; remove it or re-download "
+                          "the model")
