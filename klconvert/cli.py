@@ -32,6 +32,7 @@ MLA_CACHE_DTYPE = click.Choice(["bfloat16", "float8_e4m3fn"])
 DTYPE = click.Choice(["bfloat16", "float32"])
 SEED = click.IntRange(0, 2**64 - 1)  # what torch.Generator.manual_seed takes (runtime/sampling.py SEEDS)
 DECODE_CONTEXT = 4096  # what `klconvert bench` decodes at when given no --context (nor --prefill)
+PEER_LAYERS = 4  # the layers of `klconvert bench --peer transformers`'s model unless --peer-layers (27 in bf16: 98 GB)
 PREFILL_BAR_DELAY = 2.0  # seconds a prefill runs before `klconvert run` shows its bar on a terminal
 
 
@@ -696,16 +697,18 @@ def _int_list(ctx, param, value: str | None) -> list[int] | None:
               help="Before timing: the Triton path against the PyTorch bf16 path at this depth (calm weights "
                    "with a preset). The graph-vs-eager check always runs.")
 @click.option("--peer", type=click.Choice(["none", "transformers"]), default="none", show_default=True,
-              help="Also time transformers' KimiLinearForCausalLM (bf16, same config) in this call.")
-@click.option("--peer-layers", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Layers of the peer's model (a 27-layer bf16 model needs 98 GB).")
+              help="Also time transformers' KimiLinearForCausalLM in this call (bf16, the release's shapes at "
+                   "--peer-layers layers, batch 1, whatever --model or --preset times).")
+@click.option("--peer-layers", type=click.IntRange(min=1), default=None,
+              help=f"With --peer transformers: layers of the peer's model (a 27-layer bf16 model needs 98 GB) "
+                   f"[default: {PEER_LAYERS}].")
 @click.option("--spread-routing", is_flag=True,
               help="Route each sequence to its own random experts (~100 distinct per layer at batch 16, as real text "
                    "spreads) instead of the weights' router; random weights route a whole batch alike.")
 @click.option("--json", "json_file", type=PathArg(path_type=Path), default=None, help="Write the results here.")
 def bench(model: str | None, preset: str | None, layers: int | None, bits: str, contexts: list[int] | None,
           prefills: list[int] | None, batches: list[int], mla_cache_dtype: str, new_tokens: int, check_depth: bool,
-          peer: str, peer_layers: int, spread_routing: bool, json_file: Path | None) -> None:
+          peer: str, peer_layers: int | None, spread_routing: bool, json_file: Path | None) -> None:
     """Decode speed on the GPU: checked first, then ms/token, tokens/s, memory and the bandwidth floor; with
     --prefill, prefill time and tokens/s, peak memory reserved against the plan."""
     import json
@@ -719,6 +722,9 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
     if (model is None) == (preset is None):
         raise KLError("give exactly one of --model DIR or --preset kimi-linear-48b")
     _refuse_layers_with_model(model, layers)
+    if peer_layers is not None and peer != "transformers":
+        raise KLError(f"--peer-layers {peer_layers} sizes the peer's model, and no peer is timed; add --peer "
+                      "transformers, or drop --peer-layers")
     if json_file is not None and json_file.is_dir():
         raise KLError(f"--json {json_file}: is a folder; give a file name, e.g. {json_file / 'bench.json'}")
     if json_file is not None:
@@ -750,7 +756,8 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
                          report=lambda line: click.echo(line, err=True), spread=spread_routing,
                          prefills=prefills or [])
         if peer == "transformers":
-            result.peer = B.time_transformers(preset_config("kimi-linear-48b", peer_layers), new_tokens=new_tokens,
+            result.peer = B.time_transformers(preset_config("kimi-linear-48b", peer_layers or PEER_LAYERS),
+                                              new_tokens=new_tokens,
                                               report=lambda line: click.echo(line, err=True))
         if json_file is not None:
             try:   # whole or not at all: a full disk leaves the earlier file as it was, not a truncated one

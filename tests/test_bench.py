@@ -254,6 +254,11 @@ def test_peer_times_transformers_on_the_release_at_peer_layers_with_the_same_new
     assert run_cli(capsys, "bench", "--preset", "kimi-linear-48b", "--layers", "1")[0] == 0 and len(timed) == 1
     assert_one_line_error(*run_cli(capsys, "bench", "--preset", "kimi-linear-48b", "--peer", "transformers",
                                    "--peer-layers", "0")[::2], "--peer-layers")
+    # with no peer to size it was ignored, unsaid
+    assert_one_line_error(*run_cli(capsys, "bench", "--preset", "kimi-linear-48b", "--layers", "1", "--peer-layers",
+                                   "2")[::2], "--peer-layers 2 sizes the peer's model, and no peer is timed; add "
+                                              "--peer transformers, or drop --peer-layers")
+    assert len(timed) == 1
 
 
 def test_the_peer_is_timed_in_bf16_after_a_512_token_prompt_until_two_timings_agree_within_5_percent(monkeypatch):
