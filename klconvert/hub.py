@@ -196,7 +196,7 @@ def pull(
             stage.fetching = True
             before = _local_files_before(local_dir, wanted) if local_dir is not None else {}
             try:
-                with _no_disk_space_warnings():
+                with _no_disk_space_warnings(), _bars_closed():
                     folder = Path(
                         snapshot_download(
                             repo,
@@ -310,6 +310,19 @@ def _no_disk_space_warnings() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Not enough free disk space", category=UserWarning)
         yield
+
+
+@contextmanager
+def _bars_closed() -> Iterator[None]:
+    """Close, at its end, the progress bars opened inside and still open: huggingface_hub 2.x leaves its "Download
+    complete" and "Reconstruction complete" bars open, and on a terminal they were drawn again at exit, after pull's
+    summary line. (tqdm keeps every open bar in the class's `_instances`.)"""
+    before = set(hf_tqdm._instances)
+    try:
+        yield
+    finally:
+        for bar in set(hf_tqdm._instances) - before:
+            bar.close()
 
 
 def refuse_bundled_name(repo: str) -> None:
