@@ -85,7 +85,8 @@ def _checked_flag_types(group_size, symmetric, scheme, observer) -> int | None:
     the flags that the command line's parser never passes (a float, a string, a bool where a whole number belongs; a
     symmetric that is no bool): a caller of the library gets it named, not written into config.json, taken for the
     default or met as a TypeError. None is each one's default; --bits is checked with its values."""
-    if group_size is not None and as_number(group_size, whole=True) is None:
+    size = None if group_size is None else as_number(group_size, whole=True)
+    if group_size is not None and size is None:
         raise KLError(f"--group-size {group_size!r} is not a whole number; use 32, 64 or 128 (or -1 for one scale "
                       "per row)")
     if symmetric is not None and type(symmetric) is not bool:
@@ -95,7 +96,7 @@ def _checked_flag_types(group_size, symmetric, scheme, observer) -> int | None:
         raise KLError(f"--scheme {scheme!r} is not supported; use {either(KINDS, '--scheme')}")
     if observer is not None and (not isinstance(observer, str) or observer not in OBSERVERS):
         raise KLError(unsupported_observer(observer, "--observer"))
-    return None if group_size is None else as_number(group_size, whole=True)
+    return size
 
 
 def _refuse_non_bool_switches(force, progress, allow_split_fused) -> None:
