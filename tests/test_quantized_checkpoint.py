@@ -630,7 +630,7 @@ def test_an_extra_zero_point_is_named(tiny_released, tmp_path):
 def test_hostile_target_patterns_are_refused_in_one_line_in_bounded_time(tiny_released, tmp_path, capsys,
                                                                          monkeypatch):
     """The groups' targets and ignore list are regular expressions from the download, run over each packed weight's
-    name as compressed-tensors runs them: one that does not compile (or nests 2,000 deep: RecursionError) is refused
+    name as compressed-tensors runs them: one that does not compile (or nests 499 deep: RecursionError) is refused
     naming where it is, one that backtracks without end stops at the matching budget, a group of no weight scheme that
     selects no packed weight declares nothing to hold them to."""
     import time
@@ -645,7 +645,7 @@ def test_hostile_target_patterns_are_refused_in_one_line_in_bounded_time(tiny_re
         no_weights={"targets": ["re:.*\\.nothing$"], "weights": None, "input_activations": None}))
     assert open_checkpoint(tmp_path / "q").get(f"{Q_PROJ}.weight").isfinite().all()
     for pattern, needle in [("re:(", "is not a valid regular expression"),
-                            ("re:" + "(" * 2000 + "x" + ")" * 2000, "is not a valid regular expression"),
+                            ("re:" + "(" * 499 + "x" + ")" * 499, "is not a valid regular expression"),
                             (backtracking, "backtracks without end")]:
         folder = shutil.copytree(tmp_path / "q", tmp_path / f"q{len(pattern)}")
         _edit_quantization_config(folder, lambda qc: qc["ignore"].append(pattern))
@@ -656,6 +656,18 @@ def test_hostile_target_patterns_are_refused_in_one_line_in_bounded_time(tiny_re
         line = assert_one_line_error(code, err, f"{folder}/config.json: quantization_config.ignore[3]: ", needle)
         assert "recipe" not in line and "YAML" not in line
         assert time.perf_counter() - start < 30
+
+
+def test_a_config_of_more_entries_than_a_policy_needs_is_refused_before_they_are_read(tiny_released, tmp_path,
+                                                                                      capsys):
+    """A download's config.json may hold millions of ignore entries (32 MiB of them), each tried on every packed
+    weight's name: refused by count, as a recipe's are."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _edit_quantization_config(tmp_path / "q", lambda qc: qc["ignore"].extend(f"x{i}" for i in range(1000)))
+    code, _, err = run_cli(capsys, "run", "--model", tmp_path / "q", "--prompt", "hi", "--max-new-tokens", "1",
+                           "--device", "cpu")
+    assert_one_line_error(code, err, f"{tmp_path / 'q'}/config.json: quantization_config.config_groups and ignore "
+                                     "hold 1,005 target and ignore entries, past the 1,000 a quantizer writes")
 
 
 @pytest.mark.parametrize("edit, field", [

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from klconvert.errors import KLError
-from klconvert.quant.policy import LINEAR, Entry, RegexBudget
+from klconvert.quant.policy import LINEAR, MAX_POLICY_ENTRIES, Entry, RegexBudget
 from klconvert.quant.scheme import PACKED_FORMAT, QuantScheme
 
 DENSE_FORMAT = "dense"  # compressed-tensors' format of weights stored as they are (plain floats, every zero kept)
@@ -119,6 +119,12 @@ def declared_groups(quantization_config: dict, where: str) -> Declared:
                 for name, group in groups.items() if group.get("weights") is not None}
     if not declared:
         raise _bad(where, "config_groups", "declares no weight scheme")
+    lists = [group.get("targets") for group in groups.values()] + [quantization_config.get("ignore")]
+    entries = sum(len(items) for items in lists if isinstance(items, list))
+    if entries > MAX_POLICY_ENTRIES:   # each is tried on every packed weight's name
+        raise KLError(f"{where}: quantization_config.config_groups and ignore hold {entries:,} target and ignore "
+                      f"entries, past the {MAX_POLICY_ENTRIES:,} a quantizer writes; download the checkpoint again, or "
+                      "quantize the release with `klconvert quantize`")
     budget = RegexBudget()   # the config's patterns share one matching budget, as a recipe's do
     read: dict[str, DeclaredGroup] = {}
     for name, group in groups.items():

@@ -5,6 +5,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import regex
 import yaml
@@ -55,6 +56,12 @@ REGEX_BUDGET_S = 5.0
 # How long a re: pattern may be with its bounded repeats written out: the regex module compiles x{1000} as 1,000
 # copies, so repeats nested in repeats take minutes and gigabytes; a tensor-name pattern is a few dozen.
 MAX_PATTERN_EXPANSION = 10_000
+# How long a re: pattern may be: a tensor-name pattern is a few dozen characters, and compiling one of 18,900 takes
+# 0.2 s (a recipe's aliases repeat it thousands of times).
+MAX_PATTERN_CHARS = 1_000
+# How many targets and ignore entries one recipe or checkpoint config may hold over all its groups: they name a
+# handful, and YAML aliases repeat whole lists and groups (200 groups of 1,000 aliased targets took 8.7 GB).
+MAX_POLICY_ENTRIES = 1_000
 _REPEATS = ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
 
 
@@ -79,6 +86,25 @@ def _expansion(parsed) -> int:
         else:
             total += 1
     return total
+
+
+@lru_cache(maxsize=MAX_POLICY_ENTRIES)
+def _compiled(expression: str, source: str) -> regex.Pattern:
+    """An re: entry's expression compiled (a recipe's aliases repeat one expression: it is checked once; the compiled
+    pattern holds no state); ValueError saying what is wrong with it and what to do, for `source`'s author."""
+    if len(expression) > MAX_PATTERN_CHARS:
+        raise ValueError(f"is {len(expression):,} characters long, past the {MAX_PATTERN_CHARS:,} a tensor-name "
+                         "pattern needs; simplify the pattern")
+    try:
+        re.compile(expression)
+        expansion = _expansion(re_parser.parse(expression))
+    except (re.error, OverflowError, RecursionError) as e:  # huge repeats; groups nested deep
+        hint = " (remember to escape '.' as '\\\\.' in YAML double quotes)" if source == "recipe" else ""
+        raise ValueError(f"is not a valid regular expression ({e}); fix the pattern{hint}") from None
+    if expansion > MAX_PATTERN_EXPANSION:
+        raise ValueError(f"spells out {expansion:,} items with its repeats written out (repeats inside repeats), past "
+                         f"the {MAX_PATTERN_EXPANSION:,} a tensor-name pattern needs; simplify the pattern")
+    return regex.compile(expression, flags=regex.VERSION0)
 
 
 @dataclass
@@ -106,18 +132,17 @@ class Entry:
         if not isinstance(self.pattern, str) or not self.pattern:
             raise KLError(f"{self.where}: a target or ignore entry must be a non-empty string, got {self.pattern!r}")
         if self.pattern.startswith("re:"):
+            start = time.thread_time()
             try:
-                re.compile(self.pattern[3:])
-                expansion = _expansion(re_parser.parse(self.pattern[3:]))
-            except (re.error, OverflowError, RecursionError) as e:  # huge repeats; groups nested deep
-                hint = " (remember to escape '.' as '\\\\.' in YAML double quotes)" if self.source == "recipe" else ""
-                raise KLError(f"{self.where}: {self.pattern[:80]!r} is not a valid regular expression ({e}); "
-                              f"fix the pattern{hint}") from None
-            if expansion > MAX_PATTERN_EXPANSION:
-                raise KLError(f"{self.where}: {self.pattern[:80]!r} spells out {expansion:,} items with its repeats "
-                              f"written out (repeats inside repeats), past the {MAX_PATTERN_EXPANSION:,} a tensor-name "
-                              "pattern needs; simplify the pattern")
-            object.__setattr__(self, "compiled", regex.compile(self.pattern[3:], flags=regex.VERSION0))
+                compiled = _compiled(self.pattern[3:], self.source)
+            except ValueError as e:
+                raise KLError(f"{self.where}: {self.pattern[:80]!r} {e}") from None
+            finally:
+                self.budget.seconds -= time.thread_time() - start
+            if self.budget.seconds < 0:
+                raise KLError(f"{self.where}: compiling the {self.source}'s patterns took past {REGEX_BUDGET_S:g} s; "
+                              "write fewer, simpler patterns")
+            object.__setattr__(self, "compiled", compiled)
 
     def matches(self, key: str, linear: bool) -> bool:
         if self.pattern == LINEAR:

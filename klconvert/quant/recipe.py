@@ -9,12 +9,11 @@ import yaml
 from klconvert.checkpoint.regular_file import open_regular
 from klconvert.errors import KLError, either
 from klconvert.quant.groupwise import SUPPORTED_BITS, unsupported_observer
-from klconvert.quant.policy import Entry, Group, Policy, RegexBudget
+from klconvert.quant.policy import MAX_POLICY_ENTRIES, Entry, Group, Policy, RegexBudget
 from klconvert.quant.scheme import KINDS, NF4_BLOCKSIZE, PACKED_FORMAT, QuantScheme
 from klconvert.recipes import shipped_names, shipped_recipe
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few KB; a larger --recipe is the wrong file (or /dev/zero)
-MAX_LIST_ENTRIES = 1_000  # a targets or ignore list names a handful; YAML aliases can make one of millions
 _TOP_KEYS = ("<name>_stage", "runtime")
 _MODIFIER_KEYS = ("ignore", "config_groups")
 _GROUP_KEYS = ("targets", "weights", "input_activations", "output_activations", "format")
@@ -41,6 +40,7 @@ class _Reader:
         self.path = path
         self._constructor = yaml.SafeLoader("")
         self._regex_budget = RegexBudget()   # the recipe's re: entries share one matching budget
+        self._entries = 0   # targets and ignore entries read so far, aliases counted as often as they are used
 
     def where(self, node: yaml.Node) -> str:
         return f"{self.path}:{node.start_mark.line + 1}"
@@ -81,8 +81,10 @@ class _Reader:
     def entries(self, node: yaml.Node, what: str) -> tuple[Entry, ...]:
         if not isinstance(node, yaml.SequenceNode):
             self.fail(node, f"{what} should be a list of module names or re: patterns")
-        if len(node.value) > MAX_LIST_ENTRIES:
-            self.fail(node, f"{what} holds {len(node.value):,} entries, past the {MAX_LIST_ENTRIES:,} a recipe needs; "
+        self._entries += len(node.value)
+        if self._entries > MAX_POLICY_ENTRIES:
+            self.fail(node, f"{what} brings the recipe to {self._entries:,} target and ignore entries, past the "
+                            f"{MAX_POLICY_ENTRIES:,} a recipe needs (YAML aliases count each time they are used); "
                             "name modules with re: patterns instead")
         return tuple(Entry(self.scalar(item, f"an item of {what}", str), self.where(item), self._regex_budget)
                      for item in node.value)

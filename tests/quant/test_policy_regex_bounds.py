@@ -14,9 +14,9 @@ BACKTRACKING = r"re:(.*)(.*)(.*)(.*)(.*)(.*)(.*)\7\6\5\4[Q-Z]"
 NAME = "model.layers.10.block_sparse_moe.experts.100.w1"
 
 
-@pytest.mark.parametrize("pattern", ["re:a{4294967296}", "re:" + "(" * 2000 + "a" + ")" * 2000, "re:(unclosed"])
+@pytest.mark.parametrize("pattern", ["re:a{4294967296}", "re:" + "(" * 499 + "a" + ")" * 499, "re:(unclosed"])
 def test_an_uncompilable_pattern_is_one_error(pattern):
-    """a{4294967296} raised OverflowError and 2,000 nested groups RecursionError: tracebacks from `plan`."""
+    """a{4294967296} raised OverflowError and 499 nested groups RecursionError: tracebacks from `plan`."""
     with pytest.raises(KLError, match="is not a valid regular expression"):
         Entry(pattern, "recipe.yaml: targets")
 
@@ -91,4 +91,68 @@ def test_a_list_of_too_many_entries_is_one_line(tmp_path, capsys):
     recipe = tmp_path / "long.yaml"
     slow_recipe(recipe, 1001)
     code, _, err = run_cli(capsys, "plan", "--preset", "kimi-linear-48b", "--recipe", str(recipe))
-    assert_one_line_error(code, err, f"{recipe}:4: ", "1,001 entries, past the 1,000")
+    assert_one_line_error(code, err, f"{recipe}:4: ", "ignore brings the recipe to 1,001 target and ignore entries, "
+                                                      "past the 1,000")
+
+
+def alias_bomb(path, groups: int, pattern: str) -> None:
+    """One group of 1,000 aliased targets, aliased by `groups` groups: a few KB of YAML, groups x 1,000 entries."""
+    targets = ", ".join([f"&p '{pattern}'"] + ["*p"] * 999)
+    more = "".join(f"        g{i}: *g\n" for i in range(1, groups))
+    path.write_text(f"""quant_stage:
+  quant_modifiers:
+    QuantizationModifier:
+      config_groups:
+        g0: &g
+          targets: [{targets}]
+          weights: {{num_bits: 8, group_size: 128}}
+{more}""")
+
+
+def test_aliased_groups_count_toward_one_bound_for_the_recipe(tmp_path, capsys):
+    """200 aliases of a group of 1,000 targets were 200,000 entries, each list under its own bound: 8.7 GB and
+    minutes before any error."""
+    recipe = tmp_path / "groups.yaml"
+    alias_bomb(recipe, 200, "lm_head")
+    start = time.perf_counter()
+    code, _, err = run_cli(capsys, "plan", "--preset", "kimi-linear-48b", "--recipe", str(recipe))
+    assert_one_line_error(code, err, f"{recipe}:", "g1.targets brings the recipe to 2,000 target and ignore entries, "
+                                                   "past the 1,000")
+    assert time.perf_counter() - start < 30
+
+
+# Ten-way alternations, 900 of them: 18,900 characters that take re and regex ~0.2 s to compile; 10,000 aliases of
+# it compiled for half an hour.
+SLOW_TO_COMPILE = "re:" + "(a|b|c|d|e|f|g|h|i|j)" * 900
+
+
+def test_a_pattern_longer_than_a_tensor_name_pattern_is_refused_before_it_compiles(tmp_path, capsys):
+    recipe = tmp_path / "long_pattern.yaml"
+    alias_bomb(recipe, 1, SLOW_TO_COMPILE)
+    start = time.perf_counter()
+    code, _, err = run_cli(capsys, "plan", "--preset", "kimi-linear-48b", "--recipe", str(recipe))
+    assert_one_line_error(code, err, f"{recipe}:6: ", "is 18,900 characters long, past the 1,000 a tensor-name "
+                                                      "pattern needs; simplify the pattern")
+    assert time.perf_counter() - start < 10
+
+
+def test_one_pattern_written_many_times_is_checked_once(monkeypatch):
+    """Aliases repeat one pattern: it is parsed and compiled once, not once per alias."""
+    parses = []
+    parse = policy_module.re_parser.parse
+    monkeypatch.setattr(policy_module.re_parser, "parse", lambda *args: parses.append(args) or parse(*args))
+    pattern = r"re:.*\.experts\.\d+\.w[13]_written_many_times$"
+    first = Entry(pattern, "recipe.yaml:1")
+    once = len(parses)
+    aliases = [Entry(pattern, f"recipe.yaml:{i}") for i in range(2, 1000)]
+    assert once and len(parses) == once and all(alias.compiled is first.compiled for alias in aliases)
+
+
+def test_compiling_a_recipes_patterns_spends_its_matching_budget(monkeypatch):
+    """Patterns compiled without end (each distinct, under the length bound) stop at the budget they share."""
+    monkeypatch.setattr(policy_module, "REGEX_BUDGET_S", 0.05)
+    budget = policy_module.RegexBudget()
+    with pytest.raises(KLError, match=r"recipe\.yaml:\d+: compiling the recipe's patterns took past 0\.05 s; "
+                                      r"write fewer, simpler patterns"):
+        for i in range(100_000):
+            Entry(f"re:{'(a|b|c|d|e|f|g|h|i|j)' * 40}{i}", f"recipe.yaml:{i}", budget)
