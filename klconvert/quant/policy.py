@@ -131,6 +131,9 @@ class Entry:
     def __post_init__(self):
         if not isinstance(self.pattern, str) or not self.pattern:
             raise KLError(f"{self.where}: a target or ignore entry must be a non-empty string, got {self.pattern!r}")
+        if self.pattern == "re:":
+            raise KLError(f"{self.where}: 're:' has nothing after 're:', so it would select every tensor; write the "
+                          "pattern after 're:'")
         if self.pattern.startswith("re:"):
             start = time.thread_time()
             try:

@@ -14,6 +14,7 @@ from klconvert.quant.scheme import KINDS, NF4_BLOCKSIZE, PACKED_FORMAT, QuantSch
 from klconvert.recipes import shipped_names, shipped_recipe
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few KB; a larger --recipe is the wrong file (or /dev/zero)
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 _TOP_KEYS = ("<name>_stage", "runtime")
 _MODIFIER_KEYS = ("ignore", "config_groups")
 _GROUP_KEYS = ("targets", "weights", "input_activations", "output_activations", "format")
@@ -70,6 +71,9 @@ class _Reader:
             self.fail(node, f"{what} should be a mapping")
         out = {}
         for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:   # safe_load would merge the aliased mapping in; compose leaves it a key
+                self.fail(key_node, f"{what} uses a YAML merge key (<<), which a recipe does not take; write its keys "
+                                    "out")
             key = self.scalar(key_node, f"a key of {what}", str)
             if key in out:
                 self.fail(key_node, f"{what} repeats the key {key!r}")

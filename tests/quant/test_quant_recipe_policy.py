@@ -239,6 +239,29 @@ def test_bad_regex_names_its_line(tmp_path):
     assert msg.startswith("bad.yaml:9: 're:.*self_attn\\\\.(q|k_proj$' is not a valid regular expression"), msg
 
 
+def test_an_empty_pattern_is_refused_on_its_own_line(tmp_path):
+    """`re:` alone matches every name: in ignore it left every target selecting nothing, blamed on the target."""
+    msg = error_for(HEAD.replace('"]', '",\n             "re:"]') + groups("""\
+        group_0:
+          targets: ["Linear"]
+          weights: {num_bits: 4, group_size: 128}
+    """), tmp_path)
+    assert msg == "bad.yaml:5: 're:' has nothing after 're:', so it would select every tensor; write the " \
+                  "pattern after 're:'", msg
+
+
+def test_a_yaml_merge_key_is_refused_naming_it(tmp_path):
+    msg = error_for(HEAD + groups("""\
+        group_0: &base
+          targets: ["Linear"]
+          weights: {num_bits: 4, group_size: 128}
+        group_1:
+          <<: *base
+    """), tmp_path)
+    assert msg == "bad.yaml:10: config group 'group_1' uses a YAML merge key (<<), which a recipe does not take; " \
+                  "write its keys out", msg
+
+
 def test_target_matching_nothing_is_an_error(tmp_path):
     msg = error_for(HEAD.replace('"]', '", "re:.*\\\\.(f_a|f_b|g_a|g_b|b)_proj$"]') + groups("""\
         group_0:
