@@ -663,10 +663,10 @@ def _int_list(ctx, param, value: str | None) -> list[int] | None:
     if value is None:
         return None
     try:
-        out = [int(v) for v in value.split(",") if v.strip()]
+        out = [int(v) for v in value.split(",")]   # an empty item is refused: "1,,2" is a typo, not batches 1 and 2
     except ValueError:
         raise click.BadParameter(f"{value!r}: give comma-separated whole numbers, e.g. 4096,131072") from None
-    if not out or min(out) < 1:
+    if min(out) < 1:
         raise click.BadParameter(f"{value!r}: give comma-separated numbers of at least 1")
     return out
 

@@ -550,3 +550,10 @@ def test_installed_entry_point_prints_no_traceback(tiny_copy, prompt):
     assert proc.returncode == 2
     assert proc.stderr.startswith("klconvert: error: ") and "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("given", ["1,,2", "4096,", ",4096", " , "])
+def test_a_bench_list_with_an_empty_item_is_refused(capsys, given):
+    """`--batch 1,,2` timed batches 1 and 2, the empty item (a typo for 16?) quietly dropped."""
+    code, _, err = run_cli(capsys, "bench", "--preset", "kimi-linear-48b", "--batch", given)
+    assert_one_line_error(code, err, "--batch", f"{given!r}: give comma-separated whole numbers")
