@@ -281,16 +281,21 @@ def quantize(src: str | Path, out: str | Path, bits: int | None = None, group_si
     _refuse_out_over_src(src, out)
     refuse_existing_out(out, force)
     with OutputLock(out):
-        return _quantize(src, out, policy, runtime, torch_device, force, shard_bytes, progress, allow_split_fused)
+        return _quantize(src, out, policy, runtime, str(recipe), torch_device, force, shard_bytes, progress,
+                         allow_split_fused)
 
 
-def _quantize(src: Path, out: Path, policy: Policy, runtime: dict, torch_device: torch.device, force: bool,
-              max_shard_bytes: int, progress: bool, allow_split_fused: bool) -> QuantizeResult:
-    """quantize() once it holds OUT's lock."""
+def _quantize(src: Path, out: Path, policy: Policy, runtime: dict, recipe_path: str, torch_device: torch.device,
+              force: bool, max_shard_bytes: int, progress: bool, allow_split_fused: bool) -> QuantizeResult:
+    """quantize() once it holds OUT's lock; `runtime` is the recipe's at `recipe_path` ({} without one)."""
     started = time.monotonic()
     refuse_existing_out(out, force)  # again: a run that held the lock before us may have just finished OUT
     refuse_quantized_source(src)
     checkpoint = open_checkpoint(src)
+    if runtime:   # checked as `plan --model OUT` will read it (see choose_policy), now that the model's length is known
+        from klconvert.runtime.plan_report import check_runtime_context
+
+        check_runtime_context(runtime, checkpoint.config, recipe_path)
     check_tokenizer_if_any(src, checkpoint.config)
     side_files = {path.name: _side_file(path) for path in _copied_files(src)}   # small: read before any work
     names_and_shapes = [(name, spec.shape) for name, spec in checkpoint.expected.items()]

@@ -89,6 +89,15 @@ def check_runtime_settings(settings: dict, where: str) -> None:
     _dtype_named(settings["kda_state_dtype"], KDA_STATE_DTYPES, f"{where}: KDA state dtype")
 
 
+def check_runtime_context(settings: dict, config: KimiLinearConfig, where: str) -> None:
+    """KLError naming `where` when a recipe's runtime.max_context is past the model's length (which
+    check_runtime_settings cannot know): a folder quantized with it would hold defaults that `klconvert plan` drops."""
+    if settings.get("max_context", 0) > config.model_max_length:
+        raise KLError(f"{where}: runtime.max_context {settings['max_context']} is over the model's "
+                      f"{config.model_max_length_name} {config.model_max_length:,}; set it to "
+                      f"{config.model_max_length:,} or less")
+
+
 def held_on_a_gpu(folder: Path) -> HeldPacked:
     """How the runtime on a GPU holds a folder's weights, read from its stored tensors (checked): packed where the
     Triton kernels take the stored scheme, the rest dequantized -- not what its recipe.yaml or config.json claims."""
@@ -126,9 +135,7 @@ def folder_recipe(path: Path, config: KimiLinearConfig) -> Recipe | None:
             raise KLError(f"{path}: over {MAX_RECIPE_BYTES >> 10} KiB, far larger than a recipe")
         settings = parse_runtime_section(data.decode("utf-8"), str(path))
         check_runtime_settings(settings, str(path))
-        if settings.get("max_context", 0) > config.model_max_length:
-            raise KLError(f"{path}: runtime.max_context {settings['max_context']} is over the model's "
-                          f"{config.model_max_length_name} {config.model_max_length:,}")
+        check_runtime_context(settings, config, str(path))
     except UnicodeDecodeError as e:
         problem = f"{path}: not UTF-8 text (bad byte at offset {e.start})"
     except OSError as e:

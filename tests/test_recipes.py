@@ -136,6 +136,7 @@ def test_plan_of_a_quantized_folder_sizes_its_tensors_as_a_gpu_holds_them(tiny_r
     ("gpu_memory: '1e400GiB'", "runtime.gpu_memory '1e400GiB' is not a size"),
     ("batch: 99999999999999999999", "runtime.batch 99999999999999999999 is past the 65,536 sequences"),
     ("mla_cache_dtype: int8", "MLA cache dtype 'int8' is not supported"),
+    ("max_context: 99999999", "runtime.max_context 99999999 is over the model's model_max_length"),
 ])
 def test_quantize_refuses_a_runtime_section_plan_would_refuse(runtime, message, tiny_released, tmp_path, capsys):
     """quantize writes the recipe into OUT/recipe.yaml, which `klconvert plan --model OUT` reads."""
