@@ -40,7 +40,7 @@ from klconvert.errors import KLError, argument, either, read_failure, refuse_non
 from klconvert.extras import require
 from klconvert.hub import SIDE_FILES, is_repo_id, pull
 from klconvert.models import BUNDLED_NAME, DEFAULT_REPO, quantized_folder_name, resolve_model
-from klconvert.quant import Policy, load_recipe, policy_from_options
+from klconvert.quant import Policy, Recipe, load_recipe, policy_from_options
 from klconvert.quant.defaults import DEFAULT
 from klconvert.quant.fused import refuse_split_fused
 from klconvert.quant.groupwise import OBSERVERS, SUPPORTED_BITS, unsupported_observer
@@ -108,9 +108,9 @@ def _refuse_non_bool_switches(force, progress, allow_split_fused) -> None:
 
 def choose_policy(bits: int | None = None, group_size: int | None = None, symmetric: bool | None = None,
                   scheme: str | None = None, recipe: str | Path | None = None,
-                  observer: str | None = None) -> tuple[Policy, dict]:
-    """(policy, recipe runtime section) from --recipe, or from the flags (defaults: int4, group 128, symmetric,
-    min-max ranges)."""
+                  observer: str | None = None) -> tuple[Policy, Recipe | None]:
+    """(policy, the recipe read) from --recipe, or (policy, None) from the flags (defaults: int4, group 128,
+    symmetric, min-max ranges)."""
     group_size = _checked_flag_types(group_size, symmetric, scheme, observer)
     if recipe is not None:
         given = [flag for flag, value in (("--bits", bits), ("--group-size", group_size), ("--sym/--asym", symmetric),
@@ -121,10 +121,10 @@ def choose_policy(bits: int | None = None, group_size: int | None = None, symmet
         if parsed.runtime:   # checked as `plan --model OUT` will read it; the planner imports the runtime, so only then
             from klconvert.runtime.plan_report import check_runtime_settings
 
-            check_runtime_settings(parsed.runtime, parsed.path)
+            check_runtime_settings(parsed)
         if parsed.policy.kind == "nf4":
             require("bitsandbytes.functional", f"--recipe {recipe} (NF4 weights)")
-        return parsed.policy, parsed.runtime
+        return parsed.policy, parsed
     scheme = DEFAULT.kind if scheme is None else scheme
     given_bits, bits = bits, DEFAULT.bits if bits is None else as_number(bits, whole=True)
     if bits not in SUPPORTED_BITS:   # 4.0 and "4" too: the repr shows which
@@ -139,7 +139,7 @@ def choose_policy(bits: int | None = None, group_size: int | None = None, symmet
         require("bitsandbytes.functional", "--scheme nf4")
     return policy_from_options(bits, DEFAULT.group_size if group_size is None else group_size,
                                DEFAULT.symmetric if symmetric is None else symmetric, scheme,
-                               observer=DEFAULT.observer if observer is None else observer), {}
+                               observer=DEFAULT.observer if observer is None else observer), None
 
 
 def default_out_name(model: str, policy: Policy) -> Path:
@@ -276,26 +276,26 @@ def quantize(src: str | Path, out: str | Path, bits: int | None = None, group_si
     """
     _refuse_non_bool_switches(force, progress, allow_split_fused)
     src, out = resolve_model(src), given_path(out, "out")
-    policy, runtime = choose_policy(bits, group_size, symmetric, scheme, recipe, observer)
+    policy, recipe_read = choose_policy(bits, group_size, symmetric, scheme, recipe, observer)
     torch_device, shard_bytes = checked_device(device), shard_limit(max_shard_bytes)
     _refuse_out_over_src(src, out)
     refuse_existing_out(out, force)
     with OutputLock(out):
-        return _quantize(src, out, policy, runtime, str(recipe), torch_device, force, shard_bytes, progress,
-                         allow_split_fused)
+        return _quantize(src, out, policy, recipe_read, torch_device, force, shard_bytes, progress, allow_split_fused)
 
 
-def _quantize(src: Path, out: Path, policy: Policy, runtime: dict, recipe_path: str, torch_device: torch.device,
-              force: bool, max_shard_bytes: int, progress: bool, allow_split_fused: bool) -> QuantizeResult:
-    """quantize() once it holds OUT's lock; `runtime` is the recipe's at `recipe_path` ({} without one)."""
+def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch_device: torch.device, force: bool,
+              max_shard_bytes: int, progress: bool, allow_split_fused: bool) -> QuantizeResult:
+    """quantize() once it holds OUT's lock; `recipe` the one `policy` comes from, if any."""
     started = time.monotonic()
     refuse_existing_out(out, force)  # again: a run that held the lock before us may have just finished OUT
     refuse_quantized_source(src)
     checkpoint = open_checkpoint(src)
+    runtime = recipe.runtime if recipe is not None else {}
     if runtime:   # checked as `plan --model OUT` will read it (see choose_policy), now that the model's length is known
         from klconvert.runtime.plan_report import check_runtime_context
 
-        check_runtime_context(runtime, checkpoint.config, recipe_path)
+        check_runtime_context(recipe, checkpoint.config)
     check_tokenizer_if_any(src, checkpoint.config)
     side_files = {path.name: _side_file(path) for path in _copied_files(src)}   # small: read before any work
     names_and_shapes = [(name, spec.shape) for name, spec in checkpoint.expected.items()]

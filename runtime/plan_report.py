@@ -75,26 +75,27 @@ def _memory_bytes(value: str | int | float, where: str) -> int:
     return int(value)
 
 
-def check_runtime_settings(settings: dict, where: str) -> None:
-    """KLError naming `where` for the first value of a recipe's runtime: section that a plan cannot take (the
+def check_runtime_settings(recipe: Recipe) -> None:
+    """KLError naming the line for the first value of a recipe's runtime: section that a plan cannot take (the
     recipe reader checked the types), so that `klconvert quantize` does not write one into a folder that `klconvert
-    plan` then refuses. The reader holds the counts positive; plan_for the context to the model's length."""
-    settings = RUNTIME_DEFAULTS | settings
+    plan` then refuses. The reader holds the counts positive; check_runtime_context the context to the model's
+    length."""
+    settings = RUNTIME_DEFAULTS | recipe.runtime
     if settings["batch"] > MAX_BATCH:
-        raise KLError(f"{where}: runtime.batch {settings['batch']} is past the {MAX_BATCH:,} sequences a plan sizes; "
-                      "fix the recipe")
+        raise KLError(f"{recipe.where('batch')}: runtime.batch {settings['batch']} is past the {MAX_BATCH:,} "
+                      "sequences a plan sizes; fix the recipe")
     if "gpu_memory" in settings:
-        _memory_bytes(settings["gpu_memory"], where)
-    _dtype_named(settings["mla_cache_dtype"], MLA_CACHE_DTYPES, f"{where}: MLA cache dtype")
-    _dtype_named(settings["kda_state_dtype"], KDA_STATE_DTYPES, f"{where}: KDA state dtype")
+        _memory_bytes(settings["gpu_memory"], recipe.where("gpu_memory"))
+    _dtype_named(settings["mla_cache_dtype"], MLA_CACHE_DTYPES, f"{recipe.where('mla_cache_dtype')}: MLA cache dtype")
+    _dtype_named(settings["kda_state_dtype"], KDA_STATE_DTYPES, f"{recipe.where('kda_state_dtype')}: KDA state dtype")
 
 
-def check_runtime_context(settings: dict, config: KimiLinearConfig, where: str) -> None:
-    """KLError naming `where` when a recipe's runtime.max_context is past the model's length (which
+def check_runtime_context(recipe: Recipe, config: KimiLinearConfig) -> None:
+    """KLError naming the line when a recipe's runtime.max_context is past the model's length (which
     check_runtime_settings cannot know): a folder quantized with it would hold defaults that `klconvert plan` drops."""
-    if settings.get("max_context", 0) > config.model_max_length:
-        raise KLError(f"{where}: runtime.max_context {settings['max_context']} is over the model's "
-                      f"{config.model_max_length_name} {config.model_max_length:,}; set it to "
+    if recipe.runtime.get("max_context", 0) > config.model_max_length:
+        raise KLError(f"{recipe.where('max_context')}: runtime.max_context {recipe.runtime['max_context']} is over the "
+                      f"model's {config.model_max_length_name} {config.model_max_length:,}; set it to "
                       f"{config.model_max_length:,} or less")
 
 
@@ -133,9 +134,9 @@ def folder_recipe(path: Path, config: KimiLinearConfig) -> Recipe | None:
             data = f.read(MAX_RECIPE_BYTES + 1)
         if len(data) > MAX_RECIPE_BYTES:
             raise KLError(f"{path}: over {MAX_RECIPE_BYTES >> 10} KiB, far larger than a recipe")
-        settings = parse_runtime_section(data.decode("utf-8"), str(path))
-        check_runtime_settings(settings, str(path))
-        check_runtime_context(settings, config, str(path))
+        recipe = parse_runtime_section(data.decode("utf-8"), str(path))
+        check_runtime_settings(recipe)
+        check_runtime_context(recipe, config)
     except UnicodeDecodeError as e:
         problem = f"{path}: not UTF-8 text (bad byte at offset {e.start})"
     except OSError as e:
@@ -143,7 +144,7 @@ def folder_recipe(path: Path, config: KimiLinearConfig) -> Recipe | None:
     except KLError as e:
         problem = str(e)
     else:
-        return Recipe(policy=Policy(groups=()), runtime=settings, path=str(path))
+        return recipe
     line = (f"{problem}; the plan leaves out the runtime: defaults of the folder's recipe.yaml (which run and eval do "
             "not read) -- fix or delete the file, or give the settings as flags")
     # on one line, what a terminal would act on escaped (the file's path and its parser's words come from the folder)
@@ -191,27 +192,26 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
         policy = held_as_written(config, policy)
 
     settings = recipe.runtime if recipe is not None else {}
-    where = recipe.path if recipe is not None else "plan"
-    check_runtime_settings(settings, where)
+    if recipe is not None:
+        check_runtime_settings(recipe)
     if batch is not None and not 1 <= batch <= MAX_BATCH:
         raise KLError(f"--batch {batch}: plan 1 to {MAX_BATCH:,} sequences")
     if memory_limit is None and "gpu_memory" in settings:
-        memory_limit = _memory_bytes(settings["gpu_memory"], where)
+        memory_limit = _memory_bytes(settings["gpu_memory"], recipe.where("gpu_memory"))
     runtime = RUNTIME_DEFAULTS | settings   # the recipe's over the defaults; a flag given here over both
-    cache_name = mla_cache_dtype or runtime["mla_cache_dtype"]
+    cache_name = mla_cache_dtype or runtime["mla_cache_dtype"]   # the recipe's were checked: only a flag's can fail
     state_name = kda_state_dtype or runtime["kda_state_dtype"]
     if context is None and "max_context" in settings:
-        context, asked = settings["max_context"], f"{where}: runtime.max_context {settings['max_context']}"
-    else:
-        asked = f"--max-context {context}"
-    if context is not None and context > config.model_max_length:
-        raise KLError(f"{asked} is over the model's {config.model_max_length_name} {config.model_max_length:,}; "
-                      f"plan for {config.model_max_length:,} tokens or fewer")
+        check_runtime_context(recipe, config)
+        context = settings["max_context"]
+    elif context is not None and context > config.model_max_length:
+        raise KLError(f"--max-context {context} is over the model's {config.model_max_length_name} "
+                      f"{config.model_max_length:,}; plan for {config.model_max_length:,} tokens or fewer")
     return MemoryPlan(config, batch=batch or runtime["batch"],
                       context=context or min(runtime["max_context"], config.model_max_length),
                       weight_bytes=weight_bytes(config, dtype, policy), act_dtype=dtype,
-                      kda_state_dtype=_dtype_named(state_name, KDA_STATE_DTYPES, f"{where}: KDA state dtype"),
-                      mla_cache_dtype=_dtype_named(cache_name, MLA_CACHE_DTYPES, f"{where}: MLA cache dtype"),
+                      kda_state_dtype=_dtype_named(state_name, KDA_STATE_DTYPES, "plan: KDA state dtype"),
+                      mla_cache_dtype=_dtype_named(cache_name, MLA_CACHE_DTYPES, "plan: MLA cache dtype"),
                       memory_limit=memory_limit)
 
 

@@ -230,8 +230,8 @@ GPTQ_RECIPE = """default_stage:
     (b"x: " + b"y" * (1 << 20), "recipe.yaml: over 1024 KiB, far larger than a recipe"),
     (b"runtime:\n  batch: \xff\n", "recipe.yaml: not UTF-8 text (bad byte at offset 18)"),
     (b"runtime:\n  batch: -1\n", "recipe.yaml:2: runtime.batch should be positive, got -1"),
-    (b"runtime:\n  mla_cache_dtype: int8\n", "recipe.yaml: MLA cache dtype 'int8' is not supported"),
-    (b"runtime:\n  max_context: 99999999\n", "recipe.yaml: runtime.max_context 99999999 is over the model's"),
+    (b"runtime:\n  mla_cache_dtype: int8\n", "recipe.yaml:2: MLA cache dtype 'int8' is not supported"),
+    (b"runtime:\n  max_context: 99999999\n", "recipe.yaml:2: runtime.max_context 99999999 is over the model's"),
 ], ids=["not-yaml", "oversized", "not-utf8", "negative-batch", "unknown-dtype", "past-the-model"])
 def test_a_folders_unreadable_recipe_is_left_out_of_its_plan_with_a_note(quantized_tiny, tmp_path, capsys, content,
                                                                          problem):

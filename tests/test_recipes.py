@@ -141,10 +141,10 @@ def test_plan_of_a_quantized_folder_sizes_its_tensors_as_a_gpu_holds_them(tiny_r
 def test_quantize_refuses_a_runtime_section_plan_would_refuse(runtime, message, tiny_released, tmp_path, capsys):
     """quantize writes the recipe into OUT/recipe.yaml, which `klconvert plan --model OUT` reads."""
     path = tmp_path / "bad.yaml"
-    path.write_text(RECIPE + f"runtime:\n  {runtime}\n")
+    path.write_text(RECIPE + f"runtime:\n  {runtime}\n")   # the value on line 10
     for args in (("quantize", tiny_released, tmp_path / "q"), ("plan", "--preset", "tiny")):
         code, _, err = run_cli(capsys, *args, "--recipe", str(path))
-        assert_one_line_error(code, err, f"{path}: ", message)
+        assert_one_line_error(code, err, f"{path}:10: ", message)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
 
 

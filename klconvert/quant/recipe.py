@@ -32,6 +32,11 @@ class Recipe:
     policy: Policy
     runtime: dict = field(default_factory=dict)
     path: str = ""
+    runtime_lines: dict = field(default_factory=dict, compare=False)   # each runtime key's "path:line"
+
+    def where(self, key: str) -> str:
+        """Where the runtime: section's `key` is written ("recipe.yaml:12"), for an error about its value."""
+        return self.runtime_lines.get(key, self.path)
 
 
 class _Reader:
@@ -197,13 +202,19 @@ def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
     if not groups:
         r.fail(qm["config_groups"][1], "config_groups is empty")
 
-    runtime = {}
+    return _with_runtime(r, top, Policy(groups=tuple(groups), ignore=ignore, strict=True), path)
+
+
+def _with_runtime(r: _Reader, top: dict, policy: Policy, path: str) -> Recipe:
+    """The recipe of `policy` and the `runtime:` section of the mapping `top` (its types checked, and the counts
+    positive; the runtime checks the other values)."""
+    runtime, lines = {}, {}
     if "runtime" in top:
         for key, (_, value_node) in r.mapping(top["runtime"][1], "runtime", tuple(_RUNTIME)).items():
-            runtime[key] = r.scalar(value_node, f"runtime.{key}", _RUNTIME[key])
+            runtime[key], lines[key] = r.scalar(value_node, f"runtime.{key}", _RUNTIME[key]), r.where(value_node)
             if _RUNTIME[key] is int and runtime[key] <= 0:
                 r.fail(value_node, f"runtime.{key} should be positive, got {runtime[key]}")
-    return Recipe(policy=Policy(groups=tuple(groups), ignore=ignore, strict=True), runtime=runtime, path=path)
+    return Recipe(policy=policy, runtime=runtime, path=path, runtime_lines=lines)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -227,20 +238,13 @@ def load_recipe(path: str | Path) -> Recipe:
     return parse_recipe(text, str(path))
 
 
-def parse_runtime_section(text: str, path: str) -> dict:
-    """The `runtime:` section of recipe text, its types checked as parse_recipe checks them; {} where the text holds
-    none. Nothing else in the text is read: a model folder's recipe.yaml, whose runtime: section `klconvert plan`
-    takes for its defaults, is provenance, and may be another tool's (llm-compressor writes its GPTQ recipes there).
-    KLError naming `path` (and the line) for text that is no YAML, or a runtime: section that is malformed."""
+def parse_runtime_section(text: str, path: str) -> Recipe:
+    """The `runtime:` section of recipe text, its types checked as parse_recipe checks them, as a Recipe of no policy
+    (its runtime {} where the text holds none). Nothing else in the text is read: a model folder's recipe.yaml, whose
+    runtime: section `klconvert plan` takes for its defaults, is provenance, and may be another tool's (llm-compressor
+    writes its GPTQ recipes there). KLError naming `path` (and the line) for text that is no YAML, or a runtime:
+    section that is malformed."""
     r = _Reader(path)
     root = _compose(text, path)
-    if not isinstance(root, yaml.MappingNode):
-        return {}
-    top = r.mapping(root, "the recipe", None)
-    runtime = {}
-    if "runtime" in top:
-        for key, (_, value_node) in r.mapping(top["runtime"][1], "runtime", tuple(_RUNTIME)).items():
-            runtime[key] = r.scalar(value_node, f"runtime.{key}", _RUNTIME[key])
-            if _RUNTIME[key] is int and runtime[key] <= 0:
-                r.fail(value_node, f"runtime.{key} should be positive, got {runtime[key]}")
-    return runtime
+    top = r.mapping(root, "the recipe", None) if isinstance(root, yaml.MappingNode) else {}
+    return _with_runtime(r, top, Policy(groups=()), path)
