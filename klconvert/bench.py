@@ -30,6 +30,7 @@ RESIDUAL_OUTPUTS = ("o_proj.weight", "w2.weight", "down_proj.weight")  # what ea
 CHECK_PROMPT = 64       # tokens of the depth check's prompt
 CHECK_DECODE = 8        # decode steps compared after it
 GRAPH_CHECK_STEPS = 4   # graph replays compared bit for bit with eager steps
+DECODE_SPARE_ROWS = 16  # cache rows a decode row plans past its context and its timed tokens
 PREFILL_CHECK_TOKENS = 2 * MLA_KEY_BLOCK + PREFILL_SEGMENT // 2 + 1  # over two key blocks, in several segments
 PREFILL_CHECK_BOUND = 5e-2  # relative error of the last token's logits past which nothing is timed
 # the depth check's bound, past which nothing is timed: relative error of the Triton path's logits against the
@@ -367,6 +368,17 @@ class BenchResult:
         return asdict(self)
 
 
+def check_new_tokens(config: KimiLinearConfig, new_tokens: int) -> None:
+    """KLError where `new_tokens` decoded (and DECODE_SPARE_ROWS) leave no context to decode at in the model's
+    longest context: bench fills each decode row's context short by them, and that context came out 0 or negative."""
+    context_left = config.model_max_length - new_tokens - DECODE_SPARE_ROWS
+    if context_left < 1:
+        raise KLError(f"--new-tokens {new_tokens:,} leaves no context to decode at: the decoded tokens and "
+                      f"{DECODE_SPARE_ROWS} spare cache rows must fit the model's {config.model_max_length_name} of "
+                      f"{config.model_max_length:,} tokens; give --new-tokens "
+                      f"{config.model_max_length - DECODE_SPARE_ROWS - 1:,} or fewer")
+
+
 def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[int], batches: list[int],
           mla_cache_dtype: str = "bfloat16", new_tokens: int = 128, calm_weights: Weights | None = None,
           report: Callable[[str], None] = print, device: str = "cuda", check_prompt: int = CHECK_PROMPT,
@@ -378,6 +390,7 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
     code on the CPU (Triton's interpreter; for tests of this code, not for figures), where warmup=False skips the
     untimed warm-ups (nothing compiles there, and each interpreted step costs seconds)."""
     cache = checked_mla_cache_dtype(mla_cache_dtype)
+    check_new_tokens(config, new_tokens)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KLError("klconvert bench times the CUDA path and needs a CUDA GPU; none is visible")
@@ -397,10 +410,10 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
     engine = None
     for asked in contexts:
         # the decoded tokens must fit the model's longest context too: at model_max_length the cache is filled
-        # that many tokens short of it
-        context = min(asked, config.model_max_length - new_tokens - 16)
+        # that many tokens short of it (check_new_tokens left it at least one)
+        context = min(asked, config.model_max_length - new_tokens - DECODE_SPARE_ROWS)
         for batch in batches:
-            plan_context = context + new_tokens + 16
+            plan_context = context + new_tokens + DECODE_SPARE_ROWS
             if engine is None:
                 engine = Engine(config, weights.read, device, DEFAULT_DTYPES[device.type], plan_context, batch,
                                 packed=weights.packed, kernels="triton", stored_schemes=weights.schemes,

@@ -749,6 +749,7 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
             if max(asked or [0]) > config.model_max_length:
                 raise KLError(f"{flag} {max(asked):,} is over the model's {config.model_max_length_name} "
                               f"{config.model_max_length:,}; lower it")
+        B.check_new_tokens(config, new_tokens)   # bench() checks it too; here with the other flags
         if contexts is None:
             contexts = [] if prefills else [DECODE_CONTEXT]
         result = B.bench(config, weights, bits=label, contexts=contexts, batches=batches,

@@ -201,6 +201,48 @@ def test_a_bench_that_fails_leaves_no_folder_for_its_json(tmp_path, capsys):
                                    "2000000")[::2], "--context 2,000,000 is over the model's model_max_length")
 
 
+def test_new_tokens_that_leave_no_context_are_refused_before_the_device(tiny4, monkeypatch):
+    """bench fills each decode row's context short by the decoded tokens and DECODE_SPARE_ROWS: 60 of a 72-token
+    model left a context of -4, decoded at unsaid. One line, before the device is looked at (no GPU here says this,
+    not that none is visible); one token fewer than the bound binds a one-token context."""
+    short = dataclasses.replace(tiny4, model_max_length=72)
+    weights = B.random_quantized_weights(short, 4, "cpu")
+
+    class Bound(Exception):
+        pass
+
+    def engine(config, read, device, dtype, plan_context, batch, **kwargs):
+        raise Bound(plan_context)
+
+    monkeypatch.setattr(B, "Engine", engine)
+    for new_tokens in (56, 60, 2**40):
+        with pytest.raises(B.KLError) as refused:
+            B.bench(short, weights, bits="int4", contexts=[32], batches=[1], new_tokens=new_tokens, device="cuda",
+                    report=lambda line: pytest.fail(f"reported {line!r} before refusing"))
+        assert str(refused.value) == (f"--new-tokens {new_tokens:,} leaves no context to decode at: the decoded "
+                                      "tokens and 16 spare cache rows must fit the model's model_max_length of 72 "
+                                      "tokens; give --new-tokens 55 or fewer")
+    with pytest.raises(Bound) as bound:
+        B.bench(short, weights, bits="int4", contexts=[32], batches=[1], new_tokens=55, device="cpu",
+                report=lambda line: None)
+    assert bound.value.args == (72,)   # context 1 + 55 decoded + 16 spare rows
+
+
+@pytest.mark.parametrize("model", [("--preset", "kimi-linear-48b", "--layers", "1"), ("--model", "tiny")],
+                         ids=["preset", "tiny"])
+def test_the_command_refuses_new_tokens_past_the_model_length_with_the_other_flags(capsys, monkeypatch, model):
+    """--new-tokens 1,048,560 of a 1,048,576-token model: refused by the command's own checks (bench() stood in
+    for), in one line naming the flag, the bound and what to give."""
+    ran = []
+    monkeypatch.setattr(B, "bench", lambda config, weights, **kwargs: ran.append(kwargs) or B.BenchResult(
+        "stand-in", 1, "int4", 1.0))
+    assert_one_line_error(*run_cli(capsys, "bench", *model, "--new-tokens", "1048560")[::2],
+                          "--new-tokens 1,048,560 leaves no context to decode at", "model_max_length of 1,048,576 "
+                          "tokens; give --new-tokens 1,048,559 or fewer")
+    assert ran == []
+    assert run_cli(capsys, "bench", *model, "--new-tokens", "1048559")[0] == 0 and ran[0]["new_tokens"] == 1048559
+
+
 @pytest.mark.parametrize("kind", ["FIFO", "link to a file", "link to nothing"])
 def test_a_json_name_that_is_no_regular_file_is_refused_and_left_as_it_is(tmp_path, capsys, kind):
     """The results are written whole: a new file renamed over --json. Only a folder was refused: a FIFO there (or
