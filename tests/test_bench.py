@@ -345,3 +345,30 @@ def test_the_peer_is_timed_in_bf16_after_a_512_token_prompt_until_two_timings_ag
     assert seen[:2] == [("config", raw), ("dtype", torch.bfloat16)]
     assert seen[2:] == [("generate", (1, 512), n, n, False) for _ in range(4) for n in (32, 1)]
     assert len(lines) == 1 and "9.35 ms/token" in lines[0]
+
+
+@pytest.mark.parametrize("context", [1, 3, 4, 4096])
+def test_the_graph_check_decodes_at_positions_inside_the_cache(context):
+    """The check's steps ran from context - 4: `--context 1` wrote the MLA cache at position -3 on the GPU. A stand-in
+    step records the positions each eager and graph step runs at (no GPU here to capture a graph)."""
+    class Step:
+        graph = object()
+        positions = torch.zeros(1, dtype=torch.long)
+        tokens = torch.zeros(1, dtype=torch.long)
+        seen: list[int] = []
+
+        def eager(self):
+            self.seen.append(int(self.positions))
+            return self.positions.clone()
+
+        step = eager
+
+    class State:
+        kda_state, conv_state = torch.zeros(2), torch.zeros(2)
+
+    step = Step()
+    engine = type("Engine", (), {"decoder": lambda self, batch: step, "state": State(),
+                                 "config": type("Config", (), {"vocab_size": 8})(), "device": "cpu"})()
+    B.check_graph_matches_eager(engine, 1, context)
+    first = max(context - B.GRAPH_CHECK_STEPS, 0)
+    assert step.seen == [*range(first, first + B.GRAPH_CHECK_STEPS)] * 2
