@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -153,6 +154,11 @@ def folder_recipe(path: Path, config: KimiLinearConfig) -> Recipe | None:
     return None
 
 
+def _names_and_shapes_checked(policy: Policy, config: KimiLinearConfig) -> Policy:
+    """policy.check_against the tensors of a checkpoint of `config`."""
+    return policy.check_against((s.name, s.shape) for s in expected_tensors(config).values())
+
+
 def plan_for(model: Path | None = None, preset: str | None = None, layers: int | None = None,
              recipe: Recipe | str | Path | None = None, batch: int | None = None, context: int | None = None,
              bits: int | None = None, group_size: int | None = None, memory_limit: int | None = None,
@@ -184,7 +190,15 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
     if stored is not None:
         policy = stored
     elif recipe is not None:  # every target must select a tensor of this model: a typo is an error, not a no-op
-        policy = recipe.policy.check_against((s.name, s.shape) for s in expected_tensors(config).values())
+        policy = recipe.policy
+        if model is None and layers is not None:
+            # a preset cut to --layers is held to its whole model, as quantize holds a recipe to the checkpoint it
+            # converts: the cut may lack a kind of layer a target is written for (--layers 1 keeps only layer 0,
+            # whose MLP is dense: no routed experts), so there a target may select nothing
+            _names_and_shapes_checked(policy, KimiLinearConfig.from_dict(preset_config(preset),
+                                                                         where=f"preset {preset}"))
+            policy = replace(policy, strict=False)
+        policy = _names_and_shapes_checked(policy, config)
     else:
         policy = policy_from_options(bits, GROUP_SIZE if group_size is None else group_size) if bits in SUPPORTED_BITS \
             else None  # 16: unquantized, a folder's stored weights too

@@ -48,6 +48,17 @@ def test_plan_command_takes_the_recipe_and_flags_override_it(capsys):
     assert code == 2 and "not both" in err
 
 
+@pytest.mark.parametrize("layers", [("--layers", "1"), ()], ids=["1-layer", "all-layers"])
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_shipped_recipe_plans_the_preset_at_any_layer_count(path, layers, capsys):
+    """The shipped recipes are written for the released model. At --layers 1 (layer 0 alone, whose MLP is dense: no
+    routed experts) the experts group's "Linear" selected nothing there and the plan was refused; a preset cut to
+    --layers is held to its whole model, as quantize holds a recipe to the checkpoint it converts."""
+    code, out, err = run_cli(capsys, "plan", "--preset", "kimi-linear-48b", *layers, "--recipe", path.stem)
+    assert code == 0 and err == "", err
+    assert out.startswith("Memory plan for") and "weights total" in out
+
+
 def test_fp8_mla_cache_is_one_byte_a_value_and_a_scale_a_row():
     p = plan_for(preset="kimi-linear-48b", layers=4, mla_cache_dtype="float8_e4m3fn", context=1 << 20)
     assert p.mla_bytes_per_token == 1 * (576 * 1 + 4)
@@ -90,6 +101,15 @@ def test_recipe_errors_name_the_line(case, tmp_path, capsys):
     assert code == 2 and out == ""
     assert err.startswith(f"klconvert: error: {path}:{line}:") and message in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("layers", ["1", "2"])
+def test_a_preset_cut_to_layers_still_refuses_a_target_its_whole_model_lacks(layers, tmp_path, capsys):
+    (old, new), line, message = BAD_RECIPES["target selecting nothing"]
+    path = tmp_path / "bad.yaml"
+    path.write_text(RECIPE.replace(old, new))
+    assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--layers", layers, "--recipe", path)[::2],
+                          f"{path}:{line}:", message)
 
 
 @pytest.mark.parametrize("scheme", [QuantScheme(4, 32, True), QuantScheme(4, 32, False), QuantScheme(8, -1, True),
