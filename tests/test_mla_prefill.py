@@ -182,7 +182,7 @@ def test_the_prefill_bar_off_a_terminal_needs_progress(monkeypatch, progress, st
         assert shown == ["", "", ""]
 
 
-@pytest.mark.parametrize("value,needle", [("0", "at least 1"), ("12,x", "whole numbers"), ("", "at least 1"),
+@pytest.mark.parametrize("value,needle", [("0", "at least 1"), ("12,x", "whole numbers"), ("", "whole numbers"),
                                           ("2000000", "model_max_length")])
 def test_bench_prefill_refuses_bad_lengths(monkeypatch, capsys, value, needle):
     monkeypatch.setattr("sys.argv", ["klconvert"])
