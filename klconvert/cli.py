@@ -649,7 +649,7 @@ def eval_(model: str, reference: str, text_file: Path, max_tokens: int, device: 
 
     # the reference's folder first, for its config and tokenizer, which read the text; evaluate checks --model
     reference_dir = model_folder(reference, f"--reference {reference}")
-    config = KimiLinearConfig.from_file(reference_dir / "config.json")
+    config = KimiLinearConfig.from_file(reference_dir / "config.json", "--reference")
     if max_tokens > config.model_max_length:
         raise KLError(f"--max-tokens {max_tokens:,} is over the model's {config.model_max_length_name} "
                       f"{config.model_max_length:,}; lower it")

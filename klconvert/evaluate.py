@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from klconvert.checkpoint.reader import Checkpoint
 from klconvert.config import KimiLinearConfig
 from klconvert.devices import checked_device
 from klconvert.errors import KLError, argument
@@ -194,6 +195,7 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
     _same_architecture(*configs, *names)   # before either runs
     tokenizer = Tokenizer.from_folder(reference)
     _same_tokenizer(model, tokenizer, *names)
+    Checkpoint(model)   # its shards and their headers checked before the reference runs (a 48B one for minutes)
     ids = tokenizer.encode(text)[:tokens]
     if len(ids) < MIN_SCORED_TOKENS:
         raise KLError(f"the evaluation text (--text-file) is {len(ids)} token(s) long; give at least "

@@ -507,3 +507,36 @@ def test_a_model_folder_without_a_tokenizer_is_scored_with_the_references(tiny_r
     shutil.copy(tiny_released / "tokenizer_config.json", model / "tokenizer_config.json")
     with pytest.raises(PassedTheCheck):   # the same tokenizer
         evaluate(model, tiny_released, TEXT, max_tokens=16, device="cpu")
+
+
+def test_a_reference_without_config_is_named_by_its_flag_on_the_command_line(tmp_path, capsys):
+    """The command read the reference's config.json before evaluate and blamed --model for it."""
+    (tmp_path / "empty").mkdir()
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    code, _, err = run_cli(capsys, "eval", "--model", "tiny", "--reference", tmp_path / "empty", "--text-file", text,
+                           "--device", "cpu")
+    assert_one_line_error(code, err, "empty/config.json: no config.json here; point --reference at")
+
+
+@pytest.mark.parametrize("damage", ["no shards", "a truncated shard"])
+def test_a_model_whose_weights_cannot_be_read_is_refused_before_the_reference_runs(tiny_released, tmp_path,
+                                                                                  monkeypatch, capsys, damage):
+    """Only --model's config.json and tokenizer were checked first: a bf16 48B reference ran (minutes) before its
+    missing or truncated shard was found."""
+    import klconvert.evaluate as evaluate_module
+
+    model = shutil.copytree(tiny_released, tmp_path / "model")
+    for shard in model.glob("*.safetensors"):
+        if damage == "no shards":
+            shard.unlink()
+        else:
+            shard.write_bytes(shard.read_bytes()[:1_000_000])
+    ran = []
+    monkeypatch.setattr(evaluate_module, "run_model", lambda path, *args: ran.append(path) or pytest.fail("ran"))
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    code, _, err = run_cli(capsys, "eval", "--model", model, "--reference", tiny_released, "--text-file", text,
+                           "--max-tokens", "16", "--device", "cpu")
+    assert_one_line_error(code, err, str(model))
+    assert ran == []
