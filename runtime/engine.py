@@ -132,6 +132,9 @@ def _bool_at(value) -> str | None:
     return None
 
 
+_PROMPT_SHAPES = "give [T] or [B, T] ids, or a list of id lists"
+
+
 def as_prompts(prompts, vocab_size: int) -> list[torch.Tensor]:
     """generate's prompts -- a [T] or [B, T] tensor or list of ids, or a list of id lists (or tensors) of their own
     lengths -- as int64 [T] tensors, at least one, none empty, every id inside the vocabulary: every prompt checked
@@ -140,9 +143,16 @@ def as_prompts(prompts, vocab_size: int) -> list[torch.Tensor]:
         seqs = [whole_numbers(p, where=f"[{i}]") for i, p in enumerate(prompts)]   # prompts of their own lengths
     else:                                                   # one tensor or flat list of ids: [T] or [B, T]
         ids = whole_numbers(prompts)
-        seqs = list(ids.view(1, -1) if ids.dim() <= 1 else ids)
-    if not seqs or any(s.dim() != 1 or s.numel() == 0 for s in seqs):
-        raise KLError("generate needs at least one prompt, each a non-empty list of token ids")
+        if ids.dim() > 2:
+            raise KLError(f"generate's prompts have shape {list(ids.shape)}; {_PROMPT_SHAPES}")
+        seqs = list(ids.view(1, -1) if ids.dim() <= 1 else ids) if ids.numel() or ids.dim() == 2 else []
+    if not seqs:
+        raise KLError("generate needs at least one prompt")
+    for i, s in enumerate(seqs):
+        if s.dim() != 1:
+            raise KLError(f"generate's prompt [{i}] has shape {list(s.shape)}; {_PROMPT_SHAPES}")
+        if s.numel() == 0:
+            raise KLError(f"generate's prompt [{i}] is empty; each prompt needs at least one token id")
     for s in seqs:
         check_id_range(s, vocab_size)
     return seqs
@@ -341,12 +351,18 @@ class Runner:
         and run decode steps; the host never waits for the device except to hand tokens on (async copies, at
         most MAX_TOKENS_IN_FLIGHT steps behind) and once, after the first step, to start the clock. Returns the
         new ids [B, n] on the CPU; fills self.stats' decode figures (all reset when it fails, as generate's are).
-        The arguments are checked as generate's are (check_generate_args, as_stop_ids), the step's positions
-        against the plan's context and the logits for NaN before it starts (syncs, before the clock); it holds the
-        engine as generate does, so its on_token may not call back into it."""
+        The arguments are checked as generate's are (check_generate_args, as_stop_ids), the generator's device against
+        the engine's, the step's positions against the plan's context and the logits for NaN before it starts
+        (syncs, before the clock); it holds the engine as generate does, so its on_token may not call back into it."""
         with self._held("decode_loop"):
             max_new_tokens, temperature, top_p, _ = check_generate_args(max_new_tokens, temperature, top_p, None)
             check_callbacks(on_token=on_token)
+            if generator is not None and (not isinstance(generator, torch.Generator)
+                                          or generator.device.type != self.device.type):
+                got = f"one on {generator.device}" if isinstance(generator, torch.Generator) else \
+                    f"a {type(generator).__name__}"
+                raise KLError(f"decode_loop's generator should be a torch.Generator on {self.device.type} (or None), "
+                              f"got {got}")
             self._check_loop_start(step, logits, max_new_tokens)
             return self._decode_loop(step, logits, max_new_tokens, temperature, top_p, generator,
                                      as_stop_ids(stop_ids, self.config.vocab_size), on_token)
@@ -376,6 +392,10 @@ class Runner:
                      on_token: Callable[[int, int], None] | None) -> torch.Tensor:
         """decode_loop with its arguments checked, holding the engine (generate ends here)."""
         B = logits.shape[0]
+        if max_new_tokens == 0:   # nothing to sample: the [B, 0] ids, as generate's prefill-only run returns
+            self.stats.steps = self.stats.timed_steps = self.stats.new_tokens = self.stats.timed_tokens = 0
+            self.stats.decode_seconds, self.stats.batch = 0.0, B
+            return torch.empty(B, 0, dtype=torch.long)
         t0 = time.perf_counter()
         stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
         token = sample(logits, temperature, top_p, generator)
@@ -490,7 +510,8 @@ class Engine(Runner):
                           + (f"lower {argument(context_name, '--max-context')} to {fit} or less" if fit else
                              "the weights alone do not fit: use a quantized model (klconvert quantize --bits 4)"
                              if plan.weights > limit else
-                             f"no context fits a batch of {batch}: lower {argument('batch', '--batch')}")
+                             f"no context fits a batch of {batch}: lower batch (--batch; `klconvert run`: give "
+                             "fewer prompts)")
                           + ("" if host is None else f", or {host.remedy}"))
         self.plan, self.context_name = plan, context_name
 

@@ -345,7 +345,9 @@ def test_a_refused_resize_leaves_the_engine_as_it_was(tiny_released):
     AttributeError), and a batch no context fits was said to be the weights not fitting."""
     engine = klconvert.load(tiny_released, device="cpu", max_context=64)
     before = engine.generate([1, 2, 3], 4, stop_ids=frozenset())
-    with pytest.raises(KLError, match=r"no context fits a batch of 1000000000: lower batch \(--batch\)"):
+    # run has no --batch: its batch is the prompts it is given
+    with pytest.raises(KLError, match=r"no context fits a batch of 1000000000: lower batch \(--batch; `klconvert "
+                                      r"run`: give fewer prompts\)"):
         engine.resize(64, 10**9)
     assert engine.plan.batch == 1 and engine.state.context == 64
     assert torch.equal(engine.generate([1, 2, 3], 4, stop_ids=frozenset()), before)
@@ -735,3 +737,54 @@ def test_triton_kernels_off_cuda_are_refused_at_load(tiny_released, monkeypatch)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(KLError, match=r"^kernels='triton' \(--kernels\) needs a CUDA GPU, but it was asked for on "):
         klconvert.load(tiny_released, device="cpu", kernels="triton")
+
+
+def test_decode_loop_of_no_new_tokens_samples_nothing(engine):
+    """max_new_tokens=0 passed its checks and then wrote the first sampled token into a block of no columns: an
+    IndexError. It returns the [B, 0] ids generate's prefill-only run returns, its decode figures zero."""
+    ids = [1, 2, 3]
+    step = engine.decoder(1)
+    logits = engine.prefill(ids)
+    step.positions.fill_(len(ids))
+    engine.stats.steps, engine.stats.new_tokens = 7, 7   # a previous loop's figures
+    got = engine.decode_loop(step, logits, 0)
+    assert got.shape == (1, 0) and got.dtype == torch.long and got.device.type == "cpu"
+    assert (engine.stats.steps, engine.stats.timed_steps, engine.stats.new_tokens, engine.stats.timed_tokens,
+            engine.stats.decode_seconds, engine.stats.batch) == (0, 0, 0, 0, 0.0, 1)
+    assert engine.generate([ids], 2).shape == (1, 2)
+
+
+@pytest.mark.parametrize("prompts, message", [
+    ([], r"^generate needs at least one prompt$"),
+    ([[1, 2], []], r"^generate's prompt \[1\] is empty; each prompt needs at least one token id$"),
+    (torch.zeros(1, 1, 3, dtype=torch.long), r"^generate's prompts have shape \[1, 1, 3\]; give \[T\] or \[B, T\] ids, "
+                                             r"or a list of id lists$"),
+    ([1, [2, 3]], r"^generate's prompt \[0\] has shape \[\]; give \[T\] or \[B, T\] ids, or a list of id lists$"),
+])
+def test_a_prompt_of_the_wrong_shape_is_named_by_its_shape(engine, prompts, message):
+    """A [1, 1, 3] tensor and [1, [2, 3]] were said to be no prompt, or an empty one."""
+    with pytest.raises(KLError, match=message):
+        engine.generate(prompts, 2)
+
+
+def _decode_loop_with(engine, generator, temperature: float) -> torch.Tensor:
+    step = engine.decoder(1)
+    logits = engine.prefill([1, 2, 3])
+    step.positions.fill_(3)
+    return engine.decode_loop(step, logits, 2, temperature=temperature, generator=generator)
+
+
+def test_decode_loop_takes_a_generator_of_its_device(engine):
+    """An int was a TypeError from inside sampling at a temperature, and quietly ignored at 0."""
+    for temperature in (0.0, 1.0):
+        with pytest.raises(KLError, match=r"^decode_loop's generator should be a torch\.Generator on cpu \(or "
+                                          r"None\), got a int$"):
+            _decode_loop_with(engine, 5, temperature)
+    assert _decode_loop_with(engine, torch.Generator().manual_seed(0), 1.0).shape == (1, 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_loop_refuses_a_generator_of_another_device(engine):
+    with pytest.raises(KLError, match=r"^decode_loop's generator should be a torch\.Generator on cpu \(or None\), "
+                                      r"got one on cuda"):
+        _decode_loop_with(engine, torch.Generator(device="cuda"), 1.0)
