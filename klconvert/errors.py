@@ -25,13 +25,26 @@ def either(choices, flag: str | None = None) -> str:
 
 
 _UNSAID = object()
+_SHOWN_CHARS = 80   # of a value's repr in a message
+_LOG10_2 = 0.30102999566398120
+
+
+def shown(value) -> str:
+    """A value the caller gave, as a message shows it: its repr, cut to _SHOWN_CHARS; an integer past that many
+    digits by its length (Python refuses to print one of over 4,300 digits: the refusal raised ValueError)."""
+    if isinstance(value, int) and value.bit_length() > _SHOWN_CHARS * 3:
+        n = abs(value)
+        digits = max(1, int(n.bit_length() * _LOG10_2))
+        return f"an integer of {digits + (n >= 10 ** digits):,} digits"
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS - 3] + "..."
 
 
 def argument(name: str, flag: str, value=_UNSAID) -> str:
     """An argument as a message names it to both kinds of caller: as the Python API's `name` (with the `value` given,
-    when there is one) and as the command line's `flag` that sets it -- "max_context=0 (--max-context)", "batch
-    (--batch)"."""
-    return f"{name if value is _UNSAID else f'{name}={value!r}'} ({flag})"
+    when there is one, as `shown`) and as the command line's `flag` that sets it -- "max_context=0 (--max-context)",
+    "batch (--batch)"."""
+    return f"{name if value is _UNSAID else f'{name}={shown(value)}'} ({flag})"
 
 
 def refuse_non_bool(value, name: str, flag: str | None = None) -> None:

@@ -24,7 +24,7 @@ from klconvert.runtime.bind import bind, packed_choice
 from klconvert.runtime.decode_step import DecodeStep, capturable
 from klconvert.runtime.host_malloc import large_blocks_mapped
 from klconvert.runtime.host_memory import host_allocation, host_memory
-from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
+from klconvert.runtime.memory_plan import MAX_BATCH, PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.model import KimiLinear
 from klconvert.runtime.sampling import as_number, check_generate_args, sample, sampling_generator
 from klconvert.runtime.state import MLA_CACHE_DTYPES
@@ -197,6 +197,8 @@ def check_plan_args(context, batch, mla_cache_dtype: str | torch.dtype | None, c
         number = as_number(value, whole=True)
         if number is None or number < 1:
             raise KLError(f"{argument(name, flag, value)} should be a whole number of at least 1")
+        if name == "batch" and number > MAX_BATCH:
+            raise KLError(f"{argument(name, flag, value)} is past the {MAX_BATCH:,} sequences a plan sizes")
         sizes.append(number)
     return sizes[0], sizes[1], mla_cache_dtype
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 # (runtime/model.py): one MLA layer's attention over a 1M-token prompt 24.5 -> 19.9 s (2026-11-30, `python
 # bench/mla_prefill.py`), the workspace 2.65 GiB.
 PREFILL_SEGMENT = 16384
+MAX_BATCH = 65_536  # sequences a plan sizes; the 48B's KDA state alone is ~2.9 TB at this many
 WEIGHT_CATEGORIES = ("embedding", "lm_head", "attention", "kda_small", "experts", "shared_experts", "dense_mlp",
                      "router", "norm")
 

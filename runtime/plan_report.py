@@ -23,7 +23,7 @@ from klconvert.quant.groupwise import SUPPORTED_BITS
 from klconvert.quant.recipe import MAX_RECIPE_BYTES, parse_runtime_section
 from klconvert.quant.scheme import GROUP_SIZE
 from klconvert.runtime.bind import packed_choice
-from klconvert.runtime.memory_plan import MemoryPlan, weight_bytes
+from klconvert.runtime.memory_plan import MAX_BATCH, MemoryPlan, weight_bytes
 from klconvert.runtime.model import KimiLinear
 from klconvert.runtime.state import MLA_CACHE_DTYPES
 from klconvert.runtime.weights import HeldPacked
@@ -32,7 +32,6 @@ from klconvert.units import binary_size_text
 # What a plan takes where neither a flag nor the recipe's runtime: section says (the help and README restate these;
 # tests/test_memory_plan.py holds the help to them)
 RUNTIME_DEFAULTS = {"max_context": 131072, "batch": 1, "mla_cache_dtype": "bfloat16", "kda_state_dtype": "float32"}
-MAX_BATCH = 65_536  # sequences a plan sizes; the 48B's KDA state alone is ~2.9 TB at this many
 KDA_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(|B|KB|MB|GB|TB|KiB|MiB|GiB|TiB|K|M|G|T)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,

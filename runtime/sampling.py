@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-from klconvert.errors import KLError
+from klconvert.errors import KLError, shown
 
 
 SEEDS = 2**64  # a seed is 0 .. SEEDS - 1: what torch.Generator.manual_seed takes (it wraps -1 round to 2**64 - 1)
@@ -38,16 +38,16 @@ def check_generate_args(max_new_tokens, temperature, top_p, seed) -> tuple[int, 
     token 0 on every step, -1 new tokens returned none, 1.5 was a TypeError, seed -1 drew as 2**64 - 1)."""
     new_tokens = as_number(max_new_tokens, whole=True)
     if new_tokens is None or new_tokens < 0:
-        raise KLError(f"max_new_tokens {max_new_tokens!r} should be a whole number >= 0 (0 only prefills)")
+        raise KLError(f"max_new_tokens {shown(max_new_tokens)} should be a whole number >= 0 (0 only prefills)")
     t = as_number(temperature)
     if t is None or not math.isfinite(t) or t < 0:
-        raise KLError(f"temperature {temperature!r} should be a finite number >= 0 (0 is greedy)")
+        raise KLError(f"temperature {shown(temperature)} should be a finite number >= 0 (0 is greedy)")
     p = as_number(top_p)
     if p is None or not 0 < p <= 1:   # NaN fails too
-        raise KLError(f"top_p {top_p!r} should be in (0, 1] (1 keeps every token)")
+        raise KLError(f"top_p {shown(top_p)} should be in (0, 1] (1 keeps every token)")
     s = None if seed is None else as_number(seed, whole=True)
     if seed is not None and (s is None or not 0 <= s < SEEDS):
-        raise KLError(f"seed {seed!r} should be a whole number 0 .. 2**64 - 1 (or None for a fresh one)")
+        raise KLError(f"seed {shown(seed)} should be a whole number 0 .. 2**64 - 1 (or None for a fresh one)")
     return new_tokens, t, p, s
 
 

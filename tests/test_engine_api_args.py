@@ -285,10 +285,13 @@ def test_a_request_past_the_models_length_is_not_told_to_raise_the_context(tiny_
 
 
 def test_a_batch_past_the_hosts_memory_is_refused_before_allocating(tiny_released, monkeypatch):
-    """batch=10**9 asked the allocator for 98 TB: its RuntimeError."""
+    """batch=10**9 asked the allocator for 98 TB: its RuntimeError. A batch past the plans' bound is refused as
+    such."""
     monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(1 << 30))
     with pytest.raises(KLError, match=r"the plan needs [\d,.]+ [MG]B but cpu has 1\.07 GB available on the host "
                                       r"\(MemAvailable\); .*, or free some memory$"):
+        klconvert.load(tiny_released, device="cpu", batch=65536)
+    with pytest.raises(KLError, match=r"^batch=1000000000 \(--batch\) is past the 65,536 sequences a plan sizes$"):
         klconvert.load(tiny_released, device="cpu", batch=10**9)
 
 
@@ -346,9 +349,9 @@ def test_a_refused_resize_leaves_the_engine_as_it_was(tiny_released):
     engine = klconvert.load(tiny_released, device="cpu", max_context=64)
     before = engine.generate([1, 2, 3], 4, stop_ids=frozenset())
     # run has no --batch: its batch is the prompts it is given
-    with pytest.raises(KLError, match=r"no context fits a batch of 1000000000: lower batch \(--batch; `klconvert "
+    with pytest.raises(KLError, match=r"no context fits a batch of 65536: lower batch \(--batch; `klconvert "
                                       r"run`: give fewer prompts\)"):
-        engine.resize(64, 10**9)
+        engine.resize(64, 65536)
     assert engine.plan.batch == 1 and engine.state.context == 64
     assert torch.equal(engine.generate([1, 2, 3], 4, stop_ids=frozenset()), before)
 
@@ -788,3 +791,20 @@ def test_decode_loop_refuses_a_generator_of_another_device(engine):
     with pytest.raises(KLError, match=r"^decode_loop's generator should be a torch\.Generator on cpu \(or None\), "
                                       r"got one on cuda"):
         _decode_loop_with(engine, torch.Generator(device="cuda"), 1.0)
+
+
+HUGE = 10 ** 5000   # past the 4,300 digits Python prints an int in: its repr raises ValueError
+
+
+@pytest.mark.parametrize("call, named", [
+    (lambda e: e.generate([1, 2], HUGE), "max_new_tokens"),
+    (lambda e: e.generate([1, 2], 2, temperature=HUGE), "temperature"),
+    (lambda e: e.generate([1, 2], 2, top_p=-HUGE), "top_p"),
+    (lambda e: e.generate([1, 2], 2, seed=HUGE), "seed"),
+    (lambda e: klconvert.load("tiny", device="cpu", max_context=HUGE), "max_context"),
+    (lambda e: klconvert.load("tiny", device="cpu", batch=HUGE), "batch"),
+])
+def test_an_integer_too_long_to_print_is_refused_by_its_length(engine, call, named):
+    """10**5000 as an argument was a ValueError from printing it in the refusal (or an OverflowError)."""
+    with pytest.raises(KLError, match=rf"{named}.*an integer of 5,001 digits"):
+        call(engine)
