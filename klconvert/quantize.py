@@ -55,6 +55,7 @@ from klconvert.user_paths import given_path
 MAX_SHARD_BYTES = 5 * 10**9  # the "5GB" shards transformers and the released checkpoint use
 MIN_SHARD_BYTES = 1  # the smallest limit a shard takes (a tensor larger than the limit gets a shard of its own)
 WRITTEN_FILES = ("config.json", INDEX_FILE)  # made here, not copied
+MODEL_CARD_FILE = "README.md"
 RESUME_FORMAT = 1  # bump when the output of the same source and options changes
 
 
@@ -257,7 +258,8 @@ def _side_file(path: Path) -> bytes:
 
 
 def _write_error(e: OSError, folder: OutputFolder, done: int, total: int, kept: bool) -> KLError:
-    return KLError(f"{failed_write(e, Path(e.filename or folder.path))} and rerun the same command"
+    where = e.filename2 or e.filename   # filename2: a rename's target (a folder there), not the temporary file
+    return KLError(f"{failed_write(e, Path(where or folder.path))} and rerun the same command"
                    + (f" to resume ({done} of {total} shards are finished in {folder.path})" if kept else ""))
 
 
@@ -311,7 +313,8 @@ def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch
     recipe_yaml = policy.to_recipe_yaml(runtime)
     folder = OutputFolder(out, {"format": RESUME_FORMAT, "klconvert": version("klconvert"),
                                 "source": source_fingerprint(checkpoint, origin), "recipe": recipe_yaml,
-                                "max_shard_bytes": max_shard_bytes, "shards": names}, force)
+                                "max_shard_bytes": max_shard_bytes, "shards": names}, force,
+                          files=[*names, *WRITTEN_FILES, RECIPE_FILE, *side_files, MODEL_CARD_FILE])
     try:
         folder.open()
     except OSError as e:   # the folder or its resume record could not be made: open() took back what it made
@@ -336,7 +339,8 @@ def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch
                 resumed_bytes += kept_bytes
                 bar.update(kept_bytes)
             else:
-                write_shard(folder.path / name, shard, on_tensor=lambda t: bar.update(source_bytes.get(t.name, 0)))
+                folder.record_finished(name, write_shard(folder.path / name, shard,
+                                                         on_tensor=lambda t: bar.update(source_bytes.get(t.name, 0))))
             done += 1
         config = without_remote_code(checkpoint.config.raw)  # as read and checked, not read again
         config["quantization_config"] = policy.quantization_config()
@@ -346,7 +350,8 @@ def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch
         folder.write_text(RECIPE_FILE, recipe_yaml)
         for name, data in side_files.items():
             folder.write_bytes(name, data)
-        folder.write_text("README.md", model_card(out.name, origin, policy, totals, len(shards), version("klconvert")))
+        folder.write_text(MODEL_CARD_FILE,
+                          model_card(out.name, origin, policy, totals, len(shards), version("klconvert")))
         folder.finish()
     except BaseException as e:
         bar.leave = False  # a failed run ends with its error line, not a half-full bar

@@ -421,3 +421,121 @@ def test_too_little_space_is_said_in_readable_units(tiny_released, tmp_path, cap
     assert_one_line_error(*run_cli(capsys, "quantize", tiny_released, tmp_path / "q")[::2],
                           "q.partial: 0.01 MB free but ", " MB of shards are left to write")
     assert list(tmp_path.iterdir()) == []
+
+
+def _interrupted_at_shard(tiny_released, out, shard_number):
+    """OUT.partial as a run interrupted while writing its shard_number-th shard leaves it."""
+    with pytest.MonkeyPatch.context() as m:
+        break_shard_write(m, shard_number, KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            quantize(tiny_released, out, **OPTIONS)
+    return sorted((out.with_name(out.name + ".partial")).glob("*.safetensors"))
+
+
+def _zeroed_data(data: bytes) -> bytes:
+    start = 8 + int.from_bytes(data[:8], "little")
+    return data[:start] + bytes(len(data) - start)
+
+
+def _swapped_offsets(data: bytes) -> bytes:
+    """The data offsets of a shard's first two tensors (of one size) swapped: the same header length and file size."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    first, second = [name for name in header if name != "__metadata__"][:2]
+    header[first]["data_offsets"], header[second]["data_offsets"] = (header[second]["data_offsets"],
+                                                                      header[first]["data_offsets"])
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return data[:8] + raw.ljust(length) + data[8 + length:]
+
+
+def _other_metadata(data: bytes) -> bytes:
+    length = int.from_bytes(data[:8], "little")
+    header = data[8:8 + length].replace(b'"format":"pt"', b'"format":"xx"')
+    assert header != data[8:8 + length]
+    return data[:8] + header + data[8 + length:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", [_zeroed_data, _swapped_offsets, _other_metadata])
+def test_a_finished_shard_whose_bytes_changed_is_written_again(tiny_released, uninterrupted, tmp_path, damage):
+    """A finished shard was trusted by its header and size: one with zeroed data, swapped offsets or other metadata --
+    the same size, the same tensors -- was kept and the finished OUT held it. Its sha256 is recorded and checked."""
+    out = tmp_path / "q"
+    second = _interrupted_at_shard(tiny_released, out, 3)[1]   # its first two tensors are norms of one size
+    second.write_bytes(damage(second.read_bytes()))
+    assert quantize(tiny_released, out, **OPTIONS).shards_resumed == 1
+    assert folder_files(out) == folder_files(uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_finished_shard_replaced_by_a_link_is_written_again(tiny_released, uninterrupted, tmp_path):
+    """A link at a finished shard's name, even to its own bytes, stayed a link in the finished OUT."""
+    out = tmp_path / "q"
+    first = _interrupted_at_shard(tiny_released, out, 3)[0]
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    first.rename(elsewhere)
+    first.symlink_to(elsewhere)
+    assert quantize(tiny_released, out, **OPTIONS).shards_resumed == 1
+    assert folder_files(out) == folder_files(uninterrupted)
+    assert not any(p.is_symlink() for p in out.iterdir())
+
+
+@pytest.mark.slow
+def test_files_in_the_partial_folder_the_run_does_not_write_are_refused(tiny_released, uninterrupted, tmp_path,
+                                                                         capsys):
+    """Anything else in OUT.partial was carried into OUT and listed in its record as klconvert's (a stray
+    model.safetensors beside the sharded index): the resume names them and deletes nothing; without them it goes on."""
+    out, partial = tmp_path / "q", tmp_path / "q.partial"
+    _interrupted_at_shard(tiny_released, out, 3)
+    (partial / "model.safetensors").write_bytes(b"mine")
+    for folder in ("config.json", "notes.partial"):   # folders under a name the run writes, or removes as unfinished
+        (partial / folder).mkdir()
+    args = ("quantize", tiny_released, out, "--bits", "4", "--group-size", "32", "--max-shard-size", "150KB")
+    assert_one_line_error(*run_cli(capsys, *args)[::2], f"{partial}: holds files this run does not write "
+                          "(config.json, model.safetensors, notes.partial); move them out of it and rerun to resume")
+    assert (partial / "model.safetensors").read_bytes() == b"mine" and not out.exists()
+    (partial / "model.safetensors").unlink()
+    (partial / "config.json").rmdir()
+    (partial / "notes.partial").rmdir()
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert folder_files(out) == folder_files(uninterrupted)
+
+
+def test_files_that_appear_in_the_partial_folder_while_converting_are_refused(tiny_released, tmp_path, monkeypatch):
+    out, partial = tmp_path / "q", tmp_path / "q.partial"
+    finish = OutputFolder.finish
+
+    def someone_writes_into_the_partial_folder(self):
+        (partial / "thesis.txt").write_text("mine")
+        return finish(self)
+
+    monkeypatch.setattr(OutputFolder, "finish", someone_writes_into_the_partial_folder)
+    with pytest.raises(KLError, match=r"q\.partial: holds files this run does not write \(thesis\.txt\)"):
+        quantize(tiny_released, out, **OPTIONS)
+    assert (partial / "thesis.txt").read_text() == "mine" and not out.exists()
+
+
+def test_force_replaces_an_out_a_run_killed_while_finishing_left_its_resume_record_in(tiny_released, tmp_path):
+    """A kill between the rename and the record's removal left .klconvert-resume.json in OUT, and --force refused
+    OUT as holding a file klconvert did not write."""
+    out = tmp_path / "q"
+    quantize(tiny_released, out, **OPTIONS)
+    (out / ".klconvert-resume.json").write_text("{}")
+    assert quantize(tiny_released, out, force=True, **OPTIONS).path == out
+    assert not (out / ".klconvert-resume.json").exists()
+
+
+def test_a_folder_where_a_side_file_goes_is_named_by_its_own_name(tiny_released, tmp_path, monkeypatch):
+    """It was named by the temporary file renamed onto it."""
+    out, partial = tmp_path / "q", tmp_path / "q.partial"
+    write_text = OutputFolder.write_text
+
+    def someone_makes_a_folder(self, name, text):
+        if name == "config.json":
+            (partial / "recipe.yaml").mkdir()
+        write_text(self, name, text)
+
+    monkeypatch.setattr(OutputFolder, "write_text", someone_makes_a_folder)
+    with pytest.raises(KLError, match=rf"cannot write {partial / 'recipe.yaml'} \("):
+        quantize(tiny_released, out, **OPTIONS)

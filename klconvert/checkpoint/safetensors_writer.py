@@ -1,6 +1,7 @@
 """Write safetensors shards one tensor at a time, so memory stays near one tensor, not the model."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -52,8 +53,8 @@ def shard_names(n: int) -> list[str]:
 
 
 def write_shard(path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None,
-                on_tensor: Callable[[PlannedTensor], None] | None = None) -> None:
-    """Write one safetensors file, making each tensor only when its turn comes.
+                on_tensor: Callable[[PlannedTensor], None] | None = None) -> str:
+    """Write one safetensors file, making each tensor only when its turn comes; the sha256 of its bytes.
 
     Written to `path` + ".partial" and renamed when whole, so a cut-off write never looks complete.
     """
@@ -66,21 +67,26 @@ def write_shard(path: Path, tensors: list[PlannedTensor], metadata: dict[str, st
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
     partial = path.with_name(path.name + ".partial")
+    digest = hashlib.sha256()
     with open(partial, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
+        for start in (len(raw).to_bytes(8, "little"), raw):
+            f.write(start)
+            digest.update(start)
         for t in tensors:
             value = t.make()
             if value.dtype != t.dtype or tuple(value.shape) != t.shape:
                 raise ValueError(f"{t.name}: made {value.dtype} {tuple(value.shape)}, planned {t.dtype} {t.shape}")
             if value.numel():
-                f.write(value.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                data = value.contiguous().reshape(-1).view(torch.uint8).numpy().data
+                f.write(data)
+                digest.update(data)
             del value  # release it before the next tensor is made
             if on_tensor:
                 on_tensor(t)
         f.flush()
         os.fsync(f.fileno())
     os.replace(partial, path)
+    return digest.hexdigest()
 
 
 def index_json(shards: list[list[PlannedTensor]], names: list[str], metadata: dict | None = None) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -24,8 +25,12 @@ from klconvert.disk_space import failed_write
 from klconvert.errors import KLError
 from klconvert.user_paths import refuse_unreachable, shown
 
-RESUME_RECORD = ".klconvert-resume.json"  # what the partial folder is for: source fingerprint and options
-MAX_RESUME_RECORD_BYTES = 16 << 20  # a record holds ~150 bytes a shard: past this it is not one of ours
+# What the partial folder is for (source fingerprint and options), and the sha256 of each shard finished so far
+RESUME_RECORD = ".klconvert-resume.json"
+FINISHED = "finished"  # the resume record's key for {shard name: sha256}, the one part of it that grows as a run goes
+MAX_RESUME_RECORD_BYTES = 16 << 20  # a record holds ~250 bytes a shard: past this it is not one of ours
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+HASH_CHUNK_BYTES = 8 << 20
 # What a finished OUT holds besides the files it lists: the names of the files the run wrote (what --force may replace)
 OUTPUT_RECORD = ".klconvert-output.json"
 MAX_OUTPUT_RECORD_BYTES = 1 << 20  # a record holds ~40 bytes a file: past this it is not one of ours
@@ -83,15 +88,22 @@ def not_written_by_klconvert(folder: Path, entries: list[str]) -> list[str] | No
     written = files_klconvert_wrote(folder)
     if written is None:
         return None
-    ours = written | {OUTPUT_RECORD, TEMPORARY_MARKER}
+    ours = written | {OUTPUT_RECORD, TEMPORARY_MARKER, RESUME_RECORD}   # a run killed inside finish() leaves its record
     return sorted(name for name in entries if name not in ours or (folder / name).is_dir())
 
 
-def write_output_record(folder: Path) -> None:
-    """List the files in `folder`, the output about to be renamed into place, in its OUTPUT_RECORD (the resume
-    record and the temporary mark, which go before it is finished, left out)."""
-    files = sorted(set(os.listdir(folder)) - {RESUME_RECORD, TEMPORARY_MARKER, OUTPUT_RECORD})
-    write_atomically(folder / OUTPUT_RECORD, (json.dumps({"files": files}, indent=1) + "\n").encode())
+def write_output_record(folder: Path, files: list[str]) -> None:
+    """List `files`, those of `folder` (the output about to be renamed into place) that the run wrote, in its
+    OUTPUT_RECORD."""
+    write_atomically(folder / OUTPUT_RECORD, (json.dumps({"files": sorted(files)}, indent=1) + "\n").encode())
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def refuse_no_new_name(out: Path) -> None:
@@ -380,11 +392,13 @@ def _remove(path: Path) -> None:
 
 class OutputFolder:
     """OUT.partial: created fresh, or taken up from an interrupted run with the same record, and renamed to
-    OUT when whole (replacing an existing OUT only then, and only with force)."""
+    OUT when whole (replacing an existing OUT only then, and only with force). `files`: the names the run writes into
+    it, nothing else -- what else is found there is refused, not carried into OUT."""
 
-    def __init__(self, out: Path, record: dict, force: bool):
-        self.out, self.path, self.force = out, partial_path(out), force
+    def __init__(self, out: Path, record: dict, force: bool, files: list[str]):
+        self.out, self.path, self.force, self.files = out, partial_path(out), force, sorted(files)
         self.record = json.loads(json.dumps(record))  # JSON types, to compare with the stored one
+        self.finished: dict[str, str] = {}   # {shard name: sha256} of the shards written whole, this run or before
 
     def open(self) -> bool:
         """Make the folder ready; True when an interrupted run's folder was taken up."""
@@ -393,8 +407,13 @@ class OutputFolder:
                 raise KLError(f"{self.path}: exists but is {_not_a_partial_output(self.path)}, so it is not an "
                               "interrupted klconvert run of yours; move or delete it yourself, or choose another OUT")
             stored = self._stored_record()
+            finished = stored.pop(FINISHED, None) if stored is not None else None
             if stored == self.record:
                 self.remove_unfinished()
+                self.refuse_files_not_written()
+                if isinstance(finished, dict):   # anything else there: no shard is known to be finished
+                    self.finished = {name: digest for name, digest in finished.items()
+                                     if isinstance(digest, str) and SHA256_HEX.fullmatch(digest)}
                 return True
             if stored is None:   # not a run of ours: --force must not delete what klconvert did not write
                 raise KLError(f"{self.path}: exists but holds no readable {RESUME_RECORD}, so it is not an "
@@ -405,11 +424,25 @@ class OutputFolder:
             _remove(self.path)
         self.path.mkdir(parents=True)
         try:
-            write_atomically(self.path / RESUME_RECORD, (json.dumps(self.record, indent=1) + "\n").encode())
+            self._write_record()
         except BaseException:   # an empty folder with no record would block every rerun, --force too
             _remove(self.path)
             raise
         return False
+
+    def _write_record(self) -> None:
+        record = {**self.record, FINISHED: self.finished} if self.finished else self.record
+        write_atomically(self.path / RESUME_RECORD, (json.dumps(record, indent=1) + "\n").encode())
+
+    def refuse_files_not_written(self) -> None:
+        """KLError naming what the folder holds besides the run's files and records (which OUT would carry, listed as
+        klconvert's), or a folder under one of their names: the user's to move, not klconvert's to delete."""
+        ours = {*self.files, RESUME_RECORD, TEMPORARY_MARKER, OUTPUT_RECORD}   # OUTPUT_RECORD: a finish interrupted
+        others = sorted(name for name in os.listdir(self.path) if name not in ours or (self.path / name).is_dir())
+        if others:
+            shown_names = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            raise KLError(f"{self.path}: holds files this run does not write ({shown_names}); move them out of it and "
+                          "rerun to resume")
 
     def _stored_record(self) -> dict | None:
         try:   # a regular file, bounded: OUT.partial may hold anything, a FIFO or /dev/zero under that name too
@@ -423,22 +456,30 @@ class OutputFolder:
         _remove(self.path)
 
     def remove_unfinished(self) -> None:
-        """Delete files an interrupted write left under a temporary name."""
+        """Delete files an interrupted write left under a temporary name (a folder so named is not one)."""
         for leftover in self.path.glob("*.partial"):
-            leftover.unlink(missing_ok=True)
+            if leftover.is_symlink() or not leftover.is_dir():
+                leftover.unlink(missing_ok=True)
 
     def has_finished(self, shard: str, tensors: list[PlannedTensor]) -> bool:
-        """Whether `shard` was written whole by an earlier run, with exactly the planned tensors."""
+        """Whether `shard` was written whole by an earlier run, with exactly the planned tensors: a regular file (not
+        a link) with the sha256 recorded when it was written."""
         path = self.path / shard
-        if not path.is_file():
-            return False
         try:
+            if shard not in self.finished or not stat.S_ISREG(os.lstat(path).st_mode):
+                return False
             header = read_header(path)
-        except KLError:
+        except (OSError, KLError):
             return False
         planned = {t.name: (TORCH_TO_SAFETENSORS[t.dtype], tuple(t.shape)) for t in tensors}
         found = {name: (e.dtype, e.shape) for name, e in header.tensors.items()}
-        return found == planned and path.stat().st_size == header.data_start + sum(t.nbytes for t in tensors)
+        return (found == planned and path.stat().st_size == header.data_start + sum(t.nbytes for t in tensors)
+                and file_sha256(path) == self.finished[shard])
+
+    def record_finished(self, shard: str, sha256: str) -> None:
+        """Note in the resume record that `shard` is written whole, with this sha256."""
+        self.finished[shard] = sha256
+        self._write_record()
 
     def write_text(self, name: str, text: str) -> None:
         write_atomically(self.path / name, text.encode())
@@ -455,7 +496,8 @@ class OutputFolder:
                           f"(the finished shards wait in {self.path}), or pass --force to replace it")
         if out_exists:   # what is at OUT now may not be what was checked when the run began
             refuse_existing_out(self.out, force=True)
-        write_output_record(self.path)
+        self.refuse_files_not_written()
+        write_output_record(self.path, self.files)
         if out_exists:
             replaced = move_aside(self.out)
             os.rename(self.path, self.out)
