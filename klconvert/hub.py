@@ -43,7 +43,7 @@ from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
 from klconvert.atomic_file import write_atomically
-from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_INDEX_BYTES
+from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_FILE_NAME_BYTES, MAX_INDEX_BYTES
 from klconvert.checkpoint.regular_file import read_json
 from klconvert.disk_space import free_disk_bytes
 from klconvert.entry import note_change
@@ -176,6 +176,7 @@ def pull(
         wanted = _select_from(listing, include, exclude, where) if listing is not None else None
         fetch_bytes = 0
         if not offline:
+            _refuse_unwritable_names(wanted, where, local_dir is not None)
             missing = [f for f in wanted if not _is_already_here(f, repo, commit, cache_dir, local_dir)]
             fetch_bytes = sum(f.size or 0 for f in missing)
             free = free_disk_bytes(target)
@@ -387,6 +388,7 @@ def select_files(
 COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "blob_id": re.compile(r"[0-9a-f]{40}")}
 MAX_PATH_CHARS = 1024
+LOCAL_DIR_METADATA_SUFFIX = ".metadata"   # huggingface_hub's record of a file in a --local-dir: NAME.metadata
 MAX_FILE_BYTES = 1 << 40  # past any one file of a checkpoint (the release's shards are ~5 GB)
 # A model repo holds tens of files (the release: 29); past these a listing is hostile, and huggingface_hub's
 # filtering of it by the files a pull asks for (one pattern each) grows as their product (20,000 x 1,000: 7 s).
@@ -463,6 +465,20 @@ def _check_listing(listing: list[HubFile], where: str, endpoint: str, published:
         raise bad(f"names {sorted(paths & folders)[0]!r} both as a file and as a folder")
 
 
+def _refuse_unwritable_names(wanted: list[HubFile], where: str, local: bool) -> None:
+    """KLError when a file to pull has a name (one part of its path) longer than a file system takes: said before
+    anything is downloaded, not as ENAMETOOLONG after the rest. In a --local-dir huggingface_hub also writes a record
+    of each file under its name plus LOCAL_DIR_METADATA_SUFFIX."""
+    limit = MAX_FILE_NAME_BYTES - (len(LOCAL_DIR_METADATA_SUFFIX) if local else 0)
+    for f in wanted:
+        longest = max(f.path.split("/"), key=lambda part: len(os.fsencode(part)))
+        if len(os.fsencode(longest)) > limit:
+            shown_path = f.path.replace(longest, f"{longest[:20]}...{longest[-5:]}")
+            raise KLError(f"{where} names {shown_path!r}, whose name is {len(os.fsencode(longest))} bytes, over the "
+                          f"{limit} a file system takes here; leave it out with --exclude, or report it to the "
+                          "repo's owner")
+
+
 def _published_listing(api: HfApi, repo: str, commit: str) -> list[HubFile]:
     """Every file of the repo at `commit` with the size and hashes the hub publishes."""
     info = api.model_info(repo, revision=commit, files_metadata=True)
@@ -530,10 +546,11 @@ def _announce(repo, revision, commit, listing: list[HubFile], wanted: list[HubFi
     """Tell the terminal what this pull takes, leaves on the hub, and fetches."""
     left_out = sorted({f.path for f in listing} - {f.path for f in wanted})
     total = sum(f.size or 0 for f in wanted)
+    leaving = (f", leaving {len(left_out)} on the hub ({', '.join(left_out[:5])}{', ...' if len(left_out) > 5 else ''})"
+               if left_out else "")
     print(
         f"{repo}@{revision or constants.DEFAULT_REVISION} is commit {commit}: pulling {len(wanted)} files "
-        f"({size_text(total)}), leaving {len(left_out)} on the hub ({', '.join(left_out[:5])}"
-        f"{', ...' if len(left_out) > 5 else ''}); {size_text(total - fetch_bytes)} already here, "
+        f"({size_text(total)}){leaving}; {size_text(total - fetch_bytes)} already here, "
         f"fetching {size_text(fetch_bytes)} into {target} ({size_text(free)} free)",
         file=sys.stderr,
     )

@@ -109,6 +109,17 @@ def test_pull_by_commit_sha_and_progress_output(served, capsys):
     assert "\r" not in said and "Verifying" not in said   # stderr is no terminal here: the line, and no bars
 
 
+def test_a_pull_that_leaves_nothing_on_the_hub_does_not_say_so(hub_server, checkpoint, tmp_path, capsys):
+    """It said "leaving 0 on the hub ()"."""
+    for path in NEVER_PULLED:
+        (checkpoint / path).unlink()
+    hub_server.add_repo(REPO, checkpoint)
+    with hub_environment(hub_server.endpoint, tmp_path / "hf_home"):
+        hub.pull(REPO, progress=True)
+    said = capsys.readouterr().err
+    assert f"pulling {len(PULLED)} files (" in said and "leaving" not in said
+
+
 def test_local_dir_gets_files_and_a_pull_record(served, checkpoint, tmp_path):
     server, commit = served
     out = tmp_path / "kimi"
@@ -486,6 +497,20 @@ def test_a_hostile_listing_is_refused_before_anything_is_written(served, tmp_pat
     assert victim.read_text() == "mine" and not (tmp_path / "kimi").exists()
     assert not list(tmp_path.rglob("escaped*"))
     assert sum(n for (method, _), n in server.requests.items() if method == "GET") == 0
+
+
+@pytest.mark.parametrize("local, name_bytes", [(False, 256), (True, 250)])
+def test_a_file_name_too_long_to_write_here_is_refused_before_any_download(served, tmp_path, local, name_bytes):
+    """It downloaded everything else, then failed on ENAMETOOLONG. In a --local-dir huggingface_hub keeps a record
+    of each file under its name plus ".metadata", so there a name of 250 bytes is already too long."""
+    server, _ = served
+    name = "a" * (name_bytes - len(".json")) + ".json"
+    server.info_edit = _listing_plus(_sibling(f"sub/{name}"))
+    with pytest.raises(KLError, match=rf"names 'sub/a{{20}}\.\.\.\.json', whose name is {name_bytes} bytes, over the "
+                                      rf"{246 if local else 255} a file system takes here; leave it out with --exclude"):
+        hub.pull(REPO, local_dir=tmp_path / "kimi" if local else None, progress=False)
+    assert sum(n for (method, _), n in server.requests.items() if method == "GET") == 0
+    assert hub.pull(REPO, exclude=["sub/*"], local_dir=tmp_path / "kimi" if local else None, progress=False).files
 
 
 @pytest.mark.parametrize("values, needle", [([1, 2], "a shard name that is not a string"),
