@@ -8,7 +8,7 @@ from pathlib import Path
 
 from klconvert.checkpoint.folder_files import refuse_link_out
 from klconvert.checkpoint.regular_file import parse_json, read_bounded
-from klconvert.errors import KLError, refuse_if_not_permitted, unreadable_reason
+from klconvert.errors import KLError, refuse_if_not_permitted, shown, unreadable_reason
 from klconvert.release import RELEASED_CONFIG
 
 SUPPORTED_MODEL_TYPES = ("kimi_linear",)
@@ -240,7 +240,7 @@ class KimiLinearConfig:
                           f"{', '.join(WEIGHT_DTYPES)} -- fix the config")
         # checked, not kept: the runtime implements the one value each may have
         if values.pop("q_lora_rank") is not None:
-            raise KLError(f"{where}: q_lora_rank={d['q_lora_rank']} (a low-rank MLA query) is not part of "
+            raise KLError(f"{where}: q_lora_rank={shown(d['q_lora_rank'])} (a low-rank MLA query) is not part of "
                           "Kimi Linear; this checkpoint is another model")
         if not values.pop("mla_use_nope"):
             raise KLError(f"{where}: mla_use_nope=false (rotary MLA) is not supported; Kimi Linear uses NoPE MLA")
@@ -257,7 +257,7 @@ class KimiLinearConfig:
         for name, (low, high) in SIZE_RANGES.items():
             value = lin[name.split(".", 1)[1]] if name.startswith("linear_attn_config.") else values[name]
             if not low <= value <= high:
-                raise KLError(f"{where}: field '{stored_as.get(name, name)}' is {value}, outside the sane range "
+                raise KLError(f"{where}: field '{stored_as.get(name, name)}' is {shown(value)}, outside the sane range "
                               f"{low}..{high:,}; fix the config or re-download the model")
         n = values["num_hidden_layers"]
         if len(lin["kda_layers"]) + len(lin["full_attn_layers"]) > n:
