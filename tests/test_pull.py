@@ -506,8 +506,9 @@ def test_a_file_name_too_long_to_write_here_is_refused_before_any_download(serve
     server, _ = served
     name = "a" * (name_bytes - len(".json")) + ".json"
     server.info_edit = _listing_plus(_sibling(f"sub/{name}"))
-    with pytest.raises(KLError, match=rf"names 'sub/a{{20}}\.\.\.\.json', whose name is {name_bytes} bytes, over the "
-                                      rf"{246 if local else 255} a file system takes here; leave it out with --exclude"):
+    with pytest.raises(KLError, match=rf"names 'sub/a{{20}}\.\.\.\.json', whose name is {name_bytes} bytes, over "
+                                      rf"the {246 if local else 255} a file system takes here; leave it out with "
+                                      "--exclude"):
         hub.pull(REPO, local_dir=tmp_path / "kimi" if local else None, progress=False)
     assert sum(n for (method, _), n in server.requests.items() if method == "GET") == 0
     assert hub.pull(REPO, exclude=["sub/*"], local_dir=tmp_path / "kimi" if local else None, progress=False).files
