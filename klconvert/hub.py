@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from huggingface_hub import (
     HfApi,
@@ -141,11 +141,13 @@ def pull(
     local_dir: Path | None = None,
     cache_dir: Path | None = None,
     progress: bool = True,
+    check_files: Callable[[list[HubFile]], None] | None = None,
 ) -> PullResult:
     """Download `repo@revision`'s allowed files into the HF cache (or `local_dir`) and verify them.
 
     `include`/`exclude` are `hf download`-style fnmatch patterns that narrow ALLOWED_PATTERNS.
-    With HF_HUB_OFFLINE=1 the pull is answered from the cache alone.
+    With HF_HUB_OFFLINE=1 the pull is answered from the cache alone. `check_files` is given the files to pull, as
+    the hub lists them, before any download: what its caller would refuse once they are here, it refuses now.
     """
     refuse_bundled_name(repo)
     refuse_bad_repo_id(repo)
@@ -177,6 +179,8 @@ def pull(
         fetch_bytes = 0
         if not offline:
             _refuse_unwritable_names(wanted, where, local_dir is not None)
+            if check_files is not None:
+                check_files(wanted)
             missing = [f for f in wanted if not _is_already_here(f, repo, commit, cache_dir, local_dir)]
             fetch_bytes = sum(f.size or 0 for f in missing)
             free = free_disk_bytes(target)

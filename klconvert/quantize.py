@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from fnmatch import fnmatch
 import shutil
 import time
 from contextlib import nullcontext
@@ -38,7 +39,7 @@ from klconvert.devices import checked_device
 from klconvert.disk_space import failed_write
 from klconvert.errors import KLError, argument, either, read_failure, refuse_non_bool
 from klconvert.extras import require
-from klconvert.hub import SIDE_FILES, is_repo_id, pull
+from klconvert.hub import SIDE_FILES, HubFile, is_repo_id, pull
 from klconvert.models import BUNDLED_NAME, DEFAULT_REPO, quantized_folder_name, resolve_model
 from klconvert.quant import Policy, Recipe, load_recipe, policy_from_options
 from klconvert.quant.defaults import DEFAULT
@@ -49,7 +50,7 @@ from klconvert.quant.scheme import KINDS, NF4_BLOCKSIZE
 from klconvert.presets import preset_config
 from klconvert.runtime.sampling import as_number
 from klconvert.tokenizer import check_tokenizer_if_any
-from klconvert.units import count_text, size_text
+from klconvert.units import binary_size_text, count_text, size_text
 from klconvert.user_paths import given_path
 
 MAX_SHARD_BYTES = 5 * 10**9  # the "5GB" shards transformers and the released checkpoint use
@@ -226,10 +227,26 @@ def _copied_files(src: Path) -> list[Path]:
         raise KLError(f"{src}: cannot list its files ({e.strerror}); quantize copies the tokenizer and configs "
                       "beside the weights -- make the folder readable for you (chmod u+r, or ask its owner) and "
                       "rerun") from None
-    found = sorted({p for pattern in SIDE_FILES for p in src.glob(pattern)
-                    if p.is_file() and not p.name.startswith(".") and p.name not in WRITTEN_FILES})
+    found = sorted({p for pattern in SIDE_FILES for p in src.glob(pattern) if p.is_file() and _copied(p.name)})
     refuse_unfit_side_files(src, found)
     return found
+
+
+def _copied(name: str) -> bool:
+    """Whether a file of this name in SRC (not in a folder of it) is copied into OUT."""
+    return not name.startswith(".") and name not in WRITTEN_FILES and any(fnmatch(name, p) for p in SIDE_FILES)
+
+
+def _refuse_unfit_listed_files(files: list[HubFile]) -> None:
+    """KLError, before a download, for a file to pull that quantize would refuse by its size once it is here: a
+    side file over MAX_SIDE_FILE_BYTES, a config or index over its bound."""
+    bounds = {"config.json": MAX_CONFIG_BYTES, INDEX_FILE: MAX_INDEX_BYTES}
+    for f in files:
+        bound = bounds.get(f.path, MAX_SIDE_FILE_BYTES if _copied(f.path) else None)
+        if bound is not None and f.size is not None and f.size > bound:
+            raise KLError(f"the repo's {f.path} is {f.size:,} bytes, over the {binary_size_text(bound)} klconvert "
+                          "reads of it, so quantizing would fail after the download; nothing was downloaded -- "
+                          "report it to the repo's owner")
 
 
 def without_remote_code(fields: dict) -> dict:
@@ -408,7 +425,7 @@ def _pulled(model: str, revision: str | None, progress: bool) -> Path:
     """The folder `model`, a hub repo id that names no folder here, is pulled into. The hub's "no such repo" says the
     folder is missing too: a bare word is as likely a folder typed wrong as an id without an owner (gpt2's)."""
     try:
-        return pull(model, revision=revision, progress=progress).path
+        return pull(model, revision=revision, progress=progress, check_files=_refuse_unfit_listed_files).path
     except KLError as e:
         if isinstance(e.__cause__, RepositoryNotFoundError) and not isinstance(e.__cause__, GatedRepoError):
             raise KLError(f"--model {model}: no such folder here, and {e}") from e

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,26 @@ def test_hash_mismatch_stops_before_quantizing(served, tiny_released, capsys):
     assert code == 2 and errors == [shown_lines(err)[-1]] and "Traceback" not in err
     assert "failed verification" in errors[0] and shard in errors[0]
     assert not Path("Kimi-Linear-48B-A3B-Instruct-w8a16").exists()
+    assert list(Path().iterdir()) == []
+
+
+@pytest.mark.parametrize("name, size", [("tokenizer_config.json", (32 << 20) + 1), ("config.json", (1 << 20) + 1)])
+def test_a_file_quantize_would_refuse_by_its_size_is_refused_before_any_download(tiny_released, tmp_path,
+                                                                                  monkeypatch, capsys, name, size):
+    """A side file over the bound quantize copies (or a config over its own) was found after the whole download."""
+    served_copy = tmp_path / "served"
+    shutil.copytree(tiny_released, served_copy)
+    with open(served_copy / name, "r+b") as f:   # a sparse file: its listing gives the size
+        f.truncate(size)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    with HubStandIn() as server:
+        server.add_repo(REPO, served_copy)
+        with hub_environment(server.endpoint, tmp_path / "hf_home"):
+            code, _, err = run_cli(capsys, "pull-and-quantize", "--bits", "4", "--group-size", "32")
+    assert_one_line_error(code, err, f"the repo's {name} is {size:,} bytes, over the",
+                          "so quantizing would fail after the download; nothing was downloaded")
+    assert sum(n for (method, _), n in server.requests.items() if method == "GET") == 0
     assert list(Path().iterdir()) == []
 
 
