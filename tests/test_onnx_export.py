@@ -34,7 +34,7 @@ from klconvert.quant import QuantScheme, compress_weight, decompress_weight, unp
 from klconvert.quantize import quantize
 from klconvert.runtime.engine import Engine, GenerationStats
 from klconvert.runtime.host_memory import DATA_BOUND, HostMemory
-from testkit import assert_one_line_error, emitting_a_special, rel_error, run_cli, shown_lines
+from testkit import assert_one_line_error, emitting_a_special, rel_error, run_cli, run_klconvert, shown_lines
 
 EXACT_BOUND = 1e-5  # onnxruntime vs klconvert on the same fp32 weights: summation order only
 LOAD_BOUND = 5e-3   # vs klconvert.load, whose dequantized weights are rounded to bf16
@@ -692,6 +692,33 @@ def test_run_with_onnxruntime_refuses_a_fifo_not_waits_on_it(exported, tmp_path,
     os.mkfifo(out / name)
     code, _, err = run_cli(capsys, "run", "--model", out, "--engine", "onnxruntime", "--prompt", "hi")
     assert_one_line_error(code, err, f"{name}: onnxruntime cannot load it", "not a regular file (a FIFO")
+
+
+def _graph_reading(location: str) -> bytes:
+    """An ONNX graph whose one weight is external data at `location`."""
+    weight = onnx.TensorProto(name="w", data_type=onnx.TensorProto.FLOAT, dims=[4],
+                              data_location=onnx.TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", "0"), ("length", "16")):
+        weight.external_data.add(key=key, value=value)
+    io = [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [4]) for name in ("x", "y")]
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Add", ["x", "w"], ["y"])], "g", io[:1], io[1:], [weight])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]).SerializeToString()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "fifo data", "data out of the folder"])
+def test_a_graph_onnxruntime_cannot_load_is_one_line_on_the_real_stderr(exported, tmp_path, damage):
+    """onnxruntime logged its own error line (in colour, with its source file) on the process's stderr before ours,
+    which run_cli's capture does not see; and the reason quoted its C++ frames."""
+    out = shutil.copytree(exported[1], tmp_path / "onnx")
+    if damage == "garbage":
+        (out / "model.onnx").write_bytes(b"\x08" * 64)
+    else:
+        (out / "model.onnx").write_bytes(_graph_reading("w.bin" if damage == "fifo data" else "../w.bin"))
+        os.mkfifo(out / "w.bin") if damage == "fifo data" else (tmp_path / "w.bin").write_bytes(bytes(16))
+    done = run_klconvert("run", "--model", out, "--engine", "onnxruntime", "--prompt", "hi", timeout=120)
+    line = assert_one_line_error(done.returncode, done.stderr, "model.onnx: onnxruntime cannot load it (",
+                                 "); export the folder again")
+    assert ".cc:" not in line and "onnxruntime::" not in line, line
 
 
 def test_run_with_onnxruntime_refuses_a_folder_that_is_no_export(capsys):

@@ -4,6 +4,7 @@ shares the runtime engine's sampling, stop handling, statistics and hold on the 
 from __future__ import annotations
 
 import numbers
+import re
 import time
 from pathlib import Path
 
@@ -26,8 +27,11 @@ from klconvert.units import size_text
 
 State = dict[str, np.ndarray]  # past input name -> value
 MAX_GENAI_CONFIG_BYTES = 1 << 20  # export-onnx writes a few KB
-ORT_ERRORS_ONLY = 3  # onnxruntime's log severity: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal
-ORT_FATAL_ONLY = 4  # while running: a failing run is one KLError line, not onnxruntime's log line besides
+# onnxruntime's log severity (0 verbose, 1 info, 2 warning, 3 error, 4 fatal) for loading and running: a graph's
+# warnings are no line of a run's output, and a failure is one KLError line, not onnxruntime's log line besides
+ORT_FATAL_ONLY = 4
+# What onnxruntime's messages wrap their reason in: "[ONNXRuntimeError] : 1 : FAIL : " and its C++ source position
+ORT_WRAPPING = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : |\S+\.(cc|h):\d+ (\S+::\S+\(.*?\) )?")
 GRAPH_INPUTS = ("input_ids", "position")  # what export-onnx feeds besides the state
 # A prompt prefills in calls of as many tokens as keep one MLA layer's fp32 scores [batch, heads, tokens, keys] under
 # this: the graph builds that tensor whole, a few times over (one call of 24,000 tokens of the bundled model took
@@ -37,6 +41,13 @@ SCORE_BYTES = 256 << 20
 # two-socket server of 192-core CPUs with SMT has 768), so no machine's count is refused, while onnxruntime starts
 # every thread up front -- 1024 took 39 s to start on 2 cores, 10**6 hung taking ~7 GB.
 MAX_THREADS = 1024
+
+
+def _reason(error: Exception) -> str:
+    """onnxruntime's reason for `error`, without its wrapping (the innermost message of the nested ones it quotes),
+    cut to 200 characters."""
+    parts = [part.strip() for part in ORT_WRAPPING.split(first_line(error)) if part and part.strip()]
+    return (parts[-1] if parts else first_line(error))[:200]
 
 
 def _out_of_memory(error: Exception) -> bool:
@@ -102,13 +113,13 @@ class OnnxEngine(Runner):
         try:
             options = ort.SessionOptions()
             options.intra_op_num_threads = count
-            options.log_severity_level = ORT_ERRORS_ONLY   # a graph's warnings are no line of a run's output
+            options.log_severity_level = ORT_FATAL_ONLY
             self.session = ort.InferenceSession(str(folder / ONNX_FILE), options,
                                                 providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for a missing or damaged file
             if _out_of_memory(e):
                 raise exhausted(f"loading {folder / ONNX_FILE} into onnxruntime", e) from None
-            raise KLError(f"{folder / ONNX_FILE}: onnxruntime cannot load it ({first_line(e)}); "
+            raise KLError(f"{folder / ONNX_FILE}: onnxruntime cannot load it ({_reason(e)}); "
                           "export the folder again") from None
         self.outputs = [o.name for o in self.session.get_outputs()]
         self._check_names(folder / ONNX_FILE)
@@ -172,7 +183,7 @@ class OnnxEngine(Runner):
         try:
             out = dict(zip(self.outputs, self.session.run(None, feed, self._run_options)))
         except Exception as e:  # onnxruntime's own exception types (Fail, InvalidArgument, ...) share no base
-            reason = first_line(e)[:200]
+            reason = _reason(e)
             if _out_of_memory(e):
                 raise KLError(f"{self.folder / ONNX_FILE}: onnxruntime ran out of memory running it ({reason}); give "
                               "fewer or shorter prompts") from None
