@@ -105,8 +105,11 @@ def whole_numbers(value, what: str = "token ids", where: str = "") -> torch.Tens
                       "0 or 1)")
     try:
         t = torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+    except (TypeError, ValueError, RuntimeError, OverflowError, NotImplementedError) as e:
         raise KLError(f"{what} should be whole numbers in a list or tensor ({str(e).splitlines()[0][:120]})") from None
+    if t.is_meta or t.layout != torch.strided:   # no values to read (meta), or none a check below reads (sparse)
+        raise KLError(f"{what} should be whole numbers in a list or a dense tensor that holds them, got a "
+                      f"{'meta' if t.is_meta else str(t.layout).removeprefix('torch.')} tensor")
     if t.numel() and (t.dtype == torch.bool or t.is_floating_point() or t.is_complex()):
         raise KLError(f"{what} should be whole numbers, got {t.dtype}")
     if t.dtype == torch.uint64 and t.numel():   # past 2**63 - 1, .long() would wrap it round to a negative number

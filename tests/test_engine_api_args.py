@@ -171,6 +171,17 @@ def test_a_bool_among_token_ids_is_refused(engine, prompts, where):
         engine.generate(prompts, 2)
 
 
+@pytest.mark.parametrize("valueless, kind", [(lambda t: t.to("meta"), "meta"), (lambda t: t.to_sparse(), "sparse_coo"),
+                                             (lambda t: [t[0].to("meta")], "meta")])
+def test_token_ids_in_a_tensor_without_values_are_refused(engine, valueless, kind):
+    """A meta tensor's ids raised torch's RuntimeError from .item(), a sparse one NotImplementedError."""
+    with pytest.raises(KLError, match=rf"^token ids should be whole numbers in a list or a dense tensor that holds "
+                                      rf"them, got a {kind} tensor"):
+        engine.generate(valueless(torch.ones(1, 3, dtype=torch.long)), 2)
+    with pytest.raises(KLError, match=r"^positions should be whole numbers in a list or "):
+        engine.decode_step([5], valueless(torch.ones(1, dtype=torch.long)))
+
+
 def test_bools_and_floats_are_refused_wherever_ids_or_positions_are_taken(engine):
     """forward, prefill and decode_step read ids and positions through the same check as generate."""
     for call in (engine.forward, engine.prefill):
