@@ -99,6 +99,7 @@ def write_output_record(folder: Path, files: list[str]) -> None:
 
 
 def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in HASH_CHUNK_BYTES chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         while chunk := stream.read(HASH_CHUNK_BYTES):
@@ -465,16 +466,16 @@ class OutputFolder:
         """Whether `shard` was written whole by an earlier run, with exactly the planned tensors: a regular file (not
         a link) with the sha256 recorded when it was written."""
         path = self.path / shard
-        try:
+        planned = {t.name: (TORCH_TO_SAFETENSORS[t.dtype], tuple(t.shape)) for t in tensors}
+        try:   # the header first: a shard of other tensors or size is not read through
             if shard not in self.finished or not stat.S_ISREG(os.lstat(path).st_mode):
                 return False
             header = read_header(path)
-        except (OSError, KLError):
+            found = {name: (e.dtype, e.shape) for name, e in header.tensors.items()}
+            return (found == planned and path.stat().st_size == header.data_start + sum(t.nbytes for t in tensors)
+                    and file_sha256(path) == self.finished[shard])
+        except (OSError, KLError):   # unreadable: written again
             return False
-        planned = {t.name: (TORCH_TO_SAFETENSORS[t.dtype], tuple(t.shape)) for t in tensors}
-        found = {name: (e.dtype, e.shape) for name, e in header.tensors.items()}
-        return (found == planned and path.stat().st_size == header.data_start + sum(t.nbytes for t in tensors)
-                and file_sha256(path) == self.finished[shard])
 
     def record_finished(self, shard: str, sha256: str) -> None:
         """Note in the resume record that `shard` is written whole, with this sha256."""
