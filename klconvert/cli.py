@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+from array import array
 import signal
 import stat
 import sys
@@ -351,7 +352,7 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
                 raise _context_error(text.where, e.max_tokens, True, max_new_tokens, max_context, config) from None
         if len(ids) > budget:
             raise _context_error(text.where, len(ids), not text.whole, max_new_tokens, max_context, config)
-        prompts.append(ids)
+        prompts.append(array("i", ids))   # 4 bytes a token, not a list's ~40: many long prompts wait for the plan
     longest = max(len(ids) for ids in prompts)
     if engine == "onnxruntime":
         require("onnxruntime", "--engine onnxruntime")

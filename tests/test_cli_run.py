@@ -169,6 +169,39 @@ def test_several_prompt_files_run_as_one_batch(tiny_released, tmp_path):
     assert "batch 2" in both.stderr.strip().splitlines()[-1]
 
 
+def test_many_long_prompt_files_are_held_in_little_memory_until_the_plan_refuses_them(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """Each prompt was held as a list of Python ints, ~40 bytes a token: 150 files of 1M tokens took 6.1 GB before
+    the plan refused the batch. Held as 4-byte ids, what the prompts take is about their text's size."""
+    import tracemalloc
+
+    from klconvert.runtime import engine
+
+    text = "the quick brown fox jumps over the lazy dog, said nobody in the play. " * 3_000
+    files = []
+    for i in range(8):
+        files += ["--prompt-file", tmp_path / f"p{i}.txt"]
+        (tmp_path / f"p{i}.txt").write_text(text)
+    tokens = len(Tokenizer.from_folder(klconvert.models.bundled_dir()).encode(text))
+    seen = {}
+
+    def refused(folder, **kwargs):   # where the plan is made and refused: what the prompts held by then
+        seen["bytes"] = tracemalloc.get_traced_memory()[0]
+        raise klconvert.KLError("the plan does not fit")
+
+    monkeypatch.setattr(engine, "load", refused)
+    held = []
+    for count in (1, 8):   # what seven more prompts add, past what reading any takes
+        tracemalloc.start()
+        try:
+            code, _, err = run_cli(capsys, "run", "--model", "tiny", *files[:2 * count])
+        finally:
+            tracemalloc.stop()
+        assert code == 2 and "the plan does not fit" in err
+        held.append(seen["bytes"])
+    assert tokens > 40_000 and held[1] - held[0] < 7 * tokens * 8, (held, tokens)
+
+
 def test_text_stdout_cannot_encode_is_replaced_not_a_traceback(tmp_path):
     """PYTHONIOENCODING=ascii: a batch header's file name (and sampled text) outside it shows as '?'."""
     prompt = tmp_path / "café.txt"
