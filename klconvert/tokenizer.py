@@ -9,6 +9,7 @@ import json
 import math
 import numbers
 import operator
+import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -20,7 +21,7 @@ from klconvert.checkpoint.folder_files import refuse_link_out
 from klconvert.checkpoint.regular_file import read_bounded, read_json
 from klconvert.chat_template import RenderPastBound, render_chat_template
 from klconvert.config import SIZE_RANGES, KimiLinearConfig
-from klconvert.errors import KLError, refuse_if_not_permitted, unreadable_reason
+from klconvert.errors import KLError, refuse_if_not_permitted, shown, unreadable_reason
 from klconvert.models import resolve_model
 
 BPE_FILE = "tiktoken.model"
@@ -86,8 +87,8 @@ def read_bpe_ranks(path: Path, vocab_size: int = SIZE_RANGES["vocab_size"][1]) -
         raise KLError(f"{path}: no {BPE_FILE} here (the tokenizer's BPE ranks); name a Kimi Linear checkpoint "
                       "folder, or re-download the model") from None
     except OSError as e:
-        refuse_if_not_permitted(e, path)
-        raise KLError(f"{path}: cannot read the BPE ranks ({e}); check the file's permissions") from None
+        refuse_if_not_permitted(e, path)   # said as that; anything else (a folder, a FIFO, a link in a loop) is damage
+        raise KLError(f"{path}: cannot read the BPE ranks ({e.strerror or e}); re-download the model") from None
     ranks: dict[bytes, int] = {}
     line_of_rank: dict[int, int] = {}
     for line_number, line in enumerate(data.splitlines(), start=1):
@@ -103,7 +104,7 @@ def read_bpe_ranks(path: Path, vocab_size: int = SIZE_RANGES["vocab_size"][1]) -
             problem = "an empty token" if not token else "a negative rank" if rank < 0 else "a repeated token"
             raise KLError(f"{path}: line {line_number} holds {problem}; re-download the model")
         if rank >= vocab_size or len(ranks) >= vocab_size:
-            problem = f"rank {rank}" if rank >= vocab_size else f"rank number {len(ranks) + 1}"
+            problem = f"rank {shown(rank)}" if rank >= vocab_size else f"rank number {len(ranks) + 1}"
             raise KLError(f"{path}: line {line_number} holds {problem}, outside the model's vocabulary of "
                           f"{vocab_size} ids; the tokenizer is not this model's -- re-download the model")
         if rank in line_of_rank:
@@ -160,6 +161,10 @@ def read_special_tokens(config: dict, path: Path, vocab_size: int = SIZE_RANGES[
         except UnicodeEncodeError:   # a lone surrogate ("\ud800" in the JSON): no text, and tiktoken cannot take it
             raise KLError(f"{path}: added_tokens_decoder entry {key} holds {content[:40]!r}, with an unpaired "
                           "surrogate that is no text; fix the file or re-download the model") from None
+        if max(map(ord, content)) >= ESCAPE:   # it would match inside the codes of a message's special text
+            raise KLError(f"{path}: added_tokens_decoder entry {key} holds a character of the private-use planes "
+                          f"U+{ESCAPE:X}..U+10FFFF, which klconvert escapes chat text with; fix the file or "
+                          "re-download the model")
         if content in special_tokens:
             raise KLError(f"{path}: special token {content!r} appears twice in added_tokens_decoder (ids "
                           f"{special_tokens[content]} and {key}); fix the file or re-download the model")
@@ -181,7 +186,7 @@ def named_special_token(config: dict, key: str, special_tokens: Mapping[str, int
     if isinstance(text, dict):  # transformers' serialized AddedToken
         text = text.get("content")
     if text is not None and (not isinstance(text, str) or text not in special_tokens):
-        raise KLError(f"{path}: {key} {text!r} is not in added_tokens_decoder; "
+        raise KLError(f"{path}: {key} {shown(text)} is not in added_tokens_decoder; "
                       "fix the file or re-download the model")
     return text
 
@@ -292,7 +297,7 @@ class Tokenizer:
             if named[key] is None:
                 raise KLError(f"{config_path}: '{key}' is not set; fix the file or re-download the model")
         chat_template_path = folder / CHAT_TEMPLATE_FILE
-        if chat_template_path.is_file():
+        if os.path.lexists(chat_template_path):   # a folder, FIFO or dangling link there is refused, not passed over
             refuse_link_out(chat_template_path)
             try:
                 chat_template = read_bounded(chat_template_path, MAX_CHAT_TEMPLATE_BYTES,

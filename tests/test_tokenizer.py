@@ -1,6 +1,7 @@
 """Tests of klconvert.tokenizer on synthetic tokenizer folders written by klconvert.synth.tokenizer_files."""
 import base64
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -591,3 +592,55 @@ def test_special_tokens_text_is_bounded_in_all_not_only_each(tmp_path):
         read_special_tokens(config, tmp_path / "tokenizer_config.json", 1 << 20)
     del config["added_tokens_decoder"]["0"]
     assert len(read_special_tokens(config, tmp_path / "tokenizer_config.json", 1 << 20)) == count - 1
+
+
+@pytest.mark.parametrize("key, value", [("bos_token", "x" * 5_000_000), ("eos_token", {"content": "y" * 5_000_000}),
+                                        ("eos_token", ["[EOS]"] * 1_000_000)])
+def test_a_huge_named_token_is_quoted_short(broken_folder, key, value):
+    """The refusal quoted the value whole: a line of 5-9 MB."""
+    edit_config(broken_folder, lambda c: c.update({key: value}))
+    with pytest.raises(KLError, match=rf"{key} .* is not in added_tokens_decoder") as error:
+        Tokenizer.from_folder(broken_folder)
+    assert len(str(error.value)) < 400, len(str(error.value))
+
+
+def test_a_rank_of_thousands_of_digits_is_quoted_short(broken_folder):
+    path = broken_folder / "tiktoken.model"
+    lines = path.read_bytes().splitlines()
+    lines[2] = lines[2].split()[0] + b" " + b"9" * 4_299
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(KLError, match=r"line 3 holds rank an integer of 4,299 digits, outside") as error:
+        Tokenizer.from_folder(broken_folder)
+    assert len(str(error.value)) < 400
+
+
+@pytest.mark.parametrize("content", ["\U000f0001", "<|\U000f0000|>", "\U000ffffd"])
+def test_a_special_token_of_the_private_plane_klconvert_escapes_with_is_refused(broken_folder, content):
+    """encode_chat writes a message's special-token text as codes in U+F0000..: a special token whose text held such a
+    code point matched inside them, and turned a user's plain text into a special id."""
+    edit_config(broken_folder, lambda c: c["added_tokens_decoder"][str(SMALL_RANKS + 2)].update(content=content))
+    assert_one_line_error(broken_folder, "tokenizer_config.json", f"entry {SMALL_RANKS + 2} holds a character of the "
+                          "private-use planes U+F0000..U+10FFFF, which klconvert escapes chat text with")
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "dangling link"])
+def test_a_chat_template_file_that_is_no_file_is_refused_not_passed_over(broken_folder, kind):
+    """The config's template was used in its place, silently."""
+    path = broken_folder / "chat_template.jinja"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to(broken_folder / "gone.jinja")
+    assert_one_line_error(broken_folder, "chat_template.jinja", "cannot read the chat template")
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_a_bpe_file_that_is_no_file_says_to_re_download(broken_folder, kind):
+    """It said to check the file's permissions."""
+    path = broken_folder / "tiktoken.model"
+    path.unlink()
+    path.mkdir() if kind == "folder" else os.mkfifo(path)
+    what = "directory" if kind == "folder" else "FIFO"
+    assert_one_line_error(broken_folder, "tiktoken.model", f"(not a regular file (a {what})); re-download the model")
