@@ -213,7 +213,7 @@ class KimiLinearConfig:
         if not isinstance(d, dict):
             raise KLError(f"{where}: expected a JSON object at the top level; re-download the model")
         if "model_type" in d and d["model_type"] not in SUPPORTED_MODEL_TYPES:
-            raise KLError(f"{where}: model_type {d['model_type']!r} is not supported; klconvert runs "
+            raise KLError(f"{where}: model_type {shown(d['model_type'])} is not supported; klconvert runs "
                           f"{', '.join(SUPPORTED_MODEL_TYPES)} (Kimi Linear) checkpoints only")
         for name, types in _REQUIRED.items():
             if name not in d:
@@ -245,7 +245,7 @@ class KimiLinearConfig:
         if not values.pop("mla_use_nope"):
             raise KLError(f"{where}: mla_use_nope=false (rotary MLA) is not supported; Kimi Linear uses NoPE MLA")
         if values.pop("moe_router_activation_func") != "sigmoid":
-            raise KLError(f"{where}: moe_router_activation_func={d['moe_router_activation_func']!r} "
+            raise KLError(f"{where}: moe_router_activation_func={shown(d['moe_router_activation_func'])} "
                           "is not supported; Kimi Linear routes with 'sigmoid'")
 
         lin = d["linear_attn_config"]

@@ -69,6 +69,9 @@ def test_huge_size_fields_are_refused_in_bounded_memory(tiny_copy, edit, needles
 @pytest.mark.parametrize("edit, needles", [
     (lambda c: c.update(vocab_size=10**12), ["'vocab_size'"]),
     (lambda c: c.update(hidden_size=10**400), ["field 'hidden_size' is an integer of 401 digits, outside the sane"]),
+    (lambda c: c.update(model_type="m" * 500_000), [f"model_type '{'m' * 76}... is not supported"]),
+    (lambda c: c.update(moe_router_activation_func="s" * 500_000),
+     [f"moe_router_activation_func='{'s' * 76}... is not supported"]),
     (lambda c: c.update(q_lora_rank=10**400), ["q_lora_rank=an integer of 401 digits (a low-rank MLA query)"]),
     (lambda c: c.update(routed_scaling_factor=float("nan")), ["routed_scaling_factor", "positive number"]),
     (lambda c: c.update(rms_norm_eps=float("inf")), ["rms_norm_eps", "positive number"]),

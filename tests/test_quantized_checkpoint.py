@@ -108,6 +108,10 @@ def test_unknown_quant_method_is_refused(tiny_copy):
     (tiny_copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(klconvert.KLError, match="'gptq' is not supported"):
         open_checkpoint(tiny_copy)
+    config["quantization_config"] = {"quant_method": "q" * 500_000}   # quoted short: it was quoted whole
+    (tiny_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(klconvert.KLError, match=f"quant_method '{'q' * 76}... is not supported"):
+        open_checkpoint(tiny_copy)
 
 
 def test_a_packed_config_over_float_weights_is_refused(tiny_copy, capsys):

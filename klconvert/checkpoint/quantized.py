@@ -10,7 +10,7 @@ import torch
 from klconvert.checkpoint.name_map import TensorSpec, canonical_pieces
 from klconvert.checkpoint.safetensors_header import SafetensorsHeader
 from klconvert.config import KimiLinearConfig
-from klconvert.errors import KLError
+from klconvert.errors import KLError, shown
 from klconvert.quant import QuantScheme, decompress_nf4, decompress_weight
 from klconvert.quant.declared import DENSE_FORMAT, G_IDX, Declared, declared_groups, group_act_order
 from klconvert.quant.groupwise import SUPPORTED_BITS
@@ -51,7 +51,7 @@ def quant_method(raw_config: dict, where: str) -> str | None:
         return None
     method = qc.get("quant_method") if isinstance(qc, dict) else None
     if method not in METHODS:
-        raise KLError(f"{where}: quantization_config.quant_method {method!r} is not supported; klconvert reads "
+        raise KLError(f"{where}: quantization_config.quant_method {shown(method)} is not supported; klconvert reads "
                       f"{' and '.join(METHODS)} checkpoints (write one with `klconvert quantize`)")
     if method == BITSANDBYTES and qc.get("load_in_8bit") is True:
         raise _unread_bnb_form(f"{where}: quantization_config.load_in_8bit is true", LLM_INT8)

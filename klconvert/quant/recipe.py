@@ -7,12 +7,13 @@ from pathlib import Path
 import yaml
 
 from klconvert.checkpoint.regular_file import open_regular
-from klconvert.errors import KLError, either
+from klconvert.errors import KLError, either, shown
 from klconvert.quant.groupwise import SUPPORTED_BITS, unsupported_observer
 from klconvert.quant.policy import MAX_POLICY_ENTRIES, Entry, Group, Policy, RegexBudget
 from klconvert.quant.scheme import KINDS, NF4_BLOCKSIZE, PACKED_FORMAT, QuantScheme
 from klconvert.recipes import shipped_names, shipped_recipe
 
+MAX_GROUP_NAME_CHARS = 200  # a config group's name ("group_0", "experts"), said in every message about the group
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few KB; a larger --recipe is the wrong file (or /dev/zero)
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _TOP_KEYS = ("<name>_stage", "runtime")
@@ -66,8 +67,8 @@ class _Reader:
                             "pattern is plain text")
         if not ok:
             names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            shown = repr(value) if isinstance(node, yaml.ScalarNode) else f"a {type(node).__name__[:-4].lower()}"
-            self.fail(node, f"{what} should be {names}, got {shown}")
+            got = shown(value) if isinstance(node, yaml.ScalarNode) else f"a {type(node).__name__[:-4].lower()}"
+            self.fail(node, f"{what} should be {names}, got {got}")
         return value
 
     def mapping(self, node: yaml.Node, what: str, allowed: tuple[str, ...] | None) -> dict:
@@ -81,9 +82,9 @@ class _Reader:
                                     "out")
             key = self.scalar(key_node, f"a key of {what}", str)
             if key in out:
-                self.fail(key_node, f"{what} repeats the key {key!r}")
+                self.fail(key_node, f"{what} repeats the key {shown(key)}")
             if allowed is not None and key not in allowed:
-                self.fail(key_node, f"unknown key {key!r} in {what}; expected {', '.join(allowed)}")
+                self.fail(key_node, f"unknown key {shown(key)} in {what}; expected {', '.join(allowed)}")
             out[key] = (key_node, value_node)
         return out
 
@@ -126,11 +127,11 @@ class _Reader:
         if get("actorder", (str, type(None)), None) is not None:
             self.fail(w["actorder"][1], "actorder needs calibration (GPTQ), which klconvert does not run; remove it")
         if kind not in KINDS:
-            self.fail(w["type"][1], f"type {kind!r} is not supported; use {either(KINDS)}")
+            self.fail(w["type"][1], f"type {shown(kind)} is not supported; use {either(KINDS)}")
         if kind == "nf4":
             if strategy not in ("group", None):
-                self.fail(w["strategy"][1], f"strategy {strategy!r} is not nf4's; nf4 is quantized in groups (blocks) "
-                                            f"of {NF4_BLOCKSIZE}: use strategy group or leave it out")
+                self.fail(w["strategy"][1], f"strategy {shown(strategy)} is not nf4's; nf4 is quantized in groups "
+                                            f"(blocks) of {NF4_BLOCKSIZE}: use strategy group or leave it out")
             group_size = NF4_BLOCKSIZE if group_size is None else group_size
         elif strategy == "channel" or (strategy is None and group_size == -1):
             if group_size not in (None, -1):
@@ -140,7 +141,7 @@ class _Reader:
             if group_size is None or group_size <= 0:
                 self.fail(node, f"{what} needs a positive group_size for strategy group (or strategy: channel)")
         else:
-            self.fail(w["strategy"][1], f"strategy {strategy!r} is not supported; use group or channel")
+            self.fail(w["strategy"][1], f"strategy {shown(strategy)} is not supported; use group or channel")
         try:
             return QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric, kind=kind,
                                observer="mse" if observer == "mse" else "minmax")
@@ -171,7 +172,7 @@ def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
     stages = [k for k in top if k.endswith("_stage")]
     for key, (key_node, _) in top.items():
         if key != "runtime" and not key.endswith("_stage"):
-            r.fail(key_node, f"unknown key {key!r} at the top of the recipe; expected {', '.join(_TOP_KEYS)}")
+            r.fail(key_node, f"unknown key {shown(key)} at the top of the recipe; expected {', '.join(_TOP_KEYS)}")
     if len(stages) != 1:
         r.fail(root, f"the recipe should hold exactly one '<name>_stage' section, got {stages}")
     _, modifiers = r.single(top[stages[0]][1], stages[0], "_modifiers")
@@ -186,6 +187,9 @@ def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
 
     groups = []
     for name, (name_node, group_node) in r.mapping(qm["config_groups"][1], "config_groups", None).items():
+        if len(name) > MAX_GROUP_NAME_CHARS:   # it names the group in every message about it
+            r.fail(name_node, f"config group name {shown(name)} is {len(name):,} characters long; give it a name of at "
+                              f"most {MAX_GROUP_NAME_CHARS}")
         g = r.mapping(group_node, f"config group {name!r}", _GROUP_KEYS)
         for key in ("targets", "weights"):
             if key not in g:

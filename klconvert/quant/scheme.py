@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from klconvert.errors import KLError, either
+from klconvert.errors import KLError, either, shown
 from klconvert.quant.groupwise import OBSERVERS, SUPPORTED_BITS, unsupported_observer
 
 PACKED_FORMAT = "pack-quantized"  # compressed-tensors' format of the int weights klconvert writes and reads
@@ -45,7 +45,7 @@ class QuantScheme:
                 raise KLError(f"group size {self.group_size} is not a positive multiple of 8 (or -1 for "
                               "per-channel); use 32, 64 or 128")
         else:
-            raise KLError(f"quantization kind {self.kind!r} is unknown; use {either(map(repr, KINDS))}")
+            raise KLError(f"quantization kind {shown(self.kind)} is unknown; use {either(map(repr, KINDS))}")
 
     @property
     def strategy(self) -> str:
