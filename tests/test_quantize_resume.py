@@ -492,7 +492,8 @@ def test_files_in_the_partial_folder_the_run_does_not_write_are_refused(tiny_rel
         (partial / folder).mkdir()
     args = ("quantize", tiny_released, out, "--bits", "4", "--group-size", "32", "--max-shard-size", "150KB")
     assert_one_line_error(*run_cli(capsys, *args)[::2], f"{partial}: holds files this run does not write "
-                          "(config.json, model.safetensors, notes.partial); move them out of it and rerun to resume")
+                          "(config.json, model.safetensors, notes.partial) (a folder where the run writes a file "
+                          "counts too); move them out of it and rerun to resume")
     assert (partial / "model.safetensors").read_bytes() == b"mine" and not out.exists()
     (partial / "model.safetensors").unlink()
     (partial / "config.json").rmdir()

@@ -442,8 +442,9 @@ class OutputFolder:
         others = sorted(name for name in os.listdir(self.path) if name not in ours or (self.path / name).is_dir())
         if others:
             shown_names = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-            raise KLError(f"{self.path}: holds files this run does not write ({shown_names}); move them out of it and "
-                          "rerun to resume")
+            folders = " (a folder where the run writes a file counts too)" if set(others) & ours else ""
+            raise KLError(f"{self.path}: holds files this run does not write ({shown_names}){folders}; move them out "
+                          "of it and rerun to resume")
 
     def _stored_record(self) -> dict | None:
         try:   # a regular file, bounded: OUT.partial may hold anything, a FIFO or /dev/zero under that name too
