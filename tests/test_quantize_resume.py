@@ -481,6 +481,18 @@ def test_a_finished_shard_replaced_by_a_link_is_written_again(tiny_released, uni
 
 
 @pytest.mark.slow
+def test_a_finished_shard_hard_linked_to_a_file_elsewhere_is_written_again(tiny_released, uninterrupted, tmp_path):
+    """A hard link kept its inode in the finished OUT: a later change to the file elsewhere changed OUT."""
+    out = tmp_path / "q"
+    first = _interrupted_at_shard(tiny_released, out, 3)[0]
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    os.link(first, elsewhere)
+    assert quantize(tiny_released, out, **OPTIONS).shards_resumed == 1
+    assert folder_files(out) == folder_files(uninterrupted)
+    assert (out / first.name).stat().st_ino != elsewhere.stat().st_ino and elsewhere.stat().st_nlink == 1
+
+
+@pytest.mark.slow
 def test_files_in_the_partial_folder_the_run_does_not_write_are_refused(tiny_released, uninterrupted, tmp_path,
                                                                          capsys):
     """Anything else in OUT.partial was carried into OUT and listed in its record as klconvert's (a stray
@@ -488,13 +500,16 @@ def test_files_in_the_partial_folder_the_run_does_not_write_are_refused(tiny_rel
     out, partial = tmp_path / "q", tmp_path / "q.partial"
     _interrupted_at_shard(tiny_released, out, 3)
     (partial / "model.safetensors").write_bytes(b"mine")
+    (partial / "mine.partial").write_bytes(b"mine")   # named like a temporary file, but none this run makes: kept
     for folder in ("config.json", "notes.partial"):   # folders under a name the run writes, or removes as unfinished
         (partial / folder).mkdir()
     args = ("quantize", tiny_released, out, "--bits", "4", "--group-size", "32", "--max-shard-size", "150KB")
     assert_one_line_error(*run_cli(capsys, *args)[::2], f"{partial}: holds files this run does not write "
-                          "(config.json, model.safetensors, notes.partial) (a folder where the run writes a file "
-                          "counts too); move them out of it and rerun to resume")
+                          "(config.json, mine.partial, model.safetensors and 1 more) (a folder where the run writes a "
+                          "file counts too); move them out of it and rerun to resume")
     assert (partial / "model.safetensors").read_bytes() == b"mine" and not out.exists()
+    assert (partial / "mine.partial").read_bytes() == b"mine"
+    (partial / "mine.partial").unlink()
     (partial / "model.safetensors").unlink()
     (partial / "config.json").rmdir()
     (partial / "notes.partial").rmdir()

@@ -458,18 +458,25 @@ class OutputFolder:
         _remove(self.path)
 
     def remove_unfinished(self) -> None:
-        """Delete files an interrupted write left under a temporary name (a folder so named is not one)."""
+        """Delete files an interrupted write of this run's left under a temporary name: a shard's NAME.partial
+        (safetensors_writer) or .NAME.PID.partial (atomic_file); anything else so named, or a folder, is not one."""
+        names = {*self.files, RESUME_RECORD, OUTPUT_RECORD}
         for leftover in self.path.glob("*.partial"):
-            if leftover.is_symlink() or not leftover.is_dir():
+            written = leftover.name.removesuffix(".partial")
+            atomic = re.fullmatch(r"\.(.+)\.[0-9]+", written)
+            if (written in names or (atomic is not None and atomic[1] in names)) and (
+                    leftover.is_symlink() or not leftover.is_dir()):
                 leftover.unlink(missing_ok=True)
 
     def has_finished(self, shard: str, tensors: list[PlannedTensor]) -> bool:
         """Whether `shard` was written whole by an earlier run, with exactly the planned tensors: a regular file (not
-        a link) with the sha256 recorded when it was written."""
+        a link, and not a hard link a file elsewhere shares, whose later changes OUT would take) with the sha256
+        recorded when it was written."""
         path = self.path / shard
         planned = {t.name: (TORCH_TO_SAFETENSORS[t.dtype], tuple(t.shape)) for t in tensors}
         try:   # the header first: a shard of other tensors or size is not read through
-            if shard not in self.finished or not stat.S_ISREG(os.lstat(path).st_mode):
+            found = os.lstat(path)
+            if shard not in self.finished or not stat.S_ISREG(found.st_mode) or found.st_nlink != 1:
                 return False
             header = read_header(path)
             found = {name: (e.dtype, e.shape) for name, e in header.tensors.items()}
