@@ -4,10 +4,10 @@ from __future__ import annotations
 import errno
 import math
 import os
-from array import array
 import signal
 import stat
 import sys
+from array import array
 from pathlib import Path
 
 import click

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-from fnmatch import fnmatch
 import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from importlib.metadata import version
 from pathlib import Path
 
@@ -242,7 +242,7 @@ def _refuse_unfit_listed_files(files: list[HubFile]) -> None:
     side file over MAX_SIDE_FILE_BYTES, a config or index over its bound."""
     bounds = {"config.json": MAX_CONFIG_BYTES, INDEX_FILE: MAX_INDEX_BYTES}
     for f in files:
-        bound = bounds.get(f.path, MAX_SIDE_FILE_BYTES if _copied(f.path) else None)
+        bound = bounds.get(f.path, MAX_SIDE_FILE_BYTES if "/" not in f.path and _copied(f.path) else None)
         if bound is not None and f.size is not None and f.size > bound:
             raise KLError(f"the repo's {f.path} is {f.size:,} bytes, over the {binary_size_text(bound)} klconvert "
                           "reads of it, so quantizing would fail after the download; nothing was downloaded -- "

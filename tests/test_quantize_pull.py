@@ -76,6 +76,22 @@ def test_a_file_quantize_would_refuse_by_its_size_is_refused_before_any_download
     assert list(Path().iterdir()) == []
 
 
+def test_a_large_json_in_a_subfolder_quantize_does_not_copy_is_no_reason_to_refuse(tiny_released, tmp_path,
+                                                                                     monkeypatch, capsys):
+    served_copy = tmp_path / "served"
+    shutil.copytree(tiny_released, served_copy)
+    (served_copy / "eval").mkdir()
+    with open(served_copy / "eval" / "results.json", "wb") as f:
+        f.truncate((32 << 20) + 1)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    with HubStandIn() as server:
+        server.add_repo(REPO, served_copy)
+        with hub_environment(server.endpoint, tmp_path / "hf_home"):
+            code, _, err = run_cli(capsys, "pull-and-quantize", "--bits", "4", "--group-size", "32")
+    assert code == 0, err
+
+
 def test_bad_options_fail_before_any_download(served, capsys):
     server, _ = served
     assert_one_line_error(*run_cli(capsys, "pull-and-quantize", "--bits", "5")[::2], "--bits 5 is not supported")
