@@ -56,13 +56,13 @@ def test_hash_mismatch_stops_before_quantizing(served, tiny_released, capsys):
     assert list(Path().iterdir()) == []
 
 
-@pytest.mark.parametrize("name, size", [("tokenizer_config.json", (32 << 20) + 1), ("config.json", (1 << 20) + 1)])
-def test_a_file_quantize_would_refuse_by_its_size_is_refused_before_any_download(tiny_released, tmp_path,
-                                                                                  monkeypatch, capsys, name, size):
-    """A side file over the bound quantize copies (or a config over its own) was found after the whole download."""
+def _pull_and_quantize_with_a_sparse_file(tiny_released, tmp_path, monkeypatch, capsys, name: str, size: int):
+    """pull-and-quantize of the tiny checkpoint served with `name` (made, or grown) a sparse file of `size` bytes (the
+    listing gives its size): (exit status, stderr, the stand-in)."""
     served_copy = tmp_path / "served"
     shutil.copytree(tiny_released, served_copy)
-    with open(served_copy / name, "r+b") as f:   # a sparse file: its listing gives the size
+    (served_copy / name).parent.mkdir(exist_ok=True)
+    with open(served_copy / name, "ab") as f:
         f.truncate(size)
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")
@@ -70,6 +70,14 @@ def test_a_file_quantize_would_refuse_by_its_size_is_refused_before_any_download
         server.add_repo(REPO, served_copy)
         with hub_environment(server.endpoint, tmp_path / "hf_home"):
             code, _, err = run_cli(capsys, "pull-and-quantize", "--bits", "4", "--group-size", "32")
+    return code, err, server
+
+
+@pytest.mark.parametrize("name, size", [("tokenizer_config.json", (32 << 20) + 1), ("config.json", (1 << 20) + 1)])
+def test_a_file_quantize_would_refuse_by_its_size_is_refused_before_any_download(tiny_released, tmp_path,
+                                                                                  monkeypatch, capsys, name, size):
+    """A side file over the bound quantize copies (or a config over its own) was found after the whole download."""
+    code, err, server = _pull_and_quantize_with_a_sparse_file(tiny_released, tmp_path, monkeypatch, capsys, name, size)
     assert_one_line_error(code, err, f"the repo's {name} is {size:,} bytes, over the",
                           "so quantizing would fail after the download; nothing was downloaded")
     assert sum(n for (method, _), n in server.requests.items() if method == "GET") == 0
@@ -78,17 +86,8 @@ def test_a_file_quantize_would_refuse_by_its_size_is_refused_before_any_download
 
 def test_a_large_json_in_a_subfolder_quantize_does_not_copy_is_no_reason_to_refuse(tiny_released, tmp_path,
                                                                                      monkeypatch, capsys):
-    served_copy = tmp_path / "served"
-    shutil.copytree(tiny_released, served_copy)
-    (served_copy / "eval").mkdir()
-    with open(served_copy / "eval" / "results.json", "wb") as f:
-        f.truncate((32 << 20) + 1)
-    (tmp_path / "work").mkdir()
-    monkeypatch.chdir(tmp_path / "work")
-    with HubStandIn() as server:
-        server.add_repo(REPO, served_copy)
-        with hub_environment(server.endpoint, tmp_path / "hf_home"):
-            code, _, err = run_cli(capsys, "pull-and-quantize", "--bits", "4", "--group-size", "32")
+    code, err, _ = _pull_and_quantize_with_a_sparse_file(tiny_released, tmp_path, monkeypatch, capsys,
+                                                         "eval/results.json", (32 << 20) + 1)
     assert code == 0, err
 
 
