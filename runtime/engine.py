@@ -35,6 +35,9 @@ from klconvert.units import size_text
 SMALL_MODEL_HIDDEN = 1024  # below this hidden size, CPU decode runs on one thread (see Engine._small_model_threads)
 MAX_TOKENS_IN_FLIGHT = 8  # decode steps the host may run ahead of the tokens it has seen (stop checks lag so)
 OUT_COLUMNS = 1024  # new ids held on the device a block of this many steps at a time: the output grows as they come
+NOT_FINITE = -1  # what the host is handed, in place of an id, for a step whose logits were not finite (sample)
+OVERFLOW_CAUSE = ("its weights or config.json (e.g. routed_scaling_factor) make the activations overflow -- check "
+                  "them, or re-download the model")
 SEGMENTS = "forward_segments"  # Runner._holder while a forward_segments iterator is being read
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}  # load's dtype by name (--dtype's choices)
 DEFAULT_DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}  # the compute dtype on each device type unless told
@@ -358,7 +361,9 @@ class Runner:
         new ids [B, n] on the CPU; fills self.stats' decode figures (all reset when it fails, as generate's are).
         The arguments are checked as generate's are (check_generate_args, as_stop_ids), the generator's device against
         the engine's, the step's positions against the plan's context and the logits for NaN before it starts
-        (syncs, before the clock); it holds the engine as generate does, so its on_token may not call back into it."""
+        (syncs, before the clock); each step's logits are flagged beside its ids (sample) and a flagged token stops
+        the loop, a KLError naming it, when it lands. It holds the engine as generate does, so its on_token may not
+        call back into it."""
         with self._held("decode_loop"):
             max_new_tokens, temperature, top_p, _ = check_generate_args(max_new_tokens, temperature, top_p, None)
             check_callbacks(on_token=on_token)
@@ -403,7 +408,7 @@ class Runner:
             return torch.empty(B, 0, dtype=torch.long)
         t0 = time.perf_counter()
         stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
-        token = sample(logits, temperature, top_p, generator)
+        token, finite = sample(logits, temperature, top_p, generator)
         done = torch.isin(token, stop)
         blocks: list[torch.Tensor] = []   # the new ids: a block of OUT_COLUMNS steps added as the steps reach it
 
@@ -415,12 +420,15 @@ class Runner:
 
         keep(token, 0)
         stream, stopped, made = _TokenStream(self.device), [False] * B, [0] * B
-        stream.push(token)
+        stream.push(torch.where(finite, token, NOT_FINITE))
 
         def hand_on(rows: list[list[int]]) -> None:
             for row in rows:
                 for b, t in enumerate(row):
                     if not stopped[b]:
+                        if t == NOT_FINITE:   # the steps still queued on the device are dropped with the engine's hold
+                            raise KLError(f"the model computed NaN or infinite logits at new token {made[b] + 1} of "
+                                          f"prompt {b + 1}: {OVERFLOW_CAUSE}")
                         stopped[b], made[b] = t in stop_ids, made[b] + 1
                         if on_token:
                             on_token(b, t)
@@ -435,11 +443,12 @@ class Runner:
                     t0, timed_from = time.perf_counter(), 2
                 step.tokens.copy_(token)
                 logits = step.step()
-                token = torch.where(done, token, sample(logits, temperature, top_p, generator))
+                drawn, finite = sample(logits, temperature, top_p, generator)
+                token = torch.where(done, token, drawn)
                 done |= torch.isin(token, stop)
                 step.positions += 1
                 keep(token, n)
-                stream.push(token)
+                stream.push(torch.where(finite, token, NOT_FINITE))   # a stopped sequence's flag is never read
                 n += 1
                 hand_on(stream.landed())
         hand_on(stream.landed(wait=True))
@@ -595,9 +604,7 @@ class Engine(Runner):
                 torch.cuda.empty_cache()
             if all_logits or last:
                 if not bool(torch.isfinite(logits).all()):  # a sync, which handing the logits on needs anyway
-                    raise KLError("the model computed NaN or infinite logits for the prompt: its weights or "
-                                  "config.json (e.g. routed_scaling_factor) make the activations overflow -- check "
-                                  "them, or re-download the model")
+                    raise KLError(f"the model computed NaN or infinite logits for the prompt: {OVERFLOW_CAUSE}")
                 yield logits[:, -1:] if not all_logits else logits
 
     def forward(self, input_ids) -> torch.Tensor:

@@ -62,13 +62,17 @@ def sampling_generator(seed: int | None, device: torch.device | str = "cpu") -> 
     return generator
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """logits [B, vocab] -> token ids [B]. temperature 0 is greedy."""
+def sample(logits: torch.Tensor, temperature: float, top_p: float,
+           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, vocab] -> (token ids [B], finite [B]): temperature 0 is greedy. `finite` is False where a row held
+    NaN or +inf, or only -inf (its largest value is not finite); that row's id is then a valid but meaningless one."""
     if temperature <= 0:
-        return logits.argmax(dim=-1)
+        top, token = logits.max(dim=-1)
+        return token, top.abs() < math.inf   # NaN compares False; isfinite would be four launches, this two
     # Shifted so the top logit is 0 before dividing: a tiny temperature then sends every other logit to -inf (and
     # 0 / T, with T underflowing to 0 in fp32, is kept 0, not NaN), so the draw tends to greedy, never to NaN.
-    shifted = logits.float() - logits.float().amax(dim=-1, keepdim=True)
+    top = logits.float().amax(dim=-1, keepdim=True)
+    shifted = logits.float() - top
     probs = torch.softmax(torch.where(shifted < 0, shifted / temperature, 0.0), dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
@@ -77,4 +81,4 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
         drop[..., 0] = False  # a top_p under fp32's least value compares as 0, which the first token's 0 reaches
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
     race = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / race).argmax(dim=-1)
+    return (probs / race).argmax(dim=-1), top.squeeze(-1).abs() < math.inf

@@ -73,9 +73,9 @@ def test_top_p_keeps_only_the_nucleus():
 
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
     g = torch.Generator().manual_seed(0)
-    draws = {int(sample(logits, 1.0, 0.8, g)) for _ in range(200)}
+    draws = {int(sample(logits, 1.0, 0.8, g)[0]) for _ in range(200)}
     assert draws == {0, 1}
-    assert int(sample(logits, 0.0, 1.0, g)) == 0
+    assert int(sample(logits, 0.0, 1.0, g)[0]) == 0
 
 
 @pytest.mark.parametrize("temperature, top_p, kept", [(0.5, 1.0, 8), (2.0, 1.0, 8), (1.0, 0.7, 3), (2.0, 0.8, 5)])
@@ -87,7 +87,7 @@ def test_sampled_frequencies_follow_the_tempered_softmax(temperature, top_p, kep
 
     logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])   # sorted: the nucleus is a prefix
     n = 20_000
-    draws = sample(logits.expand(n, -1), temperature, top_p, torch.Generator().manual_seed(0))
+    draws, _ = sample(logits.expand(n, -1), temperature, top_p, torch.Generator().manual_seed(0))
     counts = torch.bincount(draws, minlength=len(logits)).double()
     p = torch.softmax(logits.double() / temperature, dim=-1)
     p[kept:] = 0.0
@@ -104,7 +104,7 @@ def test_a_tiny_top_p_keeps_the_top_token(top_p):
 
     logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(1)) * 5
     g = torch.Generator().manual_seed(0)
-    assert torch.equal(sample(logits, 1.0, top_p, g), logits.argmax(dim=-1))
+    assert torch.equal(sample(logits, 1.0, top_p, g)[0], logits.argmax(dim=-1))
 
 
 @pytest.mark.parametrize("temperature", [1e-300, 1e-45, 1e-30])
@@ -115,7 +115,68 @@ def test_a_tiny_temperature_draws_the_top_token_not_nan(temperature):
     logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(1)) * 5
     g = torch.Generator().manual_seed(0)
     for top_p in (1.0, 0.5):
-        assert torch.equal(sample(logits, temperature, top_p, g), logits.argmax(dim=-1))
+        assert torch.equal(sample(logits, temperature, top_p, g)[0], logits.argmax(dim=-1))
+
+
+def _logits_not_finite_from_step(monkeypatch, step: int, row: int | None = None) -> None:
+    """From the `step`-th decode step on (1-based), the decode step's logits of sequence `row` (None: all) are NaN --
+    as when a state or cache overflows mid-decode, which finite prompt logits do not rule out."""
+    from klconvert.runtime.decode_step import DecodeStep
+
+    real, calls = DecodeStep.step, []
+
+    def step_then_nan(self):
+        logits = real(self).clone()
+        calls.append(1)
+        if len(calls) >= step:
+            logits[slice(None) if row is None else row] = float("nan")
+        return logits
+    monkeypatch.setattr(DecodeStep, "step", step_then_nan)
+
+
+def test_logits_not_finite_while_decoding_stop_the_run_at_that_token(capsys, monkeypatch):
+    """run printed a NUL byte for each such step (argmax's pick in a NaN row, token 0) and went on; now it stops
+    there in one line naming the token, with the text made before it printed."""
+    _logits_not_finite_from_step(monkeypatch, step=2)
+    code, out, err = run_cli(capsys, "run", "--model", "tiny", "--prompt", "ROMEO.", "--max-new-tokens", "8",
+                             "--device", "cpu")
+    assert code == 2, err
+    assert err.strip().splitlines()[-1] == (
+        "klconvert: error: the model computed NaN or infinite logits at new token 3 of prompt 1: its weights or "
+        "config.json (e.g. routed_scaling_factor) make the activations overflow -- check them, or re-download the "
+        "model")
+    assert "\0" not in out and out != ""   # the two tokens before it
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_logits_not_finite_in_one_sequence_of_a_batch_are_named_by_its_prompt(tiny_released, monkeypatch,
+                                                                             temperature):
+    from klconvert.errors import KLError
+
+    engine = klconvert.load(tiny_released, device="cpu", max_context=64, batch=2)
+    prompts = [[5, 6, 7], [8, 9]]
+    assert engine.generate(prompts, 6, temperature=temperature, seed=1).shape == (2, 6)   # finite: runs through
+    _logits_not_finite_from_step(monkeypatch, step=1, row=1)
+    with pytest.raises(KLError, match="NaN or infinite logits at new token 2 of prompt 2:"):
+        engine.generate(prompts, 6, temperature=temperature, seed=1)
+    assert engine.stats.new_tokens == 0   # reset, as any failed call leaves them
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.0, 1.0), (0.7, 1.0), (0.7, 0.9)])
+def test_a_row_without_a_finite_largest_logit_is_flagged(temperature, top_p):
+    """The decode loop stops on a row whose logits hold NaN or +inf, or only -inf; a -inf among finite values is
+    a masked token and stays a row like any other."""
+    from klconvert.runtime.sampling import sample
+
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(2))
+    logits[1, 7] = float("nan")
+    logits[2, 3] = float("inf")
+    logits[3] = float("-inf")
+    logits[4, :49] = float("-inf")   # masked but one
+    logits[5] = float("nan")
+    token, finite = sample(logits, temperature, top_p, torch.Generator().manual_seed(0))
+    assert finite.tolist() == [True, False, False, False, True, False]
+    assert token[4] == 49 and ((0 <= token) & (token < 50)).all()   # ids the next step can take, flagged or not
 
 
 @pytest.mark.slow
