@@ -148,12 +148,14 @@ def test_logits_not_finite_while_decoding_stop_the_run_at_that_token(capsys, mon
     assert "\0" not in out and out != ""   # the two tokens before it
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])   # on CUDA: graph replay, tokens copied async
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_logits_not_finite_in_one_sequence_of_a_batch_are_named_by_its_prompt(tiny_released, monkeypatch,
-                                                                             temperature):
+                                                                             temperature, device):
     from klconvert.errors import KLError
 
-    engine = klconvert.load(tiny_released, device="cpu", max_context=64, batch=2)
+    engine = klconvert.load(tiny_released, device=device, max_context=64, batch=2)
     prompts = [[5, 6, 7], [8, 9]]
     assert engine.generate(prompts, 6, temperature=temperature, seed=1).shape == (2, 6)   # finite: runs through
     _logits_not_finite_from_step(monkeypatch, step=1, row=1)
