@@ -16,6 +16,7 @@ import torch
 from klconvert.bench import random_quantized_weights, time_prefill
 from klconvert.config import KimiLinearConfig
 from klconvert.presets import preset_config
+from klconvert.release import NUM_SPECIAL_TOKENS
 from klconvert.runtime.engine import DEFAULT_DTYPES, Engine
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT
 from klconvert.runtime.model import MLA_KEY_BLOCK
@@ -32,7 +33,7 @@ def main() -> int:
     weights = random_quantized_weights(config, 4, "cuda", calm=True)
     engine = Engine(config, weights.read, torch.device("cuda"), DEFAULT_DTYPES["cuda"], args.tokens, 1,
                     packed=weights.packed, kernels="triton", stored_schemes=weights.schemes)
-    probe = torch.randint(0, config.vocab_size - 256, (1, 2 * MLA_KEY_BLOCK + 1000), device="cuda")
+    probe = torch.randint(0, config.vocab_size - NUM_SPECIAL_TOKENS, (1, 2 * MLA_KEY_BLOCK + 1000), device="cuda")
     ref = engine.prefill(probe)
     print(f"{torch.cuda.get_device_name()}: {args.layers} layers, prefill of {args.tokens:,} tokens; plan "
           f"{engine.plan.total / 2**30:.1f} GiB (workspace {engine.plan.workspace / 2**30:.2f} GiB at segment "

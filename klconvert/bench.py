@@ -20,6 +20,7 @@ from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.quant import QuantScheme, decompress_weight, policy_from_options
+from klconvert.quant.defaults import DEFAULT, LM_HEAD_BITS
 from klconvert.release import NUM_SPECIAL_TOKENS
 from klconvert.runtime.engine import DEFAULT_DTYPES, Engine, checked_mla_cache_dtype
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT
@@ -49,15 +50,20 @@ class Weights:
     schemes: dict[str, QuantScheme]
 
 
+def preset_label(bits: int) -> str:
+    """What random_quantized_weights makes, in a word: `int4 g128, lm_head int8`."""
+    return f"int{bits} g{DEFAULT.group_size}, lm_head int{LM_HEAD_BITS}"
+
+
 def random_quantized_weights(config: KimiLinearConfig, bits: int, device: str, seed: int = 0,
                              calm: bool = False) -> Weights:
-    """The default policy at `bits` (lm_head int8), every quantized weight made as random codes on `device`.
+    """The default policy at `bits` (preset_label), every quantized weight made as random codes on `device`.
 
     `calm` pins each MoE layer's experts with a wide margin and scales the residual branches by 1/4 (as
     tests/calm_checkpoint.py does), so bf16 rounding cannot flip expert choices and a comparison between two
     correct paths measures the paths, not router chaos."""
     specs = expected_tensors(config)
-    policy = policy_from_options(bits, 128).check_against([(n, s.shape) for n, s in specs.items()])
+    policy = policy_from_options(bits, DEFAULT.group_size).check_against([(n, s.shape) for n, s in specs.items()])
     schemes = {n: s for n, spec in specs.items() if (s := policy.scheme_for(n, spec.shape)) is not None}
     k = config.num_experts_per_token
 
@@ -96,7 +102,7 @@ def depth_check(config: KimiLinearConfig, weights: Weights, device: torch.device
     """The Triton path against the PyTorch path in bf16 on the same (calm) weights, at the depth being timed:
     prefill logits of a `prompt`-token prompt, then CHECK_DECODE graph-captured decode steps. Refuses to go on
     (KLError) past DEPTH_CHECK_BOUND relative or under DEPTH_CHECK_TOP1 of the same top-1."""
-    ids = torch.randint(0, config.vocab_size - 256, (1, prompt + CHECK_DECODE),
+    ids = torch.randint(0, config.vocab_size - NUM_SPECIAL_TOKENS, (1, prompt + CHECK_DECODE),
                         generator=torch.Generator().manual_seed(0)).to(device)
     logits = {}
     for kernels in ("torch", "triton"):
@@ -294,7 +300,8 @@ def prefill_check(config: KimiLinearConfig, weights: Weights, device: torch.devi
     """The last token's logits two ways on the Triton path (calm weights): a `tokens`-long prefill, against a prefill
     of all but the last token and one decode step (the absorbed latent-attention kernel over the whole cache, the
     KDA step from the prefill's final state). Refuses to go on when they differ past PREFILL_CHECK_BOUND."""
-    ids = torch.randint(0, config.vocab_size - 256, (1, tokens), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, config.vocab_size - NUM_SPECIAL_TOKENS, (1, tokens),
+                        generator=torch.Generator().manual_seed(0))
     engine = Engine(config, weights.read, device, DEFAULT_DTYPES[device.type], tokens, 1, packed=weights.packed,
                     kernels="triton", stored_schemes=weights.schemes, mla_cache_dtype=mla_cache_dtype)
     whole = engine.prefill(ids)
@@ -459,10 +466,11 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
     return result
 
 
-def time_transformers(raw_config: dict, prompt_tokens: int = 512, new_tokens: int = 64,
-                      report: Callable[[str], None] = print) -> dict:
-    """transformers' KimiLinearForCausalLM in bf16 on the same config, greedy decode after a prompt, warmed
-    until two successive timings agree within 5% (at most 8 rounds)."""
+def time_transformers(raw_config: dict, new_tokens: int, report: Callable[[str], None] = print,
+                      prompt_tokens: int = 512) -> dict:
+    """transformers' KimiLinearForCausalLM in bf16 on the same config, greedy decode of `new_tokens` (bench's
+    --new-tokens) after a prompt of `prompt_tokens`, warmed until two successive timings agree within 5% (at most 8
+    rounds)."""
     try:
         from transformers import KimiLinearConfig as HFConfig, KimiLinearForCausalLM
     except ImportError as e:

@@ -736,7 +736,7 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
             config = KimiLinearConfig.from_dict(preset_config(preset, layers))
             weights = B.random_quantized_weights(config, int(bits), "cuda")
             calm = B.random_quantized_weights(config, int(bits), "cuda", calm=True) if check_depth else None
-            label = f"int{bits} g128, lm_head int8"
+            label = B.preset_label(int(bits))
         else:
             from klconvert.checkpoint.quantized import QuantizedSource
             from klconvert.checkpoint.reader import Checkpoint

@@ -18,7 +18,6 @@ TINY = {
     "intermediate_size": 256,
     "kv_lora_rank": 128,
     "linear_attn_config": {**layer_lists(8), "head_dim": 32, "num_heads": 4, "short_conv_kernel_size": 4},
-    "model_max_length": 1048576,
     "moe_intermediate_size": 128,
     "num_attention_heads": 4,
     "num_experts": 16,

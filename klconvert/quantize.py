@@ -48,12 +48,12 @@ from klconvert.quant.groupwise import OBSERVERS, SUPPORTED_BITS, unsupported_obs
 from klconvert.quant.policy import LINEAR
 from klconvert.quant.scheme import KINDS, NF4_BLOCKSIZE
 from klconvert.presets import preset_config
+from klconvert.release import RELEASED_SHARD_BYTES
 from klconvert.runtime.sampling import as_number
 from klconvert.tokenizer import check_tokenizer_if_any
 from klconvert.units import binary_size_text, count_text, size_text
 from klconvert.user_paths import given_path
 
-MAX_SHARD_BYTES = 5 * 10**9  # the "5GB" shards transformers and the released checkpoint use
 MIN_SHARD_BYTES = 1  # the smallest limit a shard takes (a tensor larger than the limit gets a shard of its own)
 WRITTEN_FILES = ("config.json", INDEX_FILE)  # made here, not copied
 MODEL_CARD_FILE = "README.md"
@@ -152,9 +152,9 @@ def default_out_name(model: str, policy: Policy) -> Path:
 
 def shard_limit(max_shard_bytes: int | None, given: str | None = None) -> int:
     """The most bytes a shard holds: `max_shard_bytes`, a whole number of at least MIN_SHARD_BYTES, or
-    MAX_SHARD_BYTES for None. `given`: the --max-shard-size text it was read from, which a refusal then quotes."""
+    RELEASED_SHARD_BYTES for None. `given`: the --max-shard-size text it was read from, which a refusal then quotes."""
     if max_shard_bytes is None:
-        return MAX_SHARD_BYTES
+        return RELEASED_SHARD_BYTES
     number = as_number(max_shard_bytes, whole=True)
     if number is None or number < MIN_SHARD_BYTES:
         least = f"{MIN_SHARD_BYTES:,} byte{'' if MIN_SHARD_BYTES == 1 else 's'}"
@@ -162,7 +162,7 @@ def shard_limit(max_shard_bytes: int | None, given: str | None = None) -> int:
             raise KLError(f"--max-shard-size {given!r}: a shard holds at least {least}; give a size such as 5GB or "
                           "500MB")
         raise KLError(f"{argument('max_shard_bytes', '--max-shard-size', max_shard_bytes)}: give a whole number of "
-                      f"bytes, at least {MIN_SHARD_BYTES:,}, or None for the default {size_text(MAX_SHARD_BYTES)}")
+                      f"bytes, at least {MIN_SHARD_BYTES:,}, or None for the default {size_text(RELEASED_SHARD_BYTES)}")
     return number
 
 

@@ -3,6 +3,7 @@ config.json, its layer pattern, its tokenizer's reserved specials and the tensor
 from __future__ import annotations
 
 NUM_SPECIAL_TOKENS = 256  # reserved specials after the BPE ranks, as released
+RELEASED_SHARD_BYTES = 5 * 10**9  # the release's (and transformers') "5GB" shards: the default shard size
 FP32_TENSORS = ("A_log", "dt_bias", "e_score_correction_bias")  # name suffixes the released files store in fp32
 
 # What the release keeps in high precision, as regexes on module names (a tensor's name less `.weight`): no

@@ -536,11 +536,10 @@ def check_config_token_ids(config: KimiLinearConfig, tokenizer: Tokenizer, folde
     for token_id in config.eos_token_ids:
         if token_id is None or token_id in tokenizer.special_ids:
             continue
-        said = f"its eos_token has id {tokenizer.eos_id}" if tokenizer.eos_id is not None else "it names no eos_token"
         raise KLError(f"{folder / 'config.json'}: eos_token_id {token_id} is the text token "
                       f"{tokenizer.token_bytes(token_id)!r:.40} of {BPE_FILE}, not a special token of {CONFIG_FILE} "
-                      f"({said}); generation would stop wherever that text came -- set eos_token_id to a special "
-                      "token's id, or re-download the model")
+                      f"(its eos_token has id {tokenizer.eos_id}); generation would stop wherever that text came -- "
+                      "set eos_token_id to a special token's id, or re-download the model")
 
 
 def model_stop_ids(config: KimiLinearConfig, tokenizer: Tokenizer | None) -> frozenset[int]:

@@ -358,12 +358,12 @@ def test_other_defaults_the_cli_states_are_the_codes():
 
     from klconvert.bench import bench
     from klconvert.evaluate import evaluate
-    from klconvert.quantize import MAX_SHARD_BYTES
+    from klconvert.release import RELEASED_SHARD_BYTES
 
     options = {(name, p.name): p for name, command in cli.commands.items() for p in command.params}
     assert options[("eval", "max_tokens")].default == inspect.signature(evaluate).parameters["max_tokens"].default
     assert options[("bench", "new_tokens")].default == inspect.signature(bench).parameters["new_tokens"].default
-    assert f"[default: {MAX_SHARD_BYTES // 10**9}GB]" in options[("quantize", "max_shard_size")].help
+    assert f"[default: {RELEASED_SHARD_BYTES // 10**9}GB]" in options[("quantize", "max_shard_size")].help
     onnx_export = pytest.importorskip("klconvert.onnx.export")
     assert f"the oldest the export takes, {onnx_export.DEFAULT_OPSET}]" in options[("export-onnx", "opset")].help
     assert onnx_export.DEFAULT_OPSET == onnx_export.MIN_OPSET

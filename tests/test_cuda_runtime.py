@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import klconvert
+from klconvert.release import NUM_SPECIAL_TOKENS
 from testkit import rel_error
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -69,7 +70,7 @@ def test_cuda_long_prefill_then_decode_matches_the_reference_path():
     config = KimiLinearConfig.from_dict(preset_config("kimi-linear-48b", 4))
     weights = B.random_quantized_weights(config, 4, "cuda", calm=True)
     prompt, steps = 131072, 64
-    ids = torch.randint(0, config.vocab_size - 256, (1, prompt + steps),
+    ids = torch.randint(0, config.vocab_size - NUM_SPECIAL_TOKENS, (1, prompt + steps),
                         generator=torch.Generator().manual_seed(0)).cuda()
     logits = {}
     for kernels in ("torch", "triton"):

@@ -89,8 +89,8 @@ def write_shard(path: Path, tensors: list[PlannedTensor], metadata: dict[str, st
     return digest.hexdigest()
 
 
-def index_json(shards: list[list[PlannedTensor]], names: list[str], metadata: dict | None = None) -> str:
+def index_json(shards: list[list[PlannedTensor]], names: list[str]) -> str:
     """model.safetensors.index.json for the given shards."""
     total = sum(t.nbytes for shard in shards for t in shard)
     weight_map = {t.name: names[i] for i, shard in enumerate(shards) for t in shard}
-    return json.dumps({"metadata": {"total_size": total, **(metadata or {})}, "weight_map": weight_map}, indent=2)
+    return json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)

@@ -51,12 +51,11 @@ class FusedInstance:
         return f"{self.parent}.{self.module.name}"
 
 
-def fused_instances(names_and_shapes: Iterable[tuple[str, Sequence[int]]],
-                    table: Sequence[FusedModule] = VLLM_FUSED_MODULES) -> list[FusedInstance]:
+def fused_instances(names_and_shapes: Iterable[tuple[str, Sequence[int]]]) -> list[FusedInstance]:
     """Every fused module the checkpoint's `.weight` tensors form, in checkpoint order."""
     weights = [(n, tuple(s)) for n, s in names_and_shapes if n.endswith(".weight")]
     out = []
-    for fused in table:
+    for fused in VLLM_FUSED_MODULES:
         patterns = [re.compile(rf"^(?P<parent>.+)\.(?:{m})\.weight$") for m in fused.members]
         found: dict[str, list[list[tuple[str, tuple[int, ...]]]]] = {}
         for name, shape in weights:

@@ -22,13 +22,13 @@ from klconvert.checkpoint.size_bounds import HEADER_BYTES_PER_TENSOR
 from klconvert.disk_space import free_disk_bytes
 from klconvert.errors import KLError, refuse_non_bool
 from klconvert.presets import preset_config
-from klconvert.release import FP32_TENSORS, NUM_SPECIAL_TOKENS
+from klconvert.release import FP32_TENSORS, NUM_SPECIAL_TOKENS, RELEASED_SHARD_BYTES
 from klconvert.synth.tokenizer_files import write_tokenizer_files
 from klconvert.units import size_text
 from klconvert.user_paths import given_path
 from klconvert.whole_folder import refuse_taken, whole_folder
 
-DEFAULT_SHARD_BYTES = {"tiny": 4 << 20, "kimi-linear-48b": 5 * 10**9}
+DEFAULT_SHARD_BYTES = {"tiny": 4 << 20, "kimi-linear-48b": RELEASED_SHARD_BYTES}
 LAYOUTS = ("released", "transformers")  # synth's tensor layouts (--layout's choices): the release's, the port's
 
 

@@ -7,13 +7,13 @@ import random
 from pathlib import Path
 
 from klconvert.atomic_file import write_atomically
+from klconvert.release import RELEASED_CONFIG
 from klconvert.tokenizer import BPE_FILE, CONFIG_FILE, SPECIAL_TOKENS_FILE
 
 # The first special ids, in the released order; "<|reserved_token_{id}|>" fills the rest, then UNK and PAD.
 NAMED_SPECIAL_TOKENS = ("[BOS]", "[EOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|start_header_id|>",
                         "<|end_header_id|>", "[EOT_ID]", "<|im_system|>", "<|im_middle|>")
 UNK_TOKEN, PAD_TOKEN = "[UNK]", "[PAD]"  # the second-to-last and the last special id
-MODEL_MAX_LENGTH = 1048576
 
 # Merged first, one byte at a time, so that English (and some Chinese) encodes to multi-byte tokens even
 # in a vocabulary of a few hundred; common pairs come before common words.
@@ -110,7 +110,7 @@ def tokenizer_config(num_ranks: int, num_specials: int) -> dict:
         "clean_up_tokenization_spaces": False,
         "eos_token": "[EOS]",
         "extra_special_tokens": {},
-        "model_max_length": MODEL_MAX_LENGTH,
+        "model_max_length": RELEASED_CONFIG["model_max_length"],
         "pad_token": PAD_TOKEN,
         "tokenizer_class": "TikTokenTokenizer",
         "unk_token": UNK_TOKEN,
