@@ -732,3 +732,23 @@ def test_a_packed_embedding_or_router_is_refused_by_name(tiny_released, tmp_path
         code, _, err = run_cli(capsys, *command)
         assert_one_line_error(code, err, *needles)
     assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.parametrize("how", ["replaced", "rewritten in place"])
+def test_a_shard_changed_after_the_folder_was_opened_is_refused(tiny_released, tmp_path, how):
+    """helper-106's race: `quantize OUT --force` (int8) replaced OUT's shard while `run --model OUT` had read its
+    int4 headers; the new words were decoded by the old scheme, and run printed garbage with exit status 0."""
+    import os
+
+    from klconvert.errors import KLError
+
+    packed = write_quantized(tiny_released, tmp_path / "q4", bits=4)
+    write_quantized(tiny_released, tmp_path / "q8", bits=8)
+    ckpt = open_checkpoint(tmp_path / "q4")
+    shard, other = tmp_path / "q4" / "model.safetensors", tmp_path / "q8" / "model.safetensors"
+    if how == "replaced":
+        os.replace(shutil.copy(other, tmp_path / "new"), shard)
+    else:
+        shard.write_bytes(other.read_bytes())
+    with pytest.raises(KLError, match=r"model.safetensors: the shard changed after this command opened the folder"):
+        ckpt.get(next(iter(packed)))

@@ -100,6 +100,7 @@ class Checkpoint:
         self.headers: dict[str, SafetensorsHeader] = {}
         self.sources: dict[str, Source | QuantizedSource] = {}
         self._open: dict[str, object] = {}
+        self._files: dict[str, tuple[int, ...]] = {}   # shard -> file_identity when its header was read
         weight_map = self._read_headers()
         stored = sum(e.nbytes for h in self.headers.values() for e in h.tensors.values())
         check_model_size(self.config, str(self.folder / "config.json"), stored)
@@ -155,6 +156,7 @@ class Checkpoint:
                 raise KLError(f"{path}: shard is missing ({len(names)} tensors, e.g. {names[0]}, are indexed in "
                               "it); the download is incomplete -- pull the model again")
             self.headers[shard] = read_header(path, header_bytes_left)
+            self._files[shard] = file_identity(path)
             header_bytes_left -= self.headers[shard].data_start - 8
         return weight_map
 
@@ -247,12 +249,27 @@ class Checkpoint:
         try:
             handle = self._open.get(shard)
             if handle is None:
-                handle = self._open[shard] = safe_open(str(path), framework="pt")
+                self._refuse_replaced(shard)
+                handle = safe_open(str(path), framework="pt")
+                self._refuse_replaced(shard)   # the file just mapped is the one whose header was checked
+                self._open[shard] = handle
             tensor = handle.get_slice(name)[index].contiguous() if index else handle.get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise KLError(f"{path}: cannot read tensor {name} ({e}); download the checkpoint again") from None
         _refuse_non_finite(tensor, f"{path}: tensor {name}")
         return tensor
+
+    def _refuse_replaced(self, shard: str) -> None:
+        """KLError unless `shard` is still the file whose header was read at open: a `quantize --force` replacing the
+        folder under a reader had it decode the new int8 words by the old int4 header (garbage text, exit 0)."""
+        path = self.folder / shard
+        try:
+            same = file_identity(path) == self._files[shard]
+        except OSError:
+            same = False
+        if not same:
+            raise KLError(f"{path}: the shard changed after this command opened the folder (another command replaced "
+                          "or rewrote it) -- run again once that command is done")
 
     def get(self, name: str) -> torch.Tensor:
         """One canonical tensor, read from the memory-mapped shards: as stored, or dequantized if packed."""
@@ -274,6 +291,12 @@ class Checkpoint:
         if src.scheme.kind == "int":  # every reader of packed parts -- dequantize, Triton, ONNX -- comes through here
             check_scales(parts, src.scheme, f"{self.folder}: {name}")
         return parts, src.scheme
+
+
+def file_identity(path: Path) -> tuple[int, ...]:
+    """What changes when a file is replaced or rewritten: its device, inode, size and modification time."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def open_checkpoint(folder: str | Path) -> Checkpoint:
