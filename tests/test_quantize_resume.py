@@ -555,3 +555,37 @@ def test_a_folder_where_a_side_file_goes_is_named_by_its_own_name(tiny_released,
     monkeypatch.setattr(OutputFolder, "write_text", someone_makes_a_folder)
     with pytest.raises(KLError, match=rf"cannot write {partial / 'recipe.yaml'} \("):
         quantize(tiny_released, out, **OPTIONS)
+
+
+def test_an_interrupted_discard_leaves_a_folder_a_rerun_still_takes(tiny_released, tmp_path, monkeypatch):
+    """`--force` discarding an older OUT.partial, stopped after any file: the resume record goes last, so what is
+    left is still known as klconvert's (helper-105: an OUT.partial left shards and all but without its record was
+    refused by every rerun, --force too); one left empty is taken over."""
+    from klconvert.convert.output_folder import RESUME_RECORD
+
+    older = _interrupted_at_shard(tiny_released, tmp_path / "older", 4)[0].parent
+    entries = len(os.listdir(older))
+    assert entries >= 4 and (older / RESUME_RECORD).exists()
+    real_unlink = os.unlink
+    for stop_at in range(1, entries + 1):
+        out = tmp_path / f"q{stop_at}"
+        partial = shutil.copytree(older, out.with_name(out.name + ".partial"))
+        calls: list = []
+
+        def unlink_then_stop(path, *args, **kwargs):
+            if "dir_fd" in kwargs or os.fspath(path).startswith(os.fspath(partial)):   # rmtree's, or ours
+                calls.append(path)
+                if len(calls) == stop_at:
+                    raise KeyboardInterrupt
+            return real_unlink(path, *args, **kwargs)
+
+        with monkeypatch.context() as m:
+            m.setattr(os, "unlink", unlink_then_stop)
+            with pytest.raises(KeyboardInterrupt):
+                quantize(tiny_released, out, force=True, **{**OPTIONS, "bits": 8})
+        left = os.listdir(partial)
+        assert RESUME_RECORD in left or left == [], (stop_at, left)
+    (partial / RESUME_RECORD).unlink()   # the last stop: the record itself -- the folder is left empty
+    assert os.listdir(partial) == []
+    assert quantize(tiny_released, out, **{**OPTIONS, "bits": 8}).shards_resumed == 0
+    assert not partial.exists() and (out / "config.json").exists()

@@ -391,6 +391,19 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _remove_partial(path: Path) -> None:
+    """OUT.partial deleted with its resume record last: an interrupt midway leaves a folder that a rerun still knows
+    as klconvert's (one left without its record, shards and all, was refused by every rerun, --force too)."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+        return
+    for entry in os.scandir(path):
+        if entry.name != RESUME_RECORD:
+            _remove(Path(entry.path))
+    (path / RESUME_RECORD).unlink(missing_ok=True)
+    path.rmdir()
+
+
 class OutputFolder:
     """OUT.partial: created fresh, or taken up from an interrupted run with the same record, and renamed to
     OUT when whole (replacing an existing OUT only then, and only with force). `files`: the names the run writes into
@@ -416,18 +429,21 @@ class OutputFolder:
                     self.finished = {name: digest for name, digest in finished.items()
                                      if isinstance(digest, str) and SHA256_HEX.fullmatch(digest)}
                 return True
-            if stored is None:   # not a run of ours: --force must not delete what klconvert did not write
+            if stored is None and not any(self.path.iterdir()):   # emptied but not removed: nothing to lose
+                self.path.rmdir()
+            elif stored is None:   # not a run of ours: --force must not delete what klconvert did not write
                 raise KLError(f"{self.path}: exists but holds no readable {RESUME_RECORD}, so it is not an "
                               "interrupted klconvert run; move or delete it yourself, or choose another OUT")
-            if not self.force:
+            elif not self.force:
                 raise KLError(f"{self.path}: holds an interrupted conversion {_what_differs(stored, self.record)}; "
                               "pass --force to start over (or rerun with that run's SRC and options to resume it)")
-            _remove(self.path)
+            else:
+                _remove_partial(self.path)
         self.path.mkdir(parents=True)
         try:
             self._write_record()
         except BaseException:   # an empty folder with no record would block every rerun, --force too
-            _remove(self.path)
+            _remove_partial(self.path)
             raise
         return False
 
@@ -455,7 +471,7 @@ class OutputFolder:
 
     def remove(self) -> None:
         """Delete the whole folder (a run that failed before finishing any shard leaves nothing behind)."""
-        _remove(self.path)
+        _remove_partial(self.path)
 
     def remove_unfinished(self) -> None:
         """Delete files an interrupted write of this run's left under a temporary name: a shard's NAME.partial
