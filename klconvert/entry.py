@@ -12,7 +12,10 @@ there. While the command has changed no file (what a library's own import makes,
 command's), there is nothing to clean up: the process ends at once, the import left as it is. Once it has, a first
 interrupt inside an import is held back and raised as soon as no import is running (a second is raised where it
 lands: an import that hangs can still be stopped), and whatever fails after an interrupt was heard is reported as
-the interrupt.
+the interrupt. One that lands inside a finalizer (tqdm's __del__), which Python prints and drops, is raised again once
+out of it; one during steps that must not be parted (Uninterrupted: a folder renamed into place, then its mark
+removed) as they end. Once the command has ended, a signal while the interpreter shuts down (torch's exit handlers,
+0.4-2 s) ends the process at once with the status the command decided.
 
 Standard streams. A standard output that cannot be written (a full disk, closed: `>&-`) fails the command at its
 first write, as StdoutFailed (the CLI says so in one line; for a reader that is gone, `| head`, it ends quietly with
@@ -63,14 +66,19 @@ def exit_interrupted(signum: int) -> None:
     sys.exit(signal_status(signum))
 
 
-def _end_now(signum: int) -> None:
-    """End the process inside whatever it is doing (an import): no exception, no clean-up, no exit handlers -- what
-    the standard streams hold written first."""
+def _flush_standard_streams() -> None:
+    """What sys.stdout and sys.stderr hold, written where it can be, before the process ends without Python's exit."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except Exception:   # closed, full, a reader gone: what it held is lost, as it would be anyway
+        except Exception:   # closed, full, a reader gone, a flush under way: what it held is lost, as it would be
             pass
+
+
+def _end_now(signum: int) -> None:
+    """End the process inside whatever it is doing (an import): no exception, no clean-up, no exit handlers -- what
+    the standard streams hold written first."""
+    _flush_standard_streams()
     try:
         os.write(sys.stderr.fileno(), (_interrupted_line() + "\n").encode())
     except (AttributeError, OSError):  # no standard error (closed), or one that cannot take it
@@ -109,9 +117,10 @@ class _CtrlC:
     def __init__(self) -> None:
         self.heard = self.held = self.changed = False
         self.signum = signal.SIGINT
+        self.uninterrupted = 0   # how many Uninterrupted blocks are running
 
     def interrupt(self, signum, frame) -> None:
-        if self.held or not _importing(frame):
+        if self.held or not (_importing(frame) or self.uninterrupted):
             self._raise(signum)
         if not self.changed:
             _end_now(signum)
@@ -122,7 +131,7 @@ class _CtrlC:
     def on_alarm(self, signum, frame) -> None:
         if not self.held:  # no interrupt of ours is waiting: not a Ctrl-C
             return
-        if _importing(frame):
+        if _importing(frame) or self.uninterrupted:
             signal.setitimer(signal.ITIMER_REAL, RETRY_SECONDS)
             return
         self._raise(self.signum)
@@ -146,23 +155,76 @@ class _CtrlC:
         if not _importing(sys._getframe()):
             self.changed = True
 
+    def unraisable(self, unraisable) -> None:
+        """sys.unraisablehook's: an interrupt raised inside a finalizer (a __del__, a weakref's callback: tqdm's), which
+        Python prints and drops, so the command ran on to its end and exit status 0, is held back and raised again
+        once out of it; anything else goes to the hook before."""
+        if not isinstance(unraisable.exc_value, Interrupted):
+            self.before_unraisable(unraisable)
+            return
+        self.held = True
+        signal.setitimer(signal.ITIMER_REAL, RETRY_SECONDS)
+
     def install(self) -> bool:
         """Take over SIGINT and SIGTERM (a run stopped either way cleans up as after Ctrl-C), each unless it is
-        ignored, and SIGALRM for the retries; whether it took either."""
+        ignored, SIGALRM for the retries, and the hook that hears an interrupt a finalizer dropped; whether it took
+        either signal."""
         self.before = {sig: signal.signal(sig, self.interrupt) for sig in (signal.SIGINT, signal.SIGTERM)
                        if signal.getsignal(sig) is not signal.SIG_IGN}
         if self.before:
             self.before[signal.SIGALRM] = signal.signal(signal.SIGALRM, self.on_alarm)
+            self.before_unraisable, sys.unraisablehook = sys.unraisablehook, self.unraisable
             sys.addaudithook(self.audit)
+            Uninterrupted.ctrl_c = self
         return bool(self.before)
 
-    def uninstall(self) -> None:
-        """No retry left pending past the command (it would end the process as SIGALRM's, "Alarm clock"); the audit
+    def uninstall(self, status: int) -> None:
+        """The command has ended with exit status `status`: SIGINT or SIGTERM from now on -- while the interpreter
+        shuts down, 0.4-2 s with torch's exit handlers, where Python's own handler gave a traceback and the default
+        one a status of 130 or 143 for a command whose work was done -- ends the process with that status at once.
+        No retry left pending past the command (it would end the process as SIGALRM's, "Alarm clock"); the audit
         hook, which Python cannot remove, returns at once from now on."""
         signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in self.before.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, handler if sig == signal.SIGALRM else _ending_with(status))
+        sys.unraisablehook = self.before_unraisable
         self.changed = True
+        Uninterrupted.ctrl_c = None
+
+
+class Uninterrupted:
+    """`with Uninterrupted():` around steps that Ctrl-C or SIGTERM must not part (a folder renamed into place, then its
+    temporary mark removed: an interrupt between them left the mark in OUT, which then no run would replace): one
+    that comes meanwhile is held back and raised as they end -- a second, where it lands. Outside the entry point
+    (the Python API, a test in the same process) nothing is held."""
+
+    ctrl_c: _CtrlC | None = None   # the entry point's, while it is installed
+
+    def __enter__(self) -> None:
+        self.ctrl_c = Uninterrupted.ctrl_c
+        if self.ctrl_c is not None:
+            self.ctrl_c.uninterrupted += 1
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self.ctrl_c is None:
+            return
+        self.ctrl_c.uninterrupted -= 1
+        if kind is None and self.ctrl_c.held and not self.ctrl_c.uninterrupted and not _importing(sys._getframe()):
+            self.ctrl_c._raise(self.ctrl_c.signum)   # else the retry raises it once out of the import, or the failure
+
+
+def _ending_with(status: int):
+    """A signal handler that ends the process with exit status `status`, what the standard streams hold written."""
+    def end(signum, frame) -> None:
+        _flush_standard_streams()
+        os._exit(status)
+    return end
+
+
+def exit_status(code) -> int:
+    """The exit status sys.exit(code) ends the process with: 0 for None, an int as it is, 1 for anything else
+    (Python prints it)."""
+    return 0 if code is None else code if isinstance(code, int) else 1
 
 
 class StdoutFailed(Exception):
@@ -244,18 +306,23 @@ def main() -> None:
     ctrl_c = _CtrlC()
     installed = ctrl_c.install()
     streams = sys.stdout, sys.stderr
+    status = 1   # Python's, for an exception that leaves main
     try:
         sys.stdout, sys.stderr = _standard(sys.stdout, raises=True), _standard(sys.stderr, raises=False)
         _run(ctrl_c)
+        status = 0
+    except SystemExit as e:
+        status = exit_status(e.code)
+        raise
     finally:
+        if installed:   # first: an interrupt while the last output is written ends the process as decided
+            ctrl_c.uninstall(status)
         try:  # what is left in the command's stdout: a failure now is dropped (the command has ended otherwise)
             sys.stdout.flush()
         except StdoutFailed:
             pass
         sys.stderr.flush()
         sys.stdout, sys.stderr = streams
-        if installed:
-            ctrl_c.uninstall()
 
 
 def _run(ctrl_c: _CtrlC) -> None:
@@ -263,14 +330,17 @@ def _run(ctrl_c: _CtrlC) -> None:
         from klconvert.cli import main as cli_main
 
         cli_main()
-        if ctrl_c.held:  # an interrupt held back through the command's last import: it is still the answer
-            ctrl_c.settle()
-            exit_interrupted(ctrl_c.signum)
-    except SystemExit:
-        raise
+    except SystemExit as e:
+        if not (ctrl_c.held and exit_status(e.code) == 0):
+            raise
     except BaseException:
-        if ctrl_c.heard:  # whatever broke after an interrupt broke because of it
-            ctrl_c.settle()
-            exit_interrupted(ctrl_c.signum)
-        raise
+        if not ctrl_c.heard:
+            raise
+    else:
+        if not ctrl_c.held:
+            return
+    # an interrupt held back through the command's last import or dropped by a finalizer, which the command ran on
+    # past to its end, is still the answer; whatever broke after an interrupt was heard broke because of it
+    ctrl_c.settle()
+    exit_interrupted(ctrl_c.signum)
 

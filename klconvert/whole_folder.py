@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from klconvert.convert.output_folder import (TEMPORARY_MARKER, TEMPORARY_NAME, OutputLock, lock_path, make_parent,
-                                             mark_temporary, refuse_link_or_file, refuse_no_new_name,
+from klconvert.convert.output_folder import (TEMPORARY_MARKER, TEMPORARY_NAME, OutputLock, lock_goes_inside, lock_path,
+                                             make_parent, mark_temporary, refuse_link_or_file, refuse_no_new_name,
                                              remove_created, runs_temporary, temporary_prefix, unmark_temporary,
                                              write_test)
 from klconvert.disk_space import failed_write
+from klconvert.entry import Uninterrupted
 from klconvert.errors import KLError
 
 
@@ -72,27 +73,13 @@ def refuse_taken(out: Path, force: bool = False, replaceable: Replaceable | None
         raise KLError(f"{out}: cannot create files in it ({e.strerror}); choose a folder you can write to") from None
 
 
-def _lock_inside(out: Path) -> bool:
-    """Whether OUT's lock goes in OUT: only where OUT is a folder whose parent takes no file (a mount point's, say).
-    Elsewhere it goes beside OUT, where quantize -- which writes OUT.partial beside OUT, so never runs where that
-    parent takes no file -- takes it too: the two refuse each other."""
-    if not out.is_dir():
-        return False
-    try:
-        fd, probe = tempfile.mkstemp(prefix=temporary_prefix(out, "write-test"), dir=out.parent)
-    except OSError:
-        return True
-    os.close(fd)
-    with suppress(FileNotFoundError):
-        os.unlink(probe)
-    return False
-
-
 def _others(out: Path) -> list[Path]:
-    """OUT's entries but those runs filling it in place make in it: the lock, and the hidden temporaries (a killed
-    run's the lock's holder removes; a live one's holder refuses the lock)."""
+    """OUT's entries but those runs writing it make in it: the lock, the hidden temporaries (a killed run's the lock's
+    holder removes; a live one's holder refuses the lock), and the temporary mark of a run killed as it renamed its
+    folder to OUT (the next run filling OUT removes it)."""
     return [entry for entry in out.iterdir()
-            if entry.name != lock_path(out, inside=True).name and runs_temporary(entry, out) is None]
+            if entry.name not in (lock_path(out, inside=True).name, TEMPORARY_MARKER)
+            and runs_temporary(entry, out) is None]
 
 
 def _identities(out: Path) -> dict[str, tuple[int, int]]:
@@ -110,7 +97,7 @@ def whole_folder(out: Path, force: bool = False, replaceable: Replaceable | None
     again at the end; an OSError of the body or of the moves is one KLError line."""
     refuse_taken(out, force, replaceable)
     in_place = out.exists()
-    with OutputLock(out, inside=_lock_inside(out)):
+    with OutputLock(out, inside=lock_goes_inside(out)):
         refuse_taken(out, force, replaceable)   # again: a writer that held the lock before us may have changed OUT
         if out.exists() and not in_place:
             raise KLError(f"{out}: appeared as this run started; rerun to write into it")
@@ -124,12 +111,14 @@ def whole_folder(out: Path, force: bool = False, replaceable: Replaceable | None
             if not in_place:
                 if os.path.lexists(out):   # someone else's, empty or not: never renamed over
                     raise KLError(f"{out}: appeared while writing it; move it away and rerun")
-                os.rename(new, out)
-                unmark_temporary(out)   # a kill between the two leaves it in OUT, which no run takes for a temporary
+                with Uninterrupted():   # a kill between the two leaves the mark in OUT: a run filling OUT removes it
+                    os.rename(new, out)
+                    unmark_temporary(out)
             elif not out.is_dir() or out.is_symlink() or _identities(out) != earlier:
                 raise KLError(f"{out}: changed while writing into it; move it away and rerun")
             else:
                 _replace_in_place(new, out, list(earlier), last)
+                unmark_temporary(out)   # a mark a killed run left in OUT (_others)
         except BaseException as e:
             if new is not None:
                 _remove_temporary(new)

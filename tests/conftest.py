@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import sys
 
 import pytest
 import torch
@@ -111,3 +113,16 @@ def trained_like(tiny_released, tmp_path_factory):
 def tiny_copy(tiny_released, tmp_path):
     """A private copy of the tiny checkpoint that a test may damage."""
     return shutil.copytree(tiny_released, tmp_path / "tiny")
+
+
+@pytest.fixture(autouse=True)
+def _the_workers_signal_handlers():
+    """klconvert.entry.main leaves SIGINT and SIGTERM ending the process with the command's status once it returns
+    (a command's interpreter then only shuts down); a test that runs it in this process gets the test runner's
+    handlers, and its unraisable hook, back."""
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)
+    handlers, unraisable = {s: signal.getsignal(s) for s in signals}, sys.unraisablehook
+    yield
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
+    sys.unraisablehook = unraisable

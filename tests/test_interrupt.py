@@ -5,6 +5,7 @@ in a real run; SIGTERM as Ctrl-C, with its own status, 143. An alarm that is no 
 started ignoring, are let be."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import textwrap
 import time
 
 import pytest
+
+from klconvert.entry import signal_status
 
 LONG_RUN = ("run", "--model", "tiny", "--prompt", "hi", "--max-new-tokens", "3000", "--max-context", "3008")
 
@@ -204,3 +207,112 @@ def test_a_real_ctrl_c_during_a_run(delay):
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=120)[1]
     _assert_interrupted(subprocess.CompletedProcess(proc.args, proc.returncode, "", err))
+
+
+def _ended_then_signalled(prelude: str, signum: int) -> subprocess.CompletedProcess:
+    """The entry point in a child whose interpreter then waits 30 s to shut down (a thread not yet done, as torch's
+    exit handlers take 0.4-2 s), signalled once main has returned."""
+    code = textwrap.dedent(prelude) + textwrap.dedent("""
+        import sys, threading, time
+        from klconvert.entry import main
+        sys.argv = ['klconvert']
+        threading.Thread(target=time.sleep, args=(30,)).start()
+        try:
+            main()
+        finally:
+            print("main returned", flush=True)
+        """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "main returned\n"
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=20)   # at once, not after the 30 s
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("status", [0, 2])
+def test_a_signal_while_the_interpreter_shuts_down_ends_it_as_the_command_ended(signum, status):
+    """Past main, Python's own handlers were back: a Ctrl-C while torch's exit handlers ran gave a traceback
+    (KeyboardInterrupt, "Exception ignored in: <module 'threading'>"), or a status of 130 or 143 with no line for a
+    command whose work was done."""
+    ends = f"import sys, klconvert.cli\nklconvert.cli.main = lambda: sys.exit({status})\n"
+    proc = _ended_then_signalled(ends, signum)
+    assert (proc.returncode, proc.stderr) == (status, "")
+
+
+def test_a_second_ctrl_c_while_the_interpreter_shuts_down():
+    """The first ended the command (its line, 130); the second, as the interpreter shut down, gave a traceback, or a
+    status of -2 (killed by SIGINT) in place of 130."""
+    proc = _ended_then_signalled("""
+        import os, signal, time, klconvert.cli
+        def interrupted():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        klconvert.cli.main = interrupted
+        """, signal.SIGINT)
+    _assert_interrupted(proc)
+
+
+# an object whose finalizer a Ctrl-C lands in (tqdm's __del__ did): Python prints what a finalizer raises, and drops it
+CTRL_C_IN_A_FINALIZER = """
+    import os, signal, time, klconvert.cli
+    class Bar:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.3)
+    """
+
+
+@pytest.mark.parametrize("then", ["time.sleep(1); print('ran on')", "sys.exit(0)"])
+def test_an_interrupt_a_finalizer_dropped_still_ends_the_command(then):
+    """The command ran on to its end after "Exception ignored in: <function tqdm.__del__>", exit status 0; one that
+    ended at once after the finalizer (sys.exit(0): click's end of every command) too."""
+    proc = _entry(CTRL_C_IN_A_FINALIZER + textwrap.indent(textwrap.dedent(f"""
+        import sys
+        def works():
+            Bar()   # dropped at once: its finalizer runs here
+            {then}
+        klconvert.cli.main = works
+        """), "    "))
+    _assert_interrupted(proc)
+    assert "ran on" not in proc.stdout and "Exception ignored" not in proc.stderr
+
+
+# os.rename, then a signal to the process as soon as it has renamed a folder to `out` or `q`: an interrupt between
+# the rename into place and what must follow it
+SIGNAL_AFTER_THE_RENAME = """
+    import os, signal
+    _rename = os.rename
+    def rename(source, target, *args, **kwargs):
+        _rename(source, target, *args, **kwargs)
+        if os.path.basename(target) in ("out", "q"):
+            os.kill(os.getpid(), signal.{signal})
+    os.rename = rename
+    """
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_as_the_folder_goes_into_place_leaves_it_whole_and_unmarked(tmp_path, signame):
+    """Its temporary mark was left in OUT: synth's rerun said "already exists", export-onnx --force refused OUT as
+    holding other files."""
+    proc = _entry(SIGNAL_AFTER_THE_RENAME.format(signal=signame) + """
+    from pathlib import Path
+    import klconvert.cli
+    from klconvert.whole_folder import whole_folder
+    def writes():
+        with whole_folder(Path("out")) as folder:
+            (folder / "config.json").write_text("{}")
+    klconvert.cli.main = writes
+    """, cwd=tmp_path)
+    _assert_interrupted(proc, signal_status(getattr(signal, signame)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json"]
+
+
+def test_an_interrupt_as_quantize_renames_its_output_leaves_no_resume_record(tiny_released, tmp_path):
+    """Its resume record was left in OUT, and OUT.partial gone: a rerun said "already exists"."""
+    proc = _entry(SIGNAL_AFTER_THE_RENAME.format(signal="SIGINT"), "quantize", str(tiny_released),
+                  str(tmp_path / "q"), "--bits", "4", "--group-size", "32")
+    _assert_interrupted(proc)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+    assert ".klconvert-resume.json" not in os.listdir(tmp_path / "q") and (tmp_path / "q" / "config.json").is_file()

@@ -353,7 +353,8 @@ def test_a_folder_that_takes_no_file_is_refused_before_any_work(tmp_path, monkey
 
 def test_a_finished_folder_a_kill_left_marked_stays_the_users(tmp_path, monkeypatch):
     """A kill between the rename into place and the mark's removal leaves the mark in the finished OUT: it is still
-    the user's folder, refused as taken, kept by every later run on it or beside it, never removed as a temporary."""
+    the user's folder, refused as taken, kept by every later run beside it, never removed as a temporary -- and
+    --force replaces it (export-onnx --force refused it as holding other files: no command could replace it)."""
     import klconvert.whole_folder as whole_folder_module
     from klconvert.convert.output_folder import TEMPORARY_MARKER
     from klconvert.whole_folder import Replaceable, refuse_taken
@@ -374,16 +375,18 @@ def test_a_finished_folder_a_kill_left_marked_stays_the_users(tmp_path, monkeypa
     with pytest.raises(KLError, match="out: already exists"):
         with whole_folder(out):
             pass
-    only_config = Replaceable("an earlier config", lambda p: p.name == "config.json")
-    with pytest.raises(KLError, match="holds other files"):
-        with whole_folder(out, force=True, replaceable=only_config):
-            pass
     for beside in ("other", "out2", "out/sub"):   # each removes dead runs' leftovers beside it and in it
         with whole_folder(tmp_path / beside) as folder:
             (folder / "config.json").write_text("{}")
     assert {p.name: p.read_text() for p in out.iterdir() if p.is_file()} == finished
     with pytest.raises(KLError, match="named as klconvert names its temporary folders"):   # one a run could take
         refuse_taken(tmp_path / ".q4.partial-123-abcdefgh")
+    (out / "sub" / "config.json").unlink()
+    (out / "sub").rmdir()
+    only_config = Replaceable("an earlier config", lambda p: p.name == "config.json")
+    with whole_folder(out, force=True, replaceable=only_config) as folder:
+        (folder / "config.json").write_text("[]")
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"config.json": "[]"}
 
 
 def test_what_a_kill_left_in_a_finished_folder_stops_no_replacement(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import shutil
 import stat
 import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +22,7 @@ from klconvert.checkpoint.regular_file import read_json
 from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.checkpoint.safetensors_writer import TORCH_TO_SAFETENSORS, PlannedTensor
 from klconvert.disk_space import failed_write
+from klconvert.entry import Uninterrupted
 from klconvert.errors import KLError
 from klconvert.user_paths import refuse_unreachable, shown
 
@@ -294,6 +295,22 @@ class OutputLock:
             remove_created(self._created)
 
 
+def lock_goes_inside(out: Path) -> bool:
+    """Whether OUT's lock goes in OUT: only where OUT is a folder whose parent takes no file (a mount point's, say).
+    Elsewhere it goes beside OUT, where quantize -- which writes OUT.partial beside OUT, so never runs where that
+    parent takes no file -- and pull's --local-dir take it too: they refuse each other."""
+    if not out.is_dir():
+        return False
+    try:
+        fd, probe = tempfile.mkstemp(prefix=temporary_prefix(out, "write-test"), dir=out.parent)
+    except OSError:
+        return True
+    os.close(fd)
+    with suppress(FileNotFoundError):
+        os.unlink(probe)
+    return False
+
+
 def _open_lock_file(path: Path) -> int:
     """The lock file, opened read-write (created when missing); KLError unless it is a regular file -- not a folder,
     FIFO or device, nor a link, whose target the pid would be written over."""
@@ -523,14 +540,12 @@ class OutputFolder:
             refuse_existing_out(self.out, force=True)
         self.refuse_files_not_written()
         write_output_record(self.path, self.files)
-        if out_exists:
-            replaced = move_aside(self.out)
+        with Uninterrupted():   # a kill in between leaves OUT.partial to resume, or the record in OUT, doing no harm
+            replaced = move_aside(self.out) if out_exists else None
             os.rename(self.path, self.out)
             (self.out / RESUME_RECORD).unlink()
+        if replaced is not None:
             _remove(replaced)   # may take long: OUT is whole by now, its record gone
-        else:
-            os.rename(self.path, self.out)
-            (self.out / RESUME_RECORD).unlink()
         return self.out
 
 
