@@ -163,74 +163,83 @@ def pull(
     offline = constants.is_offline_mode()
     if not offline:   # said before huggingface_hub's own "Ignored error ..." lines, and before any download
         refuse_unwritable_target(target, local_dir is not None, given_cache_dir)
-    api = HfApi()
-    guard = AnswerGuard(api.endpoint, repo)
-    with _as_user_errors(repo, revision, api.endpoint, target) as stage, nullcontext() if offline else guard:
-        with _malformed_answers(repo, api.endpoint), _no_cache_fallback_warning():
-            resolved = api.resolve_revision(repo, revision=revision, cache_dir=cache_dir, local_files_only=offline)
-            commit = guard.commit = _checked_commit(resolved.resolved, repo, api.endpoint)
-            where = f"{repo}@{commit}"
-            listing = (_cached_listing(repo, commit, cache_dir, local_dir) if offline
-                       else _published_listing(api, repo, commit))
-            if listing is not None:
-                _check_listing(listing, where, api.endpoint, published=not offline)
-                guard.sizes = {f.path: f.size for f in listing if f.size is not None}
-        wanted = _select_from(listing, include, exclude, where) if listing is not None else None
-        fetch_bytes = 0
-        if not offline:
-            _refuse_unwritable_names(wanted, where, local_dir is not None)
-            if check_files is not None:
-                check_files(wanted)
-            missing = [f for f in wanted if not _is_already_here(f, repo, commit, cache_dir, local_dir)]
-            fetch_bytes = sum(f.size or 0 for f in missing)
-            free = free_disk_bytes(target)
-            if progress:
-                _announce(repo, revision, commit, listing, wanted, fetch_bytes, target, free)
-            if fetch_bytes > free:
-                raise KLError(
-                    f"not enough disk space in {target}: pulling {where} needs {size_text(fetch_bytes)} for "
-                    f"{len(missing)} files but only {size_text(free)} is free; free space or pass a --local-dir or "
-                    "--cache-dir on a larger disk"
-                )
-            if local_dir is not None:  # a record of an earlier pull must not describe a half-updated folder
-                (local_dir / LOCAL_DIR_RECORD).unlink(missing_ok=True)
-        if listing is None:  # offline, no cached listing: huggingface_hub 1.x would ask the hub for one, so look
-            folder = _snapshot_on_disk(repo, commit, cache_dir, local_dir, where)
-        else:
-            note_change(target)   # hf_xet's downloads are written in Rust, which Python's audit events do not show
-            stage.fetching = True
-            before = _local_files_before(local_dir, wanted) if local_dir is not None else {}
-            try:
-                with _no_disk_space_warnings(), _bars_closed():
-                    folder = Path(
-                        snapshot_download(
-                            repo,
-                            revision=resolved,
-                            cache_dir=cache_dir,
-                            local_dir=local_dir,
-                            allow_patterns=[glob.escape(f.path) for f in wanted],
-                            tqdm_class=_TerminalTqdm if progress else _QuietTqdm,
-                        )
+    with _local_dir_lock(local_dir) if local_dir is not None and not offline else nullcontext():
+        api = HfApi()
+        guard = AnswerGuard(api.endpoint, repo)
+        with _as_user_errors(repo, revision, api.endpoint, target) as stage, nullcontext() if offline else guard:
+            with _malformed_answers(repo, api.endpoint), _no_cache_fallback_warning():
+                resolved = api.resolve_revision(repo, revision=revision, cache_dir=cache_dir, local_files_only=offline)
+                commit = guard.commit = _checked_commit(resolved.resolved, repo, api.endpoint)
+                where = f"{repo}@{commit}"
+                listing = (_cached_listing(repo, commit, cache_dir, local_dir) if offline
+                           else _published_listing(api, repo, commit))
+                if listing is not None:
+                    _check_listing(listing, where, api.endpoint, published=not offline)
+                    guard.sizes = {f.path: f.size for f in listing if f.size is not None}
+            wanted = _select_from(listing, include, exclude, where) if listing is not None else None
+            fetch_bytes = 0
+            if not offline:
+                _refuse_unwritable_names(wanted, where, local_dir is not None)
+                if check_files is not None:
+                    check_files(wanted)
+                missing = [f for f in wanted if not _is_already_here(f, repo, commit, cache_dir, local_dir)]
+                fetch_bytes = sum(f.size or 0 for f in missing)
+                free = free_disk_bytes(target)
+                if progress:
+                    _announce(repo, revision, commit, listing, wanted, fetch_bytes, target, free)
+                if fetch_bytes > free:
+                    raise KLError(
+                        f"not enough disk space in {target}: pulling {where} needs {size_text(fetch_bytes)} for "
+                        f"{len(missing)} files but only {size_text(free)} is free; free space or pass a --local-dir or "
+                        "--cache-dir on a larger disk"
                     )
-            except BaseException:
-                if local_dir is not None:
-                    _remove_unfinished_local_files(local_dir, wanted, before)
-                raise
-    if listing is None:  # offline, and the cache holds no tree listing (older huggingface_hub): use the disk
-        listing = _listing_on_disk(folder)
-        wanted = _select_from(listing, include, exclude, where)
-    if offline:
-        files = _check_sizes(folder, wanted, where)
-    else:
-        storage = cache_dir / repo_folder_name(repo_id=repo, repo_type="model")
-        record = (local_dir / VERIFIED_RECORD if local_dir is not None
-                  else storage / VERIFIED_RECORD.parent / "verified" / f"{commit}.json")
-        blobs = None if local_dir is not None else storage / "blobs"
-        files = _verify(folder, wanted, where, progress, VerifiedFiles(record), blobs)
-    _check_index_shards(folder, listing, wanted, where)
-    if local_dir is not None and not offline:
-        _write_local_dir_record(folder, repo, revision, commit, files)
-    return PullResult(path=folder, commit=commit, files=files, bytes_downloaded=fetch_bytes)
+                if local_dir is not None:  # a record of an earlier pull must not describe a half-updated folder
+                    (local_dir / LOCAL_DIR_RECORD).unlink(missing_ok=True)
+            if listing is None:  # offline, no cached listing: huggingface_hub 1.x would ask the hub for one, so look
+                folder = _snapshot_on_disk(repo, commit, cache_dir, local_dir, where)
+            else:
+                note_change(target)   # hf_xet's downloads are written in Rust, which Python's audit events do not show
+                stage.fetching = True
+                before = _local_files_before(local_dir, wanted) if local_dir is not None else {}
+                try:
+                    with _no_disk_space_warnings(), _bars_closed():
+                        folder = Path(
+                            snapshot_download(
+                                repo,
+                                revision=resolved,
+                                cache_dir=cache_dir,
+                                local_dir=local_dir,
+                                allow_patterns=[glob.escape(f.path) for f in wanted],
+                                tqdm_class=_TerminalTqdm if progress else _QuietTqdm,
+                            )
+                        )
+                except BaseException:
+                    if local_dir is not None:
+                        _remove_unfinished_local_files(local_dir, wanted, before)
+                    raise
+        if listing is None:  # offline, and the cache holds no tree listing (older huggingface_hub): use the disk
+            listing = _listing_on_disk(folder)
+            wanted = _select_from(listing, include, exclude, where)
+        if offline:
+            files = _check_sizes(folder, wanted, where)
+        else:
+            storage = cache_dir / repo_folder_name(repo_id=repo, repo_type="model")
+            record = (local_dir / VERIFIED_RECORD if local_dir is not None
+                      else storage / VERIFIED_RECORD.parent / "verified" / f"{commit}.json")
+            blobs = None if local_dir is not None else storage / "blobs"
+            files = _verify(folder, wanted, where, progress, VerifiedFiles(record), blobs)
+        _check_index_shards(folder, listing, wanted, where)
+        if local_dir is not None and not offline:
+            _write_local_dir_record(folder, repo, revision, commit, files)
+        return PullResult(path=folder, commit=commit, files=files, bytes_downloaded=fetch_bytes)
+
+
+def _local_dir_lock(local_dir: Path):
+    """One pull into a --local-dir at a time: the lock quantize takes on its OUT (a second is refused naming the
+    first; two at once each removed the other's files as its own unfinished ones, or failed for a false reason)."""
+    from klconvert.convert.output_folder import OutputLock, lock_goes_inside   # it imports torch: not for the cache
+
+    return OutputLock(local_dir, inside=lock_goes_inside(local_dir))
 
 
 def refuse_file_as_local_dir(local_dir: Path) -> None:

@@ -722,3 +722,27 @@ def test_pull_tiny_says_it_is_the_bundled_model(served):
     assert_one_line_error(proc.returncode, proc.stderr, "tiny is the bundled model, installed with "
                           "klconvert, not a hub repo", "`klconvert run --model tiny`", "pull takes a hub repo id")
     assert not server.requests
+
+
+def test_a_second_pull_into_the_same_local_dir_is_refused_while_the_first_runs(served, tmp_path):
+    """Nothing kept two pulls out of one --local-dir: the second failed with a false reason ("not in the repo at
+    this commit") or removed the first's files as its own unfinished ones. Now it is refused naming the first, which
+    finishes whole."""
+    server, commit = served
+    server.slow_body[SHARD_2] = 0.1          # 16 KiB: ~2 s to send
+    local_dir, lock = tmp_path / "kimi", tmp_path / "kimi.partial.lock"
+    first: list = []
+    pulling = threading.Thread(target=lambda: first.append(hub.pull(REPO, local_dir=local_dir, progress=False)))
+    pulling.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not lock.exists():
+            assert time.monotonic() < deadline and pulling.is_alive()
+            time.sleep(0.01)
+        with pytest.raises(KLError, match=rf"^{re.escape(str(local_dir))}: another klconvert run \(pid {os.getpid()}\) "
+                                          r"is writing it"):
+            hub.pull(REPO, local_dir=local_dir, progress=False)
+    finally:
+        pulling.join(60)
+    assert first and first[0].commit == commit and not lock.exists()
+    assert hub.pull(REPO, local_dir=local_dir, progress=False).files == first[0].files
