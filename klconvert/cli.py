@@ -25,7 +25,7 @@ from klconvert.presets import PRESETS
 from klconvert.recipes import shipped_names
 from klconvert.runtime.host_memory import OUT_OF_HOST_MEMORY, import_exhausted
 from klconvert.units import binary_size_text, size_text
-from klconvert.user_paths import refuse_unreachable, shown
+from klconvert.user_paths import refuse_unreachable, shown_path
 
 # the runtime's MLA cache dtypes by name (runtime/state.py MLA_CACHE_DTYPES; named here, torch-free, for --help)
 MLA_CACHE_DTYPE = click.Choice(["bfloat16", "float8_e4m3fn"])
@@ -70,9 +70,9 @@ def refuse_unreachable_arg(value: str, param: click.Parameter | None) -> None:
     at -- a folder on its way that cannot be entered, a path past the system's length (user_paths.unreachable): said
     here, where every path the user gives comes in, before any command touches it."""
     if param is None:
-        named = shown(value)
+        named = shown_path(value)
     else:
-        named = f"{param.opts[0] if isinstance(param, click.Option) else param.human_readable_name} {shown(value)}"
+        named = f"{param.opts[0] if isinstance(param, click.Option) else param.human_readable_name} {shown_path(value)}"
     refuse_unreachable(value, named)
 
 

@@ -102,7 +102,7 @@ def _check_type(where: str, name: str, value, types) -> None:
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
     if not ok:
         names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-        raise KLError(f"{where}: field '{name}' should be {names}, got {type(value).__name__} {value!r:.40}; "
+        raise KLError(f"{where}: field '{name}' should be {names}, got {type(value).__name__} {shown(value)}; "
                       "fix the config or re-download the model")
 
 
@@ -113,7 +113,7 @@ def _stored_name(d: dict, name: str, where: str) -> str:
     if alias is None or d.get(alias) is None:   # absent, or null: as absent
         return name
     if name in d and d[name] != d[alias]:
-        raise KLError(f"{where}: fields '{name}' ({d[name]!r:.40}) and '{alias}' ({d[alias]!r:.40}) are two names of "
+        raise KLError(f"{where}: fields '{name}' ({shown(d[name])}) and '{alias}' ({shown(d[alias])}) are two names of "
                       "one field and disagree; keep the right one -- fix the config")
     return alias if name not in d else name
 
@@ -128,8 +128,8 @@ def _transformers_kinds_agree(d: dict, where: str, full_attn_layers: tuple[int, 
             "mlp_layer_types": ("first_k_dense_replace", ["dense" if i < first_dense else "sparse" for i in range(n)])}
     for name, (ours, kinds) in said.items():
         if d.get(name) is not None and d[name] != kinds:
-            raise KLError(f"{where}: field '{name}' ({d[name]!r:.60}) says other layer kinds than {ours} "
-                          f"({kinds!r:.60}); transformers builds the model from the one, klconvert and vLLM from the "
+            raise KLError(f"{where}: field '{name}' ({shown(d[name])}) says other layer kinds than {ours} "
+                          f"({shown(kinds)}); transformers builds the model from the one, klconvert and vLLM from the "
                           "other -- fix the config")
 
 
@@ -229,13 +229,13 @@ class KimiLinearConfig:
             if d.get(name) is None and name in _NULL_IS_ABSENT:
                 continue
             if name in d and (type(d[name]) is not type(only) or d[name] != only):
-                raise KLError(f"{where}: field '{name}' is {d[name]!r:.40}; klconvert's runtime implements only "
+                raise KLError(f"{where}: field '{name}' is {shown(d[name])}; klconvert's runtime implements only "
                               f"{only!r} (the release's), so this checkpoint is another model")
         if "use_grouped_topk" in d:   # with num_expert_group 1 (checked below) grouping is a no-op either way
             _check_type(where, "use_grouped_topk", d["use_grouped_topk"], bool)
         dtype = values.pop("torch_dtype")   # checked, not kept: for the readers of the outputs that copy it
         if dtype is not None and dtype not in WEIGHT_DTYPES:
-            raise KLError(f"{where}: field '{stored_as['torch_dtype']}' is {dtype!r:.40}; it names the float type the "
+            raise KLError(f"{where}: field '{stored_as['torch_dtype']}' is {shown(dtype)}; it names the float type the "
                           f"weights are stored in, which transformers and vLLM load the model in: one of "
                           f"{', '.join(WEIGHT_DTYPES)} -- fix the config")
         # checked, not kept: the runtime implements the one value each may have
@@ -293,7 +293,7 @@ class KimiLinearConfig:
                           f"{values['num_experts_per_token']}; fix the config")
         for name, high in FLOAT_BOUNDS.items():
             if not _positive_finite(values[name]) or values[name] > high:
-                raise KLError(f"{where}: field '{name}' is {values[name]!r:.40}; it must be a positive number of at "
+                raise KLError(f"{where}: field '{name}' is {shown(values[name])}; it must be a positive number of at "
                               f"most {high:g} -- fix the config")
             values[name] = float(values[name])
         eos = values.pop("eos_token_id")

@@ -12,7 +12,7 @@ import torch
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.config import KimiLinearConfig
 from klconvert.devices import checked_device
-from klconvert.errors import KLError, argument
+from klconvert.errors import KLError, argument, shown
 from klconvert.models import model_folder
 from klconvert.runtime.host_memory import HostMemory, host_allocation, host_memory
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
@@ -145,15 +145,15 @@ def _same_tokenizer(folder: Path, reference: Tokenizer, model: str, reference_na
         theirs, ours = reference.special_tokens, own.special_tokens
         for text, token_id in sorted(theirs.items(), key=lambda item: item[1]):
             if ours.get(text) != token_id:
-                differ = (f"special token {text!r:.80} is id {ours[text]} in {flag}'s tokenizer, {token_id} in "
+                differ = (f"special token {shown(text)} is id {ours[text]} in {flag}'s tokenizer, {token_id} in "
                           f"{reference_flag}'s" if text in ours else
-                          f"special token {text!r:.80} (id {token_id} in {reference_flag}'s tokenizer) is not in "
+                          f"special token {shown(text)} (id {token_id} in {reference_flag}'s tokenizer) is not in "
                           f"{flag}'s")
                 break
         else:
             extra = next((text for text in ours if text not in theirs), None)
             if extra is not None:
-                differ = (f"special token {extra!r:.80} (id {ours[extra]} in {flag}'s tokenizer) is not in "
+                differ = (f"special token {shown(extra)} (id {ours[extra]} in {flag}'s tokenizer) is not in "
                           f"{reference_flag}'s")
     if differ is not None:
         raise KLError(f"{model}'s tokenizer is not {reference_name}'s: {differ}; eval reads the text with the "

@@ -52,7 +52,7 @@ from klconvert.hub_guard import AnswerGuard
 from klconvert.models import BUNDLED_NAME, DEFAULT_REPO
 from klconvert.tokenizer import BPE_FILE
 from klconvert.units import size_text
-from klconvert.user_paths import given_path, refuse_unreachable, shown
+from klconvert.user_paths import given_path, refuse_unreachable, shown_path
 from klconvert.verified_files import VerifiedFiles
 
 # huggingface_hub 2.x talks through httpx2, 1.x through httpx: a dropped connection surfaces as either's TransportError.
@@ -265,10 +265,10 @@ def refuse_unwritable_target(target: Path, local: bool, given_cache_dir: bool = 
     cannot take files: it, or the nearest folder above it that exists, is a file or takes no new file (read-only, no
     write access). A cache is named with what set it (_cache_setting), which is what to change."""
     if local:
-        named, advice = f"--local-dir {shown(target)}", "name a folder you can write to"
+        named, advice = f"--local-dir {shown_path(target)}", "name a folder you can write to"
     else:
         setting = _cache_setting(given_cache_dir)
-        named = f"the Hugging Face cache {shown(target)} (set by {setting})"
+        named = f"the Hugging Face cache {shown_path(target)} (set by {setting})"
         advice = ("give a --cache-dir you can write to, or a --local-dir" if given_cache_dir else
                   "set HF_HOME (or HF_HUB_CACHE) to a folder you can write to, or pass --cache-dir or --local-dir")
         advice += "; a read-only cache that holds the model already is read with HF_HUB_OFFLINE=1"

@@ -146,7 +146,7 @@ def read_special_tokens(config: dict, path: Path, vocab_size: int = SIZE_RANGES[
     special_tokens: dict[str, int] = {}
     for key, entry in decoder.items():
         if not re.fullmatch(r"0|[1-9][0-9]{0,9}", key):   # "01026" would name the id of "1026" a second time
-            raise KLError(f"{path}: added_tokens_decoder entry {key!r:.40} is not an id in plain decimal (digits, no "
+            raise KLError(f"{path}: added_tokens_decoder entry {shown(key)} is not an id in plain decimal (digits, no "
                           "leading zeros); fix the file or re-download the model")
         content = entry.get("content") if isinstance(entry, dict) else None
         if not isinstance(content, str) or not content:
@@ -169,7 +169,7 @@ def read_special_tokens(config: dict, path: Path, vocab_size: int = SIZE_RANGES[
             raise KLError(f"{path}: special token {content!r} appears twice in added_tokens_decoder (ids "
                           f"{special_tokens[content]} and {key}); fix the file or re-download the model")
         if int(key) >= vocab_size:
-            raise KLError(f"{path}: added_tokens_decoder gives {content!r:.40} the id {key}, outside the model's "
+            raise KLError(f"{path}: added_tokens_decoder gives {shown(content)} the id {key}, outside the model's "
                           f"vocabulary 0..{vocab_size - 1}; fix the file or re-download the model")
         special_tokens[content] = int(key)
     text_chars = sum(map(len, special_tokens))
@@ -386,7 +386,7 @@ class Tokenizer:
         _check_messages(messages)
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral)
                                        or max_tokens < 1):
-            raise KLError(f"encode_chat: max_tokens {max_tokens!r:.40} should be a whole number of at least 1, or "
+            raise KLError(f"encode_chat: max_tokens {shown(max_tokens)} should be a whole number of at least 1, or "
                           "None for no bound")
         if self._chat_template is None:
             raise KLError(f"{self._chat_template_path}: no chat_template (nor {CHAT_TEMPLATE_FILE}) in this "
@@ -424,14 +424,14 @@ class Tokenizer:
         if isinstance(value, dict):
             for key in value:
                 if not isinstance(key, str):
-                    raise KLError(f"encode_chat: {where} has the key {key!r:.40}, which is no string; JSON keys are "
+                    raise KLError(f"encode_chat: {where} has the key {shown(key)}, which is no string; JSON keys are "
                                   "strings")
             return {key: self._escape(item, f"{where}[{key!r}]") for key, item in value.items()}
         if isinstance(value, (list, tuple)):
             return [self._escape(item, f"{where}[{i}]") for i, item in enumerate(value)]
         if value is None or isinstance(value, (int, float)):   # bools too; numpy's float64 is a float
             return value
-        raise KLError(f"encode_chat: {where} holds {value!r:.40} ({type(value).__name__}), which is no JSON value; "
+        raise KLError(f"encode_chat: {where} holds {shown(value)} ({type(value).__name__}), which is no JSON value; "
                       "give strings, numbers, lists and dicts")
 
     def _unescape(self, text: str) -> str:
@@ -476,10 +476,10 @@ class Tokenizer:
         except TypeError:
             index = None
         if index is None:
-            raise KLError(f"token ids should be whole numbers, got {value!r:.40} ({type(value).__name__}){where}; "
+            raise KLError(f"token ids should be whole numbers, got {shown(value)} ({type(value).__name__}){where}; "
                           "give ints")
         if not 0 <= index < self.vocab_size:
-            raise KLError(f"token id {index!r} is outside the vocabulary (0..{self.vocab_size - 1})")
+            raise KLError(f"token id {shown(index)} is outside the vocabulary (0..{self.vocab_size - 1})")
         return index
 
 
@@ -499,21 +499,22 @@ def _check_messages(messages) -> None:
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str):
             raise KLError(f"encode_chat: messages[{i}]['role'] should be a string ('system', 'user', 'assistant'), "
-                          f"got {role!r:.40}")
+                          f"got {shown(role)}")
         if content is None and message.get("tool_calls"):
             continue   # an assistant turn of tool calls alone (OpenAI's form): the template renders the calls
         if not (isinstance(content, str) or (isinstance(content, (list, tuple))
                                              and all(isinstance(part, dict) for part in content))):
             raise KLError(f"encode_chat: messages[{i}]['content'] should be a string (or a list of content-part "
-                          f"dicts), got {content!r:.40}")
+                          f"dicts), got {shown(content)}")
         for j, part in enumerate(content if isinstance(content, (list, tuple)) else ()):
             if part.get("type") != "text":
-                raise KLError(f"encode_chat: messages[{i}]['content'][{j}] is a part of type {part.get('type')!r:.40}; "
+                raise KLError(f"encode_chat: messages[{i}]['content'][{j}] is a part of type "
+                              f"{shown(part.get('type'))}; "
                               "Kimi Linear reads text only -- send the text as {'type': 'text', 'text': ...} parts, "
                               "or as one string")
             if not isinstance(part.get("text"), str):
                 raise KLError(f"encode_chat: messages[{i}]['content'][{j}]['text'] should be a string, got "
-                              f"{part.get('text')!r:.40}")
+                              f"{shown(part.get('text'))}")
 
 
 def check_tokenizer_if_any(folder: Path, config: KimiLinearConfig) -> Tokenizer | None:
@@ -537,7 +538,7 @@ def check_config_token_ids(config: KimiLinearConfig, tokenizer: Tokenizer, folde
         if token_id is None or token_id in tokenizer.special_ids:
             continue
         raise KLError(f"{folder / 'config.json'}: eos_token_id {token_id} is the text token "
-                      f"{tokenizer.token_bytes(token_id)!r:.40} of {BPE_FILE}, not a special token of {CONFIG_FILE} "
+                      f"{shown(tokenizer.token_bytes(token_id))} of {BPE_FILE}, not a special token of {CONFIG_FILE} "
                       f"(its eos_token has id {tokenizer.eos_id}); generation would stop wherever that text came -- "
                       "set eos_token_id to a special token's id, or re-download the model")
 

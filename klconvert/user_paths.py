@@ -8,7 +8,7 @@ import errno
 import os
 from pathlib import Path
 
-from klconvert.errors import KLError
+from klconvert.errors import KLError, shown
 
 SHOWN_PATH_CHARS = 100  # a path longer than this is shortened in messages (one over PATH_MAX fills a screen)
 
@@ -19,14 +19,14 @@ def given_path(value, what: str, other: str = "") -> Path:
     and for "" -- an empty path, which Path() reads as the current folder, is never taken for it (the command line
     refuses one too)."""
     if not isinstance(value, (str, os.PathLike)):
-        raise KLError(f"{what} {value!r:.80} should be a path (a str or Path){other}, got a {type(value).__name__}")
+        raise KLError(f"{what} {shown(value)} should be a path (a str or Path){other}, got a {type(value).__name__}")
     if isinstance(value, str) and value == "":
         raise KLError(f"{what} is an empty path, which is never read as the current folder; give the path (\".\" "
                       "for the current folder)")
     return Path(value)
 
 
-def shown(path: str | Path) -> str:
+def shown_path(path: str | Path) -> str:
     """`path` as a message shows it: whole, or its start and end around "..." when longer than SHOWN_PATH_CHARS."""
     text = str(path)
     return text if len(text) <= SHOWN_PATH_CHARS else f"{text[:60]}...{text[-30:]}"
@@ -47,7 +47,7 @@ def refuse_unreachable(path: str | Path, named: str | None = None) -> None:
     """KLError when `path` cannot be looked at (unreachable), the line starting with `named` (default: the path)."""
     problem = unreachable(path)
     if problem is not None:
-        raise KLError(f"{named if named is not None else shown(path)}: {problem}")
+        raise KLError(f"{named if named is not None else shown_path(path)}: {problem}")
 
 
 def _why(path: str | Path, e: OSError) -> str:

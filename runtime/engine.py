@@ -17,7 +17,7 @@ from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.config import KimiLinearConfig
 from klconvert.devices import checked_device
-from klconvert.errors import KLError, argument, refuse_non_bool
+from klconvert.errors import KLError, argument, refuse_non_bool, shown
 from klconvert.models import resolve_model
 from klconvert.quant import QuantScheme
 from klconvert.runtime.bind import bind, packed_choice
@@ -88,7 +88,7 @@ def as_stop_ids(stop_ids, vocab_size: int) -> frozenset[int]:
         if getattr(items, "ndim", 1) == 0:
             raise TypeError
     except TypeError:
-        raise KLError(f"stop_ids {stop_ids!r:.60} should be a set of token ids, e.g. {{{stop_ids!r:.20}}} for one "
+        raise KLError(f"stop_ids {shown(stop_ids)} should be a set of token ids, e.g. {{{shown(stop_ids)}}} for one "
                       "(frozenset() never stops)") from None
     ids = whole_numbers(items, "stop_ids")
     if ids.dim() != 1:

@@ -807,6 +807,13 @@ def test_decode_loop_refuses_a_generator_of_another_device(engine):
 HUGE = 10 ** 5000   # past the 4,300 digits Python prints an int in: its repr raises ValueError
 
 
+def _bundled_tokenizer():
+    from klconvert.models import BUNDLED_DIR
+    from klconvert.tokenizer import Tokenizer
+
+    return Tokenizer.from_folder(BUNDLED_DIR)
+
+
 @pytest.mark.parametrize("call, named", [
     (lambda e: e.generate([1, 2], HUGE), "max_new_tokens"),
     (lambda e: e.generate([1, 2], 2, temperature=HUGE), "temperature"),
@@ -814,8 +821,12 @@ HUGE = 10 ** 5000   # past the 4,300 digits Python prints an int in: its repr ra
     (lambda e: e.generate([1, 2], 2, seed=HUGE), "seed"),
     (lambda e: klconvert.load("tiny", device="cpu", max_context=HUGE), "max_context"),
     (lambda e: klconvert.load("tiny", device="cpu", batch=HUGE), "batch"),
+    (lambda e: e.generate([1, 2], 2, stop_ids=HUGE), "stop_ids"),
+    (lambda e: _bundled_tokenizer().decode([HUGE]), "token id"),
+    (lambda e: _bundled_tokenizer().encode_chat([{"role": "user", "content": "hi"}], max_tokens=-HUGE), "max_tokens"),
 ])
 def test_an_integer_too_long_to_print_is_refused_by_its_length(engine, call, named):
-    """10**5000 as an argument was a ValueError from printing it in the refusal (or an OverflowError)."""
+    """10**5000 as an argument was a ValueError from printing it in the refusal (or an OverflowError); the last
+    three, from a repr cut to 40 characters, which Python makes whole first."""
     with pytest.raises(KLError, match=rf"{named}.*an integer of 5,001 digits"):
         call(engine)

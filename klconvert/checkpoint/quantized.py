@@ -203,13 +203,13 @@ def _held_scheme(declared: Declared, module: str, linear: bool, in_dim: int, whe
     held = declared.held(module, linear)
     group, entry = held.group, held.entry
     if group is None:
-        why = (f"quantization_config.ignore lists it ({entry.pattern!r:.80})" if entry is not None else
+        why = (f"quantization_config.ignore lists it ({shown(entry.pattern)})" if entry is not None else
                f"no config group of quantization_config targets it ({declared.describe():.200})")
         raise KLError(f"{where} is stored packed, but {why}: runtimes would read it as unquantized -- the folder does "
                       "not match its config.json; re-run the conversion")
     if group.scheme is None:
         raise KLError(f"{where} is stored packed, but config group {group.name:.40}, whose target "
-                      f"{entry.pattern!r:.80} selects it, quantizes no weights (weights null): runtimes would read it "
+                      f"{shown(entry.pattern)} selects it, quantizes no weights (weights null): runtimes would read it "
                       "as unquantized -- the folder does not match its config.json; re-run the conversion")
     if group.format == DENSE_FORMAT:
         raise KLError(f"{where} is stored packed ({PACKED_FORMAT}), but quantization_config.{group.format_field} is "
@@ -226,7 +226,7 @@ def _held_scheme(declared: Declared, module: str, linear: bool, in_dim: int, whe
                 ": it lacks weight_zero_point")
     raise KLError(f"{where} is stored as int{bits} in groups of {in_dim // groups} inputs "
                   f"{'with' if zero_points else 'without'} zero points, but quantization_config declares "
-                  f"{group.name:.40} {scheme.describe()} for it (its target {entry.pattern!r:.80} selects it){part}; "
+                  f"{group.name:.40} {scheme.describe()} for it (its target {shown(entry.pattern)} selects it){part}; "
                   "the folder does not match its config.json -- re-run the conversion")
 
 

@@ -31,7 +31,7 @@ from klconvert.checkpoint.quantized import (
 from klconvert.checkpoint.safetensors_header import SafetensorsHeader, read_header
 from klconvert.checkpoint.size_bounds import check_model_size, max_header_bytes
 from klconvert.config import WEIGHT_DTYPES, KimiLinearConfig
-from klconvert.errors import KLError, refuse_if_not_permitted, unreadable_reason
+from klconvert.errors import KLError, refuse_if_not_permitted, shown, unreadable_reason
 from klconvert.quant import QuantScheme
 from klconvert.quant.pack_quantized import check_scales
 
@@ -56,7 +56,7 @@ def _shard_path(folder: Path, shard: object, where: str) -> Path:
     plain = (isinstance(shard, str) and shard.isprintable() and shard == os.path.basename(shard)
              and shard not in ("", ".", ".."))
     if not plain or len(os.fsencode(shard)) > MAX_FILE_NAME_BYTES:   # printable: no lone surrogate fsencode refuses
-        raise KLError(f"{where}: shard name {shard!r:.80} is not a plain file name in the checkpoint folder "
+        raise KLError(f"{where}: shard name {shown(shard)} is not a plain file name in the checkpoint folder "
                       f"(printable, no folder, at most {MAX_FILE_NAME_BYTES} bytes); the index is corrupt -- download "
                       "it again")
     return folder / shard
@@ -138,7 +138,7 @@ class Checkpoint:
             raise KLError(f"{index_path}: no 'weight_map' object; the index is corrupt -- download it again")
         odd = next((name for name, shard in weight_map.items() if not isinstance(shard, str)), None)
         if odd is not None:
-            raise KLError(f"{index_path}: weight_map gives {odd!r:.80} a shard that is not a file name "
+            raise KLError(f"{index_path}: weight_map gives {shown(odd)} a shard that is not a file name "
                           f"({type(weight_map[odd]).__name__}); the index is corrupt -- download it again")
         for shard in set(weight_map.values()):
             _shard_path(self.folder, shard, str(index_path))

@@ -10,7 +10,7 @@ import stat
 from pathlib import Path
 from typing import BinaryIO
 
-from klconvert.errors import KLError
+from klconvert.errors import KLError, shown
 
 
 def kind_of(mode: int) -> str:
@@ -50,7 +50,7 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     if len(obj) < len(pairs):
         seen: set[str] = set()
         twice = next(key for key, _ in pairs if key in seen or seen.add(key))
-        raise ValueError(f"key {twice!r:.80} appears twice in one object")
+        raise ValueError(f"key {shown(twice)} appears twice in one object")
     return obj
 
 

@@ -24,7 +24,7 @@ from klconvert.checkpoint.safetensors_writer import TORCH_TO_SAFETENSORS, Planne
 from klconvert.disk_space import failed_write
 from klconvert.entry import Uninterrupted
 from klconvert.errors import KLError
-from klconvert.user_paths import refuse_unreachable, shown
+from klconvert.user_paths import refuse_unreachable, shown_path
 
 # What the partial folder is for (source fingerprint and options), and the sha256 of each shard finished so far
 RESUME_RECORD = ".klconvert-resume.json"
@@ -124,8 +124,8 @@ def refuse_no_new_name(out: Path) -> None:
                       f"choose a name of at most {MAX_FILE_NAME_BYTES - extra} bytes")
     longest_path = len(os.fsencode(os.path.abspath(out.parent / longest)))
     if longest_path >= PATH_MAX:
-        raise KLError(f"{shown(out)}: its path is too long for the files made beside it ({longest_path:,} bytes as a "
-                      f"full path, over the {PATH_MAX - 1:,} the system takes); give a shorter path")
+        raise KLError(f"{shown_path(out)}: its path is too long for the files made beside it ({longest_path:,} bytes "
+                      f"as a full path, over the {PATH_MAX - 1:,} the system takes); give a shorter path")
 
 
 def refuse_link_or_file(out: Path) -> None:

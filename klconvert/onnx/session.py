@@ -13,7 +13,7 @@ import onnxruntime as ort
 import torch
 
 from klconvert.config import KimiLinearConfig
-from klconvert.errors import KLError, first_line, unreadable_reason
+from klconvert.errors import KLError, first_line, shown, unreadable_reason
 from klconvert.models import resolve_model
 from klconvert.checkpoint.folder_files import refuse_link_out
 from klconvert.checkpoint.regular_file import open_regular, read_json
@@ -89,7 +89,7 @@ class OnnxEngine(Runner):
         (1.5 was blamed on the export, -5 taken, 10**6 hung onnxruntime)."""
         count = 0 if threads is None else as_number(threads, whole=True)
         if count is None or not 0 <= count <= MAX_THREADS:
-            raise KLError(f"threads={threads!r:.40} should be a whole number from 0 to {MAX_THREADS} (onnxruntime's "
+            raise KLError(f"threads={shown(threads)} should be a whole number from 0 to {MAX_THREADS} (onnxruntime's "
                           "intra-op threads; 0 or None: its own choice, one per core)")
         given, folder = folder, resolve_model(folder)
         if not (folder / GENAI_CONFIG).is_file():   # named as given: `tiny`, not where it is installed

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from klconvert.errors import KLError
+from klconvert.errors import KLError, shown
 from klconvert.quant.policy import LINEAR, MAX_POLICY_ENTRIES, Entry, RegexBudget
 from klconvert.quant.scheme import PACKED_FORMAT, QuantScheme
 
@@ -91,8 +91,8 @@ def declared_groups(quantization_config: dict, where: str) -> Declared:
     weights."""
     kv_cache = quantization_config.get(KV_CACHE)
     if kv_cache is not None:   # the runtime caches K and V in the model's dtype: another model than the one calibrated
-        said = (f"num_bits {kv_cache.get('num_bits')!r:.20}, type {kv_cache.get('type')!r:.20}"
-                if isinstance(kv_cache, dict) else f"{kv_cache!r:.40}")
+        said = (f"num_bits {shown(kv_cache.get('num_bits'))}, type {shown(kv_cache.get('type'))}"
+                if isinstance(kv_cache, dict) else f"{shown(kv_cache)}")
         raise _bad(where, KV_CACHE, f"quantizes the KV cache ({said}), which klconvert does not")
     if quantization_config.get(MOE_SPARSITY) is not None:
         raise _bad(where, MOE_SPARSITY, "declares experts pruned or merged, which klconvert does not read (it runs "
@@ -104,13 +104,13 @@ def declared_groups(quantization_config: dict, where: str) -> Declared:
         raise _bad(where, "config_groups", "is missing or not an object")
     top_format = quantization_config.get("format")
     if top_format not in (None, MIXED_FORMAT, *READ_FORMATS):
-        raise _bad(where, "format", f"is {top_format!r:.40}, a format klconvert does not read")
+        raise _bad(where, "format", f"is {shown(top_format)}, a format klconvert does not read")
     for name, group in groups.items():
         if not isinstance(group, dict):
             raise _bad(where, f"config_groups.{name:.40}", "is not an object (targets, weights, ...)")
         if group.get("format") not in (None, *READ_FORMATS):
             raise _bad(where, f"config_groups.{name:.40}.format",
-                       f"is {group['format']!r:.40}, a format klconvert does not read")
+                       f"is {shown(group['format'])}, a format klconvert does not read")
         quantized = next((key for key in ACTIVATIONS if group.get(key) is not None), None)
         if quantized:   # the runtime would run them unquantized: another model than the one calibrated
             raise _bad(where, f"config_groups.{name:.40}.{quantized}",
@@ -179,7 +179,7 @@ def _refuse_online_transforms(transforms, where: str) -> None:
         for i, args in enumerate(scheme.get("apply", [])):
             if args["location"] not in FUSED_LOCATIONS:
                 raise KLError(f"{where}: quantization_config.{TRANSFORMS}.config_groups.{name:.40}.apply[{i}] applies "
-                              f"a {scheme.get('type')!r:.40} transform online (location {args['location']!r:.40}, at "
+                              f"a {shown(scheme.get('type'))} transform online (location {shown(args['location'])}, at "
                               f"run time), which klconvert does not apply: only {' and '.join(FUSED_LOCATIONS)} "
                               "transforms are fused into the stored weights, and without this one they compute another "
                               "model than the one quantized -- quantize again without online transforms (`klconvert "
@@ -198,7 +198,7 @@ def _refuse_sparse_storage(sparsity, where: str) -> None:
                       "naming the `format` its weights are stored in), so how they are stored cannot be told; "
                       "quantize again without sparsity (`klconvert quantize` stores weights dense)")
     if stored != DENSE_FORMAT:
-        raise KLError(f"{where}: quantization_config.{SPARSITY} stores weights sparse (format {stored!r:.40}), which "
+        raise KLError(f"{where}: quantization_config.{SPARSITY} stores weights sparse (format {shown(stored)}), which "
                       "klconvert does not read; quantize again without sparse storage (`klconvert quantize` stores "
                       "weights dense)")
 
@@ -210,16 +210,16 @@ def _scheme(weights, where: str, field: str) -> QuantScheme:
     actorder = weights.get("actorder")
     named = actorder.lower() if isinstance(actorder, str) else actorder
     if named is True or named in GROUP_ACT_ORDERS:
-        raise group_act_order(f"{where}: quantization_config.{field}.actorder is {actorder!r:.40}")
+        raise group_act_order(f"{where}: quantization_config.{field}.actorder is {shown(actorder)}")
     if named not in (None, False, *READ_ACT_ORDERS):
-        raise _bad(where, f"{field}.actorder", f"is {actorder!r:.40}, not an activation ordering compressed-tensors "
+        raise _bad(where, f"{field}.actorder", f"is {shown(actorder)}, not an activation ordering compressed-tensors "
                    "defines (null, weight or static; group or dynamic)")
     bits, kind, symmetric = weights.get("num_bits"), weights.get("type", "int"), weights.get("symmetric", True)
     strategy, group_size = weights.get("strategy"), weights.get("group_size")
     channel = strategy == "channel" or (strategy is None and group_size == -1)
     grouped = strategy in ("group", None) and type(group_size) is int and group_size > 0
-    declares = (f"declares num_bits {bits!r:.20}, type {kind!r:.20}, symmetric {symmetric!r:.20}, strategy "
-                f"{strategy!r:.20}, group_size {group_size!r:.20}")
+    declares = (f"declares num_bits {shown(bits)}, type {shown(kind)}, symmetric {shown(symmetric)}, strategy "
+                f"{shown(strategy)}, group_size {shown(group_size)}")
     if not (type(bits) is int and kind == "int" and type(symmetric) is bool
             and (group_size in (None, -1) if channel else grouped)):
         raise _bad(where, field, declares)
