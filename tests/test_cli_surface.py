@@ -357,11 +357,12 @@ def test_other_defaults_the_cli_states_are_the_codes():
     import inspect
 
     from klconvert.bench import bench
-    from klconvert.evaluate import evaluate
+    from klconvert.evaluate import MIN_SCORED_TOKENS, evaluate
     from klconvert.release import RELEASED_SHARD_BYTES
 
     options = {(name, p.name): p for name, command in cli.commands.items() for p in command.params}
     assert options[("eval", "max_tokens")].default == inspect.signature(evaluate).parameters["max_tokens"].default
+    assert options[("eval", "max_tokens")].type.min == MIN_SCORED_TOKENS
     assert options[("bench", "new_tokens")].default == inspect.signature(bench).parameters["new_tokens"].default
     assert f"[default: {RELEASED_SHARD_BYTES // 10**9}GB]" in options[("quantize", "max_shard_size")].help
     onnx_export = pytest.importorskip("klconvert.onnx.export")
