@@ -4,12 +4,17 @@ and nothing of the tests; the sdist a packager builds and tests from holds every
 tests/conftest.py, tests/kernels/ and the tools the tests import)."""
 from __future__ import annotations
 
+import ast
+import importlib.metadata
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,3 +53,37 @@ def test_the_sdist_holds_every_tracked_file(tmp_path):
     with tarfile.open(sdist) as archive:
         names = {n.split("/", 1)[1] for n in archive.getnames() if "/" in n}
     assert tracked - {".gitignore"} <= names, sorted(tracked - names)
+
+
+# modules the code imports whose distribution is not installed here, by the name it is declared under
+NOT_INSTALLED_HERE = {"fla": "fla-core"}
+
+
+def _distribution_names(requirements: list[str]) -> set[str]:
+    """The normalized project names of requirement strings ("huggingface-hub>=1.33,<3" -> "huggingface-hub")."""
+    return {re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", r)[0]).lower() for r in requirements}
+
+
+def test_every_module_the_code_imports_is_declared():
+    """numpy was imported by the ONNX export and needed by every shard written (tensor.numpy() in
+    safetensors_writer, and safetensors' own save), but declared nowhere: torch does not require it, so a base
+    install's `quantize` and `synth` ended in "RuntimeError: Numpy is not available"."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = _distribution_names(project["dependencies"])
+    extras = _distribution_names([r for reqs in project["optional-dependencies"].values() for r in reqs
+                                  if not r.startswith("klconvert[")])
+    installed = importlib.metadata.packages_distributions()
+    imported: dict[str, set[str]] = {}
+    for folder in ("klconvert", "runtime", "kernels"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+                for top in {name.split(".")[0] for name in names} - set(sys.stdlib_module_names) - {"klconvert"}:
+                    imported.setdefault(top, set()).add(path.relative_to(ROOT).as_posix())
+    assert {"torch", "triton", "onnx"} <= set(imported)   # the scan sees the code's imports
+    undeclared = {module: sorted(where) for module, where in imported.items()
+                  if not _distribution_names(installed.get(module) or [NOT_INSTALLED_HERE[module]]) & (core | extras)}
+    assert not undeclared
+    assert "numpy" in core   # every shard written goes through it, not only the ONNX export
