@@ -8,10 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .int_layout import KT, ROWS
 from .pdl import prefetch_fits, prefetch_runs, use_pdl, wait_for_inputs
 
-ROWS = 16  # output rows per packed block; one (block, k-tile) pair is ROWS * P contiguous int32 words
-KT = 128  # input features per k-tile; P = KT * bits / 32 words per row (16 for int4, 32 for int8)
 MMA_M = 16  # the tensor-core kernels pad x to blocks of at least this many rows (the smallest tl.dot M)
 MMA_BLOCK_M = 64  # int_mma_fwd's largest row block: up to this many rows are one block (split-K, a dense tail)
 LARGE_WEIGHT = 1 << 26  # weights from which a linear is "large" (the lm_head; it fills the GPU without split-K)

@@ -25,7 +25,7 @@ Packed = Callable[[str], "tuple[dict[str, torch.Tensor], QuantScheme] | None"]
 def kernel_takes(scheme: QuantScheme, in_features: int) -> bool:
     """Whether the Triton int kernels take a weight stored with `scheme`: their 128-wide k-tile must divide
     the row and the group."""
-    from klconvert.kernels.int_linear import KT
+    from klconvert.kernels.int_layout import KT   # no Triton: the plan reads it on a machine without
 
     group = in_features if scheme.group_size == -1 else scheme.group_size
     return scheme.kind == "int" and in_features % KT == 0 and group % KT == 0

@@ -55,6 +55,15 @@ def test_synth_quantize_and_run_on_cpu_without_the_extras(without_extras, tmp_pa
     assert "torch, context" in proc.stderr.splitlines()[-1]
 
 
+@pytest.mark.parametrize("args", [("--preset", "kimi-linear-48b", "--bits", "4"),
+                                  ("--preset", "kimi-linear-48b", "--recipe", "48gb")])
+def test_plan_of_int_weights_without_the_extras(without_extras, tmp_path, args):
+    """The fit check is for before one has a GPU: sizing int weights read the kernels' k-tile from the Triton kernel
+    module, whose import of triton failed ("ModuleNotFoundError: import of triton halted", a traceback)."""
+    proc = run_klconvert("plan", *args, cwd=tmp_path, env=without([without_extras]))
+    assert proc.returncode == 0 and "\ntotal " in proc.stdout, proc.stderr
+
+
 @pytest.mark.slow
 def test_nf4_without_its_extra_is_one_line_naming_it(without_extras, tiny_released, tmp_path):
     proc = run_klconvert("quantize", tiny_released, tmp_path / "q", "--scheme", "nf4", cwd=tmp_path,
