@@ -157,6 +157,9 @@ class OneLineErrors(click.Group):
             sys.exit(e.exit_code)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
+        except click.exceptions.NoArgsIsHelpError as e:   # `klconvert` alone: the help as it is, not one line of it
+            click.echo(e.ctx.get_help(), err=True)
+            sys.exit(e.exit_code)
         except click.UsageError as e:
             command = e.ctx.command_path if e.ctx is not None else "klconvert"
             click.echo(f"klconvert: error: {command}: {_one_line(e.format_message())} (see `{command} --help`)",

@@ -16,6 +16,13 @@ from klconvert.cli import ALLOCATOR_ENV, DEVICE, SEED, cli
 from testkit import assert_one_line_error, run_cli, run_klconvert_on_a_terminal
 
 
+def test_klconvert_alone_prints_the_help(capsys):
+    """It printed the whole help folded into one 786-byte error line (click's NoArgsIsHelpError is a UsageError)."""
+    status, out, err = run_cli(capsys)
+    help_text = cli.get_help(click.Context(cli, info_name="klconvert"))
+    assert (status, out, err) == (2, "", help_text + "\n") and "\nCommands:\n" in err
+
+
 def test_help_describes_every_flag():
     for name, command in cli.commands.items():
         for param in command.params:
