@@ -92,7 +92,8 @@ def read_prompt(prompt: str | None, prompt_file: str | None, tokenizer: Tokenize
         where, chunks = f"--prompt-file {prompt_file}", _chunks(prompt_file, "--prompt-file")
     result = read_tokens(chunks, where, tokenizer, max_tokens)
     if result.whole and not result.text.strip():
-        raise KLError(f"{where}: the prompt is empty; write some text into it")
+        raise KLError(f"{where}: the prompt {'holds only whitespace' if result.text else 'is empty'}; write some "
+                      "text into it")
     return result
 
 

@@ -148,8 +148,10 @@ def test_prompt_text_or_file(capsys, tiny_released):
     both = run_cli(capsys, "run", "--model", tiny_released, "--prompt", "x", "--prompt-file", "-")
     assert_one_line_error(*both[::2], "--prompt TEXT or --prompt-file FILE")
     assert_one_line_error(*run_cli(capsys, "run", "--model", tiny_released)[::2], "--prompt TEXT or --prompt-file")
-    assert_one_line_error(*run_cli(capsys, "run", "--model", tiny_released, "--prompt", "  ")[::2],
-                          "--prompt: the prompt is empty")
+    assert_one_line_error(*run_cli(capsys, "run", "--model", tiny_released, "--prompt", "")[::2],
+                          "--prompt: the prompt is empty; write some text into it")
+    assert_one_line_error(*run_cli(capsys, "run", "--model", tiny_released, "--prompt", " \t\n")[::2],
+                          "--prompt: the prompt holds only whitespace; write some text into it")   # not empty
     from klconvert.tokenizer import Tokenizer
 
     code, out, err = run_cli(capsys, "run", "--model", tiny_released, "--prompt", "Once upon a time",
