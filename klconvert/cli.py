@@ -221,7 +221,7 @@ def cli() -> None:
               help="Seed of the random weights.")
 @click.option("--layout", type=click.Choice(["released", "transformers"]), default="released", show_default=True,
               help="Tensor layout: the released checkpoint's, or the native transformers port's.")
-@click.option("--out", type=PathArg(path_type=Path), required=True, help="Folder to create.")
+@click.option("--out", type=PathArg(path_type=Path), required=True, help="Folder to create, or an empty one.")
 def synth(preset: str, layers: int | None, seed: int, layout: str, out: Path) -> None:
     """Write a random-weight checkpoint in exactly the released format."""
     from klconvert.synth.checkpoint import synth as write_synth
@@ -286,8 +286,8 @@ def _given_once(param: click.Parameter, given: tuple[str, ...]) -> str | None:
               help="UTF-8 text file with the prompt, or - for standard input; repeat it to continue several prompts "
                    "as one batch (each at its own length).")
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=256, show_default=True,
-              help="Stop after this many new tokens (or earlier, at the end-of-turn token); 0 only prefills the "
-                   "prompts.")
+              help="Stop after this many new tokens (or earlier, at a stop token: <|im_end|>, the tokenizer's eos, "
+                   "config.json's eos_token_id); 0 only prefills the prompts.")
 @click.option("--temperature", type=FiniteFloat(min=0.0), default=0.0, show_default=True,
               help="Sampling temperature; 0 is greedy.")
 @click.option("--top-p", type=FiniteFloat(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True,
@@ -296,8 +296,8 @@ def _given_once(param: click.Parameter, given: tuple[str, ...]) -> str | None:
               help="Seed for sampling [default: a fresh random seed, which the summary prints].")
 @click.option("--chat", is_flag=True, help="Wrap the prompt as a user turn with the model's chat template.")
 @click.option("--show-special", is_flag=True,
-              help="Print generated special tokens (<|im_assistant|>, <|reserved_token_N|>, ...) as text; by default "
-                   "they are skipped.")
+              help="Print generated special tokens (<|im_assistant|>, <|reserved_token_N|>, ...) as text, but the "
+                   "stop token that ends a sequence; by default they are skipped.")
 @click.option("--max-context", type=click.IntRange(min=1), default=None,
               help="Context the memory plan holds [default: prompt + max-new-tokens].")
 @click.option("--device", type=DEVICE, default=None,
@@ -390,8 +390,9 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
             sys.stdout.write(f"==> {prompt_files[i]} <==\n")
         sys.stdout.write("".join(parts) + stream.flush() + "\n")
     s = runner.stats
+    decode = f"decode {s.decode_tps:.1f} tokens/s" if s.timed_steps else "no decode step"   # not a rate of 0
     summary = (f"prompt {s.prompt_tokens} tokens | prefill {s.prefill_tps:.1f} tokens/s | {s.new_tokens} new, "
-               f"decode {s.decode_tps:.1f} tokens/s" + (f" | seed {seed}" if temperature > 0 else ""))
+               f"{decode}" + (f" | seed {seed}" if temperature > 0 else ""))
     if engine == "onnxruntime":
         click.echo(f"{summary} | onnxruntime: cpu float32, batch {len(prompts)}", err=True)
         return

@@ -49,7 +49,18 @@ def test_max_new_tokens_0_only_prefills(capsys):
     """The README's `--max-new-tokens N` (0: only prefill the prompts), from the command line."""
     code, out, err = run_cli(capsys, "run", "--model", "tiny", "--prompt", "ROMEO.", "--max-new-tokens", "0",
                              "--device", "cpu")
-    assert code == 0 and out == "\n" and re.match(r"prompt \d+ tokens \| prefill [\d.]+ tokens/s \| 0 new", err), err
+    assert code == 0 and out == "\n" and re.match(r"prompt \d+ tokens \| prefill [\d.]+ tokens/s \| 0 new, no decode "
+                                                  r"step \| plan: ", err), err
+
+
+def test_one_new_token_has_no_decode_rate(capsys):
+    """The one token comes from the prefill: the summary said "decode 0.0 tokens/s", a rate no step measured."""
+    code, out, err = run_cli(capsys, "run", "--model", "tiny", "--prompt", "ROMEO.", "--max-new-tokens", "1",
+                             "--device", "cpu")
+    assert code == 0 and len(out) > 1 and "| 1 new, no decode step | plan: " in err, err
+    code, out, err = run_cli(capsys, "run", "--model", "tiny", "--prompt", "ROMEO.", "--max-new-tokens", "2",
+                             "--device", "cpu")
+    assert code == 0 and re.search(r"\| 2 new, decode [\d.]+ tokens/s \| plan: ", err) and "decode 0.0 " not in err
 
 
 @pytest.mark.slow
@@ -295,6 +306,9 @@ def test_config_eos_ids_stop_a_run_too(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == tok.decode([t for t in free[:at] if t not in tok.special_ids]) + "\n"
     assert f"{at + 1} new" in proc.stderr
+    shown = run_klconvert("run", "--model", folder, "--prompt", "ROMEO.", "--max-new-tokens", "12", "--device", "cpu",
+                          "--show-special")   # the README: the stop token that ends a sequence is never printed
+    assert shown.returncode == 0 and shown.stdout == tok.decode(free[:at]) + "\n", shown.stderr
     # the API's default stop tokens are run's: generate without stop_ids ran on through the stop token
     engine = klconvert.load(folder, device="cpu", max_context=32)
     assert engine.stop_ids == tok.stop_ids | {stop}
