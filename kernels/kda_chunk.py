@@ -10,14 +10,14 @@ with its matrix products on tensor cores, in four launches:
 3. per chunk: (I + Akk)^-1 by forward substitution, then w = (I + Akk)^-1 (beta k exp(G)), u = (I + Akk)^-1 beta v;
 4. per (sequence, head, block of v): the chunks in order, the state [K, BV] in fp32 registers:
    u' = u - w S;  o = (q exp(G)) S + Aqk u';  S = exp(G_last) S + (k exp(G_last - G))^T u'.
-q and k are l2-normalised (q times scale) and beta passed through a sigmoid inside the kernels that read them, as
-kda_decode does; the state is [B, H, K, V] in kda_decode's layout and dtype, read and written in place.
+q and k are l2-normalised (q times kda_q_scale(K)) and beta passed through a sigmoid inside the kernels that read
+them, as kda_decode does; the state is [B, H, K, V] in kda_decode's layout and dtype, read and written in place.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .naive_kda import L2NORM_EPS, SOFTPLUS_THRESHOLD
+from .naive_kda import L2NORM_EPS, SOFTPLUS_THRESHOLD, kda_q_scale
 
 BT = 64  # tokens per chunk
 _L2NORM_EPS = tl.constexpr(L2NORM_EPS)
@@ -224,7 +224,7 @@ def _token_stride(x, D):
     return x, x.stride(1)
 
 
-def kda_chunk(q, k, v, g, beta, state, *, A_log, dt_bias, scale=None, out=None, block_v=32, num_warps=8,
+def kda_chunk(q, k, v, g, beta, state, *, A_log, dt_bias, out=None, block_v=32, num_warps=8,
               num_stages=1, precision="tf32"):
     """KDA over T tokens of each sequence from `state`. q, k, g (raw gate input) [B, T, H, K]; v [B, T, H, V];
     beta (logits) [B, T, H]; state [B, H, K, V] fp32 or bf16 (kda_decode's), updated in place to the state after
@@ -247,7 +247,7 @@ def kda_chunk(q, k, v, g, beta, state, *, A_log, dt_bias, scale=None, out=None, 
     o = out if out is not None else v.new_empty(B, T, H, V)
     if tuple(o.shape) != (B, T, H, V) or o.stride(-1) != 1 or o.stride(-2) != V or o.stride(0) != T * o.stride(1):
         raise ValueError(f"kda_chunk: out must be [{B}, {T}, {H}, {V}] with contiguous heads, got {tuple(o.shape)}")
-    scale = K ** -0.5 if scale is None else scale
+    scale = kda_q_scale(K)
     BK, BV = triton.next_power_of_2(K), triton.next_power_of_2(V)
     f32 = dict(device=q.device, dtype=torch.float32)
     G, w = torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, K, **f32)

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .naive_kda import L2NORM_EPS, SOFTPLUS_THRESHOLD
+from .naive_kda import L2NORM_EPS, SOFTPLUS_THRESHOLD, kda_q_scale
 from .pdl import prefetch_fits, prefetch_runs, use_pdl, wait_for_inputs
 
 _L2NORM_EPS = tl.constexpr(L2NORM_EPS)
@@ -188,7 +188,7 @@ def _check_state(state, B, H, K, V, where):
         raise ValueError(f"{where}: state dtype {state.dtype}; use float32 or bfloat16")
 
 
-def kda_decode(q, k, v, g, beta, state, *, A_log, dt_bias, scale=None, out=None, block_v=32, num_warps=4):
+def kda_decode(q, k, v, g, beta, state, *, A_log, dt_bias, out=None, block_v=32, num_warps=4):
     """One KDA decode step. q, k, g (raw gate input) [B, H, K]; v [B, H, V]; beta (logits) [B, H];
     state [B, H, K, V] fp32 or bf16, updated in place; A_log [H], dt_bias [H*K]. Returns o [B, H, V] in v.dtype
     (into `out` if given, contiguous). block_v, num_warps: the launch shape (defaults: best measured on H100)."""
@@ -201,13 +201,13 @@ def kda_decode(q, k, v, g, beta, state, *, A_log, dt_bias, scale=None, out=None,
     o = out if out is not None else torch.empty_like(v)
     bv = min(triton.next_power_of_2(block_v), triton.next_power_of_2(V))
     kda_decode_fwd_kernel[(triton.cdiv(V, bv), B * H)](
-        q, k, v, g, beta, state, A_log.reshape(-1), dt_bias.reshape(-1), o, K ** -0.5 if scale is None else scale,
+        q, k, v, g, beta, state, A_log.reshape(-1), dt_bias.reshape(-1), o, kda_q_scale(K),
         H, state.stride(0), K=K, V=V, BK=triton.next_power_of_2(K), BV=bv, num_warps=num_warps)
     return o
 
 
 def kda_layer_step(x_qkv, conv_state, conv_weight, f_a, beta_raw, g_a, state, *, f_b_weight, g_b_weight, A_log,
-                   dt_bias, o_norm_weight, eps, scale=None, out=None, block_v=None, num_warps=None):
+                   dt_bias, o_norm_weight, eps, out=None, block_v=None, num_warps=None):
     """The KDA mixer for one token per sequence, in one launch, from its input projections to the output projection.
 
     x_qkv [B, 2*H*K + H*V]: the q, k, v projection outputs concatenated; conv_state [B, 2*H*K + H*V, W-1]: the
@@ -243,7 +243,7 @@ def kda_layer_step(x_qkv, conv_state, conv_weight, f_a, beta_raw, g_a, state, *,
     pdl = use_pdl(state.device)
     kda_layer_step_fwd_kernel[(B * H,)](
         x_qkv, conv_state, conv_weight.contiguous(), f_a, f_b_weight, beta_raw, g_a, g_b_weight, state,
-        A_log.reshape(-1), dt_bias.reshape(-1), o_norm_weight, o, K ** -0.5 if scale is None else scale, eps, H,
+        A_log.reshape(-1), dt_bias.reshape(-1), o_norm_weight, o, kda_q_scale(K), eps, H,
         x_qkv.stride(0), conv_state.stride(0), f_a.stride(0), beta_raw.stride(0), g_a.stride(0), state.stride(0),
         o.stride(0), K=K, V=V, W=W, BK=triton.next_power_of_2(K), BV=bv,
         NV=triton.next_power_of_2(triton.cdiv(V, bv)), BW=triton.next_power_of_2(max(W - 1, 1)), RF=RF, RG=RG,

@@ -36,16 +36,21 @@ def kda_short_conv(x, tail, weight):
     return F.silu(F.conv1d(xt.float(), weight.float(), groups=C)).transpose(1, 2)
 
 
+def kda_q_scale(head_k_dim: int) -> float:
+    """KDA's query scale, 1 / sqrt(head_k_dim): q is l2-normalised, then multiplied by it (fla's chunk_kda default).
+    The one statement of it: the kernels, the PyTorch model, its CPU decode and the ONNX export all take it here."""
+    return head_k_dim ** -0.5
+
+
 def l2norm(x: torch.Tensor) -> torch.Tensor:
     """x / sqrt(sum(x^2) + L2NORM_EPS) over the last dim, in fp32: the one PyTorch statement of it."""
     x = x.float()
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + L2NORM_EPS)
 
 
-def naive_kda_decode(q, k, v, g, beta, state, *, A_log, dt_bias, scale=None, out=None):
+def naive_kda_decode(q, k, v, g, beta, state, *, A_log, dt_bias, out=None):
     B, H, K = q.shape
-    scale = K ** -0.5 if scale is None else scale
-    q = l2norm(q) * scale  # [B, H, K], fp32
+    q = l2norm(q) * kda_q_scale(K)  # [B, H, K], fp32
     k = l2norm(k)
     gk = kda_gate(g, A_log, dt_bias)  # [B, H, K]
     b = beta.float().sigmoid()[..., None]  # [B, H, 1]
@@ -59,7 +64,7 @@ def naive_kda_decode(q, k, v, g, beta, state, *, A_log, dt_bias, scale=None, out
 
 
 def naive_kda_layer_step(x_qkv, conv_state, conv_weight, f_a, beta_raw, g_a, state, *, f_b_weight, g_b_weight, A_log,
-                         dt_bias, o_norm_weight, eps, scale=None, out=None):
+                         dt_bias, o_norm_weight, eps, out=None):
     B, H, K, V = state.shape
     g_raw, gate_raw = f_a.float() @ f_b_weight.float().T, g_a.float() @ g_b_weight.float().T  # [B, HK], [B, HV]
     C = 2 * H * K + H * V
@@ -69,7 +74,7 @@ def naive_kda_layer_step(x_qkv, conv_state, conv_weight, f_a, beta_raw, g_a, sta
     conv_state.copy_(window[..., 1:])
     q, k, v = y.split([H * K, H * K, H * V], -1)
     o = naive_kda_decode(q.view(B, H, K), k.view(B, H, K), v.view(B, H, V), g_raw.float().view(B, H, K),
-                         beta_raw.float(), state, A_log=A_log, dt_bias=dt_bias, scale=scale)  # [B, H, V] fp32
+                         beta_raw.float(), state, A_log=A_log, dt_bias=dt_bias)  # [B, H, V] fp32
     o = rms_norm(o, o_norm_weight, eps)  # fp32 in, fp32 out: the gate applies before the one rounding
     o = (o * gate_raw.float().view(B, H, V).sigmoid()).reshape(B, H * V).to(x_qkv.dtype)
     return o if out is None else out.copy_(o)
@@ -133,12 +138,10 @@ def _wy_chunk(qc, kc, vc, gc, bc, state, decay=None):
     return o, state * g_last.transpose(-1, -2).exp() + (kc * (g_last - G).exp()).transpose(-1, -2) @ u
 
 
-def naive_kda_chunk(q, k, v, g, beta, state, *, A_log, dt_bias, scale=None, out=None):
+def naive_kda_chunk(q, k, v, g, beta, state, *, A_log, dt_bias, out=None):
     """kda_chunk's twin: raw q, k (l2-normalised here, q scaled), g (gate input), beta (logits) [B, T, H, .];
     state [B, H, K, V] updated in place. Returns o [B, T, H, V] in v.dtype."""
-    K = q.shape[-1]
-    scale = K ** -0.5 if scale is None else scale
-    o, final = kda_chunked(l2norm(q) * scale, l2norm(k), v, kda_gate(g, A_log, dt_bias),
+    o, final = kda_chunked(l2norm(q) * kda_q_scale(q.shape[-1]), l2norm(k), v, kda_gate(g, A_log, dt_bias),
                            beta.float().sigmoid(), state.float())
     state.copy_(final)
     o = o.to(v.dtype)

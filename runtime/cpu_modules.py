@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from klconvert.kernels.naive_kda import L2NORM_EPS, SOFTPLUS_THRESHOLD
+from klconvert.kernels.naive_kda import L2NORM_EPS, SOFTPLUS_THRESHOLD, kda_q_scale
 from klconvert.runtime import model as M
 
 
@@ -104,7 +104,7 @@ class CPUKDAMixer(M.KDAMixer):
         mixer.cpu_neg_A = -mixer.A_log.detach().float().reshape(H, 1, 1).exp()                   # as kda_gate
         mixer.cpu_dt_bias = mixer.dt_bias.detach().float().reshape(H, K, 1)
         mixer.cpu_norm = _Norm(mixer.o_norm.weight, mixer.eps)
-        mixer.cpu_l2_eps, mixer.cpu_scale = _const(L2NORM_EPS), _const(K ** -0.5)
+        mixer.cpu_l2_eps, mixer.cpu_scale = _const(L2NORM_EPS), _const(kda_q_scale(K))
         # [2, K, HK] laid out as the weights are (bind's _cpu_layout: [in, out]): bmm reads each as F.linear does
         mixer.cpu_fg_t = _held(torch.stack([mixer.f_b_proj.weight.t(), mixer.g_b_proj.weight.t()]))
         mixer.cpu_outer = None     # k u^T [B, H, K, V], allocated at the first step

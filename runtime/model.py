@@ -22,7 +22,7 @@ from torch.nn.modules import module as _module_hooks
 
 from klconvert.config import KimiLinearConfig
 from klconvert.kernels.naive_attention_merge import naive_merge_attention
-from klconvert.kernels.naive_kda import kda_short_conv
+from klconvert.kernels.naive_kda import kda_q_scale, kda_short_conv
 from klconvert.kernels.naive_moe_route import ROUTE_EPS
 from klconvert.kernels.naive_rms_norm import rms_norm
 from klconvert.runtime.kda import kda_chunked, kda_gate, kda_step, l2norm
@@ -172,7 +172,7 @@ class KDAMixer(nn.Module):
         B, T, _ = qkv.shape
         H, K = self.H, self.K
         q, k, v = kda_short_conv(qkv, tail, self.conv_weight).view(B, T, 3, H, K).unbind(2)  # [B, T, H, K] each
-        q, k = l2norm(q) * K ** -0.5, l2norm(k)
+        q, k = l2norm(q) * kda_q_scale(K), l2norm(k)
         g = kda_gate(g_raw.view(B, T, H, K), self.A_log, self.dt_bias)
         beta = torch.sigmoid(beta_raw.float())                               # [B, T, H]
         if T == 1 and S is not None:

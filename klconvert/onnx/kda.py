@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper
 
-from klconvert.kernels.naive_kda import L2NORM_EPS
+from klconvert.kernels.naive_kda import L2NORM_EPS, kda_q_scale
 from klconvert.onnx.graph import FLOAT, GraphBuilder
 from klconvert.onnx.linears import Linears, as_numpy
 from klconvert.runtime import model as M
@@ -51,7 +51,7 @@ def kda_layer(g: GraphBuilder, x: str, m: M.KDAMixer, prefix: str, linears: Line
     conv = g.op("Conv", xt, g.weight(f"{prefix}.conv_weight", as_numpy(m.conv_weight)), group=3 * H * K)
     qkv = g.op("Transpose", g.silu(conv), perm=[0, 2, 1])                               # [B, T, 3HK]
     q, k, v = (g.op("Reshape", t, g.const([0, 0, H, K])) for t in g.op("Split", qkv, axis=2, num_outputs=3, outputs=3))
-    q = g.op("Mul", _l2norm(g, q), g.const(K ** -0.5, np.float32))
+    q = g.op("Mul", _l2norm(g, q), g.const(kda_q_scale(K), np.float32))
     k = _l2norm(g, k)
     g_raw = linears.module(g, proj["f_a_proj"], f"{prefix}.f_b_proj", m.f_b_proj)
     g_raw = g.op("Add", g_raw, g.weight(f"{prefix}.dt_bias", as_numpy(m.dt_bias)))
