@@ -14,6 +14,7 @@ from torch import nn
 
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.quant import QuantScheme
+from klconvert.quant.groupwise import CHANNEL
 from klconvert.runtime import model as M
 from klconvert.runtime.device_experts import DeviceExperts
 from klconvert.runtime.weights import Packed, held_in_fp32, kernel_takes
@@ -62,7 +63,7 @@ def _packed_linear(packed: Packed, name: str, scheme: QuantScheme, device: torch
 
     p = _int_parts(packed, name, device)
     return repack_int_weight(p["weight_packed"], p["weight_scale"], p.get("weight_zero_point"), p["weight_shape"],
-                             scheme.bits, None if scheme.group_size == -1 else scheme.group_size)
+                             scheme.bits, None if scheme.group_size == CHANNEL else scheme.group_size)
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -93,7 +94,7 @@ def _swap_packed(model: M.KimiLinear, packed: Packed, held: dict[str, QuantSchem
             stack_shared = all(held.get(n) == s for n in shared.values())
             stacked = repack_moe_experts(
                 experts, shared={p: _int_parts(packed, n, device) for p, n in shared.items()} if stack_shared else None,
-                bits=s.bits, group_size=None if s.group_size == -1 else s.group_size)
+                bits=s.bits, group_size=None if s.group_size == CHANNEL else s.group_size)
             _replace(model, name, FusedExperts(stacked))
             if stack_shared:  # the fused kernel carries it: no separate copy
                 model.get_submodule(prefix).shared_experts = SharedInStack()

@@ -10,6 +10,7 @@ import torch
 from klconvert.errors import KLError, argument
 from klconvert.extras import require
 from klconvert.quant import QuantScheme
+from klconvert.quant.groupwise import CHANNEL
 from klconvert.release import FP32_TENSORS
 
 KERNEL_MODES = ("auto", "triton", "torch")
@@ -27,7 +28,7 @@ def kernel_takes(scheme: QuantScheme, in_features: int) -> bool:
     the row and the group."""
     from klconvert.kernels.int_layout import KT   # no Triton: the plan reads it on a machine without
 
-    group = in_features if scheme.group_size == -1 else scheme.group_size
+    group = in_features if scheme.group_size == CHANNEL else scheme.group_size
     return scheme.kind == "int" and in_features % KT == 0 and group % KT == 0
 
 

@@ -15,6 +15,7 @@ from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.quant import QuantScheme, load_recipe, parse_recipe, policy_from_options
+from klconvert.quant.groupwise import CHANNEL
 from klconvert.quant.fused import VLLM_FUSED_MODULES, refuse_split_fused
 from klconvert.quantize import quantize
 from klconvert.presets import preset_config
@@ -176,7 +177,7 @@ def vllm_scheme(ct: CompressedTensorsConfig, prefix: str, class_name: str | None
 def same_scheme(args: dict | None, stored: QuantScheme | None) -> bool:
     if args is None or stored is None:
         return args is None and stored is None
-    group = None if stored.group_size == -1 else stored.group_size
+    group = None if stored.group_size == CHANNEL else stored.group_size
     return (args["num_bits"], args["symmetric"], args.get("group_size"), args.get("type", "int")) == \
         (stored.bits, stored.symmetric, group, "int")
 

@@ -13,6 +13,7 @@ from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.config import KimiLinearConfig
 from klconvert.presets import preset_config
 from klconvert.quant import QuantScheme, compress_nf4, compress_weight, policy_from_options
+from klconvert.quant.groupwise import CHANNEL
 from klconvert.quant.stored import stored_parts
 from klconvert.runtime.memory_plan import MemoryPlan, stored_bytes, weight_bytes
 from klconvert.runtime.plan_report import plan_for, render_plan
@@ -135,8 +136,9 @@ def test_the_runtime_plans_the_release_without_synth():
     assert proc.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("scheme", [QuantScheme(4, 128, True), QuantScheme(8, 32, False), QuantScheme(4, -1, False),
-                                    QuantScheme(4, 64, True, "nf4")], ids=lambda s: s.describe())
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 128, True), QuantScheme(8, 32, False),
+                                    QuantScheme(4, CHANNEL, False), QuantScheme(4, 64, True, "nf4")],
+                         ids=lambda s: s.describe())
 def test_stored_bytes_are_the_bytes_the_converter_writes(scheme):
     """The plan sizes a weight from the parts quant.stored names, which are the tensors the converter makes."""
     w = torch.randn(256, 384, dtype=torch.bfloat16)

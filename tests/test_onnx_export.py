@@ -31,6 +31,7 @@ from klconvert.onnx.graph import GraphBuilder
 from klconvert.onnx.matmul_nbits import NBitsWeight, nbits_weight
 from klconvert.onnx.session import MAX_THREADS, OnnxEngine
 from klconvert.quant import QuantScheme, compress_weight, decompress_weight, unpack_from_int32
+from klconvert.quant.groupwise import CHANNEL
 from klconvert.quantize import quantize
 from klconvert.runtime.engine import Engine, GenerationStats
 from klconvert.runtime.host_memory import DATA_BOUND, HostMemory
@@ -64,7 +65,7 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
 # ---- the weight conversion --------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("group_size", [32, -1])
+@pytest.mark.parametrize("group_size", [32, CHANNEL])
 def test_matmul_nbits_runs_the_stored_weight_exactly(bits, symmetric, group_size):
     """compressed-tensors parts -> MatMulNBits: onnxruntime's product is x @ ((q - zero) * scale)^T with the
     stored codes, zero points and scales (in fp32); K = 192 makes the per-channel group cut into 3 blocks of 64."""

@@ -12,6 +12,7 @@ from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.config import KimiLinearConfig
 from klconvert.presets import preset_config
 from klconvert.quant import load_recipe, policy_from_options
+from klconvert.quant.groupwise import CHANNEL
 from klconvert.runtime.memory_plan import MemoryPlan, weight_bytes
 from klconvert.runtime.plan_report import held_as_written, plan_for
 
@@ -61,7 +62,7 @@ def test_no_24gb_recipe_figures():
     routed experts alone at int4 g128, as the README and 32gb.yaml say; the first, and the experts at int4 g128 with
     the rest of the default policy, are over 24 GiB less 5% (22.8 GiB)."""
     specs = [(s.name, s.shape) for s in expected_tensors(REAL).values()]
-    per_channel = policy_from_options(bits=4, group_size=-1, lm_head_bits=4).check_against(specs)
+    per_channel = policy_from_options(bits=4, group_size=CHANNEL, lm_head_bits=4).check_against(specs)
     everything = sum(weight_bytes(REAL, torch.bfloat16, held_as_written(REAL, per_channel)).values())
     g128 = plan_for(preset="kimi-linear-48b", bits=4)
     experts = g128.weight_bytes["experts"]

@@ -11,6 +11,7 @@ import torch
 from klconvert.runtime.plan_report import parse_size
 from klconvert.errors import KLError
 from klconvert.quant import QuantScheme, compress_weight, load_recipe
+from klconvert.quant.groupwise import CHANNEL
 from klconvert.runtime.memory_plan import stored_bytes
 from klconvert.runtime.plan_report import plan_for
 from testkit import assert_one_line_error, run_cli
@@ -118,7 +119,7 @@ def test_a_preset_cut_to_layers_still_refuses_a_target_its_whole_model_lacks(lay
                           f"{path}:{line}:", message)
 
 
-@pytest.mark.parametrize("scheme", [QuantScheme(4, 32, True), QuantScheme(4, 32, False), QuantScheme(8, -1, True),
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 32, True), QuantScheme(4, 32, False), QuantScheme(8, CHANNEL, True),
                                     QuantScheme(8, 16, False)], ids=lambda s: s.describe().replace(" ", "-"))
 def test_stored_bytes_are_the_written_tensors(scheme):
     w = torch.randn(36, 96, dtype=torch.bfloat16)  # 36 rows: int4 zero points fill 4.5 int32 words

@@ -13,7 +13,7 @@ from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError, shown
 from klconvert.quant import QuantScheme, decompress_nf4, decompress_weight
 from klconvert.quant.declared import DENSE_FORMAT, G_IDX, Declared, declared_groups, group_act_order
-from klconvert.quant.groupwise import SUPPORTED_BITS
+from klconvert.quant.groupwise import CHANNEL, SUPPORTED_BITS
 from klconvert.quant.nf4 import BITSANDBYTES, NF4_NAMES
 from klconvert.quant.pack_quantized import PACKED_NAMES as PACKED_PARTS
 from klconvert.quant.policy import is_linear_weight, kept_in_high_precision
@@ -217,7 +217,7 @@ def _held_scheme(declared: Declared, module: str, linear: bool, in_dim: int, whe
                       "float weight and find none -- the folder does not match its config.json; put back the one "
                       f"its weights came with (format {PACKED_FORMAT!r})")
     scheme = group.scheme
-    group_size = in_dim if scheme.group_size == -1 else scheme.group_size
+    group_size = in_dim if scheme.group_size == CHANNEL else scheme.group_size
     if (bits, groups * group_size, zero_points) == (scheme.bits, in_dim, not scheme.symmetric):
         return scheme
     part = ""

@@ -19,6 +19,7 @@ import torch
 
 from klconvert.errors import KLError
 from klconvert.quant import QuantScheme, unpack_from_int32
+from klconvert.quant.groupwise import CHANNEL
 
 MIN_BLOCK = 16  # MatMulNBits' and QMoE's smallest block_size
 
@@ -56,7 +57,7 @@ def nbits_weight(parts: dict[str, torch.Tensor], scheme: QuantScheme, name: str)
     errors."""
     n, k = (int(d) for d in parts["weight_shape"].tolist())
     bits = scheme.bits
-    group = k if scheme.group_size == -1 else scheme.group_size
+    group = k if scheme.group_size == CHANNEL else scheme.group_size
     block = block_size_for(group)
     if block is None:
         raise KLError(f"{name}: group size {group} has no power-of-two block of at least {MIN_BLOCK} that MatMulNBits "

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from klconvert.errors import KLError, shown
+from klconvert.quant.groupwise import CHANNEL
 from klconvert.quant.policy import LINEAR, MAX_POLICY_ENTRIES, Entry, RegexBudget
 from klconvert.quant.scheme import PACKED_FORMAT, QuantScheme
 
@@ -216,6 +217,7 @@ def _scheme(weights, where: str, field: str) -> QuantScheme:
                    "defines (null, weight or static; group or dynamic)")
     bits, kind, symmetric = weights.get("num_bits"), weights.get("type", "int"), weights.get("symmetric", True)
     strategy, group_size = weights.get("strategy"), weights.get("group_size")
+    # group_size -1: compressed-tensors' own spelling of channel (QuantizationArgs), as the config states it
     channel = strategy == "channel" or (strategy is None and group_size == -1)
     grouped = strategy in ("group", None) and type(group_size) is int and group_size > 0
     declares = (f"declares num_bits {shown(bits)}, type {shown(kind)}, symmetric {shown(symmetric)}, strategy "
@@ -224,7 +226,7 @@ def _scheme(weights, where: str, field: str) -> QuantScheme:
             and (group_size in (None, -1) if channel else grouped)):
         raise _bad(where, field, declares)
     try:  # the bits and group sizes a scheme may have are QuantScheme's to say
-        return QuantScheme(bits, -1 if channel else group_size, symmetric)
+        return QuantScheme(bits, CHANNEL if channel else group_size, symmetric)
     except KLError:
         raise _bad(where, field, declares) from None
 

@@ -111,7 +111,7 @@ def _mse_bounds(groups, lo, hi, symmetric: bool, q_min, q_max):
 def quantize_groupwise(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
                        name: str = "weight", observer: str = "minmax") -> tuple[torch.Tensor, torch.Tensor,
                                                                                 torch.Tensor | None]:
-    """Quantize w [out, in] in groups of `group_size` input columns (-1 or None: per output channel).
+    """Quantize w [out, in] in groups of `group_size` input columns (CHANNEL (-1) or None: per output channel).
 
     observer "minmax": each group's range is its min and max (compressed-tensors' and llm-compressor's default);
     "mse": that range shrunk to where the round trip's error is least (llm-compressor's MSE observer).

@@ -8,7 +8,7 @@ import yaml
 
 from klconvert.checkpoint.regular_file import open_regular
 from klconvert.errors import KLError, either, shown
-from klconvert.quant.groupwise import SUPPORTED_BITS, unsupported_observer
+from klconvert.quant.groupwise import CHANNEL, SUPPORTED_BITS, unsupported_observer
 from klconvert.quant.policy import MAX_POLICY_ENTRIES, Entry, Group, Policy, RegexBudget
 from klconvert.quant.scheme import KINDS, NF4_BLOCKSIZE, PACKED_FORMAT, QuantScheme
 from klconvert.recipes import shipped_names, shipped_recipe
@@ -134,9 +134,10 @@ class _Reader:
                                             f"(blocks) of {NF4_BLOCKSIZE}: use strategy group or leave it out")
             group_size = NF4_BLOCKSIZE if group_size is None else group_size
         elif strategy == "channel" or (strategy is None and group_size == -1):
+            # group_size -1 as the recipe spells it (compressed-tensors' channel); CHANNEL is the scheme's sentinel
             if group_size not in (None, -1):
                 self.fail(w["group_size"][1], f"strategy channel takes no group_size, got {group_size}")
-            group_size = -1
+            group_size = CHANNEL
         elif strategy in ("group", None):
             if group_size is None or group_size <= 0:
                 self.fail(node, f"{what} needs a positive group_size for strategy group (or strategy: channel)")

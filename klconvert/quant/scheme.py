@@ -5,7 +5,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from klconvert.errors import KLError, either, shown
-from klconvert.quant.groupwise import OBSERVERS, SUPPORTED_BITS, unsupported_observer
+from klconvert.quant.groupwise import CHANNEL, OBSERVERS, SUPPORTED_BITS, unsupported_observer
 
 PACKED_FORMAT = "pack-quantized"  # compressed-tensors' format of the int weights klconvert writes and reads
 COMPRESSED_TENSORS = "compressed-tensors"  # the quant_method of that format's configs
@@ -21,7 +21,7 @@ KINDS = ("int", "nf4")  # QuantScheme's kinds: --scheme's and a recipe's `type:`
 class QuantScheme:
     """A weight format: `int` (compressed-tensors pack-quantized) or `nf4` (bitsandbytes 4-bit).
 
-    group_size -1 means one group per output row (compressed-tensors strategy "channel"); for nf4 it
+    group_size CHANNEL (-1) means one group per output row (compressed-tensors strategy "channel"); for nf4 it
     is the bitsandbytes block size, 64.
     """
 
@@ -41,7 +41,7 @@ class QuantScheme:
                 raise KLError(unsupported_observer(self.observer))
             if self.bits not in SUPPORTED_BITS:
                 raise KLError(f"integer quantization supports {either(SUPPORTED_BITS)} bits, got {self.bits}")
-            if self.group_size != -1 and (self.group_size <= 0 or self.group_size % 8):
+            if self.group_size != CHANNEL and (self.group_size <= 0 or self.group_size % 8):
                 raise KLError(f"group size {self.group_size} is not a positive multiple of 8 (or -1 for "
                               "per-channel); use 32, 64 or 128")
         else:
@@ -49,12 +49,12 @@ class QuantScheme:
 
     @property
     def strategy(self) -> str:
-        return "channel" if self.group_size == -1 else "group"
+        return "channel" if self.group_size == CHANNEL else "group"
 
     def describe(self) -> str:
         if self.kind == "nf4":
             return "nf4"
-        g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
+        g = "per-channel" if self.group_size == CHANNEL else f"g{self.group_size}"
         return f"int{self.bits} {g} {'sym' if self.symmetric else 'asym'}" + ("" if self.observer == "minmax" else
                                                                               f" {self.observer}")
 
@@ -65,7 +65,7 @@ class QuantScheme:
             "type": self.kind,
             "symmetric": self.symmetric,
             "strategy": self.strategy,
-            "group_size": None if self.group_size == -1 else self.group_size,
+            "group_size": None if self.group_size == CHANNEL else self.group_size,
             "dynamic": False,
             "observer": self.observer,
         }

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from klconvert.quant.groupwise import CHANNEL
 from klconvert.quant.scheme import NF4_BLOCKSIZE, QuantScheme
 
 Part = tuple[str, torch.dtype, tuple[int, ...]]  # (name under the module, dtype, shape)
@@ -18,7 +19,7 @@ def packed_parts(shape: tuple[int, ...], dtype: torch.dtype, scheme: QuantScheme
     [ceil(out*bits/32), groups] when asymmetric (packed along the output dim), weight_shape int64 [2]."""
     rows, cols = shape
     per_word = 32 // scheme.bits
-    groups = 1 if scheme.group_size == -1 else cols // scheme.group_size
+    groups = 1 if scheme.group_size == CHANNEL else cols // scheme.group_size
     parts = [("weight_packed", torch.int32, (rows, -(-cols // per_word))), ("weight_scale", dtype, (rows, groups))]
     if not scheme.symmetric:
         parts.append(("weight_zero_point", torch.int32, (-(-rows // per_word), groups)))

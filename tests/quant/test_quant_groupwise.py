@@ -21,7 +21,7 @@ from klconvert.quant import (
     quantize_groupwise,
     unpack_from_int32,
 )
-from klconvert.quant.groupwise import MSE_GRID, MSE_MAX_SHRINK, MSE_NORM, MSE_PATIENCE, qrange
+from klconvert.quant.groupwise import CHANNEL, MSE_GRID, MSE_MAX_SHRINK, MSE_NORM, MSE_PATIENCE, qrange
 
 CASES = [(bits, sym, gs, dtype) for bits in (4, 8) for sym in (True, False) for gs in (32, 128)
          for dtype in (torch.float32, torch.bfloat16)]
@@ -123,9 +123,9 @@ def test_error_within_bounds(bits, sym, bound):
 
 def test_per_channel():
     w = weight(16, 256, torch.bfloat16)
-    q, scale, zp = quantize_groupwise(w, 4, -1, False)
+    q, scale, zp = quantize_groupwise(w, 4, CHANNEL, False)
     assert scale.shape == (16, 1) and zp.shape == (16, 1)
-    tensors = compress_weight("m", w, QuantScheme(4, -1, False))
+    tensors = compress_weight("m", w, QuantScheme(4, CHANNEL, False))
     assert tensors["m.weight_zero_point"].shape == (2, 1)  # 16 rows x 4 bits = 2 int32 words
     args = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="channel")
     ct_scheme = QuantizationScheme(targets=["Linear"], weights=args)

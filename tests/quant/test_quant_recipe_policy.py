@@ -7,6 +7,7 @@ from compressed_tensors.quantization import QuantizationConfig
 
 from klconvert.errors import KLError
 from klconvert.quant import QuantScheme, load_recipe, parse_recipe, policy_from_options
+from klconvert.quant.groupwise import CHANNEL
 
 MLA_LAYERS = {3, 7, 11, 15, 19, 23, 26}
 
@@ -105,7 +106,7 @@ def test_quantization_config_validates_in_compressed_tensors():
     assert by_target[("re:^lm_head$",)].num_bits == 8 and by_target[("re:^lm_head$",)].symmetric
     assert list(cfg["config_groups"])[0] == "group_1"  # the lm_head group before the "Linear" one
     assert r"re:.*\.(block_sparse_moe|mlp)\.gate$" in qc.ignore
-    channel = policy_from_options(bits=8, group_size=-1, lm_head_bits=None).quantization_config()
+    channel = policy_from_options(bits=8, group_size=CHANNEL, lm_head_bits=None).quantization_config()
     qc = QuantizationConfig.model_validate(channel)
     assert [g.weights.strategy for g in qc.config_groups.values()] == ["channel"]
     assert "lm_head" in qc.ignore
@@ -138,8 +139,8 @@ def test_recipe_parses_and_decides(tmp_path):
     assert policy == recipe.policy
     assert policy.scheme_for("model.layers.1.block_sparse_moe.experts.3.w2.weight", (2304, 1024)) == INT4
     assert policy.scheme_for("model.layers.1.block_sparse_moe.shared_experts.up_proj.weight", (1024, 2304)) == INT4
-    assert policy.scheme_for("model.layers.3.self_attn.kv_b_proj.weight", (8192, 512)) == QuantScheme(8, -1, False)
-    assert policy.scheme_for("model.layers.0.mlp.up_proj.weight", (9216, 2304)) == QuantScheme(8, -1, False)
+    assert policy.scheme_for("model.layers.3.self_attn.kv_b_proj.weight", (8192, 512)) == QuantScheme(8, CHANNEL, False)
+    assert policy.scheme_for("model.layers.0.mlp.up_proj.weight", (9216, 2304)) == QuantScheme(8, CHANNEL, False)
     assert policy.scheme_for("lm_head.weight", (163840, 2304)) is None
     assert policy.scheme_for("model.layers.1.block_sparse_moe.gate.weight", (256, 2304)) is None
 
