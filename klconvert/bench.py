@@ -23,9 +23,11 @@ from klconvert.quant import QuantScheme, decompress_weight, policy_from_options
 from klconvert.quant.defaults import DEFAULT, LM_HEAD_BITS
 from klconvert.release import NUM_SPECIAL_TOKENS
 from klconvert.runtime.engine import DEFAULT_DTYPES, Engine, checked_mla_cache_dtype
-from klconvert.runtime.memory_plan import PREFILL_SEGMENT
+from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.model import MLA_KEY_BLOCK
+from klconvert.runtime.weights import HeldPacked
 from klconvert.synth.checkpoint import synth_values, tensor_generator
+from klconvert.units import size_text
 
 RESIDUAL_OUTPUTS = ("o_proj.weight", "w2.weight", "down_proj.weight")  # what each layer adds to the residual
 CHECK_PROMPT = 64       # tokens of the depth check's prompt
@@ -98,12 +100,30 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def _refuse_a_reference_that_does_not_fit(config: KimiLinearConfig, device: torch.device, context: int) -> None:
+    """KLError when the PyTorch path depth_check compares against -- every weight dequantized, 98 GB in bf16 at the
+    release's 27 layers -- does not fit the GPU: the Engine's own refusal told a bench of a quantized preset on an
+    80 GB card to quantize its model."""
+    if device.type != "cuda":
+        return
+    dtype = DEFAULT_DTYPES[device.type]
+    plan = MemoryPlan(config, batch=1, context=context, weight_bytes=weight_bytes(config, dtype, HeldPacked({})),
+                      act_dtype=dtype, mla_cache_dtype=dtype)
+    limit = torch.cuda.get_device_properties(device).total_memory
+    if plan.total > limit:
+        raise KLError(f"--check compares against the PyTorch path, whose weights are dequantized to "
+                      f"{str(dtype).removeprefix('torch.')} ({size_text(plan.total)} at {config.num_hidden_layers} "
+                      f"layers), more than {device}'s {size_text(limit)}; pass --no-check (the CUDA graph is still "
+                      "checked against the eager step), or time fewer layers (--preset ... --layers N)")
+
+
 def depth_check(config: KimiLinearConfig, weights: Weights, device: torch.device, prompt: int = CHECK_PROMPT) -> dict:
     """The Triton path against the PyTorch path in bf16 on the same (calm) weights, at the depth being timed:
     prefill logits of a `prompt`-token prompt, then CHECK_DECODE graph-captured decode steps. Refuses to go on
     (KLError) past DEPTH_CHECK_BOUND relative or under DEPTH_CHECK_TOP1 of the same top-1."""
     ids = torch.randint(0, config.vocab_size - NUM_SPECIAL_TOKENS, (1, prompt + CHECK_DECODE),
                         generator=torch.Generator().manual_seed(0)).to(device)
+    _refuse_a_reference_that_does_not_fit(config, device, ids.shape[1] + 8)
     logits = {}
     for kernels in ("torch", "triton"):
         engine = Engine(config, weights.read, device, DEFAULT_DTYPES[device.type], ids.shape[1] + 8, 1,

@@ -15,6 +15,7 @@ import torch
 
 from klconvert import bench as B
 from klconvert.config import KimiLinearConfig
+from klconvert.errors import KLError
 from klconvert.presets import preset_config
 from klconvert.runtime import engine as engine_module
 from testkit import assert_one_line_error, run_cli
@@ -372,3 +373,21 @@ def test_the_graph_check_decodes_at_positions_inside_the_cache(context):
     B.check_graph_matches_eager(engine, 1, context)
     first = max(context - B.GRAPH_CHECK_STEPS, 0)
     assert step.seen == [*range(first, first + B.GRAPH_CHECK_STEPS)] * 2
+
+
+@pytest.mark.parametrize("gib, refused", [(80, True), (141, False)])
+def test_a_depth_check_whose_reference_does_not_fit_the_gpu_says_so(monkeypatch, gib, refused):
+    """The PyTorch path the check compares against holds the 48B preset's weights dequantized (98 GB in bf16): on an
+    80 GB card the Engine refused it as "the weights alone do not fit: use a quantized model (klconvert quantize
+    --bits 4)", for a bench of a quantized preset. Now the refusal names --check and what to do; a card that holds
+    it goes on."""
+    config = KimiLinearConfig.from_dict(preset_config("kimi-linear-48b"))
+    props = dataclasses.make_dataclass("Props", ["total_memory"])(gib * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    if not refused:
+        B._refuse_a_reference_that_does_not_fit(config, torch.device("cuda"), 80)
+        return
+    with pytest.raises(KLError, match=r"^--check compares against the PyTorch path, whose weights are dequantized to "
+                                      r"bfloat16 \(9\d\.\d\d GB at 27 layers\), more than cuda's 85\.90 GB; pass "
+                                      r"--no-check .* or time fewer layers \(--preset \.\.\. --layers N\)$"):
+        B._refuse_a_reference_that_does_not_fit(config, torch.device("cuda"), 80)
