@@ -554,6 +554,16 @@ def test_run_with_onnxruntime(exported, capsys):
 
 
 @pytest.mark.slow
+def test_run_with_onnxruntime_needs_no_onnx(exported, tmp_path):
+    """The engine imported the exporter for a file name and the state's layout, and with it onnx: without onnx
+    (onnxruntime alone installed) `run --engine onnxruntime` ended in ModuleNotFoundError's traceback."""
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['onnx'] = None\n")
+    done = run_klconvert("run", "--model", exported[1], "--engine", "onnxruntime", "--prompt", "ROMEO:",
+                         "--max-new-tokens", "4", env={"PYTHONPATH": str(tmp_path)}, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip(), done.stderr
+
+
+@pytest.mark.slow
 def test_a_large_export_uses_external_data_and_dequantizes_nothing(exported, tmp_path, monkeypatch):
     """Weights over the protobuf limit (lowered here) go to model.onnx.data; no packed weight is dequantized on the
     way (the 48B model's packed weights would not fit a host in fp32)."""

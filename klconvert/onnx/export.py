@@ -17,6 +17,7 @@ from klconvert.checkpoint.reader import Checkpoint
 from klconvert.checkpoint.regular_file import read_bounded
 from klconvert.errors import KLError, refuse_non_bool
 from klconvert.models import resolve_model
+from klconvert.onnx.export_folder import DATA_FILE, ONNX_FILE, state_spec
 from klconvert.onnx.ffn import moe_layer, swiglu_mlp
 from klconvert.onnx.graph import FLOAT, INT64, MS_DOMAIN, GraphBuilder
 from klconvert.onnx.kda import kda_layer
@@ -28,32 +29,12 @@ from klconvert.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_FILES, check_token
 from klconvert.user_paths import given_path
 from klconvert.whole_folder import Replaceable, refuse_taken, whole_folder
 
-ONNX_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"      # the weights, when they are over PROTOBUF_LIMIT
 PROTOBUF_LIMIT = 2 << 30           # a protobuf message holds at most 2 GB: past it the weights go to DATA_FILE
 MIN_OPSET = 18                     # ReduceMean / Split with axes and sizes as inputs, ScatterND reduction
 DEFAULT_OPSET = MIN_OPSET
 MS_OPSET = 1                       # com.microsoft's version (MatMulNBits, QMoE)
 COPIED_TOKENIZER_FILES = (*TOKENIZER_FILES, CHAT_TEMPLATE_FILE)  # each where the model folder has it
 EXPORT_FILES = {ONNX_FILE, DATA_FILE, GENAI_CONFIG, "config.json", *COPIED_TOKENIZER_FILES}  # all an export writes
-
-
-def state_spec(config) -> list[dict]:
-    """Per layer, the state tensors the graph takes and returns: KDA's recurrent state and conv tail, MLA's latent
-    cache (row j of a sequence holds its token at position j: `present` grows to max(past_sequence,
-    position + sequence) rows)."""
-    H, K, W = config.kda_num_heads, config.kda_head_dim, config.conv_kernel_size
-    spec = []
-    for layer in range(config.num_hidden_layers):
-        if config.is_kda(layer):
-            spec += [{"layer": layer, "kind": "kda_state", "shape": ["batch", H, K, K]},
-                     {"layer": layer, "kind": "conv_state", "shape": ["batch", 3 * H * K, W - 1]}]
-        else:
-            spec.append({"layer": layer, "kind": "mla_latent", "shape": ["batch", "past_sequence",
-                                                                        config.mla_cache_width]})
-    for s in spec:
-        s.update(past=f"past.{s['layer']}.{s['kind']}", present=f"present.{s['layer']}.{s['kind']}", dtype="float32")
-    return spec
 
 
 def _present_shape(shape: list) -> list:

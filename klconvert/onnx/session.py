@@ -15,9 +15,9 @@ import torch
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError, first_line, shown, unreadable_reason
 from klconvert.models import resolve_model
-from klconvert.checkpoint.folder_files import refuse_link_out
+from klconvert.checkpoint.folder_files import GENAI_CONFIG, refuse_link_out
 from klconvert.checkpoint.regular_file import open_regular, read_json
-from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, ONNX_FILE, state_spec
+from klconvert.onnx.export_folder import DATA_FILE, ONNX_FILE, state_spec
 from klconvert.runtime.engine import (GenerationStats, Runner, as_batch, as_prompts, as_stop_ids, check_callbacks,
                                       whole_numbers)
 from klconvert.runtime.host_memory import exhausted, host_memory

@@ -1,0 +1,24 @@
+"""What an ONNX export folder holds, as export-onnx writes it and OnnxEngine reads it: its graph's file names and the
+state the graph takes and returns. Imports no onnx: `run --engine onnxruntime` needs onnxruntime alone."""
+from __future__ import annotations
+
+ONNX_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"      # the weights, when they are over export's PROTOBUF_LIMIT
+
+
+def state_spec(config) -> list[dict]:
+    """Per layer, the state tensors the graph takes and returns: KDA's recurrent state and conv tail, MLA's latent
+    cache (row j of a sequence holds its token at position j: `present` grows to max(past_sequence,
+    position + sequence) rows)."""
+    H, K, W = config.kda_num_heads, config.kda_head_dim, config.conv_kernel_size
+    spec = []
+    for layer in range(config.num_hidden_layers):
+        if config.is_kda(layer):
+            spec += [{"layer": layer, "kind": "kda_state", "shape": ["batch", H, K, K]},
+                     {"layer": layer, "kind": "conv_state", "shape": ["batch", 3 * H * K, W - 1]}]
+        else:
+            spec.append({"layer": layer, "kind": "mla_latent", "shape": ["batch", "past_sequence",
+                                                                        config.mla_cache_width]})
+    for s in spec:
+        s.update(past=f"past.{s['layer']}.{s['kind']}", present=f"present.{s['layer']}.{s['kind']}", dtype="float32")
+    return spec
