@@ -9,10 +9,12 @@ from pathlib import Path
 
 import torch
 
+from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.config import KimiLinearConfig
 from klconvert.devices import checked_device
 from klconvert.errors import KLError, argument, shown
+from klconvert.extras import require
 from klconvert.models import model_folder
 from klconvert.runtime.host_memory import HostMemory, host_allocation, host_memory
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
@@ -195,7 +197,9 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
     _same_architecture(*configs, *names)   # before either runs
     tokenizer = Tokenizer.from_folder(reference)
     _same_tokenizer(model, tokenizer, *names)
-    Checkpoint(model)   # its shards and their headers checked before the reference runs (a 48B one for minutes)
+    checkpoint = Checkpoint(model)   # its shards and headers checked before the reference runs (a 48B one: minutes)
+    if any(isinstance(s, QuantizedSource) and s.scheme.kind == "nf4" for s in checkpoint.sources.values()):
+        require("bitsandbytes.functional", f"{names[0]} (NF4 weights)")   # so is what reading them needs
     ids = tokenizer.encode(text)[:tokens]
     if len(ids) < MIN_SCORED_TOKENS:
         raise KLError(f"the evaluation text (--text-file) is {len(ids)} token(s) long; give at least "

@@ -3,6 +3,7 @@ never stands in for Hugging Face's `kernels` package."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,21 @@ def test_nf4_without_bitsandbytes_is_refused_before_anything_is_written(tiny_rel
     with pytest.raises(KLError, match=r"--scheme nf4 needs bitsandbytes.*\[nf4\]"):
         quantize(tiny_released, tmp_path / "q", scheme="nf4", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_of_an_nf4_model_without_bitsandbytes_is_refused_before_the_reference_runs(tmp_path, monkeypatch):
+    """The reference ran whole first (12-33 s for the bundled model, minutes for the 48B one), then reading the
+    model's NF4 weights was refused."""
+    from klconvert import evaluate as evaluate_module
+    from klconvert.models import bundled_dir
+
+    nf4 = quantize(bundled_dir(), tmp_path / "nf4", scheme="nf4", progress=False).path
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    monkeypatch.setattr(evaluate_module, "run_model", lambda *a, **k: pytest.fail("a model ran"))
+    with pytest.raises(KLError, match=rf"^--model {re.escape(str(nf4))} \(NF4 weights\) needs bitsandbytes.*\[nf4\]"):
+        evaluate_module.evaluate(nf4, "tiny", "ROMEO. But soft, what light through yonder window breaks?",
+                                 device="cpu")
 
 
 HF_STYLE = ("import importlib.util, transformers\n"
