@@ -486,16 +486,23 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
     return result
 
 
+def transformers_peer() -> tuple[type, type]:
+    """transformers' KimiLinearConfig and KimiLinearForCausalLM, or a KLError naming what to install: asked before
+    anything is timed (after the whole bench, its timings were lost and no --json written)."""
+    try:
+        from transformers import KimiLinearConfig, KimiLinearForCausalLM
+    except ImportError as e:
+        raise KLError(f"--peer transformers needs transformers with Kimi Linear support ({e}); "
+                      "pip install 'klconvert[test]'") from None
+    return KimiLinearConfig, KimiLinearForCausalLM
+
+
 def time_transformers(raw_config: dict, new_tokens: int, report: Callable[[str], None] = print,
                       prompt_tokens: int = 512) -> dict:
     """transformers' KimiLinearForCausalLM in bf16 on the same config, greedy decode of `new_tokens` (bench's
     --new-tokens) after a prompt of `prompt_tokens`, warmed until two successive timings agree within 5% (at most 8
     rounds)."""
-    try:
-        from transformers import KimiLinearConfig as HFConfig, KimiLinearForCausalLM
-    except ImportError as e:
-        raise KLError(f"--peer transformers needs transformers with Kimi Linear support ({e}); "
-                      "pip install 'klconvert[test]'") from None
+    HFConfig, KimiLinearForCausalLM = transformers_peer()
     with torch.device("cuda"):
         model = KimiLinearForCausalLM(HFConfig(**raw_config)).to(torch.bfloat16).eval()
     ids = torch.randint(0, raw_config["vocab_size"] - NUM_SPECIAL_TOKENS, (1, prompt_tokens), device="cuda")

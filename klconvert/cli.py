@@ -730,6 +730,8 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
     if peer_layers is not None and peer != "transformers":
         raise KLError(f"--peer-layers {peer_layers} sizes the peer's model, and no peer is timed; add --peer "
                       "transformers, or drop --peer-layers")
+    if peer == "transformers":
+        B.transformers_peer()
     if json_file is not None and json_file.is_dir():
         raise KLError(f"--json {json_file}: is a folder; give a file name, e.g. {json_file / 'bench.json'}")
     if json_file is not None:

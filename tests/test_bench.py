@@ -304,6 +304,18 @@ def test_peer_times_transformers_on_the_release_at_peer_layers_with_the_same_new
     assert len(timed) == 1
 
 
+def test_a_peer_without_transformers_is_refused_before_anything_is_timed(tmp_path, monkeypatch, capsys):
+    """It was asked for only after the whole bench had run: the timings were lost and no --json written."""
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    monkeypatch.setattr(B, "random_quantized_weights", lambda *args, **kwargs: pytest.fail("weights were made"))
+    monkeypatch.setattr(B, "bench", lambda *args, **kwargs: pytest.fail("the bench ran"))
+    code, _, err = run_cli(capsys, "bench", "--preset", "kimi-linear-48b", "--peer", "transformers", "--json",
+                           tmp_path / "bench.json")
+    assert_one_line_error(code, err, "--peer transformers needs transformers with Kimi Linear support",
+                          "pip install 'klconvert[test]'")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_peer_is_timed_in_bf16_after_a_512_token_prompt_until_two_timings_agree_within_5_percent(monkeypatch):
     """README: the peer runs in bf16 after a 512-token prompt, the same new tokens, warmed until two timings agree
     within 5%. transformers' model stands in (a fake whose decode takes the ms below, on a clock the test sets)."""
