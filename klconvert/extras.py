@@ -46,7 +46,22 @@ def require(module: str, feature: str) -> ModuleType:
         with guard:
             return importlib.import_module(module)
     except ImportError as e:
-        extra = EXTRAS[module.split(".")[0]]
-        raise KLError(f"{feature} needs {module.split('.')[0]}, which cannot be imported ({e}); install the "
-                      f"[{extra}] extra: pip install 'klconvert[{extra}]' (in a checkout: pip install -e "
-                      f"'.[{extra}]')") from None
+        top = module.split(".")[0]
+        extra = EXTRAS[top]
+        install = f"pip install 'klconvert[{extra}]' (in a checkout: pip install -e '.[{extra}]')"
+        missing = _first_module_named(e)
+        if missing not in (None, top):   # installed, but a module of another package it needs is not importable
+            raise KLError(f"{feature} needs {top}, whose import of {missing} failed ({e}); install or repair "
+                          f"{missing} ({install} installs what {top} needs)") from None
+        raise KLError(f"{feature} needs {top}, which cannot be imported ({e}); install the [{extra}] extra: "
+                      f"{install}") from None
+
+
+def _first_module_named(error: BaseException | None) -> str | None:
+    """The top-level package of the first module an ImportError names, down its chain of causes (onnxruntime
+    raises its own "import numpy failed", naming none, from numpy's)."""
+    while error is not None:
+        if isinstance(error, ImportError) and error.name:
+            return error.name.split(".")[0]
+        error = error.__cause__ or error.__context__
+    return None

@@ -179,3 +179,20 @@ def test_bitsandbytes_imports_without_the_hub_kernels(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "not asked"
     assert "kernels-community" not in done.stderr
+
+
+@pytest.mark.parametrize("blocked, said", [
+    ("bitsandbytes", "x needs bitsandbytes, which cannot be imported ("),
+    ("numpy", "x needs bitsandbytes, whose import of numpy failed (import of numpy halted; None in sys.modules); "
+              "install or repair numpy (pip install 'klconvert[nf4]' (in a checkout: pip install -e '.[nf4]') "
+              "installs what bitsandbytes needs)"),
+])
+def test_a_missing_extra_is_told_from_a_package_it_needs(tmp_path, blocked, said):
+    """With bitsandbytes installed and numpy broken, the line said to install the [nf4] extra -- installed already."""
+    pytest.importorskip("bitsandbytes")
+    (tmp_path / "sitecustomize.py").write_text(f"import sys\nsys.modules[{blocked!r}] = None\n")
+    proc = python_c("from klconvert.errors import KLError\nfrom klconvert.extras import require\ntry:\n"
+                    "    require('bitsandbytes.functional', 'x')\nexcept KLError as e:\n    print(e)\n", tmp_path,
+                    [tmp_path])
+    assert proc.returncode == 0 and proc.stdout.startswith(said), proc.stdout + proc.stderr
+    assert ("install the [nf4] extra: pip install 'klconvert[nf4]'" in proc.stdout) == (blocked == "bitsandbytes")
