@@ -14,8 +14,8 @@ interrupt inside an import is held back and raised as soon as no import is runni
 lands: an import that hangs can still be stopped), and whatever fails after an interrupt was heard is reported as
 the interrupt. One that lands inside a finalizer (tqdm's __del__), which Python prints and drops, is raised again once
 out of it; one during steps that must not be parted (Uninterrupted: a folder renamed into place, then its mark
-removed) as they end. Once the command has ended, a signal while the interpreter shuts down (torch's exit handlers,
-0.4-2 s) ends the process at once with the status the command decided.
+removed) as they end. Once the command has ended, SIGINT and SIGTERM are ignored while the interpreter shuts down
+(torch's exit handlers, 0.4-2 s): the process ends with the status the command decided.
 
 Standard streams. A standard output that cannot be written (a full disk, closed: `>&-`) fails the command at its
 first write, as StdoutFailed (the CLI says so in one line; for a reader that is gone, `| head`, it ends quietly with
@@ -66,19 +66,14 @@ def exit_interrupted(signum: int) -> None:
     sys.exit(signal_status(signum))
 
 
-def _flush_standard_streams() -> None:
-    """What sys.stdout and sys.stderr hold, written where it can be, before the process ends without Python's exit."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:   # closed, full, a reader gone, a flush under way: what it held is lost, as it would be
-            pass
-
-
 def _end_now(signum: int) -> None:
     """End the process inside whatever it is doing (an import): no exception, no clean-up, no exit handlers -- what
     the standard streams hold written first."""
-    _flush_standard_streams()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:   # closed, full, a reader gone: what it held is lost, as it would be anyway
+            pass
     try:
         os.write(sys.stderr.fileno(), (_interrupted_line() + "\n").encode())
     except (AttributeError, OSError):  # no standard error (closed), or one that cannot take it
@@ -115,11 +110,13 @@ class _CtrlC:
     whether the command has changed a file."""
 
     def __init__(self) -> None:
-        self.heard = self.held = self.changed = False
+        self.heard = self.held = self.changed = self.ended = False
         self.signum = signal.SIGINT
         self.uninterrupted = 0   # how many Uninterrupted blocks are running
 
     def interrupt(self, signum, frame) -> None:
+        if self.ended:   # the command has ended (main's last steps): as after uninstall, ignored
+            return
         if self.held or not (_importing(frame) or self.uninterrupted):
             self._raise(signum)
         if not self.changed:
@@ -178,15 +175,17 @@ class _CtrlC:
             Uninterrupted.ctrl_c = self
         return bool(self.before)
 
-    def uninstall(self, status: int) -> None:
-        """The command has ended with exit status `status`: SIGINT or SIGTERM from now on -- while the interpreter
-        shuts down, 0.4-2 s with torch's exit handlers, where Python's own handler gave a traceback and the default
-        one a status of 130 or 143 for a command whose work was done -- ends the process with that status at once.
-        No retry left pending past the command (it would end the process as SIGALRM's, "Alarm clock"); the audit
-        hook, which Python cannot remove, returns at once from now on."""
+    def uninstall(self) -> None:
+        """The command has ended: SIGINT and SIGTERM are ignored from now on, so that the process ends with the status
+        the command decided. While the interpreter shuts down (0.4-2 s with torch's exit handlers) Python's own
+        handler gave a traceback and the default one a status of 130 or 143 with no line, for a command whose work
+        was done; and a handler of ours would not last -- Python puts the default back for every signal it handles
+        before it tears the modules down, and leaves only an ignored one as it is. No retry left pending past the
+        command (it would end the process as SIGALRM's, "Alarm clock"); the audit hook, which Python cannot remove,
+        returns at once from now on."""
         signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in self.before.items():
-            signal.signal(sig, handler if sig == signal.SIGALRM else _ending_with(status))
+            signal.signal(sig, handler if sig == signal.SIGALRM else signal.SIG_IGN)
         sys.unraisablehook = self.before_unraisable
         self.changed = True
         Uninterrupted.ctrl_c = None
@@ -211,20 +210,6 @@ class Uninterrupted:
         self.ctrl_c.uninterrupted -= 1
         if kind is None and self.ctrl_c.held and not self.ctrl_c.uninterrupted and not _importing(sys._getframe()):
             self.ctrl_c._raise(self.ctrl_c.signum)   # else the retry raises it once out of the import, or the failure
-
-
-def _ending_with(status: int):
-    """A signal handler that ends the process with exit status `status`, what the standard streams hold written."""
-    def end(signum, frame) -> None:
-        _flush_standard_streams()
-        os._exit(status)
-    return end
-
-
-def exit_status(code) -> int:
-    """The exit status sys.exit(code) ends the process with: 0 for None, an int as it is, 1 for anything else
-    (Python prints it)."""
-    return 0 if code is None else code if isinstance(code, int) else 1
 
 
 class StdoutFailed(Exception):
@@ -306,17 +291,16 @@ def main() -> None:
     ctrl_c = _CtrlC()
     installed = ctrl_c.install()
     streams = sys.stdout, sys.stderr
-    status = 1   # Python's, for an exception that leaves main
     try:
         sys.stdout, sys.stderr = _standard(sys.stdout, raises=True), _standard(sys.stderr, raises=False)
         _run(ctrl_c)
-        status = 0
-    except SystemExit as e:
-        status = exit_status(e.code)
-        raise
+    except KeyboardInterrupt as e:   # one that landed as the command ended, past _run's own handling: as any other
+        ctrl_c.settle()
+        exit_interrupted(signal_of(e))
     finally:
-        if installed:   # first: an interrupt while the last output is written ends the process as decided
-            ctrl_c.uninstall(status)
+        ctrl_c.ended = True   # first, and no call before it: from here an interrupt is ignored (the handler's check)
+        if installed:
+            ctrl_c.uninstall()
         try:  # what is left in the command's stdout: a failure now is dropped (the command has ended otherwise)
             sys.stdout.flush()
         except StdoutFailed:
@@ -331,7 +315,7 @@ def _run(ctrl_c: _CtrlC) -> None:
 
         cli_main()
     except SystemExit as e:
-        if not (ctrl_c.held and exit_status(e.code) == 0):
+        if not (ctrl_c.held and e.code in (None, 0)):   # held, and the command would end as if it never came
             raise
     except BaseException:
         if not ctrl_c.heard:

@@ -209,14 +209,22 @@ def test_a_real_ctrl_c_during_a_run(delay):
     _assert_interrupted(subprocess.CompletedProcess(proc.args, proc.returncode, "", err))
 
 
-def _ended_then_signalled(prelude: str, signum: int) -> subprocess.CompletedProcess:
-    """The entry point in a child whose interpreter then waits 30 s to shut down (a thread not yet done, as torch's
-    exit handlers take 0.4-2 s), signalled once main has returned."""
-    code = textwrap.dedent(prelude) + textwrap.dedent("""
-        import sys, threading, time
+# What holds the interpreter's shutdown up for 2 s after main returns: a thread not yet done (Python waits for it
+# with its signal handling still on), or a module global's finalizer (run as the modules are torn down, after Python
+# has put the default handler back for each signal it handled: torch's C++ teardown is there)
+SLOW_SHUTDOWN = {
+    "a thread": "threading.Thread(target=time.sleep, args=(2,)).start()\n",
+    "module teardown": "class SlowToFree:\n    def __del__(self, sleep=time.sleep):\n        sleep(2)\n"
+                       "kept = SlowToFree()\n",
+}
+
+
+def _ended_then_signalled(prelude: str, signum: int, shutdown: str) -> subprocess.CompletedProcess:
+    """The entry point in a child whose interpreter takes 2 s to shut down (SLOW_SHUTDOWN[shutdown]), signalled
+    0.5 s after main has returned."""
+    code = textwrap.dedent(prelude) + "import sys, threading, time\n" + SLOW_SHUTDOWN[shutdown] + textwrap.dedent("""
         from klconvert.entry import main
         sys.argv = ['klconvert']
-        threading.Thread(target=time.sleep, args=(30,)).start()
         try:
             main()
         finally:
@@ -224,19 +232,21 @@ def _ended_then_signalled(prelude: str, signum: int) -> subprocess.CompletedProc
         """)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "main returned\n"
+    time.sleep(0.5)
     proc.send_signal(signum)
-    out, err = proc.communicate(timeout=20)   # at once, not after the 30 s
+    out, err = proc.communicate(timeout=20)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+@pytest.mark.parametrize("shutdown", list(SLOW_SHUTDOWN))
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize("status", [0, 2])
-def test_a_signal_while_the_interpreter_shuts_down_ends_it_as_the_command_ended(signum, status):
+def test_a_signal_while_the_interpreter_shuts_down_leaves_the_commands_status(signum, status, shutdown):
     """Past main, Python's own handlers were back: a Ctrl-C while torch's exit handlers ran gave a traceback
     (KeyboardInterrupt, "Exception ignored in: <module 'threading'>"), or a status of 130 or 143 with no line for a
-    command whose work was done."""
+    command whose work was done. A handler of klconvert's own did not last into the modules' teardown."""
     ends = f"import sys, klconvert.cli\nklconvert.cli.main = lambda: sys.exit({status})\n"
-    proc = _ended_then_signalled(ends, signum)
+    proc = _ended_then_signalled(ends, signum, shutdown)
     assert (proc.returncode, proc.stderr) == (status, "")
 
 
@@ -249,7 +259,7 @@ def test_a_second_ctrl_c_while_the_interpreter_shuts_down():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(5)
         klconvert.cli.main = interrupted
-        """, signal.SIGINT)
+        """, signal.SIGINT, "module teardown")
     _assert_interrupted(proc)
 
 
@@ -316,3 +326,15 @@ def test_an_interrupt_as_quantize_renames_its_output_leaves_no_resume_record(tin
     _assert_interrupted(proc)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
     assert ".klconvert-resume.json" not in os.listdir(tmp_path / "q") and (tmp_path / "q" / "config.json").is_file()
+
+
+def test_an_interrupt_landing_as_the_command_ends_is_one_line_not_a_traceback():
+    """One that landed in _run's own handling of the command's end (its check of a SystemExit) left main as
+    Interrupted: a traceback, exit status 1, for a command that had decided 0."""
+    proc = _entry("""
+        import signal, klconvert.entry as entry
+        def ends_as_interrupted(ctrl_c):
+            raise entry.Interrupted(signal.SIGTERM)   # where one lands past the command's own handling
+        entry._run = ends_as_interrupted
+        """)
+    _assert_interrupted(proc, 143)
