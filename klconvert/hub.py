@@ -236,10 +236,12 @@ def pull(
 
 def _local_dir_lock(local_dir: Path):
     """One pull into a --local-dir at a time: the lock quantize takes on its OUT (a second is refused naming the
-    first; two at once each removed the other's files as its own unfinished ones, or failed for a false reason)."""
+    first; two at once each removed the other's files as its own unfinished ones, or failed for a false reason), on
+    the folder's full path (`.` and `..` name none to put a lock beside); none for the file system's root."""
     from klconvert.convert.output_folder import OutputLock, lock_goes_inside   # it imports torch: not for the cache
 
-    return OutputLock(local_dir, inside=lock_goes_inside(local_dir))
+    folder = Path(os.path.abspath(local_dir))
+    return OutputLock(folder, inside=lock_goes_inside(folder)) if folder.name else nullcontext()
 
 
 def refuse_file_as_local_dir(local_dir: Path) -> None:

@@ -746,3 +746,16 @@ def test_a_second_pull_into_the_same_local_dir_is_refused_while_the_first_runs(s
         pulling.join(60)
     assert first and first[0].commit == commit and not lock.exists()
     assert hub.pull(REPO, local_dir=local_dir, progress=False).files == first[0].files
+
+
+@pytest.mark.parametrize("given", [".", ".."])
+def test_a_local_dir_named_by_dot_or_dot_dot_is_pulled_into(served, tmp_path, monkeypatch, given):
+    """The pull lock took the path as given: `.` was a ValueError traceback (a path with no name to put a lock
+    beside), `..` refused as naming no folder to create."""
+    here = tmp_path / "kimi" / "sub"
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    result = hub.pull(REPO, local_dir=Path(given), progress=False)
+    folder = here if given == "." else here.parent
+    assert SHARD_1 in files_under(folder) and result.files
+    assert not [p for p in tmp_path.rglob("*.lock") if ".cache" not in p.parts]
