@@ -30,12 +30,14 @@ _LOG10_2 = 0.30102999566398120
 
 
 def shown(value) -> str:
-    """A value the caller gave, as a message shows it: its repr, cut to _SHOWN_CHARS; an integer past that many
-    digits by its length (Python refuses to print one of over 4,300 digits: the refusal raised ValueError)."""
-    if isinstance(value, int) and value.bit_length() > _SHOWN_CHARS * 3:
+    """A value the caller gave, as a message shows it: its repr, cut to _SHOWN_CHARS; an integer of more digits than
+    that by its length and sign (Python refuses to print one of over 4,300 digits: the refusal raised ValueError)."""
+    if isinstance(value, int):
         n = abs(value)
         digits = max(1, int(n.bit_length() * _LOG10_2))
-        return f"an integer of {digits + (n >= 10 ** digits):,} digits"
+        digits += n >= 10 ** digits   # exact: bit_length's estimate is the count or one short
+        if digits > _SHOWN_CHARS:
+            return f"{'a negative' if value < 0 else 'an'} integer of {digits:,} digits"
     text = repr(value)
     return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS - 3] + "..."
 

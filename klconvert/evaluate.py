@@ -117,11 +117,10 @@ def _same_architecture(got: KimiLinearConfig, ref: KimiLinearConfig, model: str,
     """Every architecture field of the model's config must equal its reference's (a different top-k, say, would make
     the router figures meaningless); the error names the fields that differ, the layer lists 1-indexed as
     config.json writes them."""
-    def shown(config: KimiLinearConfig, name: str) -> str:
+    def field(config: KimiLinearConfig, name: str) -> str:
         value = getattr(config, name)
-        text = str([i + 1 for i in value] if name in LAYER_LISTS else value)
-        return text if len(text) <= 60 else text[:57] + "..."
-    differ = [f"{name}{' (1-indexed)' if name in LAYER_LISTS else ''} {shown(got, name)} vs {shown(ref, name)}"
+        return shown([i + 1 for i in value] if name in LAYER_LISTS else value)
+    differ = [f"{name}{' (1-indexed)' if name in LAYER_LISTS else ''} {field(got, name)} vs {field(ref, name)}"
               for name in (f.name for f in fields(ref) if f.compare and f.name not in NOT_ARCHITECTURE)
               if getattr(got, name) != getattr(ref, name)]
     if differ:

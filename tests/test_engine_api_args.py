@@ -828,5 +828,16 @@ def _bundled_tokenizer():
 def test_an_integer_too_long_to_print_is_refused_by_its_length(engine, call, named):
     """10**5000 as an argument was a ValueError from printing it in the refusal (or an OverflowError); the last
     three, from a repr cut to 40 characters, which Python makes whole first."""
-    with pytest.raises(KLError, match=rf"{named}.*an integer of 5,001 digits"):
+    with pytest.raises(KLError, match=rf"{named}.* integer of 5,001 digits"):
         call(engine)
+
+
+@pytest.mark.parametrize("value, said", [
+    (HUGE, "an integer of 5,001 digits"), (-HUGE, "a negative integer of 5,001 digits"),   # its sign was dropped
+    (10 ** 80, "an integer of 81 digits"), (2 ** 240, str(2 ** 240)),   # 73 digits, shown whole: they fit in 80
+    (True, "True"), ("x" * 100, repr("x" * 100)[:77] + "..."),
+], ids=["huge", "negative", "81-digits", "73-digits", "bool", "long-str"])
+def test_a_value_is_shown_whole_or_by_its_size(value, said):
+    from klconvert.errors import shown
+
+    assert shown(value) == said
