@@ -132,9 +132,11 @@ def _replace_in_place(new: Path, out: Path, earlier: list[str], last: str) -> No
     moved aside into a hidden folder in OUT, `last` first, then `new`'s moved up, `last` after the rest, then the
     aside folder deleted -- OUT holds `last` only while whole. On a failure (an interrupt too) the earlier entries
     go back, `last` after the rest."""
-    aside = Path(tempfile.mkdtemp(prefix=temporary_prefix(out, "replaced"), dir=out))
+    aside = None
     try:
-        mark_temporary(aside)   # before any move: a run killed after leaves it for the next to remove
+        with Uninterrupted():   # one inside mkdtemp left its folder in OUT, unnamed here and unremoved
+            aside = Path(tempfile.mkdtemp(prefix=temporary_prefix(out, "replaced"), dir=out))
+            mark_temporary(aside)   # before any move: a run killed after leaves it for the next to remove
         _move(sorted(earlier, key=lambda name: (name != last, name)), out, aside)
         try:
             _move(sorted(set(os.listdir(new)) - {TEMPORARY_MARKER}, key=lambda name: (name == last, name)), new, out)
@@ -144,7 +146,8 @@ def _replace_in_place(new: Path, out: Path, earlier: list[str], last: str) -> No
         unmark_temporary(new)
         new.rmdir()
     finally:
-        _remove_temporary(aside)
+        if aside is not None:
+            _remove_temporary(aside)
 
 
 def _move(names: list[str], source: Path, target: Path) -> None:

@@ -338,3 +338,29 @@ def test_an_interrupt_landing_as_the_command_ends_is_one_line_not_a_traceback():
         entry._run = ends_as_interrupted
         """)
     _assert_interrupted(proc, 143)
+
+
+def test_an_interrupt_as_the_aside_folder_is_made_leaves_out_as_it_was(tmp_path):
+    """Filling an existing OUT in place, one that landed inside mkdtemp -- the folder made, its name not yet
+    returned -- left an empty hidden .out.replaced-PID-XXXXXXXX in OUT."""
+    (tmp_path / "out").mkdir()
+    proc = _entry("""
+        import os, signal, tempfile
+        from pathlib import Path
+        import klconvert.cli
+        from klconvert.whole_folder import whole_folder
+        _mkdtemp = tempfile.mkdtemp
+        def mkdtemp(*args, **kwargs):
+            made = _mkdtemp(*args, **kwargs)
+            if "replaced" in os.path.basename(made):
+                os.kill(os.getpid(), signal.SIGINT)   # raised before mkdtemp returns its name
+                [None for _ in range(3)]
+            return made
+        tempfile.mkdtemp = mkdtemp
+        def writes():
+            with whole_folder(Path("out")) as folder:
+                (folder / "config.json").write_text("{}")
+        klconvert.cli.main = writes
+        """, cwd=tmp_path)
+    _assert_interrupted(proc)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and list((tmp_path / "out").iterdir()) == []
