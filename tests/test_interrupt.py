@@ -364,3 +364,24 @@ def test_an_interrupt_as_the_aside_folder_is_made_leaves_out_as_it_was(tmp_path)
         """, cwd=tmp_path)
     _assert_interrupted(proc)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and list((tmp_path / "out").iterdir()) == []
+
+
+def test_an_interrupt_as_the_lock_is_released_leaves_no_lock_file(tmp_path):
+    """One that landed as OutputLock.__exit__ was entered, before its first line, left OUT.partial.lock beside the
+    finished OUT (the next run took it over, saying so)."""
+    proc = _entry("""
+        import signal
+        from pathlib import Path
+        import klconvert.cli, klconvert.entry as entry
+        from klconvert.convert.output_folder import OutputLock
+        from klconvert.whole_folder import whole_folder
+        def interrupted_on_entry(self, *exc):
+            raise entry.Interrupted(signal.SIGINT)
+        OutputLock.__exit__ = interrupted_on_entry
+        def writes():
+            with whole_folder(Path("out")) as folder:
+                (folder / "config.json").write_text("{}")
+        klconvert.cli.main = writes
+        """, cwd=tmp_path)
+    _assert_interrupted(proc)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -12,6 +12,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import weakref
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
@@ -243,12 +244,11 @@ class OutputLock:
 
     def __init__(self, out: Path, inside: bool = False):
         self.out, self.path, self.inside = out, lock_path(out, inside), inside
-        self._fd: int | None = None
 
     def __enter__(self) -> OutputLock:
         self._created = [] if self.inside else make_parent(self.out)
-        try:
-            self._fd = self._lock()
+        try:   # released by __exit__; where an interrupt lands as __exit__ is entered, by the finalizer, at the latest
+            self._release = weakref.finalize(self, _release_lock, self.path, self._lock())   # as the process exits
         except BaseException:
             remove_created(self._created)
             raise
@@ -288,11 +288,15 @@ class OutputLock:
         return fd
 
     def __exit__(self, failure, *exc) -> None:
-        self.path.unlink(missing_ok=True)  # while still holding it, so no one locks a file about to vanish
-        os.close(self._fd)
-        self._fd = None
+        self._release()
         if failure is not None:
             remove_created(self._created)
+
+
+def _release_lock(path: Path, fd: int) -> None:
+    """Remove the lock file while still holding it (so no one locks a file about to vanish), then let it go."""
+    path.unlink(missing_ok=True)
+    os.close(fd)
 
 
 def lock_goes_inside(out: Path) -> bool:
