@@ -301,19 +301,23 @@ SIGNAL_AFTER_THE_RENAME = """
     """
 
 
+# the command of the tests below: OUT written whole by whole_folder, in the current folder
+WRITES_OUT = """
+from pathlib import Path
+import klconvert.cli
+from klconvert.whole_folder import whole_folder
+def writes():
+    with whole_folder(Path("out")) as folder:
+        (folder / "config.json").write_text("{}")
+klconvert.cli.main = writes
+"""
+
+
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_an_interrupt_as_the_folder_goes_into_place_leaves_it_whole_and_unmarked(tmp_path, signame):
     """Its temporary mark was left in OUT: synth's rerun said "already exists", export-onnx --force refused OUT as
     holding other files."""
-    proc = _entry(SIGNAL_AFTER_THE_RENAME.format(signal=signame) + """
-    from pathlib import Path
-    import klconvert.cli
-    from klconvert.whole_folder import whole_folder
-    def writes():
-        with whole_folder(Path("out")) as folder:
-            (folder / "config.json").write_text("{}")
-    klconvert.cli.main = writes
-    """, cwd=tmp_path)
+    proc = _entry(textwrap.dedent(SIGNAL_AFTER_THE_RENAME.format(signal=signame)) + WRITES_OUT, cwd=tmp_path)
     _assert_interrupted(proc, signal_status(getattr(signal, signame)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json"]
@@ -344,11 +348,8 @@ def test_an_interrupt_as_the_aside_folder_is_made_leaves_out_as_it_was(tmp_path)
     """Filling an existing OUT in place, one that landed inside mkdtemp -- the folder made, its name not yet
     returned -- left an empty hidden .out.replaced-PID-XXXXXXXX in OUT."""
     (tmp_path / "out").mkdir()
-    proc = _entry("""
+    proc = _entry(textwrap.dedent("""
         import os, signal, tempfile
-        from pathlib import Path
-        import klconvert.cli
-        from klconvert.whole_folder import whole_folder
         _mkdtemp = tempfile.mkdtemp
         def mkdtemp(*args, **kwargs):
             made = _mkdtemp(*args, **kwargs)
@@ -357,11 +358,7 @@ def test_an_interrupt_as_the_aside_folder_is_made_leaves_out_as_it_was(tmp_path)
                 [None for _ in range(3)]
             return made
         tempfile.mkdtemp = mkdtemp
-        def writes():
-            with whole_folder(Path("out")) as folder:
-                (folder / "config.json").write_text("{}")
-        klconvert.cli.main = writes
-        """, cwd=tmp_path)
+        """) + WRITES_OUT, cwd=tmp_path)
     _assert_interrupted(proc)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and list((tmp_path / "out").iterdir()) == []
 
@@ -369,19 +366,12 @@ def test_an_interrupt_as_the_aside_folder_is_made_leaves_out_as_it_was(tmp_path)
 def test_an_interrupt_as_the_lock_is_released_leaves_no_lock_file(tmp_path):
     """One that landed as OutputLock.__exit__ was entered, before its first line, left OUT.partial.lock beside the
     finished OUT (the next run took it over, saying so)."""
-    proc = _entry("""
-        import signal
-        from pathlib import Path
-        import klconvert.cli, klconvert.entry as entry
+    proc = _entry(textwrap.dedent("""
+        import signal, klconvert.entry as entry
         from klconvert.convert.output_folder import OutputLock
-        from klconvert.whole_folder import whole_folder
         def interrupted_on_entry(self, *exc):
             raise entry.Interrupted(signal.SIGINT)
         OutputLock.__exit__ = interrupted_on_entry
-        def writes():
-            with whole_folder(Path("out")) as folder:
-                (folder / "config.json").write_text("{}")
-        klconvert.cli.main = writes
-        """, cwd=tmp_path)
+        """) + WRITES_OUT, cwd=tmp_path)
     _assert_interrupted(proc)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
