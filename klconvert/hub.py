@@ -161,9 +161,10 @@ def pull(
         refuse_file_as_local_dir(local_dir)
     target = local_dir if local_dir is not None else cache_dir
     offline = constants.is_offline_mode()
+    writes_local_dir = local_dir is not None and not offline   # offline, huggingface_hub only reads --local-dir
     if not offline:   # said before huggingface_hub's own "Ignored error ..." lines, and before any download
         refuse_unwritable_target(target, local_dir is not None, given_cache_dir)
-    with _local_dir_lock(local_dir) if local_dir is not None and not offline else nullcontext():
+    with _local_dir_lock(local_dir) if writes_local_dir else nullcontext():
         api = HfApi()
         guard = AnswerGuard(api.endpoint, repo)
         with _as_user_errors(repo, revision, api.endpoint, target) as stage, nullcontext() if offline else guard:
@@ -200,7 +201,7 @@ def pull(
             else:
                 note_change(target)   # hf_xet's downloads are written in Rust, which Python's audit events do not show
                 stage.fetching = True
-                before = _local_files_before(local_dir, wanted) if local_dir is not None else {}
+                before = _local_files_before(local_dir, wanted) if writes_local_dir else {}
                 try:
                     with _no_disk_space_warnings(), _bars_closed():
                         folder = Path(
@@ -214,7 +215,7 @@ def pull(
                             )
                         )
                 except BaseException:
-                    if local_dir is not None:
+                    if writes_local_dir:
                         _remove_unfinished_local_files(local_dir, wanted, before)
                     raise
         if listing is None:  # offline, and the cache holds no tree listing (older huggingface_hub): use the disk
@@ -229,7 +230,7 @@ def pull(
             blobs = None if local_dir is not None else storage / "blobs"
             files = _verify(folder, wanted, where, progress, VerifiedFiles(record), blobs)
         _check_index_shards(folder, listing, wanted, where)
-        if local_dir is not None and not offline:
+        if writes_local_dir:
             _write_local_dir_record(folder, repo, revision, commit, files)
         return PullResult(path=folder, commit=commit, files=files, bytes_downloaded=fetch_bytes)
 

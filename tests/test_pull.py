@@ -298,6 +298,22 @@ def test_offline_works_from_a_local_dir_and_from_a_cache_without_tree_listing(se
     assert sum(server.requests.values()) == asked
 
 
+def test_an_offline_pull_into_a_local_dir_removes_nothing_when_it_fails(served, hub_server, tmp_path, monkeypatch):
+    """An offline pull writes no file into --local-dir (huggingface_hub only reads it), so a failure removes none:
+    a file that changed while it ran -- another pull's, still being written -- is not its own to clean up."""
+    hub.pull(REPO, local_dir=tmp_path / "kimi", progress=False)
+    shard = tmp_path / "kimi" / SHARD_2
+
+    def another_pull_writes_and_this_one_fails(*args, **kwargs):
+        shard.write_bytes(b"half of a shard that another pull is writing")
+        raise OSError("the disk went away")
+    monkeypatch.setattr(hub, "snapshot_download", another_pull_writes_and_this_one_fails)
+    with hub_environment(hub_server.endpoint, tmp_path / "hf_home", HF_HUB_OFFLINE="1"):
+        with pytest.raises(KLError, match="the disk went away"):
+            hub.pull(REPO, local_dir=tmp_path / "kimi", progress=False)
+    assert shard.read_bytes() == b"half of a shard that another pull is writing"
+
+
 def test_a_new_commit_reuses_the_cached_blobs(served, hub_server, checkpoint):
     server, first = served
     hub.pull(REPO, progress=False)
