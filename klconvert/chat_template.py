@@ -56,6 +56,9 @@ def render_chat_template(template: str, where: str, max_chars: int | None = None
                   f"the renderer exited with status {proc.returncode}: "
                   f"{' '.join(proc.stderr.decode('utf-8', 'replace').split())[-300:]}")
         raise _failed(where, reason)
+    if "no_jinja2" in answer:
+        raise KLError(f"rendering a chat template needs jinja2, which cannot be imported ({answer['no_jinja2']}); "
+                      "repair the install: pip install --force-reinstall jinja2")
     if "error" in answer:
         if callers_bound and answer.get("past_output_chars"):
             raise RenderPastBound(f"{where}: the rendered chat is longer than {output_chars:,} characters")
@@ -114,7 +117,8 @@ def _render_bounded(template: str, variables: dict, loop_items: int, output_char
 
 
 def _child() -> None:
-    """Read {"limits", "request"} on stdin, set the limits, render, write {"text"} or {"error"} on stdout."""
+    """Read {"limits", "request"} on stdin, set the limits, render, write {"text"} or {"error"} on stdout
+    ({"no_jinja2"} when jinja2 cannot be imported)."""
     job = json.loads(sys.stdin.buffer.read().decode("utf-8"))
     limits = job["limits"]
     try:
@@ -126,6 +130,11 @@ def _child() -> None:
             hard = resource.getrlimit(which)[1]  # a limit may be lowered, never raised past the inherited hard one
             resource.setrlimit(which, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
     request = json.loads(job["request"])
+    try:
+        import jinja2  # noqa: F401 -- a dependency of klconvert's: failing here is the install's fault, not the template's
+    except ImportError as e:
+        sys.stdout.write(json.dumps({"no_jinja2": str(e)}))
+        return
     try:
         answer = {"text": _render_bounded(request["template"], request["variables"], limits["loop_items"],
                                           limits["output_chars"])}
