@@ -53,6 +53,9 @@ def require(module: str, feature: str) -> ModuleType:
         if missing not in (None, top):   # installed, but a module of another package it needs is not importable
             raise KLError(f"{feature} needs {top}, whose import of {missing} failed ({e}); install or repair "
                           f"{missing} ({install} installs what {top} needs)") from None
+        if missing is None:   # raised by the package's own code, naming no module: it is there, and broken
+            raise KLError(f"{feature} needs {top}, which is installed but fails to import ({e}); repair it: pip "
+                          f"install --force-reinstall {top} (which reinstalls what it needs too)") from None
         raise KLError(f"{feature} needs {top}, which cannot be imported ({e}); install the [{extra}] extra: "
                       f"{install}") from None
 

@@ -196,3 +196,16 @@ def test_a_missing_extra_is_told_from_a_package_it_needs(tmp_path, blocked, said
                     [tmp_path])
     assert proc.returncode == 0 and proc.stdout.startswith(said), proc.stdout + proc.stderr
     assert ("install the [nf4] extra: pip install 'klconvert[nf4]'" in proc.stdout) == (blocked == "bitsandbytes")
+
+
+def test_an_installed_extra_that_fails_to_import_is_told_from_a_missing_one(tmp_path):
+    """onnxruntime with numpy broken raises its own ImportError("import numpy failed"), naming no module: the line
+    said to install the [onnx] extra, installed already."""
+    (tmp_path / "onnxruntime").mkdir()
+    (tmp_path / "onnxruntime" / "__init__.py").write_text("raise ImportError('import numpy failed')\n")
+    proc = python_c("from klconvert.errors import KLError\nfrom klconvert.extras import require\ntry:\n"
+                    "    require('onnxruntime', 'x')\nexcept KLError as e:\n    print(e)\n", tmp_path, [tmp_path])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ("x needs onnxruntime, which is installed but fails to import (import numpy "
+                                   "failed); repair it: pip install --force-reinstall onnxruntime (which reinstalls "
+                                   "what it needs too)"), proc.stdout
