@@ -61,8 +61,8 @@ def require(module: str, feature: str) -> ModuleType:
 
 
 def _first_module_named(error: BaseException | None) -> str | None:
-    """The top-level package of the first module an ImportError names, down its chain of causes (onnxruntime
-    raises its own "import numpy failed", naming none, from numpy's)."""
+    """The top-level package of the first module an ImportError names, down its chain of causes; None when none
+    names one (onnxruntime, with numpy broken, raises its own "import numpy failed", naming none and chaining none)."""
     while error is not None:
         if isinstance(error, ImportError) and error.name:
             return error.name.split(".")[0]
