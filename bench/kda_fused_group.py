@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from calm_checkpoint import calm_copy  # noqa: E402
 
+from klconvert.checkpoint.folder_files import CONFIG_FILE  # noqa: E402
 from klconvert.checkpoint.name_map import expected_tensors  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
 from klconvert.evaluate import evaluate  # noqa: E402
@@ -38,7 +39,7 @@ def policies(bits: int):
 
 def recipe_file(policy, checkpoint: Path, path: Path) -> Path:
     """The policy checked against the checkpoint, written as the recipe `quantize --recipe` applies."""
-    config = KimiLinearConfig.from_file(checkpoint / "config.json")
+    config = KimiLinearConfig.from_file(checkpoint / CONFIG_FILE)
     path.write_text(policy.check_against((n, s.shape) for n, s in expected_tensors(config).items()).to_recipe_yaml())
     return path
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from klconvert.checkpoint.folder_files import MAX_FILE_NAME_BYTES
+from klconvert.checkpoint.folder_files import CONFIG_FILE, MAX_FILE_NAME_BYTES
 from klconvert.checkpoint.regular_file import kind_of
 from klconvert.config import KimiLinearConfig
 from klconvert.devices import DEVICE_NAMES, NOT_A_DEVICE, checked_device, device_name
@@ -328,7 +328,7 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
         _refuse_runtime_flags_for_onnxruntime(device, dtype, kernels, max_context)
     else:
         _refuse_triton_without_cuda(kernels, device)
-    config = KimiLinearConfig.from_file(folder / "config.json")
+    config = KimiLinearConfig.from_file(folder / CONFIG_FILE)
     limit, limit_name = config.model_max_length, config.model_max_length_name
     if max_context is not None and max_context > limit:
         raise KLError(f"--max-context {max_context:,} is over the model's {limit_name} {limit:,}; lower it")
@@ -654,7 +654,7 @@ def eval_(model: str, reference: str, text_file: Path, max_tokens: int, device: 
 
     # the reference's folder first, for its config and tokenizer, which read the text; evaluate checks --model
     reference_dir = model_folder(reference, f"--reference {reference}")
-    config = KimiLinearConfig.from_file(reference_dir / "config.json", "--reference")
+    config = KimiLinearConfig.from_file(reference_dir / CONFIG_FILE, "--reference")
     if max_tokens > config.model_max_length:
         raise KLError(f"--max-tokens {max_tokens:,} is over the model's {config.model_max_length_name} "
                       f"{config.model_max_length:,}; lower it")

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from klconvert.checkpoint.folder_files import refuse_link_out
+from klconvert.checkpoint.folder_files import CONFIG_FILE, refuse_link_out
 from klconvert.checkpoint.regular_file import parse_json, read_bounded
 from klconvert.errors import KLError, refuse_if_not_permitted, shown, unreadable_reason
 from klconvert.release import RELEASED_CONFIG
@@ -200,7 +200,7 @@ class KimiLinearConfig:
     def model_max_length_name(self) -> str:
         """The name config.json gives model_max_length -- its own, or transformers' max_position_embeddings -- for
         a message that sends the user to the field."""
-        return _stored_name(self.raw, "model_max_length", "config.json")
+        return _stored_name(self.raw, "model_max_length", CONFIG_FILE)
 
     def is_kda(self, layer: int) -> bool:
         return layer in self.kda_layers
@@ -209,7 +209,7 @@ class KimiLinearConfig:
         return layer >= self.first_k_dense_replace
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "config.json") -> "KimiLinearConfig":
+    def from_dict(cls, d: dict, where: str = CONFIG_FILE) -> "KimiLinearConfig":
         if not isinstance(d, dict):
             raise KLError(f"{where}: expected a JSON object at the top level; re-download the model")
         if "model_type" in d and d["model_type"] not in SUPPORTED_MODEL_TYPES:
@@ -317,7 +317,7 @@ class KimiLinearConfig:
         path = Path(path)
         refuse_link_out(path)
         try:
-            text = read_bounded(path, MAX_CONFIG_BYTES, "config.json").decode("utf-8")
+            text = read_bounded(path, MAX_CONFIG_BYTES, CONFIG_FILE).decode("utf-8")
         except FileNotFoundError:
             raise KLError(f"{path}: no config.json here; point {flag} at a Kimi Linear checkpoint folder") from None
         except (OSError, UnicodeDecodeError) as e:

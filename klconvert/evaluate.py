@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from klconvert.checkpoint.folder_files import CONFIG_FILE
 from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.config import KimiLinearConfig
@@ -19,7 +20,7 @@ from klconvert.models import model_folder
 from klconvert.runtime.host_memory import HostMemory, host_allocation, host_memory
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.sampling import as_number
-from klconvert.tokenizer import BPE_FILE, CONFIG_FILE, Tokenizer
+from klconvert.tokenizer import BPE_FILE, TOKENIZER_CONFIG_FILE, Tokenizer
 from klconvert.units import size_text
 
 MIN_SCORED_TOKENS = 2  # a next-token prediction takes a token and the one after it to score
@@ -134,7 +135,7 @@ def _same_tokenizer(folder: Path, reference: Tokenizer, model: str, reference_na
     token at the same id): eval reads the text with the reference's and scores the model on those ids, which a model
     of another tokenizer reads as other tokens. A folder of weights alone (no tokenizer files) says nothing against
     it."""
-    if not any(os.path.lexists(folder / name) for name in (BPE_FILE, CONFIG_FILE)):
+    if not any(os.path.lexists(folder / name) for name in (BPE_FILE, TOKENIZER_CONFIG_FILE)):
         return
     own = Tokenizer.from_folder(folder)
     flag, reference_flag = model.split(" ", 1)[0], reference_name.split(" ", 1)[0]
@@ -191,7 +192,7 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
     if not isinstance(text, str):
         raise KLError(f"text should be the evaluation text as a str (what --text-file holds), got a "
                       f"{type(text).__name__}")
-    configs = [KimiLinearConfig.from_file(folder / "config.json", flag) for folder, flag in
+    configs = [KimiLinearConfig.from_file(folder / CONFIG_FILE, flag) for folder, flag in
                ((model, "--model"), (reference, "--reference"))]
     _same_architecture(*configs, *names)   # before either runs
     tokenizer = Tokenizer.from_folder(reference)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from klconvert.checkpoint.folder_files import CONFIG_FILE
 from klconvert.errors import KLError
 from klconvert.user_paths import given_path, refuse_unreachable
 
@@ -25,7 +26,7 @@ DEFAULT_MODEL_DIR = f"./{quantized_folder_name(DEFAULT_REPO, 'int', 4)}"  # wher
 
 def bundled_dir() -> Path:
     """The bundled model's folder, checked to hold a checkpoint."""
-    if not (BUNDLED_DIR / "config.json").is_file():
+    if not (BUNDLED_DIR / CONFIG_FILE).is_file():
         raise KLError(f"{BUNDLED_DIR}: the bundled model's files are missing from this install; reinstall klconvert "
                       "(pip install --force-reinstall klconvert), or name a checkpoint folder instead")
     return BUNDLED_DIR

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.checkpoint.folder_files import (
+    CONFIG_FILE,
     INDEX_FILE,
     MAX_INDEX_BYTES,
     MAX_SIDE_FILE_BYTES,
@@ -55,7 +56,7 @@ from klconvert.units import binary_size_text, count_text, size_text
 from klconvert.user_paths import given_path
 
 MIN_SHARD_BYTES = 1  # the smallest limit a shard takes (a tensor larger than the limit gets a shard of its own)
-WRITTEN_FILES = ("config.json", INDEX_FILE)  # made here, not copied
+WRITTEN_FILES = (CONFIG_FILE, INDEX_FILE)  # made here, not copied
 MODEL_CARD_FILE = "README.md"
 RESUME_FORMAT = 1  # bump when the output of the same source and options changes
 
@@ -173,7 +174,7 @@ def refuse_quantized_source(src: Path) -> None:
     reader does -- regular files only, no further than their bounds -- and leaves whatever it cannot read to
     open_checkpoint, which refuses it in its own words."""
     try:
-        config = read_json(src / "config.json", MAX_CONFIG_BYTES, "config.json")
+        config = read_json(src / CONFIG_FILE, MAX_CONFIG_BYTES, CONFIG_FILE)
     except (OSError, ValueError, RecursionError, KLError):  # RecursionError: JSON nested past Python's stack
         return
     quantization = config.get("quantization_config") if isinstance(config, dict) else None
@@ -200,7 +201,7 @@ def _packed_tensor(src: Path, config: dict) -> str | None:
         names = index.get("weight_map") if isinstance(index, dict) else None
     elif (src / SINGLE_FILE).is_file():
         try:  # its header read no further than the config's tensor count allows (the reader's own bound)
-            bound = max_header_bytes(KimiLinearConfig.from_dict(config, where=str(src / "config.json")))
+            bound = max_header_bytes(KimiLinearConfig.from_dict(config, where=str(src / CONFIG_FILE)))
         except KLError:
             return None
         names = read_header(src / SINGLE_FILE, bound).tensors
@@ -240,7 +241,7 @@ def _copied(name: str) -> bool:
 def _refuse_unfit_listed_files(files: list[HubFile]) -> None:
     """KLError, before a download, for a file to pull that quantize would refuse by its size once it is here: a
     side file over MAX_SIDE_FILE_BYTES, a config or index over its bound."""
-    bounds = {"config.json": MAX_CONFIG_BYTES, INDEX_FILE: MAX_INDEX_BYTES}
+    bounds = {CONFIG_FILE: MAX_CONFIG_BYTES, INDEX_FILE: MAX_INDEX_BYTES}
     for f in files:
         bound = bounds.get(f.path, MAX_SIDE_FILE_BYTES if "/" not in f.path and _copied(f.path) else None)
         if bound is not None and f.size is not None and f.size > bound:
@@ -362,7 +363,7 @@ def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch
         config = without_remote_code(checkpoint.config.raw)  # as read and checked, not read again
         config["quantization_config"] = policy.quantization_config()
         config["tie_word_embeddings"] = False  # lm_head is written on its own, even where the source tied it
-        folder.write_text("config.json", json.dumps(config, indent=2) + "\n")
+        folder.write_text(CONFIG_FILE, json.dumps(config, indent=2) + "\n")
         folder.write_text(INDEX_FILE, index_json(shards, names) + "\n")
         folder.write_text(RECIPE_FILE, recipe_yaml)
         for name, data in side_files.items():

@@ -17,7 +17,7 @@ from types import MappingProxyType
 
 import tiktoken
 
-from klconvert.checkpoint.folder_files import refuse_link_out
+from klconvert.checkpoint.folder_files import CONFIG_FILE, refuse_link_out
 from klconvert.checkpoint.regular_file import read_bounded, read_json
 from klconvert.chat_template import RenderPastBound, render_chat_template
 from klconvert.config import SIZE_RANGES, KimiLinearConfig
@@ -25,10 +25,10 @@ from klconvert.errors import KLError, refuse_if_not_permitted, shown, unreadable
 from klconvert.models import resolve_model
 
 BPE_FILE = "tiktoken.model"
-CONFIG_FILE = "tokenizer_config.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # newer HF folders keep the template here; it wins over the config's
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"  # transformers' copy of the specials; klconvert reads the config's
-TOKENIZER_FILES = (BPE_FILE, CONFIG_FILE, SPECIAL_TOKENS_FILE)  # what a tokenizer folder holds (the release's)
+TOKENIZER_FILES = (BPE_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE)  # a tokenizer folder's files (the release's)
 # what transformers 5 saves in their place (with a slim tokenizer_config.json): read by the `tokenizers` library,
 # which klconvert does not depend on
 TRANSFORMERS_TOKENIZER_FILE = "tokenizer.json"
@@ -123,9 +123,9 @@ def read_tokenizer_config(path: Path) -> dict:
     """tokenizer_config.json as a dict."""
     refuse_link_out(path)
     try:
-        config = read_json(path, MAX_TOKENIZER_CONFIG_BYTES, CONFIG_FILE)
+        config = read_json(path, MAX_TOKENIZER_CONFIG_BYTES, TOKENIZER_CONFIG_FILE)
     except FileNotFoundError:
-        raise KLError(f"{path}: no {CONFIG_FILE} here; re-download the model") from None
+        raise KLError(f"{path}: no {TOKENIZER_CONFIG_FILE} here; re-download the model") from None
     except (OSError, UnicodeDecodeError) as e:
         refuse_if_not_permitted(e, path)
         raise KLError(f"{path}: cannot read the tokenizer config ({e}); re-download the model") from None
@@ -261,10 +261,10 @@ class Tokenizer:
             raise KLError(f"{folder}: not a folder; point --model at a Kimi Linear checkpoint folder")
         known_vocab = vocab_size
         if vocab_size is None:
-            has_config = (folder / "config.json").is_file()
-            known_vocab = KimiLinearConfig.from_file(folder / "config.json").vocab_size if has_config else None
+            has_config = (folder / CONFIG_FILE).is_file()
+            known_vocab = KimiLinearConfig.from_file(folder / CONFIG_FILE).vocab_size if has_config else None
             vocab_size = known_vocab or high
-        bpe_path, config_path = folder / BPE_FILE, folder / CONFIG_FILE
+        bpe_path, config_path = folder / BPE_FILE, folder / TOKENIZER_CONFIG_FILE
         ranks = read_bpe_ranks(bpe_path, vocab_size)
         config = read_tokenizer_config(config_path)
         special_tokens = read_special_tokens(config, config_path, vocab_size)
@@ -521,7 +521,7 @@ def check_tokenizer_if_any(folder: Path, config: KimiLinearConfig) -> Tokenizer 
     """A source folder's tokenizer read as `run` reads it, config.json's token ids held to it (check_config_token_ids)
     -- refused now, not in an output that copies it -- when it has one: a folder of weights alone (neither
     tiktoken.model nor tokenizer_config.json) passes, as its output will, and has None."""
-    if (folder / BPE_FILE).exists() or (folder / CONFIG_FILE).exists():
+    if (folder / BPE_FILE).exists() or (folder / TOKENIZER_CONFIG_FILE).exists():
         tokenizer = Tokenizer.from_folder(folder, config.vocab_size)
         check_config_token_ids(config, tokenizer, folder)
         return tokenizer
@@ -537,8 +537,9 @@ def check_config_token_ids(config: KimiLinearConfig, tokenizer: Tokenizer, folde
     for token_id in config.eos_token_ids:
         if token_id is None or token_id in tokenizer.special_ids:
             continue
-        raise KLError(f"{folder / 'config.json'}: eos_token_id {token_id} is the text token "
-                      f"{shown(tokenizer.token_bytes(token_id))} of {BPE_FILE}, not a special token of {CONFIG_FILE} "
+        raise KLError(f"{folder / CONFIG_FILE}: eos_token_id {token_id} is the text token "
+                      f"{shown(tokenizer.token_bytes(token_id))} of {BPE_FILE}, not a special token of "
+                      f"{TOKENIZER_CONFIG_FILE} "
                       f"(its eos_token has id {tokenizer.eos_id}); generation would stop wherever that text came -- "
                       "set eos_token_id to a special token's id, or re-download the model")
 

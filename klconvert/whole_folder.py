@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from klconvert.checkpoint.folder_files import CONFIG_FILE
 from klconvert.convert.output_folder import (TEMPORARY_MARKER, TEMPORARY_NAME, OutputLock, lock_goes_inside, lock_path,
                                              make_parent, mark_temporary, refuse_link_or_file, refuse_no_new_name,
                                              remove_created, runs_temporary, temporary_prefix, unmark_temporary,
@@ -90,7 +91,7 @@ def _identities(out: Path) -> dict[str, tuple[int, int]]:
 
 @contextmanager
 def whole_folder(out: Path, force: bool = False, replaceable: Replaceable | None = None,
-                 last: str = "config.json") -> Iterator[Path]:
+                 last: str = CONFIG_FILE) -> Iterator[Path]:
     """The folder to write OUT's files into, renamed to OUT when the body ends -- or, where OUT is a folder already
     (its mode and group the user's), made in it and its files moved up into it in place of OUT's earlier ones,
     `last` (the file that says the folder is whole) after the rest (see the module's text). OUT is checked now and

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import torch
 
-from klconvert.checkpoint.folder_files import RECIPE_FILE, refuse_link_out
+from klconvert.checkpoint.folder_files import CONFIG_FILE, RECIPE_FILE, refuse_link_out
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import Checkpoint
@@ -177,13 +177,13 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
                       f"recipe); add --bits {either(SUPPORTED_BITS)}, or drop --group-size")
     stored = None
     if model is not None:
-        config = KimiLinearConfig.from_file(Path(model) / "config.json")
+        config = KimiLinearConfig.from_file(Path(model) / CONFIG_FILE)
         if recipe is None and bits is None:
             stored = held_on_a_gpu(Path(model))
             recipe = folder_recipe(Path(model) / RECIPE_FILE, config)  # the tensors say how they are stored
     else:
         config = KimiLinearConfig.from_dict(preset_config(preset, layers), where=f"preset {preset}")
-    check_model_size(config, str(Path(model) / "config.json") if model is not None else f"preset {preset}")
+    check_model_size(config, str(Path(model) / CONFIG_FILE) if model is not None else f"preset {preset}")
     if isinstance(recipe, (str, Path)):
         recipe = load_recipe(recipe)
     if stored is not None:

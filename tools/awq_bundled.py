@@ -22,6 +22,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gptq_bundled import calibrate, calibration_parser  # noqa: E402
 
+from klconvert.checkpoint.folder_files import CONFIG_FILE  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
 
 
@@ -72,7 +73,7 @@ def main() -> None:
     if not torch.cuda.is_available():  # its AWQ pins the cached activations for GPU copies; a CPU run has none
         from llmcompressor.pipelines.cache import IntermediatesCache
         IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
-    config = KimiLinearConfig.from_file(a.model / "config.json")
+    config = KimiLinearConfig.from_file(a.model / CONFIG_FILE)
     calibrate(a.model, a.out, awq_recipe(a.recipe, config, a.then), a.samples, a.seq_len)
     print(f"AWQ then {a.then} ({a.samples} x {a.seq_len} training tokens) -> {a.out}")
 

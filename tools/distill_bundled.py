@@ -55,6 +55,7 @@ from safetensors.torch import save_file  # noqa: E402
 from train_bundled import (canonical_state, learning_rate, refuse_short_splits, run_progress,  # noqa: E402
                            sample_batch, token_splits, write_checkpoint)
 
+from klconvert.checkpoint.folder_files import CONFIG_FILE  # noqa: E402
 from klconvert.checkpoint.name_map import expected_tensors  # noqa: E402
 from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
@@ -420,7 +421,7 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
     detach_round_trips(student, schemes)
     with tempfile.TemporaryDirectory() as tmp:
         tuned = Path(tmp) / "bf16"
-        write_checkpoint(tuned, json.loads((source / "config.json").read_text()), canonical_state(student), source)
+        write_checkpoint(tuned, json.loads((source / CONFIG_FILE).read_text()), canonical_state(student), source)
         quantize(tuned, out, **layout, device="cpu", progress=False)
     record = {"kept_step": best[1], "kept_validation_kl": best[0], "steps_run": step,
               "seconds": time.perf_counter() - started,

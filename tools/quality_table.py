@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bundled_corpus  # noqa: E402
 from tool_output import positive_int  # noqa: E402
 
+from klconvert.checkpoint.folder_files import CONFIG_FILE  # noqa: E402
 from klconvert.checkpoint.safetensors_header import read_header  # noqa: E402
 from klconvert.evaluate import EvalResult, compare, run_model  # noqa: E402
 from klconvert.models import resolve_model  # noqa: E402
@@ -113,7 +114,7 @@ def measure(model: Path, tokens: int, only: str | None, folders: tuple[tuple[str
     log(f"reference: {len(ids):,} held-out tokens in {time.perf_counter() - t0:.0f} s")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (section, label, options) in enumerate(variants(KimiLinearConfig.from_file(model / "config.json"))):
+        for i, (section, label, options) in enumerate(variants(KimiLinearConfig.from_file(model / CONFIG_FILE))):
             if only and only not in label:
                 continue
             t0 = time.perf_counter()

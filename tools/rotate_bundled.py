@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gptq_bundled import BUNDLED  # noqa: E402
 
-from klconvert.checkpoint.folder_files import INDEX_FILE  # noqa: E402
+from klconvert.checkpoint.folder_files import CONFIG_FILE, INDEX_FILE  # noqa: E402
 from klconvert.checkpoint.reader import open_checkpoint  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
@@ -115,7 +115,7 @@ def rotate(model: Path, out: Path, kind: str = "hadamard", dtype: torch.dtype | 
         if (model / INDEX_FILE).exists():
             (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
                                                          "weight_map": weight_map}, indent=2))
-        for name in ("config.json", *TOKENIZER_FILES):
+        for name in (CONFIG_FILE, *TOKENIZER_FILES):
             if (model / name).is_file():
                 shutil.copy(model / name, folder / name)
 

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bundled_corpus  # noqa: E402
 from tool_output import nonnegative_float, positive_float, positive_int  # noqa: E402
 
+from klconvert.checkpoint.folder_files import CONFIG_FILE, INDEX_FILE  # noqa: E402
 from klconvert.checkpoint.name_map import TensorSpec, expected_tensors  # noqa: E402
 from klconvert.checkpoint.safetensors_writer import (PlannedTensor, index_json, shard_names,  # noqa: E402
                                                      split_into_shards, write_shard)
@@ -221,14 +222,14 @@ def write_checkpoint(out: Path, config: dict, state: dict[str, torch.Tensor], to
     shards = split_into_shards(planned, MAX_SHARD_BYTES)
     names = shard_names(len(shards))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     for shard, name in zip(shards, names):
         write_shard(out / name, shard)
-    (out / "model.safetensors.index.json").write_text(index_json(shards, names) + "\n")
+    (out / INDEX_FILE).write_text(index_json(shards, names) + "\n")
     copied = [name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()]   # special_tokens_map optional
     for name in copied:
         shutil.copyfile(tokenizer_dir / name, out / name)
-    return ["config.json", *names, "model.safetensors.index.json", *copied]
+    return [CONFIG_FILE, *names, INDEX_FILE, *copied]
 
 
 def refuse_short_splits(data: dict[str, torch.Tensor], seq_len: int) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from klconvert.errors import KLError
 from klconvert.units import binary_size_text
 
+CONFIG_FILE = "config.json"  # the model's config, transformers' name for it
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"  # a checkpoint of one shard and no index
 PICKLED_WEIGHTS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")  # transformers' pickled weights: never read

@@ -10,6 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from klconvert.checkpoint.folder_files import (
+    CONFIG_FILE,
     GENAI_CONFIG,
     INDEX_FILE,
     MAX_FILE_NAME_BYTES,
@@ -95,15 +96,15 @@ class Checkpoint:
             raise KLError(f"{self.folder}: no such checkpoint folder; name a folder holding a Kimi Linear checkpoint "
                           "(config.json and safetensors weights): `klconvert pull` downloads one, `klconvert synth` "
                           "makes a random one")
-        self.config = KimiLinearConfig.from_file(self.folder / "config.json")
-        self.quant_method = quant_method(self.config.raw, str(self.folder / "config.json"))
+        self.config = KimiLinearConfig.from_file(self.folder / CONFIG_FILE)
+        self.quant_method = quant_method(self.config.raw, str(self.folder / CONFIG_FILE))
         self.headers: dict[str, SafetensorsHeader] = {}
         self.sources: dict[str, Source | QuantizedSource] = {}
         self._open: dict[str, object] = {}
         self._files: dict[str, tuple[int, ...]] = {}   # shard -> file_identity when its header was read
         weight_map = self._read_headers()
         stored = sum(e.nbytes for h in self.headers.values() for e in h.tensors.values())
-        check_model_size(self.config, str(self.folder / "config.json"), stored)
+        check_model_size(self.config, str(self.folder / CONFIG_FILE), stored)
         self.expected: dict[str, TensorSpec] = expected_tensors(self.config)
         self._check(weight_map)
 
@@ -232,7 +233,7 @@ class Checkpoint:
     def _tie_lm_head(self) -> None:
         """tie_word_embeddings: lm_head reads the embedding, as transformers ties them (and saves no lm_head)."""
         if "lm_head.weight" in self.sources:
-            raise KLError(f"{self.folder / 'config.json'}: tie_word_embeddings is true (lm_head is the embedding), "
+            raise KLError(f"{self.folder / CONFIG_FILE}: tie_word_embeddings is true (lm_head is the embedding), "
                           "but the checkpoint also stores lm_head.weight; set it to false to use the stored lm_head, "
                           "or remove that tensor")
         if "model.embed_tokens.weight" in self.sources:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from huggingface_hub.utils import validate_repo_id
 
+from klconvert.checkpoint.folder_files import CONFIG_FILE
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.checkpoint.regular_file import read_bounded, read_json
 from klconvert.config import MAX_CONFIG_BYTES
@@ -76,5 +77,5 @@ def source_fingerprint(checkpoint: Checkpoint, origin: SourceOrigin) -> dict:
         if origin.commit is None:
             shards[shard]["mtime_ns"] = found.st_mtime_ns
     return {"folder": str(origin.folder), "repo": origin.repo, "commit": origin.commit,
-            "config_sha256": _sha256(read_bounded(checkpoint.folder / "config.json", MAX_CONFIG_BYTES, "config.json")),
+            "config_sha256": _sha256(read_bounded(checkpoint.folder / CONFIG_FILE, MAX_CONFIG_BYTES, CONFIG_FILE)),
             "shards": shards}

@@ -11,7 +11,7 @@ import onnx
 import torch
 from onnx import helper
 
-from klconvert.checkpoint.folder_files import GENAI_CONFIG, MAX_SIDE_FILE_BYTES, refuse_unfit_side_files
+from klconvert.checkpoint.folder_files import CONFIG_FILE, GENAI_CONFIG, MAX_SIDE_FILE_BYTES, refuse_unfit_side_files
 from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.checkpoint.regular_file import read_bounded
@@ -34,7 +34,7 @@ MIN_OPSET = 18                     # ReduceMean / Split with axes and sizes as i
 DEFAULT_OPSET = MIN_OPSET
 MS_OPSET = 1                       # com.microsoft's version (MatMulNBits, QMoE)
 COPIED_TOKENIZER_FILES = (*TOKENIZER_FILES, CHAT_TEMPLATE_FILE)  # each where the model folder has it
-EXPORT_FILES = {ONNX_FILE, DATA_FILE, GENAI_CONFIG, "config.json", *COPIED_TOKENIZER_FILES}  # all an export writes
+EXPORT_FILES = {ONNX_FILE, DATA_FILE, GENAI_CONFIG, CONFIG_FILE, *COPIED_TOKENIZER_FILES}  # all an export writes
 
 
 def _present_shape(shape: list) -> list:
@@ -150,7 +150,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPS
     refuse_taken(out, force, EARLIER_EXPORT)
     checkpoint = Checkpoint(model_dir)
     check_tokenizer_if_any(model_dir, checkpoint.config)
-    copied = [name for name in ("config.json", *COPIED_TOKENIZER_FILES) if (model_dir / name).is_file()]
+    copied = [name for name in (CONFIG_FILE, *COPIED_TOKENIZER_FILES) if (model_dir / name).is_file()]
     refuse_unfit_side_files(model_dir, (model_dir / name for name in copied))
     with whole_folder(out, force, EARLIER_EXPORT, last=GENAI_CONFIG) as folder:
         _write_export(checkpoint, model_dir, folder, opset, copied)
@@ -170,5 +170,5 @@ def _write_export(checkpoint: Checkpoint, model_dir: Path, folder: Path, opset: 
     onnx.checker.check_model(str(path))
     for name in copied:
         (folder / name).write_bytes(read_bounded(model_dir / name, MAX_SIDE_FILE_BYTES, name))
-    config = genai_config(checkpoint.config, opset, external, [n for n in copied if n != "config.json"])
+    config = genai_config(checkpoint.config, opset, external, [n for n in copied if n != CONFIG_FILE])
     (folder / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n")

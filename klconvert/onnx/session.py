@@ -15,7 +15,7 @@ import torch
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError, first_line, shown, unreadable_reason
 from klconvert.models import resolve_model
-from klconvert.checkpoint.folder_files import GENAI_CONFIG, refuse_link_out
+from klconvert.checkpoint.folder_files import CONFIG_FILE, GENAI_CONFIG, refuse_link_out
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.onnx.export_folder import DATA_FILE, ONNX_FILE, state_spec
 from klconvert.runtime.engine import (GenerationStats, Runner, as_batch, as_prompts, as_stop_ids, check_callbacks,
@@ -95,7 +95,7 @@ class OnnxEngine(Runner):
         if not (folder / GENAI_CONFIG).is_file():   # named as given: `tiny`, not where it is installed
             raise KLError(f"{given}: no {GENAI_CONFIG} here; --engine onnxruntime runs a folder written by "
                           "`klconvert export-onnx --model DIR --out FOLDER` -- export one first")
-        self.folder, self.config = folder, KimiLinearConfig.from_file(folder / "config.json")
+        self.folder, self.config = folder, KimiLinearConfig.from_file(folder / CONFIG_FILE)
         # The state's names and shapes come from config.json (checked and bounded), the graph's file name is
         # export-onnx's own; GENAI_CONFIG (untrusted: it sizes every allocation here) must agree with both.
         self.states = state_spec(self.config)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from klconvert.checkpoint.folder_files import INDEX_FILE
+from klconvert.checkpoint.folder_files import CONFIG_FILE, INDEX_FILE
 from klconvert.checkpoint.name_map import (TRANSFORMERS_LAYOUT, TensorSpec, canonical_pieces, expected_tensors,
                                           sliced_shape)
 from klconvert.checkpoint.safetensors_writer import (PlannedTensor, index_json, shard_names, split_into_shards,
@@ -199,7 +199,7 @@ def synth(preset: str, out: str | Path, layers: int | None = None, seed: int = 0
     total = sum(t.nbytes for t in planned)
 
     with whole_folder(out) as folder:
-        write_atomically(folder / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+        write_atomically(folder / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
         write_tokenizer_files(folder, num_ranks=c.vocab_size - NUM_SPECIAL_TOKENS, num_specials=NUM_SPECIAL_TOKENS,
                               seed=seed)
         write_atomically(folder / INDEX_FILE, (index_json(shards, names) + "\n").encode())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from klconvert.atomic_file import write_atomically
 from klconvert.release import RELEASED_CONFIG
-from klconvert.tokenizer import BPE_FILE, CONFIG_FILE, SPECIAL_TOKENS_FILE
+from klconvert.tokenizer import BPE_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE
 
 # The first special ids, in the released order; "<|reserved_token_{id}|>" fills the rest, then UNK and PAD.
 NAMED_SPECIAL_TOKENS = ("[BOS]", "[EOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|start_header_id|>",
@@ -139,7 +139,7 @@ def write_tiktoken_files(out_dir: Path, tokens: list[bytes], num_specials: int =
     ranks_text = b"".join(base64.b64encode(token) + b" %d\n" % rank for rank, token in enumerate(tokens))
     write_atomically(out_dir / BPE_FILE, ranks_text)
     config = tokenizer_config(len(tokens), num_specials)
-    write_atomically(out_dir / CONFIG_FILE,
+    write_atomically(out_dir / TOKENIZER_CONFIG_FILE,
                      json.dumps(config, indent=2, ensure_ascii=False).encode("utf-8"))
     special_tokens_map = {key: config[key] for key in
                           ("additional_special_tokens", "bos_token", "eos_token", "pad_token", "unk_token")}
