@@ -215,7 +215,7 @@ def cli() -> None:
 
 @cli.command()
 @click.option("--preset", type=click.Choice(list(PRESETS)), required=True,
-              help="tiny: a few-MB model of the same structure; kimi-linear-48b: the released shapes.")
+              help="tiny: a small model (14 MB) of the same structure; kimi-linear-48b: the released shapes.")
 @click.option("--layers", type=int, default=None, help="Keep only N layers (3:1 KDA:MLA pattern kept).")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
               help="Seed of the random weights.")
@@ -638,7 +638,7 @@ def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: 
               help="The model it should match (e.g. its bf16 source; tiny for the bundled model); its tokenizer "
                    "reads the text.")
 @click.option("--text-file", type=PathArg(path_type=Path, dir_okay=False), required=True,
-              help="UTF-8 text to run both models on.")
+              help="UTF-8 text to run both models on (- reads standard input).")
 @click.option("--max-tokens", type=click.IntRange(min=2), default=2048, show_default=True,
               help="Cut the tokenized text to this many tokens (only that much of the file is read).")
 @click.option("--device", type=DEVICE, default=None,

@@ -102,11 +102,14 @@ def _checked_flag_types(group_size, symmetric, scheme, observer) -> int | None:
     return size
 
 
-def _refuse_non_bool_switches(force, progress, allow_split_fused) -> None:
-    """KLError for a switch of quantize's that is no bool (force="no" would replace OUT)."""
+def _refuse_bad_switches(force, progress, allow_split_fused, recipe) -> None:
+    """KLError for a switch of quantize's that is no bool (force="no" would replace OUT), or that changes nothing."""
     refuse_non_bool(force, "force", "--force")
     refuse_non_bool(progress, "progress")
     refuse_non_bool(allow_split_fused, "allow_split_fused", "--allow-split-fused")
+    if allow_split_fused and recipe is None:
+        raise KLError("--allow-split-fused lets a --recipe split a module vLLM fuses, and no --recipe is given "
+                      "(the other options never split one); drop --allow-split-fused")
 
 
 def choose_policy(bits: int | None = None, group_size: int | None = None, symmetric: bool | None = None,
@@ -294,7 +297,7 @@ def quantize(src: str | Path, out: str | Path, bits: int | None = None, group_si
     made from another source or with other options. Shards hold at most `max_shard_bytes` (default 5 GB).
     A policy that stores the parts of a module vLLM fuses differently is refused unless `allow_split_fused`.
     """
-    _refuse_non_bool_switches(force, progress, allow_split_fused)
+    _refuse_bad_switches(force, progress, allow_split_fused, recipe)
     src, out = resolve_model(src), given_path(out, "out")
     policy, recipe_read = choose_policy(bits, group_size, symmetric, scheme, recipe, observer)
     torch_device, shard_bytes = checked_device(device), shard_limit(max_shard_bytes)
@@ -396,7 +399,7 @@ def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, 
     """Pull `model` (a hub repo; a folder that exists locally is used as it is; `tiny` is the bundled model) and
     quantize it into `out` (default ./<model-name>-w4a16, -w8a16 or -nf4). Options, and whether OUT's folder takes
     files, are checked before anything is downloaded."""
-    _refuse_non_bool_switches(force, progress, allow_split_fused)
+    _refuse_bad_switches(force, progress, allow_split_fused, recipe)
     policy, _ = choose_policy(bits, group_size, symmetric, scheme, recipe, observer)
     local = model == BUNDLED_NAME or Path(model).is_dir()
     if not local and (Path(model).exists() or not is_repo_id(model)):   # ./x, ~/x, a/b/c, a file: a path
@@ -407,8 +410,8 @@ def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, 
     out = given_path(out, "out") if out is not None else default_out_name(model, policy)
     refuse_existing_out(out, force)
     if local and revision is not None:
-        raise KLError(f"--revision {revision} picks a hub revision, but --model {model} is a local folder; "
-                      "drop --revision")
+        what = "the bundled model" if model == BUNDLED_NAME else "a local folder"
+        raise KLError(f"--revision {revision} picks a hub revision, but --model {model} is {what}; drop --revision")
     if not local and not allow_split_fused:  # a split shows in any Kimi Linear's names: refuse it before a download
         released = [(n, spec.shape) for n, spec in expected_tensors(KimiLinearConfig.from_dict(
             preset_config("kimi-linear-48b"))).items()]

@@ -326,6 +326,9 @@ def test_numpy_and_torch_integers_are_whole_numbers_to_quantize(tiny_released, t
     (dict(force=1), "force=1 (--force) is not a bool"),
     (dict(allow_split_fused="no"), "allow_split_fused='no' (--allow-split-fused) is not a bool"),
     (dict(progress=None), "progress=None is not a bool; pass True or False"),
+    # a flag that changes nothing is said, not ignored: only a recipe can split a module vLLM fuses
+    (dict(allow_split_fused=True), "--allow-split-fused lets a --recipe split a module vLLM fuses, and no --recipe "
+                                   "is given (the other options never split one); drop --allow-split-fused"),
 ])
 def test_a_bad_value_from_python_is_refused_up_front(tiny_released, tmp_path, options, needle):
     out = tmp_path / "q"
@@ -342,7 +345,8 @@ def test_pull_and_quantize_refuses_a_bad_device_or_shard_size_before_any_downloa
     monkeypatch.setattr(quantize_module, "pull", no_pull)
     for options, needle in ((dict(device="tpu"), "device='tpu' (--device)"),
                             (dict(max_shard_bytes=0), "max_shard_bytes=0"),
-                            (dict(force="no"), "force='no' (--force) is not a bool")):
+                            (dict(force="no"), "force='no' (--force) is not a bool"),
+                            (dict(allow_split_fused=True), "no --recipe is given")):
         with pytest.raises(KLError, match=re.escape(needle)):
             quantize_module.pull_and_quantize("acme/kimi", tmp_path / "q", progress=False, **options)
     assert list(tmp_path.iterdir()) == []

@@ -123,6 +123,9 @@ def test_local_folder_skips_the_pull(tiny_released, tmp_path, monkeypatch, capsy
     assert f"local folder `{tiny_released.resolve()}`" in (tmp_path / "tiny-w8a16" / "README.md").read_text()
     assert_one_line_error(*run_cli(capsys, "pull-and-quantize", "--model", tiny_released, "--revision", "v1",
                                    "--out", "x")[::2], "--revision v1 picks a hub revision")
+    assert_one_line_error(*run_cli(capsys, "pull-and-quantize", "--model", "tiny", "--revision", "main",
+                                   "--out", "x")[::2], "--revision main picks a hub revision, but --model tiny is the "
+                                                      "bundled model; drop --revision")
 
 
 def test_default_out_names():

@@ -41,6 +41,7 @@ def test_released_format(tiny_released):
         assert f.get_tensor("model.layers.1.self_attn.A_log").dtype == torch.float32
         assert f.get_tensor("model.layers.1.self_attn.A_log").shape == (1, 1, 4, 1)
     assert not [p for p in tiny_released.parent.iterdir() if "partial" in p.name]
+    assert round(sum(p.stat().st_size for p in tiny_released.iterdir()) / 1e6) == 14  # README, --help: 14 MB
 
 
 def test_transformers_layout_holds_the_same_values(tiny_released, tiny_transformers):
