@@ -652,6 +652,9 @@ def test_export_refuses_bad_input_in_one_line(tmp_path, capsys):
         (["--model", "tiny", "--out", taken], "already exists"),
         (["--model", "tiny", "--out", taken, "--force"], "replaces only an earlier ONNX export"),
         (["--model", "tiny", "--out", tmp_path / "o2", "--opset", "12"], "--opset 12"),
+        (["--model", "tiny", "--out", tmp_path / "o3", "--opset", str(onnx.defs.onnx_opset_version() + 1)],
+         f"--opset {onnx.defs.onnx_opset_version() + 1}: choose {MIN_OPSET} to {onnx.defs.onnx_opset_version()} "
+         "(the installed onnx's newest)"),
     ]
     for args, needle in cases:
         code, _, err = run_cli(capsys, "export-onnx", *args)

@@ -14,7 +14,7 @@ from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import Com
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from klconvert.checkpoint.reader import open_checkpoint
+from klconvert.checkpoint.reader import Checkpoint, open_checkpoint
 from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.convert.output_folder import OUTPUT_RECORD
 from klconvert.models import bundled_dir
@@ -240,6 +240,20 @@ def test_row_blocks_give_the_same_tensors(tiny_released, tmp_path, monkeypatch):
     assert calls.count("lm_head") == 1280 // 256
     assert folder_files(blocks.path) == folder_files(whole.path)
 
+
+
+def test_the_source_is_unmapped_as_it_streams_and_the_folder_is_the_same(tiny_released, tmp_path, monkeypatch):
+    """quantize's flat RSS rests on reopening the shards every UNMAP_EVERY_BYTES of source read (safetensors' views
+    keep every page read mapped): broken, RSS grows with the model again and no other test fails."""
+    whole = quantize(tiny_released, tmp_path / "whole" / "q", bits=4, progress=False)
+    monkeypatch.setattr(outputs, "UNMAP_EVERY_BYTES", 1 << 20)
+    closes, close = [], Checkpoint.close
+    monkeypatch.setattr(Checkpoint, "close", lambda self: closes.append(1) or close(self))
+    unmapped = quantize(tiny_released, tmp_path / "unmapped" / "q", bits=4, progress=False)
+    source_bytes = sum(p.stat().st_size for p in tiny_released.glob("*.safetensors"))
+    assert len(closes) >= source_bytes // (1 << 20) // 2, (len(closes), source_bytes)
+    a, b = folder_files(whole.path), folder_files(unmapped.path)
+    assert a.pop("README.md") and b.pop("README.md") and a == b
 
 def test_the_mse_observer_flag(tiny_released, tmp_path):
     """--observer mse: the same tensors and format, the ranges searched (the config and recipe say so), each
