@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.metadata
 import logging
+import re
 import sys
 from types import ModuleType
 
@@ -39,16 +41,19 @@ def _no_hub_kernels():
 
 
 def require(module: str, feature: str) -> ModuleType:
-    """Import `module` (e.g. "bitsandbytes.functional") for `feature`, or KLError naming the extra to install.
-    bitsandbytes imports without Hugging Face's hub kernels (`_no_hub_kernels`)."""
-    guard = _no_hub_kernels() if module.split(".")[0] == "bitsandbytes" else contextlib.nullcontext()
+    """Import `module` (e.g. "bitsandbytes.functional") for `feature`, or KLError naming the extra to install --
+    also when the package installed is older than the extra asks for (torch 2.8 brings triton 3.4, which cannot
+    compile our kernels; bitsandbytes 0.46-0.48 crash on the CPU). bitsandbytes imports without Hugging Face's hub
+    kernels (`_no_hub_kernels`)."""
+    top = module.split(".")[0]
+    extra = EXTRAS[top]
+    install = f"pip install 'klconvert[{extra}]' (in a checkout: pip install -e '.[{extra}]')"
+    _refuse_older_than_declared(top, feature, install)
+    guard = _no_hub_kernels() if top == "bitsandbytes" else contextlib.nullcontext()
     try:
         with guard:
             return importlib.import_module(module)
     except ImportError as e:
-        top = module.split(".")[0]
-        extra = EXTRAS[top]
-        install = f"pip install 'klconvert[{extra}]' (in a checkout: pip install -e '.[{extra}]')"
         missing = _first_module_named(e)
         if missing not in (None, top):   # installed, but a module of another package it needs is not importable
             raise KLError(f"{feature} needs {top}, whose import of {missing} failed ({e}); install or repair "
@@ -58,6 +63,27 @@ def require(module: str, feature: str) -> ModuleType:
                           f"install --force-reinstall {top} (which reinstalls what it needs too)") from None
         raise KLError(f"{feature} needs {top}, which cannot be imported ({e}); install the [{extra}] extra: "
                       f"{install}") from None
+
+
+def _refuse_older_than_declared(top: str, feature: str, install: str) -> None:
+    """KLError when the installed distribution `top` is older than klconvert's metadata declares (`top>=X`, in
+    pyproject.toml's extras); read before importing it, which an old bitsandbytes may crash at. Nothing is said
+    when either is unknown (not installed; klconvert run from a source tree never installed)."""
+    try:
+        installed = importlib.metadata.version(top)
+        requirements = importlib.metadata.requires("klconvert") or []
+    except importlib.metadata.PackageNotFoundError:
+        return
+    declared = [m.group(1) for m in (re.match(rf"{re.escape(top)}\s*>=\s*([0-9.]+)", r) for r in requirements) if m]
+    if declared and _release(installed) < max(map(_release, declared)):
+        needed = max(declared, key=_release)
+        raise KLError(f"{feature} needs {top}>={needed}, and {top} {installed} is installed; upgrade it: {install}")
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The leading release numbers of a version string: "3.5.0+git1a2b" -> (3, 5, 0)."""
+    match = re.match(r"[0-9]+(?:\.[0-9]+)*", version)
+    return tuple(int(part) for part in match.group(0).split(".")) if match else ()
 
 
 def _first_module_named(error: BaseException | None) -> str | None:

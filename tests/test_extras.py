@@ -209,3 +209,31 @@ def test_an_installed_extra_that_fails_to_import_is_told_from_a_missing_one(tmp_
     assert proc.stdout.strip() == ("x needs onnxruntime, which is installed but fails to import (import numpy "
                                    "failed); repair it: pip install --force-reinstall onnxruntime (which reinstalls "
                                    "what it needs too)"), proc.stdout
+
+
+@pytest.mark.parametrize("module, installed, said", [
+    ("triton", "3.4.0", "x needs triton>=3.5, and triton 3.4.0 is installed; upgrade it: pip install 'klconvert[gpu]'"),
+    ("bitsandbytes.functional", "0.48.2",
+     "x needs bitsandbytes>=0.49, and bitsandbytes 0.48.2 is installed; upgrade it: pip install 'klconvert[nf4]'"),
+])
+def test_an_extra_older_than_declared_is_refused_before_it_is_imported(monkeypatch, module, installed, said):
+    """torch 2.8 brings triton 3.4, whose compiler cannot build the PDL wait (a traceback mid-run); bitsandbytes
+    0.46-0.48 crash in their CPU quantizer (status 139) -- both installed beside klconvert by the base torch alone."""
+    import importlib.metadata
+
+    from klconvert import extras
+
+    top = module.split(".")[0]
+    version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: installed if name == top else version(name))
+    monkeypatch.setattr(extras.importlib, "import_module", lambda name: pytest.fail(f"imported {name}"))
+    with pytest.raises(KLError) as e:
+        extras.require(module, "x")
+    assert str(e.value).startswith(said), str(e.value)
+
+
+def test_the_release_numbers_of_a_version():
+    from klconvert.extras import _release
+
+    assert _release("3.5.0+git1a2b") == (3, 5, 0) and _release("0.49.0") > _release("0.48.2")
+    assert _release("3.10") > _release("3.5") and _release("dev") == ()
