@@ -105,7 +105,8 @@ def test_sampled_frequencies_follow_the_tempered_softmax(temperature, top_p, kep
     p /= p.sum()
     sigma = (n * p * (1 - p)).sqrt()
     assert torch.all((counts - n * p).abs() <= 4 * sigma), (counts.tolist(), (n * p).tolist())
-    assert counts[kept:].sum() == 0 and torch.all(counts[:kept] > 0)
+    likely = n * p >= 10   # never drawn with odds under e**-10 (at T = 0.5 token 7 is expected 0.57 times: any seed)
+    assert counts[kept:].sum() == 0 and torch.all(counts[likely] > 0)
 
 
 @pytest.mark.parametrize("top_p", [1e-46, 1e-300, 1e-30])

@@ -251,7 +251,7 @@ def test_decode_step_checks_its_token_and_position(engine, token, position, mess
     (dict(dtype="bf16"), r"^dtype='bf16' \(--dtype\): choose bfloat16 or float32$"),   # --dtype's names, as said
     (dict(max_context=4096.5), r"^max_context=4096.5 \(--max-context\) should be a whole number of at least 1$"),
     (dict(max_context="4096"), r"^max_context='4096' \(--max-context\)"),
-    (dict(max_context=np.float64(4096)), r"^max_context=np.float64\(4096.0\) \(--max-context\)"),
+    (dict(max_context=np.float64(4096)), rf"^max_context={re.escape(repr(np.float64(4096)))} \(--max-context\)"),
     (dict(batch=0), r"^batch=0 \(--batch\) should be a whole number of at least 1$"),
     (dict(batch=torch.tensor([2])), r"^batch=tensor\(\[2\]\) \(--batch\)"),
     (dict(device="tpu"), r"^device='tpu' \(--device\) is not supported; use cpu, cuda or cuda:N"),
@@ -577,7 +577,7 @@ def test_a_generate_ended_by_its_callback_leaves_the_engine_free(engine):
     ((1.5, 1), r"^context=1\.5 \(--max-context\)"),
     ((True, 1), r"^context=True \(--max-context\)"),
     ((float("nan"), 1), r"^context=nan \(--max-context\)"),
-    ((np.bool_(True), 1), r"^context=np.True_ \(--max-context\)"),
+    ((np.bool_(True), 1), rf"^context={re.escape(repr(np.True_))} \(--max-context\)"),   # numpy 1 and 2 differ
     ((64, 1, torch.int8), r"^mla_cache_dtype=torch.int8 \(--mla-cache-dtype\): choose bfloat16 or float8_e4m3fn"),
     ((64, 1, torch.float16), r"^mla_cache_dtype=torch.float16 \(--mla-cache-dtype\): choose"),
     ((64, 1, "int8"), r"^mla_cache_dtype='int8' \(--mla-cache-dtype\): choose"),

@@ -281,7 +281,7 @@ def test_parts_that_are_not_text_are_refused(small, content, needle):
     ([{"role": "user", "content": "hi", "meta": {"seen": {1, 2}}}],
      "messages[0]['meta']['seen'] holds {1, 2} (set), which is no JSON value; give strings, numbers, lists and "
      "dicts"),
-    ([{"role": "user", "content": "hi", "name": np.int64(3)}], "messages[0]['name'] holds np.int64(3) (int64), "
+    ([{"role": "user", "content": "hi", "name": np.int64(3)}], f"messages[0]['name'] holds {np.int64(3)!r} (int64), "
                                                                "which is no JSON value"),
     ([{"role": "user", "content": "hi", 1: "x"}], "messages[0] has the key 1, which is no string; JSON keys are "
                                                   "strings"),
