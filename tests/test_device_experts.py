@@ -129,4 +129,6 @@ def test_a_model_holding_device_experts_decodes_as_with_the_loop():
         got = [engine.forward(ids[:, :24])[:, -1]]
         got += [engine.decode_step(ids[:, t], t) for t in range(24, 32)]
         logits.append(torch.stack(got).float())
-    assert (logits[1] - logits[0]).norm() / logits[0].norm() < 1e-3   # 0.0 here (2026-12-01); experts mixed up: 0.17
+    # 0.0 on torch 2.13 and 2.14; 1.6e-3 on 2.15, whose bf16 CPU matmul of one row no longer equals that row of a
+    # 3-row product (the loop runs each expert on its 1-2 tokens, the stack on all 3); experts mixed up: 0.17
+    assert (logits[1] - logits[0]).norm() / logits[0].norm() < 1e-2
