@@ -255,6 +255,18 @@ def test_the_source_is_unmapped_as_it_streams_and_the_folder_is_the_same(tiny_re
     a, b = folder_files(whole.path), folder_files(unmapped.path)
     assert a.pop("README.md") and b.pop("README.md") and a == b
 
+
+def test_group_size_minus_one_from_the_command_line_is_one_scale_per_row(tiny_released, tmp_path, capsys):
+    from testkit import run_cli
+
+    code, out, err = run_cli(capsys, "quantize", tiny_released, tmp_path / "q", "--bits", "8", "--group-size", "-1",
+                             "--device", "cpu")
+    assert code == 0, err
+    groups = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert {g["weights"]["strategy"] for g in groups.values()} == {"channel"}
+    assert {g["weights"]["group_size"] for g in groups.values()} == {None}
+
+
 def test_the_mse_observer_flag(tiny_released, tmp_path):
     """--observer mse: the same tensors and format, the ranges searched (the config and recipe say so), each
     weight's round-trip error no worse than min-max's."""
