@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.metadata
 import logging
-import re
 import sys
 from types import ModuleType
+
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
 
 from klconvert.errors import KLError
 
@@ -42,17 +47,16 @@ def _no_hub_kernels():
 
 def require(module: str, feature: str) -> ModuleType:
     """Import `module` (e.g. "bitsandbytes.functional") for `feature`, or KLError naming the extra to install --
-    also when the package installed is older than the extra asks for (torch 2.8 brings triton 3.4, which cannot
-    compile our kernels; bitsandbytes 0.46-0.48 crash on the CPU). bitsandbytes imports without Hugging Face's hub
-    kernels (`_no_hub_kernels`)."""
+    also when the package is older than the extra asks for (torch 2.8 brings triton 3.4, which cannot compile our
+    kernels; bitsandbytes 0.46-0.48 crash on the CPU). bitsandbytes imports without Hugging Face's hub kernels
+    (`_no_hub_kernels`)."""
     top = module.split(".")[0]
     extra = EXTRAS[top]
     install = f"pip install 'klconvert[{extra}]' (in a checkout: pip install -e '.[{extra}]')"
-    _refuse_older_than_declared(top, feature, install)
     guard = _no_hub_kernels() if top == "bitsandbytes" else contextlib.nullcontext()
     try:
         with guard:
-            return importlib.import_module(module)
+            imported = importlib.import_module(module)
     except ImportError as e:
         missing = _first_module_named(e)
         if missing not in (None, top):   # installed, but a module of another package it needs is not importable
@@ -63,27 +67,38 @@ def require(module: str, feature: str) -> ModuleType:
                           f"install --force-reinstall {top} (which reinstalls what it needs too)") from None
         raise KLError(f"{feature} needs {top}, which cannot be imported ({e}); install the [{extra}] extra: "
                       f"{install}") from None
+    _refuse_unfit_version(top, feature, install)
+    return imported
 
 
-def _refuse_older_than_declared(top: str, feature: str, install: str) -> None:
-    """KLError when the installed distribution `top` is older than klconvert's metadata declares (`top>=X`, in
-    pyproject.toml's extras); read before importing it, which an old bitsandbytes may crash at. Nothing is said
-    when either is unknown (not installed; klconvert run from a source tree never installed)."""
+def _refuse_unfit_version(top: str, feature: str, install: str) -> None:
+    """KLError when the package `top`, as imported, is of a version klconvert's metadata does not accept (pyproject's
+    extras: triton>=3.5) -- its own __version__, whichever distribution brought it (pytorch-triton's triton,
+    onnxruntime-gpu's onnxruntime). Nothing is said when either is unknown (no readable __version__; klconvert run
+    from a source tree never installed)."""
+    accepted = _declared_versions().get(top)
     try:
-        installed = importlib.metadata.version(top)
+        version = Version(str(getattr(sys.modules[top], "__version__", None)))
+    except InvalidVersion:
+        return
+    if accepted is not None and not accepted.contains(version, prereleases=True):
+        raise KLError(f"{feature} needs {top}{accepted}, and {top} {version} is installed; upgrade it: {install}")
+
+
+@functools.cache
+def _declared_versions() -> dict[str, SpecifierSet]:
+    """The versions klconvert's installed metadata accepts of each distribution it names, its extras' included
+    (read once); none when klconvert runs from a source tree that was never installed."""
+    try:
         requirements = importlib.metadata.requires("klconvert") or []
     except importlib.metadata.PackageNotFoundError:
-        return
-    declared = [m.group(1) for m in (re.match(rf"{re.escape(top)}\s*>=\s*([0-9.]+)", r) for r in requirements) if m]
-    if declared and _release(installed) < max(map(_release, declared)):
-        needed = max(declared, key=_release)
-        raise KLError(f"{feature} needs {top}>={needed}, and {top} {installed} is installed; upgrade it: {install}")
-
-
-def _release(version: str) -> tuple[int, ...]:
-    """The leading release numbers of a version string: "3.5.0+git1a2b" -> (3, 5, 0)."""
-    match = re.match(r"[0-9]+(?:\.[0-9]+)*", version)
-    return tuple(int(part) for part in match.group(0).split(".")) if match else ()
+        return {}
+    accepted: dict[str, SpecifierSet] = {}
+    for text in requirements:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        accepted[name] = accepted.get(name, SpecifierSet()) & requirement.specifier
+    return accepted
 
 
 def _first_module_named(error: BaseException | None) -> str | None:

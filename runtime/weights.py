@@ -61,6 +61,6 @@ def use_triton(kernels: str, device: torch.device) -> bool:
     refuse_triton_off_cuda(kernels, device)
     chosen = device.type == "cuda" if kernels == "auto" else kernels == "triton"
     if chosen:
-        require("triton", argument("kernels", "--kernels", kernels) + (", Triton on CUDA (torch runs without it),"
-                                                                       if kernels == "auto" else ""))
+        auto = ", Triton on CUDA (--kernels torch runs without it)," if kernels == "auto" else ""
+        require("triton", argument("kernels", "--kernels", kernels) + auto)
     return chosen
