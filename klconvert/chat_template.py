@@ -51,11 +51,12 @@ def render_chat_template(template: str, where: str, max_chars: int | None = None
         answer = json.loads(proc.stdout.decode("utf-8"))
     except ValueError:
         answer = None
-    if proc.returncode != 0 or not isinstance(answer, dict):
-        reason = (f"it used more than {CPU_SECONDS} s of CPU" if proc.returncode < 0 else
-                  f"the renderer exited with status {proc.returncode}: "
-                  f"{' '.join(proc.stderr.decode('utf-8', 'replace').split())[-300:]}")
-        raise _failed(where, reason)
+    if proc.returncode < 0:   # the CPU limit's signal: the template ran too long
+        raise _failed(where, f"it used more than {CPU_SECONDS} s of CPU")
+    if proc.returncode != 0 or not isinstance(answer, dict):   # the child itself failed, before or after the render
+        said = " ".join(proc.stderr.decode("utf-8", "replace").split())[-300:]
+        raise KLError(f"{where}: the chat template renderer could not run (it exited with status {proc.returncode}: "
+                      f"{said}); repair klconvert's install: pip install --force-reinstall klconvert")
     if "no_jinja2" in answer:
         raise KLError(f"rendering a chat template needs jinja2, which cannot be imported ({answer['no_jinja2']}); "
                       "repair the install: pip install --force-reinstall jinja2")
@@ -130,8 +131,9 @@ def _child() -> None:
             hard = resource.getrlimit(which)[1]  # a limit may be lowered, never raised past the inherited hard one
             resource.setrlimit(which, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
     request = json.loads(job["request"])
-    try:
-        import jinja2  # noqa: F401 -- a dependency of klconvert's: failing here is the install's fault, not the template's
+    try:   # a dependency of klconvert's: failing here is the install's fault, not the template's
+        import jinja2.ext  # noqa: F401
+        import jinja2.sandbox  # noqa: F401
     except ImportError as e:
         sys.stdout.write(json.dumps({"no_jinja2": str(e)}))
         return

@@ -427,18 +427,23 @@ def test_the_renderer_imports_nothing_from_the_working_folder(tmp_path, monkeypa
 
 
 
-def test_a_renderer_without_jinja2_blames_the_install_not_the_template(tmp_path, monkeypatch):
-    """jinja2 unimportable in the child (a broken install) read "chat_template failed to render (ImportError: ...);
-    fix the template": no fix of the template helps."""
+@pytest.mark.parametrize("blocked, said", [
+    ("jinja2", "rendering a chat template needs jinja2, which cannot be imported (No module named 'jinja2.ext'; "
+               "'jinja2' is not a package); repair the install: pip install --force-reinstall jinja2"),
+    ("jinja2.sandbox", "rendering a chat template needs jinja2, which cannot be imported (import of jinja2.sandbox "
+                       "halted; None in sys.modules); repair the install"),
+    ("klconvert.errors", "here: the chat template renderer could not run (it exited with status 1: "),
+])
+def test_a_renderer_that_cannot_run_blames_the_install_not_the_template(tmp_path, monkeypatch, blocked, said):
+    """jinja2 (or a module of it) unimportable in the child, or the child unable to start, read "chat_template failed
+    to render (...); fix the template": no fix of the template helps."""
     from klconvert import chat_template
 
-    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['jinja2'] = None\n")
+    (tmp_path / "sitecustomize.py").write_text(f"import sys\nsys.modules[{blocked!r}] = None\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     with pytest.raises(KLError) as e:
         chat_template.render_chat_template("{{ messages[0] }}!", "here", messages=["hi"])
-    assert str(e.value).startswith("rendering a chat template needs jinja2, which cannot be imported (import of "
-                                   "jinja2 halted; None in sys.modules); repair the install: pip install "
-                                   "--force-reinstall jinja2"), str(e.value)
+    assert str(e.value).startswith(said) and "fix the template" not in str(e.value), str(e.value)
 
 # ---- NaN and infinite weights ---------------------------------------------------------------------------------
 NAME = "model.layers.1.self_attn.q_proj.weight"
