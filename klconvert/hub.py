@@ -161,7 +161,7 @@ def pull(
         refuse_file_as_local_dir(local_dir)
     target = local_dir if local_dir is not None else cache_dir
     offline = constants.is_offline_mode()
-    writes_local_dir = local_dir is not None and not offline   # offline, huggingface_hub only reads --local-dir
+    writes_local_dir = local_dir is not None and not offline   # offline, huggingface_hub writes no repo file there
     if not offline:   # said before huggingface_hub's own "Ignored error ..." lines, and before any download
         refuse_unwritable_target(target, local_dir is not None, given_cache_dir)
     with _local_dir_lock(local_dir) if writes_local_dir else nullcontext():

@@ -17,7 +17,7 @@ from types import MappingProxyType
 
 import tiktoken
 
-from klconvert.checkpoint.folder_files import CONFIG_FILE, refuse_link_out
+from klconvert.checkpoint.folder_files import CONFIG_FILE as MODEL_CONFIG_FILE, refuse_link_out
 from klconvert.checkpoint.regular_file import read_bounded, read_json
 from klconvert.chat_template import RenderPastBound, render_chat_template
 from klconvert.config import SIZE_RANGES, KimiLinearConfig
@@ -261,8 +261,8 @@ class Tokenizer:
             raise KLError(f"{folder}: not a folder; point --model at a Kimi Linear checkpoint folder")
         known_vocab = vocab_size
         if vocab_size is None:
-            has_config = (folder / CONFIG_FILE).is_file()
-            known_vocab = KimiLinearConfig.from_file(folder / CONFIG_FILE).vocab_size if has_config else None
+            has_config = (folder / MODEL_CONFIG_FILE).is_file()
+            known_vocab = KimiLinearConfig.from_file(folder / MODEL_CONFIG_FILE).vocab_size if has_config else None
             vocab_size = known_vocab or high
         bpe_path, config_path = folder / BPE_FILE, folder / TOKENIZER_CONFIG_FILE
         ranks = read_bpe_ranks(bpe_path, vocab_size)
@@ -537,7 +537,7 @@ def check_config_token_ids(config: KimiLinearConfig, tokenizer: Tokenizer, folde
     for token_id in config.eos_token_ids:
         if token_id is None or token_id in tokenizer.special_ids:
             continue
-        raise KLError(f"{folder / CONFIG_FILE}: eos_token_id {token_id} is the text token "
+        raise KLError(f"{folder / MODEL_CONFIG_FILE}: eos_token_id {token_id} is the text token "
                       f"{shown(tokenizer.token_bytes(token_id))} of {BPE_FILE}, not a special token of "
                       f"{TOKENIZER_CONFIG_FILE} "
                       f"(its eos_token has id {tokenizer.eos_id}); generation would stop wherever that text came -- "

@@ -299,7 +299,7 @@ def test_offline_works_from_a_local_dir_and_from_a_cache_without_tree_listing(se
 
 
 def test_an_offline_pull_into_a_local_dir_removes_nothing_when_it_fails(served, hub_server, tmp_path, monkeypatch):
-    """An offline pull writes no file into --local-dir (huggingface_hub only reads it), so a failure removes none:
+    """An offline pull writes none of the repo's files into --local-dir, so a failure removes none of them:
     a file that changed while it ran -- another pull's, still being written -- is not its own to clean up."""
     hub.pull(REPO, local_dir=tmp_path / "kimi", progress=False)
     shard = tmp_path / "kimi" / SHARD_2
