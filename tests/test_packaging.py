@@ -55,6 +55,21 @@ def test_the_sdist_holds_every_tracked_file(tmp_path):
     assert tracked - {".gitignore"} <= names, sorted(tracked - names)
 
 
+
+def test_a_source_tree_imports_whole_without_the_editable_install(tmp_path):
+    """Python started in a tree's root (an unpacked sdist a packager tests after `pip install .`) imports its
+    klconvert/ folder ahead of the installed one; runtime/, kernels/ and recipes/ sit beside that folder, not in it:
+    "No module named 'klconvert.recipes'" -- `python -m klconvert --help` was a traceback there."""
+    source, _ = _clean_copy(tmp_path)
+    site = [p for p in sys.path if p.endswith("site-packages")]
+    code = ("import klconvert, klconvert.recipes, klconvert.runtime.engine, klconvert.kernels.int_linear\n"
+            "print(klconvert.__file__, klconvert.recipes.__file__, klconvert.kernels.__file__)")
+    done = subprocess.run([sys.executable, "-S", "-c", code], cwd=source, capture_output=True, text=True,
+                          timeout=300, env={"PYTHONPATH": ":".join([str(source), *site]), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(source / "klconvert" / "__init__.py"), str(source / "recipes" / "__init__.py"),
+                                   str(source / "kernels" / "__init__.py")]
+
 # modules the code imports whose distribution is not installed here, by the name it is declared under
 NOT_INSTALLED_HERE = {"fla": "fla-core"}
 
