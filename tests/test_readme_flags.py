@@ -28,30 +28,25 @@ def options_of(command) -> set[str]:
     return {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)} | {"--help", "-h"}
 
 
+def shown_matching(pattern: re.Pattern) -> list[tuple[str, str, str]]:
+    """(the command's name, what follows it, the whole line) for each shown command line `pattern` matches."""
+    return [(*match.groups(), line) for line in shown_commands() if (match := pattern.match(line)) is not None]
+
+
 def test_every_klconvert_command_shown_exists_with_its_options():
-    checked = 0
-    for line in shown_commands():
-        match = KLCONVERT.match(line)
-        if match is None:
-            continue
-        verb, rest = match.groups()
+    shown = shown_matching(KLCONVERT)
+    for verb, rest, line in shown:
         assert verb in cli.commands, f"README shows `klconvert {verb}`, which is no command: {line}"
         unknown = [flag for flag in FLAG.findall(rest) if flag not in options_of(cli.commands[verb])]
         assert not unknown, f"README shows klconvert {verb} with {unknown}, which it does not take: {line}"
-        checked += 1
-    assert checked >= 30, checked   # the README shows every command, most more than once
+    assert len(shown) >= 30, len(shown)   # the README shows every command, most more than once
 
 
 def test_every_script_command_shown_exists_with_its_options():
-    checked = 0
-    for line in shown_commands():
-        match = SCRIPT.match(line)
-        if match is None:
-            continue
-        script, rest = match.groups()
+    shown = shown_matching(SCRIPT)
+    for script, rest, line in shown:
         assert (ROOT / script).is_file(), f"README shows {script}, which does not exist: {line}"
         source = (ROOT / script).read_text(encoding="utf-8")
         unknown = [flag for flag in FLAG.findall(rest) if f'"{flag}"' not in source]
         assert not unknown, f"README shows {script} with {unknown}, which it does not take: {line}"
-        checked += 1
-    assert checked >= 5, checked
+    assert len(shown) >= 5, len(shown)
