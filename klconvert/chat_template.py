@@ -20,6 +20,7 @@ WALL_SECONDS = 60            # a child that does not end (or start) within this 
 LOOP_ITEMS = 1_000_000       # range() items over the whole render, all loops together
 OUTPUT_CHARS_OVER_INPUT = 4  # the rendered text may be 4x its input, plus 1 M characters of the template's own
 OUTPUT_CHARS_EXTRA = 1 << 20
+ERROR_CHARS = 300            # of what the template raises, in the message
 # The child's working folder, which `python -m` puts first on its import path: the folder klconvert is imported
 # from, never the user's (a json.py or jinja2.py there -- a cloned model repo's, say -- would run in the child).
 CHILD_FOLDER = Path(__file__).resolve().parent.parent
@@ -131,6 +132,7 @@ def _child() -> None:
             hard = resource.getrlimit(which)[1]  # a limit may be lowered, never raised past the inherited hard one
             resource.setrlimit(which, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
     request = json.loads(job["request"])
+    out_of_memory = f"it needs more than {limits['memory'] >> 20} MB of memory"
     try:   # a dependency of klconvert's: failing here is the install's fault, not the template's
         import jinja2.ext  # noqa: F401
         import jinja2.sandbox  # noqa: F401
@@ -141,14 +143,18 @@ def _child() -> None:
         answer = {"text": _render_bounded(request["template"], request["variables"], limits["loop_items"],
                                           limits["output_chars"])}
     except MemoryError:
-        answer = {"error": f"it needs more than {limits['memory'] >> 20} MB of memory"}
+        answer = {"error": out_of_memory}
     except RecursionError:
         answer = {"error": "it recurses too deeply"}
     except _TooMuchWork as e:
         answer = {"error": str(e), "past_output_chars": isinstance(e, _PastOutputChars)}
     except Exception as e:  # a template is a program: whatever it raises is the template's fault
-        answer = {"error": f"{type(e).__name__}: {' '.join(str(e).split())}"}  # jinja may quote several lines
-    sys.stdout.write(json.dumps(answer))
+        said = " ".join(str(e)[:ERROR_CHARS].split())   # jinja may quote several lines; raise_exception any length
+        answer = {"error": f"{type(e).__name__}: {said}"}
+    try:   # the answer's JSON (control characters take 6 bytes) may not fit where the text did
+        sys.stdout.write(json.dumps(answer))
+    except MemoryError:
+        sys.stdout.write(json.dumps({"error": out_of_memory}))
 
 
 if __name__ == "__main__":

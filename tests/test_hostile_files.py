@@ -427,6 +427,17 @@ def test_the_renderer_imports_nothing_from_the_working_folder(tmp_path, monkeypa
 
 
 
+def test_what_a_template_raises_is_said_short():
+    """raise_exception of 3 million ESC characters made the "one line" 12 MB (each escaped) and the parent 285 MB;
+    at 60 million the child's JSON of it ran out of memory and the line blamed the install."""
+    from klconvert import chat_template
+
+    with pytest.raises(KLError) as e:
+        chat_template.render_chat_template("{{ raise_exception('\\x1b' * (3000000 * (messages|length))) }}", "here",
+                                           messages=["hi"])
+    assert str(e.value).startswith("here: chat_template failed to render (TemplateError: \x1b") and \
+        len(str(e.value)) < chat_template.ERROR_CHARS + 200, len(str(e.value))
+
 @pytest.mark.parametrize("blocked, said", [
     ("jinja2", "rendering a chat template needs jinja2, which cannot be imported (No module named 'jinja2.ext'; "
                "'jinja2' is not a package); repair the install: pip install --force-reinstall jinja2"),
