@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+import klconvert
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -63,12 +65,18 @@ def test_a_source_tree_imports_whole_without_the_editable_install(tmp_path):
     source, _ = _clean_copy(tmp_path)
     site = [p for p in sys.path if p.endswith("site-packages")]
     code = ("import klconvert, klconvert.recipes, klconvert.runtime.engine, klconvert.kernels.int_linear\n"
-            "print(klconvert.__file__, klconvert.recipes.__file__, klconvert.kernels.__file__)")
+            "print(klconvert.__file__, klconvert.recipes.__file__, klconvert.kernels.__file__, *klconvert.__path__)")
     done = subprocess.run([sys.executable, "-S", "-c", code], cwd=source, capture_output=True, text=True,
                           timeout=300, env={"PYTHONPATH": ":".join([str(source), *site]), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == [str(source / "klconvert" / "__init__.py"), str(source / "recipes" / "__init__.py"),
-                                   str(source / "kernels" / "__init__.py")]
+                                   str(source / "kernels" / "__init__.py"), str(source / "klconvert")]
+    # only the folders pyproject maps (a first form put the tree's root on the package's path: klconvert.klconvert,
+    # klconvert.build.head... importable, and a walk of the package's modules never ended)
+    tomllib = pytest.importorskip("tomllib")
+    mapped = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    assert {f"klconvert.{name}" for name in klconvert._BESIDE} == set(mapped) and \
+        all(mapped[f"klconvert.{name}"] == name for name in klconvert._BESIDE)
 
 # modules the code imports whose distribution is not installed here, by the name it is declared under
 NOT_INSTALLED_HERE = {"fla": "fla-core"}
