@@ -53,6 +53,9 @@ def require(module: str, feature: str) -> ModuleType:
     top = module.split(".")[0]
     extra = EXTRAS[top]
     install = f"pip install 'klconvert[{extra}]' (in a checkout: pip install -e '.[{extra}]')"
+    # the distribution's version first (an old release may crash while importing), then that of the copy imported,
+    # whichever distribution brought it (pytorch-triton's triton, onnxruntime-gpu's onnxruntime)
+    _refuse_unfit_version(top, _distribution_version(top), feature, install)
     guard = _no_hub_kernels() if top == "bitsandbytes" else contextlib.nullcontext()
     try:
         with guard:
@@ -67,22 +70,34 @@ def require(module: str, feature: str) -> ModuleType:
                           f"install --force-reinstall {top} (which reinstalls what it needs too)") from None
         raise KLError(f"{feature} needs {top}, which cannot be imported ({e}); install the [{extra}] extra: "
                       f"{install}") from None
-    _refuse_unfit_version(top, feature, install)
+    _refuse_unfit_version(top, getattr(sys.modules.get(top), "__version__", None), feature, install)
     return imported
 
 
-def _refuse_unfit_version(top: str, feature: str, install: str) -> None:
-    """KLError when the package `top`, as imported, is of a version klconvert's metadata does not accept (pyproject's
-    extras: triton>=3.5) -- its own __version__, whichever distribution brought it (pytorch-triton's triton,
-    onnxruntime-gpu's onnxruntime). Nothing is said when either is unknown (no readable __version__; klconvert run
-    from a source tree never installed)."""
+def _refuse_unfit_version(top: str, version, feature: str, install: str) -> None:
+    """KLError when `version` of the package `top` is one klconvert's metadata does not accept (pyproject's extras:
+    triton>=3.5). Nothing is said when either is unknown (no version to read; klconvert run from a source tree that
+    was never installed)."""
     accepted = _declared_versions().get(top)
+    if accepted is None:
+        return
     try:
-        version = Version(str(getattr(sys.modules[top], "__version__", None)))
+        parsed = Version(str(version))
     except InvalidVersion:
         return
-    if accepted is not None and not accepted.contains(version, prereleases=True):
-        raise KLError(f"{feature} needs {top}{accepted}, and {top} {version} is installed; upgrade it: {install}")
+    if not accepted.contains(parsed, prereleases=True):
+        below = all(bound.contains(parsed, prereleases=True) for bound in accepted if bound.operator in ("<", "<="))
+        how = "upgrade it" if below else "install an older one"
+        raise KLError(f"{feature} needs {top}{accepted}, and {top} {parsed} is installed; {how}: {install}")
+
+
+@functools.cache
+def _distribution_version(top: str) -> str | None:
+    """The version the installed distribution named `top` records (read once), or None."""
+    try:
+        return importlib.metadata.version(top)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 @functools.cache

@@ -233,3 +233,32 @@ def test_an_extra_older_than_declared_is_refused_in_one_line(tmp_path, module, v
                     [tmp_path])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(said), proc.stdout
+
+
+def test_an_old_extra_that_crashes_while_importing_is_refused_before_its_import(tmp_path):
+    """The check read only the imported copy's __version__: a bitsandbytes 0.48 whose import raised AttributeError
+    was a traceback. Its distribution's recorded version is read first."""
+    (tmp_path / "bitsandbytes").mkdir()
+    (tmp_path / "bitsandbytes" / "__init__.py").write_text("raise AttributeError('an old release breaking')\n")
+    (tmp_path / "bitsandbytes-0.48.0.dist-info").mkdir()
+    (tmp_path / "bitsandbytes-0.48.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: bitsandbytes\nVersion: 0.48.0\n")
+    proc = python_c("from klconvert.errors import KLError\nfrom klconvert.extras import require\ntry:\n"
+                    "    require('bitsandbytes.functional', 'x')\nexcept KLError as e:\n    print(e)\n", tmp_path,
+                    [tmp_path])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("x needs bitsandbytes>=0.49, and bitsandbytes 0.48.0 is installed; upgrade it: "), \
+        proc.stdout
+
+
+@pytest.mark.parametrize("version, said", [("3.4.0", "upgrade it: I"), ("4.0.0", "install an older one: I"),
+                                           ("3.5.0rc1", "upgrade it: I")])
+def test_a_version_outside_a_bounded_range_is_told_which_way(monkeypatch, version, said):
+    from packaging.specifiers import SpecifierSet
+
+    from klconvert import extras
+
+    monkeypatch.setattr(extras, "_declared_versions", lambda: {"triton": SpecifierSet(">=3.5,<4")})
+    with pytest.raises(KLError, match=f"^x needs triton<4,>=3.5, and triton {version} is installed; {said}$"):
+        extras._refuse_unfit_version("triton", version, "x", "I")
+    extras._refuse_unfit_version("triton", "3.9.1+git1a2b", "x", "I")   # in range: nothing said
