@@ -20,7 +20,7 @@ WALL_SECONDS = 60            # a child that does not end (or start) within this 
 LOOP_ITEMS = 1_000_000       # range() items over the whole render, all loops together
 OUTPUT_CHARS_OVER_INPUT = 4  # the rendered text may be 4x its input, plus 1 M characters of the template's own
 OUTPUT_CHARS_EXTRA = 1 << 20
-ERROR_CHARS = 300            # of what the template raises, in the message
+ERROR_CHARS = 300            # of what the template raises (its start), or the renderer said (its end), in a message
 # The child's working folder, which `python -m` puts first on its import path: the folder klconvert is imported
 # from, never the user's (a json.py or jinja2.py there -- a cloned model repo's, say -- would run in the child).
 CHILD_FOLDER = Path(__file__).resolve().parent.parent
@@ -55,7 +55,7 @@ def render_chat_template(template: str, where: str, max_chars: int | None = None
     if proc.returncode < 0:   # the CPU limit's signal: the template ran too long
         raise _failed(where, f"it used more than {CPU_SECONDS} s of CPU")
     if proc.returncode != 0 or not isinstance(answer, dict):   # the child itself failed, before or after the render
-        said = " ".join(proc.stderr.decode("utf-8", "replace").split())[-300:]
+        said = " ".join(proc.stderr.decode("utf-8", "replace").split())[-ERROR_CHARS:]
         raise KLError(f"{where}: the chat template renderer could not run (it exited with status {proc.returncode}: "
                       f"{said}); repair klconvert's install: pip install --force-reinstall klconvert")
     if "no_jinja2" in answer:
