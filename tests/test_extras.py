@@ -26,8 +26,10 @@ def without(pythonpath: list[Path]) -> dict:
 
 
 def python_c(code: str, cwd: Path, pythonpath: list[Path]) -> subprocess.CompletedProcess:
-    """`python -c code` in `cwd`, as a notebook or a shell started there runs it."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, pythonpath))}
+    """`python -c code` in `cwd`, as a notebook or a shell started there runs it: `pythonpath` ahead of this
+    process's own PYTHONPATH (where packages installed with --target are found)."""
+    inherited = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, pythonpath), *inherited])}
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)
 
