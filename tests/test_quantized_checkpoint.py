@@ -344,6 +344,32 @@ def test_an_nf4_quant_state_field_bitsandbytes_does_not_know_is_refused(nf4_fold
                                      "quant_type, blocksize, dtype, shape, nested_blocksize")
 
 
+def _nan_as_float8(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    t[0] = 0x7F                                # float8_e4m3fn's NaN
+    return t.view(torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("part, retype, said", [
+    ("weight.absmax", lambda t: t.view(torch.int8), "NF4 quant state absmax is torch.int8, where bitsandbytes "
+                                                    "writes torch.uint8"),
+    ("weight.absmax", _nan_as_float8, "weight.absmax holds nan at flat index 0"),
+    ("weight.nested_quant_map", lambda t: t.view(torch.int32), "NF4 quant state nested_quant_map is torch.int32, "
+                                                               "where bitsandbytes writes torch.float32"),
+    ("weight", lambda t: t.reshape(1, -1), "nf4 data U8 [1, 8192] does not fit its shape [128, 128]"),
+    ("weight", lambda t: t.reshape(-1), "nf4 data U8 [8192] does not fit its shape [128, 128]"),
+], ids=["absmax-int8", "absmax-float8", "map-int32", "weight-transposed", "weight-flat"])
+def test_nf4_parts_of_another_dtype_or_layout_are_refused(nf4_folder, tmp_path, capsys, part, retype, said):
+    """Sizes alone were checked: an int8 absmax or a float8 one was a traceback from bitsandbytes or torch, an int32
+    code book read its bits as floats (exit 0, a wrong model), and a [1, n / 2] weight came back transposed."""
+    folder = shutil.copytree(nf4_folder, tmp_path / "q")
+    _damage(folder, lambda t: t.update({f"{Q_PROJ}.{part}": retype(t[f"{Q_PROJ}.{part}"])}))
+    code, out, err = run_cli(capsys, "run", "--model", folder, "--prompt", "The quick", "--max-new-tokens", "4",
+                             "--device", "cpu")
+    assert_one_line_error(code, err, said)
+    assert out == ""
+
+
 def test_an_nf4_quant_state_must_say_the_configs_shape(nf4_folder, tmp_path):
     """Its shape was held only to the packed size: [1, 16384] passed for a [128, 128] weight."""
     folder = shutil.copytree(nf4_folder, tmp_path / "q")

@@ -165,9 +165,9 @@ def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, S
             scheme = _held_scheme(declared, module, is_linear_weight(f"{module}.weight", spec.shape), in_dim, where,
                                   (bits, scale.shape[1], "weight_zero_point" in group))
         else:
-            packed = entry("weight")
-            if packed.dtype != "U8" or 2 * packed.shape[0] * (packed.shape[1] if len(packed.shape) > 1 else 1) \
-                    != out_dim * in_dim:
+            packed = entry("weight")   # [n / 2, 1] uint8, as bitsandbytes' Linear4bit saves it
+            if packed.dtype != "U8" or len(packed.shape) != 2 or (2 * packed.shape[0], packed.shape[1]) != \
+                    (out_dim * in_dim, 1):
                 raise KLError(f"{where}: nf4 data {packed.dtype} {list(packed.shape)} does not fit its shape "
                               f"{list(spec.shape)}; re-run the conversion")
             scheme = QuantScheme(4, NF4_BLOCKSIZE, True, "nf4")

@@ -76,7 +76,7 @@ def _refuse_non_finite(tensor: torch.Tensor, where: str) -> None:
         part = flat[start:start + FINITE_CHECK_ELEMENTS]
         if bool(torch.isfinite(part.sum(dtype=torch.float32))):
             continue
-        bad = (~torch.isfinite(part)).nonzero()
+        bad = (~torch.isfinite(part.float())).nonzero()   # float: torch has no isfinite for the float8 types
         if len(bad):
             at = start + int(bad[0, 0])
             raise KLError(f"{where} holds {float(flat[at])} at flat index {at:,} (NaN or infinite weights); "
