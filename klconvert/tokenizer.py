@@ -273,6 +273,15 @@ class Tokenizer:
             if token_id in rank_ids:
                 raise KLError(f"{config_path}: special token {text!r} has id {token_id}, which {bpe_path} already "
                               f"gives to a BPE token; the two files are from different models, re-download them")
+        # BPE ranks fill the ids below the first special token (the released files': 0 to 163,583 before 163,584): a
+        # gap there is a tiktoken.model cut short, whose missing merges would become placeholders and every prompt
+        # other tokens
+        first_special = min(special_tokens.values(), default=0)
+        unranked = next((i for i in range(first_special) if i not in rank_ids), None)
+        if unranked is not None:
+            raise KLError(f"{bpe_path}: no BPE token has id {unranked:,}, below {first_special:,}, where "
+                          f"{config_path.name}'s special tokens begin; the file is cut short or damaged -- "
+                          "re-download the model")
         # Ids of the model's vocabulary (without a config: below the largest named) that neither file names get the
         # released tokenizer's placeholder name, so that any id the model can produce decodes (some Kimi configs list
         # only the named specials).

@@ -462,6 +462,15 @@ def test_malformed_bpe_line(broken_folder, bad_line, words):
     assert_one_line_error(broken_folder, "tiktoken.model", words)
 
 
+def test_a_bpe_file_cut_short_at_a_line_end_is_refused(broken_folder):
+    """The ranks it lacked below the first special token became reserved placeholders: a prompt read as other
+    tokens, and the run went on at exit 0."""
+    path = broken_folder / "tiktoken.model"
+    path.write_bytes(b"\n".join(path.read_bytes().splitlines()[:300]) + b"\n")
+    assert_one_line_error(broken_folder, "tiktoken.model", "no BPE token has id 300, below ")
+    assert_one_line_error(broken_folder, "tiktoken.model", "special tokens begin; the file is cut short or damaged")
+
+
 def test_missing_single_byte(broken_folder):
     path = broken_folder / "tiktoken.model"
     path.write_bytes(b"\n".join(path.read_bytes().splitlines()[1:]))
