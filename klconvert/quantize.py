@@ -19,6 +19,7 @@ from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.checkpoint.folder_files import (
     CONFIG_FILE,
     INDEX_FILE,
+    JSON_CONTAINERS_SLACK,
     MAX_INDEX_BYTES,
     MAX_SIDE_FILE_BYTES,
     RECIPE_FILE,
@@ -29,7 +30,7 @@ from klconvert.checkpoint.quantized import METHODS, PACKED_TENSOR_SUFFIXES
 from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.checkpoint.regular_file import read_bounded, read_json
 from klconvert.checkpoint.safetensors_header import read_header
-from klconvert.checkpoint.size_bounds import max_header_bytes
+from klconvert.checkpoint.size_bounds import max_header_bytes, max_header_containers
 from klconvert.checkpoint.safetensors_writer import index_json, shard_names, split_into_shards, write_shard
 from klconvert.convert.model_card import model_card
 from klconvert.convert.output_folder import OutputFolder, OutputLock, parent_made, refuse_existing_out
@@ -198,16 +199,16 @@ def _packed_tensor(src: Path, config: dict) -> str | None:
     none, or no index or header here that can be read."""
     if (src / INDEX_FILE).exists():
         try:
-            index = read_json(src / INDEX_FILE, MAX_INDEX_BYTES, INDEX_FILE)
+            index = read_json(src / INDEX_FILE, MAX_INDEX_BYTES, INDEX_FILE, JSON_CONTAINERS_SLACK)
         except (OSError, ValueError, RecursionError, KLError):
             return None
         names = index.get("weight_map") if isinstance(index, dict) else None
     elif (src / SINGLE_FILE).is_file():
-        try:  # its header read no further than the config's tensor count allows (the reader's own bound)
-            bound = max_header_bytes(KimiLinearConfig.from_dict(config, where=str(src / CONFIG_FILE)))
+        try:  # its header read no further than the config's tensor count allows (the reader's own bounds)
+            model = KimiLinearConfig.from_dict(config, where=str(src / CONFIG_FILE))
         except KLError:
             return None
-        names = read_header(src / SINGLE_FILE, bound).tensors
+        names = read_header(src / SINGLE_FILE, max_header_bytes(model), max_header_containers(model)).tensors
     else:
         return None
     return next((n for n in names if n.endswith(PACKED_TENSOR_SUFFIXES)), None) if isinstance(names, dict) else None

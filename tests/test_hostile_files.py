@@ -17,7 +17,13 @@ import klconvert
 from bounded_cli import klconvert_bounded
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.checkpoint.reader import Checkpoint
-from klconvert.checkpoint.size_bounds import MAX_TENSORS, check_model_size, tensor_and_param_count
+from klconvert.checkpoint.folder_files import JSON_CONTAINERS_SLACK
+from klconvert.checkpoint.size_bounds import (
+    MAX_TENSORS,
+    check_model_size,
+    max_header_containers,
+    tensor_and_param_count,
+)
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.presets import preset_config
@@ -241,7 +247,8 @@ def quantize_on(folder: Path):
     (lambda f: edit_config(f, lambda c: c.update(quantization_config=["int4"])), "already quantized"),
     (lambda f: ((f / "model.safetensors.index.json").unlink(), os.mkfifo(f / "model.safetensors.index.json")),
      "not a regular file"),
-    (lambda f: (f / "model.safetensors.index.json").write_text("[" * 100_000 + "]" * 100_000), "nested too deeply"),
+    # deep, of fewer lists than JSON_CONTAINERS_SLACK: more are refused by their count, unparsed
+    (lambda f: (f / "model.safetensors.index.json").write_text("[" * 60_000 + "]" * 60_000), "nested too deeply"),
     (lambda f: edit_json(f / "model.safetensors.index.json", lambda i: i.update(weight_map=[1, 2])),
      "no 'weight_map' object"),
 ], ids=["huge config", "deep config", "config fifo", "quantization_config a list", "index fifo", "deep index",
@@ -264,6 +271,48 @@ def test_a_huge_index_is_refused_past_its_bound(tiny_copy):
     line = run_on(tiny_copy).error_line()
     assert re.search(r"model.safetensors.index.json: [\d,]+ bytes, more than the index of the tensors config.json "
                      r"declares can hold \([\d,]+\); the index is corrupt", line), line
+
+
+def _empty_lists(count: int) -> str:
+    return '"pad": [' + ", ".join(["[]"] * count) + "]"
+
+
+@pytest.mark.parametrize("command", ["run", "quantize"])
+def test_an_index_of_many_empty_lists_is_refused_unparsed(tiny_copy, command):
+    """Parsed, an empty list takes ~37x its bytes: a 63 MB index of `[[]]` took 2.4 GB to refuse. An index holds a
+    few objects whatever the model's size (its entries are strings), so a count of them past JSON_CONTAINERS_SLACK is
+    refused before the parse (here a small one, within the index's byte bound)."""
+    index = tiny_copy / "model.safetensors.index.json"
+    index.write_text(index.read_text().replace('"metadata": {', '"metadata": {' + _empty_lists(JSON_CONTAINERS_SLACK)
+                                               + ", ", 1))
+    line = (run_on(tiny_copy) if command == "run" else quantize_on(tiny_copy)).error_line()
+    assert re.search(r"model.safetensors.index.json: cannot read the index \([\d,]+ '\[' and '\{' bytes, more JSON "
+                     rf"objects and arrays than the {JSON_CONTAINERS_SLACK:,} a model.safetensors.index.json holds\); "
+                     "download it again", line), line
+
+
+@pytest.mark.parametrize("single_file, command", [(False, "run"), (True, "run"), (True, "quantize")])
+def test_a_header_of_many_empty_lists_is_refused_unparsed(tiny_copy, single_file, command):
+    """A header under its byte bound but of more objects and arrays than the config's tensors take (a 99 MB header
+    of `[[]]` took 3.7 GB to refuse, the released config's 43 MB 1.7 GB) is refused before the parse; here a small
+    one, past the tiny config's count by one."""
+    if single_file:
+        tensors = {}
+        for shard in sorted(tiny_copy.glob("model-*.safetensors")):
+            tensors.update(load_file(shard))
+            shard.unlink()
+        (tiny_copy / "model.safetensors.index.json").unlink()
+        save_file(tensors, tiny_copy / "model.safetensors")
+    shard = sorted(tiny_copy.glob("*.safetensors"))[0]
+    data = shard.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    bound = max_header_containers(KimiLinearConfig.from_file(tiny_copy / "config.json"))
+    found = data[8:8 + n].count(b"[") + data[8:8 + n].count(b"{")
+    raw = data[8:8 + n].rstrip()[:-1] + b"," + _empty_lists(bound - found).encode() + b"}"
+    shard.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+    line = (run_on(tiny_copy) if command == "run" else quantize_on(tiny_copy)).error_line()
+    assert f"{shard}: header holds {bound + 1:,} '[' and '{{' bytes, more JSON objects and arrays than the " \
+           f"{bound:,} the config's tensors take; the file is damaged" in line, line
 
 
 @pytest.mark.parametrize("preset, layers", [("tiny", None), ("kimi-linear-48b", None), ("kimi-linear-48b", 5)])

@@ -16,6 +16,9 @@ PICKLED_WEIGHTS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")  # tran
 RECIPE_FILE = "recipe.yaml"  # what `klconvert quantize` writes into its output: the recipe it applied, provenance
 GENAI_CONFIG = "genai_config.json"  # what `klconvert export-onnx` writes last: an ONNX export, not a checkpoint
 MAX_INDEX_BYTES = 64 << 20  # the released index is 2 MB for 20,253 tensors
+# Objects and arrays a model's JSON holds beside one for each of its entries: its own, its metadata's, and `[` `{`
+# in names and strings. An index holds no more: its entries are strings.
+JSON_CONTAINERS_SLACK = 1 << 16
 MAX_FILE_NAME_BYTES = 255  # NAME_MAX of Linux's, macOS's and Windows' file systems
 MAX_SIDE_FILE_BYTES = 32 << 20  # a side file an output copies (tokenizer, chat template, small config); released: <3 MB
 

@@ -13,6 +13,7 @@ from klconvert.checkpoint.folder_files import (
     CONFIG_FILE,
     GENAI_CONFIG,
     INDEX_FILE,
+    JSON_CONTAINERS_SLACK,
     MAX_FILE_NAME_BYTES,
     MAX_INDEX_BYTES,
     PICKLED_WEIGHTS,
@@ -30,7 +31,7 @@ from klconvert.checkpoint.quantized import (
     refuse_unread_bnb_parts,
 )
 from klconvert.checkpoint.safetensors_header import SafetensorsHeader, read_header
-from klconvert.checkpoint.size_bounds import check_model_size, max_header_bytes
+from klconvert.checkpoint.size_bounds import check_model_size, max_header_bytes, max_header_containers
 from klconvert.config import WEIGHT_DTYPES, KimiLinearConfig
 from klconvert.errors import KLError, refuse_if_not_permitted, shown, unreadable_reason
 from klconvert.quant import QuantScheme
@@ -113,7 +114,8 @@ class Checkpoint:
         index_path = self.folder / INDEX_FILE
         if not os.path.lexists(index_path):   # lexists: a link that leads nowhere is read, and refused as it is
             if os.path.lexists(self.folder / SINGLE_FILE):
-                header = read_header(self.folder / SINGLE_FILE, max_header_bytes(self.config))
+                header = read_header(self.folder / SINGLE_FILE, max_header_bytes(self.config),
+                                     max_header_containers(self.config))
                 return {name: SINGLE_FILE for name in header.tensors}
             if os.path.lexists(self.folder / GENAI_CONFIG):
                 raise KLError(f"{self.folder}: an ONNX export ({GENAI_CONFIG}), not a safetensors checkpoint; run it "
@@ -130,7 +132,7 @@ class Checkpoint:
             raise KLError(f"{index_path}: {os.path.getsize(index_path):,} bytes, more than the index of the tensors "
                           f"config.json declares can hold ({bound:,}); the index is corrupt -- download it again")
         try:
-            index = read_json(index_path, MAX_INDEX_BYTES, INDEX_FILE)
+            index = read_json(index_path, MAX_INDEX_BYTES, INDEX_FILE, JSON_CONTAINERS_SLACK)
         except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, or a 4,300-digit int
             refuse_if_not_permitted(e, index_path)
             raise KLError(f"{index_path}: cannot read the index ({unreadable_reason(e)}); download it again") from None
@@ -156,7 +158,7 @@ class Checkpoint:
                 names = [n for n, s in weight_map.items() if s == shard]
                 raise KLError(f"{path}: shard is missing ({len(names)} tensors, e.g. {names[0]}, are indexed in "
                               "it); the download is incomplete -- pull the model again")
-            self.headers[shard] = read_header(path, header_bytes_left)
+            self.headers[shard] = read_header(path, header_bytes_left, max_header_containers(self.config))
             self._files[shard] = file_identity(path)
             header_bytes_left -= self.headers[shard].data_start - 8
         return weight_map

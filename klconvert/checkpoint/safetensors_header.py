@@ -6,7 +6,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from klconvert.checkpoint.regular_file import open_regular, parse_json
+from klconvert.checkpoint.regular_file import json_containers, open_regular, parse_json
 from klconvert.errors import KLError, refuse_if_not_permitted, unreadable_reason
 
 # safetensors dtype tag -> bytes per element
@@ -52,9 +52,10 @@ def _fail(path: Path, what: str) -> KLError:
     return KLError(f"{path}: {what}; the file is damaged or incomplete -- delete it and download it again")
 
 
-def read_header(path: Path, max_bytes: int = MAX_HEADER_BYTES) -> SafetensorsHeader:
+def read_header(path: Path, max_bytes: int = MAX_HEADER_BYTES, max_containers: int | None = None) -> SafetensorsHeader:
     """Parse the header of `path` and check every entry against the file's real size. A header of more than
-    `max_bytes` (what the folder's other headers left of their bound) is refused unread."""
+    `max_bytes` (what the folder's other headers left of their bound) is refused unread, one of more than
+    `max_containers` JSON objects and arrays (json_containers; None: any a header of `max_bytes` holds) unparsed."""
     try:
         size = path.stat().st_size
         with open_regular(path) as f:
@@ -77,6 +78,9 @@ def read_header(path: Path, max_bytes: int = MAX_HEADER_BYTES) -> SafetensorsHea
         refuse_if_not_permitted(e, path)
         raise KLError(f"{path}: cannot read the shard ({e.strerror}); put the shard file there -- pull the model "
                       "again") from None
+    if max_containers is not None and (containers := json_containers(raw)) > max_containers:
+        raise _fail(path, f"header holds {containers:,} '[' and '{{' bytes, more JSON objects and arrays than the "
+                          f"{max_containers:,} the config's tensors take")
     try:   # a tensor described twice: the safetensors library reads one entry, the checks here another
         header = parse_json(raw.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, a key twice, a 4,300-digit int, deep nesting
