@@ -70,6 +70,7 @@ ALLOWED_PATTERNS = ("*.safetensors", *SIDE_FILES)
 REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".py")
 # Provenance of a --local-dir pull, beside the files; never written into the HF cache's snapshots.
 LOCAL_DIR_RECORD = Path(".klconvert") / "pull.json"
+MAX_PULL_RECORD_BYTES = 1 << 20  # repo, revision, commit and ~160 bytes a file pulled: the release's ~30 take ~5 KB
 METADATA_FOLDERS = (".cache/", f"{LOCAL_DIR_RECORD.parent}/")  # huggingface_hub's and klconvert's records in a folder
 # What was verified (size, mtime, hashes), so a second pull re-hashes only what changed: in a --local-dir, and in
 # the cache beside the repo's snapshots (never inside them), one record per commit.

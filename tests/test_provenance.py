@@ -9,7 +9,7 @@ import os
 import pytest
 
 from klconvert.convert.provenance import source_origin
-from klconvert.hub import LOCAL_DIR_RECORD
+from klconvert.hub import LOCAL_DIR_RECORD, MAX_PULL_RECORD_BYTES
 
 REPO = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -39,5 +39,15 @@ def test_a_well_formed_record_names_the_repo_and_commit(tmp_path):
         "nested too deeply", "huge", "a FIFO"])
 def test_anything_else_is_ignored(tmp_path, write):
     write(record(tmp_path))
+    origin = source_origin(tmp_path)
+    assert (origin.folder, origin.repo, origin.commit) == (tmp_path.resolve(), None, None)
+
+
+def test_a_record_past_its_own_bound_is_ignored_unparsed(tmp_path):
+    """The record is a small one, bounded by MAX_PULL_RECORD_BYTES, not the verified-files record's 64 MB: 63 MB of
+    `[[]]` took 2.4 GB to parse. One well formed but a byte past the bound is not taken."""
+    body = json.dumps({"repo": REPO, "commit": COMMIT, "files": []})
+    record(tmp_path).write_text(body[:-1] + ', "pad": "' + "x" * (MAX_PULL_RECORD_BYTES - len(body) - 10) + '"}')
+    assert record(tmp_path).stat().st_size == MAX_PULL_RECORD_BYTES + 1
     origin = source_origin(tmp_path)
     assert (origin.folder, origin.repo, origin.commit) == (tmp_path.resolve(), None, None)

@@ -13,9 +13,8 @@ from klconvert.checkpoint.reader import Checkpoint
 from klconvert.checkpoint.regular_file import read_bounded, read_json
 from klconvert.config import MAX_CONFIG_BYTES
 from klconvert.errors import KLError
-from klconvert.hub import COMMIT_SHA, LOCAL_DIR_RECORD
+from klconvert.hub import COMMIT_SHA, LOCAL_DIR_RECORD, MAX_PULL_RECORD_BYTES
 from klconvert.models import BUNDLED_DIR, BUNDLED_NAME
-from klconvert.verified_files import MAX_RECORD_BYTES
 
 HF_CACHE_REPO_PREFIX = "models--"  # the HF cache's models--org--name/snapshots/<commit>/ layout
 
@@ -44,7 +43,7 @@ def source_origin(folder: str | Path) -> SourceOrigin:
     snapshot path, else just the folder."""
     folder = Path(folder).resolve()
     try:  # the record is the folder's, as untrusted as the rest of it: it is taken only when well formed
-        record = read_json(folder / LOCAL_DIR_RECORD, MAX_RECORD_BYTES, "pull record")
+        record = read_json(folder / LOCAL_DIR_RECORD, MAX_PULL_RECORD_BYTES, "pull record")
         repo, commit = record["repo"], record["commit"]
         validate_repo_id(repo)  # a ValueError unless a hub repo id: it goes into the model card's front matter
         if COMMIT_SHA.fullmatch(commit):
