@@ -139,6 +139,25 @@ def damage_overlapping_tensors(folder):
                    lambda h: h.__setitem__("model.layers.1.self_attn.alias.weight", dict(h[NAME])))
 
 
+def damage_trailing_bytes(folder):
+    """Bytes past the last tensor: the safetensors library refuses the file; read_header took it."""
+    path = shard_holding(folder, NAME)
+    path.write_bytes(path.read_bytes() + bytes(16))
+
+
+def damage_cut_by_one_byte(folder):
+    path = shard_holding(folder, NAME)
+    path.write_bytes(path.read_bytes()[:-1])
+
+
+def damage_gap_before_a_tensor(folder):
+    """The first tensor's entry gone from the header, its bytes left where they were."""
+    def drop_first(header):
+        del header[min((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])]
+
+    rewrite_header(shard_holding(folder, NAME), drop_first)
+
+
 def damage_long_shard_name(folder):
     shard = shard_holding(folder, NAME).name
     set_index(folder, lambda m: m.update({n: "x" * 300 + ".safetensors" for n, s in m.items() if s == shard}))
@@ -240,6 +259,12 @@ CHECKPOINT_DAMAGE = [
     (damage_bool_dimension, [NAME, "has a malformed shape [True, "]),
     (damage_bool_offset, [NAME, "has malformed data_offsets [", ", True]"]),
     (damage_overlapping_tensors, ["tensors 'model.layers.1.self_attn.alias.weight' and", NAME, "overlap"]),
+    (damage_trailing_bytes, ["its tensors end at byte", "the last 16 belong to no tensor"]),
+    (damage_cut_by_one_byte, ["data bytes (truncated?)"]),
+    (damage_gap_before_a_tensor, ["begins at byte", "of the data, but the data before it ends at byte 0",
+                                  "bytes between them belong to no tensor"]),
+    (lambda f: rewrite_header(shard_holding(f, NAME), lambda h: h.__setitem__("__metadata__", [])),
+     ["__metadata__ is not a map of strings"]),
     (damage_long_shard_name, ["shard name 'xxx", "not a plain file name", "at most 255 bytes", "download it again"]),
     (damage_directory_for_a_shard, ["not a regular file (a directory)", "pull the model again"]),
     (damage_symlink_loop_for_a_shard, ["Too many levels of symbolic links", "pull the model again"]),

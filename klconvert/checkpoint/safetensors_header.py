@@ -55,7 +55,7 @@ def _fail(path: Path, what: str) -> KLError:
 def read_header(path: Path, max_bytes: int = MAX_HEADER_BYTES, max_containers: int | None = None) -> SafetensorsHeader:
     """Parse the header of `path` and check every entry against the file's real size. A header of more than
     `max_bytes` (what the folder's other headers left of their bound) is refused unread, one of more than
-    `max_containers` JSON objects and arrays (json_containers; None: any a header of `max_bytes` holds) unparsed."""
+    `max_containers` JSON objects and arrays (json_containers; None: not counted) unparsed."""
     try:
         size = path.stat().st_size
         with open_regular(path) as f:
@@ -89,7 +89,8 @@ def read_header(path: Path, max_bytes: int = MAX_HEADER_BYTES, max_containers: i
         raise _fail(path, "header is not a JSON object")
 
     data_size = size - 8 - n
-    metadata = header.pop("__metadata__", {}) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata   # absent or null, as safetensors takes it; [], 0 and "" it refuses
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _fail(path, "__metadata__ is not a map of strings")
     tensors: dict[str, TensorEntry] = {}
@@ -124,8 +125,17 @@ def read_header(path: Path, max_bytes: int = MAX_HEADER_BYTES, max_containers: i
                               f"{data_size} data bytes (truncated?)")
         tensors[name] = TensorEntry(dtype, tuple(shape), begin, end)
 
-    spans = sorted((t.begin, t.end, k) for k, t in tensors.items() if t.end > t.begin)
-    for (b0, e0, k0), (b1, _e1, k1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise _fail(path, f"tensors {_clipped(k0)} and {_clipped(k1)} overlap")
+    # the tensors tile the data from its first byte to its last, as the safetensors library requires of a file it
+    # opens (in offset order, each begins where the one before ends)
+    at, before = 0, None
+    for begin, end, name in sorted((t.begin, t.end, k) for k, t in tensors.items()):
+        if begin < at:
+            raise _fail(path, f"tensors {_clipped(before)} and {_clipped(name)} overlap")
+        if begin > at:
+            raise _fail(path, f"tensor {_clipped(name)} begins at byte {begin:,} of the data, but the data before it "
+                              f"ends at byte {at:,}: {begin - at:,} bytes between them belong to no tensor")
+        at, before = end, name
+    if at != data_size:
+        raise _fail(path, f"its tensors end at byte {at:,} of the data, but the file holds {data_size:,} data bytes: "
+                          f"the last {data_size - at:,} belong to no tensor")
     return SafetensorsHeader(path, tensors, metadata, 8 + n)
