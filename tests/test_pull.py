@@ -206,6 +206,8 @@ def test_a_second_pull_hashes_only_what_changed(served, tmp_path, monkeypatch, i
     stat = shard.stat()
     os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: hashed again, and still good
     assert hub.pull(REPO, progress=False, **where).files == first.files and hashed == [SHARD_2]
+    hashed.clear()  # and the record was saved again with its new mtime: the next pull hashes nothing
+    assert hub.pull(REPO, progress=False, **where).files == first.files and hashed == []
 
     hashed.clear()
     data = bytearray(shard.read_bytes())
@@ -232,6 +234,23 @@ def test_a_damaged_verification_record_means_hashing_again(served, tmp_path, mon
     hashed = count_hashing(monkeypatch)
     assert hub.pull(REPO, local_dir=out, progress=False).files == first.files
     assert sorted(hashed) == sorted(Path(p).name for p in PULLED)
+
+
+@pytest.mark.parametrize("entry", [lambda e: {k: v for k, v in e.items() if k != "sha256"},
+                                   lambda e: {k: v for k, v in e.items() if k != "mtime_ns"},
+                                   lambda e: {**e, "size": str(e["size"])}, lambda e: 5],
+                         ids=["no sha256", "no mtime", "size a string", "a number"])
+def test_a_malformed_entry_in_a_record_of_valid_json_means_hashing_that_file_again(served, tmp_path, monkeypatch,
+                                                                                    entry):
+    """Only the entry is ignored (it was a KeyError out of the pull, or all files hashed again for one bad entry)."""
+    out = tmp_path / "kimi"
+    first = hub.pull(REPO, local_dir=out, progress=False)
+    record = out / ".klconvert" / "verified.json"
+    body = json.loads(record.read_text())
+    body["files"]["config.json"] = entry(body["files"]["config.json"])
+    record.write_text(json.dumps(body))
+    hashed = count_hashing(monkeypatch)
+    assert hub.pull(REPO, local_dir=out, progress=False).files == first.files and hashed == ["config.json"]
 
 
 def test_a_record_that_cannot_be_written_costs_only_time(served, tmp_path, monkeypatch):

@@ -217,8 +217,15 @@ def _drop_zero_points(t):
      "klconvert reads pack-quantized int4 or int8 weights"),
     (dict(bits=4), None, lambda qc: qc["config_groups"]["group_0"].update(format="marlin-24"),
      "quantization_config.config_groups.group_0.format is 'marlin-24', a format klconvert does not read"),
+    (dict(bits=4), None, lambda qc: qc["config_groups"]["group_0"].pop("targets"),   # was a TypeError
+     "quantization_config.config_groups.group_0.targets is not a list of module names, re: patterns or 'Linear'"),
+    (dict(bits=4), None, lambda qc: qc["config_groups"]["group_0"].update(targets="Linear"),   # not 6 names
+     "quantization_config.config_groups.group_0.targets is not a list of module names, re: patterns or 'Linear'"),
+    (dict(bits=4), None, lambda qc: qc["config_groups"]["group_0"].update(weights="int4"),   # was an AttributeError
+     "quantization_config.config_groups.group_0.weights is not an object saying how the weights are stored"),
 ], ids=["zero-points-deleted", "declared-asym", "declared-g64", "declared-int8", "no-groups", "no-weight-scheme",
-        "declared-g12", "group-not-an-object", "quantized-activations", "group-format"])
+        "declared-g12", "group-not-an-object", "quantized-activations", "group-format", "no-targets",
+        "targets-a-string", "weights-a-string"])
 def test_stored_parts_must_be_what_quantization_config_declares(tiny_released, tmp_path, options, tensors, config,
                                                                 needle):
     """A weight is read with a scheme quantization_config declares (as vLLM and transformers read it), the one whose
@@ -276,6 +283,15 @@ def test_read_schemes_are_the_declared_ones(tiny_released, tmp_path):
     packed = write_quantized(tiny_released, tmp_path / "q", bits=4, symmetric=False)
     sources = open_checkpoint(tmp_path / "q").sources
     assert {name: sources[name].scheme for name in packed} == {name: scheme for name, (_, scheme) in packed.items()}
+
+
+def test_symmetric_omitted_is_read_as_compressed_tensors_default(tiny_released, tmp_path):
+    """QuantizationArgs' symmetric defaults to True: a config that leaves it out declares a symmetric scheme."""
+    packed = write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _edit_quantization_config(tmp_path / "q", lambda qc: qc["config_groups"]["group_0"]["weights"].pop("symmetric"))
+    sources = open_checkpoint(tmp_path / "q").sources
+    assert {name: sources[name].scheme for name in packed} == {name: scheme for name, (_, scheme) in packed.items()}
+    assert all(scheme.symmetric for _, scheme in packed.values())
 
 
 def _scale_at(module: str, value: float, zero_point: int | None = None):
@@ -628,6 +644,11 @@ def test_a_weight_is_held_to_the_group_that_targets_it(tiny_released, tmp_path, 
     (lambda qc: qc["config_groups"].update(group_9={"targets": [Q_PROJ], "weights": {**qc["config_groups"][
         "group_0"]["weights"], "num_bits": 8}, "format": "pack-quantized"}),
      f"declares group_9 int8 g32 sym for it (its target '{Q_PROJ}' selects it)"),
+    # a name target wins over a re: target too, listed later or not (compressed-tensors and vLLM match names first)
+    (lambda qc: qc["config_groups"].update(
+        group_8={"targets": [Q_PROJ], "weights": {**qc["config_groups"]["group_0"]["weights"], "num_bits": 8}},
+        group_9={"targets": [r"re:.*self_attn\.q_proj$"], "weights": qc["config_groups"]["group_0"]["weights"]}),
+     f"declares group_8 int8 g32 sym for it (its target '{Q_PROJ}' selects it)"),
     (lambda qc: qc["config_groups"]["group_0"]["weights"].update(symmetric=False),
      "declares group_0 int4 g32 asym for it (its target 'Linear' selects it): it lacks weight_zero_point"),
     (lambda qc: qc["ignore"].append(Q_PROJ), f"but quantization_config.ignore lists it ('{Q_PROJ}')"),
@@ -636,7 +657,7 @@ def test_a_weight_is_held_to_the_group_that_targets_it(tiny_released, tmp_path, 
     # two groups name one target: the later one holds it, as compressed-tensors and vLLM read the config
     (lambda qc: qc["config_groups"].update(none={"targets": ["Linear"], "weights": None}),
      "but config group none, whose target 'Linear' selects it, quantizes no weights"),
-], ids=["name-target-wins", "declared-asym", "ignored", "targeted-by-none", "later-group-wins"])
+], ids=["name-target-wins", "name-beats-re", "declared-asym", "ignored", "targeted-by-none", "later-group-wins"])
 def test_a_weight_whose_group_declares_otherwise_is_refused_naming_it(tiny_released, tmp_path, edit, needle):
     write_quantized(tiny_released, tmp_path / "q", bits=4)
     _edit_quantization_config(tmp_path / "q", edit)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
 from klconvert import text_input
 from klconvert.errors import KLError
+from klconvert.evaluate import MIN_SCORED_TOKENS
 from klconvert.text_input import read_prompt, read_text_file, read_tokens
 from klconvert.tokenizer import MAX_ENCODE_CHARS, Tokenizer
 
@@ -79,3 +81,37 @@ def test_utf16_text_is_named(tokenizer, tmp_path, mark, encoding):
     with pytest.raises(KLError, match=rf"u16\.txt: UTF-16 text, not UTF-8 \(it starts with {mark}, a UTF-16 "
                                       r"byte-order mark\); convert it to UTF-8$"):
         read_prompt(None, str(path), tokenizer, 100)
+
+
+def test_a_budget_met_exactly_at_a_window_end_reads_on(tokenizer):
+    """A budget of exactly the first window's ids: reading goes on past it, so a text cut short always has more ids
+    than the budget (the CLI refuses only `len(ids) > budget`; cut at == it ran the first window alone)."""
+    text = ("the quick fox " * MAX_ENCODE_CHARS)[:3 * MAX_ENCODE_CHARS // 2]
+    budget = len(tokenizer.encode(text[:MAX_ENCODE_CHARS]))
+    read = read_prompt(text, None, tokenizer, budget)
+    assert len(read.ids) > budget and read.whole and read.ids == tokenizer.encode(text)
+
+
+@pytest.mark.parametrize("data, offset", [("été café".encode("latin-1"), 0), (b"h\xffllo", 1)])
+def test_a_bad_first_byte_is_not_called_utf16(tokenizer, tmp_path, data, offset):
+    """Latin-1 text fails at byte 0 too, but without a UTF-16 byte-order mark: a bad byte, placed."""
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(data)
+    with pytest.raises(KLError, match=rf"latin1\.txt: not UTF-8 text \(bad byte at offset {offset}\); convert it to "
+                                      r"UTF-8$"):
+        read_prompt(None, str(path), tokenizer, 100)
+
+
+def test_a_prompt_file_that_is_a_directory_is_said_so(tokenizer, tmp_path):
+    with pytest.raises(KLError, match=rf"^--prompt-file {re.escape(str(tmp_path))}: cannot read it \(Is a directory\); "
+                                      "check the path$"):
+        read_prompt(None, str(tmp_path), tokenizer, 100)
+
+
+def test_a_text_file_of_exactly_the_least_tokens_is_read(tokenizer, tmp_path):
+    path = tmp_path / "two.txt"
+    path.write_text("hello world", encoding="utf-8")
+    assert len(tokenizer.encode("hello world")) == MIN_SCORED_TOKENS
+    assert read_text_file(path, "--text-file", tokenizer, 100, min_tokens=MIN_SCORED_TOKENS) == "hello world"
+    with pytest.raises(KLError, match=r"two\.txt: holds 2 token\(s\) of text; give at least 3$"):
+        read_text_file(path, "--text-file", tokenizer, 100, min_tokens=MIN_SCORED_TOKENS + 1)
