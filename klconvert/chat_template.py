@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from klconvert.errors import KLError
+from klconvert.errors import ERROR_CHARS, KLError
 
 MEMORY_BYTES = 512 << 20     # the child's address space, plus 16 bytes per byte of input (python + jinja: ~40 MB)
 CPU_SECONDS = 10             # the released template renders in milliseconds
@@ -20,7 +20,6 @@ WALL_SECONDS = 60            # a child that does not end (or start) within this 
 LOOP_ITEMS = 1_000_000       # range() items over the whole render, all loops together
 OUTPUT_CHARS_OVER_INPUT = 4  # the rendered text may be 4x its input, plus 1 M characters of the template's own
 OUTPUT_CHARS_EXTRA = 1 << 20
-ERROR_CHARS = 300            # of what the template raises (its start), or the renderer said (its end), in a message
 # The child's working folder, which `python -m` puts first on its import path: the folder klconvert is imported
 # from, never the user's (a json.py or jinja2.py there -- a cloned model repo's, say -- would run in the child).
 CHILD_FOLDER = Path(__file__).resolve().parent.parent

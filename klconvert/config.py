@@ -8,7 +8,7 @@ from pathlib import Path
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE, refuse_link_out
 from klconvert.checkpoint.regular_file import parse_json, read_bounded
-from klconvert.errors import KLError, refuse_if_not_permitted, shown, unreadable_reason
+from klconvert.errors import KLError, few, refuse_if_not_permitted, shown, unreadable_reason
 from klconvert.release import RELEASED_CONFIG
 
 SUPPORTED_MODEL_TYPES = ("kimi_linear",)
@@ -39,7 +39,6 @@ SIZE_RANGES = {
 # The float fields' upper bounds, as wide around the released (1e-5, 2.446): past them the activations overflow (a
 # routed_scaling_factor of 1e30 made every logit NaN).
 FLOAT_BOUNDS = {"rms_norm_eps": 1.0, "routed_scaling_factor": 1000.0}
-MAX_LISTED = 8  # layer numbers a message lists before it says how many more
 # torch_dtype's values (transformers 5 names the field dtype), each with the safetensors dtype it names: the float
 # types klconvert reads weights in (checkpoint/reader.py). klconvert reads no weights by it, but its outputs copy
 # config.json, and transformers and vLLM load the model in it: another string failed transformers' config ("auto",
@@ -131,13 +130,6 @@ def _transformers_kinds_agree(d: dict, where: str, full_attn_layers: tuple[int, 
             raise KLError(f"{where}: field '{name}' ({shown(d[name])}) says other layer kinds than {ours} "
                           f"({shown(kinds)}); transformers builds the model from the one, klconvert and vLLM from the "
                           "other -- fix the config")
-
-
-def _few(numbers) -> str:
-    """Sorted numbers for a one-line message: the first MAX_LISTED, then how many more."""
-    numbers = sorted(numbers)
-    more = f", ... {len(numbers) - MAX_LISTED} more" if len(numbers) > MAX_LISTED else ""
-    return "[" + ", ".join(map(str, numbers[:MAX_LISTED])) + more + "]"
 
 
 def _positive_finite(value: int | float) -> bool:
@@ -269,21 +261,22 @@ class KimiLinearConfig:
             for v in lin[name]:
                 _check_type(where, f"linear_attn_config.{name}[]", v, int)
                 if not 1 <= v <= n:  # the released lists are 1-indexed
-                    raise KLError(f"{where}: linear_attn_config.{name} holds {v}, outside 1..{n} "
+                    raise KLError(f"{where}: linear_attn_config.{name} holds {shown(v)}, outside 1..{n} "
                                   "(the lists are 1-indexed); fix the config")
             layers[name] = tuple(v - 1 for v in lin[name])
         both = set(layers["kda_layers"]) & set(layers["full_attn_layers"])
         every = set(layers["kda_layers"]) | set(layers["full_attn_layers"])
         if both or every != set(range(n)):
             raise KLError(f"{where}: linear_attn_config's kda_layers and full_attn_layers must each name every layer "
-                          f"1..{n} exactly once (overlap {_few(v + 1 for v in both)}, "
-                          f"missing {_few(set(range(1, n + 1)) - {v + 1 for v in every})}); fix the config")
+                          f"1..{n} exactly once (overlap {few(v + 1 for v in both)}, "
+                          f"missing {few(set(range(1, n + 1)) - {v + 1 for v in every})}); fix the config")
         _transformers_kinds_agree(d, where, layers["full_attn_layers"], values["first_k_dense_replace"], n)
         for name, low, high in (("num_experts_per_token", 1, values["num_experts"]),
                                 ("num_expert_group", 1, values["num_experts"]),
                                 ("topk_group", 1, values["num_expert_group"]), ("first_k_dense_replace", 0, n)):
             if not low <= values[name] <= high:
-                raise KLError(f"{where}: field '{name}' is {values[name]}, outside {low}..{high}; fix the config")
+                raise KLError(f"{where}: field '{name}' is {shown(values[name])}, outside {low}..{high}; fix the "
+                              "config")
         experts, groups = values["num_experts"], values["num_expert_group"]
         if groups > 1 and (experts % groups or experts // groups < 2
                            or values["num_experts_per_token"] > values["topk_group"] * (experts // groups)):
@@ -305,7 +298,7 @@ class KimiLinearConfig:
                     continue
                 _check_type(where, f"{name}[]" if name == "eos_token_id" else name, token_id, int)
                 if not 0 <= token_id < values["vocab_size"]:
-                    raise KLError(f"{where}: {name} {token_id} is outside the vocabulary "
+                    raise KLError(f"{where}: {name} {shown(token_id)} is outside the vocabulary "
                                   f"0..{values['vocab_size'] - 1}; fix the config")
         return cls(**values, kda_layers=layers["kda_layers"], full_attn_layers=layers["full_attn_layers"],
                    kda_num_heads=lin["num_heads"], kda_head_dim=lin["head_dim"],

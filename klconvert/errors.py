@@ -26,6 +26,8 @@ def either(choices, flag: str | None = None) -> str:
 
 _UNSAID = object()
 _SHOWN_CHARS = 80   # of a value's repr in a message
+MAX_LISTED = 8      # values a message lists before it says how many more
+ERROR_CHARS = 300   # of what a parser or a template raises (its start), or a renderer said (its end), in a message
 _LOG10_2 = 0.30102999566398120
 
 
@@ -40,6 +42,13 @@ def shown(value) -> str:
             return f"{'a negative' if value < 0 else 'an'} integer of {digits:,} digits"
     text = repr(value)
     return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS - 3] + "..."
+
+
+def few(values) -> str:
+    """Sorted values for a one-line message, each as `shown`: the first MAX_LISTED, then how many more."""
+    values = sorted(values)
+    more = f", ... {len(values) - MAX_LISTED} more" if len(values) > MAX_LISTED else ""
+    return "[" + ", ".join(map(shown, values[:MAX_LISTED])) + more + "]"
 
 
 def argument(name: str, flag: str, value=_UNSAID) -> str:

@@ -16,7 +16,7 @@ from klconvert.checkpoint.reader import Checkpoint
 from klconvert.checkpoint.regular_file import open_regular
 from klconvert.checkpoint.size_bounds import check_model_size
 from klconvert.config import KimiLinearConfig
-from klconvert.errors import KLError, either
+from klconvert.errors import KLError, either, shown
 from klconvert.presets import preset_config
 from klconvert.quant import Policy, Recipe, load_recipe, policy_from_options
 from klconvert.quant.groupwise import SUPPORTED_BITS
@@ -36,7 +36,8 @@ KDA_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(|B|KB|MB|GB|TB|KiB|MiB|GiB|TiB|K|M|G|T)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
           "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-# fewer bytes than this given with no unit (`--gpu-memory 80`) are no GPU's memory: a unit left off, refused
+# fewer bytes than this given with no unit (`--gpu-memory 80`) are no GPU's memory: a unit left off, refused; a
+# recipe's gpu_memory of fewer, in any form ('0GB', '1B'), is refused too
 LEAST_BARE_BYTES = 2**20
 
 
@@ -56,7 +57,7 @@ def parse_size(text: str, flag: str = "--gpu-memory", least_bare_bytes: int = LE
 
 def _dtype_named(name: str, choices: dict[str, torch.dtype], what: str) -> torch.dtype:
     if name not in choices:
-        raise KLError(f"{what} {name!r} is not supported; choose one of {', '.join(choices)}")
+        raise KLError(f"{what} {shown(name)} is not supported; choose one of {', '.join(choices)}")
     return choices[name]
 
 
@@ -64,11 +65,16 @@ def _memory_bytes(value: str | int | float, where: str) -> int:
     """A recipe's gpu_memory: a size such as '48GiB' or '80GB', or a number of bytes."""
     if isinstance(value, str):
         try:
-            return parse_size(value)
+            size = parse_size(value)
         except KLError:
-            raise KLError(f"{where}: runtime.gpu_memory {value!r} is not a size; write e.g. 48GiB or 80GB") from None
+            raise KLError(f"{where}: runtime.gpu_memory {shown(value)} is not a size; write e.g. 48GiB or "
+                          "80GB") from None
+        if size < LEAST_BARE_BYTES:   # '0GB', '1B': as few bytes as a number is refused for
+            raise KLError(f"{where}: runtime.gpu_memory {shown(value)} is {size:,} bytes, no GPU's memory; write e.g. "
+                          "48GiB or 80GB")
+        return size
     if not 0 < value < 2 ** 63:   # NaN fails too
-        raise KLError(f"{where}: runtime.gpu_memory should be a positive number of bytes, got {value}")
+        raise KLError(f"{where}: runtime.gpu_memory should be a positive number of bytes, got {shown(value)}")
     if value < LEAST_BARE_BYTES:
         raise KLError(f"{where}: runtime.gpu_memory {value} is {int(value)} bytes, no GPU's memory; write {value}GB or "
                       f"{value}GiB")
@@ -82,7 +88,7 @@ def check_runtime_settings(recipe: Recipe) -> None:
     length."""
     settings = RUNTIME_DEFAULTS | recipe.runtime
     if settings["batch"] > MAX_BATCH:
-        raise KLError(f"{recipe.where('batch')}: runtime.batch {settings['batch']} is past the {MAX_BATCH:,} "
+        raise KLError(f"{recipe.where('batch')}: runtime.batch {shown(settings['batch'])} is past the {MAX_BATCH:,} "
                       "sequences a plan sizes; fix the recipe")
     if "gpu_memory" in settings:
         _memory_bytes(settings["gpu_memory"], recipe.where("gpu_memory"))
@@ -94,8 +100,8 @@ def check_runtime_context(recipe: Recipe, config: KimiLinearConfig) -> None:
     """KLError naming the line when a recipe's runtime.max_context is past the model's length (which
     check_runtime_settings cannot know): a folder quantized with it would hold defaults that `klconvert plan` drops."""
     if recipe.runtime.get("max_context", 0) > config.model_max_length:
-        raise KLError(f"{recipe.where('max_context')}: runtime.max_context {recipe.runtime['max_context']} is over the "
-                      f"model's {config.model_max_length_name} {config.model_max_length:,}; set it to "
+        raise KLError(f"{recipe.where('max_context')}: runtime.max_context {shown(recipe.runtime['max_context'])} is "
+                      f"over the model's {config.model_max_length_name} {config.model_max_length:,}; set it to "
                       f"{config.model_max_length:,} or less")
 
 

@@ -269,10 +269,10 @@ CHECKPOINT_DAMAGE = [
     (damage_directory_for_a_shard, ["not a regular file (a directory)", "pull the model again"]),
     (damage_symlink_loop_for_a_shard, ["Too many levels of symbolic links", "pull the model again"]),
     (damage_packed_weight_without_quantization_config, [
-        "weight_packed has dtype I32", "config.json has no quantization_config",
+        "weight_packed' has dtype I32", "config.json has no quantization_config",
         "put back the config.json the quantized weights came with"]),
     (damage_float_scale_without_quantization_config, [
-        "weight_scale is a part of a quantized weight", "config.json has no quantization_config",
+        "weight_scale' is a part of a quantized weight", "config.json has no quantization_config",
         "put back the config.json the quantized weights came with"]),
     (damage_config_key_twice, ["config.json: not a config (key 'num_hidden_layers' appears twice in one object",
                                "re-download the model"]),
@@ -310,6 +310,21 @@ def test_control_characters_from_the_download_are_escaped_in_the_error(capsys, t
     code, _, err = run_cli(capsys, "run", "--model", str(tiny_copy), "--prompt-file", str(prompt))
     assert_one_line_error(code, err, "self_attn.x\\x1b]0;PWNED\\x07\\x00.weight", "maps to nothing")
     assert all(c.isprintable() or c == "\n" for c in err)
+
+
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_values_from_the_folder_are_said_short(capsys, tiny_copy, prompt, command):
+    """A tensor name of 1.5 M characters in the index was said whole (a 1.5 MB line); a pad_token_id of 4,299 digits
+    in config.json was written out (4.4 KB)."""
+    args = ("--prompt-file", str(prompt)) if command == "run" else ()
+    set_index(tiny_copy, lambda m: m.__setitem__("x" * 1_500_000, m[NAME]))
+    code, _, err = run_cli(capsys, command, "--model", str(tiny_copy), *args)
+    assert len(assert_one_line_error(code, err, "tensor 'xxx", "... is indexed in ", "does not hold it")) < 400
+    set_index(tiny_copy, lambda m: m.pop("x" * 1_500_000))
+    edit_config(tiny_copy, lambda c: c.__setitem__("pad_token_id", 10 ** 4299 - 1))
+    code, _, err = run_cli(capsys, command, "--model", str(tiny_copy), *args)
+    assert len(assert_one_line_error(code, err, "pad_token_id an integer of 4,299 digits is outside the vocabulary")) \
+        < 400
 
 
 def test_a_symlink_loop_is_not_called_missing(capsys, tiny_copy, prompt):
@@ -383,7 +398,7 @@ def test_fp8_weights_are_named_not_called_damaged(capsys, tiny_copy, prompt):
     rewrite_shard(shard_holding(tiny_copy, NAME), to_fp8)
     set_index(tiny_copy, lambda m: m.__setitem__(NAME + "_scale_inv", m[NAME]))
     code, _, err = run_cli(capsys, "run", "--model", str(tiny_copy), "--prompt-file", str(prompt))
-    line = assert_one_line_error(code, err, f"tensor {NAME} has dtype F8_E4M3: the folder holds FP8-quantized "
+    line = assert_one_line_error(code, err, f"tensor '{NAME}' has dtype F8_E4M3: the folder holds FP8-quantized "
                                  "weights", "quantize from the bf16 release")
     assert "damaged" not in line
 

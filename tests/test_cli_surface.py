@@ -253,7 +253,9 @@ def test_a_shard_size_of_a_few_bytes_without_a_unit_is_still_bytes(capsys, tmp_p
 def test_a_recipe_gpu_memory_of_a_few_bytes_is_refused(capsys, tmp_path):
     base = (Path(__file__).parents[1] / "recipes" / "48gb.yaml").read_text()
     for value, needle in (("48", "runtime.gpu_memory 48 is 48 bytes, no GPU's memory; write 48GB or 48GiB"),
-                          ("'48'", "runtime.gpu_memory '48' is not a size")):
+                          ("'48'", "runtime.gpu_memory '48' is not a size"),
+                          ("'0GB'", "runtime.gpu_memory '0GB' is 0 bytes, no GPU's memory; write e.g. 48GiB or 80GB"),
+                          ("'1B'", "runtime.gpu_memory '1B' is 1 bytes, no GPU's memory")):   # were GPUs of 0 B
         recipe = tmp_path / "r.yaml"
         recipe.write_text(re.sub(r"gpu_memory:.*", f"gpu_memory: {value}", base))
         assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--recipe", recipe)[::2], needle)

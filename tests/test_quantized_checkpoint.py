@@ -68,7 +68,7 @@ def test_missing_scale_is_one_clear_error(tiny_released, tmp_path):
     victim = "model.layers.1.self_attn.q_proj.weight_scale"
     del tensors[victim]
     save_file(tensors, tmp_path / "q" / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(klconvert.KLError, match=r"q_proj\.weight lacks weight_scale"):
+    with pytest.raises(klconvert.KLError, match=r"q_proj\.weight' lacks weight_scale"):
         open_checkpoint(tmp_path / "q")
 
 
@@ -182,12 +182,12 @@ def test_groups_that_no_scheme_holds_are_refused_naming_the_weight(tiny_released
     `export-onnx` crashed or wrote a broken graph. Now refused when the folder is opened, naming the weight."""
     write_quantized(tiny_released, tmp_path / "q", bits=4)
     _damage(tmp_path / "q", _groups_of_4(module))
-    with pytest.raises(klconvert.KLError, match=rf"{module}\.weight is stored as int4 in groups of 4 inputs "
+    with pytest.raises(klconvert.KLError, match=rf"{module}\.weight' is stored as int4 in groups of 4 inputs "
                                                 r"without zero points, but quantization_config declares .*group_0 "
                                                 r"int4 g32 sym"):
         open_checkpoint(tmp_path / "q")
     code, _, err = run_cli(capsys, "export-onnx", "--model", tmp_path / "q", "--out", tmp_path / "onnx")
-    assert_one_line_error(code, err, f"{module}.weight is stored as int4 in groups of 4 inputs")
+    assert_one_line_error(code, err, f"{module}.weight' is stored as int4 in groups of 4 inputs")
     assert not (tmp_path / "onnx" / "genai_config.json").exists()
 
 
@@ -474,7 +474,7 @@ def test_bitsandbytes_8bit_tensors_are_named_whatever_config_json_says(tiny_rele
     write_llm_int8(tiny_released, tmp_path / "q8", declared)
     code, _, err = run_cli(capsys, "run", "--model", tmp_path / "q8", "--prompt", "hi", "--max-new-tokens", "1",
                            "--device", "cpu")
-    line = assert_one_line_error(code, err, "q8/model.safetensors: tensor model.layers.", f".SCB: {LLM_INT8}")
+    line = assert_one_line_error(code, err, "q8/model.safetensors: tensor 'model.layers.", f".SCB': {LLM_INT8}")
     assert "damaged" not in line and "does not belong" not in line
 
 
@@ -491,7 +491,7 @@ def test_a_bitsandbytes_fp4_checkpoint_is_named_as_such(tiny_released, tmp_path,
     code, _, err = run_cli(capsys, "run", "--model", tmp_path / "fp4", "--prompt", "hi", "--max-new-tokens", "1",
                            "--device", "cpu")
     where = ("fp4/config.json: quantization_config.bnb_4bit_quant_type is 'fp4'" if says_fp4 else
-             "fp4/model.safetensors: tensor model.layers.")
+             "fp4/model.safetensors: tensor 'model.layers.")
     assert_one_line_error(code, err, where, "bitsandbytes 4-bit FP4 checkpoints are not supported",
                           "klconvert reads bitsandbytes' 4-bit NF4 only")
 
@@ -597,7 +597,7 @@ def test_an_act_order_group_index_is_refused_whatever_config_json_says(tiny_rele
                                                     // 32))
     code, _, err = run_cli(capsys, "run", "--model", tmp_path / "q", "--prompt", "hi", "--max-new-tokens", "1",
                            "--device", "cpu")
-    line = assert_one_line_error(code, err, f"q/model.safetensors: tensor {Q_PROJ}.weight_g_idx: {GROUP_ACT_ORDER}",
+    line = assert_one_line_error(code, err, f"q/model.safetensors: tensor '{Q_PROJ}.weight_g_idx': {GROUP_ACT_ORDER}",
                                  "give the bf16 release to `klconvert quantize`")
     assert "damaged" not in line and "dtype I32" not in line
 
@@ -633,7 +633,7 @@ def test_a_weight_is_held_to_the_group_that_targets_it(tiny_released, tmp_path, 
     _damage(tmp_path / "q", _drop_zero_point(Q_PROJ))
     code, _, err = run_cli(capsys, "run", "--model", tmp_path / "q", "--prompt", "hi", "--max-new-tokens", "1",
                            "--device", "cpu")
-    assert_one_line_error(code, err, f"quantized weight {Q_PROJ}.weight is stored as int8 in groups of 32 inputs "
+    assert_one_line_error(code, err, f"quantized weight '{Q_PROJ}.weight' is stored as int8 in groups of 32 inputs "
                           "without zero points, but quantization_config declares group_0 int8 g32 asym for it "
                           "(its target 'Linear' selects it): it lacks weight_zero_point",
                           "the folder does not match its config.json")
@@ -672,7 +672,7 @@ def test_an_extra_zero_point_is_named(tiny_released, tmp_path):
                    if n == f"{Q_PROJ}.weight_zero_point"}
     _damage(tmp_path / "q", lambda t: t.update(zero_points))
     with pytest.raises(klconvert.KLError, match=re.escape(
-            f"{Q_PROJ}.weight is stored as int4 in groups of 32 inputs with zero points, but quantization_config "
+            f"{Q_PROJ}.weight' is stored as int4 in groups of 32 inputs with zero points, but quantization_config "
             "declares group_0 int4 g32 sym for it (its target 'Linear' selects it): it holds a weight_zero_point, "
             "which a symmetric scheme has none of")):
         open_checkpoint(tmp_path / "q")
@@ -733,7 +733,7 @@ def test_a_dense_format_over_packed_weights_is_refused(tiny_released, tmp_path, 
     _edit_quantization_config(tmp_path / "q", edit)
     code, _, err = run_cli(capsys, "run", "--model", tmp_path / "q", "--prompt", "hi", "--max-new-tokens", "1",
                            "--device", "cpu")
-    assert_one_line_error(code, err, "quantized weight ", ".weight is stored packed (pack-quantized), "
+    assert_one_line_error(code, err, "quantized weight '", ".weight' is stored packed (pack-quantized), "
                           f"but quantization_config.{field}", "format is 'dense' (weights stored as plain floats)",
                           "the folder does not match its config.json")
 
@@ -772,7 +772,7 @@ def test_a_packed_embedding_or_router_is_refused_by_name(tiny_released, tmp_path
     edit_tensors, edit_config = _packed_by_name(module, options.get("scheme", "int"))
     _damage(tmp_path / "q", edit_tensors)
     _edit_quantization_config(tmp_path / "q", edit_config)
-    needles = (f"quantized weight {module}.weight is stored packed, but it is {what}, which Kimi Linear keeps in "
+    needles = (f"quantized weight '{module}.weight' is stored packed, but it is {what}, which Kimi Linear keeps in "
                "high precision", "vLLM builds it unquantized")
     for command in (("run", "--model", tmp_path / "q", "--prompt", "hi", "--max-new-tokens", "1", "--device", "cpu"),
                     ("export-onnx", "--model", tmp_path / "q", "--out", tmp_path / "onnx")):

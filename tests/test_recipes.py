@@ -110,6 +110,26 @@ def test_recipe_errors_name_the_line(case, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and len(err) < 1000, err[:400]
 
 
+@pytest.mark.parametrize("text, needles", [
+    ("".join(f"s{i:06d}_stage: 1\n" for i in range(40_000)),
+     ("the recipe should hold exactly one '<name>_stage' section, got ['s000000_stage', ", "... 39992 more]")),
+    ("quant_stage:\n" + "".join(f"  m{i:06d}_modifiers: 1\n" for i in range(40_000)),
+     ("quant_stage should hold exactly one key named '<name>_modifiers', got ['m000000_modifiers', ", "39992 more]")),
+    (RECIPE.replace("num_bits: 4", "num_bits: " + "9" * 4299),
+     ("supports 4 or 8 bits, got an integer of 4,299 digits",)),
+    (RECIPE.replace("num_bits: 4", f"num_bits: !{'t' * 500_000} 4"),
+     ("could not determine a constructor for the tag",)),
+], ids=["stages", "modifiers", "bits", "tag"])
+def test_a_recipe_of_many_keys_or_huge_values_is_said_short(text, needles, tmp_path, capsys):
+    """40,000 stage or modifier keys were all listed (a 680 KB line); an int of 4,299 digits, a tag of 500,000
+    characters were said whole."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    for args in (("plan", "--preset", "tiny"), ("quantize", "tiny", tmp_path / "q")):
+        line = assert_one_line_error(*run_cli(capsys, *args, "--recipe", path)[::2], *needles)
+        assert len(line) < 1000, len(line)
+
+
 @pytest.mark.parametrize("layers", ["1", "2"])
 def test_a_preset_cut_to_layers_still_refuses_a_target_its_whole_model_lacks(layers, tmp_path, capsys):
     (old, new), line, message = BAD_RECIPES["target selecting nothing"]

@@ -66,7 +66,7 @@ def refuse_unread_bnb_parts(weight_map: dict[str, str], folder: Path) -> None:
     called damaged, unpacked or cut short)."""
     part = min((name for name in weight_map if _module_of(name, tuple(UNREAD_BNB_PARTS))), default=None)
     if part is not None:
-        raise _unread_bnb_form(f"{folder / weight_map[part]}: tensor {part}",
+        raise _unread_bnb_form(f"{folder / weight_map[part]}: tensor {shown(part)}",
                                UNREAD_BNB_PARTS[_module_of(part, tuple(UNREAD_BNB_PARTS))[1]])
 
 
@@ -75,7 +75,7 @@ def refuse_act_order_index(weight_map: dict[str, str], folder: Path) -> None:
     whatever config.json says (it was called a damaged float tensor, for its int32 dtype)."""
     part = min((name for name in weight_map if name.endswith("." + G_IDX)), default=None)
     if part is not None:
-        raise group_act_order(f"{folder / weight_map[part]}: tensor {part}")
+        raise group_act_order(f"{folder / weight_map[part]}: tensor {shown(part)}")
 
 
 def _unread_bnb_form(where: str, form: str) -> KLError:
@@ -115,7 +115,7 @@ def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, S
     out: dict[str, QuantizedSource] = {}
     stored_as: dict[str, str] = {}
     for module, group in groups.items():
-        where = f"{folder}: quantized weight {module}.weight"
+        where = f"{folder}: quantized weight {shown(module + '.weight')}"
         pieces = canonical_pieces(f"{module}.weight", config)
         if pieces == [(f"{module}.weight", ())] and f"{module}.weight" not in expected:
             pieces = canonical_pieces(module, config)  # transformers' stacked experts carry no `.weight`

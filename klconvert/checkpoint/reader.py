@@ -156,7 +156,7 @@ class Checkpoint:
             path = self.folder / shard
             if not os.path.lexists(path):
                 names = [n for n, s in weight_map.items() if s == shard]
-                raise KLError(f"{path}: shard is missing ({len(names)} tensors, e.g. {names[0]}, are indexed in "
+                raise KLError(f"{path}: shard is missing ({len(names)} tensors, e.g. {shown(names[0])}, are indexed in "
                               "it); the download is incomplete -- pull the model again")
             self.headers[shard] = read_header(path, header_bytes_left, max_header_containers(self.config))
             self._files[shard] = file_identity(path)
@@ -167,12 +167,12 @@ class Checkpoint:
         index_where = str(self.folder / INDEX_FILE)
         for name, shard in weight_map.items():
             if name not in self.headers[shard].tensors:
-                raise KLError(f"{index_where}: tensor {name} is indexed in {shard} but that shard does not hold "
+                raise KLError(f"{index_where}: tensor {shown(name)} is indexed in {shard} but that shard does not hold "
                               "it; the index and shards disagree -- download the checkpoint again")
         for shard, header in self.headers.items():
             for name in header.tensors:
                 if weight_map.get(name) != shard:
-                    raise KLError(f"{self.folder / shard}: holds tensor {name} that the index "
+                    raise KLError(f"{self.folder / shard}: holds tensor {shown(name)} that the index "
                                   f"{'places in ' + weight_map[name] if name in weight_map else 'does not list'}; "
                                   "the index and shards disagree -- download the checkpoint again")
 
@@ -186,7 +186,7 @@ class Checkpoint:
         packed_name = next((name for name in weight_map if name.endswith(PACKED_TENSOR_SUFFIXES)), None)
         for source_name, shard in sorted(weight_map.items()):
             entry = self.headers[shard].tensors[source_name]
-            where = f"{self.folder / shard}: tensor {source_name}"
+            where = f"{self.folder / shard}: tensor {shown(source_name)}"
             if entry.dtype in FP8_DTYPES:   # block-FP8 releases' (with weight_scale_inv), compressed-tensors' fp8
                 raise KLError(f"{where} has dtype {entry.dtype}: the folder holds FP8-quantized weights, which "
                               "klconvert does not read; quantize from the bf16 release instead (`klconvert "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from klconvert.errors import KLError, either
+from klconvert.errors import KLError, either, shown
 
 SUPPORTED_BITS = (4, 8)  # an int scheme's bits (kernels/ check their own: they import nothing from the package)
 CHANNEL = -1  # group_size meaning "one group per output row" (compressed-tensors strategy "channel")
@@ -57,7 +57,7 @@ MSE_GRID, MSE_MAX_SHRINK, MSE_NORM, MSE_PATIENCE = 100, 0.20, 2.4, 5
 def unsupported_observer(observer, flag: str | None = None) -> str:
     """The line refusing `observer`, not one of OBSERVERS: as a recipe and the library name it, or as the command
     line's `flag` (--observer) does."""
-    return f"{flag or 'observer'} {observer!r} is not supported; use {either(OBSERVERS, flag)}"
+    return f"{flag or 'observer'} {shown(observer)} is not supported; use {either(OBSERVERS, flag)}"
 
 
 def _qparams(lo, hi, symmetric: bool, q_min, q_max, dtype):

@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from klconvert.checkpoint.regular_file import open_regular
-from klconvert.errors import KLError, either, shown
+from klconvert.errors import ERROR_CHARS, KLError, either, few, shown
 from klconvert.quant.groupwise import CHANNEL, SUPPORTED_BITS, unsupported_observer
 from klconvert.quant.policy import MAX_POLICY_ENTRIES, Entry, Group, Policy, RegexBudget
 from klconvert.quant.scheme import KINDS, NF4_BLOCKSIZE, PACKED_FORMAT, QuantScheme
@@ -59,8 +59,8 @@ class _Reader:
         types = types if isinstance(types, tuple) else (types,)
         try:
             value = self._constructor.construct_object(node) if isinstance(node, yaml.ScalarNode) else node
-        except (yaml.YAMLError, ValueError) as e:  # an unknown !!tag; an int of 4,300+ digits
-            self.fail(node, f"{what}: {getattr(e, 'problem', None) or e}")
+        except (yaml.YAMLError, ValueError) as e:  # an unknown !!tag (said whole: cut); an int of 4,300+ digits
+            self.fail(node, f"{what}: {str(getattr(e, 'problem', None) or e)[:ERROR_CHARS]}")
         ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
         if ok and isinstance(value, str) and not value.isprintable():  # would reach the terminal and the model card
             self.fail(node, f"{what} {value[:80]!r} holds a control character or an unpaired surrogate; a name or "
@@ -103,7 +103,7 @@ class _Reader:
         """The one `<name><suffix>` key of a mapping (llm-compressor's stage / modifiers level)."""
         items = self.mapping(node, what, None)
         if len(items) != 1 or not next(iter(items)).endswith(suffix):
-            self.fail(node, f"{what} should hold exactly one key named '<name>{suffix}', got {sorted(items)}")
+            self.fail(node, f"{what} should hold exactly one key named '<name>{suffix}', got {few(items)}")
         return next(iter(items.values()))
 
     def weights(self, node: yaml.Node, what: str) -> QuantScheme:
@@ -136,7 +136,7 @@ class _Reader:
         elif strategy == "channel" or (strategy is None and group_size == -1):
             # group_size -1 as the recipe spells it (compressed-tensors' channel); CHANNEL is the scheme's sentinel
             if group_size not in (None, -1):
-                self.fail(w["group_size"][1], f"strategy channel takes no group_size, got {group_size}")
+                self.fail(w["group_size"][1], f"strategy channel takes no group_size, got {shown(group_size)}")
             group_size = CHANNEL
         elif strategy in ("group", None):
             if group_size is None or group_size <= 0:
@@ -158,7 +158,8 @@ def _compose(text: str, path: str, advice: str = "") -> yaml.Node | None:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
-        raise KLError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', None) or e}){advice}") from None
+        said = str(getattr(e, "problem", None) or e)[:ERROR_CHARS]   # it may quote an alias or a tag of any length
+        raise KLError(f"{path}{line}: not valid YAML ({said}){advice}") from None
     except RecursionError:  # the composer recurses once per level; a recipe is five levels deep
         raise KLError(f"{path}: nested too deeply to be a recipe{advice}") from None
 
@@ -175,7 +176,7 @@ def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
         if key != "runtime" and not key.endswith("_stage"):
             r.fail(key_node, f"unknown key {shown(key)} at the top of the recipe; expected {', '.join(_TOP_KEYS)}")
     if len(stages) != 1:
-        r.fail(root, f"the recipe should hold exactly one '<name>_stage' section, got {stages}")
+        r.fail(root, f"the recipe should hold exactly one '<name>_stage' section, got {few(stages)}")
     _, modifiers = r.single(top[stages[0]][1], stages[0], "_modifiers")
     found = r.mapping(modifiers, "the modifiers", ("QuantizationModifier",))
     if "QuantizationModifier" not in found:
@@ -218,7 +219,7 @@ def _with_runtime(r: _Reader, top: dict, policy: Policy, path: str) -> Recipe:
         for key, (_, value_node) in r.mapping(top["runtime"][1], "runtime", tuple(_RUNTIME)).items():
             runtime[key], lines[key] = r.scalar(value_node, f"runtime.{key}", _RUNTIME[key]), r.where(value_node)
             if _RUNTIME[key] is int and runtime[key] <= 0:
-                r.fail(value_node, f"runtime.{key} should be positive, got {runtime[key]}")
+                r.fail(value_node, f"runtime.{key} should be positive, got {shown(runtime[key])}")
     return Recipe(policy=policy, runtime=runtime, path=path, runtime_lines=lines)
 
 

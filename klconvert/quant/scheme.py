@@ -34,15 +34,16 @@ class QuantScheme:
     def __post_init__(self):
         if self.kind == "nf4":
             if (self.bits, self.group_size, self.symmetric, self.observer) != (4, NF4_BLOCKSIZE, True, "minmax"):
-                raise KLError(f"nf4 is 4-bit, symmetric, in blocks of {NF4_BLOCKSIZE}, min-max; got bits={self.bits}, "
-                              f"group_size={self.group_size}, symmetric={self.symmetric}, observer={self.observer}")
+                raise KLError(f"nf4 is 4-bit, symmetric, in blocks of {NF4_BLOCKSIZE}, min-max; got "
+                              f"bits={shown(self.bits)}, group_size={shown(self.group_size)}, "
+                              f"symmetric={self.symmetric}, observer={self.observer}")
         elif self.kind == "int":
             if self.observer not in OBSERVERS:
                 raise KLError(unsupported_observer(self.observer))
             if self.bits not in SUPPORTED_BITS:
-                raise KLError(f"integer quantization supports {either(SUPPORTED_BITS)} bits, got {self.bits}")
+                raise KLError(f"integer quantization supports {either(SUPPORTED_BITS)} bits, got {shown(self.bits)}")
             if self.group_size != CHANNEL and (self.group_size <= 0 or self.group_size % 8):
-                raise KLError(f"group size {self.group_size} is not a positive multiple of 8 (or -1 for "
+                raise KLError(f"group size {shown(self.group_size)} is not a positive multiple of 8 (or -1 for "
                               "per-channel); use 32, 64 or 128")
         else:
             raise KLError(f"quantization kind {shown(self.kind)} is unknown; use {either(map(repr, KINDS))}")
