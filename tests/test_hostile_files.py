@@ -297,12 +297,7 @@ def test_a_header_of_many_empty_lists_is_refused_unparsed(tiny_copy, single_file
     of `[[]]` took 3.7 GB to refuse, the released config's 43 MB 1.7 GB) is refused before the parse; here a small
     one, past the tiny config's count by one."""
     if single_file:
-        tensors = {}
-        for shard in sorted(tiny_copy.glob("model-*.safetensors")):
-            tensors.update(load_file(shard))
-            shard.unlink()
-        (tiny_copy / "model.safetensors.index.json").unlink()
-        save_file(tensors, tiny_copy / "model.safetensors")
+        _into_one_file(tiny_copy)
     shard = sorted(tiny_copy.glob("*.safetensors"))[0]
     data = shard.read_bytes()
     n = int.from_bytes(data[:8], "little")
@@ -583,16 +578,21 @@ def test_shard_headers_are_bounded_in_all_not_only_each(tiny_copy):
     assert "header claims" in line and "left for the headers of this folder's shards" in line, line
 
 
+def _into_one_file(folder: Path) -> None:
+    """The folder's shards made one model.safetensors, without an index."""
+    tensors = {}
+    for shard in sorted(folder.glob("model-*.safetensors")):
+        tensors.update(load_file(shard))
+        shard.unlink()
+    (folder / "model.safetensors.index.json").unlink()
+    save_file(tensors, folder / "model.safetensors")
+
+
 @pytest.mark.parametrize("command", ["run", "quantize"])
 def test_a_single_file_header_is_bounded_by_the_config(tiny_copy, tmp_path, command):
     """One model.safetensors (no index) whose header is under the format's 100 MB but far past what the config's
     tensors need: refused unparsed, in bounded memory, by run and by quantize's already-quantized check alike."""
-    tensors = {}
-    for shard in sorted(tiny_copy.glob("model-*.safetensors")):
-        tensors.update(load_file(shard))
-        shard.unlink()
-    (tiny_copy / "model.safetensors.index.json").unlink()
-    save_file(tensors, tiny_copy / "model.safetensors")
+    _into_one_file(tiny_copy)
     _pad_header(tiny_copy / "model.safetensors", 1_400_000)  # ~85 MB: parsed, past the memory limit
     done = run_on(tiny_copy) if command == "run" else \
         klconvert_bounded("quantize", tiny_copy, tmp_path / "out", "--device", "cpu")
