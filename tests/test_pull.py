@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from klconvert import hub, hub_guard
 from klconvert.errors import KLError
+from klconvert.verified_files import MAX_RECORD_CONTAINERS
 from hub_standin import HubStandIn, hub_environment
 from testkit import assert_one_line_error, run_klconvert, run_klconvert_on_a_terminal
 
@@ -242,7 +243,7 @@ def test_a_damaged_verification_record_means_hashing_again(served, tmp_path, mon
                          ids=["no sha256", "no mtime", "size a string", "a number"])
 def test_a_malformed_entry_in_a_record_of_valid_json_means_hashing_that_file_again(served, tmp_path, monkeypatch,
                                                                                     entry):
-    """Only the entry is ignored (it was a KeyError out of the pull, or all files hashed again for one bad entry)."""
+    """Only the entry is ignored (_well_formed's mutants let it out as a KeyError, or hashed every file again)."""
     out = tmp_path / "kimi"
     first = hub.pull(REPO, local_dir=out, progress=False)
     record = out / ".klconvert" / "verified.json"
@@ -251,6 +252,19 @@ def test_a_malformed_entry_in_a_record_of_valid_json_means_hashing_that_file_aga
     record.write_text(json.dumps(body))
     hashed = count_hashing(monkeypatch)
     assert hub.pull(REPO, local_dir=out, progress=False).files == first.files and hashed == ["config.json"]
+
+
+def test_a_record_of_more_objects_than_files_is_ignored_unparsed(served, tmp_path, monkeypatch):
+    """Its entries sound, but padded with empty lists (~37x their bytes parsed: 64 MB of them took ~2.3 GB): the
+    record is ignored before the parse, and every file hashed again."""
+    out = tmp_path / "kimi"
+    hub.pull(REPO, local_dir=out, progress=False)
+    record = out / ".klconvert" / "verified.json"
+    body = json.loads(record.read_text())
+    record.write_text(json.dumps({**body, "padding": [[]] * MAX_RECORD_CONTAINERS}))
+    hashed = count_hashing(monkeypatch)
+    hub.pull(REPO, local_dir=out, progress=False)
+    assert sorted(hashed) == sorted(Path(p).name for p in PULLED)
 
 
 def test_a_record_that_cannot_be_written_costs_only_time(served, tmp_path, monkeypatch):
