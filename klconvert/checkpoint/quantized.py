@@ -133,8 +133,8 @@ def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, S
                           "vLLM builds it unquantized and finds no float weight to load, and `klconvert quantize` "
                           "never packs it -- quantize the bf16 release with `klconvert quantize`, which keeps it")
         if canonical in stored_as:
-            raise KLError(f"{where} and {stored_as[canonical]}.weight both provide {canonical}; the checkpoint "
-                          "holds one weight under two layouts' names -- keep one")
+            raise KLError(f"{where} and {shown(stored_as[canonical] + '.weight')} both provide {canonical}; the "
+                          "checkpoint holds one weight under two layouts' names -- keep one")
         stored_as[canonical] = module
 
         def entry(part: str):
