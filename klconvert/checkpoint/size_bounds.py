@@ -21,9 +21,9 @@ from klconvert.errors import KLError
 MAX_TENSORS = 1 << 18  # the released model has 20,253; a table of 262,144 specs is ~100 MB
 MIN_STORED_BITS = 1  # no format stores a parameter in less than a bit (int4 and nf4 take 4 and more)
 # A header entry takes ~120 bytes, and a packed weight up to 6 entries (nf4: ~650 bytes): 3x that a tensor. Parsed,
-# headers take ~12x their bytes, so the released model's (20,493 tensors) stay near 0.5 GB, 0.9 GB padded with short
-# strings or numbers;
-# and a folder's headers together never take more than the format lets one file's (MAX_HEADER_BYTES).
+# headers take ~12x their bytes, so the released model's (20,493 tensors) stay near 0.5 GB (0.9 GB padded with short
+# strings or numbers); and a folder's headers together never take more than the format lets one file's
+# (MAX_HEADER_BYTES).
 HEADER_BYTES_PER_TENSOR = 2048
 HEADER_BYTES_SLACK = 1 << 20  # __metadata__ and the like, whatever the model's size
 # An entry holds 3 objects and arrays (itself, its shape and data_offsets); an empty one takes ~37x its bytes parsed,

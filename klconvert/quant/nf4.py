@@ -131,17 +131,13 @@ def _check_state(found: Mapping[str, torch.Tensor], where: str, weight_shape: tu
         if name not in found or found[name].numel() != size:
             got = found[name].numel() if name in found else "none"
             raise bad(f"{name.removeprefix('weight.')} holds {got} values where its shape needs {size}")
-    # the dtypes QuantState.as_dict(packed=True) writes, and the packed data's [n / 2, 1]: bitsandbytes reads another
-    # dtype's bits as these (a code book of int32s) or refuses it in a traceback, and a [1, n / 2] comes back transposed
-    dtypes = {"weight": torch.uint8, "weight.absmax": torch.uint8 if nested else torch.float32,
-              "weight.quant_map": torch.float32, "weight.nested_absmax": torch.float32,
-              "weight.nested_quant_map": torch.float32}
+    # the dtypes QuantState.as_dict(packed=True) writes: bitsandbytes reads another dtype's bits as these (a code book
+    # of int32s) or refuses it in a traceback (the packed data's own uint8 [n / 2, 1] is held at the header)
+    dtypes = {"weight.absmax": torch.uint8 if nested else torch.float32, "weight.quant_map": torch.float32,
+              "weight.nested_absmax": torch.float32, "weight.nested_quant_map": torch.float32}
     for name, dtype in dtypes.items():
         if name in found and found[name].dtype != dtype:
-            raise bad(f"{name.removeprefix('weight.') if name != 'weight' else 'the packed weight'} is "
-                      f"{found[name].dtype}, where bitsandbytes writes {dtype}")
-    if tuple(found["weight"].shape) != (n // 2, 1):
-        raise bad(f"the packed weight is {list(found['weight'].shape)}, where bitsandbytes writes [{n // 2}, 1]")
+            raise bad(f"{name.removeprefix('weight.')} is {found[name].dtype}, where bitsandbytes writes {dtype}")
 
 
 def bnb_quantization_config(skip_modules: Sequence[str]) -> dict:
