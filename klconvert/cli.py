@@ -511,15 +511,13 @@ def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path
     """Print the memory plan: weights, KDA state, MLA cache, workspace, headroom, largest context.
 
     Exits with status 3 when the plan does not fit the given GPU memory."""
-    from klconvert.runtime.plan_report import parse_size, plan_for, render_plan
+    from klconvert.runtime.plan_report import gpu_memory_bytes, plan_for, render_plan
 
     if (model is None) == (preset is None):
         raise KLError("give exactly one of --model DIR or --preset NAME")
     _refuse_layers_with_model(model, layers)
     folder = None if model is None else model_folder(model, f"--model {model}")
-    memory_limit = parse_size(gpu_memory) if gpu_memory is not None else None
-    if memory_limit == 0:
-        raise KLError(f"--gpu-memory {gpu_memory}: give the GPU's memory, e.g. 80GiB or 24GB")
+    memory_limit = gpu_memory_bytes(gpu_memory) if gpu_memory is not None else None
     same = dict(model=folder, preset=preset, layers=layers, batch=batch, context=max_context, memory_limit=memory_limit,
                 mla_cache_dtype=mla_cache_dtype, kda_state_dtype=kda_state_dtype)
     p = plan_for(recipe=recipe, bits=None if bits is None else int(bits), group_size=group_size, **same)

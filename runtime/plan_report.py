@@ -36,8 +36,8 @@ KDA_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(|B|KB|MB|GB|TB|KiB|MiB|GiB|TiB|K|M|G|T)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
           "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-# fewer bytes than this given with no unit (`--gpu-memory 80`) are no GPU's memory: a unit left off, refused; a
-# recipe's gpu_memory of fewer, in any form ('0GB', '1B'), is refused too
+# fewer bytes than this given with no unit (`--gpu-memory 80`) are no GPU's memory: a unit left off, refused; a GPU's
+# memory of fewer in any form ('0GB', '1B'), on the command line or in a recipe, is refused too
 LEAST_BARE_BYTES = 2**20
 
 
@@ -50,9 +50,18 @@ def parse_size(text: str, flag: str = "--gpu-memory", least_bare_bytes: int = LE
     if size is None or not size < 2**64:  # inf from a 400-digit number included
         raise KLError(f"{flag} {text[:40]!r}: give a size like 80GiB, 24GB or 141G")
     if not m.group(2) and 0 < size < least_bare_bytes:
-        raise KLError(f"{flag} {m.group(1)}: a size with no unit is bytes, and {int(size)} bytes is no GPU's memory; "
-                      f"did you mean {m.group(1)}GB or {m.group(1)}GiB? give the unit")
+        raise KLError(f"{flag} {m.group(1)}: a size with no unit is bytes, and {binary_size_text(int(size))} is no "
+                      f"GPU's memory; did you mean {m.group(1)}GB or {m.group(1)}GiB? give the unit")
     return int(size)
+
+
+def gpu_memory_bytes(text: str) -> int:
+    """`--gpu-memory`'s size (parse_size), refused under LEAST_BARE_BYTES in any form ('0', '0GB', '1B')."""
+    size = parse_size(text)
+    if size < LEAST_BARE_BYTES:
+        raise KLError(f"--gpu-memory {shown(text)} is {binary_size_text(size)}, no GPU's memory; give it, e.g. 80GiB "
+                      "or 24GB")
+    return size
 
 
 def _dtype_named(name: str, choices: dict[str, torch.dtype], what: str) -> torch.dtype:
@@ -70,14 +79,14 @@ def _memory_bytes(value: str | int | float, where: str) -> int:
             raise KLError(f"{where}: runtime.gpu_memory {shown(value)} is not a size; write e.g. 48GiB or "
                           "80GB") from None
         if size < LEAST_BARE_BYTES:   # '0GB', '1B': as few bytes as a number is refused for
-            raise KLError(f"{where}: runtime.gpu_memory {shown(value)} is {size:,} bytes, no GPU's memory; write e.g. "
-                          "48GiB or 80GB")
+            raise KLError(f"{where}: runtime.gpu_memory {shown(value)} is {binary_size_text(size)}, no GPU's memory; "
+                          "write e.g. 48GiB or 80GB")
         return size
     if not 0 < value < 2 ** 63:   # NaN fails too
         raise KLError(f"{where}: runtime.gpu_memory should be a positive number of bytes, got {shown(value)}")
     if value < LEAST_BARE_BYTES:
-        raise KLError(f"{where}: runtime.gpu_memory {value} is {int(value)} bytes, no GPU's memory; write {value}GB or "
-                      f"{value}GiB")
+        raise KLError(f"{where}: runtime.gpu_memory {value} is {binary_size_text(int(value))}, no GPU's memory; write "
+                      f"{value}GB or {value}GiB")
     return int(value)
 
 

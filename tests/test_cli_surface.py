@@ -228,16 +228,18 @@ def test_other_runtime_errors_are_not_called_out_of_memory(capsys, tmp_path, mon
         run_cli(capsys, "run", "--model", "tiny", "--prompt", "hi", "--device", "cpu")
 
 
-def test_a_gpu_of_no_memory_is_refused(capsys):
-    assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--gpu-memory", "0")[::2],
-                          "--gpu-memory 0: give the GPU's memory")
+@pytest.mark.parametrize("value, size", [("0", "0 B"), ("0GB", "0 B"), ("1B", "1 B"), ("512KiB", "524,288 B")])
+def test_a_gpu_of_no_memory_is_refused(capsys, value, size):
+    """`--gpu-memory 1B` and `512KiB` were planned (a plan that fits nothing, exit status 3); a recipe refused them."""
+    assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--gpu-memory", value)[::2],
+                          f"--gpu-memory '{value}' is {size}, no GPU's memory; give it, e.g. 80GiB or 24GB")
 
 
 @pytest.mark.parametrize("value, bytes_", [("80", "80"), ("24.5", "24"), (" 141 ", "141")])
 def test_a_gpu_memory_without_a_unit_that_reads_as_a_few_bytes_is_refused(capsys, value, bytes_):
     """`--gpu-memory 80` was 80 bytes: "the GPU memory is 0.00 GiB ... plan for a larger GPU", exit status 3."""
     assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--gpu-memory", value)[::2],
-                          f"--gpu-memory {value.strip()}: a size with no unit is bytes, and {bytes_} bytes is no GPU's "
+                          f"--gpu-memory {value.strip()}: a size with no unit is bytes, and {bytes_} B is no GPU's "
                           f"memory; did you mean {value.strip()}GB or {value.strip()}GiB? give the unit")
     code, _, err = run_cli(capsys, "plan", "--preset", "tiny", "--gpu-memory", str(80 * 2**30))   # bytes, as ever
     assert code == 0, err
@@ -252,10 +254,10 @@ def test_a_shard_size_of_a_few_bytes_without_a_unit_is_still_bytes(capsys, tmp_p
 
 def test_a_recipe_gpu_memory_of_a_few_bytes_is_refused(capsys, tmp_path):
     base = (Path(__file__).parents[1] / "recipes" / "48gb.yaml").read_text()
-    for value, needle in (("48", "runtime.gpu_memory 48 is 48 bytes, no GPU's memory; write 48GB or 48GiB"),
+    for value, needle in (("48", "runtime.gpu_memory 48 is 48 B, no GPU's memory; write 48GB or 48GiB"),
                           ("'48'", "runtime.gpu_memory '48' is not a size"),
-                          ("'0GB'", "runtime.gpu_memory '0GB' is 0 bytes, no GPU's memory; write e.g. 48GiB or 80GB"),
-                          ("'1B'", "runtime.gpu_memory '1B' is 1 bytes, no GPU's memory")):   # were GPUs of 0 B
+                          ("'0GB'", "runtime.gpu_memory '0GB' is 0 B, no GPU's memory; write e.g. 48GiB or 80GB"),
+                          ("'1B'", "runtime.gpu_memory '1B' is 1 B, no GPU's memory")):   # were GPUs of 0 B
         recipe = tmp_path / "r.yaml"
         recipe.write_text(re.sub(r"gpu_memory:.*", f"gpu_memory: {value}", base))
         assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--recipe", recipe)[::2], needle)
