@@ -612,6 +612,22 @@ def test_act_order_by_weight_is_read(tiny_released, tmp_path, actorder):
     assert open_checkpoint(tmp_path / "q").get(f"{Q_PROJ}.weight").isfinite().all()
 
 
+@pytest.mark.parametrize("dynamic", [True, "local", "false", 0])
+def test_weights_quantized_dynamically_are_refused(tiny_released, tmp_path, dynamic):
+    """`dynamic` weights have their scales computed at run time (compressed-tensors registers none, vLLM takes no such
+    weight scheme): the folder was read with the scales stored beside them. Only false (the default) is read."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _edit_quantization_config(tmp_path / "q", lambda qc: qc["config_groups"]["group_0"]["weights"].update(
+        dynamic=dynamic))
+    said = re.escape(repr(dynamic))
+    with pytest.raises(klconvert.KLError, match=rf"config_groups\.group_0\.weights\.dynamic is {said}: weights whose "
+                                                r"scales are computed at run time"):
+        open_checkpoint(tmp_path / "q")
+    _edit_quantization_config(tmp_path / "q", lambda qc: qc["config_groups"]["group_0"]["weights"].update(
+        dynamic=False))
+    assert open_checkpoint(tmp_path / "q").get(f"{Q_PROJ}.weight").isfinite().all()
+
+
 def test_an_act_order_compressed_tensors_does_not_define_is_refused(tiny_released, tmp_path):
     write_quantized(tiny_released, tmp_path / "q", bits=4)
     _edit_quantization_config(tmp_path / "q", lambda qc: qc["config_groups"]["group_0"]["weights"].update(

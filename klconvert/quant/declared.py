@@ -87,9 +87,9 @@ def declared_groups(quantization_config: dict, where: str) -> Declared:
     """The config groups (each with the QuantScheme its weights are stored with; a group whose `weights` is null
     declares none) and the ignore list; KLError naming the first field that is malformed or says what klconvert does
     not read (a format of READ_FORMATS' others, quantized activations or KV cache, transforms applied at run time,
-    weights stored sparse, experts pruned or merged, weights other than int by group or channel, GPTQ's act order by
-    group), a target or ignore entry that is no pattern compressed-tensors compiles, or when no group declares
-    weights."""
+    weights stored sparse, experts pruned or merged, weights other than int by group or channel, weights quantized
+    dynamically, GPTQ's act order by group), a target or ignore entry that is no pattern compressed-tensors compiles,
+    or when no group declares weights."""
     kv_cache = quantization_config.get(KV_CACHE)
     if kv_cache is not None:   # the runtime caches K and V in the model's dtype: another model than the one calibrated
         said = (f"num_bits {shown(kv_cache.get('num_bits'))}, type {shown(kv_cache.get('type'))}"
@@ -215,6 +215,10 @@ def _scheme(weights, where: str, field: str) -> QuantScheme:
     if named not in (None, False, *READ_ACT_ORDERS):
         raise _bad(where, f"{field}.actorder", f"is {shown(actorder)}, not an activation ordering compressed-tensors "
                    "defines (null, weight or static; group or dynamic)")
+    dynamic = weights.get("dynamic", False)
+    if dynamic is not False:   # compressed-tensors then keeps no stored scales, and vLLM runs no such weights
+        raise _bad(where, f"{field}.dynamic", f"is {shown(dynamic)}: weights whose scales are computed at run time, "
+                   "not read from the checkpoint, which klconvert does not do")
     bits, kind, symmetric = weights.get("num_bits"), weights.get("type", "int"), weights.get("symmetric", True)
     strategy, group_size = weights.get("strategy"), weights.get("group_size")
     # group_size -1: compressed-tensors' own spelling of channel (QuantizationArgs), as the config states it
