@@ -28,14 +28,14 @@ def break_shard_write(monkeypatch, shard_number: int, error: BaseException) -> N
     real = quantize_module.write_shard
     written = [0]
 
-    def writer(path: Path, tensors, metadata=None, on_tensor=None):
+    def writer(path: Path, tensors, on_tensor=None):
         written[0] += 1
         if written[0] == shard_number:
             def fail():
                 raise error
             half = len(tensors) // 2
             tensors = [*tensors[:half], replace(tensors[half], make=fail), *tensors[half + 1:]]
-        return real(path, tensors, metadata, on_tensor)
+        return real(path, tensors, on_tensor)
 
     monkeypatch.setattr(quantize_module, "write_shard", writer)
 

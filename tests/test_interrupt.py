@@ -184,9 +184,9 @@ def test_sigterm_during_a_conversion_is_an_interrupt_that_leaves_nothing(tiny_re
     proc = _entry("""
         import os, signal, klconvert.quantize as q
         write = q.write_shard
-        def write_shard(path, tensors, metadata=None, on_tensor=None):
+        def write_shard(path, tensors, on_tensor=None):
             os.kill(os.getpid(), signal.SIGTERM)
-            return write(path, tensors, metadata, on_tensor)
+            return write(path, tensors, on_tensor)
         q.write_shard = write_shard
         """, "quantize", str(tiny_released), str(tmp_path / "q"), "--bits", "4", "--group-size", "32")
     _assert_interrupted(proc, 143)

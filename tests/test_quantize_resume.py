@@ -5,11 +5,12 @@ import errno
 import json
 import os
 import shutil
+import tracemalloc
 
 import pytest
 
 from klconvert.checkpoint.safetensors_header import read_header
-from klconvert.convert.output_folder import OUTPUT_RECORD, OutputFolder
+from klconvert.convert.output_folder import HASH_CHUNK_BYTES, OUTPUT_RECORD, OutputFolder
 from klconvert.errors import KLError
 from klconvert.quantize import quantize
 from quantize_helpers import break_shard_write, count_quantize_calls, folder_files, modules_in_shards
@@ -464,6 +465,30 @@ def test_a_finished_shard_whose_bytes_changed_is_written_again(tiny_released, un
     second = _interrupted_at_shard(tiny_released, out, 3)[1]   # its first two tensors are norms of one size
     second.write_bytes(damage(second.read_bytes()))
     assert quantize(tiny_released, out, **OPTIONS).shards_resumed == 1
+    assert folder_files(out) == folder_files(uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_finished_shard_with_a_swollen_header_is_written_again_unparsed(tiny_released, uninterrupted, tmp_path,
+                                                                         monkeypatch):
+    """A finished shard's header was parsed whole, with no bound on its JSON: 6 MB of empty lists took ~150 MB to
+    find it was not the header the run writes. It is now compared with that header byte for byte, unparsed."""
+    out = tmp_path / "q"
+    second = _interrupted_at_shard(tiny_released, out, 3)[1]
+    swollen = b'{"__metadata__":{"format":"pt"},"pad":[' + b"[]," * (2 << 20) + b"[]]}"
+    second.write_bytes(len(swollen).to_bytes(8, "little") + swollen)
+    peaks, checked = [], OutputFolder.has_finished
+
+    def traced(folder, shard, tensors):
+        tracemalloc.start()
+        try:
+            return checked(folder, shard, tensors)
+        finally:
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+    monkeypatch.setattr(OutputFolder, "has_finished", traced)
+    assert quantize(tiny_released, out, **OPTIONS).shards_resumed == 1
+    assert max(peaks) < 2 * HASH_CHUNK_BYTES, f"{max(peaks):,} bytes traced"   # a finished shard's hash reads chunks
     assert folder_files(out) == folder_files(uninterrupted)
 
 

@@ -52,26 +52,31 @@ def shard_names(n: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
-def write_shard(path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None,
-                on_tensor: Callable[[PlannedTensor], None] | None = None) -> str:
-    """Write one safetensors file, making each tensor only when its turn comes; the sha256 of its bytes.
-
-    Written to `path` + ".partial" and renamed when whole, so a cut-off write never looks complete.
-    """
-    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+def shard_header(tensors: list[PlannedTensor]) -> bytes:
+    """The bytes before the data of the safetensors file write_shard writes for `tensors`: the header's length, then
+    the header, padded so that the data section starts 8-byte aligned."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in tensors:
         header[t.name] = {"dtype": TORCH_TO_SAFETENSORS[t.dtype], "shape": list(t.shape),
                           "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def write_shard(path: Path, tensors: list[PlannedTensor], on_tensor: Callable[[PlannedTensor], None] | None = None
+                ) -> str:
+    """Write one safetensors file, making each tensor only when its turn comes; the sha256 of its bytes.
+
+    Written to `path` + ".partial" and renamed when whole, so a cut-off write never looks complete.
+    """
+    head = shard_header(tensors)
     partial = path.with_name(path.name + ".partial")
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(head)
     with open(partial, "wb") as f:
-        for start in (len(raw).to_bytes(8, "little"), raw):
-            f.write(start)
-            digest.update(start)
+        f.write(head)
         for t in tensors:
             value = t.make()
             if value.dtype != t.dtype or tuple(value.shape) != t.shape:

@@ -19,9 +19,8 @@ from typing import Iterator
 
 from klconvert.atomic_file import write_atomically
 from klconvert.checkpoint.folder_files import MAX_FILE_NAME_BYTES
-from klconvert.checkpoint.regular_file import read_json
-from klconvert.checkpoint.safetensors_header import read_header
-from klconvert.checkpoint.safetensors_writer import TORCH_TO_SAFETENSORS, PlannedTensor
+from klconvert.checkpoint.regular_file import open_regular, read_json
+from klconvert.checkpoint.safetensors_writer import PlannedTensor, shard_header
 from klconvert.disk_space import failed_write
 from klconvert.entry import Uninterrupted
 from klconvert.errors import KLError
@@ -510,16 +509,17 @@ class OutputFolder:
         a link, and not a hard link a file elsewhere shares, whose later changes OUT would take) with the sha256
         recorded when it was written."""
         path = self.path / shard
-        planned = {t.name: (TORCH_TO_SAFETENSORS[t.dtype], tuple(t.shape)) for t in tensors}
-        try:   # the header first: a shard of other tensors or size is not read through
+        head = shard_header(tensors)
+        try:   # the header first, byte for byte, unparsed: a shard of other tensors or size is not read through
             found = os.lstat(path)
             if shard not in self.finished or not stat.S_ISREG(found.st_mode) or found.st_nlink != 1:
                 return False
-            header = read_header(path)
-            found = {name: (e.dtype, e.shape) for name, e in header.tensors.items()}
-            return (found == planned and path.stat().st_size == header.data_start + sum(t.nbytes for t in tensors)
+            with open_regular(path) as f:
+                if f.read(len(head)) != head:
+                    return False
+            return (path.stat().st_size == len(head) + sum(t.nbytes for t in tensors)
                     and file_sha256(path) == self.finished[shard])
-        except (OSError, KLError):   # unreadable: written again
+        except OSError:   # unreadable: written again
             return False
 
     def record_finished(self, shard: str, sha256: str) -> None:
