@@ -115,3 +115,38 @@ def test_a_text_file_of_exactly_the_least_tokens_is_read(tokenizer, tmp_path):
     assert read_text_file(path, "--text-file", tokenizer, 100, min_tokens=MIN_SCORED_TOKENS) == "hello world"
     with pytest.raises(KLError, match=r"two\.txt: holds 2 token\(s\) of text; give at least 3$"):
         read_text_file(path, "--text-file", tokenizer, 100, min_tokens=MIN_SCORED_TOKENS + 1)
+
+
+def test_only_the_first_of_two_byte_order_marks_is_dropped(tokenizer, tmp_path, monkeypatch):
+    """The second mark, a chunk of its own right after the first, is text (each chunk's start is not the file's)."""
+    monkeypatch.setattr(text_input, "READ_CHUNK_BYTES", 3)
+    path = tmp_path / "boms.txt"
+    path.write_bytes(b"\xef\xbb\xbf\xef\xbb\xbfabc")
+    assert read_text_file(path, "--prompt-file", tokenizer, 100) == "\ufeffabc"
+
+
+def test_a_prompt_file_is_read_with_standard_input_closed(tokenizer, tmp_path, monkeypatch):
+    """Standard input closed (<&-) refuses `--prompt-file -` alone; a file is read as ever."""
+    monkeypatch.setattr("sys.stdin", None)
+    path = tmp_path / "p.txt"
+    path.write_text("To be, or not to be", encoding="utf-8")
+    assert read_prompt(None, str(path), tokenizer, 100).text == "To be, or not to be"
+    with pytest.raises(KLError, match=r"^--prompt-file -: standard input is closed"):
+        read_prompt(None, "-", tokenizer, 100)
+
+
+def test_a_text_cut_where_a_window_ends_a_chunk_is_not_whole(tokenizer, monkeypatch):
+    """Cut past the budget where a window took all the text read so far, more chunks to come: not whole (it was
+    said whole, though the text goes on)."""
+    monkeypatch.setattr(text_input, "MAX_ENCODE_CHARS", 16)
+    monkeypatch.setattr(text_input, "READ_CHUNK_BYTES", 16)
+    read = read_prompt("the quick fox ju" * 3, None, tokenizer, 2)
+    assert len(read.text) == 16 and len(read.ids) > 2 and not read.whole
+
+
+def test_a_prompt_cut_in_its_leading_whitespace_is_not_called_only_whitespace(tokenizer, monkeypatch):
+    """Cut at the budget inside leading whitespace: not whole, so not refused as a prompt of only whitespace (the CLI
+    then refuses it as past the context)."""
+    monkeypatch.setattr(text_input, "MAX_ENCODE_CHARS", 16)
+    read = read_prompt("\n \t" * 40 + "To be, or not to be", None, tokenizer, 2)
+    assert not read.text.strip() and len(read.ids) > 2 and not read.whole
