@@ -23,7 +23,7 @@ from klconvert.quant import QuantScheme
 from klconvert.runtime.bind import bind, packed_choice
 from klconvert.runtime.decode_step import DecodeStep, capturable
 from klconvert.runtime.host_malloc import large_blocks_mapped
-from klconvert.runtime.host_memory import host_allocation, host_memory
+from klconvert.runtime.host_memory import NAMED_FIT_SHARE, host_allocation, host_memory
 from klconvert.runtime.memory_plan import MAX_BATCH, PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.model import KimiLinear
 from klconvert.runtime.sampling import as_number, check_generate_args, sample, sampling_generator
@@ -518,7 +518,7 @@ class Engine(Runner):
         plan = MemoryPlan(self.config, batch=batch, context=context, weight_bytes=self.weight_bytes,
                           act_dtype=self.dtype, mla_cache_dtype=mla_cache_dtype, memory_limit=limit)
         if limit is not None and plan.total > limit:
-            fit = plan.largest_context()
+            fit = (plan if host is None else replace(plan, memory_limit=int(limit * NAMED_FIT_SHARE))).largest_context()
             raise KLError(f"the plan needs {size_text(plan.total)} but {self.device} has "
                           + (size_text(limit) if host is None else str(host)) + "; "
                           + (f"lower {argument(context_name, '--max-context')} to {fit} or less" if fit else

@@ -14,7 +14,7 @@ import torch
 import klconvert
 from klconvert.errors import KLError
 import klconvert.runtime.engine as engine_module
-from klconvert.runtime.host_memory import ADDRESS_SPACE_BOUND, HostMemory, HostMemoryExhausted
+from klconvert.runtime.host_memory import ADDRESS_SPACE_BOUND, NAMED_FIT_SHARE, HostMemory, HostMemoryExhausted
 from klconvert.units import size_text
 from testkit import assert_one_line_error, run_cli
 
@@ -335,10 +335,25 @@ def test_a_resize_counts_the_weights_it_holds_as_its_own(tiny_released, monkeypa
     engine.resize(4096, 1)
     assert engine.state.context == 4096
     limit = left + plan.weights + engine.plan.state_bytes + engine.plan.mla_cache_bytes   # 4096's state held now
-    fit = dataclasses.replace(engine.plan, memory_limit=limit).largest_context()
+    fit = dataclasses.replace(engine.plan, memory_limit=int(limit * NAMED_FIT_SHARE)).largest_context()
     assert 4096 <= fit < 8192
     with pytest.raises(KLError, match=rf"lower context \(--max-context\) to {fit} or less"):   # resize's name
         engine.resize(8192, 1)
+
+
+def test_the_context_named_to_fit_the_host_fits_with_room_to_spare(tiny_released, monkeypatch):
+    """The context a refusal names fitted what the host had left to the byte: a rerun at it, measuring the host anew
+    (the process holding a little more), was refused in turn, naming a context 64 tokens smaller. It fits
+    NAMED_FIT_SHARE of it now."""
+    limit = klconvert.load(tiny_released, device="cpu", max_context=64).plan.total_for(100_000)
+    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(limit, *ADDRESS_SPACE_BOUND))
+    with pytest.raises(KLError, match=r"lower max_context \(--max-context\) to (\d+) or less") as error:
+        klconvert.load(tiny_released, device="cpu", max_context=200_000)
+    fit = int(re.search(r"to (\d+) or less", str(error.value)).group(1))
+    smaller = int(limit * (1 + NAMED_FIT_SHARE) / 2)   # the next run finds half the spare share taken
+    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(smaller, *ADDRESS_SPACE_BOUND))
+    assert klconvert.load(tiny_released, device="cpu", max_context=fit).plan.context == fit
+    assert fit < 100_000
 
 
 def test_after_a_resize_the_context_is_named_as_resize_names_it(tiny_released):
