@@ -244,6 +244,22 @@ def test_several_prompt_files_run_as_one_batch(tiny_released, tmp_path):
     assert "batch 2" in both.stderr.strip().splitlines()[-1]
 
 
+def test_a_seed_repeats_a_batch_whose_prompts_draw_from_one_generator(tmp_path, capsys):
+    """The README's seed: the same prompts run together repeat their text, and a prompt's text depends on the others
+    in its batch (one generator draws for all of them)."""
+    files = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    files[0].write_text("ROMEO.")
+    files[1].write_text("JULIET.")
+    sampled = ("--max-new-tokens", "16", "--temperature", "1", "--seed", "5", "--device", "cpu")
+    runs = [run_cli(capsys, "run", "--model", "tiny", "--prompt-file", files[0], "--prompt-file", files[1], *sampled)
+            for _ in range(2)]
+    assert runs[0][0] == 0 and runs[0][1] == runs[1][1], runs[0][2]
+    first = re.fullmatch(rf"==> {re.escape(str(files[0]))} <==\n(.*)==> {re.escape(str(files[1]))} <==\n.*",
+                         runs[0][1], re.S).group(1)
+    code, alone, err = run_cli(capsys, "run", "--model", "tiny", "--prompt-file", files[0], *sampled)
+    assert code == 0 and first.strip() and alone.strip() and alone != first, err
+
+
 def test_many_long_prompt_files_are_held_in_little_memory_until_the_plan_refuses_them(tmp_path, capsys,
                                                                                        monkeypatch):
     """Each prompt was held as a list of Python ints, ~40 bytes a token: 150 files of 1M tokens took 6.1 GB before

@@ -856,3 +856,17 @@ def test_a_value_is_shown_whole_or_by_its_size(value, said):
     from klconvert.errors import shown
 
     assert shown(value) == said
+
+
+def test_a_batch_counts_each_sequences_tokens_through_its_stop_id(tiny_released):
+    """The README's summary: new tokens are each sequence's through its stop id, and the decode rate's tokens the same
+    (not the steps the batch runs on for a sequence that has stopped)."""
+    tok = klconvert.Tokenizer.from_folder(tiny_released)
+    engine = klconvert.load(tiny_released, device="cpu", max_context=64, batch=2)
+    prompts = [tok.encode("ROMEO."), tok.encode("The end")]
+    free = engine.generate(prompts, 12, stop_ids=frozenset()).tolist()
+    at = next(i for i in range(3, 9) if free[0][i] not in free[1] and free[0][i] not in free[0][:i])
+    engine.generate(prompts, 12, stop_ids={free[0][at]})
+    stats = engine.stats
+    assert (stats.steps, stats.timed_steps, stats.new_tokens) == (11, 10, at + 1 + 12)
+    assert stats.timed_tokens == (at + 1 - 2) + 10   # columns 2.. of each: the first sequence's through its stop id
