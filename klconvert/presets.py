@@ -7,7 +7,8 @@ from klconvert.errors import KLError
 from klconvert.release import NUM_SPECIAL_TOKENS, RELEASED_CONFIG, layer_lists
 
 # Same structure, a few MB: 8 layers (KDA x3, MLA, KDA x3, MLA), dense layer 0, MoE with a shared expert. Every
-# linear layer's input is a multiple of 128, so the Triton int kernels (128-wide k-tiles) take it at group 128.
+# linear layer's input is a multiple of 128, so the Triton int kernels (128-wide k-tiles) take it at group 128, but
+# f_b_proj's and g_b_proj's, the KDA head_dim 32, which the default policy and the shipped recipes keep unquantized.
 TINY = {
     **copy.deepcopy(RELEASED_CONFIG),
     "bos_token_id": 1024,

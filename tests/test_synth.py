@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import errno
 import gc
+import itertools
 import json
 import os
+import re
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +22,11 @@ from klconvert.convert.output_folder import OutputLock
 from klconvert.errors import KLError
 from klconvert.synth.checkpoint import synth
 from klconvert.presets import preset_config
+from klconvert.quant import load_recipe, policy_from_options
 from klconvert.units import size_text
 from testkit import assert_one_line_error, run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_released_format(tiny_released):
@@ -66,6 +72,31 @@ def test_layers_keep_the_three_to_one_pattern():
     assert config["linear_attn_config"]["full_attn_layers"] == [4, 8]
     assert config["linear_attn_config"]["kda_layers"] == [1, 2, 3, 5, 6, 7]
     assert preset_config("kimi-linear-48b")["linear_attn_config"]["full_attn_layers"] == [4, 8, 12, 16, 20, 24, 27]
+
+
+def test_the_tiny_preset_is_the_structure_the_readme_states():
+    """README's synth table: the tiny preset's layers and MoE, and which linear inputs are multiples of the int
+    kernels' 128-wide k-tiles -- all but f_b_proj's and g_b_proj's (the KDA head size, 32; the bundled model's is 128,
+    test_bundled_model.py), which the default policy and every shipped recipe keep unquantized."""
+    c = KimiLinearConfig.from_dict(preset_config("tiny"))
+    kinds = ["MLA" if layer in c.full_attn_layers else "KDA" for layer in range(c.num_hidden_layers)]
+    pattern = ", ".join(kind + (f" x{n}" if n > 1 else "")
+                        for kind, n in ((kind, len(list(run))) for kind, run in itertools.groupby(kinds)))
+    assert c.first_k_dense_replace == 1 and c.num_shared_experts == 1 and c.num_experts_per_token < c.num_experts
+    readme = re.sub(r"\s+", " ", (ROOT / "README.md").read_text())
+    stated = (f"({c.num_hidden_layers} layers: {pattern}; dense layer 0; MoE of {c.num_experts} experts with a shared "
+              "expert; every linear input a multiple of 128, as the Triton kernels need, but `f_b_proj`'s and "
+              f"`g_b_proj`'s, the KDA head size, {c.kda_head_dim}, which the default policy and the shipped recipes "
+              "keep unquantized)")
+    assert stated in readme
+    linear = [(s.name, s.shape) for s in expected_tensors(c).values() if len(s.shape) == 2]
+    off_tile = [(name, shape) for name, shape in linear if shape[1] % 128]
+    assert {name.split(".")[-2] for name, _ in off_tile} == {"f_b_proj", "g_b_proj"}
+    assert {shape[1] for _, shape in off_tile} == {c.kda_head_dim}
+    recipes = sorted((ROOT / "recipes").glob("*.yaml"))
+    assert recipes
+    for policy in (policy_from_options(), *(load_recipe(recipe).policy for recipe in recipes)):
+        assert all(policy.scheme_for(name, shape) is None for name, shape in off_tile), policy
 
 
 @pytest.mark.slow
