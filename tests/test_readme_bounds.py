@@ -45,3 +45,71 @@ def test_the_bench_new_tokens_bounds():
 
     option = next(p for p in cli.commands["bench"].params if p.name == "new_tokens")
     stated(f"`--new-tokens N` (default {option.default}, at least {option.type.min})")
+
+
+def test_the_mse_observer_search():
+    from klconvert.quant.groupwise import MSE_GRID, MSE_MAX_SHRINK, MSE_NORM
+
+    trials = int(MSE_MAX_SHRINK * MSE_GRID)    # the search's loop: p = 1 - i / MSE_GRID for i < trials
+    stated(f"in steps of {100 / MSE_GRID:g}%, down to {round(100 * (1 - (trials - 1) / MSE_GRID), 6):g}%")
+    stated(f"the sum of its magnitudes to the power {MSE_NORM:g}) is least")
+    stated(f"up to {trials} trial quantizations per weight")
+
+
+def test_the_side_file_and_special_token_bounds():
+    from klconvert.checkpoint.folder_files import MAX_SIDE_FILE_BYTES
+    from klconvert.tokenizer import MAX_SPECIAL_TEXT_CHARS, MAX_SPECIAL_TOKEN_CHARS
+
+    stated(f"side files copied into an output are bounded ({MAX_SIDE_FILE_BYTES / 2**20:g} MiB each), special "
+           f"tokens' text by {MAX_SPECIAL_TOKEN_CHARS:,} characters each and {MAX_SPECIAL_TEXT_CHARS:,} in all")
+
+
+def test_the_bench_prefill_check():
+    from klconvert.bench import PREFILL_CHECK_BOUND, PREFILL_CHECK_TOKENS
+
+    mantissa, exponent = f"{PREFILL_CHECK_BOUND:.0e}".split("e")
+    bound = f"{mantissa}e{int(exponent)}"      # as the README writes bounds: 5e-2
+    assert float(bound) == PREFILL_CHECK_BOUND
+    stated(f"checks a {PREFILL_CHECK_TOKENS:,}-token prefill's last logits")
+    stated(f"refused past {bound} relative")
+
+
+def _plan_default(name: str):
+    from klconvert.runtime.plan_report import RUNTIME_DEFAULTS
+
+    return RUNTIME_DEFAULTS[name]
+
+
+def _opset_default():
+    return pytest.importorskip("klconvert.onnx.export").DEFAULT_OPSET
+
+
+def _shard_gb_default():
+    from klconvert.release import RELEASED_SHARD_BYTES
+
+    return f"{RELEASED_SHARD_BYTES / 1e9:g}"
+
+
+# (command, option, the README's phrase, what the command takes where the option's default is None)
+DEFAULTS_IN_PROSE = [
+    ("synth", "seed", "`--seed S` | seed of the random weights (default {})", None),
+    ("run", "max_new_tokens", "`--max-new-tokens N` | default {} (0: only prefill the prompts)", None),
+    ("plan", "max_context", "`--max-context N` (default {})", lambda: _plan_default("max_context")),
+    ("plan", "batch", "`--batch B` (default {})", lambda: _plan_default("batch")),
+    ("eval", "max_tokens", "cut the text to N tokens (default {}, at least", None),
+    ("export-onnx", "opset", "(opset {} by default, up to the installed onnx's newest)", _opset_default),
+    ("quantize", "max_shard_size", "shards holding at most `--max-shard-size` of tensor data ({} GB;",
+     _shard_gb_default),
+]
+
+
+@pytest.mark.parametrize("command, name, phrase, unset", DEFAULTS_IN_PROSE,
+                         ids=[f"{command} {name}" for command, name, _, _ in DEFAULTS_IN_PROSE])
+def test_the_option_defaults_stated_in_prose(command, name, phrase, unset):
+    """Each default the README states in words: the click option's own, or, where the option's is None, what the
+    command then takes (`unset`: plan's RUNTIME_DEFAULTS, export's DEFAULT_OPSET, the release's shard size)."""
+    from klconvert.cli import cli
+
+    option = next(p for p in cli.commands[command].params if p.name == name)
+    assert (option.default is None) == (unset is not None), option.default
+    stated(phrase.format(option.default if unset is None else unset()))

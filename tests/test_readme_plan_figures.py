@@ -91,3 +91,9 @@ def test_cache_and_state_figures_per_token_and_sequence():
                 "bf16)") in comment, recipe.name
     per_seq = bf16.kda_state_bytes_per_seq + bf16.conv_bytes_per_seq
     assert f"the KDA state and conv tails add {per_seq / 2**20:.1f} MiB per sequence" in text
+
+
+def test_finer_groups_figure():
+    """Groups of 64 are finer than the kernels' 128: every layer is held dequantized to bf16."""
+    weights = plan_for(preset="kimi-linear-48b", bits=4, group_size=64).weights
+    assert f"(`--bits 4 --group-size 64` plans {weights / GIB:.1f} GiB for the 48B)" in " ".join(README.split())
