@@ -461,7 +461,8 @@ def _linked_out(folder: Path, name: str, outside: Path) -> Path:
 @pytest.mark.parametrize("name", ["chat_template.jinja", "tokenizer_config.json", "tiktoken.model", "config.json"])
 def test_a_model_file_linked_from_outside_the_folder_is_refused(capsys, tiny_copy, tiny_released, tmp_path, name):
     """run --chat read a chat_template.jinja that linked to /etc/passwd into the prompt; quantize refused such a link
-    (an output copies it), run, eval and plan followed it. Now every reader of a folder's small files refuses it."""
+    (an output copies it), run, eval and plan followed it. Now every reader of a folder's small files refuses it,
+    export-onnx (which copies the tokenizer files and chat template) before it begins its output."""
     if name == "chat_template.jinja":
         (tiny_copy / name).write_text("{{ messages[0]['content'] }}")
     target = _linked_out(tiny_copy, name, tmp_path / "outside")
@@ -470,12 +471,16 @@ def test_a_model_file_linked_from_outside_the_folder_is_refused(capsys, tiny_cop
     text.write_text("The quick brown fox jumps over the lazy dog. " * 4)
     for args in (("run", "--model", tiny_copy, "--prompt", "hi", "--max-new-tokens", "1", "--chat", "--device", "cpu"),
                  ("eval", "--model", tiny_copy, "--reference", tiny_released, "--text-file", text, "--device", "cpu"),
-                 ("plan", "--model", tiny_copy)):
+                 ("plan", "--model", tiny_copy),
+                 ("export-onnx", "--model", tiny_copy, "--out", tmp_path / "onnx")):
+        if args[0] == "export-onnx" and importlib.util.find_spec("onnx") is None:
+            continue
         if args[0] == "plan" and name not in ("config.json",):
             continue   # the plan reads no tokenizer
         if args[0] == "eval" and name == "chat_template.jinja":
             continue   # eval renders no chat
         assert_one_line_error(*run_cli(capsys, *args)[::2], needle, "put the file itself in the folder")
+    assert not [p for p in tmp_path.iterdir() if "onnx" in p.name]
 
 
 def test_a_folders_recipe_linked_from_outside_is_refused_by_plan(capsys, tiny_released, tmp_path):
@@ -557,6 +562,10 @@ def test_synth_refuses_existing_output(capsys, tiny_released):
     (("pull", "--local-dir", ""), "--local-dir"),
     (("synth", "--preset", "tiny", "--out", ""), "--out"),
     (("bench", "--model", ""), "--model"),
+    (("bench", "--preset", "kimi-linear-48b", "--json", ""), "--json"),
+    (("pull", "--cache-dir", ""), "--cache-dir"),
+    (("run", "--model", "tiny", "--prompt-file", ""), "--prompt-file"),
+    (("quantize", "tiny", "out", "--recipe", ""), "--recipe"),
 ])
 def test_an_empty_path_is_refused_not_read_as_the_current_folder(capsys, tmp_path, monkeypatch, args, flag):
     """pathlib reads "" as ".": an unset shell variable quietly named the current folder (a checkpoint there ran,
