@@ -113,3 +113,16 @@ def test_the_option_defaults_stated_in_prose(command, name, phrase, unset):
     option = next(p for p in cli.commands[command].params if p.name == name)
     assert (option.default is None) == (unset is not None), option.default
     stated(phrase.format(option.default if unset is None else unset()))
+
+
+def test_the_context_a_host_refusal_names():
+    from klconvert.runtime.host_memory import NAMED_FIT_SHARE
+
+    stated(f"the largest context that fits {NAMED_FIT_SHARE:.0%} of what is left")
+
+
+def test_the_least_gpu_memory():
+    from klconvert.runtime.plan_report import LEAST_BARE_BYTES
+
+    least = f"{LEAST_BARE_BYTES / 2**20:g} MiB"
+    stated(f"one under {least} (`80`) is refused as a unit left off; under {least} in any form")
