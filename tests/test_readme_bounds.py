@@ -126,3 +126,13 @@ def test_the_least_gpu_memory():
 
     least = f"{LEAST_BARE_BYTES / 2**20:g} MiB"
     stated(f"one under {least} (`80`) is refused as a unit left off; under {least} in any form")
+
+
+def test_the_bench_defaults():
+    from klconvert.cli import DECODE_CONTEXT, cli
+
+    default = {p.name: p.default for p in cli.commands["bench"].params}
+    assert default["contexts"] is None and default["check_depth"] is True   # the context: DECODE_CONTEXT, below
+    stated(f"(defaults: `--bits {default['bits']}`, `--context {DECODE_CONTEXT}` -- none when `--prefill` is given "
+           f"alone --, `--batch {default['batches']}`, `--mla-cache-dtype {default['mla_cache_dtype']}`, `--peer "
+           f"{default['peer']}`, the check on)")
