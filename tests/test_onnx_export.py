@@ -708,6 +708,16 @@ def test_run_with_onnxruntime_refuses_a_fifo_not_waits_on_it(exported, tmp_path,
     assert_one_line_error(code, err, f"{name}: onnxruntime cannot load it", "not a regular file (a FIFO")
 
 
+def test_run_with_onnxruntime_refuses_a_graph_linked_from_outside_the_folder(exported, tmp_path, capsys):
+    """model.onnx, a link to a graph outside the folder, was loaded and run, where the folder's config and tokenizer
+    files are refused as such links."""
+    out = shutil.copytree(exported[1], tmp_path / "onnx")
+    (out / "model.onnx").rename(tmp_path / "elsewhere.onnx")
+    (out / "model.onnx").symlink_to(tmp_path / "elsewhere.onnx")
+    code, _, err = run_cli(capsys, "run", "--model", out, "--engine", "onnxruntime", "--prompt", "hi")
+    assert_one_line_error(code, err, "model.onnx: a link to", "outside the model folder")
+
+
 def _graph_reading(location: str) -> bytes:
     """An ONNX graph whose one weight is external data at `location`."""
     weight = onnx.TensorProto(name="w", data_type=onnx.TensorProto.FLOAT, dims=[4],

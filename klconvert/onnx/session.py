@@ -105,6 +105,7 @@ class OnnxEngine(Runner):
         self.device = torch.device("cpu")
         for name in (ONNX_FILE, DATA_FILE):  # onnxruntime would wait on a FIFO as long as nothing writes to it
             if name == ONNX_FILE or (folder / name).exists():
+                refuse_link_out(folder / name)   # as every other file of the folder is read: its own only
                 try:
                     open_regular(folder / name).close()
                 except OSError as e:
