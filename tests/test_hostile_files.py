@@ -21,6 +21,7 @@ from klconvert.checkpoint.folder_files import JSON_CONTAINERS_SLACK
 from klconvert.checkpoint.size_bounds import (
     MAX_TENSORS,
     check_model_size,
+    max_header_bytes,
     max_header_containers,
     tensor_and_param_count,
 )
@@ -619,3 +620,25 @@ def test_an_onnx_export_is_named_as_such_where_a_checkpoint_belongs(tiny_copy):
     (tiny_copy / "genai_config.json").write_text("{}")
     assert "an ONNX export (genai_config.json), not a safetensors checkpoint; run it with `klconvert run --engine " \
            "onnxruntime`" in run_on(tiny_copy).error_line()
+
+
+def test_the_header_bounds_hold_the_released_model_quantized_in_one_file():
+    """The 48B's headers bounded by its tensor count: every 2-D weight stored asymmetric int4 (four entries, the most
+    a pack-quantized weight has; the embedding and router too), all in one shard, is under both bounds (helper-124:
+    `*` -> `//` in max_header_bytes left the bound at ~1 MiB and no test failed: only the tiny model's were read)."""
+    from klconvert.checkpoint.regular_file import json_containers
+    from klconvert.checkpoint.safetensors_writer import PlannedTensor, shard_header
+
+    c = KimiLinearConfig.from_dict(preset_config("kimi-linear-48b"))
+    planned = []
+    for name, spec in expected_tensors(c).items():
+        if len(spec.shape) != 2 or not name.endswith(".weight"):
+            planned.append(PlannedTensor(name, torch.bfloat16, spec.shape, None))
+            continue
+        out, inp, module = *spec.shape, name.removesuffix(".weight")
+        planned += [PlannedTensor(f"{module}.weight_packed", torch.int32, (out, inp // 8), None),
+                    PlannedTensor(f"{module}.weight_scale", torch.bfloat16, (out, -(-inp // 128)), None),
+                    PlannedTensor(f"{module}.weight_shape", torch.int64, (2,), None),
+                    PlannedTensor(f"{module}.weight_zero_point", torch.int32, (-(-out // 8), -(-inp // 128)), None)]
+    header = shard_header(planned)
+    assert len(header) < max_header_bytes(c) and json_containers(header) < max_header_containers(c)

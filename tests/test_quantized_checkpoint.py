@@ -306,7 +306,8 @@ def _scale_at(module: str, value: float, zero_point: int | None = None):
 @pytest.mark.parametrize("options, value, zero_point", [
     (dict(bits=4), 3e38, None), (dict(bits=4), -3e38, None), (dict(bits=8), 3e36, None),
     (dict(bits=4, symmetric=False), 3e37, 7),   # codes -8 .. 7 less 7: 15 steps of 3e37 (8 steps would be finite)
-], ids=["int4", "negative", "int8", "int4-asym"])
+    (dict(bits=4, symmetric=False), 3e37, -8),  # less -8: the top code's 15 steps (helper-124: qmax + zero passed)
+], ids=["int4", "negative", "int8", "int4-asym", "int4-asym-low-zero"])
 def test_scales_that_dequantize_past_the_dtype_are_refused(tiny_released, tmp_path, capsys, options, value,
                                                            zero_point):
     """A finite scale of 3e38 dequantized to infinity and `run` printed NUL bytes: now the weight is refused, named,

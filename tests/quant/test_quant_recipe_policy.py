@@ -336,3 +336,17 @@ def test_yaml_syntax_and_structure_errors(tmp_path):
               targets: ["lm_head"]
               weights: {num_bits: 4, type: nf4}
         """))
+
+
+def test_the_default_scheme_is_int4_by_group_of_128_symmetric():
+    """The CLI's defaults and the README's `--bits 4` (helper-124: `symmetric: bool = False` left every test passing,
+    and a plain quantize then wrote asymmetric int4)."""
+    assert QuantScheme() == QuantScheme(4, 128, True, "int", "minmax")
+    weights = policy_from_options().quantization_config()["config_groups"]["group_0"]["weights"]
+    assert (weights["num_bits"], weights["group_size"], weights["symmetric"]) == (4, 128, True)
+
+
+def test_schemes_describe_themselves_as_the_model_card_names_them():
+    assert [QuantScheme(**kw).describe() for kw in (
+        {}, dict(bits=8, group_size=CHANNEL), dict(symmetric=False, observer="mse"), dict(group_size=64, kind="nf4"),
+    )] == ["int4 g128 sym", "int8 per-channel sym", "int4 g128 asym mse", "nf4"]
