@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import pytest
 from huggingface_hub import close_session, constants
@@ -78,6 +78,8 @@ class HubStandIn:
         times the bytes, no Content-Length, until the connection closes), "gzip" (gzip-encoded).
       tree_next_forever: every tree listing page links to itself as the next one.
       slow_body: path -> seconds its GETs wait between 1 KiB pieces of the body.
+      via_cdn: resolve answers an LFS file (HEAD and GET) with the hub's 302, its metadata headers and a Location on
+        /cdn/{repo}/{path}, which serves the body, as huggingface.co hands LFS files to its CDN.
     Counters: requests[(method, path)] for resolve calls, ranges[path] the Range headers received.
     """
 
@@ -92,6 +94,7 @@ class HubStandIn:
         self.gone: set[str] = set()
         self.body_edit: dict[str, str] = {}
         self.tree_next_forever = False
+        self.via_cdn = False
         self.slow_body: dict[str, float] = {}
         self.requests: Counter[tuple[str, str]] = Counter()
         self.ranges: dict[str, list[str]] = {}
@@ -173,6 +176,8 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
                 self._resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]), send_body)
             elif len(parts) >= 4 and parts[1] == "resolve":
                 self._resolve(parts[0], parts[2], "/".join(parts[3:]), send_body)
+            elif len(parts) >= 4 and parts[0] == "cdn" and "/".join(parts[1:3]) in hub.repos:
+                self._from_cdn(hub.repos["/".join(parts[1:3])], "/".join(parts[3:]), send_body)
             else:
                 self._error(404, None, "Not found", send_body)
 
@@ -221,10 +226,32 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
                 self._error(404, "EntryNotFound", f"{path} does not exist", send_body,
                             hub.header_edit.get(path, {"X-Repo-Commit": repo.commit}))
                 return
-            if send_body and path in hub.cut_short:
+            if hub.via_cdn and served.sha256 is not None:   # the hub's 302 for an LFS file, with its metadata
+                self.send_response(302)
+                cdn = f"{hub.endpoint}/cdn/{repo_id}/{quote(path)}"
+                for name, value in {**self._file_headers(repo, path, served), "Location": cdn,
+                                    "Content-Length": "0"}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+            elif send_body and path in hub.cut_short:
                 self._send_file(repo, path, served, cut_at=hub.cut_short.pop(path))
             elif send_body and path in hub.unavailable:
                 self._error(503, None, "Service Unavailable", send_body)
+            else:
+                self._send_file(repo, path, served, cut_at=None, send_body=send_body)
+
+        def _file_headers(self, repo, path: str, served: ServedFile) -> dict[str, str]:
+            etag = hub.published_sha256(path, served) or served.blob_id
+            headers = {"ETag": f'"{etag}"', "X-Repo-Commit": repo.commit}
+            if served.sha256 is not None:
+                headers |= {"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(served.data))}
+            return hub.header_edit.get(path, headers)
+
+        def _from_cdn(self, repo, path: str, send_body: bool) -> None:
+            """The CDN's answer for a file the hub redirected to it: the body (Range and body_edit as ever)."""
+            served = repo.files.get(path)
+            if served is None:
+                self._error(404, None, "Not found", send_body)
             else:
                 self._send_file(repo, path, served, cut_at=None, send_body=send_body)
 
@@ -241,11 +268,7 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
             self.send_response(206 if range_header else 200)
             if range_header:
                 self.send_header("Content-Range", f"bytes {start}-{start + len(data) - 1}/{len(served.data)}")
-            etag = hub.published_sha256(path, served) or served.blob_id
-            headers = {"ETag": f'"{etag}"', "X-Repo-Commit": repo.commit}
-            if served.sha256 is not None:
-                headers |= {"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(served.data))}
-            for name, value in hub.header_edit.get(path, headers).items():
+            for name, value in self._file_headers(repo, path, served).items():
                 self.send_header(name, value)
             self.send_header("Accept-Ranges", "bytes")
             self.send_header("Content-Type", "application/octet-stream")

@@ -630,6 +630,7 @@ def _file_headers(server, path: str, **changed: str) -> dict[str, str]:
     ("config.json", {"ETag": f'W/"{ESCAPED}"'}, False, f"with ETag 'W/\"{ESCAPED}\"', which is not a digest"),
     ("config.json", {"X_Repo_Commit": ESCAPED}, False, f"from commit '{ESCAPED}', not "),
     ("config.json", {"X_Repo_Commit": ESCAPED}, True, f"from commit '{ESCAPED}', not "),
+    ("config.json", {"X_Repo_Commit": "0" * 40}, False, f"from commit '{'0' * 40}', not "),   # a sha, another one
 ])
 @pytest.mark.parametrize("into", ["cache", "local_dir"])
 def test_file_headers_that_would_name_paths_out_of_the_cache_are_refused(served, tmp_path, path, changed, gone,
@@ -808,3 +809,21 @@ def test_a_local_dir_named_by_dot_or_dot_dot_is_pulled_into(served, tmp_path, mo
     folder = here if given == "." else here.parent
     assert SHARD_1 in files_under(folder) and result.files
     assert not [p for p in tmp_path.rglob("*.lock") if ".cache" not in p.parts]
+
+
+@pytest.mark.parametrize("misstated", [None, "unframed"])
+def test_files_the_hub_hands_to_its_cdn_are_bounded_by_their_listed_size(served, tmp_path, monkeypatch, misstated):
+    """huggingface.co answers an LFS file's resolve with a 302 to its CDN: the CDN's body is that file's, bounded by
+    its listed size, not an answer of the budget other answers share (which every shard would overrun), and
+    nothing else (helper-124: the stand-in never redirected, so no test told the two apart)."""
+    server, commit = served
+    server.via_cdn = True
+    monkeypatch.setattr(hub_guard, "MAX_OTHER_BYTES", 8 << 10)   # under a shard's 16,472 bytes
+    if misstated is None:
+        assert files_under(hub.pull(REPO, progress=False).path) == PULLED
+        return
+    server.body_edit[SHARD_2] = misstated
+    with pytest.raises(KLError, match=re.escape(f"sent over 16,472 bytes for '{SHARD_2}', the size the listing gives")):
+        hub.pull(REPO, progress=False)
+    storage = cache_dir(tmp_path) / "models--moonshotai--Kimi-Linear-48B-A3B-Instruct"
+    assert SHARD_2 not in files_under(storage / "snapshots" / commit)
