@@ -214,8 +214,8 @@ def test_a_prompt_prefills_in_calls_sized_by_its_scores(exported, monkeypatch):
     monkeypatch.setattr(session_module, "SCORE_BYTES", 4 * 2 * heads * len(PROMPT) * 5)     # 5 tokens a call
     assert engine.prefill_segment(2, len(PROMPT)) == 5
     calls = []
-    run = engine.run
-    monkeypatch.setattr(engine, "run", lambda ids, *a: (calls.append(ids.shape[1]), run(ids, *a))[1])
+    run = engine._run
+    monkeypatch.setattr(engine, "_run", lambda ids, *a, **kw: (calls.append(ids.shape[1]), run(ids, *a, **kw))[1])
     assert rel_error(engine.forward(ids), torch.from_numpy(whole)) < 1e-6
     assert calls == [5, 5, 2]
     calls.clear()
@@ -386,7 +386,7 @@ def test_every_prompt_is_checked_before_any_is_prefilled(exported, monkeypatch, 
     """A bad id in the second prompt was found only as that prompt prefilled, after the first one's work."""
     engine = OnnxEngine(exported[1])
     work = []
-    monkeypatch.setattr(engine, "run", lambda *args: work.append(args))
+    monkeypatch.setattr(engine, "_run", lambda *args, **kw: work.append(args))
     with pytest.raises(klconvert.KLError, match=message):
         engine.generate([PROMPT, second], 2, on_prefill=work.append)
     assert work == []
@@ -396,7 +396,7 @@ def test_stop_ids_are_checked_before_any_prompt_is_prefilled(exported, monkeypat
     """OnnxEngine.generate checked its stop ids only in the decode loop, after every prompt's prefill."""
     engine = OnnxEngine(exported[1])
     work = []
-    monkeypatch.setattr(engine, "run", lambda *args: work.append(args))
+    monkeypatch.setattr(engine, "_run", lambda *args, **kw: work.append(args))
     with pytest.raises(klconvert.KLError, match=r"^stop id 4352 is outside the vocabulary"):
         engine.generate([PROMPT], 2, stop_ids={4352})
     assert work == []
@@ -718,6 +718,42 @@ def test_run_with_onnxruntime_refuses_a_graph_linked_from_outside_the_folder(exp
     assert_one_line_error(code, err, "model.onnx: a link to", "outside the model folder")
 
 
+def _state_returned_as(model: onnx.ModelProto, present: str, edit: str) -> None:
+    """Route the graph's `present` output through one more node: `narrow` drops its last column, `short` its last
+    latent row, `nan` adds NaN."""
+    graph = model.graph
+    made = next(node for node in graph.node if present in node.output)
+    made.output[list(made.output).index(present)] = f"{present}.before"
+    if edit == "nan":
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array(np.nan, np.float32), "edit.nan"))
+        graph.node.append(onnx.helper.make_node("Add", [f"{present}.before", "edit.nan"], [present]))
+        return
+    for name, value in (("starts", [0]), ("ends", [-1]), ("axes", [3 if edit == "narrow" else 1])):
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array(value, np.int64), f"edit.{name}"))
+    graph.node.append(onnx.helper.make_node("Slice", [f"{present}.before", "edit.starts", "edit.ends", "edit.axes"],
+                                            [present]))
+
+
+@pytest.mark.parametrize("present, edit, needle", [
+    ("present.0.kda_state", "narrow", "the graph returned present.0.kda_state float32 [1, 2, 128, 127], where "
+                                      "config.json makes it float32 [1, 2, 128, 128]; export the folder again"),
+    ("present.3.mla_latent", "short", "the graph returned present.3.mla_latent float32 [1, 0, 160], where config.json "
+                                      "makes it float32 [1, 1, 160]"),
+    ("present.0.conv_state", "nan", "the graph returned NaN or infinite values in its state (past.0.conv_state, fed "
+                                    "back); its weights or graph are damaged -- export the folder again"),
+])
+def test_a_state_the_graph_returns_wrong_is_the_graphs_fault(exported, tmp_path, capsys, present, edit, needle):
+    """A state output of another shape, or NaN, fed back into the next step, was refused as the caller's state ("pass
+    the state empty_state(1) or run returned"), which a user of `run` never passes (helper-127)."""
+    out = shutil.copytree(exported[1], tmp_path / "onnx")
+    model = onnx.load(out / "model.onnx")
+    _state_returned_as(model, present, edit)
+    onnx.save(model, out / "model.onnx")
+    code, _, err = run_cli(capsys, "run", "--model", out, "--engine", "onnxruntime", "--prompt", "hi",
+                           "--max-new-tokens", "3")
+    assert_one_line_error(code, err, "model.onnx: " + needle)
+
+
 def _graph_reading(location: str) -> bytes:
     """An ONNX graph whose one weight is external data at `location`."""
     weight = onnx.TensorProto(name="w", data_type=onnx.TensorProto.FLOAT, dims=[4],
@@ -873,3 +909,18 @@ def test_a_graph_that_is_not_this_folders_export_is_one_line(exported, tmp_path,
     code, out, err = run_cli(capsys, "run", "--model", folder, "--engine", "onnxruntime", "--prompt", "hi",
                              "--max-new-tokens", "2")
     assert_one_line_error(code, err, f"{folder / 'model.onnx'}: {needle}")
+
+
+def test_nan_in_a_state_is_the_graphs_when_run_returned_it_and_the_callers_when_not(exported, tmp_path):
+    out = shutil.copytree(exported[1], tmp_path / "onnx")
+    model = onnx.load(out / "model.onnx")
+    _state_returned_as(model, "present.0.conv_state", "nan")
+    onnx.save(model, out / "model.onnx")
+    engine = OnnxEngine(out)
+    _, state = engine.run(np.array([[5, 6]]), engine.empty_state(1), np.array([0]))
+    with pytest.raises(klconvert.KLError, match=r"model\.onnx: the graph returned NaN or infinite values in its state "
+                                                r"\(past\.0\.conv_state, fed back\)"):
+        engine.run(np.array([[7]]), state, np.array([2]))
+    with pytest.raises(klconvert.KLError, match=r"^state\['past\.0\.conv_state'\] holds NaN or infinite values, which "
+                                                r"the graph carried into its logits; pass the state"):
+        engine.run(np.array([[7]]), {name: value.copy() for name, value in state.items()}, np.array([2]))

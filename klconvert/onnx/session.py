@@ -76,7 +76,8 @@ class _SessionStep:
         self.positions = torch.tensor(positions, dtype=torch.long)
 
     def step(self) -> torch.Tensor:
-        logits, self.state = self.engine.run(self.tokens.numpy()[:, None], self.state, self.positions.numpy())
+        logits, self.state = self.engine._run(self.tokens.numpy()[:, None], self.state, self.positions.numpy(),
+                                              state_is_ours=True)
         return torch.from_numpy(logits[:, -1])
 
 
@@ -132,6 +133,7 @@ class OnnxEngine(Runner):
                           f"where config.json's vocab_size makes it [batch, sequence, {self.config.vocab_size}]; "
                           "export the folder again")
         self.stats = GenerationStats()
+        self._returned: State = {}   # the state the last run returned (the one a decode loop feeds back)
 
     def _check_names(self, path: Path) -> None:
         """The graph takes exactly the inputs and gives at least the outputs that config.json's state implies (a graph
@@ -177,9 +179,15 @@ class OnnxEngine(Runner):
         empty_state(B)'s or what run returned; each position is where its sequence's next token goes (the longest
         sequence's: the tokens the state holds). Refused with a KLError naming the argument otherwise: onnxruntime
         ran most such input into an error that blamed the export, and a position past the state's silently."""
+        return self._run(ids, state, positions, state_is_ours=False)
+
+    def _run(self, ids, state: State, positions, state_is_ours: bool) -> tuple[np.ndarray, State]:
+        """run's work; `state_is_ours`: the state is one this engine made (empty, batched, or the graph's own, fed
+        back), so NaN in it is the graph's, not the caller's."""
         ids = self._checked_ids(ids)
         B, T = ids.shape
-        positions = self._checked_positions(positions, B, T, self._state_rows(state, B))
+        rows = self._state_rows(state, B)
+        positions = self._checked_positions(positions, B, T, rows)
         feed = {"input_ids": ids, "position": positions, **state}
         try:
             out = dict(zip(self.outputs, self.session.run(None, feed, self._run_options)))
@@ -190,7 +198,20 @@ class OnnxEngine(Runner):
                               "fewer or shorter prompts") from None
             raise KLError(f"{self.folder / ONNX_FILE}: onnxruntime failed running it ({reason}); export the folder "
                           "again") from None
-        return self._checked(out["logits"], state), {s["past"]: out[s["present"]] for s in self.states}
+        logits = self._checked(out["logits"], state, state_is_ours)
+        after = {s["past"]: self._checked_present(s, out[s["present"]], B, (rows or 0) + T) for s in self.states}
+        self._returned = after
+        return logits, after
+
+    def _checked_present(self, spec: dict, value: np.ndarray, batch: int, rows: int) -> np.ndarray:
+        """A state tensor the graph returned, refused as the graph's fault unless it is of the dtype and shape its
+        past input takes next (`rows` tokens held): fed back, it was refused as the caller's state."""
+        want = _shape(spec, batch, rows)
+        if value.dtype != spec["dtype"] or list(value.shape) != want:
+            raise KLError(f"{self.folder / ONNX_FILE}: the graph returned {spec['present']} {value.dtype} "
+                          f"{list(value.shape)}, where config.json makes it {spec['dtype']} {want}; export the folder "
+                          "again")
+        return value
 
     def _checked_ids(self, ids) -> np.ndarray:
         """Token ids as the graph takes them, [B >= 1, T >= 1] int64 inside the vocabulary (its Gather wraps a
@@ -256,7 +277,7 @@ class OnnxEngine(Runner):
                           "the state given (0 for empty_state's)")
         return p.numpy()
 
-    def _checked(self, logits: np.ndarray, state: State) -> np.ndarray:
+    def _checked(self, logits: np.ndarray, state: State, state_is_ours: bool) -> np.ndarray:
         """The graph's logits, refused unless they are vocab_size wide (a wider row samples ids the tokenizer does not
         have) and finite (NaN samples garbage): non-finite logits from a `state` (the one they were run on) that holds
         NaN or inf are the caller's state's, else the graph's. The state is read only then, not on every call."""
@@ -265,6 +286,9 @@ class OnnxEngine(Runner):
                           f"config.json's vocab_size is {self.config.vocab_size}; export the folder again")
         if not np.isfinite(logits.sum(dtype=np.float64)):   # finite iff every value is: fp32s cannot overflow it
             bad = next((name for name, value in state.items() if not np.isfinite(value.sum(dtype=np.float64))), None)
+            if bad is not None and (state_is_ours or self._returned.get(bad) is state[bad]):   # the graph's own
+                raise KLError(f"{self.folder / ONNX_FILE}: the graph returned NaN or infinite values in its state "
+                              f"({bad}, fed back); its weights or graph are damaged -- export the folder again")
             if bad is not None:
                 raise KLError(f"state[{bad!r}] holds NaN or infinite values, which the graph carried into its "
                               f"logits; {_pass_a_state(logits.shape[0])}")
@@ -284,7 +308,8 @@ class OnnxEngine(Runner):
         B, T = ids.shape
         state, size, kept = self.empty_state(B), self.prefill_segment(B, T), []
         for start in range(0, T, size):
-            logits, state = self.run(ids[:, start:start + size], state, np.full(B, start, np.int64))
+            logits, state = self._run(ids[:, start:start + size], state, np.full(B, start, np.int64),
+                                      state_is_ours=True)
             kept.append(logits if every_position else logits[:, -1:])
         return (np.concatenate(kept, axis=1) if every_position else kept[-1]), state
 
