@@ -280,7 +280,8 @@ class OnnxEngine(Runner):
     def _checked(self, logits: np.ndarray, state: State, state_is_ours: bool) -> np.ndarray:
         """The graph's logits, refused unless they are vocab_size wide (a wider row samples ids the tokenizer does not
         have) and finite (NaN samples garbage): non-finite logits from a `state` (the one they were run on) that holds
-        NaN or inf are the caller's state's, else the graph's. The state is read only then, not on every call."""
+        NaN or inf are the caller's state's, unless the state is the engine's own (`state_is_ours`) or what the last
+        run returned; else the graph's. The state is read only then, not on every call."""
         if logits.ndim != 3 or logits.shape[2] != self.config.vocab_size:
             raise KLError(f"{self.folder / ONNX_FILE}: the graph returned logits {list(logits.shape)}, where "
                           f"config.json's vocab_size is {self.config.vocab_size}; export the folder again")
