@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,12 +30,13 @@ from klconvert.onnx import export as export_module
 from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, MIN_OPSET, export_onnx, make_model
 from klconvert.onnx.graph import GraphBuilder
 from klconvert.onnx.matmul_nbits import NBitsWeight, nbits_weight
-from klconvert.onnx.session import MAX_THREADS, OnnxEngine
+from klconvert.onnx.session import ARENA_SHARE, MAX_THREADS, OnnxEngine
 from klconvert.quant import QuantScheme, compress_weight, decompress_weight, unpack_from_int32
 from klconvert.quant.groupwise import CHANNEL
 from klconvert.quantize import quantize
 from klconvert.runtime.engine import Engine, GenerationStats
 from klconvert.runtime.host_memory import DATA_BOUND, HostMemory
+from klconvert.units import size_text
 from testkit import assert_one_line_error, emitting_a_special, rel_error, run_cli, run_klconvert, shown_lines
 
 EXACT_BOUND = 1e-5  # onnxruntime vs klconvert on the same fp32 weights: summation order only
@@ -469,17 +471,25 @@ def test_the_length_limit_is_named_as_config_json_names_it(exported, tmp_path):
     "Name:'/model/layers.0/attn/MatMul_1' Status Message: /onnxruntime_src/onnxruntime/core/framework/"
     "bfc_arena.cc:376 void* onnxruntime::BFCArena::AllocateRawInternal(size_t, bool, onnxruntime::Stream*, bool, "
     "onnxruntime::WaitNotificationFn) Failed to allocate memory for requested buffer of size 4194304",
+    # past the arena's cap: the function it failed in, with no source position before it
+    "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running Expand node. Name:'' "
+    "Status Message: void* onnxruntime::BFCArena::AllocateRawInternal(size_t, bool, onnxruntime::Stream*) Available "
+    "memory of 479359744 is smaller than requested bytes of 1073742080",
 ])
 def test_onnxruntime_out_of_memory_is_named_so(exported, monkeypatch, message):
-    """Not 'export the folder again', which sends the user to the wrong fix."""
+    """Not 'export the folder again' alone, which sends the user to the wrong fix first; onnxruntime's reason is
+    quoted without its C++ source position and function."""
     engine = OnnxEngine(exported[1])
 
     class Session:
         def run(self, *a):
             raise RuntimeError(message)
     monkeypatch.setattr(engine, "session", Session())
-    with pytest.raises(klconvert.KLError, match=r"onnxruntime ran out of memory running it \(.*\); give fewer or "
-                                                r"shorter prompts"):
+    with pytest.raises(klconvert.KLError, match=r"onnxruntime ran out of memory running it \((Failed to allocate|"
+                                                r"Available memory of)[^:()]*\); its memory is capped at [^;]*; give "
+                                                r"fewer or shorter prompts, or free memory and start again -- if a "
+                                                r"short prompt fails too, the graph is damaged: export the folder "
+                                                r"again$"):
         engine.forward([PROMPT])
 
 
@@ -924,3 +934,53 @@ def test_nan_in_a_state_is_the_graphs_when_run_returned_it_and_the_callers_when_
     with pytest.raises(klconvert.KLError, match=r"^state\['past\.0\.conv_state'\] holds NaN or infinite values, which "
                                                 r"the graph carried into its logits; pass the state"):
         engine.run(np.array([[7]]), {name: value.copy() for name, value in state.items()}, np.array([2]))
+
+
+def _asking_per_position(model: onnx.ModelProto, floats: int) -> None:
+    """Make the graph build (position * floats + 1) float32 ones on the way to its logits (and add their sum times
+    zero): one value while prefilling from position 0, as many more as the position grows at every decode step."""
+    graph = model.graph
+    made = next(node for node in graph.node if "logits" in node.output)
+    made.output[list(made.output).index("logits")] = "logits.before"
+    for name, value in (("floats", np.array([floats], np.int64)), ("one", np.array([1], np.int64)),
+                        ("ones", np.array([1.0], np.float32)), ("zero", np.array(0.0, np.float32))):
+        graph.initializer.append(onnx.numpy_helper.from_array(value, f"ask.{name}"))
+    graph.node.extend([
+        onnx.helper.make_node("ReduceMax", ["position"], ["ask.position"], keepdims=1),
+        onnx.helper.make_node("Mul", ["ask.position", "ask.floats"], ["ask.scaled"]),
+        onnx.helper.make_node("Add", ["ask.scaled", "ask.one"], ["ask.shape"]),
+        onnx.helper.make_node("Expand", ["ask.ones", "ask.shape"], ["ask.big"]),
+        onnx.helper.make_node("ReduceSum", ["ask.big"], ["ask.sum"], keepdims=0),
+        onnx.helper.make_node("Mul", ["ask.sum", "ask.zero"], ["ask.nothing"]),
+        onnx.helper.make_node("Add", ["logits.before", "ask.nothing"], ["logits"])])
+
+
+# `python -m klconvert ARGS` in a process whose host leaves AVAILABLE bytes; it prints its peak RSS (KiB) last
+CLI_ON_A_SMALL_HOST = """
+import resource, runpy, sys
+import klconvert.onnx.session as session
+from klconvert.runtime.host_memory import HostMemory
+session.host_memory = lambda: HostMemory({available})
+try:
+    runpy.run_module("klconvert", run_name="__main__")
+finally:
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+"""
+
+
+def test_a_graph_asking_past_the_hosts_memory_fails_that_allocation_in_one_line(exported, tmp_path):
+    """onnxruntime's arena grew as a damaged graph asked: 6 GB more at each step, until the kernel killed the process
+    at 24 GB, with no word (helper-127). Capped at ARENA_SHARE of what the host leaves, the ask past it fails."""
+    folder = shutil.copytree(exported[1], tmp_path / "onnx")
+    model = onnx.load(folder / "model.onnx")
+    _asking_per_position(model, 1 << 28)   # 1 GiB a position: 2 GiB or more at the first decode step
+    onnx.save(model, folder / "model.onnx")
+    child = subprocess.run([sys.executable, "-c", CLI_ON_A_SMALL_HOST.format(available=512 << 20), "run", "--model",
+                            folder, "--engine", "onnxruntime", "--prompt", "hi", "--max-new-tokens", "2"],
+                           capture_output=True, text=True, timeout=300)
+    *err, peak_kib = child.stderr.splitlines()
+    cap = size_text(int((512 << 20) * ARENA_SHARE))
+    assert_one_line_error(child.returncode, "\n".join(err), f"{folder / 'model.onnx'}: onnxruntime ran out of memory "
+                          "running it (Available memory of ", f"); its memory is capped at {cap}, 90% of what the host "
+                          "had available when this process first loaded an export; give fewer or shorter prompts")
+    assert int(peak_kib) < 1 << 20   # KiB: under 1 GiB, where the graph asked for 2

@@ -34,9 +34,10 @@ def test_the_recipe_pattern_bounds():
 def test_the_onnx_bounds():
     pytest.importorskip("onnxruntime")
     from klconvert.onnx.export import PROTOBUF_LIMIT
-    from klconvert.onnx.session import SCORE_BYTES
+    from klconvert.onnx.session import ARENA_SHARE, SCORE_BYTES
 
     stated(f"scores stay under {SCORE_BYTES >> 20} MiB a layer")
+    stated(f"capped at {ARENA_SHARE:.0%} of what the host has available")
     stated(f"weights over {PROTOBUF_LIMIT >> 30} GB go to `model.onnx.data`")
 
 

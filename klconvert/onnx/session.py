@@ -3,6 +3,7 @@
 shares the runtime engine's sampling, stop handling, statistics and hold on the engine (runtime/engine.py Runner)."""
 from __future__ import annotations
 
+import functools
 import numbers
 import re
 import time
@@ -30,8 +31,10 @@ MAX_GENAI_CONFIG_BYTES = 1 << 20  # export-onnx writes a few KB
 # onnxruntime's log severity (0 verbose, 1 info, 2 warning, 3 error, 4 fatal) for loading and running: a graph's
 # warnings are no line of a run's output, and a failure is one KLError line, not onnxruntime's log line besides
 ORT_FATAL_ONLY = 4
-# What onnxruntime's messages wrap their reason in: "[ONNXRuntimeError] : 1 : FAIL : " and its C++ source position
-ORT_WRAPPING = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : |\S+\.(cc|h):\d+ (\S+::\S+\(.*?\) )?")
+# What onnxruntime's messages wrap their reason in: "[ONNXRuntimeError] : 1 : FAIL : ", its C++ source position
+# ("bfc_arena.cc:376 ") and the C++ function it failed in ("void* onnxruntime::BFCArena::AllocateRawInternal(size_t,
+# bool) "), each of which may come alone
+ORT_WRAPPING = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : |\S+\.(?:cc|h):\d+ |(?:\S+ )?\w+(?:::\w+)+\([^()]*\) ")
 GRAPH_INPUTS = ("input_ids", "position")  # what export-onnx feeds besides the state
 # A prompt prefills in calls of as many tokens as keep one MLA layer's fp32 scores [batch, heads, tokens, keys] under
 # this: the graph builds that tensor whole, a few times over (one call of 24,000 tokens of the bundled model took
@@ -41,6 +44,11 @@ SCORE_BYTES = 256 << 20
 # two-socket server of 192-core CPUs with SMT has 768), so no machine's count is refused, while onnxruntime starts
 # every thread up front -- 1024 took 39 s to start on 2 cores, 10**6 hung taking ~7 GB.
 MAX_THREADS = 1024
+# onnxruntime's CPU allocations share one arena per process, capped at this share of what the host leaves when the
+# first export loads (host_memory): a graph that asks for more -- a damaged one asked 6 GB more at each step until the
+# kernel killed the process at 24 GB -- then fails that allocation, which run names in one line
+ARENA_SHARE = 0.9
+ARENA_EXTEND_AS_REQUESTED = 1   # OrtArenaCfg's arena_extend_strategy kSameAsRequested: no power-of-two overshoot
 
 
 def _reason(error: Exception) -> str:
@@ -51,9 +59,28 @@ def _reason(error: Exception) -> str:
 
 
 def _out_of_memory(error: Exception) -> bool:
-    """Whether onnxruntime's error is an allocation it could not make (its BFCArena's "Failed to allocate memory",
-    std::bad_alloc): the whole message is read, the words can lie past the first line's cut (at 245 characters)."""
-    return any(word in str(error).lower() for word in ("allocate", "bad_alloc"))
+    """Whether onnxruntime's error is an allocation it could not make (its BFCArena's "Failed to allocate memory" and,
+    past its cap, "Available memory of ... is smaller than requested bytes", std::bad_alloc): the whole message is
+    read, the words can lie past the first line's cut (at 245 characters)."""
+    return any(word in str(error).lower() for word in ("allocate", "bad_alloc", "available memory of"))
+
+
+@functools.cache
+def process_arena_cap() -> int | None:
+    """The bytes onnxruntime's shared CPU arena may hold: ARENA_SHARE of what the host leaves, registered on the first
+    call, once per process (onnxruntime refuses a second). None where the host's memory is unknown (not Linux) or
+    the process already shares an arena registered otherwise: sessions then keep their own."""
+    host = host_memory()
+    if host is None:
+        return None
+    cap = max(1, int(host.available * ARENA_SHARE))   # max_mem 0 is onnxruntime's "no limit"
+    memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    arena = ort.OrtArenaCfg({"max_mem": cap, "arena_extend_strategy": ARENA_EXTEND_AS_REQUESTED})
+    try:
+        ort.create_and_register_allocator(memory, arena)
+    except Exception:  # onnxruntime's own Fail: "an allocator for this device has already been registered"
+        return None
+    return cap
 
 
 def _shape(spec: dict, batch: int, rows: int) -> list[int]:
@@ -116,6 +143,8 @@ class OnnxEngine(Runner):
             options = ort.SessionOptions()
             options.intra_op_num_threads = count
             options.log_severity_level = ORT_FATAL_ONLY
+            if process_arena_cap() is not None:
+                options.add_session_config_entry("session.use_env_allocators", "1")
             self.session = ort.InferenceSession(str(folder / ONNX_FILE), options,
                                                 providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for a missing or damaged file
@@ -194,8 +223,12 @@ class OnnxEngine(Runner):
         except Exception as e:  # onnxruntime's own exception types (Fail, InvalidArgument, ...) share no base
             reason = _reason(e)
             if _out_of_memory(e):
-                raise KLError(f"{self.folder / ONNX_FILE}: onnxruntime ran out of memory running it ({reason}); give "
-                              "fewer or shorter prompts") from None
+                cap = process_arena_cap()
+                capped = "" if cap is None else (f"; its memory is capped at {size_text(cap)}, {ARENA_SHARE:.0%} of "
+                                                 "what the host had available when this process first loaded an export")
+                raise KLError(f"{self.folder / ONNX_FILE}: onnxruntime ran out of memory running it ({reason})"
+                              f"{capped}; give fewer or shorter prompts, or free memory and start again -- if a short "
+                              "prompt fails too, the graph is damaged: export the folder again") from None
             raise KLError(f"{self.folder / ONNX_FILE}: onnxruntime failed running it ({reason}); export the folder "
                           "again") from None
         logits = self._checked(out["logits"], state, state_is_ours)
