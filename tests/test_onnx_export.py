@@ -279,6 +279,11 @@ def test_empty_state_past_host_memory_is_refused(exported, monkeypatch):
                                                 r"the [\d.]+ MB available under the process's data-segment limit "
                                                 r"\(ulimit -d\); lower batch \(3 fit\), or raise ulimit -d$"):
         engine.empty_state(4)
+    monkeypatch.setattr(session_module, "host_memory", lambda: HostMemory(per_sequence - 1, *DATA_BOUND))
+    with pytest.raises(klconvert.KLError, match=r"^empty_state: a state of 1 sequences takes [\d.]+ MB, more than "
+                                                r"the [\d.]+ MB available under the process's data-segment limit "
+                                                r"\(ulimit -d\); raise ulimit -d$"):   # not "lower batch (0 fit)"
+        engine.empty_state(1)
 
 
 @pytest.mark.parametrize("positions, message", [
@@ -716,6 +721,21 @@ def test_run_with_onnxruntime_refuses_a_fifo_not_waits_on_it(exported, tmp_path,
     os.mkfifo(out / name)
     code, _, err = run_cli(capsys, "run", "--model", out, "--engine", "onnxruntime", "--prompt", "hi")
     assert_one_line_error(code, err, f"{name}: onnxruntime cannot load it", "not a regular file (a FIFO")
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda path: path.symlink_to("/dev/zero"), "genai_config.json: a link to /dev/zero, outside the model folder"),
+    (os.mkfifo, "genai_config.json: cannot read it ("),
+    (lambda path: path.mkdir(), "genai_config.json: cannot read it ("),
+], ids=["link-to-dev-zero", "fifo", "folder"])
+def test_a_genai_config_that_is_no_regular_file_is_refused_as_that_not_as_absent(exported, tmp_path, capsys, make,
+                                                                                  needle):
+    """A link to /dev/zero read "no genai_config.json here ... export one first" (helper-127)."""
+    out = shutil.copytree(exported[1], tmp_path / "onnx")
+    (out / GENAI_CONFIG).unlink()
+    make(out / GENAI_CONFIG)
+    code, _, err = run_cli(capsys, "run", "--model", out, "--engine", "onnxruntime", "--prompt", "hi")
+    assert "no genai_config.json here" not in assert_one_line_error(code, err, needle)
 
 
 def test_run_with_onnxruntime_refuses_a_graph_linked_from_outside_the_folder(exported, tmp_path, capsys):

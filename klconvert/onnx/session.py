@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import os
 import re
 import time
 from pathlib import Path
@@ -120,7 +121,8 @@ class OnnxEngine(Runner):
             raise KLError(f"threads={shown(threads)} should be a whole number from 0 to {MAX_THREADS} (onnxruntime's "
                           "intra-op threads; 0 or None: its own choice, one per core)")
         given, folder = folder, resolve_model(folder)
-        if not (folder / GENAI_CONFIG).is_file():   # named as given: `tiny`, not where it is installed
+        # absent only: one that is there but no regular file of the folder (a link to /dev/zero) is refused reading it
+        if not os.path.lexists(folder / GENAI_CONFIG):   # named as given: `tiny`, not where it is installed
             raise KLError(f"{given}: no {GENAI_CONFIG} here; --engine onnxruntime runs a folder written by "
                           "`klconvert export-onnx --model DIR --out FOLDER` -- export one first")
         self.folder, self.config = folder, KimiLinearConfig.from_file(folder / CONFIG_FILE)
@@ -198,9 +200,10 @@ class OnnxEngine(Runner):
         per_sequence = sum(int(np.prod(_shape(s, 1, 0))) * np.dtype(s["dtype"]).itemsize for s in self.states)
         host = host_memory()
         if host is not None and batch * per_sequence > host.available:
+            fit = host.available // per_sequence
             raise KLError(f"empty_state: a state of {batch:,} sequences takes {size_text(batch * per_sequence)}, "
-                          f"more than the {host}; lower batch ({host.available // per_sequence:,} fit), or "
-                          f"{host.remedy}")
+                          f"more than the {host}; " + (f"lower batch ({fit:,} fit), or " if fit else "")
+                          + host.remedy)
         return {s["past"]: np.zeros(_shape(s, batch, 0), s["dtype"]) for s in self.states}
 
     def run(self, ids: np.ndarray, state: State, positions: np.ndarray) -> tuple[np.ndarray, State]:
