@@ -120,6 +120,10 @@ class AnswerGuard:
                 raise self._bad(f"answered for {path[:80]!r} with {header} {value[:80]!r}, which is not a digest "
                                 "(huggingface_hub would name a cache file after it)")
         commit = response.headers.get(constants.HUGGINGFACE_HEADER_X_REPO_COMMIT)
+        # huggingface_hub refuses a file's answer without one, in words that say rerun (a redirect it follows, as a
+        # renamed repo's, need not have one; an error answer is the hub's error)
+        if commit is None and response.is_success:
+            raise self._bad(f"answered for {path[:80]!r} with no X-Repo-Commit, which the hub sends with every file")
         if commit is not None and not (commit == self.commit if self.commit else COMMIT.fullmatch(commit)):
             raise self._bad(f"answered for {path[:80]!r} from commit {commit[:80]!r}, not "
                             f"{self.commit or 'a 40-digit sha'}")

@@ -617,12 +617,13 @@ ESCAPED = "../../../escaped"  # from the cache's blobs/ or snapshots/<commit>/ f
 
 
 def _file_headers(server, path: str, **changed: str) -> dict[str, str]:
-    """The headers the stand-in sends for `path`, with some of them changed."""
+    """The headers the stand-in sends for `path`, with some of them changed (None: left out)."""
     served = server.repos[REPO].files[path]
     headers = {"ETag": f'"{served.sha256 or served.blob_id}"', "X-Repo-Commit": server.repos[REPO].commit}
     if served.sha256 is not None:
         headers |= {"X-Linked-Etag": f'"{served.sha256}"', "X-Linked-Size": str(len(served.data))}
-    return headers | {name.replace("_", "-"): value for name, value in changed.items()}
+    headers |= {name.replace("_", "-"): value for name, value in changed.items()}
+    return {name: value for name, value in headers.items() if value is not None}
 
 
 @pytest.mark.parametrize("path, changed, gone, needle", [
@@ -631,6 +632,9 @@ def _file_headers(server, path: str, **changed: str) -> dict[str, str]:
     ("config.json", {"X_Repo_Commit": ESCAPED}, False, f"from commit '{ESCAPED}', not "),
     ("config.json", {"X_Repo_Commit": ESCAPED}, True, f"from commit '{ESCAPED}', not "),
     ("config.json", {"X_Repo_Commit": "0" * 40}, False, f"from commit '{'0' * 40}', not "),   # a sha, another one
+    # huggingface_hub's own refusal said "rerun the pull to continue", which cannot help
+    ("config.json", {"X_Repo_Commit": None}, False, "answered for 'config.json' with no X-Repo-Commit, which the hub"),
+    (SHARD_1, {"X_Repo_Commit": None}, False, f"answered for '{SHARD_1}' with no X-Repo-Commit, which the hub sends"),
 ])
 @pytest.mark.parametrize("into", ["cache", "local_dir"])
 def test_file_headers_that_would_name_paths_out_of_the_cache_are_refused(served, tmp_path, path, changed, gone,
