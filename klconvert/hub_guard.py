@@ -49,7 +49,8 @@ class AnswerGuard:
         self._factory_before = _http._GLOBAL_CLIENT_FACTORY
         set_client_factory(self._client)          # closes the shared client; the next call makes a guarded one
         self._sigint_before = None
-        if threading.current_thread() is threading.main_thread():
+        # from the main thread only (signal's rule), and not where SIGINT is ignored (nohup): it then stops nothing
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
             self._sigint_before = signal.signal(signal.SIGINT, self._interrupt)
         return self
 
@@ -70,7 +71,7 @@ class AnswerGuard:
         before = self._sigint_before
         if callable(before):
             before(signum, frame)
-        elif before != signal.SIG_IGN:
+        else:   # SIG_DFL, or a handler not installed from Python
             raise KeyboardInterrupt
 
     # ---- the checks ----------------------------------------------------------------------------

@@ -713,6 +713,20 @@ def test_ctrl_c_stops_the_download_threads(served, tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_pull_where_sigint_is_ignored_runs_through_a_sigint(served, tmp_path):
+    """Under nohup (SIGINT ignored) a SIGINT stopped the download threads, and the pull failed."""
+    server, commit = served
+    server.slow_body[SHARD_2] = 0.05          # 16 KiB: 0.8 s to send
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        pulled = hub.pull(REPO, progress=False)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert files_under(pulled.path) == PULLED
+
+
 @pytest.mark.parametrize("under", [False, True])
 def test_a_local_dir_that_is_a_file_is_said_so(tmp_path, under):
     """It said "[Errno 20] Not a directory ... rerun the pull to continue": no rerun makes a file a folder."""
