@@ -713,6 +713,21 @@ def test_ctrl_c_stops_the_download_threads(served, tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_no_request_leaves_after_a_ctrl_c(served):
+    """A download thread that goes on to another file, or retries one, after the Ctrl-C is stopped before its request
+    is sent."""
+    from huggingface_hub.utils import get_session
+
+    server, _ = served
+    with hub_guard.AnswerGuard(server.endpoint, REPO):
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)   # the handler runs at the next bytecode
+        with pytest.raises(hub_guard.PullInterrupted):
+            get_session().get(f"{server.endpoint}/{REPO}/resolve/main/config.json")
+    assert server.gets("config.json") == 0
+
+
 def test_a_pull_where_sigint_is_ignored_runs_through_a_sigint(served, tmp_path):
     """Under nohup (SIGINT ignored) a SIGINT stopped the download threads, and the pull failed."""
     server, commit = served
