@@ -143,6 +143,10 @@ def test_group_size_must_divide_in_dim():
         quantize_groupwise(w, 3, 8, True)
     with pytest.raises(KLError, match=r"^integer quantization supports 4 or 8 bits, got 3$"):
         QuantScheme(3, 128, True)
+    for size in (0, -8, 20):   # 0 and -8 pass "% 8"; CHANNEL (-1) is the one size under 8 taken
+        with pytest.raises(KLError, match=rf"^group size {size} is not a positive multiple of 8 \(or -1 for "
+                                          r"per-channel\); use 32, 64 or 128$"):
+            QuantScheme(4, size, True)
     with pytest.raises(KLError, match="NaN"):
         quantize_groupwise(torch.full((8, 64), float("nan")), 4, 32, True)
 
