@@ -255,7 +255,8 @@ def mse_observer_with_break(groups, bits, symmetric, patience):
 
 def test_mse_observer_stops_where_its_patience_runs_out():
     """The search ends where llm-compressor's break does: on one-group weights, where a later shrink often does
-    better after five steps that improved nothing, the scale is the break's exactly -- and such cases are among them."""
+    better after five steps that improved nothing, the scale is the break's exactly -- and such cases are among them.
+    An all-zero group beside it (its error 0 at every shrink) is no improvement that keeps the search going."""
     g = torch.Generator().manual_seed(0)
     cut_short = 0
     for _ in range(100):
@@ -264,6 +265,8 @@ def test_mse_observer_stops_where_its_patience_runs_out():
             _, scale, _ = quantize_groupwise(w, 4, 128, symmetric, observer="mse")
             with_break = mse_observer_with_break(w.unflatten(-1, (1, 128)), 4, symmetric, MSE_PATIENCE)
             assert torch.equal(scale, with_break)
+            beside_zeros = quantize_groupwise(torch.cat([torch.zeros_like(w), w]), 4, 128, symmetric, observer="mse")
+            assert torch.equal(beside_zeros[1][1:], scale)
             cut_short += not torch.equal(with_break, mse_observer_with_break(w.unflatten(-1, (1, 128)), 4,
                                                                              symmetric, patience=1000))
     assert cut_short >= 5
