@@ -147,8 +147,12 @@ def test_group_size_must_divide_in_dim():
         with pytest.raises(KLError, match=rf"^group size {size} is not a positive multiple of 8 \(or -1 for "
                                           r"per-channel\); use 32, 64 or 128$"):
             QuantScheme(4, size, True)
-    with pytest.raises(KLError, match="NaN"):
-        quantize_groupwise(torch.full((8, 64), float("nan")), 4, 32, True)
+    for bad in ("nan", "inf", "-inf"):   # not the scale check's "a fine-tune that diverged?" after it
+        w = torch.randn(8, 64)
+        w[3, 17] = float(bad)
+        with pytest.raises(KLError, match=r"^weight: the weight holds NaN or Inf values; the checkpoint is damaged -- "
+                                          r"re-download it$"):
+            quantize_groupwise(w, 4, 32, True)
 
 
 def test_on_disk_names_dtypes_shapes():
