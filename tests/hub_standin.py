@@ -56,6 +56,9 @@ def lfs_pointer(sha256: str, size: int) -> bytes:
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
 
 
+TREE_PAGES_BOUND = 1_000   # far past the pages the bounds under test stop a listing at (40 answers; 64 KiB)
+
+
 class HubStandIn:
     """Serves repos over HTTP the way huggingface_hub 2.4.0 expects from huggingface.co.
 
@@ -76,7 +79,8 @@ class HubStandIn:
       gone: paths whose resolve answers 404 EntryNotFound, with X-Repo-Commit as the hub sends it.
       body_edit: path -> how its GETs misstate the body: "longer" (twice the bytes, declared), "unframed" (four
         times the bytes, no Content-Length, until the connection closes), "gzip" (gzip-encoded).
-      tree_next_forever: every tree listing page links to itself as the next one.
+      tree_next_forever: every tree listing page links to itself as the next one -- up to TREE_PAGES_BOUND pages,
+        so that a client that does not stop it fails its test, not hangs it.
       slow_body: path -> seconds its GETs wait between 1 KiB pieces of the body.
       via_cdn: resolve answers an LFS file (HEAD and GET) with the hub's 302, its metadata headers and a Location on
         /cdn/{repo}/{path}, which serves the body, as huggingface.co hands LFS files to its CDN.
@@ -94,6 +98,7 @@ class HubStandIn:
         self.gone: set[str] = set()
         self.body_edit: dict[str, str] = {}
         self.tree_next_forever = False
+        self.tree_pages = 0
         self.via_cdn = False
         self.slow_body: dict[str, float] = {}
         self.requests: Counter[tuple[str, str]] = Counter()
@@ -191,8 +196,11 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
                     self._model_info(repo_id, repo, blobs, send_body)
             elif rest[0] == "tree" and len(rest) >= 2:
                 if self._known_revision(repo, rest[1], send_body):
+                    with hub._lock:
+                        hub.tree_pages += 1
+                        more = hub.tree_next_forever and hub.tree_pages < TREE_PAGES_BOUND
                     self._json([self._tree_entry(path, f) for path, f in repo.files.items()], send_body,
-                               {"Link": f'<{hub.endpoint}{self.path}>; rel="next"'} if hub.tree_next_forever else {})
+                               {"Link": f'<{hub.endpoint}{self.path}>; rel="next"'} if more else {})
             else:
                 self._error(404, None, "Not found", send_body)
 
