@@ -11,8 +11,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1004,3 +1006,62 @@ def test_a_graph_asking_past_the_hosts_memory_fails_that_allocation_in_one_line(
                           "running it (Available memory of ", f"); its memory is capped at {cap}, 90% of what the host "
                           "had available when this process first loaded an export; give fewer or shorter prompts")
     assert int(peak_kib) < 1 << 20   # KiB: under 1 GiB, where the graph asked for 2
+
+
+def _spinning(model: onnx.ModelProto) -> None:
+    """Make the graph's logits wait on a Loop of 2**62 trips that do nothing."""
+    graph = model.graph
+    made = next(node for node in graph.node if "logits" in node.output)
+    made.output[list(made.output).index("logits")] = "logits.before"
+    scalar = [onnx.helper.make_tensor_value_info(name, kind, []) for name, kind in
+              (("i", onnx.TensorProto.INT64), ("go", onnx.TensorProto.BOOL), ("x", onnx.TensorProto.FLOAT))]
+    body = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["go"], ["go.out"]),
+                                   onnx.helper.make_node("Identity", ["x"], ["x.out"])], "spin", scalar,
+                                  [onnx.helper.make_tensor_value_info("go.out", onnx.TensorProto.BOOL, []),
+                                   onnx.helper.make_tensor_value_info("x.out", onnx.TensorProto.FLOAT, [])])
+    for name, value in (("trips", np.array(1 << 62, np.int64)), ("go", np.array(True)),
+                        ("zero", np.array(0.0, np.float32))):
+        graph.initializer.append(onnx.numpy_helper.from_array(value, f"spin.{name}"))
+    graph.node.extend([onnx.helper.make_node("Loop", ["spin.trips", "spin.go", "spin.zero"], ["spin.x"], body=body),
+                       onnx.helper.make_node("Add", ["logits.before", "spin.x"], ["logits"])])
+
+
+# Runs the graph of the folder argv[1] after a line on stdout; a KeyboardInterrupt ends it saying so, and how long the
+# run took after that line
+SPINNING_RUN = """
+import sys, time
+from klconvert.onnx.session import OnnxEngine
+engine = OnnxEngine(sys.argv[1])
+print("running", flush=True)
+start = time.monotonic()
+try:
+    engine.generate([[5, 6, 7]], 2)
+except KeyboardInterrupt:
+    print(f"interrupted after {time.monotonic() - start:.1f} s", flush=True)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_graph_that_never_ends_stops_at_ctrl_c(exported, tmp_path, signum):
+    """Ctrl-C did nothing while onnxruntime ran a Loop of 2**62 trips: Python's handler waits for session.run to
+    return (helper-127). The signal now terminates the run, and the process still ends cleanly (a run on a worker
+    thread, stopped so, aborted the process at exit)."""
+    folder = shutil.copytree(exported[1], tmp_path / "onnx")
+    model = onnx.load(folder / "model.onnx")
+    _spinning(model)
+    onnx.save(model, folder / "model.onnx")
+    if signum == signal.SIGTERM:   # as klconvert's entry point takes SIGTERM: a KeyboardInterrupt
+        script = "import signal\nsignal.signal(signal.SIGTERM, signal.default_int_handler)\n" + SPINNING_RUN
+    else:
+        script = SPINNING_RUN
+    child = subprocess.Popen([sys.executable, "-c", script, folder], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline() == "running\n"
+        time.sleep(1)   # into the Loop
+        child.send_signal(signum)
+        out, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 0, err
+    assert re.fullmatch(r"interrupted after \d+\.\d s\n", out), out

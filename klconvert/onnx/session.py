@@ -20,6 +20,7 @@ from klconvert.models import resolve_model
 from klconvert.checkpoint.folder_files import CONFIG_FILE, GENAI_CONFIG, refuse_link_out
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.onnx.export_folder import DATA_FILE, ONNX_FILE, state_spec
+from klconvert.onnx.interruptible import interruptible
 from klconvert.runtime.engine import (GenerationStats, Runner, as_batch, as_prompts, as_stop_ids, check_callbacks,
                                       whole_numbers)
 from klconvert.runtime.host_memory import exhausted, host_memory
@@ -222,8 +223,11 @@ class OnnxEngine(Runner):
         positions = self._checked_positions(positions, B, T, rows)
         feed = {"input_ids": ids, "position": positions, **state}
         try:
-            out = dict(zip(self.outputs, self.session.run(None, feed, self._run_options)))
+            with interruptible(self._run_options) as stopped_by:
+                out = dict(zip(self.outputs, self.session.run(None, feed, self._run_options)))
         except Exception as e:  # onnxruntime's own exception types (Fail, InvalidArgument, ...) share no base
+            if stopped_by:   # its handler raises as soon as this thread runs Python again; if it does not, here
+                raise KeyboardInterrupt from None
             reason = _reason(e)
             if _out_of_memory(e):
                 cap = process_arena_cap()
