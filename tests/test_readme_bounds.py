@@ -48,6 +48,13 @@ def test_the_bench_new_tokens_bounds():
     stated(f"`--new-tokens N` (default {option.default}, at least {option.type.min})")
 
 
+def test_the_eval_max_tokens_bounds():
+    from klconvert.cli import cli
+
+    option = next(p for p in cli.commands["eval"].params if p.name == "max_tokens")
+    stated(f"cut the text to N tokens (default {option.default}, at least {option.type.min};")
+
+
 def test_the_mse_observer_search():
     from klconvert.quant.groupwise import MSE_GRID, MSE_MAX_SHRINK, MSE_NORM
 
