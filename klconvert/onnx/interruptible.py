@@ -66,4 +66,5 @@ def interruptible(options: ort.RunOptions) -> Iterator[list[int]]:
         with watch.lock:
             watch.running = None
             options.terminate = False
-            heard += [watch.heard] if watch.heard is not None else []
+            if watch.heard is not None:
+                heard.append(watch.heard)
