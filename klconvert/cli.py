@@ -734,6 +734,8 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
         raise KLError(f"--json {json_file}: is a folder; give a file name, e.g. {json_file / 'bench.json'}")
     if json_file is not None:
         _refuse_what_the_results_would_replace(json_file)
+        if model is not None:
+            _refuse_a_file_of_the_model(json_file, model_folder(model, f"--model {model}"))
     # its folder made now, not after minutes of timing, and removed again if the bench fails (no GPU, say)
     with parent_made(json_file) if json_file is not None else nullcontext():
         if preset is not None:
@@ -771,6 +773,15 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
             except OSError as e:
                 raise KLError(f"--json {json_file}: cannot write it ({e.strerror}); the figures are in the lines "
                               "above") from None
+
+
+def _refuse_a_file_of_the_model(json_file: Path, folder: Path) -> None:
+    """A --json that names a file of the --model folder being timed (its config.json, a shard) was replaced by the
+    results, and the model no longer loaded: refused before the bench."""
+    target = Path(os.path.realpath(json_file))
+    if target.exists() and target.is_relative_to(os.path.realpath(folder)):
+        raise KLError(f"--json {json_file}: is a file of the model folder {folder}, which the results would replace; "
+                      "give a name outside it")
 
 
 def _refuse_what_the_results_would_replace(json_file: Path) -> None:

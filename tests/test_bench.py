@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import torch
 from klconvert import bench as B
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
+from klconvert.models import bundled_dir
 from klconvert.presets import preset_config
 from klconvert.runtime import engine as engine_module
 from testkit import assert_one_line_error, run_cli
@@ -264,6 +266,18 @@ def test_a_json_name_that_is_no_regular_file_is_refused_and_left_as_it_is(tmp_pa
         assert_one_line_error(code, err, f"--json {json_file}: is a link (to {target}), which the results would "
                                          f"replace, not write through; give the file's own name or a new one")
         assert json_file.is_symlink()
+
+
+def test_a_json_file_of_the_model_being_timed_is_refused_and_left_as_it_is(tmp_path, capsys):
+    """`bench --model DIR --json DIR/config.json` wrote the results over the model's config (helper-129)."""
+    folder = shutil.copytree(bundled_dir(), tmp_path / "model")
+    before = (folder / "config.json").read_bytes()
+    (tmp_path / "elsewhere").mkdir()
+    for name in (folder / "config.json", tmp_path / "elsewhere" / ".." / "model" / "config.json"):
+        assert_one_line_error(*run_cli(capsys, "bench", "--model", folder, "--json", name)[::2],
+                              f"--json {name}: is a file of the model folder {folder}, which the results would "
+                              "replace; give a name outside it")
+    assert (folder / "config.json").read_bytes() == before
 
 
 def test_a_json_file_that_cannot_be_written_is_refused_before_the_bench(tmp_path, capsys):
