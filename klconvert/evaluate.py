@@ -204,6 +204,11 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
     if len(ids) < MIN_SCORED_TOKENS:
         raise KLError(f"the evaluation text (--text-file) is {len(ids)} token(s) long; give at least "
                       f"{MIN_SCORED_TOKENS} tokens of text to evaluate on")
+    for config, name in zip(configs, names):   # before either runs: the model's limit was met after the reference ran
+        if len(ids) > config.model_max_length:
+            raise KLError(f"the evaluation text's {len(ids):,} tokens are over {name}'s "
+                          f"{config.model_max_length_name} {config.model_max_length:,}; give "
+                          f"{argument('max_tokens', '--max-tokens')} {config.model_max_length:,} or fewer")
     _refuse_past_host_memory(len(ids), configs[1], _plan_on_the_host(configs[1], len(ids), device, dtype),
                              host_memory())
 

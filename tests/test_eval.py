@@ -272,6 +272,27 @@ def test_every_architecture_field_must_agree(tmp_path, monkeypatch, edit, needle
         assert f"is not the same architecture as --reference {folders[1]} {needle}; compare" in str(stopped.value)
 
 
+@pytest.mark.parametrize("short", ["model", "reference"])
+def test_a_text_over_either_models_length_limit_is_refused_before_either_runs(tmp_path, monkeypatch, short):
+    """A --model whose model_max_length the text passes was refused only after the reference had run, naming a
+    --max-context eval does not have (helper-129)."""
+    import json
+    import shutil
+
+    import klconvert.evaluate as evaluate_module
+    from klconvert.models import BUNDLED_DIR
+
+    folder = shutil.copytree(BUNDLED_DIR, tmp_path / "short")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_max_length": 8}))
+    monkeypatch.setattr(evaluate_module, "run_model", lambda *a: pytest.fail("a model ran before the check"))
+    folders = (folder, BUNDLED_DIR) if short == "model" else (BUNDLED_DIR, folder)
+    with pytest.raises(klconvert.KLError, match=rf"^the evaluation text's 16 tokens are over --{short} "
+                                                rf"{re.escape(str(folder))}'s model_max_length 8; give max_tokens "
+                                                r"\(--max-tokens\) 8 or fewer$"):
+        evaluate(*folders, TEXT * 10, max_tokens=16)
+
+
 def test_a_reference_without_config_is_named_by_its_flag(tmp_path):
     from klconvert.models import BUNDLED_DIR
 
