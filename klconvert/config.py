@@ -12,6 +12,8 @@ from klconvert.errors import KLError, few, refuse_if_not_permitted, shown, unrea
 from klconvert.release import RELEASED_CONFIG
 
 SUPPORTED_MODEL_TYPES = ("kimi_linear",)
+# The release's model class, which transformers and vLLM load a folder by: klconvert's outputs copy config.json
+ARCHITECTURES = ["KimiLinearForCausalLM"]
 MAX_CONFIG_BYTES = 1 << 20  # the released config.json is 1.6 KB
 
 # Sane ranges of the size fields: wide around the released model (163,840 vocab, 2,304 hidden, 27 layers, 256
@@ -207,6 +209,10 @@ class KimiLinearConfig:
         if "model_type" in d and d["model_type"] not in SUPPORTED_MODEL_TYPES:
             raise KLError(f"{where}: model_type {shown(d['model_type'])} is not supported; klconvert runs "
                           f"{', '.join(SUPPORTED_MODEL_TYPES)} (Kimi Linear) checkpoints only")
+        if d.get("architectures") not in (None, ARCHITECTURES):   # absent or null: transformers' own config saves
+            raise KLError(f"{where}: architectures {shown(d['architectures'])} is not {ARCHITECTURES}, the Kimi "
+                          "Linear class transformers and vLLM load this folder as; fix the config or re-download the "
+                          "model")
         for name, types in _REQUIRED.items():
             if name not in d:
                 raise KLError(f"{where}: required field '{name}' is missing; fix the config or re-download the model")

@@ -286,6 +286,11 @@ CHECKPOINT_DAMAGE = [
     (damage_unknown_tensor, ["mystery", "maps to nothing"]),
     (damage_wrong_shape, [NAME, "shape"]),
     (lambda f: edit_config(f, lambda c: c.__setitem__("model_type", "llama")), ["model_type 'llama'", "not supported"]),
+    # helper-129: quantize copied it, and vLLM would pick its model class by it
+    (lambda f: edit_config(f, lambda c: c.__setitem__("architectures", ["LlamaForCausalLM"])),
+     ["architectures ['LlamaForCausalLM'] is not ['KimiLinearForCausalLM']", "re-download the model"]),
+    (lambda f: edit_config(f, lambda c: c.__setitem__("architectures", "KimiLinearForCausalLM")),
+     ["architectures 'KimiLinearForCausalLM' is not ['KimiLinearForCausalLM']"]),
     (lambda f: edit_config(f, lambda c: c.pop("hidden_size")), ["'hidden_size'", "missing"]),
     (lambda f: edit_config(f, lambda c: c.__setitem__("hidden_size", "64")), ["'hidden_size'", "should be int"]),
     (lambda f: edit_config(f, lambda c: c["linear_attn_config"].pop("kda_layers")), ["kda_layers", "missing"]),
