@@ -2,10 +2,13 @@
 package (klconvert/bundled/), and the folder `klconvert run` and `export-onnx` use when given no --model."""
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE
+from klconvert.checkpoint.regular_file import kind_of
 from klconvert.errors import KLError
 from klconvert.user_paths import given_path, refuse_unreachable
 
@@ -49,6 +52,9 @@ def model_folder(value: str | Path, named: str) -> Path:
     refuse_unreachable(folder, named)
     if folder.is_dir():
         return folder
+    if os.path.lexists(folder):   # there, but no folder: a file given for one read "no such folder"
+        raise KLError(f"{named}: {_no_folder(folder)}; give a Kimi Linear checkpoint folder or {BUNDLED_NAME}, the "
+                      "bundled model")
     from klconvert.hub import is_repo_id   # huggingface_hub's check, imported only for a name that is no folder
 
     if isinstance(value, str) and "/" in value and is_repo_id(value):
@@ -57,6 +63,18 @@ def model_folder(value: str | Path, named: str) -> Path:
                       "downloads it (and prints the folder to give here)")
     raise KLError(f"{named}: no such folder; give a Kimi Linear checkpoint folder (`klconvert pull` downloads one, "
                   f"`klconvert pull-and-quantize` a quantized one) or {BUNDLED_NAME}, the bundled model")
+
+
+def _no_folder(path: Path) -> str:
+    """What `path`, a name that is there but is no folder, is instead: a file, a FIFO ..., or a link that leads
+    nowhere."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return f"is a link to {os.readlink(path)}, which does not exist (a disk not mounted?)"
+        return f"is a link that cannot be followed ({e.strerror})"
+    return f"is {'a file' if stat.S_ISREG(mode) else kind_of(mode)}, not a folder"
 
 
 def default_model(verb: str) -> tuple[Path, str]:
@@ -68,9 +86,7 @@ def default_model(verb: str) -> tuple[Path, str]:
     if default.is_dir():
         return default, f"{verb} {DEFAULT_MODEL_DIR} (pass --model to choose another)"
     if os.path.lexists(default):
-        what = (f"is a link to {os.readlink(default)}, which does not exist (a disk not mounted?)"
-                if not default.exists() else "is not a folder")
-        raise KLError(f"{DEFAULT_MODEL_DIR}: {what} -- the 48B folder used when no --model is given; pass --model "
-                      f"DIR, or --model {BUNDLED_NAME} for the bundled model")
+        raise KLError(f"{DEFAULT_MODEL_DIR}: {_no_folder(default)} -- the 48B folder used when no --model is given; "
+                      f"pass --model DIR, or --model {BUNDLED_NAME} for the bundled model")
     return bundled_dir(), (f"no {DEFAULT_MODEL_DIR} here: {verb} the bundled model `{BUNDLED_NAME}` (a small Kimi "
                            "Linear trained on Shakespeare); `klconvert pull-and-quantize --bits 4` makes the 48B one")

@@ -114,7 +114,7 @@ def test_a_default_model_name_that_is_no_folder_is_refused_not_passed_over(tmp_p
     args = ["--prompt-file", "prompt.txt", "--max-new-tokens", "2", "--device", "cpu"] if verb == "run" else \
         ["--out", "onnx"]
     code, _, err = run_cli(capsys, verb, *args)
-    what = "is not a folder" if kind == "file" else f"is a link to {target}, which does not exist"
+    what = "is a file, not a folder" if kind == "file" else f"is a link to {target}, which does not exist"
     assert_one_line_error(code, err, f"{DEFAULT_MODEL_DIR}: {what}", "pass --model")
     assert not (tmp_path / "onnx").exists()
 

@@ -402,6 +402,25 @@ def test_a_missing_model_folder_is_named_as_its_command_takes_it(capsys, tmp_pat
     assert not list(tmp_path.glob("o*")) and not list(tmp_path.glob("qm"))
 
 
+@pytest.mark.parametrize("make, what", [
+    (lambda path: path.write_text("not a model"), "is a file, not a folder"),
+    (os.mkfifo, "is a FIFO, not a folder"),
+    (lambda path: path.symlink_to(path), "is a link that cannot be followed (Too many levels of symbolic links)"),
+    (lambda path: path.symlink_to("gone"), "is a link to gone, which does not exist (a disk not mounted?)"),
+], ids=["file", "fifo", "link-loop", "link-to-nothing"])
+@pytest.mark.parametrize("command", [["run", "--prompt", "x", "--model"], ["quantize"], ["plan", "--model"],
+                                     ["eval", "--reference", "tiny", "--text-file", "t.txt", "--model"]])
+def test_a_model_that_is_no_folder_is_said_to_be_what_it_is(capsys, tmp_path, monkeypatch, make, what, command):
+    """A file (a FIFO, a link) given for a model folder read "no such folder" (helper-129)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.txt").write_text("ROMEO. What light")
+    make(tmp_path / "m")
+    named = "SRC m" if command == ["quantize"] else "--model m"
+    assert_one_line_error(*run_cli(capsys, *command, "m", *(["qm"] if command == ["quantize"] else []))[::2],
+                          f"{named}: {what}; give a Kimi Linear checkpoint folder or tiny, the bundled model")
+    assert not (tmp_path / "qm").exists()
+
+
 @pytest.mark.parametrize("args, named", [
     (["quantize", "moonshotai/Kimi-Linear-48B-A3B-Instruct", "qx"], "SRC moonshotai/Kimi-Linear-48B-A3B-Instruct"),
     (["run", "--model", "moonshotai/Kimi-Linear-48B-A3B-Instruct", "--prompt", "x"],
