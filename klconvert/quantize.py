@@ -314,7 +314,7 @@ def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch
     started = time.monotonic()
     refuse_existing_out(out, force)  # again: a run that held the lock before us may have just finished OUT
     refuse_quantized_source(src)
-    checkpoint = open_checkpoint(src)
+    checkpoint = open_checkpoint(src, argument("src", "SRC"))
     runtime = recipe.runtime if recipe is not None else {}
     if runtime:   # checked as `plan --model OUT` will read it (see choose_policy), now that the model's length is known
         from klconvert.runtime.plan_report import check_runtime_context

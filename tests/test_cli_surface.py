@@ -402,6 +402,15 @@ def test_a_missing_model_folder_is_named_as_its_command_takes_it(capsys, tmp_pat
     assert not list(tmp_path.glob("o*")) and not list(tmp_path.glob("qm"))
 
 
+def test_a_source_folder_without_config_is_named_as_quantize_takes_it(capsys, tmp_path):
+    """It said "point --model at ...": quantize takes SRC (helper-129)."""
+    (tmp_path / "hw.partial").mkdir()
+    assert_one_line_error(*run_cli(capsys, "quantize", tmp_path / "hw.partial", tmp_path / "q")[::2],
+                          "hw.partial/config.json: no config.json here; point src (SRC) at a Kimi Linear checkpoint "
+                          "folder")
+    assert not (tmp_path / "q").exists()
+
+
 @pytest.mark.parametrize("make, what", [
     (lambda path: path.write_text("not a model"), "is a file, not a folder"),
     (os.mkfifo, "is a FIFO, not a folder"),

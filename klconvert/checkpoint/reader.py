@@ -91,13 +91,14 @@ class Checkpoint:
     packed weight comes back dequantized under its canonical name.
     """
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, flag: str = "--model"):
+        """flag: the option (or argument) that named the folder, for the message when it holds no config.json."""
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise KLError(f"{self.folder}: no such checkpoint folder; name a folder holding a Kimi Linear checkpoint "
                           "(config.json and safetensors weights): `klconvert pull` downloads one, `klconvert synth` "
                           "makes a random one")
-        self.config = KimiLinearConfig.from_file(self.folder / CONFIG_FILE)
+        self.config = KimiLinearConfig.from_file(self.folder / CONFIG_FILE, flag)
         self.quant_method = quant_method(self.config.raw, str(self.folder / CONFIG_FILE))
         self.headers: dict[str, SafetensorsHeader] = {}
         self.sources: dict[str, Source | QuantizedSource] = {}
@@ -302,6 +303,6 @@ def file_identity(path: Path) -> tuple[int, ...]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def open_checkpoint(folder: str | Path) -> Checkpoint:
-    """Open and check a checkpoint folder (released or transformers layout)."""
-    return Checkpoint(folder)
+def open_checkpoint(folder: str | Path, flag: str = "--model") -> Checkpoint:
+    """Open and check a checkpoint folder (released or transformers layout); `flag` as Checkpoint takes it."""
+    return Checkpoint(folder, flag)
