@@ -222,6 +222,7 @@ class OnnxEngine(Runner):
         rows = self._state_rows(state, B)
         positions = self._checked_positions(positions, B, T, rows)
         feed = {"input_ids": ids, "position": positions, **state}
+        stopped_by: list[int] = []   # the signal that terminated the run, if one did
         try:
             with interruptible(self._run_options) as stopped_by:
                 out = dict(zip(self.outputs, self.session.run(None, feed, self._run_options)))
