@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import re
 import signal
 import stat
 import sys
@@ -31,10 +32,35 @@ from klconvert.user_paths import refuse_unreachable, shown_path
 MLA_CACHE_DTYPE = click.Choice(["bfloat16", "float8_e4m3fn"])
 # the runtime's compute dtypes by name (runtime/engine.py COMPUTE_DTYPES; named here, torch-free, for --help)
 DTYPE = click.Choice(["bfloat16", "float32"])
-SEED = click.IntRange(0, 2**64 - 1)  # what torch.Generator.manual_seed takes (runtime/sampling.py SEEDS)
 DECODE_CONTEXT = 4096  # what `klconvert bench` decodes at when given no --context (nor --prefill)
 PEER_LAYERS = 4  # the layers of `klconvert bench --peer transformers`'s model unless --peer-layers (27 in bf16: 98 GB)
 PREFILL_BAR_DELAY = 2.0  # seconds a prefill runs before `klconvert run` shows its bar on a terminal
+
+
+# a whole number as people type one: ASCII digits, a leading - (a range or the command refuses one it cannot take);
+# int() also takes '1_6', ' 16', '+4' and other scripts' digits ('١٦', '１６')
+PLAIN_INTEGER = re.compile(r"-?[0-9]+")
+
+
+class PlainDigits(click.ParamType):
+    """What an integer option's type reads first: the text PLAIN_INTEGER takes, else refused naming the value."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not PLAIN_INTEGER.fullmatch(value):
+            self.fail(f"{value[:40]!r} is not a whole number in the digits 0-9; give one, e.g. 16", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class Integer(PlainDigits, click.types.IntParamType):
+    """click's INT, reading PlainDigits' text only."""
+
+
+class IntegerRange(PlainDigits, click.IntRange):
+    """click.IntRange, reading PlainDigits' text only."""
+
+
+INTEGER = Integer()
+SEED = IntegerRange(0, 2**64 - 1)  # what torch.Generator.manual_seed takes (runtime/sampling.py SEEDS)
 
 
 class FiniteFloat(click.FloatRange):
@@ -133,10 +159,58 @@ class DeviceArg(click.ParamType):
 DEVICE = DeviceArg()
 
 
+def _given_more_than_once(param: click.Parameter, times: int, ctx: click.Context | None = None,
+                          advice: str = "") -> click.BadParameter:
+    """The refusal of an option given `times` times that takes one value, by all its names (--sym / --asym)."""
+    return click.BadParameter(f"given {times} times; give it once{advice}", ctx=ctx,
+                              param_hint=[*param.opts, *param.secondary_opts])
+
+
+class OptionsOnce(click.Command):
+    """A klconvert command, which refuses an option given more than once before anything is parsed (those `multiple`
+    by design aside: --include, --prompt-file): click keeps the last value and drops the rest unsaid (`eval --model q4
+    --model tiny` measured tiny against tiny; `quantize --sym --asym` wrote asymmetric scales)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not ctx.resilient_parsing:
+            _refuse_repeated_options(self, ctx, args)
+        return super().parse_args(ctx, args)
+
+
+def _refuse_repeated_options(command: click.Command, ctx: click.Context, args: list[str]) -> None:
+    """Refuses the first option in `args` given more than once (_given_more_than_once): its names counted as one
+    (--sym and --asym, a short alias), `--bits=8` as --bits, each option's value skipped as click's parser takes it
+    (`--prompt --bits` is the prompt "--bits"), nothing past a bare --."""
+    options = {name: param for param in command.get_params(ctx) if isinstance(param, click.Option)
+               for name in (*param.opts, *param.secondary_opts)}
+    times: dict[click.Option, int] = {}
+    rest = iter(args)
+    for arg in rest:
+        if arg == "--":
+            break
+        name, attached = arg, False   # attached: its value is in the same word
+        if arg.startswith("--") and "=" in arg:
+            name, attached = arg.partition("=")[0], True
+        elif arg.startswith("-") and not arg.startswith("--") and arg not in options and arg[:2] in options:
+            name, attached = arg[:2], True   # -Xvalue
+        param = options.get(name)
+        if param is None:   # an argument, or no option (click names it)
+            continue
+        times[param] = times.get(param, 0) + 1
+        if not (param.is_flag or param.count or attached):
+            for _ in range(param.nargs):
+                next(rest, None)
+    for param, given in times.items():
+        if given > 1 and not param.multiple and param.expose_value:   # --help twice is still the help
+            raise _given_more_than_once(param, given, ctx)
+
+
 class OneLineErrors(click.Group):
     """The klconvert group: every error a user can cause -- a KLError or a usage error -- ends in one line on stderr,
     `klconvert: error: ...`, with the error's exit status (2 for bad input) and no traceback; so does a standard
     output that cannot be written (one whose reader is gone: no line, 141)."""
+
+    command_class = OptionsOnce
 
     def main(self, args=None, prog_name=None, standalone_mode: bool = True, **extra):
         if not standalone_mode:  # the caller handles the errors (click's own non-standalone contract)
@@ -216,8 +290,8 @@ def cli() -> None:
 @cli.command()
 @click.option("--preset", type=click.Choice(list(PRESETS)), required=True,
               help="tiny: a small model (14 MB) of the same structure; kimi-linear-48b: the released shapes.")
-@click.option("--layers", type=int, default=None, help="Keep only N layers (3:1 KDA:MLA pattern kept).")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+@click.option("--layers", type=INTEGER, default=None, help="Keep only N layers (3:1 KDA:MLA pattern kept).")
+@click.option("--seed", type=IntegerRange(0, 2**32 - 1), default=0, show_default=True,
               help="Seed of the random weights.")
 @click.option("--layout", type=click.Choice(["released", "transformers"]), default="released", show_default=True,
               help="Tensor layout: the released checkpoint's, or the native transformers port's.")
@@ -269,10 +343,9 @@ def _context_error(where: str, tokens: int, at_least: bool, max_new_tokens: int,
 
 
 def _given_once(param: click.Parameter, given: tuple[str, ...]) -> str | None:
-    """A `multiple` option's one value: click keeps a repeated option's last value and drops the rest unsaid."""
+    """--prompt's one value: `multiple` (which OptionsOnce leaves to it) so that its refusal can name the batch."""
     if len(given) > 1:
-        raise click.BadParameter(f"given {len(given)} times; give it once (several --prompt-file FILE make a batch)",
-                                 param=param)
+        raise _given_more_than_once(param, len(given), advice=" (several --prompt-file FILE make a batch)")
     return given[0] if given else None
 
 
@@ -285,7 +358,7 @@ def _given_once(param: click.Parameter, given: tuple[str, ...]) -> str | None:
 @click.option("--prompt-file", "prompt_files", type=PathArg(allow_dash=True), multiple=True,
               help="UTF-8 text file with the prompt, or - for standard input; repeat it to continue several prompts "
                    "as one batch (each at its own length).")
-@click.option("--max-new-tokens", type=click.IntRange(min=0), default=256, show_default=True,
+@click.option("--max-new-tokens", type=IntegerRange(min=0), default=256, show_default=True,
               help="Stop after this many new tokens (or earlier, at a stop token: <|im_end|>, the tokenizer's eos, "
                    "config.json's eos_token_id); 0 only prefills the prompts.")
 @click.option("--temperature", type=FiniteFloat(min=0.0), default=0.0, show_default=True,
@@ -298,7 +371,7 @@ def _given_once(param: click.Parameter, given: tuple[str, ...]) -> str | None:
 @click.option("--show-special", is_flag=True,
               help="Print generated special tokens (<|im_assistant|>, <|reserved_token_N|>, ...) as text, but the "
                    "stop token that ends a sequence; by default they are skipped.")
-@click.option("--max-context", type=click.IntRange(min=1), default=None,
+@click.option("--max-context", type=IntegerRange(min=1), default=None,
               help="Context the memory plan holds [default: prompt + max-new-tokens].")
 @click.option("--device", type=DEVICE, default=None,
               help="Where to run; cuda:N picks the N-th GPU [default: cuda if present].")
@@ -402,14 +475,18 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
                f"context {plan.context}, batch {plan.batch}, total {binary_size_text(plan.total)}", err=True)
 
 
+def _given(ctx: click.Context, name: str) -> bool:
+    """Whether the command line gave the parameter `name`, not its default."""
+    return ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
+
+
 def _refuse_sampling_flags_when_greedy(ctx: click.Context, temperature: float) -> None:
     """--top-p and --seed shape sampling: given without --temperature (greedy, the default) they would do nothing,
     and the user most likely meant to sample. An explicit --temperature 0 takes them (a sweep over temperatures that
     passes the same flags each time)."""
-    if temperature > 0 or ctx.get_parameter_source("temperature") != ParameterSource.DEFAULT:
+    if temperature > 0 or _given(ctx, "temperature"):
         return
-    given = [flag for flag, name in (("--top-p", "top_p"), ("--seed", "seed"))
-             if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
+    given = [flag for flag, name in (("--top-p", "top_p"), ("--seed", "seed")) if _given(ctx, name)]
     if given:
         raise KLError(f"{' and '.join(given)} given with the default --temperature 0, which decodes greedily: --top-p "
                       f"and --seed take effect only with --temperature > 0; add --temperature T above 0 to sample, "
@@ -464,7 +541,7 @@ def _refuse_triton_without_cuda(kernels: str, device: str | None) -> None:
                    f"model [default: {DEFAULT_MODEL_DIR} when it exists, else {BUNDLED_NAME}].")
 @click.option("--out", type=PathArg(path_type=Path), required=True,
               help="New folder for model.onnx, genai_config.json, config.json and the tokenizer files.")
-@click.option("--opset", type=int, default=None,
+@click.option("--opset", type=INTEGER, default=None,
               help="ONNX opset of the default domain [default: the oldest the export takes, 18].")
 @click.option("--force", is_flag=True, help="Replace an earlier export in --out, once the new one is whole.")
 def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) -> None:
@@ -485,15 +562,15 @@ def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) ->
               help=f"Checkpoint folder to plan for, or {BUNDLED_NAME} (the bundled model).")
 @click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
               help="Plan for a preset instead of a folder.")
-@click.option("--layers", type=int, default=None, help="With --preset: keep only N layers.")
+@click.option("--layers", type=INTEGER, default=None, help="With --preset: keep only N layers.")
 @click.option("--recipe", type=PathArg(path_type=Path), default=None,
               help=f"A recipe YAML, or a shipped one by name ({', '.join(shipped_names())}): its quantization sizes "
                    "the weights, its runtime section sets the defaults of the flags below.")
 @click.option("--gpu-memory", default=None,
               help="Device memory to fit, e.g. 80GiB, 24GB [default: the recipe's, else no fit check].")
-@click.option("--max-context", type=click.IntRange(min=1), default=None,
+@click.option("--max-context", type=IntegerRange(min=1), default=None,
               help="Planned context [default: the recipe's, else 131072].")
-@click.option("--batch", type=click.IntRange(min=1), default=None,
+@click.option("--batch", type=IntegerRange(min=1), default=None,
               help="Planned batch [default: the recipe's, else 1].")
 @click.option("--mla-cache-dtype", type=MLA_CACHE_DTYPE, default=None,
               help="MLA latent cache dtype [default: the recipe's, else bfloat16].")
@@ -502,7 +579,7 @@ def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) ->
 @click.option("--bits", type=click.Choice(["4", "8", "16"]), default=None,
               help="Without --recipe: weight bits of the quantized layers, lm_head at 8 (at 16: nothing quantized) "
                    "[default: a folder as stored, a preset at 16].")
-@click.option("--group-size", type=int, default=None,
+@click.option("--group-size", type=INTEGER, default=None,
               help="With --bits 4 or 8: input columns per scale, e.g. 32, 64, 128; -1: one scale per row "
                    "[default: 128].")
 def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path | None, gpu_memory: str | None,
@@ -557,9 +634,9 @@ def _shard_bytes(max_shard_size: str | None) -> int | None:
 def _quantize_options(command):
     """The flags `quantize` and `pull-and-quantize` share, in the order --help lists them."""
     options = [
-        click.option("--bits", type=int, default=None,
+        click.option("--bits", type=INTEGER, default=None,
                      help="Bits of the quantized layers: 4 or 8 [default: 4]; lm_head stays at 8."),
-        click.option("--group-size", type=int, default=None,
+        click.option("--group-size", type=INTEGER, default=None,
                      help="Input columns per scale, e.g. 32, 64, 128; -1: one scale per row [default: 128]."),
         click.option("--sym/--asym", "symmetric", default=None,
                      help="Symmetric scales, or asymmetric with zero points [default: --sym]."),
@@ -637,7 +714,7 @@ def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: 
                    "reads the text.")
 @click.option("--text-file", type=PathArg(path_type=Path, dir_okay=False), required=True,
               help="UTF-8 text to run both models on (- reads standard input).")
-@click.option("--max-tokens", type=click.IntRange(min=2), default=2048, show_default=True,
+@click.option("--max-tokens", type=IntegerRange(min=2), default=2048, show_default=True,
               help="Cut the tokenized text to this many tokens (only that much of the file is read).")
 @click.option("--device", type=DEVICE, default=None,
               help="Where to run; cuda:N picks the N-th GPU [default: cuda if present].")
@@ -665,10 +742,14 @@ def eval_(model: str, reference: str, text_file: Path, max_tokens: int, device: 
 def _int_list(ctx, param, value: str | None) -> list[int] | None:
     if value is None:
         return None
+    items = value.split(",")   # an empty item is refused: "1,,2" is a typo, not batches 1 and 2
     try:
-        out = [int(v) for v in value.split(",")]   # an empty item is refused: "1,,2" is a typo, not batches 1 and 2
+        if not all(PLAIN_INTEGER.fullmatch(item) for item in items):
+            raise ValueError
+        out = [int(item) for item in items]   # ValueError past Python's 4,300 digits
     except ValueError:
-        raise click.BadParameter(f"{value!r}: give comma-separated whole numbers, e.g. 4096,131072") from None
+        raise click.BadParameter(f"{value[:80]!r}: give comma-separated whole numbers in the digits 0-9, e.g. "
+                                 "4096,131072") from None
     if min(out) < 1:
         raise click.BadParameter(f"{value!r}: give comma-separated numbers of at least 1")
     return out
@@ -680,7 +761,7 @@ def _int_list(ctx, param, value: str | None) -> list[int] | None:
                    "values).")
 @click.option("--preset", type=click.Choice(["kimi-linear-48b"]), default=None,
               help="Time the released shapes with random quantized weights made on the GPU.")
-@click.option("--layers", type=click.IntRange(min=1), default=None, help="With --preset: keep only N layers.")
+@click.option("--layers", type=IntegerRange(min=1), default=None, help="With --preset: keep only N layers.")
 @click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True,
               help="With --preset: bits of the quantized layers (default policy, lm_head int8, group 128).")
 @click.option("--context", "contexts", default=None, callback=_int_list,
@@ -694,7 +775,7 @@ def _int_list(ctx, param, value: str | None) -> list[int] | None:
 @click.option("--mla-cache-dtype", type=MLA_CACHE_DTYPE, default="bfloat16",
               show_default=True,
               help="The latent cache's dtype (float8_e4m3fn: one byte a value, an fp32 scale a row).")
-@click.option("--new-tokens", type=click.IntRange(min=16), default=128, show_default=True,
+@click.option("--new-tokens", type=IntegerRange(min=16), default=128, show_default=True,
               help="Decode steps timed per configuration.")
 @click.option("--check/--no-check", "check_depth", default=True, show_default=True,
               help="Before timing: the Triton path against the PyTorch bf16 path at this depth (calm weights "
@@ -702,7 +783,7 @@ def _int_list(ctx, param, value: str | None) -> list[int] | None:
 @click.option("--peer", type=click.Choice(["none", "transformers"]), default="none", show_default=True,
               help="Also time transformers' KimiLinearForCausalLM in this call (bf16, the release's shapes at "
                    "--peer-layers layers, batch 1, whatever --model or --preset times).")
-@click.option("--peer-layers", type=click.IntRange(min=1), default=None,
+@click.option("--peer-layers", type=IntegerRange(min=1), default=None,
               help=f"With --peer transformers: layers of the peer's model (a 27-layer bf16 model needs 98 GB) "
                    f"[default: {PEER_LAYERS}].")
 @click.option("--spread-routing", is_flag=True,
@@ -714,6 +795,14 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
           peer: str, peer_layers: int | None, spread_routing: bool, json_file: Path | None) -> None:
     """Decode speed on the GPU: checked first, then ms/token, tokens/s, memory and the bandwidth floor; with
     --prefill, prefill time and tokens/s, peak memory reserved against the plan."""
+    if (model is None) == (preset is None):
+        raise KLError("give exactly one of --model DIR or --preset kimi-linear-48b")
+    _refuse_layers_with_model(model, layers)
+    if peer_layers is not None and peer != "transformers":
+        raise KLError(f"--peer-layers {peer_layers} sizes the peer's model, and no peer is timed; add --peer "
+                      "transformers, or drop --peer-layers")
+    _refuse_what_bench_would_ignore(click.get_current_context(), model, bits, contexts, prefills, batches, new_tokens,
+                                    spread_routing, peer)
     import json
     from contextlib import nullcontext
 
@@ -722,12 +811,6 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
     from klconvert.convert.output_folder import parent_made
     from klconvert.presets import preset_config
 
-    if (model is None) == (preset is None):
-        raise KLError("give exactly one of --model DIR or --preset kimi-linear-48b")
-    _refuse_layers_with_model(model, layers)
-    if peer_layers is not None and peer != "transformers":
-        raise KLError(f"--peer-layers {peer_layers} sizes the peer's model, and no peer is timed; add --peer "
-                      "transformers, or drop --peer-layers")
     if peer == "transformers":
         B.transformers_peer()
     if json_file is not None and json_file.is_dir():
@@ -782,6 +865,27 @@ def _refuse_a_file_of_the_model(json_file: Path, folder: Path) -> None:
     if target.exists() and target.is_relative_to(os.path.realpath(folder)):
         raise KLError(f"--json {json_file}: is a file of the model folder {folder}, which the results would replace; "
                       "give a name outside it")
+
+
+def _refuse_what_bench_would_ignore(ctx: click.Context, model: str | None, bits: str, contexts: list[int] | None,
+                                    prefills: list[int] | None, batches: list[int], new_tokens: int,
+                                    spread_routing: bool, peer: str) -> None:
+    """bench's flags that what it times would not use, refused as --layers with --model is: --bits beside a --model
+    folder, and beside --prefill alone (no decode rows) the decode rows' --batch, --new-tokens (unless the peer
+    decodes them) and --spread-routing."""
+    if model is not None and _given(ctx, "bits"):
+        raise KLError(f"--bits {bits} sets the bits of a --preset's random weights; a --model folder is timed as it "
+                      "is stored -- drop --bits")
+    if contexts is not None or not prefills:
+        return
+    unused = [flag for flag, given in ((f"--batch {','.join(map(str, batches))}", _given(ctx, "batches")),
+                                       (f"--new-tokens {new_tokens}", _given(ctx, "new_tokens") and peer == "none"),
+                                       ("--spread-routing", spread_routing)) if given]
+    if unused:
+        names = " and ".join(flag.split()[0] for flag in unused)
+        raise KLError(f"{' and '.join(unused)} {'shapes' if len(unused) == 1 else 'shape'} the decode rows, and "
+                      "--prefill without --context times none (each prompt is prefilled alone, at batch 1); add "
+                      f"--context N to time decode rows too, or drop {names}")
 
 
 def _refuse_what_the_results_would_replace(json_file: Path) -> None:

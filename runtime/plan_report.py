@@ -33,7 +33,8 @@ from klconvert.units import binary_size_text
 # tests/test_memory_plan.py holds the help to them)
 RUNTIME_DEFAULTS = {"max_context": 131072, "batch": 1, "mla_cache_dtype": "bfloat16", "kda_state_dtype": "float32"}
 KDA_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(|B|KB|MB|GB|TB|KiB|MiB|GiB|TiB|K|M|G|T)\s*$", re.IGNORECASE)
+# ASCII digits and spaces only: str's \d and \s take other scripts' ('８０GiB'), which float() reads
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(|B|KB|MB|GB|TB|KiB|MiB|GiB|TiB|K|M|G|T)\s*$", re.IGNORECASE | re.ASCII)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
           "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 # fewer bytes than this given with no unit (`--gpu-memory 80`) are no GPU's memory: a unit left off, refused; a GPU's

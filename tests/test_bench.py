@@ -318,6 +318,45 @@ def test_peer_times_transformers_on_the_release_at_peer_layers_with_the_same_new
     assert len(timed) == 1
 
 
+@pytest.mark.parametrize("args, refused", [
+    (["--model", "tiny", "--bits", "8"], "--bits 8 sets the bits of a --preset's random weights; a --model folder is "
+                                         "timed as it is stored -- drop --bits"),
+    (["--model", "tiny", "--bits", "4"], "--bits 4 sets the bits"),   # the default, given: still ignored
+    (["--preset", "kimi-linear-48b", "--prefill", "1024", "--batch", "1,16"],
+     "--batch 1,16 shapes the decode rows, and --prefill without --context times none (each prompt is prefilled "
+     "alone, at batch 1); add --context N to time decode rows too, or drop --batch"),
+    (["--preset", "kimi-linear-48b", "--prefill", "1024", "--new-tokens", "32"], "--new-tokens 32 shapes the decode"),
+    (["--model", "tiny", "--prefill", "1024", "--spread-routing", "--batch", "1"],
+     "--batch 1 and --spread-routing shape the decode rows, and --prefill without --context times none"),
+])
+def test_flags_the_bench_would_ignore_are_refused_before_anything_runs(capsys, monkeypatch, args, refused):
+    """--bits with a --model folder, and the decode rows' --batch, --new-tokens and --spread-routing beside --prefill
+    alone, were ignored unsaid. Refused before weights are made or read, and before the GPU is looked for."""
+    monkeypatch.setattr(B, "random_quantized_weights", lambda *args, **kwargs: pytest.fail("weights were made"))
+    monkeypatch.setattr(B, "bench", lambda *args, **kwargs: pytest.fail("the bench ran"))
+    assert_one_line_error(*run_cli(capsys, "bench", *args)[::2], refused)
+
+
+def test_flags_the_bench_uses_are_taken(capsys, monkeypatch):
+    """--bits with --preset; --batch, --new-tokens and --spread-routing with --context rows beside --prefill; and
+    --new-tokens beside --prefill alone when the peer decodes them."""
+    ran, timed = [], []
+    monkeypatch.setattr(B, "random_quantized_weights", lambda config, bits, *args, **kwargs: ran.append(bits))
+    monkeypatch.setattr(B, "bench", lambda config, weights, **kwargs: ran.append(kwargs) or B.BenchResult(
+        "stand-in", 1, "int8", 1.0))
+    monkeypatch.setattr(B, "transformers_peer", lambda: None)
+    monkeypatch.setattr(B, "time_transformers", lambda raw, **kwargs: timed.append(kwargs) or {"ms": 1.5})
+    preset = ("--preset", "kimi-linear-48b", "--layers", "1")
+    assert run_cli(capsys, "bench", *preset, "--bits", "8", "--prefill", "1024", "--context", "4096", "--batch", "2",
+                   "--new-tokens", "32", "--spread-routing")[0] == 0
+    assert ran[:2] == [8, 8] and (ran[2]["contexts"], ran[2]["batches"], ran[2]["new_tokens"], ran[2]["spread"],
+                                  ran[2]["prefills"]) == ([4096], [2], 32, True, [1024])
+    code, _, err = run_cli(capsys, "bench", *preset, "--prefill", "1024", "--new-tokens", "32", "--peer",
+                           "transformers")
+    assert code == 0, err
+    assert ran[-1]["contexts"] == [] and [kwargs["new_tokens"] for kwargs in timed] == [32]
+
+
 def test_a_peer_without_transformers_is_refused_before_anything_is_timed(tmp_path, monkeypatch, capsys):
     """It was asked for only after the whole bench had run: the timings were lost and no --json written."""
     monkeypatch.setitem(sys.modules, "transformers", None)

@@ -12,7 +12,7 @@ import click
 import pytest
 
 from bounded_cli import klconvert_bounded
-from klconvert.cli import ALLOCATOR_ENV, DEVICE, SEED, cli
+from klconvert.cli import ALLOCATOR_ENV, DEVICE, SEED, PlainDigits, cli
 from testkit import assert_one_line_error, run_cli, run_klconvert_on_a_terminal
 
 
@@ -93,6 +93,16 @@ def test_device_is_one_type_in_every_command():
      ["'--prompt-file'", "holds a control character"]),
     (["pull", "acme/model", "--local-dir", "a", "--cache-dir", "b"],
      ["give at most one of --local-dir and --cache-dir"]),
+    # int() reads these; no one types them for a number (`--max-tokens 1_6` evaluated 16 tokens)
+    (["eval", "--model", "a", "--reference", "b", "--text-file", "c", "--max-tokens", "1_6"],
+     ["Invalid value for '--max-tokens': '1_6' is not a whole number in the digits 0-9; give one, e.g. 16"]),
+    (["eval", "--model", "a", "--reference", "b", "--text-file", "c", "--max-tokens", "\u0661\u0666"],   # Arabic-Indic
+     ["Invalid value for '--max-tokens': '\u0661\u0666' is not a whole number in the digits 0-9"]),
+    (["quantize", "a", "b", "--bits", "+4"], ["Invalid value for '--bits': '+4' is not a whole number"]),
+    (["plan", "--preset", "tiny", "--group-size", " 64"], ["Invalid value for '--group-size': ' 64' is not a whole"]),
+    (["bench", "--preset", "kimi-linear-48b", "--context", "4_096"],
+     ["Invalid value for '--context': '4_096': give comma-separated whole numbers in the digits 0-9"]),
+    (["bench", "--preset", "kimi-linear-48b", "--batch", "1,\uff11\uff16"], ["'--batch'", "in the digits 0-9"]),
 ])
 def test_user_errors_are_one_line(capsys, args, needles):
     assert_one_line_error(*run_cli(capsys, *args)[::2], *needles)
@@ -103,6 +113,58 @@ def test_usage_errors_are_one_line_from_the_installed_command():
                           text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("klconvert: error: klconvert run: Invalid value for '--max-new-tokens'")
+
+
+@pytest.mark.parametrize("args, named, times", [
+    (["eval", "--model", "q4", "--model", "tiny", "--reference", "tiny", "--text-file", "t"], "'--model'", 2),
+    (["quantize", "tiny", "OUT", "--bits", "4", "--bits=8"], "'--bits'", 2),   # 8-bit was written
+    (["quantize", "tiny", "OUT", "--sym", "--asym"], "'--sym' / '--asym'", 2),   # asymmetric was written
+    (["pull-and-quantize", "--model", "tiny", "--out", "OUT", "--asym", "--asym"], "'--sym' / '--asym'", 2),
+    (["run", "--prompt", "x", "--max-new-tokens", "1", "--max-new-tokens", "2", "--max-new-tokens=3"],
+     "'--max-new-tokens'", 3),
+    (["bench", "--model", "tiny", "--check", "--no-check"], "'--check' / '--no-check'", 2),
+])
+def test_an_option_given_twice_is_refused_not_its_last_value_taken(capsys, tmp_path, monkeypatch, args, named, times):
+    """click kept a repeated option's last value unsaid: `eval --model q4 --model tiny` measured tiny against tiny.
+    Refused before anything runs (nothing written), in the words of --prompt's refusal."""
+    monkeypatch.chdir(tmp_path)
+    command = f"klconvert {args[0]}"
+    assert_one_line_error(*run_cli(capsys, *args)[::2], f"{command}: Invalid value for {named}: given {times} times; "
+                                                         f"give it once (see `{command} --help`)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_only_options_are_counted_as_given(capsys, tmp_path, monkeypatch):
+    """An option's value that reads as a flag is its value, as click takes it (the prompt `--model`); nothing past a
+    bare -- is an option; the repeatable options repeat."""
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(*run_cli(capsys, "run", "--prompt", "--model", "--model", "tiny", "--top-p", "0.5")[::2],
+                          "--top-p given with the default --temperature 0")
+    assert_one_line_error(*run_cli(capsys, "run", "--prompt", "x", "--top-p", "0.5", "--", "--top-p")[::2],
+                          "Got unexpected extra argument (--top-p)")
+    assert_one_line_error(*run_cli(capsys, "pull", "acme/model", "--include", "*.json", "--include", "*.txt",
+                                   "--exclude", "a", "--exclude", "b", "--local-dir", "a", "--cache-dir", "b")[::2],
+                          "give at most one of --local-dir and --cache-dir")
+    (tmp_path / "a.txt").write_text("ROMEO.")
+    (tmp_path / "b.txt").write_text("JULIET.")
+    assert_one_line_error(*run_cli(capsys, "run", "--prompt-file", "a.txt", "--prompt-file", "b.txt", "--seed",
+                                   "1")[::2], "--seed given with the default --temperature 0")
+    assert run_cli(capsys, "run", "--help", "-h")[0] == 0
+
+
+def test_every_integer_option_reads_plain_digits():
+    """Each whole-number option reads the digits 0-9 and a leading - (--group-size -1; a range refuses others), not
+    what int() also reads; a value of a leading 0 is that number."""
+    types = {(name, param.name): param.type for name, command in cli.commands.items() for param in command.params
+             if isinstance(param.type, click.types.IntParamType)}
+    assert len(types) == 18 and all(isinstance(t, PlainDigits) for t in types.values()), types
+    group_size = types[("quantize", "group_size")]
+    assert [group_size.convert(text, None, None) for text in ("64", "064", "-1", 128)] == [64, 64, -1, 128]
+    for text in ("+4", "1_6", "\u0661\u0666", "\uff11\uff16", " 16", "16 ", "", "-", "0x10", "1e3"):
+        with pytest.raises(click.BadParameter, match="is not a whole number in the digits 0-9"):
+            group_size.convert(text, None, None)
+    with pytest.raises(click.BadParameter, match="not in the range"):
+        types[("eval", "max_tokens")].convert("-2", None, None)
 
 
 def test_triton_kernels_need_cuda(capsys, tiny_released, monkeypatch):
@@ -243,6 +305,16 @@ def test_a_gpu_memory_without_a_unit_that_reads_as_a_few_bytes_is_refused(capsys
                           f"memory; did you mean {value.strip()}GB or {value.strip()}GiB? give the unit")
     code, _, err = run_cli(capsys, "plan", "--preset", "tiny", "--gpu-memory", str(80 * 2**30))   # bytes, as ever
     assert code == 0, err
+
+
+def test_a_size_in_other_digits_is_refused(capsys, tmp_path):
+    """float() reads other scripts' digits, and the size's pattern took them: `--gpu-memory ８０GiB` planned 80 GiB,
+    `--max-shard-size ٥GB` wrote shards of 5 GB."""
+    assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--gpu-memory", "\uff18\uff10GiB")[::2],
+                          "--gpu-memory '\uff18\uff10GiB': give a size like 80GiB, 24GB or 141G")
+    assert_one_line_error(*run_cli(capsys, "quantize", "tiny", tmp_path / "q", "--max-shard-size", "\u0665GB")[::2],
+                          "--max-shard-size '\u0665GB': give a size like 80GiB, 24GB or 141G")
+    assert not (tmp_path / "q").exists()
 
 
 def test_a_shard_size_of_a_few_bytes_without_a_unit_is_still_bytes(capsys, tmp_path):
