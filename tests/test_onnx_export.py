@@ -977,16 +977,18 @@ def _asking_per_position(model: onnx.ModelProto, floats: int) -> None:
         onnx.helper.make_node("Add", ["logits.before", "ask.nothing"], ["logits"])])
 
 
-# `python -m klconvert ARGS` in a process whose host leaves AVAILABLE bytes; it prints its peak RSS (KiB) last
+# `python -m klconvert ARGS` in a process whose host leaves AVAILABLE bytes; it prints its peak RSS (KiB) last: its
+# VmHWM, not getrusage's ru_maxrss, which keeps the forking process's peak across exec (a pytest worker's, 1.8 GB)
 CLI_ON_A_SMALL_HOST = """
-import resource, runpy, sys
+import re, runpy, sys
 import klconvert.onnx.session as session
 from klconvert.runtime.host_memory import HostMemory
 session.host_memory = lambda: HostMemory({available})
 try:
     runpy.run_module("klconvert", run_name="__main__")
 finally:
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+    with open("/proc/self/status") as status:
+        print(re.search(r"VmHWM:\\s*(\\d+) kB", status.read())[1], file=sys.stderr)
 """
 
 
