@@ -17,14 +17,15 @@ from pathlib import Path
 import pytest
 
 import klconvert
+from testkit import project_files
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _clean_copy(tmp_path: Path) -> tuple[Path, set[str]]:
-    """The tracked files copied to a fresh folder (a build writes into its source folder), and their names."""
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.decode()
-    names = set(filter(None, tracked.split("\0")))
+    """The project's files (project_files) copied to a fresh folder (a build writes into its source folder), and
+    their names."""
+    names = project_files()
     source = tmp_path / "src"
     for name in names:
         (source / name).parent.mkdir(parents=True, exist_ok=True)

@@ -7,14 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from testkit import project_files
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted(p for p in (ROOT / "tools").glob("*.py") if 'if __name__ == "__main__":' in p.read_text())
 
 
 def _tree() -> dict[str, int]:
-    """Every file git tracks, with its modification time (other tests may write untracked caches meanwhile)."""
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    return {name: (ROOT / name).stat().st_mtime_ns for name in tracked.decode().split("\0") if name}
+    """Every file of the project (project_files), with its modification time (other tests may write untracked caches
+    meanwhile)."""
+    return {name: (ROOT / name).stat().st_mtime_ns for name in project_files()}
 
 
 def test_every_tool_answers_help_and_changes_nothing(tmp_path):

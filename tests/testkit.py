@@ -7,11 +7,14 @@ import io
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from klconvert.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent  # the project's root: a checkout, or an unpacked sdist
 
 
 # transformers' KimiLinear takes fla-core's Triton kernels (chunk_kda, l2norm) whenever fla imports, on CPU tensors
@@ -19,6 +22,15 @@ from klconvert.cli import main
 TRANSFORMERS_ON_THE_CPU = pytest.mark.skipif(importlib.util.find_spec("fla") is not None,
                                              reason="fla-core is installed: transformers would run its Triton kernels "
                                                     "on these CPU tensors")
+
+
+def project_files() -> set[str]:
+    """The project's files, relative to its root: what git tracks, in a checkout; in an unpacked sdist, which has no
+    .git, the files the sdist holds (the SOURCES.txt setuptools wrote into it)."""
+    if (ROOT / ".git").exists():
+        tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+        return set(filter(None, tracked.decode().split("\0")))
+    return set((ROOT / "klconvert.egg-info" / "SOURCES.txt").read_text().splitlines())
 
 
 def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
