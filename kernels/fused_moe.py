@@ -1,12 +1,11 @@
 """Fused MoE over int4/int8 experts: for up to 16 tokens two launches (gate+up with SiLU, down with the weighted sum)
 that read each routed expert once for all its tokens, on the tensor or the CUDA cores (MOE_CROSSOVER); past that
 (prefill) a grouped GEMM per projection over pairs sorted by expert, dequantizing weight tiles in registers."""
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
+from .int_layout import PackedExperts
 from .int_linear import (KT, MMA_M, ROWS, PackedLinear, _arrive, _dequant_pair, _dot_w, _fma_tile, _group_params,
                          _mma_tile, _prefetch_program, _sum_partials, _tile_params, fast_unpack, packed_bytes,
                          repack_int_weight)
@@ -40,26 +39,6 @@ MOE_PREFILL_LAUNCH = ((64, (16, 64, 4, 3, False)), (256, (32, 128, 4, 3, True)),
 MOE_DECODE_LAUNCH = {"fma": ((DECODE_MAX_TOKENS, (16, (3, 2), 2, False)),),
                      "mma": ((1, (64, (3, 2), 4, True)), (2, (64, (2, 1), 4, False)), (4, (64, (1, 1), 4, True)),
                              (6, (64, (1, 1), 4, False)), (DECODE_MAX_TOKENS, (64, (1, 1), 4, True)))}
-
-
-@dataclass
-class PackedExperts:
-    """Experts stacked along a leading dim of each PackedLinear tensor (qweight [E', ...], scales [E', ...]);
-    E' = num_experts routed experts, plus the shared expert at index num_experts when has_shared."""
-
-    gate: PackedLinear  # [E', I, D]; its locks are [DECODE_MAX_TOKENS * MAX_SLOTS, I_pad / ROWS]
-    up: PackedLinear  # [E', I, D]
-    down: PackedLinear  # [E', D, I]; its locks are [D_pad / ROWS]
-    num_experts: int
-    has_shared: bool
-
-    def expert(self, e: int) -> tuple[PackedLinear, PackedLinear, PackedLinear]:
-        """(gate, up, down) of expert e as plain PackedLinears (views)."""
-        def one(p):
-            zeros = p.zeros[e] if p.zeros is not None else None
-            locks = torch.zeros(p.scales.shape[-1] // ROWS, dtype=torch.int32, device=p.locks.device)
-            return PackedLinear(p.qweight[e], p.scales[e], zeros, locks, p.n, p.k, p.bits, p.group_size)
-        return one(self.gate), one(self.up), one(self.down)
 
 
 def _stack(tensors: list[dict], bits: int, group_size: int, what: str) -> PackedLinear:

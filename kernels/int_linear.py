@@ -2,13 +2,11 @@
 (CROSSOVER): a CUDA-core GEMV, a tensor-core GEMV (one 16-row block, split-K), a tiled tensor-core GEMM that
 dequantizes the weight tile in registers, or (prefill) the weight dequantized to 16 bits in a bounded workspace and
 cuBLAS."""
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-from .int_layout import KT, ROWS
+from .int_layout import KT, ROWS, PackedLinear
 from .pdl import prefetch_fits, prefetch_runs, use_pdl, wait_for_inputs
 
 MMA_M = 16  # the tensor-core kernels pad x to blocks of at least this many rows (the smallest tl.dot M)
@@ -42,27 +40,6 @@ REPACK_ROWS = 4096  # rows repacked at a time (a multiple of ROWS): ~0.3 GB of t
 DEQUANT_WORKSPACE = 64 << 20  # bytes of 16-bit weight int_dequant_mm dequantizes at a time (q,k,v stacked: 54 MiB)
 
 
-@dataclass
-class PackedLinear:
-    """W[n, k] = (code[n, k] - zero[k // group, n]) * scale[k // group, n]; y = x @ W.T.
-
-    qweight is int32 [N_pad / ROWS, K / KT, ROWS, P]. Slot s (bits [bits * s, bits * (s + 1))) of word p of row r
-    of tile t holds the unsigned code of input k = t * KT + (s % H) * 2P + 2p + s // H, H = 16 / bits: slots i and
-    i + H hold the neighbouring inputs 2p and 2p + 1 of pair i, 16 bits apart, so one mask of the word (0x000F000F
-    for int4) lifts both into a 32-bit pair of 16-bit floats (Marlin's trick). N_pad = N rounded up to ROWS;
-    padded rows have scale 0.
-    """
-
-    qweight: torch.Tensor  # int32 [N_pad / ROWS, K / KT, ROWS, P]
-    scales: torch.Tensor  # [K / group, N_pad], the checkpoint's scale dtype
-    zeros: torch.Tensor | None  # [K / group, N_pad] unsigned zero points (scale dtype); None: symmetric, 2**(bits-1)
-    locks: torch.Tensor  # int32 [N_pad / ROWS], zero between calls: split-K arrival counters
-    n: int
-    k: int
-    bits: int
-    group_size: int
-
-
 def unpack_int32_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """compressed-tensors' int32 packing (value i of a row at bits [i*bits, (i+1)*bits), offset 2**(bits-1)) ->
     unsigned codes [..., count]."""
@@ -78,15 +55,6 @@ def _pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
     c = c.permute(0, 2, 1, 4, 5, 3).reshape(n // ROWS, k // KT, ROWS, p, 2 * half)  # slot s = b*half + i
     words = (c << torch.arange(0, 32, bits, device=codes.device)).sum(-1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
-
-
-def unpack_words(qweight: torch.Tensor, bits: int) -> torch.Tensor:
-    """The inverse of the repack's word order: qweight [N_pad/ROWS, K/KT, ROWS, P] -> unsigned codes [N_pad, K]."""
-    shifts = torch.arange(0, 32, bits, device=qweight.device, dtype=torch.int32)
-    c = (qweight[..., None] >> shifts) & ((1 << bits) - 1)  # [N/ROWS, K/KT, ROWS, P, slots]
-    nb, nt, rows, p, slots = c.shape
-    c = c.view(nb, nt, rows, p, 2, slots // 2).permute(0, 2, 1, 5, 3, 4)  # [N/ROWS, ROWS, K/KT, half, P, 2]
-    return c.reshape(nb * rows, nt * KT)
 
 
 def repack_int_weight(weight_packed, weight_scale, weight_zero_point, weight_shape, bits, group_size) -> PackedLinear:

@@ -1,7 +1,7 @@
 """Plain-PyTorch fp32 twin of int_linear: dequantize the packed weight, then matmul."""
 import torch
 
-from .int_linear import PackedLinear, unpack_words
+from .int_layout import PackedLinear, unpack_words
 
 
 def dequantize_int_weight(packed: PackedLinear) -> torch.Tensor:

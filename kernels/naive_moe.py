@@ -1,7 +1,7 @@
 """Plain-PyTorch fp32 twin of fused_moe: a loop over the experts, each on the tokens routed to it."""
 import torch
 
-from .fused_moe import PackedExperts
+from .int_layout import PackedExperts
 from .naive_int_linear import dequantize_int_weight
 
 

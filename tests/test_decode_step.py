@@ -3,6 +3,8 @@ positions exactly as each runs alone, and an e4m3 latent cache stays close to th
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -161,6 +163,18 @@ def test_kernels_import_nothing_from_the_rest_of_the_package():
                     f"{path.name} imports {node.module}"
             if isinstance(node, ast.Import):
                 assert not any(a.name.startswith("klconvert") for a in node.names), path.name
+
+
+def test_the_naive_twins_and_the_layout_import_without_triton():
+    """The twins are plain PyTorch (kernels/__init__.py), as is the packed layout the memory plan reads: two twins
+    took PackedLinear and PackedExperts from their Triton modules, and failed to import without Triton (helper-128)."""
+    modules = sorted(f"klconvert.kernels.{p.stem}" for p in (ROOT / "kernels").glob("naive_*.py")) + \
+        ["klconvert.kernels.int_layout"]
+    assert len(modules) >= 6, modules
+    script = "import importlib, sys\nsys.modules['triton'] = None\n" + \
+        "".join(f"importlib.import_module({m!r})\n" for m in modules) + "print('imported')"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.stdout == "imported\n", done.stderr[-2000:]
 
 
 def decode_each(step, ids: torch.Tensor, start: int) -> torch.Tensor:

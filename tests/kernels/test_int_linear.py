@@ -9,7 +9,8 @@ from klconvert.kernels import int_linear as int_linear_module
 from klconvert.kernels.int_linear import (CROSSOVER, FMA_MAX_M, GEMM_LAUNCH, KT, LARGE_WEIGHT, MMA_BLOCK_M,
                                           dense_locks, dequantize_rows, gemm_launch, int_dequant_mm, int_gemm_fwd,
                                           int_gemv_fwd, int_linear, int_mma_fwd, linear_kernel, repack_int_weight,
-                                          sum_parked, unpack_words)
+                                          sum_parked)
+from klconvert.kernels.int_layout import unpack_words
 from klconvert.kernels.naive_int_linear import dequantize_int_weight
 
 # bound on RMS error relative to the fp32 twin, by output dtype (bf16/fp16 outputs are rounded once)
