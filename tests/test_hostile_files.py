@@ -43,9 +43,9 @@ def edit_config(folder: Path, edit) -> None:
     edit_json(folder / "config.json", edit)
 
 
-def run_on(folder: Path, *extra: str):
-    return klconvert_bounded("run", "--model", folder, "--prompt", "The quick brown fox", "--max-new-tokens", "2",
-                             "--device", "cpu", *extra)
+def run_on(folder: Path, *extra: str, max_new_tokens: int = 2):
+    return klconvert_bounded("run", "--model", folder, "--prompt", "The quick brown fox", "--max-new-tokens",
+                             str(max_new_tokens), "--device", "cpu", *extra)
 
 
 def test_a_real_run_fits_under_the_limit(tiny_released):
@@ -145,7 +145,7 @@ def test_max_position_embeddings_bounds_the_context(tiny_copy):
     assert KimiLinearConfig.from_file(tiny_copy / "config.json").model_max_length == 4096
     line = run_on(tiny_copy, "--max-context", "8192").error_line()
     assert "--max-context 8,192 is over the model's max_position_embeddings 4,096" in line, line
-    line = run_on(tiny_copy, "--max-new-tokens", "5000").error_line()
+    line = run_on(tiny_copy, max_new_tokens=5000).error_line()
     assert "the model's max_position_embeddings of 4,096 tokens; lower --max-new-tokens" in line, line
     line = klconvert_bounded("run", "--model", tiny_copy, "--prompt", "word " * 5000, "--device", "cpu").error_line()
     assert "is over the model's max_position_embeddings of 4,096 tokens" in line, line
