@@ -63,13 +63,21 @@ INTEGER = Integer()
 SEED = IntegerRange(0, 2**64 - 1)  # what torch.Generator.manual_seed takes (runtime/sampling.py SEEDS)
 
 
+# a decimal number as people type one, as PLAIN_INTEGER a whole one: float() also takes '1_0', '+1' and other
+# scripts' digits ('٠.٥')
+PLAIN_DECIMAL = re.compile(r"-?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
+
+
 class FiniteFloat(click.FloatRange):
-    """A FloatRange that also refuses nan and inf (FloatRange lets nan through: every comparison with it is false)."""
+    """A FloatRange that also refuses nan and inf (FloatRange lets nan through: every comparison with it is false),
+    reading PLAIN_DECIMAL's text only."""
 
     def convert(self, value, param, ctx):
         number = super().convert(value, param, ctx)
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number", param, ctx)
+        if isinstance(value, str) and not PLAIN_DECIMAL.fullmatch(value):
+            self.fail(f"{value[:40]!r} is not a number in the digits 0-9; give one, e.g. 0.7", param, ctx)
         return number
 
 

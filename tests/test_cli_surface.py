@@ -167,6 +167,21 @@ def test_every_integer_option_reads_plain_digits():
         types[("eval", "max_tokens")].convert("-2", None, None)
 
 
+def test_every_decimal_option_reads_plain_digits():
+    """--temperature and --top-p read decimal numbers in the digits 0-9, not what float() also reads."""
+    types = {(name, param.name): param.type for name, command in cli.commands.items() for param in command.params
+             if isinstance(param.type, click.types.FloatParamType)}
+    assert set(types) == {("run", "temperature"), ("run", "top_p")}, types
+    temperature = types[("run", "temperature")]
+    assert [temperature.convert(text, None, None) for text in ("0.7", "1", "1.", ".5", "7e-1", "0")] == \
+        [0.7, 1.0, 1.0, 0.5, 0.7, 0.0]
+    for text in ("1_0", "+1", "\u0660.\u0665", "\uff11", " 1", "1 "):
+        with pytest.raises(click.BadParameter, match="is not a number in the digits 0-9"):
+            temperature.convert(text, None, None)
+    with pytest.raises(click.BadParameter, match="is not a finite number"):
+        temperature.convert("inf", None, None)
+
+
 def test_triton_kernels_need_cuda(capsys, tiny_released, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' CPU interpreter is not a user's GPU
     line = assert_one_line_error(*run_cli(capsys, "run", "--model", tiny_released, "--prompt", "x", "--device", "cpu",
