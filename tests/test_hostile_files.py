@@ -642,3 +642,41 @@ def test_the_header_bounds_hold_the_released_model_quantized_in_one_file():
                     PlannedTensor(f"{module}.weight_zero_point", torch.int32, (-(-out // 8), -(-inp // 128)), None)]
     header = shard_header(planned)
     assert len(header) < max_header_bytes(c) and json_containers(header) < max_header_containers(c)
+
+
+# Reads a 78-byte file under a bound of 64 MiB with 32 MiB of address space left to the process
+READ_SMALL_FILE_UNDER_ULIMIT_V = """
+import resource, sys
+from pathlib import Path
+from klconvert.checkpoint.regular_file import read_bounded
+with open("/proc/self/status") as status:
+    mapped = int(next(line for line in status if line.startswith("VmSize:")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (mapped + (32 << 20), resource.getrlimit(resource.RLIMIT_AS)[1]))
+print(len(read_bounded(Path(sys.argv[1]), 64 << 20, "index")))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmSize from /proc")
+def test_a_small_file_read_under_a_large_bound_takes_its_own_size(tmp_path):
+    """One read of the whole bound reserved it: a 78 KB index, read under 32 MiB of ulimit -v room, was a MemoryError
+    (helper-131)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "small.json").write_text("{}" * 39)
+    done = subprocess.run([sys.executable, "-c", READ_SMALL_FILE_UNDER_ULIMIT_V, tmp_path / "small.json"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout == "78\n", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("size, refused", [(0, False), (1 << 20, False), ((1 << 20) + 5, False), ((2 << 20) + 1, True)])
+def test_read_bounded_reads_to_its_bound_and_refuses_past_it(tmp_path, size, refused):
+    from klconvert.checkpoint import regular_file
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(range(256)) * (size // 256) + bytes(size % 256))
+    if refused:
+        with pytest.raises(KLError, match=r"f\.bin: over 2 MB, far larger than any model's index; re-download"):
+            regular_file.read_bounded(path, 2 << 20, "index")
+    else:
+        assert regular_file.read_bounded(path, 2 << 20, "index") == path.read_bytes()
