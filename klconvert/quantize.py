@@ -44,6 +44,7 @@ from klconvert.extras import require
 from klconvert.hub import SIDE_FILES, HubFile, is_repo_id, pull
 from klconvert.models import BUNDLED_NAME, DEFAULT_REPO, quantized_folder_name, resolve_model
 from klconvert.quant import Policy, Recipe, load_recipe, policy_from_options
+from klconvert.runtime.host_memory import exhausted
 from klconvert.quant.defaults import DEFAULT
 from klconvert.quant.fused import refuse_split_fused
 from klconvert.quant.groupwise import OBSERVERS, SUPPORTED_BITS, unsupported_observer
@@ -381,6 +382,8 @@ def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch
         folder.remove_unfinished() if kept else folder.remove()
         if isinstance(e, OSError):
             raise _write_error(e, folder, done, len(shards), kept) from None
+        if isinstance(e, MemoryError) and not isinstance(e, KLError):   # Python's or numpy's; torch's is named so
+            e = exhausted(f"quantizing {src}", e)                          # where it allocates (host_allocation)
         if isinstance(e, KLError):
             raise KLError(f"{e}" + (f" ({done} of {len(shards)} shards are finished in {folder.path}; a rerun "
                                     "with the same options resumes after them while SRC's files stay as they "

@@ -51,6 +51,21 @@ def test_disk_full_then_resume_redoes_only_unfinished_shards(tiny_released, unin
     assert not partial.exists()
 
 
+def test_running_out_of_memory_mid_run_says_what_is_kept_and_that_a_rerun_resumes(tiny_released, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """A MemoryError past the first shards ended as the command line's generic line, which named neither the kept
+    shards nor the rerun, and advised "a shorter context", which quantize does not take (helper-131)."""
+    break_shard_write(monkeypatch, 3, MemoryError())
+    code, _, err = run_cli(capsys, "quantize", tiny_released, tmp_path / "q", "--bits", "4", "--group-size", "32",
+                           "--max-shard-size", "150000")
+    line = assert_one_line_error(code, err, f"out of host memory (or the process's memory limit) quantizing "
+                                            f"{tiny_released}: MemoryError;", "(2 of ",
+                                 f" shards are finished in {tmp_path / 'q.partial'}; a rerun with the same options "
+                                 "resumes after them")
+    assert "context" not in line, line
+    assert len(shard_files(tmp_path / "q.partial")) == 2
+
+
 @pytest.mark.slow
 def test_ctrl_c_then_rerun_via_the_cli(tiny_released, uninterrupted, tmp_path, monkeypatch, capsys):
     out = tmp_path / "q"
