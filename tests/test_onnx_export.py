@@ -645,6 +645,21 @@ def test_a_failed_write_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_graph_protobuf_cannot_serialize_is_the_hosts_memory_in_one_line(tmp_path, capsys, monkeypatch):
+    """Under ulimit -v, protobuf's "Failed to serialize proto" was a traceback, exit 1 (helper-131)."""
+    from google.protobuf.message import EncodeError
+
+    def short_of_memory(proto, path, **kwargs):
+        raise EncodeError("Failed to serialize proto")
+
+    monkeypatch.setattr(export_module.onnx, "save_model", short_of_memory)
+    out = tmp_path / "onnx"
+    assert_one_line_error(*run_cli(capsys, "export-onnx", "--model", "tiny", "--out", out)[::2],
+                          "out of host memory (or the process's memory limit) writing model.onnx: Failed to "
+                          "serialize proto")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_second_export_into_the_same_out_is_refused(tmp_path, capsys):
     """Two exports into one --out both said they succeeded, one result lost; one's cleanup could delete the
     other's files."""

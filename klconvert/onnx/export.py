@@ -9,6 +9,7 @@ from pathlib import Path
 
 import onnx
 import torch
+from google.protobuf.message import EncodeError
 from onnx import helper
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE, GENAI_CONFIG, MAX_SIDE_FILE_BYTES, refuse_unfit_side_files
@@ -25,6 +26,7 @@ from klconvert.onnx.linears import Linears, as_numpy
 from klconvert.onnx.mla import mla_layer
 from klconvert.runtime import model as M
 from klconvert.runtime.bind import bind
+from klconvert.runtime.host_memory import exhausted
 from klconvert.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_FILES, check_tokenizer_if_any
 from klconvert.user_paths import given_path
 from klconvert.whole_folder import Replaceable, refuse_taken, whole_folder
@@ -165,8 +167,11 @@ def _write_export(checkpoint: Checkpoint, model_dir: Path, folder: Path, opset: 
     proto = build_graph(model, Linears(checkpoint.config, checkpoint.packed), opset)
     external = sum(len(t.raw_data) for t in proto.graph.initializer) > PROTOBUF_LIMIT
     path = folder / ONNX_FILE
-    onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024)
+    try:
+        onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=1024)
+    except EncodeError as e:   # protobuf's serializing, which a graph under PROTOBUF_LIMIT fails only for memory
+        raise exhausted(f"writing {path.name}", e) from None   # (under ulimit -v: a traceback, helper-131)
     onnx.checker.check_model(str(path))
     for name in copied:
         (folder / name).write_bytes(read_bounded(model_dir / name, MAX_SIDE_FILE_BYTES, name))
