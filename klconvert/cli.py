@@ -254,7 +254,7 @@ class OneLineErrors(click.Group):
             exit_interrupted(signal_of(e.__cause__))
         except KeyboardInterrupt as e:
             exit_interrupted(signal_of(e))
-        except RuntimeError as e:   # a library's import out of memory (torch's std::bad_alloc), else not a user's
+        except (RuntimeError, ImportError) as e:   # an import out of memory (import_exhausted), else not a user's
             exhausted = import_exhausted(e)
             if exhausted is None:
                 raise

@@ -15,6 +15,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from klconvert.errors import KLError
+from klconvert.runtime.host_memory import import_exhausted
 
 # module -> the pyproject extra that installs it
 EXTRAS = {"triton": "gpu", "bitsandbytes": "nf4", "onnx": "onnx", "onnxruntime": "onnx"}
@@ -61,6 +62,8 @@ def require(module: str, feature: str) -> ModuleType:
         with guard:
             imported = importlib.import_module(module)
     except ImportError as e:
+        if (exhausted := import_exhausted(e)) is not None:   # the memory, not the package: no reinstall helps
+            raise exhausted from None
         missing = _first_module_named(e)
         if missing not in (None, top):   # installed, but a module of another package it needs is not importable
             raise KLError(f"{feature} needs {top}, whose import of {missing} failed ({e}); install or repair "

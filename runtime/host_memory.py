@@ -196,12 +196,19 @@ def exhausted(doing: str, error: BaseException, less: str = "") -> HostMemoryExh
                                + (f"; {', or '.join(remedies)}" if remedies else ""))
 
 
+# What the dynamic loader says, as an ImportError, when it cannot map a library's shared object for want of memory
+# (under ulimit -v: "libtorch_cpu.so: failed to map segment from shared object")
+LOADER_OUT_OF_MEMORY = ("failed to map segment from shared object", "cannot allocate memory")
+
+
 def import_exhausted(error: BaseException) -> HostMemoryExhausted | None:
     """A library's import that ran out of memory -- C++'s std::bad_alloc, which torch's import raises as a
-    RuntimeError of those words alone (under ulimit -v) -- as HostMemoryExhausted naming the library: the top package
-    of the innermost module whose top-level code (`<module>`) the error came through. None for any other error, and
-    for a std::bad_alloc raised outside an import."""
-    if not (isinstance(error, RuntimeError) and str(error).strip() == "std::bad_alloc"):
+    RuntimeError of those words alone, or the loader's LOADER_OUT_OF_MEMORY, an ImportError (both under ulimit -v) --
+    as HostMemoryExhausted naming the library: the top package of the innermost module whose top-level code
+    (`<module>`) the error came through. None for any other error, and for one raised outside an import."""
+    bad_alloc = isinstance(error, RuntimeError) and str(error).strip() == "std::bad_alloc"
+    unmapped = isinstance(error, ImportError) and any(words in str(error).lower() for words in LOADER_OUT_OF_MEMORY)
+    if not (bad_alloc or unmapped):
         return None
     modules, tb = [], error.__traceback__
     while tb is not None:

@@ -275,10 +275,10 @@ def test_running_out_of_host_memory_is_one_line(capsys, monkeypatch):
     assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny")[::2], "out of host memory")
 
 
-def _a_library_whose_import_raises(tmp_path, monkeypatch, text: str) -> None:
-    """onnxruntime, shadowed by a module whose import raises RuntimeError(text), as torch's raised std::bad_alloc
-    under `ulimit -v 700000` (torch/library.py, 39 lines of traceback, exit status 1)."""
-    (tmp_path / "onnxruntime.py").write_text(f"raise RuntimeError({text!r})\n")
+def _a_library_whose_import_raises(tmp_path, monkeypatch, text: str, error: str = "RuntimeError") -> None:
+    """onnxruntime, shadowed by a module whose import raises error(text), as torch's raised std::bad_alloc under
+    `ulimit -v 700000` (torch/library.py, 39 lines of traceback, exit status 1)."""
+    (tmp_path / "onnxruntime.py").write_text(f"raise {error}({text!r})\n")
     monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
     monkeypatch.delitem(sys.modules, "klconvert.onnx.session", raising=False)
     monkeypatch.syspath_prepend(tmp_path)
@@ -289,6 +289,17 @@ def test_an_import_out_of_memory_is_one_line(capsys, tmp_path, monkeypatch):
     code, _, err = run_cli(capsys, "run", "--model", "tiny", "--prompt", "hi", "--engine", "onnxruntime")
     assert_one_line_error(code, err, "out of host memory (or the process's memory limit) importing onnxruntime: "
                                      "std::bad_alloc")
+
+
+def test_a_shared_library_the_loader_cannot_map_is_out_of_memory_in_one_line(capsys, tmp_path, monkeypatch):
+    """Under ulimit -v 350000, torch's import failed to map libtorch_cpu.so: an ImportError, a traceback, exit 1
+    (helper-131); through `require`, it would have advised reinstalling the package."""
+    text = "libtorch_cpu.so: failed to map segment from shared object"
+    _a_library_whose_import_raises(tmp_path, monkeypatch, text, "ImportError")
+    code, _, err = run_cli(capsys, "run", "--model", "tiny", "--prompt", "hi", "--engine", "onnxruntime")
+    line = assert_one_line_error(code, err, f"out of host memory (or the process's memory limit) importing "
+                                            f"onnxruntime: {text}")
+    assert "reinstall" not in line, line
 
 
 def test_other_runtime_errors_are_not_called_out_of_memory(capsys, tmp_path, monkeypatch):
