@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import errno
+import resource
 import shutil
 from pathlib import Path
 
-from klconvert.units import size_text
+from klconvert.units import binary_size_text, size_text
 
 
 def free_disk_bytes(folder: Path) -> int:
@@ -16,7 +17,15 @@ def free_disk_bytes(folder: Path) -> int:
 
 def failed_write(e: OSError, where: Path) -> str:
     """How a write that failed is said, and what to do, for the caller to end (" and rerun"): a full disk (or
-    quota) with the space left there, else the system's reason."""
+    quota) with the space left there; a file too large, with the process's file-size limit (ulimit -f) where one is
+    set, else the file system's; else the system's reason."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"disk full writing {where} ({size_text(free_disk_bytes(where))} free); free some space"
+    if e.errno == errno.EFBIG:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY:
+            return (f"cannot write {where} ({e.strerror}): the process may write files of {binary_size_text(limit)} at "
+                    "most (ulimit -f); raise that limit")
+        return (f"cannot write {where} ({e.strerror}): its file system takes no file that large; write to another "
+                "disk")
     return f"cannot write {where} ({e.strerror or e}); fix that"

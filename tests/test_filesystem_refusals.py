@@ -352,3 +352,30 @@ def test_huggingface_hubs_disk_space_warning_is_not_repeated(served, tmp_path, m
         warnings.simplefilter("always")
         hub.pull(REPO, progress=False)
     assert not [w for w in caught if "free disk space" in str(w.message)], [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("limit, said", [
+    (200 << 10, "the process may write files of 204,800 B at most (ulimit -f); raise that limit"),
+    (None, "its file system takes no file that large; write to another disk"),
+])
+def test_a_file_too_large_is_said_with_the_limit_that_stops_it(tmp_path, monkeypatch, limit, said):
+    """It said "(File too large); fix that", naming neither ulimit -f nor the file system (helper-131)."""
+    import resource
+
+    from klconvert import disk_space
+
+    soft = resource.RLIM_INFINITY if limit is None else limit
+    monkeypatch.setattr(disk_space.resource, "getrlimit", lambda which: (soft, resource.RLIM_INFINITY))
+    assert disk_space.failed_write(OSError(errno.EFBIG, "File too large"), tmp_path) == \
+        f"cannot write {tmp_path} (File too large): {said}"
+
+
+def test_a_real_file_size_limit_is_named_in_one_line(tmp_path):
+    """quantize under ulimit -f: the limit it ran into, then the rerun (helper-131)."""
+    import resource
+
+    done = subprocess.run([sys.executable, "-m", "klconvert", "quantize", "tiny", tmp_path / "q", "--bits", "4"],
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (200 << 10, 200 << 10)))
+    assert_one_line_error(done.returncode, done.stderr, "(File too large): the process may write files of 204,800 B "
+                                                        "at most (ulimit -f); raise that limit and rerun")

@@ -426,7 +426,7 @@ def test_a_resume_record_that_cannot_be_written_is_one_line_and_blocks_no_rerun(
 
         m.setattr("klconvert.convert.output_folder.write_atomically", too_large)
         assert_one_line_error(*run_cli(capsys, *args)[::2],
-                              f"cannot write {tmp_path / 'new' / 'q.partial'} (File too large); fix that and rerun")
+                              f"cannot write {tmp_path / 'new' / 'q.partial'} (File too large): ", " and rerun")
     assert list(tmp_path.iterdir()) == []
     assert run_cli(capsys, *args)[0] == 0
 
