@@ -51,7 +51,7 @@ from klconvert.errors import KLError, first_line, refuse_non_bool, unreadable_re
 from klconvert.hub_guard import AnswerGuard
 from klconvert.models import BUNDLED_NAME, DEFAULT_REPO
 from klconvert.tokenizer import BPE_FILE
-from klconvert.units import size_text
+from klconvert.units import size_text, size_texts
 from klconvert.user_paths import given_path, refuse_unreachable, shown_path
 from klconvert.verified_files import VerifiedFiles
 
@@ -190,10 +190,11 @@ def pull(
                 if progress:
                     _announce(repo, revision, commit, listing, wanted, fetch_bytes, target, free)
                 if fetch_bytes > free:
+                    need_text, free_text = size_texts(fetch_bytes, free)
                     raise KLError(
-                        f"not enough disk space in {target}: pulling {where} needs {size_text(fetch_bytes)} for "
-                        f"{len(missing)} files but only {size_text(free)} is free; free space or pass a --local-dir or "
-                        "--cache-dir on a larger disk"
+                        f"not enough disk space in {target}: pulling {where} needs {need_text} for {len(missing)} "
+                        f"files but only {free_text} is free; free space or pass a --local-dir or --cache-dir on a "
+                        "larger disk"
                     )
                 if local_dir is not None:  # a record of an earlier pull must not describe a half-updated folder
                     (local_dir / LOCAL_DIR_RECORD).unlink(missing_ok=True)

@@ -54,7 +54,7 @@ from klconvert.presets import preset_config
 from klconvert.release import RELEASED_SHARD_BYTES
 from klconvert.runtime.sampling import as_number
 from klconvert.tokenizer import check_tokenizer_if_any
-from klconvert.units import binary_size_text, count_text, size_text
+from klconvert.units import binary_size_text, count_text, size_text, size_texts
 from klconvert.user_paths import given_path
 
 MIN_SHARD_BYTES = 1  # the smallest limit a shard takes (a tensor larger than the limit gets a shard of its own)
@@ -353,8 +353,9 @@ def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch
         left = sum(t.nbytes for shard, ok in zip(shards, finished) if not ok for t in shard)
         free = shutil.disk_usage(folder.path).free
         if left > free:
-            raise KLError(f"{folder.path}: {size_text(free)} free but {size_text(left)} of shards are left to "
-                          "write; free some space and rerun")
+            free_text, left_text = size_texts(free, left)
+            raise KLError(f"{folder.path}: {free_text} free but {left_text} of shards are left to write; free some "
+                          "space and rerun")
         for shard, name, ok in zip(shards, names, finished):
             if ok:
                 resumed += 1

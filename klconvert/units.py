@@ -7,6 +7,13 @@ def size_text(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
+def size_texts(*sizes: int) -> list[str]:
+    """size_text of each of sizes set side by side, or where two would read alike (9.21 MB free but 9.21 MB to
+    write), each in bytes."""
+    texts = [size_text(n) for n in sizes]
+    return texts if len(set(texts)) == len(texts) else [f"{n:,} bytes" for n in sizes]
+
+
 def binary_size_text(n: int) -> str:
     """Bytes in binary units, as memory plans and GPUs count them: 80.00 GiB, 22.5 MiB, 57,568 B."""
     if n < 2**20:

@@ -1,7 +1,7 @@
 """How sizes and counts read in every line and card (klconvert/units.py): each unit from its first whole one."""
 from __future__ import annotations
 
-from klconvert.units import binary_size_text, count_text, size_text
+from klconvert.units import binary_size_text, count_text, size_text, size_texts
 
 
 def test_binary_sizes_switch_unit_at_a_whole_one():
@@ -13,3 +13,9 @@ def test_decimal_sizes_and_counts_switch_unit_where_they_say():
     assert [size_text(n) for n in (10**8 - 10**4, 10**8, 98_400_000_000)] == ["99.99 MB", "0.10 GB", "98.40 GB"]
     assert [count_text(n) for n in (999_999, 10**6, 10**9 - 10**4, 10**9, 48_310_000_000)] == \
         ["999,999", "1.00 M", "999.99 M", "1.00 B", "48.31 B"]
+
+
+def test_sizes_set_side_by_side_never_read_alike():
+    """'9.21 MB free but 9.21 MB of shards are left to write' (helper-131): two that round alike go in bytes."""
+    assert size_texts(9_210_000, 5_000_000) == ["9.21 MB", "5.00 MB"]
+    assert size_texts(9_211_000, 9_213_000) == ["9,211,000 bytes", "9,213,000 bytes"]

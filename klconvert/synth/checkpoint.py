@@ -24,7 +24,7 @@ from klconvert.errors import KLError, refuse_non_bool
 from klconvert.presets import preset_config
 from klconvert.release import FP32_TENSORS, NUM_SPECIAL_TOKENS, RELEASED_SHARD_BYTES
 from klconvert.synth.tokenizer_files import write_tokenizer_files
-from klconvert.units import size_text
+from klconvert.units import size_texts
 from klconvert.user_paths import given_path
 from klconvert.whole_folder import refuse_taken, whole_folder
 
@@ -209,8 +209,9 @@ def synth(preset: str, out: str | Path, layers: int | None = None, seed: int = 0
         need = total + len(planned) * HEADER_BYTES_PER_TENSOR   # the small files are written by now
         free = free_disk_bytes(folder)
         if free < need:
-            raise KLError(f"{out.parent}: {size_text(free)} free but the shards need up to {size_text(need)}; free "
-                          "some space or use --layers to write fewer layers")
+            free_text, need_text = size_texts(free, need)
+            raise KLError(f"{out.parent}: {free_text} free but the shards need up to {need_text}; free some space or "
+                          "use --layers to write fewer layers")
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="synth", disable=None if progress else True)
         try:   # None: on a terminal only
             for shard, name in zip(shards, names):
