@@ -19,7 +19,7 @@ from klconvert.checkpoint.regular_file import kind_of
 from klconvert.config import KimiLinearConfig
 from klconvert.devices import DEVICE_NAMES, NOT_A_DEVICE, checked_device, device_name
 from klconvert.entry import StdoutFailed, exit_interrupted, signal_of, signal_status
-from klconvert.errors import KLError, PlanDoesNotFit
+from klconvert.errors import KLError, PlanDoesNotFit, descriptors_exhausted
 from klconvert.extras import require
 from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, DEFAULT_REPO, default_model, model_folder
 from klconvert.presets import PRESETS
@@ -254,8 +254,10 @@ class OneLineErrors(click.Group):
             exit_interrupted(signal_of(e.__cause__))
         except KeyboardInterrupt as e:
             exit_interrupted(signal_of(e))
-        except (RuntimeError, ImportError) as e:   # an import out of memory (import_exhausted), else not a user's
-            exhausted = import_exhausted(e)
+        except (RuntimeError, ImportError, OSError) as e:   # out of file descriptors wherever it struck (a pipe, a
+            # library's import or its open: safetensors' RuntimeError), or an import out of memory (import_exhausted);
+            # else not a user's
+            exhausted = descriptors_exhausted(e) or import_exhausted(e)
             if exhausted is None:
                 raise
             click.echo(f"klconvert: error: {_one_line(str(exhausted))}", err=True)

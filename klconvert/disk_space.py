@@ -6,6 +6,7 @@ import resource
 import shutil
 from pathlib import Path
 
+from klconvert.errors import out_of_descriptors
 from klconvert.units import binary_size_text, size_text
 
 
@@ -17,8 +18,11 @@ def free_disk_bytes(folder: Path) -> int:
 
 def failed_write(e: OSError, where: Path) -> str:
     """How a write that failed is said, and what to do, for the caller to end (" and rerun"): a full disk (or
-    quota) with the space left there; a file too large, with the process's file-size limit (ulimit -f) where one is
-    set, else the file system's; else the system's reason."""
+    quota) with the space left there; out of file descriptors, what bounds them; a file too large, with the
+    process's file-size limit (ulimit -f) where one is set, else the file system's; else the system's reason."""
+    shortage = out_of_descriptors(e)
+    if shortage is not None:
+        return f"cannot write {where}: {shortage}"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"disk full writing {where} ({size_text(free_disk_bytes(where))} free); free some space"
     if e.errno == errno.EFBIG:

@@ -1,5 +1,11 @@
 """The one exception type for errors a user can cause: printed as one line, exit status 2."""
 import errno
+import os
+
+try:
+    import resource   # imported now: out of file descriptors, an import that opens a file would fail too
+except ImportError:  # not a POSIX system: no process limits to read
+    resource = None
 
 
 class KLError(Exception):
@@ -85,7 +91,10 @@ def is_permission_error(error: BaseException) -> bool:
 
 def read_failure(error: OSError, where: object, otherwise: str) -> str:
     """The line for a file `where` that could not be read: for a permission problem, to fix the permissions; else
-    the system's reason and `otherwise`, what to do."""
+    the system's reason and `otherwise`, what to do; out of file descriptors, descriptors_exhausted's line."""
+    exhausted = descriptors_exhausted(error, where)
+    if exhausted is not None:
+        return str(exhausted)
     if is_permission_error(error):
         return (f"{where}: cannot read it ({error.strerror}); make it readable for you (chmod u+r, or ask its owner) "
                 "and rerun")
@@ -93,7 +102,65 @@ def read_failure(error: OSError, where: object, otherwise: str) -> str:
 
 
 def refuse_if_not_permitted(error: BaseException, where: object) -> None:
-    """KLError saying to fix the permissions when `error` (reading `where`) is a permission problem -- never the
-    damaged or missing file a reader's own line would call it; nothing otherwise."""
+    """KLError saying to fix the permissions when `error` (reading `where`) is a permission problem, or to raise the
+    limit when it is out of file descriptors -- never the damaged or missing file a reader's own line would call it;
+    nothing otherwise."""
+    refuse_out_of_descriptors(error, where)
     if is_permission_error(error):
         raise KLError(read_failure(error, where, "")) from None
+
+
+# the system's words for out of file descriptors, for a library's error that carries no errno (safetensors': "unable to
+# open file <...> in read-only mode: Too many open files (24)"); the whole system's first, as they hold the process's
+_DESCRIPTORS_SAID = ((errno.ENFILE, "Too many open files in system"), (errno.EMFILE, "Too many open files"))
+DESCRIPTORS_SUGGESTED = 1024   # the ulimit -n a refusal suggests, at the least
+
+
+def descriptors_exhausted(error: BaseException | None, where: object = None) -> KLError | None:
+    """A KLError saying the process (EMFILE: its limit, ulimit -n) or the system (ENFILE) has no file descriptor
+    left, when `error` is that refusal (out_of_descriptors); None otherwise. Said of `where` when given: never as a
+    file missing or damaged, as a reader's own line would."""
+    said = out_of_descriptors(error)
+    return None if said is None else KLError(f"{'' if where is None else f'{where}: '}{said} and rerun")
+
+
+def refuse_out_of_descriptors(error: BaseException | None, where: object = None) -> None:
+    """descriptors_exhausted's KLError raised, where `error` is out of file descriptors; nothing otherwise."""
+    exhausted = descriptors_exhausted(error, where)
+    if exhausted is not None:
+        raise exhausted from None
+
+
+def out_of_descriptors(error: BaseException | None) -> str | None:
+    """What bounds the file descriptors and how to raise it, for the caller to end (" and rerun"), when `error` is
+    the system's refusal of one more -- an OSError of EMFILE or ENFILE, or another error in the system's words; None
+    otherwise."""
+    if isinstance(error, OSError) and error.errno is not None:
+        number = error.errno if error.errno in (errno.EMFILE, errno.ENFILE) else None
+    else:
+        number = next((n for n, said in _DESCRIPTORS_SAID if error is not None and said in str(error)), None)
+    if number is None:
+        return None
+    if number == errno.ENFILE:
+        return ("the system is out of file descriptors (its limit for all processes together, fs.file-max); close "
+                "other programs, or raise it (sysctl fs.file-max)")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE) if resource is not None else (None, None)
+    if soft is None or soft == resource.RLIM_INFINITY:
+        return ("out of file descriptors: the process may open no more files at once; raise its limit (e.g. "
+                f"ulimit -n {DESCRIPTORS_SUGGESTED})")
+    suggested = max(DESCRIPTORS_SUGGESTED, 2 * soft)
+    raise_it = (f"e.g. ulimit -n {suggested}" if hard == resource.RLIM_INFINITY or hard >= suggested else
+                f"e.g. ulimit -n {hard}, its hard limit" if hard > soft else
+                f"e.g. ulimit -n {suggested}: its hard limit, ulimit -Hn, is {hard} too, which only root may raise")
+    return (f"out of file descriptors: the process may open {soft:,} files at once (ulimit -n {soft}); raise the "
+            f"limit ({raise_it})")
+
+
+def open_error(path) -> OSError | None:
+    """The OSError opening `path` for reading raises now, or None: the system's own reason where a library's may be
+    wrong (safetensors says "No such file or directory" of a file it opened out of file descriptors)."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)))   # O_NONBLOCK: a FIFO does not block
+    except OSError as e:
+        return e
+    return None

@@ -14,7 +14,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
-from klconvert.errors import KLError
+from klconvert.errors import KLError, descriptors_exhausted
 from klconvert.runtime.host_memory import import_exhausted
 
 # module -> the pyproject extra that installs it
@@ -61,9 +61,14 @@ def require(module: str, feature: str) -> ModuleType:
     try:
         with guard:
             imported = importlib.import_module(module)
-    except ImportError as e:
-        if (exhausted := import_exhausted(e)) is not None:   # the memory, not the package: no reinstall helps
+    except (ImportError, OSError) as e:   # OSError: out of file descriptors, reading a module's source
+        exhausted = descriptors_exhausted(e, f"importing {top} for {feature}")   # an ImportError too: a dlopen's
+        if exhausted is None:   # the memory, not the package: no reinstall helps
+            exhausted = import_exhausted(e)
+        if exhausted is not None:
             raise exhausted from None
+        if not isinstance(e, ImportError):
+            raise
         missing = _first_module_named(e)
         if missing not in (None, top):   # installed, but a module of another package it needs is not importable
             raise KLError(f"{feature} needs {top}, whose import of {missing} failed ({e}); install or repair "

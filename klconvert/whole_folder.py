@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import tempfile
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from klconvert.convert.output_folder import (TEMPORARY_MARKER, TEMPORARY_NAME, O
                                              write_test)
 from klconvert.disk_space import failed_write
 from klconvert.entry import Uninterrupted
-from klconvert.errors import KLError
+from klconvert.errors import KLError, refuse_out_of_descriptors
 
 
 @dataclass(frozen=True)
@@ -57,6 +56,7 @@ def refuse_taken(out: Path, force: bool = False, replaceable: Replaceable | None
     try:
         others = _others(out)
     except OSError as e:
+        refuse_out_of_descriptors(e, out)
         raise KLError(f"{out}: cannot list it ({e.strerror}); choose another output folder, or make it readable "
                       "(chmod u+rx)") from None
     if others:
@@ -71,6 +71,7 @@ def refuse_taken(out: Path, force: bool = False, replaceable: Replaceable | None
     try:
         write_test(out, out)
     except OSError as e:   # a read-only file system, no write access
+        refuse_out_of_descriptors(e, out)
         raise KLError(f"{out}: cannot create files in it ({e.strerror}); choose a folder you can write to") from None
 
 
@@ -171,10 +172,28 @@ def _remove_temporary(folder: Path) -> None:
     """Delete `folder`, a temporary of this run's, its mark last: a run killed meanwhile (deleting a 98 GB folder
     takes a while) leaves it marked, for the next run to remove, as does a file that cannot be deleted."""
     with suppress(OSError):
-        for entry in folder.iterdir():
-            if entry.name != TEMPORARY_MARKER:
-                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-        shutil.rmtree(folder)
+        for name in os.listdir(folder):
+            if name != TEMPORARY_MARKER:
+                _remove_tree(folder / name)
+        _remove_tree(folder)
+
+
+def _remove_tree(top: Path) -> None:
+    """Delete `top`, a folder with all it holds or a file, holding one file descriptor at a time (listdir's, closed
+    as it returns; shutil.rmtree holds two a level): a run out of descriptors removes its temporary too. It lies in
+    a folder of mkdtemp's (the user's alone), where no one else can make a folder a link meanwhile."""
+    if not top.is_dir() or top.is_symlink():
+        top.unlink()
+        return
+    folders = [top]
+    while folders:   # deepest last: a folder is removed once what it holds is
+        inner = []
+        for entry in (folders[-1] / name for name in os.listdir(folders[-1])):
+            inner.append(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        if inner:
+            folders += inner
+        else:
+            folders.pop().rmdir()
 
 
 def _write_error(e: OSError, new: Path | None, out: Path) -> str:

@@ -33,7 +33,8 @@ from klconvert.checkpoint.quantized import (
 from klconvert.checkpoint.safetensors_header import SafetensorsHeader, read_header
 from klconvert.checkpoint.size_bounds import check_model_size, max_header_bytes, max_header_containers
 from klconvert.config import WEIGHT_DTYPES, KimiLinearConfig
-from klconvert.errors import KLError, refuse_if_not_permitted, shown, unreadable_reason
+from klconvert.errors import (KLError, open_error, refuse_if_not_permitted, refuse_out_of_descriptors, shown,
+                              unreadable_reason)
 from klconvert.quant import QuantScheme
 from klconvert.quant.pack_quantized import check_scales
 
@@ -258,7 +259,12 @@ class Checkpoint:
                 self._refuse_replaced(shard)   # the file just mapped is the one whose header was checked
                 self._open[shard] = handle
             tensor = handle.get_slice(name)[index].contiguous() if index else handle.get_tensor(name)
-        except (SafetensorError, OSError) as e:
+        except (SafetensorError, OSError, RuntimeError) as e:   # RuntimeError: safetensors', out of file descriptors
+            # out of descriptors is no fault of the file: safetensors may say it as "No such file or directory"
+            refuse_out_of_descriptors(e, path)
+            refuse_out_of_descriptors(open_error(path), path)
+            if not isinstance(e, (SafetensorError, OSError)):
+                raise
             raise KLError(f"{path}: cannot read tensor {name} ({e}); download the checkpoint again") from None
         _refuse_non_finite(tensor, f"{path}: tensor {name}")
         return tensor

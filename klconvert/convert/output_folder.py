@@ -23,7 +23,7 @@ from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.checkpoint.safetensors_writer import PlannedTensor, shard_header
 from klconvert.disk_space import failed_write
 from klconvert.entry import Uninterrupted
-from klconvert.errors import KLError
+from klconvert.errors import KLError, refuse_out_of_descriptors
 from klconvert.user_paths import refuse_unreachable, shown_path
 
 # What the partial folder is for (source fingerprint and options), and the sha256 of each shard finished so far
@@ -167,6 +167,7 @@ def refuse_existing_out(out: Path, force: bool) -> None:
     try:
         entries = os.listdir(out)
     except OSError as e:
+        refuse_out_of_descriptors(e, out)
         raise KLError(f"{out}: cannot list it ({e.strerror}), so --force cannot tell what it would replace; choose "
                       "another output folder, or make it readable (chmod u+rx)") from None
     others = not_written_by_klconvert(out, entries) if entries else []
@@ -182,6 +183,7 @@ def refuse_existing_out(out: Path, force: bool) -> None:
     try:
         write_test(out, out)
     except OSError as e:
+        refuse_out_of_descriptors(e, out)
         raise KLError(f"{out}: cannot create files in it ({e.strerror}), which --force needs to replace it; choose "
                       "another output folder, or make it writable (chmod u+w)") from None
 
@@ -204,6 +206,7 @@ def make_parent(out: Path) -> list[Path]:
         os.unlink(probe)
     except OSError as e:
         remove_created(created)
+        refuse_out_of_descriptors(e, out)
         raise KLError(f"{out}: cannot create files in the folder it goes in, {out.parent} ({e.strerror}); choose "
                       "a folder you can write to") from None
     return created

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import torch
 
 from klconvert.config import KimiLinearConfig
-from klconvert.errors import KLError, first_line, shown, unreadable_reason
+from klconvert.errors import KLError, first_line, refuse_out_of_descriptors, shown, unreadable_reason
 from klconvert.models import resolve_model
 from klconvert.checkpoint.folder_files import CONFIG_FILE, GENAI_CONFIG, refuse_link_out
 from klconvert.checkpoint.regular_file import open_regular, read_json
@@ -140,6 +140,7 @@ class OnnxEngine(Runner):
                 try:
                     open_regular(folder / name).close()
                 except OSError as e:
+                    refuse_out_of_descriptors(e, folder / name)
                     raise KLError(f"{folder / name}: onnxruntime cannot load it ({e.strerror}); export the folder "
                                   "again") from None
         try:
@@ -151,6 +152,7 @@ class OnnxEngine(Runner):
             self.session = ort.InferenceSession(str(folder / ONNX_FILE), options,
                                                 providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for a missing or damaged file
+            refuse_out_of_descriptors(e, folder / ONNX_FILE)
             if _out_of_memory(e):
                 raise exhausted(f"loading {folder / ONNX_FILE} into onnxruntime", e) from None
             raise KLError(f"{folder / ONNX_FILE}: onnxruntime cannot load it ({_reason(e)}); "
@@ -185,6 +187,7 @@ class OnnxEngine(Runner):
             spec = read_json(path, MAX_GENAI_CONFIG_BYTES, GENAI_CONFIG)["model"]
             agrees = spec["file"] == ONNX_FILE and spec["state"] == self.states
         except (OSError, ValueError, RecursionError, KeyError, TypeError) as e:
+            refuse_out_of_descriptors(e, path)
             reason = unreadable_reason(e, 120)
             raise KLError(f"{path}: cannot read it ({type(e).__name__}: {reason}); export the folder again") from None
         if not agrees:
@@ -229,6 +232,7 @@ class OnnxEngine(Runner):
         except Exception as e:  # onnxruntime's own exception types (Fail, InvalidArgument, ...) share no base
             if stopped_by:   # its handler raises as soon as this thread runs Python again; if it does not, here
                 raise KeyboardInterrupt from None
+            refuse_out_of_descriptors(e, self.folder / ONNX_FILE)   # no fault of the export
             reason = _reason(e)
             if _out_of_memory(e):
                 cap = process_arena_cap()
