@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import errno
-import resource
 import shutil
 from pathlib import Path
 
 from klconvert.errors import out_of_descriptors
 from klconvert.units import binary_size_text, size_text
+
+try:
+    import resource
+except ImportError:  # not a POSIX system: no process limits to read
+    resource = None
 
 
 def free_disk_bytes(folder: Path) -> int:
@@ -26,8 +30,8 @@ def failed_write(e: OSError, where: Path) -> str:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"disk full writing {where} ({size_text(free_disk_bytes(where))} free); free some space"
     if e.errno == errno.EFBIG:
-        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-        if limit != resource.RLIM_INFINITY:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource is not None else None
+        if limit is not None and limit != resource.RLIM_INFINITY:
             return (f"cannot write {where} ({e.strerror}): the process may write files of {binary_size_text(limit)} at "
                     "most (ulimit -f); raise that limit")
         return (f"cannot write {where} ({e.strerror}): its file system takes no file that large; write to another "

@@ -189,7 +189,10 @@ def _remove_tree(top: Path) -> None:
     while folders:   # deepest last: a folder is removed once what it holds is
         inner = []
         for entry in (folders[-1] / name for name in os.listdir(folders[-1])):
-            inner.append(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            if entry.is_dir() and not entry.is_symlink():
+                inner.append(entry)
+            else:
+                entry.unlink()
         if inner:
             folders += inner
         else:
