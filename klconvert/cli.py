@@ -19,7 +19,7 @@ from klconvert.checkpoint.regular_file import kind_of
 from klconvert.config import KimiLinearConfig
 from klconvert.devices import DEVICE_NAMES, NOT_A_DEVICE, checked_device, device_name
 from klconvert.entry import StdoutFailed, exit_interrupted, signal_of, signal_status
-from klconvert.errors import KLError, PlanDoesNotFit, descriptors_exhausted
+from klconvert.errors import KLError, PlanDoesNotFit, descriptors_exhausted, descriptors_exhausted_behind
 from klconvert.extras import require
 from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, DEFAULT_REPO, default_model, model_folder
 from klconvert.presets import PRESETS
@@ -234,7 +234,8 @@ class OneLineErrors(click.Group):
             click.echo(f"klconvert: error: cannot write standard output ({e.strerror}); redirect it somewhere that "
                        "can take it", err=True)
             sys.exit(KLError.exit_code)
-        except KLError as e:
+        except KLError as e:   # one raised while out of file descriptors blames what it read: the limit is said
+            e = descriptors_exhausted_behind(e) or e
             click.echo(f"klconvert: error: {_one_line(str(e))}", err=True)
             sys.exit(e.exit_code)
         except click.exceptions.Exit as e:
@@ -248,8 +249,10 @@ class OneLineErrors(click.Group):
                        err=True)
             sys.exit(e.exit_code)
         except click.ClickException as e:
-            click.echo(f"klconvert: error: {_one_line(e.format_message())}", err=True)
-            sys.exit(e.exit_code)
+            exhausted = descriptors_exhausted_behind(e)
+            click.echo(f"klconvert: error: {_one_line(e.format_message() if exhausted is None else str(exhausted))}",
+                       err=True)
+            sys.exit(e.exit_code if exhausted is None else exhausted.exit_code)
         except click.exceptions.Abort as e:   # click's, of an interrupt while it read the command line
             exit_interrupted(signal_of(e.__cause__))
         except KeyboardInterrupt as e:

@@ -124,6 +124,22 @@ def descriptors_exhausted(error: BaseException | None, where: object = None) -> 
     return None if said is None else KLError(f"{'' if where is None else f'{where}: '}{said} and rerun")
 
 
+def descriptors_exhausted_behind(error: BaseException) -> KLError | None:
+    """descriptors_exhausted's KLError when running out of file descriptors is what `error` was raised while handling
+    (its __cause__ or __context__, however deep: `raise ... from None` keeps the context), said of the file the
+    refused open named; None when `error` says so itself or nothing behind it ran out. A line of its own that blames
+    the file ("cannot read it (Too many open files); check the path") gives way to it."""
+    seen = {id(error)}
+    behind = error.__cause__ or error.__context__
+    while behind is not None and id(behind) not in seen:
+        said = out_of_descriptors(behind)
+        if said is not None:
+            return None if said in str(error) else descriptors_exhausted(behind, getattr(behind, "filename", None))
+        seen.add(id(behind))
+        behind = behind.__cause__ or behind.__context__
+    return None
+
+
 def refuse_out_of_descriptors(error: BaseException | None, where: object = None) -> None:
     """descriptors_exhausted's KLError raised, where `error` is out of file descriptors; nothing otherwise."""
     exhausted = descriptors_exhausted(error, where)

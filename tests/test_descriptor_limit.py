@@ -126,6 +126,24 @@ def test_the_output_write_test_out_of_descriptors(tmp_path):
     assert f"{tmp_path / 'e'}: out of file descriptors" in done.stderr
 
 
+@pytest.mark.parametrize("read", ["recipe", "prompt file"])
+def test_a_file_read_out_of_descriptors_is_not_blamed(read, tmp_path):
+    """ulimit -n at a read whose own message names the file: 'cannot read the recipe (Too many open files); check the
+    --recipe path', 'cannot read it (Too many open files); check the path' -- of files that are there and readable."""
+    given = tmp_path / "given.txt"
+    if read == "recipe":
+        given.write_text((Path(__file__).parents[1] / "recipes" / "32gb.yaml").read_text())
+        done = klconvert_exhausted(0, "klconvert.quant.recipe:open_regular", "quantize", "tiny", tmp_path / "q4",
+                                   "--recipe", given)
+    else:
+        given.write_text("Friends, Romans, countrymen")
+        done = klconvert_exhausted(0, "builtins:open", "run", "--model", "tiny", "--prompt-file", given,
+                                   "--max-new-tokens", "2", first=str(given))
+    assert_descriptor_line(done)
+    assert "check the" not in done.stderr
+    assert not (tmp_path / "q4").exists()
+
+
 @pytest.mark.parametrize(("number", "limits", "said"), [
     (errno.EMFILE, (8, 4096), "may open 8 files at once (ulimit -n 8); raise the limit (e.g. ulimit -n 1024)"),
     (errno.EMFILE, (1000, 4096), "may open 1,000 files at once (ulimit -n 1000); raise the limit (e.g. ulimit -n "
