@@ -30,7 +30,7 @@ from klconvert.checkpoint.quantized import METHODS, PACKED_TENSOR_SUFFIXES
 from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.checkpoint.regular_file import read_bounded, read_json
 from klconvert.checkpoint.safetensors_header import read_header
-from klconvert.checkpoint.size_bounds import max_header_bytes, max_header_containers
+from klconvert.checkpoint.size_bounds import max_header_bytes, max_header_values
 from klconvert.checkpoint.safetensors_writer import index_json, shard_names, split_into_shards, write_shard
 from klconvert.convert.model_card import model_card
 from klconvert.convert.output_folder import OutputFolder, OutputLock, parent_made, refuse_existing_out
@@ -209,7 +209,7 @@ def _packed_tensor(src: Path, config: dict) -> str | None:
             model = KimiLinearConfig.from_dict(config, where=str(src / CONFIG_FILE))
         except KLError:
             return None
-        names = read_header(src / SINGLE_FILE, max_header_bytes(model), max_header_containers(model)).tensors
+        names = read_header(src / SINGLE_FILE, max_header_bytes(model), max_header_values(model)).tensors
     else:
         return None
     return next((n for n in names if n.endswith(PACKED_TENSOR_SUFFIXES)), None) if isinstance(names, dict) else None

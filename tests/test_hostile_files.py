@@ -17,12 +17,13 @@ import klconvert
 from bounded_cli import klconvert_bounded
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.checkpoint.reader import Checkpoint
+from klconvert.checkpoint.regular_file import json_values
 from klconvert.checkpoint.folder_files import JSON_CONTAINERS_SLACK
 from klconvert.checkpoint.size_bounds import (
     MAX_TENSORS,
     check_model_size,
     max_header_bytes,
-    max_header_containers,
+    max_header_values,
     tensor_and_param_count,
 )
 from klconvert.config import KimiLinearConfig
@@ -292,23 +293,31 @@ def test_an_index_of_many_empty_lists_is_refused_unparsed(tiny_copy, command):
                      "download it again", line), line
 
 
+@pytest.mark.parametrize("pad", ["empty lists", "short strings"])
 @pytest.mark.parametrize("single_file, command", [(False, "run"), (True, "run"), (True, "quantize")])
-def test_a_header_of_many_empty_lists_is_refused_unparsed(tiny_copy, single_file, command):
-    """A header under its byte bound but of more objects and arrays than the config's tensors take (a 99 MB header
-    of `[[]]` took 3.7 GB to refuse, the released config's 43 MB 1.7 GB) is refused before the parse; here a small
-    one, past the tiny config's count by one."""
+def test_a_header_of_many_values_is_refused_unparsed(tiny_copy, single_file, command, pad):
+    """A header under its byte bound but of more JSON values than the config's tensors take (a 99 MB header of `[[]]`
+    took 3.7 GB to refuse, the released config's 43 MB 1.7 GB; padded with short strings to that byte bound, 1.1 GB)
+    is refused before the parse; here a small one, past the tiny config's count by one."""
     if single_file:
         _into_one_file(tiny_copy)
     shard = sorted(tiny_copy.glob("*.safetensors"))[0]
     data = shard.read_bytes()
     n = int.from_bytes(data[:8], "little")
-    bound = max_header_containers(KimiLinearConfig.from_file(tiny_copy / "config.json"))
-    found = data[8:8 + n].count(b"[") + data[8:8 + n].count(b"{")
-    raw = data[8:8 + n].rstrip()[:-1] + b"," + _empty_lists(bound - found).encode() + b"}"
+    bound = max_header_values(KimiLinearConfig.from_file(tiny_copy / "config.json"))
+    found = json_values(data[8:8 + n])
+    items = ["[]"] * ((bound - found) // 2 - 1) if pad == "empty lists" else ['""']
+
+    def padded() -> bytes:
+        return data[8:8 + n].rstrip()[:-1] + b', "pad": [' + ", ".join(items).encode() + b"]}"
+
+    items += ['""'] * (bound + 1 - json_values(padded()))   # each adds its comma
+    raw = padded()
+    assert json_values(raw) == bound + 1 and raw.count(b'""') > (0 if pad == "empty lists" else bound // 2)
     shard.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
     line = (run_on(tiny_copy) if command == "run" else quantize_on(tiny_copy)).error_line()
-    assert f"{shard}: header holds {bound + 1:,} '[' and '{{' bytes, more JSON objects and arrays than the " \
-           f"{bound:,} the config's tensors take; the file is damaged" in line, line
+    assert f"{shard}: header holds {bound + 1:,} '[', '{{' and ',' bytes, more JSON values than the {bound:,} the " \
+           "config's tensors take; the file is damaged" in line, line
 
 
 @pytest.mark.parametrize("preset, layers", [("tiny", None), ("kimi-linear-48b", None), ("kimi-linear-48b", 5)])
@@ -626,7 +635,6 @@ def test_the_header_bounds_hold_the_released_model_quantized_in_one_file():
     """The 48B's headers bounded by its tensor count: every 2-D weight stored asymmetric int4 (four entries, the most
     a pack-quantized weight has; the embedding and router too), all in one shard, is under both bounds (helper-124:
     `*` -> `//` in max_header_bytes left the bound at ~1 MiB and no test failed: only the tiny model's were read)."""
-    from klconvert.checkpoint.regular_file import json_containers
     from klconvert.checkpoint.safetensors_writer import PlannedTensor, shard_header
 
     c = KimiLinearConfig.from_dict(preset_config("kimi-linear-48b"))
@@ -641,7 +649,7 @@ def test_the_header_bounds_hold_the_released_model_quantized_in_one_file():
                     PlannedTensor(f"{module}.weight_shape", torch.int64, (2,), None),
                     PlannedTensor(f"{module}.weight_zero_point", torch.int32, (-(-out // 8), -(-inp // 128)), None)]
     header = shard_header(planned)
-    assert len(header) < max_header_bytes(c) and json_containers(header) < max_header_containers(c)
+    assert len(header) < max_header_bytes(c) and json_values(header) < max_header_values(c)
 
 
 # Reads a 78-byte file under a bound of 64 MiB with 32 MiB of address space left to the process

@@ -31,7 +31,7 @@ from klconvert.checkpoint.quantized import (
     refuse_unread_bnb_parts,
 )
 from klconvert.checkpoint.safetensors_header import SafetensorsHeader, read_header
-from klconvert.checkpoint.size_bounds import check_model_size, max_header_bytes, max_header_containers
+from klconvert.checkpoint.size_bounds import check_model_size, max_header_bytes, max_header_values
 from klconvert.config import WEIGHT_DTYPES, KimiLinearConfig
 from klconvert.errors import (KLError, open_error, refuse_if_not_permitted, refuse_out_of_descriptors, shown,
                               unreadable_reason)
@@ -117,7 +117,7 @@ class Checkpoint:
         if not os.path.lexists(index_path):   # lexists: a link that leads nowhere is read, and refused as it is
             if os.path.lexists(self.folder / SINGLE_FILE):
                 header = read_header(self.folder / SINGLE_FILE, max_header_bytes(self.config),
-                                     max_header_containers(self.config))
+                                     max_header_values(self.config))
                 return {name: SINGLE_FILE for name in header.tensors}
             if os.path.lexists(self.folder / GENAI_CONFIG):
                 raise KLError(f"{self.folder}: an ONNX export ({GENAI_CONFIG}), not a safetensors checkpoint; run it "
@@ -160,7 +160,7 @@ class Checkpoint:
                 names = [n for n, s in weight_map.items() if s == shard]
                 raise KLError(f"{path}: shard is missing ({len(names)} tensors, e.g. {shown(names[0])}, are indexed in "
                               "it); the download is incomplete -- pull the model again")
-            self.headers[shard] = read_header(path, header_bytes_left, max_header_containers(self.config))
+            self.headers[shard] = read_header(path, header_bytes_left, max_header_values(self.config))
             self._files[shard] = file_identity(path)
             header_bytes_left -= self.headers[shard].data_start - 8
         return weight_map

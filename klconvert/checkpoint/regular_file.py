@@ -77,6 +77,12 @@ def json_containers(data: bytes) -> int:
     return data.count(b"[") + data.count(b"{")
 
 
+def json_values(data: bytes) -> int:
+    """At least half as many as the values JSON `data` parses into, keys included: its `[`, `{` and `,` bytes, in
+    strings too (each value past a container's first follows a comma)."""
+    return json_containers(data) + data.count(b",")
+
+
 def read_json(path: Path, max_bytes: int, what: str, max_containers: int | None = None):
     """The JSON value of a file the model folder ships, read as read_bounded reads it and parsed by parse_json; one
     of more than `max_containers` objects and arrays (json_containers) is a ValueError, unparsed."""

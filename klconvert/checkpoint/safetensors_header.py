@@ -6,7 +6,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from klconvert.checkpoint.regular_file import json_containers, open_regular, parse_json
+from klconvert.checkpoint.regular_file import json_values, open_regular, parse_json
 from klconvert.errors import KLError, refuse_if_not_permitted, unreadable_reason
 
 # safetensors dtype tag -> bytes per element
@@ -52,10 +52,10 @@ def _fail(path: Path, what: str) -> KLError:
     return KLError(f"{path}: {what}; the file is damaged or incomplete -- delete it and download it again")
 
 
-def read_header(path: Path, max_bytes: int = MAX_HEADER_BYTES, max_containers: int | None = None) -> SafetensorsHeader:
+def read_header(path: Path, max_bytes: int = MAX_HEADER_BYTES, max_values: int | None = None) -> SafetensorsHeader:
     """Parse the header of `path` and check every entry against the file's real size. A header of more than
-    `max_bytes` (what the folder's other headers left of their bound) is refused unread, one of more than
-    `max_containers` JSON objects and arrays (json_containers; None: not counted) unparsed."""
+    `max_bytes` (what the folder's other headers left of their bound) is refused unread, one of more than `max_values`
+    JSON values (json_values; None: not counted) unparsed."""
     try:
         size = path.stat().st_size
         with open_regular(path) as f:
@@ -78,9 +78,9 @@ def read_header(path: Path, max_bytes: int = MAX_HEADER_BYTES, max_containers: i
         refuse_if_not_permitted(e, path)
         raise KLError(f"{path}: cannot read the shard ({e.strerror}); put the shard file there -- pull the model "
                       "again") from None
-    if max_containers is not None and (containers := json_containers(raw)) > max_containers:
-        raise _fail(path, f"header holds {containers:,} '[' and '{{' bytes, more JSON objects and arrays than the "
-                          f"{max_containers:,} the config's tensors take")
+    if max_values is not None and (values := json_values(raw)) > max_values:
+        raise _fail(path, f"header holds {values:,} '[', '{{' and ',' bytes, more JSON values than the {max_values:,} "
+                          "the config's tensors take")
     try:   # a tensor described twice: the safetensors library reads one entry, the checks here another
         header = parse_json(raw.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, a key twice, a 4,300-digit int, deep nesting

@@ -21,14 +21,16 @@ from klconvert.errors import KLError
 MAX_TENSORS = 1 << 18  # the released model has 20,253; a table of 262,144 specs is ~100 MB
 MIN_STORED_BITS = 1  # no format stores a parameter in less than a bit (int4 and nf4 take 4 and more)
 # A header entry takes ~120 bytes, and a packed weight up to 6 entries (nf4: ~650 bytes): 3x that a tensor. Parsed,
-# headers take ~12x their bytes, so the released model's (20,493 tensors) stay near 0.5 GB (0.9 GB padded with short
-# strings or numbers); and a folder's headers together never take more than the format lets one file's
-# (MAX_HEADER_BYTES).
+# headers take ~12x their bytes, so the released model's (20,493 tensors) stay near 0.5 GB; and a folder's headers
+# together never take more than the format lets one file's (MAX_HEADER_BYTES).
 HEADER_BYTES_PER_TENSOR = 2048
 HEADER_BYTES_SLACK = 1 << 20  # __metadata__ and the like, whatever the model's size
-# An entry holds 3 objects and arrays (itself, its shape and data_offsets); an empty one takes ~37x its bytes parsed,
-# so a header of them is refused by their count, unparsed, past 6 entries a tensor.
-HEADER_CONTAINERS_PER_TENSOR = 6 * 3
+# An entry holds at most 14 JSON values by json_values' count: 3 objects and arrays (itself, its shape and
+# data_offsets) and 11 commas (between its keys, its entries, up to MAX_DIMS dimensions and its two offsets). Values
+# parsed take many times their bytes (an empty list ~37x, a header padded with short strings or numbers to the
+# released model's byte bound 0.9 GB), so a header of more is refused by their count, unparsed, past 6 entries a
+# tensor.
+HEADER_VALUES_PER_TENSOR = 6 * 14
 
 
 def _params(table, c: KimiLinearConfig) -> int:
@@ -64,6 +66,6 @@ def max_header_bytes(c: KimiLinearConfig) -> int:
     return min(HEADER_BYTES_PER_TENSOR * tensor_and_param_count(c)[0] + HEADER_BYTES_SLACK, MAX_HEADER_BYTES)
 
 
-def max_header_containers(c: KimiLinearConfig) -> int:
-    """The most JSON objects and arrays one safetensors header of a checkpoint for `c` may hold."""
-    return HEADER_CONTAINERS_PER_TENSOR * tensor_and_param_count(c)[0] + JSON_CONTAINERS_SLACK
+def max_header_values(c: KimiLinearConfig) -> int:
+    """The most JSON values (json_values) one safetensors header of a checkpoint for `c` may hold."""
+    return HEADER_VALUES_PER_TENSOR * tensor_and_param_count(c)[0] + JSON_CONTAINERS_SLACK
