@@ -217,9 +217,11 @@ class ChatPastTokens(KLError):
 class Tokenizer:
     """Kimi's tiktoken BPE with the special tokens and chat template of one checkpoint folder."""
 
-    def __init__(self, encoding: tiktoken.Encoding, special_tokens: Mapping[str, int], bos_token: str,
+    def __init__(self, name: str, ranks: dict[bytes, int], special_tokens: Mapping[str, int], bos_token: str,
                  eos_token: str, pad_token: str | None, chat_template: str | None, chat_template_path: Path):
-        self._encoding = encoding
+        self._ranks = MappingProxyType(ranks)   # tiktoken keeps its own only as a private attribute
+        self._encoding = tiktoken.Encoding(name=name, pat_str=KIMI_PRETOKENIZE_PATTERN, mergeable_ranks=ranks,
+                                           special_tokens=dict(special_tokens))
         self._special_tokens = MappingProxyType(dict(special_tokens))
         self._special_ids = frozenset(special_tokens.values())
         self._bos_token, self._eos_token, self._pad_token = bos_token, eos_token, pad_token
@@ -242,7 +244,7 @@ class Tokenizer:
         # at most its token's bytes (a character is one byte or more) or its special token's text, and the render
         # writes a message's special-token text as its code -- 2 characters, 20 in a printed list's repr --, at most
         # `expansion` characters for each character it comes back as.
-        longest = max(max(map(len, encoding._mergeable_ranks)), max(map(len, special_tokens)))
+        longest = max(max(map(len, ranks)), max(map(len, special_tokens)))
         expansion = max(len(code) / len(text) for code, text in
                         [*((code, text) for text, code in self._escape_codes.items()), *self._repr_codes.items()])
         self._rendered_chars_per_id = math.ceil(longest * max(1.0, expansion))
@@ -325,10 +327,8 @@ class Tokenizer:
                 raise KLError(f"{config_path}: chat_template is {size:,} bytes, over the "
                               f"{MAX_CHAT_TEMPLATE_BYTES >> 20} MB a chat template may be; fix the file or re-download "
                               "the model")
-        encoding = tiktoken.Encoding(name=folder.name or "kimi", pat_str=KIMI_PRETOKENIZE_PATTERN,
-                                     mergeable_ranks=ranks, special_tokens=special_tokens)
-        return cls(encoding, special_tokens, named["bos_token"], named["eos_token"], named["pad_token"],
-                   chat_template, chat_template_path)
+        return cls(folder.name or "kimi", ranks, special_tokens, named["bos_token"], named["eos_token"],
+                   named["pad_token"], chat_template, chat_template_path)
 
     # ---- ids --------------------------------------------------------------------------------------------
     @property
@@ -340,7 +340,7 @@ class Tokenizer:
     def bpe_digest(self) -> str:
         """sha256 of the BPE ranks as tiktoken.model lists them, one '<base64 token> <rank>' line each in rank order:
         equal for two folders whose files rank the same tokens alike."""
-        ranks = sorted(self._encoding._mergeable_ranks.items(), key=operator.itemgetter(1))
+        ranks = sorted(self._ranks.items(), key=operator.itemgetter(1))
         return hashlib.sha256(b"".join(base64.b64encode(token) + b" %d\n" % rank for token, rank in ranks)).hexdigest()
 
     @property
