@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import errno
+import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from klconvert.errors import out_of_descriptors
-from klconvert.units import binary_size_text, size_text
+from klconvert.units import binary_size_text, size_text, size_texts
 
 try:
     import resource
@@ -20,15 +23,32 @@ def free_disk_bytes(folder: Path) -> int:
     return shutil.disk_usage(existing).free
 
 
+@contextmanager
+def writing(path: Path, size: int | None = None) -> Iterator[None]:
+    """Around the writing of the file `path` (`size` bytes in all, where known): an OSError that names no file -- a
+    write's, a flush's: a full disk -- is raised naming `path`, and carrying `size`, for failed_write to say."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename, e.bytes_to_write = os.fspath(path), size
+        raise
+
+
 def failed_write(e: OSError, where: Path) -> str:
     """How a write that failed is said, and what to do, for the caller to end (" and rerun"): a full disk (or
-    quota) with the space left there; out of file descriptors, what bounds them; a file too large, with the
-    process's file-size limit (ulimit -f) where one is set, else the file system's; else the system's reason."""
+    quota) with the size of the file it was writing (where `writing` knew it) and the space left there; out of file
+    descriptors, what bounds them; a file too large, with the process's file-size limit (ulimit -f) where one is set,
+    else the file system's; else the system's reason."""
     shortage = out_of_descriptors(e)
     if shortage is not None:
         return f"cannot write {where}: {shortage}"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"disk full writing {where} ({size_text(free_disk_bytes(where))} free); free some space"
+        size = getattr(e, "bytes_to_write", None)
+        if size is None:
+            return f"disk full writing {where} ({size_text(free_disk_bytes(where))} free); free some space"
+        size_said, free_said = size_texts(size, free_disk_bytes(where))
+        return f"disk full writing {where} ({size_said} to write, {free_said} free); free some space"
     if e.errno == errno.EFBIG:
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource is not None else None
         if limit is not None and limit != resource.RLIM_INFINITY:

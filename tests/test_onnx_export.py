@@ -631,17 +631,37 @@ def test_a_replacing_export_that_fails_keeps_the_earlier_one(exported, tmp_path,
 
 @pytest.mark.parametrize("error", [errno.ENOSPC, errno.EFBIG])
 def test_a_failed_write_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch, error):
-    """A full disk (or a file-size limit) was a traceback, exit 1."""
+    """A full disk (or a file-size limit) was a traceback, exit 1; then the line named OUT, not the file it was
+    writing, nor its size (helper-133)."""
+    sizes = []
+
     def full(proto, path, **kwargs):
+        sizes.append(proto.ByteSize())
         Path(path).write_bytes(b"part")
         raise OSError(error, os.strerror(error))
 
     monkeypatch.setattr(export_module.onnx, "save_model", full)
     out = tmp_path / "new" / "onnx"
     line = assert_one_line_error(*run_cli(capsys, "export-onnx", "--model", "tiny", "--out", out)[::2],
-                                 f"writing {out}" if error == errno.ENOSPC else f"cannot write {out} (File too large)",
+                                 f"disk full writing {out / 'model.onnx'} ({size_text(sizes[0])} to write, "
+                                 if error == errno.ENOSPC else f"cannot write {out / 'model.onnx'} (File too large)",
                                  f"(nothing was written to {out})")
     assert ("disk full" in line) == (error == errno.ENOSPC)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_writing_the_external_weights_names_their_file(tmp_path, capsys, monkeypatch):
+    """onnx writes DATA_FILE before model.onnx: the line named OUT, not the file that filled the disk (helper-133)."""
+    def full(tensor, base_path):
+        (Path(base_path) / DATA_FILE).write_bytes(b"part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export_module, "PROTOBUF_LIMIT", 0)
+    monkeypatch.setattr(onnx.external_data_helper, "save_external_data", full)
+    out = tmp_path / "onnx"
+    assert_one_line_error(*run_cli(capsys, "export-onnx", "--model", "tiny", "--out", out)[::2],
+                          f"disk full writing {out / DATA_FILE} (", " free); free some space and rerun (nothing was "
+                          f"written to {out})")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import klconvert.quantize as quantize_module
+from klconvert import atomic_file
 from klconvert.errors import KLError
 from klconvert.quant import policy_from_options
 from klconvert.quantize import quantize
@@ -136,11 +138,34 @@ def test_corrupt_values_after_finished_shards_keep_them_to_resume(tiny_copy, tmp
     assert quantize(tiny_copy, tmp_path / "out", force=True, **options).path.is_dir()
 
 
+WRITE_SIZES = r"\([\d.,]+ (?:GB|MB|bytes) to write, [\d.,]+ (?:GB|MB|bytes) free\)"  # a disk-full line's
+
+
 def test_disk_full(tiny_released, tmp_path, capsys, monkeypatch):
+    """The line named OUT.partial, not the shard it was writing, nor that shard's size (helper-133)."""
     break_shard_write(monkeypatch, 1, OSError(errno.ENOSPC, "No space left on device"))
     line = fails(capsys, tmp_path, "--group-size", "32", src=tiny_released)
-    assert "disk full writing" in line and "resumes" not in line
+    shard = re.escape(str(tmp_path / "out.partial" / "model-00001-of-"))
+    assert re.search(rf"disk full writing {shard}\d{{5}}\.safetensors {WRITE_SIZES}; free some space and rerun",
+                     line), line
+    assert "resumes" not in line
     assert not (tmp_path / "out.partial").exists()  # nothing finished, nothing left behind
+
+
+def test_disk_full_writing_the_config_names_it(tiny_released, tmp_path, capsys, monkeypatch):
+    """A write that fails in the file, not at its open, named OUT.partial only (helper-133)."""
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def opened(path, mode):
+        return (FullDisk if path.name.startswith(".config.json.") else open)(path, mode)
+
+    monkeypatch.setattr(atomic_file, "open", opened, raising=False)
+    line = fails(capsys, tmp_path, "--group-size", "32", src=tiny_released)
+    config = re.escape(str(tmp_path / "out.partial" / "config.json"))
+    assert re.search(rf"disk full writing {config} {WRITE_SIZES}; free some space and rerun the same command to "
+                     r"resume \((\d+) of \1 shards are finished", line), line
 
 
 def test_existing_out(tiny_released, tmp_path, capsys):

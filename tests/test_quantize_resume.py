@@ -36,8 +36,8 @@ def test_disk_full_then_resume_redoes_only_unfinished_shards(tiny_released, unin
     assert len(names) >= 5
     with monkeypatch.context() as m:
         break_shard_write(m, 3, OSError(errno.ENOSPC, "No space left on device"))
-        with pytest.raises(KLError, match=rf"disk full .* to resume \(2 of {len(names)} shards are finished in "
-                                          r".*q\.partial"):
+        with pytest.raises(KLError, match=rf"disk full writing .*q\.partial/{names[2]} \(.* to write, .* free\); .* "
+                                          rf"to resume \(2 of {len(names)} shards are finished in .*q\.partial"):
             quantize(tiny_released, out, **OPTIONS)
     assert not out.exists()
     assert shard_files(partial) == names[:2] and not list(partial.glob("*.partial"))

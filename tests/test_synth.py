@@ -8,6 +8,7 @@ import json
 import os
 import re
 import weakref
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from safetensors import safe_open
 
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.checkpoint.reader import open_checkpoint
-from klconvert.checkpoint.safetensors_writer import PlannedTensor, write_shard
+from klconvert.checkpoint.safetensors_writer import PlannedTensor, shard_header, write_shard
 from klconvert.config import KimiLinearConfig
 from klconvert.convert.output_folder import OutputLock
 from klconvert.errors import KLError
@@ -149,16 +150,23 @@ def test_an_out_that_is_a_dangling_link_is_refused_up_front(tmp_path, capsys, mo
 
 
 def test_a_full_disk_part_way_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """The line named OUT, not the shard it was writing, nor that shard's size (helper-133)."""
     import klconvert.synth.checkpoint as synth_module
 
-    def full(path, *args, **kwargs):
-        path.with_name(path.name + ".partial").write_bytes(b"part")
-        raise OSError(errno.ENOSPC, "No space left on device")
+    sizes = []
+
+    def full(path, tensors, on_tensor=None):   # the real writer, its second tensor's bytes refused
+        def no_space():
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        sizes.append(len(shard_header(tensors)) + sum(t.nbytes for t in tensors))
+        return write_shard(path, [tensors[0], replace(tensors[1], make=no_space), *tensors[2:]], on_tensor)
 
     monkeypatch.setattr(synth_module, "write_shard", full)
     out = tmp_path / "new" / "deeper" / "out"
     assert_one_line_error(*run_cli(capsys, "synth", "--preset", "tiny", "--out", out)[::2],
-                          f"disk full writing {out} (", " free); free some space and rerun")
+                          f"disk full writing {out / 'model-00001-of-00004.safetensors'} ({size_text(sizes[0])} to "
+                          "write, ", " free); free some space and rerun")
     assert list(tmp_path.iterdir()) == []   # the folders made for it too
 
 

@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 import torch
 
 from klconvert.checkpoint.safetensors_header import DTYPE_BYTES
+from klconvert.disk_space import writing
 
 TORCH_TO_SAFETENSORS = {
     torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
@@ -70,12 +71,13 @@ def write_shard(path: Path, tensors: list[PlannedTensor], on_tensor: Callable[[P
                 ) -> str:
     """Write one safetensors file, making each tensor only when its turn comes; the sha256 of its bytes.
 
-    Written to `path` + ".partial" and renamed when whole, so a cut-off write never looks complete.
+    Written to `path` + ".partial" and renamed when whole, so a cut-off write never looks complete; a failed write
+    names `path` (`writing`).
     """
     head = shard_header(tensors)
     partial = path.with_name(path.name + ".partial")
     digest = hashlib.sha256(head)
-    with open(partial, "wb") as f:
+    with writing(path, len(head) + sum(t.nbytes for t in tensors)), open(partial, "wb") as f:
         f.write(head)
         for t in tensors:
             value = t.make()

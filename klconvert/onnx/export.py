@@ -12,10 +12,12 @@ import torch
 from google.protobuf.message import EncodeError
 from onnx import helper
 
+from klconvert.atomic_file import write_atomically
 from klconvert.checkpoint.folder_files import CONFIG_FILE, GENAI_CONFIG, MAX_SIDE_FILE_BYTES, refuse_unfit_side_files
 from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.checkpoint.regular_file import read_bounded
+from klconvert.disk_space import writing
 from klconvert.errors import KLError, refuse_non_bool
 from klconvert.models import resolve_model
 from klconvert.onnx.export_folder import DATA_FILE, ONNX_FILE, state_spec
@@ -172,8 +174,11 @@ def _write_export(checkpoint: Checkpoint, model_dir: Path, folder: Path, opset: 
                         location=DATA_FILE, size_threshold=1024)
     except EncodeError as e:   # protobuf's serializing, which a graph under PROTOBUF_LIMIT fails only for memory
         raise exhausted(f"writing {path.name}", e) from None   # (under ulimit -v: a traceback, helper-131)
+    except OSError:   # onnx writes DATA_FILE whole before it opens model.onnx, whose size is then the proto's
+        with writing(path, proto.ByteSize()) if path.exists() or not external else writing(folder / DATA_FILE):
+            raise
     onnx.checker.check_model(str(path))
     for name in copied:
-        (folder / name).write_bytes(read_bounded(model_dir / name, MAX_SIDE_FILE_BYTES, name))
+        write_atomically(folder / name, read_bounded(model_dir / name, MAX_SIDE_FILE_BYTES, name))
     config = genai_config(checkpoint.config, opset, external, [n for n in copied if n != CONFIG_FILE])
-    (folder / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    write_atomically(folder / GENAI_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
