@@ -232,7 +232,8 @@ class OneLineErrors(click.Group):
             if e.errno == errno.EPIPE:   # its reader stopped reading (`| head`): no line, and a shell's status for
                 sys.exit(signal_status(signal.SIGPIPE))   # a command SIGPIPE ended, as Python ignores SIGPIPE
             click.echo(f"klconvert: error: cannot write standard output ({e.strerror}); redirect it somewhere that "
-                       "can take it", err=True)
+                       "can take it" + (f" ({e.complete} is complete: only its path was not printed)"
+                                        if e.complete is not None else ""), err=True)
             sys.exit(KLError.exit_code)
         except KLError as e:   # one raised while out of file descriptors blames what it read: the limit is said
             e = descriptors_exhausted_behind(e) or e
@@ -288,6 +289,16 @@ def _refuse_a_working_folder_that_is_gone() -> None:
         raise KLError("the current folder no longer exists; cd to an existing folder") from None
 
 
+def echo_complete(path: Path) -> None:
+    """Print `path`, the output the command has written whole, on standard output (for a script to take); one that
+    cannot take it fails the command still, its line saying that `path` is complete."""
+    try:
+        click.echo(str(path))
+    except StdoutFailed as e:
+        e.complete = path
+        raise
+
+
 def _one_line(message: str) -> str:
     """The message on one line, any character a terminal would act on (ESC, BEL, NUL...) written as its escape:
     tensor names, index keys and a template's own error text come from the download."""
@@ -337,7 +348,7 @@ def pull(repo: str, revision: str | None, include: tuple[str, ...], exclude: tup
                       local_dir=local_dir, cache_dir=cache_dir)
     click.echo(f"{repo}@{result.commit}: {len(result.files)} files verified, "
                f"{result.bytes_downloaded / 1e9:.2f} GB downloaded", err=True)
-    click.echo(str(result.path))
+    echo_complete(result.path)
 
 
 def _context_error(where: str, tokens: int, at_least: bool, max_new_tokens: int, max_context: int | None,
@@ -567,7 +578,7 @@ def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) ->
     if which is not None:   # said once the export is done: a refused one is its error line alone
         click.echo(f"klconvert: {which}", err=True)
     click.echo(f"wrote {path} (run it: klconvert run --model {out} --engine onnxruntime)", err=True)
-    click.echo(str(out))
+    echo_complete(out)
 
 
 @cli.command()
@@ -694,7 +705,7 @@ def quantize(src: str, out: Path, bits: int | None, group_size: int | None, symm
                                  recipe=recipe, device=device, force=force, allow_split_fused=allow_split_fused,
                                  max_shard_bytes=_shard_bytes(max_shard_size))
     click.echo(result.summary(), err=True)
-    click.echo(str(result.path))
+    echo_complete(result.path)
 
 
 @cli.command(name="pull-and-quantize")
@@ -717,7 +728,7 @@ def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: 
                                           force=force, allow_split_fused=allow_split_fused,
                                           max_shard_bytes=_shard_bytes(max_shard_size))
     click.echo(result.summary(), err=True)
-    click.echo(str(result.path))
+    echo_complete(result.path)
 
 
 @cli.command(name="eval")

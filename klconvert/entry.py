@@ -215,11 +215,13 @@ class Uninterrupted:
 class StdoutFailed(Exception):
     """A write to standard output failed: `errno` and `strerror` are its OSError's (EBADF, "it is closed", for a
     closed one). Not an OSError, which click takes for its own: one of a reader that is gone (EPIPE) it answered
-    with status 1, unsaid."""
+    with status 1, unsaid. `complete`: the output the command had written whole before, whose path it was printing
+    (the CLI's line says so: a user took the failed command's OUT for a failed conversion)."""
 
     def __init__(self, error: OSError):
         super().__init__(error.strerror)
         self.errno, self.strerror = error.errno, error.strerror
+        self.complete: os.PathLike | None = None
 
 
 class _StandardFile(io.RawIOBase):

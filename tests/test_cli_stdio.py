@@ -5,6 +5,7 @@ the status unchanged; a closed standard input read as `--prompt-file -` is one l
 typed. The streams' cases run through the entry point in this process, its streams real files, and once from a shell."""
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import subprocess
@@ -66,6 +67,24 @@ def test_a_full_standard_output_is_one_line(monkeypatch, err_file, args):
 def test_a_closed_standard_output_is_one_line(monkeypatch, err_file):
     code = run_entry(monkeypatch, *PLAN, stdout=None, stderr=err_file)
     assert_one_line_error(code, written(err_file), "cannot write standard output (it is closed)")
+
+
+@pytest.mark.parametrize("command, stdout, reason", [(("quantize", "tiny", "{out}", "--bits", "4"), "/dev/full",
+                                                      "No space left on device"),
+                                                     (("export-onnx", "--model", "tiny", "--out", "{out}"), None,
+                                                      "it is closed")])
+def test_a_standard_output_that_fails_after_out_is_whole_says_it_is_complete(monkeypatch, tmp_path, err_file, command,
+                                                                             stdout, reason):
+    """The line said only "cannot write standard output": a user took the finished OUT for a failed conversion, to
+    delete or write again (helper-133)."""
+    out = tmp_path / "out"
+    with open(stdout, "w", encoding="utf-8") if stdout else contextlib.nullcontext() as f:
+        code = run_entry(monkeypatch, *(arg.format(out=out) for arg in command), stdout=f, stderr=err_file)
+    lines = written(err_file).splitlines()
+    assert code == 2 and "Traceback" not in written(err_file), written(err_file)
+    assert lines[-1] == (f"klconvert: error: cannot write standard output ({reason}); redirect it somewhere that can "
+                         f"take it ({out} is complete: only its path was not printed)")
+    assert out.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["out", "stderr.txt"]
 
 
 @pytest.mark.parametrize("args", [PLAN, RUN])
