@@ -455,6 +455,7 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
         prompts.append(array("i", ids))   # 4 bytes a token, not a list's ~40: many long prompts wait for the plan
     longest = max(len(ids) for ids in prompts)
     if engine == "onnxruntime":
+        import klconvert.onnx  # noqa: F401 -- its telemetry off before require imports onnxruntime
         require("onnxruntime", "--engine onnxruntime")
         from klconvert.onnx.session import OnnxEngine
 

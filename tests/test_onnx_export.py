@@ -581,6 +581,24 @@ def test_run_with_onnxruntime_needs_no_onnx(exported, tmp_path):
 
 
 @pytest.mark.slow
+def test_run_with_onnxruntime_writes_no_telemetry_files_nor_lines(exported, tmp_path):
+    """onnxruntime 1.32's import started its telemetry: it wrote ~/.cache/Microsoft/DeveloperTools/.onnxruntime/
+    {deviceid,onnxruntime.db} and $TMPDIR/.ses, and with HOME a file (or read-only) printed a coloured warning line on
+    stderr beside the summary."""
+    (tmp_path / "home").mkdir()
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "a-file").write_text("")
+    for home in ("home", "a-file"):
+        done = run_klconvert("run", "--model", exported[1], "--engine", "onnxruntime", "--prompt", "ROMEO:",
+                             "--max-new-tokens", "2", timeout=120,
+                             env={"HOME": str(tmp_path / home), "TMPDIR": str(tmp_path / "tmp"),
+                                  "ORT_DISABLE_TELEMETRY": None})   # this process's klconvert.onnx set it
+        lines = shown_lines(done.stderr)
+        assert done.returncode == 0 and len(lines) == 1 and "onnxruntime: cpu float32" in lines[0], done.stderr
+        assert not [*(tmp_path / "home").rglob("*"), *(tmp_path / "tmp").rglob("*")]
+
+
+@pytest.mark.slow
 def test_a_large_export_uses_external_data_and_dequantizes_nothing(exported, tmp_path, monkeypatch):
     """Weights over the protobuf limit (lowered here) go to model.onnx.data; no packed weight is dequantized on the
     way (the 48B model's packed weights would not fit a host in fp32)."""
