@@ -305,13 +305,15 @@ def _one_line(message: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(message.split()))
 
 
-@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# Each command's help is given as help=, not taken from its docstring: python -OO (PYTHONOPTIMIZE=2) drops docstrings
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+             help="Pull, quantize and run Moonshot AI's Kimi Linear on one GPU.")
 @click.version_option(package_name="klconvert")
 def cli() -> None:
-    """Pull, quantize and run Moonshot AI's Kimi Linear on one GPU."""
+    pass
 
 
-@cli.command()
+@cli.command(help="Write a random-weight checkpoint in exactly the released format.")
 @click.option("--preset", type=click.Choice(list(PRESETS)), required=True,
               help="tiny: a small model (14 MB) of the same structure; kimi-linear-48b: the released shapes.")
 @click.option("--layers", type=INTEGER, default=None, help="Keep only N layers (3:1 KDA:MLA pattern kept).")
@@ -321,7 +323,6 @@ def cli() -> None:
               help="Tensor layout: the released checkpoint's, or the native transformers port's.")
 @click.option("--out", type=PathArg(path_type=Path), required=True, help="Folder to create, or an empty one.")
 def synth(preset: str, layers: int | None, seed: int, layout: str, out: Path) -> None:
-    """Write a random-weight checkpoint in exactly the released format."""
     from klconvert.synth.checkpoint import synth as write_synth
 
     result = write_synth(preset, out, layers=layers, seed=seed, layout=layout)
@@ -373,7 +374,8 @@ def _given_once(param: click.Parameter, given: tuple[str, ...]) -> str | None:
     return given[0] if given else None
 
 
-@cli.command()
+@cli.command(help="Continue a prompt (or several, as one batch): the text streams to stdout, a summary goes to "
+             "stderr.")
 @click.option("--model", type=MODEL, default=None,
               help=f"Checkpoint folder (released, transformers or quantized layout), or {BUNDLED_NAME} for the "
                    f"bundled model [default: {DEFAULT_MODEL_DIR} when it exists, else {BUNDLED_NAME}].")
@@ -412,7 +414,6 @@ def _given_once(param: click.Parameter, given: tuple[str, ...]) -> str | None:
 def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], max_new_tokens: int, temperature: float,
         top_p: float, seed: int | None, chat: bool, show_special: bool, max_context: int | None, device: str | None,
         dtype: str | None, kernels: str, engine: str, progress: bool | None) -> None:
-    """Continue a prompt (or several, as one batch): the text streams to stdout, a summary goes to stderr."""
     _refuse_sampling_flags_when_greedy(click.get_current_context(), temperature)
     if hasattr(sys.stdout, "reconfigure"):  # what stdout's encoding cannot hold (PYTHONIOENCODING=ascii) shows as ?
         sys.stdout.reconfigure(errors="replace")
@@ -560,7 +561,8 @@ def _refuse_triton_without_cuda(kernels: str, device: str | None) -> None:
     refuse_triton_off_cuda(kernels, checked_device(device))
 
 
-@cli.command(name="export-onnx")
+@cli.command(name="export-onnx", help="Write the checkpoint as an ONNX graph that onnxruntime runs (prefill and "
+             "decode, state in and out).")
 @click.option("--model", type=MODEL, default=None,
               help=f"Checkpoint folder (quantized int4/int8 weights stay packed), or {BUNDLED_NAME} for the bundled "
                    f"model [default: {DEFAULT_MODEL_DIR} when it exists, else {BUNDLED_NAME}].")
@@ -570,7 +572,6 @@ def _refuse_triton_without_cuda(kernels: str, device: str | None) -> None:
               help="ONNX opset of the default domain [default: the oldest the export takes, 18].")
 @click.option("--force", is_flag=True, help="Replace an earlier export in --out, once the new one is whole.")
 def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) -> None:
-    """Write the checkpoint as an ONNX graph that onnxruntime runs (prefill and decode, state in and out)."""
     require("onnx", "export-onnx")
     from klconvert.onnx.export import DEFAULT_OPSET, export_onnx as export
 
@@ -582,7 +583,8 @@ def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) ->
     echo_complete(out)
 
 
-@cli.command()
+@cli.command(help="Print the memory plan: weights, KDA state, MLA cache, workspace, headroom, largest context."
+             "\n\nExits with status 3 when the plan does not fit the given GPU memory.")
 @click.option("--model", type=MODEL, default=None,
               help=f"Checkpoint folder to plan for, or {BUNDLED_NAME} (the bundled model).")
 @click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
@@ -610,9 +612,6 @@ def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) ->
 def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path | None, gpu_memory: str | None,
          max_context: int | None, batch: int | None, mla_cache_dtype: str | None, kda_state_dtype: str | None,
          bits: str | None, group_size: int | None) -> None:
-    """Print the memory plan: weights, KDA state, MLA cache, workspace, headroom, largest context.
-
-    Exits with status 3 when the plan does not fit the given GPU memory."""
     from klconvert.runtime.plan_report import gpu_memory_bytes, plan_for, render_plan
 
     if (model is None) == (preset is None):
@@ -690,15 +689,14 @@ def _quantize_options(command):
     return command
 
 
-@cli.command()
+@cli.command(help="Quantize the checkpoint in SRC (a folder, or tiny for the bundled model) into a new "
+             "compressed-tensors folder OUT (resumes if interrupted).")
 @click.argument("src", type=MODEL)
 @click.argument("out", type=PathArg(path_type=Path))
 @_quantize_options
 def quantize(src: str, out: Path, bits: int | None, group_size: int | None, symmetric: bool | None,
              scheme: str | None, observer: str | None, recipe: Path | None, device: str | None,
              max_shard_size: str | None, force: bool, allow_split_fused: bool) -> None:
-    """Quantize the checkpoint in SRC (a folder, or tiny for the bundled model) into a new compressed-tensors
-    folder OUT (resumes if interrupted)."""
     from klconvert.quantize import quantize as quantize_checkpoint
 
     result = quantize_checkpoint(model_folder(src, f"SRC {src}"), out, bits=bits, group_size=group_size,
@@ -709,7 +707,8 @@ def quantize(src: str, out: Path, bits: int | None, group_size: int | None, symm
     echo_complete(result.path)
 
 
-@cli.command(name="pull-and-quantize")
+@cli.command(name="pull-and-quantize",
+             help="Pull a Kimi Linear repo (or take a local folder) and quantize it in one go.")
 @click.option("--model", type=REPO_OR_MODEL, default=DEFAULT_REPO, show_default=True,
               help=f"Hub repo to pull, a local checkpoint folder (used as it is), or {BUNDLED_NAME} (the bundled "
                    "model).")
@@ -720,7 +719,6 @@ def quantize(src: str, out: Path, bits: int | None, group_size: int | None, symm
 def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: int | None, group_size: int | None,
                       symmetric: bool | None, scheme: str | None, observer: str | None, recipe: Path | None,
                       device: str | None, max_shard_size: str | None, force: bool, allow_split_fused: bool) -> None:
-    """Pull a Kimi Linear repo (or take a local folder) and quantize it in one go."""
     from klconvert.quantize import pull_and_quantize as pull_and_quantize_checkpoint
 
     result = pull_and_quantize_checkpoint(model, out, revision=revision, bits=bits, group_size=group_size,
@@ -732,7 +730,7 @@ def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: 
     echo_complete(result.path)
 
 
-@cli.command(name="eval")
+@cli.command(name="eval", help="Perplexity of both, KL of the model from the reference, top-1 and router agreement.")
 @click.option("--model", type=MODEL, required=True, help="The model to measure (e.g. quantized): a folder, or tiny.")
 @click.option("--reference", type=MODEL, required=True,
               help="The model it should match (e.g. its bf16 source; tiny for the bundled model); its tokenizer "
@@ -747,7 +745,6 @@ def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: 
               help="Compute dtype [default: bfloat16 on cuda, float32 on cpu].")
 def eval_(model: str, reference: str, text_file: Path, max_tokens: int, device: str | None,
           dtype: str | None) -> None:
-    """Perplexity of both, KL of the model from the reference, top-1 and router agreement."""
     from klconvert.evaluate import MIN_SCORED_TOKENS, evaluate, render_eval
     from klconvert.text_input import read_text_file
     from klconvert.tokenizer import Tokenizer
@@ -780,7 +777,8 @@ def _int_list(ctx, param, value: str | None) -> list[int] | None:
     return out
 
 
-@cli.command()
+@cli.command(help="Decode speed on the GPU: checked first, then ms/token, tokens/s, memory and the bandwidth "
+             "floor; with --prefill, prefill time and tokens/s, peak memory reserved against the plan.")
 @click.option("--model", type=MODEL, default=None,
               help=f"A quantized checkpoint folder to time, or {BUNDLED_NAME} (its weights; caches filled with random "
                    "values).")
@@ -818,8 +816,6 @@ def _int_list(ctx, param, value: str | None) -> list[int] | None:
 def bench(model: str | None, preset: str | None, layers: int | None, bits: str, contexts: list[int] | None,
           prefills: list[int] | None, batches: list[int], mla_cache_dtype: str, new_tokens: int, check_depth: bool,
           peer: str, peer_layers: int | None, spread_routing: bool, json_file: Path | None) -> None:
-    """Decode speed on the GPU: checked first, then ms/token, tokens/s, memory and the bandwidth floor; with
-    --prefill, prefill time and tokens/s, peak memory reserved against the plan."""
     if (model is None) == (preset is None):
         raise KLError("give exactly one of --model DIR or --preset kimi-linear-48b")
     _refuse_layers_with_model(model, layers)

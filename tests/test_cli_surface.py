@@ -30,6 +30,26 @@ def test_help_describes_every_flag():
                 assert param.help and param.help.strip(), f"klconvert {name} {param.opts[0]} has no help"
 
 
+@pytest.mark.parametrize("command", ["", "run"])
+def test_help_describes_every_command_under_python_oo_too(command):
+    """click took the group's and each command's text from its docstring, which python -OO (PYTHONOPTIMIZE=2) drops:
+    `klconvert --help` listed the commands bare, `run --help` had no description (helper-135)."""
+    def shown(*python_flags: str) -> str:
+        environ = {name: value for name, value in os.environ.items() if name != "PYTHONOPTIMIZE"}
+        done = subprocess.run([sys.executable, *python_flags, "-m", "klconvert", *command.split(), "--help"],
+                              capture_output=True, text=True, env=environ, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    text = shown()
+    assert shown("-OO") == text
+    described = cli.commands[command] if command else cli
+    assert described.help and described.help.split("\n")[0] in " ".join(text.split())
+    if not command:
+        for name, listed in cli.commands.items():   # each command's one-line summary beside its name
+            assert re.search(rf"^  {name} +{re.escape(' '.join(listed.help.split()[:3]))}", text, re.M), name
+
+
 @pytest.mark.parametrize("flag, uses", [("mla_cache_dtype", 2), ("kda_state_dtype", 1), ("dtype", 2)])
 def test_dtype_choices_are_the_runtimes(flag, uses):
     from klconvert.runtime.engine import COMPUTE_DTYPES
