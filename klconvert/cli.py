@@ -88,8 +88,13 @@ def path_problem(value: str) -> str | None:
     a file system allows."""
     undecoded = next((c for c in value if "\udc80" <= c <= "\udcff"), None)   # os.fsdecode's escape of a byte
     if undecoded is not None:
+        try:   # UTF-8 text, refused only by the locale's ASCII (LC_ALL=C without PEP 538/540's UTF-8 coercion)
+            os.fsencode(value).decode("utf-8")
+            locale = " or run under a UTF-8 locale (e.g. LC_ALL=C.UTF-8)"
+        except UnicodeDecodeError:
+            locale = ""
         return (f"its name is not {sys.getfilesystemencoding().upper()} (byte 0x{ord(undecoded) - 0xDC00:02X}), the "
-                "encoding of file names here; rename it")
+                f"encoding of file names here; rename it{locale}")
     if not value.isprintable():
         return "it holds a control character (a newline, a tab, an escape); give a plain path"
     longest = max(len(os.fsencode(name)) for name in value.split(os.sep))

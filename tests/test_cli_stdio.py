@@ -17,7 +17,7 @@ import pytest
 
 from klconvert import entry
 from klconvert.models import bundled_dir
-from testkit import assert_one_line_error, run_cli
+from testkit import assert_one_line_error, run_cli, run_klconvert
 
 PLAN = ("plan", "--model", "tiny")   # a few lines on stdout, no model loaded
 RUN = ("run", "--model", "tiny", "--prompt", "ROMEO.", "--max-new-tokens", "4", "--device", "cpu")
@@ -118,13 +118,20 @@ def test_a_working_folder_that_is_gone(capsys, tmp_path, monkeypatch):
 
 def test_a_file_name_that_is_not_utf8(capsys, tmp_path, monkeypatch):
     """Refused by what is wrong with it (its bytes are not UTF-8 text), not as a control character; the line stays
-    printable."""
+    printable. Under an ASCII locale (LC_ALL=C, Python's UTF-8 coercion off) a UTF-8 name is refused too, and the line
+    says a UTF-8 locale reads it (helper-135: it said only "rename it")."""
     monkeypatch.chdir(tmp_path)
     name = os.fsdecode(b"caf\xe9.txt")
     Path(name).write_text("ROMEO. What light", encoding="utf-8")
     line = assert_one_line_error(*run_cli(capsys, "run", "--model", "tiny", "--prompt-file", name)[::2],
                                  "its name is not UTF-8 (byte 0xE9)", "rename it")
-    assert line.isprintable() and "control character" not in line
+    assert line.isprintable() and "control character" not in line and "locale" not in line
+    Path("café.txt").write_text("ROMEO. What light", encoding="utf-8")
+    ascii_locale = {"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    for given, byte, locale in ((name, "0xE9", False), ("café.txt", "0xC3", True)):
+        done = run_klconvert("run", "--model", "tiny", "--prompt-file", given, env=ascii_locale, timeout=120)
+        line = assert_one_line_error(done.returncode, done.stderr, f"its name is not ASCII (byte {byte})", "rename it")
+        assert ("rename it or run under a UTF-8 locale (e.g. LC_ALL=C.UTF-8)" in line) == locale, line
 
 
 def test_errors_name_the_model_as_it_was_given(capsys, tmp_path, monkeypatch):
