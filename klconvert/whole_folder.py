@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tempfile
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from klconvert.checkpoint.folder_files import CONFIG_FILE
 from klconvert.convert.output_folder import (TEMPORARY_MARKER, TEMPORARY_NAME, OutputLock, lock_goes_inside, lock_path,
                                              make_parent, mark_temporary, refuse_link_or_file, refuse_no_new_name,
                                              remove_created, runs_temporary, temporary_prefix, unmark_temporary,
-                                             write_test)
+                                             usual_mode, write_test)
 from klconvert.disk_space import failed_write
 from klconvert.entry import Uninterrupted
 from klconvert.errors import KLError, refuse_out_of_descriptors
@@ -107,6 +108,7 @@ def whole_folder(out: Path, force: bool = False, replaceable: Replaceable | None
         new: Path | None = None
         try:
             new = Path(tempfile.mkdtemp(prefix=temporary_prefix(out, "partial"), dir=out if in_place else out.parent))
+            new.chmod(stat.S_IRWXU)   # mkdtemp's 0700 is masked too: under umask 0777 no run could write or remove it
             mark_temporary(new)   # until it is in place: a run killed before leaves it for the next to remove
             yield new
             give_usual_modes(new)
@@ -116,6 +118,7 @@ def whole_folder(out: Path, force: bool = False, replaceable: Replaceable | None
                 with Uninterrupted():   # a kill between the two leaves the mark in OUT: a run filling OUT removes it
                     os.rename(new, out)
                     unmark_temporary(out)
+                    out.chmod(usual_mode(True))   # last: one without the owner's write keeps the mark otherwise
             elif not out.is_dir() or out.is_symlink() or _identities(out) != earlier:
                 raise KLError(f"{out}: changed while writing into it; move it away and rerun")
             else:
@@ -138,6 +141,7 @@ def _replace_in_place(new: Path, out: Path, earlier: list[str], last: str) -> No
     try:
         with Uninterrupted():   # one inside mkdtemp left its folder in OUT, unnamed here and unremoved
             aside = Path(tempfile.mkdtemp(prefix=temporary_prefix(out, "replaced"), dir=out))
+            aside.chmod(stat.S_IRWXU)   # as `new`: mkdtemp's mode is masked
             mark_temporary(aside)   # before any move: a run killed after leaves it for the next to remove
         _move(sorted(earlier, key=lambda name: (name != last, name)), out, aside)
         try:
@@ -207,18 +211,10 @@ def _write_error(e: OSError, new: Path | None, out: Path) -> str:
     return f"{failed_write(e, where)} and rerun (nothing was written to {out})"
 
 
-def usual_mode(folder: bool) -> int:
-    """The mode a new folder or file gets from the umask (0755 and 0644 under umask 022)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return (0o777 if folder else 0o666) & ~umask
-
-
 def give_usual_modes(top: Path) -> None:
-    """Give `top` and every folder and file in it the umask's usual mode: mkdtemp makes a private folder, and some
-    writers private files (safetensors' save_file 0600)."""
+    """Give every folder and file in `top` the umask's usual mode: some writers make private files (safetensors'
+    save_file 0600). `top` itself, which the run still writes in, keeps its own (whole_folder gives it one last)."""
     folder_mode, file_mode = usual_mode(True), usual_mode(False)
-    top.chmod(folder_mode)
     for root, folders, files in os.walk(top):
         for name in folders + files:
             path = os.path.join(root, name)

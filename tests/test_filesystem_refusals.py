@@ -379,3 +379,66 @@ def test_a_real_file_size_limit_is_named_in_one_line(tmp_path):
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (200 << 10, 200 << 10)))
     assert_one_line_error(done.returncode, done.stderr, "(File too large): the process may write files of 204,800 B "
                                                         "at most (ulimit -f); raise that limit and rerun")
+
+
+# 11. A umask that takes the owner's own permissions
+
+@pytest.fixture
+def umask_set():
+    """os.umask(mask) for the test (a command it runs inherits it); the earlier umask is put back afterwards."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield os.umask
+    os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o7777
+
+
+def test_a_umask_that_leaves_the_output_unreadable_is_refused_before_any_work(tmp_path, capsys, umask_set):
+    """Under umask 0777 quantize and export-onnx left a working folder of mode 000 (OUT.partial, .OUT.partial-PID-*)
+    that no later run could list or remove, --force neither; finished, OUT would be unreadable (helper-135)."""
+    for mask in (0o777, 0o377):
+        umask_set(mask)
+        for args in (["quantize", "tiny", tmp_path / "q", "--bits", "4", "--device", "cpu"],
+                     ["export-onnx", "--model", "tiny", "--out", tmp_path / "o"],
+                     ["synth", "--preset", "tiny", "--out", tmp_path / "s"]):
+            assert_one_line_error(*run_cli(capsys, *args)[::2], f"{args[-1] if args[0] != 'quantize' else args[2]}: "
+                                  f"the umask ({mask:04o}) would leave what is written there unreadable by you",
+                                  "e.g. umask 022, and rerun")
+        umask_set(0o022)
+        assert entries(tmp_path) == []
+
+
+def test_a_umask_without_the_owners_write_gives_a_whole_read_only_output(tmp_path, umask_set):
+    """Under umask 0277 the working folder was made 0500: quantize failed 'cannot write q.partial (Permission
+    denied)', and export-onnx's hidden folder could not take its mark. The run's folders are its own (0700) while
+    written; OUT gets the umask's modes at the end."""
+    umask_set(0o277)
+    for args in (["quantize", "tiny", tmp_path / "q", "--bits", "4", "--device", "cpu"],
+                 ["export-onnx", "--model", "tiny", "--out", tmp_path / "o"]):
+        code, err = klconvert_held(*args)
+        assert code == 0, err
+    umask_set(0o022)
+    assert entries(tmp_path) == ["o", "q"]
+    for out in (tmp_path / "o", tmp_path / "q"):
+        assert _mode(out) == 0o500 and {_mode(p) for p in out.iterdir()} == {0o400}, out
+        out.chmod(0o700)   # for tmp_path's removal
+
+
+def test_a_partial_folder_of_mode_000_an_older_version_left_is_taken_up(tmp_path, capsys, umask_set):
+    """An empty OUT.partial of mode 000 (what umask 0777 left) made every rerun fail 'cannot write q.partial
+    (Permission denied)', --force too; one that holds files but no resume record is refused as before, its mode kept."""
+    umask_set(0o022)
+    (tmp_path / "q.partial").mkdir(mode=0o000)
+    code, err = klconvert_held("quantize", "tiny", tmp_path / "q", "--bits", "4", "--device", "cpu")
+    assert code == 0, err
+    assert entries(tmp_path) == ["q"] and _mode(tmp_path / "q") == 0o755
+    (tmp_path / "r.partial").mkdir()
+    (tmp_path / "r.partial" / "mine").write_text("x")
+    (tmp_path / "r.partial").chmod(0o000)
+    code, err = klconvert_held("quantize", "tiny", tmp_path / "r", "--bits", "4", "--device", "cpu", "--force")
+    assert_one_line_error(code, err, f"{tmp_path / 'r.partial'}: exists but holds no readable .klconvert-resume.json")
+    assert _mode(tmp_path / "r.partial") == 0o000
+    (tmp_path / "r.partial").chmod(0o700)

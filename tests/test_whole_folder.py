@@ -36,6 +36,33 @@ def test_the_folder_gets_the_umasks_usual_modes(tmp_path, umask_022):
     assert _mode(out) == 0o755 and _mode(out / "sub") == 0o755 and _mode(out / "shard.safetensors") == 0o644
 
 
+def test_the_runs_own_folders_are_usable_under_a_umask_without_the_owners_rights(tmp_path, monkeypatch):
+    """mkdtemp's 0700 is masked by the umask: under 0777 the hidden folder was mode 000, which a run not root could
+    neither write nor remove, left beside OUT (helper-135). Each folder the run makes is its own (0700) while written
+    (the folder filled, and the one earlier entries are moved aside into); OUT gets the umask's modes last."""
+    import klconvert.whole_folder as whole_folder_module
+    from klconvert.convert.output_folder import mark_temporary
+
+    modes_marked = []
+    monkeypatch.setattr(whole_folder_module, "mark_temporary",
+                        lambda folder: (modes_marked.append(_mode(folder)), mark_temporary(folder)))
+    out, in_place = tmp_path / "out", tmp_path / "in-place"
+    in_place.mkdir(mode=0o755)
+    old = os.umask(0o277)
+    try:
+        for folder_out in (out, in_place):
+            with whole_folder(folder_out) as folder:
+                (folder / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert modes_marked == [0o700, 0o700, 0o700]
+    assert _mode(out) == 0o500 and _mode(in_place) == 0o755   # an existing OUT keeps its own mode
+    assert _mode(out / "config.json") == _mode(in_place / "config.json") == 0o400
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in-place", "out"]
+    assert [p.name for p in out.iterdir()] == [p.name for p in in_place.iterdir()] == ["config.json"]
+    out.chmod(0o700)   # for tmp_path's removal
+
+
 def test_a_failed_write_is_one_line_and_leaves_nothing(tmp_path):
     out = tmp_path / "a" / "b" / "out"
     with pytest.raises(KLError, match=rf"^disk full writing {out / 'x'} \(.* free\); free some space and rerun "

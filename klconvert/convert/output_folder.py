@@ -110,9 +110,13 @@ def file_sha256(path: Path) -> str:
 
 def refuse_no_new_name(out: Path) -> None:
     """KLError when OUT names the current folder or one above it (what is written is made beside OUT, and renamed
-    onto it), when a name made beside it would be too long for a file system, or when OUT cannot be looked at (a
-    folder on its way that cannot be entered: user_paths.unreachable) -- said before any work."""
+    onto it), when a name made beside it would be too long for a file system, when OUT cannot be looked at (a
+    folder on its way that cannot be entered: user_paths.unreachable), or when the umask would give the user no read
+    or search permission on what is written (under 0777 a finished OUT was mode 000) -- said before any work."""
     refuse_unreachable(out)
+    if umask() & (stat.S_IRUSR | stat.S_IXUSR):
+        raise KLError(f"{out}: the umask ({umask():04o}) would leave what is written there unreadable by you; set one "
+                      "that keeps your own read and search permission, e.g. umask 022, and rerun")
     if out.name in ("", ".."):
         raise KLError(f"{out}: names the current folder or one above it, not a folder to create; give the new "
                       f"folder's name, e.g. {out / 'q4'}")
@@ -443,6 +447,9 @@ class OutputFolder:
             if self.path.is_symlink() or not self.path.is_dir() or self.path.stat().st_uid != os.getuid():
                 raise KLError(f"{self.path}: exists but is {_not_a_partial_output(self.path)}, so it is not an "
                               "interrupted klconvert run of yours; move or delete it yourself, or choose another OUT")
+            mode = stat.S_IMODE(self.path.stat().st_mode)
+            if mode & stat.S_IRWXU != stat.S_IRWXU:   # made under such a umask by an older version (mode 000): usable
+                self.path.chmod(mode | stat.S_IRWXU)
             stored = self._stored_record()
             finished = stored.pop(FINISHED, None) if stored is not None else None
             if stored == self.record:
@@ -455,6 +462,7 @@ class OutputFolder:
             if stored is None and not any(self.path.iterdir()):   # emptied but not removed: nothing to lose
                 self.path.rmdir()
             elif stored is None:   # not a run of ours: --force must not delete what klconvert did not write
+                self.path.chmod(mode)
                 raise KLError(f"{self.path}: exists but holds no readable {RESUME_RECORD}, so it is not an "
                               "interrupted klconvert run; move or delete it yourself, or choose another OUT")
             elif not self.force:
@@ -463,6 +471,7 @@ class OutputFolder:
             else:
                 _remove_partial(self.path)
         self.path.mkdir(parents=True)
+        self.path.chmod(stat.S_IRWXU)   # the run's own until finish(): a umask without the owner's rwx made it unusable
         try:
             self._write_record()
         except BaseException:   # an empty folder with no record would block every rerun, --force too
@@ -551,9 +560,22 @@ class OutputFolder:
             replaced = move_aside(self.out) if out_exists else None
             os.rename(self.path, self.out)
             (self.out / RESUME_RECORD).unlink()
+            self.out.chmod(usual_mode(True))   # its mode as the umask gives it, the run's writes done
         if replaced is not None:
             _remove(replaced)   # may take long: OUT is whole by now, its record gone
         return self.out
+
+
+def umask() -> int:
+    """The process's umask (read by setting it, so set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def usual_mode(folder: bool) -> int:
+    """The mode a new folder or file gets from the umask (0755 and 0644 under umask 022)."""
+    return (0o777 if folder else 0o666) & ~umask()
 
 
 def move_aside(out: Path) -> Path:
