@@ -114,6 +114,25 @@ def test_unknown_quant_method_is_refused(tiny_copy):
         open_checkpoint(tiny_copy)
 
 
+@pytest.mark.parametrize("quantization_config, said", [
+    ([1, 2], "is a list ([1, 2]), not an object naming its quant_method"),
+    ("compressed-tensors", "is a string ('compressed-tensors'), not an object naming its quant_method"),
+    (True, "is a boolean (True), not an object"),
+    (4, "is a number (4), not an object"),
+    ([{"quant_method": "compressed-tensors"}], "is a list ([{'quant_method': 'compressed-tensors'}]), not an object"),
+    ({}, "has no quant_method"),
+    ({"quant_method": None, "config_groups": {}}, "has no quant_method"),
+], ids=["list", "string", "bool", "number", "list-of-config", "empty", "null-method"])
+def test_a_quantization_config_naming_no_method_says_what_it_is(tiny_copy, capsys, quantization_config, said):
+    """Each was 'quant_method None is not supported', as if it named one."""
+    config = json.loads((tiny_copy / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (tiny_copy / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(capsys, "plan", "--model", tiny_copy)
+    assert_one_line_error(code, err, f"{tiny_copy}/config.json: quantization_config {said}",
+                          "put back the config.json the weights came with")
+
+
 def test_a_packed_config_over_float_weights_is_refused(tiny_copy, capsys):
     """A quantization_config copied over float weights ran as them and measured as lossless (eval: KL 0, top-1 100%)
     under a name that says int4, and loads nowhere else; a dense-format config (floats by its own word) stays read."""

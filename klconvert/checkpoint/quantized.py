@@ -49,7 +49,16 @@ def quant_method(raw_config: dict, where: str) -> str | None:
     qc = raw_config.get("quantization_config")
     if qc is None:
         return None
-    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if not isinstance(qc, dict):
+        kind = {list: "a list", str: "a string", bool: "a boolean"}.get(type(qc), "a number")   # JSON's other values
+        raise KLError(f"{where}: quantization_config is {kind} ({shown(qc)}), not an object naming its "
+                      f"quant_method; klconvert reads {' and '.join(METHODS)} checkpoints -- put back the config.json "
+                      "the weights came with (or write one with `klconvert quantize`)")
+    method = qc.get("quant_method")
+    if method is None:
+        raise KLError(f"{where}: quantization_config has no quant_method; klconvert reads {' and '.join(METHODS)} "
+                      "checkpoints -- put back the config.json the weights came with (or write one with `klconvert "
+                      "quantize`)")
     if method not in METHODS:
         raise KLError(f"{where}: quantization_config.quant_method {shown(method)} is not supported; klconvert reads "
                       f"{' and '.join(METHODS)} checkpoints (write one with `klconvert quantize`)")
