@@ -680,10 +680,12 @@ def test_a_weight_is_held_to_the_group_that_targets_it(tiny_released, tmp_path, 
     (lambda qc: qc["config_groups"].update(group_9={"targets": [Q_PROJ], "weights": {**qc["config_groups"][
         "group_0"]["weights"], "num_bits": 8}, "format": "pack-quantized"}),
      f"declares group_9 int8 g32 sym for it (its target '{Q_PROJ}' selects it)"),
-    # a name target wins over a re: target too, listed later or not (compressed-tensors and vLLM match names first)
+    # a name target wins over a re: target of a group declaring the same weights (one of another scheme is refused:
+    # test_name_targets_of_groups_declaring_other_weights_are_refused)
     (lambda qc: qc["config_groups"].update(
         group_8={"targets": [Q_PROJ], "weights": {**qc["config_groups"]["group_0"]["weights"], "num_bits": 8}},
-        group_9={"targets": [r"re:.*self_attn\.q_proj$"], "weights": qc["config_groups"]["group_0"]["weights"]}),
+        group_9={"targets": [r"re:.*\.1\.self_attn\.q_proj$"],
+                 "weights": {**qc["config_groups"]["group_0"]["weights"], "num_bits": 8}}),
      f"declares group_8 int8 g32 sym for it (its target '{Q_PROJ}' selects it)"),
     (lambda qc: qc["config_groups"]["group_0"]["weights"].update(symmetric=False),
      "declares group_0 int4 g32 asym for it (its target 'Linear' selects it): it lacks weight_zero_point"),
@@ -699,6 +701,36 @@ def test_a_weight_whose_group_declares_otherwise_is_refused_naming_it(tiny_relea
     _edit_quantization_config(tmp_path / "q", edit)
     with pytest.raises(klconvert.KLError, match=re.escape(needle)):
         open_checkpoint(tmp_path / "q")
+
+
+@pytest.mark.parametrize("listed_first, storing_group_adds", [
+    (r"re:.*layers\.1\.self_attn\.q_proj$", r"re:.*\.1\.self_attn\.q_proj$"),
+    (r"re:.*layers\.1\.self_attn\.q_proj$", Q_PROJ),
+], ids=["two-patterns", "pattern-then-name"])
+def test_name_targets_of_groups_declaring_other_weights_are_refused(tiny_released, tmp_path, capsys, listed_first,
+                                                                    storing_group_adds):
+    """A module selected by the name targets of an int8 group listed first and of the int4 group that stores it ran,
+    read as int4 (compressed-tensors' order: exact names, then re: patterns, sorted), where vLLM reads it as int8 (the
+    first listed). Refused as a recipe is; groups declaring the same weights read it alike and stay read."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+
+    def add_group(weights):
+        def edit(qc):
+            int4 = qc["config_groups"]["group_0"]
+            int4["targets"].append(storing_group_adds)
+            qc["config_groups"] = {"group_8": {**int4, "targets": [listed_first], "weights": weights(int4)},
+                                   **qc["config_groups"]}
+        return edit
+
+    folder = shutil.copytree(tmp_path / "q", tmp_path / "same")
+    _edit_quantization_config(folder, add_group(lambda int4: int4["weights"]))
+    assert open_checkpoint(folder).get(f"{Q_PROJ}.weight").isfinite().all()
+    _edit_quantization_config(tmp_path / "q", add_group(lambda int4: {**int4["weights"], "num_bits": 8}))
+    code, _, err = run_cli(capsys, "run", "--model", tmp_path / "q", "--prompt", "hi", "--max-new-tokens", "1",
+                           "--device", "cpu")
+    line = assert_one_line_error(code, err, f"{Q_PROJ} is selected by ", "runtimes disagree on which wins -- keep it "
+                                 "in one group's targets", "or quantize the model again with `klconvert quantize`")
+    assert "of group_8 (" in line and "of group_0 (" in line and "config_groups.group_0.targets[1]" in line, line
 
 
 def test_an_extra_zero_point_is_named(tiny_released, tmp_path):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from klconvert.errors import KLError, shown
 from klconvert.quant.groupwise import CHANNEL
-from klconvert.quant.policy import LINEAR, MAX_POLICY_ENTRIES, Entry, RegexBudget
+from klconvert.quant.policy import LINEAR, MAX_POLICY_ENTRIES, Entry, RegexBudget, selected_by_two_groups
 from klconvert.quant.scheme import PACKED_FORMAT, QuantScheme
 
 DENSE_FORMAT = "dense"  # compressed-tensors' format of weights stored as they are (plain floats, every zero kept)
@@ -71,12 +71,23 @@ class Declared:
     def held(self, module: str, linear: bool) -> Held:
         """The group that holds `module` (a linear layer's name when `linear`; "Linear" selects only those), as
         compressed-tensors' apply_quantization_config finds it: an ignore entry wins; else the first target that
-        selects it."""
+        selects it. KLError when name targets of groups declaring other weights (scheme or format) both select it:
+        vLLM takes the first listed, so the runtimes would read it differently. Groups declaring the same weights
+        read it alike, whichever wins."""
         ignored = next((e for e in self.ignore if e.matches(module, linear)), None)
         if ignored is not None:
             return Held(None, ignored)
-        return next((Held(group, entry) for entry, group in self.order if entry.matches(module, linear)),
-                    Held(None, None))
+        hits = [(entry, group) for entry, group in self.order if entry.matches(module, linear)]
+        if not hits:
+            return Held(None, None)
+        entry, group = hits[0]
+        for other_entry, other in hits[1:]:
+            if other_entry.pattern != LINEAR and (other.scheme, other.format) != (group.scheme, group.format):
+                raise selected_by_two_groups(module, (group.name, entry), (other.name, other_entry),
+                                             "keep it in one group's targets (the group whose scheme its packed "
+                                             "tensors are stored with), or quantize the model again with "
+                                             "`klconvert quantize`")
+        return Held(group, entry)
 
     def describe(self) -> str:
         return ", ".join(f"{name} {group.scheme.describe()}" for name, group in self.groups.items()

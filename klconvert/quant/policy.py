@@ -15,7 +15,7 @@ try:   # Python's own parser of re patterns: reads a pattern's structure without
 except ImportError:   # Python 3.10
     import sre_parse as re_parser
 
-from klconvert.errors import KLError
+from klconvert.errors import KLError, shown
 from klconvert.quant.fused import fused_instances
 from klconvert.quant.groupwise import check_groupwise
 from klconvert.quant.nf4 import bnb_quantization_config
@@ -130,7 +130,8 @@ class Entry:
 
     def __post_init__(self):
         if not isinstance(self.pattern, str) or not self.pattern:
-            raise KLError(f"{self.where}: a target or ignore entry must be a non-empty string, got {self.pattern!r}")
+            raise KLError(f"{self.where}: a target or ignore entry must be a non-empty string, got "
+                          f"{shown(self.pattern)}")
         if self.pattern == "re:":
             raise KLError(f"{self.where}: 're:' has nothing after 're:', so it would select every tensor; write the "
                           "pattern after 're:'")
@@ -139,7 +140,7 @@ class Entry:
             try:
                 compiled = _compiled(self.pattern[3:], self.source)
             except ValueError as e:
-                raise KLError(f"{self.where}: {self.pattern[:80]!r} {e}") from None
+                raise KLError(f"{self.where}: {shown(self.pattern)} {e}") from None
             finally:
                 self.budget.seconds -= time.thread_time() - start
             if self.budget.seconds < 0:
@@ -155,13 +156,23 @@ class Entry:
             try:
                 return self.compiled.match(key, timeout=max(self.budget.seconds, 0.0)) is not None
             except TimeoutError:
-                raise KLError(f"{self.where}: {self.pattern[:80]!r} took the {self.source}'s patterns past "
+                raise KLError(f"{self.where}: {shown(self.pattern)} took the {self.source}'s patterns past "
                               f"{REGEX_BUDGET_S:g} s matching tensor names (the last {key[:80]!r}): it backtracks "
                               "without end (many repeats before a backreference, or repeats inside repeats); simplify "
                               "the pattern") from None
             finally:
                 self.budget.seconds -= time.thread_time() - start
         return key == self.pattern
+
+
+def selected_by_two_groups(name: str, first: tuple[str, Entry], second: tuple[str, Entry], remedy: str) -> KLError:
+    """Name targets (exact or re:, not "Linear") of two config groups, each (group name, entry), both select `name`:
+    compressed-tensors takes exact names, then re: patterns, each sorted; vLLM the first listed. `remedy` says what
+    to do."""
+    (group, entry), (other, other_entry) = first, second
+    return KLError(f"{name} is selected by {shown(entry.pattern)} of {group:.40} ({entry.where}) and by "
+                   f"{shown(other_entry.pattern)} of {other:.40} ({other_entry.where}); runtimes disagree on which "
+                   f"wins -- {remedy}")
 
 
 @dataclass(frozen=True)
@@ -220,19 +231,19 @@ class Policy:
         group, entry = hits[0]
         for other, other_entry in hits[1:]:
             if other.name != group.name:
-                raise KLError(f"{tensor_name} is selected by {entry.pattern!r} of {group.name} ({entry.where}) and by "
-                              f"{other_entry.pattern!r} of {other.name} ({other_entry.where}); runtimes disagree on "
-                              "which wins -- narrow one pattern or add the module to the other group's ignore")
+                raise selected_by_two_groups(tensor_name, (group.name, entry), (other.name, other_entry),
+                                             "narrow one pattern or add the module to the other group's ignore")
         what = kept_in_high_precision(tensor_name)
         if what is not None:
-            raise KLError(f"{entry.where}: target {entry.pattern!r} of {group.name} would quantize {tensor_name} "
-                          f"({what}), which must stay in high precision; narrow the target or add it to ignore")
+            raise KLError(f"{entry.where}: target {shown(entry.pattern)} of {group.name} would quantize "
+                          f"{tensor_name} ({what}), which must stay in high precision; narrow the target or add it to "
+                          "ignore")
         if not linear:
-            raise KLError(f"{entry.where}: target {entry.pattern!r} of {group.name} selects {tensor_name} "
+            raise KLError(f"{entry.where}: target {shown(entry.pattern)} of {group.name} selects {tensor_name} "
                           f"{list(shape)}, which is not a 2-D linear weight; narrow the target or add it to ignore")
         if group.scheme.kind == "int":
-            check_groupwise(f"{tensor_name} (target {entry.pattern!r} of {group.name}, {entry.where})", tuple(shape),
-                            group.scheme.bits, group.scheme.group_size)
+            check_groupwise(f"{tensor_name} (target {shown(entry.pattern)} of {group.name}, {entry.where})",
+                            tuple(shape), group.scheme.bits, group.scheme.group_size)
         elif shape[0] * shape[1] % NF4_BLOCKSIZE:
             raise KLError(f"{tensor_name} {list(shape)} does not fill whole NF4 blocks of {NF4_BLOCKSIZE}; "
                           f"add it to ignore ({entry.where})")
@@ -273,8 +284,8 @@ class Policy:
             unused = [e for e in g.targets if (g.name, e.pattern) not in used]
             if unused and self.strict:
                 e = unused[0]
-                raise KLError(f"{e.where}: target {e.pattern!r} of {g.name} selects no tensor of this checkpoint "
-                              "(after ignore); fix the pattern or remove it")
+                raise KLError(f"{e.where}: target {shown(e.pattern)} of {g.name} selects no tensor of this "
+                              "checkpoint (after ignore); fix the pattern or remove it")
             kept = tuple(e for e in g.targets if (g.name, e.pattern) in used)
             if kept:
                 groups.append(replace(g, targets=kept))
@@ -316,7 +327,7 @@ class Policy:
                      next((e for e in chosen.targets if not e.pattern.startswith("re:")), chosen.targets[0]))
         why = 'mentions "experts"' if mention else "is not a re: pattern"
         raise KLError(f"{entry.where}: transformers reads the routed experts with the scheme of group {chosen.name} "
-                      f"({chosen.scheme.describe()}: its target {entry.pattern!r} is the first that {why}), but "
+                      f"({chosen.scheme.describe()}: its target {shown(entry.pattern)} is the first that {why}), but "
                       f"group {experts.name} stores them ({experts.scheme.describe()}); write the other groups' "
                       'targets as re: patterns without the word "experts" (e.g. re:^lm_head$, '
                       r"re:.*\.shared_\w+\.down_proj$)")

@@ -311,6 +311,30 @@ def test_untargeted_linear_and_ambiguous_groups_are_errors(tmp_path):
     assert "experts.0.w2.weight is selected by" in msg and "runtimes disagree" in msg, msg
 
 
+# 900-odd characters (under the 1,000 a pattern may have) of optional x's before a module name's end
+LONG = "re:.*" + "(?:x?)" * 150
+
+
+@pytest.mark.parametrize("end, needle", [
+    ("\\\\.w2$", "model.layers.1.block_sparse_moe.experts.0.w2.weight is selected by 're:.*(?:x?)(?:x?)"),
+    ("\\\\.mamba$", "bad.yaml:10: target 're:.*(?:x?)(?:x?)"),
+], ids=["ambiguous", "selects-nothing"])
+def test_a_long_pattern_is_quoted_cut(tmp_path, end, needle):
+    """A pattern is quoted cut to 80 characters, as where it does not compile: 1,000 characters were quoted whole."""
+    msg = error_for(HEAD + groups(f"""\
+        group_0:
+          targets: ["Linear"]
+          weights: {{num_bits: 4, group_size: 128}}
+        group_1:
+          targets: ["{LONG}{end}"]
+          weights: {{num_bits: 8, group_size: 128}}
+        group_2:
+          targets: ["re:.*experts\\\\.0\\\\..*"]
+          weights: {{num_bits: 8, group_size: 128}}
+    """), tmp_path)
+    assert msg.startswith(needle) and "... of group_1" in msg and len(msg) < 500, msg
+
+
 def test_yaml_syntax_and_structure_errors(tmp_path):
     assert error_for("quant_stage:\n  a: [1, 2\n", tmp_path).startswith("bad.yaml:3: not valid YAML")
     assert error_for("", tmp_path) == "bad.yaml: the recipe is empty; it needs a '<name>_stage:' section"
