@@ -26,7 +26,7 @@ from klconvert.checkpoint.folder_files import (
     SINGLE_FILE,
     refuse_unfit_side_files,
 )
-from klconvert.checkpoint.quantized import METHODS, PACKED_TENSOR_SUFFIXES
+from klconvert.checkpoint.quantized import METHODS, PACKED_TENSOR_SUFFIXES, quant_method
 from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.checkpoint.regular_file import read_bounded, read_json
 from klconvert.checkpoint.safetensors_header import read_header
@@ -184,7 +184,9 @@ def refuse_quantized_source(src: Path) -> None:
         return
     quantization = config.get("quantization_config") if isinstance(config, dict) else None
     if quantization is not None:
-        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+        if method is None:   # no object, or one naming no method: quant_method refuses it as what it is
+            quant_method(config, str(src / CONFIG_FILE))
         if method in METHODS and _packed_tensor(src, config) is None:
             return
         raise KLError(f"{src}: already quantized (config.json has a quantization_config, quant_method {method!s:.40}); "

@@ -192,6 +192,19 @@ def test_already_quantized_source(quantized, tmp_path, capsys):
            "quantization_config)" in fails(capsys, tmp_path, "--group-size", "32", src=stripped)
 
 
+@pytest.mark.parametrize("declared, said", [
+    ([1, 2], "quantization_config is a list ([1, 2]), not an object naming its quant_method"),
+    ({"format": "pack-quantized"}, "quantization_config has no quant_method"),
+])
+def test_a_quantization_config_naming_no_method_is_not_called_quantized(tiny_copy, tmp_path, capsys, declared, said):
+    """Over bf16 weights it was "already quantized (..., quant_method unknown); quantize the original bf16 checkpoint
+    instead" -- of the original bf16 checkpoint (helper-138)."""
+    config = json.loads((tiny_copy / "config.json").read_text())
+    (tiny_copy / "config.json").write_text(json.dumps({**config, "quantization_config": declared}))
+    line = fails(capsys, tmp_path, "--group-size", "32", src=tiny_copy)
+    assert f"{tiny_copy / 'config.json'}: {said}" in line and "already quantized" not in line, line
+
+
 @pytest.mark.parametrize("declared, needle", [
     (policy_from_options(bits=4).quantization_config(), "declares pack-quantized weights, but no tensor here is "
                                                         "stored packed (no *.weight_packed)"),
