@@ -43,7 +43,7 @@ from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
 from klconvert.atomic_file import write_atomically
-from klconvert.checkpoint.folder_files import INDEX_FILE, JSON_CONTAINERS_SLACK, MAX_FILE_NAME_BYTES, MAX_INDEX_BYTES
+from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_FILE_NAME_BYTES, MAX_INDEX_BYTES, MAX_INDEX_VALUES
 from klconvert.checkpoint.regular_file import read_json
 from klconvert.disk_space import free_disk_bytes
 from klconvert.entry import note_change
@@ -661,7 +661,7 @@ def _check_index_shards(folder: Path, listing: list[HubFile], wanted: list[HubFi
     if INDEX_FILE not in {f.path for f in wanted}:
         return
     try:
-        index = read_json(folder / INDEX_FILE, MAX_INDEX_BYTES, INDEX_FILE, JSON_CONTAINERS_SLACK)
+        index = read_json(folder / INDEX_FILE, MAX_INDEX_BYTES, INDEX_FILE, MAX_INDEX_VALUES)
         shards = index["weight_map"].values()
         if not all(isinstance(shard, str) for shard in shards):
             raise ValueError("a shard name that is not a string")

@@ -19,8 +19,8 @@ from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.checkpoint.folder_files import (
     CONFIG_FILE,
     INDEX_FILE,
-    JSON_CONTAINERS_SLACK,
     MAX_INDEX_BYTES,
+    MAX_INDEX_VALUES,
     MAX_SIDE_FILE_BYTES,
     RECIPE_FILE,
     SINGLE_FILE,
@@ -202,7 +202,7 @@ def _packed_tensor(src: Path, config: dict) -> str | None:
     none, or no index or header here that can be read."""
     if (src / INDEX_FILE).exists():
         try:
-            index = read_json(src / INDEX_FILE, MAX_INDEX_BYTES, INDEX_FILE, JSON_CONTAINERS_SLACK)
+            index = read_json(src / INDEX_FILE, MAX_INDEX_BYTES, INDEX_FILE, MAX_INDEX_VALUES)
         except (OSError, ValueError, RecursionError, KLError):
             return None
         names = index.get("weight_map") if isinstance(index, dict) else None

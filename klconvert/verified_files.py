@@ -12,8 +12,9 @@ from klconvert.checkpoint.regular_file import read_json
 from klconvert.errors import KLError
 
 MAX_RECORD_BYTES = 64 << 20  # far above any real record (a few hundred bytes a file); a larger one is ignored
-# objects a record holds: one a file (a pull takes at most hub.MAX_PULLED_FILES); past it one is ignored unparsed
-MAX_RECORD_CONTAINERS = JSON_CONTAINERS_SLACK
+# JSON values a record holds (json_values): ~6 a file (a pull takes at most hub.MAX_PULLED_FILES); past it one is
+# ignored unparsed
+MAX_RECORD_VALUES = JSON_CONTAINERS_SLACK
 
 
 class VerifiedFiles:
@@ -24,7 +25,7 @@ class VerifiedFiles:
         self.record = record
         self.entries: dict[str, dict] = {}
         try:
-            body = read_json(record, MAX_RECORD_BYTES, "verified-files record", MAX_RECORD_CONTAINERS)
+            body = read_json(record, MAX_RECORD_BYTES, "verified-files record", MAX_RECORD_VALUES)
             self.entries = {p: e for p, e in body["files"].items() if _well_formed(e)}
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, KLError):
             self.entries = {}  # no record, or a damaged, huge or special one: everything is hashed again

@@ -18,7 +18,7 @@ from bounded_cli import klconvert_bounded
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.checkpoint.regular_file import json_values
-from klconvert.checkpoint.folder_files import JSON_CONTAINERS_SLACK
+from klconvert.checkpoint.folder_files import MAX_INDEX_BYTES, MAX_INDEX_VALUES
 from klconvert.checkpoint.size_bounds import (
     MAX_TENSORS,
     check_model_size,
@@ -246,10 +246,11 @@ def quantize_on(folder: Path):
     (lambda f: os.truncate(f / "config.json", 8 << 30), "far larger"),  # sparse: 8 GB that read whole would not fit
     (lambda f: (f / "config.json").write_text("[" * 100_000 + "]" * 100_000), "nested too deeply"),
     (lambda f: ((f / "config.json").unlink(), os.mkfifo(f / "config.json")), "not a regular file"),
-    (lambda f: edit_config(f, lambda c: c.update(quantization_config=["int4"])), "already quantized"),
+    (lambda f: edit_config(f, lambda c: c.update(quantization_config=["int4"])),
+     "quantization_config is a list (['int4']), not an object"),
     (lambda f: ((f / "model.safetensors.index.json").unlink(), os.mkfifo(f / "model.safetensors.index.json")),
      "not a regular file"),
-    # deep, of fewer lists than JSON_CONTAINERS_SLACK: more are refused by their count, unparsed
+    # deep, of fewer values than MAX_INDEX_VALUES: more are refused by their count, unparsed
     (lambda f: (f / "model.safetensors.index.json").write_text("[" * 60_000 + "]" * 60_000), "nested too deeply"),
     (lambda f: edit_json(f / "model.safetensors.index.json", lambda i: i.update(weight_map=[1, 2])),
      "no 'weight_map' object"),
@@ -276,21 +277,36 @@ def test_a_huge_index_is_refused_past_its_bound(tiny_copy):
 
 
 def _empty_lists(count: int) -> str:
-    return '"pad": [' + ", ".join(["[]"] * count) + "]"
+    return '"pad": [' + ",".join(["[]"] * count) + "]"
 
 
 @pytest.mark.parametrize("command", ["run", "quantize"])
 def test_an_index_of_many_empty_lists_is_refused_unparsed(tiny_copy, command):
-    """Parsed, an empty list takes ~37x its bytes: a 63 MB index of `[[]]` took 2.4 GB to refuse. An index holds a
-    few objects whatever the model's size (its entries are strings), so a count of them past JSON_CONTAINERS_SLACK is
-    refused before the parse (here a small one, within the index's byte bound)."""
+    """Parsed, an empty list takes ~37x its bytes: a 63 MB index of `[[]]` took 2.4 GB to refuse (of short entries,
+    1.1 GB). An index holds an entry a stored tensor, so a count of its values past MAX_INDEX_VALUES is refused before
+    the parse (here within the tiny index's byte bound)."""
     index = tiny_copy / "model.safetensors.index.json"
-    index.write_text(index.read_text().replace('"metadata": {', '"metadata": {' + _empty_lists(JSON_CONTAINERS_SLACK)
+    index.write_text(index.read_text().replace('"metadata": {', '"metadata": {' + _empty_lists(MAX_INDEX_VALUES // 2)
                                                + ", ", 1))
     line = (run_on(tiny_copy) if command == "run" else quantize_on(tiny_copy)).error_line()
-    assert re.search(r"model.safetensors.index.json: cannot read the index \([\d,]+ '\[' and '\{' bytes, more JSON "
-                     rf"objects and arrays than the {JSON_CONTAINERS_SLACK:,} a model.safetensors.index.json holds\); "
-                     "download it again", line), line
+    assert re.search(r"model.safetensors.index.json: cannot read the index \([\d,]+ '\[', '\{' and ',' bytes, more "
+                     rf"JSON values than the {MAX_INDEX_VALUES:,} a model.safetensors.index.json holds\); download it "
+                     "again", line), line
+
+
+def test_an_index_of_many_short_entries_is_refused_unparsed(tmp_path, monkeypatch):
+    """Where no config bounds its bytes (the pull's check of the shards it names, quantize's look for packed
+    weights), an index of short entries within MAX_INDEX_BYTES took ~1.1 GB to parse: past MAX_INDEX_VALUES it is
+    refused before the parse."""
+    from klconvert.checkpoint import regular_file
+
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"metadata": {}, "weight_map": {' + ",".join(f'"{i:x}": "a"' for i in range(MAX_INDEX_VALUES))
+                     + "}}")
+    monkeypatch.setattr(regular_file, "parse_json", lambda text: pytest.fail("parsed"))
+    with pytest.raises(ValueError, match=rf"^{MAX_INDEX_VALUES + 3:,} '\[', '\{{' and ',' bytes, more JSON values than "
+                                         rf"the {MAX_INDEX_VALUES:,} a {index.name} holds$"):
+        regular_file.read_json(index, MAX_INDEX_BYTES, index.name, MAX_INDEX_VALUES)
 
 
 @pytest.mark.parametrize("pad", ["empty lists", "short strings"])

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from klconvert import hub, hub_guard
 from klconvert.errors import KLError
-from klconvert.verified_files import MAX_RECORD_CONTAINERS
+from klconvert.verified_files import MAX_RECORD_VALUES
 from hub_standin import HubStandIn, hub_environment
 from testkit import assert_one_line_error, run_klconvert, run_klconvert_on_a_terminal
 
@@ -261,7 +261,7 @@ def test_a_record_of_more_objects_than_files_is_ignored_unparsed(served, tmp_pat
     hub.pull(REPO, local_dir=out, progress=False)
     record = out / ".klconvert" / "verified.json"
     body = json.loads(record.read_text())
-    record.write_text(json.dumps({**body, "padding": [[]] * MAX_RECORD_CONTAINERS}))
+    record.write_text(json.dumps({**body, "padding": [[]] * MAX_RECORD_VALUES}))
     hashed = count_hashing(monkeypatch)
     hub.pull(REPO, local_dir=out, progress=False)
     assert sorted(hashed) == sorted(Path(p).name for p in PULLED)

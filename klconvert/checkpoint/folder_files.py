@@ -17,8 +17,11 @@ RECIPE_FILE = "recipe.yaml"  # what `klconvert quantize` writes into its output:
 GENAI_CONFIG = "genai_config.json"  # what `klconvert export-onnx` writes last: an ONNX export, not a checkpoint
 MAX_INDEX_BYTES = 64 << 20  # the released index is 2 MB for 20,253 tensors
 # Objects and arrays a model's JSON holds beside one for each of its entries: its own, its metadata's, and `[` `{`
-# in names and strings. An index holds no more: its entries are strings.
+# in names and strings.
 JSON_CONTAINERS_SLACK = 1 << 16
+# An index's JSON values (json_values): an entry a stored tensor (the released bf16 index 20,253; packed, up to ~4 a
+# weight), each after its comma; parsed, 2**20 short entries take ~160 MB (64 MB of them took 1.1 GB).
+MAX_INDEX_VALUES = 1 << 20
 MAX_FILE_NAME_BYTES = 255  # NAME_MAX of Linux's, macOS's and Windows' file systems
 MAX_SIDE_FILE_BYTES = 32 << 20  # a side file an output copies (tokenizer, chat template, small config); released: <3 MB
 

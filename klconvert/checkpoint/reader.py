@@ -13,9 +13,9 @@ from klconvert.checkpoint.folder_files import (
     CONFIG_FILE,
     GENAI_CONFIG,
     INDEX_FILE,
-    JSON_CONTAINERS_SLACK,
     MAX_FILE_NAME_BYTES,
     MAX_INDEX_BYTES,
+    MAX_INDEX_VALUES,
     PICKLED_WEIGHTS,
     SINGLE_FILE,
 )
@@ -134,7 +134,7 @@ class Checkpoint:
             raise KLError(f"{index_path}: {os.path.getsize(index_path):,} bytes, more than the index of the tensors "
                           f"config.json declares can hold ({bound:,}); the index is corrupt -- download it again")
         try:
-            index = read_json(index_path, MAX_INDEX_BYTES, INDEX_FILE, JSON_CONTAINERS_SLACK)
+            index = read_json(index_path, MAX_INDEX_BYTES, INDEX_FILE, MAX_INDEX_VALUES)
         except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, or a 4,300-digit int
             refuse_if_not_permitted(e, index_path)
             raise KLError(f"{index_path}: cannot read the index ({unreadable_reason(e)}); download it again") from None

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from klconvert.atomic_file import write_atomically
-from klconvert.checkpoint.folder_files import INDEX_FILE, JSON_CONTAINERS_SLACK, MAX_INDEX_BYTES
+from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_INDEX_BYTES, MAX_INDEX_VALUES
 from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.checkpoint.regular_file import read_json
 from klconvert.entry import note_change
@@ -33,7 +33,7 @@ def stack_kda_convs(folder: str | Path) -> int:
     folder = Path(folder)
     weight_map = {name: shard for shard, header in open_checkpoint(folder).headers.items() for name in header.tensors}
     index_path = folder / INDEX_FILE
-    index = read_json(index_path, MAX_INDEX_BYTES, INDEX_FILE, JSON_CONTAINERS_SLACK) if index_path.is_file() else None
+    index = read_json(index_path, MAX_INDEX_BYTES, INDEX_FILE, MAX_INDEX_VALUES) if index_path.is_file() else None
     layers: dict[str, dict[str, str]] = {}
     for name, shard in weight_map.items():
         m = _CONV.match(name)
