@@ -470,7 +470,7 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
         from klconvert.runtime.engine import load  # torch loads only now: every refusal above runs without it
 
         runner = load(folder, device=device, dtype=dtype, max_context=max_context or longest + max_new_tokens,
-                      batch=len(prompts), kernels=kernels)
+                      batch=len(prompts), kernels=kernels, needed_context=longest + max_new_tokens)
         runner.check_fits(longest, max_new_tokens)
     if which is not None:
         click.echo(f"klconvert: {which}", err=True)

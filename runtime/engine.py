@@ -472,12 +472,14 @@ class Engine(Runner):
                  dtype: torch.dtype, context: int, batch: int, biased_router_weights: bool = False,
                  packed: Packed | None = None, kernels: str = "torch",
                  stored_schemes: dict[str, QuantScheme] | None = None, mla_cache_dtype: torch.dtype | None = None,
-                 cuda_graph: bool = True, tokenizer: Tokenizer | None = None, context_name: str = "context"):
+                 cuda_graph: bool = True, tokenizer: Tokenizer | None = None, context_name: str = "context",
+                 needed_context: int = 1):
         """`read(name)` gives a canonical tensor (e.g. Checkpoint.get), `packed(name)` a quantized weight's stored
         parts (Checkpoint.packed) and `stored_schemes` how each packed weight is stored; `kernels` picks PyTorch
         or Triton (auto: Triton on CUDA). The decode step is captured in a CUDA graph with Triton on CUDA.
         `tokenizer`: the folder's, whose stop tokens join config.json's in `stop_ids` (model_stop_ids).
-        `context_name`: what the caller named the context (load: max_context), as a refusal names it."""
+        `context_name`: what the caller named the context (load: max_context), as a refusal names it.
+        `needed_context`: the least context the prompts to come need (load's), where a refusal looks for one."""
         refuse_non_bool(biased_router_weights, "biased_router_weights")
         refuse_non_bool(cuda_graph, "cuda_graph")
         self.config, self.device, self.dtype = config, device, dtype
@@ -489,7 +491,8 @@ class Engine(Runner):
         self.weight_bytes = weight_bytes(config, dtype, HeldPacked(held))
         self.weights_held = 0    # bytes of weights bound (what a resize on the CPU adds back to what the host has)
         self.state = None
-        self._plan_state(context, batch, mla_cache_dtype or dtype, context_name)   # refused before any weight is read
+        self._plan_state(context, batch, mla_cache_dtype or dtype, context_name,   # refused before any weight is read
+                         needed_context)
         with host_allocation(f"the weights ({size_text(sum(self.weight_bytes.values()))})"):
             bind(self.model, read, packed, held, device, dtype, self.triton)
         self.weights_held = sum(self.weight_bytes.values())
@@ -499,9 +502,10 @@ class Engine(Runner):
         self._allocate_state()
         self.stats = GenerationStats()
 
-    def _plan_state(self, context: int, batch: int, mla_cache_dtype: torch.dtype, context_name: str) -> None:
+    def _plan_state(self, context: int, batch: int, mla_cache_dtype: torch.dtype, context_name: str,
+                    needed_context: int = 1) -> None:
         """Size the state for this context and batch (self.plan); refuse what does not fit, naming the context as
-        the caller did (`context_name`) with --max-context."""
+        the caller did (`context_name`) with --max-context: a smaller one only where it holds `needed_context`."""
         if context > self.config.model_max_length:
             raise KLError(f"{argument(context_name, '--max-context', context)} is over the model's "
                           f"{self.config.model_max_length_name} {self.config.model_max_length}; lower it")
@@ -518,14 +522,25 @@ class Engine(Runner):
         plan = MemoryPlan(self.config, batch=batch, context=context, weight_bytes=self.weight_bytes,
                           act_dtype=self.dtype, mla_cache_dtype=mla_cache_dtype, memory_limit=limit)
         if limit is not None and plan.total > limit:
-            fit = (plan if host is None else replace(plan, memory_limit=int(limit * NAMED_FIT_SHARE))).largest_context()
+            fitting = plan if host is None else replace(plan, memory_limit=int(limit * NAMED_FIT_SHARE))
+            fit = fitting.largest_context()
+            if fit < needed_context <= context and fitting.total_for(needed_context) <= fitting.memory_limit:
+                fit = needed_context   # fits, though the multiple of 64 below it is all largest_context names
+            if fit and fit >= needed_context:
+                advice = (f"lower {argument(context_name, '--max-context')} to {fit}"
+                          + (" or less" if fit > needed_context else ""))
+            elif plan.weights > limit:
+                advice = "the weights alone do not fit: use a quantized model (klconvert quantize --bits 4)"
+            elif not fit:
+                advice = (f"no context fits a batch of {batch}: lower batch (--batch; `klconvert run`: give fewer "
+                          "prompts)")
+            else:   # a smaller context would be refused in turn, as too short for the prompts
+                advice = (f"no context holding the prompts fits: they need {needed_context:,} tokens (the longest "
+                          f"prompt plus max_new_tokens), at most {fit:,} fit; "
+                          + ("give fewer prompts (a smaller batch) or shorter ones" if batch > 1 else
+                             "shorten the prompt") + ", or lower max_new_tokens (--max-new-tokens)")
             raise KLError(f"the plan needs {size_text(plan.total)} but {self.device} has "
-                          + (size_text(limit) if host is None else str(host)) + "; "
-                          + (f"lower {argument(context_name, '--max-context')} to {fit} or less" if fit else
-                             "the weights alone do not fit: use a quantized model (klconvert quantize --bits 4)"
-                             if plan.weights > limit else
-                             f"no context fits a batch of {batch}: lower batch (--batch; `klconvert run`: give "
-                             "fewer prompts)")
+                          + (size_text(limit) if host is None else str(host)) + f"; {advice}"
                           + ("" if host is None else f", or {host.remedy}"))
         self.plan, self.context_name = plan, context_name
 
@@ -767,17 +782,22 @@ def device_and_dtype(device: str | torch.device | None, dtype: torch.dtype | str
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
          max_context: int = 4096, batch: int = 1, biased_router_weights: bool = False,
-         kernels: str = "auto", mla_cache_dtype: str | torch.dtype | None = None, cuda_graph: bool = True) -> Engine:
+         kernels: str = "auto", mla_cache_dtype: str | torch.dtype | None = None, cuda_graph: bool = True,
+         needed_context: int = 1) -> Engine:
     """Open, check and bind a Kimi Linear checkpoint folder (`tiny`: the bundled model); allocate its memory plan
     once. The folder's tokenizer, where it has one, is read (and checked) for the model's stop tokens (stop_ids).
 
     kernels: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch". mla_cache_dtype: the latent cache's
-    dtype (default: the compute dtype; "float8_e4m3fn" halves it, with one fp32 scale per cached row)."""
+    dtype (default: the compute dtype; "float8_e4m3fn" halves it, with one fp32 scale per cached row).
+    needed_context: the least context the prompts to come need (the longest plus max_new_tokens), where known: a
+    plan past the memory is then refused as holding no such context, not with a smaller max_context to try."""
     device, dtype = device_and_dtype(device, dtype)
     max_context, batch, mla_cache_dtype = check_plan_args(max_context, batch, mla_cache_dtype, "max_context", dtype)
+    if (needed := as_number(needed_context, whole=True)) is None or needed < 1:
+        raise KLError(f"needed_context={shown(needed_context)} should be a whole number of at least 1")
     checkpoint = Checkpoint(resolve_model(path))
     schemes = {n: s.scheme for n, s in checkpoint.sources.items() if isinstance(s, QuantizedSource)}
     tokenizer = check_tokenizer_if_any(checkpoint.folder, checkpoint.config)   # for its stop tokens
     return Engine(checkpoint.config, checkpoint.get, device, dtype, max_context, batch, biased_router_weights,
                   packed=checkpoint.packed, kernels=kernels, stored_schemes=schemes, mla_cache_dtype=mla_cache_dtype,
-                  cuda_graph=cuda_graph, tokenizer=tokenizer, context_name="max_context")
+                  cuda_graph=cuda_graph, tokenizer=tokenizer, context_name="max_context", needed_context=needed)

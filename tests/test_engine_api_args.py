@@ -356,6 +356,38 @@ def test_the_context_named_to_fit_the_host_fits_with_room_to_spare(tiny_released
     assert fit < 100_000
 
 
+def test_a_plan_past_the_host_names_no_context_shorter_than_the_prompts_need(tiny_released, monkeypatch, capsys):
+    """Short of memory, run named a context under its prompts' own (ulimit -v 1000000, a 29,600-token prompt: "lower
+    max_context (--max-context) to 16064 or less"), which it then refused as too short for them. Told the context the
+    prompts need, the plan names a smaller one only where it holds them, and says so where none does."""
+    limit = klconvert.load(tiny_released, device="cpu", max_context=64).plan.total_for(100_000)
+    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(limit, *ADDRESS_SPACE_BOUND))
+    with pytest.raises(KLError, match=r"lower max_context \(--max-context\) to (\d+) or less, or raise ulimit -v$") \
+            as error:   # one that holds them: the advice as it was
+        klconvert.load(tiny_released, device="cpu", max_context=200_000, needed_context=50_000)
+    fit = int(re.search(r"to (\d+) or less", str(error.value)).group(1))
+    assert 50_000 < fit < 100_000
+    with pytest.raises(KLError, match=rf"lower max_context \(--max-context\) to {fit + 1}, or raise ulimit -v$"):
+        klconvert.load(tiny_released, device="cpu", max_context=200_000, needed_context=fit + 1)   # past fit's 64s
+    none_fits = (r"; no context holding the prompts fits: they need {:,} tokens \(the longest prompt plus "
+                 r"max_new_tokens\), at most [\d,]+ fit; {}, or lower max_new_tokens \(--max-new-tokens\), or raise "
+                 r"ulimit -v$")
+    with pytest.raises(KLError, match=none_fits.format(150_000, "shorten the prompt")):
+        klconvert.load(tiny_released, device="cpu", max_context=150_000, needed_context=150_000)
+    with pytest.raises(KLError, match=none_fits.format(60_000, r"give fewer prompts \(a smaller batch\) or shorter "
+                                                               "ones")):
+        klconvert.load(tiny_released, device="cpu", max_context=200_000, batch=2, needed_context=60_000)
+    with pytest.raises(KLError, match=r"^needed_context=0 should be a whole number of at least 1$"):
+        klconvert.load(tiny_released, device="cpu", needed_context=0)
+    limit = klconvert.load(tiny_released, device="cpu", max_context=64).plan.total_for(1_000)
+    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(limit, *ADDRESS_SPACE_BOUND))
+    for context in ((), ("--max-context", "100000")):   # run's own plan, and one it is given
+        code, _, err = run_cli(capsys, "run", "--model", tiny_released, "--prompt", "word " * 4000, "--max-new-tokens",
+                               "4", "--device", "cpu", *context)
+        assert_one_line_error(code, err, "; no context holding the prompts fits: they need ",
+                              "; shorten the prompt, or lower max_new_tokens (--max-new-tokens), or raise ulimit -v")
+
+
 def test_after_a_resize_the_context_is_named_as_resize_names_it(tiny_released):
     """Past the plan after resize(context=...), the advice still said max_context, load's name, and a refused resize
     leaves load's."""
