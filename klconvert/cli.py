@@ -654,10 +654,11 @@ def _shard_bytes(max_shard_size: str | None) -> int | None:
     """--max-shard-size as bytes (None: the default), held to the quantizer's minimum (shard_limit)."""
     if max_shard_size is None:
         return None
-    from klconvert.quantize import shard_limit
+    from klconvert.quantize import SHARD_SIZE_EXAMPLES, shard_limit
     from klconvert.runtime.plan_report import parse_size
 
-    return shard_limit(parse_size(max_shard_size, "--max-shard-size", least_bare_bytes=0), max_shard_size)
+    return shard_limit(parse_size(max_shard_size, "--max-shard-size", least_bare_bytes=0,
+                                  examples=SHARD_SIZE_EXAMPLES), max_shard_size)
 
 
 def _quantize_options(command):

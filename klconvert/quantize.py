@@ -58,6 +58,7 @@ from klconvert.units import binary_size_text, count_text, size_text, size_texts
 from klconvert.user_paths import given_path
 
 MIN_SHARD_BYTES = 1  # the smallest limit a shard takes (a tensor larger than the limit gets a shard of its own)
+SHARD_SIZE_EXAMPLES = "5GB or 500MB"   # what a --max-shard-size refusal suggests
 WRITTEN_FILES = (CONFIG_FILE, INDEX_FILE)  # made here, not copied
 MODEL_CARD_FILE = "README.md"
 RESUME_FORMAT = 1  # bump when the output of the same source and options changes
@@ -165,8 +166,8 @@ def shard_limit(max_shard_bytes: int | None, given: str | None = None) -> int:
     if number is None or number < MIN_SHARD_BYTES:
         least = f"{MIN_SHARD_BYTES:,} byte{'' if MIN_SHARD_BYTES == 1 else 's'}"
         if given is not None:
-            raise KLError(f"--max-shard-size {given!r}: a shard holds at least {least}; give a size such as 5GB or "
-                          "500MB")
+            raise KLError(f"--max-shard-size {given!r}: a shard holds at least {least}; give a size such as "
+                          f"{SHARD_SIZE_EXAMPLES}")
         raise KLError(f"{argument('max_shard_bytes', '--max-shard-size', max_shard_bytes)}: give a whole number of "
                       f"bytes, at least {MIN_SHARD_BYTES:,}, or None for the default {size_text(RELEASED_SHARD_BYTES)}")
     return number

@@ -33,23 +33,34 @@ from klconvert.units import binary_size_text
 # tests/test_memory_plan.py holds the help to them)
 RUNTIME_DEFAULTS = {"max_context": 131072, "batch": 1, "mla_cache_dtype": "bfloat16", "kda_state_dtype": "float32"}
 KDA_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# ASCII digits and spaces only: str's \d and \s take other scripts' ('８０GiB'), which float() reads
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(|B|KB|MB|GB|TB|KiB|MiB|GiB|TiB|K|M|G|T)\s*$", re.IGNORECASE | re.ASCII)
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
-          "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+# The units a size takes, as the refusal of another lists them (any case); K, M, G and T are binary
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30,
+          "TiB": 2**40, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_UNIT_BYTES = {"": 1, **{unit.lower(): n for unit, n in _UNITS.items()}}
+# ASCII digits, letters and spaces only: str's \d and \s take other scripts' ('８０GiB'), which float() reads
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE | re.ASCII)
+SIZE_BOUND = 2**64   # a size is fewer bytes than this (what a 64-bit count holds)
+GPU_MEMORY_EXAMPLES = "80GiB, 24GB or 141G"
 # fewer bytes than this given with no unit (`--gpu-memory 80`) are no GPU's memory: a unit left off, refused; a GPU's
 # memory of fewer in any form ('0GB', '1B'), on the command line or in a recipe, is refused too
 LEAST_BARE_BYTES = 2**20
 
 
-def parse_size(text: str, flag: str = "--gpu-memory", least_bare_bytes: int = LEAST_BARE_BYTES) -> int:
+def parse_size(text: str, flag: str = "--gpu-memory", least_bare_bytes: int = LEAST_BARE_BYTES,
+               examples: str = GPU_MEMORY_EXAMPLES) -> int:
     """'80GiB', '24GB', '141G' (binary), '85899345920' (no unit: bytes) -> bytes; `flag` names the option in the
-    error. A number with no unit under `least_bare_bytes` (but 0) is refused as a unit left off: a GPU's memory
-    (the default); a shard's size passes 0, since any number of bytes is one."""
+    error, `examples` the sizes it suggests. A number with no unit under `least_bare_bytes` (but 0) is refused as a
+    unit left off: a GPU's memory (the default); a shard's size passes 0, since any number of bytes is one."""
     m = _SIZE.match(text)
-    size = float(m.group(1)) * _UNITS[m.group(2).lower()] if m else None
-    if size is None or not size < 2**64:  # inf from a 400-digit number included
-        raise KLError(f"{flag} {text[:40]!r}: give a size like 80GiB, 24GB or 141G")
+    if m is None:
+        raise KLError(f"{flag} {text[:40]!r}: give a size like {examples}")
+    if m.group(2).lower() not in _UNIT_BYTES:
+        raise KLError(f"{flag} {text[:40]!r}: {m.group(2)[:10]!r} is not a unit it takes ({', '.join(_UNITS)}, or "
+                      f"none for bytes); give a size like {examples}")
+    size = float(m.group(1)) * _UNIT_BYTES[m.group(2).lower()]
+    if not size < SIZE_BOUND:  # inf from a 400-digit number included
+        raise KLError(f"{flag} {text[:40]!r} is 2**64 bytes (16 EiB) or more, past the largest size it takes; give a "
+                      f"size like {examples}")
     if not m.group(2) and 0 < size < least_bare_bytes:
         raise KLError(f"{flag} {m.group(1)}: a size with no unit is bytes, and {binary_size_text(int(size))} is no "
                       f"GPU's memory; did you mean {m.group(1)}GB or {m.group(1)}GiB? give the unit")

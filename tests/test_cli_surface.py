@@ -359,8 +359,37 @@ def test_a_size_in_other_digits_is_refused(capsys, tmp_path):
     assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--gpu-memory", "\uff18\uff10GiB")[::2],
                           "--gpu-memory '\uff18\uff10GiB': give a size like 80GiB, 24GB or 141G")
     assert_one_line_error(*run_cli(capsys, "quantize", "tiny", tmp_path / "q", "--max-shard-size", "\u0665GB")[::2],
-                          "--max-shard-size '\u0665GB': give a size like 80GiB, 24GB or 141G")
+                          "--max-shard-size '\u0665GB': give a size like 5GB or 500MB")   # a shard's sizes
     assert not (tmp_path / "q").exists()
+
+
+_TAKEN_UNITS = "(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB, K, M, G, T, or none for bytes)"
+
+
+@pytest.mark.parametrize("args, line", [
+    (["plan", "--preset", "tiny", "--gpu-memory", "1PiB"],
+     f"--gpu-memory '1PiB': 'PiB' is not a unit it takes {_TAKEN_UNITS}; give a size like 80GiB, 24GB or 141G"),
+    (["plan", "--preset", "tiny", "--gpu-memory", "1 PB"],
+     f"--gpu-memory '1 PB': 'PB' is not a unit it takes {_TAKEN_UNITS}; give a size like 80GiB, 24GB or 141G"),
+    (["plan", "--preset", "tiny", "--gpu-memory", "16777216TiB"],   # 2**64 bytes
+     "--gpu-memory '16777216TiB' is 2**64 bytes (16 EiB) or more, past the largest size it takes; give a size like "
+     "80GiB, 24GB or 141G"),
+    (["quantize", "tiny", "q", "--max-shard-size", "20000000TB"],
+     "--max-shard-size '20000000TB' is 2**64 bytes (16 EiB) or more, past the largest size it takes; give a size "
+     "like 5GB or 500MB"),
+    (["quantize", "tiny", "q", "--max-shard-size", "5gigabytes"],
+     f"--max-shard-size '5gigabytes': 'gigabytes' is not a unit it takes {_TAKEN_UNITS}; give a size like 5GB or "
+     "500MB"),
+])
+def test_a_well_formed_size_past_what_is_taken_says_why(capsys, tmp_path, monkeypatch, args, line):
+    """`--gpu-memory 1PiB` and `--max-shard-size 20000000TB` were "give a size like 80GiB, 24GB or 141G": not what was
+    wrong (a unit not taken, a size past 2**64 bytes), and GPU memories for a shard's size."""
+    from klconvert.runtime.plan_report import parse_size
+
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(*run_cli(capsys, *args)[::2], line)
+    assert not (tmp_path / "q").exists()
+    assert parse_size("16777215TiB") == 2**64 - 2**40 and parse_size("1 gib") == 2**30   # the largest, any case
 
 
 def test_a_shard_size_of_a_few_bytes_without_a_unit_is_still_bytes(capsys, tmp_path):
