@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from .naive_rms_norm import rms_norm
 
-CHUNK = 64  # tokens per chunk of kda_chunked (the memory plan sizes its pairwise-decay temporary from it)
+CHUNK = 64  # tokens per chunk of kda_chunked (the memory plan sizes its pairwise-decay temporary from it, or T if less)
 L2NORM_EPS = 1e-6  # q and k's l2norm: eps inside the sqrt, as fla and the release (the Triton kernels take it too)
 SOFTPLUS_THRESHOLD = 20.0  # the gate's softplus is linear above this, as torch's F.softplus(threshold=20)
 
@@ -101,7 +101,8 @@ def kda_chunked(q, k, v, g, beta, state, chunk: int = CHUNK):
     records = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, beta, state))
     q, k, v, g, beta = (x.float().transpose(1, 2) for x in (q, k, v, g, beta))  # [B, H, T, .]
     out = q.new_empty(B, H, T, v.shape[-1])
-    decay = None if records else q.new_empty(B, H, chunk, chunk, K)   # autograd keeps each chunk's D: a new one
+    C = min(chunk, T)                                                  # a shorter prompt's one chunk: no more
+    decay = None if records else q.new_empty(B, H, C, C, K)           # autograd keeps each chunk's D: a new one
     for start in range(0, T, chunk):
         sl = slice(start, min(start + chunk, T))
         out[:, :, sl], state = _wy_chunk(q[:, :, sl], k[:, :, sl], v[:, :, sl], g[:, :, sl], beta[:, :, sl], state,

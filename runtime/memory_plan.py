@@ -83,9 +83,12 @@ class MemoryPlan:
         by the segment and MLA's key block, not the context (from one key block on it is the same at any context).
 
         Per segment of S tokens: hidden states and projections, the fp32 q/k/v/gate of a KDA layer, one
-        chunk's pairwise decay tensor [B, H, 64, 64, K] fp32 (counted twice: a prefill's kda_chunked builds it in
-        one tensor and multiplies by k in place, training's makes the product anew; the second also for the chunk's
-        other temporaries), and MLA's prefill
+        chunk's pairwise decay tensor [B, H, C, C, K] fp32, C = min(64, S) (kda_chunked makes it no larger for a
+        shorter segment; counted twice: a prefill's kda_chunked builds it in one tensor and multiplies by k in place,
+        training's makes the product anew; the second also for the chunk's other temporaries), or once and four fp32
+        states [B, H, K, V] where that is more (a short chunk's): kda_chunked's decayed state, its update and their
+        sum, with the previous chunk's; fla-core's chunk_kda makes a chunk's state h and its final state at any length
+        (kernels.kda_chunk's temporaries grow with S alone, [B, S, H, 64] its in-chunk products), and MLA's prefill
         (model.PrefillAttention): one key block's rows dequantized and expanded into per-head keys and values,
         the segment's queries, one block's output and the fp32 running output with its merge temporaries.
         """
@@ -93,7 +96,9 @@ class MemoryPlan:
         S, block = min(PREFILL_SEGMENT, context), min(MLA_KEY_BLOCK, context)
         a = self.act_dtype.itemsize
         hidden = B * S * c.hidden_size * a * 6
-        kda = B * S * c.kda_dim * (3 * a + 6 * 4) + 2 * B * c.kda_num_heads * CHUNK * CHUNK * c.kda_head_dim * 4
+        chunk = min(CHUNK, S)
+        decay = B * c.kda_num_heads * max(2 * chunk * chunk, chunk * chunk + 4 * c.kda_head_dim) * c.kda_head_dim * 4
+        kda = B * S * c.kda_dim * (3 * a + 6 * 4) + decay
         ffn = B * S * max(2 * c.intermediate_size, 2 * c.moe_intermediate_size * c.num_experts_per_token) * a
         H, dn, dr, dv = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         rows = B * block * c.mla_cache_width * (a + (4 if self.mla_cache_dtype == FP8 else 0))

@@ -10,26 +10,27 @@ import sys
 import pytest
 
 from klconvert.runtime.host_malloc import glibc
+from klconvert.runtime.kda import CHUNK
 
 LENGTHS = (2048, 8192)   # one segment each (MLA attends with start 0); 32 and 128 KDA chunks a layer
 
-# In a fresh process, so that its memory is these prefills': the bundled model loaded on the CPU; one chunk's prompt
-# run first (the libraries' first run of this code pages in ~14 MB of their files and sets up their buffers, once:
-# theirs, as their import is, not the plan's); then for each length the resident bytes before its prefill (the heap's
-# free pages handed back first, so that reusing them counts as growth), the peak during it (the kernel's high-water
-# mark reset just before; where it cannot be, the process's peak so far) and the plan's workspace for it.
-PREFILL = f'''
+# In a fresh process, so that its memory is these prefills': the bundled model loaded on the CPU for `batch`
+# sequences; one sequence's prompt of `warm` tokens run first (the libraries' first run of this code pages in ~14 MB of
+# their files and sets up their buffers, once: theirs, as their import is, not the plan's); then for each length the
+# resident bytes before the batch's prefill (the heap's free pages handed back first, so that reusing them counts as
+# growth), the peak during it (the kernel's high-water mark reset just before; where it cannot be, the process's peak
+# so far) and the plan's workspace for it.
+PREFILL = '''
 import ctypes, resource, torch
 import klconvert
 from klconvert.models import BUNDLED_DIR
-from klconvert.runtime.kda import CHUNK
 def status(key):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-engine = klconvert.load(BUNDLED_DIR, device="cpu", max_context={max(LENGTHS)})
-ids = torch.randint(0, 4096, (1, {max(LENGTHS)}), generator=torch.Generator().manual_seed(0))
-engine.prefill(ids[:, :CHUNK])
-for tokens in {LENGTHS}:
+engine = klconvert.load(BUNDLED_DIR, device="cpu", max_context={context}, batch={batch})
+ids = torch.randint(0, 4096, ({batch}, {context}), generator=torch.Generator().manual_seed(0))
+engine.prefill(ids[:1, :{warm}])
+for tokens in {lengths}:
     ctypes.CDLL(None).malloc_trim(0)
     before = status("VmRSS:")
     try:
@@ -42,6 +43,16 @@ for tokens in {LENGTHS}:
     print(tokens, before, peak(), engine.plan.workspace_for(tokens))
 '''
 
+
+def prefill_growth(lengths: tuple[int, ...], batch: int = 1, warm: int = CHUNK) -> list[tuple[int, int, int]]:
+    """(tokens, the peak's growth, the plan's workspace) of a batch's prefill of each length, PREFILL's figures."""
+    script = PREFILL.format(context=max(lengths), batch=batch, warm=warm, lengths=lengths)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [(tokens, peak - before, workspace)
+            for tokens, before, peak, workspace in (map(int, line.split()) for line in done.stdout.splitlines())]
+
+
 # The peak's growth over the plan's workspace (38 MB at 2,048 tokens, 133 MB at 8,192) on a 2-core box, 2026-12-04,
 # 2, 1 or 4 torch threads: 0.93-1.14 now (over 40 runs of each length); before kda_chunked's D in one tensor and the
 # mmap threshold fixed around a prefill 1.42-1.85 and 1.19-1.32 (12 runs), with the first alone 1.0-1.53 and
@@ -52,11 +63,7 @@ WORKSPACE_MULTIPLE = 1.2
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not glibc(),
                     reason="reads /proc/self/status; the bound is glibc's malloc with its threshold fixed")
 def test_a_long_prompts_prefill_stays_near_the_plans_workspace():
-    done = subprocess.run([sys.executable, "-c", PREFILL], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    for line in done.stdout.splitlines():
-        tokens, before, peak, workspace = map(int, line.split())
-        growth = peak - before
+    for tokens, growth, workspace in prefill_growth(LENGTHS):
         # the math form's scores alone: 4 heads x 8,192^2 fp32 = 1 GiB, held twice or more (scores, softmax)
         assert growth < 2**30, \
             f"{tokens} tokens: the prefill's peak grew {growth / 2**20:.0f} MB: MLA's scores held whole?"
@@ -64,3 +71,22 @@ def test_a_long_prompts_prefill_stays_near_the_plans_workspace():
             (f"{tokens} tokens: the prefill's peak resident memory grew {growth / 2**20:.0f} MB, "
              f"{growth / workspace:.2f}x the plan's workspace of {workspace / 2**20:.0f} MB (bound "
              f"{WORKSPACE_MULTIPLE}x): temporaries made per chunk or per block and kept resident by the allocator?")
+
+
+SHORT, BATCH = 23, 256   # the issue's prompts of a few tokens, many at once: one chunk, shorter than CHUNK
+# The plan's workspace over the short batch's peak growth: 1.0x now (0.8-1.0x at 2-23 tokens, 2026-12-06); 5.6x when
+# the plan and kda_chunked sized the pairwise decay for a whole chunk (its untouched part not resident: 2,000 such
+# prompts were refused a 22 GB host).
+SHORT_PLAN_MULTIPLE = 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not glibc(),
+                    reason="reads /proc/self/status; the bound is glibc's malloc with its threshold fixed")
+def test_a_batch_of_short_prompts_is_planned_near_what_it_takes():
+    """The plan's KDA chunk for a segment shorter than CHUNK is the segment: still an upper bound, not 6x over."""
+    [(tokens, growth, workspace)] = prefill_growth((SHORT,), batch=BATCH, warm=SHORT)
+    assert growth <= WORKSPACE_MULTIPLE * workspace, \
+        f"{BATCH} prompts of {tokens} tokens grew {growth / 2**20:.0f} MB, over the plan's {workspace / 2**20:.0f} MB"
+    assert workspace <= SHORT_PLAN_MULTIPLE * growth, \
+        (f"the plan's workspace for {BATCH} prompts of {tokens} tokens is {workspace / 2**20:.0f} MB, "
+         f"{workspace / growth:.1f}x the {growth / 2**20:.0f} MB their prefill grew (bound {SHORT_PLAN_MULTIPLE}x)")
