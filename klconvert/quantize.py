@@ -366,8 +366,10 @@ def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch
                 resumed_bytes += kept_bytes
                 bar.update(kept_bytes)
             else:
-                folder.record_finished(name, write_shard(folder.path / name, shard,
-                                                         on_tensor=lambda t: bar.update(source_bytes.get(t.name, 0))))
+                sha256 = write_shard(folder.path / name, shard,
+                                     on_tensor=lambda t: bar.update(source_bytes.get(t.name, 0)))
+                checkpoint.refuse_changed()   # a source shard rewritten in place while open made this one of both
+                folder.record_finished(name, sha256)
             done += 1
         config = without_remote_code(checkpoint.config.raw)  # as read and checked, not read again
         config["quantization_config"] = policy.quantization_config()

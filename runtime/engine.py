@@ -798,6 +798,8 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     checkpoint = Checkpoint(resolve_model(path))
     schemes = {n: s.scheme for n, s in checkpoint.sources.items() if isinstance(s, QuantizedSource)}
     tokenizer = check_tokenizer_if_any(checkpoint.folder, checkpoint.config)   # for its stop tokens
-    return Engine(checkpoint.config, checkpoint.get, device, dtype, max_context, batch, biased_router_weights,
-                  packed=checkpoint.packed, kernels=kernels, stored_schemes=schemes, mla_cache_dtype=mla_cache_dtype,
-                  cuda_graph=cuda_graph, tokenizer=tokenizer, context_name="max_context", needed_context=needed)
+    engine = Engine(checkpoint.config, checkpoint.get, device, dtype, max_context, batch, biased_router_weights,
+                    packed=checkpoint.packed, kernels=kernels, stored_schemes=schemes, mla_cache_dtype=mla_cache_dtype,
+                    cuda_graph=cuda_graph, tokenizer=tokenizer, context_name="max_context", needed_context=needed)
+    checkpoint.refuse_changed()   # every weight is bound now, and none from a shard rewritten while open
+    return engine

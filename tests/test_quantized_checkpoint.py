@@ -867,3 +867,38 @@ def test_a_shard_changed_after_the_folder_was_opened_is_refused(tiny_released, t
         shard.write_bytes(other.read_bytes())
     with pytest.raises(KLError, match=r"model.safetensors: the shard changed after this command opened the folder"):
         ckpt.get(next(iter(packed)))
+
+
+@pytest.mark.parametrize("command", ["quantize", "export-onnx", "run"])
+def test_a_shard_rewritten_in_place_while_read_is_refused_before_the_result(tiny_released, tmp_path, capsys,
+                                                                             monkeypatch, command):
+    """helper-139: `cp OTHER/shard SRC/shard` (the same inode, other bytes, a new mtime) while quantize read SRC gave
+    an OUT made of old and new weights, with exit status 0: the identity check ran only as a shard was (re)opened.
+    Every shard read from is checked again before the result is written whole (or printed)."""
+    import os
+
+    from klconvert.checkpoint.reader import Checkpoint
+
+    src = shutil.copytree(tiny_released, tmp_path / "src")
+    read, rewritten = Checkpoint._read, []
+
+    def read_then_rewrite(self, shard, name, index=()):
+        tensor = read(self, shard, name, index)
+        if not rewritten:   # after the first tensor, the shard still open: its tail rewritten, as `cp` over it does
+            path = self.folder / shard
+            found = path.stat()
+            with open(path, "r+b") as f:
+                f.seek(-2, os.SEEK_END)
+                f.write(b"\0\0")
+            os.utime(path, ns=(found.st_atime_ns, found.st_mtime_ns + 10**9))
+            rewritten.append(shard)
+        return tensor
+
+    monkeypatch.setattr(Checkpoint, "_read", read_then_rewrite)
+    out = tmp_path / "out"
+    args = {"quantize": ("quantize", src, out, "--bits", "8"),
+            "export-onnx": ("export-onnx", "--model", src, "--out", out),
+            "run": ("run", "--model", src, "--prompt", "hi", "--max-new-tokens", "1", "--device", "cpu")}[command]
+    code, stdout, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, f"{src / rewritten[0]}: the shard changed after this command opened the folder")
+    assert stdout == "" and not out.exists() and not (tmp_path / "out.partial").exists()

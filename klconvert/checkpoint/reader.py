@@ -105,6 +105,7 @@ class Checkpoint:
         self.sources: dict[str, Source | QuantizedSource] = {}
         self._open: dict[str, object] = {}
         self._files: dict[str, tuple[int, ...]] = {}   # shard -> file_identity when its header was read
+        self._read_from: set[str] = set()   # shards a tensor was read from, checked again by refuse_changed
         weight_map = self._read_headers()
         stored = sum(e.nbytes for h in self.headers.values() for e in h.tensors.values())
         check_model_size(self.config, str(self.folder / CONFIG_FILE), stored)
@@ -258,6 +259,7 @@ class Checkpoint:
                 handle = safe_open(str(path), framework="pt")
                 self._refuse_replaced(shard)   # the file just mapped is the one whose header was checked
                 self._open[shard] = handle
+                self._read_from.add(shard)
             tensor = handle.get_slice(name)[index].contiguous() if index else handle.get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:   # RuntimeError: safetensors', out of file descriptors
             # out of descriptors is no fault of the file: safetensors may say it as "No such file or directory"
@@ -280,6 +282,14 @@ class Checkpoint:
         if not same:
             raise KLError(f"{path}: the shard changed after this command opened the folder (another command replaced "
                           "or rewrote it) -- run again once that command is done")
+
+    def refuse_changed(self) -> None:
+        """KLError unless every shard read from is still the file whose header was read at open: a shard rewritten in
+        place while open (`cp` over it) is checked at no reopen, and what was read from it mixes old and new
+        weights. Called once the reads a result comes from are done, before it is declared whole. A rewrite that
+        keeps size and modification time (`touch -r`) goes unseen: only hashing would see it."""
+        for shard in sorted(self._read_from):
+            self._refuse_replaced(shard)
 
     def get(self, name: str) -> torch.Tensor:
         """One canonical tensor, read from the memory-mapped shards: as stored, or dequantized if packed."""

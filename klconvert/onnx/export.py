@@ -167,6 +167,7 @@ def _write_export(checkpoint: Checkpoint, model_dir: Path, folder: Path, opset: 
     model = bind(_unfilled_where_packed(M.KimiLinear(checkpoint.config), checkpoint), checkpoint.get,
                  checkpoint.packed, {}, torch.device("cpu"), torch.float32, triton=False, restack=False)
     proto = build_graph(model, Linears(checkpoint.config, checkpoint.packed), opset)
+    checkpoint.refuse_changed()   # every weight is read now, and none from a shard rewritten while open
     external = sum(len(t.raw_data) for t in proto.graph.initializer) > PROTOBUF_LIMIT
     path = folder / ONNX_FILE
     try:
