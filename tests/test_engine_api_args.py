@@ -401,11 +401,13 @@ def test_after_a_resize_the_context_is_named_as_resize_names_it(tiny_released):
     assert engine.decode_less == "lower context (--max-context), or give fewer prompts"
 
 
-def test_a_refused_resize_leaves_the_engine_as_it_was(tiny_released):
+def test_a_refused_resize_leaves_the_engine_as_it_was(tiny_released, monkeypatch):
     """resize freed the state before checking the new plan: a refusal left the engine with none (generate's
-    AttributeError), and a batch no context fits was said to be the weights not fitting."""
+    AttributeError), and a batch no context fits was said to be the weights not fitting. The host's memory is held
+    at 4 GiB: on a GPU machine's 122 GB a batch of 65,536 fits a context of 1."""
     engine = klconvert.load(tiny_released, device="cpu", max_context=64)
     before = engine.generate([1, 2, 3], 4, stop_ids=frozenset())
+    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(4 << 30))
     # run has no --batch: its batch is the prompts it is given
     with pytest.raises(KLError, match=r"no context fits a batch of 65536: lower batch \(--batch; `klconvert "
                                       r"run`: give fewer prompts\)"):
