@@ -61,6 +61,12 @@ def model_folder(value: str | Path, named: str) -> Path:
         raise KLError(f"{named}: no such folder, and a hub repo id is not fetched here -- `klconvert "
                       f"pull-and-quantize --model {value}` pulls and quantizes it, `klconvert pull {value}` only "
                       "downloads it (and prints the folder to give here)")
+    from klconvert.convert.output_folder import partial_path   # (torch's import) only for a name that is no folder
+
+    if partial_path(folder).is_dir():   # a quantize into it, running or stopped ("no such folder" read as lost)
+        raise KLError(f"{named}: no such folder yet: {partial_path(folder)} holds a quantize into it that has not "
+                      "finished (running now, or stopped: the same `klconvert quantize` command finishes it); give the "
+                      "folder once it is whole")
     raise KLError(f"{named}: no such folder; give a Kimi Linear checkpoint folder (`klconvert pull` downloads one, "
                   f"`klconvert pull-and-quantize` a quantized one) or {BUNDLED_NAME}, the bundled model")
 

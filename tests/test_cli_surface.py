@@ -549,6 +549,19 @@ def test_a_missing_model_folder_is_named_as_its_command_takes_it(capsys, tmp_pat
     assert not list(tmp_path.glob("o*")) and not list(tmp_path.glob("qm"))
 
 
+@pytest.mark.parametrize("args", [["run", "--model", "q4", "--prompt", "x"], ["plan", "--model", "q4"],
+                                  ["quantize", "q4", "q8", "--bits", "8"]])
+def test_a_model_folder_a_quantize_is_still_writing_is_said_so(capsys, tmp_path, monkeypatch, args):
+    """A quantize into q4 that has not finished (running, or killed between its renames) left q4.partial and no q4:
+    "no such folder" read as the model lost (helper-139)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "q4.partial").mkdir()
+    assert_one_line_error(*run_cli(capsys, *args)[::2], "q4: no such folder yet: q4.partial holds a quantize into it "
+                          "that has not finished (running now, or stopped: the same `klconvert quantize` command "
+                          "finishes it); give the folder once it is whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q4.partial"]
+
+
 def test_a_source_folder_without_config_is_named_as_quantize_takes_it(capsys, tmp_path):
     """It said "point --model at ...": quantize takes SRC (helper-129)."""
     (tmp_path / "hw.partial").mkdir()
