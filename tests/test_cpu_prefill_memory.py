@@ -73,7 +73,7 @@ def test_a_long_prompts_prefill_stays_near_the_plans_workspace():
              f"{WORKSPACE_MULTIPLE}x): temporaries made per chunk or per block and kept resident by the allocator?")
 
 
-SHORT, BATCH = 23, 256   # the issue's prompts of a few tokens, many at once: one chunk, shorter than CHUNK
+SHORT, BATCH = 23, 256   # helper-140's prompts of a few tokens, many at once: one chunk, shorter than CHUNK
 # The plan's workspace over the short batch's peak growth: 1.0x now (0.8-1.0x at 2-23 tokens, 2026-12-06); 5.6x when
 # the plan and kda_chunked sized the pairwise decay for a whole chunk (its untouched part not resident: 2,000 such
 # prompts were refused a 22 GB host).
