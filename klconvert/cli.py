@@ -429,6 +429,9 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
     folder, which = default_model("running") if model is None else (model_folder(model, f"--model {model}"), None)
     if engine == "onnxruntime":  # before the context checks, which would name --max-context
         _refuse_runtime_flags_for_onnxruntime(device, dtype, kernels, max_context)
+        from klconvert.onnx import refuse_export_under_way   # (its telemetry off, as below)
+
+        refuse_export_under_way(folder, model or folder)   # not one of its files said missing, config.json first
     else:
         _refuse_triton_without_cuda(kernels, device)
     config = KimiLinearConfig.from_file(folder / CONFIG_FILE)

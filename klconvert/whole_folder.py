@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE
-from klconvert.convert.output_folder import (TEMPORARY_MARKER, TEMPORARY_NAME, OutputLock, lock_goes_inside, lock_path,
-                                             make_parent, mark_temporary, refuse_link_or_file, refuse_no_new_name,
-                                             remove_created, runs_temporary, temporary_prefix, unmark_temporary,
-                                             usual_mode, write_test)
+from klconvert.convert.output_folder import (TEMPORARY_MARKER, TEMPORARY_NAME, OutputLock, lock_goes_inside,
+                                             lock_holder, lock_path, make_parent, mark_temporary, refuse_link_or_file,
+                                             refuse_no_new_name, remove_created, runs_temporary, temporary_prefix,
+                                             unmark_temporary, usual_mode, write_test)
 from klconvert.disk_space import failed_write
 from klconvert.entry import Uninterrupted
 from klconvert.errors import KLError, refuse_out_of_descriptors
@@ -74,6 +74,23 @@ def refuse_taken(out: Path, force: bool = False, replaceable: Replaceable | None
     except OSError as e:   # a read-only file system, no write access
         refuse_out_of_descriptors(e, out)
         raise KLError(f"{out}: cannot create files in it ({e.strerror}); choose a folder you can write to") from None
+
+
+def refuse_replace_under_way(out: Path, named: str | Path, last: str, what: str, redo: str) -> None:
+    """KLError when OUT lacks `last` (the file that says it is whole) while a run fills it in place (`what`: "an
+    export", `redo`: "export it again"), or since one was stopped doing so -- OUT holds that run's lock or temporaries:
+    the files it lacks were moved aside by that run, not lost by the user. A stat while `last` is there."""
+    if os.path.lexists(out / last):
+        return
+    try:
+        under_way = (os.path.lexists(lock_path(out, inside=True))
+                     or any(runs_temporary(entry, out) is not None for entry in out.iterdir()))
+    except OSError:   # not listable: the missing file is said as before
+        return
+    if under_way:
+        pid = lock_holder(out)
+        when = f"under way (pid {pid})" if pid is not None else "under way (or was stopped)"
+        raise KLError(f"{named}: {what} into it is {when}: rerun when it ends, or {redo}")
 
 
 def _others(out: Path) -> list[Path]:

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import torch
 import klconvert
 from klconvert.checkpoint import reader
 from klconvert.checkpoint.reader import Checkpoint
-from klconvert.convert.output_folder import OutputLock
+from klconvert.convert.output_folder import OutputLock, mark_temporary, temporary_prefix
 from klconvert.models import bundled_dir
 from klconvert.onnx import export as export_module
 from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, MIN_OPSET, export_onnx, make_model
@@ -791,6 +792,31 @@ def test_a_genai_config_that_is_no_regular_file_is_refused_as_that_not_as_absent
     make(out / GENAI_CONFIG)
     code, _, err = run_cli(capsys, "run", "--model", out, "--engine", "onnxruntime", "--prompt", "hi")
     assert "no genai_config.json here" not in assert_one_line_error(code, err, needle)
+
+
+@pytest.mark.parametrize("inside, aside", [(False, True), (True, False)], ids=["lock-beside", "lock-inside"])
+def test_an_export_replacing_the_folder_is_said_so_not_a_file_of_it_missing(exported, tmp_path, capsys, inside,
+                                                                             aside):
+    """export-onnx --force moves the earlier export's files aside one by one (genai_config.json first): a run meanwhile
+    was told 'no config.json here' or 'no tiktoken.model here ... re-download the model' (helper-139)."""
+    out = shutil.copytree(exported[1], tmp_path / "onnx")
+    with OutputLock(out, inside=inside):
+        if aside:   # as whole_folder's _replace_in_place holds them, mid-way
+            moved = Path(tempfile.mkdtemp(prefix=temporary_prefix(out, "replaced"), dir=out))
+            mark_temporary(moved)
+            for name in (GENAI_CONFIG, "config.json"):
+                (out / name).rename(moved / name)
+        else:
+            (out / GENAI_CONFIG).unlink()
+            (out / "config.json").unlink()
+        under_way = f"{out}: an export into it is under way (pid {os.getpid()}): rerun when it ends, or export it again"
+        assert_one_line_error(*run_cli(capsys, "run", "--model", out, "--engine", "onnxruntime", "--prompt",
+                                       "hi")[::2], under_way)
+        with pytest.raises(klconvert.KLError, match=re.escape(under_way)):
+            OnnxEngine(out)
+    if aside:   # the run killed: its lock file gone or not, its temporary stays
+        assert_one_line_error(*run_cli(capsys, "run", "--model", out, "--engine", "onnxruntime", "--prompt",
+                                       "hi")[::2], f"{out}: an export into it is under way (or was stopped): rerun")
 
 
 def test_run_with_onnxruntime_refuses_a_graph_linked_from_outside_the_folder(exported, tmp_path, capsys):

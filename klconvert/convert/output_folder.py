@@ -387,6 +387,25 @@ def remove_dead_runs_temporaries(out: Path) -> None:
                     continue
 
 
+def lock_holder(out: Path) -> int | None:
+    """The pid OUT's lock file (in OUT or beside it) holds while that process still runs, as a refused second run
+    names it; None when there is none, or it names no running process."""
+    for path in (lock_path(out, inside=True), lock_path(out)):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:   # none there (the usual case), or a link: no lock of a run's
+            continue
+        try:
+            pid = _read_pid(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+        except OSError:
+            pid = None
+        finally:
+            os.close(fd)
+        if pid is not None and _running(pid):
+            return pid
+    return None
+
+
 def _read_pid(fd: int) -> int | None:
     """The pid the lock file holds, or None when it holds no process's id (empty, garbage, out of pid_t's range)."""
     text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()

@@ -19,6 +19,7 @@ from klconvert.errors import KLError, first_line, refuse_out_of_descriptors, sho
 from klconvert.models import resolve_model
 from klconvert.checkpoint.folder_files import CONFIG_FILE, GENAI_CONFIG, refuse_link_out
 from klconvert.checkpoint.regular_file import open_regular, read_json
+from klconvert.onnx import refuse_export_under_way
 from klconvert.onnx.export_folder import DATA_FILE, ONNX_FILE, state_spec
 from klconvert.onnx.interruptible import interruptible
 from klconvert.runtime.engine import (GenerationStats, Runner, as_batch, as_prompts, as_stop_ids, check_callbacks,
@@ -122,6 +123,7 @@ class OnnxEngine(Runner):
             raise KLError(f"threads={shown(threads)} should be a whole number from 0 to {MAX_THREADS} (onnxruntime's "
                           "intra-op threads; 0 or None: its own choice, one per core)")
         given, folder = folder, resolve_model(folder)
+        refuse_export_under_way(folder, given)
         # absent only: one that is there but no regular file of the folder (a link to /dev/zero) is refused reading it
         if not os.path.lexists(folder / GENAI_CONFIG):   # named as given: `tiny`, not where it is installed
             raise KLError(f"{given}: no {GENAI_CONFIG} here; --engine onnxruntime runs a folder written by "
