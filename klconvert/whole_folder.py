@@ -76,21 +76,19 @@ def refuse_taken(out: Path, force: bool = False, replaceable: Replaceable | None
         raise KLError(f"{out}: cannot create files in it ({e.strerror}); choose a folder you can write to") from None
 
 
-def refuse_replace_under_way(out: Path, named: str | Path, last: str, what: str, redo: str) -> None:
-    """KLError when OUT lacks `last` (the file that says it is whole) while a run fills it in place (`what`: "an
-    export", `redo`: "export it again"), or since one was stopped doing so -- OUT holds that run's lock or temporaries:
-    the files it lacks were moved aside by that run, not lost by the user. A stat while `last` is there."""
-    if os.path.lexists(out / last):
-        return
+def fill_under_way(out: Path) -> str | None:
+    """How a run filling OUT in place stands -- "under way (pid N)", or "under way (or was stopped)" where no live
+    process holds its lock -- when OUT holds that run's lock or temporaries (the files it lacks were moved aside by
+    that run, not lost by the user); None when it holds neither, or cannot be listed."""
     try:
         under_way = (os.path.lexists(lock_path(out, inside=True))
                      or any(runs_temporary(entry, out) is not None for entry in out.iterdir()))
-    except OSError:   # not listable: the missing file is said as before
-        return
-    if under_way:
-        pid = lock_holder(out)
-        when = f"under way (pid {pid})" if pid is not None else "under way (or was stopped)"
-        raise KLError(f"{named}: {what} into it is {when}: rerun when it ends, or {redo}")
+    except OSError:   # not listable: what is missing is said as before
+        return None
+    if not under_way:
+        return None
+    pid = lock_holder(out)
+    return f"under way (pid {pid})" if pid is not None else "under way (or was stopped)"
 
 
 def _others(out: Path) -> list[Path]:

@@ -114,8 +114,8 @@ def refuse_no_new_name(out: Path) -> None:
     folder on its way that cannot be entered: user_paths.unreachable), or when the umask would give the user no read
     or search permission on what is written (under 0777 a finished OUT was mode 000) -- said before any work."""
     refuse_unreachable(out)
-    if umask() & (stat.S_IRUSR | stat.S_IXUSR):
-        raise KLError(f"{out}: the umask ({umask():04o}) would leave what is written there unreadable by you; set one "
+    if (mask := umask()) & (stat.S_IRUSR | stat.S_IXUSR):
+        raise KLError(f"{out}: the umask ({mask:04o}) would leave what is written there unreadable by you; set one "
                       "that keeps your own read and search permission, e.g. umask 022, and rerun")
     if out.name in ("", ".."):
         raise KLError(f"{out}: names the current folder or one above it, not a folder to create; give the new "

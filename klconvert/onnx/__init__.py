@@ -9,13 +9,16 @@ from pathlib import Path
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 from klconvert.checkpoint.folder_files import GENAI_CONFIG  # noqa: E402 -- after the setting, as every import here
+from klconvert.errors import KLError  # noqa: E402
 
 
 def refuse_export_under_way(folder: Path, named: str | Path) -> None:
     """KLError when `folder` lacks GENAI_CONFIG as an export-onnx --force fills it in place, or since one was stopped
     doing so: its files come and go one by one, and the one missing was blamed on the folder (helper-139). Before any
     file of the folder is read."""
-    if not os.path.lexists(folder / GENAI_CONFIG):   # whole_folder's import (torch's) only then
-        from klconvert.whole_folder import refuse_replace_under_way
+    if os.path.lexists(folder / GENAI_CONFIG):   # moved aside first and back last by a replace: the folder is whole
+        return
+    from klconvert.whole_folder import fill_under_way   # (torch's import) only then
 
-        refuse_replace_under_way(folder, named, GENAI_CONFIG, "an export", "export it again")
+    if (state := fill_under_way(folder)) is not None:
+        raise KLError(f"{named}: an export into it is {state}: rerun when it ends, or export it again")
