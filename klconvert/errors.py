@@ -1,6 +1,5 @@
 """The one exception type for errors a user can cause: printed as one line, exit status 2."""
 import errno
-import os
 
 try:
     import resource   # imported now: out of file descriptors, an import that opens a file would fail too
@@ -170,13 +169,3 @@ def out_of_descriptors(error: BaseException | None) -> str | None:
                 f"e.g. ulimit -n {suggested}: its hard limit, ulimit -Hn, is {hard} too, which only root may raise")
     return (f"out of file descriptors: the process may open {soft:,} files at once (ulimit -n {soft}); raise the "
             f"limit ({raise_it})")
-
-
-def open_error(path) -> OSError | None:
-    """The OSError opening `path` for reading raises now, or None: the system's own reason where a library's may be
-    wrong (safetensors says "No such file or directory" of a file it opened out of file descriptors)."""
-    try:
-        os.close(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)))   # O_NONBLOCK: a FIFO does not block
-    except OSError as e:
-        return e
-    return None

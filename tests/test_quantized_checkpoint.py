@@ -849,7 +849,7 @@ def test_a_packed_embedding_or_router_is_refused_by_name(tiny_released, tmp_path
     assert not (tmp_path / "onnx").exists()
 
 
-@pytest.mark.parametrize("how", ["replaced", "rewritten in place"])
+@pytest.mark.parametrize("how", ["replaced", "rewritten in place", "removed"])
 def test_a_shard_changed_after_the_folder_was_opened_is_refused(tiny_released, tmp_path, how):
     """helper-106's race: `quantize OUT --force` (int8) replaced OUT's shard while `run --model OUT` had read its
     int4 headers; the new words were decoded by the old scheme, and run printed garbage with exit status 0."""
@@ -863,10 +863,43 @@ def test_a_shard_changed_after_the_folder_was_opened_is_refused(tiny_released, t
     shard, other = tmp_path / "q4" / "model.safetensors", tmp_path / "q8" / "model.safetensors"
     if how == "replaced":
         os.replace(shutil.copy(other, tmp_path / "new"), shard)
+    elif how == "removed":
+        shard.unlink()
     else:
         shard.write_bytes(other.read_bytes())
     with pytest.raises(KLError, match=r"model.safetensors: the shard changed after this command opened the folder"):
         ckpt.get(next(iter(packed)))
+
+
+CUT_SHORT_AFTER_A_READ = """
+import os, sys
+from klconvert.checkpoint.reader import open_checkpoint
+from klconvert.errors import KLError
+ckpt = open_checkpoint(sys.argv[1])
+shard = max(ckpt.headers, key=lambda s: len(ckpt.headers[s].tensors))
+header = ckpt.headers[shard]
+first, last = (min(header.tensors, key=lambda n: header.tensors[n].begin * sign) for sign in (1, -1))
+ckpt.get(first)
+os.truncate(ckpt.folder / shard, header.data_start + header.tensors[last].begin)
+try:
+    ckpt.get(last)
+except KLError as e:
+    print(e)
+"""
+
+
+def test_a_shard_cut_short_after_a_read_from_it_is_one_line(tiny_released, tmp_path):
+    """A shard truncated while its folder is open (a copy or download restarted over it): safetensors had mapped it
+    at the first read, and a read past its new end killed the command with SIGBUS (exit status 135, no line)."""
+    import subprocess
+    import sys
+
+    src = shutil.copytree(tiny_released, tmp_path / "src")
+    done = subprocess.run([sys.executable, "-c", CUT_SHORT_AFTER_A_READ, str(src)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert re.fullmatch(rf"{re.escape(str(src))}/model-\d+-of-\d+\.safetensors: the shard changed after this "
+                        r"command opened the folder .*\n", done.stdout), done.stdout
 
 
 @pytest.mark.parametrize("command", ["quantize", "export-onnx", "run"])

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from klconvert.checkpoint.folder_files import (
     CONFIG_FILE,
@@ -19,7 +18,7 @@ from klconvert.checkpoint.folder_files import (
     PICKLED_WEIGHTS,
     SINGLE_FILE,
 )
-from klconvert.checkpoint.regular_file import read_json
+from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.checkpoint.name_map import TensorSpec, canonical_pieces, expected_tensors, sliced_shape
 from klconvert.checkpoint.quantized import (
     PACKED_TENSOR_SUFFIXES,
@@ -32,8 +31,9 @@ from klconvert.checkpoint.quantized import (
 )
 from klconvert.checkpoint.safetensors_header import SafetensorsHeader, read_header
 from klconvert.checkpoint.size_bounds import check_model_size, max_header_bytes, max_header_values
+from klconvert.checkpoint.stored_tensor import read_stored
 from klconvert.config import WEIGHT_DTYPES, KimiLinearConfig
-from klconvert.errors import (KLError, open_error, refuse_if_not_permitted, refuse_out_of_descriptors, shown,
+from klconvert.errors import (KLError, refuse_if_not_permitted, refuse_out_of_descriptors, shown,
                               unreadable_reason)
 from klconvert.quant import QuantScheme
 from klconvert.quant.pack_quantized import check_scales
@@ -86,7 +86,7 @@ def _refuse_non_finite(tensor: torch.Tensor, where: str) -> None:
 
 
 class Checkpoint:
-    """A Kimi Linear checkpoint folder: its config, and every canonical tensor, read on demand (mmap).
+    """A Kimi Linear checkpoint folder: its config, and every canonical tensor, read on demand.
 
     A quantized folder (compressed-tensors pack-quantized or bitsandbytes nf4) reads the same way: each
     packed weight comes back dequantized under its canonical name.
@@ -103,7 +103,6 @@ class Checkpoint:
         self.quant_method = quant_method(self.config.raw, str(self.folder / CONFIG_FILE))
         self.headers: dict[str, SafetensorsHeader] = {}
         self.sources: dict[str, Source | QuantizedSource] = {}
-        self._open: dict[str, object] = {}
         self._files: dict[str, tuple[int, ...]] = {}   # shard -> file_identity when its header was read
         self._read_from: set[str] = set()   # shards a tensor was read from, checked again by refuse_changed
         weight_map = self._read_headers()
@@ -162,7 +161,7 @@ class Checkpoint:
                 raise KLError(f"{path}: shard is missing ({len(names)} tensors, e.g. {shown(names[0])}, are indexed in "
                               "it); the download is incomplete -- pull the model again")
             self.headers[shard] = read_header(path, header_bytes_left, max_header_values(self.config))
-            self._files[shard] = file_identity(path)
+            self._files[shard] = file_identity(os.stat(path))
             header_bytes_left -= self.headers[shard].data_start - 8
         return weight_map
 
@@ -245,38 +244,29 @@ class Checkpoint:
             self.sources["lm_head.weight"] = self.sources["model.embed_tokens.weight"]
 
     # ---- reading -----------------------------------------------------------------------------
-    def close(self) -> None:
-        """Unmap the open shards (the next read reopens them): a long stream calls this to keep RSS flat, since
-        every page read through a mapping stays resident while the mapping is open."""
-        self._open.clear()
-
     def _read(self, shard: str, name: str, index: tuple = ()) -> torch.Tensor:
         path = self.folder / shard
         try:
-            handle = self._open.get(shard)
-            if handle is None:
-                self._refuse_replaced(shard)
-                handle = safe_open(str(path), framework="pt")
-                self._refuse_replaced(shard)   # the file just mapped is the one whose header was checked
-                self._open[shard] = handle
+            with open_regular(path) as file:
+                self._refuse_replaced(shard, os.fstat(file.fileno()))   # the file open is the one whose header was read
                 self._read_from.add(shard)
-            tensor = handle.get_slice(name)[index].contiguous() if index else handle.get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as e:   # RuntimeError: safetensors', out of file descriptors
-            # out of descriptors is no fault of the file: safetensors may say it as "No such file or directory"
+                tensor = read_stored(file, self.headers[shard], name, index)
+        except OSError as e:
             refuse_out_of_descriptors(e, path)
-            refuse_out_of_descriptors(open_error(path), path)
-            if not isinstance(e, (SafetensorError, OSError)):
-                raise
-            raise KLError(f"{path}: cannot read tensor {name} ({e}); download the checkpoint again") from None
+            refuse_if_not_permitted(e, path)
+            self._refuse_replaced(shard)   # gone, or another file there now
+            raise KLError(f"{path}: cannot read tensor {shown(name)} ({unreadable_reason(e)}); download the checkpoint "
+                          "again") from None
         _refuse_non_finite(tensor, f"{path}: tensor {name}")
         return tensor
 
-    def _refuse_replaced(self, shard: str) -> None:
-        """KLError unless `shard` is still the file whose header was read at open: a `quantize --force` replacing the
-        folder under a reader had it decode the new int8 words by the old int4 header (garbage text, exit 0)."""
+    def _refuse_replaced(self, shard: str, now: os.stat_result | None = None) -> None:
+        """KLError unless `shard` (`now`: its stat, else stat again) is still the file whose header was read at open: a
+        `quantize --force` replacing the folder under a reader had it decode the new int8 words by the old int4 header
+        (garbage text, exit 0)."""
         path = self.folder / shard
         try:
-            same = file_identity(path) == self._files[shard]
+            same = file_identity(now or os.stat(path)) == self._files[shard]
         except OSError:
             same = False
         if not same:
@@ -292,7 +282,7 @@ class Checkpoint:
             self._refuse_replaced(shard)
 
     def get(self, name: str) -> torch.Tensor:
-        """One canonical tensor, read from the memory-mapped shards: as stored, or dequantized if packed."""
+        """One canonical tensor, read from the shards: as stored, or dequantized if packed."""
         src = self.sources[name]
         if isinstance(src, QuantizedSource):
             return dequantize(*self.packed(name), where=f"{self.folder}: {name}", shape=src.shape)
@@ -313,9 +303,8 @@ class Checkpoint:
         return parts, src.scheme
 
 
-def file_identity(path: Path) -> tuple[int, ...]:
+def file_identity(st: os.stat_result) -> tuple[int, ...]:
     """What changes when a file is replaced or rewritten: its device, inode, size and modification time."""
-    st = os.stat(path)
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 

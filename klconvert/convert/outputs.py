@@ -23,10 +23,6 @@ Output = tuple[str, torch.dtype, tuple[int, ...]]  # (tensor name, dtype, shape)
 ROW_BLOCK = 8192
 NF4_STATE = "weight.quant_state.bitsandbytes__nf4"  # the uint8 tensor holding bitsandbytes' JSON quant state
 LONGEST_FLOAT = -2.2250738585072014e-308  # a double whose repr is as long as any (24 characters)
-# safetensors hands out tensors that view its mmap of the shard, so every page read stays mapped, and counted in
-# RSS, while the shard is open: reopening the shards after this many source bytes keeps RSS flat (a reopen
-# takes ~2 ms, about 400 of them for the 98 GB model).
-UNMAP_EVERY_BYTES = 256 << 20
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,7 +122,6 @@ class ModuleMaker:
         self.checkpoint, self.device = checkpoint, device
         self._module: ModulePlan | None = None
         self._tensors: dict[str, torch.Tensor] = {}
-        self._mapped_bytes = 0
 
     def planned_tensors(self, plans: list[ModulePlan]) -> list[PlannedTensor]:
         return [PlannedTensor(name, dtype, shape, functools.partial(self.take, plan, name))
@@ -139,10 +134,6 @@ class ModuleMaker:
         return self._tensors.pop(name)
 
     def _make(self, plan: ModulePlan) -> dict[str, torch.Tensor]:
-        self._mapped_bytes += plan.source_bytes
-        if self._mapped_bytes > UNMAP_EVERY_BYTES:
-            self.checkpoint.close()
-            self._mapped_bytes = plan.source_bytes
         w = self.checkpoint.get(plan.name)
         if plan.scheme is None:
             return {plan.name: w}

@@ -8,13 +8,13 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from klconvert.atomic_file import write_atomically
 from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_INDEX_BYTES, MAX_INDEX_VALUES
 from klconvert.checkpoint.reader import open_checkpoint
-from klconvert.checkpoint.regular_file import read_json
+from klconvert.checkpoint.regular_file import open_regular, read_json
+from klconvert.checkpoint.stored_tensor import read_stored
 from klconvert.entry import note_change
 from klconvert.errors import KLError
 
@@ -31,7 +31,8 @@ def stack_kda_convs(folder: str | Path) -> int:
     rewrites is one the index names inside the folder.
     """
     folder = Path(folder)
-    weight_map = {name: shard for shard, header in open_checkpoint(folder).headers.items() for name in header.tensors}
+    headers = open_checkpoint(folder).headers
+    weight_map = {name: shard for shard, header in headers.items() for name in header.tensors}
     index_path = folder / INDEX_FILE
     index = read_json(index_path, MAX_INDEX_BYTES, INDEX_FILE, MAX_INDEX_VALUES) if index_path.is_file() else None
     layers: dict[str, dict[str, str]] = {}
@@ -43,16 +44,15 @@ def stack_kda_convs(folder: str | Path) -> int:
         if sorted(shards) != ["k", "q", "v"] or len(set(shards.values())) != 1:
             raise KLError(f"{folder}: {prefix}q/k/v_conv1d are not all in one shard ({shards}); stack them by hand")
     for shard in sorted({s for shards in layers.values() for s in shards.values()}):
-        with safe_open(folder / shard, "pt") as f:
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-            metadata = f.metadata()
+        with open_regular(folder / shard) as f:
+            tensors = {name: read_stored(f, headers[shard], name) for name in headers[shard].tensors}
         for prefix, shards in layers.items():
             if shards["q"] == shard:
                 tensors[f"{prefix}conv1d.weight"] = torch.cat([tensors.pop(f"{prefix}{x}_conv1d.weight")
                                                                for x in "qkv"])  # [3 * kda_dim, 1, kernel]
         tmp = folder / (shard + ".partial")
         note_change(tmp)   # save_file writes it in Rust, which Python's audit events do not show
-        save_file(tensors, tmp, metadata=metadata)
+        save_file(tensors, tmp, metadata=headers[shard].metadata or None)
         os.replace(tmp, folder / shard)
     if index is not None:
         for prefix, shards in layers.items():
