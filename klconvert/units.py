@@ -3,8 +3,8 @@ from __future__ import annotations
 
 
 def size_text(n: int) -> str:
-    """Bytes in decimal units: 98.40 GB, 9.21 MB."""
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+    """Bytes in decimal units: 98.40 GB, 9.21 MB; under a tenth of a MB, in bytes (a 1 KB file read "0.00 MB")."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n:,} bytes"
 
 
 def size_texts(*sizes: int) -> list[str]:

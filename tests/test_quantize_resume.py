@@ -435,7 +435,7 @@ def test_too_little_space_is_said_in_readable_units(tiny_released, tmp_path, cap
     """It said "0.00 GB free but 0.01 GB of shards are left to write"."""
     monkeypatch.setattr("klconvert.quantize.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(1, 1, 10_000))
     assert_one_line_error(*run_cli(capsys, "quantize", tiny_released, tmp_path / "q")[::2],
-                          "q.partial: 0.01 MB free but ", " MB of shards are left to write")
+                          "q.partial: 10,000 bytes free but ", " MB of shards are left to write")
     assert list(tmp_path.iterdir()) == []
 
 

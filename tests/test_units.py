@@ -10,7 +10,8 @@ def test_binary_sizes_switch_unit_at_a_whole_one():
 
 
 def test_decimal_sizes_and_counts_switch_unit_where_they_say():
-    assert [size_text(n) for n in (10**8 - 10**4, 10**8, 98_400_000_000)] == ["99.99 MB", "0.10 GB", "98.40 GB"]
+    assert [size_text(n) for n in (0, 1_000, 10**5 - 1, 10**5, 10**8 - 10**4, 10**8, 98_400_000_000)] == \
+        ["0 bytes", "1,000 bytes", "99,999 bytes", "0.10 MB", "99.99 MB", "0.10 GB", "98.40 GB"]
     assert [count_text(n) for n in (999_999, 10**6, 10**9 - 10**4, 10**9, 48_310_000_000)] == \
         ["999,999", "1.00 M", "999.99 M", "1.00 B", "48.31 B"]
 
