@@ -193,21 +193,23 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
     """The plan the runtime would make on a GPU for this model, weight policy, context and batch.
 
     Weights are sized as a GPU holds what the recipe's policy, or the default policy at `bits` (lm_head at 8 bits),
-    writes (held_as_written), or, when neither is given, as a `model` folder stores them (held_on_a_gpu; its
-    recipe.yaml gives only the runtime settings), or unquantized for a preset or at `bits` 16. Each setting given
-    here wins over the recipe's `runtime:` section, which wins over RUNTIME_DEFAULTS (and no memory limit).
+    writes (held_as_written), or, when neither is given, as a `model` folder stores them (held_on_a_gpu), or
+    unquantized for a preset or at `bits` 16. A `model` folder's recipe.yaml gives only the runtime settings, where no
+    `recipe` is given. Each setting given here wins over the recipe's `runtime:` section, which wins over
+    RUNTIME_DEFAULTS (and no memory limit).
     """
     if recipe is not None and bits is not None:
         raise KLError("give a recipe or --bits, not both: the recipe already says how each tensor is stored")
     if group_size is not None and bits not in SUPPORTED_BITS:
         raise KLError(f"--group-size {group_size} sizes the groups of --bits {either(SUPPORTED_BITS)} (without a "
                       f"recipe); add --bits {either(SUPPORTED_BITS)}, or drop --group-size")
-    stored = None
+    stored = settings_from = None
     if model is not None:
         config = KimiLinearConfig.from_file(Path(model) / CONFIG_FILE)
-        if recipe is None and bits is None:
-            stored = held_on_a_gpu(Path(model))
-            recipe = folder_recipe(Path(model) / RECIPE_FILE, config)  # the tensors say how they are stored
+        if recipe is None:   # the folder's recipe.yaml gives the runtime settings, at --bits too
+            settings_from = folder_recipe(Path(model) / RECIPE_FILE, config)
+            if bits is None:
+                stored = held_on_a_gpu(Path(model))   # the tensors say how they are stored
     else:
         config = KimiLinearConfig.from_dict(preset_config(preset, layers), where=f"preset {preset}")
     check_model_size(config, str(Path(model) / CONFIG_FILE) if model is not None else f"preset {preset}")
@@ -231,18 +233,20 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
     if policy is not None and stored is None:  # as a GPU would hold the folder this policy writes
         policy = held_as_written(config, policy)
 
-    settings = recipe.runtime if recipe is not None else {}
-    if recipe is not None:
-        check_runtime_settings(recipe)
+    if settings_from is None:
+        settings_from = recipe
+    settings = settings_from.runtime if settings_from is not None else {}
+    if settings_from is not None:
+        check_runtime_settings(settings_from)
     if batch is not None and not 1 <= batch <= MAX_BATCH:
         raise KLError(f"--batch {batch}: plan 1 to {MAX_BATCH:,} sequences")
     if memory_limit is None and "gpu_memory" in settings:
-        memory_limit = _memory_bytes(settings["gpu_memory"], recipe.where("gpu_memory"))
+        memory_limit = _memory_bytes(settings["gpu_memory"], settings_from.where("gpu_memory"))
     runtime = RUNTIME_DEFAULTS | settings   # the recipe's over the defaults; a flag given here over both
     cache_name = mla_cache_dtype or runtime["mla_cache_dtype"]   # the recipe's were checked: only a flag's can fail
     state_name = kda_state_dtype or runtime["kda_state_dtype"]
     if context is None and "max_context" in settings:
-        check_runtime_context(recipe, config)
+        check_runtime_context(settings_from, config)
         context = settings["max_context"]
     elif context is not None and context > config.model_max_length:
         raise KLError(f"--max-context {context} is over the model's {config.model_max_length_name} "

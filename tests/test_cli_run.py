@@ -377,6 +377,18 @@ def test_a_folders_unreadable_recipe_is_left_out_of_its_plan_with_a_note(quantiz
                    "cpu")[0] == 0
 
 
+@pytest.mark.parametrize("bits", [None, "4", "8", "16"])
+def test_a_folders_runtime_section_holds_at_any_bits(quantized_tiny, tmp_path, capsys, bits):
+    """helper-146: `plan --model DIR --bits N` left out the folder's whole runtime: section -- its gpu_memory too, so
+    a plan that did not fit (exit status 3) passed with no fit check and nothing said."""
+    folder = shutil.copytree(quantized_tiny, tmp_path / "q")
+    with open(folder / "recipe.yaml", "a") as f:
+        f.write("runtime:\n  max_context: 2048\n  batch: 3\n  gpu_memory: 10MiB\n")
+    code, out, err = run_cli(capsys, "plan", "--model", folder, *(["--bits", bits] if bits else []))
+    assert code == 3, (out, err)
+    assert out.startswith(f"Memory plan for {folder}: batch 3, context 2,048") and "10.0 MiB" in out + err, out
+
+
 def test_a_folders_recipe_of_another_tool_gives_only_its_runtime_section(quantized_tiny, tmp_path, capsys):
     """llm-compressor writes its own recipe.yaml (GPTQModifier, ...), which is no recipe klconvert applies: the plan
     reads nothing of it but a runtime: section, and says nothing of the rest."""
