@@ -1089,11 +1089,8 @@ def test_a_graph_asking_past_the_hosts_memory_fails_that_allocation_in_one_line(
     assert int(peak_kib) < 1 << 20   # KiB: under 1 GiB, where the graph asked for 2
 
 
-def _spinning(model: onnx.ModelProto) -> None:
-    """Make the graph's logits wait on a Loop of 2**62 trips that do nothing."""
-    graph = model.graph
-    made = next(node for node in graph.node if "logits" in node.output)
-    made.output[list(made.output).index("logits")] = "logits.before"
+def _spin(graph: onnx.GraphProto) -> str:
+    """Add to `graph` a Loop of 2**62 trips that do nothing; the name of its output, a float 0."""
     scalar = [onnx.helper.make_tensor_value_info(name, kind, []) for name, kind in
               (("i", onnx.TensorProto.INT64), ("go", onnx.TensorProto.BOOL), ("x", onnx.TensorProto.FLOAT))]
     body = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["go"], ["go.out"]),
@@ -1103,8 +1100,16 @@ def _spinning(model: onnx.ModelProto) -> None:
     for name, value in (("trips", np.array(1 << 62, np.int64)), ("go", np.array(True)),
                         ("zero", np.array(0.0, np.float32))):
         graph.initializer.append(onnx.numpy_helper.from_array(value, f"spin.{name}"))
-    graph.node.extend([onnx.helper.make_node("Loop", ["spin.trips", "spin.go", "spin.zero"], ["spin.x"], body=body),
-                       onnx.helper.make_node("Add", ["logits.before", "spin.x"], ["logits"])])
+    graph.node.append(onnx.helper.make_node("Loop", ["spin.trips", "spin.go", "spin.zero"], ["spin.x"], body=body))
+    return "spin.x"
+
+
+def _spinning(model: onnx.ModelProto) -> None:
+    """Make the graph's logits wait on a Loop of 2**62 trips that do nothing."""
+    graph = model.graph
+    made = next(node for node in graph.node if "logits" in node.output)
+    made.output[list(made.output).index("logits")] = "logits.before"
+    graph.node.append(onnx.helper.make_node("Add", ["logits.before", _spin(graph)], ["logits"]))
 
 
 # Runs the graph of the folder argv[1] after a line on stdout; a KeyboardInterrupt ends it saying so, and how long the
@@ -1146,3 +1151,129 @@ def test_a_graph_that_never_ends_stops_at_ctrl_c(exported, tmp_path, signum):
         child.kill()
     assert child.returncode == 0, err
     assert re.fullmatch(r"interrupted after \d+\.\d s\n", out), out
+
+
+# The command line (argv[1:]) saying "running" on stdout as onnxruntime starts its first run
+CLI_SAYING_RUNNING = """
+import contextlib, os, runpy
+import klconvert.onnx.session as session
+plain = session.interruptible
+@contextlib.contextmanager
+def saying(options):
+    with plain(options) as stopped_by:
+        os.write(1, b"running\\n")
+        yield stopped_by
+session.interruptible = saying
+runpy.run_module("klconvert", run_name="__main__")
+"""
+
+
+def test_the_command_lines_sigterm_stops_a_graph_that_never_ends(exported, tmp_path):
+    """`kill` of `run --engine onnxruntime` inside a run ends the command as SIGTERM does anywhere (143, one line):
+    its handler, the entry point's, is one that ends the program (interruptible.stopping)."""
+    folder = shutil.copytree(exported[1], tmp_path / "onnx")
+    model = onnx.load(folder / "model.onnx")
+    _spinning(model)
+    onnx.save(model, folder / "model.onnx")
+    child = subprocess.Popen([sys.executable, "-c", CLI_SAYING_RUNNING, "run", "--model", folder, "--engine",
+                              "onnxruntime", "--prompt", "hi", "--max-new-tokens", "2"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "running\n"
+        time.sleep(1)   # into the Loop
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert (child.returncode, err) == (143, "klconvert: interrupted\n")
+
+
+# Runs the graph argv[1], a Loop that never ends, in interruptible after setting up what argv[2] names; signal argv[3]
+# comes 0.3 s into the run, and the run is terminated 1.3 s in (as if it had ended) unless the signal did. Prints how
+# it ended, the signal interruptible says terminated it, whether that was before 1 s, and what the program's own
+# handling saw of the signal
+SPIN_WITH_A_SIGNAL = """
+import asyncio, json, os, signal, sys, threading, time
+import onnxruntime as ort
+from klconvert.onnx.interruptible import interruptible
+session, options = ort.InferenceSession(sys.argv[1]), ort.RunOptions()
+setup, signum, seen = sys.argv[2], int(sys.argv[3]), []
+
+def send():
+    time.sleep(0.3)
+    os.kill(os.getpid(), signum)
+    time.sleep(1)
+    options.terminate = True
+
+def spin():
+    threading.Thread(target=send, daemon=True).start()
+    start, stopped_by = time.monotonic(), []
+    try:
+        with interruptible(options) as stopped_by:
+            try:
+                session.run(None, {}, options)
+            except Exception:
+                pass
+        ended = "returned"
+    except KeyboardInterrupt:
+        ended = "KeyboardInterrupt"
+    return {"ended": ended, "stopped_by": stopped_by, "at once": time.monotonic() - start < 1}
+
+async def in_asyncio():
+    if setup == "asyncio":
+        asyncio.get_running_loop().add_signal_handler(signum, seen.append, signum)
+    ran = spin()
+    try:
+        await asyncio.sleep(0.5)   # asyncio's handler runs
+    except asyncio.CancelledError:
+        seen.append("cancelled")
+    return ran
+
+if setup == "wakeup fd":
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    signal.signal(signum, lambda *_: None)
+    signal.set_wakeup_fd(write)
+    ran = spin()
+    time.sleep(0.2)
+    try:
+        seen.extend(os.read(read, 64))
+    except BlockingIOError:   # none came
+        pass
+elif setup in ("asyncio", "asyncio.run"):
+    ran = asyncio.run(in_asyncio())
+else:
+    signal.signal(signum, {"recorded": lambda s, f: seen.append(s), "Python's": signal.default_int_handler}[setup])
+    ran = spin()
+print(json.dumps({**ran, "seen": seen}))
+"""
+
+
+@pytest.mark.parametrize("setup, signum, want", [
+    ("Python's", signal.SIGINT, {"ended": "KeyboardInterrupt", "stopped_by": [signal.SIGINT], "at once": True,
+                                 "seen": []}),
+    ("Python's", signal.SIGTERM, {"ended": "KeyboardInterrupt", "stopped_by": [signal.SIGTERM], "at once": True,
+                                  "seen": []}),
+    pytest.param("asyncio.run", signal.SIGINT, {"ended": "returned", "stopped_by": [signal.SIGINT], "at once": True,
+                                                "seen": ["cancelled"]},
+                 marks=pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.run takes SIGINT from 3.11")),
+    ("recorded", signal.SIGTERM, {"ended": "returned", "stopped_by": [], "at once": False, "seen": [signal.SIGTERM]}),
+    ("wakeup fd", signal.SIGUSR1, {"ended": "returned", "stopped_by": [], "at once": False, "seen": [signal.SIGUSR1]}),
+    ("asyncio", signal.SIGUSR1, {"ended": "returned", "stopped_by": [], "at once": False, "seen": [signal.SIGUSR1]}),
+    ("asyncio", signal.SIGTERM, {"ended": "returned", "stopped_by": [], "at once": False, "seen": [signal.SIGTERM]}),
+], ids=["SIGINT, Python's", "SIGTERM, Python's", "SIGINT, asyncio.run's", "SIGTERM, recorded", "SIGUSR1, wakeup fd",
+         "SIGUSR1, asyncio's", "SIGTERM, asyncio's"])
+def test_a_run_leaves_the_programs_own_signal_handling_as_it_was(tmp_path, setup, signum, want):
+    """interruptible read every signal from the wakeup fd and kept it (helper-147): asyncio's add_signal_handler saw
+    no SIGUSR1 sent during a run, and a SIGTERM a program handles itself (a graceful shutdown) terminated the run,
+    raising KeyboardInterrupt, or under asyncio never reached its handler. Every signal now goes on to the wakeup fd
+    set before, and terminates the run only where its handler is one that ends the program: Python's, or
+    asyncio.run's Ctrl-C, which cancels the program's main task."""
+    graph = onnx.helper.make_graph([], "spin", [], [])
+    graph.output.append(onnx.helper.make_tensor_value_info(_spin(graph), onnx.TensorProto.FLOAT, []))
+    onnx.save(export_module.make_model(graph, MIN_OPSET), tmp_path / "spin.onnx")
+    child = subprocess.run([sys.executable, "-c", SPIN_WITH_A_SIGNAL, tmp_path / "spin.onnx", setup, str(signum)],
+                           capture_output=True, text=True, timeout=60)
+    assert child.returncode == 0, child.stderr
+    assert json.loads(child.stdout) == want
