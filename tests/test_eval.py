@@ -21,6 +21,7 @@ from klconvert.runtime.host_memory import DATA_BOUND, HostMemory, HostMemoryExha
 from klconvert.tokenizer import Tokenizer
 from testkit import assert_one_line_error, run_cli
 
+README = Path(__file__).parents[1] / "README.md"
 TEXT = "The quick brown fox jumps over the lazy dog; a tiny model reads the same line again and again. " * 8
 
 
@@ -163,6 +164,22 @@ def test_eval_reads_the_text_from_standard_input_for_a_dash(tiny_released, tiny_
         code, from_stdin, err = run_cli(capsys, *args, "--text-file", "-")
     assert code == 0, err
     assert from_stdin == from_file and re.search(r"^tokens +32$", from_stdin, re.M), from_stdin
+
+
+def test_the_readme_recipe_scores_a_crlf_file_as_the_command_does(tiny_released, tiny_perturbed, tmp_path, capsys):
+    """helper-145: `eval --text-file` reads the file's bytes, CRs too, where the README's Python recipe read it in text
+    mode, which turns CRLF into LF: on one CRLF file the two scored different tokens (perplexity 328.4 against 57.6).
+    The recipe opens the file with newline="", as README.md says now."""
+    recipe = re.search(r'^text = (open\("doc\.txt".*?\.read\(\))', README.read_text(), re.M)[1]
+    assert recipe == 'open("doc.txt", encoding="utf-8", newline="").read()', recipe
+    text = tmp_path / "doc.txt"
+    text.write_bytes(".\r\n".join(TEXT.split(". ")).encode())
+    code, out, err = run_cli(capsys, "eval", "--model", tiny_perturbed, "--reference", tiny_released, "--text-file",
+                             text, "--max-tokens", "64", "--device", "cpu")
+    assert code == 0, err
+    with open(text, encoding="utf-8", newline="") as f:
+        result = evaluate(tiny_perturbed, tiny_released, f.read(), max_tokens=64, device="cpu")
+    assert out == render_eval(result, tiny_perturbed, tiny_released) + "\n"
 
 
 def test_eval_checks_each_model_once(tiny_released, tmp_path, monkeypatch, capsys):
