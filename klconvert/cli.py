@@ -61,6 +61,7 @@ class IntegerRange(PlainDigits, click.IntRange):
 
 INTEGER = Integer()
 SEED = IntegerRange(0, 2**64 - 1)  # what torch.Generator.manual_seed takes (runtime/sampling.py SEEDS)
+LAYERS = IntegerRange(min=1)  # a preset cut to N layers (presets.preset_config refuses fewer too)
 
 
 # a decimal number as people type one, as PLAIN_INTEGER a whole one: float() also takes '1_0', '+1' and other
@@ -321,7 +322,7 @@ def cli() -> None:
 @cli.command(help="Write a random-weight checkpoint in exactly the released format.")
 @click.option("--preset", type=click.Choice(list(PRESETS)), required=True,
               help="tiny: a small model (14 MB) of the same structure; kimi-linear-48b: the released shapes.")
-@click.option("--layers", type=INTEGER, default=None, help="Keep only N layers (3:1 KDA:MLA pattern kept).")
+@click.option("--layers", type=LAYERS, default=None, help="Keep only N layers (3:1 KDA:MLA pattern kept).")
 @click.option("--seed", type=IntegerRange(0, 2**32 - 1), default=0, show_default=True,
               help="Seed of the random weights.")
 @click.option("--layout", type=click.Choice(["released", "transformers"]), default="released", show_default=True,
@@ -597,7 +598,7 @@ def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) ->
               help=f"Checkpoint folder to plan for, or {BUNDLED_NAME} (the bundled model).")
 @click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
               help="Plan for a preset instead of a folder.")
-@click.option("--layers", type=INTEGER, default=None, help="With --preset: keep only N layers.")
+@click.option("--layers", type=LAYERS, default=None, help="With --preset: keep only N layers.")
 @click.option("--recipe", type=PathArg(path_type=Path), default=None,
               help=f"A recipe YAML, or a shipped one by name ({', '.join(shipped_names())}): its quantization sizes "
                    "the weights, its runtime section sets the defaults of the flags below.")
@@ -789,11 +790,11 @@ def _int_list(ctx, param, value: str | None) -> list[int] | None:
 @cli.command(help="Decode speed on the GPU: checked first, then ms/token, tokens/s, memory and the bandwidth "
              "floor; with --prefill, prefill time and tokens/s, peak memory reserved against the plan.")
 @click.option("--model", type=MODEL, default=None,
-              help=f"A quantized checkpoint folder to time, or {BUNDLED_NAME} (its weights; caches filled with random "
+              help=f"A checkpoint folder to time, or {BUNDLED_NAME} (its weights; caches filled with random "
                    "values).")
 @click.option("--preset", type=click.Choice(["kimi-linear-48b"]), default=None,
               help="Time the released shapes with random quantized weights made on the GPU.")
-@click.option("--layers", type=IntegerRange(min=1), default=None, help="With --preset: keep only N layers.")
+@click.option("--layers", type=LAYERS, default=None, help="With --preset: keep only N layers.")
 @click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True,
               help="With --preset: bits of the quantized layers (default policy, lm_head int8, group 128).")
 @click.option("--context", "contexts", default=None, callback=_int_list,

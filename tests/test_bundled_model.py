@@ -3,6 +3,7 @@ the released structure at small size, its greedy continuation, held-out perplexi
 tools/record_bundled.py recorded, and every verb takes it by name."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -40,6 +41,50 @@ def test_released_structure_at_small_size():
             assert spec.shape[1] % 128 == 0, spec
     assert set(Checkpoint(BUNDLED_DIR).sources) == set(expected_tensors(c))
     assert sum(p.stat().st_size for p in BUNDLED_DIR.iterdir()) <= MAX_BYTES
+
+
+def bundled_column() -> dict[str, str]:
+    """The README's bundled-model table, the bundled column's cell by row name."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    head = readme.index("| | bundled | released 48B |")
+    rows = {}
+    for line in readme[head:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1]
+    return rows
+
+
+def test_the_readmes_table_is_the_bundled_folder():
+    """Each figure of the README's bundled column, recomputed from the folder's config.json, tiktoken.model, tensors
+    and files."""
+    c = KimiLinearConfig.from_file(BUNDLED_DIR / "config.json")
+    stored = json.loads((BUNDLED_DIR / "config.json").read_text())
+    kinds = ["KDA" if c.is_kda(layer) else "MLA" for layer in range(c.num_hidden_layers)]
+    pattern = ", ".join(kind + (f" x{n}" if n > 1 else "")
+                        for kind, n in ((kind, len(list(run))) for kind, run in itertools.groupby(kinds)))
+    kda = stored["linear_attn_config"]
+    ranks = len((BUNDLED_DIR / "tiktoken.model").read_text().splitlines())
+    checkpoint = Checkpoint(BUNDLED_DIR)
+    parameters = sum(math.prod(spec.shape) for spec in expected_tensors(c).values())
+    fp32 = {name.rsplit(".", 1)[-1] for name, source in checkpoint.sources.items() if source.dtype != "BF16"}
+    assert fp32 == {"A_log", "dt_bias", "e_score_correction_bias"} and stored["moe_router_activation_func"] == "sigmoid"
+    shards = [p for p in BUNDLED_DIR.iterdir() if p.suffix == ".safetensors"]
+    on_disk = sum(p.stat().st_size for p in BUNDLED_DIR.iterdir())
+    dense = range(c.first_k_dense_replace)
+    assert bundled_column() == {
+        "layers": f"{c.num_hidden_layers}: {pattern} (`full_attn_layers` {kda['full_attn_layers']})",
+        "hidden": str(c.hidden_size),
+        "KDA": f"{kda['num_heads']} heads x {kda['head_dim']}, short conv {kda['short_conv_kernel_size']}",
+        "MLA (NoPE)": f"{c.num_attention_heads} heads, q/k {c.qk_nope_head_dim} + {c.qk_rope_head_dim} shared, "
+                      f"v {c.v_head_dim}, `kv_lora_rank` {c.kv_lora_rank}",
+        "FFN": f"layer {dense[-1]} dense ({c.intermediate_size}); layers {len(dense)}-{c.num_hidden_layers - 1} MoE: "
+               f"{c.num_experts} experts of {c.moe_intermediate_size}, top {c.num_experts_per_token}, sigmoid + "
+               f"correction bias, {c.num_shared_experts} shared expert",
+        "vocabulary": f"{ranks:,} BPE ranks + {c.vocab_size - ranks} reserved specials",
+        "parameters, on disk": f"{parameters / 1e6:.2f} M, {on_disk / 1e6:.1f} MB (bf16; A_log, dt_bias, correction "
+                               f"biases fp32), {len(shards)} shards"}
 
 
 def test_tokenizer_is_the_release_format_and_round_trips():

@@ -12,7 +12,7 @@ import click
 import pytest
 
 from bounded_cli import klconvert_bounded
-from klconvert.cli import ALLOCATOR_ENV, DEVICE, SEED, PlainDigits, cli
+from klconvert.cli import ALLOCATOR_ENV, DEVICE, LAYERS, SEED, PlainDigits, cli
 from testkit import assert_one_line_error, run_cli, run_klconvert_on_a_terminal
 
 
@@ -50,6 +50,17 @@ def test_help_describes_every_command_under_python_oo_too(command):
             assert re.search(rf"^  {name} +{re.escape(' '.join(listed.help.split()[:3]))}", text, re.M), name
 
 
+def test_version_prints_the_packages_version():
+    """README: `klconvert --version` prints the version -- the installed package's, which is pyproject's."""
+    from importlib.metadata import version
+
+    tomllib = pytest.importorskip("tomllib")
+    declared = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    assert version("klconvert") == declared
+    done = subprocess.run([sys.executable, "-m", "klconvert", "--version"], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"klconvert, version {declared}\n", "")
+
+
 @pytest.mark.parametrize("flag, uses", [("mla_cache_dtype", 2), ("kda_state_dtype", 1), ("dtype", 2)])
 def test_dtype_choices_are_the_runtimes(flag, uses):
     from klconvert.runtime.engine import COMPUTE_DTYPES
@@ -84,6 +95,27 @@ def test_device_is_one_type_in_every_command():
     """Each --device reads its name as klconvert.devices does (cpu, cuda or cuda:N; tests/test_devices.py)."""
     types = [param.type for command in cli.commands.values() for param in command.params if param.name == "device"]
     assert len(types) == 4 and all(t is DEVICE for t in types)
+
+
+@pytest.mark.parametrize("command", ["synth", "plan", "bench"])
+def test_layers_is_one_type_in_every_command(capsys, command):
+    """Each --layers is LAYERS, its least shown in --help as bench's was ([x>=1]; synth's and plan's showed none) and
+    0 refused by click before any work."""
+    types = [param.type for each in cli.commands.values() for param in each.params if param.name == "layers"]
+    assert len(types) == 3 and all(t is LAYERS for t in types)
+    status, out, _ = run_cli(capsys, command, "--help")
+    assert status == 0 and re.search(r"--layers INTEGER RANGE(?:[^\n]|\n {20,})*?\[x>=1\]", out), out
+    assert_one_line_error(*run_cli(capsys, command, "--preset", "kimi-linear-48b", "--layers", "0")[::2],
+                          "Invalid value for '--layers': 0 is not in the range x>=1")
+
+
+def test_bench_help_takes_any_checkpoint_folder_as_the_readme_does():
+    """bench times a folder as it is stored, bf16 too (tiny is), as its README section says; its --model help said
+    'A quantized checkpoint folder to time'."""
+    option = next(param for param in cli.commands["bench"].params if param.name == "model")
+    assert option.help.startswith("A checkpoint folder to time, or tiny")
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert "(a folder is timed as it is stored)" in readme[readme.index("### `klconvert bench`"):]
 
 
 @pytest.mark.parametrize("args, needles", [

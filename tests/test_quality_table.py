@@ -1,7 +1,9 @@
 """tools/quality_table.py counts a folder quantized elsewhere the way `klconvert quantize` counts its own: stored
-bytes over the source's parameters, so a row of --folder and a row it quantizes compare."""
+bytes over the source's parameters, so a row of --folder and a row it quantizes compare; and the README's table
+gives each row's bits per weight as quantize plans them."""
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import quality_table  # noqa: E402
 
+from klconvert.config import KimiLinearConfig  # noqa: E402
 from klconvert.models import resolve_model  # noqa: E402
 from klconvert.quantize import quantize  # noqa: E402
 
@@ -21,3 +24,43 @@ def test_folder_bits_per_weight_equal_what_quantize_reports(tmp_path, bits):
     written, _ = quality_table.stored(result.path)
     _, params = quality_table.stored(source)
     assert (written, params) == (result.totals.bytes_out, result.totals.params)
+    assert quality_table.planned_bits_per_weight(source, {"bits": bits}) == result.totals.bits_per_weight
+
+
+def readme_bits() -> list[tuple[str, str, str]]:
+    """(section, variant, bits/weight) of each row of the README's quality table."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    head = readme.index("| variant | bits/weight (all) | perplexity |")
+    rows, section = [], None
+    for line in readme[head:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if cells[0].startswith("**"):
+            section = cells[0].strip("*")
+        else:
+            rows.append((section, cells[0], cells[1]))
+    return rows
+
+
+def test_the_readmes_bits_per_weight_are_what_quantize_plans(tmp_path):
+    """Each row the tool measures gives its variant's bits per weight; a row of another section (calibrated,
+    distilled, rotated) that starts with a schemes' or recipes' variant ('int4 g128 sym (default policy), GPTQ',
+    'recipes/32gb.yaml, distilled ...') gives that variant's: calibration, distillation and rotation change values,
+    never the layout."""
+    pytest.importorskip("bitsandbytes")    # the nf4 row
+    source = resolve_model("tiny")
+    variants = quality_table.variants(KimiLinearConfig.from_file(source / "config.json"))
+    planned = {}
+    for i, (section, label, options) in enumerate(variants):
+        options = quality_table.quantize_options(options, tmp_path / f"recipe{i}.yaml")
+        planned[section, label] = f"{quality_table.planned_bits_per_weight(source, options):.2f}"
+    stated = readme_bits()
+    assert {(section, label): bits for section, label, bits in stated if (section, label) in planned} == planned
+    layouts = {label.replace("(default)", "(default policy)"): bits for (section, label), bits in planned.items()
+               if section in ("schemes", "recipes")}
+    others = [(label, bits) for section, label, bits in stated if (section, label) not in planned]
+    named = [(label, bits, layouts[match[0]]) for label, bits in others
+             if (match := re.match(f"(?:{'|'.join(map(re.escape, sorted(layouts, key=len, reverse=True)))})(?=[,:]|$)",
+                                   label))]
+    assert [row for row in named if row[1] != row[2]] == [] and len(named) >= 30, named

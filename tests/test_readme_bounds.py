@@ -16,6 +16,14 @@ def stated(phrase: str) -> None:
     assert phrase in README, f"README.md does not say {phrase!r}"
 
 
+def as_written(bound: float) -> str:
+    """A one-digit bound as the README writes it: 5e-2, 1e-6."""
+    mantissa, exponent = f"{bound:.0e}".split("e")
+    written = f"{mantissa}e{int(exponent)}"
+    assert float(written) == bound, bound
+    return written
+
+
 def test_the_hub_bounds():
     from klconvert.hub import MAX_LISTED_FILES, MAX_PULLED_FILES
     from klconvert.hub_guard import MAX_OTHER_ANSWERS, MAX_OTHER_BYTES
@@ -75,11 +83,8 @@ def test_the_side_file_and_special_token_bounds():
 def test_the_bench_prefill_check():
     from klconvert.bench import PREFILL_CHECK_BOUND, PREFILL_CHECK_TOKENS
 
-    mantissa, exponent = f"{PREFILL_CHECK_BOUND:.0e}".split("e")
-    bound = f"{mantissa}e{int(exponent)}"      # as the README writes bounds: 5e-2
-    assert float(bound) == PREFILL_CHECK_BOUND
     stated(f"checks a {PREFILL_CHECK_TOKENS:,}-token prefill's last logits")
-    stated(f"refused past {bound} relative")
+    stated(f"refused past {as_written(PREFILL_CHECK_BOUND)} relative")
 
 
 def _plan_default(name: str):
@@ -90,6 +95,12 @@ def _plan_default(name: str):
 
 def _opset_default():
     return pytest.importorskip("klconvert.onnx.export").DEFAULT_OPSET
+
+
+def _group_size_default():
+    from klconvert.quant.scheme import GROUP_SIZE
+
+    return GROUP_SIZE
 
 
 def _shard_gb_default():
@@ -104,6 +115,7 @@ DEFAULTS_IN_PROSE = [
     ("run", "max_new_tokens", "`--max-new-tokens N` | default {} (0: only prefill the prompts)", None),
     ("plan", "max_context", "`--max-context N` (default {})", lambda: _plan_default("max_context")),
     ("plan", "batch", "`--batch B` (default {})", lambda: _plan_default("batch")),
+    ("plan", "group_size", "(`-1`: one scale per row; default {})", _group_size_default),
     ("eval", "max_tokens", "cut the text to N tokens (default {}, at least", None),
     ("export-onnx", "opset", "(opset {} by default, up to the installed onnx's newest)", _opset_default),
     ("quantize", "max_shard_size", "shards holding at most `--max-shard-size` of tensor data ({} GB;",
@@ -115,7 +127,8 @@ DEFAULTS_IN_PROSE = [
                          ids=[f"{command} {name}" for command, name, _, _ in DEFAULTS_IN_PROSE])
 def test_the_option_defaults_stated_in_prose(command, name, phrase, unset):
     """Each default the README states in words: the click option's own, or, where the option's is None, what the
-    command then takes (`unset`: plan's RUNTIME_DEFAULTS, export's DEFAULT_OPSET, the release's shard size)."""
+    command then takes (`unset`: plan's RUNTIME_DEFAULTS and GROUP_SIZE, export's DEFAULT_OPSET, the release's
+    shard size)."""
     from klconvert.cli import cli
 
     option = next(p for p in cli.commands[command].params if p.name == name)
@@ -144,3 +157,17 @@ def test_the_bench_defaults():
     stated(f"(defaults: `--bits {default['bits']}`, `--context {DECODE_CONTEXT}` -- none when `--prefill` is given "
            f"alone --, `--batch {default['batches']}`, `--mla-cache-dtype {default['mla_cache_dtype']}`, `--peer "
            f"{default['peer']}`, the check on)")
+
+
+def test_the_prefill_workspace_bounds():
+    from klconvert.runtime.memory_plan import PREFILL_SEGMENT
+    from klconvert.runtime.model import MLA_KEY_BLOCK
+
+    stated(f"a prefill runs {PREFILL_SEGMENT:,} prompt tokens at a time")
+    stated(f"one key block ({MLA_KEY_BLOCK:,} cached rows) at a time")
+
+
+def test_the_mla_latent_norm_eps():
+    from klconvert.runtime.model import MLA_LATENT_NORM_EPS
+
+    stated(f"the MLA latent is normalized with eps {as_written(MLA_LATENT_NORM_EPS)}")

@@ -93,3 +93,53 @@ def test_every_option_is_in_its_commands_readme_section():
                 shown = set().union(*(choices_shown(text, flag) for flag in param.opts))
                 unshown += [f"{where} {param.opts[0]} {choice}" for choice in param.type.choices if choice not in shown]
     assert not unshown, f"README's section of each command does not show {unshown}"
+
+
+def readme_units(text: str) -> list[str]:
+    """A section's table rows, one each, and its other paragraphs (lines joined), where a flag's default is stated."""
+    units = []
+    for paragraph in re.split(r"\n\s*\n", text):
+        rows = [line for line in paragraph.splitlines() if line.startswith("|")]
+        units += rows + [" ".join(line for line in paragraph.splitlines() if not line.startswith("|"))]
+    return [" ".join(unit.split()) for unit in units if unit.strip()]
+
+
+def stated_forms(value) -> list[str]:
+    """How the README may write a value --help shows: 1.0 as 1.0 or 1, 2**32 - 1 as itself or its digits."""
+    if isinstance(value, float):
+        return [str(value), f"{value:g}"]
+    if isinstance(value, int) and value > 1 and (value + 1) & value == 0:
+        return [str(value), f"{value:,}", f"2**{value.bit_length()} - 1"]
+    return [str(value)]
+
+
+def states_default(unit: str, flag: str, value) -> bool:
+    """`unit` gives `value` as `flag`'s default: 'default 0', 'default: `x`', '`x` (default)', 'T (the default)', or
+    '`--flag x`' in a list of defaults."""
+    either = "|".join(re.escape(form) for form in stated_forms(value))
+    return bool(re.search(rf"defaults?:? `?({either})`?(?![\w.])|(?<![\w.])`?({either})`? \((the )?default\)", unit)
+                or "defaults" in unit and any(f"`{flag} {form}`" in unit for form in stated_forms(value)))
+
+
+def states_largest(unit: str, value: int) -> bool:
+    return any(re.search(rf"(?<![\w.*]){re.escape(form)}(?![\w.])", unit) for form in stated_forms(value))
+
+
+def test_every_default_and_range_help_shows_is_in_the_readme_row_of_its_flag():
+    """What `--help` shows of an option -- its default (click's show_default) and, for a bounded whole number, its
+    largest value (the seeds') -- is written in the README row or paragraph naming that flag (run's --top-p 1.0,
+    synth's --layout released and its --seed's 2**32 - 1 were only in --help)."""
+    sections, unstated = readme_sections(), []
+    for name, command in cli.commands.items():
+        units = [unit for unit in readme_units(sections[name])]
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.is_flag:
+                continue
+            flag, named = param.opts[0], [unit for unit in units if param.opts[0] in FLAG.findall(unit)]
+            if param.show_default and param.default is not None and \
+                    not any(states_default(unit, flag, param.default) for unit in named):
+                unstated.append(f"klconvert {name} {flag}: default {param.default}")
+            if isinstance(param.type, click.IntRange) and param.type.max is not None and \
+                    not any(states_largest(unit, param.type.max) for unit in named):
+                unstated.append(f"klconvert {name} {flag}: at most {param.type.max}")
+    assert not unstated, f"README does not state, where it shows the flag: {unstated}"

@@ -5,6 +5,7 @@ import errno
 import gc
 import itertools
 import json
+import math
 import os
 import re
 import weakref
@@ -49,6 +50,31 @@ def test_released_format(tiny_released):
         assert f.get_tensor("model.layers.1.self_attn.A_log").shape == (1, 1, 4, 1)
     assert not [p for p in tiny_released.parent.iterdir() if "partial" in p.name]
     assert round(sum(p.stat().st_size for p in tiny_released.iterdir()) / 1e6) == 14  # README, --help: 14 MB
+
+
+def test_synth_writes_the_files_the_readme_lists(tiny_released):
+    """README's synth section names every file synth writes, the shards by their pattern (it left out
+    generation_config.json and special_tokens_map.json)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### `klconvert synth`"):]
+    listed = set(re.findall(r"`([\w.-]+\.(?:json|model|safetensors))`", section[:section.index("It streams")]))
+    shard = "model-0000i-of-0000N.safetensors"
+    assert shard in listed
+    written = {name for name in os.listdir(tiny_released)
+               if not re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name)}
+    assert written == listed - {shard}
+
+
+def test_a_real_size_layers_largest_tensor_is_the_embedding_the_readme_names():
+    """README: synth's memory stays near one tensor, the largest of one real-size layer the 0.75 GB embedding (its
+    peak RSS is a measurement: BENCHMARKS.md)."""
+    c = KimiLinearConfig.from_dict(preset_config("kimi-linear-48b", layers=1))
+    largest = max(expected_tensors(c).values(), key=lambda spec: math.prod(spec.shape))
+    assert largest.category == "embedding"
+    readme = re.sub(r"\s+", " ", (ROOT / "README.md").read_text())
+    bf16_bytes = 2 * math.prod(largest.shape)
+    assert f"whose largest tensor is the {bf16_bytes / 1e9:.2f} GB embedding: peak RSS in BENCHMARKS.md" in readme
+    assert "## synth's memory, one real-size layer" in (ROOT / "BENCHMARKS.md").read_text()
 
 
 def test_transformers_layout_holds_the_same_values(tiny_released, tiny_transformers):

@@ -30,13 +30,15 @@ import bundled_corpus  # noqa: E402
 from tool_output import positive_int  # noqa: E402
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE  # noqa: E402
+from klconvert.checkpoint.reader import open_checkpoint  # noqa: E402
 from klconvert.checkpoint.safetensors_header import read_header  # noqa: E402
 from klconvert.evaluate import EvalResult, compare, run_model  # noqa: E402
 from klconvert.models import resolve_model  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
+from klconvert.convert.outputs import plan_modules, plan_totals  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
 from klconvert.quant.defaults import KEEP, LM_HEAD  # noqa: E402
-from klconvert.quantize import quantize  # noqa: E402
+from klconvert.quantize import choose_policy, quantize  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -103,6 +105,24 @@ def variants(c: KimiLinearConfig) -> list[tuple[str, str, dict]]:
     return rows
 
 
+def quantize_options(options: dict, recipe_path: Path) -> dict:
+    """A variant's quantize keywords, its recipe_text written to `recipe_path` and given as the recipe."""
+    options = dict(options)
+    if "recipe_text" in options:
+        recipe_path.write_text(options.pop("recipe_text"))
+        options["recipe"] = recipe_path
+    return options
+
+
+def planned_bits_per_weight(model: Path, options: dict) -> float:
+    """The bits per weight quantize reports for these keywords (quantize_options'), from its plan of what each tensor
+    is written as: no weight is quantized."""
+    checkpoint = open_checkpoint(model)
+    policy = choose_policy(**{k: v for k, v in options.items() if k != "allow_split_fused"})[0]
+    policy = policy.check_against([(name, spec.shape) for name, spec in checkpoint.expected.items()])
+    return plan_totals(plan_modules(checkpoint, policy)).bits_per_weight
+
+
 def measure(model: Path, tokens: int, only: str | None, folders: tuple[tuple[str, Path], ...] = (),
             log=lambda s: print(s, file=sys.stderr)) -> list:
     """[(section, label, EvalResult, bits per weight over all weights)] for each variant whose label has `only`,
@@ -118,13 +138,9 @@ def measure(model: Path, tokens: int, only: str | None, folders: tuple[tuple[str
             if only and only not in label:
                 continue
             t0 = time.perf_counter()
-            options = dict(options)
-            if "recipe_text" in options:
-                path = Path(tmp) / f"recipe{i}.yaml"
-                path.write_text(options.pop("recipe_text"))
-                options["recipe"] = path
             out = Path(tmp) / f"v{i}"
-            result = quantize(model, out, device="cpu", progress=False, **options)
+            result = quantize(model, out, device="cpu", progress=False,
+                              **quantize_options(options, Path(tmp) / f"recipe{i}.yaml"))
             got = run_model(out, ids, "cpu", "float32")
             rows.append((section, label, compare(reference, got, ids), result.totals.bits_per_weight))
             log(f"{label}: {time.perf_counter() - t0:.0f} s")
