@@ -243,7 +243,7 @@ def test_row_blocks_give_the_same_tensors(tiny_released, tmp_path, monkeypatch):
 
 
 def test_the_source_is_read_without_mapping_it(tiny_released, tmp_path, monkeypatch):
-    """quantize reads each source tensor by positioned reads: a shard mapped keeps every page read resident (RSS grew
+    """quantize reads each source tensor by plain reads: a shard mapped keeps every page read resident (RSS grew
     with the model until the mapping was dropped), and one cut short while mapped killed the command with SIGBUS."""
     source = str(tiny_released.resolve())
     mapped, get = [], Checkpoint.get

@@ -1,4 +1,4 @@
-"""Reading a stored tensor by positioned reads (klconvert/checkpoint/stored_tensor.py): the same tensors safetensors
+"""Reading a stored tensor by plain reads (klconvert/checkpoint/stored_tensor.py): the same tensors safetensors
 reads, cut as indexing cuts them, and a file cut short under the read refused in one line."""
 from __future__ import annotations
 

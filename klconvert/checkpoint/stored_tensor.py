@@ -1,11 +1,10 @@
-"""One stored tensor read out of an open safetensors shard by positioned reads, never through a memory mapping: a shard
+"""One stored tensor read out of an open safetensors shard by plain reads, never through a memory mapping: a shard
 cut short while mapped kills the process (SIGBUS, exit status 135, no line) at the first touch of a page past its new
 end, where a read comes back short and is refused in one line."""
 from __future__ import annotations
 
 import ctypes
 import math
-import os
 from typing import BinaryIO
 
 import torch
@@ -48,9 +47,10 @@ def read_stored(file: BinaryIO, header: SafetensorsHeader, name: str, index: tup
     out = torch.empty(nbytes, dtype=torch.uint8, device="cpu")   # the host's, whatever default device the caller set
     if nbytes:
         into = memoryview((ctypes.c_char * nbytes).from_address(out.data_ptr())).cast("B")
+        file.seek(start)
         done = 0
-        while done < nbytes:   # a read returns at most ~2 GB, and a pipe-like file system less
-            got = os.preadv(file.fileno(), [into[done:]], start + done)
+        while done < nbytes:   # a read returns at most ~2 GB, and a network file system may return less
+            got = file.readinto(into[done:])
             if not got:
                 raise KLError(f"{header.path}: ends at byte {start + done:,}, inside tensor {shown(name)} (bytes "
                               f"{start:,} to {start + nbytes:,}): the file was cut short while this command read it -- "
