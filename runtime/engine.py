@@ -5,6 +5,7 @@ import inspect
 import numbers
 import threading
 import time
+import weakref
 from collections import deque
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -281,6 +282,14 @@ def _callable_name(value) -> str:
     return f"{name}{inspect.signature(value)}" if isinstance(name, str) else f"this {type(value).__name__}"
 
 
+class _OneThreadCall:
+    """A call of Runner._small_model_threads, in the thread it runs in."""
+    __slots__ = ("thread", "__weakref__")
+
+    def __init__(self, thread: int):
+        self.thread = thread
+
+
 class Runner:
     """What Engine and OnnxEngine (klconvert/onnx/session.py) share: the hold a generation takes on the engine, the
     decode loop, and the figures it leaves in self.stats. A subclass sets self.device, self.config and self.stats."""
@@ -292,6 +301,11 @@ class Runner:
     _taking = threading.Lock()   # one check-and-take of a hold at a time (all engines: it is held for microseconds)
     # what asks for less memory, as an out-of-host-memory line in a decode step says it (host_allocation's `less`)
     decode_less = "give fewer or shorter prompts"
+    # the calls of _small_model_threads running now (all engines), and the thread count the first of them found,
+    # which each thread goes back to as its last call there ends; under _one_thread
+    _one_thread = threading.Lock()
+    _one_thread_calls: weakref.WeakSet[_OneThreadCall] = weakref.WeakSet()
+    _threads_before: list[int] = []
 
     def _check_idle(self, call: str) -> None:
         """KLError while a call holds this engine -- `call` from another thread, or from one of a generation's
@@ -340,16 +354,31 @@ class Runner:
     def _small_model_threads(self):
         """On the CPU, a small model runs on one intra-op thread: its ops are too small to split, and idle-spinning
         workers cost more than they save (decode 89 vs 0.7 tokens/s for the bundled model on a loaded 2-core
-        machine). Restored afterwards."""
+        machine). Each thread goes back, however the call ends, to the count the first of the calls running at once
+        found: torch's count is each thread's, and a thread's first read takes the one set last in any thread, so a
+        second engine's thread read the first's 1 and set it back for good (an engine a thread, as the README says).
+        A call whose ending an interrupt cut short drops out of the calls as its frame goes, and the count it saved
+        stays while its 1 does."""
         if self.device.type != "cpu" or self.config.hidden_size >= SMALL_MODEL_HIDDEN:
             yield
             return
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
+        call = _OneThreadCall(threading.get_ident())
+        calls, before = Runner._one_thread_calls, Runner._threads_before
         try:
+            with Runner._one_thread:
+                threads = torch.get_num_threads()   # read first: its first read would take a count set meanwhile
+                if not calls and not (before and threads == 1):
+                    before[:] = [threads]
+                calls.add(call)
+                torch.set_num_threads(1)
             yield
         finally:
-            torch.set_num_threads(threads)
+            with Runner._one_thread:
+                if before and not any(other.thread == call.thread for other in calls if other is not call):
+                    torch.set_num_threads(before[0])   # the thread's last call out (one may run inside a callback)
+                calls.discard(call)
+                if not calls:
+                    before.clear()
 
     def decode_loop(self, step: DecodeStep, logits: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                     top_p: float = 1.0, generator: torch.Generator | None = None,

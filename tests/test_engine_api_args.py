@@ -231,6 +231,98 @@ def test_generate_leaves_the_global_generator_alone(engine):
     assert torch.equal(draws[0], draws[1])
 
 
+@pytest.fixture
+def three_threads():
+    """torch's intra-op thread count set to 3 (one the engine never sets) for the test, then put back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
+
+
+def _a_new_threads_count() -> int:
+    """torch's thread count as a thread started now reads it (the count set last, in any thread)."""
+    counts = []
+    reader = threading.Thread(target=lambda: counts.append(torch.get_num_threads()))
+    reader.start()
+    reader.join()
+    return counts[0]
+
+
+def test_two_engines_generating_at_once_leave_the_thread_count_as_it_was(tiny_released, three_threads):
+    """An engine a thread, as the README says: generate set the count to 1 and back to what its thread read, and the
+    second engine's thread read the first's 1 -- A in, B in, A out, B out left every thread started after on 1."""
+    engines = [klconvert.load(tiny_released, device="cpu", max_context=64) for _ in range(2)]
+    want = engines[0].generate([1, 2, 3], 6, stop_ids=frozenset())
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    inside, after, outputs = {}, {}, {}
+
+    def generate(name: str, engine, entered: threading.Event, wait_for: threading.Event) -> None:
+        tokens = []
+
+        def on_token(_, token):   # held at the second token: the first is handed on before the decode loop's threads
+            tokens.append(token)
+            if len(tokens) == 2:
+                inside[name] = torch.get_num_threads()
+                entered.set()
+                assert wait_for.wait(60)
+
+        outputs[name] = engine.generate([1, 2, 3], 6, stop_ids=frozenset(), on_token=on_token)
+        after[name] = torch.get_num_threads()
+
+    a = threading.Thread(target=generate, args=("A", engines[0], a_in, b_in))
+    b = threading.Thread(target=generate, args=("B", engines[1], b_in, a_out))
+    a.start()
+    assert a_in.wait(60)
+    b.start()
+    a.join(60)
+    a_out.set()
+    b.join(60)
+    assert inside == {"A": 1, "B": 1} and after == {"A": 3, "B": 3}
+    assert _a_new_threads_count() == 3 and torch.get_num_threads() == 3
+    assert all(torch.equal(out, want) for out in outputs.values()) and len(outputs) == 2
+
+
+def test_an_interrupt_as_generate_sets_one_thread_leaves_the_thread_count_as_it_was(engine, three_threads,
+                                                                                     monkeypatch):
+    """The 1 was set before the try that put the count back: an interrupt between them left it (1 in 631 random
+    interrupts of a generate loop)."""
+    set_num_threads = torch.set_num_threads
+
+    def interrupted_once_set(threads: int) -> None:
+        set_num_threads(threads)
+        if threads == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "set_num_threads", interrupted_once_set)
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate([1, 2, 3], 4)
+    monkeypatch.undo()
+    assert torch.get_num_threads() == 3 and _a_new_threads_count() == 3
+    engine.generate([1, 2, 3], 4)   # and the engine is free
+    assert torch.get_num_threads() == 3
+
+
+def test_a_generate_after_one_an_interrupt_cut_short_as_it_set_the_count_back_sets_it_back(engine, three_threads,
+                                                                                        monkeypatch):
+    """An interrupt as the count was set back leaves the 1 (nothing can set it back then); the next call, reading
+    that 1, set it back to 1, not to the count the interrupted call found."""
+    set_num_threads = torch.set_num_threads
+
+    def interrupted_setting_back(threads: int) -> None:
+        if threads != 1:
+            raise KeyboardInterrupt
+        set_num_threads(threads)
+
+    monkeypatch.setattr(torch, "set_num_threads", interrupted_setting_back)
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate([1, 2, 3], 4)
+    monkeypatch.undo()
+    assert torch.get_num_threads() == 1
+    engine.generate([1, 2, 3], 4)
+    assert torch.get_num_threads() == 3 and _a_new_threads_count() == 3
+
+
 @pytest.mark.parametrize("token, position, message", [
     ([5], -3, r"position -3 is outside the planned context 0\.\.63"),
     ([5], 10**6, r"position 1000000 is outside the planned context"),
