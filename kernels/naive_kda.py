@@ -119,7 +119,7 @@ def _wy_chunk(qc, kc, vc, gc, bc, state, decay=None):
     qc, kc = qc.contiguous(), kc.contiguous()
     G = gc.cumsum(dim=2)                                                # [B, H, C, K]
     C, K = G.shape[2:]
-    causal = torch.ones(C, C, device=G.device).tril()                  # 1 where s <= t, else 0: products by it exact
+    causal = G.new_ones(C, C).tril()   # 1 where s <= t, else 0 (G's dtype, not the default): products by it exact
     # D[t, s, i] = exp(G_t - G_s), the exponent zeroed above the diagonal first (D is 1 there, masked out of the
     # products below): exp over finite values, twice as fast as over the -inf a masked_fill would write
     D = (G.unsqueeze(3) - G.unsqueeze(2) if decay is None

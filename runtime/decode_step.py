@@ -11,6 +11,12 @@ from klconvert.runtime.state import StateBuffers
 WARMUP_STEPS = 2  # eager runs on a side stream before capture: Triton compiles, cuBLAS picks its kernels
 
 
+def autocast_off(device: torch.device) -> torch.autocast:
+    """The caller's torch.autocast switched off on `device`'s type while the engine runs the model, which runs in the
+    dtype it was loaded in: inside an app's autocast(cpu, bfloat16) its products ran in bf16 and its tokens differed."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def capturable(model: KimiLinear, batch: int) -> bool:
     """Whether the decode step of `batch` sequences can be captured: the reference expert loop (model.Experts)
     asks the host which experts were chosen, so a model still holding it (dense or unfusable experts) decodes
@@ -35,7 +41,8 @@ class DecodeStep:
 
     def eager(self) -> torch.Tensor:
         """The step run eagerly (no graph), on the same buffers."""
-        return self.model.decode(self.tokens, self.state, self.positions)
+        with autocast_off(self.tokens.device):
+            return self.model.decode(self.tokens, self.state, self.positions)
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -63,7 +70,8 @@ class DecodeStep:
     @torch.inference_mode()
     def step(self) -> torch.Tensor:
         if self.graph is None:
-            self.logits = self.model.decode(self.tokens, self._used_rows(), self.positions)
+            with autocast_off(self.tokens.device):
+                self.logits = self.model.decode(self.tokens, self._used_rows(), self.positions)
         else:
             self.graph.replay()
         return self.logits

@@ -22,7 +22,7 @@ from klconvert.errors import KLError, argument, refuse_non_bool, shown
 from klconvert.models import resolve_model
 from klconvert.quant import QuantScheme
 from klconvert.runtime.bind import bind, packed_choice
-from klconvert.runtime.decode_step import DecodeStep, capturable
+from klconvert.runtime.decode_step import DecodeStep, autocast_off, capturable
 from klconvert.runtime.host_malloc import large_blocks_mapped
 from klconvert.runtime.host_memory import NAMED_FIT_SHARE, host_allocation, host_memory
 from klconvert.runtime.memory_plan import MAX_BATCH, PREFILL_SEGMENT, MemoryPlan, weight_bytes
@@ -639,7 +639,8 @@ class Engine(Runner):
             seg = ids[:, start:start + self.prefill_segment]
             last = start + seg.shape[1] == ids.shape[1]
             # on the CPU its temporaries given back to the system when freed, not kept (runtime/host_malloc.py)
-            with host_allocation(what, less), large_blocks_mapped() if self.device.type == "cpu" else nullcontext():
+            given_back = large_blocks_mapped() if self.device.type == "cpu" else nullcontext()
+            with host_allocation(what, less), given_back, autocast_off(self.device):
                 logits = self.model(seg, state, start, last_only=not all_logits)
             if progress is not None:
                 _sync(self.device)
@@ -739,8 +740,8 @@ class Engine(Runner):
         if not 0 <= int(positions.min()) <= int(positions.max()) < self.plan.context:
             raise KLError(f"position {position} is outside the planned context 0..{self.plan.context - 1}")
         token, positions = token.to(self.device), positions.to(self.device)
-        with torch.inference_mode(), host_allocation(f"a decode step's activations (batch {token.shape[0]})",
-                                                      self.decode_less):
+        activations = f"a decode step's activations (batch {token.shape[0]})"
+        with torch.inference_mode(), autocast_off(self.device), host_allocation(activations, self.decode_less):
             return self.model.decode(token, self.state.rows(0, token.shape[0]), positions)
 
     def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,

@@ -209,7 +209,7 @@ class TritonKDAChunk(nn.Module):
             tail = qkv.new_zeros(B, qkv.shape[-1], self.conv.shape[-1] - 1)
         y = kda_prefill_conv(qkv, tail, self.conv, out_dtype=self.conv_dtype or qkv.dtype)
         q, k, v = y.view(B, T, 3, H, K).unbind(2)
-        S = S if S is not None else torch.zeros(B, H, K, K, device=q.device)
+        S = S if S is not None else torch.zeros(B, H, K, K, dtype=torch.float32, device=q.device)
         return self.delta(q, k, v, g_raw.view(B, T, H, K), beta_raw, S, exact=qkv.dtype == torch.float32)
 
     def delta(self, q, k, v, g_raw, beta_raw, S, exact: bool) -> torch.Tensor:
@@ -286,7 +286,7 @@ class FusedDenseMLP(M.FeedForward):
         self.packed = dense_mlp_experts(mlp.gate_proj.packed, mlp.up_proj.packed, mlp.down_proj.packed, chunk)
         routed, device = self.packed.num_experts, self.packed.gate.qweight.device
         self.ids = torch.arange(routed, device=device).expand(DECODE_MAX_TOKENS, routed).contiguous()
-        self.weights = torch.ones(DECODE_MAX_TOKENS, routed, device=device)
+        self.weights = torch.ones(DECODE_MAX_TOKENS, routed, dtype=torch.float32, device=device)
         self.after: torch.Tensor | None = None
 
     @staticmethod

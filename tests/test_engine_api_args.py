@@ -323,6 +323,50 @@ def test_a_generate_after_one_an_interrupt_cut_short_as_it_set_the_count_back_se
     assert torch.get_num_threads() == 3 and _a_new_threads_count() == 3
 
 
+def _outputs_of_the_api(path) -> tuple[list[torch.Tensor], list[bool]]:
+    """What the API computes on the tiny model, loaded anew -- greedy and sampled generation of two prompts (one past
+    a KDA chunk), forward, prefill, a decode step and forward_segments' segments of 16 tokens -- and whether CPU
+    autocast was on, as the caller reads it, between those segments."""
+    engine = klconvert.load(path, device="cpu", max_context=256, batch=2)
+    prompts, long = [list(range(1, 100)), [5, 6, 7]], [list(range(1, 100))]
+    outputs = [engine.generate(prompts, 8, stop_ids=frozenset()),
+               engine.generate(prompts, 8, temperature=1.0, top_p=0.9, seed=3, stop_ids=frozenset()),
+               engine.forward(long), engine.prefill(long), engine.decode_step([7], 99)]
+    engine.prefill_segment, autocast_between = 16, []
+    for segment in engine.forward_segments(long):
+        outputs.append(segment)
+        autocast_between.append(torch.is_autocast_enabled("cpu"))
+    return outputs, autocast_between
+
+
+@pytest.fixture(scope="module")
+def outputs_of_the_api(tiny_released):
+    return _outputs_of_the_api(tiny_released)[0]
+
+
+def test_an_apps_default_dtype_changes_no_output(tiny_released, outputs_of_the_api):
+    """Under torch.set_default_dtype(torch.float64) the first call through the model was 'RuntimeError: expected
+    scalar type Float but found Double': the KDA chunk's causal mask was made in the default dtype."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        outputs, _ = _outputs_of_the_api(tiny_released)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert len(outputs) == len(outputs_of_the_api) == 12
+    assert all(torch.equal(got, want) and got.dtype == want.dtype for got, want in zip(outputs, outputs_of_the_api))
+
+
+def test_an_apps_autocast_changes_no_output(tiny_released, outputs_of_the_api):
+    """Inside an app's torch.autocast("cpu", dtype=torch.bfloat16) the model's products ran in bf16: other logits,
+    other tokens. The engine switches it off while it runs the model, and only then: the app's own code between
+    forward_segments' segments, and after each call, runs under its autocast still."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs, autocast_between = _outputs_of_the_api(tiny_released)
+        assert torch.is_autocast_enabled("cpu")
+    assert autocast_between == [True] * 7 and len(outputs) == len(outputs_of_the_api)
+    assert all(torch.equal(got, want) and got.dtype == want.dtype for got, want in zip(outputs, outputs_of_the_api))
+
+
 @pytest.mark.parametrize("token, position, message", [
     ([5], -3, r"position -3 is outside the planned context 0\.\.63"),
     ([5], 10**6, r"position 1000000 is outside the planned context"),
