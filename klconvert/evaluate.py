@@ -101,7 +101,8 @@ def run_model(path: Path, ids: list[int], device: str | torch.device | None, dty
                 def record(module, args, result, out=chosen.setdefault(layer, [])):
                     out.append(result[0].cpu())  # expert ids, one [B*S, k] per prefill segment, in order
                 block.ffn.gate.register_forward_hook(record)
-        log_probs = torch.empty(len(ids), c.vocab_size)        # on the host; the device holds one segment's at a time
+        # on the host, in fp32 whatever the caller's default dtype and device; the device holds one segment's at a time
+        log_probs = torch.empty(len(ids), c.vocab_size, dtype=torch.float32, device="cpu")
         start = 0
         for logits in engine.forward_segments(torch.tensor([ids])):              # [1, S, V] fp32
             log_probs[start:start + logits.shape[1]] = torch.log_softmax(logits[0].float(), dim=-1)

@@ -182,6 +182,18 @@ def test_the_readme_recipe_scores_a_crlf_file_as_the_command_does(tiny_released,
     assert out == render_eval(result, tiny_perturbed, tiny_released) + "\n"
 
 
+def test_an_apps_default_dtype_changes_no_measure(tiny_released, tiny_perturbed):
+    """helper-149: under torch.set_default_dtype(torch.float64) the log-probabilities were held in float64, so every
+    measure came out other than under float32 (the engine's output the same)."""
+    want = evaluate(tiny_perturbed, tiny_released, TEXT, max_tokens=32, device="cpu")
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = evaluate(tiny_perturbed, tiny_released, TEXT, max_tokens=32, device="cpu")
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert got == want
+
+
 def test_eval_checks_each_model_once(tiny_released, tmp_path, monkeypatch, capsys):
     """The command checked --model itself, then evaluate checked it again (each resolving the name)."""
     import klconvert.cli as cli_module
