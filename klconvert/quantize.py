@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Container
 from contextlib import nullcontext
 from dataclasses import dataclass
 from fnmatch import fnmatch
@@ -53,7 +54,8 @@ from klconvert.quant.scheme import KINDS, NF4_BLOCKSIZE
 from klconvert.presets import preset_config
 from klconvert.release import RELEASED_SHARD_BYTES
 from klconvert.runtime.sampling import as_number
-from klconvert.tokenizer import check_tokenizer_if_any
+from klconvert.tokenizer import BPE_FILE, TRANSFORMERS_TOKENIZER_FILE, check_tokenizer_if_any
+from klconvert.tokenizer_json import tokenizer_json
 from klconvert.units import binary_size_text, count_text, size_text, size_texts
 from klconvert.user_paths import given_path
 
@@ -226,17 +228,18 @@ def _refuse_out_over_src(src: Path, out: Path) -> None:
         raise KLError(f"{out}: is inside the source folder {src}; write the quantized model somewhere else")
 
 
-def _copied_files(src: Path) -> list[Path]:
-    """The side files OUT takes from SRC, each refused when a link out of SRC or past MAX_SIDE_FILE_BYTES. Hidden
-    files stay behind: none is a model's, and klconvert's own (a partial output's .klconvert-resume.json) would
-    overwrite OUT's."""
+def _copied_files(src: Path, made: Container[str]) -> list[Path]:
+    """The side files OUT takes from SRC, but those of the names `made` (written from what SRC holds), each refused
+    when a link out of SRC or past MAX_SIDE_FILE_BYTES. Hidden files stay behind: none is a model's, and klconvert's
+    own (a partial output's .klconvert-resume.json) would overwrite OUT's."""
     try:   # glob skips a folder it cannot list, unsaid: the output would lack the tokenizer's files
         os.listdir(src)
     except OSError as e:
         raise KLError(f"{src}: cannot list its files ({e.strerror}); quantize copies the tokenizer and configs "
                       "beside the weights -- make the folder readable for you (chmod u+r, or ask its owner) and "
                       "rerun") from None
-    found = sorted({p for pattern in SIDE_FILES for p in src.glob(pattern) if p.is_file() and _copied(p.name)})
+    found = sorted({p for pattern in SIDE_FILES for p in src.glob(pattern)
+                    if p.is_file() and _copied(p.name) and p.name not in made})
     refuse_unfit_side_files(src, found)
     return found
 
@@ -324,8 +327,11 @@ def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch
         from klconvert.runtime.plan_report import check_runtime_context
 
         check_runtime_context(recipe, checkpoint.config)
-    check_tokenizer_if_any(src, checkpoint.config)
-    side_files = {path.name: _side_file(path) for path in _copied_files(src)}   # small: read before any work
+    tokenizer = check_tokenizer_if_any(src, checkpoint.config)
+    # transformers (vLLM too) reads tokenizer.json before tiktoken.model, converting the latter with a split of its
+    # own: one written from the ranks klconvert read encodes as it does (a source's own is replaced, not copied)
+    made = {TRANSFORMERS_TOKENIZER_FILE: tokenizer_json(tokenizer, src / BPE_FILE)} if tokenizer is not None else {}
+    side_files = {path.name: _side_file(path) for path in _copied_files(src, made)}   # small: read before any work
     names_and_shapes = [(name, spec.shape) for name, spec in checkpoint.expected.items()]
     policy = policy.check_against(names_and_shapes)
     if not allow_split_fused:
@@ -340,7 +346,7 @@ def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch
     folder = OutputFolder(out, {"format": RESUME_FORMAT, "klconvert": version("klconvert"),
                                 "source": source_fingerprint(checkpoint, origin), "recipe": recipe_yaml,
                                 "max_shard_bytes": max_shard_bytes, "shards": names}, force,
-                          files=[*names, *WRITTEN_FILES, RECIPE_FILE, *side_files, MODEL_CARD_FILE])
+                          files=[*names, *WRITTEN_FILES, RECIPE_FILE, *side_files, *made, MODEL_CARD_FILE])
     try:
         folder.open()
     except OSError as e:   # the folder or its resume record could not be made: open() took back what it made
@@ -377,7 +383,7 @@ def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch
         folder.write_text(CONFIG_FILE, json.dumps(config, indent=2) + "\n")
         folder.write_text(INDEX_FILE, index_json(shards, names) + "\n")
         folder.write_text(RECIPE_FILE, recipe_yaml)
-        for name, data in side_files.items():
+        for name, data in {**side_files, **made}.items():
             folder.write_bytes(name, data)
         folder.write_text(MODEL_CARD_FILE,
                           model_card(out.name, origin, policy, totals, len(shards), version("klconvert")))

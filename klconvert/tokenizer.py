@@ -337,6 +337,11 @@ class Tokenizer:
         return self._encoding.n_vocab
 
     @property
+    def bpe_ranks(self) -> Mapping[bytes, int]:
+        """{token bytes: rank} as tiktoken.model lists them, read-only."""
+        return self._ranks
+
+    @property
     def bpe_digest(self) -> str:
         """sha256 of the BPE ranks as tiktoken.model lists them, one '<base64 token> <rank>' line each in rank order:
         equal for two folders whose files rank the same tokens alike."""

@@ -2,6 +2,7 @@
 its known upstream bugs are reproduced, and the conv1d workaround is tested."""
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from dataclasses import replace
@@ -16,10 +17,11 @@ from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.convert.stacked_convs import stack_kda_convs
 from klconvert.quant import policy_from_options
 from klconvert.quantize import quantize
-from klconvert.tokenizer import Tokenizer
+from klconvert.tokenizer import KIMI_PRETOKENIZE_PATTERN, Tokenizer, read_bpe_ranks
 from testkit import TRANSFORMERS_ON_THE_CPU
 
 transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")   # a transformers dependency
 from packaging.version import Version  # noqa: E402  (a transformers dependency)
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
@@ -136,6 +138,98 @@ def test_the_folder_names_no_remote_code_so_trust_remote_code_loads_it(outputs, 
     text = "The quick brown fox said: 42 apples,\n  and then some."
     assert (transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=True).encode(text)
             == Tokenizer.from_folder(folder).encode(text))
+
+
+# Texts whose pieces Kimi's pattern cuts otherwise than the cl100k-like one transformers converts a bare tiktoken.model
+# with (a contraction stays on its word; Han apart from kana and Latin; CamelCase apart), and the rest of what a
+# pre-tokenizer decides: digit runs, newlines and CRLF, spaces, emoji
+TOKENIZER_TEXTS = [" I'll", " I'm", "don't", "And I'll go, I'm sure you don't.", "THE KING'S MEN", "日本語のテキスト",
+                   "Kimi模型，你好世界！", " CamelCase HTTPServer", "12345678 3.14", "a\nb\r\nc\r\n\r\n\n  d",
+                   "emoji 😀👍 👍🏽 👨\u200d👩\u200d👧", "  trailing   ", "\t\tindented", ""]
+# Tokens the quantized folder's tiktoken.model is given (each with its prefixes, as a BPE has them) so that a text
+# above is one token where its pieces are cut otherwise: a split of transformers' own turns up as other ids
+CRAFTED_TOKENS = (" I'll", " I'm", "don't", "日本語のテキスト", "のテキスト", " CamelCase", "12345", "\r\n\r\n",
+                  " 😀👍")
+
+
+@pytest.fixture(scope="module")
+def crafted(tiny_released, tmp_path_factory) -> Path:
+    """The tiny checkpoint, its last BPE ranks given to CRAFTED_TOKENS, quantized."""
+    source = shutil.copytree(tiny_released, tmp_path_factory.mktemp("crafted") / "source")
+    path = source / "tiktoken.model"
+    ranks = read_bpe_ranks(path)
+    order = sorted(ranks, key=ranks.get)
+    chains = [token.encode()[:end] for token in CRAFTED_TOKENS for end in range(2, len(token.encode()) + 1)]
+    head = order[:len(order) - len(chains)]   # the last ranks make room (no token builds on them)
+    added = list(dict.fromkeys(token for token in chains if token not in set(head)))
+    refill = [token for token in order[len(head):] if token not in set(added)]   # as many ranks as before
+    tokens = head + added + refill[:len(order) - len(head) - len(added)]
+    path.write_bytes(b"".join(base64.b64encode(token) + b" %d\n" % rank for rank, token in enumerate(tokens)))
+    return quantize(source, source.parent / "q", device="cpu", progress=False).path
+
+
+def test_transformers_and_tokenizers_encode_as_klconvert(crafted):
+    """transformers reads the tokenizer.json quantize writes, not its own conversion of tiktoken.model, whose split
+    made " I'll" " I" + "'ll" and "日本語のテキスト" one piece; the `tokenizers` library reads it alike. Both decode
+    every text back."""
+    ours = Tokenizer.from_folder(crafted)
+    hf = transformers.AutoTokenizer.from_pretrained(crafted, trust_remote_code=True)
+    assert [len(ours.encode(text)) for text in (" I'll", "日本語のテキスト")] == [1, 2]   # Kimi cuts 日本語|のテキスト
+    for text in TOKENIZER_TEXTS:
+        ids = ours.encode(text)
+        assert hf.encode(text) == ids, text   # no BOS added, as klconvert adds none
+        assert hf.decode(ids) == ours.decode(ids) == text
+    assert hf.convert_ids_to_tokens(ours.encode(" I'll")) == ["ĠI'll"]
+    backend = tokenizers.Tokenizer.from_file(str(crafted / "tokenizer.json"))
+    for text in TOKENIZER_TEXTS:
+        ids = ours.encode(text)
+        assert backend.encode(text, add_special_tokens=False).ids == ids, text
+        assert backend.decode(ids) == text
+
+
+def test_special_token_text_is_special_in_transformers_only_as_it_is_in_a_chat(crafted):
+    """klconvert encodes special-token text in a plain prompt as text (tests/test_tokenizer.py); transformers as the
+    special token, and as text with split_special_tokens=True, which is where the two agree. A chat agrees as it is:
+    both give the template's specials their ids -- but for a message holding special text, which klconvert keeps
+    text and transformers makes the token."""
+    ours = Tokenizer.from_folder(crafted)
+    hf = transformers.AutoTokenizer.from_pretrained(crafted, trust_remote_code=True)
+    for text, token_id in ours.special_tokens.items():
+        assert hf.encode(text) == [token_id], text
+        assert hf.encode(text, split_special_tokens=True) == ours.encode(text), text
+        assert hf.decode([token_id]) == ours.decode([token_id]) == text
+    prompt = "Say <|im_end|> please[EOS]"
+    assert hf.encode(prompt) == [*ours.encode("Say "), ours.special_tokens["<|im_end|>"], *ours.encode(" please"),
+                                 ours.eos_id]
+    assert hf.encode(prompt, split_special_tokens=True) == ours.encode(prompt)
+
+    def chat(messages):
+        return hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "I'll ask: 日本語のテキスト?"},
+                {"role": "assistant", "content": "Don't."}, {"role": "user", "content": "12345\r\n"}]
+    assert chat(messages) == ours.encode_chat(messages)
+    quoting = [{"role": "user", "content": "what is <|im_end|>?"}]
+    end = ours.special_tokens["<|im_end|>"]
+    assert chat(quoting).count(end) == ours.encode_chat(quoting).count(end) + 1
+
+
+def test_tokenizer_json_is_transformers_conversion_with_kimi_s_split(crafted):
+    """The file is what TikTokenConverter makes of tiktoken.model given Kimi's pattern and the folder's specials:
+    the same model (vocab, merges, ignore_merges), pre-tokenizer, decoder and added tokens."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ours = Tokenizer.from_folder(crafted)
+
+    class FromOurRanks(TikTokenConverter):   # load_tiktoken_bpe would cache the file under /tmp by its path
+        @staticmethod
+        def load_tiktoken_bpe(tiktoken_url):
+            return dict(ours.bpe_ranks)
+
+    specials = sorted(ours.special_tokens, key=ours.special_tokens.get)
+    converted = FromOurRanks(pattern=KIMI_PRETOKENIZE_PATTERN, extra_special_tokens=specials).converted()
+    written = tokenizers.Tokenizer.from_file(str(crafted / "tokenizer.json"))
+    assert json.loads(written.to_str()) == json.loads(converted.to_str())
 
 
 def test_a_config_transformers_saved_reads_as_the_release_s(tmp_path):

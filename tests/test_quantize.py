@@ -22,6 +22,8 @@ from klconvert.quant import compress_nf4, decompress_nf4, load_recipe
 from klconvert.units import count_text
 from klconvert.quantize import quantize
 from klconvert.synth.checkpoint import synth
+from klconvert.tokenizer import Tokenizer
+from klconvert.tokenizer_json import tokenizer_json
 from klconvert.convert import outputs
 from quantize_helpers import count_quantize_calls, folder_files
 
@@ -51,13 +53,15 @@ def test_folder_layout(int4_asym, tiny_released):
                                            for i in range(1, len(shards) + 1)]
     assert names == sorted(shards + ["config.json", "model.safetensors.index.json", "recipe.yaml", "README.md",
                                      "tiktoken.model", "tokenizer_config.json", "special_tokens_map.json",
-                                     "generation_config.json", OUTPUT_RECORD])
+                                     "tokenizer.json", "generation_config.json", OUTPUT_RECORD])
     assert json.loads((int4_asym / OUTPUT_RECORD).read_text()) == {"files": [n for n in names if n != OUTPUT_RECORD]}
     for f in ("tiktoken.model", "generation_config.json", "special_tokens_map.json"):
         assert (int4_asym / f).read_bytes() == (tiny_released / f).read_bytes()
     tokenizer_config = json.loads((tiny_released / "tokenizer_config.json").read_text())
     del tokenizer_config["auto_map"]   # names the release's Python files, which are not copied
     assert json.loads((int4_asym / "tokenizer_config.json").read_text()) == tokenizer_config
+    assert (int4_asym / "tokenizer.json").read_bytes() == tokenizer_json(Tokenizer.from_folder(tiny_released),
+                                                                         tiny_released / "tiktoken.model")
 
     index = json.loads((int4_asym / "model.safetensors.index.json").read_text())
     by_shard = {}
@@ -178,6 +182,22 @@ def test_both_layouts_give_the_same_folder(tiny_released, tiny_transformers, tmp
             == card_b.replace(str(tiny_transformers.resolve()), "SRC"))
     assert a == b
     assert "model.layers.1.block_sparse_moe.experts.0.w1.weight_packed" in state_dict(tmp_path / "b" / "q")
+
+
+def test_a_source_s_tokenizer_json_is_replaced_by_one_of_its_tiktoken_files(tiny_copy, tmp_path):
+    """transformers reads tokenizer.json before tiktoken.model: one a source ships (here transformers' conversion with
+    its own split, as save_pretrained writes it; or anything) is not copied beside the tiktoken files it may contradict,
+    but written from them (tests/test_interop_transformers.py). A folder of weights alone (no tiktoken files) has its
+    own copied as any side file."""
+    (tiny_copy / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
+    out = quantize(tiny_copy, tmp_path / "q", bits=8, progress=False).path
+    assert (out / "tokenizer.json").read_bytes() == tokenizer_json(Tokenizer.from_folder(tiny_copy),
+                                                                   tiny_copy / "tiktoken.model")
+    assert "tokenizer.json" in json.loads((out / OUTPUT_RECORD).read_text())["files"]
+    for name in ("tiktoken.model", "tokenizer_config.json", "special_tokens_map.json"):
+        (tiny_copy / name).unlink()
+    out = quantize(tiny_copy, tmp_path / "weights-alone", bits=8, progress=False).path
+    assert (out / "tokenizer.json").read_text() == '{"model": {"type": "BPE"}}'
 
 
 def test_nf4_folder(tmp_path):

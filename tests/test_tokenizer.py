@@ -14,9 +14,12 @@ from tiktoken.load import load_tiktoken_bpe
 
 from klconvert.errors import KLError
 from klconvert.models import BUNDLED_DIR
-from klconvert.synth.tokenizer_files import KIMI_CHAT_TEMPLATE, bpe_tokens, write_tokenizer_files
+from klconvert import tokenizer_json as tokenizer_json_module
+from klconvert.synth.tokenizer_files import (KIMI_CHAT_TEMPLATE, bpe_tokens, write_tiktoken_files,
+                                             write_tokenizer_files)
 from klconvert.tokenizer import (KIMI_PRETOKENIZE_PATTERN, ChatPastTokens, StreamDecoder, Tokenizer,
                                  pieces_for_tiktoken, read_bpe_ranks)
+from klconvert.tokenizer_json import tokenizer_json
 
 SMALL_RANKS = 1000
 REAL_RANKS = 163584  # the released vocabulary: 163584 BPE ranks + 256 specials = 163840
@@ -400,6 +403,65 @@ def test_stream_decoder_replaces_invalid_bytes_like_decode(small):
     ids = [0xF0, 0x9F, ord("a"), 0xFF, 0xE4, 0xBD]  # a cut 4-byte start, a stray byte, a cut 3-byte start
     stream = StreamDecoder(small)
     assert "".join(stream.push(token_id) for token_id in ids) + stream.flush() == small.decode(ids)
+
+
+# ---- tokenizer.json (what transformers and vLLM read) ------------------------------------------------------
+def tokenizers_backend(data: bytes):
+    return pytest.importorskip("tokenizers").Tokenizer.from_str(data.decode())
+
+
+def test_tokenizer_json_of_a_real_size_vocabulary_is_quick_fixed_and_encodes_as_klconvert(real_folder):
+    """Written in ~2 s (8.6 MB), the same bytes every run; the `tokenizers` library reads it and encodes as klconvert
+    does, TEXTS and text made of the vocabulary's own tokens (tests/test_interop_transformers.py: transformers)."""
+    tokenizer = Tokenizer.from_folder(real_folder)
+    started = time.perf_counter()
+    data = tokenizer_json(tokenizer, real_folder / "tiktoken.model")
+    assert time.perf_counter() - started < 15
+    assert tokenizer_json(tokenizer, real_folder / "tiktoken.model") == data
+    backend = tokenizers_backend(data)
+    rng = np.random.default_rng(0)
+    words = [word for word in (token.decode(errors="replace") for token in tokenizer.bpe_ranks)
+             if "\ufffd" not in word and (word.isprintable() or word.isspace())]
+    made_of_tokens = "".join(rng.choice(words, 5000))
+    for text in [*TEXTS, " I'll don't 日本語のテキスト\r\n", made_of_tokens]:
+        ids = tokenizer.encode(text)
+        assert backend.encode(text, add_special_tokens=False).ids == ids
+        assert backend.decode(ids) == text
+
+
+def test_a_token_no_merges_reach_is_taken_whole_as_tiktoken_takes_it(tmp_path):
+    """ignore_merges: tiktoken gives a piece that is a token its id before merging anything; without the flag
+    `tokenizers` would merge pairs, and none makes "xyz"."""
+    write_tiktoken_files(tmp_path, [*(bytes([b]) for b in range(256)), b"xyz"])
+    tokenizer = Tokenizer.from_folder(tmp_path)
+    data = tokenizer_json(tokenizer, tmp_path / "tiktoken.model")
+    assert tokenizer.encode("xyz") == [256] and json.loads(data)["model"]["merges"] == []
+    assert tokenizers_backend(data).encode("xyz").ids == [256]
+    document = json.loads(data)
+    document["model"]["ignore_merges"] = False
+    assert tokenizers_backend(json.dumps(document).encode()).encode("xyz").ids == list(b"xyz")
+
+
+def test_one_long_token_is_no_quadratic_search(tmp_path):
+    """A split is tried only at lengths some token has: a 4 MB token (under the 32 MB a tiktoken.model may be) was
+    4 million slices of up to 4 MB each."""
+    write_tiktoken_files(tmp_path, [*(bytes([b]) for b in range(256)), b"ab", b"q" * (4 << 20)])
+    tokenizer = Tokenizer.from_folder(tmp_path)
+    started = time.perf_counter()
+    assert json.loads(tokenizer_json(tokenizer, tmp_path / "tiktoken.model"))["model"]["merges"] == ["a b"]
+    assert time.perf_counter() - started < 5
+
+
+def test_a_vocabulary_of_too_many_merges_is_refused(tmp_path, monkeypatch):
+    """Tokens that split every way (a run of one byte) list merges past any BPE vocabulary's: refused by rank as
+    they pass MAX_MERGES, before the rest is spelled out."""
+    monkeypatch.setattr(tokenizer_json_module, "MAX_MERGES", 100)
+    write_tiktoken_files(tmp_path, [*(bytes([b]) for b in range(256)), *(b"a" * n for n in range(2, 40))])
+    tokenizer = Tokenizer.from_folder(tmp_path)
+    with pytest.raises(KLError, match=rf"^{re.escape(str(tmp_path))}/tiktoken.model: its tokens split into more "
+                                      r"than 100 merges \(or 67,108,864 characters of them\) by b'a{15}', rank 269, "
+                                      r".*re-download the model$"):
+        tokenizer_json(tokenizer, tmp_path / "tiktoken.model")
 
 
 # ---- the synthetic files -----------------------------------------------------------------------------------

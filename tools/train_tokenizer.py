@@ -25,22 +25,14 @@ from klconvert.release import NUM_SPECIAL_TOKENS  # noqa: E402
 from klconvert.synth.tokenizer_files import write_tiktoken_files  # noqa: E402
 from klconvert.tokenizer import KIMI_PRETOKENIZE_PATTERN  # noqa: E402
 from klconvert.tokenizer import Tokenizer as KimiTokenizer  # noqa: E402
+from klconvert.tokenizer_json import byte_chars  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "klconvert" / "bundled"
 
 
 def byte_decoder() -> dict[str, int]:
     """The inverse of GPT-2's bytes_to_unicode, which `tokenizers`' ByteLevel uses to spell bytes as characters."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
+    return {char: b for b, char in enumerate(byte_chars())}
 
 
 def train_bpe(text: str, vocab_size: int) -> Tokenizer:
