@@ -23,9 +23,25 @@ LIMIT = 64
 LINE = (rf"^klconvert: error: (.*: )?out of file descriptors: the process may open {LIMIT} files at once "
         rf"\(ulimit -n {LIMIT}\); raise the limit \(e\.g\. ulimit -n 1024\) and rerun$")
 
+# a child's exhaust(spare): all its descriptors but `spare` used up, under a limit of LIMIT
+EXHAUST = textwrap.dedent(f"""
+    import os, resource
+
+    def exhaust(spare):
+        resource.setrlimit(resource.RLIMIT_NOFILE, ({LIMIT}, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        held = []
+        while True:
+            try:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                break
+        for fd in held[len(held) - spare:]:
+            os.close(fd)
+""")
+
 # argv: spare, module:attribute to wrap, the first argument it must be called with ('' for any), klconvert's args
-DRIVER = textwrap.dedent(f"""
-    import importlib, os, resource, sys
+DRIVER = EXHAUST + textwrap.dedent("""
+    import importlib, sys
     import torch, safetensors, klconvert.cli, klconvert.entry, klconvert.checkpoint.reader  # noqa: not what is tried
     spare, target, first, args = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
     module, name = target.split(":")
@@ -34,15 +50,7 @@ DRIVER = textwrap.dedent(f"""
 
     def exhausting(*a, **k):
         if not first or (a and a[0] == first):
-            resource.setrlimit(resource.RLIMIT_NOFILE, ({LIMIT}, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-            held = []
-            while True:
-                try:
-                    held.append(os.open(os.devnull, os.O_RDONLY))
-                except OSError:
-                    break
-            for fd in held[len(held) - spare:]:
-                os.close(fd)
+            exhaust(spare)
         return real(*a, **k)
 
     setattr(owner, name, exhausting)
@@ -87,8 +95,8 @@ def test_export_out_of_descriptors_leaves_nothing_the_next_run_keeps(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
 
 
-REMOVE_WITH_ONE_DESCRIPTOR = textwrap.dedent(f"""
-    import os, resource, shutil, sys
+REMOVE_WITH_ONE_DESCRIPTOR = EXHAUST + textwrap.dedent("""
+    import shutil, sys
     from pathlib import Path
     from klconvert.whole_folder import _remove_tree
     tops = [Path(sys.argv[1]), Path(sys.argv[2])]
@@ -96,14 +104,7 @@ REMOVE_WITH_ONE_DESCRIPTOR = textwrap.dedent(f"""
         for folder in (top / "a" / "b" / "c", top / "d"):
             folder.mkdir(parents=True)
             (folder / "f").write_bytes(b"x")
-    resource.setrlimit(resource.RLIMIT_NOFILE, ({LIMIT}, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-    held = []
-    while True:
-        try:
-            held.append(os.open(os.devnull, os.O_RDONLY))
-        except OSError:
-            break
-    os.close(held.pop())
+    exhaust(1)
     try:
         shutil.rmtree(tops[0])
     except OSError as e:
