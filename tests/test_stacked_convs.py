@@ -4,7 +4,9 @@ written by safetensors' Rust code, which the entry point's audit hook cannot see
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import stat
 import sys
 
 import pytest
@@ -15,6 +17,7 @@ from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.convert import stacked_convs
 from klconvert.convert.stacked_convs import stack_kda_convs
 from klconvert.errors import KLError
+from testkit import assert_one_line_error, run_cli
 
 
 def test_a_shard_outside_the_folder_is_refused_untouched(tiny_copy, tmp_path):
@@ -58,3 +61,72 @@ def test_a_shard_written_by_rust_is_a_change_before_it_is_written(tiny_copy, mon
     finally:
         ctrl_c.changed = True
     assert changed_before_writes and all(changed_before_writes)
+
+
+def _files(folder):
+    """Each file's bytes, modification time and mode."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns, stat.S_IMODE(p.stat().st_mode))
+            for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("stopped_at", ["the second shard", "the index"])
+def test_a_stopped_call_is_named_by_run_and_finished_by_the_next(tiny_released, tiny_copy, tmp_path, monkeypatch,
+                                                                  capsys, stopped_at):
+    """Its shards are replaced one at a time and the index last: stopped between, the index names a layer's
+    q/k/v_conv1d in a shard that holds them stacked. run says to call it again (not to download), and that call
+    finishes the job: the same files (bytes and modes) as one call that ran through."""
+    whole = shutil.copytree(tiny_released, tmp_path / "whole")
+    layers = stack_kda_convs(whole)
+    saves, save_file = [], stacked_convs.save_file
+
+    def save_once(*args, **kwargs):
+        if saves:
+            raise KeyboardInterrupt
+        saves.append(save_file(*args, **kwargs))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(stacked_convs, *(("save_file", save_once) if stopped_at == "the second shard"
+                                   else ("write_atomically", interrupted)))
+        with pytest.raises(KeyboardInterrupt):
+            stack_kda_convs(tiny_copy)
+    code, _, err = run_cli(capsys, "run", "--model", tiny_copy, "--prompt", "hi")
+    line = assert_one_line_error(code, err)
+    assert re.fullmatch(r"klconvert: error: .*/model\.safetensors\.index\.json: names (model\.layers\.\d+\.self_attn\.)"
+                        r"q/k/v_conv1d\.weight in model-00001-of-00004\.safetensors, which holds them stacked as "
+                        r"\1conv1d\.weight: a stack_kda_convs on this folder stopped before it rewrote the index; run "
+                        r"stack_kda_convs on the folder again to finish it", line)
+
+    other = shutil.copytree(tiny_copy, tmp_path / "other")   # any other disagreement besides: the download is bad
+    index = json.loads((other / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.norm.weight"]
+    (other / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(KLError, match="does not list; the index and shards disagree -- download the checkpoint again"):
+        stack_kda_convs(other)
+
+    # the first shard holds 3 of the tiny model's 6 KDA layers
+    assert stack_kda_convs(tiny_copy) == {"the second shard": layers - 3, "the index": 0}[stopped_at]
+    bytes_and_modes = [{n: (f[0], f[2]) for n, f in _files(folder).items()} for folder in (tiny_copy, whole)]
+    assert bytes_and_modes[0] == bytes_and_modes[1]
+
+
+def test_a_second_call_writes_nothing(tiny_copy):
+    assert stack_kda_convs(tiny_copy)
+    before = _files(tiny_copy)
+    assert stack_kda_convs(tiny_copy) == 0
+    assert _files(tiny_copy) == before
+
+
+def test_a_rewritten_shard_keeps_its_mode(tiny_copy):
+    """Not safetensors' private 0600: a folder shared with another user (a serving container) stays readable."""
+    shards = sorted(tiny_copy.glob("*.safetensors"))
+    for shard, mode in zip(shards, [0o640, 0o644, 0o604, 0o444]):
+        shard.chmod(mode)
+    modes = {shard.name: stat.S_IMODE(shard.stat().st_mode) for shard in shards}
+    inodes = {shard.name: shard.stat().st_ino for shard in shards}
+    assert stack_kda_convs(tiny_copy)
+    assert {shard.name: shard.stat().st_ino != inodes[shard.name] for shard in shards} == {
+        shard.name: True for shard in shards[:3]} | {shards[3].name: False}   # the three holding convs rewritten
+    assert {shard.name: stat.S_IMODE(shard.stat().st_mode) for shard in shards} == modes

@@ -8,6 +8,7 @@ how each of those maps back, as data, and `LLM_COMPRESSOR_LAYOUT` the names llm-
 from __future__ import annotations
 
 import re
+from collections.abc import Container
 from dataclasses import dataclass
 from typing import Callable
 
@@ -143,6 +144,34 @@ TRANSFORMERS_LAYOUT: list[tuple[str, list[Piece]]] = [
     (_LAYER + r"\.mlp\.experts\.down_proj$",
      [Piece("{0}.block_sparse_moe.experts.{E}.w2.weight", lambda c, e: (e,), True)]),
 ]
+
+# A KDA layer's short convolutions as released (one tensor each) and as transformers stacks them (q, k, v on dim 0).
+KDA_CONV_PART = re.compile(r"^(model\.layers\.\d+\.self_attn\.)([qkv])_conv1d\.weight$")   # (layer prefix, q|k|v)
+STACKED_CONV = "{0}conv1d.weight"   # {0}: the layer prefix
+
+
+def kda_conv_parts(weight_map: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Each layer prefix whose separate q/k/v_conv1d `weight_map` names -> {'q'|'k'|'v': its shard}."""
+    layers: dict[str, dict[str, str]] = {}
+    for name, shard in weight_map.items():
+        m = KDA_CONV_PART.match(name)
+        if m:
+            layers.setdefault(m[1], {})[m[2]] = shard
+    return layers
+
+
+def with_stacked_convs(weight_map: dict[str, str], prefixes: Container[str]) -> dict[str, str]:
+    """`weight_map` (tensor -> shard) with the q/k/v_conv1d entries of each layer in `prefixes` as one stacked
+    conv1d entry, in q's place and shard: the order stack_kda_convs writes the index in, however often it ran."""
+    out = {}
+    for name, shard in weight_map.items():
+        m = KDA_CONV_PART.match(name)
+        if not m or m[1] not in prefixes:
+            out[name] = shard
+        elif m[2] == "q":
+            out[STACKED_CONV.format(m[1])] = shard
+    return out
+
 
 def _whole(template: str) -> list[Piece]:
     return [Piece(template, lambda c, e: ())]

@@ -19,7 +19,15 @@ from klconvert.checkpoint.folder_files import (
     SINGLE_FILE,
 )
 from klconvert.checkpoint.regular_file import open_regular, read_json
-from klconvert.checkpoint.name_map import TensorSpec, canonical_pieces, expected_tensors, sliced_shape
+from klconvert.checkpoint.name_map import (
+    STACKED_CONV,
+    TensorSpec,
+    canonical_pieces,
+    expected_tensors,
+    kda_conv_parts,
+    sliced_shape,
+    with_stacked_convs,
+)
 from klconvert.checkpoint.quantized import (
     PACKED_TENSOR_SUFFIXES,
     QuantizedSource,
@@ -92,8 +100,10 @@ class Checkpoint:
     packed weight comes back dequantized under its canonical name.
     """
 
-    def __init__(self, folder: str | Path, flag: str = "--model"):
-        """flag: the option (or argument) that named the folder, for the message when it holds no config.json."""
+    def __init__(self, folder: str | Path, flag: str = "--model", finish_stacking: bool = False):
+        """flag: the option (or argument) that named the folder, for the message when it holds no config.json.
+        finish_stacking: a folder a stopped stack_kda_convs left (`_stopped_stacking`) is read as its shards hold it
+        (stack_kda_convs's own rerun); otherwise it is refused, the rerun named."""
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise KLError(f"{self.folder}: no such checkpoint folder; name a folder holding a Kimi Linear checkpoint "
@@ -109,7 +119,7 @@ class Checkpoint:
         stored = sum(e.nbytes for h in self.headers.values() for e in h.tensors.values())
         check_model_size(self.config, str(self.folder / CONFIG_FILE), stored)
         self.expected: dict[str, TensorSpec] = expected_tensors(self.config)
-        self._check(weight_map)
+        self._check(weight_map, finish_stacking)
 
     # ---- checking ----------------------------------------------------------------------------
     def _weight_map(self) -> dict[str, str]:
@@ -165,8 +175,10 @@ class Checkpoint:
             header_bytes_left -= self.headers[shard].data_start - 8
         return weight_map
 
-    def _check(self, weight_map: dict[str, str]) -> None:
+    def _check(self, weight_map: dict[str, str], finish_stacking: bool) -> None:
         index_where = str(self.folder / INDEX_FILE)
+        stopped = _stopped_stacking(weight_map, self.headers)
+        weight_map = with_stacked_convs(weight_map, stopped)   # held to the headers as strictly as any other
         for name, shard in weight_map.items():
             if name not in self.headers[shard].tensors:
                 raise KLError(f"{index_where}: tensor {shown(name)} is indexed in {shard} but that shard does not hold "
@@ -177,6 +189,12 @@ class Checkpoint:
                     raise KLError(f"{self.folder / shard}: holds tensor {shown(name)} that the index "
                                   f"{'places in ' + weight_map[name] if name in weight_map else 'does not list'}; "
                                   "the index and shards disagree -- download the checkpoint again")
+        if stopped and not finish_stacking:   # the one disagreement: stack_kda_convs's own rerun finishes it
+            stacked = STACKED_CONV.format(stopped[0])
+            raise KLError(f"{index_where}: names {stopped[0]}q/k/v_conv1d.weight in {weight_map[stacked]}, which holds "
+                          f"them stacked as {stacked}: a stack_kda_convs on this folder stopped before it rewrote the "
+                          "index; run stack_kda_convs on the folder again to finish it")
+        self.weight_map = weight_map   # tensor -> shard, in the index's order (a stopped stacking's layers as done)
 
         refuse_unread_bnb_parts(weight_map, self.folder)
         if self.quant_method:
@@ -303,11 +321,27 @@ class Checkpoint:
         return parts, src.scheme
 
 
+def _stopped_stacking(weight_map: dict[str, str], headers: dict[str, SafetensorsHeader]) -> list[str]:
+    """The KDA layers (prefixes) a stopped stack_kda_convs left half done: it replaces a shard at a time and the index
+    last, so the index names the layer's q/k/v_conv1d in one shard, which holds none of them but, not indexed, their
+    stacked conv1d."""
+    stopped = []
+    for prefix, shards in kda_conv_parts(weight_map).items():
+        if sorted(shards) != ["k", "q", "v"] or len(set(shards.values())) != 1:
+            continue
+        stacked, held = STACKED_CONV.format(prefix), headers[shards["q"]].tensors
+        if stacked in held and stacked not in weight_map and not any(f"{prefix}{x}_conv1d.weight" in held
+                                                                     for x in "qkv"):
+            stopped.append(prefix)
+    return stopped
+
+
 def file_identity(st: os.stat_result) -> tuple[int, ...]:
     """What changes when a file is replaced or rewritten: its device, inode, size and modification time."""
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def open_checkpoint(folder: str | Path, flag: str = "--model") -> Checkpoint:
-    """Open and check a checkpoint folder (released or transformers layout); `flag` as Checkpoint takes it."""
-    return Checkpoint(folder, flag)
+def open_checkpoint(folder: str | Path, flag: str = "--model", finish_stacking: bool = False) -> Checkpoint:
+    """Open and check a checkpoint folder (released or transformers layout); `flag` and `finish_stacking` as
+    Checkpoint takes them."""
+    return Checkpoint(folder, flag, finish_stacking)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
+import stat
 from pathlib import Path
 
 import torch
@@ -12,13 +12,12 @@ from safetensors.torch import save_file
 
 from klconvert.atomic_file import write_atomically
 from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_INDEX_BYTES, MAX_INDEX_VALUES
+from klconvert.checkpoint.name_map import STACKED_CONV, kda_conv_parts, with_stacked_convs
 from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.checkpoint.stored_tensor import read_stored
 from klconvert.entry import note_change
 from klconvert.errors import KLError
-
-_CONV = re.compile(r"^(model\.layers\.\d+\.self_attn\.)([qkv])_conv1d\.weight$")
 
 
 def stack_kda_convs(folder: str | Path) -> int:
@@ -28,37 +27,39 @@ def stack_kda_convs(folder: str | Path) -> int:
     klconvert reads the result as before (the name table maps conv1d back); vLLM 0.33 expects the separate
     weights, so make this change on a copy meant for transformers. The folder is read as a checkpoint first
     (open_checkpoint: config, index, shard names and headers checked, each file bounded), so every shard this
-    rewrites is one the index names inside the folder.
+    rewrites is one the index names inside the folder. A call stopped partway (its shards are replaced one at a
+    time, the index last) is finished by the next, which takes the layers already stacked as done; the result is
+    the same bytes, and a call with nothing left to do writes nothing.
     """
     folder = Path(folder)
-    headers = open_checkpoint(folder).headers
-    weight_map = {name: shard for shard, header in headers.items() for name in header.tensors}
+    checkpoint = open_checkpoint(folder, finish_stacking=True)
+    headers, weight_map = checkpoint.headers, checkpoint.weight_map
     index_path = folder / INDEX_FILE
     index = read_json(index_path, MAX_INDEX_BYTES, INDEX_FILE, MAX_INDEX_VALUES) if index_path.is_file() else None
-    layers: dict[str, dict[str, str]] = {}
-    for name, shard in weight_map.items():
-        m = _CONV.match(name)
-        if m:
-            layers.setdefault(m[1], {})[m[2]] = shard
+    layers = kda_conv_parts(weight_map)
     for prefix, shards in layers.items():
         if sorted(shards) != ["k", "q", "v"] or len(set(shards.values())) != 1:
             raise KLError(f"{folder}: {prefix}q/k/v_conv1d are not all in one shard ({shards}); stack them by hand")
     for shard in sorted({s for shards in layers.values() for s in shards.values()}):
         with open_regular(folder / shard) as f:
+            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
             tensors = {name: read_stored(f, headers[shard], name) for name in headers[shard].tensors}
         for prefix, shards in layers.items():
             if shards["q"] == shard:
-                tensors[f"{prefix}conv1d.weight"] = torch.cat([tensors.pop(f"{prefix}{x}_conv1d.weight")
-                                                               for x in "qkv"])  # [3 * kda_dim, 1, kernel]
+                tensors[STACKED_CONV.format(prefix)] = torch.cat([tensors.pop(f"{prefix}{x}_conv1d.weight")
+                                                                  for x in "qkv"])  # [3 * kda_dim, 1, kernel]
         tmp = folder / (shard + ".partial")
         note_change(tmp)   # save_file writes it in Rust, which Python's audit events do not show
-        save_file(tensors, tmp, metadata=headers[shard].metadata or None)
-        os.replace(tmp, folder / shard)
+        try:
+            save_file(tensors, tmp, metadata=headers[shard].metadata or None)
+            os.chmod(tmp, mode)   # the replaced shard's, not save_file's private 0600
+            os.replace(tmp, folder / shard)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     if index is not None:
-        for prefix, shards in layers.items():
-            for x in "qkv":
-                del weight_map[f"{prefix}{x}_conv1d.weight"]
-            weight_map[f"{prefix}conv1d.weight"] = shards["q"]
-        index["weight_map"] = weight_map  # the checked map (the file's own, as open_checkpoint held it to the headers)
-        write_atomically(index_path, (json.dumps(index, indent=2) + "\n").encode())
+        stacked = with_stacked_convs(weight_map, layers)   # the index's order, each layer's conv1d in q's place
+        if list(index["weight_map"].items()) != list(stacked.items()):   # unchanged: no write, the same bytes
+            index["weight_map"] = stacked
+            write_atomically(index_path, (json.dumps(index, indent=2) + "\n").encode())
     return len(layers)
