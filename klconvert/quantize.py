@@ -311,13 +311,14 @@ def quantize(src: str | Path, out: str | Path, bits: int | None = None, group_si
     torch_device, shard_bytes = checked_device(device), shard_limit(max_shard_bytes)
     _refuse_out_over_src(src, out)
     refuse_existing_out(out, force)
-    with OutputLock(out):
-        return _quantize(src, out, policy, recipe_read, torch_device, force, shard_bytes, progress, allow_split_fused)
+    with OutputLock(out) as lock:
+        return _quantize(src, out, policy, recipe_read, torch_device, force, shard_bytes, progress, allow_split_fused,
+                         lock)
 
 
 def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch_device: torch.device, force: bool,
-              max_shard_bytes: int, progress: bool, allow_split_fused: bool) -> QuantizeResult:
-    """quantize() once it holds OUT's lock; `recipe` the one `policy` comes from, if any."""
+              max_shard_bytes: int, progress: bool, allow_split_fused: bool, lock: OutputLock) -> QuantizeResult:
+    """quantize() once it holds OUT's `lock`; `recipe` the one `policy` comes from, if any."""
     started = time.monotonic()
     refuse_existing_out(out, force)  # again: a run that held the lock before us may have just finished OUT
     refuse_quantized_source(src)
@@ -348,9 +349,13 @@ def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch
                                 "max_shard_bytes": max_shard_bytes, "shards": names}, force,
                           files=[*names, *WRITTEN_FILES, RECIPE_FILE, *side_files, *made, MODEL_CARD_FILE])
     try:
+        if folder.end_killed_finish():   # OUT is whole: a run of this command was killed as it finished it
+            lock.going_ahead()
+            return QuantizeResult(out, origin, totals, len(shards), len(shards), 0, time.monotonic() - started)
         folder.open()
-    except OSError as e:   # the folder or its resume record could not be made: open() took back what it made
-        raise _write_error(e, folder, 0, len(shards), kept=False) from None
+    except OSError as e:   # the folder or its resume record could not be made (open() took back what it made), or
+        raise _write_error(e, folder, 0, len(shards), kept=False) from None   # the killed finish not ended
+    lock.going_ahead()
 
     source_bytes = {p.outputs[0][0]: p.source_bytes for p in plans}  # progress counts a module at its first tensor
     bar = tqdm(total=totals.bytes_in, unit="B", unit_scale=True, desc=f"quantize {out.name}",

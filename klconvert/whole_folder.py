@@ -115,10 +115,11 @@ def whole_folder(out: Path, force: bool = False, replaceable: Replaceable | None
     again at the end; an OSError of the body or of the moves is one KLError line."""
     refuse_taken(out, force, replaceable)
     in_place = out.exists()
-    with OutputLock(out, inside=lock_goes_inside(out)):
+    with OutputLock(out, inside=lock_goes_inside(out)) as lock:
         refuse_taken(out, force, replaceable)   # again: a writer that held the lock before us may have changed OUT
         if out.exists() and not in_place:
             raise KLError(f"{out}: appeared as this run started; rerun to write into it")
+        lock.going_ahead()
         earlier = _identities(out) if in_place else {}
         new: Path | None = None
         try:

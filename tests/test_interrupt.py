@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,8 @@ import time
 
 import pytest
 
+from klconvert.checkpoint.reader import Checkpoint
+from klconvert.convert.output_folder import RESUME_RECORD, usual_mode
 from klconvert.entry import signal_status
 
 LONG_RUN = ("run", "--model", "tiny", "--prompt", "hi", "--max-new-tokens", "3000", "--max-context", "3008")
@@ -330,6 +333,54 @@ def test_an_interrupt_as_quantize_renames_its_output_leaves_no_resume_record(tin
     _assert_interrupted(proc)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
     assert ".klconvert-resume.json" not in os.listdir(tmp_path / "q") and (tmp_path / "q" / "config.json").is_file()
+
+
+def _killed_as_quantize_renames_its_output(tiny_released, out, *options: str) -> list[str]:
+    """Quantize into `out`, SIGKILLed right after OUT.partial is renamed to OUT -- a kill Uninterrupted cannot hold
+    back -- checked to leave OUT whole but for its resume record and mode (0700), and the lock beside it; the files a
+    finished OUT holds."""
+    killed = _entry(SIGNAL_AFTER_THE_RENAME.format(signal="SIGKILL"), "quantize", str(tiny_released), str(out),
+                    *options)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == ["q", "q.partial.lock"]
+    assert RESUME_RECORD in os.listdir(out) and stat.S_IMODE(out.stat().st_mode) == 0o700
+    return sorted(set(os.listdir(out)) - {RESUME_RECORD})
+
+
+def _assert_finished(out, files: list[str]) -> None:
+    assert sorted(p.name for p in out.parent.iterdir()) == ["q"]   # the lock gone
+    assert sorted(os.listdir(out)) == files and stat.S_IMODE(out.stat().st_mode) == usual_mode(True)
+
+
+QUANTIZE_OPTIONS = ("--bits", "4", "--group-size", "32", "--max-shard-size", "150KB")
+
+
+def test_a_kill_as_quantize_renames_its_output_is_finished_by_the_same_command(tiny_released, tmp_path):
+    """The rerun said "already exists" and left the resume record, the 0700 mode and the lock as they were
+    (helper-152): only --force, quantizing it all again, cleared them. What the killed run left loads."""
+    out = tmp_path / "q"
+    files = _killed_as_quantize_renames_its_output(tiny_released, out, *QUANTIZE_OPTIONS)
+    Checkpoint(out).get("model.layers.1.block_sparse_moe.experts.0.w1.weight")
+    rerun = _entry("", "quantize", str(tiny_released), str(out), *QUANTIZE_OPTIONS)
+    assert rerun.returncode == 0, rerun.stderr
+    shards = len([name for name in files if name.endswith(".safetensors")])
+    assert rerun.stdout == f"{out}\n" and f"-> {out}: " in rerun.stderr, rerun.stderr
+    assert f"{shards} shard(s), {shards} kept from an interrupted run" in rerun.stderr
+    _assert_finished(out, files)
+
+
+def test_a_kill_as_quantize_renames_its_output_still_refuses_other_options_in_one_line(tiny_released, tmp_path):
+    """The refusal left the dead run's lock beside OUT; it stays one line (no takeover said), and the same command
+    then finishes OUT."""
+    out = tmp_path / "q"
+    files = _killed_as_quantize_renames_its_output(tiny_released, out, *QUANTIZE_OPTIONS)
+    other = _entry("", "quantize", str(tiny_released), str(out), "--bits", "8", *QUANTIZE_OPTIONS[2:])
+    assert other.returncode == 2 and other.stderr.splitlines() == [
+        f"klconvert: error: {out}: already exists; choose another output folder, or pass --force to replace it once "
+        "the new one is complete"], other.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"] and RESUME_RECORD in os.listdir(out)
+    assert _entry("", "quantize", str(tiny_released), str(out), *QUANTIZE_OPTIONS).returncode == 0
+    _assert_finished(out, files)
 
 
 def test_an_interrupt_landing_as_the_command_ends_is_one_line_not_a_traceback():

@@ -13,7 +13,7 @@ import pytest
 import klconvert.quantize as quantize_module
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.quantize import quantize
-from quantize_helpers import folder_files
+from quantize_helpers import break_shard_write, folder_files
 from testkit import assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.slow  # subprocesses under memory limits: seconds each; CI runs them
@@ -93,6 +93,21 @@ def test_a_dead_runs_lock_is_taken_over(tiny_released, reference, tmp_path):
     assert f"taking over {tmp_path / 'q.partial.lock'}, left by process {dead.pid} (no longer running)" in run.stderr
     assert_same_output(tmp_path / "q", reference)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+def test_a_rerun_refused_over_a_dead_runs_partial_is_one_line(tiny_released, tmp_path, capsys, monkeypatch):
+    """The dead run's lock was said taken over before the refusal: two lines on stderr (helper-152)."""
+    out = tmp_path / "q"
+    with monkeypatch.context() as m:
+        break_shard_write(m, 2, KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            quantize(tiny_released, out, bits=4, group_size=32, max_shard_bytes=150_000, progress=False)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "q.partial.lock").write_text(f"{dead.pid}\n")
+    code, _, err = run_cli(capsys, "quantize", tiny_released, out, *ARGS, "--max-shard-size", "150000")
+    assert_one_line_error(code, err, f"{out}.partial: holds an interrupted conversion with other options")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.partial"]
 
 
 @pytest.mark.parametrize("held", ["99999999999999999999999\n", "0\n", "-7\n", "not a pid\n", ""])

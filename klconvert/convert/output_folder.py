@@ -153,11 +153,24 @@ def write_test(folder: Path, out: Path) -> None:
         pass
 
 
+def killed_while_finishing(out: Path) -> bool:
+    """Whether OUT is the output of a run killed inside finish() after the rename (SIGKILL, which Uninterrupted does
+    not hold back): it still holds the run's resume record."""
+    return os.path.lexists(out / RESUME_RECORD)
+
+
+def already_exists(out: Path) -> KLError:
+    return KLError(f"{out}: already exists; choose another output folder, or pass --force to replace it once the new "
+                   "one is complete")
+
+
 def refuse_existing_out(out: Path, force: bool) -> None:
     """KLError when OUT exists, unless `force` and OUT is an empty folder or one that holds only what a klconvert run
     wrote there (not_written_by_klconvert), and can be listed and written (the finished folder replaces it: its earlier
-    files are marked and moved aside); or when OUT names the current folder or one above it, is a link or a file, or
-    is a mount point (OUT.partial is made beside OUT, and renamed onto it, which no rename does onto a mount point)."""
+    files are marked and moved aside), or -- without `force` -- OUT was left by a run killed while finishing it (the
+    run finishes it where its record is the same: OutputFolder.end_killed_finish); or when OUT names the current
+    folder or one above it, is a link or a file, or is a mount point (OUT.partial is made beside OUT, and renamed onto
+    it, which no rename does onto a mount point)."""
     refuse_no_new_name(out)
     refuse_link_or_file(out)
     if not out.exists():
@@ -165,9 +178,10 @@ def refuse_existing_out(out: Path, force: bool) -> None:
     if os.path.ismount(out):
         raise KLError(f"{out}: is a mount point, which the finished folder (made beside it, then renamed onto it) "
                       f"cannot replace; give a folder inside the volume, e.g. {out / 'quantized'}")
+    if not force and not killed_while_finishing(out):
+        raise already_exists(out)
     if not force:
-        raise KLError(f"{out}: already exists; choose another output folder, or pass --force to replace it "
-                      "once the new one is complete")
+        return
     try:
         entries = os.listdir(out)
     except OSError as e:
@@ -242,7 +256,8 @@ class OutputLock:
     """One writer per output: an exclusive flock on OUT.partial.lock, which holds the writer's pid.
 
     A second run is refused naming the holder. A lock file left by a run that died (the kernel drops its flock) is
-    taken over, and said so on stderr; holding it, what dead runs left beside OUT under a temporary name is removed.
+    taken over, and said so on stderr once the run goes ahead (going_ahead, or its end: a refused run says one line);
+    holding it, what dead runs left beside OUT under a temporary name is removed.
     The file is removed when the lock is released, and after a run that failed (or could not take the lock, or write
     its pid), the folders made for OUT too while empty (a refused run leaves nothing behind). `inside`: the lock is
     made in OUT, an existing folder (lock_path), and no folder is made for it.
@@ -250,6 +265,13 @@ class OutputLock:
 
     def __init__(self, out: Path, inside: bool = False):
         self.out, self.path, self.inside = out, lock_path(out, inside), inside
+        self.taken_over: str | None = None   # the note that a dead run's lock was taken over, until said
+
+    def going_ahead(self) -> None:
+        """Say that a dead run's lock was taken over, if it was (once): the run is past its refusals."""
+        if self.taken_over is not None:
+            print(self.taken_over, file=sys.stderr)
+            self.taken_over = None
 
     def __enter__(self) -> OutputLock:
         self._created = [] if self.inside else make_parent(self.out)
@@ -281,9 +303,8 @@ class OutputLock:
             os.close(fd)
         previous = _read_pid(fd)
         if previous is not None:
-            print(f"klconvert: taking over {self.path}, left by process {previous} "
-                  f"({'no longer running' if not _running(previous) else 'which no longer holds it'})",
-                  file=sys.stderr)
+            self.taken_over = (f"klconvert: taking over {self.path}, left by process {previous} "
+                               f"({'no longer running' if not _running(previous) else 'which no longer holds it'})")
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -297,6 +318,8 @@ class OutputLock:
         self._release()
         if failure is not None:
             remove_created(self._created)
+        else:
+            self.going_ahead()   # a holder that never said it went ahead
 
 
 def _release_lock(path: Path, fd: int) -> None:
@@ -469,7 +492,7 @@ class OutputFolder:
             mode = stat.S_IMODE(self.path.stat().st_mode)
             if mode & stat.S_IRWXU != stat.S_IRWXU:   # made under such a umask by an older version (mode 000): usable
                 self.path.chmod(mode | stat.S_IRWXU)
-            stored = self._stored_record()
+            stored = _stored_record(self.path)
             finished = stored.pop(FINISHED, None) if stored is not None else None
             if stored == self.record:
                 self.remove_unfinished()
@@ -512,13 +535,6 @@ class OutputFolder:
             folders = " (a folder where the run writes a file counts too)" if set(others) & ours else ""
             raise KLError(f"{self.path}: holds files this run does not write ({shown_names}){folders}; move them out "
                           "of it and rerun to resume")
-
-    def _stored_record(self) -> dict | None:
-        try:   # a regular file, bounded: OUT.partial may hold anything, a FIFO or /dev/zero under that name too
-            stored = read_json(self.path / RESUME_RECORD, MAX_RESUME_RECORD_BYTES, RESUME_RECORD)
-        except (OSError, ValueError, RecursionError, KLError):   # RecursionError: JSON nested past Python's stack
-            return None
-        return stored if isinstance(stored, dict) and isinstance(stored.get("source"), dict) else None
 
     def remove(self) -> None:
         """Delete the whole folder (a run that failed before finishing any shard leaves nothing behind)."""
@@ -564,6 +580,22 @@ class OutputFolder:
     def write_bytes(self, name: str, data: bytes) -> None:
         write_atomically(self.path / name, data)
 
+    def end_killed_finish(self) -> bool:
+        """Whether OUT is this run's output, whole, left by a run of the same record killed inside finish() after the
+        rename (refuse_existing_out lets it by): if so, that finish is ended -- its record dropped, OUT's mode set.
+        KLError, as refuse_existing_out's, for one of another record or other files; False where force (OUT is
+        replaced) or no such OUT is there."""
+        if self.force or not killed_while_finishing(self.out):
+            return False
+        stored = _stored_record(self.out)
+        if stored is not None:
+            stored.pop(FINISHED, None)
+        if stored != self.record or files_klconvert_wrote(self.out) != set(self.files):
+            raise already_exists(self.out)
+        with Uninterrupted():
+            end_finish(self.out)
+        return True
+
     def finish(self) -> Path:
         """Rename the folder to OUT (an existing OUT goes only now), then drop its resume record: until the rename,
         an interrupted finish leaves a folder that a rerun takes up."""
@@ -575,14 +607,33 @@ class OutputFolder:
             refuse_existing_out(self.out, force=True)
         self.refuse_files_not_written()
         write_output_record(self.path, self.files)
-        with Uninterrupted():   # a kill in between leaves OUT.partial to resume, or the record in OUT, doing no harm
+        with Uninterrupted():   # a kill in between leaves OUT.partial to resume, or the record in OUT: the same
             replaced = move_aside(self.out) if out_exists else None
-            os.rename(self.path, self.out)
-            (self.out / RESUME_RECORD).unlink()
-            self.out.chmod(usual_mode(True))   # its mode as the umask gives it, the run's writes done
+            os.rename(self.path, self.out)   # command's rerun ends that finish (end_killed_finish)
+            end_finish(self.out)
         if replaced is not None:
             _remove(replaced)   # may take long: OUT is whole by now, its record gone
         return self.out
+
+
+def _stored_record(folder: Path) -> dict | None:
+    """The resume record in `folder` (OUT.partial, or an OUT a run killed while finishing left it in), or None where
+    there is none that is ours."""
+    try:   # a regular file, bounded: the folder may hold anything, a FIFO or /dev/zero under that name too
+        stored = read_json(folder / RESUME_RECORD, MAX_RESUME_RECORD_BYTES, RESUME_RECORD)
+    except (OSError, ValueError, RecursionError, KLError):   # RecursionError: JSON nested past Python's stack
+        return None
+    return stored if isinstance(stored, dict) and isinstance(stored.get("source"), dict) else None
+
+
+def end_finish(out: Path) -> None:
+    """A finished output's last steps, once renamed to OUT: its mode as the umask gives it (the run's writes done),
+    then its resume record dropped -- a kill between leaves the record, which tells a rerun to end them."""
+    mode = usual_mode(True)
+    out.chmod(mode | stat.S_IWUSR)   # the owner's write until the record is gone, which it takes
+    (out / RESUME_RECORD).unlink()
+    if not mode & stat.S_IWUSR:
+        out.chmod(mode)
 
 
 def umask() -> int:
