@@ -138,6 +138,9 @@ def read_tokenizer_config(path: Path) -> dict:
     return config
 
 
+STRIPPING_FLAGS = ("lstrip", "rstrip", "single_word")   # an added token's flags that change how text around it splits
+
+
 def read_special_tokens(config: dict, path: Path, vocab_size: int = SIZE_RANGES["vocab_size"][1]) -> dict[str, int]:
     """{content: id} for every entry of the config's added_tokens_decoder, every id below `vocab_size`."""
     decoder = config.get("added_tokens_decoder")
@@ -165,6 +168,11 @@ def read_special_tokens(config: dict, path: Path, vocab_size: int = SIZE_RANGES[
             raise KLError(f"{path}: added_tokens_decoder entry {key} holds a character of the private-use planes "
                           f"U+{ESCAPE:X}..U+10FFFF, which klconvert escapes chat text with; fix the file or "
                           "re-download the model")
+        applied = next((flag for flag in STRIPPING_FLAGS if entry.get(flag) is True), None)
+        if applied is not None:   # transformers applies these; klconvert does not
+            raise KLError(f"{path}: added_tokens_decoder entry {key} sets {applied} true, which klconvert does not "
+                          "apply and transformers and vLLM do (the space beside the token is taken into it): the two "
+                          "would read text apart; set it to false, or re-download the model")
         if content in special_tokens:
             raise KLError(f"{path}: special token {content!r} appears twice in added_tokens_decoder (ids "
                           f"{special_tokens[content]} and {key}); fix the file or re-download the model")

@@ -64,6 +64,28 @@ def bpe_vocab_and_merges(ranks: Mapping[bytes, int], where: Path) -> tuple[dict[
     return {spell(token): rank for token, rank in by_rank}, merges
 
 
+def refuse_ids_tokenizers_renumbers(vocab: Mapping[str, int], special_tokens: Mapping[str, int], where: Path) -> None:
+    """KLError naming `where` (tiktoken.model) unless `tokenizers` reads these ids as klconvert does: it numbers the BPE
+    vocab 0..n-1 and the added tokens on from n in order, and takes an added token whose text is a vocab token as that
+    token -- so a rank among or above the specials, or a special spelled as a rank's token, shifted every special after
+    it by one in transformers (its eos another token), while quantize went on."""
+    advice = "a tokenizer.json cannot give transformers and vLLM the ids klconvert uses; fix the tokenizer files or " \
+             "re-download the model"
+    ranks = sorted(vocab.values())
+    gap = next((i for i, rank in enumerate(ranks) if rank != i), None)
+    if gap is not None:
+        raise KLError(f"{where}: rank {ranks[gap]:,} follows rank {gap - 1:,} (its ranks are no run 0..n-1): {advice}")
+    spelled = next((text for text in special_tokens if text in vocab), None)
+    if spelled is not None:
+        raise KLError(f"{where}: holds the special token {shown(spelled)} (id {special_tokens[spelled]:,}) as rank "
+                      f"{vocab[spelled]:,} too: {advice}")
+    ids = sorted(special_tokens.values())
+    apart = next((i for i, token_id in enumerate(ids) if token_id != len(ranks) + i), None)
+    if apart is not None:
+        raise KLError(f"{where}: special id {ids[apart]:,} follows {'rank' if apart == 0 else 'special id'} "
+                      f"{len(ranks) - 1 if apart == 0 else ids[apart - 1]:,}, leaving ids no token holds: {advice}")
+
+
 def tokenizer_json(tokenizer: Tokenizer, bpe_path: Path) -> bytes:
     """tokenizer.json for `tokenizer` (read from `bpe_path`, which a refusal names), the same bytes on every run: the
     byte-level BPE of its ranks, Kimi's split, and every special token (named and placeholder) as an added token at its
@@ -72,6 +94,7 @@ def tokenizer_json(tokenizer: Tokenizer, bpe_path: Path) -> bytes:
     ignore_merges: a piece that is a token whole is that token, as tiktoken takes it, whether or not merges reach it.
     The post-processor adds nothing (no BOS), as Tokenizer.encode adds none."""
     vocab, merges = bpe_vocab_and_merges(tokenizer.bpe_ranks, bpe_path)
+    refuse_ids_tokenizers_renumbers(vocab, tokenizer.special_tokens, bpe_path)
     added = [{"id": token_id, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": True}
              for text, token_id in sorted(tokenizer.special_tokens.items(), key=operator.itemgetter(1))]

@@ -464,6 +464,36 @@ def test_a_vocabulary_of_too_many_merges_is_refused(tmp_path, monkeypatch):
         tokenizer_json(tokenizer, tmp_path / "tiktoken.model")
 
 
+def test_a_special_spelled_as_a_rank_is_refused_for_the_tokenizer_json(tmp_path):
+    """helper-155: `tokenizers` takes an added token whose text is a vocab token as that token, and numbers every
+    added token after it from the vocab's size: a tiktoken.model holding b"[EOS]" as a rank gave transformers an eos
+    one id off klconvert's, and quantize went on."""
+    write_tiktoken_files(tmp_path, [*(bytes([b]) for b in range(256)), b"[EOS]"])
+    tokenizer = Tokenizer.from_folder(tmp_path)   # klconvert reads the folder
+    with pytest.raises(KLError, match=rf"^{re.escape(str(tmp_path))}/tiktoken.model: holds the special token '\[EOS\]' "
+                                      r"\(id 258\) as rank 256 too: a tokenizer.json cannot give transformers and vLLM "
+                                      r"the ids klconvert uses; fix the tokenizer files or re-download the model$"):
+        tokenizer_json(tokenizer, tmp_path / "tiktoken.model")
+
+
+def test_a_rank_among_the_specials_is_refused_for_the_tokenizer_json(tmp_path):
+    """helper-155: a rank past the first special (its id left out of added_tokens_decoder) is a gap in the vocab's
+    ids, which `tokenizers` closes: every special came out one id off klconvert's in transformers."""
+    write_tiktoken_files(tmp_path, [bytes([b]) for b in range(256)])
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    last = max(int(key) for key, entry in config["added_tokens_decoder"].items()
+               if entry["content"].startswith("<|reserved_token_"))
+    del config["added_tokens_decoder"][str(last)]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with open(tmp_path / "tiktoken.model", "ab") as f:
+        f.write(base64.b64encode(b"zz") + b" %d\n" % last)
+    tokenizer = Tokenizer.from_folder(tmp_path)
+    assert tokenizer.encode("zz") == [last]
+    with pytest.raises(KLError, match=rf"^{re.escape(str(tmp_path))}/tiktoken.model: rank {last} follows rank 255 "
+                                      r"\(its ranks are no run 0..n-1\): a tokenizer.json cannot give"):
+        tokenizer_json(tokenizer, tmp_path / "tiktoken.model")
+
+
 # ---- the synthetic files -----------------------------------------------------------------------------------
 def test_synth_ranks_are_bytes_then_true_merges():
     tokens = bpe_tokens(2000, seed=3)
@@ -624,6 +654,19 @@ def test_a_chat_template_in_the_config_is_bounded_like_the_file(broken_folder):
     """tokenizer_config.json may be 16 MB; the chat template inside it is held to chat_template.jinja's 1 MB."""
     edit_config(broken_folder, lambda c: c.update(chat_template="x" * (3 << 19)))
     assert_one_line_error(broken_folder, "tokenizer_config.json", "chat_template is 1,572,864 bytes, over the 1 MB")
+
+
+@pytest.mark.parametrize("flag", ["lstrip", "rstrip", "single_word"])
+def test_a_special_token_that_strips_or_stands_alone_is_refused(broken_folder, flag):
+    """helper-155: transformers applies an added token's lstrip, rstrip and single_word, which klconvert does not: a
+    folder of single_word <|im_end|> gave transformers' chat template other ids than encode_chat, and quantize copied
+    the config beside a tokenizer.json that said otherwise."""
+    def set_flag(config):
+        entry = next(e for e in config["added_tokens_decoder"].values() if e["content"] == "<|im_end|>")
+        entry[flag] = True
+
+    edit_config(broken_folder, set_flag)
+    assert_one_line_error(broken_folder, "tokenizer_config.json", f"sets {flag} true, which klconvert does not apply")
 
 
 @pytest.mark.parametrize("key", [f"0{SMALL_RANKS + 2}", f"00{SMALL_RANKS + 2}", "00"])
