@@ -902,13 +902,15 @@ def test_a_shard_cut_short_after_a_read_from_it_is_one_line(tiny_released, tmp_p
                         r"command opened the folder .*\n", done.stdout), done.stdout
 
 
+@pytest.mark.parametrize("mtime", ["moved", "kept"])
 @pytest.mark.parametrize("command", ["quantize", "export-onnx", "run"])
 def test_a_shard_rewritten_in_place_while_read_is_refused_before_the_result(tiny_released, tmp_path, capsys,
-                                                                             monkeypatch, command):
+                                                                             monkeypatch, command, mtime):
     """helper-139: `cp OTHER/shard SRC/shard` (the same inode, other bytes, a new mtime) while quantize read SRC gave
     an OUT made of old and new weights, with exit status 0: the identity check ran only as a shard was (re)opened.
     Every shard read from is checked again before the result is written whole (or printed)."""
     import os
+    import time
 
     from klconvert.checkpoint.reader import Checkpoint
 
@@ -920,10 +922,12 @@ def test_a_shard_rewritten_in_place_while_read_is_refused_before_the_result(tiny
         if not rewritten:   # after the first tensor, the shard still open: its tail rewritten, as `cp` over it does
             path = self.folder / shard
             found = path.stat()
+            time.sleep(0.05)   # past the kernel's coarse clock, which stamps the inode's change time
             with open(path, "r+b") as f:
                 f.seek(-2, os.SEEK_END)
                 f.write(b"\0\0")
-            os.utime(path, ns=(found.st_atime_ns, found.st_mtime_ns + 10**9))
+            # moved: as cp leaves it; kept: as `touch -r` sets it back (helper-155), seen by the change time alone
+            os.utime(path, ns=(found.st_atime_ns, found.st_mtime_ns + (10**9 if mtime == "moved" else 0)))
             rewritten.append(shard)
         return tensor
 

@@ -295,7 +295,7 @@ class Checkpoint:
         """KLError unless every shard read from is still the file whose header was read at open: a shard rewritten in
         place while open (`cp` over it) is checked at no reopen, and what was read from it mixes old and new
         weights. Called once the reads a result comes from are done, before it is declared whole. A rewrite that
-        keeps size and modification time (`touch -r`) goes unseen: only hashing would see it."""
+        keeps size and modification time (`touch -r`) is seen by the inode's change time (file_identity)."""
         for shard in sorted(self._read_from):
             self._refuse_replaced(shard)
 
@@ -337,8 +337,9 @@ def _stopped_stacking(weight_map: dict[str, str], headers: dict[str, Safetensors
 
 
 def file_identity(st: os.stat_result) -> tuple[int, ...]:
-    """What changes when a file is replaced or rewritten: its device, inode, size and modification time."""
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    """What changes when a file is replaced or rewritten: its device, inode, size, modification time, and the time
+    its inode last changed, which a write sets and no one can set back (`touch -r` restores the modification time)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def open_checkpoint(folder: str | Path, flag: str = "--model", finish_stacking: bool = False) -> Checkpoint:
