@@ -349,7 +349,7 @@ def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch
                                 "max_shard_bytes": max_shard_bytes, "shards": names}, force,
                           files=[*names, *WRITTEN_FILES, RECIPE_FILE, *side_files, *made, MODEL_CARD_FILE])
     try:
-        if folder.end_killed_finish():   # OUT is whole: a run of this command was killed as it finished it
+        if folder.end_killed_finish(dict(zip(names, shards))):   # OUT whole: a run of this command killed finishing it
             lock.going_ahead()
             return QuantizeResult(out, origin, totals, len(shards), len(shards), 0, time.monotonic() - started)
         folder.open()

@@ -383,6 +383,63 @@ def test_a_kill_as_quantize_renames_its_output_still_refuses_other_options_in_on
     _assert_finished(out, files)
 
 
+def _entries(folder) -> dict:
+    """Each entry's kind and mode, file, size and modification time."""
+    return {name: (f.st_mode, f.st_ino, f.st_size, f.st_mtime_ns)
+            for name in os.listdir(folder) for f in [os.lstat(folder / name)]}
+
+
+def _damage(out, damage: str) -> None:
+    shard = sorted(out.glob("*.safetensors"))[-1]
+    if damage == "a shard gone":
+        shard.unlink()
+    elif damage == "a shard a byte short":
+        os.truncate(shard, shard.stat().st_size - 1)
+    elif damage == "a file a FIFO":
+        (out / "config.json").unlink()
+        os.mkfifo(out / "config.json")
+    elif damage == "a shard a link to its copy":
+        copy = shard.rename(out.parent / shard.name)
+        shard.symlink_to(copy)
+    else:
+        (out / "notes.txt").write_text("mine\n")
+
+
+@pytest.mark.parametrize("damage", ["a shard gone", "a shard a byte short", "a file a FIFO",
+                                    "a shard a link to its copy", "a file of the user's added"])
+def test_a_kill_as_quantize_renames_its_output_is_finished_only_where_out_is_whole(tiny_released, tmp_path, damage):
+    """Only the file list in OUT's output record was compared: with a shard gone (or a file a FIFO, or the user's
+    notes added) the rerun said "kept from an interrupted run" and exited 0 (h155). OUT is left as it was."""
+    out = tmp_path / "q"
+    _killed_as_quantize_renames_its_output(tiny_released, out, *QUANTIZE_OPTIONS)
+    _damage(out, damage)
+    before = _entries(out)
+    rerun = _entry("", "quantize", str(tiny_released), str(out), *QUANTIZE_OPTIONS)
+    assert rerun.returncode == 2 and rerun.stderr.splitlines() == [
+        f"klconvert: error: {out}: already exists; choose another output folder, or pass --force to replace it once "
+        "the new one is complete"], rerun.stderr
+    assert _entries(out) == before
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize("record", ["a FIFO", "not JSON", "ours, but no output record beside it"])
+def test_an_out_holding_no_record_of_ours_is_refused_before_the_source_is_read(tmp_path, record):
+    """Any entry under the resume record's name let OUT past the early 'already exists' (h155): pull-and-quantize
+    went on to download the model, quantize to read SRC (here a folder with no config.json) before refusing."""
+    out, src = tmp_path / "q", tmp_path / "src"
+    out.mkdir(), src.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    if record == "a FIFO":
+        os.mkfifo(out / RESUME_RECORD)
+    else:
+        (out / RESUME_RECORD).write_text("{" if record == "not JSON" else '{"source": {}}')
+    refused = _entry("", "quantize", str(src), str(out), *QUANTIZE_OPTIONS)
+    assert refused.returncode == 2 and refused.stderr.splitlines() == [
+        f"klconvert: error: {out}: already exists; choose another output folder, or pass --force to replace it once "
+        "the new one is complete"], refused.stderr
+    assert sorted(os.listdir(out)) == sorted([RESUME_RECORD, "notes.txt"])
+
+
 def test_an_interrupt_landing_as_the_command_ends_is_one_line_not_a_traceback():
     """One that landed in _run's own handling of the command's end (its check of a SystemExit) left main as
     Interrupted: a traceback, exit status 1, for a command that had decided 0."""

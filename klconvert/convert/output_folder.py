@@ -155,8 +155,9 @@ def write_test(folder: Path, out: Path) -> None:
 
 def killed_while_finishing(out: Path) -> bool:
     """Whether OUT is the output of a run killed inside finish() after the rename (SIGKILL, which Uninterrupted does
-    not hold back): it still holds the run's resume record."""
-    return os.path.lexists(out / RESUME_RECORD)
+    not hold back): it still holds the run's resume record, one of ours, beside its output record. Anything else
+    under that name (a FIFO, garbage) leaves OUT an existing folder like any other."""
+    return _stored_record(out) is not None and files_klconvert_wrote(out) is not None
 
 
 def already_exists(out: Path) -> KLError:
@@ -556,15 +557,8 @@ class OutputFolder:
         a link, and not a hard link a file elsewhere shares, whose later changes OUT would take) with the sha256
         recorded when it was written."""
         path = self.path / shard
-        head = shard_header(tensors)
-        try:   # the header first, byte for byte, unparsed: a shard of other tensors or size is not read through
-            found = os.lstat(path)
-            if shard not in self.finished or not stat.S_ISREG(found.st_mode) or found.st_nlink != 1:
-                return False
-            with open_regular(path) as f:
-                if f.read(len(head)) != head:
-                    return False
-            return (path.stat().st_size == len(head) + sum(t.nbytes for t in tensors)
+        try:   # the header and size first: a shard of other tensors or size is not read through
+            return (shard in self.finished and os.lstat(path).st_nlink == 1 and shard_as_planned(path, tensors)
                     and file_sha256(path) == self.finished[shard])
         except OSError:   # unreadable: written again
             return False
@@ -580,21 +574,34 @@ class OutputFolder:
     def write_bytes(self, name: str, data: bytes) -> None:
         write_atomically(self.path / name, data)
 
-    def end_killed_finish(self) -> bool:
+    def end_killed_finish(self, shards: dict[str, list[PlannedTensor]]) -> bool:
         """Whether OUT is this run's output, whole, left by a run of the same record killed inside finish() after the
         rename (refuse_existing_out lets it by): if so, that finish is ended -- its record dropped, OUT's mode set.
-        KLError, as refuse_existing_out's, for one of another record or other files; False where force (OUT is
-        replaced) or no such OUT is there."""
+        Whole: OUT holds this run's files and the two records, nothing else, each a regular file, and each of
+        `shards` (name -> planned tensors) recorded finished with the planned header and size (not hashed: ~27 GB).
+        KLError, as refuse_existing_out's, for any other OUT, untouched; False where force (OUT is replaced) or no
+        such OUT is there."""
         if self.force or not killed_while_finishing(self.out):
             return False
         stored = _stored_record(self.out)
-        if stored is not None:
-            stored.pop(FINISHED, None)
-        if stored != self.record or files_klconvert_wrote(self.out) != set(self.files):
+        finished = stored.pop(FINISHED, None) if stored is not None else None
+        if (stored != self.record or files_klconvert_wrote(self.out) != set(self.files)
+                or not isinstance(finished, dict) or not set(shards) <= set(finished) or not self._out_whole(shards)):
             raise already_exists(self.out)
         with Uninterrupted():
             end_finish(self.out)
         return True
+
+    def _out_whole(self, shards: dict[str, list[PlannedTensor]]) -> bool:
+        """Whether OUT holds exactly this run's files and the two records, each a regular file (not a link, FIFO or
+        folder), its `shards` as planned (shard_as_planned)."""
+        try:
+            entries = os.listdir(self.out)
+            return (sorted(entries) == sorted({*self.files, OUTPUT_RECORD, RESUME_RECORD})
+                    and all(stat.S_ISREG(os.lstat(self.out / name).st_mode) for name in entries)
+                    and all(shard_as_planned(self.out / name, tensors) for name, tensors in shards.items()))
+        except OSError:   # unreadable: not known to be whole
+            return False
 
     def finish(self) -> Path:
         """Rename the folder to OUT (an existing OUT goes only now), then drop its resume record: until the rename,
@@ -614,6 +621,19 @@ class OutputFolder:
         if replaced is not None:
             _remove(replaced)   # may take long: OUT is whole by now, its record gone
         return self.out
+
+
+def shard_as_planned(path: Path, tensors: list[PlannedTensor]) -> bool:
+    """Whether the shard at `path` is a regular file (not a link) that starts with the header of `tensors`, byte for
+    byte, unparsed, and is their size: what is known of it without reading it through. OSError where it cannot be
+    read."""
+    head = shard_header(tensors)
+    if not stat.S_ISREG(os.lstat(path).st_mode):
+        return False
+    with open_regular(path) as f:
+        if f.read(len(head)) != head:
+            return False
+    return path.stat().st_size == len(head) + sum(t.nbytes for t in tensors)
 
 
 def _stored_record(folder: Path) -> dict | None:
