@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from klconvert import entry
 from klconvert.checkpoint.reader import open_checkpoint
@@ -110,6 +111,25 @@ def test_a_stopped_call_is_named_by_run_and_finished_by_the_next(tiny_released, 
     assert stack_kda_convs(tiny_copy) == {"the second shard": layers - 3, "the index": 0}[stopped_at]
     bytes_and_modes = [{n: (f[0], f[2]) for n, f in _files(folder).items()} for folder in (tiny_copy, whole)]
     assert bytes_and_modes[0] == bytes_and_modes[1]
+
+
+@pytest.mark.parametrize("damage", ["2-D", "two parts"])
+def test_a_stopped_call_s_folder_damaged_besides_is_refused_for_the_damage(tiny_copy, damage):
+    """A stacked conv1d of the wrong shape in place of a layer's q/k/v_conv1d was named a stopped call, to run again,
+    and that call refused it for its shape (h155): the shape's line comes first, from both."""
+    index = json.loads((tiny_copy / "model.safetensors.index.json").read_text())["weight_map"]
+    q_conv = next(name for name in index if name.endswith(".q_conv1d.weight"))
+    layer, shard = q_conv.removesuffix("q_conv1d.weight"), tiny_copy / index[q_conv]
+    tensors = load_file(shard)
+    parts = [tensors.pop(f"{layer}{part}_conv1d.weight") for part in "qkv"]
+    stacked = torch.cat(parts) if damage == "2-D" else torch.cat(parts[:2])
+    tensors[f"{layer}conv1d.weight"] = (stacked.reshape(len(stacked), -1) if damage == "2-D" else stacked).contiguous()
+    save_file(tensors, shard, metadata={"format": "pt"})
+    for call in (open_checkpoint, stack_kda_convs):
+        with pytest.raises(KLError, match=rf"{re.escape(shard.name)}: tensor '{re.escape(layer)}conv1d\.weight' has "
+                                          r"shape \[.*\], which does not give .* its expected shape .*; the checkpoint "
+                                          "does not match its config.json"):
+            call(tiny_copy)
 
 
 def test_a_second_call_writes_nothing(tiny_copy):

@@ -189,11 +189,6 @@ class Checkpoint:
                     raise KLError(f"{self.folder / shard}: holds tensor {shown(name)} that the index "
                                   f"{'places in ' + weight_map[name] if name in weight_map else 'does not list'}; "
                                   "the index and shards disagree -- download the checkpoint again")
-        if stopped and not finish_stacking:   # the one disagreement: stack_kda_convs's own rerun finishes it
-            stacked = STACKED_CONV.format(stopped[0])
-            raise KLError(f"{index_where}: names {stopped[0]}q/k/v_conv1d.weight in {weight_map[stacked]}, which holds "
-                          f"them stacked as {stacked}: a stack_kda_convs on this folder stopped before it rewrote the "
-                          "index; run stack_kda_convs on the folder again to finish it")
         self.weight_map = weight_map   # tensor -> shard, in the index's order (a stopped stacking's layers as done)
 
         refuse_unread_bnb_parts(weight_map, self.folder)
@@ -251,6 +246,11 @@ class Checkpoint:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise KLError(f"{self.folder}: tensor {missing[0]}{more} is missing from the checkpoint; "
                           "the download is incomplete or the config does not match the weights")
+        if stopped and not finish_stacking:   # the one disagreement, said once nothing else is wrong (a damaged
+            stacked = STACKED_CONV.format(stopped[0])   # folder gets the damage's line): stack_kda_convs ends it
+            raise KLError(f"{index_where}: names {stopped[0]}q/k/v_conv1d.weight in {self.weight_map[stacked]}, which "
+                          f"holds them stacked as {stacked}: a stack_kda_convs on this folder stopped before it "
+                          "rewrote the index; run stack_kda_convs on the folder again to finish it")
 
     def _tie_lm_head(self) -> None:
         """tie_word_embeddings: lm_head reads the embedding, as transformers ties them (and saves no lm_head)."""
