@@ -23,31 +23,40 @@ def free_disk_bytes(folder: Path) -> int:
     return shutil.disk_usage(existing).free
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 @contextmanager
 def writing(path: Path, size: int | None = None) -> Iterator[None]:
     """Around the writing of the file `path` (`size` bytes in all, where known): an OSError that names no file -- a
-    write's, a flush's: a full disk -- is raised naming `path`, and carrying `size`, for failed_write to say."""
+    write's, a flush's: a full disk -- is raised naming `path`, and carrying `size`, for failed_write to say; a full
+    disk's carries the space free as it filled, before the run's cleanup frees what it wrote."""
     try:
         yield
     except OSError as e:
         if e.filename is None:
             e.filename, e.bytes_to_write = os.fspath(path), size
+        if e.errno in DISK_FULL:
+            e.free_bytes = free_disk_bytes(Path(os.path.abspath(e.filename)).parent)
         raise
 
 
 def failed_write(e: OSError, where: Path) -> str:
     """How a write that failed is said, and what to do, for the caller to end (" and rerun"): a full disk (or
-    quota) with the size of the file it was writing (where `writing` knew it) and the space left there; out of file
+    quota) with the size of the file it was writing and the space left there as it filled (where `writing` saw it,
+    else now); out of file
     descriptors, what bounds them; a file too large, with the process's file-size limit (ulimit -f) where one is set,
     else the file system's; else the system's reason."""
     shortage = out_of_descriptors(e)
     if shortage is not None:
         return f"cannot write {where}: {shortage}"
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        size = getattr(e, "bytes_to_write", None)
+    if e.errno in DISK_FULL:
+        size, free = getattr(e, "bytes_to_write", None), getattr(e, "free_bytes", None)
+        if free is None:   # not written under `writing`: measured now
+            free = free_disk_bytes(where)
         if size is None:
-            return f"disk full writing {where} ({size_text(free_disk_bytes(where))} free); free some space"
-        size_said, free_said = size_texts(size, free_disk_bytes(where))
+            return f"disk full writing {where} ({size_text(free)} free); free some space"
+        size_said, free_said = size_texts(size, free)
         return f"disk full writing {where} ({size_said} to write, {free_said} free); free some space"
     if e.errno == errno.EFBIG:
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource is not None else None

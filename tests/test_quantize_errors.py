@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import klconvert.quantize as quantize_module
-from klconvert import atomic_file
+from klconvert import atomic_file, disk_space
 from klconvert.errors import KLError
 from klconvert.quant import policy_from_options
 from klconvert.quantize import quantize
@@ -150,6 +150,17 @@ def test_disk_full(tiny_released, tmp_path, capsys, monkeypatch):
                      line), line
     assert "resumes" not in line
     assert not (tmp_path / "out.partial").exists()  # nothing finished, nothing left behind
+
+
+def test_a_full_disks_free_space_is_what_was_left_as_it_filled(tiny_released, tmp_path, capsys, monkeypatch):
+    """helper-133: the line's "free" was measured after the failed run removed what it wrote -- room for a rerun,
+    where the disk had just filled -- so a disk full of a run's own shards read "(... to write, 40 GB free)"."""
+    partial = tmp_path / "out.partial"
+    monkeypatch.setattr(disk_space, "free_disk_bytes", lambda folder: 1000 if partial.exists() else 40 * 10**9)
+    break_shard_write(monkeypatch, 1, OSError(errno.ENOSPC, "No space left on device"))
+    line = fails(capsys, tmp_path, "--group-size", "32", src=tiny_released)
+    assert re.search(r" to write, 1,000 bytes free\); free some space and rerun", line), line
+    assert not partial.exists()
 
 
 def test_disk_full_writing_the_config_names_it(tiny_released, tmp_path, capsys, monkeypatch):
