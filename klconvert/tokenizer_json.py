@@ -68,7 +68,8 @@ def refuse_ids_tokenizers_renumbers(vocab: Mapping[str, int], special_tokens: Ma
     """KLError naming `where` (tiktoken.model) unless `tokenizers` reads these ids as klconvert does: it numbers the BPE
     vocab 0..n-1 and the added tokens on from n in order, and takes an added token whose text is a vocab token as that
     token -- so a rank among or above the specials, or a special spelled as a rank's token, shifted every special after
-    it by one in transformers (its eos another token), while quantize went on."""
+    it by one in transformers (its eos another token), while quantize went on. The specials themselves follow the ranks
+    without a gap: Tokenizer requires ranks below the first and names each id between with a placeholder."""
     advice = "a tokenizer.json cannot give transformers and vLLM the ids klconvert uses; fix the tokenizer files or " \
              "re-download the model"
     ranks = sorted(vocab.values())
@@ -79,11 +80,6 @@ def refuse_ids_tokenizers_renumbers(vocab: Mapping[str, int], special_tokens: Ma
     if spelled is not None:
         raise KLError(f"{where}: holds the special token {shown(spelled)} (id {special_tokens[spelled]:,}) as rank "
                       f"{vocab[spelled]:,} too: {advice}")
-    ids = sorted(special_tokens.values())
-    apart = next((i for i, token_id in enumerate(ids) if token_id != len(ranks) + i), None)
-    if apart is not None:
-        raise KLError(f"{where}: special id {ids[apart]:,} follows {'rank' if apart == 0 else 'special id'} "
-                      f"{len(ranks) - 1 if apart == 0 else ids[apart - 1]:,}, leaving ids no token holds: {advice}")
 
 
 def tokenizer_json(tokenizer: Tokenizer, bpe_path: Path) -> bytes:
