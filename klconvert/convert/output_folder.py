@@ -581,7 +581,7 @@ class OutputFolder:
         `shards` (name -> planned tensors) recorded finished with the planned header and size (not hashed: ~27 GB).
         KLError, as refuse_existing_out's, for any other OUT, untouched; False where force (OUT is replaced) or no
         such OUT is there."""
-        if self.force or not killed_while_finishing(self.out):
+        if self.force or not os.path.lexists(self.out / RESUME_RECORD):   # refuse_existing_out let by no other OUT
             return False
         stored = _stored_record(self.out)
         finished = stored.pop(FINISHED, None) if stored is not None else None
