@@ -1,7 +1,8 @@
 """What a pull lets huggingface_hub act on. huggingface_hub names cache files after the hub's ETag and X-Repo-Commit
 headers and reads answers to their end, trusting the endpoint; while a pull runs, every answer passes AnswerGuard:
 those headers must be the digests and the commit they claim to be, bodies stop at the size the listing gave (file
-downloads) or at a budget (the hub's JSON), and a Ctrl-C stops the download threads at their next chunk."""
+downloads) or at a budget of bytes and time (the hub's JSON), a request sent with no timeout gets one, and a Ctrl-C
+stops the download threads at their next chunk."""
 from __future__ import annotations
 
 import functools
@@ -9,6 +10,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from urllib.parse import unquote, urljoin, urlsplit
 
 from huggingface_hub import constants, set_client_factory
@@ -21,6 +23,13 @@ from klconvert.errors import KLError
 # without end.
 MAX_OTHER_BYTES = 16 << 20
 MAX_OTHER_ANSWERS = 10_000
+# ... and how long they take together, from each request sent to its last byte: the real hub's take seconds, and a
+# server trickling its answers a byte at a time would otherwise hold the pull for good.
+MAX_OTHER_SECONDS = 180
+# huggingface_hub sends the hub's JSON requests with no timeout (its file downloads with HF_HUB_DOWNLOAD_TIMEOUT): a
+# server that accepts and never answers would hang the pull. Seconds to connect, or to wait for the next byte.
+SILENCE_SECONDS = 60
+SENT = "klconvert_sent"   # the request extension holding when it was sent (time.monotonic())
 DIGEST = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # git blob id or sha256, as the hub sends them in ETags
 COMMIT = re.compile(r"[0-9a-f]{40}")
 RESOLVE = re.compile(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<path>.+)")
@@ -41,6 +50,7 @@ class AnswerGuard:
         self._files: dict[str, tuple[str, int]] = {}  # URL (a file's, or its redirect target) -> (file, size)
         self._other_bytes = 0
         self._other_answers = 0
+        self._other_seconds = 0.0   # the time the finished ones took
         self._lock = threading.Lock()
         self.cancelled = False
 
@@ -79,6 +89,10 @@ class AnswerGuard:
         request.headers["Accept-Encoding"] = "identity"   # huggingface_hub asks so for files; the JSON too, so
         if self.cancelled:                                # that a body's size on the wire is its size
             raise PullInterrupted
+        timeout = request.extensions.get("timeout") or {}
+        request.extensions["timeout"] = {key: SILENCE_SECONDS if timeout.get(key) is None else timeout[key]
+                                         for key in ("connect", "read", "write", "pool")}
+        request.extensions[SENT] = time.monotonic()
 
     def _on_response(self, response) -> None:
         url = str(response.request.url)
@@ -89,11 +103,15 @@ class AnswerGuard:
             if path in self.sizes:
                 self._files.setdefault(url, (path, self.sizes[path]))
         file = self._files.get(url)
-        if response.is_redirect and file is not None and "location" in response.headers:
-            self._files[urljoin(url, response.headers["location"])] = file   # the CDN answers for the file
+        what = repr(file[0][:80]) if file is not None else urlsplit(url).path[:100]
+        if response.is_redirect and "location" in response.headers:
+            target = urljoin(url, response.headers["location"])
+            if urlsplit(target).scheme not in ("http", "https"):   # the client cannot follow it
+                raise self._bad(f"redirected {what} to {target[:100]!r}, which is not a web address")
+            if file is not None:
+                self._files[target] = file   # the CDN answers for the file
         if response.request.method == "HEAD" or response.is_redirect:
             return
-        what = repr(file[0][:80]) if file is not None else urlsplit(url).path[:100]
         encoding = response.headers.get("content-encoding", "identity").lower()
         if encoding != "identity":
             raise self._bad(f"answered {what} in {encoding[:20]!r} encoding when asked for none")
@@ -108,7 +126,7 @@ class AnswerGuard:
         if limit is not None and declared is not None and declared.isdigit() and int(declared) > limit:
             raise self._bad(f"answered {what} with {int(declared):,} bytes where the listing gives {limit:,}")
         response.stream = _bounded_stream_type(sys.modules[type(response).__module__.partition(".")[0]])(
-            response.stream, self, what, limit)
+            response.stream, self, what, limit, response.request.extensions[SENT])
 
     def _check_file_headers(self, response, path: str) -> None:
         """The headers huggingface_hub builds cache paths from: ETag / X-Linked-Etag (the blob's file name) and
@@ -129,8 +147,9 @@ class AnswerGuard:
             raise self._bad(f"answered for {path[:80]!r} from commit {commit[:80]!r}, not "
                             f"{self.commit or 'a 40-digit sha'}")
 
-    def count(self, what: str, limit: int | None, total: int) -> None:
-        """A body reached `total` bytes: past its file's size, or past the shared budget, it is refused."""
+    def count(self, what: str, limit: int | None, total: int, seconds: float, finished: bool) -> None:
+        """A body reached `total` bytes, `seconds` after its request was sent (all of it if `finished`): past its
+        file's size, or past the shared budgets of the answers that are not files, it is refused."""
         if self.cancelled:
             raise PullInterrupted
         if limit is not None:
@@ -140,6 +159,12 @@ class AnswerGuard:
         with self._lock:
             if total > MAX_OTHER_BYTES:
                 raise self._bad(f"sent over {MAX_OTHER_BYTES >> 20} MiB in answers that are not file downloads")
+            seconds += self._other_seconds
+            if finished:
+                self._other_seconds = seconds
+        if seconds > MAX_OTHER_SECONDS:
+            raise self._bad(f"took over {MAX_OTHER_SECONDS} s to send its answers that are not file downloads (a "
+                            f"byte at a time?), the last {what}")
 
     def add_other(self, n: int) -> int:
         with self._lock:
@@ -157,15 +182,16 @@ def _bounded_stream_type(http_module):
     guard a running count of each chunk, which may raise."""
 
     class BoundedStream(http_module.SyncByteStream):
-        def __init__(self, stream, guard: AnswerGuard, what: str, limit: int | None):
-            self.stream, self.guard, self.what, self.limit = stream, guard, what, limit
+        def __init__(self, stream, guard: AnswerGuard, what: str, limit: int | None, sent: float):
+            self.stream, self.guard, self.what, self.limit, self.sent = stream, guard, what, limit, sent
 
         def __iter__(self):
             total = 0
             for chunk in self.stream:
                 total = total + len(chunk) if self.limit is not None else self.guard.add_other(len(chunk))
-                self.guard.count(self.what, self.limit, total)
+                self.guard.count(self.what, self.limit, total, time.monotonic() - self.sent, finished=False)
                 yield chunk
+            self.guard.count(self.what, self.limit, total, time.monotonic() - self.sent, finished=True)
 
         def close(self) -> None:
             self.stream.close()

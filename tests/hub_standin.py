@@ -8,7 +8,7 @@ import json
 import threading
 import time
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -57,6 +57,7 @@ def lfs_pointer(sha256: str, size: int) -> bytes:
 
 
 TREE_PAGES_BOUND = 1_000   # far past the pages the bounds under test stop a listing at (40 answers; 64 KiB)
+API_STALL_BOUND = 30.0     # seconds, far past the bounds under test (a second or two)
 
 
 class HubStandIn:
@@ -82,8 +83,13 @@ class HubStandIn:
       tree_next_forever: every tree listing page links to itself as the next one -- up to TREE_PAGES_BOUND pages,
         so that a client that does not stop it fails its test, not hangs it.
       slow_body: path -> seconds its GETs wait between 1 KiB pieces of the body.
+      api_silence: seconds the API's answers (model info, tree listing) wait before they start (up to
+        API_STALL_BOUND, so that a client that does not give up fails its test, not hangs it).
+      api_trickle: seconds the API's answers wait between the bytes of their body (their whole body, up to
+        API_STALL_BOUND).
       via_cdn: resolve answers an LFS file (HEAD and GET) with the hub's 302, its metadata headers and a Location on
         /cdn/{repo}/{path}, which serves the body, as huggingface.co hands LFS files to its CDN.
+      cdn_endpoint: where via_cdn's Location points in place of the stand-in itself (a hostile hub's file:// URL).
     Counters: requests[(method, path)] for resolve calls, ranges[path] the Range headers received.
     """
 
@@ -100,7 +106,10 @@ class HubStandIn:
         self.tree_next_forever = False
         self.tree_pages = 0
         self.via_cdn = False
+        self.cdn_endpoint: str | None = None
         self.slow_body: dict[str, float] = {}
+        self.api_silence = 0.0
+        self.api_trickle = 0.0
         self.requests: Counter[tuple[str, str]] = Counter()
         self.ranges: dict[str, list[str]] = {}
         self._lock = threading.Lock()
@@ -187,6 +196,7 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
                 self._error(404, None, "Not found", send_body)
 
         def _api(self, repo_id: str, rest: list[str], send_body: bool) -> None:
+            time.sleep(min(hub.api_silence, API_STALL_BOUND))
             repo = self._visible_repo(repo_id, send_body)
             if repo is None:
                 return
@@ -236,7 +246,7 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
                 return
             if hub.via_cdn and served.sha256 is not None:   # the hub's 302 for an LFS file, with its metadata
                 self.send_response(302)
-                cdn = f"{hub.endpoint}/cdn/{repo_id}/{quote(path)}"
+                cdn = f"{hub.cdn_endpoint or hub.endpoint}/cdn/{repo_id}/{quote(path)}"
                 for name, value in {**self._file_headers(repo, path, served), "Location": cdn,
                                     "Content-Length": "0"}.items():
                     self.send_header(name, value)
@@ -325,7 +335,14 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
-            if send_body:
+            if send_body and hub.api_trickle:
+                delay = min(hub.api_trickle, API_STALL_BOUND / len(payload))
+                with suppress(OSError):   # the client gave up
+                    for byte in range(len(payload)):
+                        self.wfile.write(payload[byte:byte + 1])
+                        self.wfile.flush()
+                        time.sleep(delay)
+            elif send_body:
                 self.wfile.write(payload)
 
         def _error(self, status: int, error_code: str | None, message: str, send_body: bool,
@@ -340,7 +357,14 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
-            if send_body:
+            if send_body and hub.api_trickle:
+                delay = min(hub.api_trickle, API_STALL_BOUND / len(payload))
+                with suppress(OSError):   # the client gave up
+                    for byte in range(len(payload)):
+                        self.wfile.write(payload[byte:byte + 1])
+                        self.wfile.flush()
+                        time.sleep(delay)
+            elif send_body:
                 self.wfile.write(payload)
 
     return HubRequestHandler

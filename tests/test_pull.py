@@ -685,6 +685,35 @@ def test_a_tree_listing_whose_next_page_never_ends_is_refused(served, monkeypatc
         hub.pull(REPO, progress=False)
 
 
+def test_a_hub_that_stops_answering_its_json_requests_is_given_up(served, monkeypatch):
+    """huggingface_hub sends the hub's JSON requests with no timeout: a server that never answered one, or sent it a
+    byte at a time, hung the pull for good (helper-157)."""
+    server, _ = served
+    monkeypatch.setattr(hub_guard, "SILENCE_SECONDS", 1)
+    server.api_silence = 5.0
+    started = time.monotonic()
+    with pytest.raises(KLError, match=re.escape(f"cannot resolve {REPO}@main at {server.endpoint} (ReadTimeout: ")):
+        hub.pull(REPO, progress=False)
+    assert time.monotonic() - started < 4
+    server.api_silence = 0.0
+    monkeypatch.setattr(hub_guard, "MAX_OTHER_SECONDS", 1)
+    server.api_trickle = 0.05
+    with pytest.raises(KLError, match=r"took over 1 s to send its answers that are not file downloads \(a byte at a "
+                                      r"time\?\), the last /api/models/"):
+        hub.pull(REPO, progress=False)
+    assert time.monotonic() - started < 8
+
+
+def test_a_redirect_to_a_file_url_is_refused(served, tmp_path):
+    """httpx cannot follow a 302 to file://: it read as a lost connection, and the line said to rerun the pull."""
+    server, commit = served
+    server.via_cdn, server.cdn_endpoint = True, "file:///etc"
+    with pytest.raises(KLError, match=re.escape(f"redirected '{SHARD_1}' to 'file:///etc/cdn/{REPO}/{SHARD_1}', "
+                                                "which is not a web address")):
+        hub.pull(REPO, local_dir=tmp_path / "kimi", progress=False)
+    assert not (tmp_path / "kimi" / SHARD_1).exists()
+
+
 def test_a_listing_past_the_file_bounds_is_refused(served, monkeypatch):
     monkeypatch.setattr(hub, "MAX_LISTED_FILES", 10)
     with pytest.raises(KLError, match="names 11 files, more than the 10 a model repo could hold"):
