@@ -54,8 +54,8 @@ from klconvert.quant.scheme import KINDS, NF4_BLOCKSIZE
 from klconvert.presets import preset_config
 from klconvert.release import RELEASED_SHARD_BYTES
 from klconvert.runtime.sampling import as_number
-from klconvert.tokenizer import BPE_FILE, TRANSFORMERS_TOKENIZER_FILE, check_tokenizer_if_any
-from klconvert.tokenizer_json import tokenizer_json
+from klconvert.tokenizer import check_tokenizer_if_any
+from klconvert.tokenizer_json import written_tokenizer_json
 from klconvert.units import binary_size_text, count_text, size_text, size_texts
 from klconvert.user_paths import given_path
 
@@ -331,7 +331,7 @@ def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch
     tokenizer = check_tokenizer_if_any(src, checkpoint.config)
     # transformers (vLLM too) reads tokenizer.json before tiktoken.model, converting the latter with a split of its
     # own: one written from the ranks klconvert read encodes as it does (a source's own is replaced, not copied)
-    made = {TRANSFORMERS_TOKENIZER_FILE: tokenizer_json(tokenizer, src / BPE_FILE)} if tokenizer is not None else {}
+    made = written_tokenizer_json(tokenizer, src)
     side_files = {path.name: _side_file(path) for path in _copied_files(src, made)}   # small: read before any work
     names_and_shapes = [(name, spec.shape) for name, spec in checkpoint.expected.items()]
     policy = policy.check_against(names_and_shapes)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from klconvert.errors import KLError, shown
-from klconvert.tokenizer import KIMI_PRETOKENIZE_PATTERN, Tokenizer
+from klconvert.tokenizer import BPE_FILE, KIMI_PRETOKENIZE_PATTERN, TRANSFORMERS_TOKENIZER_FILE, Tokenizer
 
 # Bounds on the merges written, past which a tiktoken.model is refused (long tokens that split every way would take
 # GBs): a BPE vocabulary splits into a few merges a token (the tests' synthetic 163,584 ranks: 202,763), so klconvert's
@@ -114,3 +114,10 @@ def tokenizer_json(tokenizer: Tokenizer, bpe_path: Path) -> bytes:
                   "vocab": vocab, "merges": merges},
     }
     return (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def written_tokenizer_json(tokenizer: Tokenizer | None, folder: Path) -> dict[str, bytes]:
+    """{tokenizer.json: its bytes} for the tokenizer read from `folder` (check_tokenizer_if_any's; {} where the folder
+    has none), which quantize and export-onnx write beside the tiktoken files they copy, in place of any tokenizer.json
+    the folder holds: the file transformers (vLLM too) and `tokenizers` read before tiktoken.model."""
+    return {TRANSFORMERS_TOKENIZER_FILE: tokenizer_json(tokenizer, folder / BPE_FILE)} if tokenizer is not None else {}

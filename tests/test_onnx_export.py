@@ -39,7 +39,9 @@ from klconvert.quant.groupwise import CHANNEL
 from klconvert.quantize import quantize
 from klconvert.runtime.engine import Engine, GenerationStats
 from klconvert.runtime.host_memory import DATA_BOUND, HostMemory
+from klconvert.tokenizer_json import tokenizer_json
 from klconvert.units import size_text
+from test_tokenizer import TEXTS, tokenizers_backend
 from testkit import assert_one_line_error, emitting_a_special, rel_error, run_cli, run_klconvert, shown_lines
 
 EXACT_BOUND = 1e-5  # onnxruntime vs klconvert on the same fp32 weights: summation order only
@@ -768,6 +770,38 @@ def test_export_onnx_takes_tiny_as_the_bundled_model(tmp_path, monkeypatch):
     path = export_onnx("tiny", tmp_path / "onnx")
     assert path == tmp_path / "onnx" / "model.onnx" and path.is_file()
     assert (tmp_path / "onnx" / "config.json").read_bytes() == (bundled_dir() / "config.json").read_bytes()
+
+
+def test_the_export_holds_a_tokenizer_json_that_encodes_as_klconvert(tmp_path):
+    """onnxruntime has no tokenizer, and the export shipped tiktoken.model, which no standard library reads with Kimi's
+    split (transformers converts it with a cl100k-like one of its own): a user encoding prompts for the graph had no
+    file to do it right. It now holds quantize's tokenizer.json, written from the source's tiktoken files in place of
+    one the source ships, and genai_config.json names it."""
+    source = shutil.copytree(bundled_dir(), tmp_path / "tiny")
+    (source / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
+    out = tmp_path / "onnx"
+    export_onnx(source, out)
+    data = (out / "tokenizer.json").read_bytes()
+    assert data == tokenizer_json(klconvert.Tokenizer.from_folder(bundled_dir()), bundled_dir() / "tiktoken.model")
+    tokenizer, backend = klconvert.Tokenizer.from_folder(out), tokenizers_backend(data)
+    for text in [*TEXTS, " I'll don't 日本語のテキスト\r\n"]:
+        ids = tokenizer.encode(text)
+        assert backend.encode(text, add_special_tokens=False).ids == ids
+        assert backend.decode(ids) == text
+    assert "tokenizer.json" in json.loads((out / GENAI_CONFIG).read_text())["tokenizer"]["files"]
+
+
+def test_a_source_without_a_tokenizer_exports_without_a_tokenizer_json(tmp_path):
+    """A folder of weights alone (no tiktoken files) exports as before, no tokenizer.json written or named; and its
+    export with --force replaces an earlier one that holds one (tokenizer.json is an export's file)."""
+    source = shutil.copytree(bundled_dir(), tmp_path / "tiny")
+    out = tmp_path / "onnx"
+    export_onnx(source, out)
+    for name in ("tiktoken.model", "tokenizer_config.json", "special_tokens_map.json"):
+        (source / name).unlink()
+    export_onnx(source, out, force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", GENAI_CONFIG, "model.onnx"]
+    assert json.loads((out / GENAI_CONFIG).read_text())["tokenizer"]["files"] == []
 
 
 @pytest.mark.parametrize("name", ["model.onnx", DATA_FILE])

@@ -1,7 +1,7 @@
-"""export_onnx: a checkpoint folder -> an ONNX folder onnxruntime runs (model.onnx, genai_config.json, config.json and
-the tokenizer files). One graph prefills and decodes: input_ids [batch, sequence], position [batch] and the state in;
-logits [batch, sequence, vocab] and the updated state out. The graph is fp32; packed int4/int8 weights stay packed
-(MatMulNBits, QMoE), the rest are the bound model's float weights."""
+"""export_onnx: a checkpoint folder -> an ONNX folder onnxruntime runs (model.onnx, genai_config.json, config.json,
+the tokenizer files and a tokenizer.json written from them). One graph prefills and decodes: input_ids [batch,
+sequence], position [batch] and the state in; logits [batch, sequence, vocab] and the updated state out. The graph is
+fp32; packed int4/int8 weights stay packed (MatMulNBits, QMoE), the rest are the bound model's float weights."""
 from __future__ import annotations
 
 import json
@@ -29,7 +29,8 @@ from klconvert.onnx.mla import mla_layer
 from klconvert.runtime import model as M
 from klconvert.runtime.bind import bind
 from klconvert.runtime.host_memory import exhausted
-from klconvert.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_FILES, check_tokenizer_if_any
+from klconvert.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_FILES, TRANSFORMERS_TOKENIZER_FILE, check_tokenizer_if_any
+from klconvert.tokenizer_json import written_tokenizer_json
 from klconvert.user_paths import given_path
 from klconvert.whole_folder import Replaceable, refuse_taken, whole_folder
 
@@ -38,7 +39,8 @@ MIN_OPSET = 18                     # ReduceMean / Split with axes and sizes as i
 DEFAULT_OPSET = MIN_OPSET
 MS_OPSET = 1                       # com.microsoft's version (MatMulNBits, QMoE)
 COPIED_TOKENIZER_FILES = (*TOKENIZER_FILES, CHAT_TEMPLATE_FILE)  # each where the model folder has it
-EXPORT_FILES = {ONNX_FILE, DATA_FILE, GENAI_CONFIG, CONFIG_FILE, *COPIED_TOKENIZER_FILES}  # all an export writes
+EXPORT_FILES = {ONNX_FILE, DATA_FILE, GENAI_CONFIG, CONFIG_FILE, *COPIED_TOKENIZER_FILES,
+                TRANSFORMERS_TOKENIZER_FILE}   # all an export writes
 
 
 def _present_shape(shape: list) -> list:
@@ -153,17 +155,19 @@ def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPS
     model_dir, out = resolve_model(model_dir), given_path(out, "out")
     refuse_taken(out, force, EARLIER_EXPORT)
     checkpoint = Checkpoint(model_dir)
-    check_tokenizer_if_any(model_dir, checkpoint.config)
+    # for onnxruntime's users, who encode prompts with `tokenizers` (a source's own is replaced, not copied)
+    made = written_tokenizer_json(check_tokenizer_if_any(model_dir, checkpoint.config), model_dir)
     copied = [name for name in (CONFIG_FILE, *COPIED_TOKENIZER_FILES) if (model_dir / name).is_file()]
     refuse_unfit_side_files(model_dir, (model_dir / name for name in copied))
     with whole_folder(out, force, EARLIER_EXPORT, last=GENAI_CONFIG) as folder:
-        _write_export(checkpoint, model_dir, folder, opset, copied)
+        _write_export(checkpoint, model_dir, folder, opset, copied, made)
     return out / ONNX_FILE
 
 
-def _write_export(checkpoint: Checkpoint, model_dir: Path, folder: Path, opset: int, copied: list[str]) -> None:
-    """export_onnx's writing, into the folder that becomes OUT: model.onnx (checked), the side files,
-    genai_config.json."""
+def _write_export(checkpoint: Checkpoint, model_dir: Path, folder: Path, opset: int, copied: list[str],
+                  made: dict[str, bytes]) -> None:
+    """export_onnx's writing, into the folder that becomes OUT: model.onnx (checked), the side files (`copied` from
+    `model_dir`, `made` from what it holds), genai_config.json."""
     model = bind(_unfilled_where_packed(M.KimiLinear(checkpoint.config), checkpoint), checkpoint.get,
                  checkpoint.packed, {}, torch.device("cpu"), torch.float32, triton=False, restack=False)
     proto = build_graph(model, Linears(checkpoint.config, checkpoint.packed), opset)
@@ -181,5 +185,7 @@ def _write_export(checkpoint: Checkpoint, model_dir: Path, folder: Path, opset: 
     onnx.checker.check_model(str(path))
     for name in copied:
         write_atomically(folder / name, read_bounded(model_dir / name, MAX_SIDE_FILE_BYTES, name))
-    config = genai_config(checkpoint.config, opset, external, [n for n in copied if n != CONFIG_FILE])
+    for name, data in made.items():
+        write_atomically(folder / name, data)
+    config = genai_config(checkpoint.config, opset, external, [n for n in [*copied, *made] if n != CONFIG_FILE])
     write_atomically(folder / GENAI_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
