@@ -104,7 +104,7 @@ def run_model(path: Path, ids: list[int], device: str | torch.device | None, dty
         # on the host, in fp32 whatever the caller's default dtype and device; the device holds one segment's at a time
         log_probs = torch.empty(len(ids), c.vocab_size, dtype=torch.float32, device="cpu")
         start = 0
-        for logits in engine.forward_segments(torch.tensor([ids])):              # [1, S, V] fp32
+        for logits in engine.forward_segments(torch.tensor([ids], device="cpu")):  # [1, S, V] fp32
             log_probs[start:start + logits.shape[1]] = torch.log_softmax(logits[0].float(), dim=-1)
             start += logits.shape[1]
         run = ModelRun(log_probs, {k: torch.cat(v) for k, v in chosen.items()}, tuple(chosen), c)
@@ -166,7 +166,7 @@ def _same_tokenizer(folder: Path, reference: Tokenizer, model: str, reference_na
 
 def _perplexity(log_probs: torch.Tensor, ids: list[int]) -> float:
     """exp of the mean negative log-likelihood of each next token (positions 0..T-2 predict 1..T-1)."""
-    targets = torch.tensor(ids[1:])
+    targets = torch.tensor(ids[1:], device="cpu")
     return math.exp(-log_probs[:-1].gather(1, targets[:, None]).mean().item())
 
 

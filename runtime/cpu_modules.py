@@ -26,7 +26,7 @@ from klconvert.runtime import model as M
 
 def _const(value: float) -> torch.Tensor:
     """A 0-d fp32 tensor: the same value as the Python scalar in an fp32 op, at half the cost."""
-    return torch.tensor(value, dtype=torch.float32)
+    return torch.tensor(value, dtype=torch.float32, device="cpu")
 
 
 def column_major(w: torch.Tensor) -> torch.Tensor:

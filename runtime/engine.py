@@ -108,7 +108,8 @@ def whole_numbers(value, what: str = "token ids", where: str = "") -> torch.Tens
         raise KLError(f"{what} should be whole numbers, got a bool at {where}{at}; give ints (a bool would run as "
                       "0 or 1)")
     try:
-        t = torch.as_tensor(value)
+        # a tensor as it is; lists and arrays on the host, whatever an app's torch.set_default_device
+        t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value, device="cpu")
     except (TypeError, ValueError, RuntimeError, OverflowError, NotImplementedError) as e:
         raise KLError(f"{what} should be whole numbers in a list or tensor ({str(e).splitlines()[0][:120]})") from None
     if t.is_meta or t.layout != torch.strided:   # no values to read (meta), or none a check below reads (sparse)
@@ -232,7 +233,7 @@ class _TokenStream:
         if not self.cuda:
             self.pending.append((None, token))
             return
-        host = torch.empty(token.shape, dtype=token.dtype, pin_memory=True)
+        host = torch.empty(token.shape, dtype=token.dtype, device="cpu", pin_memory=True)
         host.copy_(token, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
@@ -434,7 +435,7 @@ class Runner:
         if max_new_tokens == 0:   # nothing to sample: the [B, 0] ids, as generate's prefill-only run returns
             self.stats.steps = self.stats.timed_steps = self.stats.new_tokens = self.stats.timed_tokens = 0
             self.stats.decode_seconds, self.stats.batch = 0.0, B
-            return torch.empty(B, 0, dtype=torch.long)
+            return torch.empty(B, 0, dtype=torch.long, device="cpu")
         t0 = time.perf_counter()
         stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
         token, finite = sample(logits, temperature, top_p, generator)
@@ -787,7 +788,7 @@ class Engine(Runner):
         _sync(self.device)
         self.stats.prefill_seconds = time.perf_counter() - t0
         if step is None:  # the prompts through the model (their prefill timed), nothing to decode
-            return torch.empty(B, 0, dtype=torch.long)
+            return torch.empty(B, 0, dtype=torch.long, device="cpu")
         return self._decode_loop(step, last, max_new_tokens, temperature, top_p, generator, stop_ids, on_token)
 
     def _as_prompts(self, prompts) -> list[torch.Tensor]:

@@ -325,12 +325,14 @@ def test_a_generate_after_one_an_interrupt_cut_short_as_it_set_the_count_back_se
 
 def _outputs_of_the_api(path) -> tuple[list[torch.Tensor], list[bool]]:
     """What the API computes on the tiny model, loaded anew -- greedy and sampled generation of two prompts (one past
-    a KDA chunk), forward, prefill, a decode step and forward_segments' segments of 16 tokens -- and whether CPU
-    autocast was on, as the caller reads it, between those segments."""
+    a KDA chunk), generate and decode_loop of no new tokens, forward, prefill, a decode step and forward_segments'
+    segments of 16 tokens -- and whether CPU autocast was on, as the caller reads it, between those segments."""
     engine = klconvert.load(path, device="cpu", max_context=256, batch=2)
     prompts, long = [list(range(1, 100)), [5, 6, 7]], [list(range(1, 100))]
+    step = engine.decoder(1)
     outputs = [engine.generate(prompts, 8, stop_ids=frozenset()),
                engine.generate(prompts, 8, temperature=1.0, top_p=0.9, seed=3, stop_ids=frozenset()),
+               engine.generate(prompts, 0), engine.decode_loop(step, engine.prefill([5, 6, 7]), 0),
                engine.forward(long), engine.prefill(long), engine.decode_step([7], 99)]
     engine.prefill_segment, autocast_between = 16, []
     for segment in engine.forward_segments(long):
@@ -352,8 +354,21 @@ def test_an_apps_default_dtype_changes_no_output(tiny_released, outputs_of_the_a
         outputs, _ = _outputs_of_the_api(tiny_released)
     finally:
         torch.set_default_dtype(torch.float32)
-    assert len(outputs) == len(outputs_of_the_api) == 12
+    assert len(outputs) == len(outputs_of_the_api) == 14
     assert all(torch.equal(got, want) and got.dtype == want.dtype for got, want in zip(outputs, outputs_of_the_api))
+
+
+def test_an_apps_default_device_changes_no_output(tiny_released, outputs_of_the_api):
+    """Under torch.set_default_device("meta") every tensor klconvert made without a device was made there: generate
+    refused its own stop ids ('got a meta tensor'), and the CPU forms' constants, made at load, held no values. The
+    host's are made on the CPU, the engine's on its device: the same outputs as under the default, on the CPU."""
+    torch.set_default_device("meta")
+    try:
+        outputs, _ = _outputs_of_the_api(tiny_released)
+    finally:
+        torch.set_default_device(None)
+    assert len(outputs) == len(outputs_of_the_api) == 14
+    assert all(got.device.type == "cpu" and torch.equal(got, want) for got, want in zip(outputs, outputs_of_the_api))
 
 
 def test_an_apps_autocast_changes_no_output(tiny_released, outputs_of_the_api):

@@ -194,6 +194,19 @@ def test_an_apps_default_dtype_changes_no_measure(tiny_released, tiny_perturbed)
     assert got == want
 
 
+def test_an_apps_default_device_changes_no_measure(tiny_released, tiny_quantized):
+    """Under torch.set_default_device("meta") the ids evaluate handed the engine were made there ('input_ids should be
+    whole numbers ..., got a meta tensor'), and loading a quantized model, the 0-d reach its scales are checked with
+    ('Tensor.item() cannot be called on meta tensors'). Both are made on the host now: the same measures."""
+    want = evaluate(tiny_quantized[4], tiny_released, TEXT, max_tokens=32, device="cpu")
+    torch.set_default_device("meta")
+    try:
+        got = evaluate(tiny_quantized[4], tiny_released, TEXT, max_tokens=32, device="cpu")
+    finally:
+        torch.set_default_device(None)
+    assert got == want
+
+
 def test_eval_checks_each_model_once(tiny_released, tmp_path, monkeypatch, capsys):
     """The command checked --model itself, then evaluate checked it again (each resolving the name)."""
     import klconvert.cli as cli_module

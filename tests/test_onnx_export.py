@@ -531,6 +531,21 @@ def test_prompts_of_different_lengths_decode_together_as_alone(exported):
 
 
 @pytest.mark.slow
+def test_an_apps_default_device_changes_no_output(exported):
+    """Under torch.set_default_device("meta") generate refused its own stop ids ('got a meta tensor'), and its decode
+    step's tokens and positions, and the [B, 0] ids of no new tokens, were made there: on the host now, as under the
+    default, the same tokens."""
+    prompts = [PROMPT[:5], PROMPT]
+    want = [OnnxEngine(exported[1]).generate(prompts, n) for n in (6, 0)]
+    torch.set_default_device("meta")
+    try:
+        got = [OnnxEngine(exported[1]).generate(prompts, n) for n in (6, 0)]
+    finally:
+        torch.set_default_device(None)
+    assert all(g.device.type == "cpu" and torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.slow
 def test_the_graph_holds_packed_weights(exported):
     """Every packed weight of the checkpoint is a MatMulNBits or QMoE initializer of uint8 codes; no float
     initializer stands for one; onnx.checker passes; genai_config.json names every graph input and output."""

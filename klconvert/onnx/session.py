@@ -102,8 +102,8 @@ class _SessionStep:
 
     def __init__(self, engine: "OnnxEngine", state: State, positions: list[int]):
         self.engine, self.state = engine, state
-        self.tokens = torch.zeros(len(positions), dtype=torch.long)
-        self.positions = torch.tensor(positions, dtype=torch.long)
+        self.tokens = torch.zeros(len(positions), dtype=torch.long, device="cpu")
+        self.positions = torch.tensor(positions, dtype=torch.long, device="cpu")
 
     def step(self) -> torch.Tensor:
         logits, self.state = self.engine._run(self.tokens.numpy()[:, None], self.state, self.positions.numpy(),
@@ -410,7 +410,7 @@ class OnnxEngine(Runner):
                     on_prefill(len(p))
             self.stats.prefill_seconds = time.perf_counter() - t0
             if max_new_tokens == 0:  # as Engine.generate: prefilled, nothing to decode
-                return torch.empty(B, 0, dtype=torch.long)
+                return torch.empty(B, 0, dtype=torch.long, device="cpu")
             step = _SessionStep(self, self._batched(states), [len(p) for p in prompts])
             return self._decode_loop(step, torch.cat(last), max_new_tokens, temperature, top_p, generator, stop_ids,
                                      on_token)

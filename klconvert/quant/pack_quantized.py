@@ -127,7 +127,7 @@ def check_scales(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, where
     scale = found["weight_scale"]
     qmin, qmax = qrange(scheme.bits)
     if scheme.symmetric:
-        reach = torch.tensor(float(-qmin))
+        reach = torch.tensor(float(-qmin), device=scale.device)
     else:
         zero = unpack_from_int32(found["weight_zero_point"], scheme.bits, tuple(scale.shape), packed_dim=0)
         reach = torch.maximum(zero - qmin, qmax - zero).float()
