@@ -113,23 +113,63 @@ def test_a_stopped_call_is_named_by_run_and_finished_by_the_next(tiny_released, 
     assert bytes_and_modes[0] == bytes_and_modes[1]
 
 
-@pytest.mark.parametrize("damage", ["2-D", "two parts"])
-def test_a_stopped_call_s_folder_damaged_besides_is_refused_for_the_damage(tiny_copy, damage):
-    """A stacked conv1d of the wrong shape in place of a layer's q/k/v_conv1d was named a stopped call, to run again,
-    and that call refused it for its shape (h155): the shape's line comes first, from both."""
-    index = json.loads((tiny_copy / "model.safetensors.index.json").read_text())["weight_map"]
-    q_conv = next(name for name in index if name.endswith(".q_conv1d.weight"))
-    layer, shard = q_conv.removesuffix("q_conv1d.weight"), tiny_copy / index[q_conv]
+MLA_LAYER = "model.layers.3.self_attn."   # the tiny model's first full-attention layer (no convs of its own)
+
+
+def _stopped_at_one_layer(folder, damage: str) -> tuple:
+    """Stack one KDA layer's q/k/v_conv1d in its shard as a stopped stack_kda_convs leaves it, the index untouched,
+    but with `damage` (DAMAGE_LINES): a conv1d that call never writes; (the stacked conv1d's name, its shard)."""
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    q_conv = next(name for name in index["weight_map"] if name.endswith(".q_conv1d.weight"))
+    layer, shard = q_conv.removesuffix("q_conv1d.weight"), folder / index["weight_map"][q_conv]
     tensors = load_file(shard)
-    parts = [tensors.pop(f"{layer}{part}_conv1d.weight") for part in "qkv"]
-    stacked = torch.cat(parts) if damage == "2-D" else torch.cat(parts[:2])
-    tensors[f"{layer}conv1d.weight"] = (stacked.reshape(len(stacked), -1) if damage == "2-D" else stacked).contiguous()
+    parts = [tensors[f"{layer}{part}_conv1d.weight"] for part in "qkv"]
+    if damage == "on an MLA layer":   # the KDA layer's own left as they are, the index naming the MLA layer's there
+        layer = MLA_LAYER
+        index["weight_map"].update({f"{layer}{part}_conv1d.weight": shard.name for part in "qkv"})
+        index_path.write_text(json.dumps(index))
+    else:
+        for part in "qkv":
+            del tensors[f"{layer}{part}_conv1d.weight"]
+    stacked = torch.cat(parts) if damage != "two parts" else torch.cat(parts[:2])
+    if damage == "2-D":
+        stacked = stacked.reshape(len(stacked), -1)
+    elif damage == "fp32":
+        stacked = stacked.float()
+    tensors[f"{layer}conv1d.weight"] = stacked.contiguous()
     save_file(tensors, shard, metadata={"format": "pt"})
+    return f"{layer}conv1d.weight", shard
+
+
+SHAPE_LINE = (r"has shape \[.*\], which does not give .* its expected shape .*; the checkpoint does not match its "
+              "config.json")
+DAMAGE_LINES = {
+    "2-D": SHAPE_LINE,
+    "two parts": SHAPE_LINE,
+    "on an MLA layer": r"maps to nothing in a Kimi Linear model with this config \(.*\); the checkpoint does not "
+                       "match its config.json",
+    "fp32": r"has dtype F32, while most of the folder's KDA convs are BF16; it is not what a stopped stack_kda_convs "
+            r"leaves in place of the indexed q/k/v_conv1d \(that keeps their dtype\): the checkpoint is damaged -- "
+            "download it again",
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE_LINES)
+def test_a_stopped_call_s_folder_damaged_besides_is_refused_for_the_damage(tiny_copy, capsys, damage):
+    """A stacked conv1d of the wrong shape in place of a layer's q/k/v_conv1d, or on an MLA layer, was named a stopped
+    call, to run again, and that call refused it for its shape (h155); one in fp32 where the folder's convs are bf16
+    was finished as a stopped call's (helper-161). The damage's line comes first, from both, and the run's is one
+    line; the folder is left as it was."""
+    stacked, shard = _stopped_at_one_layer(tiny_copy, damage)
+    before = _files(tiny_copy)
+    line = rf"{re.escape(shard.name)}: tensor '{re.escape(stacked)}' {DAMAGE_LINES[damage]}"
     for call in (open_checkpoint, stack_kda_convs):
-        with pytest.raises(KLError, match=rf"{re.escape(shard.name)}: tensor '{re.escape(layer)}conv1d\.weight' has "
-                                          r"shape \[.*\], which does not give .* its expected shape .*; the checkpoint "
-                                          "does not match its config.json"):
+        with pytest.raises(KLError, match=line):
             call(tiny_copy)
+    code, _, err = run_cli(capsys, "run", "--model", tiny_copy, "--prompt", "hi")
+    assert re.search(line, assert_one_line_error(code, err))
+    assert _files(tiny_copy) == before
 
 
 def test_a_second_call_writes_nothing(tiny_copy):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from klconvert.checkpoint.folder_files import (
 )
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.checkpoint.name_map import (
+    KDA_CONV_PART,
     STACKED_CONV,
     TensorSpec,
     canonical_pieces,
@@ -246,11 +248,27 @@ class Checkpoint:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise KLError(f"{self.folder}: tensor {missing[0]}{more} is missing from the checkpoint; "
                           "the download is incomplete or the config does not match the weights")
+        if stopped:
+            self._refuse_stacked_in_another_dtype(stopped)
         if stopped and not finish_stacking:   # the one disagreement, said once nothing else is wrong (a damaged
             stacked = STACKED_CONV.format(stopped[0])   # folder gets the damage's line): stack_kda_convs ends it
             raise KLError(f"{index_where}: names {stopped[0]}q/k/v_conv1d.weight in {self.weight_map[stacked]}, which "
                           f"holds them stacked as {stacked}: a stack_kda_convs on this folder stopped before it "
                           "rewrote the index; run stack_kda_convs on the folder again to finish it")
+
+    def _refuse_stacked_in_another_dtype(self, stopped: list[str]) -> None:
+        """KLError where the conv1d of a stopped stacking's layer (`stopped`) has another dtype than most of the
+        folder's KDA convs: stack_kda_convs stacks a layer's q/k/v_conv1d in their own dtype, so that conv1d is none
+        of its doing (a wrong shape is refused as any tensor's is, held to the config)."""
+        convs = [src for name, src in self.sources.items() if KDA_CONV_PART.match(name) and isinstance(src, Source)]
+        usual = Counter(src.dtype for src in convs).most_common(1)[0][0]
+        for prefix in stopped:
+            stacked = self.sources[f"{prefix}q_conv1d.weight"]   # q/k/v's source: the stacked conv1d
+            if stacked.dtype != usual:
+                raise KLError(f"{self.folder / stacked.shard}: tensor {shown(stacked.name)} has dtype {stacked.dtype}, "
+                              f"while most of the folder's KDA convs are {usual}; it is not what a stopped "
+                              "stack_kda_convs leaves in place of the indexed q/k/v_conv1d (that keeps their dtype): "
+                              "the checkpoint is damaged -- download it again")
 
     def _tie_lm_head(self) -> None:
         """tie_word_embeddings: lm_head reads the embedding, as transformers ties them (and saves no lm_head)."""
