@@ -401,15 +401,25 @@ def _damage(out, damage: str) -> None:
     elif damage == "a shard a link to its copy":
         copy = shard.rename(out.parent / shard.name)
         shard.symlink_to(copy)
+    elif damage == "a shard's last byte flipped":   # its size, header and modification time kept
+        found = shard.stat()
+        with open(shard, "r+b") as f:
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)[0]
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([last ^ 0xFF]))
+        os.utime(shard, ns=(found.st_atime_ns, found.st_mtime_ns))
     else:
         (out / "notes.txt").write_text("mine\n")
 
 
 @pytest.mark.parametrize("damage", ["a shard gone", "a shard a byte short", "a file a FIFO",
-                                    "a shard a link to its copy", "a file of the user's added"])
+                                    "a shard a link to its copy", "a file of the user's added",
+                                    "a shard's last byte flipped"])
 def test_a_kill_as_quantize_renames_its_output_is_finished_only_where_out_is_whole(tiny_released, tmp_path, damage):
     """Only the file list in OUT's output record was compared: with a shard gone (or a file a FIFO, or the user's
-    notes added) the rerun said "kept from an interrupted run" and exited 0 (h155). OUT is left as it was."""
+    notes added) the rerun said "kept from an interrupted run" and exited 0 (h155); a shard rewritten in place with
+    its size, header and modification time kept was taken too (helper-161). OUT is left as it was."""
     out = tmp_path / "q"
     _killed_as_quantize_renames_its_output(tiny_released, out, *QUANTIZE_OPTIONS)
     _damage(out, damage)

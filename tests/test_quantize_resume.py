@@ -507,6 +507,28 @@ def test_a_finished_shard_with_a_swollen_header_is_written_again_unparsed(tiny_r
     assert folder_files(out) == folder_files(uninterrupted)
 
 
+def test_a_kept_shard_copied_in_place_leaves_a_killed_finish_to_end(tiny_released, uninterrupted, tmp_path,
+                                                                     monkeypatch):
+    """A rerun ending a killed finish takes each shard for the file whose sha256 was recorded where it is unchanged
+    since (its file_identity, not read again); a kept shard that is another file of the same bytes (a copy) is
+    hashed as it is kept, and recorded as the file it is now, so that rerun still ends the finish."""
+    out = tmp_path / "q"
+    first = _interrupted_at_shard(tiny_released, out, 3)[0]
+    copy = shutil.copy2(first, tmp_path / "copy")
+    os.replace(copy, first)
+    with monkeypatch.context() as m:
+        def killed(_):   # as a SIGKILL after the rename: OUT holds its resume record
+            raise SystemExit(-9)
+        m.setattr("klconvert.convert.output_folder.end_finish", killed)
+        with pytest.raises(SystemExit):
+            quantize(tiny_released, out, **OPTIONS)
+    assert (out / ".klconvert-resume.json").exists()
+    result = quantize(tiny_released, out, **OPTIONS)
+    assert result.shards_resumed == result.shards
+    assert folder_files(out) == folder_files(uninterrupted)
+    assert not (out / ".klconvert-resume.json").exists()
+
+
 @pytest.mark.slow
 def test_a_finished_shard_replaced_by_a_link_is_written_again(tiny_released, uninterrupted, tmp_path):
     """A link at a finished shard's name, even to its own bytes, stayed a link in the finished OUT."""

@@ -19,6 +19,7 @@ from typing import Iterator
 
 from klconvert.atomic_file import write_atomically
 from klconvert.checkpoint.folder_files import MAX_FILE_NAME_BYTES
+from klconvert.checkpoint.reader import file_identity
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.checkpoint.safetensors_writer import PlannedTensor, shard_header
 from klconvert.disk_space import failed_write
@@ -26,10 +27,13 @@ from klconvert.entry import Uninterrupted
 from klconvert.errors import KLError, refuse_out_of_descriptors
 from klconvert.user_paths import refuse_unreachable, shown_path
 
-# What the partial folder is for (source fingerprint and options), and the sha256 of each shard finished so far
+# What the partial folder is for (source fingerprint and options), and the sha256 and file of each shard finished so far
 RESUME_RECORD = ".klconvert-resume.json"
-FINISHED = "finished"  # the resume record's key for {shard name: sha256}, the one part of it that grows as a run goes
-MAX_RESUME_RECORD_BYTES = 16 << 20  # a record holds ~250 bytes a shard: past this it is not one of ours
+FINISHED = "finished"  # the resume record's key for {shard name: sha256}: with FINISHED_FILES, the part that grows
+# {shard name: file_identity} of each finished shard as its sha256 was made or checked: a rerun ending a killed finish
+# takes a shard still that file (a write sets its inode's change time) for one of that sha256, unread
+FINISHED_FILES = "finished_files"
+MAX_RESUME_RECORD_BYTES = 16 << 20  # a record holds ~350 bytes a shard: past this it is not one of ours
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 HASH_CHUNK_BYTES = 8 << 20
 # What a finished OUT holds besides the files it lists: the names of the files the run wrote (what --force may replace)
@@ -483,6 +487,7 @@ class OutputFolder:
         self.out, self.path, self.force, self.files = out, partial_path(out), force, sorted(files)
         self.record = json.loads(json.dumps(record))  # JSON types, to compare with the stored one
         self.finished: dict[str, str] = {}   # {shard name: sha256} of the shards written whole, this run or before
+        self.finished_files: dict[str, list[int]] = {}   # {shard name: file_identity} of the same (FINISHED_FILES)
 
     def open(self) -> bool:
         """Make the folder ready; True when an interrupted run's folder was taken up."""
@@ -494,13 +499,15 @@ class OutputFolder:
             if mode & stat.S_IRWXU != stat.S_IRWXU:   # made under such a umask by an older version (mode 000): usable
                 self.path.chmod(mode | stat.S_IRWXU)
             stored = _stored_record(self.path)
-            finished = stored.pop(FINISHED, None) if stored is not None else None
+            finished, finished_files = _taken_progress(stored)
             if stored == self.record:
                 self.remove_unfinished()
                 self.refuse_files_not_written()
                 if isinstance(finished, dict):   # anything else there: no shard is known to be finished
                     self.finished = {name: digest for name, digest in finished.items()
                                      if isinstance(digest, str) and SHA256_HEX.fullmatch(digest)}
+                if isinstance(finished_files, dict):   # compared only, with what has_finished finds
+                    self.finished_files = finished_files
                 return True
             if stored is None and not any(self.path.iterdir()):   # emptied but not removed: nothing to lose
                 self.path.rmdir()
@@ -523,7 +530,8 @@ class OutputFolder:
         return False
 
     def _write_record(self) -> None:
-        record = {**self.record, FINISHED: self.finished} if self.finished else self.record
+        record = ({**self.record, FINISHED: self.finished, FINISHED_FILES: self.finished_files} if self.finished
+                  else self.record)
         write_atomically(self.path / RESUME_RECORD, (json.dumps(record, indent=1) + "\n").encode())
 
     def refuse_files_not_written(self) -> None:
@@ -555,17 +563,24 @@ class OutputFolder:
     def has_finished(self, shard: str, tensors: list[PlannedTensor]) -> bool:
         """Whether `shard` was written whole by an earlier run, with exactly the planned tensors: a regular file (not
         a link, and not a hard link a file elsewhere shares, whose later changes OUT would take) with the sha256
-        recorded when it was written."""
+        recorded when it was written. Its file_identity goes in the record where it is another file now (a copy)."""
         path = self.path / shard
         try:   # the header and size first: a shard of other tensors or size is not read through
-            return (shard in self.finished and os.lstat(path).st_nlink == 1 and shard_as_planned(path, tensors)
-                    and file_sha256(path) == self.finished[shard])
+            found = os.lstat(path)   # before the read: a write during it leaves the identity stale, not the bytes
+            if not (shard in self.finished and found.st_nlink == 1 and shard_as_planned(path, tensors)
+                    and file_sha256(path) == self.finished[shard]):
+                return False
         except OSError:   # unreadable: written again
             return False
+        if self.finished_files.get(shard) != list(file_identity(found)):
+            self.finished_files[shard] = list(file_identity(found))
+            self._write_record()
+        return True
 
     def record_finished(self, shard: str, sha256: str) -> None:
-        """Note in the resume record that `shard` is written whole, with this sha256."""
+        """Note in the resume record that `shard` is written whole, with this sha256, and the file it is now."""
         self.finished[shard] = sha256
+        self.finished_files[shard] = list(file_identity(os.lstat(self.path / shard)))
         self._write_record()
 
     def write_text(self, name: str, text: str) -> None:
@@ -578,28 +593,32 @@ class OutputFolder:
         """Whether OUT is this run's output, whole, left by a run of the same record killed inside finish() after the
         rename (refuse_existing_out lets it by): if so, that finish is ended -- its record dropped, OUT's mode set.
         Whole: OUT holds this run's files and the two records, nothing else, each a regular file, and each of
-        `shards` (name -> planned tensors) recorded finished with the planned header and size (not hashed: ~27 GB).
-        KLError, as refuse_existing_out's, for any other OUT, untouched; False where force (OUT is replaced) or no
-        such OUT is there."""
+        `shards` (name -> planned tensors) recorded finished, with the planned header and size, and the file whose
+        sha256 was recorded, unchanged since (FINISHED_FILES; not hashed again: ~27 GB). KLError, as
+        refuse_existing_out's, for any other OUT, untouched; False where force (OUT is replaced) or no such OUT is
+        there."""
         if self.force or not os.path.lexists(self.out / RESUME_RECORD):   # refuse_existing_out let by no other OUT
             return False
         stored = _stored_record(self.out)
-        finished = stored.pop(FINISHED, None) if stored is not None else None
+        finished, finished_files = _taken_progress(stored)
         if (stored != self.record or files_klconvert_wrote(self.out) != set(self.files)
-                or not isinstance(finished, dict) or not set(shards) <= set(finished) or not self._out_whole(shards)):
+                or not isinstance(finished, dict) or not set(shards) <= set(finished)
+                or not isinstance(finished_files, dict) or not self._out_whole(shards, finished_files)):
             raise already_exists(self.out)
         with Uninterrupted():
             end_finish(self.out)
         return True
 
-    def _out_whole(self, shards: dict[str, list[PlannedTensor]]) -> bool:
+    def _out_whole(self, shards: dict[str, list[PlannedTensor]], finished_files: dict) -> bool:
         """Whether OUT holds exactly this run's files and the two records, each a regular file (not a link, FIFO or
-        folder), its `shards` as planned (shard_as_planned)."""
+        folder), its `shards` as planned (shard_as_planned) and each the file `finished_files` records."""
         try:
             entries = os.listdir(self.out)
             return (sorted(entries) == sorted({*self.files, OUTPUT_RECORD, RESUME_RECORD})
                     and all(stat.S_ISREG(os.lstat(self.out / name).st_mode) for name in entries)
-                    and all(shard_as_planned(self.out / name, tensors) for name, tensors in shards.items()))
+                    and all(shard_as_planned(self.out / name, tensors)
+                            and finished_files.get(name) == list(file_identity(os.lstat(self.out / name)))
+                            for name, tensors in shards.items()))
         except OSError:   # unreadable: not known to be whole
             return False
 
@@ -644,6 +663,14 @@ def _stored_record(folder: Path) -> dict | None:
     except (OSError, ValueError, RecursionError, KLError):   # RecursionError: JSON nested past Python's stack
         return None
     return stored if isinstance(stored, dict) and isinstance(stored.get("source"), dict) else None
+
+
+def _taken_progress(stored: dict | None) -> tuple[object, object]:
+    """A stored resume record's FINISHED and FINISHED_FILES, as stored (None where absent), taken out of it: what is
+    left is compared with a run's record."""
+    if stored is None:
+        return None, None
+    return stored.pop(FINISHED, None), stored.pop(FINISHED_FILES, None)
 
 
 def end_finish(out: Path) -> None:
