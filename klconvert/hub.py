@@ -168,8 +168,9 @@ def pull(
     with _local_dir_lock(local_dir) if writes_local_dir else nullcontext():
         api = HfApi()
         guard = AnswerGuard(api.endpoint, repo)
-        with _as_user_errors(repo, revision, api.endpoint, target) as stage, nullcontext() if offline else guard:
-            with _malformed_answers(repo, api.endpoint), _no_cache_fallback_warning():
+        with (_as_user_errors(repo, revision, api.endpoint, target) as stage, nullcontext() if offline else guard,
+              _no_retold_log_lines()):
+            with _malformed_answers(repo, api.endpoint):
                 resolved = api.resolve_revision(repo, revision=revision, cache_dir=cache_dir, local_files_only=offline)
                 commit = guard.commit = _checked_commit(resolved.resolved, repo, api.endpoint)
                 where = f"{repo}@{commit}"
@@ -414,20 +415,29 @@ MAX_LISTED_FILES = 20_000
 MAX_PULLED_FILES = 1_000
 
 
-def _is_not_a_cache_fallback(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("Could not reach the Hub")
+# The loggers of huggingface_hub (1.33 and 2.4) that write what a pull's own line says (_is_not_retold)
+RETELLING_LOGGERS = ("huggingface_hub.hf_api", "huggingface_hub.file_download", "huggingface_hub.utils._http")
+
+
+def _is_not_retold(record: logging.LogRecord) -> bool:
+    """Whether a line huggingface_hub logs is not one klconvert's own line tells: each retry of a request (two lines,
+    up to six times a file: 86 lines before a dead file server's one), and its fallback to a cached commit where the
+    hub cannot be reached (the listing asked for next cannot be reached either, and that error says so)."""
+    message = record.getMessage()
+    return not (message.startswith(("Could not reach the Hub", "Error while downloading from", "Retrying in "))
+                or " thrown while requesting " in message)
 
 
 @contextmanager
-def _no_cache_fallback_warning() -> Iterator[None]:
-    """Without the line huggingface_hub writes on stderr when it resolves a revision from the cache because the hub
-    could not be reached: the listing asked for next cannot be reached either, and that error says so, in one line."""
-    logger = logging.getLogger("huggingface_hub.hf_api")
-    logger.addFilter(_is_not_a_cache_fallback)
+def _no_retold_log_lines() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in RETELLING_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(_is_not_retold)
     try:
         yield
     finally:
-        logger.removeFilter(_is_not_a_cache_fallback)
+        for logger in loggers:
+            logger.removeFilter(_is_not_retold)
 
 
 @contextmanager

@@ -1,8 +1,8 @@
 """What a pull lets huggingface_hub act on. huggingface_hub names cache files after the hub's ETag and X-Repo-Commit
 headers and reads answers to their end, trusting the endpoint; while a pull runs, every answer passes AnswerGuard:
 those headers must be the digests and the commit they claim to be, bodies stop at the size the listing gave (file
-downloads) or at a budget of bytes and time (the hub's JSON), a request sent with no timeout gets one, and a Ctrl-C
-stops the download threads at their next chunk."""
+downloads) or at a budget of bytes and time (the hub's JSON, a redirect's body), a request sent with no timeout gets
+one, and a Ctrl-C stops the download threads at their next chunk."""
 from __future__ import annotations
 
 import functools
@@ -23,8 +23,9 @@ from klconvert.errors import KLError
 # without end.
 MAX_OTHER_BYTES = 16 << 20
 MAX_OTHER_ANSWERS = 10_000
-# ... and how long they take together, from each request sent to its last byte: the real hub's take seconds, and a
-# server trickling its answers a byte at a time would otherwise hold the pull for good.
+# ... and how long they take together, from each request sent to its last byte (or, for one that never got there, to
+# the next request for the same address: huggingface_hub retries a listing that timed out five times): the real hub's
+# take seconds, and a server trickling its answers a byte at a time would otherwise hold the pull for good.
 MAX_OTHER_SECONDS = 180
 # huggingface_hub sends the hub's JSON requests with no timeout (its file downloads with HF_HUB_DOWNLOAD_TIMEOUT): a
 # server that accepts and never answers would hang the pull. Seconds to connect, or to wait for the next byte.
@@ -50,7 +51,8 @@ class AnswerGuard:
         self._files: dict[str, tuple[str, int]] = {}  # URL (a file's, or its redirect target) -> (file, size)
         self._other_bytes = 0
         self._other_answers = 0
-        self._other_seconds = 0.0   # the time the finished ones took
+        self._other_seconds = 0.0   # the time the finished ones took, and the attempts that never finished
+        self._unanswered: dict[str, float] = {}   # address -> when its latest request not for a file was sent
         self._lock = threading.Lock()
         self.cancelled = False
 
@@ -92,7 +94,14 @@ class AnswerGuard:
         timeout = request.extensions.get("timeout") or {}
         request.extensions["timeout"] = {key: SILENCE_SECONDS if timeout.get(key) is None else timeout[key]
                                          for key in ("connect", "read", "write", "pool")}
-        request.extensions[SENT] = time.monotonic()
+        url, sent = str(request.url), time.monotonic()
+        request.extensions[SENT] = sent
+        if RESOLVE.fullmatch(urlsplit(url).path) is None and url not in self._files:   # not a file's
+            with self._lock:
+                earlier = self._unanswered.get(url)
+                self._unanswered[url] = sent
+            if earlier is not None:   # an attempt that never finished (timed out): it took until now
+                self.count_time(url, sent - earlier, finished=True)
 
     def _on_response(self, response) -> None:
         url = str(response.request.url)
@@ -103,19 +112,20 @@ class AnswerGuard:
             if path in self.sizes:
                 self._files.setdefault(url, (path, self.sizes[path]))
         file = self._files.get(url)
-        what = repr(file[0][:80]) if file is not None else urlsplit(url).path[:100]
+        what = repr(file[0][:80]) if file is not None else urlsplit(url).path[:200]
         if response.is_redirect and "location" in response.headers:
             target = urljoin(url, response.headers["location"])
             if urlsplit(target).scheme not in ("http", "https"):   # the client cannot follow it
                 raise self._bad(f"redirected {what} to {target[:100]!r}, which is not a web address")
             if file is not None:
                 self._files[target] = file   # the CDN answers for the file
-        if response.request.method == "HEAD" or response.is_redirect:
+        if response.request.method == "HEAD":
             return
         encoding = response.headers.get("content-encoding", "identity").lower()
         if encoding != "identity":
             raise self._bad(f"answered {what} in {encoding[:20]!r} encoding when asked for none")
-        limit = file[1] if file is not None else None
+        # a redirect's body, which the client reads whole before it follows, is bounded as the hub's JSON is
+        limit = file[1] if file is not None and not response.is_redirect else None
         if limit is None:
             with self._lock:
                 self._other_answers += 1
@@ -126,7 +136,7 @@ class AnswerGuard:
         if limit is not None and declared is not None and declared.isdigit() and int(declared) > limit:
             raise self._bad(f"answered {what} with {int(declared):,} bytes where the listing gives {limit:,}")
         response.stream = _bounded_stream_type(sys.modules[type(response).__module__.partition(".")[0]])(
-            response.stream, self, what, limit, response.request.extensions[SENT])
+            response.stream, self, url, what, limit, response.request.extensions[SENT])
 
     def _check_file_headers(self, response, path: str) -> None:
         """The headers huggingface_hub builds cache paths from: ETag / X-Linked-Etag (the blob's file name) and
@@ -147,9 +157,8 @@ class AnswerGuard:
             raise self._bad(f"answered for {path[:80]!r} from commit {commit[:80]!r}, not "
                             f"{self.commit or 'a 40-digit sha'}")
 
-    def count(self, what: str, limit: int | None, total: int, seconds: float, finished: bool) -> None:
-        """A body reached `total` bytes, `seconds` after its request was sent (all of it if `finished`): past its
-        file's size, or past the shared budgets of the answers that are not files, it is refused."""
+    def count(self, what: str, limit: int | None, total: int) -> None:
+        """A body reached `total` bytes: past its file's size, or past the shared budget, it is refused."""
         if self.cancelled:
             raise PullInterrupted
         if limit is not None:
@@ -159,12 +168,19 @@ class AnswerGuard:
         with self._lock:
             if total > MAX_OTHER_BYTES:
                 raise self._bad(f"sent over {MAX_OTHER_BYTES >> 20} MiB in answers that are not file downloads")
+
+    def count_time(self, url: str, seconds: float, finished: bool) -> None:
+        """An answer that is not a file download (at `url`) has taken `seconds` since its request (all of it if
+        `finished`): past MAX_OTHER_SECONDS with the time the others took, it is refused."""
+        with self._lock:
             seconds += self._other_seconds
             if finished:
                 self._other_seconds = seconds
+                self._unanswered.pop(url, None)
         if seconds > MAX_OTHER_SECONDS:
-            raise self._bad(f"took over {MAX_OTHER_SECONDS} s to send its answers that are not file downloads (a "
-                            f"byte at a time?), the last {what}")
+            raise KLError(f"{self.endpoint} took over {MAX_OTHER_SECONDS} s to answer the requests that are not file "
+                          f"downloads while pulling {self.repo}, the last {urlsplit(url).path[:200]}; check the "
+                          "network connection and HF_ENDPOINT, then try again")
 
     def add_other(self, n: int) -> int:
         with self._lock:
@@ -182,16 +198,21 @@ def _bounded_stream_type(http_module):
     guard a running count of each chunk, which may raise."""
 
     class BoundedStream(http_module.SyncByteStream):
-        def __init__(self, stream, guard: AnswerGuard, what: str, limit: int | None, sent: float):
-            self.stream, self.guard, self.what, self.limit, self.sent = stream, guard, what, limit, sent
+        def __init__(self, stream, guard: AnswerGuard, url: str, what: str, limit: int | None, sent: float):
+            self.stream, self.guard, self.url, self.what, self.limit, self.sent = stream, guard, url, what, limit, sent
 
         def __iter__(self):
             total = 0
             for chunk in self.stream:
-                total = total + len(chunk) if self.limit is not None else self.guard.add_other(len(chunk))
-                self.guard.count(self.what, self.limit, total, time.monotonic() - self.sent, finished=False)
+                if self.limit is not None:
+                    total += len(chunk)
+                else:
+                    total = self.guard.add_other(len(chunk))
+                    self.guard.count_time(self.url, time.monotonic() - self.sent, finished=False)
+                self.guard.count(self.what, self.limit, total)
                 yield chunk
-            self.guard.count(self.what, self.limit, total, time.monotonic() - self.sent, finished=True)
+            if self.limit is None:
+                self.guard.count_time(self.url, time.monotonic() - self.sent, finished=True)
 
         def close(self) -> None:
             self.stream.close()

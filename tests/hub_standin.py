@@ -87,6 +87,9 @@ class HubStandIn:
         API_STALL_BOUND, so that a client that does not give up fails its test, not hangs it).
       api_trickle: seconds the API's answers wait between the bytes of their body (their whole body, up to
         API_STALL_BOUND).
+      tree_silence: as api_silence, for the tree listing's pages alone.
+      api_redirect_body: where set, the API answers each request first with a 307 to the same address (as the hub
+        does for a renamed repo) that carries these bytes as its body.
       via_cdn: resolve answers an LFS file (HEAD and GET) with the hub's 302, its metadata headers and a Location on
         /cdn/{repo}/{path}, which serves the body, as huggingface.co hands LFS files to its CDN.
       cdn_endpoint: where via_cdn's Location points in place of the stand-in itself (a hostile hub's file:// URL).
@@ -110,6 +113,8 @@ class HubStandIn:
         self.slow_body: dict[str, float] = {}
         self.api_silence = 0.0
         self.api_trickle = 0.0
+        self.tree_silence = 0.0
+        self.api_redirect_body = b""
         self.requests: Counter[tuple[str, str]] = Counter()
         self.ranges: dict[str, list[str]] = {}
         self._lock = threading.Lock()
@@ -197,6 +202,14 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
 
         def _api(self, repo_id: str, rest: list[str], send_body: bool) -> None:
             time.sleep(min(hub.api_silence, API_STALL_BOUND))
+            if hub.api_redirect_body and "redirected" not in urlsplit(self.path).query:
+                self.send_response(307)
+                self.send_header("Location", self.path + ("&" if urlsplit(self.path).query else "?") + "redirected")
+                self.send_header("Content-Length", str(len(hub.api_redirect_body)))
+                self.end_headers()
+                if send_body:
+                    self.wfile.write(hub.api_redirect_body)
+                return
             repo = self._visible_repo(repo_id, send_body)
             if repo is None:
                 return
@@ -205,6 +218,7 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
                 if not rest or self._known_revision(repo, rest[1], send_body):
                     self._model_info(repo_id, repo, blobs, send_body)
             elif rest[0] == "tree" and len(rest) >= 2:
+                time.sleep(min(hub.tree_silence, API_STALL_BOUND))
                 if self._known_revision(repo, rest[1], send_body):
                     with hub._lock:
                         hub.tree_pages += 1
