@@ -344,6 +344,31 @@ def test_a_local_source_rewritten_in_place_is_not_resumed(tiny_copy, tmp_path):
     assert quantize(tiny_copy, out, force=True, **OPTIONS).shards_resumed == 0
 
 
+@pytest.mark.parametrize("version", ["older", "older-format", "newer"])
+def test_a_partial_left_by_another_version_says_so(tiny_copy, tmp_path, capsys, version):
+    """A record of another shape than this version writes (before 21bad3e a local source's shards had no mtime_ns,
+    its format 1 still), or of another format, was read as the source's files changed since (helper-165)."""
+    out, partial = tmp_path / "q", tmp_path / "q.partial"
+    args = ("quantize", tiny_copy, out, "--bits", "4", "--group-size", "32", "--max-shard-size", "150KB")
+    with pytest.MonkeyPatch.context() as m:
+        break_shard_write(m, 3, KeyboardInterrupt())
+        assert run_cli(capsys, *args)[0] == 130
+    path = partial / ".klconvert-resume.json"
+    record = json.loads(path.read_text())
+    if version == "older":
+        for entry in record["source"]["shards"].values():
+            del entry["mtime_ns"]
+    record["format"] += {"older": 0, "older-format": -1, "newer": 1}[version]
+    path.write_text(json.dumps(record))
+    left = folder_files(partial)
+    assert_one_line_error(*run_cli(capsys, *args)[::2], f"{partial}: holds an interrupted conversion left by "
+                          f"{'a newer' if version == 'newer' else 'an older'} klconvert, whose resume record this one "
+                          "cannot take up; pass --force to start over")
+    assert folder_files(partial) == left and not out.exists()
+    code, _, err = run_cli(capsys, *args, "--force")
+    assert code == 0 and "kept from an interrupted run" not in err, err
+
+
 def test_a_link_in_the_partial_folder_is_replaced_not_written_through(tiny_released, tmp_path):
     out, partial = tmp_path / "q", tmp_path / "q.partial"
     with pytest.MonkeyPatch.context() as m:

@@ -515,6 +515,10 @@ class OutputFolder:
                 self.path.chmod(mode)
                 raise KLError(f"{self.path}: exists but holds no readable {RESUME_RECORD}, so it is not an "
                               "interrupted klconvert run; move or delete it yourself, or choose another OUT")
+            elif not self.force and (version := _other_version(stored, self.record)):
+                raise KLError(f"{self.path}: holds an interrupted conversion left by {version}, whose resume record "
+                              "this one cannot take up; pass --force to start over (its finished shards are written "
+                              "again)")
             elif not self.force:
                 raise KLError(f"{self.path}: holds an interrupted conversion {_what_differs(stored, self.record)}; "
                               "pass --force to start over (or rerun with that run's SRC and options to resume it)")
@@ -713,6 +717,27 @@ def move_aside(out: Path) -> Path:
             pass
         raise
     return aside
+
+
+def _record_shape(record: dict) -> tuple:
+    """A resume record's format and keys (its own, its source's, its source shards' entries'): what another klconvert
+    version may write otherwise (a local source's shards gained mtime_ns in 21bad3e, format 1 still)."""
+    source = record["source"]
+    shards = source.get("shards")
+    entry_keys = sorted({key for entry in shards.values() if isinstance(entry, dict) for key in entry}) \
+        if isinstance(shards, dict) else None
+    return record.get("format"), sorted(record), sorted(source), entry_keys
+
+
+def _other_version(stored: dict, record: dict) -> str | None:
+    """'an older klconvert' (or 'a newer klconvert', by its format) where the stored record is not in this run's
+    shape, of a source in the same folder (another folder's may have other keys: a hub commit's shards no mtime_ns);
+    None where it is."""
+    if stored.get("format") == record["format"] and (stored["source"].get("folder") != record["source"]["folder"]
+                                                     or _record_shape(stored) == _record_shape(record)):
+        return None
+    newer = isinstance(stored.get("format"), int) and stored["format"] > record["format"]
+    return "a newer klconvert" if newer else "an older klconvert"
 
 
 def _what_differs(stored: dict, record: dict) -> str:
