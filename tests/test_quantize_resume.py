@@ -195,9 +195,28 @@ def test_force_refuses_a_klconvert_output_whose_record_is_missing_or_not_one(tin
         (out / OUTPUT_RECORD).unlink()
     else:
         (out / OUTPUT_RECORD).write_bytes(record)
-    assert_one_line_error(*run_cli(capsys, *args, "--force")[::2], "--force replaces only a folder klconvert wrote",
-                          f"no {OUTPUT_RECORD} lists what klconvert wrote")
+    said = "older than that record" if record is None else f"no {OUTPUT_RECORD} lists what klconvert wrote"
+    assert_one_line_error(*run_cli(capsys, *args, "--force")[::2], "--force replaces only a folder ", said)
     assert sorted(p.name for p in out.iterdir()) == sorted(set(before) - ({OUTPUT_RECORD} if record is None else set()))
+
+
+def test_force_names_an_output_of_a_klconvert_older_than_its_record(tiny_released, tmp_path, capsys):
+    """An OUT quantize wrote before 7fbe82f has no record of what it wrote: still refused, nothing deleted, but named
+    as that, with the rm -r that clears it (helper-165: 'this holds other files' read as the user's files); a
+    recipe.yaml of the user's own beside a config is not taken for one."""
+    out = tmp_path / "q"
+    args = ("quantize", tiny_released, out, "--bits", "8", "--group-size", "32")
+    assert run_cli(capsys, *args)[0] == 0
+    (out / OUTPUT_RECORD).unlink()
+    before = folder_files(out)
+    assert_one_line_error(*run_cli(capsys, *args, "--force")[::2], f"{out}: --force replaces only a folder whose "
+                          f"{OUTPUT_RECORD} lists what klconvert wrote, and this is the output of a klconvert older "
+                          f"than that record (its recipe.yaml is klconvert's), whose files --force cannot tell from "
+                          f"yours; remove it yourself (rm -r {out}) and rerun")
+    assert folder_files(out) == before
+    recipe = out / "recipe.yaml"
+    recipe.write_text(recipe.read_text().split("\n", 1)[1])
+    assert_one_line_error(*run_cli(capsys, *args, "--force")[::2], f"no {OUTPUT_RECORD} lists what klconvert wrote")
 
 
 def test_force_refuses_a_record_that_is_a_fifo(tiny_released, tmp_path, capsys):

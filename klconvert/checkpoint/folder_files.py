@@ -14,6 +14,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"  # a checkpoint of one shard and no index
 PICKLED_WEIGHTS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")  # transformers' pickled weights: never read
 RECIPE_FILE = "recipe.yaml"  # what `klconvert quantize` writes into its output: the recipe it applied, provenance
+RECIPE_HEADER = "# The quantization recipe klconvert applied (llm-compressor recipe shape).\n"  # its first line
 GENAI_CONFIG = "genai_config.json"  # what `klconvert export-onnx` writes last: an ONNX export, not a checkpoint
 MAX_INDEX_BYTES = 64 << 20  # the released index is 2 MB for 20,253 tensors
 # Objects and arrays a model's JSON holds beside one for each of its entries: its own, its metadata's, and `[` `{`

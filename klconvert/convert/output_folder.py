@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from klconvert.atomic_file import write_atomically
-from klconvert.checkpoint.folder_files import MAX_FILE_NAME_BYTES
+from klconvert.checkpoint.folder_files import MAX_FILE_NAME_BYTES, RECIPE_FILE, RECIPE_HEADER
 from klconvert.checkpoint.reader import file_identity
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.checkpoint.safetensors_writer import PlannedTensor, shard_header
@@ -194,6 +194,11 @@ def refuse_existing_out(out: Path, force: bool) -> None:
         raise KLError(f"{out}: cannot list it ({e.strerror}), so --force cannot tell what it would replace; choose "
                       "another output folder, or make it readable (chmod u+rx)") from None
     others = not_written_by_klconvert(out, entries) if entries else []
+    if others is None and _older_quantize_output(out):
+        raise KLError(f"{out}: --force replaces only a folder whose {OUTPUT_RECORD} lists what klconvert wrote, and "
+                      f"this is the output of a klconvert older than that record (its {RECIPE_FILE} is klconvert's), "
+                      f"whose files --force cannot tell from yours; remove it yourself (rm -r {shown_path(out)}) and "
+                      "rerun, or choose another output folder")
     if others is None:
         raise KLError(f"{out}: --force replaces only a folder klconvert wrote (or an empty one), and this holds "
                       f"other files (no {OUTPUT_RECORD} lists what klconvert wrote); choose another output folder or "
@@ -209,6 +214,19 @@ def refuse_existing_out(out: Path, force: bool) -> None:
         refuse_out_of_descriptors(e, out)
         raise KLError(f"{out}: cannot create files in it ({e.strerror}), which --force needs to replace it; choose "
                       "another output folder, or make it writable (chmod u+w)") from None
+
+
+def _older_quantize_output(out: Path) -> bool:
+    """Whether OUT is a quantize output of a klconvert before OUTPUT_RECORD (7fbe82f): it has no entry of that name
+    (one unreadable is not an older version's), and its RECIPE_FILE, a regular file, begins with the line every
+    version's quantize writes first."""
+    if os.path.lexists(out / OUTPUT_RECORD):
+        return False
+    try:
+        with open_regular(out / RECIPE_FILE) as f:
+            return f.read(len(RECIPE_HEADER)) == RECIPE_HEADER.encode()
+    except OSError:
+        return False
 
 
 def make_parent(out: Path) -> list[Path]:

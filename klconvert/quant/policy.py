@@ -15,6 +15,7 @@ try:   # Python's own parser of re patterns: reads a pattern's structure without
 except ImportError:   # Python 3.10
     import sre_parse as re_parser
 
+from klconvert.checkpoint.folder_files import RECIPE_HEADER
 from klconvert.errors import KLError, shown
 from klconvert.quant.fused import fused_instances
 from klconvert.quant.groupwise import check_groupwise
@@ -350,5 +351,4 @@ class Policy:
         doc = {"quant_stage": {"quant_modifiers": {"QuantizationModifier": modifier}}}
         if runtime:
             doc["runtime"] = dict(runtime)
-        return ("# The quantization recipe klconvert applied (llm-compressor recipe shape).\n"
-                + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=120))
+        return RECIPE_HEADER + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=120)
