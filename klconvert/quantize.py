@@ -25,11 +25,13 @@ from klconvert.checkpoint.folder_files import (
     MAX_SIDE_FILE_BYTES,
     RECIPE_FILE,
     SINGLE_FILE,
+    copied_side_file,
     refuse_unfit_side_files,
+    without_remote_code,
 )
 from klconvert.checkpoint.quantized import METHODS, PACKED_TENSOR_SUFFIXES, quant_method
 from klconvert.checkpoint.reader import open_checkpoint
-from klconvert.checkpoint.regular_file import read_bounded, read_json
+from klconvert.checkpoint.regular_file import read_json
 from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.checkpoint.size_bounds import max_header_bytes, max_header_values
 from klconvert.checkpoint.safetensors_writer import index_json, shard_names, split_into_shards, write_shard
@@ -40,7 +42,7 @@ from klconvert.convert.provenance import SourceOrigin, source_fingerprint, sourc
 from klconvert.config import MAX_CONFIG_BYTES, KimiLinearConfig
 from klconvert.devices import checked_device
 from klconvert.disk_space import failed_write
-from klconvert.errors import KLError, argument, either, read_failure, refuse_non_bool
+from klconvert.errors import KLError, argument, either, refuse_non_bool
 from klconvert.extras import require
 from klconvert.hub import SIDE_FILES, HubFile, is_repo_id, pull
 from klconvert.models import BUNDLED_NAME, DEFAULT_REPO, quantized_folder_name, resolve_model
@@ -261,31 +263,6 @@ def _refuse_unfit_listed_files(files: list[HubFile]) -> None:
                           "report it to the repo's owner")
 
 
-def without_remote_code(fields: dict) -> dict:
-    """A config's fields less `auto_map`, which points at the release's Python files: the folder has none of them
-    (SIDE_FILES), so with it transformers' and vLLM's --trust-remote-code failed to load the folder; without it
-    both take their own kimi_linear classes, with or without that flag."""
-    return {k: v for k, v in fields.items() if k != "auto_map"}
-
-
-def _side_file(path: Path) -> bytes:
-    """A copied file's bytes, as read; a JSON object that names remote code is written again without it (a file
-    that is no JSON object is copied as it is: not klconvert's to judge). Read before any shard is written: a file
-    that cannot be read is said as that, at once."""
-    try:
-        data = read_bounded(path, MAX_SIDE_FILE_BYTES, path.name)
-    except OSError as e:
-        raise KLError(read_failure(e, path, "check the file (or re-download the model)")) from None
-    if path.suffix == ".json" and b'"auto_map"' in data:
-        try:   # json.loads as transformers reads it: a key given twice keeps its last, and is written once
-            fields = json.loads(data)
-        except (ValueError, RecursionError):
-            return data
-        if isinstance(fields, dict) and "auto_map" in fields:
-            return (json.dumps(without_remote_code(fields), indent=2, ensure_ascii=False) + "\n").encode()
-    return data
-
-
 def _write_error(e: OSError, folder: OutputFolder, done: int, total: int, kept: bool) -> KLError:
     where = e.filename2 or e.filename   # filename2: a rename's target (a folder there), not the temporary file
     return KLError(f"{failed_write(e, Path(where or folder.path))} and rerun the same command"
@@ -332,7 +309,7 @@ def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch
     # transformers (vLLM too) reads tokenizer.json before tiktoken.model, converting the latter with a split of its
     # own: one written from the ranks klconvert read encodes as it does (a source's own is replaced, not copied)
     made = written_tokenizer_json(tokenizer, src)
-    side_files = {path.name: _side_file(path) for path in _copied_files(src, made)}   # small: read before any work
+    side_files = {path.name: copied_side_file(path) for path in _copied_files(src, made)}  # small: read first
     names_and_shapes = [(name, spec.shape) for name, spec in checkpoint.expected.items()]
     policy = policy.check_against(names_and_shapes)
     if not allow_split_fused:

@@ -26,6 +26,7 @@ import torch
 
 import klconvert
 from klconvert.checkpoint import reader
+from klconvert.checkpoint.folder_files import without_remote_code
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.convert.output_folder import OutputLock, mark_temporary, temporary_prefix
 from klconvert.models import bundled_dir
@@ -784,7 +785,26 @@ def test_export_onnx_takes_tiny_as_the_bundled_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = export_onnx("tiny", tmp_path / "onnx")
     assert path == tmp_path / "onnx" / "model.onnx" and path.is_file()
-    assert (tmp_path / "onnx" / "config.json").read_bytes() == (bundled_dir() / "config.json").read_bytes()
+    assert (json.loads((tmp_path / "onnx" / "config.json").read_text())
+            == without_remote_code(json.loads((bundled_dir() / "config.json").read_text())))
+
+
+def test_the_export_names_no_remote_code_so_trust_remote_code_loads_it(tmp_path):
+    """The bundled model's config.json and tokenizer_config.json, as the release's, name its Python files in auto_map,
+    which the export copied though it has none of them: transformers' AutoConfig and AutoTokenizer with
+    trust_remote_code=True failed on it for want of configuration_kimi.py (helper-165). It goes, as quantize drops it;
+    the rest is kept."""
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "onnx"
+    export_onnx("tiny", out)
+    for name in ("config.json", "tokenizer_config.json"):
+        source, written = (json.loads((folder / name).read_text()) for folder in (bundled_dir(), out))
+        assert "auto_map" in source and written == without_remote_code(source), name
+    config = transformers.AutoConfig.from_pretrained(out, trust_remote_code=True)
+    assert type(config) is transformers.KimiLinearConfig
+    text = "The quick brown fox said: 42 apples,\n  and then some."
+    assert (transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True).encode(text)
+            == klconvert.Tokenizer.from_folder(out).encode(text))
 
 
 def test_the_export_holds_a_tokenizer_json_that_encodes_as_klconvert(tmp_path):

@@ -2,11 +2,13 @@
 here: the hub's pull checks the index it downloaded too)."""
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from klconvert.errors import KLError
+from klconvert.checkpoint.regular_file import read_bounded
+from klconvert.errors import KLError, read_failure
 from klconvert.units import binary_size_text
 
 CONFIG_FILE = "config.json"  # the model's config, transformers' name for it
@@ -54,3 +56,28 @@ def refuse_unfit_side_files(folder: Path, paths: Iterable[Path]) -> None:
             raise KLError(f"{path}: {size:,} bytes, over the {binary_size_text(MAX_SIDE_FILE_BYTES)} a side file "
                           "klconvert copies (tokenizer, chat template, small config) may be; remove it or re-download "
                           "the model")
+
+
+def without_remote_code(fields: dict) -> dict:
+    """A config's fields less `auto_map`, which points at the release's Python files: an output has none of them
+    (hub.SIDE_FILES), so with it transformers' and vLLM's --trust-remote-code failed to load the folder; without it
+    both take their own kimi_linear classes, with or without that flag."""
+    return {k: v for k, v in fields.items() if k != "auto_map"}
+
+
+def copied_side_file(path: Path) -> bytes:
+    """The bytes an output writes for a side file it copies (quantize, export-onnx): as read; a JSON object that names
+    remote code is written again without it (a file that is no JSON object is copied as it is: not klconvert's to
+    judge). A file that cannot be read is said as that."""
+    try:
+        data = read_bounded(path, MAX_SIDE_FILE_BYTES, path.name)
+    except OSError as e:
+        raise KLError(read_failure(e, path, "check the file (or re-download the model)")) from None
+    if path.suffix == ".json" and b'"auto_map"' in data:
+        try:   # json.loads as transformers reads it: a key given twice keeps its last, and is written once
+            fields = json.loads(data)
+        except (ValueError, RecursionError):
+            return data
+        if isinstance(fields, dict) and "auto_map" in fields:
+            return (json.dumps(without_remote_code(fields), indent=2, ensure_ascii=False) + "\n").encode()
+    return data

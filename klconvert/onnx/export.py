@@ -13,10 +13,9 @@ from google.protobuf.message import EncodeError
 from onnx import helper
 
 from klconvert.atomic_file import write_atomically
-from klconvert.checkpoint.folder_files import CONFIG_FILE, GENAI_CONFIG, MAX_SIDE_FILE_BYTES, refuse_unfit_side_files
+from klconvert.checkpoint.folder_files import CONFIG_FILE, GENAI_CONFIG, copied_side_file, refuse_unfit_side_files
 from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import Checkpoint
-from klconvert.checkpoint.regular_file import read_bounded
 from klconvert.disk_space import writing
 from klconvert.errors import KLError, refuse_non_bool
 from klconvert.models import resolve_model
@@ -183,8 +182,8 @@ def _write_export(checkpoint: Checkpoint, model_dir: Path, folder: Path, opset: 
         with writing(path, proto.ByteSize()) if path.exists() or not external else writing(folder / DATA_FILE):
             raise
     onnx.checker.check_model(str(path))
-    for name in copied:
-        write_atomically(folder / name, read_bounded(model_dir / name, MAX_SIDE_FILE_BYTES, name))
+    for name in copied:   # without an auto_map naming Python files the export has not
+        write_atomically(folder / name, copied_side_file(model_dir / name))
     for name, data in made.items():
         write_atomically(folder / name, data)
     config = genai_config(checkpoint.config, opset, external, [n for n in [*copied, *made] if n != CONFIG_FILE])
