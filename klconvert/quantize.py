@@ -65,7 +65,9 @@ MIN_SHARD_BYTES = 1  # the smallest limit a shard takes (a tensor larger than th
 SHARD_SIZE_EXAMPLES = "5GB or 500MB"   # what a --max-shard-size refusal suggests
 WRITTEN_FILES = (CONFIG_FILE, INDEX_FILE)  # made here, not copied
 MODEL_CARD_FILE = "README.md"
-RESUME_FORMAT = 1  # bump when the output of the same source and options changes
+# bump when the output of the same source and options changes (tests/test_bundled_model.py holds it to the tensors
+# tools/record_bundled.py recorded with it) or a resume record of today's shape means another thing
+RESUME_FORMAT = 1
 
 
 @dataclass(frozen=True)

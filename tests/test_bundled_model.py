@@ -19,6 +19,7 @@ from klconvert.checkpoint.name_map import expected_tensors  # noqa: E402
 from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
 from klconvert.models import BUNDLED_DIR, DEFAULT_MODEL_DIR  # noqa: E402
+from klconvert.quantize import RESUME_FORMAT  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
 from testkit import assert_one_line_error, run_cli, shown_lines  # noqa: E402
 
@@ -117,6 +118,20 @@ def test_held_out_perplexity_under_the_recorded_bound(int4_result):
 
 def test_int4_kl_under_the_recorded_bound(int4_result):
     assert 0 < int4_result.kl_mean <= RECORDED["int4_kl_bound"]
+
+
+def test_quantizes_output_is_the_one_recorded_with_its_resume_format():
+    """A rerun resumes an interrupted quantize by keeping its finished shards where the record (RESUME_FORMAT among
+    it) is the same: a change to quantize's output that left RESUME_FORMAT as it was would put old shards beside new
+    ones (helper-165). Every version so far writes the recorded tensors, at RESUME_FORMAT 1."""
+    hashes = record_bundled.quantized_tensors_sha256()
+    assert hashes == RECORDED["quantized_tensors_sha256"] or RESUME_FORMAT != RECORDED["resume_format"], (
+        f"quantize's output of the bundled model changed ({hashes}, recorded {RECORDED['quantized_tensors_sha256']} "
+        f"at RESUME_FORMAT {RECORDED['resume_format']}): raise RESUME_FORMAT in klconvert/quantize.py, so that no "
+        "rerun keeps an older run's shards, then run tools/record_bundled.py to record the new tensors with it")
+    assert (hashes, RESUME_FORMAT) == (RECORDED["quantized_tensors_sha256"], RECORDED["resume_format"]), (
+        f"RESUME_FORMAT is {RESUME_FORMAT}, recorded {RECORDED['resume_format']}: run tools/record_bundled.py to "
+        "record quantize's output with it")
 
 
 def test_run_without_model_runs_the_bundled_one(tmp_path, monkeypatch, capsys):

@@ -1,6 +1,7 @@
 """Recompute every value tests/test_bundled_model.py checks for the bundled model and rewrite
 tests/bundled_recorded.json: file checksums, the greedy continuation of a fixed prompt, the held-out perplexity
-bound and the int4 KL bound. Run it after dropping newly trained files into klconvert/bundled/:
+bound, the int4 KL bound, and the tensors quantize writes from it with the RESUME_FORMAT they are pinned to. Run it
+after dropping newly trained files into klconvert/bundled/, or after raising RESUME_FORMAT:
 
     python tools/record_bundled.py
 
@@ -19,9 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bundled_corpus  # noqa: E402
 
+from klconvert.checkpoint.safetensors_header import read_header  # noqa: E402
 from klconvert.evaluate import evaluate  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
-from klconvert.quantize import quantize  # noqa: E402
+from klconvert.quantize import RESUME_FORMAT, quantize  # noqa: E402
 from klconvert.runtime.engine import load  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
 
@@ -32,6 +34,9 @@ HELD_OUT_TOKENS = 512    # the test split's first tokens: perplexity and KL (CPU
 PERPLEXITY_SLACK = 1.02  # bound = measured * slack: fp32 differences across CPUs stay far below 2%
 KL_SLACK = 1.5           # bound = measured * slack + KL_FLOOR: int4 rounding is deterministic, BLAS order is not
 KL_FLOOR = 1e-3
+# quantize's options whose output is pinned: min-max ranges, the same bytes on any CPU (a division and a rounding per
+# weight, no sum whose order may differ)
+PINNED_QUANTIZE_OPTIONS = {"int4-g128-sym": dict(bits=4), "int8-g32-asym": dict(bits=8, group_size=32, symmetric=False)}
 
 
 def file_checksums(folder: Path = BUNDLED_DIR) -> dict[str, str]:
@@ -59,6 +64,26 @@ def int4_eval(folder: Path = BUNDLED_DIR, tokens: int = HELD_OUT_TOKENS):
         return evaluate(out, folder, held_out_text(), max_tokens=tokens, device="cpu", dtype="float32")
 
 
+def quantized_tensors_sha256(folder: Path = BUNDLED_DIR) -> dict[str, str]:
+    """{PINNED_QUANTIZE_OPTIONS' label: sha256 of the tensors quantize writes from `folder` (CPU): each shard's name,
+    then each tensor's name, dtype, shape and bytes} -- what a rerun resumes an interrupted run with, kept."""
+    hashes = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, options in PINNED_QUANTIZE_OPTIONS.items():
+            out = quantize(folder, Path(tmp) / label, device="cpu", progress=False, **options).path
+            digest = hashlib.sha256()
+            for shard in sorted(out.glob("*.safetensors")):
+                header = read_header(shard)
+                digest.update(json.dumps(shard.name).encode())
+                with open(shard, "rb") as f:
+                    for name, entry in sorted(header.tensors.items()):
+                        f.seek(header.data_start + entry.begin)
+                        digest.update(json.dumps([name, entry.dtype, list(entry.shape)]).encode())
+                        digest.update(f.read(entry.nbytes))
+            hashes[label] = digest.hexdigest()
+    return hashes
+
+
 def record() -> dict:
     tokenizer = Tokenizer.from_folder(BUNDLED_DIR)
     continuation = greedy_continuation()
@@ -75,6 +100,8 @@ def record() -> dict:
         "int4_kl_bound": result.kl_mean * KL_SLACK + KL_FLOOR,
         "int4_top1": result.top1_agreement,
         "int4_router_overlap": result.routing_overlap,
+        "resume_format": RESUME_FORMAT,
+        "quantized_tensors_sha256": quantized_tensors_sha256(),
     }
     RECORDED.write_text(json.dumps(values, indent=1) + "\n")
     return values
