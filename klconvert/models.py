@@ -10,7 +10,7 @@ from pathlib import Path
 from klconvert.checkpoint.folder_files import CONFIG_FILE
 from klconvert.checkpoint.regular_file import kind_of
 from klconvert.errors import KLError
-from klconvert.user_paths import given_path, refuse_unreachable
+from klconvert.user_paths import given_path, refuse_unreachable, shown_path
 
 BUNDLED_NAME = "tiny"
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
@@ -55,18 +55,25 @@ def model_folder(value: str | Path, named: str) -> Path:
     if os.path.lexists(folder):   # there, but no folder: a file given for one read "no such folder"
         raise KLError(f"{named}: {_no_folder(folder)}; give a Kimi Linear checkpoint folder or {BUNDLED_NAME}, the "
                       "bundled model")
+    from klconvert.convert.output_folder import partial_path   # (torch's import) only for a name that is no folder
+    from klconvert.whole_folder import writing_under_way
+
+    # a run writing it, running or stopped ("no such folder" read as lost; "a/b" as a hub repo id): said first
+    if partial_path(folder).is_dir():
+        raise KLError(f"{named}: no such folder yet: {partial_path(folder)} holds a quantize into it that has not "
+                      "finished (running now, or stopped: the same `klconvert quantize` command finishes it); give the "
+                      "folder once it is whole")
+    if (writing := writing_under_way(folder)) is not None:
+        temporary, state = writing
+        raise KLError(f"{named}: no such folder yet: a klconvert run writing it (export-onnx or synth) is {state}, "
+                      f"into {shown_path(temporary)}; give the folder once that run ends (one stopped: run its command "
+                      "again)")
     from klconvert.hub import is_repo_id   # huggingface_hub's check, imported only for a name that is no folder
 
     if isinstance(value, str) and "/" in value and is_repo_id(value):
         raise KLError(f"{named}: no such folder, and a hub repo id is not fetched here -- `klconvert "
                       f"pull-and-quantize --model {value}` pulls and quantizes it, `klconvert pull {value}` only "
                       "downloads it (and prints the folder to give here)")
-    from klconvert.convert.output_folder import partial_path   # (torch's import) only for a name that is no folder
-
-    if partial_path(folder).is_dir():   # a quantize into it, running or stopped ("no such folder" read as lost)
-        raise KLError(f"{named}: no such folder yet: {partial_path(folder)} holds a quantize into it that has not "
-                      "finished (running now, or stopped: the same `klconvert quantize` command finishes it); give the "
-                      "folder once it is whole")
     raise KLError(f"{named}: no such folder; give a Kimi Linear checkpoint folder (`klconvert pull` downloads one, "
                   f"`klconvert pull-and-quantize` a quantized one) or {BUNDLED_NAME}, the bundled model")
 

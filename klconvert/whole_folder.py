@@ -85,8 +85,25 @@ def fill_under_way(out: Path) -> str | None:
                      or any(runs_temporary(entry, out) is not None for entry in out.iterdir()))
     except OSError:   # not listable: what is missing is said as before
         return None
-    if not under_way:
-        return None
+    return _run_state(out) if under_way else None
+
+
+def writing_under_way(out: Path) -> tuple[Path, str] | None:
+    """Where OUT is missing: the folder a run writing OUT whole fills beside it (.OUT.partial-PID-XXXXXXXX, this
+    user's and marked: runs_temporary) and how that run stands, as fill_under_way says it; None when there is none
+    (or the folder OUT goes in cannot be listed)."""
+    try:
+        for entry in out.parent.iterdir():
+            pid = runs_temporary(entry, out)
+            if pid is not None and entry.name.startswith(temporary_prefix(out, "partial", pid)):
+                return entry, _run_state(out)
+    except OSError:   # not listable: what is missing is said as before
+        pass
+    return None
+
+
+def _run_state(out: Path) -> str:
+    """"under way (pid N)" while a process holds OUT's lock, else "under way (or was stopped)"."""
     pid = lock_holder(out)
     return f"under way (pid {pid})" if pid is not None else "under way (or was stopped)"
 

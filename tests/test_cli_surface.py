@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -13,6 +14,7 @@ import pytest
 
 from bounded_cli import klconvert_bounded
 from klconvert.cli import ALLOCATOR_ENV, DEVICE, LAYERS, SEED, PlainDigits, cli
+from klconvert.convert.output_folder import MAX_PID, lock_path, mark_temporary, temporary_prefix
 from testkit import assert_one_line_error, run_cli, run_klconvert_on_a_terminal
 
 
@@ -592,6 +594,29 @@ def test_a_model_folder_a_quantize_is_still_writing_is_said_so(capsys, tmp_path,
                           "that has not finished (running now, or stopped: the same `klconvert quantize` command "
                           "finishes it); give the folder once it is whole")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q4.partial"]
+
+
+@pytest.mark.parametrize("running", [True, False])
+@pytest.mark.parametrize("args", [["run", "--engine", "onnxruntime", "--model", "out/x4", "--prompt", "x"],
+                                  ["plan", "--model", "out/x4"]])
+def test_a_model_folder_an_export_is_still_writing_is_said_so(capsys, tmp_path, monkeypatch, args, running):
+    """An export-onnx into out/x4 that has not finished (running, or killed) left .x4.partial-PID-XXXXXXXX and its
+    lock beside a missing out/x4: the relative path was read as a hub repo id ('no such folder, and a hub repo id is
+    not fetched here', helper-165)."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out" / "x4"
+    out.parent.mkdir()
+    pid = os.getpid() if running else MAX_PID
+    temporary = Path(tempfile.mkdtemp(prefix=temporary_prefix(out, "partial", pid), dir=out.parent))
+    mark_temporary(temporary)
+    if running:
+        lock_path(out).write_text(f"{pid}\n")
+    left = sorted(p.name for p in out.parent.iterdir())
+    assert_one_line_error(*run_cli(capsys, *args)[::2], "out/x4: no such folder yet: a klconvert run writing it "
+                          f"(export-onnx or synth) is under way ({f'pid {pid}' if running else 'or was stopped'}), "
+                          f"into out/{temporary.name}; give the folder once that run ends (one stopped: run its "
+                          "command again)")
+    assert sorted(p.name for p in out.parent.iterdir()) == left
 
 
 def test_a_source_folder_without_config_is_named_as_quantize_takes_it(capsys, tmp_path):
