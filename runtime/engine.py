@@ -216,6 +216,11 @@ def _one_id(value) -> bool:
     return isinstance(value, numbers.Number) or (isinstance(value, torch.Tensor) and value.dim() == 0)
 
 
+def no_new_ids(batch: int) -> torch.Tensor:
+    """The [batch, 0] ids of no new tokens: on the host, as every generate's ids, whatever an app's default device."""
+    return torch.empty(batch, 0, dtype=torch.long, device="cpu")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -435,7 +440,7 @@ class Runner:
         if max_new_tokens == 0:   # nothing to sample: the [B, 0] ids, as generate's prefill-only run returns
             self.stats.steps = self.stats.timed_steps = self.stats.new_tokens = self.stats.timed_tokens = 0
             self.stats.decode_seconds, self.stats.batch = 0.0, B
-            return torch.empty(B, 0, dtype=torch.long, device="cpu")
+            return no_new_ids(B)
         t0 = time.perf_counter()
         stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
         token, finite = sample(logits, temperature, top_p, generator)
@@ -788,7 +793,7 @@ class Engine(Runner):
         _sync(self.device)
         self.stats.prefill_seconds = time.perf_counter() - t0
         if step is None:  # the prompts through the model (their prefill timed), nothing to decode
-            return torch.empty(B, 0, dtype=torch.long, device="cpu")
+            return no_new_ids(B)
         return self._decode_loop(step, last, max_new_tokens, temperature, top_p, generator, stop_ids, on_token)
 
     def _as_prompts(self, prompts) -> list[torch.Tensor]:

@@ -23,7 +23,7 @@ from klconvert.onnx import refuse_export_under_way
 from klconvert.onnx.export_folder import DATA_FILE, ONNX_FILE, state_spec
 from klconvert.onnx.interruptible import interruptible
 from klconvert.runtime.engine import (GenerationStats, Runner, as_batch, as_prompts, as_stop_ids, check_callbacks,
-                                      whole_numbers)
+                                      no_new_ids, whole_numbers)
 from klconvert.runtime.host_memory import exhausted, host_memory
 from klconvert.runtime.sampling import as_number, check_generate_args, sampling_generator
 from klconvert.tokenizer import check_tokenizer_if_any, model_stop_ids
@@ -410,7 +410,7 @@ class OnnxEngine(Runner):
                     on_prefill(len(p))
             self.stats.prefill_seconds = time.perf_counter() - t0
             if max_new_tokens == 0:  # as Engine.generate: prefilled, nothing to decode
-                return torch.empty(B, 0, dtype=torch.long, device="cpu")
+                return no_new_ids(B)
             step = _SessionStep(self, self._batched(states), [len(p) for p in prompts])
             return self._decode_loop(step, torch.cat(last), max_new_tokens, temperature, top_p, generator, stop_ids,
                                      on_token)
