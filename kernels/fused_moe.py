@@ -67,10 +67,10 @@ def repack_moe_experts(experts, *, shared: dict | None = None, bits: int, group_
     """experts: a list of per-expert dicts {"gate", "up", "down"} of compressed-tensors tensors
     {weight_packed, weight_scale, weight_zero_point (asymmetric only), weight_shape}, or one such dict whose
     tensors carry a leading expert dim. shared: the shared expert, same form as one list entry."""
-    if isinstance(experts, dict):  # stacked: split along the expert dim
+    if isinstance(experts, dict):  # stacked: split along the expert dim; weight_shape's [n, k] read on the host
         count = experts["gate"]["weight_packed"].shape[0]
-        experts = [{proj: {name: (torch.as_tensor(t).reshape(-1)[-2:] if name == "weight_shape" else t[e])
-                           for name, t in tensors.items()} for proj, tensors in experts.items()}
+        experts = [{proj: {name: (torch.as_tensor(t, device="cpu").reshape(-1)[-2:] if name == "weight_shape"
+                                  else t[e]) for name, t in tensors.items()} for proj, tensors in experts.items()}
                    for e in range(count)]
     every = list(experts) + ([shared] if shared is not None else [])
     gate, up, down = (_stack([ex[p] for ex in every], bits, group_size, p) for p in ("gate", "up", "down"))

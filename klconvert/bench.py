@@ -21,6 +21,7 @@ from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.quant import QuantScheme, decompress_weight, policy_from_options
 from klconvert.quant.defaults import DEFAULT, LM_HEAD_BITS
+from klconvert.quant.pack_quantized import weight_shape_tensor
 from klconvert.release import NUM_SPECIAL_TOKENS
 from klconvert.runtime.engine import DEFAULT_DTYPES, Engine, checked_mla_cache_dtype
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
@@ -81,19 +82,25 @@ def random_quantized_weights(config: KimiLinearConfig, bits: int, device: str, s
         scale = 1.0 / (math.sqrt(kk) * spread) * (0.25 if calm and name.endswith(RESIDUAL_OUTPUTS) else 1.0)
         scales = torch.empty(n, kk // scheme.group_size, device=device).uniform_(0.5, 1.5, generator=g) * scale
         return {"weight_packed": codes, "weight_scale": scales.to(torch.bfloat16),
-                "weight_shape": torch.tensor([n, kk])}, scheme
+                "weight_shape": weight_shape_tensor((n, kk))}, scheme
 
     def read(name: str) -> torch.Tensor:
         found = packed(name)
         if found is not None:
             return decompress_weight(*found)
         if calm and name.endswith("e_score_correction_bias"):
-            pinned = (torch.arange(k) + k * int(name.split(".")[2])) % specs[name].shape[0]
-            return torch.zeros(specs[name].shape, device=device).index_fill_(0, pinned.to(device), 10.0)
+            pinned = (torch.arange(k, device=device) + k * int(name.split(".")[2])) % specs[name].shape[0]
+            return torch.zeros(specs[name].shape, device=device).index_fill_(0, pinned, 10.0)
         value = synth_values(specs[name], seed, device)
         return value * 0.25 if calm and name.endswith(RESIDUAL_OUTPUTS) else value
 
     return Weights(read, packed, schemes)
+
+
+def check_ids(config: KimiLinearConfig, tokens: int) -> torch.Tensor:
+    """The checks' [1, tokens] prompt: random ordinary ids, drawn on the host from seed 0 (the same on any device)."""
+    return torch.randint(0, config.vocab_size - NUM_SPECIAL_TOKENS, (1, tokens), device="cpu",
+                         generator=torch.Generator(device="cpu").manual_seed(0))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -121,8 +128,7 @@ def depth_check(config: KimiLinearConfig, weights: Weights, device: torch.device
     """The Triton path against the PyTorch path in bf16 on the same (calm) weights, at the depth being timed:
     prefill logits of a `prompt`-token prompt, then CHECK_DECODE graph-captured decode steps. Refuses to go on
     (KLError) past DEPTH_CHECK_BOUND relative or under DEPTH_CHECK_TOP1 of the same top-1."""
-    ids = torch.randint(0, config.vocab_size - NUM_SPECIAL_TOKENS, (1, prompt + CHECK_DECODE),
-                        generator=torch.Generator().manual_seed(0)).to(device)
+    ids = check_ids(config, prompt + CHECK_DECODE).to(device)
     _refuse_a_reference_that_does_not_fit(config, device, ids.shape[1] + 8)
     logits = {}
     for kernels in ("torch", "triton"):
@@ -320,8 +326,7 @@ def prefill_check(config: KimiLinearConfig, weights: Weights, device: torch.devi
     """The last token's logits two ways on the Triton path (calm weights): a `tokens`-long prefill, against a prefill
     of all but the last token and one decode step (the absorbed latent-attention kernel over the whole cache, the
     KDA step from the prefill's final state). Refuses to go on when they differ past PREFILL_CHECK_BOUND."""
-    ids = torch.randint(0, config.vocab_size - NUM_SPECIAL_TOKENS, (1, tokens),
-                        generator=torch.Generator().manual_seed(0))
+    ids = check_ids(config, tokens)
     engine = Engine(config, weights.read, device, DEFAULT_DTYPES[device.type], tokens, 1, packed=weights.packed,
                     kernels="triton", stored_schemes=weights.schemes, mla_cache_dtype=mla_cache_dtype)
     whole = engine.prefill(ids)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from klconvert import bench as B
+from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.models import bundled_dir
@@ -165,6 +166,27 @@ def test_random_weights_are_quantized_where_the_policy_says(tiny4):
     q = w.read("model.layers.1.block_sparse_moe.experts.0.w1.weight")
     assert q.shape == (128, 128) and 0.5 < q.float().std().item() * 128 ** 0.5 < 2.0        # O(1) activations
     assert torch.equal(q, w.read("model.layers.1.block_sparse_moe.experts.0.w1.weight"))     # deterministic
+
+
+def _bench_inputs(config: KimiLinearConfig) -> list[torch.Tensor]:
+    """What the bench binds and checks with: every calm weight read, every packed one's parts, the checks' prompt."""
+    weights = B.random_quantized_weights(config, 4, "cpu", calm=True)
+    names = list(expected_tensors(config))
+    packed = [t for name in names if (found := weights.packed(name)) is not None for t in found[0].values()]
+    return [weights.read(name) for name in names] + packed + [B.check_ids(config, 9)]
+
+
+def test_an_apps_default_device_changes_no_weight_nor_check_prompt(tiny4):
+    """Under torch.set_default_device("meta") each packed weight's weight_shape, the calm router biases' pinned
+    experts and the checks' prompt were made there (reading a packed weight failed on its meta shape). They are made
+    on the host or the bench's device: the same tensors, there."""
+    want = _bench_inputs(tiny4)
+    torch.set_default_device("meta")
+    try:
+        got = _bench_inputs(tiny4)
+    finally:
+        torch.set_default_device(None)
+    assert len(got) == len(want) and all(g.device.type == "cpu" and torch.equal(g, w) for g, w in zip(got, want))
 
 
 def test_a_cache_dtype_the_runtime_does_not_take_is_refused_as_load_refuses_it(tiny4):

@@ -547,6 +547,24 @@ def test_an_apps_default_device_changes_no_output(exported):
 
 
 @pytest.mark.slow
+def test_an_apps_default_device_changes_no_exported_byte(exported, tmp_path, monkeypatch):
+    """Under torch.set_default_device("meta") the placeholders of the packed weights were made there, so bind, which
+    fills what is still on meta, dequantized every one of them (the 48B model's would not fit a host in fp32). Made
+    on the host: nothing dequantized, the same files."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a packed weight was dequantized")
+
+    monkeypatch.setattr(reader, "dequantize", refuse)
+    torch.set_default_device("meta")
+    try:
+        export_onnx(exported[0], tmp_path / "onnx")
+    finally:
+        torch.set_default_device(None)
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == sorted(p.name for p in exported[1].iterdir())
+    assert all((tmp_path / "onnx" / p.name).read_bytes() == p.read_bytes() for p in exported[1].iterdir())
+
+
+@pytest.mark.slow
 def test_the_graph_holds_packed_weights(exported):
     """Every packed weight of the checkpoint is a MatMulNBits or QMoE initializer of uint8 codes; no float
     initializer stands for one; onnx.checker passes; genai_config.json names every graph input and output."""

@@ -261,6 +261,27 @@ def test_row_blocks_give_the_same_tensors(tiny_released, tmp_path, monkeypatch):
     assert folder_files(blocks.path) == folder_files(whole.path)
 
 
+@pytest.mark.parametrize("options", [dict(bits=4, group_size=32, symmetric=False), dict(scheme="nf4")],
+                         ids=["int4", "nf4"])
+def test_an_apps_default_device_changes_no_byte(tmp_path, monkeypatch, options):
+    """Under torch.set_default_device("meta") each weight_shape, lm_head's row blocks and NF4's quant state (ours and
+    bitsandbytes') were made there: 'Cannot copy out of meta tensor; no data!'. They are made beside the weight or on
+    the host: the same folder, whose NF4 weights read back the same there too."""
+    src = synth("tiny", tmp_path / "tiny", layers=2, progress=False).path   # bitsandbytes is slow on CPU
+    monkeypatch.setattr(outputs, "ROW_BLOCK", 256)  # lm_head (1280 rows) in blocks
+    want = quantize(src, tmp_path / "want" / "q", device="cpu", progress=False, **options).path
+    name = f"{KDA_Q}.weight"
+    read = open_checkpoint(want).get(name)
+    torch.set_default_device("meta")
+    try:
+        got = quantize(src, tmp_path / "got" / "q", device="cpu", progress=False, **options).path
+        read_there = open_checkpoint(got).get(name)
+    finally:
+        torch.set_default_device(None)
+    assert folder_files(got) == folder_files(want)
+    assert read_there.device.type == "cpu" and torch.equal(read_there, read)
+
+
 
 def test_the_source_is_read_without_mapping_it(tiny_released, tmp_path, monkeypatch):
     """quantize reads each source tensor by plain reads: a shard mapped keeps every page read resident (RSS grew

@@ -94,6 +94,20 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path):
     assert torch.equal(x.get(name), y.get(name)) and not torch.equal(x.get(name), z.get(name))
 
 
+@pytest.mark.parametrize("layout", ["released", "transformers"])
+def test_an_apps_default_device_changes_no_byte(tiny_released, tiny_transformers, tmp_path, layout):
+    """Under torch.set_default_device("meta") the transformers layout's stacked tensors were made there, and writing
+    them failed ("can't convert meta device type tensor to numpy"). Made on the host: the same files."""
+    torch.set_default_device("meta")
+    try:
+        out = synth("tiny", tmp_path / "tiny", seed=1, layout=layout, progress=False).path
+    finally:
+        torch.set_default_device(None)
+    want = tiny_released if layout == "released" else tiny_transformers
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in want.iterdir())
+    assert all((out / p.name).read_bytes() == p.read_bytes() for p in want.iterdir())
+
+
 def test_layers_keep_the_three_to_one_pattern():
     config = preset_config("kimi-linear-48b", layers=8)
     assert config["linear_attn_config"]["full_attn_layers"] == [4, 8]

@@ -12,6 +12,7 @@ from klconvert.checkpoint.reader import Checkpoint
 from klconvert.checkpoint.safetensors_header import DTYPE_BYTES
 from klconvert.checkpoint.safetensors_writer import SAFETENSORS_TO_TORCH, PlannedTensor
 from klconvert.quant import Policy, QuantScheme, compress_nf4, compress_weight
+from klconvert.quant.pack_quantized import weight_shape_tensor
 from klconvert.quant.scheme import NF4_BLOCKSIZE
 from klconvert.quant.stored import nf4_parts, packed_parts
 
@@ -48,7 +49,7 @@ def packed_outputs(prefix: str, shape: tuple[int, ...], dtype: torch.dtype, sche
 @functools.cache
 def _nf4_state_fields(dtype: torch.dtype) -> tuple:
     """The fields bitsandbytes writes into its JSON quant state, read off one quantized block."""
-    sample = compress_nf4("sample", torch.ones(1, NF4_BLOCKSIZE, dtype=dtype))
+    sample = compress_nf4("sample", torch.ones(1, NF4_BLOCKSIZE, dtype=dtype, device="cpu"))
     return tuple(json.loads(bytes(sample[f"sample.{NF4_STATE}"].tolist())).items())
 
 
@@ -89,7 +90,7 @@ def compress_in_row_blocks(prefix: str, w: torch.Tensor, scheme: QuantScheme,
     """compress_weight over ROW_BLOCK rows at a time, gathered on the CPU into the planned tensors."""
     if w.shape[0] <= ROW_BLOCK:
         return {k: v.cpu() for k, v in compress_weight(prefix, w, scheme).items()}
-    made = {name: torch.empty(shape, dtype=dtype) for name, dtype, shape in outputs}
+    made = {name: torch.empty(shape, dtype=dtype, device="cpu") for name, dtype, shape in outputs}
     per_word = 32 // scheme.bits
     for start in range(0, w.shape[0], ROW_BLOCK):
         for name, t in compress_weight(prefix, w[start:start + ROW_BLOCK], scheme).items():
@@ -97,7 +98,7 @@ def compress_in_row_blocks(prefix: str, w: torch.Tensor, scheme: QuantScheme,
                 made[name][start // per_word:start // per_word + t.shape[0]] = t
             elif not name.endswith(".weight_shape"):
                 made[name][start:start + t.shape[0]] = t
-    made[f"{prefix}.weight_shape"] = torch.tensor(tuple(w.shape), dtype=torch.int64)
+    made[f"{prefix}.weight_shape"] = weight_shape_tensor(w.shape)
     return made
 
 
@@ -107,7 +108,7 @@ def make_nf4(prefix: str, w: torch.Tensor, outputs: tuple[Output, ...]) -> dict[
     state = f"{prefix}.{NF4_STATE}"
     length = next(shape[0] for name, _, shape in outputs if name == state)
     pad = length - made[state].numel()
-    made[state] = torch.cat([made[state], torch.full((pad,), ord(" "), dtype=torch.uint8)])
+    made[state] = torch.cat([made[state], torch.full((pad,), ord(" "), dtype=torch.uint8, device="cpu")])
     return made
 
 

@@ -129,7 +129,7 @@ def _unfilled_where_packed(model: M.KimiLinear, checkpoint: Checkpoint) -> M.Kim
     for pname, p in list(model.named_parameters()):
         if all(stored_int(name) for name, _ in M.canonical_names(model.config, pname)):
             owner, _, leaf = pname.rpartition(".")
-            placeholder = torch.zeros((), dtype=torch.float32).expand(p.shape)
+            placeholder = torch.zeros((), dtype=torch.float32, device="cpu").expand(p.shape)
             setattr(model.get_submodule(owner), leaf, torch.nn.Parameter(placeholder, requires_grad=False))
     return model
 

@@ -44,10 +44,12 @@ def compress_nf4(prefix: str, w: torch.Tensor, double_quant: bool = NF4_DOUBLE_Q
         raise KLError(f"{prefix}.weight: the weight holds NaN or Inf values; the checkpoint is damaged -- "
                       "re-download it")
     bnbf = _bnb("--scheme nf4 (or use --scheme int)")
-    packed, state = bnbf.quantize_4bit(w.contiguous(), blocksize=NF4_BLOCKSIZE, compress_statistics=double_quant,
-                                       quant_type="nf4", quant_storage=torch.uint8)
+    with torch.device("cpu"):   # bitsandbytes makes its JSON state on the default device: the host, not an app's
+        packed, state = bnbf.quantize_4bit(w.contiguous(), blocksize=NF4_BLOCKSIZE, compress_statistics=double_quant,
+                                           quant_type="nf4", quant_storage=torch.uint8)
+        parts = state.as_dict(packed=True)
     out = {f"{prefix}.weight": packed}
-    for key, t in state.as_dict(packed=True).items():
+    for key, t in parts.items():
         # clone: quant_map is bitsandbytes' shared code book, and safetensors refuses shared storage
         out[f"{prefix}.weight.{key}"] = t.clone().contiguous()
     return out
@@ -67,7 +69,9 @@ def decompress_nf4(tensors: Mapping[str, torch.Tensor], where: str = "an NF4 wei
     bnbf = _bnb("reading an NF4 checkpoint")
     _check_state(found, where, shape)
     packed = found.pop("weight")
-    state = bnbf.QuantState.from_dict({k.removeprefix("weight."): v for k, v in found.items()}, device=packed.device)
+    with torch.device("cpu"):   # bitsandbytes makes the nested offset on the default device: the host, not an app's
+        state = bnbf.QuantState.from_dict({k.removeprefix("weight."): v for k, v in found.items()},
+                                          device=packed.device)
     w = bnbf.dequantize_4bit(packed, state)
     if not bool(torch.isfinite(w).all()):
         raise KLError(f"{where}: its NF4 tensors dequantize to NaN or Inf; the checkpoint is damaged -- re-download "

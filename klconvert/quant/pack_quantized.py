@@ -58,6 +58,12 @@ def unpack_from_int32(packed: torch.Tensor, bits: int, shape: tuple[int, ...] | 
     return (v.T if packed_dim == 0 else v).contiguous()
 
 
+def weight_shape_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """A packed module's weight_shape: its weight's [out, in] as int64, on the host (read there into Python), whatever
+    an app's default device."""
+    return torch.tensor(tuple(shape), dtype=torch.int64, device="cpu")
+
+
 def compress_weight(name_prefix: str, w: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
     """Quantize and pack module `name_prefix`'s weight w [out, in] as PackedQuantizationCompressor does.
 
@@ -74,7 +80,7 @@ def compress_weight(name_prefix: str, w: torch.Tensor, scheme: QuantScheme) -> d
     out = {
         f"{name_prefix}.weight_packed": pack_to_int32(q, scheme.bits),
         f"{name_prefix}.weight_scale": scale.contiguous(),
-        f"{name_prefix}.weight_shape": torch.tensor(tuple(w.shape), dtype=torch.int64),
+        f"{name_prefix}.weight_shape": weight_shape_tensor(w.shape),
     }
     if zero_point is not None:
         out[f"{name_prefix}.weight_zero_point"] = pack_to_int32(zero_point, scheme.bits, packed_dim=0)

@@ -173,7 +173,7 @@ def _transformers_layout(expected: dict[str, TensorSpec], c: KimiLinearConfig, s
             raise KLError(f"name_map's transformers rule for {source} does not tile {shape}; fix the table")
 
         def build(pieces=pieces, shape=shape, dtype=_dtype(first.name)):
-            t = torch.empty(shape, dtype=dtype)
+            t = torch.empty(shape, dtype=dtype, device="cpu")
             for name, index in pieces:
                 t[index] = synth_values(expected[name], seed)
             return t

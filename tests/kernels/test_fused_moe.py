@@ -15,7 +15,8 @@ BOUND = {torch.float32: 1e-5, torch.bfloat16: 8e-3}  # relative RMS vs the fp32 
 GROUPED_BOUND = 1.5e-2  # the grouped path also rounds x and the SiLU product to bf16 for the tensor cores
 
 
-def make_experts(num, hidden, inter, bits, symmetric, shared=True, stacked=False, device=DEVICE):
+def expert_tensors(num, hidden, inter, bits, symmetric, shared=True, stacked=False, device=DEVICE):
+    """The compressed-tensors tensors of `num` routed experts (a list, or with `stacked` one dict) and a shared one."""
     def expert():
         w = lambda n, k: ct_compress((torch.randn(n, k, device=device) * 0.05).to(torch.bfloat16), bits, 128,
                                      symmetric)
@@ -24,7 +25,12 @@ def make_experts(num, hidden, inter, bits, symmetric, shared=True, stacked=False
     if stacked:  # one dict of tensors with a leading expert dim, as a stacked checkpoint holds them
         routed = {p: {name: torch.stack([ex[p][name] for ex in routed]) for name in routed[0][p]}
                   for p in ("gate", "up", "down")}
-    return repack_moe_experts(routed, shared=expert() if shared else None, bits=bits, group_size=128)
+    return routed, expert() if shared else None
+
+
+def make_experts(num, hidden, inter, bits, symmetric, shared=True, stacked=False, device=DEVICE):
+    routed, shared_expert = expert_tensors(num, hidden, inter, bits, symmetric, shared, stacked, device)
+    return repack_moe_experts(routed, shared=shared_expert, bits=bits, group_size=128)
 
 
 def routing(m, num, topk, device=DEVICE):
@@ -41,6 +47,22 @@ def test_fused_moe_decode(bits, symmetric, shared, stacked, m):
     ids, weights = routing(m, 6, 3)
     y = fused_moe(x, ids, weights, experts, out=poisoned(m, 128, dtype=x.dtype))
     assert_close(y, naive_fused_moe(x, ids, weights, experts), BOUND[x.dtype], "fused_moe decode")
+
+
+def test_stacked_experts_repack_alike_under_an_apps_default_device():
+    """Under torch.set_default_device("meta") the stacked split moved each weight_shape there (torch.as_tensor takes
+    the default device), so reading its [n, k] failed ('Tensor.item() cannot be called on meta tensors'). It is read
+    on the host: the same codes, scales, zero points and locks as under the default."""
+    routed, shared = expert_tensors(4, 128, 128, 8, False, stacked=True)
+    want = repack_moe_experts(routed, shared=shared, bits=8, group_size=128)
+    torch.set_default_device("meta")
+    try:
+        got = repack_moe_experts(routed, shared=shared, bits=8, group_size=128)
+    finally:
+        torch.set_default_device(None)
+    for g, w in ((got.gate, want.gate), (got.up, want.up), (got.down, want.down)):
+        assert all(torch.equal(a, b) for a, b in zip((g.qweight, g.scales, g.zeros, g.locks),
+                                                     (w.qweight, w.scales, w.zeros, w.locks)))
 
 
 @pytest.mark.parametrize("bits, symmetric, m", [(4, True, 1), (4, False, 3), (8, False, 2)])
