@@ -32,6 +32,25 @@ def test_cuda_bf16_decode_matches_prefill(trained_like, kernels):
     assert out.shape == (1, 16) and out.device.type == "cpu"   # new ids come back to the host
 
 
+@pytest.mark.parametrize("default", ["meta", "cuda"])
+def test_an_apps_default_device_changes_no_cuda_output(trained_like, default):
+    """Under an app's torch.set_default_device a CUDA engine's generate (its pinned host buffers among what it
+    makes), forward and decode_step give what they give under the default, where they give it."""
+    def outputs() -> list[torch.Tensor]:
+        engine = klconvert.load(trained_like, device="cuda", max_context=80)
+        ids = [list(range(1, 40))]
+        return [engine.generate(ids, 8, stop_ids=frozenset()), engine.forward(ids), engine.decode_step([7], 39)]
+
+    want = outputs()
+    torch.set_default_device(default)
+    try:
+        got = outputs()
+    finally:
+        torch.set_default_device(None)
+    assert [t.device.type for t in got] == [t.device.type for t in want] == ["cpu", "cuda", "cuda"]
+    assert torch.equal(got[0], want[0]) and rel_error(got[1], want[1]) < 1e-3 and rel_error(got[2], want[2]) < 1e-3
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_blockwise_mla_prefill_at_real_shapes(dtype):
     """The released MLA shapes through the CUDA attention kernel chosen for the dtype (cuDNN for bf16, the
