@@ -349,15 +349,20 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
-            if send_body and hub.api_trickle:
-                delay = min(hub.api_trickle, API_STALL_BOUND / len(payload))
-                with suppress(OSError):   # the client gave up
-                    for byte in range(len(payload)):
-                        self.wfile.write(payload[byte:byte + 1])
-                        self.wfile.flush()
-                        time.sleep(delay)
-            elif send_body:
+            if send_body:
+                self._send_api_body(payload)
+
+        def _send_api_body(self, payload: bytes) -> None:
+            """An API answer's body: at once, or a byte at a time (api_trickle)."""
+            if not hub.api_trickle:
                 self.wfile.write(payload)
+                return
+            delay = min(hub.api_trickle, API_STALL_BOUND / len(payload))
+            with suppress(OSError):   # the client gave up
+                for byte in range(len(payload)):
+                    self.wfile.write(payload[byte:byte + 1])
+                    self.wfile.flush()
+                    time.sleep(delay)
 
         def _error(self, status: int, error_code: str | None, message: str, send_body: bool,
                    headers: dict[str, str] | None = None) -> None:
@@ -371,15 +376,8 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
-            if send_body and hub.api_trickle:
-                delay = min(hub.api_trickle, API_STALL_BOUND / len(payload))
-                with suppress(OSError):   # the client gave up
-                    for byte in range(len(payload)):
-                        self.wfile.write(payload[byte:byte + 1])
-                        self.wfile.flush()
-                        time.sleep(delay)
-            elif send_body:
-                self.wfile.write(payload)
+            if send_body:
+                self._send_api_body(payload)
 
     return HubRequestHandler
 
