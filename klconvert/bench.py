@@ -38,7 +38,7 @@ DECODE_SPARE_ROWS = 16  # cache rows a decode row plans past its context and its
 PREFILL_CHECK_TOKENS = 2 * MLA_KEY_BLOCK + PREFILL_SEGMENT // 2 + 1  # over two key blocks, in several segments
 PREFILL_CHECK_BOUND = 5e-2  # relative error of the last token's logits past which nothing is timed
 # the depth check's bound, past which nothing is timed: relative error of the Triton path's logits against the
-# PyTorch bf16 path's at most DEPTH_CHECK_BOUND, the same top-1 at DEPTH_CHECK_TOP1 of the positions at least (27
+# PyTorch bf16 path's at most DEPTH_CHECK_BOUND, a top-1 of it at DEPTH_CHECK_TOP1 of the positions at least (27
 # layers on calm weights read 0.32-0.36% relative, top-1 100%; BENCHMARKS.md)
 DEPTH_CHECK_BOUND = 2e-2
 DEPTH_CHECK_TOP1 = 0.9
@@ -103,6 +103,14 @@ def check_ids(config: KimiLinearConfig, tokens: int) -> torch.Tensor:
                          generator=torch.Generator(device="cpu").manual_seed(0))
 
 
+def _top1_agreement(fast: torch.Tensor, ref: torch.Tensor) -> float:
+    """The share of positions (rows) where `fast`'s top-1 is a top-1 of `ref`: the PyTorch bf16 path's logits tie at
+    the top, where argmax takes the first of the tie (at 8 layers of calm weights, over half the positions: 0.297 of
+    them agreed, with the Triton path agreeing with the fp32 path at every one; BENCHMARKS.md)."""
+    chosen = ref.gather(-1, fast.argmax(-1, keepdim=True)).squeeze(-1)
+    return (chosen == ref.max(-1).values).float().mean().item()
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -146,7 +154,7 @@ def depth_check(config: KimiLinearConfig, weights: Weights, device: torch.device
         if device.type == "cuda":
             torch.cuda.empty_cache()
     fast, ref = logits["triton"], logits["torch"]
-    check = {"rel_err": _rel(fast, ref), "top1": (fast.argmax(-1) == ref.argmax(-1)).float().mean().item()}
+    check = {"rel_err": _rel(fast, ref), "top1": _top1_agreement(fast, ref)}
     if not (check["rel_err"] <= DEPTH_CHECK_BOUND and check["top1"] >= DEPTH_CHECK_TOP1):
         raise KLError(f"bench check failed: the Triton path against the PyTorch bf16 path at "
                       f"{config.num_hidden_layers} layers: rel err {check['rel_err']:.3g} (bound {DEPTH_CHECK_BOUND}), "

@@ -118,6 +118,16 @@ def test_bench_refuses_to_time_when_the_prefill_check_fails(tiny4, monkeypatch):
     assert f"bound {B.PREFILL_CHECK_BOUND}" in message and "nothing was timed" in message
 
 
+def test_the_depth_check_takes_any_top_1_of_a_tie_in_the_reference():
+    """The PyTorch bf16 path's logits tie at the top: argmax takes the first, and 8 layers of calm weights read top-1
+    0.297 where the Triton path chose the fp32 path's top-1 at every position (session 61's GPU call)."""
+    ref = torch.tensor([[1.0, 1.0, 0.5], [2.0, 0.0, 1.0], [0.0, 3.0, 3.0]], dtype=torch.bfloat16)
+    fast = torch.tensor([[0.9, 1.1, 0.5], [2.1, 0.0, 1.0], [0.0, 2.9, 3.1]])
+    assert (fast.argmax(-1) == ref.argmax(-1)).float().mean().item() == pytest.approx(1 / 3)
+    assert B._top1_agreement(fast, ref) == 1.0
+    assert B._top1_agreement(torch.tensor([[0.0, 0.0, 1.0]] * 3), ref) == pytest.approx(1 / 3)   # no tie's
+
+
 def test_one_token_touches_k_experts(tiny4):
     engine = B.Engine(tiny4, B.random_quantized_weights(tiny4, 4, "cpu").read, torch.device("cpu"), torch.float32,
                       64, 1)
