@@ -30,6 +30,10 @@ MAX_OTHER_SECONDS = 180
 # huggingface_hub sends the hub's JSON requests with no timeout (its file downloads with HF_HUB_DOWNLOAD_TIMEOUT): a
 # server that accepts and never answers would hang the pull. Seconds to connect, or to wait for the next byte.
 SILENCE_SECONDS = 60
+# A file's body slower than this, over each window of its download, is given up: huggingface_hub's read timeout (10 s)
+# ends a silent one, not one a byte every 9 s (a 5 GB shard: never). 1 KiB/s, eight files at a time, is 64 kbit/s.
+SLOW_WINDOW_SECONDS = 300
+SLOW_WINDOW_BYTES = 300 << 10
 SENT = "klconvert_sent"   # the request extension holding when it was sent (time.monotonic())
 DIGEST = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # git blob id or sha256, as the hub sends them in ETags
 COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -182,6 +186,14 @@ class AnswerGuard:
                           f"downloads while pulling {self.repo}, the last {urlsplit(url).path[:200]}; check the "
                           "network connection and HF_ENDPOINT, then try again")
 
+    def refuse_slow(self, what: str, window_bytes: int) -> None:
+        """KLError where a file's body sent under SLOW_WINDOW_BYTES in the last SLOW_WINDOW_SECONDS."""
+        if window_bytes < SLOW_WINDOW_BYTES:
+            floor = SLOW_WINDOW_BYTES // SLOW_WINDOW_SECONDS
+            raise KLError(f"{self.endpoint} sent {window_bytes:,} bytes of {what} in {SLOW_WINDOW_SECONDS} s, under "
+                          f"{floor:,} a second, while pulling {self.repo}; check the network connection and "
+                          "HF_ENDPOINT, then rerun the pull (finished files are kept)")
+
     def add_other(self, n: int) -> int:
         with self._lock:
             self._other_bytes += n
@@ -203,9 +215,13 @@ def _bounded_stream_type(http_module):
 
         def __iter__(self):
             total = 0
+            window_start, window_total = time.monotonic(), 0   # a file's: the bytes its window began at
             for chunk in self.stream:
                 if self.limit is not None:
                     total += len(chunk)
+                    if time.monotonic() - window_start >= SLOW_WINDOW_SECONDS:
+                        self.guard.refuse_slow(self.what, total - window_total)
+                        window_start, window_total = time.monotonic(), total
                 else:
                     total = self.guard.add_other(len(chunk))
                     self.guard.count_time(self.url, time.monotonic() - self.sent, finished=False)

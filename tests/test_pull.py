@@ -723,6 +723,22 @@ def test_a_listing_retried_after_timeouts_is_bounded_in_time_too(served, monkeyp
                 or r.getMessage().startswith("Retrying in")]
 
 
+def test_a_file_sent_slower_than_the_floor_is_given_up(served, tmp_path, monkeypatch):
+    """A file's body a byte every 9 s passes huggingface_hub's 10 s read timeout: a 5 GB shard never ended
+    (helper-163). Under SLOW_WINDOW_BYTES in a window of SLOW_WINDOW_SECONDS, the pull ends in one line."""
+    server, commit = served
+    monkeypatch.setattr(hub_guard, "SLOW_WINDOW_SECONDS", 1)
+    monkeypatch.setattr(hub_guard, "SLOW_WINDOW_BYTES", 4 << 10)
+    server.slow_body[SHARD_2] = 0.5          # 16 KiB: 2 KiB/s
+    with pytest.raises(KLError, match=rf"sent [\d,]+ bytes of '{SHARD_2}' in 1 s, under 4,096 a second, while pulling "
+                                      rf"{REPO}; check the network connection and HF_ENDPOINT, then rerun the pull"):
+        hub.pull(REPO, progress=False)
+    storage = cache_dir(tmp_path) / "models--moonshotai--Kimi-Linear-48B-A3B-Instruct"
+    assert SHARD_2 not in files_under(storage / "snapshots" / commit)
+    server.slow_body[SHARD_2] = 0.05          # 20 KiB/s: over the floor
+    assert files_under(hub.pull(REPO, progress=False).path) == PULLED
+
+
 def test_a_redirect_s_body_is_bounded_as_the_hub_s_json(served, monkeypatch):
     """The client reads a redirect's body whole before it follows: a 302 with 1.5 GB of body took 3.3 GB of memory
     (helper-163)."""

@@ -26,11 +26,13 @@ def as_written(bound: float) -> str:
 
 def test_the_hub_bounds():
     from klconvert.hub import MAX_LISTED_FILES, MAX_PULLED_FILES
-    from klconvert.hub_guard import MAX_OTHER_ANSWERS, MAX_OTHER_BYTES, MAX_OTHER_SECONDS, SILENCE_SECONDS
+    from klconvert.hub_guard import (MAX_OTHER_ANSWERS, MAX_OTHER_BYTES, MAX_OTHER_SECONDS, SILENCE_SECONDS,
+                                     SLOW_WINDOW_BYTES, SLOW_WINDOW_SECONDS)
 
     stated(f"at most {MAX_LISTED_FILES:,} files listed, {MAX_PULLED_FILES:,} pulled")
     stated(f"bounded at {MAX_OTHER_ANSWERS:,} and {MAX_OTHER_BYTES >> 20} MiB and at {MAX_OTHER_SECONDS} s together")
     stated(f"gives up after {SILENCE_SECONDS} s without a byte")
+    stated(f"sent at under {SLOW_WINDOW_BYTES // SLOW_WINDOW_SECONDS:,} bytes a second over {SLOW_WINDOW_SECONDS} s")
 
 
 def test_the_recipe_pattern_bounds():
