@@ -825,6 +825,18 @@ def test_the_export_names_no_remote_code_so_trust_remote_code_loads_it(tmp_path)
             == klconvert.Tokenizer.from_folder(out).encode(text))
 
 
+def test_the_side_files_are_read_before_the_export_is_built(tmp_path, monkeypatch):
+    """A side file export-onnx cannot copy was found once the graph was built and saved (minutes for the 48B model):
+    it reads them first, as quantize does (helper-166)."""
+    built = []
+    monkeypatch.setattr(export_module, "build_graph", lambda *a, **k: built.append(a))
+    monkeypatch.setattr(export_module, "copied_side_file", lambda path: (_ for _ in ()).throw(
+        klconvert.KLError(f"{path}: unreadable")))
+    with pytest.raises(klconvert.KLError, match="config.json: unreadable"):
+        export_onnx("tiny", tmp_path / "onnx")
+    assert built == [] and not (tmp_path / "onnx").exists()
+
+
 def test_the_export_holds_a_tokenizer_json_that_encodes_as_klconvert(tmp_path):
     """onnxruntime has no tokenizer, and the export shipped tiktoken.model, which no standard library reads with Kimi's
     split (transformers converts it with a cl100k-like one of its own): a user encoding prompts for the graph had no

@@ -73,11 +73,32 @@ def copied_side_file(path: Path) -> bytes:
         data = read_bounded(path, MAX_SIDE_FILE_BYTES, path.name)
     except OSError as e:
         raise KLError(read_failure(e, path, "check the file (or re-download the model)")) from None
-    if path.suffix == ".json" and b'"auto_map"' in data:
+    if path.suffix == ".json":   # parsed whatever its bytes: "auto\u005fmap" is the key too
         try:   # json.loads as transformers reads it: a key given twice keeps its last, and is written once
             fields = json.loads(data)
         except (ValueError, RecursionError):
             return data
         if isinstance(fields, dict) and "auto_map" in fields:
-            return (json.dumps(without_remote_code(fields), indent=2, ensure_ascii=False) + "\n").encode()
+            return _json_file(without_remote_code(fields))
     return data
+
+
+def _json_file(fields: dict) -> bytes:
+    """`fields` as a JSON file: non-ASCII as UTF-8, but escaped where a string holds what UTF-8 cannot (a lone
+    surrogate, which json reads from "\\ud800")."""
+    try:
+        return _json_bytes(fields, ensure_ascii=False)
+    except UnicodeEncodeError:
+        return _json_bytes(fields, ensure_ascii=True)
+
+
+def _json_bytes(fields: dict, ensure_ascii: bool) -> bytes:
+    """Indented, as the release's files are, where that stays within MAX_SIDE_FILE_BYTES (lists nested deep indent
+    past it: 4 MB at 100 deep became 434 MB), else on one line."""
+    pieces, size = [], 0
+    for piece in json.JSONEncoder(indent=2, ensure_ascii=ensure_ascii).iterencode(fields):
+        pieces.append(piece.encode())
+        size += len(pieces[-1])
+        if size > MAX_SIDE_FILE_BYTES:
+            return json.dumps(fields, ensure_ascii=ensure_ascii).encode() + b"\n"
+    return b"".join(pieces) + b"\n"

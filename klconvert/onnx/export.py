@@ -158,15 +158,17 @@ def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPS
     made = written_tokenizer_json(check_tokenizer_if_any(model_dir, checkpoint.config), model_dir)
     copied = [name for name in (CONFIG_FILE, *COPIED_TOKENIZER_FILES) if (model_dir / name).is_file()]
     refuse_unfit_side_files(model_dir, (model_dir / name for name in copied))
+    # read before the export's minutes of work, as quantize reads them; without an auto_map naming Python files
+    # the export has not
+    side_files = {name: copied_side_file(model_dir / name) for name in copied} | made
     with whole_folder(out, force, EARLIER_EXPORT, last=GENAI_CONFIG) as folder:
-        _write_export(checkpoint, model_dir, folder, opset, copied, made)
+        _write_export(checkpoint, folder, opset, side_files)
     return out / ONNX_FILE
 
 
-def _write_export(checkpoint: Checkpoint, model_dir: Path, folder: Path, opset: int, copied: list[str],
-                  made: dict[str, bytes]) -> None:
-    """export_onnx's writing, into the folder that becomes OUT: model.onnx (checked), the side files (`copied` from
-    `model_dir`, `made` from what it holds), genai_config.json."""
+def _write_export(checkpoint: Checkpoint, folder: Path, opset: int, side_files: dict[str, bytes]) -> None:
+    """export_onnx's writing, into the folder that becomes OUT: model.onnx (checked), the side files (name ->
+    bytes), genai_config.json."""
     model = bind(_unfilled_where_packed(M.KimiLinear(checkpoint.config), checkpoint), checkpoint.get,
                  checkpoint.packed, {}, torch.device("cpu"), torch.float32, triton=False, restack=False)
     proto = build_graph(model, Linears(checkpoint.config, checkpoint.packed), opset)
@@ -182,9 +184,7 @@ def _write_export(checkpoint: Checkpoint, model_dir: Path, folder: Path, opset: 
         with writing(path, proto.ByteSize()) if path.exists() or not external else writing(folder / DATA_FILE):
             raise
     onnx.checker.check_model(str(path))
-    for name in copied:   # without an auto_map naming Python files the export has not
-        write_atomically(folder / name, copied_side_file(model_dir / name))
-    for name, data in made.items():
+    for name, data in side_files.items():
         write_atomically(folder / name, data)
-    config = genai_config(checkpoint.config, opset, external, [n for n in [*copied, *made] if n != CONFIG_FILE])
+    config = genai_config(checkpoint.config, opset, external, [n for n in side_files if n != CONFIG_FILE])
     write_atomically(folder / GENAI_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
