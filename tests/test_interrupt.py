@@ -5,7 +5,9 @@ in a real run; SIGTERM as Ctrl-C, with its own status, 143. An alarm that is no 
 started ignoring, are let be."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -16,7 +18,7 @@ import time
 import pytest
 
 from klconvert.checkpoint.reader import Checkpoint
-from klconvert.convert.output_folder import RESUME_RECORD, usual_mode
+from klconvert.convert.output_folder import FINISHED_FILES, RESUME_RECORD, usual_mode
 from klconvert.entry import signal_status
 
 LONG_RUN = ("run", "--model", "tiny", "--prompt", "hi", "--max-new-tokens", "3000", "--max-context", "3008")
@@ -430,6 +432,36 @@ def test_a_kill_as_quantize_renames_its_output_is_finished_only_where_out_is_who
         "the new one is complete"], rerun.stderr
     assert _entries(out) == before
     assert stat.S_IMODE(out.stat().st_mode) == 0o700
+
+
+def _harmless(out, change: str) -> None:
+    shard = sorted(out.glob("*.safetensors"))[-1]
+    if change == "a shard touched":
+        shard.touch()
+    elif change == "a shard chmod 644":
+        shard.chmod(0o644)
+    elif change == "OUT copied in its place (cp -a)":
+        copy = shutil.copytree(out, out.parent / "copy", symlinks=True)
+        shutil.rmtree(out)
+        copy.rename(out)
+    else:   # a record written before its FINISHED_FILES key
+        record = json.loads((out / RESUME_RECORD).read_text())
+        del record[FINISHED_FILES]
+        (out / RESUME_RECORD).write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("change", ["a shard touched", "a shard chmod 644", "OUT copied in its place (cp -a)",
+                                    "a record without finished_files"])
+def test_a_kill_as_quantize_renames_its_output_is_finished_where_its_shards_are_the_same_bytes(tiny_released,
+                                                                                            tmp_path, change):
+    """A shard no longer the file FINISHED_FILES records (touched, chmod'ed, copied) or a record from before that key
+    said "already exists" (helper-167): such a shard is hashed, and one of the recorded sha256 ends the finish."""
+    out = tmp_path / "q"
+    files = _killed_as_quantize_renames_its_output(tiny_released, out, *QUANTIZE_OPTIONS)
+    _harmless(out, change)
+    rerun = _entry("", "quantize", str(tiny_released), str(out), *QUANTIZE_OPTIONS)
+    assert rerun.returncode == 0, rerun.stderr
+    _assert_finished(out, files)
 
 
 @pytest.mark.parametrize("record", ["a FIFO", "not JSON", "ours, but no output record beside it"])

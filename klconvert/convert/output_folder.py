@@ -616,30 +616,34 @@ class OutputFolder:
         rename (refuse_existing_out lets it by): if so, that finish is ended -- its record dropped, OUT's mode set.
         Whole: OUT holds this run's files and the two records, nothing else, each a regular file, and each of
         `shards` (name -> planned tensors) recorded finished, with the planned header and size, and the file whose
-        sha256 was recorded, unchanged since (FINISHED_FILES; not hashed again: ~27 GB). KLError, as
-        refuse_existing_out's, for any other OUT, untouched; False where force (OUT is replaced) or no such OUT is
-        there."""
+        sha256 was recorded, unchanged since (FINISHED_FILES; not hashed again: ~27 GB), or one of that sha256 (a
+        shard touched, chmod'ed or copied since, or a record of a version before FINISHED_FILES: hashed). KLError,
+        as refuse_existing_out's, for any other OUT, untouched; False where force (OUT is replaced) or no such OUT
+        is there."""
         if self.force or not os.path.lexists(self.out / RESUME_RECORD):   # refuse_existing_out let by no other OUT
             return False
         stored = _stored_record(self.out)
         finished, finished_files = _taken_progress(stored)
         if (stored != self.record or files_klconvert_wrote(self.out) != set(self.files)
                 or not isinstance(finished, dict) or not set(shards) <= set(finished)
-                or not isinstance(finished_files, dict) or not self._out_whole(shards, finished_files)):
+                or not isinstance(finished_files, dict | None)
+                or not self._out_whole(shards, finished, finished_files or {})):
             raise already_exists(self.out)
         with Uninterrupted():
             end_finish(self.out)
         return True
 
-    def _out_whole(self, shards: dict[str, list[PlannedTensor]], finished_files: dict) -> bool:
+    def _out_whole(self, shards: dict[str, list[PlannedTensor]], finished: dict, finished_files: dict) -> bool:
         """Whether OUT holds exactly this run's files and the two records, each a regular file (not a link, FIFO or
-        folder), its `shards` as planned (shard_as_planned) and each the file `finished_files` records."""
+        folder), its `shards` as planned (shard_as_planned) and each the file `finished_files` records or, where it
+        is not (a rare path), a file of the sha256 `finished` records, not a hard link (as has_finished takes)."""
         try:
             entries = os.listdir(self.out)
             return (sorted(entries) == sorted({*self.files, OUTPUT_RECORD, RESUME_RECORD})
                     and all(stat.S_ISREG(os.lstat(self.out / name).st_mode) for name in entries)
                     and all(shard_as_planned(self.out / name, tensors)
-                            and finished_files.get(name) == list(file_identity(os.lstat(self.out / name)))
+                            and (finished_files.get(name) == list(file_identity(found := os.lstat(self.out / name)))
+                                 or (found.st_nlink == 1 and file_sha256(self.out / name) == finished[name]))
                             for name, tensors in shards.items()))
         except OSError:   # unreadable: not known to be whole
             return False
