@@ -2,6 +2,7 @@
 included) one line with exit status 2, plan's exit status 3, --prompt, and a torch-free `--help`."""
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import subprocess
@@ -596,21 +597,27 @@ def test_a_model_folder_a_quantize_is_still_writing_is_said_so(capsys, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q4.partial"]
 
 
-@pytest.mark.parametrize("running", [True, False])
+@pytest.mark.parametrize("state", ["running", "stopped", "stopped, its pid another process's now"])
 @pytest.mark.parametrize("args", [["run", "--engine", "onnxruntime", "--model", "out/x4", "--prompt", "x"],
                                   ["plan", "--model", "out/x4"]])
-def test_a_model_folder_an_export_is_still_writing_is_said_so(capsys, tmp_path, monkeypatch, args, running):
+def test_a_model_folder_an_export_is_still_writing_is_said_so(capsys, tmp_path, monkeypatch, request, args, state):
     """An export-onnx into out/x4 that has not finished (running, or killed) left .x4.partial-PID-XXXXXXXX and its
     lock beside a missing out/x4: the relative path was read as a hub repo id ('no such folder, and a hub repo id is
-    not fetched here', helper-165)."""
+    not fetched here', helper-165). A killed run's lock file naming a pid a live process has since was 'under way
+    (pid N)': the lock is held by none (helper-167)."""
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out" / "x4"
     out.parent.mkdir()
-    pid = os.getpid() if running else MAX_PID
+    running = state == "running"
+    pid = os.getpid() if state != "stopped" else MAX_PID
     temporary = Path(tempfile.mkdtemp(prefix=temporary_prefix(out, "partial", pid), dir=out.parent))
     mark_temporary(temporary)
-    if running:
+    if state != "stopped":
         lock_path(out).write_text(f"{pid}\n")
+    held = os.open(lock_path(out), os.O_RDONLY) if running else None
+    if held is not None:   # as OutputLock holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        request.addfinalizer(lambda: os.close(held))
     left = sorted(p.name for p in out.parent.iterdir())
     assert_one_line_error(*run_cli(capsys, *args)[::2], "out/x4: no such folder yet: a klconvert run writing it "
                           f"(export-onnx or synth) is under way ({f'pid {pid}' if running else 'or was stopped'}), "

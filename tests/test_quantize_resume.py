@@ -12,6 +12,7 @@ import pytest
 from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.convert.output_folder import HASH_CHUNK_BYTES, OUTPUT_RECORD, OutputFolder
 from klconvert.errors import KLError
+from klconvert.hub import LOCAL_DIR_RECORD
 from klconvert.quantize import quantize
 from quantize_helpers import break_shard_write, count_quantize_calls, folder_files, modules_in_shards
 from testkit import assert_one_line_error, run_cli, shown_lines
@@ -386,6 +387,36 @@ def test_a_partial_left_by_another_version_says_so(tiny_copy, tmp_path, capsys, 
     assert folder_files(partial) == left and not out.exists()
     code, _, err = run_cli(capsys, *args, "--force")
     assert code == 0 and "kept from an interrupted run" not in err, err
+
+
+@pytest.mark.parametrize("change", ["pulled", "pull record removed", "another klconvert version"])
+def test_a_partial_of_this_version_is_not_said_to_be_another_versions(tiny_copy, tmp_path, capsys, change):
+    """A record this version wrote was 'left by an older klconvert' where the source gained or lost a hub commit
+    between the runs (a commit's shards have no mtime_ns), and one of another version string alone was 'with other
+    options' (helper-167)."""
+    out, partial, pulled = tmp_path / "q", tmp_path / "q.partial", tiny_copy / LOCAL_DIR_RECORD
+    args = ("quantize", tiny_copy, out, "--bits", "4", "--group-size", "32", "--max-shard-size", "150KB")
+    pulled.parent.mkdir()
+    if change == "pull record removed":
+        pulled.write_text(json.dumps({"repo": "moonshotai/Kimi-Linear-48B-A3B-Instruct", "commit": "a" * 40}))
+    with pytest.MonkeyPatch.context() as m:
+        break_shard_write(m, 3, KeyboardInterrupt())
+        assert run_cli(capsys, *args)[0] == 130
+    if change == "pulled":
+        pulled.write_text(json.dumps({"repo": "moonshotai/Kimi-Linear-48B-A3B-Instruct", "commit": "a" * 40}))
+    elif change == "pull record removed":
+        pulled.unlink()
+    path = partial / ".klconvert-resume.json"
+    record = json.loads(path.read_text())
+    if change == "another klconvert version":
+        record["klconvert"], ours = "0.0.1", record["klconvert"]
+        path.write_text(json.dumps(record))
+        said = f"left by klconvert 0.0.1 (this is {ours}), whose resume record this one cannot take up; pass --force"
+    else:
+        said = f"of {tiny_copy} as its files were then (they have changed since); pass --force to start over"
+    left = folder_files(partial)
+    assert_one_line_error(*run_cli(capsys, *args)[::2], f"{partial}: holds an interrupted conversion {said}")
+    assert folder_files(partial) == left and not out.exists()
 
 
 def test_a_link_in_the_partial_folder_is_replaced_not_written_through(tiny_released, tmp_path):

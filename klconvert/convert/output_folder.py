@@ -434,15 +434,16 @@ def remove_dead_runs_temporaries(out: Path) -> None:
 
 
 def lock_holder(out: Path) -> int | None:
-    """The pid OUT's lock file (in OUT or beside it) holds while that process still runs, as a refused second run
-    names it; None when there is none, or it names no running process."""
+    """The pid OUT's lock file (in OUT or beside it) holds while that process still runs and the file is locked, as a
+    refused second run names it; None when there is none, it names no running process, or nobody holds its lock (a
+    dead run's file, its pid since taken by another process)."""
     for path in (lock_path(out, inside=True), lock_path(out)):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:   # none there (the usual case), or a link: no lock of a run's
             continue
         try:
-            pid = _read_pid(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+            pid = _read_pid(fd) if stat.S_ISREG(os.fstat(fd).st_mode) and _locked(fd) else None
         except OSError:
             pid = None
         finally:
@@ -450,6 +451,16 @@ def lock_holder(out: Path) -> int | None:
         if pid is not None and _running(pid):
             return pid
     return None
+
+
+def _locked(fd: int) -> bool:
+    """Whether a run holds the lock of the lock file open at `fd` (OutputLock's exclusive flock): a shared one taken
+    there means none does (it goes as `fd` is closed)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    return False
 
 
 def _read_pid(fd: int) -> int | None:
@@ -753,10 +764,15 @@ def _record_shape(record: dict) -> tuple:
 
 def _other_version(stored: dict, record: dict) -> str | None:
     """'an older klconvert' (or 'a newer klconvert', by its format) where the stored record is not in this run's
-    shape, of a source in the same folder (another folder's may have other keys: a hub commit's shards no mtime_ns);
-    None where it is."""
-    if stored.get("format") == record["format"] and (stored["source"].get("folder") != record["source"]["folder"]
-                                                     or _record_shape(stored) == _record_shape(record)):
+    shape, of a source of the same kind (in the same folder, of the same commit or both of none: a hub commit's
+    shards have no mtime_ns); 'klconvert X (this is Y)' where the records differ in that version string alone; None
+    where neither."""
+    before, now = stored["source"], record["source"]
+    same_kind = before.get("folder") == now["folder"] and before.get("commit") == now["commit"]
+    if stored.get("format") == record["format"] and (not same_kind or _record_shape(stored) == _record_shape(record)):
+        version, ours = stored.get("klconvert"), record["klconvert"]
+        if isinstance(version, str) and version != ours and {**stored, "klconvert": ours} == record:
+            return f"klconvert {version} (this is {ours})"
         return None
     newer = isinstance(stored.get("format"), int) and stored["format"] > record["format"]
     return "a newer klconvert" if newer else "an older klconvert"
