@@ -55,11 +55,12 @@ def model_folder(value: str | Path, named: str) -> Path:
     if os.path.lexists(folder):   # there, but no folder: a file given for one read "no such folder"
         raise KLError(f"{named}: {_no_folder(folder)}; give a Kimi Linear checkpoint folder or {BUNDLED_NAME}, the "
                       "bundled model")
-    from klconvert.convert.output_folder import partial_path   # (torch's import) only for a name that is no folder
+    # (torch's import) only for a name that is no folder
+    from klconvert.convert.output_folder import interrupted_quantize, partial_path
     from klconvert.whole_folder import writing_under_way
 
     # a run writing it, running or stopped ("no such folder" read as lost; "a/b" as a hub repo id): said first
-    if partial_path(folder).is_dir():
+    if interrupted_quantize(partial_path(folder)):
         raise KLError(f"{named}: no such folder yet: {partial_path(folder)} holds a quantize into it that has not "
                       "finished (running now, or stopped: the same `klconvert quantize` command finishes it); give the "
                       "folder once it is whole")

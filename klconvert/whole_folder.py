@@ -25,8 +25,8 @@ from typing import Callable, Iterator
 from klconvert.checkpoint.folder_files import CONFIG_FILE
 from klconvert.convert.output_folder import (TEMPORARY_MARKER, TEMPORARY_NAME, OutputLock, lock_goes_inside,
                                              lock_holder, lock_path, make_parent, mark_temporary, refuse_link_or_file,
-                                             refuse_no_new_name, remove_created, runs_temporary, temporary_prefix,
-                                             unmark_temporary, usual_mode, write_test)
+                                             refuse_no_new_name, remove_created, runs_temporary, temporaries_start,
+                                             temporary_prefix, unmark_temporary, usual_mode, write_test)
 from klconvert.disk_space import failed_write
 from klconvert.entry import Uninterrupted
 from klconvert.errors import KLError, refuse_out_of_descriptors
@@ -92,11 +92,15 @@ def writing_under_way(out: Path) -> tuple[Path, str] | None:
     """Where OUT is missing: the folder a run writing OUT whole fills beside it (.OUT.partial-PID-XXXXXXXX, this
     user's and marked: runs_temporary) and how that run stands, as fill_under_way says it; None when there is none
     (or the folder OUT goes in cannot be listed)."""
+    start = temporaries_start(out, "partial")
     try:
-        for entry in out.parent.iterdir():
-            pid = runs_temporary(entry, out)
-            if pid is not None and entry.name.startswith(temporary_prefix(out, "partial", pid)):
-                return entry, _run_state(out)
+        with os.scandir(out.parent) as entries:   # names first: the folder may hold a million others
+            for entry in entries:
+                if not entry.name.startswith(start):
+                    continue
+                pid = runs_temporary(Path(entry.path), out)
+                if pid is not None and entry.name.startswith(temporary_prefix(out, "partial", pid)):
+                    return Path(entry.path), _run_state(out)
     except OSError:   # not listable: what is missing is said as before
         pass
     return None

@@ -63,7 +63,12 @@ def lock_path(out: Path, inside: bool = False) -> Path:
 def temporary_prefix(out: Path, purpose: str, pid: int | None = None) -> str:
     """The start of a hidden name process `pid` (default: this one) makes beside `out` for `purpose` (tempfile
     adds 8 characters)."""
-    return f".{out.name}.{purpose}-{os.getpid() if pid is None else pid}-"
+    return f"{temporaries_start(out, purpose)}{os.getpid() if pid is None else pid}-"
+
+
+def temporaries_start(out: Path, purpose: str = "") -> str:
+    """The start of every hidden name runs make beside `out` (for `purpose`, where given: up to the pid)."""
+    return f".{out.name}.{purpose}-" if purpose else f".{out.name}."
 
 
 def names_beside(out: Path) -> list[str]:
@@ -397,7 +402,7 @@ def unmark_temporary(folder: Path) -> None:
 def runs_temporary(entry: Path, out: Path) -> int | None:
     """The pid of the run whose temporary `entry` (beside OUT, or in it) is -- named so (TEMPORARY_NAME), this user's,
     and a marked or empty folder or an empty write-test file, never a link -- else None."""
-    prefix = f".{out.name}."
+    prefix = temporaries_start(out)
     name = TEMPORARY_NAME.fullmatch(entry.name[len(prefix):]) if entry.name.startswith(prefix) else None
     if name is None or not 0 < int(name[2]) <= MAX_PID:
         return None
@@ -480,6 +485,21 @@ def _running(pid: int) -> bool:
     return True
 
 
+def interrupted_quantize(partial: Path) -> bool:
+    """Whether `partial` (OUT.partial) is a quantize's that has not finished: a folder of this user's, no link, holding
+    a resume record of ours -- what OutputFolder.open takes up (or refuses only for its SRC and options)."""
+    try:
+        return _users_folder(partial) and _stored_record(partial) is not None
+    except OSError:   # none there, or a name past NAME_MAX (ENAMETOOLONG): no quantize's
+        return False
+
+
+def _users_folder(path: Path) -> bool:
+    """Whether `path` is a folder of this user's, not a link to one (OSError where it cannot be looked at)."""
+    st = path.lstat()
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+
+
 def _not_a_partial_output(path: Path) -> str:
     """What `path`, found where OUT.partial goes, is instead of a folder of this user's."""
     if path.is_symlink():
@@ -521,7 +541,7 @@ class OutputFolder:
     def open(self) -> bool:
         """Make the folder ready; True when an interrupted run's folder was taken up."""
         if self.path.exists() or self.path.is_symlink():
-            if self.path.is_symlink() or not self.path.is_dir() or self.path.stat().st_uid != os.getuid():
+            if not _users_folder(self.path):
                 raise KLError(f"{self.path}: exists but is {_not_a_partial_output(self.path)}, so it is not an "
                               "interrupted klconvert run of yours; move or delete it yourself, or choose another OUT")
             mode = stat.S_IMODE(self.path.stat().st_mode)
