@@ -411,7 +411,7 @@ def test_a_partial_of_this_version_is_not_said_to_be_another_versions(tiny_copy,
     if change == "another klconvert version":
         record["klconvert"], ours = "0.0.1", record["klconvert"]
         path.write_text(json.dumps(record))
-        said = f"left by klconvert 0.0.1 (this is {ours}), whose resume record this one cannot take up; pass --force"
+        said = f"left by klconvert '0.0.1' (this is {ours}), whose resume record this one cannot take up; pass --force"
     else:
         said = f"of {tiny_copy} as its files were then (they have changed since); pass --force to start over"
     left = folder_files(partial)

@@ -24,7 +24,7 @@ from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.checkpoint.safetensors_writer import PlannedTensor, shard_header
 from klconvert.disk_space import failed_write
 from klconvert.entry import Uninterrupted
-from klconvert.errors import KLError, refuse_out_of_descriptors
+from klconvert.errors import KLError, refuse_out_of_descriptors, shown
 from klconvert.user_paths import refuse_unreachable, shown_path
 
 # What the partial folder is for (source fingerprint and options), and the sha256 and file of each shard finished so far
@@ -792,7 +792,7 @@ def _other_version(stored: dict, record: dict) -> str | None:
     if stored.get("format") == record["format"] and (not same_kind or _record_shape(stored) == _record_shape(record)):
         version, ours = stored.get("klconvert"), record["klconvert"]
         if isinstance(version, str) and version != ours and {**stored, "klconvert": ours} == record:
-            return f"klconvert {version} (this is {ours})"
+            return f"klconvert {shown(version)} (this is {ours})"   # the record's: a file anyone may have edited
         return None
     newer = isinstance(stored.get("format"), int) and stored["format"] > record["format"]
     return "a newer klconvert" if newer else "an older klconvert"
