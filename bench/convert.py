@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from klconvert.script_summary import script_summary
+
 LAYER_BYTES = 3.75e9  # one MoE layer of the real model in bf16 (256 experts x 3 x 1024 x 2304 x 2 bytes + attention)
 FIXED_BYTES = 1.7e9   # embedding, lm_head and the dense layer 0
 TIME = "/usr/bin/time"
@@ -85,7 +87,7 @@ def convert_one(layers: int, bits: int, device: str, workdir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=script_summary(__file__))
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

@@ -19,13 +19,14 @@ import torch
 from cpu_timing import best_rates, load_text, machine_load
 from klconvert.models import resolve_model
 from klconvert.runtime.engine import load
+from klconvert.script_summary import script_summary
 from klconvert.tokenizer import Tokenizer
 
 PROMPT = "ROMEO.\nBut soft, what light through yonder window breaks?\n"
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=script_summary(__file__))
     ap.add_argument("--model", default="tiny", help="Checkpoint folder, or tiny (the bundled model).")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=200)

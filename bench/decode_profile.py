@@ -25,10 +25,11 @@ from klconvert.config import KimiLinearConfig
 from klconvert.kernels.pdl import use_pdl
 from klconvert.presets import preset_config
 from klconvert.runtime.engine import DEFAULT_DTYPES, Engine
+from klconvert.script_summary import script_summary
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=script_summary(__file__))
     ap.add_argument("--layers", type=int, default=27)
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=1)

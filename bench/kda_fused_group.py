@@ -26,6 +26,7 @@ from klconvert.evaluate import evaluate  # noqa: E402
 from klconvert.quant import Entry, Recipe, policy_from_options  # noqa: E402
 from klconvert.quantize import quantize  # noqa: E402
 from klconvert.runtime.plan_report import plan_for  # noqa: E402
+from klconvert.script_summary import script_summary  # noqa: E402
 from klconvert.synth.checkpoint import synth  # noqa: E402
 
 B_AND_F_A = Entry(r"re:.*\.(f_a|b)_proj$", "bench: split")
@@ -45,7 +46,7 @@ def recipe_file(policy, checkpoint: Path, path: Path) -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=script_summary(__file__))
     ap.add_argument("--text-file", type=Path, required=True)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=4096)

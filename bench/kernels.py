@@ -33,6 +33,7 @@ from klconvert.kernels.naive_kda import kda_short_conv, naive_kda_chunk, naive_k
 from klconvert.kernels.naive_mla import naive_mla_decode, quantize_mla_cache_rows
 from klconvert.kernels.naive_moe import naive_fused_moe
 from klconvert.kernels.naive_moe_route import naive_moe_router
+from klconvert.script_summary import script_summary
 
 DEV = "cuda"
 H, K, V, W = 32, 128, 128, 4  # KDA layer
@@ -937,7 +938,7 @@ SECTIONS = {"fla": bench_fla, "kda": bench_kda, "kda_prefill": bench_kda_prefill
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=script_summary(__file__))
     parser.add_argument("--only", action="append", choices=sorted(SECTIONS), help="run this section (repeatable)")
     sections = parser.parse_args().only or list(SECTIONS)
     info = dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,

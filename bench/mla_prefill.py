@@ -26,6 +26,7 @@ from klconvert.runtime import model as M
 from klconvert.runtime.kernel_modules import TritonPrefillAttention
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT
 from klconvert.runtime.state import cache_rows
+from klconvert.script_summary import script_summary
 
 
 CHECK_BOUND = {"bf16": 2e-2, "fp8": 1e-1}  # relative error against fp32; fp8: e4m3 rounds each value by up to 6%
@@ -142,7 +143,7 @@ def timed(fn, reps: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=script_summary(__file__))
     ap.add_argument("--contexts", default="32768,131072")
     ap.add_argument("--variants", default="", help="comma-separated substrings: time only the variants named so")
     ap.add_argument("--json", type=Path, default=None)

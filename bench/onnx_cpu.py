@@ -18,13 +18,14 @@ import torch
 from cpu_timing import best_rates, load_text, machine_load
 from klconvert.onnx.session import OnnxEngine
 from klconvert.runtime.engine import load
+from klconvert.script_summary import script_summary
 from klconvert.tokenizer import Tokenizer
 
 PROMPT = "ROMEO.\nBut soft, what light through yonder window breaks?\n"
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=script_summary(__file__))
     ap.add_argument("--model", required=True, help="The checkpoint folder the export was made from.")
     ap.add_argument("--onnx", required=True, help="The folder `klconvert export-onnx` wrote.")
     ap.add_argument("--threads", type=int, default=1)

@@ -28,6 +28,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from klconvert.kernels.pdl import prefetch_runs
+from klconvert.script_summary import script_summary
 
 N = 2048
 LAYERS = 60
@@ -83,7 +84,7 @@ VARIANTS = [("no PDL", False, 0, False), ("PDL: let go, wait", False, 1, False),
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=script_summary(__file__))
     ap.add_argument("--k", type=int, default=2048, help="Inputs per GEMV (a power of two, <= N = 2048).")
     K = ap.parse_args().k
     if K & (K - 1) or not 16 <= K <= N:

@@ -20,10 +20,11 @@ from klconvert.release import NUM_SPECIAL_TOKENS
 from klconvert.runtime.engine import DEFAULT_DTYPES, Engine
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT
 from klconvert.runtime.model import MLA_KEY_BLOCK
+from klconvert.script_summary import script_summary
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=script_summary(__file__))
     ap.add_argument("--layers", type=int, default=27)
     ap.add_argument("--tokens", type=int, default=131072)
     ap.add_argument("--segments", default="2048,4096,8192")

@@ -1,6 +1,7 @@
 """The scripts in tools/ at their edges: each answers --help with its usage and exit 0, changing nothing
 (record_bundled.py once took --help for a run and rewrote tests/bundled_recorded.json, and plot_loss.py died
-importing matplotlib first); bad arguments are one line and exit 2, with nothing written."""
+importing matplotlib first), under `python -OO` too, as the scripts in bench/ do; bad arguments are one line and exit
+2, with nothing written."""
 from __future__ import annotations
 
 import subprocess
@@ -11,6 +12,7 @@ from testkit import project_files
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted(p for p in (ROOT / "tools").glob("*.py") if 'if __name__ == "__main__":' in p.read_text())
+BENCH_SCRIPTS = sorted(p for p in (ROOT / "bench").glob("*.py") if 'if __name__ == "__main__":' in p.read_text())
 
 
 def _tree() -> dict[str, int]:
@@ -22,7 +24,8 @@ def _tree() -> dict[str, int]:
 def test_every_tool_answers_help_and_changes_nothing(tmp_path):
     assert len(SCRIPTS) >= 10 and ROOT / "tools" / "record_bundled.py" in SCRIPTS
     before = _tree()
-    runs = {p.name: subprocess.Popen([sys.executable, str(p), "--help"], cwd=tmp_path, stdout=subprocess.PIPE,
+    # -OO: a script's --help once took __doc__, which is None there
+    runs = {p.name: subprocess.Popen([sys.executable, "-OO", str(p), "--help"], cwd=tmp_path, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True) for p in SCRIPTS}
     for name, proc in runs.items():
         out, err = proc.communicate(timeout=300)
@@ -30,6 +33,20 @@ def test_every_tool_answers_help_and_changes_nothing(tmp_path):
         description = out.split("\n\n")[1]
         assert description.rstrip().endswith((".", ")", ":")), (name, description)  # a whole sentence, not a cut line
     assert _tree() == before and not any(tmp_path.iterdir())
+
+
+def test_no_script_takes_its_help_from_its_docstring_object():
+    """Under `python -OO` __doc__ is None: each script's summary is read from its file (klconvert.script_summary).
+    Every bench/ script is checked here, one of them run below (each of the others imports torch, seconds apiece)."""
+    assert len(BENCH_SCRIPTS) >= 8
+    assert not [p.name for p in SCRIPTS + BENCH_SCRIPTS if "__doc__" in p.read_text()]
+
+
+def test_a_bench_script_answers_help_under_python_oo(tmp_path):
+    proc = subprocess.run([sys.executable, "-OO", str(ROOT / "bench" / "convert.py"), "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr[-2000:]
+    assert proc.stdout.split("\n\n")[1].startswith("Convert real-shape synthetic checkpoints"), proc.stdout
 
 
 def _tool(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gptq_bundled import calibrate, calibration_parser  # noqa: E402
 
 from klconvert.quant.defaults import LM_HEAD  # noqa: E402
+from klconvert.script_summary import script_summary  # noqa: E402
 
 
 def autoround_recipe(recipe_path: Path, iters: int, batch_size: int) -> str:
@@ -48,7 +49,7 @@ def autoround_recipe(recipe_path: Path, iters: int, batch_size: int) -> str:
 
 
 def main() -> None:
-    p = calibration_parser(__doc__.split("\n\n")[0], samples=32)
+    p = calibration_parser(script_summary(__file__), samples=32)
     p.add_argument("--iters", type=int, default=200, help="Signed-gradient steps per decoder layer.")
     p.add_argument("--batch-size", type=int, default=4, help="Windows per step.")
     a = p.parse_args()

@@ -24,6 +24,7 @@ from gptq_bundled import calibrate, calibration_parser  # noqa: E402
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
+from klconvert.script_summary import script_summary  # noqa: E402
 
 
 def kimi_linear_mappings(config: KimiLinearConfig) -> list[dict]:
@@ -67,7 +68,7 @@ def awq_recipe(recipe_path: Path, config: KimiLinearConfig, then: str = "rtn") -
 
 
 def main() -> None:
-    p = calibration_parser(__doc__.split("\n\n")[0], samples=64)
+    p = calibration_parser(script_summary(__file__), samples=64)
     p.add_argument("--then", choices=("rtn", "gptq"), default="rtn", help="The quantizer after the scales.")
     a = p.parse_args()
     if not torch.cuda.is_available():  # its AWQ pins the cached activations for GPU copies; a CPU run has none

@@ -68,6 +68,7 @@ from klconvert.runtime import model as M  # noqa: E402
 from klconvert.runtime.bind import bind  # noqa: E402
 from klconvert.runtime.device_experts import DeviceExperts  # noqa: E402
 from klconvert.runtime.engine import load  # noqa: E402
+from klconvert.script_summary import script_summary  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
 
 # --hidden-weight's default: at W = 1 the test KL of the default policy's folder fell ~10% against the KL alone, on
@@ -442,7 +443,7 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=script_summary(__file__))
     p.add_argument("out", type=Path, help="Output folder: the quantized model (compressed-tensors).")
     p.add_argument("--model", type=Path, default=BUNDLED_DIR, help="The bf16 folder (default: the bundled model).")
     p.add_argument("--bits", type=int, default=None, help="The default policy at these bits [default: 4].")

@@ -27,6 +27,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bundled_corpus  # noqa: E402
 
+from klconvert.script_summary import script_summary  # noqa: E402
 from klconvert.tokenizer import TOKENIZER_FILES, Tokenizer  # noqa: E402
 
 BUNDLED = Path(__file__).resolve().parent.parent / "klconvert" / "bundled"
@@ -80,7 +81,7 @@ def calibrate(model_dir: Path, out: Path, recipe: str, samples: int, seq_len: in
 
 
 def main() -> None:
-    a = calibration_parser(__doc__.split("\n\n")[0], samples=64).parse_args()
+    a = calibration_parser(script_summary(__file__), samples=64).parse_args()
     calibrate(a.model, a.out, gptq_recipe(a.recipe), a.samples, a.seq_len)
     print(f"GPTQ ({a.samples} x {a.seq_len} training tokens) -> {a.out}")
 

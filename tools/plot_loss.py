@@ -9,6 +9,8 @@ import json
 import math
 from pathlib import Path
 
+from klconvert.script_summary import script_summary
+
 
 def plot_loss(loss_json: Path, png: Path) -> None:
     import matplotlib  # in no extra: the README's plot is made once, by whoever retrains the model
@@ -37,7 +39,7 @@ def plot_loss(loss_json: Path, png: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=script_summary(__file__))
     p.add_argument("loss_json", type=Path)
     p.add_argument("--png", type=Path, default=None, help="[default: loss.png beside the JSON]")
     a = p.parse_args()

@@ -39,6 +39,7 @@ from klconvert.convert.outputs import plan_modules, plan_totals  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
 from klconvert.quant.defaults import KEEP, LM_HEAD  # noqa: E402
 from klconvert.quantize import choose_policy, quantize  # noqa: E402
+from klconvert.script_summary import script_summary  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -190,7 +191,7 @@ def targets_line(rows: list) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=script_summary(__file__))
     p.add_argument("--model", default="tiny", help="The bf16 model folder, or tiny (the bundled model).")
     p.add_argument("--tokens", type=positive_int, default=20480, help="Held-out tokens to measure on (at least 2).")
     p.add_argument("--only", default=None, help="Only the rows whose label contains this text.")

@@ -25,6 +25,7 @@ from klconvert.evaluate import evaluate  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.quantize import RESUME_FORMAT, quantize  # noqa: E402
 from klconvert.runtime.engine import load  # noqa: E402
+from klconvert.script_summary import script_summary  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
 
 RECORDED = Path(__file__).resolve().parent.parent / "tests" / "bundled_recorded.json"
@@ -108,7 +109,7 @@ def record() -> dict:
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help, and no stray arguments
+    argparse.ArgumentParser(description=script_summary(__file__)).parse_args()  # --help, and no stray arguments
     v = record()
     print(f"recorded {RECORDED}: {len(v['files'])} files; held-out perplexity {v['perplexity']:.3f} "
           f"(log {math.log(v['perplexity']):.4f}) over {v['held_out_tokens']} tokens; int4 g128 KL "

@@ -34,6 +34,7 @@ from klconvert.checkpoint.folder_files import CONFIG_FILE, INDEX_FILE  # noqa: E
 from klconvert.checkpoint.reader import open_checkpoint  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
+from klconvert.script_summary import script_summary  # noqa: E402
 from klconvert.tokenizer import TOKENIZER_FILES  # noqa: E402
 from klconvert.whole_folder import refuse_taken, whole_folder  # noqa: E402
 
@@ -121,7 +122,7 @@ def rotate(model: Path, out: Path, kind: str = "hadamard", dtype: torch.dtype | 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=script_summary(__file__))
     p.add_argument("out", type=Path, help="Output folder (the release's format).")
     p.add_argument("--model", type=Path, default=BUNDLED,
                    help="The bf16 model folder (default: the bundled one), held in memory whole (fp64 where rotated).")

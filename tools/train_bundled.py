@@ -42,6 +42,7 @@ from klconvert.errors import KLError  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.runtime import model as M  # noqa: E402
 from klconvert.runtime.bind import bind  # noqa: E402
+from klconvert.script_summary import script_summary  # noqa: E402
 from klconvert.synth.checkpoint import FP32_TENSORS, synth_values, tensor_generator  # noqa: E402
 from klconvert.release import NUM_SPECIAL_TOKENS, RELEASED_CONFIG, layer_lists  # noqa: E402
 from klconvert.tokenizer import TOKENIZER_FILES, Tokenizer  # noqa: E402
@@ -348,7 +349,7 @@ def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: in
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=script_summary(__file__))
     p.add_argument("--out", type=Path, required=True,
                    help="Folder to write, which must not exist or must be empty (written under a hidden name beside "
                         "it, renamed when complete).")

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bundled_corpus  # noqa: E402
 
 from klconvert.release import NUM_SPECIAL_TOKENS  # noqa: E402
+from klconvert.script_summary import script_summary  # noqa: E402
 from klconvert.synth.tokenizer_files import write_tiktoken_files  # noqa: E402
 from klconvert.tokenizer import KIMI_PRETOKENIZE_PATTERN  # noqa: E402
 from klconvert.tokenizer import Tokenizer as KimiTokenizer  # noqa: E402
@@ -61,7 +62,7 @@ def ranked_tokens(tokenizer: Tokenizer) -> list[bytes]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=script_summary(__file__))
     parser.add_argument("--vocab", type=int, default=4096, help="BPE ranks (the 256 bytes included).")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="Where tiktoken.model and the token configs go [default: the bundled model's folder].")
