@@ -40,7 +40,9 @@ _UNIT_BYTES = {"": 1, **{unit.lower(): n for unit, n in _UNITS.items()}}
 # ASCII digits, letters and spaces only: str's \d and \s take other scripts' ('８０GiB'), which float() reads
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE | re.ASCII)
 SIZE_BOUND = 2**64   # a size is fewer bytes than this (what a 64-bit count holds)
+PAST_SIZE_BOUND = "is 2**64 bytes (16 EiB) or more, past the largest size it takes"   # SIZE_BOUND, as lines say
 GPU_MEMORY_EXAMPLES = "80GiB, 24GB or 141G"
+RECIPE_GPU_MEMORY_EXAMPLES = "48GiB or 80GB"   # the sizes a recipe's refused gpu_memory is told to write
 # fewer bytes than this given with no unit (`--gpu-memory 80`) are no GPU's memory: a unit left off, refused; a GPU's
 # memory of fewer in any form ('0GB', '1B'), on the command line or in a recipe, is refused too
 LEAST_BARE_BYTES = 2**20
@@ -59,8 +61,7 @@ def parse_size(text: str, flag: str = "--gpu-memory", least_bare_bytes: int = LE
                       f"none for bytes); give a size like {examples}")
     size = float(m.group(1)) * _UNIT_BYTES[m.group(2).lower()]
     if not size < SIZE_BOUND:  # inf from a 400-digit number included
-        raise KLError(f"{flag} {text[:40]!r} is 2**64 bytes (16 EiB) or more, past the largest size it takes; give a "
-                      f"size like {examples}")
+        raise KLError(f"{flag} {text[:40]!r} {PAST_SIZE_BOUND}; give a size like {examples}")
     if not m.group(2) and 0 < size < least_bare_bytes:
         raise KLError(f"{flag} {m.group(1)}: a size with no unit is bytes, and {binary_size_text(int(size))} is no "
                       f"GPU's memory; did you mean {m.group(1)}GB or {m.group(1)}GiB? give the unit")
@@ -83,19 +84,20 @@ def _dtype_named(name: str, choices: dict[str, torch.dtype], what: str) -> torch
 
 
 def _memory_bytes(value: str | int | float, where: str) -> int:
-    """A recipe's gpu_memory: a size such as '48GiB' or '80GB', or a number of bytes."""
+    """A recipe's gpu_memory: a size such as '48GiB' or '80GB', or a number of bytes. A string is refused with
+    parse_size's line, as --gpu-memory is: what was wrong (a unit it does not take, a size past SIZE_BOUND, a bare
+    number of too few bytes), where 'is not a size' said nothing of it ('1PiB')."""
     if isinstance(value, str):
-        try:
-            size = parse_size(value)
-        except KLError:
-            raise KLError(f"{where}: runtime.gpu_memory {shown(value)} is not a size; write e.g. 48GiB or "
-                          "80GB") from None
+        size = parse_size(value, f"{where}: runtime.gpu_memory", examples=RECIPE_GPU_MEMORY_EXAMPLES)
         if size < LEAST_BARE_BYTES:   # '0GB', '1B': as few bytes as a number is refused for
             raise KLError(f"{where}: runtime.gpu_memory {shown(value)} is {binary_size_text(size)}, no GPU's memory; "
-                          "write e.g. 48GiB or 80GB")
+                          f"write e.g. {RECIPE_GPU_MEMORY_EXAMPLES}")
         return size
-    if not 0 < value < 2 ** 63:   # NaN fails too
+    if not 0 < value < float("inf"):   # NaN fails too
         raise KLError(f"{where}: runtime.gpu_memory should be a positive number of bytes, got {shown(value)}")
+    if value >= SIZE_BOUND:
+        raise KLError(f"{where}: runtime.gpu_memory {shown(value)} {PAST_SIZE_BOUND}; write e.g. "
+                      f"{RECIPE_GPU_MEMORY_EXAMPLES}")
     if value < LEAST_BARE_BYTES:
         raise KLError(f"{where}: runtime.gpu_memory {value} is {binary_size_text(int(value))}, no GPU's memory; write "
                       f"{value}GB or {value}GiB")

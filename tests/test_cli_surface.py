@@ -439,12 +439,38 @@ def test_a_shard_size_of_a_few_bytes_without_a_unit_is_still_bytes(capsys, tmp_p
 def test_a_recipe_gpu_memory_of_a_few_bytes_is_refused(capsys, tmp_path):
     base = (Path(__file__).parents[1] / "recipes" / "48gb.yaml").read_text()
     for value, needle in (("48", "runtime.gpu_memory 48 is 48 B, no GPU's memory; write 48GB or 48GiB"),
-                          ("'48'", "runtime.gpu_memory '48' is not a size"),
+                          ("'48'", "runtime.gpu_memory 48: a size with no unit is bytes, and 48 B is no GPU's memory; "
+                                   "did you mean 48GB or 48GiB? give the unit"),   # as --gpu-memory 48 says
                           ("'0GB'", "runtime.gpu_memory '0GB' is 0 B, no GPU's memory; write e.g. 48GiB or 80GB"),
                           ("'1B'", "runtime.gpu_memory '1B' is 1 B, no GPU's memory")):   # were GPUs of 0 B
         recipe = tmp_path / "r.yaml"
         recipe.write_text(re.sub(r"gpu_memory:.*", f"gpu_memory: {value}", base))
         assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--recipe", recipe)[::2], needle)
+
+
+@pytest.mark.parametrize("value, line", [
+    ("1PiB", f"runtime.gpu_memory '1PiB': 'PiB' is not a unit it takes {_TAKEN_UNITS}; give a size like 48GiB or "
+             "80GB"),
+    ("16777216TiB", "runtime.gpu_memory '16777216TiB' is 2**64 bytes (16 EiB) or more, past the largest size it "
+                    "takes; give a size like 48GiB or 80GB"),
+    (str(2**64), f"runtime.gpu_memory {2**64} is 2**64 bytes (16 EiB) or more, past the largest size it takes; "
+                 "write e.g. 48GiB or 80GB"),
+    ("-5GB", "runtime.gpu_memory '-5GB': give a size like 48GiB or 80GB"),   # no size at all, as before
+    ("nanGB", "runtime.gpu_memory 'nanGB': give a size like 48GiB or 80GB"),
+])
+def test_a_recipe_gpu_memory_past_what_is_taken_says_why(capsys, tmp_path, value, line):
+    """A recipe's `gpu_memory: 1PiB` or `16777216TiB` was "is not a size" where --gpu-memory says what was wrong (a
+    unit not taken, a size past 2**64 bytes), and a number of 2**63 bytes or more "should be a positive number of
+    bytes"; a number under 2**64, as --gpu-memory takes, is planned."""
+    base = (Path(__file__).parents[1] / "recipes" / "48gb.yaml").read_text()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(re.sub(r"gpu_memory:.*", f"gpu_memory: {value}", base))
+    line_number = base[:base.index("gpu_memory:")].count("\n") + 1
+    assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--recipe", recipe)[::2],
+                          f"r.yaml:{line_number}: {line}")
+    recipe.write_text(re.sub(r"gpu_memory:.*", f"gpu_memory: {2**64 - 1}", base))
+    code, _, err = run_cli(capsys, "plan", "--preset", "tiny", "--recipe", recipe)
+    assert code == 0, err
 
 
 def test_plan_refuses_a_context_over_the_models_limit(capsys, tmp_path):

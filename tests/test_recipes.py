@@ -180,7 +180,7 @@ def test_plan_of_a_quantized_folder_sizes_its_tensors_as_a_gpu_holds_them(tiny_r
 
 @pytest.mark.parametrize("runtime,message", [
     ("gpu_memory: .nan", "runtime.gpu_memory should be a positive number of bytes, got nan"),
-    ("gpu_memory: '1e400GiB'", "runtime.gpu_memory '1e400GiB' is not a size"),
+    ("gpu_memory: '1e400GiB'", "runtime.gpu_memory '1e400GiB': give a size like 48GiB or 80GB"),
     ("batch: 99999999999999999999", "runtime.batch 99999999999999999999 is past the 65,536 sequences"),
     ("mla_cache_dtype: int8", "MLA cache dtype 'int8' is not supported"),
     ("max_context: 99999999", "runtime.max_context 99999999 is over the model's model_max_length"),
