@@ -75,9 +75,8 @@ METADATA_FOLDERS = (".cache/", f"{LOCAL_DIR_RECORD.parent}/")  # huggingface_hub
 # What was verified (size, mtime, hashes), so a second pull re-hashes only what changed: in a --local-dir, and in
 # the cache beside the repo's snapshots (never inside them), one record per commit.
 VERIFIED_RECORD = Path(".klconvert") / "verified.json"
-# huggingface_hub 2.4.0 deletes a partly downloaded file when its download fails, so a rerun
-# skips the finished files and starts the interrupted ones again: said only of a failure while files download.
-RERUN = "rerun the pull to continue (finished files are kept)"
+# Said only of a failure once snapshot_download has begun (AnswerGuard.kept says whether any file is there to keep).
+RERUN = "rerun the pull to continue"
 # What to do when the hub cannot be reached (or answers 5xx) before anything downloads.
 UNREACHABLE = "check the network connection, any proxy (HTTPS_PROXY) and HF_ENDPOINT"
 HASH_CHUNK_BYTES = 8 * 1024 * 1024
@@ -168,7 +167,7 @@ def pull(
     with _local_dir_lock(local_dir) if writes_local_dir else nullcontext():
         api = HfApi()
         guard = AnswerGuard(api.endpoint, repo)
-        with (_as_user_errors(repo, revision, api.endpoint, target) as stage, nullcontext() if offline else guard,
+        with (_as_user_errors(guard, revision, target) as stage, nullcontext() if offline else guard,
               _no_retold_log_lines()):
             with _malformed_answers(repo, api.endpoint):
                 resolved = api.resolve_revision(repo, revision=revision, cache_dir=cache_dir, local_files_only=offline)
@@ -723,9 +722,11 @@ class _Stage:
 
 
 @contextmanager
-def _as_user_errors(repo: str, revision: str | None, endpoint: str, target: Path) -> Iterator[_Stage]:
-    """Turn huggingface_hub's errors a user can cause into one-line KLErrors saying what to do: a rerun only where
-    files were downloading (the finished ones are kept), the network where the hub could not be reached before."""
+def _as_user_errors(guard: AnswerGuard, revision: str | None, target: Path) -> Iterator[_Stage]:
+    """Turn huggingface_hub's errors a user can cause, pulling guard.repo from guard.endpoint, into one-line KLErrors
+    saying what to do: a rerun only where files were downloading (the finished ones kept, where a file's body had
+    begun to arrive), the network where the hub could not be reached before."""
+    repo, endpoint = guard.repo, guard.endpoint
     revision = revision or constants.DEFAULT_REVISION
     where = f"{repo}@{revision}"
     stage = _Stage()
@@ -749,7 +750,7 @@ def _as_user_errors(repo: str, revision: str | None, endpoint: str, target: Path
                 "unset HF_HUB_OFFLINE and pull once online"
             ) from e
         if stage.fetching:
-            raise KLError(f"cannot fetch {where} from {endpoint}: {first_line(e)}; {RERUN}") from e
+            raise KLError(f"cannot fetch {where} from {endpoint}: {first_line(e)}; {RERUN}{guard.kept()}") from e
         # the hub unreachable (or down) and no commit of `revision` in the cache: HF_HUB_OFFLINE=1 would find none
         cause = e.__cause__ if e.__cause__ is not None else e
         raise KLError(f"cannot resolve {where} at {endpoint} ({type(cause).__name__}: {first_line(cause)}), and the "
@@ -758,12 +759,13 @@ def _as_user_errors(repo: str, revision: str | None, endpoint: str, target: Path
         if e.response.status_code == 401:
             raise KLError(f"{endpoint} rejected the token for {repo}: check HF_TOKEN") from e
         raise KLError(f"{endpoint} failed while pulling {where}: {first_line(e)}; "
-                      + (RERUN if stage.fetching else "check HF_ENDPOINT, or retry later")) from e
+                      + (RERUN + guard.kept() if stage.fetching else "check HF_ENDPOINT, or retry later")) from e
     except TRANSPORT_ERRORS as e:
         if stage.fetching:
             # no HF_HUB_OFFLINE=1 here: the cache's copy of this revision is the one left short, which an offline pull
             # refuses as incomplete
-            raise KLError(f"lost the connection to {endpoint} while pulling {where} ({first_line(e)}); {RERUN}") from e
+            raise KLError(f"lost the connection to {endpoint} while pulling {where} ({first_line(e)}); "
+                          f"{RERUN}{guard.kept()}") from e
         raise KLError(f"cannot reach {endpoint} to look up {where} ({type(e).__name__}: {first_line(e)}); "
                       f"{UNREACHABLE}, then try again (or, where an earlier pull left a copy in the cache, set "
                       "HF_HUB_OFFLINE=1 to use it)") from e
@@ -773,8 +775,8 @@ def _as_user_errors(repo: str, revision: str | None, endpoint: str, target: Path
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise KLError(f"disk full while pulling {where} into {target}: free space and rerun") from e
-        raise KLError(f"pulling {where} into {target} failed: {first_line(e)}; "
-                      + (RERUN if stage.fetching else f"check that {target} is a folder you can write")) from e
+        raise KLError(f"pulling {where} into {target} failed: {first_line(e)}; " + (
+            RERUN + guard.kept() if stage.fetching else f"check that {target} is a folder you can write")) from e
     except ValueError as e:   # huggingface_hub refusing what the server sent (a file size past its limits, a name)
         raise KLError(f"{endpoint} sent something huggingface_hub refuses while pulling {where} ({first_line(e)}); "
                       "check HF_ENDPOINT, or retry later") from None

@@ -38,6 +38,10 @@ SENT = "klconvert_sent"   # the request extension holding when it was sent (time
 DIGEST = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # git blob id or sha256, as the hub sends them in ETags
 COMMIT = re.compile(r"[0-9a-f]{40}")
 RESOLVE = re.compile(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<path>.+)")
+# huggingface_hub 2.4.0 deletes a partly downloaded file when its download fails, so a rerun skips the finished files
+# and starts the interrupted ones again: said of a failure once a file's body has begun to arrive, not of one before
+# (resolving the revision, the listing, a file's headers), where this pull has fetched no file to keep.
+FILES_KEPT = " (finished files are kept)"
 
 
 class PullInterrupted(Exception):
@@ -59,6 +63,7 @@ class AnswerGuard:
         self._unanswered: dict[str, float] = {}   # address -> when its latest request not for a file was sent
         self._lock = threading.Lock()
         self.cancelled = False
+        self.file_begun = False   # once a file's body has begun to arrive: from then a file of this pull may finish
 
     # ---- installation --------------------------------------------------------------------------
     def __enter__(self) -> AnswerGuard:
@@ -139,6 +144,8 @@ class AnswerGuard:
         declared = response.headers.get("content-length")
         if limit is not None and declared is not None and declared.isdigit() and int(declared) > limit:
             raise self._bad(f"answered {what} with {int(declared):,} bytes where the listing gives {limit:,}")
+        if limit is not None and response.is_success:
+            self.file_begun = True
         response.stream = _bounded_stream_type(sys.modules[type(response).__module__.partition(".")[0]])(
             response.stream, self, url, what, limit, response.request.extensions[SENT])
 
@@ -192,7 +199,12 @@ class AnswerGuard:
             floor = SLOW_WINDOW_BYTES // SLOW_WINDOW_SECONDS
             raise KLError(f"{self.endpoint} sent {window_bytes:,} bytes of {what} in {SLOW_WINDOW_SECONDS} s, under "
                           f"{floor:,} a second, while pulling {self.repo}; check the network connection and "
-                          "HF_ENDPOINT, then rerun the pull (finished files are kept)")
+                          f"HF_ENDPOINT, then rerun the pull{self.kept()}")
+
+    def kept(self) -> str:
+        """What a line that ends the pull says of the files it fetched: FILES_KEPT once a file's body has begun to
+        arrive, nothing before."""
+        return FILES_KEPT if self.file_begun else ""
 
     def add_other(self, n: int) -> int:
         with self._lock:
@@ -201,7 +213,7 @@ class AnswerGuard:
 
     def _bad(self, what: str) -> KLError:
         return KLError(f"{self.endpoint} {what} while pulling {self.repo}; the endpoint is not answering as the "
-                       "hub does -- check HF_ENDPOINT (finished files are kept)")
+                       f"hub does -- check HF_ENDPOINT{self.kept()}")
 
 
 @functools.cache

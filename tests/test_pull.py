@@ -597,15 +597,35 @@ def test_what_huggingface_hub_refuses_mid_download_is_one_line(served, tmp_path,
         hub.pull(REPO, local_dir=tmp_path / "kimi", progress=False)
 
 
-def test_a_connection_lost_mid_download_says_to_rerun(served, monkeypatch):
+@pytest.mark.parametrize("files_first, kept", [(1, r" \(finished files are kept\)"), (0, "")])
+def test_a_connection_lost_mid_download_says_to_rerun(served, monkeypatch, files_first, kept):
     """It added "or set HF_HUB_OFFLINE=1 to use a cached copy": the cache's copy of the revision being pulled is the
-    one the drop left short, which an offline pull refuses as incomplete."""
-    def drop(*args, **kwargs):
+    one the drop left short, which an offline pull refuses as incomplete. Finished files are said to be kept only
+    where a file's download had begun (it was said of a drop before any)."""
+    real_snapshot_download = hub.snapshot_download
+
+    def drop(*args, allow_patterns, **kwargs):
+        real_snapshot_download(*args, allow_patterns=allow_patterns[:files_first], **kwargs)
         raise hub.TRANSPORT_ERRORS[0]("[Errno 104] Connection reset by peer")
     monkeypatch.setattr(hub, "snapshot_download", drop)
     with pytest.raises(KLError, match=rf"^lost the connection to .* while pulling {REPO}@main \(\[Errno "
-                                      r"104\] Connection reset by peer\); rerun the pull to continue \(finished files "
-                                      r"are kept\)$"):
+                                      rf"104\] Connection reset by peer\); rerun the pull to continue{kept}$"):
+        hub.pull(REPO, progress=False)
+
+
+def test_a_refusal_before_any_file_says_nothing_of_kept_files(served, monkeypatch):
+    """A model info answer the guard refused ended "check HF_ENDPOINT (finished files are kept)": no file had been
+    fetched. Once a file's body has begun to arrive, the line says so."""
+    server, _ = served
+    monkeypatch.setattr(hub_guard, "MAX_OTHER_BYTES", 64)
+    with pytest.raises(KLError, match=rf"sent over 0 MiB in answers that are not file downloads while pulling {REPO}; "
+                                      "the endpoint is not answering as the hub does -- check HF_ENDPOINT$"):
+        hub.pull(REPO, progress=False)
+    assert not server.requests   # no file was asked for
+    monkeypatch.setattr(hub_guard, "MAX_OTHER_BYTES", 16 << 20)
+    server.body_edit[SHARD_2] = "unframed"
+    with pytest.raises(KLError, match=rf"sent over 16,472 bytes for '{SHARD_2}', the size the listing gives while "
+                                      rf"pulling {REPO}; .* -- check HF_ENDPOINT \(finished files are kept\)$"):
         hub.pull(REPO, progress=False)
 
 
@@ -650,8 +670,9 @@ def test_file_headers_that_would_name_paths_out_of_the_cache_are_refused(served,
         server.gone.add(path)
     with pytest.raises(KLError, match=re.escape(needle)) as error:
         hub.pull(REPO, local_dir=tmp_path / "kimi" if into == "local_dir" else None, progress=False)
-    assert str(error.value).endswith("the endpoint is not answering as the hub does -- check HF_ENDPOINT (finished "
-                                     "files are kept)")
+    # finished files are said to be kept where another file's body had begun to arrive first
+    assert re.search(r"the endpoint is not answering as the hub does -- check HF_ENDPOINT( \(finished files are "
+                     r"kept\))?$", str(error.value))
     assert not [p for p in tmp_path.rglob("*escaped*")]
 
 

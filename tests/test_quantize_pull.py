@@ -167,11 +167,12 @@ def test_a_gated_repo_is_not_called_missing(served, monkeypatch, capsys):
 
     import klconvert.quantize as quantize_module
     from klconvert import hub
+    from klconvert.hub_guard import AnswerGuard
 
     http = hub._HTTP_MODULES[0]   # httpx2 under huggingface_hub 2.x, httpx under 1.x (this test imported httpx2 alone)
 
     def gated(model, **kwargs):
-        with hub._as_user_errors(model, None, "https://hub.example", Path("cache")):
+        with hub._as_user_errors(AnswerGuard("https://hub.example", model), None, Path("cache")):
             raise GatedRepoError("gated", response=http.Response(401, request=http.Request("GET", "https://x")))
 
     monkeypatch.setattr(quantize_module, "pull", gated)
