@@ -289,21 +289,26 @@ def test_a_format_klconvert_does_not_read_is_named(tiny_released, tmp_path, caps
     assert "cut short" not in err
 
 
-def test_a_mixed_precision_group_naming_no_format_is_refused(tiny_released, tmp_path, capsys):
-    """A mixed-precision top level over a group of weights that names no format ran, read as pack-quantized; vLLM
-    reads the group as mixed-precision and has no scheme for it, so the folder is refused, naming the group (not
-    group_1, which names its own)."""
+@pytest.mark.parametrize("top_format, said", [
+    ("mixed-precision", "under the top-level format 'mixed-precision', which says each group names its own: vLLM "
+                        "reads its weights as 'mixed-precision', for which it has no scheme"),
+    (None, "nor does the top level: vLLM has no scheme for weights of no format"),
+], ids=["mixed-precision", "no-top-level-format"])
+def test_a_group_of_weights_naming_no_format_is_refused(tiny_released, tmp_path, capsys, top_format, said):
+    """A group of weights that names no format, under a mixed-precision top level or none, ran, read as
+    pack-quantized; vLLM reads the group as of the top-level format (or none) and has no scheme for it, so the folder
+    is refused, naming the group (not group_1, which names its own)."""
     write_quantized(tiny_released, tmp_path / "q", bits=4)
 
     def unnamed(qc):
-        qc["format"] = "mixed-precision"
+        qc.pop("format")
+        qc.update({} if top_format is None else {"format": top_format})
         qc["config_groups"]["group_0"].pop("format")
     _edit_quantization_config(tmp_path / "q", unnamed)
     code, _, err = run_cli(capsys, "run", "--model", tmp_path / "q", "--prompt", "hi", "--max-new-tokens", "1",
                            "--device", "cpu")
     assert_one_line_error(code, err, f"{tmp_path / 'q'}/config.json: quantization_config.config_groups.group_0 names "
-                          "no format, and the top-level format 'mixed-precision'", "vLLM reads its weights as "
-                          "'mixed-precision'", 'add "format": "pack-quantized" to that group')
+                          f"no format, {said}", 'add "format": "pack-quantized" to that group')
 
     _edit_quantization_config(tmp_path / "q", lambda qc: qc["config_groups"]["group_0"].update(format="pack-quantized"))
     assert open_checkpoint(tmp_path / "q").get(f"{Q_PROJ}.weight").isfinite().all()

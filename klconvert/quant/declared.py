@@ -98,7 +98,7 @@ def declared_groups(quantization_config: dict, where: str) -> Declared:
     """The config groups (each with the QuantScheme its weights are stored with; a group whose `weights` is null
     declares none) and the ignore list; KLError naming the first field that is malformed or says what klconvert does
     not read (a format of READ_FORMATS' others, a group of weights naming no format under a mixed-precision top
-    level, quantized activations or KV cache, transforms applied at run time,
+    level or none, quantized activations or KV cache, transforms applied at run time,
     weights stored sparse, experts pruned or merged, weights other than int by group or channel, weights quantized
     dynamically, GPTQ's act order by group), a target or ignore entry that is no pattern compressed-tensors compiles,
     or when no group declares weights."""
@@ -124,8 +124,8 @@ def declared_groups(quantization_config: dict, where: str) -> Declared:
         if group.get("format") not in (None, *READ_FORMATS):
             raise _bad(where, f"config_groups.{name:.40}.format",
                        f"is {shown(group['format'])}, a format klconvert does not read")
-        if top_format == MIXED_FORMAT and group.get("format") is None and group.get("weights") is not None:
-            raise _format_unnamed(where, name)
+        if top_format in (None, MIXED_FORMAT) and group.get("format") is None and group.get("weights") is not None:
+            raise _format_unnamed(where, name, top_format)
         quantized = next((key for key in ACTIVATIONS if group.get(key) is not None), None)
         if quantized:   # the runtime would run them unquantized: another model than the one calibrated
             raise _bad(where, f"config_groups.{name:.40}.{quantized}",
@@ -249,16 +249,19 @@ def _scheme(weights, where: str, field: str) -> QuantScheme:
         raise _bad(where, field, declares) from None
 
 
-def _format_unnamed(where: str, group: str) -> KLError:
-    """The refusal of a group that declares weights but names no format under a mixed-precision top level. vLLM's
-    CompressedTensorsConfig.get_scheme_dict gives such a group the top-level format, and _get_scheme_from_parts (for
-    experts, CompressedTensorsMoEMethod.get_moe_method) has no scheme of int weights stored as mixed-precision: the
-    folder would run here and not load in vLLM. compressed-tensors alone infers the group's format (pack-quantized for
-    int weights, compress_module's infer_module_format), so transformers would load it."""
-    return KLError(f"{where}: quantization_config.config_groups.{group:.40} names no format, and the top-level format "
-                   f"{MIXED_FORMAT!r} says each group names its own: vLLM reads its weights as {MIXED_FORMAT!r} and "
-                   f"has no scheme for them -- add \"format\": \"{PACKED_FORMAT}\" to that group if its weights are "
-                   "stored packed, or quantize the model again with `klconvert quantize`")
+def _format_unnamed(where: str, group: str, top_format: str | None) -> KLError:
+    """The refusal of a group that declares weights but names no format, under a mixed-precision top level or none.
+    vLLM's CompressedTensorsConfig.get_scheme_dict gives such a group the top-level format (or None), and
+    _get_scheme_from_parts (for experts, CompressedTensorsMoEMethod.get_moe_method) has no scheme of int weights
+    stored as mixed-precision or as no format: the folder would run here and not load in vLLM. compressed-tensors
+    alone infers the group's format (pack-quantized for int weights, compress_module's infer_module_format), so
+    transformers would load it."""
+    why = (f"under the top-level format {MIXED_FORMAT!r}, which says each group names its own: vLLM reads its "
+           f"weights as {MIXED_FORMAT!r}, for which it has no scheme" if top_format == MIXED_FORMAT else
+           "nor does the top level: vLLM has no scheme for weights of no format")
+    return KLError(f"{where}: quantization_config.config_groups.{group:.40} names no format, {why} -- add "
+                   f"\"format\": \"{PACKED_FORMAT}\" to that group if its weights are stored packed, or quantize the "
+                   "model again with `klconvert quantize`")
 
 
 def _bad(where: str, field: str, what: str) -> KLError:
