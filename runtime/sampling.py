@@ -57,9 +57,20 @@ def sampling_generator(seed: int | None, device: torch.device | str = "cpu") -> 
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
-    else:
-        generator.manual_seed(int(seed))   # as check_generate_args took it: a numpy or torch integer too
+    else:   # int(): as check_generate_args took it, a numpy or torch integer too
+        generator.manual_seed(int(seed) if generator.device.type != "cpu" else cpu_seed(int(seed)))
     return generator
+
+
+def cpu_seed(seed: int) -> int:
+    """What a seed of 0 .. 2**64 - 1 seeds torch's CPU generator with. That generator (mt19937) keeps a seed's low 32
+    bits alone, so seeds 2**32 apart drew alike (1 and 2**32 + 1: a sweep in such steps repeated itself); the high
+    half, scrambled by murmur3's 32-bit finalizer (a bijection taking 0 to 0), is folded into the low one. A seed
+    below 2**32 is taken as it is. CUDA's generator (Philox) keeps all 64 bits."""
+    h = seed >> 32
+    for shift, multiplier in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+        h = ((h ^ h >> shift) * multiplier) & 0xFFFFFFFF
+    return (seed ^ h ^ h >> 16) & 0xFFFFFFFF
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float,

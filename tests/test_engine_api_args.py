@@ -144,6 +144,19 @@ def test_numpy_and_torch_numbers_are_numbers_to_every_argument(engine):
             engine.generate([[1, 2, 3]], 2, **kwargs)
 
 
+def test_seeds_2_to_the_32_apart_draw_apart_on_the_cpu(engine):
+    """torch's CPU generator keeps a seed's low 32 bits: seeds 1, 2**32 + 1 and 2**64 - 2**32 + 1 drew the same
+    tokens. Each now draws its own, and a seed below 2**32 still seeds the generator as torch takes it (what was drawn
+    with it before is drawn again)."""
+    from klconvert.runtime.sampling import sampling_generator
+
+    draws = [engine.generate([[1, 2, 3]], 8, temperature=1.0, seed=seed, stop_ids=frozenset())
+             for seed in (1, 2**32 + 1, 2**64 - 2**32 + 1)]
+    assert not any(torch.equal(a, b) for i, a in enumerate(draws) for b in draws[i + 1:]), draws
+    for seed in (0, 1, 2**32 - 1):
+        assert torch.equal(sampling_generator(seed).get_state(), torch.Generator().manual_seed(seed).get_state())
+
+
 @pytest.mark.parametrize("max_new_tokens", [-1, 1.5, "3", None, True])
 def test_max_new_tokens_is_a_whole_number_of_at_least_0(engine, max_new_tokens):
     """-1 returned no tokens, 1.5 / "3" / None were TypeErrors from torch, True ran as 1."""
