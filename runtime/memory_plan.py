@@ -125,17 +125,24 @@ class MemoryPlan:
         return None if self.memory_limit is None else self.memory_limit - self.total
 
     def largest_context(self) -> int | None:
-        """The largest context (a multiple of 64, capped at model_max_length) that fits the memory limit."""
+        """The largest context that fits the memory limit: a multiple of 64 (capped at model_max_length), or where
+        none fits the largest under 64 that does (a large batch's: a context of 1 was all a refusal named, where 40
+        fitted); 0 where no context fits."""
         if self.memory_limit is None:
             return None
-        lo, hi = 0, self.config.model_max_length // CHUNK
+        chunks = self._largest_fitting(self.config.model_max_length // CHUNK, CHUNK)
+        return chunks * CHUNK if chunks else self._largest_fitting(min(CHUNK - 1, self.config.model_max_length), 1)
+
+    def _largest_fitting(self, most: int, step: int) -> int:
+        """The largest n in 0 .. most whose context n * step fits the memory limit (0 where none does)."""
+        lo, hi = 0, most
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if self.total_for(mid * CHUNK) <= self.memory_limit:
+            if self.total_for(mid * step) <= self.memory_limit:
                 lo = mid
             else:
                 hi = mid - 1
-        return lo * CHUNK
+        return lo
 
     def allocate(self, device: torch.device | str) -> StateBuffers:
         """The one allocation the runtime makes for state; nothing grows after this. The CPU allocator's refusal is

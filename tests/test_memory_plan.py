@@ -1,6 +1,7 @@
 """Memory-plan arithmetic against hand-computed figures for the real 48B config, and the plan's refusals."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,15 @@ def test_largest_context_fits_and_one_more_chunk_does_not():
     assert roomy.largest_context() == REAL.model_max_length  # capped at the model's own limit
     bf16 = plan_for(preset="kimi-linear-48b", memory_limit=80 * 2**30)
     assert bf16.headroom < 0 and bf16.largest_context() == 0  # 98 GB of bf16 weights do not fit 80 GiB
+
+
+def test_largest_context_under_64_where_no_multiple_of_64_fits():
+    """A batch large enough that no multiple of 64 fits got 0 from largest_context, and a refusal then named a
+    context of 1 (the least the call needed) where 40 fitted: the largest context under 64 that fits is named."""
+    p = plan_for(preset="kimi-linear-48b", bits=4, batch=64, context=64)
+    tight = dataclasses.replace(p, memory_limit=p.total_for(40))
+    assert tight.total_for(41) > tight.memory_limit and tight.largest_context() == 40
+    assert dataclasses.replace(p, memory_limit=p.total_for(1) - 1).largest_context() == 0
 
 
 def test_group_size_sizes_the_groups_of_bits_or_is_refused(capsys):
