@@ -4,16 +4,15 @@ from __future__ import annotations
 import copy
 
 from klconvert.errors import KLError
-from klconvert.release import NUM_SPECIAL_TOKENS, RELEASED_CONFIG, layer_lists
+from klconvert.release import NUM_SPECIAL_TOKENS, RELEASED_CONFIG, config_token_ids, layer_lists
 
 # Same structure, a few MB: 8 layers (KDA x3, MLA, KDA x3, MLA), dense layer 0, MoE with a shared expert. Every
 # linear layer's input is a multiple of 128, so the Triton int kernels (128-wide k-tiles) take it at group 128, but
 # f_b_proj's and g_b_proj's, the KDA head_dim 32, which the default policy and the shipped recipes keep unquantized.
+TINY_BPE_RANKS = 1024
 TINY = {
     **copy.deepcopy(RELEASED_CONFIG),
-    "bos_token_id": 1024,
-    "eos_token_id": 1026,
-    "pad_token_id": 1279,
+    **config_token_ids(TINY_BPE_RANKS),
     "head_dim": 32,
     "hidden_size": 128,
     "intermediate_size": 256,
@@ -28,7 +27,7 @@ TINY = {
     "qk_nope_head_dim": 32,
     "qk_rope_head_dim": 16,
     "v_head_dim": 32,
-    "vocab_size": 1024 + NUM_SPECIAL_TOKENS,
+    "vocab_size": TINY_BPE_RANKS + NUM_SPECIAL_TOKENS,
 }
 
 PRESETS = {"tiny": TINY, "kimi-linear-48b": RELEASED_CONFIG}

@@ -2,6 +2,7 @@
 config.json, its layer pattern, its tokenizer's reserved specials and the tensors it stores in fp32."""
 from __future__ import annotations
 
+RELEASED_BPE_RANKS = 163584  # the released vocabulary's BPE ranks, ids 0 .. 163583
 NUM_SPECIAL_TOKENS = 256  # reserved specials after the BPE ranks, as released
 RELEASED_SHARD_BYTES = 5 * 10**9  # the release's (and transformers') "5GB" shards: the default shard size
 FP32_TENSORS = ("A_log", "dt_bias", "e_score_correction_bias")  # name suffixes the released files store in fp32
@@ -24,6 +25,32 @@ HIGH_PRECISION = (
 )
 
 
+# The first special ids, in the released order; "<|reserved_token_{id}|>" fills the rest, then UNK and PAD.
+NAMED_SPECIAL_TOKENS = ("[BOS]", "[EOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|start_header_id|>",
+                        "<|end_header_id|>", "[EOT_ID]", "<|im_system|>", "<|im_middle|>")
+UNK_TOKEN, PAD_TOKEN = "[UNK]", "[PAD]"  # the second-to-last and the last special id
+# The special token each of config.json's token ids names: the release's eos_token_id is <|im_end|>, where a turn
+# ends, not its tokenizer's eos_token [EOS].
+CONFIG_TOKENS = {"bos_token_id": "[BOS]", "eos_token_id": "<|im_end|>", "pad_token_id": PAD_TOKEN}
+
+
+def special_token_names(num_ranks: int, num_specials: int) -> dict[int, str]:
+    """{id: content} of the added tokens, ids num_ranks .. num_ranks + num_specials - 1."""
+    names = {num_ranks + i: name for i, name in enumerate(NAMED_SPECIAL_TOKENS)}
+    for token_id in range(num_ranks + len(NAMED_SPECIAL_TOKENS), num_ranks + num_specials - 2):
+        names[token_id] = f"<|reserved_token_{token_id}|>"
+    names[num_ranks + num_specials - 2] = UNK_TOKEN
+    names[num_ranks + num_specials - 1] = PAD_TOKEN
+    return names
+
+
+def config_token_ids(num_ranks: int) -> dict[str, int]:
+    """config.json's bos_token_id, eos_token_id and pad_token_id for `num_ranks` BPE ranks and the reserved specials
+    after them: the ids of CONFIG_TOKENS' tokens."""
+    ids = {name: token_id for token_id, name in special_token_names(num_ranks, NUM_SPECIAL_TOKENS).items()}
+    return {key: ids[name] for key, name in CONFIG_TOKENS.items()}
+
+
 def _full_attn_layers(num_layers: int) -> list[int]:
     """1-indexed MLA layers: every fourth, and the last (released: 4, 8, ..., 24, 27)."""
     return sorted({i for i in range(4, num_layers + 1, 4)} | {num_layers})
@@ -42,9 +69,7 @@ RELEASED_CONFIG = {
     "auto_map": {"AutoConfig": "configuration_kimi.KimiLinearConfig",
                  "AutoModel": "modeling_kimi.KimiLinearModel",
                  "AutoModelForCausalLM": "modeling_kimi.KimiLinearForCausalLM"},
-    "bos_token_id": 163584,
-    "eos_token_id": 163586,
-    "pad_token_id": 163839,
+    **config_token_ids(RELEASED_BPE_RANKS),
     "first_k_dense_replace": 1,
     "head_dim": 72,
     "hidden_act": "silu",
@@ -82,5 +107,5 @@ RELEASED_CONFIG = {
     "use_cache": True,
     "use_grouped_topk": True,
     "v_head_dim": 128,
-    "vocab_size": 163840,
+    "vocab_size": RELEASED_BPE_RANKS + NUM_SPECIAL_TOKENS,
 }

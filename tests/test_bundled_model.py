@@ -14,6 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import record_bundled  # noqa: E402
+import train_bundled  # noqa: E402
 
 from klconvert.checkpoint.name_map import expected_tensors  # noqa: E402
 from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
@@ -29,6 +30,12 @@ MAX_BYTES = 25 * 10**6
 
 def test_files_match_the_recorded_checksums():
     assert record_bundled.file_checksums() == RECORDED["files"]
+
+
+def test_config_is_the_one_train_bundled_writes():
+    """tools/train_bundled.py's BUNDLED_CONFIG (its token ids among it, built from the special-token table) is the
+    committed config.json, byte for byte: a retrain writes the same file."""
+    assert (BUNDLED_DIR / "config.json").read_text() == json.dumps(train_bundled.BUNDLED_CONFIG, indent=2) + "\n"
 
 
 def test_released_structure_at_small_size():
@@ -94,6 +101,7 @@ def test_tokenizer_is_the_release_format_and_round_trips():
     assert tokenizer.vocab_size == c.vocab_size
     assert tokenizer.bos_id == c.bos_token_id == c.vocab_size - 256     # specials reserved after the BPE ranks
     assert tokenizer.special_tokens["<|im_end|>"] in c.eos_token_ids
+    assert tokenizer.special_tokens["[PAD]"] == c.pad_token_id
     text = record_bundled.held_out_text()[:20_000]
     ids = tokenizer.encode(text)
     assert tokenizer.decode(ids) == text and len(text) / len(ids) > 2.5     # BPE merges, not bytes

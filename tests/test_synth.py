@@ -23,8 +23,11 @@ from klconvert.config import KimiLinearConfig
 from klconvert.convert.output_folder import OutputLock
 from klconvert.errors import KLError
 from klconvert.synth.checkpoint import synth
-from klconvert.presets import preset_config
+from klconvert.presets import PRESETS, preset_config
 from klconvert.quant import load_recipe, policy_from_options
+from klconvert.release import NUM_SPECIAL_TOKENS
+from klconvert.synth.tokenizer_files import write_tokenizer_files
+from klconvert.tokenizer import Tokenizer
 from klconvert.units import size_text
 from testkit import assert_one_line_error, run_cli
 
@@ -75,6 +78,20 @@ def test_a_real_size_layers_largest_tensor_is_the_embedding_the_readme_names():
     bf16_bytes = 2 * math.prod(largest.shape)
     assert f"whose largest tensor is the {bf16_bytes / 1e9:.2f} GB embedding: peak RSS in BENCHMARKS.md" in readme
     assert "## synth's memory, one real-size layer" in (ROOT / "BENCHMARKS.md").read_text()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_presets_token_ids_name_the_special_tokens_of_the_tokenizer_beside_it(preset, tmp_path):
+    """config.json's eos_token_id is <|im_end|> (README: the release's is), bos_token_id [BOS] and pad_token_id
+    [PAD], of the tokenizer synth writes with it, for every preset (kimi-linear-48b is the release's config.json):
+    loading takes any special token as eos, and other runtimes stop where config.json's eos_token_id says."""
+    config = preset_config(preset)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    write_tokenizer_files(tmp_path, num_ranks=config["vocab_size"] - NUM_SPECIAL_TOKENS,
+                          num_specials=NUM_SPECIAL_TOKENS)
+    specials = Tokenizer.from_folder(tmp_path).special_tokens
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (
+        specials["[BOS]"], specials["<|im_end|>"], specials["[PAD]"])
 
 
 def test_transformers_layout_holds_the_same_values(tiny_released, tiny_transformers):

@@ -44,7 +44,7 @@ from klconvert.runtime import model as M  # noqa: E402
 from klconvert.runtime.bind import bind  # noqa: E402
 from klconvert.script_summary import script_summary  # noqa: E402
 from klconvert.synth.checkpoint import FP32_TENSORS, synth_values, tensor_generator  # noqa: E402
-from klconvert.release import NUM_SPECIAL_TOKENS, RELEASED_CONFIG, layer_lists  # noqa: E402
+from klconvert.release import NUM_SPECIAL_TOKENS, RELEASED_CONFIG, config_token_ids, layer_lists  # noqa: E402
 from klconvert.tokenizer import TOKENIZER_FILES, Tokenizer  # noqa: E402
 from klconvert.whole_folder import refuse_taken, whole_folder  # noqa: E402
 
@@ -57,9 +57,7 @@ MAX_SHARD_BYTES = 15 << 20      # files coming back from the GPU machine are cap
 # int kernels take every layer at group 128. 11.76M parameters, 23.5 MB in bf16.
 BUNDLED_CONFIG = {
     **copy.deepcopy(RELEASED_CONFIG),
-    "bos_token_id": BPE_RANKS,
-    "eos_token_id": BPE_RANKS + 2,                      # <|im_end|>, as released
-    "pad_token_id": BPE_RANKS + NUM_SPECIAL_TOKENS - 1,
+    **config_token_ids(BPE_RANKS),
     "head_dim": 64,
     "hidden_size": 256,
     "intermediate_size": 512,

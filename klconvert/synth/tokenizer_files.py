@@ -7,13 +7,8 @@ import random
 from pathlib import Path
 
 from klconvert.atomic_file import write_atomically
-from klconvert.release import RELEASED_CONFIG
+from klconvert.release import NAMED_SPECIAL_TOKENS, PAD_TOKEN, RELEASED_CONFIG, UNK_TOKEN, special_token_names
 from klconvert.tokenizer import BPE_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE
-
-# The first special ids, in the released order; "<|reserved_token_{id}|>" fills the rest, then UNK and PAD.
-NAMED_SPECIAL_TOKENS = ("[BOS]", "[EOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|start_header_id|>",
-                        "<|end_header_id|>", "[EOT_ID]", "<|im_system|>", "<|im_middle|>")
-UNK_TOKEN, PAD_TOKEN = "[UNK]", "[PAD]"  # the second-to-last and the last special id
 
 # Merged first, one byte at a time, so that English (and some Chinese) encodes to multi-byte tokens even
 # in a vocabulary of a few hundred; common pairs come before common words.
@@ -82,16 +77,6 @@ def bpe_tokens(num_ranks: int, seed: int) -> list[bytes]:
             tokens.append(merged)
             seen.add(merged)
     return tokens
-
-
-def special_token_names(num_ranks: int, num_specials: int) -> dict[int, str]:
-    """{id: content} of the added tokens, ids num_ranks .. num_ranks + num_specials - 1."""
-    names = {num_ranks + i: name for i, name in enumerate(NAMED_SPECIAL_TOKENS)}
-    for token_id in range(num_ranks + len(NAMED_SPECIAL_TOKENS), num_ranks + num_specials - 2):
-        names[token_id] = f"<|reserved_token_{token_id}|>"
-    names[num_ranks + num_specials - 2] = UNK_TOKEN
-    names[num_ranks + num_specials - 1] = PAD_TOKEN
-    return names
 
 
 def tokenizer_config(num_ranks: int, num_specials: int) -> dict:
