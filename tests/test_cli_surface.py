@@ -294,6 +294,15 @@ def test_prompt_text_or_file(capsys, tiny_released):
     assert code == 0 and f"prompt {tokens} tokens" in err, err
 
 
+def test_a_presets_plan_is_titled_as_the_preset_not_as_the_bundled_model(capsys):
+    """`plan --preset tiny` (random weights, presets.TINY) and `plan --model tiny` (the bundled trained model) are two
+    models of different sizes: both were "Memory plan for tiny"."""
+    code, out, err = run_cli(capsys, "plan", "--preset", "tiny")
+    assert code == 0 and out.startswith("Memory plan for preset tiny: "), err
+    code, out, err = run_cli(capsys, "plan", "--model", "tiny", "--recipe", "48gb")
+    assert code == 0 and out.startswith("Memory plan for tiny with 48gb: "), err
+
+
 def test_plan_exits_3_when_it_does_not_fit(capsys):
     code, out, err = run_cli(capsys, "plan", "--preset", "kimi-linear-48b", "--bits", "4", "--gpu-memory", "24GiB")
     assert code == 3 and "does NOT fit" in out
