@@ -25,34 +25,7 @@ from klconvert.convert.output_folder import TEMPORARY_MARKER, move_aside
 from klconvert.errors import KLError
 from klconvert.quantize import quantize
 from test_pull import PULLED, REPO, SHARD_2, files_under, write_checkpoint
-from testkit import assert_one_line_error, run_cli
-
-CAPS = "-dac_override,-dac_read_search"
-
-
-def held_to_modes() -> list[str]:
-    """The command prefix that runs a command held to files' mode bits (none for a user that is not root); skips the
-    test where that cannot be arranged."""
-    if os.geteuid() != 0:
-        return []
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("running as root, and no setpriv to drop the DAC override capabilities")
-    prefix = [setpriv, f"--bounding-set={CAPS}", f"--inh-caps={CAPS}"]
-    try:
-        works = subprocess.run([*prefix, "true"], capture_output=True, timeout=30).returncode == 0
-    except OSError:
-        works = False
-    if not works:
-        pytest.skip("running as root, and setpriv cannot drop the DAC override capabilities here")
-    return prefix
-
-
-def klconvert_held(*args, env: dict | None = None, timeout: float = 300) -> tuple[int, str]:
-    """Run `python -m klconvert ARGS` held to the files' mode bits: (exit status, stderr)."""
-    done = subprocess.run([*held_to_modes(), sys.executable, "-m", "klconvert", *map(str, args)],
-                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
-    return done.returncode, done.stderr
+from testkit import assert_one_line_error, klconvert_held, run_cli
 
 
 @pytest.fixture

@@ -1,10 +1,12 @@
 """What any test may use: the relative error of a tensor against its reference, and the klconvert command run
-in this process or as a user runs it, with its stderr read as a terminal shows it."""
+in this process or as a user runs it, held to the files' mode bits (as root too), or with its stderr read as a
+terminal shows it."""
 from __future__ import annotations
 
 import importlib.util
 import io
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +69,34 @@ def run_klconvert(*args, stdin: str | None = None, cwd=None, env: dict | None = 
             environ[name] = value
     return subprocess.run([sys.executable, "-m", "klconvert", *map(str, args)], capture_output=True, text=True,
                           input=stdin, cwd=cwd, env=environ, timeout=timeout)
+
+
+DAC_OVERRIDE_CAPS = "-dac_override,-dac_read_search"  # what lets root past files' mode bits, dropped
+
+
+def held_to_modes() -> list[str]:
+    """The command prefix that runs a command held to files' mode bits (none for a user that is not root); skips the
+    test where that cannot be arranged."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root, and no setpriv to drop the DAC override capabilities")
+    prefix = [setpriv, f"--bounding-set={DAC_OVERRIDE_CAPS}", f"--inh-caps={DAC_OVERRIDE_CAPS}"]
+    try:
+        works = subprocess.run([*prefix, "true"], capture_output=True, timeout=30).returncode == 0
+    except OSError:
+        works = False
+    if not works:
+        pytest.skip("running as root, and setpriv cannot drop the DAC override capabilities here")
+    return prefix
+
+
+def klconvert_held(*args, env: dict | None = None, timeout: float = 300) -> tuple[int, str]:
+    """Run `python -m klconvert ARGS` held to the files' mode bits: (exit status, stderr)."""
+    done = subprocess.run([*held_to_modes(), sys.executable, "-m", "klconvert", *map(str, args)],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+    return done.returncode, done.stderr
 
 
 def emitting_a_special(src, out, token: int, special: int):
