@@ -49,8 +49,11 @@ def prefill_growth(lengths: tuple[int, ...], batch: int = 1, warm: int = CHUNK) 
     script = PREFILL.format(context=max(lengths), batch=batch, warm=warm, lengths=lengths)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    return [(tokens, peak - before, workspace)
+    rows = [(tokens, peak - before, workspace)
             for tokens, before, peak, workspace in (map(int, line.split()) for line in done.stdout.splitlines())]
+    # the tests' asserts run over these rows: a child that printed none of them would pass them all
+    assert [tokens for tokens, *_ in rows] == list(lengths), f"asked {lengths}, the child printed {done.stdout!r}"
+    return rows
 
 
 # The peak's growth over the plan's workspace (38 MB at 2,048 tokens, 133 MB at 8,192) on a 2-core box, 2026-12-04,
