@@ -9,7 +9,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import sys
 import tempfile
 import warnings
@@ -48,6 +47,7 @@ from klconvert.checkpoint.regular_file import read_json
 from klconvert.disk_space import free_disk_bytes
 from klconvert.entry import note_change
 from klconvert.errors import KLError, first_line, refuse_non_bool, unreadable_reason
+from klconvert.hex_digests import GIT_SHA, SHA256_HEX
 from klconvert.hub_guard import AnswerGuard
 from klconvert.models import BUNDLED_NAME, DEFAULT_REPO
 from klconvert.tokenizer import BPE_FILE
@@ -403,8 +403,7 @@ def select_files(
     return sorted(filter_repo_objects(allowed, allow_patterns=include, ignore_patterns=exclude))
 
 
-COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
-HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "blob_id": re.compile(r"[0-9a-f]{40}")}
+HEX = {"sha256": SHA256_HEX, "blob_id": GIT_SHA}   # a listed file's hashes, by HubFile field
 MAX_PATH_CHARS = 1024
 LOCAL_DIR_METADATA_SUFFIX = ".metadata"   # huggingface_hub's record of a file in a --local-dir: NAME.metadata
 MAX_FILE_BYTES = 1 << 40  # past any one file of a checkpoint (the release's shards are ~5 GB)
@@ -452,7 +451,7 @@ def _malformed_answers(repo: str, endpoint: str) -> Iterator[None]:
 
 def _checked_commit(commit, repo: str, endpoint: str) -> str:
     """The commit a revision resolves to: 40 hex digits (it names cache folders, so nothing else is let through)."""
-    if not isinstance(commit, str) or not COMMIT_SHA.fullmatch(commit):
+    if not isinstance(commit, str) or not GIT_SHA.fullmatch(commit):
         raise KLError(f"{endpoint} resolved {repo} to commit {str(commit)[:80]!r}, which is not a 40-digit sha; "
                       "check HF_ENDPOINT")
     return commit

@@ -17,6 +17,7 @@ from huggingface_hub import constants, set_client_factory
 from huggingface_hub.utils import _http
 
 from klconvert.errors import KLError
+from klconvert.hex_digests import GIT_SHA, SHA256_HEX
 
 # Hub answers that are not file downloads (model info, tree listing pages) together, and how many: a model repo's
 # listing is kilobytes (~250 bytes a file), and a tree listing that keeps sending a next page would otherwise grow
@@ -35,8 +36,7 @@ SILENCE_SECONDS = 60
 SLOW_WINDOW_SECONDS = 300
 SLOW_WINDOW_BYTES = 300 << 10
 SENT = "klconvert_sent"   # the request extension holding when it was sent (time.monotonic())
-DIGEST = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # git blob id or sha256, as the hub sends them in ETags
-COMMIT = re.compile(r"[0-9a-f]{40}")
+DIGEST = re.compile(f"{GIT_SHA.pattern}|{SHA256_HEX.pattern}")  # a blob id or a sha256, as the hub sends them in ETags
 RESOLVE = re.compile(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<path>.+)")
 # huggingface_hub 2.4.0 deletes a partly downloaded file when its download fails, so a rerun skips the finished files
 # and starts the interrupted ones again: said of a failure once a file's body has begun to arrive, not of one before
@@ -50,7 +50,8 @@ class PullInterrupted(Exception):
 
 class AnswerGuard:
     """Installed around a pull's huggingface_hub calls (`with AnswerGuard(...)`): a client factory whose clients ask
-    for uncompressed bodies and check each answer. The pull sets `commit` once resolved and `sizes` once listed."""
+    for uncompressed bodies and check each answer. The pull sets `commit` once resolved, before it asks for any file,
+    and `sizes` once listed."""
 
     def __init__(self, endpoint: str, repo: str):
         self.endpoint, self.repo = endpoint, repo
@@ -152,6 +153,8 @@ class AnswerGuard:
     def _check_file_headers(self, response, path: str) -> None:
         """The headers huggingface_hub builds cache paths from: ETag / X-Linked-Etag (the blob's file name) and
         X-Repo-Commit (the snapshot's, and on a 404 the .no_exist marker's, folder name)."""
+        if self.commit is None:   # the pull resolves it through the hub's JSON first: a file asked for before is a bug
+            raise RuntimeError(f"{path[:80]!r} was asked for before the pull resolved its commit")
         header = next((h for h in (constants.HUGGINGFACE_HEADER_X_LINKED_ETAG, "ETag") if h in response.headers),
                       None)                                           # the one huggingface_hub takes
         if header is not None:
@@ -164,9 +167,8 @@ class AnswerGuard:
         # renamed repo's, need not have one; an error answer is the hub's error)
         if commit is None and response.is_success:
             raise self._bad(f"answered for {path[:80]!r} with no X-Repo-Commit, which the hub sends with every file")
-        if commit is not None and not (commit == self.commit if self.commit else COMMIT.fullmatch(commit)):
-            raise self._bad(f"answered for {path[:80]!r} from commit {commit[:80]!r}, not "
-                            f"{self.commit or 'a 40-digit sha'}")
+        if commit is not None and commit != self.commit:
+            raise self._bad(f"answered for {path[:80]!r} from commit {commit[:80]!r}, not {self.commit}")
 
     def count(self, what: str, limit: int | None, total: int) -> None:
         """A body reached `total` bytes: past its file's size, or past the shared budget, it is refused."""

@@ -839,6 +839,17 @@ def test_no_request_leaves_after_a_ctrl_c(served):
     assert server.gets("config.json") == 0
 
 
+def test_the_guard_lets_no_file_through_before_the_commit_is_resolved(served):
+    """The pull resolves its commit before it asks for any file, so the guard holds every file's X-Repo-Commit to
+    that one; before, it let any 40-digit sha through, an arm no pull reached and no test held."""
+    from huggingface_hub.utils import get_session
+
+    server, commit = served
+    with hub_guard.AnswerGuard(server.endpoint, REPO):
+        with pytest.raises(RuntimeError, match="'config.json' was asked for before the pull resolved its commit"):
+            get_session().get(f"{server.endpoint}/{REPO}/resolve/{commit}/config.json")
+
+
 def test_a_pull_where_sigint_is_ignored_runs_through_a_sigint(served, tmp_path):
     """Under nohup (SIGINT ignored) a SIGINT stopped the download threads, and the pull failed."""
     server, commit = served

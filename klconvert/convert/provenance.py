@@ -13,7 +13,8 @@ from klconvert.checkpoint.reader import Checkpoint
 from klconvert.checkpoint.regular_file import read_bounded, read_json
 from klconvert.config import MAX_CONFIG_BYTES
 from klconvert.errors import KLError
-from klconvert.hub import COMMIT_SHA, LOCAL_DIR_RECORD, MAX_PULL_RECORD_BYTES
+from klconvert.hex_digests import GIT_SHA
+from klconvert.hub import LOCAL_DIR_RECORD, MAX_PULL_RECORD_BYTES
 from klconvert.models import BUNDLED_DIR, BUNDLED_NAME
 
 HF_CACHE_REPO_PREFIX = "models--"  # the HF cache's models--org--name/snapshots/<commit>/ layout
@@ -46,7 +47,7 @@ def source_origin(folder: str | Path) -> SourceOrigin:
         record = read_json(folder / LOCAL_DIR_RECORD, MAX_PULL_RECORD_BYTES, "pull record")
         repo, commit = record["repo"], record["commit"]
         validate_repo_id(repo)  # a ValueError unless a hub repo id: it goes into the model card's front matter
-        if COMMIT_SHA.fullmatch(commit):
+        if GIT_SHA.fullmatch(commit):
             return SourceOrigin(folder, repo, commit)
     except (OSError, ValueError, RecursionError, KLError, KeyError, TypeError):
         pass
