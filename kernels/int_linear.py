@@ -8,6 +8,7 @@ import triton.language as tl
 
 from .int_layout import KT, ROWS, PackedLinear
 from .pdl import prefetch_fits, prefetch_runs, use_pdl, wait_for_inputs
+from .sm_count import sm_count
 
 MMA_M = 16  # the tensor-core kernels pad x to blocks of at least this many rows (the smallest tl.dot M)
 MMA_BLOCK_M = 64  # int_mma_fwd's largest row block: up to this many rows are one block (split-K, a dense tail)
@@ -577,14 +578,10 @@ def int_dequant_kernel(w, s, z, out, n0, n_rows, n_pad, n_tiles, tiles_per_group
         tl.store(o_ptrs + i * 2 * P, _dequant_pair(wt, i, sc, zc, BITS, ASYM, False, DT), mask=mask_r[:, None])
 
 
-def num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def _split(n_tiles: int, n_blocks: int, split_k: int | None, device) -> tuple[int, int]:
     """(k-tiles per split, splits): by default enough splits for ~4 programs per SM."""
     if split_k is None:
-        split_k = triton.cdiv(4 * num_sms(device), n_blocks)
+        split_k = triton.cdiv(4 * sm_count(device), n_blocks)
     per_split = triton.cdiv(n_tiles, max(1, min(split_k, n_tiles)))
     return per_split, triton.cdiv(n_tiles, per_split)
 

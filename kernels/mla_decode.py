@@ -8,10 +8,10 @@ import triton.language as tl
 
 from .naive_mla import FP8_MAX
 from .pdl import use_pdl, wait_for_inputs
+from .sm_count import sm_count
 
 LOG2E = math.log2(math.e)  # the kernel's softmax runs in base 2
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-H200_SMS = 132  # SM count assumed off CUDA (the interpreter), so CPU tests split the sequence as an H200 does
 # Default launch shapes per cache dtype, best first, each with the shared memory it needs at R=512 (read off the
 # compiled kernel on an H200); the first that fits the GPU's per-block limit is used (H100/H200: the first). bf16:
 # chosen from ptxas' report for sm_90 (no spills, every cache load asynchronous); fp8: the fastest of
@@ -151,11 +151,6 @@ def merge_blocks(n_splits: int, R: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else H200_SMS
-
-
-@functools.lru_cache(maxsize=None)
 def _default_launch(dtype: torch.dtype, device: torch.device) -> dict:
     """The first of LAUNCHES[dtype] whose shared memory fits one block on this GPU (off CUDA: the first)."""
     if device.type != "cuda":
@@ -179,7 +174,7 @@ def mla_decode_splits(batch: int, heads: int, max_len: int, device, *, block_h: 
     waves with a bf16 cache, 616 against 654 with fp8 -- each split's prologue and its partial output (which the
     merge reads back) paid once per SM, not twice."""
     programs = batch * triton.cdiv(heads, block_h)
-    return max(1, min(waves * _sm_count(torch.device(device)) // programs,
+    return max(1, min(waves * sm_count(torch.device(device)) // programs,
                       triton.cdiv(max_len, min_split_tokens)))
 
 

@@ -157,6 +157,13 @@ def test_gemv_split_k(split_k):
     assert int(packed.locks.abs().sum()) == 0
 
 
+def test_default_split_k_off_cuda_is_an_h200s():
+    """Off CUDA (the interpreter) the default split-K is the one an H200's 132 SMs get (~4 programs an SM), as
+    mla_decode's split of the sequence is: int_linear assumed 4 SMs there, mla_decode 132."""
+    cpu = torch.device("cpu")
+    assert int_linear_module._split(1024, 1, None, cpu) == int_linear_module._split(1024, 1, 4 * 132, cpu)
+
+
 @pytest.mark.parametrize("launch", [dict(), dict(block_n=16, split_k=3, weights_as_a=False), dict(split_k=1)])
 @pytest.mark.parametrize("bits, symmetric, group, n, k", CASES[:2])
 def test_mma_with_a_dense_tail(bits, symmetric, group, n, k, launch):
