@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from klconvert.checkpoint.safetensors_header import read_header
+from klconvert.checkpoint.safetensors_writer import PlannedTensor, write_shard
 from klconvert.checkpoint.stored_tensor import TORCH_DTYPES, index_span, read_stored
 from klconvert.errors import KLError
 
@@ -56,6 +57,18 @@ def test_every_tensor_reads_as_safetensors_reads_it(shard):
             assert bits(got).equal(bits(tensor)), name
             if tensor.dim() == 3:
                 assert bits(read_stored(f, header, name, (1, slice(1, 3)))).equal(bits(tensor[1, 1:3])), name
+
+
+def test_the_writer_writes_every_dtype_the_reader_reads(shard, tmp_path):
+    """write_shard had a dtype table of its own, nine of TORCH_DTYPES' fifteen: an fp8 or float64 tensor was a
+    KeyError."""
+    want = load_file(shard)
+    write_shard(tmp_path / "w.safetensors", [PlannedTensor(name, t.dtype, tuple(t.shape), lambda t=t: t)
+                                             for name, t in want.items()])
+    got = load_file(tmp_path / "w.safetensors")
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and bits(got[name]).equal(bits(tensor)), name
 
 
 def test_a_file_cut_short_under_the_read_is_one_line(shard):

@@ -12,13 +12,10 @@ from typing import Callable, Iterable
 import torch
 
 from klconvert.checkpoint.safetensors_header import DTYPE_BYTES
+from klconvert.checkpoint.stored_tensor import TORCH_DTYPES
 from klconvert.disk_space import writing
 
-TORCH_TO_SAFETENSORS = {
-    torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
-    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
-SAFETENSORS_TO_TORCH = {v: k for k, v in TORCH_TO_SAFETENSORS.items()}
+DTYPE_TAGS = {dtype: tag for tag, dtype in TORCH_DTYPES.items()}   # torch dtype -> the tag the header names it by
 
 
 @dataclass(frozen=True)
@@ -32,7 +29,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPE_BYTES[TORCH_TO_SAFETENSORS[self.dtype]]
+        return math.prod(self.shape) * DTYPE_BYTES[DTYPE_TAGS[self.dtype]]
 
 
 def split_into_shards(tensors: Iterable[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
@@ -59,7 +56,7 @@ def shard_header(tensors: list[PlannedTensor]) -> bytes:
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in tensors:
-        header[t.name] = {"dtype": TORCH_TO_SAFETENSORS[t.dtype], "shape": list(t.shape),
+        header[t.name] = {"dtype": DTYPE_TAGS[t.dtype], "shape": list(t.shape),
                           "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")

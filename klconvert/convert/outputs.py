@@ -10,7 +10,8 @@ import torch
 
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.checkpoint.safetensors_header import DTYPE_BYTES
-from klconvert.checkpoint.safetensors_writer import SAFETENSORS_TO_TORCH, PlannedTensor
+from klconvert.checkpoint.safetensors_writer import PlannedTensor
+from klconvert.checkpoint.stored_tensor import TORCH_DTYPES
 from klconvert.quant import Policy, QuantScheme, compress_nf4, compress_weight
 from klconvert.quant.pack_quantized import weight_shape_tensor
 from klconvert.quant.scheme import NF4_BLOCKSIZE
@@ -72,7 +73,7 @@ def plan_modules(checkpoint: Checkpoint, policy: Policy) -> list[ModulePlan]:
     for name, spec in checkpoint.expected.items():
         scheme = policy.scheme_for(name, spec.shape)
         stored = checkpoint.sources[name].dtype
-        dtype = SAFETENSORS_TO_TORCH[stored]
+        dtype = TORCH_DTYPES[stored]
         prefix = name.removesuffix(".weight")
         if scheme is None:
             outputs: tuple[Output, ...] = ((name, dtype, spec.shape),)
