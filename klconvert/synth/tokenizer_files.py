@@ -7,7 +7,8 @@ import random
 from pathlib import Path
 
 from klconvert.atomic_file import write_atomically
-from klconvert.release import NAMED_SPECIAL_TOKENS, PAD_TOKEN, RELEASED_CONFIG, UNK_TOKEN, special_token_names
+from klconvert.release import (NAMED_SPECIAL_TOKENS, NUM_SPECIAL_TOKENS, PAD_TOKEN, RELEASED_CONFIG, UNK_TOKEN,
+                               special_token_names)
 from klconvert.tokenizer import BPE_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE
 
 # Merged first, one byte at a time, so that English (and some Chinese) encodes to multi-byte tokens even
@@ -102,15 +103,15 @@ def tokenizer_config(num_ranks: int, num_specials: int) -> dict:
     }
 
 
-def write_tokenizer_files(out_dir: Path, num_ranks: int, num_specials: int = 256, seed: int = 0) -> None:
+def write_tokenizer_files(out_dir: Path, num_ranks: int, num_specials: int = NUM_SPECIAL_TOKENS, seed: int = 0) -> None:
     """tiktoken.model, tokenizer_config.json and special_tokens_map.json for a vocabulary of
-    num_ranks + num_specials ids (163584 + 256 for the real model), with seeded made-up BPE tokens."""
+    num_ranks + num_specials ids (163584 + NUM_SPECIAL_TOKENS for the real model), with seeded made-up BPE tokens."""
     if num_ranks < 256:
         raise ValueError(f"num_ranks={num_ranks}: a byte-level BPE needs at least the 256 single bytes")
     write_tiktoken_files(out_dir, bpe_tokens(num_ranks, seed), num_specials)
 
 
-def write_tiktoken_files(out_dir: Path, tokens: list[bytes], num_specials: int = 256) -> None:
+def write_tiktoken_files(out_dir: Path, tokens: list[bytes], num_specials: int = NUM_SPECIAL_TOKENS) -> None:
     """The released tokenizer files for BPE `tokens` in rank order (token i has rank i), then `num_specials`
     reserved special ids."""
     if num_specials < len(NAMED_SPECIAL_TOKENS) + 2:
