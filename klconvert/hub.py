@@ -48,6 +48,7 @@ from klconvert.disk_space import free_disk_bytes
 from klconvert.entry import note_change
 from klconvert.errors import KLError, first_line, refuse_non_bool, unreadable_reason
 from klconvert.hex_digests import GIT_SHA, SHA256_HEX
+from klconvert.hf_cache import BLOBS, SNAPSHOTS
 from klconvert.hub_guard import AnswerGuard
 from klconvert.models import BUNDLED_NAME, DEFAULT_REPO
 from klconvert.tokenizer import BPE_FILE
@@ -229,7 +230,7 @@ def pull(
             storage = cache_dir / repo_folder_name(repo_id=repo, repo_type="model")
             record = (local_dir / VERIFIED_RECORD if local_dir is not None
                       else storage / VERIFIED_RECORD.parent / "verified" / f"{commit}.json")
-            blobs = None if local_dir is not None else storage / "blobs"
+            blobs = None if local_dir is not None else storage / BLOBS
             files = _verify(folder, wanted, where, progress, VerifiedFiles(record), blobs)
         _check_index_shards(folder, listing, wanted, where)
         if writes_local_dir:
@@ -526,7 +527,7 @@ def _cached_listing(repo: str, commit: str, cache_dir: Path, local_dir: Path | N
 def _snapshot_on_disk(repo: str, commit: str, cache_dir: Path, local_dir: Path | None, where: str) -> Path:
     """Where an earlier pull left `repo@commit`: the --local-dir, or the cache's snapshot folder."""
     folder = local_dir if local_dir is not None else (
-        cache_dir / repo_folder_name(repo_id=repo, repo_type="model") / "snapshots" / commit)
+        cache_dir / repo_folder_name(repo_id=repo, repo_type="model") / SNAPSHOTS / commit)
     if not folder.is_dir():
         raise KLError(f"HF_HUB_OFFLINE is set and {folder} holds no copy of {where}: unset HF_HUB_OFFLINE and "
                       "pull once online")
@@ -565,7 +566,7 @@ def _is_already_here(f: HubFile, repo: str, commit: str, cache_dir: Path, local_
         return True
     blob_name = f.sha256 or f.blob_id  # huggingface_hub names a blob by its ETag: sha256 (LFS) or git blob id
     storage = cache_dir / repo_folder_name(repo_id=repo, repo_type="model")
-    return blob_name is not None and (storage / "blobs" / blob_name).is_file()
+    return blob_name is not None and (storage / BLOBS / blob_name).is_file()
 
 
 def _announce(repo, revision, commit, listing: list[HubFile], wanted: list[HubFile], fetch_bytes, target, free):

@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+from huggingface_hub.file_download import repo_folder_name
 
 from klconvert.convert.provenance import source_origin
 from klconvert.hub import LOCAL_DIR_RECORD, MAX_PULL_RECORD_BYTES
@@ -25,6 +26,15 @@ def test_a_well_formed_record_names_the_repo_and_commit(tmp_path):
     record(tmp_path).write_text(json.dumps({"repo": REPO, "commit": COMMIT, "files": []}))
     origin = source_origin(tmp_path)
     assert (origin.folder, origin.repo, origin.commit) == (tmp_path.resolve(), REPO, COMMIT)
+
+
+def test_a_snapshot_of_the_hub_cache_names_the_repo_and_commit(tmp_path):
+    """klconvert/hf_cache.py writes the cache's layout out (so that the runtime loads no huggingface_hub): it is held
+    here to the folder huggingface_hub names a repo's snapshots after."""
+    snapshot = tmp_path / repo_folder_name(repo_id=REPO, repo_type="model") / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    origin = source_origin(snapshot)
+    assert (origin.folder, origin.repo, origin.commit) == (snapshot.resolve(), REPO, COMMIT)
 
 
 @pytest.mark.parametrize("write", [

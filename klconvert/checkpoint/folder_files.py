@@ -9,6 +9,7 @@ from pathlib import Path
 
 from klconvert.checkpoint.regular_file import read_bounded
 from klconvert.errors import KLError, read_failure
+from klconvert.hf_cache import BLOBS, SNAPSHOTS
 from klconvert.units import binary_size_text
 
 CONFIG_FILE = "config.json"  # the model's config, transformers' name for it
@@ -37,8 +38,8 @@ def refuse_link_out(path: Path, folder: Path | None = None) -> None:
     model in a subfolder) a file is a link into the repo's blobs/, which is its own. A link round in a loop is left to
     the file's reader, which names it."""
     root = Path(os.path.realpath(path.parent if folder is None else folder))
-    own = (root,) + tuple(place.parent.parent / "blobs" for place in (root, *root.parents)
-                          if place.parent.name == "snapshots")
+    own = (root,) + tuple(place.parent.parent / BLOBS for place in (root, *root.parents)
+                          if place.parent.name == SNAPSHOTS)
     target = Path(os.path.realpath(path))
     if not any(target.is_relative_to(place) for place in own):
         raise KLError(f"{path}: a link to {target}, outside the model folder; klconvert reads a model's files from its "

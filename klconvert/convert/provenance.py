@@ -14,10 +14,9 @@ from klconvert.checkpoint.regular_file import read_bounded, read_json
 from klconvert.config import MAX_CONFIG_BYTES
 from klconvert.errors import KLError
 from klconvert.hex_digests import GIT_SHA
+from klconvert.hf_cache import SNAPSHOTS, repo_of_model_folder
 from klconvert.hub import LOCAL_DIR_RECORD, MAX_PULL_RECORD_BYTES
 from klconvert.models import BUNDLED_DIR, BUNDLED_NAME
-
-HF_CACHE_REPO_PREFIX = "models--"  # the HF cache's models--org--name/snapshots/<commit>/ layout
 
 
 @dataclass(frozen=True)
@@ -51,9 +50,9 @@ def source_origin(folder: str | Path) -> SourceOrigin:
             return SourceOrigin(folder, repo, commit)
     except (OSError, ValueError, RecursionError, KLError, KeyError, TypeError):
         pass
-    storage = folder.parent.parent
-    if folder.parent.name == "snapshots" and storage.name.startswith(HF_CACHE_REPO_PREFIX):
-        return SourceOrigin(folder, storage.name.removeprefix(HF_CACHE_REPO_PREFIX).replace("--", "/"), folder.name)
+    repo = repo_of_model_folder(folder.parent.parent.name)
+    if folder.parent.name == SNAPSHOTS and repo is not None:
+        return SourceOrigin(folder, repo, folder.name)
     return SourceOrigin(folder)
 
 
