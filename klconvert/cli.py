@@ -358,6 +358,12 @@ def pull(repo: str, revision: str | None, include: tuple[str, ...], exclude: tup
     echo_complete(result.path)
 
 
+def _over_context_length(flag: str, value: int, config: KimiLinearConfig) -> KLError:
+    """A flag's number of tokens past the model's context length (model_max_length, named as its config names it)."""
+    return KLError(f"{flag} {value:,} is over the model's {config.model_max_length_name} {config.model_max_length:,}; "
+                   "lower it")
+
+
 def _context_error(where: str, tokens: int, at_least: bool, max_new_tokens: int, max_context: int | None,
                    config: KimiLinearConfig) -> KLError:
     """What is true when the prompt of `where` (the flag that gave it), of `tokens` (or more), plus --max-new-tokens
@@ -438,7 +444,7 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
     config = KimiLinearConfig.from_file(folder / CONFIG_FILE)
     limit, limit_name = config.model_max_length, config.model_max_length_name
     if max_context is not None and max_context > limit:
-        raise KLError(f"--max-context {max_context:,} is over the model's {limit_name} {limit:,}; lower it")
+        raise _over_context_length("--max-context", max_context, config)
     budget = (max_context or limit) - max_new_tokens  # the most prompt tokens the context can hold
     if budget < 1:
         raise KLError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in "
@@ -765,8 +771,7 @@ def eval_(model: str, reference: str, text_file: Path, max_tokens: int, device: 
     reference_dir = model_folder(reference, f"--reference {reference}")
     config = KimiLinearConfig.from_file(reference_dir / CONFIG_FILE, "--reference")
     if max_tokens > config.model_max_length:
-        raise KLError(f"--max-tokens {max_tokens:,} is over the model's {config.model_max_length_name} "
-                      f"{config.model_max_length:,}; lower it")
+        raise _over_context_length("--max-tokens", max_tokens, config)
     text = read_text_file(text_file, "--text-file", Tokenizer.from_folder(reference_dir), max_tokens,
                           MIN_SCORED_TOKENS)
     result = evaluate(model, reference, text, max_tokens=max_tokens, device=device, dtype=dtype)
@@ -870,8 +875,7 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
             calm, label = (weights if check_depth else None), str(model)
         for flag, asked in (("--prefill", prefills), ("--context", contexts)):
             if max(asked or [0]) > config.model_max_length:
-                raise KLError(f"{flag} {max(asked):,} is over the model's {config.model_max_length_name} "
-                              f"{config.model_max_length:,}; lower it")
+                raise _over_context_length(flag, max(asked), config)
         B.check_new_tokens(config, new_tokens)   # bench() checks it too; here with the other flags
         if contexts is None:
             contexts = [] if prefills else [DECODE_CONTEXT]

@@ -82,6 +82,11 @@ def unreadable_reason(error: BaseException, limit: int = 200) -> str:
     return "nested too deeply" if isinstance(error, RecursionError) else first_line(error)[:limit]
 
 
+def not_utf8(where: object, offset: int) -> str:
+    """The start of the line for a file `where` that is not UTF-8 text, its first bad byte at `offset`."""
+    return f"{where}: not UTF-8 text (bad byte at offset {offset})"
+
+
 def is_permission_error(error: BaseException) -> bool:
     """Whether an OSError is the system's refusal to let this user at a file (EACCES, EPERM): said as that, with the
     permissions to fix -- not as a file that is damaged or missing."""

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from klconvert.errors import KLError
+from klconvert.errors import KLError, not_utf8
 from klconvert.tokenizer import MAX_ENCODE_CHARS, Tokenizer
 
 READ_CHUNK_BYTES = 1 << 20
@@ -62,8 +62,7 @@ def read_tokens(chunks: Iterator[bytes], where: str, tokenizer: Tokenizer, max_t
             if read == 0 and e.start == 0 and chunk.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
                 raise KLError(f"{where}: UTF-16 text, not UTF-8 (it starts with {chunk[:2].hex(' ').upper()}, a "
                               "UTF-16 byte-order mark); convert it to UTF-8") from None
-            raise KLError(f"{where}: not UTF-8 text (bad byte at offset {read - held + e.start}); convert it to "
-                          "UTF-8") from None
+            raise KLError(f"{not_utf8(where, read - held + e.start)}; convert it to UTF-8") from None
         read += len(chunk)
         if at_start and pending:
             pending, at_start = pending.removeprefix(BYTE_ORDER_MARK), False

@@ -16,7 +16,7 @@ from klconvert.checkpoint.reader import Checkpoint
 from klconvert.checkpoint.regular_file import open_regular
 from klconvert.checkpoint.size_bounds import check_model_size
 from klconvert.config import KimiLinearConfig
-from klconvert.errors import KLError, either, shown
+from klconvert.errors import KLError, either, not_utf8, shown
 from klconvert.presets import preset_config
 from klconvert.quant import Policy, Recipe, load_recipe, policy_from_options
 from klconvert.quant.groupwise import SUPPORTED_BITS
@@ -167,7 +167,7 @@ def folder_recipe(path: Path, config: KimiLinearConfig) -> Recipe | None:
         check_runtime_settings(recipe)
         check_runtime_context(recipe, config)
     except UnicodeDecodeError as e:
-        problem = f"{path}: not UTF-8 text (bad byte at offset {e.start})"
+        problem = not_utf8(path, e.start)
     except OSError as e:
         problem = f"{path}: cannot read it ({e.strerror})"
     except KLError as e:

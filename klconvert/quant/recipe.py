@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from klconvert.checkpoint.regular_file import open_regular
-from klconvert.errors import ERROR_CHARS, KLError, either, few, shown
+from klconvert.errors import ERROR_CHARS, KLError, either, few, not_utf8, shown
 from klconvert.quant.groupwise import CHANNEL, SUPPORTED_BITS, unsupported_observer
 from klconvert.quant.policy import MAX_POLICY_ENTRIES, Entry, Group, Policy, RegexBudget
 from klconvert.quant.scheme import KINDS, NF4_BLOCKSIZE, PACKED_FORMAT, QuantScheme
@@ -237,8 +237,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise KLError(f"{path}: no such recipe file; check the --recipe path, or name a shipped recipe: "
                       f"{', '.join(shipped_names())}") from None
     except UnicodeDecodeError as e:
-        raise KLError(f"{path}: not UTF-8 text (bad byte at offset {e.start}), so no recipe; check the --recipe "
-                      "path") from None
+        raise KLError(f"{not_utf8(path, e.start)}, so no recipe; check the --recipe path") from None
     except OSError as e:
         raise KLError(f"{path}: cannot read the recipe ({e.strerror}); check the --recipe path") from None
     return parse_recipe(text, str(path))
