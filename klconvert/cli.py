@@ -627,6 +627,7 @@ def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) ->
 def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path | None, gpu_memory: str | None,
          max_context: int | None, batch: int | None, mla_cache_dtype: str | None, kda_state_dtype: str | None,
          bits: str | None, group_size: int | None) -> None:
+    from klconvert.quant.scheme import GROUP_SIZE
     from klconvert.runtime.plan_report import gpu_memory_bytes, plan_for, render_plan
 
     if (model is None) == (preset is None):
@@ -645,11 +646,11 @@ def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path
         if fit:
             advice = f"plan for a context of {fit:,} or fewer"
         elif p.weights > p.memory_limit and plan_for(bits=4, **same).weights < p.memory_limit:
-            advice = ("the weights alone do not fit: plan with fewer bits (--bits 4 with groups of 128, which the "
-                      "kernels keep packed) or a smaller recipe, or for a larger GPU")
+            advice = (f"the weights alone do not fit: plan with fewer bits (--bits 4 with groups of {GROUP_SIZE}, "
+                      "which the kernels keep packed) or a smaller recipe, or for a larger GPU")
         elif p.weights > p.memory_limit:
-            advice = ("the weights alone do not fit, even at 4 bits with groups of 128 (the smallest the kernels "
-                      "keep packed): plan for a larger GPU")
+            advice = (f"the weights alone do not fit, even at 4 bits with groups of {GROUP_SIZE} (the smallest the "
+                      "kernels keep packed): plan for a larger GPU")
         else:   # the weights fit; the batch's state and one segment's workspace do not, at any context
             advice = (f"the weights ({binary_size_text(p.weights)}) fit, but a batch of {p.batch:,} sequences' state "
                       "and workspace do not at any context: plan a smaller --batch")

@@ -584,6 +584,20 @@ def test_quantize_help_states_the_defaults_the_code_has():
     assert f"{DEFAULT.observer} [default]" in helps["observer"]
 
 
+def test_plan_and_bench_help_state_the_defaults_the_code_has():
+    """plan's and bench's help, and quantize's of the MSE observer, restate the default policy and the observer's
+    search in words (as the README does, held by test_readme_bounds.py): held to the code here."""
+    from klconvert.quant.defaults import DEFAULT, LM_HEAD_BITS
+    from klconvert.quant.groupwise import MSE_GRID, MSE_MAX_SHRINK
+
+    helps = {(name, p.name): p.help for name, command in cli.commands.items() for p in command.params
+             if isinstance(p, click.Option)}
+    assert f"lm_head at {LM_HEAD_BITS} " in helps[("plan", "bits")]
+    assert f"[default: {DEFAULT.group_size}]" in helps[("plan", "group_size")]
+    assert f"(default policy, lm_head int{LM_HEAD_BITS}, group {DEFAULT.group_size})" in helps[("bench", "bits")]
+    assert f"up to {int(MSE_MAX_SHRINK * MSE_GRID)} trials a weight" in helps[("quantize", "observer")]
+
+
 def test_other_defaults_the_cli_states_are_the_codes():
     """Defaults the torch-free CLI writes out, where the code defining them imports torch or onnx: held to it here."""
     import inspect
