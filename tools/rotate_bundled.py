@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -27,16 +26,14 @@ from compressed_tensors.transform.utils.hadamard import deterministic_hadamard_m
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gptq_bundled import BUNDLED  # noqa: E402
-
-from klconvert.checkpoint.folder_files import CONFIG_FILE, INDEX_FILE  # noqa: E402
-from klconvert.checkpoint.reader import open_checkpoint  # noqa: E402
-from klconvert.config import KimiLinearConfig  # noqa: E402
-from klconvert.errors import KLError  # noqa: E402
-from klconvert.script_summary import script_summary  # noqa: E402
-from klconvert.tokenizer import TOKENIZER_FILES  # noqa: E402
-from klconvert.whole_folder import refuse_taken, whole_folder  # noqa: E402
+from klconvert.checkpoint.folder_files import CONFIG_FILE, INDEX_FILE
+from klconvert.checkpoint.reader import open_checkpoint
+from klconvert.config import KimiLinearConfig
+from klconvert.errors import KLError
+from klconvert.models import BUNDLED_DIR
+from klconvert.script_summary import script_summary
+from klconvert.tokenizer import TOKENIZER_FILES
+from klconvert.whole_folder import refuse_taken, whole_folder
 
 ROTATIONS = ("hadamard", "random-hadamard", "identity")
 
@@ -124,7 +121,7 @@ def rotate(model: Path, out: Path, kind: str = "hadamard", dtype: torch.dtype | 
 def main() -> None:
     p = argparse.ArgumentParser(description=script_summary(__file__))
     p.add_argument("out", type=Path, help="Output folder (the release's format).")
-    p.add_argument("--model", type=Path, default=BUNDLED,
+    p.add_argument("--model", type=Path, default=BUNDLED_DIR,
                    help="The bf16 model folder (default: the bundled one), held in memory whole (fp64 where rotated).")
     p.add_argument("--rotation", choices=ROTATIONS, default="hadamard",
                    help="identity: the norms folded into their readers alone, the control [default: hadamard].")

@@ -21,15 +21,13 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bundled_corpus  # noqa: E402
 
+from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.release import NUM_SPECIAL_TOKENS  # noqa: E402
 from klconvert.script_summary import script_summary  # noqa: E402
 from klconvert.synth.tokenizer_files import write_tiktoken_files  # noqa: E402
 from klconvert.tokenizer import KIMI_PRETOKENIZE_PATTERN  # noqa: E402
 from klconvert.tokenizer import Tokenizer as KimiTokenizer  # noqa: E402
 from klconvert.tokenizer_json import byte_chars  # noqa: E402
-
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "klconvert" / "bundled"
-
 
 def byte_decoder() -> dict[str, int]:
     """The inverse of GPT-2's bytes_to_unicode, which `tokenizers`' ByteLevel uses to spell bytes as characters."""
@@ -64,7 +62,7 @@ def ranked_tokens(tokenizer: Tokenizer) -> list[bytes]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=script_summary(__file__))
     parser.add_argument("--vocab", type=int, default=4096, help="BPE ranks (the 256 bytes included).")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+    parser.add_argument("--out", type=Path, default=BUNDLED_DIR,
                         help="Where tiktoken.model and the token configs go [default: the bundled model's folder].")
     args = parser.parse_args()
     if args.vocab <= 256:
