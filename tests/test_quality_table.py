@@ -14,7 +14,7 @@ import quality_table  # noqa: E402
 
 from klconvert.config import KimiLinearConfig  # noqa: E402
 from klconvert.models import resolve_model  # noqa: E402
-from klconvert.quantize import quantize  # noqa: E402
+from klconvert.quantize import choose_policy, quantize  # noqa: E402
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -25,6 +25,17 @@ def test_folder_bits_per_weight_equal_what_quantize_reports(tmp_path, bits):
     _, params = quality_table.stored(source)
     assert (written, params) == (result.totals.bytes_out, result.totals.params)
     assert quality_table.planned_bits_per_weight(source, {"bits": bits}) == result.totals.bits_per_weight
+
+
+def test_the_recipe_every_row_varies_is_the_default_policy(tmp_path):
+    """recipe() with no arguments, which the studies change one thing of, is the default policy (quant/defaults.py):
+    the projections it keeps, its bits, group size and lm_head bits were literals of the tool's own."""
+    def layout(policy):
+        return ([(tuple(e.pattern for e in g.targets), g.scheme) for g in policy.groups],
+                sorted(e.pattern for e in policy.ignore))
+
+    (tmp_path / "recipe.yaml").write_text(quality_table.recipe())
+    assert layout(choose_policy(recipe=tmp_path / "recipe.yaml")[0]) == layout(choose_policy()[0])
 
 
 def readme_bits() -> list[tuple[str, str, str]]:

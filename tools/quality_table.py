@@ -37,23 +37,23 @@ from klconvert.models import resolve_model  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
 from klconvert.convert.outputs import plan_modules, plan_totals  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
-from klconvert.quant.defaults import KEEP, LM_HEAD  # noqa: E402
+from klconvert.quant.defaults import (DEFAULT, KEEP, LM_HEAD, LM_HEAD_BITS, SMALL_KDA_PROJECTIONS,  # noqa: E402
+                                      kda_projections)
 from klconvert.quantize import choose_policy, quantize  # noqa: E402
 from klconvert.script_summary import script_summary  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-DEFAULT_KEPT_SMALL = ("f_b", "g_a", "g_b")   # the small KDA projections the default policy keeps in bf16
-ROUTER, CONVS = KEEP[0], KEEP[2]
+ALWAYS_KEPT = [k for k in KEEP if k != kda_projections(SMALL_KDA_PROJECTIONS)]   # the router, the short convs
 
 
-def recipe(kept_small: tuple[str, ...] = DEFAULT_KEPT_SMALL, keep: tuple[str, ...] = (),
-           lm_head_bits: int | None = 8, bits: int = 4, group_size: int = 128, symmetric: bool = True,
-           observer: str = "minmax") -> str:
+def recipe(kept_small: tuple[str, ...] = SMALL_KDA_PROJECTIONS, keep: tuple[str, ...] = (),
+           lm_head_bits: int | None = LM_HEAD_BITS, bits: int = DEFAULT.bits, group_size: int = DEFAULT.group_size,
+           symmetric: bool = DEFAULT.symmetric, observer: str = DEFAULT.observer) -> str:
     """The default policy as a recipe, with the small KDA projections `kept_small` (f_a, b, f_b, g_a, g_b) in
     bf16, the modules matching the `keep` regexes kept in bf16 too, lm_head at `lm_head_bits` (None: bf16), and the
     other linears' scales from `observer` (lm_head's stay min-max)."""
-    ignore = [ROUTER, CONVS] + ([rf"re:.*\.({'|'.join(kept_small)})_proj$"] if kept_small else [])
+    ignore = ALWAYS_KEPT + ([kda_projections(kept_small)] if kept_small else [])
     ignore += [f"re:{k}" for k in keep] + ([LM_HEAD] if lm_head_bits is None else [])
     weights = (f"{{num_bits: {bits}, type: int, symmetric: {str(symmetric).lower()}, strategy: group, "
                f"group_size: {group_size}, observer: {observer}}}")
@@ -93,7 +93,7 @@ def variants(c: KimiLinearConfig) -> list[tuple[str, str, dict]]:
         ("schemes", "int4 g128 asym, MSE observer", {"recipe_text": recipe(symmetric=False, observer="mse")}),
     ]
     rows += [("recipes", f"recipes/{p.name}", {"recipe": p}) for p in sorted(RECIPES.glob("*.yaml"))]
-    kept = DEFAULT_KEPT_SMALL
+    kept = SMALL_KDA_PROJECTIONS
     study = [("b_proj, f_a_proj in bf16 (split: vLLM refuses it)", kept + ("b", "f_a"), (), True),
              ("+ g_a_proj int4", ("f_b", "g_b"), (), False), ("+ f_b_proj int4", ("g_a", "g_b"), (), False),
              ("+ g_b_proj int4", ("f_b", "g_a"), (), False), ("+ all three int4", (), (), False),
@@ -102,7 +102,7 @@ def variants(c: KimiLinearConfig) -> list[tuple[str, str, dict]]:
     rows += [("study 1: int4 g128, default policy (b_proj, f_a_proj int4) but", label,
               {"recipe_text": recipe(small, keep), "allow_split_fused": split}) for label, small, keep, split in study]
     rows += [("study 2: int4 g128, lm_head at", label, {"recipe_text": recipe(lm_head_bits=b)})
-             for label, b in (("4 bits", 4), ("8 bits (default)", 8), ("bf16", None))]
+             for label, b in (("4 bits", 4), (f"{LM_HEAD_BITS} bits (default)", LM_HEAD_BITS), ("bf16", None))]
     return rows
 
 

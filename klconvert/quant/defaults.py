@@ -5,6 +5,14 @@ from klconvert.quant.policy import LINEAR, Entry, Group, Policy
 from klconvert.quant.scheme import NF4_BLOCKSIZE, QuantScheme
 from klconvert.release import ROUTER, SHORT_CONVS
 
+SMALL_KDA_PROJECTIONS = ("f_b", "g_a", "g_b")   # KDA forget-gate up-projection, output gate low-rank pair: tiny
+
+
+def kda_projections(names: tuple[str, ...]) -> str:
+    """The ignore target of the KDA projections `names` (f_b: f_b_proj) of every layer."""
+    return rf"re:.*\.({'|'.join(names)})_proj$"
+
+
 # The main group targets "Linear" rather than a list of regexes on purpose: vLLM's compressed-tensors
 # MoE method looks the routed experts' scheme up under "Linear" (or gate/up/down_proj names, which
 # Kimi's w1/w2/w3 are not), and llm-compressor's MoE recipes do the same. What stays out is listed in
@@ -13,7 +21,7 @@ from klconvert.release import ROUTER, SHORT_CONVS
 # the dense MLP of layer 0, KDA q/k/v/b/f_a/o_proj and MLA q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj.
 KEEP = (
     f"re:{ROUTER}$",                            # MoE router (gate.weight; its correction bias is not a weight)
-    r"re:.*\.(f_b|g_a|g_b)_proj$",             # KDA forget-gate up-projection, output gate low-rank pair: tiny
+    kda_projections(SMALL_KDA_PROJECTIONS),     # KDA projections too small to gain from quantizing
     f"re:{SHORT_CONVS}$",                       # KDA short convolutions (vLLM builds them as linear layers)
 )
 # vLLM fuses a KDA layer's q, k, v, b and f_a projections into one module (in_proj_qkvgfab) with one scheme, so
