@@ -50,7 +50,7 @@ from klconvert.quant import Policy, Recipe, load_recipe, policy_from_options
 from klconvert.runtime.host_memory import exhausted
 from klconvert.quant.defaults import DEFAULT
 from klconvert.quant.fused import refuse_split_fused
-from klconvert.quant.groupwise import OBSERVERS, SUPPORTED_BITS, unsupported_observer
+from klconvert.quant.groupwise import GROUP_SIZE_ADVICE, OBSERVERS, SUPPORTED_BITS, unsupported_observer
 from klconvert.quant.policy import LINEAR
 from klconvert.quant.scheme import KINDS, NF4_BLOCKSIZE
 from klconvert.presets import preset_config
@@ -99,8 +99,8 @@ def _checked_flag_types(group_size, symmetric, scheme, observer) -> int | None:
     default or met as a TypeError. None is each one's default; --bits is checked with its values."""
     size = None if group_size is None else as_number(group_size, whole=True)
     if group_size is not None and size is None:
-        raise KLError(f"--group-size {group_size!r} is not a whole number; use 32, 64 or 128 (or -1 for one scale "
-                      "per row)")
+        raise KLError(f"--group-size {group_size!r} is not a whole number; use {GROUP_SIZE_ADVICE} (or -1 for one "
+                      "scale per row)")
     if symmetric is not None and type(symmetric) is not bool:
         raise KLError(f"--sym/--asym: symmetric={symmetric!r} is not a bool; pass symmetric=True (--sym), False "
                       "(--asym) or None (the default, --sym)")

@@ -19,7 +19,7 @@ import torch
 
 from klconvert.errors import KLError
 from klconvert.quant import QuantScheme, unpack_from_int32
-from klconvert.quant.groupwise import CHANNEL
+from klconvert.quant.groupwise import CHANNEL, GROUP_SIZE_ADVICE
 
 MIN_BLOCK = 16  # MatMulNBits' and QMoE's smallest block_size
 
@@ -61,7 +61,7 @@ def nbits_weight(parts: dict[str, torch.Tensor], scheme: QuantScheme, name: str)
     block = block_size_for(group)
     if block is None:
         raise KLError(f"{name}: group size {group} has no power-of-two block of at least {MIN_BLOCK} that MatMulNBits "
-                      "can take; quantize with --group-size 32, 64 or 128")
+                      f"can take; quantize with --group-size {GROUP_SIZE_ADVICE}")
     words = parts["weight_packed"].contiguous().numpy()
     if sys.byteorder == "big":
         words = words.byteswap()

@@ -7,6 +7,8 @@ from klconvert.errors import KLError, either, shown
 
 SUPPORTED_BITS = (4, 8)  # an int scheme's bits (kernels/ check their own: they import nothing from the package)
 CHANNEL = -1  # group_size meaning "one group per output row" (compressed-tensors strategy "channel")
+# the group sizes every refusal of one suggests: powers of two that MatMulNBits (ONNX) takes as blocks, too
+GROUP_SIZE_ADVICE = "32, 64 or 128"
 _SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # The arithmetic below copies compressed-tensors 0.20 step by step, in the same dtypes, so that its
@@ -27,6 +29,13 @@ def qrange(bits: int) -> tuple[int, int]:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
+def check_group_size(group_size: int, where: str = "") -> None:
+    """KLError, its line starting with `where`, unless group_size is CHANNEL or a positive multiple of 8."""
+    if group_size != CHANNEL and (group_size <= 0 or group_size % 8):
+        raise KLError(f"{where}group size {shown(group_size)} is not a positive multiple of 8 (or -1 for "
+                      f"per-channel); use {GROUP_SIZE_ADVICE}")
+
+
 def check_groupwise(name: str, shape: tuple[int, ...], bits: int, group_size: int | None) -> int:
     """Check a tensor can take this scheme; return the effective group size (the input dim for channel)."""
     if bits not in SUPPORTED_BITS:
@@ -37,9 +46,7 @@ def check_groupwise(name: str, shape: tuple[int, ...], bits: int, group_size: in
     n_in = shape[1]
     if group_size is None or group_size == CHANNEL:
         return n_in
-    if group_size <= 0 or group_size % 8:
-        raise KLError(f"{name}: group size {group_size} is not a positive multiple of 8 (or -1 for per-channel); "
-                      "use 32, 64 or 128")
+    check_group_size(group_size, f"{name}: ")
     if n_in % group_size:
         raise KLError(f"{name}: group size {group_size} does not divide the input dim of shape {list(shape)}; "
                       f"use a group size that divides {n_in} or leave this tensor out of the recipe's targets")

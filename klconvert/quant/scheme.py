@@ -5,7 +5,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from klconvert.errors import KLError, either, shown
-from klconvert.quant.groupwise import CHANNEL, OBSERVERS, SUPPORTED_BITS, unsupported_observer
+from klconvert.quant.groupwise import CHANNEL, OBSERVERS, SUPPORTED_BITS, check_group_size, unsupported_observer
 
 PACKED_FORMAT = "pack-quantized"  # compressed-tensors' format of the int weights klconvert writes and reads
 COMPRESSED_TENSORS = "compressed-tensors"  # the quant_method of that format's configs
@@ -42,9 +42,7 @@ class QuantScheme:
                 raise KLError(unsupported_observer(self.observer))
             if self.bits not in SUPPORTED_BITS:
                 raise KLError(f"integer quantization supports {either(SUPPORTED_BITS)} bits, got {shown(self.bits)}")
-            if self.group_size != CHANNEL and (self.group_size <= 0 or self.group_size % 8):
-                raise KLError(f"group size {shown(self.group_size)} is not a positive multiple of 8 (or -1 for "
-                              "per-channel); use 32, 64 or 128")
+            check_group_size(self.group_size)
         else:
             raise KLError(f"quantization kind {shown(self.kind)} is unknown; use {either(map(repr, KINDS))}")
 

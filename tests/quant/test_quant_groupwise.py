@@ -144,9 +144,11 @@ def test_group_size_must_divide_in_dim():
     with pytest.raises(KLError, match=r"^integer quantization supports 4 or 8 bits, got 3$"):
         QuantScheme(3, 128, True)
     for size in (0, -8, 20):   # 0 and -8 pass "% 8"; CHANNEL (-1) is the one size under 8 taken
-        with pytest.raises(KLError, match=rf"^group size {size} is not a positive multiple of 8 \(or -1 for "
-                                          r"per-channel\); use 32, 64 or 128$"):
+        line = rf"group size {size} is not a positive multiple of 8 \(or -1 for per-channel\); use 32, 64 or 128$"
+        with pytest.raises(KLError, match="^" + line):
             QuantScheme(4, size, True)
+        with pytest.raises(KLError, match=r"^w: " + line):   # a scheme's rule, said of the tensor it was asked for
+            quantize_groupwise(w, 4, size, True, name="w")
     for bad in ("nan", "inf", "-inf"):   # not the scale check's "a fine-tune that diverged?" after it
         w = torch.randn(8, 64)
         w[3, 17] = float(bad)
