@@ -6,7 +6,7 @@ from pathlib import Path
 
 import klconvert.quantize as quantize_module
 from klconvert.convert import outputs
-from klconvert.quant.pack_quantized import PACKED_NAMES
+from klconvert.quant.stored import PACKED_PARTS
 
 
 def count_quantize_calls(monkeypatch) -> list[str]:
@@ -43,7 +43,7 @@ def break_shard_write(monkeypatch, shard_number: int, error: BaseException) -> N
 def modules_in_shards(index: dict, shards: set[str]) -> list[str]:
     """The quantized modules with at least one tensor in `shards`."""
     return sorted({name.rsplit(".", 1)[0] for name, shard in index["weight_map"].items()
-                   if shard in shards and name.endswith(PACKED_NAMES)})
+                   if shard in shards and name.endswith(PACKED_PARTS)})
 
 
 def folder_files(folder: Path) -> dict[str, bytes]:

@@ -15,7 +15,16 @@ from klconvert.config import KimiLinearConfig
 from klconvert.presets import preset_config
 from klconvert.quant import QuantScheme, compress_nf4, compress_weight, policy_from_options
 from klconvert.quant.groupwise import CHANNEL
-from klconvert.quant.stored import stored_parts
+from klconvert.quant.stored import (
+    NF4_PARTS,
+    NF4_REQUIRED,
+    NF4_STATE,
+    PACKED_PARTS,
+    PACKED_REQUIRED,
+    nf4_parts,
+    packed_parts,
+    stored_parts,
+)
 from klconvert.runtime.memory_plan import MemoryPlan, stored_bytes, weight_bytes
 from klconvert.runtime.plan_report import plan_for, render_plan
 from testkit import assert_one_line_error, run_cli
@@ -157,6 +166,17 @@ def test_stored_bytes_are_the_bytes_the_converter_writes(scheme):
     assert sum(t.nbytes for t in on_device.values()) == stored_bytes((256, 384), scheme, torch.bfloat16)
     assert {f"m.{p}" for p, _, _ in stored_parts((256, 384), torch.bfloat16, scheme)} == \
         {n for n in made if not n.endswith("quant_state.bitsandbytes__nf4")}
+
+
+def test_the_part_tables_the_readers_use_are_the_parts_planned():
+    """The names the readers look for and require (PACKED_*, NF4_*) are those of the parts the converter plans: all
+    of them where a scheme writes all (zero points, double quantization), the required ones where it does not."""
+    for symmetric in (True, False):
+        planned = [p for p, _, _ in packed_parts((256, 384), torch.bfloat16, QuantScheme(4, 128, symmetric))]
+        assert planned == list(PACKED_REQUIRED if symmetric else PACKED_PARTS)
+    for nested_blocksize in (256, None):
+        planned = [p for p, _, _ in nf4_parts((256, 384), nested_blocksize=nested_blocksize)] + [NF4_STATE]
+        assert planned == list(NF4_PARTS if nested_blocksize else NF4_REQUIRED)
 
 
 def test_plan_help_states_the_runtime_defaults_the_code_has():

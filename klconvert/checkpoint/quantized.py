@@ -14,14 +14,15 @@ from klconvert.errors import KLError, shown
 from klconvert.quant import QuantScheme, decompress_nf4, decompress_weight
 from klconvert.quant.declared import DENSE_FORMAT, G_IDX, Declared, declared_groups, group_act_order
 from klconvert.quant.groupwise import CHANNEL, SUPPORTED_BITS
-from klconvert.quant.nf4 import BITSANDBYTES, NF4_NAMES
-from klconvert.quant.pack_quantized import PACKED_NAMES as PACKED_PARTS
+from klconvert.quant.nf4 import BITSANDBYTES
 from klconvert.quant.policy import is_linear_weight, kept_in_high_precision
 from klconvert.quant.scheme import COMPRESSED_TENSORS, NF4_BLOCKSIZE, PACKED_FORMAT
+from klconvert.quant.stored import NF4_DATA, NF4_PARTS, NF4_REQUIRED, NF4_STATE, PACKED_PARTS, PACKED_REQUIRED
 
-NF4_PARTS = tuple(n for n in NF4_NAMES if n != "weight")  # "weight" itself is the packed data
-# names that end so are tensors only a quantized folder holds (either method's)
-PACKED_TENSOR_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "absmax", "quant_state.bitsandbytes__nf4")
+# the NF4 parts a module's tensors are grouped by: its data's own name is the module's weight's
+NF4_PARTS_BESIDE_DATA = tuple(p for p in NF4_PARTS if p != NF4_DATA)
+# names that end so are tensors only a quantized folder holds (either method's; "absmax" the nested one too)
+PACKED_TENSOR_SUFFIXES = (*PACKED_REQUIRED, "absmax", NF4_STATE)
 METHODS = (COMPRESSED_TENSORS, BITSANDBYTES)
 LLM_INT8 = "8-bit (LLM.int8)"
 # bitsandbytes' forms klconvert does not read, by a tensor only that form writes beside a module's weight: LLM.int8
@@ -108,7 +109,7 @@ def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, S
 
     Returns {canonical weight name: QuantizedSource}; every source tensor it names belongs to one group.
     """
-    parts = PACKED_PARTS if method == COMPRESSED_TENSORS else NF4_PARTS
+    parts = PACKED_PARTS if method == COMPRESSED_TENSORS else NF4_PARTS_BESIDE_DATA
     groups: dict[str, dict[str, tuple[str, str]]] = {}
     for name, shard in weight_map.items():
         hit = _module_of(name, parts)
@@ -116,8 +117,8 @@ def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, S
             groups.setdefault(hit[0], {})[hit[1]] = (shard, name)
     if method == BITSANDBYTES:
         for module, group in groups.items():
-            if f"{module}.weight" in weight_map:
-                group["weight"] = (weight_map[f"{module}.weight"], f"{module}.weight")
+            if f"{module}.{NF4_DATA}" in weight_map:
+                group[NF4_DATA] = (weight_map[f"{module}.{NF4_DATA}"], f"{module}.{NF4_DATA}")
 
     declared = declared_groups(config.raw["quantization_config"], f"{folder}/config.json") \
         if method == COMPRESSED_TENSORS else None
@@ -150,9 +151,7 @@ def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, S
             shard, name = group[part]
             return headers[shard].tensors[name]
 
-        need = ("weight_packed", "weight_scale", "weight_shape") if method == COMPRESSED_TENSORS else \
-            ("weight", "weight.absmax", "weight.quant_map", "weight.quant_state.bitsandbytes__nf4")
-        missing = [p for p in need if p not in group]
+        missing = [p for p in (PACKED_REQUIRED if method == COMPRESSED_TENSORS else NF4_REQUIRED) if p not in group]
         if missing:
             raise KLError(f"{where} lacks {', '.join(missing)}; the conversion was cut short -- run it again")
         out_dim, in_dim = spec.shape

@@ -15,7 +15,7 @@ from klconvert.checkpoint.stored_tensor import TORCH_DTYPES
 from klconvert.quant import Policy, QuantScheme, compress_nf4, compress_weight
 from klconvert.quant.pack_quantized import weight_shape_tensor
 from klconvert.quant.scheme import NF4_BLOCKSIZE
-from klconvert.quant.stored import nf4_parts, packed_parts
+from klconvert.quant.stored import NF4_STATE, nf4_parts, packed_parts
 
 Output = tuple[str, torch.dtype, tuple[int, ...]]  # (tensor name, dtype, shape) as written
 
@@ -23,7 +23,6 @@ Output = tuple[str, torch.dtype, tuple[int, ...]]  # (tensor name, dtype, shape)
 # bits as one call, while the temporaries of the 163840-row lm_head stay near 40 MB instead of 3 GB.
 # A multiple of 8, so int4 zero points (8 rows to an int32 word) never straddle two blocks.
 ROW_BLOCK = 8192
-NF4_STATE = "weight.quant_state.bitsandbytes__nf4"  # the uint8 tensor holding bitsandbytes' JSON quant state
 LONGEST_FLOAT = -2.2250738585072014e-308  # a double whose repr is as long as any (24 characters)
 
 

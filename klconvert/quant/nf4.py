@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -11,16 +12,12 @@ from klconvert.errors import KLError, unreadable_reason
 from klconvert.extras import require
 from klconvert.quant.pack_quantized import local_names
 from klconvert.quant.scheme import NF4_BLOCKSIZE
+from klconvert.quant.stored import NF4_DATA, NF4_NESTED_PARTS, NF4_PARTS, NF4_REQUIRED, NF4_STATE, nf4_parts
 
-# Linear4bit._save_to_state_dict writes "<module>.weight" plus QuantState.as_dict(packed=True) under
-# "<module>.weight.": absmax (uint8 when double-quantized), quant_map, the nested_* pair and one uint8
-# tensor holding the non-tensor fields as JSON (quant_type, blocksize, dtype, shape, nested_*).
 # The absmax of each block double-quantized (bitsandbytes' compress_statistics): what klconvert writes, what
 # quantization_config declares, and what stored.nf4_parts sizes; a folder without it is read too
 NF4_DOUBLE_QUANT = True
 BITSANDBYTES = "bitsandbytes"  # the quant_method of bitsandbytes' configs
-NF4_NAMES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
-             "weight.quant_state.bitsandbytes__nf4")
 
 
 def _bnb(feature: str):
@@ -60,15 +57,14 @@ def decompress_nf4(tensors: Mapping[str, torch.Tensor], where: str = "an NF4 wei
                    shape: tuple[int, int] | None = None) -> torch.Tensor:
     """Rebuild one module's weight (in the dtype it was quantized from) from its NF4 tensors; `where` names it in
     errors, `shape` (config.json's, when known) is the one its quant state must say."""
-    found = local_names(tensors, NF4_NAMES)
-    missing = [n for n in ("weight", "weight.absmax", "weight.quant_map", "weight.quant_state.bitsandbytes__nf4")
-               if n not in found]
+    found = local_names(tensors, NF4_PARTS)
+    missing = [n for n in NF4_REQUIRED if n not in found]
     if missing:
         raise KLError(f"nf4 tensors {sorted(tensors)[:4]} lack {missing}; the checkpoint is incomplete -- "
                       "re-run the conversion")
     bnbf = _bnb("reading an NF4 checkpoint")
     _check_state(found, where, shape)
-    packed = found.pop("weight")
+    packed = found.pop(NF4_DATA)
     with torch.device("cpu"):   # bitsandbytes makes the nested offset on the default device: the host, not an app's
         state = bnbf.QuantState.from_dict({k.removeprefix("weight."): v for k, v in found.items()},
                                           device=packed.device)
@@ -100,14 +96,14 @@ def _check_state(found: Mapping[str, torch.Tensor], where: str, weight_shape: tu
     def bad(what: str):
         return KLError(f"{where}: NF4 quant state {what}; the checkpoint is damaged -- re-download or re-convert it")
 
-    blob = found["weight.quant_state.bitsandbytes__nf4"]
+    blob = found[NF4_STATE]
     if blob.numel() > MAX_STATE_BYTES:
         raise bad(f"is {blob.numel():,} bytes, far more than its few fields")
     try:
         state = parse_json(bytes(blob.to(torch.uint8).tolist()).decode())
     except (ValueError, RecursionError, TypeError) as e:   # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise bad(f"is not JSON ({unreadable_reason(e, 120)})") from None
-    nested = "weight.nested_absmax" in found
+    nested = NF4_NESTED_PARTS[0] in found   # its nested absmax: double-quantized
     if not isinstance(state, dict):
         raise bad("is not a JSON object")
     fields = _FIELDS + (_NESTED_FIELDS if nested else ())
@@ -117,7 +113,7 @@ def _check_state(found: Mapping[str, torch.Tensor], where: str, weight_shape: tu
     if weight_shape is not None and state.get("shape") != list(weight_shape):
         raise bad(f"says shape {json.dumps(state.get('shape'))[:40]}, but config.json makes the weight "
                   f"{list(weight_shape)}")
-    shape, n = state.get("shape"), 2 * found["weight"].numel()
+    shape, n = state.get("shape"), 2 * found[NF4_DATA].numel()
     fields_ok = (state.get("quant_type") == "nf4" and _block_size(state.get("blocksize"))
                  and state.get("dtype") in _DTYPES and isinstance(shape, list) and len(shape) == 2
                  and all(type(d) is int and d > 0 for d in shape) and shape[0] * shape[1] == n)
@@ -127,20 +123,17 @@ def _check_state(found: Mapping[str, torch.Tensor], where: str, weight_shape: tu
             state.get("nested_dtype") in _DTYPES and type(offset) in (int, float) and abs(offset) <= _FLOAT32_MAX
     if not fields_ok:
         raise bad(f"fields {json.dumps(state)[:200]} do not describe its {n} packed values")
-    blocks = -(-n // state["blocksize"])
-    sizes = {"weight.absmax": blocks, "weight.quant_map": 16}
-    if nested:
-        sizes.update({"weight.nested_absmax": -(-blocks // state["nested_blocksize"]), "weight.nested_quant_map": 256})
-    for name, size in sizes.items():
-        if name not in found or found[name].numel() != size:
+    # the parts the state's block sizes make (the packed data's own uint8 [n / 2, 1] is held at the header)
+    parts = [part for part in nf4_parts(tuple(shape), state["blocksize"], state["nested_blocksize"] if nested else None)
+             if part[0] != NF4_DATA]
+    for name, _, size in parts:
+        if name not in found or found[name].numel() != math.prod(size):
             got = found[name].numel() if name in found else "none"
-            raise bad(f"{name.removeprefix('weight.')} holds {got} values where its shape needs {size}")
-    # the dtypes QuantState.as_dict(packed=True) writes: bitsandbytes reads another dtype's bits as these (a code book
-    # of int32s) or refuses it in a traceback (the packed data's own uint8 [n / 2, 1] is held at the header)
-    dtypes = {"weight.absmax": torch.uint8 if nested else torch.float32, "weight.quant_map": torch.float32,
-              "weight.nested_absmax": torch.float32, "weight.nested_quant_map": torch.float32}
-    for name, dtype in dtypes.items():
-        if name in found and found[name].dtype != dtype:
+            raise bad(f"{name.removeprefix('weight.')} holds {got} values where its shape needs {math.prod(size)}")
+    # in the dtypes QuantState.as_dict(packed=True) writes: bitsandbytes reads another dtype's bits as these (a code
+    # book of int32s) or refuses it in a traceback
+    for name, dtype, _ in parts:
+        if found[name].dtype != dtype:
             raise bad(f"{name.removeprefix('weight.')} is {found[name].dtype}, where bitsandbytes writes {dtype}")
 
 

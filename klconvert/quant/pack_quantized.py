@@ -9,9 +9,8 @@ import torch
 from klconvert.errors import KLError, either
 from klconvert.quant.groupwise import SUPPORTED_BITS, dequantize_groupwise, qrange, quantize_groupwise
 from klconvert.quant.scheme import QuantScheme
+from klconvert.quant.stored import PACKED_PARTS, PACKED_REQUIRED
 
-# The tensors PackedQuantizationCompressor writes for a module, under "<module>.<name>".
-PACKED_NAMES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 # A dequantized weight must be finite in the narrowest dtype a runtime holds weights in (bf16; fp32's range is a hair
 # wider) and in its scale's dtype, which dequantizing computes in.
 NARROWEST_RUNTIME_DTYPE = torch.bfloat16
@@ -106,8 +105,8 @@ def decompress_weight(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme,
 
     The result is computed in the scale's dtype, then cast to `dtype` when given.
     """
-    found = local_names(tensors, PACKED_NAMES)
-    needed = ("weight_packed", "weight_scale", "weight_shape") + (() if scheme.symmetric else ("weight_zero_point",))
+    found = local_names(tensors, PACKED_PARTS)
+    needed = PACKED_REQUIRED + (() if scheme.symmetric else ("weight_zero_point",))
     missing = [n for n in needed if n not in found]
     if missing:
         raise KLError(f"pack-quantized tensors {sorted(tensors)[:4]} lack {missing}; the checkpoint is "
@@ -129,7 +128,7 @@ def check_scales(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, where
     and negative scales are sound; NaN and infinite ones are refused on reading.) One reduction a weight, in the
     scales' own precision or fp32 -- a product past fp32's range is inf, refused all the same. `remedy` ends the
     line: reading a folder, it was damaged; writing one, the source's weights are out of range."""
-    found = local_names(tensors, PACKED_NAMES)
+    found = local_names(tensors, PACKED_PARTS)
     scale = found["weight_scale"]
     qmin, qmax = qrange(scheme.bits)
     if scheme.symmetric:
