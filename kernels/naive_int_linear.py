@@ -13,6 +13,5 @@ def dequantize_int_weight(packed: PackedLinear) -> torch.Tensor:
     return ((codes.float() - zero) * scale)[: packed.n]
 
 
-def naive_int_linear(x: torch.Tensor, packed: PackedLinear, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    y = (x.float() @ dequantize_int_weight(packed).t()).to(x.dtype)
-    return y if out is None else out.copy_(y)
+def naive_int_linear(x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
+    return (x.float() @ dequantize_int_weight(packed).t()).to(x.dtype)

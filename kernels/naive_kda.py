@@ -48,7 +48,7 @@ def l2norm(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + L2NORM_EPS)
 
 
-def naive_kda_decode(q, k, v, g, beta, state, *, A_log, dt_bias, out=None):
+def naive_kda_decode(q, k, v, g, beta, state, *, A_log, dt_bias):
     B, H, K = q.shape
     q = l2norm(q) * kda_q_scale(K)  # [B, H, K], fp32
     k = l2norm(k)
@@ -59,12 +59,11 @@ def naive_kda_decode(q, k, v, g, beta, state, *, A_log, dt_bias, out=None):
     S = S + k[..., None] * u[..., None, :]
     o = (S * q[..., None]).sum(-2)  # [B, H, V]
     state.copy_(S)
-    o = o.to(v.dtype)
-    return o if out is None else out.copy_(o)
+    return o.to(v.dtype)
 
 
 def naive_kda_layer_step(x_qkv, conv_state, conv_weight, f_a, beta_raw, g_a, state, *, f_b_weight, g_b_weight, A_log,
-                         dt_bias, o_norm_weight, eps, out=None):
+                         dt_bias, o_norm_weight, eps):
     B, H, K, V = state.shape
     g_raw, gate_raw = f_a.float() @ f_b_weight.float().T, g_a.float() @ g_b_weight.float().T  # [B, HK], [B, HV]
     C = 2 * H * K + H * V
@@ -76,8 +75,7 @@ def naive_kda_layer_step(x_qkv, conv_state, conv_weight, f_a, beta_raw, g_a, sta
     o = naive_kda_decode(q.view(B, H, K), k.view(B, H, K), v.view(B, H, V), g_raw.float().view(B, H, K),
                          beta_raw.float(), state, A_log=A_log, dt_bias=dt_bias)  # [B, H, V] fp32
     o = rms_norm(o, o_norm_weight, eps)  # fp32 in, fp32 out: the gate applies before the one rounding
-    o = (o * gate_raw.float().view(B, H, V).sigmoid()).reshape(B, H * V).to(x_qkv.dtype)
-    return o if out is None else out.copy_(o)
+    return (o * gate_raw.float().view(B, H, V).sigmoid()).reshape(B, H * V).to(x_qkv.dtype)
 
 
 def kda_chunked(q, k, v, g, beta, state, chunk: int = CHUNK):
@@ -139,11 +137,10 @@ def _wy_chunk(qc, kc, vc, gc, bc, state, decay=None):
     return o, state * g_last.transpose(-1, -2).exp() + (kc * (g_last - G).exp()).transpose(-1, -2) @ u
 
 
-def naive_kda_chunk(q, k, v, g, beta, state, *, A_log, dt_bias, out=None):
+def naive_kda_chunk(q, k, v, g, beta, state, *, A_log, dt_bias):
     """kda_chunk's twin: raw q, k (l2-normalised here, q scaled), g (gate input), beta (logits) [B, T, H, .];
     state [B, H, K, V] updated in place. Returns o [B, T, H, V] in v.dtype."""
     o, final = kda_chunked(l2norm(q) * kda_q_scale(q.shape[-1]), l2norm(k), v, kda_gate(g, A_log, dt_bias),
                            beta.float().sigmoid(), state.float())
     state.copy_(final)
-    o = o.to(v.dtype)
-    return o if out is None else out.copy_(o)
+    return o.to(v.dtype)

@@ -17,7 +17,7 @@ def quantize_mla_cache_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return values, scale
 
 
-def naive_mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale=None, *, out=None, length_offset=0):
+def naive_mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale=None, *, length_offset=0):
     B, H, R = q_lat.shape
     o = torch.zeros(B, H, R, device=q_lat.device, dtype=torch.float32)
     for b, n in enumerate((lengths + length_offset).clamp(0, cache.shape[1]).tolist()):
@@ -29,7 +29,7 @@ def naive_mla_decode(q_lat, q_rope, cache, lengths, scale, cache_scale=None, *, 
         c_lat, k_rope = rows[:, :R], rows[:, R:]
         scores = (q_lat[b].float() @ c_lat.T + q_rope[b].float() @ k_rope.T) * scale  # [H, n]
         o[b] = scores.softmax(dim=-1) @ c_lat
-    return o if out is None else out.copy_(o)
+    return o
 
 
 def naive_mla_write_rows(kv, norm_weight, eps, positions, cache, cache_scale=None) -> None:

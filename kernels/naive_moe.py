@@ -5,8 +5,8 @@ from .int_layout import PackedExperts
 from .naive_int_linear import dequantize_int_weight
 
 
-def naive_fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: PackedExperts, *,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+def naive_fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                    experts: PackedExperts) -> torch.Tensor:
     y = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
     ids, weights = topk_ids, topk_weights.float()
     if experts.has_shared:  # one more slot, weight 1, for every token
@@ -18,5 +18,4 @@ def naive_fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
         xe = x[tokens].float()
         h = torch.nn.functional.silu(xe @ gate.t()) * (xe @ up.t())
         y.index_add_(0, tokens, weights[tokens, slots, None] * (h @ down.t()))
-    y = y.to(x.dtype)
-    return y if out is None else out.copy_(y)
+    return y.to(x.dtype)

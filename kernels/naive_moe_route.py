@@ -17,15 +17,14 @@ def naive_moe_route(logits: torch.Tensor, bias: torch.Tensor, k: int, scaling: f
     return ids, weights * scaling
 
 
-def naive_moe_router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int, scaling: float,
-                     locks: torch.Tensor | None = None, *, renormalize: bool = True,
-                     biased_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def naive_moe_router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int, scaling: float, *,
+                     renormalize: bool = True, biased_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     return naive_moe_route(x.float() @ weight.float().T, bias, k, scaling, renormalize=renormalize,
                            biased_weights=biased_weights)
 
 
-def naive_moe_add_norm_router(x, residual, norm_weight, eps, weight, bias, k, scaling, locks=None, *,
-                              renormalize=True, biased_weights=False):
+def naive_moe_add_norm_router(x, residual, norm_weight, eps, weight, bias, k, scaling, *, renormalize=True,
+                              biased_weights=False):
     """moe_add_norm_router's math: s = x + residual (rounded to x's dtype), h = rmsnorm(s) * norm_weight, the logits
     rstd * ((s * norm_weight) @ weight.T) in fp32, then naive_moe_route."""
     s = x + residual

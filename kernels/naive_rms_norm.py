@@ -15,11 +15,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * rms_rstd(xf, eps) * weight.float()).to(x.dtype)
 
 
-def naive_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, *,
-                       out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def naive_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     summed = x if residual is None else x + residual
-    y = rms_norm(summed, weight, eps).to(x.dtype)  # where summed's dtype is not x's it is fp32 or fp64: one rounding
-    if out is not None:
-        out.copy_(y)
-        y = out
-    return summed, y
+    # where summed's dtype is not x's it is fp32 or fp64: one rounding
+    return summed, rms_norm(summed, weight, eps).to(x.dtype)

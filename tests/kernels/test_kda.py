@@ -75,10 +75,10 @@ def layer_inputs(B, H, K, V, W, dtype, device=DEVICE, ranks=(K_RANK, K_RANK)):
     )
 
 
-def run_layer_step(fn, inputs, out=None, **options):
+def run_layer_step(fn, inputs, **options):
     named = {n: inputs[n] for n in ("A_log", "dt_bias", "o_norm_weight", "f_b_weight", "g_b_weight")}
     args = [inputs[n] for n in ("x_qkv", "conv_state", "conv_weight", "f_a", "beta_raw", "g_a", "state")]
-    return fn(*args, **named, eps=1e-5, out=out, **options)
+    return fn(*args, **named, eps=1e-5, **options)
 
 
 # V = 40: one v block, or three (the last partial)
