@@ -43,15 +43,21 @@ def test_moe_route(N, E, k, biased):
     assert_close(wts.gather(1, order.indices), ref_wts.gather(1, ref_order.indices), 1e-6, "weights")
 
 
+# the routing options the runtime passes: config.json's moe_renormalize, and the biased scores as weights (the original
+# remote code's routing)
+ROUTING = [dict(), dict(renormalize=False, biased_weights=True)]
+
+
 @pytest.mark.parametrize("N, E, D, k", [(1, 16, 128, 4), (3, 37, 200, 5), (2, 256, 384, 8)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_moe_router_computes_the_logits_and_routes_in_one_launch(N, E, D, k, dtype):
+@pytest.mark.parametrize("routing", ROUTING, ids=["default", "biased-unnormalized"])
+def test_moe_router_computes_the_logits_and_routes_in_one_launch(N, E, D, k, dtype, routing):
     x = torch.randn(N, D, device=DEVICE).to(dtype)
     w, bias = torch.randn(E, D, device=DEVICE) / D ** 0.5 * 3, torch.randn(E, device=DEVICE) * 0.1
     locks = moe_router_locks(4, DEVICE)
     for _ in range(2):                                           # the locks re-arm: a second call routes the same
-        ids, wts = moe_router(x, w, bias, k, 2.446, locks, block_e=8, block_d=64)
-        ref_ids, ref_wts = naive_moe_router(x, w, bias, k, 2.446)
+        ids, wts = moe_router(x, w, bias, k, 2.446, locks, block_e=8, block_d=64, **routing)
+        ref_ids, ref_wts = naive_moe_router(x, w, bias, k, 2.446, **routing)
         order, ref_order = ids.sort(-1), ref_ids.sort(-1)
         assert torch.equal(order.values, ref_order.values)
         assert_close(wts.gather(1, order.indices), ref_wts.gather(1, ref_order.indices), 1e-5, "weights")
@@ -60,16 +66,19 @@ def test_moe_router_computes_the_logits_and_routes_in_one_launch(N, E, D, k, dty
 
 @pytest.mark.parametrize("N, E, D, k", [(1, 16, 128, 4), (3, 37, 200, 5), (2, 256, 384, 8)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_moe_add_norm_router_folds_the_pre_norm_in(N, E, D, k, dtype):
+@pytest.mark.parametrize("routing", ROUTING, ids=["default", "biased-unnormalized"])
+def test_moe_add_norm_router_folds_the_pre_norm_in(N, E, D, k, dtype, routing):
     x, r = torch.randn(N, D, device=DEVICE).to(dtype) * 4, torch.randn(N, D, device=DEVICE).to(dtype)
     gamma = torch.rand(D, device=DEVICE) + 0.5
     w, bias = torch.randn(E, D, device=DEVICE) / D ** 0.5 * 3, torch.randn(E, device=DEVICE) * 0.1
     locks = moe_router_locks(4, DEVICE)
     for _ in range(2):                                           # the locks re-arm: a second call routes the same
-        s, h, ids, wts = moe_add_norm_router(x, r, gamma, 1e-6, w, bias, k, 2.446, locks, block_e=8, block_d=64)
-        ref_s, ref_h, ref_ids, ref_wts = naive_moe_add_norm_router(x, r, gamma, 1e-6, w, bias, k, 2.446)
+        s, h, ids, wts = moe_add_norm_router(x, r, gamma, 1e-6, w, bias, k, 2.446, locks, block_e=8, block_d=64,
+                                             **routing)
+        ref_s, ref_h, ref_ids, ref_wts = naive_moe_add_norm_router(x, r, gamma, 1e-6, w, bias, k, 2.446, **routing)
         assert torch.equal(s, ref_s)                             # the residual stream, rounded as add_rms_norm does
-        assert_close(h, naive_add_rms_norm(x, r, gamma, 1e-6)[1], 1e-6 if dtype == torch.float32 else 8e-3, "h")
+        assert_close(h, ref_h, 1e-6 if dtype == torch.float32 else 8e-3, "h")
+        assert torch.equal(ref_h, naive_add_rms_norm(x, r, gamma, 1e-6)[1])   # the twins' pre-norm is add_rms_norm's
         order, ref_order = ids.sort(-1), ref_ids.sort(-1)
         assert torch.equal(order.values, ref_order.values)
         assert_close(wts.gather(1, order.indices), ref_wts.gather(1, ref_order.indices), 1e-5, "weights")
