@@ -595,7 +595,7 @@ def _zeros_arg(packed: PackedLinear) -> torch.Tensor:
     return packed.zeros if packed.zeros is not None else packed.scales  # never read when symmetric
 
 
-def int_gemv_fwd(x, packed: PackedLinear, y, *, block_n=None, split_k=None, num_warps=4, num_stages=3):
+def int_gemv_fwd(x, packed: PackedLinear, y, *, block_n=None, split_k=None, num_warps=4):
     """CUDA-core GEMV: x [M <= FMA_MAX_M, K] (stride 1 along K, any float dtype, exact in fp32), y [M, N]. Every
     weight byte is read once; split-K over the k-tiles (reduced inside the launch) when there are too few row
     blocks to fill the GPU."""
@@ -611,7 +611,7 @@ def int_gemv_fwd(x, packed: PackedLinear, y, *, block_n=None, split_k=None, num_
         packed.scales.shape[1], n_tiles, packed.group_size // KT, per_split, x.stride(0), y.stride(0),
         BITS=packed.bits, P=KT * packed.bits // 32, ROWS=ROWS, ASYM=packed.zeros is not None, BM=bm, BN=bn,
         SPLIT_K=split, PDL=pdl, PREFETCH=pdl and prefetch_fits(x.device, packed_bytes(packed)), launch_pdl=pdl,
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=3)
     return y
 
 

@@ -188,10 +188,14 @@ def _check_state(state, B, H, K, V, where):
         raise ValueError(f"{where}: state dtype {state.dtype}; use float32 or bfloat16")
 
 
-def kda_decode(q, k, v, g, beta, state, *, A_log, dt_bias, out=None, block_v=32, num_warps=4):
+def kda_decode(q, k, v, g, beta, state, *, A_log, dt_bias, out=None, block_v=32):
     """One KDA decode step. q, k, g (raw gate input) [B, H, K]; v [B, H, V]; beta (logits) [B, H];
     state [B, H, K, V] fp32 or bf16, updated in place; A_log [H], dt_bias [H*K]. Returns o [B, H, V] in v.dtype
-    (into `out` if given, contiguous). block_v, num_warps: the launch shape (defaults: best measured on H100)."""
+    (into `out` if given, contiguous). block_v: the launch shape, on 4 warps (default: best measured on H100).
+
+    The runtime launches kda_layer_step, which fuses this step with the layer around it; this is the step alone, the
+    op fla's fused_recurrent_kda is too: bench/kernels.py times the two against each other and chains it for the
+    bf16-state drift (BENCHMARKS.md), and tests/kernels/test_kda.py holds it to its twin."""
     B, H, K = q.shape
     V = v.shape[-1]
     _check_state(state, B, H, K, V, "kda_decode")
@@ -202,7 +206,7 @@ def kda_decode(q, k, v, g, beta, state, *, A_log, dt_bias, out=None, block_v=32,
     bv = min(triton.next_power_of_2(block_v), triton.next_power_of_2(V))
     kda_decode_fwd_kernel[(triton.cdiv(V, bv), B * H)](
         q, k, v, g, beta, state, A_log.reshape(-1), dt_bias.reshape(-1), o, kda_q_scale(K),
-        H, state.stride(0), K=K, V=V, BK=triton.next_power_of_2(K), BV=bv, num_warps=num_warps)
+        H, state.stride(0), K=K, V=V, BK=triton.next_power_of_2(K), BV=bv, num_warps=4)
     return o
 
 

@@ -11,6 +11,7 @@ from .naive_moe_route import ROUTE_EPS
 from .pdl import prefetch_runs, use_pdl, wait_for_inputs
 
 _ROUTE_EPS = tl.constexpr(ROUTE_EPS)
+ROUTER_NUM_WARPS = 4  # moe_router's default launch (measured there), which moe_add_norm_router launches with
 
 
 @triton.jit
@@ -152,7 +153,7 @@ def moe_router_locks(max_tokens: int, device) -> torch.Tensor:
 
 def moe_router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int, scaling: float,
                locks: torch.Tensor, *, renormalize: bool = True, biased_weights: bool = False, block_e: int = 4,
-               block_d: int = 512, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+               block_d: int = 512, num_warps: int = ROUTER_NUM_WARPS) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, D] (any float dtype), router weight [E, D] fp32, bias [E] -> moe_route(x @ weight.T, ...), in one
     launch; locks: moe_router_locks(>= N). For decode-sized N (the logits workspace is [N, E] fp32). The launch
     defaults are the fastest of `python bench/kernels.py --only route` on an H200 (2026-11-30; 256 experts x 2304,
@@ -164,7 +165,7 @@ def moe_router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int
 def moe_add_norm_router(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                         weight: torch.Tensor, bias: torch.Tensor, k: int, scaling: float, locks: torch.Tensor, *,
                         renormalize: bool = True, biased_weights: bool = False, block_e: int = 4, block_d: int = 512,
-                        num_warps: int = 4, h_sums: torch.Tensor | None = None
+                        h_sums: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The MoE layer's residual add and RMSNorm folded into moe_router's launch: x, residual [N, D] (one dtype),
     norm_weight [D] -> (s = x + residual, h = rmsnorm(s) * norm_weight, both in x's dtype, as
@@ -184,7 +185,7 @@ def moe_add_norm_router(x: torch.Tensor, residual: torch.Tensor, norm_weight: to
         raise ValueError(f"moe_add_norm_router: h_sums {h_sums.dtype} {list(h_sums.shape)} for x {list(x.shape)}: "
                          f"contiguous fp32 [tokens, hidden / {KT}] expected, the hidden size a multiple of {KT}")
     return _router(x, residual, norm_weight, eps, weight, bias, k, scaling, locks, renormalize, biased_weights,
-                   block_e, block_d, num_warps, h_sums)
+                   block_e, block_d, ROUTER_NUM_WARPS, h_sums)
 
 
 def _router(x, residual, norm_weight, eps, weight, bias, k, scaling, locks, renormalize, biased_weights, block_e,

@@ -78,7 +78,7 @@ def naive_kda_layer_step(x_qkv, conv_state, conv_weight, f_a, beta_raw, g_a, sta
     return (o * gate_raw.float().view(B, H, V).sigmoid()).reshape(B, H * V).to(x_qkv.dtype)
 
 
-def kda_chunked(q, k, v, g, beta, state, chunk: int = CHUNK):
+def kda_chunked(q, k, v, g, beta, state):
     """The KDA recurrence (runtime/kda.py) over T tokens, chunk by chunk (the WY / UT-transform form).
 
     q, k, g [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]; state [B, H, K, V] fp32, the state before the first
@@ -99,10 +99,10 @@ def kda_chunked(q, k, v, g, beta, state, chunk: int = CHUNK):
     records = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, beta, state))
     q, k, v, g, beta = (x.float().transpose(1, 2) for x in (q, k, v, g, beta))  # [B, H, T, .]
     out = q.new_empty(B, H, T, v.shape[-1])
-    C = min(chunk, T)                                                  # a shorter prompt's one chunk: no more
+    C = min(CHUNK, T)                                                  # a shorter prompt's one chunk: no more
     decay = None if records else q.new_empty(B, H, C, C, K)           # autograd keeps each chunk's D: a new one
-    for start in range(0, T, chunk):
-        sl = slice(start, min(start + chunk, T))
+    for start in range(0, T, CHUNK):
+        sl = slice(start, min(start + CHUNK, T))
         out[:, :, sl], state = _wy_chunk(q[:, :, sl], k[:, :, sl], v[:, :, sl], g[:, :, sl], beta[:, :, sl], state,
                                          decay)
     return out.transpose(1, 2), state

@@ -42,6 +42,8 @@ PREFILL_CHECK_BOUND = 5e-2  # relative error of the last token's logits past whi
 # layers on calm weights read 0.32-0.36% relative, top-1 100%; BENCHMARKS.md)
 DEPTH_CHECK_BOUND = 2e-2
 DEPTH_CHECK_TOP1 = 0.9
+FILL_SLICE_ROWS = 65536  # cache rows fill_state draws at a time
+PEER_PROMPT_TOKENS = 512  # the prompt transformers' peer decodes after
 
 
 @dataclass
@@ -58,9 +60,9 @@ def preset_label(bits: int) -> str:
     return f"int{bits} g{DEFAULT.group_size}, lm_head int{LM_HEAD_BITS}"
 
 
-def random_quantized_weights(config: KimiLinearConfig, bits: int, device: str, seed: int = 0,
-                             calm: bool = False) -> Weights:
-    """The default policy at `bits` (preset_label), every quantized weight made as random codes on `device`.
+def random_quantized_weights(config: KimiLinearConfig, bits: int, device: str, calm: bool = False) -> Weights:
+    """The default policy at `bits` (preset_label), every quantized weight made as random codes on `device` (the
+    others as synth makes them), from seed 0.
 
     `calm` pins each MoE layer's experts with a wide margin and scales the residual branches by 1/4 (as
     tests/calm_checkpoint.py does), so bf16 rounding cannot flip expert choices and a comparison between two
@@ -75,7 +77,7 @@ def random_quantized_weights(config: KimiLinearConfig, bits: int, device: str, s
         if scheme is None:
             return None
         n, kk = specs[name].shape
-        g = tensor_generator(name, seed, device)
+        g = tensor_generator(name, 0, device)
         codes = torch.randint(-2**31, 2**31, (n, kk * scheme.bits // 32), generator=g, dtype=torch.int64,
                               device=device).to(torch.int32)
         spread = math.sqrt((4 ** scheme.bits - 1) / 12)        # std of a uniform code around its midpoint
@@ -91,7 +93,7 @@ def random_quantized_weights(config: KimiLinearConfig, bits: int, device: str, s
         if calm and name.endswith("e_score_correction_bias"):
             pinned = (torch.arange(k, device=device) + k * int(name.split(".")[2])) % specs[name].shape[0]
             return torch.zeros(specs[name].shape, device=device).index_fill_(0, pinned, 10.0)
-        value = synth_values(specs[name], seed, device)
+        value = synth_values(specs[name], 0, device)
         return value * 0.25 if calm and name.endswith(RESIDUAL_OUTPUTS) else value
 
     return Weights(read, packed, schemes)
@@ -162,15 +164,15 @@ def depth_check(config: KimiLinearConfig, weights: Weights, device: torch.device
     return check
 
 
-def fill_state(engine: Engine, context: int, seed: int = 0, slice_rows: int = 65536) -> None:
-    """Random latents in the first `context` cache rows of every sequence (drawn a slice at a time: a 1M-token
-    fp32 draw would be 2.4 GB per layer), a small random KDA state."""
-    g = torch.Generator(device=engine.device).manual_seed(seed)
+def fill_state(engine: Engine, context: int) -> None:
+    """Random latents in the first `context` cache rows of every sequence (drawn FILL_SLICE_ROWS at a time: a
+    1M-token fp32 draw would be 2.4 GB per layer), a small random KDA state; from seed 0."""
+    g = torch.Generator(device=engine.device).manual_seed(0)
     state = engine.state
     width = state.mla_cache.shape[-1]
     for slot in range(state.mla_cache.shape[0]):
-        for start in range(0, context, slice_rows):
-            stop = min(context, start + slice_rows)
+        for start in range(0, context, FILL_SLICE_ROWS):
+            stop = min(context, start + FILL_SLICE_ROWS)
             rows = torch.randn(state.batch, stop - start, width, device=engine.device, generator=g)
             state.write_mla(slot, slice(start, stop), rows)
     state.kda_state.normal_(0, 0.1, generator=g)
@@ -510,15 +512,14 @@ def transformers_peer() -> tuple[type, type]:
     return KimiLinearConfig, KimiLinearForCausalLM
 
 
-def time_transformers(raw_config: dict, new_tokens: int, report: Callable[[str], None] = print,
-                      prompt_tokens: int = 512) -> dict:
+def time_transformers(raw_config: dict, new_tokens: int, report: Callable[[str], None] = print) -> dict:
     """transformers' KimiLinearForCausalLM in bf16 on the same config, greedy decode of `new_tokens` (bench's
-    --new-tokens) after a prompt of `prompt_tokens`, warmed until two successive timings agree within 5% (at most 8
+    --new-tokens) after a prompt of PEER_PROMPT_TOKENS, warmed until two successive timings agree within 5% (at most 8
     rounds)."""
     HFConfig, KimiLinearForCausalLM = transformers_peer()
     with torch.device("cuda"):
         model = KimiLinearForCausalLM(HFConfig(**raw_config)).to(torch.bfloat16).eval()
-    ids = torch.randint(0, raw_config["vocab_size"] - NUM_SPECIAL_TOKENS, (1, prompt_tokens), device="cuda")
+    ids = torch.randint(0, raw_config["vocab_size"] - NUM_SPECIAL_TOKENS, (1, PEER_PROMPT_TOKENS), device="cuda")
 
     def seconds(n: int) -> float:
         torch.cuda.synchronize()
@@ -538,5 +539,5 @@ def time_transformers(raw_config: dict, new_tokens: int, report: Callable[[str],
     model = None  # free it before anything else runs
     torch.cuda.empty_cache()
     return {"name": "transformers KimiLinearForCausalLM bf16", "layers": raw_config["num_hidden_layers"],
-            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "ms_per_token": timings[-1],
+            "prompt_tokens": PEER_PROMPT_TOKENS, "new_tokens": new_tokens, "ms_per_token": timings[-1],
             "warmup_ms": timings}

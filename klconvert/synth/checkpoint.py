@@ -182,7 +182,7 @@ def _transformers_layout(expected: dict[str, TensorSpec], c: KimiLinearConfig, s
 
 
 def synth(preset: str, out: str | Path, layers: int | None = None, seed: int = 0, layout: str = "released",
-          max_shard_bytes: int | None = None, progress: bool = True) -> SynthResult:
+          progress: bool = True) -> SynthResult:
     """Write a random-weight checkpoint folder for `preset` at `out` (new, or an empty folder), whole or not at all."""
     refuse_non_bool(progress, "progress")
     out = given_path(out, "out")
@@ -194,7 +194,7 @@ def synth(preset: str, out: str | Path, layers: int | None = None, seed: int = 0
     expected = expected_tensors(c)
     planned = (_released_layout(expected, seed) if layout == "released"
                else _transformers_layout(expected, c, seed))
-    shards = split_into_shards(planned, max_shard_bytes or DEFAULT_SHARD_BYTES[preset])
+    shards = split_into_shards(planned, DEFAULT_SHARD_BYTES[preset])
     names = shard_names(len(shards))
     total = sum(t.nbytes for t in planned)
 
