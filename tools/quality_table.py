@@ -48,15 +48,15 @@ ALWAYS_KEPT = [k for k in KEEP if k != kda_projections(SMALL_KDA_PROJECTIONS)]  
 
 
 def recipe(kept_small: tuple[str, ...] = SMALL_KDA_PROJECTIONS, keep: tuple[str, ...] = (),
-           lm_head_bits: int | None = LM_HEAD_BITS, bits: int = DEFAULT.bits, group_size: int = DEFAULT.group_size,
-           symmetric: bool = DEFAULT.symmetric, observer: str = DEFAULT.observer) -> str:
+           lm_head_bits: int | None = LM_HEAD_BITS, symmetric: bool = DEFAULT.symmetric,
+           observer: str = DEFAULT.observer) -> str:
     """The default policy as a recipe, with the small KDA projections `kept_small` (f_a, b, f_b, g_a, g_b) in
     bf16, the modules matching the `keep` regexes kept in bf16 too, lm_head at `lm_head_bits` (None: bf16), and the
     other linears' scales from `observer` (lm_head's stay min-max)."""
     ignore = ALWAYS_KEPT + ([kda_projections(kept_small)] if kept_small else [])
     ignore += [f"re:{k}" for k in keep] + ([LM_HEAD] if lm_head_bits is None else [])
-    weights = (f"{{num_bits: {bits}, type: int, symmetric: {str(symmetric).lower()}, strategy: group, "
-               f"group_size: {group_size}, observer: {observer}}}")
+    weights = (f"{{num_bits: {DEFAULT.bits}, type: int, symmetric: {str(symmetric).lower()}, strategy: group, "
+               f"group_size: {DEFAULT.group_size}, observer: {observer}}}")
     lines = ["quant_stage:", "  quant_modifiers:", "    QuantizationModifier:", "      ignore:"]
     lines += [f"        - {json_str(p)}" for p in ignore]
     lines += ["      config_groups:", "        group_0:", '          targets: ["Linear"]',
@@ -64,7 +64,7 @@ def recipe(kept_small: tuple[str, ...] = SMALL_KDA_PROJECTIONS, keep: tuple[str,
     if lm_head_bits is not None:
         lines += ["        group_1:", f"          targets: [{json_str(LM_HEAD)}]",
                   f"          weights: {{num_bits: {lm_head_bits}, type: int, symmetric: true, strategy: group, "
-                  f"group_size: {group_size}}}"]
+                  f"group_size: {DEFAULT.group_size}}}"]
     return "\n".join(lines) + "\n"
 
 
@@ -124,15 +124,14 @@ def planned_bits_per_weight(model: Path, options: dict) -> float:
     return plan_totals(plan_modules(checkpoint, policy)).bits_per_weight
 
 
-def measure(model: Path, tokens: int, only: str | None, folders: tuple[tuple[str, Path], ...] = (),
-            log=lambda s: print(s, file=sys.stderr)) -> list:
+def measure(model: Path, tokens: int, only: str | None, folders: tuple[tuple[str, Path], ...] = ()) -> list:
     """[(section, label, EvalResult, bits per weight over all weights)] for each variant whose label has `only`,
     then for each (label, folder) of `folders` (quantized elsewhere, e.g. by tools/gptq_bundled.py)."""
     text = bundled_corpus.split()["test"]
     ids = Tokenizer.from_folder(model).encode(text)[:tokens]
     t0 = time.perf_counter()
     reference = run_model(model, ids, "cpu", "float32")
-    log(f"reference: {len(ids):,} held-out tokens in {time.perf_counter() - t0:.0f} s")
+    print(f"reference: {len(ids):,} held-out tokens in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (section, label, options) in enumerate(variants(KimiLinearConfig.from_file(model / CONFIG_FILE))):
@@ -144,7 +143,7 @@ def measure(model: Path, tokens: int, only: str | None, folders: tuple[tuple[str
                               **quantize_options(options, Path(tmp) / f"recipe{i}.yaml"))
             got = run_model(out, ids, "cpu", "float32")
             rows.append((section, label, compare(reference, got, ids), result.totals.bits_per_weight))
-            log(f"{label}: {time.perf_counter() - t0:.0f} s")
+            print(f"{label}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     params = stored(model)[1]  # bits per weight as quantize counts them: bytes written over the source's parameters
     for label, folder in folders:
         got = run_model(folder, ids, "cpu", "float32")

@@ -49,29 +49,30 @@ def held_out_text() -> str:
     return bundled_corpus.split()["test"]
 
 
-def greedy_continuation(folder: Path = BUNDLED_DIR) -> list[int]:
-    """The ids greedy decoding adds to PROMPT (CPU, fp32, PyTorch kernels)."""
-    tokenizer = Tokenizer.from_folder(folder)
+def greedy_continuation() -> list[int]:
+    """The ids greedy decoding of the bundled model adds to PROMPT (CPU, fp32, PyTorch kernels)."""
+    tokenizer = Tokenizer.from_folder(BUNDLED_DIR)
     ids = tokenizer.encode(PROMPT)
-    engine = load(folder, device="cpu", dtype="float32", max_context=len(ids) + NEW_TOKENS, kernels="torch")
+    engine = load(BUNDLED_DIR, device="cpu", dtype="float32", max_context=len(ids) + NEW_TOKENS, kernels="torch")
     return engine.generate(ids, NEW_TOKENS)[0].tolist()   # to the model's stop tokens, as `run`
 
 
-def int4_eval(folder: Path = BUNDLED_DIR, tokens: int = HELD_OUT_TOKENS):
-    """klconvert eval of the default int4 g128 quantization against the bf16 folder on the held-out slice."""
+def int4_eval(tokens: int = HELD_OUT_TOKENS):
+    """klconvert eval of the default int4 g128 quantization against the bundled bf16 folder on the held-out slice."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "int4"
-        quantize(folder, out, bits=4, device="cpu", progress=False)
-        return evaluate(out, folder, held_out_text(), max_tokens=tokens, device="cpu", dtype="float32")
+        quantize(BUNDLED_DIR, out, bits=4, device="cpu", progress=False)
+        return evaluate(out, BUNDLED_DIR, held_out_text(), max_tokens=tokens, device="cpu", dtype="float32")
 
 
-def quantized_tensors_sha256(folder: Path = BUNDLED_DIR) -> dict[str, str]:
-    """{PINNED_QUANTIZE_OPTIONS' label: sha256 of the tensors quantize writes from `folder` (CPU): each shard's name,
-    then each tensor's name, dtype, shape and bytes} -- what a rerun resumes an interrupted run with, kept."""
+def quantized_tensors_sha256() -> dict[str, str]:
+    """{PINNED_QUANTIZE_OPTIONS' label: sha256 of the tensors quantize writes from the bundled model (CPU): each
+    shard's name, then each tensor's name, dtype, shape and bytes} -- what a rerun resumes an interrupted run with,
+    kept."""
     hashes = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, options in PINNED_QUANTIZE_OPTIONS.items():
-            out = quantize(folder, Path(tmp) / label, device="cpu", progress=False, **options).path
+            out = quantize(BUNDLED_DIR, Path(tmp) / label, device="cpu", progress=False, **options).path
             digest = hashlib.sha256()
             for shard in sorted(out.glob("*.safetensors")):
                 header = read_header(shard)
