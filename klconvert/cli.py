@@ -21,7 +21,7 @@ from klconvert.devices import DEVICE_NAMES, NOT_A_DEVICE, checked_device, device
 from klconvert.entry import StdoutFailed, exit_interrupted, signal_of, signal_status
 from klconvert.errors import KLError, PlanDoesNotFit, descriptors_exhausted, descriptors_exhausted_behind
 from klconvert.extras import require
-from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, DEFAULT_REPO, default_model, model_folder
+from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, DEFAULT_REPO, bundled_dir, default_model, model_folder
 from klconvert.presets import PRESETS
 from klconvert.recipes import shipped_names
 from klconvert.runtime.host_memory import OUT_OF_HOST_MEMORY, import_exhausted
@@ -434,11 +434,13 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
 
     # which model runs is said once every check has passed, just before it runs
     folder, which = default_model("running") if model is None else (model_folder(model, f"--model {model}"), None)
+    # the model as its lines name it: as given, or the default by the name --model takes (not the install path)
+    named = model if model is not None else BUNDLED_NAME if folder == bundled_dir() else str(folder)
     if engine == "onnxruntime":  # before the context checks, which would name --max-context
         _refuse_runtime_flags_for_onnxruntime(device, dtype, kernels, max_context)
         from klconvert.onnx import refuse_export_under_way   # (its telemetry off, as below)
 
-        refuse_export_under_way(folder, model or folder)   # not one of its files said missing, config.json first
+        refuse_export_under_way(folder, named)   # not one of its files said missing, config.json first
     else:
         _refuse_triton_without_cuda(kernels, device)
     config = KimiLinearConfig.from_file(folder / CONFIG_FILE)
@@ -475,7 +477,7 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
         require("onnxruntime", "--engine onnxruntime")
         from klconvert.onnx.session import OnnxEngine
 
-        runner = OnnxEngine(model or folder)   # named as given in its messages
+        runner = OnnxEngine(named)   # named as given in its messages
     else:
         from klconvert.runtime.engine import load  # torch loads only now: every refusal above runs without it
 

@@ -135,10 +135,14 @@ def test_a_file_name_that_is_not_utf8(capsys, tmp_path, monkeypatch):
 
 
 def test_errors_name_the_model_as_it_was_given(capsys, tmp_path, monkeypatch):
-    """`tiny` is not shown as the install path, nor ./tiny as tiny."""
+    """`tiny`, given or the default, is not shown as the install path, nor ./tiny as tiny."""
     monkeypatch.chdir(tmp_path)
     line = assert_one_line_error(*run_cli(capsys, "run", "--model", "tiny", "--engine", "onnxruntime", "--prompt",
                                           "hi")[::2], "klconvert: error: tiny: no genai_config.json here")
+    assert str(bundled_dir()) not in line, line
+    # with no --model the bundled model runs, and is named as --model names it (h170: it was the install path)
+    line = assert_one_line_error(*run_cli(capsys, "run", "--engine", "onnxruntime", "--prompt", "hi")[::2],
+                                 "klconvert: error: tiny: no genai_config.json here")
     assert str(bundled_dir()) not in line, line
     assert_one_line_error(*run_cli(capsys, "run", "--model", "./tiny", "--prompt", "hi")[::2],
                           "klconvert: error: --model ./tiny: no such folder")
