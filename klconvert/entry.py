@@ -249,7 +249,12 @@ class _StandardFile(io.RawIOBase):
                     raise OSError(errno.EBADF, "it is closed")
                 view, done = memoryview(data), 0
                 while done < len(view):   # unbuffered (python -u), nothing else retries a short write
-                    done += os.write(self.fd, view[done:])
+                    try:
+                        done += os.write(self.fd, view[done:])
+                    except BlockingIOError:   # a descriptor left non-blocking (O_NONBLOCK: a parent's pipe) is
+                        import select         # full: wait for its reader, as a blocking one would
+
+                        select.select([], [self.fd], [])
                 return done
             except OSError as e:
                 self.failed = True

@@ -69,6 +69,31 @@ def test_a_closed_standard_output_is_one_line(monkeypatch, err_file):
     assert_one_line_error(code, written(err_file), "cannot write standard output (it is closed)")
 
 
+def test_a_non_blocking_standard_output_waits_for_its_reader():
+    """A pipe left non-blocking (a parent's O_NONBLOCK) and full failed the command ("cannot write standard output
+    (Resource temporarily unavailable)") while its reader was merely slow (h170): the write waits for it."""
+    import threading
+    import time
+
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    got = []
+
+    def slow_reader():
+        time.sleep(0.5)
+        with open(read, "rb") as f:
+            got.append(f.read())
+    reader = threading.Thread(target=slow_reader)
+    reader.start()
+    text = "ROMEO. But soft, what light through yonder window breaks?\n" * 10_000   # past a pipe's 64 KiB
+    with open(write, "w", encoding="utf-8") as out:
+        stdout = entry._standard(out, raises=True)   # as the entry point wraps sys.stdout
+        stdout.write(text)
+        stdout.flush()
+    reader.join(timeout=30)
+    assert got == [text.encode()]
+
+
 @pytest.mark.parametrize("command, stdout, reason", [(("quantize", "tiny", "{out}", "--bits", "4"), "/dev/full",
                                                       "No space left on device"),
                                                      (("export-onnx", "--model", "tiny", "--out", "{out}"), None,
