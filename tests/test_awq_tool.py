@@ -15,16 +15,15 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import awq_bundled  # noqa: E402
-from gptq_bundled import BUNDLED  # noqa: E402
 
 from klconvert.config import KimiLinearConfig  # noqa: E402
-from klconvert.models import resolve_model  # noqa: E402
+from klconvert.models import BUNDLED_DIR, resolve_model  # noqa: E402
 from klconvert.quantize import quantize  # noqa: E402
 from testkit import TRANSFORMERS_ON_THE_CPU  # noqa: E402
 
 
 def _config() -> KimiLinearConfig:
-    return KimiLinearConfig.from_file(BUNDLED / "config.json")
+    return KimiLinearConfig.from_file(BUNDLED_DIR / "config.json")
 
 
 @pytest.mark.parametrize("then, quantizer", [("rtn", "QuantizationModifier"), ("gptq", "GPTQModifier")])
@@ -42,7 +41,7 @@ def test_awq_recipe_puts_the_scales_ahead_of_klconvert_quantizer(tmp_path, then,
 @TRANSFORMERS_ON_THE_CPU
 def test_awq_mappings_balance_every_reader_of_each_smoothed_activation():
     transformers = pytest.importorskip("transformers")
-    raw = json.loads((BUNDLED / "config.json").read_text())
+    raw = json.loads((BUNDLED_DIR / "config.json").read_text())
     hf_config = transformers.AutoConfig.for_model(**raw)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(hf_config).float().eval()
