@@ -37,6 +37,21 @@ def test_a_snapshot_of_the_hub_cache_names_the_repo_and_commit(tmp_path):
     assert (origin.folder, origin.repo, origin.commit) == (snapshot.resolve(), REPO, COMMIT)
 
 
+@pytest.mark.parametrize("repo_folder, name", [
+    ("models--org--name", "mine"),                     # a name that is no commit
+    ("models--evil--x: y #z", COMMIT),                 # a repo id the hub has none of (it went into the card's YAML)
+    ("models--a--b--c", COMMIT),
+], ids=["a name for a commit", "a repo id that is none", "three parts"])
+def test_a_folder_that_only_looks_like_a_snapshot_is_a_local_folder(tmp_path, repo_folder, name):
+    """Any .../models--A--B/snapshots/NAME/ was taken as the hub's commit NAME of A/B (h177): a folder so named had
+    its shards' mtimes dropped from the resume check, so a quantize resumed over weights changed in place, and its
+    name went into the model card's front matter. It is held to what a pull record is held to."""
+    snapshot = tmp_path / repo_folder / "snapshots" / name
+    snapshot.mkdir(parents=True)
+    origin = source_origin(snapshot)
+    assert (origin.folder, origin.repo, origin.commit) == (snapshot.resolve(), None, None)
+
+
 @pytest.mark.parametrize("write", [
     lambda p: p.write_text(json.dumps({"repo": f"{REPO}\nbase_model: someone/else", "commit": COMMIT})),
     lambda p: p.write_text(json.dumps({"repo": REPO, "commit": "main"})),

@@ -51,7 +51,13 @@ def source_origin(folder: str | Path) -> SourceOrigin:
     except (OSError, ValueError, RecursionError, KLError, KeyError, TypeError):
         pass
     repo = repo_of_model_folder(folder.parent.parent.name)
-    if folder.parent.name == SNAPSHOTS and repo is not None:
+    # held to what a pull record is held to: any .../models--A--B/snapshots/NAME/ is no pinned commit (one taken so
+    # dropped its shards' mtimes from the resume check, and its name went into the model card's front matter)
+    if folder.parent.name == SNAPSHOTS and repo is not None and GIT_SHA.fullmatch(folder.name):
+        try:
+            validate_repo_id(repo)
+        except ValueError:
+            return SourceOrigin(folder)
         return SourceOrigin(folder, repo, folder.name)
     return SourceOrigin(folder)
 
