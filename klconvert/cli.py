@@ -640,8 +640,9 @@ def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path
     same = dict(model=folder, preset=preset, layers=layers, batch=batch, context=max_context, memory_limit=memory_limit,
                 mla_cache_dtype=mla_cache_dtype, kda_state_dtype=kda_state_dtype)
     p = plan_for(recipe=recipe, bits=None if bits is None else int(bits), group_size=group_size, **same)
-    # a preset is said as one: `--preset tiny` (random weights, presets.TINY) is not `--model tiny` (the bundled model)
-    title = model if model is not None else f"preset {preset}"
+    # a preset is said as one: `--preset tiny` (random weights, presets.TINY) is not `--model tiny` (the bundled model),
+    # nor a preset cut to fewer layers the whole one
+    title = model if model is not None else f"preset {preset}" + (f", {layers} layers" if layers else "")
     click.echo(render_plan(p, title=title + (f" with {recipe}" if recipe else "")))
     if p.memory_limit is not None and p.headroom < 0:
         fit = p.largest_context()

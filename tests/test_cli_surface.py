@@ -301,6 +301,8 @@ def test_a_presets_plan_is_titled_as_the_preset_not_as_the_bundled_model(capsys)
     assert code == 0 and out.startswith("Memory plan for preset tiny: "), err
     code, out, err = run_cli(capsys, "plan", "--model", "tiny", "--recipe", "48gb")
     assert code == 0 and out.startswith("Memory plan for tiny with 48gb: "), err
+    code, out, err = run_cli(capsys, "plan", "--preset", "kimi-linear-48b", "--layers", "4")   # 12 GiB, not 92 (h177)
+    assert code == 0 and out.startswith("Memory plan for preset kimi-linear-48b, 4 layers: "), err
 
 
 def test_plan_exits_3_when_it_does_not_fit(capsys):
