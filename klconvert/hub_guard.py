@@ -39,8 +39,8 @@ SENT = "klconvert_sent"   # the request extension holding when it was sent (time
 DIGEST = re.compile(f"{GIT_SHA.pattern}|{SHA256_HEX.pattern}")  # a blob id or a sha256, as the hub sends them in ETags
 RESOLVE = re.compile(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<path>.+)")
 # huggingface_hub 2.4.0 deletes a partly downloaded file when its download fails, so a rerun skips the finished files
-# and starts the interrupted ones again: said of a failure once a file's body has begun to arrive, not of one before
-# (resolving the revision, the listing, a file's headers), where this pull has fetched no file to keep.
+# and starts the interrupted ones again: said of a failure once a file's body has arrived whole, not of one before
+# (resolving the revision, the listing, a file's headers, the first file's body), where this pull has no file to keep.
 FILES_KEPT = " (finished files are kept)"
 
 
@@ -64,7 +64,7 @@ class AnswerGuard:
         self._unanswered: dict[str, float] = {}   # address -> when its latest request not for a file was sent
         self._lock = threading.Lock()
         self.cancelled = False
-        self.file_begun = False   # once a file's body has begun to arrive: from then a file of this pull may finish
+        self.file_finished = False   # once a file's body has arrived whole: from then this pull has a file to keep
 
     # ---- installation --------------------------------------------------------------------------
     def __enter__(self) -> AnswerGuard:
@@ -145,8 +145,6 @@ class AnswerGuard:
         declared = response.headers.get("content-length")
         if limit is not None and declared is not None and declared.isdigit() and int(declared) > limit:
             raise self._bad(f"answered {what} with {int(declared):,} bytes where the listing gives {limit:,}")
-        if limit is not None and response.is_success:
-            self.file_begun = True
         response.stream = _bounded_stream_type(sys.modules[type(response).__module__.partition(".")[0]])(
             response.stream, self, url, what, limit, response.request.extensions[SENT])
 
@@ -204,9 +202,9 @@ class AnswerGuard:
                           f"HF_ENDPOINT, then rerun the pull{self.kept()}")
 
     def kept(self) -> str:
-        """What a line that ends the pull says of the files it fetched: FILES_KEPT once a file's body has begun to
-        arrive, nothing before."""
-        return FILES_KEPT if self.file_begun else ""
+        """What a line that ends the pull says of the files it fetched: FILES_KEPT once a file's body has arrived
+        whole, nothing before."""
+        return FILES_KEPT if self.file_finished else ""
 
     def add_other(self, n: int) -> int:
         with self._lock:
@@ -243,6 +241,8 @@ def _bounded_stream_type(http_module):
                 yield chunk
             if self.limit is None:
                 self.guard.count_time(self.url, time.monotonic() - self.sent, finished=True)
+            elif total == self.limit:   # a file's whole body (an error page's is not its size)
+                self.guard.file_finished = True
 
         def close(self) -> None:
             self.stream.close()
