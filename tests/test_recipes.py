@@ -44,6 +44,14 @@ def test_plan_command_takes_the_recipe_and_flags_override_it(capsys):
     assert code == 0, err
     assert "context 4,096" in out and "MLA cache float8_e4m3fn" in out and "GPU memory" in out
     assert re.search(r"MLA latent cache / token +580 B", out)  # 1 MLA layer: 576 values x 1 byte + an fp32 scale
+    # the recipe's gpu_memory (32 GiB), batch (1) and KDA state dtype (float32) give way to the flags too (h169's
+    # mutants: the recipe's gpu_memory taken over the flag, the flag's state dtype ignored, the state sized at 4 bytes)
+    code, out, err = run_cli(capsys, "plan", "--preset", "kimi-linear-48b", "--layers", "4", "--recipe", "32gb",
+                             "--gpu-memory", "80GiB", "--batch", "2", "--kda-state-dtype", "bfloat16")
+    assert code == 0, err
+    assert "batch 2," in out and "KDA state bfloat16" in out and re.search(r"GPU memory +80\.00 GiB", out)
+    # 3 KDA layers of the first 4, 32 heads, a 128 x 128 state each, 2 bytes a value
+    assert re.search(r"KDA recurrent state / sequence +3\.0 MiB \(3\.1 MB\)", out), out
     code, _, err = run_cli(capsys, "plan", "--preset", "tiny", "--recipe", str(RECIPE_DIR / "32gb.yaml"),
                                   "--bits", "4")
     assert code == 2 and "not both" in err
