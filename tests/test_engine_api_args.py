@@ -157,6 +157,15 @@ def test_seeds_2_to_the_32_apart_draw_apart_on_the_cpu(engine):
         assert torch.equal(sampling_generator(seed).get_state(), torch.Generator().manual_seed(seed).get_state())
 
 
+def test_unseeded_calls_draw_apart_and_the_top_seed_is_a_seed(engine):
+    """(h169's mutation testing) Two calls at a temperature with no seed draw from fresh seeds: a generator left
+    unseeded drew the same tokens every call, and no test saw it (the CLI always passes a drawn seed). The top seed,
+    2**64 - 1, draws as itself, the same twice, not as its neighbour."""
+    draw = lambda seed: engine.generate([[1, 2, 3]], 16, temperature=1.0, seed=seed, stop_ids=frozenset())
+    assert not torch.equal(draw(None), draw(None))
+    assert torch.equal(draw(2**64 - 1), draw(2**64 - 1)) and not torch.equal(draw(2**64 - 1), draw(2**64 - 2))
+
+
 @pytest.mark.parametrize("max_new_tokens", [-1, 1.5, "3", None, True])
 def test_max_new_tokens_is_a_whole_number_of_at_least_0(engine, max_new_tokens):
     """-1 returned no tokens, 1.5 / "3" / None were TypeErrors from torch, True ran as 1."""
