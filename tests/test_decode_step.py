@@ -131,7 +131,8 @@ def test_sampling_is_seeded(trained_like):
 
 
 def test_fp8_latent_cache_stays_close_to_full_precision(trained_like):
-    """e4m3 rows with one fp32 scale per row: 3 significant bits. Bound: 5% relative on the decode logits."""
+    """e4m3 rows with one fp32 scale per row: 3 significant bits. Bound: 0.5% relative on the decode logits, about 4x
+    what it reads (0.11%); each MLA layer reading layer 0's row scales read 2.0%, under the 5% this bound was."""
     ids = torch.randint(0, 1024, (1, 40), generator=torch.Generator().manual_seed(2))
     out = {}
     for dtype in ("bfloat16", "float8_e4m3fn"):
@@ -140,7 +141,7 @@ def test_fp8_latent_cache_stays_close_to_full_precision(trained_like):
         engine.forward(ids[:, :32])
         out[dtype] = torch.stack([engine.decode_step(ids[:, t], t) for t in range(32, 40)])
     assert engine.state.mla_cache.dtype == torch.float8_e4m3fn and engine.state.mla_scale is not None
-    assert rel(out["float8_e4m3fn"], out["bfloat16"]) < 0.05
+    assert rel(out["float8_e4m3fn"], out["bfloat16"]) < 0.005, rel(out["float8_e4m3fn"], out["bfloat16"])
 
 
 def test_eager_decode_step_needs_no_graph(trained_like):
