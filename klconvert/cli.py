@@ -619,7 +619,8 @@ def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) ->
 @click.option("--mla-cache-dtype", type=MLA_CACHE_DTYPE, default=None,
               help="MLA latent cache dtype [default: the recipe's, else bfloat16].")
 @click.option("--kda-state-dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
-              help="KDA recurrent state dtype [default: the recipe's, else float32].")
+              help="KDA recurrent state dtype [default: the recipe's, else float32]; the runtime keeps it in "
+                   "float32, so bfloat16 sizes only what it would save.")
 @click.option("--bits", type=click.Choice(["4", "8", "16"]), default=None,
               help="Without --recipe: weight bits of the quantized layers, lm_head at 8 (at 16: nothing quantized) "
                    "[default: a folder as stored, a preset at 16].")

@@ -141,6 +141,8 @@ def test_fp8_latent_cache_stays_close_to_full_precision(trained_like):
         engine.forward(ids[:, :32])
         out[dtype] = torch.stack([engine.decode_step(ids[:, t], t) for t in range(32, 40)])
     assert engine.state.mla_cache.dtype == torch.float8_e4m3fn and engine.state.mla_scale is not None
+    # the KDA state stays fp32 whatever the cache (README: plan's bfloat16 state is a size, not something run runs)
+    assert engine.state.kda_state.dtype == torch.float32
     assert rel(out["float8_e4m3fn"], out["bfloat16"]) < 0.005, rel(out["float8_e4m3fn"], out["bfloat16"])
 
 
