@@ -3,8 +3,10 @@ included) one line with exit status 2, plan's exit status 3, --prompt, and a tor
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,6 +19,7 @@ from bounded_cli import klconvert_bounded
 from klconvert.cli import ALLOCATOR_ENV, DEVICE, LAYERS, SEED, PlainDigits, cli
 from klconvert import whole_folder
 from klconvert.checkpoint.folder_files import MAX_FILE_NAME_BYTES
+from klconvert.models import bundled_dir
 from klconvert.convert.output_folder import MAX_PID, RESUME_RECORD, lock_path, mark_temporary, temporary_prefix
 from testkit import assert_one_line_error, run_cli, run_klconvert_on_a_terminal
 
@@ -493,6 +496,18 @@ def test_plan_refuses_a_context_over_the_models_limit(capsys, tmp_path):
     line = assert_one_line_error(*run_cli(capsys, "plan", "--preset", "kimi-linear-48b", "--recipe",
                                           tmp_path / "big.yaml")[::2])
     assert "runtime.max_context 4000000 is over the model's model_max_length" in line
+
+
+def test_a_folders_plan_without_a_context_takes_its_models_limit_when_shorter(capsys, tmp_path):
+    """plan --model DIR with no --max-context plans the default context, or the model's own limit where that is
+    shorter (h169's mutation testing: planning the default past it passed every test), as run takes it."""
+    folder = tmp_path / "short"
+    shutil.copytree(bundled_dir(), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_max_length"] = 5000
+    (folder / "config.json").write_text(json.dumps(config))
+    code, out, err = run_cli(capsys, "plan", "--model", folder)
+    assert code == 0 and re.search(r": batch 1, context 5,000,", out), err + out
 
 
 def test_help_and_errors_do_not_load_torch():
