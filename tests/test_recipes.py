@@ -190,6 +190,7 @@ def test_plan_of_a_quantized_folder_sizes_its_tensors_as_a_gpu_holds_them(tiny_r
     ("gpu_memory: .nan", "runtime.gpu_memory should be a positive number of bytes, got nan"),
     ("gpu_memory: '1e400GiB'", "runtime.gpu_memory '1e400GiB': give a size like 48GiB or 80GB"),
     ("batch: 99999999999999999999", "runtime.batch 99999999999999999999 is past the 65,536 sequences"),
+    ("batch: 65537", "runtime.batch 65537 is past the 65,536 sequences"),   # one past what --batch takes
     ("mla_cache_dtype: int8", "MLA cache dtype 'int8' is not supported"),
     ("max_context: 99999999", "runtime.max_context 99999999 is over the model's model_max_length"),
 ])
@@ -201,6 +202,14 @@ def test_quantize_refuses_a_runtime_section_plan_would_refuse(runtime, message, 
         code, _, err = run_cli(capsys, *args, "--recipe", str(path))
         assert_one_line_error(code, err, f"{path}:10: ", message)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_a_recipes_batch_is_taken_up_to_what_the_flag_takes(tmp_path, capsys):
+    """runtime.batch 65,536, the most --batch takes, plans (h169's mutation testing: refusing it passed every test)."""
+    path = tmp_path / "big.yaml"
+    path.write_text(RECIPE + "runtime:\n  batch: 65536\n  max_context: 64\n")
+    code, out, err = run_cli(capsys, "plan", "--preset", "tiny", "--recipe", str(path))
+    assert code == 0 and ": batch 65536," in out, err
 
 
 def test_plan_refuses_an_absurd_batch(capsys):
