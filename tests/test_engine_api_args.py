@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import threading
 
@@ -164,6 +165,18 @@ def test_unseeded_calls_draw_apart_and_the_top_seed_is_a_seed(engine):
     draw = lambda seed: engine.generate([[1, 2, 3]], 16, temperature=1.0, seed=seed, stop_ids=frozenset())
     assert not torch.equal(draw(None), draw(None))
     assert torch.equal(draw(2**64 - 1), draw(2**64 - 1)) and not torch.equal(draw(2**64 - 1), draw(2**64 - 2))
+
+
+def test_top_p_reached_exactly_keeps_the_prefix_that_reaches_it():
+    """Two tokens of 0.5 each at top_p 0.5: the first alone reaches it, so one token is ever drawn -- transformers'
+    TopPLogitsWarper keeps the same (it drops what lies at or under 1 - top_p). Keeping both at the boundary passed
+    every test (h169's mutation testing)."""
+    from klconvert.runtime.sampling import sample, sampling_generator
+
+    logits = torch.tensor([[0.0, 0.0, -math.inf, -math.inf]])
+    drawn = {sample(logits, 1.0, 0.5, sampling_generator(seed))[0].item() for seed in range(32)}
+    assert len(drawn) == 1 and drawn <= {0, 1}, drawn
+    assert {sample(logits, 1.0, 0.51, sampling_generator(seed))[0].item() for seed in range(32)} == {0, 1}
 
 
 @pytest.mark.parametrize("max_new_tokens", [-1, 1.5, "3", None, True])
