@@ -91,6 +91,26 @@ def test_largest_context_under_64_where_no_multiple_of_64_fits():
     assert dataclasses.replace(p, memory_limit=p.total_for(1) - 1).largest_context() == 0
 
 
+def test_workspace_at_short_contexts_and_with_an_e4m3_cache():
+    """The prefill workspace by hand for the 48B, batch 1, bf16 activations (h169's mutation testing: every pinned
+    figure was at a long context, where MLA's term is the largest; KDA's, the chunk's and MLA's key block at short
+    ones, and the e4m3 rows' scales, could change unseen). Segment S = min(16384, context), key block min(32768,
+    context), KDA chunk C = min(64, S); the largest of KDA's, the MLP's and MLA's terms, plus 6 hidden rows and the
+    logits."""
+    hidden = lambda S: S * 2304 * 2 * 6
+    logits = 2 * 163840 * 4
+    kda = lambda S, C: S * 4096 * (3 * 2 + 6 * 4) + 32 * max(2 * C * C, C * C + 4 * 128) * 128 * 4
+    mla = lambda S, block, row: block * 576 * row + block * 32 * (256 + 192) * 2 + S * 32 * (192 * 2 + 128 * 18)
+    want = {  # context: (cache, workspace)
+        16: ("bfloat16", hidden(16) + kda(16, 16) + logits),        # C^2 + 4K > 2 C^2: the four states
+        4096: ("bfloat16", hidden(4096) + kda(4096, 64) + logits),  # KDA's term the largest, MLA's 452 MiB
+        131072: ("float8_e4m3fn", hidden(16384) + mla(16384, 32768, 2 + 4) + logits),   # each row's fp32 scale
+    }
+    for context, (cache, workspace) in want.items():
+        p = plan_for(preset="kimi-linear-48b", bits=4, context=context, mla_cache_dtype=cache)
+        assert p.workspace == workspace, (context, p.workspace, workspace)
+
+
 def test_group_size_sizes_the_groups_of_bits_or_is_refused(capsys):
     """--group-size without --bits 4|8 (or beside a recipe) was ignored: the plan read as if it applied."""
     g32, g128 = (plan_for(preset="kimi-linear-48b", bits=4, group_size=g).weights for g in (32, None))
