@@ -105,7 +105,8 @@ def tokenizer_config(num_ranks: int, num_specials: int) -> dict:
 
 def write_tokenizer_files(out_dir: Path, num_ranks: int, num_specials: int = NUM_SPECIAL_TOKENS, seed: int = 0) -> None:
     """tiktoken.model, tokenizer_config.json and special_tokens_map.json for a vocabulary of
-    num_ranks + num_specials ids (163584 + NUM_SPECIAL_TOKENS for the real model), with seeded made-up BPE tokens."""
+    num_ranks + num_specials ids (RELEASED_BPE_RANKS + NUM_SPECIAL_TOKENS for the real model), with seeded made-up BPE
+    tokens."""
     if num_ranks < 256:
         raise ValueError(f"num_ranks={num_ranks}: a byte-level BPE needs at least the 256 single bytes")
     write_tiktoken_files(out_dir, bpe_tokens(num_ranks, seed), num_specials)
