@@ -288,4 +288,6 @@ def render_plan(p: MemoryPlan, title: str) -> str:
     head = (f"Memory plan for {title}: batch {p.batch}, context {p.context:,}, activations "
             f"{str(p.act_dtype).split('.')[-1]}, MLA cache {str(p.mla_cache_dtype).split('.')[-1]}, "
             f"KDA state {str(p.kda_state_dtype).split('.')[-1]}")
+    if p.kda_state_dtype != MemoryPlan.kda_state_dtype:
+        head += f" (sized only: the runtime keeps it in {str(MemoryPlan.kda_state_dtype).split('.')[-1]})"
     return "\n".join([head] + [f"{k:<{width}}  {v:>22}" for k, v in rows])

@@ -43,6 +43,7 @@ def test_plan_command_takes_the_recipe_and_flags_override_it(capsys):
                                     "--mla-cache-dtype", "float8_e4m3fn")
     assert code == 0, err
     assert "context 4,096" in out and "MLA cache float8_e4m3fn" in out and "GPU memory" in out
+    fp32_state_out = out
     assert re.search(r"MLA latent cache / token +580 B", out)  # 1 MLA layer: 576 values x 1 byte + an fp32 scale
     # the recipe's gpu_memory (32 GiB), batch (1) and KDA state dtype (float32) give way to the flags too (h169's
     # mutants: the recipe's gpu_memory taken over the flag, the flag's state dtype ignored, the state sized at 4 bytes)
@@ -50,6 +51,8 @@ def test_plan_command_takes_the_recipe_and_flags_override_it(capsys):
                              "--gpu-memory", "80GiB", "--batch", "2", "--kda-state-dtype", "bfloat16")
     assert code == 0, err
     assert "batch 2," in out and "KDA state bfloat16" in out and re.search(r"GPU memory +80\.00 GiB", out)
+    # a bf16 state is a size only: the runtime keeps fp32, and the plan's head says so (only then)
+    assert "KDA state bfloat16 (sized only: the runtime keeps it in float32)" in out and "sized only" not in fp32_state_out
     # 3 KDA layers of the first 4, 32 heads, a 128 x 128 state each, 2 bytes a value
     assert re.search(r"KDA recurrent state / sequence +3\.0 MiB \(3\.1 MB\)", out), out
     code, _, err = run_cli(capsys, "plan", "--preset", "tiny", "--recipe", str(RECIPE_DIR / "32gb.yaml"),
