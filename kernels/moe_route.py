@@ -11,7 +11,8 @@ from .naive_moe_route import ROUTE_EPS
 from .pdl import prefetch_runs, use_pdl, wait_for_inputs
 
 _ROUTE_EPS = tl.constexpr(ROUTE_EPS)
-ROUTER_NUM_WARPS = 4  # moe_router's default launch (measured there), which moe_add_norm_router launches with
+# moe_router's default launch (measured there), which moe_add_norm_router's defaults and launch share
+ROUTER_BLOCK_E, ROUTER_BLOCK_D, ROUTER_NUM_WARPS = 4, 512, 4
 
 
 @triton.jit
@@ -152,8 +153,9 @@ def moe_router_locks(max_tokens: int, device) -> torch.Tensor:
 
 
 def moe_router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int, scaling: float,
-               locks: torch.Tensor, *, renormalize: bool = True, biased_weights: bool = False, block_e: int = 4,
-               block_d: int = 512, num_warps: int = ROUTER_NUM_WARPS) -> tuple[torch.Tensor, torch.Tensor]:
+               locks: torch.Tensor, *, renormalize: bool = True, biased_weights: bool = False,
+               block_e: int = ROUTER_BLOCK_E, block_d: int = ROUTER_BLOCK_D,
+               num_warps: int = ROUTER_NUM_WARPS) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, D] (any float dtype), router weight [E, D] fp32, bias [E] -> moe_route(x @ weight.T, ...), in one
     launch; locks: moe_router_locks(>= N). For decode-sized N (the logits workspace is [N, E] fp32). The launch
     defaults are the fastest of `python bench/kernels.py --only route` on an H200 (2026-11-30; 256 experts x 2304,
@@ -164,8 +166,8 @@ def moe_router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int
 
 def moe_add_norm_router(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                         weight: torch.Tensor, bias: torch.Tensor, k: int, scaling: float, locks: torch.Tensor, *,
-                        renormalize: bool = True, biased_weights: bool = False, block_e: int = 4, block_d: int = 512,
-                        h_sums: torch.Tensor | None = None
+                        renormalize: bool = True, biased_weights: bool = False, block_e: int = ROUTER_BLOCK_E,
+                        block_d: int = ROUTER_BLOCK_D, h_sums: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The MoE layer's residual add and RMSNorm folded into moe_router's launch: x, residual [N, D] (one dtype),
     norm_weight [D] -> (s = x + residual, h = rmsnorm(s) * norm_weight, both in x's dtype, as
