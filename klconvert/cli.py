@@ -47,7 +47,11 @@ class PlainDigits(click.ParamType):
 
     def convert(self, value, param, ctx):
         if isinstance(value, str) and not PLAIN_INTEGER.fullmatch(value):
-            self.fail(f"{value[:40]!r} is not a whole number in the digits 0-9; give one, e.g. 16", param, ctx)
+            try:   # the number int() reads it as, said back in plain digits, where there is one
+                advice = f"write it as {int(value)}"
+            except ValueError:
+                advice = "give one, e.g. 16"
+            self.fail(f"{value[:40]!r} is not a whole number in the digits 0-9; {advice}", param, ctx)
         return super().convert(value, param, ctx)
 
 

@@ -155,11 +155,14 @@ def test_bench_help_takes_any_checkpoint_folder_as_the_readme_does():
      ["give at most one of --local-dir and --cache-dir"]),
     # int() reads these; no one types them for a number (`--max-tokens 1_6` evaluated 16 tokens)
     (["eval", "--model", "a", "--reference", "b", "--text-file", "c", "--max-tokens", "1_6"],
-     ["Invalid value for '--max-tokens': '1_6' is not a whole number in the digits 0-9; give one, e.g. 16"]),
+     ["Invalid value for '--max-tokens': '1_6' is not a whole number in the digits 0-9; write it as 16"]),
     (["eval", "--model", "a", "--reference", "b", "--text-file", "c", "--max-tokens", "\u0661\u0666"],   # Arabic-Indic
-     ["Invalid value for '--max-tokens': '\u0661\u0666' is not a whole number in the digits 0-9"]),
+     ["Invalid value for '--max-tokens': '\u0661\u0666' is not a whole number in the digits 0-9; write it as 16"]),
+    (["eval", "--model", "a", "--reference", "b", "--text-file", "c", "--max-tokens", "16k"],
+     ["Invalid value for '--max-tokens': '16k' is not a whole number in the digits 0-9; give one, e.g. 16"]),
     (["quantize", "a", "b", "--bits", "+4"], ["Invalid value for '--bits': '+4' is not a whole number"]),
-    (["plan", "--preset", "tiny", "--group-size", " 64"], ["Invalid value for '--group-size': ' 64' is not a whole"]),
+    (["plan", "--preset", "tiny", "--group-size", " 64"],
+     ["Invalid value for '--group-size': ' 64' is not a whole number in the digits 0-9; write it as 64"]),
     (["bench", "--preset", "kimi-linear-48b", "--context", "4_096"],
      ["Invalid value for '--context': '4_096': give comma-separated whole numbers in the digits 0-9"]),
     (["bench", "--preset", "kimi-linear-48b", "--batch", "1,\uff11\uff16"], ["'--batch'", "in the digits 0-9"]),
