@@ -657,8 +657,8 @@ def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path
             advice = (f"the weights alone do not fit: plan with fewer bits (--bits 4 with groups of {GROUP_SIZE}, "
                       "which the kernels keep packed) or a smaller recipe, or for a larger GPU")
         elif p.weights > p.memory_limit:
-            advice = (f"the weights alone do not fit, even at 4 bits with groups of {GROUP_SIZE} (the smallest the "
-                      "kernels keep packed): plan for a larger GPU")
+            advice = (f"the weights alone do not fit, even at 4 bits with groups of {GROUP_SIZE}: plan for a larger "
+                      "GPU")
         else:   # the weights fit; the batch's state and one segment's workspace do not, at any context
             advice = (f"the weights ({binary_size_text(p.weights)}) fit, but a batch of {p.batch:,} sequences' state "
                       "and workspace do not at any context: plan a smaller --batch")

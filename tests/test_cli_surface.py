@@ -322,8 +322,8 @@ def test_plan_exits_3_when_it_does_not_fit(capsys):
 
 @pytest.mark.parametrize("args, advice", [
     (["--gpu-memory", "30GiB", "--max-context", "1048576"], "plan for a context of"),
-    (["--gpu-memory", "16GiB"], "the weights alone do not fit, even at 4 bits with groups of 128 (the smallest the "
-                                "kernels keep packed): plan for a larger GPU"),   # it said "plan with --bits 4"
+    (["--gpu-memory", "16GiB"], "the weights alone do not fit, even at 4 bits with groups of 128: plan for a larger "
+                                "GPU"),   # it said "plan with --bits 4"
     (["--gpu-memory", "40GiB", "--group-size", "64"], "the weights alone do not fit: plan with fewer bits (--bits 4 "
                                                       "with groups of 128"),
     (["--gpu-memory", "80GiB", "--batch", "2000"], "a batch of 2,000 sequences' state and workspace do not at any "
