@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .mla_limits import E4M3_CAPABILITY, e4m3_capable, latent_dims_taken
 from .naive_mla import FP8_MAX
 from .pdl import use_pdl, wait_for_inputs
 from .sm_count import sm_count
@@ -156,9 +157,10 @@ def _default_launch(dtype: torch.dtype, device: torch.device) -> dict:
     if device.type != "cuda":
         return LAUNCHES[dtype][0][1]
     props = torch.cuda.get_device_properties(device)
-    if dtype == torch.float8_e4m3fn and (props.major, props.minor) < (8, 9):
-        raise ValueError(f"mla_decode: a float8_e4m3fn cache needs compute capability >= 8.9, {props.name} has "
-                         f"{props.major}.{props.minor}; use a bfloat16 cache")
+    if dtype == torch.float8_e4m3fn and not e4m3_capable(device):
+        raise ValueError(f"mla_decode: a float8_e4m3fn cache needs compute capability >= "
+                         f"{'.'.join(map(str, E4M3_CAPABILITY))}, {props.name} has {props.major}.{props.minor}; use "
+                         "a bfloat16 cache")
     limit = getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_multiprocessor - 1024)
     return next((launch for need, launch in LAUNCHES[dtype] if need <= limit), LAUNCHES[dtype][-1][1])
 
@@ -194,9 +196,8 @@ def _check(q_lat, q_rope, cache, lengths, cache_scale, out):
     if tuple(q_rope.shape[:2]) != (B, H) or tuple(cache.shape[::2]) != (B, R + Dr):
         raise ValueError(f"{where}: q_rope must be [{B}, {H}, Dr] and cache [{B}, L, {R + Dr}], got "
                          f"{list(q_rope.shape)} and {list(cache.shape)}")
-    for name, n in (("R", R), ("Dr", Dr)):
-        if n < 16 or n & (n - 1):
-            raise ValueError(f"{where}: {name} must be a power of two >= 16 (the tensor-core tile)")
+    if not latent_dims_taken(R, Dr):
+        raise ValueError(f"{where}: R and Dr must each be a power of two >= 16 (the tensor-core tile)")
     for name, t in (("q_lat", q_lat), ("q_rope", q_rope)):
         if t.dtype not in (torch.bfloat16, torch.float32) or t.stride(-1) != 1:
             raise ValueError(f"{where}: {name} must be bf16 or fp32 with a contiguous last dim, got {t.dtype} "

@@ -23,7 +23,7 @@ from klconvert.quant import QuantScheme, decompress_weight, policy_from_options
 from klconvert.quant.defaults import DEFAULT, LM_HEAD_BITS
 from klconvert.quant.pack_quantized import weight_shape_tensor
 from klconvert.release import NUM_SPECIAL_TOKENS
-from klconvert.runtime.engine import DEFAULT_DTYPES, Engine, checked_mla_cache_dtype
+from klconvert.runtime.engine import DEFAULT_DTYPES, Engine, check_e4m3_cache_readable, checked_mla_cache_dtype
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.model import MLA_KEY_BLOCK
 from klconvert.runtime.weights import HeldPacked
@@ -436,6 +436,7 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KLError("klconvert bench times the CUDA path and needs a CUDA GPU; none is visible")
+    check_e4m3_cache_readable(config, device, DEFAULT_DTYPES[device.type], True, cache)   # before minutes of checks
     cuda = device.type == "cuda"
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
     copy = copy_bandwidth(device, 2 << 30 if cuda else 1 << 24)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from klconvert.checkpoint.name_map import expected_tensors
+from klconvert.config import KimiLinearConfig
 from klconvert.quant import QuantScheme
 from klconvert.quant.groupwise import CHANNEL
 from klconvert.runtime import model as M
@@ -168,16 +169,25 @@ def bind(model: M.KimiLinear, read: Read, packed: Packed | None, held: dict[str,
     if restack:
         _stack_groups(model)
     if triton:
-        _swap_fused(model, latent_kernel=dtype != torch.float32)
+        _swap_fused(model, latent_kernel=latent_kernel_reads(model.config, dtype))
     elif restack and device.type == "cpu" and dtype == torch.float32:
         _cpu_layout(model)
         _swap_cpu(model)
     return model.eval()
 
 
+def latent_kernel_reads(config: KimiLinearConfig, dtype: torch.dtype) -> bool:
+    """Whether the Triton path attends the MLA cache with the latent kernels (else with PyTorch's attention): the
+    compute dtype is not fp32 (the cache is bf16 or e4m3, what they read) and they take the latent's and the shared
+    key's sizes (the release's 512 and 64 are taken; a config may give others)."""
+    from klconvert.kernels.mla_limits import latent_dims_taken   # no Triton
+
+    return dtype != torch.float32 and latent_dims_taken(config.kv_lora_rank, config.qk_rope_head_dim)
+
+
 def _swap_fused(model: M.KimiLinear, latent_kernel: bool) -> None:
     """The weight-less decode and prefill modules and the small ones whose PyTorch form is many launches.
-    latent_kernel: the cache is bf16 or e4m3 (what the Triton latent attention reads), not fp32."""
+    latent_kernel: latent_kernel_reads (the Triton latent attention and row write for the MLA cache)."""
     from klconvert.runtime.kernel_modules import (ConcurrentStackedLinear, FusedDenseMLP, FusedKDAStep, FusedNormMoE,
                                                   FusedRMSNorm, FusedRouter, PackedDenseLinear, TritonLatentAttention,
                                                   TritonLatentRowWrite, TritonPrefillAttention, kda_chunk_module)

@@ -21,7 +21,7 @@ from klconvert.devices import checked_device
 from klconvert.errors import KLError, argument, refuse_non_bool, shown
 from klconvert.models import resolve_model
 from klconvert.quant import QuantScheme
-from klconvert.runtime.bind import bind, packed_choice
+from klconvert.runtime.bind import bind, latent_kernel_reads, packed_choice
 from klconvert.runtime.decode_step import DecodeStep, autocast_off, capturable
 from klconvert.runtime.host_malloc import large_blocks_mapped
 from klconvert.runtime.host_memory import NAMED_FIT_SHARE, host_allocation, host_memory
@@ -191,6 +191,22 @@ def checked_mla_cache_dtype(mla_cache_dtype: str | torch.dtype | None,
         raise KLError(f"{argument('mla_cache_dtype', '--mla-cache-dtype', mla_cache_dtype)}: choose "
                       f"{' or '.join(choices)}, by name or torch dtype")
     return mla_cache_dtype
+
+
+def check_e4m3_cache_readable(config: KimiLinearConfig, device: torch.device, dtype: torch.dtype, triton: bool,
+                              mla_cache_dtype: torch.dtype | None) -> None:
+    """Refuse, before a weight is read, an e4m3 latent cache that the Triton latent kernels would read on a GPU with
+    no e4m3 (compute capability under kernels.mla_limits.E4M3_CAPABILITY: Ampere's A100, A10 and A6000)."""
+    if not (mla_cache_dtype == torch.float8_e4m3fn and triton and device.type == "cuda"
+            and latent_kernel_reads(config, dtype)):
+        return
+    from klconvert.kernels.mla_limits import E4M3_CAPABILITY, e4m3_capable   # no Triton
+
+    if not e4m3_capable(device):
+        have = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        raise KLError(f"{argument('mla_cache_dtype', '--mla-cache-dtype', 'float8_e4m3fn')}: the Triton kernels read "
+                      f"an e4m3 cache on compute capability {'.'.join(map(str, E4M3_CAPABILITY))} or newer, and "
+                      f"{torch.cuda.get_device_name(device)} ({device}) has {have}; use a bfloat16 cache")
 
 
 def check_plan_args(context, batch, mla_cache_dtype: str | torch.dtype | None, context_name: str,
@@ -541,6 +557,7 @@ class Engine(Runner):
                     needed_context: int = 1) -> None:
         """Size the state for this context and batch (self.plan); refuse what does not fit, naming the context as
         the caller did (`context_name`) with --max-context: a smaller one only where it holds `needed_context`."""
+        check_e4m3_cache_readable(self.config, self.device, self.dtype, self.triton, mla_cache_dtype)
         if context > self.config.model_max_length:
             raise KLError(f"{argument(context_name, '--max-context', context)} is over the model's "
                           f"{self.config.model_max_length_name} {self.config.model_max_length}; lower it")
