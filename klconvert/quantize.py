@@ -48,9 +48,10 @@ from klconvert.hub import SIDE_FILES, HubFile, is_repo_id, pull
 from klconvert.models import BUNDLED_NAME, DEFAULT_REPO, quantized_folder_name, resolve_model
 from klconvert.quant import Policy, Recipe, load_recipe, policy_from_options
 from klconvert.runtime.host_memory import exhausted
-from klconvert.quant.defaults import DEFAULT
+from klconvert.quant.defaults import DEFAULT, GROUP_SIZE_FLAG
 from klconvert.quant.fused import refuse_split_fused
-from klconvert.quant.groupwise import GROUP_SIZE_ADVICE, OBSERVERS, SUPPORTED_BITS, unsupported_observer
+from klconvert.quant.groupwise import (GROUP_SIZE_ADVICE, OBSERVERS, SUPPORTED_BITS, check_group_size,
+                                      unsupported_observer)
 from klconvert.quant.policy import LINEAR
 from klconvert.quant.scheme import KINDS, NF4_BLOCKSIZE
 from klconvert.presets import preset_config
@@ -152,6 +153,8 @@ def choose_policy(bits: int | None = None, group_size: int | None = None, symmet
             raise KLError(f"--scheme nf4 is 4-bit and symmetric, in blocks of {NF4_BLOCKSIZE} with bitsandbytes' own "
                           f"scales; drop {', '.join(clashes)}")
         require("bitsandbytes.functional", "--scheme nf4")
+    elif group_size is not None:
+        check_group_size(group_size, flag=GROUP_SIZE_FLAG)
     return policy_from_options(bits, DEFAULT.group_size if group_size is None else group_size,
                                DEFAULT.symmetric if symmetric is None else symmetric, scheme,
                                observer=DEFAULT.observer if observer is None else observer), None

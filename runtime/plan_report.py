@@ -19,7 +19,8 @@ from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError, either, not_utf8, shown
 from klconvert.presets import preset_config
 from klconvert.quant import Policy, Recipe, load_recipe, policy_from_options
-from klconvert.quant.groupwise import SUPPORTED_BITS
+from klconvert.quant.defaults import GROUP_SIZE_FLAG
+from klconvert.quant.groupwise import SUPPORTED_BITS, check_group_size
 from klconvert.quant.recipe import MAX_RECIPE_BYTES, parse_runtime_section
 from klconvert.quant.scheme import GROUP_SIZE
 from klconvert.runtime.bind import packed_choice
@@ -205,6 +206,8 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
     if group_size is not None and bits not in SUPPORTED_BITS:
         raise KLError(f"--group-size {group_size} sizes the groups of --bits {either(SUPPORTED_BITS)} (without a "
                       f"recipe); add --bits {either(SUPPORTED_BITS)}, or drop --group-size")
+    if group_size is not None:
+        check_group_size(group_size, flag=GROUP_SIZE_FLAG)
     stored = settings_from = None
     if model is not None:
         config = KimiLinearConfig.from_file(Path(model) / CONFIG_FILE)
@@ -229,9 +232,11 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
                                                                          where=f"preset {preset}"))
             policy = replace(policy, strict=False)
         policy = _names_and_shapes_checked(policy, config)
+    elif bits in SUPPORTED_BITS:   # held to the model as quantize holds it: its group size must divide every weight
+        policy = _names_and_shapes_checked(policy_from_options(bits, GROUP_SIZE if group_size is None else group_size),
+                                           config)
     else:
-        policy = policy_from_options(bits, GROUP_SIZE if group_size is None else group_size) if bits in SUPPORTED_BITS \
-            else None  # 16: unquantized, a folder's stored weights too
+        policy = None  # 16: unquantized, a folder's stored weights too
     if policy is not None and stored is None:  # as a GPU would hold the folder this policy writes
         policy = held_as_written(config, policy)
 

@@ -121,6 +121,25 @@ def test_group_size_sizes_the_groups_of_bits_or_is_refused(capsys):
         assert_one_line_error(code, err, "--group-size 32", "add --bits 4 or 8, or drop --group-size")
 
 
+def test_a_group_size_that_leaves_partial_groups_is_refused_saying_the_sizes_that_plan(capsys):
+    """--group-size 1024 was told to "use a group size that divides 2304 or leave this tensor out of the recipe's
+    targets", and 2304 then to use one that divides 4096 -- no recipe was given; 100 was refused without naming
+    --group-size. Each line now names the flag, and the sizes it offers plan."""
+    code, _, err = run_cli(capsys, "plan", "--preset", "tiny", "--bits", "4", "--group-size", "100")
+    assert_one_line_error(code, err, ": --group-size 100 is not a positive multiple of 8 (or -1 for per-channel); use "
+                                     "--group-size 32, 64 or 128")
+    for size, in_dim, tensor in (("1024", 2304, "q_proj.weight [4096, 2304]"),
+                                 ("2304", 4096, "o_proj.weight [2304, 4096]")):
+        code, _, err = run_cli(capsys, "plan", "--preset", "kimi-linear-48b", "--bits", "4", "--group-size", size)
+        assert_one_line_error(code, err, f": --group-size {size} does not divide {in_dim}, the input dim of "
+                                         f"model.layers.0.self_attn.{tensor}; use --group-size 256, the largest that "
+                                         "divides the input dim of every weight the flags quantize, or a smaller one "
+                                         "that does: 32, 64 or 128")
+    for size in ("256", "32", "64", "128"):
+        code, _, err = run_cli(capsys, "plan", "--preset", "kimi-linear-48b", "--bits", "4", "--group-size", size)
+        assert code == 0, err
+
+
 @pytest.mark.parametrize("group_size", [64, 128])
 def test_a_policy_is_planned_as_the_folder_it_writes_is_held(tmp_path, group_size):
     """--bits planned the policy's stored bytes, where the runtime on a GPU dequantizes what the Triton kernels do

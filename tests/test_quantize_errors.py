@@ -56,14 +56,50 @@ KEEP = ["re:.*gate$", "re:.*(f_a|f_b|g_a|g_b|b)_proj$", "re:.*conv1d$", "lm_head
                                          "own scales; drop --bits 8"),
     (("--scheme", "nf4", "--group-size", "32", "--asym"), "bitsandbytes' own scales; drop --group-size 32, --asym"),
     (("--scheme", "nf4", "--observer", "mse"), "; drop --observer mse"),
-    (("--group-size", "20"), "group size 20 is not a positive multiple of 8"),
-    (("--group-size", "48"), "group size 48 does not divide the input dim"),
-    (("--group-size", "256"), "group size 256 does not divide the input dim"),  # tiny's inputs are 128 and 256
+    (("--group-size", "20"), "--group-size 20 is not a positive multiple of 8 (or -1 for per-channel); use "
+                             "--group-size 32, 64 or 128"),
+    (("--group-size", "48"), "--group-size 48 does not divide 128, the input dim of "),
     (("--recipe", "r.yaml"), "r.yaml: no such recipe file"),
 ])
 def test_bad_options(tiny_released, tmp_path, capsys, monkeypatch, args, needle):
     monkeypatch.chdir(tmp_path)
     assert needle in fails(capsys, tmp_path, *args, src=tiny_released)
+
+
+WHOLE_GROUPS = re.compile(r"; use --group-size (\d+), the largest that divides the input dim of every weight the "
+                          r"flags quantize, or a smaller one that does: (.+)$")
+
+
+def test_a_group_size_that_leaves_partial_groups_is_told_the_sizes_dividing_every_weight(tiny_released, tmp_path,
+                                                                                        capsys):
+    """--group-size 256 was told to "use a group size that divides 128 or leave this tensor out of the recipe's
+    targets" -- no recipe was given, and a size that divides one weight's input dim may not divide the next one's
+    (the 48B: 'divides 2304', then 'divides 4096'). Now it names the flag and the sizes that divide every weight's, the
+    largest first; each of them quantizes."""
+    line = fails(capsys, tmp_path, "--group-size", "256", src=tiny_released)   # tiny's inputs are 128 and 256
+    advice = WHOLE_GROUPS.search(line)
+    assert advice and line.startswith("klconvert: error: --group-size 256 does not divide 128, the input dim of "), line
+    assert (advice[1], advice[2]) == ("128", "32 or 64") and "recipe" not in line
+    for size in (advice[1], *advice[2].split(" or ")):
+        code, _, err = run_cli(capsys, "quantize", tiny_released, tmp_path / f"g{size}", "--group-size", size)
+        assert code == 0, err
+
+
+def test_a_recipe_group_size_that_leaves_partial_groups_names_its_group_and_the_sizes_dividing_it(tiny_released,
+                                                                                                  tmp_path, capsys):
+    """From a recipe the line names the tensor, its target and group, and offers the group_size that divides every
+    tensor the group selects (a size that divides this one's alone may leave the next one's partial); it quantizes."""
+    recipe = Path(write_recipe(tmp_path, {"group_0": ["Linear"]}, KEEP))
+    recipe.write_text(recipe.read_text().replace('"group_size": 32', '"group_size": 256'))
+    line = fails(capsys, tmp_path, "--recipe", recipe, src=tiny_released)
+    assert re.search(r": model\.\S+\.weight \(target 'Linear' of group_0, \S*recipe\.yaml:1\): group size 256 does not "
+                     r"divide the input dim of shape \[\d+, 128\]; use group_size 128, the largest that divides the "
+                     r"input dim of every tensor group_0 selects, or a smaller one that does: 32 or 64; or leave this "
+                     r"tensor out of the recipe's targets$", line), line
+    recipe.write_text(recipe.read_text().replace('"group_size": 256', '"group_size": 128'))
+    code, _, err = run_cli(capsys, "quantize", tiny_released, tmp_path / "g128", "--recipe", recipe,
+                           "--allow-split-fused")   # KEEP keeps b_proj and f_a_proj, which vLLM fuses with q/k/v
+    assert code == 0, err
 
 
 def test_recipe_problems(tiny_released, tmp_path, capsys):

@@ -31,6 +31,7 @@ KEEP = (
 # ("in_proj_qkvgfab",): the one switch (quant/fused.py names the fused modules).
 KEEP_WHOLE: tuple[str, ...] = ()
 DEFAULT = QuantScheme()  # the flags' defaults: int4, groups of GROUP_SIZE, symmetric, min-max ranges
+GROUP_SIZE_FLAG = "--group-size"  # the flag whose group size the policy's int groups take, as refusals name it
 LM_HEAD_BITS = 8  # lm_head's bits in the default policy: 4 costs it several times the rest's KL (README, study 2)
 LM_HEAD = "re:^lm_head$"  # a re: target: transformers takes the first plain-string target's group for the experts
 # Not linear layers, hence never selected by "Linear": embed_tokens, every norm, A_log, dt_bias,
@@ -59,4 +60,5 @@ def policy_from_options(bits: int = DEFAULT.bits, group_size: int = DEFAULT.grou
     else:
         groups.append(Group("group_1", (Entry(LM_HEAD),), QuantScheme(lm_head_bits, group_size, True, "int",
                                                                       observer)))
-    return Policy(groups=tuple(groups), ignore=tuple(keep), strict=False, keep_fused=KEEP_WHOLE)
+    return Policy(groups=tuple(groups), ignore=tuple(keep), strict=False, keep_fused=KEEP_WHOLE,
+                  group_size_flag=GROUP_SIZE_FLAG)

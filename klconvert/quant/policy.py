@@ -18,7 +18,7 @@ except ImportError:   # Python 3.10
 from klconvert.checkpoint.folder_files import RECIPE_HEADER
 from klconvert.errors import KLError, shown
 from klconvert.quant.fused import fused_instances
-from klconvert.quant.groupwise import check_groupwise
+from klconvert.quant.groupwise import CHANNEL, whole_groups_advice
 from klconvert.quant.nf4 import bnb_quantization_config
 from klconvert.quant.scheme import NF4_BLOCKSIZE, QuantScheme, compressed_tensors_config
 from klconvert.release import EMBEDDING, HIGH_PRECISION
@@ -194,12 +194,16 @@ class Policy:
     strict: a target that selects no tensor is an error (recipes); otherwise check_against drops it.
     keep_fused: names of vLLM fused modules (quant/fused.py) kept whole as released; check_against turns them into
     an ignore entry naming each member, since a name pattern alone cannot tell a KDA q_proj from an MLA one.
+    group_size_flag: the command-line flag (--group-size) that set every int group's group size, where the policy
+    comes from the flags: a group size that leaves a weight a partial group is refused as that flag's, offering the
+    sizes that divide every weight the flags quantize -- not as a recipe group's, there being no targets to edit.
     """
 
     groups: tuple[Group, ...]
     ignore: tuple[Entry, ...] = ()
     strict: bool = True
     keep_fused: tuple[str, ...] = ()
+    group_size_flag: str | None = field(default=None, compare=False)
 
     def __post_init__(self):
         kinds = {g.scheme.kind for g in self.groups}
@@ -242,16 +246,14 @@ class Policy:
         if not linear:
             raise KLError(f"{entry.where}: target {shown(entry.pattern)} of {group.name} selects {tensor_name} "
                           f"{list(shape)}, which is not a 2-D linear weight; narrow the target or add it to ignore")
-        if group.scheme.kind == "int":
-            check_groupwise(f"{tensor_name} (target {shown(entry.pattern)} of {group.name}, {entry.where})",
-                            tuple(shape), group.scheme.bits, group.scheme.group_size)
-        elif shape[0] * shape[1] % NF4_BLOCKSIZE:
+        if group.scheme.kind == "nf4" and shape[0] * shape[1] % NF4_BLOCKSIZE:
             raise KLError(f"{tensor_name} {list(shape)} does not fill whole NF4 blocks of {NF4_BLOCKSIZE}; "
                           f"add it to ignore ({entry.where})")
         return group, [e for g, e in hits if g.name == group.name]
 
     def scheme_for(self, tensor_name: str, shape: Sequence[int]) -> QuantScheme | None:
-        """The scheme to store this tensor with, or None to keep it as it is."""
+        """The scheme to store this tensor with, or None to keep it as it is (in whole groups of its group size where
+        check_against passed the policy for the checkpoint)."""
         hit = self._resolve(tensor_name, shape)
         return hit[0].scheme if hit else None
 
@@ -259,7 +261,8 @@ class Policy:
         """Check the policy against a checkpoint's tensor list before converting anything.
 
         KLError for: a match scheme_for refuses; a linear weight neither targeted nor ignored (vLLM and
-        bitsandbytes need every linear layer accounted for); under `strict`, a target that selects no
+        bitsandbytes need every linear layer accounted for); a group size that does not divide the input dim of a
+        weight stored in groups of it; under `strict`, a target that selects no
         tensor; routed experts that transformers would read with another group's scheme. Returns the policy
         without unused targets (and groups left empty), keep_fused spelled out in ignore -- the one to apply and
         to write as recipe.yaml.
@@ -270,16 +273,23 @@ class Policy:
                            keep_fused=()).check_against(names_and_shapes)
         used: set[tuple[str, str]] = set()
         experts_group: Group | None = None
+        in_groups: dict[int | str, list[tuple[str, tuple[int, ...], Group, Entry]]] = {}
         for name, shape in names_and_shapes:
             hit = self._resolve(name, shape)
             if hit:
                 used.update((hit[0].name, e.pattern) for e in hit[1])
                 if _ROUTED_EXPERT.match(name):
                     experts_group = hit[0]
+                if hit[0].scheme.kind == "int" and hit[0].scheme.group_size != CHANNEL:
+                    # the flags set one size for all their groups, a recipe one for each group
+                    key = hit[0].scheme.group_size if self.group_size_flag else hit[0].name
+                    in_groups.setdefault(key, []).append((name, shape, hit[0], hit[1][0]))
             elif is_linear_weight(name, shape) and not any(e.matches(match_key(name), True) for e in self.ignore):
                 raise KLError(f"{name} {list(shape)} is a linear weight that no target selects and no ignore entry "
                               "lists; runtimes would not know how it is stored -- add it to a group's targets or "
                               "to ignore")
+        for stored in in_groups.values():
+            self._refuse_partial_group(stored)
         groups = []
         for g in self.groups:
             unused = [e for e in g.targets if (g.name, e.pattern) not in used]
@@ -294,6 +304,25 @@ class Policy:
         if experts_group is not None and checked.kind == "int":
             checked._refuse_transformers_experts_misread(experts_group)
         return checked
+
+    def _refuse_partial_group(self, stored: list[tuple[str, tuple[int, ...], Group, Entry]]) -> None:
+        """KLError when one of the weights `stored` at one group size (each with its shape, the group that stores it
+        and the target that selected it) is left a partial group, offering the sizes that divide every one's input
+        dim."""
+        partial = next(((name, shape, group, entry) for name, shape, group, entry in stored
+                        if shape[1] % group.scheme.group_size), None)
+        if partial is None:
+            return
+        name, shape, group, entry = partial
+        size, in_dims = group.scheme.group_size, [stored_shape[1] for _, stored_shape, _, _ in stored]
+        if self.group_size_flag:
+            raise KLError(f"{self.group_size_flag} {size} does not divide {shape[1]}, the input dim of {name} "
+                          f"{list(shape)}; "
+                          + whole_groups_advice(in_dims, self.group_size_flag, "every weight the flags quantize"))
+        raise KLError(f"{name} (target {shown(entry.pattern)} of {group.name}, {entry.where}): group size {size} does "
+                      f"not divide the input dim of shape {list(shape)}; "
+                      + whole_groups_advice(in_dims, "group_size", f"every tensor {group.name} selects")
+                      + "; or leave this tensor out of the recipe's targets")
 
     def _kept_whole(self, names_and_shapes) -> list[Entry]:
         """One ignore entry per kept fused module: `re:(parent|...)\\.(\\w+\\.)?(member|...)$` over its instances."""

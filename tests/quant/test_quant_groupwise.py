@@ -21,7 +21,8 @@ from klconvert.quant import (
     quantize_groupwise,
     unpack_from_int32,
 )
-from klconvert.quant.groupwise import CHANNEL, MSE_GRID, MSE_MAX_SHRINK, MSE_NORM, MSE_PATIENCE, qrange
+from klconvert.quant.groupwise import (CHANNEL, MSE_GRID, MSE_MAX_SHRINK, MSE_NORM, MSE_PATIENCE, qrange,
+                                      whole_groups_advice)
 
 CASES = [(bits, sym, gs, dtype) for bits in (4, 8) for sym in (True, False) for gs in (32, 128)
          for dtype in (torch.float32, torch.bfloat16)]
@@ -155,6 +156,20 @@ def test_group_size_must_divide_in_dim():
         with pytest.raises(KLError, match=r"^weight: the weight holds NaN or Inf values; the checkpoint is damaged -- "
                                           r"re-download it$"):
             quantize_groupwise(w, 4, 32, True)
+
+
+def test_the_sizes_offered_for_partial_groups_divide_every_input_dim():
+    """The largest group size that divides every weight's input dim (their gcd, a multiple of 8) and the usual ones
+    under it that divide it too; where no multiple of 8 divides them all, one scale per row."""
+    said = "the input dim of w"
+    assert whole_groups_advice([2304, 4096, 512], "--group-size", "w") == (
+        f"use --group-size 256, the largest that divides {said}, or a smaller one that does: 32, 64 or 128")
+    assert whole_groups_advice([96, 192], "--group-size", "w") == (
+        f"use --group-size 96, the largest that divides {said}, or a smaller one that does: 32")
+    assert whole_groups_advice([8, 16], "group_size", "w") == f"use group_size 8, the largest that divides {said}"
+    assert whole_groups_advice([12, 24], "group_size", "w") == (
+        f"no multiple of 8 divides {said} (their greatest common divisor is 12); use group_size -1 for one scale per "
+        "row")
 
 
 def test_on_disk_names_dtypes_shapes():
