@@ -94,13 +94,23 @@ def _no_folder(path: Path) -> str:
 def default_model(verb: str) -> tuple[Path, str]:
     """What `klconvert run` and `export-onnx` use without --model: the quantized 48B folder when it is here, else
     the bundled model; with the line saying which, `verb` being what the command does with it ("running"). A name
-    there that is no folder -- a file, or a link to nothing (a disk not mounted) -- is refused, not passed over."""
+    there that is no folder -- a file, or a link to nothing (a disk not mounted) -- or a folder without config.json
+    (made by hand, or emptied) is refused, not passed over, in words that name no --model the user never gave."""
     refuse_unreachable(DEFAULT_MODEL_DIR)
     default = Path(DEFAULT_MODEL_DIR)
     if default.is_dir():
+        refuse_unreachable(default / CONFIG_FILE)   # one that cannot be looked at is said so, not as missing
+        if not os.path.lexists(default / CONFIG_FILE):
+            raise _not_a_default_model(f"holds no {CONFIG_FILE}")
         return default, f"{verb} {DEFAULT_MODEL_DIR} (pass --model to choose another)"
     if os.path.lexists(default):
-        raise KLError(f"{DEFAULT_MODEL_DIR}: {_no_folder(default)} -- the 48B folder used when no --model is given; "
-                      f"pass --model DIR, or --model {BUNDLED_NAME} for the bundled model")
+        raise _not_a_default_model(_no_folder(default))
     return bundled_dir(), (f"no {DEFAULT_MODEL_DIR} here: {verb} the bundled model `{BUNDLED_NAME}` (a small Kimi "
                            "Linear trained on Shakespeare); `klconvert pull-and-quantize --bits 4` makes the 48B one")
+
+
+def _not_a_default_model(what: str) -> KLError:
+    """The refusal of what is at DEFAULT_MODEL_DIR, `what` it is instead of a checkpoint folder: it says which folder
+    that is and what to pass instead."""
+    return KLError(f"{DEFAULT_MODEL_DIR}: {what} -- the 48B folder used when no --model is given; pass --model DIR, "
+                   f"or --model {BUNDLED_NAME} for the bundled model")

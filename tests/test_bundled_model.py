@@ -187,6 +187,22 @@ def test_a_default_model_name_that_is_no_folder_is_refused_not_passed_over(tmp_p
     assert not (tmp_path / "onnx").exists()
 
 
+@pytest.mark.parametrize("held", [[], ["model.safetensors.index.json"]])
+@pytest.mark.parametrize("verb", ["run", "export-onnx"])
+def test_a_default_model_folder_without_config_names_no_model_flag(tmp_path, monkeypatch, capsys, held, verb):
+    """An empty (or half-copied) folder of that name was refused as "no config.json here; point --model at a Kimi
+    Linear checkpoint folder" (h182): --model, never given, blamed; the line says which folder it is instead."""
+    monkeypatch.chdir(tmp_path)
+    Path(DEFAULT_MODEL_DIR).mkdir()
+    for name in held:
+        (Path(DEFAULT_MODEL_DIR) / name).write_text("{}")
+    args = ["--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu"] if verb == "run" else ["--out", "onnx"]
+    code, _, err = run_cli(capsys, verb, *args)
+    assert_one_line_error(code, err, f"{DEFAULT_MODEL_DIR}: holds no config.json -- the 48B folder used when no "
+                          "--model is given; pass --model DIR, or --model tiny for the bundled model")
+    assert not (tmp_path / "onnx").exists()
+
+
 @pytest.mark.parametrize("args", [
     ["run", "--prompt", "hi", "--prompt-file", "prompt.txt"],
     ["run", "--device", "cuda", "--prompt", "hi"],      # on a machine without CUDA (made so below)
