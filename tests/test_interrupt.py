@@ -427,9 +427,10 @@ def test_a_kill_as_quantize_renames_its_output_is_finished_only_where_out_is_who
     _damage(out, damage)
     before = _entries(out)
     rerun = _entry("", "quantize", str(tiny_released), str(out), *QUANTIZE_OPTIONS)
+    advice = (" (or move it away)" if damage == "a file of the user's added"   # --force refuses that too: not offered
+              else ", or pass --force to replace it once the new one is complete")
     assert rerun.returncode == 2 and rerun.stderr.splitlines() == [
-        f"klconvert: error: {out}: already exists; choose another output folder, or pass --force to replace it once "
-        "the new one is complete"], rerun.stderr
+        f"klconvert: error: {out}: already exists; choose another output folder{advice}"], rerun.stderr
     assert _entries(out) == before
     assert stat.S_IMODE(out.stat().st_mode) == 0o700
 
@@ -476,9 +477,8 @@ def test_an_out_holding_no_record_of_ours_is_refused_before_the_source_is_read(t
     else:
         (out / RESUME_RECORD).write_text("{" if record == "not JSON" else '{"source": {}}')
     refused = _entry("", "quantize", str(src), str(out), *QUANTIZE_OPTIONS)
-    assert refused.returncode == 2 and refused.stderr.splitlines() == [
-        f"klconvert: error: {out}: already exists; choose another output folder, or pass --force to replace it once "
-        "the new one is complete"], refused.stderr
+    assert refused.returncode == 2 and refused.stderr.splitlines() == [   # --force, which refuses notes.txt, unoffered
+        f"klconvert: error: {out}: already exists; choose another output folder (or move it away)"], refused.stderr
     assert sorted(os.listdir(out)) == sorted([RESUME_RECORD, "notes.txt"])
 
 

@@ -222,6 +222,26 @@ def test_existing_out(tiny_released, tmp_path, capsys):
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_existing_out_is_offered_force_only_where_force_replaces_it(quantized, tiny_released, tmp_path, capsys):
+    """Any existing OUT was told "or pass --force to replace it", and --force then refused a folder holding files
+    klconvert did not write (h182): the offer goes only where --force would take OUT."""
+    theirs, ours, ours_and_theirs = (tmp_path / name for name in ("theirs", "ours", "ours-and-theirs"))
+    theirs.mkdir()
+    shutil.copytree(quantized, ours)
+    shutil.copytree(quantized, ours_and_theirs)
+    for folder in (theirs, ours_and_theirs):
+        (folder / "notes.txt").write_text("mine")
+    for out, offered in ((theirs, False), (ours, True), (ours_and_theirs, False)):
+        args = ("quantize", tiny_released, out, "--bits", "8", "--group-size", "32")
+        line = assert_one_line_error(*run_cli(capsys, *args)[::2], f"{out}: already exists; choose another output "
+                                     "folder")
+        assert ("--force" in line) == offered, line
+        if not offered:
+            assert line.endswith("choose another output folder (or move it away)"), line
+            assert_one_line_error(*run_cli(capsys, *args, "--force")[::2], "--force replaces only")
+        assert (out / "notes.txt").exists() != (out == ours)
+
+
 def test_out_is_the_source(tiny_copy, capsys):
     code, _, err = run_cli(capsys, "quantize", tiny_copy, tiny_copy, "--group-size", "32", "--force")
     assert_one_line_error(code, err, "is the source folder")

@@ -125,7 +125,9 @@ def test_existing_out_is_refused_and_force_replaces_it_at_the_end(tiny_released,
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     args = ("quantize", tiny_released, out, "--bits", "8", "--group-size", "32")
-    assert_one_line_error(*run_cli(capsys, *args)[::2], f"{out}: already exists", "--force")
+    line = assert_one_line_error(*run_cli(capsys, *args)[::2], f"{out}: already exists; choose another output folder "
+                                 "(or move it away)")
+    assert "--force" not in line, line   # which would refuse it: below
     assert (out / "keep.txt").read_text() == "mine"
 
     assert_one_line_error(*run_cli(capsys, *args, "--force")[::2], "--force replaces only a folder klconvert wrote",
@@ -256,6 +258,26 @@ def test_force_refuses_what_appeared_at_out_while_converting(tiny_released, tmp_
     with pytest.raises(KLError, match="--force replaces only a folder klconvert wrote.*holds other files"):
         quantize(tiny_released, out, force=True, **OPTIONS)
     assert (out / "thesis.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("theirs", [False, True])
+def test_what_appeared_at_out_while_converting_is_offered_force_only_where_it_replaces_it(
+        tiny_released, tmp_path, monkeypatch, theirs):
+    """An OUT made while converting was told "or pass --force to replace it" whatever it held, and --force refuses a
+    folder holding files klconvert did not write (h182)."""
+    out = tmp_path / "q"
+    finish = OutputFolder.finish
+
+    def someone_makes_out(self):
+        out.mkdir()
+        if theirs:
+            (out / "thesis.txt").write_text("mine")
+        return finish(self)
+
+    monkeypatch.setattr(OutputFolder, "finish", someone_makes_out)
+    with pytest.raises(KLError, match="q: appeared while converting; move it away and rerun") as refused:
+        quantize(tiny_released, out, **OPTIONS)
+    assert ("or pass --force to replace it" in str(refused.value)) != theirs, refused.value
 
 
 def test_out_inside_the_source_is_refused(tiny_copy, capsys):

@@ -169,9 +169,28 @@ def killed_while_finishing(out: Path) -> bool:
     return _stored_record(out) is not None and files_klconvert_wrote(out) is not None
 
 
-def already_exists(out: Path) -> KLError:
-    return KLError(f"{out}: already exists; choose another output folder, or pass --force to replace it once the new "
-                   "one is complete")
+def already_exists(out: Path, force_replaces: str | None = None) -> KLError:
+    """The refusal of OUT, there already, to a run without --force: it offers --force only where `force_replaces` says
+    what --force would replace -- None where --force would be refused too, whose refusal the offer would only lead
+    to. How every command writing a folder says it."""
+    if force_replaces is None:
+        return KLError(f"{out}: already exists; choose another output folder (or move it away)")
+    return KLError(f"{out}: already exists; choose another output folder, or pass --force to replace {force_replaces}")
+
+
+def quantize_out_exists(out: Path) -> KLError:
+    """already_exists for quantize's OUT: --force offered where it would replace OUT (force_would_replace)."""
+    return already_exists(out, "it once the new one is complete" if force_would_replace(out) else None)
+
+
+def force_would_replace(out: Path) -> bool:
+    """Whether --force lets quantize replace OUT, an existing folder (refuse_existing_out lets it by): what a refusal
+    without --force may offer."""
+    try:
+        refuse_existing_out(out, force=True)
+    except KLError:
+        return False
+    return True
 
 
 def refuse_existing_out(out: Path, force: bool) -> None:
@@ -189,7 +208,7 @@ def refuse_existing_out(out: Path, force: bool) -> None:
         raise KLError(f"{out}: is a mount point, which the finished folder (made beside it, then renamed onto it) "
                       f"cannot replace; give a folder inside the volume, e.g. {out / 'quantized'}")
     if not force and not killed_while_finishing(out):
-        raise already_exists(out)
+        raise quantize_out_exists(out)
     if not force:
         return
     try:
@@ -659,7 +678,7 @@ class OutputFolder:
                 or not isinstance(finished, dict) or not set(shards) <= set(finished)
                 or not isinstance(finished_files, dict | None)
                 or not self._out_whole(shards, finished, finished_files or {})):
-            raise already_exists(self.out)
+            raise quantize_out_exists(self.out)
         with Uninterrupted():
             end_finish(self.out)
         return True
@@ -685,7 +704,8 @@ class OutputFolder:
         out_exists = self.out.exists() or self.out.is_symlink()
         if out_exists and not self.force:
             raise KLError(f"{self.out}: appeared while converting; move it away and rerun to finish "
-                          f"(the finished shards wait in {self.path}), or pass --force to replace it")
+                          f"(the finished shards wait in {self.path})"
+                          + (", or pass --force to replace it" if force_would_replace(self.out) else ""))
         if out_exists:   # what is at OUT now may not be what was checked when the run began
             refuse_existing_out(self.out, force=True)
         self.refuse_files_not_written()
