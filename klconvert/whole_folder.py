@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE
-from klconvert.convert.output_folder import (TEMPORARY_MARKER, TEMPORARY_NAME, OutputLock, lock_goes_inside,
-                                             lock_holder, lock_path, make_parent, mark_temporary, refuse_link_or_file,
-                                             refuse_no_new_name, remove_created, runs_temporary, temporaries_start,
-                                             temporary_prefix, unmark_temporary, usual_mode, write_test)
+from klconvert.convert.output_folder import (TEMPORARY_MARKER, TEMPORARY_NAME, OutputLock, already_exists,
+                                             lock_goes_inside, lock_holder, lock_path, make_parent, mark_temporary,
+                                             refuse_link_or_file, refuse_no_new_name, remove_created, runs_temporary,
+                                             temporaries_start, temporary_prefix, unmark_temporary, usual_mode,
+                                             write_test)
 from klconvert.disk_space import failed_write
 from klconvert.entry import Uninterrupted
 from klconvert.errors import KLError, refuse_out_of_descriptors
@@ -61,12 +62,10 @@ def refuse_taken(out: Path, force: bool = False, replaceable: Replaceable | None
         raise KLError(f"{out}: cannot list it ({e.strerror}); choose another output folder, or make it readable "
                       "(chmod u+rx)") from None
     if others:
-        if replaceable is None:
-            raise KLError(f"{out}: already exists; choose another output folder (or move it away)")
-        if not force:
-            raise KLError(f"{out}: already exists and is not empty; choose another output folder, or pass --force "
-                          f"to replace {replaceable.what}")
-        if not all(replaceable.may_hold(entry) for entry in others):
+        force_replaces = replaceable is not None and all(replaceable.may_hold(entry) for entry in others)
+        if replaceable is None or not force:   # --force offered only where it would replace OUT
+            raise already_exists(out, replaceable.what if force_replaces else None)
+        if not force_replaces:
             raise KLError(f"{out}: --force replaces only {replaceable.what}, a folder holding nothing else, and this "
                           "holds other files; choose another output folder or move it away")
     try:

@@ -415,6 +415,25 @@ def test_a_finished_folder_a_kill_left_marked_stays_the_users(tmp_path, monkeypa
     assert {p.name: p.read_text() for p in out.iterdir()} == {"config.json": "[]"}
 
 
+def test_force_is_offered_only_where_it_would_replace_out(tmp_path):
+    """export-onnx told any taken OUT to pass --force, which then refused one holding the user's files (h182)."""
+    from klconvert.whole_folder import Replaceable, refuse_taken
+
+    out = tmp_path / "out"
+    earlier = _earlier_export(out)
+    export_files = Replaceable("an earlier export", lambda p: p.name in earlier)
+    with pytest.raises(KLError, match="pass --force to replace an earlier export$"):
+        refuse_taken(out, replaceable=export_files)
+    (out / "notes.txt").write_text("mine")
+    for force in (False, True):   # refused with --force too: what it would lead to
+        with pytest.raises(KLError) as refused:
+            refuse_taken(out, force, replaceable=export_files)
+        assert ("--force" in str(refused.value)) == force, refused.value
+    assert str(refused.value).startswith(f"{out}: --force replaces only an earlier export")
+    with pytest.raises(KLError, match="already exists; choose another output folder \\(or move it away\\)$"):
+        refuse_taken(out, True)   # nothing --force replaces (synth's, the tools')
+
+
 def test_what_a_kill_left_in_a_finished_folder_stops_no_replacement(tmp_path, monkeypatch):
     """A kill after the marker went in, in place, leaves the hidden folders in the whole OUT, the lock beside it: a
     rerun is refused as taken, and --force replaces it (they are a dead run's, not files of OUT's)."""
@@ -436,7 +455,8 @@ def test_what_a_kill_left_in_a_finished_folder_stops_no_replacement(tmp_path, mo
     monkeypatch.undo()
     (tmp_path / "out.partial.lock").write_text("999999\n")   # the lock too (beside OUT): a kill does not remove it
     assert _visible(out) == {"genai_config.json": "second"} and len(list(out.glob(".out.*"))) == 2
-    with pytest.raises(KLError, match="out: already exists and is not empty"):
+    with pytest.raises(KLError, match="out: already exists; choose another output folder, or pass --force to replace "
+                       "an earlier export"):
         with whole_folder(out, replaceable=export_files):
             pass
     with whole_folder(out, force=True, replaceable=export_files, last="genai_config.json") as folder:
