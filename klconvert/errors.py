@@ -49,6 +49,12 @@ def shown(value) -> str:
     return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS - 3] + "..."
 
 
+def a_type(value) -> str:
+    """`value`'s type as a message names what it got, its article by the name's sound: "an int", "a str"."""
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
 def few(values) -> str:
     """Sorted values for a one-line message, each as `shown`: the first MAX_LISTED, then how many more."""
     values = sorted(values)

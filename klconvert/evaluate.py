@@ -14,7 +14,7 @@ from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.config import KimiLinearConfig
 from klconvert.devices import checked_device
-from klconvert.errors import KLError, argument, shown
+from klconvert.errors import KLError, a_type, argument, shown
 from klconvert.extras import require
 from klconvert.models import model_folder
 from klconvert.runtime.host_memory import HostMemory, host_allocation, host_memory
@@ -191,8 +191,8 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
         raise KLError(f"{argument('max_tokens', '--max-tokens', max_tokens)} should be a whole number >= "
                       f"{MIN_SCORED_TOKENS}: a next-token prediction takes {MIN_SCORED_TOKENS} tokens to score")
     if not isinstance(text, str):
-        raise KLError(f"text should be the evaluation text as a str (what --text-file holds), got a "
-                      f"{type(text).__name__}")
+        raise KLError(f"text should be the evaluation text as a str (what --text-file holds), got "
+                      f"{a_type(text)}")
     configs = [KimiLinearConfig.from_file(folder / CONFIG_FILE, flag) for folder, flag in
                ((model, "--model"), (reference, "--reference"))]
     _same_architecture(*configs, *names)   # before either runs

@@ -8,7 +8,7 @@ import errno
 import os
 from pathlib import Path
 
-from klconvert.errors import KLError, shown
+from klconvert.errors import KLError, a_type, shown
 
 SHOWN_PATH_CHARS = 100  # a path longer than this is shortened in messages (one over PATH_MAX fills a screen)
 
@@ -19,7 +19,7 @@ def given_path(value, what: str, other: str = "") -> Path:
     and for "" -- an empty path, which Path() reads as the current folder, is never taken for it (the command line
     refuses one too)."""
     if not isinstance(value, (str, os.PathLike)):
-        raise KLError(f"{what} {shown(value)} should be a path (a str or Path){other}, got a {type(value).__name__}")
+        raise KLError(f"{what} {shown(value)} should be a path (a str or Path){other}, got {a_type(value)}")
     if isinstance(value, str) and value == "":
         raise KLError(f"{what} is an empty path, which is never read as the current folder; give the path (\".\" "
                       "for the current folder)")

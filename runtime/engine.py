@@ -18,7 +18,7 @@ from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.config import KimiLinearConfig
 from klconvert.devices import checked_device
-from klconvert.errors import KLError, argument, refuse_non_bool, shown
+from klconvert.errors import KLError, a_type, argument, refuse_non_bool, shown
 from klconvert.models import resolve_model
 from klconvert.quant import QuantScheme
 from klconvert.runtime.bind import bind, latent_kernel_reads, packed_choice
@@ -288,7 +288,7 @@ def check_callbacks(**callbacks) -> None:
         if value is None:
             continue
         if not callable(value):
-            raise KLError(f"{name} should be a function (or None), got a {type(value).__name__}")
+            raise KLError(f"{name} should be a function (or None), got {a_type(value)}")
         arguments = CALLBACK_ARGUMENTS[name]
         try:
             inspect.signature(value).bind(*arguments)
@@ -421,7 +421,7 @@ class Runner:
             if generator is not None and (not isinstance(generator, torch.Generator)
                                           or generator.device.type != self.device.type):
                 got = f"one on {generator.device}" if isinstance(generator, torch.Generator) else \
-                    f"a {type(generator).__name__}"
+                    a_type(generator)
                 raise KLError(f"decode_loop's generator should be a torch.Generator on {self.device.type} (or None), "
                               f"got {got}")
             self._check_loop_start(step, logits, max_new_tokens)
@@ -433,7 +433,7 @@ class Runner:
         its B sequences (a list, a [vocab] row or another batch were errors from deep inside the loop)."""
         B, vocab = self._step_batch(step, max_new_tokens), self.config.vocab_size
         if not (isinstance(logits, torch.Tensor) and logits.is_floating_point() and logits.shape == (B, vocab)):
-            got = f"shape {list(logits.shape)}" if isinstance(logits, torch.Tensor) else f"a {type(logits).__name__}"
+            got = f"shape {list(logits.shape)}" if isinstance(logits, torch.Tensor) else a_type(logits)
             raise KLError(f"decode_loop's logits should be a float tensor [B, vocab] = [{B}, {vocab}], the logits "
                           f"after each of the step's sequences, got {got}")
         # each row's largest is NaN where the row holds one (argmax would pick it: token 0, unsaid), +inf, or -inf
@@ -639,11 +639,11 @@ class Engine(Runner):
         new = f" plus {argument('max_new_tokens', '--max-new-tokens', max_new_tokens)}" if max_new_tokens else ""
         limit, limit_name = self.config.model_max_length, self.config.model_max_length_name
         if need > limit:   # no plan holds it: raising the context would only be refused in turn
-            raise KLError(f"the prompt ({prompt_tokens} tokens){new} is over the model's {limit_name} of {limit} "
+            raise KLError(f"the prompt ({prompt_tokens:,} tokens){new} is over the model's {limit_name} of {limit:,} "
                           "tokens; shorten the prompt" + (" or make fewer new tokens" if max_new_tokens else ""))
-        raise KLError(f"the prompt ({prompt_tokens} tokens){new} needs a context of {need} tokens but the memory plan "
-                      f"holds {self.plan.context}; raise {self._context_argument()} to {need} or more, or shorten the "
-                      "prompt")
+        raise KLError(f"the prompt ({prompt_tokens:,} tokens){new} needs a context of {need:,} tokens but the memory "
+                      f"plan holds {self.plan.context:,}; raise {self._context_argument()} to {need} or more, or "
+                      "shorten the prompt")
 
     # ---- prefill ---------------------------------------------------------------------------------
     @torch.inference_mode()

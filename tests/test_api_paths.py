@@ -44,11 +44,11 @@ def test_an_empty_output_path_is_refused(tmp_path, monkeypatch, call, what):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("out", [None, 3, b"q"])
-def test_an_output_that_is_no_path_is_refused(tmp_path, monkeypatch, out):
-    """quantize("tiny", None) was pathlib's TypeError."""
+@pytest.mark.parametrize("out, got", [(None, "a NoneType"), (3, "an int"), (b"q", "a bytes")])
+def test_an_output_that_is_no_path_is_refused(tmp_path, monkeypatch, out, got):
+    """quantize("tiny", None) was pathlib's TypeError; 3 read "got a int"."""
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(KLError, match=rf"^out {re.escape(repr(out))} should be a path \(a str or Path\), got a "
-                                      rf"{type(out).__name__}$"):
+    with pytest.raises(KLError, match=rf"^out {re.escape(repr(out))} should be a path \(a str or Path\), got "
+                                      rf"{got}$"):
         quantize("tiny", out, progress=False)
     assert list(tmp_path.iterdir()) == []

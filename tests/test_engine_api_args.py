@@ -64,7 +64,7 @@ def test_a_callback_that_is_no_function_is_refused_before_anything_runs(engine, 
             "prefill": lambda **kw: engine.prefill([[1, 2, 3]], **kw),
             "decode_loop": lambda **kw: engine.decode_loop(engine._steps[1], torch.zeros(1, engine.config.vocab_size),
                                                           2, **kw)}
-    with pytest.raises(KLError, match=rf"^{callback} should be a function \(or None\), got a int$"):
+    with pytest.raises(KLError, match=rf"^{callback} should be a function \(or None\), got an int$"):
         runs[call](**{callback: 1})
     def no_arguments():
         pass
@@ -118,11 +118,11 @@ def test_decode_loop_takes_its_engines_step_and_the_logits_of_its_sequences(engi
     assert engine.decode_loop(step, torch.zeros(1, vocab), 4, stop_ids=frozenset()).shape == (1, 4)
 
 
-@pytest.mark.parametrize("path", [None, 3, b"tiny"])
-def test_a_model_that_is_no_path_is_refused(path):
+@pytest.mark.parametrize("path, got", [(None, "a NoneType"), (3, "an int"), (b"tiny", "a bytes")])
+def test_a_model_that_is_no_path_is_refused(path, got):
     """None, an int and bytes were TypeErrors from pathlib."""
     with pytest.raises(KLError, match=rf"^the model {re.escape(repr(path))} should be a path \(a str or "
-                                      rf"Path\) or 'tiny', got a {type(path).__name__}$"):
+                                      rf"Path\) or 'tiny', got {got}$"):
         klconvert.load(path, device="cpu")
 
 
@@ -479,6 +479,13 @@ def test_a_request_past_the_models_length_is_not_told_to_raise_the_context(tiny_
     with pytest.raises(KLError, match=r"^the prompt \(65 tokens\) is over the model's model_max_length of 64 tokens; "
                                       r"shorten the prompt$"):
         engine.forward([[1] * 65])
+
+
+def test_the_models_length_is_written_with_its_digits_grouped(engine):
+    """It read "model_max_length of 1048576 tokens" where every other line writes 1,048,576."""
+    with pytest.raises(KLError, match=r"^the prompt \(3 tokens\) plus max_new_tokens=2000000 \(--max-new-tokens\) is "
+                                      r"over the model's model_max_length of 1,048,576 tokens;"):
+        engine.generate([[1, 2, 3]], 2 * 10**6)
 
 
 def test_a_batch_past_the_hosts_memory_is_refused_before_allocating(tiny_released, monkeypatch):
@@ -1027,7 +1034,7 @@ def test_decode_loop_takes_a_generator_of_its_device(engine):
     """An int was a TypeError from inside sampling at a temperature, and quietly ignored at 0."""
     for temperature in (0.0, 1.0):
         with pytest.raises(KLError, match=r"^decode_loop's generator should be a torch\.Generator on cpu \(or "
-                                          r"None\), got a int$"):
+                                          r"None\), got an int$"):
             _decode_loop_with(engine, 5, temperature)
     assert _decode_loop_with(engine, torch.Generator().manual_seed(0), 1.0).shape == (1, 2)
 

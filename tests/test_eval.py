@@ -245,11 +245,12 @@ def test_max_tokens_is_a_whole_number_of_at_least_2(max_tokens):
         evaluate("tiny", "tiny", TEXT, max_tokens=max_tokens)
 
 
-@pytest.mark.parametrize("text", [None, TEXT.encode(), [1, 2, 3]])
-def test_the_text_is_a_str(text):
-    """None, bytes and a list of ids were TypeErrors from len() and the tokenizer's regex."""
+@pytest.mark.parametrize("text, got", [(None, "a NoneType"), (TEXT.encode(), "a bytes"), ([1, 2, 3], "a list"),
+                                       (5, "an int")])
+def test_the_text_is_a_str(text, got):
+    """None, bytes and a list of ids were TypeErrors from len() and the tokenizer's regex (an int: "got a int")."""
     with pytest.raises(klconvert.KLError, match=rf"^text should be the evaluation text as a str \(what --text-file "
-                                                rf"holds\), got a {type(text).__name__}$"):
+                                                rf"holds\), got {got}$"):
         evaluate("tiny", "tiny", text, max_tokens=16)
 
 

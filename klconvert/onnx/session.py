@@ -15,7 +15,7 @@ import onnxruntime as ort
 import torch
 
 from klconvert.config import KimiLinearConfig
-from klconvert.errors import KLError, first_line, refuse_out_of_descriptors, shown, unreadable_reason
+from klconvert.errors import KLError, a_type, first_line, refuse_out_of_descriptors, shown, unreadable_reason
 from klconvert.models import resolve_model
 from klconvert.checkpoint.folder_files import CONFIG_FILE, GENAI_CONFIG, refuse_link_out
 from klconvert.checkpoint.regular_file import open_regular, read_json
@@ -290,7 +290,7 @@ class OnnxEngine(Runner):
             held = value.shape[axis] if fits and axis is not None else 0
             if not (fits and value.dtype == s["dtype"] and list(value.shape) == _shape(s, batch, held)):
                 got = f"{value.dtype} {list(value.shape)}" if isinstance(value, np.ndarray) else \
-                    f"a {type(value).__name__}"
+                    a_type(value)
                 wanted = ", ".join(str(batch) if d == "batch" else str(d) for d in s["shape"])
                 raise KLError(f"state[{s['past']!r}] is {got}, where a state of {batch} sequence(s) (input_ids' first "
                               f"dimension) is {s['dtype']} [{wanted}]; {take}")
