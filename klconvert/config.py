@@ -8,7 +8,7 @@ from pathlib import Path
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE, refuse_link_out
 from klconvert.checkpoint.regular_file import parse_json, read_bounded
-from klconvert.errors import KLError, few, refuse_if_not_permitted, shown, unreadable_reason
+from klconvert.errors import KLError, few, not_utf8, refuse_if_not_permitted, shown, unreadable_reason
 from klconvert.release import RELEASED_CONFIG
 
 SUPPORTED_MODEL_TYPES = ("kimi_linear",)
@@ -319,9 +319,11 @@ class KimiLinearConfig:
             text = read_bounded(path, MAX_CONFIG_BYTES, CONFIG_FILE).decode("utf-8")
         except FileNotFoundError:
             raise KLError(f"{path}: no config.json here; point {flag} at a Kimi Linear checkpoint folder") from None
-        except (OSError, UnicodeDecodeError) as e:
+        except UnicodeDecodeError as e:   # the codec's own words ("can't decode byte 0xff in position 7") are no line
+            raise KLError(f"{not_utf8(path, e.start)}; convert it to UTF-8, or re-download the model") from None
+        except OSError as e:
             refuse_if_not_permitted(e, path)
-            raise KLError(f"{path}: cannot read the config ({e}); re-download the model") from None
+            raise KLError(f"{path}: cannot read the config ({unreadable_reason(e)}); re-download the model") from None
 
         def refuse_constant(name: str):   # json reads NaN and Infinity, which are no JSON and no size
             raise KLError(f"{path}: holds {name}, which is not a JSON number; fix the config or re-download the model")

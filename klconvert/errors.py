@@ -83,8 +83,11 @@ def first_line(error: BaseException) -> str:
 
 
 def unreadable_reason(error: BaseException, limit: int = 200) -> str:
-    """Why a file or a JSON answer could not be read, in a few words: "nested too deeply" for JSON nested past
-    Python's stack (a RecursionError's text speaks only of the recursion), else first_line, cut at `limit`."""
+    """Why a file or a JSON answer could not be read, in a few words: an OSError's reason as the system words it (its
+    text says "[Errno 22]" and the path again, which the line names already); "nested too deeply" for JSON nested past
+    Python's stack (a RecursionError's text speaks only of the recursion); else first_line; cut at `limit`."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror[:limit]
     return "nested too deeply" if isinstance(error, RecursionError) else first_line(error)[:limit]
 
 

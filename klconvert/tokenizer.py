@@ -21,7 +21,7 @@ from klconvert.checkpoint.folder_files import CONFIG_FILE as MODEL_CONFIG_FILE, 
 from klconvert.checkpoint.regular_file import read_bounded, read_json
 from klconvert.chat_template import RenderPastBound, render_chat_template
 from klconvert.config import SIZE_RANGES, KimiLinearConfig
-from klconvert.errors import KLError, refuse_if_not_permitted, shown, unreadable_reason
+from klconvert.errors import KLError, not_utf8, refuse_if_not_permitted, shown, unreadable_reason
 from klconvert.models import resolve_model
 
 BPE_FILE = "tiktoken.model"
@@ -126,9 +126,12 @@ def read_tokenizer_config(path: Path) -> dict:
         config = read_json(path, MAX_TOKENIZER_CONFIG_BYTES, TOKENIZER_CONFIG_FILE)
     except FileNotFoundError:
         raise KLError(f"{path}: no {TOKENIZER_CONFIG_FILE} here; re-download the model") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:   # a ValueError, so before the JSON parser's
+        raise KLError(f"{not_utf8(path, e.start)}; convert it to UTF-8, or re-download the model") from None
+    except OSError as e:
         refuse_if_not_permitted(e, path)
-        raise KLError(f"{path}: cannot read the tokenizer config ({e}); re-download the model") from None
+        raise KLError(f"{path}: cannot read the tokenizer config ({unreadable_reason(e)}); "
+                      "re-download the model") from None
     except json.JSONDecodeError as e:
         raise KLError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); re-download the model") from None
     except (RecursionError, ValueError) as e:  # nesting past Python's stack; an int of 4,300+ digits
@@ -321,9 +324,12 @@ class Tokenizer:
             try:
                 chat_template = read_bounded(chat_template_path, MAX_CHAT_TEMPLATE_BYTES,
                                              CHAT_TEMPLATE_FILE).decode("utf-8")
-            except (OSError, UnicodeDecodeError) as e:
+            except UnicodeDecodeError as e:
+                raise KLError(f"{not_utf8(chat_template_path, e.start)}; convert it to UTF-8, or re-download the "
+                              "model") from None
+            except OSError as e:
                 refuse_if_not_permitted(e, chat_template_path)
-                raise KLError(f"{chat_template_path}: cannot read the chat template ({e}); "
+                raise KLError(f"{chat_template_path}: cannot read the chat template ({unreadable_reason(e)}); "
                               "fix the file or re-download the model") from None
         else:
             chat_template, chat_template_path = config.get("chat_template"), config_path

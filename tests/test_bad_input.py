@@ -488,6 +488,30 @@ def test_a_model_file_linked_from_outside_the_folder_is_refused(capsys, tiny_cop
     assert not [p for p in tmp_path.iterdir() if "onnx" in p.name]
 
 
+UNREADABLE_AS = {"config.json": ("the config", "re-download the model"),
+                  "tokenizer_config.json": ("the tokenizer config", "re-download the model"),
+                  "chat_template.jinja": ("the chat template", "fix the file or re-download the model")}
+
+
+@pytest.mark.parametrize("name", list(UNREADABLE_AS))
+def test_a_small_file_that_is_a_folder_or_no_utf8_is_said_so_in_klconverts_words(capsys, tiny_copy, name):
+    """A folder there read "cannot read the config ([Errno 22] not a regular file (a directory): '<the path again>')";
+    a byte that is not UTF-8, the codec's "'utf-8' codec can't decode byte 0xff in position 7: invalid start byte"
+    (h182), where a prompt file gets errors.not_utf8's line."""
+    path = tiny_copy / name
+    path.unlink(missing_ok=True)   # the tiny release keeps its chat template in tokenizer_config.json
+    path.write_bytes(b'{"x": "\xff"}')
+    run = ("run", "--model", tiny_copy, "--prompt", "hi", "--max-new-tokens", "1", "--chat", "--device", "cpu")
+    assert assert_one_line_error(*run_cli(capsys, *run)[::2]) == (
+        f"klconvert: error: {path}: not UTF-8 text (bad byte at offset 7); convert it to UTF-8, or re-download the "
+        "model")
+    path.unlink()
+    path.mkdir()
+    what, advice = UNREADABLE_AS[name]
+    assert assert_one_line_error(*run_cli(capsys, *run)[::2]) == (
+        f"klconvert: error: {path}: cannot read {what} (not a regular file (a directory)); {advice}")
+
+
 def test_a_folders_recipe_linked_from_outside_is_refused_by_plan(capsys, tiny_released, tmp_path):
     out = tmp_path / "q"
     assert run_cli(capsys, "quantize", tiny_released, out, "--bits", "4", "--group-size", "32")[0] == 0

@@ -893,6 +893,29 @@ def test_a_genai_config_that_is_no_regular_file_is_refused_as_that_not_as_absent
     assert "no genai_config.json here" not in assert_one_line_error(code, err, needle)
 
 
+def test_a_genai_config_that_is_a_folder_is_said_so_once(exported, tmp_path, capsys):
+    """It read "cannot read it (OSError: [Errno 22] not a regular file (a directory): '<the path again>')" (h182)."""
+    out = shutil.copytree(exported[1], tmp_path / "onnx")
+    (out / GENAI_CONFIG).unlink()
+    (out / GENAI_CONFIG).mkdir()
+    code, _, err = run_cli(capsys, "run", "--model", out, "--engine", "onnxruntime", "--prompt", "hi")
+    assert assert_one_line_error(code, err) == (f"klconvert: error: {out / GENAI_CONFIG}: cannot read it (not a "
+                                                "regular file (a directory)); export the folder again")
+
+
+@pytest.mark.parametrize("text, held", [("[]", "a JSON array"), ('"model"', "a JSON string"), ("7", "a JSON number"),
+                                        ('{"tokenizer": {}}', "an object with no 'model' object"),
+                                        ('{"model": {"file": "model.onnx"}}', "a 'model' object with no 'state'")])
+def test_a_genai_config_of_another_shape_says_what_it_held_and_what_belongs(exported, tmp_path, capsys, text, held):
+    """A JSON list read "cannot read it (TypeError: list indices must be integers or slices, not str)" (h182)."""
+    out = shutil.copytree(exported[1], tmp_path / "onnx")
+    (out / GENAI_CONFIG).write_text(text)
+    code, _, err = run_cli(capsys, "run", "--model", out, "--engine", "onnxruntime", "--prompt", "hi")
+    assert assert_one_line_error(code, err) == (f"klconvert: error: {out / GENAI_CONFIG}: holds {held}, where "
+                                                "export-onnx writes an object whose 'model' object names the graph's "
+                                                "'file' and its 'state' tensors; export the folder again")
+
+
 @pytest.mark.parametrize("inside, aside", [(False, True), (True, False)], ids=["lock-beside", "lock-inside"])
 def test_an_export_replacing_the_folder_is_said_so_not_a_file_of_it_missing(exported, tmp_path, capsys, inside,
                                                                              aside):
@@ -1024,7 +1047,9 @@ def _edited_genai_config(folder, edit):
 @pytest.mark.parametrize("edit, needle", [
     (lambda m: m["state"][0].update(shape=["batch", 10**12, 64, 64]), "are not what export-onnx writes"),
     (lambda m: m.update(file="../../elsewhere.onnx"), "are not what export-onnx writes"),
-    (lambda m: m.pop("state"), "cannot read it (KeyError"),
+    (lambda m: m.pop("state"), "holds a 'model' object with no 'state', where export-onnx writes an object whose "
+                               "'model' object names the graph's 'file' and its 'state' tensors; export the folder "
+                               "again"),
     (lambda m: m.update(state=7), "are not what export-onnx writes"),
 ])
 def test_an_untrusted_genai_config_sizes_nothing(exported, tmp_path, edit, needle):

@@ -31,6 +31,8 @@ from klconvert.units import size_text
 
 State = dict[str, np.ndarray]  # past input name -> value
 MAX_GENAI_CONFIG_BYTES = 1 << 20  # export-onnx writes a few KB
+# JSON's names for the values that parse into these types (the rest are numbers): a line says which a file held
+JSON_KINDS = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
 # onnxruntime's log severity (0 verbose, 1 info, 2 warning, 3 error, 4 fatal) for loading and running: a graph's
 # warnings are no line of a run's output, and a failure is one KLError line, not onnxruntime's log line besides
 ORT_FATAL_ONLY = 4
@@ -186,13 +188,18 @@ class OnnxEngine(Runner):
     def _check_genai_config(self, path: Path) -> None:
         refuse_link_out(path)
         try:
-            spec = read_json(path, MAX_GENAI_CONFIG_BYTES, GENAI_CONFIG)["model"]
-            agrees = spec["file"] == ONNX_FILE and spec["state"] == self.states
-        except (OSError, ValueError, RecursionError, KeyError, TypeError) as e:
+            config = read_json(path, MAX_GENAI_CONFIG_BYTES, GENAI_CONFIG)
+        except (OSError, ValueError, RecursionError) as e:
             refuse_out_of_descriptors(e, path)
-            reason = unreadable_reason(e, 120)
-            raise KLError(f"{path}: cannot read it ({type(e).__name__}: {reason}); export the folder again") from None
-        if not agrees:
+            raise KLError(f"{path}: cannot read it ({unreadable_reason(e, 120)}); export the folder again") from None
+        spec = config.get("model") if isinstance(config, dict) else None
+        if not (isinstance(spec, dict) and "file" in spec and "state" in spec):
+            got = (f"a JSON {JSON_KINDS.get(type(config), 'number')}" if not isinstance(config, dict) else
+                   "an object with no 'model' object" if not isinstance(spec, dict) else
+                   f"a 'model' object with no '{'file' if 'file' not in spec else 'state'}'")
+            raise KLError(f"{path}: holds {got}, where export-onnx writes an object whose 'model' object names the "
+                          "graph's 'file' and its 'state' tensors; export the folder again")
+        if spec["file"] != ONNX_FILE or spec["state"] != self.states:
             raise KLError(f"{path}: its graph file or state tensors are not what export-onnx writes for this folder's "
                           "config.json; export the folder again")
 
