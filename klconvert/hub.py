@@ -46,7 +46,7 @@ from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_FILE_NAME_BYTES, M
 from klconvert.checkpoint.regular_file import read_json
 from klconvert.disk_space import free_disk_bytes
 from klconvert.entry import note_change
-from klconvert.errors import KLError, first_line, refuse_non_bool, unreadable_reason
+from klconvert.errors import KLError, argument, first_line, refuse_non_bool, unreadable_reason
 from klconvert.hex_digests import GIT_SHA, SHA256_HEX
 from klconvert.hf_cache import BLOBS, SNAPSHOTS
 from klconvert.hub_guard import AnswerGuard
@@ -600,9 +600,13 @@ def _verify(folder: Path, wanted: list[HubFile], where: str, progress: bool, rec
         for f, (_, problem) in zip(wanted, checks):
             if problem is not None:
                 _remove(folder / f.path, blobs)
+        # a download cut or damaged on the way comes right on a rerun; bytes the hub serves that are not what it
+        # publishes for them fail again every time, which the line cannot tell apart from the first
         raise KLError(
-            f"{len(problems)} file(s) of {where} failed verification and were removed, rerun to fetch them "
-            f"again: {'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}"
+            f"{len(problems)} file(s) of {where} failed verification and were removed "
+            f"({'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}); rerun the pull to fetch them again "
+            "-- if the same file fails again, the repo's file does not match the hash the hub publishes for it, "
+            f"which no rerun fixes: tell the repo's owner, or pull another {argument('revision', '--revision')}"
         )
     return [pulled for pulled, _ in checks]
 

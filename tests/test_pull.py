@@ -411,6 +411,23 @@ def test_wrong_published_sha256_fails_naming_the_file_and_removes_it(served, tmp
     assert files_under(hub.pull(REPO, progress=False).path) == PULLED
 
 
+def test_a_file_that_fails_verification_on_every_pull_is_told_apart_from_a_damaged_download(served, checkpoint):
+    """The line said only "rerun to fetch them again", which never helps when the hub's published hash and its bytes
+    disagree (h182): it says so, and what to do then, on each pull that fails."""
+    server, commit = served
+    server.wrong_sha256.add(SHARD_1)
+    actual = hashlib.sha256((checkpoint / SHARD_1).read_bytes()).hexdigest()
+    published = server.published_sha256(SHARD_1, server.repos[REPO].files[SHARD_1])
+    for _ in range(2):
+        proc = run_klconvert("pull", REPO)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.splitlines()[-1] == (
+            f"klconvert: error: 1 file(s) of {REPO}@{commit} failed verification and were removed ({SHARD_1} has "
+            f"sha256 {actual}, the hub published {published}); rerun the pull to fetch them again -- if the same "
+            "file fails again, the repo's file does not match the hash the hub publishes for it, which no rerun "
+            "fixes: tell the repo's owner, or pull another revision (--revision)")
+
+
 def test_wrong_sha256_in_a_local_dir_removes_the_file(served, tmp_path):
     server, _ = served
     server.wrong_sha256.add(SHARD_2)
