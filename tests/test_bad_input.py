@@ -307,6 +307,61 @@ def test_damaged_checkpoint(capsys, tiny_copy, prompt, damage, needles):
     assert_one_line_error(code, err, *needles)
 
 
+MISMATCH_ADVICE = ("the checkpoint does not match its config.json -- put back the config.json its weights came with, "
+                   "or download the checkpoint again")
+EXPERT_W2 = "model.layers.1.block_sparse_moe.experts.{}.w2.weight"
+STACKED_W2 = "model.layers.1.mlp.experts.down_proj"   # the same weights as transformers stacks them
+
+
+def _add_stacked_w2(folder: Path, extra_experts: int, drop_released: bool) -> tuple[Path, torch.Tensor]:
+    """Layer 1's w2 weights added stacked, `extra_experts` past the config's, in the shard of expert 0's (the released
+    per-expert tensors dropped when `drop_released`): (that shard, the stacked tensor)."""
+    names = [EXPERT_W2.format(e) for e in range(json.loads((folder / "config.json").read_text())["num_experts"])]
+    weights = [load_file(shard_holding(folder, name))[name] for name in names]
+    stacked = torch.stack(weights + weights[:extra_experts])
+    shard = shard_holding(folder, names[0])
+    if drop_released:
+        for name in names:
+            rewrite_shard(shard_holding(folder, name), lambda t, name=name: t.pop(name))
+        set_index(folder, lambda m: [m.pop(name) for name in names])
+    rewrite_shard(shard, lambda t: t.__setitem__(STACKED_W2, stacked))
+    set_index(folder, lambda m: m.__setitem__(STACKED_W2, shard.name))
+    return shard, stacked
+
+
+def test_weights_and_config_that_disagree_are_told_what_to_do(capsys, tiny_copy, prompt):
+    """Lines that said what and where but not what to do: 'maps to nothing ...; the checkpoint does not match its
+    config.json', 'takes N of its M values; ...', 'is missing from the checkpoint; the download is incomplete or the
+    config does not match the weights', and 'the checkpoint mixes layouts twice over' (h182)."""
+    run = ("run", "--model", tiny_copy, "--prompt-file", prompt, "--max-new-tokens", "2")
+    shard, stacked = _add_stacked_w2(tiny_copy, 0, drop_released=False)
+    assert assert_one_line_error(*run_cli(capsys, *run)[::2]) == (
+        f"klconvert: error: {shard}: tensor '{STACKED_W2}' provides {EXPERT_W2.format(0)}, which tensor "
+        f"'{EXPERT_W2.format(0)}' provides too: the checkpoint holds that weight twice, in two layouts; download the "
+        "checkpoint again, or rewrite it keeping one of the two")
+
+    rewrite_shard(shard, lambda t: t.pop(STACKED_W2))
+    set_index(tiny_copy, lambda m: m.pop(STACKED_W2))
+    shard, stacked = _add_stacked_w2(tiny_copy, 1, drop_released=True)
+    used, held = stacked[:-1].numel(), stacked.numel()
+    assert assert_one_line_error(*run_cli(capsys, *run)[::2]) == (
+        f"klconvert: error: {shard}: tensor '{STACKED_W2}' has shape {list(stacked.shape)}, but this config "
+        f"({len(stacked) - 1} experts) takes {used:,} of its {held:,} values; {MISMATCH_ADVICE}")
+
+    rewrite_shard(shard, lambda t: t.pop(STACKED_W2))
+    set_index(tiny_copy, lambda m: m.pop(STACKED_W2))
+    assert assert_one_line_error(*run_cli(capsys, *run)[::2]) == (
+        f"klconvert: error: {tiny_copy}: tensor {EXPERT_W2.format(0)} and {len(stacked) - 2} more is missing from "
+        f"the checkpoint, which its config.json (8 layers, {len(stacked) - 1} experts) asks for; download the "
+        "checkpoint again (a download cut short lacks tensors), or put back the config.json its weights came with")
+
+    damage_unknown_tensor(tiny_copy)
+    assert assert_one_line_error(*run_cli(capsys, *run)[::2]) == (
+        f"klconvert: error: {shard_holding(tiny_copy, NAME)}: tensor 'model.layers.1.self_attn.mystery.weight' maps "
+        f"to nothing in a Kimi Linear model with this config (8 layers, {len(stacked) - 1} experts); "
+        f"{MISMATCH_ADVICE}")
+
+
 def test_control_characters_from_the_download_are_escaped_in_the_error(capsys, tiny_copy, prompt):
     """A tensor name holding a terminal's title-setting sequence reached stderr as it was."""
     extra = "model.layers.1.self_attn.x\x1b]0;PWNED\x07\x00.weight"

@@ -93,6 +93,19 @@ def test_weight_shape_values_must_say_the_configs_shape(tiny_released, tmp_path)
         ckpt.get(f"{Q_PROJ}.weight")
 
 
+def test_a_packed_weight_of_no_module_of_the_config_is_told_what_to_do(tiny_released, tmp_path, capsys):
+    """It said 'maps to no linear weight of this model; the checkpoint does not match its config.json' and no more
+    (h182)."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _damage(tmp_path / "q", lambda t: t.__setitem__("model.layers.1.self_attn.zzz.weight_packed",
+                                                    torch.zeros(2, 2, dtype=torch.int32)))
+    code, _, err = run_cli(capsys, "run", "--model", tmp_path / "q", "--prompt", "hi", "--max-new-tokens", "1")
+    assert assert_one_line_error(code, err) == (
+        f"klconvert: error: {tmp_path / 'q'}: quantized weight 'model.layers.1.self_attn.zzz.weight' maps to no "
+        "linear weight of this model (8 layers, 16 experts); the checkpoint does not match its config.json -- put "
+        "back the config.json its weights came with, or download the checkpoint again")
+
+
 @pytest.mark.parametrize("zero", [torch.zeros(3, 7, dtype=torch.int32), None], ids=["misshapen", "bf16"])
 def test_a_zero_point_that_does_not_fit_its_scale_is_refused(tiny_released, tmp_path, zero):
     write_quantized(tiny_released, tmp_path / "q", bits=4, symmetric=False)

@@ -28,6 +28,9 @@ JSON_CONTAINERS_SLACK = 1 << 16
 MAX_INDEX_VALUES = 1 << 20
 MAX_FILE_NAME_BYTES = 255  # NAME_MAX of Linux's, macOS's and Windows' file systems
 MAX_SIDE_FILE_BYTES = 32 << 20  # a side file an output copies (tokenizer, chat template, small config); released: <3 MB
+# The end of a line for weights that config.json does not make: which of the two is wrong, a reader cannot tell
+CONFIG_MISMATCH = ("the checkpoint does not match its config.json -- put back the config.json its weights came with, "
+                   "or download the checkpoint again")
 
 
 def refuse_link_out(path: Path, folder: Path | None = None) -> None:

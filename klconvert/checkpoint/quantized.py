@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from klconvert.checkpoint.folder_files import CONFIG_MISMATCH
 from klconvert.checkpoint.name_map import TensorSpec, canonical_pieces
 from klconvert.checkpoint.safetensors_header import SafetensorsHeader
 from klconvert.config import KimiLinearConfig
@@ -135,8 +136,8 @@ def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, S
         canonical = pieces[0][0]
         spec = expected.get(canonical)
         if spec is None or len(spec.shape) != 2:
-            raise KLError(f"{where} maps to no linear weight of this model; the checkpoint does not match its "
-                          "config.json")
+            raise KLError(f"{where} maps to no linear weight of this model ({config.num_hidden_layers} layers, "
+                          f"{config.num_experts} experts); {CONFIG_MISMATCH}")
         kept = kept_in_high_precision(canonical)
         if kept is not None:   # the embedding and the router: vLLM's kimi_linear builds both without a quant method
             raise KLError(f"{where} is stored packed, but it is {kept}, which Kimi Linear keeps in high precision: "

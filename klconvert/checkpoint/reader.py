@@ -11,6 +11,7 @@ import torch
 
 from klconvert.checkpoint.folder_files import (
     CONFIG_FILE,
+    CONFIG_MISMATCH,
     GENAI_CONFIG,
     INDEX_FILE,
     MAX_FILE_NAME_BYTES,
@@ -225,29 +226,30 @@ class Checkpoint:
                 if spec is None:
                     raise KLError(f"{where} maps to nothing in a Kimi Linear model with this config "
                                   f"({self.config.num_hidden_layers} layers, {self.config.num_experts} experts); "
-                                  "the checkpoint does not match its config.json")
+                                  f"{CONFIG_MISMATCH}")
                 shape = sliced_shape(entry.shape, index)
                 if shape != spec.shape:
                     raise KLError(f"{where} has shape {list(entry.shape)}, which does not give "
-                                  f"{canonical} its expected shape {list(spec.shape)}; the checkpoint does not "
-                                  "match its config.json")
+                                  f"{canonical} its expected shape {list(spec.shape)}; {CONFIG_MISMATCH}")
                 if canonical in self.sources:
-                    raise KLError(f"{where} provides {canonical}, which "
-                                  f"{self.sources[canonical].name} already provides; the checkpoint mixes "
-                                  "layouts twice over")
+                    raise KLError(f"{where} provides {canonical}, which tensor "
+                                  f"{shown(self.sources[canonical].name)} provides too: the checkpoint holds that "
+                                  "weight twice, in two layouts; download the checkpoint again, or rewrite it keeping "
+                                  "one of the two")
                 self.sources[canonical] = Source(shard, source_name, index, entry.dtype)
             used = sum(math.prod(self.expected[canonical].shape) for canonical, _ in pieces)
             if used != math.prod(entry.shape):  # a stacked tensor of more experts, or a fused one of more parts
                 raise KLError(f"{where} has shape {list(entry.shape)}, but this config ({self.config.num_experts} "
-                              f"experts) takes {used:,} of its {math.prod(entry.shape):,} values; the checkpoint "
-                              "does not match its config.json")
+                              f"experts) takes {used:,} of its {math.prod(entry.shape):,} values; {CONFIG_MISMATCH}")
         if self.config.tie_word_embeddings:
             self._tie_lm_head()
         missing = [n for n in self.expected if n not in self.sources]
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-            raise KLError(f"{self.folder}: tensor {missing[0]}{more} is missing from the checkpoint; "
-                          "the download is incomplete or the config does not match the weights")
+            raise KLError(f"{self.folder}: tensor {missing[0]}{more} is missing from the checkpoint, which its "
+                          f"config.json ({self.config.num_hidden_layers} layers, {self.config.num_experts} experts) "
+                          "asks for; download the checkpoint again (a download cut short lacks tensors), or put back "
+                          "the config.json its weights came with")
         if stopped:
             self._refuse_stacked_in_another_dtype(stopped)
         if stopped and not finish_stacking:   # the one disagreement, said once nothing else is wrong (a damaged
