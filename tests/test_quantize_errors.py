@@ -120,6 +120,22 @@ def test_recipe_problems(tiny_released, tmp_path, capsys):
     assert "says how each tensor is stored; drop --observer" in line
 
 
+@pytest.mark.parametrize("weights, line, said", [
+    ("{num_bits: 8, type: nf4}", 6, "not num_bits 8; set num_bits: 4"),
+    ("{num_bits: 4, type: nf4, group_size: 128}", 6, "not group_size 128; set group_size: 64"),
+    ("{num_bits: 4, type: nf4, symmetric: false}", 6, "not symmetric false; set symmetric: true"),
+    ("{num_bits: 4, type: nf4, observer: mse}", 6, "not observer mse; set observer: minmax"),
+])
+def test_an_nf4_recipe_group_is_told_the_setting_nf4_takes(tiny_released, tmp_path, capsys, weights, line, said):
+    """num_bits: 8 read "nf4 is 4-bit, symmetric, in blocks of 64, min-max; got bits=8, group_size=64,
+    symmetric=True, observer=minmax": the API's field names, every field, and nothing to do (h182)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("quant_stage:\n  quant_modifiers:\n    QuantizationModifier:\n      config_groups:\n"
+                      f"        a:\n          weights: {weights}\n          targets: [Linear]\n")
+    assert fails(capsys, tmp_path, "--recipe", recipe, src=tiny_released) == (
+        f"klconvert: error: {recipe}:{line}: nf4 is 4-bit, symmetric, in blocks of 64, min-max, {said}")
+
+
 def test_truncated_shard(tiny_copy, tmp_path, capsys):
     shard = sorted(tiny_copy.glob("*.safetensors"))[-1]
     shard.write_bytes(shard.read_bytes()[:-100])

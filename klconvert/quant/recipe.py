@@ -10,7 +10,7 @@ from klconvert.checkpoint.regular_file import open_regular
 from klconvert.errors import ERROR_CHARS, KLError, either, few, not_utf8, shown
 from klconvert.quant.groupwise import CHANNEL, SUPPORTED_BITS, unsupported_observer
 from klconvert.quant.policy import MAX_POLICY_ENTRIES, Entry, Group, Policy, RegexBudget
-from klconvert.quant.scheme import KINDS, NF4_BLOCKSIZE, PACKED_FORMAT, QuantScheme
+from klconvert.quant.scheme import KINDS, NF4_BLOCKSIZE, NF4_FIXED, NF4_SAID, PACKED_FORMAT, QuantScheme
 from klconvert.recipes import shipped_names, shipped_recipe
 
 MAX_GROUP_NAME_CHARS = 200  # a config group's name ("group_0", "experts"), said in every message about the group
@@ -124,6 +124,7 @@ class _Reader:
         observer = get("observer", (str, type(None)), "minmax") or "minmax"
         if observer not in _OBSERVERS:
             self.fail(w["observer"][1], unsupported_observer(observer))
+        observer = "mse" if observer == "mse" else "minmax"   # llm-compressor's min-max observers are one to klconvert
         if get("actorder", (str, type(None)), None) is not None:
             self.fail(w["actorder"][1], "actorder needs calibration (GPTQ), which klconvert does not run; remove it")
         if kind not in KINDS:
@@ -133,6 +134,12 @@ class _Reader:
                 self.fail(w["strategy"][1], f"strategy {shown(strategy)} is not nf4's; nf4 is quantized in groups "
                                             f"(blocks) of {NF4_BLOCKSIZE}: use strategy group or leave it out")
             group_size = NF4_BLOCKSIZE if group_size is None else group_size
+            given = {"bits": ("num_bits", bits), "group_size": ("group_size", group_size),
+                     "symmetric": ("symmetric", symmetric), "observer": ("observer", observer)}
+            for name, fixed in NF4_FIXED.items():
+                key, value = given[name]
+                if value != fixed:   # said at the key, in the recipe's own words (QuantScheme's are the API's)
+                    self.fail(w[key][1], f"{NF4_SAID}, not {key} {w[key][1].value}; set {key}: {str(fixed).lower()}")
         elif strategy == "channel" or (strategy is None and group_size == -1):
             # group_size -1 as the recipe spells it (compressed-tensors' channel); CHANNEL is the scheme's sentinel
             if group_size not in (None, -1):
@@ -144,8 +151,7 @@ class _Reader:
         else:
             self.fail(w["strategy"][1], f"strategy {shown(strategy)} is not supported; use group or channel")
         try:
-            return QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric, kind=kind,
-                               observer="mse" if observer == "mse" else "minmax")
+            return QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric, kind=kind, observer=observer)
         except KLError as e:
             self.fail(node, str(e))
 

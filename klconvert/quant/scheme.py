@@ -13,6 +13,9 @@ COMPRESSED_TENSORS = "compressed-tensors"  # the quant_method of that format's c
 # compressed-tensors' own writer puts its release (tests/test_quantize.py holds the other fields to its output)
 COMPRESSED_TENSORS_VERSION = "0.20.1"
 NF4_BLOCKSIZE = 64  # bitsandbytes' Params4bit / transformers' Linear4bit block size
+# The one value nf4 (bitsandbytes' format) takes of each of QuantScheme's other fields, and the words for them
+NF4_FIXED = {"bits": 4, "group_size": NF4_BLOCKSIZE, "symmetric": True, "observer": "minmax"}
+NF4_SAID = f"nf4 is 4-bit, symmetric, in blocks of {NF4_BLOCKSIZE}, min-max"
 GROUP_SIZE = 128  # an int scheme's input columns per scale unless told otherwise
 KINDS = ("int", "nf4")  # QuantScheme's kinds: --scheme's and a recipe's `type:` choices
 
@@ -33,10 +36,10 @@ class QuantScheme:
 
     def __post_init__(self):
         if self.kind == "nf4":
-            if (self.bits, self.group_size, self.symmetric, self.observer) != (4, NF4_BLOCKSIZE, True, "minmax"):
-                raise KLError(f"nf4 is 4-bit, symmetric, in blocks of {NF4_BLOCKSIZE}, min-max; got "
-                              f"bits={shown(self.bits)}, group_size={shown(self.group_size)}, "
-                              f"symmetric={self.symmetric}, observer={self.observer}")
+            wrong = [name for name, fixed in NF4_FIXED.items() if getattr(self, name) != fixed]
+            if wrong:
+                raise KLError(f"{NF4_SAID}; got {', '.join(f'{n}={shown(getattr(self, n))}' for n in wrong)} -- pass "
+                              f"{', '.join(f'{n}={shown(NF4_FIXED[n])}' for n in wrong)}")
         elif self.kind == "int":
             if self.observer not in OBSERVERS:
                 raise KLError(unsupported_observer(self.observer))

@@ -293,11 +293,19 @@ def test_mse_observer_stops_where_its_patience_runs_out():
     assert cut_short >= 5
 
 
+def test_an_nf4_scheme_names_the_fields_nf4_fixes_and_their_values():
+    """bits=8 read "got bits=8, group_size=64, symmetric=True, observer=minmax", every field and no action (h182)."""
+    with pytest.raises(KLError, match=r"^nf4 is 4-bit, symmetric, in blocks of 64, min-max; got bits=8, "
+                                      r"symmetric=False -- pass bits=4, symmetric=True$"):
+        QuantScheme(8, 64, False, kind="nf4")
+
+
 def test_observer_must_be_known():
     """One refusal wherever an observer is taken (unsupported_observer), offering OBSERVERS."""
     with pytest.raises(KLError, match=r"^observer 'histogram' is not supported; use minmax or mse$"):
         QuantScheme(4, 128, True, observer="histogram")
-    with pytest.raises(KLError, match="observer"):
+    with pytest.raises(KLError, match=r"^nf4 is 4-bit, symmetric, in blocks of 64, min-max; got observer='mse' -- pass "
+                                      r"observer='minmax'$"):
         QuantScheme(4, 64, True, kind="nf4", observer="mse")
     with pytest.raises(KLError, match=r"^w: observer 'histogram' is not supported; use minmax or mse$"):
         quantize_groupwise(torch.zeros(4, 128), 4, 128, True, name="w", observer="histogram")
