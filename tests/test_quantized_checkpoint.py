@@ -7,19 +7,22 @@ import shutil
 
 import pytest
 import torch
+from compressed_tensors.quantization import QuantizationArgs
 from safetensors.torch import load_file, save_file
 
 import klconvert
 from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.quant import compress_nf4, compress_weight, policy_from_options
+from klconvert.quant.groupwise import CHANNEL
 from testkit import assert_one_line_error, run_cli
 
 
 def write_quantized(src_folder, out, **options):
-    """A quantized copy of `src_folder` made with klconvert.quant directly (one shard), and the packed tensors."""
+    """A quantized copy of `src_folder` made with klconvert.quant directly (one shard, groups of 32 unless `options`
+    say another group_size), and the packed tensors."""
     src = open_checkpoint(src_folder)
-    policy = policy_from_options(group_size=32, **options).check_against(
+    policy = policy_from_options(**{"group_size": 32, **options}).check_against(
         [(n, s.shape) for n, s in src.expected.items()])
     tensors, packed = {}, {}
     for name, spec in src.expected.items():
@@ -351,6 +354,36 @@ def test_symmetric_omitted_is_read_as_compressed_tensors_default(tiny_released, 
     assert all(scheme.symmetric for _, scheme in packed.values())
 
 
+def test_group_size_minus_one_without_a_strategy_is_read_as_channel(tiny_released, tmp_path):
+    """compressed-tensors' QuantizationArgs reads group_size -1 with no strategy as strategy channel: a per-channel
+    folder whose config says it so reads as the per-channel folder it is, as transformers and vLLM read it."""
+    packed = write_quantized(tiny_released, tmp_path / "q", bits=4, group_size=CHANNEL)
+
+    def minus_one(qc):
+        for group in qc["config_groups"].values():
+            group["weights"].pop("strategy")
+            group["weights"].update(group_size=-1)
+    _edit_quantization_config(tmp_path / "q", minus_one)
+    weights = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert {QuantizationArgs.model_validate(g["weights"]).strategy for g in weights.values()} == {"channel"}
+    sources = open_checkpoint(tmp_path / "q").sources
+    assert {name: sources[name].scheme for name in packed} == {name: scheme for name, (_, scheme) in packed.items()}
+    assert all(scheme.group_size == CHANNEL for _, scheme in packed.values())
+
+
+@pytest.mark.parametrize("strategy", ["tensor_group", "tensor", "block"])
+def test_a_group_size_under_another_strategy_than_group_is_refused(tiny_released, tmp_path, strategy):
+    """Groups of 32 under strategy tensor_group (compressed-tensors' groups under one global scale, which klconvert
+    does not read), tensor or block are not plain groups: refused naming the strategy, not read as strategy group."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _edit_quantization_config(tmp_path / "q", lambda qc: qc["config_groups"]["group_0"]["weights"].update(
+        strategy=strategy))
+    with pytest.raises(klconvert.KLError, match=rf"config_groups\.group_0\.weights declares num_bits 4, type 'int', "
+                                                rf"symmetric True, strategy '{strategy}', group_size 32; klconvert "
+                                                "reads pack-quantized int4 or int8 weights by group"):
+        open_checkpoint(tmp_path / "q")
+
+
 def _scale_at(module: str, value: float, zero_point: int | None = None):
     """The first group's scale set to `value` (and its zero point to `zero_point`, in [-8, 7], at int4)."""
     def edit(t):
@@ -471,6 +504,17 @@ def test_a_quantized_kv_cache_is_refused_by_name(tiny_released, tmp_path, capsys
     assert_one_line_error(code, err, "q/config.json: quantization_config.kv_cache_scheme quantizes the KV cache "
                           "(num_bits 8, type 'float'), which klconvert does not",
                           "quantize the model again with `klconvert quantize`")
+
+
+def test_a_kv_cache_scheme_of_compressed_tensors_defaults_is_refused(tiny_released, tmp_path):
+    """kv_cache_scheme {} is not the null of no KV cache quantization: compressed-tensors reads it as QuantizationArgs'
+    defaults, a KV cache held in int8, which klconvert would run in the model's dtype unmentioned."""
+    assert QuantizationArgs.model_validate({}).num_bits == 8
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _edit_quantization_config(tmp_path / "q", lambda qc: qc.update(kv_cache_scheme={}))
+    with pytest.raises(klconvert.KLError, match=r"q/config\.json: quantization_config\.kv_cache_scheme quantizes "
+                                                "the KV cache"):
+        open_checkpoint(tmp_path / "q")
 
 
 # transformers 5's BitsAndBytesConfig(load_in_8bit=True).to_dict(), as save_pretrained writes it into config.json
