@@ -189,6 +189,64 @@ def groups(text):
     return textwrap.indent(textwrap.dedent(text), " " * 8)
 
 
+def checked(text, tmp_path):
+    """The recipe `text`, checked against the Kimi Linear tensor list."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    recipe = load_recipe(path)
+    return recipe, recipe.policy.check_against(KIMI)
+
+
+def test_entries_match_names_as_compressed_tensors_does(tmp_path):
+    """compressed-tensors (utils/match.py match_name) and vLLM match a name entry to that module alone, not to those
+    under it (model.layers.1 is no layer's weights, nor model.layers.10's), and a re: pattern from the name's start
+    (re.match: re:.*experts selects every expert): klconvert storing a weight otherwise than they read it would run a
+    folder they cannot, or the reverse."""
+    ignore = HEAD.replace('"]', '", "re:.*\\\\.(f_a|f_b|g_a|g_b|b)_proj$", "model.layers.1"]')
+    recipe, policy = checked(ignore + groups("""\
+        group_0:
+          targets: ["Linear"]
+          weights: {num_bits: 4, group_size: 128}
+        group_1:
+          targets: ["re:.*experts"]
+          weights: {num_bits: 8, group_size: 128}
+    """), tmp_path)
+    assert policy == recipe.policy
+    assert policy.scheme_for("model.layers.1.block_sparse_moe.experts.0.w1.weight", (1024, 2304)) == INT8
+    assert policy.scheme_for("model.layers.1.block_sparse_moe.shared_experts.up_proj.weight", (1024, 2304)) == INT8
+    assert policy.scheme_for("model.layers.1.self_attn.o_proj.weight", (2304, 4096)) == INT4
+    assert policy.scheme_for("model.layers.10.self_attn.o_proj.weight", (2304, 4096)) == INT4
+
+
+def test_a_target_selecting_only_what_another_of_its_group_selects_is_used(tmp_path):
+    """A target that selects only weights another target of its group selects too is used, as in compressed-tensors:
+    a recipe naming expert 0's w2 beside every expert is not refused as one whose target selects nothing, and both stay
+    in the recipe and quantization_config written beside the folder."""
+    recipe, policy = checked(HEAD.replace('"]', '", "re:.*\\\\.(f_a|f_b|g_a|g_b|b)_proj$"]') + groups("""\
+        group_0:
+          targets: ["Linear"]
+          weights: {num_bits: 4, group_size: 128}
+        group_1:
+          targets: ["re:.*experts\\\\.", "re:.*experts\\\\.0\\\\.w2$"]
+          weights: {num_bits: 8, group_size: 128}
+    """), tmp_path)
+    assert policy == recipe.policy
+    assert [e.pattern for e in policy.groups[1].targets] == ["re:.*experts\\.", "re:.*experts\\.0\\.w2$"]
+
+
+def test_a_group_whose_targets_select_nothing_is_dropped(tmp_path):
+    """The default policy drops the targets that select nothing (a model's tensor list without lm_head leaves the
+    lm_head group none), and a group left with no targets with them: one written with none would be a recipe.yaml
+    that does not load back."""
+    policy = policy_from_options(bits=4, group_size=128).check_against(
+        [(name, shape) for name, shape in KIMI if name != "lm_head.weight"])
+    assert [g.name for g in policy.groups] == ["group_0"]
+    assert list(policy.quantization_config()["config_groups"]) == ["group_0"]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(policy.to_recipe_yaml())
+    assert load_recipe(path).policy.groups == policy.groups
+
+
 def test_unknown_key_names_its_line(tmp_path):
     msg = error_for(HEAD + groups("""\
         group_0:
