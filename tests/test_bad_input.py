@@ -238,6 +238,14 @@ def damage_unknown_tensor(folder):
     set_index(folder, lambda m: m.__setitem__(extra, m[NAME]))
 
 
+def damage_prefixed_layer_name(folder):
+    """A layer's router under a longer name (PEFT's base_model.model. before a transformers-layout name): a name is
+    matched whole, so it maps to nothing rather than standing in for the router."""
+    router, prefixed = "model.layers.1.block_sparse_moe.gate.weight", "base_model.model.layers.1.mlp.gate.weight"
+    rewrite_shard(shard_holding(folder, router), lambda t: t.__setitem__(prefixed, t.pop(router)))
+    set_index(folder, lambda m: m.__setitem__(prefixed, m.pop(router)))
+
+
 def damage_wrong_shape(folder):
     rewrite_shard(shard_holding(folder, NAME), lambda t: t.__setitem__(NAME, t[NAME][:-1].clone()))
 
@@ -284,6 +292,7 @@ CHECKPOINT_DAMAGE = [
                                          "appears twice in one object", "re-download the model"]),
     (damage_tensor_missing, [NAME, "missing"]),
     (damage_unknown_tensor, ["mystery", "maps to nothing"]),
+    (damage_prefixed_layer_name, ["'base_model.model.layers.1.mlp.gate.weight' maps to nothing"]),
     (damage_wrong_shape, [NAME, "shape"]),
     (lambda f: edit_config(f, lambda c: c.__setitem__("model_type", "llama")), ["model_type 'llama'", "not supported"]),
     # helper-129: quantize copied it, and vLLM would pick its model class by it
@@ -406,6 +415,21 @@ def test_stacked_experts_must_number_what_the_config_says(capsys, tiny_transform
     rewrite_shard(shard_holding(folder, name), restack)
     code, _, err = run_cli(capsys, "run", "--model", str(folder), "--prompt-file", str(prompt), "--max-new-tokens", "2")
     assert_one_line_error(code, err, name, f"[{16 + extra}, ", "the checkpoint does not match its config.json")
+
+
+@pytest.mark.parametrize("name, dim", [("model.layers.1.mlp.experts.gate_up_proj", 1),
+                                       ("model.layers.1.self_attn.conv1d.weight", 0)], ids=["gate-up", "conv1d"])
+def test_a_stacked_tensor_a_row_short_is_refused(capsys, tiny_transformers, tmp_path, prompt, name, dim):
+    """The transformers layout cuts a layer's gate and up projections (its q, k and v convs) out of one tensor: one a
+    row short, whose last part would come out a row short, is refused by its shape."""
+    folder = shutil.copytree(tiny_transformers, tmp_path / "tiny-tf")
+
+    def cut(tensors):
+        tensors[name] = tensors[name].narrow(dim, 0, tensors[name].shape[dim] - 1).clone()
+
+    rewrite_shard(shard_holding(folder, name), cut)
+    code, _, err = run_cli(capsys, "run", "--model", str(folder), "--prompt-file", str(prompt), "--max-new-tokens", "2")
+    assert_one_line_error(code, err, name, "which does not give", "the checkpoint does not match its config.json")
 
 
 def tie_embeddings(folder: Path, keep_lm_head: bool) -> None:

@@ -63,11 +63,24 @@ def test_weight_bytes_bf16_and_int4():
     assert bf16["experts"] == 26 * 256 * 3 * 1024 * 2304 * 2
     assert bf16["lm_head"] == bf16["embedding"] == 163840 * 2304 * 2
     assert bf16["router"] == 26 * (256 * 2304 + 256) * 4      # held in fp32
+    # the KDA layers' q/k/v/o and the MLA layers' q, kv_a, kv_b and o projections; the KDA convs are kda_small's
+    assert bf16["attention"] == (20 * 4 * 4096 * 2304 + 7 * (6144 * 2304 + 576 * 2304 + 8192 * 512 + 2304 * 4096)) * 2
     w4 = weight_bytes(REAL, torch.bfloat16, policy_from_options(bits=4, group_size=128))
     n_exp = 26 * 256 * 3 * 1024 * 2304
     assert w4["experts"] == n_exp // 2 + n_exp // 128 * 2      # packed nibbles + one bf16 scale per group
     assert w4["lm_head"] == 163840 * 2304 + 163840 * 2304 // 128 * 2  # lm_head at 8 bits
     assert w4["embedding"] == bf16["embedding"]               # kept as is
+
+
+def test_each_shared_projection_is_as_wide_as_the_shared_experts():
+    """A config of two shared experts (config.json may say up to 64) holds each shared projection over 2 x 1,024
+    intermediate rows, as transformers (KimiLinearMoE) and the runtime build them: the name table's shapes
+    are what a folder is held to and what the plan sizes."""
+    two = dataclasses.replace(REAL, num_shared_experts=2)
+    assert weight_bytes(two, torch.bfloat16)["shared_experts"] == 26 * 3 * 2 * 1024 * 2304 * 2
+    shared = "model.layers.1.block_sparse_moe.shared_experts"
+    assert [expected_tensors(two)[f"{shared}.{p}_proj.weight"].shape for p in ("gate", "up", "down")] == \
+        [(2048, 2304), (2048, 2304), (2304, 2048)]
 
 
 def test_largest_context_fits_and_one_more_chunk_does_not():
