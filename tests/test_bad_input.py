@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from klconvert.checkpoint.name_map import sliced_shape
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.quantize import quantize
 from testkit import assert_one_line_error, run_cli, run_klconvert
@@ -430,6 +431,14 @@ def test_a_stacked_tensor_a_row_short_is_refused(capsys, tiny_transformers, tmp_
     rewrite_shard(shard_holding(folder, name), cut)
     code, _, err = run_cli(capsys, "run", "--model", str(folder), "--prompt-file", str(prompt), "--max-new-tokens", "2")
     assert_one_line_error(code, err, name, "which does not give", "the checkpoint does not match its config.json")
+
+
+def test_an_expert_index_at_a_stacks_end_does_not_fit_it():
+    """A stack one expert short whose rows make up the values (gate_up_proj [1, 4 x I, H] where 2 experts take
+    [2, 2 x I, H]) passes the reader's count of values: the last expert's index, equal to the stack's size and so past
+    its end, is what refuses it before a read would index past the end."""
+    assert sliced_shape((1, 512, 128), (1, slice(0, 128))) is None
+    assert sliced_shape((1, 512, 128), (0, slice(128, 256))) == (128, 128)
 
 
 def tie_embeddings(folder: Path, keep_lm_head: bool) -> None:
