@@ -13,7 +13,7 @@ import klconvert
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.config import KimiLinearConfig
 from klconvert.presets import preset_config
-from klconvert.quant import QuantScheme, compress_nf4, compress_weight, policy_from_options
+from klconvert.quant import Entry, Group, QuantScheme, compress_nf4, compress_weight, policy_from_options
 from klconvert.quant.groupwise import CHANNEL
 from klconvert.quant.stored import (
     NF4_PARTS,
@@ -26,7 +26,7 @@ from klconvert.quant.stored import (
     stored_parts,
 )
 from klconvert.runtime.memory_plan import MemoryPlan, stored_bytes, weight_bytes
-from klconvert.runtime.plan_report import plan_for, render_plan
+from klconvert.runtime.plan_report import held_as_written, plan_for, render_plan
 from testkit import assert_one_line_error, run_cli
 
 REAL = KimiLinearConfig.from_dict(preset_config("kimi-linear-48b"))
@@ -167,6 +167,21 @@ def test_a_policy_is_planned_as_the_folder_it_writes_is_held(tmp_path, group_siz
     bf16 = weight_bytes(KimiLinearConfig.from_file(folder / "config.json"), torch.bfloat16)
     assert (from_folder["experts"] == bf16["experts"]) == (group_size == 64)
     assert plan_for(model=folder, bits=16).weight_bytes == bf16    # --bits 16: unquantized (was: as stored)
+
+
+def test_a_layers_experts_are_planned_packed_only_all_alike_and_of_widths_the_kernels_take():
+    """What stays packed (bind.packed_choice, which the plan and the Triton path both take): a layer's routed experts
+    only all at one scheme -- expert 0 at int8 beside int4 ones dequantizes the layer's stack --, and only where the
+    kernels' 128-wide tile divides both their widths (moe_intermediate_size 1,088 per-channel does not)."""
+    int4 = policy_from_options(bits=4, group_size=128)
+    expert_0 = Group("expert_0", (Entry(r"re:.*\.experts\.0\.w[123]$"),), QuantScheme(8, 128, True))
+    held = held_as_written(REAL, dataclasses.replace(int4, groups=(expert_0, *int4.groups))).schemes
+    assert held["model.layers.1.self_attn.q_proj.weight"] == QuantScheme(4, 128, True)
+    assert not [name for name in held if ".experts." in name]
+    narrow = dataclasses.replace(REAL, moe_intermediate_size=1088)
+    held = held_as_written(narrow, policy_from_options(bits=4, group_size=CHANNEL)).schemes
+    assert "model.layers.1.block_sparse_moe.shared_experts.up_proj.weight" in held
+    assert not [name for name in held if ".experts." in name]
 
 
 def test_render_plan_lists_every_part():
