@@ -11,6 +11,7 @@ import torch
 
 import klconvert
 from calm_checkpoint import calm_copy
+from klconvert.quant.groupwise import CHANNEL
 from klconvert.quantize import quantize
 from klconvert.synth.checkpoint import synth
 from klconvert.kernels.int_linear import MMA_BLOCK_M, repack_int_weight, sum_parked
@@ -144,6 +145,16 @@ def test_the_bench_floor_counts_both_parts(packed_and_dense):
     assert module_bytes(PackedDenseLinear(packed_and_dense)) == sum(module_bytes(p) for p in packed_and_dense.parts)
 
 
+def test_per_channel_weights_bind_as_kernels_of_one_group_a_row(calm4, tmp_path):
+    """A per-channel folder (compressed-tensors' strategy channel, the scheme's group_size CHANNEL) stays packed on the
+    Triton path, each weight's one group spanning its row: its linear layers and its fused experts alike."""
+    out = quantize(calm4, tmp_path / "q", bits=8, group_size=CHANNEL, device="cpu", progress=False).path
+    engine = klconvert.load(out, device=DEVICE, dtype=DTYPE, max_context=16, kernels="triton")
+    head, experts = engine.model.lm_head, engine.model.blocks[1].ffn.experts
+    assert isinstance(head, PackedIntLinear) and head.packed.group_size == head.packed.k == engine.config.hidden_size
+    assert isinstance(experts, FusedExperts)
+
+
 def test_auto_picks_torch_without_cuda(quantized):
     engine = klconvert.load(quantized, device="cpu", max_context=32)
     assert engine.triton is False
@@ -177,6 +188,46 @@ def test_shared_expert_stored_otherwise_runs_beside_the_fused_moe(calm4, tmp_pat
     ref.forward(ids[:, :2])
     tri.forward(ids[:, :2])
     assert rel_error(tri.decode_step(ids[:, 2:], 2), ref.decode_step(ids[:, 2:], 2)) < TOLERANCE
+
+
+def recipe_beside_int4(tmp_path, target: str, weights: str) -> Path:
+    """A recipe of every linear layer at int4 by groups of 128, symmetric, but `target`'s at `weights`."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"""\
+quant_stage:
+  quant_modifiers:
+    QuantizationModifier:
+      ignore: ["re:.*\\\\.(block_sparse_moe|mlp)\\\\.gate$", "re:.*\\\\.(f_b|g_a|g_b)_proj$", "re:.*conv1d$"]
+      config_groups:
+        int4:
+          targets: ["Linear"]
+          weights: {{num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 128}}
+        beside:
+          targets: ["{target}"]
+          weights: {{{weights}, type: int, strategy: group, group_size: 128}}
+""")
+    return path
+
+
+def test_a_shared_expert_stored_partly_otherwise_runs_beside_the_fused_moe(calm4, tmp_path):
+    """The fused kernel carries the shared expert only where all three of its projections are stored as the routed
+    experts are: with its down_proj at int8 beside int4 gate and up, it runs through its own layers."""
+    recipe = recipe_beside_int4(tmp_path, r"re:.*\\.shared_\\w+\\.down_proj$", "num_bits: 8, symmetric: true")
+    out = quantize(calm4, tmp_path / "q", recipe=recipe, device="cpu", progress=False).path
+    moe = klconvert.load(out, device=DEVICE, dtype=DTYPE, max_context=16, kernels="triton").model.blocks[1].ffn
+    assert isinstance(moe.experts, FusedExperts) and not moe.experts.packed.has_shared
+    assert moe.shared_experts.down_proj.packed.bits == 8 and moe.shared_experts.up_proj.packed.bits == 4
+
+
+def test_projections_with_and_without_zero_points_stack_apart(calm4, tmp_path):
+    """q_proj asymmetric beside symmetric k and v (a split vLLM would refuse, made with allow_split_fused): the
+    stacked input projection keeps q_proj's codes, the only ones with zero points, in a kernel of their own."""
+    recipe = recipe_beside_int4(tmp_path, r"re:.*\\.self_attn\\.q_proj$", "num_bits: 4, symmetric: false")
+    out = quantize(calm4, tmp_path / "q", recipe=recipe, device="cpu", progress=False, allow_split_fused=True).path
+    engine = klconvert.load(out, device=DEVICE, dtype=DTYPE, max_context=16, kernels="triton")
+    in_proj = engine.model.blocks[0].self_attn.in_proj
+    with_zeros = [p.packed.n for p in in_proj.parts if isinstance(p, PackedIntLinear) and p.packed.zeros is not None]
+    assert with_zeros == [in_proj.sizes["q_proj"]]
 
 
 @pytest.mark.slow
