@@ -35,6 +35,20 @@ def test_bind_picks_the_cpu_forms(trained_like):
     assert linears and all(m.weight.t().is_contiguous() for m in linears)     # laid out [in, out] (bind._cpu_layout)
 
 
+def test_a_model_bound_for_training_keeps_the_declared_modules(trained_like):
+    """restack=False (training, the ONNX export) keeps the declared modules with their [out, in] weights, fp32 on the
+    CPU too: the forms hold copies of the weights (bf16 ones, laid out [in, out]) that an optimizer's steps on the
+    parameters would not reach."""
+    from klconvert.checkpoint.reader import open_checkpoint
+
+    checkpoint = open_checkpoint(trained_like)
+    model = bind_module.bind(M.KimiLinear(checkpoint.config), checkpoint.get, None, {}, torch.device("cpu"),
+                             torch.float32, triton=False, restack=False)
+    kinds = {type(m) for m in model.modules()}
+    assert M.RMSNorm in kinds and not [k for k in kinds if k.__module__ == C.__name__]
+    assert all(m.weight.is_contiguous() for m in model.modules() if type(m) in (M.Linear, M.Router))
+
+
 def test_the_forms_hold_bf16_weights_as_bf16(trained_like):
     """A bf16 checkpoint's weights, upcast to fp32 at load, are held in bf16 by the forms (half the bytes a token
     streams) in the layout they had; `.float()` gives the fp32 weight back exactly."""
