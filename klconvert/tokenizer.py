@@ -142,6 +142,17 @@ def read_tokenizer_config(path: Path) -> dict:
 
 
 STRIPPING_FLAGS = ("lstrip", "rstrip", "single_word")   # an added token's flags that change how text around it splits
+# Every flag of an added token (tokenizers' AddedToken): transformers builds one from each entry, and a flag that is
+# no bool ("lstrip": null) ends its load in a TypeError
+ADDED_TOKEN_FLAGS = (*STRIPPING_FLAGS, "normalized", "special")
+# The config's lists of special tokens beside the named ones: transformers 4's name and 5's. klconvert reads neither;
+# transformers adds each to its tokenizer, and fails to load one that holds anything but a token
+EXTRA_SPECIAL_TOKENS_FIELDS = ("additional_special_tokens", "extra_special_tokens")
+
+
+def mistyped_flag(entry: dict) -> str | None:
+    """The first of ADDED_TOKEN_FLAGS that `entry` (an added token's fields) gives as no bool, if any."""
+    return next((flag for flag in ADDED_TOKEN_FLAGS if flag in entry and not isinstance(entry[flag], bool)), None)
 
 
 def read_special_tokens(config: dict, path: Path, vocab_size: int = SIZE_RANGES["vocab_size"][1]) -> dict[str, int]:
@@ -171,6 +182,12 @@ def read_special_tokens(config: dict, path: Path, vocab_size: int = SIZE_RANGES[
             raise KLError(f"{path}: added_tokens_decoder entry {key} holds a character of the private-use planes "
                           f"U+{ESCAPE:X}..U+10FFFF, which klconvert escapes chat text with; fix the file or "
                           "re-download the model")
+        mistyped = mistyped_flag(entry)
+        if mistyped is not None:
+            allowed = "false" if mistyped in STRIPPING_FLAGS else "true or false"
+            raise KLError(f"{path}: added_tokens_decoder entry {key} sets {mistyped} to {shown(entry[mistyped])}, "
+                          f"which is neither true nor false, so transformers cannot load the tokenizer; set it to "
+                          f"{allowed}, or re-download the model")
         applied = next((flag for flag in STRIPPING_FLAGS if entry.get(flag) is True), None)
         if applied is not None:   # transformers applies these; klconvert does not
             raise KLError(f"{path}: added_tokens_decoder entry {key} sets {applied} true, which klconvert does not "
@@ -200,6 +217,40 @@ def named_special_token(config: dict, key: str, special_tokens: Mapping[str, int
         raise KLError(f"{path}: {key} {shown(text)} is not in added_tokens_decoder; "
                       "fix the file or re-download the model")
     return text
+
+
+def check_extra_special_tokens(config: dict, path: Path, special_tokens: Mapping[str, int]) -> None:
+    """KLError where the config's additional_special_tokens or extra_special_tokens is not what transformers loads:
+    null, or a list (or a {name: token} map) of special tokens, each the text of one of `special_tokens` or a
+    serialized AddedToken of it ({"__type": "AddedToken", "content": ..., bool flags}). An int among them failed
+    transformers' load of the tokenizer; text no special token has it adds as a token of a new id, past the model's
+    vocabulary."""
+    for field in EXTRA_SPECIAL_TOKENS_FIELDS:
+        tokens = config.get(field)
+        if tokens is None:
+            continue
+        if isinstance(tokens, list):
+            entries = [(f"{field}[{i}]", token) for i, token in enumerate(tokens)]
+        elif isinstance(tokens, dict):
+            entries = [(f"{field}[{shown(name)}]", token) for name, token in tokens.items()]
+        else:
+            raise KLError(f"{path}: {field} is {shown(tokens)}, not a list of special tokens; fix the file or "
+                          "re-download the model")
+        for where, token in entries:
+            serialized = isinstance(token, dict) and token.get("__type") == "AddedToken"
+            text = token.get("content") if serialized else token
+            if not isinstance(text, str):
+                raise KLError(f"{path}: {where} is {shown(token)}, not a special token (its text, or "
+                              "{\"__type\": \"AddedToken\", \"content\": <its text>}), so transformers cannot load the "
+                              "tokenizer; fix the file or re-download the model")
+            mistyped = mistyped_flag(token) if serialized else None
+            if mistyped is not None:
+                raise KLError(f"{path}: {where} sets {mistyped} to {shown(token[mistyped])}, which is neither true "
+                              "nor false, so transformers cannot load the tokenizer; fix the file or re-download the "
+                              "model")
+            if text not in special_tokens:
+                raise KLError(f"{path}: {where} {shown(text)} is not in added_tokens_decoder; fix the file or "
+                              "re-download the model")
 
 
 def pieces_for_tiktoken(text: str, max_chars: int = MAX_ENCODE_CHARS,
@@ -318,6 +369,7 @@ class Tokenizer:
         for key in ("bos_token", "eos_token"):
             if named[key] is None:
                 raise KLError(f"{config_path}: '{key}' is not set; fix the file or re-download the model")
+        check_extra_special_tokens(config, config_path, special_tokens)
         chat_template_path = folder / CHAT_TEMPLATE_FILE
         if os.path.lexists(chat_template_path):   # a folder, FIFO or dangling link there is refused, not passed over
             refuse_link_out(chat_template_path)

@@ -470,3 +470,24 @@ def test_pull_and_quantize_refuses_a_bad_device_or_shard_size_before_any_downloa
         with pytest.raises(KLError, match=re.escape(needle)):
             quantize_module.pull_and_quantize("acme/kimi", tmp_path / "q", progress=False, **options)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda c: c["added_tokens_decoder"][max(c["added_tokens_decoder"], key=int)].update(lstrip=None),
+     "sets lstrip to None, which is neither true nor false, so "
+     "transformers cannot load the tokenizer; set it to false, or re-download the model"),
+    (lambda c: c["additional_special_tokens"].__setitem__(2, 0),
+     "additional_special_tokens[2] is 0, not a special token (its text, or {\"__type\": "
+     "\"AddedToken\", \"content\": <its text>}), so transformers cannot load the tokenizer; fix the file or "
+     "re-download the model"),
+])
+def test_a_tokenizer_config_transformers_cannot_load_is_refused_before_anything_is_written(tiny_copy, tmp_path, capsys,
+                                                                                          edit, words):
+    """h180's probe: quantize copied it, exit 0, into an output whose tokenizer transformers then failed to load."""
+    path = tiny_copy / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+    line = fails(capsys, tmp_path, "--group-size", "32", "--device", "cpu", src=tiny_copy)
+    assert f"{path}: " in line and line.endswith(words), line
+    assert not (tmp_path / "out.partial").exists()

@@ -669,6 +669,48 @@ def test_a_special_token_that_strips_or_stands_alone_is_refused(broken_folder, f
     assert_one_line_error(broken_folder, "tokenizer_config.json", f"sets {flag} true, which klconvert does not apply")
 
 
+@pytest.mark.parametrize("flag", ["lstrip", "rstrip", "single_word", "normalized", "special"])
+@pytest.mark.parametrize("value, said", [(None, "None"), (0, "0"), ("false", "'false'")])
+def test_a_special_token_flag_that_is_no_bool_is_refused(broken_folder, flag, value, said):
+    """h180's probe: quantize copied "lstrip": null, and transformers then failed to load the output's tokenizer
+    ("TypeError: 'None' is not an instance of 'bool'")."""
+    first = SMALL_RANKS
+    edit_config(broken_folder, lambda c: c["added_tokens_decoder"][str(first + 2)].update({flag: value}))
+    assert_one_line_error(broken_folder, "tokenizer_config.json",
+                          f"entry {first + 2} sets {flag} to {said}, which is neither true nor false, so transformers "
+                          "cannot load")
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("additional_special_tokens", ["<|im_end|>", 0], "additional_special_tokens[1] is 0, not a special token"),
+    ("additional_special_tokens", [None], "additional_special_tokens[0] is None, not a special token"),
+    ("additional_special_tokens", [{"content": "<|im_end|>"}], "[0] is {'content': '<|im_end|>'}, not a special"),
+    ("additional_special_tokens", "<|im_end|>", "additional_special_tokens is '<|im_end|>', not a list of special"),
+    ("additional_special_tokens", [{"__type": "AddedToken", "content": "<|im_end|>", "special": None}],
+     "additional_special_tokens[0] sets special to None, which is neither true nor false"),
+    ("additional_special_tokens", ["<|nope|>"],
+     "additional_special_tokens[0] '<|nope|>' is not in added_tokens_decoder"),
+    ("extra_special_tokens", [5], "extra_special_tokens[0] is 5, not a special token"),
+    ("extra_special_tokens", {"end_token": 5}, "extra_special_tokens['end_token'] is 5, not a special token"),
+])
+def test_extra_special_tokens_transformers_cannot_load_are_refused(broken_folder, field, value, words):
+    """h180's probe: quantize copied an int among additional_special_tokens, and transformers then failed to load the
+    output's tokenizer ("Input must be a List[Union[str, AddedToken]]"); text no special token has it adds as a new
+    id, past the model's vocabulary."""
+    edit_config(broken_folder, lambda c: c.update({field: value}))
+    assert_one_line_error(broken_folder, "tokenizer_config.json", words)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("additional_special_tokens", None), ("additional_special_tokens", []),
+    ("additional_special_tokens", [{"__type": "AddedToken", "content": "<|im_end|>", "special": True}]),
+    ("extra_special_tokens", {"end_token": "<|im_end|>"}), ("extra_special_tokens", ["<|im_end|>"]),
+])
+def test_extra_special_tokens_in_each_form_transformers_loads_pass(broken_folder, field, value):
+    edit_config(broken_folder, lambda c: c.update({field: value}))
+    assert Tokenizer.from_folder(broken_folder).eos_id == SMALL_RANKS + 1
+
+
 @pytest.mark.parametrize("key", [f"0{SMALL_RANKS + 2}", f"00{SMALL_RANKS + 2}", "00"])
 def test_special_token_ids_are_canonical_decimals(broken_folder, key):
     """A key with leading zeros ("01002") names the same id as another ("1002"): refused, not collided."""
