@@ -44,6 +44,7 @@ from klconvert.devices import checked_device
 from klconvert.disk_space import failed_write
 from klconvert.errors import KLError, argument, either, refuse_non_bool
 from klconvert.extras import require
+from klconvert.generation_config import GENERATION_CONFIG_FILE, check_generation_config
 from klconvert.hub import SIDE_FILES, HubFile, is_repo_id, pull
 from klconvert.models import BUNDLED_NAME, DEFAULT_REPO, quantized_folder_name, resolve_model
 from klconvert.quant import Policy, Recipe, load_recipe, policy_from_options
@@ -315,6 +316,8 @@ def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch
     # own: one written from the ranks klconvert read encodes as it does (a source's own is replaced, not copied)
     made = written_tokenizer_json(tokenizer, src)
     side_files = {path.name: copied_side_file(path) for path in _copied_files(src, made)}  # small: read first
+    if GENERATION_CONFIG_FILE in side_files:   # transformers and vLLM stop at its eos_token_id
+        check_generation_config(src / GENERATION_CONFIG_FILE, checkpoint.config.vocab_size)
     names_and_shapes = [(name, spec.shape) for name, spec in checkpoint.expected.items()]
     policy = policy.check_against(names_and_shapes)
     if not allow_split_fused:

@@ -491,3 +491,23 @@ def test_a_tokenizer_config_transformers_cannot_load_is_refused_before_anything_
     line = fails(capsys, tmp_path, "--group-size", "32", "--device", "cpu", src=tiny_copy)
     assert f"{path}: " in line and line.endswith(words), line
     assert not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize("text, words", [
+    ('{"eos_token_id": 5, "eos_token_id": 6}', "not a generation config (key 'eos_token_id' appears twice in one "
+                                               "object); fix the file or re-download the model"),
+    ('{"eos_token_id": [5, 1000000]}', "eos_token_id 1000000 is outside the vocabulary 0.."),
+    ('{"eos_token_id": "[EOS]"}', "eos_token_id '[EOS]' is not a token id or a list of them; fix the file or "
+                                  "re-download the model"),
+    ('{"eos_token_id": [true]}', "eos_token_id [True] is not a token id or a list of them"),
+    ('[]', "expected a JSON object at the top level; fix the file or re-download the model"),
+])
+def test_a_generation_config_with_other_stop_ids_is_refused_before_anything_is_written(tiny_copy, tmp_path, capsys,
+                                                                                       text, words):
+    """h180's probe: quantize copied a generation_config.json giving eos_token_id twice (json, and so transformers,
+    keeps the last; other readers the first) or past the vocabulary, where transformers and vLLM take stop ids."""
+    path = tiny_copy / "generation_config.json"
+    path.write_text(text)
+    line = fails(capsys, tmp_path, "--group-size", "32", "--device", "cpu", src=tiny_copy)
+    assert f"{path}: {words}" in line, line
+    assert not (tmp_path / "out.partial").exists()

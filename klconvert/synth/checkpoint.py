@@ -21,6 +21,7 @@ from klconvert.atomic_file import write_atomically
 from klconvert.checkpoint.size_bounds import HEADER_BYTES_PER_TENSOR
 from klconvert.disk_space import free_disk_bytes
 from klconvert.errors import KLError, refuse_non_bool
+from klconvert.generation_config import GENERATION_CONFIG_FILE
 from klconvert.presets import preset_config
 from klconvert.release import FP32_TENSORS, NUM_SPECIAL_TOKENS, RELEASED_SHARD_BYTES
 from klconvert.synth.tokenizer_files import write_tokenizer_files
@@ -203,7 +204,7 @@ def synth(preset: str, out: str | Path, layers: int | None = None, seed: int = 0
         write_tokenizer_files(folder, num_ranks=c.vocab_size - NUM_SPECIAL_TOKENS, num_specials=NUM_SPECIAL_TOKENS,
                               seed=seed)
         write_atomically(folder / INDEX_FILE, (index_json(shards, names) + "\n").encode())
-        write_atomically(folder / "generation_config.json", (json.dumps(
+        write_atomically(folder / GENERATION_CONFIG_FILE, (json.dumps(
             {"bos_token_id": c.bos_token_id, "eos_token_id": list(c.eos_token_ids) or None,
              "pad_token_id": c.pad_token_id, "max_length": c.model_max_length}, indent=2) + "\n").encode())
         need = total + len(planned) * HEADER_BYTES_PER_TENSOR   # the small files are written by now
