@@ -815,6 +815,53 @@ def test_name_targets_of_groups_declaring_other_weights_are_refused(tiny_release
     assert "of group_8 (" in line and "of group_0 (" in line and "config_groups.group_0.targets[1]" in line, line
 
 
+F_B_PROJ = "model.layers.0.self_attn.f_b_proj"  # kept as floats by the default policy (defaults.KEEP)
+
+
+def _unignore(pattern: str):
+    """quantization_config.ignore without its entries naming `pattern` (every entry, for "")."""
+    return lambda qc: qc.update(ignore=[e for e in qc["ignore"] if pattern not in e] if pattern else [])
+
+
+@pytest.mark.parametrize("edit", [_unignore("f_b|g_a|g_b"), _unignore("")], ids=["kda-entry-dropped", "no-ignore"])
+def test_a_float_weight_that_a_packed_group_selects_is_refused(tiny_released, tmp_path, capsys, edit):
+    """h180's F1: with quantization_config.ignore (or its f_b|g_a|g_b entry) gone, the folder ran, its float f_b_proj
+    read as floats, where transformers found no weight_packed for it and initialised one at random (vLLM, which
+    builds f_b_proj with the config's scheme, looks for it too). Refused naming the tensor, the group and target."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _edit_quantization_config(tmp_path / "q", edit)
+    code, _, err = run_cli(capsys, "run", "--model", tmp_path / "q", "--prompt", "hi", "--max-new-tokens", "1",
+                           "--device", "cpu")
+    assert assert_one_line_error(code, err) == (
+        f"klconvert: error: {tmp_path / 'q'}/model.safetensors: tensor '{F_B_PROJ}.weight' is stored as floats, but "
+        "config group group_0 of quantization_config, whose target 'Linear' selects it, declares it packed (int4 g32 "
+        "sym, pack-quantized) and ignore does not list it: transformers and vLLM would look for its weight_packed and "
+        f"weight_scale and find none -- add '{F_B_PROJ}' (or a re: pattern for every such module) to "
+        "quantization_config.ignore, or quantize the model again with `klconvert quantize`")
+    with pytest.raises(klconvert.KLError, match=re.escape(f"tensor '{F_B_PROJ}.weight' is stored as floats, but "
+                                                          "config group group_0")):
+        klconvert.load(tmp_path / "q", device="cpu", max_context=64)
+
+
+SMALL_KDA = r"re:.*\.(f_b|g_a|g_b)_proj$"  # the ignore entry of the KDA projections the default policy keeps
+
+
+@pytest.mark.parametrize("unignored, group", [
+    # the router and the convs: vLLM builds them unquantized whatever the config says, transformers' are no Linear
+    ("gate", None),
+    ("conv1d", None),
+    # a group that quantizes no weights, or stores its weights as plain floats, holds the KDA projections as floats
+    ("f_b|g_a|g_b", {"targets": [SMALL_KDA], "weights": None}),
+    ("f_b|g_a|g_b", {"targets": [SMALL_KDA], "format": "dense", "weights": {"num_bits": 4, "group_size": 32}}),
+], ids=["router", "convs", "weights-null", "dense"])
+def test_float_weights_that_no_packed_group_holds_are_read(tiny_released, tmp_path, unignored, group):
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _edit_quantization_config(tmp_path / "q", _unignore(unignored))
+    if group is not None:
+        _edit_quantization_config(tmp_path / "q", lambda qc: qc["config_groups"].update(floats=group))
+    assert open_checkpoint(tmp_path / "q").get(f"{F_B_PROJ}.weight").isfinite().all()
+
+
 def test_an_extra_zero_point_is_named(tiny_released, tmp_path):
     write_quantized(tiny_released, tmp_path / "q", bits=4)
     write_quantized(tiny_released, tmp_path / "asym", bits=4, symmetric=False)

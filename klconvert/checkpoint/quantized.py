@@ -16,7 +16,7 @@ from klconvert.quant import QuantScheme, decompress_nf4, decompress_weight
 from klconvert.quant.declared import DENSE_FORMAT, G_IDX, Declared, declared_groups, group_act_order
 from klconvert.quant.groupwise import CHANNEL, SUPPORTED_BITS
 from klconvert.quant.nf4 import BITSANDBYTES
-from klconvert.quant.policy import is_linear_weight, kept_in_high_precision
+from klconvert.quant.policy import is_linear_weight, kept_in_high_precision, match_key
 from klconvert.quant.scheme import COMPRESSED_TENSORS, NF4_BLOCKSIZE, PACKED_FORMAT
 from klconvert.quant.stored import NF4_DATA, NF4_PARTS, NF4_REQUIRED, NF4_STATE, PACKED_PARTS, PACKED_REQUIRED
 
@@ -102,11 +102,20 @@ def _module_of(name: str, parts: tuple[str, ...]) -> tuple[str, str] | None:
     return None
 
 
-def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, SafetensorsHeader],
-                   expected: dict[str, TensorSpec], config: KimiLinearConfig, folder) -> dict[str, QuantizedSource]:
+def declared_schemes(method: str | None, config: KimiLinearConfig, folder: Path) -> Declared | None:
+    """What a compressed-tensors quantization_config declares (declared_groups), read once for the packed weights and
+    the float ones alike; None for bitsandbytes, whose config declares no groups, and for an unquantized folder."""
+    return declared_groups(config.raw["quantization_config"], f"{folder}/config.json") \
+        if method == COMPRESSED_TENSORS else None
+
+
+def find_quantized(method: str, declared: Declared | None, weight_map: dict[str, str],
+                   headers: dict[str, SafetensorsHeader], expected: dict[str, TensorSpec], config: KimiLinearConfig,
+                   folder) -> dict[str, QuantizedSource]:
     """Group the packed tensors by module, name each module's weight through the name table (any layout, as for
     unquantized tensors), and check each group against the weight it replaces and (compressed-tensors) against the
-    schemes quantization_config declares: it is read with the one whose parts it stores.
+    schemes quantization_config declares (`declared`, as declared_schemes reads them): it is read with the one whose
+    parts it stores.
 
     Returns {canonical weight name: QuantizedSource}; every source tensor it names belongs to one group.
     """
@@ -121,8 +130,6 @@ def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, S
             if f"{module}.{NF4_DATA}" in weight_map:
                 group[NF4_DATA] = (weight_map[f"{module}.{NF4_DATA}"], f"{module}.{NF4_DATA}")
 
-    declared = declared_groups(config.raw["quantization_config"], f"{folder}/config.json") \
-        if method == COMPRESSED_TENSORS else None
     out: dict[str, QuantizedSource] = {}
     stored_as: dict[str, str] = {}
     for module, group in groups.items():
@@ -183,9 +190,9 @@ def find_quantized(method: str, weight_map: dict[str, str], headers: dict[str, S
         out[canonical] = QuantizedSource(group, scheme, (out_dim, in_dim))
     # floats under a config that says packed read as the floats, and measured as lossless under a name saying int4;
     # the other method's packed parts are left to the reader, which names them
-    declared = _declared_packing(method, config.raw["quantization_config"])
-    if not out and declared and not any(name.endswith(PACKED_TENSOR_SUFFIXES) for name in weight_map):
-        raise KLError(f"{folder}/config.json: quantization_config declares {declared} weights, but no tensor here is "
+    packing = _declared_packing(method, config.raw["quantization_config"])
+    if not out and packing and not any(name.endswith(PACKED_TENSOR_SUFFIXES) for name in weight_map):
+        raise KLError(f"{folder}/config.json: quantization_config declares {packing} weights, but no tensor here is "
                       f"stored packed (no *.{parts[0]}): this config.json does not belong to these weights -- put "
                       "back the one they came with, or delete its quantization_config")   # parts[0]: the packed data
     return out
@@ -237,6 +244,31 @@ def _held_scheme(declared: Declared, module: str, linear: bool, in_dim: int, whe
                   f"{'with' if zero_points else 'without'} zero points, but quantization_config declares "
                   f"{group.name:.40} {scheme.describe()} for it (its target {shown(entry.pattern)} selects it){part}; "
                   "the folder does not match its config.json -- re-run the conversion")
+
+
+def refuse_floats_held_packed(declared: Declared | None, floats: list[tuple[str, tuple[int, ...], str]]) -> None:
+    """KLError naming the first weight stored as floats (each of `floats`: its name, shape, and where an error names
+    it) that quantization_config declares packed: a linear weight that a config group of pack-quantized weights
+    selects and ignore does not list (Declared.held, as compressed-tensors matches them). transformers then finds no
+    weight_packed and weight_scale for it and initialises them at random, and vLLM looks for them too: another model
+    than the one klconvert would run. A weight Kimi Linear keeps in high precision is not one: vLLM builds the router
+    and the convs unquantized whatever the config says, and transformers' are no Linear."""
+    if declared is None:
+        return
+    for name, shape, where in floats:
+        if not is_linear_weight(name, shape) or kept_in_high_precision(name) is not None:
+            continue
+        module = match_key(name)
+        held = declared.held(module, True)
+        group = held.group
+        if group is None or group.scheme is None or group.format == DENSE_FORMAT:
+            continue
+        raise KLError(f"{where} is stored as floats, but config group {group.name:.40} of quantization_config, whose "
+                      f"target {shown(held.entry.pattern)} selects it, declares it packed ({group.scheme.describe()}, "
+                      f"{group.format}) and ignore does not list it: transformers and vLLM would look for its "
+                      f"weight_packed and weight_scale and find none -- add {shown(module)} (or a re: pattern for "
+                      "every such module) to quantization_config.ignore, or quantize the model again with `klconvert "
+                      "quantize`")
 
 
 def dequantize(tensors: dict[str, torch.Tensor], scheme: QuantScheme, where: str = "a packed weight",

@@ -34,10 +34,12 @@ from klconvert.checkpoint.name_map import (
 from klconvert.checkpoint.quantized import (
     PACKED_TENSOR_SUFFIXES,
     QuantizedSource,
+    declared_schemes,
     dequantize,
     find_quantized,
     quant_method,
     refuse_act_order_index,
+    refuse_floats_held_packed,
     refuse_unread_bnb_parts,
 )
 from klconvert.checkpoint.safetensors_header import SafetensorsHeader, read_header
@@ -195,13 +197,15 @@ class Checkpoint:
         self.weight_map = weight_map   # tensor -> shard, in the index's order (a stopped stacking's layers as done)
 
         refuse_unread_bnb_parts(weight_map, self.folder)
+        declared = declared_schemes(self.quant_method, self.config, self.folder)
         if self.quant_method:
-            self.sources.update(find_quantized(self.quant_method, weight_map, self.headers, self.expected,
+            self.sources.update(find_quantized(self.quant_method, declared, weight_map, self.headers, self.expected,
                                                self.config, self.folder))
             packed = {name for q in self.sources.values() for _, name in q.parts.values()}
             weight_map = {n: s for n, s in weight_map.items() if n not in packed}
         refuse_act_order_index(weight_map, self.folder)   # after the config's word on it, which names the field
         packed_name = next((name for name in weight_map if name.endswith(PACKED_TENSOR_SUFFIXES)), None)
+        floats: list[tuple[str, tuple[int, ...], str]] = []   # each float tensor, its shape, and how errors name it
         for source_name, shard in sorted(weight_map.items()):
             entry = self.headers[shard].tensors[source_name]
             where = f"{self.folder / shard}: tensor {shown(source_name)}"
@@ -241,6 +245,9 @@ class Checkpoint:
             if used != math.prod(entry.shape):  # a stacked tensor of more experts, or a fused one of more parts
                 raise KLError(f"{where} has shape {list(entry.shape)}, but this config ({self.config.num_experts} "
                               f"experts) takes {used:,} of its {math.prod(entry.shape):,} values; {CONFIG_MISMATCH}")
+            floats.append((source_name, entry.shape, where))
+        # after every tensor is read: another method's packed parts are named as such, not floats its config packs
+        refuse_floats_held_packed(declared, floats)
         if self.config.tie_word_embeddings:
             self._tie_lm_head()
         missing = [n for n in self.expected if n not in self.sources]
