@@ -317,6 +317,53 @@ def test_damaged_checkpoint(capsys, tiny_copy, prompt, damage, needles):
     assert_one_line_error(code, err, *needles)
 
 
+def _with_entry_field(folder: Path, escaped_key: str) -> Path:
+    """NAME's header entry given one more field, `"<escaped_key>": "x"` (JSON text as written), as h180's F5 made it:
+    the shard holding it."""
+    path = shard_holding(folder, NAME)
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    text = data[8:8 + n].decode()
+    at = text.index("{", text.index(json.dumps(NAME))) + 1
+    raw = (text[:at] + f'"{escaped_key}": "x", ' + text[at:]).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    return path
+
+
+@pytest.mark.parametrize("escaped_key, said", [(r"\ud800", r"\ud800"), (r"\udc00\ud800", r"\udc00"),
+                                               (r"\\\udbff", r"\udbff")],
+                         ids=["high", "low-before-high", "after-an-escaped-backslash"])
+def test_a_header_holding_half_a_surrogate_pair_is_refused(capsys, tiny_copy, escaped_key, said):
+    """h180's F5: a header escape of one UTF-16 surrogate without its other half was read (Python's json decodes it),
+    where the safetensors library refuses the file ('unexpected end of hex escape'): transformers and vLLM could not
+    open a folder klconvert ran."""
+    import klconvert
+    from safetensors import SafetensorError, safe_open
+
+    shard = _with_entry_field(tiny_copy, escaped_key)
+    with pytest.raises(SafetensorError, match="escape"):   # the library's own word on it
+        safe_open(shard, "pt")
+    code, _, err = run_cli(capsys, "run", "--model", tiny_copy, "--prompt", "hi", "--max-new-tokens", "1",
+                           "--device", "cpu")
+    line = (f"{shard}: header holds the escape {said}, half a UTF-16 surrogate pair, which is no character: the "
+            "safetensors library (transformers, vLLM) refuses the file; the file is damaged or incomplete -- delete it "
+            "and download it again")
+    assert assert_one_line_error(code, err) == f"klconvert: error: {line}"
+    with pytest.raises(klconvert.KLError) as refused:
+        klconvert.load(tiny_copy, device="cpu", max_context=64)
+    assert str(refused.value) == line
+
+
+@pytest.mark.parametrize("escaped_key", [r"\ud83d\ude00", r"\\ud800", r"\u00e9"],
+                         ids=["a-whole-pair", "an-escaped-backslash-then-text", "not-a-surrogate"])
+def test_a_header_of_escapes_the_safetensors_library_reads_is_read(tiny_copy, escaped_key):
+    from safetensors import safe_open
+
+    with safe_open(_with_entry_field(tiny_copy, escaped_key), "pt"):   # the library's own word on it
+        pass
+    assert Checkpoint(tiny_copy).get(NAME).isfinite().all()
+
+
 MISMATCH_ADVICE = ("the checkpoint does not match its config.json -- put back the config.json its weights came with, "
                    "or download the checkpoint again")
 EXPERT_W2 = "model.layers.1.block_sparse_moe.experts.{}.w2.weight"

@@ -1,7 +1,9 @@
 """Read and check a safetensors file's header against the file, before any tensor is touched."""
 from __future__ import annotations
 
+import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,10 @@ DTYPE_BYTES = {
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
 MAX_DIMS = 8  # a tensor's dimensions: torch's checkpoints hold up to 5; a longer shape is damage, not a tensor
+# The start of a JSON escape of a UTF-16 surrogate (\ud800 to \udfff): Python's json decodes one without its other
+# half into a str no UTF-8 holds, where the safetensors library (serde_json, so transformers and vLLM) refuses the
+# header ("unexpected end of hex escape"). Headers seldom hold one: only where they do are the strings encoded.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,13 @@ def read_header(path: Path, max_bytes: int = MAX_HEADER_BYTES, max_values: int |
         raise _fail(path, f"header is not valid JSON ({unreadable_reason(e, 120)})") from None
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
+    if _SURROGATE_ESCAPE.search(raw):   # a scan in C; the encoding (json's, in C too) then finds a lone half
+        try:
+            json.dumps(header, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise _fail(path, f"header holds the escape \\u{ord(e.object[e.start]):04x}, half a UTF-16 surrogate "
+                              "pair, which is no character: the safetensors library (transformers, vLLM) refuses "
+                              "the file") from None
 
     data_size = size - 8 - n
     metadata = header.pop("__metadata__", None)
