@@ -394,3 +394,28 @@ def test_declaring_the_model_loads_no_compiler(tiny_released):
              "assert 'torch._dynamo' not in sys.modules, 'loading imported torch._dynamo'\n")
     proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_kda_layer_with_one_gate_projection_packed_keeps_the_pytorch_step(tmp_path):
+    """The fused KDA step takes f_b_proj and g_b_proj as dense weights: with f_b_proj packed (the bundled model's KDA
+    head_dim 128 is what the int kernels take; the tiny preset's 32 is not) and g_b_proj dense, the layer keeps the
+    PyTorch step, which calls each projection as it is bound (mutation testing of bind: fusing when either is dense
+    passed every test)."""
+    from klconvert.models import bundled_dir
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("""\
+quant_stage:
+  quant_modifiers:
+    QuantizationModifier:
+      ignore: ["re:.*\\\\.(block_sparse_moe|mlp)\\\\.gate$", "re:.*\\\\.(g_a|g_b)_proj$", "re:.*conv1d$"]
+      config_groups:
+        int4:
+          targets: ["Linear"]
+          weights: {num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 128}
+""")
+    out = quantize(bundled_dir(), tmp_path / "q", recipe=recipe, device="cpu", progress=False,
+                   allow_split_fused=True).path
+    attn = klconvert.load(out, device=DEVICE, dtype=DTYPE, max_context=16, kernels="triton").model.blocks[1].self_attn
+    assert isinstance(attn.f_b_proj, PackedIntLinear) and isinstance(attn.g_b_proj, Linear)
+    assert not isinstance(attn.step, FusedKDAStep)
