@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from compressed_tensors.quantization import QuantizationArgs
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
 from safetensors.torch import load_file, save_file
 
 import klconvert
@@ -15,7 +15,7 @@ from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.quant import compress_nf4, compress_weight, policy_from_options
 from klconvert.quant.groupwise import CHANNEL
-from testkit import assert_one_line_error, run_cli
+from testkit import assert_one_line_error, run_cli, shown_lines
 
 
 def write_quantized(src_folder, out, **options):
@@ -1068,3 +1068,70 @@ def test_a_shard_rewritten_in_place_while_read_is_refused_before_the_result(tiny
     code, stdout, err = run_cli(capsys, *args)
     assert_one_line_error(code, err, f"{src / rewritten[0]}: the shard changed after this command opened the folder")
     assert stdout == "" and not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+ARGS_KEYS = ("num_bits, type, symmetric, group_size, strategy, block_structure, dynamic, actorder, scale_dtype, "
+             "zp_dtype, observer, observer_kwargs")
+REFUSED_BY_COMPRESSED_TENSORS = ("so transformers and vLLM refuse the config -- correct it, or quantize the model "
+                                 "again with `klconvert quantize`")
+
+
+def _renamed(key: str, to: str):
+    def edit(qc):
+        weights = qc["config_groups"]["group_0"]["weights"]
+        weights[to] = weights.pop(key)
+    return edit
+
+
+@pytest.mark.parametrize("edit, said", [
+    (_renamed("dynamic", "DYNAMIC"), "config_groups.group_0.weights.DYNAMIC is a key compressed-tensors' "
+     f"QuantizationArgs does not define (it has {ARGS_KEYS}), so transformers and vLLM refuse the config -- correct or "
+     "remove it, or quantize the model again with `klconvert quantize`"),
+    (_renamed("type", "typex"), "config_groups.group_0.weights.typex is a key compressed-tensors' QuantizationArgs "
+     f"does not define (it has {ARGS_KEYS}), so transformers and vLLM refuse the config -- correct or remove it, or "
+     "quantize the model again with `klconvert quantize`"),
+    (lambda qc: qc["config_groups"]["group_0"].update({"input-activations": None}),
+     "config_groups.group_0.input-activations is a key compressed-tensors' QuantizationScheme does not define (it has "
+     "targets, weights, input_activations, output_activations, format), so transformers and vLLM refuse the config -- "
+     "correct or remove it, or quantize the model again with `klconvert quantize`"),
+    (lambda qc: qc["config_groups"]["group_0"]["weights"].update(observer=4294967296),
+     "config_groups.group_0.weights.observer is 4294967296, not a string or null as compressed-tensors' "
+     f"QuantizationArgs requires, {REFUSED_BY_COMPRESSED_TENSORS}"),
+    (lambda qc: qc.update(quantization_status="packed"), "quantization_status is 'packed', not one of initialized, "
+     f"calibration, frozen, compressed, decompressed as compressed-tensors' QuantizationConfig requires, "
+     f"{REFUSED_BY_COMPRESSED_TENSORS}"),
+    (lambda qc: qc.update(global_compression_ratio={}), "global_compression_ratio is {}, not a number or null as "
+     f"compressed-tensors' QuantizationConfig requires, {REFUSED_BY_COMPRESSED_TENSORS}"),
+], ids=["DYNAMIC", "typex", "input-activations", "observer-int", "status", "ratio-object"])
+def test_a_config_compressed_tensors_refuses_is_refused_naming_the_key(tiny_released, tmp_path, capsys, edit, said):
+    """compressed-tensors' validator (QuantizationConfig.model_validate, run by transformers and vLLM as they load a
+    folder) refuses a key its QuantizationScheme or QuantizationArgs does not define, and a value of a type a field
+    does not take; klconvert took the default for the key it did not find and ran the folder (h180's F7)."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _edit_quantization_config(tmp_path / "q", edit)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    with pytest.raises(ValueError):   # pydantic's ValidationError: the folder is one transformers cannot load
+        QuantizationConfig.model_validate(config["quantization_config"])
+    line = f"{tmp_path / 'q'}/config.json: quantization_config.{said}"
+    with pytest.raises(klconvert.KLError) as refused:
+        klconvert.load(tmp_path / "q", device="cpu", max_context=64)
+    assert str(refused.value) == line
+    code, _, err = run_cli(capsys, "run", "--model", tmp_path / "q", "--prompt", "hi", "--max-new-tokens", "1",
+                           "--device", "cpu")
+    assert code == 2 and shown_lines(err) == [f"klconvert: error: {line}"], err
+
+
+@pytest.mark.parametrize("edit", [
+    lambda qc: qc.update(quantization_status="frozen", global_compression_ratio="1.5", version=3, notes={}),
+    lambda qc: qc.update(global_compression_ratio=True, quantization_status="decompressed"),
+    lambda qc: qc["config_groups"]["group_0"]["weights"].update(observer=None, observer_kwargs={}, scale_dtype=None,
+                                                               zp_dtype="torch.int8", block_structure=None),
+], ids=["status-ratio-text-unknown-top-level", "ratio-bool", "args-defaults"])
+def test_a_config_compressed_tensors_takes_is_read(tiny_released, tmp_path, edit):
+    """What compressed-tensors' validator takes is read: a top-level key it does not define (it ignores them: its
+    writer puts version and sparsity_config there), a ratio as text or true (pydantic's lax float), any status it defines, null fields."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _edit_quantization_config(tmp_path / "q", edit)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    QuantizationConfig.model_validate(config["quantization_config"])
+    assert open_checkpoint(tmp_path / "q").get(f"{Q_PROJ}.weight").isfinite().all()

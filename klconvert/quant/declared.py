@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from klconvert.errors import KLError, shown
+from klconvert.quant.ct_fields import QUANTIZATION_ARGS, QUANTIZATION_CONFIG, QUANTIZATION_SCHEME, check_fields
 from klconvert.quant.groupwise import CHANNEL
 from klconvert.quant.policy import LINEAR, MAX_POLICY_ENTRIES, Entry, RegexBudget, selected_by_two_groups
 from klconvert.quant.scheme import PACKED_FORMAT, QuantScheme
@@ -101,7 +102,9 @@ def declared_groups(quantization_config: dict, where: str) -> Declared:
     level or none, quantized activations or KV cache, transforms applied at run time,
     weights stored sparse, experts pruned or merged, weights other than int by group or channel, weights quantized
     dynamically, GPTQ's act order by group), a target or ignore entry that is no pattern compressed-tensors compiles,
-    or when no group declares weights."""
+    or when no group declares weights. First, a key or value compressed-tensors' validator refuses (check_fields): where
+    klconvert took the default for a key it does not know, transformers and vLLM cannot load the folder."""
+    check_fields(QUANTIZATION_CONFIG, quantization_config, where)
     kv_cache = quantization_config.get(KV_CACHE)
     if kv_cache is not None:   # the runtime caches K and V in the model's dtype: another model than the one calibrated
         said = (f"num_bits {shown(kv_cache.get('num_bits'))}, type {shown(kv_cache.get('type'))}"
@@ -121,6 +124,7 @@ def declared_groups(quantization_config: dict, where: str) -> Declared:
     for name, group in groups.items():
         if not isinstance(group, dict):
             raise _bad(where, f"config_groups.{name:.40}", "is not an object (targets, weights, ...)")
+        check_fields(QUANTIZATION_SCHEME, group, where, f"config_groups.{name:.40}")
         if group.get("format") not in (None, *READ_FORMATS):
             raise _bad(where, f"config_groups.{name:.40}.format",
                        f"is {shown(group['format'])}, a format klconvert does not read")
@@ -222,6 +226,7 @@ def _scheme(weights, where: str, field: str) -> QuantScheme:
     """A config group's `weights` (compressed-tensors' QuantizationArgs) as the QuantScheme it stores."""
     if not isinstance(weights, dict):
         raise _bad(where, field, "is not an object saying how the weights are stored")
+    check_fields(QUANTIZATION_ARGS, weights, where, field)
     actorder = weights.get("actorder")
     named = actorder.lower() if isinstance(actorder, str) else actorder
     if named is True or named in GROUP_ACT_ORDERS:
