@@ -1102,7 +1102,12 @@ def _renamed(key: str, to: str):
      f"{REFUSED_BY_COMPRESSED_TENSORS}"),
     (lambda qc: qc.update(global_compression_ratio={}), "global_compression_ratio is {}, not a number or null as "
      f"compressed-tensors' QuantizationConfig requires, {REFUSED_BY_COMPRESSED_TENSORS}"),
-], ids=["DYNAMIC", "typex", "input-activations", "observer-int", "status", "ratio-object"])
+    (lambda qc: qc.update(global_compression_ratio="\u0663"), "global_compression_ratio is '\u0663', not a number or "
+     f"null as compressed-tensors' QuantizationConfig requires, {REFUSED_BY_COMPRESSED_TENSORS}"),
+    (lambda qc: qc.update(global_compression_ratio=10 ** 400), "global_compression_ratio is an integer of 401 digits, "
+     f"not a number or null as compressed-tensors' QuantizationConfig requires, {REFUSED_BY_COMPRESSED_TENSORS}"),
+], ids=["DYNAMIC", "typex", "input-activations", "observer-int", "status", "ratio-object", "ratio-arabic-digit",
+        "ratio-past-float"])
 def test_a_config_compressed_tensors_refuses_is_refused_naming_the_key(tiny_released, tmp_path, capsys, edit, said):
     """compressed-tensors' validator (QuantizationConfig.model_validate, run by transformers and vLLM as they load a
     folder) refuses a key its QuantizationScheme or QuantizationArgs does not define, and a value of a type a field
@@ -1129,7 +1134,8 @@ def test_a_config_compressed_tensors_refuses_is_refused_naming_the_key(tiny_rele
 ], ids=["status-ratio-text-unknown-top-level", "ratio-bool", "args-defaults"])
 def test_a_config_compressed_tensors_takes_is_read(tiny_released, tmp_path, edit):
     """What compressed-tensors' validator takes is read: a top-level key it does not define (it ignores them: its
-    writer puts version and sparsity_config there), a ratio as text or true (pydantic's lax float), any status it defines, null fields."""
+    writer puts version and sparsity_config there), a ratio as text or true (pydantic's lax float), any status it
+    defines, null fields."""
     write_quantized(tiny_released, tmp_path / "q", bits=4)
     _edit_quantization_config(tmp_path / "q", edit)
     config = json.loads((tmp_path / "q" / "config.json").read_text())

@@ -20,14 +20,15 @@ class Takes:
 
 def _lax_number(value) -> bool:
     """pydantic's lax float (compressed-tensors' models are not strict): a number, true or false, or text that reads
-    as a number."""
-    if isinstance(value, str):
-        try:
-            float(value)
-        except ValueError:
-            return False
-        return True
-    return type(value) in (bool, int, float)
+    as a number. Python's float reads other scripts' digits too ("\u0663"), which pydantic refuses, and an integer
+    past a float's range is refused by both."""
+    if type(value) not in (bool, int, float, str) or isinstance(value, str) and not value.isascii():
+        return False
+    try:
+        float(value)
+    except (ValueError, OverflowError):
+        return False
+    return True
 
 
 # compressed-tensors' QuantizationStatus: the only texts quantization_status may be (no other case)
@@ -38,7 +39,8 @@ OBJECT = Takes("an object", lambda value: isinstance(value, dict))
 LIST_OR_NULL = Takes("a list or null", lambda value: value is None or isinstance(value, list))
 NUMBER_OR_NULL = Takes("a number or null", lambda value: value is None or _lax_number(value))
 STATUS = Takes(f"one of {', '.join(QUANTIZATION_STATUSES)}", lambda value: value in QUANTIZATION_STATUSES)
-# a block structure is refused unless the strategy is block, which klconvert does not read (checked with the strategy)
+# block_structure's one value here: compressed-tensors refuses a block structure unless the strategy is block, which
+# klconvert does not read
 NULL = Takes("null", lambda value: value is None)
 READ = None   # the value is checked where klconvert reads it, stricter than compressed-tensors, with its own error
 
