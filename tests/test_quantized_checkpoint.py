@@ -1083,29 +1083,32 @@ def _renamed(key: str, to: str):
     return edit
 
 
+CT = "compressed-tensors 0.20.1's"   # the version whose validator the table states
+
+
 @pytest.mark.parametrize("edit, said", [
-    (_renamed("dynamic", "DYNAMIC"), "config_groups.group_0.weights.DYNAMIC is a key compressed-tensors' "
-     f"QuantizationArgs does not define (it has {ARGS_KEYS}), so transformers and vLLM refuse the config -- correct or "
-     "remove it, or quantize the model again with `klconvert quantize`"),
-    (_renamed("type", "typex"), "config_groups.group_0.weights.typex is a key compressed-tensors' QuantizationArgs "
-     f"does not define (it has {ARGS_KEYS}), so transformers and vLLM refuse the config -- correct or remove it, or "
-     "quantize the model again with `klconvert quantize`"),
+    (_renamed("dynamic", "DYNAMIC"), f"config_groups.group_0.weights.DYNAMIC is a key {CT} QuantizationArgs does not "
+     f"define (it has {ARGS_KEYS}), so transformers and vLLM refuse the config -- correct or remove it, or quantize "
+     "the model again with `klconvert quantize`"),
+    (_renamed("type", "typex"), f"config_groups.group_0.weights.typex is a key {CT} QuantizationArgs does not define "
+     f"(it has {ARGS_KEYS}), so transformers and vLLM refuse the config -- correct or remove it, or quantize the "
+     "model again with `klconvert quantize`"),
     (lambda qc: qc["config_groups"]["group_0"].update({"input-activations": None}),
-     "config_groups.group_0.input-activations is a key compressed-tensors' QuantizationScheme does not define (it has "
-     "targets, weights, input_activations, output_activations, format), so transformers and vLLM refuse the config -- "
-     "correct or remove it, or quantize the model again with `klconvert quantize`"),
+     f"config_groups.group_0.input-activations is a key {CT} QuantizationScheme does not define (it has targets, "
+     "weights, input_activations, output_activations, format), so transformers and vLLM refuse the config -- correct "
+     "or remove it, or quantize the model again with `klconvert quantize`"),
     (lambda qc: qc["config_groups"]["group_0"]["weights"].update(observer=4294967296),
-     "config_groups.group_0.weights.observer is 4294967296, not a string or null as compressed-tensors' "
-     f"QuantizationArgs requires, {REFUSED_BY_COMPRESSED_TENSORS}"),
+     f"config_groups.group_0.weights.observer is 4294967296, not a string or null as {CT} QuantizationArgs requires, "
+     f"{REFUSED_BY_COMPRESSED_TENSORS}"),
     (lambda qc: qc.update(quantization_status="packed"), "quantization_status is 'packed', not one of initialized, "
-     f"calibration, frozen, compressed, decompressed as compressed-tensors' QuantizationConfig requires, "
+     f"calibration, frozen, compressed, decompressed as {CT} QuantizationConfig requires, "
      f"{REFUSED_BY_COMPRESSED_TENSORS}"),
     (lambda qc: qc.update(global_compression_ratio={}), "global_compression_ratio is {}, not a number or null as "
-     f"compressed-tensors' QuantizationConfig requires, {REFUSED_BY_COMPRESSED_TENSORS}"),
+     f"{CT} QuantizationConfig requires, {REFUSED_BY_COMPRESSED_TENSORS}"),
     (lambda qc: qc.update(global_compression_ratio="\u0663"), "global_compression_ratio is '\u0663', not a number or "
-     f"null as compressed-tensors' QuantizationConfig requires, {REFUSED_BY_COMPRESSED_TENSORS}"),
+     f"null as {CT} QuantizationConfig requires, {REFUSED_BY_COMPRESSED_TENSORS}"),
     (lambda qc: qc.update(global_compression_ratio=10 ** 400), "global_compression_ratio is an integer of 401 digits, "
-     f"not a number or null as compressed-tensors' QuantizationConfig requires, {REFUSED_BY_COMPRESSED_TENSORS}"),
+     f"not a number or null as {CT} QuantizationConfig requires, {REFUSED_BY_COMPRESSED_TENSORS}"),
 ], ids=["DYNAMIC", "typex", "input-activations", "observer-int", "status", "ratio-object", "ratio-arabic-digit",
         "ratio-past-float"])
 def test_a_config_compressed_tensors_refuses_is_refused_naming_the_key(tiny_released, tmp_path, capsys, edit, said):

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from klconvert.errors import KLError, shown
+from klconvert.quant.scheme import COMPRESSED_TENSORS_VERSION
 
 
 @dataclass(frozen=True)
@@ -82,12 +83,14 @@ def check_fields(model: Model, value: dict, where: str, field: str = "") -> None
         path = f"quantization_config.{field}{'.' if field else ''}{key:.40}"
         if key not in model.fields:
             if model.forbids_others:
-                raise KLError(f"{where}: {path} is a key compressed-tensors' {model.name} does not define (it has "
-                              f"{', '.join(model.fields)}), so transformers and vLLM refuse the config -- correct or "
-                              "remove it, or quantize the model again with `klconvert quantize`")
+                raise KLError(f"{where}: {path} is a key compressed-tensors {COMPRESSED_TENSORS_VERSION}'s "
+                              f"{model.name} does not define (it has {', '.join(model.fields)}), so transformers and "
+                              "vLLM refuse the config -- correct or remove it, or quantize the model again with "
+                              "`klconvert quantize`")
             continue
         takes = model.fields[key]
         if takes is not READ and not takes.test(item):
-            raise KLError(f"{where}: {path} is {shown(item)}, not {takes.said} as compressed-tensors' {model.name} "
+            raise KLError(f"{where}: {path} is {shown(item)}, not {takes.said} as compressed-tensors "
+                          f"{COMPRESSED_TENSORS_VERSION}'s {model.name} "
                           "requires, so transformers and vLLM refuse the config -- correct it, or quantize the model "
                           "again with `klconvert quantize`")
