@@ -11,12 +11,16 @@ from klconvert.errors import KLError, not_utf8, read_failure, shown, unreadable_
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 ADVICE = "fix the file or re-download the model"
+# The token ids transformers' generate takes from it, and whether one may be a list: it stops at eos, starts at bos,
+# and fills a batch's finished rows with pad (an id past the vocabulary there breaks a batch)
+TOKEN_ID_FIELDS = {"bos_token_id": False, "eos_token_id": True, "pad_token_id": False}
 
 
 def check_generation_config(path: Path, vocab_size: int) -> None:
     """KLError where the generation config at `path` is no JSON object, gives a key twice (json, and so transformers,
     keeps the last of the two, other readers the first: h180's probe had eos_token_id 4097 and 4098 copied through),
-    or gives an eos_token_id other than null, one id of the model's vocabulary (0..vocab_size - 1) or a list of them."""
+    or gives one of TOKEN_ID_FIELDS other than null or one id of the model's vocabulary (0..vocab_size - 1) -- or, for
+    eos_token_id, a list of them."""
     try:
         fields = read_json(path, MAX_SIDE_FILE_BYTES, GENERATION_CONFIG_FILE)
     except UnicodeDecodeError as e:   # a ValueError, so before the JSON parser's
@@ -29,10 +33,12 @@ def check_generation_config(path: Path, vocab_size: int) -> None:
         raise KLError(f"{path}: not a generation config ({unreadable_reason(e, 80)}); {ADVICE}") from None
     if not isinstance(fields, dict):
         raise KLError(f"{path}: expected a JSON object at the top level; {ADVICE}")
-    eos = fields.get("eos_token_id")
-    for token_id in eos if isinstance(eos, list) else () if eos is None else (eos,):
-        if isinstance(token_id, bool) or not isinstance(token_id, int):
-            raise KLError(f"{path}: eos_token_id {shown(eos)} is not a token id or a list of them; {ADVICE}")
-        if not 0 <= token_id < vocab_size:
-            raise KLError(f"{path}: eos_token_id {shown(token_id)} is outside the vocabulary 0..{vocab_size - 1}; "
-                          f"{ADVICE}")
+    for field, listed in TOKEN_ID_FIELDS.items():
+        given = fields.get(field)
+        for token_id in given if listed and isinstance(given, list) else () if given is None else (given,):
+            if isinstance(token_id, bool) or not isinstance(token_id, int):
+                kinds = "a token id or a list of them" if listed else "a token id"
+                raise KLError(f"{path}: {field} {shown(given)} is not {kinds}; {ADVICE}")
+            if not 0 <= token_id < vocab_size:
+                raise KLError(f"{path}: {field} {shown(token_id)} is outside the vocabulary 0..{vocab_size - 1}; "
+                              f"{ADVICE}")

@@ -501,6 +501,9 @@ def test_a_tokenizer_config_transformers_cannot_load_is_refused_before_anything_
                                   "re-download the model"),
     ('{"eos_token_id": [true]}', "eos_token_id [True] is not a token id or a list of them"),
     ('[]', "expected a JSON object at the top level; fix the file or re-download the model"),
+    ('{"eos_token_id": 5, "pad_token_id": 99999}', "pad_token_id 99999 is outside the vocabulary 0.."),   # h188
+    ('{"bos_token_id": -5}', "bos_token_id -5 is outside the vocabulary 0.."),
+    ('{"pad_token_id": [5]}', "pad_token_id [5] is not a token id; fix the file or re-download the model"),
 ])
 def test_a_generation_config_with_other_stop_ids_is_refused_before_anything_is_written(tiny_copy, tmp_path, capsys,
                                                                                        text, words):
