@@ -19,7 +19,7 @@ from klconvert.checkpoint.regular_file import kind_of
 from klconvert.config import KimiLinearConfig
 from klconvert.devices import DEVICE_NAMES, NOT_A_DEVICE, checked_device, device_name
 from klconvert.entry import StdoutFailed, exit_interrupted, signal_of, signal_status
-from klconvert.errors import KLError, PlanDoesNotFit, descriptors_exhausted, descriptors_exhausted_behind
+from klconvert.errors import KLError, PlanDoesNotFit, descriptors_exhausted, descriptors_exhausted_behind, shown
 from klconvert.extras import require
 from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, DEFAULT_REPO, bundled_dir, default_model, model_folder
 from klconvert.presets import PRESETS
@@ -40,18 +40,24 @@ PREFILL_BAR_DELAY = 2.0  # seconds a prefill runs before `klconvert run` shows i
 # a whole number as people type one: ASCII digits, a leading - (a range or the command refuses one it cannot take);
 # int() also takes '1_6', ' 16', '+4' and other scripts' digits ('١٦', '１６')
 PLAIN_INTEGER = re.compile(r"-?[0-9]+")
+MAX_INTEGER_DIGITS = 24  # past any number an option takes (a seed's 2**64 - 1 has 20): a longer one is refused short
 
 
 class PlainDigits(click.ParamType):
     """What an integer option's type reads first: the text PLAIN_INTEGER takes, else refused naming the value."""
 
     def convert(self, value, param, ctx):
-        if isinstance(value, str) and not PLAIN_INTEGER.fullmatch(value):
-            try:   # the number int() reads it as, said back in plain digits, where there is one
-                advice = f"write it as {int(value)}"
-            except ValueError:
-                advice = "give one, e.g. 16"
-            self.fail(f"{value[:40]!r} is not a whole number in the digits 0-9; {advice}", param, ctx)
+        if isinstance(value, str):
+            try:   # the number int() reads it as, to say back in plain digits where the text is not
+                number = int(value)
+            except ValueError:   # no number, or one of 4,300+ digits (which int() refuses)
+                number = 10 ** MAX_INTEGER_DIGITS if PLAIN_INTEGER.fullmatch(value) else None
+            if number is not None and abs(number) >= 10 ** MAX_INTEGER_DIGITS:   # no line echoes it whole
+                self.fail(f"{shown(value.strip())} ({sum(c.isdigit() for c in value):,} digits) is longer than any "
+                          "number this option takes; give a smaller one", param, ctx)
+            if not PLAIN_INTEGER.fullmatch(value):
+                advice = "give one, e.g. 16" if number is None else f"write it as {number}"
+                self.fail(f"{value[:40]!r} is not a whole number in the digits 0-9; {advice}", param, ctx)
         return super().convert(value, param, ctx)
 
 
@@ -791,6 +797,10 @@ def _int_list(ctx, param, value: str | None) -> list[int] | None:
     if value is None:
         return None
     items = value.split(",")   # an empty item is refused: "1,,2" is a typo, not batches 1 and 2
+    longest = max(len(item.strip().lstrip("-")) for item in items)
+    if longest > MAX_INTEGER_DIGITS:   # no line echoes it whole
+        raise click.BadParameter(f"{shown(value)}: a number of {longest:,} digits is longer than any this option "
+                                 "takes; give smaller ones")
     try:
         if not all(PLAIN_INTEGER.fullmatch(item) for item in items):
             raise ValueError
@@ -799,7 +809,7 @@ def _int_list(ctx, param, value: str | None) -> list[int] | None:
         raise click.BadParameter(f"{value[:80]!r}: give comma-separated whole numbers in the digits 0-9, e.g. "
                                  "4096,131072") from None
     if min(out) < 1:
-        raise click.BadParameter(f"{value!r}: give comma-separated numbers of at least 1")
+        raise click.BadParameter(f"{value[:80]!r}: give comma-separated numbers of at least 1")
     return out
 
 

@@ -230,6 +230,21 @@ def test_every_integer_option_reads_plain_digits():
         types[("eval", "max_tokens")].convert("-2", None, None)
 
 
+@pytest.mark.parametrize("args, words", [
+    (["plan", "--preset", "tiny", "--group-size", "9" * 5000], "9... (5,000 digits) is longer than any number this "
+     "option takes; give a smaller one"),   # click's own "is not a valid integer" echoed all of it
+    (["plan", "--preset", "tiny", "--max-context", "9" * 4000], "(4,000 digits) is longer than any number"),
+    (["plan", "--preset", "tiny", "--group-size", " " + "9" * 4000], "(4,000 digits) is longer than any number"),
+    (["bench", "--preset", "kimi-linear-48b", "--context", "4096," + "9" * 300], "9...: a number of 300 digits "
+     "is longer than any this option takes; give smaller ones"),
+])
+def test_a_number_of_thousands_of_digits_is_not_echoed_whole(capsys, args, words):
+    """h188: a 5,000-digit --group-size printed one 5,133-character line, a 4,000-digit --max-context was echoed whole
+    by the refusal after it, and ' ' + 4,000 digits was told to 'write it as' all of them."""
+    line = assert_one_line_error(*run_cli(capsys, *args)[::2], words)
+    assert len(line) < 300, len(line)
+
+
 def test_every_decimal_option_reads_plain_digits():
     """--temperature and --top-p read decimal numbers in the digits 0-9, not what float() also reads."""
     types = {(name, param.name): param.type for name, command in cli.commands.items() for param in command.params
