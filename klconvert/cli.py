@@ -43,20 +43,24 @@ PLAIN_INTEGER = re.compile(r"-?[0-9]+")
 MAX_INTEGER_DIGITS = 24  # past any number an option takes (a seed's 2**64 - 1 has 20): a longer one is refused short
 
 
+def digit_count(text: str) -> int:
+    """How many digits `text` holds, in any script (int() reads them all)."""
+    return sum(c.isdigit() for c in text)
+
+
 class PlainDigits(click.ParamType):
     """What an integer option's type reads first: the text PLAIN_INTEGER takes, else refused naming the value."""
 
     def convert(self, value, param, ctx):
         if isinstance(value, str):
-            try:   # the number int() reads it as, to say back in plain digits where the text is not
-                number = int(value)
-            except ValueError:   # no number, or one of 4,300+ digits (which int() refuses)
-                number = 10 ** MAX_INTEGER_DIGITS if PLAIN_INTEGER.fullmatch(value) else None
-            if number is not None and abs(number) >= 10 ** MAX_INTEGER_DIGITS:   # no line echoes it whole
-                self.fail(f"{shown(value.strip())} ({sum(c.isdigit() for c in value):,} digits) is longer than any "
-                          "number this option takes; give a smaller one", param, ctx)
+            if (digits := digit_count(value)) > MAX_INTEGER_DIGITS:   # no line echoes it whole
+                self.fail(f"{shown(value.strip())} ({digits:,} digits) is longer than any number this option takes; "
+                          "give a smaller one", param, ctx)
             if not PLAIN_INTEGER.fullmatch(value):
-                advice = "give one, e.g. 16" if number is None else f"write it as {number}"
+                try:   # the number int() reads it as, said back in plain digits
+                    advice = f"write it as {int(value)}"
+                except ValueError:
+                    advice = "give one, e.g. 16"
                 self.fail(f"{value[:40]!r} is not a whole number in the digits 0-9; {advice}", param, ctx)
         return super().convert(value, param, ctx)
 
@@ -797,7 +801,7 @@ def _int_list(ctx, param, value: str | None) -> list[int] | None:
     if value is None:
         return None
     items = value.split(",")   # an empty item is refused: "1,,2" is a typo, not batches 1 and 2
-    longest = max(len(item.strip().lstrip("-")) for item in items)
+    longest = max(digit_count(item) for item in items)
     if longest > MAX_INTEGER_DIGITS:   # no line echoes it whole
         raise click.BadParameter(f"{shown(value)}: a number of {longest:,} digits is longer than any this option "
                                  "takes; give smaller ones")
