@@ -145,6 +145,11 @@ STRIPPING_FLAGS = ("lstrip", "rstrip", "single_word")   # an added token's flags
 # Every flag of an added token (tokenizers' AddedToken): transformers builds one from each entry, and a flag that is
 # no bool ("lstrip": null) ends its load in a TypeError
 ADDED_TOKEN_FLAGS = (*STRIPPING_FLAGS, "normalized", "special")
+# The config's keys that transformers reads as its named special tokens (SPECIAL_TOKENS_ATTRIBUTES). klconvert uses
+# bos, eos and pad; transformers adds the text of any of them that added_tokens_decoder lacks as a token of a new id,
+# past the model's vocabulary, and fails to load one that is no text. transformers 5 reads any other "<name>_token"
+# key that holds text so too (a model's own special token).
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # The config's lists of special tokens beside the named ones: transformers 4's name and 5's. klconvert reads neither;
 # transformers adds each to its tokenizer, and fails to load one that holds anything but a token
 EXTRA_SPECIAL_TOKENS_FIELDS = ("additional_special_tokens", "extra_special_tokens")
@@ -364,8 +369,10 @@ class Tokenizer:
                                   f"but it is the placeholder name of the unnamed id {token_id}; fix the file or "
                                   "re-download the model")
                 special_tokens[placeholder] = token_id
+        own_tokens = [key for key, value in config.items()
+                      if key.endswith("_token") and key not in SPECIAL_TOKEN_KEYS and isinstance(value, str)]
         named = {key: named_special_token(config, key, special_tokens, config_path)
-                 for key in ("bos_token", "eos_token", "pad_token")}
+                 for key in (*SPECIAL_TOKEN_KEYS, *own_tokens)}
         for key in ("bos_token", "eos_token"):
             if named[key] is None:
                 raise KLError(f"{config_path}: '{key}' is not set; fix the file or re-download the model")

@@ -232,6 +232,31 @@ def test_tokenizer_json_is_transformers_conversion_with_kimi_s_split(crafted):
     assert json.loads(written.to_str()) == json.loads(converted.to_str())
 
 
+def with_tokenizer_config(folder: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the quantized `folder` whose tokenizer_config.json `edit` changed after klconvert checked it."""
+    copy = shutil.copytree(folder, tmp_path / folder.name)
+    path = copy / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+    return copy
+
+
+@pytest.mark.parametrize("key", ["unk_token", "mask_token", "think_token"])
+def test_transformers_gives_a_named_token_it_lacks_an_id_past_the_vocabulary(crafted, tmp_path, key):
+    """Why klconvert holds every token the config names (tokenizer.SPECIAL_TOKEN_KEYS, and any other "<name>_token"
+    holding text) to added_tokens_decoder as it holds bos_token: transformers gives text it lacks a new id, which the
+    model has no embedding for, and fails to load one that is no text."""
+    vocab_size = Tokenizer.from_folder(crafted).vocab_size
+    folder = with_tokenizer_config(crafted, tmp_path / "text", lambda c: c.update({key: "<|nope|>"}))
+    hf = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    assert hf.convert_tokens_to_ids("<|nope|>") == vocab_size
+    if key != "think_token":   # transformers takes only text as a token of a name of its own
+        folder = with_tokenizer_config(crafted, tmp_path / "int", lambda c: c.update({key: 5}))
+        with pytest.raises(TypeError, match=f"Special token {key} has to be either str or AddedToken"):
+            transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+
+
 def test_a_config_transformers_saved_reads_as_the_release_s(tmp_path):
     """transformers' KimiLinearConfig saves the layer kinds again under its own names (layer_types, mlp_layer_types,
     linear_*), beside linear_attn_config: klconvert reads such a config as the one it came from, and refuses one whose

@@ -480,6 +480,11 @@ def test_pull_and_quantize_refuses_a_bad_device_or_shard_size_before_any_downloa
      "additional_special_tokens[2] is 0, not a special token (its text, or {\"__type\": "
      "\"AddedToken\", \"content\": <its text>}), so transformers cannot load the tokenizer; fix the file or "
      "re-download the model"),
+    # h192: held as bos_token is -- transformers added the text as a new id past the vocabulary, or failed on an int
+    *((lambda c, key=key, value=value: c.update({key: value}),
+       f"{key} {value!r} is not in added_tokens_decoder; fix the file or re-download the model")
+      for key, value in (("unk_token", "<|nope|>"), ("unk_token", 5), ("mask_token", "<mask>"),
+                         ("think_token", "<think>"))),
 ])
 def test_a_tokenizer_config_transformers_cannot_load_is_refused_before_anything_is_written(tiny_copy, tmp_path, capsys,
                                                                                           edit, words):

@@ -618,7 +618,7 @@ def test_ids_past_the_last_named_one_decode_up_to_the_vocabulary(broken_folder):
     """The model's vocabulary may run past every id the tokenizer files name: each one it can sample decodes."""
     end = SMALL_RANKS + 256
     kept = SMALL_RANKS + 16
-    edit_config(broken_folder, lambda c: (c.pop("pad_token"), c.update(added_tokens_decoder={
+    edit_config(broken_folder, lambda c: (c.pop("pad_token"), c.pop("unk_token"), c.update(added_tokens_decoder={
         k: v for k, v in c["added_tokens_decoder"].items() if int(k) < kept})))
     assert Tokenizer.from_folder(broken_folder).vocab_size == kept                  # no config: what the files name
     tokenizer = Tokenizer.from_folder(broken_folder, vocab_size=end)
@@ -708,6 +708,15 @@ def test_extra_special_tokens_transformers_cannot_load_are_refused(broken_folder
 ])
 def test_extra_special_tokens_in_each_form_transformers_loads_pass(broken_folder, field, value):
     edit_config(broken_folder, lambda c: c.update({field: value}))
+    assert Tokenizer.from_folder(broken_folder).eos_id == SMALL_RANKS + 1
+
+
+@pytest.mark.parametrize("change", [{"unk_token": None}, {"unk_token": "[EOS]"}, {"mask_token": "<|im_end|>"},
+                                    {"think_token": "<|im_end|>"}, {"add_bos_token": False}, {"think_token": 5}])
+def test_named_special_tokens_transformers_loads_pass(broken_folder, change):
+    """A named token of the vocabulary's specials, or none; another "<name>_token" key that holds no text is no token
+    to transformers (add_bos_token is a switch)."""
+    edit_config(broken_folder, lambda c: (c.pop("unk_token", None), c.update(change)))
     assert Tokenizer.from_folder(broken_folder).eos_id == SMALL_RANKS + 1
 
 
