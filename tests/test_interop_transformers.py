@@ -257,6 +257,66 @@ def test_transformers_gives_a_named_token_it_lacks_an_id_past_the_vocabulary(cra
             transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
 
 
+def test_special_tokens_map_json_is_never_read_beside_added_tokens_decoder(tiny_released, tmp_path):
+    """quantize copies special_tokens_map.json unchecked, and may: transformers 5 reads it only where
+    tokenizer_config.json has no added_tokens_decoder, which klconvert refuses (read_special_tokens). A map that
+    contradicts the config, or holds no JSON at all, changes nothing transformers loads; without added_tokens_decoder
+    transformers reads its tokens (and fails on the int)."""
+    source = shutil.copytree(tiny_released, tmp_path / "source")
+    contradicting = {"bos_token": "<|nope|>", "eos_token": {"content": "[EOS]", "lstrip": True, "rstrip": True},
+                     "unk_token": 5, "additional_special_tokens": ["<|extra|>", {"content": "<|im_end|>", "lstrip": 1}],
+                     "extra_special_tokens": ["<|more|>"]}
+    loaded = {}
+    for label, text in {"released": None, "contradicting": json.dumps(contradicting), "no JSON": "{"}.items():
+        if text is not None:
+            (source / "special_tokens_map.json").write_text(text)
+        out = quantize(source, tmp_path / label, device="cpu", progress=False).path
+        assert (out / "special_tokens_map.json").read_bytes() == (source / "special_tokens_map.json").read_bytes()
+        loaded[label] = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    text = " [BOS] <|im_end|> x<|im_user|>y [UNK]\n"
+    for label, hf in loaded.items():
+        assert (len(hf), hf.all_special_tokens, hf.encode(text)) == (len(loaded["released"]),
+                                                                     loaded["released"].all_special_tokens,
+                                                                     loaded["released"].encode(text)), label
+    read = with_tokenizer_config(tmp_path / "contradicting", tmp_path / "read", lambda c: c.pop("added_tokens_decoder"))
+    with pytest.raises(TypeError, match="Special token unk_token has to be either str or AddedToken"):
+        transformers.AutoTokenizer.from_pretrained(read, trust_remote_code=True)
+
+
+# An entry of the config's extra special tokens that sets every flag otherwise than added_tokens_decoder does
+FLAGGED = {"__type": "AddedToken", "lstrip": True, "rstrip": True, "single_word": True, "normalized": True,
+           "special": False}
+
+
+@pytest.mark.parametrize("field, form", [("additional_special_tokens", list), ("extra_special_tokens", list),
+                                         ("extra_special_tokens", dict)])
+def test_flags_of_an_extra_special_token_change_nothing_transformers_reads(tiny_released, tmp_path, field, form):
+    """quantize passes an entry of additional_special_tokens or extra_special_tokens given as a serialized AddedToken
+    whatever bool flags it sets, and may: transformers 5 takes each token's flags from added_tokens_decoder, which
+    holds its text (check_extra_special_tokens), so it splits text around the token (lstrip, rstrip, single_word) and
+    decodes it (special) as klconvert does. Where added_tokens_decoder sets them, as klconvert refuses, it does not."""
+    source = shutil.copytree(tiny_released, tmp_path / "source")
+    path = source / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    texts = config["additional_special_tokens"]
+    entries = [{**FLAGGED, "content": text} for text in texts]
+    config[field] = entries if form is list else {f"extra_{i}_token": entry for i, entry in enumerate(entries)}
+    path.write_text(json.dumps(config))
+    out = quantize(source, tmp_path / "q", device="cpu", progress=False).path
+    ours, hf = Tokenizer.from_folder(out), transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    around = [(" ", " x"), ("a", "b"), ("\n", "\n")]
+    for text in texts:
+        token_id = ours.special_tokens[text]
+        for before, after in around:
+            assert hf.encode(before + text + after) == [*ours.encode(before), token_id, *ours.encode(after)], text
+        assert hf.decode([token_id], skip_special_tokens=True) == "", text
+    in_decoder = with_tokenizer_config(out, tmp_path / "decoder", lambda c: [
+        entry.update({flag: True for flag in ("lstrip", "rstrip")}) for entry in c["added_tokens_decoder"].values()])
+    text = texts[0]
+    assert (transformers.AutoTokenizer.from_pretrained(in_decoder, trust_remote_code=True).encode(f" {text} x")
+            != hf.encode(f" {text} x"))
+
+
 def test_a_config_transformers_saved_reads_as_the_release_s(tmp_path):
     """transformers' KimiLinearConfig saves the layer kinds again under its own names (layer_types, mlp_layer_types,
     linear_*), beside linear_attn_config: klconvert reads such a config as the one it came from, and refuses one whose
