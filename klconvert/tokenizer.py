@@ -213,23 +213,37 @@ def read_special_tokens(config: dict, path: Path, vocab_size: int = SIZE_RANGES[
     return special_tokens
 
 
-def named_special_token(config: dict, key: str, special_tokens: Mapping[str, int], path: Path) -> str | None:
-    """The text of the config's `key` ("bos_token", ...) if set, checked to be one of the special tokens."""
-    text = config.get(key)
-    if isinstance(text, dict):  # transformers' serialized AddedToken
-        text = text.get("content")
-    if text is not None and (not isinstance(text, str) or text not in special_tokens):
-        raise KLError(f"{path}: {key} {shown(text)} is not in added_tokens_decoder; "
-                      "fix the file or re-download the model")
+def special_token_text(token, where: str, special_tokens: Mapping[str, int], path: Path) -> str:
+    """The text of a special token the config gives at `where` ("bos_token", "additional_special_tokens[2]"): its
+    text, or a serialized AddedToken of it ({"__type": "AddedToken", "content": ..., bool flags}), one of
+    `special_tokens`. KLError for anything else: transformers fails to load any other value (a plain dict, an int: a
+    TypeError), and gives text no special token has a new id, past the model's vocabulary."""
+    serialized = isinstance(token, dict) and token.get("__type") == "AddedToken"
+    text = token.get("content") if serialized else token
+    if not isinstance(text, str):
+        raise KLError(f"{path}: {where} is {shown(token)}, not a special token (its text, or "
+                      "{\"__type\": \"AddedToken\", \"content\": <its text>}), so transformers cannot load the "
+                      "tokenizer; fix the file or re-download the model")
+    mistyped = mistyped_flag(token) if serialized else None
+    if mistyped is not None:
+        raise KLError(f"{path}: {where} sets {mistyped} to {shown(token[mistyped])}, which is neither true nor false, "
+                      "so transformers cannot load the tokenizer; fix the file or re-download the model")
+    if text not in special_tokens:
+        raise KLError(f"{path}: {where} {shown(text)} is not in added_tokens_decoder; fix the file or re-download the "
+                      "model")
     return text
+
+
+def named_special_token(config: dict, key: str, special_tokens: Mapping[str, int], path: Path) -> str | None:
+    """The text of the config's `key` ("bos_token", ...) if set (special_token_text)."""
+    token = config.get(key)
+    return None if token is None else special_token_text(token, key, special_tokens, path)
 
 
 def check_extra_special_tokens(config: dict, path: Path, special_tokens: Mapping[str, int]) -> None:
     """KLError where the config's additional_special_tokens or extra_special_tokens is not what transformers loads:
-    null, or a list (or a {name: token} map) of special tokens, each the text of one of `special_tokens` or a
-    serialized AddedToken of it ({"__type": "AddedToken", "content": ..., bool flags}). An int among them failed
-    transformers' load of the tokenizer; text no special token has it adds as a token of a new id, past the model's
-    vocabulary."""
+    null, or a list (or a {name: token} map) of special tokens (special_token_text). An int among them failed
+    transformers' load of the tokenizer."""
     for field in EXTRA_SPECIAL_TOKENS_FIELDS:
         tokens = config.get(field)
         if tokens is None:
@@ -242,20 +256,7 @@ def check_extra_special_tokens(config: dict, path: Path, special_tokens: Mapping
             raise KLError(f"{path}: {field} is {shown(tokens)}, not a list of special tokens; fix the file or "
                           "re-download the model")
         for where, token in entries:
-            serialized = isinstance(token, dict) and token.get("__type") == "AddedToken"
-            text = token.get("content") if serialized else token
-            if not isinstance(text, str):
-                raise KLError(f"{path}: {where} is {shown(token)}, not a special token (its text, or "
-                              "{\"__type\": \"AddedToken\", \"content\": <its text>}), so transformers cannot load the "
-                              "tokenizer; fix the file or re-download the model")
-            mistyped = mistyped_flag(token) if serialized else None
-            if mistyped is not None:
-                raise KLError(f"{path}: {where} sets {mistyped} to {shown(token[mistyped])}, which is neither true "
-                              "nor false, so transformers cannot load the tokenizer; fix the file or re-download the "
-                              "model")
-            if text not in special_tokens:
-                raise KLError(f"{path}: {where} {shown(text)} is not in added_tokens_decoder; fix the file or "
-                              "re-download the model")
+            special_token_text(token, where, special_tokens, path)
 
 
 def pieces_for_tiktoken(text: str, max_chars: int = MAX_ENCODE_CHARS,

@@ -291,16 +291,18 @@ FLAGGED = {"__type": "AddedToken", "lstrip": True, "rstrip": True, "single_word"
 @pytest.mark.parametrize("field, form", [("additional_special_tokens", list), ("extra_special_tokens", list),
                                          ("extra_special_tokens", dict)])
 def test_flags_of_an_extra_special_token_change_nothing_transformers_reads(tiny_released, tmp_path, field, form):
-    """quantize passes an entry of additional_special_tokens or extra_special_tokens given as a serialized AddedToken
-    whatever bool flags it sets, and may: transformers 5 takes each token's flags from added_tokens_decoder, which
-    holds its text (check_extra_special_tokens), so it splits text around the token (lstrip, rstrip, single_word) and
-    decodes it (special) as klconvert does. Where added_tokens_decoder sets them, as klconvert refuses, it does not."""
+    """quantize passes an entry of additional_special_tokens or extra_special_tokens (or a named token, unk_token)
+    given as a serialized AddedToken whatever bool flags it sets, and may: transformers 5 takes each token's flags
+    from added_tokens_decoder, which holds its text (special_token_text), so it splits text around the token (lstrip,
+    rstrip, single_word) and decodes it (special) as klconvert does. Where added_tokens_decoder sets them, as
+    klconvert refuses, it does not."""
     source = shutil.copytree(tiny_released, tmp_path / "source")
     path = source / "tokenizer_config.json"
     config = json.loads(path.read_text())
-    texts = config["additional_special_tokens"]
-    entries = [{**FLAGGED, "content": text} for text in texts]
+    texts = [*config["additional_special_tokens"], config["unk_token"]]
+    entries = [{**FLAGGED, "content": text} for text in texts[:-1]]
     config[field] = entries if form is list else {f"extra_{i}_token": entry for i, entry in enumerate(entries)}
+    config["unk_token"] = {**FLAGGED, "content": texts[-1]}   # a named token's too
     path.write_text(json.dumps(config))
     out = quantize(source, tmp_path / "q", device="cpu", progress=False).path
     ours, hf = Tokenizer.from_folder(out), transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)

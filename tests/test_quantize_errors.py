@@ -483,8 +483,17 @@ def test_pull_and_quantize_refuses_a_bad_device_or_shard_size_before_any_downloa
     # h192: held as bos_token is -- transformers added the text as a new id past the vocabulary, or failed on an int
     *((lambda c, key=key, value=value: c.update({key: value}),
        f"{key} {value!r} is not in added_tokens_decoder; fix the file or re-download the model")
-      for key, value in (("unk_token", "<|nope|>"), ("unk_token", 5), ("mask_token", "<mask>"),
-                         ("think_token", "<think>"))),
+      for key, value in (("unk_token", "<|nope|>"), ("mask_token", "<mask>"), ("think_token", "<think>"))),
+    (lambda c: c.update(unk_token=5),
+     "unk_token is 5, not a special token (its text, or {\"__type\": \"AddedToken\", \"content\": <its text>}), so "
+     "transformers cannot load the tokenizer; fix the file or re-download the model"),
+    # a named token as a dict: transformers takes a serialized AddedToken of bool flags only
+    (lambda c: c.update(bos_token={"content": "[BOS]"}),
+     "bos_token is {'content': '[BOS]'}, not a special token (its text, or {\"__type\": \"AddedToken\", \"content\": "
+     "<its text>}), so transformers cannot load the tokenizer; fix the file or re-download the model"),
+    (lambda c: c.update(eos_token={"__type": "AddedToken", "content": "[EOS]", "lstrip": None}),
+     "eos_token sets lstrip to None, which is neither true nor false, so transformers cannot load the tokenizer; fix "
+     "the file or re-download the model"),
 ])
 def test_a_tokenizer_config_transformers_cannot_load_is_refused_before_anything_is_written(tiny_copy, tmp_path, capsys,
                                                                                           edit, words):

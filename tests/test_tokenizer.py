@@ -712,10 +712,12 @@ def test_extra_special_tokens_in_each_form_transformers_loads_pass(broken_folder
 
 
 @pytest.mark.parametrize("change", [{"unk_token": None}, {"unk_token": "[EOS]"}, {"mask_token": "<|im_end|>"},
-                                    {"think_token": "<|im_end|>"}, {"add_bos_token": False}, {"think_token": 5}])
+                                    {"think_token": "<|im_end|>"}, {"add_bos_token": False}, {"think_token": 5},
+                                    {"unk_token": {"__type": "AddedToken", "content": "[EOS]", "lstrip": True}}])
 def test_named_special_tokens_transformers_loads_pass(broken_folder, change):
-    """A named token of the vocabulary's specials, or none; another "<name>_token" key that holds no text is no token
-    to transformers (add_bos_token is a switch)."""
+    """A named token of the vocabulary's specials (its text, or a serialized AddedToken of it, whose flags transformers
+    takes from added_tokens_decoder), or none; another "<name>_token" key that holds no text is no token to
+    transformers (add_bos_token is a switch)."""
     edit_config(broken_folder, lambda c: (c.pop("unk_token", None), c.update(change)))
     assert Tokenizer.from_folder(broken_folder).eos_id == SMALL_RANKS + 1
 
@@ -762,12 +764,15 @@ def test_special_tokens_text_is_bounded_in_all_not_only_each(tmp_path):
     assert len(read_special_tokens(config, tmp_path / "tokenizer_config.json", 1 << 20)) == count - 1
 
 
-@pytest.mark.parametrize("key, value", [("bos_token", "x" * 5_000_000), ("eos_token", {"content": "y" * 5_000_000}),
-                                        ("eos_token", ["[EOS]"] * 1_000_000)])
-def test_a_huge_named_token_is_quoted_short(broken_folder, key, value):
+@pytest.mark.parametrize("key, value, words", [
+    ("bos_token", "x" * 5_000_000, "is not in added_tokens_decoder"),
+    ("eos_token", {"__type": "AddedToken", "content": "y" * 5_000_000}, "is not in added_tokens_decoder"),
+    ("eos_token", {"content": "y" * 5_000_000}, "not a special token"),
+    ("eos_token", ["[EOS]"] * 1_000_000, "not a special token")])
+def test_a_huge_named_token_is_quoted_short(broken_folder, key, value, words):
     """The refusal quoted the value whole: a line of 5-9 MB."""
     edit_config(broken_folder, lambda c: c.update({key: value}))
-    with pytest.raises(KLError, match=rf"{key} .* is not in added_tokens_decoder") as error:
+    with pytest.raises(KLError, match=rf"{key} .*{words}") as error:
         Tokenizer.from_folder(broken_folder)
     assert len(str(error.value)) < 400, len(str(error.value))
 
