@@ -862,6 +862,28 @@ def test_float_weights_that_no_packed_group_holds_are_read(tiny_released, tmp_pa
     assert open_checkpoint(tmp_path / "q").get(f"{F_B_PROJ}.weight").isfinite().all()
 
 
+def test_a_float_weight_two_groups_name_is_told_to_be_ignored(tiny_released, tmp_path, capsys):
+    """A float weight that the name targets of an int4 and an int8 group both select was told to stay in the group
+    "whose scheme its packed tensors are stored with": it has none. The line says it is stored as floats and to list
+    it in ignore."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+
+    def two_groups(qc):
+        _unignore("f_b|g_a|g_b")(qc)
+        int4 = qc["config_groups"]["group_0"]
+        int4["targets"].append(SMALL_KDA)
+        qc["config_groups"]["group_8"] = {**int4, "targets": [F_B_PROJ], "weights": {**int4["weights"], "num_bits": 8}}
+    _edit_quantization_config(tmp_path / "q", two_groups)
+    code, _, err = run_cli(capsys, "run", "--model", tmp_path / "q", "--prompt", "hi", "--max-new-tokens", "1",
+                           "--device", "cpu")
+    assert assert_one_line_error(code, err) == (
+        f"klconvert: error: {F_B_PROJ} is selected by '{F_B_PROJ}' of group_8 ({tmp_path / 'q'}/config.json: "
+        f"quantization_config.config_groups.group_8.targets[0]) and by {SMALL_KDA!r} of group_0 ({tmp_path / 'q'}"
+        "/config.json: quantization_config.config_groups.group_0.targets[1]); runtimes disagree on which wins -- it is "
+        f"stored as floats: add '{F_B_PROJ}' to quantization_config.ignore, or quantize the model again with "
+        "`klconvert quantize`")
+
+
 def test_an_extra_zero_point_is_named(tiny_released, tmp_path):
     write_quantized(tiny_released, tmp_path / "q", bits=4)
     write_quantized(tiny_released, tmp_path / "asym", bits=4, symmetric=False)

@@ -259,7 +259,7 @@ def refuse_floats_held_packed(declared: Declared | None, floats: list[tuple[str,
         if not is_linear_weight(name, shape) or kept_in_high_precision(name) is not None:
             continue
         module = match_key(name)
-        held = declared.held(module, True)
+        held = declared.held(module, True, packed=False)
         group = held.group
         if group is None or group.scheme is None or group.format == DENSE_FORMAT:
             continue

@@ -69,12 +69,12 @@ class Declared:
     # both map a target to a group, a later group's replacing an earlier's)
     order: tuple[tuple[Entry, DeclaredGroup], ...]
 
-    def held(self, module: str, linear: bool) -> Held:
+    def held(self, module: str, linear: bool, packed: bool = True) -> Held:
         """The group that holds `module` (a linear layer's name when `linear`; "Linear" selects only those), as
         compressed-tensors' apply_quantization_config finds it: an ignore entry wins; else the first target that
         selects it. KLError when name targets of groups declaring other weights (scheme or format) both select it:
-        vLLM takes the first listed, so the runtimes would read it differently. Groups declaring the same weights
-        read it alike, whichever wins."""
+        vLLM takes the first listed, so the runtimes would read it differently; what to do depends on whether the
+        module is stored `packed` or as floats. Groups declaring the same weights read it alike, whichever wins."""
         ignored = next((e for e in self.ignore if e.matches(module, linear)), None)
         if ignored is not None:
             return Held(None, ignored)
@@ -85,9 +85,10 @@ class Declared:
         for other_entry, other in hits[1:]:
             if other_entry.pattern != LINEAR and (other.scheme, other.format) != (group.scheme, group.format):
                 raise selected_by_two_groups(module, (group.name, entry), (other.name, other_entry),
-                                             "keep it in one group's targets (the group whose scheme its packed "
-                                             "tensors are stored with), or quantize the model again with "
-                                             "`klconvert quantize`")
+                                             ("keep it in one group's targets (the group whose scheme its packed "
+                                              "tensors are stored with)" if packed else
+                                              f"it is stored as floats: add {shown(module)} to {SOURCE}.ignore")
+                                             + ", or quantize the model again with `klconvert quantize`")
         return Held(group, entry)
 
     def describe(self) -> str:
