@@ -862,6 +862,48 @@ def test_float_weights_that_no_packed_group_holds_are_read(tiny_released, tmp_pa
     assert open_checkpoint(tmp_path / "q").get(f"{F_B_PROJ}.weight").isfinite().all()
 
 
+def _experts_stacked_as_floats(src_folder, layer: int):
+    """Layer `layer`'s routed experts as transformers 5 stores the MoE, in place of their packed per-expert tensors:
+    floats, stacked into mlp.experts.gate_up_proj [experts, 2 x I, H] (w1 over w3) and down_proj [experts, H, I]."""
+    src = open_checkpoint(src_folder)
+    experts, prefix = range(src.config.num_experts), f"model.layers.{layer}.block_sparse_moe.experts"
+
+    def edit(t):
+        for name in [n for n in t if n.startswith(prefix + ".")]:
+            del t[name]
+        t[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([src.get(f"{prefix}.{e}.w1.weight"), src.get(f"{prefix}.{e}.w3.weight")]) for e in experts])
+        t[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack([src.get(f"{prefix}.{e}.w2.weight")
+                                                                        for e in experts])
+    return edit
+
+
+def test_experts_stacked_as_floats_are_held_to_the_declaration(tiny_released, tmp_path, capsys):
+    """Routed experts stored as transformers' 3-D float stacks under a config whose "Linear" group declares them int4
+    ran, read as floats: only 2-D weights were asked what the config declares. Each expert's weight a stack holds is
+    held to it as a per-expert float weight is, under the released name it is read as; ignored, they stay read."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _damage(tmp_path / "q", _experts_stacked_as_floats(tiny_released, 1))
+    code, _, err = run_cli(capsys, "run", "--model", tmp_path / "q", "--prompt", "hi", "--max-new-tokens", "1",
+                           "--device", "cpu")
+    w2 = "model.layers.1.block_sparse_moe.experts.0.w2"
+    assert assert_one_line_error(code, err) == (
+        f"klconvert: error: {tmp_path / 'q'}/model.safetensors: tensor 'model.layers.1.mlp.experts.down_proj' is "
+        "stored as floats, but config group group_0 of quantization_config, whose target 'Linear' selects the expert "
+        f"weights it stacks ('{w2}' first), declares them packed (int4 g32 sym, pack-quantized) and ignore does not "
+        "list them: transformers and vLLM would look for each one's weight_packed and weight_scale and find none -- "
+        f"add '{w2}' (or a re: pattern for every such module) to quantization_config.ignore, or quantize the model "
+        "again with `klconvert quantize`")
+    with pytest.raises(klconvert.KLError, match=re.escape("tensor 'model.layers.1.mlp.experts.down_proj' is stored "
+                                                          "as floats, but config group group_0")):
+        klconvert.load(tmp_path / "q", device="cpu", max_context=64)
+
+    layer_1_experts = r"re:.*\.1\.block_sparse_moe\.experts\."
+    _edit_quantization_config(tmp_path / "q", lambda qc: qc["ignore"].append(layer_1_experts))
+    assert torch.equal(open_checkpoint(tmp_path / "q").get(f"{w2}.weight"),
+                       open_checkpoint(tiny_released).get(f"{w2}.weight"))
+
+
 def test_a_float_weight_two_groups_name_is_told_to_be_ignored(tiny_released, tmp_path, capsys):
     """A float weight that the name targets of an int4 and an int8 group both select was told to stay in the group
     "whose scheme its packed tensors are stored with": it has none. The line says it is stored as floats and to list

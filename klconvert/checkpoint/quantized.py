@@ -246,29 +246,35 @@ def _held_scheme(declared: Declared, module: str, linear: bool, in_dim: int, whe
                   "the folder does not match its config.json -- re-run the conversion")
 
 
-def refuse_floats_held_packed(declared: Declared | None, floats: list[tuple[str, tuple[int, ...], str]]) -> None:
-    """KLError naming the first weight stored as floats (each of `floats`: its name, shape, and where an error names
-    it) that quantization_config declares packed: a linear weight that a config group of pack-quantized weights
+def refuse_floats_held_packed(declared: Declared | None,
+                              floats: list[tuple[list[tuple[str, tuple[int, ...]]], str]]) -> None:
+    """KLError naming the first weight stored as floats (each of `floats`: the weights a tensor holds, each its name
+    and shape as targets name it -- the tensor's own, or a stack's per-expert weights -- and where an error names the
+    tensor) that quantization_config declares packed: a linear weight that a config group of pack-quantized weights
     selects and ignore does not list (Declared.held, as compressed-tensors matches them). transformers then finds no
     weight_packed and weight_scale for it and initialises them at random, and vLLM looks for them too: another model
     than the one klconvert would run. A weight Kimi Linear keeps in high precision is not one: vLLM builds the router
     and the convs unquantized whatever the config says, and transformers' are no Linear."""
     if declared is None:
         return
-    for name, shape, where in floats:
-        if not is_linear_weight(name, shape) or kept_in_high_precision(name) is not None:
-            continue
-        module = match_key(name)
-        held = declared.held(module, True, packed=False)
-        group = held.group
-        if group is None or group.scheme is None or group.format == DENSE_FORMAT:
-            continue
-        raise KLError(f"{where} is stored as floats, but config group {group.name:.40} of quantization_config, whose "
-                      f"target {shown(held.entry.pattern)} selects it, declares it packed ({group.scheme.describe()}, "
-                      f"{group.format}) and ignore does not list it: transformers and vLLM would look for its "
-                      f"weight_packed and weight_scale and find none -- add {shown(module)} (or a re: pattern for "
-                      "every such module) to quantization_config.ignore, or quantize the model again with `klconvert "
-                      "quantize`")
+    for weights, where in floats:
+        stacked = len(weights) > 1
+        for name, shape in weights:
+            if not is_linear_weight(name, shape) or kept_in_high_precision(name) is not None:
+                continue
+            module = match_key(name)
+            held = declared.held(module, True, packed=False)
+            group = held.group
+            if group is None or group.scheme is None or group.format == DENSE_FORMAT:
+                continue
+            them, whose = ("them", "each one's") if stacked else ("it", "its")
+            selected = f"the expert weights it stacks ({shown(module)} first)" if stacked else "it"
+            raise KLError(f"{where} is stored as floats, but config group {group.name:.40} of quantization_config, "
+                          f"whose target {shown(held.entry.pattern)} selects {selected}, declares {them} packed "
+                          f"({group.scheme.describe()}, {group.format}) and ignore does not list {them}: transformers "
+                          f"and vLLM would look for {whose} weight_packed and weight_scale and find none -- add "
+                          f"{shown(module)} (or a re: pattern for every such module) to quantization_config.ignore, or "
+                          "quantize the model again with `klconvert quantize`")
 
 
 def dequantize(tensors: dict[str, torch.Tensor], scheme: QuantScheme, where: str = "a packed weight",
