@@ -488,6 +488,115 @@ def test_an_nf4_quant_state_must_say_the_configs_shape(nf4_folder, tmp_path):
         ckpt.get(name)
 
 
+def _nf4_as_floats(src_folder, module: str):
+    """`module`'s weight stored as the source's floats, its NF4 data and quant state gone."""
+    def edit(t):
+        for name in [n for n in t if n.startswith(f"{module}.weight")]:
+            del t[name]
+        t[f"{module}.weight"] = open_checkpoint(src_folder).get(f"{module}.weight")
+    return edit
+
+
+def _skip(*entries):
+    return lambda qc: qc["llm_int8_skip_modules"].extend(entries)
+
+
+def test_a_float_weight_that_bitsandbytes_declares_4bit_is_refused(nf4_folder, tiny_released, tmp_path, capsys):
+    """A bitsandbytes folder holding a weight as floats that its skip list does not list ran, read as floats, where
+    transformers builds a Linear4bit for it and looks for its NF4 quant state: only compressed-tensors configs were
+    asked what they declare. Refused naming the tensor and the module to list."""
+    folder = shutil.copytree(nf4_folder, tmp_path / "q")
+    _damage(folder, _nf4_as_floats(tiny_released, Q_PROJ))
+    code, _, err = run_cli(capsys, "run", "--model", folder, "--prompt", "hi", "--max-new-tokens", "1", "--device",
+                           "cpu")
+    assert assert_one_line_error(code, err) == (
+        f"klconvert: error: {folder}/model.safetensors: tensor '{Q_PROJ}.weight' is stored as floats, but "
+        "quantization_config (bitsandbytes) declares it 4-bit NF4 (quantization_config.llm_int8_skip_modules does not "
+        f"list it): transformers and vLLM would look for its NF4 quant state and find none -- add '{Q_PROJ}' (or a "
+        "pattern for every such module) to quantization_config.llm_int8_skip_modules, or quantize the model again "
+        "with `klconvert quantize --scheme nf4`")
+    with pytest.raises(klconvert.KLError, match=re.escape(f"tensor '{Q_PROJ}.weight' is stored as floats, but "
+                                                          "quantization_config (bitsandbytes) declares it 4-bit")):
+        klconvert.load(folder, device="cpu", max_context=64)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    # transformers' should_convert_module: a pattern matches to a module boundary, and so does not skip q_proj
+    (_skip(r"model\.layers\.1\.self_attn\.q_pro"), f"tensor '{Q_PROJ}.weight' is stored as floats, but "
+                                                    "quantization_config (bitsandbytes) declares it 4-bit NF4"),
+    # a null list skips transformers' default, lm_head, alone: the KDA projections the policy keeps are 4-bit
+    (lambda qc: qc.update(llm_int8_skip_modules=None),
+     "tensor 'model.layers.0.self_attn.f_b_proj.weight' is stored as floats, but quantization_config (bitsandbytes) "
+     "declares it 4-bit NF4 (quantization_config gives no llm_int8_skip_modules, so transformers keeps only lm_head "
+     "out of 4-bit)"),
+    (lambda qc: qc.update(llm_int8_skip_modules="lm_head"),
+     "config.json: quantization_config.llm_int8_skip_modules is 'lm_head', not a list of module names or patterns"),
+    (_skip("(q_proj"), "config.json: quantization_config.llm_int8_skip_modules[4] '(q_proj' as transformers matches "
+                       "it: 're:(?:(q_proj)"),
+], ids=["pattern-to-a-boundary", "null-list", "not-a-list", "no-pattern"])
+def test_a_bitsandbytes_skip_list_is_read_as_transformers_reads_it(nf4_folder, tiny_released, tmp_path, capsys,
+                                                                    edit, needle):
+    folder = shutil.copytree(nf4_folder, tmp_path / "q")
+    _damage(folder, _nf4_as_floats(tiny_released, Q_PROJ))
+    _edit_quantization_config(folder, edit)
+    code, _, err = run_cli(capsys, "run", "--model", folder, "--prompt", "hi", "--max-new-tokens", "1", "--device",
+                           "cpu")
+    assert_one_line_error(code, err, needle)
+
+
+LAYER_1_ATTENTION = r".*\.1\.self_attn"   # a parent module: all of layer 1's projections are kept out of 4-bit
+
+
+@pytest.mark.parametrize("entry", [r"model\.layers\.1\.self_attn\.q_proj", LAYER_1_ATTENTION,
+                                   "layers.1.self_attn.q_proj"], ids=["pattern", "pattern-of-a-parent", "suffix"])
+def test_float_weights_a_bitsandbytes_skip_list_lists_are_read(nf4_folder, tiny_released, tmp_path, entry):
+    """transformers' should_convert_module: a pattern from the name's start to a module boundary, or a suffix."""
+    folder = shutil.copytree(nf4_folder, tmp_path / "q")
+    _damage(folder, _nf4_as_floats(tiny_released, Q_PROJ))
+    if entry == LAYER_1_ATTENTION:
+        for projection in ("k_proj", "v_proj", "b_proj", "f_a_proj", "o_proj"):
+            _damage(folder, _nf4_as_floats(tiny_released, f"model.layers.1.self_attn.{projection}"))
+    _edit_quantization_config(folder, _skip(entry))
+    assert torch.equal(open_checkpoint(folder).get(f"{Q_PROJ}.weight"),
+                       open_checkpoint(tiny_released).get(f"{Q_PROJ}.weight"))
+
+
+def test_nf4_weights_a_bitsandbytes_skip_list_lists_are_refused(nf4_folder, tmp_path, capsys):
+    """An NF4 weight its config keeps out of 4-bit ran, dequantized, where transformers builds an unquantized Linear
+    for it and finds 4-bit data."""
+    folder = shutil.copytree(nf4_folder, tmp_path / "q")
+    _edit_quantization_config(folder, _skip(Q_PROJ))
+    code, _, err = run_cli(capsys, "run", "--model", folder, "--prompt", "hi", "--max-new-tokens", "1", "--device",
+                           "cpu")
+    assert assert_one_line_error(code, err) == (
+        f"klconvert: error: {folder}: quantized weight '{Q_PROJ}.weight' is stored as NF4, but "
+        f"quantization_config.llm_int8_skip_modules lists it ('{Q_PROJ}'): transformers builds it as an unquantized "
+        "Linear and finds no float weight to load -- the folder does not match its config.json; re-run the conversion")
+
+
+def test_nf4_data_without_its_quant_state_is_named_so(nf4_folder, tmp_path, capsys):
+    """NF4 data whose quant state tensors were all gone was called a float tensor of the wrong dtype ('has dtype U8,
+    expected one of ...; not a Kimi Linear one')."""
+    folder = shutil.copytree(nf4_folder, tmp_path / "q")
+    _damage(folder, lambda t: [t.pop(name) for name in list(t) if name.startswith(f"{Q_PROJ}.weight.")])
+    code, _, err = run_cli(capsys, "run", "--model", folder, "--prompt", "hi", "--max-new-tokens", "1", "--device",
+                           "cpu")
+    assert assert_one_line_error(code, err) == (
+        f"klconvert: error: {folder}: quantized weight '{Q_PROJ}.weight' lacks weight.absmax, weight.quant_map, "
+        "weight.quant_state.bitsandbytes__nf4; the conversion was cut short -- run it again")
+
+
+def test_experts_stacked_as_floats_under_bitsandbytes_are_refused(nf4_folder, tiny_released, tmp_path):
+    folder = shutil.copytree(nf4_folder, tmp_path / "q")
+    _damage(folder, _experts_stacked_as_floats(tiny_released, 1))
+    with pytest.raises(klconvert.KLError, match=re.escape(
+            "tensor 'model.layers.1.mlp.experts.down_proj' is stored as floats, but quantization_config (bitsandbytes) "
+            "declares the expert weights it stacks ('model.layers.1.block_sparse_moe.experts.0.w2' first) 4-bit NF4 "
+            "(quantization_config.llm_int8_skip_modules does not list them): transformers and vLLM would look for "
+            "each one's NF4 quant state")):
+        open_checkpoint(folder)
+
+
 FP8_KV_CACHE = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False}
 
 

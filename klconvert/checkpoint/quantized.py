@@ -13,9 +13,10 @@ from klconvert.checkpoint.safetensors_header import SafetensorsHeader
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError, shown
 from klconvert.quant import QuantScheme, decompress_nf4, decompress_weight
+from klconvert.quant.bnb_declared import BnbDeclared, bnb_declared
 from klconvert.quant.declared import DENSE_FORMAT, G_IDX, Declared, declared_groups, group_act_order
 from klconvert.quant.groupwise import CHANNEL, SUPPORTED_BITS
-from klconvert.quant.nf4 import BITSANDBYTES
+from klconvert.quant.nf4 import BITSANDBYTES, SKIP_MODULES
 from klconvert.quant.policy import is_linear_weight, kept_in_high_precision, match_key
 from klconvert.quant.scheme import COMPRESSED_TENSORS, NF4_BLOCKSIZE, PACKED_FORMAT
 from klconvert.quant.stored import NF4_DATA, NF4_PARTS, NF4_REQUIRED, NF4_STATE, PACKED_PARTS, PACKED_REQUIRED
@@ -102,20 +103,23 @@ def _module_of(name: str, parts: tuple[str, ...]) -> tuple[str, str] | None:
     return None
 
 
-def declared_schemes(method: str | None, config: KimiLinearConfig, folder: Path) -> Declared | None:
-    """What a compressed-tensors quantization_config declares (declared_groups), read once for the packed weights and
-    the float ones alike; None for bitsandbytes, whose config declares no groups, and for an unquantized folder."""
-    return declared_groups(config.raw["quantization_config"], f"{folder}/config.json") \
-        if method == COMPRESSED_TENSORS else None
+def declared_schemes(method: str | None, config: KimiLinearConfig, folder: Path) -> Declared | BnbDeclared | None:
+    """What the quantization_config declares, read once for the packed weights and the float ones alike: a
+    compressed-tensors one's groups (declared_groups), a bitsandbytes one's modules kept out of 4-bit (bnb_declared);
+    None for an unquantized folder."""
+    if method is None:
+        return None
+    read = declared_groups if method == COMPRESSED_TENSORS else bnb_declared
+    return read(config.raw["quantization_config"], f"{folder}/config.json")
 
 
-def find_quantized(method: str, declared: Declared | None, weight_map: dict[str, str],
+def find_quantized(method: str, declared: Declared | BnbDeclared, weight_map: dict[str, str],
                    headers: dict[str, SafetensorsHeader], expected: dict[str, TensorSpec], config: KimiLinearConfig,
                    folder) -> dict[str, QuantizedSource]:
     """Group the packed tensors by module, name each module's weight through the name table (any layout, as for
-    unquantized tensors), and check each group against the weight it replaces and (compressed-tensors) against the
-    schemes quantization_config declares (`declared`, as declared_schemes reads them): it is read with the one whose
-    parts it stores.
+    unquantized tensors), and check each group against the weight it replaces and against what quantization_config
+    declares (`declared`, as declared_schemes reads it): compressed-tensors' is read with the scheme whose parts it
+    stores; bitsandbytes' must be a module it declares 4-bit.
 
     Returns {canonical weight name: QuantizedSource}; every source tensor it names belongs to one group.
     """
@@ -125,10 +129,11 @@ def find_quantized(method: str, declared: Declared | None, weight_map: dict[str,
         hit = _module_of(name, parts)
         if hit:
             groups.setdefault(hit[0], {})[hit[1]] = (shard, name)
-    if method == BITSANDBYTES:
-        for module, group in groups.items():
-            if f"{module}.{NF4_DATA}" in weight_map:
-                group[NF4_DATA] = (weight_map[f"{module}.{NF4_DATA}"], f"{module}.{NF4_DATA}")
+    if method == BITSANDBYTES:   # a module's uint8 data alone is one whose quant state is missing: named as such
+        for name, shard in weight_map.items():
+            hit = _module_of(name, (NF4_DATA,))
+            if hit and (hit[0] in groups or headers[shard].tensors[name].dtype == "U8"):
+                groups.setdefault(hit[0], {})[NF4_DATA] = (shard, name)
 
     out: dict[str, QuantizedSource] = {}
     stored_as: dict[str, str] = {}
@@ -186,6 +191,12 @@ def find_quantized(method: str, declared: Declared | None, weight_map: dict[str,
                     (out_dim * in_dim, 1):
                 raise KLError(f"{where}: nf4 data {packed.dtype} {list(packed.shape)} does not fit its shape "
                               f"{list(spec.shape)}; re-run the conversion")
+            skip = declared.skipped_by(module)
+            if skip is not None:
+                raise KLError(f"{where} is stored as NF4, but quantization_config.{SKIP_MODULES} lists it "
+                              f"({shown(skip.said)}): transformers builds it as an unquantized Linear and finds no "
+                              "float weight to load -- the folder does not match its config.json; re-run the "
+                              "conversion")
             scheme = QuantScheme(4, NF4_BLOCKSIZE, True, "nf4")
         out[canonical] = QuantizedSource(group, scheme, (out_dim, in_dim))
     # floats under a config that says packed read as the floats, and measured as lossless under a name saying int4;
@@ -246,13 +257,14 @@ def _held_scheme(declared: Declared, module: str, linear: bool, in_dim: int, whe
                   "the folder does not match its config.json -- re-run the conversion")
 
 
-def refuse_floats_held_packed(declared: Declared | None,
+def refuse_floats_held_packed(declared: Declared | BnbDeclared | None,
                               floats: list[tuple[list[tuple[str, tuple[int, ...]]], str]]) -> None:
     """KLError naming the first weight stored as floats (each of `floats`: the weights a tensor holds, each its name
     and shape as targets name it -- the tensor's own, or a stack's per-expert weights -- and where an error names the
     tensor) that quantization_config declares packed: a linear weight that a config group of pack-quantized weights
-    selects and ignore does not list (Declared.held, as compressed-tensors matches them). transformers then finds no
-    weight_packed and weight_scale for it and initialises them at random, and vLLM looks for them too: another model
+    selects and ignore does not list (Declared.held, as compressed-tensors matches them), or that a bitsandbytes
+    config's llm_int8_skip_modules does not list. transformers then finds no packed parts for it (compressed-tensors:
+    it initialises them at random; bitsandbytes: it builds a Linear4bit), and vLLM looks for them too: another model
     than the one klconvert would run. A weight Kimi Linear keeps in high precision is not one: vLLM builds the router
     and the convs unquantized whatever the config says, and transformers' are no Linear."""
     if declared is None:
@@ -263,12 +275,20 @@ def refuse_floats_held_packed(declared: Declared | None,
             if not is_linear_weight(name, shape) or kept_in_high_precision(name) is not None:
                 continue
             module = match_key(name)
+            them, whose = ("them", "each one's") if stacked else ("it", "its")
+            selected = f"the expert weights it stacks ({shown(module)} first)" if stacked else "it"
+            if isinstance(declared, BnbDeclared):
+                if declared.skipped_by(module) is not None:
+                    continue
+                raise KLError(f"{where} is stored as floats, but quantization_config (bitsandbytes) declares "
+                              f"{selected} 4-bit NF4 ({declared.unlisted(them)}): transformers and vLLM would look "
+                              f"for {whose} NF4 quant state and find none -- add {shown(module)} (or a pattern for "
+                              f"every such module) to quantization_config.{SKIP_MODULES}, or quantize the model again "
+                              "with `klconvert quantize --scheme nf4`")
             held = declared.held(module, True, packed=False)
             group = held.group
             if group is None or group.scheme is None or group.format == DENSE_FORMAT:
                 continue
-            them, whose = ("them", "each one's") if stacked else ("it", "its")
-            selected = f"the expert weights it stacks ({shown(module)} first)" if stacked else "it"
             raise KLError(f"{where} is stored as floats, but config group {group.name:.40} of quantization_config, "
                           f"whose target {shown(held.entry.pattern)} selects {selected}, declares {them} packed "
                           f"({group.scheme.describe()}, {group.format}) and ignore does not list {them}: transformers "

@@ -18,6 +18,7 @@ from klconvert.quant.stored import NF4_DATA, NF4_NESTED_PARTS, NF4_PARTS, NF4_RE
 # quantization_config declares, and what stored.nf4_parts sizes; a folder without it is read too
 NF4_DOUBLE_QUANT = True
 BITSANDBYTES = "bitsandbytes"  # the quant_method of bitsandbytes' configs
+SKIP_MODULES = "llm_int8_skip_modules"  # the modules a bitsandbytes config keeps out of 4-bit
 
 
 def _bnb(feature: str):
@@ -152,7 +153,7 @@ def bnb_quantization_config(skip_modules: Sequence[str]) -> dict:
         "bnb_4bit_compute_dtype": "bfloat16",
         "bnb_4bit_use_double_quant": NF4_DOUBLE_QUANT,
         "bnb_4bit_quant_storage": "uint8",
-        "llm_int8_skip_modules": list(skip_modules),
+        SKIP_MODULES: list(skip_modules),
         "llm_int8_threshold": 6.0,
         "llm_int8_has_fp16_weight": False,
         "llm_int8_enable_fp32_cpu_offload": False,
