@@ -23,7 +23,7 @@ from klconvert import hub, hub_guard
 from klconvert.errors import KLError
 from klconvert.verified_files import MAX_RECORD_VALUES
 from hub_standin import HubStandIn, hub_environment
-from testkit import assert_one_line_error, run_klconvert, run_klconvert_on_a_terminal
+from testkit import assert_one_line_error, run_cli, run_klconvert, run_klconvert_on_a_terminal, shown_lines
 
 REPO = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
 SHARD_1 = "model-00001-of-00002.safetensors"
@@ -1003,3 +1003,103 @@ def test_files_the_hub_hands_to_its_cdn_are_bounded_by_their_listed_size(served,
         hub.pull(REPO, progress=False)
     storage = cache_dir(tmp_path) / "models--moonshotai--Kimi-Linear-48B-A3B-Instruct"
     assert SHARD_2 not in files_under(storage / "snapshots" / commit)
+
+
+# h182's audit: refusals of a pull that no test quoted -- each held to its whole line, exit 2, no traceback, nothing
+# left that looks complete, and (where it gives advice) the advice followed.
+
+STORAGE = "models--moonshotai--Kimi-Linear-48B-A3B-Instruct"
+
+
+def refused_mid_pull(capsys, *args) -> str:
+    """Run `klconvert pull REPO ARGS` in this process, refused once its download began: exit 2, no traceback, stdout
+    empty, and on stderr the announcement, then the one line it returns."""
+    code, out, err = run_cli(capsys, "pull", REPO, *args)
+    lines = shown_lines(err)
+    assert code == 2 and out == "" and "Traceback" not in err, err
+    assert len(lines) == 2 and lines[0].startswith(f"{REPO}@main is commit "), err
+    return lines[1]
+
+
+def others_first(monkeypatch) -> None:
+    """Every file but SHARD_2 downloaded before the pull's own download: a failure at SHARD_2 then comes after files
+    finished, as on a 98 GB pull (in one download, eight at a time, which comes first is the threads' race)."""
+    real_snapshot_download = hub.snapshot_download
+
+    def download(*args, allow_patterns, **kwargs):
+        real_snapshot_download(*args, allow_patterns=[p for p in allow_patterns if p != SHARD_2], **kwargs)
+        return real_snapshot_download(*args, allow_patterns=allow_patterns, **kwargs)
+    monkeypatch.setattr(hub, "snapshot_download", download)
+
+
+def pulled_where(tmp_path, commit, into: str) -> Path:
+    """The folder a pull `into` the cache or a --local-dir (tmp_path / "kimi") fills."""
+    if into == "local-dir":
+        return (tmp_path / "kimi").resolve()
+    return cache_dir(tmp_path) / STORAGE / "snapshots" / commit
+
+
+def assert_nothing_complete_looking(tmp_path, commit, into: str) -> None:
+    """The shard that failed is not there under its name, nor the record of a finished pull."""
+    folder = pulled_where(tmp_path, commit, into)
+    assert [p for p in files_under(folder) if not p.startswith(".")] == [p for p in PULLED if p != SHARD_2]
+    assert not (folder / hub.LOCAL_DIR_RECORD).exists()
+
+
+@pytest.mark.parametrize("into", ["cache", "local-dir"])
+def test_a_server_error_mid_pull_says_to_rerun_and_the_rerun_finishes(served, tmp_path, capsys, monkeypatch, into):
+    """The hub failing one shard's download (a 503 after its retries) once other files finished."""
+    server, commit = served
+    server.unavailable.add(SHARD_2)
+    others_first(monkeypatch)
+    where = ["--local-dir", tmp_path / "kimi"] if into == "local-dir" else []
+    url = f"{server.endpoint}/{REPO}/resolve/{commit}/{SHARD_2}"
+    assert refused_mid_pull(capsys, *where) == (
+        f"klconvert: error: {server.endpoint} failed while pulling {REPO}@main: Server error '503 Service "
+        f"Unavailable' for url '{url}'; rerun the pull to continue (finished files are kept)")
+    assert_nothing_complete_looking(tmp_path, commit, into)
+    server.unavailable.clear()
+    assert files_under(hub.pull(REPO, progress=False, **({"local_dir": tmp_path / "kimi"} if where else {})).path)
+    assert all(server.gets(p) == 1 for p in PULLED if p != SHARD_2)
+
+
+def test_a_token_with_the_repo_name_mistyped_says_to_check_the_name(hub_server, checkpoint, tmp_path, capsys):
+    """With a token the hub answers 404 for a repo it does not show (without one, 401): the name is what to check."""
+    hub_server.add_repo(REPO, checkpoint, private=True)
+    hub_server.tokens.add("hf_good")
+    with hub_environment(hub_server.endpoint, tmp_path / "hf_home", HF_TOKEN="hf_good"):
+        code, out, err = run_cli(capsys, "pull", REPO[:-1], "--local-dir", tmp_path / "kimi")
+        assert assert_one_line_error(code, err) == (
+            f"klconvert: error: {hub_server.endpoint} has no repo {REPO[:-1]} visible to your token: check the name")
+        assert files_under(hub.pull(REPO, local_dir=tmp_path / "kimi", progress=False).path)
+    assert out == ""
+
+
+def test_offline_a_local_dir_no_pull_filled_says_to_pull_online(served, tmp_path, capsys):
+    """HF_HUB_OFFLINE with the commit known from the cache, but no copy in the --local-dir asked for."""
+    server, commit = served
+    hub.pull(REPO, progress=False)
+    local_dir = tmp_path / "kimi"
+    with hub_environment(server.endpoint, tmp_path / "hf_home", HF_HUB_OFFLINE="1"):
+        code, out, err = run_cli(capsys, "pull", REPO, "--local-dir", local_dir)
+    assert assert_one_line_error(code, err) == (
+        f"klconvert: error: HF_HUB_OFFLINE is set and {local_dir} holds no copy of {REPO}@{commit}: unset "
+        "HF_HUB_OFFLINE and pull once online")
+    assert out == "" and not local_dir.exists()
+    assert files_under(hub.pull(REPO, local_dir=local_dir, progress=False).path)
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda info: info | {"siblings": info["siblings"] + info["siblings"][:1]}, "names 'README.md' twice"),
+    (lambda info: info | {"siblings": [s | {"blobId": "zz"} if s["rfilename"] == "config.json" else s
+                                       for s in info["siblings"]]},
+     "gives 'config.json' a blob_id 'zz' that is not a hex digest"),
+])
+def test_a_malformed_listing_is_one_whole_line(served, tmp_path, capsys, edit, said):
+    server, commit = served
+    server.info_edit = edit
+    code, out, err = run_cli(capsys, "pull", REPO, "--local-dir", tmp_path / "kimi")
+    assert assert_one_line_error(code, err) == (
+        f"klconvert: error: {server.endpoint}'s listing of {REPO}@{commit} {said}; the repo or the endpoint is broken "
+        "-- check HF_ENDPOINT, or report it to the repo's owner")
+    assert out == "" and not (tmp_path / "kimi").exists()
