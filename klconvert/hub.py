@@ -442,10 +442,11 @@ def _no_retold_log_lines() -> Iterator[None]:
 @contextmanager
 def _malformed_answers(repo: str, endpoint: str) -> Iterator[None]:
     """What huggingface_hub raises when the hub's JSON is not what it should be (HTML, nested past the stack, the
-    wrong types) as one line."""
+    wrong types, a model info without its commit, which huggingface_hub asserts) as one line; its own errors are
+    OSErrors, for _as_user_errors."""
     try:
         yield
-    except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as e:   # hf's own errors are OSErrors
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError, AssertionError) as e:
         raise KLError(f"{endpoint} answered for {repo} with something that is not the hub's JSON "
                       f"({unreadable_reason(e)}); check HF_ENDPOINT, or retry later") from None
 

@@ -1103,3 +1103,16 @@ def test_a_malformed_listing_is_one_whole_line(served, tmp_path, capsys, edit, s
         f"klconvert: error: {server.endpoint}'s listing of {REPO}@{commit} {said}; the repo or the endpoint is broken "
         "-- check HF_ENDPOINT, or report it to the repo's owner")
     assert out == "" and not (tmp_path / "kimi").exists()
+
+
+@pytest.mark.parametrize("edit", [lambda info: info | {"sha": None},
+                                  lambda info: {k: v for k, v in info.items() if k != "sha"}], ids=["null", "absent"])
+def test_a_model_info_without_its_commit_is_one_line(served, tmp_path, capsys, edit):
+    """huggingface_hub asserts the answer has a "sha": its AssertionError was a traceback, exit 1."""
+    server, _ = served
+    server.info_edit = edit
+    code, out, err = run_cli(capsys, "pull", REPO, "--local-dir", tmp_path / "kimi")
+    assert assert_one_line_error(code, err) == (
+        f"klconvert: error: {server.endpoint} answered for {REPO} with something that is not the hub's JSON (Repo "
+        "info returned from server must have a revision sha.); check HF_ENDPOINT, or retry later")
+    assert out == "" and not (tmp_path / "kimi").exists()
