@@ -780,7 +780,8 @@ def _as_user_errors(guard: AnswerGuard, revision: str | None, target: Path) -> I
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise KLError(f"disk full while pulling {where} into {target}: free space and rerun") from e
-        raise KLError(f"pulling {where} into {target} failed: {first_line(e)}; " + (
+        at = f" at {e.filename}" if e.filename else ""   # the file, and the system's reason: not Python's "[Errno 5]"
+        raise KLError(f"pulling {where} into {target} failed{at} ({unreadable_reason(e)}); " + (
             RERUN + guard.kept() if stage.fetching else f"check that {target} is a folder you can write")) from e
     except ValueError as e:   # huggingface_hub refusing what the server sent (a file size past its limits, a name)
         raise KLError(f"{endpoint} sent something huggingface_hub refuses while pulling {where} ({first_line(e)}); "

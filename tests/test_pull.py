@@ -1,6 +1,7 @@
 """klconvert.hub.pull against the loopback hub stand-in: filtering, cache, offline, resume, checks, errors."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -1061,6 +1062,34 @@ def test_a_server_error_mid_pull_says_to_rerun_and_the_rerun_finishes(served, tm
     server.unavailable.clear()
     assert files_under(hub.pull(REPO, progress=False, **({"local_dir": tmp_path / "kimi"} if where else {})).path)
     assert all(server.gets(p) == 1 for p in PULLED if p != SHARD_2)
+
+
+@pytest.mark.parametrize("into", ["cache", "local-dir"])
+def test_a_write_failing_mid_pull_names_the_file_and_its_reason(served, checkpoint, tmp_path, capsys, monkeypatch,
+                                                                into):
+    """A disk's I/O error as a shard is moved into place: the line quoted Python's "[Errno 5] Input/output error:
+    '/...'"; it names the file and the system's reason."""
+    from huggingface_hub import file_download
+
+    server, commit = served
+    others_first(monkeypatch)
+    blob = hashlib.sha256((checkpoint / SHARD_2).read_bytes()).hexdigest()
+    real_move = file_download._chmod_and_move
+
+    def failing(src, dst):
+        if Path(dst).name in (SHARD_2, blob):
+            raise OSError(errno.EIO, "Input/output error", str(dst))
+        return real_move(src, dst)
+    monkeypatch.setattr(file_download, "_chmod_and_move", failing)
+    target = (tmp_path / "kimi").resolve() if into == "local-dir" else cache_dir(tmp_path)
+    failed_at = target / (SHARD_2 if into == "local-dir" else f"{STORAGE}/blobs/{blob}")
+    where = ["--local-dir", tmp_path / "kimi"] if into == "local-dir" else []
+    assert refused_mid_pull(capsys, *where) == (
+        f"klconvert: error: pulling {REPO}@main into {target} failed at {failed_at} (Input/output error); rerun the "
+        "pull to continue (finished files are kept)")
+    assert_nothing_complete_looking(tmp_path, commit, into)
+    monkeypatch.undo()
+    assert files_under(hub.pull(REPO, progress=False, **({"local_dir": tmp_path / "kimi"} if where else {})).path)
 
 
 def test_a_token_with_the_repo_name_mistyped_says_to_check_the_name(hub_server, checkpoint, tmp_path, capsys):
