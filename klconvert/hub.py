@@ -754,10 +754,13 @@ def _as_user_errors(guard: AnswerGuard, revision: str | None, target: Path) -> I
                 f"HF_HUB_OFFLINE is set and {target} holds no complete copy of {where}: "
                 "unset HF_HUB_OFFLINE and pull once online"
             ) from e
-        if stage.fetching:
-            raise KLError(f"cannot fetch {where} from {endpoint}: {first_line(e)}; {RERUN}{guard.kept()}") from e
-        # the hub unreachable (or down) and no commit of `revision` in the cache: HF_HUB_OFFLINE=1 would find none
+        # what huggingface_hub's own words ("An error happened while trying to locate the file on the Hub ...") leave
+        # out: the error it met -- the hub down (5xx), the connection refused
         cause = e.__cause__ if e.__cause__ is not None else e
+        if stage.fetching:
+            raise KLError(f"cannot fetch {where} from {endpoint} ({type(cause).__name__}: {first_line(cause)}); "
+                          f"{RERUN}{guard.kept()}") from e
+        # the hub unreachable (or down) and no commit of `revision` in the cache: HF_HUB_OFFLINE=1 would find none
         raise KLError(f"cannot resolve {where} at {endpoint} ({type(cause).__name__}: {first_line(cause)}), and the "
                       f"cache holds no copy of it; {UNREACHABLE}, then try again") from e
     except HfHubHTTPError as e:

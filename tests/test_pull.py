@@ -1047,6 +1047,17 @@ def assert_nothing_complete_looking(tmp_path, commit, into: str) -> None:
     assert not (folder / hub.LOCAL_DIR_RECORD).exists()
 
 
+class _NoWaiting:
+    """The time module as huggingface_hub's retries see it, without their waits (1 + 2 + 4 + 8 + 8 s a file)."""
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        pass
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
 @pytest.mark.parametrize("into", ["cache", "local-dir"])
 def test_a_server_error_mid_pull_says_to_rerun_and_the_rerun_finishes(served, tmp_path, capsys, monkeypatch, into):
     """The hub failing one shard's download (a 503 after its retries) once other files finished."""
@@ -1090,6 +1101,34 @@ def test_a_write_failing_mid_pull_names_the_file_and_its_reason(served, checkpoi
     assert_nothing_complete_looking(tmp_path, commit, into)
     monkeypatch.undo()
     assert files_under(hub.pull(REPO, progress=False, **({"local_dir": tmp_path / "kimi"} if where else {})).path)
+
+
+def test_a_file_the_hub_cannot_locate_mid_pull_says_what_it_answered(served, tmp_path, capsys, monkeypatch):
+    """A shard's HEAD answering 503 (the hub down mid-pull): the line quoted huggingface_hub's own words, "An error
+    happened while trying to locate the file on the Hub ... make sure your Internet connection is on.", and not
+    what the hub had answered."""
+    from huggingface_hub.utils import _http
+
+    server, commit = served
+    monkeypatch.setattr(_http, "time", _NoWaiting())
+    others_first(monkeypatch)
+
+    class HeadDown:
+        def do_HEAD(self):
+            if self.path.endswith(SHARD_2) and server.unavailable:
+                return self._error(503, None, "Service Unavailable", send_body=False)
+            return super().do_HEAD()
+
+    server.unavailable.add(SHARD_2)
+    handler = server._server.RequestHandlerClass
+    server._server.RequestHandlerClass = type("HeadDown", (HeadDown, handler), {})
+    url = f"{server.endpoint}/{REPO}/resolve/{commit}/{SHARD_2}"
+    assert refused_mid_pull(capsys) == (
+        f"klconvert: error: cannot fetch {REPO}@main from {server.endpoint} (HfHubHTTPError: Server error '503 Service "
+        f"Unavailable' for url '{url}'); rerun the pull to continue (finished files are kept)")
+    assert_nothing_complete_looking(tmp_path, commit, "cache")
+    server.unavailable.clear()
+    assert files_under(hub.pull(REPO, progress=False).path) == PULLED
 
 
 def test_a_token_with_the_repo_name_mistyped_says_to_check_the_name(hub_server, checkpoint, tmp_path, capsys):
