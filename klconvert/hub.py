@@ -185,6 +185,7 @@ def pull(
                 _refuse_unwritable_names(wanted, where, local_dir is not None)
                 if check_files is not None:
                     check_files(wanted)
+                _drop_copies_of_another_size(wanted, repo, commit, cache_dir, local_dir)
                 missing = [f for f in wanted if not _is_already_here(f, repo, commit, cache_dir, local_dir)]
                 fetch_bytes = sum(f.size or 0 for f in missing)
                 free = free_disk_bytes(target)
@@ -568,6 +569,27 @@ def _is_already_here(f: HubFile, repo: str, commit: str, cache_dir: Path, local_
     blob_name = f.sha256 or f.blob_id  # huggingface_hub names a blob by its ETag: sha256 (LFS) or git blob id
     storage = cache_dir / repo_folder_name(repo_id=repo, repo_type="model")
     return blob_name is not None and (storage / BLOBS / blob_name).is_file()
+
+
+def _drop_copies_of_another_size(wanted: list[HubFile], repo: str, commit: str, cache_dir: Path,
+                                 local_dir: Path | None) -> None:
+    """Remove each wanted file's copy already here -- in the --local-dir; in the cache, the commit's snapshot file or
+    the blob of another commit -- of a size other than the hub lists (a download or a disk that failed; what an
+    offline pull calls the copy incomplete for): huggingface_hub takes one there as fetched whatever its size, so only
+    the verification after the download found it, and only a second pull fetched it."""
+    storage = cache_dir / repo_folder_name(repo_id=repo, repo_type="model")
+    blobs = None if local_dir is not None else storage / BLOBS
+    for f in wanted:
+        blob_name = f.sha256 or f.blob_id
+        copies = ([local_dir / f.path] if local_dir is not None else
+                  [storage / SNAPSHOTS / commit / f.path, *([storage / BLOBS / blob_name] if blob_name else [])])
+        for path in copies:
+            try:
+                size = path.stat().st_size
+            except OSError:   # not there (a link: not what it points to)
+                continue
+            if size != f.size:
+                _remove(path, blobs)
 
 
 def _announce(repo, revision, commit, listing: list[HubFile], wanted: list[HubFile], fetch_bytes, target, free):

@@ -1184,3 +1184,27 @@ def test_a_model_info_without_its_commit_is_one_line(served, tmp_path, capsys, e
         f"klconvert: error: {server.endpoint} answered for {REPO} with something that is not the hub's JSON (Repo "
         "info returned from server must have a revision sha.); check HF_ENDPOINT, or retry later")
     assert out == "" and not (tmp_path / "kimi").exists()
+
+
+@pytest.mark.parametrize("into", ["cache", "local-dir"])
+def test_an_incomplete_copy_offline_is_fetched_whole_by_the_online_pull_it_advises(served, checkpoint, tmp_path,
+                                                                                    capsys, into):
+    """HF_HUB_OFFLINE over a copy with a shard cut short (a disk that failed): the line says to pull online, and that
+    pull failed, the cut shard taken as fetched and then refused by the verification ("rerun the pull to fetch them
+    again"); it fetches it, and it alone."""
+    server, commit = served
+    where = {"local_dir": tmp_path / "kimi"} if into == "local-dir" else {}
+    shard = hub.pull(REPO, progress=False, **where).path / SHARD_2
+    shard.resolve().write_bytes(shard.read_bytes()[:1000])
+    folder = pulled_where(tmp_path, commit, into)
+    with hub_environment(server.endpoint, tmp_path / "hf_home", HF_HUB_OFFLINE="1"):
+        code, out, err = run_cli(capsys, "pull", REPO, *(["--local-dir", where["local_dir"]] if where else []))
+    assert assert_one_line_error(code, err) == (
+        f"klconvert: error: the cached copy of {REPO}@{commit} in {folder} is incomplete and HF_HUB_OFFLINE is set: "
+        f"{SHARD_2} has 1000 bytes, the hub published {(checkpoint / SHARD_2).stat().st_size}; unset HF_HUB_OFFLINE "
+        "and rerun to fetch the rest")
+    assert out == "" and shard.stat().st_size == 1000
+    again = hub.pull(REPO, progress=False, **where)
+    assert again.bytes_downloaded == (checkpoint / SHARD_2).stat().st_size
+    assert (again.path / SHARD_2).read_bytes() == (checkpoint / SHARD_2).read_bytes()
+    assert server.gets(SHARD_2) == 2 and all(server.gets(p) == 1 for p in PULLED if p != SHARD_2)
