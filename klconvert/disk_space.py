@@ -46,7 +46,7 @@ def failed_write(e: OSError, where: Path) -> str:
     quota) with the size of the file it was writing and the space left there as it filled (where `writing` saw it,
     else now); out of file
     descriptors, what bounds them; a file too large, with the process's file-size limit (ulimit -f) where one is set,
-    else the file system's; else the system's reason."""
+    else the file system's; an I/O error, the disk to check; else the system's reason."""
     shortage = out_of_descriptors(e)
     if shortage is not None:
         return f"cannot write {where}: {shortage}"
@@ -65,4 +65,7 @@ def failed_write(e: OSError, where: Path) -> str:
                     "most (ulimit -f); raise that limit")
         return (f"cannot write {where} ({e.strerror}): its file system takes no file that large; write to another "
                 "disk")
+    if e.errno == errno.EIO:   # the device failed the write: no option of klconvert's, nor a rerun alone, helps
+        return (f"cannot write {where} ({e.strerror}): its disk or file system failed the write -- check it (the "
+                "kernel's log, dmesg), or write to another disk")
     return f"cannot write {where} ({e.strerror or e}); fix that"

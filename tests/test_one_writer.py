@@ -143,3 +143,41 @@ def test_a_full_disk_at_the_lock_is_one_line_and_leaves_nothing(tiny_released, t
                           f"disk full writing {tmp_path / 'new' / 'q.partial.lock'} (", " free); free some space and "
                           "rerun")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("error, said", [
+    (errno.ENOSPC, "disk full writing {lock} (1,000 bytes free); free some space and rerun"),
+    (errno.EIO, "cannot write {lock} (Input/output error): its disk or file system failed the write -- check it "
+                "(the kernel's log, dmesg), or write to another disk and rerun"),
+], ids=["disk-full", "io-error"])
+def test_a_lock_file_that_cannot_be_made_is_one_line_and_leaves_nothing(tiny_released, tmp_path, capsys, monkeypatch,
+                                                                        error, said):
+    """The lock's open failing (a disk with no inode left, a failing disk), before anything is written: h182 found no
+    test of it."""
+    lock = tmp_path / "new" / "q.partial.lock"
+    real_open = os.open
+
+    def failing(path, *args, **kwargs):
+        if os.fspath(path) == str(lock):
+            raise OSError(error, os.strerror(error), os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", failing)
+    monkeypatch.setattr("klconvert.disk_space.free_disk_bytes", lambda folder: 1000)
+    code, out, err = run_cli(capsys, "quantize", tiny_released, tmp_path / "new" / "q", *ARGS)
+    assert assert_one_line_error(code, err) == f"klconvert: error: {said.format(lock=lock)}"
+    assert out == "" and list(tmp_path.iterdir()) == []
+
+
+def test_a_lock_file_whose_pid_cannot_be_written_is_one_line_and_leaves_nothing(tiny_released, tmp_path, capsys,
+                                                                                monkeypatch):
+    """The pid's write failing on a failing disk (a full one: test_a_full_disk_at_the_lock_is_one_line_...)."""
+    def failing(fd, data, offset):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr("klconvert.convert.output_folder.os.pwrite", failing)
+    code, out, err = run_cli(capsys, "quantize", tiny_released, tmp_path / "new" / "q", *ARGS)
+    assert assert_one_line_error(code, err) == (
+        f"klconvert: error: cannot write {tmp_path / 'new' / 'q.partial.lock'} (Input/output error): its disk or file "
+        "system failed the write -- check it (the kernel's log, dmesg), or write to another disk and rerun")
+    assert out == "" and list(tmp_path.iterdir()) == []

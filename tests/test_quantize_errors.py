@@ -528,3 +528,22 @@ def test_a_generation_config_with_other_stop_ids_is_refused_before_anything_is_w
     line = fails(capsys, tmp_path, "--group-size", "32", "--device", "cpu", src=tiny_copy)
     assert f"{path}: {words}" in line, line
     assert not (tmp_path / "out.partial").exists()
+
+
+def test_a_shard_that_cannot_be_written_is_one_line_and_leaves_no_out(tiny_released, tmp_path, capsys, monkeypatch):
+    """A failing disk (EIO) at the second shard, the first finished: the line names the shard, the system's reason and
+    what a rerun keeps; OUT is not there, only OUT.partial with the finished shard, which the rerun resumes from."""
+    break_shard_write(monkeypatch, 2, OSError(errno.EIO, "Input/output error"))
+    line = fails(capsys, tmp_path, "--bits", "8", "--group-size", "32", "--max-shard-size", "1MB", src=tiny_released)
+    partial = tmp_path / "out.partial"
+    finished = [p.name for p in partial.glob("*.safetensors")]
+    assert len(finished) == 1 and finished[0].startswith("model-00001-of-"), finished
+    total = int(finished[0].split("-of-")[1].removesuffix(".safetensors"))
+    assert line == (f"klconvert: error: cannot write {partial / finished[0].replace('00001-of', '00002-of')} "
+                    "(Input/output error): its disk or file system failed the write -- check it (the kernel's log, "
+                    "dmesg), or write to another disk and rerun the same command to resume (1 of "
+                    f"{total} shards are finished in {partial})")
+    assert not (partial / "config.json").exists()
+    monkeypatch.undo()
+    assert quantize(tiny_released, tmp_path / "out", bits=8, group_size=32, max_shard_bytes=10**6,
+                    progress=False).shards_resumed == 1
