@@ -1317,3 +1317,47 @@ def test_a_config_compressed_tensors_takes_is_read(tiny_released, tmp_path, edit
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     QuantizationConfig.model_validate(config["quantization_config"])
     assert open_checkpoint(tmp_path / "q").get(f"{Q_PROJ}.weight").isfinite().all()
+
+
+def _under_two_names(t):
+    """EXPERT's packed parts also under the per-expert name transformers uses for it (gate_proj for w1)."""
+    for part in ("weight_packed", "weight_scale", "weight_shape"):
+        t[f"{EXPERT.removesuffix('.w1')}.gate_proj.{part}"] = t[f"{EXPERT}.{part}"].clone()
+
+
+def _a_row_short(name: str):
+    return lambda t: t.__setitem__(name, t[name][:-1].clone())
+
+
+@pytest.mark.parametrize("options, edit_tensors, edit_config, said", [
+    (dict(bits=4), _under_two_names, None,
+     "quantized weight 'model.layers.1.block_sparse_moe.experts.0.w1.weight' and "
+     "'model.layers.1.block_sparse_moe.experts.0.gate_proj.weight' both provide "
+     "model.layers.1.block_sparse_moe.experts.0.w1.weight; the checkpoint holds one weight under two layouts' names "
+     "-- keep one"),
+    (dict(bits=4), _a_row_short(f"{Q_PROJ}.weight_packed"), None,
+     f"quantized weight '{Q_PROJ}.weight': packed tensors I32 [127, 16] / scale BF16 [128, 4] do not fit its shape "
+     "[128, 128]; re-run the conversion"),
+    (dict(bits=4), _a_row_short(f"{Q_PROJ}.weight_scale"), None,
+     f"quantized weight '{Q_PROJ}.weight': packed tensors I32 [128, 16] / scale BF16 [127, 4] do not fit its shape "
+     "[128, 128]; re-run the conversion"),
+    (dict(bits=4, symmetric=False), _a_row_short(f"{Q_PROJ}.weight_zero_point"), None,
+     f"quantized weight '{Q_PROJ}.weight': weight_zero_point I32 [15, 4] does not fit its scale [128, 4] at 4 bits; "
+     "re-run the conversion"),
+    (dict(bits=4), None, lambda qc: qc["config_groups"]["group_0"].update(format="dense"),
+     "quantized weight 'model.layers.0.mlp.down_proj.weight' is stored packed (pack-quantized), but "
+     "quantization_config.config_groups.group_0.format is 'dense' (weights stored as plain floats): vLLM and "
+     "transformers would look for its float weight and find none -- the folder does not match its config.json; put "
+     "back the one its weights came with (format 'pack-quantized')"),
+], ids=["two-names", "packed-shape", "scale-shape", "zero-point-shape", "dense"])
+def test_a_damaged_quantized_folder_is_one_whole_line_and_nothing_is_written(tiny_released, tmp_path, capsys, options,
+                                                                             edit_tensors, edit_config, said):
+    """h182's item 7: reading refusals no test quoted whole; export-onnx, which writes a folder, leaves none."""
+    write_quantized(tiny_released, tmp_path / "q", **options)
+    if edit_tensors is not None:
+        _damage(tmp_path / "q", edit_tensors)
+    if edit_config is not None:
+        _edit_quantization_config(tmp_path / "q", edit_config)
+    code, out, err = run_cli(capsys, "export-onnx", "--model", tmp_path / "q", "--out", tmp_path / "onnx")
+    assert assert_one_line_error(code, err) == f"klconvert: error: {tmp_path / 'q'}: {said}"
+    assert out == "" and sorted(p.name for p in tmp_path.iterdir()) == ["q"]
