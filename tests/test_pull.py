@@ -1173,6 +1173,17 @@ def test_a_malformed_listing_is_one_whole_line(served, tmp_path, capsys, edit, s
     assert out == "" and not (tmp_path / "kimi").exists()
 
 
+def test_a_commit_that_is_no_sha_is_one_whole_line(served, tmp_path, capsys):
+    """The commit names cache folders: one that is not 40 hex digits is refused before any is made."""
+    server, _ = served
+    server.info_edit = lambda info: info | {"sha": "v1.0"}
+    code, out, err = run_cli(capsys, "pull", REPO)
+    assert assert_one_line_error(code, err) == (
+        f"klconvert: error: {server.endpoint} resolved {REPO} to commit 'v1.0', which is not a 40-digit sha; check "
+        "HF_ENDPOINT")
+    assert out == "" and not (cache_dir(tmp_path) / STORAGE / "snapshots").exists()
+
+
 @pytest.mark.parametrize("edit", [lambda info: info | {"sha": None},
                                   lambda info: {k: v for k, v in info.items() if k != "sha"}], ids=["null", "absent"])
 def test_a_model_info_without_its_commit_is_one_line(served, tmp_path, capsys, edit):
