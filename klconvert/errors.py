@@ -49,10 +49,23 @@ def shown(value) -> str:
     return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS - 3] + "..."
 
 
+# The letters whose names start with a vowel sound: the first of a name said letter by letter ("an HTTPError")
+_VOWEL_SOUNDING_LETTERS = "aefhilmnorsx"
+# Starts of names whose u is said "you", a consonant sound ("a uint8", "a UserDict")
+_U_SAID_YOU = ("uint", "uni", "use", "usi", "uuid", "utf")
+
+
 def a_type(value) -> str:
-    """`value`'s type as a message names what it got, its article by the name's sound: "an int", "a str"."""
+    """`value`'s type as a message names what it got, its article by the name's sound: "an int", "a str", "an
+    ndarray" (n said "en"), "a uint8" (u said "you")."""
     name = type(value).__name__
-    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+    lower = name.lower()
+    if lower.startswith(_U_SAID_YOU):
+        return f"a {name}"
+    # said letter by letter: an initialism ("OSError", "HTTPError"), or numpy's "nd" (n-dimensional), no syllable
+    if name[:2].isupper() or lower.startswith("nd"):
+        return f"{'an' if lower[:1] in _VOWEL_SOUNDING_LETTERS else 'a'} {name}"
+    return f"{'an' if lower[:1] in 'aeiou' else 'a'} {name}"
 
 
 def few(values) -> str:

@@ -1085,6 +1085,16 @@ def test_a_value_is_shown_whole_or_by_its_size(value, said):
     assert shown(value) == said
 
 
+@pytest.mark.parametrize("value, said", [
+    (np.zeros(1), "an ndarray"), (np.uint8(1), "a uint8"),   # were "a ndarray" and "an uint8"
+    (1, "an int"), ("x", "a str"), (OSError(), "an OSError"), (type("HTTPError", (), {})(), "an HTTPError"),
+], ids=["ndarray", "uint8", "int", "str", "OSError", "HTTPError"])
+def test_a_type_takes_the_article_of_its_names_sound(value, said):
+    from klconvert.errors import a_type
+
+    assert a_type(value) == said
+
+
 def test_a_batch_counts_each_sequences_tokens_through_its_stop_id(tiny_released):
     """The README's summary: new tokens are each sequence's through its stop id, and the decode rate's tokens the same
     (not the steps the batch runs on for a sequence that has stopped)."""
