@@ -102,11 +102,40 @@ def default_model(verb: str) -> tuple[Path, str]:
         refuse_unreachable(default / CONFIG_FILE)   # one that cannot be looked at is said so, not as missing
         if not os.path.lexists(default / CONFIG_FILE):
             raise _not_a_default_model(f"holds no {CONFIG_FILE}")
+        missing = _missing_files(default)
+        if missing:   # a copy cut short: its readers' lines would blame a download, or a --model never given
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise KLError(f"{DEFAULT_MODEL_DIR}: holds {CONFIG_FILE} but not {', '.join(missing[:3])}{more} -- the "
+                          "48B folder used when no --model is given is not whole (a copy cut short?); finish copying "
+                          f"it, or remove it (then the bundled model runs; `klconvert pull-and-quantize --bits 4` "
+                          f"makes the 48B one), or pass --model DIR")
         return default, f"{verb} {DEFAULT_MODEL_DIR} (pass --model to choose another)"
     if os.path.lexists(default):
         raise _not_a_default_model(_no_folder(default))
     return bundled_dir(), (f"no {DEFAULT_MODEL_DIR} here: {verb} the bundled model `{BUNDLED_NAME}` (a small Kimi "
                            "Linear trained on Shakespeare); `klconvert pull-and-quantize --bits 4` makes the 48B one")
+
+
+def _missing_files(folder: Path) -> list[str]:
+    """The files a checkpoint folder needs to run that `folder` lacks: its tokenizer's, and its weights -- the shards
+    its index names, or the one-shard file. An index that cannot be read names no shard (its reader says what is
+    wrong with it), nor does a name in it that is no plain file name. An ONNX export holds weights of its own."""
+    from klconvert.checkpoint.folder_files import (GENAI_CONFIG, INDEX_FILE, MAX_INDEX_BYTES, MAX_INDEX_VALUES,
+                                                   SINGLE_FILE, is_plain_file_name)
+    from klconvert.checkpoint.regular_file import read_json
+    from klconvert.tokenizer import BPE_FILE, TOKENIZER_CONFIG_FILE   # (tokenizer imports this module)
+
+    missing = [name for name in (BPE_FILE, TOKENIZER_CONFIG_FILE) if not os.path.lexists(folder / name)]
+    if os.path.lexists(folder / GENAI_CONFIG):
+        return missing
+    if not os.path.lexists(folder / INDEX_FILE):
+        return missing + ([] if os.path.lexists(folder / SINGLE_FILE) else [f"{INDEX_FILE} or {SINGLE_FILE}"])
+    try:
+        shards = read_json(folder / INDEX_FILE, MAX_INDEX_BYTES, INDEX_FILE, MAX_INDEX_VALUES)["weight_map"].values()
+    except (OSError, ValueError, RecursionError, KLError, KeyError, TypeError, AttributeError):
+        return missing
+    return missing + sorted({shard for shard in shards
+                             if is_plain_file_name(shard) and not os.path.lexists(folder / shard)})
 
 
 def _not_a_default_model(what: str) -> KLError:

@@ -203,6 +203,29 @@ def test_a_default_model_folder_without_config_names_no_model_flag(tmp_path, mon
     assert not (tmp_path / "onnx").exists()
 
 
+@pytest.mark.parametrize("dropped, said", [
+    (["tiktoken.model"], "not tiktoken.model --"),
+    (["model-0000[24]-*"], "not model-00002-of-00004.safetensors, model-00004-of-00004.safetensors --"),
+    (["model*"], "not model.safetensors.index.json or model.safetensors --"),
+], ids=["tokenizer", "shard", "weights"])
+@pytest.mark.parametrize("verb", ["run", "export-onnx"])
+def test_a_half_copied_default_model_folder_says_what_it_lacks(tiny_released, tmp_path, monkeypatch, capsys, dropped,
+                                                               said, verb):
+    """A default folder holding config.json but not the rest was read as a checkpoint, and refused by the first
+    reader to miss a file: "name a Kimi Linear checkpoint folder, or re-download the model" (h188), "pull the model
+    again" -- no word of the folder taken without --model, nor of finishing or removing it."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_released, Path(DEFAULT_MODEL_DIR))
+    for pattern in dropped:
+        for path in Path(DEFAULT_MODEL_DIR).glob(pattern):
+            path.unlink()
+    args = ["--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu"] if verb == "run" else ["--out", "onnx"]
+    code, _, err = run_cli(capsys, verb, *args)
+    assert_one_line_error(code, err, f"{DEFAULT_MODEL_DIR}: holds config.json but {said} the 48B folder used when no "
+                          "--model is given is not whole", "finish copying it, or remove it", "pass --model DIR")
+    assert not (tmp_path / "onnx").exists()
+
+
 @pytest.mark.parametrize("args", [
     ["run", "--prompt", "hi", "--prompt-file", "prompt.txt"],
     ["run", "--device", "cuda", "--prompt", "hi"],      # on a machine without CUDA (made so below)

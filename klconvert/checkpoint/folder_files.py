@@ -33,6 +33,14 @@ CONFIG_MISMATCH = ("the checkpoint does not match its config.json -- put back th
                    "or download the checkpoint again")
 
 
+def is_plain_file_name(name: object) -> bool:
+    """Whether `name`, read from untrusted JSON, is a plain, printable file name inside a folder, that any file system
+    takes: no folder, no "." or "..", at most MAX_FILE_NAME_BYTES."""
+    return (isinstance(name, str) and name.isprintable() and name == os.path.basename(name)
+            and name not in ("", ".", "..")
+            and len(os.fsencode(name)) <= MAX_FILE_NAME_BYTES)   # printable: no lone surrogate fsencode refuses
+
+
 def refuse_link_out(path: Path, folder: Path | None = None) -> None:
     """KLError when `path`, a file of the model folder `folder` (default: the folder it is in), is a link to a file
     outside it: klconvert reads a model's files from its own folder only (a chat template linked to /etc/passwd was

@@ -19,6 +19,7 @@ from klconvert.checkpoint.folder_files import (
     MAX_INDEX_VALUES,
     PICKLED_WEIGHTS,
     SINGLE_FILE,
+    is_plain_file_name,
 )
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.checkpoint.name_map import (
@@ -67,11 +68,8 @@ class Source:
 
 
 def _shard_path(folder: Path, shard: object, where: str) -> Path:
-    """A shard file named by untrusted JSON: a plain, printable file name inside the folder that any file system
-    takes, nothing else."""
-    plain = (isinstance(shard, str) and shard.isprintable() and shard == os.path.basename(shard)
-             and shard not in ("", ".", ".."))
-    if not plain or len(os.fsencode(shard)) > MAX_FILE_NAME_BYTES:   # printable: no lone surrogate fsencode refuses
+    """A shard file named by untrusted JSON: a plain file name (is_plain_file_name), nothing else."""
+    if not is_plain_file_name(shard):
         raise KLError(f"{where}: shard name {shown(shard)} is not a plain file name in the checkpoint folder "
                       f"(printable, no folder, at most {MAX_FILE_NAME_BYTES} bytes); the index is corrupt -- download "
                       "it again")
