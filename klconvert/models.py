@@ -113,7 +113,18 @@ def default_model(verb: str) -> tuple[Path, str]:
     if os.path.lexists(default):
         raise _not_a_default_model(_no_folder(default))
     return bundled_dir(), (f"no {DEFAULT_MODEL_DIR} here: {verb} the bundled model `{BUNDLED_NAME}` (a small Kimi "
-                           "Linear trained on Shakespeare); `klconvert pull-and-quantize --bits 4` makes the 48B one")
+                           f"Linear trained on Shakespeare); {_making_the_default(default)}")
+
+
+def _making_the_default(default: Path) -> str:
+    """How the 48B folder at `default` (none there) is made: by the quantize into it that has not finished, where one
+    left its OUT.partial beside it (a new one of other options is refused that folder), else by pull-and-quantize."""
+    from klconvert.convert.output_folder import interrupted_quantize, partial_path   # (torch's: the model runs next)
+
+    if interrupted_quantize(partial_path(default)):
+        return (f"a quantize into the 48B one has not finished ({partial_path(default)}: running now, or stopped -- "
+                "rerun the same command to finish it)")
+    return "`klconvert pull-and-quantize --bits 4` makes the 48B one"
 
 
 def _missing_files(folder: Path) -> list[str]:

@@ -19,6 +19,7 @@ import train_bundled  # noqa: E402
 from klconvert.checkpoint.name_map import expected_tensors  # noqa: E402
 from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
+from klconvert.convert.output_folder import RESUME_RECORD, partial_path  # noqa: E402
 from klconvert.models import BUNDLED_DIR, DEFAULT_MODEL_DIR  # noqa: E402
 from klconvert.quantize import RESUME_FORMAT  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
@@ -150,6 +151,25 @@ def test_run_without_model_runs_the_bundled_one(tmp_path, monkeypatch, capsys):
     assert shown_lines(err)[0].startswith(f"klconvert: no {DEFAULT_MODEL_DIR} here: running the bundled model")
     tokenizer = Tokenizer.from_folder(BUNDLED_DIR)
     assert out == tokenizer.decode(RECORDED["greedy_ids"][:8]) + "\n"
+
+
+@pytest.mark.parametrize("partial", ["a quantize's", "the user's"])
+def test_run_without_model_names_a_quantize_into_the_48b_folder_not_finished(tmp_path, monkeypatch, capsys, partial):
+    """A quantize into the 48B folder that has not finished (running, or stopped) leaves its .partial beside it: the
+    line saying the bundled model runs told to make the 48B one with pull-and-quantize, as if none were begun (h191's
+    brief); a folder of that name holding no resume record is no quantize's."""
+    monkeypatch.chdir(tmp_path)
+    partial_folder = partial_path(Path(DEFAULT_MODEL_DIR))
+    partial_folder.mkdir()
+    (partial_folder / (RESUME_RECORD if partial == "a quantize's" else "notes.txt")).write_text('{"source": {}}')
+    code, _, err = run_cli(capsys, "run", "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu")
+    assert code == 0, err
+    said = shown_lines(err)[0]
+    assert said.startswith(f"klconvert: no {DEFAULT_MODEL_DIR} here: running the bundled model"), said
+    unfinished = (f"a quantize into the 48B one has not finished ({partial_folder}: running now, or stopped -- rerun "
+                  "the same command to finish it)")
+    assert said.endswith(unfinished if partial == "a quantize's" else "`klconvert pull-and-quantize --bits 4` makes "
+                         "the 48B one"), said
 
 
 def test_run_without_model_runs_the_48b_folder_when_it_is_here(tiny_released, tmp_path, monkeypatch, capsys):
