@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from klconvert.atomic_file import write_atomically
-from klconvert.checkpoint.folder_files import MAX_FILE_NAME_BYTES, RECIPE_FILE, RECIPE_HEADER
+from klconvert.checkpoint.folder_files import CONFIG_FILE, GENAI_CONFIG, MAX_FILE_NAME_BYTES, RECIPE_FILE, RECIPE_HEADER
 from klconvert.checkpoint.reader import file_identity
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.checkpoint.safetensors_writer import PlannedTensor, shard_header
@@ -223,6 +223,11 @@ def refuse_existing_out(out: Path, force: bool) -> None:
                       f"this is the output of a klconvert older than that record (its {RECIPE_FILE} is klconvert's), "
                       f"whose files --force cannot tell from yours; remove it yourself (rm -r {shown_path(out)}) and "
                       "rerun, or choose another output folder")
+    if others is None and (unrecorded := _unrecorded_output(out)) is not None:
+        raise KLError(f"{out}: --force replaces only a folder klconvert wrote (or an empty one), and no "
+                      f"{OUTPUT_RECORD} lists what klconvert wrote in this one, {unrecorded}, so --force cannot tell "
+                      f"its files from yours; remove it yourself where you can spare it (rm -r {shown_path(out)}) "
+                      "and rerun, or choose another output folder")
     if others is None:
         raise KLError(f"{out}: --force replaces only a folder klconvert wrote (or an empty one), and this holds "
                       f"other files (no {OUTPUT_RECORD} lists what klconvert wrote); choose another output folder or "
@@ -238,6 +243,20 @@ def refuse_existing_out(out: Path, force: bool) -> None:
         refuse_out_of_descriptors(e, out)
         raise KLError(f"{out}: cannot create files in it ({e.strerror}), which --force needs to replace it; choose "
                       "another output folder, or make it writable (chmod u+w)") from None
+
+
+def _unrecorded_output(out: Path) -> str | None:
+    """What OUT, holding no OUTPUT_RECORD (one unreadable is said as that), is by the file that makes a folder whole
+    for the commands that write one without a record of their files: an ONNX export (export-onnx's GENAI_CONFIG) or
+    a checkpoint folder (synth's CONFIG_FILE, a download's too); None for neither."""
+    if os.path.lexists(out / OUTPUT_RECORD):
+        return None
+    if os.path.lexists(out / GENAI_CONFIG):
+        return f"an ONNX export ({GENAI_CONFIG} is here; `klconvert export-onnx` writes no such record)"
+    if os.path.lexists(out / CONFIG_FILE):
+        return (f"a checkpoint folder ({CONFIG_FILE} is here; `klconvert synth` writes no such record, nor does a "
+                "download)")
+    return None
 
 
 def _older_quantize_output(out: Path) -> bool:
