@@ -10,6 +10,7 @@ from klconvert.checkpoint.folder_files import CONFIG_FILE, refuse_link_out
 from klconvert.checkpoint.regular_file import parse_json, read_bounded
 from klconvert.errors import KLError, few, not_utf8, refuse_if_not_permitted, shown, unreadable_reason
 from klconvert.release import RELEASED_CONFIG
+from klconvert.verified_files import redownload_advice
 
 SUPPORTED_MODEL_TYPES = ("kimi_linear",)
 # The release's model class, which transformers and vLLM load a folder by: klconvert's outputs copy config.json
@@ -104,7 +105,7 @@ def _check_type(where: str, name: str, value, types) -> None:
     if not ok:
         names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
         raise KLError(f"{where}: field '{name}' should be {names}, got {type(value).__name__} {shown(value)}; "
-                      "fix the config or re-download the model")
+                      f"fix the config or {redownload_advice(where)}")
 
 
 def _stored_name(d: dict, name: str, where: str) -> str:
@@ -205,17 +206,18 @@ class KimiLinearConfig:
     @classmethod
     def from_dict(cls, d: dict, where: str = CONFIG_FILE) -> "KimiLinearConfig":
         if not isinstance(d, dict):
-            raise KLError(f"{where}: expected a JSON object at the top level; re-download the model")
+            raise KLError(f"{where}: expected a JSON object at the top level; {redownload_advice(where)}")
         if "model_type" in d and d["model_type"] not in SUPPORTED_MODEL_TYPES:
             raise KLError(f"{where}: model_type {shown(d['model_type'])} is not supported; klconvert runs "
                           f"{', '.join(SUPPORTED_MODEL_TYPES)} (Kimi Linear) checkpoints only")
         if d.get("architectures") not in (None, ARCHITECTURES):   # absent or null: transformers' own config saves
             raise KLError(f"{where}: architectures {shown(d['architectures'])} is not {ARCHITECTURES}, the Kimi "
-                          "Linear class transformers and vLLM load this folder as; fix the config or re-download the "
-                          "model")
+                          f"Linear class transformers and vLLM load this folder as; fix the config or "
+                          f"{redownload_advice(where)}")
         for name, types in _REQUIRED.items():
             if name not in d:
-                raise KLError(f"{where}: required field '{name}' is missing; fix the config or re-download the model")
+                raise KLError(f"{where}: required field '{name}' is missing; fix the config or "
+                              f"{redownload_advice(where)}")
             _check_type(where, name, d[name], types)
         values = {name: d[name] for name in _REQUIRED if name not in ("model_type", "linear_attn_config")}
         stored_as = {name: _stored_name(d, name, where) for name in _OPTIONAL}  # the name config.json gives each
@@ -250,13 +252,13 @@ class KimiLinearConfig:
         for name, types in _LINEAR_REQUIRED.items():
             if name not in lin:
                 raise KLError(f"{where}: required field 'linear_attn_config.{name}' is missing; "
-                              "fix the config or re-download the model")
+                              f"fix the config or {redownload_advice(where)}")
             _check_type(where, f"linear_attn_config.{name}", lin[name], types)
         for name, (low, high) in SIZE_RANGES.items():
             value = lin[name.split(".", 1)[1]] if name.startswith("linear_attn_config.") else values[name]
             if not low <= value <= high:
                 raise KLError(f"{where}: field '{stored_as.get(name, name)}' is {shown(value)}, outside the sane range "
-                              f"{low}..{high:,}; fix the config or re-download the model")
+                              f"{low}..{high:,}; fix the config or {redownload_advice(where)}")
         n = values["num_hidden_layers"]
         if len(lin["kda_layers"]) + len(lin["full_attn_layers"]) > n:
             raise KLError(f"{where}: linear_attn_config's kda_layers and full_attn_layers hold "
@@ -320,18 +322,19 @@ class KimiLinearConfig:
         except FileNotFoundError:
             raise KLError(f"{path}: no config.json here; point {flag} at a Kimi Linear checkpoint folder") from None
         except UnicodeDecodeError as e:   # the codec's own words ("can't decode byte 0xff in position 7") are no line
-            raise KLError(f"{not_utf8(path, e.start)}; convert it to UTF-8, or re-download the model") from None
+            raise KLError(f"{not_utf8(path, e.start)}; convert it to UTF-8, or {redownload_advice(path)}") from None
         except OSError as e:
             refuse_if_not_permitted(e, path)
             raise KLError(f"{path}: cannot read the config ({unreadable_reason(e)}); re-download the model") from None
 
         def refuse_constant(name: str):   # json reads NaN and Infinity, which are no JSON and no size
-            raise KLError(f"{path}: holds {name}, which is not a JSON number; fix the config or re-download the model")
+            raise KLError(f"{path}: holds {name}, which is not a JSON number; fix the config or "
+                          f"{redownload_advice(path)}")
 
         try:
             d = parse_json(text, parse_constant=refuse_constant)
         except json.JSONDecodeError as e:
-            raise KLError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); re-download the model") from None
+            raise KLError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); {redownload_advice(path)}") from None
         except (RecursionError, ValueError) as e:  # nesting past Python's stack; a key twice; an int of 4,300+ digits
-            raise KLError(f"{path}: not a config ({unreadable_reason(e, 80)}); re-download the model") from None
+            raise KLError(f"{path}: not a config ({unreadable_reason(e, 80)}); {redownload_advice(path)}") from None
         return cls.from_dict(d, where=str(path))

@@ -54,7 +54,7 @@ from klconvert.models import BUNDLED_NAME, DEFAULT_REPO
 from klconvert.tokenizer import BPE_FILE
 from klconvert.units import size_text, size_texts
 from klconvert.user_paths import given_path, refuse_unreachable, shown_path
-from klconvert.verified_files import VerifiedFiles
+from klconvert.verified_files import VERIFIED_RECORD, VerifiedFiles, cached_record
 
 # huggingface_hub 2.x talks through httpx2, 1.x through httpx: a dropped connection surfaces as either's TransportError.
 _HTTP_MODULES = [importlib.import_module(m) for m in ("httpx2", "httpx") if importlib.util.find_spec(m) is not None]
@@ -73,9 +73,6 @@ REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".py")
 LOCAL_DIR_RECORD = Path(".klconvert") / "pull.json"
 MAX_PULL_RECORD_BYTES = 1 << 20  # repo, revision, commit and ~160 bytes a file pulled: the release's ~30 take ~5 KB
 METADATA_FOLDERS = (".cache/", f"{LOCAL_DIR_RECORD.parent}/")  # huggingface_hub's and klconvert's records in a folder
-# What was verified (size, mtime, hashes), so a second pull re-hashes only what changed: in a --local-dir, and in
-# the cache beside the repo's snapshots (never inside them), one record per commit.
-VERIFIED_RECORD = Path(".klconvert") / "verified.json"
 # Said only of a failure once snapshot_download has begun (AnswerGuard.kept says whether any file is there to keep).
 RERUN = "rerun the pull to continue"
 # What to do when the hub cannot be reached (or answers 5xx) before anything downloads.
@@ -229,8 +226,7 @@ def pull(
             files = _check_sizes(folder, wanted, where)
         else:
             storage = cache_dir / repo_folder_name(repo_id=repo, repo_type="model")
-            record = (local_dir / VERIFIED_RECORD if local_dir is not None
-                      else storage / VERIFIED_RECORD.parent / "verified" / f"{commit}.json")
+            record = local_dir / VERIFIED_RECORD if local_dir is not None else cached_record(storage, commit)
             blobs = None if local_dir is not None else storage / BLOBS
             files = _verify(folder, wanted, where, progress, VerifiedFiles(record), blobs)
         _check_index_shards(folder, listing, wanted, where)

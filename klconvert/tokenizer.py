@@ -23,6 +23,7 @@ from klconvert.chat_template import RenderPastBound, render_chat_template
 from klconvert.config import SIZE_RANGES, KimiLinearConfig
 from klconvert.errors import KLError, not_utf8, refuse_if_not_permitted, shown, unreadable_reason
 from klconvert.models import resolve_model
+from klconvert.verified_files import redownload_advice
 
 BPE_FILE = "tiktoken.model"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -99,23 +100,23 @@ def read_bpe_ranks(path: Path, vocab_size: int = SIZE_RANGES["vocab_size"][1]) -
             token, rank = base64.b64decode(token_base64, validate=True), int(rank_text)
         except (ValueError, binascii.Error):
             raise KLError(f"{path}: line {line_number} is not '<base64 token> <rank>' (got {line[:60]!r}); "
-                          "re-download the model") from None
+                          f"{redownload_advice(path)}") from None
         if not token or rank < 0 or token in ranks:
             problem = "an empty token" if not token else "a negative rank" if rank < 0 else "a repeated token"
-            raise KLError(f"{path}: line {line_number} holds {problem}; re-download the model")
+            raise KLError(f"{path}: line {line_number} holds {problem}; {redownload_advice(path)}")
         if rank >= vocab_size or len(ranks) >= vocab_size:
             problem = f"rank {shown(rank)}" if rank >= vocab_size else f"rank number {len(ranks) + 1}"
             raise KLError(f"{path}: line {line_number} holds {problem}, outside the model's vocabulary of "
-                          f"{vocab_size} ids; the tokenizer is not this model's -- re-download the model")
+                          f"{vocab_size} ids; the tokenizer is not this model's -- {redownload_advice(path)}")
         if rank in line_of_rank:
             raise KLError(f"{path}: line {line_number} holds rank {rank}, which line {line_of_rank[rank]} already "
-                          "gives another token; re-download the model")
+                          f"gives another token; {redownload_advice(path)}")
         ranks[token] = rank
         line_of_rank[rank] = line_number
     missing_bytes = [b for b in range(256) if bytes([b]) not in ranks]
     if missing_bytes:
         raise KLError(f"{path}: {len(missing_bytes)} of the 256 single bytes have no rank (first: "
-                      f"{missing_bytes[0]:#04x}), so some text cannot be encoded; re-download the model")
+                      f"{missing_bytes[0]:#04x}), so some text cannot be encoded; {redownload_advice(path)}")
     return ranks
 
 
@@ -127,17 +128,18 @@ def read_tokenizer_config(path: Path) -> dict:
     except FileNotFoundError:
         raise KLError(f"{path}: no {TOKENIZER_CONFIG_FILE} here; re-download the model") from None
     except UnicodeDecodeError as e:   # a ValueError, so before the JSON parser's
-        raise KLError(f"{not_utf8(path, e.start)}; convert it to UTF-8, or re-download the model") from None
+        raise KLError(f"{not_utf8(path, e.start)}; convert it to UTF-8, or {redownload_advice(path)}") from None
     except OSError as e:
         refuse_if_not_permitted(e, path)
         raise KLError(f"{path}: cannot read the tokenizer config ({unreadable_reason(e)}); "
                       "re-download the model") from None
     except json.JSONDecodeError as e:
-        raise KLError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); re-download the model") from None
+        raise KLError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); {redownload_advice(path)}") from None
     except (RecursionError, ValueError) as e:  # nesting past Python's stack; an int of 4,300+ digits
-        raise KLError(f"{path}: not a tokenizer config ({unreadable_reason(e, 80)}); re-download the model") from None
+        raise KLError(f"{path}: not a tokenizer config ({unreadable_reason(e, 80)}); "
+                      f"{redownload_advice(path)}") from None
     if not isinstance(config, dict):
-        raise KLError(f"{path}: expected a JSON object at the top level; re-download the model")
+        raise KLError(f"{path}: expected a JSON object at the top level; {redownload_advice(path)}")
     return config
 
 
@@ -164,52 +166,52 @@ def read_special_tokens(config: dict, path: Path, vocab_size: int = SIZE_RANGES[
     """{content: id} for every entry of the config's added_tokens_decoder, every id below `vocab_size`."""
     decoder = config.get("added_tokens_decoder")
     if not isinstance(decoder, dict) or not decoder:
-        raise KLError(f"{path}: no 'added_tokens_decoder' map of special tokens; re-download the model")
+        raise KLError(f"{path}: no 'added_tokens_decoder' map of special tokens; {redownload_advice(path)}")
     special_tokens: dict[str, int] = {}
     for key, entry in decoder.items():
         if not re.fullmatch(r"0|[1-9][0-9]{0,9}", key):   # "01026" would name the id of "1026" a second time
             raise KLError(f"{path}: added_tokens_decoder entry {shown(key)} is not an id in plain decimal (digits, no "
-                          "leading zeros); fix the file or re-download the model")
+                          f"leading zeros); fix the file or {redownload_advice(path)}")
         content = entry.get("content") if isinstance(entry, dict) else None
         if not isinstance(content, str) or not content:
             raise KLError(f"{path}: added_tokens_decoder entry {key!r} is not '<id>': {{\"content\": \"<text>\"}}; "
-                          "fix the file or re-download the model")
+                          f"fix the file or {redownload_advice(path)}")
         if len(content) > MAX_SPECIAL_TOKEN_CHARS:
             raise KLError(f"{path}: added_tokens_decoder entry {key} is {len(content):,} characters long, over the "
-                          f"{MAX_SPECIAL_TOKEN_CHARS} a special token's text may be; fix the file or re-download the "
-                          "model")
+                          f"{MAX_SPECIAL_TOKEN_CHARS} a special token's text may be; fix the file or "
+                          f"{redownload_advice(path)}")
         try:
             content.encode("utf-8")
         except UnicodeEncodeError:   # a lone surrogate ("\ud800" in the JSON): no text, and tiktoken cannot take it
             raise KLError(f"{path}: added_tokens_decoder entry {key} holds {content[:40]!r}, with an unpaired "
-                          "surrogate that is no text; fix the file or re-download the model") from None
+                          f"surrogate that is no text; fix the file or {redownload_advice(path)}") from None
         if max(map(ord, content)) >= ESCAPE:   # it would match inside the codes of a message's special text
             raise KLError(f"{path}: added_tokens_decoder entry {key} holds a character of the private-use planes "
                           f"U+{ESCAPE:X}..U+10FFFF, which klconvert escapes chat text with; fix the file or "
-                          "re-download the model")
+                          f"{redownload_advice(path)}")
         mistyped = mistyped_flag(entry)
         if mistyped is not None:
             allowed = "false" if mistyped in STRIPPING_FLAGS else "true or false"
             raise KLError(f"{path}: added_tokens_decoder entry {key} sets {mistyped} to {shown(entry[mistyped])}, "
                           f"which is neither true nor false, so transformers cannot load the tokenizer; set it to "
-                          f"{allowed}, or re-download the model")
+                          f"{allowed}, or {redownload_advice(path)}")
         applied = next((flag for flag in STRIPPING_FLAGS if entry.get(flag) is True), None)
         if applied is not None:   # transformers applies these; klconvert does not
             raise KLError(f"{path}: added_tokens_decoder entry {key} sets {applied} true, which klconvert does not "
                           "apply and transformers and vLLM do (the space beside the token is taken into it): the two "
-                          "would read text apart; set it to false, or re-download the model")
+                          f"would read text apart; set it to false, or {redownload_advice(path)}")
         if content in special_tokens:
             raise KLError(f"{path}: special token {content!r} appears twice in added_tokens_decoder (ids "
-                          f"{special_tokens[content]} and {key}); fix the file or re-download the model")
+                          f"{special_tokens[content]} and {key}); fix the file or {redownload_advice(path)}")
         if int(key) >= vocab_size:
             raise KLError(f"{path}: added_tokens_decoder gives {shown(content)} the id {key}, outside the model's "
-                          f"vocabulary 0..{vocab_size - 1}; fix the file or re-download the model")
+                          f"vocabulary 0..{vocab_size - 1}; fix the file or {redownload_advice(path)}")
         special_tokens[content] = int(key)
     text_chars = sum(map(len, special_tokens))
     if text_chars > MAX_SPECIAL_TEXT_CHARS:
         raise KLError(f"{path}: added_tokens_decoder's {len(special_tokens):,} special tokens hold {text_chars:,} "
                       f"characters of text, over the {MAX_SPECIAL_TEXT_CHARS:,} klconvert takes (the released model's "
-                      "hold ~6,000); fix the file or re-download the model")
+                      f"hold ~6,000); fix the file or {redownload_advice(path)}")
     return special_tokens
 
 
@@ -223,14 +225,14 @@ def special_token_text(token, where: str, special_tokens: Mapping[str, int], pat
     if not isinstance(text, str):
         raise KLError(f"{path}: {where} is {shown(token)}, not a special token (its text, or "
                       "{\"__type\": \"AddedToken\", \"content\": <its text>}), so transformers cannot load the "
-                      "tokenizer; fix the file or re-download the model")
+                      f"tokenizer; fix the file or {redownload_advice(path)}")
     mistyped = mistyped_flag(token) if serialized else None
     if mistyped is not None:
         raise KLError(f"{path}: {where} sets {mistyped} to {shown(token[mistyped])}, which is neither true nor false, "
-                      "so transformers cannot load the tokenizer; fix the file or re-download the model")
+                      f"so transformers cannot load the tokenizer; fix the file or {redownload_advice(path)}")
     if text not in special_tokens:
-        raise KLError(f"{path}: {where} {shown(text)} is not in added_tokens_decoder; fix the file or re-download the "
-                      "model")
+        raise KLError(f"{path}: {where} {shown(text)} is not in added_tokens_decoder; fix the file or "
+                      f"{redownload_advice(path)}")
     return text
 
 
@@ -254,7 +256,7 @@ def check_extra_special_tokens(config: dict, path: Path, special_tokens: Mapping
             entries = [(f"{field}[{shown(name)}]", token) for name, token in tokens.items()]
         else:
             raise KLError(f"{path}: {field} is {shown(tokens)}, not a list of special tokens; fix the file or "
-                          "re-download the model")
+                          f"{redownload_advice(path)}")
         for where, token in entries:
             special_token_text(token, where, special_tokens, path)
 
@@ -342,7 +344,8 @@ class Tokenizer:
         for text, token_id in special_tokens.items():
             if token_id in rank_ids:
                 raise KLError(f"{config_path}: special token {text!r} has id {token_id}, which {bpe_path} already "
-                              f"gives to a BPE token; the two files are from different models, re-download them")
+                              f"gives to a BPE token; the two files are from different models -- "
+                              f"{redownload_advice(config_path)}")
         # BPE ranks fill the ids below the first special token (the released files': 0 to 163,583 before 163,584): a
         # gap there is a tiktoken.model cut short, whose missing merges would become placeholders and every prompt
         # other tokens
@@ -351,7 +354,7 @@ class Tokenizer:
         if unranked is not None:
             raise KLError(f"{bpe_path}: no BPE token has id {unranked:,}, below {first_special:,}, where "
                           f"{config_path.name}'s special tokens begin; the file is cut short or damaged -- "
-                          "re-download the model")
+                          f"{redownload_advice(bpe_path)}")
         # Ids of the model's vocabulary (without a config: below the largest named) that neither file names get the
         # released tokenizer's placeholder name, so that any id the model can produce decodes (some Kimi configs list
         # only the named specials).
@@ -361,14 +364,14 @@ class Tokenizer:
         if specials > MAX_SPECIAL_TOKENS:
             raise KLError(f"{config_path}: {specials:,} of the ids below {end:,} are not BPE ranks and would "
                           f"all be special tokens, over the {MAX_SPECIAL_TOKENS:,} klconvert takes (the released "
-                          "model has 256); fix the file or re-download the model")
+                          f"model has 256); fix the file or {redownload_advice(config_path)}")
         for token_id in range(end):
             if token_id not in taken_ids:
                 placeholder = f"<|reserved_token_{token_id}|>"
                 if placeholder in special_tokens:   # the id would have no name, and decoding it would fail mid-run
                     raise KLError(f"{config_path}: special token {placeholder!r} has id {special_tokens[placeholder]}, "
                                   f"but it is the placeholder name of the unnamed id {token_id}; fix the file or "
-                                  "re-download the model")
+                                  f"{redownload_advice(config_path)}")
                 special_tokens[placeholder] = token_id
         own_tokens = [key for key, value in config.items()
                       if key.endswith("_token") and key not in SPECIAL_TOKEN_KEYS and isinstance(value, str)]
@@ -376,7 +379,7 @@ class Tokenizer:
                  for key in (*SPECIAL_TOKEN_KEYS, *own_tokens)}
         for key in ("bos_token", "eos_token"):
             if named[key] is None:
-                raise KLError(f"{config_path}: '{key}' is not set; fix the file or re-download the model")
+                raise KLError(f"{config_path}: '{key}' is not set; fix the file or {redownload_advice(config_path)}")
         check_extra_special_tokens(config, config_path, special_tokens)
         chat_template_path = folder / CHAT_TEMPLATE_FILE
         if os.path.lexists(chat_template_path):   # a folder, FIFO or dangling link there is refused, not passed over
@@ -385,8 +388,8 @@ class Tokenizer:
                 chat_template = read_bounded(chat_template_path, MAX_CHAT_TEMPLATE_BYTES,
                                              CHAT_TEMPLATE_FILE).decode("utf-8")
             except UnicodeDecodeError as e:
-                raise KLError(f"{not_utf8(chat_template_path, e.start)}; convert it to UTF-8, or re-download the "
-                              "model") from None
+                raise KLError(f"{not_utf8(chat_template_path, e.start)}; convert it to UTF-8, or "
+                              f"{redownload_advice(chat_template_path)}") from None
             except OSError as e:
                 refuse_if_not_permitted(e, chat_template_path)
                 raise KLError(f"{chat_template_path}: cannot read the chat template ({unreadable_reason(e)}); "
@@ -395,12 +398,12 @@ class Tokenizer:
             chat_template, chat_template_path = config.get("chat_template"), config_path
             if chat_template is not None and not isinstance(chat_template, str):
                 raise KLError(f"{config_path}: chat_template should be one jinja string, got "
-                              f"{type(chat_template).__name__}; fix the file or re-download the model")
+                              f"{type(chat_template).__name__}; fix the file or {redownload_advice(config_path)}")
             size = len(chat_template.encode("utf-8", "surrogatepass")) if chat_template else 0
             if size > MAX_CHAT_TEMPLATE_BYTES:   # held to the bound of the template file
                 raise KLError(f"{config_path}: chat_template is {size:,} bytes, over the "
-                              f"{MAX_CHAT_TEMPLATE_BYTES >> 20} MB a chat template may be; fix the file or re-download "
-                              "the model")
+                              f"{MAX_CHAT_TEMPLATE_BYTES >> 20} MB a chat template may be; fix the file or "
+                              f"{redownload_advice(config_path)}")
         return cls(folder.name or "kimi", ranks, special_tokens, named["bos_token"], named["eos_token"],
                    named["pad_token"], chat_template, chat_template_path)
 
@@ -629,7 +632,7 @@ def check_config_token_ids(config: KimiLinearConfig, tokenizer: Tokenizer, folde
                       f"{shown(tokenizer.token_bytes(token_id))} of {BPE_FILE}, not a special token of "
                       f"{TOKENIZER_CONFIG_FILE} "
                       f"(its eos_token has id {tokenizer.eos_id}); generation would stop wherever that text came -- "
-                      "set eos_token_id to a special token's id, or re-download the model")
+                      f"set eos_token_id to a special token's id, or {redownload_advice(folder / MODEL_CONFIG_FILE)}")
 
 
 def model_stop_ids(config: KimiLinearConfig, tokenizer: Tokenizer | None) -> frozenset[int]:

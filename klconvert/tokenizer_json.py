@@ -16,6 +16,7 @@ from pathlib import Path
 
 from klconvert.errors import KLError, shown
 from klconvert.tokenizer import BPE_FILE, KIMI_PRETOKENIZE_PATTERN, TRANSFORMERS_TOKENIZER_FILE, Tokenizer
+from klconvert.verified_files import redownload_advice
 
 # Bounds on the merges written, past which a tiktoken.model is refused (long tokens that split every way would take
 # GBs): a BPE vocabulary splits into a few merges a token (the tests' synthetic 163,584 ranks: 202,763), so klconvert's
@@ -60,7 +61,7 @@ def bpe_vocab_and_merges(ranks: Mapping[bytes, int], where: Path) -> tuple[dict[
             raise KLError(f"{where}: its tokens split into more than {MAX_MERGES:,} merges (or {MAX_MERGE_CHARS:,} "
                           f"characters of them) by {shown(token[:40])}, rank {rank}, and the tokenizer.json written "
                           "for transformers lists every split; a BPE vocabulary has a few a token, so this is none -- "
-                          "re-download the model")
+                          f"{redownload_advice(where)}")
     return {spell(token): rank for token, rank in by_rank}, merges
 
 
@@ -70,16 +71,20 @@ def refuse_ids_tokenizers_renumbers(vocab: Mapping[str, int], special_tokens: Ma
     token -- so a rank among or above the specials, or a special spelled as a rank's token, shifted every special after
     it by one in transformers (its eos another token), while quantize went on. The specials themselves follow the ranks
     without a gap: Tokenizer requires ranks below the first and names each id between with a placeholder."""
-    advice = "a tokenizer.json cannot give transformers and vLLM the ids klconvert uses; fix the tokenizer files or " \
-             "re-download the model"
+
+    def advice() -> str:   # called on a refusal only: it reads the pull's record
+        return ("a tokenizer.json cannot give transformers and vLLM the ids klconvert uses; fix the tokenizer files or "
+                f"{redownload_advice(where)}")
+
     ranks = sorted(vocab.values())
     gap = next((i for i, rank in enumerate(ranks) if rank != i), None)
     if gap is not None:
-        raise KLError(f"{where}: rank {ranks[gap]:,} follows rank {gap - 1:,} (its ranks are no run 0..n-1): {advice}")
+        raise KLError(f"{where}: rank {ranks[gap]:,} follows rank {gap - 1:,} (its ranks are no run 0..n-1): "
+                      f"{advice()}")
     spelled = next((text for text in special_tokens if text in vocab), None)
     if spelled is not None:
         raise KLError(f"{where}: holds the special token {shown(spelled)} (id {special_tokens[spelled]:,}) as rank "
-                      f"{vocab[spelled]:,} too: {advice}")
+                      f"{vocab[spelled]:,} too: {advice()}")
 
 
 def tokenizer_json(tokenizer: Tokenizer, bpe_path: Path) -> bytes:

@@ -9,7 +9,12 @@ from pathlib import Path
 from klconvert.atomic_file import write_atomically
 from klconvert.checkpoint.folder_files import JSON_CONTAINERS_SLACK
 from klconvert.checkpoint.regular_file import read_json
-from klconvert.errors import KLError
+from klconvert.errors import KLError, argument
+from klconvert.hf_cache import SNAPSHOTS
+
+# What was verified (size, mtime, hashes), so a second pull re-hashes only what changed: in a --local-dir, and in
+# the cache beside the repo's snapshots (never inside them), one record per commit (cached_record).
+VERIFIED_RECORD = Path(".klconvert") / "verified.json"
 
 MAX_RECORD_BYTES = 64 << 20  # far above any real record (a few hundred bytes a file); a larger one is ignored
 # JSON values a record holds (json_values): ~6 a file (a pull takes at most hub.MAX_PULLED_FILES); past it one is
@@ -59,3 +64,37 @@ class VerifiedFiles:
 def _well_formed(e) -> bool:
     return (isinstance(e, dict) and all(isinstance(e.get(k), int) for k in ("size", "mtime_ns"))
             and all(isinstance(e.get(k), str) for k in ("sha256", "git_blob_id")))
+
+
+def cached_record(storage: Path, commit: str) -> Path:
+    """The record of a pull of `commit` into the HF cache, whose repo folder (models--ORG--NAME) is `storage`."""
+    return storage / VERIFIED_RECORD.parent / "verified" / f"{commit}.json"
+
+
+def verified_at_pull(path: Path) -> bool:
+    """Whether `path`, a model's file, is one a pull checked against the hash the hub publishes for it, unchanged since
+    (the size and mtime its record holds): a file of a snapshot in the HF cache, or of a --local-dir pull."""
+    try:
+        found = os.stat(path)   # through the cache's link: its blob, as the pull hashed it
+        folder = Path(os.path.realpath(Path(path).parent))   # the file's own link not followed: blobs/ holds no record
+        for top in (folder, *folder.parents):
+            if top.parent.name == SNAPSHOTS:
+                record = cached_record(top.parent.parent, top.name)
+            elif os.path.isfile(top / VERIFIED_RECORD):
+                record = top / VERIFIED_RECORD
+            else:
+                continue
+            return VerifiedFiles(record).digests((folder / Path(path).name).relative_to(top).as_posix(), found) \
+                is not None
+    except (OSError, ValueError):   # none there, or a name no path holds: not verified
+        pass
+    return False
+
+
+def redownload_advice(path: str | Path, local: str = "re-download the model") -> str:
+    """What a line about a damaged model file (at `path`) says to do: `local`, a download again, unless a pull verified
+    the file, unchanged since (verified_at_pull) -- a re-download brings the same bytes then, the repo's own."""
+    if not verified_at_pull(Path(path)):
+        return local
+    return (f"report it to the repo's owner, or pull another {argument('revision', '--revision')}: a pull checked "
+            "this file against the hash the hub publishes, so a re-download brings the same bytes")

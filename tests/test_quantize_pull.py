@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from hub_standin import HubStandIn, hub_environment
 from klconvert.checkpoint.reader import open_checkpoint
@@ -82,6 +84,56 @@ def test_a_file_quantize_would_refuse_by_its_size_is_refused_before_any_download
                           "so quantizing would fail after the download; nothing was downloaded")
     assert sum(n for (method, _), n in server.requests.items() if method == "GET") == 0
     assert list(Path().iterdir()) == []
+
+
+def _drop_vocab_size(folder: Path) -> tuple[str, str]:
+    config = json.loads((folder / "config.json").read_text())
+    del config["vocab_size"]
+    (folder / "config.json").write_text(json.dumps(config))
+    return "config.json", "required field 'vocab_size' is missing; fix the config or "
+
+
+def _tokenizer_config_in_a_list(folder: Path) -> tuple[str, str]:
+    (folder / "tokenizer_config.json").write_text(f"[{(folder / 'tokenizer_config.json').read_text()}]")
+    return "tokenizer_config.json", "expected a JSON object at the top level; "
+
+
+def _nan_weight(folder: Path) -> tuple[str, str]:
+    name = "model.layers.1.self_attn.q_proj.weight"
+    shard = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_file(folder / shard)
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, folder / shard, metadata={"format": "pt"})
+    return shard, f"tensor {name} holds nan at flat index 0 (NaN or infinite weights); the checkpoint is damaged -- "
+
+
+@pytest.mark.parametrize("damage", [_drop_vocab_size, _tokenizer_config_in_a_list, _nan_weight],
+                         ids=["config", "tokenizer-config", "weight"])
+def test_a_damaged_file_a_pull_verified_is_not_sent_to_a_re_download(tiny_released, tmp_path, monkeypatch, capsys,
+                                                                     damage):
+    """A file the pull just checked against the hash the hub publishes was refused with "re-download the model" (h182,
+    F6), which brings the same bytes again: the repo's own file is so. A local folder's file, and the pulled one once
+    changed since, still are."""
+    served_copy = tmp_path / "served"
+    shutil.copytree(tiny_released, served_copy)
+    name, said = damage(served_copy)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    args = ("--bits", "4", "--group-size", "32")
+    with HubStandIn() as server:
+        commit = server.add_repo(REPO, served_copy)
+        with hub_environment(server.endpoint, tmp_path / "hf_home"):
+            code, _, err = run_cli(capsys, "pull-and-quantize", *args)
+    errors = [line for line in shown_lines(err) if line.startswith("klconvert: error:")]
+    assert code == 2 and errors == [shown_lines(err)[-1]] and "Traceback" not in err
+    assert (f"{name}: {said}report it to the repo's owner, or pull another revision (--revision): a pull checked "
+            "this file against the hash the hub publishes, so a re-download brings the same bytes") in errors[0]
+    again = "download it again or rebuild it from its source" if damage is _nan_weight else "re-download the model"
+    assert_one_line_error(*run_cli(capsys, "quantize", served_copy, "q", *args)[::2], f"{name}: {said}{again}")
+    snapshot = (tmp_path / "hf_home" / "hub" / "models--moonshotai--Kimi-Linear-48B-A3B-Instruct" / "snapshots"
+                / commit)
+    os.utime(snapshot / name, ns=(0, 0))   # through the cache's link, its blob: changed since the pull, as far as known
+    assert_one_line_error(*run_cli(capsys, "quantize", snapshot, "q", *args)[::2], f"{name}: {said}{again}")
 
 
 def test_a_large_json_in_a_subfolder_quantize_does_not_copy_is_no_reason_to_refuse(tiny_released, tmp_path,

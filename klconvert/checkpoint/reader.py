@@ -51,6 +51,7 @@ from klconvert.errors import (KLError, refuse_if_not_permitted, refuse_out_of_de
                               unreadable_reason)
 from klconvert.quant import QuantScheme
 from klconvert.quant.pack_quantized import check_scales
+from klconvert.verified_files import redownload_advice
 
 FLOAT_DTYPES = set(WEIGHT_DTYPES.values())
 FP8_DTYPES = {"F8_E4M3", "F8_E5M2"}  # FP8-quantized weights: a form of the model klconvert does not read
@@ -76,8 +77,9 @@ def _shard_path(folder: Path, shard: object, where: str) -> Path:
     return folder / shard
 
 
-def _refuse_non_finite(tensor: torch.Tensor, where: str) -> None:
-    """KLError when a floating-point tensor holds a NaN or an infinity, naming the first.
+def _refuse_non_finite(tensor: torch.Tensor, path: Path, name: str) -> None:
+    """KLError when a floating-point tensor (`name`, read from the shard at `path`) holds a NaN or an infinity, naming
+    the first.
 
     A slice's fp32 sum is finite when every value is (3x faster than isfinite); only a slice whose sum is not --
     a NaN, an infinity, or finite values summing past fp32's range -- is searched value by value.
@@ -92,8 +94,9 @@ def _refuse_non_finite(tensor: torch.Tensor, where: str) -> None:
         bad = (~torch.isfinite(part.float())).nonzero()   # float: torch has no isfinite for the float8 types
         if len(bad):
             at = start + int(bad[0, 0])
-            raise KLError(f"{where} holds {float(flat[at])} at flat index {at:,} (NaN or infinite weights); "
-                          "the checkpoint is damaged -- download it again or rebuild it from its source")
+            raise KLError(f"{path}: tensor {name} holds {float(flat[at])} at flat index {at:,} (NaN or infinite "
+                          "weights); the checkpoint is damaged -- "
+                          f"{redownload_advice(path, 'download it again or rebuild it from its source')}")
 
 
 class Checkpoint:
@@ -305,7 +308,7 @@ class Checkpoint:
             self._refuse_replaced(shard)   # gone, or another file there now
             raise KLError(f"{path}: cannot read tensor {shown(name)} ({unreadable_reason(e)}); download the checkpoint "
                           "again") from None
-        _refuse_non_finite(tensor, f"{path}: tensor {name}")
+        _refuse_non_finite(tensor, path, name)
         return tensor
 
     def _refuse_replaced(self, shard: str, now: os.stat_result | None = None) -> None:
