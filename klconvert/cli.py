@@ -702,7 +702,9 @@ def _quantize_options(command):
         click.option("--sym/--asym", "symmetric", default=None,
                      help="Symmetric scales, or asymmetric with zero points [default: --sym]."),
         click.option("--scheme", type=click.Choice(["int", "nf4"]), default=None,
-                     help="int: compressed-tensors pack-quantized [default]; nf4: bitsandbytes 4-bit."),
+                     help="int: compressed-tensors pack-quantized [default], the one vLLM and transformers load; "
+                          "nf4: bitsandbytes 4-bit, which vLLM cannot load, nor transformers unless a recipe keeps "
+                          "the routed experts unquantized."),
         click.option("--observer", type=click.Choice(["minmax", "mse"]), default=None,
                      help="How each int group's range is chosen: minmax [default], or mse (llm-compressor's MSE "
                           "observer: shrunk to the least round-trip error; up to 20 trials a weight)."),

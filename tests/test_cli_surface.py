@@ -619,6 +619,16 @@ def test_quantize_help_states_the_defaults_the_code_has():
     assert f"{DEFAULT.observer} [default]" in helps["observer"]
 
 
+def test_scheme_help_says_where_an_nf4_folder_loads():
+    """--scheme's help said only "nf4: bitsandbytes 4-bit", as if the folder loaded wherever a bitsandbytes one does:
+    vLLM 0.33 has no bitsandbytes method, and transformers cannot put NF4 in the routed experts' 3-D stacks (README,
+    Interop; tests/test_interop_transformers_nf4.py)."""
+    helps = {p.name: p.help for p in cli.commands["quantize"].params if isinstance(p, click.Option)}
+    assert "[default], the one vLLM and transformers load" in helps["scheme"]
+    assert "nf4: bitsandbytes 4-bit, which vLLM cannot load, nor transformers unless a recipe keeps the routed " \
+           "experts unquantized." in helps["scheme"]
+
+
 def test_plan_and_bench_help_state_the_defaults_the_code_has():
     """plan's and bench's help, and quantize's of the MSE observer, restate the default policy and the observer's
     search in words (as the README does, held by test_readme_bounds.py): held to the code here."""
