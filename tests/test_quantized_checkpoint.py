@@ -512,7 +512,7 @@ def test_a_float_weight_that_bitsandbytes_declares_4bit_is_refused(nf4_folder, t
     assert assert_one_line_error(code, err) == (
         f"klconvert: error: {folder}/model.safetensors: tensor '{Q_PROJ}.weight' is stored as floats, but "
         "quantization_config (bitsandbytes) declares it 4-bit NF4 (quantization_config.llm_int8_skip_modules does not "
-        f"list it): transformers and vLLM would look for its NF4 quant state and find none -- add '{Q_PROJ}' (or a "
+        f"list it): transformers would look for its NF4 quant state and find none -- add '{Q_PROJ}' (or a "
         "pattern for every such module) to quantization_config.llm_int8_skip_modules, or quantize the model again "
         "with `klconvert quantize --scheme nf4`")
     with pytest.raises(klconvert.KLError, match=re.escape(f"tensor '{Q_PROJ}.weight' is stored as floats, but "
@@ -592,7 +592,7 @@ def test_experts_stacked_as_floats_under_bitsandbytes_are_refused(nf4_folder, ti
     with pytest.raises(klconvert.KLError, match=re.escape(
             "tensor 'model.layers.1.mlp.experts.down_proj' is stored as floats, but quantization_config (bitsandbytes) "
             "declares the expert weights it stacks ('model.layers.1.block_sparse_moe.experts.0.w2' first) 4-bit NF4 "
-            "(quantization_config.llm_int8_skip_modules does not list them): transformers and vLLM would look for "
+            "(quantization_config.llm_int8_skip_modules does not list them): transformers would look for "
             "each one's NF4 quant state")):
         open_checkpoint(folder)
 

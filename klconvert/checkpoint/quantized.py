@@ -264,9 +264,10 @@ def refuse_floats_held_packed(declared: Declared | BnbDeclared | None,
     tensor) that quantization_config declares packed: a linear weight that a config group of pack-quantized weights
     selects and ignore does not list (Declared.held, as compressed-tensors matches them), or that a bitsandbytes
     config's llm_int8_skip_modules does not list. transformers then finds no packed parts for it (compressed-tensors:
-    it initialises them at random; bitsandbytes: it builds a Linear4bit), and vLLM looks for them too: another model
-    than the one klconvert would run. A weight Kimi Linear keeps in high precision is not one: vLLM builds the router
-    and the convs unquantized whatever the config says, and transformers' are no Linear."""
+    it initialises them at random; bitsandbytes: it builds a Linear4bit), and vLLM looks for compressed-tensors' too
+    (it reads no bitsandbytes folder): another model than the one klconvert would run. A weight Kimi Linear keeps in
+    high precision is not one: vLLM builds the router and the convs unquantized whatever the config says, and
+    transformers' are no Linear."""
     if declared is None:
         return
     for weights, where in floats:
@@ -281,8 +282,8 @@ def refuse_floats_held_packed(declared: Declared | BnbDeclared | None,
                 if declared.skipped_by(module) is not None:
                     continue
                 raise KLError(f"{where} is stored as floats, but quantization_config (bitsandbytes) declares "
-                              f"{selected} 4-bit NF4 ({declared.unlisted(them)}): transformers and vLLM would look "
-                              f"for {whose} NF4 quant state and find none -- add {shown(module)} (or a pattern for "
+                              f"{selected} 4-bit NF4 ({declared.unlisted(them)}): transformers would look for "
+                              f"{whose} NF4 quant state and find none -- add {shown(module)} (or a pattern for "
                               f"every such module) to quantization_config.{SKIP_MODULES}, or quantize the model again "
                               "with `klconvert quantize --scheme nf4`")
             held = declared.held(module, True, packed=False)
