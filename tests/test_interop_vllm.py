@@ -277,7 +277,8 @@ def test_a_split_fused_module_is_refused_as_vllm_refuses_it(tiny_released, tmp_p
 def test_experts_named_only_by_w1_w2_w3_are_refused():
     """vLLM looks the routed experts' scheme up at experts.0.gate_proj, so a target naming only w1/w2/w3 would leave
     them to "Linear" (here: nothing) while the checkpoint holds them packed."""
-    everything_kept = '"re:.*_(proj|mqa)$", "lm_head"'
+    # not re:.*_(proj|mqa)$: llm-compressor names the routed experts gate_proj, up_proj, down_proj (name_map)
+    everything_kept = '"re:.*\\\\.(self_attn|shared_experts|mlp)\\\\.\\\\w+_(proj|mqa)$", "lm_head"'
     recipe = parse_recipe(SPLIT_RECIPE.replace('"re:.*\\\\.(f_a|f_b|g_a|g_b|b)_proj$"', everything_kept)
                           .replace('["Linear"]', r'["re:.*\\.experts\\.\\d+\\.w[123]$"]'), "experts.yaml")
     config = KimiLinearConfig.from_dict(preset_config("tiny"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Container
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
 from klconvert.config import KimiLinearConfig
@@ -224,4 +225,110 @@ def sliced_shape(shape: tuple[int, ...], index: tuple) -> tuple[int, ...] | None
             if ix.stop > size:
                 return None
             out.append(ix.stop - ix.start)
+    return tuple(out)
+
+
+# ---- the table read backwards: a canonical tensor's names in the other layouts -------------------------------------
+def _alternatives(pattern: str) -> list[str]:
+    """The top-level `|` alternatives of a group's text (`mlp|block_sparse_moe`)."""
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(pattern):
+        if pattern[i - 1:i] == "\\":
+            continue
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "|" and depth == 0:
+            out.append(pattern[start:i])
+            start = i + 1
+    return [*out, pattern[start:]]
+
+
+@lru_cache(maxsize=None)
+def _pattern_parts(pattern: str) -> tuple[tuple[str, ...] | None, ...] | None:
+    """A rule's pattern as the parts of the names it matches, in order: the texts a part may be (a literal, each
+    alternative of a non-capturing group), None for a capture group; None where anything else (a class, a repeat)
+    sits outside the groups."""
+    out: list[tuple[str, ...] | None] = []
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < len(pattern) and not pattern[i + 1].isalnum():
+            out.append((pattern[i + 1],))
+            i += 2
+        elif ch == "(":
+            depth, j = 1, i + 1
+            while depth:
+                depth += {"(": 1, ")": -1}.get(pattern[j], 0) if pattern[j - 1] != "\\" else 0
+                j += 1
+            if pattern.startswith("(?:", i):
+                alternatives = [_pattern_parts(alternative) for alternative in _alternatives(pattern[i + 3:j - 1])]
+                if any(parts is None or None in parts for parts in alternatives):
+                    return None
+                out.append(tuple("".join(texts[0] for texts in parts) for parts in alternatives))
+            else:
+                out.append(None)
+            i = j
+        elif (ch == "^" and i == 0) or (ch == "$" and i == len(pattern) - 1):
+            i += 1
+        elif ch in ".\\[]{}*+?|":
+            return None
+        else:
+            out.append((ch,))
+            i += 1
+    merged: list[tuple[str, ...] | None] = []   # runs of literals as one text: names are built part by part
+    for part in out:
+        if part is not None and len(part) == 1 and merged and merged[-1] is not None and len(merged[-1]) == 1:
+            merged[-1] = (merged[-1][0] + part[0],)
+        else:
+            merged.append(part)
+    return tuple(merged)
+
+
+def filled_names(pattern: str, groups: tuple[str, ...]) -> list[str]:
+    """The names `pattern` matches with these capture groups: its text with each top-level capture group replaced by
+    its value, each non-capturing group by each of its alternatives, and escapes dropped; none where anything else (a
+    class, a repeat) sits outside the groups."""
+    parts = _pattern_parts(pattern)
+    if parts is None or sum(part is None for part in parts) > len(groups):
+        return []
+    out, g = [""], iter(groups)
+    for part in parts:
+        texts = part if part is not None else (next(g),)
+        out = [name + text for name in out for text in texts]
+    return [name for name in out if re.match(pattern, name)]
+
+
+@lru_cache(maxsize=None)
+def _template_regex(template: str) -> re.Pattern:
+    """A Piece template as a regex: its positional fields as groups g0, g1, ..., {E} (an expert index) as group E."""
+    return re.compile(re.sub(r"\\\{(\d+|E)\\\}",
+                             lambda m: r"(?P<E>\d+)" if m.group(1) == "E" else f"(?P<g{m.group(1)}>.+)",
+                             re.escape(template)))
+
+
+def template_fields(template: str, name: str) -> tuple[str, ...] | None:
+    """The values of a Piece template's positional fields ({0}, {1}) that make `name`; {E} is an expert index."""
+    m = _template_regex(template).fullmatch(name)
+    if m is None:
+        return None
+    fields = {int(k[1:]): v for k, v in m.groupdict().items() if k != "E"}
+    return tuple(fields[i] for i in range(len(fields)))
+
+
+@lru_cache(maxsize=None)
+def layout_names(name: str) -> tuple[str, ...]:
+    """The names the canonical tensor `name` has in the transformers and llm-compressor layouts (the rules above read
+    backwards; a concatenated weight's as the module holding it), where a recipe written for either finds it; empty
+    where it is named the same in all of them."""
+    out = []
+    for pattern, pieces in _COMPILED:
+        for piece in pieces:
+            made = _template_regex(piece.canonical).fullmatch(name)
+            if made is None:
+                continue
+            for source in filled_names(pattern.pattern, template_fields(piece.canonical, name)):
+                # a stacked tensor (mlp.experts.gate_up_proj) is a parameter of the experts module, not a module
+                whole = source.endswith(".weight") == name.endswith(".weight")
+                back = piece.canonical.format(*pattern.match(source).groups(), E=made.groupdict().get("E"))
+                if whole and back == name:
+                    out.append(source)
     return tuple(out)

@@ -1,6 +1,7 @@
 """Policy: which tensor gets which QuantScheme, decided by tensor name as compressed-tensors and vLLM match it."""
 from __future__ import annotations
 
+import difflib
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -16,6 +17,7 @@ except ImportError:   # Python 3.10
     import sre_parse as re_parser
 
 from klconvert.checkpoint.folder_files import RECIPE_HEADER
+from klconvert.checkpoint.name_map import layout_names
 from klconvert.errors import KLError, shown
 from klconvert.quant.fused import fused_instances
 from klconvert.quant.groupwise import CHANNEL, whole_groups_advice
@@ -35,6 +37,43 @@ def match_key(tensor_name: str) -> str:
     """What targets and ignore entries are matched against: the module name for a `.weight`
     (as compressed-tensors and vLLM do), the full name for any other tensor."""
     return tensor_name.removesuffix(".weight") if tensor_name.endswith(".weight") else tensor_name
+
+
+def match_keys(tensor_name: str) -> tuple[str, ...]:
+    """The match keys of the tensor's names in each layout (name_map): its released one first, then those of the
+    transformers and llm-compressor layouts, whose module names llm-compressor matches a recipe's ignore list against
+    (transformers renames a released checkpoint's modules as it loads it)."""
+    return (match_key(tensor_name), *(match_key(name) for name in layout_names(tensor_name)))
+
+
+_NUMBER = re.compile(r"\d+")
+
+
+def released_spelling(selected: Sequence[str], every: Sequence[str]) -> list[str]:
+    """Ignore entries that select exactly the modules `selected` among `every` (match keys of released names): per
+    form of name (its numbers aside), one re: pattern saying each of its numbers as the one selected, any, or those
+    selected, where that selects no other module; else the names themselves."""
+    forms: dict[str, list[str]] = {}
+    for key in every:
+        forms.setdefault(_NUMBER.sub("#", key), []).append(key)
+    chosen: dict[str, list[str]] = {}
+    for key in selected:
+        chosen.setdefault(_NUMBER.sub("#", key), []).append(key)
+    out = []
+    for form, keys in chosen.items():
+        if len(keys) == 1:
+            out.append(keys[0])
+            continue
+        numbers = [set(column) for column in zip(*(_NUMBER.findall(key) for key in keys))]
+        anywhere = [set(column) for column in zip(*(_NUMBER.findall(key) for key in forms[form]))]
+        texts = form.split("#")
+        pattern = re.escape(texts[0]) + "".join(
+            (next(iter(values)) if len(values) == 1 else r"\d+" if values == anywhere[i]
+             else f"(?:{'|'.join(sorted(values, key=int))})") + re.escape(text)
+            for i, (values, text) in enumerate(zip(numbers, texts[1:])))
+        exact = {key for key in forms[form] if re.fullmatch(pattern, key)} == set(keys)
+        out.extend([f"re:{pattern}$"] if exact and len(pattern) < MAX_PATTERN_CHARS else keys)
+    return out
 
 
 def kept_in_high_precision(tensor_name: str) -> str | None:
@@ -176,6 +215,17 @@ def selected_by_two_groups(name: str, first: tuple[str, Entry], second: tuple[st
                    f"wins -- {remedy}")
 
 
+def _lists_nothing(entry: Entry, names: Sequence[str]) -> KLError:
+    """The refusal of an ignore entry that lists none of the tensors `names` by any layout's name, with the module
+    names nearest to it."""
+    keys = sorted({key for name in names for key in match_keys(name)})
+    said = entry.pattern.removeprefix("re:").replace("\\", "")
+    nearest = " or ".join(difflib.get_close_matches(said, keys, n=2, cutoff=0.0))
+    return KLError(f"{entry.where}: ignore entry {shown(entry.pattern)} names no module of this model in the released, "
+                   "transformers or llm-compressor layout, so it would keep nothing unquantized; fix it (the nearest "
+                   f"module names: {nearest}) or remove it")
+
+
 @dataclass(frozen=True)
 class Group:
     """A config group: the modules its targets select are stored with `scheme`."""
@@ -187,11 +237,13 @@ class Group:
 
 @dataclass(frozen=True)
 class Policy:
-    """Config groups plus an ignore list, matched like compressed-tensors / vLLM: ignore wins; a name
-    target (exact or `re:`) beats "Linear"; two groups whose name targets both select a module are an
-    error, because compressed-tensors and vLLM break that tie differently.
+    """Config groups plus an ignore list, matched like compressed-tensors / vLLM: ignore wins, an entry listing a
+    module by its name in any layout (llm-compressor's are transformers'); a name target (exact or `re:`) beats
+    "Linear"; two groups whose name targets both select a module are an error, because compressed-tensors and vLLM
+    break that tie differently.
 
-    strict: a target that selects no tensor is an error (recipes); otherwise check_against drops it.
+    strict: a target that selects no tensor, or an ignore entry that lists none, is an error (recipes); otherwise
+    check_against drops the target.
     keep_fused: names of vLLM fused modules (quant/fused.py) kept whole as released; check_against turns them into
     an ignore entry naming each member, since a name pattern alone cannot tell a KDA q_proj from an MLA one.
     group_size_flag: the command-line flag (--group-size) that set every int group's group size, where the policy
@@ -204,6 +256,8 @@ class Policy:
     strict: bool = True
     keep_fused: tuple[str, ...] = ()
     group_size_flag: str | None = field(default=None, compare=False)
+    # each tensor's verdict of _ignores, by name: found once, the entries being matched against each layout's name
+    _ignored: dict[str, bool] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self):
         kinds = {g.scheme.kind for g in self.groups}
@@ -222,11 +276,18 @@ class Policy:
     def kind(self) -> str:
         return self.groups[0].scheme.kind if self.groups else "int"
 
+    def _ignores(self, tensor_name: str) -> bool:
+        """Whether an ignore entry lists the tensor by its name in any layout (match_keys)."""
+        if tensor_name not in self._ignored:
+            self._ignored[tensor_name] = any(e.matches(key, False) for e in self.ignore
+                                             for key in match_keys(tensor_name))
+        return self._ignored[tensor_name]
+
     def _resolve(self, tensor_name: str, shape: Sequence[int]) -> tuple[Group, list[Entry]] | None:
         """The group that stores this tensor and the targets that selected it, or None; KLError when the
         match is ambiguous or selects a tensor that cannot or must not be quantized."""
         key, linear = match_key(tensor_name), is_linear_weight(tensor_name, shape)
-        if any(e.matches(key, linear) for e in self.ignore):
+        if self._ignores(tensor_name):
             return None
         hits = [(g, e) for g in self.groups for e in g.targets if e.pattern != LINEAR and e.matches(key, linear)]
         if not hits:
@@ -262,15 +323,20 @@ class Policy:
 
         KLError for: a match scheme_for refuses; a linear weight neither targeted nor ignored (vLLM and
         bitsandbytes need every linear layer accounted for); a group size that does not divide the input dim of a
-        weight stored in groups of it; under `strict`, a target that selects no
-        tensor; routed experts that transformers would read with another group's scheme. Returns the policy
-        without unused targets (and groups left empty), keep_fused spelled out in ignore -- the one to apply and
-        to write as recipe.yaml.
+        weight stored in groups of it; under `strict`, a target that selects no tensor or an ignore entry that
+        lists none in any layout; routed experts that transformers would read with another group's scheme. Returns
+        the policy without unused targets (and groups left empty), keep_fused spelled out in ignore, and each ignore
+        entry that lists modules by their transformers or llm-compressor names followed by entries listing them by
+        their released ones (which the written folder holds, and vLLM matches) -- the one to apply and to write as
+        recipe.yaml.
         """
         names_and_shapes = [(name, tuple(shape)) for name, shape in names_and_shapes]
         if self.keep_fused:
             return replace(self, ignore=(*self.ignore, *self._kept_whole(names_and_shapes)),
                            keep_fused=()).check_against(names_and_shapes)
+        ignore = self._ignore_as_released([name for name, _ in names_and_shapes])
+        if ignore != self.ignore:
+            return replace(self, ignore=ignore).check_against(names_and_shapes)
         used: set[tuple[str, str]] = set()
         experts_group: Group | None = None
         in_groups: dict[int | str, list[tuple[str, tuple[int, ...], Group, Entry]]] = {}
@@ -284,7 +350,7 @@ class Policy:
                     # the flags set one size for all their groups, a recipe one for each group
                     key = hit[0].scheme.group_size if self.group_size_flag else hit[0].name
                     in_groups.setdefault(key, []).append((name, shape, hit[0], hit[1][0]))
-            elif is_linear_weight(name, shape) and not any(e.matches(match_key(name), True) for e in self.ignore):
+            elif is_linear_weight(name, shape) and not self._ignores(name):
                 raise KLError(f"{name} {list(shape)} is a linear weight that no target selects and no ignore entry "
                               "lists; runtimes would not know how it is stored -- add it to a group's targets or "
                               "to ignore")
@@ -301,9 +367,51 @@ class Policy:
             if kept:
                 groups.append(replace(g, targets=kept))
         checked = replace(self, groups=tuple(groups))
+        checked._ignored.update(self._ignored)   # the same ignore list
         if experts_group is not None and checked.kind == "int":
             checked._refuse_transformers_experts_misread(experts_group)
         return checked
+
+    def _ignore_as_released(self, names: Sequence[str]) -> tuple[Entry, ...]:
+        """The ignore list with each entry that lists tensors of `names` by another layout's name only followed by
+        entries listing those by their released names (released_spelling); KLError, under `strict`, for an entry
+        that lists none of them in any layout (compressed-tensors applies it to nothing without a word)."""
+        listing: set[int] = set()   # the entries that list a tensor in some layout
+        by_released: set[str] = set()   # the match keys an entry lists by their released names
+        elsewhere: dict[int, list[str]] = {}   # each entry's match keys that it lists by another layout's name only
+        for name in names:
+            key, *others = match_keys(name)
+            self._ignored[name] = False
+            for i, e in enumerate(self.ignore):
+                if e.matches(key, False):
+                    listing.add(i)
+                    by_released.add(key)
+                elif any(e.matches(other, False) for other in others):
+                    listing.add(i)
+                    elsewhere.setdefault(i, []).append(key)
+                else:
+                    continue
+                self._ignored[name] = True
+        unlisting = [e for i, e in enumerate(self.ignore) if i not in listing]
+        if unlisting and self.strict:
+            raise _lists_nothing(unlisting[0], names)
+        only_elsewhere = {i: left for i, keys in elsewhere.items()
+                          if (left := [key for key in keys if key not in by_released])}
+        if not only_elsewhere:
+            return self.ignore
+        keys = [match_key(name) for name in names]
+        out: list[Entry] = []
+        for i, e in enumerate(self.ignore):
+            out.append(e)
+            out.extend(Entry(pattern, e.where, e.budget, source=e.source)
+                       for pattern in released_spelling(only_elsewhere.get(i, []), keys))
+        if len(out) > MAX_POLICY_ENTRIES:
+            e = next(self.ignore[i] for i in only_elsewhere)
+            raise KLError(f"{e.where}: ignore entry {shown(e.pattern)} lists modules by their transformers or "
+                          f"llm-compressor names only, too many ({len(out) - len(self.ignore):,}) to list by the "
+                          "released names the written folder holds; write a pattern that matches the released names "
+                          r"too (e.g. re:.*\.(block_sparse_moe|mlp)\.shared_experts\..*)")
+        return tuple(out)
 
     def _refuse_partial_group(self, stored: list[tuple[str, tuple[int, ...], Group, Entry]]) -> None:
         """KLError when one of the weights `stored` at one group size (each with its shape, the group that stores it

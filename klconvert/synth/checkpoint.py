@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ from tqdm import tqdm
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE, INDEX_FILE
 from klconvert.checkpoint.name_map import (TRANSFORMERS_LAYOUT, TensorSpec, canonical_pieces, expected_tensors,
-                                          sliced_shape)
+                                          filled_names, sliced_shape, template_fields)
 from klconvert.checkpoint.safetensors_writer import (PlannedTensor, index_json, shard_names, split_into_shards,
                                                      write_shard)
 from klconvert.config import KimiLinearConfig
@@ -86,45 +85,6 @@ def _released_layout(expected: dict[str, TensorSpec], seed: int) -> list[Planned
             for s in expected.values()]
 
 
-def _filled(pattern: str, groups: tuple[str, ...]) -> str | None:
-    """The name `pattern` matches with these capture groups: its text with each top-level group replaced by its
-    value and escapes dropped; None where anything else (a class, a repeat) sits outside the groups."""
-    out, i, g = [], 0, 0
-    while i < len(pattern):
-        ch = pattern[i]
-        if ch == "\\" and i + 1 < len(pattern) and not pattern[i + 1].isalnum():
-            out.append(pattern[i + 1])
-            i += 2
-        elif ch == "(":
-            depth, j = 1, i + 1
-            while depth:
-                depth += {"(": 1, ")": -1}.get(pattern[j], 0) if pattern[j - 1] != "\\" else 0
-                j += 1
-            if g >= len(groups):
-                return None
-            out.append(groups[g])
-            g, i = g + 1, j
-        elif (ch == "^" and i == 0) or (ch == "$" and i == len(pattern) - 1):
-            i += 1
-        elif ch in ".\\[]{}*+?|":
-            return None
-        else:
-            out.append(ch)
-            i += 1
-    return "".join(out)
-
-
-def _template_groups(template: str, name: str) -> tuple[str, ...] | None:
-    """The values of a Piece template's positional fields ({0}, {1}) that make `name`; {E} is an expert index."""
-    regex = re.sub(r"\\\{(\d+|E)\\\}", lambda m: r"(\d+)" if m.group(1) == "E" else f"(?P<g{m.group(1)}>.+)",
-                   re.escape(template))
-    m = re.fullmatch(regex, name)
-    if m is None:
-        return None
-    fields = {int(k[1:]): v for k, v in m.groupdict().items()}
-    return tuple(fields[i] for i in range(len(fields)))
-
-
 def _transformers_names(expected: dict[str, TensorSpec], c: KimiLinearConfig) -> dict[str, list[tuple[str, tuple]]]:
     """{transformers-layout name: the canonical tensors it holds, each with its index into it}, in file order,
     inverted from name_map.TRANSFORMERS_LAYOUT: a canonical name's source is the name a rule's piece makes it
@@ -138,13 +98,14 @@ def _transformers_names(expected: dict[str, TensorSpec], c: KimiLinearConfig) ->
         source = name
         for pattern, pieces in rules:
             for piece in pieces:
-                groups = _template_groups(piece.canonical, name)
-                candidate = _filled(pattern, groups) if groups is not None else None
-                if candidate is not None and re.match(pattern, candidate):
+                groups = template_fields(piece.canonical, name)
+                for candidate in filled_names(pattern, groups) if groups is not None else ():
                     held = forward.setdefault(candidate, canonical_pieces(candidate, c))
                     if any(canonical == name for canonical, _ in held):
                         source = candidate
                         break
+                if source != name:
+                    break
             if source != name:
                 break
         for canonical, _ in forward.get(source, [(name, ())]):

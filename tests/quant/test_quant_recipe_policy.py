@@ -199,10 +199,11 @@ def checked(text, tmp_path):
 
 def test_entries_match_names_as_compressed_tensors_does(tmp_path):
     """compressed-tensors (utils/match.py match_name) and vLLM match a name entry to that module alone, not to those
-    under it (model.layers.1 is no layer's weights, nor model.layers.10's), and a re: pattern from the name's start
+    whose names it begins (model.layers.1.self_attn.o_proj is not model.layers.10's; a parent's name, naming no
+    weight, is refused: test_an_ignore_entry_naming_no_module_is_refused), and a re: pattern from the name's start
     (re.match: re:.*experts selects every expert): klconvert storing a weight otherwise than they read it would run a
     folder they cannot, or the reverse."""
-    ignore = HEAD.replace('"]', '", "re:.*\\\\.(f_a|f_b|g_a|g_b|b)_proj$", "model.layers.1"]')
+    ignore = HEAD.replace('"]', '", "re:.*\\\\.(f_a|f_b|g_a|g_b|b)_proj$", "model.layers.1.self_attn.o_proj"]')
     recipe, policy = checked(ignore + groups("""\
         group_0:
           targets: ["Linear"]
@@ -214,7 +215,7 @@ def test_entries_match_names_as_compressed_tensors_does(tmp_path):
     assert policy == recipe.policy
     assert policy.scheme_for("model.layers.1.block_sparse_moe.experts.0.w1.weight", (1024, 2304)) == INT8
     assert policy.scheme_for("model.layers.1.block_sparse_moe.shared_experts.up_proj.weight", (1024, 2304)) == INT8
-    assert policy.scheme_for("model.layers.1.self_attn.o_proj.weight", (2304, 4096)) == INT4
+    assert policy.scheme_for("model.layers.1.self_attn.o_proj.weight", (2304, 4096)) is None
     assert policy.scheme_for("model.layers.10.self_attn.o_proj.weight", (2304, 4096)) == INT4
 
 

@@ -1,0 +1,135 @@
+"""A recipe's ignore entries name modules as llm-compressor matches them, which sees a checkpoint in transformers'
+module names whatever its layout on disk (transformers renames a released one as it loads it): an entry in the released,
+transformers or llm-compressor names keeps that module unquantized from either source layout, and the written folder
+lists it by its released name too (vLLM's, and klconvert's own reader's). An entry naming no module in any layout is
+refused, where compressed-tensors (0.20.1, match_named_modules) applies it to nothing without a word."""
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from klconvert.checkpoint.name_map import expected_tensors, layout_names
+from klconvert.checkpoint.reader import Checkpoint
+from klconvert.config import KimiLinearConfig
+from klconvert.errors import KLError
+from klconvert.presets import preset_config
+from klconvert.quant import load_recipe, parse_recipe, policy_from_options
+from klconvert.quant.policy import is_linear_weight, match_key
+from testkit import assert_one_line_error, run_cli
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+KIMI = {name: spec.shape for name, spec in expected_tensors(KimiLinearConfig.from_dict(
+    preset_config("kimi-linear-48b"))).items()}
+
+
+def recipe_text(*ignore: str) -> str:
+    """A recipe quantizing every linear layer to int4 in groups of 32 but the router, the KDA low-rank gates, the
+    convolutions and lm_head; then `ignore`, the entries from line 11 on."""
+    entries = ["re:.*\\.(block_sparse_moe|mlp)\\.gate$", "re:.*\\.(f_b|g_a|g_b)_proj$", "re:.*conv1d$", "lm_head",
+               *ignore]
+    return textwrap.dedent("""\
+        quant_stage:
+          quant_modifiers:
+            QuantizationModifier:
+              config_groups:
+                group_0:
+                  targets: [Linear]
+                  weights: {num_bits: 4, group_size: 32}
+              ignore:
+        """) + "".join(f"        - {json.dumps(entry)}\n" for entry in entries)
+
+
+@pytest.mark.parametrize("layout", ["released", "transformers"])
+def test_ignore_entries_in_transformers_and_llm_compressor_names_keep_their_modules_unquantized(
+        layout, tiny_released, tiny_transformers, tmp_path, capsys):
+    """h188: `model.layers.0.self_attn.forget_gate.f_a_proj` (transformers' name for the released self_attn.f_a_proj)
+    matched nothing klconvert matched against, and the module was quantized, exit 0, where llm-compressor keeps it
+    float. Layer 1's routed gate projections are named as llm-compressor linearizes them (mlp.experts.E.gate_proj)."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_text("model.layers.0.self_attn.forget_gate.f_a_proj",
+                                  "re:model\\.layers\\.1\\.mlp\\.experts\\.\\d+\\.gate_proj$"))
+    src = tiny_released if layout == "released" else tiny_transformers
+    code, _, err = run_cli(capsys, "quantize", src, tmp_path / "q", "--recipe", recipe, "--allow-split-fused")
+    assert code == 0, err
+    stored = json.loads((tmp_path / "q" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.0.self_attn.f_a_proj.weight" in stored   # kept as it is
+    assert "model.layers.1.block_sparse_moe.experts.15.w1.weight" in stored
+    assert "model.layers.1.block_sparse_moe.experts.15.w3.weight_packed" in stored   # its neighbour quantized
+    assert "model.layers.2.block_sparse_moe.experts.0.w1.weight_packed" in stored    # and the next layer's
+    ignore = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert ignore[4:] == ["model.layers.0.self_attn.forget_gate.f_a_proj", "model.layers.0.self_attn.f_a_proj",
+                          "re:model\\.layers\\.1\\.mlp\\.experts\\.\\d+\\.gate_proj$",
+                          "re:model\\.layers\\.1\\.block_sparse_moe\\.experts\\.\\d+\\.w1$"]
+    Checkpoint(tmp_path / "q")   # klconvert's reader finds every float-stored weight listed in ignore
+
+
+def test_the_written_ignore_list_selects_by_released_names_what_the_recipe_selects_in_any_layout():
+    """On the 48B's tensors: whatever modules entries in other layouts' names select, the entries check_against adds
+    select exactly those by their released names, in few lines."""
+    recipe = parse_recipe(recipe_text("re:.*\\.mlp\\.shared_experts\\..*", "re:.*forget_gate\\.f_a_proj$",
+                                      "re:model\\.layers\\.(1|2)\\.mlp\\.experts\\.(3|7)\\.down_proj$",
+                                      "re:model\\.layers\\.5\\.mlp\\.experts\\.\\d+\\..*"), "recipe.yaml")
+    checked = recipe.policy.check_against(KIMI.items())
+    linear = [(name, shape) for name, shape in KIMI.items() if is_linear_weight(name, shape)]
+    kept = {match_key(name) for name, shape in linear if checked.scheme_for(name, shape) is None}
+    written = {match_key(name) for name, _ in linear if any(e.matches(match_key(name), False) for e in checked.ignore)}
+    assert written == kept
+    assert {"model.layers.2.block_sparse_moe.experts.7.w2", "model.layers.5.block_sparse_moe.experts.255.w3"} < kept
+    assert not {"model.layers.2.block_sparse_moe.experts.6.w2", "model.layers.6.block_sparse_moe.experts.0.w3"} & kept
+    assert [e.pattern for e in checked.ignore[-2:]] == [
+        "re:model\\.layers\\.5\\.mlp\\.experts\\.\\d+\\..*",
+        "re:model\\.layers\\.5\\.block_sparse_moe\\.experts\\.\\d+\\.w\\d+$"]
+    assert len(checked.ignore) - len(recipe.policy.ignore) == 6   # the shared experts' 3, f_a, w2, layer 5's
+
+
+def test_layout_names_read_the_name_table_backwards():
+    assert layout_names("model.layers.0.self_attn.f_a_proj.weight") == (
+        "model.layers.0.self_attn.forget_gate.f_a_proj.weight",)
+    assert layout_names("model.layers.1.block_sparse_moe.experts.3.w3.weight") == (
+        "model.layers.1.mlp.experts.3.up_proj.weight", "model.layers.1.block_sparse_moe.experts.3.up_proj.weight")
+    assert layout_names("model.layers.0.self_attn.q_conv1d.weight") == ("model.layers.0.self_attn.conv1d.weight",)
+    assert layout_names("lm_head.weight") == ()
+
+
+NEAREST_F_A = "model.layers.0.self_attn.forget_gate.f_a_proj or model.layers.6.self_attn.forget_gate.f_a_proj"
+
+
+@pytest.mark.parametrize("entry,nearest", [
+    ("model.layers.0.self_attn.forget.f_a_proj", NEAREST_F_A),
+    ("model.layers.1", "model.layers.1.mlp.gate or model.layers.7.mlp.gate"),   # a parent: its children stay
+    ("re:.*forget_gates\\..*", "model.layers.6.self_attn.forget_gate.A_log or model.layers.5.self_attn.forget_gate"
+                              ".A_log"),
+], ids=["typo", "parent", "re"])
+@pytest.mark.parametrize("command", ["quantize", "plan"])
+def test_an_ignore_entry_naming_no_module_is_refused(command, entry, nearest, tiny_released, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_text(entry))
+    args = (("quantize", tiny_released, tmp_path / "q") if command == "quantize" else ("plan", "--model", "tiny"))
+    code, _, err = run_cli(capsys, *args, "--recipe", recipe)
+    line = assert_one_line_error(code, err)
+    assert line == (f"klconvert: error: {recipe}:13: ignore entry {entry!r} names no module of this model in the "
+                    "released, transformers or llm-compressor layout, so it would keep nothing unquantized; fix it "
+                    f"(the nearest module names: {nearest}) or remove it")
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_shipped_recipes_ignore_entries_name_modules_of_tiny_and_the_48b(path):
+    policy = load_recipe(path).policy
+    policy.check_against(KIMI.items())
+    tiny = expected_tensors(KimiLinearConfig.from_dict(preset_config("tiny")))
+    policy.check_against((name, spec.shape) for name, spec in tiny.items())
+
+
+def test_only_a_recipe_is_held_to_its_ignore_entries():
+    """The flags' policy names the modules any Kimi Linear may have (not strict): a model cut to one layer, whose MLP
+    is dense, takes it; a recipe's entry naming the MoE router is refused there."""
+    one_layer = [(name, spec.shape) for name, spec in expected_tensors(KimiLinearConfig.from_dict(
+        preset_config("kimi-linear-48b", 1))).items()]
+    policy_from_options(4, 128).check_against(one_layer)
+    with pytest.raises(KLError, match="recipe.yaml:9: ignore entry .* names no module") as e:
+        parse_recipe(recipe_text(), "recipe.yaml").policy.check_against(one_layer)
+    assert "(block_sparse_moe|mlp)" in str(e.value)
