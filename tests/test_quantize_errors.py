@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,58 @@ def test_a_recipe_group_size_that_leaves_partial_groups_names_its_group_and_the_
     code, _, err = run_cli(capsys, "quantize", tiny_released, tmp_path / "g128", "--recipe", recipe,
                            "--allow-split-fused")   # KEEP keeps b_proj and f_a_proj, which vLLM fuses with q/k/v
     assert code == 0, err
+
+
+def shared_experts_recipe(tmp_path, bits: int, group_size: int) -> Path:
+    """The shared experts at `bits` in groups of `group_size` by a target that mentions "experts" (which transformers
+    reads the routed experts with), the rest int4 in groups of 128 by "Linear"; the groups at lines 7 and 10."""
+    recipe = tmp_path / "shared.yaml"
+    recipe.write_text(textwrap.dedent(f"""\
+        quant_stage:
+          quant_modifiers:
+            QuantizationModifier:
+              ignore: {json.dumps(KEEP)}
+              config_groups:
+                shared:
+                  targets: ["re:.*shared_experts.*"]
+                  weights: {{num_bits: {bits}, group_size: {group_size}}}
+                rest:
+                  targets: [Linear]
+                  weights: {{num_bits: 4, group_size: 128}}
+        """))
+    return recipe
+
+
+def test_a_recipe_group_size_advice_keeps_the_routed_experts_read_as_stored(tiny_released, tmp_path, capsys):
+    """h188: a shared-experts group of group_size 256 (tiny's shared experts take 128 inputs) was offered 128, 32 or
+    64; 32 and 64 met the next refusal, transformers reading the routed experts with this group's scheme while
+    "Linear" stores them at 128. Now only the size that keeps the two alike is offered, and it quantizes."""
+    recipe = shared_experts_recipe(tmp_path, 4, 256)
+    line = fails(capsys, tmp_path, "--recipe", recipe, src=tiny_released)
+    assert line == ("klconvert: error: model.layers.1.block_sparse_moe.shared_experts.gate_proj.weight (target "
+                    f"'re:.*shared_experts.*' of shared, {recipe}:7): group size 256 does not divide the input dim of "
+                    "shape [128, 128]; use group_size 128, group rest's: transformers reads the routed experts with "
+                    "the scheme of group shared (its target 're:.*shared_experts.*' is the first that mentions "
+                    '"experts") and group rest stores them, so the two must stay alike; or leave this tensor out of '
+                    "the recipe's targets")
+    with pytest.raises(KLError) as api:
+        quantize(tiny_released, tmp_path / "api", recipe=recipe, progress=False)
+    assert f"klconvert: error: {api.value}" == line
+    followed = shared_experts_recipe(tmp_path, 4, 128)
+    code, _, err = run_cli(capsys, "quantize", tiny_released, tmp_path / "g128", "--recipe", followed,
+                           "--allow-split-fused")
+    assert code == 0, err
+
+
+def test_a_partial_group_no_size_can_keep_alike_is_told_what_can(tiny_released, tmp_path, capsys):
+    """At 8 bits no group size makes the shared experts' scheme the routed experts' (int4): the refusal is that of
+    transformers' reading, whose advice (a target without the word "experts") frees the group size."""
+    recipe = shared_experts_recipe(tmp_path, 8, 256)
+    line = fails(capsys, tmp_path, "--recipe", recipe, src=tiny_released)
+    assert line == (f"klconvert: error: {recipe}:7: transformers reads the routed experts with the scheme of group "
+                    "shared (int8 g256 sym: its target 're:.*shared_experts.*' is the first that mentions "
+                    '"experts"), but group rest stores them (int4 g128 sym); write the other groups\' targets as re: '
+                    'patterns without the word "experts" (e.g. re:^lm_head$, re:.*\\.shared_\\w+\\.down_proj$)')
 
 
 def test_recipe_problems(tiny_released, tmp_path, capsys):

@@ -354,8 +354,6 @@ class Policy:
                 raise KLError(f"{name} {list(shape)} is a linear weight that no target selects and no ignore entry "
                               "lists; runtimes would not know how it is stored -- add it to a group's targets or "
                               "to ignore")
-        for stored in in_groups.values():
-            self._refuse_partial_group(stored)
         groups = []
         for g in self.groups:
             unused = [e for e in g.targets if (g.name, e.pattern) not in used]
@@ -368,6 +366,8 @@ class Policy:
                 groups.append(replace(g, targets=kept))
         checked = replace(self, groups=tuple(groups))
         checked._ignored.update(self._ignored)   # the same ignore list
+        for stored in in_groups.values():
+            checked._refuse_partial_group(stored, experts_group)
         if experts_group is not None and checked.kind == "int":
             checked._refuse_transformers_experts_misread(experts_group)
         return checked
@@ -413,10 +413,13 @@ class Policy:
                           r"too (e.g. re:.*\.(block_sparse_moe|mlp)\.shared_experts\..*)")
         return tuple(out)
 
-    def _refuse_partial_group(self, stored: list[tuple[str, tuple[int, ...], Group, Entry]]) -> None:
+    def _refuse_partial_group(self, stored: list[tuple[str, tuple[int, ...], Group, Entry]],
+                              experts: Group | None) -> None:
         """KLError when one of the weights `stored` at one group size (each with its shape, the group that stores it
         and the target that selected it) is left a partial group, offering the sizes that divide every one's input
-        dim."""
+        dim -- only the one that keeps the scheme transformers reads the routed experts with that of `experts`, the
+        group storing them, where the partial group is one of the two (another would meet that refusal next); the
+        refusal of transformers' reading itself where no size does."""
         partial = next(((name, shape, group, entry) for name, shape, group, entry in stored
                         if shape[1] % group.scheme.group_size), None)
         if partial is None:
@@ -427,9 +430,20 @@ class Policy:
             raise KLError(f"{self.group_size_flag} {size} does not divide {shape[1]}, the input dim of {name} "
                           f"{list(shape)}; "
                           + whole_groups_advice(in_dims, self.group_size_flag, "every weight the flags quantize"))
-        raise KLError(f"{name} (target {shown(entry.pattern)} of {group.name}, {entry.where}): group size {size} does "
-                      f"not divide the input dim of shape {list(shape)}; "
-                      + whole_groups_advice(in_dims, "group_size", f"every tensor {group.name} selects")
+        said = f"{name} (target {shown(entry.pattern)} of {group.name}, {entry.where}): group size {size} does not " \
+               f"divide the input dim of shape {list(shape)}; "
+        reader, reader_entry, why = self._experts_reader() if experts is not None else (None, None, "")
+        if reader is not None and reader.name != experts.name and group.name in (reader.name, experts.name):
+            other = experts if group.name == reader.name else reader
+            alike = other.scheme.group_size
+            if (replace(group.scheme, group_size=alike) != other.scheme or alike == CHANNEL
+                    or any(in_dim % alike for in_dim in in_dims)):
+                raise self._experts_misread(experts, reader, reader_entry, why)   # no group size reads them alike
+            raise KLError(f"{said}use group_size {alike}, group {other.name}'s: transformers reads the routed experts "
+                          f"with the scheme of group {reader.name} (its target {shown(reader_entry.pattern)} is the "
+                          f"first that {why}) and group {experts.name} stores them, so the two must stay alike; or "
+                          "leave this tensor out of the recipe's targets")
+        raise KLError(said + whole_groups_advice(in_dims, "group_size", f"every tensor {group.name} selects")
                       + "; or leave this tensor out of the recipe's targets")
 
     def _kept_whole(self, names_and_shapes) -> list[Entry]:
@@ -451,24 +465,34 @@ class Policy:
         # name target win wherever it is listed
         return sorted(self.groups, key=lambda g: any(e.pattern == LINEAR for e in g.targets))
 
-    def _refuse_transformers_experts_misread(self, experts: Group) -> None:
-        """transformers (5.17 to 5.24, integrations/compressed_tensors.py get_experts_scheme) reads every routed
-        expert with one group's scheme: the first group with a `re:` target containing "experts", else the first
-        with a plain (non-`re:`) target. KLError when that is not the group that stores them."""
+    def _experts_reader(self) -> tuple[Group, Entry, str]:
+        """The group whose scheme transformers (5.17 to 5.24, integrations/compressed_tensors.py get_experts_scheme)
+        reads every routed expert with, the target that makes it so, and why: the first group with a `re:` target
+        containing "experts", else the first with a plain (non-`re:`) target."""
         written = self._written_groups()
         mention = [g for g in written if any(e.pattern.startswith("re:") and "experts" in e.pattern for e in g.targets)]
         plain = [g for g in written if any(not e.pattern.startswith("re:") for e in g.targets)]
         chosen = (mention or plain or written)[0]
-        if chosen.name == experts.name or chosen.scheme == experts.scheme:
-            return
         entry = next((e for e in chosen.targets if e.pattern.startswith("re:") and "experts" in e.pattern),
                      next((e for e in chosen.targets if not e.pattern.startswith("re:")), chosen.targets[0]))
-        why = 'mentions "experts"' if mention else "is not a re: pattern"
-        raise KLError(f"{entry.where}: transformers reads the routed experts with the scheme of group {chosen.name} "
-                      f"({chosen.scheme.describe()}: its target {shown(entry.pattern)} is the first that {why}), but "
-                      f"group {experts.name} stores them ({experts.scheme.describe()}); write the other groups' "
-                      'targets as re: patterns without the word "experts" (e.g. re:^lm_head$, '
-                      r"re:.*\.shared_\w+\.down_proj$)")
+        return chosen, entry, 'mentions "experts"' if mention else "is not a re: pattern"
+
+    def _refuse_transformers_experts_misread(self, experts: Group) -> None:
+        """KLError when transformers reads the routed experts (_experts_reader) with another scheme than that of
+        `experts`, the group that stores them."""
+        reader, entry, why = self._experts_reader()
+        if reader.name != experts.name and reader.scheme != experts.scheme:
+            raise self._experts_misread(experts, reader, entry, why)
+
+    @staticmethod
+    def _experts_misread(experts: Group, reader: Group, entry: Entry, why: str) -> KLError:
+        """The refusal of transformers reading the routed experts, stored by `experts`, with the scheme of `reader`
+        (for the target `entry`, which `why`)."""
+        return KLError(f"{entry.where}: transformers reads the routed experts with the scheme of group {reader.name} "
+                       f"({reader.scheme.describe()}: its target {shown(entry.pattern)} is the first that {why}), but "
+                       f"group {experts.name} stores them ({experts.scheme.describe()}); write the other groups' "
+                       'targets as re: patterns without the word "experts" (e.g. re:^lm_head$, '
+                       r"re:.*\.shared_\w+\.down_proj$)")
 
     def quantization_config(self) -> dict:
         """config.json's `quantization_config`: compressed-tensors for int groups, bitsandbytes for nf4."""
