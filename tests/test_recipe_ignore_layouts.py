@@ -133,3 +133,14 @@ def test_only_a_recipe_is_held_to_its_ignore_entries():
     with pytest.raises(KLError, match="recipe.yaml:9: ignore entry .* names no module") as e:
         parse_recipe(recipe_text(), "recipe.yaml").policy.check_against(one_layer)
     assert "(block_sparse_moe|mlp)" in str(e.value)
+
+
+def test_a_pattern_written_for_the_released_projection_names_keeps_the_routed_experts_too():
+    """The README's warning: llm-compressor names the routed experts gate_proj/up_proj/down_proj, so an ignore pattern
+    meant for the shared experts' and the dense MLP's projections keeps the routed experts unquantized as well."""
+    recipe = parse_recipe(recipe_text("re:.*\\.(gate|up|down)_proj$"), "recipe.yaml")
+    checked = recipe.policy.check_against(KIMI.items())
+    assert checked.scheme_for("model.layers.1.block_sparse_moe.experts.7.w2.weight", KIMI[
+        "model.layers.1.block_sparse_moe.experts.7.w2.weight"]) is None
+    assert checked.scheme_for("model.layers.1.self_attn.q_proj.weight", KIMI[
+        "model.layers.1.self_attn.q_proj.weight"]) is not None
