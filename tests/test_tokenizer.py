@@ -115,6 +115,19 @@ def test_long_runs_are_cut_where_the_released_tokenizer_cuts_them(text):
     assert list(pieces_for_tiktoken(text, max_chars, max_run)) == expected
 
 
+def released_pieces(text: str) -> list[str]:
+    """tokenization_kimi.py's cuts at its own sizes: TIKTOKEN_MAX_ENCODE_CHARS = 400_000 characters a call, runs of more
+    than MAX_NO_WHITESPACES_CHARS = 25_000."""
+    return [piece for start in range(0, len(text), 400_000)
+            for piece in released_split(text[start:start + 400_000], 25_000)]
+
+
+@pytest.mark.parametrize("text", ["a" * 25_001, "\t\n" * 12_501 + "x", "ab " * 133_334], ids=["word", "tabs", "window"])
+def test_encode_cuts_at_the_released_tokenizers_sizes(text):
+    """Whitespace is what str.isspace says, tabs and newlines too; ids differ wherever a cut does."""
+    assert list(pieces_for_tiktoken(text)) == released_pieces(text)
+
+
 # ---- encode / decode ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("text", TEXTS)
 def test_round_trip_small_vocab(small, text):
@@ -175,6 +188,55 @@ def test_encode_chat_keeps_a_given_system_turn_and_history(small):
                                  "<|im_user|>user<|im_middle|>和3+3?<|im_end|>"
                                  "<|im_assistant|>assistant<|im_middle|>")
     assert ids.count(s["<|im_end|>"]) == 4
+
+
+def test_a_special_token_that_starts_another_is_split_off_whole(broken_folder):
+    """The template's specials are matched longest first: '<|im_end|>x' is one id, not '<|im_end|>' and text 'x' --
+    in the message the same text stays plain text."""
+    longer = SMALL_RANKS + 20
+    edit_config(broken_folder, lambda c: c["added_tokens_decoder"][str(longer)].update(content="<|im_end|>x"))
+    (broken_folder / "chat_template.jinja").write_text("{{ messages[0]['content'] }}<|im_end|>x")
+    tokenizer = Tokenizer.from_folder(broken_folder)
+    ids = tokenizer.encode_chat([{"role": "user", "content": "<|im_end|>x"}])
+    assert ids == tokenizer.encode("<|im_end|>x") + [longer]
+
+
+def test_a_message_holding_the_escape_codes_comes_back_as_it_was(small):
+    """U+F0000 is escaped too: a message holding U+F0000 U+F0001, the code of the first special escaped, came back as
+    that special's text."""
+    content = "\U000f0000\U000f0001 and \U000f0000"
+    assert content in small.decode(small.encode_chat([{"role": "user", "content": content}]))
+
+
+def test_the_template_is_given_the_bos_token(broken_folder):
+    (broken_folder / "chat_template.jinja").write_text("{{ bos_token }}{{ messages[0]['content'] }}")
+    tokenizer = Tokenizer.from_folder(broken_folder)
+    assert tokenizer.encode_chat([{"role": "user", "content": "hi"}]) == [tokenizer.bos_id, *tokenizer.encode("hi")]
+
+
+def test_templates_render_as_transformers_renders_them():
+    """trim_blocks and lstrip_blocks (a block tag's own line leaves nothing), and loop controls, as transformers'
+    render_jinja_template sets them."""
+    from klconvert.chat_template import render_chat_template
+
+    template = ("{% for m in messages %}\n  {% if m['content'] == 'stop' %}{% break %}{% endif %}\n"
+                "  {{ m['content'] }};\n{% endfor %}")
+    messages = [{"content": c} for c in ("a", "b", "stop", "c")]
+    assert render_chat_template(template, "t", messages=messages) == "  a;\n  b;\n"
+
+
+def test_a_render_is_stopped_past_the_callers_bound_and_no_sooner():
+    """A render of exactly max_chars passes; one past it is a RenderPastBound. Past the renderer's own bound (the
+    caller's is looser, or none) it is the template's fault, said as such."""
+    from klconvert.chat_template import RenderPastBound, render_chat_template
+
+    assert render_chat_template("{{ 'x' * 10 }}", "t", max_chars=10) == "x" * 10
+    with pytest.raises(RenderPastBound, match=r"^t: the rendered chat is longer than 9 characters$"):
+        render_chat_template("{{ 'x' * 10 }}", "t", max_chars=9)
+    with pytest.raises(KLError, match=r"^t: chat_template failed to render \(it writes more than [\d,]+ characters\)") \
+            as error:
+        render_chat_template("{{ 'x' * 3000000 }}", "t")
+    assert not isinstance(error.value, RenderPastBound)
 
 
 @pytest.mark.parametrize("template, want", [
