@@ -222,17 +222,22 @@ def test_the_runtime_plans_the_release_without_synth():
     assert proc.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("scheme", [QuantScheme(4, 128, True), QuantScheme(8, 32, False),
-                                    QuantScheme(4, CHANNEL, False), QuantScheme(4, 64, True, "nf4")],
-                         ids=lambda s: s.describe())
-def test_stored_bytes_are_the_bytes_the_converter_writes(scheme):
-    """The plan sizes a weight from the parts quant.stored names, which are the tensors the converter makes."""
-    w = torch.randn(256, 384, dtype=torch.bfloat16)
+@pytest.mark.parametrize("scheme, shape", [
+    (QuantScheme(4, 128, True), (256, 384)), (QuantScheme(8, 32, False), (256, 384)),
+    (QuantScheme(4, CHANNEL, False), (256, 384)), (QuantScheme(4, 64, True, "nf4"), (256, 384)),
+    # no whole int32 words: 70 rows of zero points, 100 columns of codes (a row's scale takes any width)
+    (QuantScheme(4, CHANNEL, False), (70, 100)), (QuantScheme(8, CHANNEL, False), (70, 100)),
+    (QuantScheme(4, 64, True, "nf4"), (64, 96)),   # 96 blocks: one nested block, not a whole one
+], ids=lambda v: v.describe() if isinstance(v, QuantScheme) else "x".join(map(str, v)))
+def test_stored_parts_are_the_tensors_the_converter_writes(scheme, shape):
+    """The plan sizes a weight, and the converter plans its output, from the parts quant.stored names: each is a
+    tensor the converter makes, of that dtype and shape."""
+    w = torch.randn(shape, dtype=torch.bfloat16)
     made = compress_nf4("m", w) if scheme.kind == "nf4" else compress_weight("m", w, scheme)
-    on_device = {n: t for n, t in made.items() if not n.endswith(("weight_shape", "quant_state.bitsandbytes__nf4"))}
-    assert sum(t.nbytes for t in on_device.values()) == stored_bytes((256, 384), scheme, torch.bfloat16)
-    assert {f"m.{p}" for p, _, _ in stored_parts((256, 384), torch.bfloat16, scheme)} == \
-        {n for n in made if not n.endswith("quant_state.bitsandbytes__nf4")}
+    on_device = {n: t for n, t in made.items() if not n.endswith(("weight_shape", NF4_STATE))}
+    assert sum(t.nbytes for t in on_device.values()) == stored_bytes(shape, scheme, torch.bfloat16)
+    assert {f"m.{p}": (dtype, size) for p, dtype, size in stored_parts(shape, torch.bfloat16, scheme)} == \
+        {n: (t.dtype, tuple(t.shape)) for n, t in made.items() if not n.endswith(NF4_STATE)}
 
 
 def test_the_part_tables_the_readers_use_are_the_parts_planned():

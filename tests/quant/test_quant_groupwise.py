@@ -23,6 +23,7 @@ from klconvert.quant import (
 )
 from klconvert.quant.groupwise import (CHANNEL, MSE_GRID, MSE_MAX_SHRINK, MSE_NORM, MSE_PATIENCE, qrange,
                                       whole_groups_advice)
+from klconvert.quant.pack_quantized import check_scales
 
 CASES = [(bits, sym, gs, dtype) for bits in (4, 8) for sym in (True, False) for gs in (32, 128)
          for dtype in (torch.float32, torch.bfloat16)]
@@ -132,6 +133,44 @@ def test_per_channel():
     ct_scheme = QuantizationScheme(targets=["Linear"], weights=args)
     ct_w = PackedQuantizationCompressor.decompress({k[2:]: v for k, v in tensors.items()}, ct_scheme)["weight"]
     assert torch.equal(ct_w, dequantize_groupwise(q, scale, zp))
+
+
+BF16_MAX = torch.finfo(torch.bfloat16).max
+
+
+def scale_parts(scale: float, zero_point: int | None = None) -> dict:
+    """One int4 group's scale (fp32, 8 rows) and, asymmetric, its zero point packed as the folder holds it."""
+    parts = {"weight_scale": torch.full((8, 1), scale)}
+    if zero_point is not None:
+        parts["weight_zero_point"] = pack_to_int32(torch.full((8, 1), zero_point, dtype=torch.int8), 4, packed_dim=0)
+    return parts
+
+
+@pytest.mark.parametrize("scale, zero_point, refused", [
+    (BF16_MAX / 8, None, False),      # -8 steps reach bf16's largest exactly
+    (BF16_MAX / 7.5, None, True),     # -8 steps pass it (7 would not: the symmetric range reaches -8)
+    (BF16_MAX * 1.002 / 8, None, True),  # past bf16's largest, within fp32's: bf16 is what a runtime holds weights in
+    (BF16_MAX / 15.1, 7, False),      # zero point 7: code -8 is 15 steps from it
+    (BF16_MAX / 14.5, 7, True),
+    (BF16_MAX / 14.5, -8, True),      # zero point -8: code 7 is 15 steps from it
+], ids=["sym-edge", "sym-minus-8", "fp32-past-bf16", "asym-edge", "asym-15-steps", "asym-low-zero"])
+def test_the_scale_check_holds_the_farthest_code_to_bf16(scale, zero_point, refused):
+    """check_scales against the format's arithmetic written out: the code farthest from a group's zero point times
+    its scale must be finite in bf16, whatever the scale's dtype -- else that weight dequantizes to infinity."""
+    scheme = QuantScheme(4, CHANNEL, zero_point is None)
+    if refused:
+        with pytest.raises(KLError, match=r"^w: its scale .* past the largest finite value 3\.39e\+38; fix it$"):
+            check_scales(scale_parts(scale, zero_point), scheme, "w", "fix it")
+    else:
+        check_scales(scale_parts(scale, zero_point), scheme, "w", "fix it")
+
+
+def test_an_asymmetric_weight_without_its_zero_points_is_refused():
+    """Read without them, the codes were taken as centred on 0 -- or a KeyError, not the line naming what is missing."""
+    tensors = compress_weight("m", torch.randn(8, 64), QuantScheme(4, 32, False))
+    del tensors["m.weight_zero_point"]
+    with pytest.raises(KLError, match=r"lack \['weight_zero_point'\]; the checkpoint is incomplete"):
+        decompress_weight(tensors, QuantScheme(4, 32, False))
 
 
 def test_group_size_must_divide_in_dim():
@@ -298,6 +337,9 @@ def test_an_nf4_scheme_names_the_fields_nf4_fixes_and_their_values():
     with pytest.raises(KLError, match=r"^nf4 is 4-bit, symmetric, in blocks of 64, min-max; got bits=8, "
                                       r"symmetric=False -- pass bits=4, symmetric=True$"):
         QuantScheme(8, 64, False, kind="nf4")
+    with pytest.raises(KLError, match=r"^nf4 is 4-bit, symmetric, in blocks of 64, min-max; got group_size=128 -- pass "
+                                      r"group_size=64$"):   # taken, it wrote blocks of 64 all the same
+        QuantScheme(4, 128, True, kind="nf4")
 
 
 def test_observer_must_be_known():

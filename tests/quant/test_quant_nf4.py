@@ -43,6 +43,16 @@ def test_nf4_roundtrip_through_safetensors(tmp_path, dtype):
     assert torch.equal(bnbf.dequantize_4bit(param.data, param.quant_state), dq)
 
 
+def test_nf4_of_a_last_block_short_of_64_reads_as_bitsandbytes_wrote_it():
+    """klconvert writes whole blocks only, but bitsandbytes (and a folder it wrote) ends a weight of 150 values with a
+    block of 22: three absmax, each block's and the nested one's counts rounded up."""
+    w = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4",
+                                       quant_storage=torch.uint8)
+    tensors = {P + ".weight": packed, **{f"{P}.weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
+    assert torch.equal(decompress_nf4(tensors), bnbf.dequantize_4bit(packed, state))
+
+
 def test_nf4_without_double_quant():
     w = torch.randn(64, 128)
     tensors = compress_nf4(P, w, double_quant=False)
@@ -53,6 +63,15 @@ def test_nf4_without_double_quant():
 def test_nf4_errors():
     with pytest.raises(KLError, match="conv1d.*not a 2-D"):
         compress_nf4("model.layers.0.self_attn.q_conv1d", torch.zeros(64, 1, 4))
+    # compress_nf4's own refusal of what the policy refuses before it: bitsandbytes would end it with a short block
+    with pytest.raises(KLError, match=rf"^{P}\.weight: 150 elements do not fill whole NF4 blocks of 64; leave it out"):
+        compress_nf4(P, torch.randn(3, 50))
+    for bad in ("nan", "inf"):   # bitsandbytes writes them into the absmax: a folder that dequantizes to NaN
+        w = torch.randn(64, 64)
+        w[5, 7] = float(bad)
+        with pytest.raises(KLError, match=rf"^{P}\.weight: the weight holds NaN or Inf values; the checkpoint is "
+                                          "damaged -- re-download it$"):
+            compress_nf4(P, w)
     with pytest.raises(KLError, match="lack"):
         decompress_nf4({P + ".weight": torch.zeros(8, 1, dtype=torch.uint8)})
 
@@ -83,6 +102,7 @@ def test_a_damaged_nf4_quant_state_is_refused_before_bitsandbytes_reads_it(doubl
         ({**tensors, state: _state(fields.replace('"blocksize": 64', '"blocksize": 0'))}, "do not describe"),
         ({**tensors, state: _state(fields.replace("[128, 128]", "[128, 64]"))}, "do not describe its 16384"),
         ({**tensors, state: _state('{"quant_type": "nf4"}')}, "do not describe"),
+        ({**tensors, state: _state(fields.replace('"nf4"', '"fp4"'))}, "do not describe"),   # another code book
         ({**tensors, state: _state(fields.replace('"blocksize": 64', '"blocksize": 64.0'))}, "do not describe"),
         ({**tensors, state: _state(fields + " " * 5000)}, "is 5,... bytes, far more than its few fields"),
     ]
