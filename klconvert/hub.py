@@ -182,8 +182,9 @@ def pull(
                 _refuse_unwritable_names(wanted, where, local_dir is not None)
                 if check_files is not None:
                     check_files(wanted)
-                _drop_copies_of_another_size(wanted, repo, commit, cache_dir, local_dir)
-                missing = [f for f in wanted if not _is_already_here(f, repo, commit, cache_dir, local_dir)]
+                short = _copies_of_another_size(wanted, repo, commit, cache_dir, local_dir)
+                missing = [f for f in wanted
+                           if f.path in short or not _is_already_here(f, repo, commit, cache_dir, local_dir)]
                 fetch_bytes = sum(f.size or 0 for f in missing)
                 free = free_disk_bytes(target)
                 if progress:
@@ -195,6 +196,11 @@ def pull(
                         f"files but only {free_text} is free; free space or pass a --local-dir or --cache-dir on a "
                         "larger disk"
                     )
+                # past the last refusal: a refused pull removes nothing
+                blobs = None if local_dir is not None else \
+                    cache_dir / repo_folder_name(repo_id=repo, repo_type="model") / BLOBS
+                for path in (path for paths in short.values() for path in paths):
+                    _remove(path, blobs)
                 if local_dir is not None:  # a record of an earlier pull must not describe a half-updated folder
                     (local_dir / LOCAL_DIR_RECORD).unlink(missing_ok=True)
             if listing is None:  # offline, no cached listing: huggingface_hub 1.x would ask the hub for one, so look
@@ -567,14 +573,15 @@ def _is_already_here(f: HubFile, repo: str, commit: str, cache_dir: Path, local_
     return blob_name is not None and (storage / BLOBS / blob_name).is_file()
 
 
-def _drop_copies_of_another_size(wanted: list[HubFile], repo: str, commit: str, cache_dir: Path,
-                                 local_dir: Path | None) -> None:
-    """Remove each wanted file's copy already here -- in the --local-dir; in the cache, the commit's snapshot file or
-    the blob of another commit -- of a size other than the hub lists (a download or a disk that failed; what an
-    offline pull calls the copy incomplete for): huggingface_hub takes one there as fetched whatever its size, so only
-    the verification after the download found it, and only a second pull fetched it."""
+def _copies_of_another_size(wanted: list[HubFile], repo: str, commit: str, cache_dir: Path,
+                            local_dir: Path | None) -> dict[str, list[Path]]:
+    """Each wanted file's copies already here -- in the --local-dir; in the cache, the commit's snapshot file or the
+    blob of another commit -- of a size other than the hub lists (a download or a disk that failed; what an offline
+    pull calls the copy incomplete for), by the file's path in the repo: huggingface_hub takes one there as fetched
+    whatever its size, so only the verification after the download found it, and only a second pull fetched it. The
+    pull removes them once past its refusals."""
     storage = cache_dir / repo_folder_name(repo_id=repo, repo_type="model")
-    blobs = None if local_dir is not None else storage / BLOBS
+    out: dict[str, list[Path]] = {}
     for f in wanted:
         blob_name = f.sha256 or f.blob_id
         copies = ([local_dir / f.path] if local_dir is not None else
@@ -585,7 +592,8 @@ def _drop_copies_of_another_size(wanted: list[HubFile], repo: str, commit: str, 
             except OSError:   # not there (a link: not what it points to)
                 continue
             if size != f.size:
-                _remove(path, blobs)
+                out.setdefault(f.path, []).append(path)
+    return out
 
 
 def _announce(repo, revision, commit, listing: list[HubFile], wanted: list[HubFile], fetch_bytes, target, free):

@@ -1219,3 +1219,19 @@ def test_an_incomplete_copy_offline_is_fetched_whole_by_the_online_pull_it_advis
     assert again.bytes_downloaded == (checkpoint / SHARD_2).stat().st_size
     assert (again.path / SHARD_2).read_bytes() == (checkpoint / SHARD_2).read_bytes()
     assert server.gets(SHARD_2) == 2 and all(server.gets(p) == 1 for p in PULLED if p != SHARD_2)
+
+
+@pytest.mark.parametrize("into", ["cache", "local-dir"])
+def test_a_pull_refused_for_disk_space_removes_no_copy_of_another_size(served, checkpoint, tmp_path, monkeypatch,
+                                                                       into):
+    """A copy of another size than the hub's (a shard cut short) is removed only once the pull is past its refusals:
+    one refused for disk space leaves it (h197: a user's edited config.json in a --local-dir was deleted, then the
+    pull refused); the shard's refetch counts toward the space the pull needs."""
+    where = {"local_dir": tmp_path / "kimi"} if into == "local-dir" else {}
+    shard = hub.pull(REPO, progress=False, **where).path / SHARD_2
+    shard.resolve().write_bytes(b"x" * 1000)
+    size = (checkpoint / SHARD_2).stat().st_size
+    monkeypatch.setattr(hub, "free_disk_bytes", lambda folder: size - 1)
+    with pytest.raises(KLError, match=f"needs {size:,} bytes for 1 files but only {size - 1:,} bytes is free"):
+        hub.pull(REPO, progress=False, **where)
+    assert shard.resolve().read_bytes() == b"x" * 1000
