@@ -447,7 +447,8 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
     from klconvert.tokenizer import ChatPastTokens, StreamDecoder, Tokenizer
 
     # which model runs is said once every check has passed, just before it runs
-    folder, which = default_model("running") if model is None else (model_folder(model, f"--model {model}"), None)
+    folder, which = default_model("running", needs_tokenizer=True) if model is None else \
+        (model_folder(model, f"--model {model}"), None)
     # the model as its lines name it: as given, or the default by the name --model takes (not the install path)
     named = model if model is not None else BUNDLED_NAME if folder == bundled_dir() else str(folder)
     if engine == "onnxruntime":  # before the context checks, which would name --max-context
@@ -606,7 +607,8 @@ def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) ->
     require("onnx", "export-onnx")
     from klconvert.onnx.export import DEFAULT_OPSET, export_onnx as export
 
-    folder, which = default_model("exported") if model is None else (model_folder(model, f"--model {model}"), None)
+    folder, which = default_model("exported", needs_tokenizer=False) if model is None else \
+        (model_folder(model, f"--model {model}"), None)
     path = export(folder, out, opset=DEFAULT_OPSET if opset is None else opset, force=force)
     if which is not None:   # said once the export is done: a refused one is its error line alone
         click.echo(f"klconvert: {which}", err=True)

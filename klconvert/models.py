@@ -91,9 +91,11 @@ def _no_folder(path: Path) -> str:
     return f"is {'a file' if stat.S_ISREG(mode) else kind_of(mode)}, not a folder"
 
 
-def default_model(verb: str) -> tuple[Path, str]:
+def default_model(verb: str, needs_tokenizer: bool) -> tuple[Path, str]:
     """What `klconvert run` and `export-onnx` use without --model: the quantized 48B folder when it is here, else
-    the bundled model; with the line saying which, `verb` being what the command does with it ("running"). A name
+    the bundled model; with the line saying which, `verb` being what the command does with it ("running"). The 48B
+    folder must hold its weights, and its tokenizer where the command `needs_tokenizer` (export-onnx copies one only
+    where it is there: a folder of weights alone exports). A name
     there that is no folder -- a file, or a link to nothing (a disk not mounted) -- or a folder without config.json
     (made by hand, or emptied) is refused, not passed over, in words that name no --model the user never gave."""
     refuse_unreachable(DEFAULT_MODEL_DIR)
@@ -102,7 +104,7 @@ def default_model(verb: str) -> tuple[Path, str]:
         refuse_unreachable(default / CONFIG_FILE)   # one that cannot be looked at is said so, not as missing
         if not os.path.lexists(default / CONFIG_FILE):
             raise _not_a_default_model(f"holds no {CONFIG_FILE}")
-        missing = _missing_files(default)
+        missing = _missing_files(default, needs_tokenizer)
         if missing:   # a copy cut short: its readers' lines would blame a download, or a --model never given
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             raise KLError(f"{DEFAULT_MODEL_DIR}: holds {CONFIG_FILE} but not {', '.join(missing[:3])}{more} -- the "
@@ -127,16 +129,18 @@ def _making_the_default(default: Path) -> str:
     return "`klconvert pull-and-quantize --bits 4` makes the 48B one"
 
 
-def _missing_files(folder: Path) -> list[str]:
-    """The files a checkpoint folder needs to run that `folder` lacks: its tokenizer's, and its weights -- the shards
-    its index names, or the one-shard file. An index that cannot be read names no shard (its reader says what is
-    wrong with it), nor does a name in it that is no plain file name. An ONNX export holds weights of its own."""
+def _missing_files(folder: Path, needs_tokenizer: bool) -> list[str]:
+    """The files a checkpoint folder needs that `folder` lacks: its tokenizer's (where `needs_tokenizer`), and its
+    weights -- the shards its index names, or the one-shard file. An index that cannot be read names no shard (its
+    reader says what is wrong with it), nor does a name in it that is no plain file name. An ONNX export holds
+    weights of its own."""
     from klconvert.checkpoint.folder_files import (GENAI_CONFIG, INDEX_FILE, MAX_INDEX_BYTES, MAX_INDEX_VALUES,
                                                    SINGLE_FILE, is_plain_file_name)
     from klconvert.checkpoint.regular_file import read_json
     from klconvert.tokenizer import BPE_FILE, TOKENIZER_CONFIG_FILE   # (tokenizer imports this module)
 
-    missing = [name for name in (BPE_FILE, TOKENIZER_CONFIG_FILE) if not os.path.lexists(folder / name)]
+    missing = [name for name in (BPE_FILE, TOKENIZER_CONFIG_FILE)
+               if needs_tokenizer and not os.path.lexists(folder / name)]
     if os.path.lexists(folder / GENAI_CONFIG):
         return missing
     if not os.path.lexists(folder / INDEX_FILE):

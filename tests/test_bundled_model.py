@@ -223,12 +223,12 @@ def test_a_default_model_folder_without_config_names_no_model_flag(tmp_path, mon
     assert not (tmp_path / "onnx").exists()
 
 
-@pytest.mark.parametrize("dropped, said", [
-    (["tiktoken.model"], "not tiktoken.model --"),
-    (["model-0000[24]-*"], "not model-00002-of-00004.safetensors, model-00004-of-00004.safetensors --"),
-    (["model*"], "not model.safetensors.index.json or model.safetensors --"),
-], ids=["tokenizer", "shard", "weights"])
-@pytest.mark.parametrize("verb", ["run", "export-onnx"])
+@pytest.mark.parametrize("dropped, said, verb", [
+    (["tiktoken.model"], "not tiktoken.model --", "run"),   # export-onnx copies a tokenizer only where it is there
+    *((dropped, said, verb) for dropped, said in [
+        (["model-0000[24]-*"], "not model-00002-of-00004.safetensors, model-00004-of-00004.safetensors --"),
+        (["model*"], "not model.safetensors.index.json or model.safetensors --")] for verb in ["run", "export-onnx"]),
+], ids=["tokenizer-run", "shard-run", "shard-export-onnx", "weights-run", "weights-export-onnx"])
 def test_a_half_copied_default_model_folder_says_what_it_lacks(tiny_released, tmp_path, monkeypatch, capsys, dropped,
                                                                said, verb):
     """A default folder holding config.json but not the rest was read as a checkpoint, and refused by the first
@@ -244,6 +244,19 @@ def test_a_half_copied_default_model_folder_says_what_it_lacks(tiny_released, tm
     assert_one_line_error(code, err, f"{DEFAULT_MODEL_DIR}: holds config.json but {said} the 48B folder used when no "
                           "--model is given is not whole", "finish copying it, or remove it", "pass --model DIR")
     assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.slow
+def test_a_default_folder_of_weights_alone_exports(tiny_released, tmp_path, monkeypatch, capsys):
+    """export-onnx takes a folder of weights alone (it copies a tokenizer only where there is one): the default 48B
+    folder so made was refused as a copy cut short (h197)."""
+    pytest.importorskip("onnx")
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_released, Path(DEFAULT_MODEL_DIR))
+    for name in ("tiktoken.model", "tokenizer_config.json"):
+        (Path(DEFAULT_MODEL_DIR) / name).unlink()
+    code, out, err = run_cli(capsys, "export-onnx", "--out", "onnx")
+    assert code == 0 and out == "onnx\n", err
 
 
 @pytest.mark.parametrize("args", [
