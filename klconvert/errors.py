@@ -52,7 +52,7 @@ def shown(value) -> str:
 # The letters whose names start with a vowel sound: the first of a name said letter by letter ("an HTTPError")
 _VOWEL_SOUNDING_LETTERS = "aefhilmnorsx"
 # Starts of names whose u is said "you", a consonant sound ("a uint8", "a UserDict")
-_U_SAID_YOU = ("uint", "uni", "use", "usi", "uuid", "utf")
+_U_SAID_YOU = ("uint", "uni", "usa", "use", "usi", "uuid", "utf")
 
 
 def a_type(value) -> str:

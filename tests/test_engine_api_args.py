@@ -1088,7 +1088,8 @@ def test_a_value_is_shown_whole_or_by_its_size(value, said):
 @pytest.mark.parametrize("value, said", [
     (np.zeros(1), "an ndarray"), (np.uint8(1), "a uint8"),   # were "a ndarray" and "an uint8"
     (1, "an int"), ("x", "a str"), (OSError(), "an OSError"), (type("HTTPError", (), {})(), "an HTTPError"),
-], ids=["ndarray", "uint8", "int", "str", "OSError", "HTTPError"])
+    (type("Usage", (), {})(), "a Usage"),   # h197: was "an Usage"
+], ids=["ndarray", "uint8", "int", "str", "OSError", "HTTPError", "Usage"])
 def test_a_type_takes_the_article_of_its_names_sound(value, said):
     from klconvert.errors import a_type
 
