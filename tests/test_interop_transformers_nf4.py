@@ -4,6 +4,7 @@ default nf4 folder, whose experts are NF4, fails to load, and one whose recipe k
 loads with every other NF4 weight as we store it."""
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -11,11 +12,13 @@ import torch
 
 import klconvert
 from klconvert.checkpoint.name_map import canonical_pieces
+from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.quant import policy_from_options
-from klconvert.quant.policy import Entry
+from klconvert.quant.bnb_declared import converted_module
+from klconvert.quant.policy import Entry, is_linear_weight, kept_in_high_precision
 from klconvert.quantize import quantize
-from testkit import TRANSFORMERS_ON_THE_CPU
+from testkit import TRANSFORMERS_ON_THE_CPU, run_cli
 
 transformers = pytest.importorskip("transformers")
 bnb = pytest.importorskip("bitsandbytes", reason="the [nf4] extra is not installed")
@@ -102,3 +105,55 @@ def test_transformers_loads_nf4_with_the_routed_experts_kept(nf4_folders, traine
     err, quant_err = rel_err(got, want), rel_err(want, ours(trained_like))
     assert err < 2e-2 and err < quant_err / 2, (err, quant_err)
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+
+# transformers' own bitsandbytes NF4 (its quick start's config): what from_pretrained and save_pretrained give a user
+TRANSFORMERS_NF4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                    "bnb_4bit_compute_dtype": torch.bfloat16}
+TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json", "special_tokens_map.json")
+ROUTED_W2 = "model.layers.1.block_sparse_moe.experts.0.w2.weight"
+SHARED_GATE = "model.layers.1.block_sparse_moe.shared_experts.gate_proj.weight"
+
+
+def saved_by_transformers(src, out, **options):
+    """`src` quantized to NF4 by transformers itself and saved as it saves it, with `src`'s tokenizer beside it."""
+    config = transformers.BitsAndBytesConfig(**TRANSFORMERS_NF4, **options)
+    transformers_model(src, quantization_config=config).save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        shutil.copy(src / name, out / name)
+    return out
+
+
+@TRANSFORMERS_ON_THE_CPU
+@pytest.mark.parametrize("skip_modules", [None, ["lm_head", "model.layers.1.mlp.shared_experts",
+                                                 r".*\.forget_gate\.f_a_proj"]],
+                         ids=["transformers-default", "skips-by-in-memory-names"])
+def test_an_nf4_folder_transformers_writes_runs(trained_like, tmp_path, capsys, skip_modules):
+    """transformers never converts the routed experts (3-D parameters, no nn.Linear) and saves them as floats under a
+    skip list that does not list them; it matches the list against its in-memory names (mlp.shared_experts,
+    self_attn.forget_gate.f_a_proj), not the released ones it saves under. Both folders were refused as floats that
+    quantization_config declares 4-bit; they run, each weight read as transformers stored it."""
+    folder = saved_by_transformers(trained_like, tmp_path / "nf4", llm_int8_skip_modules=skip_modules)
+    ckpt, src = open_checkpoint(folder), open_checkpoint(trained_like)
+    kept = [ROUTED_W2] + ([SHARED_GATE, "model.layers.0.self_attn.f_a_proj.weight"] if skip_modules else [])
+    for name in kept:
+        assert not isinstance(ckpt.sources[name], QuantizedSource), name
+        assert torch.equal(ckpt.get(name), src.get(name).to(torch.bfloat16)), name
+    assert isinstance(ckpt.sources[SHARED_GATE], QuantizedSource) == (skip_modules is None)
+    assert torch.isfinite(ours(folder)).all()
+    code, out, err = run_cli(capsys, "run", "--model", folder, "--prompt", "hi", "--max-new-tokens", "2", "--device",
+                             "cpu")
+    assert code == 0 and out, err
+
+
+def test_converted_modules_are_the_linears_transformers_builds(tiny_released):
+    """converted_module names, for each released linear weight but the routed experts', a module transformers builds as
+    an nn.Linear (its in-memory name, which llm_int8_skip_modules is matched against), and every one it builds."""
+    config = transformers.AutoConfig.from_pretrained(tiny_released)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    linears = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    ckpt = open_checkpoint(tiny_released)
+    converted = {converted_module(name) for name, spec in ckpt.expected.items()
+                 if is_linear_weight(name, spec.shape) and kept_in_high_precision(name) is None}
+    assert converted - {None} == linears

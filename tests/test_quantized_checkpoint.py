@@ -586,17 +586,6 @@ def test_nf4_data_without_its_quant_state_is_named_so(nf4_folder, tmp_path, caps
         "weight.quant_state.bitsandbytes__nf4; the conversion was cut short -- run it again")
 
 
-def test_experts_stacked_as_floats_under_bitsandbytes_are_refused(nf4_folder, tiny_released, tmp_path):
-    folder = shutil.copytree(nf4_folder, tmp_path / "q")
-    _damage(folder, _experts_stacked_as_floats(tiny_released, 1))
-    with pytest.raises(klconvert.KLError, match=re.escape(
-            "tensor 'model.layers.1.mlp.experts.down_proj' is stored as floats, but quantization_config (bitsandbytes) "
-            "declares the expert weights it stacks ('model.layers.1.block_sparse_moe.experts.0.w2' first) 4-bit NF4 "
-            "(quantization_config.llm_int8_skip_modules does not list them): transformers would look for "
-            "each one's NF4 quant state")):
-        open_checkpoint(folder)
-
-
 FP8_KV_CACHE = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False}
 
 
@@ -985,6 +974,60 @@ def _experts_stacked_as_floats(src_folder, layer: int):
         t[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack([src.get(f"{prefix}.{e}.w2.weight")
                                                                         for e in experts])
     return edit
+
+
+def _experts_as_floats(src_folder, layer: int):
+    """Layer `layer`'s routed experts stored as the source's per-expert floats, their NF4 data and quant states gone."""
+    prefix = f"model.layers.{layer}.block_sparse_moe.experts."
+    src = open_checkpoint(src_folder)
+
+    def edit(t):
+        for name in [n for n in t if n.startswith(prefix)]:
+            del t[name]
+        t.update({name: src.get(name) for name in src.expected if name.startswith(prefix)})
+    return edit
+
+
+@pytest.mark.parametrize("store", [_experts_stacked_as_floats, _experts_as_floats], ids=["stacked", "per-expert"])
+def test_routed_experts_as_floats_under_bitsandbytes_are_read(nf4_folder, tiny_released, tmp_path, store):
+    """transformers never makes a Linear4bit of a routed expert (KimiLinearExperts holds them as 3-D parameters, no
+    nn.Linear) and saves them as floats whatever llm_int8_skip_modules says: a folder it wrote itself was refused as
+    floats that quantization_config declares 4-bit NF4."""
+    folder = shutil.copytree(nf4_folder, tmp_path / "q")
+    _damage(folder, store(tiny_released, 1))
+    name = "model.layers.1.block_sparse_moe.experts.0.w2.weight"
+    assert torch.equal(open_checkpoint(folder).get(name), open_checkpoint(tiny_released).get(name))
+
+
+SHARED = "model.layers.1.block_sparse_moe.shared_experts"   # as released; transformers' in memory: mlp.shared_experts
+
+
+def _shared_experts_as_floats(src_folder):
+    def edit(t):
+        for projection in ("gate_proj", "up_proj", "down_proj"):
+            _nf4_as_floats(src_folder, f"{SHARED}.{projection}")(t)
+    return edit
+
+
+def test_a_bitsandbytes_skip_list_is_matched_against_transformers_in_memory_names(nf4_folder, tiny_released,
+                                                                                   tmp_path, capsys):
+    """transformers matches llm_int8_skip_modules against the names its load gives the modules
+    (model.layers.1.mlp.shared_experts), not the released ones the folder holds: an entry naming the shared experts
+    as transformers does was refused as not listing them, and one naming them as released was taken, where
+    transformers builds them as Linear4bit and finds no quant state."""
+    folder = shutil.copytree(nf4_folder, tmp_path / "q")
+    _damage(folder, _shared_experts_as_floats(tiny_released))
+    _edit_quantization_config(folder, _skip(SHARED))
+    code, _, err = run_cli(capsys, "run", "--model", folder, "--prompt", "hi", "--max-new-tokens", "1", "--device",
+                           "cpu")
+    assert_one_line_error(code, err, f"tensor '{SHARED}.down_proj.weight' is stored as floats, but quantization_config "
+                          "(bitsandbytes) declares it 4-bit NF4 (quantization_config.llm_int8_skip_modules does not "
+                          "list it): transformers would look for its NF4 quant state and find none -- add "
+                          "'model.layers.1.mlp.shared_experts.down_proj' (or a pattern")
+    _edit_quantization_config(folder, lambda qc: qc.update(llm_int8_skip_modules=[
+        *qc["llm_int8_skip_modules"][:-1], "model.layers.1.mlp.shared_experts"]))
+    name = f"{SHARED}.gate_proj.weight"
+    assert torch.equal(open_checkpoint(folder).get(name), open_checkpoint(tiny_released).get(name))
 
 
 def test_experts_stacked_as_floats_are_held_to_the_declaration(tiny_released, tmp_path, capsys):

@@ -191,6 +191,9 @@ LLM_COMPRESSOR_LAYOUT: list[tuple[str, list[Piece]]] = [
     (_LAYER + r"\.block_sparse_moe\.((?:gate|up|down)_proj\.weight)$", _whole("{0}.mlp.{1}")),
 ]
 _COMPILED = [(re.compile(p), pieces) for p, pieces in TRANSFORMERS_LAYOUT + LLM_COMPRESSOR_LAYOUT]
+_TRANSFORMERS_COMPILED = tuple(_COMPILED[:len(TRANSFORMERS_LAYOUT)])
+_ROUTED_EXPERT = re.compile("|".join(re.escape(template).replace(r"\{L\}", r"\d+").replace(r"\{E\}", r"\d+")
+                                     for template, _, _ in EXPERT))
 
 
 def canonical_pieces(source_name: str, c: KimiLinearConfig) -> list[tuple[str, tuple]]:
@@ -319,8 +322,37 @@ def layout_names(name: str) -> tuple[str, ...]:
     """The names the canonical tensor `name` has in the transformers and llm-compressor layouts (the rules above read
     backwards; a concatenated weight's as the module holding it), where a recipe written for either finds it; empty
     where it is named the same in all of them."""
-    out = []
+    return _names_in(tuple(_COMPILED), name)
+
+
+@lru_cache(maxsize=None)
+def in_memory_name(name: str) -> str:
+    """The name transformers gives the tensor a layout holds whole under `name` once its load has renamed the
+    checkpoint's modules to its own (forget_gate.f_a_proj, mlp.shared_experts; TRANSFORMERS_LAYOUT read backwards):
+    what its quantizers match module names against. A tensor transformers names as released keeps its name."""
+    released = released_name(name)
+    return next(iter(_names_in(_TRANSFORMERS_COMPILED, released)), released)
+
+
+def released_name(name: str) -> str:
+    """The released name of the tensor a layout holds whole under `name`: itself where no rule renames it, and where
+    a rule cuts it into pieces (a stack, a concatenation), which no one name is."""
     for pattern, pieces in _COMPILED:
+        m = pattern.match(name)
+        if m:
+            return pieces[0].canonical.format(*m.groups()) if len(pieces) == 1 and not pieces[0].per_expert else name
+    return name
+
+
+def is_routed_expert(name: str) -> bool:
+    """Whether the released name `name` is a routed expert's weight (EXPERT's: experts.{E}.w1, w2, w3)."""
+    return _ROUTED_EXPERT.fullmatch(name) is not None
+
+
+def _names_in(rules: tuple[tuple[re.Pattern, list[Piece]], ...], name: str) -> tuple[str, ...]:
+    """The names the canonical tensor `name` has in the layouts of `rules`, read backwards (layout_names)."""
+    out = []
+    for pattern, pieces in rules:
         for piece in pieces:
             made = _template_regex(piece.canonical).fullmatch(name)
             if made is None:

@@ -13,7 +13,7 @@ from klconvert.checkpoint.safetensors_header import SafetensorsHeader
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError, shown
 from klconvert.quant import QuantScheme, decompress_nf4, decompress_weight
-from klconvert.quant.bnb_declared import BnbDeclared, bnb_declared
+from klconvert.quant.bnb_declared import BnbDeclared, bnb_declared, converted_module
 from klconvert.quant.declared import DENSE_FORMAT, G_IDX, Declared, declared_groups, group_act_order
 from klconvert.quant.groupwise import CHANNEL, SUPPORTED_BITS
 from klconvert.quant.nf4 import BITSANDBYTES, SKIP_MODULES
@@ -191,7 +191,8 @@ def find_quantized(method: str, declared: Declared | BnbDeclared, weight_map: di
                     (out_dim * in_dim, 1):
                 raise KLError(f"{where}: nf4 data {packed.dtype} {list(packed.shape)} does not fit its shape "
                               f"{list(spec.shape)}; re-run the conversion")
-            skip = declared.skipped_by(module)
+            converted = converted_module(canonical)
+            skip = declared.skipped_by(converted) if converted is not None else None
             if skip is not None:
                 raise KLError(f"{where} is stored as NF4, but quantization_config.{SKIP_MODULES} lists it "
                               f"({shown(skip.said)}): transformers builds it as an unquantized Linear and finds no "
@@ -259,15 +260,16 @@ def _held_scheme(declared: Declared, module: str, linear: bool, in_dim: int, whe
 
 def refuse_floats_held_packed(declared: Declared | BnbDeclared | None,
                               floats: list[tuple[list[tuple[str, tuple[int, ...]]], str]]) -> None:
-    """KLError naming the first weight stored as floats (each of `floats`: the weights a tensor holds, each its name
-    and shape as targets name it -- the tensor's own, or a stack's per-expert weights -- and where an error names the
+    """KLError naming the first weight stored as floats (each of `floats`: the weights a tensor holds, each its name and
+    shape as targets name it -- the tensor's own, or a stack's per-expert weights -- and where an error names the
     tensor) that quantization_config declares packed: a linear weight that a config group of pack-quantized weights
     selects and ignore does not list (Declared.held, as compressed-tensors matches them), or that a bitsandbytes
-    config's llm_int8_skip_modules does not list. transformers then finds no packed parts for it (compressed-tensors:
-    it initialises them at random; bitsandbytes: it builds a Linear4bit), and vLLM looks for compressed-tensors' too
-    (it reads no bitsandbytes folder): another model than the one klconvert would run. A weight Kimi Linear keeps in
-    high precision is not one: vLLM builds the router and the convs unquantized whatever the config says, and
-    transformers' are no Linear."""
+    config's llm_int8_skip_modules does not list by the name transformers gives its module (converted_module: a routed
+    expert's is none, transformers keeping those floats whatever the list says). transformers then finds no packed parts
+    for it (compressed-tensors: it initialises them at random; bitsandbytes: it builds a Linear4bit), and vLLM looks for
+    compressed-tensors' too (it reads no bitsandbytes folder): another model than the one klconvert would run. A weight
+    Kimi Linear keeps in high precision is not one: vLLM builds the router and the convs unquantized whatever the config
+    says, and transformers' are no Linear."""
     if declared is None:
         return
     for weights, where in floats:
@@ -279,11 +281,12 @@ def refuse_floats_held_packed(declared: Declared | BnbDeclared | None,
             them, whose = ("them", "each one's") if stacked else ("it", "its")
             selected = f"the expert weights it stacks ({shown(module)} first)" if stacked else "it"
             if isinstance(declared, BnbDeclared):
-                if declared.skipped_by(module) is not None:
+                converted = converted_module(name)
+                if converted is None or declared.skipped_by(converted) is not None:
                     continue
                 raise KLError(f"{where} is stored as floats, but quantization_config (bitsandbytes) declares "
                               f"{selected} 4-bit NF4 ({declared.unlisted(them)}): transformers would look for "
-                              f"{whose} NF4 quant state and find none -- add {shown(module)} (or a pattern for "
+                              f"{whose} NF4 quant state and find none -- add {shown(converted)} (or a pattern for "
                               f"every such module) to quantization_config.{SKIP_MODULES}, or quantize the model again "
                               "with `klconvert quantize --scheme nf4`")
             held = declared.held(module, True, packed=False)

@@ -1,16 +1,19 @@
 """Which linear weights a bitsandbytes quantization_config declares 4-bit, read from untrusted JSON: every linear layer
 transformers' replace_with_bnb_linear makes a Linear4bit, all but those llm_int8_skip_modules names (as its
 should_convert_module matches them: a regular expression from the name's start to a module boundary, or a suffix of the
-name). The entries are regular expressions from the download: run as a recipe's are (quant/policy's Entry), within one
-budget of CPU time for them all."""
+name, each against the name transformers gives the module in memory). The routed experts are none: KimiLinearExperts
+holds them as 3-D parameters, no nn.Linear, so transformers never converts them whatever the list says. The entries are
+regular expressions from the download: run as a recipe's are (quant/policy's Entry), within one budget of CPU time for
+them all."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from klconvert.checkpoint.name_map import in_memory_name, is_routed_expert, released_name
 from klconvert.errors import KLError, shown
 from klconvert.quant.declared import SOURCE
 from klconvert.quant.nf4 import SKIP_MODULES
-from klconvert.quant.policy import MAX_POLICY_ENTRIES, Entry, RegexBudget
+from klconvert.quant.policy import MAX_POLICY_ENTRIES, Entry, RegexBudget, match_key
 
 # What transformers skips where the config gives no list, null or absent (get_keys_to_not_convert): the output
 # embedding, which is also Kimi Linear's last parameter (its embedding untied)
@@ -44,8 +47,16 @@ class BnbDeclared:
                 "4-bit" if self.defaulted else f"{SOURCE}.{SKIP_MODULES} does not list {module}")
 
     def skipped_by(self, module: str) -> Skip | None:
-        """The entry that keeps `module` (a linear layer's name) out of 4-bit, or None where it is declared 4-bit."""
+        """The entry that keeps `module` (a linear layer's in-memory name, converted_module's) out of 4-bit, or None
+        where it is declared 4-bit."""
         return next((skip for skip in self.skips if skip.matches(module)), None)
+
+
+def converted_module(weight: str) -> str | None:
+    """The module transformers' bitsandbytes quantizer makes a Linear4bit of for `weight` (a linear weight a layout
+    holds whole) unless llm_int8_skip_modules lists it, by its in-memory name, which that list is matched against; None
+    for a routed expert's weight, which it never converts."""
+    return None if is_routed_expert(released_name(weight)) else match_key(in_memory_name(weight))
 
 
 def bnb_declared(quantization_config: dict, where: str) -> BnbDeclared:

@@ -17,7 +17,7 @@ except ImportError:   # Python 3.10
     import sre_parse as re_parser
 
 from klconvert.checkpoint.folder_files import RECIPE_HEADER
-from klconvert.checkpoint.name_map import layout_names
+from klconvert.checkpoint.name_map import is_routed_expert, layout_names
 from klconvert.errors import KLError, shown
 from klconvert.quant.fused import fused_instances
 from klconvert.quant.groupwise import CHANNEL, whole_groups_advice
@@ -30,7 +30,6 @@ LINEAR = "Linear"  # the class-name target: every 2-D linear `.weight` (vLLM cou
 # Tensors the release keeps in high precision (klconvert/release.py); matched on the match key (below).
 _PROTECTED = tuple((re.compile(pattern + "$"), what) for pattern, what in HIGH_PRECISION)
 _EMBEDDING = re.compile(EMBEDDING + "$")
-_ROUTED_EXPERT = re.compile(r".*\.experts\.\d+\.w[123]\.weight$")
 
 
 def match_key(tensor_name: str) -> str:
@@ -344,7 +343,7 @@ class Policy:
             hit = self._resolve(name, shape)
             if hit:
                 used.update((hit[0].name, e.pattern) for e in hit[1])
-                if _ROUTED_EXPERT.match(name):
+                if is_routed_expert(name):
                     experts_group = hit[0]
                 if hit[0].scheme.kind == "int" and hit[0].scheme.group_size != CHANNEL:
                     # the flags set one size for all their groups, a recipe one for each group
