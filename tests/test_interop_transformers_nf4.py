@@ -15,8 +15,7 @@ from klconvert.checkpoint.name_map import canonical_pieces
 from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.quant import policy_from_options
-from klconvert.quant.bnb_declared import converted_module
-from klconvert.quant.policy import Entry, is_linear_weight, kept_in_high_precision
+from klconvert.quant.policy import Entry, converted_module, is_linear_weight, kept_in_high_precision
 from klconvert.quantize import quantize
 from testkit import TRANSFORMERS_ON_THE_CPU, run_cli
 
@@ -157,3 +156,27 @@ def test_converted_modules_are_the_linears_transformers_builds(tiny_released):
     converted = {converted_module(name) for name, spec in ckpt.expected.items()
                  if is_linear_weight(name, spec.shape) and kept_in_high_precision(name) is None}
     assert converted - {None} == linears
+
+
+@TRANSFORMERS_ON_THE_CPU
+def test_an_nf4_folder_keeping_modules_by_released_names_loads_in_transformers(trained_like, tmp_path, capsys):
+    """A recipe keeping the shared experts by their released names (block_sparse_moe.shared_experts) wrote that list
+    as llm_int8_skip_modules, which transformers matches against its in-memory names (mlp.shared_experts): it built
+    Linear4bits holding the float weights and failed in forward ("FP4 quantization state not initialized"). The list
+    now names them as transformers does too, and they load as float Linears equal to ours."""
+    names = [(n, s.shape) for n, s in open_checkpoint(trained_like).expected.items()]
+    policy = policy_from_options(scheme="nf4")
+    kept = replace(policy, ignore=(*policy.ignore, Entry(ROUTED_EXPERTS),
+                                   Entry(r"re:.*\.block_sparse_moe\.shared_experts\..*"))).check_against(names)
+    (tmp_path / "recipe.yaml").write_text(kept.to_recipe_yaml())
+    folder = quantize(trained_like, tmp_path / "nf4", recipe=tmp_path / "recipe.yaml", device="cpu",
+                      progress=False).path
+    model = transformers_model(folder)
+    shared = model.get_submodule("model.layers.1.mlp.shared_experts.gate_proj")
+    assert type(shared) is torch.nn.Linear
+    assert torch.equal(shared.weight, open_checkpoint(folder).get(SHARED_GATE).to(shared.weight.dtype))
+    with torch.no_grad():
+        assert torch.isfinite(model(IDS).logits).all()
+    code, out, err = run_cli(capsys, "run", "--model", folder, "--prompt", "hi", "--max-new-tokens", "2", "--device",
+                             "cpu")
+    assert code == 0 and out, err

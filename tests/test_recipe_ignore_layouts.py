@@ -17,7 +17,8 @@ from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.presets import preset_config
 from klconvert.quant import load_recipe, parse_recipe, policy_from_options
-from klconvert.quant.policy import is_linear_weight, match_key
+from klconvert.quant.bnb_declared import bnb_declared
+from klconvert.quant.policy import converted_module, is_linear_weight, kept_in_high_precision, match_key
 from testkit import assert_one_line_error, run_cli
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
@@ -144,3 +145,22 @@ def test_a_pattern_written_for_the_released_projection_names_keeps_the_routed_ex
         "model.layers.1.block_sparse_moe.experts.7.w2.weight"]) is None
     assert checked.scheme_for("model.layers.1.self_attn.q_proj.weight", KIMI[
         "model.layers.1.self_attn.q_proj.weight"]) is not None
+
+
+def test_an_nf4_skip_list_keeps_out_of_4bit_as_transformers_reads_it_what_the_recipe_keeps():
+    """On the 48B's tensors: an nf4 folder writes ignore as llm_int8_skip_modules, which transformers matches against
+    its in-memory names (mlp.shared_experts, self_attn.forget_gate.f_a_proj); entries naming modules by their released
+    names only kept nothing there, and transformers built Linear4bits for floats. Read as transformers reads it, the
+    written list keeps out of 4-bit exactly the modules the recipe keeps (the routed experts it never converts)."""
+    text = recipe_text("re:.*\\.block_sparse_moe\\.shared_experts\\..*", "re:.*self_attn\\.f_a_proj$",
+                       "model.layers.3.self_attn.o_proj").replace("{num_bits: 4, group_size: 32}",
+                                                                   "{num_bits: 4, type: nf4, group_size: 64}")
+    checked = parse_recipe(text, "recipe.yaml").policy.check_against(KIMI.items())
+    declared = bnb_declared(checked.quantization_config(), "config.json")
+    converted = {name: converted_module(name) for name, shape in KIMI.items()
+                 if is_linear_weight(name, shape) and kept_in_high_precision(name) is None}
+    kept = {module for name, module in converted.items() if module and checked.scheme_for(name, KIMI[name]) is None}
+    skipped = {module for module in converted.values() if module and declared.skipped_by(module) is not None}
+    assert skipped == kept
+    assert {"model.layers.1.mlp.shared_experts.up_proj", "model.layers.0.self_attn.forget_gate.f_a_proj",
+            "model.layers.3.self_attn.o_proj"} < kept

@@ -13,11 +13,11 @@ from klconvert.checkpoint.safetensors_header import SafetensorsHeader
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError, shown
 from klconvert.quant import QuantScheme, decompress_nf4, decompress_weight
-from klconvert.quant.bnb_declared import BnbDeclared, bnb_declared, converted_module
+from klconvert.quant.bnb_declared import BnbDeclared, bnb_declared
 from klconvert.quant.declared import DENSE_FORMAT, G_IDX, Declared, declared_groups, group_act_order
 from klconvert.quant.groupwise import CHANNEL, SUPPORTED_BITS
 from klconvert.quant.nf4 import BITSANDBYTES, SKIP_MODULES
-from klconvert.quant.policy import is_linear_weight, kept_in_high_precision, match_key
+from klconvert.quant.policy import converted_module, is_linear_weight, kept_in_high_precision, match_key
 from klconvert.quant.scheme import COMPRESSED_TENSORS, NF4_BLOCKSIZE, PACKED_FORMAT
 from klconvert.quant.stored import NF4_DATA, NF4_PARTS, NF4_REQUIRED, NF4_STATE, PACKED_PARTS, PACKED_REQUIRED
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from klconvert.checkpoint.name_map import in_memory_name, is_routed_expert, released_name
 from klconvert.errors import KLError, shown
 from klconvert.quant.declared import SOURCE
 from klconvert.quant.nf4 import SKIP_MODULES
-from klconvert.quant.policy import MAX_POLICY_ENTRIES, Entry, RegexBudget, match_key
+from klconvert.quant.policy import MAX_POLICY_ENTRIES, Entry, RegexBudget
 
 # What transformers skips where the config gives no list, null or absent (get_keys_to_not_convert): the output
 # embedding, which is also Kimi Linear's last parameter (its embedding untied)
@@ -50,13 +49,6 @@ class BnbDeclared:
         """The entry that keeps `module` (a linear layer's in-memory name, converted_module's) out of 4-bit, or None
         where it is declared 4-bit."""
         return next((skip for skip in self.skips if skip.matches(module)), None)
-
-
-def converted_module(weight: str) -> str | None:
-    """The module transformers' bitsandbytes quantizer makes a Linear4bit of for `weight` (a linear weight a layout
-    holds whole) unless llm_int8_skip_modules lists it, by its in-memory name, which that list is matched against; None
-    for a routed expert's weight, which it never converts."""
-    return None if is_routed_expert(released_name(weight)) else match_key(in_memory_name(weight))
 
 
 def bnb_declared(quantization_config: dict, where: str) -> BnbDeclared:

@@ -17,7 +17,7 @@ except ImportError:   # Python 3.10
     import sre_parse as re_parser
 
 from klconvert.checkpoint.folder_files import RECIPE_HEADER
-from klconvert.checkpoint.name_map import is_routed_expert, layout_names
+from klconvert.checkpoint.name_map import in_memory_name, is_routed_expert, layout_names, released_name
 from klconvert.errors import KLError, shown
 from klconvert.quant.fused import fused_instances
 from klconvert.quant.groupwise import CHANNEL, whole_groups_advice
@@ -43,6 +43,13 @@ def match_keys(tensor_name: str) -> tuple[str, ...]:
     transformers and llm-compressor layouts, whose module names llm-compressor matches a recipe's ignore list against
     (transformers renames a released checkpoint's modules as it loads it)."""
     return (match_key(tensor_name), *(match_key(name) for name in layout_names(tensor_name)))
+
+
+def converted_module(weight: str) -> str | None:
+    """The module transformers' bitsandbytes quantizer makes a Linear4bit of for `weight` (a linear weight a layout
+    holds whole) unless llm_int8_skip_modules lists it, by its in-memory name, which that list is matched against; None
+    for a routed expert's weight, which it never converts (KimiLinearExperts holds them as 3-D parameters)."""
+    return None if is_routed_expert(released_name(weight)) else match_key(in_memory_name(weight))
 
 
 _NUMBER = re.compile(r"\d+")
@@ -334,6 +341,8 @@ class Policy:
             return replace(self, ignore=(*self.ignore, *self._kept_whole(names_and_shapes)),
                            keep_fused=()).check_against(names_and_shapes)
         ignore = self._ignore_as_released([name for name, _ in names_and_shapes])
+        if ignore == self.ignore and self.kind == "nf4":
+            ignore = self._ignore_in_memory(names_and_shapes)
         if ignore != self.ignore:
             return replace(self, ignore=ignore).check_against(names_and_shapes)
         used: set[tuple[str, str]] = set()
@@ -410,6 +419,29 @@ class Policy:
                           f"llm-compressor names only, too many ({len(out) - len(self.ignore):,}) to list by the "
                           "released names the written folder holds; write a pattern that matches the released names "
                           r"too (e.g. re:.*\.(block_sparse_moe|mlp)\.shared_experts\..*)")
+        return tuple(out)
+
+    def _ignore_in_memory(self, names_and_shapes: Sequence[tuple[str, tuple[int, ...]]]) -> tuple[Entry, ...]:
+        """The ignore list with each entry that lists linear modules transformers would convert (converted_module) by
+        other names than their in-memory ones followed by entries listing them by those (released_spelling): an nf4
+        folder writes the list as llm_int8_skip_modules, which transformers matches against the in-memory names, and
+        a float module it misses there it builds as a Linear4bit with no quant state to load."""
+        converted = {name: converted_module(name) for name, shape in names_and_shapes
+                     if is_linear_weight(name, shape) and kept_in_high_precision(name) is None}
+        converted = {name: module for name, module in converted.items() if module is not None}
+        missed: dict[int, list[str]] = {}   # each entry's modules that no entry lists by their in-memory names
+        for name, module in converted.items():
+            if self._ignores(name) and not any(e.matches(module, False) for e in self.ignore):
+                first = next(i for i, e in enumerate(self.ignore) if any(e.matches(key, False)
+                                                                         for key in match_keys(name)))
+                missed.setdefault(first, []).append(module)
+        if not missed:
+            return self.ignore
+        out: list[Entry] = []
+        for i, e in enumerate(self.ignore):
+            out.append(e)
+            out.extend(Entry(pattern, e.where, e.budget, source=e.source)
+                       for pattern in released_spelling(missed.get(i, []), list(converted.values())))
         return tuple(out)
 
     def _refuse_partial_group(self, stored: list[tuple[str, tuple[int, ...], Group, Entry]],
