@@ -999,6 +999,16 @@ def test_routed_experts_as_floats_under_bitsandbytes_are_read(nf4_folder, tiny_r
     assert torch.equal(open_checkpoint(folder).get(name), open_checkpoint(tiny_released).get(name))
 
 
+def test_nf4_routed_experts_a_bitsandbytes_skip_list_names_are_read(nf4_folder, tmp_path):
+    """The skip list says nothing of the routed experts, which transformers never converts: an entry naming them kept
+    klconvert's own NF4 experts from running ('is stored as NF4, but quantization_config.llm_int8_skip_modules lists
+    it')."""
+    folder = shutil.copytree(nf4_folder, tmp_path / "q")
+    _edit_quantization_config(folder, _skip(r".*\.experts\.\d+\.w[123]"))
+    name = "model.layers.1.block_sparse_moe.experts.0.w2.weight"
+    assert torch.equal(open_checkpoint(folder).get(name), open_checkpoint(nf4_folder).get(name))
+
+
 SHARED = "model.layers.1.block_sparse_moe.shared_experts"   # as released; transformers' in memory: mlp.shared_experts
 
 
