@@ -90,9 +90,51 @@ def test_layout_names_read_the_name_table_backwards():
     assert layout_names("model.layers.0.self_attn.f_a_proj.weight") == (
         "model.layers.0.self_attn.forget_gate.f_a_proj.weight",)
     assert layout_names("model.layers.1.block_sparse_moe.experts.3.w3.weight") == (
-        "model.layers.1.mlp.experts.3.up_proj.weight", "model.layers.1.block_sparse_moe.experts.3.up_proj.weight")
+        "model.layers.1.mlp.experts.3.up_proj.weight",)
     assert layout_names("model.layers.0.self_attn.q_conv1d.weight") == ("model.layers.0.self_attn.conv1d.weight",)
     assert layout_names("lm_head.weight") == ()
+
+
+
+def test_layout_names_are_the_names_transformers_and_llm_compressor_give_modules_in_memory():
+    """h197: the names only a save writes (layer 0's dense MLP and llm-compressor's linearized experts under
+    block_sparse_moe.) were aliases too, which no tool matches an ignore list against. Each tensor's names, released
+    and aliases, are exactly those of the modules (a parameter's where its module holds others) of transformers'
+    model in memory, its routed experts linearized as llm-compressor does."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    settings = {key: value for key, value in preset_config("tiny").items()
+                if key not in ("architectures", "auto_map", "model_type")}
+    config = KimiLinearConfig.from_dict(preset_config("tiny"))
+    with torch.device("meta"):
+        model = transformers.KimiLinearForCausalLM(transformers.KimiLinearConfig(**settings))
+    held = [name for name, _ in (*model.named_parameters(), *model.named_buffers())]   # the router's bias a buffer
+    in_memory = {match_key(name) for name in held if not name.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    in_memory |= {f"model.layers.{layer}.mlp.experts.{e}.{proj}_proj" for layer in range(config.num_hidden_layers)
+                  if config.is_moe(layer) for e in range(config.num_experts) for proj in ("gate", "up", "down")}
+    named = {}
+    for name in expected_tensors(config):
+        keys = [match_key(name), *(match_key(alias) for alias in layout_names(name))]
+        named[name] = [key for key in keys if key in in_memory]
+        assert set(keys[1:]) <= in_memory, name
+    assert {key for keys in named.values() for key in keys} == in_memory
+    assert layout_names("model.layers.0.mlp.gate_proj.weight") == ()
+    assert layout_names("model.layers.1.block_sparse_moe.experts.3.w1.weight") == (
+        "model.layers.1.mlp.experts.3.gate_proj.weight",)
+
+
+def test_an_entry_for_the_moe_blocks_leaves_layer_0s_dense_mlp_alone():
+    """h197: `re:.*\\.block_sparse_moe\\..*` kept layer 0's dense MLP float too (transformers' save writes it as
+    block_sparse_moe.gate_proj, which was an alias), and an entry naming it so was taken."""
+    recipe = parse_recipe(recipe_text("re:.*\\.block_sparse_moe\\..*"), "recipe.yaml")
+    checked = recipe.policy.check_against(KIMI.items())
+    dense = "model.layers.0.mlp.gate_proj.weight"
+    assert checked.scheme_for(dense, KIMI[dense]) is not None
+    routed = "model.layers.1.block_sparse_moe.experts.7.w2.weight"
+    assert checked.scheme_for(routed, KIMI[routed]) is None
+    with pytest.raises(KLError, match="recipe.yaml:13: ignore entry .* names no module"):
+        parse_recipe(recipe_text("re:model\\.layers\\.0\\.block_sparse_moe\\..*"), "recipe.yaml").policy.check_against(
+            KIMI.items())
 
 
 NEAREST_F_A = "model.layers.0.self_attn.forget_gate.f_a_proj or model.layers.6.self_attn.forget_gate.f_a_proj"

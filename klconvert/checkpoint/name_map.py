@@ -179,21 +179,28 @@ def _whole(template: str) -> list[Piece]:
 
 
 # llm-compressor (0.14) linearizes the stacked experts of the transformers model into per-expert gate/up/down_proj
-# modules (modeling/moe/linear_experts.py) and saves them under `mlp.` (transformers layout) or, renamed back,
-# `block_sparse_moe.` (released layout), where the dense MLP of layer 0 lands too.
+# modules (modeling/moe/linear_experts.py), named under `mlp.` in memory; it saves them under `mlp.` (transformers
+# layout) or, renamed back by transformers' save, `block_sparse_moe.` (released layout), where that save puts the
+# dense MLP of layer 0 too.
+def _linearized_experts(parent: str) -> list[tuple[str, list[Piece]]]:
+    return [(_LAYER + rf"\.{parent}\.experts\.(\d+)\.{proj}_proj\.weight$",
+             _whole(f"{{0}}.block_sparse_moe.experts.{{1}}.{w}.weight"))
+            for proj, w in (("gate", "w1"), ("up", "w3"), ("down", "w2"))]
+
+
 LLM_COMPRESSOR_LAYOUT: list[tuple[str, list[Piece]]] = [
-    (_LAYER + r"\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.gate_proj\.weight$",
-     _whole("{0}.block_sparse_moe.experts.{1}.w1.weight")),
-    (_LAYER + r"\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.up_proj\.weight$",
-     _whole("{0}.block_sparse_moe.experts.{1}.w3.weight")),
-    (_LAYER + r"\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.down_proj\.weight$",
-     _whole("{0}.block_sparse_moe.experts.{1}.w2.weight")),
+    *_linearized_experts("mlp"), *_linearized_experts("block_sparse_moe"),
     (_LAYER + r"\.block_sparse_moe\.((?:gate|up|down)_proj\.weight)$", _whole("{0}.mlp.{1}")),
 ]
+# The layouts whose names are those of modules in memory -- transformers' (5.25) model and llm-compressor's experts
+# linearized in it -- which llm-compressor matches a recipe's targets and ignore list against; names only a save
+# writes (block_sparse_moe. for the dense MLP and the linearized experts) are matched by no tool.
+IN_MEMORY_LAYOUTS = TRANSFORMERS_LAYOUT + _linearized_experts("mlp")
 _COMPILED = [(re.compile(p), pieces) for p, pieces in TRANSFORMERS_LAYOUT + LLM_COMPRESSOR_LAYOUT]
 _TRANSFORMERS_COMPILED = tuple(_COMPILED[:len(TRANSFORMERS_LAYOUT)])
 _ROUTED_EXPERT = re.compile("|".join(re.escape(template).replace(r"\{L\}", r"\d+").replace(r"\{E\}", r"\d+")
                                      for template, _, _ in EXPERT))
+_IN_MEMORY = [(re.compile(p), pieces) for p, pieces in IN_MEMORY_LAYOUTS]
 
 
 def canonical_pieces(source_name: str, c: KimiLinearConfig) -> list[tuple[str, tuple]]:
@@ -319,10 +326,10 @@ def template_fields(template: str, name: str) -> tuple[str, ...] | None:
 
 @lru_cache(maxsize=None)
 def layout_names(name: str) -> tuple[str, ...]:
-    """The names the canonical tensor `name` has in the transformers and llm-compressor layouts (the rules above read
-    backwards; a concatenated weight's as the module holding it), where a recipe written for either finds it; empty
-    where it is named the same in all of them."""
-    return _names_in(tuple(_COMPILED), name)
+    """The names the canonical tensor `name` has in memory (IN_MEMORY_LAYOUTS, the rules read backwards; a
+    concatenated weight's as the module holding it), where llm-compressor matches a recipe against it; empty where it
+    is named there as released."""
+    return _names_in(tuple(_IN_MEMORY), name)
 
 
 @lru_cache(maxsize=None)
