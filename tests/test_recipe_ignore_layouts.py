@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -135,6 +136,45 @@ def test_an_entry_for_the_moe_blocks_leaves_layer_0s_dense_mlp_alone():
     with pytest.raises(KLError, match="recipe.yaml:13: ignore entry .* names no module"):
         parse_recipe(recipe_text("re:model\\.layers\\.0\\.block_sparse_moe\\..*"), "recipe.yaml").policy.check_against(
             KIMI.items())
+
+
+def test_a_shipped_recipe_with_two_dozen_ordinary_ignore_entries_plans_on_the_48b(tmp_path, capsys):
+    """h197: matching each entry against every tensor's aliases too took 32gb.yaml and 24 entries like these past the
+    regex budget, refused as a pattern that backtracks without end; 32 such entries passed before."""
+    text = (Path(__file__).parent.parent / "recipes" / "32gb.yaml").read_text()
+    conv = '        - "re:.*conv1d$"'
+    assert conv in text
+    entries = "".join(f'\n        - "re:.*\\\\.layers\\\\.{layer}\\\\.self_attn\\\\.o_proj$"' for layer in range(24))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text.replace(conv, conv + entries, 1))
+    code, _, err = run_cli(capsys, "plan", "--preset", "kimi-linear-48b", "--recipe", recipe)
+    assert code == 0, err
+
+
+def test_an_entry_is_tried_on_an_alias_only_where_it_ends_as_the_entry_must():
+    """Why the aliases cost the budget next to nothing: an entry ending in literal text is matched against the
+    released name of every tensor, and against no alias that ends otherwise (most are the routed experts')."""
+    recipe = parse_recipe(recipe_text("re:.*\\.layers\\.3\\.self_attn\\.o_proj$"), "recipe.yaml")
+    entry, tried = recipe.policy.ignore[-1], []
+    compiled = entry.compiled
+    object.__setattr__(entry, "compiled", SimpleNamespace(
+        match=lambda key, timeout: tried.append(key) or compiled.match(key, timeout=timeout)))
+    recipe.policy.check_against(KIMI.items())
+    assert sorted(tried) == sorted(match_key(name) for name in KIMI)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_an_entry_skips_only_aliases_it_does_not_match(path):
+    """The literal start and end an alias is checked against first (Entry.matches_alias) rule out no alias the
+    pattern matches, on tiny's aliases, for every shipped recipe's ignore entries and patterns of other forms."""
+    tiny = expected_tensors(KimiLinearConfig.from_dict(preset_config("tiny")))
+    aliases = [match_key(alias) for name in tiny for alias in layout_names(name)]
+    others = parse_recipe(recipe_text(
+        "re:^model\\.layers\\.1\\.mlp\\.experts\\.\\d+\\.(gate|up)_proj\\Z", "re:.*[qkv]_conv1d$",
+        "re:(?i).*SHARED_EXPERTS\\.DOWN_PROJ$", "re:.*\\.mlp\\.shared_experts\\..*",
+        "re:model\\.layers\\.(?:2|3)\\.self_attn\\.forget_gate\\.f_(a|b)_proj$"), "recipe.yaml").policy.ignore
+    for entry in (*load_recipe(path).policy.ignore, *others):
+        assert [a for a in aliases if entry.matches_alias(a)] == [a for a in aliases if entry.matches(a, False)], entry
 
 
 NEAREST_F_A = "model.layers.0.self_attn.forget_gate.f_a_proj or model.layers.6.self_attn.forget_gate.f_a_proj"
