@@ -324,11 +324,24 @@ def template_fields(template: str, name: str) -> tuple[str, ...] | None:
     return tuple(fields[i] for i in range(len(fields)))
 
 
+# A layer's or an expert's index: a name part of digits alone, which every rule carries to the other layout as it is,
+# in order -- so each form of name (its indexes as 0) is read backwards once, not each of the 48B's ~21,000 names.
+_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
+
+
 @lru_cache(maxsize=None)
 def layout_names(name: str) -> tuple[str, ...]:
     """The names the canonical tensor `name` has in memory (IN_MEMORY_LAYOUTS, the rules read backwards; a
     concatenated weight's as the module holding it), where llm-compressor matches a recipe against it; empty where it
     is named there as released."""
+    indexes = _INDEX.findall(name)
+    return tuple(_INDEX.sub(lambda _, each=iter(indexes): next(each), alias)
+                 for alias in _form_layout_names(_INDEX.sub("0", name)))
+
+
+@lru_cache(maxsize=None)
+def _form_layout_names(name: str) -> tuple[str, ...]:
+    """layout_names, read off the table."""
     return _names_in(tuple(_IN_MEMORY), name)
 
 
