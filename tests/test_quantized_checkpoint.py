@@ -941,6 +941,26 @@ def test_a_float_weight_that_a_packed_group_selects_is_refused(tiny_released, tm
         klconvert.load(tmp_path / "q", device="cpu", max_context=64)
 
 
+def test_a_float_weight_ignore_lists_by_its_name_in_memory_only_is_refused_for_vllm(tiny_released, tmp_path, capsys):
+    """h197's F7: a recipe's ignore entry may name a module as transformers holds it in memory (llm-compressor
+    matches those), but quantization_config.ignore is matched against the names the folder holds, as vLLM matches it:
+    refused, saying so, where the refusal said transformers would look for packed parts it does not."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _edit_quantization_config(tmp_path / "q", lambda qc: qc.update(ignore=[
+        *(e for e in qc["ignore"] if "f_b|g_a|g_b" not in e), "re:.*\\.(g_a|g_b)_proj$",
+        "re:.*\\.forget_gate\\.f_b_proj$"]))
+    code, _, err = run_cli(capsys, "run", "--model", tmp_path / "q", "--prompt", "hi", "--max-new-tokens", "1",
+                           "--device", "cpu")
+    assert assert_one_line_error(code, err) == (
+        f"klconvert: error: {tmp_path / 'q'}/model.safetensors: tensor '{F_B_PROJ}.weight' is stored as floats, but "
+        "config group group_0 of quantization_config, whose target 'Linear' selects it, declares it packed (int4 g32 "
+        "sym, pack-quantized) and ignore lists it only by another layout's name ('re:.*\\\\.forget_gate\\\\.f_b_proj$' "
+        "lists 'model.layers.0.self_attn.forget_gate.f_b_proj'), which vLLM does not match: it matches the names the "
+        f"folder holds, and would look for its weight_packed and weight_scale and find none -- add '{F_B_PROJ}' (or a "
+        "re: pattern for every such module) to quantization_config.ignore, or quantize the model again with "
+        "`klconvert quantize`")
+
+
 SMALL_KDA = r"re:.*\.(f_b|g_a|g_b)_proj$"  # the ignore entry of the KDA projections the default policy keeps
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from klconvert.checkpoint.folder_files import CONFIG_MISMATCH
-from klconvert.checkpoint.name_map import TensorSpec, canonical_pieces
+from klconvert.checkpoint.name_map import TensorSpec, canonical_pieces, layout_names
 from klconvert.checkpoint.safetensors_header import SafetensorsHeader
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError, shown
@@ -293,12 +293,19 @@ def refuse_floats_held_packed(declared: Declared | BnbDeclared | None,
             group = held.group
             if group is None or group.scheme is None or group.format == DENSE_FORMAT:
                 continue
+            # ignore is matched against the names the folder holds, as vLLM matches it; an entry naming the module in
+            # memory only (as a recipe may: llm-compressor matches those) leaves vLLM alone without it
+            aliased = next(((e, alias) for alias in map(match_key, layout_names(name)) for e in declared.ignore
+                            if e.matches(alias, True)), None)
+            unlisted = (f"ignore does not list {them}: transformers and vLLM" if aliased is None else
+                        f"ignore lists {them} only by another layout's name ({shown(aliased[0].pattern)} lists "
+                        f"{shown(aliased[1])}), which vLLM does not match: it matches the names the folder holds, and")
             raise KLError(f"{where} is stored as floats, but config group {group.name:.40} of quantization_config, "
                           f"whose target {shown(held.entry.pattern)} selects {selected}, declares {them} packed "
-                          f"({group.scheme.describe()}, {group.format}) and ignore does not list {them}: transformers "
-                          f"and vLLM would look for {whose} weight_packed and weight_scale and find none -- add "
-                          f"{shown(module)} (or a re: pattern for every such module) to quantization_config.ignore, or "
-                          "quantize the model again with `klconvert quantize`")
+                          f"({group.scheme.describe()}, {group.format}) and {unlisted} would look for {whose} "
+                          f"weight_packed and weight_scale and find none -- add {shown(module)} (or a re: pattern for "
+                          "every such module) to quantization_config.ignore, or quantize the model again with "
+                          "`klconvert quantize`")
 
 
 def dequantize(tensors: dict[str, torch.Tensor], scheme: QuantScheme, where: str = "a packed weight",
