@@ -191,7 +191,8 @@ def _affixes(expression: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
             ends = [option + end for end in ends for option in options]
         if items[-1][1].name == "AT_END":   # `$` matches before a closing newline too
             ends = [*ends, *(end + "\n" for end in ends)]
-    return tuple(start for start in starts if start), tuple(end for end in ends if end)
+    # an empty text (nothing literal there, or an empty alternative) is no constraint on that side
+    return (() if "" in starts else tuple(starts)), (() if "" in ends else tuple(ends))
 
 
 @lru_cache(maxsize=MAX_POLICY_ENTRIES)
