@@ -6,6 +6,7 @@ refused, where compressed-tensors (0.20.1, match_named_modules) applies it to no
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
@@ -233,13 +234,18 @@ def test_a_pattern_written_for_the_released_projection_names_keeps_the_routed_ex
         "model.layers.1.self_attn.q_proj.weight"]) is not None
 
 
-def test_an_nf4_skip_list_keeps_out_of_4bit_as_transformers_reads_it_what_the_recipe_keeps():
+@pytest.mark.parametrize("entries", [
+    ("re:.*\\.block_sparse_moe\\.shared_experts\\..*", "re:.*self_attn\\.f_a_proj$", "model.layers.3.self_attn.o_proj"),
+    # matched from the name's start, as compressed-tensors does, but not to a module boundary (h200)
+    ("re:model\\.layers\\.1\\.self_attn\\.q", "re:.*shared_exp"),
+], ids=["released-names", "no-boundary"])
+def test_an_nf4_skip_list_keeps_out_of_4bit_as_transformers_reads_it_what_the_recipe_keeps(entries):
     """On the 48B's tensors: an nf4 folder writes ignore as llm_int8_skip_modules, which transformers matches against
-    its in-memory names (mlp.shared_experts, self_attn.forget_gate.f_a_proj); entries naming modules by their released
-    names only kept nothing there, and transformers built Linear4bits for floats. Read as transformers reads it, the
-    written list keeps out of 4-bit exactly the modules the recipe keeps (the routed experts it never converts)."""
-    text = recipe_text("re:.*\\.block_sparse_moe\\.shared_experts\\..*", "re:.*self_attn\\.f_a_proj$",
-                       "model.layers.3.self_attn.o_proj").replace("{num_bits: 4, group_size: 32}",
+    its in-memory names (mlp.shared_experts, self_attn.forget_gate.f_a_proj), each entry from the name's start to a
+    module boundary or as its end; entries naming modules by their released names, or ending inside a name, kept
+    nothing there, and transformers built Linear4bits for floats. Read as transformers reads it, the written list
+    keeps out of 4-bit exactly the modules the recipe keeps (the routed experts it never converts)."""
+    text = recipe_text(*entries).replace("{num_bits: 4, group_size: 32}",
                                                                    "{num_bits: 4, type: nf4, group_size: 64}")
     checked = parse_recipe(text, "recipe.yaml").policy.check_against(KIMI.items())
     declared = bnb_declared(checked.quantization_config(), "config.json")
@@ -248,5 +254,16 @@ def test_an_nf4_skip_list_keeps_out_of_4bit_as_transformers_reads_it_what_the_re
     kept = {module for name, module in converted.items() if module and checked.scheme_for(name, KIMI[name]) is None}
     skipped = {module for module in converted.values() if module and declared.skipped_by(module) is not None}
     assert skipped == kept
-    assert {"model.layers.1.mlp.shared_experts.up_proj", "model.layers.0.self_attn.forget_gate.f_a_proj",
-            "model.layers.3.self_attn.o_proj"} < kept
+    assert {"model.layers.1.mlp.shared_experts.up_proj", "model.layers.3.self_attn.o_proj"
+            if entries[-1].endswith("o_proj") else "model.layers.1.self_attn.q_proj"} < kept
+
+
+def test_an_nf4_ignore_entry_transformers_cannot_compile_is_refused():
+    """transformers wraps each llm_int8_skip_modules entry in a group; a global flag then stands mid-pattern, which
+    Python's re refuses, and from_pretrained failed on the folder klconvert wrote, exit 0 (h200)."""
+    text = recipe_text("re:(?i).*Q_PROJ").replace("{num_bits: 4, group_size: 32}",
+                                                  "{num_bits: 4, type: nf4, group_size: 64}")
+    with pytest.raises(KLError, match=re.escape("recipe.yaml:13: ignore entry 're:(?i).*Q_PROJ', written to an nf4 "
+                                                "folder's llm_int8_skip_modules, as transformers matches it: ") +
+                       ".*global flags not at the start"):
+        parse_recipe(text, "recipe.yaml").policy.check_against(KIMI.items())

@@ -68,7 +68,12 @@ def bnb_declared(quantization_config: dict, where: str) -> BnbDeclared:
                       f"{MAX_POLICY_ENTRIES:,} a quantizer writes; download the checkpoint again, or quantize the "
                       "release with `klconvert quantize --scheme nf4`")
     budget = RegexBudget()   # the entries share one matching budget, as a recipe's patterns do
-    return BnbDeclared(tuple(Skip(item, Entry(f"re:(?:{item}){MODULE_BOUNDARY}",
-                                              f"{where}: {SOURCE}.{SKIP_MODULES}[{i}] {shown(item)} as transformers "
-                                              "matches it", budget, source=SOURCE))
+    return BnbDeclared(tuple(skip_entry(item, f"{where}: {SOURCE}.{SKIP_MODULES}[{i}] {shown(item)} as transformers "
+                                              "matches it", budget, SOURCE)
                              for i, item in enumerate(items)), defaulted)
+
+
+def skip_entry(item: str, where: str, budget: RegexBudget, source: str) -> Skip:
+    """One skip-list entry as transformers matches it (KLError, naming `where`, for one Python's re cannot compile
+    so: a global flag not at the pattern's start, say)."""
+    return Skip(item, Entry(f"re:(?:{item}){MODULE_BOUNDARY}", where, budget, source=source))

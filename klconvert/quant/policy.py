@@ -497,16 +497,23 @@ class Policy:
         return tuple(out)
 
     def _ignore_in_memory(self, names_and_shapes: Sequence[tuple[str, tuple[int, ...]]]) -> tuple[Entry, ...]:
-        """The ignore list with each entry that lists linear modules transformers would convert (converted_module) by
-        other names than their in-memory ones followed by entries listing them by those (released_spelling): an nf4
-        folder writes the list as llm_int8_skip_modules, which transformers matches against the in-memory names, and
-        a float module it misses there it builds as a Linear4bit with no quant state to load."""
+        """The ignore list with each entry that lists linear modules transformers would convert (converted_module)
+        where transformers does not see it list them -- by other names than their in-memory ones, or as
+        should_convert_module matches a skip entry (from a name's start to a module boundary, or a suffix: Skip) --
+        followed by entries listing them by those names (released_spelling): an nf4 folder writes the list as
+        llm_int8_skip_modules, and a float module transformers misses there it builds as a Linear4bit with no quant
+        state to load. KLError for an entry transformers cannot compile so."""
+        from klconvert.quant.bnb_declared import skip_entry   # (bnb_declared reads its entries with this module)
+
+        skips = [skip_entry(e.pattern.removeprefix("re:"), f"{e.where}: ignore entry {shown(e.pattern)}, written to "
+                            "an nf4 folder's llm_int8_skip_modules, as transformers matches it", e.budget, e.source)
+                 for e in self.ignore]
         converted = {name: converted_module(name) for name, shape in names_and_shapes
                      if is_linear_weight(name, shape) and kept_in_high_precision(name) is None}
         converted = {name: module for name, module in converted.items() if module is not None}
-        missed: dict[int, list[str]] = {}   # each entry's modules that no entry lists by their in-memory names
+        missed: dict[int, list[str]] = {}   # each entry's modules that transformers sees no entry list
         for name, module in converted.items():
-            if self._ignores(name) and not any(e.matches(module, False) for e in self.ignore):
+            if self._ignores(name) and not any(skip.matches(module) for skip in skips):
                 first = next(i for i, e in enumerate(self.ignore) if any(e.matches(key, False)
                                                                          for key in match_keys(name)))
                 missed.setdefault(first, []).append(module)
