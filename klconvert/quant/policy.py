@@ -4,6 +4,7 @@ from __future__ import annotations
 import difflib
 import re
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -203,8 +204,15 @@ def _compiled(expression: str, source: str) -> regex.Pattern:
         raise ValueError(f"is {len(expression):,} characters long, past the {MAX_PATTERN_CHARS:,} a tensor-name "
                          "pattern needs; simplify the pattern")
     try:
-        re.compile(expression)
-        expansion = _expansion(re_parser.parse(expression))
+        with warnings.catch_warnings():
+            # what Python's re reads as plain characters and the regex module (matching here) as a POSIX class or a
+            # set operation: '[[:digit:]]', '--', '&&' -- the two would select other modules
+            warnings.simplefilter("error", FutureWarning)
+            re.compile(expression)
+            expansion = _expansion(re_parser.parse(expression))
+    except FutureWarning as e:
+        raise ValueError(f"holds what Python's re reads as plain characters and other engines otherwise ({e}: "
+                         "'[[', '--', '&&', '~~' or '||' in a set); escape them with a backslash") from None
     except (re.error, OverflowError, RecursionError) as e:  # huge repeats; groups nested deep
         hint = " (remember to escape '.' as '\\\\.' in YAML double quotes)" if source == "recipe" else ""
         raise ValueError(f"is not a valid regular expression ({e}); fix the pattern{hint}") from None

@@ -1,4 +1,5 @@
 """A recipe's regular expression that Python's re cannot compile, or that backtracks without end, is one KLError."""
+import re
 import time
 
 import pytest
@@ -19,6 +20,20 @@ def test_an_uncompilable_pattern_is_one_error(pattern):
     """a{4294967296} raised OverflowError and 499 nested groups RecursionError: tracebacks from `plan`."""
     with pytest.raises(KLError, match="is not a valid regular expression"):
         Entry(pattern, "recipe.yaml: targets")
+
+
+@pytest.mark.parametrize("pattern, said", [
+    (r"re:model\.layers\.[[:digit:]]+\.block_sparse_moe\.shared_experts\..*", "Possible nested set"),
+    (r"re:.*[a&&b]_proj$", "Possible set intersection"),
+])
+def test_a_set_re_reads_otherwise_than_the_regex_module_is_refused(pattern, said, recwarn):
+    """[[:digit:]] is a POSIX class to the regex module, which matches here, and '[' ':' 'd' ... then ']' to Python's
+    re, which compressed-tensors and vLLM match with: the recipe kept the shared experts float and wrote an ignore
+    entry vLLM matches to nothing (h200). Refused, and without the FutureWarning re printed on stderr."""
+    with pytest.raises(KLError, match=re.escape(f"recipe.yaml:12: {pattern!r} holds what Python's re reads as plain "
+                                                f"characters and other engines otherwise ({said} at position")):
+        Entry(pattern, "recipe.yaml:12")
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]
 
 
 def test_a_pattern_that_backtracks_without_end_stops_at_its_budget(monkeypatch):
