@@ -278,17 +278,17 @@ def refuse_floats_held_packed(declared: Declared | BnbDeclared | None,
             if not is_linear_weight(name, shape) or kept_in_high_precision(name) is not None:
                 continue
             module = match_key(name)
-            them, whose = ("them", "each one's") if stacked else ("it", "its")
-            selected = f"the expert weights it stacks ({shown(module)} first)" if stacked else "it"
-            if isinstance(declared, BnbDeclared):
+            if isinstance(declared, BnbDeclared):   # a stack holds routed experts, which transformers never converts
                 converted = converted_module(name)
                 if converted is None or declared.skipped_by(converted) is not None:
                     continue
-                raise KLError(f"{where} is stored as floats, but quantization_config (bitsandbytes) declares "
-                              f"{selected} 4-bit NF4 ({declared.unlisted(them)}): transformers would look for "
-                              f"{whose} NF4 quant state and find none -- add {shown(converted)} (or a pattern for "
-                              f"every such module) to quantization_config.{SKIP_MODULES}, or quantize the model again "
-                              "with `klconvert quantize --scheme nf4`")
+                raise KLError(f"{where} is stored as floats, but quantization_config (bitsandbytes) declares it 4-bit "
+                              f"NF4 ({declared.unlisted()}): transformers would look for its NF4 quant state and find "
+                              f"none -- add {shown(converted)} (or a pattern for every such module) to "
+                              f"quantization_config.{SKIP_MODULES}, or quantize the model again with `klconvert "
+                              "quantize --scheme nf4`")
+            them, whose = ("them", "each one's") if stacked else ("it", "its")
+            selected = f"the expert weights it stacks ({shown(module)} first)" if stacked else "it"
             held = declared.held(module, True, packed=False)
             group = held.group
             if group is None or group.scheme is None or group.format == DENSE_FORMAT:

@@ -40,10 +40,10 @@ class BnbDeclared:
     skips: tuple[Skip, ...]
     defaulted: bool
 
-    def unlisted(self, module: str) -> str:
-        """How an error says that the skip list does not list `module` (its name, or a pronoun)."""
+    def unlisted(self) -> str:
+        """How an error says that the skip list does not list the module it names."""
         return (f"{SOURCE} gives no {SKIP_MODULES}, so transformers keeps only {', '.join(DEFAULT_SKIPS)} out of "
-                "4-bit" if self.defaulted else f"{SOURCE}.{SKIP_MODULES} does not list {module}")
+                "4-bit" if self.defaulted else f"{SOURCE}.{SKIP_MODULES} does not list it")
 
     def skipped_by(self, module: str) -> Skip | None:
         """The entry that keeps `module` (a linear layer's in-memory name, converted_module's) out of 4-bit, or None

@@ -490,18 +490,23 @@ class Policy:
                           if (left := [key for key in keys if key not in by_released])}
         if not only_elsewhere:
             return self.ignore
-        keys = [match_key(name) for name in names]
-        out: list[Entry] = []
-        for i, e in enumerate(self.ignore):
-            out.append(e)
-            out.extend(Entry(pattern, e.where, e.budget, source=e.source)
-                       for pattern in released_spelling(only_elsewhere.get(i, []), keys))
+        out = self._followed_by(only_elsewhere, [match_key(name) for name in names])
         if len(out) > MAX_POLICY_ENTRIES:
             e = next(self.ignore[i] for i in only_elsewhere)
             raise KLError(f"{e.where}: ignore entry {shown(e.pattern)} lists modules by their transformers or "
                           f"llm-compressor names only, too many ({len(out) - len(self.ignore):,}) to list by the "
                           "released names the written folder holds; write a pattern that matches the released names "
                           r"too (e.g. re:.*\.(block_sparse_moe|mlp)\.shared_experts\..*)")
+        return out
+
+    def _followed_by(self, added: Mapping[int, Sequence[str]], every: Sequence[str]) -> tuple[Entry, ...]:
+        """The ignore list with each entry i followed by entries listing the names added[i] among `every`
+        (released_spelling), at its line."""
+        out: list[Entry] = []
+        for i, e in enumerate(self.ignore):
+            out.append(e)
+            out.extend(Entry(pattern, e.where, e.budget, source=e.source)
+                       for pattern in released_spelling(added.get(i, []), every))
         return tuple(out)
 
     def _ignore_in_memory(self, names_and_shapes: Sequence[tuple[str, tuple[int, ...]]]) -> tuple[Entry, ...]:
@@ -525,14 +530,7 @@ class Policy:
                 first = next(i for i, e in enumerate(self.ignore) if any(e.matches(key, False)
                                                                          for key in match_keys(name)))
                 missed.setdefault(first, []).append(module)
-        if not missed:
-            return self.ignore
-        out: list[Entry] = []
-        for i, e in enumerate(self.ignore):
-            out.append(e)
-            out.extend(Entry(pattern, e.where, e.budget, source=e.source)
-                       for pattern in released_spelling(missed.get(i, []), list(converted.values())))
-        return tuple(out)
+        return self._followed_by(missed, list(converted.values())) if missed else self.ignore
 
     def _refuse_partial_group(self, stored: list[tuple[str, tuple[int, ...], Group, Entry]],
                               experts: Group | None) -> None:
