@@ -1,7 +1,6 @@
 """`pull`: fetch a Hugging Face repo's safe files (safetensors, configs, tokenizer) and verify them."""
 from __future__ import annotations
 
-import errno
 import glob
 import hashlib
 import importlib
@@ -44,7 +43,7 @@ from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 from klconvert.atomic_file import write_atomically
 from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_FILE_NAME_BYTES, MAX_INDEX_BYTES, MAX_INDEX_VALUES
 from klconvert.checkpoint.regular_file import read_json
-from klconvert.disk_space import free_disk_bytes
+from klconvert.disk_space import DISK_FULL, free_disk_bytes
 from klconvert.entry import note_change
 from klconvert.errors import KLError, argument, first_line, refuse_non_bool, unreadable_reason
 from klconvert.hex_digests import GIT_SHA, SHA256_HEX
@@ -185,7 +184,7 @@ def pull(
                 short = _copies_of_another_size(wanted, repo, commit, cache_dir, local_dir)
                 missing = [f for f in wanted
                            if f.path in short or not _is_already_here(f, repo, commit, cache_dir, local_dir)]
-                fetch_bytes = sum(f.size or 0 for f in missing)
+                fetch_bytes = stage.needed = sum(f.size or 0 for f in missing)
                 free = free_disk_bytes(target)
                 if progress:
                     _announce(repo, revision, commit, listing, wanted, fetch_bytes, target, free)
@@ -744,12 +743,23 @@ def _write_local_dir_record(folder: Path, repo, revision, commit, files: list[Pu
     write_atomically(record, (json.dumps(body, indent=1) + "\n").encode())
 
 
+def _space_said(needed: int | None, target: Path) -> str:
+    """What a full disk's line says of the space: the bytes the pull fetches in all (where known) beside those free in
+    `target` now, as quantize's line says them (size_texts)."""
+    free = free_disk_bytes(target)
+    if needed is None:
+        return f"{size_text(free)} free there"
+    needed_said, free_said = size_texts(needed, free)
+    return f"it fetches {needed_said} in all, {free_said} free there"
+
+
 @dataclass
 class _Stage:
     """How far a pull got: `fetching` once snapshot_download has started writing files (only then does a rerun
-    resume anything)."""
+    resume anything); `needed`, the bytes it fetches in all, once known (what a full disk's line states)."""
 
     fetching: bool = False
+    needed: int | None = None
 
 
 @contextmanager
@@ -807,8 +817,9 @@ def _as_user_errors(guard: AnswerGuard, revision: str | None, target: Path) -> I
         raise KLError(f"{endpoint} sent an answer the client cannot follow while pulling {where} ({first_line(e)}); "
                       "check HF_ENDPOINT, or report it to the repo's owner") from e
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise KLError(f"disk full while pulling {where} into {target}: free space and rerun") from e
+        if e.errno in DISK_FULL:
+            raise KLError(f"disk full while pulling {where} into {target} ({_space_said(stage.needed, target)}); "
+                          "free space and rerun") from e
         at = f" at {e.filename}" if e.filename else ""   # the file, and the system's reason: not Python's "[Errno 5]"
         raise KLError(f"pulling {where} into {target} failed{at} ({unreadable_reason(e)}); " + (
             RERUN + guard.kept() if stage.fetching else f"check that {target} is a folder you can write")) from e

@@ -293,6 +293,24 @@ def test_a_failed_copy_from_the_cache_into_a_local_dir_keeps_only_whole_files(se
             if not f.startswith(".")] == PULLED
 
 
+def test_a_disk_filling_mid_pull_is_said_with_what_the_pull_fetches_and_what_is_free(served, tmp_path, monkeypatch):
+    """It said "disk full while pulling ...: free space and rerun", with no size: not how much to free (quantize's
+    line says both)."""
+    hub.pull(REPO, progress=False)   # the cache holds the repo: the --local-dir pull copies every file from it
+    fetched = sum((tmp_path / "upstream" / name).stat().st_size for name in PULLED)
+    monkeypatch.setattr(hub, "free_disk_bytes", lambda folder: 3 << 30)   # past the check before the download
+
+    def disk_fills(source, target, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(shutil, "copyfile", disk_fills)
+    local_dir = tmp_path / "kimi"
+    with pytest.raises(KLError) as refused:
+        hub.pull(REPO, local_dir=local_dir, progress=False)
+    assert str(refused.value) == (f"disk full while pulling {REPO}@main into {local_dir} (it fetches {fetched:,} "
+                                  "bytes in all, 3.22 GB free there); free space and rerun")
+
+
 def test_a_cache_under_a_file_is_named_with_what_set_it(served, tmp_path):
     """It went on to huggingface_hub's "Ignored error ..." lines and "rerun the pull to continue"."""
     (tmp_path / "afile").write_text("mine")
