@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from klconvert.errors import out_of_descriptors
+from klconvert.errors import is_permission_error, out_of_descriptors
 from klconvert.units import binary_size_text, size_text, size_texts
 
 try:
@@ -46,7 +46,8 @@ def failed_write(e: OSError, where: Path) -> str:
     quota) with the size of the file it was writing and the space left there as it filled (where `writing` saw it,
     else now); out of file
     descriptors, what bounds them; a file too large, with the process's file-size limit (ulimit -f) where one is set,
-    else the file system's; an I/O error, the disk to check; else the system's reason."""
+    else the file system's; an I/O error, the disk to check; a read-only file system, another disk; no permission,
+    the folder to make writable; a folder on the way removed, that one; else the system's reason."""
     shortage = out_of_descriptors(e)
     if shortage is not None:
         return f"cannot write {where}: {shortage}"
@@ -68,4 +69,18 @@ def failed_write(e: OSError, where: Path) -> str:
     if e.errno == errno.EIO:   # the device failed the write: no option of klconvert's, nor a rerun alone, helps
         return (f"cannot write {where} ({e.strerror}): its disk or file system failed the write -- check it (the "
                 "kernel's log, dmesg), or write to another disk")
+    if e.errno == errno.EROFS:   # mounted read-only, or remounted so after an error: no folder on it takes a file
+        return (f"cannot write {where} ({e.strerror}): its file system takes no writes -- choose an output folder on "
+                "another disk")
+    if is_permission_error(e):   # a folder refusing a new file, or the folder a file goes in
+        folder = where if where.is_dir() else where.parent
+        return (f"cannot write {where} ({e.strerror}): make {folder} writable for you (chmod u+w, or ask its owner), "
+                "or choose another output folder")
+    if e.errno == errno.ENOENT:
+        # every folder on the way was made before the write (parent_made): the first missing now was removed since,
+        # and a rerun makes it again
+        gone = next((folder for folder in reversed(where.parents) if not folder.exists()), None)
+        if gone is not None:
+            return (f"cannot write {where} ({e.strerror}): {gone} is gone, removed while this ran; leave it alone "
+                    "while klconvert writes there")
     return f"cannot write {where} ({e.strerror or e}); fix that"

@@ -372,6 +372,41 @@ def test_a_real_file_size_limit_is_named_in_one_line(tmp_path):
                                                         "at most (ulimit -f); raise that limit and rerun")
 
 
+def test_a_write_the_system_refuses_says_what_to_do_about_it(tmp_path):
+    """A read-only file system, no permission and a folder removed mid-run ended "(...); fix that"."""
+    from klconvert import disk_space
+
+    out = tmp_path / "q"
+    out.mkdir()
+    said = {number: disk_space.failed_write(OSError(number, os.strerror(number)), where) for number, where in [
+        (errno.EROFS, out / "model.safetensors"), (errno.EACCES, out / "model.safetensors"), (errno.EPERM, out),
+        (errno.ENOENT, tmp_path / "gone" / "q" / "model.safetensors")]}
+    assert said == {
+        errno.EROFS: f"cannot write {out / 'model.safetensors'} (Read-only file system): its file system takes no "
+                     "writes -- choose an output folder on another disk",
+        errno.EACCES: f"cannot write {out / 'model.safetensors'} (Permission denied): make {out} writable for you "
+                      "(chmod u+w, or ask its owner), or choose another output folder",
+        errno.EPERM: f"cannot write {out} (Operation not permitted): make {out} writable for you (chmod u+w, or ask "
+                     "its owner), or choose another output folder",
+        errno.ENOENT: f"cannot write {tmp_path / 'gone' / 'q' / 'model.safetensors'} (No such file or directory): "
+                      f"{tmp_path / 'gone'} is gone, removed while this ran; leave it alone while klconvert writes "
+                      "there"}
+
+
+def test_a_shard_on_a_file_system_gone_read_only_is_one_line_naming_another_disk(tmp_path, capsys, monkeypatch):
+    """ext4's errors=remount-ro takes writes away mid-run; the line said "fix that"."""
+    import klconvert.quantize
+
+    def remounted(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(klconvert.quantize, "write_shard", remounted)
+    code, _, err = run_cli(capsys, "quantize", "tiny", tmp_path / "q", "--bits", "4", "--device", "cpu")
+    assert_one_line_error(code, err, f"cannot write {tmp_path / 'q.partial'}/", "(Read-only file system): its file "
+                          "system takes no writes -- choose an output folder on another disk and rerun the same "
+                          "command")
+
+
 # 11. A umask that takes the owner's own permissions
 
 @pytest.fixture
