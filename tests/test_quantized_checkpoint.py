@@ -571,7 +571,8 @@ def test_nf4_weights_a_bitsandbytes_skip_list_lists_are_refused(nf4_folder, tmp_
     assert assert_one_line_error(code, err) == (
         f"klconvert: error: {folder}: quantized weight '{Q_PROJ}.weight' is stored as NF4, but "
         f"quantization_config.llm_int8_skip_modules lists it ('{Q_PROJ}'): transformers builds it as an unquantized "
-        "Linear and finds no float weight to load -- the folder does not match its config.json; re-run the conversion")
+        "Linear and finds no float weight to load -- the folder does not match its config.json; re-run the conversion "
+        "if klconvert wrote it, or download it again")
 
 
 def test_nf4_data_without_its_quant_state_is_named_so(nf4_folder, tmp_path, capsys):
@@ -583,7 +584,8 @@ def test_nf4_data_without_its_quant_state_is_named_so(nf4_folder, tmp_path, caps
                            "cpu")
     assert assert_one_line_error(code, err) == (
         f"klconvert: error: {folder}: quantized weight '{Q_PROJ}.weight' lacks weight.absmax, weight.quant_map, "
-        "weight.quant_state.bitsandbytes__nf4; the conversion was cut short -- run it again")
+        "weight.quant_state.bitsandbytes__nf4; the folder is incomplete -- re-run the conversion if klconvert wrote "
+        "it, or download it again")
 
 
 FP8_KV_CACHE = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False}
@@ -1410,13 +1412,13 @@ def _a_row_short(name: str):
      "-- keep one"),
     (dict(bits=4), _a_row_short(f"{Q_PROJ}.weight_packed"), None,
      f"quantized weight '{Q_PROJ}.weight': packed tensors I32 [127, 16] / scale BF16 [128, 4] do not fit its shape "
-     "[128, 128]; re-run the conversion"),
+     "[128, 128]; re-run the conversion if klconvert wrote it, or download it again"),
     (dict(bits=4), _a_row_short(f"{Q_PROJ}.weight_scale"), None,
      f"quantized weight '{Q_PROJ}.weight': packed tensors I32 [128, 16] / scale BF16 [127, 4] do not fit its shape "
-     "[128, 128]; re-run the conversion"),
+     "[128, 128]; re-run the conversion if klconvert wrote it, or download it again"),
     (dict(bits=4, symmetric=False), _a_row_short(f"{Q_PROJ}.weight_zero_point"), None,
      f"quantized weight '{Q_PROJ}.weight': weight_zero_point I32 [15, 4] does not fit its scale [128, 4] at 4 bits; "
-     "re-run the conversion"),
+     "re-run the conversion if klconvert wrote it, or download it again"),
     (dict(bits=4), None, lambda qc: qc["config_groups"]["group_0"].update(format="dense"),
      "quantized weight 'model.layers.0.mlp.down_proj.weight' is stored packed (pack-quantized), but "
      "quantization_config.config_groups.group_0.format is 'dense' (weights stored as plain floats): vLLM and "

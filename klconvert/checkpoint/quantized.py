@@ -2,15 +2,18 @@
 against the weight they stand for and the scheme config.json declares, and dequantize on read."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from klconvert.checkpoint.folder_files import CONFIG_MISMATCH
+from klconvert.checkpoint.folder_files import CONFIG_FILE, CONFIG_MISMATCH
 from klconvert.checkpoint.name_map import TensorSpec, canonical_pieces, layout_names
 from klconvert.checkpoint.safetensors_header import SafetensorsHeader
 from klconvert.config import KimiLinearConfig
+from klconvert.damage_remedy import damaged_folder_remedy
 from klconvert.errors import KLError, shown
 from klconvert.quant import QuantScheme, decompress_nf4, decompress_weight
 from klconvert.quant.bnb_declared import BnbDeclared, bnb_declared
@@ -45,6 +48,11 @@ class QuantizedSource:
     def name(self) -> str:
         """The stored tensor holding the packed values (what an error names)."""
         return self.parts["weight_packed" if "weight_packed" in self.parts else "weight"][1]
+
+    @property
+    def shards(self) -> list[str]:
+        """The shards holding its parts: what a line about their damage rests on."""
+        return sorted({shard for shard, _ in self.parts.values()})
 
 
 def quant_method(raw_config: dict, where: str) -> str | None:
@@ -139,6 +147,10 @@ def find_quantized(method: str, declared: Declared | BnbDeclared, weight_map: di
     stored_as: dict[str, str] = {}
     for module, group in groups.items():
         where = f"{folder}: quantized weight {shown(module + '.weight')}"
+        # what a line about the module's parts says to do, and one about them and the config.json that declares them
+        shards = [Path(folder) / shard for shard in sorted({shard for shard, _ in group.values()})]
+        damaged = partial(damaged_folder_remedy, folder, shards)
+        mismatched = partial(damaged_folder_remedy, folder, [*shards, Path(folder) / CONFIG_FILE])
         pieces = canonical_pieces(f"{module}.weight", config)
         if pieces == [(f"{module}.weight", ())] and f"{module}.weight" not in expected:
             pieces = canonical_pieces(module, config)  # transformers' stacked experts carry no `.weight`
@@ -166,7 +178,7 @@ def find_quantized(method: str, declared: Declared | BnbDeclared, weight_map: di
 
         missing = [p for p in (PACKED_REQUIRED if method == COMPRESSED_TENSORS else NF4_REQUIRED) if p not in group]
         if missing:
-            raise KLError(f"{where} lacks {', '.join(missing)}; the conversion was cut short -- run it again")
+            raise KLError(f"{where} lacks {', '.join(missing)}; the folder is incomplete -- {damaged()}")
         out_dim, in_dim = spec.shape
         if method == COMPRESSED_TENSORS:
             packed, scale = entry("weight_packed"), entry("weight_scale")
@@ -177,27 +189,26 @@ def find_quantized(method: str, declared: Declared | BnbDeclared, weight_map: di
                   and entry("weight_shape").shape == (2,) and entry("weight_shape").dtype in ("I64", "I32"))
             if not ok:
                 raise KLError(f"{where}: packed tensors {packed.dtype} {list(packed.shape)} / scale {scale.dtype} "
-                              f"{list(scale.shape)} do not fit its shape {list(spec.shape)}; re-run the conversion")
+                              f"{list(scale.shape)} do not fit its shape {list(spec.shape)}; {damaged()}")
             if "weight_zero_point" in group:   # packed along the rows: [ceil(out / (32 / bits)), groups] int32
                 zero = entry("weight_zero_point")
                 if zero.dtype != "I32" or zero.shape != (-(-out_dim * bits // 32), scale.shape[1]):
                     raise KLError(f"{where}: weight_zero_point {zero.dtype} {list(zero.shape)} does not fit its "
-                                  f"scale {list(scale.shape)} at {bits} bits; re-run the conversion")
+                                  f"scale {list(scale.shape)} at {bits} bits; {damaged()}")
             scheme = _held_scheme(declared, module, is_linear_weight(f"{module}.weight", spec.shape), in_dim, where,
-                                  (bits, scale.shape[1], "weight_zero_point" in group))
+                                  (bits, scale.shape[1], "weight_zero_point" in group), mismatched)
         else:
             packed = entry("weight")   # [n / 2, 1] uint8, as bitsandbytes' Linear4bit saves it
             if packed.dtype != "U8" or len(packed.shape) != 2 or (2 * packed.shape[0], packed.shape[1]) != \
                     (out_dim * in_dim, 1):
                 raise KLError(f"{where}: nf4 data {packed.dtype} {list(packed.shape)} does not fit its shape "
-                              f"{list(spec.shape)}; re-run the conversion")
+                              f"{list(spec.shape)}; {damaged()}")
             converted = converted_module(canonical)
             skip = declared.skipped_by(converted) if converted is not None else None
             if skip is not None:
                 raise KLError(f"{where} is stored as NF4, but quantization_config.{SKIP_MODULES} lists it "
                               f"({shown(skip.said)}): transformers builds it as an unquantized Linear and finds no "
-                              "float weight to load -- the folder does not match its config.json; re-run the "
-                              "conversion")
+                              f"float weight to load -- the folder does not match its config.json; {mismatched()}")
             scheme = QuantScheme(4, NF4_BLOCKSIZE, True, "nf4")
         out[canonical] = QuantizedSource(group, scheme, (out_dim, in_dim))
     # floats under a config that says packed read as the floats, and measured as lossless under a name saying int4;
@@ -221,7 +232,7 @@ def _declared_packing(method: str, quantization_config: dict) -> str | None:
 
 
 def _held_scheme(declared: Declared, module: str, linear: bool, in_dim: int, where: str,
-                 stored: tuple[int, int, bool]) -> QuantScheme:
+                 stored: tuple[int, int, bool], mismatched: Callable[[], str]) -> QuantScheme:
     """The scheme of the config group that holds a packed module (compressed-tensors' matching of targets and
     ignore), checked against the parts it stores -- (bits, scales a row, zero points or not): groups of in_dim /
     scales inputs, one a row being per-channel, zero points iff asymmetric -- and the group's format; else KLError
@@ -234,11 +245,11 @@ def _held_scheme(declared: Declared, module: str, linear: bool, in_dim: int, whe
         why = (f"quantization_config.ignore lists it ({shown(entry.pattern)})" if entry is not None else
                f"no config group of quantization_config targets it ({declared.describe():.200})")
         raise KLError(f"{where} is stored packed, but {why}: runtimes would read it as unquantized -- the folder does "
-                      "not match its config.json; re-run the conversion")
+                      f"not match its config.json; {mismatched()}")
     if group.scheme is None:
         raise KLError(f"{where} is stored packed, but config group {group.name:.40}, whose target "
                       f"{shown(entry.pattern)} selects it, quantizes no weights (weights null): runtimes would read it "
-                      "as unquantized -- the folder does not match its config.json; re-run the conversion")
+                      f"as unquantized -- the folder does not match its config.json; {mismatched()}")
     if group.format == DENSE_FORMAT:
         raise KLError(f"{where} is stored packed ({PACKED_FORMAT}), but quantization_config.{group.format_field} is "
                       f"{DENSE_FORMAT!r} (weights stored as plain floats): vLLM and transformers would look for its "
@@ -255,7 +266,7 @@ def _held_scheme(declared: Declared, module: str, linear: bool, in_dim: int, whe
     raise KLError(f"{where} is stored as int{bits} in groups of {in_dim // groups} inputs "
                   f"{'with' if zero_points else 'without'} zero points, but quantization_config declares "
                   f"{group.name:.40} {scheme.describe()} for it (its target {shown(entry.pattern)} selects it){part}; "
-                  "the folder does not match its config.json -- re-run the conversion")
+                  f"the folder does not match its config.json -- {mismatched()}")
 
 
 def refuse_floats_held_packed(declared: Declared | BnbDeclared | None,
@@ -309,10 +320,10 @@ def refuse_floats_held_packed(declared: Declared | BnbDeclared | None,
 
 
 def dequantize(tensors: dict[str, torch.Tensor], scheme: QuantScheme, where: str = "a packed weight",
-               shape: tuple[int, int] | None = None) -> torch.Tensor:
+               shape: tuple[int, int] | None = None, remedy: Callable[[], str] = damaged_folder_remedy) -> torch.Tensor:
     """Rebuild a dense weight (in the dtype of its scales) from its packed parts (Checkpoint.packed's, their scales
     checked there); `where` names it in errors, `shape` (config.json's, when known) is the one an NF4 quant state
-    must say."""
+    must say, `remedy` (asked only for a line) what to do about damaged parts."""
     if scheme.kind == "nf4":
-        return decompress_nf4(tensors, where, shape)
-    return decompress_weight(tensors, scheme)
+        return decompress_nf4(tensors, where, shape, remedy)
+    return decompress_weight(tensors, scheme, remedy=remedy)

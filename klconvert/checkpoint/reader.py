@@ -47,6 +47,7 @@ from klconvert.checkpoint.safetensors_header import SafetensorsHeader, read_head
 from klconvert.checkpoint.size_bounds import check_model_size, max_header_bytes, max_header_values
 from klconvert.checkpoint.stored_tensor import read_stored
 from klconvert.config import WEIGHT_DTYPES, KimiLinearConfig
+from klconvert.damage_remedy import damaged_folder_remedy
 from klconvert.errors import (KLError, refuse_if_not_permitted, refuse_out_of_descriptors, shown,
                               unreadable_reason)
 from klconvert.quant import QuantScheme
@@ -336,7 +337,8 @@ class Checkpoint:
         """One canonical tensor, read from the shards: as stored, or dequantized if packed."""
         src = self.sources[name]
         if isinstance(src, QuantizedSource):
-            return dequantize(*self.packed(name), where=f"{self.folder}: {name}", shape=src.shape)
+            return dequantize(*self.packed(name), where=f"{self.folder}: {name}", shape=src.shape,
+                              remedy=lambda: self._damage_remedy(src))
         return self._read(src.shard, src.name, src.index)
 
     def packed(self, name: str) -> tuple[dict[str, torch.Tensor], QuantScheme] | None:
@@ -347,11 +349,16 @@ class Checkpoint:
         parts = {part: self._read(shard, n) for part, (shard, n) in src.parts.items()}
         if "weight_shape" in parts and parts["weight_shape"].tolist() != list(src.shape):
             raise KLError(f"{self.folder}: {src.parts['weight_shape'][1]} says {parts['weight_shape'].tolist()}, but "
-                          f"config.json makes {name} {list(src.shape)}; the checkpoint is damaged -- re-run the "
-                          "conversion")
+                          f"config.json makes {name} {list(src.shape)}; the checkpoint is damaged -- "
+                          f"{self._damage_remedy(src)}")
         if src.scheme.kind == "int":  # every reader of packed parts -- dequantize, Triton, ONNX -- comes through here
-            check_scales(parts, src.scheme, f"{self.folder}: {name}")
+            check_scales(parts, src.scheme, f"{self.folder}: {name}",
+                         lambda: f"the checkpoint is damaged -- {self._damage_remedy(src)}")
         return parts, src.scheme
+
+    def _damage_remedy(self, src: QuantizedSource) -> str:
+        """What a line about damage in a packed weight's parts says to do, by the folder's origin."""
+        return damaged_folder_remedy(self.folder, [self.folder / shard for shard in src.shards])
 
 
 def _stopped_stacking(weight_map: dict[str, str], headers: dict[str, SafetensorsHeader]) -> list[str]:

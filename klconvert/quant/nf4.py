@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from klconvert.checkpoint.regular_file import parse_json
+from klconvert.damage_remedy import damaged_folder_remedy
 from klconvert.errors import KLError, unreadable_reason
 from klconvert.extras import require
 from klconvert.quant.pack_quantized import local_names
@@ -55,24 +56,24 @@ def compress_nf4(prefix: str, w: torch.Tensor, double_quant: bool = NF4_DOUBLE_Q
 
 @torch.no_grad()
 def decompress_nf4(tensors: Mapping[str, torch.Tensor], where: str = "an NF4 weight",
-                   shape: tuple[int, int] | None = None) -> torch.Tensor:
+                   shape: tuple[int, int] | None = None,
+                   remedy: Callable[[], str] = damaged_folder_remedy) -> torch.Tensor:
     """Rebuild one module's weight (in the dtype it was quantized from) from its NF4 tensors; `where` names it in
-    errors, `shape` (config.json's, when known) is the one its quant state must say."""
+    errors, `shape` (config.json's, when known) is the one its quant state must say, and `remedy`, asked only for a
+    line, says what to do about a damaged one (damaged_folder_remedy: a reader's by its folder's origin)."""
     found = local_names(tensors, NF4_PARTS)
     missing = [n for n in NF4_REQUIRED if n not in found]
     if missing:
-        raise KLError(f"nf4 tensors {sorted(tensors)[:4]} lack {missing}; the checkpoint is incomplete -- "
-                      "re-run the conversion")
+        raise KLError(f"nf4 tensors {sorted(tensors)[:4]} lack {missing}; the checkpoint is incomplete -- {remedy()}")
     bnbf = _bnb("reading an NF4 checkpoint")
-    _check_state(found, where, shape)
+    _check_state(found, where, shape, remedy)
     packed = found.pop(NF4_DATA)
     with torch.device("cpu"):   # bitsandbytes makes the nested offset on the default device: the host, not an app's
         state = bnbf.QuantState.from_dict({k.removeprefix("weight."): v for k, v in found.items()},
                                           device=packed.device)
     w = bnbf.dequantize_4bit(packed, state)
     if not bool(torch.isfinite(w).all()):
-        raise KLError(f"{where}: its NF4 tensors dequantize to NaN or Inf; the checkpoint is damaged -- re-download "
-                      "or re-convert it")
+        raise KLError(f"{where}: its NF4 tensors dequantize to NaN or Inf; the checkpoint is damaged -- {remedy()}")
     return w
 
 
@@ -90,12 +91,13 @@ def _block_size(value) -> bool:
     return type(value) is int and value in _BLOCKSIZES
 
 
-def _check_state(found: Mapping[str, torch.Tensor], where: str, weight_shape: tuple[int, int] | None) -> None:
+def _check_state(found: Mapping[str, torch.Tensor], where: str, weight_shape: tuple[int, int] | None,
+                 remedy: Callable[[], str]) -> None:
     """Hold the untrusted quant state to the packed tensor, and to `weight_shape` when given, before bitsandbytes
     reads it (its kernels trust every size: an absmax cut short is read past its end; a field it does not know fails
     an assert)."""
     def bad(what: str):
-        return KLError(f"{where}: NF4 quant state {what}; the checkpoint is damaged -- re-download or re-convert it")
+        return KLError(f"{where}: NF4 quant state {what}; the checkpoint is damaged -- {remedy()}")
 
     blob = found[NF4_STATE]
     if blob.numel() > MAX_STATE_BYTES:

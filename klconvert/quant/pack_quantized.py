@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
+from klconvert.damage_remedy import damaged_folder_remedy
 from klconvert.errors import KLError, either
 from klconvert.quant.groupwise import SUPPORTED_BITS, dequantize_groupwise, qrange, quantize_groupwise
 from klconvert.quant.scheme import QuantScheme
@@ -83,8 +84,8 @@ def compress_weight(name_prefix: str, w: torch.Tensor, scheme: QuantScheme) -> d
     }
     if zero_point is not None:
         out[f"{name_prefix}.weight_zero_point"] = pack_to_int32(zero_point, scheme.bits, packed_dim=0)
-    check_scales(out, scheme, f"{name_prefix}.weight", "the source's weights are too large for any model's; check "
-                 "the source (a fine-tune that diverged?) or re-download it")
+    check_scales(out, scheme, f"{name_prefix}.weight", lambda: "the source's weights are too large for any model's; "
+                 "check the source (a fine-tune that diverged?) or re-download it")
     return out
 
 
@@ -100,17 +101,19 @@ def local_names(tensors: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> 
 
 
 def decompress_weight(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme,
-                      dtype: torch.dtype | None = None) -> torch.Tensor:
+                      dtype: torch.dtype | None = None,
+                      remedy: Callable[[], str] = damaged_folder_remedy) -> torch.Tensor:
     """Rebuild one module's weight from its pack-quantized tensors (full or local names), as dequantized.
 
-    The result is computed in the scale's dtype, then cast to `dtype` when given.
+    The result is computed in the scale's dtype, then cast to `dtype` when given. `remedy`, asked only for a line,
+    says what to do about tensors missing (damaged_folder_remedy: a reader's by its folder's origin).
     """
     found = local_names(tensors, PACKED_PARTS)
     needed = PACKED_REQUIRED + (() if scheme.symmetric else ("weight_zero_point",))
     missing = [n for n in needed if n not in found]
     if missing:
         raise KLError(f"pack-quantized tensors {sorted(tensors)[:4]} lack {missing}; the checkpoint is "
-                      "incomplete or its quantization_config does not describe it -- re-run the conversion")
+                      f"incomplete or its quantization_config does not describe it -- {remedy()}")
     shape = tuple(int(v) for v in found["weight_shape"].tolist())
     q = unpack_from_int32(found["weight_packed"], scheme.bits, shape)
     zero_point = None
@@ -122,12 +125,13 @@ def decompress_weight(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme,
 
 
 def check_scales(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, where: str,
-                 remedy: str = "the checkpoint is damaged -- re-run the conversion") -> None:
+                 remedy: Callable[[], str]) -> None:
     """KLError naming `where` when a scale times the code farthest from its group's zero point passes the largest
     finite value of the scale's dtype or of NARROWEST_RUNTIME_DTYPE: that weight would dequantize to infinity. (Zero
     and negative scales are sound; NaN and infinite ones are refused on reading.) One reduction a weight, in the
-    scales' own precision or fp32 -- a product past fp32's range is inf, refused all the same. `remedy` ends the
-    line: reading a folder, it was damaged; writing one, the source's weights are out of range."""
+    scales' own precision or fp32 -- a product past fp32's range is inf, refused all the same. `remedy`, asked only
+    for a line, ends it: reading a folder, it was damaged (what to do by its origin: damaged_folder_remedy); writing
+    one, the source's weights are out of range."""
     found = local_names(tensors, PACKED_PARTS)
     scale = found["weight_scale"]
     qmin, qmax = qrange(scheme.bits)
@@ -144,4 +148,4 @@ def check_scales(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, where
     reached = (scale.double().abs() * reach.double()).reshape(-1)   # where, for the message
     at = int(reached.argmax())
     raise KLError(f"{where}: its scale {float(scale.reshape(-1)[at]):.4g} (at flat index {at:,}) dequantizes a weight "
-                  f"to {float(reached[at]):.4g}, past the largest finite value {limit:.4g}; {remedy}")
+                  f"to {float(reached[at]):.4g}, past the largest finite value {limit:.4g}; {remedy()}")

@@ -160,9 +160,9 @@ def test_the_scale_check_holds_the_farthest_code_to_bf16(scale, zero_point, refu
     scheme = QuantScheme(4, CHANNEL, zero_point is None)
     if refused:
         with pytest.raises(KLError, match=r"^w: its scale .* past the largest finite value 3\.39e\+38; fix it$"):
-            check_scales(scale_parts(scale, zero_point), scheme, "w", "fix it")
+            check_scales(scale_parts(scale, zero_point), scheme, "w", lambda: "fix it")
     else:
-        check_scales(scale_parts(scale, zero_point), scheme, "w", "fix it")
+        check_scales(scale_parts(scale, zero_point), scheme, "w", lambda: "fix it")
 
 
 def test_an_asymmetric_weight_without_its_zero_points_is_refused():

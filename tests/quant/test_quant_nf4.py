@@ -118,7 +118,8 @@ def test_a_damaged_nf4_quant_state_is_refused_before_bitsandbytes_reads_it(doubl
         cases.append(({**tensors, state: _state(fields.replace("{", '{"nested_offset": 0.5, ', 1))},
                       "has fields nested_offset beyond bitsandbytes' quant_type, blocksize, dtype, shape;"))
     for damaged, message in cases:
-        with pytest.raises(KLError, match=rf"^q_proj here: NF4 quant state .*{message}.*re-download or re-convert"):
+        with pytest.raises(KLError, match=rf"^q_proj here: NF4 quant state .*{message}.* the checkpoint is damaged -- "
+                                          "re-run the conversion if klconvert wrote it, or download it again$"):
             decompress_nf4(damaged, "q_proj here")
     assert decompress_nf4(tensors).shape == (128, 128)                    # the undamaged parts still read
     flat = {**tensors, state: _state(fields.replace("[128, 128]", "[1, 16384]"))}

@@ -1,0 +1,104 @@
+"""What a line about a damaged quantized folder says to do follows where the folder came from: a folder `klconvert
+quantize` wrote is converted again, a pulled one pulled again (the command said; its owner told where the pull verified
+the bytes as published), one of unknown origin gets both."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hub_standin import HubStandIn, hub_environment
+from klconvert import hub
+from klconvert.checkpoint.folder_files import INDEX_FILE
+from klconvert.checkpoint.reader import open_checkpoint
+from klconvert.errors import KLError
+from klconvert.quantize import quantize
+from test_quantized_checkpoint import write_quantized
+
+REPO = "someone/Kimi-Linear-int4"
+Q_PROJ = "model.layers.1.self_attn.q_proj"
+CUT_SHORT = f"quantized weight '{Q_PROJ}.weight': packed tensors I32 [128, 16] / scale BF16 [127, 4] do not fit its " \
+            "shape [128, 128]; "
+
+
+def cut_a_scale_short(folder: Path) -> None:
+    """Drop the last row of q_proj's weight_scale, in whichever shard holds it (its mtime moved on, as a write does)."""
+    index = folder / INDEX_FILE
+    shard = json.loads(index.read_text())["weight_map"][f"{Q_PROJ}.weight_scale"] if index.exists() else \
+        "model.safetensors"
+    path = Path(os.path.realpath(folder / shard))   # a snapshot's link: the blob it names
+    tensors = load_file(path)
+    tensors[f"{Q_PROJ}.weight_scale"] = tensors[f"{Q_PROJ}.weight_scale"][:-1].clone()
+    path.unlink()   # a new file: a blob in the cache is read-only
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def refusal(folder: Path) -> str:
+    with pytest.raises(KLError) as refused:
+        open_checkpoint(folder)
+    return str(refused.value)
+
+
+def test_a_folder_klconvert_wrote_is_converted_again(tiny_released, tmp_path):
+    out = quantize(tiny_released, tmp_path / "q", bits=4, group_size=32, device="cpu", progress=False).path
+    cut_a_scale_short(out)
+    assert refusal(out) == f"{out}: {CUT_SHORT}re-run the `klconvert quantize` that wrote it"
+
+
+def test_a_folder_of_unknown_origin_is_told_both(tiny_released, tmp_path):
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    cut_a_scale_short(tmp_path / "q")
+    assert refusal(tmp_path / "q") == \
+        f"{tmp_path / 'q'}: {CUT_SHORT}re-run the conversion if klconvert wrote it, or download it again"
+
+
+@contextmanager
+def served(folder: Path, hf_home: Path) -> Iterator[str]:
+    """The commit of REPO, which a stand-in hub serves from `folder`, huggingface_hub pointed at it."""
+    with HubStandIn() as server:
+        commit = server.add_repo(REPO, folder)
+        with hub_environment(server.endpoint, hf_home):
+            yield commit
+
+
+@pytest.mark.parametrize("into", ["cache", "local-dir"])
+def test_a_pulled_folder_damaged_since_is_pulled_again_with_the_command(tiny_released, tmp_path, into):
+    """It said "re-run the conversion" to whoever pulled an already-quantized repo, who ran none."""
+    write_quantized(tiny_released, tmp_path / "upstream", bits=4)
+    local_dir = tmp_path / "kimi" if into == "local-dir" else None
+    with served(tmp_path / "upstream", tmp_path / "hf_home") as commit:
+        folder = hub.pull(REPO, local_dir=local_dir, progress=False).path
+    cut_a_scale_short(folder)
+    again = f" --local-dir {local_dir}" if local_dir is not None else ""
+    assert refusal(folder) == \
+        f"{folder}: {CUT_SHORT}download it again (klconvert pull {REPO} --revision {commit}{again})"
+
+
+def test_a_pulled_folder_damaged_as_published_is_reported_to_its_owner(tiny_released, tmp_path):
+    """A pull verified the shard as the hub publishes it, unchanged since: a download again brings the same bytes."""
+    write_quantized(tiny_released, tmp_path / "upstream", bits=4)
+    cut_a_scale_short(tmp_path / "upstream")
+    with served(tmp_path / "upstream", tmp_path / "hf_home"):
+        folder = hub.pull(REPO, progress=False).path
+    assert refusal(folder) == (f"{folder}: {CUT_SHORT}report it to the repo's owner, or pull another revision "
+                               "(--revision): a pull checked this file against the hash the hub publishes, so a "
+                               "re-download brings the same bytes")
+
+
+def test_a_weight_read_past_the_checks_is_said_by_origin_too(tiny_released, tmp_path):
+    """The reader's lines -- a scale that dequantizes past bf16 -- are asked for their remedy only when said."""
+    out = quantize(tiny_released, tmp_path / "q", bits=4, group_size=32, device="cpu", progress=False).path
+    shard = json.loads((out / INDEX_FILE).read_text())["weight_map"][f"{Q_PROJ}.weight_scale"]
+    tensors = load_file(out / shard)
+    tensors[f"{Q_PROJ}.weight_scale"] = torch.full_like(tensors[f"{Q_PROJ}.weight_scale"], 1e38)
+    save_file(tensors, out / shard, metadata={"format": "pt"})
+    checkpoint = open_checkpoint(out)
+    with pytest.raises(KLError, match=r"past the largest finite value .*; the checkpoint is damaged -- re-run the "
+                                      r"`klconvert quantize` that wrote it$"):
+        checkpoint.get(f"{Q_PROJ}.weight")
