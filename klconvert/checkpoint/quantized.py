@@ -270,10 +270,9 @@ def _held_scheme(declared: Declared, module: str, linear: bool, in_dim: int, whe
 
 
 def refuse_floats_held_packed(declared: Declared | BnbDeclared | None,
-                              floats: list[tuple[list[tuple[str, tuple[int, ...]]], str]]) -> None:
-    """KLError naming the first weight stored as floats (each of `floats`: the weights a tensor holds, each its name and
-    shape as targets name it -- the tensor's own, or a stack's per-expert weights -- and where an error names the
-    tensor) that quantization_config declares packed: a linear weight that a config group of pack-quantized weights
+                              floats: list[tuple[str, tuple[int, ...], str]]) -> None:
+    """KLError naming the first weight stored as floats (each of `floats`: its name, shape, and where an error names
+    it) that quantization_config declares packed: a linear weight that a config group of pack-quantized weights
     selects and ignore does not list (Declared.held, as compressed-tensors matches them), or that a bitsandbytes
     config's llm_int8_skip_modules does not list by the name transformers gives its module (converted_module: a routed
     expert's is none, transformers keeping those floats whatever the list says). transformers then finds no packed parts
@@ -283,40 +282,35 @@ def refuse_floats_held_packed(declared: Declared | BnbDeclared | None,
     says, and transformers' are no Linear."""
     if declared is None:
         return
-    for weights, where in floats:
-        stacked = len(weights) > 1
-        for name, shape in weights:
-            if not is_linear_weight(name, shape) or kept_in_high_precision(name) is not None:
+    for name, shape, where in floats:
+        if not is_linear_weight(name, shape) or kept_in_high_precision(name) is not None:
+            continue
+        module = match_key(name)
+        if isinstance(declared, BnbDeclared):
+            converted = converted_module(name)
+            if converted is None or declared.skipped_by(converted) is not None:
                 continue
-            module = match_key(name)
-            if isinstance(declared, BnbDeclared):   # a stack holds routed experts, which transformers never converts
-                converted = converted_module(name)
-                if converted is None or declared.skipped_by(converted) is not None:
-                    continue
-                raise KLError(f"{where} is stored as floats, but quantization_config (bitsandbytes) declares it 4-bit "
-                              f"NF4 ({declared.unlisted()}): transformers would look for its NF4 quant state and find "
-                              f"none -- add {shown(converted)} (or a pattern for every such module) to "
-                              f"quantization_config.{SKIP_MODULES}, or quantize the model again with `klconvert "
-                              "quantize --scheme nf4`")
-            them, whose = ("them", "each one's") if stacked else ("it", "its")
-            selected = f"the expert weights it stacks ({shown(module)} first)" if stacked else "it"
-            held = declared.held(module, True, packed=False)
-            group = held.group
-            if group is None or group.scheme is None or group.format == DENSE_FORMAT:
-                continue
-            # ignore is matched against the names the folder holds, as vLLM matches it; an entry naming the module in
-            # memory only (as a recipe may: llm-compressor matches those) leaves vLLM alone without it
-            aliased = next(((e, alias) for alias in map(match_key, layout_names(name)) for e in declared.ignore
-                            if e.matches(alias, True)), None)
-            unlisted = (f"ignore does not list {them}: transformers and vLLM" if aliased is None else
-                        f"ignore lists {them} only by another layout's name ({shown(aliased[0].pattern)} lists "
-                        f"{shown(aliased[1])}), which vLLM does not match: it matches the names the folder holds, and")
-            raise KLError(f"{where} is stored as floats, but config group {group.name:.40} of quantization_config, "
-                          f"whose target {shown(held.entry.pattern)} selects {selected}, declares {them} packed "
-                          f"({group.scheme.describe()}, {group.format}) and {unlisted} would look for {whose} "
-                          f"weight_packed and weight_scale and find none -- add {shown(module)} (or a re: pattern for "
-                          "every such module) to quantization_config.ignore, or quantize the model again with "
-                          "`klconvert quantize`")
+            raise KLError(f"{where} is stored as floats, but quantization_config (bitsandbytes) declares it 4-bit NF4 "
+                          f"({declared.unlisted()}): transformers would look for its NF4 quant state and find none -- "
+                          f"add {shown(converted)} (or a pattern for every such module) to "
+                          f"quantization_config.{SKIP_MODULES}, or quantize the model again with `klconvert quantize "
+                          "--scheme nf4`")
+        held = declared.held(module, True, packed=False)
+        group = held.group
+        if group is None or group.scheme is None or group.format == DENSE_FORMAT:
+            continue
+        # ignore is matched against the names the folder holds, as vLLM matches it; an entry naming the module in
+        # memory only (as a recipe may: llm-compressor matches those) leaves vLLM alone without it
+        aliased = next(((e, alias) for alias in map(match_key, layout_names(name)) for e in declared.ignore
+                        if e.matches(alias, True)), None)
+        unlisted = ("ignore does not list it: transformers and vLLM" if aliased is None else
+                    f"ignore lists it only by another layout's name ({shown(aliased[0].pattern)} lists "
+                    f"{shown(aliased[1])}), which vLLM does not match: it matches the names the folder holds, and")
+        raise KLError(f"{where} is stored as floats, but config group {group.name:.40} of quantization_config, whose "
+                      f"target {shown(held.entry.pattern)} selects it, declares it packed ({group.scheme.describe()}, "
+                      f"{group.format}) and {unlisted} would look for its weight_packed and weight_scale and find "
+                      f"none -- add {shown(module)} (or a re: pattern for every such module) to "
+                      "quantization_config.ignore, or quantize the model again with `klconvert quantize`")
 
 
 def dequantize(tensors: dict[str, torch.Tensor], scheme: QuantScheme, where: str = "a packed weight",

@@ -207,8 +207,7 @@ class Checkpoint:
             weight_map = {n: s for n, s in weight_map.items() if n not in packed}
         refuse_act_order_index(weight_map, self.folder)   # after the config's word on it, which names the field
         packed_name = next((name for name in weight_map if name.endswith(PACKED_TENSOR_SUFFIXES)), None)
-        # each float tensor: the linear weights it holds as targets name them (held_as below), and how errors name it
-        floats: list[tuple[list[tuple[str, tuple[int, ...]]], str]] = []
+        floats: list[tuple[str, tuple[int, ...], str]] = []   # each float tensor held whole, its shape, its line
         for source_name, shard in sorted(weight_map.items()):
             entry = self.headers[shard].tensors[source_name]
             where = f"{self.folder / shard}: tensor {shown(source_name)}"
@@ -248,11 +247,13 @@ class Checkpoint:
             if used != math.prod(entry.shape):  # a stacked tensor of more experts, or a fused one of more parts
                 raise KLError(f"{where} has shape {list(entry.shape)}, but this config ({self.config.num_experts} "
                               f"experts) takes {used:,} of its {math.prod(entry.shape):,} values; {CONFIG_MISMATCH}")
-            # a tensor held whole under its own name; a stack (transformers' experts, gate_up_proj [experts, 2 x I,
-            # H]) as the weights it is cut into, under the released names it is read as, vLLM's
-            held_as = [(source_name, entry.shape)] if pieces[0][1] == () else \
-                [(canonical, self.expected[canonical].shape) for canonical, _ in pieces]
-            floats.append((held_as, where))
+            # a stack (transformers' routed experts, mlp.experts.gate_up_proj [experts, 2 x I, H]) is read as the
+            # floats it holds whatever the config declares, as the runtimes that load its layout read it:
+            # compressed-tensors and bitsandbytes quantize only nn.Linear (and nn.Embedding) modules, and transformers'
+            # experts module is neither; vLLM 0.33 loads no transformers-layout folder (its KimiLinearForCausalLM maps
+            # released names only: experts.E.w1/w2/w3, never experts.gate_up_proj)
+            if pieces[0][1] == ():
+                floats.append((source_name, entry.shape, where))
         # after every tensor is read: another method's packed parts are named as such, not floats its config packs
         refuse_floats_held_packed(declared, floats)
         if self.config.tie_word_embeddings:
