@@ -1368,19 +1368,40 @@ def test_a_config_compressed_tensors_refuses_is_refused_naming_the_key(tiny_rele
 
 
 @pytest.mark.parametrize("edit", [
-    lambda qc: qc.update(quantization_status="frozen", global_compression_ratio="1.5", version=3, notes={}),
-    lambda qc: qc.update(global_compression_ratio=True, quantization_status="decompressed"),
+    lambda qc: qc.update(global_compression_ratio="1.5", version=3, notes={}),
+    lambda qc: qc.update(global_compression_ratio=True),
     lambda qc: qc["config_groups"]["group_0"]["weights"].update(observer=None, observer_kwargs={}, scale_dtype=None,
                                                                zp_dtype="torch.int8", block_structure=None),
-], ids=["status-ratio-text-unknown-top-level", "ratio-bool", "args-defaults"])
+], ids=["ratio-text-unknown-top-level", "ratio-bool", "args-defaults"])
 def test_a_config_compressed_tensors_takes_is_read(tiny_released, tmp_path, edit):
     """What compressed-tensors' validator takes is read: a top-level key it does not define (it ignores them: its
-    writer puts version and sparsity_config there), a ratio as text or true (pydantic's lax float), any status it
-    defines, null fields."""
+    writer puts version and sparsity_config there), a ratio as text or true (pydantic's lax float), null fields."""
     write_quantized(tiny_released, tmp_path / "q", bits=4)
     _edit_quantization_config(tmp_path / "q", edit)
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     QuantizationConfig.model_validate(config["quantization_config"])
+    assert open_checkpoint(tmp_path / "q").get(f"{Q_PROJ}.weight").isfinite().all()
+
+
+@pytest.mark.parametrize("status", ["frozen", "initialized", "decompressed", None])
+def test_packed_weights_under_another_status_than_compressed_are_refused(tiny_released, tmp_path, capsys, status):
+    """compressed-tensors' validator takes any of its statuses, but transformers 5.25 builds the packed layout only
+    under "compressed" (quantizer_compressed_tensors.py: compress_model when is_quantization_compressed): under
+    another it initialised each packed module's weight at random and dropped its weight_packed as unexpected, where
+    klconvert ran the folder without a word (h203's F3). An absent status is compressed-tensors' "initialized"."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _edit_quantization_config(tmp_path / "q", lambda qc: qc.update(quantization_status=status) if status else
+                              qc.pop("quantization_status"))
+    said = f"quantization_status is '{status}'" if status else \
+        "has no quantization_status (compressed-tensors reads 'initialized')"
+    code, _, err = run_cli(capsys, "run", "--model", tmp_path / "q", "--prompt", "hi", "--max-new-tokens", "1",
+                           "--device", "cpu")
+    assert assert_one_line_error(code, err) == (
+        f"klconvert: error: {tmp_path / 'q'}/config.json: quantization_config {said}, but the folder holds packed "
+        "weights ('lm_head.weight_packed'): transformers builds their packed layout only under "
+        "'compressed', and under any other status would run those weights at random values -- set "
+        "quantization_status to 'compressed'")
+    _edit_quantization_config(tmp_path / "q", lambda qc: qc.update(quantization_status="compressed"))
     assert open_checkpoint(tmp_path / "q").get(f"{Q_PROJ}.weight").isfinite().all()
 
 

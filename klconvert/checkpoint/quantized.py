@@ -21,7 +21,7 @@ from klconvert.quant.declared import DENSE_FORMAT, G_IDX, Declared, declared_gro
 from klconvert.quant.groupwise import CHANNEL, SUPPORTED_BITS
 from klconvert.quant.nf4 import BITSANDBYTES, SKIP_MODULES
 from klconvert.quant.policy import converted_module, is_linear_weight, kept_in_high_precision, match_key
-from klconvert.quant.scheme import COMPRESSED_TENSORS, NF4_BLOCKSIZE, PACKED_FORMAT
+from klconvert.quant.scheme import COMPRESSED_STATUS, COMPRESSED_TENSORS, NF4_BLOCKSIZE, PACKED_FORMAT
 from klconvert.quant.stored import NF4_DATA, NF4_PARTS, NF4_REQUIRED, NF4_STATE, PACKED_PARTS, PACKED_REQUIRED
 
 # the NF4 parts a module's tensors are grouped by: its data's own name is the module's weight's
@@ -211,6 +211,8 @@ def find_quantized(method: str, declared: Declared | BnbDeclared, weight_map: di
                               f"float weight to load -- the folder does not match its config.json; {mismatched()}")
             scheme = QuantScheme(4, NF4_BLOCKSIZE, True, "nf4")
         out[canonical] = QuantizedSource(group, scheme, (out_dim, in_dim))
+    if method == COMPRESSED_TENSORS and out:
+        _refuse_packed_not_compressed(config.raw["quantization_config"], next(iter(out.values())).name, folder)
     # floats under a config that says packed read as the floats, and measured as lossless under a name saying int4;
     # the other method's packed parts are left to the reader, which names them
     packing = _declared_packing(method, config.raw["quantization_config"])
@@ -219,6 +221,22 @@ def find_quantized(method: str, declared: Declared | BnbDeclared, weight_map: di
                       f"stored packed (no *.{parts[0]}): this config.json does not belong to these weights -- put "
                       "back the one they came with, or delete its quantization_config")   # parts[0]: the packed data
     return out
+
+
+def _refuse_packed_not_compressed(quantization_config: dict, packed: str, folder) -> None:
+    """KLError unless a compressed-tensors folder holding packed weights (`packed` the first) says quantization_status
+    "compressed": under any other (absent: compressed-tensors reads "initialized") transformers keeps each module's
+    float weight, finds none, initialises it at random and drops the packed tensors as unexpected (h203's tfload.py:
+    172 of each). vLLM 0.33 reads no status (it builds its layers from the format), so only the status is wrong."""
+    status = quantization_config.get("quantization_status")
+    if status == COMPRESSED_STATUS:
+        return
+    said = (f"quantization_status is {shown(status)}" if "quantization_status" in quantization_config else
+            "has no quantization_status (compressed-tensors reads 'initialized')")
+    raise KLError(f"{folder}/config.json: quantization_config {said}, but the folder holds packed weights "
+                  f"({shown(packed)}): transformers builds their packed layout only under {COMPRESSED_STATUS!r}, and "
+                  f"under any other status would run those weights at random values -- set quantization_status to "
+                  f"{COMPRESSED_STATUS!r}")
 
 
 def _declared_packing(method: str, quantization_config: dict) -> str | None:

@@ -1,7 +1,8 @@
 """The fields of a compressed-tensors quantization_config as compressed-tensors' own validator takes them
 (QuantizationConfig.model_validate, which transformers and vLLM run when they load a folder), stated once as a table
 of the models klconvert reads -- without importing compressed-tensors, which klconvert does not depend on -- and the
-refusal of a key or value that validator refuses, so that klconvert runs no folder they cannot load."""
+refusal of a key or value that validator refuses, so that klconvert runs no folder they cannot load (a status
+transformers loads packed weights wrong under is the reader's to refuse: it knows which weights are packed)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -32,7 +33,9 @@ def _lax_number(value) -> bool:
     return True
 
 
-# compressed-tensors' QuantizationStatus: the only texts quantization_status may be (no other case)
+# compressed-tensors' QuantizationStatus: the only texts quantization_status may be (no other case). The validator
+# takes each, but transformers loads packed weights under COMPRESSED_STATUS only: checkpoint/quantized refuses a folder
+# of packed weights under another, past this table
 QUANTIZATION_STATUSES = ("initialized", "calibration", "frozen", "compressed", "decompressed")
 STRING = Takes("a string", lambda value: isinstance(value, str))
 STRING_OR_NULL = Takes("a string or null", lambda value: value is None or isinstance(value, str))

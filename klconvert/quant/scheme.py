@@ -9,6 +9,9 @@ from klconvert.quant.groupwise import CHANNEL, OBSERVERS, SUPPORTED_BITS, check_
 
 PACKED_FORMAT = "pack-quantized"  # compressed-tensors' format of the int weights klconvert writes and reads
 COMPRESSED_TENSORS = "compressed-tensors"  # the quant_method of that format's configs
+# the quantization_status of a folder whose weights are stored packed: transformers builds the packed layout
+# (weight_packed, weight_scale) under this one only (CompressedTensorsConfig.is_quantization_compressed)
+COMPRESSED_STATUS = "compressed"
 # The compressed-tensors release whose config fields and packing klconvert writes: its `version` field, where
 # compressed-tensors' own writer puts its release (tests/test_quantize.py holds the other fields to its output)
 COMPRESSED_TENSORS_VERSION = "0.20.1"
@@ -94,7 +97,7 @@ def compressed_tensors_config(groups: Sequence[tuple[str, Sequence[str], QuantSc
         "version": COMPRESSED_TENSORS_VERSION,
         "quant_method": COMPRESSED_TENSORS,
         "format": PACKED_FORMAT,
-        "quantization_status": "compressed",
+        "quantization_status": COMPRESSED_STATUS,
         "config_groups": config_groups,
         "ignore": list(ignore),
         "kv_cache_scheme": None,
