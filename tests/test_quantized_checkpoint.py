@@ -118,6 +118,66 @@ def test_a_zero_point_that_does_not_fit_its_scale_is_refused(tiny_released, tmp_
         open_checkpoint(tmp_path / "q")
 
 
+def test_zero_points_stored_unpacked_are_named_as_such(tiny_released, tmp_path, capsys):
+    """An int8 zero point a row ([out, groups], as the pack-quantized format does not store it: it packs 32 / bits rows
+    into each int32, the form vLLM's PackedvLLMParameter loads) was called one that does not fit its scale, to be
+    converted again (h203's F2)."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4, symmetric=False)
+    name = f"{Q_PROJ}.weight_zero_point"
+    _damage(tmp_path / "q", lambda t: t.__setitem__(name, torch.zeros(128, 4, dtype=torch.int8)))
+    code, _, err = run_cli(capsys, "run", "--model", tmp_path / "q", "--prompt", "hi", "--max-new-tokens", "1",
+                           "--device", "cpu")
+    assert assert_one_line_error(code, err) == (
+        f"klconvert: error: {tmp_path / 'q'}: quantized weight '{Q_PROJ}.weight': weight_zero_point I8 [128, 4] holds "
+        "a zero point a row, unpacked, where the pack-quantized format packs 8 rows into each int32 (I32 [16, 4] "
+        "here), as compressed-tensors 0.20.1 writes it and vLLM loads it -- save the model again with "
+        "compressed-tensors 0.20.1 (llm-compressor's save_pretrained), or quantize the bf16 release with `klconvert "
+        "quantize`")
+
+
+@pytest.mark.parametrize("zero", [torch.zeros(128, 4, dtype=torch.int8), torch.zeros(16, 4, dtype=torch.int32)],
+                         ids=["unpacked", "packed"])
+def test_zero_points_under_a_symmetric_scheme_are_named_as_such(tiny_released, tmp_path, capsys, zero):
+    """Zero points beside a weight whose group declares symmetric: stored unpacked, they were called zero points that
+    do not fit their scale (h203's F2); in either form the line says that a symmetric scheme has none."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _damage(tmp_path / "q", lambda t: t.__setitem__(f"{Q_PROJ}.weight_zero_point", zero))
+    code, _, err = run_cli(capsys, "run", "--model", tmp_path / "q", "--prompt", "hi", "--max-new-tokens", "1",
+                           "--device", "cpu")
+    assert_one_line_error(code, err, f"quantized weight '{Q_PROJ}.weight' is stored as int4 in groups of 32 inputs "
+                          "with zero points, but quantization_config declares group_0 int4 g32 sym for it (its target "
+                          "'Linear' selects it): it holds a weight_zero_point, which a symmetric scheme has none of")
+
+
+def _stored_uncompressed(src_folder):
+    """Every packed weight as llm-compressor's save_compressed=False writes it: the float weight (here the packed one
+    dequantized, in bf16) with its weight_scale (and weight_zero_point) beside it, no weight_packed or weight_shape."""
+    src = open_checkpoint(src_folder)
+
+    def edit(t):
+        for module in [n.removesuffix(".weight_packed") for n in t if n.endswith(".weight_packed")]:
+            t[f"{module}.weight"] = src.get(f"{module}.weight").bfloat16()
+            del t[f"{module}.weight_packed"], t[f"{module}.weight_shape"]
+    return edit
+
+
+def test_weights_stored_uncompressed_with_their_scales_are_named_as_such(tiny_released, tmp_path, capsys):
+    """llm-compressor's save_compressed=False folder (format dense, status frozen, each weight a float with its
+    weight_scale beside it) was told it 'lacks weight_packed, weight_shape; the conversion was cut short -- run it
+    again' (h203's F2): it is whole, in a form klconvert does not read."""
+    write_quantized(tiny_released, tmp_path / "q", bits=4)
+    _damage(tmp_path / "q", _stored_uncompressed(tmp_path / "q"))
+    _edit_quantization_config(tmp_path / "q", lambda qc: (qc.update(format="dense", quantization_status="frozen"),
+                                                          qc["config_groups"]["group_0"].update(format="dense")))
+    code, _, err = run_cli(capsys, "run", "--model", tmp_path / "q", "--prompt", "hi", "--max-new-tokens", "1",
+                           "--device", "cpu")
+    assert_one_line_error(code, err, ".weight' is stored as floats with weight_scale beside it: compressed-tensors' "
+                          "uncompressed form (llm-compressor's save_compressed=False, format 'dense'), which klconvert "
+                          "does not read (it reads weights stored pack-quantized) -- save the model again compressed "
+                          "(llm-compressor's save_pretrained with save_compressed=True), or quantize the bf16 release "
+                          "with `klconvert quantize`")
+
+
 def test_unknown_quant_method_is_refused(tiny_copy):
     config = json.loads((tiny_copy / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "gptq"}

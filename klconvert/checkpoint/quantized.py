@@ -21,7 +21,8 @@ from klconvert.quant.declared import DENSE_FORMAT, G_IDX, Declared, declared_gro
 from klconvert.quant.groupwise import CHANNEL, SUPPORTED_BITS
 from klconvert.quant.nf4 import BITSANDBYTES, SKIP_MODULES
 from klconvert.quant.policy import converted_module, is_linear_weight, kept_in_high_precision, match_key
-from klconvert.quant.scheme import COMPRESSED_STATUS, COMPRESSED_TENSORS, NF4_BLOCKSIZE, PACKED_FORMAT
+from klconvert.quant.scheme import (COMPRESSED_STATUS, COMPRESSED_TENSORS, COMPRESSED_TENSORS_VERSION, NF4_BLOCKSIZE,
+                                   PACKED_FORMAT)
 from klconvert.quant.stored import NF4_DATA, NF4_PARTS, NF4_REQUIRED, NF4_STATE, PACKED_PARTS, PACKED_REQUIRED
 
 # the NF4 parts a module's tensors are grouped by: its data's own name is the module's weight's
@@ -176,6 +177,8 @@ def find_quantized(method: str, declared: Declared | BnbDeclared, weight_map: di
             shard, name = group[part]
             return headers[shard].tensors[name]
 
+        if method == COMPRESSED_TENSORS and "weight_packed" not in group and f"{module}.weight" in weight_map:
+            raise _stored_uncompressed(where, group)
         missing = [p for p in (PACKED_REQUIRED if method == COMPRESSED_TENSORS else NF4_REQUIRED) if p not in group]
         if missing:
             raise KLError(f"{where} lacks {', '.join(missing)}; the folder is incomplete -- {damaged()}")
@@ -190,13 +193,22 @@ def find_quantized(method: str, declared: Declared | BnbDeclared, weight_map: di
             if not ok:
                 raise KLError(f"{where}: packed tensors {packed.dtype} {list(packed.shape)} / scale {scale.dtype} "
                               f"{list(scale.shape)} do not fit its shape {list(spec.shape)}; {damaged()}")
-            if "weight_zero_point" in group:   # packed along the rows: [ceil(out / (32 / bits)), groups] int32
-                zero = entry("weight_zero_point")
-                if zero.dtype != "I32" or zero.shape != (-(-out_dim * bits // 32), scale.shape[1]):
-                    raise KLError(f"{where}: weight_zero_point {zero.dtype} {list(zero.shape)} does not fit its "
-                                  f"scale {list(scale.shape)} at {bits} bits; {damaged()}")
+            # first: a zero point under a symmetric scheme is named as such, whatever form it is stored in
             scheme = _held_scheme(declared, module, is_linear_weight(f"{module}.weight", spec.shape), in_dim, where,
                                   (bits, scale.shape[1], "weight_zero_point" in group), mismatched)
+            if "weight_zero_point" in group:   # packed along the rows: [ceil(out / (32 / bits)), groups] int32
+                zero = entry("weight_zero_point")
+                packed_zero = (-(-out_dim * bits // 32), scale.shape[1])
+                if zero.shape == (out_dim, scale.shape[1]) != packed_zero:
+                    raise KLError(f"{where}: weight_zero_point {zero.dtype} {list(zero.shape)} holds a zero point a "
+                                  f"row, unpacked, where the {PACKED_FORMAT} format packs {32 // bits} rows into each "
+                                  f"int32 (I32 {list(packed_zero)} here), as compressed-tensors "
+                                  f"{COMPRESSED_TENSORS_VERSION} writes it and vLLM loads it -- save the model again "
+                                  f"with compressed-tensors {COMPRESSED_TENSORS_VERSION} (llm-compressor's "
+                                  "save_pretrained), or quantize the bf16 release with `klconvert quantize`")
+                if zero.dtype != "I32" or zero.shape != packed_zero:
+                    raise KLError(f"{where}: weight_zero_point {zero.dtype} {list(zero.shape)} does not fit its "
+                                  f"scale {list(scale.shape)} at {bits} bits; {damaged()}")
         else:
             packed = entry("weight")   # [n / 2, 1] uint8, as bitsandbytes' Linear4bit saves it
             if packed.dtype != "U8" or len(packed.shape) != 2 or (2 * packed.shape[0], packed.shape[1]) != \
@@ -221,6 +233,17 @@ def find_quantized(method: str, declared: Declared | BnbDeclared, weight_map: di
                       f"stored packed (no *.{parts[0]}): this config.json does not belong to these weights -- put "
                       "back the one they came with, or delete its quantization_config")   # parts[0]: the packed data
     return out
+
+
+def _stored_uncompressed(where: str, group: dict[str, tuple[str, str]]) -> KLError:
+    """The refusal of a weight stored as floats with its quantization parameters beside it (`group`: its parts):
+    compressed-tensors' uncompressed save, which llm-compressor writes with save_compressed=False (format "dense",
+    status "frozen"). It was told it lacked weight_packed and weight_shape, cut short, though the folder is whole."""
+    return KLError(f"{where} is stored as floats with {', '.join(sorted(group))} beside it: compressed-tensors' "
+                   f"uncompressed form (llm-compressor's save_compressed=False, format {DENSE_FORMAT!r}), which "
+                   f"klconvert does not read (it reads weights stored {PACKED_FORMAT}) -- save the model again "
+                   "compressed (llm-compressor's save_pretrained with save_compressed=True), or quantize the "
+                   "bf16 release with `klconvert quantize`")
 
 
 def _refuse_packed_not_compressed(quantization_config: dict, packed: str, folder) -> None:
