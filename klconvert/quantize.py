@@ -271,8 +271,10 @@ def _refuse_unfit_listed_files(files: list[HubFile]) -> None:
 
 def _write_error(e: OSError, folder: OutputFolder, done: int, total: int, kept: bool) -> KLError:
     where = e.filename2 or e.filename   # filename2: a rename's target (a folder there), not the temporary file
-    return KLError(f"{failed_write(e, Path(where or folder.path))} and rerun the same command"
-                   + (f" to resume ({done} of {total} shards are finished in {folder.path})" if kept else ""))
+    # the advice may be another output folder, which no rerun of the same command resumes into: the resume is a fact
+    return KLError(f"{failed_write(e, Path(where or folder.path))}, then rerun"
+                   + (f" (the same command resumes: {done} of {total} shards are finished in {folder.path})" if kept
+                      else ""))
 
 
 def quantize(src: str | Path, out: str | Path, bits: int | None = None, group_size: int | None = None,

@@ -369,7 +369,7 @@ def test_a_real_file_size_limit_is_named_in_one_line(tmp_path):
                           capture_output=True, text=True, timeout=300,
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (200 << 10, 200 << 10)))
     assert_one_line_error(done.returncode, done.stderr, "(File too large): the process may write files of 204,800 B "
-                                                        "at most (ulimit -f); raise that limit and rerun")
+                                                        "at most (ulimit -f); raise that limit, then rerun")
 
 
 def test_a_write_the_system_refuses_says_what_to_do_about_it(tmp_path):
@@ -403,8 +403,7 @@ def test_a_shard_on_a_file_system_gone_read_only_is_one_line_naming_another_disk
     monkeypatch.setattr(klconvert.quantize, "write_shard", remounted)
     code, _, err = run_cli(capsys, "quantize", "tiny", tmp_path / "q", "--bits", "4", "--device", "cpu")
     assert_one_line_error(code, err, f"cannot write {tmp_path / 'q.partial'}/", "(Read-only file system): its file "
-                          "system takes no writes -- choose an output folder on another disk and rerun the same "
-                          "command")
+                          "system takes no writes -- choose an output folder on another disk, then rerun")
 
 
 # 11. A umask that takes the owner's own permissions

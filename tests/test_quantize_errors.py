@@ -251,7 +251,7 @@ def test_disk_full(tiny_released, tmp_path, capsys, monkeypatch):
     break_shard_write(monkeypatch, 1, OSError(errno.ENOSPC, "No space left on device"))
     line = fails(capsys, tmp_path, "--group-size", "32", src=tiny_released)
     shard = re.escape(str(tmp_path / "out.partial" / "model-00001-of-"))
-    assert re.search(rf"disk full writing {shard}\d{{5}}\.safetensors {WRITE_SIZES}; free some space and rerun",
+    assert re.search(rf"disk full writing {shard}\d{{5}}\.safetensors {WRITE_SIZES}; free some space, then rerun",
                      line), line
     assert "resumes" not in line
     assert not (tmp_path / "out.partial").exists()  # nothing finished, nothing left behind
@@ -264,7 +264,7 @@ def test_a_full_disks_free_space_is_what_was_left_as_it_filled(tiny_released, tm
     monkeypatch.setattr(disk_space, "free_disk_bytes", lambda folder: 1000 if partial.exists() else 40 * 10**9)
     break_shard_write(monkeypatch, 1, OSError(errno.ENOSPC, "No space left on device"))
     line = fails(capsys, tmp_path, "--group-size", "32", src=tiny_released)
-    assert re.search(r" to write, 1,000 bytes free\); free some space and rerun", line), line
+    assert re.search(r" to write, 1,000 bytes free\); free some space, then rerun", line), line
     assert not partial.exists()
 
 
@@ -280,8 +280,8 @@ def test_disk_full_writing_the_config_names_it(tiny_released, tmp_path, capsys, 
     monkeypatch.setattr(atomic_file, "open", opened, raising=False)
     line = fails(capsys, tmp_path, "--group-size", "32", src=tiny_released)
     config = re.escape(str(tmp_path / "out.partial" / "config.json"))
-    assert re.search(rf"disk full writing {config} {WRITE_SIZES}; free some space and rerun the same command to "
-                     r"resume \((\d+) of \1 shards are finished", line), line
+    assert re.search(rf"disk full writing {config} {WRITE_SIZES}; free some space, then rerun \(the "
+                     r"same command resumes: (\d+) of \1 shards are finished", line), line
 
 
 def test_existing_out(tiny_released, tmp_path, capsys):
@@ -594,7 +594,7 @@ def test_a_shard_that_cannot_be_written_is_one_line_and_leaves_no_out(tiny_relea
     total = int(finished[0].split("-of-")[1].removesuffix(".safetensors"))
     assert line == (f"klconvert: error: cannot write {partial / finished[0].replace('00001-of', '00002-of')} "
                     "(Input/output error): its disk or file system failed the write -- check it (the kernel's log, "
-                    "dmesg), or write to another disk and rerun the same command to resume (1 of "
+                    "dmesg), or write to another disk, then rerun (the same command resumes: 1 of "
                     f"{total} shards are finished in {partial})")
     assert not (partial / "config.json").exists()
     monkeypatch.undo()

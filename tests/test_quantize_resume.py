@@ -38,7 +38,8 @@ def test_disk_full_then_resume_redoes_only_unfinished_shards(tiny_released, unin
     with monkeypatch.context() as m:
         break_shard_write(m, 3, OSError(errno.ENOSPC, "No space left on device"))
         with pytest.raises(KLError, match=rf"disk full writing .*q\.partial/{names[2]} \(.* to write, .* free\); .* "
-                                          rf"to resume \(2 of {len(names)} shards are finished in .*q\.partial"):
+                                          rf"then rerun \(the same command resumes: 2 of {len(names)} shards are "
+                                          r"finished in .*q\.partial"):
             quantize(tiny_released, out, **OPTIONS)
     assert not out.exists()
     assert shard_files(partial) == names[:2] and not list(partial.glob("*.partial"))
@@ -91,7 +92,8 @@ def test_a_damaged_finished_shard_is_written_again(tiny_released, uninterrupted,
     out, partial = tmp_path / "q", tmp_path / "q.partial"
     with monkeypatch.context() as m:
         break_shard_write(m, 3, OSError(errno.EIO, "Input/output error"))
-        with pytest.raises(KLError, match="cannot write .*Input/output error.*rerun the same command to resume"):
+        with pytest.raises(KLError, match=r"cannot write .*Input/output error.*then rerun \(the same command "
+                                          "resumes: "):
             quantize(tiny_released, out, **OPTIONS)
     first = partial / shard_files(partial)[0]
     first.write_bytes(first.read_bytes()[:-10])
@@ -551,7 +553,7 @@ def test_a_resume_record_that_cannot_be_written_is_one_line_and_blocks_no_rerun(
 
         m.setattr("klconvert.convert.output_folder.write_atomically", too_large)
         assert_one_line_error(*run_cli(capsys, *args)[::2],
-                              f"cannot write {tmp_path / 'new' / 'q.partial'} (File too large): ", " and rerun")
+                              f"cannot write {tmp_path / 'new' / 'q.partial'} (File too large): ", ", then rerun")
     assert list(tmp_path.iterdir()) == []
     assert run_cli(capsys, *args)[0] == 0
 
