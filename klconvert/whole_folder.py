@@ -4,13 +4,17 @@ keeps its own resumable OUT.partial, convert.output_folder).
 One writer per output: a run holds OUT's lock (a second is refused naming the first), and holding it, what killed runs
 left -- beside OUT or in it -- is removed (output_folder.remove_dead_runs_temporaries). Where OUT is missing, the
 files go into a fresh hidden folder beside it (.OUT.partial-PID-XXXXXXXX), the lock is OUT.partial.lock beside it, and
-the folder is renamed to OUT once the body ends. Where OUT is a folder already -- empty, or an earlier output that only
-`force` lets go, and only when `replaceable` says it may -- it is filled in place, since no rename replaces a mount
-point (the GPU machine's $OUT is one): the hidden folder is made in OUT (and the lock too, hidden, where OUT's parent
-takes no file), and once the body ends OUT's earlier entries are moved aside into another hidden folder in it,
-the file that says OUT is whole (`last`) first, the new ones moved up, `last` after the rest, and the earlier deleted
-only then -- OUT holds `last` only while whole. A failed or interrupted run leaves OUT as it was and nothing beside it
-(the folders made for OUT go too while empty); whether OUT may be written and takes files is said before any work."""
+the folder is renamed to OUT once the body ends, the record of what the run wrote (output_folder.OUTPUT_RECORD, as
+quantize's) written in it first: what --force, this command's or quantize's, may replace. Where OUT is a folder
+already -- empty, or one that only `force` lets go, and only where `replaceable` is given: a folder its record says
+klconvert wrote, or one `replaceable` accepts (an earlier version's output, which has no record) -- it is filled in
+place, since no rename replaces a mount point (the GPU machine's $OUT is one): the hidden folder is made in OUT (and
+the lock too, hidden, where OUT's parent takes no file), and once the body ends OUT's earlier entries are moved aside
+into another hidden folder in it, the file that says OUT is whole (`last`) first and the record last, the new ones
+moved up, the record first and `last` after the rest, and the earlier deleted only then -- OUT holds `last` only while
+whole, and a record listing all it holds but the runs' hidden temporaries whenever it holds anything (a kill midway
+leaves a folder --force replaces). A failed or interrupted run leaves OUT as it was and nothing beside it (the folders
+made for OUT go too while empty); whether OUT may be written and takes files is said before any work."""
 from __future__ import annotations
 
 import os
@@ -23,11 +27,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE
-from klconvert.convert.output_folder import (TEMPORARY_MARKER, TEMPORARY_NAME, OutputLock, already_exists,
-                                             lock_goes_inside, lock_holder, lock_path, make_parent, mark_temporary,
+from klconvert.convert.output_folder import (OUTPUT_RECORD, TEMPORARY_MARKER, TEMPORARY_NAME, OutputLock,
+                                             already_exists, lock_goes_inside, lock_holder, lock_path, make_parent,
+                                             mark_temporary, names_shown, not_written_by_klconvert,
                                              refuse_link_or_file, refuse_no_new_name, remove_created, runs_temporary,
                                              temporaries_start, temporary_prefix, unmark_temporary, usual_mode,
-                                             write_test)
+                                             write_output_record, write_test)
 from klconvert.disk_space import failed_write
 from klconvert.entry import Uninterrupted
 from klconvert.errors import KLError, refuse_out_of_descriptors
@@ -35,15 +40,17 @@ from klconvert.errors import KLError, refuse_out_of_descriptors
 
 @dataclass(frozen=True)
 class Replaceable:
-    """What --force may replace at OUT: `what`, as the refusal names it, and the test each of its entries must pass
-    (but the hidden ones runs writing OUT make in it)."""
+    """What --force may replace at OUT besides a folder klconvert wrote (its OUTPUT_RECORD lists every entry):
+    `what`, as the refusal names it, and the test each of its entries must pass (but the hidden ones runs writing OUT
+    make in it) -- for an output of a klconvert that wrote no record."""
 
     what: str
     may_hold: Callable[[Path], bool]
 
 
 def refuse_taken(out: Path, force: bool = False, replaceable: Replaceable | None = None) -> None:
-    """KLError unless OUT may be written: missing, an empty folder, or -- with `force` -- a folder whose entries
+    """KLError unless OUT may be written: missing, an empty folder, or -- with `force`, where `replaceable` is given
+    -- a folder klconvert wrote (quantize's rule: output_folder.not_written_by_klconvert) or whose entries
     `replaceable` accepts; never a link (a dangling one too), a file, the current folder or one above it, or a name
     shaped like a run's temporary (which a run beside it may delete); and files must be makeable where the run makes
     them (in OUT when it exists, else in the folder it goes in) -- all said before any work."""
@@ -62,17 +69,27 @@ def refuse_taken(out: Path, force: bool = False, replaceable: Replaceable | None
         raise KLError(f"{out}: cannot list it ({e.strerror}); choose another output folder, or make it readable "
                       "(chmod u+rx)") from None
     if others:
-        force_replaces = replaceable is not None and all(replaceable.may_hold(entry) for entry in others)
+        foreign = None if replaceable is None else _not_replaceable(out, others, replaceable)
         if replaceable is None or not force:   # --force offered only where it would replace OUT
-            raise already_exists(out, replaceable.what if force_replaces else None)
-        if not force_replaces:
-            raise KLError(f"{out}: --force replaces only {replaceable.what}, a folder holding nothing else, and this "
-                          "holds other files; choose another output folder or move it away")
+            raise already_exists(out, None if foreign != [] else "it once the new one is whole")
+        if foreign:
+            raise KLError(f"{out}: --force replaces only a folder klconvert wrote (or an empty one, or "
+                          f"{replaceable.what}), and this also holds other files, which klconvert did not write: "
+                          f"{names_shown(foreign)}; move them out of it, or choose another output folder")
     try:
         write_test(out, out)
     except OSError as e:   # a read-only file system, no write access
         refuse_out_of_descriptors(e, out)
         raise KLError(f"{out}: cannot create files in it ({e.strerror}); choose a folder you can write to") from None
+
+
+def _not_replaceable(out: Path, others: list[Path], replaceable: Replaceable) -> list[str]:
+    """Those of OUT's `others` (_others) that --force may not replace: those OUT's OUTPUT_RECORD does not list (as
+    quantize's --force takes it), or -- where OUT has no record -- those `replaceable` turns down."""
+    unlisted = not_written_by_klconvert(out, [entry.name for entry in others])
+    if unlisted is not None:
+        return unlisted
+    return sorted(entry.name for entry in others if not replaceable.may_hold(entry))
 
 
 def fill_under_way(out: Path) -> str | None:
@@ -147,6 +164,7 @@ def whole_folder(out: Path, force: bool = False, replaceable: Replaceable | None
             new.chmod(stat.S_IRWXU)   # mkdtemp's 0700 is masked too: under umask 0777 no run could write or remove it
             mark_temporary(new)   # until it is in place: a run killed before leaves it for the next to remove
             yield new
+            write_output_record(new, sorted(set(os.listdir(new)) - {TEMPORARY_MARKER}))
             give_usual_modes(new)
             if not in_place:
                 if os.path.lexists(out):   # someone else's, empty or not: never renamed over
@@ -170,26 +188,32 @@ def whole_folder(out: Path, force: bool = False, replaceable: Replaceable | None
 
 def _replace_in_place(new: Path, out: Path, earlier: list[str], last: str) -> None:
     """Put `new`'s entries into OUT, its parent, in place of OUT's `earlier` ones (none where it was empty): these
-    moved aside into a hidden folder in OUT, `last` first, then `new`'s moved up, `last` after the rest, then the
-    aside folder deleted -- OUT holds `last` only while whole. On a failure (an interrupt too) the earlier entries
-    go back, `last` after the rest."""
+    moved aside into a hidden folder in OUT, `last` first and OUTPUT_RECORD last, then `new`'s moved up, the record
+    first and `last` after the rest, then the aside folder deleted -- OUT holds `last` only while whole, and the
+    record of what it holds while it holds anything. On a failure (an interrupt too) the earlier entries go back,
+    in the order new ones go up."""
     aside = None
     try:
         with Uninterrupted():   # one inside mkdtemp left its folder in OUT, unnamed here and unremoved
             aside = Path(tempfile.mkdtemp(prefix=temporary_prefix(out, "replaced"), dir=out))
             aside.chmod(stat.S_IRWXU)   # as `new`: mkdtemp's mode is masked
             mark_temporary(aside)   # before any move: a run killed after leaves it for the next to remove
-        _move(sorted(earlier, key=lambda name: (name != last, name)), out, aside)
+        _move(sorted(earlier, key=lambda name: (name != last, name == OUTPUT_RECORD, name)), out, aside)
         try:
-            _move(sorted(set(os.listdir(new)) - {TEMPORARY_MARKER}, key=lambda name: (name == last, name)), new, out)
+            _move(_moved_in(set(os.listdir(new)) - {TEMPORARY_MARKER}, last), new, out)
         except BaseException:
-            _move(sorted(earlier, key=lambda name: (name == last, name)), aside, out)
+            _move(_moved_in(earlier, last), aside, out)
             raise
         unmark_temporary(new)
         new.rmdir()
     finally:
         if aside is not None:
             _remove_temporary(aside)
+
+
+def _moved_in(names: set[str] | list[str], last: str) -> list[str]:
+    """`names` in the order they go into OUT: OUTPUT_RECORD first, `last` last."""
+    return sorted(names, key=lambda name: (name != OUTPUT_RECORD, name == last, name))
 
 
 def _move(names: list[str], source: Path, target: Path) -> None:

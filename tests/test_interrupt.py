@@ -18,7 +18,7 @@ import time
 import pytest
 
 from klconvert.checkpoint.reader import Checkpoint
-from klconvert.convert.output_folder import FINISHED_FILES, RESUME_RECORD, usual_mode
+from klconvert.convert.output_folder import FINISHED_FILES, OUTPUT_RECORD, RESUME_RECORD, usual_mode
 from klconvert.entry import signal_status
 
 LONG_RUN = ("run", "--model", "tiny", "--prompt", "hi", "--max-new-tokens", "3000", "--max-context", "3008")
@@ -325,7 +325,7 @@ def test_an_interrupt_as_the_folder_goes_into_place_leaves_it_whole_and_unmarked
     proc = _entry(textwrap.dedent(SIGNAL_AFTER_THE_RENAME.format(signal=signame)) + WRITES_OUT, cwd=tmp_path)
     _assert_interrupted(proc, signal_status(getattr(signal, signame)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [OUTPUT_RECORD, "config.json"]
 
 
 def test_an_interrupt_as_quantize_renames_its_output_leaves_no_resume_record(tiny_released, tmp_path):

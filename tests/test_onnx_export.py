@@ -28,7 +28,8 @@ import klconvert
 from klconvert.checkpoint import reader
 from klconvert.checkpoint.folder_files import without_remote_code
 from klconvert.checkpoint.reader import Checkpoint
-from klconvert.convert.output_folder import OutputLock, mark_temporary, temporary_prefix
+from klconvert.convert.output_folder import (OUTPUT_RECORD, OutputLock, mark_temporary, temporary_prefix,
+                                             write_output_record)
 from klconvert.models import bundled_dir
 from klconvert.onnx import export as export_module
 from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, MIN_OPSET, export_onnx, make_model
@@ -665,6 +666,7 @@ def test_a_replacing_export_that_fails_keeps_the_earlier_one(exported, tmp_path,
     quantized, folder = exported
     out = shutil.copytree(folder, tmp_path / "onnx")
     (out / "chat_template.jinja").write_text("{{ 'from the export being replaced' }}")
+    write_output_record(out, [p.name for p in out.iterdir() if p.name != OUTPUT_RECORD])   # as if it wrote that too
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def fail(path):
@@ -682,6 +684,24 @@ def test_a_replacing_export_that_fails_keeps_the_earlier_one(exported, tmp_path,
     assert {p.name: p.read_bytes() for p in out.iterdir()} != before
     ids = [PROMPT]
     assert torch.equal(OnnxEngine(out).forward(ids), OnnxEngine(folder).forward(ids))
+
+
+def test_force_replaces_a_folder_klconvert_wrote_and_names_what_it_did_not(tmp_path, capsys):
+    """export-onnx --force replaced only an earlier export: a synth (or quantize) output at --out, klconvert's own,
+    was refused as holding other files. Now its record lists what klconvert wrote, as quantize's --force reads it,
+    and the export writes one too."""
+    out = tmp_path / "out"
+    assert run_cli(capsys, "synth", "--preset", "tiny", "--layers", "2", "--out", out)[0] == 0
+    (out / "notes.txt").write_text("mine")
+    export = ("export-onnx", "--model", "tiny", "--out", out, "--force")
+    assert_one_line_error(*run_cli(capsys, *export)[::2], f"{out}: --force replaces only a folder klconvert wrote (or "
+                          "an empty one, or an ONNX export an older klconvert wrote), and this also holds other files, "
+                          "which klconvert did not write: notes.txt; move them out of it, or choose another output "
+                          "folder")
+    (out / "notes.txt").unlink()
+    assert run_cli(capsys, *export)[0] == 0
+    written = json.loads((out / OUTPUT_RECORD).read_text())["files"]
+    assert GENAI_CONFIG in written and sorted(p.name for p in out.iterdir()) == sorted([*written, OUTPUT_RECORD])
 
 
 @pytest.mark.parametrize("error", [errno.ENOSPC, errno.EFBIG])
@@ -757,7 +777,9 @@ def test_export_refuses_bad_input_in_one_line(tmp_path, capsys):
         (["--model", "tiny", "--out", blocker / "sub"], "cannot create the folder it goes in"),
         (["--model", "tiny", "--out", blocker], "is not a folder"),
         (["--model", "tiny", "--out", taken], "already exists"),
-        (["--model", "tiny", "--out", taken, "--force"], "replaces only an earlier ONNX export"),
+        (["--model", "tiny", "--out", taken, "--force"], "replaces only a folder klconvert wrote (or an empty one, or "
+         "an ONNX export an older klconvert wrote), and this also holds other files, which klconvert did not write: "
+         "notes.txt"),
         (["--model", "tiny", "--out", tmp_path / "o2", "--opset", "12"], "--opset 12"),
         (["--model", "tiny", "--out", tmp_path / "o3", "--opset", str(onnx.defs.onnx_opset_version() + 1)],
          f"--opset {onnx.defs.onnx_opset_version() + 1}: choose {MIN_OPSET} to {onnx.defs.onnx_opset_version()} "
@@ -865,7 +887,7 @@ def test_a_source_without_a_tokenizer_exports_without_a_tokenizer_json(tmp_path)
     for name in ("tiktoken.model", "tokenizer_config.json", "special_tokens_map.json"):
         (source / name).unlink()
     export_onnx(source, out, force=True)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", GENAI_CONFIG, "model.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_RECORD, "config.json", GENAI_CONFIG, "model.onnx"]
     assert json.loads((out / GENAI_CONFIG).read_text())["tokenizer"]["files"] == []
 
 

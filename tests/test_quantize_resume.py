@@ -224,16 +224,29 @@ def test_force_names_an_output_of_a_klconvert_older_than_its_record(tiny_release
     assert_one_line_error(*run_cli(capsys, *args, "--force")[::2], f"no {OUTPUT_RECORD} lists what klconvert wrote")
 
 
+def test_force_replaces_a_synth_output(tiny_released, tmp_path, capsys):
+    """`klconvert synth --out OUT` then `quantize SRC OUT --force` was refused (OUT 'a checkpoint folder ...; `klconvert
+    synth` writes no such record'): synth wrote no record of its files, so klconvert's own output could not be told
+    from the user's. Now it writes quantize's, and --force replaces it as it replaces a quantize output."""
+    out = tmp_path / "q"
+    assert run_cli(capsys, "synth", "--preset", "tiny", "--out", out)[0] == 0
+    args = ("quantize", tiny_released, out, "--bits", "8", "--group-size", "32")
+    assert_one_line_error(*run_cli(capsys, *args)[::2], f"{out}: already exists; choose another output folder, or "
+                          "pass --force to replace it once the new one is complete")
+    assert run_cli(capsys, *args, "--force")[0] == 0
+    written = json.loads((out / OUTPUT_RECORD).read_text())["files"]
+    assert "recipe.yaml" in written and sorted(p.name for p in out.iterdir()) == sorted([*written, OUTPUT_RECORD])
+
+
 @pytest.mark.parametrize("made_by", ["synth", "export-onnx"])
-def test_force_names_a_synth_or_export_output_it_cannot_replace(tiny_released, tmp_path, capsys, made_by):
-    """`klconvert synth --out OUT` then `quantize SRC OUT --force` was told OUT 'holds other files (no
-    .klconvert-output.json lists what klconvert wrote)' -- klconvert's own output, as if the user's (h191's brief):
-    synth and export-onnx keep no record of their files, so --force still deletes nothing, but the line says what OUT
-    is, and without --force none is offered."""
+def test_force_names_an_older_synth_or_export_output_it_cannot_replace(tiny_released, tmp_path, capsys, made_by):
+    """A synth or export-onnx output of a klconvert before they wrote a record of their files: --force deletes
+    nothing, and the line says what OUT is; without --force none is offered."""
     out = tmp_path / "q"
     if made_by == "synth":
         assert run_cli(capsys, "synth", "--preset", "tiny", "--out", out)[0] == 0
-    else:   # what export-onnx leaves: its genai_config.json beside the model's config.json (onnx is not needed here)
+        (out / OUTPUT_RECORD).unlink()
+    else:   # what export-onnx left: its genai_config.json beside the model's config.json (onnx is not needed here)
         out.mkdir()
         for name in ("genai_config.json", "config.json", "model.onnx"):
             (out / name).write_text("{}")
@@ -242,9 +255,9 @@ def test_force_names_a_synth_or_export_output_it_cannot_replace(tiny_released, t
     line = assert_one_line_error(*run_cli(capsys, *args)[::2], f"{out}: already exists; choose another output folder "
                                  "(or move it away)")
     assert "--force" not in line, line
-    what = ("a checkpoint folder (config.json is here; `klconvert synth` writes no such record, nor does a download)"
-            if made_by == "synth" else
-            "an ONNX export (genai_config.json is here; `klconvert export-onnx` writes no such record)")
+    what = ("a checkpoint folder (config.json is here): a download, or a `klconvert synth` output of a klconvert older "
+            "than that record" if made_by == "synth" else
+            "an ONNX export (genai_config.json is here) of a klconvert older than that record")
     assert_one_line_error(*run_cli(capsys, *args, "--force")[::2], f"{out}: --force replaces only a folder klconvert "
                           f"wrote (or an empty one), and no {OUTPUT_RECORD} lists what klconvert wrote in this one, "
                           f"{what}, so --force cannot tell its files from yours; remove it yourself where you can "

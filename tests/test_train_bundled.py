@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import train_bundled  # noqa: E402
 
 from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
+from klconvert.convert.output_folder import OUTPUT_RECORD  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.runtime.engine import load  # noqa: E402
@@ -41,9 +42,10 @@ def test_training_lowers_the_loss_and_writes_a_checkpoint(tmp_path):
     assert set(log["expert_load_validation"]) == {"1", "2", "3"}   # the MoE layers
     out = tmp_path / "out"
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["config.json", "loss.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json",
-                     "special_tokens_map.json", "tiktoken.model", "tokenizer_config.json"]   # + loss.png, 2 shards
-    unsharded = {name for name in files if not name.endswith(".safetensors")} - {"loss.json"}
+    assert files == [OUTPUT_RECORD, "config.json", "loss.json", "model-00001-of-00001.safetensors",
+                     "model.safetensors.index.json", "special_tokens_map.json", "tiktoken.model",
+                     "tokenizer_config.json"]   # + loss.png, 2 shards
+    unsharded = {name for name in files if not name.endswith(".safetensors")} - {"loss.json", OUTPUT_RECORD}
     assert unsharded == {p.name for p in BUNDLED_DIR.iterdir() if not p.name.endswith(".safetensors")}
     assert json.loads((out / "loss.json").read_text())["kept_step"] == log["kept_step"]
     ckpt = Checkpoint(out)

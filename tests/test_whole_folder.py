@@ -3,6 +3,7 @@ time, what a killed run left removed by the next, a failed write one line, the f
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from klconvert.convert.output_folder import OUTPUT_RECORD, write_output_record
 from klconvert.errors import KLError
 from klconvert.whole_folder import whole_folder
 
@@ -59,7 +61,8 @@ def test_the_runs_own_folders_are_usable_under_a_umask_without_the_owners_rights
     assert _mode(out) == 0o500 and _mode(in_place) == 0o755   # an existing OUT keeps its own mode
     assert _mode(out / "config.json") == _mode(in_place / "config.json") == 0o400
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in-place", "out"]
-    assert [p.name for p in out.iterdir()] == [p.name for p in in_place.iterdir()] == ["config.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in in_place.iterdir()) == [OUTPUT_RECORD,
+                                                                                                 "config.json"]
     out.chmod(0o700)   # for tmp_path's removal
 
 
@@ -123,7 +126,7 @@ def test_what_a_killed_run_left_is_removed_by_the_next(tmp_path):
         assert [p.name for p in folder.iterdir()] == [".klconvert-temporary"]   # a run's own temporary is marked
         (folder / "x").write_text("ours")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *list(left)[2:]])
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x"]   # the mark is gone from what it wrote
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [OUTPUT_RECORD, "x"]   # the mark is gone
 
 
 def test_an_empty_folder_is_filled_in_place_with_the_marker_last(tmp_path, monkeypatch, umask_022):
@@ -140,7 +143,7 @@ def test_an_empty_folder_is_filled_in_place_with_the_marker_last(tmp_path, monke
         for name in ("genai_config.json", "model.onnx", "a.json"):
             (folder / name).write_text(name)
     assert out.stat().st_ino == before and _mode(out) == 0o750
-    assert sorted(p.name for p in out.iterdir()) == ["a.json", "genai_config.json", "model.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_RECORD, "a.json", "genai_config.json", "model.onnx"]
     assert moves[-1] == "genai_config.json" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -157,7 +160,7 @@ def test_a_failed_write_in_place_leaves_the_folder_empty_and_a_killed_ones_lefto
     (out / f".out.partial-{dead.pid}-abcdefgh").mkdir()   # what a run killed while writing in place leaves
     with whole_folder(out) as folder:
         (folder / "config.json").write_text("{}")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_RECORD, "config.json"]
 
 
 def test_a_name_too_long_for_what_is_made_beside_it_is_refused_up_front(tmp_path):
@@ -178,7 +181,7 @@ def test_a_relative_empty_out_is_filled_in_place(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: os.path.abspath(real_mkdtemp(**kw)))   # 3.12's, on any
     with whole_folder(Path("out")) as folder:
         (folder / "config.json").write_text("{}")
-    assert sorted(p.name for p in Path("out").iterdir()) == ["config.json"]
+    assert sorted(p.name for p in Path("out").iterdir()) == [OUTPUT_RECORD, "config.json"]
 
 
 def test_a_leftover_inside_out_whose_pid_runs_again_is_removed_before_the_work(tmp_path):
@@ -193,7 +196,7 @@ def test_a_leftover_inside_out_whose_pid_runs_again_is_removed_before_the_work(t
     mark_temporary(leftover)
     with whole_folder(out) as folder:
         (folder / "config.json").write_text("{}")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_RECORD, "config.json"]
 
 
 def test_an_interrupt_while_moving_in_leaves_out_empty_not_looking_complete(tmp_path, monkeypatch):
@@ -282,12 +285,14 @@ def _visible(folder: Path) -> dict[str, str]:
 
 def test_force_onto_a_mount_point_replaces_it_in_place_never_looking_whole_when_not(tmp_path, monkeypatch):
     """A mount point of files cannot be renamed away: --force failed with EBUSY after all the work. Now its files
-    are replaced in place, and after every rename OUT holds the marker only when it holds the one whole set."""
+    are replaced in place, and after every rename OUT holds the marker only when it holds the one whole set -- and
+    whatever it holds, a record listing it (a kill at any point leaves a folder --force replaces, not the user's)."""
     from klconvert.convert.output_folder import TEMPORARY_MARKER
     from klconvert.whole_folder import Replaceable
 
     out = tmp_path / "out"
     earlier = _earlier_export(out)
+    write_output_record(out, list(earlier))   # as this version writes one
     new = {"genai_config.json": "new config", "model.onnx": "new model", "model.onnx.data": "new data"}
     before = out.stat().st_ino
     _as_mount_point(monkeypatch, out)
@@ -298,6 +303,8 @@ def test_force_onto_a_mount_point_replaces_it_in_place_never_looking_whole_when_
         seen.append(os.path.basename(b))
         if (out / "genai_config.json").exists():
             assert _visible(out) in (earlier, new), seen
+        held = {p.name for p in out.iterdir() if not p.name.startswith(".out.")}
+        assert not held or held <= {OUTPUT_RECORD, *json.loads((out / OUTPUT_RECORD).read_text())["files"]}, seen
         for hidden in out.glob(".out.*"):   # what is hidden in OUT a kill leaves for the next run to remove
             assert hidden.name == ".out.partial.lock" or (hidden / TEMPORARY_MARKER).is_file() or not any(
                 hidden.iterdir()), hidden
@@ -310,7 +317,7 @@ def test_force_onto_a_mount_point_replaces_it_in_place_never_looking_whole_when_
         for name, text in new.items():
             (folder / name).write_text(text)
     assert ran and out.stat().st_ino == before
-    assert sorted(p.name for p in out.iterdir()) == sorted(new) and _visible(out) == new
+    assert sorted(p.name for p in out.iterdir()) == sorted([OUTPUT_RECORD, *new]) and _visible(out) == new
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and seen[-1] == "genai_config.json"
 
 
@@ -355,7 +362,7 @@ def test_a_mount_point_under_a_read_only_folder_is_filled_in_place(tmp_path, mon
     refuse_taken(out, earlier, anything)
     with whole_folder(out, earlier, anything) as folder:
         (folder / "config.json").write_text("{}")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_RECORD, "config.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mnt"] and [p.name for p in out.parent.iterdir()] == ["out"]
 
 
@@ -396,7 +403,7 @@ def test_a_finished_folder_a_kill_left_marked_stays_the_users(tmp_path, monkeypa
         with whole_folder(out) as folder:
             (folder / "config.json").write_text("{}")
     monkeypatch.undo()
-    finished = {TEMPORARY_MARKER: "", "config.json": "{}"}
+    finished = {TEMPORARY_MARKER: "", "config.json": "{}", OUTPUT_RECORD: '{\n "files": [\n  "config.json"\n ]\n}\n'}
     assert {p.name: p.read_text() for p in out.iterdir()} == finished
     with pytest.raises(KLError, match="out: already exists"):
         with whole_folder(out):
@@ -407,12 +414,14 @@ def test_a_finished_folder_a_kill_left_marked_stays_the_users(tmp_path, monkeypa
     assert {p.name: p.read_text() for p in out.iterdir() if p.is_file()} == finished
     with pytest.raises(KLError, match="named as klconvert names its temporary folders"):   # one a run could take
         refuse_taken(tmp_path / ".q4.partial-123-abcdefgh")
-    (out / "sub" / "config.json").unlink()
+    for name in ("config.json", OUTPUT_RECORD):
+        (out / "sub" / name).unlink()
     (out / "sub").rmdir()
     only_config = Replaceable("an earlier config", lambda p: p.name == "config.json")
     with whole_folder(out, force=True, replaceable=only_config) as folder:
         (folder / "config.json").write_text("[]")
-    assert {p.name: p.read_text() for p in out.iterdir()} == {"config.json": "[]"}
+    assert _visible(out) == {"config.json": "[]"}
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_RECORD, "config.json"]
 
 
 def test_force_is_offered_only_where_it_would_replace_out(tmp_path):
@@ -422,14 +431,16 @@ def test_force_is_offered_only_where_it_would_replace_out(tmp_path):
     out = tmp_path / "out"
     earlier = _earlier_export(out)
     export_files = Replaceable("an earlier export", lambda p: p.name in earlier)
-    with pytest.raises(KLError, match="pass --force to replace an earlier export$"):
+    with pytest.raises(KLError, match="pass --force to replace it once the new one is whole$"):
         refuse_taken(out, replaceable=export_files)
     (out / "notes.txt").write_text("mine")
     for force in (False, True):   # refused with --force too: what it would lead to
         with pytest.raises(KLError) as refused:
             refuse_taken(out, force, replaceable=export_files)
         assert ("--force" in str(refused.value)) == force, refused.value
-    assert str(refused.value).startswith(f"{out}: --force replaces only an earlier export")
+    assert str(refused.value) == (f"{out}: --force replaces only a folder klconvert wrote (or an empty one, or an "
+                                  "earlier export), and this also holds other files, which klconvert did not write: "
+                                  "notes.txt; move them out of it, or choose another output folder")
     with pytest.raises(KLError, match="already exists; choose another output folder \\(or move it away\\)$"):
         refuse_taken(out, True)   # nothing --force replaces (synth's, the tools')
 
@@ -456,12 +467,13 @@ def test_what_a_kill_left_in_a_finished_folder_stops_no_replacement(tmp_path, mo
     (tmp_path / "out.partial.lock").write_text("999999\n")   # the lock too (beside OUT): a kill does not remove it
     assert _visible(out) == {"genai_config.json": "second"} and len(list(out.glob(".out.*"))) == 2
     with pytest.raises(KLError, match="out: already exists; choose another output folder, or pass --force to replace "
-                       "an earlier export"):
+                       "it once the new one is whole"):
         with whole_folder(out, replaceable=export_files):
             pass
     with whole_folder(out, force=True, replaceable=export_files, last="genai_config.json") as folder:
         (folder / "genai_config.json").write_text("third")
-    assert {p.name: p.read_text() for p in out.iterdir()} == {"genai_config.json": "third"}
+    assert _visible(out) == {"genai_config.json": "third"}
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_RECORD, "genai_config.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

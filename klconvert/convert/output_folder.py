@@ -102,6 +102,11 @@ def not_written_by_klconvert(folder: Path, entries: list[str]) -> list[str] | No
     return sorted(name for name in entries if name not in ours or (folder / name).is_dir())
 
 
+def names_shown(names: list[str]) -> str:
+    """The first three of `names` and how many more: how a refusal names what is in the way."""
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 def write_output_record(folder: Path, files: list[str]) -> None:
     """List `files`, those of `folder` (the output about to be renamed into place) that the run wrote, in its
     OUTPUT_RECORD."""
@@ -233,10 +238,9 @@ def refuse_existing_out(out: Path, force: bool) -> None:
                       f"other files (no {OUTPUT_RECORD} lists what klconvert wrote); choose another output folder or "
                       "move it away")
     if others:
-        shown_names = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
         raise KLError(f"{out}: --force replaces only a folder klconvert wrote (or an empty one), and this also holds "
-                      f"other files, which klconvert did not write: {shown_names}; move them out of it, or choose "
-                      "another output folder")
+                      f"other files, which klconvert did not write: {names_shown(others)}; move them out of it, or "
+                      "choose another output folder")
     try:
         write_test(out, out)
     except OSError as e:
@@ -246,16 +250,16 @@ def refuse_existing_out(out: Path, force: bool) -> None:
 
 
 def _unrecorded_output(out: Path) -> str | None:
-    """What OUT, holding no OUTPUT_RECORD (one unreadable is said as that), is by the file that makes a folder whole
-    for the commands that write one without a record of their files: an ONNX export (export-onnx's GENAI_CONFIG) or
-    a checkpoint folder (synth's CONFIG_FILE, a download's too); None for neither."""
+    """What OUT, holding no OUTPUT_RECORD (one unreadable is said as that), is by the file that makes a folder whole:
+    an ONNX export (export-onnx's GENAI_CONFIG) of a klconvert before synth and export-onnx wrote that record
+    (whole_folder), or a checkpoint folder (CONFIG_FILE: such a synth's, or a download); None for neither."""
     if os.path.lexists(out / OUTPUT_RECORD):
         return None
     if os.path.lexists(out / GENAI_CONFIG):
-        return f"an ONNX export ({GENAI_CONFIG} is here; `klconvert export-onnx` writes no such record)"
+        return f"an ONNX export ({GENAI_CONFIG} is here) of a klconvert older than that record"
     if os.path.lexists(out / CONFIG_FILE):
-        return (f"a checkpoint folder ({CONFIG_FILE} is here; `klconvert synth` writes no such record, nor does a "
-                "download)")
+        return (f"a checkpoint folder ({CONFIG_FILE} is here): a download, or a `klconvert synth` output of a "
+                "klconvert older than that record")
     return None
 
 
@@ -631,10 +635,9 @@ class OutputFolder:
         ours = {*self.files, RESUME_RECORD, TEMPORARY_MARKER, OUTPUT_RECORD}   # OUTPUT_RECORD: a finish interrupted
         others = sorted(name for name in os.listdir(self.path) if name not in ours or (self.path / name).is_dir())
         if others:
-            shown_names = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
             folders = " (a folder where the run writes a file counts too)" if set(others) & ours else ""
-            raise KLError(f"{self.path}: holds files this run does not write ({shown_names}){folders}; move them out "
-                          "of it and rerun to resume")
+            raise KLError(f"{self.path}: holds files this run does not write ({names_shown(others)}){folders}; move "
+                          "them out of it and rerun to resume")
 
     def remove(self) -> None:
         """Delete the whole folder (a run that failed before finishing any shard leaves nothing behind)."""

@@ -136,11 +136,12 @@ def _unfilled_where_packed(model: M.KimiLinear, checkpoint: Checkpoint) -> M.Kim
 
 def _is_an_export_file(path: Path) -> bool:
     """Whether `path`, in a folder --force would replace, is one of an export's files (EXPORT_FILES, a regular
-    file): a folder of only these is an earlier export, or what one killed part way left in a folder it wrote into."""
+    file): a folder of only these is an export of a klconvert that wrote no OUTPUT_RECORD (whole_folder), or what
+    one killed part way left in a folder it wrote into."""
     return path.name in EXPORT_FILES and not path.is_symlink() and path.is_file()
 
 
-EARLIER_EXPORT = Replaceable("an earlier ONNX export", _is_an_export_file)
+EARLIER_EXPORT = Replaceable("an ONNX export an older klconvert wrote", _is_an_export_file)
 
 
 def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPSET, force: bool = False) -> Path:
