@@ -45,7 +45,7 @@ from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_FILE_NAME_BYTES, M
 from klconvert.checkpoint.regular_file import read_json
 from klconvert.disk_space import DISK_FULL, free_disk_bytes
 from klconvert.entry import note_change
-from klconvert.errors import KLError, argument, first_line, refuse_non_bool, unreadable_reason
+from klconvert.errors import KLError, argument, few, first_line, refuse_non_bool, unreadable_reason
 from klconvert.hex_digests import GIT_SHA, SHA256_HEX
 from klconvert.hf_cache import BLOBS, SNAPSHOTS
 from klconvert.hub_guard import AnswerGuard
@@ -176,6 +176,8 @@ def pull(
                     _check_listing(listing, where, api.endpoint, published=not offline)
                     guard.sizes = {f.path: f.size for f in listing if f.size is not None}
             wanted = _select_from(listing, include, exclude, where) if listing is not None else None
+            if local_dir is not None:
+                _refuse_mixing_pulls(local_dir, repo, commit, wanted, offline)
             fetch_bytes = 0
             if not offline:
                 _refuse_unwritable_names(wanted, where, local_dir is not None)
@@ -728,6 +730,45 @@ def _remove(path: Path, blobs: Path | None) -> None:
     if blobs is not None and path.is_symlink() and path.resolve().parent == blobs.resolve():
         path.resolve().unlink(missing_ok=True)
     path.unlink(missing_ok=True)
+
+
+def _refuse_mixing_pulls(local_dir: Path, repo: str, commit: str, wanted: list[HubFile] | None,
+                         offline: bool) -> None:
+    """KLError, before any download, where --local-dir's LOCAL_DIR_RECORD names another repo or commit and this pull
+    would leave it describing the folder wrongly: offline, where no record is written (nor a file hashed), it would
+    go on naming the earlier pull while this one takes the files as its commit's; online, where files the record
+    lists, still there, are not among `wanted`, the new record would name this commit for a folder that holds the
+    earlier one's files too (quantize's model card, and its resume, take the record's commit for all of them)."""
+    earlier = _pull_record(local_dir)
+    if earlier is None or (earlier["repo"], earlier["commit"]) == (repo, commit):
+        return
+    held = f"{earlier['repo']}@{earlier['commit']}"
+    if offline:
+        raise KLError(f"--local-dir {local_dir}: holds {held} (its {LOCAL_DIR_RECORD}), not {repo}@{commit}, and "
+                      "HF_HUB_OFFLINE is set, so nothing is fetched or checked to make it this one; unset "
+                      "HF_HUB_OFFLINE and rerun to pull it into the folder, or pull into another --local-dir")
+    pulled = {f.path for f in wanted}
+    left = [path for path in earlier["files"] if path not in pulled and os.path.lexists(local_dir / path)]
+    if left:
+        raise KLError(f"--local-dir {local_dir}: holds files of {held} (its {LOCAL_DIR_RECORD}) that this pull of "
+                      f"{repo}@{commit} does not fetch, {few(left)}, so the folder would hold files of both; pull "
+                      "without the --include/--exclude that leave them out, remove them, or pull into another "
+                      "--local-dir")
+
+
+def _pull_record(folder: Path) -> dict | None:
+    """The repo, commit and file paths of `folder`'s LOCAL_DIR_RECORD; None where there is none, or one not of this
+    shape -- a hub repo id, a commit sha, paths, as provenance.source_origin takes one (the folder's, as untrusted as
+    the rest of it: a pull removes it before fetching anything)."""
+    try:
+        record = read_json(folder / LOCAL_DIR_RECORD, MAX_PULL_RECORD_BYTES, "pull record")
+        validate_repo_id(record["repo"])   # a ValueError unless a hub repo id
+        paths = [entry["path"] for entry in record["files"]]
+        if GIT_SHA.fullmatch(record["commit"]) and all(isinstance(path, str) for path in paths):
+            return {"repo": record["repo"], "commit": record["commit"], "files": paths}
+    except (OSError, ValueError, RecursionError, KLError, KeyError, TypeError):
+        pass
+    return None
 
 
 def _write_local_dir_record(folder: Path, repo, revision, commit, files: list[PulledFile]) -> None:

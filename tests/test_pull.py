@@ -1235,3 +1235,54 @@ def test_a_pull_refused_for_disk_space_removes_no_copy_of_another_size(served, c
     with pytest.raises(KLError, match=f"needs {size:,} bytes for 1 files but only {size - 1:,} bytes is free"):
         hub.pull(REPO, progress=False, **where)
     assert shard.resolve().read_bytes() == b"x" * 1000
+
+
+def _pulled_commit(folder: Path) -> str:
+    return json.loads((folder / hub.LOCAL_DIR_RECORD).read_text())["commit"]
+
+
+def test_an_offline_pull_of_another_commit_into_a_local_dir_is_refused(served, hub_server, checkpoint, tmp_path):
+    """An offline pull writes no pull record: one of another commit into a --local-dir holding a later one took the
+    folder's files as its commit's (by their sizes alone) and left the record naming the later one, which quantize's
+    model card and resume then took for them. Now it is refused, the folder and its record as they were."""
+    server, first = served
+    out = tmp_path / "kimi"
+    hub.pull(REPO, local_dir=out, progress=False)
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "kimi_linear", "hidden_size": 16}))
+    second = hub_server.add_repo(REPO, checkpoint)
+    hub.pull(REPO, local_dir=out, progress=False)
+    before = {path: (out / path).read_bytes() for path in [*PULLED, hub.LOCAL_DIR_RECORD.as_posix()]}
+    with hub_environment(hub_server.endpoint, tmp_path / "hf_home", HF_HUB_OFFLINE="1"):
+        with pytest.raises(KLError, match=re.escape(
+                f"--local-dir {out}: holds {REPO}@{second} (its .klconvert/pull.json), not {REPO}@{first}, and "
+                "HF_HUB_OFFLINE is set, so nothing is fetched or checked to make it this one; unset HF_HUB_OFFLINE "
+                "and rerun to pull it into the folder, or pull into another --local-dir")):
+            hub.pull(REPO, revision=first, local_dir=out, progress=False)
+        assert hub.pull(REPO, revision=second, local_dir=out, progress=False).commit == second   # its own: taken
+    assert {path: (out / path).read_bytes() for path in before} == before
+
+
+def test_a_pull_of_another_commit_that_would_leave_the_earlier_ones_files_is_refused(served, hub_server, checkpoint,
+                                                                                      tmp_path):
+    """A pull of a new commit's shards alone into a --local-dir holding the earlier commit wrote a record naming the
+    new commit for the folder, whose config.json and tokenizer files were still the earlier one's. Now it is refused
+    before any download, naming those files; a pull of every file the folder holds goes ahead."""
+    server, first = served
+    out = tmp_path / "kimi"
+    hub.pull(REPO, local_dir=out, progress=False)
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "kimi_linear", "hidden_size": 16}))
+    second = hub_server.add_repo(REPO, checkpoint)
+    asked = sum(server.requests.values())
+    with pytest.raises(KLError) as refused:
+        hub.pull(REPO, include=["model-*"], local_dir=out, progress=False)
+    assert str(refused.value) == (
+        f"--local-dir {out}: holds files of {REPO}@{first} (its .klconvert/pull.json) that this pull of "
+        f"{REPO}@{second} does not fetch, ['chat_template.jinja', 'config.json', 'model.safetensors.index.json', "
+        "'tiktoken.model', 'tokenizer_config.json'], so the folder would hold files of both; pull without the "
+        "--include/--exclude that leave them out, remove them, or pull into another --local-dir")
+    assert _pulled_commit(out) == first and sum(server.requests.values()) == asked   # no file asked for
+    for path in ("chat_template.jinja", "config.json", "tiktoken.model", "tokenizer_config.json"):
+        (out / path).unlink()   # removed: what is left is all the new pull's
+    assert hub.pull(REPO, include=["model*"], local_dir=out, progress=False).commit == second
+    assert _pulled_commit(out) == second
+    assert hub.pull(REPO, local_dir=out, progress=False).commit == second and _pulled_commit(out) == second
