@@ -72,3 +72,11 @@ def test_quality_table_refuses_token_counts_it_cannot_measure(tmp_path):
         assert proc.returncode == 2 and "--tokens" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     proc = _tool("quality_table.py", "--folder", "d1", cwd=tmp_path)
     assert proc.returncode == 2 and "--folder d1: give LABEL=DIR" in proc.stderr, proc.stderr
+
+
+def test_quality_table_refuses_an_only_no_row_matches_before_measuring(tmp_path):
+    """--only nomatch ran the bf16 reference first, then printed "no row matched --only" to stdout with exit 0."""
+    proc = _tool("quality_table.py", "--only", "nomatch", cwd=tmp_path)
+    assert proc.returncode == 2 and not proc.stdout, (proc.stdout, proc.stderr)
+    assert proc.stderr.splitlines() == ["quality_table.py: error: --only 'nomatch': no row's label contains it; give "
+                                        "part of one (e.g. 'int4 g128'), or measure a --folder"], proc.stderr

@@ -205,10 +205,15 @@ def main() -> None:
         p.error(f"--tokens {a.tokens}: need at least 2 tokens to score a next-token prediction")
     folders = tuple((label, Path(path)) for label, _, path in (f.partition("=") for f in a.folder))
     try:
-        rows = measure(resolve_model(a.model), a.tokens, a.only, folders)
+        model = resolve_model(a.model)
+        labels = [label for _, label, _ in variants(KimiLinearConfig.from_file(model / CONFIG_FILE))]
+        if a.only and not folders and not any(a.only in label for label in labels):   # before the reference's run
+            p.exit(2, f"{p.prog}: error: --only {a.only!r}: no row's label contains it; give part of one "
+                      f"(e.g. 'int4 g128'), or measure a --folder\n")
+        rows = measure(model, a.tokens, a.only, folders)
     except KLError as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
-    print(render(rows, rows[0][2].tokens) if rows else "no row matched --only")
+    print(render(rows, rows[0][2].tokens))
     line = targets_line(rows)
     if line:
         print("\n" + line)
