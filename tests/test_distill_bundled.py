@@ -2,6 +2,7 @@
 the KL they are taken on, and the folder it writes is the one it measured (a short run on CPU)."""
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -124,6 +125,15 @@ def test_distill_refuses_an_existing_output_before_tuning(tmp_path):
         with pytest.raises(KLError, match="positive number of seconds"):
             D.distill(tmp_path / "new", time_budget_s=budget, device="cpu", log=lambda line: pytest.fail(line))
     assert not (tmp_path / "new").exists()
+
+
+def test_a_seed_torch_cannot_take_is_one_usage_line(tmp_path):
+    """--seed 99999999999999999999 ended in manual_seed's ValueError traceback."""
+    proc = subprocess.run([sys.executable, D.__file__, str(tmp_path / "q4"), "--seed", "99999999999999999999"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "argument --seed: '99999999999999999999' is not a whole number from 0 to 4,294,967,295" in proc.stderr
+    assert not (tmp_path / "q4").exists()
 
 
 def test_bad_generated_settings_are_refused_before_anything_runs(tmp_path):

@@ -113,6 +113,9 @@ def test_bad_arguments_are_one_usage_line(tmp_path):
     for args, needle in ((["--steps", "0"], "argument --steps: '0' is not a whole number of at least 1"),
                          (["--lr", "-1"], "argument --lr: '-1' is not a positive finite number"),
                          (["--bias-rate", "nan"], "argument --bias-rate: 'nan' is not a finite number >= 0"),
+                         (["--seed", "99999999999999999999"],   # a ValueError traceback from torch's manual_seed
+                          "argument --seed: '99999999999999999999' is not a whole number from 0 to 4,294,967,295"),
+                         (["--seed", "-1"], "argument --seed: '-1' is not a whole number from 0 to 4,294,967,295"),
                          (["--device", "bogus"], "argument --device: invalid choice: 'bogus'")):
         proc = subprocess.run([sys.executable, str(tool), "--out", str(tmp_path / "o"), *args], capture_output=True,
                               text=True, timeout=120)
@@ -136,3 +139,12 @@ def test_training_windows_reach_the_last_start_and_a_split_of_one_window_is_samp
     assert torch.equal(y, x + 1)
     x, y = train_bundled.sample_batch(torch.arange(17), 2, 16, torch.Generator().manual_seed(0))
     assert torch.equal(x, torch.arange(16).expand(2, 16)) and torch.equal(y, x + 1)
+
+
+def test_the_first_warm_up_step_moves_the_weights(tmp_path):
+    """The warm-up's rate was taken at the step's start, 0 on the first step: --steps 1 wrote the initial weights."""
+    log = train_bundled.train(tmp_path / "out", **{**SMALL_RUN, "steps": 1, "eval_every": 1})
+    assert len(log["lr"]) == 1 and log["lr"][0] > 0
+    c = train_bundled.KimiLinearConfig.from_dict(TINY)
+    initial = train_bundled.canonical_state(train_bundled.fresh_model(c, torch.device("cpu"), seed=0))
+    assert not torch.equal(Checkpoint(tmp_path / "out").get("lm_head.weight"), initial["lm_head.weight"])

@@ -49,7 +49,7 @@ from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record_bundled import file_checksums  # noqa: E402
-from tool_output import positive_float, positive_int  # noqa: E402
+from tool_output import positive_float, positive_int, seed_number  # noqa: E402
 from safetensors import SafetensorError, safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from train_bundled import (canonical_state, learning_rate, refuse_short_splits, run_progress,  # noqa: E402
@@ -392,11 +392,11 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
     best = (val, 0, [p.detach().clone() for p in latents])
     running, running_n, step, started = 0.0, 0, 0, time.perf_counter()
     while step < steps:
-        progress = run_progress(step, steps, time.perf_counter() - started, time_budget_s)
-        if progress >= 1.0:
+        elapsed = time.perf_counter() - started
+        if run_progress(step, steps, elapsed, time_budget_s) >= 1.0:
             break
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(progress, lr, warmup, 0.0)
+            group["lr"] = learning_rate(run_progress(step + 1, steps, elapsed, time_budget_s), lr, warmup, 0.0)
         x = training_batch(data["train"], own, batch, seq_len, generated_share, g).to(device)
         for outputs in blocks or ():
             outputs.arm()
@@ -457,7 +457,7 @@ def main() -> None:
     p.add_argument("--eval-every", type=positive_int, default=100)
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="Stop tuning after this many seconds even before --steps (the schedule follows it).")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_number, default=0)
     p.add_argument("--scale-gradient", action="store_true",
                    help="Pass the gradient through each group's scale too (LSQ's), to the weights that set it.")
     p.add_argument("--generated-windows", type=int, default=0,

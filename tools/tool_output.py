@@ -6,11 +6,23 @@ from __future__ import annotations
 
 import argparse
 
+# A --seed's largest: synth's per-tensor streams (tensor_generator, train_bundled's initial values) seed torch with
+# seed * 1,000,003 + a crc32, which must fit the 64 bits torch.Generator.manual_seed takes; `klconvert synth --seed`
+# takes the same range
+MAX_SEED = 2**32 - 1
+
 
 def positive_int(text: str) -> int:
     value = int(text) if text.lstrip("-").isdigit() else None
     if value is None or value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
+def seed_number(text: str) -> int:
+    value = int(text) if text.isascii() and text.isdigit() else None
+    if value is None or value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 0 to {MAX_SEED:,}")
     return value
 
 

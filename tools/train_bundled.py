@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bundled_corpus  # noqa: E402
-from tool_output import nonnegative_float, positive_float, positive_int  # noqa: E402
+from tool_output import nonnegative_float, positive_float, positive_int, seed_number  # noqa: E402
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE, INDEX_FILE  # noqa: E402
 from klconvert.checkpoint.name_map import TensorSpec, expected_tensors  # noqa: E402
@@ -191,7 +191,9 @@ def run_progress(step: int, steps: int, elapsed_s: float, time_budget_s: float |
 
 
 def learning_rate(progress: float, peak: float, warmup: float, floor: float) -> float:
-    """Linear warm-up over the first `warmup` of the run, then cosine down to floor * peak."""
+    """Linear warm-up over the first `warmup` of the run, then cosine down to floor * peak. `progress`: how far the
+    run is once the step is taken (run_progress of step + 1), so the first step of the warm-up moves the weights, as
+    the usual (step + 1) / warm-up steps does (at its start, 0, a one-step run kept its initial weights)."""
     if progress < warmup:
         return peak * progress / warmup
     t = min(1.0, (progress - warmup) / max(1e-9, 1.0 - warmup))
@@ -279,10 +281,10 @@ def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: in
     running, running_n, step = 0.0, 0, 0
     train_start = time.perf_counter()
     while step < steps:
-        progress = run_progress(step, steps, time.perf_counter() - train_start, time_budget_s)
-        if progress >= 1.0:
+        elapsed = time.perf_counter() - train_start
+        if run_progress(step, steps, elapsed, time_budget_s) >= 1.0:
             break
-        rate = learning_rate(progress, lr, warmup, lr_floor)
+        rate = learning_rate(run_progress(step + 1, steps, elapsed, time_budget_s), lr, warmup, lr_floor)
         for group in optimizer.param_groups:
             group["lr"] = rate
         x, y = sample_batch(data["train"], batch, seq_len, g)
@@ -362,7 +364,7 @@ def main() -> None:
     p.add_argument("--eval-every", type=positive_int, default=50)
     p.add_argument("--validation-tokens", type=positive_int, default=None, help="Validate on the first N tokens only "
                    "[default: the whole validation split].")
-    p.add_argument("--seed", type=int, default=0, help="A run repeats bit for bit on one machine with "
+    p.add_argument("--seed", type=seed_number, default=0, help="A run repeats bit for bit on one machine with "
                    "--time-budget-s 0; under a budget the learning rate follows the clock too.")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="[default: cuda if present].")
     a = p.parse_args()
