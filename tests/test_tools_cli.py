@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 from bundled_corpus import CORPUS  # noqa: E402
 
+from klconvert.tokenizer import Tokenizer  # noqa: E402
+
 SCRIPTS = sorted(p for p in (ROOT / "tools").glob("*.py") if 'if __name__ == "__main__":' in p.read_text())
 BENCH_SCRIPTS = sorted(p for p in (ROOT / "bench").glob("*.py") if 'if __name__ == "__main__":' in p.read_text())
 
@@ -80,3 +82,27 @@ def test_quality_table_refuses_an_only_no_row_matches_before_measuring(tmp_path)
     assert proc.returncode == 2 and not proc.stdout, (proc.stdout, proc.stderr)
     assert proc.stderr.splitlines() == ["quality_table.py: error: --only 'nomatch': no row's label contains it; give "
                                         "part of one (e.g. 'int4 g128'), or measure a --folder"], proc.stderr
+
+
+def test_train_tokenizer_writes_a_new_folder_whole(tmp_path):
+    """--out defaulted to klconvert/bundled, the package's own files, and the three files went in one by one over
+    what was there: a tokenizer of another size beside the bundled weights ran garbled with exit 0."""
+    proc = _tool("train_tokenizer.py", "--vocab", "300", cwd=tmp_path)
+    assert proc.returncode == 2 and "the following arguments are required: --out" in proc.stderr, proc.stderr
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "tiktoken.model").write_text("mine")
+    (model / "model.safetensors").write_text("weights")
+    for force in ((), ("--force",)):   # refused before the training, --force too: it holds more than a tokenizer
+        proc = _tool("train_tokenizer.py", "--vocab", "300", "--out", "model", *force, cwd=tmp_path)
+        assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+        assert proc.stderr.startswith("train_tokenizer.py: error: model: ") and not proc.stdout, proc.stderr
+    assert (model / "tiktoken.model").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    earlier = tmp_path / "tok"
+    earlier.mkdir()
+    (earlier / "tiktoken.model").write_text("an earlier run's")
+    proc = _tool("train_tokenizer.py", "--vocab", "300", "--out", "tok", "--force", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith("300 ranks + 256 specials"), proc.stderr
+    assert sorted(p.name for p in earlier.iterdir()) == ["special_tokens_map.json", "tiktoken.model",
+                                                         "tokenizer_config.json"]
+    assert len(Tokenizer.from_folder(earlier).bpe_ranks) == 300 and not list(tmp_path.glob(".*"))

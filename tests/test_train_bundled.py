@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from klconvert.errors import KLError  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.runtime.engine import load  # noqa: E402
 from klconvert.release import layer_lists  # noqa: E402
+from klconvert.synth.tokenizer_files import write_tiktoken_files  # noqa: E402
 
 # The bundled config cut down: 4 layers (KDA x3, MLA), hidden 128, 4 experts; the bundled vocabulary.
 TINY = {**copy.deepcopy(train_bundled.BUNDLED_CONFIG), "hidden_size": 128, "intermediate_size": 128,
@@ -148,3 +150,15 @@ def test_the_first_warm_up_step_moves_the_weights(tmp_path):
     c = train_bundled.KimiLinearConfig.from_dict(TINY)
     initial = train_bundled.canonical_state(train_bundled.fresh_model(c, torch.device("cpu"), seed=0))
     assert not torch.equal(Checkpoint(tmp_path / "out").get("lm_head.weight"), initial["lm_head.weight"])
+
+
+def test_a_tokenizer_smaller_than_the_config_is_refused(tmp_path):
+    """Tokenizer.from_folder pads a tokenizer up to config.json's vocab_size: one of 1,000 ranks put in the bundled
+    folder (tools/train_tokenizer.py --vocab 1000) passed the vocabulary check and trained a garbled model."""
+    tok = tmp_path / "tok"
+    write_tiktoken_files(tok, [bytes([b]) for b in range(256)] + [b"th", b"e "])
+    shutil.copyfile(BUNDLED_DIR / "config.json", tok / "config.json")   # from_folder pads to its 4,352 ids
+    with pytest.raises(KLError, match=r"tok: its tokenizer has 514 ids \(258 BPE ranks, 256 special tokens\), the "
+                                      r"model's config 4,352; train one of 4,096 ranks"):
+        train_bundled.train(tmp_path / "out", **{**SMALL_RUN, "tokenizer_dir": tok})
+    assert not (tmp_path / "out").exists()

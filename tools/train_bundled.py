@@ -45,7 +45,8 @@ from klconvert.runtime.bind import bind  # noqa: E402
 from klconvert.script_summary import script_summary  # noqa: E402
 from klconvert.synth.checkpoint import FP32_TENSORS, synth_values, tensor_generator  # noqa: E402
 from klconvert.release import NUM_SPECIAL_TOKENS, RELEASED_CONFIG, config_token_ids, layer_lists  # noqa: E402
-from klconvert.tokenizer import TOKENIZER_FILES, Tokenizer  # noqa: E402
+from klconvert.tokenizer import (TOKENIZER_CONFIG_FILE, TOKENIZER_FILES, Tokenizer, read_special_tokens,  # noqa: E402
+                                 read_tokenizer_config)
 from klconvert.whole_folder import refuse_taken, whole_folder  # noqa: E402
 
 BPE_RANKS = 4096
@@ -233,6 +234,14 @@ def write_checkpoint(out: Path, config: dict, state: dict[str, torch.Tensor], to
     return [CONFIG_FILE, *names, INDEX_FILE, *copied]
 
 
+def named_special_tokens(tokenizer_dir: Path) -> dict[str, int]:
+    """{content: id} of the special tokens the folder's tokenizer_config.json names: with the BPE ranks, the ids the
+    tokenizer itself has. Tokenizer.from_folder pads up to config.json's vocab_size with placeholders, which made a
+    smaller tokenizer look the model's size (tools/train_tokenizer.py --vocab 1000 in its place ran garbled)."""
+    path = tokenizer_dir / TOKENIZER_CONFIG_FILE
+    return read_special_tokens(read_tokenizer_config(path), path)
+
+
 def refuse_short_splits(data: dict[str, torch.Tensor], seq_len: int) -> None:
     """KLError unless every split holds a window of `seq_len` tokens and its next token (--validation-tokens 10
     under windows of 32 divided by zero; 0 once 'measured' a perplexity of 1)."""
@@ -260,8 +269,11 @@ def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: in
     torch.manual_seed(seed)
     c = KimiLinearConfig.from_dict(config)
     tokenizer = Tokenizer.from_folder(tokenizer_dir)
-    if tokenizer.vocab_size != c.vocab_size:
-        raise ValueError(f"{tokenizer_dir}: tokenizer has {tokenizer.vocab_size} ids, config {c.vocab_size}")
+    ranks, specials = len(tokenizer.bpe_ranks), len(named_special_tokens(tokenizer_dir))
+    if ranks + specials != c.vocab_size:
+        raise KLError(f"{tokenizer_dir}: its tokenizer has {ranks + specials:,} ids ({ranks:,} BPE ranks, {specials} "
+                      f"special tokens), the model's config {c.vocab_size:,}; train one of "
+                      f"{c.vocab_size - specials:,} ranks (tools/train_tokenizer.py --vocab), or change BPE_RANKS")
     data = token_splits(tokenizer, validation_tokens, max_chars)
     refuse_short_splits(data, seq_len)
     model = fresh_model(c, device, seed)
