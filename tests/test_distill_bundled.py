@@ -18,6 +18,7 @@ import distill_bundled as D  # noqa: E402
 from klconvert.checkpoint.name_map import expected_tensors  # noqa: E402
 from klconvert.checkpoint.quantized import QuantizedSource  # noqa: E402
 from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
+from klconvert.convert.output_folder import RESUME_RECORD, files_klconvert_wrote  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.quant.defaults import policy_from_options  # noqa: E402
@@ -215,10 +216,38 @@ def test_a_spent_time_budget_stops_before_the_first_step_and_writes_round_to_nea
                        max_chars=200_000, time_budget_s=1e-9, device="cpu", log=lambda line: None)
     assert record["steps_run"] == 0 and record["step"] == [0] and record["kept_step"] == 0
     quantize(BUNDLED_DIR, tmp_path / "rtn", bits=4, device="cpu", progress=False)
+    written = {path.name for path in (tmp_path / "q4").iterdir()}   # quantize's files and the log, nothing else
+    assert written == {path.name for path in (tmp_path / "rtn").iterdir()} | {D.DISTILL_LOG}
+    assert files_klconvert_wrote(tmp_path / "q4") == files_klconvert_wrote(tmp_path / "rtn") | {D.DISTILL_LOG}
     ours, rtn = Checkpoint(tmp_path / "q4"), Checkpoint(tmp_path / "rtn")
     assert set(ours.sources) == set(rtn.sources)
     for name in ours.sources:   # the untuned weights through the writer and `klconvert quantize`: RTN to the bit
         assert torch.equal(ours.get(name), rtn.get(name)), name
+
+
+def test_an_interrupted_quantize_into_the_output_is_refused_before_tuning(tmp_path):
+    """A leftover OUT.partial was found only by the final quantize, after the whole tuning, and refused with "pass
+    --force", which the tool lacks."""
+    partial = tmp_path / "q4.partial"
+    partial.mkdir()
+    (partial / RESUME_RECORD).write_text('{"source": {"files": {}}}')   # what `klconvert quantize` takes up
+    with pytest.raises(KLError, match=r"q4.partial: holds an interrupted `klconvert quantize` into .*q4; rerun that "
+                                      "command to finish it, or delete it, or choose another output folder"):
+        D.distill(tmp_path / "q4", steps=10_000, device="cpu", log=lambda line: pytest.fail(line))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q4.partial"]
+
+
+def test_a_run_stopped_after_its_quantize_leaves_no_output(tmp_path, monkeypatch):
+    """The log was written after the quantize had made OUT whole: a kill in between left a finished-looking folder
+    without its log."""
+    def quantize_then_stopped(*args, **kwargs):
+        quantize(*args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(D, "quantize", quantize_then_stopped)
+    with pytest.raises(KeyboardInterrupt):
+        D.distill(tmp_path / "q4", batch=2, seq_len=64, validation_tokens=256, max_chars=200_000, time_budget_s=1e-9,
+                  device="cpu", log=lambda line: None)
+    assert not any(tmp_path.iterdir())
 
 
 def test_saved_windows_come_back_as_they_were_and_bad_files_are_refused(tmp_path, monkeypatch):

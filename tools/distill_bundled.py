@@ -58,6 +58,8 @@ from train_bundled import (canonical_state, learning_rate, refuse_short_splits, 
 from klconvert.checkpoint.folder_files import CONFIG_FILE  # noqa: E402
 from klconvert.checkpoint.name_map import expected_tensors  # noqa: E402
 from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
+from klconvert.convert.output_folder import (files_klconvert_wrote, interrupted_quantize, partial_path,  # noqa: E402
+                                             write_output_record)
 from klconvert.errors import KLError  # noqa: E402
 from klconvert.kernels.naive_kda import kda_short_conv  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
@@ -70,6 +72,7 @@ from klconvert.runtime.device_experts import DeviceExperts  # noqa: E402
 from klconvert.runtime.engine import load  # noqa: E402
 from klconvert.script_summary import script_summary  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
+from klconvert.whole_folder import refuse_taken, whole_folder  # noqa: E402
 
 # --hidden-weight's default: at W = 1 the test KL of the default policy's folder fell ~10% against the KL alone, on
 # the 2-core CPU (120 steps of 4 x 256: 0.0501 -> 0.0450) and on an H200 (the defaults, 230 steps each, three runs at
@@ -77,6 +80,7 @@ from klconvert.tokenizer import Tokenizer  # noqa: E402
 # alone on the H200 with 4,096 sampled windows read 0.0384 against the KL alone's 0.0360 in another call, within the
 # spread of single runs; README "Quality"
 HIDDEN_WEIGHT = 1.0
+DISTILL_LOG = "distill.json"
 
 
 class RoundTrip(nn.Module):
@@ -309,6 +313,13 @@ def training_batch(train: torch.Tensor, own: torch.Tensor | None, batch: int, se
     return torch.cat(parts)
 
 
+def write_log(folder: Path, record: dict) -> None:
+    """The run's `record` as DISTILL_LOG in `folder`, listed among the files klconvert wrote there (its output
+    record, which `klconvert quantize --force` reads to replace a folder)."""
+    (folder / DISTILL_LOG).write_text(json.dumps(record, indent=1) + "\n")
+    write_output_record(folder, sorted(files_klconvert_wrote(folder) | {DISTILL_LOG}))
+
+
 def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, group_size: int | None = None,
             symmetric: bool | None = None, recipe: Path | None = None, steps: int = 800, batch: int = 32,
             seq_len: int = 512, lr: float = 5e-5, warmup: float = 0.05, eval_every: int = 100,
@@ -316,7 +327,8 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
             scale_gradient: bool = False, time_budget_s: float | None = None, generated_windows: int = 0,
             generated_share: float = 0.5, generated_file: Path | None = None, hidden_weight: float = HIDDEN_WEIGHT,
             device: str | None = None, log=print) -> dict:
-    """Tune, keep the least-validation-KL weights, quantize them into `out`; returns the log (also out/distill.json).
+    """Tune, keep the least-validation-KL weights, quantize them into `out`, written whole with the log (DISTILL_LOG)
+    in it, which it returns.
     The run stops at `steps` or `time_budget_s` (tuning and validation), whichever comes first; the learning rate
     follows whichever is further along. generated_file: where the sampled windows are kept -- read from it when it
     exists (all of them), else sampled (`generated_windows` of them) and saved there for the next run.
@@ -324,6 +336,10 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
     validation KL, which picks the kept weights, is the KL alone."""
     if out.exists() or out.is_symlink():  # before the tuning, not after it
         raise KLError(f"{out}: already exists; choose another output folder")
+    refuse_taken(out)   # and a parent that takes files, a name no run's temporary has
+    if interrupted_quantize(partial_path(out)):   # a folder at OUT would leave that run unfinishable
+        raise KLError(f"{partial_path(out)}: holds an interrupted `klconvert quantize` into {out}; rerun that command "
+                      "to finish it, or delete it, or choose another output folder")
     if time_budget_s is not None and not time_budget_s > 0:
         raise KLError(f"--time-budget-s {time_budget_s}: give a positive number of seconds (or leave it out)")
     if not 0 <= hidden_weight < float("inf"):
@@ -420,24 +436,28 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
         for p, kept in zip(latents, best[2]):
             p.copy_(kept)
     detach_round_trips(student, schemes)
-    with tempfile.TemporaryDirectory() as tmp:
-        tuned = Path(tmp) / "bf16"
+    # OUT whole, its log in it, or nothing (a kill between the quantize and the log left a finished-looking OUT
+    # without it): quantize's own folder takes no file it did not write, so it quantizes into a folder of OUT's name
+    # (its model card's title) in the one whole_folder renames to OUT, whose files then move up beside the log
+    with tempfile.TemporaryDirectory() as tmp, whole_folder(out) as staged:
+        tuned, quantized = Path(tmp) / "bf16", staged / out.name
         write_checkpoint(tuned, json.loads((source / CONFIG_FILE).read_text()), canonical_state(student), source)
-        quantize(tuned, out, **layout, device="cpu", progress=False)
-    record = {"kept_step": best[1], "kept_validation_kl": best[0], "steps_run": step,
-              "seconds": time.perf_counter() - started,
-              "device": str(device), "settings": {**layout, "recipe": None if recipe is None else str(recipe),
-                                                   "steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr,
-                                                   "warmup": warmup, "seed": seed, "scale_gradient": scale_gradient,
-                                                   "time_budget_s": time_budget_s, "kda": "fla" if fla else "torch",
-                                                   "hidden_weight": hidden_weight,
-                                                   "generated_windows": generated_windows,
-                                                   "generated_share": generated_share if generated_windows else None,
-                                                   "generated_seconds": generated_s,
-                                                   "generated_file": None if generated_file is None
-                                                   else str(generated_file),
-                                                   "validation_tokens": len(data["validation"])}, **history}
-    (out / "distill.json").write_text(json.dumps(record, indent=1) + "\n")
+        quantize(tuned, quantized, **layout, device="cpu", progress=False)
+        for entry in quantized.iterdir():
+            entry.rename(staged / entry.name)
+        quantized.rmdir()
+        record = {"kept_step": best[1], "kept_validation_kl": best[0], "steps_run": step,
+                  "seconds": time.perf_counter() - started, "device": str(device),
+                  "settings": {**layout, "recipe": None if recipe is None else str(recipe), "steps": steps,
+                               "batch": batch, "seq_len": seq_len, "lr": lr, "warmup": warmup, "seed": seed,
+                               "scale_gradient": scale_gradient, "time_budget_s": time_budget_s,
+                               "kda": "fla" if fla else "torch", "hidden_weight": hidden_weight,
+                               "generated_windows": generated_windows,
+                               "generated_share": generated_share if generated_windows else None,
+                               "generated_seconds": generated_s,
+                               "generated_file": None if generated_file is None else str(generated_file),
+                               "validation_tokens": len(data["validation"])}, **history}
+        write_log(staged, record)
     log(f"kept step {best[1]} (validation KL {best[0]:.4f}); quantized into {out}")
     return record
 
