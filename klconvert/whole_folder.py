@@ -164,7 +164,7 @@ def whole_folder(out: Path, force: bool = False, replaceable: Replaceable | None
             new.chmod(stat.S_IRWXU)   # mkdtemp's 0700 is masked too: under umask 0777 no run could write or remove it
             mark_temporary(new)   # until it is in place: a run killed before leaves it for the next to remove
             yield new
-            write_output_record(new, sorted(set(os.listdir(new)) - {TEMPORARY_MARKER}))
+            write_output_record(new, sorted(set(os.listdir(new)) - {TEMPORARY_MARKER, OUTPUT_RECORD}))
             give_usual_modes(new)
             if not in_place:
                 if os.path.lexists(out):   # someone else's, empty or not: never renamed over

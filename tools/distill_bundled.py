@@ -58,8 +58,7 @@ from train_bundled import (canonical_state, learning_rate, refuse_short_splits, 
 from klconvert.checkpoint.folder_files import CONFIG_FILE  # noqa: E402
 from klconvert.checkpoint.name_map import expected_tensors  # noqa: E402
 from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
-from klconvert.convert.output_folder import (files_klconvert_wrote, interrupted_quantize, partial_path,  # noqa: E402
-                                             write_output_record)
+from klconvert.convert.output_folder import interrupted_quantize, partial_path  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
 from klconvert.kernels.naive_kda import kda_short_conv  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
@@ -314,10 +313,8 @@ def training_batch(train: torch.Tensor, own: torch.Tensor | None, batch: int, se
 
 
 def write_log(folder: Path, record: dict) -> None:
-    """The run's `record` as DISTILL_LOG in `folder`, listed among the files klconvert wrote there (its output
-    record, which `klconvert quantize --force` reads to replace a folder)."""
+    """The run's `record` as DISTILL_LOG in `folder` (whole_folder lists it in the output record with the rest)."""
     (folder / DISTILL_LOG).write_text(json.dumps(record, indent=1) + "\n")
-    write_output_record(folder, sorted(files_klconvert_wrote(folder) | {DISTILL_LOG}))
 
 
 def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, group_size: int | None = None,
