@@ -21,6 +21,7 @@ from klconvert.config import KimiLinearConfig  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
 from klconvert.evaluate import run_model  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
+from klconvert.quantize import quantize  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +119,16 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsy
     assert exit.value.code == 2 and err.count("\n") == 1, err
     assert f"error: disk full writing {tmp_path / 'new' / 'rot'} (" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_quantized_model_folder_is_one_line_naming_the_bf16_folder_it_needs(tmp_path, monkeypatch, capsys):
+    """`--model` of a folder klconvert quantized: its packed weights are under other names, and the rotation died with
+    KeyError 'lm_head.weight'."""
+    quantized = quantize(BUNDLED_DIR, tmp_path / "q4", bits=4, device="cpu", progress=False).path
+    monkeypatch.setattr(sys, "argv", ["rotate_bundled.py", str(tmp_path / "rot"), "--model", str(quantized)])
+    with pytest.raises(SystemExit) as exit:
+        rotate_bundled.main()
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"error: {quantized}: holds compressed-tensors-quantized weights; this tool reads a bf16 folder" in err
+    assert sorted(tmp_path.iterdir()) == [quantized]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -26,14 +27,16 @@ from compressed_tensors.transform.utils.hadamard import deterministic_hadamard_m
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from klconvert.checkpoint.folder_files import CONFIG_FILE, INDEX_FILE
-from klconvert.checkpoint.reader import open_checkpoint
-from klconvert.config import KimiLinearConfig
-from klconvert.errors import KLError
-from klconvert.models import BUNDLED_DIR
-from klconvert.script_summary import script_summary
-from klconvert.tokenizer import TOKENIZER_FILES
-from klconvert.whole_folder import refuse_taken, whole_folder
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tool_output import bf16_checkpoint  # noqa: E402
+
+from klconvert.checkpoint.folder_files import CONFIG_FILE, INDEX_FILE  # noqa: E402
+from klconvert.config import KimiLinearConfig  # noqa: E402
+from klconvert.errors import KLError  # noqa: E402
+from klconvert.models import BUNDLED_DIR  # noqa: E402
+from klconvert.script_summary import script_summary  # noqa: E402
+from klconvert.tokenizer import TOKENIZER_FILES  # noqa: E402
+from klconvert.whole_folder import refuse_taken, whole_folder  # noqa: E402
 
 ROTATIONS = ("hadamard", "random-hadamard", "identity")
 
@@ -82,9 +85,9 @@ def rotate(model: Path, out: Path, kind: str = "hadamard", dtype: torch.dtype | 
     """Write `model` (a bf16 Kimi Linear folder in the release's format) rotated into `out`, each tensor in its own
     dtype (or `dtype`), in the same shards, as a new folder written whole or not at all (it once wrote over its own
     input when `out` was `model`). The folder is checked first as klconvert checks any download (shard names, sizes,
-    the tensors the config implies)."""
+    the tensors the config implies), and refused where it is quantized."""
     refuse_taken(out)
-    checkpoint = open_checkpoint(model)
+    checkpoint = bf16_checkpoint(model)
     config = checkpoint.config
     if config.tie_word_embeddings:
         raise KLError(f"{model}: tied embeddings; the rotation folds the final norm into lm_head alone")

@@ -1,10 +1,14 @@
 """What the scripts here share at their edges: numeric arguments held to their range by argparse (one usage line,
-exit 2, where a 0 or a negative ended in a traceback or a silently wrong run). Their output folders are written whole
-or not at all by klconvert.whole_folder (an existing OUT refused before any work; an empty folder is taken: the GPU
-machine's $OUT is one)."""
+exit 2, where a 0 or a negative ended in a traceback or a silently wrong run), and a --model that must be a bf16
+folder checked as one. Their output folders are written whole or not at all by klconvert.whole_folder (an existing OUT
+refused before any work; an empty folder is taken: the GPU machine's $OUT is one)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from klconvert.checkpoint.reader import Checkpoint, open_checkpoint
+from klconvert.errors import KLError
 
 # A --seed's largest: synth's per-tensor streams (tensor_generator, train_bundled's initial values) seed torch with
 # seed * 1,000,003 + a crc32, which must fit the 64 bits torch.Generator.manual_seed takes; `klconvert synth --seed`
@@ -42,3 +46,14 @@ def positive_float(text: str) -> float:
 
 def nonnegative_float(text: str) -> float:
     return _finite(text, True, "a finite number >= 0")
+
+
+def bf16_checkpoint(model: Path) -> Checkpoint:
+    """`model` opened as klconvert checks any download (shard names, sizes, the tensors the config implies); KLError
+    where it is quantized: a tool that reads the release's tensors by name found none of the packed weights'
+    (rotate_bundled.py died with KeyError 'lm_head.weight'), and a calibration would start from rounded weights."""
+    checkpoint = open_checkpoint(model)
+    if checkpoint.quant_method:
+        raise KLError(f"{model}: holds {checkpoint.quant_method}-quantized weights; this tool reads a bf16 folder in "
+                      "the release's format (the bundled one, or a `klconvert pull` download): give that as --model")
+    return checkpoint
