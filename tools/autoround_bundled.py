@@ -23,7 +23,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gptq_bundled import calibrate, calibration_parser  # noqa: E402
+from gptq_bundled import QUANTIZER, calibration_parser, klconvert_recipe, run_calibration  # noqa: E402
+from tool_output import positive_int  # noqa: E402
 
 from klconvert.quant.defaults import LM_HEAD  # noqa: E402
 from klconvert.script_summary import script_summary  # noqa: E402
@@ -33,9 +34,9 @@ def autoround_recipe(recipe_path: Path, iters: int, batch_size: int) -> str:
     """klconvert's recipe with its QuantizationModifier swapped for an AutoRoundModifier of the same groups and
     ignore list, lm_head added to the list (and its group dropped); AutoRound learns the ranges, so the groups'
     observers go."""
-    recipe = yaml.safe_load(recipe_path.read_text())
+    recipe = klconvert_recipe(recipe_path)
     modifiers = recipe["quant_stage"]["quant_modifiers"]
-    autoround = modifiers.pop("QuantizationModifier")
+    autoround = modifiers.pop(QUANTIZER)
     groups = autoround["config_groups"]
     for name in [n for n, g in groups.items() if g.get("targets") == [LM_HEAD]]:
         del groups[name]
@@ -50,10 +51,9 @@ def autoround_recipe(recipe_path: Path, iters: int, batch_size: int) -> str:
 
 def main() -> None:
     p = calibration_parser(script_summary(__file__), samples=32)
-    p.add_argument("--iters", type=int, default=200, help="Signed-gradient steps per decoder layer.")
-    p.add_argument("--batch-size", type=int, default=4, help="Windows per step.")
-    a = p.parse_args()
-    calibrate(a.model, a.out, autoround_recipe(a.recipe, a.iters, a.batch_size), a.samples, a.seq_len)
+    p.add_argument("--iters", type=positive_int, default=200, help="Signed-gradient steps per decoder layer.")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="Windows per step.")
+    a = run_calibration(p, lambda a: autoround_recipe(a.recipe, a.iters, a.batch_size))
     print(f"AutoRound ({a.iters} steps, {a.samples} x {a.seq_len} training tokens) -> {a.out}")
 
 

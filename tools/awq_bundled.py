@@ -20,7 +20,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gptq_bundled import calibrate, calibration_parser  # noqa: E402
+from gptq_bundled import QUANTIZER, calibration_parser, klconvert_recipe, run_calibration  # noqa: E402
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
@@ -58,24 +58,28 @@ def kimi_linear_mappings(config: KimiLinearConfig) -> list[dict]:
 def awq_recipe(recipe_path: Path, config: KimiLinearConfig, then: str = "rtn") -> str:
     """klconvert's recipe with an AWQModifier (kimi_linear_mappings) ahead of its quantizer: its own
     QuantizationModifier (then="rtn") or a GPTQModifier of the same groups and ignore list (then="gptq")."""
-    recipe = yaml.safe_load(recipe_path.read_text())
-    quantizer = recipe["quant_stage"]["quant_modifiers"].pop("QuantizationModifier")
-    name = {"rtn": "QuantizationModifier", "gptq": "GPTQModifier"}[then]
+    recipe = klconvert_recipe(recipe_path)
+    quantizer = recipe["quant_stage"]["quant_modifiers"].pop(QUANTIZER)
+    name = {"rtn": QUANTIZER, "gptq": "GPTQModifier"}[then]
     awq = {"mappings": kimi_linear_mappings(config)}
     recipe["quant_stage"]["quant_modifiers"] = {"AWQModifier": awq, name: quantizer}
     recipe.pop("runtime", None)  # klconvert's runtime section; llm-compressor has no use for it
     return yaml.safe_dump(recipe, sort_keys=False)
 
 
+def keep_cached_activations_unpinned() -> None:
+    """Where there is no GPU: llm-compressor's AWQ pins the cached activations for GPU copies, which a CPU run has
+    none of."""
+    if not torch.cuda.is_available():
+        from llmcompressor.pipelines.cache import IntermediatesCache
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+
+
 def main() -> None:
     p = calibration_parser(script_summary(__file__), samples=64)
     p.add_argument("--then", choices=("rtn", "gptq"), default="rtn", help="The quantizer after the scales.")
-    a = p.parse_args()
-    if not torch.cuda.is_available():  # its AWQ pins the cached activations for GPU copies; a CPU run has none
-        from llmcompressor.pipelines.cache import IntermediatesCache
-        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
-    config = KimiLinearConfig.from_file(a.model / CONFIG_FILE)
-    calibrate(a.model, a.out, awq_recipe(a.recipe, config, a.then), a.samples, a.seq_len)
+    a = run_calibration(p, lambda a: awq_recipe(a.recipe, KimiLinearConfig.from_file(a.model / CONFIG_FILE), a.then),
+                        before_calibration=keep_cached_activations_unpinned)
     print(f"AWQ then {a.then} ({a.samples} x {a.seq_len} training tokens) -> {a.out}")
 
 
