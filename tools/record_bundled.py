@@ -33,8 +33,8 @@ PROMPT = "ROMEO.\nBut soft, what light through yonder window breaks?\n"
 NEW_TOKENS = 32
 HELD_OUT_TOKENS = 512    # the test split's first tokens: perplexity and KL (CPU, seconds)
 PERPLEXITY_SLACK = 1.02  # bound = measured * slack: fp32 differences across CPUs stay far below 2%
-KL_SLACK = 1.5           # bound = measured * slack + KL_FLOOR: int4 rounding is deterministic, BLAS order is not
-KL_FLOOR = 1e-3
+KL_SLACK = 1.01          # bound = measured * slack: int4 rounding is deterministic, BLAS order is not -- two CPUs'
+                         # values differed by 2e-7 of it, any thread count the same; 1% leaves 50,000 times that
 # quantize's options whose output is pinned: min-max ranges, the same bytes on any CPU (a division and a rounding per
 # weight, no sum whose order may differ)
 PINNED_QUANTIZE_OPTIONS = {"int4-g128-sym": dict(bits=4), "int8-g32-asym": dict(bits=8, group_size=32, symmetric=False)}
@@ -99,7 +99,7 @@ def record() -> dict:
         "perplexity": result.reference_perplexity,
         "perplexity_bound": result.reference_perplexity * PERPLEXITY_SLACK,
         "int4_kl_mean": result.kl_mean,
-        "int4_kl_bound": result.kl_mean * KL_SLACK + KL_FLOOR,
+        "int4_kl_bound": result.kl_mean * KL_SLACK,
         "int4_top1": result.top1_agreement,
         "int4_router_overlap": result.routing_overlap,
         "resume_format": RESUME_FORMAT,
