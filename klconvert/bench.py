@@ -23,6 +23,7 @@ from klconvert.quant import QuantScheme, decompress_weight, policy_from_options
 from klconvert.quant.defaults import DEFAULT, LM_HEAD_BITS
 from klconvert.quant.pack_quantized import weight_shape_tensor
 from klconvert.release import NUM_SPECIAL_TOKENS
+from klconvert.runtime.device_memory import device_room
 from klconvert.runtime.engine import DEFAULT_DTYPES, Engine, check_e4m3_cache_readable, checked_mla_cache_dtype
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.model import MLA_KEY_BLOCK
@@ -126,12 +127,13 @@ def _refuse_a_reference_that_does_not_fit(config: KimiLinearConfig, device: torc
     dtype = DEFAULT_DTYPES[device.type]
     plan = MemoryPlan(config, batch=1, context=context, weight_bytes=weight_bytes(config, dtype, HeldPacked({})),
                       act_dtype=dtype, mla_cache_dtype=dtype)
-    limit = torch.cuda.get_device_properties(device).total_memory
+    limit = device_room(device, 0)
     if plan.total > limit:
         raise KLError(f"--check compares against the PyTorch path, whose weights are dequantized to "
                       f"{str(dtype).removeprefix('torch.')} ({size_text(plan.total)} at {config.num_hidden_layers} "
-                      f"layers), more than {device}'s {size_text(limit)}; pass --no-check (the CUDA graph is still "
-                      "checked against the eager step), or time fewer layers (--preset ... --layers N)")
+                      f"layers), more than the {size_text(limit)} {device} has free for this process; pass --no-check "
+                      "(the CUDA graph is still checked against the eager step), or time fewer layers (--preset ... "
+                      "--layers N)")
 
 
 def depth_check(config: KimiLinearConfig, weights: Weights, device: torch.device, prompt: int = CHECK_PROMPT) -> dict:

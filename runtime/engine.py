@@ -23,6 +23,7 @@ from klconvert.models import resolve_model
 from klconvert.quant import QuantScheme
 from klconvert.runtime.bind import bind, latent_kernel_reads, packed_choice
 from klconvert.runtime.decode_step import DecodeStep, autocast_off, capturable
+from klconvert.runtime.device_memory import LESS_ON_DEVICE, device_allocation, device_room
 from klconvert.runtime.host_malloc import large_blocks_mapped
 from klconvert.runtime.host_memory import NAMED_FIT_SHARE, host_allocation, host_memory
 from klconvert.runtime.memory_plan import MAX_BATCH, PREFILL_SEGMENT, MemoryPlan, weight_bytes
@@ -356,9 +357,14 @@ class Runner:
             self._check_idle(call)
             self._holder, self._holder_thread = holder or call, threading.get_ident()
         try:
-            yield
+            with self._device_memory(f"in {call}"):
+                yield
         finally:
             self._holder = self._holder_thread = None
+
+    def _device_memory(self, doing: str):
+        """What turns the device running out during `doing` into a one-line error (Engine's, which has a plan)."""
+        return nullcontext()
 
     @contextmanager
     def _held(self, call: str) -> Iterator[None]:
@@ -544,13 +550,14 @@ class Engine(Runner):
         self.state = None
         self._plan_state(context, batch, mla_cache_dtype or dtype, context_name,   # refused before any weight is read
                          needed_context)
-        with host_allocation(f"the weights ({size_text(sum(self.weight_bytes.values()))})"):
-            bind(self.model, read, packed, held, device, dtype, self.triton)
-        self.weights_held = sum(self.weight_bytes.values())
-        self.cuda_graph = cuda_graph and self.triton and device.type == "cuda"   # for each batch that captures
-        # the plan checked above, not again: reading the weights (and the threads that did) took more of the host
-        # than the weights' own bytes, and a second figure would refuse what the first just named as fitting
-        self._allocate_state()
+        with self._device_memory("loading the model"):
+            with host_allocation(f"the weights ({size_text(sum(self.weight_bytes.values()))})"):
+                bind(self.model, read, packed, held, device, dtype, self.triton)
+            self.weights_held = sum(self.weight_bytes.values())
+            self.cuda_graph = cuda_graph and self.triton and device.type == "cuda"   # for each batch that captures
+            # the plan checked above, not again: reading the weights (and the threads that did) took more of the
+            # host than the weights' own bytes, and a second figure would refuse what the first just named as fitting
+            self._allocate_state()
         self.stats = GenerationStats()
 
     def _plan_state(self, context: int, batch: int, mla_cache_dtype: torch.dtype, context_name: str,
@@ -562,11 +569,11 @@ class Engine(Runner):
             raise KLError(f"{argument(context_name, '--max-context', context)} is over the model's "
                           f"{self.config.model_max_length_name} {self.config.model_max_length}; lower it")
         host = None    # on the CPU: what the host, and the process's limits, leave it (what it holds back in)
+        held = self.weights_held + (self.plan.state_bytes + self.plan.mla_cache_bytes if self.state is not None
+                                    else 0)   # a resize's old state, freed once the new plan is taken
         if self.device.type == "cuda":
-            limit = torch.cuda.get_device_properties(self.device).total_memory
+            limit = device_room(self.device, held)
         elif (host := host_memory()) is not None:
-            held = self.weights_held + (self.plan.state_bytes + self.plan.mla_cache_bytes if self.state is not None
-                                        else 0)   # a resize's old state, freed once the new plan is taken
             host = replace(host, available=host.available + held)
             limit = host.available
         else:
@@ -574,7 +581,7 @@ class Engine(Runner):
         plan = MemoryPlan(self.config, batch=batch, context=context, weight_bytes=self.weight_bytes,
                           act_dtype=self.dtype, mla_cache_dtype=mla_cache_dtype, memory_limit=limit)
         if limit is not None and plan.total > limit:
-            fitting = plan if host is None else replace(plan, memory_limit=int(limit * NAMED_FIT_SHARE))
+            fitting = replace(plan, memory_limit=int(limit * NAMED_FIT_SHARE))
             fit = fitting.largest_context()
             if fit < needed_context <= context and fitting.total_for(needed_context) <= fitting.memory_limit:
                 fit = needed_context   # fits, though the multiple of 64 below it is all largest_context names
@@ -592,9 +599,14 @@ class Engine(Runner):
                           + ("give fewer prompts (a smaller batch) or shorter ones" if batch > 1 else
                              "shorten the prompt") + ", or lower max_new_tokens (--max-new-tokens)")
             raise KLError(f"the plan needs {size_text(plan.total)} but {self.device} has "
-                          + (size_text(limit) if host is None else str(host)) + f"; {advice}"
+                          + (f"{size_text(limit)} free for this process" if host is None else str(host))
+                          + f"; {advice}"
                           + ("" if host is None else f", or {host.remedy}"))
         self.plan, self.context_name = plan, context_name
+
+    def _device_memory(self, doing: str):
+        """device_allocation around `doing` on this engine's device, naming its plan and what asks for less."""
+        return device_allocation(doing, self.plan.total, f"lower {self._context_argument()}, {LESS_ON_DEVICE}")
 
     def _context_argument(self) -> str:
         """The planned context as the caller last named it (load's max_context, resize's context) with its flag."""

@@ -25,8 +25,8 @@ CGROUP_REMEDY = "raise the container's (cgroup's) memory limit"
 NO_CGROUP_LIMIT = 1 << 62   # cgroup v1 writes "no limit" as 2**63 - 1 rounded down to a page
 READ_BOUND, READ_PIECE = 1 << 20, 1 << 14   # characters of a /proc or /sys file read at most, and at a time
 OUT_OF_HOST_MEMORY = "out of host memory (or the process's memory limit)"   # how a refusal of memory opens
-# A context named as fitting what the host has left fits this share of it: the next run (or a resize) measures the
-# host anew, a little differently each time (what else the process, and the host, hold then)
+# A context named as fitting what the host (or a GPU) has left fits this share of it: the next run (or a resize)
+# measures it anew, a little differently each time (what else the process, and the host or the card, hold then)
 NAMED_FIT_SHARE = 0.99
 
 

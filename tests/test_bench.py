@@ -21,7 +21,7 @@ from klconvert.errors import KLError
 from klconvert.models import bundled_dir
 from klconvert.presets import preset_config
 from klconvert.runtime import engine as engine_module
-from testkit import assert_one_line_error, run_cli
+from testkit import assert_one_line_error, gpu_with_free, run_cli
 
 
 # the Triton path on CPU tensors: Triton's interpreter, which conftest turns on only where there is no GPU
@@ -479,12 +479,12 @@ def test_a_depth_check_whose_reference_does_not_fit_the_gpu_says_so(monkeypatch,
     --bits 4)", for a bench of a quantized preset. Now the refusal names --check and what to do; a card that holds
     it goes on."""
     config = KimiLinearConfig.from_dict(preset_config("kimi-linear-48b"))
-    props = dataclasses.make_dataclass("Props", ["total_memory"])(gib * 2**30)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    gpu_with_free(monkeypatch, gib * 2**30, total=141 * 2**30)
     if not refused:
         B._refuse_a_reference_that_does_not_fit(config, torch.device("cuda"), 80)
         return
     with pytest.raises(KLError, match=r"^--check compares against the PyTorch path, whose weights are dequantized to "
-                                      r"bfloat16 \(9\d\.\d\d GB at 27 layers\), more than cuda's 85\.90 GB; pass "
+                                      r"bfloat16 \(9\d\.\d\d GB at 27 layers\), more than the 85\.90 GB cuda has free "
+                                      r"for this process; pass "
                                       r"--no-check .* or time fewer layers \(--preset \.\.\. --layers N\)$"):
         B._refuse_a_reference_that_does_not_fit(config, torch.device("cuda"), 80)

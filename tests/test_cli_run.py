@@ -9,7 +9,7 @@ import torch
 
 import klconvert
 from klconvert.tokenizer import Tokenizer
-from testkit import emitting_a_special, run_cli, run_klconvert
+from testkit import assert_one_line_error, emitting_a_special, run_cli, run_klconvert
 
 
 @pytest.mark.slow
@@ -158,6 +158,40 @@ def test_logits_not_finite_while_decoding_stop_the_run_at_that_token(capsys, mon
         "config.json (e.g. routed_scaling_factor) make the activations overflow -- check them, or re-download the "
         "model")
     assert "\0" not in out and out != ""   # the two tokens before it
+
+
+def _out_of_gpu_memory(*args, **kwargs):
+    """What the CUDA caching allocator raises where the device has less left than asked (torch's words)."""
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                 "79.19 GiB of which 1.10 GiB is free. Including non-PyTorch memory, this process "
+                                 "has 78.08 GiB memory in use.")
+
+
+def test_a_gpu_out_of_memory_mid_run_is_one_line_naming_the_plan(capsys, monkeypatch):
+    """A plan that passed its check, then a prefill the device could not hold: torch.OutOfMemoryError (a
+    RuntimeError, which the command line passed on) ended the run in a traceback. Now one line says what ran out,
+    what the plan counted and what asks for less (simulated here by the model's forward, on the CPU)."""
+    from klconvert.runtime.model import KimiLinear
+
+    monkeypatch.setattr(KimiLinear, "forward", _out_of_gpu_memory)
+    code, _, err = run_cli(capsys, "run", "--model", "tiny", "--prompt", "ROMEO.", "--max-new-tokens", "2",
+                           "--device", "cpu")
+    assert_one_line_error(code, err, "out of GPU memory in generate, where the memory plan counts ",
+                                 "(CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                 "79.19 GiB of which 1.10 GiB is free.); lower max_context (--max-context), give "
+                                 "fewer prompts, or use a model of fewer bits (klconvert quantize --bits 4)")
+
+
+def test_a_gpu_out_of_memory_outside_an_engine_is_one_line(tiny_released, tmp_path, capsys, monkeypatch):
+    """Outside an engine's plan (here a quantize's), the same refusal is one line saying what asks for less."""
+    import klconvert.quantize
+
+    monkeypatch.setattr(klconvert.quantize, "_quantize", _out_of_gpu_memory)
+    code, _, err = run_cli(capsys, "quantize", tiny_released, tmp_path / "int4", "--device", "cpu")
+    assert_one_line_error(code, err, "klconvert: error: out of GPU memory (CUDA out of memory. Tried to allocate "
+                                     "2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.10 GiB is free.); "
+                                     "lower --max-context, give fewer prompts, or use a model of fewer bits (klconvert "
+                                     "quantize --bits 4)")
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

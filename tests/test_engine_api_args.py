@@ -7,6 +7,7 @@ import json
 import math
 import re
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,9 +16,11 @@ import torch
 import klconvert
 from klconvert.errors import KLError
 import klconvert.runtime.engine as engine_module
+from klconvert.config import KimiLinearConfig
+from klconvert.runtime.engine import Engine
 from klconvert.runtime.host_memory import ADDRESS_SPACE_BOUND, NAMED_FIT_SHARE, HostMemory, HostMemoryExhausted
 from klconvert.units import size_text
-from testkit import assert_one_line_error, run_cli
+from testkit import assert_one_line_error, gpu_with_free, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -516,6 +519,25 @@ def test_a_small_plan_past_the_host_names_two_figures_that_differ(tiny_released,
         klconvert.load(tiny_released, device="cpu", max_context=4096)
     needed, available = re.match(r"the plan needs (.+) but cpu has (.+) available under", str(error.value)).groups()
     assert needed != available and size_text(need) == needed, str(error.value)
+
+
+def test_a_gpu_plan_is_held_to_what_the_card_has_free_for_this_process(tiny_released, monkeypatch):
+    """On a GPU the plan was held to the card's total_memory, what the CUDA context and other processes held counted
+    as free: a plan that passed ran out of memory mid-prefill. It is held to what the card has free for this process
+    (the driver's free memory, this process's cache), the context it names fitting NAMED_FIT_SHARE of that, as on the
+    CPU. Checked before any weight is read, so on the CPU here."""
+    plan = klconvert.load(tiny_released, device="cpu", dtype="bfloat16", max_context=64).plan
+    free = plan.total_for(4096) - 1
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 << 30))
+    gpu_with_free(monkeypatch, free)
+    config = KimiLinearConfig.from_file(tiny_released / "config.json")
+    with pytest.raises(KLError, match=rf"^the plan needs {re.escape(size_text(free + 1))} but cuda:0 has "
+                                      rf"{re.escape(size_text(free))} free for this process; lower max_context "
+                                      r"\(--max-context\) to (\d+) or less$") as error:
+        Engine(config, None, torch.device("cuda:0"), torch.bfloat16, 4096, 1, kernels="torch",
+               context_name="max_context")
+    fit = int(re.search(r"to (\d+) or less", str(error.value)).group(1))
+    assert fit == dataclasses.replace(plan, memory_limit=int(free * NAMED_FIT_SHARE)).largest_context() < 4096
 
 
 def test_a_resize_counts_the_weights_it_holds_as_its_own(tiny_released, monkeypatch):

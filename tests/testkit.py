@@ -41,6 +41,14 @@ def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
+def gpu_with_free(monkeypatch, free: int, total: int = 80 << 30) -> None:
+    """torch.cuda as a card with `free` bytes of its `total` left by its CUDA context and other processes, and
+    nothing in this process's cache: what device_memory.device_room reads, on a machine without one."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, total))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+
+
 def run_cli(capsys, *args, stdin: str | None = None) -> tuple[int, str, str]:
     """Run the klconvert entry point in this process: (exit status, stdout, stderr)."""
     old_argv, old_stdin = sys.argv, sys.stdin
