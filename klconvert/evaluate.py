@@ -17,6 +17,7 @@ from klconvert.devices import checked_device
 from klconvert.errors import KLError, a_type, argument, shown
 from klconvert.extras import require
 from klconvert.models import model_folder
+from klconvert.runtime.bind import cpu_forms_bound
 from klconvert.runtime.host_memory import HostMemory, host_allocation, host_memory
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.sampling import as_number
@@ -221,15 +222,16 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
 def _plan_on_the_host(config: KimiLinearConfig, tokens: int, device: str | torch.device, dtype: str | None
                       ) -> MemoryPlan | None:
     """The memory plan a CPU engine makes to run `tokens` tokens, before any model loads: every weight as bound on
-    the CPU (dequantized: the packed kernels are Triton's, on CUDA), at the dtype load takes (device_and_dtype).
+    the CPU (dequantized: the packed kernels are Triton's, on CUDA), at the dtype load takes (device_and_dtype), and
+    in fp32 the decode copies the CPU forms hold beside them.
     None on a GPU, where the model and its logits live (the engine checks its own plan against the device)."""
     from klconvert.runtime.engine import device_and_dtype
 
     if torch.device(device).type != "cpu":
         return None
-    _, act = device_and_dtype("cpu", dtype)
-    return MemoryPlan(config, batch=1, context=tokens, weight_bytes=weight_bytes(config, act), act_dtype=act,
-                      mla_cache_dtype=act)
+    cpu, act = device_and_dtype("cpu", dtype)
+    held = weight_bytes(config, act, decode_copies=cpu_forms_bound(cpu, act, triton=False))   # kernels auto: torch
+    return MemoryPlan(config, batch=1, context=tokens, weight_bytes=held, act_dtype=act, mla_cache_dtype=act)
 
 
 def _host_bytes(tokens: int, config: KimiLinearConfig, plan: MemoryPlan | None) -> tuple[int, int, int]:

@@ -170,10 +170,16 @@ def bind(model: M.KimiLinear, read: Read, packed: Packed | None, held: dict[str,
         _stack_groups(model)
     if triton:
         _swap_fused(model, latent_kernel=latent_kernel_reads(model.config, dtype))
-    elif restack and device.type == "cpu" and dtype == torch.float32:
+    elif cpu_forms_bound(device, dtype, triton, restack):
         _cpu_layout(model)
         _swap_cpu(model)
     return model.eval()
+
+
+def cpu_forms_bound(device: torch.device, dtype: torch.dtype, triton: bool, restack: bool = True) -> bool:
+    """Whether bind gives the model runtime/cpu_modules.py's forms, which hold decode copies of the weights beside
+    them: fp32 inference on the CPU without Triton."""
+    return not triton and restack and device.type == "cpu" and dtype == torch.float32
 
 
 def latent_kernel_reads(config: KimiLinearConfig, dtype: torch.dtype) -> bool:

@@ -12,16 +12,26 @@ to round alike (x*x for pow(2); sum * 1/D, a power of two, for mean).
 A token's decode streams every weight it multiplies by; on a small host that is memory-bound. The forms hold the
 weights of a bf16 checkpoint (upcast to fp32 at load) in bf16 and widen each at its matmul (`_held`): the same fp32
 values in the same layout, so the same products, from half the bytes. The lm_head keeps its fp32 weight: widening
-its 4.5 MB per token cost more than the bytes saved.
+its 4.5 MB per token cost more than the bytes saved. Prefill reads the fp32 parameters, so the copies are held
+beside them: the memory plan counts them (planned_copy_bytes before any weight is read, copy_bytes once bound).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from klconvert.checkpoint.name_map import KDA_CONV_PART, expected_tensors
+from klconvert.config import KimiLinearConfig
 from klconvert.kernels.naive_kda import L2NORM_EPS, SOFTPLUS_THRESHOLD, kda_q_scale
 from klconvert.runtime import model as M
+
+# The matrices the forms below hold no decode copy of: the embedding (decode reads one row), the lm_head (kept
+# fp32, above) and MLA's kv_b (its absorbed halves are views of the parameter)
+NOT_COPIED = ("model.embed_tokens.weight", "lm_head.weight", "kv_b_proj.weight")
+MOE_MATRICES = ("router", "shared_experts", "experts")   # the categories CPUMoE copies, where it takes its fast path
 
 
 def _const(value: float) -> torch.Tensor:
@@ -251,3 +261,31 @@ class CPUMoE(M.MoE):
             gate, up = F.linear(x, self.w13[e].float()).chunk(2, dim=-1)
             out.add_(F.linear(F.silu(gate) * up, self.w2[e].float()).mul_(weights[slot]))
         return out.view(shape)
+
+
+def planned_copy_bytes(config: KimiLinearConfig) -> int:
+    """The bytes the forms will hold beside the parameters, foreseen from the config before any weight is read: a
+    bf16 copy of each matrix they multiply by at decode, as `_held` keeps a checkpoint stored in bf16 (the release,
+    the bundled model), and a KDA layer's three short-conv weights stacked in fp32 (CPUKDAMixer's cpu_conv). Other
+    values, and the forms' constants (a few bytes a layer), are what copy_bytes measures once bound."""
+    total = 0
+    for spec in expected_tensors(config).values():
+        if KDA_CONV_PART.match(spec.name):
+            total += math.prod(spec.shape) * torch.float32.itemsize
+        elif (len(spec.shape) == 2 and not spec.name.endswith(NOT_COPIED)
+              and (config.num_expert_group == 1 or spec.category not in MOE_MATRICES)):
+            total += math.prod(spec.shape) * torch.bfloat16.itemsize
+    return total
+
+
+def copy_bytes(model: nn.Module) -> int:
+    """The bytes the forms in a bound `model` hold beside its parameters and buffers: each storage a module keeps
+    as an attribute (alone or in a list) that is none of theirs, once."""
+    owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    copies = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            for t in value if isinstance(value, list) else [value]:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in owned:
+                    copies[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(copies.values())

@@ -21,12 +21,13 @@ from klconvert.devices import checked_device
 from klconvert.errors import KLError, a_type, argument, refuse_non_bool, shown
 from klconvert.models import resolve_model
 from klconvert.quant import QuantScheme
-from klconvert.runtime.bind import bind, latent_kernel_reads, packed_choice
+from klconvert.runtime.bind import bind, cpu_forms_bound, latent_kernel_reads, packed_choice
+from klconvert.runtime.cpu_modules import copy_bytes
 from klconvert.runtime.decode_step import DecodeStep, autocast_off, capturable
 from klconvert.runtime.device_memory import LESS_ON_DEVICE, device_allocation, device_room
 from klconvert.runtime.host_malloc import large_blocks_mapped
 from klconvert.runtime.host_memory import NAMED_FIT_SHARE, host_allocation, host_memory
-from klconvert.runtime.memory_plan import MAX_BATCH, PREFILL_SEGMENT, MemoryPlan, weight_bytes
+from klconvert.runtime.memory_plan import DECODE_COPIES, MAX_BATCH, PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.model import KimiLinear
 from klconvert.runtime.sampling import as_number, check_generate_args, sample, sampling_generator
 from klconvert.runtime.state import MLA_CACHE_DTYPES
@@ -545,7 +546,8 @@ class Engine(Runner):
         self.triton = use_triton(kernels, device)
         self.model = KimiLinear(config, biased_router_weights=biased_router_weights)
         held = packed_choice(self.model, stored_schemes or {}, self.triton)
-        self.weight_bytes = weight_bytes(config, dtype, HeldPacked(held))
+        cpu_forms = cpu_forms_bound(device, dtype, self.triton)
+        self.weight_bytes = weight_bytes(config, dtype, HeldPacked(held), decode_copies=cpu_forms)
         self.weights_held = 0    # bytes of weights bound (what a resize on the CPU adds back to what the host has)
         self.state = None
         self._plan_state(context, batch, mla_cache_dtype or dtype, context_name,   # refused before any weight is read
@@ -553,6 +555,9 @@ class Engine(Runner):
         with self._device_memory("loading the model"):
             with host_allocation(f"the weights ({size_text(sum(self.weight_bytes.values()))})"):
                 bind(self.model, read, packed, held, device, dtype, self.triton)
+            if cpu_forms:   # what bind built, which the plan counts from here on (the checkpoint's values decide it)
+                self.weight_bytes = {**self.weight_bytes, DECODE_COPIES: copy_bytes(self.model)}
+                self.plan = replace(self.plan, weight_bytes=self.weight_bytes)
             self.weights_held = sum(self.weight_bytes.values())
             self.cuda_graph = cuda_graph and self.triton and device.type == "cuda"   # for each batch that captures
             # the plan checked above, not again: reading the weights (and the threads that did) took more of the

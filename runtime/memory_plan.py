@@ -14,6 +14,7 @@ import torch
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.config import KimiLinearConfig
 from klconvert.quant.stored import stored_parts
+from klconvert.runtime.cpu_modules import planned_copy_bytes
 from klconvert.runtime.host_memory import host_allocation
 from klconvert.runtime.kda import CHUNK
 from klconvert.runtime.model import MLA_KEY_BLOCK
@@ -31,8 +32,10 @@ if TYPE_CHECKING:
 # bench/mla_prefill.py`), the workspace 2.65 GiB.
 PREFILL_SEGMENT = 16384
 MAX_BATCH = 65_536  # sequences a plan sizes; the 48B's KDA state alone is ~2.9 TB at this many
+# the copies of weights fp32 decode on the CPU holds beside them (runtime/cpu_modules.py); bind's other paths, none
+DECODE_COPIES = "cpu_decode_copies"
 WEIGHT_CATEGORIES = ("embedding", "lm_head", "attention", "kda_small", "experts", "shared_experts", "dense_mlp",
-                     "router", "norm")
+                     "router", "norm", DECODE_COPIES)
 
 
 @dataclass(frozen=True)
@@ -176,10 +179,14 @@ def stored_bytes(shape: tuple[int, ...], scheme: QuantScheme, dtype: torch.dtype
                if part not in HOST_PARTS)
 
 
-def weight_bytes(config: KimiLinearConfig, dtype: torch.dtype, policy: Policy | None = None) -> dict[str, int]:
+def weight_bytes(config: KimiLinearConfig, dtype: torch.dtype, policy: Policy | None = None,
+                 decode_copies: bool = False) -> dict[str, int]:
     """Bytes of weights by category as the runtime holds them: each tensor as `policy.scheme_for` stores
-    it (scales in `dtype`), fp32 where the runtime keeps fp32, `dtype` otherwise. No policy: unquantized."""
+    it (scales in `dtype`), fp32 where the runtime keeps fp32, `dtype` otherwise. No policy: unquantized.
+    `decode_copies`: bind gives the CPU forms (bind.cpu_forms_bound), whose copies are foreseen too."""
     out = dict.fromkeys(WEIGHT_CATEGORIES, 0)
+    if decode_copies:
+        out[DECODE_COPIES] = planned_copy_bytes(config)
     for spec in expected_tensors(config).values():
         scheme = policy.scheme_for(spec.name, spec.shape) if policy is not None else None
         if scheme is not None:

@@ -408,14 +408,17 @@ def test_a_host_that_cannot_hold_the_model_names_no_max_tokens(tiny_released, mo
 @pytest.mark.parametrize("dtype", [None, "float32", "bfloat16"])
 def test_the_plan_eval_counts_is_the_one_a_cpu_engine_makes(tiny_released, tiny_quantized, bits, dtype):
     """eval sizes the model before it loads, from config.json; the engine, loaded, plans the same bytes: on the CPU
-    every weight is dequantized to the compute dtype, so an int4 folder's stored size is not what it holds."""
+    every weight is dequantized to the compute dtype, so an int4 folder's stored size is not what it holds; in fp32
+    the CPU forms' decode copies are counted too (left out, eval's plan was 40% of the weights short), to within
+    their constants, which the engine measures once bound."""
     from klconvert.config import KimiLinearConfig
     from klconvert.evaluate import _plan_on_the_host
 
     folder = tiny_released if bits is None else tiny_quantized[bits]
     config = KimiLinearConfig.from_file(folder / "config.json")
-    assert _plan_on_the_host(config, 300, "cpu", dtype).total == \
-        klconvert.load(folder, device="cpu", dtype=dtype, max_context=300).plan.total
+    planned = _plan_on_the_host(config, 300, "cpu", dtype).total
+    bound = klconvert.load(folder, device="cpu", dtype=dtype, max_context=300).plan.total
+    assert 0 <= bound - planned < bound / 10**5
     assert _plan_on_the_host(config, 300, "cuda", dtype) is None
 
 
