@@ -1235,6 +1235,51 @@ def test_a_graph_asking_past_the_hosts_memory_fails_that_allocation_in_one_line(
     assert int(peak_kib) < 1 << 20   # KiB: under 1 GiB, where the graph asked for 2
 
 
+# In a fresh process (one arena, this prompt's alone), the export argv[1] with a prompt of argv[3] tokens prefilled in
+# calls whose scores fit SCORE_BYTES = argv[2]: the resident bytes the prefill added at its peak (the kernel's
+# high-water mark reset just before it)
+PREFILL_PEAK = """
+import sys
+import numpy as np
+import klconvert.onnx.session as session
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+session.SCORE_BYTES = int(sys.argv[2])
+engine = session.OnnxEngine(sys.argv[1])
+ids = np.random.default_rng(0).integers(0, engine.config.vocab_size, (1, int(sys.argv[3])))
+before = status("VmRSS:")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+engine.generate(ids, 0)
+print(status("VmHWM:") - before)
+"""
+PEAK_SCORE_BYTES = 16 << 20   # 4 and 35 calls, the last of each at about these scores
+# The longer prompt's peak over the shorter's, int4 on a 2-core box, 2026-12-06: 122 MB now (the state and each
+# call's tokens growing), 404 MB before
+PEAK_LENGTHS, PEAK_GROWTH = (1500, 4500), 256 << 20
+
+
+def _prefill_peak(folder: Path, tokens: int) -> int:
+    child = subprocess.run([sys.executable, "-c", PREFILL_PEAK, folder, str(PEAK_SCORE_BYTES), str(tokens)],
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-2000:]
+    return int(child.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_a_long_prompts_peak_stays_near_a_short_ones(exported):
+    """Each prefill call attends to more cached keys than the last, so asks for larger blocks than the arena freed;
+    onnxruntime's arena added a region for each and kept them all, so the peak grew with the square of the prompt
+    (16,784 tokens of the bundled model took 7.0 GB, 33,567 ran out of a 19 GB cap: h204's F1). Shrunk after each
+    run (ARENA_SHRINKAGE), a prompt three times as long, in calls of scores no larger, peaks little higher."""
+    short, long = (_prefill_peak(exported[1], tokens) for tokens in PEAK_LENGTHS)
+    assert long - short < PEAK_GROWTH, \
+        (f"{PEAK_LENGTHS[1]} tokens peaked {long / 2**20:.0f} MB over their start, {PEAK_LENGTHS[0]} tokens "
+         f"{short / 2**20:.0f} MB: the arena kept every call's blocks?")
+
+
 def _spin(graph: onnx.GraphProto) -> str:
     """Add to `graph` a Loop of 2**62 trips that do nothing; the name of its output, a float 0."""
     scalar = [onnx.helper.make_tensor_value_info(name, kind, []) for name, kind in
