@@ -32,7 +32,8 @@ from klconvert.convert.output_folder import (OUTPUT_RECORD, OutputLock, mark_tem
                                              write_output_record)
 from klconvert.models import bundled_dir
 from klconvert.onnx import export as export_module
-from klconvert.onnx.export import DATA_FILE, GENAI_CONFIG, MIN_OPSET, export_onnx, make_model
+from klconvert.onnx.export import (DATA_FILE, GENAI_CONFIG, LOWEST_ONNXRUNTIME, LOWEST_ONNXRUNTIME_IR, MIN_OPSET,
+                                   export_onnx, ir_version, make_model)
 from klconvert.onnx.graph import GraphBuilder
 from klconvert.onnx.matmul_nbits import NBitsWeight, nbits_weight
 from klconvert.onnx.session import ARENA_SHARE, MAX_THREADS, OnnxEngine
@@ -782,8 +783,7 @@ def test_export_refuses_bad_input_in_one_line(tmp_path, capsys):
          "notes.txt"),
         (["--model", "tiny", "--out", tmp_path / "o2", "--opset", "12"], "--opset 12"),
         (["--model", "tiny", "--out", tmp_path / "o3", "--opset", str(onnx.defs.onnx_opset_version() + 1)],
-         f"--opset {onnx.defs.onnx_opset_version() + 1}: choose {MIN_OPSET} to {onnx.defs.onnx_opset_version()} "
-         "(the installed onnx's newest)"),
+         f"--opset {onnx.defs.onnx_opset_version() + 1}: choose {MIN_OPSET} to "),
     ]
     for args, needle in cases:
         code, _, err = run_cli(capsys, "export-onnx", *args)
@@ -797,6 +797,28 @@ def test_an_opset_that_is_no_whole_number_is_refused(tmp_path, opset):
     with pytest.raises(klconvert.KLError, match=re.escape(f"--opset {opset!r}: choose {MIN_OPSET} to ")):
         export_onnx("tiny", tmp_path / "onnx", opset=opset)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_opset_whose_ir_the_lowest_onnxruntime_cannot_load_is_refused_naming_the_newest_that_works(tmp_path,
+                                                                                                       capsys):
+    """onnx 1.23 takes opset 28, whose lowest IR version is 14: the export was written, and onnxruntime 1.30, which
+    the [onnx] extra allows, refuses to load it (h204's F3)."""
+    top = onnx.defs.onnx_opset_version()
+    if ir_version(top) <= LOWEST_ONNXRUNTIME_IR:
+        pytest.skip(f"the installed onnx's newest opset, {top}, is IR {ir_version(top)}, which onnxruntime "
+                    f"{LOWEST_ONNXRUNTIME} loads")
+    newest = max(o for o in range(MIN_OPSET, top + 1) if ir_version(o) <= LOWEST_ONNXRUNTIME_IR)
+    code, _, err = run_cli(capsys, "export-onnx", "--model", "tiny", "--out", tmp_path / "onnx", "--opset", newest + 1)
+    assert_one_line_error(code, err, f"--opset {newest + 1}: choose {MIN_OPSET} to {newest} (opset {newest + 1} "
+                          f"needs IR version {ir_version(newest + 1)}, which onnxruntime {LOWEST_ONNXRUNTIME}, the "
+                          "lowest the [onnx] extra allows, cannot load)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_lowest_onnxruntime_is_the_onnx_extras_floor():
+    tomllib = pytest.importorskip("tomllib")
+    extra = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert f"onnxruntime>={LOWEST_ONNXRUNTIME}" in extra["optional-dependencies"]["onnx"]
 
 
 def test_an_empty_path_is_never_the_current_folder(tmp_path, monkeypatch):

@@ -44,12 +44,14 @@ def test_the_recipe_pattern_bounds():
 
 def test_the_onnx_bounds():
     pytest.importorskip("onnxruntime")
-    from klconvert.onnx.export import PROTOBUF_LIMIT
+    from klconvert.onnx.export import LOWEST_ONNXRUNTIME, LOWEST_ONNXRUNTIME_IR, PROTOBUF_LIMIT
     from klconvert.onnx.session import ARENA_SHARE, SCORE_BYTES
 
     stated(f"scores stay under {SCORE_BYTES >> 20} MiB a layer")
     stated(f"capped at {ARENA_SHARE:.0%} of what the host has available")
     stated(f"weights over {PROTOBUF_LIMIT >> 30} GB go to `model.onnx.data`")
+    stated(f"onnxruntime {LOWEST_ONNXRUNTIME}, the lowest the `[onnx]` extra allows, loads -- IR "
+           f"{LOWEST_ONNXRUNTIME_IR} at most")
 
 
 def test_the_bench_new_tokens_bounds():
@@ -120,7 +122,7 @@ DEFAULTS_IN_PROSE = [
     ("plan", "batch", "`--batch B` (default {})", lambda: _plan_default("batch")),
     ("plan", "group_size", "(`-1`: one scale per row; default {})", _group_size_default),
     ("eval", "max_tokens", "cut the text to N tokens (default {}, at least", None),
-    ("export-onnx", "opset", "(opset {} by default, up to the installed onnx's newest)", _opset_default),
+    ("export-onnx", "opset", "(opset {} by default, up to the newest whose IR version onnxruntime", _opset_default),
     ("quantize", "max_shard_size", "shards holding at most `--max-shard-size` of tensor data ({} GB;",
      _shard_gb_default),
 ]

@@ -37,6 +37,9 @@ PROTOBUF_LIMIT = 2 << 30           # a protobuf message holds at most 2 GB: past
 MIN_OPSET = 18                     # ReduceMean / Split with axes and sizes as inputs, ScatterND reduction
 DEFAULT_OPSET = MIN_OPSET
 MS_OPSET = 1                       # com.microsoft's version (MatMulNBits, QMoE)
+# The lowest onnxruntime the [onnx] extra allows (pyproject.toml's floor: tests/test_onnx_export.py holds them equal)
+# and the newest IR version it loads: a newer opset's graph (IR 14 from opset 28) it refuses to load at all
+LOWEST_ONNXRUNTIME, LOWEST_ONNXRUNTIME_IR = "1.30", 13
 COPIED_TOKENIZER_FILES = (*TOKENIZER_FILES, CHAT_TEMPLATE_FILE)  # each where the model folder has it
 EXPORT_FILES = {ONNX_FILE, DATA_FILE, GENAI_CONFIG, CONFIG_FILE, *COPIED_TOKENIZER_FILES,
                 TRANSFORMERS_TOKENIZER_FILE}   # all an export writes
@@ -91,9 +94,28 @@ def make_model(graph, opset: int):
     """`graph` as a model of ONNX `opset` and com.microsoft's, declaring the lowest IR version the opset allows --
     not the installed onnx's newest: onnx 1.23 stamps IR 14, which onnxruntime 1.30 refuses to load ("max supported
     IR version: 13") although it runs every op here."""
-    opsets = [helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, MS_OPSET)]
-    return helper.make_model(graph, producer_name="klconvert", opset_imports=opsets,
-                             ir_version=helper.find_min_ir_version_for(opsets, ignore_unknown=True))
+    return helper.make_model(graph, producer_name="klconvert", opset_imports=_opset_ids(opset),
+                             ir_version=ir_version(opset))
+
+
+def _opset_ids(opset: int) -> list:
+    return [helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, MS_OPSET)]
+
+
+def ir_version(opset: int) -> int:
+    """The lowest IR version a model of ONNX `opset` (and com.microsoft's) may declare."""
+    return helper.find_min_ir_version_for(_opset_ids(opset), ignore_unknown=True)
+
+
+def newest_opset() -> tuple[int, str]:
+    """The newest opset export-onnx writes, and why no newer: the installed onnx's newest, or the newest whose IR
+    version the lowest onnxruntime allowed loads."""
+    top = onnx.defs.onnx_opset_version()
+    loadable = max(o for o in range(MIN_OPSET, top + 1) if ir_version(o) <= LOWEST_ONNXRUNTIME_IR)
+    if loadable < top:
+        return loadable, (f"opset {loadable + 1} needs IR version {ir_version(loadable + 1)}, which onnxruntime "
+                          f"{LOWEST_ONNXRUNTIME}, the lowest the [onnx] extra allows, cannot load")
+    return top, "the installed onnx's newest"
 
 
 def genai_config(config, opset: int, external: bool, tokenizer_files: list[str]) -> dict:
@@ -149,9 +171,9 @@ def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPS
     `force`, an earlier export, replaced only once the new one is whole), written whole or not at all; returns the
     model.onnx path. onnx.checker checks the written model."""
     refuse_non_bool(force, "force", "--force")
-    top = onnx.defs.onnx_opset_version()
+    top, why = newest_opset()
     if type(opset) is not int or not MIN_OPSET <= opset <= top:   # 18.0 and "18" too: the repr shows which
-        raise KLError(f"--opset {opset!r}: choose {MIN_OPSET} to {top} (the installed onnx's newest)")
+        raise KLError(f"--opset {opset!r}: choose {MIN_OPSET} to {top} ({why})")
     model_dir, out = resolve_model(model_dir), given_path(out, "out")
     refuse_taken(out, force, EARLIER_EXPORT)
     checkpoint = Checkpoint(model_dir)
