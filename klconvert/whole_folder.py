@@ -54,6 +54,7 @@ def refuse_taken(out: Path, force: bool = False, replaceable: Replaceable | None
     `replaceable` accepts; never a link (a dangling one too), a file, the current folder or one above it, or a name
     shaped like a run's temporary (which a run beside it may delete); and files must be makeable where the run makes
     them (in OUT when it exists, else in the folder it goes in) -- all said before any work."""
+    out = _named(out)
     refuse_no_new_name(out)
     if re.fullmatch(rf"\..+\.{TEMPORARY_NAME.pattern}", out.name):
         raise KLError(f"{out}: is named as klconvert names its temporary folders, which a later run may delete; "
@@ -90,6 +91,13 @@ def _not_replaceable(out: Path, others: list[Path], replaceable: Replaceable) ->
     if unlisted is not None:
         return unlisted
     return sorted(entry.name for entry in others if not replaceable.may_hold(entry))
+
+
+def _named(out: Path) -> Path:
+    """OUT as a path that ends in its name: the current folder (".") or one above it ("..") as its absolute path. An
+    existing OUT is filled in place, never renamed onto, so an empty current folder is written as any empty folder is
+    (refuse_no_new_name refuses "." for quantize, which renames its folder onto OUT)."""
+    return Path(os.path.abspath(out)) if out.name in ("", "..") else out
 
 
 def fill_under_way(out: Path) -> str | None:
@@ -150,6 +158,7 @@ def whole_folder(out: Path, force: bool = False, replaceable: Replaceable | None
     (its mode and group the user's), made in it and its files moved up into it in place of OUT's earlier ones,
     `last` (the file that says the folder is whole) after the rest (see the module's text). OUT is checked now and
     again at the end; an OSError of the body or of the moves is one KLError line."""
+    out = _named(out)
     refuse_taken(out, force, replaceable)
     in_place = out.exists()
     with OutputLock(out, inside=lock_goes_inside(out)) as lock:

@@ -821,6 +821,21 @@ def test_the_lowest_onnxruntime_is_the_onnx_extras_floor():
     assert f"onnxruntime>={LOWEST_ONNXRUNTIME}" in extra["optional-dependencies"]["onnx"]
 
 
+def test_an_empty_current_folder_takes_the_export(tmp_path, monkeypatch, capsys):
+    """`--out .` in an empty folder was refused with quantize's line ("give the new folder's name, e.g. q4"), where an
+    empty --out is written in place (h204's F4); a current folder holding files is refused as any such --out is."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    code, _, err = run_cli(capsys, "export-onnx", "--model", "tiny", "--out", ".")
+    assert code == 0, err
+    assert {"model.onnx", GENAI_CONFIG} <= {p.name for p in here.iterdir()}
+    assert [p.name for p in tmp_path.iterdir()] == ["here"]
+    assert OnnxEngine(".").generate([PROMPT], 2).shape == (1, 2)
+    code, _, err = run_cli(capsys, "export-onnx", "--model", "tiny", "--out", ".")
+    assert_one_line_error(code, err, f"{here}: already exists; choose another output folder, or pass --force")
+
+
 def test_an_empty_path_is_never_the_current_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for model, out, what in (("", tmp_path / "onnx", "the model"), ("tiny", "", "out")):
