@@ -76,6 +76,18 @@ def test_no_24gb_recipe_figures():
     assert everything > 0.95 * 24 * GIB and g128.weights > 0.95 * 24 * GIB   # experts g128 and the rest
 
 
+def test_int8_over_int4_figure_of_the_32gb_recipe(tmp_path):
+    """32gb.yaml's int8 parts (attention, shared experts, dense MLP, lm_head) cost what its comment says over the same
+    recipe at int4: it said 0.56 GiB where the plan gave 0.73."""
+    text = (RECIPE_DIR / "32gb.yaml").read_text()
+    assert "num_bits: 8" in text
+    (tmp_path / "32gb-int4.yaml").write_text(text.replace("num_bits: 8", "num_bits: 4"))
+    int8, int4 = (plan_for(preset="kimi-linear-48b", recipe=load_recipe(path)).weights
+                  for path in (RECIPE_DIR / "32gb.yaml", tmp_path / "32gb-int4.yaml"))
+    comment = " ".join(text.replace("#", " ").split())
+    assert f"({gib(int8 - int4)} over int4)" in comment
+
+
 def test_cache_and_state_figures_per_token_and_sequence():
     text = " ".join(README.split())
     bf16 = MemoryPlan(REAL, batch=1, context=1, weight_bytes={})
