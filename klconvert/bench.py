@@ -126,7 +126,7 @@ def _refuse_a_reference_that_does_not_fit(config: KimiLinearConfig, device: torc
         return
     dtype = DEFAULT_DTYPES[device.type]
     plan = MemoryPlan(config, batch=1, context=context, weight_bytes=weight_bytes(config, dtype, HeldPacked({})),
-                      act_dtype=dtype, mla_cache_dtype=dtype)
+                      act_dtype=dtype, mla_cache_dtype=dtype, torch_decode_attention=True)
     limit = device_room(device, 0)
     if plan.total > limit:
         raise KLError(f"--check compares against the PyTorch path, whose weights are dequantized to "

@@ -674,7 +674,7 @@ def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path
         elif p.weights > p.memory_limit:
             advice = (f"the weights alone do not fit, even at 4 bits with groups of {GROUP_SIZE}: plan for a larger "
                       "GPU")
-        else:   # the weights fit; the batch's state and one segment's workspace do not, at any context
+        else:   # the weights fit; the batch's state and decode workspace do not, at any context
             advice = (f"the weights ({binary_size_text(p.weights)}) fit, but a batch of {p.batch:,} sequences' state "
                       "and workspace do not at any context: plan a smaller --batch")
         raise PlanDoesNotFit(f"the plan needs {binary_size_text(p.total)} but the GPU memory is "

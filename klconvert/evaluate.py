@@ -231,7 +231,8 @@ def _plan_on_the_host(config: KimiLinearConfig, tokens: int, device: str | torch
         return None
     cpu, act = device_and_dtype("cpu", dtype)
     held = weight_bytes(config, act, decode_copies=cpu_forms_bound(cpu, act, triton=False))   # kernels auto: torch
-    return MemoryPlan(config, batch=1, context=tokens, weight_bytes=held, act_dtype=act, mla_cache_dtype=act)
+    return MemoryPlan(config, batch=1, context=tokens, weight_bytes=held, act_dtype=act, mla_cache_dtype=act,
+                      torch_decode_attention=True)
 
 
 def _host_bytes(tokens: int, config: KimiLinearConfig, plan: MemoryPlan | None) -> tuple[int, int, int]:

@@ -27,7 +27,8 @@ from klconvert.runtime.decode_step import DecodeStep, autocast_off, capturable
 from klconvert.runtime.device_memory import LESS_ON_DEVICE, device_allocation, device_room
 from klconvert.runtime.host_malloc import large_blocks_mapped
 from klconvert.runtime.host_memory import NAMED_FIT_SHARE, host_allocation, host_memory
-from klconvert.runtime.memory_plan import DECODE_COPIES, MAX_BATCH, PREFILL_SEGMENT, MemoryPlan, weight_bytes
+from klconvert.runtime.memory_plan import (DECODE_COPIES, MAX_BATCH, PREFILL_ROWS, PREFILL_SEGMENT, MemoryPlan,
+                                           weight_bytes)
 from klconvert.runtime.model import KimiLinear
 from klconvert.runtime.sampling import as_number, check_generate_args, sample, sampling_generator
 from klconvert.runtime.state import MLA_CACHE_DTYPES
@@ -584,7 +585,8 @@ class Engine(Runner):
         else:
             limit = None
         plan = MemoryPlan(self.config, batch=batch, context=context, weight_bytes=self.weight_bytes,
-                          act_dtype=self.dtype, mla_cache_dtype=mla_cache_dtype, memory_limit=limit)
+                          act_dtype=self.dtype, mla_cache_dtype=mla_cache_dtype, memory_limit=limit,
+                          torch_decode_attention=not self.triton)
         if limit is not None and plan.total > limit:
             fitting = replace(plan, memory_limit=int(limit * NAMED_FIT_SHARE))
             fit = fitting.largest_context()
@@ -670,10 +672,10 @@ class Engine(Runner):
         logits [B, S, vocab] fp32 (all_logits), or only the last token's [B, 1, vocab]. `progress(n)`: n more prompt
         tokens done (called once the device has finished the segment, so it costs a sync per segment). Each segment
         makes the same shapes (MLA's key blocks are fixed), so the allocator reuses its blocks; a prefill of several
-        segments hands its cache back at the end."""
+        segments hands its cache back at the end. A segment runs PREFILL_ROWS prompts at a time, as the plan sizes its
+        workspace: sized B times, it refused batches that ran in a fraction of it."""
         state.reset()
-        batch = f", batch {ids.shape[0]}" if ids.shape[0] > 1 else ""
-        what = f"a prefill's activations ({ids.shape[1]:,} tokens{batch})"   # an allocator's refusal names it
+        what = f"a prefill's activations ({ids.shape[1]:,} tokens)"   # an allocator's refusal names it
         less = f"give a shorter prompt, or lower {self._context_argument()}"
         for start in range(0, ids.shape[1], self.prefill_segment):
             seg = ids[:, start:start + self.prefill_segment]
@@ -681,15 +683,23 @@ class Engine(Runner):
             # on the CPU its temporaries given back to the system when freed, not kept (runtime/host_malloc.py)
             given_back = large_blocks_mapped() if self.device.type == "cpu" else nullcontext()
             with host_allocation(what, less), given_back, autocast_off(self.device):
-                logits = self.model(seg, state, start, last_only=not all_logits)
+                logits = None   # filled in place, not pieces joined (twice the rows)
+                for b in range(0, ids.shape[0], PREFILL_ROWS):
+                    rows = self.model(seg[b:b + PREFILL_ROWS], state.rows(b, b + PREFILL_ROWS), start,
+                                      last_only=not all_logits)
+                    # checked a prompt at a time: the check's temporaries (absolute values, masks) are 1.5x what
+                    # it reads; a sync, which handing the logits on needs anyway
+                    if (all_logits or last) and not bool(torch.isfinite(rows).all()):
+                        raise KLError(f"the model computed NaN or infinite logits for the prompt: {OVERFLOW_CAUSE}")
+                    if logits is None:
+                        logits = rows.new_empty(ids.shape[0], *rows.shape[1:])
+                    logits[b:b + PREFILL_ROWS] = rows
             if progress is not None:
                 _sync(self.device)
                 progress(seg.numel())
             if last and self.device.type == "cuda" and ids.shape[1] > self.prefill_segment:
                 torch.cuda.empty_cache()
             if all_logits or last:
-                if not bool(torch.isfinite(logits).all()):  # a sync, which handing the logits on needs anyway
-                    raise KLError(f"the model computed NaN or infinite logits for the prompt: {OVERFLOW_CAUSE}")
                 yield logits[:, -1:] if not all_logits else logits
 
     def forward(self, input_ids) -> torch.Tensor:

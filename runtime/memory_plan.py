@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 # (runtime/model.py): one MLA layer's attention over a 1M-token prompt 24.5 -> 19.9 s (2026-11-30, `python
 # bench/mla_prefill.py`), the workspace 2.65 GiB.
 PREFILL_SEGMENT = 16384
+# Prompts a prefill runs through the model at once: Engine prefills a batch's prompts one at a time, so the batch's
+# state and cache grow with the batch and the prefill's workspace does not
+PREFILL_ROWS = 1
 MAX_BATCH = 65_536  # sequences a plan sizes; the 48B's KDA state alone is ~2.9 TB at this many
 # the copies of weights fp32 decode on the CPU holds beside them (runtime/cpu_modules.py); bind's other paths, none
 DECODE_COPIES = "cpu_decode_copies"
@@ -48,6 +51,9 @@ class MemoryPlan:
     kda_state_dtype: torch.dtype = torch.float32
     mla_cache_dtype: torch.dtype = torch.bfloat16
     memory_limit: int | None = None  # bytes on the device, if known
+    # decode attention on the PyTorch path (the CPU's, kernels="torch"): its scores span the context; False: the
+    # Triton kernel's, as a GPU runs it (plan_report.plan_for plans for a GPU)
+    torch_decode_attention: bool = False
 
     # ---- per-sequence and per-token figures ----------------------------------------------------
     @property
@@ -82,8 +88,15 @@ class MemoryPlan:
         return self.batch * self.context * self.mla_bytes_per_token
 
     def workspace_for(self, context: int) -> int:
-        """Peak temporaries of a prefill segment and the logits, an estimate from the shapes the code makes; bounded
-        by the segment and MLA's key block, not the context (from one key block on it is the same at any context).
+        """Peak temporaries: one prompt's prefill segment and a decode step of the whole batch, both held at once (on
+        CUDA generate captures the step, whose graph keeps its temporaries, before it prefills)."""
+        return self.prefill_workspace_for(context) + self.decode_workspace_for(context)
+
+    def prefill_workspace_for(self, context: int) -> int:
+        """Peak temporaries of a prefill segment of PREFILL_ROWS prompts, and the batch's prompts' last logits, fp32,
+        twice (generate keeps each prompt's, then joins them), an estimate from the shapes the code makes; the
+        temporaries bounded by the segment and MLA's key block, not the context (from one key block on they are the
+        same at any context), nor the batch: the engine prefills the batch's prompts PREFILL_ROWS at a time.
 
         Per segment of S tokens: hidden states and projections, the fp32 q/k/v/gate of a KDA layer, one
         chunk's pairwise decay tensor [B, H, C, C, K] fp32, C = min(64, S) (kda_chunked makes it no larger for a
@@ -95,21 +108,46 @@ class MemoryPlan:
         (model.PrefillAttention): one key block's rows dequantized and expanded into per-head keys and values,
         the segment's queries, one block's output and the fp32 running output with its merge temporaries.
         """
-        c, B = self.config, self.batch
+        c, B = self.config, PREFILL_ROWS
         S, block = min(PREFILL_SEGMENT, context), min(MLA_KEY_BLOCK, context)
         a = self.act_dtype.itemsize
-        hidden = B * S * c.hidden_size * a * 6
         chunk = min(CHUNK, S)
         decay = B * c.kda_num_heads * max(2 * chunk * chunk, chunk * chunk + 4 * c.kda_head_dim) * c.kda_head_dim * 4
         kda = B * S * c.kda_dim * (3 * a + 6 * 4) + decay
-        ffn = B * S * max(2 * c.intermediate_size, 2 * c.moe_intermediate_size * c.num_experts_per_token) * a
         H, dn, dr, dv = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         rows = B * block * c.mla_cache_width * (a + (4 if self.mla_cache_dtype == FP8 else 0))
         expanded = B * block * H * ((dn + dv) + (dn + dr)) * a          # kv_b's output, then the keys with the rope key
         queries = B * S * H * ((dn + dr) * a + dv * (a + 4 * 4))         # q, a block's output, fp32 running + merge
         mla = rows + expanded + queries
-        logits = 2 * B * c.vocab_size * 4
-        return hidden + max(kda, ffn, mla) + logits
+        return self._hidden_and_ffn(B * S, max(kda, mla)) + 2 * self.batch * c.vocab_size * 4
+
+    def decode_workspace_for(self, context: int) -> int:
+        """Peak temporaries of a decode step of the whole batch (one token a sequence) and the logits it samples
+        from, an estimate from the shapes model.decode makes: hidden states, a KDA layer's projections and fp32 q/k/v/
+        gate with one fp32 state [B, H, K, V] (kda_step's update; the state itself changes in place), or MLA's
+        absorbed queries and outputs, with, on the PyTorch path (torch_decode_attention), each sequence's fp32 scores
+        over the cached rows (model.LatentAttention: the scores, the masked scores and their softmax, the
+        probabilities in the cache's dtype) and an e4m3 cache's rows dequantized -- the Triton kernel's per-split
+        partials are a few MB at any context; and its logits, lm_head's in the activations' dtype, then in fp32."""
+        c, B = self.config, self.batch
+        a = self.act_dtype.itemsize
+        kda = B * c.kda_dim * (3 * a + 6 * 4) + B * c.kda_num_heads * c.kda_head_dim * c.kda_head_dim * 4
+        H, dn, dr, dv, r = (c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim,
+                            c.kv_lora_rank)
+        mla = B * H * (dn + dr + 2 * r + dv) * a                         # q, q_lat, o_lat, o
+        if self.torch_decode_attention:
+            mla += B * context * H * (3 * 4 + a)
+            if self.mla_cache_dtype == FP8:
+                mla += B * context * c.mla_cache_width * (4 + a)
+        return self._hidden_and_ffn(B, max(kda, mla)) + B * c.vocab_size * (a + 4)
+
+    def _hidden_and_ffn(self, tokens: int, mixer: int) -> int:
+        """Temporaries of `tokens` tokens through a block: six hidden rows, and the larger of the mixer's (`mixer`)
+        and the feed-forward's (the dense MLP's, or the routed experts' gate and up rows of every expert a token
+        picks)."""
+        c, a = self.config, self.act_dtype.itemsize
+        ffn = tokens * max(2 * c.intermediate_size, 2 * c.moe_intermediate_size * c.num_experts_per_token) * a
+        return tokens * c.hidden_size * a * 6 + max(mixer, ffn)
 
     @property
     def workspace(self) -> int:

@@ -280,7 +280,7 @@ def render_plan(p: MemoryPlan, title: str) -> str:
         (f"state x batch {p.batch}", binary_size_text(p.state_bytes)),
         ("MLA latent cache / token", f"{p.mla_bytes_per_token:,} B"),
         (f"MLA latent cache @ {p.context:,} tokens x {p.batch}", binary_size_text(p.mla_cache_bytes)),
-        ("workspace (prefill segment, logits)", binary_size_text(p.workspace)),
+        (f"workspace (a prompt's prefill segment, decode x {p.batch})", binary_size_text(p.workspace)),
         ("total", binary_size_text(p.total)),
     ]
     if p.memory_limit is not None:

@@ -19,7 +19,7 @@ LENGTHS = (2048, 8192)   # one segment each (MLA attends with start 0); 32 and 1
 # their files and sets up their buffers, once: theirs, as their import is, not the plan's); then for each length the
 # resident bytes before the batch's prefill (the heap's free pages handed back first, so that reusing them counts as
 # growth), the peak during it (the kernel's high-water mark reset just before; where it cannot be, the process's peak
-# so far) and the plan's workspace for it.
+# so far) and the plan's prefill workspace for it (the decode step's is not this prefill's).
 PREFILL = '''
 import ctypes, resource, torch
 import klconvert
@@ -40,7 +40,7 @@ for tokens in {lengths}:
     except OSError:
         peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     engine.prefill(ids[:, :tokens])
-    print(tokens, before, peak(), engine.plan.workspace_for(tokens))
+    print(tokens, before, peak(), engine.plan.prefill_workspace_for(tokens))
 '''
 
 
@@ -77,9 +77,10 @@ def test_a_long_prompts_prefill_stays_near_the_plans_workspace():
 
 
 SHORT, BATCH = 23, 256   # helper-140's prompts of a few tokens, many at once: one chunk, shorter than CHUNK
-# The plan's workspace over the short batch's peak growth: 1.0x now (0.8-1.0x at 2-23 tokens, 2026-12-06); 5.6x when
-# the plan and kda_chunked sized the pairwise decay for a whole chunk (its untouched part not resident: 2,000 such
-# prompts were refused a 22 GB host).
+# The plan's prefill workspace over the short batch's peak growth: 1.25x now, the prompts run one at a time (2026-12-06:
+# 9.9 MB against 7.9; the batch's last logits are planned twice, for generate's join); 1.0x when they ran at once and
+# the plan sized B prompts' temporaries; 5.6x when the plan and kda_chunked sized the pairwise decay for a whole chunk
+# (its untouched part not resident: 2,000 such prompts were refused a 22 GB host).
 SHORT_PLAN_MULTIPLE = 2
 
 

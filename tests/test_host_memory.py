@@ -221,6 +221,21 @@ def test_a_plan_past_a_real_address_space_limit_is_refused_in_one_line():
 
 
 @pytest.mark.slow
+def test_a_batch_runs_under_a_real_address_space_limit_that_fits_one_prompts_prefill(tmp_path):
+    """`ulimit -v` and 8 prompt files on the tiny model at --max-context 4096: the plan sized the prefill's workspace
+    for all 8 at once (635 MiB) and refused the run, though the engine prefills one prompt at a time; planned for
+    that (and a decode step of 8), it is 162 MiB and runs."""
+    files = []
+    for i in range(8):
+        (tmp_path / f"p{i}.txt").write_text(f"Prompt number {i} says hello")
+        files += ["--prompt-file", tmp_path / f"p{i}.txt"]
+    done = klconvert_bounded("run", "--model", "tiny", "--device", "cpu", *files, "--max-new-tokens", "4",
+                             "--max-context", "4096")
+    assert done.code == 0, done.err[-2000:]
+    assert done.out.count("==> ") == 8 and "batch 8" in done.err.strip().splitlines()[-1], done.err[-2000:]
+
+
+@pytest.mark.slow
 def test_an_eval_past_a_real_address_space_limit_is_refused_in_one_line(tmp_path):
     """`ulimit -v` and --max-tokens 8192 on the tiny model: both log-probs buffers fit the limit, but with the model
     and a prefill segment's logits they do not -- the check counted only the buffers, and the allocator's traceback

@@ -121,7 +121,40 @@ def test_workspace_at_short_contexts_and_with_an_e4m3_cache():
     }
     for context, (cache, workspace) in want.items():
         p = plan_for(preset="kimi-linear-48b", bits=4, context=context, mla_cache_dtype=cache)
-        assert p.workspace == workspace, (context, p.workspace, workspace)
+        assert p.prefill_workspace_for(context) == workspace, (context, p.prefill_workspace_for(context), workspace)
+        assert p.workspace == workspace + decode_workspace(1)
+
+
+def decode_workspace(batch: int) -> int:
+    """A decode step's temporaries by hand for the 48B in bf16, the Triton path's: 6 hidden rows, the KDA step's
+    projections, fp32 q/k/v/gate and one fp32 state [H, K, V] a sequence (more than MLA's absorbed q, q_lat, o_lat,
+    o and the MLP's rows), the logits in bf16 and in fp32."""
+    kda = 4096 * (3 * 2 + 6 * 4) + 32 * 128 * 128 * 4
+    assert kda > max(32 * (128 + 64 + 2 * 512 + 128) * 2, max(2 * 9216, 2 * 1024 * 8) * 2)
+    return batch * (2304 * 2 * 6 + kda + 163840 * (2 + 4))
+
+
+def test_a_batch_plans_one_prompts_prefill_and_the_batchs_decode_step():
+    """Engine prefills a batch's prompts one at a time, so a batch's workspace is one prompt's prefill segment (and
+    each prompt's last logits, fp32, kept and joined) and a decode step of the batch: it was B times the prefill's,
+    and `klconvert plan --recipe 32gb --batch 16 --max-context 8192` said 46.99 GiB, no fit, for what is 27.94 GiB."""
+    one = plan_for(preset="kimi-linear-48b", recipe="32gb", batch=1, context=8192)
+    sixteen = plan_for(preset="kimi-linear-48b", recipe="32gb", batch=16, context=8192)
+    prefill = one.prefill_workspace_for(8192) + 15 * 2 * 163840 * 4
+    assert sixteen.prefill_workspace_for(8192) == prefill
+    assert sixteen.workspace == prefill + decode_workspace(16)
+    assert f"{sixteen.total / 2**30:.2f}" == "27.94" and sixteen.headroom > 0
+
+
+def test_the_pytorch_decode_attention_plans_its_scores_over_the_context():
+    """The PyTorch path's latent attention (the CPU's) makes fp32 scores over every cached row of each sequence; the
+    Triton kernel's per-split partials are a few MB at any context."""
+    context = 1 << 20
+    triton = MemoryPlan(REAL, batch=4, context=context, weight_bytes={})
+    torch_path = dataclasses.replace(triton, torch_decode_attention=True)
+    assert triton.decode_workspace_for(context) == decode_workspace(4)
+    assert torch_path.decode_workspace_for(context) == \
+        4 * (2304 * 2 * 6 + 32 * (128 + 64 + 2 * 512 + 128) * 2 + context * 32 * (3 * 4 + 2) + 163840 * (2 + 4))
 
 
 def test_group_size_sizes_the_groups_of_bits_or_is_refused(capsys):
@@ -209,6 +242,21 @@ def test_state_is_allocated_once(tiny_released):
     assert buffers == [engine.state.kda_state.data_ptr(), engine.state.conv_state.data_ptr(),
                        engine.state.mla_cache.data_ptr()]
     assert engine.state.mla_cache.shape[2] == 64
+
+
+def test_a_batched_forward_and_prefill_run_within_the_plan_one_prompt_at_a_time(tiny_released, monkeypatch):
+    """forward and prefill of [B, T] ran the B prompts through the model at once, B times the prefill workspace the
+    plan now sizes: they run them one at a time, each segment, with the logits of each prompt alone."""
+    engine = klconvert.load(tiny_released, device="cpu", max_context=64, batch=3)
+    engine.prefill_segment = 16   # several segments: each prompt's state carries over between them
+    ids = torch.randint(0, engine.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    alone = [engine.forward(row.view(1, -1)) for row in ids]
+    rows = []
+    run = engine.model.forward
+    monkeypatch.setattr(engine.model, "forward", lambda seg, *a, **k: rows.append(seg.shape[0]) or run(seg, *a, **k))
+    assert torch.equal(engine.forward(ids), torch.cat(alone))
+    torch.testing.assert_close(engine.prefill(ids), torch.cat(alone)[:, -1])   # lm_head over the last row alone
+    assert rows == [1] * 2 * 3 * 3    # two calls x three segments x three prompts
 
 
 @pytest.mark.slow
