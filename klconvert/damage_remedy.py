@@ -17,7 +17,9 @@ def damaged_folder_remedy(folder: Path | None = None, files: Sequence[Path] = ()
     the line rests on them. A folder a pull fetched (its pull record, or its place among the HF cache's snapshots:
     source_origin) is pulled again -- unless that pull verified every one of `files`, unchanged since, when a pull
     brings the same bytes (redownload_advice); one whose output record says klconvert wrote it is converted again
-    (a pulled folder may hold the record its uploader's run wrote: its origin is the pull); else both."""
+    (a pulled folder may hold the record its uploader's run wrote: its origin is the pull); else both. A snapshot in
+    a cache other than the one a plain pull fills is pulled with --cache-dir, else the pull would fill that one and
+    leave the damaged snapshot as it is."""
     if folder is None:
         return UNKNOWN_ORIGIN_REMEDY
     # both import the checkpoint reader, whose lines end so, and provenance huggingface_hub too, which reading a
@@ -27,9 +29,20 @@ def damaged_folder_remedy(folder: Path | None = None, files: Sequence[Path] = ()
 
     origin = source_origin(folder)
     if origin.repo is not None:
-        local_dir = "" if origin.folder.parent.name == SNAPSHOTS else f" --local-dir {origin.folder}"
-        pull = f"download it again (klconvert pull {origin.repo} --revision {origin.commit}{local_dir})"
+        target = _pull_target(origin.folder)
+        pull = f"download it again (klconvert pull {origin.repo} --revision {origin.commit}{target})"
         return redownload_advice(files[0], pull) if files and all(map(verified_at_pull, files)) else pull
     if files_klconvert_wrote(Path(folder)) is not None:
         return WRITTEN_REMEDY
     return UNKNOWN_ORIGIN_REMEDY
+
+
+def _pull_target(folder: Path) -> str:
+    """The option that makes `klconvert pull` write into `folder` again (resolved, as source_origin gives it): a
+    snapshot's cache (CACHE/models--ORG--NAME/snapshots/COMMIT) when not the default one, else its --local-dir."""
+    if folder.parent.name != SNAPSHOTS:
+        return f" --local-dir {folder}"
+    from huggingface_hub import constants  # as provenance: loaded only once such a line is said
+
+    cache = folder.parent.parent.parent
+    return "" if cache == Path(constants.HF_HUB_CACHE).resolve() else f" --cache-dir {cache}"

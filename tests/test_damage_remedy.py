@@ -74,10 +74,24 @@ def test_a_pulled_folder_damaged_since_is_pulled_again_with_the_command(tiny_rel
     local_dir = tmp_path / "kimi" if into == "local-dir" else None
     with served(tmp_path / "upstream", tmp_path / "hf_home") as commit:
         folder = hub.pull(REPO, local_dir=local_dir, progress=False).path
-    cut_a_scale_short(folder)
+        cut_a_scale_short(folder)
+        said = refusal(folder)   # where the cache a plain pull fills is this one
     again = f" --local-dir {local_dir}" if local_dir is not None else ""
-    assert refusal(folder) == \
-        f"{folder}: {CUT_SHORT}download it again (klconvert pull {REPO} --revision {commit}{again})"
+    assert said == f"{folder}: {CUT_SHORT}download it again (klconvert pull {REPO} --revision {commit}{again})"
+
+
+def test_a_snapshot_in_another_cache_is_pulled_again_into_it(tiny_released, tmp_path):
+    """A snapshot pulled with --cache-dir was told a pull without it, which filled the default cache and left the
+    damaged snapshot as it was."""
+    write_quantized(tiny_released, tmp_path / "upstream", bits=4)
+    with served(tmp_path / "upstream", tmp_path / "hf_home") as commit:
+        folder = hub.pull(REPO, cache_dir=tmp_path / "mine", progress=False).path
+        cut_a_scale_short(folder)
+        said = refusal(folder)
+        pull = f"klconvert pull {REPO} --revision {commit} --cache-dir {tmp_path / 'mine'}"
+        assert said == f"{folder}: {CUT_SHORT}download it again ({pull})"
+        hub.pull(REPO, revision=commit, cache_dir=tmp_path / "mine", progress=False)   # what it says, done
+        open_checkpoint(folder)
 
 
 def test_a_pulled_folder_damaged_as_published_is_reported_to_its_owner(tiny_released, tmp_path):
