@@ -22,6 +22,7 @@ from klconvert.errors import KLError  # noqa: E402
 from klconvert.evaluate import run_model  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.quantize import quantize  # noqa: E402
+from klconvert.synth.checkpoint import synth  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +133,17 @@ def test_a_quantized_model_folder_is_one_line_naming_the_bf16_folder_it_needs(tm
     assert exit.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert f"error: {quantized}: holds compressed-tensors-quantized weights; this tool reads a bf16 folder" in err
     assert sorted(tmp_path.iterdir()) == [quantized]
+
+
+def test_a_transformers_layout_model_folder_is_one_line_naming_the_folder_it_needs(tmp_path, monkeypatch, capsys):
+    """`--model` of a folder in transformers' layout: it passed as bf16, and the rotation died with KeyError
+    'model.layers.0.self_attn.f_a_proj.weight'."""
+    ported = synth("tiny", tmp_path / "st", layout="transformers", progress=False).path
+    monkeypatch.setattr(sys, "argv", ["rotate_bundled.py", str(tmp_path / "rot"), "--model", str(ported)])
+    with pytest.raises(SystemExit) as exit:
+        rotate_bundled.main()
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"error: {ported}: holds 'model.layers.0.self_attn.f_a_proj.weight' under another layout's name" in err
+    assert "this tool reads a bf16 folder in the release's format" in err
+    assert sorted(tmp_path.iterdir()) == [ported]

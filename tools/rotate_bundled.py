@@ -20,6 +20,7 @@ import argparse
 import json
 import shutil
 import sys
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tool_output import bf16_checkpoint  # noqa: E402
+from tool_output import bf16_checkpoint, refuse_other_layout  # noqa: E402
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE, INDEX_FILE  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
@@ -85,10 +86,12 @@ def rotate(model: Path, out: Path, kind: str = "hadamard", dtype: torch.dtype | 
     """Write `model` (a bf16 Kimi Linear folder in the release's format) rotated into `out`, each tensor in its own
     dtype (or `dtype`), in the same shards, as a new folder written whole or not at all (it once wrote over its own
     input when `out` was `model`). The folder is checked first as klconvert checks any download (shard names, sizes,
-    the tensors the config implies), and refused where it is quantized."""
+    the tensors the config implies), and refused where it is quantized or names the tensors it rotates otherwise."""
     refuse_taken(out)
     checkpoint = bf16_checkpoint(model)
     config = checkpoint.config
+    readers, writers = residual_roles(config)
+    refuse_other_layout(checkpoint, (f"{n}.weight" for n in [*readers, *chain(*readers.values()), *writers]))
     if config.tie_word_embeddings:
         raise KLError(f"{model}: tied embeddings; the rotation folds the final norm into lm_head alone")
     weight_map = {name: shard for shard, header in checkpoint.headers.items() for name in header.tensors}
@@ -99,7 +102,6 @@ def rotate(model: Path, out: Path, kind: str = "hadamard", dtype: torch.dtype | 
     q = rotation(config.hidden_size, kind)
     w = lambda name: tensors[f"{name}.weight"].double()
     rotated = {}
-    readers, writers = residual_roles(config)
     for norm, names in readers.items():
         gamma = w(norm)
         rotated |= {f"{n}.weight": (w(n) * gamma) @ q for n in names}

@@ -5,6 +5,7 @@ refused before any work; an empty folder is taken: the GPU machine's $OUT is one
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from pathlib import Path
 
 from klconvert.checkpoint.reader import Checkpoint, open_checkpoint
@@ -48,12 +49,28 @@ def nonnegative_float(text: str) -> float:
     return _finite(text, True, "a finite number >= 0")
 
 
+# what a tool that reads the shards by the release's names asks for as --model
+RELEASE_FORMAT = "a bf16 folder in the release's format (the bundled one, or a `klconvert pull` download)"
+
+
 def bf16_checkpoint(model: Path) -> Checkpoint:
     """`model` opened as klconvert checks any download (shard names, sizes, the tensors the config implies); KLError
     where it is quantized: a tool that reads the release's tensors by name found none of the packed weights'
     (rotate_bundled.py died with KeyError 'lm_head.weight'), and a calibration would start from rounded weights."""
     checkpoint = open_checkpoint(model)
     if checkpoint.quant_method:
-        raise KLError(f"{model}: holds {checkpoint.quant_method}-quantized weights; this tool reads a bf16 folder in "
-                      "the release's format (the bundled one, or a `klconvert pull` download): give that as --model")
+        raise KLError(f"{model}: holds {checkpoint.quant_method}-quantized weights; this tool reads {RELEASE_FORMAT}: "
+                      "give that as --model")
     return checkpoint
+
+
+def refuse_other_layout(checkpoint: Checkpoint, reads: Iterable[str]) -> None:
+    """KLError where `checkpoint` stores one of `reads`, tensors a tool reads from its shards by their released names,
+    under another layout's name (`klconvert synth --layout transformers`'s: rotate_bundled.py died with KeyError
+    'model.layers.0.self_attn.f_a_proj.weight'). Not asked by the calibration tools: they load the folder through
+    transformers, whose port reads both layouts."""
+    stored = {name for header in checkpoint.headers.values() for name in header.tensors}
+    renamed = next((name for name in reads if name not in stored), None)
+    if renamed is not None:
+        raise KLError(f"{checkpoint.folder}: holds {renamed!r} under another layout's name (as `klconvert synth "
+                      f"--layout transformers` writes); this tool reads {RELEASE_FORMAT}: give that as --model")
