@@ -177,7 +177,7 @@ def pull(
                     guard.sizes = {f.path: f.size for f in listing if f.size is not None}
             wanted = _select_from(listing, include, exclude, where) if listing is not None else None
             if local_dir is not None:
-                _refuse_mixing_pulls(local_dir, repo, commit, wanted, offline)
+                _refuse_mixing_pulls(local_dir, repo, commit, listing, wanted, offline)
             fetch_bytes = 0
             if not offline:
                 _refuse_unwritable_names(wanted, where, local_dir is not None)
@@ -732,23 +732,34 @@ def _remove(path: Path, blobs: Path | None) -> None:
     path.unlink(missing_ok=True)
 
 
-def _refuse_mixing_pulls(local_dir: Path, repo: str, commit: str, wanted: list[HubFile] | None,
-                         offline: bool) -> None:
+def _refuse_mixing_pulls(local_dir: Path, repo: str, commit: str, listing: list[HubFile] | None,
+                         wanted: list[HubFile] | None, offline: bool) -> None:
     """KLError, before any download, where --local-dir's LOCAL_DIR_RECORD names another repo or commit and this pull
     would leave it describing the folder wrongly: offline, where no record is written (nor a file hashed), it would
     go on naming the earlier pull while this one takes the files as its commit's; online, where files the record
     lists, still there, are not among `wanted`, the new record would name this commit for a folder that holds the
-    earlier one's files too (quantize's model card, and its resume, take the record's commit for all of them)."""
+    earlier one's files too (quantize's model card, and its resume, take the record's commit for all of them).
+    Repo ids are compared as the hub resolves them, without regard to case.
+
+    Those files are of two kinds, each with its own remedy: files `listing` (this commit's) has, which the
+    --include/--exclude leave out, and files the repo no longer has at this commit (deleted or resharded upstream),
+    which no pull fetches. Those are named for the user to remove, not removed here: the record says only what the
+    earlier pull wrote, and a file there since edited or put back by hand would be lost with no word."""
     earlier = _pull_record(local_dir)
-    if earlier is None or (earlier["repo"], earlier["commit"]) == (repo, commit):
+    if earlier is None or (earlier["repo"].lower(), earlier["commit"]) == (repo.lower(), commit):
         return
     held = f"{earlier['repo']}@{earlier['commit']}"
     if offline:
         raise KLError(f"--local-dir {local_dir}: holds {held} (its {LOCAL_DIR_RECORD}), not {repo}@{commit}, and "
                       "HF_HUB_OFFLINE is set, so nothing is fetched or checked to make it this one; unset "
                       "HF_HUB_OFFLINE and rerun to pull it into the folder, or pull into another --local-dir")
-    pulled = {f.path for f in wanted}
+    pulled, published = {f.path for f in wanted}, {f.path for f in listing}
     left = [path for path in earlier["files"] if path not in pulled and os.path.lexists(local_dir / path)]
+    gone = [path for path in left if path not in published]
+    if gone:
+        raise KLError(f"--local-dir {local_dir}: holds files of {held} (its {LOCAL_DIR_RECORD}) that {repo}@{commit} "
+                      f"no longer has, {few(gone)}, so the folder would hold files of both; remove them, or pull into "
+                      "another --local-dir")
     if left:
         raise KLError(f"--local-dir {local_dir}: holds files of {held} (its {LOCAL_DIR_RECORD}) that this pull of "
                       f"{repo}@{commit} does not fetch, {few(left)}, so the folder would hold files of both; pull "

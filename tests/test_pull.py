@@ -1286,3 +1286,34 @@ def test_a_pull_of_another_commit_that_would_leave_the_earlier_ones_files_is_ref
     assert hub.pull(REPO, include=["model*"], local_dir=out, progress=False).commit == second
     assert _pulled_commit(out) == second
     assert hub.pull(REPO, local_dir=out, progress=False).commit == second and _pulled_commit(out) == second
+
+
+def test_a_pull_of_a_commit_that_deleted_files_the_folder_holds_names_them_to_remove(served, hub_server, checkpoint,
+                                                                                     tmp_path):
+    """A pull, with no --include/--exclude, of a commit that deleted a file the earlier pull wrote was told to pull
+    "without the --include/--exclude that leave them out", which it had not given. It is told the file is no longer
+    in the repo, to remove it or pull into another --local-dir; removed, the pull goes ahead."""
+    server, first = served
+    out = tmp_path / "kimi"
+    hub.pull(REPO, local_dir=out, progress=False)
+    (checkpoint / "chat_template.jinja").unlink()
+    second = hub_server.add_repo(REPO, checkpoint)
+    with pytest.raises(KLError) as refused:
+        hub.pull(REPO, local_dir=out, progress=False)
+    assert str(refused.value) == (
+        f"--local-dir {out}: holds files of {REPO}@{first} (its .klconvert/pull.json) that {REPO}@{second} no longer "
+        "has, ['chat_template.jinja'], so the folder would hold files of both; remove them, or pull into another "
+        "--local-dir")
+    assert _pulled_commit(out) == first
+    (out / "chat_template.jinja").unlink()
+    assert hub.pull(REPO, local_dir=out, progress=False).commit == second and _pulled_commit(out) == second
+
+
+def test_a_pull_of_the_same_commit_by_the_repo_id_in_another_case_is_taken(served, hub_server, checkpoint, tmp_path):
+    """The hub takes a repo id without regard to case: a pull of the folder's own commit, its id in other letters,
+    was refused as another repo's."""
+    server, first = served
+    out = tmp_path / "kimi"
+    hub.pull(REPO, local_dir=out, progress=False)
+    assert hub_server.add_repo(REPO.lower(), checkpoint) == first
+    assert hub.pull(REPO.lower(), include=["config.json"], local_dir=out, progress=False).commit == first
