@@ -26,6 +26,13 @@ def free_disk_bytes(folder: Path) -> int:
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
+def quota_exceeded(doing: str) -> str:
+    """How a write refused for the user's disk quota (EDQUOT) is said, `doing` naming the write, for the caller to end
+    (" and rerun"): with no free space, which statvfs gives for the disk as a whole, blind to the quota -- a pull's
+    line read "disk full ... 72.99 GB free there"."""
+    return f"disk quota exceeded {doing}; remove files that count against your quota there, or have it raised"
+
+
 @contextmanager
 def writing(path: Path, size: int | None = None) -> Iterator[None]:
     """Around the writing of the file `path` (`size` bytes in all, where known): an OSError that names no file -- a
@@ -42,15 +49,17 @@ def writing(path: Path, size: int | None = None) -> Iterator[None]:
 
 
 def failed_write(e: OSError, where: Path) -> str:
-    """How a write that failed is said, and what to do, for the caller to end (" and rerun"): a full disk (or
-    quota) with the size of the file it was writing and the space left there as it filled (where `writing` saw it,
-    else now); out of file
+    """How a write that failed is said, and what to do, for the caller to end (" and rerun"): a full disk with the size
+    of the file it was writing and the space left there as it filled (where `writing` saw it, else now); a quota
+    exceeded, that alone (quota_exceeded); out of file
     descriptors, what bounds them; a file too large, with the process's file-size limit (ulimit -f) where one is set,
     else the file system's; an I/O error, the disk to check; a read-only file system, another disk; no permission,
     the folder to make writable; a folder on the way removed, that one; else the system's reason."""
     shortage = out_of_descriptors(e)
     if shortage is not None:
         return f"cannot write {where}: {shortage}"
+    if e.errno == errno.EDQUOT:
+        return quota_exceeded(f"writing {where}")
     if e.errno in DISK_FULL:
         size, free = getattr(e, "bytes_to_write", None), getattr(e, "free_bytes", None)
         if free is None:   # not written under `writing`: measured now

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import glob
+import errno
 import hashlib
 import importlib
 import importlib.util
@@ -43,7 +44,7 @@ from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 from klconvert.atomic_file import write_atomically
 from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_FILE_NAME_BYTES, MAX_INDEX_BYTES, MAX_INDEX_VALUES
 from klconvert.checkpoint.regular_file import read_json
-from klconvert.disk_space import DISK_FULL, free_disk_bytes
+from klconvert.disk_space import DISK_FULL, free_disk_bytes, quota_exceeded
 from klconvert.entry import note_change
 from klconvert.errors import KLError, argument, few, first_line, refuse_non_bool, unreadable_reason
 from klconvert.hex_digests import GIT_SHA, SHA256_HEX
@@ -869,6 +870,8 @@ def _as_user_errors(guard: AnswerGuard, revision: str | None, target: Path) -> I
         raise KLError(f"{endpoint} sent an answer the client cannot follow while pulling {where} ({first_line(e)}); "
                       "check HF_ENDPOINT, or report it to the repo's owner") from e
     except OSError as e:
+        if e.errno == errno.EDQUOT:
+            raise KLError(f"{quota_exceeded(f'while pulling {where} into {target}')} and rerun") from e
         if e.errno in DISK_FULL:
             raise KLError(f"disk full while pulling {where} into {target} ({_space_said(stage.needed, target)}); "
                           "free space and rerun") from e

@@ -311,6 +311,22 @@ def test_a_disk_filling_mid_pull_is_said_with_what_the_pull_fetches_and_what_is_
                                   "bytes in all, 3.22 GB free there); free space and rerun")
 
 
+def test_a_quota_exceeded_mid_pull_is_said_as_that_with_no_free_space(served, tmp_path, monkeypatch):
+    """EDQUOT read "disk full while pulling ... (... 72.99 GB free there)": statvfs's free space is the disk's, which a
+    quota hides (h213's F7)."""
+    hub.pull(REPO, progress=False)   # the cache holds the repo: the --local-dir pull copies every file from it
+
+    def quota_exceeded(source, target, *args, **kwargs):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded", str(target))
+
+    monkeypatch.setattr(shutil, "copyfile", quota_exceeded)
+    local_dir = tmp_path / "kimi"
+    with pytest.raises(KLError) as refused:
+        hub.pull(REPO, local_dir=local_dir, progress=False)
+    assert str(refused.value) == (f"disk quota exceeded while pulling {REPO}@main into {local_dir}; remove files that "
+                                  "count against your quota there, or have it raised and rerun")
+
+
 def test_a_cache_under_a_file_is_named_with_what_set_it(served, tmp_path):
     """It went on to huggingface_hub's "Ignored error ..." lines and "rerun the pull to continue"."""
     (tmp_path / "afile").write_text("mine")

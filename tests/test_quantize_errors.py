@@ -257,6 +257,17 @@ def test_disk_full(tiny_released, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "out.partial").exists()  # nothing finished, nothing left behind
 
 
+def test_a_quota_exceeded_is_said_as_that_with_no_free_space(tiny_released, tmp_path, capsys, monkeypatch):
+    """EDQUOT read "disk full writing ... (... free)": statvfs's free space is the disk's, which a quota hides (h213's
+    F7)."""
+    break_shard_write(monkeypatch, 1, OSError(errno.EDQUOT, "Disk quota exceeded"))
+    line = fails(capsys, tmp_path, "--group-size", "32", src=tiny_released)
+    shard = re.escape(str(tmp_path / "out.partial" / "model-00001-of-"))
+    assert re.search(rf"disk quota exceeded writing {shard}\d{{5}}\.safetensors; remove files that count against "
+                     "your quota there, or have it raised, then rerun", line), line
+    assert "disk full" not in line and "free)" not in line
+
+
 def test_a_full_disks_free_space_is_what_was_left_as_it_filled(tiny_released, tmp_path, capsys, monkeypatch):
     """helper-133: the line's "free" was measured after the failed run removed what it wrote -- room for a rerun,
     where the disk had just filled -- so a disk full of a run's own shards read "(... to write, 40 GB free)"."""
