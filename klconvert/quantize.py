@@ -382,7 +382,8 @@ def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch
         folder.finish()
     except BaseException as e:
         bar.leave = False  # a failed run ends with its error line, not a half-full bar
-        kept = done > 0 or any(finished)  # something a rerun resumes from; else nothing is left behind
+        # something a rerun resumes from, in a folder still there (not removed while this ran); else nothing is left
+        kept = (done > 0 or any(finished)) and folder.path.is_dir()
         folder.remove_unfinished() if kept else folder.remove()
         if isinstance(e, OSError):
             raise _write_error(e, folder, done, len(shards), kept) from None

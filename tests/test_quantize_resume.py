@@ -68,6 +68,26 @@ def test_running_out_of_memory_mid_run_says_what_is_kept_and_that_a_rerun_resume
     assert len(shard_files(tmp_path / "q.partial")) == 2
 
 
+def test_a_partial_folder_removed_mid_run_is_not_said_to_hold_finished_shards(tiny_released, tmp_path, monkeypatch):
+    """The line counted the shards written, not whether OUT.partial still held them: "... q.partial is gone, removed
+    while this ran; ..., then rerun (the same command resumes: 2 of 30 shards are finished in .../q.partial)" (h213's
+    F6)."""
+    real_record = OutputFolder.record_finished
+
+    def removed_after_the_second(folder, shard, sha256):
+        real_record(folder, shard, sha256)
+        if len(shard_files(folder.path)) == 2:
+            shutil.rmtree(folder.path)   # someone else removes OUT.partial
+
+    monkeypatch.setattr(OutputFolder, "record_finished", removed_after_the_second)
+    partial = tmp_path / "q.partial"
+    with pytest.raises(KLError) as refused:
+        quantize(tiny_released, tmp_path / "q", **OPTIONS)
+    line = str(refused.value)
+    assert f"{partial} is gone, removed while this ran" in line and line.endswith(", then rerun"), line
+    assert not partial.exists()
+
+
 @pytest.mark.slow
 def test_ctrl_c_then_rerun_via_the_cli(tiny_released, uninterrupted, tmp_path, monkeypatch, capsys):
     out = tmp_path / "q"
