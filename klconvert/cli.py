@@ -24,7 +24,7 @@ from klconvert.extras import require
 from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, DEFAULT_REPO, bundled_dir, default_model, model_folder
 from klconvert.presets import PRESETS
 from klconvert.recipes import shipped_names
-from klconvert.runtime.device_memory import LESS_ON_DEVICE, device_exhausted
+from klconvert.runtime.device_memory import DeviceMemoryExhausted, device_exhausted
 from klconvert.runtime.host_memory import OUT_OF_HOST_MEMORY, import_exhausted
 from klconvert.units import binary_size_text, size_text
 from klconvert.user_paths import refuse_unreachable, shown_path
@@ -35,8 +35,6 @@ MLA_CACHE_DTYPE = click.Choice(["bfloat16", "float8_e4m3fn"])
 DTYPE = click.Choice(["bfloat16", "float32"])
 DECODE_CONTEXT = 4096  # what `klconvert bench` decodes at when given no --context (nor --prefill)
 PEER_LAYERS = 4  # the layers of `klconvert bench --peer transformers`'s model unless --peer-layers (27 in bf16: 98 GB)
-# what asks for less of the GPU where its memory ran out outside an engine, whose own line names its plan
-DEVICE_LESS = f"lower --max-context, {LESS_ON_DEVICE}"
 PREFILL_BAR_DELAY = 2.0  # seconds a prefill runs before `klconvert run` shows its bar on a terminal
 
 
@@ -207,6 +205,20 @@ class OptionsOnce(click.Command):
             _refuse_repeated_options(self, ctx, args)
         return super().parse_args(ctx, args)
 
+    def invoke(self, ctx: click.Context):
+        """The command; the GPU's memory running out is said naming this command's own flags (for_command): in an
+        engine, in place of the API's arguments; elsewhere (a bench's weights, a quantize), torch's refusal as one
+        line."""
+        try:
+            return super().invoke(ctx)
+        except DeviceMemoryExhausted as e:
+            raise e.for_command(self.name) from None
+        except RuntimeError as e:   # torch.OutOfMemoryError is one
+            exhausted = device_exhausted(e, ())
+            if exhausted is None:
+                raise
+            raise exhausted.for_command(self.name) from None
+
 
 def _refuse_repeated_options(command: click.Command, ctx: click.Context, args: list[str]) -> None:
     """Refuses the first option in `args` given more than once (_given_more_than_once): its names counted as one
@@ -282,9 +294,9 @@ class OneLineErrors(click.Group):
         except KeyboardInterrupt as e:
             exit_interrupted(signal_of(e))
         except (RuntimeError, ImportError, OSError) as e:   # out of file descriptors wherever it struck (a pipe, a
-            # library's import or its open: safetensors' RuntimeError), an import out of memory (import_exhausted),
-            # or the GPU's memory run out outside an engine's plan (a bench's weights, a quantize); else not a user's
-            exhausted = descriptors_exhausted(e) or import_exhausted(e) or device_exhausted(e, DEVICE_LESS)
+            # library's import or its open: safetensors' RuntimeError) or an import out of memory (import_exhausted);
+            # else not a user's (the GPU's memory run out is a command's, OptionsOnce.invoke)
+            exhausted = descriptors_exhausted(e) or import_exhausted(e)
             if exhausted is None:
                 raise
             click.echo(f"klconvert: error: {_one_line(str(exhausted))}", err=True)

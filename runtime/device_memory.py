@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 from klconvert.errors import KLError, first_line
@@ -16,8 +17,38 @@ if TYPE_CHECKING:
     import torch
 
 OUT_OF_DEVICE_MEMORY = "out of GPU memory"   # how a refusal of device memory opens
-# what asks for less of the device, where a refusal has nothing nearer to name
-LESS_ON_DEVICE = "give fewer prompts, or use a model of fewer bits (klconvert quantize --bits 4)"
+# what asks for less of the device after a caller's own levers: a model of fewer bits, where the one that ran out has
+# weights it could store in fewer (an engine knows its schemes), and, last, the GPU's other work
+FEWER_BITS = "use a model of fewer bits (klconvert quantize --bits 4)"
+FREE_THE_GPU = "stop what else holds the GPU"
+
+
+@dataclass(frozen=True)
+class DeviceLevers:
+    """What asks for less of the device in one klconvert command: `levers`, its own flags, and `fewer_bits`, how it
+    takes a model of fewer bits (None: it takes none -- quantize makes the bits, and holds a module at a time)."""
+
+    levers: tuple[str, ...]
+    fewer_bits: str | None = FEWER_BITS
+
+
+# each command's own flags, as its out-of-GPU-memory line names them (the Python API's line names its arguments)
+COMMAND_LEVERS = {
+    "run": DeviceLevers(("lower --max-context", "give fewer prompts")),   # run has no --batch
+    "eval": DeviceLevers(("lower --max-tokens",)),
+    "bench": DeviceLevers(("lower --context, --prefill or --batch", "time fewer --layers of a --preset"),
+                          "time fewer bits (--bits 4 with --preset; a --model folder of klconvert quantize --bits 4)"),
+    "quantize": DeviceLevers(("quantize on the CPU (--device cpu)",), None),
+    "pull-and-quantize": DeviceLevers(("quantize on the CPU (--device cpu)",), None),
+}
+
+
+def less_on_device(levers: tuple[str, ...], fewer_bits: str | None) -> str:
+    """What asks for less of the device: `levers`, then `fewer_bits` where it applies, then freeing the GPU."""
+    asks = [*levers, *([fewer_bits] if fewer_bits is not None else [])]
+    return f"{', '.join(asks)}, or {FREE_THE_GPU}" if asks else FREE_THE_GPU
+
+
 # where torch's refusal goes on past what was asked and what is free, to what this process holds and allocator advice
 _REFUSAL_GOES_ON = " Including non-PyTorch memory"
 
@@ -35,30 +66,45 @@ def device_room(device: torch.device, held: int) -> int:
 
 class DeviceMemoryExhausted(KLError):
     """The device's memory ran out for what the runtime asked, though its memory plan was checked to fit: the plan
-    is an estimate, and what else holds the device can grow after the check."""
+    is an estimate, and what else holds the device can grow after the check. `said`: what ran out, and where;
+    `fewer_bits`: whether a model of fewer bits would hold less (None: not known, and not said)."""
+
+    def __init__(self, said: str, less: str, fewer_bits: bool | None):
+        super().__init__(f"{said}; {less}")
+        self.said, self.fewer_bits = said, fewer_bits
+
+    def for_command(self, command: str) -> DeviceMemoryExhausted:
+        """This refusal naming `command`'s own levers (COMMAND_LEVERS), not the API's arguments; as it is for a
+        command not there."""
+        ways = COMMAND_LEVERS.get(command)
+        if ways is None:
+            return self
+        less = less_on_device(ways.levers, ways.fewer_bits if self.fewer_bits else None)
+        return DeviceMemoryExhausted(self.said, less, self.fewer_bits)
 
 
-def device_exhausted(error: BaseException, less: str, doing: str = "",
-                     planned: int | None = None) -> DeviceMemoryExhausted | None:
+def device_exhausted(error: BaseException, less: tuple[str, ...], doing: str = "", planned: int | None = None,
+                     fewer_bits: bool | None = None) -> DeviceMemoryExhausted | None:
     """The DeviceMemoryExhausted for `error` when it is torch's refusal of device memory, naming what was being done
-    (`doing`), the plan's figure (`planned` bytes, where one was made) and `less`, what asks for less; None for any
-    other error."""
+    (`doing`), the plan's figure (`planned` bytes, where one was made) and what asks for less: `less`, the caller's
+    levers, then FEWER_BITS where `fewer_bits`; None for any other error."""
     torch = sys.modules.get("torch")   # not imported: nothing of torch's raised `error`
     if torch is None or not isinstance(error, torch.OutOfMemoryError):
         return None
     plan = "" if planned is None else f", where the memory plan counts {size_text(planned)}"
     refusal = first_line(error).partition(_REFUSAL_GOES_ON)[0]
-    return DeviceMemoryExhausted(f"{OUT_OF_DEVICE_MEMORY}{f' {doing}' if doing else ''}{plan} ({refusal}); {less}")
+    return DeviceMemoryExhausted(f"{OUT_OF_DEVICE_MEMORY}{f' {doing}' if doing else ''}{plan} ({refusal})",
+                                 less_on_device(less, FEWER_BITS if fewer_bits else None), fewer_bits)
 
 
 @contextmanager
-def device_allocation(doing: str, planned: int, less: str) -> Iterator[None]:
+def device_allocation(doing: str, planned: int, less: tuple[str, ...], fewer_bits: bool) -> Iterator[None]:
     """Around work on a device: torch's refusal of device memory becomes device_exhausted's one line; any other
     error passes as it is."""
     try:
         yield
     except RuntimeError as e:   # torch.OutOfMemoryError is one
-        exhausted = device_exhausted(e, less, doing, planned)
+        exhausted = device_exhausted(e, less, doing, planned, fewer_bits)
         if exhausted is None:
             raise
         raise exhausted from None

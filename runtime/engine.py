@@ -24,7 +24,7 @@ from klconvert.quant import QuantScheme
 from klconvert.runtime.bind import bind, cpu_forms_bound, latent_kernel_reads, packed_choice
 from klconvert.runtime.cpu_modules import copy_bytes
 from klconvert.runtime.decode_step import DecodeStep, autocast_off, capturable
-from klconvert.runtime.device_memory import LESS_ON_DEVICE, device_allocation, device_room
+from klconvert.runtime.device_memory import device_allocation, device_room
 from klconvert.runtime.host_malloc import large_blocks_mapped
 from klconvert.runtime.host_memory import NAMED_FIT_SHARE, host_allocation, host_memory
 from klconvert.runtime.memory_plan import (DECODE_COPIES, MAX_BATCH, PREFILL_ROWS, PREFILL_SEGMENT, MemoryPlan,
@@ -525,7 +525,11 @@ class Engine(Runner):
 
     @property
     def decode_less(self) -> str:
-        return f"lower {self._context_argument()}, or give fewer prompts"   # run has no --batch
+        return ", or ".join(self._less())
+
+    def _less(self) -> tuple[str, ...]:
+        """What asks this engine for less memory, as the Python API's caller sets it (run has no --batch)."""
+        return f"lower {self._context_argument()}", "give fewer prompts"
 
     def __init__(self, config: KimiLinearConfig, read: Callable[[str], torch.Tensor], device: torch.device,
                  dtype: torch.dtype, context: int, batch: int, biased_router_weights: bool = False,
@@ -547,6 +551,10 @@ class Engine(Runner):
         self.triton = use_triton(kernels, device)
         self.model = KimiLinear(config, biased_router_weights=biased_router_weights)
         held = packed_choice(self.model, stored_schemes or {}, self.triton)
+        # whether a model of fewer bits would hold less: not where every stored weight is at 4 bits or fewer but
+        # lm_head, which every policy keeps at 8 (an out-of-memory line then says no --bits 4)
+        self.fewer_bits = not stored_schemes or any(
+            scheme.bits > 4 for name, scheme in stored_schemes.items() if not name.startswith("lm_head"))
         cpu_forms = cpu_forms_bound(device, dtype, self.triton)
         self.weight_bytes = weight_bytes(config, dtype, HeldPacked(held), decode_copies=cpu_forms)
         self.weights_held = 0    # bytes of weights bound (what a resize on the CPU adds back to what the host has)
@@ -613,7 +621,7 @@ class Engine(Runner):
 
     def _device_memory(self, doing: str):
         """device_allocation around `doing` on this engine's device, naming its plan and what asks for less."""
-        return device_allocation(doing, self.plan.total, f"lower {self._context_argument()}, {LESS_ON_DEVICE}")
+        return device_allocation(doing, self.plan.total, self._less(), self.fewer_bits)
 
     def _context_argument(self) -> str:
         """The planned context as the caller last named it (load's max_context, resize's context) with its flag."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import klconvert
+from klconvert.errors import KLError
 from klconvert.tokenizer import Tokenizer
 from testkit import assert_one_line_error, emitting_a_special, run_cli, run_klconvert
 
@@ -167,6 +168,18 @@ def _out_of_gpu_memory(*args, **kwargs):
                                  "has 78.08 GiB memory in use.")
 
 
+@pytest.fixture(scope="module")
+def tiny_int4(tmp_path_factory):
+    """The bundled model quantized to 4 bits (lm_head at 8, as every policy keeps it)."""
+    from klconvert.quantize import quantize
+
+    return quantize("tiny", tmp_path_factory.mktemp("int4") / "q", bits=4, group_size=32, progress=False).path
+
+
+OOM_SAID = ("(CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.10 "
+            "GiB is free.); ")
+
+
 def test_a_gpu_out_of_memory_mid_run_is_one_line_naming_the_plan(capsys, monkeypatch):
     """A plan that passed its check, then a prefill the device could not hold: torch.OutOfMemoryError (a
     RuntimeError, which the command line passed on) ended the run in a traceback. Now one line says what ran out,
@@ -177,21 +190,61 @@ def test_a_gpu_out_of_memory_mid_run_is_one_line_naming_the_plan(capsys, monkeyp
     code, _, err = run_cli(capsys, "run", "--model", "tiny", "--prompt", "ROMEO.", "--max-new-tokens", "2",
                            "--device", "cpu")
     assert_one_line_error(code, err, "out of GPU memory in generate, where the memory plan counts ",
-                                 "(CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
-                                 "79.19 GiB of which 1.10 GiB is free.); lower max_context (--max-context), give "
-                                 "fewer prompts, or use a model of fewer bits (klconvert quantize --bits 4)")
+                          OOM_SAID + "lower --max-context, give fewer prompts, use a model of fewer bits (klconvert "
+                          "quantize --bits 4), or stop what else holds the GPU")
 
 
-def test_a_gpu_out_of_memory_outside_an_engine_is_one_line(tiny_released, tmp_path, capsys, monkeypatch):
-    """Outside an engine's plan (here a quantize's), the same refusal is one line saying what asks for less."""
+def test_a_gpu_out_of_memory_of_a_4_bit_model_asks_for_no_fewer_bits(tiny_int4, capsys, monkeypatch):
+    """An int4 model was still told `klconvert quantize --bits 4` (h213's F3): its weights are at 4 bits already, but
+    lm_head, which every policy keeps at 8. The Python API's line names its arguments, the command line's its flags."""
+    from klconvert.runtime.engine import load
+    from klconvert.runtime.model import KimiLinear
+
+    monkeypatch.setattr(KimiLinear, "forward", _out_of_gpu_memory)
+    code, _, err = run_cli(capsys, "run", "--model", tiny_int4, "--prompt", "ROMEO.", "--max-new-tokens", "2",
+                           "--device", "cpu")
+    assert_one_line_error(code, err, "out of GPU memory in generate, where the memory plan counts ",
+                          OOM_SAID + "lower --max-context, give fewer prompts, or stop what else holds the GPU")
+    engine = load(tiny_int4, device="cpu", max_context=64)
+    with pytest.raises(KLError) as refused:
+        engine.generate([[1, 2, 3]], max_new_tokens=2)
+    assert str(refused.value).endswith(OOM_SAID + "lower max_context (--max-context), give fewer prompts, or stop "
+                                                  "what else holds the GPU")
+
+
+def test_a_gpu_out_of_memory_in_eval_names_evals_own_flags(capsys, monkeypatch, tmp_path):
+    """eval was told to lower --max-context and give fewer prompts, flags of `run` (h213's F3): its context is
+    --max-tokens."""
+    import klconvert.runtime.engine
+
+    monkeypatch.setattr(klconvert.runtime.engine, "bind", _out_of_gpu_memory)
+    text = tmp_path / "text.txt"
+    text.write_text("ROMEO. But soft, what light through yonder window breaks? " * 20)
+    code, _, err = run_cli(capsys, "eval", "--model", "tiny", "--reference", "tiny", "--text-file", text,
+                           "--max-tokens", "64", "--device", "cpu")
+    assert_one_line_error(code, err, "out of GPU memory loading the model, where the memory plan counts ",
+                          OOM_SAID + "lower --max-tokens, use a model of fewer bits (klconvert quantize --bits 4), or "
+                          "stop what else holds the GPU")
+
+
+@pytest.mark.parametrize("command, said", [
+    (["quantize", "tiny", "int4", "--device", "cpu"], "quantize on the CPU (--device cpu), or stop what else holds "
+                                                      "the GPU"),
+    (["bench", "--model", "tiny"], "lower --context, --prefill or --batch, time fewer --layers of a --preset, or "
+                                   "stop what else holds the GPU"),
+], ids=["quantize", "bench"])
+def test_a_gpu_out_of_memory_outside_an_engine_names_the_commands_own_flags(tmp_path, capsys, monkeypatch, command,
+                                                                            said):
+    """Outside an engine's plan (a quantize, a bench's weights), the same refusal is one line saying what asks for
+    less: it named --max-context and prompts, which neither command takes (h213's F3)."""
+    import klconvert.bench
     import klconvert.quantize
 
     monkeypatch.setattr(klconvert.quantize, "_quantize", _out_of_gpu_memory)
-    code, _, err = run_cli(capsys, "quantize", tiny_released, tmp_path / "int4", "--device", "cpu")
-    assert_one_line_error(code, err, "klconvert: error: out of GPU memory (CUDA out of memory. Tried to allocate "
-                                     "2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.10 GiB is free.); "
-                                     "lower --max-context, give fewer prompts, or use a model of fewer bits (klconvert "
-                                     "quantize --bits 4)")
+    monkeypatch.setattr(klconvert.bench, "bench", _out_of_gpu_memory)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, *command)
+    assert_one_line_error(code, err, "klconvert: error: out of GPU memory " + OOM_SAID + said)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
