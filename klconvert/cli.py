@@ -617,7 +617,10 @@ def _refuse_triton_without_cuda(kernels: str, device: str | None) -> None:
               help="New folder for model.onnx, genai_config.json, config.json and the tokenizer files.")
 @click.option("--opset", type=INTEGER, default=None,
               help="ONNX opset of the default domain [default: the oldest the export takes, 18].")
-@click.option("--force", is_flag=True, help="Replace an earlier export in --out, once the new one is whole.")
+@click.option("--force", is_flag=True,
+              help="Replace --out, once the new one is whole, where klconvert wrote it (its .klconvert-output.json "
+                   "lists every file: an export, a synth or quantize output) or it holds an older klconvert's "
+                   "export; never the --model folder, one holding it or one inside it.")
 def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) -> None:
     require("onnx", "export-onnx")
     from klconvert.onnx.export import DEFAULT_OPSET, export_onnx as export

@@ -36,7 +36,8 @@ from klconvert.checkpoint.safetensors_header import read_header
 from klconvert.checkpoint.size_bounds import max_header_bytes, max_header_values
 from klconvert.checkpoint.safetensors_writer import index_json, shard_names, split_into_shards, write_shard
 from klconvert.convert.model_card import model_card
-from klconvert.convert.output_folder import OutputFolder, OutputLock, parent_made, refuse_existing_out
+from klconvert.convert.output_folder import (OutputFolder, OutputLock, parent_made, refuse_existing_out,
+                                             refuse_out_over_source)
 from klconvert.convert.outputs import ModuleMaker, PlanTotals, plan_modules, plan_totals
 from klconvert.convert.provenance import SourceOrigin, source_fingerprint, source_origin
 from klconvert.config import MAX_CONFIG_BYTES, KimiLinearConfig
@@ -228,14 +229,6 @@ def _packed_tensor(src: Path, config: dict) -> str | None:
     return next((n for n in names if n.endswith(PACKED_TENSOR_SUFFIXES)), None) if isinstance(names, dict) else None
 
 
-def _refuse_out_over_src(src: Path, out: Path) -> None:
-    s, o = src.resolve(), out.resolve()
-    if o == s or o in s.parents:
-        raise KLError(f"{out}: is the source folder or holds it; write the quantized model somewhere else")
-    if s in o.parents:
-        raise KLError(f"{out}: is inside the source folder {src}; write the quantized model somewhere else")
-
-
 def _copied_files(src: Path, made: Container[str]) -> list[Path]:
     """The side files OUT takes from SRC, but those of the names `made` (written from what SRC holds), each refused
     when a link out of SRC or past MAX_SIDE_FILE_BYTES. Hidden files stay behind: none is a model's, and klconvert's
@@ -294,7 +287,7 @@ def quantize(src: str | Path, out: str | Path, bits: int | None = None, group_si
     src, out = resolve_model(src), given_path(out, "out")
     policy, recipe_read = choose_policy(bits, group_size, symmetric, scheme, recipe, observer)
     torch_device, shard_bytes = checked_device(device), shard_limit(max_shard_bytes)
-    _refuse_out_over_src(src, out)
+    refuse_out_over_source(src, out, "quantized model")
     refuse_existing_out(out, force)
     with OutputLock(out) as lock:
         return _quantize(src, out, policy, recipe_read, torch_device, force, shard_bytes, progress, allow_split_fused,

@@ -705,6 +705,22 @@ def test_force_replaces_a_folder_klconvert_wrote_and_names_what_it_did_not(tmp_p
     assert GENAI_CONFIG in written and sorted(p.name for p in out.iterdir()) == sorted([*written, OUTPUT_RECORD])
 
 
+def test_out_over_the_model_folder_is_refused_with_force_too(tmp_path, capsys):
+    """`export-onnx --model q4 --out q4 --force` replaced the model it read (a folder klconvert wrote, by its record)
+    with the export, its weights deleted, exit 0; without --force the refusal offered --force. An --out that is the
+    --model folder, holds it, or lies inside it is refused first, as quantize refuses its source."""
+    model = tmp_path / "model"
+    assert run_cli(capsys, "synth", "--preset", "tiny", "--layers", "2", "--out", model)[0] == 0
+    held = {p.name: p.read_bytes() for p in model.iterdir()}
+    for out, said in ((model, "is the source folder or holds it"), (tmp_path, "is the source folder or holds it"),
+                      (model / "onnx", f"is inside the source folder {model}")):
+        for force in ((), ("--force",)):
+            line = assert_one_line_error(*run_cli(capsys, "export-onnx", "--model", model, "--out", out,
+                                                  *force)[::2], f"{out}: {said}; write the export somewhere else")
+            assert "--force" not in line, line
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == held
+
+
 @pytest.mark.parametrize("error", [errno.ENOSPC, errno.EFBIG])
 def test_a_failed_write_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch, error):
     """A full disk (or a file-size limit) was a traceback, exit 1; then the line named OUT, not the file it was

@@ -156,6 +156,17 @@ def refuse_link_or_file(out: Path) -> None:
         raise KLError(f"{out}: exists and is not a folder; give the path of a new folder")
 
 
+def refuse_out_over_source(source: Path, out: Path, written: str) -> None:
+    """KLError when OUT, which a command writes the `written` into from the folder SOURCE, is that folder, holds it,
+    or lies inside it: --force would replace the source it reads (or a folder holding it), and an OUT inside it would
+    become part of the source -- said before OUT is looked at, so no refusal offers --force for it."""
+    s, o = source.resolve(), out.resolve()
+    if o == s or o in s.parents:
+        raise KLError(f"{out}: is the source folder or holds it; write the {written} somewhere else")
+    if s in o.parents:
+        raise KLError(f"{out}: is inside the source folder {source}; write the {written} somewhere else")
+
+
 def write_test(folder: Path, out: Path) -> None:
     """Create and remove an empty file in `folder` under OUT's write-test name: OSError when no file can be made
     there (a read-only folder or file system)."""

@@ -16,6 +16,7 @@ from klconvert.atomic_file import write_atomically
 from klconvert.checkpoint.folder_files import CONFIG_FILE, GENAI_CONFIG, copied_side_file, refuse_unfit_side_files
 from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import Checkpoint
+from klconvert.convert.output_folder import refuse_out_over_source
 from klconvert.disk_space import writing
 from klconvert.errors import KLError, refuse_non_bool
 from klconvert.models import resolve_model
@@ -175,6 +176,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPS
     if type(opset) is not int or not MIN_OPSET <= opset <= top:   # 18.0 and "18" too: the repr shows which
         raise KLError(f"--opset {opset!r}: choose {MIN_OPSET} to {top} ({why})")
     model_dir, out = resolve_model(model_dir), given_path(out, "out")
+    refuse_out_over_source(model_dir, out, "export")
     refuse_taken(out, force, EARLIER_EXPORT)
     checkpoint = Checkpoint(model_dir)
     # for onnxruntime's users, who encode prompts with `tokenizers` (a source's own is replaced, not copied)
