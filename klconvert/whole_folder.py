@@ -6,8 +6,8 @@ left -- beside OUT or in it -- is removed (output_folder.remove_dead_runs_tempor
 files go into a fresh hidden folder beside it (.OUT.partial-PID-XXXXXXXX), the lock is OUT.partial.lock beside it, and
 the folder is renamed to OUT once the body ends, the record of what the run wrote (output_folder.OUTPUT_RECORD, as
 quantize's) written in it first: what --force, this command's or quantize's, may replace. Where OUT is a folder
-already -- empty, or one that only `force` lets go, and only where `replaceable` is given: a folder its record says
-klconvert wrote, or one `replaceable` accepts (an earlier version's output, which has no record) -- it is filled in
+already -- empty, or one that only `force` lets go, and only where `replaceable` is given: one `replaceable` accepts
+(its command's earlier output), or where it opts in, any folder its record says klconvert wrote -- it is filled in
 place, since no rename replaces a mount point (the GPU machine's $OUT is one): the hidden folder is made in OUT (and
 the lock too, hidden, where OUT's parent takes no file), and once the body ends OUT's earlier entries are moved aside
 into another hidden folder in it, the file that says OUT is whole (`last`) first and the record last, the new ones
@@ -40,20 +40,24 @@ from klconvert.errors import KLError, refuse_out_of_descriptors
 
 @dataclass(frozen=True)
 class Replaceable:
-    """What --force may replace at OUT besides a folder klconvert wrote (its OUTPUT_RECORD lists every entry):
-    `what`, as the refusal names it, and the test each of its entries must pass (but the hidden ones runs writing OUT
-    make in it) -- for an output of a klconvert that wrote no record."""
+    """What a command's --force may replace at OUT: a folder whose entries (but the hidden ones runs writing OUT make
+    in it, and an OUTPUT_RECORD) each pass `may_hold` -- `what`, as the refusal names it -- and, where
+    `any_klconvert_output`, any folder klconvert wrote (its OUTPUT_RECORD lists every entry). That is opt-in: a record
+    says klconvert wrote a folder, not which command, and --force replaces no more than its command promises
+    (train_tokenizer's an earlier tokenizer, never a model folder)."""
 
     what: str
     may_hold: Callable[[Path], bool]
+    any_klconvert_output: bool = False
 
 
 def refuse_taken(out: Path, force: bool = False, replaceable: Replaceable | None = None) -> None:
     """KLError unless OUT may be written: missing, an empty folder, or -- with `force`, where `replaceable` is given
-    -- a folder klconvert wrote (quantize's rule: output_folder.not_written_by_klconvert) or whose entries
-    `replaceable` accepts; never a link (a dangling one too), a file, the current folder or one above it, or a name
-    shaped like a run's temporary (which a run beside it may delete); and files must be makeable where the run makes
-    them (in OUT when it exists, else in the folder it goes in) -- all said before any work."""
+    -- a folder whose entries `replaceable` accepts, or one klconvert wrote (quantize's rule:
+    output_folder.not_written_by_klconvert) where it takes any klconvert output; never a link (a dangling one too), a
+    file, or a name shaped like a run's temporary (which a run beside it may delete) -- the current folder or one above
+    it is taken by its absolute path (_named); and files must be makeable where the run makes them (in OUT when it
+    exists, else in the folder it goes in) -- all said before any work."""
     out = _named(out)
     refuse_no_new_name(out)
     if re.fullmatch(rf"\..+\.{TEMPORARY_NAME.pattern}", out.name):
@@ -73,10 +77,13 @@ def refuse_taken(out: Path, force: bool = False, replaceable: Replaceable | None
         foreign = None if replaceable is None else _not_replaceable(out, others, replaceable)
         if replaceable is None or not force:   # --force offered only where it would replace OUT
             raise already_exists(out, None if foreign != [] else "it once the new one is whole")
-        if foreign:
+        if foreign and replaceable.any_klconvert_output:
             raise KLError(f"{out}: --force replaces only a folder klconvert wrote (or an empty one, or "
                           f"{replaceable.what}), and this also holds other files, which klconvert did not write: "
                           f"{names_shown(foreign)}; move them out of it, or choose another output folder")
+        if foreign:
+            raise KLError(f"{out}: --force replaces only an empty folder or {replaceable.what}, and this also holds "
+                          f"other files: {names_shown(foreign)}; move them out of it, or choose another output folder")
     try:
         write_test(out, out)
     except OSError as e:   # a read-only file system, no write access
@@ -85,12 +92,16 @@ def refuse_taken(out: Path, force: bool = False, replaceable: Replaceable | None
 
 
 def _not_replaceable(out: Path, others: list[Path], replaceable: Replaceable) -> list[str]:
-    """Those of OUT's `others` (_others) that --force may not replace: those OUT's OUTPUT_RECORD does not list (as
-    quantize's --force takes it), or -- where OUT has no record -- those `replaceable` turns down."""
-    unlisted = not_written_by_klconvert(out, [entry.name for entry in others])
-    if unlisted is not None:
-        return unlisted
-    return sorted(entry.name for entry in others if not replaceable.may_hold(entry))
+    """Those of OUT's `others` (_others) that --force may not replace: where `replaceable` takes any klconvert output
+    and OUT has a record, those it does not list (as quantize's --force takes it); else those `replaceable` turns down,
+    but the record of a run of its own command."""
+    if replaceable.any_klconvert_output:
+        unlisted = not_written_by_klconvert(out, [entry.name for entry in others])
+        if unlisted is not None:
+            return unlisted
+    return sorted(entry.name for entry in others
+                  if not (entry.name == OUTPUT_RECORD and entry.is_file() and not entry.is_symlink())
+                  and not replaceable.may_hold(entry))
 
 
 def _named(out: Path) -> Path:

@@ -4,6 +4,7 @@ importing matplotlib first), under `python -OO` too, as the scripts in bench/ do
 2, with nothing written."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 from bundled_corpus import CORPUS  # noqa: E402
 
+from klconvert.convert.output_folder import OUTPUT_RECORD, write_output_record  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
 
 SCRIPTS = sorted(p for p in (ROOT / "tools").glob("*.py") if 'if __name__ == "__main__":' in p.read_text())
@@ -103,6 +105,30 @@ def test_train_tokenizer_writes_a_new_folder_whole(tmp_path):
     (earlier / "tiktoken.model").write_text("an earlier run's")
     proc = _tool("train_tokenizer.py", "--vocab", "300", "--out", "tok", "--force", cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.startswith("300 ranks + 256 specials"), proc.stderr
-    assert sorted(p.name for p in earlier.iterdir()) == ["special_tokens_map.json", "tiktoken.model",
+    assert sorted(p.name for p in earlier.iterdir()) == [OUTPUT_RECORD, "special_tokens_map.json", "tiktoken.model",
                                                          "tokenizer_config.json"]
     assert len(Tokenizer.from_folder(earlier).bpe_ranks) == 300 and not list(tmp_path.glob(".*"))
+
+
+def test_train_tokenizer_force_replaces_no_model_folder_klconvert_wrote(tmp_path):
+    """--force replaced any folder whose output record listed all it held -- a quantize or synth output, weights and
+    all -- with three tokenizer files, exit 0, and the refusal without it offered --force, though --force promises
+    to replace only an OUT holding tokenizer files. A record says klconvert wrote a folder, not that it is a
+    tokenizer's: the tool's own earlier output, record and all, is still replaced."""
+    model = tmp_path / "q4"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors", "tiktoken.model"):
+        (model / name).write_text("the model's")
+    write_output_record(model, sorted(os.listdir(model)))
+    held = {p.name: p.read_text() for p in model.iterdir()}
+    for force in ((), ("--force",)):
+        proc = _tool("train_tokenizer.py", "--vocab", "300", "--out", "q4", *force, cwd=tmp_path)
+        assert proc.returncode == 2 and not proc.stdout and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr == ("train_tokenizer.py: error: q4: --force replaces only an empty folder or an earlier "
+                           "tokenizer's files, and this also holds other files: config.json, model.safetensors; move "
+                           "them out of it, or choose another output folder\n")
+    assert {p.name: p.read_text() for p in model.iterdir()} == held
+    for _ in range(2):   # a new folder, then its own output (which has a record) replaced
+        proc = _tool("train_tokenizer.py", "--vocab", "300", "--out", "tok", "--force", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    assert OUTPUT_RECORD in os.listdir(tmp_path / "tok")

@@ -430,7 +430,7 @@ def test_force_is_offered_only_where_it_would_replace_out(tmp_path):
 
     out = tmp_path / "out"
     earlier = _earlier_export(out)
-    export_files = Replaceable("an earlier export", lambda p: p.name in earlier)
+    export_files = Replaceable("an earlier export", lambda p: p.name in earlier, any_klconvert_output=True)
     with pytest.raises(KLError, match="pass --force to replace it once the new one is whole$"):
         refuse_taken(out, replaceable=export_files)
     (out / "notes.txt").write_text("mine")
@@ -443,6 +443,28 @@ def test_force_is_offered_only_where_it_would_replace_out(tmp_path):
                                   "notes.txt; move them out of it, or choose another output folder")
     with pytest.raises(KLError, match="already exists; choose another output folder \\(or move it away\\)$"):
         refuse_taken(out, True)   # nothing --force replaces (synth's, the tools')
+
+
+def test_only_a_replaceable_that_opts_in_takes_any_folder_klconvert_wrote(tmp_path):
+    """Every caller's --force replaced any folder whose record listed all it held: train_tokenizer's --force, which
+    promises an earlier tokenizer, replaced a whole model folder. A record counts only where the caller opts in."""
+    from klconvert.whole_folder import Replaceable, refuse_taken
+
+    out = tmp_path / "out"
+    with whole_folder(out) as folder:   # klconvert's, by its record
+        (folder / "model.safetensors").write_text("weights")
+        (folder / "tiktoken.model").write_text("ranks")
+    tokenizer = Replaceable("an earlier tokenizer", lambda p: p.name == "tiktoken.model")
+    for force in (False, True):
+        with pytest.raises(KLError) as refused:
+            refuse_taken(out, force, tokenizer)
+        assert ("--force" in str(refused.value)) == force, refused.value
+    assert str(refused.value) == (f"{out}: --force replaces only an empty folder or an earlier tokenizer, and this "
+                                  "also holds other files: model.safetensors; move them out of it, or choose another "
+                                  "output folder")
+    refuse_taken(out, True, Replaceable("an earlier tokenizer", tokenizer.may_hold, any_klconvert_output=True))
+    (out / "model.safetensors").unlink()
+    refuse_taken(out, True, tokenizer)   # its own kind, record and all
 
 
 def test_what_a_kill_left_in_a_finished_folder_stops_no_replacement(tmp_path, monkeypatch):

@@ -164,7 +164,9 @@ def _is_an_export_file(path: Path) -> bool:
     return path.name in EXPORT_FILES and not path.is_symlink() and path.is_file()
 
 
-EARLIER_EXPORT = Replaceable("an ONNX export an older klconvert wrote", _is_an_export_file)
+# --force replaces any folder klconvert wrote (a synth or quantize output too), and an export of a klconvert before the
+# record by its files
+EARLIER_EXPORT = Replaceable("an ONNX export an older klconvert wrote", _is_an_export_file, any_klconvert_output=True)
 
 
 def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPSET, force: bool = False) -> Path:
