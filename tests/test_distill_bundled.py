@@ -126,6 +126,8 @@ def test_distill_refuses_an_existing_output_before_tuning(tmp_path):
         with pytest.raises(KLError, match="positive number of seconds"):
             D.distill(tmp_path / "new", time_budget_s=budget, device="cpu", log=lambda line: pytest.fail(line))
     assert not (tmp_path / "new").exists()
+    with pytest.raises(KLError, match="is inside the source folder"):
+        D.distill(tmp_path / "q4" / "new", tmp_path / "q4", device="cpu", log=lambda line: pytest.fail(line))
 
 
 def test_a_seed_torch_cannot_take_is_one_usage_line(tmp_path):

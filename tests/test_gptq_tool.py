@@ -70,6 +70,7 @@ def test_each_mistake_is_one_line_before_the_calibration(tmp_path, recipe, monke
         (tmp_path, tmp_path / "out"): "cannot read it (Is a directory)",
         (tmp_path / "other.yaml", tmp_path / "out"): "other.yaml: holds no quant_stage.quant_modifiers.Quantization",
         (recipe, taken): "taken: already exists",
+        (recipe, untokenized / "out", "--model", untokenized): "out: is inside the source folder",
         (recipe, tmp_path / "out", "--model", untokenized): "untokenized: holds no tiktoken.model",
         (recipe, tmp_path / "out", "--model", q4): "q4: holds compressed-tensors-quantized weights; this tool reads",
         (recipe, tmp_path / "out", "--samples", "4000", "--seq-len", "512"): "--samples 4000 x --seq-len 512: the",

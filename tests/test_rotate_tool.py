@@ -88,11 +88,18 @@ def test_a_folder_naming_a_shard_outside_itself_is_refused_before_anything_is_wr
 
 
 def test_the_model_folder_itself_or_any_existing_output_is_refused(tmp_path):
-    """`rotate_bundled.py DIR --model DIR` rewrote DIR's shards in place, then crashed half way."""
+    """`rotate_bundled.py DIR --model DIR` rewrote DIR's shards in place, then crashed half way; an OUT inside DIR
+    was written into the model folder it read."""
     folder = shutil.copytree(BUNDLED_DIR, tmp_path / "model")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    with pytest.raises(KLError, match="model: already exists; choose another output folder"):
+    with pytest.raises(KLError, match="model: is the source folder or holds it; write the rotated model somewhere"):
         rotate_bundled.rotate(folder, folder)
+    with pytest.raises(KLError, match="rot: is inside the source folder"):
+        rotate_bundled.rotate(folder, folder / "rot")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep").write_text("mine")
+    with pytest.raises(KLError, match="taken: already exists; choose another output folder"):
+        rotate_bundled.rotate(folder, tmp_path / "taken")
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 

@@ -58,7 +58,7 @@ from train_bundled import (canonical_state, learning_rate, refuse_short_splits, 
 from klconvert.checkpoint.folder_files import CONFIG_FILE  # noqa: E402
 from klconvert.checkpoint.name_map import expected_tensors  # noqa: E402
 from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
-from klconvert.convert.output_folder import interrupted_quantize, partial_path  # noqa: E402
+from klconvert.convert.output_folder import interrupted_quantize, partial_path, refuse_out_over_source  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
 from klconvert.kernels.naive_kda import kda_short_conv  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
@@ -331,6 +331,7 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
     exists (all of them), else sampled (`generated_windows` of them) and saved there for the next run.
     hidden_weight: the weight of the blocks' hidden-state distance (hidden_distance) in the training loss; the
     validation KL, which picks the kept weights, is the KL alone."""
+    refuse_out_over_source(source, out, "quantized model")
     if out.exists() or out.is_symlink():  # before the tuning, not after it
         raise KLError(f"{out}: already exists; choose another output folder")
     refuse_taken(out)   # and a parent that takes files, a name no run's temporary has

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bundled_corpus  # noqa: E402
 from tool_output import bf16_checkpoint, positive_int  # noqa: E402
 
+from klconvert.convert.output_folder import refuse_out_over_source  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.script_summary import script_summary  # noqa: E402
@@ -115,6 +116,7 @@ def run_calibration(p: argparse.ArgumentParser, recipe: Callable[[argparse.Names
     refusal after the whole calibration (an existing OUT, a missing tokenizer file)."""
     a = p.parse_args()
     try:
+        refuse_out_over_source(a.model, a.out, "quantized model")
         bf16_checkpoint(a.model)
         for name in TOKENIZER_FILES:   # copied into OUT after the calibration
             if not (a.model / name).is_file():

@@ -33,6 +33,7 @@ from tool_output import bf16_checkpoint, refuse_other_layout  # noqa: E402
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE, INDEX_FILE  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
+from klconvert.convert.output_folder import refuse_out_over_source  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.script_summary import script_summary  # noqa: E402
@@ -87,6 +88,7 @@ def rotate(model: Path, out: Path, kind: str = "hadamard", dtype: torch.dtype | 
     dtype (or `dtype`), in the same shards, as a new folder written whole or not at all (it once wrote over its own
     input when `out` was `model`). The folder is checked first as klconvert checks any download (shard names, sizes,
     the tensors the config implies), and refused where it is quantized or names the tensors it rotates otherwise."""
+    refuse_out_over_source(model, out, "rotated model")
     refuse_taken(out)
     checkpoint = bf16_checkpoint(model)
     config = checkpoint.config
