@@ -17,6 +17,13 @@ ENTRIES = ["lm_head", r".*\.(block_sparse_moe|mlp)\.gate$", r".*\.(f_b|g_a|g_b)_
            "gate", "mlp.gate", "", "a)|(.*", "layers.1.self_attn.q_proj"]
 
 
+# transformers 5.25 matches an entry up to a module boundary, which klconvert follows; 5.17 (the GPU image's) stops at
+# none ("model.layers.1" skips "model.layers.11"), so the comparison holds only against the former
+BOUNDARY_MATCHING = should_convert_module("model.layers.11.q_proj", ["model.layers.1"])
+
+
+@pytest.mark.skipif(not BOUNDARY_MATCHING, reason="this transformers matches skip entries without a module boundary "
+                                                  "(before 5.25); klconvert reads them as 5.25 does")
 @pytest.mark.parametrize("entry", ENTRIES)
 def test_an_entry_skips_what_transformers_skips(entry):
     """should_convert_module: a regex from the name's start to a module boundary, or a suffix; an entry that closes
