@@ -18,6 +18,7 @@ from klconvert.errors import KLError, a_type, argument, shown
 from klconvert.extras import require
 from klconvert.models import model_folder
 from klconvert.runtime.bind import cpu_forms_bound
+from klconvert.runtime.device_memory import DeviceMemoryExhausted
 from klconvert.runtime.host_memory import HostMemory, host_allocation, host_memory
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.sampling import as_number
@@ -86,10 +87,20 @@ class ModelRun:
 
 
 def run_model(path: Path, ids: list[int], device: str | torch.device | None, dtype: str | None,
-              named: str | None = None) -> ModelRun:
+              named: str | None = None, reference: bool = False) -> ModelRun:
     """Load one model, run the ids through Engine.forward recording each MoE layer's choices, free it. The CPU
     allocator refusing any of it (loading, the log-probs, a segment's logits) is HostMemoryExhausted (a
-    MemoryError), naming the model as `named` (as the user gave it: "--model tiny"; default: its path)."""
+    MemoryError), naming the model as `named` (as the user gave it: "--model tiny"; default: its path); the GPU's,
+    DeviceMemoryExhausted naming it too, and a model of fewer bits only where it is not the `reference`."""
+    try:
+        return _run_model(path, ids, device, dtype, named)
+    except DeviceMemoryExhausted as e:   # eval runs two models: the line says which ran out
+        raise e.ran_by(named or str(path), (f"lower {argument('max_tokens', '--max-tokens')}",),
+                       not reference) from None
+
+
+def _run_model(path: Path, ids: list[int], device: str | torch.device | None, dtype: str | None,
+               named: str | None) -> ModelRun:
     from klconvert.runtime.engine import load
 
     with host_allocation(f"a run of {named or path} over {len(ids):,} tokens (the model, its log-probabilities and "
@@ -214,7 +225,8 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
     _refuse_past_host_memory(len(ids), configs[1], _plan_on_the_host(configs[1], len(ids), device, dtype),
                              host_memory())
 
-    ref, got = run_model(reference, ids, device, dtype, names[1]), run_model(model, ids, device, dtype, names[0])
+    ref, got = (run_model(reference, ids, device, dtype, names[1], reference=True),
+                run_model(model, ids, device, dtype, names[0]))
     with host_allocation(f"the KL sum's rows ([{KL_ROWS}, {configs[1].vocab_size:,}] fp32)"):
         return compare(ref, got, ids, *names)
 

@@ -82,6 +82,14 @@ class DeviceMemoryExhausted(KLError):
         less = less_on_device(ways.levers, ways.fewer_bits if self.fewer_bits else None)
         return DeviceMemoryExhausted(self.said, less, self.fewer_bits)
 
+    def ran_by(self, engine: str, less: tuple[str, ...], fewer_bits: bool) -> DeviceMemoryExhausted:
+        """This refusal as `engine`'s, one of several models a command runs ("--reference tiny" of eval's two),
+        asking for less by `less`, then by a model of fewer bits only where `fewer_bits` and the engine's own
+        schemes allow it (not for eval's reference: a quantized one measures nothing)."""
+        fewer = bool(self.fewer_bits) and fewer_bits
+        return DeviceMemoryExhausted(f"{engine}: {self.said}", less_on_device(less, FEWER_BITS if fewer else None),
+                                     fewer)
+
 
 def device_exhausted(error: BaseException, less: tuple[str, ...], doing: str = "", planned: int | None = None,
                      fewer_bits: bool | None = None) -> DeviceMemoryExhausted | None:

@@ -212,19 +212,33 @@ def test_a_gpu_out_of_memory_of_a_4_bit_model_asks_for_no_fewer_bits(tiny_int4, 
                                                   "what else holds the GPU")
 
 
-def test_a_gpu_out_of_memory_in_eval_names_evals_own_flags(capsys, monkeypatch, tmp_path):
+@pytest.mark.parametrize("loads_before, said", [
+    (0, "--reference tiny: out of GPU memory loading the model, where the memory plan counts "),
+    (1, "--model tiny: out of GPU memory loading the model, where the memory plan counts "),
+], ids=["reference", "model"])
+def test_a_gpu_out_of_memory_in_eval_names_evals_own_flags_and_the_model(capsys, monkeypatch, tmp_path, loads_before,
+                                                                         said):
     """eval was told to lower --max-context and give fewer prompts, flags of `run` (h213's F3): its context is
-    --max-tokens."""
+    --max-tokens. Its line did not say which of its two models ran out, and told a reference to quantize itself to
+    fewer bits, which leaves eval nothing to measure against (h217's F3): it names the model, and offers fewer bits
+    only to --model."""
     import klconvert.runtime.engine
 
-    monkeypatch.setattr(klconvert.runtime.engine, "bind", _out_of_gpu_memory)
+    bind, loads = klconvert.runtime.engine.bind, []
+
+    def bind_then_run_out(*args, **kwargs):   # the reference loads first
+        loads.append(1)
+        return bind(*args, **kwargs) if len(loads) <= loads_before else _out_of_gpu_memory()
+
+    monkeypatch.setattr(klconvert.runtime.engine, "bind", bind_then_run_out)
     text = tmp_path / "text.txt"
     text.write_text("ROMEO. But soft, what light through yonder window breaks? " * 20)
     code, _, err = run_cli(capsys, "eval", "--model", "tiny", "--reference", "tiny", "--text-file", text,
                            "--max-tokens", "64", "--device", "cpu")
-    assert_one_line_error(code, err, "out of GPU memory loading the model, where the memory plan counts ",
-                          OOM_SAID + "lower --max-tokens, use a model of fewer bits (klconvert quantize --bits 4), or "
-                          "stop what else holds the GPU")
+    fewer_bits = "use a model of fewer bits (klconvert quantize --bits 4), " if loads_before else ""
+    line = assert_one_line_error(code, err, said, OOM_SAID + f"lower --max-tokens, {fewer_bits}or stop what else "
+                                 "holds the GPU")
+    assert line.startswith(f"klconvert: error: {said}")
 
 
 @pytest.mark.parametrize("command, said", [
