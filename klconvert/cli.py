@@ -24,7 +24,7 @@ from klconvert.extras import require
 from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, DEFAULT_REPO, bundled_dir, default_model, model_folder
 from klconvert.presets import PRESETS
 from klconvert.recipes import shipped_names
-from klconvert.runtime.device_memory import DeviceMemoryExhausted, device_exhausted
+from klconvert.runtime.device_memory import BatchDoesNotFit, DeviceMemoryExhausted, device_exhausted
 from klconvert.runtime.host_memory import OUT_OF_HOST_MEMORY, import_exhausted
 from klconvert.units import binary_size_text, size_text
 from klconvert.user_paths import refuse_unreachable, shown_path
@@ -206,12 +206,12 @@ class OptionsOnce(click.Command):
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):
-        """The command; the GPU's memory running out is said naming this command's own flags (for_command): in an
-        engine, in place of the API's arguments; elsewhere (a bench's weights, a quantize), torch's refusal as one
-        line."""
+        """The command; the GPU's memory running out, or a batch no context fits, is said naming this command's own
+        flags (for_command): in an engine, in place of the API's arguments; elsewhere (a bench's weights, a
+        quantize), torch's refusal as one line."""
         try:
             return super().invoke(ctx)
-        except DeviceMemoryExhausted as e:
+        except (DeviceMemoryExhausted, BatchDoesNotFit) as e:
             raise e.for_command(self.name) from None
         except RuntimeError as e:   # torch.OutOfMemoryError is one
             exhausted = device_exhausted(e, ())

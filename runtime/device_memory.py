@@ -25,19 +25,23 @@ FREE_THE_GPU = "stop what else holds the GPU"
 
 @dataclass(frozen=True)
 class DeviceLevers:
-    """What asks for less of the device in one klconvert command: `levers`, its own flags, and `fewer_bits`, how it
-    takes a model of fewer bits (None: it takes none -- quantize makes the bits, and holds a module at a time)."""
+    """What asks for less of the device in one klconvert command: `levers`, its own flags, `fewer_bits`, how it
+    takes a model of fewer bits (None: it takes none -- quantize makes the bits, and holds a module at a time), and
+    `smaller_batch`, how it asks for fewer sequences (None: it plans none)."""
 
     levers: tuple[str, ...]
     fewer_bits: str | None = FEWER_BITS
+    smaller_batch: str | None = None
 
 
 # each command's own flags, as its out-of-GPU-memory line names them (the Python API's line names its arguments)
 COMMAND_LEVERS = {
-    "run": DeviceLevers(("lower --max-context", "give fewer prompts")),   # run has no --batch
-    "eval": DeviceLevers(("lower --max-tokens",)),
+    "run": DeviceLevers(("lower --max-context", "give fewer prompts"),   # run has no --batch: its prompts are one
+                        smaller_batch="give fewer prompts (--prompt-file)"),
+    "eval": DeviceLevers(("lower --max-tokens",), smaller_batch="lower --max-tokens"),
     "bench": DeviceLevers(("lower --context, --prefill or --batch", "time fewer --layers of a --preset"),
-                          "time fewer bits (--bits 4 with --preset; a --model folder of klconvert quantize --bits 4)"),
+                          "time fewer bits (--bits 4 with --preset; a --model folder of klconvert quantize --bits 4)",
+                          "lower --batch"),
     "quantize": DeviceLevers(("quantize on the CPU (--device cpu)",), None),
     "pull-and-quantize": DeviceLevers(("quantize on the CPU (--device cpu)",), None),
 }
@@ -89,6 +93,25 @@ class DeviceMemoryExhausted(KLError):
         fewer = bool(self.fewer_bits) and fewer_bits
         return DeviceMemoryExhausted(f"{engine}: {self.said}", less_on_device(less, FEWER_BITS if fewer else None),
                                      fewer)
+
+
+class BatchDoesNotFit(KLError):
+    """A memory plan that no context fits at the batch asked (the device's or the host's room counted), said with
+    `smaller`, how the caller asks for fewer sequences (the Python API's batch argument; for_command: a command's
+    flags), then `remedy`, where the host's limit has one."""
+
+    def __init__(self, said: str, batch: int, smaller: str, remedy: str | None):
+        super().__init__(f"{said}; no context fits a batch of {batch}: {smaller}"
+                         + ("" if remedy is None else f", or {remedy}"))
+        self.said, self.batch, self.remedy = said, batch, remedy
+
+    def for_command(self, command: str) -> BatchDoesNotFit:
+        """This refusal naming `command`'s own way to a smaller batch (COMMAND_LEVERS); as it is for a command with
+        none there."""
+        ways = COMMAND_LEVERS.get(command)
+        if ways is None or ways.smaller_batch is None:
+            return self
+        return BatchDoesNotFit(self.said, self.batch, ways.smaller_batch, self.remedy)
 
 
 def device_exhausted(error: BaseException, less: tuple[str, ...], doing: str = "", planned: int | None = None,

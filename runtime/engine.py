@@ -24,7 +24,7 @@ from klconvert.quant import QuantScheme
 from klconvert.runtime.bind import bind, cpu_forms_bound, latent_kernel_reads, packed_choice
 from klconvert.runtime.cpu_modules import copy_bytes
 from klconvert.runtime.decode_step import DecodeStep, autocast_off, capturable
-from klconvert.runtime.device_memory import device_allocation, device_room
+from klconvert.runtime.device_memory import BatchDoesNotFit, device_allocation, device_room
 from klconvert.runtime.host_malloc import large_blocks_mapped
 from klconvert.runtime.host_memory import NAMED_FIT_SHARE, host_allocation, host_memory
 from klconvert.runtime.memory_plan import (DECODE_COPIES, MAX_BATCH, PREFILL_ROWS, PREFILL_SEGMENT, MemoryPlan,
@@ -596,6 +596,8 @@ class Engine(Runner):
                           act_dtype=self.dtype, mla_cache_dtype=mla_cache_dtype, memory_limit=limit,
                           torch_decode_attention=not self.triton)
         if limit is not None and plan.total > limit:
+            said = (f"the plan needs {size_text(plan.total)} but {self.device} has "
+                    + (f"{size_text(limit)} free for this process" if host is None else str(host)))
             fitting = replace(plan, memory_limit=int(limit * NAMED_FIT_SHARE))
             fit = fitting.largest_context()
             if fit < needed_context <= context and fitting.total_for(needed_context) <= fitting.memory_limit:
@@ -606,17 +608,14 @@ class Engine(Runner):
             elif plan.weights > limit:
                 advice = "the weights alone do not fit: use a quantized model (klconvert quantize --bits 4)"
             elif not fit:
-                advice = (f"no context fits a batch of {batch}: lower batch (--batch; `klconvert run`: give fewer "
-                          "prompts)")
+                raise BatchDoesNotFit(said, batch, f"lower {argument('batch', '--batch')}",
+                                      None if host is None else host.remedy)
             else:   # a smaller context would be refused in turn, as too short for the prompts
                 advice = (f"no context holding the prompts fits: they need {needed_context:,} tokens (the longest "
                           f"prompt plus max_new_tokens), at most {fit:,} fit; "
                           + ("give fewer prompts (a smaller batch) or shorter ones" if batch > 1 else
                              "shorten the prompt") + ", or lower max_new_tokens (--max-new-tokens)")
-            raise KLError(f"the plan needs {size_text(plan.total)} but {self.device} has "
-                          + (f"{size_text(limit)} free for this process" if host is None else str(host))
-                          + f"; {advice}"
-                          + ("" if host is None else f", or {host.remedy}"))
+            raise KLError(f"{said}; {advice}" + ("" if host is None else f", or {host.remedy}"))
         self.plan, self.context_name = plan, context_name
 
     def _device_memory(self, doing: str):

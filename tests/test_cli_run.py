@@ -241,6 +241,25 @@ def test_a_gpu_out_of_memory_in_eval_names_evals_own_flags_and_the_model(capsys,
     assert line.startswith(f"klconvert: error: {said}")
 
 
+def test_a_batch_no_context_fits_names_runs_own_flag(tmp_path, capsys, monkeypatch):
+    """16 prompts no context fits under ulimit -v were told "lower batch (--batch; `klconvert run`: give fewer
+    prompts)" (h217's F4): run has no --batch, and the line mixed the API's names with the command line's. It names
+    run's own way to a smaller batch, as its out-of-GPU-memory line does (COMMAND_LEVERS)."""
+    import klconvert.runtime.engine
+    from klconvert.runtime.host_memory import ADDRESS_SPACE_BOUND, HostMemory
+
+    # 67 MiB: the tiny model's weights fit (under 63 MB); its state for 16 sequences does not, at any context
+    monkeypatch.setattr(klconvert.runtime.engine, "host_memory", lambda: HostMemory(67 << 20, *ADDRESS_SPACE_BOUND))
+    prompts = []
+    for i in range(16):
+        (tmp_path / f"p{i}.txt").write_text(f"ROMEO {i}.")
+        prompts += ["--prompt-file", tmp_path / f"p{i}.txt"]
+    code, _, err = run_cli(capsys, "run", "--model", "tiny", *prompts, "--max-new-tokens", "2", "--device", "cpu")
+    line = assert_one_line_error(code, err, "; no context fits a batch of 16: give fewer prompts (--prompt-file), "
+                                            "or raise ulimit -v")
+    assert "--batch" not in line
+
+
 @pytest.mark.parametrize("command, said", [
     (["quantize", "tiny", "int4", "--device", "cpu"], "quantize on the CPU (--device cpu), or stop what else holds "
                                                       "the GPU"),
