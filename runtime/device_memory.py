@@ -1,6 +1,8 @@
 """What the process can still have on a CUDA device -- not the card's total, which the CUDA context, other processes
 and this one's own allocations already share -- and the caching allocator's refusal (torch.OutOfMemoryError) as
-DeviceMemoryExhausted, a one-line KLError naming what ran out, the memory plan's figure and what asks for less.
+DeviceMemoryExhausted, a one-line KLError naming what ran out, the memory plan's figure and what asks for less; and
+BatchDoesNotFit, a plan no context fits at its batch (on a device or the host). Both are said with the levers of the
+command that ran (COMMAND_LEVERS), the API's argument names where none did.
 
 torch is imported where it is used: the command line words a refusal with this module, and starts without torch."""
 from __future__ import annotations
