@@ -9,6 +9,7 @@ from collections.abc import Container
 from contextlib import nullcontext
 from dataclasses import dataclass
 from fnmatch import fnmatch
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from klconvert.convert.output_folder import (OutputFolder, OutputLock, parent_ma
 from klconvert.convert.outputs import ModuleMaker, PlanTotals, plan_modules, plan_totals
 from klconvert.convert.provenance import SourceOrigin, source_fingerprint, source_origin
 from klconvert.config import MAX_CONFIG_BYTES, KimiLinearConfig
+from klconvert.damage_remedy import damaged_folder_remedy
 from klconvert.devices import checked_device
 from klconvert.disk_space import failed_write
 from klconvert.errors import KLError, argument, either, refuse_non_bool
@@ -223,7 +225,8 @@ def _packed_tensor(src: Path, config: dict) -> str | None:
             model = KimiLinearConfig.from_dict(config, where=str(src / CONFIG_FILE))
         except KLError:
             return None
-        names = read_header(src / SINGLE_FILE, max_header_bytes(model), max_header_values(model)).tensors
+        names = read_header(src / SINGLE_FILE, max_header_bytes(model), max_header_values(model),
+                            partial(damaged_folder_remedy, src, [src / SINGLE_FILE])).tensors
     else:
         return None
     return next((n for n in names if n.endswith(PACKED_TENSOR_SUFFIXES)), None) if isinstance(names, dict) else None

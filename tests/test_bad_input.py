@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from klconvert.checkpoint.name_map import sliced_shape
 from klconvert.checkpoint.reader import Checkpoint
+from klconvert.damage_remedy import WRITTEN_REMEDY
 from klconvert.quantize import quantize
 from testkit import assert_one_line_error, run_cli, run_klconvert
 
@@ -262,7 +263,7 @@ CHECKPOINT_DAMAGE = [
      [NAME, "has a shape [0, 1000000000000000000000000000000] with a dimension longer than the file's"]),
     (damage_header_over_the_format_limit, ["header claims 209,715,200 bytes",
                                            "over the safetensors limit of 104,857,600 bytes (100 MB)"]),
-    (damage_too_short_for_a_header, ["only 5 bytes, too short for a safetensors header", "download it again"]),
+    (damage_too_short_for_a_header, ["only 5 bytes, too short for a safetensors header", WRITTEN_REMEDY]),
     (damage_header_longer_than_the_file, ["header claims", "bytes but the file holds"]),
     (damage_header_not_json, ["header is not valid JSON"]),
     (damage_bool_dimension, [NAME, "has a malformed shape [True, "]),
@@ -275,8 +276,8 @@ CHECKPOINT_DAMAGE = [
     (lambda f: rewrite_header(shard_holding(f, NAME), lambda h: h.__setitem__("__metadata__", [])),
      ["__metadata__ is not a map of strings"]),
     (damage_long_shard_name, ["shard name 'xxx", "not a plain file name", "at most 255 bytes", "download it again"]),
-    (damage_directory_for_a_shard, ["not a regular file (a directory)", "pull the model again"]),
-    (damage_symlink_loop_for_a_shard, ["Too many levels of symbolic links", "pull the model again"]),
+    (damage_directory_for_a_shard, ["not a regular file (a directory)", WRITTEN_REMEDY]),
+    (damage_symlink_loop_for_a_shard, ["Too many levels of symbolic links", WRITTEN_REMEDY]),
     (damage_packed_weight_without_quantization_config, [
         "weight_packed' has dtype I32", "config.json has no quantization_config",
         "put back the config.json the quantized weights came with"]),
@@ -286,9 +287,9 @@ CHECKPOINT_DAMAGE = [
     (damage_config_key_twice, ["config.json: not a config (key 'num_hidden_layers' appears twice in one object",
                                "re-download the model"]),
     (damage_index_entry_twice, ["model.safetensors.index.json: cannot read the index (key "
-                                f"'{NAME}' appears twice in one object", "download it again"]),
+                                f"'{NAME}' appears twice in one object", WRITTEN_REMEDY]),
     (damage_header_entry_twice, [f"header is not valid JSON (key '{NAME}' appears twice in one object",
-                                 "download it again"]),
+                                 WRITTEN_REMEDY]),
     (damage_tokenizer_config_key_twice, ["tokenizer_config.json: not a tokenizer config (key 'added_tokens_decoder' "
                                          "appears twice in one object", "re-download the model"]),
     (damage_tensor_missing, [NAME, "missing"]),
@@ -346,8 +347,8 @@ def test_a_header_holding_half_a_surrogate_pair_is_refused(capsys, tiny_copy, es
     code, _, err = run_cli(capsys, "run", "--model", tiny_copy, "--prompt", "hi", "--max-new-tokens", "1",
                            "--device", "cpu")
     line = (f"{shard}: header holds the escape {said}, half a UTF-16 surrogate pair, which is no character: the "
-            "safetensors library (transformers, vLLM) refuses the file; the file is damaged or incomplete -- delete it "
-            "and download it again")
+            f"safetensors library (transformers, vLLM) refuses the file; the file is damaged or incomplete -- "
+            f"{WRITTEN_REMEDY}")
     assert assert_one_line_error(code, err) == f"klconvert: error: {line}"
     with pytest.raises(klconvert.KLError) as refused:
         klconvert.load(tiny_copy, device="cpu", max_context=64)

@@ -116,3 +116,27 @@ def test_a_weight_read_past_the_checks_is_said_by_origin_too(tiny_released, tmp_
     with pytest.raises(KLError, match=r"past the largest finite value .*; the checkpoint is damaged -- re-run the "
                                       r"`klconvert quantize` that wrote it$"):
         checkpoint.get(f"{Q_PROJ}.weight")
+
+
+def shrink_a_scale_in_its_header(folder: Path) -> Path:
+    """Edit q_proj's weight_scale shape in its shard's header in place (128 rows to 127, same size): the header no
+    longer fits the file; the shard's path."""
+    shard = folder / json.loads((folder / INDEX_FILE).read_text())["weight_map"][f"{Q_PROJ}.weight_scale"]
+    data = bytearray(shard.read_bytes())
+    length = int.from_bytes(data[:8], "little")
+    header = data[8:8 + length].decode()
+    at = header.index('"shape":[', header.index(f'"{Q_PROJ}.weight_scale":')) + len('"shape":[')
+    assert header[at:at + 4] == "128,"
+    data[8:8 + length] = (header[:at] + "127" + header[at + 3:]).encode()
+    shard.write_bytes(bytes(data))
+    return shard
+
+
+def test_a_damaged_header_in_a_folder_klconvert_wrote_is_converted_again(tiny_released, tmp_path):
+    """A header that does not fit its file ended with "delete it and download it again", whatever the folder's origin:
+    nothing downloads a folder klconvert wrote."""
+    out = quantize(tiny_released, tmp_path / "q", bits=4, group_size=32, device="cpu", progress=False).path
+    shard = shrink_a_scale_in_its_header(out)
+    said = refusal(out)
+    assert said.startswith(f"{shard}: tensor '{Q_PROJ}.weight_scale' (BF16 [127, 4]) needs ")
+    assert said.endswith("; the file is damaged or incomplete -- re-run the `klconvert quantize` that wrote it")

@@ -27,6 +27,7 @@ from klconvert.checkpoint.size_bounds import (
     tensor_and_param_count,
 )
 from klconvert.config import KimiLinearConfig
+from klconvert.damage_remedy import WRITTEN_REMEDY
 from klconvert.errors import KLError
 from klconvert.presets import preset_config
 from klconvert.release import layer_lists
@@ -290,8 +291,8 @@ def test_an_index_of_many_empty_lists_is_refused_unparsed(tiny_copy, command):
                                                + ", ", 1))
     line = (run_on(tiny_copy) if command == "run" else quantize_on(tiny_copy)).error_line()
     assert re.search(r"model.safetensors.index.json: cannot read the index \([\d,]+ '\[', '\{' and ',' bytes, more "
-                     rf"JSON values than the {MAX_INDEX_VALUES:,} a model.safetensors.index.json holds\); download it "
-                     "again", line), line
+                     rf"JSON values than the {MAX_INDEX_VALUES:,} a model.safetensors.index.json holds\); "
+                     + re.escape(WRITTEN_REMEDY), line), line
 
 
 def test_an_index_of_many_short_entries_is_refused_unparsed(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from klconvert import entry
 from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.convert import stacked_convs
 from klconvert.convert.stacked_convs import stack_kda_convs
+from klconvert.damage_remedy import WRITTEN_REMEDY
 from klconvert.errors import KLError
 from testkit import assert_one_line_error, run_cli
 
@@ -151,7 +152,7 @@ DAMAGE_LINES = {
                        "match its config.json",
     "fp32": r"has dtype F32, while most of the folder's KDA convs are BF16; it is not what a stopped stack_kda_convs "
             r"leaves in place of the indexed q/k/v_conv1d \(that keeps their dtype\): the checkpoint is damaged -- "
-            "download it again",
+            + re.escape(WRITTEN_REMEDY),
 }
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -134,7 +136,7 @@ class Checkpoint:
         if not os.path.lexists(index_path):   # lexists: a link that leads nowhere is read, and refused as it is
             if os.path.lexists(self.folder / SINGLE_FILE):
                 header = read_header(self.folder / SINGLE_FILE, max_header_bytes(self.config),
-                                     max_header_values(self.config))
+                                     max_header_values(self.config), self._remedy(SINGLE_FILE))
                 return {name: SINGLE_FILE for name in header.tensors}
             if os.path.lexists(self.folder / GENAI_CONFIG):
                 raise KLError(f"{self.folder}: an ONNX export ({GENAI_CONFIG}), not a safetensors checkpoint; run it "
@@ -144,24 +146,28 @@ class Checkpoint:
                 raise KLError(f"{self.folder}: holds pickled PyTorch weights ({pickled[0]:.80}) and no safetensors; "
                               "klconvert never unpickles .bin files -- convert them to safetensors first (e.g. "
                               "transformers' save_pretrained(out, safe_serialization=True)) and name that folder")
-            raise KLError(f"{self.folder}: neither {INDEX_FILE} nor {SINGLE_FILE} is here; the download is "
-                          "incomplete -- pull the model again")
+            raise KLError(f"{self.folder}: neither {INDEX_FILE} nor {SINGLE_FILE} is here; the folder is "
+                          f"incomplete -- {damaged_folder_remedy(self.folder)}")
         bound = max_header_bytes(self.config)   # an index is shorter than the headers it maps (~100 bytes a tensor)
         if os.path.isfile(index_path) and os.path.getsize(index_path) > bound:
             raise KLError(f"{index_path}: {os.path.getsize(index_path):,} bytes, more than the index of the tensors "
-                          f"config.json declares can hold ({bound:,}); the index is corrupt -- download it again")
+                          f"config.json declares can hold ({bound:,}); the index is corrupt -- "
+                          f"{damaged_folder_remedy(self.folder, [index_path])}")
         try:
             index = read_json(index_path, MAX_INDEX_BYTES, INDEX_FILE, MAX_INDEX_VALUES)
         except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, or a 4,300-digit int
             refuse_if_not_permitted(e, index_path)
-            raise KLError(f"{index_path}: cannot read the index ({unreadable_reason(e)}); download it again") from None
+            raise KLError(f"{index_path}: cannot read the index ({unreadable_reason(e)}); "
+                          f"{damaged_folder_remedy(self.folder, [index_path])}") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
-            raise KLError(f"{index_path}: no 'weight_map' object; the index is corrupt -- download it again")
+            raise KLError(f"{index_path}: no 'weight_map' object; the index is corrupt -- "
+                          f"{damaged_folder_remedy(self.folder, [index_path])}")
         odd = next((name for name, shard in weight_map.items() if not isinstance(shard, str)), None)
         if odd is not None:
             raise KLError(f"{index_path}: weight_map gives {shown(odd)} a shard that is not a file name "
-                          f"({type(weight_map[odd]).__name__}); the index is corrupt -- download it again")
+                          f"({type(weight_map[odd]).__name__}); the index is corrupt -- "
+                          f"{damaged_folder_remedy(self.folder, [index_path])}")
         for shard in set(weight_map.values()):
             _shard_path(self.folder, shard, str(index_path))
         return weight_map
@@ -176,8 +182,9 @@ class Checkpoint:
             if not os.path.lexists(path):
                 names = [n for n, s in weight_map.items() if s == shard]
                 raise KLError(f"{path}: shard is missing ({len(names)} tensors, e.g. {shown(names[0])}, are indexed in "
-                              "it); the download is incomplete -- pull the model again")
-            self.headers[shard] = read_header(path, header_bytes_left, max_header_values(self.config))
+                              f"it); the folder is incomplete -- {damaged_folder_remedy(self.folder)}")
+            self.headers[shard] = read_header(path, header_bytes_left, max_header_values(self.config),
+                                              self._remedy(shard))
             self._files[shard] = file_identity(os.stat(path))
             header_bytes_left -= self.headers[shard].data_start - 8
         return weight_map
@@ -225,7 +232,7 @@ class Checkpoint:
                               "with, or download the checkpoint again")
             if entry.dtype not in FLOAT_DTYPES:
                 raise KLError(f"{where} has dtype {entry.dtype}, expected one of {sorted(FLOAT_DTYPES)}; the "
-                              "checkpoint is damaged or not a Kimi Linear one -- download it again")
+                              f"checkpoint is damaged or not a Kimi Linear one -- {self._remedy(shard)()}")
             pieces = canonical_pieces(source_name, self.config)
             for canonical, index in pieces:
                 spec = self.expected.get(canonical)
@@ -285,7 +292,7 @@ class Checkpoint:
                 raise KLError(f"{self.folder / stacked.shard}: tensor {shown(stacked.name)} has dtype {stacked.dtype}, "
                               f"while most of the folder's KDA convs are {usual}; it is not what a stopped "
                               "stack_kda_convs leaves in place of the indexed q/k/v_conv1d (that keeps their dtype): "
-                              "the checkpoint is damaged -- download it again")
+                              f"the checkpoint is damaged -- {self._remedy(stacked.shard)()}")
 
     def _tie_lm_head(self) -> None:
         """tie_word_embeddings: lm_head reads the embedding, as transformers ties them (and saves no lm_head)."""
@@ -356,6 +363,10 @@ class Checkpoint:
             check_scales(parts, src.scheme, f"{self.folder}: {name}",
                          lambda: f"the checkpoint is damaged -- {self._damage_remedy(src)}")
         return parts, src.scheme
+
+    def _remedy(self, shard: str) -> Callable[[], str]:
+        """What a line about damage in `shard` says to do, by the folder's origin: asked only once a line is said."""
+        return partial(damaged_folder_remedy, self.folder, [self.folder / shard])
 
     def _damage_remedy(self, src: QuantizedSource) -> str:
         """What a line about damage in a packed weight's parts says to do, by the folder's origin."""
