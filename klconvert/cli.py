@@ -26,6 +26,7 @@ from klconvert.presets import PRESETS
 from klconvert.recipes import shipped_names
 from klconvert.runtime.device_memory import BatchDoesNotFit, DeviceMemoryExhausted, device_exhausted
 from klconvert.runtime.host_memory import OUT_OF_HOST_MEMORY, import_exhausted
+from klconvert.shell_command import shell_command
 from klconvert.units import binary_size_text, size_text
 from klconvert.user_paths import refuse_unreachable, shown_path
 
@@ -630,7 +631,8 @@ def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) ->
     path = export(folder, out, opset=DEFAULT_OPSET if opset is None else opset, force=force)
     if which is not None:   # said once the export is done: a refused one is its error line alone
         click.echo(f"klconvert: {which}", err=True)
-    click.echo(f"wrote {path} (run it: klconvert run --model {out} --engine onnxruntime)", err=True)
+    click.echo(f"wrote {path} (run it: {shell_command('klconvert', 'run', '--model', out, '--engine', 'onnxruntime')})",
+               err=True)
     echo_complete(out)
 
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from klconvert.hf_cache import SNAPSHOTS
+from klconvert.shell_command import shell_command
 from klconvert.verified_files import redownload_advice, verified_at_pull
 
 WRITTEN_REMEDY = "re-run the `klconvert quantize` that wrote it"
@@ -29,20 +30,21 @@ def damaged_folder_remedy(folder: Path | None = None, files: Sequence[Path] = ()
 
     origin = source_origin(folder)
     if origin.repo is not None:
-        target = _pull_target(origin.folder)
-        pull = f"download it again (klconvert pull {origin.repo} --revision {origin.commit}{target})"
+        command = shell_command("klconvert", "pull", origin.repo, "--revision", origin.commit,
+                                *_pull_target(origin.folder))
+        pull = f"download it again ({command})"
         return redownload_advice(files[0], pull) if files and all(map(verified_at_pull, files)) else pull
     if files_klconvert_wrote(Path(folder)) is not None:
         return WRITTEN_REMEDY
     return UNKNOWN_ORIGIN_REMEDY
 
 
-def _pull_target(folder: Path) -> str:
+def _pull_target(folder: Path) -> tuple[str | Path, ...]:
     """The option that makes `klconvert pull` write into `folder` again (resolved, as source_origin gives it): a
     snapshot's cache (CACHE/models--ORG--NAME/snapshots/COMMIT) when not the default one, else its --local-dir."""
     if folder.parent.name != SNAPSHOTS:
-        return f" --local-dir {folder}"
+        return "--local-dir", folder
     from huggingface_hub import constants  # as provenance: loaded only once such a line is said
 
     cache = folder.parent.parent.parent
-    return "" if cache == Path(constants.HF_HUB_CACHE).resolve() else f" --cache-dir {cache}"
+    return () if cache == Path(constants.HF_HUB_CACHE).resolve() else ("--cache-dir", cache)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +22,7 @@ from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.errors import KLError
 from klconvert.quantize import quantize
 from test_quantized_checkpoint import write_quantized
+from testkit import run_cli
 
 REPO = "someone/Kimi-Linear-int4"
 Q_PROJ = "model.layers.1.self_attn.q_proj"
@@ -92,6 +95,22 @@ def test_a_snapshot_in_another_cache_is_pulled_again_into_it(tiny_released, tmp_
         assert said == f"{folder}: {CUT_SHORT}download it again ({pull})"
         hub.pull(REPO, revision=commit, cache_dir=tmp_path / "mine", progress=False)   # what it says, done
         open_checkpoint(folder)
+
+
+def test_a_pull_command_holding_a_space_pastes_as_said(tiny_released, capsys, tmp_path):
+    """The command said "--cache-dir /tmp/my cache" unquoted: pasted, the shell split the path in two and the pull
+    refused the stray argument."""
+    write_quantized(tiny_released, tmp_path / "upstream", bits=4)
+    cache = tmp_path / "my cache"
+    with served(tmp_path / "upstream", tmp_path / "hf_home") as commit:
+        folder = hub.pull(REPO, cache_dir=cache, progress=False).path
+        cut_a_scale_short(folder)
+        said = refusal(folder)
+        command = re.search(r"download it again \((.*)\)$", said).group(1)
+        argv = shlex.split(command)   # as the shell reads the line pasted
+        assert argv == ["klconvert", "pull", REPO, "--revision", commit, "--cache-dir", str(cache)]
+        assert run_cli(capsys, *argv[1:])[0] == 0
+    open_checkpoint(folder)
 
 
 def test_a_pulled_folder_damaged_as_published_is_reported_to_its_owner(tiny_released, tmp_path):

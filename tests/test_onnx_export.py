@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -1521,3 +1522,13 @@ def test_a_run_leaves_the_programs_own_signal_handling_as_it_was(tmp_path, setup
                            capture_output=True, text=True, timeout=60)
     assert child.returncode == 0, child.stderr
     assert json.loads(child.stdout) == want
+
+
+def test_the_run_command_an_export_prints_pastes_with_a_space_in_out(tmp_path, capsys):
+    """`wrote ... (run it: klconvert run --model /tmp/my onnx ...)`: pasted, the shell split the folder in two."""
+    out = tmp_path / "my onnx"
+    code, _, err = run_cli(capsys, "export-onnx", "--model", "tiny", "--out", out)
+    assert code == 0, err
+    said = next(line for line in err.splitlines() if "run it:" in line)
+    command = re.search(r"\(run it: (.*)\)$", said).group(1)
+    assert shlex.split(command) == ["klconvert", "run", "--model", str(out), "--engine", "onnxruntime"]

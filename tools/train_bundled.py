@@ -43,6 +43,7 @@ from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.runtime import model as M  # noqa: E402
 from klconvert.runtime.bind import bind  # noqa: E402
 from klconvert.script_summary import script_summary  # noqa: E402
+from klconvert.shell_command import shell_command  # noqa: E402
 from klconvert.synth.checkpoint import FP32_TENSORS, synth_values, tensor_generator  # noqa: E402
 from klconvert.release import NUM_SPECIAL_TOKENS, RELEASED_CONFIG, config_token_ids, layer_lists  # noqa: E402
 from klconvert.tokenizer import (TOKENIZER_CONFIG_FILE, TOKENIZER_FILES, Tokenizer, read_special_tokens,  # noqa: E402
@@ -352,8 +353,8 @@ def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: in
             plot_loss(out / "loss.json", out / "loss.png")
             files.append("loss.png")
         except Exception as e:   # noqa: BLE001 -- matplotlib missing or broken, a backend error: said, not fatal
-            log(f"no loss.png ({type(e).__name__}: {e}); plot later with `python tools/plot_loss.py "
-                f"{out / 'loss.json'}`")
+            log(f"no loss.png ({type(e).__name__}: {e}); plot later with "
+                f"`{shell_command('python', 'tools/plot_loss.py', out / 'loss.json')}`")
     worst = max((s["max_over_even"] for s in spread.values()), default=1.0)
     log(f"kept step {best[1]} (validation loss {best[0]:.4f}, perplexity {math.exp(best[0]):.2f}); {step} steps "
         f"in {train_seconds:.0f} s; busiest expert {worst:.2f}x its even share; wrote {len(files)} files to {out}")
