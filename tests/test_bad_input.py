@@ -275,7 +275,7 @@ CHECKPOINT_DAMAGE = [
                                   "bytes between them belong to no tensor"]),
     (lambda f: rewrite_header(shard_holding(f, NAME), lambda h: h.__setitem__("__metadata__", [])),
      ["__metadata__ is not a map of strings"]),
-    (damage_long_shard_name, ["shard name 'xxx", "not a plain file name", "at most 255 bytes", "download it again"]),
+    (damage_long_shard_name, ["shard name 'xxx", "not a plain file name", "at most 255 bytes", WRITTEN_REMEDY]),
     (damage_directory_for_a_shard, ["not a regular file (a directory)", WRITTEN_REMEDY]),
     (damage_symlink_loop_for_a_shard, ["Too many levels of symbolic links", WRITTEN_REMEDY]),
     (damage_packed_weight_without_quantization_config, [

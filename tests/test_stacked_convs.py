@@ -105,7 +105,7 @@ def test_a_stopped_call_is_named_by_run_and_finished_by_the_next(tiny_released, 
     index = json.loads((other / "model.safetensors.index.json").read_text())
     del index["weight_map"]["model.norm.weight"]
     (other / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(KLError, match="does not list; the index and shards disagree -- download the checkpoint again"):
+    with pytest.raises(KLError, match=f"does not list; the index and shards disagree -- {re.escape(WRITTEN_REMEDY)}"):
         stack_kda_convs(other)
 
     # the first shard holds 3 of the tiny model's 6 KDA layers

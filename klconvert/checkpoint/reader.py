@@ -71,12 +71,13 @@ class Source:
     dtype: str
 
 
-def _shard_path(folder: Path, shard: object, where: str) -> Path:
-    """A shard file named by untrusted JSON: a plain file name (is_plain_file_name), nothing else."""
+def _shard_path(folder: Path, shard: object, where: Path) -> Path:
+    """A shard file named by untrusted JSON (the index at `where`): a plain file name (is_plain_file_name), nothing
+    else."""
     if not is_plain_file_name(shard):
         raise KLError(f"{where}: shard name {shown(shard)} is not a plain file name in the checkpoint folder "
-                      f"(printable, no folder, at most {MAX_FILE_NAME_BYTES} bytes); the index is corrupt -- download "
-                      "it again")
+                      f"(printable, no folder, at most {MAX_FILE_NAME_BYTES} bytes); the index is corrupt -- "
+                      f"{damaged_folder_remedy(folder, [where])}")
     return folder / shard
 
 
@@ -169,7 +170,7 @@ class Checkpoint:
                           f"({type(weight_map[odd]).__name__}); the index is corrupt -- "
                           f"{damaged_folder_remedy(self.folder, [index_path])}")
         for shard in set(weight_map.values()):
-            _shard_path(self.folder, shard, str(index_path))
+            _shard_path(self.folder, shard, index_path)
         return weight_map
 
     def _read_headers(self) -> dict[str, str]:
@@ -196,13 +197,13 @@ class Checkpoint:
         for name, shard in weight_map.items():
             if name not in self.headers[shard].tensors:
                 raise KLError(f"{index_where}: tensor {shown(name)} is indexed in {shard} but that shard does not hold "
-                              "it; the index and shards disagree -- download the checkpoint again")
+                              f"it; the index and shards disagree -- {self._disagreement_remedy(shard)}")
         for shard, header in self.headers.items():
             for name in header.tensors:
                 if weight_map.get(name) != shard:
                     raise KLError(f"{self.folder / shard}: holds tensor {shown(name)} that the index "
                                   f"{'places in ' + weight_map[name] if name in weight_map else 'does not list'}; "
-                                  "the index and shards disagree -- download the checkpoint again")
+                                  f"the index and shards disagree -- {self._disagreement_remedy(shard)}")
         self.weight_map = weight_map   # tensor -> shard, in the index's order (a stopped stacking's layers as done)
 
         refuse_unread_bnb_parts(weight_map, self.folder)
@@ -315,8 +316,8 @@ class Checkpoint:
             refuse_out_of_descriptors(e, path)
             refuse_if_not_permitted(e, path)
             self._refuse_replaced(shard)   # gone, or another file there now
-            raise KLError(f"{path}: cannot read tensor {shown(name)} ({unreadable_reason(e)}); download the checkpoint "
-                          "again") from None
+            raise KLError(f"{path}: cannot read tensor {shown(name)} ({unreadable_reason(e)}); "
+                          f"{self._remedy(shard)()}") from None
         _refuse_non_finite(tensor, path, name)
         return tensor
 
@@ -367,6 +368,10 @@ class Checkpoint:
     def _remedy(self, shard: str) -> Callable[[], str]:
         """What a line about damage in `shard` says to do, by the folder's origin: asked only once a line is said."""
         return partial(damaged_folder_remedy, self.folder, [self.folder / shard])
+
+    def _disagreement_remedy(self, shard: str) -> str:
+        """What a line about the index and `shard` disagreeing says to do: either file may be the damaged one."""
+        return damaged_folder_remedy(self.folder, [self.folder / INDEX_FILE, self.folder / shard])
 
     def _damage_remedy(self, src: QuantizedSource) -> str:
         """What a line about damage in a packed weight's parts says to do, by the folder's origin."""
