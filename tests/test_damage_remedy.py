@@ -19,6 +19,7 @@ from hub_standin import HubStandIn, hub_environment
 from klconvert import hub
 from klconvert.checkpoint.folder_files import INDEX_FILE
 from klconvert.checkpoint.reader import open_checkpoint
+from klconvert.damage_remedy import WRITTEN_REMEDY
 from klconvert.errors import KLError
 from klconvert.quantize import quantize
 from test_quantized_checkpoint import write_quantized
@@ -51,7 +52,7 @@ def refusal(folder: Path) -> str:
 def test_a_folder_klconvert_wrote_is_converted_again(tiny_released, tmp_path):
     out = quantize(tiny_released, tmp_path / "q", bits=4, group_size=32, device="cpu", progress=False).path
     cut_a_scale_short(out)
-    assert refusal(out) == f"{out}: {CUT_SHORT}re-run the `klconvert quantize` that wrote it"
+    assert refusal(out) == f"{out}: {CUT_SHORT}{WRITTEN_REMEDY}"
 
 
 def test_a_folder_of_unknown_origin_is_told_both(tiny_released, tmp_path):
@@ -132,8 +133,8 @@ def test_a_weight_read_past_the_checks_is_said_by_origin_too(tiny_released, tmp_
     tensors[f"{Q_PROJ}.weight_scale"] = torch.full_like(tensors[f"{Q_PROJ}.weight_scale"], 1e38)
     save_file(tensors, out / shard, metadata={"format": "pt"})
     checkpoint = open_checkpoint(out)
-    with pytest.raises(KLError, match=r"past the largest finite value .*; the checkpoint is damaged -- re-run the "
-                                      r"`klconvert quantize` that wrote it$"):
+    with pytest.raises(KLError, match=r"past the largest finite value .*; the checkpoint is damaged -- "
+                                      + re.escape(WRITTEN_REMEDY) + "$"):
         checkpoint.get(f"{Q_PROJ}.weight")
 
 
@@ -158,4 +159,4 @@ def test_a_damaged_header_in_a_folder_klconvert_wrote_is_converted_again(tiny_re
     shard = shrink_a_scale_in_its_header(out)
     said = refusal(out)
     assert said.startswith(f"{shard}: tensor '{Q_PROJ}.weight_scale' (BF16 [127, 4]) needs ")
-    assert said.endswith("; the file is damaged or incomplete -- re-run the `klconvert quantize` that wrote it")
+    assert said.endswith(f"; the file is damaged or incomplete -- {WRITTEN_REMEDY}")
