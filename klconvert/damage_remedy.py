@@ -9,7 +9,7 @@ from klconvert.hf_cache import SNAPSHOTS
 from klconvert.shell_command import shell_command
 from klconvert.verified_files import redownload_advice, verified_at_pull
 
-WRITTEN_REMEDY = "re-run the klconvert command that wrote it (its quantize, synth or export-onnx)"
+WRITTEN_REMEDY = "re-run the klconvert command that wrote it"
 UNKNOWN_ORIGIN_REMEDY = "re-run the conversion if klconvert wrote it, or download it again"
 
 
