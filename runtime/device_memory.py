@@ -45,8 +45,8 @@ COMMAND_LEVERS = {
                           "time fewer bits (--bits 4 with --preset; a --model folder of klconvert quantize --bits 4)",
                           "lower --batch"),
     "quantize": DeviceLevers(("quantize on the CPU (--device cpu)",), None),
-    "pull-and-quantize": DeviceLevers(("quantize on the CPU (--device cpu)",), None),
 }
+COMMAND_LEVERS["pull-and-quantize"] = COMMAND_LEVERS["quantize"]   # its quantize is quantize's
 
 
 def less_on_device(levers: tuple[str, ...], fewer_bits: str | None) -> str:
