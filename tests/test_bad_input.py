@@ -410,8 +410,8 @@ def test_weights_and_config_that_disagree_are_told_what_to_do(capsys, tiny_copy,
     set_index(tiny_copy, lambda m: m.pop(STACKED_W2))
     assert assert_one_line_error(*run_cli(capsys, *run)[::2]) == (
         f"klconvert: error: {tiny_copy}: tensor {EXPERT_W2.format(0)} and {len(stacked) - 2} more is missing from "
-        f"the checkpoint, which its config.json (8 layers, {len(stacked) - 1} experts) asks for; download the "
-        "checkpoint again (a download cut short lacks tensors), or put back the config.json its weights came with")
+        f"the checkpoint, which its config.json (8 layers, {len(stacked) - 1} experts) asks for; put back the "
+        f"config.json its weights came with, else the checkpoint is incomplete -- {WRITTEN_REMEDY}")
 
     damage_unknown_tensor(tiny_copy)
     assert assert_one_line_error(*run_cli(capsys, *run)[::2]) == (

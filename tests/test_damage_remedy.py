@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,11 +20,12 @@ from hub_standin import HubStandIn, hub_environment
 from klconvert import hub
 from klconvert.checkpoint.folder_files import INDEX_FILE
 from klconvert.checkpoint.reader import open_checkpoint
-from klconvert.damage_remedy import WRITTEN_REMEDY
+from klconvert.convert.output_folder import OUTPUT_RECORD
+from klconvert.damage_remedy import UNKNOWN_ORIGIN_REMEDY, WRITTEN_REMEDY
 from klconvert.errors import KLError
 from klconvert.quantize import quantize
 from test_quantized_checkpoint import write_quantized
-from testkit import run_cli
+from testkit import assert_one_line_error, run_cli
 
 REPO = "someone/Kimi-Linear-int4"
 Q_PROJ = "model.layers.1.self_attn.q_proj"
@@ -160,3 +162,88 @@ def test_a_damaged_header_in_a_folder_klconvert_wrote_is_converted_again(tiny_re
     said = refusal(out)
     assert said.startswith(f"{shard}: tensor '{Q_PROJ}.weight_scale' (BF16 [127, 4]) needs ")
     assert said.endswith(f"; the file is damaged or incomplete -- {WRITTEN_REMEDY}")
+
+
+
+def rewritten(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write `tensors` as the shard at `path` (a snapshot's link: the blob it names, read-only, replaced)."""
+    path = Path(os.path.realpath(path))
+    path.unlink()
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def shard_of_q_proj(folder: Path) -> Path:
+    return folder / json.loads((folder / INDEX_FILE).read_text())["weight_map"][f"{Q_PROJ}.weight"]
+
+
+def drop_q_proj(folder: Path) -> None:
+    """Take the tiny checkpoint's layer-1 q_proj out of its shard and the index."""
+    shard = shard_of_q_proj(folder)
+    tensors = load_file(shard)
+    del tensors[f"{Q_PROJ}.weight"]
+    rewritten(shard, tensors)
+    index_path = Path(os.path.realpath(folder / INDEX_FILE))
+    index = json.loads(index_path.read_text())
+    del index["weight_map"][f"{Q_PROJ}.weight"]
+    index_path.unlink()
+    index_path.write_text(json.dumps(index))
+
+
+def missing_q_proj(folder: Path) -> str:
+    return f"{folder}: tensor {Q_PROJ}.weight is missing from the checkpoint, which its config.json (8 layers, 16 " \
+           "experts) asks for; put back the config.json its weights came with, else the checkpoint is incomplete -- "
+
+
+def make_q_proj_nan(folder: Path) -> None:
+    """Make the tiny checkpoint's layer-1 q_proj's first value NaN."""
+    shard = shard_of_q_proj(folder)
+    tensors = load_file(shard)
+    tensors[f"{Q_PROJ}.weight"].view(-1)[0] = float("nan")
+    rewritten(shard, tensors)
+
+
+def nan_in_q_proj(folder: Path) -> str:
+    return f"{shard_of_q_proj(folder)}: tensor {Q_PROJ}.weight holds nan at flat index 0 (NaN or infinite weights); " \
+           "the checkpoint is damaged -- "
+
+
+# each damage, and the start of the line that refuses a folder so damaged
+DAMAGES = pytest.mark.parametrize("damage, line", [(drop_q_proj, missing_q_proj), (make_q_proj_nan, nan_in_q_proj)],
+                                  ids=["missing-tensor", "nan"])
+
+
+def quantize_refusal(capsys, folder: Path, out: Path) -> str:
+    """`klconvert quantize FOLDER OUT`'s error line, checked as one line, exit status 2, no traceback."""
+    code, _, err = run_cli(capsys, "quantize", folder, out, "--bits", "4", "--group-size", "32", "--device", "cpu")
+    return assert_one_line_error(code, err).removeprefix("klconvert: error: ")
+
+
+@DAMAGES
+@pytest.mark.parametrize("origin", ["written", "unknown"])
+def test_a_damaged_local_folder_is_told_by_its_origin(tiny_copy, tmp_path, capsys, damage, line, origin):
+    """A tensor missing and a NaN weight ended with fixed advice -- "download the checkpoint again", "download it again
+    or rebuild it from its source" -- whatever the folder's origin: nothing downloads a folder klconvert wrote."""
+    if origin == "unknown":
+        (tiny_copy / OUTPUT_RECORD).unlink()
+    damage(tiny_copy)
+    remedy = WRITTEN_REMEDY if origin == "written" else UNKNOWN_ORIGIN_REMEDY
+    assert quantize_refusal(capsys, tiny_copy, tmp_path / "q") == f"{line(tiny_copy)}{remedy}"
+
+
+@DAMAGES
+@pytest.mark.parametrize("when", ["since", "as-published"])
+def test_a_damaged_pulled_folder_is_pulled_again_or_reported(tiny_released, tmp_path, capsys, damage, line, when):
+    """Damaged since the pull, it is pulled again (the command said); damaged as the hub publishes it -- every file
+    the line rests on verified by the pull, unchanged since -- a pull brings the same bytes, so its owner is told."""
+    upstream = shutil.copytree(tiny_released, tmp_path / "upstream")
+    if when == "as-published":
+        damage(upstream)
+    with served(upstream, tmp_path / "hf_home") as commit:
+        folder = hub.pull(REPO, progress=False).path
+        if when == "since":
+            damage(folder)
+        said = quantize_refusal(capsys, folder, tmp_path / "q")
+    remedy = (f"download it again (klconvert pull {REPO} --revision {commit})" if when == "since" else
+              "report it to the repo's owner, or pull another revision (--revision): a pull checked this file against "
+              "the hash the hub publishes, so a re-download brings the same bytes")
+    assert said == f"{line(folder)}{remedy}"

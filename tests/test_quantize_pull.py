@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from hub_standin import HubStandIn, hub_environment
 from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.cli import DEFAULT_MODEL_DIR
+from klconvert.damage_remedy import WRITTEN_REMEDY
 from klconvert.quant import policy_from_options
 from klconvert.quantize import default_out_name
 from testkit import assert_one_line_error, run_cli, shown_lines
@@ -128,11 +129,14 @@ def test_a_damaged_file_a_pull_verified_is_not_sent_to_a_re_download(tiny_releas
     assert code == 2 and errors == [shown_lines(err)[-1]] and "Traceback" not in err
     assert (f"{name}: {said}report it to the repo's owner, or pull another revision (--revision): a pull checked "
             "this file against the hash the hub publishes, so a re-download brings the same bytes") in errors[0]
-    again = "download it again or rebuild it from its source" if damage is _nan_weight else "re-download the model"
+    # a weight's line says what to do by the folder's origin (damaged_folder_remedy): served_copy is synth's
+    again = WRITTEN_REMEDY if damage is _nan_weight else "re-download the model"
     assert_one_line_error(*run_cli(capsys, "quantize", served_copy, "q", *args)[::2], f"{name}: {said}{again}")
     snapshot = (tmp_path / "hf_home" / "hub" / "models--moonshotai--Kimi-Linear-48B-A3B-Instruct" / "snapshots"
                 / commit)
     os.utime(snapshot / name, ns=(0, 0))   # through the cache's link, its blob: changed since the pull, as far as known
+    if damage is _nan_weight:
+        again = f"download it again (klconvert pull {REPO} --revision {commit} --cache-dir {snapshot.parents[2]})"
     assert_one_line_error(*run_cli(capsys, "quantize", snapshot, "q", *args)[::2], f"{name}: {said}{again}")
 
 

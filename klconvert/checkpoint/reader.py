@@ -54,7 +54,6 @@ from klconvert.errors import (KLError, refuse_if_not_permitted, refuse_out_of_de
                               unreadable_reason)
 from klconvert.quant import QuantScheme
 from klconvert.quant.pack_quantized import check_scales
-from klconvert.verified_files import redownload_advice
 
 FLOAT_DTYPES = set(WEIGHT_DTYPES.values())
 FP8_DTYPES = {"F8_E4M3", "F8_E5M2"}  # FP8-quantized weights: a form of the model klconvert does not read
@@ -81,9 +80,9 @@ def _shard_path(folder: Path, shard: object, where: Path) -> Path:
     return folder / shard
 
 
-def _refuse_non_finite(tensor: torch.Tensor, path: Path, name: str) -> None:
+def _refuse_non_finite(tensor: torch.Tensor, path: Path, name: str, remedy: Callable[[], str]) -> None:
     """KLError when a floating-point tensor (`name`, read from the shard at `path`) holds a NaN or an infinity, naming
-    the first.
+    the first; `remedy` ends the line (Checkpoint._remedy: what to do by the folder's origin).
 
     A slice's fp32 sum is finite when every value is (3x faster than isfinite); only a slice whose sum is not --
     a NaN, an infinity, or finite values summing past fp32's range -- is searched value by value.
@@ -99,8 +98,7 @@ def _refuse_non_finite(tensor: torch.Tensor, path: Path, name: str) -> None:
         if len(bad):
             at = start + int(bad[0, 0])
             raise KLError(f"{path}: tensor {name} holds {float(flat[at])} at flat index {at:,} (NaN or infinite "
-                          "weights); the checkpoint is damaged -- "
-                          f"{redownload_advice(path, 'download it again or rebuild it from its source')}")
+                          f"weights); the checkpoint is damaged -- {remedy()}")
 
 
 class Checkpoint:
@@ -269,10 +267,14 @@ class Checkpoint:
         missing = [n for n in self.expected if n not in self.sources]
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            # the line rests on the config.json asking for the tensors and every file they were looked for in: where a
+            # pull verified them all, pulling again brings the same folder, as short
+            looked_in = [CONFIG_FILE, *([INDEX_FILE] if os.path.lexists(self.folder / INDEX_FILE) else []),
+                         *sorted(self.headers)]
             raise KLError(f"{self.folder}: tensor {missing[0]}{more} is missing from the checkpoint, which its "
                           f"config.json ({self.config.num_hidden_layers} layers, {self.config.num_experts} experts) "
-                          "asks for; download the checkpoint again (a download cut short lacks tensors), or put back "
-                          "the config.json its weights came with")
+                          "asks for; put back the config.json its weights came with, else the checkpoint is "
+                          f"incomplete -- {damaged_folder_remedy(self.folder, [self.folder / f for f in looked_in])}")
         if stopped:
             self._refuse_stacked_in_another_dtype(stopped)
         if stopped and not finish_stacking:   # the one disagreement, said once nothing else is wrong (a damaged
@@ -318,7 +320,7 @@ class Checkpoint:
             self._refuse_replaced(shard)   # gone, or another file there now
             raise KLError(f"{path}: cannot read tensor {shown(name)} ({unreadable_reason(e)}); "
                           f"{self._remedy(shard)()}") from None
-        _refuse_non_finite(tensor, path, name)
+        _refuse_non_finite(tensor, path, name, self._remedy(shard))
         return tensor
 
     def _refuse_replaced(self, shard: str, now: os.stat_result | None = None) -> None:
