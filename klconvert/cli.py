@@ -358,10 +358,13 @@ def cli() -> None:
 @click.option("--layout", type=click.Choice(["released", "transformers"]), default="released", show_default=True,
               help="Tensor layout: the released checkpoint's, or the native transformers port's.")
 @click.option("--out", type=PathArg(path_type=Path), required=True, help="Folder to create, or an empty one.")
-def synth(preset: str, layers: int | None, seed: int, layout: str, out: Path) -> None:
+@click.option("--force", is_flag=True,
+              help="Replace --out, once the new one is whole, where klconvert wrote it (its .klconvert-output.json "
+                   "lists every file: a synth, quantize or export output).")
+def synth(preset: str, layers: int | None, seed: int, layout: str, out: Path, force: bool) -> None:
     from klconvert.synth.checkpoint import synth as write_synth
 
-    result = write_synth(preset, out, layers=layers, seed=seed, layout=layout)
+    result = write_synth(preset, out, layers=layers, seed=seed, layout=layout, force=force)
     click.echo(f"wrote {result.path}: {result.tensors} tensors, {size_text(result.bytes)} in {result.shards} "
                "shard(s)", err=True)
 

@@ -41,13 +41,13 @@ from klconvert.errors import KLError, refuse_out_of_descriptors
 @dataclass(frozen=True)
 class Replaceable:
     """What a command's --force may replace at OUT: a folder whose entries (but the hidden ones runs writing OUT make
-    in it, and an OUTPUT_RECORD) each pass `may_hold` -- `what`, as the refusal names it -- and, where
-    `any_klconvert_output`, any folder klconvert wrote (its OUTPUT_RECORD lists every entry). That is opt-in: a record
-    says klconvert wrote a folder, not which command, and --force replaces no more than its command promises
-    (train_tokenizer's an earlier tokenizer, never a model folder)."""
+    in it, and an OUTPUT_RECORD) each pass `may_hold` -- `what`, as the refusal names it (both None: no such folder)
+    -- and, where `any_klconvert_output`, any folder klconvert wrote (its OUTPUT_RECORD lists every entry). That is
+    opt-in: a record says klconvert wrote a folder, not which command, and --force replaces no more than its command
+    promises (train_tokenizer's an earlier tokenizer, never a model folder)."""
 
-    what: str
-    may_hold: Callable[[Path], bool]
+    what: str | None
+    may_hold: Callable[[Path], bool] | None
     any_klconvert_output: bool = False
 
 
@@ -78,8 +78,9 @@ def refuse_taken(out: Path, force: bool = False, replaceable: Replaceable | None
         if replaceable is None or not force:   # --force offered only where it would replace OUT
             raise already_exists(out, None if foreign != [] else "it once the new one is whole")
         if foreign and replaceable.any_klconvert_output:
-            raise KLError(f"{out}: --force replaces only a folder klconvert wrote (or an empty one, or "
-                          f"{replaceable.what}), and this also holds other files, which klconvert did not write: "
+            besides = "" if replaceable.what is None else f", or {replaceable.what}"
+            raise KLError(f"{out}: --force replaces only a folder klconvert wrote (or an empty one{besides}), and this "
+                          "also holds other files, which klconvert did not write: "
                           f"{names_shown(foreign)}; move them out of it, or choose another output folder")
         if foreign:
             raise KLError(f"{out}: --force replaces only an empty folder or {replaceable.what}, and this also holds "
@@ -101,7 +102,7 @@ def _not_replaceable(out: Path, others: list[Path], replaceable: Replaceable) ->
             return unlisted
     return sorted(entry.name for entry in others
                   if not (entry.name == OUTPUT_RECORD and entry.is_file() and not entry.is_symlink())
-                  and not replaceable.may_hold(entry))
+                  and not (replaceable.may_hold is not None and replaceable.may_hold(entry)))
 
 
 def _named(out: Path) -> Path:

@@ -20,11 +20,12 @@ from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.checkpoint.safetensors_writer import PlannedTensor, shard_header, write_shard
 from klconvert.config import KimiLinearConfig
-from klconvert.convert.output_folder import OutputLock
+from klconvert.convert.output_folder import OUTPUT_RECORD, OutputLock
 from klconvert.errors import KLError
 from klconvert.synth.checkpoint import synth
 from klconvert.presets import PRESETS, preset_config
 from klconvert.quant import load_recipe, policy_from_options
+from klconvert.quantize import quantize
 from klconvert.release import NUM_SPECIAL_TOKENS
 from klconvert.synth.tokenizer_files import write_tokenizer_files
 from klconvert.tokenizer import Tokenizer
@@ -252,3 +253,59 @@ def test_progress_that_is_no_bool_is_refused(tmp_path):
     with pytest.raises(KLError, match=r"^progress='no' is not a bool; pass True or False$"):
         synth("tiny", tmp_path / "out", progress="no")
     assert list(tmp_path.iterdir()) == []
+
+
+def held(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_force_replaces_a_folder_klconvert_wrote_once_the_new_one_is_whole(tiny_released, tmp_path, capsys):
+    """synth had no --force, though quantize's and export-onnx's replace a folder klconvert wrote (its record lists
+    every file): an earlier synth at --out had to be moved away by hand. It now replaces one as they do -- an earlier
+    synth, a quantize output -- leaving none of the earlier files."""
+    out = tmp_path / "out"
+    again = ("synth", "--preset", "tiny", "--layers", "2", "--seed", "1", "--out", out)
+    assert run_cli(capsys, "synth", "--preset", "tiny", "--layers", "2", "--out", out)[0] == 0
+    earlier = held(out)
+    assert_one_line_error(*run_cli(capsys, *again)[::2], f"{out}: already exists; choose another output folder, or "
+                          "pass --force to replace it once the new one is whole")
+    assert held(out) == earlier
+    assert run_cli(capsys, *again, "--force")[0] == 0
+    assert held(out).keys() == earlier.keys() and held(out) != earlier   # seed 1's weights
+    open_checkpoint(out)
+
+    quantized = quantize(tiny_released, tmp_path / "q", bits=4, group_size=32, device="cpu", progress=False).path
+    assert run_cli(capsys, *again[:-1], quantized, "--force")[0] == 0
+    assert held(quantized) == held(out)
+
+
+def test_force_replaces_no_folder_klconvert_did_not_write(tmp_path, capsys):
+    """As quantize's and export-onnx's --force: a file of the user's beside a synth output, and a folder no record
+    says klconvert wrote (a download's files, which a synth of a klconvert before the record wrote too), are refused
+    by name, with --force or without (no refusal offers what would be refused), and left as they were."""
+    out = tmp_path / "out"
+    synth = ("synth", "--preset", "tiny", "--layers", "2", "--out", out)
+    assert run_cli(capsys, *synth)[0] == 0
+    (out / "notes.txt").write_text("mine")
+    for record in (True, False):
+        if not record:
+            (out / "notes.txt").unlink()
+            (out / OUTPUT_RECORD).unlink()
+        before = held(out)
+        for force in ((), ("--force",)):
+            line = assert_one_line_error(*run_cli(capsys, *synth, *force)[::2])
+            assert ("--force" in line) == bool(force), line
+        assert held(out) == before
+        foreign = "notes.txt" if record else "config.json, generation_config.json, model-00001-of-00001.safetensors"
+        assert line.startswith(f"klconvert: error: {out}: --force replaces only a folder klconvert wrote (or an empty "
+                               f"one), and this also holds other files, which klconvert did not write: {foreign}"), line
+        assert line.endswith("; move them out of it, or choose another output folder")
+
+
+def test_force_that_is_no_bool_is_refused(tmp_path):
+    """force="no" would replace a folder, its truth taken for yes."""
+    synth("tiny", tmp_path / "out", layers=2, progress=False)
+    before = held(tmp_path / "out")
+    with pytest.raises(KLError, match=re.escape("force='no' (--force) is not a bool; pass True or False")):
+        synth("tiny", tmp_path / "out", layers=2, progress=False, force="no")
+    assert held(tmp_path / "out") == before

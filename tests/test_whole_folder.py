@@ -442,7 +442,7 @@ def test_force_is_offered_only_where_it_would_replace_out(tmp_path):
                                   "earlier export), and this also holds other files, which klconvert did not write: "
                                   "notes.txt; move them out of it, or choose another output folder")
     with pytest.raises(KLError, match="already exists; choose another output folder \\(or move it away\\)$"):
-        refuse_taken(out, True)   # nothing --force replaces (synth's, the tools')
+        refuse_taken(out, True)   # nothing --force replaces (the bundled model's tools')
 
 
 def test_only_a_replaceable_that_opts_in_takes_any_folder_klconvert_wrote(tmp_path):

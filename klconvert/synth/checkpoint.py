@@ -26,10 +26,13 @@ from klconvert.release import FP32_TENSORS, NUM_SPECIAL_TOKENS, RELEASED_SHARD_B
 from klconvert.synth.tokenizer_files import write_tokenizer_files
 from klconvert.units import size_texts
 from klconvert.user_paths import given_path
-from klconvert.whole_folder import refuse_taken, whole_folder
+from klconvert.whole_folder import Replaceable, refuse_taken, whole_folder
 
 DEFAULT_SHARD_BYTES = {"tiny": 4 << 20, "kimi-linear-48b": RELEASED_SHARD_BYTES}
 LAYOUTS = ("released", "transformers")  # synth's tensor layouts (--layout's choices): the release's, the port's
+# --force replaces a folder klconvert wrote (an earlier synth, a quantize output, an export) and nothing else, as
+# quantize's does: a synth of a klconvert before the output record wrote a download's files, never told from one
+KLCONVERT_OUTPUT = Replaceable(None, None, any_klconvert_output=True)
 
 
 @dataclass(frozen=True)
@@ -144,11 +147,13 @@ def _transformers_layout(expected: dict[str, TensorSpec], c: KimiLinearConfig, s
 
 
 def synth(preset: str, out: str | Path, layers: int | None = None, seed: int = 0, layout: str = "released",
-          progress: bool = True) -> SynthResult:
-    """Write a random-weight checkpoint folder for `preset` at `out` (new, or an empty folder), whole or not at all."""
+          progress: bool = True, force: bool = False) -> SynthResult:
+    """Write a random-weight checkpoint folder for `preset` at `out` (new, or an empty folder; with `force`, one
+    klconvert wrote, replaced only once the new one is whole), whole or not at all."""
     refuse_non_bool(progress, "progress")
+    refuse_non_bool(force, "force", "--force")
     out = given_path(out, "out")
-    refuse_taken(out)
+    refuse_taken(out, force, KLCONVERT_OUTPUT)
     if layout not in LAYOUTS:
         raise KLError(f"unknown layout {layout!r}; choose {' or '.join(map(repr, LAYOUTS))}")
     config = preset_config(preset, layers)
@@ -160,7 +165,7 @@ def synth(preset: str, out: str | Path, layers: int | None = None, seed: int = 0
     names = shard_names(len(shards))
     total = sum(t.nbytes for t in planned)
 
-    with whole_folder(out) as folder:
+    with whole_folder(out, force, KLCONVERT_OUTPUT) as folder:
         write_atomically(folder / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
         write_tokenizer_files(folder, num_ranks=c.vocab_size - NUM_SPECIAL_TOKENS, num_specials=NUM_SPECIAL_TOKENS,
                               seed=seed)
