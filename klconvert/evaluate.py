@@ -18,7 +18,7 @@ from klconvert.errors import KLError, a_type, argument, shown
 from klconvert.extras import require
 from klconvert.models import model_folder
 from klconvert.runtime.bind import cpu_forms_bound
-from klconvert.runtime.device_memory import DeviceMemoryExhausted
+from klconvert.runtime.device_memory import DeviceMemoryExhausted, device_allocation, device_exhausted
 from klconvert.runtime.host_memory import HostMemory, host_allocation, host_memory
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.sampling import as_number
@@ -39,6 +39,8 @@ HOST_SHARE = 0.8
 # KimiLinearConfig must agree between a model and its reference
 NOT_ARCHITECTURE = ("model_max_length", "bos_token_id", "eos_token_ids", "pad_token_id", "tie_word_embeddings")
 LAYER_LISTS = ("kda_layers", "full_attn_layers")  # 0-indexed in KimiLinearConfig, 1-indexed in config.json
+# what asks eval for less of the device, as the Python API names it (the command line's line: COMMAND_LEVERS)
+LESS_ON_DEVICE = (f"lower {argument('max_tokens', '--max-tokens')}",)
 
 
 @dataclass(frozen=True)
@@ -91,12 +93,16 @@ def run_model(path: Path, ids: list[int], device: str | torch.device | None, dty
     """Load one model, run the ids through Engine.forward recording each MoE layer's choices, free it. The CPU
     allocator refusing any of it (loading, the log-probs, a segment's logits) is HostMemoryExhausted (a
     MemoryError), naming the model as `named` (as the user gave it: "--model tiny"; default: its path); the GPU's,
-    DeviceMemoryExhausted naming it too, and a model of fewer bits only where it is not the `reference`."""
+    in the engine or out of it, DeviceMemoryExhausted naming it too, and a model of fewer bits only where it is not
+    the `reference`."""
     try:
         return _run_model(path, ids, device, dtype, named)
-    except DeviceMemoryExhausted as e:   # eval runs two models: the line says which ran out
-        raise e.ran_by(named or str(path), (f"lower {argument('max_tokens', '--max-tokens')}",),
-                       not reference) from None
+    except (DeviceMemoryExhausted, RuntimeError) as e:   # torch.OutOfMemoryError is a RuntimeError
+        exhausted = e if isinstance(e, DeviceMemoryExhausted) else device_exhausted(e, LESS_ON_DEVICE)
+        if exhausted is None:
+            raise
+        # eval runs two models: the line says which ran out
+        raise exhausted.ran_by(named or str(path), LESS_ON_DEVICE, not reference) from None
 
 
 def _run_model(path: Path, ids: list[int], device: str | torch.device | None, dtype: str | None,
@@ -116,9 +122,13 @@ def _run_model(path: Path, ids: list[int], device: str | torch.device | None, dt
         # on the host, in fp32 whatever the caller's default dtype and device; the device holds one segment's at a time
         log_probs = torch.empty(len(ids), c.vocab_size, dtype=torch.float32, device="cpu")
         start = 0
-        for logits in engine.forward_segments(torch.tensor([ids], device="cpu")):  # [1, S, V] fp32
-            log_probs[start:start + logits.shape[1]] = torch.log_softmax(logits[0].float(), dim=-1)
-            start += logits.shape[1]
+        # the log-softmax of each segment's logits runs on their device, outside the engine's calls: the device
+        # refusing it is said as the engine's refusals are, with its plan and whether fewer bits would hold less
+        with device_allocation("taking the log-probabilities of the logits", engine.plan.total, LESS_ON_DEVICE,
+                               engine.fewer_bits):
+            for logits in engine.forward_segments(torch.tensor([ids], device="cpu")):  # [1, S, V] fp32
+                log_probs[start:start + logits.shape[1]] = torch.log_softmax(logits[0].float(), dim=-1)
+                start += logits.shape[1]
         run = ModelRun(log_probs, {k: torch.cat(v) for k, v in chosen.items()}, tuple(chosen), c)
     del engine
     gc.collect()

@@ -1,6 +1,7 @@
 """`klconvert run` and `klconvert plan` end to end on a tiny checkpoint."""
 from __future__ import annotations
 
+import importlib
 import re
 import shutil
 
@@ -239,6 +240,36 @@ def test_a_gpu_out_of_memory_in_eval_names_evals_own_flags_and_the_model(capsys,
     line = assert_one_line_error(code, err, said, OOM_SAID + f"lower --max-tokens, {fewer_bits}or stop what else "
                                  "holds the GPU")
     assert line.startswith(f"klconvert: error: {said}")
+
+
+@pytest.mark.parametrize("flag, runs_before", [("--reference", 0), ("--model", 1)], ids=["reference", "model"])
+@pytest.mark.parametrize("where, doing", [
+    ("torch.log_softmax", " taking the log-probabilities of the logits, where the memory plan counts "),
+    ("klconvert.runtime.engine.KimiLinear", ""),   # building the model (on an app's default CUDA device): unplanned
+], ids=["log-softmax", "building"])
+def test_a_gpu_out_of_memory_outside_evals_engines_names_the_model_and_evals_flags(capsys, monkeypatch, tmp_path,
+                                                                                   where, doing, flag, runs_before):
+    """Outside an engine's calls -- eval's own log-softmax of the logits on their device, the model built before
+    its plan -- torch's refusal passed the engine's wording by: the line named neither the model that ran out nor a
+    model of fewer bits. It is said as an out-of-memory in the engine is, by eval's two models alike."""
+    module, _, name = where.rpartition(".")
+    owner = importlib.import_module(module)
+    real, calls = getattr(owner, name), []
+
+    def run_out_after(*args, **kwargs):   # the reference runs first
+        calls.append(1)
+        return real(*args, **kwargs) if len(calls) <= runs_before else _out_of_gpu_memory()
+
+    monkeypatch.setattr(owner, name, run_out_after)
+    text = tmp_path / "text.txt"
+    text.write_text("ROMEO. But soft, what light through yonder window breaks? " * 20)
+    code, _, err = run_cli(capsys, "eval", "--model", "tiny", "--reference", "tiny", "--text-file", text,
+                           "--max-tokens", "64", "--device", "cpu")
+    # --model tiny is bf16: fewer bits would hold less; where no engine holds the model yet, that is not known
+    fewer_bits = "use a model of fewer bits (klconvert quantize --bits 4), " if flag == "--model" and doing else ""
+    line = assert_one_line_error(code, err)
+    assert line.startswith(f"klconvert: error: {flag} tiny: out of GPU memory{doing}")
+    assert line.endswith(OOM_SAID + f"lower --max-tokens, {fewer_bits}or stop what else holds the GPU")
 
 
 def test_a_batch_no_context_fits_names_runs_own_flag(tmp_path, capsys, monkeypatch):
