@@ -24,7 +24,8 @@ from klconvert.extras import require
 from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, DEFAULT_REPO, bundled_dir, default_model, model_folder
 from klconvert.presets import PRESETS
 from klconvert.recipes import shipped_names
-from klconvert.runtime.device_memory import BatchDoesNotFit, DeviceMemoryExhausted, device_exhausted
+from klconvert.runtime.device_memory import (BatchDoesNotFit, DeviceMemoryExhausted, device_exhausted,
+                                             fewer_bits_hold_less)
 from klconvert.runtime.host_memory import OUT_OF_HOST_MEMORY, import_exhausted
 from klconvert.shell_command import shell_command
 from klconvert.units import binary_size_text, size_text
@@ -929,10 +930,17 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
         B.check_new_tokens(config, new_tokens)   # bench() checks it too; here with the other flags
         if contexts is None:
             contexts = [] if prefills else [DECODE_CONTEXT]
-        result = B.bench(config, weights, bits=label, contexts=contexts, batches=batches,
-                         mla_cache_dtype=mla_cache_dtype, new_tokens=new_tokens, calm_weights=calm,
-                         report=lambda line: click.echo(line, err=True), spread=spread_routing,
-                         prefills=prefills or [])
+        try:
+            result = B.bench(config, weights, bits=label, contexts=contexts, batches=batches,
+                             mla_cache_dtype=mla_cache_dtype, new_tokens=new_tokens, calm_weights=calm,
+                             report=lambda line: click.echo(line, err=True), spread=spread_routing,
+                             prefills=prefills or [])
+        except RuntimeError as e:   # torch.OutOfMemoryError outside an engine (filling its caches, say)
+            # said as in an engine, where fewer bits of these weights would hold less (invoke words it for bench)
+            exhausted = device_exhausted(e, (), fewer_bits=fewer_bits_hold_less(weights.schemes))
+            if exhausted is None:
+                raise
+            raise exhausted from None
         if peer == "transformers":
             result.peer = B.time_transformers(preset_config("kimi-linear-48b", peer_layers or PEER_LAYERS),
                                               new_tokens=new_tokens,

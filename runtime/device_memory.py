@@ -18,6 +18,8 @@ from klconvert.units import size_text
 if TYPE_CHECKING:
     import torch
 
+    from klconvert.quant import QuantScheme
+
 OUT_OF_DEVICE_MEMORY = "out of GPU memory"   # how a refusal of device memory opens
 # what asks for less of the device after a caller's own levers: a model of fewer bits, where the one that ran out has
 # weights it could store in fewer (an engine knows its schemes), and, last, the GPU's other work
@@ -47,6 +49,14 @@ COMMAND_LEVERS = {
     "quantize": DeviceLevers(("quantize on the CPU (--device cpu)",), None),
 }
 COMMAND_LEVERS["pull-and-quantize"] = COMMAND_LEVERS["quantize"]   # its quantize is quantize's
+
+
+def fewer_bits_hold_less(stored_schemes: dict[str, QuantScheme]) -> bool:
+    """Whether a model of fewer bits would hold less than one whose quantized weights are stored as `stored_schemes`
+    (by tensor name; none: every weight at 16 bits): not where every one is at 4 bits or fewer but lm_head, which
+    every policy keeps at 8 (an out-of-memory line then says no --bits 4)."""
+    return not stored_schemes or any(scheme.bits > 4 for name, scheme in stored_schemes.items()
+                                     if not name.startswith("lm_head"))
 
 
 def less_on_device(levers: tuple[str, ...], fewer_bits: str | None) -> str:

@@ -24,7 +24,7 @@ from klconvert.quant import QuantScheme
 from klconvert.runtime.bind import bind, cpu_forms_bound, latent_kernel_reads, packed_choice
 from klconvert.runtime.cpu_modules import copy_bytes
 from klconvert.runtime.decode_step import DecodeStep, autocast_off, capturable
-from klconvert.runtime.device_memory import BatchDoesNotFit, device_allocation, device_room
+from klconvert.runtime.device_memory import BatchDoesNotFit, device_allocation, device_room, fewer_bits_hold_less
 from klconvert.runtime.host_malloc import large_blocks_mapped
 from klconvert.runtime.host_memory import NAMED_FIT_SHARE, host_allocation, host_memory
 from klconvert.runtime.memory_plan import (DECODE_COPIES, MAX_BATCH, PREFILL_ROWS, PREFILL_SEGMENT, MemoryPlan,
@@ -551,10 +551,7 @@ class Engine(Runner):
         self.triton = use_triton(kernels, device)
         self.model = KimiLinear(config, biased_router_weights=biased_router_weights)
         held = packed_choice(self.model, stored_schemes or {}, self.triton)
-        # whether a model of fewer bits would hold less: not where every stored weight is at 4 bits or fewer but
-        # lm_head, which every policy keeps at 8 (an out-of-memory line then says no --bits 4)
-        self.fewer_bits = not stored_schemes or any(
-            scheme.bits > 4 for name, scheme in stored_schemes.items() if not name.startswith("lm_head"))
+        self.fewer_bits = fewer_bits_hold_less(stored_schemes or {})
         cpu_forms = cpu_forms_bound(device, dtype, self.triton)
         self.weight_bytes = weight_bytes(config, dtype, HeldPacked(held), decode_copies=cpu_forms)
         self.weights_held = 0    # bytes of weights bound (what a resize on the CPU adds back to what the host has)

@@ -291,16 +291,26 @@ def test_a_batch_no_context_fits_names_runs_own_flag(tmp_path, capsys, monkeypat
     assert "--batch" not in line
 
 
+BENCH_FEWER_BITS = "time fewer bits (--bits 4 with --preset; a --model folder of klconvert quantize --bits 4), "
+
+
 @pytest.mark.parametrize("command, said", [
     (["quantize", "tiny", "int4", "--device", "cpu"], "quantize on the CPU (--device cpu), or stop what else holds "
                                                       "the GPU"),
-    (["bench", "--model", "tiny"], "lower --context, --prefill or --batch, time fewer --layers of a --preset, or "
-                                   "stop what else holds the GPU"),
-], ids=["quantize", "bench"])
+    (["bench", "--model", "tiny"], "lower --context, --prefill or --batch, time fewer --layers of a --preset, "
+                                   + BENCH_FEWER_BITS + "or stop what else holds the GPU"),   # bf16 weights
+    (["bench", "--preset", "kimi-linear-48b", "--layers", "1", "--bits", "8"],
+     "lower --context, --prefill or --batch, time fewer --layers of a --preset, " + BENCH_FEWER_BITS
+     + "or stop what else holds the GPU"),
+    (["bench", "--preset", "kimi-linear-48b", "--layers", "1"], "lower --context, --prefill or --batch, time fewer "
+                                                                "--layers of a --preset, or stop what else holds the "
+                                                                "GPU"),   # 4 bits already, but lm_head
+], ids=["quantize", "bench-bf16", "bench-int8", "bench-int4"])
 def test_a_gpu_out_of_memory_outside_an_engine_names_the_commands_own_flags(tmp_path, capsys, monkeypatch, command,
                                                                             said):
-    """Outside an engine's plan (a quantize, a bench's weights), the same refusal is one line saying what asks for
-    less: it named --max-context and prompts, which neither command takes (h213's F3)."""
+    """Outside an engine's plan (a quantize, a bench's caches filled), the same refusal is one line saying what asks
+    for less: it named --max-context and prompts, which neither command takes (h213's F3). bench's never said fewer
+    bits, which its line from an engine says where the weights timed are stored in more than 4."""
     import klconvert.bench
     import klconvert.quantize
 
