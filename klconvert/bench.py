@@ -23,7 +23,7 @@ from klconvert.quant import QuantScheme, decompress_weight, policy_from_options
 from klconvert.quant.defaults import DEFAULT, LM_HEAD_BITS
 from klconvert.quant.pack_quantized import weight_shape_tensor
 from klconvert.release import NUM_SPECIAL_TOKENS
-from klconvert.runtime.device_memory import device_room
+from klconvert.runtime.device_memory import ContextDoesNotFit, device_room
 from klconvert.runtime.engine import DEFAULT_DTYPES, Engine, check_e4m3_cache_readable, checked_mla_cache_dtype
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.model import MLA_KEY_BLOCK
@@ -412,6 +412,18 @@ class BenchResult:
         return asdict(self)
 
 
+def _row_refusal(refusal: ContextDoesNotFit, flag: str, planned_past: int = 0) -> KLError:
+    """The engine's refusal of a row's plan, said by bench's `flag` for the row's context (--context or --prefill):
+    a decode row plans `planned_past` tokens past its --context (its --new-tokens and DECODE_SPARE_ROWS), which the
+    context the engine named as fitting holds too."""
+    fit = refusal.fit - planned_past
+    if fit < 1:
+        return KLError(f"{refusal.said}; at most {refusal.fit:,} tokens of context fit, and a decode row plans "
+                       f"{planned_past:,} past its --context (--new-tokens and {DECODE_SPARE_ROWS} spare cache rows): "
+                       "lower --new-tokens or --batch" + ("" if refusal.remedy is None else f", or {refusal.remedy}"))
+    return ContextDoesNotFit(refusal.said, fit, refusal.or_less, flag, refusal.remedy)
+
+
 def check_new_tokens(config: KimiLinearConfig, new_tokens: int) -> None:
     """KLError where `new_tokens` decoded (and DECODE_SPARE_ROWS) leave no context to decode at in the model's
     longest context: bench fills each decode row's context short by them, and that context came out 0 or negative."""
@@ -459,12 +471,15 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
         context = min(asked, config.model_max_length - new_tokens - DECODE_SPARE_ROWS)
         for batch in batches:
             plan_context = context + new_tokens + DECODE_SPARE_ROWS
-            if engine is None:
-                engine = Engine(config, weights.read, device, DEFAULT_DTYPES[device.type], plan_context, batch,
-                                packed=weights.packed, kernels="triton", stored_schemes=weights.schemes,
-                                mla_cache_dtype=cache)
-            else:
-                engine.resize(plan_context, batch, cache)
+            try:
+                if engine is None:
+                    engine = Engine(config, weights.read, device, DEFAULT_DTYPES[device.type], plan_context, batch,
+                                    packed=weights.packed, kernels="triton", stored_schemes=weights.schemes,
+                                    mla_cache_dtype=cache)
+                else:
+                    engine.resize(plan_context, batch, cache)
+            except ContextDoesNotFit as e:
+                raise _row_refusal(e, "--context", new_tokens + DECODE_SPARE_ROWS) from None
             if spread:
                 spread_routing(engine, batch)
             if cuda:
@@ -485,11 +500,15 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
                    f"{touched} experts/layer) -> {row.floor_ratio:.2f}x the floor; peak reserved "
                    f"{row.peak_reserved_gib:.1f} GiB vs plan {row.plan_total_gib:.1f} GiB; {graph_check}")
     for tokens in prefills:
-        if engine is None:
-            engine = Engine(config, weights.read, device, DEFAULT_DTYPES[device.type], tokens, 1, packed=weights.packed,
-                            kernels="triton", stored_schemes=weights.schemes, mla_cache_dtype=cache)
-        else:
-            engine.resize(tokens, 1, cache)
+        try:
+            if engine is None:
+                engine = Engine(config, weights.read, device, DEFAULT_DTYPES[device.type], tokens, 1,
+                                packed=weights.packed, kernels="triton", stored_schemes=weights.schemes,
+                                mla_cache_dtype=cache)
+            else:
+                engine.resize(tokens, 1, cache)
+        except ContextDoesNotFit as e:
+            raise _row_refusal(e, "--prefill") from None
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         seconds = time_prefill(engine, tokens, warmup)

@@ -18,7 +18,8 @@ from klconvert.errors import KLError, a_type, argument, shown
 from klconvert.extras import require
 from klconvert.models import model_folder
 from klconvert.runtime.bind import cpu_forms_bound
-from klconvert.runtime.device_memory import DeviceMemoryExhausted, device_allocation, device_exhausted
+from klconvert.runtime.device_memory import (ContextDoesNotFit, DeviceMemoryExhausted, device_allocation,
+                                             device_exhausted)
 from klconvert.runtime.host_memory import HostMemory, host_allocation, host_memory
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.sampling import as_number
@@ -39,8 +40,10 @@ HOST_SHARE = 0.8
 # KimiLinearConfig must agree between a model and its reference
 NOT_ARCHITECTURE = ("model_max_length", "bos_token_id", "eos_token_ids", "pad_token_id", "tie_word_embeddings")
 LAYER_LISTS = ("kda_layers", "full_attn_layers")  # 0-indexed in KimiLinearConfig, 1-indexed in config.json
-# what asks eval for less of the device, as the Python API names it (the command line's line: COMMAND_LEVERS)
-LESS_ON_DEVICE = (f"lower {argument('max_tokens', '--max-tokens')}",)
+# what sets the context eval plans (its text's tokens), and so asks it for less of the device, as the Python API names
+# it (the command line's line: COMMAND_LEVERS)
+CONTEXT_ARGUMENT = argument("max_tokens", "--max-tokens")
+LESS_ON_DEVICE = (f"lower {CONTEXT_ARGUMENT}",)
 
 
 @dataclass(frozen=True)
@@ -94,9 +97,11 @@ def run_model(path: Path, ids: list[int], device: str | torch.device | None, dty
     allocator refusing any of it (loading, the log-probs, a segment's logits) is HostMemoryExhausted (a
     MemoryError), naming the model as `named` (as the user gave it: "--model tiny"; default: its path); the GPU's,
     in the engine or out of it, DeviceMemoryExhausted naming it too, and a model of fewer bits only where it is not
-    the `reference`."""
+    the `reference`; a plan past the room that fewer tokens fit, ContextDoesNotFit naming it and max_tokens."""
     try:
         return _run_model(path, ids, device, dtype, named)
+    except ContextDoesNotFit as e:   # the context planned is the text's tokens, which max_tokens sets
+        raise e.ran_by(named or str(path), CONTEXT_ARGUMENT) from None
     except (DeviceMemoryExhausted, RuntimeError) as e:   # torch.OutOfMemoryError is a RuntimeError
         exhausted = e if isinstance(e, DeviceMemoryExhausted) else device_exhausted(e, LESS_ON_DEVICE)
         if exhausted is None:

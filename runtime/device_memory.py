@@ -1,8 +1,9 @@
 """What the process can still have on a CUDA device -- not the card's total, which the CUDA context, other processes
 and this one's own allocations already share -- and the caching allocator's refusal (torch.OutOfMemoryError) as
-DeviceMemoryExhausted, a one-line KLError naming what ran out, the memory plan's figure and what asks for less; and
-BatchDoesNotFit, a plan no context fits at its batch (on a device or the host). Both are said with the levers of the
-command that ran (COMMAND_LEVERS), the API's argument names where none did.
+DeviceMemoryExhausted, a one-line KLError naming what ran out, the memory plan's figure and what asks for less;
+ContextDoesNotFit, a plan past the room that a smaller context fits; and BatchDoesNotFit, a plan no context fits at its
+batch (on a device or the host). Each is said with the levers of the command that ran (COMMAND_LEVERS), the API's
+argument names where none did.
 
 torch is imported where it is used: the command line words a refusal with this module, and starts without torch."""
 from __future__ import annotations
@@ -30,19 +31,22 @@ FREE_THE_GPU = "stop what else holds the GPU"
 @dataclass(frozen=True)
 class DeviceLevers:
     """What asks for less of the device in one klconvert command: `levers`, its own flags, `fewer_bits`, how it
-    takes a model of fewer bits (None: it takes none -- quantize makes the bits, and holds a module at a time), and
-    `smaller_batch`, how it asks for fewer sequences (None: it plans none)."""
+    takes a model of fewer bits (None: it takes none -- quantize makes the bits, and holds a module at a time),
+    `smaller_batch`, how it asks for fewer sequences (None: it plans none), and `smaller_context`, the flag a refusal
+    names with the largest context that fits (None: the API's argument stays -- run's line names max_context with
+    its flag; bench words its own, as its rows plan more than the context asked)."""
 
     levers: tuple[str, ...]
     fewer_bits: str | None = FEWER_BITS
     smaller_batch: str | None = None
+    smaller_context: str | None = None
 
 
 # each command's own flags, as its out-of-GPU-memory line names them (the Python API's line names its arguments)
 COMMAND_LEVERS = {
     "run": DeviceLevers(("lower --max-context", "give fewer prompts"),   # run has no --batch: its prompts are one
                         smaller_batch="give fewer prompts (--prompt-file)"),
-    "eval": DeviceLevers(("lower --max-tokens",), smaller_batch="lower --max-tokens"),
+    "eval": DeviceLevers(("lower --max-tokens",), smaller_batch="lower --max-tokens", smaller_context="--max-tokens"),
     "bench": DeviceLevers(("lower --context, --prefill or --batch", "time fewer --layers of a --preset"),
                           "time fewer bits (--bits 4 with --preset; a --model folder of klconvert quantize --bits 4)",
                           "lower --batch"),
@@ -105,6 +109,31 @@ class DeviceMemoryExhausted(KLError):
         fewer = bool(self.fewer_bits) and fewer_bits
         return DeviceMemoryExhausted(f"{engine}: {self.said}", less_on_device(less, FEWER_BITS if fewer else None),
                                      fewer)
+
+
+class ContextDoesNotFit(KLError):
+    """A memory plan past the room its device (or the host) has, which a smaller context fits: at most `fit` tokens
+    (`or_less`: fewer hold what is asked too), said with `smaller`, what sets the context (the Python API's argument;
+    for_command: a command's flag), then `remedy`, where the host's limit has one."""
+
+    def __init__(self, said: str, fit: int, or_less: bool, smaller: str, remedy: str | None):
+        super().__init__(f"{said}; lower {smaller} to {fit}{' or less' if or_less else ''}"
+                         + ("" if remedy is None else f", or {remedy}"))
+        self.said, self.fit, self.or_less, self.remedy = said, fit, or_less, remedy
+
+    def for_command(self, command: str) -> ContextDoesNotFit:
+        """This refusal naming `command`'s own flag for the context (COMMAND_LEVERS); as it is for a command with
+        none there."""
+        ways = COMMAND_LEVERS.get(command)
+        if ways is None or ways.smaller_context is None:
+            return self
+        return self.ran_by("", ways.smaller_context)
+
+    def ran_by(self, engine: str, smaller: str) -> ContextDoesNotFit:
+        """This refusal as `engine`'s, one of several models a command runs (none: as it is), its context set by
+        `smaller`."""
+        return ContextDoesNotFit(f"{engine}: {self.said}" if engine else self.said, self.fit, self.or_less, smaller,
+                                 self.remedy)
 
 
 class BatchDoesNotFit(KLError):

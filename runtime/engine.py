@@ -24,7 +24,8 @@ from klconvert.quant import QuantScheme
 from klconvert.runtime.bind import bind, cpu_forms_bound, latent_kernel_reads, packed_choice
 from klconvert.runtime.cpu_modules import copy_bytes
 from klconvert.runtime.decode_step import DecodeStep, autocast_off, capturable
-from klconvert.runtime.device_memory import BatchDoesNotFit, device_allocation, device_room, fewer_bits_hold_less
+from klconvert.runtime.device_memory import (BatchDoesNotFit, ContextDoesNotFit, device_allocation, device_room,
+                                             fewer_bits_hold_less)
 from klconvert.runtime.host_malloc import large_blocks_mapped
 from klconvert.runtime.host_memory import NAMED_FIT_SHARE, host_allocation, host_memory
 from klconvert.runtime.memory_plan import (DECODE_COPIES, MAX_BATCH, PREFILL_ROWS, PREFILL_SEGMENT, MemoryPlan,
@@ -600,9 +601,9 @@ class Engine(Runner):
             if fit < needed_context <= context and fitting.total_for(needed_context) <= fitting.memory_limit:
                 fit = needed_context   # fits, though the multiple of 64 below it is all largest_context names
             if fit and fit >= needed_context:
-                advice = (f"lower {argument(context_name, '--max-context')} to {fit}"
-                          + (" or less" if fit > needed_context else ""))
-            elif plan.weights > limit:
+                raise ContextDoesNotFit(said, fit, fit > needed_context, argument(context_name, '--max-context'),
+                                        None if host is None else host.remedy)
+            if plan.weights > limit:
                 advice = "the weights alone do not fit: use a quantized model (klconvert quantize --bits 4)"
             elif not fit:
                 raise BatchDoesNotFit(said, batch, f"lower {argument('batch', '--batch')}",

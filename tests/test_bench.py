@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -21,7 +22,8 @@ from klconvert.errors import KLError
 from klconvert.models import bundled_dir
 from klconvert.presets import preset_config
 from klconvert.runtime import engine as engine_module
-from testkit import assert_one_line_error, gpu_with_free, run_cli
+from klconvert.units import size_text
+from testkit import assert_one_line_error, gpu_with_free, run_cli, shown_lines
 
 
 # the Triton path on CPU tensors: Triton's interpreter, which conftest turns on only where there is no GPU
@@ -488,3 +490,79 @@ def test_a_depth_check_whose_reference_does_not_fit_the_gpu_says_so(monkeypatch,
                                       r"for this process; pass "
                                       r"--no-check .* or time fewer layers \(--preset \.\.\. --layers N\)$"):
         B._refuse_a_reference_that_does_not_fit(config, torch.device("cuda"), 80)
+
+
+class BoundTheWeights(Exception):
+    """What a stand-in for binding the weights raises: the plan before it passed."""
+
+
+def _binding(*args, **kwargs):
+    raise BoundTheWeights
+
+
+def _a_gpu_with_free(monkeypatch, free: int) -> None:
+    """A CUDA GPU as bench sees one, with `free` bytes left (gpu_with_free), on a machine without: an engine's plan
+    is checked against it before any weight is read onto it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "a GPU")
+    monkeypatch.setattr(B, "copy_bandwidth", lambda *args, **kwargs: 1e12)
+    gpu_with_free(monkeypatch, free)
+
+
+NOT_FREE = 40 << 20   # free on a GPU: the tiny model's weights fit, with a context of some hundred tokens
+
+
+def _refused_line(code: int, err: str) -> str:
+    """bench's refusal on the command line: exit status 2, no traceback, and one line after the GPU's it reports
+    first."""
+    assert code == 2 and "Traceback" not in err, err
+    *before, line = shown_lines(err)
+    assert before == ["a GPU: copy 1000 GB/s; 8 layers, tiny"], err
+    return line
+
+
+@pytest.mark.parametrize("flag", ["--context", "--prefill"])
+def test_a_row_past_the_gpu_names_benchs_own_flag_and_a_value_of_it_that_fits(monkeypatch, capsys, flag):
+    """A row whose plan the GPU could not hold was told to "lower context (--max-context) to 704 or less": bench has
+    no --max-context, and a decode row plans its --new-tokens and spare cache rows past its --context, so 704 was no
+    --context that fitted. The line names the row's own flag, and the value it names passes the plan."""
+    _a_gpu_with_free(monkeypatch, NOT_FREE)
+    code, _, err = run_cli(capsys, "bench", "--model", "tiny", "--no-check", flag, "100000")
+    line = _refused_line(code, err)
+    said = re.fullmatch(rf"klconvert: error: the plan needs [\d.]+ [MG]B but cuda has {re.escape(size_text(NOT_FREE))}"
+                        rf" free for this process; lower {flag} to (\d+) or less", line)
+    assert said, line
+    monkeypatch.setattr(engine_module, "bind", _binding)
+    with pytest.raises(BoundTheWeights):
+        run_cli(capsys, "bench", "--model", "tiny", "--no-check", flag, said.group(1))
+
+
+def test_a_decode_row_whose_new_tokens_leave_no_context_that_fits_names_them(monkeypatch, capsys):
+    """The context that fits is under what a decode row plans past its --context: no --context to name."""
+    _a_gpu_with_free(monkeypatch, NOT_FREE)
+    code, _, err = run_cli(capsys, "bench", "--model", "tiny", "--no-check", "--context", "100000", "--new-tokens",
+                           "2000")
+    line = _refused_line(code, err)
+    assert re.fullmatch(rf"klconvert: error: the plan needs [\d.]+ [MG]B but cuda has {re.escape(size_text(NOT_FREE))}"
+                        r" free for this process; at most \d+ tokens of context fit, and a decode row plans 2,016 past "
+                        r"its --context \(--new-tokens and 16 spare cache rows\): lower --new-tokens or --batch",
+                        line), line
+
+
+def test_a_batch_no_context_fits_on_the_gpu_names_benchs_batch(monkeypatch, capsys):
+    """bench's line where its plan does not fit at any context, from the command line: its own --batch."""
+    _a_gpu_with_free(monkeypatch, NOT_FREE)
+    code, _, err = run_cli(capsys, "bench", "--model", "tiny", "--no-check", "--context", "64", "--batch", "4096")
+    line = _refused_line(code, err)
+    assert re.fullmatch(rf"klconvert: error: the plan needs [\d.]+ [MG]B but cuda has {re.escape(size_text(NOT_FREE))}"
+                        r" free for this process; no context fits a batch of 4096: lower --batch", line), line
+
+
+def test_a_model_whose_weights_alone_do_not_fit_the_gpu_is_told_to_quantize_it(monkeypatch, capsys):
+    """bench's line where the weights of a --model folder alone are past the GPU, from the command line."""
+    _a_gpu_with_free(monkeypatch, 1 << 20)
+    code, _, err = run_cli(capsys, "bench", "--model", "tiny", "--no-check")
+    line = _refused_line(code, err)
+    assert re.fullmatch(rf"klconvert: error: the plan needs [\d.]+ [MG]B but cuda has {re.escape(size_text(1 << 20))}"
+                        r" free for this process; the weights alone do not fit: use a quantized model \(klconvert "
+                        r"quantize --bits 4\)", line), line

@@ -19,7 +19,8 @@ from klconvert.evaluate import evaluate, render_eval
 from klconvert.models import BUNDLED_DIR
 from klconvert.runtime.host_memory import DATA_BOUND, HostMemory, HostMemoryExhausted
 from klconvert.tokenizer import Tokenizer
-from testkit import assert_one_line_error, run_cli
+from klconvert.units import size_text
+from testkit import assert_one_line_error, gpu_with_free, run_cli
 
 README = Path(__file__).parents[1] / "README.md"
 TEXT = "The quick brown fox jumps over the lazy dog; a tiny model reads the same line again and again. " * 8
@@ -607,3 +608,52 @@ def test_a_model_whose_weights_cannot_be_read_is_refused_before_the_reference_ru
                            "--max-tokens", "16", "--device", "cpu")
     assert_one_line_error(code, err, str(model))
     assert ran == []
+
+
+NOT_FREE = 40 << 20   # free on a GPU: the tiny model's weights fit, with a context of some hundred tokens
+
+
+def test_a_plan_past_the_gpu_names_the_model_and_a_max_tokens_that_fits(tmp_path, monkeypatch, capsys):
+    """A model whose plan the GPU could not hold was told to "lower max_context (--max-context) to 704 or less", a
+    flag eval does not take, and not which of its two models it was. The line names the model and eval's
+    --max-tokens; the value it names passes the plan (a CUDA GPU stands in, with NOT_FREE left: the plan is checked
+    before any weight is read onto it)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    gpu_with_free(monkeypatch, NOT_FREE)
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT * 8)                                        # over 2,000 tokens
+    args = ("eval", "--model", "tiny", "--reference", "tiny", "--text-file", text, "--device", "cuda", "--max-tokens")
+    code, _, err = run_cli(capsys, *args, "2000")
+    line = assert_one_line_error(code, err)
+    said = re.fullmatch(rf"klconvert: error: --reference tiny: the plan needs [\d.]+ MB but cuda has "
+                        rf"{re.escape(size_text(NOT_FREE))} free for this process; lower --max-tokens to (\d+) or less",
+                        line)
+    assert said and int(said.group(1)) < 2000, line
+    monkeypatch.setattr(engine_module, "bind", passed)
+    with pytest.raises(PassedTheCheck):
+        run_cli(capsys, *args, said.group(1))
+
+
+def test_a_plan_past_the_host_once_the_reference_ran_names_the_model(tiny_released, tmp_path, monkeypatch, capsys):
+    """The host left less once the reference had run than eval's own check found (here: no limit, then
+    a data-segment limit the model's plan is past): the line names --model, and eval's --max-tokens."""
+    import klconvert.evaluate as evaluate_module
+
+    limit = klconvert.load(tiny_released, device="cpu", max_context=64).plan.total_for(500)
+    plans: list[int] = []
+
+    def host_memory():   # the reference's plan has the host to itself; the model's, `limit`
+        plans.append(1)
+        return None if len(plans) == 1 else HostMemory(limit, *DATA_BOUND)
+
+    monkeypatch.setattr(evaluate_module, "host_memory", lambda: None)
+    monkeypatch.setattr(engine_module, "host_memory", host_memory)
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT * 4)
+    code, _, err = run_cli(capsys, "eval", "--model", tiny_released, "--reference", tiny_released, "--text-file", text,
+                           "--max-tokens", "1000", "--device", "cpu")
+    line = assert_one_line_error(code, err)
+    assert re.fullmatch(rf"klconvert: error: --model {re.escape(str(tiny_released))}: the plan needs [\d.]+ MB but cpu "
+                        r"has [\d.]+ MB available under the process's data-segment limit \(ulimit -d\); lower "
+                        r"--max-tokens to \d+ or less, or raise ulimit -d", line), line
