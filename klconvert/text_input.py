@@ -81,7 +81,8 @@ def _with_end(chunks: Iterator[bytes]) -> Iterator[bytes]:
 
 
 def read_prompt(prompt: str | None, prompt_file: str | None, tokenizer: Tokenizer, max_tokens: int) -> TokenizedText:
-    """`--prompt TEXT` or `--prompt-file FILE|-`, refused when empty; see read_tokens."""
+    """`--prompt TEXT` or `--prompt-file FILE|-`, refused when empty (whitespace alone is a prompt: "\\n" starts the
+    model unconditionally, as the API and eval take it); see read_tokens."""
     if (prompt is None) == (prompt_file is None):
         raise KLError("give the prompt as --prompt TEXT or --prompt-file FILE (- for standard input)"
                       + (", not both" if prompt is not None else ""))
@@ -90,9 +91,8 @@ def read_prompt(prompt: str | None, prompt_file: str | None, tokenizer: Tokenize
     else:
         where, chunks = f"--prompt-file {prompt_file}", _chunks(prompt_file, "--prompt-file")
     result = read_tokens(chunks, where, tokenizer, max_tokens)
-    if result.whole and not result.text.strip():
-        raise KLError(f"{where}: the prompt {'holds only whitespace' if result.text else 'is empty'}; write some "
-                      "text into it")
+    if not result.text:   # a text cut past the budget is never empty
+        raise KLError(f"{where}: the prompt is empty; write some text into it")
     return result
 
 

@@ -182,7 +182,7 @@ def test_an_eval_of_another_architecture_names_the_reference_as_given(capsys, ti
 
 def test_standard_input_is_named_as_given(capsys, tmp_path, monkeypatch):
     """--prompt-file - in every message about it (one said `standard input`, another `-`)."""
-    for text, args, needle in (("   ", (), "--prompt-file -: the prompt holds only whitespace"),
+    for text, args, needle in (("", (), "--prompt-file -: the prompt is empty"),
                                ("word " * 500, ("--max-context", "100"), "the prompt of --prompt-file - (")):
         (tmp_path / "in.txt").write_text(text, encoding="utf-8")
         with open(tmp_path / "in.txt", encoding="utf-8") as stdin:

@@ -144,9 +144,14 @@ def test_a_text_cut_where_a_window_ends_a_chunk_is_not_whole(tokenizer, monkeypa
     assert len(read.text) == 16 and len(read.ids) > 2 and not read.whole
 
 
-def test_a_prompt_cut_in_its_leading_whitespace_is_not_called_only_whitespace(tokenizer, monkeypatch):
-    """Cut at the budget inside leading whitespace: not whole, so not refused as a prompt of only whitespace (the CLI
-    then refuses it as past the context)."""
-    monkeypatch.setattr(text_input, "MAX_ENCODE_CHARS", 16)
-    read = read_prompt("\n \t" * 40 + "To be, or not to be", None, tokenizer, 2)
-    assert not read.text.strip() and len(read.ids) > 2 and not read.whole
+def test_a_prompt_of_whitespace_alone_is_read_and_an_empty_one_refused(tokenizer, tmp_path):
+    """Whitespace alone is a prompt ("\\n": the natural unconditional start, which the API runs and eval scores);
+    only no text at all is refused, a file holding a byte-order mark alone too."""
+    for text in ("\n", " \t\r\n"):
+        assert read_prompt(text, None, tokenizer, 100).ids == tokenizer.encode(text)
+    with pytest.raises(KLError, match=r"^--prompt: the prompt is empty; write some text into it$"):
+        read_prompt("", None, tokenizer, 100)
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbf")
+    with pytest.raises(KLError, match=r"bom\.txt: the prompt is empty"):
+        read_prompt(None, str(path), tokenizer, 100)
