@@ -917,7 +917,8 @@ def test_the_export_holds_a_tokenizer_json_that_encodes_as_klconvert(tmp_path):
     """onnxruntime has no tokenizer, and the export shipped tiktoken.model, which no standard library reads with Kimi's
     split (transformers converts it with a cl100k-like one of its own): a user encoding prompts for the graph had no
     file to do it right. It now holds quantize's tokenizer.json, written from the source's tiktoken files in place of
-    one the source ships, and genai_config.json names it."""
+    one the source ships, and genai_config.json names it. As README.md says, `tokenizers` gives klconvert's ids for a
+    special token's text in a prompt only with encode_special_tokens set: without it, that text is the control token."""
     source = shutil.copytree(bundled_dir(), tmp_path / "tiny")
     (source / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
     out = tmp_path / "onnx"
@@ -925,10 +926,14 @@ def test_the_export_holds_a_tokenizer_json_that_encodes_as_klconvert(tmp_path):
     data = (out / "tokenizer.json").read_bytes()
     assert data == tokenizer_json(klconvert.Tokenizer.from_folder(bundled_dir()), bundled_dir() / "tiktoken.model")
     tokenizer, backend = klconvert.Tokenizer.from_folder(out), tokenizers_backend(data)
-    for text in [*TEXTS, " I'll don't 日本語のテキスト\r\n"]:
+    special_text = f"Summarise: {''.join(tokenizer.special_tokens)} end"   # every special token's text, as typed
+    backend.encode_special_tokens = True
+    for text in [*TEXTS, " I'll don't 日本語のテキスト\r\n", special_text]:
         ids = tokenizer.encode(text)
         assert backend.encode(text, add_special_tokens=False).ids == ids
         assert backend.decode(ids) == text
+    backend.encode_special_tokens = False
+    assert set(backend.encode(special_text).ids) >= set(tokenizer.special_tokens.values())
     assert "tokenizer.json" in json.loads((out / GENAI_CONFIG).read_text())["tokenizer"]["files"]
 
 
