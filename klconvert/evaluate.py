@@ -23,6 +23,7 @@ from klconvert.runtime.device_memory import (ContextDoesNotFit, DeviceMemoryExha
 from klconvert.runtime.host_memory import HostMemory, host_allocation, host_memory
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.sampling import as_number
+from klconvert.text_input import text_tokens
 from klconvert.tokenizer import BPE_FILE, TOKENIZER_CONFIG_FILE, Tokenizer
 from klconvert.units import size_text
 
@@ -207,9 +208,9 @@ def _layer_routing(layer: int, ref: torch.Tensor, got: torch.Tensor) -> LayerRou
 def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: int = 2048, device: str | None = None,
              dtype: str | None = None) -> EvalResult:
     """Measure `model` against `reference` (folders; `tiny`: the bundled model) on `text` (tokenized with the
-    reference's tokenizer, cut to `max_tokens`). The reference runs first and is freed before the model loads: peak
-    memory is one model. A text whose run the host could not hold is refused before either loads; the CPU allocator
-    refusing anyway is HostMemoryExhausted (a MemoryError)."""
+    reference's tokenizer, cut to `max_tokens`: only as much of it is encoded as that takes). The reference runs first
+    and is freed before the model loads: peak memory is one model. A text whose run the host could not hold is refused
+    before either loads; the CPU allocator refusing anyway is HostMemoryExhausted (a MemoryError)."""
     names = f"--model {model}", f"--reference {reference}"   # as given: `tiny`, not where it is installed
     model, reference = (model_folder(value, name) for value, name in zip((model, reference), names))
     device = checked_device(device)
@@ -228,7 +229,7 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
     checkpoint = Checkpoint(model)   # its shards and headers checked before the reference runs (a 48B one: minutes)
     if any(isinstance(s, QuantizedSource) and s.scheme.kind == "nf4" for s in checkpoint.sources.values()):
         require("bitsandbytes.functional", f"{names[0]} (NF4 weights)")   # so is what reading them needs
-    ids = tokenizer.encode(text)[:tokens]
+    ids = text_tokens(text, "the evaluation text", tokenizer, tokens).ids[:tokens]   # not the whole of a long text
     if len(ids) < MIN_SCORED_TOKENS:
         raise KLError(f"the evaluation text (--text-file) is {len(ids)} token(s) long; give at least "
                       f"{MIN_SCORED_TOKENS} tokens of text to evaluate on")

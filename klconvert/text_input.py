@@ -1,6 +1,7 @@
-"""Prompt and evaluation text from a file, standard input or the command line, read no further than the tokens it
-may use: bytes arrive in chunks, are decoded, and are encoded window by window exactly where Tokenizer.encode cuts
-the text, so reading stops soon after the token budget is passed (`--prompt-file /dev/zero` ends, in bounded memory).
+"""Prompt and evaluation text from a file, standard input, the command line or a str, read no further than the tokens
+it may use: bytes arrive in chunks, are decoded, and are encoded window by window exactly where Tokenizer.encode cuts
+the text, so reading stops soon after the token budget is passed (`--prompt-file /dev/zero` ends, in bounded memory;
+evaluate's str of a whole corpus costs the windows its tokens take).
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import codecs
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 from klconvert.errors import KLError, not_utf8
@@ -48,36 +50,56 @@ def _text_chunks(text: str) -> Iterator[bytes]:
 
 
 def read_tokens(chunks: Iterator[bytes], where: str, tokenizer: Tokenizer, max_tokens: int) -> TokenizedText:
-    """Decode UTF-8 `chunks` (a byte-order mark at the start dropped, as editors on Windows write one) and encode
-    them, stopping once more than `max_tokens` ids are made; `where` names the source in errors."""
+    """Decode UTF-8 `chunks` (a byte-order mark at the start dropped, as editors on Windows write one) and encode them
+    as text_tokens does; `where` names the source in errors."""
+    return _encode_windows(_decoded(chunks, where), where, tokenizer, max_tokens)
+
+
+def text_tokens(text: str, where: str, tokenizer: Tokenizer, max_tokens: int) -> TokenizedText:
+    """A str encoded window by window, stopping once more than `max_tokens` ids are made: its first ids cost memory
+    for those windows, not for the whole text (no byte-order mark dropped: a str is text, not a file's bytes)."""
+    return _encode_windows((text[start:start + MAX_ENCODE_CHARS] for start in range(0, len(text), MAX_ENCODE_CHARS)),
+                           where, tokenizer, max_tokens)
+
+
+def _decoded(chunks: Iterator[bytes], where: str) -> Iterator[str]:
+    """The text of UTF-8 `chunks`, a leading byte-order mark dropped; a bad byte refused, placed in the stream."""
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     read = 0  # bytes handed to the decoder so far
-    pending, windows, ids = "", [], []
     at_start = True
     for chunk in _with_end(chunks):
         held = len(decoder.getstate()[0])
         try:
-            pending += decoder.decode(chunk, final=not chunk)
+            text = decoder.decode(chunk, final=not chunk)
         except UnicodeDecodeError as e:
             if read == 0 and e.start == 0 and chunk.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
                 raise KLError(f"{where}: UTF-16 text, not UTF-8 (it starts with {chunk[:2].hex(' ').upper()}, a "
                               "UTF-16 byte-order mark); convert it to UTF-8") from None
             raise KLError(f"{not_utf8(where, read - held + e.start)}; convert it to UTF-8") from None
         read += len(chunk)
-        if at_start and pending:
-            pending, at_start = pending.removeprefix(BYTE_ORDER_MARK), False
-        while len(pending) >= MAX_ENCODE_CHARS or (not chunk and pending):
-            window, pending = pending[:MAX_ENCODE_CHARS], pending[MAX_ENCODE_CHARS:]
-            windows.append(window)
-            ids += tokenizer.encode(window)
-            if len(ids) > max_tokens:
-                return TokenizedText("".join(windows), ids, whole=not (pending or chunk), where=where)
-    return TokenizedText("".join(windows), ids, whole=True, where=where)
+        if at_start and text:
+            text, at_start = text.removeprefix(BYTE_ORDER_MARK), False
+        yield text
 
 
 def _with_end(chunks: Iterator[bytes]) -> Iterator[bytes]:
     yield from chunks
-    yield b""  # the end: flush the decoder and encode what is left
+    yield b""  # the end: flush the decoder
+
+
+def _encode_windows(pieces: Iterator[str], where: str, tokenizer: Tokenizer, max_tokens: int) -> TokenizedText:
+    """Text arriving in `pieces` encoded window by window, cut exactly where Tokenizer.encode cuts it, so the ids are
+    the first of the whole text's; stops once more than `max_tokens` ids are made."""
+    pending, windows, ids = "", [], []
+    for piece in chain(pieces, [None]):   # None: the end, where what is left is encoded ("" may come before it)
+        pending += piece or ""
+        while len(pending) >= MAX_ENCODE_CHARS or (piece is None and pending):
+            window, pending = pending[:MAX_ENCODE_CHARS], pending[MAX_ENCODE_CHARS:]
+            windows.append(window)
+            ids += tokenizer.encode(window)
+            if len(ids) > max_tokens:
+                return TokenizedText("".join(windows), ids, whole=not pending and piece is None, where=where)
+    return TokenizedText("".join(windows), ids, whole=True, where=where)
 
 
 def read_prompt(prompt: str | None, prompt_file: str | None, tokenizer: Tokenizer, max_tokens: int) -> TokenizedText:

@@ -18,7 +18,7 @@ import klconvert.runtime.engine as engine_module
 from klconvert.evaluate import evaluate, render_eval
 from klconvert.models import BUNDLED_DIR
 from klconvert.runtime.host_memory import DATA_BOUND, HostMemory, HostMemoryExhausted
-from klconvert.tokenizer import Tokenizer
+from klconvert.tokenizer import MAX_ENCODE_CHARS, Tokenizer
 from klconvert.units import size_text
 from testkit import assert_one_line_error, gpu_with_free, run_cli
 
@@ -181,6 +181,37 @@ def test_the_readme_recipe_scores_a_crlf_file_as_the_command_does(tiny_released,
     with open(text, encoding="utf-8", newline="") as f:
         result = evaluate(tiny_perturbed, tiny_released, f.read(), max_tokens=64, device="cpu")
     assert out == render_eval(result, tiny_perturbed, tiny_released) + "\n"
+
+
+def test_a_long_text_costs_the_memory_of_its_first_tokens_not_of_its_length(tiny_released, monkeypatch):
+    """h221: evaluate encoded the whole text before cutting it to max_tokens -- a 29 MB str took 531 MB and 5.7 s for
+    64 tokens, a corpus read whole ~10 GB. It encodes window by window now, as --text-file is read: what reading ten
+    windows' text holds at its peak is about what encoding one window holds, and the ids are the whole text's first."""
+    import tracemalloc
+
+    tokenizer = Tokenizer.from_folder(tiny_released)
+    text = TEXT * (10 * MAX_ENCODE_CHARS // len(TEXT))
+    tracemalloc.start()
+    try:
+        tokenizer.encode(text[:MAX_ENCODE_CHARS])
+        one_window = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    seen = {}
+
+    def measured(path, ids, *args, **kwargs):   # where the reference would run: what reading the text held
+        seen["peak"], seen["ids"] = tracemalloc.get_traced_memory()[1], ids
+        raise PassedTheCheck
+
+    monkeypatch.setattr("klconvert.evaluate.run_model", measured)
+    tracemalloc.start()
+    try:
+        with pytest.raises(PassedTheCheck):
+            evaluate(tiny_released, tiny_released, text, max_tokens=64, device="cpu")
+    finally:
+        tracemalloc.stop()
+    assert seen["ids"] == tokenizer.encode(text[:MAX_ENCODE_CHARS])[:64]
+    assert seen["peak"] < 2 * one_window, f"{seen['peak']:,} bytes traced, one window {one_window:,}"
 
 
 def test_an_apps_default_dtype_changes_no_measure(tiny_released, tiny_perturbed):

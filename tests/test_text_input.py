@@ -9,7 +9,7 @@ import pytest
 from klconvert import text_input
 from klconvert.errors import KLError
 from klconvert.evaluate import MIN_SCORED_TOKENS
-from klconvert.text_input import read_prompt, read_text_file, read_tokens
+from klconvert.text_input import read_prompt, read_text_file, read_tokens, text_tokens
 from klconvert.tokenizer import MAX_ENCODE_CHARS, Tokenizer
 
 
@@ -45,6 +45,16 @@ def test_reading_stops_past_the_budget_with_a_prefix_of_the_ids(tokenizer, tmp_p
     read = read_tokens(text_input._chunks(str(path), "--text-file"), "here", tokenizer, 10)
     assert not read.whole and len(read.text) == MAX_ENCODE_CHARS and read.ids == full[:len(read.ids)]
     assert tokenizer.encode(read_text_file(path, "--text-file", tokenizer, 10))[:10] == full[:10]
+
+
+def test_a_str_is_encoded_window_by_window_as_it_is(tokenizer):
+    """evaluate's text: the first ids of Tokenizer.encode's, stopped past the budget; a byte-order mark in a str is
+    text (a file's is dropped where it is read)."""
+    text = "\ufeff" + awkward_text(3 * MAX_ENCODE_CHARS)
+    full = tokenizer.encode(text)
+    read = text_tokens(text, "text", tokenizer, 10)
+    assert not read.whole and len(read.text) == MAX_ENCODE_CHARS and read.ids == full[:len(read.ids)]
+    assert text_tokens(text[:1000], "text", tokenizer, 10**9).ids == tokenizer.encode(text[:1000])
 
 
 def test_a_bad_byte_is_placed_exactly(tokenizer, tmp_path, monkeypatch):
