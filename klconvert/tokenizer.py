@@ -28,6 +28,8 @@ from klconvert.verified_files import redownload_advice
 BPE_FILE = "tiktoken.model"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # newer HF folders keep the template here; it wins over the config's
+# The name of the template transformers renders a chat with, of the several a config's chat_template may list
+DEFAULT_CHAT_TEMPLATE = "default"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"  # transformers' copy of the specials; klconvert reads the config's
 TOKENIZER_FILES = (BPE_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE)  # a tokenizer folder's files (the release's)
 # what transformers 5 saves in their place (with a slim tokenizer_config.json): read by the `tokenizers` library,
@@ -261,6 +263,38 @@ def check_extra_special_tokens(config: dict, path: Path, special_tokens: Mapping
             special_token_text(token, where, special_tokens, path)
 
 
+def chat_template_text(value, path: Path) -> str:
+    """The jinja text a chat is rendered with, from tokenizer_config.json's chat_template `value` (not None) as
+    transformers reads it: the text itself, or from its list of named templates ([{"name": ..., "template": ...}],
+    which transformers loads as a {name: template} map, and takes as such a map too) the last one named
+    DEFAULT_CHAT_TEMPLATE. KLError for any other value, templates none of which is so named (transformers refuses the
+    chat too), and a text over MAX_CHAT_TEMPLATE_BYTES."""
+    where, named = "chat_template", None
+    if isinstance(value, list):
+        for i, entry in enumerate(value):
+            if not (isinstance(entry, dict) and "name" in entry and "template" in entry):
+                raise KLError(f"{path}: chat_template[{i}] is {shown(entry)}, not a named template "
+                              f"{{\"name\": ..., \"template\": ...}}; fix the file or {redownload_advice(path)}")
+        named = [(entry["name"], entry["template"]) for entry in value]
+    elif isinstance(value, dict):
+        named = list(value.items())
+    if named is not None:
+        defaults = [template for name, template in named if name == DEFAULT_CHAT_TEMPLATE]
+        if not defaults:
+            raise KLError(f"{path}: chat_template names its templates {shown([name for name, _ in named])}, none of "
+                          f"them {DEFAULT_CHAT_TEMPLATE!r}, the one a chat is rendered with; name the template to use "
+                          f"{DEFAULT_CHAT_TEMPLATE!r}, or send the prompt without --chat")
+        where, value = f"the chat_template named {DEFAULT_CHAT_TEMPLATE!r}", defaults[-1]
+    if not isinstance(value, str):
+        raise KLError(f"{path}: {where} should be one jinja string, got {type(value).__name__}; fix the file or "
+                      f"{redownload_advice(path)}")
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > MAX_CHAT_TEMPLATE_BYTES:   # held to the bound of the template file
+        raise KLError(f"{path}: {where} is {size:,} bytes, over the {MAX_CHAT_TEMPLATE_BYTES >> 20} MB a chat "
+                      f"template may be; fix the file or {redownload_advice(path)}")
+    return value
+
+
 def pieces_for_tiktoken(text: str, max_chars: int = MAX_ENCODE_CHARS,
                         max_run: int = MAX_RUN_CHARS) -> Iterator[str]:
     """`text` cut where the released tokenizer cuts it: every max_chars, and every max_run inside a longer run."""
@@ -288,7 +322,9 @@ class Tokenizer:
     """Kimi's tiktoken BPE with the special tokens and chat template of one checkpoint folder."""
 
     def __init__(self, name: str, ranks: dict[bytes, int], special_tokens: Mapping[str, int], bos_token: str,
-                 eos_token: str, pad_token: str | None, chat_template: str | None, chat_template_path: Path):
+                 eos_token: str, pad_token: str | None, chat_template, chat_template_path: Path):
+        """`chat_template`: as the folder gives it at `chat_template_path` (None: none), read by chat_template_text
+        where a chat needs it."""
         self._ranks = MappingProxyType(ranks)   # tiktoken keeps its own only as a private attribute
         self._encoding = tiktoken.Encoding(name=name, pat_str=KIMI_PRETOKENIZE_PATTERN, mergeable_ranks=ranks,
                                            special_tokens=dict(special_tokens))
@@ -396,14 +432,8 @@ class Tokenizer:
                               "fix the file or re-download the model") from None
         else:
             chat_template, chat_template_path = config.get("chat_template"), config_path
-            if chat_template is not None and not isinstance(chat_template, str):
-                raise KLError(f"{config_path}: chat_template should be one jinja string, got "
-                              f"{type(chat_template).__name__}; fix the file or {redownload_advice(config_path)}")
-            size = len(chat_template.encode("utf-8", "surrogatepass")) if chat_template else 0
-            if size > MAX_CHAT_TEMPLATE_BYTES:   # held to the bound of the template file
-                raise KLError(f"{config_path}: chat_template is {size:,} bytes, over the "
-                              f"{MAX_CHAT_TEMPLATE_BYTES >> 20} MB a chat template may be; fix the file or "
-                              f"{redownload_advice(config_path)}")
+            if isinstance(chat_template, str):   # held to its bound now, as chat_template.jinja is as it is read; any
+                chat_template_text(chat_template, config_path)   # other form only once a chat needs it
         return cls(folder.name or "kimi", ranks, special_tokens, named["bos_token"], named["eos_token"],
                    named["pad_token"], chat_template, chat_template_path)
 
@@ -482,6 +512,7 @@ class Tokenizer:
         if self._chat_template is None:
             raise KLError(f"{self._chat_template_path}: no chat_template (nor {CHAT_TEMPLATE_FILE}) in this "
                           "folder; send the prompt as plain text or use a checkpoint that ships a chat template")
+        template = chat_template_text(self._chat_template, self._chat_template_path)
         try:
             escaped = self._escape(messages, "messages")
         except RecursionError:
@@ -489,7 +520,7 @@ class Tokenizer:
                           "[{'role': ..., 'content': ...}] dicts of strings") from None
         per_id = self._rendered_chars_per_id
         try:
-            rendered = render_chat_template(self._chat_template, str(self._chat_template_path),
+            rendered = render_chat_template(template, str(self._chat_template_path),
                                             None if max_tokens is None else int(max_tokens) * per_id,
                                             messages=escaped, add_generation_prompt=True, bos_token=self._bos_token,
                                             eos_token=self._eos_token)

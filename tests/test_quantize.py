@@ -200,6 +200,21 @@ def test_a_source_s_tokenizer_json_is_replaced_by_one_of_its_tiktoken_files(tiny
     assert (out / "tokenizer.json").read_text() == '{"model": {"type": "BPE"}}'
 
 
+def test_a_list_of_named_chat_templates_is_carried_through(tiny_copy, tmp_path):
+    """transformers' list form of a config's chat_template ([{"name", "template"}]) refused the source whole ("should
+    be one jinja string, got list"); the output keeps it, and reads a chat as the source does, with the "default"."""
+    messages = [{"role": "user", "content": "hi"}]
+    chat = Tokenizer.from_folder(tiny_copy).encode_chat(messages)
+    path = tiny_copy / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["chat_template"] = [{"name": "default", "template": config["chat_template"]},
+                               {"name": "tool_use", "template": "{{ 'tools' }}"}]
+    path.write_text(json.dumps(config))
+    out = quantize(tiny_copy, tmp_path / "q", bits=8, progress=False).path
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == config["chat_template"]
+    assert Tokenizer.from_folder(out).encode_chat(messages) == chat
+
+
 def test_nf4_folder(tmp_path):
     source_folder = synth("tiny", tmp_path / "tiny2", layers=2, progress=False).path  # bitsandbytes is slow on CPU
     out = tmp_path / "tiny-nf4"

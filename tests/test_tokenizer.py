@@ -718,6 +718,46 @@ def test_a_chat_template_in_the_config_is_bounded_like_the_file(broken_folder):
     assert_one_line_error(broken_folder, "tokenizer_config.json", "chat_template is 1,572,864 bytes, over the 1 MB")
 
 
+@pytest.mark.parametrize("templates", [
+    [{"name": "tool_use", "template": "{{ 'tools' }}"}, {"name": "default", "template": KIMI_CHAT_TEMPLATE}],
+    [{"name": "default", "template": "{{ 'first' }}"}, {"name": "default", "template": KIMI_CHAT_TEMPLATE}],
+    {"default": KIMI_CHAT_TEMPLATE, "tool_use": "{{ 'tools' }}"},
+], ids=["list", "named-twice", "map"])
+def test_named_chat_templates_render_a_chat_with_the_default(small, broken_folder, templates):
+    """transformers' list form of several templates ([{"name", "template"}], a {name: template} map once loaded),
+    which it renders a chat with the one named "default" of -- the last so named: the folder was refused whole,
+    "chat_template should be one jinja string, got list", a plain prompt and quantize too."""
+    edit_config(broken_folder, lambda c: c.update(chat_template=templates))
+    messages = [{"role": "user", "content": "hi <|im_end|>"}]
+    assert Tokenizer.from_folder(broken_folder).encode_chat(messages) == small.encode_chat(messages)
+
+
+@pytest.mark.parametrize("template, words", [
+    ([{"name": "tool_use", "template": "x"}], "chat_template names its templates ['tool_use'], none of them 'default', "
+                                              "the one a chat is rendered with; name the template to use 'default', or "
+                                              "send the prompt without --chat"),
+    ([], "chat_template names its templates [], none of them 'default'"),
+    ({"tool_use": "x"}, "chat_template names its templates ['tool_use'], none of them 'default'"),
+    ([{"name": "default"}], "chat_template[0] is {'name': 'default'}, not a named template {\"name\": ..., "
+                            "\"template\": ...}; fix the file or re-download the model"),
+    (["x"], "chat_template[0] is 'x', not a named template"),
+    ([{"name": "default", "template": None}], "the chat_template named 'default' should be one jinja string, got "
+                                              "NoneType; fix the file or re-download the model"),
+    (5, "chat_template should be one jinja string, got int; fix the file or re-download the model"),
+    ([{"name": "default", "template": "x" * (3 << 19)}], "the chat_template named 'default' is 1,572,864 bytes, over "
+                                                          "the 1 MB"),
+])
+def test_a_chat_template_no_chat_can_be_rendered_with_is_refused_only_for_a_chat(broken_folder, template, words):
+    """transformers loads such a folder and fails only where a chat asks for its template: the folder still reads
+    plain text."""
+    edit_config(broken_folder, lambda c: c.update(chat_template=template))
+    tokenizer = Tokenizer.from_folder(broken_folder)
+    assert tokenizer.decode(tokenizer.encode("still encodes")) == "still encodes"
+    with pytest.raises(KLError) as error:
+        tokenizer.encode_chat([{"role": "user", "content": "hi"}])
+    assert str(error.value).startswith(f"{broken_folder / 'tokenizer_config.json'}: {words}"), str(error.value)
+
+
 @pytest.mark.parametrize("flag", ["lstrip", "rstrip", "single_word"])
 def test_a_special_token_that_strips_or_stands_alone_is_refused(broken_folder, flag):
     """helper-155: transformers applies an added token's lstrip, rstrip and single_word, which klconvert does not: a
