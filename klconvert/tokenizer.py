@@ -321,8 +321,8 @@ class ChatPastTokens(KLError):
 class Tokenizer:
     """Kimi's tiktoken BPE with the special tokens and chat template of one checkpoint folder."""
 
-    def __init__(self, name: str, ranks: dict[bytes, int], special_tokens: Mapping[str, int], bos_token: str,
-                 eos_token: str, pad_token: str | None, chat_template, chat_template_path: Path):
+    def __init__(self, name: str, ranks: dict[bytes, int], special_tokens: Mapping[str, int],
+                 bos_token: str | None, eos_token: str, pad_token: str | None, chat_template, chat_template_path: Path):
         """`chat_template`: as the folder gives it at `chat_template_path` (None: none), read by chat_template_text
         where a chat needs it."""
         self._ranks = MappingProxyType(ranks)   # tiktoken keeps its own only as a private attribute
@@ -413,9 +413,10 @@ class Tokenizer:
                       if key.endswith("_token") and key not in SPECIAL_TOKEN_KEYS and isinstance(value, str)]
         named = {key: named_special_token(config, key, special_tokens, config_path)
                  for key in (*SPECIAL_TOKEN_KEYS, *own_tokens)}
-        for key in ("bos_token", "eos_token"):
-            if named[key] is None:
-                raise KLError(f"{config_path}: '{key}' is not set; fix the file or {redownload_advice(config_path)}")
+        # eos ends a generated turn (stop_ids); bos klconvert only hands the chat template, and transformers loads a
+        # config that names none
+        if named["eos_token"] is None:
+            raise KLError(f"{config_path}: 'eos_token' is not set; fix the file or {redownload_advice(config_path)}")
         check_extra_special_tokens(config, config_path, special_tokens)
         chat_template_path = folder / CHAT_TEMPLATE_FILE
         if os.path.lexists(chat_template_path):   # a folder, FIFO or dangling link there is refused, not passed over
@@ -461,8 +462,8 @@ class Tokenizer:
         return self._special_tokens
 
     @property
-    def bos_id(self) -> int:
-        return self._special_tokens[self._bos_token]
+    def bos_id(self) -> int | None:
+        return None if self._bos_token is None else self._special_tokens[self._bos_token]
 
     @property
     def eos_id(self) -> int:
@@ -519,11 +520,13 @@ class Tokenizer:
             raise KLError("encode_chat: messages are nested too deeply (or a list or dict holds itself); give "
                           "[{'role': ..., 'content': ...}] dicts of strings") from None
         per_id = self._rendered_chars_per_id
+        # as transformers hands them: a token the config names none of is no variable (undefined: it prints nothing)
+        tokens = {key: token for key, token in (("bos_token", self._bos_token), ("eos_token", self._eos_token))
+                  if token is not None}
         try:
             rendered = render_chat_template(template, str(self._chat_template_path),
                                             None if max_tokens is None else int(max_tokens) * per_id,
-                                            messages=escaped, add_generation_prompt=True, bos_token=self._bos_token,
-                                            eos_token=self._eos_token)
+                                            messages=escaped, add_generation_prompt=True, **tokens)
         except RenderPastBound as e:
             raise ChatPastTokens(int(max_tokens), f"{e}, more than {max_tokens:,} tokens can hold at up to {per_id} "
                                  "characters a token") from None

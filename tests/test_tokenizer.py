@@ -214,6 +214,24 @@ def test_the_template_is_given_the_bos_token(broken_folder):
     assert tokenizer.encode_chat([{"role": "user", "content": "hi"}]) == [tokenizer.bos_id, *tokenizer.encode("hi")]
 
 
+@pytest.mark.parametrize("drop", [lambda c: c.pop("bos_token"), lambda c: c.update(bos_token=None)],
+                         ids=["absent", "null"])
+def test_a_config_naming_no_bos_token_is_read_and_its_template_given_none(broken_folder, drop):
+    """klconvert hands bos only to the chat template, and transformers loads such a config, rendering a chat with
+    bos_token undefined (printed as nothing): the folder was refused whole, "'bos_token' is not set"."""
+    edit_config(broken_folder, drop)
+    (broken_folder / "chat_template.jinja").write_text("[{{ bos_token }}]{{ messages[0]['content'] }}")
+    tokenizer = Tokenizer.from_folder(broken_folder)
+    assert tokenizer.bos_id is None
+    assert tokenizer.encode_chat([{"role": "user", "content": "hi"}]) == tokenizer.encode("[]hi")
+
+
+def test_a_config_naming_no_eos_token_is_refused(broken_folder):
+    """eos ends a generated turn (stop_ids): it cannot go unnamed as bos can."""
+    edit_config(broken_folder, lambda c: c.pop("eos_token"))
+    assert_one_line_error(broken_folder, "tokenizer_config.json", "'eos_token' is not set; fix the file or")
+
+
 def test_templates_render_as_transformers_renders_them():
     """trim_blocks and lstrip_blocks (a block tag's own line leaves nothing), and loop controls, as transformers'
     render_jinja_template sets them."""
