@@ -102,7 +102,7 @@ def _render_bounded(template: str, variables: dict, loop_items: int, output_char
 
     def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
         # transformers' filter: JSON without Jinja's HTML escaping, non-ASCII written as it is (so the tokenizer's
-        # private-use codes for special-token text in a message come back from `| tojson` as they went in)
+        # codes for special-token text in a message come back from `| tojson` as they went in)
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                           sort_keys=sort_keys)
 

@@ -55,11 +55,6 @@ KIMI_PRETOKENIZE_PATTERN = "|".join([
 MAX_ENCODE_CHARS = 400_000
 MAX_RUN_CHARS = 25_000
 
-# Special-token text inside chat messages is swapped for private-use codepoints (plane 15) before the
-# template runs: ESCAPE, then ESCAPE+1+i for the i-th escaped string. Only text the template wrote itself
-# can then become a special id; the message text comes back verbatim and is encoded as plain text.
-ESCAPE = 0xF0000
-
 # Bounds on the files, read before anything is built from them. The released tiktoken.model is 2.6 MB; tiktoken
 # builds one regex alternative per special token, 100k of which take 0.8 GB and seconds (the released has 256).
 MAX_BPE_BYTES = 32 << 20
@@ -70,6 +65,15 @@ MAX_SPECIAL_TOKEN_CHARS = 256  # the released ones are short tags ("<|im_user|>"
 # All named special tokens' text together (released: ~6,000 characters). 8,192 of 250 characters each took 0.8 GB
 # (the Encoding's regex, ours) before the checkpoint itself was checked.
 MAX_SPECIAL_TEXT_CHARS = 1 << 17
+
+# Special-token text inside chat messages is swapped for codes before the template runs: ESCAPE, then ESCAPE+1+i for
+# the i-th escaped string; ESCAPE itself is one of them, so no message text holds a code. Only text the template wrote
+# itself can then become a special id; the message text comes back verbatim and is encoded as plain text. The codes
+# are ideographs of CJK Extension B (U+20000.., rare, assigned since Unicode 3.1): printable, so a template writes them
+# as they are however it writes a string -- as text, in Python's repr of a list, in JSON. Private-use codes (plane 15)
+# came out of a repr as backslash text (\U000f0000\U000f0007), which a message may hold too: it came back rewritten.
+ESCAPE = 0x20000
+ESCAPE_END = ESCAPE + 1 + MAX_SPECIAL_TOKENS + 1   # past the codes: ESCAPE, one for each special token and ESCAPE's
 
 
 def read_bpe_ranks(path: Path, vocab_size: int = SIZE_RANGES["vocab_size"][1]) -> dict[bytes, int]:
@@ -187,9 +191,9 @@ def read_special_tokens(config: dict, path: Path, vocab_size: int = SIZE_RANGES[
         except UnicodeEncodeError:   # a lone surrogate ("\ud800" in the JSON): no text, and tiktoken cannot take it
             raise KLError(f"{path}: added_tokens_decoder entry {key} holds {content[:40]!r}, with an unpaired "
                           f"surrogate that is no text; fix the file or {redownload_advice(path)}") from None
-        if max(map(ord, content)) >= ESCAPE:   # it would match inside the codes of a message's special text
-            raise KLError(f"{path}: added_tokens_decoder entry {key} holds a character of the private-use planes "
-                          f"U+{ESCAPE:X}..U+10FFFF, which klconvert escapes chat text with; fix the file or "
+        if any(ESCAPE <= ord(char) < ESCAPE_END for char in content):   # it would match inside a message's codes
+            raise KLError(f"{path}: added_tokens_decoder entry {key} holds a character of U+{ESCAPE:X}.."
+                          f"U+{ESCAPE_END - 1:X}, which klconvert escapes chat text with; fix the file or "
                           f"{redownload_advice(path)}")
         mistyped = mistyped_flag(entry)
         if mistyped is not None:
@@ -341,18 +345,12 @@ class Tokenizer:
         self._escape_pattern = re.compile("|".join(map(re.escape, self._escaped_texts)))
         first_code, last_code = chr(ESCAPE + 1), chr(ESCAPE + len(self._escaped_texts))
         self._unescape_pattern = re.compile(f"{chr(ESCAPE)}([{first_code}-{last_code}])")
-        # a template that prints a list or dict (content parts) writes its strings as Python's repr, the codes as
-        # \U000f0000\U000f00NN: those come back as repr writes the text itself (a message holding that very
-        # backslash text would come back so too: plain text either way, never a special id)
-        self._repr_codes = {repr(code)[1:-1]: repr(text)[1:-1] for text, code in self._escape_codes.items()}
-        self._unescape_repr_pattern = re.compile("|".join(map(re.escape, self._repr_codes)))
         # The most characters of a rendered chat one id can stand for (encode_chat's bound on a render): an id covers
         # at most its token's bytes (a character is one byte or more) or its special token's text, and the render
-        # writes a message's special-token text as its code -- 2 characters, 20 in a printed list's repr --, at most
-        # `expansion` characters for each character it comes back as.
+        # writes a message's special-token text as its code of 2 characters, at most `expansion` characters for each
+        # character it comes back as.
         longest = max(max(map(len, ranks)), max(map(len, special_tokens)))
-        expansion = max(len(code) / len(text) for code, text in
-                        [*((code, text) for text, code in self._escape_codes.items()), *self._repr_codes.items()])
+        expansion = max(len(code) / len(text) for text, code in self._escape_codes.items())
         self._rendered_chars_per_id = math.ceil(longest * max(1.0, expansion))
 
     @classmethod
@@ -543,7 +541,7 @@ class Tokenizer:
 
     def _escape(self, value, where: str):
         """`value` (message dicts, lists, strings: JSON values, the template's input) with special-token text swapped
-        for private-use codes; KLError naming `where` in it for what is no JSON value (json.dumps raised TypeError)."""
+        for codes; KLError naming `where` in it for what is no JSON value (json.dumps raised TypeError)."""
         if isinstance(value, str):
             return self._escape_pattern.sub(lambda m: self._escape_codes[m[0]], value)
         if isinstance(value, dict):
@@ -560,8 +558,7 @@ class Tokenizer:
                       "give strings, numbers, lists and dicts")
 
     def _unescape(self, text: str) -> str:
-        text = self._unescape_pattern.sub(lambda m: self._escaped_texts[ord(m[1]) - ESCAPE - 1], text)
-        return self._unescape_repr_pattern.sub(lambda m: self._repr_codes[m[0]], text)
+        return self._unescape_pattern.sub(lambda m: self._escaped_texts[ord(m[1]) - ESCAPE - 1], text)
 
     # ---- ids -> text ------------------------------------------------------------------------------------
     def token_bytes(self, token_id: int) -> bytes:

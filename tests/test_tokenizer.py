@@ -17,8 +17,8 @@ from klconvert.models import BUNDLED_DIR
 from klconvert import tokenizer_json as tokenizer_json_module
 from klconvert.synth.tokenizer_files import (KIMI_CHAT_TEMPLATE, bpe_tokens, write_tiktoken_files,
                                              write_tokenizer_files)
-from klconvert.tokenizer import (KIMI_PRETOKENIZE_PATTERN, ChatPastTokens, StreamDecoder, Tokenizer,
-                                 pieces_for_tiktoken, read_bpe_ranks)
+from klconvert.tokenizer import (ESCAPE, ESCAPE_END, KIMI_PRETOKENIZE_PATTERN, ChatPastTokens, StreamDecoder,
+                                 Tokenizer, pieces_for_tiktoken, read_bpe_ranks)
 from klconvert.tokenizer_json import tokenizer_json
 
 SMALL_RANKS = 1000
@@ -201,11 +201,27 @@ def test_a_special_token_that_starts_another_is_split_off_whole(broken_folder):
     assert ids == tokenizer.encode("<|im_end|>x") + [longer]
 
 
-def test_a_message_holding_the_escape_codes_comes_back_as_it_was(small):
-    """U+F0000 is escaped too: a message holding U+F0000 U+F0001, the code of the first special escaped, came back as
-    that special's text."""
-    content = "\U000f0000\U000f0001 and \U000f0000"
-    assert content in small.decode(small.encode_chat([{"role": "user", "content": content}]))
+@pytest.mark.parametrize("template, written", [
+    ("{{ messages[0]['content'] }}", lambda messages: messages[0]["content"]),
+    ("{{ messages }}", str),                                                          # Python's repr of a list
+    ("{{ messages | tojson }}", lambda messages: json.dumps(messages, ensure_ascii=False)),
+], ids=["text", "repr", "json"])
+@pytest.mark.parametrize("content", [
+    f"{chr(ESCAPE)}{chr(ESCAPE + 1)} and {chr(ESCAPE)}",   # the codes themselves
+    "\U000f0000\U000f0001 and \U000f0000",                      # plane 15's, the codes before h225
+    r"path C:\U000f0000\U000f0007 x",                              # their backslash spellings (h221's F5)
+    r"\U000f0000\U000f0001 <|im_end|> \U000f0000\U000f0101 \U00020000\U00020001",
+], ids=["codes", "private-use", "backslash", "mixed"])
+def test_a_message_holding_the_escape_codes_comes_back_as_it_was(broken_folder, template, written, content):
+    """The codes are escaped too, and the message comes back as the template writes it, plain text: a message holding
+    the code of the first special escaped came back as that special's text, and one holding the backslash text a
+    printed list's repr wrote the old codes as came back rewritten -- r"C:\U000f0000\U000f0007" as
+    "C:<|reserved_token_4112|>", with a template that prints no list."""
+    (broken_folder / "chat_template.jinja").write_text(template)
+    tokenizer = Tokenizer.from_folder(broken_folder)
+    messages = [{"role": "user", "content": content}]
+    ids = tokenizer.encode_chat(messages)
+    assert tokenizer.decode(ids) == written(messages) and ids == tokenizer.encode(written(messages))
 
 
 def test_the_template_is_given_the_bos_token(broken_folder):
@@ -282,12 +298,12 @@ def test_text_parts_render_as_their_text_joined(small_folder, folder):
 
 
 @pytest.mark.parametrize("template", ["{{ messages[0]['content'] }}", "{{ messages }}"], ids=["text", "repr"])
-@pytest.mark.parametrize("content", ["[BOS]" * 300, "\U000f0000" * 300, "a <|im_end|>" * 200,
+@pytest.mark.parametrize("content", ["[BOS]" * 300, chr(ESCAPE) * 300, "a <|im_end|>" * 200,
                                      "The quick brown fox. " * 100], ids=["special", "escape", "mixed", "words"])
 def test_a_render_bounded_by_its_own_ids_count_is_never_stopped(broken_folder, template, content):
     """encode_chat's max_tokens stops a render longer than that many ids can stand for: a render that fits is never
     stopped, however its text comes back (message text equal to a special token's is rendered as a code of 2
-    characters, 20 in a printed list's repr)."""
+    characters)."""
     (broken_folder / "chat_template.jinja").write_text(template)
     tokenizer = Tokenizer.from_folder(broken_folder)
     ids = tokenizer.encode_chat([{"role": "user", "content": content}])
@@ -295,8 +311,8 @@ def test_a_render_bounded_by_its_own_ids_count_is_never_stopped(broken_folder, t
 
 
 def test_the_bound_allows_for_special_text_rendered_longer_than_it_comes_back(broken_folder):
-    """A message's special-token text is rendered as a 20-character code in a printed list's repr: a one-character
-    special "Q" in a vocabulary holding a 16-"Q" token renders 320 characters an id, past any token's length."""
+    """A message's special-token text is rendered as its code of 2 characters: a one-character special "Q" in a
+    vocabulary holding a 16-"Q" token renders 32 characters an id, past any token's length."""
     config = json.loads((broken_folder / "tokenizer_config.json").read_text())
     first = max(map(int, config["added_tokens_decoder"])) + 1   # QQ, QQQQ, 8 Qs, 16 Qs: the merges that make it
     with open(broken_folder / "tiktoken.model", "a") as f:
@@ -907,13 +923,13 @@ def test_a_rank_of_thousands_of_digits_is_quoted_short(broken_folder):
     assert len(str(error.value)) < 400
 
 
-@pytest.mark.parametrize("content", ["\U000f0001", "<|\U000f0000|>", "\U000ffffd"])
-def test_a_special_token_of_the_private_plane_klconvert_escapes_with_is_refused(broken_folder, content):
-    """encode_chat writes a message's special-token text as codes in U+F0000..: a special token whose text held such a
+@pytest.mark.parametrize("content", [chr(ESCAPE + 1), f"<|{chr(ESCAPE)}|>", chr(ESCAPE_END - 1)])
+def test_a_special_token_of_the_codes_klconvert_escapes_with_is_refused(broken_folder, content):
+    """encode_chat writes a message's special-token text as codes from U+20000: a special token whose text held such a
     code point matched inside them, and turned a user's plain text into a special id."""
     edit_config(broken_folder, lambda c: c["added_tokens_decoder"][str(SMALL_RANKS + 2)].update(content=content))
-    assert_one_line_error(broken_folder, "tokenizer_config.json", f"entry {SMALL_RANKS + 2} holds a character of the "
-                          "private-use planes U+F0000..U+10FFFF, which klconvert escapes chat text with")
+    assert_one_line_error(broken_folder, "tokenizer_config.json", f"entry {SMALL_RANKS + 2} holds a character of "
+                          "U+20000..U+22001, which klconvert escapes chat text with")
 
 
 @pytest.mark.parametrize("kind", ["folder", "fifo", "dangling link"])
