@@ -267,21 +267,26 @@ def check_extra_special_tokens(config: dict, path: Path, special_tokens: Mapping
             special_token_text(token, where, special_tokens, path)
 
 
+def named_chat_templates(value, path: Path) -> list[tuple[object, object]] | None:
+    """The (name, template) pairs of tokenizer_config.json's chat_template `value` where it lists named templates
+    ([{"name": ..., "template": ...}], or such a {name: template} map), else None. KLError for a list entry that is no
+    named template: transformers fails loading such a folder, not only its chat."""
+    if isinstance(value, list):
+        for i, entry in enumerate(value):
+            if not (isinstance(entry, dict) and "name" in entry and "template" in entry):
+                raise KLError(f"{path}: chat_template[{i}] is {shown(entry)}, not a named template "
+                              f"{{\"name\": ..., \"template\": ...}}; fix the file or {redownload_advice(path)}")
+        return [(entry["name"], entry["template"]) for entry in value]
+    return list(value.items()) if isinstance(value, dict) else None
+
+
 def chat_template_text(value, path: Path) -> str:
     """The jinja text a chat is rendered with, from tokenizer_config.json's chat_template `value` (not None) as
     transformers reads it: the text itself, or from its list of named templates ([{"name": ..., "template": ...}],
     which transformers loads as a {name: template} map, and takes as such a map too) the last one named
     DEFAULT_CHAT_TEMPLATE. KLError for any other value, templates none of which is so named (transformers refuses the
     chat too), and a text over MAX_CHAT_TEMPLATE_BYTES."""
-    where, named = "chat_template", None
-    if isinstance(value, list):
-        for i, entry in enumerate(value):
-            if not (isinstance(entry, dict) and "name" in entry and "template" in entry):
-                raise KLError(f"{path}: chat_template[{i}] is {shown(entry)}, not a named template "
-                              f"{{\"name\": ..., \"template\": ...}}; fix the file or {redownload_advice(path)}")
-        named = [(entry["name"], entry["template"]) for entry in value]
-    elif isinstance(value, dict):
-        named = list(value.items())
+    where, named = "chat_template", named_chat_templates(value, path)
     if named is not None:
         defaults = [template for name, template in named if name == DEFAULT_CHAT_TEMPLATE]
         if not defaults:
@@ -435,6 +440,11 @@ class Tokenizer:
                 chat_template_text(chat_template, config_path)   # other form only once a chat needs it
         return cls(folder.name or "kimi", ranks, special_tokens, named["bos_token"], named["eos_token"],
                    named["pad_token"], chat_template, chat_template_path)
+
+    def check_chat_template_loads(self) -> None:
+        """KLError where the chat template is in a form transformers fails to load the folder with (a list entry that
+        is no named template); its other faults only a chat meets (encode_chat)."""
+        named_chat_templates(self._chat_template, self._chat_template_path)
 
     # ---- ids --------------------------------------------------------------------------------------------
     @property

@@ -124,5 +124,9 @@ def tokenizer_json(tokenizer: Tokenizer, bpe_path: Path) -> bytes:
 def written_tokenizer_json(tokenizer: Tokenizer | None, folder: Path) -> dict[str, bytes]:
     """{tokenizer.json: its bytes} for the tokenizer read from `folder` (check_tokenizer_if_any's; {} where the folder
     has none), which quantize and export-onnx write beside the tiktoken files they copy, in place of any tokenizer.json
-    the folder holds: the file transformers (vLLM too) and `tokenizers` read before tiktoken.model."""
-    return {TRANSFORMERS_TOKENIZER_FILE: tokenizer_json(tokenizer, folder / BPE_FILE)} if tokenizer is not None else {}
+    the folder holds: the file transformers (vLLM too) and `tokenizers` read before tiktoken.model. KLError for a chat
+    template the copied tokenizer_config.json would keep transformers from loading the output with."""
+    if tokenizer is None:
+        return {}
+    tokenizer.check_chat_template_loads()
+    return {TRANSFORMERS_TOKENIZER_FILE: tokenizer_json(tokenizer, folder / BPE_FILE)}

@@ -25,6 +25,7 @@ from klconvert.synth.checkpoint import synth
 from klconvert.tokenizer import Tokenizer
 from klconvert.tokenizer_json import tokenizer_json
 from klconvert.convert import outputs
+from testkit import assert_one_line_error, run_cli
 from quantize_helpers import count_quantize_calls, folder_files
 
 EXPERT = "model.layers.1.block_sparse_moe.experts.3.w2"
@@ -213,6 +214,18 @@ def test_a_list_of_named_chat_templates_is_carried_through(tiny_copy, tmp_path):
     out = quantize(tiny_copy, tmp_path / "q", bits=8, progress=False).path
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == config["chat_template"]
     assert Tokenizer.from_folder(out).encode_chat(messages) == chat
+
+
+def test_a_list_of_chat_templates_transformers_cannot_load_is_refused(tiny_copy, tmp_path, capsys):
+    """A list entry that is no named template fails transformers as it loads the folder (run reads such a folder, and
+    refuses it only for a chat): quantize copied it into an output transformers and vLLM cannot load."""
+    path = tiny_copy / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["chat_template"] = [{"name": "default", "template": config["chat_template"]}, "{{ 'tools' }}"]
+    path.write_text(json.dumps(config))
+    code, _, err = run_cli(capsys, "quantize", tiny_copy, tmp_path / "q", "--bits", "8", "--device", "cpu")
+    assert_one_line_error(code, err, f"{path}: chat_template[1] is ", "not a named template")
+    assert not (tmp_path / "q").exists()
 
 
 def test_nf4_folder(tmp_path):
