@@ -33,8 +33,8 @@ class DeviceLevers:
     """What asks for less of the device in one klconvert command: `levers`, its own flags, `fewer_bits`, how it
     takes a model of fewer bits (None: it takes none -- quantize makes the bits, and holds a module at a time),
     `smaller_batch`, how it asks for fewer sequences (None: it plans none), and `smaller_context`, the flag a refusal
-    names with the largest context that fits (None: the API's argument stays -- run's line names max_context with
-    its flag; bench words its own, as its rows plan more than the context asked)."""
+    names with the largest context that fits (None: the API's argument stays -- bench words its own, as its rows
+    plan more than the context asked)."""
 
     levers: tuple[str, ...]
     fewer_bits: str | None = FEWER_BITS
@@ -45,7 +45,7 @@ class DeviceLevers:
 # each command's own flags, as its out-of-GPU-memory line names them (the Python API's line names its arguments)
 COMMAND_LEVERS = {
     "run": DeviceLevers(("lower --max-context", "give fewer prompts"),   # run has no --batch: its prompts are one
-                        smaller_batch="give fewer prompts (--prompt-file)"),
+                        smaller_batch="give fewer prompts (--prompt-file)", smaller_context="--max-context"),
     "eval": DeviceLevers(("lower --max-tokens",), smaller_batch="lower --max-tokens", smaller_context="--max-tokens"),
     "bench": DeviceLevers(("lower --context, --prefill or --batch", "time fewer --layers of a --preset"),
                           "time fewer bits (--bits 4 with --preset; a --model folder of klconvert quantize --bits 4)",

@@ -11,7 +11,7 @@ import torch
 import klconvert
 from klconvert.errors import KLError
 from klconvert.tokenizer import Tokenizer
-from testkit import assert_one_line_error, emitting_a_special, run_cli, run_klconvert
+from testkit import assert_one_line_error, emitting_a_special, gpu_with_free, run_cli, run_klconvert
 
 
 @pytest.mark.slow
@@ -289,6 +289,40 @@ def test_a_batch_no_context_fits_names_runs_own_flag(tmp_path, capsys, monkeypat
     line = assert_one_line_error(code, err, "; no context fits a batch of 16: give fewer prompts (--prompt-file), "
                                             "or raise ulimit -v")
     assert "--batch" not in line
+
+
+class BoundTheWeights(Exception):
+    """What a stand-in for binding the weights raises: the plan before it passed."""
+
+
+def _binding(*args, **kwargs):
+    raise BoundTheWeights
+
+
+def _a_gpu_with_free(monkeypatch, free: int) -> None:
+    """A CUDA GPU as run sees one, with `free` bytes left (gpu_with_free), on a machine without: the plan is checked
+    against it before any weight is read onto it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    gpu_with_free(monkeypatch, free)
+
+
+def test_a_plan_past_the_gpu_names_runs_own_flag_for_the_context(capsys, monkeypatch):
+    """run's line where a smaller context fits said "lower max_context (--max-context) to N", the Python API's name
+    beside the flag: it names run's flag alone, and the context it names passes the plan."""
+    import klconvert.runtime.engine
+
+    _a_gpu_with_free(monkeypatch, 40 << 20)   # the tiny model's weights fit, with a context of some hundred tokens
+    args = ("run", "--model", "tiny", "--prompt", "ROMEO.", "--max-new-tokens", "2", "--device", "cuda",
+            "--max-context")
+    code, _, err = run_cli(capsys, *args, "100000")
+    line = assert_one_line_error(code, err)
+    said = re.fullmatch(r"klconvert: error: the plan needs [\d.]+ [MG]B but cuda has 41\.94 MB free for this process; "
+                        r"lower --max-context to (\d+) or less", line)
+    assert said, line
+    monkeypatch.setattr(klconvert.runtime.engine, "bind", _binding)
+    with pytest.raises(BoundTheWeights):
+        run_cli(capsys, *args, said.group(1))
 
 
 BENCH_FEWER_BITS = "time fewer bits (--bits 4 with --preset; a --model folder of klconvert quantize --bits 4), "
