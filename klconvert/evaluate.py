@@ -18,8 +18,8 @@ from klconvert.errors import KLError, a_type, argument, shown
 from klconvert.extras import require
 from klconvert.models import model_folder
 from klconvert.runtime.bind import cpu_forms_bound
-from klconvert.runtime.device_memory import (ContextDoesNotFit, DeviceMemoryExhausted, device_allocation,
-                                             device_exhausted)
+from klconvert.runtime.device_memory import (ContextDoesNotFit, DeviceMemoryExhausted, WeightsDoNotFit,
+                                             device_allocation, device_exhausted)
 from klconvert.runtime.host_memory import HostMemory, host_allocation, host_memory
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.sampling import as_number
@@ -98,11 +98,14 @@ def run_model(path: Path, ids: list[int], device: str | torch.device | None, dty
     allocator refusing any of it (loading, the log-probs, a segment's logits) is HostMemoryExhausted (a
     MemoryError), naming the model as `named` (as the user gave it: "--model tiny"; default: its path); the GPU's,
     in the engine or out of it, DeviceMemoryExhausted naming it too, and a model of fewer bits only where it is not
-    the `reference`; a plan past the room that fewer tokens fit, ContextDoesNotFit naming it and max_tokens."""
+    the `reference`; a plan past the room that fewer tokens fit, ContextDoesNotFit naming it and max_tokens; one
+    that no context fits beside the weights, WeightsDoNotFit naming it, and fewer bits as the GPU's refusal does."""
     try:
         return _run_model(path, ids, device, dtype, named)
     except ContextDoesNotFit as e:   # the context planned is the text's tokens, which max_tokens sets
         raise e.ran_by(named or str(path), CONTEXT_ARGUMENT) from None
+    except WeightsDoNotFit as e:
+        raise e.ran_by(named or str(path), not reference) from None
     except (DeviceMemoryExhausted, RuntimeError) as e:   # torch.OutOfMemoryError is a RuntimeError
         exhausted = e if isinstance(e, DeviceMemoryExhausted) else device_exhausted(e, LESS_ON_DEVICE)
         if exhausted is None:

@@ -1,9 +1,10 @@
 """What the process can still have on a CUDA device -- not the card's total, which the CUDA context, other processes
 and this one's own allocations already share -- and the caching allocator's refusal (torch.OutOfMemoryError) as
 DeviceMemoryExhausted, a one-line KLError naming what ran out, the memory plan's figure and what asks for less;
-ContextDoesNotFit, a plan past the room that a smaller context fits; and BatchDoesNotFit, a plan no context fits at its
-batch (on a device or the host). Each is said with the levers of the command that ran (COMMAND_LEVERS), the API's
-argument names where none did.
+ContextDoesNotFit, a plan past the room that a smaller context fits; BatchDoesNotFit, a plan no context fits at its
+batch; and WeightsDoNotFit, one no context fits at a batch of one, the weights taking (nearly) all the room (on a
+device or the host). Each is said with the levers of the command that ran (COMMAND_LEVERS), the API's argument names
+where none did.
 
 torch is imported where it is used: the command line words a refusal with this module, and starts without torch."""
 from __future__ import annotations
@@ -32,14 +33,15 @@ FREE_THE_GPU = "stop what else holds the GPU"
 class DeviceLevers:
     """What asks for less of the device in one klconvert command: `levers`, its own flags, `fewer_bits`, how it
     takes a model of fewer bits (None: it takes none -- quantize makes the bits, and holds a module at a time),
-    `smaller_batch`, how it asks for fewer sequences (None: it plans none), and `smaller_context`, the flag a refusal
+    `smaller_batch`, how it asks for fewer sequences (None: it plans none), `smaller_context`, the flag a refusal
     names with the largest context that fits (None: the API's argument stays -- bench words its own, as its rows
-    plan more than the context asked)."""
+    plan more than the context asked), and `smaller_weights`, its ways to fewer weights other than fewer bits."""
 
     levers: tuple[str, ...]
     fewer_bits: str | None = FEWER_BITS
     smaller_batch: str | None = None
     smaller_context: str | None = None
+    smaller_weights: tuple[str, ...] = ()
 
 
 # each command's own flags, as its out-of-GPU-memory line names them (the Python API's line names its arguments)
@@ -49,7 +51,7 @@ COMMAND_LEVERS = {
     "eval": DeviceLevers(("lower --max-tokens",), smaller_batch="lower --max-tokens", smaller_context="--max-tokens"),
     "bench": DeviceLevers(("lower --context, --prefill or --batch", "time fewer --layers of a --preset"),
                           "time fewer bits (--bits 4 with --preset; a --model folder of klconvert quantize --bits 4)",
-                          "lower --batch"),
+                          "lower --batch", smaller_weights=("time fewer --layers of a --preset",)),
     "quantize": DeviceLevers(("quantize on the CPU (--device cpu)",), None),
 }
 COMMAND_LEVERS["pull-and-quantize"] = COMMAND_LEVERS["quantize"]   # its quantize is quantize's
@@ -153,6 +155,38 @@ class BatchDoesNotFit(KLError):
         if ways is None or ways.smaller_batch is None:
             return self
         return BatchDoesNotFit(self.said, self.batch, ways.smaller_batch, self.remedy)
+
+
+class WeightsDoNotFit(KLError):
+    """A memory plan no context fits at a batch of one, which no smaller batch or context helps: the weights, `weights`
+    bytes, are past the room its device (or the host) has (`alone`), or leave too little of it for the smallest
+    context. Said with what holds fewer weights: `less`, the caller's own ways, then `fewer`, a model of fewer bits,
+    only where `fewer_bits` (fewer_bits_hold_less: none where every weight is at 4 bits already), then `remedy`,
+    where the host's limit has one; with none of these, that the device cannot hold the model."""
+
+    def __init__(self, said: str, weights: int, alone: bool, fewer_bits: bool, remedy: str | None,
+                 less: tuple[str, ...] = (), fewer: str | None = FEWER_BITS):
+        asks = [*less, *([fewer] if fewer_bits and fewer is not None else []),
+                *([remedy] if remedy is not None else [])]
+        room = (f"the weights alone need {size_text(weights)}" if alone else
+                f"even the smallest context does not fit beside the weights ({size_text(weights)})")
+        super().__init__(f"{said}; {room}: {', or '.join(asks) if asks else 'this device cannot hold this model'}")
+        self.said, self.weights, self.alone, self.fewer_bits, self.remedy = said, weights, alone, fewer_bits, remedy
+
+    def for_command(self, command: str) -> WeightsDoNotFit:
+        """This refusal naming `command`'s own ways to fewer weights (COMMAND_LEVERS); as it is for a command not
+        there."""
+        ways = COMMAND_LEVERS.get(command)
+        if ways is None:
+            return self
+        return WeightsDoNotFit(self.said, self.weights, self.alone, self.fewer_bits, self.remedy,
+                               ways.smaller_weights, ways.fewer_bits)
+
+    def ran_by(self, engine: str, fewer_bits: bool) -> WeightsDoNotFit:
+        """This refusal as `engine`'s, one of several models a command runs, offering a model of fewer bits only
+        where `fewer_bits` too (not for eval's reference: a quantized one measures nothing)."""
+        return WeightsDoNotFit(f"{engine}: {self.said}", self.weights, self.alone, self.fewer_bits and fewer_bits,
+                               self.remedy)
 
 
 def device_exhausted(error: BaseException, less: tuple[str, ...], doing: str = "", planned: int | None = None,

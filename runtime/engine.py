@@ -24,8 +24,8 @@ from klconvert.quant import QuantScheme
 from klconvert.runtime.bind import bind, cpu_forms_bound, latent_kernel_reads, packed_choice
 from klconvert.runtime.cpu_modules import copy_bytes
 from klconvert.runtime.decode_step import DecodeStep, autocast_off, capturable
-from klconvert.runtime.device_memory import (BatchDoesNotFit, ContextDoesNotFit, device_allocation, device_room,
-                                             fewer_bits_hold_less)
+from klconvert.runtime.device_memory import (BatchDoesNotFit, ContextDoesNotFit, WeightsDoNotFit, device_allocation,
+                                             device_room, fewer_bits_hold_less)
 from klconvert.runtime.host_malloc import large_blocks_mapped
 from klconvert.runtime.host_memory import NAMED_FIT_SHARE, host_allocation, host_memory
 from klconvert.runtime.memory_plan import (DECODE_COPIES, MAX_BATCH, PREFILL_ROWS, PREFILL_SEGMENT, MemoryPlan,
@@ -603,16 +603,17 @@ class Engine(Runner):
             if fit and fit >= needed_context:
                 raise ContextDoesNotFit(said, fit, fit > needed_context, argument(context_name, '--max-context'),
                                         None if host is None else host.remedy)
-            if plan.weights > limit:
-                advice = "the weights alone do not fit: use a quantized model (klconvert quantize --bits 4)"
-            elif not fit:
+            if plan.weights > limit or (not fit and batch == 1):   # no smaller batch or context holds less
+                raise WeightsDoNotFit(said, plan.weights, plan.weights > limit, self.fewer_bits,
+                                      None if host is None else host.remedy)
+            if not fit:
                 raise BatchDoesNotFit(said, batch, f"lower {argument('batch', '--batch')}",
                                       None if host is None else host.remedy)
-            else:   # a smaller context would be refused in turn, as too short for the prompts
-                advice = (f"no context holding the prompts fits: they need {needed_context:,} tokens (the longest "
-                          f"prompt plus max_new_tokens), at most {fit:,} fit; "
-                          + ("give fewer prompts (a smaller batch) or shorter ones" if batch > 1 else
-                             "shorten the prompt") + ", or lower max_new_tokens (--max-new-tokens)")
+            # a smaller context would be refused in turn, as too short for the prompts
+            advice = (f"no context holding the prompts fits: they need {needed_context:,} tokens (the longest "
+                      f"prompt plus max_new_tokens), at most {fit:,} fit; "
+                      + ("give fewer prompts (a smaller batch) or shorter ones" if batch > 1 else
+                         "shorten the prompt") + ", or lower max_new_tokens (--max-new-tokens)")
             raise KLError(f"{said}; {advice}" + ("" if host is None else f", or {host.remedy}"))
         self.plan, self.context_name = plan, context_name
 

@@ -512,12 +512,12 @@ def _a_gpu_with_free(monkeypatch, free: int) -> None:
 NOT_FREE = 40 << 20   # free on a GPU: the tiny model's weights fit, with a context of some hundred tokens
 
 
-def _refused_line(code: int, err: str) -> str:
+def _refused_line(code: int, err: str, timed: str = "8 layers, tiny") -> str:
     """bench's refusal on the command line: exit status 2, no traceback, and one line after the GPU's it reports
-    first."""
+    first (with what it times, `timed`)."""
     assert code == 2 and "Traceback" not in err, err
     *before, line = shown_lines(err)
-    assert before == ["a GPU: copy 1000 GB/s; 8 layers, tiny"], err
+    assert before == [f"a GPU: copy 1000 GB/s; {timed}"], err
     return line
 
 
@@ -558,11 +558,23 @@ def test_a_batch_no_context_fits_on_the_gpu_names_benchs_batch(monkeypatch, caps
                         r" free for this process; no context fits a batch of 4096: lower --batch", line), line
 
 
-def test_a_model_whose_weights_alone_do_not_fit_the_gpu_is_told_to_quantize_it(monkeypatch, capsys):
-    """bench's line where the weights of a --model folder alone are past the GPU, from the command line."""
+BENCH_FEWER_BITS = ", or time fewer bits (--bits 4 with --preset; a --model folder of klconvert quantize --bits 4)"
+
+
+@pytest.mark.parametrize("timing, timed, fewer_bits", [
+    (("--model", "tiny"), "8 layers, tiny", BENCH_FEWER_BITS),                                      # bf16
+    (("--preset", "kimi-linear-48b", "--layers", "1", "--bits", "8"), "1 layers, int8 g128, lm_head int8",
+     BENCH_FEWER_BITS),
+    (("--preset", "kimi-linear-48b", "--layers", "1"), "1 layers, int4 g128, lm_head int8", ""),   # 4 bits already
+], ids=["model-bf16", "preset-int8", "preset-int4"])
+def test_weights_alone_past_the_gpu_name_their_size_and_benchs_ways_to_fewer(monkeypatch, capsys, timing, timed,
+                                                                              fewer_bits):
+    """bench's line where the weights timed are alone past the GPU said "use a quantized model (klconvert quantize
+    --bits 4)", to a --preset too, whose weights are quantized already, at 4 bits or not: it names the weights' size,
+    bench's --layers, and fewer bits only where they would hold less."""
     _a_gpu_with_free(monkeypatch, 1 << 20)
-    code, _, err = run_cli(capsys, "bench", "--model", "tiny", "--no-check")
-    line = _refused_line(code, err)
+    code, _, err = run_cli(capsys, "bench", *timing, "--no-check")
+    line = _refused_line(code, err, timed)
     assert re.fullmatch(rf"klconvert: error: the plan needs [\d.]+ [MG]B but cuda has {re.escape(size_text(1 << 20))}"
-                        r" free for this process; the weights alone do not fit: use a quantized model \(klconvert "
-                        r"quantize --bits 4\)", line), line
+                        r" free for this process; the weights alone need [\d.]+ [MG]B: time fewer --layers of a "
+                        r"--preset" + re.escape(fewer_bits), line), line

@@ -307,6 +307,20 @@ def _a_gpu_with_free(monkeypatch, free: int) -> None:
     gpu_with_free(monkeypatch, free)
 
 
+@pytest.mark.parametrize("bits, advice", [(16, "use a model of fewer bits (klconvert quantize --bits 4)"),
+                                          (4, "this device cannot hold this model")], ids=["bf16", "int4"])
+def test_weights_alone_past_the_gpu_name_their_size_and_fewer_bits_only_where_they_hold_less(tiny_int4, capsys,
+                                                                                           monkeypatch, bits, advice):
+    """run's line where the weights alone are past the GPU said "use a quantized model (klconvert quantize --bits
+    4)" to a model at 4 bits too (but lm_head, which every policy keeps at 8), which has no fewer to offer."""
+    _a_gpu_with_free(monkeypatch, 1 << 20)
+    code, _, err = run_cli(capsys, "run", "--model", "tiny" if bits == 16 else tiny_int4, "--prompt", "ROMEO.",
+                           "--max-new-tokens", "2", "--device", "cuda")
+    line = assert_one_line_error(code, err)
+    assert re.fullmatch(r"klconvert: error: the plan needs [\d.]+ MB but cuda has 1\.05 MB free for this process; "
+                        rf"the weights alone need [\d.]+ MB: {re.escape(advice)}", line), line
+
+
 def test_a_plan_past_the_gpu_names_runs_own_flag_for_the_context(capsys, monkeypatch):
     """run's line where a smaller context fits said "lower max_context (--max-context) to N", the Python API's name
     beside the flag: it names run's flag alone, and the context it names passes the plan."""

@@ -18,6 +18,7 @@ import klconvert.runtime.engine as engine_module
 from klconvert.evaluate import evaluate, render_eval
 from klconvert.models import BUNDLED_DIR
 from klconvert.runtime.host_memory import DATA_BOUND, HostMemory, HostMemoryExhausted
+from klconvert.runtime.memory_plan import MemoryPlan
 from klconvert.tokenizer import MAX_ENCODE_CHARS, Tokenizer
 from klconvert.units import size_text
 from testkit import assert_one_line_error, gpu_with_free, run_cli
@@ -690,3 +691,68 @@ def test_a_plan_past_the_host_once_the_reference_ran_names_the_model(tiny_releas
     assert re.fullmatch(rf"klconvert: error: --model {re.escape(str(tiny_released))}: the plan needs [\d.]+ MB but cpu "
                         r"has [\d.]+ MB available under the process's data-segment limit \(ulimit -d\); lower "
                         r"--max-tokens to \d+ or less, or raise ulimit -d", line), line
+
+
+def _kept_plans(monkeypatch) -> list[MemoryPlan]:
+    """Every memory plan an engine makes from here on, in order (the reference's first)."""
+    plans: list[MemoryPlan] = []
+    monkeypatch.setattr(engine_module, "MemoryPlan", lambda *args, **kwargs: plans.append(MemoryPlan(*args, **kwargs))
+                        or plans[-1])
+    return plans
+
+
+def test_a_reference_the_gpu_cannot_hold_is_told_so_not_to_quantize(tmp_path, monkeypatch, capsys):
+    """A reference whose weights alone were past the GPU was told "use a quantized model (klconvert quantize --bits
+    4)", which leaves eval nothing to measure against, and not which model it was; one whose weights fitted with no
+    room left for a context was told "no context fits a batch of 1: lower --max-tokens", a batch eval cannot lower
+    and a context no smaller --max-tokens makes fit. Each names the model, the weights' size, and that this GPU
+    cannot hold it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    plans = _kept_plans(monkeypatch)
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    args = ("eval", "--model", "tiny", "--reference", "tiny", "--text-file", text, "--device", "cuda", "--max-tokens",
+            "64")
+    for free, room in ((1 << 20, "the weights alone need {}"), (None, "even the smallest context does not fit beside "
+                                                                      "the weights ({})")):
+        free = free or plans[0].weights   # the weights, and not a byte more
+        gpu_with_free(monkeypatch, free)
+        code, _, err = run_cli(capsys, *args)
+        line = assert_one_line_error(code, err)
+        assert re.fullmatch(rf"klconvert: error: --reference tiny: the plan needs [\d.]+ MB but cuda has "
+                            rf"{re.escape(size_text(free))} free for this process; "
+                            + re.escape(room.format(size_text(plans[0].weights)))
+                            + ": this device cannot hold this model", line), line
+
+
+FEWER_BITS_SAID = "use a model of fewer bits (klconvert quantize --bits 4), or "
+
+
+@pytest.mark.parametrize("bits, fewer", [(16, FEWER_BITS_SAID), (8, FEWER_BITS_SAID), (4, "")],
+                         ids=["bf16", "int8", "int4"])
+def test_a_model_whose_weights_leave_the_host_no_room_names_it_and_fewer_bits_where_they_hold_less(
+        tiny_released, tiny_quantized, tmp_path, monkeypatch, capsys, bits, fewer):
+    """eval's --model, past what the host had left once the reference ran, was told "use a quantized model" at 4
+    bits too, and where its weights fitted with no room for a context, "no context fits a batch of 1: lower
+    --max-tokens", naming neither the model nor a lever that helps. Each line names the model and its weights, and
+    fewer bits only where they would hold less (fewer_bits_hold_less)."""
+    import klconvert.evaluate as evaluate_module
+
+    model = tiny_released if bits == 16 else tiny_quantized[bits]
+    plans = _kept_plans(monkeypatch)
+    monkeypatch.setattr(evaluate_module, "host_memory", lambda: None)
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    limit, room = 1 << 20, "the weights alone need {}"
+    for _ in range(2):   # then the model's weights, and not a byte more
+        plans.clear()    # the reference's plan has the host to itself; the model's, `limit`
+        monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(limit, *DATA_BOUND) if plans else None)
+        code, _, err = run_cli(capsys, "eval", "--model", model, "--reference", tiny_released, "--text-file", text,
+                               "--max-tokens", "64", "--device", "cpu")
+        line = assert_one_line_error(code, err)
+        said = f"{room.format(size_text(plans[-1].weights))}: {fewer}raise ulimit -d"
+        assert re.fullmatch(rf"klconvert: error: --model {re.escape(str(model))}: the plan needs [\d.]+ MB but cpu has "
+                            rf"{re.escape(size_text(limit))} available under the process's data-segment limit "
+                            r"\(ulimit -d\); " + re.escape(said), line), line
+        limit, room = plans[-1].weights, "even the smallest context does not fit beside the weights ({})"
