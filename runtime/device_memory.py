@@ -161,8 +161,9 @@ class WeightsDoNotFit(KLError):
     """A memory plan no context fits at a batch of one, which no smaller batch or context helps: the weights, `weights`
     bytes, are past the room its device (or the host) has (`alone`), or leave too little of it for the smallest
     context. Said with what holds fewer weights: `less`, the caller's own ways, then `fewer`, a model of fewer bits,
-    only where `fewer_bits` (fewer_bits_hold_less: none where every weight is at 4 bits already), then `remedy`,
-    where the host's limit has one; with none of these, that the device cannot hold the model."""
+    only where `fewer_bits` (fewer_bits_hold_less: none where every weight is at 4 bits already), then `remedy`:
+    the host's limit's, or on a GPU FREE_THE_GPU where the whole card would hold the plan; with none of these, that
+    the device cannot hold the model."""
 
     def __init__(self, said: str, weights: int, alone: bool, fewer_bits: bool, remedy: str | None,
                  less: tuple[str, ...] = (), fewer: str | None = FEWER_BITS):

@@ -24,8 +24,8 @@ from klconvert.quant import QuantScheme
 from klconvert.runtime.bind import bind, cpu_forms_bound, latent_kernel_reads, packed_choice
 from klconvert.runtime.cpu_modules import copy_bytes
 from klconvert.runtime.decode_step import DecodeStep, autocast_off, capturable
-from klconvert.runtime.device_memory import (BatchDoesNotFit, ContextDoesNotFit, WeightsDoNotFit, device_allocation,
-                                             device_room, fewer_bits_hold_less)
+from klconvert.runtime.device_memory import (FREE_THE_GPU, BatchDoesNotFit, ContextDoesNotFit, WeightsDoNotFit,
+                                             device_allocation, device_room, fewer_bits_hold_less)
 from klconvert.runtime.host_malloc import large_blocks_mapped
 from klconvert.runtime.host_memory import NAMED_FIT_SHARE, host_allocation, host_memory
 from klconvert.runtime.memory_plan import (DECODE_COPIES, MAX_BATCH, PREFILL_ROWS, PREFILL_SEGMENT, MemoryPlan,
@@ -605,7 +605,7 @@ class Engine(Runner):
                                         None if host is None else host.remedy)
             if plan.weights > limit or (not fit and batch == 1):   # no smaller batch or context holds less
                 raise WeightsDoNotFit(said, plan.weights, plan.weights > limit, self.fewer_bits,
-                                      None if host is None else host.remedy)
+                                      host.remedy if host is not None else self._free_the_gpu(plan.total_for(1)))
             if not fit:
                 raise BatchDoesNotFit(said, batch, f"lower {argument('batch', '--batch')}",
                                       None if host is None else host.remedy)
@@ -616,6 +616,12 @@ class Engine(Runner):
                          "shorten the prompt") + ", or lower max_new_tokens (--max-new-tokens)")
             raise KLError(f"{said}; {advice}" + ("" if host is None else f", or {host.remedy}"))
         self.plan, self.context_name = plan, context_name
+
+    def _free_the_gpu(self, needed: int) -> str | None:
+        """FREE_THE_GPU where the card, had this process it whole, would hold `needed` bytes: what else holds it is
+        then what stands in the way; None where even the whole card is too small."""
+        _, card = torch.cuda.mem_get_info(self.device)
+        return FREE_THE_GPU if needed <= card else None
 
     def _device_memory(self, doing: str):
         """device_allocation around `doing` on this engine's device, naming its plan and what asks for less."""

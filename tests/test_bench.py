@@ -577,4 +577,4 @@ def test_weights_alone_past_the_gpu_name_their_size_and_benchs_ways_to_fewer(mon
     line = _refused_line(code, err, timed)
     assert re.fullmatch(rf"klconvert: error: the plan needs [\d.]+ [MG]B but cuda has {re.escape(size_text(1 << 20))}"
                         r" free for this process; the weights alone need [\d.]+ [MG]B: time fewer --layers of a "
-                        r"--preset" + re.escape(fewer_bits), line), line
+                        r"--preset" + re.escape(fewer_bits) + ", or stop what else holds the GPU", line), line

@@ -299,21 +299,25 @@ def _binding(*args, **kwargs):
     raise BoundTheWeights
 
 
-def _a_gpu_with_free(monkeypatch, free: int) -> None:
-    """A CUDA GPU as run sees one, with `free` bytes left (gpu_with_free), on a machine without: the plan is checked
-    against it before any weight is read onto it."""
+def _a_gpu_with_free(monkeypatch, free: int, total: int = 80 << 30) -> None:
+    """A CUDA GPU as run sees one, with `free` bytes of its `total` left (gpu_with_free), on a machine without: the
+    plan is checked against it before any weight is read onto it."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    gpu_with_free(monkeypatch, free)
+    gpu_with_free(monkeypatch, free, total)
 
 
-@pytest.mark.parametrize("bits, advice", [(16, "use a model of fewer bits (klconvert quantize --bits 4)"),
-                                          (4, "this device cannot hold this model")], ids=["bf16", "int4"])
-def test_weights_alone_past_the_gpu_name_their_size_and_fewer_bits_only_where_they_hold_less(tiny_int4, capsys,
-                                                                                           monkeypatch, bits, advice):
+@pytest.mark.parametrize("bits, total, advice", [
+    (16, 80 << 30, "use a model of fewer bits (klconvert quantize --bits 4), or stop what else holds the GPU"),
+    (4, 80 << 30, "stop what else holds the GPU"),
+    (4, 1 << 20, "this device cannot hold this model"),
+], ids=["bf16", "int4", "int4-whole-card"])
+def test_weights_alone_past_the_gpu_name_their_size_and_fewer_bits_only_where_they_hold_less(
+        tiny_int4, capsys, monkeypatch, bits, total, advice):
     """run's line where the weights alone are past the GPU said "use a quantized model (klconvert quantize --bits
-    4)" to a model at 4 bits too (but lm_head, which every policy keeps at 8), which has no fewer to offer."""
-    _a_gpu_with_free(monkeypatch, 1 << 20)
+    4)" to a model at 4 bits too (but lm_head, which every policy keeps at 8), which has no fewer to offer; and that
+    the device cannot hold a model the card would hold were nothing else on it."""
+    _a_gpu_with_free(monkeypatch, 1 << 20, total)
     code, _, err = run_cli(capsys, "run", "--model", "tiny" if bits == 16 else tiny_int4, "--prompt", "ROMEO.",
                            "--max-new-tokens", "2", "--device", "cuda")
     line = assert_one_line_error(code, err)

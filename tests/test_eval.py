@@ -705,8 +705,8 @@ def test_a_reference_the_gpu_cannot_hold_is_told_so_not_to_quantize(tmp_path, mo
     """A reference whose weights alone were past the GPU was told "use a quantized model (klconvert quantize --bits
     4)", which leaves eval nothing to measure against, and not which model it was; one whose weights fitted with no
     room left for a context was told "no context fits a batch of 1: lower --max-tokens", a batch eval cannot lower
-    and a context no smaller --max-tokens makes fit. Each names the model, the weights' size, and that this GPU
-    cannot hold it."""
+    and a context no smaller --max-tokens makes fit. Each names the model, the weights' size, and to stop what else
+    holds the GPU, or, where even the whole card is too small, that it cannot hold the model."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     plans = _kept_plans(monkeypatch)
@@ -717,13 +717,14 @@ def test_a_reference_the_gpu_cannot_hold_is_told_so_not_to_quantize(tmp_path, mo
     for free, room in ((1 << 20, "the weights alone need {}"), (None, "even the smallest context does not fit beside "
                                                                       "the weights ({})")):
         free = free or plans[0].weights   # the weights, and not a byte more
-        gpu_with_free(monkeypatch, free)
-        code, _, err = run_cli(capsys, *args)
-        line = assert_one_line_error(code, err)
-        assert re.fullmatch(rf"klconvert: error: --reference tiny: the plan needs [\d.]+ MB but cuda has "
-                            rf"{re.escape(size_text(free))} free for this process; "
-                            + re.escape(room.format(size_text(plans[0].weights)))
-                            + ": this device cannot hold this model", line), line
+        for total, advice in ((80 << 30, "stop what else holds the GPU"), (free, "this device cannot hold this model")):
+            gpu_with_free(monkeypatch, free, total)
+            code, _, err = run_cli(capsys, *args)
+            line = assert_one_line_error(code, err)
+            assert re.fullmatch(rf"klconvert: error: --reference tiny: the plan needs [\d.]+ MB but cuda has "
+                                rf"{re.escape(size_text(free))} free for this process; "
+                                + re.escape(room.format(size_text(plans[0].weights)))
+                                + f": {advice}", line), line
 
 
 FEWER_BITS_SAID = "use a model of fewer bits (klconvert quantize --bits 4), or "
