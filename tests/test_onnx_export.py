@@ -37,7 +37,8 @@ from klconvert.onnx.export import (DATA_FILE, GENAI_CONFIG, LOWEST_ONNXRUNTIME, 
                                    export_onnx, ir_version, make_model)
 from klconvert.onnx.graph import GraphBuilder
 from klconvert.onnx.matmul_nbits import NBitsWeight, nbits_weight
-from klconvert.onnx.session import ARENA_SHARE, MAX_THREADS, OnnxEngine
+from klconvert.onnx.mla import KEY_BLOCK
+from klconvert.onnx.session import ARENA_SHARE, MAX_THREADS, SCORE_BYTES, OnnxEngine
 from klconvert.quant import QuantScheme, compress_weight, decompress_weight, unpack_from_int32
 from klconvert.quant.groupwise import CHANNEL
 from klconvert.quantize import quantize
@@ -118,9 +119,9 @@ def exported(request, tmp_path_factory):
     return quantized, root / "onnx"
 
 
-def exact_engine(folder, batch: int = 1) -> Engine:
+def exact_engine(folder, batch: int = 1, context: int = 128) -> Engine:
     """klconvert's runtime on `folder` with every packed weight dequantized in fp32 (see the module docstring), with
-    its stop tokens."""
+    its stop tokens, for sequences of up to `context` tokens."""
     checkpoint = Checkpoint(folder)
 
     def read(name: str) -> torch.Tensor:
@@ -130,7 +131,7 @@ def exact_engine(folder, batch: int = 1) -> Engine:
         parts, scheme = found
         return decompress_weight({**parts, "weight_scale": parts["weight_scale"].float()}, scheme)
 
-    return Engine(checkpoint.config, read, torch.device("cpu"), torch.float32, context=128, batch=batch,
+    return Engine(checkpoint.config, read, torch.device("cpu"), torch.float32, context=context, batch=batch,
                   tokenizer=klconvert.Tokenizer.from_folder(folder))
 
 
@@ -213,9 +214,30 @@ def test_a_prompt_over_two_calls_equals_one_call(exported):
 
 
 @pytest.mark.slow
+def test_a_prompt_over_several_key_blocks_matches_klconvert(exported):
+    """The graph attends the cached rows KEY_BLOCK at a time, merging the blocks: a prompt of two calls, the second
+    attending two blocks (its tokens before the second block's first row see none of that block), then decode steps
+    past the first block, give klconvert's logits."""
+    quantized, folder = exported
+    tokens, split, steps = KEY_BLOCK + 100, KEY_BLOCK - 300, 4
+    ref, onnx_engine = exact_engine(quantized, context=tokens + steps), OnnxEngine(folder)
+    ids = np.random.default_rng(0).integers(0, onnx_engine.config.vocab_size, (1, tokens))
+    want = ref.forward(torch.from_numpy(ids))
+    first, state = onnx_engine.run(ids[:, :split], onnx_engine.empty_state(1), np.zeros(1, np.int64))
+    second, state = onnx_engine.run(ids[:, split:], state, np.array([split]))
+    assert rel_error(torch.from_numpy(np.concatenate([first, second], axis=1)), want) < EXACT_BOUND
+    token = int(want[0, -1].argmax())
+    for position in range(tokens, tokens + steps):
+        want_step = ref.decode_step(torch.tensor([token]), position)[0]
+        got, state = onnx_engine.run(np.array([[token]]), state, np.array([position]))
+        assert rel_error(torch.from_numpy(got[0, -1]), want_step) < EXACT_BOUND
+        token = int(want_step.argmax())
+
+
+@pytest.mark.slow
 def test_a_prompt_prefills_in_calls_sized_by_its_scores(exported, monkeypatch):
-    """The graph builds each MLA layer's [B, heads, tokens, keys] scores whole, so a long prompt in one call took
-    memory growing with its square; forward and generate prefill in calls whose scores fit SCORE_BYTES."""
+    """The graph builds each MLA layer's [B, heads, tokens, keys] scores for up to KEY_BLOCK keys at once, so one
+    call's workspace grows with its tokens; forward and generate prefill in calls whose scores fit SCORE_BYTES."""
     import klconvert.onnx.session as session_module
 
     engine = OnnxEngine(exported[1])
@@ -567,6 +589,17 @@ def test_an_apps_default_device_changes_no_exported_byte(exported, tmp_path, mon
     assert all((tmp_path / "onnx" / p.name).read_bytes() == p.read_bytes() for p in exported[1].iterdir())
 
 
+def _nodes(graph: onnx.GraphProto) -> list:
+    """The nodes of `graph` and of every subgraph in it (a Loop's or Scan's body)."""
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                nodes += _nodes(attribute.g)
+    return nodes
+
+
 @pytest.mark.slow
 def test_the_graph_holds_packed_weights(exported):
     """Every packed weight of the checkpoint is a MatMulNBits or QMoE initializer of uint8 codes; no float
@@ -576,7 +609,7 @@ def test_the_graph_holds_packed_weights(exported):
     packed = [n for n in checkpoint.sources if checkpoint.packed(n) is not None]
     model = onnx.load(str(folder / "model.onnx"))
     onnx.checker.check_model(model)
-    ops = [n.op_type for n in model.graph.node]
+    ops = [n.op_type for n in _nodes(model.graph)]
     init = {t.name: t for t in model.graph.initializer}
     bits = checkpoint.packed(packed[0])[1].bits
     experts = [n for n in packed if ".experts." in n]
@@ -1132,6 +1165,10 @@ def _edited_genai_config(folder, edit):
                                "'model' object names the graph's 'file' and its 'state' tensors; export the folder "
                                "again"),
     (lambda m: m.update(state=7), "are not what export-onnx writes"),
+    (lambda m: m.update(attention_key_block=0), "genai_config.json: its attention_key_block is 0, where export-onnx "
+                                                "writes a whole number of at least 1; export the folder again"),
+    (lambda m: m.update(attention_key_block=True), "its attention_key_block is True, where"),
+    (lambda m: m.update(attention_key_block="1024"), "its attention_key_block is '1024', where"),
 ])
 def test_an_untrusted_genai_config_sizes_nothing(exported, tmp_path, edit, needle):
     """genai_config.json is checked against what export-onnx writes for the folder's config.json: a state of 10^12
@@ -1143,6 +1180,16 @@ def test_an_untrusted_genai_config_sizes_nothing(exported, tmp_path, edit, needl
     (folder / GENAI_CONFIG).write_text("[" * 100_000)
     with pytest.raises(klconvert.KLError, match="nested too deeply"):
         OnnxEngine(folder)
+
+
+def test_an_export_from_before_key_blocks_prefills_in_calls_sized_by_every_key(exported, tmp_path):
+    """Its graph attends every cached row at once (its genai_config.json names no attention_key_block), so its
+    calls shrink as the prompt grows, where an export's own are sized by its key block."""
+    folder = shutil.copytree(exported[1], tmp_path / "onnx")
+    heads, tokens = OnnxEngine(folder).config.num_attention_heads, 24_000
+    assert OnnxEngine(folder).prefill_segment(1, tokens) == SCORE_BYTES // (4 * heads * KEY_BLOCK)
+    _edited_genai_config(folder, lambda m: m.pop("attention_key_block"))
+    assert OnnxEngine(folder).prefill_segment(1, tokens) == SCORE_BYTES // (4 * heads * tokens)
 
 
 def _edited_logits(folder, extra_columns: int, declared_extra: int, add: float = 0.0):
@@ -1319,8 +1366,8 @@ PEAK_SCORE_BYTES = 16 << 20   # 4 and 35 calls, the last of each at about these 
 PEAK_LENGTHS, PEAK_GROWTH = (1500, 4500), 256 << 20
 
 
-def _prefill_peak(folder: Path, tokens: int) -> int:
-    child = subprocess.run([sys.executable, "-c", PREFILL_PEAK, folder, str(PEAK_SCORE_BYTES), str(tokens)],
+def _prefill_peak(folder: Path, tokens: int, score_bytes: int = PEAK_SCORE_BYTES) -> int:
+    child = subprocess.run([sys.executable, "-c", PREFILL_PEAK, folder, str(score_bytes), str(tokens)],
                            capture_output=True, text=True, timeout=300)
     assert child.returncode == 0, child.stderr[-2000:]
     return int(child.stdout)
@@ -1337,6 +1384,24 @@ def test_a_long_prompts_peak_stays_near_a_short_ones(exported):
     assert long - short < PEAK_GROWTH, \
         (f"{PEAK_LENGTHS[1]} tokens peaked {long / 2**20:.0f} MB over their start, {PEAK_LENGTHS[0]} tokens "
          f"{short / 2**20:.0f} MB: the arena kept every call's blocks?")
+
+
+ONE_CALL = 1 << 50   # SCORE_BYTES that prefills any of these prompts in one call
+# One call of the longer prompt's peak over the shorter's, int4 on a 2-core box, 2026-12-06: 1.95x now (182 and 355
+# MB over their start), 3.4x with each MLA layer's scores built whole (201 and 676 MB)
+ONE_CALL_LENGTHS, ONE_CALL_GROWTH = (1500, 3000), 2.5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_one_calls_peak_grows_with_its_tokens_not_their_square(exported):
+    """The graph built each MLA layer's scores [B, heads, tokens, keys] whole, several times over: one call's
+    workspace grew with the square of its tokens (4,000 tokens in one call peaked at 1.5 GB). Attending KEY_BLOCK
+    cached rows at a time, a call of twice the tokens peaks about twice as high."""
+    short, long = (_prefill_peak(exported[1], tokens, ONE_CALL) for tokens in ONE_CALL_LENGTHS)
+    assert long < ONE_CALL_GROWTH * short, \
+        (f"one call of {ONE_CALL_LENGTHS[1]} tokens peaked {long / 2**20:.0f} MB over its start, of "
+         f"{ONE_CALL_LENGTHS[0]} tokens {short / 2**20:.0f} MB: the scores are built whole?")
 
 
 def _spin(graph: onnx.GraphProto) -> str:

@@ -45,9 +45,11 @@ def test_the_recipe_pattern_bounds():
 def test_the_onnx_bounds():
     pytest.importorskip("onnxruntime")
     from klconvert.onnx.export import LOWEST_ONNXRUNTIME, LOWEST_ONNXRUNTIME_IR, PROTOBUF_LIMIT
+    from klconvert.onnx.mla import KEY_BLOCK
     from klconvert.onnx.session import ARENA_SHARE, SCORE_BYTES
 
     stated(f"scores stay under {SCORE_BYTES >> 20} MiB a layer")
+    stated(f"attends its cached latents {KEY_BLOCK:,} rows at a")
     stated(f"capped at {ARENA_SHARE:.0%} of what the host has available")
     stated(f"weights over {PROTOBUF_LIMIT >> 30} GB go to `model.onnx.data`")
     stated(f"onnxruntime {LOWEST_ONNXRUNTIME}, the lowest the `[onnx]` extra allows, loads -- IR "

@@ -25,7 +25,7 @@ from klconvert.onnx.ffn import moe_layer, swiglu_mlp
 from klconvert.onnx.graph import FLOAT, INT64, MS_DOMAIN, GraphBuilder
 from klconvert.onnx.kda import kda_layer
 from klconvert.onnx.linears import Linears, as_numpy
-from klconvert.onnx.mla import mla_layer
+from klconvert.onnx.mla import KEY_BLOCK, mla_layer
 from klconvert.runtime import model as M
 from klconvert.runtime.bind import bind
 from klconvert.runtime.host_memory import exhausted
@@ -121,12 +121,14 @@ def newest_opset() -> tuple[int, str]:
 
 def genai_config(config, opset: int, external: bool, tokenizer_files: list[str]) -> dict:
     """What a runner needs beside the graph: its file, inputs and outputs (names, dtypes, shapes), how each state
-    input maps to its output, and the tokenizer files."""
+    input maps to its output, the cached rows its MLA layers attend at once (a call's scores are [batch, heads,
+    sequence, attention_key_block]), and the tokenizer files."""
     states = state_spec(config)
     return {
         "model": {
             "type": "kimi_linear", "file": ONNX_FILE, "external_data": DATA_FILE if external else None,
             "opset": opset, "vocab_size": config.vocab_size, "context_length": config.model_max_length,
+            "attention_key_block": KEY_BLOCK,
             "bos_token_id": config.raw.get("bos_token_id"), "eos_token_id": config.raw.get("eos_token_id"),
             "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
                        {"name": "position", "dtype": "int64", "shape": ["batch"],

@@ -1,14 +1,24 @@
 """An MLA layer as ONNX: the latent rows of the new tokens written into the latent cache at their positions (row j
-of sequence b holds its token at position j; the cache grows to the furthest position written), expanded to per-head
-keys and values through kv_b_proj, attention masked per sequence: the token at position p sees rows 0..p.
-runtime/model.py MLAMixer.forward (the expanded form) and StateBuffers.write_mla_at are the math it restates."""
+of sequence b holds its token at position j; the cache grows to the furthest position written), attended
+KEY_BLOCK rows at a time in a Loop -- each block expanded to per-head keys and values through kv_b_proj, masked per
+sequence (the token at position p sees rows 0..p), the blocks merged by a running max and sum.
+runtime/model.py MLAMixer.forward and PrefillAttention (the expanded form, key blocks merged) and
+StateBuffers.write_mla_at are the math it restates."""
 from __future__ import annotations
 
 import numpy as np
+from onnx import TensorProto, helper
 
-from klconvert.onnx.graph import GraphBuilder
+from klconvert.onnx.graph import FLOAT, GraphBuilder
 from klconvert.onnx.linears import Linears, as_numpy
 from klconvert.runtime import model as M
+
+# Cached rows a call's queries attend at once. Built whole, one call's scores [B, H, tokens, keys] grew with the
+# square of the prompt (4,000 tokens of the bundled model peaked at 1.5 GB); by blocks, a call's workspace is bounded
+# by the block and its tokens at any context. Smaller than the runtime's MLA_KEY_BLOCK: onnxruntime writes each score
+# tensor out, several times over, where SDPA's fused kernels keep tiles. genai_config.json records it, which OnnxEngine
+# sizes its prefill calls by.
+KEY_BLOCK = 1024
 
 
 def _length(g: GraphBuilder, x: str, axis: int) -> str:
@@ -31,10 +41,57 @@ def _write_rows(g: GraphBuilder, past: str, rows: str, position: str) -> tuple[s
     return g.op("ScatterND", g.op("Pad", past, pads), index, rows), at
 
 
-def _visible(g: GraphBuilder, present: str, at: str) -> str:
-    """bool [B, 1, T, L]: row j is visible to the token at position at[b, t] when j <= at[b, t]."""
-    rows = g.op("Range", g.const(0), g.op("Squeeze", _length(g, present, 1), g.const([0])), g.const(1))   # [L]
-    return g.op("Unsqueeze", g.op("LessOrEqual", rows, g.op("Unsqueeze", at, g.const([-1]))), g.const([1]))
+def _key_block_body(g: GraphBuilder, m: M.MLAMixer, prefix: str, linears: Linears, q_nope: str, q_rope: str,
+                    present: str, at: str):
+    """The Loop body attending block i of `present`'s rows (outer-scope q_nope [B, H, T, dn], q_rope [B, H, T, dr],
+    present [B, L, r+dr], at [B, T]), carrying the running max [B, H, T, 1], sum [B, H, T, 1] and unnormalized
+    output [B, H, T, dv] of the blocks before: rescaled to the new max, the block's terms added. Block 0 holds row 0,
+    which every token sees, so the max is finite from the first block on (exp(-inf - max) = 0, never NaN)."""
+    b = g.body()
+    H, dn, dr, dv, r = m.H, m.dn, m.dr, m.dv, m.r
+    first = b.op("Mul", b.op("Unsqueeze", "i", b.const([0])), b.const([KEY_BLOCK]))            # [1]
+    rows = b.op("Slice", present, first, b.op("Add", first, b.const([KEY_BLOCK])), b.const([1]))  # [B, n, r+dr]
+    c_lat, c_key = b.op("Split", rows, b.const([r, dr]), axis=-1, outputs=2)
+    kv_b = b.op("Reshape", linears.apply(b, c_lat, f"{prefix}.kv_b_proj", m.kv_b_proj.weight),
+                b.const([0, 0, H, dn + dv]))
+    k_nope, v = b.op("Split", kv_b, b.const([dn, dv]), axis=-1, outputs=2)             # [B, n, H, dn] / dv
+    # q . [k_nope, shared key] as two products: the shared key is one row per token for every head
+    nope = b.op("MatMul", q_nope, b.op("Transpose", k_nope, perm=[0, 2, 3, 1]))
+    rope = b.op("MatMul", q_rope, b.op("Unsqueeze", b.op("Transpose", c_key, perm=[0, 2, 1]), b.const([1])))
+    scores = b.op("Mul", b.op("Add", nope, rope), b.const(m.scale, np.float32))         # [B, H, T, n]
+    keys = b.op("Range", b.op("Squeeze", first, b.const([0])),
+                b.op("Squeeze", b.op("Add", first, b.op("Shape", rows, start=1, end=2)), b.const([0])), b.const(1))
+    visible = b.op("Unsqueeze", b.op("LessOrEqual", keys, b.op("Unsqueeze", at, b.const([-1]))), b.const([1]))
+    scores = b.op("Where", visible, scores, b.const(-np.inf, np.float32))
+    top = b.op("Max", "top", b.op("ReduceMax", scores, b.const([-1]), keepdims=1))
+    kept = b.op("Exp", b.op("Sub", "top", top))                                         # the blocks before, rescaled
+    p = b.op("Exp", b.op("Sub", scores, top))
+    total = b.op("Add", b.op("Mul", "total", kept), b.op("ReduceSum", p, b.const([-1]), keepdims=1))
+    o = b.op("Add", b.op("Mul", "o", kept), b.op("MatMul", p, b.op("Transpose", v, perm=[0, 2, 1, 3])))
+    for name, value in (("go_out", "go"), ("top_out", top), ("total_out", total), ("o_out", o)):
+        b.nodes.append(helper.make_node("Identity", [value], [name]))
+    carried = [helper.make_tensor_value_info(n, FLOAT, [None] * 4) for n in ("top", "total", "o")]
+    inputs = [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+              helper.make_tensor_value_info("go", TensorProto.BOOL, []), *carried]
+    outputs = [helper.make_tensor_value_info("go_out", TensorProto.BOOL, []),
+               *(helper.make_tensor_value_info(f"{v.name}_out", FLOAT, [None] * 4) for v in carried)]
+    return helper.make_graph(b.nodes, "mla_key_block", inputs, outputs)
+
+
+def _attend(g: GraphBuilder, m: M.MLAMixer, prefix: str, linears: Linears, q: str, present: str, at: str) -> str:
+    """q [B, T, H, dn+dr] of the tokens at positions at [B, T] over present [B, L, r+dr] -> o [B, H, T, dv], in
+    ceil(L / KEY_BLOCK) trips of _key_block_body."""
+    q_nope, q_rope = (g.op("Transpose", part, perm=[0, 2, 1, 3])
+                      for part in g.op("Split", q, g.const([m.dn, m.dr]), axis=-1, outputs=2))   # [B, H, T, .]
+    trips = g.op("Squeeze", g.op("Div", g.op("Add", _length(g, present, 1), g.const([KEY_BLOCK - 1])),
+                                 g.const([KEY_BLOCK])), g.const([0]))
+    per_token = g.op("Concat", g.op("Shape", q_nope, end=3), g.const([1]), axis=0)     # [B, H, T, 1]
+    per_value = g.op("Concat", g.op("Shape", q_nope, end=3), g.const([m.dv]), axis=0)  # [B, H, T, dv]
+    start = [g.op("Expand", g.const(-np.inf, np.float32), per_token),
+             g.op("Expand", g.const(0.0, np.float32), per_token), g.op("Expand", g.const(0.0, np.float32), per_value)]
+    _, total, o = g.op("Loop", trips, "", *start, outputs=3,   # no condition: every trip runs
+                       body=_key_block_body(g, m, prefix, linears, q_nope, q_rope, present, at))
+    return g.op("Div", o, total)
 
 
 def mla_layer(g: GraphBuilder, x: str, m: M.MLAMixer, prefix: str, linears: Linears, past: str,
@@ -49,18 +106,6 @@ def mla_layer(g: GraphBuilder, x: str, m: M.MLAMixer, prefix: str, linears: Line
     norm = g.weight(f"{prefix}.kv_a_layernorm.weight", as_numpy(m.kv_a_layernorm.weight))
     rows = g.op("Concat", g.rms_norm(latent, norm, m.kv_a_layernorm.eps), k_shared, axis=-1)
     present, at = _write_rows(g, past, rows, position)                                  # [B, L, r+dr]
-    c_lat, c_key = g.op("Split", present, g.const([r, dr]), axis=-1, outputs=2)
-    kv_b = g.op("Reshape", linears.apply(g, c_lat, f"{prefix}.kv_b_proj", m.kv_b_proj.weight),
-                g.const([0, 0, H, dn + dv]))
-    k_nope, v = g.op("Split", kv_b, g.const([dn, dv]), axis=-1, outputs=2)             # [B, L, H, dn] / dv
-    q_nope, q_rope = g.op("Split", q, g.const([dn, dr]), axis=-1, outputs=2)           # [B, T, H, .]
-    # q . [k_nope, shared key] as two products: the shared key is one row per token for every head
-    nope = g.op("MatMul", g.op("Transpose", q_nope, perm=[0, 2, 1, 3]), g.op("Transpose", k_nope, perm=[0, 2, 3, 1]))
-    rope = g.op("MatMul", g.op("Transpose", q_rope, perm=[0, 2, 1, 3]),
-                g.op("Unsqueeze", g.op("Transpose", c_key, perm=[0, 2, 1]), g.const([1])))
-    scores = g.op("Add", nope, rope)                                                    # [B, H, T, L]
-    scores = g.op("Mul", scores, g.const(m.scale, np.float32))
-    masked = g.op("Where", _visible(g, present, at), scores, g.const(-np.inf, np.float32))
-    o = g.op("MatMul", g.op("Softmax", masked, axis=-1), g.op("Transpose", v, perm=[0, 2, 1, 3]))   # [B, H, T, dv]
+    o = _attend(g, m, prefix, linears, q, present, at)                                  # [B, H, T, dv]
     o = g.op("Reshape", g.op("Transpose", o, perm=[0, 2, 1, 3]), g.const([0, 0, H * dv]))
     return linears.module(g, o, f"{prefix}.o_proj", m.o_proj), present

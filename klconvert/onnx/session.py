@@ -42,9 +42,11 @@ ORT_FATAL_ONLY = 4
 ORT_WRAPPING = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : |\S+\.(?:cc|h):\d+ |(?:\S+ )?\w+(?:::\w+)+\([^()]*\) ")
 GRAPH_INPUTS = ("input_ids", "position")  # what export-onnx feeds besides the state
 # A prompt prefills in calls of as many tokens as keep one MLA layer's fp32 scores [batch, heads, tokens, keys] under
-# this: the graph builds that tensor whole, a few times over (one call of 24,000 tokens of the bundled model took
-# over 18 GB; in calls of ~700 it takes ~1 GB).
-SCORE_BYTES = 256 << 20
+# this, keys being the cached rows the graph attends at once (genai_config.json's attention_key_block): onnxruntime
+# writes that tensor out a few times over. With export-onnx's 1,024-row blocks: 4,096 tokens a call of the bundled
+# model (4 heads), 512 of the release (32). An export from before key blocks attends every cached row at once, so its
+# calls shrink as the prompt grows (one call of 24,000 tokens of the bundled model took over 18 GB).
+SCORE_BYTES = 64 << 20
 # The most intra-op threads OnnxEngine asks onnxruntime for: above the logical CPUs of the largest machines (a
 # two-socket server of 192-core CPUs with SMT has 768), so no machine's count is refused, while onnxruntime starts
 # every thread up front -- 1024 took 39 s to start on 2 cores, 10**6 hung taking ~7 GB.
@@ -140,7 +142,7 @@ class OnnxEngine(Runner):
         # The state's names and shapes come from config.json (checked and bounded), the graph's file name is
         # export-onnx's own; GENAI_CONFIG (untrusted: it sizes every allocation here) must agree with both.
         self.states = state_spec(self.config)
-        self._check_genai_config(folder / GENAI_CONFIG)
+        self.key_block = self._checked_genai_config(folder / GENAI_CONFIG)
         # where generate stops unless told otherwise (export-onnx copies the tokenizer, if the model has one)
         self.stop_ids = model_stop_ids(self.config, check_tokenizer_if_any(folder, self.config))
         self.device = torch.device("cpu")
@@ -192,7 +194,9 @@ class OnnxEngine(Runner):
             raise KLError(f"{path}: the graph {problem}{' ...' if len(missing or extra) > 3 else ''}, which this "
                           "folder's config.json does not make; export the folder again")
 
-    def _check_genai_config(self, path: Path) -> None:
+    def _checked_genai_config(self, path: Path) -> int | None:
+        """The cached rows the graph's MLA layers attend at once, as GENAI_CONFIG says once it is checked (None: an
+        export from before key blocks, which attends all of them)."""
         refuse_link_out(path)
         try:
             config = read_json(path, MAX_GENAI_CONFIG_BYTES, GENAI_CONFIG)
@@ -209,6 +213,11 @@ class OnnxEngine(Runner):
         if spec["file"] != ONNX_FILE or spec["state"] != self.states:
             raise KLError(f"{path}: its graph file or state tensors are not what export-onnx writes for this folder's "
                           "config.json; export the folder again")
+        block = spec.get("attention_key_block")
+        if block is not None and not (type(block) is int and block >= 1):   # JSON's true is no block
+            raise KLError(f"{path}: its attention_key_block is {shown(block)}, where export-onnx writes a whole number "
+                          "of at least 1; export the folder again")
+        return block
 
     def empty_state(self, batch: int) -> State:
         """The state of `batch` sequences before any token: zero recurrent states and conv tails, no cached latent
@@ -376,9 +385,10 @@ class OnnxEngine(Runner):
         return (np.concatenate(kept, axis=1) if every_position else kept[-1]), state
 
     def prefill_segment(self, batch: int, tokens: int) -> int:
-        """Tokens a prefill call of `batch` sequences of `tokens` takes: its scores against all `tokens` keys fit
-        SCORE_BYTES."""
-        return max(1, min(tokens, SCORE_BYTES // (4 * batch * self.config.num_attention_heads * tokens)))
+        """Tokens a prefill call of `batch` sequences of `tokens` takes: its scores against the keys the graph attends
+        at once -- a key block, or all `tokens` -- fit SCORE_BYTES."""
+        keys = tokens if self.key_block is None else min(tokens, self.key_block)
+        return max(1, min(tokens, SCORE_BYTES // (4 * batch * self.config.num_attention_heads * keys)))
 
     def _batched(self, states: list[State]) -> State:
         """Per-sequence states as one batch; latent caches padded to the longest (a sequence's rows past its position
