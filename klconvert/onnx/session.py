@@ -381,7 +381,8 @@ class OnnxEngine(Runner):
         for start in range(0, T, size):
             logits, state = self._run(ids[:, start:start + size], state, np.full(B, start, np.int64),
                                       state_is_ours=True)
-            kept.append(logits if every_position else logits[:, -1:])
+            # a copy: a view of the last row would keep the call's whole logits [B, tokens, vocab] to the end
+            kept.append(logits if every_position else logits[:, -1:].copy())
         return (np.concatenate(kept, axis=1) if every_position else kept[-1]), state
 
     def prefill_segment(self, batch: int, tokens: int) -> int:
