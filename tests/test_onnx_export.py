@@ -1386,9 +1386,9 @@ with open("/proc/self/clear_refs", "w") as f:
 engine.generate(ids, 0)
 print(status("VmHWM:") - before)
 """
-PEAK_SCORE_BYTES = 16 << 20   # 4 and 35 calls, the last of each at about these scores
-# The longer prompt's peak over the shorter's, int4 on a 2-core box, 2026-12-06: 122 MB now (the state and each
-# call's tokens growing), 404 MB before
+PEAK_SCORE_BYTES = 16 << 20   # 2 and 5 calls of up to 1,024 tokens, each attending KEY_BLOCK keys at once
+# The longer prompt's peak over the shorter's, int4 on a 2-core box, 2026-12-06: 95 MB now (the state growing), 122 MB
+# with the scores against every key built whole (4 and 35 calls), 404 MB before the arena shrank
 PEAK_LENGTHS, PEAK_GROWTH = (1500, 4500), 256 << 20
 
 
