@@ -32,6 +32,8 @@ import signal
 import sys
 
 RETRY_SECONDS = 0.02  # how soon an interrupt held back during an import is tried again
+# the signals that interrupt the command: Ctrl-C, and SIGTERM (`kill`, `timeout`)
+INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def signal_status(signum: int) -> int:
@@ -166,7 +168,7 @@ class _CtrlC:
         """Take over SIGINT and SIGTERM (a run stopped either way cleans up as after Ctrl-C), each unless it is
         ignored, SIGALRM for the retries, and the hook that hears an interrupt a finalizer dropped; whether it took
         either signal."""
-        self.before = {sig: signal.signal(sig, self.interrupt) for sig in (signal.SIGINT, signal.SIGTERM)
+        self.before = {sig: signal.signal(sig, self.interrupt) for sig in INTERRUPT_SIGNALS
                        if signal.getsignal(sig) is not signal.SIG_IGN}
         if self.before:
             self.before[signal.SIGALRM] = signal.signal(signal.SIGALRM, self.on_alarm)

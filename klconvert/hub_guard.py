@@ -2,7 +2,7 @@
 headers and reads answers to their end, trusting the endpoint; while a pull runs, every answer passes AnswerGuard:
 those headers must be the digests and the commit they claim to be, bodies stop at the size the listing gave (file
 downloads) or at a budget of bytes and time (the hub's JSON, a redirect's body), a request sent with no timeout gets
-one, and a Ctrl-C stops the download threads at their next chunk."""
+one, and a Ctrl-C or SIGTERM stops the download threads at their next chunk."""
 from __future__ import annotations
 
 import functools
@@ -16,6 +16,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 from huggingface_hub import constants, set_client_factory
 from huggingface_hub.utils import _http
 
+from klconvert.entry import INTERRUPT_SIGNALS
 from klconvert.errors import KLError
 from klconvert.hex_digests import GIT_SHA, SHA256_HEX
 
@@ -45,7 +46,7 @@ FILES_KEPT = " (finished files are kept)"
 
 
 class PullInterrupted(Exception):
-    """Raised in a download thread after a Ctrl-C, so that it stops instead of finishing its file."""
+    """Raised in a download thread after a Ctrl-C or SIGTERM, so that it stops instead of finishing its file."""
 
 
 class AnswerGuard:
@@ -70,15 +71,19 @@ class AnswerGuard:
     def __enter__(self) -> AnswerGuard:
         self._factory_before = _http._GLOBAL_CLIENT_FACTORY
         set_client_factory(self._client)          # closes the shared client; the next call makes a guarded one
-        self._sigint_before = None
-        # from the main thread only (signal's rule), and not where SIGINT is ignored (nohup): it then stops nothing
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
-            self._sigint_before = signal.signal(signal.SIGINT, self._interrupt)
+        # SIGINT and SIGTERM alike: the entry point raises either in the main thread, which then waits for the download
+        # threads -- left untold, they finished every file in flight (5 GB shards) before the command ended. From the
+        # main thread only (signal's rule), and only a signal whose handler is Python's (the entry point's, Python's
+        # KeyboardInterrupt): an ignored one (nohup) stops nothing, and the default one ends the process at once.
+        self._before = {}
+        if threading.current_thread() is threading.main_thread():
+            self._before = {signum: signal.signal(signum, self._interrupt) for signum in INTERRUPT_SIGNALS
+                            if callable(signal.getsignal(signum))}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._sigint_before is not None:
-            signal.signal(signal.SIGINT, self._sigint_before)
+        for signum, handler in self._before.items():
+            signal.signal(signum, handler)
         set_client_factory(self._factory_before)
 
     def _client(self):
@@ -88,13 +93,9 @@ class AnswerGuard:
         return client
 
     def _interrupt(self, signum, frame) -> None:
-        """Tell the download threads, then do what SIGINT did before (raise KeyboardInterrupt, usually)."""
+        """Tell the download threads, then do what the signal did before (raise an interrupt, usually)."""
         self.cancelled = True
-        before = self._sigint_before
-        if callable(before):
-            before(signum, frame)
-        else:   # SIG_DFL, or a handler not installed from Python
-            raise KeyboardInterrupt
+        self._before[signum](signum, frame)
 
     # ---- the checks ----------------------------------------------------------------------------
     def _on_request(self, request) -> None:
