@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -49,7 +50,7 @@ from klconvert.entry import note_change
 from klconvert.errors import KLError, argument, few, first_line, refuse_non_bool, unreadable_reason
 from klconvert.hex_digests import GIT_SHA, SHA256_HEX
 from klconvert.hf_cache import BLOBS, SNAPSHOTS
-from klconvert.hub_guard import AnswerGuard
+from klconvert.hub_guard import AnswerGuard, PullInterrupted
 from klconvert.models import BUNDLED_NAME, DEFAULT_REPO
 from klconvert.tokenizer import BPE_FILE
 from klconvert.units import size_text, size_texts
@@ -617,9 +618,16 @@ def _verify(folder: Path, wanted: list[HubFile], where: str, progress: bool, rec
     """Check each file's size and hash against the hub's (hashing only files changed since `record` saw them);
     remove the bad ones (_remove; blobs: the cache's blob folder, None in a --local-dir) and raise KLError."""
     total = sum((folder / f.path).stat().st_size for f in wanted if (folder / f.path).is_file())
+    # set once the main thread stops waiting for the hashes (a Ctrl-C or SIGTERM raised there, a file's error): the
+    # pool's shutdown waits for the running ones, which would otherwise read their files to the end (seconds a GB)
+    stopped = threading.Event()
     with hf_tqdm(total=total, unit="B", unit_scale=True, desc="Verifying", disable=None if progress else True) as bar:
         with ThreadPoolExecutor(max_workers=HASH_WORKERS) as pool:
-            checks = list(pool.map(lambda f: _check_file(folder, f, bar, record), wanted))
+            try:
+                checks = list(pool.map(lambda f: _check_file(folder, f, bar, record, stopped), wanted))
+            except BaseException:
+                stopped.set()
+                raise
     problems = [problem for _, problem in checks if problem is not None]
     for f, (_, problem) in zip(wanted, checks):
         if problem is not None:
@@ -640,9 +648,10 @@ def _verify(folder: Path, wanted: list[HubFile], where: str, progress: bool, rec
     return [pulled for pulled, _ in checks]
 
 
-def _check_file(folder: Path, f: HubFile, bar, record: VerifiedFiles) -> tuple[PulledFile | None, str | None]:
+def _check_file(folder: Path, f: HubFile, bar, record: VerifiedFiles,
+                stopped: threading.Event) -> tuple[PulledFile | None, str | None]:
     """(the verified file, None) or (None, what is wrong with it). A file `record` saw unchanged, with the hashes
-    the hub publishes, is not read again."""
+    the hub publishes, is not read again; one being hashed once `stopped` is set raises PullInterrupted."""
     local = folder / f.path
     if not local.is_file():
         return None, f"{f.path} is missing after the download"
@@ -654,7 +663,7 @@ def _check_file(folder: Path, f: HubFile, bar, record: VerifiedFiles) -> tuple[P
     if recorded is not None and _published_as(f, *recorded):
         bar.update(size)
         return PulledFile(path=f.path, size=size, sha256=recorded[0]), None
-    sha256, git_blob_id = _digests(local, size, bar)
+    sha256, git_blob_id = _digests(local, size, bar, stopped)
     record.remember(f.path, stat, sha256, git_blob_id)
     if f.sha256 is not None and sha256 != f.sha256:
         return None, f"{f.path} has sha256 {sha256}, the hub published {f.sha256}"
@@ -668,12 +677,15 @@ def _published_as(f: HubFile, sha256: str, git_blob_id: str) -> bool:
     return sha256 == f.sha256 if f.sha256 is not None else f.blob_id is not None and git_blob_id == f.blob_id
 
 
-def _digests(path: Path, size: int, bar) -> tuple[str, str]:
-    """(sha256, git blob sha1) of a file, streamed in HASH_CHUNK_BYTES chunks."""
+def _digests(path: Path, size: int, bar, stopped: threading.Event) -> tuple[str, str]:
+    """(sha256, git blob sha1) of a file, streamed in HASH_CHUNK_BYTES chunks; PullInterrupted at the first chunk
+    after `stopped` is set."""
     sha256 = hashlib.sha256()
     git_blob = hashlib.sha1(b"blob %d\0" % size)  # git hashes the header "blob <size>\0" then the bytes
     with open(path, "rb") as stream:
         while chunk := stream.read(HASH_CHUNK_BYTES):
+            if stopped.is_set():
+                raise PullInterrupted
             sha256.update(chunk)
             git_blob.update(chunk)
             bar.update(len(chunk))

@@ -46,7 +46,8 @@ FILES_KEPT = " (finished files are kept)"
 
 
 class PullInterrupted(Exception):
-    """Raised in a download thread after a Ctrl-C or SIGTERM, so that it stops instead of finishing its file."""
+    """Raised in a download or hashing thread of a pull that was stopped (a Ctrl-C, SIGTERM), so that it stops
+    instead of finishing its file."""
 
 
 class AnswerGuard:

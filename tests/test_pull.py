@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,8 +24,9 @@ from huggingface_hub import constants
 from safetensors.torch import save_file
 
 from klconvert import hub, hub_guard
+from klconvert.entry import Interrupted
 from klconvert.errors import KLError
-from klconvert.verified_files import MAX_RECORD_VALUES
+from klconvert.verified_files import MAX_RECORD_VALUES, VerifiedFiles
 from hub_standin import HubStandIn, hub_environment
 from testkit import assert_one_line_error, run_cli, run_klconvert, run_klconvert_on_a_terminal, shown_lines
 
@@ -184,9 +186,9 @@ def count_hashing(monkeypatch) -> list[str]:
     hashed: list[str] = []
     real = hub._digests
 
-    def counting(path, size, bar):
+    def counting(path, size, bar, stopped):
         hashed.append(path.name)
-        return real(path, size, bar)
+        return real(path, size, bar, stopped)
 
     monkeypatch.setattr(hub, "_digests", counting)
     return hashed
@@ -868,6 +870,50 @@ def test_sigterm_stops_the_download_threads_as_ctrl_c_does(served, tmp_path):
     assert proc.returncode == 143 and shown_lines(err)[-1:] == ["klconvert: interrupted"], err
     assert SHARD_2 not in files_under(storage / "snapshots" / commit)
     assert not [p for p in storage.rglob("*.incomplete")]
+
+
+class SlowSha256:
+    """hashlib's sha256 at 50 ms a chunk: to the test's clock, a file of gigabytes."""
+
+    def __init__(self):
+        self.digest = hashlib.sha256()
+
+    def update(self, chunk: bytes) -> None:
+        time.sleep(0.05)
+        self.digest.update(chunk)
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_stops_the_verifications_hashing(tmp_path, monkeypatch, signame):
+    """Ctrl-C or SIGTERM while a pull verified its files waited for the files being hashed (HASH_WORKERS at once,
+    5 GB shards for the release: seconds a GB) to be read to their end: they stop at their next chunk."""
+    monkeypatch.setattr(hub, "HASH_CHUNK_BYTES", 1024)
+    monkeypatch.setattr(hub, "hashlib", SimpleNamespace(sha256=SlowSha256, sha1=hashlib.sha1))
+    folder = tmp_path / "pulled"
+    folder.mkdir()
+    wanted = [hub.HubFile(f"model-{n}.safetensors", 100 << 10, "0" * 64) for n in range(2 * hub.HASH_WORKERS)]
+    for f in wanted:
+        (folder / f.path).write_bytes(bytes(f.size))   # 100 chunks: 5 s to hash
+
+    def interrupt(signum, frame):   # as the entry point raises either signal, in the main thread
+        raise Interrupted(signum)
+
+    signum = getattr(signal, signame)
+    before = signal.signal(signum, interrupt)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signum))
+    try:
+        timer.start()
+        start = time.monotonic()
+        with pytest.raises(Interrupted):
+            hub._verify(folder, wanted, REPO, False, VerifiedFiles(tmp_path / "verified.json"), None)
+        assert time.monotonic() - start < 1.5
+    finally:
+        timer.cancel()   # a signal after its handler is put back would end the test run (SIGTERM's default)
+        signal.signal(signum, before)
 
 
 def test_no_request_leaves_after_a_ctrl_c(served):
