@@ -48,7 +48,7 @@ from klconvert.checkpoint.regular_file import read_json
 from klconvert.disk_space import DISK_FULL, free_disk_bytes, quota_exceeded
 from klconvert.entry import note_change
 from klconvert.errors import KLError, argument, few, first_line, refuse_non_bool, unreadable_reason
-from klconvert.hex_digests import GIT_SHA, SHA256_HEX
+from klconvert.hex_digests import GIT_SHA, HASH_CHUNK_BYTES, SHA256_HEX
 from klconvert.hf_cache import BLOBS, SNAPSHOTS
 from klconvert.hub_guard import AnswerGuard, PullInterrupted
 from klconvert.models import BUNDLED_NAME, DEFAULT_REPO
@@ -78,7 +78,6 @@ METADATA_FOLDERS = (".cache/", f"{LOCAL_DIR_RECORD.parent}/")  # huggingface_hub
 RERUN = "rerun the pull to continue"
 # What to do when the hub cannot be reached (or answers 5xx) before anything downloads.
 UNREACHABLE = "check the network connection, any proxy (HTTPS_PROXY) and HF_ENDPOINT"
-HASH_CHUNK_BYTES = 8 * 1024 * 1024
 HASH_WORKERS = 4  # hashlib releases the GIL on large buffers, so shards hash in parallel
 
 

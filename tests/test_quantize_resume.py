@@ -10,7 +10,8 @@ import tracemalloc
 import pytest
 
 from klconvert.checkpoint.safetensors_header import read_header
-from klconvert.convert.output_folder import HASH_CHUNK_BYTES, OUTPUT_RECORD, OutputFolder
+from klconvert.convert.output_folder import OUTPUT_RECORD, OutputFolder
+from klconvert.hex_digests import HASH_CHUNK_BYTES
 from klconvert.errors import KLError
 from klconvert.hub import LOCAL_DIR_RECORD
 from klconvert.quantize import quantize

@@ -25,7 +25,7 @@ from klconvert.checkpoint.safetensors_writer import PlannedTensor, shard_header
 from klconvert.disk_space import failed_write
 from klconvert.entry import Uninterrupted
 from klconvert.errors import KLError, refuse_out_of_descriptors, shown
-from klconvert.hex_digests import SHA256_HEX
+from klconvert.hex_digests import HASH_CHUNK_BYTES, SHA256_HEX
 from klconvert.user_paths import refuse_unreachable, shown_path
 
 # What the partial folder is for (source fingerprint and options), and the sha256 and file of each shard finished so far
@@ -35,7 +35,6 @@ FINISHED = "finished"  # the resume record's key for {shard name: sha256}: with 
 # takes a shard still that file (a write sets its inode's change time) for one of that sha256, unread
 FINISHED_FILES = "finished_files"
 MAX_RESUME_RECORD_BYTES = 16 << 20  # a record holds ~350 bytes a shard: past this it is not one of ours
-HASH_CHUNK_BYTES = 8 << 20
 # What a finished OUT holds besides the files it lists: the names of the files the run wrote (what --force may replace)
 OUTPUT_RECORD = ".klconvert-output.json"
 MAX_OUTPUT_RECORD_BYTES = 1 << 20  # a record holds ~40 bytes a file: past this it is not one of ours
