@@ -344,7 +344,6 @@ def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch
     bar = tqdm(total=totals.bytes_in, unit="B", unit_scale=True, desc=f"quantize {out.name}",
                disable=None if progress else True)   # None: on a terminal only
     done = resumed = resumed_bytes = 0
-    finished: list[bool] = []
     try:
         finished = [folder.has_finished(name, shard) for shard, name in zip(shards, names)]
         left = sum(t.nbytes for shard, ok in zip(shards, finished) if not ok for t in shard)
@@ -378,8 +377,9 @@ def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch
         folder.finish()
     except BaseException as e:
         bar.leave = False  # a failed run ends with its error line, not a half-full bar
-        # something a rerun resumes from, in a folder still there (not removed while this ran); else nothing is left
-        kept = (done > 0 or any(finished)) and folder.path.is_dir()
+        # something a rerun resumes from -- a shard recorded finished, by this run or one before it (a rerun stopped
+        # while it checks them keeps them) -- in a folder still there (not removed while this ran); else nothing is left
+        kept = bool(folder.finished) and folder.path.is_dir()
         folder.remove_unfinished() if kept else folder.remove()
         if isinstance(e, OSError):
             raise _write_error(e, folder, done, len(shards), kept) from None

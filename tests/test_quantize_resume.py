@@ -577,6 +577,29 @@ def test_an_interrupt_while_finishing_leaves_a_folder_a_rerun_takes_up(tiny_rele
     assert not (out / ".klconvert-resume.json").exists() and not (tmp_path / "q.partial").exists()
 
 
+def test_an_interrupt_while_a_rerun_checks_its_finished_shards_keeps_them(tiny_released, uninterrupted, tmp_path,
+                                                                             monkeypatch):
+    """A rerun reads each finished shard through before it takes it (minutes for the release's 5 GB shards): an
+    interrupt meanwhile deleted OUT.partial, finished shards and all, as a run that had finished none -- it counted
+    only the shards this run had checked."""
+    out = tmp_path / "q"
+    kept = _interrupted_at_shard(tiny_released, out, 3)
+    checked = OutputFolder.has_finished
+
+    def interrupted_at_the_second(folder, shard, tensors):
+        if shard == kept[1].name:
+            raise KeyboardInterrupt
+        return checked(folder, shard, tensors)
+
+    with monkeypatch.context() as m:
+        m.setattr(OutputFolder, "has_finished", interrupted_at_the_second)
+        with pytest.raises(KeyboardInterrupt):
+            quantize(tiny_released, out, **OPTIONS)
+    assert sorted((tmp_path / "q.partial").glob("*.safetensors")) == kept
+    assert quantize(tiny_released, out, **OPTIONS).shards_resumed == 2
+    assert folder_files(out) == folder_files(uninterrupted)
+
+
 def test_a_resume_record_that_cannot_be_written_is_one_line_and_blocks_no_rerun(tiny_released, tmp_path, capsys,
                                                                                  monkeypatch):
     """A traceback, and an empty OUT.partial left that every rerun refused, --force too (no readable record)."""
