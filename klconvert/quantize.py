@@ -331,20 +331,17 @@ def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch
                                 "source": source_fingerprint(checkpoint, origin), "recipe": recipe_yaml,
                                 "max_shard_bytes": max_shard_bytes, "shards": names}, force,
                           files=[*names, *WRITTEN_FILES, RECIPE_FILE, *side_files, *made, MODEL_CARD_FILE])
-    try:
+    source_bytes = {p.outputs[0][0]: p.source_bytes for p in plans}  # progress counts a module at its first tensor
+    bar: tqdm | None = None
+    done = resumed = resumed_bytes = 0
+    try:   # from the folder's making on: an interrupt as soon as it is made leaves nothing behind
         if folder.end_killed_finish(dict(zip(names, shards))):   # OUT whole: a run of this command killed finishing it
             lock.going_ahead()
             return QuantizeResult(out, origin, totals, len(shards), len(shards), 0, time.monotonic() - started)
         folder.open()
-    except OSError as e:   # the folder or its resume record could not be made (open() took back what it made), or
-        raise _write_error(e, folder, 0, len(shards), kept=False) from None   # the killed finish not ended
-    lock.going_ahead()
-
-    source_bytes = {p.outputs[0][0]: p.source_bytes for p in plans}  # progress counts a module at its first tensor
-    bar = tqdm(total=totals.bytes_in, unit="B", unit_scale=True, desc=f"quantize {out.name}",
-               disable=None if progress else True)   # None: on a terminal only
-    done = resumed = resumed_bytes = 0
-    try:
+        lock.going_ahead()
+        bar = tqdm(total=totals.bytes_in, unit="B", unit_scale=True, desc=f"quantize {out.name}",
+                   disable=None if progress else True)   # None: on a terminal only
         finished = [folder.has_finished(name, shard) for shard, name in zip(shards, names)]
         left = sum(t.nbytes for shard, ok in zip(shards, finished) if not ok for t in shard)
         free = shutil.disk_usage(folder.path).free
@@ -376,11 +373,13 @@ def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch
                           model_card(out.name, origin, policy, totals, len(shards), version("klconvert")))
         folder.finish()
     except BaseException as e:
-        bar.leave = False  # a failed run ends with its error line, not a half-full bar
+        if bar is not None:
+            bar.leave = False  # a failed run ends with its error line, not a half-full bar
         # something a rerun resumes from -- a shard recorded finished, by this run or one before it (a rerun stopped
         # while it checks them keeps them) -- in a folder still there (not removed while this ran); else nothing is left
         kept = bool(folder.finished) and folder.path.is_dir()
-        folder.remove_unfinished() if kept else folder.remove()
+        if folder.opened:   # else the folder, if any, is not this run's: a refused or ended finish, a refused folder
+            folder.remove_unfinished() if kept else folder.remove()
         if isinstance(e, OSError):
             raise _write_error(e, folder, done, len(shards), kept) from None
         if isinstance(e, MemoryError) and not isinstance(e, KLError):   # Python's or numpy's; torch's is named so
@@ -391,7 +390,8 @@ def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch
                                     "are)" if kept else "")) from None
         raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     return QuantizeResult(out, origin, totals, len(shards), resumed, totals.bytes_in - resumed_bytes,
                           time.monotonic() - started)
 

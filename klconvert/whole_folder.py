@@ -181,7 +181,9 @@ def whole_folder(out: Path, force: bool = False, replaceable: Replaceable | None
         earlier = _identities(out) if in_place else {}
         new: Path | None = None
         try:
-            new = Path(tempfile.mkdtemp(prefix=temporary_prefix(out, "partial"), dir=out if in_place else out.parent))
+            with Uninterrupted():   # one inside mkdtemp left its folder beside OUT (or in it), unnamed and unremoved
+                new = Path(tempfile.mkdtemp(prefix=temporary_prefix(out, "partial"),
+                                            dir=out if in_place else out.parent))
             new.chmod(stat.S_IRWXU)   # mkdtemp's 0700 is masked too: under umask 0777 no run could write or remove it
             mark_temporary(new)   # until it is in place: a run killed before leaves it for the next to remove
             yield new

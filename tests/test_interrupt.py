@@ -20,6 +20,7 @@ import pytest
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.convert.output_folder import FINISHED_FILES, OUTPUT_RECORD, RESUME_RECORD, usual_mode
 from klconvert.entry import signal_status
+from klconvert.quantize import quantize
 
 LONG_RUN = ("run", "--model", "tiny", "--prompt", "hi", "--max-new-tokens", "3000", "--max-context", "3008")
 
@@ -511,6 +512,68 @@ def test_an_interrupt_as_the_aside_folder_is_made_leaves_out_as_it_was(tmp_path)
         """) + WRITES_OUT, cwd=tmp_path)
     _assert_interrupted(proc)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and list((tmp_path / "out").iterdir()) == []
+
+
+# a SIGINT to the process as soon as OUT.partial (q.partial) is made -- by its os.mkdir, inside OutputFolder.open, or by
+# all of OutputFolder.open -- before the call returns: where an interrupt fell between the folder and its clean-up
+SIGNAL_AS_THE_PARTIAL_FOLDER_IS_MADE = {
+    "by its mkdir": """
+        import os, signal
+        _mkdir = os.mkdir
+        def mkdir(path, *args, **kwargs):
+            _mkdir(path, *args, **kwargs)
+            if os.path.basename(path) == "q.partial":
+                os.kill(os.getpid(), signal.SIGINT)
+                [None for _ in range(3)]
+        os.mkdir = mkdir
+        """,
+    "by OutputFolder.open": """
+        import os, signal
+        from klconvert.convert.output_folder import OutputFolder
+        _open = OutputFolder.open
+        def open_then_interrupted(self):
+            taken_up = _open(self)
+            os.kill(os.getpid(), signal.SIGINT)
+            [None for _ in range(3)]
+            return taken_up
+        OutputFolder.open = open_then_interrupted
+        """}
+
+
+@pytest.mark.parametrize("command", ["quantize", "pull-and-quantize"])
+@pytest.mark.parametrize("made", list(SIGNAL_AS_THE_PARTIAL_FOLDER_IS_MADE))
+def test_an_interrupt_as_the_partial_folder_is_made_leaves_nothing(tiny_released, tmp_path, command, made):
+    """One that landed as OUT.partial was made, before the clean-up took it in, left it holding only its resume
+    record, and a rerun with other options was refused "holds an interrupted conversion with other options; pass
+    --force" (h220's F1)."""
+    args = (str(tiny_released), str(tmp_path / "q")) if command == "quantize" else (
+        "--model", str(tiny_released), "--out", str(tmp_path / "q"))
+    proc = _entry(SIGNAL_AS_THE_PARTIAL_FOLDER_IS_MADE[made], command, *args, "--bits", "4", "--group-size", "32")
+    _assert_interrupted(proc)
+    assert list(tmp_path.iterdir()) == []
+    assert quantize(tiny_released, tmp_path / "q", bits=8, progress=False).shards_resumed == 0
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_an_interrupt_as_the_folder_to_fill_is_made_leaves_out_as_it_was(tmp_path, in_place):
+    """One that landed inside mkdtemp -- the folder made, its name not yet returned -- left an empty hidden
+    .out.partial-PID-XXXXXXXX beside OUT (or in it), which only a later run removed: synth's, export-onnx's."""
+    if in_place:
+        (tmp_path / "out").mkdir()
+    proc = _entry(textwrap.dedent("""
+        import os, signal, tempfile
+        _mkdtemp = tempfile.mkdtemp
+        def mkdtemp(*args, **kwargs):
+            made = _mkdtemp(*args, **kwargs)
+            if "partial" in os.path.basename(made):
+                os.kill(os.getpid(), signal.SIGINT)   # raised before mkdtemp returns its name
+                [None for _ in range(3)]
+            return made
+        tempfile.mkdtemp = mkdtemp
+        """) + WRITES_OUT, cwd=tmp_path)
+    _assert_interrupted(proc)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if in_place else [])
+    assert not in_place or list((tmp_path / "out").iterdir()) == []
 
 
 def test_an_interrupt_as_the_lock_is_released_leaves_no_lock_file(tmp_path):

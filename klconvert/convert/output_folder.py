@@ -589,9 +589,13 @@ class OutputFolder:
         self.record = json.loads(json.dumps(record))  # JSON types, to compare with the stored one
         self.finished: dict[str, str] = {}   # {shard name: sha256} of the shards written whole, this run or before
         self.finished_files: dict[str, list[int]] = {}   # {shard name: file_identity} of the same (FINISHED_FILES)
+        # whether open() made the folder or took it up: from then on the run's to clean up when it fails (remove,
+        # remove_unfinished); before, what is there is another run's or nothing
+        self.opened = False
 
     def open(self) -> bool:
-        """Make the folder ready; True when an interrupted run's folder was taken up."""
+        """Make the folder ready; True when an interrupted run's folder was taken up. A failure, from inside it on,
+        is the caller's to clean up where `opened` says the folder is this run's."""
         if self.path.exists() or self.path.is_symlink():
             if not _users_folder(self.path):
                 raise KLError(f"{self.path}: exists but is {_not_a_partial_output(self.path)}, so it is not an "
@@ -609,6 +613,7 @@ class OutputFolder:
                                      if isinstance(digest, str) and SHA256_HEX.fullmatch(digest)}
                 if isinstance(finished_files, dict):   # compared only, with what has_finished finds
                     self.finished_files = finished_files
+                self.opened = True
                 return True
             if stored is None and not any(self.path.iterdir()):   # emptied but not removed: nothing to lose
                 self.path.rmdir()
@@ -625,13 +630,11 @@ class OutputFolder:
                               "pass --force to start over (or rerun with that run's SRC and options to resume it)")
             else:
                 _remove_partial(self.path)
-        self.path.mkdir(parents=True)
+        with Uninterrupted():   # no interrupt between making the folder and saying it is this run's to remove
+            self.path.mkdir(parents=True)
+            self.opened = True
         self.path.chmod(stat.S_IRWXU)   # the run's own until finish(): a umask without the owner's rwx made it unusable
-        try:
-            self._write_record()
-        except BaseException:   # an empty folder with no record would block every rerun, --force too
-            _remove_partial(self.path)
-            raise
+        self._write_record()
         return False
 
     def _write_record(self) -> None:
