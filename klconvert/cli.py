@@ -18,7 +18,7 @@ from klconvert.checkpoint.folder_files import CONFIG_FILE, MAX_FILE_NAME_BYTES
 from klconvert.checkpoint.regular_file import kind_of
 from klconvert.config import KimiLinearConfig
 from klconvert.devices import DEVICE_NAMES, NOT_A_DEVICE, checked_device, device_name
-from klconvert.entry import StdoutFailed, exit_interrupted, signal_of, signal_status
+from klconvert.entry import StdoutFailed, complete_note, exit_interrupted, signal_of, signal_status
 from klconvert.errors import KLError, PlanDoesNotFit, descriptors_exhausted, descriptors_exhausted_behind, shown
 from klconvert.extras import require
 from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, DEFAULT_REPO, bundled_dir, default_model, model_folder
@@ -269,8 +269,8 @@ class OneLineErrors(click.Group):
             if e.errno == errno.EPIPE:   # its reader stopped reading (`| head`): no line, and a shell's status for
                 sys.exit(signal_status(signal.SIGPIPE))   # a command SIGPIPE ended, as Python ignores SIGPIPE
             click.echo(f"klconvert: error: cannot write standard output ({e.strerror}); redirect it somewhere that "
-                       "can take it" + (f" ({e.complete} is complete: only its path was not printed)"
-                                        if e.complete is not None else ""), err=True)
+                       "can take it" + (f" ({complete_note(e.complete)})" if e.complete is not None else ""),
+                       err=True)
             sys.exit(KLError.exit_code)
         except KLError as e:   # one raised while out of file descriptors blames what it read: the limit is said
             e = descriptors_exhausted_behind(e) or e

@@ -3,7 +3,8 @@ takes over SIGINT and SIGTERM, then the standard streams, so that the command en
 traceback, nor a run that goes on.
 
 Signals. Ctrl-C or SIGTERM (`kill`, `timeout`) at any moment ends in one line, `klconvert: interrupted`, with the status
-a shell shows for a command the signal ended: 130 for SIGINT, 143 for SIGTERM. A signal the command was started
+a shell shows for a command the signal ended: 130 for SIGINT, 143 for SIGTERM -- once the command's output is whole
+(note_complete), the line says so, as a rerun would be refused, the output being there. A signal the command was started
 ignoring (a background job of a script) stays ignored. Python's own handler raises KeyboardInterrupt wherever the main
 thread is. Inside an import that goes wrong: a library may swallow it half-imported (torch's import of numpy did, on
 this machine 0.5-0.6 s into `klconvert run`, and then either failed on the next import, "cannot load module more than
@@ -56,16 +57,34 @@ def signal_of(interrupt: BaseException | None) -> int:
     return getattr(interrupt, "signum", signal.SIGINT)
 
 
-def _interrupted_line() -> str:
-    """The line an interrupted command ends with, after a line break on a terminal (it closes the terminal's ^C)."""
-    return ("\n" if sys.stderr.isatty() else "") + "klconvert: interrupted"
+def complete_note(path: os.PathLike) -> str:
+    """What the line of a command that failed after writing its output `path` whole adds: a user took the finished
+    output for a failed conversion, to delete or write again (a rerun is refused: it exists)."""
+    return f"{path} is complete: only its path was not printed"
+
+
+def _interrupted_line(complete: os.PathLike | None = None) -> str:
+    """The line an interrupted command ends with, after a line break on a terminal (it closes the terminal's ^C);
+    `complete`: the output it had written whole before the interrupt came."""
+    return (("\n" if sys.stderr.isatty() else "") + "klconvert: interrupted"
+            + (f" ({complete_note(complete)})" if complete is not None else ""))
 
 
 def exit_interrupted(signum: int) -> None:
-    """End the command after signal `signum`: _interrupted_line on stderr, exit status signal_status(signum). Never
+    """End the command after signal `signum`: _interrupted_line on stderr (saying that the command's output is whole
+    where note_complete said so), exit status signal_status(signum), 130 still -- the user did interrupt it. Never
     returns."""
-    print(_interrupted_line(), file=sys.stderr)
+    ctrl_c = Uninterrupted.ctrl_c
+    print(_interrupted_line(None if ctrl_c is None else ctrl_c.complete), file=sys.stderr)
     sys.exit(signal_status(signum))
+
+
+def note_complete(path: os.PathLike) -> None:
+    """Say that the command has written its output, `path`, whole: an interrupt from now on ends in a line that says
+    so. Called inside the Uninterrupted block that puts the output in place, so that the interrupt it held back is
+    one of those. Outside the entry point, nothing."""
+    if Uninterrupted.ctrl_c is not None:
+        Uninterrupted.ctrl_c.complete = path
 
 
 def _end_now(signum: int) -> None:
@@ -115,6 +134,7 @@ class _CtrlC:
         self.heard = self.held = self.changed = self.ended = False
         self.signum = signal.SIGINT
         self.uninterrupted = 0   # how many Uninterrupted blocks are running
+        self.complete: os.PathLike | None = None   # the command's output, once it is whole (note_complete)
 
     def interrupt(self, signum, frame) -> None:
         if self.ended:   # the command has ended (main's last steps): as after uninstall, ignored

@@ -34,7 +34,7 @@ from klconvert.convert.output_folder import (OUTPUT_RECORD, TEMPORARY_MARKER, TE
                                              temporaries_start, temporary_prefix, unmark_temporary, usual_mode,
                                              write_output_record, write_test)
 from klconvert.disk_space import failed_write
-from klconvert.entry import Uninterrupted
+from klconvert.entry import Uninterrupted, note_complete
 from klconvert.errors import KLError, refuse_out_of_descriptors
 
 
@@ -196,6 +196,7 @@ def whole_folder(out: Path, force: bool = False, replaceable: Replaceable | None
                     os.rename(new, out)
                     unmark_temporary(out)
                     out.chmod(usual_mode(True))   # last: one without the owner's write keeps the mark otherwise
+                    note_complete(out)   # an interrupt held back meanwhile says so: a rerun is refused, OUT being there
             elif not out.is_dir() or out.is_symlink() or _identities(out) != earlier:
                 raise KLError(f"{out}: changed while writing into it; move it away and rerun")
             else:
@@ -227,6 +228,7 @@ def _replace_in_place(new: Path, out: Path, earlier: list[str], last: str) -> No
         except BaseException:
             _move(_moved_in(earlier, last), aside, out)
             raise
+        note_complete(out)   # whole: an interrupt as the earlier entries are deleted says so
         unmark_temporary(new)
         new.rmdir()
     finally:

@@ -36,11 +36,14 @@ def _entry(prelude: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
 TOUCHES = "open('made', 'w').close()"
 
 
-def _assert_interrupted(proc, status: int = 130) -> None:
-    """One line, and the status a shell shows for a command SIGINT ended (128 + 2), or SIGTERM (143)."""
+def _assert_interrupted(proc, status: int = 130, complete=None) -> None:
+    """One line, and the status a shell shows for a command SIGINT ended (128 + 2), or SIGTERM (143); the line says
+    that the output `complete` is whole, where given."""
     assert proc.returncode == status, proc.stderr
     lines = proc.stderr.split("\n")   # the one line, no blank one before it (click's for a terminal's ^C)
-    assert lines[-2:] == ["klconvert: interrupted", ""] and lines[-3:-2] != [""] and "Traceback" not in proc.stderr
+    line = "klconvert: interrupted" + ("" if complete is None else
+                                       f" ({complete} is complete: only its path was not printed)")
+    assert lines[-2:] == [line, ""] and lines[-3:-2] != [""] and "Traceback" not in proc.stderr
 
 
 def _module_swallowing_a_ctrl_c(path, then: str = "") -> None:
@@ -322,20 +325,51 @@ klconvert.cli.main = writes
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_an_interrupt_as_the_folder_goes_into_place_leaves_it_whole_and_unmarked(tmp_path, signame):
     """Its temporary mark was left in OUT: synth's rerun said "already exists", export-onnx --force refused OUT as
-    holding other files."""
+    holding other files. The line says OUT is whole (it said only "interrupted", and the rerun was refused)."""
     proc = _entry(textwrap.dedent(SIGNAL_AFTER_THE_RENAME.format(signal=signame)) + WRITES_OUT, cwd=tmp_path)
-    _assert_interrupted(proc, signal_status(getattr(signal, signame)))
+    _assert_interrupted(proc, signal_status(getattr(signal, signame)), complete="out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [OUTPUT_RECORD, "config.json"]
 
 
-def test_an_interrupt_as_quantize_renames_its_output_leaves_no_resume_record(tiny_released, tmp_path):
-    """Its resume record was left in OUT, and OUT.partial gone: a rerun said "already exists"."""
-    proc = _entry(SIGNAL_AFTER_THE_RENAME.format(signal="SIGINT"), "quantize", str(tiny_released),
-                  str(tmp_path / "q"), "--bits", "4", "--group-size", "32")
-    _assert_interrupted(proc)
+def test_an_interrupt_as_a_filled_folders_earlier_entries_go_says_it_is_whole(tmp_path):
+    """Filling an existing OUT in place, one that landed once the new entries were in, as the folder the earlier ones
+    were moved aside into was deleted (98 GB of an earlier model takes a while), said only "interrupted"."""
+    (tmp_path / "out").mkdir()
+    proc = _entry(textwrap.dedent("""
+        import os, signal
+        _rmdir = os.rmdir
+        def rmdir(path, *args, **kwargs):
+            _rmdir(path, *args, **kwargs)
+            if ".out.replaced-" in os.path.basename(path):
+                os.kill(os.getpid(), signal.SIGINT)
+                [None for _ in range(3)]
+        os.rmdir = rmdir
+        """) + WRITES_OUT, cwd=tmp_path)
+    _assert_interrupted(proc, complete="out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [OUTPUT_RECORD, "config.json"]
+
+
+@pytest.mark.parametrize("command", ["quantize", "pull-and-quantize"])
+def test_an_interrupt_as_quantize_renames_its_output_leaves_no_resume_record(tiny_released, tmp_path, command):
+    """Its resume record was left in OUT, and OUT.partial gone: a rerun said "already exists". The line says OUT is
+    whole (h220's F3: it said only "interrupted", and the rerun was refused -- the 48B's to quantize again)."""
+    out = tmp_path / "q"
+    args = (str(tiny_released), str(out)) if command == "quantize" else ("--model", str(tiny_released), "--out",
+                                                                          str(out))
+    proc = _entry(SIGNAL_AFTER_THE_RENAME.format(signal="SIGINT"), command, *args, "--bits", "4", "--group-size", "32")
+    _assert_interrupted(proc, complete=out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
     assert ".klconvert-resume.json" not in os.listdir(tmp_path / "q") and (tmp_path / "q" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("command", [("synth", "--preset", "tiny", "--out", "out"),
+                                     ("export-onnx", "--model", "tiny", "--out", "out")])
+def test_an_interrupt_as_synth_or_export_onnx_renames_its_output_says_it_is_whole(tmp_path, command):
+    """It said only "interrupted", with OUT whole, and the rerun was refused "already exists"."""
+    proc = _entry(SIGNAL_AFTER_THE_RENAME.format(signal="SIGINT"), *command, cwd=tmp_path)
+    _assert_interrupted(proc, complete="out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and OUTPUT_RECORD in os.listdir(tmp_path / "out")
 
 
 def _killed_as_quantize_renames_its_output(tiny_released, out, *options: str) -> list[str]:
@@ -369,6 +403,24 @@ def test_a_kill_as_quantize_renames_its_output_is_finished_by_the_same_command(t
     shards = len([name for name in files if name.endswith(".safetensors")])
     assert rerun.stdout == f"{out}\n" and f"-> {out}: " in rerun.stderr, rerun.stderr
     assert f"{shards} shard(s), {shards} kept from an interrupted run" in rerun.stderr
+    _assert_finished(out, files)
+
+
+def test_an_interrupt_as_the_same_command_ends_a_killed_finish_says_out_is_whole(tiny_released, tmp_path):
+    """One held back while the rerun dropped the killed run's record said only "interrupted", with OUT whole."""
+    out = tmp_path / "q"
+    files = _killed_as_quantize_renames_its_output(tiny_released, out, *QUANTIZE_OPTIONS)
+    rerun = _entry(f"""
+        import os, signal
+        _unlink = os.unlink
+        def unlink(path, *args, **kwargs):
+            _unlink(path, *args, **kwargs)
+            if os.path.basename(path) == "{RESUME_RECORD}":
+                os.kill(os.getpid(), signal.SIGINT)
+                [None for _ in range(3)]
+        os.unlink = unlink
+        """, "quantize", str(tiny_released), str(out), *QUANTIZE_OPTIONS)
+    _assert_interrupted(rerun, complete=out)
     _assert_finished(out, files)
 
 
@@ -586,5 +638,5 @@ def test_an_interrupt_as_the_lock_is_released_leaves_no_lock_file(tmp_path):
             raise entry.Interrupted(signal.SIGINT)
         OutputLock.__exit__ = interrupted_on_entry
         """) + WRITES_OUT, cwd=tmp_path)
-    _assert_interrupted(proc)
+    _assert_interrupted(proc, complete="out")   # OUT is whole by then
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -23,7 +23,7 @@ from klconvert.checkpoint.reader import file_identity
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.checkpoint.safetensors_writer import PlannedTensor, shard_header
 from klconvert.disk_space import failed_write
-from klconvert.entry import Uninterrupted
+from klconvert.entry import Uninterrupted, note_complete
 from klconvert.errors import KLError, refuse_out_of_descriptors, shown
 from klconvert.hex_digests import HASH_CHUNK_BYTES, SHA256_HEX
 from klconvert.user_paths import refuse_unreachable, shown_path
@@ -716,6 +716,7 @@ class OutputFolder:
             raise quantize_out_exists(self.out)
         with Uninterrupted():
             end_finish(self.out)
+            note_complete(self.out)
         return True
 
     def _out_whole(self, shards: dict[str, list[PlannedTensor]], finished: dict, finished_files: dict) -> bool:
@@ -749,6 +750,7 @@ class OutputFolder:
             replaced = move_aside(self.out) if out_exists else None
             os.rename(self.path, self.out)   # command's rerun ends that finish (end_killed_finish)
             end_finish(self.out)
+            note_complete(self.out)   # an interrupt held back meanwhile says so: a rerun is refused, OUT being there
         if replaced is not None:
             _remove(replaced)   # may take long: OUT is whole by now, its record gone
         return self.out
