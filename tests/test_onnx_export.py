@@ -32,9 +32,11 @@ from klconvert.checkpoint.reader import Checkpoint
 from klconvert.convert.output_folder import (OUTPUT_RECORD, OutputLock, mark_temporary, temporary_prefix,
                                              write_output_record)
 from klconvert.models import bundled_dir
+from klconvert.presets import PRESETS, TINY
 from klconvert.onnx import export as export_module
 from klconvert.onnx.export import (DATA_FILE, GENAI_CONFIG, LOWEST_ONNXRUNTIME, LOWEST_ONNXRUNTIME_IR, MIN_OPSET,
                                    export_onnx, ir_version, make_model)
+from klconvert.onnx.export_folder import LOGITS_TO_KEEP
 from klconvert.onnx.graph import GraphBuilder
 from klconvert.onnx.matmul_nbits import NBitsWeight, nbits_weight
 from klconvert.onnx.mla import KEY_BLOCK
@@ -42,8 +44,10 @@ from klconvert.onnx.session import ARENA_SHARE, MAX_THREADS, SCORE_BYTES, OnnxEn
 from klconvert.quant import QuantScheme, compress_weight, decompress_weight, unpack_from_int32
 from klconvert.quant.groupwise import CHANNEL
 from klconvert.quantize import quantize
+from klconvert.release import NUM_SPECIAL_TOKENS, config_token_ids
 from klconvert.runtime.engine import Engine, GenerationStats
 from klconvert.runtime.host_memory import DATA_BOUND, HostMemory
+from klconvert.synth.checkpoint import synth
 from klconvert.tokenizer_json import tokenizer_json
 from klconvert.units import size_text
 from test_tokenizer import TEXTS, tokenizers_backend
@@ -282,6 +286,48 @@ def test_a_prefill_keeps_no_earlier_calls_logits(exported, monkeypatch):
     monkeypatch.setattr(engine, "_run", watched)
     engine.generate([PROMPT], 0)
     assert earlier_alive == [0] * (len(PROMPT) // 2)
+
+
+@pytest.mark.slow
+def test_logits_to_keep_gives_the_last_positions_logits(exported):
+    """The graph computed every position's logits through lm_head, which a prefill for generate drops but the last
+    row of (onnxruntime runs every node whatever outputs a run asks for): 335 MB a call of 512 tokens of the release.
+    logits_to_keep k gives the last k positions' -- 0, or more than the tokens, every position's -- and the same
+    state."""
+    engine = OnnxEngine(exported[1])
+    ids, start = np.array([PROMPT, PROMPT[::-1]]), np.zeros(2, np.int64)
+    every, want_state = engine.run(ids, engine.empty_state(2), start)
+    for keep, rows in ((1, 1), (3, 3), (len(PROMPT) + 5, len(PROMPT))):
+        kept, state = engine._run(ids, engine.empty_state(2), start, state_is_ours=True, keep=keep)
+        assert kept.shape == (2, rows, engine.config.vocab_size)
+        assert rel_error(torch.from_numpy(kept), torch.from_numpy(every[:, -rows:])) < EXACT_BOUND
+        assert all(np.array_equal(state[name], want_state[name]) for name in want_state)
+
+
+def _as_exported_before_logits_to_keep(folder: Path) -> None:
+    """Rewrite an export as one from before LOGITS_TO_KEEP: its graph takes no such input (a constant 0 in its place
+    keeps every position's logits) and its genai_config.json names none."""
+    model = onnx.load(folder / "model.onnx")
+    model.graph.input.remove(next(i for i in model.graph.input if i.name == LOGITS_TO_KEEP))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0, np.int64), LOGITS_TO_KEEP))
+    onnx.save(model, folder / "model.onnx")
+    _edited_genai_config(folder, lambda m: m.update(inputs=[i for i in m["inputs"] if i["name"] != LOGITS_TO_KEEP]))
+
+
+@pytest.mark.slow
+def test_an_export_from_before_logits_to_keep_runs_as_one_after(exported, tmp_path):
+    """Its graph computes every position's logits and takes no logits_to_keep (onnxruntime refuses an input a graph
+    lacks): OnnxEngine feeds it none and keeps a prefill's last row itself, for the same logits and tokens."""
+    folder = shutil.copytree(exported[1], tmp_path / "onnx")
+    _as_exported_before_logits_to_keep(folder)
+    before, after, ids = OnnxEngine(folder), OnnxEngine(exported[1]), np.array([PROMPT])
+    assert torch.equal(before.forward(ids), after.forward(ids))
+    last, _ = before._prefill(ids, every_position=False)
+    want, _ = after._prefill(ids, every_position=False)
+    assert last.shape == want.shape == (1, 1, VOCAB) and last.base is None   # no view of the call's whole logits
+    assert rel_error(torch.from_numpy(last), torch.from_numpy(want)) < EXACT_BOUND
+    assert torch.equal(before.generate([PROMPT], 8, stop_ids=frozenset()), after.generate([PROMPT], 8,
+                                                                                          stop_ids=frozenset()))
 
 
 @pytest.mark.parametrize("ids, needle", [([[-1, 5]], "token id -1 is outside the vocabulary"),
@@ -1245,8 +1291,8 @@ VOCAB = json.loads((bundled_dir() / "config.json").read_text())["vocab_size"]
 
 
 @pytest.mark.parametrize("extra_columns, declared_extra, add, needle", [
-    (1, 1, 0.0, f"its logits output is ['batch', 'sequence', {VOCAB + 1}], where config.json's vocab_size makes "
-                f"it [batch, sequence, {VOCAB}]"),
+    (1, 1, 0.0, f"its logits output is ['batch', 'kept_sequence', {VOCAB + 1}], where config.json's vocab_size "
+                f"makes it [batch, kept_sequence, {VOCAB}]"),
     (1, 0, 0.0, f"the graph returned logits [1, 1, {VOCAB + 1}], where config.json's vocab_size is {VOCAB}"),
     (0, 0, float("nan"), "the graph computed NaN or infinite logits"),
 ], ids=["declared-wider", "returned-wider", "nan"])
@@ -1413,9 +1459,11 @@ def test_a_long_prompts_peak_stays_near_a_short_ones(exported):
 
 
 ONE_CALL = 1 << 50   # SCORE_BYTES that prefills any of these prompts in one call
-# One call of the longer prompt's peak over the shorter's, int4 on a 2-core box, 2026-12-06: 1.95x now (182 and 355
-# MB over their start), 3.4x with each MLA layer's scores built whole (201 and 676 MB)
-ONE_CALL_LENGTHS, ONE_CALL_GROWTH = (1500, 3000), 2.5
+# One call of the longer prompt's peak over the shorter's on a 2-core box, 2026-12-07: int4 1.96x (242 and 474 MB over
+# their start), int8 1.95x (365 and 713 MB). At 1,500 and 3,000 tokens it was int4 1.95x (2026-12-06), 3.4x with each
+# MLA layer's scores built whole (201 and 676 MB); but int8's 1,500 sit below its line (74, 171, 365, 480 MB at 750 to
+# 3,000): 2.4x, and 2.8x once its prefill computed no logits but the last (26 MB less at 1,500, none at 3,000)
+ONE_CALL_LENGTHS, ONE_CALL_GROWTH = (2250, 4500), 2.5
 
 
 @pytest.mark.slow
@@ -1428,6 +1476,36 @@ def test_one_calls_peak_grows_with_its_tokens_not_their_square(exported):
     assert long < ONE_CALL_GROWTH * short, \
         (f"one call of {ONE_CALL_LENGTHS[1]} tokens peaked {long / 2**20:.0f} MB over its start, of "
          f"{ONE_CALL_LENGTHS[0]} tokens {short / 2**20:.0f} MB: the scores are built whole?")
+
+
+# A vocabulary as wide as makes a prompt's logits most of its prefill's memory -- 257 KB a token, the release's 640 KB
+# -- on the tiny preset cut to one layer (its hidden size is 128), and a prompt prefilled in one call
+WIDE_VOCAB_RANKS, WIDE_VOCAB_TOKENS = 65536, 2000
+
+
+@pytest.fixture(scope="module")
+def wide_vocabulary_export(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("wide")
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(PRESETS, "tiny", {**TINY, **config_token_ids(WIDE_VOCAB_RANKS),
+                                    "vocab_size": WIDE_VOCAB_RANKS + NUM_SPECIAL_TOKENS})
+        synth("tiny", root / "model", layers=1, progress=False)
+    export_onnx(root / "model", root / "onnx")
+    return root / "onnx"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_a_prefill_for_generate_computes_no_logits_but_the_last(wide_vocabulary_export):
+    """generate samples from a prompt's last logits, yet each prefill call computed and held every position's
+    [batch, tokens, vocab] -- onnxruntime runs every node whatever outputs a run asks for -- 335 MB a call of 512
+    tokens of the release, 17 KB a token of the bundled model. Asked for the last position's alone (logits_to_keep),
+    a prefill of 2,000 tokens of a 65,792-id vocabulary peaks well under its 502 MB of logits (2 cores, 2026-12-07:
+    137 MB over its start, 650 MB before)."""
+    logits = WIDE_VOCAB_TOKENS * (WIDE_VOCAB_RANKS + NUM_SPECIAL_TOKENS) * 4
+    peak = _prefill_peak(wide_vocabulary_export, WIDE_VOCAB_TOKENS, ONE_CALL)
+    assert peak < logits // 2, (f"a prefill of {WIDE_VOCAB_TOKENS:,} tokens peaked {peak / 2**20:.0f} MB over its "
+                                f"start, its logits are {logits / 2**20:.0f} MB: it computes every position's?")
 
 
 def _spin(graph: onnx.GraphProto) -> str:

@@ -1,12 +1,14 @@
 """export_onnx: a checkpoint folder -> an ONNX folder onnxruntime runs (model.onnx, genai_config.json, config.json,
 the tokenizer files and a tokenizer.json written from them). One graph prefills and decodes: input_ids [batch,
-sequence], position [batch] and the state in; logits [batch, sequence, vocab] and the updated state out. The graph is
-fp32; packed int4/int8 weights stay packed (MatMulNBits, QMoE), the rest are the bound model's float weights."""
+sequence], position [batch], logits_to_keep [] and the state in; logits [batch, kept_sequence, vocab] (the last
+logits_to_keep positions', 0 every position's) and the updated state out. The graph is fp32; packed int4/int8 weights
+stay packed (MatMulNBits, QMoE), the rest are the bound model's float weights."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from google.protobuf.message import EncodeError
@@ -20,7 +22,7 @@ from klconvert.convert.output_folder import refuse_out_over_source
 from klconvert.disk_space import writing
 from klconvert.errors import KLError, refuse_non_bool
 from klconvert.models import resolve_model
-from klconvert.onnx.export_folder import DATA_FILE, ONNX_FILE, state_spec
+from klconvert.onnx.export_folder import DATA_FILE, LOGITS_SHAPE, LOGITS_TO_KEEP, ONNX_FILE, state_spec
 from klconvert.onnx.ffn import moe_layer, swiglu_mlp
 from klconvert.onnx.graph import FLOAT, INT64, MS_DOMAIN, GraphBuilder
 from klconvert.onnx.kda import kda_layer
@@ -78,15 +80,20 @@ def build_graph(model: M.KimiLinear, linears: Linears, opset: int):
         else:
             h = swiglu_mlp(g, h, block.ffn, f"{prefix}.mlp", linears)
         x = g.op("Add", x, h)
+    # the last logits_to_keep rows on to the final norm and lm_head: Slice from -logits_to_keep, which -0 makes row 0
+    # and a count past the sequence clamps to it, so 0 and any count over the tokens keep every row
+    start = g.op("Unsqueeze", g.op("Neg", LOGITS_TO_KEEP), g.const([0]))
+    x = g.op("Slice", x, start, g.const([np.iinfo(np.int64).max]), g.const([1]))
     x = g.rms_norm(x, g.weight("model.norm.weight", as_numpy(model.model.norm.weight)), model.model.norm.eps)
     outputs = {"logits": linears.module(g, x, "lm_head", model.lm_head), **outputs}
     for name, value in outputs.items():
         g.nodes.append(helper.make_node("Identity", [value], [name]))
     states = state_spec(c)
     inputs = [helper.make_tensor_value_info("input_ids", INT64, ["batch", "sequence"]),
-              helper.make_tensor_value_info("position", INT64, ["batch"])]
+              helper.make_tensor_value_info("position", INT64, ["batch"]),
+              helper.make_tensor_value_info(LOGITS_TO_KEEP, INT64, [])]
     inputs += [helper.make_tensor_value_info(s["past"], FLOAT, s["shape"]) for s in states]
-    outs = [helper.make_tensor_value_info("logits", FLOAT, ["batch", "sequence", c.vocab_size])]
+    outs = [helper.make_tensor_value_info("logits", FLOAT, [*LOGITS_SHAPE, c.vocab_size])]
     outs += [helper.make_tensor_value_info(s["present"], FLOAT, _present_shape(s["shape"])) for s in states]
     return make_model(helper.make_graph(g.nodes, "kimi_linear", inputs, outs, g.initializers), opset)
 
@@ -133,9 +140,12 @@ def genai_config(config, opset: int, external: bool, tokenizer_files: list[str])
             "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
                        {"name": "position", "dtype": "int64", "shape": ["batch"],
                         "meaning": "position of input_ids[:, 0] in each sequence: where its latent rows are "
-                                   "written; a token attends to the rows up to its own position"}]
+                                   "written; a token attends to the rows up to its own position"},
+                       {"name": LOGITS_TO_KEEP, "dtype": "int64", "shape": [],
+                        "meaning": "the last positions of input_ids whose logits are computed, 0 every position's: a "
+                                   "prefill that samples only the next token gives 1, so lm_head runs on one row"}]
             + [{"name": s["past"], "dtype": s["dtype"], "shape": s["shape"]} for s in states],
-            "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", "sequence", config.vocab_size]}]
+            "outputs": [{"name": "logits", "dtype": "float32", "shape": [*LOGITS_SHAPE, config.vocab_size]}]
             + [{"name": s["present"], "dtype": s["dtype"], "shape": _present_shape(s["shape"])} for s in states],
             "state": states,
         },

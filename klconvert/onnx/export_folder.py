@@ -4,6 +4,12 @@ from __future__ import annotations
 
 ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"      # the weights, when they are over export's PROTOBUF_LIMIT
+# The graph's input naming the last positions whose logits it computes, 0 every position's (transformers'
+# logits_to_keep): onnxruntime runs every node whatever outputs a run asks for, so only an input spares lm_head the rows
+# a prefill that samples the next token drops. An export from before it lacks it and computes every position's.
+LOGITS_TO_KEEP = "logits_to_keep"
+# The logits' shape but the vocabulary: kept_sequence is min(logits_to_keep, sequence), or sequence where it is 0
+LOGITS_SHAPE = ["batch", "kept_sequence"]
 
 
 def state_spec(config) -> list[dict]:

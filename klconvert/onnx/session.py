@@ -20,7 +20,7 @@ from klconvert.models import resolve_model
 from klconvert.checkpoint.folder_files import CONFIG_FILE, GENAI_CONFIG, refuse_link_out
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.onnx import refuse_export_under_way
-from klconvert.onnx.export_folder import DATA_FILE, ONNX_FILE, state_spec
+from klconvert.onnx.export_folder import DATA_FILE, LOGITS_SHAPE, LOGITS_TO_KEEP, ONNX_FILE, state_spec
 from klconvert.onnx.interruptible import interruptible
 from klconvert.runtime.engine import (GenerationStats, Runner, as_batch, as_prompts, as_stop_ids, check_callbacks,
                                       no_new_ids, whole_numbers)
@@ -40,7 +40,7 @@ ORT_FATAL_ONLY = 4
 # ("bfc_arena.cc:376 ") and the C++ function it failed in ("void* onnxruntime::BFCArena::AllocateRawInternal(size_t,
 # bool) "), each of which may come alone
 ORT_WRAPPING = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : |\S+\.(?:cc|h):\d+ |(?:\S+ )?\w+(?:::\w+)+\([^()]*\) ")
-GRAPH_INPUTS = ("input_ids", "position")  # what export-onnx feeds besides the state
+GRAPH_INPUTS = ("input_ids", "position")  # what every export takes besides the state (and LOGITS_TO_KEEP)
 # A prompt prefills in calls of as many tokens as keep one MLA layer's fp32 scores [batch, heads, tokens, keys] under
 # this, keys being the cached rows the graph attends at once (genai_config.json's attention_key_block): onnxruntime
 # writes that tensor out a few times over. With export-onnx's 1,024-row blocks: 4,096 tokens a call of the bundled
@@ -171,14 +171,16 @@ class OnnxEngine(Runner):
                           "export the folder again") from None
         self.outputs = [o.name for o in self.session.get_outputs()]
         self._check_names(folder / ONNX_FILE)
+        # an export from before LOGITS_TO_KEEP computes every position's logits, of which _run keeps those asked for
+        self.takes_logits_to_keep = LOGITS_TO_KEEP in {i.name for i in self.session.get_inputs()}
         self._run_options = ort.RunOptions()
         self._run_options.log_severity_level = ORT_FATAL_ONLY
         self._run_options.add_run_config_entry(*ARENA_SHRINKAGE)
         logits = next((o.shape for o in self.session.get_outputs() if o.name == "logits"), None)
         if logits is None or len(logits) != 3 or logits[2] != self.config.vocab_size:
             raise KLError(f"{folder / ONNX_FILE}: its logits output is {logits if logits is not None else 'missing'}, "
-                          f"where config.json's vocab_size makes it [batch, sequence, {self.config.vocab_size}]; "
-                          "export the folder again")
+                          f"where config.json's vocab_size makes it [{', '.join(LOGITS_SHAPE)}, "
+                          f"{self.config.vocab_size}]; export the folder again")
         self.stats = GenerationStats()
         self._returned: State = {}   # the state the last run returned (the one a decode loop feeds back)
 
@@ -188,7 +190,7 @@ class OnnxEngine(Runner):
         inputs = {i.name for i in self.session.get_inputs()}
         wanted = {*GRAPH_INPUTS, *(s["past"] for s in self.states)}
         missing = sorted(wanted - inputs) + sorted({"logits", *(s["present"] for s in self.states)} - set(self.outputs))
-        extra = sorted(inputs - wanted)
+        extra = sorted(inputs - wanted - {LOGITS_TO_KEEP})
         if missing or extra:
             problem = f"lacks {', '.join(missing[:3])}" if missing else f"takes {', '.join(extra[:3])} besides"
             raise KLError(f"{path}: the graph {problem}{' ...' if len(missing or extra) > 3 else ''}, which this "
@@ -242,14 +244,17 @@ class OnnxEngine(Runner):
         ran most such input into an error that blamed the export, and a position past the state's silently."""
         return self._run(ids, state, positions, state_is_ours=False)
 
-    def _run(self, ids, state: State, positions, state_is_ours: bool) -> tuple[np.ndarray, State]:
-        """run's work; `state_is_ours`: the state is one this engine made (empty, batched, or the graph's own, fed
-        back), so NaN in it is the graph's, not the caller's."""
+    def _run(self, ids, state: State, positions, state_is_ours: bool, keep: int = 0) -> tuple[np.ndarray, State]:
+        """run's work, giving the logits of the last `keep` positions ([B, keep, vocab]; 0: every position's);
+        `state_is_ours`: the state is one this engine made (empty, batched, or the graph's own, fed back), so NaN in it
+        is the graph's, not the caller's."""
         ids = self._checked_ids(ids)
         B, T = ids.shape
         rows = self._state_rows(state, B)
         positions = self._checked_positions(positions, B, T, rows)
         feed = {"input_ids": ids, "position": positions, **state}
+        if self.takes_logits_to_keep:
+            feed[LOGITS_TO_KEEP] = np.array(keep, np.int64)
         stopped_by: list[int] = []   # the signal that terminated the run, if one did
         try:
             with interruptible(self._run_options) as stopped_by:
@@ -269,6 +274,9 @@ class OnnxEngine(Runner):
             raise KLError(f"{self.folder / ONNX_FILE}: onnxruntime failed running it ({reason}); export the folder "
                           "again") from None
         logits = self._checked(out["logits"], state, state_is_ours)
+        if keep and not self.takes_logits_to_keep:
+            # a copy: a view of the last rows would keep the call's whole logits [B, tokens, vocab] alive
+            logits = logits[:, -keep:].copy()
         after = {s["past"]: self._checked_present(s, out[s["present"]], B, (rows or 0) + T) for s in self.states}
         self._returned = after
         return logits, after
@@ -380,9 +388,8 @@ class OnnxEngine(Runner):
         state, size, kept = self.empty_state(B), self.prefill_segment(B, T), []
         for start in range(0, T, size):
             logits, state = self._run(ids[:, start:start + size], state, np.full(B, start, np.int64),
-                                      state_is_ours=True)
-            # a copy: a view of the last row would keep the call's whole logits [B, tokens, vocab] to the end
-            kept.append(logits if every_position else logits[:, -1:].copy())
+                                      state_is_ours=True, keep=0 if every_position else 1)
+            kept = [*kept, logits] if every_position else [logits]   # generate samples the last call's row alone
         return (np.concatenate(kept, axis=1) if every_position else kept[-1]), state
 
     def prefill_segment(self, batch: int, tokens: int) -> int:
