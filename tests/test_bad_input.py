@@ -674,7 +674,7 @@ def test_files_linked_into_the_hub_caches_blobs_are_read(capsys, tiny_released, 
 
 
 def test_empty_prompt(capsys, tiny_released, tmp_path):
-    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "empty.txt").write_text("")   # whitespace alone is a prompt (test_text_input)
     code, _, err = run_cli(capsys, "run", "--model", str(tiny_released), "--prompt-file", str(tmp_path / "empty.txt"))
     assert_one_line_error(code, err, "empty")
 
