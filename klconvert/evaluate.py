@@ -20,6 +20,7 @@ from klconvert.models import model_folder
 from klconvert.runtime.bind import cpu_forms_bound
 from klconvert.runtime.device_memory import (ContextDoesNotFit, DeviceMemoryExhausted, WeightsDoNotFit,
                                              device_allocation, device_exhausted)
+from klconvert.runtime.host_malloc import give_back_free_pages
 from klconvert.runtime.host_memory import HostMemory, host_allocation, host_memory
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.sampling import as_number
@@ -141,6 +142,10 @@ def _run_model(path: Path, ids: list[int], device: str | torch.device | None, dt
         run = ModelRun(log_probs, {k: torch.cat(v) for k, v in chosen.items()}, tuple(chosen), c)
     del engine
     gc.collect()
+    # the pages of the freed weights' blocks handed back, so that the next model's plan sees them free: glibc keeps
+    # them resident, which the host's MemAvailable and a cgroup count as used (as CUDA's cache, emptied below, holds
+    # the GPU's)
+    give_back_free_pages()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return run

@@ -10,6 +10,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from klconvert.errors import KLError, first_line
+from klconvert.runtime.host_malloc import held_free
 from klconvert.units import size_text
 
 try:
@@ -47,18 +48,21 @@ class HostMemory:
 def host_memory(root: Path = Path("/")) -> HostMemory | None:
     """What the process can still allocate on the host (None where nothing is known: not Linux): the least of
     Linux's MemAvailable, the soft RLIMIT_AS less the address space mapped (VmSize), the soft RLIMIT_DATA less the
-    data mapped (VmData), and each memory cgroup the process is in, with its ancestors, its limit less its usage
-    (the page cache it could reclaim not counted as used). A few small reads; one that fails, or a limit that is not
-    set, only leaves that bound out. `root`: where /proc and /sys are (tests give a folder of fakes)."""
+    data mapped (VmData) -- each limit's room with the bytes the allocator holds free within what is mapped
+    (held_free), which it serves again without mapping more -- and each memory cgroup the process is in, with its
+    ancestors, its limit less its usage (the page cache it could reclaim not counted as used). A few small reads; one
+    that fails, or a limit that is not set, only leaves that bound out. `root`: where /proc and /sys are (tests give a
+    folder of fakes)."""
     found: list[HostMemory] = []
     meminfo = _fields(root / "proc/meminfo")
     if (available := _kib(meminfo.get("MemAvailable"))) is not None:
         found.append(HostMemory(available, *HOST_BOUND))
     status = _fields(root / "proc/self/status")
+    free = held_free()
     for name, used, bound in (("RLIMIT_AS", "VmSize", ADDRESS_SPACE_BOUND), ("RLIMIT_DATA", "VmData", DATA_BOUND)):
         limit, mapped = _soft_limit(name), _kib(status.get(used))
         if limit is not None and mapped is not None:
-            found.append(HostMemory(max(0, limit - mapped), *bound))
+            found.append(HostMemory(max(0, limit - mapped) + free, *bound))
     found += _cgroup_rooms(root)
     return min(found, key=lambda h: h.available, default=None)
 

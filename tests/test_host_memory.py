@@ -24,10 +24,12 @@ def fake_host(root: Path, files: dict[str, str | bytes]) -> Path:
     return root
 
 
-def fake_limits(monkeypatch, address_space=INFINITY, data=INFINITY) -> None:
+def fake_limits(monkeypatch, address_space=INFINITY, data=INFINITY, held_free=0) -> None:
+    """The soft limits, and the bytes the allocator holds free (this process's own do not belong to a fake host)."""
     resource = host_memory_module.resource
     soft = {resource.RLIMIT_AS: address_space, resource.RLIMIT_DATA: data}
     monkeypatch.setattr(resource, "getrlimit", lambda which: (soft.get(which, INFINITY), INFINITY))
+    monkeypatch.setattr(host_memory_module, "held_free", lambda: held_free)
 
 
 def kb(n: int) -> str:
@@ -53,6 +55,11 @@ def test_the_host_alone_is_memavailable(tmp_path, monkeypatch):
     (dict(address_space=GiB), 0, "under the process's address-space limit (ulimit -v)"),          # past it already
     (dict(address_space=2 * GiB, data=GiB - 1), GiB // 2 - 1, "under the process's data-segment limit (ulimit -d)"),
     (dict(address_space=64 * GiB), 20 * GiB, "on the host (MemAvailable)"),
+    # the allocator's free blocks, mapped and counted in VmData, served again: room under the limit
+    (dict(data=GiB, held_free=GiB // 4), 3 * GiB // 4, "under the process's data-segment limit (ulimit -d)"),
+    (dict(address_space=GiB, held_free=GiB // 4), GiB // 4, "under the process's address-space limit (ulimit -v)"),
+    # not on the host: a free block's pages handed back (give_back_free_pages) are in MemAvailable already
+    (dict(address_space=64 * GiB, held_free=GiB // 4), 20 * GiB, "on the host (MemAvailable)"),
 ])
 def test_a_process_limit_below_the_host_bounds_it_and_is_named(tmp_path, monkeypatch, limits, left, bound):
     """Only MemAvailable was read: under `ulimit -v` a plan the limit could not hold passed, and the allocator's
