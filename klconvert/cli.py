@@ -24,8 +24,9 @@ from klconvert.extras import require
 from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, DEFAULT_REPO, bundled_dir, default_model, model_folder
 from klconvert.presets import PRESETS
 from klconvert.recipes import shipped_names
-from klconvert.runtime.device_memory import (BatchDoesNotFit, ContextDoesNotFit, DeviceMemoryExhausted,
-                                             WeightsDoNotFit, device_exhausted, fewer_bits_hold_less)
+from klconvert.runtime.device_memory import (COMMAND_LEVERS, PRESET_BENCH_LEVERS, BatchDoesNotFit, ContextDoesNotFit,
+                                             DeviceLevers, DeviceMemoryExhausted, WeightsDoNotFit, device_exhausted,
+                                             fewer_bits_hold_less)
 from klconvert.runtime.host_memory import OUT_OF_HOST_MEMORY, import_exhausted
 from klconvert.shell_command import shell_command
 from klconvert.units import binary_size_text, size_text
@@ -214,12 +215,28 @@ class OptionsOnce(click.Command):
         try:
             return super().invoke(ctx)
         except (DeviceMemoryExhausted, ContextDoesNotFit, BatchDoesNotFit, WeightsDoNotFit) as e:
-            raise e.for_command(self.name) from None
+            raise e.for_command(self.device_levers(ctx.params)) from None
         except RuntimeError as e:   # torch.OutOfMemoryError is one
             exhausted = device_exhausted(e, ())
             if exhausted is None:
                 raise
-            raise exhausted.for_command(self.name) from None
+            raise exhausted.for_command(self.device_levers(ctx.params)) from None
+
+    def device_levers(self, params: dict) -> DeviceLevers | None:
+        """What asks for less of the device in this command, given its `params` (COMMAND_LEVERS; None: the API's
+        words stay)."""
+        return COMMAND_LEVERS.get(self.name)
+
+
+class BenchCommand(OptionsOnce):
+    """bench, whose ways to fewer weights are what it times: fewer --layers only of a --preset of more than one (a
+    --model folder's config.json sets its layers)."""
+
+    def device_levers(self, params: dict) -> DeviceLevers | None:
+        preset, layers = params.get("preset"), params.get("layers")
+        if preset in PRESETS and (layers or PRESETS[preset]["num_hidden_layers"]) > 1:
+            return PRESET_BENCH_LEVERS
+        return super().device_levers(params)
 
 
 def _refuse_repeated_options(command: click.Command, ctx: click.Context, args: list[str]) -> None:
@@ -845,8 +862,9 @@ def _int_list(ctx, param, value: str | None) -> list[int] | None:
     return out
 
 
-@cli.command(help="Decode speed on the GPU: checked first, then ms/token, tokens/s, memory and the bandwidth "
-             "floor; with --prefill, prefill time and tokens/s, peak memory reserved against the plan.")
+@cli.command(cls=BenchCommand,
+             help="Decode speed on the GPU: checked first, then ms/token, tokens/s, memory and the bandwidth floor; "
+             "with --prefill, prefill time and tokens/s, peak memory reserved against the plan.")
 @click.option("--model", type=MODEL, default=None,
               help=f"A checkpoint folder to time, or {BUNDLED_NAME} (its weights; caches filled with random "
                    "values).")

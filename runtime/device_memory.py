@@ -3,15 +3,15 @@ and this one's own allocations already share -- and the caching allocator's refu
 DeviceMemoryExhausted, a one-line KLError naming what ran out, the memory plan's figure and what asks for less;
 ContextDoesNotFit, a plan past the room that a smaller context fits; BatchDoesNotFit, a plan no context fits at its
 batch; and WeightsDoNotFit, one no context fits at a batch of one, the weights taking (nearly) all the room (on a
-device or the host). Each is said with the levers of the command that ran (COMMAND_LEVERS), the API's argument names
-where none did.
+device or the host); and PromptsDoNotFit, one whose largest fitting context is short of what the prompts need. Each is
+said with the levers of the command that ran (COMMAND_LEVERS), the API's argument names where none did.
 
 torch is imported where it is used: the command line words a refusal with this module, and starts without torch."""
 from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Iterator
 
 from klconvert.errors import KLError, first_line
@@ -27,6 +27,7 @@ OUT_OF_DEVICE_MEMORY = "out of GPU memory"   # how a refusal of device memory op
 # weights it could store in fewer (an engine knows its schemes), and, last, the GPU's other work
 FEWER_BITS = "use a model of fewer bits (klconvert quantize --bits 4)"
 FREE_THE_GPU = "stop what else holds the GPU"
+FEWER_LAYERS = "time fewer --layers of a --preset"   # bench's, where it times a --preset of more than one layer
 
 
 @dataclass(frozen=True)
@@ -35,26 +36,33 @@ class DeviceLevers:
     takes a model of fewer bits (None: it takes none -- quantize makes the bits, and holds a module at a time),
     `smaller_batch`, how it asks for fewer sequences (None: it plans none), `smaller_context`, the flag a refusal
     names with the largest context that fits (None: the API's argument stays -- bench words its own, as its rows
-    plan more than the context asked), and `smaller_weights`, its ways to fewer weights other than fewer bits."""
+    plan more than the context asked), `smaller_weights`, its ways to fewer weights other than fewer bits, and
+    `new_tokens`, the flag that sets the tokens made past the prompts (None: it plans none past what it is given)."""
 
     levers: tuple[str, ...]
     fewer_bits: str | None = FEWER_BITS
     smaller_batch: str | None = None
     smaller_context: str | None = None
     smaller_weights: tuple[str, ...] = ()
+    new_tokens: str | None = None
 
 
 # each command's own flags, as its out-of-GPU-memory line names them (the Python API's line names its arguments)
 COMMAND_LEVERS = {
     "run": DeviceLevers(("lower --max-context", "give fewer prompts"),   # run has no --batch: its prompts are one
-                        smaller_batch="give fewer prompts (--prompt-file)", smaller_context="--max-context"),
+                        smaller_batch="give fewer prompts (--prompt-file)", smaller_context="--max-context",
+                        new_tokens="--max-new-tokens"),
     "eval": DeviceLevers(("lower --max-tokens",), smaller_batch="lower --max-tokens", smaller_context="--max-tokens"),
-    "bench": DeviceLevers(("lower --context, --prefill or --batch", "time fewer --layers of a --preset"),
+    # a --model's layers are its config.json's, and a --preset of one layer has no fewer: PRESET_BENCH_LEVERS adds them
+    "bench": DeviceLevers(("lower --context, --prefill or --batch",),
                           "time fewer bits (--bits 4 with --preset; a --model folder of klconvert quantize --bits 4)",
-                          "lower --batch", smaller_weights=("time fewer --layers of a --preset",)),
+                          "lower --batch"),
     "quantize": DeviceLevers(("quantize on the CPU (--device cpu)",), None),
 }
 COMMAND_LEVERS["pull-and-quantize"] = COMMAND_LEVERS["quantize"]   # its quantize is quantize's
+# bench timing a --preset of more than one layer: fewer of them hold fewer weights
+PRESET_BENCH_LEVERS = replace(COMMAND_LEVERS["bench"], levers=(*COMMAND_LEVERS["bench"].levers, FEWER_LAYERS),
+                              smaller_weights=(FEWER_LAYERS,))
 
 
 def fewer_bits_hold_less(stored_schemes: dict[str, QuantScheme]) -> bool:
@@ -95,10 +103,9 @@ class DeviceMemoryExhausted(KLError):
         super().__init__(f"{said}; {less}")
         self.said, self.fewer_bits = said, fewer_bits
 
-    def for_command(self, command: str) -> DeviceMemoryExhausted:
-        """This refusal naming `command`'s own levers (COMMAND_LEVERS), not the API's arguments; as it is for a
-        command not there."""
-        ways = COMMAND_LEVERS.get(command)
+    def for_command(self, ways: DeviceLevers | None) -> DeviceMemoryExhausted:
+        """This refusal naming a command's own levers, `ways` (its COMMAND_LEVERS), not the API's arguments; as it is
+        for none."""
         if ways is None:
             return self
         less = less_on_device(ways.levers, ways.fewer_bits if self.fewer_bits else None)
@@ -123,10 +130,9 @@ class ContextDoesNotFit(KLError):
                          + ("" if remedy is None else f", or {remedy}"))
         self.said, self.fit, self.or_less, self.remedy = said, fit, or_less, remedy
 
-    def for_command(self, command: str) -> ContextDoesNotFit:
-        """This refusal naming `command`'s own flag for the context (COMMAND_LEVERS); as it is for a command with
-        none there."""
-        ways = COMMAND_LEVERS.get(command)
+    def for_command(self, ways: DeviceLevers | None) -> ContextDoesNotFit:
+        """This refusal naming a command's own flag for the context (`ways`, its COMMAND_LEVERS); as it is for a
+        command with none."""
         if ways is None or ways.smaller_context is None:
             return self
         return self.ran_by("", ways.smaller_context)
@@ -148,10 +154,9 @@ class BatchDoesNotFit(KLError):
                          + ("" if remedy is None else f", or {remedy}"))
         self.said, self.batch, self.remedy = said, batch, remedy
 
-    def for_command(self, command: str) -> BatchDoesNotFit:
-        """This refusal naming `command`'s own way to a smaller batch (COMMAND_LEVERS); as it is for a command with
-        none there."""
-        ways = COMMAND_LEVERS.get(command)
+    def for_command(self, ways: DeviceLevers | None) -> BatchDoesNotFit:
+        """This refusal naming a command's own way to a smaller batch (`ways`, its COMMAND_LEVERS); as it is for a
+        command with none."""
         if ways is None or ways.smaller_batch is None:
             return self
         return BatchDoesNotFit(self.said, self.batch, ways.smaller_batch, self.remedy)
@@ -174,10 +179,9 @@ class WeightsDoNotFit(KLError):
         super().__init__(f"{said}; {room}: {', or '.join(asks) if asks else 'this device cannot hold this model'}")
         self.said, self.weights, self.alone, self.fewer_bits, self.remedy = said, weights, alone, fewer_bits, remedy
 
-    def for_command(self, command: str) -> WeightsDoNotFit:
-        """This refusal naming `command`'s own ways to fewer weights (COMMAND_LEVERS); as it is for a command not
-        there."""
-        ways = COMMAND_LEVERS.get(command)
+    def for_command(self, ways: DeviceLevers | None) -> WeightsDoNotFit:
+        """This refusal naming a command's own ways to fewer weights (`ways`, its COMMAND_LEVERS); as it is for
+        none."""
         if ways is None:
             return self
         return WeightsDoNotFit(self.said, self.weights, self.alone, self.fewer_bits, self.remedy,

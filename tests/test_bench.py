@@ -500,13 +500,13 @@ def _binding(*args, **kwargs):
     raise BoundTheWeights
 
 
-def _a_gpu_with_free(monkeypatch, free: int) -> None:
-    """A CUDA GPU as bench sees one, with `free` bytes left (gpu_with_free), on a machine without: an engine's plan
-    is checked against it before any weight is read onto it."""
+def _a_gpu_with_free(monkeypatch, free: int, total: int = 80 << 30) -> None:
+    """A CUDA GPU as bench sees one, with `free` bytes of its `total` left (gpu_with_free), on a machine without: an
+    engine's plan is checked against it before any weight is read onto it."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "a GPU")
     monkeypatch.setattr(B, "copy_bandwidth", lambda *args, **kwargs: 1e12)
-    gpu_with_free(monkeypatch, free)
+    gpu_with_free(monkeypatch, free, total)
 
 
 NOT_FREE = 40 << 20   # free on a GPU: the tiny model's weights fit, with a context of some hundred tokens
@@ -558,23 +558,32 @@ def test_a_batch_no_context_fits_on_the_gpu_names_benchs_batch(monkeypatch, caps
                         r" free for this process; no context fits a batch of 4096: lower --batch", line), line
 
 
-BENCH_FEWER_BITS = ", or time fewer bits (--bits 4 with --preset; a --model folder of klconvert quantize --bits 4)"
+BENCH_FEWER_BITS = "time fewer bits (--bits 4 with --preset; a --model folder of klconvert quantize --bits 4)"
 
 
-@pytest.mark.parametrize("timing, timed, fewer_bits", [
-    (("--model", "tiny"), "8 layers, tiny", BENCH_FEWER_BITS),                                      # bf16
-    (("--preset", "kimi-linear-48b", "--layers", "1", "--bits", "8"), "1 layers, int8 g128, lm_head int8",
-     BENCH_FEWER_BITS),
-    (("--preset", "kimi-linear-48b", "--layers", "1"), "1 layers, int4 g128, lm_head int8", ""),   # 4 bits already
-], ids=["model-bf16", "preset-int8", "preset-int4"])
+@pytest.mark.parametrize("timing, timed, total, advice", [
+    (("--model", "tiny"), "8 layers, tiny", 80 << 30, BENCH_FEWER_BITS + ", or stop what else holds the GPU"),   # bf16
+    (("--preset", "kimi-linear-48b", "--layers", "2", "--bits", "8"), "2 layers, int8 g128, lm_head int8", 80 << 30,
+     "time fewer --layers of a --preset, or " + BENCH_FEWER_BITS + ", or stop what else holds the GPU"),
+    (("--preset", "kimi-linear-48b", "--layers", "2"), "2 layers, int4 g128, lm_head int8", 80 << 30,
+     "time fewer --layers of a --preset, or stop what else holds the GPU"),   # 4 bits already, but lm_head
+    (("--preset", "kimi-linear-48b", "--layers", "1", "--bits", "8"), "1 layers, int8 g128, lm_head int8", 80 << 30,
+     BENCH_FEWER_BITS + ", or stop what else holds the GPU"),
+    (("--preset", "kimi-linear-48b", "--layers", "1"), "1 layers, int4 g128, lm_head int8", 80 << 30,
+     "stop what else holds the GPU"),
+    (("--preset", "kimi-linear-48b", "--layers", "1"), "1 layers, int4 g128, lm_head int8", 1 << 20,
+     "this device cannot hold this model"),   # the whole card is what is free
+], ids=["model-bf16", "preset-2-int8", "preset-2-int4", "preset-1-int8", "preset-1-int4", "preset-1-whole-card"])
 def test_weights_alone_past_the_gpu_name_their_size_and_benchs_ways_to_fewer(monkeypatch, capsys, timing, timed,
-                                                                              fewer_bits):
+                                                                              total, advice):
     """bench's line where the weights timed are alone past the GPU said "use a quantized model (klconvert quantize
     --bits 4)", to a --preset too, whose weights are quantized already, at 4 bits or not: it names the weights' size,
-    bench's --layers, and fewer bits only where they would hold less."""
-    _a_gpu_with_free(monkeypatch, 1 << 20)
+    and fewer bits only where they would hold less. It told a --model, and a --preset of one layer -- even as all it
+    said on a card too small for that layer -- to "time fewer --layers of a --preset" (h228's F5): --layers cuts only
+    a --preset, to one layer at the least; it says so only to a --preset of more."""
+    _a_gpu_with_free(monkeypatch, 1 << 20, total)
     code, _, err = run_cli(capsys, "bench", *timing, "--no-check")
     line = _refused_line(code, err, timed)
     assert re.fullmatch(rf"klconvert: error: the plan needs [\d.]+ [MG]B but cuda has {re.escape(size_text(1 << 20))}"
-                        r" free for this process; the weights alone need [\d.]+ [MG]B: time fewer --layers of a "
-                        r"--preset" + re.escape(fewer_bits) + ", or stop what else holds the GPU", line), line
+                        r" free for this process; the weights alone need [\d.]+ [MG]B: " + re.escape(advice),
+                        line), line

@@ -349,20 +349,23 @@ BENCH_FEWER_BITS = "time fewer bits (--bits 4 with --preset; a --model folder of
 @pytest.mark.parametrize("command, said", [
     (["quantize", "tiny", "int4", "--device", "cpu"], "quantize on the CPU (--device cpu), or stop what else holds "
                                                       "the GPU"),
-    (["bench", "--model", "tiny"], "lower --context, --prefill or --batch, time fewer --layers of a --preset, "
-                                   + BENCH_FEWER_BITS + "or stop what else holds the GPU"),   # bf16 weights
-    (["bench", "--preset", "kimi-linear-48b", "--layers", "1", "--bits", "8"],
+    (["bench", "--model", "tiny"], "lower --context, --prefill or --batch, " + BENCH_FEWER_BITS
+                                   + "or stop what else holds the GPU"),   # bf16 weights, its layers its own
+    (["bench", "--preset", "kimi-linear-48b", "--bits", "8"],   # 27 layers
      "lower --context, --prefill or --batch, time fewer --layers of a --preset, " + BENCH_FEWER_BITS
      + "or stop what else holds the GPU"),
-    (["bench", "--preset", "kimi-linear-48b", "--layers", "1"], "lower --context, --prefill or --batch, time fewer "
+    (["bench", "--preset", "kimi-linear-48b", "--layers", "2"], "lower --context, --prefill or --batch, time fewer "
                                                                 "--layers of a --preset, or stop what else holds the "
                                                                 "GPU"),   # 4 bits already, but lm_head
-], ids=["quantize", "bench-bf16", "bench-int8", "bench-int4"])
+    (["bench", "--preset", "kimi-linear-48b", "--layers", "1", "--bits", "8"],   # no fewer layers
+     "lower --context, --prefill or --batch, " + BENCH_FEWER_BITS + "or stop what else holds the GPU"),
+], ids=["quantize", "bench-bf16", "bench-int8", "bench-int4", "bench-one-layer"])
 def test_a_gpu_out_of_memory_outside_an_engine_names_the_commands_own_flags(tmp_path, capsys, monkeypatch, command,
                                                                             said):
     """Outside an engine's plan (a quantize, a bench's caches filled), the same refusal is one line saying what asks
     for less: it named --max-context and prompts, which neither command takes (h213's F3). bench's never said fewer
-    bits, which its line from an engine says where the weights timed are stored in more than 4."""
+    bits, which its line from an engine says where the weights timed are stored in more than 4; it said fewer
+    --layers to a --model and to a --preset of one layer (h228's F5), which have none to give."""
     import klconvert.bench
     import klconvert.quantize
 
