@@ -2,9 +2,9 @@
 and this one's own allocations already share -- and the caching allocator's refusal (torch.OutOfMemoryError) as
 DeviceMemoryExhausted, a one-line KLError naming what ran out, the memory plan's figure and what asks for less;
 ContextDoesNotFit, a plan past the room that a smaller context fits; BatchDoesNotFit, a plan no context fits at its
-batch; and WeightsDoNotFit, one no context fits at a batch of one, the weights taking (nearly) all the room (on a
-device or the host); and PromptsDoNotFit, one whose largest fitting context is short of what the prompts need. Each is
-said with the levers of the command that ran (COMMAND_LEVERS), the API's argument names where none did.
+batch; PromptsDoNotFit, one whose largest fitting context is short of what its prompts take; and WeightsDoNotFit, one
+no context fits at a batch of one, the weights taking (nearly) all the room (on a device or the host). Each is said
+with the levers of the command that ran (COMMAND_LEVERS), the API's argument names where none did.
 
 torch is imported where it is used: the command line words a refusal with this module, and starts without torch."""
 from __future__ import annotations
@@ -160,6 +160,30 @@ class BatchDoesNotFit(KLError):
         if ways is None or ways.smaller_batch is None:
             return self
         return BatchDoesNotFit(self.said, self.batch, ways.smaller_batch, self.remedy)
+
+
+class PromptsDoNotFit(KLError):
+    """A memory plan past the room its device (or the host) has, whose largest fitting context, `fit` tokens, is
+    short of the `needed` the prompts take (the longest plus the new tokens): a smaller context would be refused in
+    turn. Said with `fewer_prompts`, how the caller gives fewer (at a batch of more than one), and `new_tokens`, what
+    sets the new tokens (the Python API's arguments; for_command: a command's flags), then `remedy`: the host's
+    limit's, or on a GPU FREE_THE_GPU where the whole card would hold the prompts."""
+
+    def __init__(self, said: str, needed: int, fit: int, batch: int, fewer_prompts: str, new_tokens: str,
+                 remedy: str | None):
+        shorter = f"{fewer_prompts} or shorter ones" if batch > 1 else "shorten the prompt"
+        super().__init__(f"{said}; no context holding the prompts fits: they need {needed:,} tokens (the longest "
+                         f"prompt plus the new tokens), at most {fit:,} fit; {shorter}, or lower {new_tokens}"
+                         + ("" if remedy is None else f", or {remedy}"))
+        self.said, self.needed, self.fit, self.batch, self.remedy = said, needed, fit, batch, remedy
+
+    def for_command(self, ways: DeviceLevers | None) -> PromptsDoNotFit:
+        """This refusal naming a command's own flags for fewer prompts and new tokens (`ways`, its COMMAND_LEVERS);
+        as it is for a command that plans no new tokens (eval, bench: their prompts are what they are given)."""
+        if ways is None or ways.new_tokens is None or ways.smaller_batch is None:
+            return self
+        return PromptsDoNotFit(self.said, self.needed, self.fit, self.batch, ways.smaller_batch, ways.new_tokens,
+                               self.remedy)
 
 
 class WeightsDoNotFit(KLError):

@@ -24,10 +24,10 @@ from klconvert.quant import QuantScheme
 from klconvert.runtime.bind import bind, cpu_forms_bound, latent_kernel_reads, packed_choice
 from klconvert.runtime.cpu_modules import copy_bytes
 from klconvert.runtime.decode_step import DecodeStep, autocast_off, capturable
-from klconvert.runtime.device_memory import (FREE_THE_GPU, BatchDoesNotFit, ContextDoesNotFit, WeightsDoNotFit,
-                                             device_allocation, device_room, fewer_bits_hold_less)
+from klconvert.runtime.device_memory import (FREE_THE_GPU, BatchDoesNotFit, ContextDoesNotFit, PromptsDoNotFit,
+                                             WeightsDoNotFit, device_allocation, device_room, fewer_bits_hold_less)
 from klconvert.runtime.host_malloc import large_blocks_mapped
-from klconvert.runtime.host_memory import NAMED_FIT_SHARE, host_allocation, host_memory
+from klconvert.runtime.host_memory import NAMED_FIT_SHARE, HostMemory, host_allocation, host_memory
 from klconvert.runtime.memory_plan import (DECODE_COPIES, MAX_BATCH, PREFILL_ROWS, PREFILL_SEGMENT, MemoryPlan,
                                            weight_bytes)
 from klconvert.runtime.model import KimiLinear
@@ -605,17 +605,19 @@ class Engine(Runner):
                                         None if host is None else host.remedy)
             if plan.weights > limit or (not fit and batch == 1):   # no smaller batch or context holds less
                 raise WeightsDoNotFit(said, plan.weights, plan.weights > limit, self.fewer_bits,
-                                      host.remedy if host is not None else self._free_the_gpu(plan.total_for(1)))
+                                      self._more_room(host, plan.total_for(1)))
+            # the least the prompts take: the plan at their context, which more room than now must hold
+            more_room = self._more_room(host, plan.total_for(needed_context))
             if not fit:
-                raise BatchDoesNotFit(said, batch, f"lower {argument('batch', '--batch')}",
-                                      None if host is None else host.remedy)
-            # a smaller context would be refused in turn, as too short for the prompts
-            advice = (f"no context holding the prompts fits: they need {needed_context:,} tokens (the longest "
-                      f"prompt plus max_new_tokens), at most {fit:,} fit; "
-                      + ("give fewer prompts (a smaller batch) or shorter ones" if batch > 1 else
-                         "shorten the prompt") + ", or lower max_new_tokens (--max-new-tokens)")
-            raise KLError(f"{said}; {advice}" + ("" if host is None else f", or {host.remedy}"))
+                raise BatchDoesNotFit(said, batch, f"lower {argument('batch', '--batch')}", more_room)
+            raise PromptsDoNotFit(said, needed_context, fit, batch, "give fewer prompts (a smaller batch)",
+                                  argument("max_new_tokens", "--max-new-tokens"), more_room)
         self.plan, self.context_name = plan, context_name
+
+    def _more_room(self, host: HostMemory | None, needed: int) -> str | None:
+        """What gives a plan of `needed` bytes more room than it has: on the host, its bound's remedy; on a GPU,
+        _free_the_gpu's."""
+        return host.remedy if host is not None else self._free_the_gpu(needed)
 
     def _free_the_gpu(self, needed: int) -> str | None:
         """FREE_THE_GPU where the card, had this process it whole, would hold `needed` bytes: what else holds it is

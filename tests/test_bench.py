@@ -549,13 +549,17 @@ def test_a_decode_row_whose_new_tokens_leave_no_context_that_fits_names_them(mon
                         line), line
 
 
-def test_a_batch_no_context_fits_on_the_gpu_names_benchs_batch(monkeypatch, capsys):
-    """bench's line where its plan does not fit at any context, from the command line: its own --batch."""
-    _a_gpu_with_free(monkeypatch, NOT_FREE)
+@pytest.mark.parametrize("total, advice", [(80 << 30, ", or stop what else holds the GPU"), (NOT_FREE, "")],
+                         ids=["card", "whole-card"])
+def test_a_batch_no_context_fits_on_the_gpu_names_benchs_batch(monkeypatch, capsys, total, advice):
+    """bench's line where its plan does not fit at any context, from the command line: its own --batch; and to stop
+    what else holds the GPU where the whole card would hold the batch, which it never said (h228's F7)."""
+    _a_gpu_with_free(monkeypatch, NOT_FREE, total)
     code, _, err = run_cli(capsys, "bench", "--model", "tiny", "--no-check", "--context", "64", "--batch", "4096")
     line = _refused_line(code, err)
     assert re.fullmatch(rf"klconvert: error: the plan needs [\d.]+ [MG]B but cuda has {re.escape(size_text(NOT_FREE))}"
-                        r" free for this process; no context fits a batch of 4096: lower --batch", line), line
+                        r" free for this process; no context fits a batch of 4096: lower --batch" + re.escape(advice),
+                        line), line
 
 
 BENCH_FEWER_BITS = "time fewer bits (--bits 4 with --preset; a --model folder of klconvert quantize --bits 4)"

@@ -325,6 +325,37 @@ def test_weights_alone_past_the_gpu_name_their_size_and_fewer_bits_only_where_th
                         rf"the weights alone need [\d.]+ MB: {re.escape(advice)}", line), line
 
 
+PROMPTS_NEED = "; no context holding the prompts fits: they need 252 tokens (the longest prompt plus the new tokens), "
+NO_BATCH = "; no context fits a batch of 2: "
+
+
+@pytest.mark.parametrize("prompts, free, total, said, advice", [
+    (1, 26 << 20, 80 << 30, PROMPTS_NEED, "shorten the prompt, or lower --max-new-tokens, or stop what else holds the "
+                                          "GPU"),
+    (2, 26 << 20, 80 << 30, PROMPTS_NEED, "give fewer prompts (--prompt-file) or shorter ones, or lower "
+                                          "--max-new-tokens, or stop what else holds the GPU"),
+    (2, 26 << 20, 26 << 20, PROMPTS_NEED, "give fewer prompts (--prompt-file) or shorter ones, or lower "
+                                          "--max-new-tokens"),   # the whole card is what is free
+    (2, 24 << 20, 80 << 30, NO_BATCH, "give fewer prompts (--prompt-file), or stop what else holds the GPU"),
+    (2, 24 << 20, 24 << 20, NO_BATCH, "give fewer prompts (--prompt-file)"),
+], ids=["one", "two", "two-whole-card", "batch", "batch-whole-card"])
+def test_prompts_no_context_fits_on_the_gpu_name_runs_own_flags(tmp_path, capsys, monkeypatch, prompts, free, total,
+                                                                said, advice):
+    """run's line where the largest context that fits is short of its prompts' said "give fewer prompts (a smaller
+    batch) or shorter ones, or lower max_new_tokens (--max-new-tokens)" (h228's F7): run has no batch, and
+    max_new_tokens is the Python API's name. It names run's own flags; and it, and the line where no context fits
+    the prompts' batch, say to stop what else holds the GPU where the whole card would hold the prompts."""
+    _a_gpu_with_free(monkeypatch, free, total)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("ROMEO. " * 50)   # 250 tokens
+    code, _, err = run_cli(capsys, "run", "--model", "tiny", *["--prompt-file", prompt] * prompts, "--max-new-tokens",
+                           "2", "--device", "cuda")
+    line = assert_one_line_error(code, err)
+    assert re.fullmatch(r"klconvert: error: the plan needs [\d.]+ MB but cuda has [\d.]+ MB free for this process"
+                        + re.escape(said) + (r"at most \d+ fit; " if said == PROMPTS_NEED else "") + re.escape(advice),
+                        line), line
+
+
 def test_a_plan_past_the_gpu_names_runs_own_flag_for_the_context(capsys, monkeypatch):
     """run's line where a smaller context fits said "lower max_context (--max-context) to N", the Python API's name
     beside the flag: it names run's flag alone, and the context it names passes the plan."""

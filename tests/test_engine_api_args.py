@@ -584,9 +584,9 @@ def test_a_plan_past_the_host_names_no_context_shorter_than_the_prompts_need(tin
     assert 50_000 < fit < 100_000
     with pytest.raises(KLError, match=rf"lower max_context \(--max-context\) to {fit + 1}, or raise ulimit -v$"):
         klconvert.load(tiny_released, device="cpu", max_context=200_000, needed_context=fit + 1)   # past fit's 64s
-    none_fits = (r"; no context holding the prompts fits: they need {:,} tokens \(the longest prompt plus "
-                 r"max_new_tokens\), at most [\d,]+ fit; {}, or lower max_new_tokens \(--max-new-tokens\), or raise "
-                 r"ulimit -v$")
+    none_fits = (r"; no context holding the prompts fits: they need {:,} tokens \(the longest prompt plus the new "
+                 r"tokens\), at most [\d,]+ fit; {}, or lower max_new_tokens \(--max-new-tokens\), or raise ulimit "
+                 r"-v$")
     with pytest.raises(KLError, match=none_fits.format(150_000, "shorten the prompt")):
         klconvert.load(tiny_released, device="cpu", max_context=150_000, needed_context=150_000)
     with pytest.raises(KLError, match=none_fits.format(60_000, r"give fewer prompts \(a smaller batch\) or shorter "
@@ -599,8 +599,8 @@ def test_a_plan_past_the_host_names_no_context_shorter_than_the_prompts_need(tin
     for context in ((), ("--max-context", "100000")):   # run's own plan, and one it is given
         code, _, err = run_cli(capsys, "run", "--model", tiny_released, "--prompt", "word " * 4000, "--max-new-tokens",
                                "4", "--device", "cpu", *context)
-        assert_one_line_error(code, err, "; no context holding the prompts fits: they need ",
-                              "; shorten the prompt, or lower max_new_tokens (--max-new-tokens), or raise ulimit -v")
+        line = assert_one_line_error(code, err, "; no context holding the prompts fits: they need ")
+        assert line.endswith("; shorten the prompt, or lower --max-new-tokens, or raise ulimit -v"), line
 
 
 def test_after_a_resize_the_context_is_named_as_resize_names_it(tiny_released):
