@@ -615,9 +615,9 @@ class Engine(Runner):
         self.plan, self.context_name = plan, context_name
 
     def _more_room(self, host: HostMemory | None, needed: int) -> str | None:
-        """What gives a plan of `needed` bytes more room than it has: on the host, its bound's remedy; on a GPU,
-        _free_the_gpu's."""
-        return host.remedy if host is not None else self._free_the_gpu(needed)
+        """What gives a plan of `needed` bytes more room than it has, where more would hold it: on the host, its
+        bound's remedy where the host's memory in all would (HostMemory.remedy_for); on a GPU, _free_the_gpu's."""
+        return host.remedy_for(needed) if host is not None else self._free_the_gpu(needed)
 
     def _free_the_gpu(self, needed: int) -> str | None:
         """FREE_THE_GPU where the card, had this process it whole, would hold `needed` bytes: what else holds it is

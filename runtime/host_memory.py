@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
@@ -34,15 +34,22 @@ NAMED_FIT_SHARE = 0.99
 @dataclass(frozen=True)
 class HostMemory:
     """The bytes the process can still allocate on the host -- the least of the host's available memory and what
-    each of the process's limits leaves -- with the one that bounds it (`bound`, as an error names it) and how to get
-    more (`remedy`)."""
+    each of the process's limits leaves -- with the one that bounds it (`bound`, as an error names it), how to get
+    more (`remedy`) and the host's memory in all (`total`, MemTotal; None: not known), past which no remedy gets
+    any."""
 
     available: int
     bound: str = HOST_BOUND[0]
     remedy: str = HOST_BOUND[1]
+    total: int | None = None
 
     def __str__(self) -> str:
         return f"{size_text(self.available)} available {self.bound}"
+
+    def remedy_for(self, needed: int) -> str | None:
+        """`remedy` where the host's memory in all would hold `needed` bytes (or is not known): memory freed, or a
+        limit raised, gives no more than that; None where it would not -- the host cannot hold them."""
+        return self.remedy if self.total is None or needed <= self.total else None
 
 
 def host_memory(root: Path = Path("/")) -> HostMemory | None:
@@ -51,8 +58,8 @@ def host_memory(root: Path = Path("/")) -> HostMemory | None:
     data mapped (VmData) -- each limit's room with the bytes the allocator holds free within what is mapped
     (held_free), which it serves again without mapping more -- and each memory cgroup the process is in, with its
     ancestors, its limit less its usage (the page cache it could reclaim not counted as used). A few small reads; one
-    that fails, or a limit that is not set, only leaves that bound out. `root`: where /proc and /sys are (tests give a
-    folder of fakes)."""
+    that fails, or a limit that is not set, only leaves that bound out; MemTotal is the `total` of the one that
+    bounds. `root`: where /proc and /sys are (tests give a folder of fakes)."""
     found: list[HostMemory] = []
     meminfo = _fields(root / "proc/meminfo")
     if (available := _kib(meminfo.get("MemAvailable"))) is not None:
@@ -64,7 +71,8 @@ def host_memory(root: Path = Path("/")) -> HostMemory | None:
         if limit is not None and mapped is not None:
             found.append(HostMemory(max(0, limit - mapped) + free, *bound))
     found += _cgroup_rooms(root)
-    return min(found, key=lambda h: h.available, default=None)
+    least = min(found, key=lambda h: h.available, default=None)
+    return None if least is None else replace(least, total=_kib(meminfo.get("MemTotal")))
 
 
 def _read(path: Path) -> str | None:

@@ -356,6 +356,28 @@ def test_prompts_no_context_fits_on_the_gpu_name_runs_own_flags(tmp_path, capsys
                         line), line
 
 
+@pytest.mark.parametrize("bits, total, advice", [
+    (16, 64 << 30, "use a model of fewer bits (klconvert quantize --bits 4), or free some memory"),
+    (4, 64 << 30, "free some memory"),
+    (16, 1 << 20, "use a model of fewer bits (klconvert quantize --bits 4)"),
+    (4, 1 << 20, "this device cannot hold this model"),
+], ids=["bf16", "int4", "bf16-all-the-host", "int4-all-the-host"])
+def test_weights_alone_past_the_host_free_memory_only_where_the_host_would_hold_them(
+        tiny_int4, capsys, monkeypatch, bits, total, advice):
+    """run's line where the weights alone are past what the host has left said "free some memory" where the host's
+    memory in all (MemTotal) could never hold them (h228's F8): it says so only where it would, as the GPU's line
+    does of the whole card, and else that the device cannot hold the model."""
+    import klconvert.runtime.engine
+    from klconvert.runtime.host_memory import HostMemory
+
+    monkeypatch.setattr(klconvert.runtime.engine, "host_memory", lambda: HostMemory(1 << 20, total=total))
+    code, _, err = run_cli(capsys, "run", "--model", "tiny" if bits == 16 else tiny_int4, "--prompt", "ROMEO.",
+                           "--max-new-tokens", "2", "--device", "cpu")
+    line = assert_one_line_error(code, err)
+    assert re.fullmatch(r"klconvert: error: the plan needs [\d.]+ MB but cpu has 1\.05 MB available on the host "
+                        rf"\(MemAvailable\); the weights alone need [\d.]+ MB: {re.escape(advice)}", line), line
+
+
 def test_a_plan_past_the_gpu_names_runs_own_flag_for_the_context(capsys, monkeypatch):
     """run's line where a smaller context fits said "lower max_context (--max-context) to N", the Python API's name
     beside the flag: it names run's flag alone, and the context it names passes the plan."""

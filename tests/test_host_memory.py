@@ -39,13 +39,14 @@ def kb(n: int) -> str:
 MEMINFO = {"proc/meminfo": f"MemTotal:       {kb(32 * GiB)}\nMemAvailable:   {kb(20 * GiB)}\nCached: 0 kB\n"}
 STATUS = {"proc/self/status": f"Name:\tpython\nVmPeak:\t{kb(3 * GiB)}\nVmSize:\t{kb(3 * GiB // 2)}\n"
                               f"VmData:\t{kb(GiB // 2)}\nThreads:\t3\n"}
+ON_THE_HOST = HostMemory(20 * GiB, total=32 * GiB)   # MEMINFO's, the host bounding: its MemAvailable, its MemTotal
 V2_MOUNT = "30 24 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate\n"
 
 
 def test_the_host_alone_is_memavailable(tmp_path, monkeypatch):
     fake_limits(monkeypatch)
     host = host_memory(fake_host(tmp_path, {**MEMINFO, **STATUS}))
-    assert host == HostMemory(20 * GiB) and str(host) == "21.47 GB available on the host (MemAvailable)"
+    assert host == ON_THE_HOST and str(host) == "21.47 GB available on the host (MemAvailable)"
     assert host.remedy == "free some memory"
 
 
@@ -71,9 +72,9 @@ def test_a_process_limit_below_the_host_bounds_it_and_is_named(tmp_path, monkeyp
 
 def test_a_limit_without_the_mapped_figure_is_left_out(tmp_path, monkeypatch):
     fake_limits(monkeypatch, address_space=GiB)
-    assert host_memory(fake_host(tmp_path, MEMINFO)) == HostMemory(20 * GiB)          # no /proc/self/status
+    assert host_memory(fake_host(tmp_path, MEMINFO)) == ON_THE_HOST   # no /proc/self/status
     fake_limits(monkeypatch, address_space=GiB)
-    assert host_memory(tmp_path / "nothing") is None                                   # not Linux: nothing known
+    assert host_memory(tmp_path / "nothing") is None   # not Linux: nothing known
 
 
 @pytest.mark.parametrize("cgroup, mountinfo, files, left, limit_file", [
@@ -138,7 +139,7 @@ def test_a_memory_cgroup_limit_bounds_it_and_is_named(tmp_path, monkeypatch, cgr
 def test_what_cannot_be_read_or_is_not_a_limit_leaves_the_bound_out(tmp_path, monkeypatch, files):
     """Reading the limits never fails the run: a missing or odd file, `max`, a cgroup outside the mount."""
     fake_limits(monkeypatch)
-    assert host_memory(fake_host(tmp_path, {**MEMINFO, **STATUS, **files})) == HostMemory(20 * GiB)
+    assert host_memory(fake_host(tmp_path, {**MEMINFO, **STATUS, **files})) == ON_THE_HOST
 
 
 @pytest.mark.parametrize("files", [
@@ -157,9 +158,9 @@ def test_an_unreadable_rlimit_or_no_resource_module_leaves_the_bound_out(tmp_pat
     def refused(which):
         raise ValueError("not on this system")
     monkeypatch.setattr(host_memory_module.resource, "getrlimit", refused)
-    assert host_memory(root) == HostMemory(20 * GiB)
+    assert host_memory(root) == ON_THE_HOST
     monkeypatch.setattr(host_memory_module, "resource", None)
-    assert host_memory(root) == HostMemory(20 * GiB)
+    assert host_memory(root) == ON_THE_HOST
 
 
 def test_this_machine_is_read_without_error():
@@ -191,7 +192,7 @@ def test_the_files_are_read_in_small_pieces_and_a_read_out_of_memory_leaves_its_
     fake_limits(monkeypatch, address_space=2 * GiB)
     root = fake_host(tmp_path, {**MEMINFO, **STATUS})
     monkeypatch.setattr(host_memory_module, "open", Tight, raising=False)
-    assert host_memory(root) == HostMemory(GiB // 2, *ADDRESS_SPACE_BOUND)
+    assert host_memory(root) == HostMemory(GiB // 2, *ADDRESS_SPACE_BOUND, total=32 * GiB)   # MEMINFO's MemTotal
     monkeypatch.setattr(Tight, "read", lambda self, size=-1: (_ for _ in ()).throw(MemoryError))
     assert host_memory(root) is None    # every read refused: nothing known, and no MemoryError
 
