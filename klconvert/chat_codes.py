@@ -20,16 +20,9 @@ CODE_CHARS = 2   # a code's characters: the most a character of the caller's tex
 SPAN_CHARS = 4   # a span's start and end codes, written for each string of the caller's that is not empty
 
 
-# A character a template's string literal spells as an escape, which jinja writes as the character itself
-SPELLED_CHAR = re.compile(r"\\U([0-9a-fA-F]{8})|\\u([0-9a-fA-F]{4})")
-
-
-def free_lead(template: str, texts: Iterable[str]) -> str | None:
-    """The first of LEADS that neither `template` (as it is, or spelled as \\U00020000 in it) nor any of `texts`
-    holds (None if they hold every one)."""
-    used = set(template).union(*map(set, texts))
-    spelled = (int(code[1] or code[2], 16) for code in SPELLED_CHAR.finditer(template))
-    used.update(chr(c) for c in spelled if c <= 0x10FFFF)
+def free_lead(taken: Iterable[str]) -> str | None:
+    """The first of LEADS that no text of `taken` holds (None if they hold every one)."""
+    used = set().union(*map(set, taken))
     return next((chr(c) for c in LEADS if chr(c) not in used), None)
 
 

@@ -506,7 +506,7 @@ class Tokenizer:
         except RecursionError:
             raise KLError("encode_chat: messages are nested too deeply (or a list or dict holds itself); give "
                           "[{'role': ..., 'content': ...}] dicts of strings") from None
-        lead = free_lead(template, self._special_tokens)
+        lead = free_lead((template, *self._special_tokens))
         if lead is None:
             raise KLError(f"{self._chat_template_path}: the chat template and special tokens hold every character of "
                           f"U+{LEADS.start:X}..U+{LEADS.stop - 1:X}, one of which klconvert needs to mark the "
