@@ -8,12 +8,10 @@ under resource limits can be stopped whatever the template does.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
-from klconvert.chat_codes import ChatCodes
 from klconvert.errors import ERROR_CHARS, KLError
 
 MEMORY_BYTES = 512 << 20     # the child's address space, plus 16 bytes per byte of input (python + jinja: ~40 MB)
@@ -32,14 +30,11 @@ class RenderPastBound(KLError):
     long for what the caller can take, which is no fault of the template."""
 
 
-def render_chat_template(template: str, where: str, max_chars: int | None = None, codes: ChatCodes | None = None,
-                         callers: dict | None = None, **variables) -> str:
-    """The template rendered with `callers` and `variables` (JSON values), or a KLError naming `where` and what went
-    wrong. `callers`: the caller's variables, each string of which (keys too) the render writes marked by `codes`
-    (ChatCodes.mark) -- printed, in a list's repr, through tojson. `max_chars`: the caller's bound on the rendered text
-    (e.g. what the context can hold); a render past it, where tighter than the renderer's own, is a RenderPastBound."""
-    request = json.dumps({"template": template, "variables": variables, "callers": callers or {},
-                          "codes": None if codes is None else {"lead": codes.lead, "texts": codes.texts}})
+def render_chat_template(template: str, where: str, max_chars: int | None = None, **variables) -> str:
+    """The template rendered with `variables` (JSON values), or a KLError naming `where` and what went wrong.
+    `max_chars`: the caller's bound on the rendered text (e.g. what the context can hold); a render past it, where
+    tighter than the renderer's own, is a RenderPastBound."""
+    request = json.dumps({"template": template, "variables": variables})
     output_chars = OUTPUT_CHARS_OVER_INPUT * len(request) + OUTPUT_CHARS_EXTRA
     callers_bound = max_chars is not None and max_chars < output_chars
     if callers_bound:
@@ -86,70 +81,7 @@ class _PastOutputChars(_TooMuchWork):
     pass
 
 
-class _CallerText(str):
-    """A string of the caller's: its string operations see it escaped (ChatCodes.escape: no special text in it, even
-    cut or trimmed); written out -- printed, joined by ~, in a list's repr -- it is marked as the caller's (the
-    attributes are out of a sandboxed template's reach: their names start with _)."""
-
-    def __new__(cls, raw: str, codes: ChatCodes):
-        text = super().__new__(cls, codes.escape(raw))
-        text._raw, text._codes = raw, codes
-        return text
-
-    def __str__(self) -> str:
-        return self._codes.mark(self._raw)
-
-    def __repr__(self) -> str:
-        return self._codes.mark(repr(self._raw))
-
-
-def _callers_text(value, codes: ChatCodes):
-    """`value` (JSON values) with every string and key a _CallerText."""
-    if isinstance(value, str):
-        return _CallerText(value, codes)
-    if isinstance(value, dict):
-        return {_CallerText(key, codes): _callers_text(item, codes) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_callers_text(item, codes) for item in value]
-    return value
-
-
-def _tojson(codes: ChatCodes | None):
-    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-        # transformers' filter: JSON without Jinja's HTML escaping, non-ASCII written as it is unless ensure_ascii.
-        # Each string of the caller's is written as JSON of its own text, then marked (ChatCodes.mark): the codes a
-        # template's string holds would be written as \ud840\udc00 escapes, which nothing reads back
-        callers: list[_CallerText] = []
-
-        def stand_in(item):   # a caller's string as "<lead><its number><lead>", which JSON writes as it is
-            if isinstance(item, _CallerText):
-                callers.append(item)
-                return f"{codes.lead}{len(callers) - 1}{codes.lead}"
-            if isinstance(item, dict):
-                pairs = sorted(item.items(), key=lambda pair: getattr(pair[0], "_raw", pair[0])) if sort_keys \
-                    else item.items()
-                return {stand_in(key): stand_in(entry) for key, entry in pairs}
-            if isinstance(item, (list, tuple)):
-                return [stand_in(entry) for entry in item]
-            return item
-
-        if codes is None:
-            return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                              sort_keys=sort_keys)
-        written = json.dumps(stand_in(value), ensure_ascii=False, indent=indent, separators=separators)
-        lead = re.escape(codes.lead)
-
-        def json_of(match) -> str:
-            if match[1] is not None:
-                return codes.mark(json.dumps(callers[int(match[1])]._raw, ensure_ascii=ensure_ascii))
-            return json.dumps(match[0], ensure_ascii=True)[1:-1] if ensure_ascii else match[0]
-
-        return re.sub(rf'"{lead}([0-9]+){lead}"|[^\x00-\x7f]', json_of, written)
-    return tojson
-
-
-def _render_bounded(template: str, variables: dict, callers: dict, codes: ChatCodes | None, loop_items: int,
-                    output_chars: int) -> str:
+def _render_bounded(template: str, variables: dict, loop_items: int, output_chars: int) -> str:
     import jinja2
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
@@ -168,12 +100,16 @@ def _render_bounded(template: str, variables: dict, callers: dict, codes: ChatCo
     def raise_exception(message: str) -> None:
         raise jinja2.TemplateError(message)
 
-    env.filters["tojson"] = _tojson(codes)
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+        # transformers' filter: JSON without Jinja's HTML escaping, non-ASCII written as it is (so the tokenizer's
+        # codes for special-token text in a message come back from `| tojson` as they went in)
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env.filters["tojson"] = tojson
     env.globals.update(range=bounded_range, raise_exception=raise_exception)
-    if codes is not None:
-        callers = {name: _callers_text(value, codes) for name, value in callers.items()}
     parts, size = [], 0
-    for part in env.from_string(template).generate(**callers, **variables):
+    for part in env.from_string(template).generate(**variables):
         size += len(part)
         if size > output_chars:
             raise _PastOutputChars(f"it writes more than {output_chars:,} characters")
@@ -203,9 +139,8 @@ def _child() -> None:
         sys.stdout.write(json.dumps({"no_jinja2": str(e)}))
         return
     try:
-        codes = None if request["codes"] is None else ChatCodes(request["codes"]["lead"], request["codes"]["texts"])
-        answer = {"text": _render_bounded(request["template"], request["variables"], request["callers"], codes,
-                                          limits["loop_items"], limits["output_chars"])}
+        answer = {"text": _render_bounded(request["template"], request["variables"], limits["loop_items"],
+                                          limits["output_chars"])}
     except MemoryError:
         answer = {"error": out_of_memory}
     except RecursionError:

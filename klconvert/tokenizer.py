@@ -6,6 +6,7 @@ import binascii
 import codecs
 import hashlib
 import json
+import math
 import numbers
 import operator
 import os
@@ -18,7 +19,6 @@ import tiktoken
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE as MODEL_CONFIG_FILE, refuse_link_out
 from klconvert.checkpoint.regular_file import read_bounded, read_json
-from klconvert.chat_codes import CODE_CHARS, LEADS, SPAN_CHARS, ChatCodes, free_lead
 from klconvert.chat_template import RenderPastBound, render_chat_template
 from klconvert.config import SIZE_RANGES, KimiLinearConfig
 from klconvert.errors import KLError, not_utf8, refuse_if_not_permitted, shown, unreadable_reason
@@ -65,6 +65,15 @@ MAX_SPECIAL_TOKEN_CHARS = 256  # the released ones are short tags ("<|im_user|>"
 # All named special tokens' text together (released: ~6,000 characters). 8,192 of 250 characters each took 0.8 GB
 # (the Encoding's regex, ours) before the checkpoint itself was checked.
 MAX_SPECIAL_TEXT_CHARS = 1 << 17
+
+# Special-token text inside chat messages is swapped for codes before the template runs: ESCAPE, then ESCAPE+1+i for
+# the i-th escaped string; ESCAPE itself is one of them, so no message text holds a code. Only text the template wrote
+# itself can then become a special id; the message text comes back verbatim and is encoded as plain text. The codes
+# are ideographs of CJK Extension B (U+20000.., rare, assigned since Unicode 3.1): printable, so a template writes them
+# as they are however it writes a string -- as text, in Python's repr of a list, in JSON. Private-use codes (plane 15)
+# came out of a repr as backslash text (\U000f0000\U000f0007), which a message may hold too: it came back rewritten.
+ESCAPE = 0x20000
+ESCAPE_END = ESCAPE + 1 + MAX_SPECIAL_TOKENS + 1   # past the codes: ESCAPE, one for each special token and ESCAPE's
 
 
 def read_bpe_ranks(path: Path, vocab_size: int = SIZE_RANGES["vocab_size"][1]) -> dict[bytes, int]:
@@ -182,6 +191,10 @@ def read_special_tokens(config: dict, path: Path, vocab_size: int = SIZE_RANGES[
         except UnicodeEncodeError:   # a lone surrogate ("\ud800" in the JSON): no text, and tiktoken cannot take it
             raise KLError(f"{path}: added_tokens_decoder entry {key} holds {content[:40]!r}, with an unpaired "
                           f"surrogate that is no text; fix the file or {redownload_advice(path)}") from None
+        if any(ESCAPE <= ord(char) < ESCAPE_END for char in content):   # it would match inside a message's codes
+            raise KLError(f"{path}: added_tokens_decoder entry {key} holds a character of U+{ESCAPE:X}.."
+                          f"U+{ESCAPE_END - 1:X}, which klconvert escapes chat text with; fix the file or "
+                          f"{redownload_advice(path)}")
         mistyped = mistyped_flag(entry)
         if mistyped is not None:
             allowed = "false" if mistyped in STRIPPING_FLAGS else "true or false"
@@ -331,11 +344,19 @@ class Tokenizer:
         self._chat_template_path = chat_template_path
         by_length = sorted(special_tokens, key=len, reverse=True)  # longest first, so no token shadows another
         self._special_split = re.compile("(" + "|".join(map(re.escape, by_length)) + ")")
+        self._escaped_texts = [*by_length, chr(ESCAPE)]
+        self._escape_codes = {text: chr(ESCAPE) + chr(ESCAPE + 1 + i)
+                              for i, text in enumerate(self._escaped_texts)}
+        self._escape_pattern = re.compile("|".join(map(re.escape, self._escaped_texts)))
+        first_code, last_code = chr(ESCAPE + 1), chr(ESCAPE + len(self._escaped_texts))
+        self._unescape_pattern = re.compile(f"{chr(ESCAPE)}([{first_code}-{last_code}])")
         # The most characters of a rendered chat one id can stand for (encode_chat's bound on a render): an id covers
         # at most its token's bytes (a character is one byte or more) or its special token's text, and the render
-        # writes each character of the caller's text as at most a code, and the span codes of a string starting there.
+        # writes a message's special-token text as its code of 2 characters, at most `expansion` characters for each
+        # character it comes back as.
         longest = max(max(map(len, ranks)), max(map(len, special_tokens)))
-        self._rendered_chars_per_id = longest * (CODE_CHARS + SPAN_CHARS)
+        expansion = max(len(code) / len(text) for text, code in self._escape_codes.items())
+        self._rendered_chars_per_id = math.ceil(longest * max(1.0, expansion))
 
     @classmethod
     def from_folder(cls, path: str | Path, vocab_size: int | None = None) -> Tokenizer:
@@ -502,47 +523,52 @@ class Tokenizer:
                           "folder; send the prompt as plain text or use a checkpoint that ships a chat template")
         template = chat_template_text(self._chat_template, self._chat_template_path)
         try:
-            _check_json(messages, "messages")
+            escaped = self._escape(messages, "messages")
         except RecursionError:
             raise KLError("encode_chat: messages are nested too deeply (or a list or dict holds itself); give "
                           "[{'role': ..., 'content': ...}] dicts of strings") from None
-        lead = free_lead((template, *self._special_tokens))
-        if lead is None:
-            raise KLError(f"{self._chat_template_path}: the chat template and special tokens hold every character of "
-                          f"U+{LEADS.start:X}..U+{LEADS.stop - 1:X}, one of which klconvert needs to mark the "
-                          "messages' text with; fix the template, or send the prompt without --chat")
-        codes = ChatCodes(lead, self._special_tokens)
         per_id = self._rendered_chars_per_id
         # as transformers hands them: a token the config names none of is no variable (undefined: it prints nothing)
         tokens = {key: token for key, token in (("bos_token", self._bos_token), ("eos_token", self._eos_token))
                   if token is not None}
         try:
             rendered = render_chat_template(template, str(self._chat_template_path),
-                                            None if max_tokens is None else int(max_tokens) * per_id, codes=codes,
-                                            callers={"messages": messages}, add_generation_prompt=True, **tokens)
+                                            None if max_tokens is None else int(max_tokens) * per_id,
+                                            messages=escaped, add_generation_prompt=True, **tokens)
         except RenderPastBound as e:
             raise ChatPastTokens(int(max_tokens), f"{e}, more than {max_tokens:,} tokens can hold at up to {per_id} "
                                  "characters a token") from None
-        # Special tokens are read from the template's own text alone; the text between two of them is encoded whole,
-        # the caller's with the template's, as transformers encodes it
         ids: list[int] = []
-        text: list[str] = []
-        for piece, callers in codes.pieces(rendered):
-            if callers:
-                text.append(piece)
-                continue
-            for index, part in enumerate(self._special_split.split(piece)):  # [text, special, text, ...]
-                if index % 2:
-                    ids.extend(self.encode("".join(text)))
-                    ids.append(self._special_tokens[part])
-                    text.clear()
-                else:
-                    text.append(part)
-        ids.extend(self.encode("".join(text)))
+        for index, part in enumerate(self._special_split.split(rendered)):  # [text, special, text, ...]
+            if index % 2:
+                ids.append(self._special_tokens[part])
+            else:
+                ids.extend(self.encode(self._unescape(part)))
         if not ids:
             raise KLError(f"{self._chat_template_path}: the chat template renders the conversation as no text; fix "
                           "the template, or send the prompt without --chat")
         return ids
+
+    def _escape(self, value, where: str):
+        """`value` (message dicts, lists, strings: JSON values, the template's input) with special-token text swapped
+        for codes; KLError naming `where` in it for what is no JSON value (json.dumps raised TypeError)."""
+        if isinstance(value, str):
+            return self._escape_pattern.sub(lambda m: self._escape_codes[m[0]], value)
+        if isinstance(value, dict):
+            for key in value:
+                if not isinstance(key, str):
+                    raise KLError(f"encode_chat: {where} has the key {shown(key)}, which is no string; JSON keys are "
+                                  "strings")
+            return {key: self._escape(item, f"{where}[{key!r}]") for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._escape(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        if value is None or isinstance(value, (int, float)):   # bools too; numpy's float64 is a float
+            return value
+        raise KLError(f"encode_chat: {where} holds {shown(value)} ({type(value).__name__}), which is no JSON value; "
+                      "give strings, numbers, lists and dicts")
+
+    def _unescape(self, text: str) -> str:
+        return self._unescape_pattern.sub(lambda m: self._escaped_texts[ord(m[1]) - ESCAPE - 1], text)
 
     # ---- ids -> text ------------------------------------------------------------------------------------
     def token_bytes(self, token_id: int) -> bytes:
@@ -587,25 +613,6 @@ class Tokenizer:
         if not 0 <= index < self.vocab_size:
             raise KLError(f"token id {shown(index)} is outside the vocabulary (0..{self.vocab_size - 1})")
         return index
-
-
-def _check_json(value, where: str) -> None:
-    """KLError naming `where` in `value` (message dicts, lists, strings: the template's input) for what is no JSON
-    value (json.dumps raised TypeError)."""
-    if isinstance(value, str) or value is None or isinstance(value, (int, float)):   # bools too; numpy's float64
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise KLError(f"encode_chat: {where} has the key {shown(key)}, which is no string; JSON keys are "
-                              "strings")
-            _check_json(item, f"{where}[{key!r}]")
-    elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            _check_json(item, f"{where}[{i}]")
-    else:
-        raise KLError(f"encode_chat: {where} holds {shown(value)} ({type(value).__name__}), which is no JSON value; "
-                      "give strings, numbers, lists and dicts")
 
 
 def _check_messages(messages) -> None:

@@ -17,9 +17,8 @@ from klconvert.models import BUNDLED_DIR
 from klconvert import tokenizer_json as tokenizer_json_module
 from klconvert.synth.tokenizer_files import (KIMI_CHAT_TEMPLATE, bpe_tokens, write_tiktoken_files,
                                              write_tokenizer_files)
-from klconvert.chat_codes import CODES, LEADS
-from klconvert.tokenizer import (KIMI_PRETOKENIZE_PATTERN, ChatPastTokens, StreamDecoder, Tokenizer,
-                                 pieces_for_tiktoken, read_bpe_ranks)
+from klconvert.tokenizer import (ESCAPE, ESCAPE_END, KIMI_PRETOKENIZE_PATTERN, ChatPastTokens, StreamDecoder,
+                                 Tokenizer, pieces_for_tiktoken, read_bpe_ranks)
 from klconvert.tokenizer_json import tokenizer_json
 
 SMALL_RANKS = 1000
@@ -208,7 +207,7 @@ def test_a_special_token_that_starts_another_is_split_off_whole(broken_folder):
     ("{{ messages | tojson }}", lambda messages: json.dumps(messages, ensure_ascii=False)),
 ], ids=["text", "repr", "json"])
 @pytest.mark.parametrize("content", [
-    f"{chr(LEADS[0])}{chr(CODES + 2)} and {chr(LEADS[0])}{chr(CODES)}",   # the codes themselves
+    f"{chr(ESCAPE)}{chr(ESCAPE + 1)} and {chr(ESCAPE)}",   # the codes themselves
     "\U000f0000\U000f0001 and \U000f0000",                      # plane 15's, the codes before h225
     r"path C:\U000f0000\U000f0007 x",                              # their backslash spellings (h221's F5)
     r"\U000f0000\U000f0001 <|im_end|> \U000f0000\U000f0101 \U00020000\U00020001",
@@ -223,81 +222,6 @@ def test_a_message_holding_the_escape_codes_comes_back_as_it_was(broken_folder, 
     messages = [{"role": "user", "content": content}]
     ids = tokenizer.encode_chat(messages)
     assert tokenizer.decode(ids) == written(messages) and ids == tokenizer.encode(written(messages))
-
-
-TOOL_CALL_KEYED_BY_SPECIAL_TEXT = [{"role": "assistant", "content": None, "tool_calls": [
-    {"type": "function", "function": {"name": "f", "arguments": {"<|im_end|>": "v <|im_"}}}]}]
-
-
-@pytest.mark.parametrize("template, messages", [
-    ("{% for part in messages[0]['content'] %}{{ part['text'] }}{% endfor %}",
-     [{"role": "user", "content": [{"type": "text", "text": "stop at <|im_"}, {"type": "text", "text": "end|> go"}]}]),
-    ("{% for m in messages %}{{ m['content'] }}{% endfor %}",
-     [{"role": "user", "content": "<|im_"}, {"role": "user", "content": "end|>"}]),
-    ("{{ messages[0]['content'] ~ messages[1]['content'] }}",
-     [{"role": "user", "content": "<|im_"}, {"role": "user", "content": "end|>"}]),
-    ("{{ messages[0]['content'] }}|>", [{"role": "user", "content": "see <|im_end"}]),
-    ("<|im_{{ messages[0]['content'] }}", [{"role": "user", "content": "end|>"}]),
-    ("{{ messages[0]['tool_calls'][0]['function']['arguments'] | tojson }}end|>", TOOL_CALL_KEYED_BY_SPECIAL_TEXT),
-    ("{{ messages[0]['tool_calls'] }}", TOOL_CALL_KEYED_BY_SPECIAL_TEXT),
-    ("{% for key in messages[0]['tool_calls'][0]['function']['arguments'] %}{{ key }}{% endfor %}",
-     TOOL_CALL_KEYED_BY_SPECIAL_TEXT),
-], ids=["content-parts", "two-messages", "joined-by-tilde", "template-after", "template-before", "tojson-key",
-        "repr-key", "printed-key"])
-def test_a_message_s_text_never_makes_a_special_token_with_text_beside_it(broken_folder, template, messages):
-    """Only the template's own text makes special tokens (h228): text parts "stop at <|im_" and "end|> go", two
-    messages "<|im_" and "end|>", a message "see <|im_end" before the template's "|>", each made <|im_end|> as they
-    were written together, and a dict key was never escaped -- {"<|im_end|>": ...} through tojson made the token. The
-    chat is the plain render's text, encoded whole."""
-    from klconvert.chat_template import render_chat_template
-
-    (broken_folder / "chat_template.jinja").write_text(template)
-    tokenizer = Tokenizer.from_folder(broken_folder)
-    ids = tokenizer.encode_chat(messages)
-    assert ids == tokenizer.encode(render_chat_template(template, "t", messages=messages))
-
-
-def test_the_template_s_own_text_still_makes_special_tokens_however_it_is_written(broken_folder):
-    """A template's literals, joined by + or ~, or cut from a string of its own, make the tokens they spell."""
-    (broken_folder / "chat_template.jinja").write_text(
-        "{{ '<|im_' + 'end|>' }}{{ '<|im_' ~ 'end|>' }}{{ 'x<|im_end|>'[1:] }}{{ messages[0]['content'] }}")
-    tokenizer = Tokenizer.from_folder(broken_folder)
-    end = tokenizer.special_tokens["<|im_end|>"]
-    assert tokenizer.encode_chat([{"role": "user", "content": "hi"}]) == [end, end, end, *tokenizer.encode("hi")]
-
-
-@pytest.mark.parametrize("ensure_ascii", [True, False])
-def test_tojson_writes_the_messages_as_json_of_their_own_text(broken_folder, ensure_ascii):
-    """tojson(ensure_ascii=True) wrote the codes of a message's special text (and the codes escaping its own Extension B
-    characters) as \\ud840\\udc00 escapes, which came into the prompt as text (h228); keys sorted, nested, indented
-    as json.dumps writes them."""
-    template = f"{{{{ messages | tojson(ensure_ascii={ensure_ascii}, sort_keys=true, indent=1) }}}}"
-    (broken_folder / "chat_template.jinja").write_text(template)
-    tokenizer = Tokenizer.from_folder(broken_folder)
-    messages = [{"role": "user", "content": f"a <|im_end|> 日本 {chr(LEADS[0])}{chr(CODES + 2)} é",
-                 "<|im_end|>": ["<|im_", "end|>", 1.5, None], "a": {"z": "[EOS]", "b": True}}]
-    ids = tokenizer.encode_chat(messages)
-    assert ids == tokenizer.encode(json.dumps(messages, ensure_ascii=ensure_ascii, sort_keys=True, indent=1))
-
-
-def test_the_template_s_own_ext_b_characters_are_its_text(broken_folder):
-    """The codes' characters written by the template itself came back as the special tokens they coded (h228: its
-    literal U+20000 U+20001 as <|reserved_token_4106|>); a message holding them too comes back as it was."""
-    codes = f"{chr(LEADS[0])}{chr(CODES)}{chr(LEADS[0])}{chr(CODES + 2)}"
-    template = f"{codes}{{{{ messages[0]['content'] }}}}{codes}"
-    (broken_folder / "chat_template.jinja").write_text(template)
-    tokenizer = Tokenizer.from_folder(broken_folder)
-    ids = tokenizer.encode_chat([{"role": "user", "content": f"<|im_end|>{codes}"}])
-    assert ids == tokenizer.encode(f"{codes}<|im_end|>{codes}{codes}")
-
-
-def test_a_template_holding_every_character_the_codes_may_lead_with_is_refused_for_a_chat(broken_folder):
-    (broken_folder / "chat_template.jinja").write_text("".join(map(chr, LEADS)) + "{{ messages[0]['content'] }}")
-    tokenizer = Tokenizer.from_folder(broken_folder)
-    with pytest.raises(KLError, match=r"chat_template.jinja: the chat template and special tokens hold every character "
-                                      r"of U\+20000..U\+2A6DF, one of which klconvert needs to mark the messages' text "
-                                      r"with; fix the template, or send the prompt without --chat$"):
-        tokenizer.encode_chat([{"role": "user", "content": "hi"}])
 
 
 def test_the_template_is_given_the_bos_token(broken_folder):
@@ -374,7 +298,7 @@ def test_text_parts_render_as_their_text_joined(small_folder, folder):
 
 
 @pytest.mark.parametrize("template", ["{{ messages[0]['content'] }}", "{{ messages }}"], ids=["text", "repr"])
-@pytest.mark.parametrize("content", ["[BOS]" * 300, chr(LEADS[0]) * 300, "a <|im_end|>" * 200,
+@pytest.mark.parametrize("content", ["[BOS]" * 300, chr(ESCAPE) * 300, "a <|im_end|>" * 200,
                                      "The quick brown fox. " * 100], ids=["special", "escape", "mixed", "words"])
 def test_a_render_bounded_by_its_own_ids_count_is_never_stopped(broken_folder, template, content):
     """encode_chat's max_tokens stops a render longer than that many ids can stand for: a render that fits is never
@@ -999,20 +923,13 @@ def test_a_rank_of_thousands_of_digits_is_quoted_short(broken_folder):
     assert len(str(error.value)) < 400
 
 
-@pytest.mark.parametrize("content", ["\U00020bb6", chr(LEADS[0]), chr(CODES + 2), f"<|{chr(LEADS[0])}|>",
-                                     chr(LEADS[0]) + chr(CODES)])
-def test_a_special_token_of_ext_b_characters_is_read_and_special_only_where_the_template_writes_it(broken_folder,
-                                                                                                  content):
-    """encode_chat marks a message's text with codes of CJK Extension B: a special token holding any of U+20000..U+22001
-    -- real Han characters, 𠮶 (U+20BB6) among them -- was refused as the folder was read, for run, eval and quantize
-    alike. It is read, and a chat gives it its id where the template writes it, and as text where a message holds it."""
-    special = SMALL_RANKS + 10   # a reserved id, which no config key names
-    edit_config(broken_folder, lambda c: c["added_tokens_decoder"][str(special)].update(content=content))
-    (broken_folder / "chat_template.jinja").write_text(f"{{{{ messages[0]['content'] }}}}{content}<|im_end|>")
-    tokenizer = Tokenizer.from_folder(broken_folder)
-    message = f"a {content} b {chr(LEADS[0])}{chr(CODES)} {chr(CODES + 2)}"
-    ids = tokenizer.encode_chat([{"role": "user", "content": message}])
-    assert ids == [*tokenizer.encode(message), special, tokenizer.special_tokens["<|im_end|>"]]
+@pytest.mark.parametrize("content", [chr(ESCAPE + 1), f"<|{chr(ESCAPE)}|>", chr(ESCAPE_END - 1)])
+def test_a_special_token_of_the_codes_klconvert_escapes_with_is_refused(broken_folder, content):
+    """encode_chat writes a message's special-token text as codes from U+20000: a special token whose text held such a
+    code point matched inside them, and turned a user's plain text into a special id."""
+    edit_config(broken_folder, lambda c: c["added_tokens_decoder"][str(SMALL_RANKS + 2)].update(content=content))
+    assert_one_line_error(broken_folder, "tokenizer_config.json", f"entry {SMALL_RANKS + 2} holds a character of "
+                          "U+20000..U+22001, which klconvert escapes chat text with")
 
 
 @pytest.mark.parametrize("kind", ["folder", "fifo", "dangling link"])
