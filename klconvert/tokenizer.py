@@ -76,6 +76,12 @@ ESCAPE = 0x20000
 ESCAPE_END = ESCAPE + 1 + MAX_SPECIAL_TOKENS + 1   # past the codes: ESCAPE, one for each special token and ESCAPE's
 
 
+def _holds_a_code(text: str) -> bool:
+    """Whether `text` holds a character of the escape codes (ESCAPE..ESCAPE_END): real Han characters, which a
+    special token may hold; only a chat cannot take such a token."""
+    return any(ESCAPE <= ord(char) < ESCAPE_END for char in text)
+
+
 def read_bpe_ranks(path: Path, vocab_size: int = SIZE_RANGES["vocab_size"][1]) -> dict[bytes, int]:
     """tiktoken.model as {token bytes: rank}, every rank below `vocab_size`; the format of
     tiktoken.load_tiktoken_bpe, checked line by line.
@@ -191,10 +197,6 @@ def read_special_tokens(config: dict, path: Path, vocab_size: int = SIZE_RANGES[
         except UnicodeEncodeError:   # a lone surrogate ("\ud800" in the JSON): no text, and tiktoken cannot take it
             raise KLError(f"{path}: added_tokens_decoder entry {key} holds {content[:40]!r}, with an unpaired "
                           f"surrogate that is no text; fix the file or {redownload_advice(path)}") from None
-        if any(ESCAPE <= ord(char) < ESCAPE_END for char in content):   # it would match inside a message's codes
-            raise KLError(f"{path}: added_tokens_decoder entry {key} holds a character of U+{ESCAPE:X}.."
-                          f"U+{ESCAPE_END - 1:X}, which klconvert escapes chat text with; fix the file or "
-                          f"{redownload_advice(path)}")
         mistyped = mistyped_flag(entry)
         if mistyped is not None:
             allowed = "false" if mistyped in STRIPPING_FLAGS else "true or false"
@@ -522,6 +524,11 @@ class Tokenizer:
             raise KLError(f"{self._chat_template_path}: no chat_template (nor {CHAT_TEMPLATE_FILE}) in this "
                           "folder; send the prompt as plain text or use a checkpoint that ships a chat template")
         template = chat_template_text(self._chat_template, self._chat_template_path)
+        clash = next((text for text in self._escaped_texts[:-1] if _holds_a_code(text)), None)
+        if clash is not None:   # it would match inside a message's codes, turning the user's text into its id
+            raise KLError(f"encode_chat: the special token {shown(clash)} holds a character of U+{ESCAPE:X}.."
+                          f"U+{ESCAPE_END - 1:X}, which klconvert escapes chat text with, so a chat cannot be encoded "
+                          "with this tokenizer; send the prompt as plain text (without --chat)")
         try:
             escaped = self._escape(messages, "messages")
         except RecursionError:

@@ -924,12 +924,17 @@ def test_a_rank_of_thousands_of_digits_is_quoted_short(broken_folder):
 
 
 @pytest.mark.parametrize("content", [chr(ESCAPE + 1), f"<|{chr(ESCAPE)}|>", chr(ESCAPE_END - 1)])
-def test_a_special_token_of_the_codes_klconvert_escapes_with_is_refused(broken_folder, content):
+def test_a_special_token_of_the_codes_klconvert_escapes_with_is_refused_for_a_chat_only(broken_folder, content):
     """encode_chat writes a message's special-token text as codes from U+20000: a special token whose text held such a
-    code point matched inside them, and turned a user's plain text into a special id."""
-    edit_config(broken_folder, lambda c: c["added_tokens_decoder"][str(SMALL_RANKS + 2)].update(content=content))
-    assert_one_line_error(broken_folder, "tokenizer_config.json", f"entry {SMALL_RANKS + 2} holds a character of "
-                          "U+20000..U+22001, which klconvert escapes chat text with")
+    code point matched inside them, and turned a user's plain text into a special id. Such a token holds real Han
+    characters, though: the folder was refused whole, for run, eval and quantize too (h228's R1); only a chat is."""
+    edit_config(broken_folder, lambda c: c["added_tokens_decoder"][str(SMALL_RANKS + 10)].update(content=content))
+    tokenizer = Tokenizer.from_folder(broken_folder)   # a reserved token's text
+    assert tokenizer.decode(tokenizer.encode("ROMEO. " + content)) == "ROMEO. " + content
+    with pytest.raises(KLError, match=r"^encode_chat: the special token .* holds a character of U\+20000\.\.U\+22001, "
+                       r"which klconvert escapes chat text with, so a chat cannot be encoded with this tokenizer; "
+                       r"send the prompt as plain text \(without --chat\)$"):
+        tokenizer.encode_chat([{"role": "user", "content": "hi"}])
 
 
 @pytest.mark.parametrize("kind", ["folder", "fifo", "dangling link"])
