@@ -223,12 +223,13 @@ def _replace_in_place(new: Path, out: Path, earlier: list[str], last: str) -> No
             aside.chmod(stat.S_IRWXU)   # as `new`: mkdtemp's mode is masked
             mark_temporary(aside)   # before any move: a run killed after leaves it for the next to remove
         _move(sorted(earlier, key=lambda name: (name != last, name == OUTPUT_RECORD, name)), out, aside)
-        try:
-            _move(_moved_in(set(os.listdir(new)) - {TEMPORARY_MARKER}, last), new, out)
-        except BaseException:
-            _move(_moved_in(earlier, last), aside, out)
-            raise
-        note_complete(out)   # whole: an interrupt as the earlier entries are deleted says so
+        with Uninterrupted():   # renames alone: an interrupt once the last is in says OUT is whole, as the rename's
+            try:
+                _move(_moved_in(set(os.listdir(new)) - {TEMPORARY_MARKER}, last), new, out)
+            except BaseException:   # a failed move (an interrupt is held back: it comes once OUT is whole)
+                _move(_moved_in(earlier, last), aside, out)
+                raise
+            note_complete(out)   # whole: an interrupt as the entries went in, or the earlier ones go, says so
         unmark_temporary(new)
         new.rmdir()
     finally:

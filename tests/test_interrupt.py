@@ -350,6 +350,27 @@ def test_an_interrupt_as_a_filled_folders_earlier_entries_go_says_it_is_whole(tm
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [OUTPUT_RECORD, "config.json"]
 
 
+def test_an_interrupt_as_a_filled_folders_last_entry_goes_in_says_it_is_whole(tmp_path):
+    """Filling OUT in place, one that landed once the last new entry was in, before OUT was noted whole, said only
+    "interrupted" (h235's F2): the rerun was refused, OUT being there, and after --force the user thought the old
+    folder kept."""
+    (tmp_path / "out").mkdir()
+    proc = _entry(textwrap.dedent("""
+        import os, signal
+        import klconvert.whole_folder as whole_folder
+        _move, moves = whole_folder._move, []
+        def move(names, source, target):
+            _move(names, source, target)
+            moves.append(target)
+            if len(moves) == 2:   # the earlier entries aside, then the new ones in
+                os.kill(os.getpid(), signal.SIGINT)
+                [None for _ in range(3)]
+        whole_folder._move = move
+        """) + WRITES_OUT, cwd=tmp_path)
+    _assert_interrupted(proc, complete="out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [OUTPUT_RECORD, "config.json"]
+
+
 @pytest.mark.parametrize("command", ["quantize", "pull-and-quantize"])
 def test_an_interrupt_as_quantize_renames_its_output_leaves_no_resume_record(tiny_released, tmp_path, command):
     """Its resume record was left in OUT, and OUT.partial gone: a rerun said "already exists". The line says OUT is
