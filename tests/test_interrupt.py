@@ -568,21 +568,25 @@ def test_an_interrupt_landing_as_the_command_ends_is_one_line_not_a_traceback():
     _assert_interrupted(proc, 143)
 
 
+# a SIGINT to the process inside tempfile.mkdtemp, the folder made, its name not yet returned: the one of `kind`
+SIGNAL_INSIDE_MKDTEMP = textwrap.dedent("""
+    import os, signal, tempfile
+    _mkdtemp = tempfile.mkdtemp
+    def mkdtemp(*args, **kwargs):
+        made = _mkdtemp(*args, **kwargs)
+        if "{kind}" in os.path.basename(made):
+            os.kill(os.getpid(), signal.SIGINT)
+            [None for _ in range(3)]
+        return made
+    tempfile.mkdtemp = mkdtemp
+    """)
+
+
 def test_an_interrupt_as_the_aside_folder_is_made_leaves_out_as_it_was(tmp_path):
     """Filling an existing OUT in place, one that landed inside mkdtemp -- the folder made, its name not yet
     returned -- left an empty hidden .out.replaced-PID-XXXXXXXX in OUT."""
     (tmp_path / "out").mkdir()
-    proc = _entry(textwrap.dedent("""
-        import os, signal, tempfile
-        _mkdtemp = tempfile.mkdtemp
-        def mkdtemp(*args, **kwargs):
-            made = _mkdtemp(*args, **kwargs)
-            if "replaced" in os.path.basename(made):
-                os.kill(os.getpid(), signal.SIGINT)   # raised before mkdtemp returns its name
-                [None for _ in range(3)]
-            return made
-        tempfile.mkdtemp = mkdtemp
-        """) + WRITES_OUT, cwd=tmp_path)
+    proc = _entry(SIGNAL_INSIDE_MKDTEMP.format(kind="replaced") + WRITES_OUT, cwd=tmp_path)
     _assert_interrupted(proc)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and list((tmp_path / "out").iterdir()) == []
 
@@ -633,17 +637,7 @@ def test_an_interrupt_as_the_folder_to_fill_is_made_leaves_out_as_it_was(tmp_pat
     .out.partial-PID-XXXXXXXX beside OUT (or in it), which only a later run removed: synth's, export-onnx's."""
     if in_place:
         (tmp_path / "out").mkdir()
-    proc = _entry(textwrap.dedent("""
-        import os, signal, tempfile
-        _mkdtemp = tempfile.mkdtemp
-        def mkdtemp(*args, **kwargs):
-            made = _mkdtemp(*args, **kwargs)
-            if "partial" in os.path.basename(made):
-                os.kill(os.getpid(), signal.SIGINT)   # raised before mkdtemp returns its name
-                [None for _ in range(3)]
-            return made
-        tempfile.mkdtemp = mkdtemp
-        """) + WRITES_OUT, cwd=tmp_path)
+    proc = _entry(SIGNAL_INSIDE_MKDTEMP.format(kind="partial") + WRITES_OUT, cwd=tmp_path)
     _assert_interrupted(proc)
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if in_place else [])
     assert not in_place or list((tmp_path / "out").iterdir()) == []
