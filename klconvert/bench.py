@@ -129,11 +129,11 @@ def _refuse_a_reference_that_does_not_fit(config: KimiLinearConfig, device: torc
                       act_dtype=dtype, mla_cache_dtype=dtype, torch_decode_attention=True)
     limit = device_room(device, 0)
     if plan.total > limit:
+        fewer = ", or time fewer layers (--preset ... --layers N)" if config.num_hidden_layers > 1 else ""
         raise KLError(f"--check compares against the PyTorch path, whose weights are dequantized to "
                       f"{str(dtype).removeprefix('torch.')} ({size_text(plan.total)} at {config.num_hidden_layers} "
                       f"layers), more than the {size_text(limit)} {device} has free for this process; pass --no-check "
-                      "(the CUDA graph is still checked against the eager step), or time fewer layers (--preset ... "
-                      "--layers N)")
+                      f"(the CUDA graph is still checked against the eager step){fewer}")
 
 
 def depth_check(config: KimiLinearConfig, weights: Weights, device: torch.device, prompt: int = CHECK_PROMPT) -> dict:

@@ -492,6 +492,14 @@ def test_a_depth_check_whose_reference_does_not_fit_the_gpu_says_so(monkeypatch,
         B._refuse_a_reference_that_does_not_fit(config, torch.device("cuda"), 80)
 
 
+def test_a_depth_check_of_one_layer_that_does_not_fit_offers_no_fewer_layers(monkeypatch):
+    """One layer has no fewer to time: the refusal offered "--layers N" to --layers 1 (h233's note)."""
+    config = KimiLinearConfig.from_dict(preset_config("kimi-linear-48b", 1))
+    gpu_with_free(monkeypatch, 1 << 20)
+    with pytest.raises(KLError, match=r"; pass --no-check \(the CUDA graph is still checked against the eager step\)$"):
+        B._refuse_a_reference_that_does_not_fit(config, torch.device("cuda"), 80)
+
+
 class BoundTheWeights(Exception):
     """What a stand-in for binding the weights raises: the plan before it passed."""
 
