@@ -621,12 +621,18 @@ def _verify(folder: Path, wanted: list[HubFile], where: str, progress: bool, rec
     # pool's shutdown waits for the running ones, which would otherwise read their files to the end (seconds a GB)
     stopped = threading.Event()
     with hf_tqdm(total=total, unit="B", unit_scale=True, desc="Verifying", disable=None if progress else True) as bar:
-        with ThreadPoolExecutor(max_workers=HASH_WORKERS) as pool:
-            try:
-                checks = list(pool.map(lambda f: _check_file(folder, f, bar, record, stopped), wanted))
-            except BaseException:
-                stopped.set()
-                raise
+        try:
+            with ThreadPoolExecutor(max_workers=HASH_WORKERS) as pool:
+                try:
+                    checks = list(pool.map(lambda f: _check_file(folder, f, bar, record, stopped), wanted))
+                except BaseException:
+                    stopped.set()
+                    raise
+        except BaseException:
+            # the pool has let its threads go: `record` holds the files they finished, each whole and as the hub
+            # publishes it, so that the rerun after a Ctrl-C does not hash them again (minutes for the release's 98 GB)
+            record.save()
+            raise
     problems = [problem for _, problem in checks if problem is not None]
     for f, (_, problem) in zip(wanted, checks):
         if problem is not None:
@@ -663,11 +669,12 @@ def _check_file(folder: Path, f: HubFile, bar, record: VerifiedFiles,
         bar.update(size)
         return PulledFile(path=f.path, size=size, sha256=recorded[0]), None
     sha256, git_blob_id = _digests(local, size, bar, stopped)
-    record.remember(f.path, stat, sha256, git_blob_id)
     if f.sha256 is not None and sha256 != f.sha256:
         return None, f"{f.path} has sha256 {sha256}, the hub published {f.sha256}"
     if f.sha256 is None and f.blob_id is not None and git_blob_id != f.blob_id:
         return None, f"{f.path} has git blob id {git_blob_id}, the hub published {f.blob_id}"
+    # only a file as published: the record, saved by an interrupted pull too, is what verified_at_pull believes
+    record.remember(f.path, stat, sha256, git_blob_id)
     return PulledFile(path=f.path, size=size, sha256=sha256), None
 
 

@@ -916,6 +916,44 @@ def test_an_interrupt_stops_the_verifications_hashing(tmp_path, monkeypatch, sig
         signal.signal(signum, before)
 
 
+@pytest.mark.slow
+def test_an_interrupted_verification_keeps_the_files_it_finished(tmp_path, monkeypatch):
+    """A Ctrl-C while a pull verified its files saved nothing of what it had hashed, so the rerun hashed every file
+    again (minutes for the release's 98 GB): the files finished, and as the hub publishes them, are recorded, and
+    neither a file cut off mid-hash nor one that failed."""
+    monkeypatch.setattr(hub, "HASH_CHUNK_BYTES", 1024)
+    monkeypatch.setattr(hub, "hashlib", SimpleNamespace(sha256=SlowSha256, sha1=hashlib.sha1))
+    folder = tmp_path / "pulled"
+    folder.mkdir()
+    sizes = {"config.json": 1024, "tokenizer_config.json": 1024, "damaged.json": 1024,
+             **{f"model-{n}.safetensors": 200 << 10 for n in range(hub.HASH_WORKERS)}}   # 10 s each to hash
+    wanted = [hub.HubFile(path, size, hashlib.sha256(bytes(size)).hexdigest()) for path, size in sizes.items()]
+    wanted[2] = hub.HubFile("damaged.json", 1024, "0" * 64)
+    for f in wanted:
+        (folder / f.path).write_bytes(bytes(f.size))
+    record = tmp_path / "verified.json"
+
+    def interrupt(signum, frame):   # as the entry point raises it, in the main thread
+        raise Interrupted(signum)
+
+    before = signal.signal(signal.SIGINT, interrupt)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    try:
+        timer.start()
+        with pytest.raises(Interrupted):
+            hub._verify(folder, wanted, REPO, False, VerifiedFiles(record), None)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, before)
+    assert sorted(json.loads(record.read_text())["files"]) == ["config.json", "tokenizer_config.json"]
+
+    monkeypatch.setattr(hub, "hashlib", hashlib)
+    hashed = count_hashing(monkeypatch)
+    with pytest.raises(KLError, match="1 file.* failed verification .*damaged.json has sha256"):
+        hub._verify(folder, wanted, REPO, False, VerifiedFiles(record), None)
+    assert sorted(hashed) == sorted(path for path in sizes if path not in ("config.json", "tokenizer_config.json"))
+
+
 def test_no_request_leaves_after_a_ctrl_c(served):
     """A download thread that goes on to another file, or retries one, after the Ctrl-C is stopped before its request
     is sent."""
