@@ -15,6 +15,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 from huggingface_hub import constants, set_client_factory
 from huggingface_hub.utils import _http
+from huggingface_hub.utils._xet import abort_xet_session
 
 from klconvert.entry import INTERRUPT_SIGNALS
 from klconvert.errors import KLError
@@ -94,8 +95,12 @@ class AnswerGuard:
         return client
 
     def _interrupt(self, signum, frame) -> None:
-        """Tell the download threads, then do what the signal did before (raise an interrupt, usually)."""
+        """Tell the download threads, cancel hf_xet's downloads, then do what the signal did before (raise an
+        interrupt, usually)."""
         self.cancelled = True
+        # hf_xet downloads through its own client, past the chunks that tell the threads; huggingface_hub aborts it
+        # only on an interrupt raised in the thread that downloads, never one of snapshot_download's
+        abort_xet_session()
         self._before[signum](signum, frame)
 
     # ---- the checks ----------------------------------------------------------------------------

@@ -67,7 +67,7 @@ class HubStandIn:
     Endpoints: GET /api/models/{repo}[/revision/{rev}] (model_info, `?blobs=true` for sizes and LFS
     sha256), GET /api/models/{repo}/tree/{rev} (list_repo_tree), HEAD/GET /{repo}/resolve/{rev}/{path}
     (X-Repo-Commit, ETag, X-Linked-Etag, X-Linked-Size, Range); {repo} is owner/name or, as huggingface.co also
-    serves (gpt2), a name alone. Never sends Xet headers.
+    serves (gpt2), a name alone. Sends Xet headers only under xet_stall.
 
     Switches, set by tests between requests:
       wrong_sha256: paths whose published sha256 (API and ETag) is not the content's.
@@ -94,7 +94,10 @@ class HubStandIn:
       via_cdn: resolve answers an LFS file (HEAD and GET) with the hub's 302, its metadata headers and a Location on
         /cdn/{repo}/{path}, which serves the body, as huggingface.co hands LFS files to its CDN.
       cdn_endpoint: where via_cdn's Location points in place of the stand-in itself (a hostile hub's file:// URL).
-    Counters: requests[(method, path)] for resolve calls, ranges[path] the Range headers received.
+      xet_stall: resolve answers an LFS file with the Xet headers (X-Xet-Hash, a Link to GET /xet-read-token, which
+        names /cas as the Xet storage), and /cas answers nothing for API_STALL_BOUND seconds, then 404: a download
+        hf_xet makes through its own client (HF_HUB_DISABLE_XET=0), stuck in flight.
+    Counters: requests[(method, path)] for resolve calls, ranges[path] the Range headers received, cas_requests.
     """
 
     def __init__(self) -> None:
@@ -116,6 +119,8 @@ class HubStandIn:
         self.api_trickle = 0.0
         self.tree_silence = 0.0
         self.api_redirect_body = b""
+        self.xet_stall = False
+        self.cas_requests = 0
         self.requests: Counter[tuple[str, str]] = Counter()
         self.ranges: dict[str, list[str]] = {}
         self._lock = threading.Lock()
@@ -207,6 +212,14 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
                 self._resolve(parts[0], parts[2], "/".join(parts[3:]), send_body)
             elif len(parts) >= 4 and parts[0] == "cdn" and "/".join(parts[1:3]) in hub.repos:
                 self._from_cdn(hub.repos["/".join(parts[1:3])], "/".join(parts[3:]), send_body)
+            elif hub.xet_stall and parts == ["xet-read-token"]:
+                self._json({}, send_body, {"X-Xet-Cas-Url": f"{hub.endpoint}/cas", "X-Xet-Access-Token": "xet",
+                                           "X-Xet-Token-Expiration": str(int(time.time()) + 3600)})
+            elif hub.xet_stall and parts[0] == "cas":
+                with hub._lock:
+                    hub.cas_requests += 1
+                time.sleep(API_STALL_BOUND)
+                self._error(404, None, "Not found", send_body)
             else:
                 self._error(404, None, "Not found", send_body)
 
@@ -287,6 +300,8 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
             headers = {"ETag": f'"{etag}"', "X-Repo-Commit": repo.commit}
             if served.sha256 is not None:
                 headers |= {"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(served.data))}
+            if served.sha256 is not None and hub.xet_stall:   # the content's sha256 stands in for its Xet hash
+                headers |= {"X-Xet-Hash": served.sha256, "Link": f'<{hub.endpoint}/xet-read-token>; rel="xet-auth"'}
             return hub.header_edit.get(path, headers)
 
         def _from_cdn(self, repo, path: str, send_body: bool) -> None:

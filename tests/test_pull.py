@@ -872,6 +872,33 @@ def test_sigterm_stops_the_download_threads_as_ctrl_c_does(served, tmp_path):
     assert not [p for p in storage.rglob("*.incomplete")]
 
 
+@pytest.mark.slow
+def test_ctrl_c_cancels_hf_xets_downloads(hub_server, checkpoint, tmp_path):
+    """hf_xet downloads through its own client, which no chunk of the guard's passes through, and huggingface_hub
+    aborts it only on an interrupt in the thread that downloads, never one of snapshot_download's: a Ctrl-C waited
+    for its downloads in flight (here a storage server that does not answer, which hf_xet retries for minutes). The
+    guard aborts them as it stops the download threads."""
+    commit = hub_server.add_repo(REPO, checkpoint)
+    hub_server.xet_stall = True
+    signalled = []
+
+    def interrupt_once_hf_xet_asks():
+        deadline = time.monotonic() + 60
+        while not hub_server.cas_requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        signalled.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with hub_environment(hub_server.endpoint, tmp_path / "hf_home", HF_HUB_DISABLE_XET="0"):
+        threading.Thread(target=interrupt_once_hf_xet_asks, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            hub.pull(REPO, progress=False)
+        assert time.monotonic() - signalled[0] < 5 and hub_server.cas_requests
+    storage = cache_dir(tmp_path) / "models--moonshotai--Kimi-Linear-48B-A3B-Instruct"
+    assert not {SHARD_1, SHARD_2} & set(files_under(storage / "snapshots" / commit))
+    assert not [p for p in storage.rglob("*.incomplete")]
+
+
 class SlowSha256:
     """hashlib's sha256 at 50 ms a chunk: to the test's clock, a file of gigabytes."""
 
