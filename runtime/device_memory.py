@@ -123,7 +123,8 @@ class DeviceMemoryExhausted(KLError):
 class ContextDoesNotFit(KLError):
     """A memory plan past the room its device (or the host) has, which a smaller context fits: at most `fit` tokens
     (`or_less`: fewer hold what is asked too), said with `smaller`, what sets the context (the Python API's argument;
-    for_command: a command's flag), then `remedy`, where the host's limit has one."""
+    for_command: a command's flag), then `remedy`: the host's limit's, or on a GPU FREE_THE_GPU, where all of the
+    host's memory or the whole card would hold the context asked."""
 
     def __init__(self, said: str, fit: int, or_less: bool, smaller: str, remedy: str | None):
         super().__init__(f"{said}; lower {smaller} to {fit}{' or less' if or_less else ''}"
@@ -147,7 +148,8 @@ class ContextDoesNotFit(KLError):
 class BatchDoesNotFit(KLError):
     """A memory plan that no context fits at the batch asked (the device's or the host's room counted), said with
     `smaller`, how the caller asks for fewer sequences (the Python API's batch argument; for_command: a command's
-    flags), then `remedy`, where the host's limit has one."""
+    flags), then `remedy`: the host's limit's, or on a GPU FREE_THE_GPU, where all of the host's memory or the whole
+    card would hold the batch."""
 
     def __init__(self, said: str, batch: int, smaller: str, remedy: str | None):
         super().__init__(f"{said}; no context fits a batch of {batch}: {smaller}"

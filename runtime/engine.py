@@ -600,9 +600,9 @@ class Engine(Runner):
             fit = fitting.largest_context()
             if fit < needed_context <= context and fitting.total_for(needed_context) <= fitting.memory_limit:
                 fit = needed_context   # fits, though the multiple of 64 below it is all largest_context names
-            if fit and fit >= needed_context:
+            if fit and fit >= needed_context:   # or more room than now (_more_room) for the context asked
                 raise ContextDoesNotFit(said, fit, fit > needed_context, argument(context_name, '--max-context'),
-                                        None if host is None else host.remedy)
+                                        self._more_room(host, plan.total))
             if plan.weights > limit or (not fit and batch == 1):   # no smaller batch or context holds less
                 raise WeightsDoNotFit(said, plan.weights, plan.weights > limit, self.fewer_bits,
                                       self._more_room(host, plan.total_for(1)))

@@ -529,16 +529,20 @@ def _refused_line(code: int, err: str, timed: str = "8 layers, tiny") -> str:
     return line
 
 
+@pytest.mark.parametrize("total, advice", [(80 << 30, ", or stop what else holds the GPU"), (NOT_FREE, "")],
+                         ids=["card", "whole-card"])
 @pytest.mark.parametrize("flag", ["--context", "--prefill"])
-def test_a_row_past_the_gpu_names_benchs_own_flag_and_a_value_of_it_that_fits(monkeypatch, capsys, flag):
+def test_a_row_past_the_gpu_names_benchs_own_flag_and_a_value_of_it_that_fits(monkeypatch, capsys, flag, total,
+                                                                              advice):
     """A row whose plan the GPU could not hold was told to "lower context (--max-context) to 704 or less": bench has
     no --max-context, and a decode row plans its --new-tokens and spare cache rows past its --context, so 704 was no
-    --context that fitted. The line names the row's own flag, and the value it names passes the plan."""
-    _a_gpu_with_free(monkeypatch, NOT_FREE)
+    --context that fitted. The line names the row's own flag, and the value it names passes the plan; and to stop
+    what else holds the GPU where the whole card would hold the row asked, which it never said."""
+    _a_gpu_with_free(monkeypatch, NOT_FREE, total)
     code, _, err = run_cli(capsys, "bench", "--model", "tiny", "--no-check", flag, "100000")
     line = _refused_line(code, err)
     said = re.fullmatch(rf"klconvert: error: the plan needs [\d.]+ [MG]B but cuda has {re.escape(size_text(NOT_FREE))}"
-                        rf" free for this process; lower {flag} to (\d+) or less", line)
+                        rf" free for this process; lower {flag} to (\d+) or less" + re.escape(advice), line)
     assert said, line
     monkeypatch.setattr(engine_module, "bind", _binding)
     with pytest.raises(BoundTheWeights):
@@ -553,8 +557,8 @@ def test_a_decode_row_whose_new_tokens_leave_no_context_that_fits_names_them(mon
     line = _refused_line(code, err)
     assert re.fullmatch(rf"klconvert: error: the plan needs [\d.]+ [MG]B but cuda has {re.escape(size_text(NOT_FREE))}"
                         r" free for this process; at most \d+ tokens of context fit, and a decode row plans 2,016 past "
-                        r"its --context \(--new-tokens and 16 spare cache rows\): lower --new-tokens or --batch",
-                        line), line
+                        r"its --context \(--new-tokens and 16 spare cache rows\): lower --new-tokens or --batch, or "
+                        r"stop what else holds the GPU", line), line
 
 
 @pytest.mark.parametrize("total, advice", [(80 << 30, ", or stop what else holds the GPU"), (NOT_FREE, "")],

@@ -378,18 +378,21 @@ def test_weights_alone_past_the_host_free_memory_only_where_the_host_would_hold_
                         rf"\(MemAvailable\); the weights alone need [\d.]+ MB: {re.escape(advice)}", line), line
 
 
-def test_a_plan_past_the_gpu_names_runs_own_flag_for_the_context(capsys, monkeypatch):
+@pytest.mark.parametrize("total, advice", [(80 << 30, ", or stop what else holds the GPU"), (40 << 20, "")],
+                         ids=["card", "whole-card"])
+def test_a_plan_past_the_gpu_names_runs_own_flag_for_the_context(capsys, monkeypatch, total, advice):
     """run's line where a smaller context fits said "lower max_context (--max-context) to N", the Python API's name
-    beside the flag: it names run's flag alone, and the context it names passes the plan."""
+    beside the flag: it names run's flag alone, and the context it names passes the plan. It never said to stop what
+    else holds the GPU where the whole card would hold the context asked, as the lines where none fits do (h233)."""
     import klconvert.runtime.engine
 
-    _a_gpu_with_free(monkeypatch, 40 << 20)   # the tiny model's weights fit, with a context of some hundred tokens
+    _a_gpu_with_free(monkeypatch, 40 << 20, total)   # the tiny model's weights fit, with a context of some hundred
     args = ("run", "--model", "tiny", "--prompt", "ROMEO.", "--max-new-tokens", "2", "--device", "cuda",
             "--max-context")
     code, _, err = run_cli(capsys, *args, "100000")
     line = assert_one_line_error(code, err)
     said = re.fullmatch(r"klconvert: error: the plan needs [\d.]+ [MG]B but cuda has 41\.94 MB free for this process; "
-                        r"lower --max-context to (\d+) or less", line)
+                        r"lower --max-context to (\d+) or less" + re.escape(advice), line)
     assert said, line
     monkeypatch.setattr(klconvert.runtime.engine, "bind", _binding)
     with pytest.raises(BoundTheWeights):

@@ -502,12 +502,15 @@ def test_a_batch_past_the_hosts_memory_is_refused_before_allocating(tiny_release
         klconvert.load(tiny_released, device="cpu", batch=10**9)
 
 
-def test_a_plan_past_a_process_limit_names_the_limit(tiny_released, monkeypatch):
-    """ulimit -v 1500000 and --max-context 1000000 was the allocator's traceback, MemAvailable being all it read."""
-    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(1 << 29, *ADDRESS_SPACE_BOUND))
+@pytest.mark.parametrize("total, advice", [(None, ", or raise ulimit -v"), (1 << 30, "")], ids=["host", "whole-host"])
+def test_a_plan_past_a_process_limit_names_the_limit(tiny_released, monkeypatch, total, advice):
+    """ulimit -v 1500000 and --max-context 1000000 was the allocator's traceback, MemAvailable being all it read. The
+    limit's remedy is said only where all of the host's memory (MemTotal) would hold the context asked: on a host of
+    1 GiB it said to raise ulimit -v for a plan of more (h233's rule, which the lines where no context fits kept)."""
+    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(1 << 29, *ADDRESS_SPACE_BOUND, total=total))
     with pytest.raises(KLError, match=r"^the plan needs [\d.]+ GB but cpu has 0\.54 GB available under the process's "
                                       r"address-space limit \(ulimit -v\); lower max_context \(--max-context\) to \d+ "
-                                      r"or less, or raise ulimit -v$"):
+                                      r"or less" + re.escape(advice) + "$"):
         klconvert.load(tiny_released, device="cpu", max_context=10**6)
 
 
@@ -533,7 +536,8 @@ def test_a_gpu_plan_is_held_to_what_the_card_has_free_for_this_process(tiny_rele
     config = KimiLinearConfig.from_file(tiny_released / "config.json")
     with pytest.raises(KLError, match=rf"^the plan needs {re.escape(size_text(free + 1))} but cuda:0 has "
                                       rf"{re.escape(size_text(free))} free for this process; lower max_context "
-                                      r"\(--max-context\) to (\d+) or less$") as error:
+                                      r"\(--max-context\) to (\d+) or less, or stop what else holds the GPU$") \
+            as error:   # the whole card, 80 GiB, holds 4096
         Engine(config, None, torch.device("cuda:0"), torch.bfloat16, 4096, 1, kernels="torch",
                context_name="max_context")
     fit = int(re.search(r"to (\d+) or less", str(error.value)).group(1))

@@ -665,8 +665,8 @@ def test_a_plan_past_the_gpu_names_the_model_and_a_max_tokens_that_fits(tmp_path
     code, _, err = run_cli(capsys, *args, "2000")
     line = assert_one_line_error(code, err)
     said = re.fullmatch(rf"klconvert: error: --reference tiny: the plan needs [\d.]+ MB but cuda has "
-                        rf"{re.escape(size_text(NOT_FREE))} free for this process; lower --max-tokens to (\d+) or less",
-                        line)
+                        rf"{re.escape(size_text(NOT_FREE))} free for this process; lower --max-tokens to (\d+) or "
+                        r"less, or stop what else holds the GPU", line)
     assert said and int(said.group(1)) < 2000, line
     monkeypatch.setattr(engine_module, "bind", passed)
     with pytest.raises(PassedTheCheck):
