@@ -289,29 +289,35 @@ def _refuse_past_host_memory(tokens: int, config: KimiLinearConfig, plan: Memory
                              host: HostMemory | None) -> None:
     """What eval holds at its peak (_host_bytes) must fit in the memory the host (and the process's limits) leave:
     the model's plan whole, as the engine checks it, and the buffers no plan counts (log-probs, logits) within
-    HOST_SHARE of it; the refusal names the largest --max-tokens that fits."""
+    HOST_SHARE of it; the refusal names the largest --max-tokens that fits, and the host's bound's remedy where all
+    of its memory would hold the tokens asked (or the fewest, where none fit), as the engine's refusals do
+    (HostMemory.remedy_for)."""
     if host is None:
         return
 
-    def fit(parts: tuple[int, int, int]) -> bool:
+    def room_taken(parts: tuple[int, int, int]) -> int:   # what must be available for `parts` to fit
         kept, model, logits = parts
-        return model + (kept + logits) / HOST_SHARE <= host.available
+        return math.ceil(model + (kept + logits) / HOST_SHARE)
 
     kept, model, logits = parts = _host_bytes(tokens, config, plan)
-    if fit(parts):
+    if room_taken(parts) <= host.available:
         return
     fits, past = 1, tokens        # the most tokens that fit (below 2, none does), the fewest that do not
     while past - fits > 1:
         mid = (fits + past) // 2
-        fits, past = (mid, past) if fit(_host_bytes(mid, config, plan)) else (fits, mid)
+        fits, past = (mid, past) if room_taken(_host_bytes(mid, config, plan)) <= host.available else (fits, mid)
     held = (f"both models' log-probabilities and router choices over a {config.vocab_size:,}-word vocabulary "
             f"({size_text(kept)}), "
             + (f"one model on the CPU with its memory plan ({size_text(model)}), " if plan else "")
             + f"the logits in hand ({size_text(logits)})")
-    raise KLError(f"eval would hold {size_text(sum(parts))} on the host for {tokens:,} tokens -- {held} -- more than "
-                  f"fits (the model's plan, and the rest within {HOST_SHARE:.0%}) in the {host}; "
-                  + (f"lower --max-tokens to {fits:,} or less, or {host.remedy}" if fits >= 2 else
-                     f"not even 2 tokens fit: {host.remedy}"))
+    said = (f"eval would hold {size_text(sum(parts))} on the host for {tokens:,} tokens -- {held} -- more than fits "
+            f"(the model's plan, and the rest within {HOST_SHARE:.0%}) in the {host}; ")
+    if fits >= MIN_SCORED_TOKENS:
+        remedy = host.remedy_for(room_taken(parts))
+        raise KLError(f"{said}lower --max-tokens to {fits:,} or less" + ("" if remedy is None else f", or {remedy}"))
+    remedy = host.remedy_for(room_taken(_host_bytes(MIN_SCORED_TOKENS, config, plan)))
+    raise KLError(f"{said}not even {MIN_SCORED_TOKENS} tokens fit"
+                  + (f": {remedy}" if remedy else f", nor would in all of this host's {size_text(host.total)}"))
 
 
 def compare(ref: ModelRun, got: ModelRun, ids: list[int], model: str = "the model",

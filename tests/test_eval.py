@@ -434,12 +434,28 @@ def test_a_text_eval_could_not_hold_is_refused_naming_the_largest_that_fits(tiny
         evaluate(tiny_released, tiny_released, text, max_tokens=fits + 1, device=device)
 
 
-def test_a_host_that_cannot_hold_the_model_names_no_max_tokens(tiny_released, monkeypatch):
+def test_a_text_past_all_the_host_has_is_not_told_to_raise_its_limit(tiny_released, monkeypatch):
+    """eval said "or raise ulimit -d" where all of the host's memory (MemTotal) would not hold the tokens asked, which
+    no limit raised gets past (h233's rule, which the engine's lines keep): it names the --max-tokens alone."""
     import klconvert.evaluate as evaluate_module
 
-    monkeypatch.setattr(evaluate_module, "host_memory", lambda: HostMemory(1 << 20, *DATA_BOUND))
+    monkeypatch.setattr(evaluate_module, "host_memory", lambda: HostMemory(60 << 20, *DATA_BOUND, total=60 << 20))
     monkeypatch.setattr(evaluate_module, "run_model", passed)
-    with pytest.raises(klconvert.KLError, match=r"one model on the CPU .* not even 2 tokens fit: raise ulimit -d$"):
+    with pytest.raises(klconvert.KLError, match=r"\(ulimit -d\); lower --max-tokens to [\d,]+ or less$"):
+        evaluate(tiny_released, tiny_released, TEXT * 4, max_tokens=1000, device="cpu")
+
+
+@pytest.mark.parametrize("total, advice", [(None, ": raise ulimit -d"),
+                                           (1 << 20, ", nor would in all of this host's 1.05 MB")],
+                         ids=["host", "whole-host"])
+def test_a_host_that_cannot_hold_the_model_names_no_max_tokens(tiny_released, monkeypatch, total, advice):
+    """Where not even 2 tokens fit, the limit's remedy is said only where all of the host's memory would hold them."""
+    import klconvert.evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "host_memory", lambda: HostMemory(1 << 20, *DATA_BOUND, total=total))
+    monkeypatch.setattr(evaluate_module, "run_model", passed)
+    with pytest.raises(klconvert.KLError, match=r"one model on the CPU .* not even 2 tokens fit" + re.escape(advice)
+                       + "$"):
         evaluate(tiny_released, tiny_released, TEXT, max_tokens=16, device="cpu")
 
 
