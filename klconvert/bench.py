@@ -23,7 +23,7 @@ from klconvert.quant import QuantScheme, decompress_weight, policy_from_options
 from klconvert.quant.defaults import DEFAULT, LM_HEAD_BITS
 from klconvert.quant.pack_quantized import weight_shape_tensor
 from klconvert.release import NUM_SPECIAL_TOKENS
-from klconvert.runtime.device_memory import ContextDoesNotFit, device_room
+from klconvert.runtime.device_memory import ContextDoesNotFit, DepthCheckDoesNotFit, device_room
 from klconvert.runtime.engine import DEFAULT_DTYPES, Engine, check_e4m3_cache_readable, checked_mla_cache_dtype
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.model import MLA_KEY_BLOCK
@@ -129,11 +129,11 @@ def _refuse_a_reference_that_does_not_fit(config: KimiLinearConfig, device: torc
                       act_dtype=dtype, mla_cache_dtype=dtype, torch_decode_attention=True)
     limit = device_room(device, 0)
     if plan.total > limit:
-        fewer = ", or time fewer layers (--preset ... --layers N)" if config.num_hidden_layers > 1 else ""
-        raise KLError(f"--check compares against the PyTorch path, whose weights are dequantized to "
-                      f"{str(dtype).removeprefix('torch.')} ({size_text(plan.total)} at {config.num_hidden_layers} "
-                      f"layers), more than the {size_text(limit)} {device} has free for this process; pass --no-check "
-                      f"(the CUDA graph is still checked against the eager step){fewer}")
+        raise DepthCheckDoesNotFit(f"--check compares against the PyTorch path, whose weights are dequantized to "
+                                   f"{str(dtype).removeprefix('torch.')} ({size_text(plan.total)} at "
+                                   f"{config.num_hidden_layers} layers), more than the {size_text(limit)} {device} has "
+                                   "free for this process; pass --no-check (the CUDA graph is still checked against "
+                                   "the eager step)")
 
 
 def depth_check(config: KimiLinearConfig, weights: Weights, device: torch.device, prompt: int = CHECK_PROMPT) -> dict:

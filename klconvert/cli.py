@@ -25,8 +25,8 @@ from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, DEFAULT_REPO, bund
 from klconvert.presets import PRESETS
 from klconvert.recipes import shipped_names
 from klconvert.runtime.device_memory import (COMMAND_LEVERS, PRESET_BENCH_LEVERS, BatchDoesNotFit, ContextDoesNotFit,
-                                             DeviceLevers, DeviceMemoryExhausted, PromptsDoNotFit, WeightsDoNotFit,
-                                             device_exhausted, fewer_bits_hold_less)
+                                             DepthCheckDoesNotFit, DeviceLevers, DeviceMemoryExhausted,
+                                             PromptsDoNotFit, WeightsDoNotFit, device_exhausted, fewer_bits_hold_less)
 from klconvert.runtime.host_memory import OUT_OF_HOST_MEMORY, import_exhausted
 from klconvert.shell_command import shell_command
 from klconvert.units import binary_size_text, size_text
@@ -210,11 +210,13 @@ class OptionsOnce(click.Command):
 
     def invoke(self, ctx: click.Context):
         """The command; the GPU's memory running out, or a plan past the room (a context, a batch, the prompts or the
-        weights that do not fit), is said naming this command's own flags (for_command): in an engine, in place of
-        the API's arguments; elsewhere (a bench's weights, a quantize), torch's refusal as one line."""
+        weights that do not fit, bench's depth check), is said naming this command's own flags (for_command): in an
+        engine, in place of the API's arguments; elsewhere (a bench's weights, a quantize), torch's refusal as one
+        line."""
         try:
             return super().invoke(ctx)
-        except (DeviceMemoryExhausted, ContextDoesNotFit, BatchDoesNotFit, PromptsDoNotFit, WeightsDoNotFit) as e:
+        except (DeviceMemoryExhausted, ContextDoesNotFit, BatchDoesNotFit, PromptsDoNotFit, WeightsDoNotFit,
+                DepthCheckDoesNotFit) as e:
             raise e.for_command(self.device_levers(ctx.params)) from None
         except RuntimeError as e:   # torch.OutOfMemoryError is one
             exhausted = device_exhausted(e, ())

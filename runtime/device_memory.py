@@ -2,9 +2,10 @@
 and this one's own allocations already share -- and the caching allocator's refusal (torch.OutOfMemoryError) as
 DeviceMemoryExhausted, a one-line KLError naming what ran out, the memory plan's figure and what asks for less;
 ContextDoesNotFit, a plan past the room that a smaller context fits; BatchDoesNotFit, a plan no context fits at its
-batch; PromptsDoNotFit, one whose largest fitting context is short of what its prompts take; and WeightsDoNotFit, one
-no context fits at a batch of one, the weights taking (nearly) all the room (on a device or the host). Each is said
-with the levers of the command that ran (COMMAND_LEVERS), the API's argument names where none did.
+batch; PromptsDoNotFit, one whose largest fitting context is short of what its prompts take; WeightsDoNotFit, one
+no context fits at a batch of one, the weights taking (nearly) all the room (on a device or the host); and
+DepthCheckDoesNotFit, bench's depth check whose dequantized reference does not fit. Each is said with the levers of
+the command that ran (COMMAND_LEVERS), the API's argument names where none did.
 
 torch is imported where it is used: the command line words a refusal with this module, and starts without torch."""
 from __future__ import annotations
@@ -218,6 +219,22 @@ class WeightsDoNotFit(KLError):
         where `fewer_bits` too (not for eval's reference: a quantized one measures nothing)."""
         return WeightsDoNotFit(f"{engine}: {self.said}", self.weights, self.alone, self.fewer_bits and fewer_bits,
                                self.remedy)
+
+
+class DepthCheckDoesNotFit(KLError):
+    """bench's depth check past the GPU's room: the PyTorch path it compares against holds every weight dequantized.
+    `said`: that, and where, with how to skip the check; then `less`, the caller's ways to fewer weights (none
+    from the Python API, whose config sets them; for_command: bench's smaller_weights -- fewer bits are no way, the
+    reference being dequantized whatever the bits)."""
+
+    def __init__(self, said: str, less: tuple[str, ...] = ()):
+        super().__init__("".join([said, *(f", or {way}" for way in less)]))
+        self.said = said
+
+    def for_command(self, ways: DeviceLevers | None) -> DepthCheckDoesNotFit:
+        """This refusal naming a command's own ways to fewer weights (`ways`, its COMMAND_LEVERS); as it is for
+        none."""
+        return self if ways is None else DepthCheckDoesNotFit(self.said, ways.smaller_weights)
 
 
 def device_exhausted(error: BaseException, less: tuple[str, ...], doing: str = "", planned: int | None = None,

@@ -487,17 +487,31 @@ def test_a_depth_check_whose_reference_does_not_fit_the_gpu_says_so(monkeypatch,
         return
     with pytest.raises(KLError, match=r"^--check compares against the PyTorch path, whose weights are dequantized to "
                                       r"bfloat16 \(9\d\.\d\d GB at 27 layers\), more than the 85\.90 GB cuda has free "
-                                      r"for this process; pass "
-                                      r"--no-check .* or time fewer layers \(--preset \.\.\. --layers N\)$"):
+                                      r"for this process; pass --no-check \(the CUDA graph is still checked against "
+                                      r"the eager step\)$"):   # the API's caller: its config sets the layers
         B._refuse_a_reference_that_does_not_fit(config, torch.device("cuda"), 80)
 
 
-def test_a_depth_check_of_one_layer_that_does_not_fit_offers_no_fewer_layers(monkeypatch):
-    """One layer has no fewer to time: the refusal offered "--layers N" to --layers 1 (h233's note)."""
-    config = KimiLinearConfig.from_dict(preset_config("kimi-linear-48b", 1))
+@pytest.mark.parametrize("timing, timed, fewer", [
+    (("--model", "tiny"), "8 layers", ""),
+    (("--preset", "kimi-linear-48b"), "27 layers", ", or time fewer --layers of a --preset"),
+    (("--preset", "kimi-linear-48b", "--layers", "2"), "2 layers", ", or time fewer --layers of a --preset"),
+    (("--preset", "kimi-linear-48b", "--layers", "1"), "1 layers", ""),
+], ids=["model", "preset", "preset-2", "preset-1"])
+def test_a_depth_check_that_does_not_fit_offers_fewer_layers_only_where_bench_has_them(monkeypatch, capsys, timing,
+                                                                                       timed, fewer):
+    """The refusal offered "time fewer layers (--preset ... --layers N)" to a --model folder of more than one layer,
+    whose config.json sets its layers (h233's leftover), as it had to a --preset of one: the command words it with
+    its own ways to fewer weights, fewer --layers only of a --preset of more than one."""
     gpu_with_free(monkeypatch, 1 << 20)
-    with pytest.raises(KLError, match=r"; pass --no-check \(the CUDA graph is still checked against the eager step\)$"):
-        B._refuse_a_reference_that_does_not_fit(config, torch.device("cuda"), 80)
+    monkeypatch.setattr(B, "bench", lambda config, weights, **kwargs: B._refuse_a_reference_that_does_not_fit(
+        config, torch.device("cuda"), 80))   # what the depth check refuses, before anything reaches the GPU
+    code, _, err = run_cli(capsys, "bench", *timing)
+    line = assert_one_line_error(code, err)
+    assert re.fullmatch(r"klconvert: error: --check compares against the PyTorch path, whose weights are dequantized "
+                        rf"to bfloat16 \([\d.]+ [MG]B at {timed}\), more than the 1\.05 MB cuda has free for this "
+                        r"process; pass --no-check \(the CUDA graph is still checked against the eager step\)"
+                        + re.escape(fewer), line), line
 
 
 class BoundTheWeights(Exception):
