@@ -186,13 +186,19 @@ def test_prompt_and_greedy_decode_match_klconvert(exported):
 @pytest.mark.parametrize("options", [dict(bits=4, group_size=64, symmetric=False), dict(scheme="nf4")],
                          ids=["int4-asym", "nf4"])
 def test_other_schemes_export(options, tmp_path):
-    """Asymmetric int4 (zero points in MatMulNBits and QMoE) runs exactly; nf4, which MatMulNBits cannot express,
-    is exported dequantized (MatMul). Both at opset 21 (the others at the default, 18): a later opset than the
-    default, and one every onnxruntime the extra allows runs (the installed onnx's newest may be past it)."""
+    """Asymmetric int4 (zero points in MatMulNBits and QMoE) prefills and decodes exactly; nf4, which MatMulNBits
+    cannot express, is exported dequantized (MatMul). Both at opset 21 (the others at the default, 18): a later opset
+    than the default, and one every onnxruntime the extra allows runs (the installed onnx's newest may be past it)."""
     quantized = quantize(bundled_dir(), tmp_path / "q", progress=False, **options).path
     export_onnx(quantized, tmp_path / "onnx", opset=21)
-    ids = torch.tensor([PROMPT])
-    assert rel_error(OnnxEngine(tmp_path / "onnx").forward(ids), exact_engine(quantized).forward(ids)) < EXACT_BOUND
+    ids, engine, ref = torch.tensor([PROMPT]), OnnxEngine(tmp_path / "onnx"), exact_engine(quantized)
+    want = ref.forward(ids)
+    logits, state = engine.run(ids.numpy(), engine.empty_state(1), np.zeros(1, np.int64))
+    assert rel_error(torch.from_numpy(logits), want) < EXACT_BOUND
+    token = int(want[0, -1].argmax())   # a decode step: kv_b_proj's absorbed halves, dequantized as stored
+    step, _ = engine.run(np.array([[token]]), state, np.array([len(PROMPT)]))
+    want_step = ref.decode_step(torch.tensor([token]), len(PROMPT))[0]
+    assert rel_error(torch.from_numpy(step[0, -1]), want_step) < EXACT_BOUND
     ops = {n.op_type for n in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.node}
     assert ("MatMulNBits" in ops and "QMoE" in ops) if "bits" in options else not ops & {"MatMulNBits", "QMoE"}
 
@@ -675,7 +681,8 @@ def _nodes(graph: onnx.GraphProto) -> list:
 @pytest.mark.slow
 def test_the_graph_holds_packed_weights(exported):
     """Every packed weight of the checkpoint is a MatMulNBits or QMoE initializer of uint8 codes; no float
-    initializer stands for one; onnx.checker passes; genai_config.json names every graph input and output."""
+    initializer stands for one but MLA's small kv_b_proj, whose halves a decode step folds into its query and output;
+    onnx.checker passes; genai_config.json names every graph input and output."""
     quantized, folder = exported
     checkpoint = Checkpoint(quantized)
     packed = [n for n in checkpoint.sources if checkpoint.packed(n) is not None]
@@ -705,6 +712,26 @@ def test_the_graph_holds_packed_weights(exported):
     config = json.loads((folder / GENAI_CONFIG).read_text())["model"]
     assert [i["name"] for i in config["inputs"]] == [i.name for i in model.graph.input]
     assert [o["name"] for o in config["outputs"]] == [o.name for o in model.graph.output]
+
+
+@pytest.mark.slow
+def test_a_decode_step_reads_the_latent_rows_as_they_are(exported):
+    """Each decode step expanded every cached latent row through kv_b_proj, a product growing with the context: a
+    call of one token per sequence takes kv_b_proj's halves folded into its query and output (w_uk, w_uv_t) and no
+    product through kv_b_proj itself, which a longer call's key blocks still take."""
+    quantized, folder = exported
+    config = Checkpoint(quantized).config
+    model = onnx.load(str(folder / "model.onnx"))
+    forms = [n for n in model.graph.node if n.op_type == "If"]
+    assert len(forms) == sum(not config.is_kda(layer) for layer in range(config.num_hidden_layers))
+
+    def kv_b_read(branch: onnx.GraphProto) -> set:
+        return {name.rsplit(".", 1)[1] for n in _nodes(branch) for name in n.input if ".kv_b_proj." in name}
+
+    for node in forms:
+        branch = {a.name: a.g for a in node.attribute}
+        assert kv_b_read(branch["then_branch"]) == {"w_uk", "w_uv_t"}
+        assert "qweight" in kv_b_read(branch["else_branch"]) and "w_uk" not in kv_b_read(branch["else_branch"])
 
 
 @pytest.mark.slow

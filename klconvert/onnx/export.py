@@ -128,8 +128,9 @@ def newest_opset() -> tuple[int, str]:
 
 def genai_config(config, opset: int, external: bool, tokenizer_files: list[str]) -> dict:
     """What a runner needs beside the graph: its file, inputs and outputs (names, dtypes, shapes), how each state
-    input maps to its output, the cached rows its MLA layers attend at once (a call's scores are [batch, heads,
-    sequence, attention_key_block]), and the tokenizer files."""
+    input maps to its output, the cached rows its MLA layers attend at once in a call of more than one token per
+    sequence (its scores are [batch, heads, sequence, attention_key_block]; a decode step's, [batch, heads, rows]),
+    and the tokenizer files."""
     states = state_spec(config)
     return {
         "model": {

@@ -7,6 +7,7 @@ import torch
 
 from klconvert.onnx.graph import GraphBuilder
 from klconvert.onnx.matmul_nbits import NBitsWeight, nbits_weight
+from klconvert.quant import decompress_weight
 from klconvert.runtime import model as M
 from klconvert.runtime.weights import Packed
 
@@ -29,7 +30,19 @@ class Linears:
 
     def apply(self, g: GraphBuilder, x: str, module_name: str, weight: torch.Tensor) -> str:
         """x [..., in] through the linear `module_name` of the declared tree (bound weight `weight` [out, in])."""
-        return self.named(g, x, M.canonical_names(self.config, f"{module_name}.weight")[0][0], weight)
+        return self.named(g, x, self._canonical(module_name), weight)
+
+    def as_floats(self, module_name: str, weight: torch.Tensor) -> np.ndarray:
+        """The linear `module_name`'s weight [out, in] in fp32 as `apply` multiplies by it: stored packed int, its
+        codes dequantized as MatMulNBits does ((code - zero) * scale, in fp32); else the bound weight."""
+        found = self.packed(self._canonical(module_name))
+        if found is None or found[1].kind != "int":
+            return as_numpy(weight)
+        parts, scheme = found
+        return decompress_weight({**parts, "weight_scale": parts["weight_scale"].float()}, scheme).numpy()
+
+    def _canonical(self, module_name: str) -> str:
+        return M.canonical_names(self.config, f"{module_name}.weight")[0][0]
 
     def named(self, g: GraphBuilder, x: str, canonical: str, weight: torch.Tensor) -> str:
         """x [..., in] through the checkpoint weight `canonical` (bound as `weight` [out, in])."""

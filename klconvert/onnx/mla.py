@@ -1,19 +1,25 @@
 """An MLA layer as ONNX: the latent rows of the new tokens written into the latent cache at their positions (row j
-of sequence b holds its token at position j; the cache grows to the furthest position written), attended
-KEY_BLOCK rows at a time in a Loop -- each block expanded to per-head keys and values through kv_b_proj, masked per
-sequence (the token at position p sees rows 0..p), the blocks merged by a running max and sum.
-runtime/model.py MLAMixer.forward and PrefillAttention (the expanded form, key blocks merged) and
-StateBuffers.write_mla_at are the math it restates."""
+of sequence b holds its token at position j; the cache grows to the furthest position written), then attended in
+one of two forms, an If on the call's tokens per sequence:
+- one (a decode step): absorbed, kv_b_proj folded into the query and the output, so every cached row is read as it
+  is (MQA over its r+dr values), as runtime/model.py MLAMixer.decode and LatentAttention do. Expanding the rows
+  instead cost each step an [L, r] x [r, H*(dn+dv)] product, growing with the context;
+- more (a prefill): KEY_BLOCK rows at a time in a Loop -- each block expanded to per-head keys and values through
+  kv_b_proj, masked per sequence (the token at position p sees rows 0..p), the blocks merged by a running max and
+  sum -- as runtime/model.py PrefillAttention does, and for its reason: per query-key pair the absorbed form does
+  3.4x the work.
+StateBuffers.write_mla_at is the cache write it restates."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper
 
 from klconvert.onnx.graph import FLOAT, GraphBuilder
 from klconvert.onnx.linears import Linears, as_numpy
 from klconvert.runtime import model as M
 
-# Cached rows a call's queries attend at once. Built whole, one call's scores [B, H, tokens, keys] grew with the
+# Cached rows a prefill call's queries attend at once. Built whole, one call's scores [B, H, tokens, keys] grew with the
 # square of the prompt (4,000 tokens of the bundled model peaked at 1.5 GB); by blocks, a call's workspace is bounded
 # by the block and its tokens at any context. Smaller than the runtime's MLA_KEY_BLOCK: onnxruntime writes each score
 # tensor out, several times over, where SDPA's fused kernels keep tiles. genai_config.json records it, which OnnxEngine
@@ -78,7 +84,8 @@ def _key_block_body(g: GraphBuilder, m: M.MLAMixer, prefix: str, linears: Linear
     return helper.make_graph(b.nodes, "mla_key_block", inputs, outputs)
 
 
-def _attend(g: GraphBuilder, m: M.MLAMixer, prefix: str, linears: Linears, q: str, present: str, at: str) -> str:
+def _attend_expanded(g: GraphBuilder, m: M.MLAMixer, prefix: str, linears: Linears, q: str, present: str,
+                     at: str) -> str:
     """q [B, T, H, dn+dr] of the tokens at positions at [B, T] over present [B, L, r+dr] -> o [B, H, T, dv], in
     ceil(L / KEY_BLOCK) trips of _key_block_body."""
     q_nope, q_rope = (g.op("Transpose", part, perm=[0, 2, 1, 3])
@@ -92,6 +99,48 @@ def _attend(g: GraphBuilder, m: M.MLAMixer, prefix: str, linears: Linears, q: st
     _, total, o = g.op("Loop", trips, "", *start, outputs=3,   # no condition: every trip runs
                        body=_key_block_body(g, m, prefix, linears, q_nope, q_rope, present, at))
     return g.op("Div", o, total)
+
+
+def _attend_absorbed(g: GraphBuilder, m: M.MLAMixer, prefix: str, linears: Linears, q: str, present: str,
+                     at: str) -> str:
+    """q [B, 1, H, dn+dr], one token per sequence at positions at [B, 1], over present [B, L, r+dr] -> o [B, H, 1,
+    dv]: q_nope through kv_b's key half (w_uk) scores the latent part of each row, q_rope its shared key; the
+    weighted rows' latent part goes out through kv_b's value half (w_uv). Every row at once: the scores [B, H, L]
+    are H / (r+dr) of the rows read. The rows are the products' left operand as they lie: transposed, they would be
+    copied whole each step."""
+    H, dn, dr, r = m.H, m.dn, m.dr, m.r
+    kv_b = linears.as_floats(f"{prefix}.kv_b_proj", m.kv_b_proj.weight).reshape(H, dn + m.dv, r)
+    w_uk = g.weight(f"{prefix}.kv_b_proj.w_uk", kv_b[:, :dn])                              # [H, dn, r]
+    w_uv_t = g.weight(f"{prefix}.kv_b_proj.w_uv_t", kv_b[:, dn:].transpose(0, 2, 1))       # [H, r, dv]
+    q_nope, q_rope = g.op("Split", g.op("Reshape", q, g.const([0, H, dn + dr])), g.const([dn, dr]), axis=-1,
+                          outputs=2)                                                     # [B, H, dn] / dr
+    q_lat = g.op("Transpose", g.op("MatMul", g.op("Transpose", q_nope, perm=[1, 0, 2]), w_uk), perm=[1, 0, 2])
+    q_rows = g.op("Transpose", g.op("Concat", q_lat, q_rope, axis=-1), perm=[0, 2, 1])   # [B, r+dr, H]
+    scores = g.op("Transpose", g.op("MatMul", present, q_rows), perm=[0, 2, 1])           # [B, H, L]
+    keys = g.op("Range", g.const(0), g.op("Squeeze", _length(g, present, 1), g.const([0])), g.const(1))
+    visible = g.op("Unsqueeze", g.op("LessOrEqual", keys, at), g.const([1]))              # [B, 1, L]
+    scores = g.op("Where", visible, g.op("Mul", scores, g.const(m.scale, np.float32)), g.const(-np.inf, np.float32))
+    rows = g.op("MatMul", g.op("Softmax", scores, axis=-1), present)                      # [B, H, r+dr]
+    o_lat = g.op("Slice", rows, g.const([0]), g.const([r]), g.const([-1]))                # [B, H, r]
+    o = g.op("MatMul", g.op("Transpose", o_lat, perm=[1, 0, 2]), w_uv_t)                 # [H, B, dv]
+    return g.op("Unsqueeze", g.op("Transpose", o, perm=[1, 0, 2]), g.const([2]))
+
+
+def _branch(g: GraphBuilder, name: str, form, *args) -> onnx.GraphProto:
+    """An If branch: a subgraph of `g` whose one output is form(branch builder, *args) [B, H, T, dv]."""
+    b = g.body()
+    out = form(b, *args)
+    b.nodes.append(helper.make_node("Identity", [out], [f"{name}_o"]))
+    return helper.make_graph(b.nodes, name, [], [helper.make_tensor_value_info(f"{name}_o", FLOAT, [None] * 4)])
+
+
+def _attend(g: GraphBuilder, m: M.MLAMixer, prefix: str, linears: Linears, q: str, present: str, at: str) -> str:
+    """q [B, T, H, dn+dr] of the tokens at positions at [B, T] over present [B, L, r+dr] -> o [B, H, T, dv]:
+    absorbed for one token per sequence, else expanded by key blocks (the module docstring says why)."""
+    one_token = g.op("Equal", _length(g, q, 1), g.const([1]))
+    args = (m, prefix, linears, q, present, at)
+    return g.op("If", one_token, then_branch=_branch(g, g.fresh(f"{prefix}.absorbed"), _attend_absorbed, *args),
+                else_branch=_branch(g, g.fresh(f"{prefix}.expanded"), _attend_expanded, *args))
 
 
 def mla_layer(g: GraphBuilder, x: str, m: M.MLAMixer, prefix: str, linears: Linears, past: str,
