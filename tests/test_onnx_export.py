@@ -310,6 +310,22 @@ def test_logits_to_keep_gives_the_last_positions_logits(exported):
         assert all(np.array_equal(state[name], want_state[name]) for name in want_state)
 
 
+@pytest.mark.slow
+def test_the_last_layers_moe_routes_the_kept_positions_alone(exported):
+    """Only the kept positions' logits are used, yet the last layer's MoE ran on every token of a prefill (its mixer's
+    state does need them all): its router now scores logits_to_keep rows per sequence, every row at 0."""
+    engine = OnnxEngine(exported[1])
+    model = onnx.load(str(exported[1] / "model.onnx"))
+    router = f"model.layers.{engine.config.num_hidden_layers - 1}.block_sparse_moe.gate.weight_t"
+    scores = next(n for n in model.graph.node if router in n.input).output[0]
+    model.graph.output.append(onnx.helper.make_tensor_value_info(scores, onnx.TensorProto.FLOAT, None))
+    ids = np.array([PROMPT, PROMPT[::-1]])
+    feed = {"input_ids": ids, "position": np.zeros(2, np.int64), **engine.empty_state(2)}
+    for keep, rows in ((1, 2), (3, 6), (0, 2 * len(PROMPT))):
+        routed = _session(model).run([scores], {**feed, LOGITS_TO_KEEP: np.array(keep, np.int64)})[0]
+        assert routed.shape == (rows, engine.config.num_experts)
+
+
 def _as_exported_before_logits_to_keep(folder: Path) -> None:
     """Rewrite an export as one from before LOGITS_TO_KEEP: its graph takes no such input (a constant 0 in its place
     keeps every position's logits) and its genai_config.json names none."""

@@ -52,6 +52,13 @@ def _present_shape(shape: list) -> list:
     return ["total_sequence" if d == "past_sequence" else d for d in shape]
 
 
+def _kept_positions(g: GraphBuilder, x: str) -> str:
+    """x [B, T, D] -> its last logits_to_keep rows: a Slice from -logits_to_keep, which -0 makes row 0 and a count
+    past the sequence clamps to it, so 0 and any count over the tokens keep every row."""
+    start = g.op("Unsqueeze", g.op("Neg", LOGITS_TO_KEEP), g.const([0]))
+    return g.op("Slice", x, start, g.const([np.iinfo(np.int64).max]), g.const([1]))
+
+
 def build_graph(model: M.KimiLinear, linears: Linears, opset: int):
     """The bound model as one ONNX ModelProto (weights inside)."""
     c = model.config
@@ -73,6 +80,10 @@ def build_graph(model: M.KimiLinear, linears: Linears, opset: int):
             s = spec[layer, "mla_latent"]
             h, outputs[s["present"]] = mla_layer(g, h, mixer, f"{prefix}.self_attn", linears, s["past"], "position")
         x = g.op("Add", x, h)
+        if layer == len(model.blocks) - 1:
+            # past the last mixer (whose state takes every token) only the kept positions' rows are used: the last
+            # FFN -- a layer's MoE -- runs on those alone, as the final norm and lm_head do
+            x = _kept_positions(g, x)
         norm = block.post_attention_layernorm
         h = g.rms_norm(x, g.weight(f"{prefix}.post_attention_layernorm.weight", as_numpy(norm.weight)), norm.eps)
         if isinstance(block.ffn, M.MoE):
@@ -80,10 +91,6 @@ def build_graph(model: M.KimiLinear, linears: Linears, opset: int):
         else:
             h = swiglu_mlp(g, h, block.ffn, f"{prefix}.mlp", linears)
         x = g.op("Add", x, h)
-    # the last logits_to_keep rows on to the final norm and lm_head: Slice from -logits_to_keep, which -0 makes row 0
-    # and a count past the sequence clamps to it, so 0 and any count over the tokens keep every row
-    start = g.op("Unsqueeze", g.op("Neg", LOGITS_TO_KEEP), g.const([0]))
-    x = g.op("Slice", x, start, g.const([np.iinfo(np.int64).max]), g.const([1]))
     x = g.rms_norm(x, g.weight("model.norm.weight", as_numpy(model.model.norm.weight)), model.model.norm.eps)
     outputs = {"logits": linears.module(g, x, "lm_head", model.lm_head), **outputs}
     for name, value in outputs.items():
