@@ -40,7 +40,7 @@ from klconvert.onnx.export_folder import LOGITS_TO_KEEP
 from klconvert.onnx.graph import GraphBuilder
 from klconvert.onnx.matmul_nbits import NBitsWeight, nbits_weight
 from klconvert.onnx.mla import KEY_BLOCK
-from klconvert.onnx.session import ARENA_SHARE, MAX_THREADS, SCORE_BYTES, OnnxEngine
+from klconvert.onnx.session import ARENA_SHARE, EARLIER_KEY_BLOCK, MAX_THREADS, SCORE_BYTES, OnnxEngine
 from klconvert.quant import QuantScheme, compress_weight, decompress_weight, unpack_from_int32
 from klconvert.quant.groupwise import CHANNEL
 from klconvert.quantize import quantize
@@ -1284,6 +1284,10 @@ def _edited_genai_config(folder, edit):
                                                 "writes a whole number of at least 1; export the folder again"),
     (lambda m: m.update(attention_key_block=True), "its attention_key_block is True, where"),
     (lambda m: m.update(attention_key_block="1024"), "its attention_key_block is '1024', where"),
+    (lambda m: m.update(attention_key_block=KEY_BLOCK // 2), f"genai_config.json: its attention_key_block is "
+                                                             f"{KEY_BLOCK // 2}, where its graph attends {KEY_BLOCK} "
+                                                             "cached rows at once; export the folder again"),
+    (lambda m: m.pop("attention_key_block"), "its attention_key_block is missing, where its graph attends"),
 ])
 def test_an_untrusted_genai_config_sizes_nothing(exported, tmp_path, edit, needle):
     """genai_config.json is checked against what export-onnx writes for the folder's config.json: a state of 10^12
@@ -1297,14 +1301,43 @@ def test_an_untrusted_genai_config_sizes_nothing(exported, tmp_path, edit, needl
         OnnxEngine(folder)
 
 
+def _without_the_graphs_key_block(folder: Path, recorded: str | None = None) -> None:
+    """Rewrite an export's graph as one from before graphs recorded their key block (or recording `recorded`)."""
+    model = onnx.load(folder / "model.onnx")
+    del model.metadata_props[:]
+    if recorded is not None:
+        onnx.helper.set_model_props(model, {"attention_key_block": recorded})
+    onnx.save(model, folder / "model.onnx")
+
+
 def test_an_export_from_before_key_blocks_prefills_in_calls_sized_by_every_key(exported, tmp_path):
-    """Its graph attends every cached row at once (its genai_config.json names no attention_key_block), so its
-    calls shrink as the prompt grows, where an export's own are sized by its key block."""
+    """Its graph attends every cached row at once (it records no key block, its genai_config.json names none), so
+    its calls shrink as the prompt grows, where an export's own are sized by its key block."""
     folder = shutil.copytree(exported[1], tmp_path / "onnx")
     heads, tokens = OnnxEngine(folder).config.num_attention_heads, 24_000
     assert OnnxEngine(folder).prefill_segment(1, tokens) == SCORE_BYTES // (4 * heads * KEY_BLOCK)
+    _without_the_graphs_key_block(folder)
     _edited_genai_config(folder, lambda m: m.pop("attention_key_block"))
     assert OnnxEngine(folder).prefill_segment(1, tokens) == SCORE_BYTES // (4 * heads * tokens)
+
+
+def test_a_genai_config_key_block_is_held_to_the_graphs(exported, tmp_path):
+    """genai_config.json's attention_key_block sized every prefill call, checked against nothing: hand-edited, calls
+    were sized for another block. The graph records its own, which it must equal; a graph from before that record
+    attends EARLIER_KEY_BLOCK rows at once, as every export with key blocks did till then."""
+    folder = shutil.copytree(exported[1], tmp_path / "onnx")
+    _without_the_graphs_key_block(folder)
+    assert OnnxEngine(folder).key_block == EARLIER_KEY_BLOCK == KEY_BLOCK
+    _edited_genai_config(folder, lambda m: m.update(attention_key_block=KEY_BLOCK * 4))
+    with pytest.raises(klconvert.KLError, match=f"its attention_key_block is {KEY_BLOCK * 4}, where its graph attends "
+                                                f"{EARLIER_KEY_BLOCK} cached rows at once; export the folder again$"):
+        OnnxEngine(folder)
+    _without_the_graphs_key_block(folder, recorded=str(KEY_BLOCK * 4))
+    assert OnnxEngine(folder).key_block == KEY_BLOCK * 4
+    _without_the_graphs_key_block(folder, recorded="1e3")
+    with pytest.raises(klconvert.KLError, match="model.onnx: the graph records attention_key_block '1e3', where "
+                                                "export-onnx records a whole number of at least 1; export the folder"):
+        OnnxEngine(folder)
 
 
 def _edited_logits(folder, extra_columns: int, declared_extra: int, add: float = 0.0):

@@ -22,7 +22,8 @@ from klconvert.convert.output_folder import refuse_out_over_source
 from klconvert.disk_space import writing
 from klconvert.errors import KLError, refuse_non_bool
 from klconvert.models import resolve_model
-from klconvert.onnx.export_folder import DATA_FILE, LOGITS_SHAPE, LOGITS_TO_KEEP, ONNX_FILE, state_spec
+from klconvert.onnx.export_folder import (ATTENTION_KEY_BLOCK, DATA_FILE, LOGITS_SHAPE, LOGITS_TO_KEEP, ONNX_FILE,
+                                         state_spec)
 from klconvert.onnx.ffn import moe_layer, swiglu_mlp
 from klconvert.onnx.graph import FLOAT, INT64, MS_DOMAIN, GraphBuilder
 from klconvert.onnx.kda import kda_layer
@@ -102,7 +103,9 @@ def build_graph(model: M.KimiLinear, linears: Linears, opset: int):
     inputs += [helper.make_tensor_value_info(s["past"], FLOAT, s["shape"]) for s in states]
     outs = [helper.make_tensor_value_info("logits", FLOAT, [*LOGITS_SHAPE, c.vocab_size])]
     outs += [helper.make_tensor_value_info(s["present"], FLOAT, _present_shape(s["shape"])) for s in states]
-    return make_model(helper.make_graph(g.nodes, "kimi_linear", inputs, outs, g.initializers), opset)
+    model = make_model(helper.make_graph(g.nodes, "kimi_linear", inputs, outs, g.initializers), opset)
+    helper.set_model_props(model, {ATTENTION_KEY_BLOCK: str(KEY_BLOCK)})   # the graph's own, as onnxruntime reads it
+    return model
 
 
 def make_model(graph, opset: int):
@@ -143,7 +146,7 @@ def genai_config(config, opset: int, external: bool, tokenizer_files: list[str])
         "model": {
             "type": "kimi_linear", "file": ONNX_FILE, "external_data": DATA_FILE if external else None,
             "opset": opset, "vocab_size": config.vocab_size, "context_length": config.model_max_length,
-            "attention_key_block": KEY_BLOCK,
+            ATTENTION_KEY_BLOCK: KEY_BLOCK,
             "bos_token_id": config.raw.get("bos_token_id"), "eos_token_id": config.raw.get("eos_token_id"),
             "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
                        {"name": "position", "dtype": "int64", "shape": ["batch"],

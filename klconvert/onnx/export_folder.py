@@ -8,6 +8,9 @@ DATA_FILE = "model.onnx.data"      # the weights, when they are over export's PR
 # logits_to_keep): onnxruntime runs every node whatever outputs a run asks for, so only an input spares lm_head the rows
 # a prefill that samples the next token drops. An export from before it lacks it and computes every position's.
 LOGITS_TO_KEEP = "logits_to_keep"
+# The cached rows the graph's MLA layers attend at once in a prefill call: genai_config.json's key for it, and the
+# graph's own metadata key, which OnnxEngine holds genai_config.json's to (a hand-edited one sized every call wrongly)
+ATTENTION_KEY_BLOCK = "attention_key_block"
 # The logits' shape but the vocabulary: kept_sequence is min(logits_to_keep, sequence), or sequence where it is 0
 LOGITS_SHAPE = ["batch", "kept_sequence"]
 

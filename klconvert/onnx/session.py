@@ -20,7 +20,8 @@ from klconvert.models import resolve_model
 from klconvert.checkpoint.folder_files import CONFIG_FILE, GENAI_CONFIG, refuse_link_out
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.onnx import refuse_export_under_way
-from klconvert.onnx.export_folder import DATA_FILE, LOGITS_SHAPE, LOGITS_TO_KEEP, ONNX_FILE, state_spec
+from klconvert.onnx.export_folder import (ATTENTION_KEY_BLOCK, DATA_FILE, LOGITS_SHAPE, LOGITS_TO_KEEP, ONNX_FILE,
+                                         state_spec)
 from klconvert.onnx.interruptible import interruptible
 from klconvert.runtime.engine import (GenerationStats, Runner, as_batch, as_prompts, as_stop_ids, check_callbacks,
                                       no_new_ids, whole_numbers)
@@ -47,6 +48,8 @@ GRAPH_INPUTS = ("input_ids", "position")  # what every export takes besides the 
 # model (4 heads), 512 of the release (32). An export from before key blocks attends every cached row at once, so its
 # calls shrink as the prompt grows (one call of 24,000 tokens of the bundled model took over 18 GB).
 SCORE_BYTES = 64 << 20
+# The key block of every export written before graphs recorded theirs (ATTENTION_KEY_BLOCK in their metadata)
+EARLIER_KEY_BLOCK = 1024
 # The most intra-op threads OnnxEngine asks onnxruntime for: above the logical CPUs of the largest machines (a
 # two-socket server of 192-core CPUs with SMT has 768), so no machine's count is refused, while onnxruntime starts
 # every thread up front -- 1024 took 39 s to start on 2 cores, 10**6 hung taking ~7 GB.
@@ -142,7 +145,7 @@ class OnnxEngine(Runner):
         # The state's names and shapes come from config.json (checked and bounded), the graph's file name is
         # export-onnx's own; GENAI_CONFIG (untrusted: it sizes every allocation here) must agree with both.
         self.states = state_spec(self.config)
-        self.key_block = self._checked_genai_config(folder / GENAI_CONFIG)
+        key_block = self._checked_genai_config(folder / GENAI_CONFIG)
         # where generate stops unless told otherwise (export-onnx copies the tokenizer, if the model has one)
         self.stop_ids = model_stop_ids(self.config, check_tokenizer_if_any(folder, self.config))
         self.device = torch.device("cpu")
@@ -171,6 +174,7 @@ class OnnxEngine(Runner):
                           "export the folder again") from None
         self.outputs = [o.name for o in self.session.get_outputs()]
         self._check_names(folder / ONNX_FILE)
+        self.key_block = self._graphs_key_block(key_block, folder / GENAI_CONFIG)
         # an export from before LOGITS_TO_KEEP computes every position's logits, of which _run keeps those asked for
         self.takes_logits_to_keep = LOGITS_TO_KEEP in {i.name for i in self.session.get_inputs()}
         self._run_options = ort.RunOptions()
@@ -196,9 +200,24 @@ class OnnxEngine(Runner):
             raise KLError(f"{path}: the graph {problem}{' ...' if len(missing or extra) > 3 else ''}, which this "
                           "folder's config.json does not make; export the folder again")
 
+    def _graphs_key_block(self, block: int | None, path: Path) -> int | None:
+        """GENAI_CONFIG's attention_key_block (`block`; `path` names the file) once it is the graph's: what the graph
+        records, or, in a graph from before that record, EARLIER_KEY_BLOCK or none (an export from before key
+        blocks). A hand-edited block sized every prefill call wrongly."""
+        recorded = self.session.get_modelmeta().custom_metadata_map.get(ATTENTION_KEY_BLOCK)
+        if recorded is not None and not re.fullmatch(r"[1-9][0-9]{0,9}", recorded):
+            raise KLError(f"{self.folder / ONNX_FILE}: the graph records {ATTENTION_KEY_BLOCK} {shown(recorded)}, "
+                          "where export-onnx records a whole number of at least 1; export the folder again")
+        graphs = int(recorded) if recorded is not None else None if block is None else EARLIER_KEY_BLOCK
+        if block != graphs:
+            said = f"is {shown(block)}" if block is not None else "is missing"
+            raise KLError(f"{path}: its {ATTENTION_KEY_BLOCK} {said}, where its graph attends {graphs} cached rows "
+                          "at once; export the folder again")
+        return block
+
     def _checked_genai_config(self, path: Path) -> int | None:
         """The cached rows the graph's MLA layers attend at once, as GENAI_CONFIG says once it is checked (None: an
-        export from before key blocks, which attends all of them)."""
+        export from before key blocks, which attends all of them); _graphs_key_block holds it to the graph's."""
         refuse_link_out(path)
         try:
             config = read_json(path, MAX_GENAI_CONFIG_BYTES, GENAI_CONFIG)
@@ -215,10 +234,10 @@ class OnnxEngine(Runner):
         if spec["file"] != ONNX_FILE or spec["state"] != self.states:
             raise KLError(f"{path}: its graph file or state tensors are not what export-onnx writes for this folder's "
                           "config.json; export the folder again")
-        block = spec.get("attention_key_block")
+        block = spec.get(ATTENTION_KEY_BLOCK)
         if block is not None and not (type(block) is int and block >= 1):   # JSON's true is no block
-            raise KLError(f"{path}: its attention_key_block is {shown(block)}, where export-onnx writes a whole number "
-                          "of at least 1; export the folder again")
+            raise KLError(f"{path}: its {ATTENTION_KEY_BLOCK} is {shown(block)}, where export-onnx writes a whole "
+                          "number of at least 1; export the folder again")
         return block
 
     def empty_state(self, batch: int) -> State:
