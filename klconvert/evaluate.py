@@ -246,11 +246,14 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
             raise KLError(f"the evaluation text's {len(ids):,} tokens are over {name}'s "
                           f"{config.model_max_length_name} {config.model_max_length:,}; give "
                           f"{argument('max_tokens', '--max-tokens')} {config.model_max_length:,} or fewer")
-    _refuse_past_host_memory(len(ids), configs[1], _plan_on_the_host(configs[1], len(ids), device, dtype),
-                             host_memory())
+    plan = _plan_on_the_host(configs[1], len(ids), device, dtype)
+    _refuse_past_host_memory(len(ids), configs[1], plan, host_memory())
 
-    ref, got = (run_model(reference, ids, device, dtype, names[1], reference=True),
-                run_model(model, ids, device, dtype, names[0]))
+    ref = run_model(reference, ids, device, dtype, names[1], reference=True)
+    # again once the reference is freed: what it left behind (its log-probabilities, and free blocks the model's
+    # weights alone can take) is known now, and the model's run is refused before it loads, not a block into it
+    _refuse_past_host_memory(len(ids), configs[1], plan, host_memory(), names[0])
+    got = run_model(model, ids, device, dtype, names[0])
     with host_allocation(f"the KL sum's rows ([{KL_ROWS}, {configs[1].vocab_size:,}] fp32)"):
         return compare(ref, got, ids, *names)
 
@@ -271,14 +274,16 @@ def _plan_on_the_host(config: KimiLinearConfig, tokens: int, device: str | torch
                       torch_decode_attention=True)
 
 
-def _host_bytes(tokens: int, config: KimiLinearConfig, plan: MemoryPlan | None) -> tuple[int, int, int]:
-    """What eval holds on the host at its peak for `tokens` tokens, in three parts: both runs' fp32 log-probs and
-    int64 expert ids (kept until compare); the model on the CPU (its plan: weights, state, cache, a segment's
-    workspace; 0 on a GPU); and the logits in hand -- on the CPU two prefill segments' [S, vocab] fp32 (the one
-    handed on, alive while the next is made, or its log-softmax), at least the KL sum's rows."""
+def _host_bytes(tokens: int, config: KimiLinearConfig, plan: MemoryPlan | None, runs: int = 2
+                ) -> tuple[int, int, int]:
+    """What eval holds on the host at its peak for `tokens` tokens, in three parts: the fp32 log-probs and int64
+    expert ids (kept until compare) of `runs` runs (both; 1: the model's, once the reference's are held); the model
+    on the CPU (its plan: weights, state, cache, a segment's workspace; 0 on a GPU); and the logits in hand -- on the
+    CPU two prefill segments' [S, vocab] fp32 (the one handed on, alive while the next is made, or its log-softmax),
+    at least the KL sum's rows."""
     c = config
     moe_layers = sum(c.is_moe(layer) for layer in range(c.num_hidden_layers))
-    kept = 2 * tokens * (c.vocab_size * 4 + moe_layers * c.num_experts_per_token * 8)
+    kept = runs * tokens * (c.vocab_size * 4 + moe_layers * c.num_experts_per_token * 8)
     if plan is None:
         return kept, 0, KL_TEMPORARIES * KL_ROWS * c.vocab_size * 4
     segments = 2 * min(PREFILL_SEGMENT, tokens) * c.vocab_size * 4
@@ -286,36 +291,43 @@ def _host_bytes(tokens: int, config: KimiLinearConfig, plan: MemoryPlan | None) 
 
 
 def _refuse_past_host_memory(tokens: int, config: KimiLinearConfig, plan: MemoryPlan | None,
-                             host: HostMemory | None) -> None:
-    """What eval holds at its peak (_host_bytes) must fit in the memory the host (and the process's limits) leave:
-    the model's plan whole, as the engine checks it, and the buffers no plan counts (log-probs, logits) within
-    HOST_SHARE of it; the refusal names the largest --max-tokens that fits, and the host's bound's remedy where all
-    of its memory would hold the tokens asked (or the fewest, where none fit), as the engine's refusals do
-    (HostMemory.remedy_for)."""
+                             host: HostMemory | None, model_run: str | None = None) -> None:
+    """What eval holds at its peak (_host_bytes) must fit in the memory the host (and the process's limits) leave,
+    the allocator's free blocks counted as room for the weights alone (HostMemory.for_weights): the model's plan
+    whole, as the engine checks it, and the buffers no plan counts (log-probs, logits) within HOST_SHARE of it; the
+    refusal names the largest --max-tokens that fits, and the host's bound's remedy where all of its memory would
+    hold the tokens asked (or the fewest, where none fit), as the engine's refusals do (HostMemory.remedy_for).
+    `model_run`: once the reference has run, the model (its flag and value, as the refusal names it), whose run
+    alone is counted: the reference's log-probs are held already."""
     if host is None:
         return
+    host = host.for_weights(plan.weights if plan else 0)
+    runs = 2 if model_run is None else 1
 
     def room_taken(parts: tuple[int, int, int]) -> int:   # what must be available for `parts` to fit
         kept, model, logits = parts
         return math.ceil(model + (kept + logits) / HOST_SHARE)
 
-    kept, model, logits = parts = _host_bytes(tokens, config, plan)
+    kept, model, logits = parts = _host_bytes(tokens, config, plan, runs)
     if room_taken(parts) <= host.available:
         return
-    fits, past = 1, tokens        # the most tokens that fit (below 2, none does), the fewest that do not
+    fits, past = 1, tokens        # the most tokens that fit (below MIN_SCORED_TOKENS, none does), the fewest that do not
     while past - fits > 1:
         mid = (fits + past) // 2
-        fits, past = (mid, past) if room_taken(_host_bytes(mid, config, plan)) <= host.available else (fits, mid)
-    held = (f"both models' log-probabilities and router choices over a {config.vocab_size:,}-word vocabulary "
-            f"({size_text(kept)}), "
+        fits, past = ((mid, past) if room_taken(_host_bytes(mid, config, plan, runs)) <= host.available
+                      else (fits, mid))
+    whose = "both models'" if model_run is None else "its"
+    held = (f"{whose} log-probabilities and router choices over a "
+            f"{config.vocab_size:,}-word vocabulary ({size_text(kept)}), "
             + (f"one model on the CPU with its memory plan ({size_text(model)}), " if plan else "")
             + f"the logits in hand ({size_text(logits)})")
-    said = (f"eval would hold {size_text(sum(parts))} on the host for {tokens:,} tokens -- {held} -- more than fits "
-            f"(the model's plan, and the rest within {HOST_SHARE:.0%}) in the {host}; ")
+    whom = "eval" if model_run is None else f"{model_run}: once the reference ran, its run"
+    said = (f"{whom} would hold {size_text(sum(parts))} on the host for {tokens:,} tokens -- {held} -- more than "
+            f"fits (the model's plan, and the rest within {HOST_SHARE:.0%}) in the {host}; ")
     if fits >= MIN_SCORED_TOKENS:
         remedy = host.remedy_for(room_taken(parts))
         raise KLError(f"{said}lower --max-tokens to {fits:,} or less" + ("" if remedy is None else f", or {remedy}"))
-    remedy = host.remedy_for(room_taken(_host_bytes(MIN_SCORED_TOKENS, config, plan)))
+    remedy = host.remedy_for(room_taken(_host_bytes(MIN_SCORED_TOKENS, config, plan, runs)))
     raise KLError(f"{said}not even {MIN_SCORED_TOKENS} tokens fit"
                   + (f": {remedy}" if remedy else f", nor would in all of this host's {size_text(host.total)}"))
 

@@ -585,7 +585,8 @@ class Engine(Runner):
                                     else 0)   # a resize's old state, freed once the new plan is taken
         if self.device.type == "cuda":
             limit = device_room(self.device, held)
-        elif (host := host_memory()) is not None:
+        elif (host := host_memory()) is not None:   # its free blocks as room for the weights still to be read
+            host = host.for_weights(sum(self.weight_bytes.values()) - self.weights_held)
             host = replace(host, available=host.available + held)
             limit = host.available
         else:

@@ -35,16 +35,27 @@ NAMED_FIT_SHARE = 0.99
 class HostMemory:
     """The bytes the process can still allocate on the host -- the least of the host's available memory and what
     each of the process's limits leaves -- with the one that bounds it (`bound`, as an error names it), how to get
-    more (`remedy`) and the host's memory in all (`total`, MemTotal; None: not known), past which no remedy gets
-    any."""
+    more (`remedy`), the host's memory in all (`total`, MemTotal; None: not known), past which no remedy gets any,
+    and how much of `available` is the allocator's free blocks (`free_blocks`, held_free: room under a limit)."""
 
     available: int
     bound: str = HOST_BOUND[0]
     remedy: str = HOST_BOUND[1]
     total: int | None = None
+    free_blocks: int = 0
 
     def __str__(self) -> str:
         return f"{size_text(self.available)} available {self.bound}"
+
+    def for_weights(self, weights: int) -> HostMemory:
+        """What a model of `weights` bytes can count on: the allocator's free blocks as room for its weights alone.
+        They are what a freed model left (eval's reference, whose weights have the next model's shapes on the CPU),
+        served again whole to tensors of those sizes; a larger block -- a [tokens, vocab] fp32 buffer of logits or
+        log-probabilities -- finds them split by the weights already: under ulimit -d 371-379 MB (the bundled
+        model's int4 copy after it, 1,024 tokens) 5 runs of 9 were refused a 17 MB block with 56 MB of free blocks
+        counted as room, where 75-92 MB of them were free once the reference was, 66 MB of it its weights."""
+        unused = max(0, self.free_blocks - weights)
+        return replace(self, available=self.available - unused, free_blocks=self.free_blocks - unused)
 
     def remedy_for(self, needed: int) -> str | None:
         """`remedy` where the host's memory in all would hold `needed` bytes (or is not known): memory freed, or a
@@ -56,7 +67,8 @@ def host_memory(root: Path = Path("/")) -> HostMemory | None:
     """What the process can still allocate on the host (None where nothing is known: not Linux): the least of
     Linux's MemAvailable, the soft RLIMIT_AS less the address space mapped (VmSize), the soft RLIMIT_DATA less the
     data mapped (VmData) -- each limit's room with the bytes the allocator holds free within what is mapped
-    (held_free), which it serves again without mapping more -- and each memory cgroup the process is in, with its
+    (held_free, its free_blocks), which it serves again without mapping more to blocks that fit them
+    (HostMemory.for_weights) -- and each memory cgroup the process is in, with its
     ancestors, its limit less its usage (the page cache it could reclaim not counted as used). A few small reads; one
     that fails, or a limit that is not set, only leaves that bound out; MemTotal is the `total` of the one that
     bounds. `root`: where /proc and /sys are (tests give a folder of fakes)."""
@@ -69,7 +81,7 @@ def host_memory(root: Path = Path("/")) -> HostMemory | None:
     for name, used, bound in (("RLIMIT_AS", "VmSize", ADDRESS_SPACE_BOUND), ("RLIMIT_DATA", "VmData", DATA_BOUND)):
         limit, mapped = _soft_limit(name), _kib(status.get(used))
         if limit is not None and mapped is not None:
-            found.append(HostMemory(max(0, limit - mapped) + free, *bound))
+            found.append(HostMemory(max(0, limit - mapped) + free, *bound, free_blocks=free))
     found += _cgroup_rooms(root)
     least = min(found, key=lambda h: h.available, default=None)
     return None if least is None else replace(least, total=_kib(meminfo.get("MemTotal")))

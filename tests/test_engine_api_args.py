@@ -514,6 +514,21 @@ def test_a_plan_past_a_process_limit_names_the_limit(tiny_released, monkeypatch,
         klconvert.load(tiny_released, device="cpu", max_context=10**6)
 
 
+def test_the_allocators_free_blocks_are_room_for_the_weights_alone(tiny_released, engine, monkeypatch):
+    """Every byte of the allocator's free blocks was room for a plan (eval's model, once its reference was freed):
+    under ulimit -d the plan passed and a 17 MB block was refused with 56 MB of free blocks split by the weights."""
+    plan, free_blocks = engine.plan, 1 << 30
+    room = plan.total + free_blocks - plan.weights   # the plan's figure, with the free blocks past its weights
+    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(room - 1, *ADDRESS_SPACE_BOUND,
+                                                                         free_blocks=free_blocks))
+    with pytest.raises(KLError, match=rf"^the plan needs [\d.]+ MB but cpu has {size_text(plan.total - 1)} "
+                                      r"available under the process's address-space limit \(ulimit -v\)"):
+        klconvert.load(tiny_released, device="cpu", max_context=plan.context)
+    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(room, *ADDRESS_SPACE_BOUND,
+                                                                         free_blocks=free_blocks))
+    assert klconvert.load(tiny_released, device="cpu", max_context=plan.context).plan.total == plan.total
+
+
 def test_a_small_plan_past_the_host_names_two_figures_that_differ(tiny_released, engine, monkeypatch):
     """The figures were GiB at one decimal: "the plan needs 0.1 GiB but cpu has 0.1 GiB available under ..."."""
     need = engine.plan.total_for(4096)

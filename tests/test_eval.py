@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import klconvert
 import klconvert.runtime.engine as engine_module
+from klconvert.config import KimiLinearConfig
 from klconvert.evaluate import evaluate, render_eval
 from klconvert.models import BUNDLED_DIR
 from klconvert.runtime import host_malloc
@@ -711,6 +713,47 @@ def test_a_plan_past_the_host_once_the_reference_ran_names_the_model(tiny_releas
     assert re.fullmatch(rf"klconvert: error: --model {re.escape(str(tiny_released))}: the plan needs [\d.]+ MB but cpu "
                         r"has [\d.]+ MB available under the process's data-segment limit \(ulimit -d\); lower "
                         r"--max-tokens to \d+ or less, or raise ulimit -d", line), line
+
+
+def test_free_blocks_past_the_weights_are_no_room_for_the_models_run(tiny_released, monkeypatch, capsys):
+    """Once the reference ran, every byte of the allocator's free blocks was room for the model: under ulimit -d
+    371-379 MB (1,024 tokens) 5 runs of 9 passed the model's plan and were then refused a 17 MB block, their 56 MB
+    of free blocks split by the weights. The free blocks are room for the weights alone, and eval checks the model's
+    whole run -- its plan, its log-probabilities and logits -- before it loads: refused naming --model and a
+    --max-tokens, which passes."""
+    import klconvert.evaluate as evaluate_module
+
+    config = KimiLinearConfig.from_file(tiny_released / "config.json")
+    tokens, free_blocks = 500, 1 << 30
+
+    plan = evaluate_module._plan_on_the_host(config, tokens, "cpu", None)
+    kept, model, logits = evaluate_module._host_bytes(tokens, config, plan, runs=1)   # the model's run, as counted
+    need, weights = model + math.ceil((kept + logits) / evaluate_module.HOST_SHARE), plan.weights
+    checks: list[int] = []
+
+    def host_memory():   # the first check passes; the second finds the model's run a byte short but for free blocks
+        checks.append(1)
+        return HostMemory(1 << 40) if len(checks) == 1 else HostMemory(need - 1 + free_blocks - weights,
+                                                                       *DATA_BOUND, free_blocks=free_blocks)
+    monkeypatch.setattr(evaluate_module, "host_memory", host_memory)
+    monkeypatch.setattr(engine_module, "host_memory", lambda: None)
+    real_run = evaluate_module.run_model
+    monkeypatch.setattr(evaluate_module, "run_model", lambda *args, reference=False, **kwargs:
+                        real_run(*args, reference=True, **kwargs) if reference else passed())
+    with pytest.raises(klconvert.KLError) as refused:
+        evaluate(tiny_released, tiny_released, TEXT * 4, max_tokens=tokens, device="cpu")
+    assert re.fullmatch(rf"--model {re.escape(str(tiny_released))}: once the reference ran, its run would hold "
+                        rf"[\d.]+ MB on the host for {tokens} tokens -- its log-probabilities and router choices over "
+                        r"a 1,280-word vocabulary \([\d.]+ MB\), one model on the CPU with its memory plan "
+                        r"\([\d.]+ MB\), the logits in hand \([\d.]+ MB\) -- more than fits \(the model's plan, and "
+                        r"the rest within 80%\) in the [\d.]+ MB available under the process's data-segment limit "
+                        r"\(ulimit -d\); lower --max-tokens to \d+ or less, or raise ulimit -d", str(refused.value)), \
+        str(refused.value)
+    fits = int(str(refused.value).split("lower --max-tokens to ")[1].split()[0])
+    assert 2 <= fits < tokens
+    checks.clear()
+    with pytest.raises(PassedTheCheck):   # the same free blocks, left as the weights' room at the named tokens
+        evaluate(tiny_released, tiny_released, TEXT * 4, max_tokens=fits, device="cpu")
 
 
 # In a fresh process (a worker's heap holds other tests' free blocks): an eval of the bundled model's int4 copy

@@ -2,6 +2,7 @@
 the CPU allocator's refusal as a MemoryError."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,20 @@ def test_a_process_limit_below_the_host_bounds_it_and_is_named(tmp_path, monkeyp
     fake_limits(monkeypatch, **limits)
     host = host_memory(fake_host(tmp_path, {**MEMINFO, **STATUS}))
     assert (host.available, host.bound) == (left, bound)
+
+
+def test_the_allocators_free_blocks_are_room_for_weights_alone(tmp_path, monkeypatch):
+    """They were room for anything: a freed model's blocks, split by the next one's weights, refused its 17 MB of
+    log-probabilities under ulimit -d. A model counts on them for its weights, up to their bytes."""
+    fake_limits(monkeypatch, data=GiB, held_free=GiB // 4)
+    host = host_memory(fake_host(tmp_path, {**MEMINFO, **STATUS}))
+    assert (host.available, host.free_blocks) == (3 * GiB // 4, GiB // 4)
+    assert host.for_weights(GiB) == host   # weights enough to take them all
+    assert host.for_weights(GiB // 16) == dataclasses.replace(host, available=GiB // 2 + GiB // 16,
+                                                              free_blocks=GiB // 16)
+    assert host.for_weights(0).available == GiB // 2   # VmData's room alone
+    fake_limits(monkeypatch, held_free=GiB // 4)   # on the host: their pages handed back are in MemAvailable
+    assert host_memory(fake_host(tmp_path, {**MEMINFO, **STATUS})).for_weights(0) == ON_THE_HOST
 
 
 def test_a_limit_without_the_mapped_figure_is_left_out(tmp_path, monkeypatch):
