@@ -200,8 +200,12 @@ def _cgroup_room(folder: Path, fstype: str) -> int | None:
     return max(0, limit - max(0, usage - cache))
 
 
-# torch's CPU allocator reports a failed allocation as a RuntimeError (not a MemoryError), in these words.
-_ALLOCATOR_REFUSED = re.compile(r"DefaultCPUAllocator: (can't allocate memory|not enough memory)")
+# torch's CPU allocator reports a failed allocation as a RuntimeError (not a MemoryError), in these words; so does
+# oneDNN (a CPU matmul in bf16), whose primitive -- its JIT-compiled code and buffers, made at an op's first call of
+# a shape -- could not be allocated (its descriptor, where a shape is unsupported, fails in other words, "could not
+# create a primitive descriptor ..."); and C++'s std::bad_alloc, which torch raises as a RuntimeError of those words.
+_ALLOCATOR_REFUSED = re.compile(r"DefaultCPUAllocator: (can't allocate memory|not enough memory)"
+                                r"|^(could not create a primitive|std::bad_alloc)$")
 
 
 class HostMemoryExhausted(KLError, MemoryError):

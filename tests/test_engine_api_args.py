@@ -707,6 +707,18 @@ def test_the_allocator_refusing_mid_generation_is_out_of_memory_in_one_line(tiny
     assert_one_line_error(code, err, "out of host memory (or the process's memory limit) allocating a ")
 
 
+def test_onednn_refusing_a_primitive_mid_generation_is_out_of_memory_in_one_line(tiny_released, monkeypatch, capsys):
+    """oneDNN (a bf16 matmul on the CPU) that could not allocate a primitive raised "could not create a primitive", a
+    traceback from run, exit status 1."""
+    def refused(*_, **__):
+        raise RuntimeError("could not create a primitive")
+    monkeypatch.setattr("klconvert.runtime.model.KimiLinear.forward", refused)
+    code, _, err = run_cli(capsys, "run", "--model", tiny_released, "--prompt", "a b", "--max-new-tokens", "3",
+                           "--device", "cpu")
+    assert_one_line_error(code, err, "out of host memory (or the process's memory limit) allocating a prefill's "
+                          "activations", ": could not create a primitive; ")
+
+
 def test_other_runtime_errors_at_load_are_not_called_out_of_memory(tiny_released, monkeypatch):
     def broken(*_, **__):
         raise RuntimeError("DefaultCPUAllocator is fine; something else is not")

@@ -522,6 +522,21 @@ def test_the_allocator_refusing_during_eval_is_out_of_memory_in_one_line(tiny_re
     assert_one_line_error(code, err, "out of host memory (or the process's memory limit)")
 
 
+def test_onednn_refusing_a_primitive_during_eval_is_out_of_memory_in_one_line(tiny_released, tmp_path, monkeypatch,
+                                                                             capsys):
+    """At the edge of ulimit -d the model's bf16 matmul on the CPU once raised oneDNN's RuntimeError "could not create
+    a primitive", a traceback: it is one line, out of host memory, naming the run."""
+    def refused(*_, **__):
+        raise RuntimeError("could not create a primitive")
+    monkeypatch.setattr("klconvert.runtime.model.KimiLinear.forward", refused)
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    code, _, err = run_cli(capsys, "eval", "--model", tiny_released, "--reference", tiny_released, "--text-file",
+                           text, "--max-tokens", "16", "--device", "cpu")
+    assert_one_line_error(code, err, "out of host memory (or the process's memory limit) allocating a prefill's "
+                          "activations (16 tokens): could not create a primitive")
+
+
 def test_an_out_of_memory_run_names_the_model_as_given(monkeypatch, tmp_path, capsys):
     """`--reference tiny` was named as the bundled model's install path ("a run of /.../klconvert/bundled")."""
     real = engine_module.load

@@ -232,6 +232,21 @@ def test_the_cpu_allocators_refusal_is_a_memory_error_naming_what_and_the_bound(
     assert not isinstance(other.value, MemoryError)
 
 
+@pytest.mark.parametrize("said", ["could not create a primitive", "std::bad_alloc"])
+def test_onednns_primitive_or_a_bad_alloc_refused_is_out_of_memory(said):
+    """A bf16 matmul on the CPU under ulimit -d (eval at its edge) raised oneDNN's RuntimeError "could not create a
+    primitive", as a traceback: it could not allocate its primitive. It is out of memory in one line, as C++'s
+    std::bad_alloc is; a primitive's descriptor refused (a shape it does not run) is not."""
+    with pytest.raises(HostMemoryExhausted, match=rf"^out of host memory \(or the process's memory limit\) allocating "
+                                                  rf"a matmul: {said}(; .*)?$"):
+        with host_allocation("a matmul"):
+            raise RuntimeError(said)
+    with pytest.raises(RuntimeError, match="descriptor") as other:
+        with host_allocation("a matmul"):
+            raise RuntimeError("could not create a primitive descriptor for the matmul primitive")
+    assert not isinstance(other.value, MemoryError)
+
+
 @pytest.mark.slow
 def test_a_plan_past_a_real_address_space_limit_is_refused_in_one_line():
     """`ulimit -v` and --max-context 1000000 on the tiny model: the allocator's traceback, exit status 1."""
