@@ -202,6 +202,23 @@ def test_sigterm_during_a_conversion_is_an_interrupt_that_leaves_nothing(tiny_re
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_interrupt_as_a_shard_is_opened_is_no_read_failure(tiny_released, tmp_path):
+    """An interrupted quantize once said ".../model-00002-of-00002.safetensors: cannot read tensor ... (Bad file
+    descriptor)" (h235's F4): an interrupt as os.fdopen returned dropped the file object it made, which closed the
+    shard's descriptor, and open_regular closed it again -- EBADF, in place of the interrupt."""
+    proc = _entry("""
+        import os
+        fdopen = os.fdopen
+        def interrupted_as_it_returns(fd, *args, **kwargs):
+            if not os.readlink(f"/proc/self/fd/{fd}").endswith(".safetensors"):
+                return fdopen(fd, *args, **kwargs)
+            fdopen(fd, *args, **kwargs).close()   # the file made, dropped as the interrupt unwinds: its fd closed
+            raise KeyboardInterrupt
+        os.fdopen = interrupted_as_it_returns
+        """, "quantize", str(tiny_released), str(tmp_path / "q"), "--bits", "4", "--group-size", "32")
+    _assert_interrupted(proc)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.02, 0.3, 0.6, 1.0, 2.0])
 def test_a_real_ctrl_c_during_a_run(delay):

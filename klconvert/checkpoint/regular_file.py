@@ -30,10 +30,13 @@ def open_regular(path: str | Path) -> BinaryIO:
         if not stat.S_ISREG(mode):
             raise OSError(errno.EINVAL, f"not a regular file ({kind_of(mode)})", str(path))
         os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+    # outside the try: the file object owns fd once made, and an interrupt as fdopen returns drops it, closing fd;
+    # closed again here, that failed (EBADF, said as the shard unreadable in place of the interrupt) or closed
+    # whichever file had taken the number meanwhile
+    return os.fdopen(fd, "rb")
 
 
 READ_PIECE = 1 << 20   # read_bounded's reads: a read of n bytes reserves all n first, however short the file
