@@ -311,7 +311,7 @@ def _refuse_past_host_memory(tokens: int, config: KimiLinearConfig, plan: Memory
     kept, model, logits = parts = _host_bytes(tokens, config, plan, runs)
     if room_taken(parts) <= host.available:
         return
-    fits, past = 1, tokens        # the most tokens that fit (below MIN_SCORED_TOKENS, none does), the fewest that do not
+    fits, past = 1, tokens   # the most tokens that fit (below MIN_SCORED_TOKENS, none does), the fewest that do not
     while past - fits > 1:
         mid = (fits + past) // 2
         fits, past = ((mid, past) if room_taken(_host_bytes(mid, config, plan, runs)) <= host.available
