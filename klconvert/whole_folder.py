@@ -30,9 +30,9 @@ from klconvert.checkpoint.folder_files import CONFIG_FILE
 from klconvert.convert.output_folder import (OUTPUT_RECORD, TEMPORARY_MARKER, TEMPORARY_NAME, OutputLock,
                                              already_exists, lock_goes_inside, lock_holder, lock_path, make_parent,
                                              mark_temporary, names_shown, not_written_by_klconvert,
-                                             refuse_link_or_file, refuse_no_new_name, remove_created, runs_temporary,
-                                             temporaries_start, temporary_prefix, unmark_temporary, usual_mode,
-                                             write_output_record, write_test)
+                                             refuse_link_or_file, refuse_no_new_name, remove_created, remove_temporary,
+                                             runs_temporary, temporaries_start, temporary_prefix, unmark_temporary,
+                                             usual_mode, write_output_record, write_test)
 from klconvert.disk_space import failed_write
 from klconvert.entry import Uninterrupted, note_complete
 from klconvert.errors import KLError, refuse_out_of_descriptors
@@ -204,7 +204,7 @@ def whole_folder(out: Path, force: bool = False, replaceable: Replaceable | None
                 unmark_temporary(out)   # a mark a killed run left in OUT (_others)
         except BaseException as e:
             if new is not None:
-                _remove_temporary(new)
+                remove_temporary(new)
             if isinstance(e, OSError):
                 raise KLError(_write_error(e, new, out)) from None
             raise
@@ -234,7 +234,7 @@ def _replace_in_place(new: Path, out: Path, earlier: list[str], last: str) -> No
         new.rmdir()
     finally:
         if aside is not None:
-            _remove_temporary(aside)
+            remove_temporary(aside)
 
 
 def _moved_in(names: set[str] | list[str], last: str) -> list[str]:
@@ -256,37 +256,6 @@ def _move(names: list[str], source: Path, target: Path) -> None:
                 with suppress(OSError):   # one that cannot go back keeps none of the others from it
                     os.rename(target / name, source / name)
         raise
-
-
-def _remove_temporary(folder: Path) -> None:
-    """Delete `folder`, a temporary of this run's, its mark last: a run killed meanwhile (deleting a 98 GB folder
-    takes a while) leaves it marked, for the next run to remove, as does a file that cannot be deleted."""
-    with suppress(OSError):
-        for name in os.listdir(folder):
-            if name != TEMPORARY_MARKER:
-                _remove_tree(folder / name)
-        _remove_tree(folder)
-
-
-def _remove_tree(top: Path) -> None:
-    """Delete `top`, a folder with all it holds or a file, holding one file descriptor at a time (listdir's, closed
-    as it returns; shutil.rmtree holds two a level): a run out of descriptors removes its temporary too. It lies in
-    a folder of mkdtemp's (the user's alone), where no one else can make a folder a link meanwhile."""
-    if not top.is_dir() or top.is_symlink():
-        top.unlink()
-        return
-    folders = [top]
-    while folders:   # deepest last: a folder is removed once what it holds is
-        inner = []
-        for entry in (folders[-1] / name for name in os.listdir(folders[-1])):
-            if entry.is_dir() and not entry.is_symlink():
-                inner.append(entry)
-            else:
-                entry.unlink()
-        if inner:
-            folders += inner
-        else:
-            folders.pop().rmdir()
 
 
 def _write_error(e: OSError, new: Path | None, out: Path) -> str:

@@ -98,7 +98,7 @@ def test_export_out_of_descriptors_leaves_nothing_the_next_run_keeps(tmp_path):
 REMOVE_WITH_ONE_DESCRIPTOR = EXHAUST + textwrap.dedent("""
     import shutil, sys
     from pathlib import Path
-    from klconvert.whole_folder import _remove_tree
+    from klconvert.convert.output_folder import _remove_tree
     tops = [Path(sys.argv[1]), Path(sys.argv[2])]
     for top in tops:
         for folder in (top / "a" / "b" / "c", top / "d"):

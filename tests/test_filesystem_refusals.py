@@ -185,6 +185,25 @@ def test_force_over_a_read_only_earlier_output_is_refused_up_front(tiny_released
     assert entries(tmp_path) == ["old"] and {p.name: p.read_bytes() for p in old.iterdir()} == files
 
 
+def test_force_whose_new_output_cannot_go_in_leaves_the_earlier_in_place(tiny_released, tmp_path, monkeypatch):
+    """The rename of OUT.partial to OUT failing once the earlier OUT was moved aside left no OUT, only the hidden
+    .OUT.replaced-PID-XXXXXXXX, marked for the next run to delete: the earlier OUT is put back as it was, unmarked,
+    and the finished shards wait in OUT.partial."""
+    old = quantize(tiny_released, tmp_path / "old", bits=8, group_size=32, device="cpu", progress=False).path
+    files = {p.name: p.read_bytes() for p in old.iterdir()}
+    rename = os.rename
+
+    def busy_into_place(source, target, *args, **kwargs):
+        if Path(source) == output_folder.partial_path(old):
+            raise OSError(errno.EBUSY, "Device or resource busy", str(source))
+        rename(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(output_folder.os, "rename", busy_into_place)
+    with pytest.raises(KLError, match="Device or resource busy"):
+        quantize(tiny_released, old, bits=4, group_size=32, device="cpu", force=True, progress=False)
+    assert entries(tmp_path) == ["old", "old.partial"] and {p.name: p.read_bytes() for p in old.iterdir()} == files
+
+
 # 5, 6. A source file that cannot be read, a source folder that cannot be listed
 
 def test_an_unreadable_side_file_is_a_read_error_before_any_shard(tiny_copy, tmp_path, chmod_back):

@@ -17,8 +17,9 @@ import time
 
 import pytest
 
+from klconvert.checkpoint.folder_files import CONFIG_FILE
 from klconvert.checkpoint.reader import Checkpoint
-from klconvert.convert.output_folder import FINISHED_FILES, OUTPUT_RECORD, RESUME_RECORD, usual_mode
+from klconvert.convert.output_folder import FINISHED_FILES, OUTPUT_RECORD, RESUME_RECORD, TEMPORARY_MARKER, usual_mode
 from klconvert.entry import signal_status
 from klconvert.quantize import quantize
 
@@ -474,6 +475,70 @@ def test_a_kill_as_quantize_renames_its_output_still_refuses_other_options_in_on
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"] and RESUME_RECORD in os.listdir(out)
     assert _entry("", "quantize", str(tiny_released), str(out), *QUANTIZE_OPTIONS).returncode == 0
     _assert_finished(out, files)
+
+
+def _replaced_by_an_interrupted_quantize(tiny_released, out, prelude: str) -> subprocess.CompletedProcess:
+    """Quantize into `out` (4 bits), then again with other options (8 bits) and --force, `prelude` setting up where
+    that run is interrupted; the second run's result."""
+    assert _entry("", "quantize", str(tiny_released), str(out), *QUANTIZE_OPTIONS).returncode == 0
+    return _entry(prelude, "quantize", str(tiny_released), str(out), "--bits", "8", *QUANTIZE_OPTIONS[2:], "--force")
+
+
+def _assert_replaced(out) -> None:
+    """OUT is the second run's (8 bits), whole, alone: the earlier OUT (4 bits), moved aside beside it, is gone."""
+    assert sorted(p.name for p in out.parent.iterdir()) == ["q"]
+    assert "num_bits: 4" not in (out / "recipe.yaml").read_text() and RESUME_RECORD not in os.listdir(out)
+
+
+# a signal to the process as a file named `name` is deleted (os.unlink, a full path or one in a folder's descriptor)
+SIGNAL_AS_A_FILE_IS_DELETED = """
+    import os, signal
+    _unlink = os.unlink
+    def unlink(path, *args, **kwargs):
+        _unlink(path, *args, **kwargs)
+        if os.path.basename(path) == "{name}":
+            os.kill(os.getpid(), signal.{signal})
+            [None for _ in range(3)]
+    os.unlink = unlink
+    """
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_as_quantize_replaces_its_output_leaves_the_new_one_alone(tiny_released, tmp_path, signame):
+    """One held back while OUT was moved aside and the new one renamed into place was raised before the earlier OUT
+    was deleted: it stayed beside OUT as .q.replaced-PID-XXXXXXXX (98 GB for the real model) until a run wrote OUT
+    again. It is deleted first; the line says OUT is whole."""
+    out = tmp_path / "q"
+    proc = _replaced_by_an_interrupted_quantize(tiny_released, out, SIGNAL_AFTER_THE_RENAME.format(signal=signame))
+    _assert_interrupted(proc, signal_status(getattr(signal, signame)), complete=out)
+    _assert_replaced(out)
+
+
+def test_an_interrupt_as_the_replaced_output_is_deleted_ends_once_it_is_gone(tiny_released, tmp_path):
+    """One that landed as the earlier OUT was deleted stopped the deletion, leaving the rest of it beside OUT: it
+    comes once the deletion is done."""
+    out = tmp_path / "q"
+    proc = _replaced_by_an_interrupted_quantize(tiny_released, out, SIGNAL_AS_A_FILE_IS_DELETED.format(
+        name=CONFIG_FILE, signal="SIGINT"))
+    _assert_interrupted(proc, complete=out)
+    _assert_replaced(out)
+
+
+@pytest.mark.parametrize("killed", ["as the new OUT goes in", "as the earlier OUT is deleted"])
+def test_a_kill_as_quantize_replaces_its_output_leaves_the_earlier_to_the_next_run(tiny_released, tmp_path, killed):
+    """A SIGKILL (which nothing holds back) leaves the earlier OUT, moved aside, marked: the next run writing OUT
+    removes it. One as it was deleted left what was not yet deleted of it without its mark, wherever shutil.rmtree
+    came to that among the rest: no later run removed it. The mark goes last."""
+    out = tmp_path / "q"
+    kill = {"as the new OUT goes in": SIGNAL_AFTER_THE_RENAME.format(signal="SIGKILL"),
+            "as the earlier OUT is deleted": SIGNAL_AS_A_FILE_IS_DELETED.format(name=TEMPORARY_MARKER,
+                                                                                signal="SIGKILL")}[killed]
+    proc = _replaced_by_an_interrupted_quantize(tiny_released, out, kill)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert any(name.startswith(".q.replaced-") for name in os.listdir(tmp_path))
+    rerun = _entry("", "quantize", str(tiny_released), str(out), "--bits", "8", *QUANTIZE_OPTIONS[2:], "--force")
+    assert rerun.returncode == 0, rerun.stderr
+    _assert_replaced(out)
 
 
 def _entries(folder) -> dict:

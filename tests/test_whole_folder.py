@@ -231,7 +231,7 @@ def test_a_run_killed_before_its_folder_is_in_place_leaves_it_marked(tmp_path, m
         raise SystemExit("killed")   # stands for the kill: what is on disk now is what a kill leaves
 
     monkeypatch.setattr(whole_folder_module, "give_usual_modes", killed)
-    monkeypatch.setattr(whole_folder_module, "_remove_temporary", lambda folder: None)   # a kill runs no clean-up
+    monkeypatch.setattr(whole_folder_module, "remove_temporary", lambda folder: None)   # a kill runs no clean-up
     with pytest.raises(SystemExit):
         with whole_folder(out) as folder:
             (folder / "config.json").write_text("{}")
@@ -398,7 +398,7 @@ def test_a_finished_folder_a_kill_left_marked_stays_the_users(tmp_path, monkeypa
         raise SystemExit("killed")
 
     monkeypatch.setattr(whole_folder_module, "unmark_temporary", killed)
-    monkeypatch.setattr(whole_folder_module, "_remove_temporary", lambda folder: None)   # a kill runs no clean-up
+    monkeypatch.setattr(whole_folder_module, "remove_temporary", lambda folder: None)   # a kill runs no clean-up
     with pytest.raises(SystemExit):
         with whole_folder(out) as folder:
             (folder / "config.json").write_text("{}")
@@ -481,7 +481,7 @@ def test_what_a_kill_left_in_a_finished_folder_stops_no_replacement(tmp_path, mo
 
     export_files = Replaceable("an earlier export", lambda p: p.name in {*earlier, "model.onnx.data"})
     monkeypatch.setattr(whole_folder_module, "unmark_temporary", killed)
-    monkeypatch.setattr(whole_folder_module, "_remove_temporary", lambda folder: None)   # a kill runs no clean-up
+    monkeypatch.setattr(whole_folder_module, "remove_temporary", lambda folder: None)   # a kill runs no clean-up
     with pytest.raises(SystemExit):
         with whole_folder(out, force=True, replaceable=export_files, last="genai_config.json") as folder:
             (folder / "genai_config.json").write_text("second")

@@ -451,6 +451,37 @@ def unmark_temporary(folder: Path) -> None:
     (folder / TEMPORARY_MARKER).unlink(missing_ok=True)
 
 
+def remove_temporary(folder: Path) -> None:
+    """Delete `folder`, a temporary of this run's, its mark last: a run killed meanwhile (deleting a 98 GB folder
+    takes a while) leaves it marked, for the next run to remove, as does a file that cannot be deleted."""
+    with suppress(OSError):
+        for name in os.listdir(folder):
+            if name != TEMPORARY_MARKER:
+                _remove_tree(folder / name)
+        _remove_tree(folder)
+
+
+def _remove_tree(top: Path) -> None:
+    """Delete `top`, a folder with all it holds or a file, holding one file descriptor at a time (listdir's, closed
+    as it returns; shutil.rmtree holds two a level): a run out of descriptors removes its temporary too. It lies in
+    a folder of mkdtemp's (the user's alone), where no one else can make a folder a link meanwhile."""
+    if not top.is_dir() or top.is_symlink():
+        top.unlink()
+        return
+    folders = [top]
+    while folders:   # deepest last: a folder is removed once what it holds is
+        inner = []
+        for entry in (folders[-1] / name for name in os.listdir(folders[-1])):
+            if entry.is_dir() and not entry.is_symlink():
+                inner.append(entry)
+            else:
+                entry.unlink()
+        if inner:
+            folders += inner
+        else:
+            folders.pop().rmdir()
+
+
 def runs_temporary(entry: Path, out: Path) -> int | None:
     """The pid of the run whose temporary `entry` (beside OUT, or in it) is -- named so (TEMPORARY_NAME), this user's,
     and a marked or empty folder or an empty write-test file, never a link -- else None."""
@@ -735,8 +766,9 @@ class OutputFolder:
             return False
 
     def finish(self) -> Path:
-        """Rename the folder to OUT (an existing OUT goes only now), then drop its resume record: until the rename,
-        an interrupted finish leaves a folder that a rerun takes up."""
+        """Rename the folder to OUT (an existing OUT goes only now: moved aside, put back where the rename fails, and
+        deleted once the new one is in place), then drop its resume record: until the rename, an interrupted finish
+        leaves a folder that a rerun takes up."""
         out_exists = self.out.exists() or self.out.is_symlink()
         if out_exists and not self.force:
             raise KLError(f"{self.out}: appeared while converting; move it away and rerun to finish "
@@ -746,13 +778,24 @@ class OutputFolder:
             refuse_existing_out(self.out, force=True)
         self.refuse_files_not_written()
         write_output_record(self.path, self.files)
-        with Uninterrupted():   # a kill in between leaves OUT.partial to resume, or the record in OUT: the same
+        # A kill in between leaves OUT.partial to resume, or the record in OUT: the same command's rerun ends that
+        # finish (end_killed_finish). The earlier OUT is deleted inside the block too (98 GB for the real model takes
+        # a while): an interrupt as OUT is replaced comes once it is gone, where it was left beside the new one; a
+        # second stops the deletion, and what is left, still marked (remove_temporary), goes with the next run
+        with Uninterrupted():
             replaced = move_aside(self.out) if out_exists else None
-            os.rename(self.path, self.out)   # command's rerun ends that finish (end_killed_finish)
-            end_finish(self.out)
-            note_complete(self.out)   # an interrupt held back meanwhile says so: a rerun is refused, OUT being there
-        if replaced is not None:
-            _remove(replaced)   # may take long: OUT is whole by now, its record gone
+            try:
+                os.rename(self.path, self.out)
+            except BaseException:
+                if replaced is not None:
+                    put_back(replaced, self.out)
+                raise
+            try:
+                end_finish(self.out)
+                note_complete(self.out)   # an interrupt held back meanwhile says so: a rerun is refused, OUT is there
+            finally:
+                if replaced is not None:
+                    remove_temporary(replaced)
         return self.out
 
 
@@ -827,6 +870,15 @@ def move_aside(out: Path) -> Path:
             pass
         raise
     return aside
+
+
+def put_back(aside: Path, out: Path) -> None:
+    """Rename `aside`, where move_aside put `out`, back, unmarked: the earlier OUT as it was, where its replacement
+    could not go in. One that cannot go back stays aside, marked, as move_aside left it (the error said is the
+    replacement's)."""
+    with suppress(OSError):
+        os.rename(aside, out)
+        unmark_temporary(out)
 
 
 def _record_shape(record: dict) -> tuple:
