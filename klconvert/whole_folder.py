@@ -234,7 +234,8 @@ def _replace_in_place(new: Path, out: Path, earlier: list[str], last: str) -> No
         new.rmdir()
     finally:
         if aside is not None:
-            remove_temporary(aside)
+            with Uninterrupted():   # one as the earlier entries go comes once they are gone, not leaving them in OUT
+                remove_temporary(aside)   # (a second stops it: they stay marked, for the next run writing OUT)
 
 
 def _moved_in(names: set[str] | list[str], last: str) -> list[str]:

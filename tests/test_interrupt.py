@@ -368,6 +368,28 @@ def test_an_interrupt_as_a_filled_folders_earlier_entries_go_says_it_is_whole(tm
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [OUTPUT_RECORD, "config.json"]
 
 
+@pytest.mark.parametrize("deleted", [CONFIG_FILE, TEMPORARY_MARKER])
+def test_an_interrupt_as_a_filled_folders_earlier_entries_are_deleted_waits_for_them(tmp_path, deleted):
+    """`synth --force` over an earlier synth filling OUT in place: one that landed as the earlier entries, moved
+    aside into a hidden folder in OUT, were deleted stopped the deletion, leaving that folder in OUT (the earlier
+    model whole but for a file) until a run wrote OUT again. It comes once they are gone."""
+    synth = ("synth", "--preset", "tiny", "--out", "out")
+    assert _entry("", *synth, cwd=tmp_path).returncode == 0
+    files = sorted(os.listdir(tmp_path / "out"))
+    proc = _entry(textwrap.dedent(f"""
+        import os, signal
+        _unlink = os.unlink
+        def unlink(path, *args, **kwargs):
+            _unlink(path, *args, **kwargs)
+            if ".out.replaced-" in os.fspath(path) and os.path.basename(path) == "{deleted}":
+                os.kill(os.getpid(), signal.SIGINT)
+                [None for _ in range(3)]
+        os.unlink = unlink
+        """), *synth, "--force", cwd=tmp_path)
+    _assert_interrupted(proc, complete="out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and sorted(os.listdir(tmp_path / "out")) == files
+
+
 def test_an_interrupt_as_a_filled_folders_last_entry_goes_in_says_it_is_whole(tmp_path):
     """Filling OUT in place, one that landed once the last new entry was in, before OUT was noted whole, said only
     "interrupted" (h235's F2): the rerun was refused, OUT being there, and after --force the user thought the old
