@@ -563,6 +563,30 @@ def test_a_kill_as_quantize_replaces_its_output_leaves_the_earlier_to_the_next_r
     _assert_replaced(out)
 
 
+def test_an_interrupt_inside_the_write_test_of_an_earlier_output_stops_no_replacement(tiny_released, tmp_path):
+    """One that landed as quantize --force checked that OUT takes files, between its test file's making and its
+    deletion, left that empty .q.write-test-PID-XXXXXXXX in OUT, and every later --force was refused "also holds
+    other files, which klconvert did not write" naming it. It is a run's temporary, which the next run removes."""
+    out = tmp_path / "q"
+    proc = _replaced_by_an_interrupted_quantize(tiny_released, out, """
+        import os, signal, tempfile
+        _mkstemp = tempfile.mkstemp
+        def mkstemp(*args, **kwargs):
+            made = _mkstemp(*args, **kwargs)
+            if os.path.basename(os.path.dirname(made[1])) == "q":   # OUT's own write test
+                os.kill(os.getpid(), signal.SIGINT)
+                [None for _ in range(3)]
+            return made
+        tempfile.mkstemp = mkstemp
+        """)
+    _assert_interrupted(proc)
+    assert any(name.startswith(".q.write-test-") for name in os.listdir(out))
+    rerun = _entry("", "quantize", str(tiny_released), str(out), "--bits", "8", *QUANTIZE_OPTIONS[2:], "--force")
+    assert rerun.returncode == 0, rerun.stderr
+    _assert_replaced(out)
+    assert not any(name.startswith(".q.") for name in os.listdir(out))
+
+
 def _entries(folder) -> dict:
     """Each entry's kind and mode, file, size and modification time."""
     return {name: (f.st_mode, f.st_ino, f.st_size, f.st_mtime_ns)

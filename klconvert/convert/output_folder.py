@@ -226,8 +226,9 @@ def refuse_existing_out(out: Path, force: bool) -> None:
         raise quantize_out_exists(out)
     if not force:
         return
-    try:
-        entries = os.listdir(out)
+    try:   # but what runs left in it under a temporary name (an interrupt inside write_test), which the lock's
+        # holder removes (OutputLock): refused, it stopped every --force
+        entries = [name for name in os.listdir(out) if runs_temporary(out / name, out) is None]
     except OSError as e:
         refuse_out_of_descriptors(e, out)
         raise KLError(f"{out}: cannot list it ({e.strerror}), so --force cannot tell what it would replace; choose "
