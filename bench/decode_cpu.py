@@ -13,14 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
-from cpu_timing import best_rates, load_text, machine_load
-from klconvert.models import resolve_model
-from klconvert.runtime.engine import load
-from klconvert.script_summary import script_summary
-from klconvert.tokenizer import Tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from cpu_timing import best_rates, load_text, machine_load  # noqa: E402
+from tool_output import positive_int  # noqa: E402
+
+from klconvert.errors import KLError  # noqa: E402
+from klconvert.models import resolve_model  # noqa: E402
+from klconvert.runtime.engine import load  # noqa: E402
+from klconvert.script_summary import script_summary  # noqa: E402
+from klconvert.tokenizer import Tokenizer  # noqa: E402
 
 PROMPT = "ROMEO.\nBut soft, what light through yonder window breaks?\n"
 
@@ -28,11 +33,18 @@ PROMPT = "ROMEO.\nBut soft, what light through yonder window breaks?\n"
 def main() -> int:
     ap = argparse.ArgumentParser(description=script_summary(__file__))
     ap.add_argument("--model", default="tiny", help="Checkpoint folder, or tiny (the bundled model).")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--new-tokens", type=int, default=200)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=positive_int, default=2)
+    ap.add_argument("--new-tokens", type=positive_int, default=200)
+    ap.add_argument("--repeats", type=positive_int, default=3)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = ap.parse_args()
+    try:
+        return timed(args)
+    except KLError as e:
+        ap.exit(2, f"{ap.prog}: error: {e}\n")
+
+
+def timed(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     folder = resolve_model(args.model)
     ids = Tokenizer.from_folder(folder).encode(PROMPT)
