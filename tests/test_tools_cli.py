@@ -4,6 +4,7 @@ importing matplotlib first), under `python -OO` too, as the scripts in bench/ do
 2, with nothing written."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -132,3 +133,49 @@ def test_train_tokenizer_force_replaces_no_model_folder_klconvert_wrote(tmp_path
         proc = _tool("train_tokenizer.py", "--vocab", "300", "--out", "tok", "--force", cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
     assert OUTPUT_RECORD in os.listdir(tmp_path / "tok")
+
+
+# matplotlib stood in for (klconvert installs none): plot_loss.py's calls, savefig writing the file as the real one
+_MATPLOTLIB_STUB = {
+    "matplotlib/__init__.py": "def use(backend):\n    pass\n",
+    "matplotlib/pyplot.py": (
+        "class _Any:\n"
+        "    def __getattr__(self, name):\n"
+        "        return lambda *args, **kwargs: None\n"
+        "class _Figure(_Any):\n"
+        "    def savefig(self, path):\n"
+        "        open(path, 'wb').write(b'png')\n"
+        "def subplots(**kwargs):\n"
+        "    return _Figure(), _Any()\n"
+        "def close(fig):\n"
+        "    pass\n"),
+}
+
+
+def test_plot_loss_refuses_what_is_no_loss_log_in_one_line(tmp_path):
+    """A missing file, a JSON of another kind, a binary file and a --png in a missing folder were FileNotFoundError,
+    KeyError 'step', UnicodeDecodeError and FileNotFoundError tracebacks (with matplotlib; without it, "needs
+    matplotlib" for each, the file never read)."""
+    for name, text in _MATPLOTLIB_STUB.items():
+        (tmp_path / "stub" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "stub" / name).write_text(text)
+    log = {"step": [1, 2], "train_loss": [7.0, 6.0], "validation_step": [2], "validation_loss": [6.5], "kept_step": 2,
+           "kept_validation_loss": 6.5, "tokens_per_step": 512, "parameters": 1e6, "train_seconds": 3.0,
+           "device": "cpu"}
+    (tmp_path / "loss.json").write_text(json.dumps(log))
+    (tmp_path / "other.json").write_text('{"urls": []}')
+    (tmp_path / "binary.json").write_bytes(b"\x89PNG\r\n\x1a\n\xff")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "stub"), os.environ.get("PYTHONPATH", "")])}
+    for args, needle in ((["missing.json"], "missing.json: cannot read it as JSON (No such file or directory)"),
+                         (["other.json"], "other.json: not a training run's loss log (it has no 'step', 'train_loss', "
+                                          "'validation_step' ...)"),
+                         (["binary.json"], "binary.json: cannot read it as JSON ('utf-8' codec can't decode"),
+                         (["loss.json", "--png", "no/loss.png"], "no/loss.png: cannot write it (No such file or "
+                                                                 "directory)")):
+        proc = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_loss.py"), *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr[-2000:]
+        assert proc.stderr.startswith(f"plot_loss.py: error: {needle}"), proc.stderr
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_loss.py"), "loss.json"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and (tmp_path / "loss.png").read_bytes() == b"png", proc.stderr

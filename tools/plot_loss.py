@@ -9,15 +9,34 @@ import json
 import math
 from pathlib import Path
 
+from klconvert.errors import KLError, unreadable_reason
 from klconvert.script_summary import script_summary
+
+# what the plot reads of tools/train_bundled.py's loss.json
+PLOTTED = ("step", "train_loss", "validation_step", "validation_loss", "kept_step", "kept_validation_loss",
+           "tokens_per_step", "parameters", "train_seconds", "device")
+GIVE = "give the loss.json tools/train_bundled.py wrote"
+
+
+def read_loss_log(loss_json: Path) -> dict:
+    """A training run's loss.json, read; KLError where it cannot be read, is not JSON, or lacks what the plot reads."""
+    try:
+        log = json.loads(Path(loss_json).read_bytes())
+    except (OSError, ValueError, RecursionError) as e:   # a missing file, not JSON, not UTF-8 text
+        raise KLError(f"{loss_json}: cannot read it as JSON ({unreadable_reason(e)}); {GIVE}") from None
+    missing = [key for key in PLOTTED if key not in log] if isinstance(log, dict) else list(PLOTTED)
+    if missing:
+        raise KLError(f"{loss_json}: not a training run's loss log (it has no {', '.join(map(repr, missing[:3]))}"
+                      f"{' ...' if len(missing) > 3 else ''}); {GIVE}")
+    return log
 
 
 def plot_loss(loss_json: Path, png: Path) -> None:
+    log = read_loss_log(loss_json)   # before matplotlib: a wrong file is said whether or not it is installed
     import matplotlib  # in no extra: the README's plot is made once, by whoever retrains the model
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    log = json.loads(Path(loss_json).read_text())
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     ax.plot(log["step"], log["train_loss"], label="train (mean since the last point)")
     ax.plot(log["validation_step"], log["validation_loss"], marker="o", markersize=3,
@@ -34,8 +53,13 @@ def plot_loss(loss_json: Path, png: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
+    try:
+        fig.savefig(png)
+    except OSError as e:   # its folder missing, not writable
+        raise KLError(f"{png}: cannot write it ({unreadable_reason(e)}); name a PNG file in a folder you can write "
+                      "(--png)") from None
+    finally:
+        plt.close(fig)
 
 
 def main() -> None:
@@ -49,6 +73,8 @@ def main() -> None:
         if e.name != "matplotlib":
             raise
         p.exit(2, "plot_loss.py: needs matplotlib, which klconvert does not install; pip install matplotlib\n")
+    except KLError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
 
 
 if __name__ == "__main__":
