@@ -11,20 +11,29 @@ Writes JSON to $OUT/convert.json when OUT is set.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from klconvert.script_summary import script_summary
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from tool_output import positive_int  # noqa: E402
 
+from klconvert.entry import Interrupted, signal_of, signal_status  # noqa: E402
+from klconvert.presets import PRESETS  # noqa: E402
+from klconvert.quant.groupwise import SUPPORTED_BITS  # noqa: E402
+from klconvert.script_summary import script_summary  # noqa: E402
+
+PRESET = "kimi-linear-48b"
 LAYER_BYTES = 3.75e9  # one MoE layer of the real model in bf16 (256 experts x 3 x 1024 x 2304 x 2 bytes + attention)
 FIXED_BYTES = 1.7e9   # embedding, lm_head and the dense layer 0
 TIME = "/usr/bin/time"
@@ -32,19 +41,29 @@ KLCONVERT = [sys.executable, "-m", "klconvert"]
 
 
 def run_measured(cmd: list[str]) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS bytes, stderr) of one command."""
+    """(wall seconds, peak RSS bytes, stderr) of one command, under `time -v` where there is one. It runs in a process
+    group of its own, stopped whole if this one is interrupted: killing `time` alone left the command converting."""
     started = time.monotonic()
-    if os.path.exists(TIME):
-        proc = subprocess.run([TIME, "-v", *cmd], capture_output=True, text=True)
-        rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-        peak, code, err = int(rss.group(1)) * 1024 if rss else 0, proc.returncode, proc.stderr
-    else:
-        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    timed = os.path.exists(TIME)
+    child = subprocess.Popen([TIME, "-v", *cmd] if timed else cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
         err = child.stderr.read()
         _, status, usage = os.wait4(child.pid, 0)
-        peak, code = usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({code}):\n{err[-3000:]}")
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):   # gone already, where the interrupt came once it had ended
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        raise
+    code = os.waitstatus_to_exitcode(status)
+    if timed:
+        rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
+        peak = int(rss.group(1)) * 1024 if rss else 0
+    else:
+        peak = usage.ru_maxrss * 1024
+    if code != 0:   # its own last line, not the figures `time -v` prints after it
+        said = re.split(r"^\s*Command (?:exited with non-zero status|being timed)", err, maxsplit=1, flags=re.M)[0]
+        raise SystemExit(f"{' '.join(cmd)} failed ({code}): {(said.strip().splitlines() or ['no message'])[-1]}")
     return time.monotonic() - started, peak, err
 
 
@@ -68,7 +87,7 @@ def convert_one(layers: int, bits: int, device: str, workdir: Path) -> dict:
         raise SystemExit(f"{workdir}: {free / 1e9:.1f} GB free, --layers {layers} needs about {need / 1e9:.1f} GB")
     src, out = workdir / f"synth-{layers}", workdir / f"synth-{layers}-w{bits}a16"
     try:
-        synth_s, _, _ = run_measured([*KLCONVERT, "synth", "--preset", "kimi-linear-48b", "--layers", str(layers),
+        synth_s, _, _ = run_measured([*KLCONVERT, "synth", "--preset", PRESET, "--layers", str(layers),
                                       "--out", str(src)])
         subprocess.run(["sync"], check=True)
         cmd = [*KLCONVERT, "quantize", str(src), str(out), "--bits", str(bits), "--device", device]
@@ -86,16 +105,33 @@ def convert_one(layers: int, bits: int, device: str, workdir: Path) -> dict:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def _raise_interrupted(signum: int, _frame) -> None:
+    """SIGTERM's handler: raised as Ctrl-C is, so that `kill` and `timeout` remove the checkpoints too."""
+    raise Interrupted(signum)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=script_summary(__file__))
-    parser.add_argument("--layers", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--layers", type=positive_int, nargs="+", default=[2, 4])
+    parser.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--workdir", type=Path, default=None, help="Where the checkpoints go [default: a temp dir].")
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="klconvert-bench-", dir=args.workdir))
+    # checked before any synth, each writing gigabytes (--layers 0 was synth's refusal, with `time -v`'s figures)
+    most = PRESETS[PRESET]["num_hidden_layers"]
+    if max(args.layers) > most:
+        parser.error(f"--layers {max(args.layers)}: preset {PRESET} has only {most} layers")
+    if args.workdir is not None and not args.workdir.is_dir():
+        parser.error(f"--workdir {args.workdir}: {'not a folder' if args.workdir.exists() else 'no such folder'}")
+    try:
+        workdir = Path(tempfile.mkdtemp(prefix="klconvert-bench-", dir=args.workdir))
+    except OSError as e:
+        parser.error(f"--workdir {args.workdir or tempfile.gettempdir()}: cannot make a folder in it ({e.strerror})")
+    signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         rows = [convert_one(n, args.bits, args.device, workdir) for n in args.layers]
+    except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM raised as one: subprocess.run stops the command it ran
+        parser.exit(signal_status(signal_of(e)), f"{parser.prog}: interrupted\n")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
