@@ -10,6 +10,9 @@ import torch
 from klconvert.errors import KLError, shown
 
 
+# top_p's relative slack (four fp32 ulps): each fp32 probability is off by an ulp or two of itself, so a sum of them
+# by as much of the sum
+TOP_P_SLACK = 2.0 ** -21
 SEEDS = 2**64  # a seed is 0 .. SEEDS - 1: what torch.Generator.manual_seed takes (it wraps -1 round to 2**64 - 1)
 
 
@@ -87,8 +90,12 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float,
     probs = torch.softmax(torch.where(shifted < 0, shifted / temperature, 0.0), dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        drop = sorted_p.cumsum(dim=-1) - sorted_p >= top_p
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays): the mass before each
+        # token summed in float64, reaching top_p within TOP_P_SLACK of it -- softmax's fp32 probabilities of tied
+        # logits sum a few ulps under a top_p they reach exactly (25 of 50 at 0.02 each: 0.49999999), which kept
+        # one token more
+        before = sorted_p.double().cumsum(dim=-1) - sorted_p.double()
+        drop = before >= top_p * (1 - TOP_P_SLACK)
         drop[..., 0] = False  # a top_p under fp32's least value compares as 0, which the first token's 0 reaches
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
     race = torch.empty_like(probs).exponential_(generator=generator)

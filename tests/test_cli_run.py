@@ -91,6 +91,17 @@ def test_top_p_keeps_only_the_nucleus():
     assert int(sample(logits, 0.0, 1.0, g)[0]) == 0
 
 
+@pytest.mark.parametrize("tied, top_p, kept", [(3, 2 / 3, 2), (50, 0.5, 25), (10, 0.7, 7), (4, 0.75, 3),
+                                               (100, 0.37, 37)])
+def test_top_p_reached_exactly_by_tied_logits_keeps_no_more(tied, top_p, kept):
+    """`tied` equal logits, top_p a multiple of their probability: the smallest set reaching it is `kept` tokens.
+    softmax's fp32 probabilities summed a hair under top_p (3 at 2/3, 50 at 0.5), which kept one token more."""
+    from klconvert.runtime.sampling import sample
+
+    draws, _ = sample(torch.zeros(20_000, tied), 1.0, top_p, torch.Generator().manual_seed(0))
+    assert draws.unique().numel() == kept
+
+
 @pytest.mark.parametrize("temperature, top_p, kept", [(0.5, 1.0, 8), (2.0, 1.0, 8), (1.0, 0.7, 3), (2.0, 0.8, 5)])
 def test_sampled_frequencies_follow_the_tempered_softmax(temperature, top_p, kept):
     """One row of logits drawn 20,000 times: each token's count is within 4 sigma of softmax(logits / T), the
