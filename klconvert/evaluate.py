@@ -22,7 +22,7 @@ from klconvert.runtime.device_memory import (ContextDoesNotFit, DeviceMemoryExha
                                              device_allocation, device_exhausted)
 from klconvert.runtime.host_malloc import give_back_free_pages
 from klconvert.runtime.host_memory import HostMemory, host_allocation, host_memory
-from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
+from klconvert.runtime.memory_plan import MemoryPlan, weight_bytes
 from klconvert.runtime.sampling import as_number
 from klconvert.text_input import text_tokens
 from klconvert.tokenizer import BPE_FILE, TOKENIZER_CONFIG_FILE, Tokenizer
@@ -129,14 +129,15 @@ def _run_model(path: Path, ids: list[int], device: str | torch.device | None, dt
                 def record(module, args, result, out=chosen.setdefault(layer, [])):
                     out.append(result[0].cpu())  # expert ids, one [B*S, k] per prefill segment, in order
                 block.ffn.gate.register_forward_hook(record)
-        # on the host, in fp32 whatever the caller's default dtype and device; the device holds one segment's at a time
+        # on the host, in fp32 whatever the caller's default dtype and device; the device holds a few positions' at a
+        # time (forward_segments' rows, which the plan counts with their log-softmax)
         log_probs = torch.empty(len(ids), c.vocab_size, dtype=torch.float32, device="cpu")
         start = 0
         # the log-softmax of each segment's logits runs on their device, outside the engine's calls: the device
         # refusing it is said as the engine's refusals are, with its plan and whether fewer bits would hold less
         with device_allocation("taking the log-probabilities of the logits", engine.plan.total, LESS_ON_DEVICE,
                                engine.fewer_bits):
-            for logits in engine.forward_segments(torch.tensor([ids], device="cpu")):  # [1, S, V] fp32
+            for logits in engine.forward_segments(torch.tensor([ids], device="cpu")):  # [1, R, V] fp32
                 log_probs[start:start + logits.shape[1]] = torch.log_softmax(logits[0].float(), dim=-1)
                 start += logits.shape[1]
         run = ModelRun(log_probs, {k: torch.cat(v) for k, v in chosen.items()}, tuple(chosen), c)
@@ -278,16 +279,12 @@ def _host_bytes(tokens: int, config: KimiLinearConfig, plan: MemoryPlan | None, 
                 ) -> tuple[int, int, int]:
     """What eval holds on the host at its peak for `tokens` tokens, in three parts: the fp32 log-probs and int64
     expert ids (kept until compare) of `runs` runs (both; 1: the model's, once the reference's are held); the model
-    on the CPU (its plan: weights, state, cache, a segment's workspace; 0 on a GPU); and the logits in hand -- on the
-    CPU two prefill segments' [S, vocab] fp32 (the one handed on, alive while the next is made, or its log-softmax),
-    at least the KL sum's rows."""
+    on the CPU (its plan: weights, state, cache, a segment's workspace, with the logits a few positions at a time
+    and their log-softmax; 0 on a GPU); and the logits in hand once both have run, the KL sum's rows."""
     c = config
     moe_layers = sum(c.is_moe(layer) for layer in range(c.num_hidden_layers))
     kept = runs * tokens * (c.vocab_size * 4 + moe_layers * c.num_experts_per_token * 8)
-    if plan is None:
-        return kept, 0, KL_TEMPORARIES * KL_ROWS * c.vocab_size * 4
-    segments = 2 * min(PREFILL_SEGMENT, tokens) * c.vocab_size * 4
-    return kept, plan.total_for(tokens), max(segments, KL_TEMPORARIES * KL_ROWS * c.vocab_size * 4)
+    return kept, 0 if plan is None else plan.total_for(tokens), KL_TEMPORARIES * KL_ROWS * c.vocab_size * 4
 
 
 def _refuse_past_host_memory(tokens: int, config: KimiLinearConfig, plan: MemoryPlan | None,

@@ -28,8 +28,8 @@ from klconvert.runtime.device_memory import (FREE_THE_GPU, BatchDoesNotFit, Cont
                                              WeightsDoNotFit, device_allocation, device_room, fewer_bits_hold_less)
 from klconvert.runtime.host_malloc import large_blocks_mapped
 from klconvert.runtime.host_memory import NAMED_FIT_SHARE, HostMemory, host_allocation, host_memory
-from klconvert.runtime.memory_plan import (DECODE_COPIES, MAX_BATCH, PREFILL_ROWS, PREFILL_SEGMENT, MemoryPlan,
-                                           weight_bytes)
+from klconvert.runtime.memory_plan import (DECODE_COPIES, LOGIT_ROWS, MAX_BATCH, PREFILL_ROWS, PREFILL_SEGMENT,
+                                           MemoryPlan, weight_bytes)
 from klconvert.runtime.model import KimiLinear
 from klconvert.runtime.sampling import as_number, check_generate_args, sample, sampling_generator
 from klconvert.runtime.state import MLA_CACHE_DTYPES
@@ -683,8 +683,10 @@ class Engine(Runner):
     @torch.inference_mode()
     def _prefill(self, ids: torch.Tensor, state, all_logits: bool,
                  progress: Callable[[int], None] | None = None) -> Iterator[torch.Tensor]:
-        """Run [B, T] prompts (one length) through fresh `state` rows, segment by segment, yielding each segment's
-        logits [B, S, vocab] fp32 (all_logits), or only the last token's [B, 1, vocab]. `progress(n)`: n more prompt
+        """Run [B, T] prompts (one length) through fresh `state` rows, segment by segment, yielding the logits of
+        every position [B, R, vocab] fp32, R positions at a time in order (all_logits), or only the last token's
+        [B, 1, vocab]. R positions make LOGIT_ROWS rows (at least one position), whose logits the plan counts
+        (MemoryPlan.logit_rows_for), where a segment's whole would be tokens x vocab. `progress(n)`: n more prompt
         tokens done (called once the device has finished the segment, so it costs a sync per segment). Each segment
         makes the same shapes (MLA's key blocks are fixed), so the allocator reuses its blocks; a prefill of several
         segments hands its cache back at the end. A segment runs PREFILL_ROWS prompts at a time, as the plan sizes its
@@ -692,45 +694,85 @@ class Engine(Runner):
         state.reset()
         what = f"a prefill's activations ({ids.shape[1]:,} tokens)"   # an allocator's refusal names it
         less = f"give a shorter prompt, or lower {self._context_argument()}"
+        positions = max(1, LOGIT_ROWS // ids.shape[0])
         for start in range(0, ids.shape[1], self.prefill_segment):
             seg = ids[:, start:start + self.prefill_segment]
             last = start + seg.shape[1] == ids.shape[1]
-            # on the CPU its temporaries given back to the system when freed, not kept (runtime/host_malloc.py)
-            given_back = large_blocks_mapped() if self.device.type == "cpu" else nullcontext()
-            with host_allocation(what, less), given_back, autocast_off(self.device):
-                logits = None   # filled in place, not pieces joined (twice the rows)
+            with self._prefill_allocations(what, less):
+                out = None   # filled in place, not pieces joined (twice the rows)
                 for b in range(0, ids.shape[0], PREFILL_ROWS):
-                    rows = self.model(seg[b:b + PREFILL_ROWS], state.rows(b, b + PREFILL_ROWS), start,
-                                      last_only=not all_logits)
-                    # checked a prompt at a time: the check's temporaries (absolute values, masks) are 1.5x what
-                    # it reads; a sync, which handing the logits on needs anyway
-                    if (all_logits or last) and not bool(torch.isfinite(rows).all()):
-                        raise KLError(f"the model computed NaN or infinite logits for the prompt: {OVERFLOW_CAUSE}")
-                    if logits is None:
-                        logits = rows.new_empty(ids.shape[0], *rows.shape[1:])
-                    logits[b:b + PREFILL_ROWS] = rows
+                    rows = self.model.hidden_states(seg[b:b + PREFILL_ROWS], state.rows(b, b + PREFILL_ROWS), start)
+                    if not all_logits:
+                        if not last:
+                            continue
+                        rows = self._checked_logits(rows[:, -1:])
+                    if out is None:
+                        out = rows if ids.shape[0] == PREFILL_ROWS else rows.new_empty(ids.shape[0], *rows.shape[1:])
+                    if out is not rows:
+                        out[b:b + PREFILL_ROWS] = rows
             if progress is not None:
                 _sync(self.device)
                 progress(seg.numel())
             if last and self.device.type == "cuda" and ids.shape[1] > self.prefill_segment:
                 torch.cuda.empty_cache()
-            if all_logits or last:
-                yield logits[:, -1:] if not all_logits else logits
+            if not all_logits:
+                if last:
+                    yield out
+                continue
+            for at in range(0, seg.shape[1], positions):
+                with self._prefill_allocations(what, less):
+                    logits = self._checked_logits(out[:, at:at + positions])
+                yield logits
+
+    @contextmanager
+    def _prefill_allocations(self, what: str, less: str) -> Iterator[None]:
+        """Around a prefill's work: the host allocator's refusal named (`what`, `less`), on the CPU its temporaries
+        given back to the system when freed, not kept (runtime/host_malloc.py), and autocast off."""
+        given_back = large_blocks_mapped() if self.device.type == "cpu" else nullcontext()
+        with host_allocation(what, less), given_back, autocast_off(self.device):
+            yield
+
+    def _checked_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits [B, R, vocab] fp32 of the last block's rows `hidden` [B, R, hidden]; KLError where any is NaN or
+        infinite -- a sync, which handing the logits on needs anyway. Their least and largest tell it (aminmax passes
+        NaN on), where torch.isfinite made 1.5x the logits in temporaries, which the plan would have to count."""
+        logits = self.model.logits(hidden)
+        if not bool(torch.isfinite(torch.stack(torch.aminmax(logits))).all()):
+            raise KLError(f"the model computed NaN or infinite logits for the prompt: {OVERFLOW_CAUSE}")
+        return logits
 
     def forward(self, input_ids) -> torch.Tensor:
-        """The prefill path over whole sequences of one length: input_ids [B, T] -> logits [B, T, vocab] fp32."""
-        return torch.cat(list(self.forward_segments(input_ids)), dim=1)
+        """The prefill path over whole sequences of one length: input_ids [B, T] -> logits [B, T, vocab] fp32, which
+        no plan counts (B x T x vocab x 4 bytes): allocated before the model runs, so that where they do not fit the
+        call is refused at once, naming forward_segments, which hands them on a few positions at a time within the
+        plan."""
+        ids = self._forward_ids(input_ids)
+        B, T, V = *ids.shape, self.config.vocab_size
+        what = f"forward's logits ([{B}, {T:,}, {V:,}] fp32, {size_text(B * T * V * 4)})"
+        less = ("give fewer tokens", "read them a few positions at a time with forward_segments")
+        with host_allocation(what, " or ".join(less)), device_allocation(what, self.plan.total, less, False):
+            logits = torch.empty(B, T, V, dtype=torch.float32, device=self.device)
+        at = 0
+        for rows in self._held_segments(ids):   # filled in place, not pieces joined (twice the logits)
+            logits[:, at:at + rows.shape[1]] = rows
+            at += rows.shape[1]
+        return logits
 
     def forward_segments(self, input_ids) -> Iterator[torch.Tensor]:
-        """`forward` one prefill segment at a time: yields logits [B, S, vocab] fp32 for positions in order, so a
-        caller that moves each on (to the host, into a sum) never holds all T positions' logits on the device. The
-        arguments are checked at once; the iterator holds the engine from its first segment until it is read to its
-        end, closed or dropped: a call that writes the state meanwhile (generate, prefill, another forward...) is
-        refused, since the later segments run on that state."""
+        """`forward` a few positions at a time: yields logits [B, R, vocab] fp32 for positions in order, R*B rows
+        (LOGIT_ROWS, or B of one position each: the plan counts them), so a caller that moves each on (to the host,
+        into a sum) never holds all T positions' logits on the device. The arguments are checked at once; the iterator
+        holds the engine from its first rows until it is read to its end, closed or dropped: a call that writes the
+        state meanwhile (generate, prefill, another forward...) is refused, since the later segments run on that
+        state."""
+        return self._held_segments(self._forward_ids(input_ids))
+
+    def _forward_ids(self, input_ids) -> torch.Tensor:
+        """forward's and forward_segments' input_ids checked: [B, T] on the device, within the plan."""
         self._check_idle("forward")
         ids = self._as_batch(input_ids)
         self.check_fits(ids.shape[1], 0)
-        return self._held_segments(ids)
+        return ids
 
     def _held_segments(self, ids: torch.Tensor) -> Iterator[torch.Tensor]:
         """forward_segments' iterator, holding the engine while it is read (no stats of its own to reset)."""

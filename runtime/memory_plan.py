@@ -34,6 +34,10 @@ PREFILL_SEGMENT = 16384
 # Prompts a prefill runs through the model at once: Engine prefills a batch's prompts one at a time, so the batch's
 # state and cache grow with the batch and the prefill's workspace does not
 PREFILL_ROWS = 1
+# Positions whose logits the all-position path (Engine.forward_segments, which eval reads) makes at once: a segment's
+# whole [S, vocab] would be 10.7 GB fp32 at 16384 positions of the release's 163,840-word vocabulary, which no plan
+# could afford to count; 256 positions' are 168 MB, and the lm_head GEMM of 256 rows is still compute-bound
+LOGIT_ROWS = 256
 MAX_BATCH = 65_536  # sequences a plan sizes; the 48B's KDA state alone is ~2.9 TB at this many
 # the copies of weights fp32 decode on the CPU holds beside them (runtime/cpu_modules.py); bind's other paths, none
 DECODE_COPIES = "cpu_decode_copies"
@@ -93,12 +97,19 @@ class MemoryPlan:
         return self.prefill_workspace_for(context) + self.decode_workspace_for(context)
 
     def prefill_workspace_for(self, context: int) -> int:
-        """Peak temporaries of a prefill segment of PREFILL_ROWS prompts, and the batch's prompts' last logits, fp32,
-        twice (generate keeps each prompt's, then joins them), an estimate from the shapes the code makes; the
-        temporaries bounded by the segment and MLA's key block, not the context (from one key block on they are the
-        same at any context), nor the batch: the engine prefills the batch's prompts PREFILL_ROWS at a time.
+        """Peak temporaries of a prefill segment of PREFILL_ROWS prompts: generate's, with the batch's prompts' last
+        logits, fp32, twice (generate keeps each prompt's, then joins them), or where more forward_segments', with the
+        rows of logits it handed on last (a caller keeps them while the next are made). An estimate from the shapes the
+        code makes; the temporaries bounded by the segment and MLA's key block, not the context (from one key block on
+        they are the same at any context), nor the batch: the engine prefills the batch's prompts PREFILL_ROWS at a
+        time.
 
-        Per segment of S tokens: hidden states and projections, the fp32 q/k/v/gate of a KDA layer, one
+        Per segment of S tokens, the blocks' temporaries, and for forward_segments the larger of those and its logits':
+        all positions', logit_rows_for(context) rows at a time once the segment is through the blocks, beside the
+        segment's last hidden rows: lm_head's in the activations' dtype, then in fp32 (a caller's log-softmax of them,
+        eval's, comes once they are handed on, in less).
+
+        The blocks': hidden states and projections, the fp32 q/k/v/gate of a KDA layer, one
         chunk's pairwise decay tensor [B, H, C, C, K] fp32, C = min(64, S) (kda_chunked makes it no larger for a
         shorter segment; counted twice: a prefill's kda_chunked builds it in one tensor and multiplies by k in place,
         training's makes the product anew; the second also for the chunk's other temporaries), or once and four fp32
@@ -119,7 +130,17 @@ class MemoryPlan:
         expanded = B * block * H * ((dn + dv) + (dn + dr)) * a          # kv_b's output, then the keys with the rope key
         queries = B * S * H * ((dn + dr) * a + dv * (a + 4 * 4))         # q, a block's output, fp32 running + merge
         mla = rows + expanded + queries
-        return self._hidden_and_ffn(B * S, max(kda, mla)) + 2 * self.batch * c.vocab_size * 4
+        blocks = self._hidden_and_ffn(B * S, max(kda, mla))
+        logit_values = self.logit_rows_for(context) * c.vocab_size
+        # .float() of fp32 logits is the same tensor
+        made = B * S * c.hidden_size * a + logit_values * (4 + (a if self.act_dtype != torch.float32 else 0))
+        return max(blocks + 2 * self.batch * c.vocab_size * 4,     # generate's
+                   max(blocks, made) + logit_values * 4)           # forward_segments'
+
+    def logit_rows_for(self, context: int) -> int:
+        """Rows (positions times sequences) of logits the all-position path (Engine.forward_segments) makes at once:
+        LOGIT_ROWS, no more than the batch's segments hold, or one position of each sequence of a larger batch."""
+        return max(self.batch, min(LOGIT_ROWS, self.batch * min(PREFILL_SEGMENT, context)))
 
     def decode_workspace_for(self, context: int) -> int:
         """Peak temporaries of a decode step of the whole batch (one token a sequence) and the logits it samples

@@ -535,11 +535,20 @@ class KimiLinear(nn.Module):
                 last_only: bool = False) -> torch.Tensor:
         """input_ids [B, T] at positions start..start+T-1 -> logits [B, T, vocab] fp32 ([B, 1, vocab] with
         last_only). state None: a fresh sequence, nothing cached (training)."""
+        x = self.hidden_states(input_ids, state, start)
+        return self.logits(x[:, -1:] if last_only else x)
+
+    def hidden_states(self, input_ids: torch.Tensor, state: StateBuffers | None = None, start: int = 0
+                      ) -> torch.Tensor:
+        """`forward` up to the final norm: input_ids [B, T] -> the last block's output [B, T, hidden]."""
         x = self.model.embed_tokens(input_ids)
         for block in self.model.layers:
             x = block(x, state, start)
-        if last_only:
-            x = x[:, -1:]
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """hidden_states' rows [..., hidden] -> their logits [..., vocab] fp32 (each row's alone: a caller may take
+        them a few positions at a time)."""
         return self.lm_head(self.model.norm(x)).float()
 
     def decode(self, input_ids: torch.Tensor, state: StateBuffers, positions: torch.Tensor) -> torch.Tensor:

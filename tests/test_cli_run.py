@@ -195,10 +195,10 @@ OOM_SAID = ("(CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total 
 def test_a_gpu_out_of_memory_mid_run_is_one_line_naming_the_plan(capsys, monkeypatch):
     """A plan that passed its check, then a prefill the device could not hold: torch.OutOfMemoryError (a
     RuntimeError, which the command line passed on) ended the run in a traceback. Now one line says what ran out,
-    what the plan counted and what asks for less (simulated here by the model's forward, on the CPU)."""
+    what the plan counted and what asks for less (simulated here by the model's prefill, on the CPU)."""
     from klconvert.runtime.model import KimiLinear
 
-    monkeypatch.setattr(KimiLinear, "forward", _out_of_gpu_memory)
+    monkeypatch.setattr(KimiLinear, "hidden_states", _out_of_gpu_memory)
     code, _, err = run_cli(capsys, "run", "--model", "tiny", "--prompt", "ROMEO.", "--max-new-tokens", "2",
                            "--device", "cpu")
     assert_one_line_error(code, err, "out of GPU memory in generate, where the memory plan counts ",
@@ -212,7 +212,7 @@ def test_a_gpu_out_of_memory_of_a_4_bit_model_asks_for_no_fewer_bits(tiny_int4, 
     from klconvert.runtime.engine import load
     from klconvert.runtime.model import KimiLinear
 
-    monkeypatch.setattr(KimiLinear, "forward", _out_of_gpu_memory)
+    monkeypatch.setattr(KimiLinear, "hidden_states", _out_of_gpu_memory)
     code, _, err = run_cli(capsys, "run", "--model", tiny_int4, "--prompt", "ROMEO.", "--max-new-tokens", "2",
                            "--device", "cpu")
     assert_one_line_error(code, err, "out of GPU memory in generate, where the memory plan counts ",

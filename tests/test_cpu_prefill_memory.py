@@ -19,7 +19,8 @@ LENGTHS = (2048, 8192)   # one segment each (MLA attends with start 0); 32 and 1
 # their files and sets up their buffers, once: theirs, as their import is, not the plan's); then for each length the
 # resident bytes before the batch's prefill (the heap's free pages handed back first, so that reusing them counts as
 # growth), the peak during it (the kernel's high-water mark reset just before; where it cannot be, the process's peak
-# so far) and the plan's prefill workspace for it (the decode step's is not this prefill's).
+# so far) and the plan's prefill workspace for it (the decode step's is not this prefill's). `run` is the prefill:
+# generate's (the last logits), or forward_segments' (every position's, each row's log-softmax taken as eval's are).
 PREFILL = '''
 import ctypes, resource, torch
 import klconvert
@@ -39,14 +40,19 @@ for tokens in {lengths}:
         peak = lambda: status("VmHWM:")
     except OSError:
         peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    engine.prefill(ids[:, :tokens])
+    {run}
     print(tokens, before, peak(), engine.plan.prefill_workspace_for(tokens))
 '''
 
 
-def prefill_growth(lengths: tuple[int, ...], batch: int = 1, warm: int = CHUNK) -> list[tuple[int, int, int]]:
+LAST_LOGITS = "engine.prefill(ids[:, :tokens])"
+ALL_LOGITS = "for rows in engine.forward_segments(ids[:, :tokens]): rows.log_softmax(-1)"
+
+
+def prefill_growth(lengths: tuple[int, ...], batch: int = 1, warm: int = CHUNK,
+                   run: str = LAST_LOGITS) -> list[tuple[int, int, int]]:
     """(tokens, the peak's growth, the plan's workspace) of a batch's prefill of each length, PREFILL's figures."""
-    script = PREFILL.format(context=max(lengths), batch=batch, warm=warm, lengths=lengths)
+    script = PREFILL.format(context=max(lengths), batch=batch, warm=warm, lengths=lengths, run=run)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [(tokens, peak - before, workspace)
@@ -74,6 +80,20 @@ def test_a_long_prompts_prefill_stays_near_the_plans_workspace():
             (f"{tokens} tokens: the prefill's peak resident memory grew {growth / 2**20:.0f} MB, "
              f"{growth / workspace:.2f}x the plan's workspace of {workspace / 2**20:.0f} MB (bound "
              f"{WORKSPACE_MULTIPLE}x): temporaries made per chunk or per block and kept resident by the allocator?")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not glibc(),
+                    reason="reads /proc/self/status; the bound is glibc's malloc with its threshold fixed")
+def test_every_positions_logits_stay_within_the_plans_workspace():
+    """forward_segments (what eval reads) made a whole segment's logits at once, [S, vocab] fp32 and copies of them
+    that no plan counted: 8,192 tokens of the bundled model grew 416 MB against a workspace of 133 MB (2026-12-07),
+    and the release's 163,840-word vocabulary makes them 2.7 GB at 4,096 tokens. They come a few positions at a time,
+    which the plan counts: 135 MB against 137."""
+    [(tokens, growth, workspace)] = prefill_growth((8192,), run=ALL_LOGITS)
+    assert growth <= WORKSPACE_MULTIPLE * workspace, \
+        (f"{tokens} tokens' logits grew the peak resident memory {growth / 2**20:.0f} MB, {growth / workspace:.2f}x "
+         f"the plan's workspace of {workspace / 2**20:.0f} MB (bound {WORKSPACE_MULTIPLE}x): a segment's logits "
+         "made at once?")
 
 
 SHORT, BATCH = 23, 256   # helper-140's prompts of a few tokens, many at once: one chunk, shorter than CHUNK

@@ -682,7 +682,7 @@ def _refused_by_the_allocator(*_, **__):
 
 
 @pytest.mark.parametrize("where, what, less", [
-    ("forward", r"a prefill's activations \(3 tokens\)", r"give a shorter prompt"),
+    ("hidden_states", r"a prefill's activations \(3 tokens\)", r"give a shorter prompt"),
     ("decode", r"a decode step's activations \(batch 1\)", r"lower max_context \(--max-context\), or give fewer "
                                                           r"prompts$"),   # not --batch, which run does not have
 ])
@@ -694,7 +694,7 @@ def test_the_allocator_refusing_mid_generation_is_out_of_memory_in_one_line(tiny
     pattern = (r"^out of host memory \(or the process's memory limit\) allocating " + what + r": "
                r"\[enforce fail.*DefaultCPUAllocator: can't allocate memory.*; .*" + less)
     calls = [lambda: engine.generate([[9, 9, 9]], 3)]
-    if where == "forward":
+    if where == "hidden_states":   # the prefill's model call
         calls += [lambda: engine.prefill([[9, 9, 9]]), lambda: engine.forward([[9, 9, 9]])]
     else:
         calls += [lambda: engine.decode_step([9], 3)]

@@ -108,16 +108,19 @@ def test_workspace_at_short_contexts_and_with_an_e4m3_cache():
     """The prefill workspace by hand for the 48B, batch 1, bf16 activations (h169's mutation testing: every pinned
     figure was at a long context, where MLA's term is the largest; KDA's, the chunk's and MLA's key block at short
     ones, and the e4m3 rows' scales, could change unseen). Segment S = min(16384, context), key block min(32768,
-    context), KDA chunk C = min(64, S); the largest of KDA's, the MLP's and MLA's terms, plus 6 hidden rows and the
-    logits."""
+    context), KDA chunk C = min(64, S); the largest of KDA's, the MLP's and MLA's terms, plus 6 hidden rows: the
+    blocks'; with generate's last logits, or forward_segments' logits min(256, S) rows at a time, where more than the
+    blocks', with those it handed on (min(256, S) rows, fp32)."""
     hidden = lambda S: S * 2304 * 2 * 6
-    logits = 2 * 163840 * 4
     kda = lambda S, C: S * 4096 * (3 * 2 + 6 * 4) + 32 * max(2 * C * C, C * C + 4 * 128) * 128 * 4
     mla = lambda S, block, row: block * 576 * row + block * 32 * (256 + 192) * 2 + S * 32 * (192 * 2 + 128 * 18)
+    logits = lambda S: S * 2304 * 2 + min(256, S) * 163840 * (2 + 4)   # last hidden rows; bf16, then fp32
+    prefill = lambda S, blocks: max(blocks + 2 * 163840 * 4, max(blocks, logits(S)) + min(256, S) * 163840 * 4)
     want = {  # context: (cache, workspace)
-        16: ("bfloat16", hidden(16) + kda(16, 16) + logits),        # C^2 + 4K > 2 C^2: the four states
-        4096: ("bfloat16", hidden(4096) + kda(4096, 64) + logits),  # KDA's term the largest, MLA's 452 MiB
-        131072: ("float8_e4m3fn", hidden(16384) + mla(16384, 32768, 2 + 4) + logits),   # each row's fp32 scale
+        4: ("bfloat16", prefill(4, hidden(4) + kda(4, 4))),       # C^2 + 4K > 2 C^2: the four states
+        16: ("bfloat16", prefill(16, hidden(16) + kda(16, 16))),
+        4096: ("bfloat16", prefill(4096, hidden(4096) + kda(4096, 64))),  # KDA's term the largest, MLA's 452 MiB
+        131072: ("float8_e4m3fn", prefill(16384, hidden(16384) + mla(16384, 32768, 2 + 4))),   # fp32 row scales
     }
     for context, (cache, workspace) in want.items():
         p = plan_for(preset="kimi-linear-48b", bits=4, context=context, mla_cache_dtype=cache)
@@ -137,13 +140,18 @@ def decode_workspace(batch: int) -> int:
 def test_a_batch_plans_one_prompts_prefill_and_the_batchs_decode_step():
     """Engine prefills a batch's prompts one at a time, so a batch's workspace is one prompt's prefill segment (and
     each prompt's last logits, fp32, kept and joined) and a decode step of the batch: it was B times the prefill's,
-    and `klconvert plan --recipe 32gb --batch 16 --max-context 8192` said 46.99 GiB, no fit, for what is 27.94 GiB."""
+    and `klconvert plan --recipe 32gb --batch 16 --max-context 8192` said 46.99 GiB, no fit, for what was 27.94 GiB
+    (28.08 with the all-position logits counted)."""
     one = plan_for(preset="kimi-linear-48b", recipe="32gb", batch=1, context=8192)
     sixteen = plan_for(preset="kimi-linear-48b", recipe="32gb", batch=16, context=8192)
-    prefill = one.prefill_workspace_for(8192) + 15 * 2 * 163840 * 4
+    # sixteen prompts' last logits (2 x 16 rows) are fewer than the 256 rows of all-position logits a forward_segments
+    # caller holds, which a plan of one prompt counts too; 256 prompts' are 256 rows more
+    prefill = one.prefill_workspace_for(8192)
     assert sixteen.prefill_workspace_for(8192) == prefill
+    many = plan_for(preset="kimi-linear-48b", recipe="32gb", batch=256, context=8192)
+    assert many.prefill_workspace_for(8192) == prefill + (2 * 256 - 256) * 163840 * 4
     assert sixteen.workspace == prefill + decode_workspace(16)
-    assert f"{sixteen.total / 2**30:.2f}" == "27.94" and sixteen.headroom > 0
+    assert f"{sixteen.total / 2**30:.2f}" == "28.08" and sixteen.headroom > 0
 
 
 def test_the_pytorch_decode_attention_plans_its_scores_over_the_context():
@@ -252,11 +260,28 @@ def test_a_batched_forward_and_prefill_run_within_the_plan_one_prompt_at_a_time(
     ids = torch.randint(0, engine.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
     alone = [engine.forward(row.view(1, -1)) for row in ids]
     rows = []
-    run = engine.model.forward
-    monkeypatch.setattr(engine.model, "forward", lambda seg, *a, **k: rows.append(seg.shape[0]) or run(seg, *a, **k))
+    run = engine.model.hidden_states
+    monkeypatch.setattr(engine.model, "hidden_states",
+                        lambda seg, *a, **k: rows.append(seg.shape[0]) or run(seg, *a, **k))
     assert torch.equal(engine.forward(ids), torch.cat(alone))
     torch.testing.assert_close(engine.prefill(ids), torch.cat(alone)[:, -1])   # lm_head over the last row alone
     assert rows == [1] * 2 * 3 * 3    # two calls x three segments x three prompts
+
+
+def test_every_positions_logits_come_a_few_rows_at_a_time(tiny_released, monkeypatch):
+    """forward_segments made a segment's logits at once, [B, S, vocab] fp32 (10.7 GB for one prompt's segment of the
+    release), which no plan counted: it makes LOGIT_ROWS rows at a time, the positions of a batch's prompts together,
+    and they are the logits forward gives whole."""
+    from klconvert.runtime import engine as engine_module
+
+    engine = klconvert.load(tiny_released, device="cpu", max_context=64, batch=2)
+    engine.prefill_segment = 16   # 40 tokens: segments of 16, 16 and 8
+    ids = torch.randint(0, engine.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    whole = engine.forward(ids)
+    monkeypatch.setattr(engine_module, "LOGIT_ROWS", 12)    # 6 positions of each prompt
+    rows = list(engine.forward_segments(ids))
+    assert [r.shape[:2] for r in rows] == [(2, n) for n in (6, 6, 4, 6, 6, 4, 6, 2)]
+    torch.testing.assert_close(torch.cat(rows, dim=1), whole, rtol=0, atol=0)
 
 
 @pytest.mark.slow
