@@ -32,6 +32,10 @@ import os
 import signal
 import sys
 
+TYPE_CHECKING = False   # typing's own, without importing typing, which the interpreter does not load
+if TYPE_CHECKING:
+    from typing import Callable
+
 RETRY_SECONDS = 0.02  # how soon an interrupt held back during an import is tried again
 # the signals that interrupt the command: Ctrl-C, and SIGTERM (`kill`, `timeout`)
 INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -315,14 +319,16 @@ def _hold_standard_descriptors() -> None:
             os.set_inheritable(os.open(os.devnull, os.O_RDWR), True)   # as a standard descriptor is: a child's too
 
 
-def main() -> None:
+def main(command: Callable[[], None] | None = None) -> None:
+    """The `klconvert` command, or `command` in its place (a tools/ script's main: its Ctrl-C and SIGTERM end as the
+    command's do, in one line and 130 or 143, never a traceback, nor a SIGTERM that leaves its temporaries)."""
     _hold_standard_descriptors()   # before the audit hook: opening /dev/null changes no file of the user's
     ctrl_c = _CtrlC()
     installed = ctrl_c.install()
     streams = sys.stdout, sys.stderr
     try:
         sys.stdout, sys.stderr = _standard(sys.stdout, raises=True), _standard(sys.stderr, raises=False)
-        _run(ctrl_c)
+        _run(ctrl_c, command)
     except KeyboardInterrupt as e:   # one that landed as the command ended, past _run's own handling: as any other
         ctrl_c.settle()
         exit_interrupted(signal_of(e))
@@ -338,11 +344,12 @@ def main() -> None:
         sys.stdout, sys.stderr = streams
 
 
-def _run(ctrl_c: _CtrlC) -> None:
+def _run(ctrl_c: _CtrlC, command: Callable[[], None] | None) -> None:
     try:
-        from klconvert.cli import main as cli_main
+        if command is None:
+            from klconvert.cli import main as command
 
-        cli_main()
+        command()
     except SystemExit as e:
         if not (ctrl_c.held and e.code in (None, 0)):   # held, and the command would end as if it never came
             raise

@@ -225,7 +225,7 @@ def test_a_closed_standard_descriptor_is_no_file_of_the_command(tmp_path, closed
                     os.write(fd, b"what C code writes\\n")
             child = subprocess.run([sys.executable, "-c", "import os\\nfor fd in 0, 1, 2: os.fstat(fd)"])
             sys.exit(child.returncode)
-        entry._run = lambda ctrl_c: cli()
+        entry._run = lambda ctrl_c, command: cli()
         entry.main()
         """)
     proc = subprocess.run(["bash", "-c", f'"$0" -c "$1" {closed}', sys.executable, code], stdin=subprocess.DEVNULL,
@@ -240,7 +240,7 @@ def test_an_unbuffered_python_keeps_its_streams_unbuffered():
     code = ("import sys, time\nfrom klconvert import entry\n"
             "def cli():\n    print('to stderr', file=sys.stderr)\n    sys.stdout.write('to stdout, no newline')\n"
             "    time.sleep(30)\n"
-            "entry._run = lambda ctrl_c: cli()\nentry.main()\n")
+            "entry._run = lambda ctrl_c, command: cli()\nentry.main()\n")
     child = subprocess.Popen([sys.executable, "-u", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:   # each there long before the child's 30 s are up (its exit flushed what was held)
         for pipe, written in ((child.stderr, b"to stderr\n"), (child.stdout, b"to stdout, no newline")):

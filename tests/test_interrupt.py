@@ -689,7 +689,7 @@ def test_an_interrupt_landing_as_the_command_ends_is_one_line_not_a_traceback():
     Interrupted: a traceback, exit status 1, for a command that had decided 0."""
     proc = _entry("""
         import signal, klconvert.entry as entry
-        def ends_as_interrupted(ctrl_c):
+        def ends_as_interrupted(ctrl_c, command):
             raise entry.Interrupted(signal.SIGTERM)   # where one lands past the command's own handling
         entry._run = ends_as_interrupted
         """)

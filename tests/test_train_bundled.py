@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -123,6 +125,24 @@ def test_bad_arguments_are_one_usage_line(tmp_path):
                               text=True, timeout=120)
         assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_ends_in_one_line(tmp_path, signum, status):
+    """Ctrl-C printed a KeyboardInterrupt traceback, as in every tool here; they run as the klconvert command does
+    (tool_output.run_tool): one line, and the status a shell shows for the signal."""
+    proc = subprocess.Popen([sys.executable, train_bundled.__file__, "--out", str(tmp_path / "out"), "--steps",
+                             "1000000", "--time-budget-s", "0", "--batch", "1", "--seq-len", "8", "--eval-every",
+                             "1000000", "--validation-tokens", "64", "--device", "cpu"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        started = proc.stdout.readline()   # its first line comes as the training starts
+        proc.send_signal(signum)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert "parameters on cpu" in started and proc.returncode == status, err
+    assert err == "klconvert: interrupted\n" and not any(tmp_path.iterdir())
 
 
 def test_a_split_shorter_than_one_window_is_refused(tmp_path):

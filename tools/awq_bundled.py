@@ -21,6 +21,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gptq_bundled import QUANTIZER, calibration_parser, klconvert_recipe, run_calibration  # noqa: E402
+from tool_output import run_tool  # noqa: E402
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
@@ -84,4 +85,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

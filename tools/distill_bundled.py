@@ -49,7 +49,7 @@ from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record_bundled import file_checksums  # noqa: E402
-from tool_output import positive_float, positive_int, seed_number  # noqa: E402
+from tool_output import positive_float, positive_int, run_tool, seed_number  # noqa: E402
 from safetensors import SafetensorError, safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from train_bundled import (canonical_state, learning_rate, refuse_short_splits, run_progress,  # noqa: E402
@@ -501,4 +501,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

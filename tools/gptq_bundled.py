@@ -27,7 +27,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bundled_corpus  # noqa: E402
-from tool_output import bf16_checkpoint, positive_int  # noqa: E402
+from tool_output import bf16_checkpoint, positive_int, run_tool  # noqa: E402
 
 from klconvert.convert.output_folder import refuse_out_over_source  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
@@ -138,4 +138,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

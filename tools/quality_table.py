@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bundled_corpus  # noqa: E402
-from tool_output import positive_int  # noqa: E402
+from tool_output import positive_int, run_tool  # noqa: E402
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE  # noqa: E402
 from klconvert.checkpoint.reader import open_checkpoint  # noqa: E402
@@ -220,4 +220,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

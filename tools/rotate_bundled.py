@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tool_output import bf16_checkpoint, refuse_other_layout  # noqa: E402
+from tool_output import bf16_checkpoint, refuse_other_layout, run_tool  # noqa: E402
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE, INDEX_FILE  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
@@ -141,4 +141,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

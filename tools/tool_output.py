@@ -1,14 +1,16 @@
 """What the scripts here share at their edges: numeric arguments held to their range by argparse (one usage line,
 exit 2, where a 0 or a negative ended in a traceback or a silently wrong run), and a --model that must be a bf16
 folder checked as one. Their output folders are written whole or not at all by klconvert.whole_folder (an existing OUT
-refused before any work; an empty folder is taken: the GPU machine's $OUT is one)."""
+refused before any work; an empty folder is taken: the GPU machine's $OUT is one); each runs under klconvert's entry
+point (run_tool)."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from klconvert.checkpoint.reader import Checkpoint, open_checkpoint
+from klconvert.entry import main as klconvert_entry
 from klconvert.errors import KLError
 
 # A --seed's largest: synth's per-tensor streams (tensor_generator, train_bundled's initial values) seed torch with
@@ -74,3 +76,10 @@ def refuse_other_layout(checkpoint: Checkpoint, reads: Iterable[str]) -> None:
     if renamed is not None:
         raise KLError(f"{checkpoint.folder}: holds {renamed!r} under another layout's name (as `klconvert synth "
                       f"--layout transformers` writes); this tool reads {RELEASE_FORMAT}: give that as --model")
+
+
+def run_tool(main: Callable[[], None]) -> None:
+    """A script's `main` run as the `klconvert` command runs (klconvert.entry): Ctrl-C or SIGTERM ends it in one line
+    and status 130 or 143, its output folder cleaned up (each printed a KeyboardInterrupt traceback, and a SIGTERM
+    left OUT.partial.lock and its hidden temporary behind)."""
+    klconvert_entry(main)

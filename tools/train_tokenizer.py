@@ -22,6 +22,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bundled_corpus  # noqa: E402
+from tool_output import run_tool  # noqa: E402
 
 from klconvert.errors import KLError  # noqa: E402
 from klconvert.release import NUM_SPECIAL_TOKENS  # noqa: E402
@@ -112,4 +113,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)
