@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import autoround_bundled  # noqa: E402
 import awq_bundled  # noqa: E402
 import gptq_bundled  # noqa: E402
+import tool_output  # noqa: E402
 
 from klconvert.models import BUNDLED_DIR, resolve_model  # noqa: E402
 from klconvert.quantize import quantize  # noqa: E402
@@ -39,12 +40,13 @@ def recipe(tmp_path_factory):
     return quantize(resolve_model("tiny"), out, bits=4, device="cpu", progress=False).path / "recipe.yaml"
 
 
-def _run(tool, monkeypatch, capsys, *args: str) -> tuple[int, str, list]:
-    """The tool's main with `args`, llm-compressor's calibration replaced by a note of what it was given: (exit
-    status, stderr, the calibrations it reached)."""
+def _run(tool, monkeypatch, capsys, *args: str, missing: tuple[str, ...] = ()) -> tuple[int, str, list]:
+    """The tool's main with `args`, llm-compressor's calibration replaced by a note of what it was given, and every
+    library but those `missing` installed: (exit status, stderr, the calibrations it reached)."""
     reached = []
     monkeypatch.setattr(gptq_bundled, "calibrate", lambda *given: reached.append(given))
     monkeypatch.setattr(awq_bundled, "keep_cached_activations_unpinned", lambda: None, raising=False)
+    monkeypatch.setattr(tool_output, "find_spec", lambda name: None if name in missing else object())
     monkeypatch.setattr(sys, "argv", [Path(tool.__file__).name, *map(str, args)])
     try:
         tool.main()
@@ -92,3 +94,17 @@ def test_good_arguments_reach_the_calibration_with_their_windows(tmp_path, recip
     [(model, out, text, windows)] = reached
     assert (model, out) == (BUNDLED_DIR, tmp_path / "out") and "quant_stage" in yaml.safe_load(text)
     assert [len(w) for w in windows] == [16] * 3 and windows[0] != windows[1]
+
+
+@pytest.mark.parametrize("tool", TOOLS, ids=lambda t: t.__name__)
+@pytest.mark.parametrize("missing", ["llmcompressor", "datasets"])
+def test_a_library_klconvert_does_not_install_is_named_in_one_line(tmp_path, recipe, monkeypatch, capsys, tool,
+                                                                   missing):
+    """In klconvert's own environment gptq and autoround ended in a ModuleNotFoundError traceback for 'datasets', awq
+    in one for 'llmcompressor', after the arguments' checks."""
+    code, err, reached = _run(tool, monkeypatch, capsys, recipe, tmp_path / "out", "--samples", "3", "--seq-len", "16",
+                              missing=(missing,))
+    assert code == 2 and err.count("\n") == 1 and not reached, err
+    assert err.startswith(f"{Path(tool.__file__).name}: error: needs the module {missing!r}, which klconvert does not "
+                          "install; run this tool in an environment of llm-compressor's own: python -m venv")
+    assert not any(tmp_path.iterdir())

@@ -27,7 +27,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bundled_corpus  # noqa: E402
-from tool_output import bf16_checkpoint, positive_int, run_tool  # noqa: E402
+from tool_output import bf16_checkpoint, positive_int, refuse_missing, run_tool  # noqa: E402
 
 from klconvert.convert.output_folder import refuse_out_over_source  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
@@ -37,6 +37,11 @@ from klconvert.tokenizer import TOKENIZER_FILES, Tokenizer  # noqa: E402
 from klconvert.whole_folder import refuse_taken, whole_folder  # noqa: E402
 
 QUANTIZER = "QuantizationModifier"  # the modifier of a recipe klconvert wrote, which each tool here swaps or follows
+# what calibrate imports, none of which klconvert's own environment need hold, and how to get them (the docstring's)
+CALIBRATION_MODULES = ("llmcompressor", "datasets", "transformers")
+LLM_COMPRESSOR_ENV = ("run this tool in an environment of llm-compressor's own: python -m venv /tmp/llmc && "
+                      "/tmp/llmc/bin/pip install llmcompressor==0.14.0 tiktoken, then run it with /tmp/llmc/bin/python "
+                      "and PYTHONPATH=. in this repository")
 
 
 def klconvert_recipe(recipe_path: Path) -> dict:
@@ -111,9 +116,10 @@ def run_calibration(p: argparse.ArgumentParser, recipe: Callable[[argparse.Names
                     before_calibration: Callable[[], None] = lambda: None) -> argparse.Namespace:
     """Parse p's arguments (calibration_parser's and a tool's own) and calibrate with the recipe `recipe` makes of
     them. What a user can get wrong -- the model (a bf16 folder with its tokenizer), the recipe, --samples x
-    --seq-len, OUT -- is checked before llm-compressor is imported and the model loaded, as tool_output.py says: one
-    line and exit 2, where each was a traceback (the recipe, the model), a calibration on nothing (--samples -3) or a
-    refusal after the whole calibration (an existing OUT, a missing tokenizer file)."""
+    --seq-len, OUT, and the libraries it imports -- is checked before llm-compressor is imported and the model
+    loaded, as tool_output.py says: one line and exit 2, where each was a traceback (the recipe, the model,
+    llm-compressor or datasets missing), a calibration on nothing (--samples -3) or a refusal after the whole
+    calibration (an existing OUT, a missing tokenizer file)."""
     a = p.parse_args()
     try:
         refuse_out_over_source(a.model, a.out, "quantized model")
@@ -125,6 +131,7 @@ def run_calibration(p: argparse.ArgumentParser, recipe: Callable[[argparse.Names
         text = recipe(a)
         windows = calibration_windows(a.model, a.samples, a.seq_len)
         refuse_taken(a.out)
+        refuse_missing(CALIBRATION_MODULES, LLM_COMPRESSOR_ENV)
         before_calibration()
         calibrate(a.model, a.out, text, windows)
     except KLError as e:

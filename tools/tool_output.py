@@ -2,11 +2,12 @@
 exit 2, where a 0 or a negative ended in a traceback or a silently wrong run), and a --model that must be a bf16
 folder checked as one. Their output folders are written whole or not at all by klconvert.whole_folder (an existing OUT
 refused before any work; an empty folder is taken: the GPU machine's $OUT is one); each runs under klconvert's entry
-point (run_tool)."""
+point (run_tool), and a library klconvert does not install is named before it is needed (refuse_missing)."""
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Iterable
+from importlib.util import find_spec
 from pathlib import Path
 
 from klconvert.checkpoint.reader import Checkpoint, open_checkpoint
@@ -83,3 +84,11 @@ def run_tool(main: Callable[[], None]) -> None:
     and status 130 or 143, its output folder cleaned up (each printed a KeyboardInterrupt traceback, and a SIGTERM
     left OUT.partial.lock and its hidden temporary behind)."""
     klconvert_entry(main)
+
+
+def refuse_missing(modules: Iterable[str], install: str) -> None:
+    """KLError naming the first of `modules` that cannot be imported (looked up, not imported) and how to `install`
+    it: the libraries a tool needs that klconvert does not install (each was a ModuleNotFoundError traceback)."""
+    missing = next((name for name in modules if find_spec(name) is None), None)
+    if missing is not None:
+        raise KLError(f"needs the module {missing!r}, which klconvert does not install; {install}")
