@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import rotate_bundled  # noqa: E402
+import train_bundled  # noqa: E402
 
 from klconvert.config import KimiLinearConfig  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
@@ -154,3 +155,24 @@ def test_a_transformers_layout_model_folder_is_one_line_naming_the_folder_it_nee
     assert f"error: {ported}: holds 'model.layers.0.self_attn.f_a_proj.weight' under another layout's name" in err
     assert "this tool reads a bf16 folder in the release's format" in err
     assert sorted(tmp_path.iterdir()) == [ported]
+
+
+def test_a_hidden_size_hadamard_has_no_matrix_of_is_one_line_before_the_weights_are_read(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """The default --rotation hadamard on a hidden size not a power of two (the release's 2304) was compressed-tensors'
+    ValueError traceback, after every tensor was loaded; random-hadamard rotates it."""
+    config = {**train_bundled.BUNDLED_CONFIG, "hidden_size": 192}   # 3 x 64: random-hadamard's known factor 12
+    model = train_bundled.fresh_model(KimiLinearConfig.from_dict(config), torch.device("cpu"), 0)
+    train_bundled.write_checkpoint(tmp_path / "m", config, train_bundled.canonical_state(model), BUNDLED_DIR)
+    read = []
+    monkeypatch.setattr(rotate_bundled, "safe_open", lambda *args: read.append(args))
+    monkeypatch.setattr(sys, "argv", ["rotate_bundled.py", str(tmp_path / "rot"), "--model", str(tmp_path / "m")])
+    with pytest.raises(SystemExit) as exit:
+        rotate_bundled.main()
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and not read, err
+    assert (f"error: {tmp_path / 'm'}: --rotation hadamard has no 192 x 192 matrix for its hidden_size (" in err
+            and err.endswith("); use --rotation random-hadamard or --rotation identity\n"))
+    monkeypatch.undo()
+    rotate_bundled.rotate(tmp_path / "m", tmp_path / "rot", "random-hadamard")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "rot"]

@@ -57,6 +57,25 @@ def rotation(n: int, kind: str, seed: int = 0) -> torch.Tensor:
     return h / n ** 0.5
 
 
+def rotation_of(model: Path, n: int, kind: str) -> torch.Tensor:
+    """rotation(n, kind) for `model`'s residual stream, or a KLError naming the rotations that have a matrix of its
+    size: hadamard none of a size not a power of two (the release's 2304 is not), random-hadamard none of a size
+    without a known Hadamard factor (compressed-tensors' ValueError, once after every tensor was loaded)."""
+    try:
+        return rotation(n, kind)
+    except ValueError as e:
+        error = e
+    takes = []
+    for other in ROTATIONS:
+        try:
+            rotation(n, other)
+            takes.append(f"--rotation {other}")
+        except ValueError:
+            continue
+    raise KLError(f"{model}: --rotation {kind} has no {n} x {n} matrix for its hidden_size ({error}); use "
+                  f"{' or '.join(takes)}")
+
+
 def residual_roles(config: KimiLinearConfig) -> tuple[dict[str, list[str]], list[str]]:
     """({norm on the residual stream: the weights reading its output}, [weights writing the residual stream]), by
     the release's tensor names (without the trailing .weight)."""
@@ -96,12 +115,12 @@ def rotate(model: Path, out: Path, kind: str = "hadamard", dtype: torch.dtype | 
     refuse_other_layout(checkpoint, (f"{n}.weight" for n in [*readers, *chain(*readers.values()), *writers]))
     if config.tie_word_embeddings:
         raise KLError(f"{model}: tied embeddings; the rotation folds the final norm into lm_head alone")
+    q = rotation_of(model, config.hidden_size, kind)   # before the weights are read
     weight_map = {name: shard for shard, header in checkpoint.headers.items() for name in header.tensors}
     tensors = {}
     for shard in checkpoint.headers:
         with safe_open(model / shard, "pt") as f:
             tensors.update({name: f.get_tensor(name) for name in f.keys()})
-    q = rotation(config.hidden_size, kind)
     w = lambda name: tensors[f"{name}.weight"].double()
     rotated = {}
     for norm, names in readers.items():
