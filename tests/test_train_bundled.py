@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import train_bundled  # noqa: E402
 
 from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
-from klconvert.convert.output_folder import OUTPUT_RECORD  # noqa: E402
+from klconvert.convert.output_folder import OUTPUT_RECORD, files_klconvert_wrote  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.runtime.engine import load  # noqa: E402
@@ -150,6 +150,20 @@ def test_a_split_shorter_than_one_window_is_refused(tmp_path):
     with pytest.raises(KLError, match="the validation split has 10 tokens, not one window of --seq-len 32"):
         train_bundled.train(tmp_path / "out", **{**SMALL_RUN, "validation_tokens": 10})
     assert not (tmp_path / "out").exists()
+
+
+def test_the_loss_plot_is_listed_with_what_the_run_wrote(tmp_path, monkeypatch):
+    """loss.png was drawn after the folder was sealed: its record did not list it, so `klconvert synth --force` (or
+    quantize's) refused the folder for holding a file klconvert did not write."""
+    import types
+
+    def drawn(loss_json, png):
+        assert json.loads(loss_json.read_text())["steps_run"] == 2
+        png.write_bytes(b"\x89PNG")
+    monkeypatch.setitem(sys.modules, "plot_loss", types.SimpleNamespace(plot_loss=drawn))
+    train_bundled.train(tmp_path / "out", **{**SMALL_RUN, "plot": True})
+    assert files_klconvert_wrote(tmp_path / "out") == {p.name for p in (tmp_path / "out").iterdir()} - {OUTPUT_RECORD}
+    assert "loss.png" in files_klconvert_wrote(tmp_path / "out")
 
 
 def test_training_windows_reach_the_last_start_and_a_split_of_one_window_is_sampled():

@@ -7,11 +7,10 @@ correction biases move the way the release's auxiliary-loss-free balancing does 
 - load_e), no gradient -- from the expert choices a forward hook reads off each router.
 
 The run stops at --steps or --time-budget-s, whichever comes first (the learning rate follows whichever is
-further along), and keeps the weights with the best validation loss. It writes into --out, 8 files at most:
-config.json, model-0000i-of-0000N.safetensors (shards of <= 15 MiB), model.safetensors.index.json,
-tiktoken.model, tokenizer_config.json (the bundled tokenizer, tools/train_tokenizer.py), loss.json (train and
-validation loss by step, expert loads, settings) and loss.png (when matplotlib is installed; else
-`python tools/plot_loss.py OUT/loss.json`).
+further along), and keeps the weights with the best validation loss. It writes into --out: config.json,
+model-0000i-of-0000N.safetensors (shards of <= 15 MiB), model.safetensors.index.json, the bundled tokenizer's files
+(tools/train_tokenizer.py), loss.json (train and validation loss by step, expert loads, settings), loss.png (when
+matplotlib is installed; else `python tools/plot_loss.py OUT/loss.json`) and the record of what it wrote.
 
     python tools/train_bundled.py --out OUT [--steps 1500 --batch 32 --seq-len 512 --time-budget-s 150]
 """
@@ -347,14 +346,17 @@ def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: in
         files = write_checkpoint(folder, config, canonical_state(model), tokenizer_dir)
         (folder / "loss.json").write_text(json.dumps(record, indent=1) + "\n")
         files.append("loss.json")
-    if plot:   # after the folder is whole: an optional picture must never cost the weights
-        try:
-            from plot_loss import plot_loss
-            plot_loss(out / "loss.json", out / "loss.png")
-            files.append("loss.png")
-        except Exception as e:   # noqa: BLE001 -- matplotlib missing or broken, a backend error: said, not fatal
-            log(f"no loss.png ({type(e).__name__}: {e}); plot later with "
-                f"`{shell_command('python', 'tools/plot_loss.py', out / 'loss.json')}`")
+        # in the folder before it is sealed, so that its record lists the picture (one made after it kept `klconvert
+        # synth --force` from replacing the folder); a failed one is said and the weights kept
+        if plot:
+            try:
+                from plot_loss import plot_loss
+                plot_loss(folder / "loss.json", folder / "loss.png")
+                files.append("loss.png")
+            except Exception as e:   # noqa: BLE001 -- matplotlib missing or broken, a backend error: said, not fatal
+                (folder / "loss.png").unlink(missing_ok=True)   # a half-written one is no picture
+                log(f"no loss.png ({type(e).__name__}: {e}); plot later with "
+                    f"`{shell_command('python', 'tools/plot_loss.py', out / 'loss.json')}`")
     worst = max((s["max_over_even"] for s in spread.values()), default=1.0)
     log(f"kept step {best[1]} (validation loss {best[0]:.4f}, perplexity {math.exp(best[0]):.2f}); {step} steps "
         f"in {train_seconds:.0f} s; busiest expert {worst:.2f}x its even share; wrote {len(files)} files to {out}")
