@@ -130,6 +130,14 @@ def test_distill_refuses_an_existing_output_before_tuning(tmp_path):
         D.distill(tmp_path / "q4" / "new", tmp_path / "q4", device="cpu", log=lambda line: pytest.fail(line))
 
 
+def test_a_gpu_torch_does_not_see_is_refused_before_tuning(tmp_path, monkeypatch):
+    """--device cuda where torch sees no GPU was an AssertionError traceback ("Torch not compiled with CUDA")."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(KLError, match=r"device='cuda' \(--device\): no CUDA device is visible to torch; use cpu"):
+        D.distill(tmp_path / "q4", device="cuda", log=lambda line: pytest.fail(line))
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_seed_torch_cannot_take_is_one_usage_line(tmp_path):
     """--seed 99999999999999999999 ended in manual_seed's ValueError traceback."""
     proc = subprocess.run([sys.executable, D.__file__, str(tmp_path / "q4"), "--seed", "99999999999999999999"],

@@ -152,6 +152,14 @@ def test_a_split_shorter_than_one_window_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_gpu_torch_does_not_see_is_refused_before_training(tmp_path, monkeypatch):
+    """--device cuda where torch sees no GPU was an AssertionError traceback ("Torch not compiled with CUDA")."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(KLError, match=r"device='cuda' \(--device\): no CUDA device is visible to torch; use cpu"):
+        train_bundled.train(tmp_path / "out", **{**SMALL_RUN, "device": "cuda", "log": pytest.fail})
+    assert not any(tmp_path.iterdir())
+
+
 def test_the_loss_plot_is_listed_with_what_the_run_wrote(tmp_path, monkeypatch):
     """loss.png was drawn after the folder was sealed: its record did not list it, so `klconvert synth --force` (or
     quantize's) refused the folder for holding a file klconvert did not write."""

@@ -59,6 +59,7 @@ from klconvert.checkpoint.folder_files import CONFIG_FILE  # noqa: E402
 from klconvert.checkpoint.name_map import expected_tensors  # noqa: E402
 from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
 from klconvert.convert.output_folder import interrupted_quantize, partial_path, refuse_out_over_source  # noqa: E402
+from klconvert.devices import checked_device  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
 from klconvert.kernels.naive_kda import kda_short_conv  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
@@ -358,7 +359,7 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
                           "save them there")
         elif not generated_file.parent.is_dir():
             raise KLError(f"{generated_file}: its folder does not exist; create it first or name another file")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = checked_device(device)
     torch.manual_seed(seed)
     layout = {"bits": bits, "group_size": group_size, "symmetric": symmetric, "recipe": recipe}
     policy, _ = choose_policy(**layout)   # klconvert quantize's: the default policy at these options, or the recipe's

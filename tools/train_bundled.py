@@ -37,6 +37,7 @@ from klconvert.checkpoint.name_map import TensorSpec, expected_tensors  # noqa: 
 from klconvert.checkpoint.safetensors_writer import (PlannedTensor, index_json, shard_names,  # noqa: E402
                                                      split_into_shards, write_shard)
 from klconvert.config import KimiLinearConfig  # noqa: E402
+from klconvert.devices import checked_device  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.runtime import model as M  # noqa: E402
@@ -264,7 +265,7 @@ def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: in
     if not 0 <= time_budget_s < float("inf"):
         raise KLError(f"--time-budget-s {time_budget_s}: give seconds >= 0 (0: no budget)")
     t0 = time.perf_counter()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = checked_device(device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(seed)
     c = KimiLinearConfig.from_dict(config)
