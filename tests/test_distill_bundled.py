@@ -138,6 +138,14 @@ def test_a_gpu_torch_does_not_see_is_refused_before_tuning(tmp_path, monkeypatch
     assert not any(tmp_path.iterdir())
 
 
+def test_a_short_validation_split_is_refused_with_flags_distill_has(tmp_path):
+    """The refusal offered --validation-tokens, which distill_bundled.py does not take."""
+    with pytest.raises(KLError) as refused:
+        D.distill(tmp_path / "q4", seq_len=20_000, device="cpu", log=lambda line: pytest.fail(line))
+    assert str(refused.value) == ("the validation split has 16,384 tokens, not one window of --seq-len 20000 and "
+                                  "its next token; lower --seq-len")
+
+
 def test_a_seed_torch_cannot_take_is_one_usage_line(tmp_path):
     """--seed 99999999999999999999 ended in manual_seed's ValueError traceback."""
     proc = subprocess.run([sys.executable, D.__file__, str(tmp_path / "q4"), "--seed", "99999999999999999999"],

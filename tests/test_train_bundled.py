@@ -146,8 +146,9 @@ def test_an_interrupted_run_ends_in_one_line(tmp_path, signum, status):
 
 
 def test_a_split_shorter_than_one_window_is_refused(tmp_path):
-    """refuse_short_splits, as distill_bundled.py calls it too."""
-    with pytest.raises(KLError, match="the validation split has 10 tokens, not one window of --seq-len 32"):
+    """refuse_short_splits, as distill_bundled.py calls it too (without --validation-tokens, which it lacks)."""
+    with pytest.raises(KLError, match=r"the validation split has 10 tokens, not one window of --seq-len 32 and its "
+                                      r"next token; lower --seq-len \(or raise --validation-tokens\)"):
         train_bundled.train(tmp_path / "out", **{**SMALL_RUN, "validation_tokens": 10})
     assert not (tmp_path / "out").exists()
 

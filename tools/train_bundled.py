@@ -243,13 +243,15 @@ def named_special_tokens(tokenizer_dir: Path) -> dict[str, int]:
     return read_special_tokens(read_tokenizer_config(path), path)
 
 
-def refuse_short_splits(data: dict[str, torch.Tensor], seq_len: int) -> None:
+def refuse_short_splits(data: dict[str, torch.Tensor], seq_len: int, validation_flag: str | None = None) -> None:
     """KLError unless every split holds a window of `seq_len` tokens and its next token (--validation-tokens 10
-    under windows of 32 divided by zero; 0 once 'measured' a perplexity of 1)."""
+    under windows of 32 divided by zero; 0 once 'measured' a perplexity of 1); `validation_flag`: the caller's flag
+    that sets the validation split's length, offered with --seq-len where that split is short."""
     for split, tokens in data.items():
         if len(tokens) <= seq_len:
+            more = f" (or raise {validation_flag})" if split == "validation" and validation_flag else ""
             raise KLError(f"the {split} split has {len(tokens):,} tokens, not one window of --seq-len {seq_len} and "
-                          "its next token; lower --seq-len (or raise --validation-tokens)")
+                          f"its next token; lower --seq-len{more}")
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
@@ -276,7 +278,7 @@ def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: in
                       f"special tokens), the model's config {c.vocab_size:,}; train one of "
                       f"{c.vocab_size - specials:,} ranks (tools/train_tokenizer.py --vocab), or change BPE_RANKS")
     data = token_splits(tokenizer, validation_tokens, max_chars)
-    refuse_short_splits(data, seq_len)
+    refuse_short_splits(data, seq_len, "--validation-tokens")
     model = fresh_model(c, device, seed)
     loads = ExpertLoads(model)
     params = [p for p in model.parameters() if p.requires_grad]
