@@ -130,6 +130,15 @@ def test_distill_refuses_an_existing_output_before_tuning(tmp_path):
         D.distill(tmp_path / "q4" / "new", tmp_path / "q4", device="cpu", log=lambda line: pytest.fail(line))
 
 
+def test_a_quantized_teacher_is_refused_before_tuning(tmp_path):
+    """--model of a folder klconvert quantized was tuned against for minutes, then refused by the quantize of the
+    tuned weights, naming the run's deleted temporary folder."""
+    quantized = quantize(BUNDLED_DIR, tmp_path / "q4", bits=4, device="cpu", progress=False).path
+    with pytest.raises(KLError, match=r"q4: holds compressed-tensors-quantized weights; this tool reads a bf16 folder"):
+        D.distill(tmp_path / "out", quantized, device="cpu", log=lambda line: pytest.fail(line))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q4"]
+
+
 def test_a_gpu_torch_does_not_see_is_refused_before_tuning(tmp_path, monkeypatch):
     """--device cuda where torch sees no GPU was an AssertionError traceback ("Torch not compiled with CUDA")."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

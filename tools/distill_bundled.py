@@ -49,7 +49,7 @@ from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record_bundled import file_checksums  # noqa: E402
-from tool_output import positive_float, positive_int, run_tool, seed_number  # noqa: E402
+from tool_output import bf16_checkpoint, positive_float, positive_int, run_tool, seed_number  # noqa: E402
 from safetensors import SafetensorError, safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from train_bundled import (canonical_state, learning_rate, refuse_short_splits, run_progress,  # noqa: E402
@@ -346,9 +346,11 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
     if generated_windows < 0 or not 0 < generated_share <= 1:
         raise KLError(f"--generated-windows {generated_windows}, --generated-share {generated_share}: give a "
                       "number of windows >= 0 and a share of each batch in (0, 1]")
+    # the teacher as a bf16 folder, checked now: a quantized one was tuned against for minutes, then refused by the
+    # quantize of the tuned weights (its config's quantization_config copied with them)
+    vocab_size = bf16_checkpoint(source).config.vocab_size
     saved = None
     if generated_file is not None:
-        vocab_size = Checkpoint(source).config.vocab_size
         if generated_file.exists() or generated_file.is_symlink():
             saved = load_windows(generated_file, source, seq_len, vocab_size)
             if generated_windows not in (0, len(saved)):
