@@ -246,6 +246,8 @@ def test_a_spent_time_budget_stops_before_the_first_step_and_writes_round_to_nea
     written = {path.name for path in (tmp_path / "q4").iterdir()}   # quantize's files and the log, nothing else
     assert written == {path.name for path in (tmp_path / "rtn").iterdir()} | {D.DISTILL_LOG}
     assert files_klconvert_wrote(tmp_path / "q4") == files_klconvert_wrote(tmp_path / "rtn") | {D.DISTILL_LOG}
+    card = (tmp_path / "q4" / "README.md").read_text()   # it named the tuned weights' deleted temporary folder
+    assert "from the bundled model tiny" in card and "local folder" not in card and f"`{D.DISTILL_LOG}`" in card
     ours, rtn = Checkpoint(tmp_path / "q4"), Checkpoint(tmp_path / "rtn")
     assert set(ours.sources) == set(rtn.sources)
     for name in ours.sources:   # the untuned weights through the writer and `klconvert quantize`: RTN to the bit

@@ -40,6 +40,7 @@ import os
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -58,14 +59,17 @@ from train_bundled import (canonical_state, learning_rate, refuse_short_splits, 
 from klconvert.checkpoint.folder_files import CONFIG_FILE  # noqa: E402
 from klconvert.checkpoint.name_map import expected_tensors  # noqa: E402
 from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
+from klconvert.convert.model_card import model_card  # noqa: E402
 from klconvert.convert.output_folder import interrupted_quantize, partial_path, refuse_out_over_source  # noqa: E402
+from klconvert.convert.provenance import source_origin  # noqa: E402
 from klconvert.devices import checked_device  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
 from klconvert.kernels.naive_kda import kda_short_conv  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
+from klconvert.quant import Policy  # noqa: E402
 from klconvert.quant.groupwise import dequantize_groupwise, quantize_groupwise  # noqa: E402
 from klconvert.quant.scheme import QuantScheme  # noqa: E402
-from klconvert.quantize import choose_policy, quantize  # noqa: E402
+from klconvert.quantize import MODEL_CARD_FILE, QuantizeResult, choose_policy, quantize  # noqa: E402
 from klconvert.runtime import model as M  # noqa: E402
 from klconvert.runtime.bind import bind  # noqa: E402
 from klconvert.runtime.device_experts import DeviceExperts  # noqa: E402
@@ -318,6 +322,15 @@ def write_log(folder: Path, record: dict) -> None:
     (folder / DISTILL_LOG).write_text(json.dumps(record, indent=1) + "\n")
 
 
+def distilled_card(title: str, source: Path, policy: Policy, result: QuantizeResult) -> str:
+    """The model card of the quantized folder `title` (quantize's `result`): quantize's, naming the bf16 folder the
+    weights were distilled from as the source, and saying that they were tuned."""
+    card = model_card(title, source_origin(source), policy, result.totals, result.shards, version("klconvert"))
+    return card + (f"\n## Distilled\n\nThe quantized weights were tuned before quantizing, by quantization-aware "
+                   f"distillation from the source (tools/distill_bundled.py): the run's settings and losses are in "
+                   f"`{DISTILL_LOG}`.\n")
+
+
 def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, group_size: int | None = None,
             symmetric: bool | None = None, recipe: Path | None = None, steps: int = 800, batch: int = 32,
             seq_len: int = 512, lr: float = 5e-5, warmup: float = 0.05, eval_every: int = 100,
@@ -443,7 +456,9 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
     with tempfile.TemporaryDirectory() as tmp, whole_folder(out) as staged:
         tuned, quantized = Path(tmp) / "bf16", staged / out.name
         write_checkpoint(tuned, json.loads((source / CONFIG_FILE).read_text()), canonical_state(student), source)
-        quantize(tuned, quantized, **layout, device="cpu", progress=False)
+        result = quantize(tuned, quantized, **layout, device="cpu", progress=False)
+        # its card named the tuned folder, a temporary gone once the run ends, as the source
+        (quantized / MODEL_CARD_FILE).write_text(distilled_card(out.name, source, policy, result))
         for entry in quantized.iterdir():
             entry.rename(staged / entry.name)
         quantized.rmdir()
