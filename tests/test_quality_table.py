@@ -3,7 +3,9 @@ bytes over the source's parameters, so a row of --folder and a row it quantizes 
 gives each row's bits per weight as quantize plans them."""
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import quality_table  # noqa: E402
 
 from klconvert.config import KimiLinearConfig  # noqa: E402
+from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.models import resolve_model  # noqa: E402
 from klconvert.quantize import choose_policy, quantize  # noqa: E402
 
@@ -75,3 +78,21 @@ def test_the_readmes_bits_per_weight_are_what_quantize_plans(tmp_path):
              if (match := re.match(f"(?:{'|'.join(map(re.escape, sorted(layouts, key=len, reverse=True)))})(?=[,:]|$)",
                                    label))]
     assert [row for row in named if row[1] != row[2]] == [] and len(named) >= 30, named
+
+
+def test_a_model_or_folder_it_cannot_score_is_one_line_before_the_reference_run(tmp_path, monkeypatch, capsys):
+    """A quantized --model was refused by the first row's quantize, and a --folder of another vocabulary by its
+    run ("token id 3814 is outside the vocabulary", naming no folder) -- each after the bf16 reference's run."""
+    q4 = quantize(BUNDLED_DIR, tmp_path / "q4", bits=4, device="cpu", progress=False).path
+    other = shutil.copytree(q4, tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "vocab_size": 8192}))
+    monkeypatch.setattr(quality_table, "measure", lambda *args: pytest.fail("measured"))
+    for args, line in ((["--model", str(q4)], f"{q4}: holds compressed-tensors-quantized weights; this tool reads"),
+                       (["--folder", f"mine={other}"], f"--folder mine={other}: a model of 8,192 token ids, --model's "
+                                                       "has 4,352; its rows are scored on --model's tokens")):
+        monkeypatch.setattr(sys, "argv", ["quality_table.py", *args])
+        with pytest.raises(SystemExit) as exit:
+            quality_table.main()
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.count("\n") == 1 and err.startswith(f"quality_table.py: error: {line}"), err

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bundled_corpus  # noqa: E402
-from tool_output import positive_int, run_tool  # noqa: E402
+from tool_output import bf16_checkpoint, positive_int, run_tool  # noqa: E402
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE  # noqa: E402
 from klconvert.checkpoint.reader import open_checkpoint  # noqa: E402
@@ -206,7 +206,16 @@ def main() -> None:
     folders = tuple((label, Path(path)) for label, _, path in (f.partition("=") for f in a.folder))
     try:
         model = resolve_model(a.model)
-        labels = [label for _, label, _ in variants(KimiLinearConfig.from_file(model / CONFIG_FILE))]
+        # what the rows need of the model and the folders, checked before the reference's run (a minute or more): a
+        # quantized --model was refused by the first row's quantize, a folder of another vocabulary by its own run
+        config = bf16_checkpoint(model).config
+        for label, folder in folders:
+            vocab_size = KimiLinearConfig.from_file(folder / CONFIG_FILE).vocab_size
+            if vocab_size != config.vocab_size:
+                raise KLError(f"--folder {label}={folder}: a model of {vocab_size:,} token ids, --model's has "
+                              f"{config.vocab_size:,}; its rows are scored on --model's tokens: give a folder "
+                              f"quantized from {a.model}")
+        labels = [label for _, label, _ in variants(config)]
         if a.only and not folders and not any(a.only in label for label in labels):   # before the reference's run
             p.exit(2, f"{p.prog}: error: --only {a.only!r}: no row's label contains it; give part of one "
                       f"(e.g. 'int4 g128'), or measure a --folder\n")
