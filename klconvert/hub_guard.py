@@ -67,6 +67,7 @@ class AnswerGuard:
         self._unanswered: dict[str, float] = {}   # address -> when its latest request not for a file was sent
         self._lock = threading.Lock()
         self.cancelled = False
+        self._aborting = False   # while _interrupt aborts hf_xet's session
         self.file_finished = False   # once a file's body has arrived whole: from then this pull has a file to keep
 
     # ---- installation --------------------------------------------------------------------------
@@ -99,8 +100,15 @@ class AnswerGuard:
         interrupt, usually)."""
         self.cancelled = True
         # hf_xet downloads through its own client, past the chunks that tell the threads; huggingface_hub aborts it
-        # only on an interrupt raised in the thread that downloads, never one of snapshot_download's
-        abort_xet_session()
+        # only on an interrupt raised in the thread that downloads, never one of snapshot_download's. Not from a
+        # signal landing in this handler's abort: that holds huggingface_hub's lock (a plain one), which the nested
+        # abort would wait on forever; a later signal aborts again (a session made since)
+        if not self._aborting:
+            self._aborting = True
+            try:
+                abort_xet_session()
+            finally:
+                self._aborting = False
         self._before[signum](signum, frame)
 
     # ---- the checks ----------------------------------------------------------------------------

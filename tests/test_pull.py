@@ -873,6 +873,31 @@ def test_sigterm_stops_the_download_threads_as_ctrl_c_does(served, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_signal_during_the_xet_abort_does_not_wait_on_its_lock(monkeypatch):
+    """A second signal landing while the first's handler aborts hf_xet's session runs the handler again, in the same
+    thread, while huggingface_hub's lock (a plain threading.Lock) is held: a nested abort waited on it forever (h247's
+    F4). Here the abort holds such a lock and the second signal lands inside it."""
+    held = threading.Lock()
+    aborts, nested = [], []
+
+    def abort_xet_session():
+        assert held.acquire(timeout=2), "the nested abort waited on the lock the first one holds"
+        try:
+            aborts.append(1)
+            if len(aborts) == 1:
+                guard._interrupt(signal.SIGINT, None)   # the second signal, landing mid-abort
+        finally:
+            held.release()
+
+    monkeypatch.setattr(hub_guard, "abort_xet_session", abort_xet_session)
+    guard = hub_guard.AnswerGuard("http://127.0.0.1:9", REPO)
+    guard._before = {signal.SIGINT: lambda signum, frame: nested.append(signum)}
+    guard._interrupt(signal.SIGINT, None)
+    assert guard.cancelled and aborts == [1] and nested == [signal.SIGINT, signal.SIGINT]
+    guard._interrupt(signal.SIGINT, None)   # a later signal aborts again: hf_xet may have made a session since
+    assert aborts == [1, 1]
+
+
 def test_ctrl_c_cancels_hf_xets_downloads(hub_server, checkpoint, tmp_path):
     """hf_xet downloads through its own client, which no chunk of the guard's passes through, and huggingface_hub
     aborts it only on an interrupt in the thread that downloads, never one of snapshot_download's: a Ctrl-C waited
