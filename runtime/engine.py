@@ -171,12 +171,12 @@ def as_prompts(prompts, vocab_size: int) -> list[torch.Tensor]:
 
 
 def as_batch(input_ids, vocab_size: int) -> torch.Tensor:
-    """forward's input_ids -- [T] or [B, T], a tensor or lists -- as int64 [B, T], T >= 1, every id inside the
+    """forward's input_ids -- [T] or [B, T], a tensor or lists -- as int64 [B, T], B, T >= 1, every id inside the
     vocabulary."""
     ids = whole_numbers(input_ids, "input_ids")
     ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
-    if ids.dim() != 2 or ids.shape[1] == 0:
-        raise KLError(f"input_ids must be [T] or [B, T] with T >= 1, got shape {list(ids.shape)}")
+    if ids.dim() != 2 or 0 in ids.shape:
+        raise KLError(f"input_ids must be [T] or [B, T] with B, T >= 1, got shape {list(ids.shape)}")
     check_id_range(ids, vocab_size)
     return ids
 

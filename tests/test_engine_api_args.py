@@ -220,6 +220,14 @@ def test_token_ids_in_a_tensor_without_values_are_refused(engine, valueless, kin
         engine.decode_step([5], valueless(torch.ones(1, dtype=torch.long)))
 
 
+def test_an_empty_batch_is_refused_in_one_line(engine):
+    """forward, forward_segments and prefill of [0, T] ids ended in a ZeroDivisionError (the logits' rows per
+    position, h248's F3); before, a TypeError or AttributeError."""
+    for call in (engine.forward, engine.forward_segments, engine.prefill):
+        with pytest.raises(KLError, match=r"^input_ids must be \[T\] or \[B, T\] with B, T >= 1, got shape \[0, 5\]"):
+            call(torch.empty(0, 5, dtype=torch.long))
+
+
 def test_bools_and_floats_are_refused_wherever_ids_or_positions_are_taken(engine):
     """forward, prefill and decode_step read ids and positions through the same check as generate."""
     for call in (engine.forward, engine.prefill):
