@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 # 27 layers, int4, 128K prompt): 2048 -> 7.60 s, 4096 -> 6.20 s, 8192 -> 5.24 s (fewer expansions of each cached key
 # block, fuller GEMMs); the workspace it costs stays 1.27 GiB at any context. 16384 with MLA key blocks of 32768
 # (runtime/model.py): one MLA layer's attention over a 1M-token prompt 24.5 -> 19.9 s (2026-11-30, `python
-# bench/mla_prefill.py`), the workspace 2.65 GiB.
+# bench/mla_prefill.py`), the workspace then 2.65 GiB (2.80 since forward_segments' logit rows are counted).
 PREFILL_SEGMENT = 16384
 # Prompts a prefill runs through the model at once: Engine prefills a batch's prompts one at a time, so the batch's
 # state and cache grow with the batch and the prefill's workspace does not

@@ -164,6 +164,16 @@ def test_a_seed_torch_cannot_take_is_one_usage_line(tmp_path):
     assert not (tmp_path / "q4").exists()
 
 
+def test_a_refusal_is_one_line_that_names_the_script(tmp_path):
+    """distill said a refusal as a bare "error: ..." where every other tool says "<script>: error: ..." (h248's F6)."""
+    proc = subprocess.run([sys.executable, D.__file__, str(tmp_path / "q4"), "--seq-len", "20000", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        "distill_bundled.py: error: the validation split has 16,384 tokens, not one window of --seq-len 20000 and "
+        "its next token; lower --seq-len"], proc.stderr
+    assert not (tmp_path / "q4").exists()
+
+
 def test_bad_generated_settings_are_refused_before_anything_runs(tmp_path):
     for windows, share in ((-1, 0.5), (4, 0.0), (4, 1.5), (4, float("nan"))):
         with pytest.raises(KLError, match="--generated-windows"):

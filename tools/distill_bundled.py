@@ -514,8 +514,7 @@ def main() -> None:
                 generated_windows=a.generated_windows, generated_share=a.generated_share,
                 generated_file=a.generated_file, hidden_weight=a.hidden_weight, device=a.device)
     except KLError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        p.exit(2, f"{p.prog}: error: {e}\n")
 
 
 if __name__ == "__main__":
