@@ -76,10 +76,14 @@ def _interrupted_line(complete: os.PathLike | None = None) -> str:
 
 def exit_interrupted(signum: int) -> None:
     """End the command after signal `signum`: _interrupted_line on stderr (saying that the command's output is whole
-    where note_complete said so), exit status signal_status(signum), 130 still -- the user did interrupt it. Never
-    returns."""
+    where note_complete said so and it is still there), exit status signal_status(signum), 130 still -- the user did
+    interrupt it. Never returns."""
     ctrl_c = Uninterrupted.ctrl_c
-    print(_interrupted_line(None if ctrl_c is None else ctrl_c.complete), file=sys.stderr)
+    complete = None if ctrl_c is None else ctrl_c.complete
+    # one gone is none: a tool's quantize into its own temporary folder (quality_table's), removed as the interrupt
+    # unwound, was said to be complete
+    print(_interrupted_line(complete if complete is not None and os.path.lexists(complete) else None),
+          file=sys.stderr)
     sys.exit(signal_status(signum))
 
 

@@ -783,3 +783,28 @@ def test_an_interrupt_as_the_lock_is_released_leaves_no_lock_file(tmp_path):
         """) + WRITES_OUT, cwd=tmp_path)
     _assert_interrupted(proc, complete="out")   # OUT is whole by then
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("removed", [True, False])
+def test_an_output_gone_by_the_interrupt_is_not_said_complete(tmp_path, removed):
+    """A tool run under the entry point (tools/tool_output.run_tool) that quantizes into a temporary folder of its own,
+    then removes it, was interrupted with "(.../tmpXXXX/v0 is complete: only its path was not printed)", naming a
+    folder that no longer was (h248's F1): a folder note_complete named is said only while it is there."""
+    out = tmp_path / "v0"
+    code = textwrap.dedent(f"""
+        import os, shutil, signal, time
+        from pathlib import Path
+        from klconvert.entry import Uninterrupted, main, note_complete
+        def command():
+            out = Path({str(out)!r})
+            out.mkdir()
+            with Uninterrupted():
+                note_complete(out)
+            if {removed!r}:
+                shutil.rmtree(out)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        main(command)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    _assert_interrupted(proc, complete=None if removed else out)
