@@ -6,9 +6,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
 import tarfile
 import threading
+import time
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -120,3 +125,25 @@ def test_an_index_that_is_no_url_and_an_sdist_that_is_a_folder_are_said_as_such(
                                  f"download {make_corpus.SDIST} yourself and pass --sdist; nothing written\n"), err
     code, err = _main(monkeypatch, capsys, "--sdist", str(tmp_path))
     assert code == 2 and err.splitlines()[-1] == f"make_corpus.py: error: --sdist {tmp_path}: a folder, not the file"
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_while_the_index_does_not_answer_leaves_nothing(tmp_path, signum, status):
+    """make_corpus ran outside klconvert's entry point: SIGTERM ended it silently leaving its temporary folder, Ctrl-C
+    in a traceback (h248's F5). Under run_tool: one line, the shell's status, nothing left in TMPDIR."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    with socket.socket() as silent:   # takes the connection, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        proc = subprocess.Popen([sys.executable, make_corpus.__file__, "--index",
+                                 f"http://127.0.0.1:{silent.getsockname()[1]}/pypi"],
+                                env={**os.environ, "TMPDIR": str(temporary)}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        connection, _ = silent.accept()   # the request is on its way: the script waits for the answer
+        with connection:
+            time.sleep(0.5)
+            proc.send_signal(signum)
+            _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == status and stderr.splitlines()[-1:] == ["klconvert: interrupted"], stderr
+    assert "Traceback" not in stderr and list(temporary.iterdir()) == []

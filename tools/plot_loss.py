@@ -11,6 +11,7 @@ from pathlib import Path
 
 from klconvert.errors import KLError, unreadable_reason
 from klconvert.script_summary import script_summary
+from tool_output import run_tool
 
 # what the plot reads of tools/train_bundled.py's loss.json
 PLOTTED = ("step", "train_loss", "validation_step", "validation_loss", "kept_step", "kept_validation_loss",
@@ -78,4 +79,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)
