@@ -155,7 +155,8 @@ _MATPLOTLIB_STUB = {
 def test_plot_loss_refuses_what_is_no_loss_log_in_one_line(tmp_path):
     """A missing file, a JSON of another kind, a binary file and a --png in a missing folder were FileNotFoundError,
     KeyError 'step', UnicodeDecodeError and FileNotFoundError tracebacks (with matplotlib; without it, "needs
-    matplotlib" for each, the file never read)."""
+    matplotlib" for each, the file never read); lines of two lengths, a string where a number goes, a --png of
+    another format and a loss too large for its perplexity, matplotlib's ValueErrors and an OverflowError."""
     for name, text in _MATPLOTLIB_STUB.items():
         (tmp_path / "stub" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "stub" / name).write_text(text)
@@ -164,6 +165,9 @@ def test_plot_loss_refuses_what_is_no_loss_log_in_one_line(tmp_path):
            "device": "cpu"}
     (tmp_path / "loss.json").write_text(json.dumps(log))
     (tmp_path / "other.json").write_text('{"urls": []}')
+    (tmp_path / "short.json").write_text(json.dumps({**log, "step": [1]}))
+    (tmp_path / "words.json").write_text(json.dumps({**log, "tokens_per_step": "512"}))
+    (tmp_path / "huge.json").write_text(json.dumps({**log, "validation_loss": [1000.0], "kept_validation_loss": 1e3}))
     (tmp_path / "binary.json").write_bytes(b"\x89PNG\r\n\x1a\n\xff")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "stub"), os.environ.get("PYTHONPATH", "")])}
     for args, needle in ((["missing.json"], "missing.json: cannot read it as JSON (No such file or directory)"),
@@ -171,11 +175,16 @@ def test_plot_loss_refuses_what_is_no_loss_log_in_one_line(tmp_path):
                                           "'validation_step' ...)"),
                          (["binary.json"], "binary.json: cannot read it as JSON ('utf-8' codec can't decode"),
                          (["loss.json", "--png", "no/loss.png"], "no/loss.png: cannot write it (No such file or "
-                                                                 "directory)")):
+                                                                 "directory)"),
+                         (["loss.json", "--png", "loss.txt"], "--png loss.txt: name a .png file"),
+                         (["short.json"], "short.json: its 'step' and 'train_loss' are not two lists of numbers of one "
+                                          "length"),
+                         (["words.json"], "words.json: its 'tokens_per_step' is '512', not a number")):
         proc = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_loss.py"), *args], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr[-2000:]
         assert proc.stderr.startswith(f"plot_loss.py: error: {needle}"), proc.stderr
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_loss.py"), "loss.json"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and (tmp_path / "loss.png").read_bytes() == b"png", proc.stderr
+    for log in ("loss.json", "huge.json"):   # a loss of 1,000 nats: math.exp's OverflowError for its perplexity
+        proc = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_loss.py"), log], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and (tmp_path / "loss.png").read_bytes() == b"png", proc.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 from klconvert.errors import KLError, unreadable_reason
@@ -16,6 +17,8 @@ from tool_output import run_tool
 # what the plot reads of tools/train_bundled.py's loss.json
 PLOTTED = ("step", "train_loss", "validation_step", "validation_loss", "kept_step", "kept_validation_loss",
            "tokens_per_step", "parameters", "train_seconds", "device")
+PLOTTED_LINES = (("step", "train_loss"), ("validation_step", "validation_loss"))   # x and y of each line
+PLOTTED_NUMBERS = ("kept_step", "kept_validation_loss", "tokens_per_step", "parameters", "train_seconds")
 GIVE = "give the loss.json tools/train_bundled.py wrote"
 
 
@@ -29,7 +32,18 @@ def read_loss_log(loss_json: Path) -> dict:
     if missing:
         raise KLError(f"{loss_json}: not a training run's loss log (it has no {', '.join(map(repr, missing[:3]))}"
                       f"{' ...' if len(missing) > 3 else ''}); {GIVE}")
+    for x, y in PLOTTED_LINES:   # matplotlib's ValueError for lines of two lengths, a format's for a string
+        if not (isinstance(log[x], list) and isinstance(log[y], list) and len(log[x]) == len(log[y])
+                and all(map(_finite, log[x] + log[y]))):
+            raise KLError(f"{loss_json}: its {x!r} and {y!r} are not two lists of numbers of one length; {GIVE}")
+    wrong = [key for key in PLOTTED_NUMBERS if not _finite(log[key])]
+    if wrong:
+        raise KLError(f"{loss_json}: its {wrong[0]!r} is {log[wrong[0]]!r}, not a number; {GIVE}")
     return log
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def plot_loss(loss_json: Path, png: Path) -> None:
@@ -45,7 +59,8 @@ def plot_loss(loss_json: Path, png: Path) -> None:
     kept = log["kept_step"]
     if kept in log["validation_step"]:
         ax.axvline(kept, color="grey", linestyle=":", linewidth=1)
-        ax.annotate(f"kept: step {kept}, ppl {math.exp(log['kept_validation_loss']):.1f}",
+        ppl = math.exp(min(log["kept_validation_loss"], math.log(sys.float_info.max)))   # past it: inf, not overflow
+        ax.annotate(f"kept: step {kept}, ppl {ppl:.1f}",
                     (kept, log["kept_validation_loss"]), textcoords="offset points", xytext=(-10, 18), ha="right")
     ax.set_xlabel(f"step ({log['tokens_per_step']:,} tokens each)")
     ax.set_ylabel("cross-entropy (nats/token)")
@@ -68,6 +83,8 @@ def main() -> None:
     p.add_argument("loss_json", type=Path)
     p.add_argument("--png", type=Path, default=None, help="[default: loss.png beside the JSON]")
     a = p.parse_args()
+    if a.png is not None and a.png.suffix.lower() != ".png":   # matplotlib's ValueError for a format it has not
+        p.exit(2, f"{p.prog}: error: --png {a.png}: name a .png file\n")
     try:
         plot_loss(a.loss_json, a.png or a.loss_json.with_name("loss.png"))
     except ModuleNotFoundError as e:
