@@ -36,10 +36,12 @@ from klconvert.presets import PRESETS, TINY
 from klconvert.onnx import export as export_module
 from klconvert.onnx.export import (DATA_FILE, GENAI_CONFIG, LOWEST_ONNXRUNTIME, LOWEST_ONNXRUNTIME_IR, MIN_OPSET,
                                    export_onnx, ir_version, make_model)
-from klconvert.onnx.export_folder import LOGITS_TO_KEEP
+from klconvert.onnx.export_folder import KEY_BLOCK_GRAPH, LOGITS_TO_KEEP
 from klconvert.onnx.graph import GraphBuilder
 from klconvert.onnx.matmul_nbits import NBitsWeight, nbits_weight
+from klconvert.onnx import mla
 from klconvert.onnx.mla import KEY_BLOCK
+from klconvert.onnx.subgraphs import subgraph_names
 from klconvert.onnx.session import ARENA_SHARE, EARLIER_KEY_BLOCK, MAX_THREADS, SCORE_BYTES, OnnxEngine
 from klconvert.quant import QuantScheme, compress_weight, decompress_weight, unpack_from_int32
 from klconvert.quant.groupwise import CHANNEL
@@ -1310,15 +1312,82 @@ def _without_the_graphs_key_block(folder: Path, recorded: str | None = None) -> 
     onnx.save(model, folder / "model.onnx")
 
 
-def test_an_export_from_before_key_blocks_prefills_in_calls_sized_by_every_key(exported, tmp_path):
+def _attend_every_row(g, m, prefix, linears, q, present, at):
+    """An MLA prefill as exports from before key blocks built it (mla.py before 3856290): the scores [B, H, T, L]
+    against every cached row at once, no Loop -> o [B, H, T, dv], as mla._attend_expanded gives."""
+    H, dn, dr, dv, r = m.H, m.dn, m.dr, m.dv, m.r
+    c_lat, c_key = g.op("Split", present, g.const([r, dr]), axis=-1, outputs=2)
+    kv_b = g.op("Reshape", linears.apply(g, c_lat, f"{prefix}.kv_b_proj", m.kv_b_proj.weight),
+                g.const([0, 0, H, dn + dv]))
+    k_nope, v = g.op("Split", kv_b, g.const([dn, dv]), axis=-1, outputs=2)
+    q_nope, q_rope = g.op("Split", q, g.const([dn, dr]), axis=-1, outputs=2)
+    nope = g.op("MatMul", g.op("Transpose", q_nope, perm=[0, 2, 1, 3]), g.op("Transpose", k_nope, perm=[0, 2, 3, 1]))
+    rope = g.op("MatMul", g.op("Transpose", q_rope, perm=[0, 2, 1, 3]),
+                g.op("Unsqueeze", g.op("Transpose", c_key, perm=[0, 2, 1]), g.const([1])))
+    rows = g.op("Range", g.const(0), g.op("Squeeze", g.op("Shape", present, start=1, end=2), g.const([0])), g.const(1))
+    visible = g.op("Unsqueeze", g.op("LessOrEqual", rows, g.op("Unsqueeze", at, g.const([-1]))), g.const([1]))
+    scores = g.op("Where", visible, g.op("Mul", g.op("Add", nope, rope), g.const(m.scale, np.float32)),
+                  g.const(-np.inf, np.float32))
+    return g.op("MatMul", g.op("Softmax", scores, axis=-1), g.op("Transpose", v, perm=[0, 2, 1, 3]))
+
+
+@pytest.fixture(scope="module")
+def before_key_blocks(exported, tmp_path_factory):
+    """An export of exported's quantized folder as export-onnx wrote it before key blocks: its MLA prefill attends
+    every cached row at once (no key-block Loop), its graph records no key block, its genai_config.json names none."""
+    out = tmp_path_factory.mktemp("before-key-blocks") / "onnx"
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(mla, "_attend_expanded", _attend_every_row)
+        export_onnx(exported[0], out)
+    _without_the_graphs_key_block(out)
+    _edited_genai_config(out, lambda config: config.pop("attention_key_block"))
+    return out
+
+
+def test_an_export_from_before_key_blocks_prefills_in_calls_sized_by_every_key(exported, before_key_blocks):
     """Its graph attends every cached row at once (it records no key block, its genai_config.json names none), so
-    its calls shrink as the prompt grows, where an export's own are sized by its key block."""
-    folder = shutil.copytree(exported[1], tmp_path / "onnx")
-    heads, tokens = OnnxEngine(folder).config.num_attention_heads, 24_000
-    assert OnnxEngine(folder).prefill_segment(1, tokens) == SCORE_BYTES // (4 * heads * KEY_BLOCK)
-    _without_the_graphs_key_block(folder)
-    _edited_genai_config(folder, lambda m: m.pop("attention_key_block"))
-    assert OnnxEngine(folder).prefill_segment(1, tokens) == SCORE_BYTES // (4 * heads * tokens)
+    its calls shrink as the prompt grows, where an export's own are sized by its key block; its logits are the key
+    blocks' (the stand-in is what exports were)."""
+    heads, tokens = OnnxEngine(exported[1]).config.num_attention_heads, 24_000
+    assert OnnxEngine(exported[1]).prefill_segment(1, tokens) == SCORE_BYTES // (4 * heads * KEY_BLOCK)
+    assert OnnxEngine(before_key_blocks).prefill_segment(1, tokens) == SCORE_BYTES // (4 * heads * tokens)
+    ids = torch.tensor([PROMPT * 3])
+    assert rel_error(OnnxEngine(before_key_blocks).forward(ids), OnnxEngine(exported[1]).forward(ids)) < EXACT_BOUND
+
+
+def test_subgraph_names_reads_the_graph_as_onnx_does(exported, tmp_path):
+    """OnnxEngine reads model.onnx's protobuf for its subgraphs without onnx: the names are onnx's own, at any depth
+    (the key-block Loop's body inside an If branch); a cut file is a ValueError, not a wrong answer."""
+    def names(graph) -> set[str]:
+        inner = [sub for node in graph.node for a in node.attribute for sub in ([a.g] if a.HasField("g") else [])
+                 + list(a.graphs)]
+        return {sub.name for sub in inner}.union(*map(names, inner))
+
+    path = exported[1] / "model.onnx"
+    assert KEY_BLOCK_GRAPH in subgraph_names(path) == names(onnx.load(path, load_external_data=False).graph)
+    (tmp_path / "cut.onnx").write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    with pytest.raises(ValueError):
+        subgraph_names(tmp_path / "cut.onnx")
+
+
+def test_a_graph_without_a_record_tells_its_key_block_by_its_loop(exported, before_key_blocks, tmp_path):
+    """A graph from before it recorded its key block was taken to have the key block genai_config.json named, or
+    none: 1,024 added by hand to an export from before key blocks sized its calls for blocks it does not have (8,000
+    tokens peaked at 2.5 GB where its own calls took 0.7), removed from one with key blocks shrank its calls with
+    the prompt (174 tokens at 24,000). Whether it has the key-block Loop decides."""
+    old = shutil.copytree(before_key_blocks, tmp_path / "old")
+    _edited_genai_config(old, lambda config: config.update(attention_key_block=KEY_BLOCK))
+    with pytest.raises(klconvert.KLError, match=f"old/genai_config.json: its attention_key_block is {KEY_BLOCK}, "
+                                                "where its graph attends every cached row \\(it has no key blocks\\) "
+                                                "at once; export the folder again$"):
+        OnnxEngine(old)
+    blocked = shutil.copytree(exported[1], tmp_path / "blocked")
+    _without_the_graphs_key_block(blocked)
+    _edited_genai_config(blocked, lambda config: config.pop("attention_key_block"))
+    with pytest.raises(klconvert.KLError, match="blocked/genai_config.json: its attention_key_block is missing, where "
+                                                f"its graph attends {EARLIER_KEY_BLOCK} cached rows at once; export "
+                                                "the folder again$"):
+        OnnxEngine(blocked)
 
 
 def test_a_genai_config_key_block_is_held_to_the_graphs(exported, tmp_path):

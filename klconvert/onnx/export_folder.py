@@ -11,6 +11,8 @@ LOGITS_TO_KEEP = "logits_to_keep"
 # The cached rows the graph's MLA layers attend at once in a prefill call: genai_config.json's key for it, and the
 # graph's own metadata key, which OnnxEngine holds genai_config.json's to (a hand-edited one sized every call wrongly)
 ATTENTION_KEY_BLOCK = "attention_key_block"
+# The name of the Loop body attending one key block: a graph that recorded no key block attends by blocks if it has it
+KEY_BLOCK_GRAPH = "mla_key_block"
 # The logits' shape but the vocabulary: kept_sequence is min(logits_to_keep, sequence), or sequence where it is 0
 LOGITS_SHAPE = ["batch", "kept_sequence"]
 

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from klconvert.onnx.export_folder import KEY_BLOCK_GRAPH
 from klconvert.onnx.graph import FLOAT, GraphBuilder
 from klconvert.onnx.linears import Linears, as_numpy
 from klconvert.runtime import model as M
@@ -81,7 +82,7 @@ def _key_block_body(g: GraphBuilder, m: M.MLAMixer, prefix: str, linears: Linear
               helper.make_tensor_value_info("go", TensorProto.BOOL, []), *carried]
     outputs = [helper.make_tensor_value_info("go_out", TensorProto.BOOL, []),
                *(helper.make_tensor_value_info(f"{v.name}_out", FLOAT, [None] * 4) for v in carried)]
-    return helper.make_graph(b.nodes, "mla_key_block", inputs, outputs)
+    return helper.make_graph(b.nodes, KEY_BLOCK_GRAPH, inputs, outputs)
 
 
 def _attend_expanded(g: GraphBuilder, m: M.MLAMixer, prefix: str, linears: Linears, q: str, present: str,

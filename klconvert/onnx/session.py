@@ -20,9 +20,10 @@ from klconvert.models import resolve_model
 from klconvert.checkpoint.folder_files import CONFIG_FILE, GENAI_CONFIG, refuse_link_out
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.onnx import refuse_export_under_way
-from klconvert.onnx.export_folder import (ATTENTION_KEY_BLOCK, DATA_FILE, LOGITS_SHAPE, LOGITS_TO_KEEP, ONNX_FILE,
-                                         state_spec)
+from klconvert.onnx.export_folder import (ATTENTION_KEY_BLOCK, DATA_FILE, KEY_BLOCK_GRAPH, LOGITS_SHAPE,
+                                         LOGITS_TO_KEEP, ONNX_FILE, state_spec)
 from klconvert.onnx.interruptible import interruptible
+from klconvert.onnx.subgraphs import subgraph_names
 from klconvert.runtime.engine import (GenerationStats, Runner, as_batch, as_prompts, as_stop_ids, check_callbacks,
                                       no_new_ids, whole_numbers)
 from klconvert.runtime.host_memory import exhausted, host_memory
@@ -202,18 +203,35 @@ class OnnxEngine(Runner):
 
     def _graphs_key_block(self, block: int | None, path: Path) -> int | None:
         """GENAI_CONFIG's attention_key_block (`block`; `path` names the file) once it is the graph's: what the graph
-        records, or, in a graph from before that record, EARLIER_KEY_BLOCK or none (an export from before key
-        blocks). A hand-edited block sized every prefill call wrongly."""
+        records, or, in a graph from before that record, EARLIER_KEY_BLOCK if it has the key-block Loop, else none
+        (an export from before key blocks). A hand-edited block sized every prefill call wrongly: 1,024 given to a
+        graph that attends every cached row at once peaked at 2.5 GB where its own calls took 0.7 (8,000 tokens)."""
         recorded = self.session.get_modelmeta().custom_metadata_map.get(ATTENTION_KEY_BLOCK)
         if recorded is not None and not re.fullmatch(r"[1-9][0-9]{0,9}", recorded):
             raise KLError(f"{self.folder / ONNX_FILE}: the graph records {ATTENTION_KEY_BLOCK} {shown(recorded)}, "
                           "where export-onnx records a whole number of at least 1; export the folder again")
-        graphs = int(recorded) if recorded is not None else None if block is None else EARLIER_KEY_BLOCK
+        if recorded is not None:
+            graphs = int(recorded)
+        elif not self.config.full_attn_layers:
+            return block   # no MLA layer, no Loop to tell by: nor any scores for a block to size
+        else:
+            graphs = EARLIER_KEY_BLOCK if KEY_BLOCK_GRAPH in self._subgraph_names() else None
         if block != graphs:
             said = f"is {shown(block)}" if block is not None else "is missing"
-            raise KLError(f"{path}: its {ATTENTION_KEY_BLOCK} {said}, where its graph attends {graphs} cached rows "
-                          "at once; export the folder again")
+            attends = f"{graphs} cached rows" if graphs is not None else "every cached row (it has no key blocks)"
+            raise KLError(f"{path}: its {ATTENTION_KEY_BLOCK} {said}, where its graph attends {attends} at once; "
+                          "export the folder again")
         return block
+
+    def _subgraph_names(self) -> set[str]:
+        """subgraph_names of the graph onnxruntime loaded; one that cannot be read (changed since) is one line."""
+        path = self.folder / ONNX_FILE
+        try:
+            return subgraph_names(path)
+        except (OSError, ValueError) as e:
+            refuse_out_of_descriptors(e, path)
+            raise KLError(f"{path}: cannot read its nodes ({unreadable_reason(e, 120)}); export the folder "
+                          "again") from None
 
     def _checked_genai_config(self, path: Path) -> int | None:
         """The cached rows the graph's MLA layers attend at once, as GENAI_CONFIG says once it is checked (None: an
