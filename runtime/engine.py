@@ -743,13 +743,19 @@ class Engine(Runner):
 
     def forward(self, input_ids) -> torch.Tensor:
         """The prefill path over whole sequences of one length: input_ids [B, T] -> logits [B, T, vocab] fp32, which
-        no plan counts (B x T x vocab x 4 bytes): allocated before the model runs, so that where they do not fit the
-        call is refused at once, naming forward_segments, which hands them on a few positions at a time within the
-        plan."""
+        no plan counts (B x T x vocab x 4 bytes): where they do not fit beside the prefill's workspace the call is
+        refused at once, naming forward_segments, which hands them on a few positions at a time within the plan.
+        Checked, not only allocated first: logits the allocator took left the prefill to run out part-way, its line
+        naming a shorter prompt or context (8,000 tokens of the bundled model under ulimit -d), where forward_segments
+        ran."""
         ids = self._forward_ids(input_ids)
         B, T, V = *ids.shape, self.config.vocab_size
         what = f"forward's logits ([{B}, {T:,}, {V:,}] fp32, {size_text(B * T * V * 4)})"
         less = ("give fewer tokens", "read them a few positions at a time with forward_segments")
+        needed, room = B * T * V * 4 + self.plan.prefill_workspace_for(T), self._room_now()
+        if room is not None and needed > room[0]:
+            raise KLError(f"{what} with a prefill's workspace need {size_text(needed)} but {self.device} has "
+                          f"{room[1]}; {less[1]}, or {less[0]}")
         with host_allocation(what, " or ".join(less)), device_allocation(what, self.plan.total, less, False):
             logits = torch.empty(B, T, V, dtype=torch.float32, device=self.device)
         at = 0
@@ -757,6 +763,15 @@ class Engine(Runner):
             logits[:, at:at + rows.shape[1]] = rows
             at += rows.shape[1]
         return logits
+
+    def _room_now(self) -> tuple[int, str] | None:
+        """What this process can still allocate on the engine's device, with how a refusal says it ("0.54 GB
+        available under ..."); None where it is not known (the host's, off Linux)."""
+        if self.device.type == "cuda":
+            room = device_room(self.device, 0)
+            return room, f"{size_text(room)} free for this process"
+        host = host_memory()
+        return None if host is None else (host.available, str(host))
 
     def forward_segments(self, input_ids) -> Iterator[torch.Tensor]:
         """`forward` a few positions at a time: yields logits [B, R, vocab] fp32 for positions in order, R*B rows

@@ -567,6 +567,26 @@ def test_a_gpu_plan_is_held_to_what_the_card_has_free_for_this_process(tiny_rele
     assert fit == dataclasses.replace(plan, memory_limit=int(free * NAMED_FIT_SHARE)).largest_context() < 4096
 
 
+def test_forwards_logits_are_held_to_the_room_beside_the_prefills_workspace(engine, monkeypatch):
+    """forward's [B, T, vocab] output was only allocated before the prefill: taken, it left the prefill to run out
+    part-way (8,000 tokens of the bundled model under ulimit -d), naming a shorter prompt or context, where
+    forward_segments on the same ids ran. The logits and the workspace the prefill needs are checked against what the
+    host has first, the line naming forward_segments."""
+    ids = torch.randint(0, engine.config.vocab_size, (1, 64))
+    logits = 64 * engine.config.vocab_size * 4
+    needed = logits + engine.plan.prefill_workspace_for(64)
+    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(needed - 1, *ADDRESS_SPACE_BOUND))
+    with pytest.raises(KLError, match=rf"^forward's logits \(\[1, 64, {engine.config.vocab_size:,}\] fp32, "
+                                      rf"{re.escape(size_text(logits))}\) with a prefill's workspace need "
+                                      rf"{re.escape(size_text(needed))} but cpu has {re.escape(size_text(needed - 1))} "
+                                      r"available under the process's address-space limit \(ulimit -v\); read them a "
+                                      r"few positions at a time with forward_segments, or give fewer tokens$"):
+        engine.forward(ids)
+    assert sum(rows.shape[1] for rows in engine.forward_segments(ids)) == 64   # the way the line names
+    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(needed, *ADDRESS_SPACE_BOUND))
+    assert engine.forward(ids).shape == (1, 64, engine.config.vocab_size)
+
+
 def test_a_resize_counts_the_weights_it_holds_as_its_own(tiny_released, monkeypatch):
     """After load the weights are out of what the host has left: a resize held them against it a second time. The
     state it holds counts as its own too (the new plan's is allocated once the old one is freed)."""
