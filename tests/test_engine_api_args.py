@@ -740,7 +740,7 @@ def test_onednn_refusing_a_primitive_mid_generation_is_out_of_memory_in_one_line
     traceback from run, exit status 1."""
     def refused(*_, **__):
         raise RuntimeError("could not create a primitive")
-    monkeypatch.setattr("klconvert.runtime.model.KimiLinear.forward", refused)
+    monkeypatch.setattr("klconvert.runtime.model.KimiLinear.hidden_states", refused)
     code, _, err = run_cli(capsys, "run", "--model", tiny_released, "--prompt", "a b", "--max-new-tokens", "3",
                            "--device", "cpu")
     assert_one_line_error(code, err, "out of host memory (or the process's memory limit) allocating a prefill's "

@@ -528,7 +528,7 @@ def test_onednn_refusing_a_primitive_during_eval_is_out_of_memory_in_one_line(ti
     a primitive", a traceback: it is one line, out of host memory, naming the run."""
     def refused(*_, **__):
         raise RuntimeError("could not create a primitive")
-    monkeypatch.setattr("klconvert.runtime.model.KimiLinear.forward", refused)
+    monkeypatch.setattr("klconvert.runtime.model.KimiLinear.hidden_states", refused)
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
     code, _, err = run_cli(capsys, "eval", "--model", tiny_released, "--reference", tiny_released, "--text-file",
