@@ -21,7 +21,7 @@ from klconvert.runtime.bind import cpu_forms_bound
 from klconvert.runtime.device_memory import (ContextDoesNotFit, DeviceMemoryExhausted, WeightsDoNotFit,
                                              device_allocation, device_exhausted)
 from klconvert.runtime.host_malloc import give_back_free_pages
-from klconvert.runtime.host_memory import HostMemory, host_allocation, host_memory
+from klconvert.runtime.host_memory import NAMED_FIT_SHARE, HostMemory, host_allocation, host_memory
 from klconvert.runtime.memory_plan import MemoryPlan, weight_bytes
 from klconvert.runtime.sampling import as_number
 from klconvert.text_input import text_tokens
@@ -291,40 +291,48 @@ def _refuse_past_host_memory(tokens: int, config: KimiLinearConfig, plan: Memory
                              host: HostMemory | None, model_run: str | None = None) -> None:
     """What eval holds at its peak (_host_bytes) must fit in the memory the host (and the process's limits) leave,
     the allocator's free blocks counted as room for the weights alone (HostMemory.for_weights): the model's plan
-    whole, as the engine checks it, and the buffers no plan counts (log-probs, logits) within HOST_SHARE of it; the
-    refusal names the largest --max-tokens that fits, and the host's bound's remedy where all of its memory would
-    hold the tokens asked (or the fewest, where none fit), as the engine's refusals do (HostMemory.remedy_for).
-    `model_run`: once the reference has run, the model (its flag and value, as the refusal names it), whose run
-    alone is counted: the reference's log-probs are held already."""
+    whole, as the engine checks it, and what no plan counts (log-probs, logits) within HOST_SHARE of it; the refusal
+    names the largest --max-tokens that fits NAMED_FIT_SHARE of it (the next run measures the host anew), and the
+    host's bound's remedy where all of its memory would hold the tokens asked (or the fewest, where none fit), as the
+    engine's refusals do (HostMemory.remedy_for). Before the reference runs (`model_run` None), what its run will
+    leave out of the model's room is counted with the log-probs -- HostMemory.left_mapped of its plan besides the
+    weights; under ulimit -d the bundled model's reference left 10-15 MB (free blocks past its weights, and what else
+    stayed mapped) where that counts 12 MB, 22-27 MB for 21 MB, 16-19 MB for 37 MB -- so that the --max-tokens it
+    names passes the check once the reference ran. `model_run`: once the reference has run, the model (its flag and
+    value, as the refusal names it), whose run alone is counted: the reference's log-probs are held already."""
     if host is None:
         return
     host = host.for_weights(plan.weights if plan else 0)
     runs = 2 if model_run is None else 1
 
-    def room_taken(parts: tuple[int, int, int]) -> int:   # what must be available for `parts` to fit
-        kept, model, logits = parts
-        return math.ceil(model + (kept + logits) / HOST_SHARE)
+    def left(tokens: int) -> int:   # what the reference's run, freed, keeps of the model's room
+        return 0 if plan is None or model_run is not None else host.left_mapped(plan.total_for(tokens) - plan.weights)
 
-    kept, model, logits = parts = _host_bytes(tokens, config, plan, runs)
-    if room_taken(parts) <= host.available:
+    def room_taken(tokens: int) -> int:   # what must be available for the run of `tokens` tokens to fit
+        kept, model, logits = _host_bytes(tokens, config, plan, runs)
+        return math.ceil(model + (kept + left(tokens) + logits) / HOST_SHARE)
+
+    if room_taken(tokens) <= host.available:
         return
     fits, past = 1, tokens   # the most tokens that fit (below MIN_SCORED_TOKENS, none does), the fewest that do not
     while past - fits > 1:
         mid = (fits + past) // 2
-        fits, past = ((mid, past) if room_taken(_host_bytes(mid, config, plan, runs)) <= host.available
-                      else (fits, mid))
+        fits, past = (mid, past) if room_taken(mid) <= host.available * NAMED_FIT_SHARE else (fits, mid)
+    (kept, model, logits), left_behind = _host_bytes(tokens, config, plan, runs), left(tokens)
     whose = "both models'" if model_run is None else "its"
     held = (f"{whose} log-probabilities and router choices over a "
             f"{config.vocab_size:,}-word vocabulary ({size_text(kept)}), "
             + (f"one model on the CPU with its memory plan ({size_text(model)}), " if plan else "")
+            + (f"the reference's state, cache and workspace, which stay mapped once it is freed "
+               f"({size_text(left_behind)}), " if left_behind else "")
             + f"the logits in hand ({size_text(logits)})")
     whom = "eval" if model_run is None else f"{model_run}: once the reference ran, its run"
-    said = (f"{whom} would hold {size_text(sum(parts))} on the host for {tokens:,} tokens -- {held} -- more than "
-            f"fits (the model's plan, and the rest within {HOST_SHARE:.0%}) in the {host}; ")
+    said = (f"{whom} would hold {size_text(kept + model + left_behind + logits)} on the host for {tokens:,} tokens "
+            f"-- {held} -- more than fits (the model's plan, and the rest within {HOST_SHARE:.0%}) in the {host}; ")
     if fits >= MIN_SCORED_TOKENS:
-        remedy = host.remedy_for(room_taken(parts))
+        remedy = host.remedy_for(room_taken(tokens))
         raise KLError(f"{said}lower --max-tokens to {fits:,} or less" + ("" if remedy is None else f", or {remedy}"))
-    remedy = host.remedy_for(room_taken(_host_bytes(MIN_SCORED_TOKENS, config, plan, runs)))
+    remedy = host.remedy_for(room_taken(MIN_SCORED_TOKENS))
     raise KLError(f"{said}not even {MIN_SCORED_TOKENS} tokens fit"
                   + (f": {remedy}" if remedy else f", nor would in all of this host's {size_text(host.total)}"))
 

@@ -22,6 +22,9 @@ except ImportError:  # not a POSIX system: no process limits to read
 HOST_BOUND = ("on the host (MemAvailable)", "free some memory")
 ADDRESS_SPACE_BOUND = ("under the process's address-space limit (ulimit -v)", "raise ulimit -v")
 DATA_BOUND = ("under the process's data-segment limit (ulimit -d)", "raise ulimit -d")
+# The process's limits on what it has mapped: each the soft limit's name, the /proc/self/status field of what it maps,
+# and its bound. A block the allocator holds free stays mapped, counted by them as used.
+MAPPED_LIMITS = (("RLIMIT_AS", "VmSize", ADDRESS_SPACE_BOUND), ("RLIMIT_DATA", "VmData", DATA_BOUND))
 CGROUP_REMEDY = "raise the container's (cgroup's) memory limit"
 NO_CGROUP_LIMIT = 1 << 62   # cgroup v1 writes "no limit" as 2**63 - 1 rounded down to a page
 READ_BOUND, READ_PIECE = 1 << 20, 1 << 14   # characters of a /proc or /sys file read at most, and at a time
@@ -57,6 +60,15 @@ class HostMemory:
         unused = max(0, self.free_blocks - weights)
         return replace(self, available=self.available - unused, free_blocks=self.free_blocks - unused)
 
+    def left_mapped(self, blocks: int) -> int:
+        """What a freed model's `blocks` bytes besides its weights (its plan's state, cache and workspace) keep of
+        this room once it is freed: all of them under a limit on what the process maps (ulimit -v / -d), where the
+        allocator holds them as free blocks, mapped, that for_weights counts as room for the next model's weights
+        alone; none on the host or under a cgroup, whose figures see their pages free once they are handed back
+        (give_back_free_pages: eval's reference, the bundled model at 64-963 tokens, left 8 MB more resident with
+        its log-probabilities, which it keeps)."""
+        return blocks if self.bound in (bound for _, _, (bound, _) in MAPPED_LIMITS) else 0
+
     def remedy_for(self, needed: int) -> str | None:
         """`remedy` where the host's memory in all would hold `needed` bytes (or is not known): memory freed, or a
         limit raised, gives no more than that; None where it would not -- the host cannot hold them."""
@@ -78,7 +90,7 @@ def host_memory(root: Path = Path("/")) -> HostMemory | None:
         found.append(HostMemory(available, *HOST_BOUND))
     status = _fields(root / "proc/self/status")
     free = held_free()
-    for name, used, bound in (("RLIMIT_AS", "VmSize", ADDRESS_SPACE_BOUND), ("RLIMIT_DATA", "VmData", DATA_BOUND)):
+    for name, used, bound in MAPPED_LIMITS:
         limit, mapped = _soft_limit(name), _kib(status.get(used))
         if limit is not None and mapped is not None:
             found.append(HostMemory(max(0, limit - mapped) + free, *bound, free_blocks=free))

@@ -85,6 +85,17 @@ def test_the_allocators_free_blocks_are_room_for_weights_alone(tmp_path, monkeyp
     assert host_memory(fake_host(tmp_path, {**MEMINFO, **STATUS})).for_weights(0) == ON_THE_HOST
 
 
+def test_a_freed_models_other_blocks_stay_out_of_a_mapped_limits_room(tmp_path, monkeypatch):
+    """eval's up-front check counted a freed reference's state, cache and workspace as the model's room; under
+    ulimit -v / -d they stay mapped (free blocks, room for the weights alone), on the host they are handed back."""
+    for limits, bound in (({"address_space": GiB}, ADDRESS_SPACE_BOUND), ({"data": GiB}, DATA_BOUND)):
+        fake_limits(monkeypatch, **limits)
+        host = host_memory(fake_host(tmp_path, {**MEMINFO, **STATUS}))
+        assert (host.bound, host.left_mapped(GiB // 8)) == (bound[0], GiB // 8)
+    fake_limits(monkeypatch)
+    assert host_memory(fake_host(tmp_path, {**MEMINFO, **STATUS})).left_mapped(GiB // 8) == 0
+
+
 def test_a_limit_without_the_mapped_figure_is_left_out(tmp_path, monkeypatch):
     fake_limits(monkeypatch, address_space=GiB)
     assert host_memory(fake_host(tmp_path, MEMINFO)) == ON_THE_HOST   # no /proc/self/status
