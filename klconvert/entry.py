@@ -67,22 +67,27 @@ def complete_note(path: os.PathLike) -> str:
     return f"{path} is complete: only its path was not printed"
 
 
-def _interrupted_line(complete: os.PathLike | None = None) -> str:
-    """The line an interrupted command ends with, after a line break on a terminal (it closes the terminal's ^C);
-    `complete`: the output it had written whole before the interrupt came."""
-    return (("\n" if sys.stderr.isatty() else "") + "klconvert: interrupted"
-            + (f" ({complete_note(complete)})" if complete is not None else ""))
+def _after_ctrl_c(line: str) -> str:
+    """`line` as said after an interrupt: behind a line break on a terminal (it closes the terminal's ^C)."""
+    return ("\n" if sys.stderr.isatty() else "") + line
+
+
+def _interrupted_line(complete: os.PathLike | None = None, left: str | None = None) -> str:
+    """The line an interrupted command ends with; `complete`: the output it had written whole before the interrupt
+    came; `left`: what it leaves behind (note_left)."""
+    notes = [note for note in (None if complete is None else complete_note(complete), left) if note is not None]
+    return _after_ctrl_c("klconvert: interrupted" + (f" ({'; '.join(notes)})" if notes else ""))
 
 
 def exit_interrupted(signum: int) -> None:
     """End the command after signal `signum`: _interrupted_line on stderr (saying that the command's output is whole
-    where note_complete said so and it is still there), exit status signal_status(signum), 130 still -- the user did
-    interrupt it. Never returns."""
+    where note_complete said so and it is still there, and what it leaves where note_left did), exit status
+    signal_status(signum), 130 still -- the user did interrupt it. Never returns."""
     ctrl_c = Uninterrupted.ctrl_c
-    complete = None if ctrl_c is None else ctrl_c.complete
+    complete, left = (None, None) if ctrl_c is None else (ctrl_c.complete, ctrl_c.left)
     # one gone is none: a tool's quantize into its own temporary folder (quality_table's), removed as the interrupt
     # unwound, was said to be complete
-    print(_interrupted_line(complete if complete is not None and os.path.lexists(complete) else None),
+    print(_interrupted_line(complete if complete is not None and os.path.lexists(complete) else None, left),
           file=sys.stderr)
     sys.exit(signal_status(signum))
 
@@ -95,6 +100,22 @@ def note_complete(path: os.PathLike) -> None:
         Uninterrupted.ctrl_c.complete = path
 
 
+def note_left(what: str) -> None:
+    """Say what an interrupt stopped the command in the middle of leaves behind, and how it goes: the line the
+    command ends in adds `what`. Outside the entry point, nothing."""
+    if Uninterrupted.ctrl_c is not None:
+        Uninterrupted.ctrl_c.left = what
+
+
+def _say_now(line: str) -> None:
+    """Write `line` on standard error's descriptor at once, from a signal handler too: the command's stream may be
+    in the middle of a write (a progress bar's), which a second write into its buffer would break."""
+    try:
+        os.write(sys.stderr.fileno(), (line + "\n").encode())
+    except (AttributeError, OSError):  # no standard error (closed), or one that cannot take it
+        pass
+
+
 def _end_now(signum: int) -> None:
     """End the process inside whatever it is doing (an import): no exception, no clean-up, no exit handlers -- what
     the standard streams hold written first."""
@@ -103,10 +124,7 @@ def _end_now(signum: int) -> None:
             stream.flush()
         except Exception:   # closed, full, a reader gone: what it held is lost, as it would be anyway
             pass
-    try:
-        os.write(sys.stderr.fileno(), (_interrupted_line() + "\n").encode())
-    except (AttributeError, OSError):  # no standard error (closed), or one that cannot take it
-        pass
+    _say_now(_interrupted_line())
     os._exit(signal_status(signum))
 
 
@@ -143,6 +161,9 @@ class _CtrlC:
         self.signum = signal.SIGINT
         self.uninterrupted = 0   # how many Uninterrupted blocks are running
         self.complete: os.PathLike | None = None   # the command's output, once it is whole (note_complete)
+        self.left: str | None = None   # what an interrupt leaves behind, and how it goes (note_left)
+        # what the Uninterrupted block running says as soon as an interrupt is held back in it, until said (its notice)
+        self.notice: str | None = None
 
     def interrupt(self, signum, frame) -> None:
         if self.ended:   # the command has ended (main's last steps): as after uninstall, ignored
@@ -154,6 +175,13 @@ class _CtrlC:
         self.heard = self.held = True
         self.signum = signum
         signal.setitimer(signal.ITIMER_REAL, RETRY_SECONDS)   # ask again soon: on_alarm
+        self.say_notice()
+
+    def say_notice(self) -> None:
+        """Say the running Uninterrupted block's notice, once, as an interrupt is held back in it."""
+        if self.notice is not None:
+            notice, self.notice = self.notice, None
+            _say_now(_after_ctrl_c(notice))
 
     def on_alarm(self, signum, frame) -> None:
         if not self.held:  # no interrupt of ours is waiting: not a Ctrl-C
@@ -224,20 +252,32 @@ class _CtrlC:
 class Uninterrupted:
     """`with Uninterrupted():` around steps that Ctrl-C or SIGTERM must not part (a folder renamed into place, then its
     temporary mark removed: an interrupt between them left the mark in OUT, which then no run would replace): one
-    that comes meanwhile is held back and raised as they end -- a second, where it lands. Outside the entry point
-    (the Python API, a test in the same process) nothing is held."""
+    that comes meanwhile is held back and raised as they end -- a second, where it lands. `notice`: a line said on
+    stderr as soon as one is held back in the block (or as it starts, one held already), for steps that may take a
+    while (98 GB deleted): what the command is waiting for, and what a second interrupt would leave -- silence
+    invited that second. Outside the entry point (the Python API, a test in the same process) nothing is held."""
 
     ctrl_c: _CtrlC | None = None   # the entry point's, while it is installed
 
+    def __init__(self, notice: str | None = None):
+        self.notice = notice
+
     def __enter__(self) -> None:
         self.ctrl_c = Uninterrupted.ctrl_c
-        if self.ctrl_c is not None:
-            self.ctrl_c.uninterrupted += 1
+        if self.ctrl_c is None:
+            return
+        self.ctrl_c.uninterrupted += 1
+        if self.notice is not None:   # an outer block's, unsaid, is the one to say again once this one ends
+            self.outer_notice, self.ctrl_c.notice = self.ctrl_c.notice, self.notice
+            if self.ctrl_c.held:
+                self.ctrl_c.say_notice()
 
     def __exit__(self, kind, error, traceback) -> None:
         if self.ctrl_c is None:
             return
         self.ctrl_c.uninterrupted -= 1
+        if self.notice is not None:
+            self.ctrl_c.notice = self.outer_notice
         if kind is None and self.ctrl_c.held and not self.ctrl_c.uninterrupted and not _importing(sys._getframe()):
             self.ctrl_c._raise(self.ctrl_c.signum)   # else the retry raises it once out of the import, or the failure
 

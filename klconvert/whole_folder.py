@@ -30,9 +30,9 @@ from klconvert.checkpoint.folder_files import CONFIG_FILE
 from klconvert.convert.output_folder import (OUTPUT_RECORD, TEMPORARY_MARKER, TEMPORARY_NAME, OutputLock,
                                              already_exists, lock_goes_inside, lock_holder, lock_path, make_parent,
                                              mark_temporary, names_shown, not_written_by_klconvert,
-                                             refuse_link_or_file, refuse_no_new_name, remove_created, remove_temporary,
-                                             runs_temporary, temporaries_start, temporary_prefix, unmark_temporary,
-                                             usual_mode, write_output_record, write_test)
+                                             refuse_link_or_file, refuse_no_new_name, remove_created, remove_replaced,
+                                             remove_temporary, runs_temporary, temporaries_start, temporary_prefix,
+                                             unmark_temporary, usual_mode, write_output_record, write_test)
 from klconvert.disk_space import failed_write
 from klconvert.entry import Uninterrupted, note_complete
 from klconvert.errors import KLError, refuse_out_of_descriptors
@@ -233,9 +233,8 @@ def _replace_in_place(new: Path, out: Path, earlier: list[str], last: str) -> No
         unmark_temporary(new)
         new.rmdir()
     finally:
-        if aside is not None:
-            with Uninterrupted():   # one as the earlier entries go comes once they are gone, not leaving them in OUT
-                remove_temporary(aside)   # (a second stops it: they stay marked, for the next run writing OUT)
+        if aside is not None:   # one as the earlier entries go comes once they are gone, not leaving them in OUT
+            remove_replaced(aside, out)
 
 
 def _moved_in(names: set[str] | list[str], last: str) -> list[str]:

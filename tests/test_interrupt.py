@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -37,13 +38,14 @@ def _entry(prelude: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
 TOUCHES = "open('made', 'w').close()"
 
 
-def _assert_interrupted(proc, status: int = 130, complete=None) -> None:
+def _assert_interrupted(proc, status: int = 130, complete=None, left: str | None = None) -> None:
     """One line, and the status a shell shows for a command SIGINT ended (128 + 2), or SIGTERM (143); the line says
-    that the output `complete` is whole, where given."""
+    that the output `complete` is whole, and what the command leaves (`left`), where given."""
     assert proc.returncode == status, proc.stderr
     lines = proc.stderr.split("\n")   # the one line, no blank one before it (click's for a terminal's ^C)
-    line = "klconvert: interrupted" + ("" if complete is None else
-                                       f" ({complete} is complete: only its path was not printed)")
+    notes = [note for note in (None if complete is None else f"{complete} is complete: only its path was not printed",
+                               left) if note is not None]
+    line = "klconvert: interrupted" + (f" ({'; '.join(notes)})" if notes else "")
     assert lines[-2:] == [line, ""] and lines[-3:-2] != [""] and "Traceback" not in proc.stderr
 
 
@@ -387,6 +389,7 @@ def test_an_interrupt_as_a_filled_folders_earlier_entries_are_deleted_waits_for_
         os.unlink = unlink
         """), *synth, "--force", cwd=tmp_path)
     _assert_interrupted(proc, complete="out")
+    _assert_deletion_said(proc, "out", "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and sorted(os.listdir(tmp_path / "out")) == files
 
 
@@ -533,17 +536,79 @@ def test_an_interrupt_as_quantize_replaces_its_output_leaves_the_new_one_alone(t
     out = tmp_path / "q"
     proc = _replaced_by_an_interrupted_quantize(tiny_released, out, SIGNAL_AFTER_THE_RENAME.format(signal=signame))
     _assert_interrupted(proc, signal_status(getattr(signal, signame)), complete=out)
+    _assert_deletion_said(proc, out, tmp_path)   # held through the rename: said as the deletion starts
     _assert_replaced(out)
 
 
 def test_an_interrupt_as_the_replaced_output_is_deleted_ends_once_it_is_gone(tiny_released, tmp_path):
     """One that landed as the earlier OUT was deleted stopped the deletion, leaving the rest of it beside OUT: it
-    comes once the deletion is done."""
+    comes once the deletion is done. That is said at once (h247's F3: nothing was, while 98 GB went, which invited
+    a second Ctrl-C), before the next file goes."""
     out = tmp_path / "q"
-    proc = _replaced_by_an_interrupted_quantize(tiny_released, out, SIGNAL_AS_A_FILE_IS_DELETED.format(
-        name=CONFIG_FILE, signal="SIGINT"))
+    proc = _replaced_by_an_interrupted_quantize(tiny_released, out, SIGNAL_AS_THE_EARLIER_OUT_IS_DELETED.format(
+        interrupted=(1,)))
     _assert_interrupted(proc, complete=out)
+    said = _assert_deletion_said(proc, out, tmp_path)
+    assert said < proc.stderr.splitlines().index(ANOTHER_DELETED), proc.stderr
     _assert_replaced(out)
+
+
+# SIGINT as the `interrupted` (their numbers, from 1) of the earlier OUT's files (moved aside: .q.replaced-*, or
+# .out.replaced-* in OUT) are deleted, and ANOTHER_DELETED on stderr as each later one is
+SIGNAL_AS_THE_EARLIER_OUT_IS_DELETED = """
+    import os, signal
+    _unlink, deleted = os.unlink, []
+    def unlink(path, *args, **kwargs):
+        _unlink(path, *args, **kwargs)
+        if ".replaced-" in os.fspath(path):
+            deleted.append(path)
+            if len(deleted) in {interrupted}:
+                os.kill(os.getpid(), signal.SIGINT)
+                [None for _ in range(3)]
+            elif len(deleted) > min({interrupted}):
+                os.write(2, b"another deleted\\n")
+    os.unlink = unlink
+    """
+ANOTHER_DELETED = "another deleted"
+
+
+def _assert_deletion_said(proc, out, aside_in) -> int:
+    """The line said as an interrupt was held back while the earlier OUT, moved aside into a hidden folder in
+    `aside_in`, was deleted -- once; its index in stderr's lines."""
+    aside = re.escape(os.path.join(aside_in, f".{os.path.basename(out)}.replaced-")) + r"[0-9]+-[a-z0-9_]{8}"
+    said = [i for i, line in enumerate(proc.stderr.splitlines()) if re.fullmatch(
+        f"klconvert: deleting the earlier {re.escape(str(out))} before stopping; a second Ctrl-C leaves the rest of "
+        f"it in {aside}", line)]
+    assert len(said) == 1, proc.stderr
+    return said[0]
+
+
+@pytest.mark.parametrize("command", ["quantize", "synth"])
+def test_a_second_interrupt_as_the_earlier_output_is_deleted_names_what_it_leaves(tiny_released, tmp_path, command):
+    """A second stops the deletion: the rest of the earlier OUT stays, hidden beside OUT (98 GB for the real model)
+    or in it, and the line said only "interrupted (OUT is complete: ...)" (h247's F3). It names that folder and how
+    it goes: the next run writing OUT removes it."""
+    if command == "quantize":
+        out, aside_in = tmp_path / "q", tmp_path
+        first = ("quantize", str(tiny_released), str(out), *QUANTIZE_OPTIONS)
+        again = ("quantize", str(tiny_released), str(out), "--bits", "8", *QUANTIZE_OPTIONS[2:], "--force")
+    else:
+        out = aside_in = "out"
+        first = ("synth", "--preset", "tiny", "--out", out)
+        again = (*first, "--force")
+    assert _entry("", *first, cwd=tmp_path).returncode == 0
+    proc = _entry(SIGNAL_AS_THE_EARLIER_OUT_IS_DELETED.format(interrupted=(1, 2)), *again, cwd=tmp_path)
+    files = sorted(os.listdir(tmp_path / out))   # the new OUT, whole; the rest of the earlier aside, if in OUT
+    _assert_deletion_said(proc, out, aside_in)
+    left = [name for name in os.listdir(tmp_path / aside_in) if ".replaced-" in name]
+    assert len(left) == 1, left
+    aside = os.path.join(aside_in, left[0])
+    _assert_interrupted(proc, complete=out, left=f"the rest of the earlier {out} is left in {aside}: the next run "
+                                                 f"writing {out} removes it, or rm -rf {aside}")
+    assert (tmp_path / aside / TEMPORARY_MARKER).is_file()
+    assert _entry("", *again, cwd=tmp_path).returncode == 0
+    assert not os.path.lexists(tmp_path / aside)
+    assert sorted(os.listdir(tmp_path / out)) == sorted(set(files) - set(left))
 
 
 @pytest.mark.parametrize("killed", ["as the new OUT goes in", "as the earlier OUT is deleted"])

@@ -482,6 +482,7 @@ def test_what_a_kill_left_in_a_finished_folder_stops_no_replacement(tmp_path, mo
     export_files = Replaceable("an earlier export", lambda p: p.name in {*earlier, "model.onnx.data"})
     monkeypatch.setattr(whole_folder_module, "unmark_temporary", killed)
     monkeypatch.setattr(whole_folder_module, "remove_temporary", lambda folder: None)   # a kill runs no clean-up
+    monkeypatch.setattr(whole_folder_module, "remove_replaced", lambda aside, out: None)
     with pytest.raises(SystemExit):
         with whole_folder(out, force=True, replaceable=export_files, last="genai_config.json") as folder:
             (folder / "genai_config.json").write_text("second")

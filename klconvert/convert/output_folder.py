@@ -23,9 +23,10 @@ from klconvert.checkpoint.reader import file_identity
 from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.checkpoint.safetensors_writer import PlannedTensor, shard_header
 from klconvert.disk_space import failed_write
-from klconvert.entry import Uninterrupted, note_complete
+from klconvert.entry import Uninterrupted, note_complete, note_left
 from klconvert.errors import KLError, refuse_out_of_descriptors, shown
 from klconvert.hex_digests import HASH_CHUNK_BYTES, SHA256_HEX
+from klconvert.shell_command import shell_command
 from klconvert.user_paths import refuse_unreachable, shown_path
 
 # What the partial folder is for (source fingerprint and options), and the sha256 and file of each shard finished so far
@@ -462,6 +463,22 @@ def remove_temporary(folder: Path) -> None:
         _remove_tree(folder)
 
 
+def remove_replaced(aside: Path, out: Path) -> None:
+    """Delete `aside`, where the earlier OUT (or its entries) went as the new one came in (remove_temporary), as a
+    whole: an interrupt meanwhile is held back until it is gone -- and said at once, with where a second would leave
+    the rest (silence invited the second: 98 GB takes a while) -- and a second stops it, the line the command ends
+    in naming that hidden folder and how it goes."""
+    with Uninterrupted(notice=f"klconvert: deleting the earlier {out} before stopping; a second Ctrl-C leaves the "
+                              f"rest of it in {aside}"):
+        try:
+            remove_temporary(aside)
+        except BaseException:
+            if os.path.lexists(aside):   # still marked (remove_temporary): a run taking OUT's lock removes it
+                note_left(f"the rest of the earlier {out} is left in {aside}: the next run writing {out} removes it, "
+                          f"or {shell_command('rm', '-rf', aside)}")
+            raise
+
+
 def _remove_tree(top: Path) -> None:
     """Delete `top`, a folder with all it holds or a file, holding one file descriptor at a time (listdir's, closed
     as it returns; shutil.rmtree holds two a level): a run out of descriptors removes its temporary too. It lies in
@@ -780,9 +797,8 @@ class OutputFolder:
         self.refuse_files_not_written()
         write_output_record(self.path, self.files)
         # A kill in between leaves OUT.partial to resume, or the record in OUT: the same command's rerun ends that
-        # finish (end_killed_finish). The earlier OUT is deleted inside the block too (98 GB for the real model takes
-        # a while): an interrupt as OUT is replaced comes once it is gone, where it was left beside the new one; a
-        # second stops the deletion, and what is left, still marked (remove_temporary), goes with the next run
+        # finish (end_killed_finish). The earlier OUT is deleted inside the block too: an interrupt as OUT is
+        # replaced comes once it is gone, where it was left beside the new one (remove_replaced)
         with Uninterrupted():
             replaced = move_aside(self.out) if out_exists else None
             try:
@@ -796,7 +812,7 @@ class OutputFolder:
                 note_complete(self.out)   # an interrupt held back meanwhile says so: a rerun is refused, OUT is there
             finally:
                 if replaced is not None:
-                    remove_temporary(replaced)
+                    remove_replaced(replaced, self.out)
         return self.out
 
 
