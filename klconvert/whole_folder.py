@@ -223,15 +223,19 @@ def _replace_in_place(new: Path, out: Path, earlier: list[str], last: str) -> No
             aside.chmod(stat.S_IRWXU)   # as `new`: mkdtemp's mode is masked
             mark_temporary(aside)   # before any move: a run killed after leaves it for the next to remove
         _move(sorted(earlier, key=lambda name: (name != last, name == OUTPUT_RECORD, name)), out, aside)
-        with Uninterrupted():   # renames alone: an interrupt once the last is in says OUT is whole, as the rename's
+        with Uninterrupted():   # an interrupt once the last is in says OUT is whole, as the rename's
             try:
                 _move(_moved_in(set(os.listdir(new)) - {TEMPORARY_MARKER}, last), new, out)
             except BaseException:   # a failed move (an interrupt is held back: it comes once OUT is whole)
                 _move(_moved_in(earlier, last), aside, out)
                 raise
             note_complete(out)   # whole: an interrupt as the entries went in, or the earlier ones go, says so
-        unmark_temporary(new)
-        new.rmdir()
+            unmark_temporary(new)
+            new.rmdir()
+            # inside the block: one held as the entries went in is said as the deletion starts, and a second stops
+            # it (raised as the block ended, it came before, and only a third stopped the deletion: h252's F1)
+            aside, replaced = None, aside
+            remove_replaced(replaced, out)
     finally:
         if aside is not None:   # one as the earlier entries go comes once they are gone, not leaving them in OUT
             remove_replaced(aside, out)

@@ -611,6 +611,35 @@ def test_a_second_interrupt_as_the_earlier_output_is_deleted_names_what_it_leave
     assert sorted(os.listdir(tmp_path / out)) == sorted(set(files) - set(left))
 
 
+def test_a_second_interrupt_after_one_held_as_synth_fills_out_stops_the_deletion(tmp_path):
+    """synth --force filling OUT in place: an interrupt held as the new entries went in was raised as their block
+    ended, before the earlier ones were deleted, so the deletion ran unheld -- the second Ctrl-C was taken for the
+    first (the notice only then) and a third stopped it (h252's F1). As quantize's: the notice as the deletion
+    starts, and the second stops it, naming what it leaves."""
+    first = ("synth", "--preset", "tiny", "--out", "out")
+    assert _entry("", *first, cwd=tmp_path).returncode == 0
+    into_out = """
+    import os, signal
+    _rename, moved_in = os.rename, []
+    def rename(source, target, *args, **kwargs):
+        _rename(source, target, *args, **kwargs)
+        if os.path.dirname(os.path.abspath(target)) == os.path.abspath("out") and ".replaced-" not in os.fspath(source):
+            moved_in.append(target)
+            if len(moved_in) == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+                [None for _ in range(3)]
+    os.rename = rename
+    """
+    proc = _entry(into_out + SIGNAL_AS_THE_EARLIER_OUT_IS_DELETED.format(interrupted=(1,)), *first, "--force",
+                  cwd=tmp_path)
+    said = _assert_deletion_said(proc, "out", "out")
+    left = [name for name in os.listdir(tmp_path / "out") if ".replaced-" in name]
+    assert len(left) == 1 and ANOTHER_DELETED not in proc.stderr.splitlines()[:said], (left, proc.stderr)
+    aside = os.path.join("out", left[0])
+    _assert_interrupted(proc, complete="out", left=f"the rest of the earlier out is left in {aside}: the next run "
+                                                   f"writing out removes it, or rm -rf {aside}")
+
+
 @pytest.mark.parametrize("killed", ["as the new OUT goes in", "as the earlier OUT is deleted"])
 def test_a_kill_as_quantize_replaces_its_output_leaves_the_earlier_to_the_next_run(tiny_released, tmp_path, killed):
     """A SIGKILL (which nothing holds back) leaves the earlier OUT, moved aside, marked: the next run writing OUT
