@@ -13,18 +13,20 @@ from klconvert.checkpoint.regular_file import open_regular
 # .graphs (a graph-valued attribute holds one graph or a list of them)
 MODEL_GRAPH, GRAPH_NODE, GRAPH_NAME, NODE_ATTRIBUTE, ATTRIBUTE_GRAPH, ATTRIBUTE_GRAPHS = 7, 1, 2, 5, 6, 11
 VARINT, FIXED64, LENGTH_DELIMITED, FIXED32 = 0, 1, 2, 5   # the wire types ONNX writes (protobuf's groups it does not)
+# a varint's most bytes, as protobuf reads them (64 bits, 7 a byte): a longer one's value grew without bound, each
+# byte costlier than the last (300 KB of 0xff took 3 s)
+VARINT_BYTES = 10
 
 
 def _varint(data, at: int) -> tuple[int, int]:
     """The varint at data[at] -> (its value, where the next field starts)."""
     value = shift = 0
-    while True:
-        if at >= len(data):
-            raise ValueError("a varint runs past the end")
+    for at in range(at, min(at + VARINT_BYTES, len(data))):
         byte = data[at]
-        value, shift, at = value | (byte & 0x7F) << shift, shift + 7, at + 1
+        value, shift = value | (byte & 0x7F) << shift, shift + 7
         if byte < 0x80:
-            return value, at
+            return value, at + 1
+    raise ValueError(f"a varint runs past the end or past {VARINT_BYTES} bytes")
 
 
 def _messages(data, start: int, end: int, number: int) -> list[tuple[int, int]]:
