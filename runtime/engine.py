@@ -175,8 +175,10 @@ def as_batch(input_ids, vocab_size: int) -> torch.Tensor:
     vocabulary."""
     ids = whole_numbers(input_ids, "input_ids")
     ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
-    if ids.dim() != 2 or 0 in ids.shape:
-        raise KLError(f"input_ids must be [T] or [B, T] with B, T >= 1, got shape {list(ids.shape)}")
+    if ids.dim() != 2 or ids.shape[1] == 0:
+        raise KLError(f"input_ids must be [T] or [B, T] with T >= 1, got shape {list(ids.shape)}")
+    if ids.shape[0] == 0:
+        raise KLError(f"input_ids holds no sequence (shape {list(ids.shape)}); give at least one")
     check_id_range(ids, vocab_size)
     return ids
 

@@ -356,7 +356,7 @@ def test_an_export_from_before_logits_to_keep_runs_as_one_after(exported, tmp_pa
 
 @pytest.mark.parametrize("ids, needle", [([[-1, 5]], "token id -1 is outside the vocabulary"),
                                          ([[5, 4352]], "token id 4352 is outside the vocabulary (0..4351)"),
-                                         ([[]], "with B, T >= 1"),
+                                         ([[]], "with T >= 1"),
                                          ([[1.5]], "input_ids should be whole numbers, got torch.float"),
                                          (torch.tensor([[True, False]]), "input_ids should be whole numbers, got "
                                                                          "torch.bool"),
