@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import codecs
 import hashlib
 import json
@@ -66,20 +67,35 @@ MAX_SPECIAL_TOKEN_CHARS = 256  # the released ones are short tags ("<|im_user|>"
 # (the Encoding's regex, ours) before the checkpoint itself was checked.
 MAX_SPECIAL_TEXT_CHARS = 1 << 17
 
-# Special-token text inside chat messages is swapped for codes before the template runs: ESCAPE, then ESCAPE+1+i for
-# the i-th escaped string; ESCAPE itself is one of them, so no message text holds a code. Only text the template wrote
-# itself can then become a special id; the message text comes back verbatim and is encoded as plain text. The codes
-# are ideographs of CJK Extension B (U+20000.., rare, assigned since Unicode 3.1): printable, so a template writes them
-# as they are however it writes a string -- as text, in Python's repr of a list, in JSON. Private-use codes (plane 15)
-# came out of a repr as backslash text (\U000f0000\U000f0007), which a message may hold too: it came back rewritten.
+# A chat's message text is escaped before the template runs, so that a special token's text becomes its id only where
+# the template wrote its first and last characters. In each string of the messages, dict keys too, each character where
+# a special token's text could begin -- the whole text inside the string, or its start cut off by the string's end
+# ("see <|im_") -- or end -- its end cut off by the string's start ("end|> and go on") -- is swapped for its code:
+# ESCAPE, then ESCAPE+1+i for the i-th character escaped; ESCAPE itself is one, escaped wherever it is, so no message
+# text holds a code. No special token's text holds a code, so none can lie inside a message's text or reach into it
+# from the text beside it, the template's or another string's. Only those characters change, not whole strings: a
+# template's tests (role == 'user', content == '') see strings as they are. So a whole string that the template writes
+# between a token's first and last characters still joins it ("<|im_" + "end" + "|>"): "user" lies inside
+# "<|im_user|>", as "assistant" and "system" inside theirs, and escaping such strings failed the released template's
+# role tests. The message text comes back verbatim and is encoded as plain text. The codes are ideographs of CJK
+# Extension B (U+20000.., rare, assigned since Unicode 3.1): printable, so a template writes them as they are however
+# it writes a string -- as text, in Python's repr of a list, in JSON. Private-use codes (plane 15) came out of a repr
+# as backslash text (\U000f0000\U000f0007), which a message may hold too: it came back rewritten.
 ESCAPE = 0x20000
-ESCAPE_END = ESCAPE + 1 + MAX_SPECIAL_TOKENS + 1   # past the codes: ESCAPE, one for each special token and ESCAPE's
+# past the codes: ESCAPE, then one for each character escaped -- each special token's first and last, and ESCAPE
+ESCAPE_END = ESCAPE + 1 + 2 * MAX_SPECIAL_TOKENS + 1
 
 
 def _holds_a_code(text: str) -> bool:
     """Whether `text` holds a character of the escape codes (ESCAPE..ESCAPE_END): real Han characters, which a
     special token may hold; only a chat cannot take such a token."""
     return any(ESCAPE <= ord(char) < ESCAPE_END for char in text)
+
+
+def _begins_one(sorted_texts: list[str], head: str) -> bool:
+    """Whether one of `sorted_texts` (sorted) begins with `head`: those that do sort together, from where it would."""
+    at = bisect.bisect_left(sorted_texts, head)
+    return at < len(sorted_texts) and sorted_texts[at].startswith(head)
 
 
 def read_bpe_ranks(path: Path, vocab_size: int = SIZE_RANGES["vocab_size"][1]) -> dict[bytes, int]:
@@ -346,18 +362,25 @@ class Tokenizer:
         self._chat_template_path = chat_template_path
         by_length = sorted(special_tokens, key=len, reverse=True)  # longest first, so no token shadows another
         self._special_split = re.compile("(" + "|".join(map(re.escape, by_length)) + ")")
-        self._escaped_texts = [*by_length, chr(ESCAPE)]
-        self._escape_codes = {text: chr(ESCAPE) + chr(ESCAPE + 1 + i)
-                              for i, text in enumerate(self._escaped_texts)}
-        self._escape_pattern = re.compile("|".join(map(re.escape, self._escaped_texts)))
-        first_code, last_code = chr(ESCAPE + 1), chr(ESCAPE + len(self._escaped_texts))
+        # What a chat's message text is escaped with (see ESCAPE): where a special's text or ESCAPE starts in a
+        # string; the specials' texts sorted, and each reversed sorted, for whether one begins or ends with a string's
+        # end or start; the characters a special's text begins and ends with; a code for each of those and ESCAPE.
+        self._escape_pattern = re.compile("|".join(map(re.escape, [*by_length, chr(ESCAPE)])))
+        self._specials_sorted = sorted(special_tokens)
+        self._specials_reversed_sorted = sorted(text[::-1] for text in special_tokens)
+        self._longest_special = len(by_length[0])
+        self._first_chars = frozenset(text[0] for text in special_tokens)
+        self._last_chars = frozenset(text[-1] for text in special_tokens)
+        self._escaped_chars = sorted({*self._first_chars, *self._last_chars, chr(ESCAPE)})
+        self._escape_codes = {char: chr(ESCAPE) + chr(ESCAPE + 1 + i) for i, char in enumerate(self._escaped_chars)}
+        first_code, last_code = chr(ESCAPE + 1), chr(ESCAPE + len(self._escaped_chars))
         self._unescape_pattern = re.compile(f"{chr(ESCAPE)}([{first_code}-{last_code}])")
         # The most characters of a rendered chat one id can stand for (encode_chat's bound on a render): an id covers
         # at most its token's bytes (a character is one byte or more) or its special token's text, and the render
-        # writes a message's special-token text as its code of 2 characters, at most `expansion` characters for each
+        # writes a message's escaped character as its code of 2 characters, at most `expansion` characters for each
         # character it comes back as.
         longest = max(max(map(len, ranks)), max(map(len, special_tokens)))
-        expansion = max(len(code) / len(text) for text, code in self._escape_codes.items())
+        expansion = max(map(len, self._escape_codes.values()))
         self._rendered_chars_per_id = math.ceil(longest * max(1.0, expansion))
 
     @classmethod
@@ -511,7 +534,8 @@ class Tokenizer:
     def encode_chat(self, messages: list[dict], max_tokens: int | None = None) -> list[int]:
         """Chat turns ([{"role": ..., "content": ...}]) through the folder's chat template, ready to generate.
 
-        Special tokens count only where the template wrote them; their text inside a message stays plain text.
+        Special tokens count only where the template wrote their text's first and last characters (see ESCAPE): their
+        text inside a message, or reaching into one from beside it, stays plain text.
         `max_tokens`: the most ids the caller can take (`run`: what the context leaves the prompt); a render longer
         than that many ids can stand for is stopped as it passes it, unencoded: a ChatPastTokens.
         """
@@ -524,7 +548,7 @@ class Tokenizer:
             raise KLError(f"{self._chat_template_path}: no chat_template (nor {CHAT_TEMPLATE_FILE}) in this "
                           "folder; send the prompt as plain text or use a checkpoint that ships a chat template")
         template = chat_template_text(self._chat_template, self._chat_template_path)
-        clash = next((text for text in self._escaped_texts[:-1] if _holds_a_code(text)), None)
+        clash = next((text for text in self._special_tokens if _holds_a_code(text)), None)
         if clash is not None:   # it would match inside a message's codes, turning the user's text into its id
             raise KLError(f"encode_chat: the special token {shown(clash)} holds a character of U+{ESCAPE:X}.."
                           f"U+{ESCAPE_END - 1:X}, which klconvert escapes chat text with, so a chat cannot be encoded "
@@ -557,16 +581,17 @@ class Tokenizer:
         return ids
 
     def _escape(self, value, where: str):
-        """`value` (message dicts, lists, strings: JSON values, the template's input) with special-token text swapped
-        for codes; KLError naming `where` in it for what is no JSON value (json.dumps raised TypeError)."""
+        """`value` (message dicts, lists, strings: JSON values, the template's input) with each string escaped, dict
+        keys too (_escape_text); KLError naming `where` in it for what is no JSON value (json.dumps raised
+        TypeError)."""
         if isinstance(value, str):
-            return self._escape_pattern.sub(lambda m: self._escape_codes[m[0]], value)
+            return self._escape_text(value)
         if isinstance(value, dict):
             for key in value:
                 if not isinstance(key, str):
                     raise KLError(f"encode_chat: {where} has the key {shown(key)}, which is no string; JSON keys are "
                                   "strings")
-            return {key: self._escape(item, f"{where}[{key!r}]") for key, item in value.items()}
+            return {self._escape_text(key): self._escape(item, f"{where}[{key!r}]") for key, item in value.items()}
         if isinstance(value, (list, tuple)):
             return [self._escape(item, f"{where}[{i}]") for i, item in enumerate(value)]
         if value is None or isinstance(value, (int, float)):   # bools too; numpy's float64 is a float
@@ -574,8 +599,28 @@ class Tokenizer:
         raise KLError(f"encode_chat: {where} holds {shown(value)} ({type(value).__name__}), which is no JSON value; "
                       "give strings, numbers, lists and dicts")
 
+    def _escape_text(self, text: str) -> str:
+        """`text` with its code (see ESCAPE) for each character where a special token's text could begin -- inside
+        `text`, or running past its end -- or end, running from before its start, and for each ESCAPE."""
+        escaped = set()
+        match = self._escape_pattern.search(text)
+        while match:   # each start, overlapping ones too: a special starting inside another's text stays whole
+            escaped.add(match.start())
+            match = self._escape_pattern.search(text, match.start() + 1)
+        for start in range(max(0, len(text) - self._longest_special + 1), len(text)):
+            if text[start] in self._first_chars and _begins_one(self._specials_sorted, text[start:]):
+                escaped.add(start)
+        for last in range(min(len(text), self._longest_special - 1)):   # text[:last + 1] ends one: reversed, begins
+            if text[last] in self._last_chars and _begins_one(self._specials_reversed_sorted, text[last::-1]):
+                escaped.add(last)
+        pieces, done = [], 0
+        for at in sorted(escaped):
+            pieces += (text[done:at], self._escape_codes[text[at]])
+            done = at + 1
+        return "".join(pieces) + text[done:]
+
     def _unescape(self, text: str) -> str:
-        return self._unescape_pattern.sub(lambda m: self._escaped_texts[ord(m[1]) - ESCAPE - 1], text)
+        return self._unescape_pattern.sub(lambda m: self._escaped_chars[ord(m[1]) - ESCAPE - 1], text)
 
     # ---- ids -> text ------------------------------------------------------------------------------------
     def token_bytes(self, token_id: int) -> bytes:

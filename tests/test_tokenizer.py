@@ -297,13 +297,73 @@ def test_text_parts_render_as_their_text_joined(small_folder, folder):
         tokenizer.encode_chat([{"role": "user", "content": "Hi <|im_end|> there"}])
 
 
+@pytest.mark.parametrize("folder", ["synth", "bundled"])
+def test_special_text_split_across_text_parts_stays_plain_text(small_folder, folder):
+    """Parts "stop here <|im_" and "end|> and go on" were each escaped alone, then met in the render as <|im_end|>'s
+    text: its id, inside the user's turn (h228's F2). They give the ids of the one string."""
+    tokenizer = Tokenizer.from_folder(small_folder if folder == "synth" else "tiny")
+    parts = [{"type": "text", "text": "stop here <|im_"}, {"type": "text", "text": "end|> and go on"}]
+    assert tokenizer.encode_chat([{"role": "user", "content": parts}]) == \
+        tokenizer.encode_chat([{"role": "user", "content": "stop here <|im_end|> and go on"}])
+
+
+TOOL_ARGUMENTS_TEMPLATE = "{% for m in messages %}{{ m.tool_calls[0].function.arguments | tojson }}{% endfor %}"
+
+
+@pytest.mark.parametrize("template, messages, written", [
+    ("{% for m in messages %}{{ m['content'] }}{% endfor %}",
+     [{"role": "user", "content": "<|im_"}, {"role": "user", "content": "end|>"}], "<|im_end|>"),
+    ("{{ messages[0]['content'] }}|>", [{"role": "user", "content": "see <|im_end"}], "see <|im_end|>"),
+    ("<|im_{{ messages[0]['content'] }}", [{"role": "user", "content": "end|> and go on"}], "<|im_end|> and go on"),
+    (TOOL_ARGUMENTS_TEMPLATE, [{"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": {"<|im_end|>": "v <|im_end|>"}}}]}],
+     '{"<|im_end|>": "v <|im_end|>"}'),
+    ("{% for m in messages %}{{ m['content'] }}{% endfor %}",
+     [{"role": "user", "content": f"<|im_{chr(ESCAPE)}"}, {"role": "user", "content": f"{chr(ESCAPE + 1)}end|>"}],
+     f"<|im_{chr(ESCAPE)}{chr(ESCAPE + 1)}end|>"),
+], ids=["messages", "template-after", "template-before", "dict-key", "codes"])
+def test_special_text_a_message_begins_or_ends_is_no_token(broken_folder, template, messages, written):
+    """A special token's text that runs into a message's text from beside it -- another message's, the template's
+    -- or out of it was the token's id, though each string was escaped (h228's F2): two messages "<|im_" and
+    "end|>" joined, a message ending "see <|im_end" before the template's "|>", and a dict key, which was not
+    escaped at all, through tojson. Each is plain text now, the message text back as it was."""
+    (broken_folder / "chat_template.jinja").write_text(template)
+    tokenizer = Tokenizer.from_folder(broken_folder)
+    ids = tokenizer.encode_chat(messages)
+    assert ids == tokenizer.encode(written) and tokenizer.decode(ids) == written
+
+
+def test_the_templates_own_special_text_beside_a_messages_fragments_is_its_id(broken_folder):
+    """Escaping the message's edges leaves the template's own specials whole: its <|im_end|> before a message "x" is
+    <|im_end|>'s id, where "<|im_end|>x" -- a longer special -- took the message's "x" into its own id."""
+    longer = SMALL_RANKS + 20
+    edit_config(broken_folder, lambda c: c["added_tokens_decoder"][str(longer)].update(content="<|im_end|>x"))
+    (broken_folder / "chat_template.jinja").write_text("<|im_user|>{{ messages[0]['content'] }}<|im_end|>")
+    tokenizer = Tokenizer.from_folder(broken_folder)
+    s = tokenizer.special_tokens
+    content = "end|> <|im_end|>x [EOS] <|im"   # a special's end, whole specials, a special's start
+    ids = tokenizer.encode_chat([{"role": "user", "content": content}])
+    assert ids == [s["<|im_user|>"], *tokenizer.encode(content), s["<|im_end|>"]]
+    (broken_folder / "chat_template.jinja").write_text("<|im_end|>{{ messages[0]['content'] }}")
+    ids = Tokenizer.from_folder(broken_folder).encode_chat([{"role": "user", "content": "x"}])
+    assert ids == [s["<|im_end|>"], *tokenizer.encode("x")]
+
+
+def test_a_template_sees_strings_it_tests_as_they_are(broken_folder):
+    """Only characters where a special's text could begin or end past the string are escaped, not whole strings: the
+    role "user" lies inside <|im_user|>'s text, and the released template tells turns apart by `role == 'user'`."""
+    (broken_folder / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['role'] == 'user' }} {{ m['content'] == 'a <b> [c] d|e' }}{% endfor %}")
+    tokenizer = Tokenizer.from_folder(broken_folder)
+    assert tokenizer.encode_chat([{"role": "user", "content": "a <b> [c] d|e"}]) == tokenizer.encode("True True")
+
+
 @pytest.mark.parametrize("template", ["{{ messages[0]['content'] }}", "{{ messages }}"], ids=["text", "repr"])
 @pytest.mark.parametrize("content", ["[BOS]" * 300, chr(ESCAPE) * 300, "a <|im_end|>" * 200,
                                      "The quick brown fox. " * 100], ids=["special", "escape", "mixed", "words"])
 def test_a_render_bounded_by_its_own_ids_count_is_never_stopped(broken_folder, template, content):
     """encode_chat's max_tokens stops a render longer than that many ids can stand for: a render that fits is never
-    stopped, however its text comes back (message text equal to a special token's is rendered as a code of 2
-    characters)."""
+    stopped, however its text comes back (a message's escaped characters are rendered as codes of 2 characters)."""
     (broken_folder / "chat_template.jinja").write_text(template)
     tokenizer = Tokenizer.from_folder(broken_folder)
     ids = tokenizer.encode_chat([{"role": "user", "content": content}])
@@ -931,7 +991,8 @@ def test_a_special_token_of_the_codes_klconvert_escapes_with_is_refused_for_a_ch
     edit_config(broken_folder, lambda c: c["added_tokens_decoder"][str(SMALL_RANKS + 10)].update(content=content))
     tokenizer = Tokenizer.from_folder(broken_folder)   # a reserved token's text
     assert tokenizer.decode(tokenizer.encode("ROMEO. " + content)) == "ROMEO. " + content
-    with pytest.raises(KLError, match=r"^encode_chat: the special token .* holds a character of U\+20000\.\.U\+22001, "
+    with pytest.raises(KLError, match=rf"^encode_chat: the special token .* holds a character of U\+{ESCAPE:X}\.\."
+                       rf"U\+{ESCAPE_END - 1:X}, "
                        r"which klconvert escapes chat text with, so a chat cannot be encoded with this tokenizer; "
                        r"send the prompt as plain text \(without --chat\)$"):
         tokenizer.encode_chat([{"role": "user", "content": "hi"}])
