@@ -61,22 +61,28 @@ def signal_of(interrupt: BaseException | None) -> int:
     return getattr(interrupt, "signum", signal.SIGINT)
 
 
+def interrupt_name(signum: int) -> str:
+    """Signal `signum` as a line names what the user did: "Ctrl-C" for SIGINT, its own name (SIGTERM) otherwise."""
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
 def complete_note(path: os.PathLike) -> str:
     """What the line of a command that failed after writing its output `path` whole adds: a user took the finished
     output for a failed conversion, to delete or write again (a rerun is refused: it exists)."""
     return f"{path} is complete: only its path was not printed"
 
 
-def _after_ctrl_c(line: str) -> str:
-    """`line` as said after an interrupt: behind a line break on a terminal (it closes the terminal's ^C)."""
-    return ("\n" if sys.stderr.isatty() else "") + line
+def _after_ctrl_c(line: str, fresh_line: bool = False) -> str:
+    """`line` as said after an interrupt: behind a line break on a terminal (it closes the terminal's ^C), but on a
+    `fresh_line` (_CtrlC.fresh_line), where the break would leave a blank line."""
+    return ("\n" if sys.stderr.isatty() and not fresh_line else "") + line
 
 
-def _interrupted_line(complete: os.PathLike | None = None, left: str | None = None) -> str:
+def _interrupted_line(complete: os.PathLike | None = None, left: str | None = None, fresh_line: bool = False) -> str:
     """The line an interrupted command ends with; `complete`: the output it had written whole before the interrupt
-    came; `left`: what it leaves behind (note_left)."""
+    came; `left`: what it leaves behind (note_left); `fresh_line`: as _after_ctrl_c's."""
     notes = [note for note in (None if complete is None else complete_note(complete), left) if note is not None]
-    return _after_ctrl_c("klconvert: interrupted" + (f" ({'; '.join(notes)})" if notes else ""))
+    return _after_ctrl_c("klconvert: interrupted" + (f" ({'; '.join(notes)})" if notes else ""), fresh_line)
 
 
 def exit_interrupted(signum: int) -> None:
@@ -84,11 +90,12 @@ def exit_interrupted(signum: int) -> None:
     where note_complete said so and it is still there, and what it leaves where note_left did), exit status
     signal_status(signum), 130 still -- the user did interrupt it. Never returns."""
     ctrl_c = Uninterrupted.ctrl_c
-    complete, left = (None, None) if ctrl_c is None else (ctrl_c.complete, ctrl_c.left)
+    complete, left, fresh_line = (None, None, False) if ctrl_c is None else (ctrl_c.complete, ctrl_c.left,
+                                                                             ctrl_c.fresh_line)
     # one gone is none: a tool's quantize into its own temporary folder (quality_table's), removed as the interrupt
     # unwound, was said to be complete
-    print(_interrupted_line(complete if complete is not None and os.path.lexists(complete) else None, left),
-          file=sys.stderr)
+    print(_interrupted_line(complete if complete is not None and os.path.lexists(complete) else None, left,
+                            fresh_line), file=sys.stderr)
     sys.exit(signal_status(signum))
 
 
@@ -163,11 +170,16 @@ class _CtrlC:
         self.complete: os.PathLike | None = None   # the command's output, once it is whole (note_complete)
         self.left: str | None = None   # what an interrupt leaves behind, and how it goes (note_left)
         # what the Uninterrupted block running says as soon as an interrupt is held back in it, until said (its notice)
-        self.notice: str | None = None
+        self.notice: Callable[[str], str] | None = None
+        # whether stderr's terminal is at the start of a line: a notice ended the last, and no Ctrl-C (whose ^C the
+        # terminal echoes) came since
+        self.fresh_line = False
 
     def interrupt(self, signum, frame) -> None:
         if self.ended:   # the command has ended (main's last steps): as after uninstall, ignored
             return
+        if signum == signal.SIGINT:
+            self.fresh_line = False
         if self.held or not (_importing(frame) or self.uninterrupted):
             self._raise(signum)
         if not self.changed:
@@ -178,10 +190,12 @@ class _CtrlC:
         self.say_notice()
 
     def say_notice(self) -> None:
-        """Say the running Uninterrupted block's notice, once, as an interrupt is held back in it."""
+        """Say the running Uninterrupted block's notice, once, as an interrupt is held back in it, naming what was
+        received (interrupt_name)."""
         if self.notice is not None:
             notice, self.notice = self.notice, None
-            _say_now(_after_ctrl_c(notice))
+            _say_now(_after_ctrl_c(notice(interrupt_name(self.signum)), self.fresh_line))
+            self.fresh_line = True
 
     def on_alarm(self, signum, frame) -> None:
         if not self.held:  # no interrupt of ours is waiting: not a Ctrl-C
@@ -252,14 +266,15 @@ class _CtrlC:
 class Uninterrupted:
     """`with Uninterrupted():` around steps that Ctrl-C or SIGTERM must not part (a folder renamed into place, then its
     temporary mark removed: an interrupt between them left the mark in OUT, which then no run would replace): one
-    that comes meanwhile is held back and raised as they end -- a second, where it lands. `notice`: a line said on
-    stderr as soon as one is held back in the block (or as it starts, one held already), for steps that may take a
-    while (98 GB deleted): what the command is waiting for, and what a second interrupt would leave -- silence
-    invited that second. Outside the entry point (the Python API, a test in the same process) nothing is held."""
+    that comes meanwhile is held back and raised as they end -- a second, where it lands. `notice`: the line said on
+    stderr as soon as one is held back in the block (or as it starts, one held already), given what was received
+    ("Ctrl-C" or "SIGTERM": interrupt_name), for steps that may take a while (98 GB deleted): what the command is
+    waiting for, and what a second interrupt would leave -- silence invited that second. Outside the entry point
+    (the Python API, a test in the same process) nothing is held."""
 
     ctrl_c: _CtrlC | None = None   # the entry point's, while it is installed
 
-    def __init__(self, notice: str | None = None):
+    def __init__(self, notice: Callable[[str], str] | None = None):
         self.notice = notice
 
     def __enter__(self) -> None:

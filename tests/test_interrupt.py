@@ -23,15 +23,20 @@ from klconvert.checkpoint.reader import Checkpoint
 from klconvert.convert.output_folder import FINISHED_FILES, OUTPUT_RECORD, RESUME_RECORD, TEMPORARY_MARKER, usual_mode
 from klconvert.entry import signal_status
 from klconvert.quantize import quantize
+from testkit import run_on_a_terminal
 
 LONG_RUN = ("run", "--model", "tiny", "--prompt", "hi", "--max-new-tokens", "3000", "--max-context", "3008")
 
 
 def _entry(prelude: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
     """The command's entry point in a child, after `prelude` sets up where the interrupt lands."""
-    code = textwrap.dedent(prelude) + (f"import sys\nsys.argv = ['klconvert', *{list(args)!r}]\n"
-                                       "from klconvert.entry import main\nmain()\n")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=cwd)
+    return subprocess.run(_entry_command(prelude, *args), capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def _entry_command(prelude: str, *args: str) -> list[str]:
+    """What runs the command's entry point in a child, after `prelude` sets up where the interrupt lands."""
+    return [sys.executable, "-c", textwrap.dedent(prelude) + (f"import sys\nsys.argv = ['klconvert', *{list(args)!r}]\n"
+                                                              "from klconvert.entry import main\nmain()\n")]
 
 
 # a command that has changed something (a file made) before the import the test interrupts: there is work to undo
@@ -528,15 +533,16 @@ SIGNAL_AS_A_FILE_IS_DELETED = """
     """
 
 
-@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
-def test_an_interrupt_as_quantize_replaces_its_output_leaves_the_new_one_alone(tiny_released, tmp_path, signame):
+@pytest.mark.parametrize("signame, received", [("SIGINT", "Ctrl-C"), ("SIGTERM", "SIGTERM")])
+def test_an_interrupt_as_quantize_replaces_its_output_leaves_the_new_one_alone(tiny_released, tmp_path, signame,
+                                                                               received):
     """One held back while OUT was moved aside and the new one renamed into place was raised before the earlier OUT
     was deleted: it stayed beside OUT as .q.replaced-PID-XXXXXXXX (98 GB for the real model) until a run wrote OUT
     again. It is deleted first; the line says OUT is whole."""
     out = tmp_path / "q"
     proc = _replaced_by_an_interrupted_quantize(tiny_released, out, SIGNAL_AFTER_THE_RENAME.format(signal=signame))
     _assert_interrupted(proc, signal_status(getattr(signal, signame)), complete=out)
-    _assert_deletion_said(proc, out, tmp_path)   # held through the rename: said as the deletion starts
+    _assert_deletion_said(proc, out, tmp_path, received)   # held through the rename: said as the deletion starts
     _assert_replaced(out)
 
 
@@ -546,15 +552,15 @@ def test_an_interrupt_as_the_replaced_output_is_deleted_ends_once_it_is_gone(tin
     a second Ctrl-C), before the next file goes."""
     out = tmp_path / "q"
     proc = _replaced_by_an_interrupted_quantize(tiny_released, out, SIGNAL_AS_THE_EARLIER_OUT_IS_DELETED.format(
-        interrupted=(1,)))
+        interrupted=(1,), signal="SIGINT"))
     _assert_interrupted(proc, complete=out)
     said = _assert_deletion_said(proc, out, tmp_path)
     assert said < proc.stderr.splitlines().index(ANOTHER_DELETED), proc.stderr
     _assert_replaced(out)
 
 
-# SIGINT as the `interrupted` (their numbers, from 1) of the earlier OUT's files (moved aside: .q.replaced-*, or
-# .out.replaced-* in OUT) are deleted, and ANOTHER_DELETED on stderr as each later one is
+# `signal` (SIGINT unless given) as the `interrupted` (their numbers, from 1) of the earlier OUT's files (moved aside:
+# .q.replaced-*, or .out.replaced-* in OUT) are deleted, and ANOTHER_DELETED on stderr as each later one is
 SIGNAL_AS_THE_EARLIER_OUT_IS_DELETED = """
     import os, signal
     _unlink, deleted = os.unlink, []
@@ -563,7 +569,7 @@ SIGNAL_AS_THE_EARLIER_OUT_IS_DELETED = """
         if ".replaced-" in os.fspath(path):
             deleted.append(path)
             if len(deleted) in {interrupted}:
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.{signal})
                 [None for _ in range(3)]
             elif len(deleted) > min({interrupted}):
                 os.write(2, b"another deleted\\n")
@@ -572,14 +578,19 @@ SIGNAL_AS_THE_EARLIER_OUT_IS_DELETED = """
 ANOTHER_DELETED = "another deleted"
 
 
-def _assert_deletion_said(proc, out, aside_in) -> int:
-    """The line said as an interrupt was held back while the earlier OUT, moved aside into a hidden folder in
-    `aside_in`, was deleted -- once; its index in stderr's lines."""
+def _assert_deletion_said(proc, out, aside_in, received: str = "Ctrl-C") -> int:
+    """The line said as an interrupt (`received`) was held back while the earlier OUT, moved aside into a hidden
+    folder in `aside_in`, was deleted -- once; its index in stderr's lines."""
+    return _deletion_said(proc.stderr.splitlines(), out, aside_in, received)
+
+
+def _deletion_said(lines: list[str], out, aside_in, received: str) -> int:
+    """The index of _assert_deletion_said's line in `lines`, said once."""
     aside = re.escape(os.path.join(aside_in, f".{os.path.basename(out)}.replaced-")) + r"[0-9]+-[a-z0-9_]{8}"
-    said = [i for i, line in enumerate(proc.stderr.splitlines()) if re.fullmatch(
-        f"klconvert: deleting the earlier {re.escape(str(out))} before stopping; a second Ctrl-C leaves the rest of "
-        f"it in {aside}", line)]
-    assert len(said) == 1, proc.stderr
+    said = [i for i, line in enumerate(lines) if re.fullmatch(
+        f"klconvert: deleting the earlier {re.escape(str(out))} before stopping; a second {received} leaves the rest "
+        f"of it in {aside}", line)]
+    assert len(said) == 1, lines
     return said[0]
 
 
@@ -597,7 +608,8 @@ def test_a_second_interrupt_as_the_earlier_output_is_deleted_names_what_it_leave
         first = ("synth", "--preset", "tiny", "--out", out)
         again = (*first, "--force")
     assert _entry("", *first, cwd=tmp_path).returncode == 0
-    proc = _entry(SIGNAL_AS_THE_EARLIER_OUT_IS_DELETED.format(interrupted=(1, 2)), *again, cwd=tmp_path)
+    proc = _entry(SIGNAL_AS_THE_EARLIER_OUT_IS_DELETED.format(interrupted=(1, 2), signal="SIGINT"), *again,
+                  cwd=tmp_path)
     files = sorted(os.listdir(tmp_path / out))   # the new OUT, whole; the rest of the earlier aside, if in OUT
     _assert_deletion_said(proc, out, aside_in)
     left = [name for name in os.listdir(tmp_path / aside_in) if ".replaced-" in name]
@@ -630,14 +642,31 @@ def test_a_second_interrupt_after_one_held_as_synth_fills_out_stops_the_deletion
                 [None for _ in range(3)]
     os.rename = rename
     """
-    proc = _entry(into_out + SIGNAL_AS_THE_EARLIER_OUT_IS_DELETED.format(interrupted=(1,)), *first, "--force",
-                  cwd=tmp_path)
+    proc = _entry(into_out + SIGNAL_AS_THE_EARLIER_OUT_IS_DELETED.format(interrupted=(1,), signal="SIGINT"), *first,
+                  "--force", cwd=tmp_path)
     said = _assert_deletion_said(proc, "out", "out")
     left = [name for name in os.listdir(tmp_path / "out") if ".replaced-" in name]
     assert len(left) == 1 and ANOTHER_DELETED not in proc.stderr.splitlines()[:said], (left, proc.stderr)
     aside = os.path.join("out", left[0])
     _assert_interrupted(proc, complete="out", left=f"the rest of the earlier out is left in {aside}: the next run "
                                                    f"writing out removes it, or rm -rf {aside}")
+
+
+@pytest.mark.parametrize("signame, received", [("SIGINT", "Ctrl-C"), ("SIGTERM", "SIGTERM")])
+def test_the_deletion_notice_names_the_signal_and_the_last_line_follows_it_on_a_terminal(tmp_path, signame, received):
+    """On a terminal, the notice said as synth --force deleted the earlier OUT named "a second Ctrl-C" after a
+    SIGTERM too, and a blank line parted it from the line the command ended in: each went behind a line break,
+    which closes a terminal's ^C, though the notice had ended the line. It names what was received, and the last
+    line follows it."""
+    synth = ("synth", "--preset", "tiny", "--out", "out")
+    assert _entry("", *synth, cwd=tmp_path).returncode == 0
+    code, _, shown = run_on_a_terminal(_entry_command(SIGNAL_AS_THE_EARLIER_OUT_IS_DELETED.format(
+        interrupted=(1,), signal=signame), *synth, "--force"), timeout=120, cwd=tmp_path)
+    assert code == signal_status(getattr(signal, signame)), shown
+    lines = shown.replace("\r\n", "\n").split("\n")
+    said = _deletion_said(lines, "out", "out", received)
+    assert [line for line in lines[said + 1:] if line != ANOTHER_DELETED] == [
+        "klconvert: interrupted (out is complete: only its path was not printed)", ""], shown
 
 
 @pytest.mark.parametrize("killed", ["as the new OUT goes in", "as the earlier OUT is deleted"])

@@ -141,7 +141,12 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> str:
 
 
 def run_klconvert_on_a_terminal(*args, timeout: float = 300) -> tuple[int, str, str]:
-    """Run `python -m klconvert ARGS` in a new process whose stderr is a terminal (a pseudo-terminal, 100 columns):
+    """Run `python -m klconvert ARGS` in a new process whose stderr is a terminal: run_on_a_terminal's."""
+    return run_on_a_terminal([sys.executable, "-m", "klconvert", *map(str, args)], timeout)
+
+
+def run_on_a_terminal(command: list[str], timeout: float = 300, cwd=None) -> tuple[int, str, str]:
+    """Run `command` in a new process (in `cwd`) whose stderr is a terminal (a pseudo-terminal, 100 columns):
     (exit status, stdout, what the terminal received: carriage returns kept, each newline as its \\r\\n)."""
     import fcntl
     import pty
@@ -155,8 +160,7 @@ def run_klconvert_on_a_terminal(*args, timeout: float = 300) -> tuple[int, str, 
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
     with tempfile.TemporaryFile() as out:
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "klconvert", *map(str, args)], stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=terminal)
+            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=terminal, cwd=cwd)
         finally:
             os.close(terminal)
         shown, deadline = bytearray(), time.monotonic() + timeout
@@ -164,7 +168,7 @@ def run_klconvert_on_a_terminal(*args, timeout: float = 300) -> tuple[int, str, 
             while True:
                 if not select.select([master], [], [], max(0.0, deadline - time.monotonic()))[0]:
                     proc.kill()
-                    raise TimeoutError(f"klconvert {' '.join(map(str, args))} ran past {timeout} s")
+                    raise TimeoutError(f"{' '.join(command)} ran past {timeout} s")
                 try:
                     chunk = os.read(master, 1 << 16)
                 except OSError:   # EIO: the command has ended, closing its end of the terminal

@@ -468,8 +468,8 @@ def remove_replaced(aside: Path, out: Path) -> None:
     whole: an interrupt meanwhile is held back until it is gone -- and said at once, with where a second would leave
     the rest (silence invited the second: 98 GB takes a while) -- and a second stops it, the line the command ends
     in naming that hidden folder and how it goes."""
-    with Uninterrupted(notice=f"klconvert: deleting the earlier {out} before stopping; a second Ctrl-C leaves the "
-                              f"rest of it in {aside}"):
+    with Uninterrupted(notice=lambda received: f"klconvert: deleting the earlier {out} before stopping; a second "
+                                               f"{received} leaves the rest of it in {aside}"):
         try:
             remove_temporary(aside)
         except BaseException:
