@@ -15,6 +15,7 @@ from testkit import project_files
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 from bundled_corpus import CORPUS  # noqa: E402
+from plot_loss import MAX_LOSS_LOG_BYTES  # noqa: E402
 
 from klconvert.convert.output_folder import OUTPUT_RECORD, write_output_record  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
@@ -188,3 +189,20 @@ def test_plot_loss_refuses_what_is_no_loss_log_in_one_line(tmp_path):
         proc = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_loss.py"), log], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0 and (tmp_path / "loss.png").read_bytes() == b"png", proc.stderr
+
+
+def test_plot_loss_refuses_a_file_it_cannot_read_to_its_end_in_one_line(tmp_path):
+    """A FIFO with no writer hung plot_loss.py at its open, /dev/zero was read until memory ran out, and a file of any
+    size was read whole: one that is not a regular file is refused as that, and one past MAX_LOSS_LOG_BYTES is read
+    no further."""
+    os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "big.json").write_bytes(b" " * (MAX_LOSS_LOG_BYTES + 1))
+    for path, needle in (("fifo.json", "fifo.json: cannot read it as JSON (not a regular file (a FIFO))"),
+                         ("/dev/zero", "/dev/zero: cannot read it as JSON (not a regular file (a device))"),
+                         ("big.json", f"big.json: over {MAX_LOSS_LOG_BYTES >> 20} MB, far larger than any model's "
+                                      "loss.json")):
+        proc = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_loss.py"), path], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr[-2000:]
+        assert proc.stderr == (f"plot_loss.py: error: {needle}; give the loss.json tools/train_bundled.py "
+                               "wrote\n"), proc.stderr

@@ -10,6 +10,7 @@ import math
 import sys
 from pathlib import Path
 
+from klconvert.checkpoint.regular_file import read_bounded
 from klconvert.errors import KLError, unreadable_reason
 from klconvert.script_summary import script_summary
 from tool_output import run_tool
@@ -20,13 +21,17 @@ PLOTTED = ("step", "train_loss", "validation_step", "validation_loss", "kept_ste
 PLOTTED_LINES = (("step", "train_loss"), ("validation_step", "validation_loss"))   # x and y of each line
 PLOTTED_NUMBERS = ("kept_step", "kept_validation_loss", "tokens_per_step", "parameters", "train_seconds")
 GIVE = "give the loss.json tools/train_bundled.py wrote"
+# past this it is no loss.json of tools/train_bundled.py's (some 100 bytes an evaluation): read no further -- /dev/zero
+# never ends
+MAX_LOSS_LOG_BYTES = 16 << 20
 
 
 def read_loss_log(loss_json: Path) -> dict:
-    """A training run's loss.json, read; KLError where it cannot be read, is not JSON, or lacks what the plot reads."""
+    """A training run's loss.json, read; KLError where it cannot be read (not a regular file: a FIFO's open waits for
+    a writer), is past MAX_LOSS_LOG_BYTES, is not JSON, or lacks what the plot reads."""
     try:
-        log = json.loads(Path(loss_json).read_bytes())
-    except (OSError, ValueError, RecursionError) as e:   # a missing file, not JSON, not UTF-8 text
+        log = json.loads(read_bounded(Path(loss_json), MAX_LOSS_LOG_BYTES, "loss.json", GIVE))
+    except (OSError, ValueError, RecursionError) as e:   # a missing file, not a regular one, not JSON, not UTF-8 text
         raise KLError(f"{loss_json}: cannot read it as JSON ({unreadable_reason(e)}); {GIVE}") from None
     missing = [key for key in PLOTTED if key not in log] if isinstance(log, dict) else list(PLOTTED)
     if missing:

@@ -42,10 +42,10 @@ def open_regular(path: str | Path) -> BinaryIO:
 READ_PIECE = 1 << 20   # read_bounded's reads: a read of n bytes reserves all n first, however short the file
 
 
-def read_bounded(path: Path, max_bytes: int, what: str) -> bytes:
-    """The bytes of a file the model folder ships, refused past `max_bytes` (read no further), read a piece at a time:
-    one read of the whole bound reserved it (64 MiB of address space for a 78 KB index; under ulimit -v, a
-    MemoryError)."""
+def read_bounded(path: Path, max_bytes: int, what: str, remedy: str = "re-download the model") -> bytes:
+    """The bytes of a file the model folder ships (or a tool's input: plot_loss.py's loss.json), refused past
+    `max_bytes` (read no further) with `remedy`, read a piece at a time: one read of the whole bound reserved it
+    (64 MiB of address space for a 78 KB index; under ulimit -v, a MemoryError)."""
     pieces, size = [], 0
     with open_regular(path) as f:
         while size <= max_bytes and (piece := f.read(min(READ_PIECE, max_bytes + 1 - size))):
@@ -53,7 +53,7 @@ def read_bounded(path: Path, max_bytes: int, what: str) -> bytes:
             size += len(piece)
     data = b"".join(pieces)
     if len(data) > max_bytes:
-        raise KLError(f"{path}: over {max_bytes >> 20} MB, far larger than any model's {what}; re-download the model")
+        raise KLError(f"{path}: over {max_bytes >> 20} MB, far larger than any model's {what}; {remedy}")
     return data
 
 
