@@ -23,7 +23,7 @@ from klconvert.quant import QuantScheme, decompress_weight, policy_from_options
 from klconvert.quant.defaults import DEFAULT, LM_HEAD_BITS
 from klconvert.quant.pack_quantized import weight_shape_tensor
 from klconvert.release import NUM_SPECIAL_TOKENS
-from klconvert.runtime.device_memory import ContextDoesNotFit, DepthCheckDoesNotFit, device_room
+from klconvert.runtime.device_memory import ContextDoesNotFit, DepthCheckDoesNotFit, device_room, free_the_gpu
 from klconvert.runtime.engine import DEFAULT_DTYPES, Engine, check_e4m3_cache_readable, checked_mla_cache_dtype
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.model import MLA_KEY_BLOCK
@@ -121,7 +121,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _refuse_a_reference_that_does_not_fit(config: KimiLinearConfig, device: torch.device, context: int) -> None:
     """KLError when the PyTorch path depth_check compares against -- every weight dequantized, 98 GB in bf16 at the
     release's 27 layers -- does not fit the GPU: the Engine's own refusal told a bench of a quantized preset on an
-    80 GB card to quantize its model."""
+    80 GB card to quantize its model. It says to stop what else holds the GPU where the whole card would hold it, as
+    the Engine's refusals do."""
     if device.type != "cuda":
         return
     dtype = DEFAULT_DTYPES[device.type]
@@ -133,7 +134,7 @@ def _refuse_a_reference_that_does_not_fit(config: KimiLinearConfig, device: torc
                                    f"{str(dtype).removeprefix('torch.')} ({size_text(plan.total)} at "
                                    f"{config.num_hidden_layers} layers), more than the {size_text(limit)} {device} has "
                                    "free for this process; pass --no-check (the CUDA graph is still checked against "
-                                   "the eager step)")
+                                   "the eager step)", free_the_gpu(device, plan.total))
 
 
 def depth_check(config: KimiLinearConfig, weights: Weights, device: torch.device, prompt: int = CHECK_PROMPT) -> dict:

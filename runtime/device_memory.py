@@ -95,6 +95,15 @@ def device_room(device: torch.device, held: int) -> int:
     return free + cached + held
 
 
+def free_the_gpu(device: torch.device, needed: int) -> str | None:
+    """FREE_THE_GPU where `device`'s card, had this process it whole, would hold `needed` bytes: what else holds it
+    is then what stands in the way; None where even the whole card is too small."""
+    import torch
+
+    _, card = torch.cuda.mem_get_info(device)
+    return FREE_THE_GPU if needed <= card else None
+
+
 class DeviceMemoryExhausted(KLError):
     """The device's memory ran out for what the runtime asked, though its memory plan was checked to fit: the plan
     is an estimate, and what else holds the device can grow after the check. `said`: what ran out, and where;
@@ -225,16 +234,18 @@ class DepthCheckDoesNotFit(KLError):
     """bench's depth check past the GPU's room: the PyTorch path it compares against holds every weight dequantized.
     `said`: that, and where, with how to skip the check; then `less`, the caller's ways to fewer weights (none
     from the Python API, whose config sets them; for_command: bench's smaller_weights -- fewer bits are no way, the
-    reference being dequantized whatever the bits)."""
+    reference being dequantized whatever the bits), then `remedy`: FREE_THE_GPU where the whole card would hold the
+    reference (free_the_gpu)."""
 
-    def __init__(self, said: str, less: tuple[str, ...] = ()):
-        super().__init__("".join([said, *(f", or {way}" for way in less)]))
-        self.said = said
+    def __init__(self, said: str, remedy: str | None, less: tuple[str, ...] = ()):
+        asks = [*less, *([remedy] if remedy is not None else [])]
+        super().__init__("".join([said, *(f", or {ask}" for ask in asks)]))
+        self.said, self.remedy = said, remedy
 
     def for_command(self, ways: DeviceLevers | None) -> DepthCheckDoesNotFit:
         """This refusal naming a command's own ways to fewer weights (`ways`, its COMMAND_LEVERS); as it is for
         none."""
-        return self if ways is None else DepthCheckDoesNotFit(self.said, ways.smaller_weights)
+        return self if ways is None else DepthCheckDoesNotFit(self.said, self.remedy, ways.smaller_weights)
 
 
 def device_exhausted(error: BaseException, less: tuple[str, ...], doing: str = "", planned: int | None = None,

@@ -24,8 +24,8 @@ from klconvert.quant import QuantScheme
 from klconvert.runtime.bind import bind, cpu_forms_bound, latent_kernel_reads, packed_choice
 from klconvert.runtime.cpu_modules import copy_bytes
 from klconvert.runtime.decode_step import DecodeStep, autocast_off, capturable
-from klconvert.runtime.device_memory import (FREE_THE_GPU, BatchDoesNotFit, ContextDoesNotFit, PromptsDoNotFit,
-                                             WeightsDoNotFit, device_allocation, device_room, fewer_bits_hold_less)
+from klconvert.runtime.device_memory import (BatchDoesNotFit, ContextDoesNotFit, PromptsDoNotFit, WeightsDoNotFit,
+                                             device_allocation, device_room, fewer_bits_hold_less, free_the_gpu)
 from klconvert.runtime.host_malloc import large_blocks_mapped
 from klconvert.runtime.host_memory import NAMED_FIT_SHARE, HostMemory, host_allocation, host_memory
 from klconvert.runtime.memory_plan import (DECODE_COPIES, LOGIT_ROWS, MAX_BATCH, PREFILL_ROWS, PREFILL_SEGMENT,
@@ -619,14 +619,8 @@ class Engine(Runner):
 
     def _more_room(self, host: HostMemory | None, needed: int) -> str | None:
         """What gives a plan of `needed` bytes more room than it has, where more would hold it: on the host, its
-        bound's remedy where the host's memory in all would (HostMemory.remedy_for); on a GPU, _free_the_gpu's."""
-        return host.remedy_for(needed) if host is not None else self._free_the_gpu(needed)
-
-    def _free_the_gpu(self, needed: int) -> str | None:
-        """FREE_THE_GPU where the card, had this process it whole, would hold `needed` bytes: what else holds it is
-        then what stands in the way; None where even the whole card is too small."""
-        _, card = torch.cuda.mem_get_info(self.device)
-        return FREE_THE_GPU if needed <= card else None
+        bound's remedy where the host's memory in all would (HostMemory.remedy_for); on a GPU, free_the_gpu's."""
+        return host.remedy_for(needed) if host is not None else free_the_gpu(self.device, needed)
 
     def _device_memory(self, doing: str):
         """device_allocation around `doing` on this engine's device, naming its plan and what asks for less."""

@@ -474,35 +474,42 @@ def test_the_graph_check_decodes_at_positions_inside_the_cache(context):
     assert step.seen == [*range(first, first + B.GRAPH_CHECK_STEPS)] * 2
 
 
-@pytest.mark.parametrize("gib, refused", [(80, True), (141, False)])
-def test_a_depth_check_whose_reference_does_not_fit_the_gpu_says_so(monkeypatch, gib, refused):
+@pytest.mark.parametrize("gib, total, advice", [(80, 141, ", or stop what else holds the GPU"), (80, 80, ""),
+                                                 (141, 141, None)], ids=["card", "whole-card", "fits"])
+def test_a_depth_check_whose_reference_does_not_fit_the_gpu_says_so(monkeypatch, gib, total, advice):
     """The PyTorch path the check compares against holds the 48B preset's weights dequantized (98 GB in bf16): on an
     80 GB card the Engine refused it as "the weights alone do not fit: use a quantized model (klconvert quantize
-    --bits 4)", for a bench of a quantized preset. Now the refusal names --check and what to do; a card that holds
-    it goes on."""
+    --bits 4)", for a bench of a quantized preset. Now the refusal names --check and what to do, and to stop what
+    else holds the GPU where the whole card would hold the reference, as the Engine's refusals do (it never said
+    so); a card that holds it (`advice` None) goes on."""
     config = KimiLinearConfig.from_dict(preset_config("kimi-linear-48b"))
-    gpu_with_free(monkeypatch, gib * 2**30, total=141 * 2**30)
-    if not refused:
+    gpu_with_free(monkeypatch, gib * 2**30, total=total * 2**30)
+    if advice is None:
         B._refuse_a_reference_that_does_not_fit(config, torch.device("cuda"), 80)
         return
     with pytest.raises(KLError, match=r"^--check compares against the PyTorch path, whose weights are dequantized to "
                                       r"bfloat16 \(9\d\.\d\d GB at 27 layers\), more than the 85\.90 GB cuda has free "
                                       r"for this process; pass --no-check \(the CUDA graph is still checked against "
-                                      r"the eager step\)$"):   # the API's caller: its config sets the layers
+                                      rf"the eager step\){re.escape(advice)}$"):   # the API: its config sets layers
         B._refuse_a_reference_that_does_not_fit(config, torch.device("cuda"), 80)
 
 
+FREE_THE_CARD = ", or stop what else holds the GPU"   # where the whole card (80 GB) holds the reference
+
+
 @pytest.mark.parametrize("timing, timed, fewer", [
-    (("--model", "tiny"), "8 layers", ""),
-    (("--preset", "kimi-linear-48b"), "27 layers", ", or time fewer --layers of a --preset"),
-    (("--preset", "kimi-linear-48b", "--layers", "2"), "2 layers", ", or time fewer --layers of a --preset"),
-    (("--preset", "kimi-linear-48b", "--layers", "1"), "1 layers", ""),
+    (("--model", "tiny"), "8 layers", FREE_THE_CARD),
+    (("--preset", "kimi-linear-48b"), "27 layers", ", or time fewer --layers of a --preset"),   # 98 GB
+    (("--preset", "kimi-linear-48b", "--layers", "2"), "2 layers",
+     ", or time fewer --layers of a --preset" + FREE_THE_CARD),
+    (("--preset", "kimi-linear-48b", "--layers", "1"), "1 layers", FREE_THE_CARD),
 ], ids=["model", "preset", "preset-2", "preset-1"])
 def test_a_depth_check_that_does_not_fit_offers_fewer_layers_only_where_bench_has_them(monkeypatch, capsys, timing,
                                                                                        timed, fewer):
     """The refusal offered "time fewer layers (--preset ... --layers N)" to a --model folder of more than one layer,
     whose config.json sets its layers (h233's leftover), as it had to a --preset of one: the command words it with
-    its own ways to fewer weights, fewer --layers only of a --preset of more than one."""
+    its own ways to fewer weights, fewer --layers only of a --preset of more than one, then to stop what else holds
+    the GPU where the whole card would hold the reference."""
     gpu_with_free(monkeypatch, 1 << 20)
     monkeypatch.setattr(B, "bench", lambda config, weights, **kwargs: B._refuse_a_reference_that_does_not_fit(
         config, torch.device("cuda"), 80))   # what the depth check refuses, before anything reaches the GPU
