@@ -10,6 +10,12 @@ from .pdl import use_pdl, wait_for_inputs
 
 
 @triton.jit
+def _max_keeping_nan(a, b):
+    """tl.max's own maximum drops a NaN: a non-finite row must get a non-finite scale, as the twin's amax gives it."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def mla_write_rows_kernel(kv, w, positions, cache, cache_scale, eps, stride_kv, stride_cb, stride_ct, stride_sb,
                           R: tl.constexpr, DR: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr,
                           SCALE_FLOOR: tl.constexpr, PDL: tl.constexpr):
@@ -25,10 +31,14 @@ def mla_write_rows_kernel(kv, w, positions, cache, cache_scale, eps, stride_kv, 
     row = cache + b * stride_cb + t * stride_ct
     if FP8:
         lf, kf = latent.to(tl.float32), key.to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(lf), axis=0), tl.max(tl.abs(kf), axis=0))
-        scale = tl.div_rn(tl.maximum(amax, SCALE_FLOOR), FP8_MAX)
-        tl.store(row + offs_r, tl.clamp(tl.div_rn(lf, scale), -FP8_MAX, FP8_MAX).to(cache.dtype.element_ty))
-        tl.store(row + R + offs_k, tl.clamp(tl.div_rn(kf, scale), -FP8_MAX, FP8_MAX).to(cache.dtype.element_ty))
+        # NaN stays NaN through the amax, the floor and the clamp (which would make it a finite -448), and an inf
+        # gives an inf scale (its value inf / inf = NaN): a non-finite row reads back non-finite, as the twin's
+        amax = _max_keeping_nan(tl.reduce(tl.abs(lf), 0, _max_keeping_nan), tl.reduce(tl.abs(kf), 0, _max_keeping_nan))
+        scale = tl.div_rn(_max_keeping_nan(amax, SCALE_FLOOR), FP8_MAX)
+        lq = tl.clamp(tl.div_rn(lf, scale), -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+        kq = tl.clamp(tl.div_rn(kf, scale), -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+        tl.store(row + offs_r, lq.to(cache.dtype.element_ty))
+        tl.store(row + R + offs_k, kq.to(cache.dtype.element_ty))
         tl.store(cache_scale + b * stride_sb + t, scale)
     else:
         tl.store(row + offs_r, latent.to(cache.dtype.element_ty))

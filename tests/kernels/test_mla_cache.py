@@ -70,3 +70,23 @@ def test_mla_write_rows_refuses_what_it_cannot_write():
         mla_write_rows(kv, w, 1e-6, positions.float(), cache)
     with pytest.raises(ValueError, match="cache_scale"):
         mla_write_rows(kv, w, 1e-6, positions, cache, torch.ones(2, 5, device=DEVICE))
+
+
+def test_a_non_finite_row_reads_back_non_finite_in_e4m3():
+    """A NaN or an inf in kv (the latent or the shared key) makes its e4m3 row NaN or inf, as the twin's, where the
+    kernel wrote finite values before (tl.max and tl.clamp drop a NaN: -448 in its place, the row's scale taken from
+    the rest). An inf's scale is inf (inf / inf = NaN as its value): the row reads back non-finite, as the twin's.
+    A finite row beside them stays finite."""
+    if DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("e4m3 needs sm_89+")
+    kv, w, positions, cache, scale = case(5, 7, 16, 16, torch.bfloat16, FP8, torch.int64)
+    for b, (at, value) in enumerate([(2, "nan"), (16 + 2, "nan"), (2, "inf"), (16 + 2, "-inf")]):
+        kv[b, at] = float(value)
+    want_cache, want_scale = cache.clone(), scale.clone()
+    naive_mla_write_rows(kv, w, 1e-6, positions, want_cache, want_scale)
+    mla_write_rows(kv, w, 1e-6, positions, cache, scale)
+    b = torch.arange(5, device=DEVICE)
+    got, want = cache.float() * scale[..., None], want_cache.float() * want_scale[..., None]
+    assert not want[b[:4], positions[:4]].isfinite().any() and want[4, positions[4]].isfinite().all()
+    assert torch.equal(got.isfinite(), want.isfinite())
+    assert torch.equal(scale.isnan(), want_scale.isnan()) and torch.equal(scale.isinf(), want_scale.isinf())
