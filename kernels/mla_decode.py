@@ -141,7 +141,9 @@ def mla_decode_merge_kernel(part_o, part_lse, lengths, o, H, L_max, n_splits, st
         acc = acc * alpha + tl.sum(w[:, None] * po, axis=0)
         den = den * alpha + tl.sum(w, axis=0)
         m = m_new
-    out = tl.where(den > 0, acc / tl.maximum(den, 1e-30), 0.0)
+    # zeros for length 0 only: den >= 1 once a split ran (the largest lse weighs 1), and NaN where a split's lse or
+    # output is (a NaN cached row), which must reach the output as the twin's -- `den > 0` is false for NaN
+    out = tl.where(n_active > 0, acc / den, 0.0)
     tl.store(o + i_b * stride_ob + i_h * stride_oh + offs_r, out.to(o.dtype.element_ty), mask=offs_r < R)
 
 

@@ -156,6 +156,28 @@ def test_lengths_zero_and_past_the_cache():
     assert_close(o, naive_mla_decode(q_lat, q_rope, cache, lengths, SCALE), BOUND, "o_lat")
 
 
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_a_nan_in_the_cache_gives_nan_not_zeros(num_splits, fp8, poisoned_workspace):
+    """A NaN inside a sequence's length makes its output NaN, as the twin's, where the merge's `den > 0` (false for
+    NaN) gave zeros: in the latent (the scores and the sum) or the shared key (the scores only), in the middle split
+    of three or the last (one row), or in the one split. Length 0 still gives zeros; a sequence beside is finite."""
+    B, H, R, Dr, L_max = 4, 3, 32, 16, 80
+    lengths = torch.tensor([70, 0, 50, 33], dtype=torch.int32, device=DEVICE)
+    cache, scale = make_cache(B, L_max, lengths, R + Dr, fp8)
+    cache[0, 45, 3] = cache[3, 32, R + 1] = float("nan")
+    if fp8:  # a row holding a NaN gets a NaN scale (quantize_mla_cache_rows, mla_write_rows); the interpreter also
+        scale[0, 45] = scale[3, 32] = float("nan")  # reads an e4m3 NaN as 480 (its fp8 -> fp16 conversion)
+    q_lat, q_rope = queries(B, H, R, Dr, torch.float32)
+    o = mla_decode(q_lat, q_rope, cache, lengths, SCALE, scale, out=poisoned(B, H, R, dtype=torch.float32),
+                   block_n=16, min_split_tokens=16, num_splits=num_splits)
+    ref = naive_mla_decode(q_lat, q_rope, cache, lengths, SCALE, scale)
+    assert ref[[0, 3]].isnan().all() and not ref[[1, 2]].isnan().any()
+    assert torch.equal(o.isnan(), ref.isnan())
+    assert torch.equal(o[1], torch.zeros_like(o[1]))
+    assert_close(o[2], ref[2], BOUND, "o_lat")
+
+
 def test_quantize_mla_cache_rows():
     rows = torch.randn(3, 7, 80, device=DEVICE) * torch.logspace(-3, 3, 7, device=DEVICE)[:, None]
     rows[1, 2] = 0.0
