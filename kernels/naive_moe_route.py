@@ -6,11 +6,18 @@ from .naive_rms_norm import rms_norm, rms_rstd
 ROUTE_EPS = 1e-20  # the renormalized routing weights' sum guard, as the release (the Triton router takes it too)
 
 
+def top_k_ids(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The ids of the k largest scores along the last dim, largest first, ties to the lowest id as moe_route picks
+    them (torch.topk leaves the choice among ties to its implementation, and ties are real once the sigmoid
+    saturates). A stable sort: comparisons only, so an untied choice is the one topk makes."""
+    return scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+
+
 def naive_moe_route(logits: torch.Tensor, bias: torch.Tensor, k: int, scaling: float, *, renormalize: bool = True,
                     biased_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     scores = torch.sigmoid(logits.float())
     choice = scores + bias.float()
-    ids = choice.topk(k, dim=-1).indices
+    ids = top_k_ids(choice, k)
     weights = (choice if biased_weights else scores).gather(1, ids)
     if renormalize:
         weights = weights / (weights.sum(-1, keepdim=True) + ROUTE_EPS)

@@ -23,7 +23,7 @@ from torch.nn.modules import module as _module_hooks
 from klconvert.config import KimiLinearConfig
 from klconvert.kernels.naive_attention_merge import naive_merge_attention
 from klconvert.kernels.naive_kda import kda_q_scale, kda_short_conv
-from klconvert.kernels.naive_moe_route import ROUTE_EPS
+from klconvert.kernels.naive_moe_route import ROUTE_EPS, top_k_ids
 from klconvert.kernels.naive_rms_norm import rms_norm
 from klconvert.runtime.kda import kda_chunked, kda_gate, kda_step, l2norm
 from klconvert.runtime.state import StateBuffers, cache_rows
@@ -370,8 +370,9 @@ class MLAMixer(nn.Module):
 
 # ---- feed-forward ----------------------------------------------------------------------------------------
 class Router(nn.Module):
-    """Sigmoid scores; the top k by score + correction bias; weights the chosen unbiased scores, renormalized,
-    times routed_scaling_factor (biased=True: the biased scores, as the original remote code does)."""
+    """Sigmoid scores; the top k by score + correction bias (ties: the lowest id, as moe_route's); weights the chosen
+    unbiased scores, renormalized, times routed_scaling_factor (biased=True: the biased scores, as the original
+    remote code does)."""
 
     def __init__(self, c: KimiLinearConfig, biased: bool):
         super().__init__()
@@ -389,10 +390,10 @@ class Router(nn.Module):
         choice = scores + self.e_score_correction_bias.float()
         if c.num_expert_group > 1:  # keep the topk_group groups with the best top-2 sums
             grouped = choice.view(logits.shape[0], c.num_expert_group, -1)
-            best = grouped.topk(2, dim=-1).values.sum(-1).topk(c.topk_group, dim=-1).indices
+            best = top_k_ids(grouped.topk(2, dim=-1).values.sum(-1), c.topk_group)
             keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best, True)
             choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
-        ids = choice.topk(c.num_experts_per_token, dim=-1).indices
+        ids = top_k_ids(choice, c.num_experts_per_token)
         weights = (choice if self.biased else scores).gather(1, ids)
         if c.moe_renormalize:
             weights = weights / (weights.sum(-1, keepdim=True) + ROUTE_EPS)

@@ -1,8 +1,14 @@
-"""add_rms_norm and moe_route against their twins: odd widths, with and without the residual, NaN-poisoned outputs."""
+"""add_rms_norm and moe_route against their twins: odd widths, with and without the residual, NaN-poisoned outputs;
+tied router scores chosen alike by the kernel, the twin and the model."""
+from dataclasses import replace
+
 import pytest
 import torch
 from helpers import DEVICE, GPU, assert_close, poisoned
 
+from klconvert.config import KimiLinearConfig
+from klconvert.presets import preset_config
+from klconvert.runtime import model as M
 from klconvert.kernels.int_linear import sum_parked
 from klconvert.kernels.moe_route import moe_add_norm_router, moe_route, moe_router, moe_router_locks
 from klconvert.kernels.naive_moe_route import naive_moe_add_norm_router, naive_moe_route, naive_moe_router
@@ -41,6 +47,43 @@ def test_moe_route(N, E, k, biased):
     order, ref_order = ids.sort(-1), ref_ids.sort(-1)
     assert torch.equal(order.values, ref_order.values)          # the same set (order inside the set is free)
     assert_close(wts.gather(1, order.indices), ref_wts.gather(1, ref_order.indices), 1e-6, "weights")
+
+
+# tied choices (sigmoid + bias): all equal, the sigmoid saturated at 1.0, logits of three levels over an E that is
+# not a power of two, and ties made by the bias over saturated scores
+TIES = {"all equal": (torch.zeros(2, 8), torch.zeros(8), 2),
+        "saturated": (torch.full((1, 16), 40.0), torch.zeros(16), 4),
+        "three levels": (torch.randint(-1, 2, (6, 37), generator=torch.Generator().manual_seed(0)).float(),
+                         torch.zeros(37), 5),
+        "by the bias": (torch.full((3, 16), 40.0), torch.tensor([0.0, 0.5] * 8), 3)}
+
+
+@pytest.mark.parametrize("case", TIES)
+def test_tied_scores_go_to_the_lowest_ids_in_the_kernel_the_twin_and_the_model(case):
+    """moe_route's promise (ties: the lowest id), kept by its twin and the CPU model's Router too, ids in order:
+    torch.topk (the twin's and the model's before) picked others ([6, 5] of 8 all tied, where the kernel picks
+    [0, 1]), so the CPU and GPU runtimes routed a saturated token to different experts."""
+    logits, bias, k = TIES[case]
+    logits, bias = logits.to(DEVICE), bias.to(DEVICE)
+    choice = torch.sigmoid(logits) + bias
+    want = torch.tensor([sorted(range(len(row)), key=lambda e: (-row[e], e))[:k] for row in choice.tolist()],
+                        device=DEVICE)
+    assert torch.equal(moe_route(logits, bias, k, 2.446)[0], want)
+    assert torch.equal(naive_moe_route(logits, bias, k, 2.446)[0], want)
+    config = replace(KimiLinearConfig.from_dict(preset_config("tiny")), num_experts=logits.shape[1],
+                     num_experts_per_token=k)
+    router = M.Router(config, biased=False)
+    router.e_score_correction_bias = torch.nn.Parameter(bias, requires_grad=False)
+    assert torch.equal(router.route(logits)[0], want)
+
+
+def test_tied_expert_groups_go_to_the_lowest_group_ids_in_the_model():
+    """Grouped routing (the CPU model's alone) ranks its groups with the same rule: all 16 scores tied, the best 2
+    of 4 groups are groups 0 and 1, and their lowest 4 experts win."""
+    config = replace(KimiLinearConfig.from_dict(preset_config("tiny")), num_expert_group=4, topk_group=2)
+    router = M.Router(config, biased=False)
+    router.e_score_correction_bias = torch.nn.Parameter(torch.zeros(16), requires_grad=False)
+    assert router.route(torch.zeros(3, 16))[0].tolist() == [[0, 1, 2, 3]] * 3
 
 
 # the routing options the runtime passes: config.json's moe_renormalize, and the biased scores as weights (the original
