@@ -68,19 +68,23 @@ MAX_SPECIAL_TOKEN_CHARS = 256  # the released ones are short tags ("<|im_user|>"
 MAX_SPECIAL_TEXT_CHARS = 1 << 17
 
 # A chat's message text is escaped before the template runs, so that a special token's text becomes its id only where
-# the template wrote its first and last characters. In each string of the messages, dict keys too, each character where
-# a special token's text could begin -- the whole text inside the string, or its start cut off by the string's end
-# ("see <|im_") -- or end -- its end cut off by the string's start ("end|> and go on") -- is swapped for its code:
-# ESCAPE, then ESCAPE+1+i for the i-th character escaped; ESCAPE itself is one, escaped wherever it is, so no message
-# text holds a code. No special token's text holds a code, so none can lie inside a message's text or reach into it
-# from the text beside it, the template's or another string's. Only those characters change, not whole strings: a
-# template's tests (role == 'user', content == '') see strings as they are. So a whole string that the template writes
-# between a token's first and last characters still joins it ("<|im_" + "end" + "|>"): "user" lies inside
-# "<|im_user|>", as "assistant" and "system" inside theirs, and escaping such strings failed the released template's
-# role tests. The message text comes back verbatim and is encoded as plain text. The codes are ideographs of CJK
-# Extension B (U+20000.., rare, assigned since Unicode 3.1): printable, so a template writes them as they are however
-# it writes a string -- as text, in Python's repr of a list, in JSON. Private-use codes (plane 15) came out of a repr
-# as backslash text (\U000f0000\U000f0007), which a message may hold too: it came back rewritten.
+# the template wrote its first and last characters. In each string of the messages, dict keys too, the first character
+# of each special token's text inside it is swapped for its code: ESCAPE, then ESCAPE+1+i for the i-th character
+# escaped; ESCAPE itself is one, escaped wherever it is, so no message text holds a code. So are a string's edges where
+# a token's text could run past them -- the first character of its start cut off by the string's end ("see <|im_"),
+# the last of its end cut off by the string's start ("end|> and go on") -- where that character is no word's (a
+# letter, digit or underscore: the release's tokens begin with "<" or "[" and end with ">" or "]"). No special token's
+# text holds a code, so none can lie inside a message's text, nor reach into it from the text beside it, the
+# template's or another string's, at a non-word character. Only those characters change, not whole strings: a
+# template's lookups and tests (message['content'], role == 'user') see ordinary strings as they are -- a word's edge
+# escaped for a fine-tune's word-like token ("tool_output" from "content"'s "t") lost the content silently. So a
+# whole string the template writes between a token's first and last characters still joins it ("<|im_" + "end" +
+# "|>"; "user" lies inside "<|im_user|>", and escaping it failed the released template's role tests), as do a
+# word-like token's pieces and text a template rewrites (| lower, | replace, | trim...). The message text comes back
+# verbatim and is encoded as plain text. The codes are ideographs of CJK Extension B (U+20000.., rare, assigned since
+# Unicode 3.1): printable, so a template writes them as they are however it writes a string -- as text, in Python's
+# repr of a list, in JSON. Private-use codes (plane 15) came out of a repr as backslash text (\U000f0000\U000f0007),
+# which a message may hold too: it came back rewritten.
 ESCAPE = 0x20000
 # past the codes: ESCAPE, then one for each character escaped -- each special token's first and last, and ESCAPE
 ESCAPE_END = ESCAPE + 1 + 2 * MAX_SPECIAL_TOKENS + 1
@@ -90,6 +94,11 @@ def _holds_a_code(text: str) -> bool:
     """Whether `text` holds a character of the escape codes (ESCAPE..ESCAPE_END): real Han characters, which a
     special token may hold; only a chat cannot take such a token."""
     return any(ESCAPE <= ord(char) < ESCAPE_END for char in text)
+
+
+def _word_character(char: str) -> bool:
+    """Whether `char` can be part of a word (a letter, digit or underscore), as a string's edge: see ESCAPE."""
+    return char.isalnum() or char == "_"
 
 
 def _begins_one(sorted_texts: list[str], head: str) -> bool:
@@ -369,9 +378,12 @@ class Tokenizer:
         self._specials_sorted = sorted(special_tokens)
         self._specials_reversed_sorted = sorted(text[::-1] for text in special_tokens)
         self._longest_special = len(by_length[0])
-        self._first_chars = frozenset(text[0] for text in special_tokens)
-        self._last_chars = frozenset(text[-1] for text in special_tokens)
-        self._escaped_chars = sorted({*self._first_chars, *self._last_chars, chr(ESCAPE)})
+        first_chars = frozenset(text[0] for text in special_tokens)
+        last_chars = frozenset(text[-1] for text in special_tokens)
+        self._escaped_chars = sorted({*first_chars, *last_chars, chr(ESCAPE)})
+        # a string's edges are escaped only at these (see ESCAPE): not at a word's characters
+        self._edge_first_chars = frozenset(char for char in first_chars if not _word_character(char))
+        self._edge_last_chars = frozenset(char for char in last_chars if not _word_character(char))
         self._escape_codes = {char: chr(ESCAPE) + chr(ESCAPE + 1 + i) for i, char in enumerate(self._escaped_chars)}
         first_code, last_code = chr(ESCAPE + 1), chr(ESCAPE + len(self._escaped_chars))
         self._unescape_pattern = re.compile(f"{chr(ESCAPE)}([{first_code}-{last_code}])")
@@ -600,18 +612,19 @@ class Tokenizer:
                       "give strings, numbers, lists and dicts")
 
     def _escape_text(self, text: str) -> str:
-        """`text` with its code (see ESCAPE) for each character where a special token's text could begin -- inside
-        `text`, or running past its end -- or end, running from before its start, and for each ESCAPE."""
+        """`text` with its code (see ESCAPE) for each character where a special token's text begins inside it, each
+        ESCAPE, and each non-word character at its edges where a token's text could run past its end or from before
+        its start."""
         escaped = set()
         match = self._escape_pattern.search(text)
         while match:   # each start, overlapping ones too: a special starting inside another's text stays whole
             escaped.add(match.start())
             match = self._escape_pattern.search(text, match.start() + 1)
         for start in range(max(0, len(text) - self._longest_special + 1), len(text)):
-            if text[start] in self._first_chars and _begins_one(self._specials_sorted, text[start:]):
+            if text[start] in self._edge_first_chars and _begins_one(self._specials_sorted, text[start:]):
                 escaped.add(start)
         for last in range(min(len(text), self._longest_special - 1)):   # text[:last + 1] ends one: reversed, begins
-            if text[last] in self._last_chars and _begins_one(self._specials_reversed_sorted, text[last::-1]):
+            if text[last] in self._edge_last_chars and _begins_one(self._specials_reversed_sorted, text[last::-1]):
                 escaped.add(last)
         pieces, done = [], 0
         for at in sorted(escaped):

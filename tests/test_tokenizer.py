@@ -335,18 +335,18 @@ def test_special_text_a_message_begins_or_ends_is_no_token(broken_folder, templa
 
 def test_the_templates_own_special_text_beside_a_messages_fragments_is_its_id(broken_folder):
     """Escaping the message's edges leaves the template's own specials whole: its <|im_end|> before a message "x" is
-    <|im_end|>'s id, where "<|im_end|>x" -- a longer special -- took the message's "x" into its own id."""
+    <|im_end|>'s id, where "<|im_end|>!" -- a longer special -- took the message's "!" into its own id."""
     longer = SMALL_RANKS + 20
-    edit_config(broken_folder, lambda c: c["added_tokens_decoder"][str(longer)].update(content="<|im_end|>x"))
+    edit_config(broken_folder, lambda c: c["added_tokens_decoder"][str(longer)].update(content="<|im_end|>!"))
     (broken_folder / "chat_template.jinja").write_text("<|im_user|>{{ messages[0]['content'] }}<|im_end|>")
     tokenizer = Tokenizer.from_folder(broken_folder)
     s = tokenizer.special_tokens
-    content = "end|> <|im_end|>x [EOS] <|im"   # a special's end, whole specials, a special's start
+    content = "end|> <|im_end|>! [EOS] <|im"   # a special's end, whole specials, a special's start
     ids = tokenizer.encode_chat([{"role": "user", "content": content}])
     assert ids == [s["<|im_user|>"], *tokenizer.encode(content), s["<|im_end|>"]]
     (broken_folder / "chat_template.jinja").write_text("<|im_end|>{{ messages[0]['content'] }}")
-    ids = Tokenizer.from_folder(broken_folder).encode_chat([{"role": "user", "content": "x"}])
-    assert ids == [s["<|im_end|>"], *tokenizer.encode("x")]
+    ids = Tokenizer.from_folder(broken_folder).encode_chat([{"role": "user", "content": "!"}])
+    assert ids == [s["<|im_end|>"], *tokenizer.encode("!")]
 
 
 def test_a_template_sees_strings_it_tests_as_they_are(broken_folder):
@@ -356,6 +356,20 @@ def test_a_template_sees_strings_it_tests_as_they_are(broken_folder):
         "{% for m in messages %}{{ m['role'] == 'user' }} {{ m['content'] == 'a <b> [c] d|e' }}{% endfor %}")
     tokenizer = Tokenizer.from_folder(broken_folder)
     assert tokenizer.encode_chat([{"role": "user", "content": "a <b> [c] d|e"}]) == tokenizer.encode("True True")
+
+
+@pytest.mark.parametrize("special", ["tool_output", "madeupword0000", "user<|im_middle|>"])
+def test_a_word_like_special_leaves_the_templates_lookups_and_tests_alone(broken_folder, special):
+    """A fine-tune's word-like special token ("tool_output", which "content" ends the start of) had the key "content"
+    escaped at its "t", so message['content'] was undefined and the user's text silently left out of the prompt (h260's
+    F1); "user<|im_middle|>" had the role "user" escaped, failing role == 'user'. A word's edges stay as they are."""
+    extra = SMALL_RANKS + 20
+    edit_config(broken_folder, lambda c: c["added_tokens_decoder"][str(extra)].update(content=special))
+    (broken_folder / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['role'] == 'user' }}|{{ m['content'] }}|{{ m['role'] }}{% endfor %}")
+    tokenizer = Tokenizer.from_folder(broken_folder)
+    ids = tokenizer.encode_chat([{"role": "user", "content": "hello there"}])
+    assert ids == tokenizer.encode("True|hello there|user")
 
 
 @pytest.mark.parametrize("template", ["{{ messages[0]['content'] }}", "{{ messages }}"], ids=["text", "repr"])
