@@ -121,7 +121,7 @@ def _run_model(path: Path, ids: list[int], device: str | torch.device | None, dt
 
     with host_allocation(f"a run of {named or path} over {len(ids):,} tokens (the model, its log-probabilities and "
                          "logits)"):
-        engine = load(path, device=device, dtype=dtype, max_context=len(ids))
+        engine = load(path, device=device, dtype=dtype, max_context=len(ids), all_logits=True)
         c = engine.config
         chosen: dict[int, list[torch.Tensor]] = {}
         for layer, block in enumerate(engine.model.blocks):
@@ -261,9 +261,10 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
 
 def _plan_on_the_host(config: KimiLinearConfig, tokens: int, device: str | torch.device, dtype: str | None
                       ) -> MemoryPlan | None:
-    """The memory plan a CPU engine makes to run `tokens` tokens, before any model loads: every weight as bound on
-    the CPU (dequantized: the packed kernels are Triton's, on CUDA), at the dtype load takes (device_and_dtype), and
-    in fp32 the decode copies the CPU forms hold beside them.
+    """The memory plan a CPU engine makes to run `tokens` tokens, every position's logits among them (all_logits, as
+    run_model loads it), before any model loads: every weight as bound on the CPU (dequantized: the packed kernels are
+    Triton's, on CUDA), at the dtype load takes (device_and_dtype), and in fp32 the decode copies the CPU forms hold
+    beside them.
     None on a GPU, where the model and its logits live (the engine checks its own plan against the device)."""
     from klconvert.runtime.engine import device_and_dtype
 
@@ -272,7 +273,7 @@ def _plan_on_the_host(config: KimiLinearConfig, tokens: int, device: str | torch
     cpu, act = device_and_dtype("cpu", dtype)
     held = weight_bytes(config, act, decode_copies=cpu_forms_bound(cpu, act, triton=False))   # kernels auto: torch
     return MemoryPlan(config, batch=1, context=tokens, weight_bytes=held, act_dtype=act, mla_cache_dtype=act,
-                      torch_decode_attention=True)
+                      torch_decode_attention=True, all_logits=True)
 
 
 def _host_bytes(tokens: int, config: KimiLinearConfig, plan: MemoryPlan | None, runs: int = 2

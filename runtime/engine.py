@@ -539,15 +539,17 @@ class Engine(Runner):
                  packed: Packed | None = None, kernels: str = "torch",
                  stored_schemes: dict[str, QuantScheme] | None = None, mla_cache_dtype: torch.dtype | None = None,
                  cuda_graph: bool = True, tokenizer: Tokenizer | None = None, context_name: str = "context",
-                 needed_context: int = 1):
+                 needed_context: int = 1, all_logits: bool = False):
         """`read(name)` gives a canonical tensor (e.g. Checkpoint.get), `packed(name)` a quantized weight's stored
         parts (Checkpoint.packed) and `stored_schemes` how each packed weight is stored; `kernels` picks PyTorch
         or Triton (auto: Triton on CUDA). The decode step is captured in a CUDA graph with Triton on CUDA.
         `tokenizer`: the folder's, whose stop tokens join config.json's in `stop_ids` (model_stop_ids).
         `context_name`: what the caller named the context (load: max_context), as a refusal names it.
-        `needed_context`: the least context the prompts to come need (load's), where a refusal looks for one."""
+        `needed_context`: the least context the prompts to come need (load's), where a refusal looks for one.
+        `all_logits`: the plan holds forward's and forward_segments' logits of every position too (MemoryPlan's)."""
         refuse_non_bool(biased_router_weights, "biased_router_weights")
         refuse_non_bool(cuda_graph, "cuda_graph")
+        refuse_non_bool(all_logits, "all_logits")
         self.config, self.device, self.dtype = config, device, dtype
         self.stop_ids = model_stop_ids(config, tokenizer)   # where generate stops unless told otherwise
         self.prefill_segment = PREFILL_SEGMENT  # prompt tokens per model call (the plan's workspace assumes this)
@@ -560,7 +562,7 @@ class Engine(Runner):
         self.weights_held = 0    # bytes of weights bound (what a resize on the CPU adds back to what the host has)
         self.state = None
         self._plan_state(context, batch, mla_cache_dtype or dtype, context_name,   # refused before any weight is read
-                         needed_context)
+                         all_logits, needed_context)
         with self._device_memory("loading the model"):
             with host_allocation(f"the weights ({size_text(sum(self.weight_bytes.values()))})"):
                 bind(self.model, read, packed, held, device, dtype, self.triton)
@@ -575,9 +577,10 @@ class Engine(Runner):
         self.stats = GenerationStats()
 
     def _plan_state(self, context: int, batch: int, mla_cache_dtype: torch.dtype, context_name: str,
-                    needed_context: int = 1) -> None:
-        """Size the state for this context and batch (self.plan); refuse what does not fit, naming the context as
-        the caller did (`context_name`) with --max-context: a smaller one only where it holds `needed_context`."""
+                    all_logits: bool, needed_context: int = 1) -> None:
+        """Size the state for this context and batch (self.plan, holding `all_logits` as MemoryPlan's); refuse what
+        does not fit, naming the context as the caller did (`context_name`) with --max-context: a smaller one only
+        where it holds `needed_context`."""
         check_e4m3_cache_readable(self.config, self.device, self.dtype, self.triton, mla_cache_dtype)
         if context > self.config.model_max_length:
             raise KLError(f"{argument(context_name, '--max-context', context)} is over the model's "
@@ -595,7 +598,7 @@ class Engine(Runner):
             limit = None
         plan = MemoryPlan(self.config, batch=batch, context=context, weight_bytes=self.weight_bytes,
                           act_dtype=self.dtype, mla_cache_dtype=mla_cache_dtype, memory_limit=limit,
-                          torch_decode_attention=not self.triton)
+                          torch_decode_attention=not self.triton, all_logits=all_logits)
         if limit is not None and plan.total > limit:
             said = (f"the plan needs {size_text(plan.total)} but {self.device} has "
                     + (f"{size_text(limit)} free for this process" if host is None else str(host)))
@@ -646,7 +649,7 @@ class Engine(Runner):
         with self._holding("resize"):
             context, batch, mla_cache_dtype = check_plan_args(context, batch, mla_cache_dtype, "context", self.dtype)
             self._plan_state(context, batch, mla_cache_dtype or self.plan.mla_cache_dtype,   # the old state free
-                             "context")
+                             "context", self.plan.all_logits)
             self._steps, self.state = {}, None   # freed before the new one is allocated
             self._allocate_state()
 
@@ -681,12 +684,12 @@ class Engine(Runner):
                  progress: Callable[[int], None] | None = None) -> Iterator[torch.Tensor]:
         """Run [B, T] prompts (one length) through fresh `state` rows, segment by segment, yielding the logits of
         every position [B, R, vocab] fp32, R positions at a time in order (all_logits), or only the last token's
-        [B, 1, vocab]. R positions make LOGIT_ROWS rows (at least one position), whose logits the plan counts
-        (MemoryPlan.logit_rows_for), where a segment's whole would be tokens x vocab. `progress(n)`: n more prompt
-        tokens done (called once the device has finished the segment, so it costs a sync per segment). Each segment
-        makes the same shapes (MLA's key blocks are fixed), so the allocator reuses its blocks; a prefill of several
-        segments hands its cache back at the end. A segment runs PREFILL_ROWS prompts at a time, as the plan sizes its
-        workspace: sized B times, it refused batches that ran in a fraction of it."""
+        [B, 1, vocab]. R positions make LOGIT_ROWS rows (at least one position), whose logits a plan holding
+        all_logits counts (MemoryPlan.logit_rows_for), where a segment's whole would be tokens x vocab. `progress(n)`:
+        n more prompt tokens done (called once the device has finished the segment, so it costs a sync per segment).
+        Each segment makes the same shapes (MLA's key blocks are fixed), so the allocator reuses its blocks; a prefill
+        of several segments hands its cache back at the end. A segment runs PREFILL_ROWS prompts at a time, as the plan
+        sizes its workspace: sized B times, it refused batches that ran in a fraction of it."""
         state.reset()
         what = f"a prefill's activations ({ids.shape[1]:,} tokens)"   # an allocator's refusal names it
         less = f"give a shorter prompt, or lower {self._context_argument()}"
@@ -739,19 +742,17 @@ class Engine(Runner):
 
     def forward(self, input_ids) -> torch.Tensor:
         """The prefill path over whole sequences of one length: input_ids [B, T] -> logits [B, T, vocab] fp32, which
-        no plan counts (B x T x vocab x 4 bytes): where they do not fit beside the prefill's workspace the call is
-        refused at once, naming forward_segments, which hands them on a few positions at a time within the plan.
-        Checked, not only allocated first: logits the allocator took left the prefill to run out part-way, its line
-        naming a shorter prompt or context (8,000 tokens of the bundled model under ulimit -d), where forward_segments
-        ran."""
+        no plan counts (B x T x vocab x 4 bytes): where they do not fit beside the prefill's workspace (forward_
+        segments', _forward_workspace) the call is refused at once, naming forward_segments, which hands them on a few
+        positions at a time within the plan. Checked, not only allocated first: logits the allocator took left the
+        prefill to run out part-way, its line naming a shorter prompt or context (8,000 tokens of the bundled model
+        under ulimit -d), where forward_segments ran."""
         ids = self._forward_ids(input_ids)
         B, T, V = *ids.shape, self.config.vocab_size
         what = f"forward's logits ([{B}, {T:,}, {V:,}] fp32, {size_text(B * T * V * 4)})"
         less = ("give fewer tokens", "read them a few positions at a time with forward_segments")
-        needed, room = B * T * V * 4 + self.plan.prefill_workspace_for(T), self._room_now()
-        if room is not None and needed > room[0]:
-            raise KLError(f"{what} with a prefill's workspace need {size_text(needed)} but {self.device} has "
-                          f"{room[1]}; {less[1]}, or {less[0]}")
+        self._refuse_past_room(f"{what} with a prefill's workspace", B * T * V * 4 + self._forward_workspace(B, T),
+                               f"{less[1]}, or {less[0]}")
         with host_allocation(what, " or ".join(less)), device_allocation(what, self.plan.total, less, False):
             logits = torch.empty(B, T, V, dtype=torch.float32, device=self.device)
         at = 0
@@ -759,6 +760,18 @@ class Engine(Runner):
             logits[:, at:at + rows.shape[1]] = rows
             at += rows.shape[1]
         return logits
+
+    def _forward_workspace(self, batch: int, tokens: int) -> int:
+        """The prefill's workspace of forward_segments over `batch` sequences of `tokens` tokens: the plan's with
+        all_logits, for the sequences given."""
+        return replace(self.plan, batch=batch, all_logits=True).prefill_workspace_for(tokens)
+
+    def _refuse_past_room(self, what: str, needed: int, less: str) -> None:
+        """KLError where `what`, `needed` bytes, is more than this process can still allocate on the device now,
+        saying `less`, what asks for less."""
+        room = self._room_now()
+        if room is not None and needed > room[0]:
+            raise KLError(f"{what} need {size_text(needed)} but {self.device} has {room[1]}; {less}")
 
     def _room_now(self) -> tuple[int, str] | None:
         """What this process can still allocate on the engine's device, with how a refusal says it ("0.54 GB
@@ -775,8 +788,16 @@ class Engine(Runner):
         into a sum) never holds all T positions' logits on the device. The arguments are checked at once; the iterator
         holds the engine from its first rows until it is read to its end, closed or dropped: a call that writes the
         state meanwhile (generate, prefill, another forward...) is refused, since the later segments run on that
-        state."""
-        return self._held_segments(self._forward_ids(input_ids))
+        state. On an engine whose plan does not hold them (load's all_logits), the logits' rows and the last hidden
+        rows they are made from are checked against the room it has now first."""
+        ids = self._forward_ids(input_ids)
+        B, T = ids.shape
+        if not self.plan.all_logits:
+            fewer = "give fewer sequences at a time" if B > 1 else "give fewer tokens"
+            self._refuse_past_room(f"forward_segments' prefill workspace, the last hidden rows of a segment of {B} "
+                                   f"sequence(s) of {T:,} tokens and their logits a few positions at a time",
+                                   self._forward_workspace(B, T), f"{fewer}, or lower {self._context_argument()}")
+        return self._held_segments(ids)
 
     def _forward_ids(self, input_ids) -> torch.Tensor:
         """forward's and forward_segments' input_ids checked: [B, T] on the device, within the plan."""
@@ -931,14 +952,17 @@ def device_and_dtype(device: str | torch.device | None, dtype: torch.dtype | str
 def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
          max_context: int = 4096, batch: int = 1, biased_router_weights: bool = False,
          kernels: str = "auto", mla_cache_dtype: str | torch.dtype | None = None, cuda_graph: bool = True,
-         needed_context: int = 1) -> Engine:
+         needed_context: int = 1, all_logits: bool = False) -> Engine:
     """Open, check and bind a Kimi Linear checkpoint folder (`tiny`: the bundled model); allocate its memory plan
     once. The folder's tokenizer, where it has one, is read (and checked) for the model's stop tokens (stop_ids).
 
     kernels: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch". mla_cache_dtype: the latent cache's
     dtype (default: the compute dtype; "float8_e4m3fn" halves it, with one fp32 scale per cached row).
     needed_context: the least context the prompts to come need (the longest plus max_new_tokens), where known: a
-    plan past the memory is then refused as holding no such context, not with a smaller max_context to try."""
+    plan past the memory is then refused as holding no such context, not with a smaller max_context to try.
+    all_logits: the plan holds forward's and forward_segments' logits of every position (eval's), not only generate's
+    last logits, so that a context they do not fit is refused before any weight is read; without it, a forward is
+    checked against the room the device has when called."""
     device, dtype = device_and_dtype(device, dtype)
     max_context, batch, mla_cache_dtype = check_plan_args(max_context, batch, mla_cache_dtype, "max_context", dtype)
     if (needed := as_number(needed_context, whole=True)) is None or needed < 1:
@@ -948,6 +972,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     tokenizer = check_tokenizer_if_any(checkpoint.folder, checkpoint.config)   # for its stop tokens
     engine = Engine(checkpoint.config, checkpoint.get, device, dtype, max_context, batch, biased_router_weights,
                     packed=checkpoint.packed, kernels=kernels, stored_schemes=schemes, mla_cache_dtype=mla_cache_dtype,
-                    cuda_graph=cuda_graph, tokenizer=tokenizer, context_name="max_context", needed_context=needed)
+                    cuda_graph=cuda_graph, tokenizer=tokenizer, context_name="max_context", needed_context=needed,
+                    all_logits=all_logits)
     checkpoint.refuse_changed()   # every weight is bound now, and none from a shard rewritten while open
     return engine

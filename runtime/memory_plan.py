@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 # 27 layers, int4, 128K prompt): 2048 -> 7.60 s, 4096 -> 6.20 s, 8192 -> 5.24 s (fewer expansions of each cached key
 # block, fuller GEMMs); the workspace it costs stays 1.27 GiB at any context. 16384 with MLA key blocks of 32768
 # (runtime/model.py): one MLA layer's attention over a 1M-token prompt 24.5 -> 19.9 s (2026-11-30, `python
-# bench/mla_prefill.py`), the workspace then 2.65 GiB (2.80 since forward_segments' logit rows are counted).
+# bench/mla_prefill.py`), the workspace then 2.65 GiB (2.80 where a plan holds forward_segments' logit rows:
+# all_logits).
 PREFILL_SEGMENT = 16384
 # Prompts a prefill runs through the model at once: Engine prefills a batch's prompts one at a time, so the batch's
 # state and cache grow with the batch and the prefill's workspace does not
@@ -58,6 +59,10 @@ class MemoryPlan:
     # decode attention on the PyTorch path (the CPU's, kernels="torch"): its scores span the context; False: the
     # Triton kernel's, as a GPU runs it (plan_report.plan_for plans for a GPU)
     torch_decode_attention: bool = False
+    # the all-position path's logits (Engine.forward and forward_segments: eval's) counted too; False: generate's and
+    # prefill's, which make each prompt's last logits alone (Engine checks a forward on such a plan against the room it
+    # has when called)
+    all_logits: bool = False
 
     # ---- per-sequence and per-token figures ----------------------------------------------------
     @property
@@ -98,11 +103,11 @@ class MemoryPlan:
 
     def prefill_workspace_for(self, context: int) -> int:
         """Peak temporaries of a prefill segment of PREFILL_ROWS prompts: generate's, with the batch's prompts' last
-        logits, fp32, twice (generate keeps each prompt's, then joins them), or where more forward_segments', with the
-        rows of logits it handed on last (a caller keeps them while the next are made). An estimate from the shapes the
-        code makes; the temporaries bounded by the segment and MLA's key block, not the context (from one key block on
-        they are the same at any context), nor the batch: the engine prefills the batch's prompts PREFILL_ROWS at a
-        time.
+        logits, fp32, twice (generate keeps each prompt's, then joins them), or where the plan holds all_logits and
+        more, forward_segments', with the rows of logits it handed on last (a caller keeps them while the next are
+        made). An estimate from the shapes the code makes; the temporaries bounded by the segment and MLA's key block,
+        not the context (from one key block on they are the same at any context), nor the batch: the engine prefills
+        the batch's prompts PREFILL_ROWS at a time.
 
         Per segment of S tokens, the blocks' temporaries, and for forward_segments the larger of those and its logits':
         all positions', logit_rows_for(context) rows at a time once the segment is through the blocks, beside the
@@ -131,11 +136,13 @@ class MemoryPlan:
         queries = B * S * H * ((dn + dr) * a + dv * (a + 4 * 4))         # q, a block's output, fp32 running + merge
         mla = rows + expanded + queries
         blocks = self._hidden_and_ffn(B * S, max(kda, mla))
+        generate = blocks + 2 * self.batch * c.vocab_size * 4
+        if not self.all_logits:
+            return generate
         logit_values = self.logit_rows_for(context) * c.vocab_size
         # .float() of fp32 logits is the same tensor
         made = B * S * c.hidden_size * a + logit_values * (4 + (a if self.act_dtype != torch.float32 else 0))
-        return max(blocks + 2 * self.batch * c.vocab_size * 4,     # generate's
-                   max(blocks, made) + logit_values * 4)           # forward_segments'
+        return max(generate, max(blocks, made) + logit_values * 4)
 
     def logit_rows_for(self, context: int) -> int:
         """Rows (positions times sequences) of logits the all-position path (Engine.forward_segments) makes at once:

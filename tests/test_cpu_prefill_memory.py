@@ -18,8 +18,9 @@ from klconvert.runtime.kda import CHUNK
 LENGTHS = (2048, 8192)   # one segment each (MLA attends with start 0); 32 and 128 KDA chunks a layer
 
 # In a fresh process, so that its memory is these prefills': the bundled model loaded on the CPU for `batch`
-# sequences; one sequence's prompt of `warm` tokens run first (the libraries' first run of this code pages in ~14 MB of
-# their files and sets up their buffers, once: theirs, as their import is, not the plan's); then for each length the
+# sequences, its plan holding every position's logits where `all_logits` (as eval loads it); one sequence's prompt of
+# `warm` tokens run first (the libraries' first run of this code pages in ~14 MB of their files and sets up their
+# buffers, once: theirs, as their import is, not the plan's); then for each length the
 # resident bytes before the batch's prefill (the heap's free pages handed back first, so that reusing them counts as
 # growth), the peak during it (the kernel's high-water mark reset just before; where it cannot be, the process's peak
 # so far) and the plan's prefill workspace for it (the decode step's is not this prefill's). `run` is the prefill:
@@ -31,7 +32,7 @@ from klconvert.models import BUNDLED_DIR
 def status(key):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-engine = klconvert.load(BUNDLED_DIR, device="cpu", max_context={context}, batch={batch})
+engine = klconvert.load(BUNDLED_DIR, device="cpu", max_context={context}, batch={batch}, all_logits={all_logits})
 ids = torch.randint(0, 4096, ({batch}, {context}), generator=torch.Generator().manual_seed(0))
 engine.prefill(ids[:1, :{warm}])
 for tokens in {lengths}:
@@ -54,8 +55,10 @@ ALL_LOGITS = "for rows in engine.forward_segments(ids[:, :tokens]): rows.log_sof
 
 def prefill_growth(lengths: tuple[int, ...], batch: int = 1, warm: int = CHUNK,
                    run: str = LAST_LOGITS) -> list[tuple[int, int, int]]:
-    """(tokens, the peak's growth, the plan's workspace) of a batch's prefill of each length, PREFILL's figures."""
-    script = PREFILL.format(context=max(lengths), batch=batch, warm=warm, lengths=lengths, run=run)
+    """(tokens, the peak's growth, the plan's workspace) of a batch's prefill of each length, PREFILL's figures; the
+    plan holds every position's logits where `run` makes them (any run but LAST_LOGITS)."""
+    script = PREFILL.format(context=max(lengths), batch=batch, warm=warm, lengths=lengths, run=run,
+                            all_logits=run != LAST_LOGITS)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [(tokens, peak - before, workspace)

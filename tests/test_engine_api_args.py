@@ -574,7 +574,7 @@ def test_forwards_logits_are_held_to_the_room_beside_the_prefills_workspace(engi
     host has first, the line naming forward_segments."""
     ids = torch.randint(0, engine.config.vocab_size, (1, 64))
     logits = 64 * engine.config.vocab_size * 4
-    needed = logits + engine.plan.prefill_workspace_for(64)
+    needed = logits + dataclasses.replace(engine.plan, all_logits=True).prefill_workspace_for(64)
     monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(needed - 1, *ADDRESS_SPACE_BOUND))
     with pytest.raises(KLError, match=rf"^forward's logits \(\[1, 64, {engine.config.vocab_size:,}\] fp32, "
                                       rf"{re.escape(size_text(logits))}\) with a prefill's workspace need "
@@ -585,6 +585,35 @@ def test_forwards_logits_are_held_to_the_room_beside_the_prefills_workspace(engi
     assert sum(rows.shape[1] for rows in engine.forward_segments(ids)) == 64   # the way the line names
     monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(needed, *ADDRESS_SPACE_BOUND))
     assert engine.forward(ids).shape == (1, 64, engine.config.vocab_size)
+
+
+def test_every_positions_logits_are_planned_only_where_asked(tiny_released, monkeypatch):
+    """The plan charged forward_segments' logits (0.16 GiB for the release) to every run, generate's too, which never
+    makes them: load plans them where asked (all_logits, eval's), refusing there a plan they do not fit before any
+    weight is read; an engine planned without them checks forward_segments against the room it has when called, in
+    one line."""
+    planned = {every: klconvert.load(tiny_released, device="cpu", max_context=64, batch=4, all_logits=every).plan
+               for every in (False, True)}
+    assert planned[True].total > planned[False].total
+    assert planned[False].prefill_workspace_for(64) == dataclasses.replace(planned[True], all_logits=False) \
+        .prefill_workspace_for(64)
+    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(planned[False].total))
+    with pytest.raises(KLError, match=r"^the plan needs [\d.]+ MB but cpu has [\d.]+ MB available on the host "
+                                      r"\(MemAvailable\); lower max_context \(--max-context\) to \d+"):
+        klconvert.load(tiny_released, device="cpu", max_context=64, batch=4, all_logits=True)
+    engine = klconvert.load(tiny_released, device="cpu", max_context=64, batch=4)   # generate's plan fits
+    ids = torch.randint(0, engine.config.vocab_size, (4, 64))
+    workspace = dataclasses.replace(engine.plan, all_logits=True).prefill_workspace_for(64)
+    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(workspace - 1))
+    with pytest.raises(KLError, match=rf"^forward_segments' prefill workspace, the last hidden rows of a segment of 4 "
+                                      rf"sequence\(s\) of 64 tokens and their logits a few positions at a time need "
+                                      rf"{re.escape(size_text(workspace))} but cpu has .*; give fewer sequences at a "
+                                      r"time, or lower max_context \(--max-context\)$"):
+        engine.forward_segments(ids)
+    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(workspace))
+    assert sum(rows.shape[1] for rows in engine.forward_segments(ids)) == 64
+    with pytest.raises(KLError, match=r"^all_logits='yes' is not a bool; pass True or False$"):
+        klconvert.load(tiny_released, device="cpu", all_logits="yes")
 
 
 def test_a_resize_counts_the_weights_it_holds_as_its_own(tiny_released, monkeypatch):

@@ -478,9 +478,22 @@ def test_the_plan_eval_counts_is_the_one_a_cpu_engine_makes(tiny_released, tiny_
     folder = tiny_released if bits is None else tiny_quantized[bits]
     config = KimiLinearConfig.from_file(folder / "config.json")
     planned = _plan_on_the_host(config, 300, "cpu", dtype).total
-    bound = klconvert.load(folder, device="cpu", dtype=dtype, max_context=300).plan.total
+    bound = klconvert.load(folder, device="cpu", dtype=dtype, max_context=300, all_logits=True).plan.total   # eval's
     assert 0 <= bound - planned < bound / 10**5
     assert _plan_on_the_host(config, 300, "cuda", dtype) is None
+
+
+def test_eval_plans_every_positions_logits(tiny_released, monkeypatch):
+    """eval reads every position's logits (forward_segments): its engines plan them (all_logits), so that a context
+    whose logits do not fit is refused before the weights load, naming --max-tokens, as _plan_on_the_host counts them;
+    a plan for generate leaves them out."""
+    import klconvert.evaluate as evaluate_module
+    from klconvert.runtime import engine as engine_module
+
+    plans, load = [], engine_module.load
+    monkeypatch.setattr(engine_module, "load", lambda *a, **k: plans.append((e := load(*a, **k)).plan) or e)
+    run = evaluate_module.run_model(tiny_released, list(range(1, 40)), "cpu", None)
+    assert run.log_probs.shape[0] == 39 and [plan.all_logits for plan in plans] == [True]
 
 
 def test_the_refusal_on_the_command_line_is_one_line(tiny_released, tmp_path, monkeypatch, capsys):

@@ -109,23 +109,27 @@ def test_workspace_at_short_contexts_and_with_an_e4m3_cache():
     figure was at a long context, where MLA's term is the largest; KDA's, the chunk's and MLA's key block at short
     ones, and the e4m3 rows' scales, could change unseen). Segment S = min(16384, context), key block min(32768,
     context), KDA chunk C = min(64, S); the largest of KDA's, the MLP's and MLA's terms, plus 6 hidden rows: the
-    blocks'; with generate's last logits, or forward_segments' logits min(256, S) rows at a time, where more than the
-    blocks', with those it handed on (min(256, S) rows, fp32)."""
+    blocks'; with generate's last logits, or, in a plan that holds all_logits, forward_segments' logits min(256, S) rows
+    at a time, where more than the blocks', with those it handed on (min(256, S) rows, fp32). A plan for generate alone
+    (plan_for's, run's) counts no all-position logits: it never makes them."""
     hidden = lambda S: S * 2304 * 2 * 6
     kda = lambda S, C: S * 4096 * (3 * 2 + 6 * 4) + 32 * max(2 * C * C, C * C + 4 * 128) * 128 * 4
     mla = lambda S, block, row: block * 576 * row + block * 32 * (256 + 192) * 2 + S * 32 * (192 * 2 + 128 * 18)
     logits = lambda S: S * 2304 * 2 + min(256, S) * 163840 * (2 + 4)   # last hidden rows; bf16, then fp32
-    prefill = lambda S, blocks: max(blocks + 2 * 163840 * 4, max(blocks, logits(S)) + min(256, S) * 163840 * 4)
-    want = {  # context: (cache, workspace)
-        4: ("bfloat16", prefill(4, hidden(4) + kda(4, 4))),       # C^2 + 4K > 2 C^2: the four states
-        16: ("bfloat16", prefill(16, hidden(16) + kda(16, 16))),
-        4096: ("bfloat16", prefill(4096, hidden(4096) + kda(4096, 64))),  # KDA's term the largest, MLA's 452 MiB
-        131072: ("float8_e4m3fn", prefill(16384, hidden(16384) + mla(16384, 32768, 2 + 4))),   # fp32 row scales
+    prefill = lambda S, blocks: blocks + 2 * 163840 * 4
+    every_position = lambda S, blocks: max(prefill(S, blocks), max(blocks, logits(S)) + min(256, S) * 163840 * 4)
+    want = {  # context: (cache, segment, the blocks' temporaries)
+        4: ("bfloat16", 4, hidden(4) + kda(4, 4)),       # C^2 + 4K > 2 C^2: the four states
+        16: ("bfloat16", 16, hidden(16) + kda(16, 16)),
+        4096: ("bfloat16", 4096, hidden(4096) + kda(4096, 64)),  # KDA's term the largest, MLA's 452 MiB
+        131072: ("float8_e4m3fn", 16384, hidden(16384) + mla(16384, 32768, 2 + 4)),   # fp32 row scales
     }
-    for context, (cache, workspace) in want.items():
+    for context, (cache, S, blocks) in want.items():
         p = plan_for(preset="kimi-linear-48b", bits=4, context=context, mla_cache_dtype=cache)
-        assert p.prefill_workspace_for(context) == workspace, (context, p.prefill_workspace_for(context), workspace)
-        assert p.workspace == workspace + decode_workspace(1)
+        assert p.prefill_workspace_for(context) == prefill(S, blocks), context
+        assert p.workspace == prefill(S, blocks) + decode_workspace(1)
+        every = dataclasses.replace(p, all_logits=True)
+        assert every.prefill_workspace_for(context) == every_position(S, blocks), context
 
 
 def decode_workspace(batch: int) -> int:
@@ -140,18 +144,15 @@ def decode_workspace(batch: int) -> int:
 def test_a_batch_plans_one_prompts_prefill_and_the_batchs_decode_step():
     """Engine prefills a batch's prompts one at a time, so a batch's workspace is one prompt's prefill segment (and
     each prompt's last logits, fp32, kept and joined) and a decode step of the batch: it was B times the prefill's,
-    and `klconvert plan --recipe 32gb --batch 16 --max-context 8192` said 46.99 GiB, no fit, for what was 27.94 GiB
-    (28.08 with the all-position logits counted)."""
+    and `klconvert plan --recipe 32gb --batch 16 --max-context 8192` said 46.99 GiB, no fit, for what is 27.94 GiB
+    (generate's: a plan holding every position's logits, all_logits, counts more)."""
     one = plan_for(preset="kimi-linear-48b", recipe="32gb", batch=1, context=8192)
     sixteen = plan_for(preset="kimi-linear-48b", recipe="32gb", batch=16, context=8192)
-    # sixteen prompts' last logits (2 x 16 rows) are fewer than the 256 rows of all-position logits a forward_segments
-    # caller holds, which a plan of one prompt counts too; 256 prompts' are 256 rows more
+    # the prompts' last logits, kept and joined: 2 rows of fp32 logits a prompt
     prefill = one.prefill_workspace_for(8192)
-    assert sixteen.prefill_workspace_for(8192) == prefill
-    many = plan_for(preset="kimi-linear-48b", recipe="32gb", batch=256, context=8192)
-    assert many.prefill_workspace_for(8192) == prefill + (2 * 256 - 256) * 163840 * 4
-    assert sixteen.workspace == prefill + decode_workspace(16)
-    assert f"{sixteen.total / 2**30:.2f}" == "28.08" and sixteen.headroom > 0
+    assert sixteen.prefill_workspace_for(8192) == prefill + 2 * 15 * 163840 * 4
+    assert sixteen.workspace == sixteen.prefill_workspace_for(8192) + decode_workspace(16)
+    assert f"{sixteen.total / 2**30:.2f}" == "27.94" and sixteen.headroom > 0
 
 
 def test_the_pytorch_decode_attention_plans_its_scores_over_the_context():

@@ -3,6 +3,7 @@ is no 24 GB recipe, and the cache and state sizes per token and per sequence. A 
 until the README (and the recipe comment that repeats a figure) says the new one."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,12 @@ def test_finer_groups_figure():
     """Groups of 64 are finer than the kernels' 128: every layer is held dequantized to bf16."""
     weights = plan_for(preset="kimi-linear-48b", bits=4, group_size=64).weights
     assert f"(`--bits 4 --group-size 64` plans {weights / GIB:.1f} GiB for the 48B)" in " ".join(README.split())
+
+
+def test_every_position_logits_figures():
+    """What a plan holding every position's logits (all_logits: eval's) adds to the fit table's, which plans generation:
+    the logits a few positions at a time (fewer than a batch of 16's last logits, kept and joined, under them)."""
+    def added(batch: int) -> str:
+        p = plan_for(preset="kimi-linear-48b", recipe=load_recipe(RECIPE_DIR / "32gb.yaml"), batch=batch)
+        return gib(dataclasses.replace(p, all_logits=True).workspace - p.workspace).removesuffix(" GiB")
+    assert (f"adds {added(1)} GiB for one prompt, {added(16)} GiB for a batch of 16") in " ".join(README.split())
