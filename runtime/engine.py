@@ -763,7 +763,8 @@ class Engine(Runner):
 
     def _forward_workspace(self, batch: int, tokens: int) -> int:
         """The prefill's workspace of forward_segments over `batch` sequences of `tokens` tokens: the plan's with
-        all_logits, for the sequences given."""
+        all_logits, for the sequences given -- each one's last hidden rows of a segment are held until the segment's
+        logits are made."""
         return replace(self.plan, batch=batch, all_logits=True).prefill_workspace_for(tokens)
 
     def _refuse_past_room(self, what: str, needed: int, less: str) -> None:
@@ -788,8 +789,8 @@ class Engine(Runner):
         into a sum) never holds all T positions' logits on the device. The arguments are checked at once; the iterator
         holds the engine from its first rows until it is read to its end, closed or dropped: a call that writes the
         state meanwhile (generate, prefill, another forward...) is refused, since the later segments run on that
-        state. On an engine whose plan does not hold them (load's all_logits), the logits' rows and the last hidden
-        rows they are made from are checked against the room it has now first."""
+        state. On an engine whose plan does not hold them (load's all_logits), the logits' rows and each sequence's
+        last hidden rows of a segment, which they are made from, are checked against the room it has now first."""
         ids = self._forward_ids(input_ids)
         B, T = ids.shape
         if not self.plan.all_logits:
@@ -960,9 +961,9 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     dtype (default: the compute dtype; "float8_e4m3fn" halves it, with one fp32 scale per cached row).
     needed_context: the least context the prompts to come need (the longest plus max_new_tokens), where known: a
     plan past the memory is then refused as holding no such context, not with a smaller max_context to try.
-    all_logits: the plan holds forward's and forward_segments' logits of every position (eval's), not only generate's
-    last logits, so that a context they do not fit is refused before any weight is read; without it, a forward is
-    checked against the room the device has when called."""
+    all_logits: the plan holds forward's and forward_segments' logits of every position (eval's) and the last hidden
+    rows they are made from, not only generate's last logits, so that a batch or context they do not fit is refused
+    before any weight is read; without it, a forward is checked against the room the device has when called."""
     device, dtype = device_and_dtype(device, dtype)
     max_context, batch, mla_cache_dtype = check_plan_args(max_context, batch, mla_cache_dtype, "max_context", dtype)
     if (needed := as_number(needed_context, whole=True)) is None or needed < 1:

@@ -59,9 +59,9 @@ class MemoryPlan:
     # decode attention on the PyTorch path (the CPU's, kernels="torch"): its scores span the context; False: the
     # Triton kernel's, as a GPU runs it (plan_report.plan_for plans for a GPU)
     torch_decode_attention: bool = False
-    # the all-position path's logits (Engine.forward and forward_segments: eval's) counted too; False: generate's and
-    # prefill's, which make each prompt's last logits alone (Engine checks a forward on such a plan against the room it
-    # has when called)
+    # the all-position path's logits (Engine.forward and forward_segments: eval's) counted too, with the segment's last
+    # hidden rows of each of the batch's prompts they are made from; False: generate's and prefill's, which make each
+    # prompt's last logits alone (Engine checks a forward on such a plan against the room it has when called)
     all_logits: bool = False
 
     # ---- per-sequence and per-token figures ----------------------------------------------------
@@ -104,14 +104,16 @@ class MemoryPlan:
     def prefill_workspace_for(self, context: int) -> int:
         """Peak temporaries of a prefill segment of PREFILL_ROWS prompts: generate's, with the batch's prompts' last
         logits, fp32, twice (generate keeps each prompt's, then joins them), or where the plan holds all_logits and
-        more, forward_segments', with the rows of logits it handed on last (a caller keeps them while the next are
-        made). An estimate from the shapes the code makes; the temporaries bounded by the segment and MLA's key block,
-        not the context (from one key block on they are the same at any context), nor the batch: the engine prefills
-        the batch's prompts PREFILL_ROWS at a time.
+        more, forward_segments', with the batch's last hidden rows and the rows of logits it handed on last (a caller
+        keeps them while the next are made). An estimate from the shapes the code makes; the blocks' temporaries are
+        bounded by the segment and MLA's key block, not the context (from one key block on they are the same at any
+        context), nor the batch: the engine prefills the batch's prompts PREFILL_ROWS at a time.
 
         Per segment of S tokens, the blocks' temporaries, and for forward_segments the larger of those and its logits':
-        all positions', logit_rows_for(context) rows at a time once the segment is through the blocks, beside the
-        segment's last hidden rows: lm_head's in the activations' dtype, then in fp32 (a caller's log-softmax of them,
+        every prompt's last hidden rows of the segment, [batch, S, hidden], held from the first prompt's blocks until
+        the segment's logits are made (beside the blocks of the later prompts, where the batch has more than
+        PREFILL_ROWS: one prompt's are the blocks' own output), and all positions' logits, logit_rows_for(context) rows
+        at a time, beside them: lm_head's in the activations' dtype, then in fp32 (a caller's log-softmax of them,
         eval's, comes once they are handed on, in less).
 
         The blocks': hidden states and projections, the fp32 q/k/v/gate of a KDA layer, one
@@ -139,10 +141,12 @@ class MemoryPlan:
         generate = blocks + 2 * self.batch * c.vocab_size * 4
         if not self.all_logits:
             return generate
+        hidden = self.batch * S * c.hidden_size * a
+        beside_blocks = hidden if self.batch > B else 0
         logit_values = self.logit_rows_for(context) * c.vocab_size
         # .float() of fp32 logits is the same tensor
-        made = B * S * c.hidden_size * a + logit_values * (4 + (a if self.act_dtype != torch.float32 else 0))
-        return max(generate, max(blocks, made) + logit_values * 4)
+        made = hidden + logit_values * (4 + (a if self.act_dtype != torch.float32 else 0))
+        return max(generate, max(blocks + beside_blocks, made) + logit_values * 4)
 
     def logit_rows_for(self, context: int) -> int:
         """Rows (positions times sequences) of logits the all-position path (Engine.forward_segments) makes at once:

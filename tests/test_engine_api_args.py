@@ -587,11 +587,31 @@ def test_forwards_logits_are_held_to_the_room_beside_the_prefills_workspace(engi
     assert engine.forward(ids).shape == (1, 64, engine.config.vocab_size)
 
 
+def test_a_batched_forward_counts_each_prompts_last_hidden_rows(tiny_released, monkeypatch):
+    """A batch's forward holds every prompt's last hidden rows of a segment until the segment's logits are made (75 MB
+    a prompt at the release's 16K segment), where its room check counted one prompt's: a batch past the room was taken
+    and could run out part-way. They are counted for the prompts given, and such a batch is refused in the room
+    check's line."""
+    engine = klconvert.load(tiny_released, device="cpu", max_context=64, batch=4)
+    ids = torch.randint(0, engine.config.vocab_size, (4, 64))
+    logits = 4 * 64 * engine.config.vocab_size * 4
+    needed = logits + dataclasses.replace(engine.plan, all_logits=True).prefill_workspace_for(64)
+    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(needed - 1, *ADDRESS_SPACE_BOUND))
+    with pytest.raises(KLError, match=rf"^forward's logits \(\[4, 64, {engine.config.vocab_size:,}\] fp32, "
+                                      rf"{re.escape(size_text(logits))}\) with a prefill's workspace need "
+                                      rf"{re.escape(size_text(needed))} but cpu has {re.escape(size_text(needed - 1))} "
+                                      r"available under the process's address-space limit \(ulimit -v\); read them a "
+                                      r"few positions at a time with forward_segments, or give fewer tokens$"):
+        engine.forward(ids)
+    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(needed, *ADDRESS_SPACE_BOUND))
+    assert engine.forward(ids).shape == (4, 64, engine.config.vocab_size)
+
+
 def test_every_positions_logits_are_planned_only_where_asked(tiny_released, monkeypatch):
     """The plan charged forward_segments' logits (0.16 GiB for the release) to every run, generate's too, which never
-    makes them: load plans them where asked (all_logits, eval's), refusing there a plan they do not fit before any
-    weight is read; an engine planned without them checks forward_segments against the room it has when called, in
-    one line."""
+    makes them: load plans them where asked (all_logits, eval's), refusing there a batch whose last hidden rows do not
+    fit before any weight is read; an engine planned without them checks forward_segments against the room it has
+    when called, in one line."""
     planned = {every: klconvert.load(tiny_released, device="cpu", max_context=64, batch=4, all_logits=every).plan
                for every in (False, True)}
     assert planned[True].total > planned[False].total

@@ -145,7 +145,7 @@ def test_a_batch_plans_one_prompts_prefill_and_the_batchs_decode_step():
     """Engine prefills a batch's prompts one at a time, so a batch's workspace is one prompt's prefill segment (and
     each prompt's last logits, fp32, kept and joined) and a decode step of the batch: it was B times the prefill's,
     and `klconvert plan --recipe 32gb --batch 16 --max-context 8192` said 46.99 GiB, no fit, for what is 27.94 GiB
-    (generate's: a plan holding every position's logits, all_logits, counts more)."""
+    (generate's: a plan holding every position's logits, all_logits, counts more, as the test below shows)."""
     one = plan_for(preset="kimi-linear-48b", recipe="32gb", batch=1, context=8192)
     sixteen = plan_for(preset="kimi-linear-48b", recipe="32gb", batch=16, context=8192)
     # the prompts' last logits, kept and joined: 2 rows of fp32 logits a prompt
@@ -153,6 +153,26 @@ def test_a_batch_plans_one_prompts_prefill_and_the_batchs_decode_step():
     assert sixteen.prefill_workspace_for(8192) == prefill + 2 * 15 * 163840 * 4
     assert sixteen.workspace == sixteen.prefill_workspace_for(8192) + decode_workspace(16)
     assert f"{sixteen.total / 2**30:.2f}" == "27.94" and sixteen.headroom > 0
+
+
+def test_a_batch_holds_each_prompts_last_hidden_rows():
+    """forward_segments holds every prompt's last hidden rows of a segment, [B, S, hidden], from the first prompt's
+    blocks until the segment's logits are made (75 MB a prompt at the release's 16K segment), where the plan counted
+    one prompt's: beside the later prompts' blocks, or beside the logits, whichever is more. By hand for the 48B at a
+    segment of 8,192, bf16: 256 rows of logits in bf16 and fp32 made, 256 fp32 handed on."""
+    one = plan_for(preset="kimi-linear-48b", recipe="32gb", batch=1, context=8192)
+    blocks = one.prefill_workspace_for(8192) - 2 * 163840 * 4   # generate's, less the prompt's last logits
+    rows, logits = 8192 * 2304 * 2, 256 * 163840
+    assert rows == 37_748_736
+    for batch in (1, 4, 64):
+        p = dataclasses.replace(one, batch=batch, all_logits=True)
+        beside_blocks = batch * rows if batch > 1 else 0   # one prompt's are the blocks' own output
+        want = max(blocks + 2 * batch * 163840 * 4, max(blocks + beside_blocks, batch * rows + logits * (2 + 4))
+                   + logits * 4)
+        assert p.prefill_workspace_for(8192) == want, batch
+    four = dataclasses.replace(one, batch=4, all_logits=True)
+    assert four.prefill_workspace_for(8192) - dataclasses.replace(one, all_logits=True).prefill_workspace_for(8192) \
+        == 4 * rows
 
 
 def test_the_pytorch_decode_attention_plans_its_scores_over_the_context():

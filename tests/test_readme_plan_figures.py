@@ -14,7 +14,7 @@ from klconvert.config import KimiLinearConfig
 from klconvert.presets import preset_config
 from klconvert.quant import load_recipe, policy_from_options
 from klconvert.quant.groupwise import CHANNEL
-from klconvert.runtime.memory_plan import MemoryPlan, weight_bytes
+from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.plan_report import held_as_written, plan_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,8 +114,11 @@ def test_finer_groups_figure():
 
 def test_every_position_logits_figures():
     """What a plan holding every position's logits (all_logits: eval's) adds to the fit table's, which plans generation:
-    the logits a few positions at a time (fewer than a batch of 16's last logits, kept and joined, under them)."""
+    the logits a few positions at a time, beside each prompt's last hidden rows of a segment."""
     def added(batch: int) -> str:
         p = plan_for(preset="kimi-linear-48b", recipe=load_recipe(RECIPE_DIR / "32gb.yaml"), batch=batch)
         return gib(dataclasses.replace(p, all_logits=True).workspace - p.workspace).removesuffix(" GiB")
-    assert (f"adds {added(1)} GiB for one prompt, {added(16)} GiB for a batch of 16") in " ".join(README.split())
+    text = " ".join(README.split())
+    assert (f"adds {added(1)} GiB for one prompt, {added(16)} GiB for a batch of 16") in text
+    rows = PREFILL_SEGMENT * REAL.hidden_size * torch.bfloat16.itemsize   # a prompt's last hidden rows of a segment
+    assert f"({rows / 1e6:.0f} MB a prompt at the release's {PREFILL_SEGMENT:,}-token segment)" in text
