@@ -16,7 +16,9 @@ lands: an import that hangs can still be stopped), and whatever fails after an i
 the interrupt. One that lands inside a finalizer (tqdm's __del__), which Python prints and drops, is raised again once
 out of it; one during steps that must not be parted (Uninterrupted: a folder renamed into place, then its mark
 removed) as they end. Once the command has ended, SIGINT and SIGTERM are ignored while the interpreter shuts down
-(torch's exit handlers, 0.4-2 s): the process ends with the status the command decided.
+(torch's exit handlers, 0.4-2 s): the process ends with the status the command decided. A tools/ script imports
+torch at its top, before main runs its main (main(command)): it takes over first (take_over_early), and until its
+command runs an interrupt is one inside an import.
 
 Standard streams. A standard output that cannot be written (a full disk, closed: `>&-`) fails the command at its
 first write, as StdoutFailed (the CLI says so in one line; for a reader that is gone, `| head`, it ends quietly with
@@ -165,6 +167,8 @@ class _CtrlC:
 
     def __init__(self) -> None:
         self.heard = self.held = self.changed = self.ended = False
+        self.loading = False   # taken over early: the script's own imports run, its command not yet (take_over_early)
+        self.before: dict = {}   # each signal's handler before ours (install)
         self.signum = signal.SIGINT
         self.uninterrupted = 0   # how many Uninterrupted blocks are running
         self.complete: os.PathLike | None = None   # the command's output, once it is whole (note_complete)
@@ -180,7 +184,7 @@ class _CtrlC:
             return
         if signum == signal.SIGINT:
             self.fresh_line = False
-        if self.held or not (_importing(frame) or self.uninterrupted):
+        if self.held or not (self.loading or _importing(frame) or self.uninterrupted):
             self._raise(signum)
         if not self.changed:
             _end_now(signum)
@@ -200,7 +204,7 @@ class _CtrlC:
     def on_alarm(self, signum, frame) -> None:
         if not self.held:  # no interrupt of ours is waiting: not a Ctrl-C
             return
-        if _importing(frame) or self.uninterrupted:
+        if self.loading or _importing(frame) or self.uninterrupted:
             signal.setitimer(signal.ITIMER_REAL, RETRY_SECONDS)
             return
         self._raise(self.signum)
@@ -378,12 +382,30 @@ def _hold_standard_descriptors() -> None:
             os.set_inheritable(os.open(os.devnull, os.O_RDWR), True)   # as a standard descriptor is: a child's too
 
 
+# the handler a script took over with before its own imports (take_over_early), which main then runs its command under
+_early: _CtrlC | None = None
+
+
+def take_over_early() -> None:
+    """Take over SIGINT and SIGTERM now, for a script whose own imports come before main(command) runs its command (a
+    tools/ script's: torch's import, a second or more, gave a Ctrl-C there Python's own KeyboardInterrupt traceback).
+    Until main runs the command the script is loading: an interrupt anywhere in it is taken as one inside an import,
+    which ends a script that has changed no file at once, in the command's one line."""
+    global _early
+    if _early is None:
+        _hold_standard_descriptors()   # before the audit hook, as main does
+        _early = _CtrlC()
+        _early.loading = _early.install()
+
+
 def main(command: Callable[[], None] | None = None) -> None:
     """The `klconvert` command, or `command` in its place (a tools/ script's main: its Ctrl-C and SIGTERM end as the
-    command's do, in one line and 130 or 143, never a traceback, nor a SIGTERM that leaves its temporaries)."""
+    command's do, in one line and 130 or 143, never a traceback, nor a SIGTERM that leaves its temporaries), under
+    the handler take_over_early installed where it did."""
     _hold_standard_descriptors()   # before the audit hook: opening /dev/null changes no file of the user's
-    ctrl_c = _CtrlC()
-    installed = ctrl_c.install()
+    ctrl_c = _early if _early is not None else _CtrlC()
+    installed = bool(ctrl_c.before) or ctrl_c.install()
+    ctrl_c.loading = False
     streams = sys.stdout, sys.stderr
     try:
         sys.stdout, sys.stderr = _standard(sys.stdout, raises=True), _standard(sys.stderr, raises=False)

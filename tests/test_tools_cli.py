@@ -44,6 +44,29 @@ def test_every_tool_answers_help_and_changes_nothing(tmp_path):
     assert _tree() == before and not any(tmp_path.iterdir())
 
 
+# what a child's sitecustomize runs before the script: SIGINT to itself as torch's import starts, which every script
+# here makes (tool_output's checkpoint reader) in its first second
+_INTERRUPT_AT_TORCH = """import importlib.abc, os, signal, sys
+class InterruptAtTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch":
+            os.kill(os.getpid(), signal.SIGINT)
+sys.meta_path.insert(0, InterruptAtTorch())
+"""
+
+
+def test_a_ctrl_c_while_a_script_imports_is_one_line(tmp_path):
+    """The scripts took over SIGINT only as their main ran: a Ctrl-C in their first second, as torch imported, was
+    Python's KeyboardInterrupt traceback (h248's F2). As `klconvert` itself: one line, 130."""
+    (tmp_path / "sitecustomize.py").write_text(_INTERRUPT_AT_TORCH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    runs = {p.name: subprocess.Popen([sys.executable, str(p), "--help"], cwd=tmp_path, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for p in SCRIPTS}
+    for name, proc in runs.items():
+        out, err = proc.communicate(timeout=300)
+        assert (proc.returncode, out, err) == (130, "", "klconvert: interrupted\n"), (name, err[-2000:])
+
+
 def test_no_script_takes_its_help_from_its_docstring_object():
     """Under `python -OO` __doc__ is None: each script's summary is read from its file (klconvert.script_summary).
     Every bench/ script is checked here, one of them run below (each of the others imports torch, seconds apiece)."""

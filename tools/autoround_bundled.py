@@ -20,11 +20,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gptq_bundled import QUANTIZER, calibration_parser, klconvert_recipe, run_calibration  # noqa: E402
 from tool_output import positive_int, run_tool  # noqa: E402
+
+import yaml  # noqa: E402
+
+from gptq_bundled import QUANTIZER, calibration_parser, klconvert_recipe, run_calibration  # noqa: E402
 
 from klconvert.quant.defaults import LM_HEAD  # noqa: E402
 from klconvert.script_summary import script_summary  # noqa: E402

@@ -16,12 +16,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gptq_bundled import QUANTIZER, calibration_parser, klconvert_recipe, run_calibration  # noqa: E402
 from tool_output import run_tool  # noqa: E402
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from gptq_bundled import QUANTIZER, calibration_parser, klconvert_recipe, run_calibration  # noqa: E402
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402

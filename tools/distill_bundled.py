@@ -43,14 +43,15 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.nn.utils import parametrize
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record_bundled import file_checksums  # noqa: E402
 from tool_output import bf16_checkpoint, positive_float, positive_int, run_tool, seed_number  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn.utils import parametrize  # noqa: E402
+
+from record_bundled import file_checksums  # noqa: E402
 from safetensors import SafetensorError, safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from train_bundled import (canonical_state, learning_rate, refuse_short_splits, run_progress,  # noqa: E402

@@ -22,12 +22,13 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import torch
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bundled_corpus  # noqa: E402
 from tool_output import bf16_checkpoint, positive_int, refuse_missing, run_tool  # noqa: E402
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+import bundled_corpus  # noqa: E402
 
 from klconvert.convert.output_folder import refuse_out_over_source  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402

@@ -25,8 +25,8 @@ from pathlib import Path
 from urllib.parse import urljoin
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bundled_corpus import CORPUS, RECORD  # noqa: E402
 from tool_output import run_tool  # noqa: E402
+from bundled_corpus import CORPUS, RECORD  # noqa: E402
 
 from klconvert.atomic_file import write_atomically  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402

@@ -10,10 +10,11 @@ import math
 import sys
 from pathlib import Path
 
+from tool_output import run_tool
+
 from klconvert.checkpoint.regular_file import read_bounded
 from klconvert.errors import KLError, unreadable_reason
 from klconvert.script_summary import script_summary
-from tool_output import run_tool
 
 # what the plot reads of tools/train_bundled.py's loss.json
 PLOTTED = ("step", "train_loss", "validation_step", "validation_loss", "kept_step", "kept_validation_loss",

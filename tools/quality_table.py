@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bundled_corpus  # noqa: E402
 from tool_output import bf16_checkpoint, positive_int, run_tool  # noqa: E402
+import bundled_corpus  # noqa: E402
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE  # noqa: E402
 from klconvert.checkpoint.reader import open_checkpoint  # noqa: E402

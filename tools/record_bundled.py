@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bundled_corpus  # noqa: E402
 from tool_output import run_tool  # noqa: E402
+import bundled_corpus  # noqa: E402
 
 from klconvert.checkpoint.safetensors_header import read_header  # noqa: E402
 from klconvert.evaluate import evaluate  # noqa: E402

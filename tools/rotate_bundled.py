@@ -23,13 +23,14 @@ import sys
 from itertools import chain
 from pathlib import Path
 
-import torch
-from compressed_tensors.transform.utils.hadamard import deterministic_hadamard_matrix, random_hadamard_matrix
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tool_output import bf16_checkpoint, refuse_other_layout, run_tool  # noqa: E402
+
+import torch  # noqa: E402
+from compressed_tensors.transform.utils.hadamard import (deterministic_hadamard_matrix,  # noqa: E402
+                                                        random_hadamard_matrix)
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE, INDEX_FILE  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402

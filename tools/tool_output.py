@@ -2,17 +2,36 @@
 exit 2, where a 0 or a negative ended in a traceback or a silently wrong run), and a --model that must be a bf16
 folder checked as one. Their output folders are written whole or not at all by klconvert.whole_folder (an existing OUT
 refused before any work; an empty folder is taken: the GPU machine's $OUT is one); each runs under klconvert's entry
-point (run_tool), and a library klconvert does not install is named before it is needed (refuse_missing)."""
+point (run_tool), and a library klconvert does not install is named before it is needed (refuse_missing).
+
+Each script imports this module first, before torch: run as a program, it takes over Ctrl-C and SIGTERM as it is
+imported (klconvert.entry.take_over_early), so that one during the script's imports ends in the same one line."""
 from __future__ import annotations
 
-import argparse
-from collections.abc import Callable, Iterable
-from importlib.util import find_spec
+import sys
 from pathlib import Path
 
-from klconvert.checkpoint.reader import Checkpoint, open_checkpoint
-from klconvert.entry import main as klconvert_entry
-from klconvert.errors import KLError
+from klconvert.entry import main as klconvert_entry, take_over_early
+
+TOOLS = Path(__file__).resolve().parent
+
+
+def _a_script_here_runs() -> bool:
+    """Whether the program running is a script of this folder (`python tools/NAME.py`), not a test or a caller that
+    imports one, whose own signal handling stays theirs."""
+    program = getattr(sys.modules.get("__main__"), "__file__", None)
+    return program is not None and Path(program).resolve().parent == TOOLS
+
+
+if _a_script_here_runs():
+    take_over_early()
+
+import argparse  # noqa: E402
+from collections.abc import Callable, Iterable  # noqa: E402
+from importlib.util import find_spec  # noqa: E402
+
+from klconvert.checkpoint.reader import Checkpoint, open_checkpoint  # noqa: E402
+from klconvert.errors import KLError  # noqa: E402
 
 # A --seed's largest: synth's per-tensor streams (tensor_generator, train_bundled's initial values) seed torch with
 # seed * 1,000,003 + a crc32, which must fit the 64 bits torch.Generator.manual_seed takes; `klconvert synth --seed`

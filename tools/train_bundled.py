@@ -25,12 +25,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bundled_corpus  # noqa: E402
 from tool_output import nonnegative_float, positive_float, positive_int, run_tool, seed_number  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import bundled_corpus  # noqa: E402
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE, INDEX_FILE  # noqa: E402
 from klconvert.checkpoint.name_map import TensorSpec, expected_tensors  # noqa: E402

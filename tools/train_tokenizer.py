@@ -18,11 +18,12 @@ import json
 import sys
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bundled_corpus  # noqa: E402
 from tool_output import run_tool  # noqa: E402
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+
+import bundled_corpus  # noqa: E402
 
 from klconvert.errors import KLError  # noqa: E402
 from klconvert.release import NUM_SPECIAL_TOKENS  # noqa: E402
