@@ -82,15 +82,25 @@ def test_the_readmes_bits_per_weight_are_what_quantize_plans(tmp_path):
 
 def test_a_model_or_folder_it_cannot_score_is_one_line_before_the_reference_run(tmp_path, monkeypatch, capsys):
     """A quantized --model was refused by the first row's quantize, and a --folder of another vocabulary by its
-    run ("token id 3814 is outside the vocabulary", naming no folder) -- each after the bf16 reference's run."""
+    run ("token id 3814 is outside the vocabulary", naming no folder) -- each after the bf16 reference's run. A bf16
+    --folder was scored as a quantization at 16 bits a weight, and one with no config.json was told to "point
+    --model" at a checkpoint (h248)."""
     q4 = quantize(BUNDLED_DIR, tmp_path / "q4", bits=4, device="cpu", progress=False).path
     other = shutil.copytree(q4, tmp_path / "other")
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "vocab_size": 8192}))
+    shards_alone = tmp_path / "shards"
+    shards_alone.mkdir()
+    shutil.copyfile(next(q4.glob("*.safetensors")), shards_alone / "model.safetensors")
     monkeypatch.setattr(quality_table, "measure", lambda *args: pytest.fail("measured"))
     for args, line in ((["--model", str(q4)], f"{q4}: holds compressed-tensors-quantized weights; this tool reads"),
                        (["--folder", f"mine={other}"], f"--folder mine={other}: a model of 8,192 token ids, --model's "
-                                                       "has 4,352; its rows are scored on --model's tokens")):
+                                                       "has 4,352; its rows are scored on --model's tokens"),
+                       (["--folder", f"bf16={BUNDLED_DIR}"], f"--folder bf16={BUNDLED_DIR}: holds unquantized weights "
+                                                             "(its config.json has no quantization_config); --folder "
+                                                             "takes a folder quantized elsewhere"),
+                       (["--folder", f"bare={shards_alone}"], f"{shards_alone / 'config.json'}: no config.json here; "
+                                                              "point --folder at a Kimi Linear checkpoint folder")):
         monkeypatch.setattr(sys, "argv", ["quality_table.py", *args])
         with pytest.raises(SystemExit) as exit:
             quality_table.main()

@@ -30,6 +30,7 @@ from tool_output import bf16_checkpoint, positive_int, run_tool  # noqa: E402
 import bundled_corpus  # noqa: E402
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE  # noqa: E402
+from klconvert.checkpoint.quantized import quant_method  # noqa: E402
 from klconvert.checkpoint.reader import open_checkpoint  # noqa: E402
 from klconvert.checkpoint.safetensors_header import read_header  # noqa: E402
 from klconvert.evaluate import EvalResult, compare, run_model  # noqa: E402
@@ -210,7 +211,12 @@ def main() -> None:
         # quantized --model was refused by the first row's quantize, a folder of another vocabulary by its own run
         config = bf16_checkpoint(model).config
         for label, folder in folders:
-            vocab_size = KimiLinearConfig.from_file(folder / CONFIG_FILE).vocab_size
+            folder_config = KimiLinearConfig.from_file(folder / CONFIG_FILE, "--folder")
+            if not quant_method(folder_config.raw, str(folder / CONFIG_FILE)):   # was scored as a 16-bit quantization
+                raise KLError(f"--folder {label}={folder}: holds unquantized weights (its config.json has no "
+                              f"quantization_config); --folder takes a folder quantized elsewhere "
+                              f"(tools/gptq_bundled.py's), --model the bf16 one it is compared with")
+            vocab_size = folder_config.vocab_size
             if vocab_size != config.vocab_size:
                 raise KLError(f"--folder {label}={folder}: a model of {vocab_size:,} token ids, --model's has "
                               f"{config.vocab_size:,}; its rows are scored on --model's tokens: give a folder "
