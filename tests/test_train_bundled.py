@@ -145,6 +145,36 @@ def test_an_interrupted_run_ends_in_one_line(tmp_path, signum, status):
     assert err == "klconvert: interrupted\n" and not any(tmp_path.iterdir())
 
 
+# the data-segment limit (ulimit -d) the step-size tests run the tool under: an allocation past it is refused, where a
+# step past the host's memory was the OOM killer's (a machine's other work with it)
+DATA_LIMIT = 3_500_000_000
+
+
+def _under_data_limit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_DATA, (DATA_LIMIT, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+    return subprocess.run([sys.executable, train_bundled.__file__, "--device", "cpu", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600, preexec_fn=limit,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_a_step_past_the_memory_left_is_refused_naming_a_batch_that_runs(tmp_path):
+    """--batch 100000 drew its batch and ran into the OOM killer (no memory check): refused before the training, in
+    one line naming --batch and one that fits -- which then runs under the same limit."""
+    proc = _under_data_limit("--out", "out", "--batch", "100000", "--seq-len", "256", cwd=tmp_path)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and not any(tmp_path.iterdir()), proc.stderr[-3000:]
+    assert lines[0].startswith("train_bundled.py: error: --batch 100000 of --seq-len 256: a training step holds "
+                               "about ") and "under the process's data-segment limit (ulimit -d)" in lines[0], lines
+    fit = int(lines[0].split("lower --batch to ")[1].split(",")[0])
+    assert fit >= 1
+    proc = _under_data_limit("--out", "out", "--batch", str(fit), "--seq-len", "256", "--steps", "1",
+                             "--eval-every", "1", "--validation-tokens", "600", "--time-budget-s", "0", cwd=tmp_path)
+    assert proc.returncode == 0 and (tmp_path / "out" / "loss.json").is_file(), proc.stderr[-3000:]
+
+
 def test_a_split_shorter_than_one_window_is_refused(tmp_path):
     """refuse_short_splits, as distill_bundled.py calls it too (without --validation-tokens, which it lacks)."""
     with pytest.raises(KLError, match=r"the validation split has 10 tokens, not one window of --seq-len 32 and its "

@@ -6,11 +6,13 @@ pass, KDA in the chunked form) trained with AdamW in fp32 (TF32 matmuls on CUDA)
 correction biases move the way the release's auxiliary-loss-free balancing does -- bias_e += u * sign(mean load
 - load_e), no gradient -- from the expert choices a forward hook reads off each router.
 
-The run stops at --steps or --time-budget-s, whichever comes first (the learning rate follows whichever is
-further along), and keeps the weights with the best validation loss. It writes into --out: config.json,
-model-0000i-of-0000N.safetensors (shards of <= 15 MiB), model.safetensors.index.json, the bundled tokenizer's files
-(tools/train_tokenizer.py), loss.json (train and validation loss by step, expert loads, settings), loss.png (when
-matplotlib is installed; else `python tools/plot_loss.py OUT/loss.json`) and the record of what it wrote.
+The run stops at --steps or --time-budget-s, whichever comes first (the learning rate follows whichever is further
+along), and keeps the weights with the best validation loss. A step that would not fit the memory left (the host's
+on the CPU, the GPU's) is refused before the training, naming a --batch that fits. It writes into --out:
+config.json, model-0000i-of-0000N.safetensors (shards of <= 15 MiB), model.safetensors.index.json, the bundled
+tokenizer's files (tools/train_tokenizer.py), loss.json (train and validation loss by step, expert loads, settings),
+loss.png (when matplotlib is installed; else `python tools/plot_loss.py OUT/loss.json`) and the record of what it
+wrote.
 
     python tools/train_bundled.py --out OUT [--steps 1500 --batch 32 --seq-len 512 --time-budget-s 150]
 """
@@ -43,12 +45,16 @@ from klconvert.errors import KLError  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.runtime import model as M  # noqa: E402
 from klconvert.runtime.bind import bind  # noqa: E402
+from klconvert.runtime.device_memory import FREE_THE_GPU, device_room  # noqa: E402
+from klconvert.runtime.host_memory import NAMED_FIT_SHARE, host_memory  # noqa: E402
+from klconvert.runtime.kda import CHUNK  # noqa: E402
 from klconvert.script_summary import script_summary  # noqa: E402
 from klconvert.shell_command import shell_command  # noqa: E402
 from klconvert.synth.checkpoint import FP32_TENSORS, synth_values, tensor_generator  # noqa: E402
 from klconvert.release import NUM_SPECIAL_TOKENS, RELEASED_CONFIG, config_token_ids, layer_lists  # noqa: E402
 from klconvert.tokenizer import (TOKENIZER_CONFIG_FILE, TOKENIZER_FILES, Tokenizer, read_special_tokens,  # noqa: E402
                                  read_tokenizer_config)
+from klconvert.units import size_text  # noqa: E402
 from klconvert.whole_folder import refuse_taken, whole_folder  # noqa: E402
 
 BPE_RANKS = 4096
@@ -79,6 +85,17 @@ BUNDLED_CONFIG = {
 }
 TIME_BUDGET_S = 150.0  # the committed weights' run; longer overfits the training split (README, "The bundled model")
 OUTPUT_PROJECTIONS = ("o_proj.weight", "down_proj.weight", ".w2.weight")  # scaled down at init: residual writers
+# fp32 copies of the weights a run holds besides them: their gradients, AdamW's two moments, the best ones kept
+TRAINING_COPIES = 4
+# tokens of the window held_per_token measures: two KDA chunks, the second holding what every later chunk does (the
+# carried state's terms)
+PROBE_TOKENS = 2 * CHUNK
+# A step's peak over what held_per_token counts: the backward pass's own temporaries and what the allocator keeps of
+# the forward's freed ones. Peak RSS on the CPU (bundled config, 3 steps, 2026-12-07) over the counted bytes, the
+# weights' copies aside: 1.64x at 512 tokens a step, 1.38x at 1,024, 1.23x at 2,048, 1.16-1.18x at 4,096; this share
+# of the counted bytes of the step's tokens and the measured window's (which the process keeps after measuring it)
+# covers each, by 1-15%
+PEAK_OVER_COUNTED = 1.3
 
 
 # ---- the model -------------------------------------------------------------------------------------------
@@ -152,6 +169,54 @@ def load_spread(counts: dict[int, torch.Tensor]) -> dict[str, dict]:
         out[str(layer)] = {"share": [round(s, 4) for s in share], "max_over_even": round(max(share) / even, 3),
                            "min_over_even": round(min(share) / even, 3)}
     return out
+
+
+def held_per_token(model: M.KimiLinear, seq_len: int, device: torch.device) -> float:
+    """The bytes a training step holds per token of its batch at its peak, the backward pass's start: what autograd
+    keeps for the backward pass (counted as a forward of one window of min(seq_len, PROBE_TOKENS) tokens saves it --
+    the weights, saved by reference, not counted, nor a tensor twice) and the logits' gradient, fp32. Measured rather
+    than worked out from the shapes: the model's code decides what it saves (a KDA chunk's pairwise decay and its
+    product with k, [H, C, C, K] fp32 each, are two thirds of it)."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}   # by address, each kept to the end: one a dropped branch freed would lend its address to another
+
+    def count(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage
+        return tensor
+
+    tokens = min(seq_len, PROBE_TOKENS)
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+        model(torch.zeros(1, tokens, dtype=torch.long, device=device))
+    return sum(storage.nbytes() for storage in saved.values()) / tokens + model.config.vocab_size * 4
+
+
+def refuse_unfitting_step(model: M.KimiLinear, batch: int, seq_len: int, device: torch.device) -> None:
+    """KLError where a training step of `batch` windows of `seq_len` tokens, with the weights' TRAINING_COPIES, needs
+    more than the device has left (on the CPU host_memory's room: --batch 100000 was ended by the OOM killer; on a GPU
+    device_room), naming the largest --batch that fits, or where none does the largest --seq-len at --batch 1. The
+    room is taken before held_per_token's window runs, which is counted with the step's tokens."""
+    host = None if device.type == "cuda" else host_memory()
+    if device.type != "cuda" and host is None:   # not Linux: nothing known to check against
+        return
+    room, where = (device_room(device, 0), f"on {device}") if host is None else (host.available, host.bound)
+    per_token = PEAK_OVER_COUNTED * held_per_token(model, seq_len, device)
+    copies = TRAINING_COPIES * sum(p.numel() * p.element_size() for p in model.parameters())
+    probe = min(seq_len, PROBE_TOKENS)
+    needed = copies + per_token * (batch * seq_len + probe)
+    if needed <= room:
+        return
+    remedy = FREE_THE_GPU if host is None else host.remedy_for(int(needed))
+    tokens = (room * NAMED_FIT_SHARE - copies) / per_token - probe
+    fit_batch, fit_window = int(tokens // seq_len), int(tokens)
+    lower = (f"lower --batch to {fit_batch}" if fit_batch >= 1 else
+             f"lower {'' if batch == 1 else '--batch to 1 and '}--seq-len to {fit_window}" if fit_window >= 1 else
+             f"the weights' gradients, optimizer moments and best copy alone need {size_text(copies)}")
+    raise KLError(f"--batch {batch} of --seq-len {seq_len}: a training step holds about {size_text(int(needed))} "
+                  f"({size_text(int(per_token))} a token, {batch * seq_len:,} tokens, with the weights' "
+                  f"{size_text(copies)} of gradients, optimizer moments and best copy), where "
+                  f"{size_text(room)} is available {where}; {lower}" + ("" if remedy is None else f", or {remedy}"))
 
 
 # ---- data ------------------------------------------------------------------------------------------------
@@ -281,6 +346,7 @@ def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: in
     data = token_splits(tokenizer, validation_tokens, max_chars)
     refuse_short_splits(data, seq_len, "--validation-tokens")
     model = fresh_model(c, device, seed)
+    refuse_unfitting_step(model, batch, seq_len, device)   # before the first batch is drawn, let alone run
     loads = ExpertLoads(model)
     params = [p for p in model.parameters() if p.requires_grad]
     decayed = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "conv1d" not in n]
