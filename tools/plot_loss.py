@@ -28,10 +28,10 @@ MAX_LOSS_LOG_BYTES = 16 << 20
 
 
 def read_loss_log(loss_json: Path) -> dict:
-    """A training run's loss.json, read; KLError where it cannot be read (not a regular file: a FIFO's open waits for
-    a writer), is past MAX_LOSS_LOG_BYTES, is not JSON, or lacks what the plot reads."""
+    """A training run's loss.json, read (piped in too: /dev/stdin); KLError where it cannot be read, is past
+    MAX_LOSS_LOG_BYTES, is not JSON, or lacks what the plot reads."""
     try:
-        log = json.loads(read_bounded(Path(loss_json), MAX_LOSS_LOG_BYTES, "loss.json", GIVE))
+        log = json.loads(read_bounded(Path(loss_json), MAX_LOSS_LOG_BYTES, "loss.json", GIVE, pipes=True))
     except (OSError, ValueError, RecursionError) as e:   # a missing file, not a regular one, not JSON, not UTF-8 text
         raise KLError(f"{loss_json}: cannot read it as JSON ({unreadable_reason(e)}); {GIVE}") from None
     missing = [key for key in PLOTTED if key not in log] if isinstance(log, dict) else list(PLOTTED)

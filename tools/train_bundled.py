@@ -45,7 +45,7 @@ from klconvert.errors import KLError  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.runtime import model as M  # noqa: E402
 from klconvert.runtime.bind import bind  # noqa: E402
-from klconvert.runtime.device_memory import FREE_THE_GPU, device_room  # noqa: E402
+from klconvert.runtime.device_memory import device_room, free_the_gpu  # noqa: E402
 from klconvert.runtime.host_memory import NAMED_FIT_SHARE, host_memory  # noqa: E402
 from klconvert.runtime.kda import CHUNK  # noqa: E402
 from klconvert.script_summary import script_summary  # noqa: E402
@@ -207,7 +207,7 @@ def refuse_unfitting_step(model: M.KimiLinear, batch: int, seq_len: int, device:
     needed = copies + per_token * (batch * seq_len + probe)
     if needed <= room:
         return
-    remedy = FREE_THE_GPU if host is None else host.remedy_for(int(needed))
+    remedy = free_the_gpu(device, int(needed)) if host is None else host.remedy_for(int(needed))
     tokens = (room * NAMED_FIT_SHARE - copies) / per_token - probe
     fit_batch, fit_window = int(tokens // seq_len), int(tokens)
     lower = (f"lower --batch to {fit_batch}" if fit_batch >= 1 else

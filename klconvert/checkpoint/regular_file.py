@@ -42,12 +42,14 @@ def open_regular(path: str | Path) -> BinaryIO:
 READ_PIECE = 1 << 20   # read_bounded's reads: a read of n bytes reserves all n first, however short the file
 
 
-def read_bounded(path: Path, max_bytes: int, what: str, remedy: str = "re-download the model") -> bytes:
+def read_bounded(path: Path, max_bytes: int, what: str, remedy: str = "re-download the model",
+                 pipes: bool = False) -> bytes:
     """The bytes of a file the model folder ships (or a tool's input: plot_loss.py's loss.json), refused past
     `max_bytes` (read no further) with `remedy`, read a piece at a time: one read of the whole bound reserved it
-    (64 MiB of address space for a 78 KB index; under ulimit -v, a MemoryError)."""
+    (64 MiB of address space for a 78 KB index; under ulimit -v, a MemoryError). `pipes`: a pipe or device is read
+    too, as far as the bound (a tool's input piped in: `plot_loss.py /dev/stdin`), not refused as no regular file."""
     pieces, size = [], 0
-    with open_regular(path) as f:
+    with open(path, "rb") if pipes else open_regular(path) as f:
         while size <= max_bytes and (piece := f.read(min(READ_PIECE, max_bytes + 1 - size))):
             pieces.append(piece)
             size += len(piece)
