@@ -586,8 +586,7 @@ class Engine(Runner):
             raise KLError(f"{argument(context_name, '--max-context', context)} is over the model's "
                           f"{self.config.model_max_length_name} {self.config.model_max_length}; lower it")
         host = None    # on the CPU: what the host, and the process's limits, leave it (what it holds back in)
-        held = self.weights_held + (self.plan.state_bytes + self.plan.mla_cache_bytes if self.state is not None
-                                    else 0)   # a resize's old state, freed once the new plan is taken
+        held = self._bytes_held()   # a resize's old state, freed once the new plan is taken
         if self.device.type == "cuda":
             limit = device_room(self.device, held)
         elif (host := host_memory()) is not None:   # its free blocks as room for the weights still to be read
@@ -619,6 +618,10 @@ class Engine(Runner):
             raise PromptsDoNotFit(said, needed_context, fit, batch, "give fewer prompts (a smaller batch)",
                                   argument("max_new_tokens", "--max-new-tokens"), more_room)
         self.plan, self.context_name = plan, context_name
+
+    def _bytes_held(self) -> int:
+        """The bytes this engine holds on its device: its weights, and its plan's state and cache once allocated."""
+        return self.weights_held + (self.plan.state_bytes + self.plan.mla_cache_bytes if self.state is not None else 0)
 
     def _more_room(self, host: HostMemory | None, needed: int) -> str | None:
         """What gives a plan of `needed` bytes more room than it has, where more would hold it: on the host, its
@@ -752,7 +755,7 @@ class Engine(Runner):
         what = f"forward's logits ([{B}, {T:,}, {V:,}] fp32, {size_text(B * T * V * 4)})"
         less = ("give fewer tokens", "read them a few positions at a time with forward_segments")
         self._refuse_past_room(f"{what} with a prefill's workspace", B * T * V * 4 + self._forward_workspace(B, T),
-                               f"{less[1]}, or {less[0]}")
+                               f"{less[1]}, or {less[0]}", T)
         with host_allocation(what, " or ".join(less)), device_allocation(what, self.plan.total, less, False):
             logits = torch.empty(B, T, V, dtype=torch.float32, device=self.device)
         at = 0
@@ -767,21 +770,31 @@ class Engine(Runner):
         logits are made."""
         return replace(self.plan, batch=batch, all_logits=True).prefill_workspace_for(tokens)
 
-    def _refuse_past_room(self, what: str, needed: int, less: str) -> None:
-        """KLError where `what`, `needed` bytes, is more than this process can still allocate on the device now,
-        saying `less`, what asks for less."""
+    def _refuse_past_room(self, what: str, needed: int, less: str, tokens: int) -> None:
+        """KLError where `what`, `needed` bytes for sequences of `tokens` tokens, is more than this process can still
+        allocate on the device now, saying `less`, what asks for less; then a planned context of `tokens` where the
+        cache that frees would make up the shortfall (the sequences' length, not the context, sets `needed`), and
+        more room than now where it would hold what the engine holds with `needed` (_more_room)."""
         room = self._room_now()
-        if room is not None and needed > room[0]:
-            raise KLError(f"{what} need {size_text(needed)} but {self.device} has {room[1]}; {less}")
+        if room is None or needed <= room[0]:
+            return
+        available, said, host = room
+        ways = [less]
+        if needed - available <= self.plan.mla_cache_bytes - replace(self.plan, context=tokens).mla_cache_bytes:
+            ways.append(f"lower {self._context_argument()} to {tokens}")
+        if (remedy := self._more_room(host, self._bytes_held() + needed)) is not None:
+            ways.append(remedy)
+        raise KLError(f"{what} need {size_text(needed)} but {self.device} has {said}; {', or '.join(ways)}")
 
-    def _room_now(self) -> tuple[int, str] | None:
+    def _room_now(self) -> tuple[int, str, HostMemory | None] | None:
         """What this process can still allocate on the engine's device, with how a refusal says it ("0.54 GB
-        available under ..."); None where it is not known (the host's, off Linux)."""
+        available under ...") and on the CPU the host's figures it comes from; None where it is not known (the
+        host's, off Linux)."""
         if self.device.type == "cuda":
             room = device_room(self.device, 0)
-            return room, f"{size_text(room)} free for this process"
+            return room, f"{size_text(room)} free for this process", None
         host = host_memory()
-        return None if host is None else (host.available, str(host))
+        return None if host is None else (host.available, str(host), host)
 
     def forward_segments(self, input_ids) -> Iterator[torch.Tensor]:
         """`forward` a few positions at a time: yields logits [B, R, vocab] fp32 for positions in order, R*B rows
@@ -797,7 +810,7 @@ class Engine(Runner):
             fewer = "give fewer sequences at a time" if B > 1 else "give fewer tokens"
             self._refuse_past_room(f"forward_segments' prefill workspace, the last hidden rows of a segment of {B} "
                                    f"sequence(s) of {T:,} tokens and their logits a few positions at a time",
-                                   self._forward_workspace(B, T), f"{fewer}, or lower {self._context_argument()}")
+                                   self._forward_workspace(B, T), fewer, T)
         return self._held_segments(ids)
 
     def _forward_ids(self, input_ids) -> torch.Tensor:

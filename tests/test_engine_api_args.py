@@ -18,7 +18,8 @@ from klconvert.errors import KLError
 import klconvert.runtime.engine as engine_module
 from klconvert.config import KimiLinearConfig
 from klconvert.runtime.engine import Engine
-from klconvert.runtime.host_memory import ADDRESS_SPACE_BOUND, NAMED_FIT_SHARE, HostMemory, HostMemoryExhausted
+from klconvert.runtime.host_memory import (ADDRESS_SPACE_BOUND, DATA_BOUND, NAMED_FIT_SHARE, HostMemory,
+                                           HostMemoryExhausted)
 from klconvert.units import size_text
 from testkit import assert_one_line_error, gpu_with_free, run_cli
 
@@ -580,7 +581,8 @@ def test_forwards_logits_are_held_to_the_room_beside_the_prefills_workspace(engi
                                       rf"{re.escape(size_text(logits))}\) with a prefill's workspace need "
                                       rf"{re.escape(size_text(needed))} but cpu has {re.escape(size_text(needed - 1))} "
                                       r"available under the process's address-space limit \(ulimit -v\); read them a "
-                                      r"few positions at a time with forward_segments, or give fewer tokens$"):
+                                      r"few positions at a time with forward_segments, or give fewer tokens, or raise "
+                                      r"ulimit -v$"):
         engine.forward(ids)
     assert sum(rows.shape[1] for rows in engine.forward_segments(ids)) == 64   # the way the line names
     monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(needed, *ADDRESS_SPACE_BOUND))
@@ -601,7 +603,8 @@ def test_a_batched_forward_counts_each_prompts_last_hidden_rows(tiny_released, m
                                       rf"{re.escape(size_text(logits))}\) with a prefill's workspace need "
                                       rf"{re.escape(size_text(needed))} but cpu has {re.escape(size_text(needed - 1))} "
                                       r"available under the process's address-space limit \(ulimit -v\); read them a "
-                                      r"few positions at a time with forward_segments, or give fewer tokens$"):
+                                      r"few positions at a time with forward_segments, or give fewer tokens, or raise "
+                                      r"ulimit -v$"):
         engine.forward(ids)
     monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(needed, *ADDRESS_SPACE_BOUND))
     assert engine.forward(ids).shape == (4, 64, engine.config.vocab_size)
@@ -628,12 +631,35 @@ def test_every_positions_logits_are_planned_only_where_asked(tiny_released, monk
     with pytest.raises(KLError, match=rf"^forward_segments' prefill workspace, the last hidden rows of a segment of 4 "
                                       rf"sequence\(s\) of 64 tokens and their logits a few positions at a time need "
                                       rf"{re.escape(size_text(workspace))} but cpu has .*; give fewer sequences at a "
-                                      r"time, or lower max_context \(--max-context\)$"):
+                                      r"time, or free some memory$"):
         engine.forward_segments(ids)
     monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(workspace))
     assert sum(rows.shape[1] for rows in engine.forward_segments(ids)) == 64
     with pytest.raises(KLError, match=r"^all_logits='yes' is not a bool; pass True or False$"):
         klconvert.load(tiny_released, device="cpu", all_logits="yes")
+
+
+def test_a_forward_past_the_room_names_what_would_free_it(tiny_released, monkeypatch):
+    """forward_segments' room check on a generate plan (and forward's) named a lower max_context, which frees nothing
+    where the sequences are as long as it, and not the host's remedy (raise ulimit -d), which load's refusal names.
+    A smaller context is named where the cache it frees makes up the shortfall, and the bound's remedy where the
+    host's memory in all would hold what the engine holds with the call's workspace."""
+    engine = klconvert.load(tiny_released, device="cpu", max_context=4096, batch=4)
+    ids = torch.randint(0, engine.config.vocab_size, (4, 64))
+    workspace = dataclasses.replace(engine.plan, all_logits=True).prefill_workspace_for(64)
+    freed = engine.plan.mla_cache_bytes - dataclasses.replace(engine.plan, context=64).mla_cache_bytes
+    held = engine.plan.weights + engine.plan.state_bytes + engine.plan.mla_cache_bytes
+    start = rf"^forward_segments' prefill workspace, .* need {re.escape(size_text(workspace))} but cpu has "
+    for available, total, ways in ((workspace - 1, held + workspace, r"lower max_context \(--max-context\) to 64, "
+                                                                     r"or raise ulimit -d"),
+                                   (workspace - freed - 1, held + workspace - 1, None),
+                                   (workspace - freed - 1, None, "raise ulimit -d")):
+        monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(available, *DATA_BOUND, total=total))
+        ending = "" if ways is None else f", or {ways}"
+        with pytest.raises(KLError, match=rf"{start}.*; give fewer sequences at a time{ending}$"):
+            engine.forward_segments(ids)
+    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(workspace, *DATA_BOUND))
+    assert sum(rows.shape[1] for rows in engine.forward_segments(ids)) == 64
 
 
 def test_a_resize_counts_the_weights_it_holds_as_its_own(tiny_released, monkeypatch):
