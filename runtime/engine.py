@@ -243,6 +243,15 @@ def no_new_ids(batch: int) -> torch.Tensor:
     return torch.empty(batch, 0, dtype=torch.long, device="cpu")
 
 
+def start_intra_op_threads() -> None:
+    """Start torch's intra-op worker threads now, where the first parallel op (reading the weights) started them after
+    the host was measured: each maps a stack of ulimit -s (8 MiB by default), which a limit on what the process maps
+    (ulimit -d, -v) counts and no plan did -- a 16,500-token prompt of the bundled model on 2 threads, planned 351 MiB,
+    peaked 8 MiB past it and ran out under ulimit -d 588-592 MB. An op of twice torch's grain size (32,768 elements,
+    at::internal::GRAIN_SIZE) is split across them; once started they stay."""
+    torch.ones(1 << 16).add_(1)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -587,6 +596,8 @@ class Engine(Runner):
                           f"{self.config.model_max_length_name} {self.config.model_max_length}; lower it")
         host = None    # on the CPU: what the host, and the process's limits, leave it (what it holds back in)
         held = self._bytes_held()   # a resize's old state, freed once the new plan is taken
+        if self.device.type == "cpu":
+            start_intra_op_threads()
         if self.device.type == "cuda":
             limit = device_room(self.device, held)
         elif (host := host_memory()) is not None:   # its free blocks as room for the weights still to be read

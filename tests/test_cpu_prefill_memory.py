@@ -148,3 +148,32 @@ def test_a_batchs_every_position_logits_stay_within_the_plans_workspace():
     assert growth <= WORKSPACE_MULTIPLE * workspace, \
         (f"8 prompts' {tokens} tokens' logits grew the peak resident memory {growth / 2**20:.0f} MB, "
          f"{growth / workspace:.2f}x the plan's workspace of {workspace / 2**20:.0f} MB (bound {WORKSPACE_MULTIPLE}x)")
+
+
+# In a fresh process on 2 torch threads (the test's own has started its workers): the process's threads when the plan
+# measures the host, and once the weights are read.
+THREADS_AT_THE_PLAN = '''
+import os, torch
+import klconvert
+import klconvert.runtime.engine as engine_module
+from klconvert.models import BUNDLED_DIR
+torch.set_num_threads(2)
+threads = lambda: len(os.listdir("/proc/self/task"))
+measure = engine_module.host_memory
+at_plan = []
+engine_module.host_memory = lambda: at_plan.append(threads()) or measure()
+klconvert.load(BUNDLED_DIR, device="cpu", max_context=64)
+print(at_plan[0], threads())
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts the threads in /proc/self/task")
+def test_the_host_is_measured_with_torchs_worker_threads_started():
+    """torch's intra-op workers started at the first parallel op, reading the weights, after the plan measured the
+    host: each maps a stack of ulimit -s (8 MiB), which ulimit -d and -v count and the plan did not, so a 16,500-token
+    prompt of the bundled model on 2 threads was taken under ulimit -d 588-592 MB and ran out part-way. They are
+    started before the host is measured: no thread starts while the weights are read."""
+    done = subprocess.run([sys.executable, "-c", THREADS_AT_THE_PLAN], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    at_plan, loaded = map(int, done.stdout.split())
+    assert loaded == at_plan, f"{loaded - at_plan} thread(s) started after the plan measured the host"
