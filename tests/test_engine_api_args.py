@@ -573,20 +573,28 @@ def test_forwards_logits_are_held_to_the_room_beside_the_prefills_workspace(engi
     part-way (8,000 tokens of the bundled model under ulimit -d), naming a shorter prompt or context, where
     forward_segments on the same ids ran. The logits and the workspace the prefill needs are checked against what the
     host has first, the line naming forward_segments."""
-    ids = torch.randint(0, engine.config.vocab_size, (1, 64))
-    logits = 64 * engine.config.vocab_size * 4
+    ids, needed = _forward_refused_one_byte_short_then_taken(engine, 1, monkeypatch)
+    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(needed - 1, *ADDRESS_SPACE_BOUND))
+    assert sum(rows.shape[1] for rows in engine.forward_segments(ids)) == 64   # the way the line names
+
+
+def _forward_refused_one_byte_short_then_taken(engine, batch: int, monkeypatch) -> tuple[torch.Tensor, int]:
+    """forward of `batch` sequences of 64 tokens refused in its one line where the host has one byte less than the
+    logits and the all-position workspace, and run where it has that much; the ids and those bytes."""
+    ids = torch.randint(0, engine.config.vocab_size, (batch, 64))
+    logits = batch * 64 * engine.config.vocab_size * 4
     needed = logits + dataclasses.replace(engine.plan, all_logits=True).prefill_workspace_for(64)
     monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(needed - 1, *ADDRESS_SPACE_BOUND))
-    with pytest.raises(KLError, match=rf"^forward's logits \(\[1, 64, {engine.config.vocab_size:,}\] fp32, "
+    with pytest.raises(KLError, match=rf"^forward's logits \(\[{batch}, 64, {engine.config.vocab_size:,}\] fp32, "
                                       rf"{re.escape(size_text(logits))}\) with a prefill's workspace need "
                                       rf"{re.escape(size_text(needed))} but cpu has {re.escape(size_text(needed - 1))} "
                                       r"available under the process's address-space limit \(ulimit -v\); read them a "
                                       r"few positions at a time with forward_segments, or give fewer tokens, or raise "
                                       r"ulimit -v$"):
         engine.forward(ids)
-    assert sum(rows.shape[1] for rows in engine.forward_segments(ids)) == 64   # the way the line names
     monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(needed, *ADDRESS_SPACE_BOUND))
-    assert engine.forward(ids).shape == (1, 64, engine.config.vocab_size)
+    assert engine.forward(ids).shape == (batch, 64, engine.config.vocab_size)
+    return ids, needed
 
 
 def test_a_batched_forward_counts_each_prompts_last_hidden_rows(tiny_released, monkeypatch):
@@ -595,19 +603,7 @@ def test_a_batched_forward_counts_each_prompts_last_hidden_rows(tiny_released, m
     and could run out part-way. They are counted for the prompts given, and such a batch is refused in the room
     check's line."""
     engine = klconvert.load(tiny_released, device="cpu", max_context=64, batch=4)
-    ids = torch.randint(0, engine.config.vocab_size, (4, 64))
-    logits = 4 * 64 * engine.config.vocab_size * 4
-    needed = logits + dataclasses.replace(engine.plan, all_logits=True).prefill_workspace_for(64)
-    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(needed - 1, *ADDRESS_SPACE_BOUND))
-    with pytest.raises(KLError, match=rf"^forward's logits \(\[4, 64, {engine.config.vocab_size:,}\] fp32, "
-                                      rf"{re.escape(size_text(logits))}\) with a prefill's workspace need "
-                                      rf"{re.escape(size_text(needed))} but cpu has {re.escape(size_text(needed - 1))} "
-                                      r"available under the process's address-space limit \(ulimit -v\); read them a "
-                                      r"few positions at a time with forward_segments, or give fewer tokens, or raise "
-                                      r"ulimit -v$"):
-        engine.forward(ids)
-    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(needed, *ADDRESS_SPACE_BOUND))
-    assert engine.forward(ids).shape == (4, 64, engine.config.vocab_size)
+    _forward_refused_one_byte_short_then_taken(engine, 4, monkeypatch)
 
 
 def test_every_positions_logits_are_planned_only_where_asked(tiny_released, monkeypatch):
