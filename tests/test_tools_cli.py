@@ -216,8 +216,8 @@ def test_plot_loss_refuses_what_is_no_loss_log_in_one_line(tmp_path):
 
 def test_plot_loss_reads_a_pipe_as_far_as_its_bound(tmp_path):
     """/dev/zero was read until memory ran out, and a file of any size was read whole: one past MAX_LOSS_LOG_BYTES is
-    read no further. A loss.json piped in (`ssh host cat OUT/loss.json | plot_loss.py /dev/stdin`) is read; refusing
-    every FIFO (d860080) refused it too."""
+    read no further. A loss.json piped in (`ssh host cat OUT/loss.json | plot_loss.py /dev/stdin`) is read (refusing
+    every FIFO, d860080, refused it too), its plot written here."""
     for name, text in _MATPLOTLIB_STUB.items():
         (tmp_path / "stub" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "stub" / name).write_text(text)
@@ -232,6 +232,7 @@ def test_plot_loss_reads_a_pipe_as_far_as_its_bound(tmp_path):
     log = {"step": [1, 2], "train_loss": [7.0, 6.0], "validation_step": [2], "validation_loss": [6.5], "kept_step": 2,
            "kept_validation_loss": 6.5, "tokens_per_step": 512, "parameters": 1e6, "train_seconds": 3.0,
            "device": "cpu"}
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_loss.py"), "/dev/stdin", "--png", "loss.png"],
-                          cwd=tmp_path, env=env, input=json.dumps(log), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_loss.py"), "/dev/stdin"], cwd=tmp_path,
+                          env=env, input=json.dumps(log), capture_output=True, text=True, timeout=60)
+    # here, not beside /dev/stdin (/dev/loss.png, written as root)
     assert proc.returncode == 0 and (tmp_path / "loss.png").read_bytes() == b"png", proc.stderr

@@ -84,15 +84,21 @@ def plot_loss(loss_json: Path, png: Path) -> None:
         plt.close(fig)
 
 
+def default_png(loss_json: Path) -> Path:
+    """Where the plot goes without --png: beside a loss.json that is a file, here for one piped in (/dev/stdin,
+    <(...)), whose folder (/dev, /dev/fd) is no place for it -- as root, /dev/loss.png was written without a word."""
+    return loss_json.with_name("loss.png") if loss_json.is_file() else Path("loss.png")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=script_summary(__file__))
     p.add_argument("loss_json", type=Path)
-    p.add_argument("--png", type=Path, default=None, help="[default: loss.png beside the JSON]")
+    p.add_argument("--png", type=Path, default=None, help="[default: loss.png beside the JSON, or here for a pipe]")
     a = p.parse_args()
     if a.png is not None and a.png.suffix.lower() != ".png":   # matplotlib's ValueError for a format it has not
         p.exit(2, f"{p.prog}: error: --png {a.png}: name a .png file\n")
     try:
-        plot_loss(a.loss_json, a.png or a.loss_json.with_name("loss.png"))
+        plot_loss(a.loss_json, a.png or default_png(a.loss_json))
     except ModuleNotFoundError as e:
         if e.name != "matplotlib":
             raise
