@@ -35,7 +35,7 @@ from klconvert.runtime.sampling import as_number, check_generate_args, sample, s
 from klconvert.runtime.state import MLA_CACHE_DTYPES
 from klconvert.runtime.weights import HeldPacked, Packed, use_triton
 from klconvert.tokenizer import Tokenizer, check_tokenizer_if_any, model_stop_ids
-from klconvert.units import size_text
+from klconvert.units import size_text, size_texts
 
 SMALL_MODEL_HIDDEN = 1024  # below this hidden size, CPU decode runs on one thread (see Engine._small_model_threads)
 MAX_TOKENS_IN_FLIGHT = 8  # decode steps the host may run ahead of the tokens it has seen (stop checks lag so)
@@ -610,8 +610,7 @@ class Engine(Runner):
                           act_dtype=self.dtype, mla_cache_dtype=mla_cache_dtype, memory_limit=limit,
                           torch_decode_attention=not self.triton, all_logits=all_logits)
         if limit is not None and plan.total > limit:
-            said = (f"the plan needs {size_text(plan.total)} but {self.device} has "
-                    + (f"{size_text(limit)} free for this process" if host is None else str(host)))
+            said = f"the plan needs {self._beside_room(plan.total, limit, host)}"
             fitting = replace(plan, memory_limit=int(limit * NAMED_FIT_SHARE))
             fit = fitting.largest_context()
             if fit < needed_context <= context and fitting.total_for(needed_context) <= fitting.memory_limit:
@@ -789,23 +788,29 @@ class Engine(Runner):
         room = self._room_now()
         if room is None or needed <= room[0]:
             return
-        available, said, host = room
+        available, host = room
         ways = [less]
         if needed - available <= self.plan.mla_cache_bytes - replace(self.plan, context=tokens).mla_cache_bytes:
             ways.append(f"lower {self._context_argument()} to {tokens}")
         if (remedy := self._more_room(host, self._bytes_held() + needed)) is not None:
             ways.append(remedy)
-        raise KLError(f"{what} need {size_text(needed)} but {self.device} has {said}; {', or '.join(ways)}")
+        raise KLError(f"{what} need {self._beside_room(needed, available, host)}; {', or '.join(ways)}")
 
-    def _room_now(self) -> tuple[int, str, HostMemory | None] | None:
-        """What this process can still allocate on the engine's device, with how a refusal says it ("0.54 GB
-        available under ...") and on the CPU the host's figures it comes from; None where it is not known (the
-        host's, off Linux)."""
+    def _beside_room(self, needed: int, room: int, host: HostMemory | None) -> str:
+        """"0.37 GB but cpu has 0.36 GB available under ...": `needed` bytes against the `room` the device has (on the
+        CPU `host`'s, naming its bound), in bytes where the two would read alike (size_texts: "0.37 GB but cpu has
+        0.37 GB" read as fitting)."""
+        needs, has = size_texts(needed, room)
+        return (f"{needs} but {self.device} has {has} "
+                + ("free for this process" if host is None else f"available {host.bound}"))
+
+    def _room_now(self) -> tuple[int, HostMemory | None] | None:
+        """What this process can still allocate on the engine's device, and on the CPU the host's figures it comes
+        from; None where it is not known (the host's, off Linux)."""
         if self.device.type == "cuda":
-            room = device_room(self.device, 0)
-            return room, f"{size_text(room)} free for this process", None
+            return device_room(self.device, 0), None
         host = host_memory()
-        return None if host is None else (host.available, str(host), host)
+        return None if host is None else (host.available, host)
 
     def forward_segments(self, input_ids) -> Iterator[torch.Tensor]:
         """`forward` a few positions at a time: yields logits [B, R, vocab] fp32 for positions in order, R*B rows

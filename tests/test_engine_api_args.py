@@ -20,7 +20,7 @@ from klconvert.config import KimiLinearConfig
 from klconvert.runtime.engine import Engine
 from klconvert.runtime.host_memory import (ADDRESS_SPACE_BOUND, DATA_BOUND, NAMED_FIT_SHARE, HostMemory,
                                            HostMemoryExhausted)
-from klconvert.units import size_text
+from klconvert.units import size_text, size_texts
 from testkit import assert_one_line_error, gpu_with_free, run_cli
 
 
@@ -530,7 +530,8 @@ def test_the_allocators_free_blocks_are_room_for_the_weights_alone(tiny_released
     room = plan.total + free_blocks - plan.weights   # the plan's figure, with the free blocks past its weights
     monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(room - 1, *ADDRESS_SPACE_BOUND,
                                                                          free_blocks=free_blocks))
-    with pytest.raises(KLError, match=rf"^the plan needs [\d.]+ MB but cpu has {size_text(plan.total - 1)} "
+    # a byte short (the loaded plan's own figure, its decode copies as bound): in bytes, as alike in MB
+    with pytest.raises(KLError, match=r"^the plan needs ([\d,]+) bytes but cpu has ([\d,]+) bytes "
                                       r"available under the process's address-space limit \(ulimit -v\)"):
         klconvert.load(tiny_released, device="cpu", max_context=plan.context)
     monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(room, *ADDRESS_SPACE_BOUND,
@@ -558,8 +559,9 @@ def test_a_gpu_plan_is_held_to_what_the_card_has_free_for_this_process(tiny_rele
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 << 30))
     gpu_with_free(monkeypatch, free)
     config = KimiLinearConfig.from_file(tiny_released / "config.json")
-    with pytest.raises(KLError, match=rf"^the plan needs {re.escape(size_text(free + 1))} but cuda:0 has "
-                                      rf"{re.escape(size_text(free))} free for this process; lower max_context "
+    needs, has = size_texts(free + 1, free)
+    with pytest.raises(KLError, match=rf"^the plan needs {re.escape(needs)} but cuda:0 has "
+                                      rf"{re.escape(has)} free for this process; lower max_context "
                                       r"\(--max-context\) to (\d+) or less, or stop what else holds the GPU$") \
             as error:   # the whole card, 80 GiB, holds 4096
         Engine(config, None, torch.device("cuda:0"), torch.bfloat16, 4096, 1, kernels="torch",
@@ -584,10 +586,11 @@ def _forward_refused_one_byte_short_then_taken(engine, batch: int, monkeypatch) 
     ids = torch.randint(0, engine.config.vocab_size, (batch, 64))
     logits = batch * 64 * engine.config.vocab_size * 4
     needed = logits + dataclasses.replace(engine.plan, all_logits=True).prefill_workspace_for(64)
+    needs, has = size_texts(needed, needed - 1)   # a byte apart: in bytes, not two figures that read alike
     monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(needed - 1, *ADDRESS_SPACE_BOUND))
     with pytest.raises(KLError, match=rf"^forward's logits \(\[{batch}, 64, {engine.config.vocab_size:,}\] fp32, "
                                       rf"{re.escape(size_text(logits))}\) with a prefill's workspace need "
-                                      rf"{re.escape(size_text(needed))} but cpu has {re.escape(size_text(needed - 1))} "
+                                      rf"{re.escape(needs)} but cpu has {re.escape(has)} "
                                       r"available under the process's address-space limit \(ulimit -v\); read them a "
                                       r"few positions at a time with forward_segments, or give fewer tokens, or raise "
                                       r"ulimit -v$"):
@@ -626,7 +629,8 @@ def test_every_positions_logits_are_planned_only_where_asked(tiny_released, monk
     monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(workspace - 1))
     with pytest.raises(KLError, match=rf"^forward_segments' prefill workspace, the last hidden rows of a segment of 4 "
                                       rf"sequence\(s\) of 64 tokens and their logits a few positions at a time need "
-                                      rf"{re.escape(size_text(workspace))} but cpu has .*; give fewer sequences at a "
+                                      rf"{re.escape(size_texts(workspace, workspace - 1)[0])} but cpu has .*; give "
+                                      r"fewer sequences at a "
                                       r"time, or free some memory$"):
         engine.forward_segments(ids)
     monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(workspace))
@@ -645,13 +649,14 @@ def test_a_forward_past_the_room_names_what_would_free_it(tiny_released, monkeyp
     workspace = dataclasses.replace(engine.plan, all_logits=True).prefill_workspace_for(64)
     freed = engine.plan.mla_cache_bytes - dataclasses.replace(engine.plan, context=64).mla_cache_bytes
     held = engine.plan.weights + engine.plan.state_bytes + engine.plan.mla_cache_bytes
-    start = rf"^forward_segments' prefill workspace, .* need {re.escape(size_text(workspace))} but cpu has "
     for available, total, ways in ((workspace - 1, held + workspace, r"lower max_context \(--max-context\) to 64, "
                                                                      r"or raise ulimit -d"),
                                    (workspace - freed - 1, held + workspace - 1, None),
                                    (workspace - freed - 1, None, "raise ulimit -d")):
         monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(available, *DATA_BOUND, total=total))
         ending = "" if ways is None else f", or {ways}"
+        start = (rf"^forward_segments' prefill workspace, .* need {re.escape(size_texts(workspace, available)[0])} "
+                 "but cpu has ")
         with pytest.raises(KLError, match=rf"{start}.*; give fewer sequences at a time{ending}$"):
             engine.forward_segments(ids)
     monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(workspace, *DATA_BOUND))
