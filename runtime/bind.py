@@ -73,32 +73,36 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _swap_packed(model: M.KimiLinear, packed: Packed, held: dict[str, QuantScheme], device: torch.device) -> None:
-    """Replace every held Linear and Experts stack with its Triton module."""
+    """Replace every held Experts stack, then every held Linear, with its Triton module."""
     from klconvert.kernels.fused_moe import repack_moe_experts
     from klconvert.runtime.kernel_modules import FusedExperts, PackedIntLinear, SharedInStack
 
     c = model.config
     for name, module in list(model.named_modules()):
+        if not isinstance(module, M.Experts):
+            continue
+        prefix = name.removesuffix(".experts")
+        names = _expert_names(prefix, c.num_experts)
+        if names["gate"][0] not in held:
+            continue
+        s = held[names["gate"][0]]
+        experts = [{proj: _int_parts(packed, names[proj][e], device) for proj in names}
+                   for e in range(c.num_experts)]
+        shared = _shared_names(prefix)
+        stack_shared = all(held.get(n) == s for n in shared.values())
+        stacked = repack_moe_experts(
+            experts, shared={p: _int_parts(packed, n, device) for p, n in shared.items()} if stack_shared else None,
+            bits=s.bits, group_size=None if s.group_size == CHANNEL else s.group_size)
+        _replace(model, name, FusedExperts(stacked))
+        if stack_shared:  # the fused kernel carries it: no separate copy
+            model.get_submodule(prefix).shared_experts = SharedInStack()
+    # walked after the stacks, so a stacked shared expert's Linears are gone: walked beside the stacks, each got a
+    # packed copy of its own hung on the SharedInStack, held beside the stack's and never called (h267)
+    for name, module in list(model.named_modules()):
         if isinstance(module, M.Linear):
             weight = M.canonical_names(c, f"{name}.weight")[0][0]
             if weight in held:
                 _replace(model, name, PackedIntLinear(_packed_linear(packed, weight, held[weight], device)))
-        elif isinstance(module, M.Experts):
-            prefix = name.removesuffix(".experts")
-            names = _expert_names(prefix, c.num_experts)
-            if names["gate"][0] not in held:
-                continue
-            s = held[names["gate"][0]]
-            experts = [{proj: _int_parts(packed, names[proj][e], device) for proj in names}
-                       for e in range(c.num_experts)]
-            shared = _shared_names(prefix)
-            stack_shared = all(held.get(n) == s for n in shared.values())
-            stacked = repack_moe_experts(
-                experts, shared={p: _int_parts(packed, n, device) for p, n in shared.items()} if stack_shared else None,
-                bits=s.bits, group_size=None if s.group_size == CHANNEL else s.group_size)
-            _replace(model, name, FusedExperts(stacked))
-            if stack_shared:  # the fused kernel carries it: no separate copy
-                model.get_submodule(prefix).shared_experts = SharedInStack()
 
 
 def _stack_groups(model: M.KimiLinear) -> None:
