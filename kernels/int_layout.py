@@ -30,6 +30,10 @@ class PackedLinear:
     bits: int
     group_size: int
 
+    def weight_tensors(self) -> list[torch.Tensor]:
+        """What the kernels read of the weight: its codes, scales and zero points (the locks are their counters)."""
+        return [t for t in (self.qweight, self.scales, self.zeros) if t is not None]
+
 
 @dataclass
 class PackedExperts:

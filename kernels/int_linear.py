@@ -588,7 +588,7 @@ def _split(n_tiles: int, n_blocks: int, split_k: int | None, device) -> tuple[in
 
 def packed_bytes(packed: PackedLinear) -> int:
     """Bytes a kernel reads for the weight: codes, scales and zero points."""
-    return sum(t.numel() * t.element_size() for t in (packed.qweight, packed.scales, packed.zeros) if t is not None)
+    return sum(t.numel() * t.element_size() for t in packed.weight_tensors())
 
 
 def _zeros_arg(packed: PackedLinear) -> torch.Tensor:

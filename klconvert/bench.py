@@ -230,17 +230,20 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
     return nbytes / sorted(times[2:])[len(times[2:]) // 2]
 
 
-def module_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a module's own weights: its parameters and, for the Triton linears, its packed weight (a whole
-    stack of packed experts where it holds one)."""
+def module_weights(module: torch.nn.Module) -> list[torch.Tensor]:
+    """A module's own weights: its parameters and, for the Triton linears, its packed weight's tensors (a whole stack
+    of packed experts' where it holds one)."""
     from klconvert.kernels.fused_moe import PackedExperts
-    from klconvert.kernels.int_linear import PackedLinear, packed_bytes
+    from klconvert.kernels.int_linear import PackedLinear
 
-    total = sum(t.numel() * t.element_size() for t in module.parameters(recurse=False))
     p = getattr(module, "packed", None)
-    if isinstance(p, PackedExperts):
-        return total + sum(packed_bytes(x) for x in (p.gate, p.up, p.down))
-    return total + (packed_bytes(p) if isinstance(p, PackedLinear) else 0)
+    packed = [p] if isinstance(p, PackedLinear) else [p.gate, p.up, p.down] if isinstance(p, PackedExperts) else []
+    return [*module.parameters(recurse=False), *(t for x in packed for t in x.weight_tensors())]
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's own weights (module_weights)."""
+    return sum(t.numel() * t.element_size() for t in module_weights(module))
 
 
 def bytes_per_step(engine: Engine, context: int, batch: int, experts_touched: int) -> int:
@@ -251,18 +254,23 @@ def bytes_per_step(engine: Engine, context: int, batch: int, experts_touched: in
     from klconvert.runtime.model import Experts
 
     c, total = engine.config, 0
+    counted: set[int] = set()   # tensors' addresses: FusedKDAStep and the KDA chunk module hold their mixer's
+    # parameters again (f_b, g_b, o_norm, dt_bias), which count once, as they are read
     for name, module in engine.model.named_modules():
         if isinstance(module, FusedExperts):
             p = module.packed
-            per_expert = sum(sum(t[0].numel() * t.element_size() for t in (x.qweight, x.scales, x.zeros)
-                                 if t is not None) for x in (p.gate, p.up, p.down))
+            per_expert = sum(sum(t[0].numel() * t.element_size() for t in x.weight_tensors())
+                             for x in (p.gate, p.up, p.down))
             total += per_expert * (experts_touched + int(p.has_shared))
         elif isinstance(module, Experts):
             total += sum(t[0].numel() * t.element_size() for t in (module.w13, module.w2)) * experts_touched
         elif name == "model.embed_tokens":
             total += batch * c.hidden_size * module.weight.element_size()
         else:
-            total += module_bytes(module)
+            for t in module_weights(module):
+                if t.data_ptr() not in counted:
+                    counted.add(t.data_ptr())
+                    total += t.numel() * t.element_size()
     state = engine.state
     total += 2 * batch * (state.kda_state[:, 0].numel() * state.kda_state.element_size()
                           + state.conv_state[:, 0].numel() * state.conv_state.element_size())

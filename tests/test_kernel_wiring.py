@@ -187,7 +187,7 @@ def test_the_triton_bind_holds_each_weight_once(quantized, request):
         return
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in engine.model.parameters()}
     storages.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for p in packed_weights(engine.model)
-                     for t in (p.qweight, p.scales, p.zeros) if t is not None})
+                     for t in p.weight_tensors()})
     assert sum(storages.values()) == engine.plan.weights + padded_row_bytes(engine.model)
 
 

@@ -60,7 +60,7 @@ def padded_row_bytes(model: torch.nn.Module) -> int:
     total = 0
     for p in packed_weights(model):
         padded = p.scales.shape[-1]
-        held = sum(t.numel() * t.element_size() for t in (p.qweight, p.scales, p.zeros) if t is not None)
+        held = sum(t.numel() * t.element_size() for t in p.weight_tensors())
         total += held * (padded - p.n) // padded
     return total
 
