@@ -394,7 +394,7 @@ class BenchRow:
     context: int
     batch: int
     mla_cache_dtype: str
-    ms_per_token: float
+    ms_per_step: float   # a decode step of the whole batch, `batch` tokens
     tokens_per_s: float
     peak_reserved_gib: float
     plan_total_gib: float
@@ -504,7 +504,7 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
                            torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0, engine.plan.total / 2**30,
                            touched, moved, floor * 1e3, seconds / floor, graph_check)
             result.rows.append(row)
-            report(f"context {context:,} batch {batch} cache {mla_cache_dtype}: {row.ms_per_token:.3f} ms/step, "
+            report(f"context {context:,} batch {batch} cache {mla_cache_dtype}: {row.ms_per_step:.3f} ms/step, "
                    f"{row.tokens_per_s:,.0f} tokens/s; floor {row.floor_ms:.3f} ms ({moved / 1e9:.2f} GB/step, "
                    f"{touched} experts/layer) -> {row.floor_ratio:.2f}x the floor; peak reserved "
                    f"{row.peak_reserved_gib:.1f} GiB vs plan {row.plan_total_gib:.1f} GiB; {graph_check}")

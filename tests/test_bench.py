@@ -58,7 +58,8 @@ def test_bench_checks_then_times_on_the_cpu(tiny4, monkeypatch):
     assert (row.context, row.batch) == (54, 2)
     k = tiny4.num_experts_per_token
     assert k <= row.experts_touched_per_layer <= 2 * k                                     # two tokens' choices
-    assert row.bytes_per_step > 0 and row.ms_per_token > 0 and row.floor_ratio > 0
+    assert row.bytes_per_step > 0 and row.ms_per_step > 0 and row.floor_ratio > 0
+    assert row.ms_per_step * row.tokens_per_s == pytest.approx(1e3 * row.batch)   # a step is the batch's tokens
     assert row.graph_check == "no graph: the eager step is what runs"   # on the CPU; the JSON said "bit-exact"
     assert any("ms/step" in line for line in lines)
     assert result.prefill_check["rel_err"] <= B.PREFILL_CHECK_BOUND and result.prefill_check["top1"]
