@@ -112,6 +112,20 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path):
     assert torch.equal(x.get(name), y.get(name)) and not torch.equal(x.get(name), z.get(name))
 
 
+def test_the_seed_seeds_the_weights_not_the_tokenizer(tiny_released, tmp_path, capsys):
+    """h268's F3: --seed (README, --help: the seed of the random weights) seeded the made-up BPE merges too, so two
+    seeds' folders had tokenizers whose ids meant other text and `eval --model A --reference B` of them was refused.
+    Every seed writes the same tokenizer files, and the two folders compare."""
+    other = synth("tiny", tmp_path / "other", seed=2, progress=False).path
+    for name in ("tiktoken.model", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (other / name).read_bytes() == (tiny_released / name).read_bytes(), name
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 4)
+    code, out, err = run_cli(capsys, "eval", "--model", other, "--reference", tiny_released, "--text-file", text,
+                             "--max-tokens", "16", "--device", "cpu")
+    assert code == 0 and re.search(r"^tokens +16$", out, re.M), err
+
+
 @pytest.mark.parametrize("layout", ["released", "transformers"])
 def test_an_apps_default_device_changes_no_byte(tiny_released, tiny_transformers, tmp_path, layout):
     """Under torch.set_default_device("meta") the transformers layout's stacked tensors were made there, and writing

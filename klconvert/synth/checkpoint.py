@@ -167,8 +167,7 @@ def synth(preset: str, out: str | Path, layers: int | None = None, seed: int = 0
 
     with whole_folder(out, force, KLCONVERT_OUTPUT) as folder:
         write_atomically(folder / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
-        write_tokenizer_files(folder, num_ranks=c.vocab_size - NUM_SPECIAL_TOKENS, num_specials=NUM_SPECIAL_TOKENS,
-                              seed=seed)
+        write_tokenizer_files(folder, num_ranks=c.vocab_size - NUM_SPECIAL_TOKENS, num_specials=NUM_SPECIAL_TOKENS)
         write_atomically(folder / INDEX_FILE, (index_json(shards, names) + "\n").encode())
         write_atomically(folder / GENERATION_CONFIG_FILE, (json.dumps(
             {"bos_token_id": c.bos_token_id, "eos_token_id": list(c.eos_token_ids) or None,

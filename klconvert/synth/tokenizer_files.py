@@ -35,6 +35,9 @@ COMMON_PIECES = (
 EXTENSION_BYTES = (b"eeeeeeeeeeeettttttttaaaaaaaaooooooooiiiiiiinnnnnnnsssssshhhhhhrrrrrrdddddlllllcccuuummmwwfffgg"
                    b"yyppbbvk            ,.0123456789")
 MAX_TOKEN_BYTES = 16  # keeps tiktoken.model for the real 163584 ranks at a few MB
+# The seeded merges' seed: fixed, not synth's --seed (which seeds the weights), so that every synth of a vocabulary
+# size has the same tokenizer and two seeds' folders compare in `klconvert eval`, whose ids must mean the same text
+MERGES_SEED = 0
 
 # The Kimi turn format; a system turn is added when the conversation has none, and a content given as a list of
 # parts ([{"type": "text", "text": ...}, ...]) is the text of its parts one after the other, as the released template
@@ -57,7 +60,7 @@ KIMI_CHAT_TEMPLATE = (
 )
 
 
-def bpe_tokens(num_ranks: int, seed: int) -> list[bytes]:
+def bpe_tokens(num_ranks: int) -> list[bytes]:
     """`num_ranks` distinct tokens by rank: the 256 bytes in byte order, then each one an earlier token plus
     one more earlier token (COMMON_PIECES first, then seeded merges)."""
     tokens = [bytes([b]) for b in range(256)]
@@ -68,7 +71,7 @@ def bpe_tokens(num_ranks: int, seed: int) -> list[bytes]:
             if len(tokens) < num_ranks and encoded[:end] not in seen:
                 tokens.append(encoded[:end])
                 seen.add(encoded[:end])
-    rng = random.Random(seed)
+    rng = random.Random(MERGES_SEED)
     while len(tokens) < num_ranks:
         left = tokens[rng.randrange(256, len(tokens))]
         # tokens[b] is the single byte b
@@ -103,13 +106,13 @@ def tokenizer_config(num_ranks: int, num_specials: int) -> dict:
     }
 
 
-def write_tokenizer_files(out_dir: Path, num_ranks: int, num_specials: int = NUM_SPECIAL_TOKENS, seed: int = 0) -> None:
+def write_tokenizer_files(out_dir: Path, num_ranks: int, num_specials: int = NUM_SPECIAL_TOKENS) -> None:
     """tiktoken.model, tokenizer_config.json and special_tokens_map.json for a vocabulary of
-    num_ranks + num_specials ids (RELEASED_BPE_RANKS + NUM_SPECIAL_TOKENS for the real model), with seeded made-up BPE
-    tokens."""
+    num_ranks + num_specials ids (RELEASED_BPE_RANKS + NUM_SPECIAL_TOKENS for the real model), with made-up BPE
+    tokens (the same ones for a num_ranks every time)."""
     if num_ranks < 256:
         raise ValueError(f"num_ranks={num_ranks}: a byte-level BPE needs at least the 256 single bytes")
-    write_tiktoken_files(out_dir, bpe_tokens(num_ranks, seed), num_specials)
+    write_tiktoken_files(out_dir, bpe_tokens(num_ranks), num_specials)
 
 
 def write_tiktoken_files(out_dir: Path, tokens: list[bytes], num_specials: int = NUM_SPECIAL_TOKENS) -> None:
