@@ -176,7 +176,7 @@ def test_local_folder_skips_the_pull(tiny_released, tmp_path, monkeypatch, capsy
                                 "--group-size", "32")
     assert code == 0, err
     assert stdout == "tiny-w8a16\n" and (tmp_path / "tiny-w8a16" / "config.json").exists()
-    assert f"local folder `{tiny_released.resolve()}`" in (tmp_path / "tiny-w8a16" / "README.md").read_text()
+    assert f"local folder `{tiny_released.name}`" in (tmp_path / "tiny-w8a16" / "README.md").read_text()
     assert_one_line_error(*run_cli(capsys, "pull-and-quantize", "--model", tiny_released, "--revision", "v1",
                                    "--out", "x")[::2], "--revision v1 picks a hub revision")
     assert_one_line_error(*run_cli(capsys, "pull-and-quantize", "--model", "tiny", "--revision", "main",

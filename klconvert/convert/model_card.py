@@ -27,7 +27,7 @@ def model_card(title: str, origin: SourceOrigin, policy: Policy, totals: PlanTot
     elif origin.repo:
         source = f"[{origin.repo}]({HUB}/{origin.repo}/tree/{origin.commit}) at commit `{origin.commit}`"
     else:
-        source = f"local folder `{origin.folder}` (no hub commit recorded)"
+        source = f"local folder `{origin.folder.name}` (no hub commit recorded)"
     if policy.kind == "nf4":
         fmt = "bitsandbytes NF4 (`quantization_config.quant_method: bitsandbytes`), double-quantized absmax"
     else:

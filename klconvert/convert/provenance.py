@@ -33,9 +33,12 @@ class SourceOrigin:
         return self.folder == BUNDLED_DIR
 
     def describe(self) -> str:
+        """The source as quantize's summary and model card name it: a local folder by its name alone, as the card
+        goes to the hub, where the folder's path would show the user's home and layout (and tell apart the cards of one
+        source kept in two places); `folder` keeps the path for the resume fingerprint and the pull remedy."""
         if self.bundled:
             return f"the bundled model {BUNDLED_NAME}"
-        return f"{self.repo}@{self.commit}" if self.repo else f"local folder {self.folder}"
+        return f"{self.repo}@{self.commit}" if self.repo else f"local folder {self.folder.name}"
 
 
 def source_origin(folder: str | Path) -> SourceOrigin:
