@@ -803,6 +803,7 @@ def test_a_folder_where_a_side_file_goes_is_named_by_its_own_name(tiny_released,
         quantize(tiny_released, out, **OPTIONS)
 
 
+@pytest.mark.filterwarnings("error::ResourceWarning", "error::pytest.PytestUnraisableExceptionWarning")
 def test_an_interrupted_discard_leaves_a_folder_a_rerun_still_takes(tiny_released, tmp_path, monkeypatch):
     """`--force` discarding an older OUT.partial, stopped after any file: the resume record goes last, so what is
     left is still known as klconvert's (helper-105: an OUT.partial left shards and all but without its record was

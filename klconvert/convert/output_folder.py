@@ -621,9 +621,10 @@ def _remove_partial(path: Path) -> None:
     if path.is_symlink() or not path.is_dir():
         path.unlink(missing_ok=True)
         return
-    for entry in os.scandir(path):
-        if entry.name != RESUME_RECORD:
-            _remove(Path(entry.path))
+    with os.scandir(path) as entries:   # closed if a removal raises (an interrupt, an rmtree error)
+        for entry in entries:
+            if entry.name != RESUME_RECORD:
+                _remove(Path(entry.path))
     (path / RESUME_RECORD).unlink(missing_ok=True)
     path.rmdir()
 
