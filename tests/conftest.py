@@ -12,6 +12,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+# as klconvert.onnx sets it for the CLI and the API, before a test file imports onnxruntime itself: else its
+# telemetry writes ~/.cache/Microsoft/DeveloperTools/.onnxruntime and $TMPDIR/.ses
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import numpy as np  # noqa: E402
 import triton.language as tl  # noqa: E402

@@ -252,3 +252,5 @@ def test_an_unbuffered_python_keeps_its_streams_unbuffered():
     finally:
         child.kill()
         child.wait()
+        child.stdout.close()
+        child.stderr.close()

@@ -181,14 +181,16 @@ def test_the_readme_recipe_scores_a_file_as_the_command_does(tiny_released, tiny
     h221: the command drops a leading byte-order mark, as `run` does, which the recipe's "utf-8" kept (11 tokens
     scored against 14). The recipe, run as README.md writes it, reads such a file as the command does: the same
     table."""
-    recipe = re.search(r'^text = (open\("doc\.txt".*?\.read\(\))', README.read_text(), re.M)[1]
+    recipe = re.search(r'^with open\("doc\.txt".*\n +text = f\.read\(\)', README.read_text(), re.M)[0]
     text = tmp_path / "doc.txt"
     text.write_bytes(b"\xef\xbb\xbf" + ".\r\n".join(TEXT.split(". ")).encode() + b"\xef\xbb\xbf")  # only one mark
     code, out, err = run_cli(capsys, "eval", "--model", tiny_perturbed, "--reference", tiny_released, "--text-file",
                              text, "--max-tokens", "64", "--device", "cpu")
     assert code == 0, err
     monkeypatch.chdir(tmp_path)
-    result = evaluate(tiny_perturbed, tiny_released, eval(recipe), max_tokens=64, device="cpu")
+    recipe_ran: dict = {}
+    exec(recipe, recipe_ran)
+    result = evaluate(tiny_perturbed, tiny_released, recipe_ran["text"], max_tokens=64, device="cpu")
     assert out == render_eval(result, tiny_perturbed, tiny_released) + "\n"
 
 

@@ -74,7 +74,7 @@ def test_a_second_writer_is_refused_and_the_first_finishes_whole(tiny_released, 
 def test_two_runs_at_once_leave_one_whole_output(tiny_released, reference, tmp_path):
     out = tmp_path / "q"
     runs = [klconvert_quantize(tiny_released, out) for _ in range(2)]
-    finished = [(run.wait(300), run.stderr.read()) for run in runs]
+    finished = [(run.returncode, err) for run in runs for _, err in [run.communicate(timeout=300)]]
     codes = sorted(code for code, _ in finished)
     assert codes == [0, 2], finished
     refused = next(err for code, err in finished if code == 2)
