@@ -63,7 +63,8 @@ def _kept_positions(g: GraphBuilder, x: str) -> str:
 def build_graph(model: M.KimiLinear, linears: Linears, opset: int):
     """The bound model as one ONNX ModelProto (weights inside)."""
     c = model.config
-    g = GraphBuilder()
+    proto = make_model(onnx.GraphProto(), opset)
+    g = GraphBuilder(proto.graph)   # each weight written once, into the model's own graph
     spec = {(s["layer"], s["kind"]): s for s in state_spec(c)}
     embed = g.weight("model.embed_tokens.weight", as_numpy(model.model.embed_tokens.weight))
     x = g.op("Gather", embed, "input_ids", axis=0)                                      # [B, T, D]
@@ -103,9 +104,10 @@ def build_graph(model: M.KimiLinear, linears: Linears, opset: int):
     inputs += [helper.make_tensor_value_info(s["past"], FLOAT, s["shape"]) for s in states]
     outs = [helper.make_tensor_value_info("logits", FLOAT, [*LOGITS_SHAPE, c.vocab_size])]
     outs += [helper.make_tensor_value_info(s["present"], FLOAT, _present_shape(s["shape"])) for s in states]
-    model = make_model(helper.make_graph(g.nodes, "kimi_linear", inputs, outs, g.initializers), opset)
-    helper.set_model_props(model, {ATTENTION_KEY_BLOCK: str(KEY_BLOCK)})   # the graph's own, as onnxruntime reads it
-    return model
+    # merged beside the initializers, the rest of the graph (nodes, inputs, outputs, name) is copied, the weights not
+    proto.graph.MergeFrom(helper.make_graph(g.nodes, "kimi_linear", inputs, outs))
+    helper.set_model_props(proto, {ATTENTION_KEY_BLOCK: str(KEY_BLOCK)})   # the graph's own, as onnxruntime reads it
+    return proto
 
 
 def make_model(graph, opset: int):
@@ -222,6 +224,7 @@ def _write_export(checkpoint: Checkpoint, folder: Path, opset: int, side_files: 
     model = bind(_unfilled_where_packed(M.KimiLinear(checkpoint.config), checkpoint), checkpoint.get,
                  checkpoint.packed, {}, torch.device("cpu"), torch.float32, triton=False, restack=False)
     proto = build_graph(model, Linears(checkpoint.config, checkpoint.packed), opset)
+    del model   # the graph holds copies of its weights: the bound model's go before save_model serializes it
     checkpoint.refuse_changed()   # every weight is read now, and none from a shard rewritten while open
     external = sum(len(t.raw_data) for t in proto.graph.initializer) > PROTOBUF_LIMIT
     path = folder / ONNX_FILE
@@ -233,6 +236,7 @@ def _write_export(checkpoint: Checkpoint, folder: Path, opset: int, side_files: 
     except OSError:   # onnx writes DATA_FILE whole before it opens model.onnx, whose size is then the proto's
         with writing(path, proto.ByteSize()) if path.exists() or not external else writing(folder / DATA_FILE):
             raise
+    del proto   # check_model reads the written file into memory: without the graph's copy beside it
     onnx.checker.check_model(str(path))
     for name, data in side_files.items():
         write_atomically(folder / name, data)

@@ -9,7 +9,7 @@ named per layer; written by hand, each node is exactly the op and layout onnxrun
 from __future__ import annotations
 
 import numpy as np
-from onnx import TensorProto, helper, numpy_helper
+from onnx import GraphProto, TensorProto, helper, numpy_helper
 
 from klconvert.onnx.matmul_nbits import NBitsWeight
 
@@ -21,15 +21,19 @@ INT64 = TensorProto.INT64
 class GraphBuilder:
     """Nodes and initializers of one graph (the main graph, or a Scan body that reads the outer one's constants)."""
 
-    def __init__(self, parent: "GraphBuilder | None" = None):
+    def __init__(self, graph: GraphProto | None = None, parent: "GraphBuilder | None" = None):
+        """`graph`: the GraphProto whose initializers `weight` adds to (a new one if None), as the model's graph
+        holds them: protobuf copies a message on every add, extend or CopyFrom and moves none, so initializers
+        gathered apart and handed to make_graph, then make_model, stood three times in memory at once (h268's F1)."""
         self.nodes: list = []
-        self.initializers: list = [] if parent is None else parent.initializers
+        self.initializers = parent.initializers if parent is not None else \
+            (GraphProto() if graph is None else graph).initializer
         self._constants: dict = {} if parent is None else parent._constants
         self._count = [0] if parent is None else parent._count  # one count: names stay unique across subgraphs
 
     def body(self) -> "GraphBuilder":
         """A builder for a subgraph: its own nodes, this graph's initializers and constants (outer-scope values)."""
-        return GraphBuilder(self)
+        return GraphBuilder(parent=self)
 
     def fresh(self, hint: str) -> str:
         self._count[0] += 1
@@ -37,7 +41,9 @@ class GraphBuilder:
 
     def weight(self, name: str, value: np.ndarray) -> str:
         """An initializer under a checkpoint-derived name."""
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        # the graph's copy is the one kept: from_array's goes as this returns. atleast_1d gives a scalar the shape [1]
+        # it has always had here, and copies no transposed weight: from_array's bytes are row-major from any layout
+        self.initializers.add().CopyFrom(numpy_helper.from_array(np.atleast_1d(value), name))
         return name
 
     def const(self, value, dtype=np.int64) -> str:
@@ -64,7 +70,7 @@ class GraphBuilder:
 
     def matmul_dense(self, x: str, weight: np.ndarray, name: str) -> str:
         """x [..., in] @ W^T for a float weight W [out, in] (stored transposed, as MatMul reads it)."""
-        return self.op("MatMul", x, self.weight(f"{name}.weight_t", weight.T.astype(np.float32)))
+        return self.op("MatMul", x, self.weight(f"{name}.weight_t", weight.T.astype(np.float32, copy=False)))
 
     def rms_norm(self, x: str, weight: str, eps: float) -> str:
         """x / sqrt(mean(x^2, last dim) + eps) * weight (an initializer's name)."""
