@@ -29,7 +29,7 @@ from klconvert.runtime.device_memory import (COMMAND_LEVERS, PRESET_BENCH_LEVERS
                                              PromptsDoNotFit, WeightsDoNotFit, device_exhausted, fewer_bits_hold_less)
 from klconvert.runtime.host_memory import OUT_OF_HOST_MEMORY, import_exhausted
 from klconvert.shell_command import shell_command
-from klconvert.units import binary_size_text, size_text
+from klconvert.units import binary_size_text, size_text, size_texts
 from klconvert.user_paths import refuse_unreachable, shown_path
 
 # the runtime's MLA cache dtypes by name (runtime/state.py MLA_CACHE_DTYPES; named here, torch-free, for --help)
@@ -717,8 +717,9 @@ def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path
         else:   # the weights fit; the batch's state and decode workspace do not, at any context
             advice = (f"the weights ({binary_size_text(p.weights)}) fit, but a batch of {p.batch:,} sequences' state "
                       "and workspace do not at any context: plan a smaller --batch")
-        raise PlanDoesNotFit(f"the plan needs {binary_size_text(p.total)} but the GPU memory is "
-                             f"{binary_size_text(p.memory_limit)}; {advice}")
+        # a byte short in bytes: "needs 75.9 MiB but the GPU memory is 75.9 MiB" read as fitting
+        needs, has = size_texts(p.total, p.memory_limit, text=binary_size_text)
+        raise PlanDoesNotFit(f"the plan needs {needs} but the GPU memory is {has}; {advice}")
 
 
 def _refuse_layers_with_model(model: str | None, layers: int | None) -> None:

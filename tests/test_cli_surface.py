@@ -356,6 +356,16 @@ def test_a_small_plans_refusal_gives_its_figures_in_units_that_show_them(capsys)
     assert code == 3 and f"the plan needs {' '.join(total)} but the GPU memory is 20.0 MiB;" in err, err
 
 
+def test_a_plan_a_byte_past_the_gpu_says_both_figures_in_bytes(capsys):
+    """A plan a byte past --gpu-memory read "the plan needs 75.9 MiB but the GPU memory is 75.9 MiB" (h266), as
+    fitting: two figures that would read alike are said in bytes (size_texts), as the runtime's refusals say them."""
+    from klconvert.runtime.plan_report import plan_for
+
+    total = plan_for(model=bundled_dir(), context=4096).total
+    code, _, err = run_cli(capsys, "plan", "--model", "tiny", "--max-context", "4096", "--gpu-memory", f"{total - 1}B")
+    assert code == 3 and f"the plan needs {total:,} bytes but the GPU memory is {total - 1:,} bytes;" in err, err
+
+
 def test_running_out_of_host_memory_is_one_line(capsys, monkeypatch):
     def exhausted(**_):
         raise MemoryError

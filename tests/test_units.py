@@ -20,3 +20,5 @@ def test_sizes_set_side_by_side_never_read_alike():
     """'9.21 MB free but 9.21 MB of shards are left to write' (helper-131): two that round alike go in bytes."""
     assert size_texts(9_210_000, 5_000_000) == ["9.21 MB", "5.00 MB"]
     assert size_texts(9_211_000, 9_213_000) == ["9,211,000 bytes", "9,213,000 bytes"]
+    assert size_texts(3 << 20, 2 << 20, text=binary_size_text) == ["3.0 MiB", "2.0 MiB"]   # a plan's figures
+    assert size_texts(3 << 20, (3 << 20) - 1, text=binary_size_text) == ["3,145,728 bytes", "3,145,727 bytes"]
