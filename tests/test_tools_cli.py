@@ -214,6 +214,30 @@ def test_plot_loss_refuses_what_is_no_loss_log_in_one_line(tmp_path):
         assert proc.returncode == 0 and (tmp_path / "loss.png").read_bytes() == b"png", proc.stderr
 
 
+def test_plot_loss_refuses_a_number_past_floats_range_in_one_line(tmp_path):
+    """An integer past float's range (JSON has no bound on one) as train_seconds, kept_step or a step was
+    math.isfinite's OverflowError, a traceback with exit status 1 (h266)."""
+    for name, text in _MATPLOTLIB_STUB.items():
+        (tmp_path / "stub" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "stub" / name).write_text(text)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "stub"), os.environ.get("PYTHONPATH", "")])}
+    log = {"step": [1, 2], "train_loss": [7.0, 6.0], "validation_step": [2], "validation_loss": [6.5], "kept_step": 2,
+           "kept_validation_loss": 6.5, "tokens_per_step": 512, "parameters": 1e6, "train_seconds": 3.0,
+           "device": "cpu"}
+    for key, value, needle in (("train_seconds", 10**400, "its 'train_seconds' is an integer of 401 digits, not a "
+                                                          "number the plot can draw"),
+                               ("kept_step", 10**400, "its 'kept_step' is an integer of 401 digits, not a number the "
+                                                      "plot can draw"),
+                               ("step", [1, 10**400], "its 'step' and 'train_loss' are not two lists of numbers of one "
+                                                      "length")):
+        (tmp_path / "loss.json").write_text(json.dumps({**log, key: value}))
+        proc = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_loss.py"), "loss.json"], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr[-2000:]
+        assert proc.stderr.startswith(f"plot_loss.py: error: loss.json: {needle}; "), proc.stderr
+    assert not (tmp_path / "loss.png").exists()
+
+
 def test_plot_loss_reads_a_pipe_as_far_as_its_bound(tmp_path):
     """/dev/zero was read until memory ran out, and a file of any size was read whole: one past MAX_LOSS_LOG_BYTES is
     read no further. A loss.json piped in (`ssh host cat OUT/loss.json | plot_loss.py /dev/stdin`) is read (refusing

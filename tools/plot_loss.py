@@ -13,7 +13,7 @@ from pathlib import Path
 from tool_output import run_tool
 
 from klconvert.checkpoint.regular_file import read_bounded
-from klconvert.errors import KLError, unreadable_reason
+from klconvert.errors import KLError, shown, unreadable_reason
 from klconvert.script_summary import script_summary
 
 # what the plot reads of tools/train_bundled.py's loss.json
@@ -44,12 +44,15 @@ def read_loss_log(loss_json: Path) -> dict:
             raise KLError(f"{loss_json}: its {x!r} and {y!r} are not two lists of numbers of one length; {GIVE}")
     wrong = [key for key in PLOTTED_NUMBERS if not _finite(log[key])]
     if wrong:
-        raise KLError(f"{loss_json}: its {wrong[0]!r} is {log[wrong[0]]!r}, not a number; {GIVE}")
+        raise KLError(f"{loss_json}: its {wrong[0]!r} is {shown(log[wrong[0]])}, not a number the plot can draw; "
+                      f"{GIVE}")
     return log
 
 
 def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A number the plot can take as a float: no bool, NaN or infinity, nor an integer past float's range
+    (math.isfinite's OverflowError for 10**400)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
 
 
 def plot_loss(loss_json: Path, png: Path) -> None:
