@@ -260,3 +260,29 @@ def test_plot_loss_reads_a_pipe_as_far_as_its_bound(tmp_path):
                           env=env, input=json.dumps(log), capture_output=True, text=True, timeout=60)
     # here, not beside /dev/stdin (/dev/loss.png, written as root)
     assert proc.returncode == 0 and (tmp_path / "loss.png").read_bytes() == b"png", proc.stderr
+
+
+def test_plot_loss_plots_a_redirected_loss_log_here_and_a_named_one_beside_it(tmp_path):
+    """A loss.json redirected in from a file (`plot_loss.py /dev/stdin < loss.json`) wrote /dev/loss.png, as root
+    without a word, and through /dev/fd/0 or /proc/self/fd/0 was plotted and then "cannot write" /dev/fd/loss.png
+    (h266): is_file followed the descriptor to the file. A descriptor's plot goes here; a named file's, or a link's
+    the user made to one, beside it."""
+    for name, text in _MATPLOTLIB_STUB.items():
+        (tmp_path / "stub" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "stub" / name).write_text(text)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "stub"), os.environ.get("PYTHONPATH", "")])}
+    log = {"step": [1, 2], "train_loss": [7.0, 6.0], "validation_step": [2], "validation_loss": [6.5], "kept_step": 2,
+           "kept_validation_loss": 6.5, "tokens_per_step": 512, "parameters": 1e6, "train_seconds": 3.0,
+           "device": "cpu"}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "loss.json").write_text(json.dumps(log))
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "loss.json").symlink_to(tmp_path / "run" / "loss.json")
+    # /dev/stdin after the two that failed before the fix, where it wrote /dev/loss.png
+    for path, png in (("/dev/fd/0", "loss.png"), ("/proc/self/fd/0", "loss.png"), ("/dev/stdin", "loss.png"),
+                      ("run/loss.json", "run/loss.png"), ("linked/loss.json", "linked/loss.png")):
+        with open(tmp_path / "run" / "loss.json") as redirected:
+            proc = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_loss.py"), path], cwd=tmp_path, env=env,
+                                  stdin=redirected, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and (tmp_path / png).read_bytes() == b"png", (path, proc.stderr)
+        (tmp_path / png).unlink()

@@ -88,9 +88,26 @@ def plot_loss(loss_json: Path, png: Path) -> None:
 
 
 def default_png(loss_json: Path) -> Path:
-    """Where the plot goes without --png: beside a loss.json that is a file, here for one piped in (/dev/stdin,
-    <(...)), whose folder (/dev, /dev/fd) is no place for it -- as root, /dev/loss.png was written without a word."""
-    return loss_json.with_name("loss.png") if loss_json.is_file() else Path("loss.png")
+    """Where the plot goes without --png: beside a loss.json that is a file the user named (or a link they made to
+    one), here for one piped or redirected in (/dev/stdin, /dev/fd/0, /proc/self/fd/0, <(...)), whose folder (/dev,
+    /dev/fd) is no place for it -- as root, /dev/loss.png was written without a word."""
+    beside = loss_json.is_file() and not _names_a_descriptor(loss_json)
+    return loss_json.with_name("loss.png") if beside else Path("loss.png")
+
+
+def _names_a_descriptor(path: Path) -> bool:
+    """Whether `path`, or a link on the way from it to its file, is a name in /dev itself or anywhere in /proc: a
+    descriptor, which is_file follows to whatever was redirected into it (/dev/stdin -> /proc/self/fd/0 -> the file).
+    A file the user made under /dev is in a folder of its own (/dev/shm); none is in /proc. Asked of a file only:
+    its links end."""
+    hop = path.absolute()   # not normalized: "link/.." is the link's target's parent
+    while True:
+        folder = hop.parent.resolve()
+        if folder == Path("/dev") or folder.is_relative_to("/proc"):
+            return True
+        if not hop.is_symlink():
+            return False
+        hop = folder / hop.readlink()
 
 
 def main() -> None:
