@@ -198,7 +198,11 @@ class TritonKDAChunk(nn.Module):
 
     def __init__(self, mixer: nn.Module):
         super().__init__()
-        self.conv = mixer.conv_weight.reshape(-1, mixer.conv_weight.shape[-1]).contiguous()   # [3HK, W]
+        taps = mixer.conv_weight                                                 # [3HK, 1, W], a new tensor
+        self.conv = taps.view(len(taps), -1)                                     # [3HK, W]
+        # the mixer's three convs become views of it: the device holds their weights once, not twice (h273)
+        for conv, rows in zip((mixer.q_conv1d, mixer.k_conv1d, mixer.v_conv1d), taps.chunk(3)):
+            conv.weight = nn.Parameter(rows, requires_grad=False)
         self.A_log, self.dt_bias = mixer.A_log.float().flatten(), mixer.dt_bias.float()
         self.H, self.K = mixer.H, mixer.K
 

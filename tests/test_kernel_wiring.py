@@ -19,7 +19,7 @@ from klconvert.runtime import kernel_modules
 from klconvert.runtime.kernel_modules import (FlaKDAChunk, FusedDenseMLP, FusedExperts, FusedKDAStep, FusedNormMoE,
                                               FusedRouter, PackedDenseLinear, PackedIntLinear, SharedInStack,
                                               TritonKDAChunk)
-from klconvert.runtime.model import Experts, Linear, StackedLinear
+from klconvert.runtime.model import Experts, KDAMixer, Linear, StackedLinear
 from testkit import packed_weights, padded_row_bytes, rel_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -189,6 +189,18 @@ def test_the_triton_bind_holds_each_weight_once(quantized, request):
     storages.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for p in packed_weights(engine.model)
                      for t in p.weight_tensors()})
     assert sum(storages.values()) == engine.plan.weights + padded_row_bytes(engine.model)
+
+
+def test_the_kda_chunk_and_its_mixer_hold_the_conv_weights_once(calm4):
+    """TritonKDAChunk's [3HK, W] conv taps were a torch.cat of the mixer's three conv weights, held beside them (tiny:
+    18,432 bytes, h270); the mixer's are now views of the chunk's, the same values."""
+    engine = klconvert.load(calm4, device=DEVICE, dtype=DTYPE, max_context=16, kernels="triton")
+    mixers = [m for m in engine.model.modules() if isinstance(m, KDAMixer)]
+    assert mixers
+    for m in mixers:
+        convs = (m.q_conv1d.weight, m.k_conv1d.weight, m.v_conv1d.weight)
+        assert {w.untyped_storage().data_ptr() for w in convs} == {m.chunk.conv.untyped_storage().data_ptr()}
+        assert torch.equal(m.chunk.conv, torch.cat(convs).flatten(1))
 
 
 @pytest.mark.slow
