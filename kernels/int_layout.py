@@ -10,6 +10,19 @@ ROWS = 16  # output rows per packed block; one (block, k-tile) pair is ROWS * P 
 KT = 128  # input features per k-tile; P = KT * bits / 32 words per row (16 for int4, 32 for int8)
 
 
+def padded_rows(n: int) -> int:
+    """N_pad: n output rows rounded up to whole blocks of ROWS, as the repack holds them."""
+    return -(-n // ROWS) * ROWS
+
+
+def held_bytes(n: int, k: int, bits: int, group_size: int, asymmetric: bool, scale_dtype: torch.dtype) -> int:
+    """Bytes of the tensors the repack holds for an [n, k] weight (PackedLinear.weight_tensors): the codes, scales in
+    `scale_dtype` and, asymmetric, zero points as wide, all over the padded rows. What the memory plan sizes a
+    packed weight by, before any is read."""
+    n_pad = padded_rows(n)
+    return n_pad * k * bits // 8 + (k // group_size) * n_pad * scale_dtype.itemsize * (2 if asymmetric else 1)
+
+
 @dataclass
 class PackedLinear:
     """W[n, k] = (code[n, k] - zero[k // group, n]) * scale[k // group, n]; y = x @ W.T.

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .int_layout import KT, ROWS, PackedLinear
+from .int_layout import KT, ROWS, PackedLinear, padded_rows
 from .pdl import prefetch_fits, prefetch_runs, use_pdl, wait_for_inputs
 from .sm_count import sm_count
 
@@ -72,7 +72,7 @@ def repack_int_weight(weight_packed, weight_scale, weight_zero_point, weight_sha
                          f"expected int32 {(n, k * bits // 32)}")
     if tuple(weight_scale.shape) != (n, k // group_size):
         raise ValueError(f"{where}: weight_scale is {tuple(weight_scale.shape)}, expected {(n, k // group_size)}")
-    n_pad = triton.cdiv(n, ROWS) * ROWS
+    n_pad = padded_rows(n)
     qweight = torch.empty(n_pad // ROWS, k // KT, ROWS, KT * bits // 32, dtype=torch.int32, device=weight_packed.device)
     for r0 in range(0, n_pad, REPACK_ROWS):  # a slice of rows at a time: the int64 temporaries stay small
         r1 = min(r0 + REPACK_ROWS, n_pad)
@@ -86,6 +86,7 @@ def repack_int_weight(weight_packed, weight_scale, weight_zero_point, weight_sha
             zp = unpack_int32_codes(weight_zero_point.t(), bits, n).t()
         else:  # unpacked signed zero points [N, K/group]
             zp = weight_zero_point.to(torch.int32) + (1 << (bits - 1))
+        # as wide as the scales, which the kernels read beside them (int_layout.held_bytes sizes them so)
         zeros = torch.nn.functional.pad(zp, (0, 0, 0, n_pad - n)).t().to(scales.dtype).contiguous()
     locks = torch.zeros(n_pad // ROWS, dtype=torch.int32, device=weight_packed.device)
     return PackedLinear(qweight, scales, zeros, locks, n, k, bits, group_size)

@@ -19,7 +19,9 @@ from klconvert.runtime.host_memory import host_allocation
 from klconvert.runtime.kda import CHUNK
 from klconvert.runtime.model import MLA_KEY_BLOCK
 from klconvert.runtime.state import FP8, StateBuffers
-from klconvert.runtime.weights import held_in_fp32
+from klconvert.kernels.int_layout import held_bytes   # no Triton: the plan is made on machines without
+from klconvert.quant.groupwise import CHANNEL
+from klconvert.runtime.weights import HeldPacked, held_in_fp32
 from klconvert.units import size_text
 
 if TYPE_CHECKING:
@@ -249,18 +251,29 @@ def stored_bytes(shape: tuple[int, ...], scheme: QuantScheme, dtype: torch.dtype
                if part not in HOST_PARTS)
 
 
-def weight_bytes(config: KimiLinearConfig, dtype: torch.dtype, policy: Policy | None = None,
+def held_packed_bytes(shape: tuple[int, int], scheme: QuantScheme, dtype: torch.dtype) -> int:
+    """Bytes of one [out, in] weight that bind keeps packed for the Triton kernels (scales in `dtype`): as the repack
+    holds it (int_layout.held_bytes), its rows padded to whole blocks and zero points as wide as the scales, more
+    than it is stored (the 48B at int4 g128 asymmetric: ~0.5 GB)."""
+    rows, cols = shape
+    return held_bytes(rows, cols, scheme.bits, cols if scheme.group_size == CHANNEL else scheme.group_size,
+                      not scheme.symmetric, dtype)
+
+
+def weight_bytes(config: KimiLinearConfig, dtype: torch.dtype, policy: Policy | HeldPacked | None = None,
                  decode_copies: bool = False) -> dict[str, int]:
     """Bytes of weights by category as the runtime holds them: each tensor as `policy.scheme_for` stores
-    it (scales in `dtype`), fp32 where the runtime keeps fp32, `dtype` otherwise. No policy: unquantized.
+    it (scales in `dtype`) -- a HeldPacked policy's as the Triton kernels hold them (held_packed_bytes) --, fp32
+    where the runtime keeps fp32, `dtype` otherwise. No policy: unquantized.
     `decode_copies`: bind gives the CPU forms (bind.cpu_forms_bound), whose copies are foreseen too."""
+    sized = held_packed_bytes if isinstance(policy, HeldPacked) else stored_bytes
     out = dict.fromkeys(WEIGHT_CATEGORIES, 0)
     if decode_copies:
         out[DECODE_COPIES] = planned_copy_bytes(config)
     for spec in expected_tensors(config).values():
         scheme = policy.scheme_for(spec.name, spec.shape) if policy is not None else None
         if scheme is not None:
-            size = stored_bytes(spec.shape, scheme, dtype)
+            size = sized(spec.shape, scheme, dtype)
         elif held_in_fp32(spec.name, spec.category):
             size = math.prod(spec.shape) * 4
         else:

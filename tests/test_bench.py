@@ -23,7 +23,7 @@ from klconvert.models import bundled_dir
 from klconvert.presets import preset_config
 from klconvert.runtime import engine as engine_module
 from klconvert.units import size_text
-from testkit import assert_one_line_error, gpu_with_free, padded_row_bytes, run_cli, shown_lines
+from testkit import assert_one_line_error, gpu_with_free, run_cli, shown_lines
 
 
 # the Triton path on CPU tensors: Triton's interpreter, which conftest turns on only where there is no GPU
@@ -222,15 +222,15 @@ def test_the_floor_counts_each_weight_once():
     """bytes_per_step summed each module's own weights, so the parameters FusedKDAStep and TritonKDAChunk hold again
     (their KDA mixer's f_b, g_b, o_norm, dt_bias) counted two or three times: on the tiny preset 105,216 bytes over
     (with the shared expert's copy, gone from the bind, 282,624), at the 48B 42.6 MB, 2% of its floor (h267). The
-    count from the plan: every weight once but the embedding (a row per token) and the routed experts (the ones
-    touched), with the rows the repack pads, the state read and written, and the cache rows read."""
+    count from the plan: every weight once, as the repack holds it (its padded rows too), but the embedding (a row per
+    token) and the routed experts (the ones touched), with the state read and written, and the cache rows read."""
     c = KimiLinearConfig.from_dict(preset_config("tiny"))
     weights = B.random_quantized_weights(c, 4, "cpu")
     engine = B.Engine(c, weights.read, torch.device("cpu"), torch.bfloat16, 64, 1, packed=weights.packed,
                       kernels="triton", stored_schemes=weights.schemes)
     plan, held, touched = engine.plan, engine.plan.weight_bytes, c.num_experts_per_token
     moved = (plan.weights - held["embedding"] + c.hidden_size * torch.bfloat16.itemsize
-             - held["experts"] + held["experts"] // c.num_experts * touched + padded_row_bytes(engine.model)
+             - held["experts"] + held["experts"] // c.num_experts * touched
              + 2 * (plan.kda_state_bytes_per_seq + plan.conv_bytes_per_seq) + 60 * plan.mla_bytes_per_token)
     assert B.bytes_per_step(engine, 60, 1, touched) == moved
 

@@ -10,6 +10,7 @@ import torch
 
 from klconvert.runtime.plan_report import parse_size
 from klconvert.errors import KLError
+from klconvert.kernels.int_layout import ROWS
 from klconvert.quant import QuantScheme, compress_weight, load_recipe
 from klconvert.quant.groupwise import CHANNEL
 from klconvert.runtime.memory_plan import stored_bytes
@@ -170,8 +171,9 @@ def test_stored_bytes_nf4():
 
 @pytest.mark.parametrize("group_size", [128, 32])
 def test_plan_of_a_quantized_folder_sizes_its_tensors_as_a_gpu_holds_them(tiny_released, tmp_path, group_size):
-    """Experts the Triton kernels take (groups of 128) are planned as written; groups of 32, which they do not take
-    and the runtime dequantizes, as bf16 -- what the GPU holds, not what the folder's recipe.yaml says."""
+    """Experts the Triton kernels take (groups of 128) are planned as the repack holds what was written, zero points
+    as wide as the scales (whole blocks of rows here: none padded); groups of 32, which they do not take and the
+    runtime dequantizes, as bf16 -- what the GPU holds, not what the folder's recipe.yaml says."""
     from safetensors import safe_open
 
     from klconvert.quantize import quantize
@@ -179,15 +181,16 @@ def test_plan_of_a_quantized_folder_sizes_its_tensors_as_a_gpu_holds_them(tiny_r
     out = quantize(tiny_released, tmp_path / "int4-asym", bits=4, group_size=group_size, symmetric=False,
                    device="cpu", progress=False).path
     p = plan_for(model=out)
-    written = bf16 = 0
+    held = bf16 = 0
     for shard in out.glob("*.safetensors"):
         with safe_open(shard, "pt") as f:
             for n in f.keys():
-                if ".experts." in n and not n.endswith("weight_shape"):
-                    written += f.get_tensor(n).nbytes
+                if ".experts." in n and n.endswith(("weight_packed", "weight_scale")):
+                    held += f.get_tensor(n).nbytes * (2 if n.endswith("weight_scale") else 1)
                 if ".experts." in n and n.endswith("weight_shape"):
+                    assert f.get_tensor(n)[0] % ROWS == 0
                     bf16 += 2 * math.prod(f.get_tensor(n).tolist())
-    assert p.weight_bytes["experts"] == (written if group_size == 128 else bf16)
+    assert p.weight_bytes["experts"] == (held if group_size == 128 else bf16)
 
 
 @pytest.mark.parametrize("runtime,message", [

@@ -53,18 +53,6 @@ def packed_weights(model: torch.nn.Module) -> list:
     return found
 
 
-def padded_row_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the rows the repack adds to each packed weight, up to a whole block of rows: held (and read), not
-    stored, so not in the plan, which sizes what is stored. Codes, scales and zero points all grow with the padded
-    rows, which each packed weight's scales count in their last dim."""
-    total = 0
-    for p in packed_weights(model):
-        padded = p.scales.shape[-1]
-        held = sum(t.numel() * t.element_size() for t in p.weight_tensors())
-        total += held * (padded - p.n) // padded
-    return total
-
-
 def gpu_with_free(monkeypatch, free: int, total: int = 80 << 30) -> None:
     """torch.cuda as a card with `free` bytes of its `total` left by its CUDA context and other processes, and
     nothing in this process's cache: what device_memory.device_room reads, on a machine without one."""
