@@ -548,10 +548,11 @@ class Engine(Runner):
                  packed: Packed | None = None, kernels: str = "torch",
                  stored_schemes: dict[str, QuantScheme] | None = None, mla_cache_dtype: torch.dtype | None = None,
                  cuda_graph: bool = True, tokenizer: Tokenizer | None = None, context_name: str = "context",
-                 needed_context: int = 1, all_logits: bool = False):
+                 needed_context: int = 1, all_logits: bool = False, scale_dtypes: dict[str, torch.dtype] | None = None):
         """`read(name)` gives a canonical tensor (e.g. Checkpoint.get), `packed(name)` a quantized weight's stored
-        parts (Checkpoint.packed) and `stored_schemes` how each packed weight is stored; `kernels` picks PyTorch
-        or Triton (auto: Triton on CUDA). The decode step is captured in a CUDA graph with Triton on CUDA.
+        parts (Checkpoint.packed), `stored_schemes` how each packed weight is stored and `scale_dtypes` in which
+        dtype its scales are (Checkpoint.scale_dtypes; where not given, the plan takes the compute dtype); `kernels`
+        picks PyTorch or Triton (auto: Triton on CUDA). The decode step is captured in a CUDA graph with Triton on CUDA.
         `tokenizer`: the folder's, whose stop tokens join config.json's in `stop_ids` (model_stop_ids).
         `context_name`: what the caller named the context (load: max_context), as a refusal names it.
         `needed_context`: the least context the prompts to come need (load's), where a refusal looks for one.
@@ -567,7 +568,7 @@ class Engine(Runner):
         held = packed_choice(self.model, stored_schemes or {}, self.triton)
         self.fewer_bits = fewer_bits_hold_less(stored_schemes or {})
         cpu_forms = cpu_forms_bound(device, dtype, self.triton)
-        self.weight_bytes = weight_bytes(config, dtype, HeldPacked(held), decode_copies=cpu_forms)
+        self.weight_bytes = weight_bytes(config, dtype, HeldPacked(held, scale_dtypes), decode_copies=cpu_forms)
         self.weights_held = 0    # bytes of weights bound (what a resize on the CPU adds back to what the host has)
         self.state = None
         self._plan_state(context, batch, mla_cache_dtype or dtype, context_name,   # refused before any weight is read
@@ -1003,6 +1004,6 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     engine = Engine(checkpoint.config, checkpoint.get, device, dtype, max_context, batch, biased_router_weights,
                     packed=checkpoint.packed, kernels=kernels, stored_schemes=schemes, mla_cache_dtype=mla_cache_dtype,
                     cuda_graph=cuda_graph, tokenizer=tokenizer, context_name="max_context", needed_context=needed,
-                    all_logits=all_logits)
+                    all_logits=all_logits, scale_dtypes=checkpoint.scale_dtypes())
     checkpoint.refuse_changed()   # every weight is bound now, and none from a shard rewritten while open
     return engine

@@ -251,29 +251,29 @@ def stored_bytes(shape: tuple[int, ...], scheme: QuantScheme, dtype: torch.dtype
                if part not in HOST_PARTS)
 
 
-def held_packed_bytes(shape: tuple[int, int], scheme: QuantScheme, dtype: torch.dtype) -> int:
-    """Bytes of one [out, in] weight that bind keeps packed for the Triton kernels (scales in `dtype`): as the repack
-    holds it (int_layout.held_bytes), its rows padded to whole blocks and zero points as wide as the scales, more
-    than it is stored (the 48B at int4 g128 asymmetric: ~0.5 GB)."""
+def held_packed_bytes(shape: tuple[int, int], scheme: QuantScheme, scale_dtype: torch.dtype) -> int:
+    """Bytes of one [out, in] weight that bind keeps packed for the Triton kernels (scales in `scale_dtype`): as the
+    repack holds it (int_layout.held_bytes), its rows padded to whole blocks and zero points as wide as the scales:
+    more than it is stored (the 48B at int4 g128 asymmetric: 565,956,288 bytes more)."""
     rows, cols = shape
     return held_bytes(rows, cols, scheme.bits, cols if scheme.group_size == CHANNEL else scheme.group_size,
-                      not scheme.symmetric, dtype)
+                      not scheme.symmetric, scale_dtype)
 
 
 def weight_bytes(config: KimiLinearConfig, dtype: torch.dtype, policy: Policy | HeldPacked | None = None,
                  decode_copies: bool = False) -> dict[str, int]:
     """Bytes of weights by category as the runtime holds them: each tensor as `policy.scheme_for` stores
-    it (scales in `dtype`) -- a HeldPacked policy's as the Triton kernels hold them (held_packed_bytes) --, fp32
-    where the runtime keeps fp32, `dtype` otherwise. No policy: unquantized.
+    it (scales in `dtype`) -- a HeldPacked policy's as the Triton kernels hold them (held_packed_bytes, scales as
+    stored where it knows) --, fp32 where the runtime keeps fp32, `dtype` otherwise. No policy: unquantized.
     `decode_copies`: bind gives the CPU forms (bind.cpu_forms_bound), whose copies are foreseen too."""
-    sized = held_packed_bytes if isinstance(policy, HeldPacked) else stored_bytes
     out = dict.fromkeys(WEIGHT_CATEGORIES, 0)
     if decode_copies:
         out[DECODE_COPIES] = planned_copy_bytes(config)
     for spec in expected_tensors(config).values():
         scheme = policy.scheme_for(spec.name, spec.shape) if policy is not None else None
         if scheme is not None:
-            size = sized(spec.shape, scheme, dtype)
+            size = held_packed_bytes(spec.shape, scheme, policy.scale_dtypes.get(spec.name, dtype)) \
+                if isinstance(policy, HeldPacked) else stored_bytes(spec.shape, scheme, dtype)
         elif held_in_fp32(spec.name, spec.category):
             size = math.prod(spec.shape) * 4
         else:

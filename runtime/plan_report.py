@@ -134,12 +134,13 @@ def held_on_a_gpu(folder: Path) -> HeldPacked:
     Triton kernels take the stored scheme, the rest dequantized -- not what its recipe.yaml or config.json claims."""
     checkpoint = Checkpoint(folder)
     schemes = {n: s.scheme for n, s in checkpoint.sources.items() if isinstance(s, QuantizedSource)}
-    return _held(checkpoint.config, schemes)
+    return _held(checkpoint.config, schemes, checkpoint.scale_dtypes())
 
 
-def _held(config: KimiLinearConfig, schemes: dict) -> HeldPacked:
-    """Of the stored schemes, those the runtime on a GPU keeps packed (bind.packed_choice), as a policy."""
-    return HeldPacked(packed_choice(KimiLinear(config), schemes, triton=True))
+def _held(config: KimiLinearConfig, schemes: dict, scale_dtypes: dict | None = None) -> HeldPacked:
+    """Of the stored schemes, those the runtime on a GPU keeps packed (bind.packed_choice), as a policy, their
+    scales in `scale_dtypes` where known (a folder's)."""
+    return HeldPacked(packed_choice(KimiLinear(config), schemes, triton=True), scale_dtypes)
 
 
 def held_as_written(config: KimiLinearConfig, policy) -> HeldPacked:

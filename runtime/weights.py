@@ -33,10 +33,12 @@ def kernel_takes(scheme: QuantScheme, in_features: int) -> bool:
 
 
 class HeldPacked:
-    """The weights that stay packed on the device, in the shape of a Policy (`scheme_for`), for the memory plan."""
+    """The weights that stay packed on the device, in the shape of a Policy (`scheme_for`), for the memory plan;
+    `scale_dtypes`: the dtype each one's scales are stored in (Checkpoint.scale_dtypes), which the repack keeps --
+    where not known (a policy not yet written), the plan takes the compute dtype."""
 
-    def __init__(self, schemes: dict[str, QuantScheme]):
-        self.schemes = schemes
+    def __init__(self, schemes: dict[str, QuantScheme], scale_dtypes: dict[str, torch.dtype] | None = None):
+        self.schemes, self.scale_dtypes = schemes, scale_dtypes or {}
 
     def scheme_for(self, name: str, shape) -> QuantScheme | None:
         return self.schemes.get(name)

@@ -173,15 +173,16 @@ def test_plan_sizes_what_stays_packed(quantized):
     assert tri.plan.weight_bytes["embedding"] == ref.plan.weight_bytes["embedding"]
 
 
-def test_the_triton_bind_holds_each_weight_once(quantized):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_the_triton_bind_holds_each_weight_once(quantized, dtype):
     """A shared expert stacked into its layer's FusedExperts is held there alone. bind walked the modules it had
     listed before stacking, so each of the stacked shared expert's projections, met later, got a packed copy of its
     own hung on the SharedInStack, never called: on tiny q4 354,816 bytes, at the 48B's int4 90.5 MiB of the GPU
     outside the plan (h267). The weights held, each storage once, are the plan's, symmetric or not: the plan sizes a
     packed weight as the repack holds it, its rows padded and zero points as wide as the scales (it sized them as
-    stored: int8 asymmetric here 27,212 bytes under, h270). In bf16, the GPU's dtype (the plan sizes packed scales
-    in the compute dtype, the repack keeps the stored bf16)."""
-    engine = klconvert.load(quantized, device=DEVICE, dtype=torch.bfloat16, max_context=16, kernels="triton")
+    stored: int8 asymmetric here 27,212 bytes under, h270). In fp32 too: the repack keeps the scales as stored
+    (bf16), which the plan reads from the headers (it sized them in the compute dtype: int8 92,544 bytes over)."""
+    engine = klconvert.load(quantized, device=DEVICE, dtype=dtype, max_context=16, kernels="triton")
     stand_ins = [m for m in engine.model.modules() if isinstance(m, SharedInStack)]
     assert len(stand_ins) == 3 and not any(list(m.children()) for m in stand_ins)
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in engine.model.parameters()}

@@ -47,7 +47,7 @@ from klconvert.checkpoint.quantized import (
 )
 from klconvert.checkpoint.safetensors_header import SafetensorsHeader, read_header
 from klconvert.checkpoint.size_bounds import check_model_size, max_header_bytes, max_header_values
-from klconvert.checkpoint.stored_tensor import read_stored
+from klconvert.checkpoint.stored_tensor import TORCH_DTYPES, read_stored
 from klconvert.config import WEIGHT_DTYPES, KimiLinearConfig
 from klconvert.damage_remedy import damaged_folder_remedy
 from klconvert.errors import (KLError, refuse_if_not_permitted, refuse_out_of_descriptors, shown,
@@ -351,6 +351,16 @@ class Checkpoint:
             return dequantize(*self.packed(name), where=f"{self.folder}: {name}", shape=src.shape,
                               remedy=lambda: self._damage_remedy(src))
         return self._read(src.shard, src.name, src.index)
+
+    def scale_dtypes(self) -> dict[str, torch.dtype]:
+        """The dtype each packed int weight's scales are stored in, from the headers (no value read): the Triton
+        repack keeps them so, whatever the compute dtype, and the memory plan sizes them so."""
+        out = {}
+        for name, src in self.sources.items():
+            if isinstance(src, QuantizedSource) and src.scheme.kind == "int":
+                shard, tensor = src.parts["weight_scale"]
+                out[name] = TORCH_DTYPES[self.headers[shard].tensors[tensor].dtype]
+        return out
 
     def packed(self, name: str) -> tuple[dict[str, torch.Tensor], QuantScheme] | None:
         """A quantized weight's stored parts (local name -> tensor) and scheme, or None if it is not packed."""
