@@ -28,6 +28,7 @@ from klconvert.runtime.device_memory import (BatchDoesNotFit, ContextDoesNotFit,
                                              device_allocation, device_room, fewer_bits_hold_less, free_the_gpu)
 from klconvert.runtime.host_malloc import large_blocks_mapped
 from klconvert.runtime.host_memory import NAMED_FIT_SHARE, HostMemory, host_allocation, host_memory
+from klconvert.runtime.intra_op_threads import start_intra_op_threads
 from klconvert.runtime.memory_plan import (DECODE_COPIES, LOGIT_ROWS, MAX_BATCH, PREFILL_ROWS, PREFILL_SEGMENT,
                                            MemoryPlan, weight_bytes)
 from klconvert.runtime.model import KimiLinear
@@ -241,15 +242,6 @@ def _one_id(value) -> bool:
 def no_new_ids(batch: int) -> torch.Tensor:
     """The [batch, 0] ids of no new tokens: on the host, as every generate's ids, whatever an app's default device."""
     return torch.empty(batch, 0, dtype=torch.long, device="cpu")
-
-
-def start_intra_op_threads() -> None:
-    """Start torch's intra-op worker threads now, where the first parallel op (reading the weights) started them after
-    the host was measured: each maps a stack of ulimit -s (8 MiB by default), which a limit on what the process maps
-    (ulimit -d, -v) counts and no plan did -- a 16,500-token prompt of the bundled model on 2 threads, planned 351 MiB,
-    peaked 8 MiB past it and ran out under ulimit -d 588-592 MB. An op of twice torch's grain size (32,768 elements,
-    at::internal::GRAIN_SIZE) is split across them; once started they stay."""
-    torch.ones(1 << 16).add_(1)
 
 
 def _sync(device: torch.device) -> None:
@@ -597,11 +589,12 @@ class Engine(Runner):
                           f"{self.config.model_max_length_name} {self.config.model_max_length}; lower it")
         host = None    # on the CPU: what the host, and the process's limits, leave it (what it holds back in)
         held = self._bytes_held()   # a resize's old state, freed once the new plan is taken
+        unmapped = 0   # on the CPU: the stacks of torch's workers, where there was no room to start them
         if self.device.type == "cpu":
-            start_intra_op_threads()
+            unmapped = start_intra_op_threads()
         if self.device.type == "cuda":
             limit = device_room(self.device, held)
-        elif (host := host_memory()) is not None:   # its free blocks as room for the weights still to be read
+        elif (host := host_memory(unmapped=unmapped)) is not None:   # its free blocks as room for the weights to read
             host = host.for_weights(sum(self.weight_bytes.values()) - self.weights_held)
             host = replace(host, available=host.available + held)
             limit = host.available

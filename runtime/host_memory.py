@@ -75,7 +75,7 @@ class HostMemory:
         return self.remedy if self.total is None or needed <= self.total else None
 
 
-def host_memory(root: Path = Path("/")) -> HostMemory | None:
+def host_memory(root: Path = Path("/"), unmapped: int = 0) -> HostMemory | None:
     """What the process can still allocate on the host (None where nothing is known: not Linux): the least of
     Linux's MemAvailable, the soft RLIMIT_AS less the address space mapped (VmSize), the soft RLIMIT_DATA less the
     data mapped (VmData) -- each limit's room with the bytes the allocator holds free within what is mapped
@@ -83,20 +83,34 @@ def host_memory(root: Path = Path("/")) -> HostMemory | None:
     (HostMemory.for_weights) -- and each memory cgroup the process is in, with its
     ancestors, its limit less its usage (the page cache it could reclaim not counted as used). A few small reads; one
     that fails, or a limit that is not set, only leaves that bound out; MemTotal is the `total` of the one that
-    bounds. `root`: where /proc and /sys are (tests give a folder of fakes)."""
+    bounds. `unmapped`: bytes the process is still to map outside the allocator (torch's worker threads' stacks,
+    runtime/intra_op_threads.py), counted as mapped: the free blocks are no room for them. `root`: where /proc and
+    /sys are (tests give a folder of fakes)."""
     found: list[HostMemory] = []
     meminfo = _fields(root / "proc/meminfo")
     if (available := _kib(meminfo.get("MemAvailable"))) is not None:
         found.append(HostMemory(available, *HOST_BOUND))
-    status = _fields(root / "proc/self/status")
     free = held_free()
-    for name, used, bound in MAPPED_LIMITS:
-        limit, mapped = _soft_limit(name), _kib(status.get(used))
-        if limit is not None and mapped is not None:
-            found.append(HostMemory(max(0, limit - mapped) + free, *bound, free_blocks=free))
+    for room, bound in _mapped_rooms(root):
+        found.append(HostMemory(max(0, room - unmapped) + free, *bound, free_blocks=free))
     found += _cgroup_rooms(root)
     least = min(found, key=lambda h: h.available, default=None)
     return None if least is None else replace(least, total=_kib(meminfo.get("MemTotal")))
+
+
+def mapped_room(root: Path = Path("/")) -> int | None:
+    """What the process's limits on what it maps (ulimit -v, -d) leave it to map, the allocator's free blocks not
+    counted (a thread's stack is mapped for it); None where no such limit is set (or read)."""
+    return min((room for room, _ in _mapped_rooms(root)), default=None)
+
+
+def _mapped_rooms(root: Path) -> Iterator[tuple[int, tuple[str, str]]]:
+    """Each of MAPPED_LIMITS that is set and read: what it leaves the process to map, and its bound."""
+    status = _fields(root / "proc/self/status")
+    for name, used, bound in MAPPED_LIMITS:
+        limit, mapped = _soft_limit(name), _kib(status.get(used))
+        if limit is not None and mapped is not None:
+            yield max(0, limit - mapped), bound
 
 
 def _read(path: Path) -> str | None:

@@ -291,7 +291,7 @@ def test_a_batch_no_context_fits_names_runs_own_flag(tmp_path, capsys, monkeypat
     from klconvert.runtime.host_memory import ADDRESS_SPACE_BOUND, HostMemory
 
     # 67 MiB: the tiny model's weights fit (under 63 MB); its state for 16 sequences does not, at any context
-    monkeypatch.setattr(klconvert.runtime.engine, "host_memory", lambda: HostMemory(67 << 20, *ADDRESS_SPACE_BOUND))
+    monkeypatch.setattr(klconvert.runtime.engine, "host_memory", lambda **_: HostMemory(67 << 20, *ADDRESS_SPACE_BOUND))
     prompts = []
     for i in range(16):
         (tmp_path / f"p{i}.txt").write_text(f"ROMEO {i}.")
@@ -381,7 +381,7 @@ def test_weights_alone_past_the_host_free_memory_only_where_the_host_would_hold_
     import klconvert.runtime.engine
     from klconvert.runtime.host_memory import HostMemory
 
-    monkeypatch.setattr(klconvert.runtime.engine, "host_memory", lambda: HostMemory(1 << 20, total=total))
+    monkeypatch.setattr(klconvert.runtime.engine, "host_memory", lambda **_: HostMemory(1 << 20, total=total))
     code, _, err = run_cli(capsys, "run", "--model", "tiny" if bits == 16 else tiny_int4, "--prompt", "ROMEO.",
                            "--max-new-tokens", "2", "--device", "cpu")
     line = assert_one_line_error(code, err)

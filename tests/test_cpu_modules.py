@@ -128,7 +128,7 @@ def test_the_hosts_fit_check_counts_the_decode_copies(monkeypatch):
     alone was let load them and the copies beside."""
     plan = klconvert.load("tiny", device="cpu", max_context=64, kernels="torch").plan
     room = plan.total - plan.weight_bytes[DECODE_COPIES] // 2
-    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(room))
+    monkeypatch.setattr(engine_module, "host_memory", lambda **_: HostMemory(room))
     with pytest.raises(KLError, match=rf"^the plan needs {re.escape(size_text(plan.total))} but cpu has "):
         klconvert.load("tiny", device="cpu", max_context=64, kernels="torch")
 

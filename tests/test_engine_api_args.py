@@ -503,7 +503,7 @@ def test_the_models_length_is_written_with_its_digits_grouped(engine):
 def test_a_batch_past_the_hosts_memory_is_refused_before_allocating(tiny_released, monkeypatch):
     """batch=10**9 asked the allocator for 98 TB: its RuntimeError. A batch past the plans' bound is refused as
     such."""
-    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(1 << 30))
+    monkeypatch.setattr(engine_module, "host_memory", lambda **_: HostMemory(1 << 30))
     with pytest.raises(KLError, match=r"the plan needs [\d,.]+ [MG]B but cpu has 1\.07 GB available on the host "
                                       r"\(MemAvailable\); .*, or free some memory$"):
         klconvert.load(tiny_released, device="cpu", batch=65536)
@@ -516,7 +516,8 @@ def test_a_plan_past_a_process_limit_names_the_limit(tiny_released, monkeypatch,
     """ulimit -v 1500000 and --max-context 1000000 was the allocator's traceback, MemAvailable being all it read. The
     limit's remedy is said only where all of the host's memory (MemTotal) would hold the context asked: on a host of
     1 GiB it said to raise ulimit -v for a plan of more (h233's rule, which the lines where no context fits kept)."""
-    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(1 << 29, *ADDRESS_SPACE_BOUND, total=total))
+    monkeypatch.setattr(engine_module, "host_memory",
+                        lambda **_: HostMemory(1 << 29, *ADDRESS_SPACE_BOUND, total=total))
     with pytest.raises(KLError, match=r"^the plan needs [\d.]+ GB but cpu has 0\.54 GB available under the process's "
                                       r"address-space limit \(ulimit -v\); lower max_context \(--max-context\) to \d+ "
                                       r"or less" + re.escape(advice) + "$"):
@@ -528,13 +529,13 @@ def test_the_allocators_free_blocks_are_room_for_the_weights_alone(tiny_released
     under ulimit -d the plan passed and a 17 MB block was refused with 56 MB of free blocks split by the weights."""
     plan, free_blocks = engine.plan, 1 << 30
     room = plan.total + free_blocks - plan.weights   # the plan's figure, with the free blocks past its weights
-    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(room - 1, *ADDRESS_SPACE_BOUND,
+    monkeypatch.setattr(engine_module, "host_memory", lambda **_: HostMemory(room - 1, *ADDRESS_SPACE_BOUND,
                                                                          free_blocks=free_blocks))
     # a byte short (the loaded plan's own figure, its decode copies as bound): in bytes, as alike in MB
     with pytest.raises(KLError, match=r"^the plan needs ([\d,]+) bytes but cpu has ([\d,]+) bytes "
                                       r"available under the process's address-space limit \(ulimit -v\)"):
         klconvert.load(tiny_released, device="cpu", max_context=plan.context)
-    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(room, *ADDRESS_SPACE_BOUND,
+    monkeypatch.setattr(engine_module, "host_memory", lambda **_: HostMemory(room, *ADDRESS_SPACE_BOUND,
                                                                          free_blocks=free_blocks))
     assert klconvert.load(tiny_released, device="cpu", max_context=plan.context).plan.total == plan.total
 
@@ -542,7 +543,7 @@ def test_the_allocators_free_blocks_are_room_for_the_weights_alone(tiny_released
 def test_a_small_plan_past_the_host_names_two_figures_that_differ(tiny_released, engine, monkeypatch):
     """The figures were GiB at one decimal: "the plan needs 0.1 GiB but cpu has 0.1 GiB available under ..."."""
     need = engine.plan.total_for(4096)
-    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(need - 3_000_000, *ADDRESS_SPACE_BOUND))
+    monkeypatch.setattr(engine_module, "host_memory", lambda **_: HostMemory(need - 3_000_000, *ADDRESS_SPACE_BOUND))
     with pytest.raises(KLError, match=r"^the plan needs ") as error:
         klconvert.load(tiny_released, device="cpu", max_context=4096)
     needed, available = re.match(r"the plan needs (.+) but cpu has (.+) available under", str(error.value)).groups()
@@ -576,7 +577,7 @@ def test_forwards_logits_are_held_to_the_room_beside_the_prefills_workspace(engi
     forward_segments on the same ids ran. The logits and the workspace the prefill needs are checked against what the
     host has first, the line naming forward_segments."""
     ids, needed = _forward_refused_one_byte_short_then_taken(engine, 1, monkeypatch)
-    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(needed - 1, *ADDRESS_SPACE_BOUND))
+    monkeypatch.setattr(engine_module, "host_memory", lambda **_: HostMemory(needed - 1, *ADDRESS_SPACE_BOUND))
     assert sum(rows.shape[1] for rows in engine.forward_segments(ids)) == 64   # the way the line names
 
 
@@ -587,7 +588,7 @@ def _forward_refused_one_byte_short_then_taken(engine, batch: int, monkeypatch) 
     logits = batch * 64 * engine.config.vocab_size * 4
     needed = logits + dataclasses.replace(engine.plan, all_logits=True).prefill_workspace_for(64)
     needs, has = size_texts(needed, needed - 1)   # a byte apart: in bytes, not two figures that read alike
-    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(needed - 1, *ADDRESS_SPACE_BOUND))
+    monkeypatch.setattr(engine_module, "host_memory", lambda **_: HostMemory(needed - 1, *ADDRESS_SPACE_BOUND))
     with pytest.raises(KLError, match=rf"^forward's logits \(\[{batch}, 64, {engine.config.vocab_size:,}\] fp32, "
                                       rf"{re.escape(size_text(logits))}\) with a prefill's workspace need "
                                       rf"{re.escape(needs)} but cpu has {re.escape(has)} "
@@ -595,7 +596,7 @@ def _forward_refused_one_byte_short_then_taken(engine, batch: int, monkeypatch) 
                                       r"few positions at a time with forward_segments, or give fewer tokens, or raise "
                                       r"ulimit -v$"):
         engine.forward(ids)
-    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(needed, *ADDRESS_SPACE_BOUND))
+    monkeypatch.setattr(engine_module, "host_memory", lambda **_: HostMemory(needed, *ADDRESS_SPACE_BOUND))
     assert engine.forward(ids).shape == (batch, 64, engine.config.vocab_size)
     return ids, needed
 
@@ -619,21 +620,21 @@ def test_every_positions_logits_are_planned_only_where_asked(tiny_released, monk
     assert planned[True].total > planned[False].total
     assert planned[False].prefill_workspace_for(64) == dataclasses.replace(planned[True], all_logits=False) \
         .prefill_workspace_for(64)
-    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(planned[False].total))
+    monkeypatch.setattr(engine_module, "host_memory", lambda **_: HostMemory(planned[False].total))
     with pytest.raises(KLError, match=r"^the plan needs [\d.]+ MB but cpu has [\d.]+ MB available on the host "
                                       r"\(MemAvailable\); lower max_context \(--max-context\) to \d+"):
         klconvert.load(tiny_released, device="cpu", max_context=64, batch=4, all_logits=True)
     engine = klconvert.load(tiny_released, device="cpu", max_context=64, batch=4)   # generate's plan fits
     ids = torch.randint(0, engine.config.vocab_size, (4, 64))
     workspace = dataclasses.replace(engine.plan, all_logits=True).prefill_workspace_for(64)
-    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(workspace - 1))
+    monkeypatch.setattr(engine_module, "host_memory", lambda **_: HostMemory(workspace - 1))
     with pytest.raises(KLError, match=rf"^forward_segments' prefill workspace, the last hidden rows of a segment of 4 "
                                       rf"sequence\(s\) of 64 tokens and their logits a few positions at a time need "
                                       rf"{re.escape(size_texts(workspace, workspace - 1)[0])} but cpu has .*; give "
                                       r"fewer sequences at a "
                                       r"time, or free some memory$"):
         engine.forward_segments(ids)
-    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(workspace))
+    monkeypatch.setattr(engine_module, "host_memory", lambda **_: HostMemory(workspace))
     assert sum(rows.shape[1] for rows in engine.forward_segments(ids)) == 64
     with pytest.raises(KLError, match=r"^all_logits='yes' is not a bool; pass True or False$"):
         klconvert.load(tiny_released, device="cpu", all_logits="yes")
@@ -653,13 +654,13 @@ def test_a_forward_past_the_room_names_what_would_free_it(tiny_released, monkeyp
                                                                      r"or raise ulimit -d"),
                                    (workspace - freed - 1, held + workspace - 1, None),
                                    (workspace - freed - 1, None, "raise ulimit -d")):
-        monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(available, *DATA_BOUND, total=total))
+        monkeypatch.setattr(engine_module, "host_memory", lambda **_: HostMemory(available, *DATA_BOUND, total=total))
         ending = "" if ways is None else f", or {ways}"
         start = (rf"^forward_segments' prefill workspace, .* need {re.escape(size_texts(workspace, available)[0])} "
                  "but cpu has ")
         with pytest.raises(KLError, match=rf"{start}.*; give fewer sequences at a time{ending}$"):
             engine.forward_segments(ids)
-    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(workspace, *DATA_BOUND))
+    monkeypatch.setattr(engine_module, "host_memory", lambda **_: HostMemory(workspace, *DATA_BOUND))
     assert sum(rows.shape[1] for rows in engine.forward_segments(ids)) == 64
 
 
@@ -669,7 +670,7 @@ def test_a_resize_counts_the_weights_it_holds_as_its_own(tiny_released, monkeypa
     engine = klconvert.load(tiny_released, device="cpu", max_context=64)
     plan = engine.plan
     left = plan.total_for(4096) - plan.weights - plan.state_bytes - plan.mla_cache_bytes + 1   # 64's state held
-    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(left))
+    monkeypatch.setattr(engine_module, "host_memory", lambda **_: HostMemory(left))
     engine.resize(4096, 1)
     assert engine.state.context == 4096
     limit = left + plan.weights + engine.plan.state_bytes + engine.plan.mla_cache_bytes   # 4096's state held now
@@ -684,12 +685,12 @@ def test_the_context_named_to_fit_the_host_fits_with_room_to_spare(tiny_released
     (the process holding a little more), was refused in turn, naming a context 64 tokens smaller. It fits
     NAMED_FIT_SHARE of it now."""
     limit = klconvert.load(tiny_released, device="cpu", max_context=64).plan.total_for(100_000)
-    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(limit, *ADDRESS_SPACE_BOUND))
+    monkeypatch.setattr(engine_module, "host_memory", lambda **_: HostMemory(limit, *ADDRESS_SPACE_BOUND))
     with pytest.raises(KLError, match=r"lower max_context \(--max-context\) to (\d+) or less") as error:
         klconvert.load(tiny_released, device="cpu", max_context=200_000)
     fit = int(re.search(r"to (\d+) or less", str(error.value)).group(1))
     smaller = int(limit * (1 + NAMED_FIT_SHARE) / 2)   # the next run finds half the spare share taken
-    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(smaller, *ADDRESS_SPACE_BOUND))
+    monkeypatch.setattr(engine_module, "host_memory", lambda **_: HostMemory(smaller, *ADDRESS_SPACE_BOUND))
     assert klconvert.load(tiny_released, device="cpu", max_context=fit).plan.context == fit
     assert fit < 100_000
 
@@ -699,7 +700,7 @@ def test_a_plan_past_the_host_names_no_context_shorter_than_the_prompts_need(tin
     max_context (--max-context) to 16064 or less"), which it then refused as too short for them. Told the context the
     prompts need, the plan names a smaller one only where it holds them, and says so where none does."""
     limit = klconvert.load(tiny_released, device="cpu", max_context=64).plan.total_for(100_000)
-    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(limit, *ADDRESS_SPACE_BOUND))
+    monkeypatch.setattr(engine_module, "host_memory", lambda **_: HostMemory(limit, *ADDRESS_SPACE_BOUND))
     with pytest.raises(KLError, match=r"lower max_context \(--max-context\) to (\d+) or less, or raise ulimit -v$") \
             as error:   # one that holds them: the advice as it was
         klconvert.load(tiny_released, device="cpu", max_context=200_000, needed_context=50_000)
@@ -718,7 +719,7 @@ def test_a_plan_past_the_host_names_no_context_shorter_than_the_prompts_need(tin
     with pytest.raises(KLError, match=r"^needed_context=0 should be a whole number of at least 1$"):
         klconvert.load(tiny_released, device="cpu", needed_context=0)
     limit = klconvert.load(tiny_released, device="cpu", max_context=64).plan.total_for(1_000)
-    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(limit, *ADDRESS_SPACE_BOUND))
+    monkeypatch.setattr(engine_module, "host_memory", lambda **_: HostMemory(limit, *ADDRESS_SPACE_BOUND))
     for context in ((), ("--max-context", "100000")):   # run's own plan, and one it is given
         code, _, err = run_cli(capsys, "run", "--model", tiny_released, "--prompt", "word " * 4000, "--max-new-tokens",
                                "4", "--device", "cpu", *context)
@@ -745,7 +746,7 @@ def test_a_refused_resize_leaves_the_engine_as_it_was(tiny_released, monkeypatch
     at 4 GiB: on a GPU machine's 122 GB a batch of 65,536 fits a context of 1."""
     engine = klconvert.load(tiny_released, device="cpu", max_context=64)
     before = engine.generate([1, 2, 3], 4, stop_ids=frozenset())
-    monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(4 << 30))
+    monkeypatch.setattr(engine_module, "host_memory", lambda **_: HostMemory(4 << 30))
     with pytest.raises(KLError, match=r"no context fits a batch of 65536: lower batch \(--batch\), or "):
         engine.resize(64, 65536)
     assert engine.plan.batch == 1 and engine.state.context == 64
@@ -756,7 +757,7 @@ def test_load_checks_the_plan_once_before_the_weights_take_their_share(tiny_rele
     """Reading the weights (and the threads that do it) takes more than the weights' bytes: a second check after them
     refused the --max-context the first had named as fitting."""
     answers = iter([HostMemory(1 << 40)])
-    monkeypatch.setattr(engine_module, "host_memory", lambda: next(answers, HostMemory(0)))
+    monkeypatch.setattr(engine_module, "host_memory", lambda **_: next(answers, HostMemory(0)))
     assert klconvert.load(tiny_released, device="cpu", max_context=64).state.context == 64
 
 

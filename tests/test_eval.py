@@ -733,7 +733,7 @@ def test_a_plan_past_the_host_once_the_reference_ran_names_the_model(tiny_releas
     limit = klconvert.load(tiny_released, device="cpu", max_context=64).plan.total_for(500)
     plans: list[int] = []
 
-    def host_memory():   # the reference's plan has the host to itself; the model's, `limit`
+    def host_memory(**_):   # the reference's plan has the host to itself; the model's, `limit`
         plans.append(1)
         return None if len(plans) == 1 else HostMemory(limit, *DATA_BOUND)
 
@@ -770,7 +770,7 @@ def test_free_blocks_past_the_weights_are_no_room_for_the_models_run(tiny_releas
         return HostMemory(1 << 40) if len(checks) == 1 else HostMemory(need - 1 + free_blocks - weights,
                                                                        *DATA_BOUND, free_blocks=free_blocks)
     monkeypatch.setattr(evaluate_module, "host_memory", host_memory)
-    monkeypatch.setattr(engine_module, "host_memory", lambda: None)
+    monkeypatch.setattr(engine_module, "host_memory", lambda **_: None)
     real_run = evaluate_module.run_model
     monkeypatch.setattr(evaluate_module, "run_model", lambda *args, reference=False, **kwargs:
                         real_run(*args, reference=True, **kwargs) if reference else passed())
@@ -937,7 +937,7 @@ def test_a_model_whose_weights_leave_the_host_no_room_names_it_and_fewer_bits_wh
     limit, room = 1 << 20, "the weights alone need {}"
     for _ in range(2):   # then the model's weights, and not a byte more
         plans.clear()    # the reference's plan has the host to itself; the model's, `limit`
-        monkeypatch.setattr(engine_module, "host_memory", lambda: HostMemory(limit, *DATA_BOUND) if plans else None)
+        monkeypatch.setattr(engine_module, "host_memory", lambda **_: HostMemory(limit, *DATA_BOUND) if plans else None)
         code, _, err = run_cli(capsys, "eval", "--model", model, "--reference", tiny_released, "--text-file", text,
                                "--max-tokens", "64", "--device", "cpu")
         line = assert_one_line_error(code, err)

@@ -96,6 +96,20 @@ def test_a_freed_models_other_blocks_stay_out_of_a_mapped_limits_room(tmp_path, 
     assert host_memory(fake_host(tmp_path, {**MEMINFO, **STATUS})).left_mapped(GiB // 8) == 0
 
 
+def test_what_the_process_is_still_to_map_counts_against_its_mapped_limits_alone(tmp_path, monkeypatch):
+    """torch's worker threads' stacks, not started for want of room (runtime/intra_op_threads.py): under ulimit -v /
+    -d they will be mapped, outside the allocator's free blocks; the host's MemAvailable and a cgroup do not count a
+    stack's untouched pages."""
+    root = fake_host(tmp_path, {**MEMINFO, **STATUS})
+    fake_limits(monkeypatch, data=GiB, held_free=GiB // 4)
+    assert host_memory(root, unmapped=GiB // 8).available == 3 * GiB // 8 + GiB // 4
+    assert host_memory(root, unmapped=GiB).available == GiB // 4    # past the room: the free blocks alone are left
+    assert host_memory_module.mapped_room(root) == GiB // 2          # VmData's room, free blocks not counted
+    fake_limits(monkeypatch)
+    assert host_memory(root, unmapped=GiB) == ON_THE_HOST
+    assert host_memory_module.mapped_room(root) is None
+
+
 def test_a_limit_without_the_mapped_figure_is_left_out(tmp_path, monkeypatch):
     fake_limits(monkeypatch, address_space=GiB)
     assert host_memory(fake_host(tmp_path, MEMINFO)) == ON_THE_HOST   # no /proc/self/status

@@ -1,0 +1,69 @@
+"""torch's intra-op worker threads on the CPU: the stacks they map, and starting them before a memory plan measures
+the host where there is room for those stacks -- libgomp ends the process when it cannot make one."""
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+
+import torch
+
+from klconvert.runtime.host_malloc import glibc
+from klconvert.runtime.host_memory import mapped_room
+
+# libgomp (torch's OpenMP on Linux) makes each worker's stack OMP_STACKSIZE, else GOMP_STACKSIZE, read once as it
+# loads: KiB, or the unit of a b/k/m/g suffix; a value it cannot read, or one below the least stack pthreads allows,
+# leaves the next, then glibc's default for a thread -- ulimit -s as the process started, 2 MiB where unlimited
+# (libgomp's env.c, initialize_env; glibc's pthread_early_init). A stack also maps a guard page.
+STACK_SIZE_ENVS = ("OMP_STACKSIZE", "GOMP_STACKSIZE")
+_STACK_SIZE = re.compile(r"\s*(\d+)\s*([bkmg]?)\s*", re.IGNORECASE)
+_UNIT_BITS = {"b": 0, "": 10, "k": 10, "m": 20, "g": 30}
+# What starting them maps besides their stacks (a new malloc arena's first 32 KiB heap, their thread-local data in
+# it), counted with them: under ulimit -d the bundled model's load on 2, 8 and 16 threads started them with 40 KiB of
+# room past their stacks, and was ended with 32 KiB ("cannot allocate memory for thread-local data"); 256 KiB for all.
+START_ROOM = 256 << 10
+_PTHREAD_ATTR_BYTES = 256   # room for glibc's pthread_attr_t (56 bytes on x86-64, 64 on aarch64)
+
+
+def start_intra_op_threads() -> int:
+    """Start torch's intra-op workers, where the first parallel op (reading the weights) would start them after the
+    plan measured the host: each maps a stack (ulimit -s, 8 MiB by default), which a limit on what the process maps
+    (ulimit -d, -v) counts -- a 16,500-token prompt of the bundled model on 2 threads, planned 351 MiB, peaked 8 MiB
+    past it and ran out under ulimit -d 588-592 MB. Only where those limits leave room for their stacks (stack_bytes)
+    and START_ROOM: short of it libgomp ends the process ("Thread creation failed"), where the plan would refuse it in
+    one line. Returns those bytes where it left them unmapped, for the plan to count as used (0 where it started
+    them, or they ran already: mapped, they are measured). An op of twice torch's grain size (32,768 elements,
+    at::internal::GRAIN_SIZE) is split across them, its tensor made before the room is measured; once started they
+    stay."""
+    work = torch.empty(1 << 16, dtype=torch.uint8)   # unwritten: torch.ones' fill is such an op itself
+    needed = stack_bytes() + START_ROOM
+    if (room := mapped_room()) is not None and room < needed:
+        return needed
+    work.fill_(1)
+    return 0
+
+
+def stack_bytes() -> int:
+    """Bytes the stacks of torch's intra-op workers map: one for each of its threads but the caller's, with its guard
+    page. 0 where the C library is not glibc (whose default for a thread's stack is read here)."""
+    if not glibc():
+        return 0
+    libc = ctypes.CDLL(None)
+    attr = ctypes.create_string_buffer(_PTHREAD_ATTR_BYTES)
+    if libc.pthread_getattr_default_np(attr) != 0:   # out of memory to copy it
+        return 0
+    size, guard = ctypes.c_size_t(), ctypes.c_size_t()
+    libc.pthread_attr_getstacksize(attr, ctypes.byref(size))
+    libc.pthread_attr_getguardsize(attr, ctypes.byref(guard))
+    libc.pthread_attr_destroy(attr)
+    return (torch.get_num_threads() - 1) * ((_stack_size_set() or size.value) + guard.value)
+
+
+def _stack_size_set() -> int | None:
+    """The bytes of a worker's stack as STACK_SIZE_ENVS set it, or None where none does."""
+    for name in STACK_SIZE_ENVS:
+        if (said := _STACK_SIZE.fullmatch(os.environ.get(name, ""))) is not None:
+            size = int(said[1]) << _UNIT_BITS[said[2].lower()]
+            if size >= os.sysconf("SC_THREAD_STACK_MIN"):
+                return size
+    return None

@@ -1,0 +1,81 @@
+"""torch's intra-op worker threads on the CPU: the stacks counted for them are what starting them maps, and a limit
+on what the process maps that leaves no room for them refuses the plan in one line (libgomp ended the process)."""
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+
+import pytest
+
+from klconvert.runtime.host_malloc import glibc
+from klconvert.runtime.intra_op_threads import STACK_SIZE_ENVS
+
+MiB = 1 << 20
+THREADS = 4
+
+# In a fresh process on THREADS torch threads, none started: the bytes of data it maps (VmData, which ulimit -d
+# bounds) grow by once torch's workers are started, and the stacks counted for them.
+STARTED = '''
+import torch
+from klconvert.runtime.intra_op_threads import stack_bytes, start_intra_op_threads
+torch.set_num_threads(%d)
+data = lambda: next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmData"))
+before = data()
+assert start_intra_op_threads() == 0
+print(data() - before, stack_bytes())
+''' % THREADS
+
+
+def _stack_limit(size: int):
+    """preexec_fn: a child whose ulimit -s is `size` bytes as it starts (glibc reads a thread's default stack then)."""
+    return lambda: resource.setrlimit(resource.RLIMIT_STACK, (size, resource.getrlimit(resource.RLIMIT_STACK)[1]))
+
+
+@pytest.mark.skipif(not glibc(), reason="the stacks are counted from glibc's defaults, read in /proc/self/status")
+@pytest.mark.parametrize("env, stack", [({}, 8 * MiB), ({}, 3 * MiB), ({"OMP_STACKSIZE": "2M"}, 8 * MiB),
+                                        ({"OMP_STACKSIZE": "bad", "GOMP_STACKSIZE": "1536"}, 8 * MiB)])
+def test_the_stacks_counted_are_what_starting_the_workers_maps(env, stack):
+    """ulimit -s, or libgomp's OMP_STACKSIZE / GOMP_STACKSIZE (KiB unless a unit follows; a value it cannot read
+    leaves the next), and one guard page each, which ulimit -d does not count."""
+    child_env = {**{k: v for k, v in os.environ.items() if k not in STACK_SIZE_ENVS}, "OMP_NUM_THREADS": "1", **env}
+    done = subprocess.run([sys.executable, "-c", STARTED], capture_output=True, text=True, timeout=300, env=child_env,
+                          preexec_fn=_stack_limit(stack))
+    assert done.returncode == 0, done.stderr[-2000:]
+    mapped, counted = map(int, done.stdout.split())
+    guards = (THREADS - 1) * os.sysconf("SC_PAGE_SIZE")
+    assert 0 <= mapped - (counted - guards) < MiB, f"starting {THREADS - 1} workers mapped {mapped:,} bytes of data, " \
+                                                  f"{counted - guards:,} counted"
+
+
+# In a fresh process on 8 torch threads, none of their workers started: under a data-segment limit that leaves half
+# their stacks' room (ulimit -s 8 MiB), the bundled model loaded on the CPU.
+NO_ROOM_FOR_THE_STACKS = '''
+import resource, torch
+import klconvert
+from klconvert.errors import KLError
+from klconvert.models import BUNDLED_DIR
+torch.set_num_threads(8)
+data = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmData"))
+resource.setrlimit(resource.RLIMIT_DATA, (data + 7 * (8 << 20) // 2, resource.RLIM_INFINITY))
+try:
+    klconvert.load(BUNDLED_DIR, device="cpu", max_context=64)
+except KLError as e:
+    print(e)
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_a_data_limit_without_room_for_the_workers_stacks_refuses_the_plan_in_one_line():
+    """The plan started torch's workers before it measured the host, whatever room they had: under ulimit -d 245 MB
+    `run --model tiny --device cpu` on 2 threads, and an API caller's load on 8 under 300-340 MB, ended in libgomp's
+    "Thread creation failed", exit status 1, where the plan would refuse it. Short of room, their stacks are counted
+    as used instead, and the plan refuses it in one line."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", NO_ROOM_FOR_THE_STACKS], capture_output=True, text=True, timeout=300,
+                          env=env, preexec_fn=_stack_limit(8 * MiB))
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = done.stdout.strip()
+    assert line.startswith("the plan needs ") and "under the process's data-segment limit (ulimit -d)" in line, line
+    assert "\n" not in line and line.endswith("raise ulimit -d"), line
