@@ -687,19 +687,22 @@ class Engine(Runner):
 
     # ---- prefill ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _prefill(self, ids: torch.Tensor, state, all_logits: bool,
+    def _prefill(self, ids: torch.Tensor, state, all_logits: bool, needed: int,
                  progress: Callable[[int], None] | None = None) -> Iterator[torch.Tensor]:
         """Run [B, T] prompts (one length) through fresh `state` rows, segment by segment, yielding the logits of
         every position [B, R, vocab] fp32, R positions at a time in order (all_logits), or only the last token's
         [B, 1, vocab]. R positions make LOGIT_ROWS rows (at least one position), whose logits a plan holding
-        all_logits counts (MemoryPlan.logit_rows_for), where a segment's whole would be tokens x vocab. `progress(n)`:
+        all_logits counts (MemoryPlan.logit_rows_for), where a segment's whole would be tokens x vocab. `needed`: the
+        context the call needs (its longest prompt, and the tokens to come), which an allocator's refusal names where
+        the plan's is larger (a smaller cache leaves more room); a plan of just that has no smaller. `progress(n)`:
         n more prompt tokens done (called once the device has finished the segment, so it costs a sync per segment).
         Each segment makes the same shapes (MLA's key blocks are fixed), so the allocator reuses its blocks; a prefill
         of several segments hands its cache back at the end. A segment runs PREFILL_ROWS prompts at a time, as the plan
         sizes its workspace: sized B times, it refused batches that ran in a fraction of it."""
         state.reset()
         what = f"a prefill's activations ({ids.shape[1]:,} tokens)"   # an allocator's refusal names it
-        less = f"give a shorter prompt, or lower {self._context_argument()}"
+        less = "give a shorter prompt" + (f", or lower {self._context_argument()} to {needed}"
+                                          if needed < self.plan.context else "")
         positions = max(1, LOGIT_ROWS // ids.shape[0])
         for start in range(0, ids.shape[1], self.prefill_segment):
             seg = ids[:, start:start + self.prefill_segment]
@@ -833,7 +836,7 @@ class Engine(Runner):
     def _held_segments(self, ids: torch.Tensor) -> Iterator[torch.Tensor]:
         """forward_segments' iterator, holding the engine while it is read (no stats of its own to reset)."""
         with self._holding("forward", SEGMENTS):   # its first segment may be read from a generation's callback
-            yield from self._prefill(ids, self.state.rows(0, ids.shape[0]), all_logits=True)
+            yield from self._prefill(ids, self.state.rows(0, ids.shape[0]), all_logits=True, needed=ids.shape[1])
 
     def prefill(self, input_ids, progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Prefill whole sequences of one length, input_ids [B, T] -> the logits after each one's last token
@@ -842,11 +845,13 @@ class Engine(Runner):
             check_callbacks(progress=progress)
             ids = self._as_batch(input_ids)
             self.check_fits(ids.shape[1], 0)
-            return self._last_logits(ids, self.state.rows(0, ids.shape[0]), progress)
+            return self._last_logits(ids, self.state.rows(0, ids.shape[0]), ids.shape[1], progress)
 
-    def _last_logits(self, ids: torch.Tensor, state, progress: Callable[[int], None] | None) -> torch.Tensor:
-        """Prefill [B, T] into fresh `state` rows -> the logits after each one's last token [B, vocab] fp32."""
-        (last,) = self._prefill(ids, state, all_logits=False, progress=progress)
+    def _last_logits(self, ids: torch.Tensor, state, needed: int,
+                     progress: Callable[[int], None] | None) -> torch.Tensor:
+        """Prefill [B, T] into fresh `state` rows -> the logits after each one's last token [B, vocab] fp32 (`needed`:
+        _prefill's)."""
+        (last,) = self._prefill(ids, state, all_logits=False, needed=needed, progress=progress)
         return last[:, -1]
 
     # ---- decode ----------------------------------------------------------------------------------
@@ -937,13 +942,15 @@ class Engine(Runner):
         """generate with its arguments checked, holding the engine."""
         seqs = self._as_prompts(prompts)
         B = len(seqs)
-        self.check_fits(max(len(s) for s in seqs), max_new_tokens)
+        longest = max(len(s) for s in seqs)
+        self.check_fits(longest, max_new_tokens)
         self.stats = GenerationStats(prompt_tokens=sum(len(s) for s in seqs), batch=B)
         generator = sampling_generator(seed, self.device)
         step = self._decoder(B) if max_new_tokens > 0 else None  # none to capture when only prefilling
         t0 = time.perf_counter()
         with self._small_model_threads():
-            last = torch.cat([self._last_logits(s.view(1, -1), self.state.rows(b, b + 1), on_prefill)
+            last = torch.cat([self._last_logits(s.view(1, -1), self.state.rows(b, b + 1),
+                                              longest + max_new_tokens, on_prefill)
                               for b, s in enumerate(seqs)])                     # [B, vocab]
         if step is not None:
             step.positions.copy_(torch.tensor([len(s) for s in seqs], device=self.device))

@@ -812,6 +812,24 @@ def test_the_allocator_refusing_mid_generation_is_out_of_memory_in_one_line(tiny
     assert_one_line_error(code, err, "out of host memory (or the process's memory limit) allocating a ")
 
 
+def test_a_prefill_out_of_memory_names_a_lower_context_only_where_one_holds_the_call(tiny_released, engine,
+                                                                                   monkeypatch, capsys):
+    """It ended "or lower max_context" where run's context was its default, the prompt and the new tokens (h266's
+    F2), which no lower one holds. It names the context the call needs where the plan's is larger (a smaller cache
+    leaves more room), and none where it is not."""
+    monkeypatch.setattr("klconvert.runtime.model.KimiLinear.hidden_states", _refused_by_the_allocator)
+    for call, needed in ((lambda: engine.generate([[9, 9, 9]], 3), 6), (lambda: engine.prefill([[9, 9]]), 2),
+                         (lambda: engine.forward([[9, 9]]), 2)):
+        with pytest.raises(HostMemoryExhausted) as error:
+            call()
+        assert str(error.value).endswith(f", or give a shorter prompt, or lower max_context (--max-context) to "
+                                         f"{needed}")
+    code, _, err = run_cli(capsys, "run", "--model", tiny_released, "--prompt", "a b", "--max-new-tokens", "3",
+                           "--device", "cpu")
+    line = assert_one_line_error(code, err, "out of host memory (or the process's memory limit) allocating a ")
+    assert line.endswith(", or give a shorter prompt"), line
+
+
 def test_onednn_refusing_a_primitive_mid_generation_is_out_of_memory_in_one_line(tiny_released, monkeypatch, capsys):
     """oneDNN (a bf16 matmul on the CPU) that could not allocate a primitive raised "could not create a primitive", a
     traceback from run, exit status 1."""

@@ -257,6 +257,15 @@ def test_the_cpu_allocators_refusal_is_a_memory_error_naming_what_and_the_bound(
     assert not isinstance(other.value, MemoryError)
 
 
+def test_an_allocators_refusal_names_the_room_its_free_blocks_did_not_give(monkeypatch):
+    """Under ulimit -d a prefill's 47,659,008-byte block refused read "0.11 GB available": the room a plan counts,
+    with the allocator's free blocks (room for weights alone), which served none of it."""
+    monkeypatch.setattr(host_memory_module, "host_memory",
+                        lambda: HostMemory(100_000_000, *DATA_BOUND, free_blocks=60_000_000))
+    refused = host_memory_module.exhausted("allocating a block", RuntimeError("DefaultCPUAllocator: not enough memory"))
+    assert "; 40.00 MB available under the process's data-segment limit (ulimit -d): raise ulimit -d" in str(refused)
+
+
 @pytest.mark.parametrize("said", ["could not create a primitive", "std::bad_alloc"])
 def test_onednns_primitive_or_a_bad_alloc_refused_is_out_of_memory(said):
     """A bf16 matmul on the CPU under ulimit -d (eval at its edge) raised oneDNN's RuntimeError "could not create a
