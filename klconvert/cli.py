@@ -19,7 +19,8 @@ from klconvert.checkpoint.regular_file import kind_of
 from klconvert.config import KimiLinearConfig
 from klconvert.devices import DEVICE_NAMES, NOT_A_DEVICE, checked_device, device_name
 from klconvert.entry import StdoutFailed, complete_note, exit_interrupted, signal_of, signal_status
-from klconvert.errors import KLError, PlanDoesNotFit, descriptors_exhausted, descriptors_exhausted_behind, shown
+from klconvert.errors import (KLError, PlanDoesNotFit, controls_escaped, descriptors_exhausted,
+                             descriptors_exhausted_behind, shown)
 from klconvert.extras import require
 from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, DEFAULT_REPO, bundled_dir, default_model, model_folder
 from klconvert.presets import PRESETS
@@ -358,7 +359,7 @@ def echo_complete(path: Path) -> None:
 def _one_line(message: str) -> str:
     """The message on one line, any character a terminal would act on (ESC, BEL, NUL...) written as its escape:
     tensor names, index keys and a template's own error text come from the download."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(message.split()))
+    return controls_escaped(" ".join(message.split()))
 
 
 # Each command's help is given as help=, not taken from its docstring: python -OO (PYTHONOPTIMIZE=2) drops docstrings

@@ -49,6 +49,12 @@ def shown(value) -> str:
     return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS - 3] + "..."
 
 
+def controls_escaped(text: str) -> str:
+    """`text` with each character a terminal or a markdown page would act on (a newline, ESC, BEL, NUL, an unpaired
+    surrogate) written as its escape (`\\n`, `\\x1b`): a name from the disk or the download shown in a line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 # The letters whose names start with a vowel sound: the first of a name said letter by letter ("an HTTPError")
 _VOWEL_SOUNDING_LETTERS = "aefhilmnorsx"
 # Starts of names whose u is said "you", a consonant sound ("a uint8", "a UserDict")

@@ -45,7 +45,7 @@ from klconvert.config import MAX_CONFIG_BYTES, KimiLinearConfig
 from klconvert.damage_remedy import damaged_folder_remedy
 from klconvert.devices import checked_device
 from klconvert.disk_space import failed_write
-from klconvert.errors import KLError, argument, either, refuse_non_bool
+from klconvert.errors import KLError, argument, controls_escaped, either, refuse_non_bool
 from klconvert.extras import require
 from klconvert.generation_config import GENERATION_CONFIG_FILE, check_generation_config
 from klconvert.hub import SIDE_FILES, HubFile, is_repo_id, pull
@@ -90,7 +90,7 @@ class QuantizeResult:
     def summary(self) -> str:
         t = self.totals
         resumed = f", {self.shards_resumed} kept from an interrupted run" if self.shards_resumed else ""
-        return (f"quantized {self.origin.describe()} -> {self.path}: {size_text(t.bytes_in)} -> "
+        return (f"quantized {self.origin.describe()} -> {controls_escaped(str(self.path))}: {size_text(t.bytes_in)} -> "
                 f"{size_text(t.bytes_out)} in {self.shards} shard(s){resumed} | "
                 f"{t.quantized_bits_per_weight:.3f} bits/weight over {count_text(t.quantized_params)} quantized "
                 f"params, {t.bits_per_weight:.3f} overall | {self.seconds:.1f} s, "

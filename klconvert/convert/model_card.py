@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from klconvert.checkpoint.folder_files import RECIPE_FILE
+from klconvert.convert.markdown_text import code_span, literal_text
 from klconvert.convert.outputs import PlanTotals
 from klconvert.convert.provenance import SourceOrigin
+from klconvert.errors import controls_escaped
 from klconvert.quant import Policy
+from klconvert.shell_command import shell_command
 from klconvert.units import count_text, size_text
 
 HUB = "https://huggingface.co"
@@ -21,13 +24,15 @@ def _front_matter(origin: SourceOrigin, policy: Policy) -> str:
 
 def model_card(title: str, origin: SourceOrigin, policy: Policy, totals: PlanTotals, shards: int,
                klconvert_version: str) -> str:
-    """README.md text for the output folder `title`."""
+    """README.md text for the output folder `title`: the names in it (`title`, the source's) shown as they are, in
+    whatever place, their control characters escaped (controls_escaped)."""
+    shown_title = controls_escaped(title)
     if origin.bundled:
         source = f"{origin.describe()} (a small Kimi Linear trained on Shakespeare, shipped with klconvert)"
     elif origin.repo:
         source = f"[{origin.repo}]({HUB}/{origin.repo}/tree/{origin.commit}) at commit `{origin.commit}`"
     else:
-        source = f"local folder `{origin.folder.name}` (no hub commit recorded)"
+        source = f"local folder {code_span(controls_escaped(origin.folder.name))} (no hub commit recorded)"
     if policy.kind == "nf4":
         fmt = "bitsandbytes NF4 (`quantization_config.quant_method: bitsandbytes`), double-quantized absmax"
     else:
@@ -35,17 +40,17 @@ def model_card(title: str, origin: SourceOrigin, policy: Policy, totals: PlanTot
                "activations stay 16-bit")
     rows = [f"| {scheme} | {tensors:,} | {count_text(params)} |"
             for scheme, (tensors, params) in sorted(totals.by_scheme.items(), key=lambda kv: -kv[1][1])]
-    ignore = ", ".join(f"`{e.pattern}`" for e in policy.ignore) or "nothing"
+    ignore = ", ".join(code_span(e.pattern) for e in policy.ignore) or "nothing"
     bits = f"{totals.quantized_bits_per_weight:.3f} over the quantized tensors, {totals.bits_per_weight:.3f} overall"
     return f"""{_front_matter(origin, policy)}
 
-# {title}
+# {literal_text(shown_title)}
 
 Moonshot AI's Kimi Linear, weight-quantized by klconvert {klconvert_version} from {source}.
 
 | | |
 |---|---|
-| source | {origin.describe()} |
+| source | {literal_text(origin.describe())} |
 | format | {fmt} |
 | size | {size_text(totals.bytes_in)} -> {size_text(totals.bytes_out)} in {shards} shard(s) |
 | bits per weight | {bits} |
@@ -65,7 +70,7 @@ applied is in `{RECIPE_FILE}` (llm-compressor shape); `config.json` carries the 
 ## Run it
 
 ```bash
-klconvert run --model path/to/{title} --prompt-file prompt.txt
+{shell_command("klconvert", "run", "--model", f"path/to/{shown_title}", "--prompt-file", "prompt.txt")}
 ```
 
 continues the text in `prompt.txt`; `--chat` sends it as a user turn through the folder's chat template instead

@@ -12,7 +12,7 @@ from klconvert.checkpoint.folder_files import CONFIG_FILE
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.checkpoint.regular_file import read_bounded, read_json
 from klconvert.config import MAX_CONFIG_BYTES
-from klconvert.errors import KLError
+from klconvert.errors import KLError, controls_escaped
 from klconvert.hex_digests import GIT_SHA
 from klconvert.hf_cache import SNAPSHOTS, repo_of_model_folder
 from klconvert.hub import LOCAL_DIR_RECORD, MAX_PULL_RECORD_BYTES
@@ -35,10 +35,11 @@ class SourceOrigin:
     def describe(self) -> str:
         """The source as quantize's summary and model card name it: a local folder by its name alone, as the card
         goes to the hub, where the folder's path would show the user's home and layout (and tell apart the cards of one
-        source kept in two places); `folder` keeps the path for the resume fingerprint and the pull remedy."""
+        source kept in two places), its control characters escaped (a newline in it made a line of its own, a
+        heading in the card); `folder` keeps the path for the resume fingerprint and the pull remedy."""
         if self.bundled:
             return f"the bundled model {BUNDLED_NAME}"
-        return f"{self.repo}@{self.commit}" if self.repo else f"local folder {self.folder.name}"
+        return f"{self.repo}@{self.commit}" if self.repo else f"local folder {controls_escaped(self.folder.name)}"
 
 
 def source_origin(folder: str | Path) -> SourceOrigin:
