@@ -176,24 +176,33 @@ _MATPLOTLIB_STUB = {
 }
 
 
+def _matplotlib_stubbed(tmp_path: Path) -> dict[str, str]:
+    """The environment of a plot_loss.py run that imports _MATPLOTLIB_STUB, written under tmp_path/stub."""
+    for name, text in _MATPLOTLIB_STUB.items():
+        (tmp_path / "stub" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "stub" / name).write_text(text)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "stub"), os.environ.get("PYTHONPATH", "")])}
+
+
+# a training run's loss.json as tools/train_bundled.py writes it, two steps long
+_LOSS_LOG = {"step": [1, 2], "train_loss": [7.0, 6.0], "validation_step": [2], "validation_loss": [6.5], "kept_step": 2,
+             "kept_validation_loss": 6.5, "tokens_per_step": 512, "parameters": 1e6, "train_seconds": 3.0,
+             "device": "cpu"}
+
+
 def test_plot_loss_refuses_what_is_no_loss_log_in_one_line(tmp_path):
     """A missing file, a JSON of another kind, a binary file and a --png in a missing folder were FileNotFoundError,
     KeyError 'step', UnicodeDecodeError and FileNotFoundError tracebacks (with matplotlib; without it, "needs
     matplotlib" for each, the file never read); lines of two lengths, a string where a number goes, a --png of
     another format and a loss too large for its perplexity, matplotlib's ValueErrors and an OverflowError."""
-    for name, text in _MATPLOTLIB_STUB.items():
-        (tmp_path / "stub" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "stub" / name).write_text(text)
-    log = {"step": [1, 2], "train_loss": [7.0, 6.0], "validation_step": [2], "validation_loss": [6.5], "kept_step": 2,
-           "kept_validation_loss": 6.5, "tokens_per_step": 512, "parameters": 1e6, "train_seconds": 3.0,
-           "device": "cpu"}
+    log = dict(_LOSS_LOG)
     (tmp_path / "loss.json").write_text(json.dumps(log))
     (tmp_path / "other.json").write_text('{"urls": []}')
     (tmp_path / "short.json").write_text(json.dumps({**log, "step": [1]}))
     (tmp_path / "words.json").write_text(json.dumps({**log, "tokens_per_step": "512"}))
     (tmp_path / "huge.json").write_text(json.dumps({**log, "validation_loss": [1000.0], "kept_validation_loss": 1e3}))
     (tmp_path / "binary.json").write_bytes(b"\x89PNG\r\n\x1a\n\xff")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "stub"), os.environ.get("PYTHONPATH", "")])}
+    env = _matplotlib_stubbed(tmp_path)
     for args, needle in ((["missing.json"], "missing.json: cannot read it as JSON (No such file or directory)"),
                          (["other.json"], "other.json: not a training run's loss log (it has no 'step', 'train_loss', "
                                           "'validation_step' ...)"),
@@ -217,13 +226,8 @@ def test_plot_loss_refuses_what_is_no_loss_log_in_one_line(tmp_path):
 def test_plot_loss_refuses_a_number_past_floats_range_in_one_line(tmp_path):
     """An integer past float's range (JSON has no bound on one) as train_seconds, kept_step or a step was
     math.isfinite's OverflowError, a traceback with exit status 1 (h266)."""
-    for name, text in _MATPLOTLIB_STUB.items():
-        (tmp_path / "stub" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "stub" / name).write_text(text)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "stub"), os.environ.get("PYTHONPATH", "")])}
-    log = {"step": [1, 2], "train_loss": [7.0, 6.0], "validation_step": [2], "validation_loss": [6.5], "kept_step": 2,
-           "kept_validation_loss": 6.5, "tokens_per_step": 512, "parameters": 1e6, "train_seconds": 3.0,
-           "device": "cpu"}
+    env = _matplotlib_stubbed(tmp_path)
+    log = dict(_LOSS_LOG)
     for key, value, needle in (("train_seconds", 10**400, "its 'train_seconds' is an integer of 401 digits, not a "
                                                           "number the plot can draw"),
                                ("kept_step", 10**400, "its 'kept_step' is an integer of 401 digits, not a number the "
@@ -242,10 +246,7 @@ def test_plot_loss_reads_a_pipe_as_far_as_its_bound(tmp_path):
     """/dev/zero was read until memory ran out, and a file of any size was read whole: one past MAX_LOSS_LOG_BYTES is
     read no further. A loss.json piped in (`ssh host cat OUT/loss.json | plot_loss.py /dev/stdin`) is read (refusing
     every FIFO, d860080, refused it too), its plot written here."""
-    for name, text in _MATPLOTLIB_STUB.items():
-        (tmp_path / "stub" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "stub" / name).write_text(text)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "stub"), os.environ.get("PYTHONPATH", "")])}
+    env = _matplotlib_stubbed(tmp_path)
     (tmp_path / "big.json").write_bytes(b" " * (MAX_LOSS_LOG_BYTES + 1))
     for path in ("/dev/zero", "big.json"):
         proc = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_loss.py"), path], cwd=tmp_path, env=env,
@@ -253,9 +254,7 @@ def test_plot_loss_reads_a_pipe_as_far_as_its_bound(tmp_path):
         assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr[-2000:]
         assert proc.stderr == (f"plot_loss.py: error: {path}: over {MAX_LOSS_LOG_BYTES >> 20} MB, far larger than "
                                "any model's loss.json; give the loss.json tools/train_bundled.py wrote\n"), proc.stderr
-    log = {"step": [1, 2], "train_loss": [7.0, 6.0], "validation_step": [2], "validation_loss": [6.5], "kept_step": 2,
-           "kept_validation_loss": 6.5, "tokens_per_step": 512, "parameters": 1e6, "train_seconds": 3.0,
-           "device": "cpu"}
+    log = dict(_LOSS_LOG)
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_loss.py"), "/dev/stdin"], cwd=tmp_path,
                           env=env, input=json.dumps(log), capture_output=True, text=True, timeout=60)
     # here, not beside /dev/stdin (/dev/loss.png, written as root)
@@ -267,13 +266,8 @@ def test_plot_loss_plots_a_redirected_loss_log_here_and_a_named_one_beside_it(tm
     without a word, and through /dev/fd/0 or /proc/self/fd/0 was plotted and then "cannot write" /dev/fd/loss.png
     (h266): is_file followed the descriptor to the file. A descriptor's plot goes here; a named file's, or a link's
     the user made to one, beside it."""
-    for name, text in _MATPLOTLIB_STUB.items():
-        (tmp_path / "stub" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "stub" / name).write_text(text)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "stub"), os.environ.get("PYTHONPATH", "")])}
-    log = {"step": [1, 2], "train_loss": [7.0, 6.0], "validation_step": [2], "validation_loss": [6.5], "kept_step": 2,
-           "kept_validation_loss": 6.5, "tokens_per_step": 512, "parameters": 1e6, "train_seconds": 3.0,
-           "device": "cpu"}
+    env = _matplotlib_stubbed(tmp_path)
+    log = dict(_LOSS_LOG)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "loss.json").write_text(json.dumps(log))
     (tmp_path / "linked").mkdir()
