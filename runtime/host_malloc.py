@@ -1,7 +1,6 @@
 """glibc's malloc around a CPU prefill: every block from 1 MiB up mapped on its own and returned when freed, so that
 the prefill's resident memory stays near the workspace its memory plan counts; glibc's ceiling again after it. And
-the blocks it holds free once a model is freed: their bytes, and their pages handed back to the system; and one arena
-for every thread's blocks."""
+the blocks it holds free once a model is freed: their bytes, and their pages handed back to the system."""
 from __future__ import annotations
 
 import ctypes
@@ -25,10 +24,9 @@ CEILING = 32 << 20   # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 # threshold (twice it) and no longer does once that is set: after a prefill twice CEILING, as glibc's would be, so
 # that a decode step's blocks are not handed back and faulted in again every token; during one, glibc's default.
 PREFILL_TRIM, TRIM = 128 << 10, 2 * CEILING
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8   # mallopt's parameter numbers (glibc's malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # mallopt's parameter numbers (glibc's malloc.h)
 USER_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"   # a threshold the user gave glibc, as is
 USER_THRESHOLD_TUNABLE = "glibc.malloc.mmap_threshold"   # in GLIBC_TUNABLES
-USER_ARENA_MAX_ENV, USER_ARENA_MAX_TUNABLE = "MALLOC_ARENA_MAX", "glibc.malloc.arena_max"   # the user's arenas
 
 
 @contextmanager
@@ -38,7 +36,7 @@ def large_blocks_mapped() -> Iterator[None]:
     threshold is CEILING and its trim threshold TRIM. Nothing where the C library is
     not glibc (macOS, Windows, musl), nor where the user chose a threshold (MALLOC_MMAP_THRESHOLD_, or
     glibc.malloc.mmap_threshold in GLIBC_TUNABLES): theirs stands."""
-    mallopt = _mallopt(USER_THRESHOLD_ENV, USER_THRESHOLD_TUNABLE)
+    mallopt = _mallopt()
     if mallopt is None:
         yield
         return
@@ -83,22 +81,10 @@ def give_back_free_pages() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
-def one_arena() -> None:
-    """From here on every thread's blocks come from glibc's main arena (and the arenas already made), not a new
-    arena of the thread's own: a thread's first block made one (up to 8 a core), whose freed blocks only that
-    thread's later ones could reuse, and which stays mapped. Under ulimit -d the bundled model's load left 3.6 MiB of
-    free blocks mapped, or 15.6 where a torch worker's arena took part (2 runs of 6), so a 15,514-token prompt planned
-    to fit ran out part-way, 2-10 MB short, in some runs. With one arena 4.1-4.9 MiB (4 runs), and 12 runs taken
-    under ulimit -d 590.6-600 MB all ran to the end. Nothing where the C library is not glibc, nor where the user
-    chose (MALLOC_ARENA_MAX, glibc.malloc.arena_max)."""
-    if (mallopt := _mallopt(USER_ARENA_MAX_ENV, USER_ARENA_MAX_TUNABLE)) is not None:
-        mallopt(M_ARENA_MAX, 1)
-
-
-def _mallopt(env: str, tunable: str):
-    """glibc's mallopt, or None where malloc is left as it is: not glibc, or the user set what it would set, in the
-    environment variable `env` or `tunable` in GLIBC_TUNABLES."""
-    if not glibc() or env in os.environ or tunable in os.environ.get("GLIBC_TUNABLES", ""):
+def _mallopt():
+    """glibc's mallopt, or None where large_blocks_mapped leaves malloc as it is."""
+    if not glibc() or USER_THRESHOLD_ENV in os.environ \
+            or USER_THRESHOLD_TUNABLE in os.environ.get("GLIBC_TUNABLES", ""):
         return None
     return ctypes.CDLL(None).mallopt
 

@@ -1,6 +1,5 @@
 """torch's intra-op worker threads on the CPU: the stacks they map, and starting them before a memory plan measures
-the host where there is room for those stacks -- libgomp ends the process when it cannot make one -- with their
-blocks from glibc's one arena under a limit on what the process maps."""
+the host where there is room for those stacks -- libgomp ends the process when it cannot make one."""
 from __future__ import annotations
 
 import ctypes
@@ -9,7 +8,7 @@ import re
 
 import torch
 
-from klconvert.runtime.host_malloc import glibc, one_arena
+from klconvert.runtime.host_malloc import glibc
 from klconvert.runtime.host_memory import mapped_room
 
 # libgomp (torch's OpenMP on Linux) makes each worker's stack OMP_STACKSIZE, else GOMP_STACKSIZE, read once as it
@@ -33,16 +32,13 @@ def start_intra_op_threads() -> int:
     past it and ran out under ulimit -d 588-592 MB. Only where those limits leave room for their stacks (stack_bytes)
     and START_ROOM: short of it libgomp ends the process ("Thread creation failed"), where the plan would refuse it in
     one line. Returns those bytes where it left them unmapped, for the plan to count as used (0 where it started
-    them, or they ran already: mapped, they are measured). Under those limits every thread's blocks come from one
-    arena (host_malloc.one_arena). An op of twice torch's grain size (32,768 elements, at::internal::GRAIN_SIZE) is
-    split across them, its tensor made before the room is measured; once started they stay."""
+    them, or they ran already: mapped, they are measured). An op of twice torch's grain size (32,768 elements,
+    at::internal::GRAIN_SIZE) is split across them, its tensor made before the room is measured; once started they
+    stay."""
     work = torch.empty(1 << 16, dtype=torch.uint8)   # unwritten: torch.ones' fill is such an op itself
     needed = stack_bytes() + START_ROOM
-    if (room := mapped_room()) is not None:
-        one_arena()   # a worker's own arena keeps what it freed mapped, room for no one else's blocks; without such a
-        # limit the threads keep their arenas (one lock for all of them costs what was not measured)
-        if room < needed:
-            return needed
+    if (room := mapped_room()) is not None and room < needed:
+        return needed
     work.fill_(1)
     return 0
 

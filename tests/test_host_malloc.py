@@ -142,18 +142,6 @@ def test_other_glibc_tunables_do_not_stop_it(no_user_threshold, monkeypatch, lib
         assert libc.calls[0] == (host_malloc.M_MMAP_THRESHOLD, host_malloc.PREFILL_THRESHOLD)
 
 
-@pytest.mark.parametrize("name, value", [(None, None), (host_malloc.USER_ARENA_MAX_ENV, "4"),
-                                         ("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")])
-def test_one_arena_unless_the_user_chose(no_user_threshold, monkeypatch, libc, name, value):
-    """runtime/intra_op_threads.py asks for it under a limit on what the process maps; the user's arenas stand."""
-    monkeypatch.setattr(host_malloc, "glibc", lambda: True)
-    monkeypatch.delenv(host_malloc.USER_ARENA_MAX_ENV, raising=False)
-    if name is not None:
-        monkeypatch.setenv(name, value)
-    host_malloc.one_arena()
-    assert libc.calls == ([] if name else [(host_malloc.M_ARENA_MAX, 1)])
-
-
 def _unknown_name(name):
     raise ValueError("unrecognized configuration name")
 

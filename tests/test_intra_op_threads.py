@@ -79,37 +79,3 @@ def test_a_data_limit_without_room_for_the_workers_stacks_refuses_the_plan_in_on
     line = done.stdout.strip()
     assert line.startswith("the plan needs ") and "under the process's data-segment limit (ulimit -d)" in line, line
     assert "\n" not in line and line.endswith("raise ulimit -d"), line
-
-
-# In a fresh process under a data-segment limit (1 GiB past what it maps), torch's workers started: the data it maps
-# grows by once a thread has made and freed 16 MiB of 64 KiB blocks (under glibc's mmap threshold, from an arena)
-# and the main thread makes as many.
-FREED_BY_ANOTHER_THREAD = '''
-import resource, threading
-from klconvert.runtime.intra_op_threads import start_intra_op_threads
-data = lambda: next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmData"))
-resource.setrlimit(resource.RLIMIT_DATA, (data() + (1 << 30), resource.RLIM_INFINITY))
-start_intra_op_threads()
-blocks = lambda: [bytearray(64 << 10) for _ in range(256)]
-go = threading.Event()
-thread = threading.Thread(target=lambda: go.wait() and blocks())
-thread.start()
-before = data()   # the thread's stack mapped
-go.set()
-thread.join()
-kept = blocks()
-print(data() - before)
-'''
-
-
-@pytest.mark.skipif(not glibc(), reason="glibc's arenas, read in /proc/self/status")
-def test_under_a_mapped_limit_what_one_thread_frees_is_room_for_another():
-    """A thread's first block made it a malloc arena of its own, whose freed blocks stay mapped for it alone: the
-    bundled model's load left 3.6 MiB of free blocks, or 15.6 where a worker's arena took part, and a 15,514-token
-    prompt planned to fit under ulimit -d 591-600 MB ran out part-way in some runs. Under a limit on what the process
-    maps every thread's blocks come from one arena: the main thread's 16 MiB reuse the other's."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")}
-    done = subprocess.run([sys.executable, "-c", FREED_BY_ANOTHER_THREAD], capture_output=True, text=True,
-                          timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert int(done.stdout) < 24 * MiB, f"two threads' 16 MiB mapped {int(done.stdout):,} bytes of data"
