@@ -35,10 +35,16 @@ def _stack_limit(size: int):
 
 @pytest.mark.skipif(not glibc(), reason="the stacks are counted from glibc's defaults, read in /proc/self/status")
 @pytest.mark.parametrize("env, stack", [({}, 8 * MiB), ({}, 3 * MiB), ({"OMP_STACKSIZE": "2M"}, 8 * MiB),
-                                        ({"OMP_STACKSIZE": "bad", "GOMP_STACKSIZE": "1536"}, 8 * MiB)])
+                                        ({"OMP_STACKSIZE": "bad", "GOMP_STACKSIZE": "1536"}, 8 * MiB),
+                                        ({"OMP_STACKSIZE": "+3M"}, 8 * MiB),
+                                        ({"OMP_STACKSIZE": "1", "GOMP_STACKSIZE": "3M"}, 8 * MiB),
+                                        ({"OMP_STACKSIZE": "99999999999999G", "GOMP_STACKSIZE": "3M"}, 8 * MiB)])
 def test_the_stacks_counted_are_what_starting_the_workers_maps(env, stack):
-    """ulimit -s, or libgomp's OMP_STACKSIZE / GOMP_STACKSIZE (KiB unless a unit follows; a value it cannot read
-    leaves the next), and one guard page each, which ulimit -d does not count."""
+    """ulimit -s, or libgomp's OMP_STACKSIZE / GOMP_STACKSIZE (KiB unless a unit follows, a + allowed; a value it
+    cannot read, or past an unsigned long, leaves the next; one below pthreads' least, glibc's default), and one
+    guard page each, which ulimit -d does not count. h278: "+3M" was counted as ulimit -s's (libgomp took 3 MiB: a
+    "+1G" under a limit ended the process), "1" as GOMP_STACKSIZE's and the overflow as itself, some 1e23 bytes
+    (libgomp kept its default, and took GOMP_STACKSIZE's: runs that fit were refused)."""
     child_env = {**{k: v for k, v in os.environ.items() if k not in STACK_SIZE_ENVS}, "OMP_NUM_THREADS": "1", **env}
     done = subprocess.run([sys.executable, "-c", STARTED], capture_output=True, text=True, timeout=300, env=child_env,
                           preexec_fn=_stack_limit(stack))
