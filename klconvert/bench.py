@@ -241,11 +241,6 @@ def module_weights(module: torch.nn.Module) -> list[torch.Tensor]:
     return [*module.parameters(recurse=False), *(t for x in packed for t in x.weight_tensors())]
 
 
-def module_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a module's own weights (module_weights)."""
-    return sum(t.numel() * t.element_size() for t in module_weights(module))
-
-
 def bytes_per_step(engine: Engine, context: int, batch: int, experts_touched: int) -> int:
     """What must move per decode step: every weight once (one embedding row per token; of each MoE layer's
     routed experts, the `experts_touched` distinct ones), the KDA state and conv tails read and written, and

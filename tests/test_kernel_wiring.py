@@ -20,7 +20,7 @@ from klconvert.runtime.kernel_modules import (FlaKDAChunk, FusedDenseMLP, FusedE
                                               FusedRouter, PackedDenseLinear, PackedIntLinear, SharedInStack,
                                               TritonKDAChunk)
 from klconvert.runtime.model import Experts, KDAMixer, Linear, StackedLinear
-from testkit import packed_weights, rel_error
+from testkit import module_bytes, rel_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -140,8 +140,6 @@ def test_a_packed_and_a_dense_part_run_in_one_launch(packed_and_dense, monkeypat
 
 def test_the_bench_floor_counts_both_parts(packed_and_dense):
     """klconvert bench's bytes per step count a PackedDenseLinear's packed and dense weights, as the group's."""
-    from klconvert.bench import module_bytes
-
     assert module_bytes(PackedDenseLinear(packed_and_dense)) == sum(module_bytes(p) for p in packed_and_dense.parts)
 
 
@@ -182,12 +180,13 @@ def test_the_triton_bind_holds_each_weight_once(quantized, dtype):
     packed weight as the repack holds it, its rows padded and zero points as wide as the scales (it sized them as
     stored: int8 asymmetric here 27,212 bytes under, h270). In fp32 too: the repack keeps the scales as stored
     (bf16), which the plan reads from the headers (it sized them in the compute dtype: int8 92,544 bytes over)."""
+    from klconvert.bench import module_weights
+
     engine = klconvert.load(quantized, device=DEVICE, dtype=dtype, max_context=16, kernels="triton")
     stand_ins = [m for m in engine.model.modules() if isinstance(m, SharedInStack)]
     assert len(stand_ins) == 3 and not any(list(m.children()) for m in stand_ins)
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in engine.model.parameters()}
-    storages.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for p in packed_weights(engine.model)
-                     for t in p.weight_tensors()})
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for m in engine.model.modules()
+                for t in module_weights(m)}   # parameters and packed weights
     assert sum(storages.values()) == engine.plan.weights
 
 
@@ -351,8 +350,6 @@ def test_the_dense_mlp_runs_as_its_chunk_experts(quantized):
     launches up to DECODE_MAX_TOKENS tokens and the chunks' projections past that, against the reference MLP on the
     same codes; klconvert bench counts its bytes as the three projections'. bind takes int4 MLPs only (the case
     measured); an int8 one, built here by hand, runs the same way."""
-    from klconvert.bench import module_bytes
-
     tri = klconvert.load(quantized, device=DEVICE, dtype=torch.bfloat16, max_context=64, kernels="triton")
     ref = klconvert.load(quantized, device=DEVICE, dtype=torch.bfloat16, max_context=64, kernels="torch")
     c, bound, mlp = tri.config, tri.model.blocks[0].ffn, ref.model.blocks[0].ffn

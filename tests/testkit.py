@@ -41,16 +41,11 @@ def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
-def packed_weights(model: torch.nn.Module) -> list:
-    """Every packed weight a Triton-bound model's modules hold (kernels.int_layout): a packed linear's, and each
-    projection's of a stack of packed experts."""
-    from klconvert.kernels.int_layout import PackedExperts, PackedLinear
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's own weights as klconvert bench counts them (bench.module_weights)."""
+    from klconvert.bench import module_weights
 
-    found = []
-    for module in model.modules():
-        p = getattr(module, "packed", None)
-        found += [p] if isinstance(p, PackedLinear) else [p.gate, p.up, p.down] if isinstance(p, PackedExperts) else []
-    return found
+    return sum(t.numel() * t.element_size() for t in module_weights(module))
 
 
 def gpu_with_free(monkeypatch, free: int, total: int = 80 << 30) -> None:
