@@ -184,11 +184,13 @@ def fill_state(engine: Engine, context: int) -> None:
 
 def check_graph_matches_eager(engine: Engine, batch: int, context: int) -> str:
     """GRAPH_CHECK_STEPS replays of the captured step equal the same steps run eagerly, bit for bit (else KLError);
-    what was checked, as the row records it."""
+    what was checked, as the row records it. The state the steps overwrite is kept on the host meanwhile: a copy on
+    the device is a batch's KDA state more (640 MiB at the 48B preset's batch 16), which the row's peak would count
+    as the runtime's."""
     step = engine.decoder(batch)
     if step.graph is None:
         return "no graph: the eager step is what runs"
-    kda, conv = engine.state.kda_state.clone(), engine.state.conv_state.clone()
+    kda, conv = engine.state.kda_state.to("cpu", copy=True), engine.state.conv_state.to("cpu", copy=True)
     tokens = torch.randint(0, engine.config.vocab_size, (GRAPH_CHECK_STEPS, batch), device=engine.device)
     runs = []
     for eager in (True, False):

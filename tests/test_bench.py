@@ -493,6 +493,45 @@ def test_the_graph_check_decodes_at_positions_inside_the_cache(context):
     assert step.seen == [*range(first, first + B.GRAPH_CHECK_STEPS)] * 2
 
 
+def test_the_graph_check_keeps_the_state_it_overwrites_on_the_host():
+    """The check saved the KDA state and conv tails by a clone on their device: 640 MiB more at the 48B preset's
+    batch 16, which the row's peak reserved counted as the runtime's (0.47 GiB over the plan on an H100). A stand-in
+    state records where each saved copy went and that the state got it back."""
+    class Held:
+        def __init__(self):
+            self.saved_to, self.restored_from = [], []
+
+        def clone(self):
+            raise AssertionError("the check cloned the state on its device")
+
+        def to(self, device, copy=False):
+            self.saved_to.append((device, copy))
+            return ("saved", id(self))
+
+        def copy_(self, source):
+            self.restored_from.append(source)
+
+    class Step:
+        graph = object()
+        positions = torch.zeros(1, dtype=torch.long)
+        tokens = torch.zeros(1, dtype=torch.long)
+
+        def eager(self):
+            return self.positions.clone()
+
+        step = eager
+
+    class State:
+        kda_state, conv_state = Held(), Held()
+
+    engine = type("Engine", (), {"decoder": lambda self, batch: Step(), "state": State(),
+                                 "config": type("Config", (), {"vocab_size": 8})(), "device": "cpu"})()
+    B.check_graph_matches_eager(engine, 1, 8)
+    for held in (State.kda_state, State.conv_state):
+        assert held.saved_to == [("cpu", True)]
+        assert held.restored_from == [("saved", id(held))] * 3        # before each of the two runs, and after
+
+
 @pytest.mark.parametrize("gib, total, advice", [(80, 141, ", or stop what else holds the GPU"), (80, 80, ""),
                                                  (141, 141, None)], ids=["card", "whole-card", "fits"])
 def test_a_depth_check_whose_reference_does_not_fit_the_gpu_says_so(monkeypatch, gib, total, advice):
