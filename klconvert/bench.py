@@ -43,7 +43,7 @@ PREFILL_CHECK_BOUND = 5e-2  # relative error of the last token's logits past whi
 # layers on calm weights read 0.32-0.36% relative, top-1 100%; BENCHMARKS.md)
 DEPTH_CHECK_BOUND = 2e-2
 DEPTH_CHECK_TOP1 = 0.9
-FILL_SLICE_ROWS = 65536  # cache rows fill_state draws at a time
+FILL_SLICE_ROWS = 65536  # cache rows fill_state draws at a time, over the batch
 PEER_PROMPT_TOKENS = 512  # the prompt transformers' peer decodes after
 
 
@@ -168,14 +168,16 @@ def depth_check(config: KimiLinearConfig, weights: Weights, device: torch.device
 
 
 def fill_state(engine: Engine, context: int) -> None:
-    """Random latents in the first `context` cache rows of every sequence (drawn FILL_SLICE_ROWS at a time: a
-    1M-token fp32 draw would be 2.4 GB per layer), a small random KDA state; from seed 0."""
+    """Random latents in the first `context` cache rows of every sequence (drawn FILL_SLICE_ROWS rows of the batch's
+    sequences together at a time: a 1M-token fp32 draw would be 2.4 GB per layer and sequence, which the plan does
+    not hold), a small random KDA state; from seed 0."""
     g = torch.Generator(device=engine.device).manual_seed(0)
     state = engine.state
     width = state.mla_cache.shape[-1]
+    rows_per_draw = max(1, FILL_SLICE_ROWS // state.batch)
     for slot in range(state.mla_cache.shape[0]):
-        for start in range(0, context, FILL_SLICE_ROWS):
-            stop = min(context, start + FILL_SLICE_ROWS)
+        for start in range(0, context, rows_per_draw):
+            stop = min(context, start + rows_per_draw)
             rows = torch.randn(state.batch, stop - start, width, device=engine.device, generator=g)
             state.write_mla(slot, slice(start, stop), rows)
     state.kda_state.normal_(0, 0.1, generator=g)
@@ -184,9 +186,9 @@ def fill_state(engine: Engine, context: int) -> None:
 
 def check_graph_matches_eager(engine: Engine, batch: int, context: int) -> str:
     """GRAPH_CHECK_STEPS replays of the captured step equal the same steps run eagerly, bit for bit (else KLError);
-    what was checked, as the row records it. The state the steps overwrite is kept on the host meanwhile: a copy on
-    the device is a batch's KDA state more (640 MiB at the 48B preset's batch 16), which the row's peak would count
-    as the runtime's."""
+    what was checked, as the row records it. The state the steps overwrite, and the logits they give, are kept on the
+    host: on the device they are a batch's KDA state more (640 MiB at the 48B preset's batch 16) and 120 MiB of
+    logits, which the row's peak would count as the runtime's."""
     step = engine.decoder(batch)
     if step.graph is None:
         return "no graph: the eager step is what runs"
@@ -201,7 +203,7 @@ def check_graph_matches_eager(engine: Engine, batch: int, context: int) -> str:
         for t in range(GRAPH_CHECK_STEPS):
             step.tokens.copy_(tokens[t])
             with torch.inference_mode():
-                got.append((step.eager() if eager else step.step()).clone())
+                got.append((step.eager() if eager else step.step()).to("cpu", copy=True))   # as the state, off the GPU
             step.positions += 1
         runs.append(torch.stack(got))
     engine.state.kda_state.copy_(kda)

@@ -138,6 +138,23 @@ def test_one_token_touches_k_experts(tiny4):
     assert B.experts_touched(engine, 1) == tiny4.num_experts_per_token
 
 
+def test_fill_state_draws_a_bounded_slice_of_the_whole_batch(tiny4, monkeypatch):
+    """fill_state drew FILL_SLICE_ROWS rows of every sequence at once: at the 48B preset's batch 16 from 64K tokens
+    up, 2.4 GB of fp32 rows a draw (3.4 GiB with their bf16 copy, past the plan's 2.7 GiB of workspace). Each draw
+    holds FILL_SLICE_ROWS rows over the batch, and every row of the context is written still."""
+    engine = B.Engine(tiny4, B.random_quantized_weights(tiny4, 4, "cpu").read, torch.device("cpu"), torch.float32,
+                      64, 4)
+    monkeypatch.setattr(B, "FILL_SLICE_ROWS", 8)
+    drawn, randn = [], torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *shape, **kw: drawn.append(shape) or randn(*shape, **kw))
+    engine.state.mla_cache.zero_()
+    B.fill_state(engine, 20)
+    assert drawn and all(batch * rows <= 8 for batch, rows, _ in drawn)
+    assert sum(rows for _, rows, _ in drawn) == 20 * engine.state.mla_cache.shape[0]
+    assert (engine.state.mla_cache[:, :, :20] != 0).any(-1).all()   # every sequence's first 20 rows
+    assert not engine.state.mla_cache[:, :, 20:].any()
+
+
 def test_spread_routing_gives_each_sequence_its_own_experts(tiny4):
     engine = B.Engine(tiny4, B.random_quantized_weights(tiny4, 4, "cpu").read, torch.device("cpu"), torch.float32,
                       64, 4)
