@@ -26,7 +26,7 @@ from klconvert.runtime.cpu_modules import copy_bytes
 from klconvert.runtime.decode_step import DecodeStep, GraphMemory, autocast_off, capturable
 from klconvert.runtime.device_memory import (BatchDoesNotFit, ContextDoesNotFit, PromptsDoNotFit, WeightsDoNotFit,
                                              device_allocation, device_room, fewer_bits_hold_less, free_the_gpu)
-from klconvert.runtime.host_malloc import large_blocks_mapped
+from klconvert.runtime.host_malloc import LOAD_THRESHOLD, large_blocks_mapped
 from klconvert.runtime.host_memory import NAMED_FIT_SHARE, HostMemory, host_allocation, host_memory
 from klconvert.runtime.intra_op_threads import start_intra_op_threads
 from klconvert.runtime.memory_plan import (DECODE_COPIES, LOGIT_ROWS, MAX_BATCH, PREFILL_ROWS, PREFILL_SEGMENT,
@@ -566,7 +566,8 @@ class Engine(Runner):
         self._plan_state(context, batch, mla_cache_dtype or dtype, context_name,   # refused before any weight is read
                          all_logits, needed_context)
         with self._device_memory("loading the model"):
-            with host_allocation(f"the weights ({size_text(sum(self.weight_bytes.values()))})"):
+            with host_allocation(f"the weights ({size_text(sum(self.weight_bytes.values()))})"), \
+                    large_blocks_mapped(LOAD_THRESHOLD) if device.type == "cpu" else nullcontext():
                 bind(self.model, read, packed, held, device, dtype, self.triton)
             if cpu_forms:   # what bind built, which the plan counts from here on (the checkpoint's values decide it)
                 self.weight_bytes = {**self.weight_bytes, DECODE_COPIES: copy_bytes(self.model)}

@@ -1,5 +1,6 @@
-"""glibc's malloc around a CPU prefill: every block from 1 MiB up mapped on its own and returned when freed, so that
-the prefill's resident memory stays near the workspace its memory plan counts; glibc's ceiling again after it. And
+"""glibc's malloc around a CPU prefill and a CPU load: every block from 1 MiB (64 KiB) up mapped on its own and
+returned when freed, so that the prefill's resident memory stays near the workspace its memory plan counts, and the
+load's near the weights; glibc's ceiling again after each. And
 the blocks it holds free once a model is freed: their bytes, and their pages handed back to the system."""
 from __future__ import annotations
 
@@ -19,6 +20,13 @@ from typing import Iterator
 # the bundled model's decode at 120 tokens/s instead of 205; outside a prefill the threshold is glibc's ceiling,
 # where such blocks stay on the heap for the next step, as its raised threshold kept them.
 PREFILL_THRESHOLD = 1 << 20
+# While the weights are read and bound on the CPU, each is made and replaced more than once (read as stored, widened,
+# its projections joined, laid out column-major; runtime/bind.py, cpu_modules.py), and the replaced copies' blocks
+# stayed in the heap as holes the prefill's blocks did not reuse, which ulimit -d counts as used: the bundled model's
+# load grew VmData 3.5-18 MB past its 66.7 MB of weights, run to run (the heap's layout deciding), and a plan taken
+# at the margin ran out mid-prefill. From 64 KiB up each is mapped on its own and unmapped when freed: 0.6-0.7 MB past
+# it in every run (h280; 128 KiB left 2.7-4 MB, 1 MiB most of the holes, the tiny model's weights being small).
+LOAD_THRESHOLD = 64 << 10
 CEILING = 32 << 20   # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 # The heap's free top is handed back once over the trim threshold, which glibc otherwise moves with the mmap
 # threshold (twice it) and no longer does once that is set: after a prefill twice CEILING, as glibc's would be, so
@@ -30,8 +38,8 @@ USER_THRESHOLD_TUNABLE = "glibc.malloc.mmap_threshold"   # in GLIBC_TUNABLES
 
 
 @contextmanager
-def large_blocks_mapped() -> Iterator[None]:
-    """Inside, glibc maps every block from PREFILL_THRESHOLD up that its heap's free space cannot serve on its own,
+def large_blocks_mapped(threshold: int = PREFILL_THRESHOLD) -> Iterator[None]:
+    """Inside, glibc maps every block from `threshold` up that its heap's free space cannot serve on its own,
     and unmaps it when freed, rather than growing the heap for it (process-wide while it lasts); after, its mmap
     threshold is CEILING and its trim threshold TRIM. Nothing where the C library is
     not glibc (macOS, Windows, musl), nor where the user chose a threshold (MALLOC_MMAP_THRESHOLD_, or
@@ -40,7 +48,7 @@ def large_blocks_mapped() -> Iterator[None]:
     if mallopt is None:
         yield
         return
-    mallopt(M_MMAP_THRESHOLD, PREFILL_THRESHOLD)
+    mallopt(M_MMAP_THRESHOLD, threshold)
     mallopt(M_TRIM_THRESHOLD, PREFILL_TRIM)
     try:
         yield
