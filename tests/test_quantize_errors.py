@@ -216,6 +216,15 @@ def test_weights_too_large_for_a_finite_scale_are_one_line(tiny_copy, tmp_path, 
     assert f"{victim}: its scale" in line and "the source's weights are too large" in line
 
 
+def test_weights_nf4_cannot_hold_are_one_line(tiny_copy, tmp_path, capsys):
+    """Two finite blocks near bf16's largest value: bitsandbytes' double quantization overflows (the folder was written,
+    exit 0, and its reader refused it as damaged)."""
+    victim = "model.layers.1.block_sparse_moe.experts.0.w1.weight"
+    _poison(tiny_copy, victim, (3.0e38,) + (0.0,) * 63 + (3.0e38,))
+    line = fails(capsys, tmp_path, "--scheme", "nf4", src=tiny_copy)
+    assert f"{victim}: its NF4 quant state overflows" in line and "the source's weights are too large" in line
+
+
 def test_corrupt_values_in_a_shard_leave_nothing_behind(tiny_copy, tmp_path, capsys):
     victim = "model.layers.2.self_attn.o_proj.weight"
     _poison(tiny_copy, victim)

@@ -11,7 +11,7 @@ from klconvert.checkpoint.regular_file import parse_json
 from klconvert.damage_remedy import damaged_folder_remedy
 from klconvert.errors import KLError, unreadable_reason
 from klconvert.extras import require
-from klconvert.quant.pack_quantized import local_names
+from klconvert.quant.pack_quantized import SOURCE_OUT_OF_RANGE, largest_dequantized, local_names
 from klconvert.quant.scheme import NF4_BLOCKSIZE
 from klconvert.quant.stored import NF4_DATA, NF4_NESTED_PARTS, NF4_PARTS, NF4_REQUIRED, NF4_STATE, nf4_parts
 
@@ -46,12 +46,35 @@ def compress_nf4(prefix: str, w: torch.Tensor, double_quant: bool = NF4_DOUBLE_Q
     with torch.device("cpu"):   # bitsandbytes makes its JSON state on the default device: the host, not an app's
         packed, state = bnbf.quantize_4bit(w.contiguous(), blocksize=NF4_BLOCKSIZE, compress_statistics=double_quant,
                                            quant_type="nf4", quant_storage=torch.uint8)
+        _refuse_out_of_range(f"{prefix}.weight", w, state)
         parts = state.as_dict(packed=True)
     out = {f"{prefix}.weight": packed}
     for key, t in parts.items():
         # clone: quant_map is bitsandbytes' shared code book, and safetensors refuses shared storage
         out[f"{prefix}.weight.{key}"] = t.clone().contiguous()
     return out
+
+
+def _refuse_out_of_range(where: str, w: torch.Tensor, state) -> None:
+    """KLError naming `where` when bitsandbytes' quant `state` of the finite weight `w` dequantizes a weight past
+    largest_dequantized (check_scales' refusal, for NF4) or to NaN: double quantization stores each block's absmax less
+    their mean, which is inf once they sum past fp32's range (two blocks near bf16's largest value), and writes the
+    nested absmax and offset as inf -- a folder its reader calls damaged. A block's largest weight is its absmax times
+    the code book's largest code."""
+    absmax = state.absmax
+    if state.nested:   # as bitsandbytes' dequantize_4bit rebuilds them
+        absmax = _bnb("--scheme nf4").dequantize_blockwise(state.absmax, state.state2) + state.offset
+    blocks = absmax.float().abs()
+    reached = float(blocks.amax()) * float(state.code.abs().amax())
+    limit = largest_dequantized(w.dtype)
+    if reached <= limit:   # False for NaN too
+        return
+    if not math.isfinite(reached):
+        raise KLError(f"{where}: its NF4 quant state overflows: bitsandbytes' double quantization stores each block's "
+                      f"largest value less their mean, and these (up to {float(w.abs().amax()):.4g}) sum past fp32's "
+                      f"range; {SOURCE_OUT_OF_RANGE}")
+    raise KLError(f"{where}: its NF4 block {int(blocks.argmax()):,} (of {NF4_BLOCKSIZE} values) dequantizes a weight "
+                  f"to {reached:.4g}, past the largest finite value {limit:.4g}; {SOURCE_OUT_OF_RANGE}")
 
 
 @torch.no_grad()

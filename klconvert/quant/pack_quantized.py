@@ -15,6 +15,14 @@ from klconvert.quant.stored import PACKED_PARTS, PACKED_REQUIRED
 # A dequantized weight must be finite in the narrowest dtype a runtime holds weights in (bf16; fp32's range is a hair
 # wider) and in its scale's dtype, which dequantizing computes in.
 NARROWEST_RUNTIME_DTYPE = torch.bfloat16
+# What ends a quantizer's refusal of such a weight: the source's own values, which no rerun changes
+SOURCE_OUT_OF_RANGE = ("the source's weights are too large for any model's; check the source (a fine-tune that "
+                       "diverged?) or re-download it")
+
+
+def largest_dequantized(dtype: torch.dtype) -> float:
+    """The largest magnitude a weight dequantized in `dtype` may reach: finite there and in NARROWEST_RUNTIME_DTYPE."""
+    return min(torch.finfo(dtype).max, torch.finfo(NARROWEST_RUNTIME_DTYPE).max)
 
 
 def pack_to_int32(q: torch.Tensor, bits: int, packed_dim: int = 1) -> torch.Tensor:
@@ -84,8 +92,7 @@ def compress_weight(name_prefix: str, w: torch.Tensor, scheme: QuantScheme) -> d
     }
     if zero_point is not None:
         out[f"{name_prefix}.weight_zero_point"] = pack_to_int32(zero_point, scheme.bits, packed_dim=0)
-    check_scales(out, scheme, f"{name_prefix}.weight", lambda: "the source's weights are too large for any model's; "
-                 "check the source (a fine-tune that diverged?) or re-download it")
+    check_scales(out, scheme, f"{name_prefix}.weight", lambda: SOURCE_OUT_OF_RANGE)
     return out
 
 
@@ -140,7 +147,7 @@ def check_scales(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, where
     else:
         zero = unpack_from_int32(found["weight_zero_point"], scheme.bits, tuple(scale.shape), packed_dim=0)
         reach = torch.maximum(zero - qmin, qmax - zero).float()
-    limit = min(torch.finfo(scale.dtype).max, torch.finfo(NARROWEST_RUNTIME_DTYPE).max)
+    limit = largest_dequantized(scale.dtype)
     largest = float(scale.abs().amax()) * float(reach) if scheme.symmetric else \
         float((scale.float().abs() * reach).amax())
     if largest <= limit:

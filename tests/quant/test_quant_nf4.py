@@ -76,6 +76,24 @@ def test_nf4_errors():
         decompress_nf4({P + ".weight": torch.zeros(8, 1, dtype=torch.uint8)})
 
 
+def test_nf4_of_weights_its_quant_state_cannot_hold_is_refused_naming_the_weight():
+    """Finite weights whose NF4 state is not: double quantization stores each block's absmax less their mean, which
+    two blocks near bf16's largest value sum past fp32's range -- the nested absmax and offset were written as inf, in
+    a folder its reader then called damaged. Past bf16's largest value (an fp32 weight) a block dequantizes to
+    infinity in the runtime's bf16, as check_scales refuses for the int schemes."""
+    w = torch.zeros(64, 128, dtype=torch.bfloat16)
+    w[0, 0] = w[0, 64] = 0.99 * torch.finfo(torch.bfloat16).max
+    with pytest.raises(KLError, match=rf"^{P}\.weight: its NF4 quant state overflows: .* \(up to 3\.35e\+38\) sum past "
+                                      r"fp32's range; the source's weights are too large for any model's; check the "
+                                      r"source \(a fine-tune that diverged\?\) or re-download it$"):
+        compress_nf4(P, w)
+    w = torch.zeros(64, 128)
+    w[1, 70] = 3.4e38
+    with pytest.raises(KLError, match=rf"^{P}\.weight: its NF4 block 3 \(of 64 values\) dequantizes a weight to "
+                                      r"3\.4e\+38, past the largest finite value 3\.39e\+38; the source's weights"):
+        compress_nf4(P, w, double_quant=False)
+
+
 def _state(text: str) -> torch.Tensor:
     return torch.tensor(list(text.encode()), dtype=torch.uint8)
 
