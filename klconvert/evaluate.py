@@ -22,6 +22,7 @@ from klconvert.runtime.device_memory import (ContextDoesNotFit, DeviceMemoryExha
                                              device_allocation, device_exhausted)
 from klconvert.runtime.host_malloc import give_back_free_pages
 from klconvert.runtime.host_memory import NAMED_FIT_SHARE, HostMemory, host_allocation, host_memory
+from klconvert.runtime.logits_not_finite import LogitsNotFinite
 from klconvert.runtime.memory_plan import MemoryPlan, weight_bytes
 from klconvert.runtime.sampling import as_number
 from klconvert.text_input import text_tokens
@@ -100,13 +101,16 @@ def run_model(path: Path, ids: list[int], device: str | torch.device | None, dty
     MemoryError), naming the model as `named` (as the user gave it: "--model tiny"; default: its path); the GPU's,
     in the engine or out of it, DeviceMemoryExhausted naming it too, and a model of fewer bits only where it is not
     the `reference`; a plan past the room that fewer tokens fit, ContextDoesNotFit naming it and max_tokens; one
-    that no context fits beside the weights, WeightsDoNotFit naming it, and fewer bits as the GPU's refusal does."""
+    that no context fits beside the weights, WeightsDoNotFit naming it, and fewer bits as the GPU's refusal does;
+    logits that are not finite, LogitsNotFinite naming it."""
     try:
         return _run_model(path, ids, device, dtype, named)
     except ContextDoesNotFit as e:   # the context planned is the text's tokens, which max_tokens sets
         raise e.ran_by(named or str(path), CONTEXT_ARGUMENT) from None
     except WeightsDoNotFit as e:
         raise e.ran_by(named or str(path), not reference) from None
+    except LogitsNotFinite as e:   # either model's weights may overflow: the line says whose did
+        raise e.ran_by(named or str(path)) from None
     except (DeviceMemoryExhausted, RuntimeError) as e:   # torch.OutOfMemoryError is a RuntimeError
         exhausted = e if isinstance(e, DeviceMemoryExhausted) else device_exhausted(e, LESS_ON_DEVICE)
         if exhausted is None:

@@ -29,6 +29,7 @@ from klconvert.runtime.device_memory import (BatchDoesNotFit, ContextDoesNotFit,
 from klconvert.runtime.host_malloc import LOAD_THRESHOLD, large_blocks_mapped
 from klconvert.runtime.host_memory import NAMED_FIT_SHARE, HostMemory, host_allocation, host_memory
 from klconvert.runtime.intra_op_threads import start_intra_op_threads
+from klconvert.runtime.logits_not_finite import LogitsNotFinite
 from klconvert.runtime.memory_plan import (DECODE_COPIES, LOGIT_ROWS, MAX_BATCH, PREFILL_ROWS, PREFILL_SEGMENT,
                                            MemoryPlan, weight_bytes)
 from klconvert.runtime.model import KimiLinear
@@ -42,8 +43,6 @@ SMALL_MODEL_HIDDEN = 1024  # below this hidden size, CPU decode runs on one thre
 MAX_TOKENS_IN_FLIGHT = 8  # decode steps the host may run ahead of the tokens it has seen (stop checks lag so)
 OUT_COLUMNS = 1024  # new ids held on the device a block of this many steps at a time: the output grows as they come
 NOT_FINITE = -1  # what the host is handed, in place of an id, for a step whose logits were not finite (sample)
-OVERFLOW_CAUSE = ("its weights or config.json (e.g. routed_scaling_factor) make the activations overflow -- check "
-                  "them, or re-download the model")
 SEGMENTS = "forward_segments"  # Runner._holder while a forward_segments iterator is being read
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}  # load's dtype by name (--dtype's choices)
 DEFAULT_DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}  # the compute dtype on each device type unless told
@@ -490,8 +489,7 @@ class Runner:
                 for b, t in enumerate(row):
                     if not stopped[b]:
                         if t == NOT_FINITE:   # the steps still queued on the device are dropped with the engine's hold
-                            raise KLError(f"the model computed NaN or infinite logits at new token {made[b] + 1} of "
-                                          f"prompt {b + 1}: {OVERFLOW_CAUSE}")
+                            raise LogitsNotFinite(f"at new token {made[b] + 1} of prompt {b + 1}")
                         stopped[b], made[b] = t in stop_ids, made[b] + 1
                         if on_token:
                             on_token(b, t)
@@ -749,7 +747,7 @@ class Engine(Runner):
         NaN on), where torch.isfinite made 1.5x the logits in temporaries, which the plan would have to count."""
         logits = self.model.logits(hidden)
         if not bool(torch.isfinite(torch.stack(torch.aminmax(logits))).all()):
-            raise KLError(f"the model computed NaN or infinite logits for the prompt: {OVERFLOW_CAUSE}")
+            raise LogitsNotFinite("for the prompt")
         return logits
 
     def forward(self, input_ids) -> torch.Tensor:

@@ -946,3 +946,22 @@ def test_a_model_whose_weights_leave_the_host_no_room_names_it_and_fewer_bits_wh
                             rf"{re.escape(size_text(limit))} available under the process's data-segment limit "
                             r"\(ulimit -d\); " + re.escape(said), line), line
         limit, room = plans[-1].weights, "even the smallest context does not fit beside the weights ({})"
+
+
+@pytest.mark.parametrize("overflowing", ["--model", "--reference"])
+def test_logits_that_are_not_finite_name_the_model_that_computed_them(tiny_copy, tiny_released, tmp_path, capsys,
+                                                                      overflowing):
+    """A final norm of 3e38 overflows the logits: the line was the same whichever model held it, and one whose
+    reference overflowed would blame (and download again) the quantized model."""
+    norm = "model.norm.weight"
+    shard = tiny_copy / json.loads((tiny_copy / "model.safetensors.index.json").read_text())["weight_map"][norm]
+    tensors = load_file(shard)
+    tensors[norm].fill_(3e38)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    models = {"--model": tiny_released, "--reference": tiny_released, overflowing: tiny_copy}
+    code, _, err = run_cli(capsys, "eval", *(part for pair in models.items() for part in pair), "--text-file", text,
+                           "--max-tokens", "16", "--device", "cpu")
+    assert_one_line_error(code, err, f"klconvert: error: {overflowing} {tiny_copy}: the model computed NaN or "
+                                     "infinite logits for the prompt: its weights")
