@@ -17,6 +17,11 @@ class KLError(Exception):
     exit_code = 2
 
 
+class ValuesRefused(KLError):
+    """A refusal of the values a checkpoint holds (a NaN or an infinity, a weight past what its quantized form can
+    hold): a rerun over the same files meets them again, so quantize keeps no finished shards for one."""
+
+
 class PlanDoesNotFit(KLError):
     """The memory plan asked for needs more than the given GPU memory: an answer, not bad input (exit status 3)."""
 

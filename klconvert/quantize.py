@@ -45,7 +45,7 @@ from klconvert.config import MAX_CONFIG_BYTES, KimiLinearConfig
 from klconvert.damage_remedy import damaged_folder_remedy
 from klconvert.devices import checked_device
 from klconvert.disk_space import failed_write
-from klconvert.errors import KLError, argument, controls_escaped, either, refuse_non_bool
+from klconvert.errors import KLError, ValuesRefused, argument, controls_escaped, either, refuse_non_bool
 from klconvert.extras import require
 from klconvert.generation_config import GENERATION_CONFIG_FILE, check_generation_config
 from klconvert.hub import SIDE_FILES, HubFile, is_repo_id, pull
@@ -376,8 +376,11 @@ def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch
         if bar is not None:
             bar.leave = False  # a failed run ends with its error line, not a half-full bar
         # something a rerun resumes from -- a shard recorded finished, by this run or one before it (a rerun stopped
-        # while it checks them keeps them) -- in a folder still there (not removed while this ran); else nothing is left
-        kept = bool(folder.finished) and folder.path.is_dir()
+        # while it checks them keeps them) -- in a folder still there (not removed while this ran); else nothing is
+        # left. Not after a refusal of SRC's values: a rerun over the same files meets them again, and SRC mended is
+        # another source, whose run is refused the shards (--force offered): for the 48B release, whose last tensor
+        # lm_head is, ~25 GB kept for nothing
+        kept = bool(folder.finished) and folder.path.is_dir() and not isinstance(e, ValuesRefused)
         if folder.opened:   # else the folder, if any, is not this run's: a refused or ended finish, a refused folder
             folder.remove_unfinished() if kept else folder.remove()
         if isinstance(e, OSError):

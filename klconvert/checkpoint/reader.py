@@ -50,7 +50,7 @@ from klconvert.checkpoint.size_bounds import check_model_size, max_header_bytes,
 from klconvert.checkpoint.stored_tensor import TORCH_DTYPES, read_stored
 from klconvert.config import WEIGHT_DTYPES, KimiLinearConfig
 from klconvert.damage_remedy import damaged_folder_remedy
-from klconvert.errors import (KLError, refuse_if_not_permitted, refuse_out_of_descriptors, shown,
+from klconvert.errors import (KLError, ValuesRefused, refuse_if_not_permitted, refuse_out_of_descriptors, shown,
                               unreadable_reason)
 from klconvert.quant import QuantScheme
 from klconvert.quant.pack_quantized import check_scales
@@ -81,8 +81,8 @@ def _shard_path(folder: Path, shard: object, where: Path) -> Path:
 
 
 def _refuse_non_finite(tensor: torch.Tensor, path: Path, name: str, remedy: Callable[[], str]) -> None:
-    """KLError when a floating-point tensor (`name`, read from the shard at `path`) holds a NaN or an infinity, naming
-    the first; `remedy` ends the line (Checkpoint._remedy: what to do by the folder's origin).
+    """ValuesRefused when a floating-point tensor (`name`, read from the shard at `path`) holds a NaN or an infinity,
+    naming the first; `remedy` ends the line (Checkpoint._remedy: what to do by the folder's origin).
 
     A slice's fp32 sum is finite when every value is (3x faster than isfinite); only a slice whose sum is not --
     a NaN, an infinity, or finite values summing past fp32's range -- is searched value by value.
@@ -97,8 +97,8 @@ def _refuse_non_finite(tensor: torch.Tensor, path: Path, name: str, remedy: Call
         bad = (~torch.isfinite(part.float())).nonzero()   # float: torch has no isfinite for the float8 types
         if len(bad):
             at = start + int(bad[0, 0])
-            raise KLError(f"{path}: tensor {name} holds {float(flat[at])} at flat index {at:,} (NaN or infinite "
-                          f"weights); the checkpoint is damaged -- {remedy()}")
+            raise ValuesRefused(f"{path}: tensor {name} holds {float(flat[at])} at flat index {at:,} (NaN or "
+                                f"infinite weights); the checkpoint is damaged -- {remedy()}")
 
 
 class Checkpoint:

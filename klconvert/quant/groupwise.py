@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from klconvert.errors import KLError, either, shown
+from klconvert.errors import KLError, ValuesRefused, either, shown
 
 SUPPORTED_BITS = (4, 8)  # an int scheme's bits (kernels/ check their own: they import nothing from the package)
 CHANNEL = -1  # group_size meaning "one group per output row" (compressed-tensors strategy "channel")
@@ -167,7 +167,7 @@ def quantize_groupwise(w: torch.Tensor, bits: int, group_size: int | None, symme
     groups = w.unflatten(-1, (w.shape[-1] // gs, gs))                       # (out, G, gs)
     lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)                       # (out, G)
     if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):  # NaN and Inf reach min or max
-        raise KLError(f"{name}: the weight holds NaN or Inf values; the checkpoint is damaged -- re-download it")
+        raise ValuesRefused(f"{name}: the weight holds NaN or Inf values; the checkpoint is damaged -- re-download it")
     lo, hi = torch.min(lo, torch.zeros_like(lo)), torch.max(hi, torch.zeros_like(hi))
     if observer == "mse":
         lo, hi = _mse_bounds(groups, lo, hi, symmetric, q_min, q_max)

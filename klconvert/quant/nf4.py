@@ -9,7 +9,7 @@ import torch
 
 from klconvert.checkpoint.regular_file import parse_json
 from klconvert.damage_remedy import damaged_folder_remedy
-from klconvert.errors import KLError, unreadable_reason
+from klconvert.errors import KLError, ValuesRefused, unreadable_reason
 from klconvert.extras import require
 from klconvert.quant.pack_quantized import SOURCE_OUT_OF_RANGE, largest_dequantized, local_names
 from klconvert.quant.scheme import NF4_BLOCKSIZE
@@ -40,8 +40,8 @@ def compress_nf4(prefix: str, w: torch.Tensor, double_quant: bool = NF4_DOUBLE_Q
         raise KLError(f"{prefix}.weight: {w.numel()} elements do not fill whole NF4 blocks of {NF4_BLOCKSIZE}; "
                       "leave it out of the recipe's targets")
     if not bool(torch.isfinite(w).all()):
-        raise KLError(f"{prefix}.weight: the weight holds NaN or Inf values; the checkpoint is damaged -- "
-                      "re-download it")
+        raise ValuesRefused(f"{prefix}.weight: the weight holds NaN or Inf values; the checkpoint is damaged -- "
+                            "re-download it")
     bnbf = _bnb("--scheme nf4 (or use --scheme int)")
     with torch.device("cpu"):   # bitsandbytes makes its JSON state on the default device: the host, not an app's
         packed, state = bnbf.quantize_4bit(w.contiguous(), blocksize=NF4_BLOCKSIZE, compress_statistics=double_quant,
@@ -56,7 +56,7 @@ def compress_nf4(prefix: str, w: torch.Tensor, double_quant: bool = NF4_DOUBLE_Q
 
 
 def _refuse_out_of_range(where: str, w: torch.Tensor, state) -> None:
-    """KLError naming `where` when bitsandbytes' quant `state` of the finite weight `w` dequantizes a weight past
+    """ValuesRefused naming `where` when bitsandbytes' quant `state` of the finite weight `w` dequantizes a weight past
     largest_dequantized (check_scales' refusal, for NF4) or to NaN: double quantization stores each block's absmax less
     their mean, which is inf once they sum past fp32's range (two blocks near bf16's largest value), and writes the
     nested absmax and offset as inf -- a folder its reader calls damaged. A block's largest weight is its absmax times
@@ -70,11 +70,11 @@ def _refuse_out_of_range(where: str, w: torch.Tensor, state) -> None:
     if reached <= limit:   # False for NaN too
         return
     if not math.isfinite(reached):
-        raise KLError(f"{where}: its NF4 quant state overflows: bitsandbytes' double quantization stores each block's "
-                      f"largest value less their mean, and these (up to {float(w.abs().amax()):.4g}) sum past fp32's "
-                      f"range; {SOURCE_OUT_OF_RANGE}")
-    raise KLError(f"{where}: its NF4 block {int(blocks.argmax()):,} (of {NF4_BLOCKSIZE} values) dequantizes a weight "
-                  f"to {reached:.4g}, past the largest finite value {limit:.4g}; {SOURCE_OUT_OF_RANGE}")
+        raise ValuesRefused(f"{where}: its NF4 quant state overflows: bitsandbytes' double quantization stores each "
+                            f"block's largest value less their mean, and these (up to {float(w.abs().amax()):.4g}) "
+                            f"sum past fp32's range; {SOURCE_OUT_OF_RANGE}")
+    raise ValuesRefused(f"{where}: its NF4 block {int(blocks.argmax()):,} (of {NF4_BLOCKSIZE} values) dequantizes a "
+                        f"weight to {reached:.4g}, past the largest finite value {limit:.4g}; {SOURCE_OUT_OF_RANGE}")
 
 
 @torch.no_grad()
@@ -96,7 +96,8 @@ def decompress_nf4(tensors: Mapping[str, torch.Tensor], where: str = "an NF4 wei
                                           device=packed.device)
     w = bnbf.dequantize_4bit(packed, state)
     if not bool(torch.isfinite(w).all()):
-        raise KLError(f"{where}: its NF4 tensors dequantize to NaN or Inf; the checkpoint is damaged -- {remedy()}")
+        raise ValuesRefused(f"{where}: its NF4 tensors dequantize to NaN or Inf; the checkpoint is damaged -- "
+                            f"{remedy()}")
     return w
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from klconvert.damage_remedy import damaged_folder_remedy
-from klconvert.errors import KLError, either
+from klconvert.errors import KLError, ValuesRefused, either
 from klconvert.quant.groupwise import SUPPORTED_BITS, dequantize_groupwise, qrange, quantize_groupwise
 from klconvert.quant.scheme import QuantScheme
 from klconvert.quant.stored import PACKED_PARTS, PACKED_REQUIRED
@@ -133,7 +133,7 @@ def decompress_weight(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme,
 
 def check_scales(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, where: str,
                  remedy: Callable[[], str]) -> None:
-    """KLError naming `where` when a scale times the code farthest from its group's zero point passes the largest
+    """ValuesRefused naming `where` when a scale times the code farthest from its group's zero point passes the largest
     finite value of the scale's dtype or of NARROWEST_RUNTIME_DTYPE: that weight would dequantize to infinity. (Zero
     and negative scales are sound; NaN and infinite ones are refused on reading.) One reduction a weight, in the
     scales' own precision or fp32 -- a product past fp32's range is inf, refused all the same. `remedy`, asked only
@@ -154,5 +154,5 @@ def check_scales(tensors: Mapping[str, torch.Tensor], scheme: QuantScheme, where
         return
     reached = (scale.double().abs() * reach.double()).reshape(-1)   # where, for the message
     at = int(reached.argmax())
-    raise KLError(f"{where}: its scale {float(scale.reshape(-1)[at]):.4g} (at flat index {at:,}) dequantizes a weight "
-                  f"to {float(reached[at]):.4g}, past the largest finite value {limit:.4g}; {remedy()}")
+    raise ValuesRefused(f"{where}: its scale {float(scale.reshape(-1)[at]):.4g} (at flat index {at:,}) dequantizes a "
+                        f"weight to {float(reached[at]):.4g}, past the largest finite value {limit:.4g}; {remedy()}")
