@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -554,6 +555,24 @@ def test_checkpoint_get_checks_every_slice(tiny_copy, monkeypatch):
     with pytest.raises(KLError, match=r"model.embed_tokens.weight holds nan at flat index 77"):
         checkpoint.get("model.embed_tokens.weight")
     assert torch.isfinite(checkpoint.get(NAME)).all()
+
+
+@pytest.mark.parametrize("half", [0, 1], ids=["w1", "w3"])   # gate_up_proj's halves
+def test_a_non_finite_value_in_a_stack_is_placed_in_the_stack(tiny_transformers, tmp_path, half):
+    """A transformers-layout stack is read an expert's part at a time: the flat index was the part's own (391 for
+    [5, 3, 7] of a [16, 256, 128] gate_up_proj), which in the tensor the line names is another, healthy value."""
+    folder = shutil.copytree(tiny_transformers, tmp_path / "tf")
+    stack = "model.layers.1.mlp.experts.gate_up_proj"
+    shard = folder / json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"][stack]
+    tensors = load_file(shard)
+    _, rows, columns = tensors[stack].shape
+    row = half * rows // 2 + 3
+    tensors[stack][5, row, 7] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    checkpoint = Checkpoint(folder)
+    with pytest.raises(KLError, match=rf"{stack} holds nan at flat index {(5 * rows + row) * columns + 7:,} "):
+        for part in ("w1", "w3"):
+            checkpoint.get(f"model.layers.1.block_sparse_moe.experts.5.{part}.weight")
 
 
 def test_large_finite_weights_are_not_mistaken_for_infinite(tiny_copy):

@@ -47,7 +47,7 @@ from klconvert.checkpoint.quantized import (
 )
 from klconvert.checkpoint.safetensors_header import SafetensorsHeader, read_header
 from klconvert.checkpoint.size_bounds import check_model_size, max_header_bytes, max_header_values
-from klconvert.checkpoint.stored_tensor import TORCH_DTYPES, read_stored
+from klconvert.checkpoint.stored_tensor import TORCH_DTYPES, index_span, read_stored
 from klconvert.config import WEIGHT_DTYPES, KimiLinearConfig
 from klconvert.damage_remedy import damaged_folder_remedy
 from klconvert.errors import (KLError, ValuesRefused, refuse_if_not_permitted, refuse_out_of_descriptors, shown,
@@ -80,9 +80,11 @@ def _shard_path(folder: Path, shard: object, where: Path) -> Path:
     return folder / shard
 
 
-def _refuse_non_finite(tensor: torch.Tensor, path: Path, name: str, remedy: Callable[[], str]) -> None:
-    """ValuesRefused when a floating-point tensor (`name`, read from the shard at `path`) holds a NaN or an infinity,
-    naming the first; `remedy` ends the line (Checkpoint._remedy: what to do by the folder's origin).
+def _refuse_non_finite(tensor: torch.Tensor, path: Path, name: str, first: int, remedy: Callable[[], str]) -> None:
+    """ValuesRefused when a floating-point tensor (tensor `name` of the shard at `path`, or the slice of it starting at
+    its flat index `first`) holds a NaN or an infinity, naming the first by its flat index in `name` -- the tensor the
+    line names (a slice's own index pointed at a healthy value of a transformers-layout stack); `remedy` ends the line
+    (Checkpoint._remedy: what to do by the folder's origin).
 
     A slice's fp32 sum is finite when every value is (3x faster than isfinite); only a slice whose sum is not --
     a NaN, an infinity, or finite values summing past fp32's range -- is searched value by value.
@@ -97,7 +99,7 @@ def _refuse_non_finite(tensor: torch.Tensor, path: Path, name: str, remedy: Call
         bad = (~torch.isfinite(part.float())).nonzero()   # float: torch has no isfinite for the float8 types
         if len(bad):
             at = start + int(bad[0, 0])
-            raise ValuesRefused(f"{path}: tensor {name} holds {float(flat[at])} at flat index {at:,} (NaN or "
+            raise ValuesRefused(f"{path}: tensor {name} holds {float(flat[at])} at flat index {first + at:,} (NaN or "
                                 f"infinite weights); the checkpoint is damaged -- {remedy()}")
 
 
@@ -320,7 +322,8 @@ class Checkpoint:
             self._refuse_replaced(shard)   # gone, or another file there now
             raise KLError(f"{path}: cannot read tensor {shown(name)} ({unreadable_reason(e)}); "
                           f"{self._remedy(shard)()}") from None
-        _refuse_non_finite(tensor, path, name, self._remedy(shard))
+        _refuse_non_finite(tensor, path, name, index_span(self.headers[shard].tensors[name].shape, index)[0],
+                           self._remedy(shard))
         return tensor
 
     def _refuse_replaced(self, shard: str, now: os.stat_result | None = None) -> None:
