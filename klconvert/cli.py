@@ -285,11 +285,11 @@ class OneLineErrors(click.Group):
             result = super().main(args, prog_name, standalone_mode=False, **extra)
             sys.stdout.flush()   # what the command left in stdout's buffer: failing to write it fails the command
             return result
-        except StdoutFailed as e:   # klconvert.entry's standard output (a full disk, closed, a reader gone)
+        except StdoutFailed as e:   # klconvert.entry's standard output (a full disk, closed, a reader gone, an
+            # encoding that cannot write a character)
             if e.errno == errno.EPIPE:   # its reader stopped reading (`| head`): no line, and a shell's status for
                 sys.exit(signal_status(signal.SIGPIPE))   # a command SIGPIPE ended, as Python ignores SIGPIPE
-            click.echo(f"klconvert: error: cannot write standard output ({e.strerror}); redirect it somewhere that "
-                       "can take it" + (f" ({complete_note(e.complete)})" if e.complete is not None else ""),
+            click.echo(f"klconvert: error: {e}" + (f" ({complete_note(e.complete)})" if e.complete is not None else ""),
                        err=True)
             sys.exit(KLError.exit_code)
         except KLError as e:   # one raised while out of file descriptors blames what it read: the limit is said

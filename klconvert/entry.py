@@ -22,10 +22,11 @@ command runs an interrupt is one inside an import.
 
 Standard streams. A standard output that cannot be written (a full disk, closed: `>&-`) fails the command at its
 first write, as StdoutFailed (the CLI says so in one line; for a reader that is gone, `| head`, it ends quietly with
-141, as a command SIGPIPE killed does); a message standard error cannot show (closed, a reader gone) is dropped, and
-the command ends as it would have. A standard descriptor (0, 1, 2) the command was started without is held open on
-/dev/null first, so that no file the command opens takes its number: what a library writes to descriptor 2 (a CUDA
-or Triton warning) would land in that file."""
+141, as a command SIGPIPE killed does), and so does a character its encoding cannot write (PYTHONIOENCODING=latin-1,
+a path's →: the line says how to get UTF-8; replaced, the path would be another to a script that reads it); a message
+standard error cannot show (closed, a reader gone) is dropped, and the command ends as it would have. A standard
+descriptor (0, 1, 2) the command was started without is held open on /dev/null first, so that no file the command
+opens takes its number: what a library writes to descriptor 2 (a CUDA or Triton warning) would land in that file."""
 from __future__ import annotations
 
 import errno  # all but signal are loaded with the interpreter: no import runs before the handler but signal's
@@ -302,15 +303,24 @@ class Uninterrupted:
 
 
 class StdoutFailed(Exception):
-    """A write to standard output failed: `errno` and `strerror` are its OSError's (EBADF, "it is closed", for a
-    closed one). Not an OSError, which click takes for its own: one of a reader that is gone (EPIPE) it answered
-    with status 1, unsaid. `complete`: the output the command had written whole before, whose path it was printing
-    (the CLI's line says so: a user took the failed command's OUT for a failed conversion)."""
+    """A write to standard output failed; its message is what went wrong and what to do, as the CLI's line says it.
+    `errno`: its OSError's (EBADF for a closed one), None for a character the encoding cannot write. Not an OSError,
+    which click takes for its own: one of a reader that is gone (EPIPE) it answered with status 1, unsaid.
+    `complete`: the output the command had written whole before, whose path it was printing (the CLI's line says so:
+    a user took the failed command's OUT for a failed conversion)."""
 
-    def __init__(self, error: OSError):
-        super().__init__(error.strerror)
-        self.errno, self.strerror = error.errno, error.strerror
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
         self.complete: os.PathLike | None = None
+
+
+def _unencodable(encoding: str, character: str) -> str:
+    """What a StdoutFailed says of a `character` that standard output's `encoding` cannot write: how to get UTF-8
+    (PYTHONIOENCODING wins over the locale, so the locale is offered only where it is unset)."""
+    locale = "" if "PYTHONIOENCODING" in os.environ else " or run under a UTF-8 locale, e.g. LC_ALL=C.UTF-8"
+    return (f"standard output's encoding, {encoding}, has no U+{ord(character):04X}, which the command printed; set "
+            f"PYTHONIOENCODING=utf-8{locale}")
 
 
 class _StandardFile(io.RawIOBase):
@@ -348,8 +358,22 @@ class _StandardFile(io.RawIOBase):
             except OSError as e:
                 self.failed = True
                 if self.raises:
-                    raise StdoutFailed(e) from None
+                    raise StdoutFailed(f"cannot write standard output ({e.strerror}); redirect it somewhere that can "
+                                       "take it", e.errno) from None
         return len(data)
+
+
+class _StandardOutput(io.TextIOWrapper):
+    """Standard output's text: a character its encoding cannot write (PYTHONIOENCODING=latin-1, a path's →), where
+    its errors are strict, fails the command as StdoutFailed, in one line -- Python's UnicodeEncodeError was a
+    traceback. Not replaced unsaid: a script that reads a printed path would take another path. (`run`, whose text
+    people read, sets its errors to replace.)"""
+
+    def write(self, text: str) -> int:
+        try:
+            return super().write(text)
+        except UnicodeEncodeError as e:
+            raise StdoutFailed(_unencodable(self.encoding, e.object[e.start])) from None
 
 
 def _standard(stream, raises: bool):
@@ -365,9 +389,9 @@ def _standard(stream, raises: bool):
     stream.flush()
     raw = _StandardFile(fd, raises)   # unbuffered where Python's stream is (python -u, PYTHONUNBUFFERED): no 8 KiB held
     buffered = raw if isinstance(getattr(stream, "buffer", None), io.RawIOBase) else io.BufferedWriter(raw)
-    return io.TextIOWrapper(buffered, encoding=stream.encoding,
-                            errors=stream.errors, line_buffering=stream.line_buffering,
-                            write_through=stream.write_through)
+    return (_StandardOutput if raises else io.TextIOWrapper)(buffered, encoding=stream.encoding,
+                                                             errors=stream.errors, line_buffering=stream.line_buffering,
+                                                             write_through=stream.write_through)
 
 
 def _hold_standard_descriptors() -> None:

@@ -112,6 +112,32 @@ def test_a_standard_output_that_fails_after_out_is_whole_says_it_is_complete(mon
     assert out.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["out", "stderr.txt"]
 
 
+@pytest.mark.parametrize("encoding", ["latin-1", "cp1252"])
+def test_a_path_standard_output_cannot_encode_is_one_line(monkeypatch, tmp_path, err_file, encoding):
+    """Under PYTHONIOENCODING=latin-1 (or cp1252) a quantize into q→ ended, OUT whole, in a UnicodeEncodeError
+    traceback and status 1 (h282). The path is not printed with the arrow replaced (a script would take another
+    path): one line names what the encoding lacks and how to get UTF-8, and says OUT is complete."""
+    out = tmp_path / "q→"
+    with open(tmp_path / "stdout.txt", "w", encoding=encoding) as stdout:
+        code = run_entry(monkeypatch, "quantize", "tiny", out, stdout=stdout, stderr=err_file)
+    line = written(err_file).splitlines()[-1]   # after quantize's summary
+    assert code == 2 and "Traceback" not in written(err_file), written(err_file)
+    assert line.startswith(f"klconvert: error: standard output's encoding, {encoding}, has no U+2192, which the "
+                           "command printed; set PYTHONIOENCODING=utf-8"), line
+    assert line.endswith(f" ({out} is complete: only its path was not printed)"), line
+    assert out.is_dir() and (tmp_path / "stdout.txt").read_text(encoding=encoding) == ""
+
+
+def test_a_report_standard_output_cannot_encode_is_one_line(monkeypatch, tmp_path, err_file):
+    """plan's report, whose title names the folder as given, likewise: one line, not a traceback."""
+    (tmp_path / "q→").symlink_to(bundled_dir())
+    monkeypatch.chdir(tmp_path)
+    with open(tmp_path / "stdout.txt", "w", encoding="latin-1") as stdout:
+        code = run_entry(monkeypatch, "plan", "--model", "q→", stdout=stdout, stderr=err_file)
+    line = assert_one_line_error(code, written(err_file), "standard output's encoding, latin-1, has no U+2192")
+    assert "is complete" not in line, line
+
+
 @pytest.mark.parametrize("args", [PLAN, RUN])
 def test_a_reader_that_is_gone_ends_the_command_quietly(monkeypatch, err_file, broken_pipe, args):
     assert run_entry(monkeypatch, *args, stdout=broken_pipe, stderr=err_file) == 141
