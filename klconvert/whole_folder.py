@@ -76,7 +76,8 @@ def refuse_taken(out: Path, force: bool = False, replaceable: Replaceable | None
     if others:
         foreign = None if replaceable is None else _not_replaceable(out, others, replaceable)
         if replaceable is None or not force:   # --force offered only where it would replace OUT
-            raise already_exists(out, None if foreign != [] else "it once the new one is whole")
+            raise already_exists(out, sorted(entry.name for entry in others),
+                                 None if foreign != [] else "it once the new one is whole")
         if foreign and replaceable.any_klconvert_output:
             besides = "" if replaceable.what is None else f", or {replaceable.what}"
             raise KLError(f"{out}: --force replaces only a folder klconvert wrote (or an empty one{besides}), and this "

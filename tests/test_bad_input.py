@@ -709,7 +709,29 @@ def test_missing_model_folder(capsys, prompt, tmp_path):
 
 def test_synth_refuses_existing_output(capsys, tiny_released):
     code, _, err = run_cli(capsys, "synth", "--preset", "tiny", "--out", str(tiny_released))
-    assert_one_line_error(code, err, "already exists")
+    assert_one_line_error(code, err, "is not empty (it holds ")
+
+
+@pytest.mark.parametrize("command", [
+    lambda out: ("synth", "--preset", "tiny", "--out", str(out)),
+    lambda out: ("quantize", "tiny", str(out), "--device", "cpu"),
+    lambda out: _export_onnx("tiny", out),
+], ids=["synth", "quantize", "export-onnx"])
+def test_a_folder_that_is_not_empty_is_refused_naming_what_it_holds(capsys, tmp_path, command):
+    """It said "already exists", naming nothing, where synth and export-onnx take an existing empty folder: the
+    shell's own log.txt in `--out . > log.txt` read as a folder taken (h282). The line names what is in the way,
+    as a terminal shows a name, and how many more."""
+    out = tmp_path / "ex"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    line = assert_one_line_error(*run_cli(capsys, *command(out))[::2])
+    assert line == (f"klconvert: error: {out}: is not empty (it holds notes.txt); choose another output folder (or "
+                    "move it away)"), line
+    for name in ("a\nb", "c", "d"):
+        (out / name).write_text("mine")
+    line = assert_one_line_error(*run_cli(capsys, *command(out))[::2])
+    assert f"{out}: is not empty (it holds a\\nb, c, d and 1 more); " in line, line
+    assert sorted(p.name for p in out.iterdir()) == ["a\nb", "c", "d", "notes.txt"]
 
 
 @pytest.mark.parametrize("args,flag", [

@@ -71,7 +71,7 @@ def test_each_mistake_is_one_line_before_the_calibration(tmp_path, recipe, monke
         (tmp_path / "missing.yaml", tmp_path / "out"): "missing.yaml: cannot read it (No such file or directory)",
         (tmp_path, tmp_path / "out"): "cannot read it (Is a directory)",
         (tmp_path / "other.yaml", tmp_path / "out"): "other.yaml: holds no quant_stage.quant_modifiers.Quantization",
-        (recipe, taken): "taken: already exists",
+        (recipe, taken): "taken: is not empty (it holds keep)",
         (recipe, untokenized / "out", "--model", untokenized): "out: is inside the source folder",
         (recipe, tmp_path / "out", "--model", untokenized): "untokenized: holds no tiktoken.model",
         (recipe, tmp_path / "out", "--model", q4): "q4: holds compressed-tensors-quantized weights; this tool reads",

@@ -944,7 +944,7 @@ def test_export_refuses_bad_input_in_one_line(tmp_path, capsys):
         (["--model", tmp_path / "missing", "--out", tmp_path / "o1"], f"--model {tmp_path}/missing: no such folder"),
         (["--model", "tiny", "--out", blocker / "sub"], "cannot create the folder it goes in"),
         (["--model", "tiny", "--out", blocker], "is not a folder"),
-        (["--model", "tiny", "--out", taken], "already exists"),
+        (["--model", "tiny", "--out", taken], "taken: is not empty (it holds notes.txt); choose"),
         (["--model", "tiny", "--out", taken, "--force"], "replaces only a folder klconvert wrote (or an empty one, or "
          "an ONNX export an older klconvert wrote), and this also holds other files, which klconvert did not write: "
          "notes.txt"),
@@ -1000,7 +1000,8 @@ def test_an_empty_current_folder_takes_the_export(tmp_path, monkeypatch, capsys)
     assert [p.name for p in tmp_path.iterdir()] == ["here"]
     assert OnnxEngine(".").generate([PROMPT], 2).shape == (1, 2)
     code, _, err = run_cli(capsys, "export-onnx", "--model", "tiny", "--out", ".")
-    assert_one_line_error(code, err, f"{here}: already exists; choose another output folder, or pass --force")
+    assert_one_line_error(code, err, f"{here}: is not empty (it holds ",
+                          "; choose another output folder, or pass --force")
 
 
 def test_an_empty_path_is_never_the_current_folder(tmp_path, monkeypatch):

@@ -322,8 +322,8 @@ def test_existing_out_is_offered_force_only_where_force_replaces_it(quantized, t
         (folder / "notes.txt").write_text("mine")
     for out, offered in ((theirs, False), (ours, True), (ours_and_theirs, False)):
         args = ("quantize", tiny_released, out, "--bits", "8", "--group-size", "32")
-        line = assert_one_line_error(*run_cli(capsys, *args)[::2], f"{out}: already exists; choose another output "
-                                     "folder")
+        line = assert_one_line_error(*run_cli(capsys, *args)[::2], f"{out}: is not empty (it holds ",
+                                     "; choose another output folder")
         assert ("--force" in line) == offered, line
         if not offered:
             assert line.endswith("choose another output folder (or move it away)"), line

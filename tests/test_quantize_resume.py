@@ -148,8 +148,8 @@ def test_existing_out_is_refused_and_force_replaces_it_at_the_end(tiny_released,
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     args = ("quantize", tiny_released, out, "--bits", "8", "--group-size", "32")
-    line = assert_one_line_error(*run_cli(capsys, *args)[::2], f"{out}: already exists; choose another output folder "
-                                 "(or move it away)")
+    line = assert_one_line_error(*run_cli(capsys, *args)[::2], f"{out}: is not empty (it holds keep.txt); "
+                                 "choose another output folder (or move it away)")
     assert "--force" not in line, line   # which would refuse it: below
     assert (out / "keep.txt").read_text() == "mine"
 
@@ -252,8 +252,9 @@ def test_force_replaces_a_synth_output(tiny_released, tmp_path, capsys):
     out = tmp_path / "q"
     assert run_cli(capsys, "synth", "--preset", "tiny", "--out", out)[0] == 0
     args = ("quantize", tiny_released, out, "--bits", "8", "--group-size", "32")
-    assert_one_line_error(*run_cli(capsys, *args)[::2], f"{out}: already exists; choose another output folder, or "
-                          "pass --force to replace it once the new one is complete")
+    assert_one_line_error(*run_cli(capsys, *args)[::2], f"{out}: is not empty (it holds {OUTPUT_RECORD}, config.json, "
+                          "generation_config.json and ", " more); choose another output folder, or pass --force to "
+                          "replace it once the new one is complete")
     assert run_cli(capsys, *args, "--force")[0] == 0
     written = json.loads((out / OUTPUT_RECORD).read_text())["files"]
     assert "recipe.yaml" in written and sorted(p.name for p in out.iterdir()) == sorted([*written, OUTPUT_RECORD])
@@ -273,8 +274,8 @@ def test_force_names_an_older_synth_or_export_output_it_cannot_replace(tiny_rele
             (out / name).write_text("{}")
     before = folder_files(out)
     args = ("quantize", tiny_released, out, "--bits", "8", "--group-size", "32")
-    line = assert_one_line_error(*run_cli(capsys, *args)[::2], f"{out}: already exists; choose another output folder "
-                                 "(or move it away)")
+    line = assert_one_line_error(*run_cli(capsys, *args)[::2], f"{out}: is not empty (it holds config.json, ",
+                                 "; choose another output folder (or move it away)")
     assert "--force" not in line, line
     what = ("a checkpoint folder (config.json is here): a download, or a `klconvert synth` output of a klconvert older "
             "than that record" if made_by == "synth" else

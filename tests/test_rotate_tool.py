@@ -99,7 +99,7 @@ def test_the_model_folder_itself_or_any_existing_output_is_refused(tmp_path):
         rotate_bundled.rotate(folder, folder / "rot")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep").write_text("mine")
-    with pytest.raises(KLError, match="taken: already exists; choose another output folder"):
+    with pytest.raises(KLError, match=r"taken: is not empty \(it holds keep\); choose another output folder"):
         rotate_bundled.rotate(folder, tmp_path / "taken")
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 

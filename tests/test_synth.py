@@ -281,8 +281,9 @@ def test_force_replaces_a_folder_klconvert_wrote_once_the_new_one_is_whole(tiny_
     again = ("synth", "--preset", "tiny", "--layers", "2", "--seed", "1", "--out", out)
     assert run_cli(capsys, "synth", "--preset", "tiny", "--layers", "2", "--out", out)[0] == 0
     earlier = held(out)
-    assert_one_line_error(*run_cli(capsys, *again)[::2], f"{out}: already exists; choose another output folder, or "
-                          "pass --force to replace it once the new one is whole")
+    assert_one_line_error(*run_cli(capsys, *again)[::2], f"{out}: is not empty (it holds {OUTPUT_RECORD}, config.json, "
+                          "generation_config.json and ", " more); choose another output folder, or pass --force to "
+                          "replace it once the new one is whole")
     assert held(out) == earlier
     assert run_cli(capsys, *again, "--force")[0] == 0
     assert held(out).keys() == earlier.keys() and held(out) != earlier   # seed 1's weights

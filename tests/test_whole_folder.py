@@ -405,7 +405,7 @@ def test_a_finished_folder_a_kill_left_marked_stays_the_users(tmp_path, monkeypa
     monkeypatch.undo()
     finished = {TEMPORARY_MARKER: "", "config.json": "{}", OUTPUT_RECORD: '{\n "files": [\n  "config.json"\n ]\n}\n'}
     assert {p.name: p.read_text() for p in out.iterdir()} == finished
-    with pytest.raises(KLError, match="out: already exists"):
+    with pytest.raises(KLError, match=rf"out: is not empty \(it holds {OUTPUT_RECORD}, config.json\); choose"):
         with whole_folder(out):
             pass
     for beside in ("other", "out2", "out/sub"):   # each removes dead runs' leftovers beside it and in it
@@ -441,7 +441,8 @@ def test_force_is_offered_only_where_it_would_replace_out(tmp_path):
     assert str(refused.value) == (f"{out}: --force replaces only a folder klconvert wrote (or an empty one, or an "
                                   "earlier export), and this also holds other files, which klconvert did not write: "
                                   "notes.txt; move them out of it, or choose another output folder")
-    with pytest.raises(KLError, match="already exists; choose another output folder \\(or move it away\\)$"):
+    with pytest.raises(KLError, match="is not empty \\(it holds genai_config.json, model.onnx, notes.txt and 1 "
+                       "more\\); choose another output folder \\(or move it away\\)$"):
         refuse_taken(out, True)   # nothing --force replaces (the bundled model's tools')
 
 
@@ -489,8 +490,8 @@ def test_what_a_kill_left_in_a_finished_folder_stops_no_replacement(tmp_path, mo
     monkeypatch.undo()
     (tmp_path / "out.partial.lock").write_text("999999\n")   # the lock too (beside OUT): a kill does not remove it
     assert _visible(out) == {"genai_config.json": "second"} and len(list(out.glob(".out.*"))) == 2
-    with pytest.raises(KLError, match="out: already exists; choose another output folder, or pass --force to replace "
-                       "it once the new one is whole"):
+    with pytest.raises(KLError, match=rf"out: is not empty \(it holds {OUTPUT_RECORD}, genai_config.json\); "
+                       "choose another output folder, or pass --force to replace it once the new one is whole"):
         with whole_folder(out, replaceable=export_files):
             pass
     with whole_folder(out, force=True, replaceable=export_files, last="genai_config.json") as folder:

@@ -24,7 +24,7 @@ from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.checkpoint.safetensors_writer import PlannedTensor, shard_header
 from klconvert.disk_space import failed_write
 from klconvert.entry import Uninterrupted, note_complete, note_left
-from klconvert.errors import KLError, refuse_out_of_descriptors, shown
+from klconvert.errors import KLError, controls_escaped, refuse_out_of_descriptors, shown
 from klconvert.hex_digests import HASH_CHUNK_BYTES, SHA256_HEX
 from klconvert.shell_command import shell_command
 from klconvert.user_paths import refuse_unreachable, shown_path
@@ -103,8 +103,9 @@ def not_written_by_klconvert(folder: Path, entries: list[str]) -> list[str] | No
 
 
 def names_shown(names: list[str]) -> str:
-    """The first three of `names` and how many more: how a refusal names what is in the way."""
-    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    """The first three of `names` and how many more: how a refusal names what is in the way, each name as a line
+    shows one from the disk (controls_escaped: a newline in it would end the line)."""
+    return ", ".join(map(controls_escaped, names[:3])) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def write_output_record(folder: Path, files: list[str]) -> None:
@@ -185,18 +186,30 @@ def killed_while_finishing(out: Path) -> bool:
     return _stored_record(out) is not None and files_klconvert_wrote(out) is not None
 
 
-def already_exists(out: Path, force_replaces: str | None = None) -> KLError:
-    """The refusal of OUT, there already, to a run without --force: it offers --force only where `force_replaces` says
-    what --force would replace -- None where --force would be refused too, whose refusal the offer would only lead
-    to. How every command writing a folder says it."""
+def already_exists(out: Path, held: list[str], force_replaces: str | None = None) -> KLError:
+    """The refusal of OUT, there already, to a run without --force: one that is not empty names what it `held`
+    (sorted names: "already exists" read wrong where only a file in it is in the way, synth and export-onnx taking an
+    empty folder); it offers --force only where `force_replaces` says what --force would replace -- None where --force
+    would be refused too, whose refusal the offer would only lead to. How every command writing a folder says it."""
+    taken = f"is not empty (it holds {names_shown(held)})" if held else "already exists"
     if force_replaces is None:
-        return KLError(f"{out}: already exists; choose another output folder (or move it away)")
-    return KLError(f"{out}: already exists; choose another output folder, or pass --force to replace {force_replaces}")
+        return KLError(f"{out}: {taken}; choose another output folder (or move it away)")
+    return KLError(f"{out}: {taken}; choose another output folder, or pass --force to replace {force_replaces}")
 
 
 def quantize_out_exists(out: Path) -> KLError:
     """already_exists for quantize's OUT: --force offered where it would replace OUT (force_would_replace)."""
-    return already_exists(out, "it once the new one is complete" if force_would_replace(out) else None)
+    try:
+        held = _entries(out)
+    except OSError:   # unreadable: refused as there, what it holds unnamed
+        held = []
+    return already_exists(out, held, "it once the new one is complete" if force_would_replace(out) else None)
+
+
+def _entries(out: Path) -> list[str]:
+    """The names of OUT's entries, sorted, but what runs left in it under a temporary name (an interrupt inside
+    write_test), which the lock's holder removes (OutputLock)."""
+    return sorted(name for name in os.listdir(out) if runs_temporary(out / name, out) is None)
 
 
 def force_would_replace(out: Path) -> bool:
@@ -227,9 +240,8 @@ def refuse_existing_out(out: Path, force: bool) -> None:
         raise quantize_out_exists(out)
     if not force:
         return
-    try:   # but what runs left in it under a temporary name (an interrupt inside write_test), which the lock's
-        # holder removes (OutputLock): refused, it stopped every --force
-        entries = [name for name in os.listdir(out) if runs_temporary(out / name, out) is None]
+    try:   # but a run's temporaries (_entries): refused, they stopped every --force
+        entries = _entries(out)
     except OSError as e:
         refuse_out_of_descriptors(e, out)
         raise KLError(f"{out}: cannot list it ({e.strerror}), so --force cannot tell what it would replace; choose "
