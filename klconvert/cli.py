@@ -1007,7 +1007,11 @@ def _refuse_what_bench_would_ignore(ctx: click.Context, model: str | None, bits:
 
 def _refuse_what_the_results_would_replace(json_file: Path) -> None:
     """bench writes --json whole, a new file renamed over the name (write_atomically): a link there (/dev/stdout is
-    one) or a FIFO, device or socket would be replaced by that file, not written into -- refused before the bench."""
+    one) or a FIFO, device or socket would be replaced by that file, not written into, and `-`, standard input or
+    output wherever else a path takes it, would be a file named "-" -- refused before the bench."""
+    if str(json_file) == "-":
+        raise KLError("--json -: bench writes its results whole to a file, not to standard output; give a file name, "
+                      "e.g. bench.json")
     try:
         mode = os.lstat(json_file).st_mode
     except (FileNotFoundError, NotADirectoryError):   # a new name (PathArg refused one that cannot be looked at)

@@ -338,6 +338,19 @@ def test_a_json_name_that_is_no_regular_file_is_refused_and_left_as_it_is(tmp_pa
         assert json_file.is_symlink()
 
 
+def test_a_json_named_dash_is_refused_before_the_bench(tmp_path, capsys, monkeypatch):
+    """- is standard input or output elsewhere (--prompt-file -, eval's --text-file -): --json - wrote a file named
+    "-" after the whole bench (h282). Refused before it (bench() stood in for), as /dev/stdout is."""
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    monkeypatch.setattr(B, "bench", lambda config, weights, **kwargs: ran.append(kwargs) or B.BenchResult(
+        "stand-in", 1, "int4", 1.0))
+    assert_one_line_error(*run_cli(capsys, "bench", "--model", "tiny", "--json", "-")[::2],
+                          "--json -: bench writes its results whole to a file, not to standard output; give a file "
+                          "name, e.g. bench.json")
+    assert ran == [] and list(tmp_path.iterdir()) == []
+
+
 def test_a_json_file_of_the_model_being_timed_is_refused_and_left_as_it_is(tmp_path, capsys):
     """`bench --model DIR --json DIR/config.json` wrote the results over the model's config (helper-129)."""
     folder = shutil.copytree(bundled_dir(), tmp_path / "model")
