@@ -388,6 +388,7 @@ def synth(preset: str, layers: int | None, seed: int, layout: str, out: Path, fo
     result = write_synth(preset, out, layers=layers, seed=seed, layout=layout, force=force)
     click.echo(f"wrote {result.path}: {result.tensors} tensors, {size_text(result.bytes)} in {result.shards} "
                "shard(s)", err=True)
+    echo_complete(result.path)
 
 
 @cli.command(help="Download a repo's safetensors, configs and tokenizer (never pickles or code) and verify every "

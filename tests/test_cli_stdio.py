@@ -96,6 +96,8 @@ def test_a_non_blocking_standard_output_waits_for_its_reader():
 
 @pytest.mark.parametrize("command, stdout, reason", [(("quantize", "tiny", "{out}", "--bits", "4"), "/dev/full",
                                                       "No space left on device"),
+                                                     (("synth", "--preset", "tiny", "--out", "{out}"), "/dev/full",
+                                                      "No space left on device"),
                                                      (("export-onnx", "--model", "tiny", "--out", "{out}"), None,
                                                       "it is closed")])
 def test_a_standard_output_that_fails_after_out_is_whole_says_it_is_complete(monkeypatch, tmp_path, err_file, command,

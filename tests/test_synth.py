@@ -254,6 +254,14 @@ def test_too_little_space_is_said_before_writing_in_readable_units(tmp_path, cap
     assert " MB;" in line and list(tmp_path.iterdir()) == []
 
 
+def test_synth_prints_the_folder_it_wrote_on_stdout(tmp_path, capsys):
+    """As quantize, export-onnx and pull do, for a script to take: it printed nothing there, while an interrupt once
+    OUT was whole said "OUT is complete: only its path was not printed" (h282)."""
+    out = tmp_path / "out"
+    code, printed, err = run_cli(capsys, "synth", "--preset", "tiny", "--layers", "2", "--out", out)
+    assert code == 0 and printed == f"{out}\n", err
+
+
 def test_a_second_synth_on_the_same_out_is_refused_in_one_line(tmp_path, capsys):
     """It did all the work, then crashed on os.replace (Directory not empty)."""
     out = tmp_path / "out"
