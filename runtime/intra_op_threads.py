@@ -12,12 +12,14 @@ from klconvert.runtime.host_malloc import glibc
 from klconvert.runtime.host_memory import mapped_room
 
 # libgomp (torch's OpenMP on Linux) makes each worker's stack OMP_STACKSIZE, else GOMP_STACKSIZE, read once as it
-# loads: strtoul's digits (a + before them), KiB or the unit of a b/k/m/g suffix; a value it cannot read, or one
-# past an unsigned long, leaves the next; one it reads but pthreads refuses (below its least stack) leaves glibc's
-# default for a thread -- ulimit -s as the process started, 2 MiB where unlimited (libgomp's env.c, parse_stacksize
-# and initialize_env; glibc's pthread_early_init). A stack also maps a guard page.
+# loads: strtoul's digits (a + or - before them; -n wraps to 2**64 - n), KiB or the unit of a b/k/m/g suffix, the
+# C library's blanks and digits around them, which are ASCII only (isspace, isdigit: Python's own \s and \d take
+# Unicode's, a no-break space or a fullwidth digit, that libgomp refuses); a value it cannot read, or one past an
+# unsigned long, leaves the next; one it reads but pthreads refuses (below its least stack) leaves glibc's default
+# for a thread -- ulimit -s as the process started, 2 MiB where unlimited (libgomp's env.c, parse_stacksize and
+# initialize_env; glibc's pthread_early_init). A stack also maps a guard page.
 STACK_SIZE_ENVS = ("OMP_STACKSIZE", "GOMP_STACKSIZE")
-_STACK_SIZE = re.compile(r"\s*\+?(\d+)\s*([bkmg]?)\s*", re.IGNORECASE)
+_STACK_SIZE = re.compile(r"\s*([+-]?\d+)\s*([bkmg]?)\s*", re.IGNORECASE | re.ASCII)
 _UNSIGNED_LONG = 1 << 64
 _UNIT_BITS = {"b": 0, "": 10, "k": 10, "m": 20, "g": 30}
 # What starting them maps besides their stacks (a new malloc arena's first 32 KiB heap, their thread-local data in
@@ -64,8 +66,9 @@ def stack_bytes() -> int:
 def _stack_size_set() -> int | None:
     """The bytes of a worker's stack as STACK_SIZE_ENVS set it, or None where none does (as libgomp reads them)."""
     for name in STACK_SIZE_ENVS:
-        if (said := _STACK_SIZE.fullmatch(os.environ.get(name, ""))) is None \
-                or (size := int(said[1]) << _UNIT_BITS[said[2].lower()]) >= _UNSIGNED_LONG:
-            continue   # unset, or not read: the next
+        said = _STACK_SIZE.fullmatch(os.environ.get(name, ""))
+        if said is None or abs(number := int(said[1])) >= _UNSIGNED_LONG \
+                or (size := number % _UNSIGNED_LONG << _UNIT_BITS[said[2].lower()]) >= _UNSIGNED_LONG:
+            continue   # unset, or not read (past strtoul's range, or past it in the unit): the next
         return size if size >= os.sysconf("SC_THREAD_STACK_MIN") else None   # read: no next, pthreads' say
     return None
