@@ -5,11 +5,14 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 
+from klconvert.errors import KLError, shown
 from klconvert.runtime.host_malloc import glibc
 from klconvert.runtime.host_memory import mapped_room
+from klconvert.units import size_text
 
 # libgomp (torch's OpenMP on Linux) makes each worker's stack OMP_STACKSIZE, else GOMP_STACKSIZE, read once as it
 # loads: strtoul's digits (a + or - before them; -n wraps to 2**64 - n), KiB or the unit of a b/k/m/g suffix, the
@@ -27,6 +30,12 @@ _UNIT_BITS = {"b": 0, "": 10, "k": 10, "m": 20, "g": 30}
 # room past their stacks, and was ended with 32 KiB ("cannot allocate memory for thread-local data"); 256 KiB for all.
 START_ROOM = 256 << 10
 _PTHREAD_ATTR_BYTES = 256   # room for glibc's pthread_attr_t (56 bytes on x86-64, 64 on aarch64)
+# No mapping is larger than the address space Linux gives a process that names no address (DEFAULT_MAP_WINDOW:
+# 2**47 bytes on x86-64, 2**48 on arm64): a worker's stack past it is never made, whatever the limits, and libgomp
+# ends the process ('Thread creation failed': pthread_create's EAGAIN, or EINVAL where glibc's size with its guard
+# page wraps past 2**64, as OMP_STACKSIZE=-1B's does). On a 23 GiB x86-64 host stacks of 2**46 bytes and more, from
+# OMP_STACKSIZE or ulimit -s, ended it (ones past the host's memory fail too, under the kernel's overcommit check)
+UNMAPPABLE_STACK = 1 << 48
 
 
 def start_intra_op_threads() -> int:
@@ -38,8 +47,12 @@ def start_intra_op_threads() -> int:
     one line. Returns those bytes where it left them unmapped, for the plan to count as used (0 where it started
     them, or they ran already: mapped, they are measured). An op of twice torch's grain size (32,768 elements,
     at::internal::GRAIN_SIZE) is split across them, its tensor made before the room is measured; once started they
-    stay."""
+    stay. A stack of UNMAPPABLE_STACK bytes or more is refused in one line: no room would hold it."""
     work = torch.empty(1 << 16, dtype=torch.uint8)   # unwritten: torch.ones' fill is such an op itself
+    if torch.get_num_threads() > 1 and (stack := _worker_stack()).size >= UNMAPPABLE_STACK:
+        raise KLError(f"{stack.set_by} makes each of torch's worker threads a stack of {size_text(stack.size)}, more "
+                      f"than a process can map: starting them would end it ('Thread creation failed'); "
+                      f"{stack.smaller}")
     needed = stack_bytes() + START_ROOM
     if (room := mapped_room()) is not None and room < needed:
         return needed
@@ -50,25 +63,54 @@ def start_intra_op_threads() -> int:
 def stack_bytes() -> int:
     """Bytes the stacks of torch's intra-op workers map: one for each of its threads but the caller's, with its guard
     page. 0 where the C library is not glibc (whose default for a thread's stack is read here)."""
+    stack = _worker_stack()
+    return (torch.get_num_threads() - 1) * (stack.size + stack.guard)
+
+
+@dataclass(frozen=True)
+class WorkerStack:
+    """One worker's stack: its bytes (`size`) and its guard page's (`guard`), what set its size (`set_by`: one of
+    STACK_SIZE_ENVS, as libgomp reads them, else ulimit -s, glibc's default for a thread) and the variable that
+    makes it smaller (`variable`: the one that set it, else the first of STACK_SIZE_ENVS, which libgomp reads
+    before ulimit -s)."""
+
+    size: int
+    guard: int = 0
+    set_by: str = "ulimit -s"
+    variable: str = STACK_SIZE_ENVS[0]
+
+    @property
+    def smaller(self) -> str:
+        """How to make it smaller: a few MB, as libgomp's own default (2 MiB where ulimit -s is unlimited)."""
+        return f"set {self.variable} to a few MB (e.g. {self.variable}=2M)"
+
+
+def _worker_stack() -> WorkerStack:
+    """A worker's stack as libgomp makes it: of 0 bytes where the C library is not glibc, or it is out of memory to
+    copy its defaults."""
     if not glibc():
-        return 0
+        return WorkerStack(0)
     libc = ctypes.CDLL(None)
     attr = ctypes.create_string_buffer(_PTHREAD_ATTR_BYTES)
     if libc.pthread_getattr_default_np(attr) != 0:   # out of memory to copy it
-        return 0
+        return WorkerStack(0)
     size, guard = ctypes.c_size_t(), ctypes.c_size_t()
     libc.pthread_attr_getstacksize(attr, ctypes.byref(size))
     libc.pthread_attr_getguardsize(attr, ctypes.byref(guard))
     libc.pthread_attr_destroy(attr)
-    return (torch.get_num_threads() - 1) * ((_stack_size_set() or size.value) + guard.value)
+    if (said := _stack_size_set()) is None:
+        return WorkerStack(size.value, guard.value)
+    name, set_size = said
+    return WorkerStack(set_size, guard.value, f"{name}={shown(os.environ[name])}", name)
 
 
-def _stack_size_set() -> int | None:
-    """The bytes of a worker's stack as STACK_SIZE_ENVS set it, or None where none does (as libgomp reads them)."""
+def _stack_size_set() -> tuple[str, int] | None:
+    """Which of STACK_SIZE_ENVS sets a worker's stack and its bytes, or None where none does (as libgomp reads
+    them)."""
     for name in STACK_SIZE_ENVS:
         said = _STACK_SIZE.fullmatch(os.environ.get(name, ""))
         if said is None or abs(number := int(said[1])) >= _UNSIGNED_LONG \
                 or (size := number % _UNSIGNED_LONG << _UNIT_BITS[said[2].lower()]) >= _UNSIGNED_LONG:
             continue   # unset, or not read (past strtoul's range, or past it in the unit): the next
-        return size if size >= os.sysconf("SC_THREAD_STACK_MIN") else None   # read: no next, pthreads' say
+        return (name, size) if size >= os.sysconf("SC_THREAD_STACK_MIN") else None   # read: no next, pthreads' say
     return None

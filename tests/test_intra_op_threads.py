@@ -14,6 +14,7 @@ from klconvert.runtime.intra_op_threads import STACK_SIZE_ENVS
 
 MiB = 1 << 20
 THREADS = 4
+_STACK_HARD_LIMIT = resource.getrlimit(resource.RLIMIT_STACK)[1]   # ulimit -Hs: how far a child's ulimit -s goes
 
 # In a fresh process on THREADS torch threads, none started: the bytes of data it maps (VmData, which ulimit -d
 # bounds) grow by once torch's workers are started, and the stacks counted for them.
@@ -62,6 +63,42 @@ def test_the_stacks_counted_are_what_starting_the_workers_maps(env, stack):
     guards = (THREADS - 1) * os.sysconf("SC_PAGE_SIZE")
     assert 0 <= mapped - (counted - guards) < MiB, f"starting {THREADS - 1} workers mapped {mapped:,} bytes of data, " \
                                                   f"{counted - guards:,} counted"
+
+
+# In a fresh process on THREADS torch threads, none started: what starting them says.
+START = '''
+import torch
+from klconvert.errors import KLError
+from klconvert.runtime.intra_op_threads import start_intra_op_threads
+torch.set_num_threads(%d)
+try:
+    start_intra_op_threads()
+except KLError as e:
+    print(e)
+''' % THREADS
+
+
+@pytest.mark.skipif(not glibc(), reason="the stacks are counted from glibc's defaults")
+@pytest.mark.parametrize("env, stack, set_by", [
+    ({"OMP_STACKSIZE": "-1B"}, 8 * MiB, "OMP_STACKSIZE='-1B'"),
+    ({"GOMP_STACKSIZE": "18446744073709551615B"}, 8 * MiB, "GOMP_STACKSIZE='18446744073709551615B'"),
+    ({"OMP_STACKSIZE": "262144g"}, 8 * MiB, "OMP_STACKSIZE='262144g'"),
+    pytest.param({}, 1 << 48, "ulimit -s", marks=pytest.mark.skipif(
+        _STACK_HARD_LIMIT != resource.RLIM_INFINITY and _STACK_HARD_LIMIT < 1 << 48,
+        reason="ulimit -s's hard limit is under 2**48 bytes"))])
+def test_a_stack_no_process_can_map_is_refused_in_one_line(env, stack, set_by):
+    """h279: OMP_STACKSIZE=-1B (2**64 - 1 bytes, which glibc's size with its guard page wraps: EINVAL) or a stack of
+    2**48 bytes (OMP_STACKSIZE=262144g, ulimit -s: EAGAIN) ended any torch program that started its workers in
+    libgomp's 'Thread creation failed', exit status 1, whatever the limits. It is refused in one line, naming what
+    set it and how to make it smaller."""
+    child_env = {**{k: v for k, v in os.environ.items() if k not in STACK_SIZE_ENVS}, "OMP_NUM_THREADS": "1", **env}
+    done = subprocess.run([sys.executable, "-c", START], capture_output=True, text=True, timeout=300, env=child_env,
+                          preexec_fn=_stack_limit(stack))
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = done.stdout.strip()
+    assert line.startswith(f"{set_by} makes each of torch's worker threads a stack of ") and "\n" not in line, line
+    variable = next(iter(env), "OMP_STACKSIZE")   # the one that set it, else the one libgomp reads first
+    assert line.endswith(f"set {variable} to a few MB (e.g. {variable}=2M)"), line
 
 
 # In a fresh process on 8 torch threads, none of their workers started: under a data-segment limit that leaves half
