@@ -28,7 +28,7 @@ from klconvert.runtime.device_memory import (BatchDoesNotFit, ContextDoesNotFit,
                                              device_allocation, device_room, fewer_bits_hold_less, free_the_gpu)
 from klconvert.runtime.host_malloc import LOAD_THRESHOLD, large_blocks_mapped
 from klconvert.runtime.host_memory import NAMED_FIT_SHARE, HostMemory, host_allocation, host_memory
-from klconvert.runtime.intra_op_threads import start_intra_op_threads
+from klconvert.runtime.intra_op_threads import StacksTakeTheRoom, start_intra_op_threads
 from klconvert.runtime.logits_not_finite import LogitsNotFinite
 from klconvert.runtime.memory_plan import (DECODE_COPIES, LOGIT_ROWS, MAX_BATCH, PREFILL_ROWS, PREFILL_SEGMENT,
                                            MemoryPlan, weight_bytes)
@@ -593,9 +593,7 @@ class Engine(Runner):
             unmapped = start_intra_op_threads()
         if self.device.type == "cuda":
             limit = device_room(self.device, held)
-        elif (host := host_memory(unmapped=unmapped)) is not None:   # its free blocks as room for the weights to read
-            host = host.for_weights(sum(self.weight_bytes.values()) - self.weights_held)
-            host = replace(host, available=host.available + held)
+        elif (host := self._host_room(held, unmapped)) is not None:
             limit = host.available
         else:
             limit = None
@@ -604,6 +602,8 @@ class Engine(Runner):
                           torch_decode_attention=not self.triton, all_logits=all_logits)
         if limit is not None and plan.total > limit:
             said = f"the plan needs {self._beside_room(plan.total, limit, host)}"
+            if unmapped and (room := self._host_room(held, 0)) is not None and plan.total <= room.available:
+                raise StacksTakeTheRoom(said, unmapped, self._more_room(host, plan.total))   # no smaller plan needed
             fitting = replace(plan, memory_limit=int(limit * NAMED_FIT_SHARE))
             fit = fitting.largest_context()
             if fit < needed_context <= context and fitting.total_for(needed_context) <= fitting.memory_limit:
@@ -621,6 +621,15 @@ class Engine(Runner):
             raise PromptsDoNotFit(said, needed_context, fit, batch, "give fewer prompts (a smaller batch)",
                                   argument("max_new_tokens", "--max-new-tokens"), more_room)
         self.plan, self.context_name = plan, context_name
+
+    def _host_room(self, held: int, unmapped: int) -> HostMemory | None:
+        """What the host, and the process's limits, leave a plan on the CPU (None where it is not known): `unmapped`
+        bytes that torch's workers are still to map counted as used, the allocator's free blocks as room for the
+        weights still to read, and `held`, this engine's bytes that the plan replaces, as room."""
+        if (host := host_memory(unmapped=unmapped)) is None:
+            return None
+        host = host.for_weights(sum(self.weight_bytes.values()) - self.weights_held)
+        return replace(host, available=host.available + held)
 
     def _bytes_held(self) -> int:
         """The bytes this engine holds on its device: its weights, and its plan's state and cache once allocated."""

@@ -1,5 +1,6 @@
-"""torch's intra-op worker threads on the CPU: the stacks they map, and starting them before a memory plan measures
-the host where there is room for those stacks -- libgomp ends the process when it cannot make one."""
+"""torch's intra-op worker threads on the CPU: the stacks they map, starting them before a memory plan measures
+the host where there is room for those stacks -- libgomp ends the process when it cannot make one -- and the refusal
+of a plan that only their stacks keep from fitting (StacksTakeTheRoom)."""
 from __future__ import annotations
 
 import ctypes
@@ -83,6 +84,22 @@ class WorkerStack:
     def smaller(self) -> str:
         """How to make it smaller: a few MB, as libgomp's own default (2 MiB where ulimit -s is unlimited)."""
         return f"set {self.variable} to a few MB (e.g. {self.variable}=2M)"
+
+
+class StacksTakeTheRoom(KLError):
+    """A memory plan past the room the host (or the process's limits) leaves, that fits without the stacks of
+    torch's workers, which start_intra_op_threads left unmapped for want of it: `said`, the plan's figure against
+    the room, then how the `stacks` bytes take less -- fewer threads, smaller stacks -- and `remedy`: the host's
+    limit's, where all of the host's memory would hold the plan."""
+
+    def __init__(self, said: str, stacks: int, remedy: str | None):
+        workers = torch.get_num_threads() - 1
+        asks = ["run fewer threads (OMP_NUM_THREADS=1 starts none)", _worker_stack().smaller,
+                *([remedy] if remedy is not None else [])]
+        its = "its stack" if workers == 1 else "their stacks"
+        super().__init__(f"{said}; torch's {workers:,} worker thread{'s' if workers != 1 else ''} would map "
+                         f"{size_text(stacks)} for {its}, counted as used: {', or '.join(asks)}")
+        self.said, self.stacks, self.remedy = said, stacks, remedy
 
 
 def _worker_stack() -> WorkerStack:
