@@ -10,7 +10,9 @@ thread is. Inside an import that goes wrong: a library may swallow it half-impor
 this machine 0.5-0.6 s into `klconvert run`, and then either failed on the next import, "cannot load module more than
 once per process", or ran on as if no Ctrl-C had come). So an interrupt that lands inside an import is never raised
 there. While the command has changed no file (what a library's own import makes, torch's cache folder, is not the
-command's), there is nothing to clean up: the process ends at once, the import left as it is. Once it has, a first
+command's), there is nothing to clean up: the process ends at once, the import left as it is (in one line about
+memory and exit status 2 where no thread starts then: that SIGINT is OpenBLAS's, which raises it where it cannot
+start its threads as numpy loads, not a Ctrl-C). Once it has, a first
 interrupt inside an import is held back and raised as soon as no import is running (a second is raised where it
 lands: an import that hangs can still be stopped), and whatever fails after an interrupt was heard is reported as
 the interrupt. One that lands inside a finalizer (tqdm's __del__), which Python prints and drops, is raised again once
@@ -126,16 +128,33 @@ def _say_now(line: str) -> None:
         pass
 
 
-def _end_now(signum: int) -> None:
+def _end_now(signum: int, line: str | None = None, status: int | None = None) -> None:
     """End the process inside whatever it is doing (an import): no exception, no clean-up, no exit handlers -- what
-    the standard streams hold written first."""
+    the standard streams hold written first -- in _interrupted_line and signal_status(signum), or in `line` and
+    `status`."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:   # closed, full, a reader gone: what it held is lost, as it would be anyway
             pass
-    _say_now(_interrupted_line())
-    os._exit(signal_status(signum))
+    _say_now(_interrupted_line() if line is None else line)
+    os._exit(signal_status(signum) if status is None else status)
+
+
+def _end_if_no_thread_starts(signum: int) -> None:
+    """End the process now in one line about memory, exit status 2, where a SIGINT came inside an import and the
+    process cannot start a thread: a library's, not a Ctrl-C -- OpenBLAS raises it where it could not start one of
+    its threads as numpy's import loads it (host_memory.thread_refused); nothing otherwise."""
+    if signum != signal.SIGINT:
+        return
+    try:
+        from klconvert.runtime.host_memory import thread_refused
+
+        refused = thread_refused()
+    except Exception:   # out of memory to import or word it: said as the interrupt, as before
+        return
+    if refused is not None:
+        _end_now(signum, f"klconvert: error: {refused}", refused.exit_code)
 
 
 def _importing(frame) -> bool:
@@ -188,6 +207,7 @@ class _CtrlC:
         if self.held or not (self.loading or _importing(frame) or self.uninterrupted):
             self._raise(signum)
         if not self.changed:
+            _end_if_no_thread_starts(signum)
             _end_now(signum)
         self.heard = self.held = True
         self.signum = signum

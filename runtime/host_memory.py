@@ -3,6 +3,7 @@
 failing with std::bad_alloc) as HostMemoryExhausted, a one-line KLError that is a MemoryError too."""
 from __future__ import annotations
 
+import _thread
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -273,6 +274,21 @@ def import_exhausted(error: BaseException) -> HostMemoryExhausted | None:
             modules.append(str(tb.tb_frame.f_globals.get("__name__", "")))
         tb = tb.tb_next
     return exhausted(f"importing {modules[-1].partition('.')[0]}", error) if modules else None
+
+
+def thread_refused() -> HostMemoryExhausted | None:
+    """HostMemoryExhausted where the process cannot start a thread now -- its stack (ulimit -s) is past what its
+    limits leave -- said as a library's, as it loaded: OpenBLAS (numpy's BLAS) raises SIGINT where it cannot start
+    one of its threads ('pthread_create failed'), as numpy's import loads it (under ulimit -s 256 MiB and ulimit -d
+    400 MB, inside torch's import). None where one starts: it is left to end with the process, which the caller is
+    ending."""
+    try:
+        _thread.start_new_thread(int, ())
+    except (RuntimeError, MemoryError) as e:   # "can't start new thread"
+        return exhausted("starting a thread as a library loaded (OpenBLAS, numpy's, raises SIGINT where it cannot: "
+                         "the interrupt was its)", e,
+                         "set OPENBLAS_NUM_THREADS=1 (its threads), or lower ulimit -s (each thread's stack)")
+    return None
 
 
 @contextmanager

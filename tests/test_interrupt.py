@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import stat
@@ -87,6 +88,36 @@ def test_an_interrupt_inside_a_long_import_ends_an_untouched_command_at_once(tmp
     proc = _entry("import klconvert.cli\nklconvert.cli.main = lambda: __import__('slow')\n", cwd=tmp_path)
     assert time.monotonic() - started < 10
     _assert_interrupted(proc, 143)
+    assert "the import ended" not in proc.stdout
+
+
+THREAD_STACK = 256 << 20   # ulimit -s (each thread's stack) of the child whose import cannot start a thread
+_STACK_HARD_LIMIT = resource.getrlimit(resource.RLIMIT_STACK)[1]   # ulimit -Hs: how far a child's ulimit -s goes
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.skipif(_STACK_HARD_LIMIT != resource.RLIM_INFINITY and _STACK_HARD_LIMIT < THREAD_STACK,
+                    reason="ulimit -s's hard limit is under THREAD_STACK")
+def test_a_sigint_inside_an_import_that_cannot_start_a_thread_is_said_as_memory(tmp_path):
+    """h279: OpenBLAS raises SIGINT where it cannot start one of its threads, as numpy's import (inside torch's)
+    loads it: under ulimit -s 256 MiB and ulimit -d 400 MB, `klconvert run --model tiny --device cpu` on 2 threads
+    ended in "klconvert: interrupted", 130, where no Ctrl-C came. Inside an import of a process that cannot start a
+    thread, it is one line about memory, exit status 2 -- here a module whose import leaves ulimit -d too little room
+    for a thread's stack, then raises SIGINT."""
+    (tmp_path / "blas.py").write_text(
+        "import resource, signal, time\n"
+        "data = next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmData'))\n"
+        f"resource.setrlimit(resource.RLIMIT_DATA, (data + {THREAD_STACK // 4}, resource.RLIM_INFINITY))\n"
+        "signal.raise_signal(signal.SIGINT)\ntime.sleep(20)\nprint('the import ended')\n")
+    imports_blas = _entry_command("import klconvert.cli\nklconvert.cli.main = lambda: __import__('blas')\n")
+    stack_limit = (THREAD_STACK, _STACK_HARD_LIMIT)
+    proc = subprocess.run(imports_blas, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_STACK, stack_limit))
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.rstrip("\n")
+    assert line.startswith("klconvert: error: out of host memory (or the process's memory limit) starting a thread "
+                           "as a library loaded") and "\n" not in line, proc.stderr
+    assert line.endswith("set OPENBLAS_NUM_THREADS=1 (its threads), or lower ulimit -s (each thread's stack)"), line
     assert "the import ended" not in proc.stdout
 
 
