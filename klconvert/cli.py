@@ -38,7 +38,10 @@ MLA_CACHE_DTYPE = click.Choice(["bfloat16", "float8_e4m3fn"])
 # the runtime's compute dtypes by name (runtime/engine.py COMPUTE_DTYPES; named here, torch-free, for --help)
 DTYPE = click.Choice(["bfloat16", "float32"])
 DECODE_CONTEXT = 4096  # what `klconvert bench` decodes at when given no --context (nor --prefill)
-PEER_LAYERS = 4  # the layers of `klconvert bench --peer transformers`'s model unless --peer-layers (27 in bf16: 98 GB)
+PEER_PRESET = "kimi-linear-48b"  # the shapes `klconvert bench --peer transformers` times, cut to --peer-layers
+PEER_LAYERS = 4  # the layers of the peer's model unless --peer-layers (all of them in bf16: 98 GB)
+# the most --peer-layers takes, refused as the command line is read: preset_config's refusal came after the whole bench
+PEER_MAX_LAYERS = PRESETS[PEER_PRESET]["num_hidden_layers"]
 PREFILL_BAR_DELAY = 2.0  # seconds a prefill runs before `klconvert run` shows its bar on a terminal
 
 
@@ -897,8 +900,8 @@ def _int_list(ctx, param, value: str | None) -> list[int] | None:
 @click.option("--peer", type=click.Choice(["none", "transformers"]), default="none", show_default=True,
               help="Also time transformers' KimiLinearForCausalLM in this call (bf16, the release's shapes at "
                    "--peer-layers layers, batch 1, whatever --model or --preset times).")
-@click.option("--peer-layers", type=IntegerRange(min=1), default=None,
-              help=f"With --peer transformers: layers of the peer's model (a 27-layer bf16 model needs 98 GB) "
+@click.option("--peer-layers", type=IntegerRange(1, PEER_MAX_LAYERS), default=None,
+              help=f"With --peer transformers: layers of the peer's model (all {PEER_MAX_LAYERS} in bf16 need 98 GB) "
                    f"[default: {PEER_LAYERS}].")
 @click.option("--spread-routing", is_flag=True,
               help="Route each sequence to its own random experts (~100 distinct per layer at batch 16, as real text "
@@ -965,7 +968,7 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
                 raise
             raise exhausted from None
         if peer == "transformers":
-            result.peer = B.time_transformers(preset_config("kimi-linear-48b", peer_layers or PEER_LAYERS),
+            result.peer = B.time_transformers(preset_config(PEER_PRESET, peer_layers or PEER_LAYERS),
                                               new_tokens=new_tokens,
                                               report=lambda line: click.echo(line, err=True))
         if json_file is not None:

@@ -440,6 +440,20 @@ def test_flags_the_bench_uses_are_taken(capsys, monkeypatch):
     assert ran[-1]["contexts"] == [] and [kwargs["new_tokens"] for kwargs in timed] == [32]
 
 
+def test_peer_layers_past_the_release_are_refused_before_anything_is_timed(tmp_path, monkeypatch, capsys):
+    """--peer-layers 28 was taken, and refused only once the whole bench had run, naming --layers: no --json."""
+    layers = preset_config("kimi-linear-48b")["num_hidden_layers"]
+    monkeypatch.setattr(B, "transformers_peer", lambda: None)
+    monkeypatch.setattr(B, "random_quantized_weights", lambda *args, **kwargs: pytest.fail("weights were made"))
+    monkeypatch.setattr(B, "bench", lambda *args, **kwargs: pytest.fail("the bench ran"))
+    for model in (("--model", "tiny"), ("--preset", "kimi-linear-48b")):
+        code, _, err = run_cli(capsys, "bench", *model, "--peer", "transformers", "--peer-layers", layers + 1,
+                               "--json", tmp_path / "bench.json")
+        assert_one_line_error(code, err, "--peer-layers", f"{layers + 1} is not in the range 1<=x<={layers}",
+                              "(see `klconvert bench --help`)")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_peer_without_transformers_is_refused_before_anything_is_timed(tmp_path, monkeypatch, capsys):
     """It was asked for only after the whole bench had run: the timings were lost and no --json written."""
     monkeypatch.setitem(sys.modules, "transformers", None)
