@@ -886,7 +886,8 @@ def _int_list(ctx, param, value: str | None) -> list[int] | None:
                    f"{DECODE_CONTEXT}, none with --prefill].")
 @click.option("--prefill", "prefills", default=None, callback=_int_list,
               help="Comma-separated prompt lengths to time the prefill of (batch 1, random tokens), e.g. "
-                   "131072,1048576; checked first against prefill + one decode step (calm weights).")
+                   "131072,1048576; checked first against prefill + one decode step (calm weights) unless "
+                   "--no-check.")
 @click.option("--batch", "batches", default="1", show_default=True, callback=_int_list,
               help="Comma-separated batch sizes.")
 @click.option("--mla-cache-dtype", type=MLA_CACHE_DTYPE, default="bfloat16",
@@ -895,8 +896,9 @@ def _int_list(ctx, param, value: str | None) -> list[int] | None:
 @click.option("--new-tokens", type=IntegerRange(min=16), default=128, show_default=True,
               help="Decode steps timed per configuration.")
 @click.option("--check/--no-check", "check_depth", default=True, show_default=True,
-              help="Before timing: the Triton path against the PyTorch bf16 path at this depth (calm weights "
-                   "with a preset). The graph-vs-eager check always runs.")
+              help="Before timing: the Triton path against the PyTorch bf16 path at this depth, and with --prefill "
+                   "a prefill against prefill + one decode step (calm weights with a preset); --no-check skips "
+                   "both. The graph-vs-eager check always runs.")
 @click.option("--peer", type=click.Choice(["none", "transformers"]), default="none", show_default=True,
               help="Also time transformers' KimiLinearForCausalLM in this call (bf16, the release's shapes at "
                    "--peer-layers layers, batch 1, whatever --model or --preset times).")

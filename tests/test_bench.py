@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from klconvert import bench as B
+from klconvert.cli import cli
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
@@ -452,6 +453,24 @@ def test_peer_layers_past_the_release_are_refused_before_anything_is_timed(tmp_p
         assert_one_line_error(code, err, "--peer-layers", f"{layers + 1} is not in the range 1<=x<={layers}",
                               "(see `klconvert bench --help`)")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_no_check_skips_the_prefill_check_too_as_the_help_says(capsys, monkeypatch):
+    """--prefill's help said each length is checked first, and --check's named the depth check alone; --no-check
+    makes no calm weights, and the prefill check runs on them."""
+    made, checked_on = [], []
+    monkeypatch.setattr(B, "random_quantized_weights", lambda config, bits, device, calm=False: made.append(calm))
+    monkeypatch.setattr(B, "bench", lambda config, weights, **kwargs: checked_on.append(kwargs["calm_weights"]) or
+                        B.BenchResult("stand-in", 1, "int4", 1.0))
+    code, _, err = run_cli(capsys, "bench", "--preset", "kimi-linear-48b", "--layers", "1", "--prefill", "1024",
+                           "--no-check")
+    assert code == 0, err
+    assert made == [False] and checked_on == [None]
+    helps = {param.name: " ".join(param.help.split()) for param in cli.commands["bench"].params}
+    assert helps["prefills"].endswith("checked first against prefill + one decode step (calm weights) unless "
+                                      "--no-check.")
+    assert "a prefill against prefill + one decode step" in helps["check_depth"]
+    assert "--no-check skips both" in helps["check_depth"]
 
 
 def test_a_peer_without_transformers_is_refused_before_anything_is_timed(tmp_path, monkeypatch, capsys):
