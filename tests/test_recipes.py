@@ -242,6 +242,23 @@ def test_a_shipped_recipe_is_found_by_name_wherever_klconvert_runs(tmp_path, mon
         load_recipe("elsewhere/48gb.yaml")
 
 
+def test_a_folder_of_a_shipped_recipes_name_hides_it_not(tmp_path, monkeypatch, capsys):
+    """`quantize SRC 32gb --recipe 32gb`, then `plan --recipe 32gb` beside the output: "32gb: cannot read the recipe
+    (not a regular file (a directory))". A folder (or a link to one) is no recipe file: the shipped one is read."""
+    from klconvert.recipes import FOLDER
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "32gb").mkdir()
+    (tmp_path / "recipes" / "48gb.yaml").mkdir(parents=True)
+    (tmp_path / "80gb").symlink_to(tmp_path / "32gb")
+    for given, shipped in (("32gb", "32gb"), ("recipes/48gb.yaml", "48gb"), ("80gb", "80gb")):
+        assert load_recipe(given).policy == load_recipe(FOLDER / f"{shipped}.yaml").policy, given
+    code, out, err = run_cli(capsys, "plan", "--preset", "tiny", "--recipe", "32gb")
+    assert code == 0 and err == "" and out.startswith("Memory plan for preset tiny with 32gb"), err
+    with pytest.raises(KLError, match="not a regular file"):   # named by its whole path, the folder is the user's
+        load_recipe(tmp_path / "32gb")
+
+
 def test_only_a_relative_name_that_is_no_file_finds_a_shipped_recipe(tmp_path, monkeypatch):
     """/recipes/48gb.yaml (a missing mount) and a dangling link are the user's paths, refused as such -- not
     quietly swapped for the shipped recipe."""
