@@ -152,6 +152,10 @@ class PathArg(click.Path):
         return super().convert(value, param, ctx)
 
 
+# a text file to read, or - for standard input (text_input), kept as typed: a Path reads ./- (the file named -) as -
+TEXT_FILE = PathArg(allow_dash=True)
+
+
 class ModelArg(click.ParamType):
     """A model named on the command line: not empty, for the reason PathArg gives (and an empty repo id is none)."""
 
@@ -451,7 +455,7 @@ def _given_once(param: click.Parameter, given: tuple[str, ...]) -> str | None:
                    f"bundled model [default: {DEFAULT_MODEL_DIR} when it exists, else {BUNDLED_NAME}].")
 @click.option("--prompt", multiple=True, callback=lambda ctx, param, given: _given_once(param, given),
               help="The prompt text itself (instead of --prompt-file).")
-@click.option("--prompt-file", "prompt_files", type=PathArg(allow_dash=True), multiple=True,
+@click.option("--prompt-file", "prompt_files", type=TEXT_FILE, multiple=True,
               help="UTF-8 text file with the prompt, or - for standard input; repeat it to continue several prompts "
                    "as one batch (each at its own length).")
 @click.option("--max-new-tokens", type=IntegerRange(min=0), default=256, show_default=True,
@@ -825,7 +829,7 @@ def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: 
 @click.option("--reference", type=MODEL, required=True,
               help="The model it should match (e.g. its bf16 source; tiny for the bundled model); its tokenizer "
                    "reads the text.")
-@click.option("--text-file", type=PathArg(path_type=Path, dir_okay=False), required=True,
+@click.option("--text-file", type=TEXT_FILE, required=True,
               help="UTF-8 text to run both models on (- reads standard input).")
 @click.option("--max-tokens", type=IntegerRange(min=2), default=2048, show_default=True,
               help="Cut the tokenized text to this many tokens (only that much of the file is read).")
@@ -833,7 +837,7 @@ def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: 
               help="Where to run; cuda:N picks the N-th GPU [default: cuda if present].")
 @click.option("--dtype", type=DTYPE, default=None,
               help="Compute dtype [default: bfloat16 on cuda, float32 on cpu].")
-def eval_(model: str, reference: str, text_file: Path, max_tokens: int, device: str | None,
+def eval_(model: str, reference: str, text_file: str, max_tokens: int, device: str | None,
           dtype: str | None) -> None:
     from klconvert.evaluate import MIN_SCORED_TOKENS, evaluate, render_eval
     from klconvert.text_input import read_text_file

@@ -174,6 +174,27 @@ def test_eval_reads_the_text_from_standard_input_for_a_dash(tiny_released, tiny_
     assert from_stdin == from_file and re.search(r"^tokens +32$", from_stdin, re.M), from_stdin
 
 
+def test_a_file_named_dash_given_as_dot_slash_dash_is_read_not_standard_input(tiny_released, tiny_perturbed, tmp_path,
+                                                                             monkeypatch, capsys):
+    """`--text-file ./-` read standard input, where `run --prompt-file ./-` read the file: click's Path made it `-`.
+    Both flags are one type now, which keeps the name as typed."""
+    from klconvert.cli import TEXT_FILE, cli
+
+    for command, name in (("eval", "text_file"), ("run", "prompt_files")):
+        assert next(param for param in cli.commands[command].params if param.name == name).type is TEXT_FILE
+    monkeypatch.chdir(tmp_path)
+    Path("-").write_text(TEXT)
+    Path("other.txt").write_text("Standard input holds other words, which the table must not score. " * 8)
+    args = ("eval", "--model", tiny_perturbed, "--reference", tiny_released, "--max-tokens", "32", "--device", "cpu")
+    code, from_file, err = run_cli(capsys, *args, "--text-file", tmp_path / "-")
+    assert code == 0, err
+    with open("other.txt", encoding="utf-8") as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        code, from_dash, err = run_cli(capsys, *args, "--text-file", "./-")
+    assert code == 0, err
+    assert from_dash == from_file
+
+
 def test_the_readme_recipe_scores_a_file_as_the_command_does(tiny_released, tiny_perturbed, tmp_path, capsys,
                                                               monkeypatch):
     """helper-145: `eval --text-file` reads the file's bytes, CRs too, where the README's Python recipe read it in text
