@@ -214,7 +214,11 @@ class OptionsOnce(click.Command):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if not ctx.resilient_parsing:
             _refuse_repeated_options(self, ctx, args)
-        return super().parse_args(ctx, args)
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:   # click's parser raises some (an option given no value) without the context,
+            e.ctx = e.ctx or ctx        # which names the command and its --help in the line
+            raise
 
     def invoke(self, ctx: click.Context):
         """The command; the GPU's memory running out, or a plan past the room (a context, a batch, the prompts or the
@@ -308,10 +312,10 @@ class OneLineErrors(click.Group):
         except click.exceptions.NoArgsIsHelpError as e:   # `klconvert` alone: the help as it is, not one line of it
             click.echo(e.ctx.get_help(), err=True)
             sys.exit(e.exit_code)
-        except click.UsageError as e:
+        except click.UsageError as e:   # a subcommand's named; the group's own need no name: the line starts with it
             command = e.ctx.command_path if e.ctx is not None else "klconvert"
-            click.echo(f"klconvert: error: {command}: {_one_line(e.format_message())} (see `{command} --help`)",
-                       err=True)
+            named = f"{command}: " if e.ctx is not None and e.ctx.parent is not None else ""
+            click.echo(f"klconvert: error: {named}{_one_line(e.format_message())} (see `{command} --help`)", err=True)
             sys.exit(e.exit_code)
         except click.ClickException as e:
             exhausted = descriptors_exhausted_behind(e)

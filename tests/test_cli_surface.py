@@ -171,6 +171,20 @@ def test_user_errors_are_one_line(capsys, args, needles):
     assert_one_line_error(*run_cli(capsys, *args)[::2], *needles)
 
 
+@pytest.mark.parametrize("args, line", [
+    (["quantize", "tiny", "out", "--bits"],
+     "klconvert quantize: Option '--bits' requires an argument. (see `klconvert quantize --help`)"),
+    (["run", "--prompt"], "klconvert run: Option '--prompt' requires an argument. (see `klconvert run --help`)"),
+    (["--bogus"], "No such option '--bogus'. (see `klconvert --help`)"),
+    (["--version=3"], "Option '--version' does not take a value. (see `klconvert --help`)"),
+])
+def test_a_usage_error_names_its_command_once(capsys, args, line):
+    """An option given no value read "klconvert: error: klconvert: Option '--bits' requires an argument. (see
+    `klconvert --help`)": click's parser raised it without the subcommand's context. The group's own errors said
+    "klconvert:" twice too."""
+    assert assert_one_line_error(*run_cli(capsys, *args)[::2]) == f"klconvert: error: {line}"
+
+
 def test_usage_errors_are_one_line_from_the_installed_command():
     proc = subprocess.run([sys.executable, "-m", "klconvert", "run", "--max-new-tokens", "-3"], capture_output=True,
                           text=True, timeout=120)
