@@ -673,15 +673,17 @@ def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) ->
 
 
 @cli.command(help="Print the memory plan: weights, KDA state, MLA cache, workspace, headroom, largest context."
-             "\n\nExits with status 3 when the plan does not fit the given GPU memory.")
+             "\n\nExits with status 3 when the plan does not fit the GPU memory given (--gpu-memory, or a recipe's).")
 @click.option("--model", type=MODEL, default=None,
-              help=f"Checkpoint folder to plan for, or {BUNDLED_NAME} (the bundled model).")
+              help=f"Checkpoint folder to plan for, or {BUNDLED_NAME} (the bundled model); without --recipe, its "
+                   "recipe.yaml's runtime section sets the defaults of the flags below.")
 @click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
               help="Plan for a preset instead of a folder.")
 @click.option("--layers", type=LAYERS, default=None, help="With --preset: keep only N layers.")
 @click.option("--recipe", type=PathArg(path_type=Path), default=None,
               help=f"A recipe YAML, or a shipped one by name ({', '.join(shipped_names())}): its quantization sizes "
-                   "the weights, its runtime section sets the defaults of the flags below.")
+                   "the weights, its runtime section sets the defaults of the flags below (in place of a --model "
+                   "folder's recipe.yaml).")
 @click.option("--gpu-memory", default=None,
               help="Device memory to fit, e.g. 80GiB, 24GB [default: the recipe's, else no fit check].")
 @click.option("--max-context", type=IntegerRange(min=1), default=None,

@@ -666,6 +666,20 @@ def test_plan_and_bench_help_state_the_defaults_the_code_has():
     assert f"up to {int(MSE_MAX_SHRINK * MSE_GRID)} trials a weight" in helps[("quantize", "observer")]
 
 
+def test_plan_help_says_a_model_folders_recipe_sets_the_flags_defaults(capsys, tiny_released, tmp_path):
+    """h283: a --model folder's recipe.yaml gives plan its runtime defaults (a GPU memory: a fit check, exit 3),
+    where the help named only --recipe's; --model's help says so, and --recipe's that it takes the folder's place."""
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_released, folder)
+    (folder / "recipe.yaml").write_text("runtime:\n  gpu_memory: 1MiB\n  max_context: 1000\n")
+    code, out, _ = run_cli(capsys, "plan", "--model", folder)
+    assert code == 3 and "1,000" in out, out
+    helps = {p.name: " ".join(p.help.split()) for p in cli.commands["plan"].params if isinstance(p, click.Option)}
+    assert "without --recipe, its recipe.yaml's runtime section sets the defaults of the flags below" in helps["model"]
+    assert "the defaults of the flags below (in place of a --model folder's recipe.yaml)" in helps["recipe"]
+    assert "(--gpu-memory, or a recipe's)" in cli.commands["plan"].help
+
+
 def test_other_defaults_the_cli_states_are_the_codes():
     """Defaults the torch-free CLI writes out, where the code defining them imports torch or onnx: held to it here."""
     import inspect
