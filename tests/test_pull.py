@@ -87,6 +87,25 @@ def files_under(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
+CACHE_VARIABLES = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME")
+
+
+@pytest.mark.parametrize("given, cache", [({"HF_HUB_CACHE": "a", "HF_HOME": "b"}, "a"), ({"HF_HOME": "b"}, "b/hub"),
+                                          ({}, "home/.cache/huggingface/hub")], ids=["HF_HUB_CACHE", "HF_HOME", "none"])
+def test_the_cache_a_pull_takes_is_the_one_its_help_names(tmp_path, given, cache):
+    """--cache-dir's help said "[default: $HF_HOME/hub]" (h283): HF_HUB_CACHE wins when set, and with neither it is
+    ~/.cache/huggingface/hub. An offline pull of a repo no cache holds names the cache it looked in."""
+    from klconvert.cli import cli
+
+    env = {**dict.fromkeys(CACHE_VARIABLES), **{name: str(tmp_path / value) for name, value in given.items()},
+           "HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    done = run_klconvert("pull", "acme/none", env=env)
+    assert_one_line_error(done.returncode, done.stderr, f"HF_HUB_OFFLINE is set and {tmp_path / cache} holds no "
+                                                        "complete copy of acme/none@main")
+    help_text = next(p.help for p in cli.commands["pull"].params if p.name == "cache_dir")
+    assert help_text.endswith("[default: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub].")
+
+
 def test_pull_into_cache_fetches_only_safe_files_at_the_resolved_commit(served, checkpoint, tmp_path):
     server, commit = served
     result = hub.pull(REPO, progress=False)
