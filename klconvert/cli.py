@@ -758,7 +758,8 @@ def _quantize_options(command):
     """The flags `quantize` and `pull-and-quantize` share, in the order --help lists them."""
     options = [
         click.option("--bits", type=INTEGER, default=None,
-                     help="Bits of the quantized layers: 4 or 8 [default: 4]; lm_head stays at 8."),
+                     help="Bits of the quantized layers: 4 or 8 [default: 4]; lm_head stays at 8, or as stored "
+                          "(bf16 in the release) with --scheme nf4."),
         click.option("--group-size", type=INTEGER, default=None,
                      help="Input columns per scale, e.g. 32, 64, 128; -1: one scale per row [default: 128]."),
         click.option("--sym/--asym", "symmetric", default=None,
@@ -790,8 +791,8 @@ def _quantize_options(command):
     return command
 
 
-@cli.command(help="Quantize the checkpoint in SRC (a folder, or tiny for the bundled model) into a new "
-             "compressed-tensors folder OUT (resumes if interrupted).")
+@cli.command(help="Quantize the checkpoint in SRC (a folder, or tiny for the bundled model) into a new folder OUT "
+             "in compressed-tensors' format (bitsandbytes' with --scheme nf4); resumes if interrupted.")
 @click.argument("src", type=MODEL)
 @click.argument("out", type=PathArg(path_type=Path))
 @_quantize_options

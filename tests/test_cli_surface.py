@@ -631,11 +631,15 @@ def test_quantize_shows_its_bar_on_a_terminal(tmp_path):
 
 
 def test_quantize_help_states_the_defaults_the_code_has():
-    """The help restates the flags' defaults in words; they are defined once (quant.defaults), and held to it here."""
-    from klconvert.quant.defaults import DEFAULT, LM_HEAD_BITS
+    """The help restates the flags' defaults in words; they are defined once (quant.defaults), and held to it here.
+    --bits' said lm_head stays at 8, where --scheme nf4 keeps it as stored (h283)."""
+    from klconvert.quant.defaults import DEFAULT, LM_HEAD_BITS, policy_from_options
 
-    helps = {p.name: p.help for p in cli.commands["quantize"].params if isinstance(p, click.Option)}
-    assert f"[default: {DEFAULT.bits}]; lm_head stays at {LM_HEAD_BITS}." in helps["bits"]
+    helps = {p.name: " ".join(p.help.split()) for p in cli.commands["quantize"].params if isinstance(p, click.Option)}
+    assert f"[default: {DEFAULT.bits}]; lm_head stays at {LM_HEAD_BITS}, or as stored (bf16 in the release) with " \
+           "--scheme nf4." in helps["bits"]
+    nf4 = policy_from_options(4, scheme="nf4")
+    assert "lm_head" in [entry.pattern for entry in nf4.ignore] and len(nf4.groups) == 1
     assert f"[default: {DEFAULT.group_size}]" in helps["group_size"]
     assert f"[default: {'--sym' if DEFAULT.symmetric else '--asym'}]" in helps["symmetric"]
     assert f"{DEFAULT.kind}: compressed-tensors pack-quantized [default]" in helps["scheme"]
@@ -648,6 +652,9 @@ def test_scheme_help_says_where_an_nf4_folder_loads():
     Interop; tests/test_interop_transformers_nf4.py)."""
     helps = {p.name: p.help for p in cli.commands["quantize"].params if isinstance(p, click.Option)}
     assert "[default], the one vLLM and transformers load" in helps["scheme"]
+    # the command's description said "a new compressed-tensors folder OUT", nf4's too (h283)
+    assert "in compressed-tensors' format (bitsandbytes' with --scheme nf4)" in " ".join(
+        cli.commands["quantize"].help.split())
     assert "nf4: bitsandbytes 4-bit, which vLLM cannot load, nor transformers unless a recipe keeps the routed " \
            "experts unquantized." in helps["scheme"]
 
