@@ -1,4 +1,4 @@
-"""glibc's malloc around a CPU prefill and a CPU load: every block from 1 MiB (64 KiB) up mapped on its own and
+"""glibc's malloc around a CPU prefill and a CPU load: every block from 1 MiB (16 KiB) up mapped on its own and
 returned when freed, so that the prefill's resident memory stays near the workspace its memory plan counts, and the
 load's near the weights; glibc's ceiling again after each. And
 the blocks it holds free once a model is freed: their bytes, and their pages handed back to the system."""
@@ -24,9 +24,12 @@ PREFILL_THRESHOLD = 1 << 20
 # its projections joined, laid out column-major; runtime/bind.py, cpu_modules.py), and the replaced copies' blocks
 # stayed in the heap as holes the prefill's blocks did not reuse, which ulimit -d counts as used: the bundled model's
 # load grew VmData 3.5-18 MB past its 66.7 MB of weights, run to run (the heap's layout deciding), and a plan taken
-# at the margin ran out mid-prefill. From 64 KiB up each is mapped on its own and unmapped when freed: 0.6-0.7 MB past
-# it in every run (h280; 128 KiB left 2.7-4 MB, 1 MiB most of the holes, the tiny model's weights being small).
-LOAD_THRESHOLD = 64 << 10
+# at the margin ran out mid-prefill. From 16 KiB up each is mapped on its own and unmapped when freed: 0.55 MB past
+# them in every run, and a `synth --preset tiny` checkpoint's load 1.2-1.4 MB past its 41.1 MB (h280, h289; from
+# 64 KiB up 0.55 and 3.2-3.9 MB, 128 KiB 2.7-4 MB for the bundled model, 1 MiB most of the holes). Adjacent mappings
+# merge: the maps of a load of the 48B preset's shapes grew by under 10 at 64 KiB (h289); the load's time is within
+# this 2-core machine's noise.
+LOAD_THRESHOLD = 16 << 10
 CEILING = 32 << 20   # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 # The heap's free top is handed back once over the trim threshold, which glibc otherwise moves with the mmap
 # threshold (twice it) and no longer does once that is set: after a prefill twice CEILING, as glibc's would be, so
