@@ -494,8 +494,7 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
         top_p: float, seed: int | None, chat: bool, show_special: bool, max_context: int | None, device: str | None,
         dtype: str | None, kernels: str, engine: str, progress: bool | None) -> None:
     _refuse_sampling_flags_when_greedy(click.get_current_context(), temperature)
-    if hasattr(sys.stdout, "reconfigure"):  # what stdout's encoding cannot hold (PYTHONIOENCODING=ascii) shows as ?
-        sys.stdout.reconfigure(errors="replace")
+    _stdout_for_people()
     from klconvert.text_input import read_prompt
     from klconvert.tokenizer import ChatPastTokens, StreamDecoder, Tokenizer
 
@@ -705,6 +704,7 @@ def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) ->
 def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path | None, gpu_memory: str | None,
          max_context: int | None, batch: int | None, mla_cache_dtype: str | None, kda_state_dtype: str | None,
          bits: str | None, group_size: int | None) -> None:
+    _stdout_for_people()
     from klconvert.quant.scheme import GROUP_SIZE
     from klconvert.runtime.plan_report import gpu_memory_bytes, plan_for, render_plan
 
@@ -847,6 +847,7 @@ def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: 
               help="Compute dtype [default: bfloat16 on cuda, float32 on cpu].")
 def eval_(model: str, reference: str, text_file: str, max_tokens: int, device: str | None,
           dtype: str | None) -> None:
+    _stdout_for_people()
     from klconvert.evaluate import MIN_SCORED_TOKENS, evaluate, render_eval
     from klconvert.text_input import read_text_file
     from klconvert.tokenizer import Tokenizer
@@ -920,10 +921,11 @@ def _int_list(ctx, param, value: str | None) -> list[int] | None:
 @click.option("--spread-routing", is_flag=True,
               help="Route each sequence to its own random experts (~100 distinct per layer at batch 16, as real text "
                    "spreads) instead of the weights' router; random weights route a whole batch alike.")
-@click.option("--json", "json_file", type=PathArg(path_type=Path), default=None, help="Write the results here.")
+@click.option("--json", "json_file", type=PathArg(allow_dash=True), default=None,   # ./- kept as typed: a file
+              help="Write the results here.")
 def bench(model: str | None, preset: str | None, layers: int | None, bits: str, contexts: list[int] | None,
           prefills: list[int] | None, batches: list[int], mla_cache_dtype: str, new_tokens: int, check_depth: bool,
-          peer: str, peer_layers: int | None, spread_routing: bool, json_file: Path | None) -> None:
+          peer: str, peer_layers: int | None, spread_routing: bool, json_file: str | None) -> None:
     if (model is None) == (preset is None):
         raise KLError("give exactly one of --model DIR or --preset kimi-linear-48b")
     _refuse_layers_with_model(model, layers)
@@ -942,6 +944,10 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
 
     if peer == "transformers":
         B.transformers_peer()
+    if json_file == "-":   # standard input or output wherever else a path takes it: a file named - was written
+        raise KLError("--json -: bench writes its results whole to a file, not to standard output; give a file name, "
+                      "e.g. bench.json")
+    json_file = None if json_file is None else Path(json_file)
     if json_file is not None and json_file.is_dir():
         raise KLError(f"--json {json_file}: is a folder; give a file name, e.g. {json_file / 'bench.json'}")
     if json_file is not None:
@@ -1025,11 +1031,7 @@ def _refuse_what_bench_would_ignore(ctx: click.Context, model: str | None, bits:
 
 def _refuse_what_the_results_would_replace(json_file: Path) -> None:
     """bench writes --json whole, a new file renamed over the name (write_atomically): a link there (/dev/stdout is
-    one) or a FIFO, device or socket would be replaced by that file, not written into, and `-`, standard input or
-    output wherever else a path takes it, would be a file named "-" -- refused before the bench."""
-    if str(json_file) == "-":
-        raise KLError("--json -: bench writes its results whole to a file, not to standard output; give a file name, "
-                      "e.g. bench.json")
+    one) or a FIFO, device or socket would be replaced by that file, not written into -- refused before the bench."""
     try:
         mode = os.lstat(json_file).st_mode
     except (FileNotFoundError, NotADirectoryError):   # a new name (PathArg refused one that cannot be looked at)
@@ -1043,6 +1045,14 @@ def _refuse_what_the_results_would_replace(json_file: Path) -> None:
 
 
 ALLOCATOR_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")  # the user's wins
+
+
+def _stdout_for_people() -> None:
+    """Standard output as a command whose output people read (run's text, plan's and eval's reports) writes it: a
+    character its encoding cannot hold (PYTHONIOENCODING=latin-1, a model folder's name) shows as ?, where a path that
+    scripts read is refused whole (klconvert.entry's StdoutFailed) -- eval's report lost after both models ran."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
 
 
 def expandable_segments() -> None:

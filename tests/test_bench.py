@@ -350,6 +350,10 @@ def test_a_json_named_dash_is_refused_before_the_bench(tmp_path, capsys, monkeyp
                           "--json -: bench writes its results whole to a file, not to standard output; give a file "
                           "name, e.g. bench.json")
     assert ran == [] and list(tmp_path.iterdir()) == []
+    # ./- is the file named -, as run's --prompt-file and eval's --text-file take it (it was refused as -)
+    code, _, err = run_cli(capsys, "bench", "--model", "tiny", "--json", "./-")
+    assert code == 0 and len(ran) == 1, err
+    assert json.loads((tmp_path / "-").read_text())["gpu"] == "stand-in"
 
 
 def test_a_json_file_of_the_model_being_timed_is_refused_and_left_as_it_is(tmp_path, capsys):

@@ -72,7 +72,7 @@ def _refuse_out_of_range(where: str, w: torch.Tensor, state) -> None:
     if not math.isfinite(reached):
         raise ValuesRefused(f"{where}: its NF4 quant state overflows: bitsandbytes' double quantization stores each "
                             f"block's largest value less their mean, and these (up to {float(w.abs().amax()):.4g}) "
-                            f"sum past fp32's range; {SOURCE_OUT_OF_RANGE}")
+                            f"sum past fp32's range: the int scheme holds them (leave out --scheme nf4)")
     raise ValuesRefused(f"{where}: its NF4 block {int(blocks.argmax()):,} (of {NF4_BLOCKSIZE} values) dequantizes a "
                         f"weight to {reached:.4g}, past the largest finite value {limit:.4g}; {SOURCE_OUT_OF_RANGE}")
 
