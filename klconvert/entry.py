@@ -145,7 +145,7 @@ def _end_if_no_thread_starts(signum: int) -> None:
     """End the process now in one line about memory, exit status 2, where a SIGINT came inside an import and the
     process cannot start a thread: a library's, not a Ctrl-C -- OpenBLAS raises it where it could not start one of
     its threads as numpy's import loads it (host_memory.thread_refused); nothing otherwise."""
-    if signum != signal.SIGINT:
+    if signum != signal.SIGINT or not _openblas_starts_threads():   # then the SIGINT is not its: a Ctrl-C
         return
     try:
         from klconvert.runtime.host_memory import thread_refused
@@ -155,6 +155,17 @@ def _end_if_no_thread_starts(signum: int) -> None:
         return
     if refused is not None:
         _end_now(signum, f"klconvert: error: {refused}", refused.exit_code)
+
+
+def _openblas_starts_threads() -> bool:
+    """Whether OpenBLAS starts threads as it loads: its count, read as its openblas_read_env does (the leading number
+    of OPENBLAS_NUM_THREADS, else of GOTO_NUM_THREADS, else of OMP_NUM_THREADS, the first above 0; else the CPUs),
+    past 1. A Ctrl-C under such limits with OPENBLAS_NUM_THREADS=1 set was said as OpenBLAS's (h291)."""
+    for name in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "").lstrip(" \t\n\v\f\r").removeprefix("+")   # atoi's: C's blanks and digits
+        if (digits := value[:len(value) - len(value.lstrip("0123456789"))]) and int(digits) > 0:
+            return int(digits) > 1
+    return (os.cpu_count() or 1) > 1
 
 
 def _importing(frame) -> bool:

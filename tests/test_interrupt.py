@@ -98,12 +98,14 @@ _STACK_HARD_LIMIT = resource.getrlimit(resource.RLIMIT_STACK)[1]   # ulimit -Hs:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 @pytest.mark.skipif(_STACK_HARD_LIMIT != resource.RLIM_INFINITY and _STACK_HARD_LIMIT < THREAD_STACK,
                     reason="ulimit -s's hard limit is under THREAD_STACK")
-def test_a_sigint_inside_an_import_that_cannot_start_a_thread_is_said_as_memory(tmp_path):
+@pytest.mark.parametrize("openblas_threads", ["2", "1"])
+def test_a_sigint_inside_an_import_that_cannot_start_a_thread_is_said_as_memory(tmp_path, openblas_threads):
     """h279: OpenBLAS raises SIGINT where it cannot start one of its threads, as numpy's import (inside torch's)
     loads it: under ulimit -s 256 MiB and ulimit -d 400 MB, `klconvert run --model tiny --device cpu` on 2 threads
     ended in "klconvert: interrupted", 130, where no Ctrl-C came. Inside an import of a process that cannot start a
     thread, it is one line about memory, exit status 2 -- here a module whose import leaves ulimit -d too little room
-    for a thread's stack, then raises SIGINT."""
+    for a thread's stack, then raises SIGINT. Where OpenBLAS starts no threads (OPENBLAS_NUM_THREADS=1) the SIGINT
+    is not its: a Ctrl-C, said as the interrupt (h291: said as memory, with the advice already followed)."""
     (tmp_path / "blas.py").write_text(
         "import resource, signal, time\n"
         "data = next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmData'))\n"
@@ -112,7 +114,11 @@ def test_a_sigint_inside_an_import_that_cannot_start_a_thread_is_said_as_memory(
     imports_blas = _entry_command("import klconvert.cli\nklconvert.cli.main = lambda: __import__('blas')\n")
     stack_limit = (THREAD_STACK, _STACK_HARD_LIMIT)
     proc = subprocess.run(imports_blas, capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_STACK, stack_limit))
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_STACK, stack_limit),
+                          env={**os.environ, "OPENBLAS_NUM_THREADS": openblas_threads})
+    if openblas_threads == "1":
+        assert (proc.returncode, proc.stderr) == (130, "klconvert: interrupted\n")
+        return
     assert proc.returncode == 2, proc.stderr
     line = proc.stderr.rstrip("\n")
     assert line.startswith("klconvert: error: out of host memory (or the process's memory limit) starting a thread "
