@@ -21,6 +21,7 @@ from klconvert.devices import checked_device
 from klconvert.errors import KLError, a_type, argument, refuse_non_bool, shown
 from klconvert.models import resolve_model
 from klconvert.quant import QuantScheme
+from klconvert.quant.nf4 import load_nf4_reader
 from klconvert.runtime.bind import bind, cpu_forms_bound, latent_kernel_reads, packed_choice
 from klconvert.runtime.cpu_modules import copy_bytes
 from klconvert.runtime.decode_step import DecodeStep, autocast_off, capturable
@@ -561,6 +562,8 @@ class Engine(Runner):
         self.weight_bytes = weight_bytes(config, dtype, HeldPacked(held, scale_dtypes), decode_copies=cpu_forms)
         self.weights_held = 0    # bytes of weights bound (what a resize on the CPU adds back to what the host has)
         self.state = None
+        if any(scheme.kind == "nf4" for scheme in (stored_schemes or {}).values()):
+            load_nf4_reader()   # before the plan measures the host: what its import maps is not the plan's
         self._plan_state(context, batch, mla_cache_dtype or dtype, context_name,   # refused before any weight is read
                          all_logits, needed_context)
         with self._device_memory("loading the model"):

@@ -108,6 +108,24 @@ def test_eval_of_an_nf4_model_without_bitsandbytes_is_refused_before_the_referen
                                  device="cpu")
 
 
+def test_an_nf4_models_reader_is_imported_before_the_plan_measures_the_host(tmp_path, monkeypatch):
+    """Reading NF4 weights imports bitsandbytes (with triton, numpy, sympy): 126 MB of the host mapped after the CPU
+    plan had measured it, so a 15,514-token prompt of the bundled model at nf4 planned to fit under ulimit -d 600-700
+    MB and ran out mid-prefill (h291). The reader is imported first."""
+    import klconvert
+    from klconvert.runtime import engine as engine_module
+    from klconvert.synth.checkpoint import synth
+
+    source = synth("tiny", tmp_path / "tiny2", layers=2, progress=False).path   # bitsandbytes is slow on the CPU
+    nf4 = quantize(source, tmp_path / "nf4", scheme="nf4", progress=False).path
+    order = []
+    monkeypatch.setattr(engine_module, "load_nf4_reader", lambda: order.append("reader"))
+    measured = engine_module.host_memory
+    monkeypatch.setattr(engine_module, "host_memory", lambda **kw: order.append("host") or measured(**kw))
+    klconvert.load(nf4, device="cpu", max_context=16)
+    assert order[:2] == ["reader", "host"], order
+
+
 HF_STYLE = ("import importlib.util, transformers\n"
             "from transformers import PreTrainedModel, KimiLinearForCausalLM\n"
             "from transformers.utils.import_utils import is_kernels_available\n")

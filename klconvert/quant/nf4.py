@@ -20,10 +20,18 @@ from klconvert.quant.stored import NF4_DATA, NF4_NESTED_PARTS, NF4_PARTS, NF4_RE
 NF4_DOUBLE_QUANT = True
 BITSANDBYTES = "bitsandbytes"  # the quant_method of bitsandbytes' configs
 SKIP_MODULES = "llm_int8_skip_modules"  # the modules a bitsandbytes config keeps out of 4-bit
+NF4_READ = "reading an NF4 checkpoint"  # what needs bitsandbytes, as a missing extra's line says
 
 
 def _bnb(feature: str):
     return require("bitsandbytes.functional", feature)
+
+
+def load_nf4_reader() -> None:
+    """Import what reading an NF4 checkpoint imports (bitsandbytes, with triton, numpy and sympy): on the CPU 126 MB of
+    the host mapped, which a memory plan measuring the host before the first read did not count -- a 15,514-token
+    prompt of the bundled model at nf4 planned to fit under ulimit -d 600-700 MB and ran out mid-prefill (h291)."""
+    _bnb(NF4_READ)
 
 
 @torch.no_grad()
@@ -88,7 +96,7 @@ def decompress_nf4(tensors: Mapping[str, torch.Tensor], where: str = "an NF4 wei
     missing = [n for n in NF4_REQUIRED if n not in found]
     if missing:
         raise KLError(f"nf4 tensors {sorted(tensors)[:4]} lack {missing}; the checkpoint is incomplete -- {remedy()}")
-    bnbf = _bnb("reading an NF4 checkpoint")
+    bnbf = _bnb(NF4_READ)
     _check_state(found, where, shape, remedy)
     packed = found.pop(NF4_DATA)
     with torch.device("cpu"):   # bitsandbytes makes the nested offset on the default device: the host, not an app's
