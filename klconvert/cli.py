@@ -410,8 +410,8 @@ def synth(preset: str, layers: int | None, seed: int, layout: str, out: Path, fo
 @click.option("--exclude", multiple=True, help="Skip files matching this pattern (repeatable).")
 @click.option("--local-dir", type=PathArg(path_type=Path), default=None, help="Download into this folder.")
 @click.option("--cache-dir", type=PathArg(path_type=Path), default=None,
-              help="Hugging Face cache to use [default: $HF_HUB_CACHE, else $HF_HOME/hub, else "
-                   "~/.cache/huggingface/hub].")
+              help="Hugging Face cache to use [default: $HF_HUB_CACHE (or the older $HUGGINGFACE_HUB_CACHE), else "
+                   "$HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub].")
 def pull(repo: str, revision: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
          local_dir: Path | None, cache_dir: Path | None) -> None:
     from klconvert.hub import pull as hub_pull

@@ -90,11 +90,15 @@ def files_under(folder: Path) -> list[str]:
 CACHE_VARIABLES = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME")
 
 
-@pytest.mark.parametrize("given, cache", [({"HF_HUB_CACHE": "a", "HF_HOME": "b"}, "a"), ({"HF_HOME": "b"}, "b/hub"),
-                                          ({}, "home/.cache/huggingface/hub")], ids=["HF_HUB_CACHE", "HF_HOME", "none"])
+@pytest.mark.parametrize("given, cache", [
+    ({"HF_HUB_CACHE": "a", "HUGGINGFACE_HUB_CACHE": "c", "HF_HOME": "b"}, "a"),
+    ({"HUGGINGFACE_HUB_CACHE": "c", "HF_HOME": "b"}, "c"), ({"HF_HOME": "b", "XDG_CACHE_HOME": "x"}, "b/hub"),
+    ({"XDG_CACHE_HOME": "x"}, "x/huggingface/hub"), ({}, "home/.cache/huggingface/hub")],
+    ids=["HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "none"])
 def test_the_cache_a_pull_takes_is_the_one_its_help_names(tmp_path, given, cache):
     """--cache-dir's help said "[default: $HF_HOME/hub]" (h283): HF_HUB_CACHE wins when set, and with neither it is
-    ~/.cache/huggingface/hub. An offline pull of a repo no cache holds names the cache it looked in."""
+    ~/.cache/huggingface/hub; and it left out the older HUGGINGFACE_HUB_CACHE and XDG_CACHE_HOME, which move it too
+    (h291). An offline pull of a repo no cache holds names the cache it looked in."""
     from klconvert.cli import cli
 
     env = {**dict.fromkeys(CACHE_VARIABLES), **{name: str(tmp_path / value) for name, value in given.items()},
@@ -103,7 +107,8 @@ def test_the_cache_a_pull_takes_is_the_one_its_help_names(tmp_path, given, cache
     assert_one_line_error(done.returncode, done.stderr, f"HF_HUB_OFFLINE is set and {tmp_path / cache} holds no "
                                                         "complete copy of acme/none@main")
     help_text = next(p.help for p in cli.commands["pull"].params if p.name == "cache_dir")
-    assert help_text.endswith("[default: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub].")
+    assert help_text.endswith("[default: $HF_HUB_CACHE (or the older $HUGGINGFACE_HUB_CACHE), else $HF_HOME/hub, "
+                              "else $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub].")
 
 
 def test_pull_into_cache_fetches_only_safe_files_at_the_resolved_commit(served, checkpoint, tmp_path):
