@@ -29,7 +29,7 @@ from klconvert.runtime.device_memory import (BatchDoesNotFit, ContextDoesNotFit,
                                              device_allocation, device_room, fewer_bits_hold_less, free_the_gpu)
 from klconvert.runtime.host_malloc import LOAD_THRESHOLD, large_blocks_mapped
 from klconvert.runtime.host_memory import NAMED_FIT_SHARE, HostMemory, host_allocation, host_memory
-from klconvert.runtime.intra_op_threads import StacksTakeTheRoom, start_intra_op_threads
+from klconvert.runtime.intra_op_threads import StacksTakeTheRoom, start_intra_op_threads, with_fewer_stacks
 from klconvert.runtime.logits_not_finite import LogitsNotFinite
 from klconvert.runtime.memory_plan import (DECODE_COPIES, LOGIT_ROWS, MAX_BATCH, PREFILL_ROWS, PREFILL_SEGMENT,
                                            MemoryPlan, weight_bytes)
@@ -607,22 +607,27 @@ class Engine(Runner):
             said = f"the plan needs {self._beside_room(plan.total, limit, host)}"
             if unmapped and (room := self._host_room(held, 0)) is not None and plan.total <= room.available:
                 raise StacksTakeTheRoom(said, unmapped, self._more_room(host, plan.total))   # no smaller plan needed
+            def more_room(needed: int) -> str | None:   # what gives a plan of `needed` bytes room: the stacks first
+                remedy = self._more_room(host, needed)
+                return with_fewer_stacks(unmapped, remedy) if unmapped else remedy
+
             fitting = replace(plan, memory_limit=int(limit * NAMED_FIT_SHARE))
             fit = fitting.largest_context()
             if fit < needed_context <= context and fitting.total_for(needed_context) <= fitting.memory_limit:
                 fit = needed_context   # fits, though the multiple of 64 below it is all largest_context names
             if fit and fit >= needed_context:   # or more room than now (_more_room) for the context asked
                 raise ContextDoesNotFit(said, fit, fit > needed_context, argument(context_name, '--max-context'),
-                                        self._more_room(host, plan.total))
+                                        more_room(plan.total))
             if plan.weights > limit or (not fit and batch == 1):   # no smaller batch or context holds less
                 raise WeightsDoNotFit(said, plan.weights, plan.weights > limit, self.fewer_bits,
-                                      self._more_room(host, plan.total_for(1)))
+                                      more_room(plan.total_for(1)))
             # the least the prompts take: the plan at their context, which more room than now must hold
-            more_room = self._more_room(host, plan.total_for(needed_context))
             if not fit:
-                raise BatchDoesNotFit(said, batch, f"lower {argument('batch', '--batch')}", more_room)
+                raise BatchDoesNotFit(said, batch, f"lower {argument('batch', '--batch')}",
+                                      more_room(plan.total_for(needed_context)))
             raise PromptsDoNotFit(said, needed_context, fit, batch, "give fewer prompts (a smaller batch)",
-                                  argument("max_new_tokens", "--max-new-tokens"), more_room)
+                                  argument("max_new_tokens", "--max-new-tokens"),
+                                  more_room(plan.total_for(needed_context)))
         self.plan, self.context_name = plan, context_name
 
     def _host_room(self, held: int, unmapped: int) -> HostMemory | None:

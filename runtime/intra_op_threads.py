@@ -93,13 +93,29 @@ class StacksTakeTheRoom(KLError):
     limit's, where all of the host's memory would hold the plan."""
 
     def __init__(self, said: str, stacks: int, remedy: str | None):
-        workers = torch.get_num_threads() - 1
-        asks = ["run fewer threads (OMP_NUM_THREADS=1 starts none)", _worker_stack().smaller,
-                *([remedy] if remedy is not None else [])]
-        its = "its stack" if workers == 1 else "their stacks"
-        super().__init__(f"{said}; torch's {workers:,} worker thread{'s' if workers != 1 else ''} would map "
-                         f"{size_text(stacks)} for {its}, counted as used: {', or '.join(asks)}")
+        super().__init__(f"{said}; {_stacks_said(stacks)}: {', or '.join(_fewer_stacks(remedy))}")
         self.said, self.stacks, self.remedy = said, stacks, remedy
+
+
+def with_fewer_stacks(stacks: int, remedy: str | None) -> str:
+    """A refusal's `remedy` (what gives more room; None: nothing does) after fewer threads and smaller stacks, where
+    the workers' `stacks` bytes, left unmapped, were counted as used: the plan was refused with them in it (h291: the
+    line said only "the weights alone need 65.85 MB: use a model of fewer bits" under GOMP_STACKSIZE=1G)."""
+    fewer, *rest = _fewer_stacks(remedy)
+    return ", or ".join([f"{fewer.removesuffix(')')}; {_stacks_said(stacks)})", *rest])
+
+
+def _stacks_said(stacks: int) -> str:
+    """What the workers' stacks, `stacks` bytes, take of the room."""
+    workers = torch.get_num_threads() - 1
+    return (f"torch's {workers:,} worker thread{'s' if workers != 1 else ''} would map {size_text(stacks)} for "
+            f"{'its stack' if workers == 1 else 'their stacks'}, counted as used")
+
+
+def _fewer_stacks(remedy: str | None) -> list[str]:
+    """What takes the workers' stacks off the room -- fewer threads, smaller stacks -- then `remedy`, if any."""
+    return ["run fewer threads (OMP_NUM_THREADS=1 starts none)", _worker_stack().smaller,
+            *([remedy] if remedy is not None else [])]
 
 
 def _worker_stack() -> WorkerStack:
