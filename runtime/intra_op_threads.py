@@ -101,8 +101,7 @@ def with_fewer_stacks(stacks: int, remedy: str | None) -> str:
     """A refusal's `remedy` (what gives more room; None: nothing does) after fewer threads and smaller stacks, where
     the workers' `stacks` bytes, left unmapped, were counted as used: the plan was refused with them in it (h291: the
     line said only "the weights alone need 65.85 MB: use a model of fewer bits" under GOMP_STACKSIZE=1G)."""
-    fewer, *rest = _fewer_stacks(remedy)
-    return ", or ".join([f"{fewer.removesuffix(')')}; {_stacks_said(stacks)})", *rest])
+    return ", or ".join(_fewer_stacks(remedy, _stacks_said(stacks)))
 
 
 def _stacks_said(stacks: int) -> str:
@@ -112,9 +111,11 @@ def _stacks_said(stacks: int) -> str:
             f"{'its stack' if workers == 1 else 'their stacks'}, counted as used")
 
 
-def _fewer_stacks(remedy: str | None) -> list[str]:
-    """What takes the workers' stacks off the room -- fewer threads, smaller stacks -- then `remedy`, if any."""
-    return ["run fewer threads (OMP_NUM_THREADS=1 starts none)", _worker_stack().smaller,
+def _fewer_stacks(remedy: str | None, stacks_said: str | None = None) -> list[str]:
+    """What takes the workers' stacks off the room -- fewer threads (with `stacks_said`, what they take, where the
+    line has not said it), smaller stacks -- then `remedy`, if any."""
+    said = "" if stacks_said is None else f"; {stacks_said}"
+    return [f"run fewer threads (OMP_NUM_THREADS=1 starts none{said})", _worker_stack().smaller,
             *([remedy] if remedy is not None else [])]
 
 
