@@ -24,11 +24,26 @@ def capturable(model: KimiLinear, batch: int) -> bool:
     return all(m.on_device(batch) for m in model.modules() if isinstance(m, Experts))
 
 
+class GraphMemory:
+    """The CUDA-graph memory pool and the warm-up stream every decode step of one plan captures with. The steps
+    replay one at a time on one stream, and each copies its logits out of the pool into a buffer of its own, so their
+    scratch can be the same memory: a program decoding at batch 1, 2, ..., 16 held sixteen pools and sixteen warm-up
+    streams' cached blocks (each pool a segment of its own), where the plan counts one step's workspace. The copy is
+    what makes the sharing safe: logits allocated inside a capture can lie in the scratch an earlier step's replay
+    writes (torch's rule for a shared pool: replay in the order captured, which an API user holding one step's logits
+    across another's step does not)."""
+
+    def __init__(self):
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream()
+
+
 class DecodeStep:
     """`step()` runs model.decode(tokens, positions) on the static buffers below and returns `logits` (the same
-    tensor every call). Callers write the next tokens and positions into `tokens` / `positions` in place."""
+    tensor every call). Callers write the next tokens and positions into `tokens` / `positions` in place. `graph`:
+    capture the step with that memory (None: run it eagerly)."""
 
-    def __init__(self, model: KimiLinear, state: StateBuffers, graph: bool):
+    def __init__(self, model: KimiLinear, state: StateBuffers, graph: GraphMemory | None):
         B = state.batch
         device = state.kda_state.device
         self.model, self.state = model, state
@@ -36,8 +51,8 @@ class DecodeStep:
         self.positions = torch.zeros(B, dtype=torch.long, device=device)
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
-        if graph:
-            self._capture()
+        if graph is not None:
+            self._capture(graph)
 
     def eager(self) -> torch.Tensor:
         """The step run eagerly (no graph), on the same buffers."""
@@ -45,18 +60,19 @@ class DecodeStep:
             return self.model.decode(self.tokens, self.state, self.positions)
 
     @torch.inference_mode()
-    def _capture(self) -> None:
-        """Warm up on a side stream, then record one step. The warm-up steps write garbage into the state; the
-        engine resets the state (and overwrites the cache rows) before any real sequence uses it."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+    def _capture(self, memory: GraphMemory) -> None:
+        """Warm up on the side stream, then record one step into the pool, its logits copied out of it. The warm-up
+        steps write garbage into the state; the engine resets the state (and overwrites the cache rows) before any
+        real sequence uses it."""
+        memory.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(memory.stream):
             for _ in range(WARMUP_STEPS):
-                self.eager()
-        torch.cuda.current_stream().wait_stream(stream)
+                logits = self.eager()
+        torch.cuda.current_stream().wait_stream(memory.stream)
+        self.logits = torch.empty_like(logits)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.eager()
+        with torch.cuda.graph(self.graph, pool=memory.pool):
+            self.logits.copy_(self.eager())
         self.state.reset()
 
     def _used_rows(self) -> StateBuffers:

@@ -24,7 +24,7 @@ from klconvert.quant import QuantScheme
 from klconvert.quant.nf4 import load_nf4_reader
 from klconvert.runtime.bind import bind, cpu_forms_bound, latent_kernel_reads, packed_choice
 from klconvert.runtime.cpu_modules import copy_bytes
-from klconvert.runtime.decode_step import DecodeStep, autocast_off, capturable
+from klconvert.runtime.decode_step import DecodeStep, GraphMemory, autocast_off, capturable
 from klconvert.runtime.device_memory import (BatchDoesNotFit, ContextDoesNotFit, PromptsDoNotFit, WeightsDoNotFit,
                                              device_allocation, device_room, fewer_bits_hold_less, free_the_gpu)
 from klconvert.runtime.host_malloc import LOAD_THRESHOLD, large_blocks_mapped
@@ -660,6 +660,7 @@ class Engine(Runner):
         """The plan's state and cache, allocated once per plan (the device's cached free blocks released first, so
         the plan's figure is what is reserved); decode steps are captured anew for it."""
         self._steps: dict[int, DecodeStep] = {}
+        self._graph_memory: GraphMemory | None = None   # made with the first step captured
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.state = self.plan.allocate(self.device)
@@ -896,8 +897,10 @@ class Engine(Runner):
     def _decoder(self, batch: int) -> DecodeStep:
         """decoder, for the generation that holds the engine."""
         if batch not in self._steps:
-            self._steps[batch] = DecodeStep(self.model, self.state.rows(0, batch),
-                                            graph=self.cuda_graph and capturable(self.model, batch))
+            graph = None
+            if self.cuda_graph and capturable(self.model, batch):
+                graph = self._graph_memory = self._graph_memory or GraphMemory()
+            self._steps[batch] = DecodeStep(self.model, self.state.rows(0, batch), graph)
         return self._steps[batch]
 
     def decode_step(self, token: torch.Tensor, position) -> torch.Tensor:

@@ -162,7 +162,9 @@ class MemoryPlan:
         absorbed queries and outputs, with, on the PyTorch path (torch_decode_attention), each sequence's fp32 scores
         over the cached rows (model.LatentAttention: the scores, the masked scores and their softmax, the
         probabilities in the cache's dtype) and an e4m3 cache's rows dequantized -- the Triton kernel's per-split
-        partials are a few MB at any context; and its logits, lm_head's in the activations' dtype, then in fp32."""
+        partials are a few MB at any context; and its logits, lm_head's in the activations' dtype, then in fp32, and
+        on the Triton path, which CUDA captures in a graph, the fp32 copy the step keeps outside the graph's pool
+        (decode_step.GraphMemory)."""
         c, B = self.config, self.batch
         a = self.act_dtype.itemsize
         kda = B * c.kda_dim * (3 * a + 6 * 4) + B * c.kda_num_heads * c.kda_head_dim * c.kda_head_dim * 4
@@ -173,7 +175,8 @@ class MemoryPlan:
             mla += B * context * H * (3 * 4 + a)
             if self.mla_cache_dtype == FP8:
                 mla += B * context * c.mla_cache_width * (4 + a)
-        return self._hidden_and_ffn(B, max(kda, mla)) + B * c.vocab_size * (a + 4)
+        logits = a + 4 + (0 if self.torch_decode_attention else 4)
+        return self._hidden_and_ffn(B, max(kda, mla)) + B * c.vocab_size * logits
 
     def _hidden_and_ffn(self, tokens: int, mixer: int) -> int:
         """Temporaries of `tokens` tokens through a block: six hidden rows, and the larger of the mixer's (`mixer`)

@@ -227,6 +227,40 @@ def test_dense_experts_decode_in_a_graph_equal_to_eager(batch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_steps_of_several_batch_sizes_share_one_graph_pool_and_replay_as_eager():
+    """Each batch size's step was captured into a pool of its own, all kept (a program decoding at batch 1..16 held
+    sixteen). They share one now: replayed in turns, each gives the eager step's logits bit for bit, and a step's
+    logits stay as it left them while the others replay -- logits made inside a capture could lie in the scratch of
+    a step captured before (batch 4's, captured first here), which is why each step copies them out of the pool."""
+    from klconvert.models import BUNDLED_DIR
+
+    engine = klconvert.load(BUNDLED_DIR, device="cuda", max_context=64, batch=4, kernels="triton")
+    order = [4, 1, 3, 2, 4, 1, 2, 3]
+    ids = torch.randint(0, 4096, (len(order), 4), generator=torch.Generator().manual_seed(0)).cuda()
+    steps = {n: engine.decoder(n) for n in dict.fromkeys(order)}   # captured in that order: 4, 1, 3, 2
+    assert all(step.graph is not None for step in steps.values())
+    assert len({step.graph.pool() for step in steps.values()}) == 1
+    kda, conv = engine.state.kda_state.clone(), engine.state.conv_state.clone()
+    runs = []
+    for eager in (True, False):
+        engine.state.kda_state.copy_(kda)
+        engine.state.conv_state.copy_(conv)
+        got, last = [], {}
+        for t, n in enumerate(order):
+            step = steps[n]
+            step.tokens.copy_(ids[t, :n])
+            step.positions.fill_(t)
+            with torch.inference_mode():
+                out = step.eager() if eager else step.step()
+            got.append(out.clone())
+            if not eager:
+                last[n] = out.clone()
+                assert all(torch.equal(steps[m].logits, seen) for m, seen in last.items())   # none overwritten
+        runs.append(got)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fast_path_at_8_real_layers_is_as_close_to_fp32_as_bf16_is():
     """8 real-size layers, int4 weights with calm routers: the Triton path (graph decode included) is no further
     from the PyTorch path in fp32 than the PyTorch path in bf16 is (within 1.5x its relative error)."""

@@ -135,16 +135,17 @@ def test_workspace_at_short_contexts_and_with_an_e4m3_cache():
 def decode_workspace(batch: int) -> int:
     """A decode step's temporaries by hand for the 48B in bf16, the Triton path's: 6 hidden rows, the KDA step's
     projections, fp32 q/k/v/gate and one fp32 state [H, K, V] a sequence (more than MLA's absorbed q, q_lat, o_lat,
-    o and the MLP's rows), the logits in bf16 and in fp32."""
+    o and the MLP's rows), the logits in bf16 and in fp32, and the fp32 copy the graph-captured step keeps outside
+    its graph's pool."""
     kda = 4096 * (3 * 2 + 6 * 4) + 32 * 128 * 128 * 4
     assert kda > max(32 * (128 + 64 + 2 * 512 + 128) * 2, max(2 * 9216, 2 * 1024 * 8) * 2)
-    return batch * (2304 * 2 * 6 + kda + 163840 * (2 + 4))
+    return batch * (2304 * 2 * 6 + kda + 163840 * (2 + 4 + 4))
 
 
 def test_a_batch_plans_one_prompts_prefill_and_the_batchs_decode_step():
     """Engine prefills a batch's prompts one at a time, so a batch's workspace is one prompt's prefill segment (and
     each prompt's last logits, fp32, kept and joined) and a decode step of the batch: it was B times the prefill's,
-    and `klconvert plan --recipe 32gb --batch 16 --max-context 8192` said 46.99 GiB, no fit, for what is 27.94 GiB
+    and `klconvert plan --recipe 32gb --batch 16 --max-context 8192` said 46.99 GiB, no fit, for what is 27.95 GiB
     (generate's: a plan holding every position's logits, all_logits, counts more, as the test below shows)."""
     one = plan_for(preset="kimi-linear-48b", recipe="32gb", batch=1, context=8192)
     sixteen = plan_for(preset="kimi-linear-48b", recipe="32gb", batch=16, context=8192)
@@ -152,7 +153,7 @@ def test_a_batch_plans_one_prompts_prefill_and_the_batchs_decode_step():
     prefill = one.prefill_workspace_for(8192)
     assert sixteen.prefill_workspace_for(8192) == prefill + 2 * 15 * 163840 * 4
     assert sixteen.workspace == sixteen.prefill_workspace_for(8192) + decode_workspace(16)
-    assert f"{sixteen.total / 2**30:.2f}" == "27.94" and sixteen.headroom > 0
+    assert f"{sixteen.total / 2**30:.2f}" == "27.95" and sixteen.headroom > 0
 
 
 def test_a_batch_holds_each_prompts_last_hidden_rows():
