@@ -542,11 +542,43 @@ def transformers_peer() -> tuple[type, type]:
     return KimiLinearConfig, KimiLinearForCausalLM
 
 
+def peer_bytes(raw_config: dict, new_tokens: int) -> int:
+    """About what transformers' bf16 model of `raw_config` holds on the GPU decoding `new_tokens` after its prompt:
+    what an engine of its weights dequantized to bf16 plans (the weights, 98 GB at 27 layers of the release, are
+    nearly all of it)."""
+    config = KimiLinearConfig.from_dict(raw_config)
+    return MemoryPlan(config, batch=1, context=PEER_PROMPT_TOKENS + new_tokens,
+                      weight_bytes=weight_bytes(config, torch.bfloat16, HeldPacked({})), act_dtype=torch.bfloat16,
+                      mla_cache_dtype=torch.bfloat16, torch_decode_attention=True).total
+
+
+def refuse_a_peer_that_does_not_fit(peer_config: Callable[[int], dict], layers: int, asked: str,
+                                    new_tokens: int) -> None:
+    """KLError when the peer of `layers` layers (`peer_config(n)`: its config at n layers) does not fit what the GPU
+    has free for this process, asked before anything is timed: it ran after the whole bench, whose timings were then
+    lost and no --json written (--peer-layers 27 on an 80 GB card). `asked`: how the command named the peer. The
+    bench frees what it held before the peer runs, so the room now is the peer's. No GPU: bench says so itself."""
+    if not torch.cuda.is_available():
+        return
+    device = torch.device("cuda")
+    room = device_room(device, 0)
+    need = peer_bytes(peer_config(layers), new_tokens)
+    if need <= room:
+        return
+    fit = max((n for n in range(1, layers) if peer_bytes(peer_config(n), new_tokens) <= room), default=0)
+    fewer = f"give --peer-layers {fit} or fewer" if fit else "drop --peer"
+    remedy = free_the_gpu(device, need)
+    raise KLError(f"{asked}: transformers' bf16 model of {layers} layers needs about {size_text(need)}, more than the "
+                  f"{size_text(room)} {device} has free for this process; {fewer}"
+                  + (f", or {remedy}" if remedy is not None else ""))
+
+
 def time_transformers(raw_config: dict, new_tokens: int, report: Callable[[str], None] = print) -> dict:
     """transformers' KimiLinearForCausalLM in bf16 on the same config, greedy decode of `new_tokens` (bench's
     --new-tokens) after a prompt of PEER_PROMPT_TOKENS, warmed until two successive timings agree within 5% (at most 8
     rounds)."""
     HFConfig, KimiLinearForCausalLM = transformers_peer()
+    torch.cuda.empty_cache()   # what the bench held, released to the peer (refuse_a_peer_that_does_not_fit's room)
     with torch.device("cuda"):
         model = KimiLinearForCausalLM(HFConfig(**raw_config)).to(torch.bfloat16).eval()
     ids = torch.randint(0, raw_config["vocab_size"] - NUM_SPECIAL_TOKENS, (1, PEER_PROMPT_TOKENS), device="cuda")

@@ -944,6 +944,9 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
 
     if peer == "transformers":
         B.transformers_peer()
+        asked = f"--peer-layers {peer_layers}" if peer_layers else f"--peer transformers ({PEER_LAYERS} layers)"
+        B.refuse_a_peer_that_does_not_fit(lambda n: preset_config(PEER_PRESET, n), peer_layers or PEER_LAYERS, asked,
+                                          new_tokens)
     if json_file == "-":   # standard input or output wherever else a path takes it: a file named - was written
         raise KLError("--json -: bench writes its results whole to a file, not to standard output; give a file name, "
                       "e.g. bench.json")
@@ -988,6 +991,7 @@ def bench(model: str | None, preset: str | None, layers: int | None, bits: str, 
                 raise
             raise exhausted from None
         if peer == "transformers":
+            weights = calm = None   # the bench's, freed for the peer (refuse_a_peer_that_does_not_fit)
             result.peer = B.time_transformers(preset_config(PEER_PRESET, peer_layers or PEER_LAYERS),
                                               new_tokens=new_tokens,
                                               report=lambda line: click.echo(line, err=True))

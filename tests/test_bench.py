@@ -459,6 +459,37 @@ def test_peer_layers_past_the_release_are_refused_before_anything_is_timed(tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("given, free, refused", [
+    (("--peer-layers", "27"), 80 << 30, r"--peer-layers 27: transformers' bf16 model of 27 layers needs about "
+                                        r"98\.56 GB, more than the 85\.90 GB cuda has free for this process; give "
+                                        r"--peer-layers (2[0-6]) or fewer"),
+    ((), 1 << 30, r"--peer transformers \(4 layers\): transformers' bf16 model of 4 layers needs about 13\.10 GB, "
+                  r"more than the 1\.07 GB cuda has free for this process; drop --peer, or stop what else holds the "
+                  r"GPU"),
+], ids=["27-on-80-GiB", "4-on-1-GiB"])
+def test_a_peer_that_does_not_fit_the_gpu_is_refused_before_anything_is_timed(tmp_path, monkeypatch, capsys, given,
+                                                                               free, refused):
+    """--peer-layers 27 (98 GB in bf16) passed its range check on an 80 GB card and failed only once the whole bench
+    had run (h292): the timings lost, no --json written. Refused up front now, saying how many layers fit, or to stop
+    what else holds the GPU where the whole card would hold the peer; a peer that fits goes on."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu_with_free(monkeypatch, free)
+    monkeypatch.setattr(B, "random_quantized_weights", lambda *args, **kwargs: pytest.fail("weights were made"))
+    monkeypatch.setattr(B, "bench", lambda *args, **kwargs: pytest.fail("the bench ran"))
+    code, _, err = run_cli(capsys, "bench", "--preset", "kimi-linear-48b", "--no-check", "--peer", "transformers",
+                           *given, "--json", tmp_path / "bench.json")
+    line = assert_one_line_error(code, err)
+    match = re.fullmatch(r"klconvert: error: " + refused, line)
+    assert match, line
+    assert list(tmp_path.iterdir()) == []
+    if given:   # the layers it names fit, one more does not
+        fit = int(match[1])
+        room = 80 << 30
+        assert B.peer_bytes(preset_config("kimi-linear-48b", fit), 128) <= room
+        assert B.peer_bytes(preset_config("kimi-linear-48b", fit + 1), 128) > room
+        B.refuse_a_peer_that_does_not_fit(lambda n: preset_config("kimi-linear-48b", n), fit, "--peer-layers", 128)
+
+
 def test_no_check_skips_the_prefill_check_too_as_the_help_says(capsys, monkeypatch):
     """--prefill's help said each length is checked first, and --check's named the depth check alone; --no-check
     makes no calm weights, and the prefill check runs on them."""
