@@ -50,7 +50,7 @@ def start_intra_op_threads() -> int:
     at::internal::GRAIN_SIZE) is split across them, its tensor made before the room is measured; once started they
     stay. A stack of UNMAPPABLE_STACK bytes or more is refused in one line: no room would hold it."""
     work = torch.empty(1 << 16, dtype=torch.uint8)   # unwritten: torch.ones' fill is such an op itself
-    if torch.get_num_threads() > 1 and (stack := _worker_stack()).size >= UNMAPPABLE_STACK:
+    if _workers() > 0 and (stack := _worker_stack()).size >= UNMAPPABLE_STACK:
         raise KLError(f"{stack.set_by} makes each of torch's worker threads a stack of {size_text(stack.size)}, more "
                       f"than a process can map: starting them would end it ('Thread creation failed'); "
                       f"{stack.smaller}")
@@ -62,10 +62,21 @@ def start_intra_op_threads() -> int:
 
 
 def stack_bytes() -> int:
-    """Bytes the stacks of torch's intra-op workers map: one for each of its threads but the caller's, with its guard
-    page. 0 where the C library is not glibc (whose default for a thread's stack is read here)."""
+    """Bytes the stacks of torch's intra-op workers map (_workers), each with its guard page. 0 where the C library
+    is not glibc (whose default for a thread's stack is read here)."""
     stack = _worker_stack()
-    return (torch.get_num_threads() - 1) * (stack.size + stack.guard)
+    return _workers() * (stack.size + stack.guard)
+
+
+def _workers() -> int:
+    """The workers libgomp starts for torch's parallel ops: one for each of its threads but the caller's, no more
+    than OpenMP's thread limit lets a team have (OMP_THREAD_LIMIT, as libgomp itself read it: h292, under
+    OMP_THREAD_LIMIT=1 no worker starts, and the stack counted for one refused a run that fit)."""
+    try:
+        limit = ctypes.CDLL(None).omp_get_thread_limit()
+    except AttributeError:   # no OpenMP runtime among the process's global symbols: torch's count is all there is
+        return torch.get_num_threads() - 1
+    return min(torch.get_num_threads(), limit) - 1
 
 
 @dataclass(frozen=True)
@@ -106,7 +117,7 @@ def with_fewer_stacks(stacks: int, remedy: str | None) -> str:
 
 def _stacks_said(stacks: int) -> str:
     """What the workers' stacks, `stacks` bytes, take of the room."""
-    workers = torch.get_num_threads() - 1
+    workers = _workers()
     return (f"torch's {workers:,} worker thread{'s' if workers != 1 else ''} would map {size_text(stacks)} for "
             f"{'its stack' if workers == 1 else 'their stacks'}, counted as used")
 

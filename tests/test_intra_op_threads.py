@@ -44,7 +44,8 @@ def _stack_limit(size: int):
                                         ({"OMP_STACKSIZE": "-18446744073706405888B"}, 8 * MiB),
                                         ({"OMP_STACKSIZE": "\uff13M", "GOMP_STACKSIZE": "5M"}, 8 * MiB),
                                         ({"OMP_STACKSIZE": "\xa04M", "GOMP_STACKSIZE": "3M"}, 8 * MiB),
-                                        ({"OMP_STACKSIZE": "4M\x1f", "GOMP_STACKSIZE": "3M"}, 8 * MiB)])
+                                        ({"OMP_STACKSIZE": "4M\x1f", "GOMP_STACKSIZE": "3M"}, 8 * MiB),
+                                        ({"OMP_THREAD_LIMIT": "1"}, 8 * MiB), ({"OMP_THREAD_LIMIT": "2"}, 8 * MiB)])
 def test_the_stacks_counted_are_what_starting_the_workers_maps(env, stack):
     """ulimit -s, or libgomp's OMP_STACKSIZE / GOMP_STACKSIZE (KiB unless a unit follows, a + or - allowed, -n
     wrapping to 2**64 - n; ASCII blanks and digits only; a value it cannot read, or past an unsigned long, leaves the
@@ -54,7 +55,9 @@ def test_the_stacks_counted_are_what_starting_the_workers_maps(env, stack):
     runs that fit were refused). h279: "-0" (0, below the least: glibc's default) was counted as GOMP_STACKSIZE's,
     and "\\uff13M" (a fullwidth digit) as 3 MiB, where libgomp refuses it for GOMP_STACKSIZE's 5 MiB (a limit that
     held what was counted ended the process); "-18446744073706405888B" (3 MiB) as ulimit -s's, and a no-break space
-    or a \\x1f around "4M" as 4 MiB, where libgomp refuses it for GOMP_STACKSIZE's (runs that fit were refused)."""
+    or a \\x1f around "4M" as 4 MiB, where libgomp refuses it for GOMP_STACKSIZE's (runs that fit were refused).
+    h292: under OMP_THREAD_LIMIT, which caps libgomp's team, a worker for every thread but the caller's was counted
+    (OMP_THREAD_LIMIT=1 starts none: a run that fit was refused for a 1.07 GB stack never mapped)."""
     child_env = {**{k: v for k, v in os.environ.items() if k not in STACK_SIZE_ENVS}, "OMP_NUM_THREADS": "1", **env}
     done = subprocess.run([sys.executable, "-c", STARTED], capture_output=True, text=True, timeout=300, env=child_env,
                           preexec_fn=_stack_limit(stack))
