@@ -179,3 +179,46 @@ def test_a_plan_refused_for_the_room_the_workers_stacks_take_names_them(room_mib
            "(OMP_NUM_THREADS=1 starts none), or set GOMP_STACKSIZE to a few MB (e.g. GOMP_STACKSIZE=2M), or raise " \
            "ulimit -d" in line, line
     assert "fewer bits" not in line, line
+
+
+# In a fresh process on 2 torch threads, its worker's stack 64 MiB (GOMP_STACKSIZE=64M): the bundled model loaded on
+# the CPU, which starts the worker; then, under a data-segment limit of 40 MiB past what the process maps, the engine
+# resized (argv[1] == "resize") or the model loaded again ("load").
+STARTED_BEFORE = '''
+import resource, sys, torch
+import klconvert
+from klconvert.errors import KLError
+from klconvert.models import BUNDLED_DIR
+torch.set_num_threads(2)
+engine = klconvert.load(BUNDLED_DIR, device="cpu", max_context=64)
+data = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmData"))
+resource.setrlimit(resource.RLIMIT_DATA, (data + (40 << 20), resource.RLIM_INFINITY))
+try:
+    if sys.argv[1] == "resize":
+        engine.resize(context=128, batch=1)
+    else:
+        klconvert.load(BUNDLED_DIR, device="cpu", max_context=64)
+    print("done")
+except KLError as e:
+    print(e)
+'''
+
+
+@pytest.mark.skipif(not glibc(), reason="the stacks are counted from glibc's defaults, read in /proc/self/status")
+@pytest.mark.parametrize("then", ["resize", "load"])
+def test_the_stacks_of_workers_already_started_are_not_counted_again(then):
+    """h292: a plan taken while the workers ran (a resize, a second engine) counted their stacks, mapped and measured
+    already, as still to be mapped where the room was short of one: a resize that fits was refused, 'torch's 1 worker
+    thread would map 67.38 MB for its stack', and a second load's refusal asked for fewer threads. The resize is
+    done, and the load's refusal is the weights' alone."""
+    env = {**{k: v for k, v in os.environ.items() if k not in STACK_SIZE_ENVS}, "OMP_NUM_THREADS": "1",
+           "GOMP_STACKSIZE": "64M"}
+    done = subprocess.run([sys.executable, "-c", STARTED_BEFORE, then], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = done.stdout.strip()
+    if then == "resize":
+        assert line == "done", line
+        return
+    assert line.startswith("the plan needs ") and "the weights alone need" in line, line
+    assert "worker thread" not in line and "fewer threads" not in line, line
