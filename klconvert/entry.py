@@ -160,12 +160,24 @@ def _end_if_no_thread_starts(signum: int) -> None:
 def _openblas_starts_threads() -> bool:
     """Whether OpenBLAS starts threads as it loads: its count, read as its openblas_read_env does (the leading number
     of OPENBLAS_NUM_THREADS, else of GOTO_NUM_THREADS, else of OMP_NUM_THREADS, the first above 0; else the CPUs),
-    past 1. A Ctrl-C under such limits with OPENBLAS_NUM_THREADS=1 set was said as OpenBLAS's (h291)."""
+    and capped as its blas_get_cpu_number does at the CPUs the process may run on, past 1. A Ctrl-C under such limits
+    with OPENBLAS_NUM_THREADS=1 set was said as OpenBLAS's (h291), and under `taskset -c 0`, where it starts none
+    whatever the variables say (h292)."""
+    cpus = cpus_to_run_on()
     for name in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS"):
         value = os.environ.get(name, "").lstrip(" \t\n\v\f\r").removeprefix("+")   # atoi's: C's blanks and digits
         if (digits := value[:len(value) - len(value.lstrip("0123456789"))]) and int(digits) > 0:
-            return int(digits) > 1
-    return (os.cpu_count() or 1) > 1
+            return min(int(digits), cpus) > 1
+    return cpus > 1
+
+
+def cpus_to_run_on() -> int:
+    """The CPUs the process may run on: its affinity's (taskset, a cpuset, a batch scheduler's pinning), as Linux's
+    sched_getaffinity gives them, else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):   # no affinity to ask (macOS, Windows)
+        return os.cpu_count() or 1
 
 
 def _importing(frame) -> bool:

@@ -22,7 +22,7 @@ import pytest
 from klconvert.checkpoint.folder_files import CONFIG_FILE
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.convert.output_folder import FINISHED_FILES, OUTPUT_RECORD, RESUME_RECORD, TEMPORARY_MARKER, usual_mode
-from klconvert.entry import signal_status
+from klconvert.entry import cpus_to_run_on, signal_status
 from klconvert.quantize import quantize
 from testkit import run_on_a_terminal
 
@@ -98,7 +98,9 @@ _STACK_HARD_LIMIT = resource.getrlimit(resource.RLIMIT_STACK)[1]   # ulimit -Hs:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 @pytest.mark.skipif(_STACK_HARD_LIMIT != resource.RLIM_INFINITY and _STACK_HARD_LIMIT < THREAD_STACK,
                     reason="ulimit -s's hard limit is under THREAD_STACK")
-@pytest.mark.parametrize("openblas_threads", ["2", "1"])
+@pytest.mark.parametrize("openblas_threads", [
+    pytest.param("2", marks=pytest.mark.skipif(cpus_to_run_on() < 2, reason="one CPU to run on: OpenBLAS starts none")),
+    "1"])
 def test_a_sigint_inside_an_import_that_cannot_start_a_thread_is_said_as_memory(tmp_path, openblas_threads):
     """h279: OpenBLAS raises SIGINT where it cannot start one of its threads, as numpy's import (inside torch's)
     loads it: under ulimit -s 256 MiB and ulimit -d 400 MB, `klconvert run --model tiny --device cpu` on 2 threads
@@ -125,6 +127,35 @@ def test_a_sigint_inside_an_import_that_cannot_start_a_thread_is_said_as_memory(
                            "as a library loaded") and "\n" not in line, proc.stderr
     assert line.endswith("set OPENBLAS_NUM_THREADS=1 (its threads), or lower ulimit -s (each thread's stack)"), line
     assert "the import ended" not in proc.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pins the child to one CPU")
+@pytest.mark.skipif(_STACK_HARD_LIMIT != resource.RLIM_INFINITY and _STACK_HARD_LIMIT < THREAD_STACK,
+                    reason="ulimit -s's hard limit is under THREAD_STACK")
+@pytest.mark.parametrize("openblas_threads", [None, "8"])
+def test_a_sigint_inside_an_import_on_one_cpu_is_the_interrupt(tmp_path, openblas_threads):
+    """h292: OpenBLAS starts no more threads than the CPUs the process may run on (its get_num_procs: the
+    affinity's), so under `taskset -c 0` it starts none whatever OPENBLAS_NUM_THREADS says, and a SIGINT inside an
+    import is a Ctrl-C: it was said as OpenBLAS's out-of-memory, exit status 2, advising OPENBLAS_NUM_THREADS=1, as
+    the machine's CPUs were counted -- here the import of the test above, in a child pinned to one CPU."""
+    (tmp_path / "blas.py").write_text(
+        "import resource, signal, time\n"
+        "data = next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmData'))\n"
+        f"resource.setrlimit(resource.RLIMIT_DATA, (data + {THREAD_STACK // 4}, resource.RLIM_INFINITY))\n"
+        "signal.raise_signal(signal.SIGINT)\ntime.sleep(20)\nprint('the import ended')\n")
+    imports_blas = _entry_command("import klconvert.cli\nklconvert.cli.main = lambda: __import__('blas')\n")
+    stack_limit, cpu = (THREAD_STACK, _STACK_HARD_LIMIT), min(os.sched_getaffinity(0))
+
+    def one_cpu_and_stack_limit():
+        os.sched_setaffinity(0, {cpu})
+        resource.setrlimit(resource.RLIMIT_STACK, stack_limit)
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS",
+                                                              "OMP_NUM_THREADS")}
+    proc = subprocess.run(imports_blas, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          preexec_fn=one_cpu_and_stack_limit,
+                          env=env if openblas_threads is None else {**env, "OPENBLAS_NUM_THREADS": openblas_threads})
+    assert (proc.returncode, proc.stderr) == (130, "klconvert: interrupted\n")
 
 
 def test_an_interrupt_inside_an_import_waits_for_it_to_end(tmp_path):
