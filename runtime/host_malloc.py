@@ -38,6 +38,7 @@ PREFILL_TRIM, TRIM = 128 << 10, 2 * CEILING
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # mallopt's parameter numbers (glibc's malloc.h)
 USER_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"   # a threshold the user gave glibc, as is
 USER_THRESHOLD_TUNABLE = "glibc.malloc.mmap_threshold"   # in GLIBC_TUNABLES
+USER_TRIM_ENV, USER_TRIM_TUNABLE = "MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold"   # a trim threshold's
 
 
 @contextmanager
@@ -46,18 +47,23 @@ def large_blocks_mapped(threshold: int = PREFILL_THRESHOLD) -> Iterator[None]:
     and unmaps it when freed, rather than growing the heap for it (process-wide while it lasts); after, its mmap
     threshold is CEILING and its trim threshold TRIM. Nothing where the C library is
     not glibc (macOS, Windows, musl), nor where the user chose a threshold (MALLOC_MMAP_THRESHOLD_, or
-    glibc.malloc.mmap_threshold in GLIBC_TUNABLES): theirs stands."""
+    glibc.malloc.mmap_threshold in GLIBC_TUNABLES): theirs stands. A trim threshold the user chose
+    (MALLOC_TRIM_THRESHOLD_, or glibc.malloc.trim_threshold) stands too, the mmap threshold set as without it (h292:
+    it was replaced for the rest of the process, and MALLOC_TRIM_THRESHOLD_=0 kept 18 MB of a load's freed heap)."""
     mallopt = _mallopt()
     if mallopt is None:
         yield
         return
-    mallopt(M_MMAP_THRESHOLD, threshold)
-    mallopt(M_TRIM_THRESHOLD, PREFILL_TRIM)
+    settings = [(M_MMAP_THRESHOLD, threshold, CEILING)]   # each parameter, its value inside, and after
+    if not _user_set(USER_TRIM_ENV, USER_TRIM_TUNABLE):
+        settings.append((M_TRIM_THRESHOLD, PREFILL_TRIM, TRIM))
+    for parameter, inside, _ in settings:
+        mallopt(parameter, inside)
     try:
         yield
     finally:
-        mallopt(M_MMAP_THRESHOLD, CEILING)
-        mallopt(M_TRIM_THRESHOLD, TRIM)
+        for parameter, _, after in settings:
+            mallopt(parameter, after)
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -94,10 +100,14 @@ def give_back_free_pages() -> None:
 
 def _mallopt():
     """glibc's mallopt, or None where large_blocks_mapped leaves malloc as it is."""
-    if not glibc() or USER_THRESHOLD_ENV in os.environ \
-            or USER_THRESHOLD_TUNABLE in os.environ.get("GLIBC_TUNABLES", ""):
+    if not glibc() or _user_set(USER_THRESHOLD_ENV, USER_THRESHOLD_TUNABLE):
         return None
     return ctypes.CDLL(None).mallopt
+
+
+def _user_set(env: str, tunable: str) -> bool:
+    """Whether the user gave glibc's malloc a parameter: its variable (`env`), or its tunable in GLIBC_TUNABLES."""
+    return env in os.environ or tunable in os.environ.get("GLIBC_TUNABLES", "")
 
 
 def glibc() -> bool:

@@ -18,6 +18,7 @@ MIB = 1 << 20
 @pytest.fixture
 def no_user_threshold(monkeypatch):
     monkeypatch.delenv(host_malloc.USER_THRESHOLD_ENV, raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
 
 
@@ -180,6 +181,51 @@ def test_the_users_threshold_stands(no_user_threshold, monkeypatch, libc, name, 
     with host_malloc.large_blocks_mapped():
         pass
     assert libc.calls == []
+
+
+@pytest.mark.parametrize("name, value", [("MALLOC_TRIM_THRESHOLD_", "0"),
+                                         ("GLIBC_TUNABLES", "glibc.malloc.check=0:glibc.malloc.trim_threshold=0")])
+def test_the_users_trim_threshold_stands(no_user_threshold, monkeypatch, libc, name, value):
+    """h292: a trim threshold the user gave glibc was set to PREFILL_TRIM inside and TRIM for good after, for the
+    rest of the process: under MALLOC_TRIM_THRESHOLD_=0 a load kept 18 MB of freed heap resident. The mmap threshold
+    is set as before; the trim threshold is theirs."""
+    monkeypatch.setattr(host_malloc, "glibc", lambda: True)
+    monkeypatch.setenv(name, value)
+    with host_malloc.large_blocks_mapped():
+        assert libc.calls == [(host_malloc.M_MMAP_THRESHOLD, host_malloc.PREFILL_THRESHOLD)]
+    assert libc.calls[1:] == [(host_malloc.M_MMAP_THRESHOLD, host_malloc.CEILING)]
+
+
+# In a fresh process under MALLOC_TRIM_THRESHOLD_=0, after large_blocks_mapped as a CPU load has it: the data it maps
+# (VmData) still, of 20 MB in blocks of 100 KiB from the heap (the mmap threshold glibc's ceiling), freed.
+TRIMMED = """
+import ctypes
+from klconvert.runtime import host_malloc
+
+def data():
+    return next(int(line.split()[1]) << 10 for line in open("/proc/self/status") if line.startswith("VmData"))
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+with host_malloc.large_blocks_mapped(host_malloc.LOAD_THRESHOLD):
+    pass
+before = data()
+blocks = [libc.malloc(100 << 10) for _ in range(200)]
+for block in blocks:
+    ctypes.memset(block, 1, 100 << 10)
+for block in reversed(blocks):
+    libc.free(block)
+print(data() - before)
+"""
+
+
+@pytest.mark.skipif(not host_malloc.glibc(), reason="glibc's malloc")
+def test_the_users_trim_threshold_hands_freed_blocks_back(no_user_threshold):
+    done = subprocess.run([sys.executable, "-c", TRIMMED], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MALLOC_TRIM_THRESHOLD_": "0"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout) < MIB, f"{int(done.stdout):,} bytes of freed blocks still mapped"
 
 
 def test_other_glibc_tunables_do_not_stop_it(no_user_threshold, monkeypatch, libc):
