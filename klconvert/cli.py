@@ -359,9 +359,12 @@ def _refuse_a_working_folder_that_is_gone() -> None:
 
 def echo_complete(path: Path) -> None:
     """Print `path`, the output the command has written whole, on standard output (for a script to take); one that
-    cannot take it fails the command still, its line saying that `path` is complete."""
+    cannot take it fails the command still, its line saying that `path` is complete. A relative path that starts
+    with a dash is printed with ./ before it, which pathlib drops where it was typed: `synth --out ./-s` printed -s,
+    which a script's `ls "$out"` read as its option (h292)."""
+    text = str(path)
     try:
-        click.echo(str(path))
+        click.echo(f"./{text}" if text.startswith("-") else text)
     except StdoutFailed as e:
         e.complete = path
         raise

@@ -262,6 +262,16 @@ def test_synth_prints_the_folder_it_wrote_on_stdout(tmp_path, capsys):
     assert code == 0 and printed == f"{out}\n", err
 
 
+@pytest.mark.parametrize("out, printed", [("./-s", "./-s"), ("-", "./-"), ("-s/out", "./-s/out")])
+def test_a_folder_named_with_a_leading_dash_is_printed_as_no_option(tmp_path, capsys, monkeypatch, out, printed):
+    """h292: `synth --out ./-s` printed -s, the ./ typed to keep the name from reading as an option dropped (pathlib
+    drops it), and a script's `ls "$out"` took it as ls's -s. Printed with ./ before it, as typed or not."""
+    monkeypatch.chdir(tmp_path)
+    code, said, err = run_cli(capsys, "synth", "--preset", "tiny", "--layers", "2", "--out", out)
+    assert code == 0 and said == f"{printed}\n", err
+    assert (tmp_path / out / "config.json").is_file()
+
+
 def test_a_second_synth_on_the_same_out_is_refused_in_one_line(tmp_path, capsys):
     """It did all the work, then crashed on os.replace (Directory not empty)."""
     out = tmp_path / "out"
