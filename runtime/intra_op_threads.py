@@ -37,43 +37,35 @@ _PTHREAD_ATTR_BYTES = 256   # room for glibc's pthread_attr_t (56 bytes on x86-6
 # page wraps past 2**64, as OMP_STACKSIZE=-1B's does). On a 23 GiB x86-64 host stacks of 2**46 bytes and more, from
 # OMP_STACKSIZE or ulimit -s, ended it (ones past the host's memory fail too, under the kernel's overcommit check)
 UNMAPPABLE_STACK = 1 << 48
-# The workers the last start_intra_op_threads started: libgomp keeps a team's workers running for the next team (its
-# pool), so a later plan -- a resize, a second engine -- measures their stacks as mapped already (h292: they were
-# counted again, and a resize that fit was refused). A smaller team run since ends the surplus (libgomp's pool takes
-# the last team's size), which this does not see: they are taken as running.
-_started = 0
 
 
 def start_intra_op_threads() -> int:
-    """Start torch's intra-op workers, where the first parallel op (reading the weights) would start them after the plan
-    measured the host: each maps a stack (ulimit -s, 8 MiB by default), which a limit on what the process maps
+    """Start torch's intra-op workers, where the first parallel op (reading the weights) would start them after the
+    plan measured the host: each maps a stack (ulimit -s, 8 MiB by default), which a limit on what the process maps
     (ulimit -d, -v) counts -- a 16,500-token prompt of the bundled model on 2 threads, planned 351 MiB, peaked 8 MiB
-    past it and ran out under ulimit -d 588-592 MB. Only where those limits leave room for the stacks of those not
-    running yet (_unstarted) and START_ROOM: short of it libgomp ends the process ("Thread creation failed"), where the
-    plan would refuse it in one line. Returns those bytes where it left them unmapped, for the plan to count as used (0
-    where it started them, or they ran already: mapped, they are measured). An op of twice torch's grain size (32,768
-    elements, at::internal::GRAIN_SIZE) is split across them, its tensor made before the room is measured; once started
-    they stay. A stack of UNMAPPABLE_STACK bytes or more is refused in one line: no room would hold it."""
-    global _started
-    if (workers := _unstarted()) == 0:
-        return 0
+    past it and ran out under ulimit -d 588-592 MB. Only where those limits leave room for their stacks (stack_bytes)
+    and START_ROOM: short of it libgomp ends the process ("Thread creation failed"), where the plan would refuse it in
+    one line. Returns those bytes where it left them unmapped, for the plan to count as used (0 where it started
+    them, or they ran already: mapped, they are measured). An op of twice torch's grain size (32,768 elements,
+    at::internal::GRAIN_SIZE) is split across them, its tensor made before the room is measured; once started they
+    stay. A stack of UNMAPPABLE_STACK bytes or more is refused in one line: no room would hold it."""
     work = torch.empty(1 << 16, dtype=torch.uint8)   # unwritten: torch.ones' fill is such an op itself
-    if (stack := _worker_stack()).size >= UNMAPPABLE_STACK:
+    if _workers() > 0 and (stack := _worker_stack()).size >= UNMAPPABLE_STACK:
         raise KLError(f"{stack.set_by} makes each of torch's worker threads a stack of {size_text(stack.size)}, more "
                       f"than a process can map: starting them would end it ('Thread creation failed'); "
                       f"{stack.smaller}")
-    needed = workers * stack.mapped + START_ROOM
+    needed = stack_bytes() + START_ROOM
     if (room := mapped_room()) is not None and room < needed:
         return needed
     work.fill_(1)
-    _started = _workers()
     return 0
 
 
 def stack_bytes() -> int:
     """Bytes the stacks of torch's intra-op workers map (_workers), each with its guard page. 0 where the C library
     is not glibc (whose default for a thread's stack is read here)."""
-    return _workers() * _worker_stack().mapped
+    stack = _worker_stack()
+    return _workers() * (stack.size + stack.guard)
 
 
 def _workers() -> int:
@@ -87,11 +79,6 @@ def _workers() -> int:
     return min(torch.get_num_threads(), limit) - 1
 
 
-def _unstarted() -> int:
-    """The workers (_workers) that are not running yet: past the ones the last start_intra_op_threads started."""
-    return max(_workers() - _started, 0)
-
-
 @dataclass(frozen=True)
 class WorkerStack:
     """One worker's stack: its bytes (`size`) and its guard page's (`guard`), what set its size (`set_by`: one of
@@ -103,11 +90,6 @@ class WorkerStack:
     guard: int = 0
     set_by: str = "ulimit -s"
     variable: str = STACK_SIZE_ENVS[0]
-
-    @property
-    def mapped(self) -> int:
-        """The bytes it maps: the stack and its guard page."""
-        return self.size + self.guard
 
     @property
     def smaller(self) -> str:
@@ -135,7 +117,7 @@ def with_fewer_stacks(stacks: int, remedy: str | None) -> str:
 
 def _stacks_said(stacks: int) -> str:
     """What the workers' stacks, `stacks` bytes, take of the room."""
-    workers = _unstarted()
+    workers = _workers()
     return (f"torch's {workers:,} worker thread{'s' if workers != 1 else ''} would map {size_text(stacks)} for "
             f"{'its stack' if workers == 1 else 'their stacks'}, counted as used")
 
