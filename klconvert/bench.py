@@ -579,8 +579,8 @@ def time_transformers(raw_config: dict, new_tokens: int, report: Callable[[str],
     rounds)."""
     HFConfig, KimiLinearForCausalLM = transformers_peer()
     torch.cuda.empty_cache()   # what the bench held, released to the peer (refuse_a_peer_that_does_not_fit's room)
-    with torch.device("cuda"):
-        model = KimiLinearForCausalLM(HFConfig(**raw_config)).to(torch.bfloat16).eval()
+    with torch.device("cuda"):   # made in bf16: made in fp32 and cast, it held twice what peer_bytes sizes (h295)
+        model = KimiLinearForCausalLM._from_config(HFConfig(**raw_config), dtype=torch.bfloat16).eval()
     ids = torch.randint(0, raw_config["vocab_size"] - NUM_SPECIAL_TOKENS, (1, PEER_PROMPT_TOKENS), device="cuda")
 
     def seconds(n: int) -> float:
