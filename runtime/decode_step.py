@@ -25,23 +25,34 @@ def capturable(model: KimiLinear, batch: int) -> bool:
 
 
 class GraphMemory:
-    """The CUDA-graph memory pool and the warm-up stream every decode step of one plan captures with. The steps
-    replay one at a time on one stream, and each copies its logits out of the pool into a buffer of its own, so their
-    scratch can be the same memory: a program decoding at batch 1, 2, ..., 16 held sixteen pools and sixteen warm-up
-    streams' cached blocks (each pool a segment of its own), where the plan counts one step's workspace. The copy is
-    what makes the sharing safe: logits allocated inside a capture can lie in the scratch an earlier step's replay
-    writes (torch's rule for a shared pool: replay in the order captured, which an API user holding one step's logits
-    across another's step does not)."""
+    """The CUDA-graph memory pool, the warm-up stream and the logits buffer every decode step of one plan (of `rows`
+    sequences) captures with. The steps replay one at a time on one stream, and each copies its logits out of the
+    pool into its rows of the one buffer, so their scratch can be the same memory: a program decoding at batch 1, 2,
+    ..., 16 held sixteen pools and sixteen warm-up streams' cached blocks (each pool a segment of its own), where the
+    plan counts one step's workspace. The copy is what makes the sharing safe: logits allocated inside a capture can
+    lie in the scratch a step captured before writes (torch's rule for a shared pool: replay in the order captured).
+    One buffer for every batch size, as the plan counts one: a copy a step, kept, held 89 MB at batch 1..16 of the
+    48B's vocabulary where the plan counts 10.5 (h295). So a step's logits hold until the next step of any batch
+    size, as the state's rows, which every step decodes from, do."""
 
-    def __init__(self):
+    def __init__(self, rows: int):
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream()
+        self.rows = rows
+        self._logits: torch.Tensor | None = None
+
+    def logits_like(self, made: torch.Tensor) -> torch.Tensor:
+        """The buffer's first rows for a step's logits shaped as `made` [B, vocab] (its warm-up's), the buffer made
+        with the first step captured."""
+        if self._logits is None:
+            self._logits = torch.empty(self.rows, *made.shape[1:], dtype=made.dtype, device=made.device)
+        return self._logits[:made.shape[0]]
 
 
 class DecodeStep:
     """`step()` runs model.decode(tokens, positions) on the static buffers below and returns `logits` (the same
     tensor every call). Callers write the next tokens and positions into `tokens` / `positions` in place. `graph`:
-    capture the step with that memory (None: run it eagerly)."""
+    capture the step with that memory (None: run it eagerly), whose logits buffer every captured step writes."""
 
     def __init__(self, model: KimiLinear, state: StateBuffers, graph: GraphMemory | None):
         B = state.batch
@@ -61,15 +72,15 @@ class DecodeStep:
 
     @torch.inference_mode()
     def _capture(self, memory: GraphMemory) -> None:
-        """Warm up on the side stream, then record one step into the pool, its logits copied out of it. The warm-up
-        steps write garbage into the state; the engine resets the state (and overwrites the cache rows) before any
-        real sequence uses it."""
+        """Warm up on the side stream, then record one step into the pool, its logits copied out of it into the
+        memory's buffer. The warm-up steps write garbage into the state; the engine resets the state (and overwrites
+        the cache rows) before any real sequence uses it."""
         memory.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(memory.stream):
             for _ in range(WARMUP_STEPS):
                 logits = self.eager()
         torch.cuda.current_stream().wait_stream(memory.stream)
-        self.logits = torch.empty_like(logits)
+        self.logits = memory.logits_like(logits)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=memory.pool):
             self.logits.copy_(self.eager())

@@ -875,7 +875,9 @@ class Engine(Runner):
     def decoder(self, batch: int) -> DecodeStep:
         """The decode step for the first `batch` sequences (captured once per batch size on CUDA + Triton).
         Capturing writes into the state: take it before prefilling. Refused while generate runs (its callbacks):
-        the step is the one generate is running, or its capture would write the state generate is using."""
+        the step is the one generate is running, or its capture would write the state generate is using. Steps of
+        different batch sizes decode the same state rows and, captured, write their logits into one buffer: a step's
+        logits hold until the next step of any batch size."""
         with self._holding("decoder"):
             n = as_number(batch, whole=True)
             if n is None or n < 1:
@@ -899,7 +901,7 @@ class Engine(Runner):
         if batch not in self._steps:
             graph = None
             if self.cuda_graph and capturable(self.model, batch):
-                graph = self._graph_memory = self._graph_memory or GraphMemory()
+                graph = self._graph_memory = self._graph_memory or GraphMemory(self.plan.batch)
             self._steps[batch] = DecodeStep(self.model, self.state.rows(0, batch), graph)
         return self._steps[batch]
 
