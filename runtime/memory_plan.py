@@ -163,8 +163,8 @@ class MemoryPlan:
         over the cached rows (model.LatentAttention: the scores, the masked scores and their softmax, the
         probabilities in the cache's dtype) and an e4m3 cache's rows dequantized -- the Triton kernel's per-split
         partials are a few MB at any context; and its logits, lm_head's in the activations' dtype, then in fp32, and
-        on the Triton path, which CUDA captures in a graph, the fp32 copy the step keeps outside the graph's pool
-        (decode_step.GraphMemory)."""
+        on the Triton path, which CUDA captures in a graph, the fp32 buffer outside the graphs' pool that every
+        captured step copies them into (decode_step.GraphMemory)."""
         c, B = self.config, self.batch
         a = self.act_dtype.itemsize
         kda = B * c.kda_dim * (3 * a + 6 * 4) + B * c.kda_num_heads * c.kda_head_dim * c.kda_head_dim * 4
