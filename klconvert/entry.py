@@ -157,18 +157,39 @@ def _end_if_no_thread_starts(signum: int) -> None:
         _end_now(signum, f"klconvert: error: {refused}", refused.exit_code)
 
 
+# The variables OpenBLAS takes its thread count from, first to last, the first above 0 being the count (else the
+# CPUs): openblas_read_env keeps OPENBLAS_NUM_THREADS, else OPENBLAS_DEFAULT_NUM_THREADS, as one number, which
+# blas_get_cpu_number takes before GOTO_NUM_THREADS, then OMP_NUM_THREADS (OpenBLAS's driver/others/openblas_env.c,
+# memory.c).
+OPENBLAS_THREAD_COUNT_VARIABLES = ("OPENBLAS_NUM_THREADS", "OPENBLAS_DEFAULT_NUM_THREADS", "GOTO_NUM_THREADS",
+                                   "OMP_NUM_THREADS")
+LONG_MIN, LONG_MAX = -(1 << 63), (1 << 63) - 1   # a C long's bounds on 64-bit Linux and macOS (LP64)
+
+
 def _openblas_starts_threads() -> bool:
-    """Whether OpenBLAS starts threads as it loads: its count, read as its openblas_read_env does (the leading number
-    of OPENBLAS_NUM_THREADS, else of GOTO_NUM_THREADS, else of OMP_NUM_THREADS, the first above 0; else the CPUs),
-    and capped as its blas_get_cpu_number does at the CPUs the process may run on, past 1. A Ctrl-C under such limits
-    with OPENBLAS_NUM_THREADS=1 set was said as OpenBLAS's (h291), and under `taskset -c 0`, where it starts none
-    whatever the variables say (h292)."""
+    """Whether OpenBLAS starts threads as it loads: its count, read as its openblas_read_env and blas_get_cpu_number
+    do (OPENBLAS_THREAD_COUNT_VARIABLES, each as C's atoi, the first above 0; else the CPUs), and capped as
+    blas_get_cpu_number does at the CPUs the process may run on, past 1. A Ctrl-C under such limits with
+    OPENBLAS_NUM_THREADS=1 set was said as OpenBLAS's (h291), under `taskset -c 0`, where it starts none whatever the
+    variables say (h292), and under OPENBLAS_DEFAULT_NUM_THREADS=1, which this did not read (h295)."""
     cpus = cpus_to_run_on()
-    for name in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS"):
-        value = os.environ.get(name, "").lstrip(" \t\n\v\f\r").removeprefix("+")   # atoi's: C's blanks and digits
-        if (digits := value[:len(value) - len(value.lstrip("0123456789"))]) and int(digits) > 0:
-            return min(int(digits), cpus) > 1
+    for name in OPENBLAS_THREAD_COUNT_VARIABLES:
+        if (count := _c_atoi(os.environ.get(name, ""))) > 0:
+            return min(count, cpus) > 1
     return cpus > 1
+
+
+def _c_atoi(text: str) -> int:
+    """`text` read as glibc's atoi reads it, (int) strtol(text, NULL, 10), which OpenBLAS reads its variables with:
+    C's blanks, a sign and the digits that lead, saturated at a long's bounds and cut to an int's low 32 bits --
+    4294967297 is 1, 99999999999999999999 (LONG_MAX) is -1, -4294967295 is 1; 0 where no digit leads."""
+    number = text.lstrip(" \t\n\v\f\r")
+    sign = -1 if number.startswith("-") else 1
+    number = number[1:] if number[:1] in ("-", "+") else number
+    digits = number[:len(number) - len(number.lstrip("0123456789"))].lstrip("0")
+    # 20 digits are past a long's bounds already, and int() refuses thousands of them
+    value = min(max(sign * int(digits[:20] or "0"), LONG_MIN), LONG_MAX)
+    return (value + (1 << 31)) % (1 << 32) - (1 << 31)
 
 
 def cpus_to_run_on() -> int:

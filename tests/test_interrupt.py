@@ -22,7 +22,7 @@ import pytest
 from klconvert.checkpoint.folder_files import CONFIG_FILE
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.convert.output_folder import FINISHED_FILES, OUTPUT_RECORD, RESUME_RECORD, TEMPORARY_MARKER, usual_mode
-from klconvert.entry import cpus_to_run_on, signal_status
+from klconvert.entry import OPENBLAS_THREAD_COUNT_VARIABLES, cpus_to_run_on, signal_status
 from klconvert.quantize import quantize
 from testkit import run_on_a_terminal
 
@@ -93,21 +93,26 @@ def test_an_interrupt_inside_a_long_import_ends_an_untouched_command_at_once(tmp
 
 THREAD_STACK = 256 << 20   # ulimit -s (each thread's stack) of the child whose import cannot start a thread
 _STACK_HARD_LIMIT = resource.getrlimit(resource.RLIMIT_STACK)[1]   # ulimit -Hs: how far a child's ulimit -s goes
+TWO_CPUS = pytest.mark.skipif(cpus_to_run_on() < 2, reason="one CPU to run on: OpenBLAS starts none")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 @pytest.mark.skipif(_STACK_HARD_LIMIT != resource.RLIM_INFINITY and _STACK_HARD_LIMIT < THREAD_STACK,
                     reason="ulimit -s's hard limit is under THREAD_STACK")
-@pytest.mark.parametrize("openblas_threads", [
-    pytest.param("2", marks=pytest.mark.skipif(cpus_to_run_on() < 2, reason="one CPU to run on: OpenBLAS starts none")),
-    "1"])
-def test_a_sigint_inside_an_import_that_cannot_start_a_thread_is_said_as_memory(tmp_path, openblas_threads):
+@pytest.mark.parametrize("openblas_env, said", [
+    pytest.param({"OPENBLAS_NUM_THREADS": "2"}, "memory", marks=TWO_CPUS),
+    ({"OPENBLAS_NUM_THREADS": "1"}, "interrupt"),
+    ({"OPENBLAS_DEFAULT_NUM_THREADS": "1"}, "interrupt"),
+    pytest.param({"OMP_NUM_THREADS": "1", "OPENBLAS_DEFAULT_NUM_THREADS": "2"}, "memory", marks=TWO_CPUS)])
+def test_a_sigint_inside_an_import_that_cannot_start_a_thread_is_said_as_memory(tmp_path, openblas_env, said):
     """h279: OpenBLAS raises SIGINT where it cannot start one of its threads, as numpy's import (inside torch's)
     loads it: under ulimit -s 256 MiB and ulimit -d 400 MB, `klconvert run --model tiny --device cpu` on 2 threads
     ended in "klconvert: interrupted", 130, where no Ctrl-C came. Inside an import of a process that cannot start a
     thread, it is one line about memory, exit status 2 -- here a module whose import leaves ulimit -d too little room
     for a thread's stack, then raises SIGINT. Where OpenBLAS starts no threads (OPENBLAS_NUM_THREADS=1) the SIGINT
-    is not its: a Ctrl-C, said as the interrupt (h291: said as memory, with the advice already followed)."""
+    is not its: a Ctrl-C, said as the interrupt (h291: said as memory, with the advice already followed). h295:
+    OPENBLAS_DEFAULT_NUM_THREADS was not read, so under =1 a Ctrl-C was said as memory, and under =2 with
+    OMP_NUM_THREADS=1 OpenBLAS's SIGINT as the interrupt."""
     (tmp_path / "blas.py").write_text(
         "import resource, signal, time\n"
         "data = next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmData'))\n"
@@ -117,8 +122,8 @@ def test_a_sigint_inside_an_import_that_cannot_start_a_thread_is_said_as_memory(
     stack_limit = (THREAD_STACK, _STACK_HARD_LIMIT)
     proc = subprocess.run(imports_blas, capture_output=True, text=True, timeout=120, cwd=tmp_path,
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_STACK, stack_limit),
-                          env={**os.environ, "OPENBLAS_NUM_THREADS": openblas_threads})
-    if openblas_threads == "1":
+                          env={**_without_openblas_counts(), **openblas_env})
+    if said == "interrupt":
         assert (proc.returncode, proc.stderr) == (130, "klconvert: interrupted\n")
         return
     assert proc.returncode == 2, proc.stderr
@@ -127,6 +132,11 @@ def test_a_sigint_inside_an_import_that_cannot_start_a_thread_is_said_as_memory(
                            "as a library loaded") and "\n" not in line, proc.stderr
     assert line.endswith("set OPENBLAS_NUM_THREADS=1 (its threads), or lower ulimit -s (each thread's stack)"), line
     assert "the import ended" not in proc.stdout
+
+
+def _without_openblas_counts() -> dict[str, str]:
+    """This process's environment without the variables OpenBLAS reads its thread count from."""
+    return {k: v for k, v in os.environ.items() if k not in OPENBLAS_THREAD_COUNT_VARIABLES}
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pins the child to one CPU")
@@ -150,12 +160,50 @@ def test_a_sigint_inside_an_import_on_one_cpu_is_the_interrupt(tmp_path, openbla
         os.sched_setaffinity(0, {cpu})
         resource.setrlimit(resource.RLIMIT_STACK, stack_limit)
 
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS",
-                                                              "OMP_NUM_THREADS")}
+    env = _without_openblas_counts()
     proc = subprocess.run(imports_blas, capture_output=True, text=True, timeout=120, cwd=tmp_path,
                           preexec_fn=one_cpu_and_stack_limit,
                           env=env if openblas_threads is None else {**env, "OPENBLAS_NUM_THREADS": openblas_threads})
     assert (proc.returncode, proc.stderr) == (130, "klconvert: interrupted\n")
+
+
+# Whether the OpenBLAS numpy loads starts threads as it loads (a thread past the main one once numpy is imported),
+# beside what the entry point reads of it; or that numpy loads no OpenBLAS
+OPENBLAS_THREADS = """
+import os
+import numpy
+if "openblas" not in open("/proc/self/maps").read():
+    raise SystemExit("numpy loads no OpenBLAS")
+started = len(os.listdir("/proc/self/task")) > 1
+from klconvert.entry import _openblas_starts_threads
+print(started, _openblas_starts_threads())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+@pytest.mark.parametrize("openblas_env", [
+    {}, {"OPENBLAS_DEFAULT_NUM_THREADS": "1"}, {"OMP_NUM_THREADS": "1", "OPENBLAS_DEFAULT_NUM_THREADS": "2"},
+    {"GOTO_NUM_THREADS": "1", "OPENBLAS_DEFAULT_NUM_THREADS": "2"},
+    {"OPENBLAS_NUM_THREADS": "1", "OPENBLAS_DEFAULT_NUM_THREADS": "2"},
+    {"OPENBLAS_NUM_THREADS": "0", "OPENBLAS_DEFAULT_NUM_THREADS": "1"},
+    {"OPENBLAS_DEFAULT_NUM_THREADS": "0", "OMP_NUM_THREADS": "1"},
+    {"OPENBLAS_NUM_THREADS": " +2x"}, {"OPENBLAS_NUM_THREADS": "4294967297"},
+    {"OPENBLAS_NUM_THREADS": "99999999999999999999", "OMP_NUM_THREADS": "1"},
+    {"OPENBLAS_NUM_THREADS": "-4294967295"}, {"OPENBLAS_NUM_THREADS": "-1", "OMP_NUM_THREADS": "1"},
+    {"OPENBLAS_NUM_THREADS": "9" * 5000, "OMP_NUM_THREADS": "1"}],
+    ids=lambda env: " ".join(f"{name}={value[:24]}" for name, value in env.items()) or "none")
+def test_openblas_starts_threads_as_numpys_openblas_does(openblas_env):
+    """h295: the entry point read OpenBLAS's thread count from OPENBLAS_NUM_THREADS, GOTO_NUM_THREADS and
+    OMP_NUM_THREADS, never OPENBLAS_DEFAULT_NUM_THREADS, which OpenBLAS reads after the first, and took a number
+    past an int's range whole where C's atoi wraps it (4294967297 is 1) or saturates it (99999999999999999999 is -1,
+    unset): what it reads is what the OpenBLAS numpy loads does, under each of these environments."""
+    proc = subprocess.run([sys.executable, "-c", OPENBLAS_THREADS], capture_output=True, text=True, timeout=120,
+                          env={**_without_openblas_counts(), **openblas_env})
+    if proc.returncode == 1 and proc.stderr == "numpy loads no OpenBLAS\n":
+        pytest.skip("numpy loads no OpenBLAS")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    started, read = proc.stdout.split()
+    assert read == started
 
 
 def test_an_interrupt_inside_an_import_waits_for_it_to_end(tmp_path):
