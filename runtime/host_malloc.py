@@ -106,8 +106,12 @@ def _mallopt():
 
 
 def _user_set(env: str, tunable: str) -> bool:
-    """Whether the user gave glibc's malloc a parameter: its variable (`env`), or its tunable in GLIBC_TUNABLES."""
-    return env in os.environ or tunable in os.environ.get("GLIBC_TUNABLES", "")
+    """Whether the user gave glibc's malloc a parameter: its variable (`env`), or its tunable in GLIBC_TUNABLES, read
+    as glibc reads it -- name=value entries parted by colons, the name the whole of what comes before the first =, an
+    entry without one skipped. glibc ignores a name it does not know (glibc.malloc.mmap_threshold_x), which a test
+    of the text alone took as the user's threshold, turning large_blocks_mapped off (h295)."""
+    entries = (entry.partition("=") for entry in os.environ.get("GLIBC_TUNABLES", "").split(":"))
+    return env in os.environ or any(name == tunable and equals for name, equals, _ in entries)
 
 
 def glibc() -> bool:

@@ -228,6 +228,48 @@ def test_the_users_trim_threshold_hands_freed_blocks_back(no_user_threshold):
     assert int(done.stdout) < MIB, f"{int(done.stdout):,} bytes of freed blocks still mapped"
 
 
+# In a fresh process under GLIBC_TUNABLES: whether glibc took a mmap threshold from it -- a block of 1 MiB stays on
+# its heap under the 4 MiB the tunables below give, and is mapped on its own under glibc's 128 KiB at a process's
+# start -- and whether host_malloc takes one as the user's.
+TUNED = """
+import ctypes
+from klconvert.runtime import host_malloc
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = host_malloc._Mallinfo2
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+before = libc.mallinfo2().hblkhd
+libc.malloc(1 << 20)
+took = libc.mallinfo2().hblkhd - before < 1 << 20
+print(took, host_malloc._user_set(host_malloc.USER_THRESHOLD_ENV, host_malloc.USER_THRESHOLD_TUNABLE))
+"""
+
+
+@pytest.mark.skipif(not (host_malloc.glibc() and hasattr(ctypes.CDLL(None), "mallinfo2")),
+                    reason="glibc's malloc, 2.33 on (mallinfo2)")
+@pytest.mark.parametrize("tunables", [
+    "glibc.malloc.mmap_threshold=4194304", "glibc.malloc.check=0:glibc.malloc.mmap_threshold=4194304",
+    "glibc.malloc.check:glibc.malloc.mmap_threshold=4194304", "glibc.malloc.mmap_threshold_x=4194304",
+    "glibc.malloc.mmap_thresholdx=4194304", "xglibc.malloc.mmap_threshold=4194304", "glibc.malloc.mmap_threshold",
+    "glibc.malloc.arena_max=glibc.malloc.mmap_threshold=4194304"])
+def test_a_threshold_is_the_users_where_glibc_takes_it(no_user_threshold, tunables):
+    """h295: a name in GLIBC_TUNABLES that glibc does not know but holds glibc.malloc.mmap_threshold (or
+    trim_threshold: the same test) was taken as the user's threshold, and large_blocks_mapped left malloc as it was
+    for the whole run: what host_malloc takes as the user's is what glibc takes."""
+    done = subprocess.run([sys.executable, "-c", TUNED], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "GLIBC_TUNABLES": tunables})
+    assert done.returncode == 0, done.stderr[-2000:]
+    glibc_took, users = done.stdout.split()
+    assert users == glibc_took
+
+
+def test_a_trim_threshold_glibc_does_not_take_is_set(no_user_threshold, monkeypatch, libc):
+    monkeypatch.setattr(host_malloc, "glibc", lambda: True)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold_typo=0")
+    with host_malloc.large_blocks_mapped():
+        assert (host_malloc.M_TRIM_THRESHOLD, host_malloc.PREFILL_TRIM) in libc.calls
+
+
 def test_other_glibc_tunables_do_not_stop_it(no_user_threshold, monkeypatch, libc):
     monkeypatch.setattr(host_malloc, "glibc", lambda: True)
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
