@@ -127,12 +127,13 @@ main()
 
 
 @pytest.mark.skipif(not host_malloc.glibc(), reason="glibc's malloc")
-@pytest.mark.parametrize("synthesized", [False, True], ids=["bundled", "synth"])
-def test_a_cpu_load_maps_little_past_the_weights_it_holds(no_user_threshold, tmp_path, synthesized):
+@pytest.mark.parametrize("synthesized, bound", [(False, 2 * MIB), (True, 3 * MIB)], ids=["bundled", "synth"])
+def test_a_cpu_load_maps_little_past_the_weights_it_holds(no_user_threshold, tmp_path, synthesized, bound):
     """The copies a CPU load makes and replaces left holes in the heap that ulimit -d counts as used: the bundled
     model's load mapped 3.5-18 MB past its 65.8 MB of weights, run to run, and a plan taken at the margin ran out
     mid-prefill. Each block from 16 KiB up mapped on its own while it loads: 0.55 MB past them, and 1.2-1.4 MB for a
-    synth checkpoint (3.2-3.9 MB from 64 KiB up, 9-13 MB before)."""
+    synth checkpoint on an idle machine, up to 2.34 MB while other work loaded it (2 MiB failed there 2 runs in 3;
+    3.2-3.9 MB from 64 KiB up, 9-13 MB before)."""
     from klconvert import load
 
     model = "tiny"
@@ -146,7 +147,7 @@ def test_a_cpu_load_maps_little_past_the_weights_it_holds(no_user_threshold, tmp
     assert done.returncode == 0, done.stderr[-2000:]
     weights = load(model, device="cpu", max_context=8).weights_held
     past = int(done.stderr.split()[0]) - weights
-    assert 0 <= past < 2 * MIB, past
+    assert 0 <= past < bound, past
 
 
 class _Recorder:
