@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -113,12 +114,7 @@ def test_a_sigint_inside_an_import_that_cannot_start_a_thread_is_said_as_memory(
     is not its: a Ctrl-C, said as the interrupt (h291: said as memory, with the advice already followed). h295:
     OPENBLAS_DEFAULT_NUM_THREADS was not read, so under =1 a Ctrl-C was said as memory, and under =2 with
     OMP_NUM_THREADS=1 OpenBLAS's SIGINT as the interrupt."""
-    (tmp_path / "blas.py").write_text(
-        "import resource, signal, time\n"
-        "data = next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmData'))\n"
-        f"resource.setrlimit(resource.RLIMIT_DATA, (data + {THREAD_STACK // 4}, resource.RLIM_INFINITY))\n"
-        "signal.raise_signal(signal.SIGINT)\ntime.sleep(20)\nprint('the import ended')\n")
-    imports_blas = _entry_command("import klconvert.cli\nklconvert.cli.main = lambda: __import__('blas')\n")
+    imports_blas = _an_import_that_cannot_start_a_thread(tmp_path)
     stack_limit = (THREAD_STACK, _STACK_HARD_LIMIT)
     proc = subprocess.run(imports_blas, capture_output=True, text=True, timeout=120, cwd=tmp_path,
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_STACK, stack_limit),
@@ -132,6 +128,17 @@ def test_a_sigint_inside_an_import_that_cannot_start_a_thread_is_said_as_memory(
                            "as a library loaded") and "\n" not in line, proc.stderr
     assert line.endswith("set OPENBLAS_NUM_THREADS=1 (its threads), or lower ulimit -s (each thread's stack)"), line
     assert "the import ended" not in proc.stdout
+
+
+def _an_import_that_cannot_start_a_thread(folder: Path) -> list[str]:
+    """The entry point's command whose main imports a module (written in `folder`) that leaves ulimit -d too little
+    room for a thread's stack, then raises SIGINT, as OpenBLAS does where it cannot start one of its threads."""
+    (folder / "blas.py").write_text(
+        "import resource, signal, time\n"
+        "data = next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmData'))\n"
+        f"resource.setrlimit(resource.RLIMIT_DATA, (data + {THREAD_STACK // 4}, resource.RLIM_INFINITY))\n"
+        "signal.raise_signal(signal.SIGINT)\ntime.sleep(20)\nprint('the import ended')\n")
+    return _entry_command("import klconvert.cli\nklconvert.cli.main = lambda: __import__('blas')\n")
 
 
 def _without_openblas_counts() -> dict[str, str]:
@@ -148,12 +155,7 @@ def test_a_sigint_inside_an_import_on_one_cpu_is_the_interrupt(tmp_path, openbla
     affinity's), so under `taskset -c 0` it starts none whatever OPENBLAS_NUM_THREADS says, and a SIGINT inside an
     import is a Ctrl-C: it was said as OpenBLAS's out-of-memory, exit status 2, advising OPENBLAS_NUM_THREADS=1, as
     the machine's CPUs were counted -- here the import of the test above, in a child pinned to one CPU."""
-    (tmp_path / "blas.py").write_text(
-        "import resource, signal, time\n"
-        "data = next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmData'))\n"
-        f"resource.setrlimit(resource.RLIMIT_DATA, (data + {THREAD_STACK // 4}, resource.RLIM_INFINITY))\n"
-        "signal.raise_signal(signal.SIGINT)\ntime.sleep(20)\nprint('the import ended')\n")
-    imports_blas = _entry_command("import klconvert.cli\nklconvert.cli.main = lambda: __import__('blas')\n")
+    imports_blas = _an_import_that_cannot_start_a_thread(tmp_path)
     stack_limit, cpu = (THREAD_STACK, _STACK_HARD_LIMIT), min(os.sched_getaffinity(0))
 
     def one_cpu_and_stack_limit():
