@@ -312,8 +312,9 @@ def _local_files_before(local_dir: Path, wanted: list[HubFile]) -> dict[str, tup
 def _remove_unfinished_local_files(local_dir: Path, wanted: list[HubFile],
                                    before: dict[str, tuple[int, int, int] | None]) -> None:
     """After a failed download into a --local-dir: delete each file this pull wrote that is not whole -- not of the
-    size the hub lists (huggingface_hub copies a file the HF cache holds straight under its final name, so a full
-    disk leaves it cut short there) -- so that only whole files are kept. A file the pull did not touch stays."""
+    size the hub lists (huggingface_hub up to 2.4 copies a file the HF cache holds straight under its final name, so
+    a full disk leaves it cut short there; 2.5 copies it under a temporary name first) -- so that only whole files are
+    kept. A file the pull did not touch stays."""
     for f in wanted:
         path = local_dir / f.path
         try:

@@ -287,13 +287,14 @@ def served(tmp_path):
 
 
 def test_a_failed_copy_from_the_cache_into_a_local_dir_keeps_only_whole_files(served, tmp_path, monkeypatch):
-    """huggingface_hub copies a file the cache holds straight under its final name: a full disk left it cut short
-    there (0 bytes, or part of it) while the line said "finished files are kept"."""
+    """huggingface_hub up to 2.4 copies a file the cache holds straight under its final name: a full disk left it cut
+    short there (0 bytes, or part of it) while the line said "finished files are kept". (2.5 copies it to a temporary
+    name first, which it removes: the copy is told by its source, the cache's file, to fail under either.)"""
     hub.pull(REPO, progress=False)   # the cache holds the repo
     real_copyfile = shutil.copyfile
 
     def disk_fills(source, target, *args, **kwargs):
-        if Path(target).name == SHARD_2:
+        if Path(source).name == SHARD_2:
             Path(target).write_bytes(Path(source).read_bytes()[:1000])
             raise OSError(errno.ENOSPC, "No space left on device", str(target))
         return real_copyfile(source, target, *args, **kwargs)
