@@ -18,7 +18,7 @@ MIB = 1 << 20
 @pytest.fixture
 def no_user_threshold(monkeypatch):
     monkeypatch.delenv(host_malloc.USER_THRESHOLD_ENV, raising=False)
-    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.delenv(host_malloc.USER_TRIM_ENV, raising=False)
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
 
 
@@ -184,7 +184,7 @@ def test_the_users_threshold_stands(no_user_threshold, monkeypatch, libc, name, 
     assert libc.calls == []
 
 
-@pytest.mark.parametrize("name, value", [("MALLOC_TRIM_THRESHOLD_", "0"),
+@pytest.mark.parametrize("name, value", [(host_malloc.USER_TRIM_ENV, "0"),
                                          ("GLIBC_TUNABLES", "glibc.malloc.check=0:glibc.malloc.trim_threshold=0")])
 def test_the_users_trim_threshold_stands(no_user_threshold, monkeypatch, libc, name, value):
     """h292: a trim threshold the user gave glibc was set to PREFILL_TRIM inside and TRIM for good after, for the
@@ -224,7 +224,7 @@ print(data() - before)
 @pytest.mark.skipif(not host_malloc.glibc(), reason="glibc's malloc")
 def test_the_users_trim_threshold_hands_freed_blocks_back(no_user_threshold):
     done = subprocess.run([sys.executable, "-c", TRIMMED], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "MALLOC_TRIM_THRESHOLD_": "0"})
+                          env={**os.environ, host_malloc.USER_TRIM_ENV: "0"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert int(done.stdout) < MIB, f"{int(done.stdout):,} bytes of freed blocks still mapped"
 
