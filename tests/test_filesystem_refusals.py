@@ -289,7 +289,8 @@ def served(tmp_path):
 def test_a_failed_copy_from_the_cache_into_a_local_dir_keeps_only_whole_files(served, tmp_path, monkeypatch):
     """huggingface_hub up to 2.4 copies a file the cache holds straight under its final name: a full disk left it cut
     short there (0 bytes, or part of it) while the line said "finished files are kept". (2.5 copies it to a temporary
-    name first, which it removes: the copy is told by its source, the cache's file, to fail under either.)"""
+    name first, which it removes: the copy is told by its source, the cache's file, to fail under either; under 2.5
+    the hub leaves nothing cut short, and the test below holds the clean-up to account.)"""
     hub.pull(REPO, progress=False)   # the cache holds the repo
     real_copyfile = shutil.copyfile
 
@@ -307,6 +308,26 @@ def test_a_failed_copy_from_the_cache_into_a_local_dir_keeps_only_whole_files(se
     for name in files_under(local_dir):
         if not name.startswith(".cache/"):
             assert (local_dir / name).read_bytes() == (upstream / name).read_bytes(), name
+    assert SHARD_2 not in files_under(local_dir)
+    monkeypatch.undo()
+    assert [f for f in files_under(hub.pull(REPO, local_dir=local_dir, progress=False).path)
+            if not f.startswith(".")] == PULLED
+
+
+def test_a_file_a_failed_download_cut_short_in_a_local_dir_is_removed(served, tmp_path, monkeypatch):
+    """The clean-up itself, under any huggingface_hub: the download leaves a shard cut short under its final name (as
+    2.4's copy from the cache did on a full disk) and fails; the pull removes it, and a rerun completes the folder.
+    Under 2.5 the test above passes with the clean-up gone, since the hub leaves no such file (h298's F3)."""
+    local_dir = tmp_path / "kimi"
+
+    def cut_short(*args, **kwargs):
+        local_dir.mkdir(parents=True, exist_ok=True)
+        (local_dir / SHARD_2).write_bytes((tmp_path / "upstream" / SHARD_2).read_bytes()[:1000])
+        raise OSError(errno.ENOSPC, "No space left on device", str(local_dir / SHARD_2))
+
+    monkeypatch.setattr(hub, "snapshot_download", cut_short)
+    with pytest.raises(KLError, match="disk full while pulling"):
+        hub.pull(REPO, local_dir=local_dir, progress=False)
     assert SHARD_2 not in files_under(local_dir)
     monkeypatch.undo()
     assert [f for f in files_under(hub.pull(REPO, local_dir=local_dir, progress=False).path)
