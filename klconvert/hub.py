@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Callable, Iterator
 
 from huggingface_hub import (
@@ -38,6 +39,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
     RevisionResolutionError,
 )
+# what huggingface_hub keeps a --local-dir's file by (the same function and record from 1.33 to 2.5)
+from huggingface_hub._local_folder import read_download_metadata
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
@@ -105,7 +108,9 @@ class PullResult:
     """Where the pulled files are, which commit they come from, and what this run fetched.
 
     `bytes_downloaded` counts the files this run added to the folder (fetched from the hub, or copied
-    from the HF cache into a --local-dir); 0 offline or when everything was already there.
+    from the HF cache into a --local-dir); 0 offline or when everything was already there. A --local-dir's file of
+    the listed size that nothing vouches for as this commit's counts: huggingface_hub fetches it, or hashes it and
+    keeps it where it is.
     """
 
     path: Path
@@ -180,28 +185,36 @@ def pull(
             if local_dir is not None:
                 _refuse_mixing_pulls(local_dir, repo, commit, listing, wanted, offline)
             fetch_bytes = 0
+            # what klconvert verified in a --local-dir: with huggingface_hub's records, what says a file there is
+            # this commit's (_local_copy_is_this_commits)
+            verified = VerifiedFiles(local_dir / VERIFIED_RECORD) if local_dir is not None else None
             if not offline:
                 _refuse_unwritable_names(wanted, where, local_dir is not None)
                 if check_files is not None:
                     check_files(wanted)
-                short = _copies_of_another_size(wanted, repo, commit, cache_dir, local_dir)
-                missing = [f for f in wanted
-                           if f.path in short or not _is_already_here(f, repo, commit, cache_dir, local_dir)]
+                outdated = _copies_not_of_this_commit(wanted, repo, commit, cache_dir, local_dir, verified)
+                missing = [f for f in wanted if f.path in outdated
+                           or not _is_already_here(f, repo, commit, cache_dir, local_dir, verified)]
                 fetch_bytes = stage.needed = sum(f.size or 0 for f in missing)
                 free = free_disk_bytes(target)
+                # removed before the download, they give their room to it (huggingface_hub 2.5 would replace a
+                # --local-dir's file only once the new one is whole, needing room for both)
+                outdated_paths = [path for paths in outdated.values() for path in paths]
+                freed = _room_of(outdated_paths)
                 if progress:
-                    _announce(repo, revision, commit, listing, wanted, fetch_bytes, target, free)
-                if fetch_bytes > free:
-                    need_text, free_text = size_texts(fetch_bytes, free)
+                    _announce(repo, revision, commit, listing, wanted, fetch_bytes, target, free, freed,
+                              len(outdated_paths))
+                if fetch_bytes > free + freed:
+                    need_text, free_text = size_texts(fetch_bytes, free + freed)
                     raise KLError(
                         f"not enough disk space in {target}: pulling {where} needs {need_text} for {len(missing)} "
-                        f"files but only {free_text} is free; free space or pass a --local-dir or --cache-dir on a "
-                        "larger disk"
+                        f"files but only {free_text} is free{_once_removed(len(outdated_paths)) if freed else ''}; "
+                        "free space or pass a --local-dir or --cache-dir on a larger disk"
                     )
                 # past the last refusal: a refused pull removes nothing
                 blobs = None if local_dir is not None else \
                     cache_dir / repo_folder_name(repo_id=repo, repo_type="model") / BLOBS
-                for path in (path for paths in short.values() for path in paths):
+                for path in outdated_paths:
                     _remove(path, blobs)
                 if local_dir is not None:  # a record of an earlier pull must not describe a half-updated folder
                     (local_dir / LOCAL_DIR_RECORD).unlink(missing_ok=True)
@@ -210,7 +223,6 @@ def pull(
             else:
                 note_change(target)   # hf_xet's downloads are written in Rust, which Python's audit events do not show
                 stage.fetching = True
-                before = _local_files_before(local_dir, wanted) if writes_local_dir else {}
                 try:
                     with _no_disk_space_warnings(), _bars_closed():
                         folder = Path(
@@ -225,7 +237,7 @@ def pull(
                         )
                 except BaseException:
                     if writes_local_dir:
-                        _remove_unfinished_local_files(local_dir, wanted, before)
+                        _keep_only_this_commits_files(local_dir, wanted, repo, commit, cache_dir, verified)
                     raise
         if listing is None:  # offline, and the cache holds no tree listing (older huggingface_hub): use the disk
             listing = _listing_on_disk(folder)
@@ -297,35 +309,20 @@ def refuse_unwritable_target(target: Path, local: bool, given_cache_dir: bool = 
         raise KLError(f"{named}: cannot create files in {where} ({e.strerror}); {advice}") from None
 
 
-def _local_files_before(local_dir: Path, wanted: list[HubFile]) -> dict[str, tuple[int, int, int] | None]:
-    """Each wanted file's (inode, size, mtime) in the --local-dir before the download, None where there is none."""
-    before = {}
-    for f in wanted:
-        try:
-            st = (local_dir / f.path).stat()
-            before[f.path] = (st.st_ino, st.st_size, st.st_mtime_ns)
-        except OSError:
-            before[f.path] = None
-    return before
-
-
-def _remove_unfinished_local_files(local_dir: Path, wanted: list[HubFile],
-                                   before: dict[str, tuple[int, int, int] | None]) -> None:
-    """After a failed download into a --local-dir: delete each file this pull wrote that is not whole -- not of the
-    size the hub lists (huggingface_hub up to 2.4 copies a file the HF cache holds straight under its final name, so
-    a full disk leaves it cut short there; 2.5 copies it under a temporary name first) -- so that only whole files are
-    kept. A file the pull did not touch stays."""
+def _keep_only_this_commits_files(local_dir: Path, wanted: list[HubFile], repo: str, commit: str, cache_dir: Path,
+                                  verified: VerifiedFiles) -> None:
+    """After a failed or interrupted download into a --local-dir: remove each wanted file a rerun would not take as
+    already here (_is_already_here), so that what is left under their names is this commit's and whole. That is a
+    file cut short (huggingface_hub up to 2.4 copies a file the HF cache holds straight under its final name, 2.5
+    under a temporary name first), and one nothing vouches for as this commit's: one of an earlier commit that
+    huggingface_hub had yet to replace (2.4 deleted it before its download, 2.5 replaces it once the new one is
+    whole), or one it had yet to hash. A link goes, not what it points to."""
     for f in wanted:
         path = local_dir / f.path
-        try:
-            st = path.lstat()
-        except OSError:
-            continue
-        if (st.st_ino, st.st_size, st.st_mtime_ns) != before.get(f.path) and st.st_size != f.size \
-                and not path.is_symlink():
+        if os.path.lexists(path) and not _is_already_here(f, repo, commit, cache_dir, local_dir, verified):
             try:
-                path.unlink()
-            except OSError:   # not ours to remove after all: a rerun refetches it (its size is not the hub's)
+                _remove(path, None)
+            except OSError:   # not ours to remove after all (a folder, a read-only one): a rerun replaces it
                 pass
 
 
@@ -563,12 +560,15 @@ def _select_from(listing: list[HubFile], include, exclude, where: str) -> list[H
     return [by_path[p] for p in chosen]
 
 
-def _is_already_here(f: HubFile, repo: str, commit: str, cache_dir: Path, local_dir: Path | None) -> bool:
-    """Whether huggingface_hub will skip this file: in --local-dir with the right size, or in the cache
-    (in the commit's snapshot, or as the blob of another commit)."""
+def _is_already_here(f: HubFile, repo: str, commit: str, cache_dir: Path, local_dir: Path | None,
+                     verified: VerifiedFiles | None) -> bool:
+    """Whether this commit's file is here, which huggingface_hub skips: in --local-dir with the right size and
+    vouched for as this commit's (_local_copy_is_this_commits), or in the cache (in the commit's snapshot, or as the
+    blob of another commit, which the cache names by its content)."""
     if local_dir is not None:
         local = local_dir / f.path
-        return local.is_file() and local.stat().st_size == f.size
+        return local.is_file() and local.stat().st_size == f.size and \
+            _local_copy_is_this_commits(f, local_dir, commit, verified) is True
     if isinstance(try_to_load_from_cache(repo, f.path, cache_dir=cache_dir, revision=commit), str):
         return True
     blob_name = f.sha256 or f.blob_id  # huggingface_hub names a blob by its ETag: sha256 (LFS) or git blob id
@@ -576,13 +576,32 @@ def _is_already_here(f: HubFile, repo: str, commit: str, cache_dir: Path, local_
     return blob_name is not None and (storage / BLOBS / blob_name).is_file()
 
 
-def _copies_of_another_size(wanted: list[HubFile], repo: str, commit: str, cache_dir: Path,
-                            local_dir: Path | None) -> dict[str, list[Path]]:
-    """Each wanted file's copies already here -- in the --local-dir; in the cache, the commit's snapshot file or the
-    blob of another commit -- of a size other than the hub lists (a download or a disk that failed; what an offline
-    pull calls the copy incomplete for), by the file's path in the repo: huggingface_hub takes one there as fetched
-    whatever its size, so only the verification after the download found it, and only a second pull fetched it. The
-    pull removes them once past its refusals."""
+def _local_copy_is_this_commits(f: HubFile, local_dir: Path, commit: str, verified: VerifiedFiles) -> bool | None:
+    """Whether the --local-dir's file of `f`'s path and size holds this commit's `f`: True where a record vouches for
+    it, False where one shows another content, None where none speaks. The records: klconvert's of the hashes it
+    verified (`verified`, standing while the file is unchanged), which know the bytes, else huggingface_hub's of its
+    download (standing likewise), by which it skips the file -- naming this commit, or the ETag the hub publishes
+    for `f` (its sha256 for an LFS file, else its git blob id). With none, huggingface_hub hashes an LFS file and
+    keeps it if it is `f`, and fetches any other."""
+    local = local_dir / f.path
+    recorded = verified.digests(f.path, local.stat())
+    if recorded is not None:
+        return _published_as(f, *recorded)
+    downloaded = read_download_metadata(local_dir, f.path)
+    if downloaded is None:
+        return None
+    return downloaded.commit_hash == commit or downloaded.etag == (f.sha256 or f.blob_id)
+
+
+def _copies_not_of_this_commit(wanted: list[HubFile], repo: str, commit: str, cache_dir: Path,
+                               local_dir: Path | None, verified: VerifiedFiles | None) -> dict[str, list[Path]]:
+    """Each wanted file's copies already here that are not this commit's, by the file's path in the repo: in the
+    --local-dir, or in the cache (the commit's snapshot file or the blob of another commit), one of a size other
+    than the hub lists (a download or a disk that failed; what an offline pull calls the copy incomplete for), which
+    huggingface_hub takes as fetched whatever its size; and in the --local-dir one of the listed size that a record
+    shows to be another content (_local_copy_is_this_commits: an earlier commit's), which huggingface_hub up to 2.4
+    deleted before its download and 2.5 keeps until the new one is whole, beside it on the disk and in place after a
+    failure. The pull removes them once past its refusals."""
     storage = cache_dir / repo_folder_name(repo_id=repo, repo_type="model")
     out: dict[str, list[Path]] = {}
     for f in wanted:
@@ -594,13 +613,36 @@ def _copies_of_another_size(wanted: list[HubFile], repo: str, commit: str, cache
                 size = path.stat().st_size
             except OSError:   # not there (a link: not what it points to)
                 continue
-            if size != f.size:
+            if size != f.size or (local_dir is not None and path.is_file()
+                                  and _local_copy_is_this_commits(f, local_dir, commit, verified) is False):
                 out.setdefault(f.path, []).append(path)
     return out
 
 
-def _announce(repo, revision, commit, listing: list[HubFile], wanted: list[HubFile], fetch_bytes, target, free):
-    """Tell the terminal what this pull takes, leaves on the hub, and fetches."""
+def _room_of(paths: list[Path]) -> int:
+    """The bytes removing these files gives back: each file's once (a snapshot's link and its blob are one), none
+    for a link (_remove keeps a user's target) or a file linked from elsewhere too."""
+    sizes = {}
+    for path in paths:
+        try:
+            st = path.lstat()
+        except OSError:
+            continue
+        if S_ISREG(st.st_mode) and st.st_nlink == 1:
+            sizes[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(sizes.values())
+
+
+def _once_removed(copies: int) -> str:
+    """What the room a pull states stands on where it first removes `copies` copies not of this commit."""
+    return f" once the {copies} {'copy' if copies == 1 else 'copies'} here not of this commit " \
+        f"{'is' if copies == 1 else 'are'} removed"
+
+
+def _announce(repo, revision, commit, listing: list[HubFile], wanted: list[HubFile], fetch_bytes, target, free,
+              freed: int, outdated: int):
+    """Tell the terminal what this pull takes, leaves on the hub, and fetches, and the room it has for that: `free`,
+    and `freed` more once it removes the `outdated` copies here that are not this commit's."""
     left_out = sorted({f.path for f in listing} - {f.path for f in wanted})
     total = sum(f.size or 0 for f in wanted)
     leaving = (f", leaving {len(left_out)} on the hub ({', '.join(left_out[:5])}{', ...' if len(left_out) > 5 else ''})"
@@ -608,7 +650,8 @@ def _announce(repo, revision, commit, listing: list[HubFile], wanted: list[HubFi
     print(
         f"{repo}@{revision or constants.DEFAULT_REVISION} is commit {commit}: pulling {len(wanted)} files "
         f"({size_text(total)}){leaving}; {size_text(total - fetch_bytes)} already here, "
-        f"fetching {size_text(fetch_bytes)} into {target} ({size_text(free)} free)",
+        f"fetching {size_text(fetch_bytes)} into {target} ({size_text(free)} free"
+        f"{f', {size_text(freed)} more' + _once_removed(outdated) if freed else ''})",
         file=sys.stderr,
     )
 

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from klconvert import hub, hub_guard
 from klconvert.entry import Interrupted
 from klconvert.errors import KLError
+from klconvert.units import size_text, size_texts
 from klconvert.verified_files import MAX_RECORD_VALUES, VerifiedFiles
 from hub_standin import HubStandIn, hub_environment
 from testkit import assert_one_line_error, run_cli, run_klconvert, run_klconvert_on_a_terminal, shown_lines
@@ -1415,7 +1416,7 @@ def test_a_pull_refused_for_disk_space_removes_no_copy_of_another_size(served, c
     shard = hub.pull(REPO, progress=False, **where).path / SHARD_2
     shard.resolve().write_bytes(b"x" * 1000)
     size = (checkpoint / SHARD_2).stat().st_size
-    monkeypatch.setattr(hub, "free_disk_bytes", lambda folder: size - 1)
+    monkeypatch.setattr(hub, "free_disk_bytes", lambda folder: size - 1 - 1000)   # 1,000 more once the copy goes
     with pytest.raises(KLError, match=f"needs {size:,} bytes for 1 files but only {size - 1:,} bytes is free"):
         hub.pull(REPO, progress=False, **where)
     assert shard.resolve().read_bytes() == b"x" * 1000
@@ -1501,3 +1502,70 @@ def test_a_pull_of_the_same_commit_by_the_repo_id_in_another_case_is_taken(serve
     hub.pull(REPO, local_dir=out, progress=False)
     assert hub_server.add_repo(REPO.lower(), checkpoint) == first
     assert hub.pull(REPO.lower(), include=["config.json"], local_dir=out, progress=False).commit == first
+
+
+def reweigh_shards(checkpoint: Path) -> int:
+    """New weights in the shards at the sizes they had, as a re-upload of fixed weights of the same shapes is;
+    returns the shards' bytes."""
+    sizes = [(checkpoint / shard).stat().st_size for shard in (SHARD_1, SHARD_2)]
+    save_file({"model.embed_tokens.weight": -torch.arange(64.0).reshape(8, 8)}, str(checkpoint / SHARD_1))
+    save_file({"lm_head.weight": torch.full((64, 64), 2.0)}, str(checkpoint / SHARD_2))
+    assert [(checkpoint / shard).stat().st_size for shard in (SHARD_1, SHARD_2)] == sizes
+    return sum(sizes)
+
+
+@pytest.mark.parametrize("vouched", [True, False], ids=["recorded", "unrecorded"])
+def test_a_failed_update_leaves_no_file_of_the_earlier_commit_under_the_new_ones_name(
+        served, hub_server, checkpoint, tmp_path, capsys, monkeypatch, vouched):
+    """h299's F1: an update of a --local-dir to a commit whose shards kept their sizes, failing at a shard. The pull
+    took a file of the right size as already here and left it to huggingface_hub, which up to 2.4 deleted it before
+    the download and since 2.5 replaces it once the new one is whole: under 2.5 the failed pull left the earlier
+    commit's shard beside the new commit's, and `run` and `quantize` took the mix. A file the pull's records show to
+    be another commit's (`recorded`) or that nothing vouches for (`unrecorded`: records gone) is not left under its
+    name; the rerun finishes the new commit."""
+    server, first = served
+    out = tmp_path / "kimi"
+    hub.pull(REPO, local_dir=out, progress=False)
+    if not vouched:
+        shutil.rmtree(out / ".cache")
+        shutil.rmtree(out / hub.LOCAL_DIR_RECORD.parent)
+    reweigh_shards(checkpoint)
+    second = hub_server.add_repo(REPO, checkpoint)
+    server.unavailable.add(SHARD_2)
+    others_first(monkeypatch)
+    assert refused_mid_pull(capsys, "--local-dir", out).startswith(
+        f"klconvert: error: {server.endpoint} failed while pulling {REPO}@main: Server error '503 Service Unavailable'")
+    assert_nothing_complete_looking(tmp_path, second, "local-dir")
+    server.unavailable.clear()
+    assert hub.pull(REPO, local_dir=out, progress=False).commit == second
+    assert all((out / path).read_bytes() == (checkpoint / path).read_bytes() for path in PULLED)
+
+
+def test_an_update_of_same_size_files_says_what_it_fetches_and_counts_the_room_it_frees(
+        served, hub_server, checkpoint, tmp_path, capsys, monkeypatch):
+    """h299's F2: an update of a --local-dir to a commit whose shards kept their sizes said "fetching 0 bytes" and
+    0.00 GB downloaded, and checked no space, where it fetched both shards; under huggingface_hub 2.5, which keeps
+    the earlier file until the new one is whole, a disk with room for one copy failed it "disk full (it fetches 0
+    bytes in all ...)" on every rerun. The shards count as fetched, and the room of the earlier commit's copies,
+    removed before the download, as free; where nothing vouches for a file, its room is not counted."""
+    server, first = served
+    out = tmp_path / "kimi"
+    total = sum((checkpoint / path).stat().st_size for path in PULLED)
+    hub.pull(REPO, local_dir=out, progress=False)
+    shards = reweigh_shards(checkpoint)
+    second = hub_server.add_repo(REPO, checkpoint)
+    monkeypatch.setattr(hub, "free_disk_bytes", lambda folder: shards - 1)   # room for them once the old ones go
+    capsys.readouterr()
+    result = hub.pull(REPO, local_dir=out, progress=True)
+    fetched, free, freed = size_texts(shards, shards - 1, shards)
+    assert (f"{size_text(total - shards)} already here, fetching {fetched} into {out} ({free} free, {freed} more "
+            "once the 2 copies here not of this commit are removed)") in capsys.readouterr().err
+    assert (result.commit, result.bytes_downloaded) == (second, shards)
+    assert all((out / path).read_bytes() == (checkpoint / path).read_bytes() for path in PULLED)
+
+    shutil.rmtree(out / ".cache")   # nothing vouches for the files: all count as fetched, none as freed
+    shutil.rmtree(out / hub.LOCAL_DIR_RECORD.parent)
+    monkeypatch.setattr(hub, "free_disk_bytes", lambda folder: total - 1)
+    with pytest.raises(KLError, match=f"needs {total:,} bytes for {len(PULLED)} files but only {total - 1:,} bytes "
+                                      "is free; "):
+        hub.pull(REPO, local_dir=out, progress=False)
