@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from stat import S_ISREG
 from typing import Callable, Iterator
+from urllib.parse import unquote
 
 from huggingface_hub import (
     HfApi,
@@ -868,6 +869,22 @@ def _space_said(needed: int | None, target: Path) -> str:
     return f"it fetches {needed_said} in all, {free_said} free there"
 
 
+# The hub's answer to an account past its download (egress) allowance: huggingface_hub 2.5 raises it as its own
+# EgressLimitError, up to 2.4 as an HfHubHTTPError, which a download's LocalEntryNotFoundError wraps
+PAYMENT_REQUIRED = 402
+
+
+def _allowance_used_up(error: HfHubHTTPError, guard: AnswerGuard, where: str) -> KLError:
+    """The line for the hub's PAYMENT_REQUIRED: the file it refused (its URL where that is no file's), the hub's
+    reason (its X-Error-Message), and that a rerun can work only once the allowance does."""
+    url = str(error.response.request.url)
+    _, resolve, path = url.partition("/resolve/")
+    refused = unquote(path.partition("/")[2]) if resolve else url
+    return KLError(f"{guard.endpoint} refused {refused} of {where} with 402 Payment Required, the account's download "
+                   f"(egress) allowance used up ({error.server_message or 'the hub gave no reason'}); rerun the pull "
+                   f"once the allowance allows{guard.kept()}, or set HF_TOKEN to an account with a larger one")
+
+
 @dataclass
 class _Stage:
     """How far a pull got: `fetching` once snapshot_download has started writing files (only then does a rerun
@@ -906,8 +923,10 @@ def _as_user_errors(guard: AnswerGuard, revision: str | None, target: Path) -> I
                 "unset HF_HUB_OFFLINE and pull once online"
             ) from e
         # what huggingface_hub's own words ("An error happened while trying to locate the file on the Hub ...") leave
-        # out: the error it met -- the hub down (5xx), the connection refused
+        # out: the error it met -- the hub down (5xx), the connection refused, a download allowance used up
         cause = e.__cause__ if e.__cause__ is not None else e
+        if isinstance(cause, HfHubHTTPError) and cause.response.status_code == PAYMENT_REQUIRED:
+            raise _allowance_used_up(cause, guard, where) from e
         if stage.fetching:
             raise KLError(f"cannot fetch {where} from {endpoint} ({type(cause).__name__}: {first_line(cause)}); "
                           f"{RERUN}{guard.kept()}") from e
@@ -917,6 +936,8 @@ def _as_user_errors(guard: AnswerGuard, revision: str | None, target: Path) -> I
     except HfHubHTTPError as e:
         if e.response.status_code == 401:
             raise KLError(f"{endpoint} rejected the token for {repo}: check HF_TOKEN") from e
+        if e.response.status_code == PAYMENT_REQUIRED:
+            raise _allowance_used_up(e, guard, where) from e
         raise KLError(f"{endpoint} failed while pulling {where}: {first_line(e)}; "
                       + (RERUN + guard.kept() if stage.fetching else "check HF_ENDPOINT, or retry later")) from e
     except TRANSPORT_ERRORS as e:

@@ -57,6 +57,9 @@ def lfs_pointer(sha256: str, size: int) -> bytes:
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
 
 
+# The hub's X-Error-Message for an account past its download allowance (huggingface_hub 2.5's EgressLimitError)
+EGRESS_MESSAGE = ("You've downloaded 5.1 TB over the last 30 days, compared to your account's egress allowance of "
+                  "5 TB.")
 TREE_PAGES_BOUND = 1_000   # far past the pages the bounds under test stop a listing at (40 answers; 64 KiB)
 API_STALL_BOUND = 30.0     # seconds, far past the bounds under test (a second or two)
 
@@ -79,6 +82,8 @@ class HubStandIn:
       header_edit: path -> headers sent in place of the usual ones on its resolve answers (a hostile endpoint's
         ETag or X-Repo-Commit).
       gone: paths whose resolve answers 404 EntryNotFound, with X-Repo-Commit as the hub sends it.
+      egress_limited: paths whose resolve answers (HEAD and GET) 402 EgressLimitReached with EGRESS_MESSAGE, as the
+        hub answers an account past its download allowance (huggingface_hub 2.5's EgressLimitError).
       body_edit: path -> how its GETs misstate the body: "longer" (twice the bytes, declared), "unframed" (four
         times the bytes, no Content-Length, until the connection closes), "gzip" (gzip-encoded).
       tree_next_forever: every tree listing page links to itself as the next one -- up to TREE_PAGES_BOUND pages,
@@ -109,6 +114,7 @@ class HubStandIn:
         self.info_edit = None
         self.header_edit: dict[str, dict[str, str]] = {}
         self.gone: set[str] = set()
+        self.egress_limited: set[str] = set()
         self.body_edit: dict[str, str] = {}
         self.tree_next_forever = False
         self.tree_pages = 0
@@ -281,7 +287,9 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
                 self._error(404, "EntryNotFound", f"{path} does not exist", send_body,
                             hub.header_edit.get(path, {"X-Repo-Commit": repo.commit}))
                 return
-            if hub.via_cdn and served.sha256 is not None:   # the hub's 302 for an LFS file, with its metadata
+            if path in hub.egress_limited:
+                self._error(402, "EgressLimitReached", EGRESS_MESSAGE, send_body)
+            elif hub.via_cdn and served.sha256 is not None:   # the hub's 302 for an LFS file, with its metadata
                 self.send_response(302)
                 cdn = f"{hub.cdn_endpoint or hub.endpoint}/cdn/{repo_id}/{quote(path)}"
                 for name, value in {**self._file_headers(repo, path, served), "Location": cdn,

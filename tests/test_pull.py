@@ -28,7 +28,7 @@ from klconvert.entry import Interrupted
 from klconvert.errors import KLError
 from klconvert.units import size_text, size_texts
 from klconvert.verified_files import MAX_RECORD_VALUES, VerifiedFiles
-from hub_standin import HubStandIn, hub_environment
+from hub_standin import EGRESS_MESSAGE, HubStandIn, hub_environment
 from testkit import assert_one_line_error, run_cli, run_klconvert, run_klconvert_on_a_terminal, shown_lines
 
 REPO = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
@@ -1286,6 +1286,23 @@ def test_a_write_failing_mid_pull_names_the_file_and_its_reason(served, checkpoi
     assert_nothing_complete_looking(tmp_path, commit, into)
     monkeypatch.undo()
     assert files_under(hub.pull(REPO, progress=False, **({"local_dir": tmp_path / "kimi"} if where else {})).path)
+
+
+@pytest.mark.parametrize("into", ["cache", "local-dir"])
+def test_a_used_up_download_allowance_says_so_and_when_a_rerun_can_work(served, tmp_path, capsys, monkeypatch, into):
+    """h299's F3: the hub's 402 for an account past its download (egress) allowance was "402 Client Error.; rerun the
+    pull to continue" under huggingface_hub 2.5 (its EgressLimitError, whose reason is on later lines) and "cannot
+    fetch ... (HfHubHTTPError: Client error '402 Payment Required' for url ...); rerun the pull" under 2.4: neither
+    said why, and a rerun fails the same way until the allowance renews. The line names the file, the hub's reason
+    and what to do."""
+    server, commit = served
+    server.egress_limited.add(SHARD_2)
+    others_first(monkeypatch)
+    assert refused_mid_pull(capsys, *(["--local-dir", tmp_path / "kimi"] if into == "local-dir" else [])) == (
+        f"klconvert: error: {server.endpoint} refused {SHARD_2} of {REPO}@main with 402 Payment Required, the "
+        f"account's download (egress) allowance used up ({EGRESS_MESSAGE}); rerun the pull once the allowance "
+        "allows (finished files are kept), or set HF_TOKEN to an account with a larger one")
+    assert_nothing_complete_looking(tmp_path, commit, into)
 
 
 def test_a_file_the_hub_cannot_locate_mid_pull_says_what_it_answered(served, tmp_path, capsys, monkeypatch):
