@@ -418,7 +418,8 @@ MAX_LISTED_FILES = 20_000
 MAX_PULLED_FILES = 1_000
 
 
-# The loggers of huggingface_hub (1.33 and 2.4) that write what a pull's own line says (_is_not_retold)
+# The loggers of huggingface_hub (in each version README's Interop row names) that write what a pull's own line says
+# (_is_not_retold)
 RETELLING_LOGGERS = ("huggingface_hub.hf_api", "huggingface_hub.file_download", "huggingface_hub.utils._http")
 
 

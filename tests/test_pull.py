@@ -1597,3 +1597,17 @@ def test_an_update_of_same_size_files_says_what_it_fetches_and_counts_the_room_i
     with pytest.raises(KLError, match=f"needs {total:,} bytes for {len(PULLED)} files but only {total - 1:,} bytes "
                                       "is free; "):
         hub.pull(REPO, local_dir=out, progress=False)
+
+
+def test_the_hub_versions_tested_are_listed_once_in_the_readme_s_interop_row():
+    """h299's F5: pyproject's huggingface-hub line said "1.33 and 2.4 tested" beside the README's Interop row, which
+    named 2.5.0 too. The row is the one list: pyproject points to it, and it names every version .ci/interop runs
+    these tests under."""
+    root = Path(__file__).resolve().parent.parent
+    row = next(line for line in (root / "README.md").read_text().splitlines() if line.startswith("| huggingface-hub |"))
+    listed = set(re.findall(r"\d+\.\d+\.\d+", row.split("|")[2]))
+    pinned = set(re.findall(r"huggingface-hub==(\d+\.\d+\.\d+)", (root / ".ci" / "interop").read_text()))
+    assert pinned and pinned <= listed, (pinned, listed)
+    dependency = next(line for line in (root / "pyproject.toml").read_text().splitlines()
+                      if line.strip().startswith('"huggingface-hub'))
+    assert "the versions tested: README's Interop row" in dependency and "tested (" not in dependency, dependency
