@@ -1542,15 +1542,30 @@ def reweigh_shards(checkpoint: Path) -> int:
     return sum(sizes)
 
 
+def interrupt_during(server: HubStandIn, path: str) -> None:
+    """A Ctrl-C to this process once `path`'s body has begun to arrive (sent slowly: 16 KiB take 8 s)."""
+    server.slow_body[path] = 0.5
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 60
+        while not server.gets(path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGINT)
+    threading.Thread(target=interrupt, daemon=True).start()
+
+
+@pytest.mark.parametrize("stop", ["503", pytest.param("ctrl-c", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("vouched", [True, False], ids=["recorded", "unrecorded"])
 def test_a_failed_update_leaves_no_file_of_the_earlier_commit_under_the_new_ones_name(
-        served, hub_server, checkpoint, tmp_path, capsys, monkeypatch, vouched):
+        served, hub_server, checkpoint, tmp_path, capsys, monkeypatch, vouched, stop):
     """h299's F1: an update of a --local-dir to a commit whose shards kept their sizes, failing at a shard. The pull
     took a file of the right size as already here and left it to huggingface_hub, which up to 2.4 deleted it before
     the download and since 2.5 replaces it once the new one is whole: under 2.5 the failed pull left the earlier
     commit's shard beside the new commit's, and `run` and `quantize` took the mix. A file the pull's records show to
     be another commit's (`recorded`) or that nothing vouches for (`unrecorded`: records gone) is not left under its
-    name; the rerun finishes the new commit."""
+    name, whether the hub failed the shard (503) or the user stopped the pull (Ctrl-C); the rerun finishes the new
+    commit."""
     server, first = served
     out = tmp_path / "kimi"
     hub.pull(REPO, local_dir=out, progress=False)
@@ -1559,12 +1574,20 @@ def test_a_failed_update_leaves_no_file_of_the_earlier_commit_under_the_new_ones
         shutil.rmtree(out / hub.LOCAL_DIR_RECORD.parent)
     reweigh_shards(checkpoint)
     second = hub_server.add_repo(REPO, checkpoint)
-    server.unavailable.add(SHARD_2)
     others_first(monkeypatch)
-    assert refused_mid_pull(capsys, "--local-dir", out).startswith(
-        f"klconvert: error: {server.endpoint} failed while pulling {REPO}@main: Server error '503 Service Unavailable'")
+    if stop == "503":
+        server.unavailable.add(SHARD_2)
+        assert refused_mid_pull(capsys, "--local-dir", out).startswith(
+            f"klconvert: error: {server.endpoint} failed while pulling {REPO}@main: Server error '503 Service "
+            "Unavailable'")
+    else:
+        interrupt_during(server, SHARD_2)
+        with pytest.raises(KeyboardInterrupt):
+            hub.pull(REPO, local_dir=out, progress=False)
     assert_nothing_complete_looking(tmp_path, second, "local-dir")
     server.unavailable.clear()
+    if SHARD_2 in server.slow_body:   # sent at once to the rerun (the interrupted answer's thread still reads it)
+        server.slow_body[SHARD_2] = 0
     assert hub.pull(REPO, local_dir=out, progress=False).commit == second
     assert all((out / path).read_bytes() == (checkpoint / path).read_bytes() for path in PULLED)
 
