@@ -51,7 +51,8 @@ from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_FILE_NAME_BYTES, M
 from klconvert.checkpoint.regular_file import read_json
 from klconvert.disk_space import DISK_FULL, free_disk_bytes, quota_exceeded
 from klconvert.entry import note_change
-from klconvert.errors import KLError, argument, few, first_line, refuse_non_bool, unreadable_reason
+from klconvert.errors import (ERROR_CHARS, KLError, argument, controls_escaped, few, first_line, refuse_non_bool,
+                              unreadable_reason)
 from klconvert.hex_digests import GIT_SHA, HASH_CHUNK_BYTES, SHA256_HEX
 from klconvert.hf_cache import BLOBS, SNAPSHOTS
 from klconvert.hub_guard import AnswerGuard, PullInterrupted
@@ -877,13 +878,16 @@ PAYMENT_REQUIRED = 402
 
 def _allowance_used_up(error: HfHubHTTPError, guard: AnswerGuard, where: str) -> KLError:
     """The line for the hub's PAYMENT_REQUIRED: the file it refused (its URL where that is no file's), the hub's
-    reason (its X-Error-Message), and that a rerun can work only once the allowance does."""
+    reason (its X-Error-Message and its body's errors, which huggingface_hub joins in lines: here one line of
+    printable text, at most ERROR_CHARS), and that a rerun can work only once the allowance does."""
     url = str(error.response.request.url)
     _, resolve, path = url.partition("/resolve/")
-    refused = unquote(path.partition("/")[2]) if resolve else url
+    refused = controls_escaped(unquote(path.partition("/")[2]) if resolve else url)
+    reason = controls_escaped(" ".join((error.server_message or "the hub gave no reason").split()))
+    reason = reason if len(reason) <= ERROR_CHARS else reason[:ERROR_CHARS - 3] + "..."
     return KLError(f"{guard.endpoint} refused {refused} of {where} with 402 Payment Required, the account's download "
-                   f"(egress) allowance used up ({error.server_message or 'the hub gave no reason'}); rerun the pull "
-                   f"once the allowance allows{guard.kept()}, or set HF_TOKEN to an account with a larger one")
+                   f"(egress) allowance used up ({reason}); rerun the pull once the allowance allows{guard.kept()}, or "
+                   "set HF_TOKEN to an account with a larger one")
 
 
 @dataclass

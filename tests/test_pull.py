@@ -1316,6 +1316,24 @@ def test_a_used_up_download_allowance_says_so_and_when_a_rerun_can_work(served, 
     assert_nothing_complete_looking(tmp_path, commit, into)
 
 
+def test_a_402_s_reason_is_said_in_one_line_of_printable_text():
+    """The reason huggingface_hub gives with a 402 is the hub's text, untrusted: its X-Error-Message and its body's
+    errors, joined in lines. The line says it on one line, its controls escaped, cut at ERROR_CHARS."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from klconvert.errors import ERROR_CHARS
+
+    http = hub._HTTP_MODULES[0]
+    url = f"http://hub.example/{REPO}/resolve/main/{SHARD_2}"
+    response = http.Response(402, request=http.Request("GET", url))
+    error = HfHubHTTPError("402 Client Error.", response=response,
+                           server_message="Egress limit reached.\nYou've downloaded \x1b[2J5.1 TB" + " more" * 100)
+    said = str(hub._allowance_used_up(error, hub_guard.AnswerGuard("http://hub.example", REPO), f"{REPO}@main"))
+    reason = said.split(" used up (")[1].split("); rerun")[0]
+    assert said.isprintable() and reason.startswith("Egress limit reached. You've downloaded \\x1b[2J5.1 TB more")
+    assert len(reason) == ERROR_CHARS and reason.endswith("..."), reason
+
+
 def test_a_file_the_hub_cannot_locate_mid_pull_says_what_it_answered(served, tmp_path, capsys, monkeypatch):
     """A shard's HEAD answering 503 (the hub down mid-pull): the line quoted huggingface_hub's own words, "An error
     happened while trying to locate the file on the Hub ... make sure your Internet connection is on.", and not
