@@ -45,6 +45,12 @@ DEPTH_CHECK_BOUND = 2e-2
 DEPTH_CHECK_TOP1 = 0.9
 FILL_SLICE_ROWS = 65536  # cache rows fill_state draws at a time, over the batch
 PEER_PROMPT_TOKENS = 512  # the prompt transformers' peer decodes after
+PEER_KDA_CHUNK = 64  # the tokens of a chunk in transformers' plain-PyTorch chunk_kimi_delta_attention
+# fp32 [1, heads, chunks, chunk, chunk, head_dim] tensors that plain-PyTorch KDA holds at once on the peer's prompt
+# (the decay mask and the two products of the intra-chunk sum), and a fourth for what the CUDA allocator reserves
+# past them: the peer peaked 1.51-2.08 GB past the plan's count on an H100 at 2, 4 and 22 layers (h298's F1), where
+# four are 2.15 GB
+PEER_KDA_BLOCKS = 4
 
 
 @dataclass
@@ -545,11 +551,22 @@ def transformers_peer() -> tuple[type, type]:
 def peer_bytes(raw_config: dict, new_tokens: int) -> int:
     """About what transformers' bf16 model of `raw_config` holds on the GPU decoding `new_tokens` after its prompt:
     what an engine of its weights dequantized to bf16 plans (the weights, 98 GB at 27 layers of the release, are
-    nearly all of it)."""
+    nearly all of it), and what plain-PyTorch KDA allocates for the prompt past that (peer_kda_workspace)."""
     config = KimiLinearConfig.from_dict(raw_config)
     return MemoryPlan(config, batch=1, context=PEER_PROMPT_TOKENS + new_tokens,
                       weight_bytes=weight_bytes(config, torch.bfloat16, HeldPacked({})), act_dtype=torch.bfloat16,
-                      mla_cache_dtype=torch.bfloat16, torch_decode_attention=True).total
+                      mla_cache_dtype=torch.bfloat16, torch_decode_attention=True).total + peer_kda_workspace(config)
+
+
+def peer_kda_workspace(config: KimiLinearConfig) -> int:
+    """What transformers' plain-PyTorch chunk_kimi_delta_attention allocates running the peer's prompt through a KDA
+    layer (PEER_KDA_BLOCKS blocks, 512 MiB each for the release's 32 heads of 128 over 512 tokens), freed before the
+    next layer. transformers runs it wherever flash-linear-attention is not importable (klconvert[test] does not
+    install it) and on the CPU; fla's kernels hold less, so with fla the count errs on the safe side."""
+    if not config.kda_layers:
+        return 0
+    chunks = -(-PEER_PROMPT_TOKENS // PEER_KDA_CHUNK)
+    return PEER_KDA_BLOCKS * config.kda_num_heads * chunks * PEER_KDA_CHUNK ** 2 * config.kda_head_dim * 4
 
 
 def refuse_a_peer_that_does_not_fit(peer_config: Callable[[int], dict], layers: int, asked: str,
