@@ -30,7 +30,7 @@ from klconvert.runtime.device_memory import (COMMAND_LEVERS, PRESET_BENCH_LEVERS
                                              PromptsDoNotFit, WeightsDoNotFit, device_exhausted, fewer_bits_hold_less)
 from klconvert.runtime.host_memory import OUT_OF_HOST_MEMORY, import_exhausted
 from klconvert.shell_command import shell_command
-from klconvert.units import binary_size_text, size_text, size_texts
+from klconvert.units import binary_size_text, layers_text, size_text, size_texts
 from klconvert.user_paths import refuse_unreachable, shown_path
 
 # the runtime's MLA cache dtypes by name (runtime/state.py MLA_CACHE_DTYPES; named here, torch-free, for --help)
@@ -721,7 +721,7 @@ def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path
     p = plan_for(recipe=recipe, bits=None if bits is None else int(bits), group_size=group_size, **same)
     # a preset is said as one: `--preset tiny` (random weights, presets.TINY) is not `--model tiny` (the bundled model),
     # nor a preset cut to fewer layers the whole one
-    title = model if model is not None else f"preset {preset}" + (f", {layers} layers" if layers else "")
+    title = model if model is not None else f"preset {preset}" + (f", {layers_text(layers)}" if layers else "")
     click.echo(render_plan(p, title=title + (f" with {recipe}" if recipe else "")))
     if p.memory_limit is not None and p.headroom < 0:
         fit = p.largest_context()

@@ -28,3 +28,8 @@ def binary_size_text(n: int) -> str:
 def count_text(n: int) -> str:
     """A parameter count at three significant figures or more: 48.31 B, 11.76 M, 8,192."""
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n:,}"
+
+
+def layers_text(n: int) -> str:
+    """A count of layers: 1 layer, 27 layers."""
+    return f"{n} layer" if n == 1 else f"{n} layers"

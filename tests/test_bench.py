@@ -490,6 +490,15 @@ def test_a_peer_that_does_not_fit_the_gpu_is_refused_before_anything_is_timed(tm
         B.refuse_a_peer_that_does_not_fit(lambda n: preset_config("kimi-linear-48b", n), fit, "--peer-layers", 128)
 
 
+def test_a_peer_of_one_layer_that_does_not_fit_is_said_in_the_singular(tmp_path, monkeypatch, capsys):
+    """The refusal said "transformers' bf16 model of 1 layers" (h298's F5)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu_with_free(monkeypatch, 1 << 20)
+    code, _, err = run_cli(capsys, "bench", "--preset", "kimi-linear-48b", "--no-check", "--peer", "transformers",
+                           "--peer-layers", "1", "--json", tmp_path / "bench.json")
+    assert_one_line_error(code, err, "--peer-layers 1: transformers' bf16 model of 1 layer needs about ")
+
+
 PEER_PEAK = """
 import torch
 from transformers import KimiLinearConfig, KimiLinearForCausalLM
@@ -694,7 +703,7 @@ FREE_THE_CARD = ", or stop what else holds the GPU"   # where the whole card (80
     (("--preset", "kimi-linear-48b"), "27 layers", ", or time fewer --layers of a --preset"),   # 98 GB
     (("--preset", "kimi-linear-48b", "--layers", "2"), "2 layers",
      ", or time fewer --layers of a --preset" + FREE_THE_CARD),
-    (("--preset", "kimi-linear-48b", "--layers", "1"), "1 layers", FREE_THE_CARD),
+    (("--preset", "kimi-linear-48b", "--layers", "1"), "1 layer", FREE_THE_CARD),
 ], ids=["model", "preset", "preset-2", "preset-1"])
 def test_a_depth_check_that_does_not_fit_offers_fewer_layers_only_where_bench_has_them(monkeypatch, capsys, timing,
                                                                                        timed, fewer):
@@ -796,11 +805,11 @@ BENCH_FEWER_BITS = "time fewer bits (--bits 4 with --preset; a --model folder of
      "time fewer --layers of a --preset, or " + BENCH_FEWER_BITS + ", or stop what else holds the GPU"),
     (("--preset", "kimi-linear-48b", "--layers", "2"), "2 layers, int4 g128, lm_head int8", 80 << 30,
      "time fewer --layers of a --preset, or stop what else holds the GPU"),   # 4 bits already, but lm_head
-    (("--preset", "kimi-linear-48b", "--layers", "1", "--bits", "8"), "1 layers, int8 g128, lm_head int8", 80 << 30,
+    (("--preset", "kimi-linear-48b", "--layers", "1", "--bits", "8"), "1 layer, int8 g128, lm_head int8", 80 << 30,
      BENCH_FEWER_BITS + ", or stop what else holds the GPU"),
-    (("--preset", "kimi-linear-48b", "--layers", "1"), "1 layers, int4 g128, lm_head int8", 80 << 30,
+    (("--preset", "kimi-linear-48b", "--layers", "1"), "1 layer, int4 g128, lm_head int8", 80 << 30,
      "stop what else holds the GPU"),
-    (("--preset", "kimi-linear-48b", "--layers", "1"), "1 layers, int4 g128, lm_head int8", 1 << 20,
+    (("--preset", "kimi-linear-48b", "--layers", "1"), "1 layer, int4 g128, lm_head int8", 1 << 20,
      "this device cannot hold this model"),   # the whole card is what is free
 ], ids=["model-bf16", "preset-2-int8", "preset-2-int4", "preset-1-int8", "preset-1-int4", "preset-1-whole-card"])
 def test_weights_alone_past_the_gpu_name_their_size_and_benchs_ways_to_fewer(monkeypatch, capsys, timing, timed,

@@ -1,7 +1,7 @@
 """How sizes and counts read in every line and card (klconvert/units.py): each unit from its first whole one."""
 from __future__ import annotations
 
-from klconvert.units import binary_size_text, count_text, size_text, size_texts
+from klconvert.units import binary_size_text, count_text, layers_text, size_text, size_texts
 
 
 def test_binary_sizes_switch_unit_at_a_whole_one():
@@ -22,3 +22,8 @@ def test_sizes_set_side_by_side_never_read_alike():
     assert size_texts(9_211_000, 9_213_000) == ["9,211,000 bytes", "9,213,000 bytes"]
     assert size_texts(3 << 20, 2 << 20, text=binary_size_text) == ["3.0 MiB", "2.0 MiB"]   # a plan's figures
     assert size_texts(3 << 20, (3 << 20) - 1, text=binary_size_text) == ["3,145,728 bytes", "3,145,727 bytes"]
+
+
+def test_a_count_of_layers_is_singular_at_one():
+    """bench said "1 layers" in its lines (h298's F5)."""
+    assert [layers_text(n) for n in (1, 2, 27)] == ["1 layer", "2 layers", "27 layers"]
