@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,6 +115,20 @@ def test_the_plan_workspace_does_not_grow_with_the_context(cache):
     assert plans[-1].workspace <= 4 * 2**30    # the issue's target at 1M
     assert MemoryPlan(REAL, batch=2, context=1 << 20, weight_bytes={}, mla_cache_dtype=cache).workspace \
         > plans[-1].workspace                  # it does grow with the batch
+
+
+@pytest.mark.parametrize("batch", [2, 16, 64])
+def test_the_plan_workspace_grows_with_the_batch_by_a_decode_step_and_the_prompts_last_logits(batch):
+    """README said the workspace grows with the batch "only by a decode step's", and its prefill part grows too, by
+    the batch's last logits, fp32, which generate keeps twice (h298's F4: 80 MiB of 237 at batch 64 of the 48B)."""
+    one, many = (MemoryPlan(REAL, batch=b, context=8192, weight_bytes={}) for b in (1, batch))
+    last_logits = 2 * (batch - 1) * REAL.vocab_size * 4
+    assert many.prefill_workspace_for(8192) - one.prefill_workspace_for(8192) == last_logits
+    assert many.workspace - one.workspace == (many.decode_workspace_for(8192) - one.decode_workspace_for(8192)
+                                              + last_logits)
+    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    assert ("the workspace does not grow with the context, and with the batch only by a decode step's and the "
+            "prompts' last logits (fp32, twice: generate keeps each prompt's, then joins them)") in readme
 
 
 def _run(args: list[str]):
