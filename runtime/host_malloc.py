@@ -5,6 +5,7 @@ the blocks it holds free once a model is freed: their bytes, and their pages han
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from contextlib import contextmanager
 from typing import Iterator
@@ -39,6 +40,12 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # mallopt's parameter numbers (gli
 USER_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"   # a threshold the user gave glibc, as is
 USER_THRESHOLD_TUNABLE = "glibc.malloc.mmap_threshold"   # in GLIBC_TUNABLES
 USER_TRIM_ENV, USER_TRIM_TUNABLE = "MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold"   # a trim threshold's
+# glibc's rules for what it takes from the environment (elf/dl-tunables.c): from 2.39 a GLIBC_TUNABLES that ends in a
+# name without a value, or holds a value with an =, is ignored whole, and a number (GLIBC_TUNABLES' or a MALLOC_*_
+# variable's) is ignored unless it is the whole value; before, a value was read as far as it was a number, 0 if not
+# at all. From 2.40 a tunable named twice takes its last value, and glibc.rtld.enable_secure=1 ignores every other.
+STRICT_TUNABLES, LAST_TUNABLE_WINS = (2, 39), (2, 40)
+ENABLE_SECURE_TUNABLE = "glibc.rtld.enable_secure"
 
 
 @contextmanager
@@ -46,8 +53,8 @@ def large_blocks_mapped(threshold: int = PREFILL_THRESHOLD) -> Iterator[None]:
     """Inside, glibc maps every block from `threshold` up that its heap's free space cannot serve on its own,
     and unmaps it when freed, rather than growing the heap for it (process-wide while it lasts); after, its mmap
     threshold is CEILING and its trim threshold TRIM. Nothing where the C library is
-    not glibc (macOS, Windows, musl), nor where the user chose a threshold (MALLOC_MMAP_THRESHOLD_, or
-    glibc.malloc.mmap_threshold in GLIBC_TUNABLES): theirs stands. A trim threshold the user chose
+    not glibc (macOS, Windows, musl), nor where glibc took a threshold the user chose (MALLOC_MMAP_THRESHOLD_, or
+    glibc.malloc.mmap_threshold in GLIBC_TUNABLES; _user_set): theirs stands. A trim threshold the user chose
     (MALLOC_TRIM_THRESHOLD_, or glibc.malloc.trim_threshold) stands too, the mmap threshold set as without it (h292:
     it was replaced for the rest of the process, and MALLOC_TRIM_THRESHOLD_=0 kept 18 MB of a load's freed heap)."""
     mallopt = _mallopt()
@@ -106,17 +113,96 @@ def _mallopt():
 
 
 def _user_set(env: str, tunable: str) -> bool:
-    """Whether the user gave glibc's malloc a parameter: its variable (`env`), or its tunable in GLIBC_TUNABLES, read
-    as glibc reads it -- name=value entries parted by colons, the name the whole of what comes before the first =, an
-    entry without one skipped. glibc ignores a name it does not know (glibc.malloc.mmap_threshold_x), which a test
-    of the text alone took as the user's threshold, turning large_blocks_mapped off (h295)."""
-    entries = (entry.partition("=") for entry in os.environ.get("GLIBC_TUNABLES", "").split(":"))
-    return env in os.environ or any(name == tunable and equals for name, equals, _ in entries)
+    """Whether glibc's malloc took a parameter the user gave it: its variable (`env`), or its tunable in
+    GLIBC_TUNABLES, read from the environment the process started with, as the running glibc reads it
+    (STRICT_TUNABLES, LAST_TUNABLE_WINS). A setting glibc ignored (glibc.malloc.mmap_threshold_x, h295; under 2.41
+    MALLOC_MMAP_THRESHOLD_=1048576x, h298), or one the program made after its start, is not the user's: taken as
+    theirs, it turned large_blocks_mapped off for the whole run, and neither their threshold nor klconvert's held."""
+    started, version = _environment_at_start(), glibc_version()
+    tunables = _tunable_entries(started.get("GLIBC_TUNABLES", ""), strict=version >= STRICT_TUNABLES)
+
+    def taken(name: str) -> list[str]:
+        values = [value for entry, value in tunables if entry == name]
+        return values[-1:] if version >= LAST_TUNABLE_WINS else values
+
+    if version >= LAST_TUNABLE_WINS and any(_whole_number(value) == 1 for value in taken(ENABLE_SECURE_TUNABLE)):
+        return False
+    values = taken(tunable) + ([started[env]] if env in started else [])
+    return any(version < STRICT_TUNABLES or _whole_number(value) is not None for value in values)
+
+
+@functools.cache
+def _environment_at_start() -> dict[str, str]:
+    """The variables the process started with, whose malloc parameters glibc took then: those /proc/self/environ
+    names (a variable the program sets later, for the processes it starts, is not glibc's; h298), each as os.environ
+    holds it where it does. glibc before 2.39 cuts the start's GLIBC_TUNABLES where each value it takes ends (its
+    parse_tunables writes a NUL there) and puts a whole copy in environ, which os.environ was made from. os.environ
+    where /proc cannot be read."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            entries = f.read().split(b"\0")
+    except OSError:
+        return dict(os.environ)
+    started = dict(os.fsdecode(entry).partition("=")[::2] for entry in entries if b"=" in entry)
+    return {name: os.environ.get(name, value) for name, value in started.items()}
+
+
+def _tunable_entries(text: str, strict: bool) -> list[tuple[str, str]]:
+    """GLIBC_TUNABLES' name=value entries, as glibc parses them (parse_tunables, from 2.39 parse_tunables_string):
+    parted by colons, the name all of what comes before the first =, text without one skipped up to the next colon.
+    A name without a value at the end ends the reading, where `strict` (STRICT_TUNABLES) ignores the whole string,
+    as it does a value holding an =, which before was part of the value."""
+    entries, start = [], 0
+    while True:
+        name_end = _first_of(text, "=:", start)
+        if name_end == len(text):
+            return [] if strict else entries
+        if text[name_end] == ":":
+            start = name_end + 1
+            continue
+        value_end = _first_of(text, "=:" if strict else ":", name_end + 1)
+        if value_end < len(text) and text[value_end] == "=":
+            return []
+        entries.append((text[start:name_end], text[name_end + 1:value_end]))
+        if value_end == len(text):
+            return entries
+        start = value_end + 1
+
+
+def _first_of(text: str, characters: str, start: int) -> int:
+    """The index of the first of `characters` in text from `start`, or len(text)."""
+    return next((i for i in range(start, len(text)) if text[i] in characters), len(text))
+
+
+def _whole_number(text: str) -> int | None:
+    """text as glibc's _dl_strtoul reads a tunable's number, where it is wholly one (from 2.39 glibc ignores a value
+    that is not): blanks and a sign first, then decimal, 0x hex or 0 octal digits within 64 bits, or none (0)."""
+    rest = text.lstrip(" \t")
+    negative = rest.startswith("-")
+    rest = rest[1:] if rest[:1] in ("-", "+") else rest
+    if not rest or not "0" <= rest[0] <= "9":
+        return 0 if not rest else None
+    base, rest = (16, rest[2:]) if rest[:2] in ("0x", "0X") else (8, rest) if rest[0] == "0" else (10, rest)
+    digits = "0123456789abcdefABCDEF"[:base + (6 if base == 16 else 0)]
+    value = 0
+    for digit in rest:
+        if digit not in digits:
+            return None
+        value = value * base + int(digit, 16)
+        if value >= 1 << 64:
+            return None
+    return -value % (1 << 64) if negative else value
+
+
+def glibc_version() -> tuple[int, ...] | None:
+    """The version of the process's C library where it is glibc, (2, 36); None where it is not."""
+    try:
+        name, _, version = (os.confstr("CS_GNU_LIBC_VERSION") or "").partition(" ")
+    except (AttributeError, ValueError, OSError):   # no confstr (Windows), or no such name (macOS, musl)
+        return None
+    return tuple(int(part) for part in version.split(".")[:2]) if name == "glibc" else None
 
 
 def glibc() -> bool:
     """Whether the process's C library is glibc."""
-    try:
-        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
-    except (AttributeError, ValueError, OSError):   # no confstr (Windows), or no such name (macOS, musl)
-        return False
+    return glibc_version() is not None

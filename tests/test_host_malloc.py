@@ -17,9 +17,14 @@ MIB = 1 << 20
 
 @pytest.fixture
 def no_user_threshold(monkeypatch):
+    """None in the processes a test starts, nor in the environment host_malloc takes this one to have started with,
+    which a test sets (the dict returned)."""
     monkeypatch.delenv(host_malloc.USER_THRESHOLD_ENV, raising=False)
     monkeypatch.delenv(host_malloc.USER_TRIM_ENV, raising=False)
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    started = dict(os.environ)
+    monkeypatch.setattr(host_malloc, "_environment_at_start", lambda: started)
+    return started
 
 
 # In a fresh process: the threshold only decides how glibc grows its heap, so a heap that already has a free block
@@ -167,7 +172,7 @@ def libc(monkeypatch):
 
 
 def test_the_threshold_is_set_back_when_the_prefill_fails(no_user_threshold, monkeypatch, libc):
-    monkeypatch.setattr(host_malloc, "glibc", lambda: True)
+    monkeypatch.setattr(host_malloc, "glibc_version", lambda: (2, 41))
     with pytest.raises(MemoryError), host_malloc.large_blocks_mapped():
         raise MemoryError
     assert libc.calls[-2:] == [(host_malloc.M_MMAP_THRESHOLD, host_malloc.CEILING),
@@ -177,8 +182,8 @@ def test_the_threshold_is_set_back_when_the_prefill_fails(no_user_threshold, mon
 @pytest.mark.parametrize("name, value", [(host_malloc.USER_THRESHOLD_ENV, "65536"),
                                          ("GLIBC_TUNABLES", "glibc.malloc.check=0:glibc.malloc.mmap_threshold=65536")])
 def test_the_users_threshold_stands(no_user_threshold, monkeypatch, libc, name, value):
-    monkeypatch.setattr(host_malloc, "glibc", lambda: True)
-    monkeypatch.setenv(name, value)
+    monkeypatch.setattr(host_malloc, "glibc_version", lambda: (2, 41))
+    no_user_threshold[name] = value
     with host_malloc.large_blocks_mapped():
         pass
     assert libc.calls == []
@@ -190,8 +195,8 @@ def test_the_users_trim_threshold_stands(no_user_threshold, monkeypatch, libc, n
     """h292: a trim threshold the user gave glibc was set to PREFILL_TRIM inside and TRIM for good after, for the
     rest of the process: under MALLOC_TRIM_THRESHOLD_=0 a load kept 18 MB of freed heap resident. The mmap threshold
     is set as before; the trim threshold is theirs."""
-    monkeypatch.setattr(host_malloc, "glibc", lambda: True)
-    monkeypatch.setenv(name, value)
+    monkeypatch.setattr(host_malloc, "glibc_version", lambda: (2, 41))
+    no_user_threshold[name] = value
     with host_malloc.large_blocks_mapped():
         assert libc.calls == [(host_malloc.M_MMAP_THRESHOLD, host_malloc.PREFILL_THRESHOLD)]
     assert libc.calls[1:] == [(host_malloc.M_MMAP_THRESHOLD, host_malloc.CEILING)]
@@ -229,51 +234,125 @@ def test_the_users_trim_threshold_hands_freed_blocks_back(no_user_threshold):
     assert int(done.stdout) < MIB, f"{int(done.stdout):,} bytes of freed blocks still mapped"
 
 
-# In a fresh process under GLIBC_TUNABLES: whether glibc took a mmap threshold from it -- a block of 1 MiB stays on
-# its heap under the 4 MiB the tunables below give, and is mapped on its own under glibc's 128 KiB at a process's
-# start -- and whether host_malloc takes one as the user's.
+# In a fresh process: whether glibc took a mmap threshold from its environment -- a block of 1 MiB stays on its heap
+# under one over 1 MiB, where glibc's own 128 KiB at a process's start maps it; and with one of 2 MiB or less (0 too),
+# a block of 2 MiB is mapped after one of 4 MiB is freed, which raises glibc's own past it -- and whether host_malloc
+# takes one as the user's. {after_start}: what the program does first.
 TUNED = """
 import ctypes
+import os
 from klconvert.runtime import host_malloc
 
+{after_start}
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = host_malloc._Mallinfo2
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
 before = libc.mallinfo2().hblkhd
 libc.malloc(1 << 20)
-took = libc.mallinfo2().hblkhd - before < 1 << 20
-print(took, host_malloc._user_set(host_malloc.USER_THRESHOLD_ENV, host_malloc.USER_THRESHOLD_TUNABLE))
+above_1_mib = libc.mallinfo2().hblkhd - before < 1 << 20
+libc.free(libc.malloc(4 << 20))
+before = libc.mallinfo2().hblkhd
+libc.malloc(2 << 20)
+fixed_up_to_2_mib = libc.mallinfo2().hblkhd - before >= 2 << 20
+print(above_1_mib or fixed_up_to_2_mib,
+      host_malloc._user_set(host_malloc.USER_THRESHOLD_ENV, host_malloc.USER_THRESHOLD_TUNABLE))
 """
+WITH_MALLINFO2 = pytest.mark.skipif(not (host_malloc.glibc() and hasattr(ctypes.CDLL(None), "mallinfo2")),
+                                    reason="glibc's malloc, 2.33 on (mallinfo2)")
 
 
-@pytest.mark.skipif(not (host_malloc.glibc() and hasattr(ctypes.CDLL(None), "mallinfo2")),
-                    reason="glibc's malloc, 2.33 on (mallinfo2)")
-@pytest.mark.parametrize("tunables", [
+@WITH_MALLINFO2
+@pytest.mark.parametrize("name, value", [("GLIBC_TUNABLES", tunables) for tunables in (
     "glibc.malloc.mmap_threshold=4194304", "glibc.malloc.check=0:glibc.malloc.mmap_threshold=4194304",
     "glibc.malloc.check:glibc.malloc.mmap_threshold=4194304", "glibc.malloc.mmap_threshold_x=4194304",
     "glibc.malloc.mmap_thresholdx=4194304", "xglibc.malloc.mmap_threshold=4194304", "glibc.malloc.mmap_threshold",
-    "glibc.malloc.arena_max=glibc.malloc.mmap_threshold=4194304"])
-def test_a_threshold_is_the_users_where_glibc_takes_it(no_user_threshold, tunables):
+    "glibc.malloc.arena_max=glibc.malloc.mmap_threshold=4194304", "glibc.malloc.mmap_threshold=4194304=5",
+    "glibc.malloc.mmap_threshold=4194304:glibc.malloc.check", "glibc.malloc.mmap_threshold=abc")]
+    + [(host_malloc.USER_THRESHOLD_ENV, "4194304x"), (host_malloc.USER_THRESHOLD_ENV, "")])
+def test_a_threshold_is_the_users_where_glibc_takes_it(no_user_threshold, name, value):
     """h295: a name in GLIBC_TUNABLES that glibc does not know but holds glibc.malloc.mmap_threshold (or
     trim_threshold: the same test) was taken as the user's threshold, and large_blocks_mapped left malloc as it was
-    for the whole run: what host_malloc takes as the user's is what glibc takes."""
-    done = subprocess.run([sys.executable, "-c", TUNED], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "GLIBC_TUNABLES": tunables})
+    for the whole run: what host_malloc takes as the user's is what glibc takes. h298: under the running glibc's
+    rules, by which 2.39 on ignore the last four but the empty variable (test_each_glibcs_rules has them by
+    version)."""
+    done = subprocess.run([sys.executable, "-c", TUNED.format(after_start="")], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, name: value})
     assert done.returncode == 0, done.stderr[-2000:]
     glibc_took, users = done.stdout.split()
     assert users == glibc_took
 
 
+@WITH_MALLINFO2
+@pytest.mark.parametrize("name, value", [(host_malloc.USER_THRESHOLD_ENV, "4194304"),
+                                         ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=4194304")])
+def test_a_threshold_the_program_sets_after_its_start_is_not_the_users(no_user_threshold, name, value):
+    """h298: host_malloc read os.environ, where a program sets a variable for the processes it starts: glibc took
+    its malloc parameters from the environment at the start, and large_blocks_mapped stood aside for nothing."""
+    after_start = f"os.environ[{name!r}] = {value!r}"
+    done = subprocess.run([sys.executable, "-c", TUNED.format(after_start=after_start)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "False"]
+
+
+GLIBCS = ((2, 36), (2, 39), (2, 41))
+
+
+# An environment at the start, and whether glibc 2.36, 2.39 and 2.41 take a mmap threshold from it: 2.36's and 2.41's
+# as each ran (TUNED, with 4194304 for 1048576, under Debian 12's and Debian 13's glibc; h298, h301), 2.39's as its
+# elf/dl-tunables.c and elf/dl-misc.c (_dl_strtoul) read them
+BY_GLIBC = [
+    ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"}, (True, True, True)),
+    ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576:glibc.malloc.check"}, (True, False, False)),
+    ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576=5"}, (True, False, False)),
+    ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=abc"}, (True, False, False)),
+    ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold="}, (True, True, True)),
+    ({"GLIBC_TUNABLES": "glibc.malloc.check:glibc.malloc.mmap_threshold=1048576"}, (True, True, True)),
+    ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576:"}, (True, False, False)),
+    ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=0x100000"}, (True, True, True)),
+    ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=08"}, (True, False, False)),   # octal
+    ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=18446744073709551616"}, (True, False, False)),   # 2**64
+    ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576:glibc.malloc.mmap_threshold=abc"}, (True, True, False)),
+    ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=abc:glibc.malloc.mmap_threshold=1048576"}, (True, True, True)),
+    ({"GLIBC_TUNABLES": "glibc.rtld.enable_secure=1:glibc.malloc.mmap_threshold=1048576"}, (True, True, False)),
+    ({"GLIBC_TUNABLES": "glibc.rtld.enable_secure=1", "MALLOC_MMAP_THRESHOLD_": "1048576"}, (True, True, False)),
+    ({"MALLOC_MMAP_THRESHOLD_": "abc"}, (True, False, False)),
+    ({"MALLOC_MMAP_THRESHOLD_": ""}, (True, True, True)),
+    ({"MALLOC_MMAP_THRESHOLD_": "1048576x"}, (True, False, False)),
+    ({"MALLOC_MMAP_THRESHOLD_": " 1048576"}, (True, True, True)),
+    ({"MALLOC_MMAP_THRESHOLD_": "-1"}, (True, True, True)),
+]
+
+
+@pytest.mark.parametrize("started, taken", BY_GLIBC)
+def test_each_glibcs_rules(no_user_threshold, monkeypatch, started, taken):
+    """h298: host_malloc read GLIBC_TUNABLES and MALLOC_MMAP_THRESHOLD_ by glibc 2.36's rules, where 2.39 on ignore a
+    GLIBC_TUNABLES that ends in a bare name or holds a value with an =, and a value not wholly a number: under 2.41
+    the prefill's resident growth went from 0.90-0.98x to 1.11-1.19x the plan's workspace, neither the user's
+    threshold nor klconvert's set."""
+    no_user_threshold.update(started)
+    for version, took in zip(GLIBCS, taken):
+        monkeypatch.setattr(host_malloc, "glibc_version", lambda: version)
+        assert host_malloc._user_set(host_malloc.USER_THRESHOLD_ENV, host_malloc.USER_THRESHOLD_TUNABLE) == took, \
+            version
+
+
+def test_the_glibc_version_is_read_from_confstr(monkeypatch):
+    monkeypatch.setattr(os, "confstr", lambda name: "glibc 2.41")
+    assert host_malloc.glibc_version() == (2, 41)
+
+
 def test_a_trim_threshold_glibc_does_not_take_is_set(no_user_threshold, monkeypatch, libc):
-    monkeypatch.setattr(host_malloc, "glibc", lambda: True)
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold_typo=0")
+    monkeypatch.setattr(host_malloc, "glibc_version", lambda: (2, 41))
+    no_user_threshold["GLIBC_TUNABLES"] = "glibc.malloc.trim_threshold_typo=0"
     with host_malloc.large_blocks_mapped():
         assert (host_malloc.M_TRIM_THRESHOLD, host_malloc.PREFILL_TRIM) in libc.calls
 
 
 def test_other_glibc_tunables_do_not_stop_it(no_user_threshold, monkeypatch, libc):
-    monkeypatch.setattr(host_malloc, "glibc", lambda: True)
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    monkeypatch.setattr(host_malloc, "glibc_version", lambda: (2, 41))
+    no_user_threshold["GLIBC_TUNABLES"] = "glibc.malloc.arena_max=2"
     with host_malloc.large_blocks_mapped():
         assert libc.calls[0] == (host_malloc.M_MMAP_THRESHOLD, host_malloc.PREFILL_THRESHOLD)
 
