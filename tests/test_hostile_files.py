@@ -119,6 +119,10 @@ def test_huge_size_fields_are_refused_in_bounded_memory(tiny_copy, edit, needles
      ["field 'layer_types' (['linear_attention',", "says other layer kinds than linear_attn_config"]),
     (lambda c: c.update(mlp_layer_types=["sparse"] * c["num_hidden_layers"]),
      ["field 'mlp_layer_types' (['sparse',", "says other layer kinds than first_k_dense_replace"]),
+    # a count of one layer is said as one ("for 1 layers" before; units.layers_text)
+    (lambda c: c.update(num_hidden_layers=1, linear_attn_config={**c["linear_attn_config"], "kda_layers": [1],
+                                                                 "full_attn_layers": [1]}),
+     ["full_attn_layers hold 2 entries for 1 layer; each layer is named once"]),
 ])
 def test_config_fields_are_checked(edit, needles):
     config = preset_config("tiny")
