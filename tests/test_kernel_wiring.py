@@ -27,11 +27,23 @@ DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 TOLERANCE = 2e-2  # relative RMS of the logits: the kernels take bf16 activations, a bf16-sized difference
 
 
+def calm_tiny(tmp_path_factory, layers: int) -> Path:
+    """The tiny preset cut to `layers` layers, calmed: the interpreter is slow."""
+    folder = tmp_path_factory.mktemp("wired")
+    return calm_copy(synth("tiny", folder / "tiny", layers=layers, seed=2, progress=False).path, folder / "calm")
+
+
 @pytest.fixture(scope="module")
 def calm4(tmp_path_factory):
-    """The tiny preset cut to 4 layers (KDA x3 + MLA; dense layer 0, 3 MoE), calmed: the interpreter is slow."""
-    folder = tmp_path_factory.mktemp("wired")
-    return calm_copy(synth("tiny", folder / "tiny4", layers=4, seed=2, progress=False).path, folder / "calm4")
+    """4 layers: KDA x3 + MLA; dense layer 0, 3 MoE."""
+    return calm_tiny(tmp_path_factory, 4)
+
+
+@pytest.fixture(scope="module")
+def calm2(tmp_path_factory):
+    """2 layers: KDA with the dense MLP, KDA with the MoE -- for a test of one MoE layer's wiring, which need not
+    run calm4's three through the interpreter."""
+    return calm_tiny(tmp_path_factory, 2)
 
 
 @pytest.fixture(scope="module", params=[dict(bits=4, symmetric=True), dict(bits=8, symmetric=False)],
@@ -203,11 +215,11 @@ def test_the_kda_chunk_and_its_mixer_hold_the_conv_weights_once(calm4):
 
 
 @pytest.mark.slow
-def test_shared_expert_stored_otherwise_runs_beside_the_fused_moe(calm4, tmp_path):
+def test_shared_expert_stored_otherwise_runs_beside_the_fused_moe(calm2, tmp_path):
     """recipes/32gb.yaml keeps the shared expert at int8 while the routed ones are int4: the fused kernel takes
     the routed stack alone and the shared expert runs through its own int8 layers."""
     recipe = Path(__file__).parents[1] / "recipes" / "32gb.yaml"
-    out = quantize(calm4, tmp_path / "q", recipe=recipe, device="cpu", progress=False).path
+    out = quantize(calm2, tmp_path / "q", recipe=recipe, device="cpu", progress=False).path
     ref = klconvert.load(out, device=DEVICE, dtype=DTYPE, max_context=16, kernels="torch")
     tri = klconvert.load(out, device=DEVICE, dtype=DTYPE, max_context=16, kernels="triton")
     moe = tri.model.blocks[1].ffn
