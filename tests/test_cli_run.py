@@ -15,23 +15,23 @@ from testkit import assert_one_line_error, emitting_a_special, gpu_with_free, ru
 
 
 @pytest.mark.slow
-def test_run_streams_the_greedy_continuation(tiny_released, tmp_path):
+def test_run_streams_the_greedy_continuation(tiny_released, tmp_path, capsys):
     prompt = tmp_path / "p.txt"
     prompt.write_text("Once upon a time, in a land far away,")
-    proc = run_klconvert("run", "--model", str(tiny_released), "--prompt-file", str(prompt),
-                         "--max-new-tokens", "12", "--device", "cpu")          # the path `expected` runs
-    assert proc.returncode == 0, proc.stderr
+    code, out, err = run_cli(capsys, "run", "--model", tiny_released, "--prompt-file", prompt,
+                             "--max-new-tokens", "12", "--device", "cpu")      # the path `expected` runs
+    assert code == 0, err
     tok = Tokenizer.from_folder(tiny_released)
     ids = tok.encode(prompt.read_text())
     expected = klconvert.load(tiny_released, device="cpu", max_context=64).generate(ids, 12)[0].tolist()
     stop = [i for i, t in enumerate(expected) if t in tok.stop_ids]
     expected = expected[: stop[0]] if stop else expected
-    assert proc.stdout == tok.decode([t for t in expected if t not in tok.special_ids]) + "\n"
-    shown = run_klconvert("run", "--model", str(tiny_released), "--prompt", prompt.read_text(), "--max-new-tokens",
-                          "12", "--show-special", "--device", "cpu")
-    assert shown.stdout == tok.decode(expected) + "\n"
+    assert out == tok.decode([t for t in expected if t not in tok.special_ids]) + "\n"
+    shown = run_cli(capsys, "run", "--model", tiny_released, "--prompt", prompt.read_text(), "--max-new-tokens",
+                    "12", "--show-special", "--device", "cpu")[1]
+    assert shown == tok.decode(expected) + "\n"
     assert any(t in tok.special_ids for t in expected)  # so the two differ
-    summary = proc.stderr.strip().splitlines()[-1]
+    summary = err.strip().splitlines()[-1]
     assert f"prompt {len(ids)} tokens" in summary and "prefill" in summary and "decode" in summary
     assert f"context {len(ids) + 12}," in summary  # prompt + max-new-tokens, planned up front
 
@@ -66,12 +66,12 @@ def test_one_new_token_has_no_decode_rate(capsys):
 
 
 @pytest.mark.slow
-def test_the_summary_names_the_drawn_seed_which_repeats_the_run(tiny_released):
-    args = ("run", "--model", str(tiny_released), "--prompt", "Hello", "--max-new-tokens", "16", "--temperature", "1")
-    drawn = run_klconvert(*args)
-    seed = re.search(r"\| seed (\d+)", drawn.stderr.splitlines()[-1]).group(1)
-    assert run_klconvert(*args, "--seed", seed).stdout == drawn.stdout
-    assert "seed" not in run_klconvert(*args[:-2]).stderr.splitlines()[-1]  # greedy: no seed to name
+def test_the_summary_names_the_drawn_seed_which_repeats_the_run(tiny_released, capsys):
+    args = ("run", "--model", tiny_released, "--prompt", "Hello", "--max-new-tokens", "16", "--temperature", "1")
+    _, drawn, err = run_cli(capsys, *args)
+    seed = re.search(r"\| seed (\d+)", err.splitlines()[-1]).group(1)
+    assert run_cli(capsys, *args, "--seed", seed)[1] == drawn
+    assert "seed" not in run_cli(capsys, *args[:-2])[2].splitlines()[-1]  # greedy: no seed to name
 
 
 def test_chat_prompt_uses_the_template(tiny_released):
@@ -477,19 +477,19 @@ def test_a_row_without_a_finite_largest_logit_is_flagged(temperature, top_p):
 
 
 @pytest.mark.slow
-def test_plan_command_prints_the_table():
-    proc = run_klconvert("plan", "--preset", "kimi-linear-48b", "--bits", "4", "--gpu-memory", "48GiB",
-                         "--max-context", "262144")
-    assert proc.returncode == 0, proc.stderr
+def test_plan_command_prints_the_table(capsys):
+    code, out, err = run_cli(capsys, "plan", "--preset", "kimi-linear-48b", "--bits", "4", "--gpu-memory", "48GiB",
+                             "--max-context", "262144")
+    assert code == 0, err
     for needle in ("weights total", "41.9 MB", "8,064 B", "headroom", "largest context that fits"):
-        assert needle in proc.stdout
+        assert needle in out
 
 
 @pytest.mark.slow
-def test_plan_for_a_folder(tiny_released):
-    proc = run_klconvert("plan", "--model", str(tiny_released), "--max-context", "4096")
-    assert proc.returncode == 0, proc.stderr
-    assert "MLA latent cache / token" in proc.stdout
+def test_plan_for_a_folder(tiny_released, capsys):
+    code, out, err = run_cli(capsys, "plan", "--model", tiny_released, "--max-context", "4096")
+    assert code == 0, err
+    assert "MLA latent cache / token" in out
 
 
 def test_a_folders_plan_sizes_the_stored_tensors_not_its_recipe(tiny_released, tmp_path, capsys):
@@ -513,18 +513,18 @@ def test_a_folders_plan_sizes_the_stored_tensors_not_its_recipe(tiny_released, t
 
 
 @pytest.mark.slow
-def test_several_prompt_files_run_as_one_batch(tiny_released, tmp_path):
+def test_several_prompt_files_run_as_one_batch(tiny_released, tmp_path, capsys):
     """Each prompt is continued at its own length, exactly as it is alone; the outputs come in order, headed."""
     files = [tmp_path / "a.txt", tmp_path / "b.txt"]
     files[0].write_text("Once upon a time, in a land far away, there lived")
     files[1].write_text("The end")
-    both = run_klconvert("run", "--model", str(tiny_released), "--prompt-file", str(files[0]), "--prompt-file",
-                         str(files[1]), "--max-new-tokens", "10", "--show-special")
-    assert both.returncode == 0, both.stderr
-    alone = [run_klconvert("run", "--model", str(tiny_released), "--prompt-file", str(f), "--max-new-tokens", "10",
-                           "--show-special").stdout for f in files]
-    assert both.stdout == "".join(f"==> {f} <==\n{text}" for f, text in zip(files, alone))
-    assert "batch 2" in both.stderr.strip().splitlines()[-1]
+    code, both, err = run_cli(capsys, "run", "--model", tiny_released, "--prompt-file", files[0], "--prompt-file",
+                              files[1], "--max-new-tokens", "10", "--show-special")
+    assert code == 0, err
+    alone = [run_cli(capsys, "run", "--model", tiny_released, "--prompt-file", f, "--max-new-tokens", "10",
+                     "--show-special")[1] for f in files]
+    assert both == "".join(f"==> {f} <==\n{text}" for f, text in zip(files, alone))
+    assert "batch 2" in err.strip().splitlines()[-1]
 
 
 def test_a_seed_repeats_a_batch_whose_prompts_draw_from_one_generator(tmp_path, capsys):
@@ -586,7 +586,7 @@ def test_text_stdout_cannot_encode_is_replaced_not_a_traceback(tmp_path):
     assert proc.stdout.count(f"==> {tmp_path}/caf?.txt <==") == 2
 
 
-def test_config_eos_ids_stop_a_run_too(tmp_path):
+def test_config_eos_ids_stop_a_run_too(tmp_path, capsys):
     """A generated id that config.json names as eos_token_id ends the turn, as the tokenizer's eos does (a special
     token, as config.json's eos ids must be: the model made to emit one where it emitted text)."""
     import json
@@ -602,13 +602,15 @@ def test_config_eos_ids_stop_a_run_too(tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["eos_token_id"] = [config["eos_token_id"], stop]
     (folder / "config.json").write_text(json.dumps(config))
-    proc = run_klconvert("run", "--model", folder, "--prompt", "ROMEO.", "--max-new-tokens", "12", "--device", "cpu")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == tok.decode([t for t in free[:at] if t not in tok.special_ids]) + "\n"
-    assert f"{at + 1} new" in proc.stderr
-    shown = run_klconvert("run", "--model", folder, "--prompt", "ROMEO.", "--max-new-tokens", "12", "--device", "cpu",
-                          "--show-special")   # the README: the stop token that ends a sequence is never printed
-    assert shown.returncode == 0 and shown.stdout == tok.decode(free[:at]) + "\n", shown.stderr
+    code, out, err = run_cli(capsys, "run", "--model", folder, "--prompt", "ROMEO.", "--max-new-tokens", "12",
+                             "--device", "cpu")
+    assert code == 0, err
+    assert out == tok.decode([t for t in free[:at] if t not in tok.special_ids]) + "\n"
+    assert f"{at + 1} new" in err
+    # the README: the stop token that ends a sequence is never printed
+    code, shown, err = run_cli(capsys, "run", "--model", folder, "--prompt", "ROMEO.", "--max-new-tokens", "12",
+                               "--device", "cpu", "--show-special")
+    assert code == 0 and shown == tok.decode(free[:at]) + "\n", err
     # the API's default stop tokens are run's: generate without stop_ids ran on through the stop token
     engine = klconvert.load(folder, device="cpu", max_context=32)
     assert engine.stop_ids == tok.stop_ids | {stop}
