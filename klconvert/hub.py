@@ -9,18 +9,20 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from stat import S_ISREG
 from typing import Callable, Iterator
 from urllib.parse import unquote
 
+from filelock import FileLock, Timeout
 from huggingface_hub import (
     HfApi,
     constants,
@@ -202,15 +204,17 @@ def pull(
                 # removed before the download, they give their room to it (huggingface_hub 2.5 would replace a
                 # --local-dir's file only once the new one is whole, needing room for both)
                 outdated_paths = [path for paths in outdated.values() for path in paths]
-                freed = _room_of(outdated_paths)
+                # what huggingface_hub left of downloads a killed process had begun, which no download reuses
+                unfinished = _unfinished_downloads(repo, cache_dir, local_dir)
+                freed = _room_of(outdated_paths + unfinished)
+                removing = _once_removed(len(outdated_paths), len(unfinished))
                 if progress:
-                    _announce(repo, revision, commit, listing, wanted, fetch_bytes, target, free, freed,
-                              len(outdated_paths))
+                    _announce(repo, revision, commit, listing, wanted, fetch_bytes, target, free, freed, removing)
                 if fetch_bytes > free + freed:
                     need_text, free_text = size_texts(fetch_bytes, free + freed)
                     raise KLError(
                         f"not enough disk space in {target}: pulling {where} needs {need_text} for {len(missing)} "
-                        f"files but only {free_text} is free{_once_removed(len(outdated_paths)) if freed else ''}; "
+                        f"files but only {free_text} is free{removing if freed else ''}; "
                         "free space or pass a --local-dir or --cache-dir on a larger disk"
                     )
                 # past the last refusal: a refused pull removes nothing
@@ -218,6 +222,8 @@ def pull(
                     cache_dir / repo_folder_name(repo_id=repo, repo_type="model") / BLOBS
                 for path in outdated_paths:
                     _remove(path, blobs)
+                for path in unfinished:
+                    path.unlink(missing_ok=True)
                 if local_dir is not None:  # a record of an earlier pull must not describe a half-updated folder
                     (local_dir / LOCAL_DIR_RECORD).unlink(missing_ok=True)
             if listing is None:  # offline, no cached listing: huggingface_hub 1.x would ask the hub for one, so look
@@ -636,16 +642,67 @@ def _room_of(paths: list[Path]) -> int:
     return sum(sizes.values())
 
 
-def _once_removed(copies: int) -> str:
-    """What the room a pull states stands on where it first removes `copies` copies not of this commit."""
-    return f" once the {copies} {'copy' if copies == 1 else 'copies'} here not of this commit " \
-        f"{'is' if copies == 1 else 'are'} removed"
+# huggingface_hub's names for a file it is writing (1.33 to 2.5), each one process's own: a download's
+# `<its incomplete name's stem>.<8 hex>.incomplete` (file_download._download_to_tmp_and_move: `<etag>` in the cache's
+# blobs, `<short hash>.<etag>` in a --local-dir's), and 2.5's copy of a cached file into a --local-dir,
+# `<32 hex>.incomplete`. The process removes it as it ends, on an error, Ctrl-C or SIGTERM too, but not when killed
+# (SIGKILL, out of memory, power lost), and no later download reuses it. Not `<etag>.incomplete`, which
+# huggingface_hub before 1.33 (another environment's, sharing the cache) resumes.
+UNFINISHED_DOWNLOAD = re.compile(r"(?:.+\.[0-9a-f]{8}|[0-9a-f]{32})\.incomplete")
+LOCKS = ".locks"   # the cache's folder of huggingface_hub's per-file locks, one folder a repo (file_download)
+LOCAL_DIR_DOWNLOADS = Path(".cache") / "huggingface" / "download"   # a --local-dir's (_local_folder)
+
+
+def _unfinished_downloads(repo: str, cache_dir: Path, local_dir: Path | None) -> list[Path]:
+    """What huggingface_hub left of this repo's downloads that no process is writing (UNFINISHED_DOWNLOAD): in the
+    cache, the repo's blobs, under the locks of .locks/models--ORG--NAME; in a --local-dir, its record folders, each
+    under the locks beside it. A process writes such a file only while it holds its file's lock, so those of a folder
+    are unwritten where every lock there is free, taken without waiting (not by the files' age: a download stalled
+    for hours is still in flight). Anything else named so -- outside these folders, or another repo's -- is not
+    huggingface_hub's here, and is left."""
+    if local_dir is None:
+        folder = repo_folder_name(repo_id=repo, repo_type="model")
+        places = [(cache_dir / folder / BLOBS, cache_dir / LOCKS / folder)]
+    else:
+        places = [(Path(folder), Path(folder)) for folder, _, _ in os.walk(local_dir / LOCAL_DIR_DOWNLOADS)]
+    unfinished = []
+    for written_in, locks_in in places:
+        try:
+            found = [path for path in written_in.iterdir()
+                     if UNFINISHED_DOWNLOAD.fullmatch(path.name) and S_ISREG(path.lstat().st_mode)]
+        except OSError:   # no such folder: nothing downloaded there
+            continue
+        if found and _locks_free(sorted(locks_in.glob("*.lock"))):
+            unfinished += found
+    return unfinished
+
+
+def _locks_free(locks: list[Path]) -> bool:
+    """Whether no process holds any of huggingface_hub's `locks` (its FileLocks): each taken without waiting, all
+    held until the last is, then let go. One that cannot be taken (another user's, a file system without locks)
+    counts as held."""
+    with ExitStack() as held:
+        try:
+            for lock in locks:
+                held.enter_context(FileLock(lock, timeout=0))
+        except (Timeout, OSError, NotImplementedError):
+            return False
+    return True
+
+
+def _once_removed(copies: int, unfinished: int) -> str:
+    """What the room a pull states stands on where it first removes `copies` copies not of this commit and
+    `unfinished` downloads killed processes left (_unfinished_downloads); "" where it removes nothing."""
+    removed = [*([f"the {copies} {'copy' if copies == 1 else 'copies'} here not of this commit"] if copies else []),
+               *([f"the {unfinished} unfinished {'download' if unfinished == 1 else 'downloads'} a killed pull left"]
+                 if unfinished else [])]
+    return f" once {' and '.join(removed)} {'is' if copies + unfinished == 1 else 'are'} removed" if removed else ""
 
 
 def _announce(repo, revision, commit, listing: list[HubFile], wanted: list[HubFile], fetch_bytes, target, free,
-              freed: int, outdated: int):
+              freed: int, removing: str):
     """Tell the terminal what this pull takes, leaves on the hub, and fetches, and the room it has for that: `free`,
-    and `freed` more once it removes the `outdated` copies here that are not this commit's."""
+    and `freed` more once it removes what `removing` says (_once_removed)."""
     left_out = sorted({f.path for f in listing} - {f.path for f in wanted})
     total = sum(f.size or 0 for f in wanted)
     leaving = (f", leaving {len(left_out)} on the hub ({', '.join(left_out[:5])}{', ...' if len(left_out) > 5 else ''})"
@@ -654,7 +711,7 @@ def _announce(repo, revision, commit, listing: list[HubFile], wanted: list[HubFi
         f"{repo}@{revision or constants.DEFAULT_REVISION} is commit {commit}: pulling {len(wanted)} files "
         f"({size_text(total)}){leaving}; {size_text(total - fetch_bytes)} already here, "
         f"fetching {size_text(fetch_bytes)} into {target} ({size_text(free)} free"
-        f"{f', {size_text(freed)} more' + _once_removed(outdated) if freed else ''})",
+        f"{f', {size_text(freed)} more' + removing if removing else ''})",
         file=sys.stderr,
     )
 

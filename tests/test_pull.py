@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from huggingface_hub import constants
+from huggingface_hub._local_folder import get_local_download_paths
 from safetensors.torch import save_file
 
 from klconvert import hub, hub_guard
@@ -27,7 +28,7 @@ from klconvert.entry import Interrupted
 from klconvert.errors import KLError
 from klconvert.units import size_text, size_texts
 from klconvert.verified_files import MAX_RECORD_VALUES, VerifiedFiles
-from hub_standin import EGRESS_MESSAGE, HubStandIn, hub_environment
+from hub_standin import EGRESS_MESSAGE, HubStandIn, git_blob_id, hub_environment
 from testkit import assert_one_line_error, run_cli, run_klconvert, run_klconvert_on_a_terminal, shown_lines
 
 REPO = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
@@ -1652,3 +1653,126 @@ def test_the_hub_versions_tested_are_listed_once_in_the_readme_s_interop_row():
     dependency = next(line for line in (root / "pyproject.toml").read_text().splitlines()
                       if line.strip().startswith('"huggingface-hub'))
     assert "the versions tested: README's Interop row" in dependency and "tested (" not in dependency, dependency
+
+
+def killed_mid_download(server: HubStandIn, tmp_path: Path, into: str) -> list[Path]:
+    """SIGKILL a `klconvert pull` (into the cache or the --local-dir tmp_path / "kimi") once huggingface_hub has begun
+    SHARD_2's temporary file; each file it left behind (a download's name), grown by 1,000 bytes as a killed 5 GB
+    shard's would be by gigabytes (a body is written in 10 MB pieces: here a small file's whole body at most)."""
+    server.slow_body[SHARD_2] = 0.5          # 16 KiB: 8 s to send
+    local_dir = tmp_path / "kimi"
+    watched = local_dir / ".cache" if into == "local-dir" else cache_dir(tmp_path) / STORAGE / "blobs"
+    proc = subprocess.Popen([sys.executable, "-m", "klconvert", "pull", REPO,
+                             *(["--local-dir", str(local_dir)] if into == "local-dir" else [])],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while server.gets(SHARD_2) == 0 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)   # until SHARD_2's body is on its way, its temporary file made before the request
+    proc.kill()
+    proc.wait()
+    server.slow_body[SHARD_2] = 0
+    left = sorted(watched.rglob("*.incomplete"))
+    assert left and all(re.fullmatch(r".+\.[0-9a-f]{8}\.incomplete", p.name) for p in left), left
+    for path in left:
+        with path.open("ab") as grown:
+            grown.write(b"\0" * 1000)
+    return left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("into", ["cache", "local-dir"])
+def test_what_a_killed_pull_left_downloading_is_removed_by_the_next_and_its_room_counted(served, tmp_path, capsys,
+                                                                                        monkeypatch, into):
+    """huggingface_hub (1.33 to 2.5) writes each download under a name of its process's own, FILE.<8 hex>.incomplete,
+    and removes it when the download fails or is interrupted, but not when the process is killed (SIGKILL, out of
+    memory, power lost), and no later download reuses or removes it: for the release's 5 GB shards, 8 in flight, a
+    killed pull left up to 40 GB in the cache or the --local-dir that no one sees, and that the next pull's disk check
+    took as used. The next pull removes what no process is writing, past its refusals, and counts its room as
+    free."""
+    server, commit = served
+    where = {"local_dir": tmp_path / "kimi"} if into == "local-dir" else {}
+    left = killed_mid_download(server, tmp_path, into)
+    n, room = len(left), sum(path.stat().st_size for path in left)
+    removing = (f"once the {n} unfinished download{'s' if n > 1 else ''} a killed pull left "
+                f"{'are' if n > 1 else 'is'} removed")
+    monkeypatch.setattr(hub, "free_disk_bytes", lambda folder: 0)
+    with pytest.raises(KLError, match=re.escape(f"is free {removing}; ")) as refused:
+        hub.pull(REPO, progress=False, **where)
+    assert f"but only {size_text(room)} is free" in str(refused.value)
+    assert sum(path.stat().st_size for path in left) == room   # a refused pull removes nothing
+    monkeypatch.undo()
+    capsys.readouterr()
+    result = hub.pull(REPO, progress=True, **where)
+    assert f"free, {size_text(room)} more {removing})" in capsys.readouterr().err
+    assert not any(path.exists() for path in left) and result.commit == commit
+    assert set(PULLED) <= set(files_under(pulled_where(tmp_path, commit, into)))
+
+
+def unfinished_download(tmp_path: Path, into: str, path: str, etag: str) -> tuple[Path, Path]:
+    """(the name of the temporary file a download of the repo's `path` writes, ending as a killed one's would; the
+    lock huggingface_hub holds while it writes one), as huggingface_hub names them in the cache and in the
+    --local-dir tmp_path / "kimi"."""
+    if into == "local-dir":
+        files = get_local_download_paths(tmp_path / "kimi", path)
+        begun, lock = files.incomplete_path(etag), files.lock_path
+    else:
+        begun = cache_dir(tmp_path) / STORAGE / "blobs" / f"{etag}.incomplete"
+        lock = cache_dir(tmp_path) / ".locks" / STORAGE / f"{etag}.lock"
+    return begun.with_name(f"{begun.stem}.0123abcd.incomplete"), lock
+
+
+@pytest.mark.parametrize("into", ["cache", "local-dir"])
+def test_unfinished_downloads_beside_a_lock_another_process_holds_are_kept(served, checkpoint, tmp_path, capsys,
+                                                                           into):
+    """Where another process holds one of huggingface_hub's locks beside them (another pull, `hf download`, here of
+    README.md, which this pull leaves on the hub: a lock this pull takes would hold it up), a file there may be that
+    process's, however old: all are kept and their room not counted; once the lock is free, the next pull removes
+    them."""
+    where = {"local_dir": tmp_path / "kimi"} if into == "local-dir" else {}
+    hub.pull(REPO, progress=False, **where)
+    left = unfinished_download(tmp_path, into, SHARD_2, hashlib.sha256((checkpoint / SHARD_2).read_bytes())
+                               .hexdigest())[0]
+    left.write_bytes(b"\0" * 1000)
+    lock = unfinished_download(tmp_path, into, "README.md", git_blob_id((checkpoint / "README.md").read_bytes()))[1]
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys; lock = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(lock, fcntl.LOCK_EX); print(flush=True); sys.stdin.read()", str(lock)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        holder.stdout.readline()   # the lock is held
+        capsys.readouterr()
+        hub.pull(REPO, progress=True, **where)
+        assert "a killed pull left" not in capsys.readouterr().err and left.stat().st_size == 1000
+    finally:
+        holder.communicate(b"", timeout=60)
+    hub.pull(REPO, progress=True, **where)
+    assert "free, 1,000 bytes more once the 1 unfinished download a killed pull left is removed)" in \
+        capsys.readouterr().err
+    assert not left.exists()
+
+
+def test_what_is_not_huggingface_hubs_unfinished_download_of_this_repo_is_kept(served, hub_server, checkpoint,
+                                                                                tmp_path):
+    """Only huggingface_hub's temporary names in its own folders of this repo go: another repo's in the cache, an
+    `<etag>.incomplete` (which huggingface_hub before 1.33 resumes), and a user's own files named *.incomplete
+    elsewhere in a --local-dir are left, while the pull removes its repo's."""
+    etag = hashlib.sha256((checkpoint / SHARD_2).read_bytes()).hexdigest()
+    hub_server.add_repo("other/model", checkpoint)
+    hub.pull("other/model", progress=False)
+    out = tmp_path / "kimi"
+    hub.pull(REPO, progress=False)
+    hub.pull(REPO, local_dir=out, progress=False)
+    theirs = [cache_dir(tmp_path) / "models--other--model" / "blobs" / f"{etag}.0123abcd.incomplete",
+              cache_dir(tmp_path) / STORAGE / "blobs" / f"{etag}.incomplete",
+              out / f"{'0' * 32}.incomplete", out / "notes" / "draft.0123abcd.incomplete",
+              out / ".cache" / "mine" / f"{'0' * 32}.incomplete"]
+    for path in theirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"kept")
+    ours = [unfinished_download(tmp_path, into, SHARD_2, etag)[0] for into in ("cache", "local-dir")]
+    ours.append(ours[1].with_name(f"{'0' * 32}.incomplete"))   # 2.5's copy from the cache into a --local-dir
+    for path in ours:
+        path.write_bytes(b"\0" * 1000)
+    hub.pull(REPO, progress=False)
+    hub.pull(REPO, local_dir=out, progress=False)
+    assert [path.read_bytes() for path in theirs] == [b"kept"] * len(theirs)
+    assert not any(path.exists() for path in ours)
