@@ -25,6 +25,8 @@ from klconvert.checkpoint.reader import Checkpoint
 from klconvert.convert.output_folder import FINISHED_FILES, OUTPUT_RECORD, RESUME_RECORD, TEMPORARY_MARKER, usual_mode
 from klconvert.entry import OPENBLAS_THREAD_COUNT_VARIABLES, cpus_to_run_on, signal_status
 from klconvert.quantize import quantize
+from klconvert.runtime.plan_report import parse_size
+from klconvert.synth.checkpoint import synth
 from testkit import run_on_a_terminal
 
 LONG_RUN = ("run", "--model", "tiny", "--prompt", "hi", "--max-new-tokens", "3000", "--max-context", "3008")
@@ -499,7 +501,7 @@ def test_an_interrupt_as_a_filled_folders_earlier_entries_are_deleted_waits_for_
     aside into a hidden folder in OUT, were deleted stopped the deletion, leaving that folder in OUT (the earlier
     model whole but for a file) until a run wrote OUT again. It comes once they are gone."""
     synth = ("synth", "--preset", "tiny", "--out", "out")
-    assert _entry("", *synth, cwd=tmp_path).returncode == 0
+    _synth_here(tmp_path / "out")
     files = sorted(os.listdir(tmp_path / "out"))
     proc = _entry(textwrap.dedent(f"""
         import os, signal
@@ -576,7 +578,22 @@ def _assert_finished(out, files: list[str]) -> None:
     assert sorted(os.listdir(out)) == files and stat.S_IMODE(out.stat().st_mode) == usual_mode(True)
 
 
-QUANTIZE_OPTIONS = ("--bits", "4", "--group-size", "32", "--max-shard-size", "150KB")
+SHARD_SIZE = "150KB"
+QUANTIZE_OPTIONS = ("--bits", "4", "--group-size", "32", "--max-shard-size", SHARD_SIZE)
+
+
+def _quantized_here(tiny_released, out, bits: int = 4, force: bool = False) -> None:
+    """What `klconvert quantize SRC OUT` with QUANTIZE_OPTIONS (`bits` in place of 4) writes, quantized in this
+    process: an earlier OUT, or the run after an interrupted one, that no test is about the process of (a child
+    spends seconds importing torch)."""
+    quantize(tiny_released, out, bits=bits, group_size=32, max_shard_bytes=parse_size(SHARD_SIZE, least_bare_bytes=0),
+             force=force, progress=False)
+
+
+def _synth_here(out, force: bool = False) -> None:
+    """What `klconvert synth --preset tiny --out OUT` writes, made in this process: an earlier OUT, or the run after an
+    interrupted one."""
+    synth("tiny", out, force=force, progress=False)
 
 
 def test_a_kill_as_quantize_renames_its_output_is_finished_by_the_same_command(tiny_released, tmp_path):
@@ -622,14 +639,14 @@ def test_a_kill_as_quantize_renames_its_output_still_refuses_other_options_in_on
         rf"klconvert: error: {held}[^\n]+ and \d+ more\); choose another output folder, or pass --force to replace it "
         r"once the new one is complete\n", other.stderr), other.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"] and RESUME_RECORD in os.listdir(out)
-    assert _entry("", "quantize", str(tiny_released), str(out), *QUANTIZE_OPTIONS).returncode == 0
+    _quantized_here(tiny_released, out)
     _assert_finished(out, files)
 
 
 def _replaced_by_an_interrupted_quantize(tiny_released, out, prelude: str) -> subprocess.CompletedProcess:
     """Quantize into `out` (4 bits), then again with other options (8 bits) and --force, `prelude` setting up where
     that run is interrupted; the second run's result."""
-    assert _entry("", "quantize", str(tiny_released), str(out), *QUANTIZE_OPTIONS).returncode == 0
+    _quantized_here(tiny_released, out)
     return _entry(prelude, "quantize", str(tiny_released), str(out), "--bits", "8", *QUANTIZE_OPTIONS[2:], "--force")
 
 
@@ -720,13 +737,12 @@ def test_a_second_interrupt_as_the_earlier_output_is_deleted_names_what_it_leave
     it goes: the next run writing OUT removes it."""
     if command == "quantize":
         out, aside_in = tmp_path / "q", tmp_path
-        first = ("quantize", str(tiny_released), str(out), *QUANTIZE_OPTIONS)
+        _quantized_here(tiny_released, out)
         again = ("quantize", str(tiny_released), str(out), "--bits", "8", *QUANTIZE_OPTIONS[2:], "--force")
     else:
         out = aside_in = "out"
-        first = ("synth", "--preset", "tiny", "--out", out)
-        again = (*first, "--force")
-    assert _entry("", *first, cwd=tmp_path).returncode == 0
+        _synth_here(tmp_path / out)
+        again = ("synth", "--preset", "tiny", "--out", out, "--force")
     proc = _entry(SIGNAL_AS_THE_EARLIER_OUT_IS_DELETED.format(interrupted=(1, 2), signal="SIGINT"), *again,
                   cwd=tmp_path)
     files = sorted(os.listdir(tmp_path / out))   # the new OUT, whole; the rest of the earlier aside, if in OUT
@@ -737,7 +753,10 @@ def test_a_second_interrupt_as_the_earlier_output_is_deleted_names_what_it_leave
     _assert_interrupted(proc, complete=out, left=f"the rest of the earlier {out} is left in {aside}: the next run "
                                                  f"writing {out} removes it, or rm -rf {aside}")
     assert (tmp_path / aside / TEMPORARY_MARKER).is_file()
-    assert _entry("", *again, cwd=tmp_path).returncode == 0
+    if command == "quantize":   # the next run writing OUT
+        _quantized_here(tiny_released, out, bits=8, force=True)
+    else:
+        _synth_here(tmp_path / out, force=True)
     assert not os.path.lexists(tmp_path / aside)
     assert sorted(os.listdir(tmp_path / out)) == sorted(set(files) - set(left))
 
@@ -748,7 +767,7 @@ def test_a_second_interrupt_after_one_held_as_synth_fills_out_stops_the_deletion
     first (the notice only then) and a third stopped it (h252's F1). As quantize's: the notice as the deletion
     starts, and the second stops it, naming what it leaves."""
     first = ("synth", "--preset", "tiny", "--out", "out")
-    assert _entry("", *first, cwd=tmp_path).returncode == 0
+    _synth_here(tmp_path / "out")
     into_out = """
     import os, signal
     _rename, moved_in = os.rename, []
@@ -778,7 +797,7 @@ def test_the_deletion_notice_names_the_signal_and_the_last_line_follows_it_on_a_
     which closes a terminal's ^C, though the notice had ended the line. It names what was received, and the last
     line follows it."""
     synth = ("synth", "--preset", "tiny", "--out", "out")
-    assert _entry("", *synth, cwd=tmp_path).returncode == 0
+    _synth_here(tmp_path / "out")
     code, _, shown = run_on_a_terminal(_entry_command(SIGNAL_AS_THE_EARLIER_OUT_IS_DELETED.format(
         interrupted=(1,), signal=signame), *synth, "--force"), timeout=120, cwd=tmp_path)
     assert code == signal_status(getattr(signal, signame)), shown
@@ -800,8 +819,7 @@ def test_a_kill_as_quantize_replaces_its_output_leaves_the_earlier_to_the_next_r
     proc = _replaced_by_an_interrupted_quantize(tiny_released, out, kill)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert any(name.startswith(".q.replaced-") for name in os.listdir(tmp_path))
-    rerun = _entry("", "quantize", str(tiny_released), str(out), "--bits", "8", *QUANTIZE_OPTIONS[2:], "--force")
-    assert rerun.returncode == 0, rerun.stderr
+    _quantized_here(tiny_released, out, bits=8, force=True)
     _assert_replaced(out)
 
 
@@ -823,8 +841,7 @@ def test_an_interrupt_inside_the_write_test_of_an_earlier_output_stops_no_replac
         """)
     _assert_interrupted(proc)
     assert any(name.startswith(".q.write-test-") for name in os.listdir(out))
-    rerun = _entry("", "quantize", str(tiny_released), str(out), "--bits", "8", *QUANTIZE_OPTIONS[2:], "--force")
-    assert rerun.returncode == 0, rerun.stderr
+    _quantized_here(tiny_released, out, bits=8, force=True)
     _assert_replaced(out)
     assert not any(name.startswith(".q.") for name in os.listdir(out))
 
@@ -905,8 +922,7 @@ def test_a_kill_as_quantize_renames_its_output_is_finished_where_its_shards_are_
     out = tmp_path / "q"
     files = _killed_as_quantize_renames_its_output(tiny_released, out, *QUANTIZE_OPTIONS)
     _harmless(out, change)
-    rerun = _entry("", "quantize", str(tiny_released), str(out), *QUANTIZE_OPTIONS)
-    assert rerun.returncode == 0, rerun.stderr
+    _quantized_here(tiny_released, out)
     _assert_finished(out, files)
 
 
