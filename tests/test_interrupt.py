@@ -27,7 +27,7 @@ from klconvert.entry import OPENBLAS_THREAD_COUNT_VARIABLES, cpus_to_run_on, sig
 from klconvert.quantize import quantize
 from klconvert.runtime.plan_report import parse_size
 from klconvert.synth.checkpoint import synth
-from testkit import run_on_a_terminal
+from testkit import run_cli, run_on_a_terminal
 
 LONG_RUN = ("run", "--model", "tiny", "--prompt", "hi", "--max-new-tokens", "3000", "--max-context", "3008")
 
@@ -41,6 +41,13 @@ def _entry_command(prelude: str, *args: str) -> list[str]:
     """What runs the command's entry point in a child, after `prelude` sets up where the interrupt lands."""
     return [sys.executable, "-c", textwrap.dedent(prelude) + (f"import sys\nsys.argv = ['klconvert', *{list(args)!r}]\n"
                                                               "from klconvert.entry import main\nmain()\n")]
+
+
+def _command_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """The command run through the entry point in this process (testkit.run_cli), as _entry's result: where a test
+    is about what the command says and leaves, not about its process (a child spends seconds importing torch)."""
+    code, out, err = run_cli(capsys, *args)
+    return subprocess.CompletedProcess(["klconvert", *args], code, out, err)
 
 
 # a command that has changed something (a file made) before the import the test interrupts: there is work to undo
@@ -596,13 +603,13 @@ def _synth_here(out, force: bool = False) -> None:
     synth("tiny", out, force=force, progress=False)
 
 
-def test_a_kill_as_quantize_renames_its_output_is_finished_by_the_same_command(tiny_released, tmp_path):
+def test_a_kill_as_quantize_renames_its_output_is_finished_by_the_same_command(tiny_released, tmp_path, capsys):
     """The rerun said "already exists" and left the resume record, the 0700 mode and the lock as they were
     (helper-152): only --force, quantizing it all again, cleared them. What the killed run left loads."""
     out = tmp_path / "q"
     files = _killed_as_quantize_renames_its_output(tiny_released, out, *QUANTIZE_OPTIONS)
     Checkpoint(out).get("model.layers.1.block_sparse_moe.experts.0.w1.weight")
-    rerun = _entry("", "quantize", str(tiny_released), str(out), *QUANTIZE_OPTIONS)
+    rerun = _command_here(capsys, "quantize", str(tiny_released), str(out), *QUANTIZE_OPTIONS)
     assert rerun.returncode == 0, rerun.stderr
     shards = len([name for name in files if name.endswith(".safetensors")])
     assert rerun.stdout == f"{out}\n" and f"-> {out}: " in rerun.stderr, rerun.stderr
@@ -628,12 +635,13 @@ def test_an_interrupt_as_the_same_command_ends_a_killed_finish_says_out_is_whole
     _assert_finished(out, files)
 
 
-def test_a_kill_as_quantize_renames_its_output_still_refuses_other_options_in_one_line(tiny_released, tmp_path):
+def test_a_kill_as_quantize_renames_its_output_still_refuses_other_options_in_one_line(tiny_released, tmp_path,
+                                                                                      capsys):
     """The refusal left the dead run's lock beside OUT; it stays one line (no takeover said), and the same command
     then finishes OUT."""
     out = tmp_path / "q"
     files = _killed_as_quantize_renames_its_output(tiny_released, out, *QUANTIZE_OPTIONS)
-    other = _entry("", "quantize", str(tiny_released), str(out), "--bits", "8", *QUANTIZE_OPTIONS[2:])
+    other = _command_here(capsys, "quantize", str(tiny_released), str(out), "--bits", "8", *QUANTIZE_OPTIONS[2:])
     held = re.escape(f"{out}: is not empty (it holds {OUTPUT_RECORD}, {RESUME_RECORD}, ")
     assert other.returncode == 2 and re.fullmatch(
         rf"klconvert: error: {held}[^\n]+ and \d+ more\); choose another output folder, or pass --force to replace it "
@@ -879,7 +887,8 @@ def _damage(out, damage: str) -> None:
 @pytest.mark.parametrize("damage", ["a shard gone", "a shard a byte short", "a file a FIFO",
                                     "a shard a link to its copy", "a file of the user's added",
                                     "a shard's last byte flipped"])
-def test_a_kill_as_quantize_renames_its_output_is_finished_only_where_out_is_whole(tiny_released, tmp_path, damage):
+def test_a_kill_as_quantize_renames_its_output_is_finished_only_where_out_is_whole(tiny_released, tmp_path, damage,
+                                                                                  capsys):
     """Only the file list in OUT's output record was compared: with a shard gone (or a file a FIFO, or the user's
     notes added) the rerun said "kept from an interrupted run" and exited 0 (h155); a shard rewritten in place with
     its size, header and modification time kept was taken too (helper-161). OUT is left as it was."""
@@ -887,7 +896,7 @@ def test_a_kill_as_quantize_renames_its_output_is_finished_only_where_out_is_who
     _killed_as_quantize_renames_its_output(tiny_released, out, *QUANTIZE_OPTIONS)
     _damage(out, damage)
     before = _entries(out)
-    rerun = _entry("", "quantize", str(tiny_released), str(out), *QUANTIZE_OPTIONS)
+    rerun = _command_here(capsys, "quantize", str(tiny_released), str(out), *QUANTIZE_OPTIONS)
     advice = (" (or move it away)" if damage == "a file of the user's added"   # --force refuses that too: not offered
               else ", or pass --force to replace it once the new one is complete")
     assert rerun.returncode == 2 and re.fullmatch(rf"klconvert: error: {re.escape(str(out))}: is not empty \(it holds "
@@ -927,7 +936,7 @@ def test_a_kill_as_quantize_renames_its_output_is_finished_where_its_shards_are_
 
 
 @pytest.mark.parametrize("record", ["a FIFO", "not JSON", "ours, but no output record beside it"])
-def test_an_out_holding_no_record_of_ours_is_refused_before_the_source_is_read(tmp_path, record):
+def test_an_out_holding_no_record_of_ours_is_refused_before_the_source_is_read(tmp_path, record, capsys):
     """Any entry under the resume record's name let OUT past the early 'already exists' (h155): pull-and-quantize
     went on to download the model, quantize to read SRC (here a folder with no config.json) before refusing."""
     out, src = tmp_path / "q", tmp_path / "src"
@@ -937,7 +946,7 @@ def test_an_out_holding_no_record_of_ours_is_refused_before_the_source_is_read(t
         os.mkfifo(out / RESUME_RECORD)
     else:
         (out / RESUME_RECORD).write_text("{" if record == "not JSON" else '{"source": {}}')
-    refused = _entry("", "quantize", str(src), str(out), *QUANTIZE_OPTIONS)
+    refused = _command_here(capsys, "quantize", str(src), str(out), *QUANTIZE_OPTIONS)
     assert refused.returncode == 2 and refused.stderr.splitlines() == [   # --force, which refuses notes.txt, unoffered
         f"klconvert: error: {out}: is not empty (it holds {RESUME_RECORD}, notes.txt); choose another output folder "
         "(or move it away)"], refused.stderr
