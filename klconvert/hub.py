@@ -591,11 +591,14 @@ def _local_copy_is_this_commits(f: HubFile, local_dir: Path, commit: str, verifi
     verified (`verified`, standing while the file is unchanged), which know the bytes, else huggingface_hub's of its
     download (standing likewise), by which it skips the file -- naming this commit, or the ETag the hub publishes
     for `f` (its sha256 for an LFS file, else its git blob id). With none, huggingface_hub hashes an LFS file and
-    keeps it if it is `f`, and fetches any other."""
+    keeps it if it is `f`, and fetches any other. huggingface_hub's record is read only where it has one: reading
+    makes its folders, and a pull refused after this must leave a folder as it found it."""
     local = local_dir / f.path
     recorded = verified.digests(f.path, local.stat())
     if recorded is not None:
         return _published_as(f, *recorded)
+    if not (local_dir / LOCAL_DIR_DOWNLOADS / f"{f.path}.metadata").is_file():
+        return None
     downloaded = read_download_metadata(local_dir, f.path)
     if downloaded is None:
         return None

@@ -1469,6 +1469,20 @@ def test_a_pull_refused_for_disk_space_removes_no_copy_of_another_size(served, c
     assert shard.resolve().read_bytes() == b"x" * 1000
 
 
+def test_a_pull_refused_writes_no_folder_of_huggingface_hubs_into_a_local_dir(served, checkpoint, tmp_path,
+                                                                              monkeypatch):
+    """A --local-dir holding a file of a shard's size and no record of anyone's: asking huggingface_hub for its
+    record of that file (f7aa1be) made its .cache/huggingface/download folders there, and a pull then refused for
+    disk space left them in the user's folder."""
+    out = tmp_path / "kimi"
+    out.mkdir()
+    shutil.copy(checkpoint / SHARD_2, out / SHARD_2)
+    monkeypatch.setattr(hub, "free_disk_bytes", lambda folder: 0)
+    with pytest.raises(KLError, match="not enough disk space"):
+        hub.pull(REPO, local_dir=out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [SHARD_2]
+
+
 def _pulled_commit(folder: Path) -> str:
     return json.loads((folder / hub.LOCAL_DIR_RECORD).read_text())["commit"]
 
