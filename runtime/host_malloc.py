@@ -38,6 +38,7 @@ CEILING = 32 << 20   # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 PREFILL_TRIM, TRIM = 128 << 10, 2 * CEILING
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # mallopt's parameter numbers (glibc's malloc.h)
 USER_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"   # a threshold the user gave glibc, as is
+TUNABLES_ENV = "GLIBC_TUNABLES"   # the variable of glibc's tunables, NAME=VALUE entries parted by colons
 USER_THRESHOLD_TUNABLE = "glibc.malloc.mmap_threshold"   # in GLIBC_TUNABLES
 USER_TRIM_ENV, USER_TRIM_TUNABLE = "MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold"   # a trim threshold's
 # glibc's rules for what it takes from the environment (elf/dl-tunables.c): from 2.39 a GLIBC_TUNABLES that ends in a
@@ -117,34 +118,56 @@ def _user_set(env: str, tunable: str) -> bool:
     GLIBC_TUNABLES, read from the environment the process started with, as the running glibc reads it
     (STRICT_TUNABLES, LAST_TUNABLE_WINS). A setting glibc ignored (glibc.malloc.mmap_threshold_x, h295; under 2.41
     MALLOC_MMAP_THRESHOLD_=1048576x, h298), or one the program made after its start, is not the user's: taken as
-    theirs, it turned large_blocks_mapped off for the whole run, and neither their threshold nor klconvert's held."""
+    theirs, it turned large_blocks_mapped off for the whole run, and neither their threshold nor klconvert's held.
+    glibc reads every GLIBC_TUNABLES a process starts with, each on its own (one that sets glibc.rtld.enable_secure
+    sets none of its others, and no variable), and of a variable given twice the last from 2.40, as a tunable named
+    twice in one GLIBC_TUNABLES (h305: the first alone was read, os.environ's)."""
     started, version = _environment_at_start(), glibc_version()
-    tunables = _tunable_entries(started.get("GLIBC_TUNABLES", ""), strict=version >= STRICT_TUNABLES)
+    strict, last_wins = version >= STRICT_TUNABLES, version >= LAST_TUNABLE_WINS
 
-    def taken(name: str) -> list[str]:
-        values = [value for entry, value in tunables if entry == name]
-        return values[-1:] if version >= LAST_TUNABLE_WINS else values
+    def taken(entries: list[tuple[str, str]], name: str) -> list[str]:   # what glibc takes of `name` in turn
+        values = [value for entry, value in entries if entry == name]
+        return values[-1:] if last_wins else values
 
-    if version >= LAST_TUNABLE_WINS and any(_whole_number(value) == 1 for value in taken(ENABLE_SECURE_TUNABLE)):
-        return False
-    values = taken(tunable) + ([started[env]] if env in started else [])
-    return any(version < STRICT_TUNABLES or _whole_number(value) is not None for value in values)
+    values, secure = [], False
+    for entries in (_tunable_entries(text, strict) for text in _tunables_strings(started, cut=not strict)):
+        if last_wins and any(_whole_number(value) == 1 for value in taken(entries, ENABLE_SECURE_TUNABLE)):
+            secure = True
+        else:
+            values += taken(entries, tunable)
+    if not secure:
+        values += taken([entry.partition("=")[::2] for entry in started if "=" in entry], env)
+    return any(not strict or _whole_number(value) is not None for value in values)
 
 
 @functools.cache
-def _environment_at_start() -> dict[str, str]:
-    """The variables the process started with, whose malloc parameters glibc took then: those /proc/self/environ
-    names (a variable the program sets later, for the processes it starts, is not glibc's; h298), each as os.environ
-    holds it where it does. glibc before 2.39 cuts the start's GLIBC_TUNABLES where each value it takes ends (its
-    parse_tunables writes a NUL there) and puts a whole copy in environ, which os.environ was made from. os.environ
-    where /proc cannot be read."""
+def _environment_at_start() -> list[str]:
+    """The NAME=VALUE entries the process started with, in their order, whose malloc parameters glibc took then: as
+    /proc/self/environ holds them (a variable the program sets or changes later, for the processes it starts, is
+    not glibc's; h298, h305), a name given twice each time, bytes that are not UTF-8 as os.fsdecode reads them.
+    os.environ where /proc cannot be read."""
     try:
         with open("/proc/self/environ", "rb") as f:
             entries = f.read().split(b"\0")
     except OSError:
-        return dict(os.environ)
-    started = dict(os.fsdecode(entry).partition("=")[::2] for entry in entries if b"=" in entry)
-    return {name: os.environ.get(name, value) for name, value in started.items()}
+        return [f"{name}={value}" for name, value in os.environ.items()]
+    return [os.fsdecode(entry) for entry in entries if entry]
+
+
+def _tunables_strings(started: list[str], cut: bool) -> list[str]:
+    """Each GLIBC_TUNABLES value of the start's entries. glibc before 2.39 (`cut`) wrote a NUL in it where each
+    value it took ended (its parse_tunables; environ got a whole copy, /proc/self/environ keeps the cut one), so
+    that its rest reads as entries of their own and its end is not known: each takes the entries after it, up to
+    the next GLIBC_TUNABLES; a variable among them is read as a tunable no glibc has (a name without a dot), which
+    that glibc's rules, where any value counts, pass over."""
+    strings: list[str] = []
+    for entry in started:
+        name, has_value, value = entry.partition("=")
+        if has_value and name == TUNABLES_ENV:
+            strings.append(value)
+        elif cut and strings:
+            strings[-1] += ":" + entry
+    return strings
 
 
 def _tunable_entries(text: str, strict: bool) -> list[tuple[str, str]]:

@@ -18,12 +18,13 @@ MIB = 1 << 20
 @pytest.fixture
 def no_user_threshold(monkeypatch):
     """None in the processes a test starts, nor in the environment host_malloc takes this one to have started with,
-    which a test sets (the dict returned)."""
+    which a test sets (the dict returned, its entries in order)."""
     monkeypatch.delenv(host_malloc.USER_THRESHOLD_ENV, raising=False)
     monkeypatch.delenv(host_malloc.USER_TRIM_ENV, raising=False)
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     started = dict(os.environ)
-    monkeypatch.setattr(host_malloc, "_environment_at_start", lambda: started)
+    monkeypatch.setattr(host_malloc, "_environment_at_start", lambda: [f"{name}={value}" for name, value in
+                                                                        started.items()])
     return started
 
 
@@ -296,6 +297,39 @@ def test_a_threshold_the_program_sets_after_its_start_is_not_the_users(no_user_t
     assert done.stdout.split() == ["False", "False"]
 
 
+
+class _Entries:
+    """An environment for subprocess that may name a variable twice, as execve takes one: its entries in order."""
+
+    def __init__(self, entries: list[tuple[str, str]]):
+        self.entries = entries
+
+    def items(self):
+        return self.entries
+
+
+@WITH_MALLINFO2
+@pytest.mark.parametrize("started, after_start", [
+    ([("GLIBC_TUNABLES", "glibc.malloc.check=0")],
+     "os.environ['GLIBC_TUNABLES'] = 'glibc.malloc.mmap_threshold=4194304'"),
+    ([("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=4194304")],
+     "os.environ['GLIBC_TUNABLES'] = 'glibc.malloc.check=0'"),
+    ([("GLIBC_TUNABLES", "glibc.malloc.check=0"), ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=4194304")], ""),
+    ([("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=4194304"), ("GLIBC_TUNABLES", "glibc.malloc.check=0")], ""),
+], ids=["changed-to-a-threshold", "changed-from-a-threshold", "twice-threshold-second", "twice-threshold-first"])
+def test_a_variable_changed_after_the_start_or_given_twice_is_read_as_glibc_read_it(no_user_threshold, started,
+                                                                                  after_start):
+    """h305: host_malloc took a variable the process started with at the value os.environ holds, which the program
+    may have changed since for the processes it starts, and of a variable given twice (execve takes it so) the first
+    alone, os.environ's, where glibc reads every GLIBC_TUNABLES: a threshold glibc took was not the user's, and
+    klconvert's replaced it, or one it did not take was, and large_blocks_mapped stood aside for nothing."""
+    done = subprocess.run([sys.executable, "-c", TUNED.format(after_start=after_start)], capture_output=True,
+                          text=True, timeout=120, env=_Entries([*os.environ.items(), *started]))
+    assert done.returncode == 0, done.stderr[-2000:]
+    glibc_took, users = done.stdout.split()
+    assert users == glibc_took
+
+
 GLIBCS = ((2, 36), (2, 39), (2, 41))
 
 
@@ -332,6 +366,34 @@ def test_each_glibcs_rules(no_user_threshold, monkeypatch, started, taken):
     the prefill's resident growth went from 0.90-0.98x to 1.11-1.19x the plan's workspace, neither the user's
     threshold nor klconvert's set."""
     no_user_threshold.update(started)
+    for version, took in zip(GLIBCS, taken):
+        monkeypatch.setattr(host_malloc, "glibc_version", lambda: version)
+        assert host_malloc._user_set(host_malloc.USER_THRESHOLD_ENV, host_malloc.USER_THRESHOLD_TUNABLE) == took, \
+            version
+
+
+
+# Entries at the start that name a variable twice, and whether glibc 2.36, 2.39 and 2.41 take a mmap threshold from
+# them: every GLIBC_TUNABLES is read, each on its own (2.36 as it ran: the test above; 2.41's and 2.39's as their
+# elf/dl-tunables.c read them), and of MALLOC_MMAP_THRESHOLD_ given twice 2.40 on take the last
+TWICE = [
+    ([("GLIBC_TUNABLES", "glibc.malloc.check=0"), ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1048576")],
+     (True, True, True)),
+    ([("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1048576"), ("GLIBC_TUNABLES", "glibc.malloc.check")],
+     (True, True, True)),
+    ([("GLIBC_TUNABLES", "glibc.rtld.enable_secure=1"), ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1048576")],
+     (True, True, True)),
+    ([("GLIBC_TUNABLES", "glibc.malloc.check=0:glibc.malloc.mmap_threshold=1048576"), ("PATH", "/usr/bin:/bin")],
+     (True, True, True)),
+    ([("MALLOC_MMAP_THRESHOLD_", "1048576"), ("MALLOC_MMAP_THRESHOLD_", "abc")], (True, True, False)),
+    ([("MALLOC_MMAP_THRESHOLD_", "abc"), ("MALLOC_MMAP_THRESHOLD_", "1048576")], (True, True, True)),
+]
+
+
+@pytest.mark.parametrize("started, taken", TWICE)
+def test_each_glibcs_rules_for_a_name_given_twice(monkeypatch, started, taken):
+    """h305: of a variable given twice host_malloc read the first alone (os.environ's)."""
+    monkeypatch.setattr(host_malloc, "_environment_at_start", lambda: [f"{name}={value}" for name, value in started])
     for version, took in zip(GLIBCS, taken):
         monkeypatch.setattr(host_malloc, "glibc_version", lambda: version)
         assert host_malloc._user_set(host_malloc.USER_THRESHOLD_ENV, host_malloc.USER_THRESHOLD_TUNABLE) == took, \
