@@ -42,15 +42,13 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
     RevisionResolutionError,
 )
-# what huggingface_hub keeps a --local-dir's file by (the same function and record from 1.33 to 2.5)
-from huggingface_hub._local_folder import read_download_metadata
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
 from klconvert.atomic_file import write_atomically
 from klconvert.checkpoint.folder_files import INDEX_FILE, MAX_FILE_NAME_BYTES, MAX_INDEX_BYTES, MAX_INDEX_VALUES
-from klconvert.checkpoint.regular_file import read_json
+from klconvert.checkpoint.regular_file import open_regular, read_json
 from klconvert.disk_space import DISK_FULL, free_disk_bytes, quota_exceeded
 from klconvert.entry import note_change
 from klconvert.errors import (ERROR_CHARS, KLError, argument, controls_escaped, few, first_line, refuse_non_bool,
@@ -591,18 +589,39 @@ def _local_copy_is_this_commits(f: HubFile, local_dir: Path, commit: str, verifi
     verified (`verified`, standing while the file is unchanged), which know the bytes, else huggingface_hub's of its
     download (standing likewise), by which it skips the file -- naming this commit, or the ETag the hub publishes
     for `f` (its sha256 for an LFS file, else its git blob id). With none, huggingface_hub hashes an LFS file and
-    keeps it if it is `f`, and fetches any other. huggingface_hub's record is read only where it has one: reading
-    makes its folders, and a pull refused after this must leave a folder as it found it."""
+    keeps it if it is `f`, and fetches any other. huggingface_hub's record is read as it is (_download_record): a
+    pull refused after this must leave a folder as it found it."""
     local = local_dir / f.path
     recorded = verified.digests(f.path, local.stat())
     if recorded is not None:
         return _published_as(f, *recorded)
-    if not (local_dir / LOCAL_DIR_DOWNLOADS / f"{f.path}.metadata").is_file():
-        return None
-    downloaded = read_download_metadata(local_dir, f.path)
+    downloaded = _download_record(local_dir, f.path)
     if downloaded is None:
         return None
-    return downloaded.commit_hash == commit or downloaded.etag == (f.sha256 or f.blob_id)
+    downloaded_commit, downloaded_etag = downloaded
+    return downloaded_commit == commit or downloaded_etag == (f.sha256 or f.blob_id)
+
+
+def _download_record(local_dir: Path, path: str) -> tuple[str, str] | None:
+    """(commit, ETag) of huggingface_hub's record of the --local-dir file at `path` where it stands, read as its
+    read_download_metadata reads it (from 1.33 to 2.5): three lines, the commit, the ETag and the time it was
+    written, standing while the file has not changed since (its modification time at most a second past). None
+    where there is none, or none it would read. Read here rather than by read_download_metadata, which makes its
+    folders, takes the file's lock (making it, and waiting as long as another process holds it) and removes a record
+    it cannot parse: a pull refused after this leaves a folder as it found it. A regular file only, no further than
+    MAX_DOWNLOAD_RECORD_BYTES (read_download_metadata reads each line whole, a record of GBs without a break too)."""
+    try:
+        with open_regular(local_dir / LOCAL_DIR_DOWNLOADS / f"{path}.metadata") as record:
+            data = record.read(MAX_DOWNLOAD_RECORD_BYTES + 1)
+        lines = data.split(b"\n", 3)
+        if len(lines) < 3 or (len(data) > MAX_DOWNLOAD_RECORD_BYTES and len(lines) < 4):
+            return None   # fewer than three lines, or lines past the bound
+        commit, etag, written = (line.decode().strip() for line in lines[:3])
+        if not (local_dir / path).stat().st_mtime - 1 <= float(written):   # not, where NaN: as huggingface_hub
+            return None
+        return commit, etag
+    except (OSError, ValueError):   # none, not a regular file, not text: huggingface_hub takes it as none too
+        return None
 
 
 def _copies_not_of_this_commit(wanted: list[HubFile], repo: str, commit: str, cache_dir: Path,
@@ -654,6 +673,7 @@ def _room_of(paths: list[Path]) -> int:
 UNFINISHED_DOWNLOAD = re.compile(r"(?:.+\.[0-9a-f]{8}|[0-9a-f]{32})\.incomplete")
 LOCKS = ".locks"   # the cache's folder of huggingface_hub's per-file locks, one folder a repo (file_download)
 LOCAL_DIR_DOWNLOADS = Path(".cache") / "huggingface" / "download"   # a --local-dir's (_local_folder)
+MAX_DOWNLOAD_RECORD_BYTES = 4096   # huggingface_hub's record of a file there: a commit, an ETag, a time (~130 bytes)
 
 
 def _unfinished_downloads(repo: str, cache_dir: Path, local_dir: Path | None) -> list[Path]:

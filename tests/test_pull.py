@@ -1483,6 +1483,40 @@ def test_a_pull_refused_writes_no_folder_of_huggingface_hubs_into_a_local_dir(se
     assert sorted(p.name for p in out.iterdir()) == [SHARD_2]
 
 
+
+def test_a_pull_refused_leaves_huggingface_hubs_records_as_they_were_and_reads_them_bounded(served, tmp_path,
+                                                                                           monkeypatch, capfd):
+    """h305: klconvert asked huggingface_hub's read_download_metadata for its record of each --local-dir file (f7aa1be),
+    which removes a record it cannot parse (with a warning line), takes and makes the file's lock, waiting for as long
+    as another process holds it, and reads each line whole: a pull then refused for disk space had removed the
+    user's records, made lock files, and read a record of 32 MiB without a line break into memory (twice), where a
+    record is three short lines. The records are read as they are, no further than MAX_DOWNLOAD_RECORD_BYTES."""
+    import tracemalloc
+
+    out = tmp_path / "kimi"
+    hub.pull(REPO, local_dir=out, progress=False)
+    (out / ".klconvert" / "verified.json").unlink()    # huggingface_hub's records speak
+    (out / SHARD_1).unlink()          # something to fetch, so that the pull is refused
+    records = out / hub.LOCAL_DIR_DOWNLOADS
+    (records / f"{SHARD_2}.metadata").write_text("not a record\n")
+    (records / "config.json.metadata").write_bytes(b"0" * (32 << 20))
+    for lock in records.glob("*.lock"):
+        lock.unlink()
+    before = sorted((p.relative_to(out), p.stat().st_size) for p in out.rglob("*"))
+    monkeypatch.setattr(hub, "free_disk_bytes", lambda folder: 0)
+    capfd.readouterr()
+    tracemalloc.start()
+    try:
+        with pytest.raises(KLError, match="not enough disk space"):
+            hub.pull(REPO, local_dir=out, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sorted((p.relative_to(out), p.stat().st_size) for p in out.rglob("*")) == before
+    assert "metadata" not in capfd.readouterr().err
+    assert peak < 8 << 20, f"{peak:,} bytes"
+
+
 def _pulled_commit(folder: Path) -> str:
     return json.loads((folder / hub.LOCAL_DIR_RECORD).read_text())["commit"]
 
