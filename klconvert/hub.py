@@ -15,7 +15,7 @@ import tempfile
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from stat import S_ISREG
@@ -701,13 +701,16 @@ def _unfinished_downloads(repo: str, cache_dir: Path, local_dir: Path | None) ->
 
 
 def _locks_free(locks: list[Path]) -> bool:
-    """Whether no process holds any of huggingface_hub's `locks` (its FileLocks): each taken without waiting, all
-    held until the last is, then let go. One that cannot be taken (another user's, a file system without locks)
-    counts as held."""
-    with ExitStack() as held:
+    """Whether no process holds any of huggingface_hub's `locks` (its FileLocks): each taken without waiting and let
+    go before the next. One at a time tells what all at once would: the files were listed first, and a process holds
+    its file's lock from before it makes its temporary file until it has renamed or removed it, so a lock free now
+    is one whose files listed then are abandoned or gone. Held all at once, a cache's locks of the repo (one for each
+    file version it ever fetched, none removed) could pass `ulimit -n`, and one that could not be opened counted as
+    held, for good (h305). One that cannot be taken (another user's, a file system without locks) counts as held."""
+    for lock in locks:
         try:
-            for lock in locks:
-                held.enter_context(FileLock(lock, timeout=0))
+            with FileLock(lock, timeout=0):
+                pass
         except (Timeout, OSError, NotImplementedError):
             return False
     return True

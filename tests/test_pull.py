@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -1795,6 +1796,29 @@ def test_unfinished_downloads_beside_a_lock_another_process_holds_are_kept(serve
     hub.pull(REPO, progress=True, **where)
     assert "free, 1,000 bytes more once the 1 unfinished download a killed pull left is removed)" in \
         capsys.readouterr().err
+    assert not left.exists()
+
+
+
+def test_unfinished_downloads_are_told_by_their_locks_past_the_open_files_limit(served, tmp_path, capsys):
+    """h305: a cache keeps a lock of huggingface_hub's for each file version of the repo it ever fetched, and never
+    removes one; the pull held them all open at once to tell whether any was taken, and past `ulimit -n` (1,024 by
+    default on many systems) one could not be opened and counted as held, so that a killed pull's leftovers stayed
+    for good, their room not counted, and nothing said so. Here 300 locks past a limit 200 above the files open."""
+    hub.pull(REPO, progress=False)
+    locks = cache_dir(tmp_path) / ".locks" / STORAGE
+    for version in range(300):
+        (locks / f"{version:040x}.lock").touch()
+    left = cache_dir(tmp_path) / STORAGE / "blobs" / f"{'a' * 64}.0123abcd.incomplete"
+    left.write_bytes(b"\0" * 1000)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 200, hard))
+    try:
+        capsys.readouterr()
+        hub.pull(REPO, progress=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert "1,000 bytes more once the 1 unfinished download a killed pull left is removed)" in capsys.readouterr().err
     assert not left.exists()
 
 
