@@ -221,7 +221,10 @@ def pull(
                 for path in outdated_paths:
                     _remove(path, blobs)
                 for path in unfinished:
-                    path.unlink(missing_ok=True)
+                    try:
+                        path.unlink(missing_ok=True)
+                    except OSError:   # not this user's to remove (another's in a shared cache of sticky folders):
+                        pass          # tidying, which the download does not need
                 if local_dir is not None:  # a record of an earlier pull must not describe a half-updated folder
                     (local_dir / LOCAL_DIR_RECORD).unlink(missing_ok=True)
             if listing is None:  # offline, no cached listing: huggingface_hub 1.x would ask the hub for one, so look

@@ -1822,6 +1822,31 @@ def test_unfinished_downloads_are_told_by_their_locks_past_the_open_files_limit(
     assert not left.exists()
 
 
+
+@pytest.mark.parametrize("into", ["cache", "local-dir"])
+def test_an_unfinished_download_the_pull_may_not_remove_is_left_and_the_pull_goes_on(served, checkpoint, tmp_path,
+                                                                                    monkeypatch, into):
+    """h305: a killed pull's leftover that this user may not remove -- another user's in a shared cache whose folders
+    have the sticky bit (`chmod 1777`, as /tmp: only a file's owner removes it), or one made immutable -- failed every
+    pull of the repo, 'failed at .../blobs/<etag>.<8 hex>.incomplete (Operation not permitted); check that CACHE is a
+    folder you can write', where nothing else was wrong: removing them is the pull's tidying, not its work. It is left,
+    and the pull goes on. (The refusal stands in for the sticky bit, which does not bind root, who runs CI.)"""
+    where = {"local_dir": tmp_path / "kimi"} if into == "local-dir" else {}
+    hub.pull(REPO, progress=False, **where)
+    left = unfinished_download(tmp_path, into, SHARD_2, hashlib.sha256((checkpoint / SHARD_2).read_bytes())
+                               .hexdigest())[0]
+    left.write_bytes(b"\0" * 1000)
+    unlink = Path.unlink
+
+    def refused(path, missing_ok=False):
+        if path == left:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(path))
+        return unlink(path, missing_ok=missing_ok)
+    monkeypatch.setattr(Path, "unlink", refused)
+    assert hub.pull(REPO, progress=False, **where).commit == served[1]
+    assert left.stat().st_size == 1000
+
+
 def test_what_is_not_huggingface_hubs_unfinished_download_of_this_repo_is_kept(served, hub_server, checkpoint,
                                                                                 tmp_path):
     """Only huggingface_hub's temporary names in its own folders of this repo go: another repo's in the cache, an
