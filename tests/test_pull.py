@@ -1484,7 +1484,6 @@ def test_a_pull_refused_writes_no_folder_of_huggingface_hubs_into_a_local_dir(se
     assert sorted(p.name for p in out.iterdir()) == [SHARD_2]
 
 
-
 def test_a_pull_refused_leaves_huggingface_hubs_records_as_they_were_and_reads_them_bounded(served, tmp_path,
                                                                                            monkeypatch, capfd):
     """h305: klconvert asked huggingface_hub's read_download_metadata for its record of each --local-dir file (f7aa1be),
