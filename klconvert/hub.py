@@ -194,6 +194,8 @@ def pull(
                 _refuse_unwritable_names(wanted, where, local_dir is not None)
                 if check_files is not None:
                     check_files(wanted)
+                hashed = (_hash_copies_no_record_speaks_for(local_dir, wanted, commit, verified, progress)
+                          if local_dir is not None else 0)
                 outdated = _copies_not_of_this_commit(wanted, repo, commit, cache_dir, local_dir, verified)
                 missing = [f for f in wanted if f.path in outdated
                            or not _is_already_here(f, repo, commit, cache_dir, local_dir, verified)]
@@ -227,6 +229,10 @@ def pull(
                         pass          # tidying, which the download does not need
                 if local_dir is not None:  # a record of an earlier pull must not describe a half-updated folder
                     (local_dir / LOCAL_DIR_RECORD).unlink(missing_ok=True)
+                    if hashed:   # what the copies here hold, which a failed download keeps (_keep_only_...)
+                        for path in outdated:
+                            verified.forget(path)
+                        verified.save()
             if listing is None:  # offline, no cached listing: huggingface_hub 1.x would ask the hub for one, so look
                 folder = _snapshot_on_disk(repo, commit, cache_dir, local_dir, where)
             else:
@@ -318,6 +324,29 @@ def refuse_unwritable_target(target: Path, local: bool, given_cache_dir: bool = 
         raise KLError(f"{named}: cannot create files in {where} ({e.strerror}); {advice}") from None
 
 
+def _hash_copies_no_record_speaks_for(local_dir: Path, wanted: list[HubFile], commit: str, verified: VerifiedFiles,
+                                      progress: bool) -> int:
+    """Hash each --local-dir file of a wanted path and its listed size that no record speaks for
+    (_local_copy_is_this_commits: None) -- a copy put there by hand, or by a tool that keeps no record -- and note
+    its digests in `verified` (saved once past the refusals: a refused pull leaves the folder as it found it). Such a
+    copy is then this commit's, already here, or another content, removed before the download as an earlier
+    commit's is. Left to huggingface_hub, which hashes it only as it reaches it, a failed or interrupted download
+    removed every copy it had yet to reach (_keep_only_this_commits_files keeps what a record vouches for): the
+    release's 98 GB put there by hand, gone at a Ctrl-C (h305). Returns how many it hashed."""
+    unknown = [f for f in wanted if (local_dir / f.path).is_file()
+               and (local_dir / f.path).stat().st_size == f.size
+               and _local_copy_is_this_commits(f, local_dir, commit, verified) is None]
+
+    def note(f: HubFile, bar, stopped: threading.Event) -> None:
+        local = local_dir / f.path
+        stat = local.stat()   # before hashing, so that a change during it shows next time
+        verified.remember(f.path, stat, *_digests(local, stat.st_size, bar, stopped))
+
+    if unknown:
+        _hash_in_parallel(local_dir, unknown, "Checking files here", progress, note)
+    return len(unknown)
+
+
 def _keep_only_this_commits_files(local_dir: Path, wanted: list[HubFile], repo: str, commit: str, cache_dir: Path,
                                   verified: VerifiedFiles) -> None:
     """After a failed or interrupted download into a --local-dir: remove each wanted file a rerun would not take as
@@ -325,7 +354,7 @@ def _keep_only_this_commits_files(local_dir: Path, wanted: list[HubFile], repo: 
     file cut short (huggingface_hub up to 2.4 copies a file the HF cache holds straight under its final name, 2.5
     under a temporary name first), and one nothing vouches for as this commit's: one of an earlier commit that
     huggingface_hub had yet to replace (2.4 deleted it before its download, 2.5 replaces it once the new one is
-    whole), or one it had yet to hash. A link goes, not what it points to."""
+    whole). A link goes, not what it points to."""
     for f in wanted:
         path = local_dir / f.path
         if os.path.lexists(path) and not _is_already_here(f, repo, commit, cache_dir, local_dir, verified):
@@ -749,23 +778,14 @@ def _verify(folder: Path, wanted: list[HubFile], where: str, progress: bool, rec
             blobs: Path | None) -> list[PulledFile]:
     """Check each file's size and hash against the hub's (hashing only files changed since `record` saw them);
     remove the bad ones (_remove; blobs: the cache's blob folder, None in a --local-dir) and raise KLError."""
-    total = sum((folder / f.path).stat().st_size for f in wanted if (folder / f.path).is_file())
-    # set once the main thread stops waiting for the hashes (a Ctrl-C or SIGTERM raised there, a file's error): the
-    # pool's shutdown waits for the running ones, which would otherwise read their files to the end (seconds a GB)
-    stopped = threading.Event()
-    with hf_tqdm(total=total, unit="B", unit_scale=True, desc="Verifying", disable=None if progress else True) as bar:
-        try:
-            with ThreadPoolExecutor(max_workers=HASH_WORKERS) as pool:
-                try:
-                    checks = list(pool.map(lambda f: _check_file(folder, f, bar, record, stopped), wanted))
-                except BaseException:
-                    stopped.set()
-                    raise
-        except BaseException:
-            # the pool has let its threads go: `record` holds the files they finished, each whole and as the hub
-            # publishes it, so that the rerun after a Ctrl-C does not hash them again (minutes for the release's 98 GB)
-            record.save()
-            raise
+    try:
+        checks = _hash_in_parallel(folder, wanted, "Verifying", progress,
+                                   lambda f, bar, stopped: _check_file(folder, f, bar, record, stopped))
+    except BaseException:
+        # the pool has let its threads go: `record` holds the files they finished, each whole and as the hub
+        # publishes it, so that the rerun after a Ctrl-C does not hash them again (minutes for the release's 98 GB)
+        record.save()
+        raise
     problems = [problem for _, problem in checks if problem is not None]
     for f, (_, problem) in zip(wanted, checks):
         if problem is not None:
@@ -784,6 +804,21 @@ def _verify(folder: Path, wanted: list[HubFile], where: str, progress: bool, rec
             f"which no rerun fixes: tell the repo's owner, or pull another {argument('revision', '--revision')}"
         )
     return [pulled for pulled, _ in checks]
+
+
+def _hash_in_parallel(folder: Path, files: list[HubFile], desc: str, progress: bool, each: Callable) -> list:
+    """each(f, bar, stopped) for every file, HASH_WORKERS at a time, under one progress bar of their bytes."""
+    total = sum((folder / f.path).stat().st_size for f in files if (folder / f.path).is_file())
+    # set once the main thread stops waiting for the hashes (a Ctrl-C or SIGTERM raised there, a file's error): the
+    # pool's shutdown waits for the running ones, which would otherwise read their files to the end (seconds a GB)
+    stopped = threading.Event()
+    with hf_tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None if progress else True) as bar:
+        with ThreadPoolExecutor(max_workers=HASH_WORKERS) as pool:
+            try:
+                return list(pool.map(lambda f: each(f, bar, stopped), files))
+            except BaseException:
+                stopped.set()
+                raise
 
 
 def _check_file(folder: Path, f: HubFile, bar, record: VerifiedFiles,
@@ -821,8 +856,9 @@ def _digests(path: Path, size: int, bar, stopped: threading.Event) -> tuple[str,
     after `stopped` is set."""
     sha256 = hashlib.sha256()
     git_blob = hashlib.sha1(b"blob %d\0" % size)  # git hashes the header "blob <size>\0" then the bytes
+    chunk_bytes = min(HASH_CHUNK_BYTES, max(size, 1))   # read(n) takes n bytes first: not 8 MiB for a config file
     with open(path, "rb") as stream:
-        while chunk := stream.read(HASH_CHUNK_BYTES):
+        while chunk := stream.read(chunk_bytes):
             if stopped.is_set():
                 raise PullInterrupted
             sha256.update(chunk)

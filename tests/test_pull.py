@@ -1665,7 +1665,8 @@ def test_an_update_of_same_size_files_says_what_it_fetches_and_counts_the_room_i
     0.00 GB downloaded, and checked no space, where it fetched both shards; under huggingface_hub 2.5, which keeps
     the earlier file until the new one is whole, a disk with room for one copy failed it "disk full (it fetches 0
     bytes in all ...)" on every rerun. The shards count as fetched, and the room of the earlier commit's copies,
-    removed before the download, as free; where nothing vouches for a file, its room is not counted."""
+    removed before the download, as free; where nothing vouches for a file, it is hashed first (h305) and this
+    commit's is already here."""
     server, first = served
     out = tmp_path / "kimi"
     total = sum((checkpoint / path).stat().st_size for path in PULLED)
@@ -1681,12 +1682,54 @@ def test_an_update_of_same_size_files_says_what_it_fetches_and_counts_the_room_i
     assert (result.commit, result.bytes_downloaded) == (second, shards)
     assert all((out / path).read_bytes() == (checkpoint / path).read_bytes() for path in PULLED)
 
-    shutil.rmtree(out / ".cache")   # nothing vouches for the files: all count as fetched, none as freed
+    shutil.rmtree(out / ".cache")   # nothing vouches for the files: hashed first, they are this commit's
     shutil.rmtree(out / hub.LOCAL_DIR_RECORD.parent)
-    monkeypatch.setattr(hub, "free_disk_bytes", lambda folder: total - 1)
-    with pytest.raises(KLError, match=f"needs {total:,} bytes for {len(PULLED)} files but only {total - 1:,} bytes "
-                                      "is free; "):
-        hub.pull(REPO, local_dir=out, progress=False)
+    monkeypatch.setattr(hub, "free_disk_bytes", lambda folder: 0)
+    assert hub.pull(REPO, local_dir=out, progress=False).bytes_downloaded == 0
+
+
+@pytest.mark.parametrize("content", ["this commit's", "another"])
+def test_copies_put_in_a_local_dir_by_hand_are_hashed_before_the_download(served, checkpoint, tmp_path, capsys,
+                                                                          monkeypatch, content):
+    """h305: files of the listed sizes put in a --local-dir by hand (no record of klconvert's or huggingface_hub's)
+    were left to huggingface_hub, which hashes such a file only as it reaches it, and a pull stopped before then
+    (Ctrl-C, a failure) removed every one it had not reached: the release's 98 GB, gone. They are hashed first:
+    this commit's are already here, kept whatever happens to the download, and not fetched again; another
+    content's are removed before the download as an earlier commit's copies are, their room counted free."""
+    server, commit = served
+    out = tmp_path / "kimi"
+    out.mkdir()
+    here = [path for path in PULLED if path != SHARD_2]
+    for path in here:
+        (out / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(checkpoint / path, out / path)
+    if content == "another":
+        with (out / SHARD_1).open("r+b") as shard:   # its last byte changed: the listed size, another content
+            shard.seek(-1, os.SEEK_END)
+            last = shard.read(1)[0]
+            shard.seek(-1, os.SEEK_END)
+            shard.write(bytes([last ^ 1]))
+    kept = {path: (out / path).read_bytes() for path in here}
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt   # as the download begins: huggingface_hub has reached no file
+    monkeypatch.setattr(hub, "snapshot_download", stopped)
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        hub.pull(REPO, local_dir=out, progress=True)
+    fetched = [SHARD_2] + ([SHARD_1] if content == "another" else [])
+    fetch_text = size_text(sum((checkpoint / path).stat().st_size for path in fetched))
+    said = capsys.readouterr().err
+    assert f"fetching {fetch_text} into {out}" in said, said
+    assert ("more once the 1 copy here not of this commit is removed)" in said) == (content == "another"), said
+    if content == "another":
+        assert not (out / SHARD_1).exists()   # removed before the download
+        del kept[SHARD_1]
+    assert {path: (out / path).read_bytes() for path in kept} == kept
+    monkeypatch.undo()
+    result = hub.pull(REPO, local_dir=out, progress=False)
+    assert result.bytes_downloaded == sum((checkpoint / path).stat().st_size for path in fetched)
+    assert all((out / path).read_bytes() == (checkpoint / path).read_bytes() for path in PULLED)
 
 
 def test_the_hub_versions_tested_are_listed_once_in_the_readme_s_interop_row():
