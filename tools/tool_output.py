@@ -29,9 +29,13 @@ if _a_script_here_runs():
 import argparse  # noqa: E402
 from collections.abc import Callable, Iterable  # noqa: E402
 from importlib.util import find_spec  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
-from klconvert.checkpoint.reader import Checkpoint, open_checkpoint  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
+
+if TYPE_CHECKING:   # the checkpoint reader imports torch (~1.6 s of CPU): a script that reads no checkpoint
+    # (plot_loss.py, make_corpus.py) answers --help and refuses its arguments without it
+    from klconvert.checkpoint.reader import Checkpoint
 
 # A --seed's largest: synth's per-tensor streams (tensor_generator, train_bundled's initial values) seed torch with
 # seed * 1,000,003 + a crc32, which must fit the 64 bits torch.Generator.manual_seed takes; `klconvert synth --seed`
@@ -79,6 +83,8 @@ def bf16_checkpoint(model: Path) -> Checkpoint:
     """`model` opened as klconvert checks any download (shard names, sizes, the tensors the config implies); KLError
     where it is quantized: a tool that reads the release's tensors by name found none of the packed weights'
     (rotate_bundled.py died with KeyError 'lm_head.weight'), and a calibration would start from rounded weights."""
+    from klconvert.checkpoint.reader import open_checkpoint
+
     checkpoint = open_checkpoint(model)
     if checkpoint.quant_method:
         raise KLError(f"{model}: holds {checkpoint.quant_method}-quantized weights; this tool reads {RELEASE_FORMAT}: "
