@@ -112,8 +112,11 @@ def test_an_empty_output_folder_is_taken_and_a_failed_plot_keeps_the_weights(tmp
     assert any("no loss.png (ImportError: numpy ABI mismatch, say)" in line for line in lines), lines
 
 
-def test_bad_arguments_are_one_usage_line(tmp_path):
-    tool = Path(train_bundled.__file__)
+def test_bad_arguments_are_one_usage_line(tmp_path, monkeypatch, capsys):
+    """Run in this process (each child took ~1.7 s of CPU importing torch): argparse's refusal is SystemExit(2) and the
+    usage on stderr; an argument taken would train, which fails the test, and a traceback would leave main as another
+    exception."""
+    monkeypatch.setattr(train_bundled, "train", lambda *_, **__: pytest.fail("the arguments were taken"))
     for args, needle in ((["--steps", "0"], "argument --steps: '0' is not a whole number of at least 1"),
                          (["--lr", "-1"], "argument --lr: '-1' is not a positive finite number"),
                          (["--bias-rate", "nan"], "argument --bias-rate: 'nan' is not a finite number >= 0"),
@@ -121,9 +124,11 @@ def test_bad_arguments_are_one_usage_line(tmp_path):
                           "argument --seed: '99999999999999999999' is not a whole number from 0 to 4,294,967,295"),
                          (["--seed", "-1"], "argument --seed: '-1' is not a whole number from 0 to 4,294,967,295"),
                          (["--device", "bogus"], "argument --device: invalid choice: 'bogus'")):
-        proc = subprocess.run([sys.executable, str(tool), "--out", str(tmp_path / "o"), *args], capture_output=True,
-                              text=True, timeout=120)
-        assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        monkeypatch.setattr(sys, "argv", [train_bundled.__file__, "--out", str(tmp_path / "o"), *args])
+        with pytest.raises(SystemExit) as refused:
+            train_bundled.main()
+        err = capsys.readouterr().err
+        assert refused.value.code == 2 and needle in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
 
 
