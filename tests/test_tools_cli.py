@@ -4,6 +4,7 @@ importing matplotlib first), under `python -OO` too, as the scripts in bench/ do
 2, with nothing written."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -110,6 +111,27 @@ def _tool(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.fixture
+def tool_here(tmp_path, monkeypatch, capsys):
+    """tools/NAME ARGS run in this process, in tmp_path, as _tool runs it in a child: its main() with sys.argv set
+    (argparse's prog, as the script's name), its exit status from SystemExit (0 where main returns; a traceback's
+    exception leaves the test), stdout and stderr from capsys. For what is no process's own: each child took ~2 s of
+    CPU importing torch."""
+    monkeypatch.chdir(tmp_path)
+
+    def run(name: str, *args: str) -> subprocess.CompletedProcess:
+        tool = importlib.import_module(name.removesuffix(".py"))
+        monkeypatch.setattr(sys, "argv", [name, *args])
+        try:
+            tool.main()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([name, *args], code, out, err)
+    return run
+
+
 def test_make_corpus_refuses_another_archive_and_writes_nothing(tmp_path):
     before = CORPUS.stat().st_mtime_ns
     (tmp_path / "other.tar.gz").write_bytes(b"not the archive")
@@ -118,48 +140,48 @@ def test_make_corpus_refuses_another_archive_and_writes_nothing(tmp_path):
     assert CORPUS.stat().st_mtime_ns == before and not CORPUS.with_name(CORPUS.name + ".partial").exists()
 
 
-def test_quality_table_refuses_token_counts_it_cannot_measure(tmp_path):
+def test_quality_table_refuses_token_counts_it_cannot_measure(tmp_path, tool_here):
     """--tokens -70000 measured the first 857 tokens (a negative slice) and --tokens 1 printed nan."""
     for tokens in ("-70000", "1"):
-        proc = _tool("quality_table.py", "--tokens", tokens, "--only", "int8", cwd=tmp_path)
+        proc = tool_here("quality_table.py", "--tokens", tokens, "--only", "int8")
         assert proc.returncode == 2 and "--tokens" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    proc = _tool("quality_table.py", "--folder", "d1", cwd=tmp_path)
+    proc = tool_here("quality_table.py", "--folder", "d1")
     assert proc.returncode == 2 and "--folder d1: give LABEL=DIR" in proc.stderr, proc.stderr
 
 
-def test_quality_table_refuses_an_only_no_row_matches_before_measuring(tmp_path):
+def test_quality_table_refuses_an_only_no_row_matches_before_measuring(tmp_path, tool_here):
     """--only nomatch ran the bf16 reference first, then printed "no row matched --only" to stdout with exit 0."""
-    proc = _tool("quality_table.py", "--only", "nomatch", cwd=tmp_path)
+    proc = tool_here("quality_table.py", "--only", "nomatch")
     assert proc.returncode == 2 and not proc.stdout, (proc.stdout, proc.stderr)
     assert proc.stderr.splitlines() == ["quality_table.py: error: --only 'nomatch': no row's label contains it; give "
                                         "part of one (e.g. 'int4 g128'), or measure a --folder"], proc.stderr
 
 
-def test_train_tokenizer_writes_a_new_folder_whole(tmp_path):
+def test_train_tokenizer_writes_a_new_folder_whole(tmp_path, tool_here):
     """--out defaulted to klconvert/bundled, the package's own files, and the three files went in one by one over
     what was there: a tokenizer of another size beside the bundled weights ran garbled with exit 0."""
-    proc = _tool("train_tokenizer.py", "--vocab", "300", cwd=tmp_path)
+    proc = tool_here("train_tokenizer.py", "--vocab", "300")
     assert proc.returncode == 2 and "the following arguments are required: --out" in proc.stderr, proc.stderr
     model = tmp_path / "model"
     model.mkdir()
     (model / "tiktoken.model").write_text("mine")
     (model / "model.safetensors").write_text("weights")
     for force in ((), ("--force",)):   # refused before the training, --force too: it holds more than a tokenizer
-        proc = _tool("train_tokenizer.py", "--vocab", "300", "--out", "model", *force, cwd=tmp_path)
+        proc = tool_here("train_tokenizer.py", "--vocab", "300", "--out", "model", *force)
         assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
         assert proc.stderr.startswith("train_tokenizer.py: error: model: ") and not proc.stdout, proc.stderr
     assert (model / "tiktoken.model").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     earlier = tmp_path / "tok"
     earlier.mkdir()
     (earlier / "tiktoken.model").write_text("an earlier run's")
-    proc = _tool("train_tokenizer.py", "--vocab", "300", "--out", "tok", "--force", cwd=tmp_path)
+    proc = tool_here("train_tokenizer.py", "--vocab", "300", "--out", "tok", "--force")
     assert proc.returncode == 0 and proc.stdout.startswith("300 ranks + 256 specials"), proc.stderr
     assert sorted(p.name for p in earlier.iterdir()) == [OUTPUT_RECORD, "special_tokens_map.json", "tiktoken.model",
                                                          "tokenizer_config.json"]
     assert len(Tokenizer.from_folder(earlier).bpe_ranks) == 300 and not list(tmp_path.glob(".*"))
 
 
-def test_train_tokenizer_force_replaces_no_model_folder_klconvert_wrote(tmp_path):
+def test_train_tokenizer_force_replaces_no_model_folder_klconvert_wrote(tmp_path, tool_here):
     """--force replaced any folder whose output record listed all it held -- a quantize or synth output, weights and
     all -- with three tokenizer files, exit 0, and the refusal without it offered --force, though --force promises
     to replace only an OUT holding tokenizer files. A record says klconvert wrote a folder, not that it is a
@@ -171,14 +193,14 @@ def test_train_tokenizer_force_replaces_no_model_folder_klconvert_wrote(tmp_path
     write_output_record(model, sorted(os.listdir(model)))
     held = {p.name: p.read_text() for p in model.iterdir()}
     for force in ((), ("--force",)):
-        proc = _tool("train_tokenizer.py", "--vocab", "300", "--out", "q4", *force, cwd=tmp_path)
+        proc = tool_here("train_tokenizer.py", "--vocab", "300", "--out", "q4", *force)
         assert proc.returncode == 2 and not proc.stdout and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert proc.stderr == ("train_tokenizer.py: error: q4: --force replaces only an empty folder or an earlier "
                            "tokenizer's files, and this also holds other files: config.json, model.safetensors; move "
                            "them out of it, or choose another output folder\n")
     assert {p.name: p.read_text() for p in model.iterdir()} == held
     for _ in range(2):   # a new folder, then its own output (which has a record) replaced
-        proc = _tool("train_tokenizer.py", "--vocab", "300", "--out", "tok", "--force", cwd=tmp_path)
+        proc = tool_here("train_tokenizer.py", "--vocab", "300", "--out", "tok", "--force")
         assert proc.returncode == 0, proc.stderr
     assert OUTPUT_RECORD in os.listdir(tmp_path / "tok")
 
