@@ -46,6 +46,14 @@ def tiny4_one_routed():
     return KimiLinearConfig.from_dict({**preset_config("tiny", 2), "num_experts_per_token": 1})
 
 
+@pytest.fixture(scope="module")
+def tiny1():
+    """One layer of the tiny preset (MLA with the dense MLP), for the refusals: a check that fails must run through
+    both paths before it refuses, and no KDA or MoE layer need run through the interpreter for that (the MoE's
+    decode kernel and the KDA chunk were most of the two-layer checks' time; the passing checks above run them)."""
+    return KimiLinearConfig.from_dict(preset_config("tiny", 1))
+
+
 @pytest.mark.slow
 @ON_THE_INTERPRETER
 def test_bench_checks_then_times_on_the_cpu(tiny4_one_routed, monkeypatch):
@@ -104,7 +112,7 @@ def _refusal(config, monkeypatch) -> str:
 @pytest.mark.slow
 @ON_THE_INTERPRETER
 @pytest.mark.parametrize("failing", ["relative error", "top-1"])
-def test_bench_refuses_to_time_when_the_depth_check_fails(tiny4_one_routed, monkeypatch, failing):
+def test_bench_refuses_to_time_when_the_depth_check_fails(tiny1, monkeypatch, failing):
     """The Triton path reading far from the PyTorch path, or choosing other tokens (a top-1 no run reaches): one line
     with the figures, and no row timed -- each condition alone."""
     monkeypatch.setattr(B, "CHECK_DECODE", 2)
@@ -112,7 +120,7 @@ def test_bench_refuses_to_time_when_the_depth_check_fails(tiny4_one_routed, monk
         monkeypatch.setattr(B, "_rel", lambda a, b: 0.5)
     else:
         monkeypatch.setattr(B, "DEPTH_CHECK_TOP1", 1.01)
-    message = _refusal(tiny4_one_routed, monkeypatch)
+    message = _refusal(tiny1, monkeypatch)
     assert "\n" not in message and "bench check failed" in message and "nothing was timed" in message
     assert ("rel err 0.5" in message) == (failing == "relative error")
     assert f"bound {B.DEPTH_CHECK_BOUND}" in message and f"(at least {B.DEPTH_CHECK_TOP1})" in message
@@ -120,13 +128,13 @@ def test_bench_refuses_to_time_when_the_depth_check_fails(tiny4_one_routed, monk
 
 @pytest.mark.slow
 @ON_THE_INTERPRETER
-def test_bench_refuses_to_time_when_the_prefill_check_fails(tiny4_one_routed, monkeypatch):
+def test_bench_refuses_to_time_when_the_prefill_check_fails(tiny1, monkeypatch):
     """Prefill and prefill + one decode step reading apart: one line with the figures, and nothing timed (the
     prefill check runs before the decode rows too)."""
     monkeypatch.setattr(engine_module, "PREFILL_SEGMENT", 2)
     monkeypatch.setattr(B, "depth_check", lambda *a, **k: {"rel_err": 0.0, "top1": 1.0})   # tested above
     monkeypatch.setattr(B, "_rel", lambda a, b: 0.5)
-    message = _refusal(tiny4_one_routed, monkeypatch)
+    message = _refusal(tiny1, monkeypatch)
     assert "\n" not in message and "3-token prefill and prefill + one decode step differ by 0.5" in message
     assert f"bound {B.PREFILL_CHECK_BOUND}" in message and "nothing was timed" in message
 
