@@ -41,17 +41,29 @@ def calm4(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calm2(tmp_path_factory):
-    """2 layers: KDA with the dense MLP, KDA with the MoE -- for a test of one MoE layer's wiring, which need not
-    run calm4's three through the interpreter."""
+    """2 layers: KDA with the dense MLP, MLA with the MoE -- for a test of one MoE layer's wiring, or of the latent
+    attention, which need not run calm4's three KDA layers and three MoE layers through the interpreter."""
     return calm_tiny(tmp_path_factory, 2)
 
 
-@pytest.fixture(scope="module", params=[dict(bits=4, symmetric=True), dict(bits=8, symmetric=False)],
-                ids=["int4-sym", "int8-asym"])
-def quantized(request, calm4, tmp_path_factory):
+SCHEMES = dict(params=[dict(bits=4, symmetric=True), dict(bits=8, symmetric=False)], ids=["int4-sym", "int8-asym"])
+
+
+def quantized_copy(calm: Path, request, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wired") / "q"
-    quantize(calm4, out, group_size=128, device="cpu", progress=False, **request.param)
+    quantize(calm, out, group_size=128, device="cpu", progress=False, **request.param)
     return out
+
+
+@pytest.fixture(scope="module", **SCHEMES)
+def quantized(request, calm4, tmp_path_factory):
+    return quantized_copy(calm4, request, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", **SCHEMES)
+def quantized2(request, calm2, tmp_path_factory):
+    """calm2 quantized as `quantized` is: one MoE layer, one MLA layer."""
+    return quantized_copy(calm2, request, tmp_path_factory)
 
 
 def test_triton_path_uses_the_kernels(quantized):
@@ -89,18 +101,18 @@ def test_triton_and_torch_paths_agree(quantized, request):
 
 
 @pytest.mark.slow
-def test_biased_router_weights_agree_on_both_paths(quantized, request):
+def test_biased_router_weights_agree_on_both_paths(quantized2, request):
     """biased_router_weights=True (the remote code's weights: the biased scores) reaches the Triton routers -- the
     one-launch router and its add+norm form in decode, the cuBLAS GEMV + route launch in a 20-token prefill -- and
     they give what the PyTorch path gives; both differ from the unbiased output (the calm bias of 10 makes the
     biased weights near 1/k each)."""
     if "int8" in request.node.callspec.id and DEVICE == "cpu":
         pytest.skip("one scheme through the whole model is enough for the interpreter")
-    ref = klconvert.load(quantized, device=DEVICE, dtype=DTYPE, max_context=64, kernels="torch",
+    ref = klconvert.load(quantized2, device=DEVICE, dtype=DTYPE, max_context=64, kernels="torch",
                          biased_router_weights=True)
-    tri = klconvert.load(quantized, device=DEVICE, dtype=DTYPE, max_context=64, kernels="triton",
+    tri = klconvert.load(quantized2, device=DEVICE, dtype=DTYPE, max_context=64, kernels="triton",
                          biased_router_weights=True)
-    unbiased = klconvert.load(quantized, device=DEVICE, dtype=DTYPE, max_context=64, kernels="torch")
+    unbiased = klconvert.load(quantized2, device=DEVICE, dtype=DTYPE, max_context=64, kernels="torch")
     routers = [b.ffn.gate for b in tri.model.blocks[1:]]
     assert all(type(r) is FusedRouter and r.biased for r in routers)
     assert routers[0].FUSED_ROUTER_TOKENS < 20                                   # the prefill takes the other form
@@ -272,17 +284,17 @@ def test_projections_with_and_without_zero_points_stack_apart(calm4, tmp_path):
 
 
 @pytest.mark.slow
-def test_decode_through_the_latent_attention_kernel(quantized, request):
+def test_decode_through_the_latent_attention_kernel(quantized2, request):
     """bf16 binds the Triton latent attention (it reads bf16 or e4m3 caches); its decode steps match the PyTorch
     path's, one sequence alone and then a batch of two at different positions (each row against its own)."""
     if "int8" in request.node.callspec.id and DEVICE == "cpu":
         pytest.skip("one scheme is enough for the interpreter")
     from klconvert.runtime.kernel_modules import TritonLatentAttention, TritonPrefillAttention
 
-    ref = klconvert.load(quantized, device=DEVICE, dtype=torch.bfloat16, max_context=32, batch=2, kernels="torch")
-    tri = klconvert.load(quantized, device=DEVICE, dtype=torch.bfloat16, max_context=32, batch=2, kernels="triton")
-    assert isinstance(tri.model.blocks[3].self_attn.attend, TritonLatentAttention)
-    assert isinstance(tri.model.blocks[3].self_attn.prefill_attention, TritonPrefillAttention)
+    ref = klconvert.load(quantized2, device=DEVICE, dtype=torch.bfloat16, max_context=32, batch=2, kernels="torch")
+    tri = klconvert.load(quantized2, device=DEVICE, dtype=torch.bfloat16, max_context=32, batch=2, kernels="triton")
+    assert isinstance(tri.model.blocks[1].self_attn.attend, TritonLatentAttention)
+    assert isinstance(tri.model.blocks[1].self_attn.prefill_attention, TritonPrefillAttention)
     ids = torch.tensor([[5, 9, 2, 7, 1, 3, 6], [8, 4, 11, 12, 13, 14, 15]], device=DEVICE)
     for engine in (ref, tri):
         engine.forward(ids[:, :6])                                   # both sequences hold positions 0..5
