@@ -32,6 +32,7 @@ from klconvert.damage_remedy import WRITTEN_REMEDY
 from klconvert.errors import KLError
 from klconvert.presets import preset_config
 from klconvert.release import layer_lists
+from testkit import assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.slow  # subprocesses under memory limits: seconds each; CI runs them
 
@@ -46,9 +47,20 @@ def edit_config(folder: Path, edit) -> None:
     edit_json(folder / "config.json", edit)
 
 
+def run_args(folder: Path, *extra: str, max_new_tokens: int = 2) -> tuple:
+    return ("run", "--model", folder, "--prompt", "The quick brown fox", "--max-new-tokens", str(max_new_tokens),
+            "--device", "cpu", *extra)
+
+
 def run_on(folder: Path, *extra: str, max_new_tokens: int = 2):
-    return klconvert_bounded("run", "--model", folder, "--prompt", "The quick brown fox", "--max-new-tokens",
-                             str(max_new_tokens), "--device", "cpu", *extra)
+    return klconvert_bounded(*run_args(folder, *extra, max_new_tokens=max_new_tokens))
+
+
+def refusal_here(capsys, *args) -> str:
+    """The one `klconvert: error:` line of the command run in this process (testkit.run_cli), with exit status 2 and
+    no traceback: for a refusal that is about what it says, not about the memory it is made in."""
+    code, _, err = run_cli(capsys, *args)
+    return assert_one_line_error(code, err)
 
 
 def test_a_real_run_fits_under_the_limit(tiny_released):
@@ -144,27 +156,30 @@ def test_null_multi_token_prediction_layers_read_as_absent():
     assert KimiLinearConfig.from_dict(config) == released
 
 
-def test_max_position_embeddings_bounds_the_context(tiny_copy):
+def test_max_position_embeddings_bounds_the_context(tiny_copy, capsys):
     """transformers' name for model_max_length: a config giving only it is bounded by it (it was ignored, and the
     release's 1,048,576 let --max-context run past the model), and each refusal names it so (they named
-    model_max_length, a field that config.json does not have)."""
+    model_max_length, a field that config.json does not have). The config is no hostile file, and the refusals of
+    options and of a prompt given on the command line run in this process (each a child under the memory limit took
+    seconds importing torch; at 8,192 tokens of this model the limit could not tell a refusal made after the plan's
+    buffers from one made before); eval's endless --text-file /dev/zero is refused under the limit, as text is."""
     edit_config(tiny_copy, lambda c: (c.pop("model_max_length"), c.update(max_position_embeddings=4096)))
     assert KimiLinearConfig.from_file(tiny_copy / "config.json").model_max_length == 4096
-    line = run_on(tiny_copy, "--max-context", "8192").error_line()
+    line = refusal_here(capsys, *run_args(tiny_copy, "--max-context", "8192"))
     assert "--max-context 8,192 is over the model's max_position_embeddings 4,096" in line, line
-    line = run_on(tiny_copy, max_new_tokens=5000).error_line()
+    line = refusal_here(capsys, *run_args(tiny_copy, max_new_tokens=5000))
     assert "the model's max_position_embeddings of 4,096 tokens; lower --max-new-tokens" in line, line
-    line = klconvert_bounded("run", "--model", tiny_copy, "--prompt", "word " * 5000, "--device", "cpu").error_line()
+    line = refusal_here(capsys, "run", "--model", tiny_copy, "--prompt", "word " * 5000, "--device", "cpu")
     assert "is over the model's max_position_embeddings of 4,096 tokens" in line, line
-    line = klconvert_bounded("run", "--model", tiny_copy, "--prompt", "word " * 1500, "--max-context", "2048",
-                             "--device", "cpu").error_line()
+    line = refusal_here(capsys, "run", "--model", tiny_copy, "--prompt", "word " * 1500, "--max-context", "2048",
+                        "--device", "cpu")
     assert "raise --max-context (up to the model's max_position_embeddings 4,096)" in line, line
-    line = klconvert_bounded("plan", "--model", tiny_copy, "--max-context", "8192").error_line()
+    line = refusal_here(capsys, "plan", "--model", tiny_copy, "--max-context", "8192")
     assert "--max-context 8192 is over the model's max_position_embeddings 4,096" in line, line
     line = klconvert_bounded("eval", "--model", tiny_copy, "--reference", tiny_copy, "--text-file", "/dev/zero",
                              "--max-tokens", "8192").error_line()
     assert "--max-tokens 8,192 is over the model's max_position_embeddings 4,096" in line, line
-    line = klconvert_bounded("bench", "--model", tiny_copy, "--context", "8192").error_line()
+    line = refusal_here(capsys, "bench", "--model", tiny_copy, "--context", "8192")
     assert "--context 8,192 is over the model's max_position_embeddings 4,096" in line, line
     with pytest.raises(KLError, match=r"^max_context=8192 \(--max-context\) is over the model's "
                        "max_position_embeddings 4096; lower it$"):
