@@ -23,8 +23,9 @@ LENGTHS = (2048, 8192)   # one segment each (MLA attends with start 0); 32 and 1
 # buffers, once: theirs, as their import is, not the plan's); then for each length the
 # resident bytes before the batch's prefill (the heap's free pages handed back first, so that reusing them counts as
 # growth), the peak during it (the kernel's high-water mark reset just before; where it cannot be, the process's peak
-# so far) and the plan's prefill workspace for it (the decode step's is not this prefill's). `run` is the prefill:
-# generate's (the last logits), or forward_segments' (every position's, each row's log-softmax taken as eval's are).
+# so far) and the plan's prefill workspace for it (the decode step's is not this prefill's). Each of `runs` is a
+# prefill, measured in turn at each length in the order given: generate's (the last logits), forward's, or
+# forward_segments' (every position's, each row's log-softmax taken as eval's are).
 PREFILL = '''
 import ctypes, resource, torch
 import klconvert
@@ -36,16 +37,17 @@ engine = klconvert.load(BUNDLED_DIR, device="cpu", max_context={context}, batch=
 ids = torch.randint(0, 4096, ({batch}, {context}), generator=torch.Generator().manual_seed(0))
 engine.prefill(ids[:1, :{warm}])
 for tokens in {lengths}:
-    ctypes.CDLL(None).malloc_trim(0)
-    before = status("VmRSS:")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        peak = lambda: status("VmHWM:")
-    except OSError:
-        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    {run}
-    print(tokens, before, peak(), engine.plan.prefill_workspace_for(tokens))
+    for run in {runs}:
+        ctypes.CDLL(None).malloc_trim(0)
+        before = status("VmRSS:")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            peak = lambda: status("VmHWM:")
+        except OSError:
+            peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        exec(run)
+        print(tokens, before, peak(), engine.plan.prefill_workspace_for(tokens))
 '''
 
 
@@ -54,17 +56,19 @@ ALL_LOGITS = "for rows in engine.forward_segments(ids[:, :tokens]): rows.log_sof
 
 
 def prefill_growth(lengths: tuple[int, ...], batch: int = 1, warm: int = CHUNK,
-                   run: str = LAST_LOGITS) -> list[tuple[int, int, int]]:
-    """(tokens, the peak's growth, the plan's workspace) of a batch's prefill of each length, PREFILL's figures; the
-    plan holds every position's logits where `run` makes them (any run but LAST_LOGITS)."""
-    script = PREFILL.format(context=max(lengths), batch=batch, warm=warm, lengths=lengths, run=run,
-                            all_logits=run != LAST_LOGITS)
+                   runs: tuple[str, ...] = (LAST_LOGITS,)) -> list[tuple[int, int, int]]:
+    """(tokens, the peak's growth, the plan's workspace) of a batch's prefill of each length by each of `runs`
+    (a length's rows in the order of `runs`), PREFILL's figures; the plan holds every position's logits where a run
+    makes them (any but LAST_LOGITS)."""
+    script = PREFILL.format(context=max(lengths), batch=batch, warm=warm, lengths=lengths, runs=runs,
+                            all_logits=runs != (LAST_LOGITS,))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [(tokens, peak - before, workspace)
             for tokens, before, peak, workspace in (map(int, line.split()) for line in done.stdout.splitlines())]
     # the tests' asserts run over these rows: a child that printed none of them would pass them all
-    assert [tokens for tokens, *_ in rows] == list(lengths), f"asked {lengths}, the child printed {done.stdout!r}"
+    asked = [tokens for tokens in lengths for _ in runs]
+    assert [tokens for tokens, *_ in rows] == asked, f"asked {asked}, the child printed {done.stdout!r}"
     return rows
 
 
@@ -91,17 +95,26 @@ def test_a_long_prompts_prefill_stays_near_the_plans_workspace():
 # One prompt's every-position logits: a segment's made at once grow with its tokens as the workspace does, ~2.9x it
 # and ~1.4x it with the logits forward returns at 2,048 tokens as at 8,192, in a third of the time.
 LOGITS_TOKENS = 2048
+FORWARD = "engine.forward(ids[:, :tokens])"
+
+
+@pytest.fixture(scope="module")
+def logits_growth() -> dict[str, tuple[int, int, int]]:
+    """prefill_growth's row of forward's and of forward_segments' run over LOGITS_TOKENS of one prompt: one child
+    loads the model (as each test's own child did) and measures both, forward first, whose bound is the nearer to
+    what it grew before it held its logits once; forward_segments' grew some 2.4x its bound before."""
+    return dict(zip((FORWARD, ALL_LOGITS), prefill_growth((LOGITS_TOKENS,), runs=(FORWARD, ALL_LOGITS))))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not glibc(),
                     reason="reads /proc/self/status; the bound is glibc's malloc with its threshold fixed")
-def test_every_positions_logits_stay_within_the_plans_workspace():
+def test_every_positions_logits_stay_within_the_plans_workspace(logits_growth):
     """forward_segments (what eval reads) made a whole segment's logits at once, [S, vocab] fp32 and copies of them
     that no plan counted: 8,192 tokens of the bundled model grew 416 MB against a workspace of 133 MB (2026-12-07),
     and the release's 163,840-word vocabulary makes them 2.7 GB at 4,096 tokens; 2,048 tokens grew 109-111 MB against
     38 (a9d7847's parent). They come a few positions at a time, which the plan counts: 135 MB against 137, and 35-39
     MB against 42."""
-    [(tokens, growth, workspace)] = prefill_growth((LOGITS_TOKENS,), run=ALL_LOGITS)
+    tokens, growth, workspace = logits_growth[ALL_LOGITS]
     assert growth <= WORKSPACE_MULTIPLE * workspace, \
         (f"{tokens} tokens' logits grew the peak resident memory {growth / 2**20:.0f} MB, {growth / workspace:.2f}x "
          f"the plan's workspace of {workspace / 2**20:.0f} MB (bound {WORKSPACE_MULTIPLE}x): a segment's logits "
@@ -110,12 +123,12 @@ def test_every_positions_logits_stay_within_the_plans_workspace():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not glibc(),
                     reason="reads /proc/self/status; the bound is glibc's malloc with its threshold fixed")
-def test_forward_holds_its_logits_once():
+def test_forward_holds_its_logits_once(logits_growth):
     """forward joined the segments' logits (twice them), each made whole: 8,192 tokens of the bundled model grew
     381 MB, against a workspace of 133 MB and the 136 MB they are (2026-12-07), and 2,048 tokens 99-107 MB against 38
     and 34 (a9d7847's parent). It fills its output a few positions at a time: 157 MB, and 47-49 MB."""
     vocab = KimiLinearConfig.from_file(BUNDLED_DIR / CONFIG_FILE).vocab_size
-    [(tokens, growth, workspace)] = prefill_growth((LOGITS_TOKENS,), run="engine.forward(ids[:, :tokens])")
+    tokens, growth, workspace = logits_growth[FORWARD]
     logits = tokens * vocab * 4
     assert growth <= WORKSPACE_MULTIPLE * (workspace + logits), \
         (f"forward over {tokens} tokens grew the peak resident memory {growth / 2**20:.0f} MB, over "
@@ -155,7 +168,7 @@ def test_a_batchs_every_position_logits_stay_within_the_plans_workspace():
     workspace of 137 MB (1.47x, 2026-12-07), and 16 prompts of 2,048 tokens 72 MB against 42 (1.70x: the uncounted
     rows are 15 prompts' against the workspace of one, at any length). The plan counts them for the batch: 200 MB
     against 201, and 71-75 MB against 74."""
-    [(tokens, growth, workspace)] = prefill_growth((LONG_BATCH_TOKENS,), batch=LONG_BATCH, run=ALL_LOGITS)
+    [(tokens, growth, workspace)] = prefill_growth((LONG_BATCH_TOKENS,), batch=LONG_BATCH, runs=(ALL_LOGITS,))
     assert growth <= WORKSPACE_MULTIPLE * workspace, \
         (f"{LONG_BATCH} prompts' {tokens} tokens' logits grew the peak resident memory {growth / 2**20:.0f} MB, "
          f"{growth / workspace:.2f}x the plan's workspace of {workspace / 2**20:.0f} MB (bound {WORKSPACE_MULTIPLE}x)")
