@@ -681,12 +681,13 @@ def test_weights_that_overflow_the_activations_are_refused_not_printed(tiny_copy
     assert "NaN or infinite logits for the prompt" in done.error_line() and done.out == ""
 
 
-def test_an_onnx_export_is_named_as_such_where_a_checkpoint_belongs(tiny_copy):
+def test_an_onnx_export_is_named_as_such_where_a_checkpoint_belongs(tiny_copy, capsys):
+    """A folder of the wrong kind, no hostile file: a refusal about what it says, in this process."""
     for name in ("model.safetensors.index.json", *(p.name for p in tiny_copy.glob("model-*.safetensors"))):
         (tiny_copy / name).unlink()
     (tiny_copy / "genai_config.json").write_text("{}")
     assert "an ONNX export (genai_config.json), not a safetensors checkpoint; run it with `klconvert run --engine " \
-           "onnxruntime`" in run_on(tiny_copy).error_line()
+           "onnxruntime`" in refusal_here(capsys, *run_args(tiny_copy))
 
 
 def test_the_header_bounds_hold_the_released_model_quantized_in_one_file():
