@@ -157,19 +157,24 @@ def test_quality_table_refuses_an_only_no_row_matches_before_measuring(tmp_path,
                                         "part of one (e.g. 'int4 g128'), or measure a --folder"], proc.stderr
 
 
-def test_train_tokenizer_writes_a_new_folder_whole(tmp_path, tool_here):
+def test_train_tokenizer_writes_a_new_folder_whole(tmp_path, tool_here, monkeypatch):
     """--out defaulted to klconvert/bundled, the package's own files, and the three files went in one by one over
     what was there: a tokenizer of another size beside the bundled weights ran garbled with exit 0."""
+    import train_tokenizer
+
     proc = tool_here("train_tokenizer.py", "--vocab", "300")
     assert proc.returncode == 2 and "the following arguments are required: --out" in proc.stderr, proc.stderr
     model = tmp_path / "model"
     model.mkdir()
     (model / "tiktoken.model").write_text("mine")
     (model / "model.safetensors").write_text("weights")
+    train_bpe = train_tokenizer.train_bpe
+    monkeypatch.setattr(train_tokenizer, "train_bpe", lambda *_: pytest.fail("trained before refusing --out"))
     for force in ((), ("--force",)):   # refused before the training, --force too: it holds more than a tokenizer
         proc = tool_here("train_tokenizer.py", "--vocab", "300", "--out", "model", *force)
         assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
         assert proc.stderr.startswith("train_tokenizer.py: error: model: ") and not proc.stdout, proc.stderr
+    monkeypatch.setattr(train_tokenizer, "train_bpe", train_bpe)
     assert (model / "tiktoken.model").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     earlier = tmp_path / "tok"
     earlier.mkdir()
