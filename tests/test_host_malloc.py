@@ -297,7 +297,6 @@ def test_a_threshold_the_program_sets_after_its_start_is_not_the_users(no_user_t
     assert done.stdout.split() == ["False", "False"]
 
 
-
 class _Entries:
     """An environment for subprocess that may name a variable twice, as execve takes one: its entries in order."""
 
@@ -370,7 +369,6 @@ def test_each_glibcs_rules(no_user_threshold, monkeypatch, started, taken):
         monkeypatch.setattr(host_malloc, "glibc_version", lambda: version)
         assert host_malloc._user_set(host_malloc.USER_THRESHOLD_ENV, host_malloc.USER_THRESHOLD_TUNABLE) == took, \
             version
-
 
 
 # Entries at the start that name a variable twice, and whether glibc 2.36, 2.39 and 2.41 take a mmap threshold from

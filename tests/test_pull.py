@@ -1841,7 +1841,6 @@ def test_unfinished_downloads_beside_a_lock_another_process_holds_are_kept(serve
     assert not left.exists()
 
 
-
 def test_unfinished_downloads_are_told_by_their_locks_past_the_open_files_limit(served, tmp_path, capsys):
     """h305: a cache keeps a lock of huggingface_hub's for each file version of the repo it ever fetched, and never
     removes one; the pull held them all open at once to tell whether any was taken, and past `ulimit -n` (1,024 by
@@ -1862,7 +1861,6 @@ def test_unfinished_downloads_are_told_by_their_locks_past_the_open_files_limit(
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert "1,000 bytes more once the 1 unfinished download a killed pull left is removed)" in capsys.readouterr().err
     assert not left.exists()
-
 
 
 @pytest.mark.parametrize("into", ["cache", "local-dir"])
