@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from testkit import project_files
+from testkit import project_files, run_main
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
@@ -113,22 +113,14 @@ def _tool(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def tool_here(tmp_path, monkeypatch, capsys):
-    """tools/NAME ARGS run in this process, in tmp_path, as _tool runs it in a child: its main() with sys.argv set
-    (argparse's prog, as the script's name), its exit status from SystemExit (0 where main returns; a traceback's
-    exception leaves the test), stdout and stderr from capsys. For what is no process's own: each child took ~2 s of
-    CPU importing torch."""
+    """tools/NAME ARGS run in this process, in tmp_path, as _tool runs it in a child: its main() through
+    testkit.run_main (sys.argv naming the script, as argparse's prog). For what is no process's own: each child took
+    ~2 s of CPU importing torch."""
     monkeypatch.chdir(tmp_path)
 
     def run(name: str, *args: str) -> subprocess.CompletedProcess:
         tool = importlib.import_module(name.removesuffix(".py"))
-        monkeypatch.setattr(sys, "argv", [name, *args])
-        try:
-            tool.main()
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess([name, *args], code, out, err)
+        return subprocess.CompletedProcess([name, *args], *run_main(capsys, tool.main, [name, *args]))
     return run
 
 

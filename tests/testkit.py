@@ -58,12 +58,18 @@ def gpu_with_free(monkeypatch, free: int, total: int = 80 << 30) -> None:
 
 def run_cli(capsys, *args, stdin: str | None = None) -> tuple[int, str, str]:
     """Run the klconvert entry point in this process: (exit status, stdout, stderr)."""
+    return run_main(capsys, main, ["klconvert", *map(str, args)], stdin=stdin)
+
+
+def run_main(capsys, entry, argv: list[str], stdin: str | None = None) -> tuple[int, str, str]:
+    """Run a command's `entry` (its main) in this process with sys.argv `argv`: (exit status, from SystemExit or 0
+    where it returns; stdout; stderr). An exception other than SystemExit leaves the test."""
     old_argv, old_stdin = sys.argv, sys.stdin
-    sys.argv = ["klconvert", *map(str, args)]
+    sys.argv = argv
     if stdin is not None:
         sys.stdin = io.TextIOWrapper(io.BytesIO(stdin.encode()), encoding="utf-8")
     try:
-        main()
+        entry()
         code = 0
     except SystemExit as e:
         code = e.code
