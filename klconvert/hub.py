@@ -194,7 +194,7 @@ def pull(
                 _refuse_unwritable_names(wanted, where, local_dir is not None)
                 if check_files is not None:
                     check_files(wanted)
-                hashed = (_hash_copies_no_record_speaks_for(local_dir, wanted, commit, verified, progress)
+                hashed = (_hash_copies_no_record_speaks_for(local_dir, wanted, commit, where, verified, progress)
                           if local_dir is not None else 0)
                 outdated = _copies_not_of_this_commit(wanted, repo, commit, cache_dir, local_dir, verified)
                 missing = [f for f in wanted if f.path in outdated
@@ -324,15 +324,17 @@ def refuse_unwritable_target(target: Path, local: bool, given_cache_dir: bool = 
         raise KLError(f"{named}: cannot create files in {where} ({e.strerror}); {advice}") from None
 
 
-def _hash_copies_no_record_speaks_for(local_dir: Path, wanted: list[HubFile], commit: str, verified: VerifiedFiles,
-                                      progress: bool) -> int:
+def _hash_copies_no_record_speaks_for(local_dir: Path, wanted: list[HubFile], commit: str, where: str,
+                                      verified: VerifiedFiles, progress: bool) -> int:
     """Hash each --local-dir file of a wanted path and its listed size that no record speaks for
     (_local_copy_is_this_commits: None) -- a copy put there by hand, or by a tool that keeps no record -- and note
     its digests in `verified` (saved once past the refusals: a refused pull leaves the folder as it found it). Such a
     copy is then this commit's, already here, or another content, removed before the download as an earlier
     commit's is. Left to huggingface_hub, which hashes it only as it reaches it, a failed or interrupted download
     removed every copy it had yet to reach (_keep_only_this_commits_files keeps what a record vouches for): the
-    release's 98 GB put there by hand, gone at a Ctrl-C (h305). Returns how many it hashed."""
+    release's 98 GB put there by hand, gone at a Ctrl-C (h305). A copy that cannot be read (another user's, a read
+    error) is a KLError naming it, before anything changes: it was an OSError out of the pull, said as the folder not
+    being one the user can write. Returns how many it hashed."""
     unknown = [f for f in wanted if (local_dir / f.path).is_file()
                and (local_dir / f.path).stat().st_size == f.size
                and _local_copy_is_this_commits(f, local_dir, commit, verified) is None]
@@ -340,7 +342,13 @@ def _hash_copies_no_record_speaks_for(local_dir: Path, wanted: list[HubFile], co
     def note(f: HubFile, bar, stopped: threading.Event) -> None:
         local = local_dir / f.path
         stat = local.stat()   # before hashing, so that a change during it shows next time
-        verified.remember(f.path, stat, *_digests(local, stat.st_size, bar, stopped))
+        try:
+            digests = _digests(local, stat.st_size, bar, stopped)
+        except OSError as e:
+            raise KLError(f"--local-dir {local_dir}: cannot read {f.path} ({unreadable_reason(e)}), a file of the size "
+                          f"{where} lists, which a pull hashes before the download to keep it if it is that file; "
+                          "make it readable, or remove it, and rerun the pull") from None
+        verified.remember(f.path, stat, *digests)
 
     if unknown:
         _hash_in_parallel(local_dir, unknown, "Checking files here", progress, note)

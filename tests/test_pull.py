@@ -1732,6 +1732,32 @@ def test_copies_put_in_a_local_dir_by_hand_are_hashed_before_the_download(served
     assert all((out / path).read_bytes() == (checkpoint / path).read_bytes() for path in PULLED)
 
 
+@pytest.mark.parametrize("path", ["config.json", SHARD_1])
+def test_a_copy_in_a_local_dir_that_cannot_be_read_is_named_before_anything_changes(served, checkpoint, tmp_path,
+                                                                                  monkeypatch, path):
+    """A file of the listed size that the user cannot read (another user's, mode 600; a disk's read error), hashed
+    before the download since 4a8ba5e, failed the pull 'pulling REPO@main into DIR failed at DIR/PATH (Permission
+    denied); check that DIR is a folder you can write', where the folder takes files and the copy is what is wrong
+    (a config file's, which huggingface_hub replaces unread, pulled before 4a8ba5e). One line names the copy, why it
+    cannot be read, and what to do, and the folder is left as it was. (The refusal stands in for the mode bits, which
+    do not bind root, who runs CI; under setpriv without the DAC override the real ones give the same line.)"""
+    out = tmp_path / "kimi"
+    out.mkdir()
+    shutil.copy(checkpoint / path, out / path)
+
+    def unreadable(file, *args, **kwargs):
+        if Path(file) == out / path:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return open(file, *args, **kwargs)
+    monkeypatch.setattr(hub, "open", unreadable, raising=False)   # the name _digests opens a copy by
+    with pytest.raises(KLError) as refused:
+        hub.pull(REPO, local_dir=out, progress=False)
+    assert str(refused.value) == (f"--local-dir {out}: cannot read {path} (Permission denied), a file of the size "
+                                  f"{REPO}@{served[1]} lists, which a pull hashes before the download to keep it if it "
+                                  "is that file; make it readable, or remove it, and rerun the pull")
+    assert files_under(out) == [path] and (out / path).read_bytes() == (checkpoint / path).read_bytes()
+
+
 def test_the_hub_versions_tested_are_listed_once_in_the_readme_s_interop_row():
     """h299's F5: pyproject's huggingface-hub line said "1.33 and 2.4 tested" beside the README's Interop row, which
     named 2.5.0 too. The row is the one list: pyproject points to it, and it names every version .ci/interop runs
