@@ -334,7 +334,8 @@ def _hash_copies_no_record_speaks_for(local_dir: Path, wanted: list[HubFile], co
     removed every copy it had yet to reach (_keep_only_this_commits_files keeps what a record vouches for): the
     release's 98 GB put there by hand, gone at a Ctrl-C (h305). A copy that cannot be read (another user's, a read
     error) is a KLError naming it, before anything changes: it was an OSError out of the pull, said as the folder not
-    being one the user can write. Returns how many it hashed."""
+    being one the user can write. A Ctrl-C or SIGTERM saves the hashes finished of this commit's copies. Returns how
+    many it hashed."""
     unknown = [f for f in wanted if (local_dir / f.path).is_file()
                and (local_dir / f.path).stat().st_size == f.size
                and _local_copy_is_this_commits(f, local_dir, commit, verified) is None]
@@ -351,7 +352,18 @@ def _hash_copies_no_record_speaks_for(local_dir: Path, wanted: list[HubFile], co
         verified.remember(f.path, stat, *digests)
 
     if unknown:
-        _hash_in_parallel(local_dir, unknown, "Checking files here", progress, note)
+        try:
+            _hash_in_parallel(local_dir, unknown, "Checking files here", progress, note)
+        except KeyboardInterrupt:
+            # as _verify keeps what it finished: the copies hashed whole and this commit's, so that the rerun after a
+            # Ctrl-C or SIGTERM does not hash them again (minutes for the release's 98 GB); not another content's,
+            # which verified_at_pull would take as checked against the hub's hash
+            for f in unknown:
+                entry = verified.entries.get(f.path)
+                if entry is not None and not _published_as(f, entry["sha256"], entry["git_blob_id"]):
+                    verified.forget(f.path)
+            verified.save()
+            raise
     return len(unknown)
 
 

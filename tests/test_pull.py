@@ -1732,6 +1732,44 @@ def test_copies_put_in_a_local_dir_by_hand_are_hashed_before_the_download(served
     assert all((out / path).read_bytes() == (checkpoint / path).read_bytes() for path in PULLED)
 
 
+def test_a_ctrl_c_while_copies_in_a_local_dir_are_hashed_keeps_the_hashes_it_finished(served, checkpoint, tmp_path,
+                                                                                     monkeypatch):
+    """A Ctrl-C (or SIGTERM) while the pull hashed the copies nothing vouched for (4a8ba5e: "Checking files here",
+    the release's 98 GB put in by hand) saved none of what it had hashed, so the rerun hashed every copy again, as
+    _verify's hashing did until it kept what it had finished: the copies hashed whole and this commit's are recorded,
+    and neither one of another content (verified_at_pull believes the record) nor the one cut off."""
+    out = tmp_path / "kimi"
+    out.mkdir()
+    for path in PULLED:
+        shutil.copy(checkpoint / path, out / path)
+    with (out / SHARD_1).open("r+b") as shard:   # its last byte changed: the listed size, another content
+        shard.seek(-1, os.SEEK_END)
+        last = shard.read(1)[0]
+        shard.seek(-1, os.SEEK_END)
+        shard.write(bytes([last ^ 1]))
+    real, cut_off = hub._digests, PULLED[-1]
+
+    def interrupted_at_the_last(path, size, bar, stopped):
+        if path.name == cut_off:
+            raise Interrupted(signal.SIGINT)
+        return real(path, size, bar, stopped)
+    monkeypatch.setattr(hub, "HASH_WORKERS", 1)   # in PULLED's order, the last cut off
+    monkeypatch.setattr(hub, "_digests", interrupted_at_the_last)
+    with pytest.raises(Interrupted):
+        hub.pull(REPO, local_dir=out, progress=False)
+    kept = sorted(VerifiedFiles(out / hub.VERIFIED_RECORD).entries)
+    assert kept == [path for path in PULLED if path not in (SHARD_1, cut_off)], kept
+    monkeypatch.setattr(hub, "_digests", real)
+    hashed = count_hashing(monkeypatch)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt   # as the download begins: the rerun's hashing before it is done
+    monkeypatch.setattr(hub, "snapshot_download", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        hub.pull(REPO, local_dir=out, progress=False)
+    assert sorted(hashed) == sorted([SHARD_1, cut_off]), hashed
+
+
 @pytest.mark.parametrize("path", ["config.json", SHARD_1])
 def test_a_copy_in_a_local_dir_that_cannot_be_read_is_named_before_anything_changes(served, checkpoint, tmp_path,
                                                                                   monkeypatch, path):
