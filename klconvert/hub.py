@@ -192,6 +192,8 @@ def pull(
             verified = VerifiedFiles(local_dir / VERIFIED_RECORD) if local_dir is not None else None
             if not offline:
                 _refuse_unwritable_names(wanted, where, local_dir is not None)
+                if local_dir is not None:
+                    _refuse_folders_in_the_way(local_dir, wanted, where)
                 if check_files is not None:
                     check_files(wanted)
                 hashed = (_hash_copies_no_record_speaks_for(local_dir, wanted, commit, where, verified, progress)
@@ -567,6 +569,18 @@ def _refuse_unwritable_names(wanted: list[HubFile], where: str, local: bool) -> 
             raise KLError(f"{where} names {shown_path!r}, whose name is {len(os.fsencode(longest))} bytes, over the "
                           f"{limit} a file system takes here; leave it out with --exclude, or report it to the "
                           "repo's owner")
+
+
+def _refuse_folders_in_the_way(local_dir: Path, wanted: list[HubFile], where: str) -> None:
+    """KLError, before anything is announced or changes, where the --local-dir holds a folder (not a link to one, which
+    goes as a file's link does) under the name of a file to pull: it was taken for a copy not of this commit, of the
+    wrong size, announced as to be removed, and its removal failed the pull, "... (Is a directory); check that DIR is
+    a folder you can write". A user's folder is not the pull's to remove."""
+    for f in wanted:
+        path = local_dir / f.path
+        if path.is_dir() and not path.is_symlink():
+            raise KLError(f"--local-dir {local_dir}: holds a folder {f.path}, where {where} has a file; move it out of "
+                          "the way, or pull into another --local-dir")
 
 
 def _published_listing(api: HfApi, repo: str, commit: str) -> list[HubFile]:

@@ -1732,6 +1732,25 @@ def test_copies_put_in_a_local_dir_by_hand_are_hashed_before_the_download(served
     assert all((out / path).read_bytes() == (checkpoint / path).read_bytes() for path in PULLED)
 
 
+def test_a_folder_in_a_local_dir_where_a_file_goes_is_named_before_anything_changes(served, checkpoint, tmp_path,
+                                                                                   capsys):
+    """A folder of the user's under a file's name (a shard's, say) was taken for a copy not of this commit, of the
+    wrong size: announced as "1 copy here not of this commit" to be removed, then the pull failed removing it,
+    "... failed at DIR/PATH (Is a directory); check that DIR is a folder you can write", the folder being one the user
+    can write. One line names it and what to do, before anything is announced or changes."""
+    out = tmp_path / "kimi"
+    (out / SHARD_1).mkdir(parents=True)
+    (out / SHARD_1 / "notes.txt").write_text("mine")
+    shutil.copy(checkpoint / "config.json", out / "config.json")
+    capsys.readouterr()
+    with pytest.raises(KLError) as refused:
+        hub.pull(REPO, local_dir=out, progress=True)
+    assert str(refused.value) == (f"--local-dir {out}: holds a folder {SHARD_1}, where {REPO}@{served[1]} has a file; "
+                                  "move it out of the way, or pull into another --local-dir")
+    assert capsys.readouterr().err == ""
+    assert files_under(out) == ["config.json", f"{SHARD_1}/notes.txt"]
+
+
 def test_a_ctrl_c_while_copies_in_a_local_dir_are_hashed_keeps_the_hashes_it_finished(served, checkpoint, tmp_path,
                                                                                      monkeypatch):
     """A Ctrl-C (or SIGTERM) while the pull hashed the copies nothing vouched for (4a8ba5e: "Checking files here",
