@@ -130,7 +130,7 @@ def _user_set(env: str, tunable: str) -> bool:
         return values[-1:] if last_wins else values
 
     values, secure = [], False
-    for entries in (_tunable_entries(text, strict) for text in _tunables_strings(started, cut=not strict)):
+    for entries in (_tunable_entries(text, strict) for text in _tunables_strings(started)):
         if last_wins and any(_whole_number(value) == 1 for value in taken(entries, ENABLE_SECURE_TUNABLE)):
             secure = True
         else:
@@ -144,30 +144,68 @@ def _user_set(env: str, tunable: str) -> bool:
 def _environment_at_start() -> list[str]:
     """The NAME=VALUE entries the process started with, in their order, whose malloc parameters glibc took then: as
     /proc/self/environ holds them (a variable the program sets or changes later, for the processes it starts, is
-    not glibc's; h298, h305), a name given twice each time, bytes that are not UTF-8 as os.fsdecode reads them.
-    os.environ where /proc cannot be read."""
+    not glibc's; h298, h305), a name given twice each time, bytes that are not UTF-8 as os.fsdecode reads them, each
+    GLIBC_TUNABLES whole where glibc before 2.39 cut it (_uncut). os.environ where /proc cannot be read (it holds
+    glibc's whole copy)."""
     try:
         with open("/proc/self/environ", "rb") as f:
-            entries = f.read().split(b"\0")
+            pieces = f.read().removesuffix(b"\0").split(b"\0")
     except OSError:
         return [f"{name}={value}" for name, value in os.environ.items()]
-    return [os.fsdecode(entry) for entry in entries if entry]
+    version = glibc_version()
+    if version is not None and version < STRICT_TUNABLES:
+        pieces = _uncut(pieces, _variable_offsets())
+    return [os.fsdecode(piece) for piece in pieces if piece]
 
 
-def _tunables_strings(started: list[str], cut: bool) -> list[str]:
-    """Each GLIBC_TUNABLES value of the start's entries. glibc before 2.39 (`cut`) wrote a NUL in it where each
-    value it took ended (its parse_tunables; environ got a whole copy, /proc/self/environ keeps the cut one), so
-    that its rest reads as entries of their own and its end is not known: each takes the entries after it, up to
-    the next GLIBC_TUNABLES; a variable among them is read as a tunable no glibc has (a name without a dot), which
-    that glibc's rules, where any value counts, pass over."""
-    strings: list[str] = []
-    for entry in started:
-        name, has_value, value = entry.partition("=")
-        if has_value and name == TUNABLES_ENV:
-            strings.append(value)
-        elif cut and strings:
-            strings[-1] += ":" + entry
-    return strings
+def _uncut(pieces: list[bytes], starts: set[int] | None) -> list[bytes]:
+    """/proc/self/environ's entries, split at its NULs, with each GLIBC_TUNABLES whole again. glibc before 2.39 wrote
+    a NUL in it where each value it took ended (its parse_tunables; environ got a whole copy, /proc keeps the cut
+    one), so that its rest reads as entries of their own: the pieces after it that begin no variable of the
+    environment (`starts`: the offsets at which they begin, _variable_offsets). A variable after it was joined in too
+    (h309), and one whose value held a tunable's text (a tunables string kept for a child) read as glibc's. Where
+    `starts` is not known, every piece up to the next GLIBC_TUNABLES is taken as its rest, as before: a variable
+    among them is read as a tunable no glibc has (a name without a dot), which that glibc's rules pass over."""
+    joined: list[bytes] = []
+    offset, in_tunables = 0, False
+    for piece in pieces:
+        if in_tunables and not piece.startswith(b"GLIBC_TUNABLES=") and (starts is None or offset not in starts):
+            joined[-1] += b":" + piece   # the separator the NUL took the place of
+        else:
+            joined.append(piece)
+            in_tunables = piece.startswith(b"GLIBC_TUNABLES=")
+        offset += len(piece) + 1
+    return joined
+
+
+ENV_START_FIELD = 47   # /proc/self/stat's env_start (field 50 of proc(5)), counted from the field after the name's ")"
+
+
+def _variable_offsets() -> set[int] | None:
+    """The offsets in /proc/self/environ at which a variable of the environment begins: where each entry of the C
+    library's environ points into the kernel's copy (/proc/self/stat's env_start to env_end; one the program has set
+    since points elsewhere). None where that cannot be read."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        env_start, env_end = int(fields[ENV_START_FIELD]), int(fields[ENV_START_FIELD + 1])
+        entry = ctypes.c_void_p.in_dll(ctypes.CDLL(None), "environ").value
+    except (OSError, ValueError, IndexError):
+        return None
+    if entry is None or not env_start < env_end:
+        return None
+    starts = set()
+    while (address := ctypes.c_void_p.from_address(entry).value) is not None:
+        if env_start <= address < env_end:
+            starts.add(address - env_start)
+        entry += ctypes.sizeof(ctypes.c_void_p)
+    return starts
+
+
+def _tunables_strings(started: list[str]) -> list[str]:
+    """Each GLIBC_TUNABLES value of the start's entries, in order."""
+    return [value for name, has_value, value in (entry.partition("=") for entry in started)
+            if has_value and name == TUNABLES_ENV]
 
 
 def _tunable_entries(text: str, strict: bool) -> list[tuple[str, str]]:

@@ -329,6 +329,26 @@ def test_a_variable_changed_after_the_start_or_given_twice_is_read_as_glibc_read
     assert users == glibc_took
 
 
+@WITH_MALLINFO2
+@pytest.mark.parametrize("started", [
+    [("GLIBC_TUNABLES", "glibc.malloc.check=0"), ("SAVED", "glibc.malloc.check=1:glibc.malloc.mmap_threshold=4194304")],
+    [("GLIBC_TUNABLES", "glibc.malloc.check=0:glibc.malloc.arena_max=2"),
+     ("SAVED", "x:glibc.malloc.mmap_threshold=4194304")],
+    [("GLIBC_TUNABLES", "glibc.malloc.check=0:glibc.malloc.mmap_threshold=4194304"), ("SAVED", "x")],
+], ids=["a-variable-after-it", "a-variable-after-its-cut-rest", "its-cut-rest-then-a-variable"])
+def test_a_variable_after_glibc_tunables_is_not_read_as_part_of_it(no_user_threshold, started):
+    """Before 2.39 glibc writes a NUL into /proc/self/environ's GLIBC_TUNABLES after each value it takes, and its rest
+    reads as entries of their own: host_malloc joined every entry after a GLIBC_TUNABLES back into it, up to the next
+    one, so a variable after it whose value held a tunable's text (a tunables string kept for a child, SAVED here) was
+    read as glibc's, and large_blocks_mapped stood aside for a threshold glibc never took. Only what begins no
+    variable of the environment is the cut's rest."""
+    done = subprocess.run([sys.executable, "-c", TUNED.format(after_start="")], capture_output=True, text=True,
+                          timeout=120, env=_Entries([*os.environ.items(), *started]))
+    assert done.returncode == 0, done.stderr[-2000:]
+    glibc_took, users = done.stdout.split()
+    assert users == glibc_took
+
+
 GLIBCS = ((2, 36), (2, 39), (2, 41))
 
 
