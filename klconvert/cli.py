@@ -19,7 +19,7 @@ from klconvert.checkpoint.regular_file import kind_of
 from klconvert.config import KimiLinearConfig
 from klconvert.devices import DEVICE_NAMES, NOT_A_DEVICE, checked_device, device_name
 from klconvert.entry import StdoutFailed, complete_note, exit_interrupted, signal_of, signal_status
-from klconvert.errors import (KLError, PlanDoesNotFit, controls_escaped, descriptors_exhausted,
+from klconvert.errors import (KLError, PlanDoesNotFit, argument, controls_escaped, descriptors_exhausted,
                              descriptors_exhausted_behind, shown)
 from klconvert.extras import require
 from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, DEFAULT_REPO, bundled_dir, default_model, model_folder
@@ -708,13 +708,16 @@ def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path
          max_context: int | None, batch: int | None, mla_cache_dtype: str | None, kda_state_dtype: str | None,
          bits: str | None, group_size: int | None) -> None:
     _stdout_for_people()
-    from klconvert.quant.scheme import GROUP_SIZE
-    from klconvert.runtime.plan_report import gpu_memory_bytes, plan_for, render_plan
-
     if (model is None) == (preset is None):
         raise KLError("give exactly one of --model DIR or --preset NAME")
     _refuse_layers_with_model(model, layers)
     folder = None if model is None else model_folder(model, f"--model {model}")
+    if folder is not None:   # its config.json read and checked before the planner imports torch (~2 s of CPU): a
+        # folder that holds no model is refused as `run` refuses it, in a fifth of a second (plan_for reads it again)
+        KimiLinearConfig.from_file(folder / CONFIG_FILE)
+    from klconvert.quant.scheme import GROUP_SIZE
+    from klconvert.runtime.plan_report import gpu_memory_bytes, plan_for, render_plan
+
     memory_limit = gpu_memory_bytes(gpu_memory) if gpu_memory is not None else None
     same = dict(model=folder, preset=preset, layers=layers, batch=batch, context=max_context, memory_limit=memory_limit,
                 mla_cache_dtype=mla_cache_dtype, kda_state_dtype=kda_state_dtype)
@@ -802,9 +805,13 @@ def _quantize_options(command):
 def quantize(src: str, out: Path, bits: int | None, group_size: int | None, symmetric: bool | None,
              scheme: str | None, observer: str | None, recipe: Path | None, device: str | None,
              max_shard_size: str | None, force: bool, allow_split_fused: bool) -> None:
+    folder = model_folder(src, f"SRC {src}")
+    # SRC's config.json read and checked before the quantizer imports torch (~2 s of CPU): a folder that holds no
+    # model is refused as `run` refuses it, in a fifth of a second (the quantizer reads it again as it opens SRC)
+    KimiLinearConfig.from_file(folder / CONFIG_FILE, argument("src", "SRC"))   # as the quantizer names it
     from klconvert.quantize import quantize as quantize_checkpoint
 
-    result = quantize_checkpoint(model_folder(src, f"SRC {src}"), out, bits=bits, group_size=group_size,
+    result = quantize_checkpoint(folder, out, bits=bits, group_size=group_size,
                                  symmetric=symmetric, scheme=scheme, observer=observer,
                                  recipe=recipe, device=device, force=force, allow_split_fused=allow_split_fused,
                                  max_shard_bytes=_shard_bytes(max_shard_size))

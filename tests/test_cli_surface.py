@@ -568,6 +568,29 @@ def test_help_and_errors_do_not_load_torch():
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.parametrize("command", [["plan", "--model", "{folder}"], ["quantize", "{folder}", "{folder}-w4a16"]])
+def test_a_folder_that_holds_no_model_is_refused_without_torch(tmp_path, command):
+    """plan --model and quantize imported torch (~2 s of CPU) before they read the folder's config.json, so refusing
+    a folder that holds no Kimi Linear took ten times as long as run's refusal of it. In a child, since what is
+    asserted is what the process imports."""
+    folder = tmp_path / "other"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    args = [arg.format(folder=folder) for arg in command]
+    code = ("import sys\n"
+            "from klconvert.cli import cli\n"
+            "from klconvert.errors import KLError\n"
+            "try:\n"
+            f"    cli.main({args!r}, standalone_mode=False)\n"
+            "except KLError as e:\n"
+            "    assert \"model_type 'llama' is not supported\" in str(e), e\n"
+            "    assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "else:\n"
+            "    raise AssertionError('the folder was taken')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
 @pytest.mark.parametrize("preset, want", [({}, "expandable_segments:True"),
                                           ({"PYTORCH_ALLOC_CONF": "max_split_size_mb:64"}, None),
                                           ({"PYTORCH_CUDA_ALLOC_CONF": "backend:native"}, "backend:native"),
