@@ -29,7 +29,7 @@ from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_by
 from klconvert.runtime.model import MLA_KEY_BLOCK
 from klconvert.runtime.weights import HeldPacked
 from klconvert.synth.checkpoint import synth_values, tensor_generator
-from klconvert.units import layers_text, size_text
+from klconvert.units import counted, size_text
 
 RESIDUAL_OUTPUTS = ("o_proj.weight", "w2.weight", "down_proj.weight")  # what each layer adds to the residual
 CHECK_PROMPT = 64       # tokens of the depth check's prompt
@@ -138,7 +138,7 @@ def _refuse_a_reference_that_does_not_fit(config: KimiLinearConfig, device: torc
     if plan.total > limit:
         raise DepthCheckDoesNotFit(f"--check compares against the PyTorch path, whose weights are dequantized to "
                                    f"{str(dtype).removeprefix('torch.')} ({size_text(plan.total)} at "
-                                   f"{layers_text(config.num_hidden_layers)}), more than the {size_text(limit)} "
+                                   f"{counted(config.num_hidden_layers, 'layer')}), more than the {size_text(limit)} "
                                    f"{device} has free for this process; pass --no-check (the CUDA graph is still "
                                    "checked against the eager step)", free_the_gpu(device, plan.total))
 
@@ -168,7 +168,7 @@ def depth_check(config: KimiLinearConfig, weights: Weights, device: torch.device
     check = {"rel_err": _rel(fast, ref), "top1": _top1_agreement(fast, ref)}
     if not (check["rel_err"] <= DEPTH_CHECK_BOUND and check["top1"] >= DEPTH_CHECK_TOP1):
         raise KLError(f"bench check failed: the Triton path against the PyTorch bf16 path at "
-                      f"{layers_text(config.num_hidden_layers)}: rel err {check['rel_err']:.3g} "
+                      f"{counted(config.num_hidden_layers, 'layer')}: rel err {check['rel_err']:.3g} "
                       f"(bound {DEPTH_CHECK_BOUND}), "
                       f"top-1 {check['top1']:.3f} (at least {DEPTH_CHECK_TOP1}); nothing was timed")
     return check
@@ -470,10 +470,10 @@ def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[in
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
     copy = copy_bandwidth(device, 2 << 30 if cuda else 1 << 24)
     result = BenchResult(gpu, config.num_hidden_layers, bits, copy / 1e9)
-    report(f"{result.gpu}: copy {result.copy_gb_s:.0f} GB/s; {layers_text(config.num_hidden_layers)}, {bits}")
+    report(f"{result.gpu}: copy {result.copy_gb_s:.0f} GB/s; {counted(config.num_hidden_layers, 'layer')}, {bits}")
     if calm_weights is not None:
         result.depth_check = depth_check(config, calm_weights, device, check_prompt)
-        report(f"check: Triton vs PyTorch bf16 path at {layers_text(config.num_hidden_layers)} (calm weights): "
+        report(f"check: Triton vs PyTorch bf16 path at {counted(config.num_hidden_layers, 'layer')} (calm weights): "
                f"rel err {result.depth_check['rel_err']:.4f}, top-1 {result.depth_check['top1']:.3f}")
     if prefills and calm_weights is not None:
         result.prefill_check = prefill_check(config, calm_weights, device, prefill_check_tokens, cache)
@@ -586,8 +586,8 @@ def refuse_a_peer_that_does_not_fit(peer_config: Callable[[int], dict], layers: 
     fit = max((n for n in range(1, layers) if peer_bytes(peer_config(n), new_tokens) <= room), default=0)
     fewer = f"give --peer-layers {fit} or fewer" if fit else "drop --peer"
     remedy = free_the_gpu(device, need)
-    raise KLError(f"{asked}: transformers' bf16 model of {layers_text(layers)} needs about {size_text(need)}, more "
-                  f"than the {size_text(room)} {device} has free for this process; {fewer}"
+    raise KLError(f"{asked}: transformers' bf16 model of {counted(layers, 'layer')} needs about {size_text(need)}, "
+                  f"more than the {size_text(room)} {device} has free for this process; {fewer}"
                   + (f", or {remedy}" if remedy is not None else ""))
 
 
@@ -614,7 +614,7 @@ def time_transformers(raw_config: dict, new_tokens: int, report: Callable[[str],
             timings.append((seconds(new_tokens) - seconds(1)) / (new_tokens - 1) * 1e3)
             if len(timings) >= 2 and abs(timings[-1] - timings[-2]) <= 0.05 * timings[-2]:
                 break
-    report(f"peer: transformers KimiLinearForCausalLM bf16, {layers_text(raw_config['num_hidden_layers'])}: "
+    report(f"peer: transformers KimiLinearForCausalLM bf16, {counted(raw_config['num_hidden_layers'], 'layer')}: "
            f"{timings[-1]:.2f} ms/token (timings while warming: {', '.join(f'{t:.1f}' for t in timings)})")
     model = None  # free it before anything else runs
     torch.cuda.empty_cache()

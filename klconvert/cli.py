@@ -30,7 +30,7 @@ from klconvert.runtime.device_memory import (COMMAND_LEVERS, PRESET_BENCH_LEVERS
                                              PromptsDoNotFit, WeightsDoNotFit, device_exhausted, fewer_bits_hold_less)
 from klconvert.runtime.host_memory import OUT_OF_HOST_MEMORY, import_exhausted
 from klconvert.shell_command import shell_command
-from klconvert.units import binary_size_text, layers_text, size_text, size_texts
+from klconvert.units import binary_size_text, counted, size_text, size_texts
 from klconvert.user_paths import refuse_unreachable, shown_path
 
 # the runtime's MLA cache dtypes by name (runtime/state.py MLA_CACHE_DTYPES; named here, torch-free, for --help)
@@ -438,15 +438,15 @@ def _context_error(where: str, tokens: int, at_least: bool, max_new_tokens: int,
                    config: KimiLinearConfig) -> KLError:
     """What is true when the prompt of `where` (the flag that gave it), of `tokens` (or more), plus --max-new-tokens
     does not fit."""
-    prompt = (f"the prompt of {where} ({'over ' if at_least else ''}{tokens:,} tokens) plus --max-new-tokens "
-              f"{max_new_tokens}")
+    prompt = (f"the prompt of {where} ({'over ' if at_least else ''}{counted(tokens, 'token')}) plus "
+              f"--max-new-tokens {max_new_tokens}")
     need, limit, limit_name = tokens + max_new_tokens, config.model_max_length, config.model_max_length_name
     if max_context is not None and need <= limit:
-        return KLError(f"{prompt} needs a context of {'more than ' if at_least else ''}{need:,} tokens but "
+        return KLError(f"{prompt} needs a context of {'more than ' if at_least else ''}{counted(need, 'token')} but "
                        f"--max-context is {max_context:,}; raise --max-context (up to the model's {limit_name} "
                        f"{limit:,}) or shorten the prompt")
-    return KLError(f"{prompt} is over the model's {limit_name} of {limit:,} tokens; shorten the prompt or lower "
-                   "--max-new-tokens")
+    return KLError(f"{prompt} is over the model's {limit_name} of {counted(limit, 'token')}; shorten the prompt or "
+                   "lower --max-new-tokens")
 
 
 def _given_once(param: click.Parameter, given: tuple[str, ...]) -> str | None:
@@ -522,7 +522,7 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
         raise KLError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in "
                       + (f"--max-context {max_context}; raise --max-context or lower --max-new-tokens"
                          if max_context is not None and max_context < limit else
-                         f"the model's {limit_name} of {limit:,} tokens; lower --max-new-tokens"))
+                         f"the model's {limit_name} of {counted(limit, 'token')}; lower --max-new-tokens"))
     tokenizer = Tokenizer.from_folder(folder)
     if prompt is not None and prompt_files:
         raise KLError("give the prompt as --prompt TEXT or --prompt-file FILE (- for standard input), not both")
@@ -577,8 +577,8 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
         sys.stdout.write("".join(parts) + stream.flush() + "\n")
     s = runner.stats
     decode = f"decode {s.decode_tps:.1f} tokens/s" if s.timed_steps else "no decode step"   # not a rate of 0
-    summary = (f"prompt {s.prompt_tokens} tokens | prefill {s.prefill_tps:.1f} tokens/s | {s.new_tokens} new, "
-               f"{decode}" + (f" | seed {seed}" if temperature > 0 else ""))
+    summary = (f"prompt {counted(s.prompt_tokens, 'token')} | prefill {s.prefill_tps:.1f} tokens/s | "
+               f"{s.new_tokens} new, {decode}" + (f" | seed {seed}" if temperature > 0 else ""))
     if engine == "onnxruntime":
         click.echo(f"{summary} | onnxruntime: cpu float32, batch {len(prompts)}", err=True)
         return
@@ -724,7 +724,7 @@ def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path
     p = plan_for(recipe=recipe, bits=None if bits is None else int(bits), group_size=group_size, **same)
     # a preset is said as one: `--preset tiny` (random weights, presets.TINY) is not `--model tiny` (the bundled model),
     # nor a preset cut to fewer layers the whole one
-    title = model if model is not None else f"preset {preset}" + (f", {layers_text(layers)}" if layers else "")
+    title = model if model is not None else f"preset {preset}" + (f", {counted(layers, 'layer')}" if layers else "")
     click.echo(render_plan(p, title=title + (f" with {recipe}" if recipe else "")))
     if p.memory_limit is not None and p.headroom < 0:
         fit = p.largest_context()

@@ -11,7 +11,7 @@ from klconvert.checkpoint.regular_file import parse_json, read_bounded
 from klconvert.errors import KLError, few, not_utf8, refuse_if_not_permitted, shown, unreadable_reason
 from klconvert.release import RELEASED_CONFIG
 from klconvert.verified_files import redownload_advice
-from klconvert.units import layers_text
+from klconvert.units import counted
 
 SUPPORTED_MODEL_TYPES = ("kimi_linear",)
 # The release's model class, which transformers and vLLM load a folder by: klconvert's outputs copy config.json
@@ -263,7 +263,7 @@ class KimiLinearConfig:
         n = values["num_hidden_layers"]
         if len(lin["kda_layers"]) + len(lin["full_attn_layers"]) > n:
             raise KLError(f"{where}: linear_attn_config's kda_layers and full_attn_layers hold "
-                          f"{len(lin['kda_layers']) + len(lin['full_attn_layers'])} entries for {layers_text(n)}; "
+                          f"{len(lin['kda_layers']) + len(lin['full_attn_layers'])} entries for {counted(n, 'layer')}; "
                           "each layer is named once -- fix the config")
         layers = {}
         for name in ("kda_layers", "full_attn_layers"):

@@ -27,7 +27,7 @@ from klconvert.runtime.memory_plan import MemoryPlan, weight_bytes
 from klconvert.runtime.sampling import as_number
 from klconvert.text_input import text_tokens
 from klconvert.tokenizer import BPE_FILE, TOKENIZER_CONFIG_FILE, Tokenizer
-from klconvert.units import size_text
+from klconvert.units import counted, size_text
 
 MIN_SCORED_TOKENS = 2  # a next-token prediction takes a token and the one after it to score
 KL_QUANTILE = 0.99
@@ -244,7 +244,7 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
         require("bitsandbytes.functional", f"{names[0]} (NF4 weights)")   # so is what reading them needs
     ids = text_tokens(text, "the evaluation text", tokenizer, tokens).ids[:tokens]   # not the whole of a long text
     if len(ids) < MIN_SCORED_TOKENS:
-        raise KLError(f"the evaluation text (--text-file) is {len(ids)} token(s) long; give at least "
+        raise KLError(f"the evaluation text (--text-file) is {counted(len(ids), 'token')} long; give at least "
                       f"{MIN_SCORED_TOKENS} tokens of text to evaluate on")
     for config, name in zip(configs, names):   # before either runs: the model's limit was met after the reference ran
         if len(ids) > config.model_max_length:

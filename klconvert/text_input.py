@@ -13,6 +13,7 @@ from itertools import chain
 from pathlib import Path
 
 from klconvert.errors import KLError, not_utf8
+from klconvert.units import counted
 from klconvert.tokenizer import MAX_ENCODE_CHARS, Tokenizer
 
 READ_CHUNK_BYTES = 1 << 20
@@ -123,5 +124,5 @@ def read_text_file(path: str | Path, flag: str, tokenizer: Tokenizer, max_tokens
     file holds fewer than `min_tokens`."""
     result = read_tokens(_chunks(str(path), flag), f"{flag} {path}", tokenizer, max_tokens)
     if len(result.ids) < min_tokens:
-        raise KLError(f"{result.where}: holds {len(result.ids)} token(s) of text; give at least {min_tokens}")
+        raise KLError(f"{result.where}: holds {counted(len(result.ids), 'token')} of text; give at least {min_tokens}")
     return result.text

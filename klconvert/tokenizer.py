@@ -24,6 +24,7 @@ from klconvert.chat_template import RenderPastBound, render_chat_template
 from klconvert.config import SIZE_RANGES, KimiLinearConfig
 from klconvert.errors import KLError, not_utf8, refuse_if_not_permitted, shown, unreadable_reason
 from klconvert.models import resolve_model
+from klconvert.units import counted
 from klconvert.verified_files import redownload_advice
 
 BPE_FILE = "tiktoken.model"
@@ -579,8 +580,8 @@ class Tokenizer:
                                             None if max_tokens is None else int(max_tokens) * per_id,
                                             messages=escaped, add_generation_prompt=True, **tokens)
         except RenderPastBound as e:
-            raise ChatPastTokens(int(max_tokens), f"{e}, more than {max_tokens:,} tokens can hold at up to {per_id} "
-                                 "characters a token") from None
+            raise ChatPastTokens(int(max_tokens), f"{e}, more than {counted(max_tokens, 'token')} can hold at up to "
+                                 f"{per_id} characters a token") from None
         ids: list[int] = []
         for index, part in enumerate(self._special_split.split(rendered)):  # [text, special, text, ...]
             if index % 2:

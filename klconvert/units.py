@@ -30,6 +30,6 @@ def count_text(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n:,}"
 
 
-def layers_text(n: int) -> str:
-    """A count of layers: 1 layer, 27 layers."""
-    return f"{n} layer" if n == 1 else f"{n} layers"
+def counted(n: int, noun: str) -> str:
+    """A count of a thing whose plural takes an s, singular for one: 1 layer, 27 layers, 1 token, 2,048 tokens."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"

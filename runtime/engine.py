@@ -38,7 +38,7 @@ from klconvert.runtime.sampling import as_number, check_generate_args, sample, s
 from klconvert.runtime.state import MLA_CACHE_DTYPES
 from klconvert.runtime.weights import HeldPacked, Packed, use_triton
 from klconvert.tokenizer import Tokenizer, check_tokenizer_if_any, model_stop_ids
-from klconvert.units import size_text, size_texts
+from klconvert.units import counted, size_text, size_texts
 
 SMALL_MODEL_HIDDEN = 1024  # below this hidden size, CPU decode runs on one thread (see Engine._small_model_threads)
 MAX_TOKENS_IN_FLIGHT = 8  # decode steps the host may run ahead of the tokens it has seen (stop checks lag so)
@@ -696,11 +696,12 @@ class Engine(Runner):
         new = f" plus {argument('max_new_tokens', '--max-new-tokens', max_new_tokens)}" if max_new_tokens else ""
         limit, limit_name = self.config.model_max_length, self.config.model_max_length_name
         if need > limit:   # no plan holds it: raising the context would only be refused in turn
-            raise KLError(f"the prompt ({prompt_tokens:,} tokens){new} is over the model's {limit_name} of {limit:,} "
-                          "tokens; shorten the prompt" + (" or make fewer new tokens" if max_new_tokens else ""))
-        raise KLError(f"the prompt ({prompt_tokens:,} tokens){new} needs a context of {need:,} tokens but the memory "
-                      f"plan holds {self.plan.context:,}; raise {self._context_argument()} to {need} or more, or "
-                      "shorten the prompt")
+            raise KLError(f"the prompt ({counted(prompt_tokens, 'token')}){new} is over the model's {limit_name} of "
+                          f"{counted(limit, 'token')}; shorten the prompt"
+                          + (" or make fewer new tokens" if max_new_tokens else ""))
+        raise KLError(f"the prompt ({counted(prompt_tokens, 'token')}){new} needs a context of "
+                      f"{counted(need, 'token')} but the memory plan holds {self.plan.context:,}; raise "
+                      f"{self._context_argument()} to {need} or more, or shorten the prompt")
 
     # ---- prefill ---------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -28,7 +28,7 @@ from klconvert.runtime.memory_plan import MAX_BATCH, MemoryPlan, weight_bytes
 from klconvert.runtime.model import KimiLinear
 from klconvert.runtime.state import MLA_CACHE_DTYPES
 from klconvert.runtime.weights import HeldPacked
-from klconvert.units import binary_size_text
+from klconvert.units import binary_size_text, counted
 
 # What a plan takes where neither a flag nor the recipe's runtime: section says (the help and README restate these;
 # tests/test_memory_plan.py holds the help to them)
@@ -258,7 +258,7 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
         context = settings["max_context"]
     elif context is not None and context > config.model_max_length:
         raise KLError(f"--max-context {context} is over the model's {config.model_max_length_name} "
-                      f"{config.model_max_length:,}; plan for {config.model_max_length:,} tokens or fewer")
+                      f"{config.model_max_length:,}; plan for {counted(config.model_max_length, 'token')} or fewer")
     return MemoryPlan(config, batch=batch or runtime["batch"],
                       context=context or min(runtime["max_context"], config.model_max_length),
                       weight_bytes=weight_bytes(config, dtype, policy), act_dtype=dtype,
@@ -280,7 +280,7 @@ def render_plan(p: MemoryPlan, title: str) -> str:
         ("KDA conv tails / sequence", binary_size_text(p.conv_bytes_per_seq)),
         (f"state x batch {p.batch}", binary_size_text(p.state_bytes)),
         ("MLA latent cache / token", f"{p.mla_bytes_per_token:,} B"),
-        (f"MLA latent cache @ {p.context:,} tokens x {p.batch}", binary_size_text(p.mla_cache_bytes)),
+        (f"MLA latent cache @ {counted(p.context, 'token')} x {p.batch}", binary_size_text(p.mla_cache_bytes)),
         (f"workspace (a prompt's prefill segment, decode x {p.batch})", binary_size_text(p.workspace)),
         ("total", binary_size_text(p.total)),
     ]
@@ -289,7 +289,7 @@ def render_plan(p: MemoryPlan, title: str) -> str:
         rows += [("GPU memory", binary_size_text(p.memory_limit)),
                  ("headroom", ("-" + binary_size_text(-headroom) + "  (does NOT fit)") if headroom < 0
                   else f"{binary_size_text(headroom)} ({100 * headroom / p.memory_limit:.1f}%)"),
-                 ("largest context that fits", f"{p.largest_context():,} tokens")]
+                 ("largest context that fits", counted(p.largest_context(), 'token'))]
     width = max(len(k) for k, _ in rows)
     head = (f"Memory plan for {title}: batch {p.batch}, context {p.context:,}, activations "
             f"{str(p.act_dtype).split('.')[-1]}, MLA cache {str(p.mla_cache_dtype).split('.')[-1]}, "

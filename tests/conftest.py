@@ -2,6 +2,7 @@
 released (and transformers) format, made per session."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -120,6 +121,14 @@ def trained_like(tiny_released, tmp_path_factory):
 def tiny_copy(tiny_released, tmp_path):
     """A private copy of the tiny checkpoint that a test may damage."""
     return shutil.copytree(tiny_released, tmp_path / "tiny")
+
+
+@pytest.fixture
+def one_token_model(tiny_copy):
+    """tiny_copy with a model_max_length of 1, the least a config may say: its limits are counts of one."""
+    config = json.loads((tiny_copy / "config.json").read_text())
+    (tiny_copy / "config.json").write_text(json.dumps({**config, "model_max_length": 1}))
+    return tiny_copy
 
 
 @pytest.fixture(autouse=True)

@@ -65,6 +65,26 @@ def test_one_new_token_has_no_decode_rate(capsys):
     assert code == 0 and re.search(r"\| 2 new, decode [\d.]+ tokens/s \| plan: ", err) and "decode 0.0 " not in err
 
 
+def test_a_prompt_of_one_token_is_summed_up_as_one(capsys):
+    """The summary said "prompt 1 tokens" (units.counted)."""
+    code, out, err = run_cli(capsys, "run", "--model", "tiny", "--prompt", "x", "--max-new-tokens", "0",
+                             "--device", "cpu")
+    assert code == 0 and err.startswith("prompt 1 token | prefill "), err
+
+
+def test_a_context_of_one_token_is_said_as_one(capsys, one_token_model):
+    """A prompt, or --max-new-tokens, past a model's model_max_length of 1 was refused as past "1 tokens"
+    (units.counted; a chat's prompt "over 1 token": test_hostile_files)."""
+    line = assert_one_line_error(*run_cli(capsys, "run", "--model", one_token_model, "--prompt", "hello there",
+                                          "--max-new-tokens", "0")[::2])
+    assert line.endswith("is over the model's model_max_length of 1 token; shorten the prompt or lower "
+                         "--max-new-tokens"), line
+    line = assert_one_line_error(*run_cli(capsys, "run", "--model", one_token_model, "--prompt", "hello there",
+                                          "--max-new-tokens", "1")[::2])
+    assert line.endswith("--max-new-tokens 1 leaves no room for a prompt in the model's model_max_length of 1 token; "
+                         "lower --max-new-tokens"), line
+
+
 @pytest.mark.slow
 def test_the_summary_names_the_drawn_seed_which_repeats_the_run(tiny_released, capsys):
     args = ("run", "--model", tiny_released, "--prompt", "Hello", "--max-new-tokens", "16", "--temperature", "1")

@@ -327,8 +327,9 @@ def test_a_text_file_of_fewer_than_2_tokens_is_refused_naming_it(tmp_path, capsy
     assert tokens < 2
     code, _, err = run_cli(capsys, "eval", "--model", "tiny", "--reference", "tiny", "--text-file", path,
                            "--device", "cpu")
-    assert_one_line_error(code, err, f"--text-file {path}: holds {tokens} token(s) of text; give at least 2")
-    with pytest.raises(klconvert.KLError, match=rf"^the evaluation text \(--text-file\) is {tokens} token\(s\) long; "
+    said = {0: "0 tokens", 1: "1 token"}[tokens]   # "1 token(s)" before
+    assert_one_line_error(code, err, f"--text-file {path}: holds {said} of text; give at least 2")
+    with pytest.raises(klconvert.KLError, match=rf"^the evaluation text \(--text-file\) is {said} long; "
                                                 r"give at least 2 tokens of text to evaluate on$"):
         evaluate("tiny", "tiny", content, device="cpu")
 

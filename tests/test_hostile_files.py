@@ -131,7 +131,7 @@ def test_huge_size_fields_are_refused_in_bounded_memory(tiny_copy, edit, needles
      ["field 'layer_types' (['linear_attention',", "says other layer kinds than linear_attn_config"]),
     (lambda c: c.update(mlp_layer_types=["sparse"] * c["num_hidden_layers"]),
      ["field 'mlp_layer_types' (['sparse',", "says other layer kinds than first_k_dense_replace"]),
-    # a count of one layer is said as one ("for 1 layers" before; units.layers_text)
+    # a count of one layer is said as one ("for 1 layers" before; units.counted)
     (lambda c: c.update(num_hidden_layers=1, linear_attn_config={**c["linear_attn_config"], "kda_layers": [1],
                                                                  "full_attn_layers": [1]}),
      ["full_attn_layers hold 2 entries for 1 layer; each layer is named once"]),
@@ -494,7 +494,7 @@ def test_a_chat_with_no_room_left_is_over_the_context_not_a_broken_template(tiny
     bundled template and a context of 20: a refusal about what it says, in this process."""
     line = refusal_here(capsys, "run", "--model", tiny_copy, "--prompt", "hi", "--chat", "--max-context", "20",
                         "--max-new-tokens", "19", "--device", "cpu")
-    assert "the prompt of --prompt (over 1 tokens) plus --max-new-tokens 19 needs a context of more than 20 tokens " \
+    assert "the prompt of --prompt (over 1 token) plus --max-new-tokens 19 needs a context of more than 20 tokens " \
            "but --max-context is 20; raise --max-context" in line, line
 
 

@@ -254,6 +254,26 @@ def test_render_plan_lists_every_part():
         assert needle in text
 
 
+def test_a_plan_of_one_token_says_one(capsys, one_token_model):
+    """The plan's lines said "@ 1 tokens", "fits 1 tokens" and "plan for 1 tokens or fewer" (units.counted)."""
+    p = plan_for(preset="tiny", context=1)
+    text = render_plan(dataclasses.replace(p, memory_limit=p.total_for(1)), "x")
+    assert "MLA latent cache @ 1 token x 1 " in text, text
+    assert text.splitlines()[-1].split() == ["largest", "context", "that", "fits", "1", "token"], text
+    assert_one_line_error(*run_cli(capsys, "plan", "--model", one_token_model, "--max-context", "2")[::2],
+                          "--max-context 2 is over the model's model_max_length 1; plan for 1 token or fewer")
+
+
+def test_a_prompt_of_one_token_over_the_plan_is_said_as_one(one_token_model):
+    """Engine.check_fits said "the prompt (1 tokens)" and "of 1 tokens" (units.counted)."""
+    with pytest.raises(klconvert.KLError, match=r"^the prompt \(1 token\) plus max_new_tokens=1 \(--max-new-tokens\) "
+                                                r"needs a context of 2 tokens but the memory plan holds 1;"):
+        klconvert.load("tiny", device="cpu", max_context=1).check_fits(1, 1)
+    with pytest.raises(klconvert.KLError, match=r"^the prompt \(1 token\) plus max_new_tokens=1 \(--max-new-tokens\) "
+                                                r"is over the model's model_max_length of 1 token;"):
+        klconvert.load(one_token_model, device="cpu", max_context=1).check_fits(1, 1)
+
+
 def test_prompt_over_the_plan_is_refused(tiny_released):
     engine = klconvert.load(tiny_released, device="cpu", max_context=32)
     with pytest.raises(klconvert.KLError, match=r"prompt \(30 tokens\).*max_new_tokens=8 \(--max-new-tokens\).*32.*"

@@ -123,7 +123,7 @@ def test_a_text_file_of_exactly_the_least_tokens_is_read(tokenizer, tmp_path):
     path.write_text("hello world", encoding="utf-8")
     assert len(tokenizer.encode("hello world")) == MIN_SCORED_TOKENS
     assert read_text_file(path, "--text-file", tokenizer, 100, min_tokens=MIN_SCORED_TOKENS) == "hello world"
-    with pytest.raises(KLError, match=r"two\.txt: holds 2 token\(s\) of text; give at least 3$"):
+    with pytest.raises(KLError, match=r"two\.txt: holds 2 tokens of text; give at least 3$"):
         read_text_file(path, "--text-file", tokenizer, 100, min_tokens=MIN_SCORED_TOKENS + 1)
 
 

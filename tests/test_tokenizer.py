@@ -412,6 +412,9 @@ def test_a_render_longer_than_max_tokens_can_hold_is_stopped(broken_folder):
     assert refused.value.max_tokens == 64
     assert re.search(r"the rendered chat is longer than [\d,]+ characters, more than 64 tokens can hold at up to "
                      r"\d+ characters a token$", message) and "\n" not in message, message
+    # "1 tokens" before (units.counted)
+    with pytest.raises(ChatPastTokens, match=r"more than 1 token can hold at up to \d+ characters a token$"):
+        tokenizer.encode_chat([{"role": "user", "content": "hi"}], max_tokens=1)
     for wrong in (0, -1, 2.5, True, "64"):
         with pytest.raises(KLError, match=f"encode_chat: max_tokens {re.escape(repr(wrong))} should be a whole "
                                           "number of at least 1"):

@@ -1,7 +1,7 @@
 """How sizes and counts read in every line and card (klconvert/units.py): each unit from its first whole one."""
 from __future__ import annotations
 
-from klconvert.units import binary_size_text, count_text, layers_text, size_text, size_texts
+from klconvert.units import binary_size_text, count_text, counted, size_text, size_texts
 
 
 def test_binary_sizes_switch_unit_at_a_whole_one():
@@ -24,6 +24,7 @@ def test_sizes_set_side_by_side_never_read_alike():
     assert size_texts(3 << 20, (3 << 20) - 1, text=binary_size_text) == ["3,145,728 bytes", "3,145,727 bytes"]
 
 
-def test_a_count_of_layers_is_singular_at_one():
-    """bench said "1 layers" in its lines (h298's F5)."""
-    assert [layers_text(n) for n in (1, 2, 27)] == ["1 layer", "2 layers", "27 layers"]
+def test_a_count_is_singular_at_one():
+    """bench said "1 layers" in its lines (h298's F5), run "1 tokens" in its."""
+    assert [counted(n, "layer") for n in (1, 2, 27)] == ["1 layer", "2 layers", "27 layers"]
+    assert [counted(n, "token") for n in (0, 1, 131072)] == ["0 tokens", "1 token", "131,072 tokens"]

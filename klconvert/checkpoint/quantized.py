@@ -24,7 +24,7 @@ from klconvert.quant.policy import converted_module, is_linear_weight, kept_in_h
 from klconvert.quant.scheme import (COMPRESSED_STATUS, COMPRESSED_TENSORS, COMPRESSED_TENSORS_VERSION, NF4_BLOCKSIZE,
                                    PACKED_FORMAT)
 from klconvert.quant.stored import NF4_DATA, NF4_PARTS, NF4_REQUIRED, NF4_STATE, PACKED_PARTS, PACKED_REQUIRED
-from klconvert.units import layers_text
+from klconvert.units import counted
 
 # the NF4 parts a module's tensors are grouped by: its data's own name is the module's weight's
 NF4_PARTS_BESIDE_DATA = tuple(p for p in NF4_PARTS if p != NF4_DATA)
@@ -162,8 +162,9 @@ def find_quantized(method: str, declared: Declared | BnbDeclared, weight_map: di
         canonical = pieces[0][0]
         spec = expected.get(canonical)
         if spec is None or len(spec.shape) != 2:
-            raise KLError(f"{where} maps to no linear weight of this model ({layers_text(config.num_hidden_layers)}, "
-                          f"{config.num_experts} experts); {CONFIG_MISMATCH}")
+            raise KLError(f"{where} maps to no linear weight of this model "
+                          f"({counted(config.num_hidden_layers, 'layer')}, {config.num_experts} experts); "
+                          f"{CONFIG_MISMATCH}")
         kept = kept_in_high_precision(canonical)
         if kept is not None:   # the embedding and the router: vLLM's kimi_linear builds both without a quant method
             raise KLError(f"{where} is stored packed, but it is {kept}, which Kimi Linear keeps in high precision: "

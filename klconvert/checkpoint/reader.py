@@ -54,7 +54,7 @@ from klconvert.errors import (KLError, ValuesRefused, refuse_if_not_permitted, r
                               unreadable_reason)
 from klconvert.quant import QuantScheme
 from klconvert.quant.pack_quantized import check_scales
-from klconvert.units import layers_text
+from klconvert.units import counted
 
 FLOAT_DTYPES = set(WEIGHT_DTYPES.values())
 FP8_DTYPES = {"F8_E4M3", "F8_E5M2"}  # FP8-quantized weights: a form of the model klconvert does not read
@@ -240,8 +240,8 @@ class Checkpoint:
                 spec = self.expected.get(canonical)
                 if spec is None:
                     raise KLError(f"{where} maps to nothing in a Kimi Linear model with this config "
-                                  f"({layers_text(self.config.num_hidden_layers)}, {self.config.num_experts} experts); "
-                                  f"{CONFIG_MISMATCH}")
+                                  f"({counted(self.config.num_hidden_layers, 'layer')}, "
+                                  f"{self.config.num_experts} experts); {CONFIG_MISMATCH}")
                 shape = sliced_shape(entry.shape, index)
                 if shape != spec.shape:
                     raise KLError(f"{where} has shape {list(entry.shape)}, which does not give "
@@ -275,7 +275,7 @@ class Checkpoint:
             looked_in = [CONFIG_FILE, *([INDEX_FILE] if os.path.lexists(self.folder / INDEX_FILE) else []),
                          *sorted(self.headers)]
             raise KLError(f"{self.folder}: tensor {missing[0]}{more} is missing from the checkpoint, which its "
-                          f"config.json ({layers_text(self.config.num_hidden_layers)}, "
+                          f"config.json ({counted(self.config.num_hidden_layers, 'layer')}, "
                           f"{self.config.num_experts} experts) asks for; put back the config.json its weights came "
                           "with, else the checkpoint is "
                           f"incomplete -- {damaged_folder_remedy(self.folder, [self.folder / f for f in looked_in])}")
