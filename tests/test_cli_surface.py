@@ -568,27 +568,41 @@ def test_help_and_errors_do_not_load_torch():
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.parametrize("command", [["plan", "--model", "{folder}"], ["quantize", "{folder}", "{folder}-w4a16"]])
-def test_a_folder_that_holds_no_model_is_refused_without_torch(tmp_path, command):
-    """plan --model and quantize imported torch (~2 s of CPU) before they read the folder's config.json, so refusing
-    a folder that holds no Kimi Linear took ten times as long as run's refusal of it. In a child, since what is
-    asserted is what the process imports."""
-    folder = tmp_path / "other"
-    folder.mkdir()
-    (folder / "config.json").write_text('{"model_type": "llama"}')
-    args = [arg.format(folder=folder) for arg in command]
+def assert_refused_without_torch(args: list[str], needle: str) -> None:
+    """`klconvert ARGS` refused (KLError) with `needle` in its message, in a child that imported no torch: a child,
+    since what is asserted is what the process imports."""
     code = ("import sys\n"
             "from klconvert.cli import cli\n"
             "from klconvert.errors import KLError\n"
             "try:\n"
             f"    cli.main({args!r}, standalone_mode=False)\n"
             "except KLError as e:\n"
-            "    assert \"model_type 'llama' is not supported\" in str(e), e\n"
+            f"    assert {needle!r} in str(e), e\n"
             "    assert 'torch' not in sys.modules, 'torch was imported'\n"
             "else:\n"
-            "    raise AssertionError('the folder was taken')\n")
+            "    raise AssertionError('taken')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("command", [["plan", "--model", "{folder}"], ["quantize", "{folder}", "{folder}-w4a16"]])
+def test_a_folder_that_holds_no_model_is_refused_without_torch(tmp_path, command):
+    """plan --model and quantize imported torch (~2 s of CPU) before they read the folder's config.json, so refusing
+    a folder that holds no Kimi Linear took ten times as long as run's refusal of it."""
+    folder = tmp_path / "other"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    assert_refused_without_torch([arg.format(folder=folder) for arg in command],
+                                 "model_type 'llama' is not supported")
+
+
+@pytest.mark.parametrize("command", [["run", "--prompt", "x", "--model", "{folder}"], ["plan", "--model", "{folder}"],
+                                     ["quantize", "{folder}", "out"]])
+def test_a_model_folder_that_is_not_there_is_refused_without_torch(tmp_path, command):
+    """models.model_folder looks for a run writing a folder that is not there (convert.output_folder, whole_folder),
+    and those imported the shard writer and the checkpoint reader, and torch with them: "no such folder" took 2.6 s
+    of CPU."""
+    assert_refused_without_torch([arg.format(folder=tmp_path / "typo") for arg in command], "typo: no such folder")
 
 
 @pytest.mark.parametrize("preset, want", [({}, "expandable_segments:True"),

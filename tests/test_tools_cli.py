@@ -66,27 +66,27 @@ class InterruptAtImport(importlib.abc.MetaPathFinder):
             os.kill(os.getpid(), signal.SIGINT)
 sys.meta_path.insert(0, InterruptAtImport())
 """
-# the scripts that read no checkpoint: tool_output imports the checkpoint reader, and with it torch, only where one is
-# read, so their --help and their refusals import no torch
-READ_NO_CHECKPOINT = {"make_corpus.py", "plot_loss.py"}
+# the scripts whose --help imports no torch (~2 s of CPU): tool_output imports the checkpoint reader, and with it
+# torch, only where one is read; whole_folder, which writes an output folder, imports neither
+HELP_WITHOUT_TORCH = {"make_corpus.py", "plot_loss.py", "train_tokenizer.py"}
 
 
 def test_a_ctrl_c_while_a_script_imports_is_one_line(tmp_path):
     """The scripts took over SIGINT only as their main ran: a Ctrl-C in their first second, as torch imported, was
     Python's KeyboardInterrupt traceback (h248's F2). As `klconvert` itself: one line, 130. Each script that imports
-    torch is interrupted as that import starts; one of READ_NO_CHECKPOINT, whose --help imports no torch (its usage,
+    torch is interrupted as that import starts; one of HELP_WITHOUT_TORCH, whose --help imports no torch (its usage,
     status 0, where torch's import would be interrupted), as tool_output's first import of klconvert after it takes
     over (klconvert.errors)."""
-    assert READ_NO_CHECKPOINT <= {p.name for p in SCRIPTS}
+    assert HELP_WITHOUT_TORCH <= {p.name for p in SCRIPTS}
     (tmp_path / "sitecustomize.py").write_text(_INTERRUPT_AT_IMPORT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     runs = {(p.name, at): subprocess.Popen([sys.executable, str(p), "--help"], cwd=tmp_path,
                                            env={**env, "INTERRUPT_AT": at}, stdout=subprocess.PIPE,
                                            stderr=subprocess.PIPE, text=True)
-            for p in SCRIPTS for at in (("torch", "klconvert.errors") if p.name in READ_NO_CHECKPOINT else ("torch",))}
+            for p in SCRIPTS for at in (("torch", "klconvert.errors") if p.name in HELP_WITHOUT_TORCH else ("torch",))}
     for (name, at), proc in runs.items():
         out, err = proc.communicate(timeout=300)
-        if name in READ_NO_CHECKPOINT and at == "torch":
+        if name in HELP_WITHOUT_TORCH and at == "torch":
             assert proc.returncode == 0 and out.startswith(f"usage: {name}") and not err, (name, err[-2000:])
         else:
             assert (proc.returncode, out, err) == (130, "", "klconvert: interrupted\n"), (name, at, err[-2000:])

@@ -23,7 +23,7 @@ from klconvert.checkpoint.folder_files import (
     SINGLE_FILE,
     is_plain_file_name,
 )
-from klconvert.checkpoint.regular_file import open_regular, read_json
+from klconvert.checkpoint.regular_file import file_identity, open_regular, read_json
 from klconvert.checkpoint.name_map import (
     KDA_CONV_PART,
     STACKED_CONV,
@@ -408,12 +408,6 @@ def _stopped_stacking(weight_map: dict[str, str], headers: dict[str, Safetensors
                                                                      for x in "qkv"):
             stopped.append(prefix)
     return stopped
-
-
-def file_identity(st: os.stat_result) -> tuple[int, ...]:
-    """What changes when a file is replaced or rewritten: its device, inode, size, modification time, and the time
-    its inode last changed, which a write sets and no one can set back (`touch -r` restores the modification time)."""
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def open_checkpoint(folder: str | Path, flag: str = "--model", finish_stacking: bool = False) -> Checkpoint:

@@ -91,3 +91,9 @@ def read_json(path: Path, max_bytes: int, what: str, max_values: int | None = No
         raise ValueError(f"{values:,} '[', '{{' and ',' bytes, more JSON values than the {max_values:,} a {what} "
                          "holds")
     return parse_json(data.decode("utf-8"))
+
+
+def file_identity(st: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file is replaced or rewritten: its device, inode, size, modification time, and the time
+    its inode last changed, which a write sets and no one can set back (`touch -r` restores the modification time)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns

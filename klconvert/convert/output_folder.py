@@ -15,19 +15,21 @@ import tempfile
 import weakref
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from klconvert.atomic_file import write_atomically
 from klconvert.checkpoint.folder_files import CONFIG_FILE, GENAI_CONFIG, MAX_FILE_NAME_BYTES, RECIPE_FILE, RECIPE_HEADER
-from klconvert.checkpoint.reader import file_identity
-from klconvert.checkpoint.regular_file import open_regular, read_json
-from klconvert.checkpoint.safetensors_writer import PlannedTensor, shard_header
+from klconvert.checkpoint.regular_file import file_identity, open_regular, read_json
 from klconvert.disk_space import failed_write
 from klconvert.entry import Uninterrupted, note_complete, note_left
 from klconvert.errors import KLError, controls_escaped, refuse_out_of_descriptors, shown
 from klconvert.hex_digests import HASH_CHUNK_BYTES, SHA256_HEX
 from klconvert.shell_command import shell_command
 from klconvert.user_paths import refuse_unreachable, shown_path
+
+if TYPE_CHECKING:   # the shard writer imports torch (~2 s of CPU), which a refusal of OUT, or of a model folder that is
+    # not there (models.model_folder), needs not: shard_as_planned imports it where a shard is compared
+    from klconvert.checkpoint.safetensors_writer import PlannedTensor
 
 # What the partial folder is for (source fingerprint and options), and the sha256 and file of each shard finished so far
 RESUME_RECORD = ".klconvert-resume.json"
@@ -833,6 +835,8 @@ def shard_as_planned(path: Path, tensors: list[PlannedTensor]) -> bool:
     """Whether the shard at `path` is a regular file (not a link) that starts with the header of `tensors`, byte for
     byte, unparsed, and is their size: what is known of it without reading it through. OSError where it cannot be
     read."""
+    from klconvert.checkpoint.safetensors_writer import shard_header
+
     head = shard_header(tensors)
     if not stat.S_ISREG(os.lstat(path).st_mode):
         return False
