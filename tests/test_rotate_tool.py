@@ -120,7 +120,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsy
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(rotate_bundled, "save_file", full)
+    monkeypatch.setattr("safetensors.torch.save_file", full)   # rotate imports it as it runs
     monkeypatch.setattr(sys, "argv", ["rotate_bundled.py", str(tmp_path / "new" / "rot"), "--rotation", "identity"])
     with pytest.raises(SystemExit) as exit:
         rotate_bundled.main()
@@ -165,7 +165,7 @@ def test_a_hidden_size_hadamard_has_no_matrix_of_is_one_line_before_the_weights_
     model = train_bundled.fresh_model(KimiLinearConfig.from_dict(config), torch.device("cpu"), 0)
     train_bundled.write_checkpoint(tmp_path / "m", config, train_bundled.canonical_state(model), BUNDLED_DIR)
     read = []
-    monkeypatch.setattr(rotate_bundled, "safe_open", lambda *args: read.append(args))
+    monkeypatch.setattr("safetensors.safe_open", lambda *args: read.append(args))   # rotate imports it as it runs
     monkeypatch.setattr(sys, "argv", ["rotate_bundled.py", str(tmp_path / "rot"), "--model", str(tmp_path / "m")])
     with pytest.raises(SystemExit) as exit:
         rotate_bundled.main()

@@ -66,28 +66,35 @@ class InterruptAtImport(importlib.abc.MetaPathFinder):
             os.kill(os.getpid(), signal.SIGINT)
 sys.meta_path.insert(0, InterruptAtImport())
 """
-# the scripts whose --help imports no torch (~2 s of CPU): tool_output imports the checkpoint reader, and with it
-# torch, only where one is read; whole_folder, which writes an output folder, imports neither
-HELP_WITHOUT_TORCH = {"make_corpus.py", "plot_loss.py", "train_tokenizer.py"}
+# the scripts whose --help and refusal of an argument import no torch (~2 s of CPU): tool_output imports the
+# checkpoint reader, and with it torch, only where one is read; whole_folder, which writes an output folder, imports
+# neither; the others import torch (and what imports it) in the functions that use it
+HELP_WITHOUT_TORCH = {"make_corpus.py", "plot_loss.py", "train_tokenizer.py", "autoround_bundled.py", "awq_bundled.py",
+                      "gptq_bundled.py", "record_bundled.py", "rotate_bundled.py"}
 
 
 def test_a_ctrl_c_while_a_script_imports_is_one_line(tmp_path):
     """The scripts took over SIGINT only as their main ran: a Ctrl-C in their first second, as torch imported, was
     Python's KeyboardInterrupt traceback (h248's F2). As `klconvert` itself: one line, 130. Each script that imports
     torch is interrupted as that import starts; one of HELP_WITHOUT_TORCH, whose --help imports no torch (its usage,
-    status 0, where torch's import would be interrupted), as tool_output's first import of klconvert after it takes
-    over (klconvert.errors)."""
+    status 0, where torch's import would be interrupted; and an unknown option its usage error, status 2), as
+    tool_output's first import of klconvert after it takes over (klconvert.errors)."""
     assert HELP_WITHOUT_TORCH <= {p.name for p in SCRIPTS}
     (tmp_path / "sitecustomize.py").write_text(_INTERRUPT_AT_IMPORT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    runs = {(p.name, at): subprocess.Popen([sys.executable, str(p), "--help"], cwd=tmp_path,
-                                           env={**env, "INTERRUPT_AT": at}, stdout=subprocess.PIPE,
-                                           stderr=subprocess.PIPE, text=True)
-            for p in SCRIPTS for at in (("torch", "klconvert.errors") if p.name in HELP_WITHOUT_TORCH else ("torch",))}
-    for (name, at), proc in runs.items():
+    runs = {(p.name, at, arg): subprocess.Popen([sys.executable, str(p), arg], cwd=tmp_path,
+                                                env={**env, "INTERRUPT_AT": at}, stdout=subprocess.PIPE,
+                                                stderr=subprocess.PIPE, text=True)
+            for p in SCRIPTS
+            for at, arg in ((("torch", "--help"), ("torch", "--no-such-option"), ("klconvert.errors", "--help"))
+                            if p.name in HELP_WITHOUT_TORCH else (("torch", "--help"),))}
+    for (name, at, arg), proc in runs.items():
         out, err = proc.communicate(timeout=300)
-        if name in HELP_WITHOUT_TORCH and at == "torch":
+        if name in HELP_WITHOUT_TORCH and (at, arg) == ("torch", "--help"):
             assert proc.returncode == 0 and out.startswith(f"usage: {name}") and not err, (name, err[-2000:])
+        elif name in HELP_WITHOUT_TORCH and at == "torch":
+            assert proc.returncode == 2 and not out and err.startswith(f"usage: {name}"), (name, err[-2000:])
+            assert err.splitlines()[-1].startswith(f"{name}: error: "), (name, err[-2000:])   # argparse's one line
         else:
             assert (proc.returncode, out, err) == (130, "", "klconvert: interrupted\n"), (name, at, err[-2000:])
 

@@ -27,7 +27,6 @@ import yaml  # noqa: E402
 
 from gptq_bundled import QUANTIZER, calibration_parser, klconvert_recipe, run_calibration  # noqa: E402
 
-from klconvert.quant.defaults import LM_HEAD  # noqa: E402
 from klconvert.script_summary import script_summary  # noqa: E402
 
 
@@ -35,6 +34,8 @@ def autoround_recipe(recipe_path: Path, iters: int, batch_size: int) -> str:
     """klconvert's recipe with its QuantizationModifier swapped for an AutoRoundModifier of the same groups and
     ignore list, lm_head added to the list (and its group dropped); AutoRound learns the ranges, so the groups'
     observers go."""
+    from klconvert.quant.defaults import LM_HEAD   # the quantizer's package imports torch: not for --help
+
     recipe = klconvert_recipe(recipe_path)
     modifiers = recipe["quant_stage"]["quant_modifiers"]
     autoround = modifiers.pop(QUANTIZER)

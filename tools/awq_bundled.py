@@ -19,7 +19,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tool_output import run_tool  # noqa: E402
 
-import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from gptq_bundled import QUANTIZER, calibration_parser, klconvert_recipe, run_calibration  # noqa: E402
@@ -72,6 +71,8 @@ def awq_recipe(recipe_path: Path, config: KimiLinearConfig, then: str = "rtn") -
 def keep_cached_activations_unpinned() -> None:
     """Where there is no GPU: llm-compressor's AWQ pins the cached activations for GPU copies, which a CPU run has
     none of."""
+    import torch   # here, not above: --help and a refusal of the arguments import no torch (~2 s of CPU)
+
     if not torch.cuda.is_available():
         from llmcompressor.pipelines.cache import IntermediatesCache
         IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None

@@ -25,7 +25,6 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tool_output import bf16_checkpoint, positive_int, refuse_missing, run_tool  # noqa: E402
 
-import torch  # noqa: E402
 import yaml  # noqa: E402
 
 import bundled_corpus  # noqa: E402
@@ -98,6 +97,7 @@ def calibration_parser(description: str, samples: int) -> argparse.ArgumentParse
 def calibrate(model_dir: Path, out: Path, recipe: str, windows: list[list[int]]) -> None:
     """llm-compressor's oneshot of `recipe` on the bf16 model in model_dir over `windows`, saved with the tokenizer
     files klconvert reads to out, a new folder written whole or not at all."""
+    import torch   # here, not above: --help and a refusal of the arguments import no torch (~2 s of CPU)
     from datasets import Dataset
     from llmcompressor import oneshot  # llm-compressor's environment only (see above)
     from transformers import AutoModelForCausalLM

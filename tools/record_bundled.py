@@ -22,10 +22,7 @@ from tool_output import run_tool  # noqa: E402
 import bundled_corpus  # noqa: E402
 
 from klconvert.checkpoint.safetensors_header import read_header  # noqa: E402
-from klconvert.evaluate import evaluate  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
-from klconvert.quantize import RESUME_FORMAT, quantize  # noqa: E402
-from klconvert.runtime.engine import load  # noqa: E402
 from klconvert.script_summary import script_summary  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
 
@@ -52,6 +49,8 @@ def held_out_text() -> str:
 
 def greedy_continuation() -> list[int]:
     """The ids greedy decoding of the bundled model adds to PROMPT (CPU, fp32, PyTorch kernels)."""
+    from klconvert.runtime.engine import load   # torch's users imported where used here: --help imports no torch
+
     tokenizer = Tokenizer.from_folder(BUNDLED_DIR)
     ids = tokenizer.encode(PROMPT)
     engine = load(BUNDLED_DIR, device="cpu", dtype="float32", max_context=len(ids) + NEW_TOKENS, kernels="torch")
@@ -60,6 +59,9 @@ def greedy_continuation() -> list[int]:
 
 def int4_eval(tokens: int = HELD_OUT_TOKENS):
     """klconvert eval of the default int4 g128 quantization against the bundled bf16 folder on the held-out slice."""
+    from klconvert.evaluate import evaluate
+    from klconvert.quantize import quantize
+
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "int4"
         quantize(BUNDLED_DIR, out, bits=4, device="cpu", progress=False)
@@ -70,6 +72,8 @@ def quantized_tensors_sha256() -> dict[str, str]:
     """{PINNED_QUANTIZE_OPTIONS' label: sha256 of the tensors quantize writes from the bundled model (CPU): each
     shard's name, then each tensor's name, dtype, shape and bytes} -- what a rerun resumes an interrupted run with,
     kept."""
+    from klconvert.quantize import quantize
+
     hashes = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, options in PINNED_QUANTIZE_OPTIONS.items():
@@ -88,6 +92,8 @@ def quantized_tensors_sha256() -> dict[str, str]:
 
 
 def record() -> dict:
+    from klconvert.quantize import RESUME_FORMAT
+
     tokenizer = Tokenizer.from_folder(BUNDLED_DIR)
     continuation = greedy_continuation()
     result = int4_eval()

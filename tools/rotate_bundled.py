@@ -26,11 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tool_output import bf16_checkpoint, refuse_other_layout, run_tool  # noqa: E402
 
-import torch  # noqa: E402
-from compressed_tensors.transform.utils.hadamard import (deterministic_hadamard_matrix,  # noqa: E402
-                                                        random_hadamard_matrix)
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE, INDEX_FILE  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
@@ -41,12 +37,19 @@ from klconvert.script_summary import script_summary  # noqa: E402
 from klconvert.tokenizer import TOKENIZER_FILES  # noqa: E402
 from klconvert.whole_folder import refuse_taken, whole_folder  # noqa: E402
 
+if TYPE_CHECKING:   # torch, compressed-tensors and safetensors are imported where used: --help and a refusal of the
+    # arguments import no torch (~2 s of CPU)
+    import torch
+
 ROTATIONS = ("hadamard", "random-hadamard", "identity")
 
 
 def rotation(n: int, kind: str, seed: int = 0) -> torch.Tensor:
     """An orthogonal n x n matrix in fp64: compressed-tensors' Sylvester Hadamard (n a power of two), with random
     column signs for random-hadamard, scaled by 1/sqrt(n); identity folds the norms alone (the control)."""
+    import torch
+    from compressed_tensors.transform.utils.hadamard import deterministic_hadamard_matrix, random_hadamard_matrix
+
     if kind == "identity":
         return torch.eye(n, dtype=torch.float64)
     if kind == "hadamard":
@@ -108,6 +111,10 @@ def rotate(model: Path, out: Path, kind: str = "hadamard", dtype: torch.dtype | 
     dtype (or `dtype`), in the same shards, as a new folder written whole or not at all (it once wrote over its own
     input when `out` was `model`). The folder is checked first as klconvert checks any download (shard names, sizes,
     the tensors the config implies), and refused where it is quantized or names the tensors it rotates otherwise."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     refuse_out_over_source(model, out, "rotated model")
     refuse_taken(out)
     checkpoint = bf16_checkpoint(model)
