@@ -1,9 +1,12 @@
 """Reading quantized folders: compressed-tensors pack-quantized and bitsandbytes nf4 weights come back dequantized."""
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +23,29 @@ from testkit import assert_one_line_error, run_cli, shown_lines
 
 def write_quantized(src_folder, out, **options):
     """A quantized copy of `src_folder` made with klconvert.quant directly (one shard, groups of 32 unless `options`
-    say another group_size), and the packed tensors."""
+    say another group_size), and the packed tensors. Most tests here damage such a copy of the same source with the
+    same options: the folder is quantized once for each (a quarter to over a second of compressing), and each call
+    gets a copy of that one, its packed tensors cloned (a test may edit them)."""
+    pristine, packed = _quantized_once(_folder_as_it_is(Path(src_folder)), tuple(sorted(options.items())))
+    shutil.copytree(pristine, out)
+    return {name: ({part: t.clone() for part, t in parts.items()}, scheme) for name, (parts, scheme) in packed.items()}
+
+
+def _folder_as_it_is(folder: Path) -> tuple:
+    """What tells one state of a source folder from another: its path and each file's name, size and change times
+    (a folder edited in place between two calls is quantized again)."""
+    return (folder.resolve(), *sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns, f.stat().st_ctime_ns)
+                                      for f in folder.iterdir()))
+
+
+_QUANTIZED = tempfile.TemporaryDirectory(prefix="klconvert-test-quantized-")   # the folders _quantized_once wrote
+
+
+@functools.cache
+def _quantized_once(src_state: tuple, options: tuple) -> tuple[Path, dict]:
+    """The quantized folder (under _QUANTIZED, never handed out to be edited) and packed tensors of the source whose
+    state is `src_state` (_folder_as_it_is) under `options`."""
+    src_folder, options = src_state[0], dict(options)
     src = open_checkpoint(src_folder)
     policy = policy_from_options(**{"group_size": 32, **options}).check_against(
         [(n, s.shape) for n, s in src.expected.items()])
@@ -35,6 +60,7 @@ def write_quantized(src_folder, out, **options):
             compress_weight(module, src.get(name), scheme)
         tensors.update(parts)
         packed[name] = (parts, scheme)
+    out = Path(tempfile.mkdtemp(dir=_QUANTIZED.name)) / "q"
     out.mkdir()
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((src_folder / "config.json").read_text())
@@ -42,7 +68,7 @@ def write_quantized(src_folder, out, **options):
     (out / "config.json").write_text(json.dumps(config))
     for f in ("tiktoken.model", "tokenizer_config.json"):
         shutil.copy(src_folder / f, out / f)
-    return packed
+    return out, packed
 
 
 @pytest.mark.parametrize("options", [dict(bits=4, symmetric=False), dict(bits=8), dict(scheme="nf4")],
