@@ -80,6 +80,23 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _onnxruntime_threads_sleep_while_they_wait():
+    """onnxruntime's intra-op threads (one a core, OnnxEngine's default) spin while they wait for work, as conftest's
+    OMP_WAIT_POLICY=PASSIVE keeps torch's from doing: on CI's 2 cores, beside the other worker, that was a fifth of
+    the CPU time this file's own process spent (78 s, 63 s with them asleep; a prefill of 4,500 tokens of the bundled
+    int4 export alone took 8.1 s of CPU spinning, 5.5 s not). Every session this process makes lets them sleep: the
+    thread count, and what a session computes, are as they were."""
+    class SleepingWhileTheyWait(ort.SessionOptions):
+        def __init__(self):
+            super().__init__()
+            self.add_session_config_entry("session.intra_op.allow_spinning", "0")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ort, "SessionOptions", SleepingWhileTheyWait)
+        yield
+
+
 # ---- the weight conversion --------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
