@@ -1583,7 +1583,9 @@ def test_a_graph_asking_past_the_hosts_memory_fails_that_allocation_in_one_line(
 
 
 # In a fresh process (one arena, this prompt's alone), the export argv[1] with a prompt of argv[3] tokens prefilled in
-# calls whose scores fit SCORE_BYTES = argv[2]: the resident bytes the prefill added at its peak (the kernel's
+# calls whose scores fit SCORE_BYTES = argv[2], on one intra-op thread (as DECODE_PEAK_GROWTH: what the arena keeps,
+# and how one call's workspace grows, are not the threads'; a second one, spinning beside the other worker, cost the
+# peak tests' children half again the CPU time): the resident bytes the prefill added at its peak (the kernel's
 # high-water mark reset just before it)
 PREFILL_PEAK = """
 import sys
@@ -1593,7 +1595,7 @@ def status(key):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
 session.SCORE_BYTES = int(sys.argv[2])
-engine = session.OnnxEngine(sys.argv[1])
+engine = session.OnnxEngine(sys.argv[1], threads=1)
 ids = np.random.default_rng(0).integers(0, engine.config.vocab_size, (1, int(sys.argv[3])))
 before = status("VmRSS:")
 with open("/proc/self/clear_refs", "w") as f:
@@ -1603,7 +1605,8 @@ print(status("VmHWM:") - before)
 """
 PEAK_SCORE_BYTES = 16 << 20   # 2 and 5 calls of up to 1,024 tokens, each attending KEY_BLOCK keys at once
 # The longer prompt's peak over the shorter's, int4 on a 2-core box, 2026-12-06: 95 MB now (the state growing), 122 MB
-# with the scores against every key built whole (4 and 35 calls), 404 MB before the arena shrank
+# with the scores against every key built whole (4 and 35 calls), 404 MB before the arena shrank; 2026-12-07, 31 MB
+# on one thread (113 and 144 MB over their start), 37 MB on two
 PEAK_LENGTHS, PEAK_GROWTH = (1500, 4500), 256 << 20
 
 
@@ -1631,7 +1634,8 @@ ONE_CALL = 1 << 50   # SCORE_BYTES that prefills any of these prompts in one cal
 # One call of the longer prompt's peak over the shorter's on a 2-core box, 2026-12-07: int4 1.96x (242 and 474 MB over
 # their start), int8 1.95x (365 and 713 MB). At 1,500 and 3,000 tokens it was int4 1.95x (2026-12-06), 3.4x with each
 # MLA layer's scores built whole (201 and 676 MB); but int8's 1,500 sit below its line (74, 171, 365, 480 MB at 750 to
-# 3,000): 2.4x, and 2.8x once its prefill computed no logits but the last (26 MB less at 1,500, none at 3,000)
+# 3,000): 2.4x, and 2.8x once its prefill computed no logits but the last (26 MB less at 1,500, none at 3,000). On one
+# thread (2026-12-07): int4 1.97x (233 and 460 MB), int8 1.96x (235 and 461 MB)
 ONE_CALL_LENGTHS, ONE_CALL_GROWTH = (2250, 4500), 2.5
 
 
