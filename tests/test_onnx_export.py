@@ -142,6 +142,14 @@ def exported(request, tmp_path_factory):
     return quantized, root / "onnx"
 
 
+# For the tests of a process around onnxruntime whose subject the export's bits do not reach -- what its import
+# needs and leaves, a graph it cannot load, a run that never ends, an allocation past the host's memory -- int4's
+# export alone: int8's ran the same process through the same Python (klconvert.onnx has no path of its own for either
+# width) on other weights, or on a graph replaced, made to spin or to ask past the memory as int4's is -- a child's
+# seconds of CPU apiece for a case that could fail only where int4's does
+INT4_EXPORT_ALONE = pytest.mark.parametrize("exported", [4], indirect=True, ids=["int4"])
+
+
 def exact_engine(folder, batch: int = 1, context: int = 128) -> Engine:
     """klconvert's runtime on `folder` with every packed weight dequantized in fp32 (see the module docstring), with
     its stop tokens, for sequences of up to `context` tokens."""
@@ -778,6 +786,7 @@ def test_run_with_onnxruntime(exported, capsys):
 
 
 @pytest.mark.slow
+@INT4_EXPORT_ALONE
 def test_run_with_onnxruntime_needs_no_onnx(exported, tmp_path):
     """The engine imported the exporter for a file name and the state's layout, and with it onnx: without onnx
     (onnxruntime alone installed) `run --engine onnxruntime` ended in ModuleNotFoundError's traceback."""
@@ -788,6 +797,7 @@ def test_run_with_onnxruntime_needs_no_onnx(exported, tmp_path):
 
 
 @pytest.mark.slow
+@INT4_EXPORT_ALONE
 def test_run_with_onnxruntime_writes_no_telemetry_files_nor_lines(exported, tmp_path):
     """onnxruntime 1.32's import started its telemetry: it wrote ~/.cache/Microsoft/DeveloperTools/.onnxruntime/
     {deviceid,onnxruntime.db} and $TMPDIR/.ses, and with HOME a file (or read-only) printed a coloured warning line on
@@ -1248,6 +1258,7 @@ def _graph_reading(location: str) -> bytes:
 
 
 @pytest.mark.parametrize("damage", ["garbage", "fifo data", "data out of the folder"])
+@INT4_EXPORT_ALONE
 def test_a_graph_onnxruntime_cannot_load_is_one_line_on_the_real_stderr(exported, tmp_path, damage):
     """onnxruntime logged its own error line (in colour, with its source file) on the process's stderr before ours,
     which run_cli's capture does not see; and the reason quoted its C++ frames."""
@@ -1564,6 +1575,7 @@ finally:
 """
 
 
+@INT4_EXPORT_ALONE
 def test_a_graph_asking_past_the_hosts_memory_fails_that_allocation_in_one_line(exported, tmp_path):
     """onnxruntime's arena grew as a damaged graph asked: 6 GB more at each step, until the kernel killed the process
     at 24 GB, with no word (helper-127). Capped at ARENA_SHARE of what the host leaves, the ask past it fails."""
@@ -1815,6 +1827,7 @@ except KeyboardInterrupt:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@INT4_EXPORT_ALONE
 def test_a_graph_that_never_ends_stops_at_ctrl_c(exported, tmp_path, signum):
     """Ctrl-C did nothing while onnxruntime ran a Loop of 2**62 trips: Python's handler waits for session.run to
     return (helper-127). The signal now terminates the run, and the process still ends cleanly (a run on a worker
@@ -1855,6 +1868,7 @@ runpy.run_module("klconvert", run_name="__main__")
 """
 
 
+@INT4_EXPORT_ALONE
 def test_the_command_lines_sigterm_stops_a_graph_that_never_ends(exported, tmp_path):
     """`kill` of `run --engine onnxruntime` inside a run ends the command as SIGTERM does anywhere (143, one line):
     its handler, the entry point's, is one that ends the program (interruptible.stopping)."""
