@@ -276,7 +276,7 @@ def _local_dir_lock(local_dir: Path):
     """One pull into a --local-dir at a time: the lock quantize takes on its OUT (a second is refused naming the
     first; two at once each removed the other's files as its own unfinished ones, or failed for a false reason), on
     the folder's full path (`.` and `..` name none to put a lock beside); none for the file system's root."""
-    from klconvert.convert.output_folder import OutputLock, lock_goes_inside   # it imports torch: not for the cache
+    from klconvert.convert.output_folder import OutputLock, lock_goes_inside   # not for the cache
 
     folder = Path(os.path.abspath(local_dir))
     return OutputLock(folder, inside=lock_goes_inside(folder)) if folder.name else nullcontext()

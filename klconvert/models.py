@@ -55,7 +55,7 @@ def model_folder(value: str | Path, named: str) -> Path:
     if os.path.lexists(folder):   # there, but no folder: a file given for one read "no such folder"
         raise KLError(f"{named}: {_no_folder(folder)}; give a Kimi Linear checkpoint folder or {BUNDLED_NAME}, the "
                       "bundled model")
-    # (torch's import) only for a name that is no folder
+    # only for a name that is no folder
     from klconvert.convert.output_folder import interrupted_quantize, partial_path
     from klconvert.whole_folder import writing_under_way
 
@@ -121,7 +121,7 @@ def default_model(verb: str, needs_tokenizer: bool) -> tuple[Path, str]:
 def _making_the_default(default: Path) -> str:
     """How the 48B folder at `default` (none there) is made: by the quantize into it that has not finished, where one
     left its OUT.partial beside it (a new one of other options is refused that folder), else by pull-and-quantize."""
-    from klconvert.convert.output_folder import interrupted_quantize, partial_path   # (torch's: the model runs next)
+    from klconvert.convert.output_folder import interrupted_quantize, partial_path
 
     if interrupted_quantize(partial_path(default)):
         return (f"a quantize into the 48B one has not finished ({partial_path(default)}: running now, or stopped -- "

@@ -18,7 +18,7 @@ def refuse_export_under_way(folder: Path, named: str | Path) -> None:
     file of the folder is read."""
     if os.path.lexists(folder / GENAI_CONFIG):   # moved aside first and back last by a replace: the folder is whole
         return
-    from klconvert.whole_folder import fill_under_way   # (torch's import) only then
+    from klconvert.whole_folder import fill_under_way   # only then
 
     if (state := fill_under_way(folder)) is not None:
         raise KLError(f"{named}: an export into it is {state}: rerun when it ends, or export it again")
