@@ -19,7 +19,7 @@ from klconvert.checkpoint.regular_file import kind_of
 from klconvert.config import KimiLinearConfig
 from klconvert.devices import DEVICE_NAMES, NOT_A_DEVICE, checked_device, device_name
 from klconvert.entry import StdoutFailed, complete_note, exit_interrupted, signal_of, signal_status
-from klconvert.errors import (KLError, PlanDoesNotFit, argument, controls_escaped, descriptors_exhausted,
+from klconvert.errors import (KLError, PlanDoesNotFit, controls_escaped, descriptors_exhausted,
                              descriptors_exhausted_behind, shown)
 from klconvert.extras import require
 from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, DEFAULT_REPO, bundled_dir, default_model, model_folder
@@ -805,10 +805,8 @@ def _quantize_options(command):
 def quantize(src: str, out: Path, bits: int | None, group_size: int | None, symmetric: bool | None,
              scheme: str | None, observer: str | None, recipe: Path | None, device: str | None,
              max_shard_size: str | None, force: bool, allow_split_fused: bool) -> None:
-    folder = model_folder(src, f"SRC {src}")
-    # SRC's config.json read and checked before the quantizer imports torch (~2 s of CPU): a folder that holds no
-    # model is refused as `run` refuses it, in a fifth of a second (the quantizer reads it again as it opens SRC)
-    KimiLinearConfig.from_file(folder / CONFIG_FILE, argument("src", "SRC"))   # as the quantizer names it
+    folder = model_folder(src, f"SRC {src}")   # before torch's import: "no such folder" in a fifth of a second
+    # SRC's config.json is read by the quantizer once its options and OUT have passed (OUT refused before SRC is read)
     from klconvert.quantize import quantize as quantize_checkpoint
 
     result = quantize_checkpoint(folder, out, bits=bits, group_size=group_size,
