@@ -13,6 +13,7 @@ import re
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -111,8 +112,9 @@ class PullResult:
 
     `bytes_downloaded` counts the files this run added to the folder (fetched from the hub, or copied
     from the HF cache into a --local-dir); 0 offline or when everything was already there. A --local-dir's file of
-    the listed size that nothing vouches for as this commit's counts: huggingface_hub fetches it, or hashes it and
-    keeps it where it is.
+    the listed size that no record vouches for (put there by hand) is hashed first: this commit's is already there
+    and does not count (nor does huggingface_hub read it again, _vouch_to_huggingface_hub); another content's is
+    fetched, and counts.
     """
 
     path: Path
@@ -197,7 +199,7 @@ def pull(
                 if check_files is not None:
                     check_files(wanted)
                 hashed = (_hash_copies_no_record_speaks_for(local_dir, wanted, commit, where, verified, progress)
-                          if local_dir is not None else 0)
+                          if local_dir is not None else [])
                 outdated = _copies_not_of_this_commit(wanted, repo, commit, cache_dir, local_dir, verified)
                 missing = [f for f in wanted if f.path in outdated
                            or not _is_already_here(f, repo, commit, cache_dir, local_dir, verified)]
@@ -235,6 +237,9 @@ def pull(
                         for path in outdated:
                             verified.forget(path)
                         verified.save()
+                        for f in hashed:
+                            if f.path not in outdated:   # this commit's: huggingface_hub takes it as it is
+                                _vouch_to_huggingface_hub(local_dir, f, commit)
             if listing is None:  # offline, no cached listing: huggingface_hub 1.x would ask the hub for one, so look
                 folder = _snapshot_on_disk(repo, commit, cache_dir, local_dir, where)
             else:
@@ -336,8 +341,8 @@ def _hash_copies_no_record_speaks_for(local_dir: Path, wanted: list[HubFile], co
     removed every copy it had yet to reach (_keep_only_this_commits_files keeps what a record vouches for): the
     release's 98 GB put there by hand, gone at a Ctrl-C (h305). A copy that cannot be read (another user's, a read
     error) is a KLError naming it, before anything changes: it was an OSError out of the pull, said as the folder not
-    being one the user can write. A Ctrl-C or SIGTERM saves the hashes finished of this commit's copies. Returns how
-    many it hashed."""
+    being one the user can write. A Ctrl-C or SIGTERM saves the hashes finished of this commit's copies. Returns the
+    copies it hashed."""
     unknown = [f for f in wanted if (local_dir / f.path).is_file()
                and (local_dir / f.path).stat().st_size == f.size
                and _local_copy_is_this_commits(f, local_dir, commit, verified) is None]
@@ -366,7 +371,25 @@ def _hash_copies_no_record_speaks_for(local_dir: Path, wanted: list[HubFile], co
                     verified.forget(f.path)
             verified.save()
             raise
-    return len(unknown)
+    return unknown
+
+
+def _vouch_to_huggingface_hub(local_dir: Path, f: HubFile, commit: str) -> None:
+    """Write huggingface_hub's record of the --local-dir's copy of `f` that the pull's hash proved this commit's
+    (_hash_copies_no_record_speaks_for), as its write_download_metadata writes one for a file it downloaded (1.33 to
+    2.5): the commit, the ETag (`f`'s sha256 for an LFS file, else its git blob id) and the time, the three lines
+    _download_record reads. Without it huggingface_hub, given the copy, had no record of its own to skip it by: it
+    hashed every LFS copy again (98 GB for the release: minutes) and downloaded every other again (config.json, the
+    tokenizer's files), which _verify then hashed a third time, while the pull said it fetched 0 bytes (h309). With a
+    record of the commit it is asked for, beside a file no more than a second newer than the record, it takes the file
+    as it is and asks the hub nothing. Written whole or not at all (write_atomically), where huggingface_hub's writer
+    empties the record first, and removes one it cannot parse. (Leaving such copies out of snapshot_download instead,
+    which needs no record of huggingface_hub's, would leave a --local-dir that holds every file without the tree
+    listing snapshot_download caches, and an offline pull would then take the folder's other JSON files for the
+    repo's.)"""
+    record = local_dir / LOCAL_DIR_DOWNLOADS / f"{f.path}.metadata"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(record, f"{commit}\n{f.sha256 or f.blob_id}\n{time.time()}\n".encode())
 
 
 def _keep_only_this_commits_files(local_dir: Path, wanted: list[HubFile], repo: str, commit: str, cache_dir: Path,

@@ -1732,6 +1732,84 @@ def test_copies_put_in_a_local_dir_by_hand_are_hashed_before_the_download(served
     assert all((out / path).read_bytes() == (checkpoint / path).read_bytes() for path in PULLED)
 
 
+def copied_by_hand(checkpoint: Path, out: Path, other_content: tuple[str, ...] = ()) -> None:
+    """Every file a pull takes, copied into the --local-dir `out` with no record of anyone's; those in
+    `other_content` with their last byte changed: the listed size, another content."""
+    out.mkdir()
+    for path in PULLED:
+        shutil.copy(checkpoint / path, out / path)
+    for path in other_content:
+        with (out / path).open("r+b") as copy:
+            copy.seek(-1, os.SEEK_END)
+            last = copy.read(1)[0]
+            copy.seek(-1, os.SEEK_END)
+            copy.write(bytes([last ^ 1]))
+
+
+def count_huggingface_hub_hashing(monkeypatch) -> list[str]:
+    """The names of the --local-dir files huggingface_hub reads to hash (sha_fileobj, where it checks a copy it has no
+    record of against an LFS file's sha256), from now on."""
+    from huggingface_hub import file_download
+
+    hashed: list[str] = []
+    real = file_download.sha_fileobj
+
+    def counting(fileobj, *args, **kwargs):
+        hashed.append(Path(fileobj.name).name)
+        return real(fileobj, *args, **kwargs)
+
+    monkeypatch.setattr(file_download, "sha_fileobj", counting)
+    return hashed
+
+
+def test_copies_put_in_a_local_dir_by_hand_are_read_once_and_never_fetched(served, checkpoint, tmp_path, capsys,
+                                                                           monkeypatch):
+    """h309: all of a commit's files put in a --local-dir by hand, which the pull hashes first and finds this
+    commit's (4a8ba5e), were handed to huggingface_hub all the same, which has no record of its own for them: it
+    hashed every LFS copy again (98 GB for the release: minutes) and downloaded every other again (config.json, the
+    tokenizer's files), which _verify then hashed a third time, while the pull said it fetched 0 bytes. Each copy is
+    read once, by the pull's own check, none is fetched or rewritten (nor asked about: huggingface_hub holds its
+    record of each now), and the 0 bytes it says are the bytes it fetched; the next pull reads and asks for nothing,
+    and an offline one takes the repo's files, not the user's own JSON beside them."""
+    server, commit = served
+    out = tmp_path / "kimi"
+    copied_by_hand(checkpoint, out)
+    (out / "notes.json").write_text("{}")
+    written = {path: ((out / path).stat().st_ino, (out / path).stat().st_mtime_ns) for path in PULLED}
+    hashed, hashed_by_huggingface_hub = count_hashing(monkeypatch), count_huggingface_hub_hashing(monkeypatch)
+    capsys.readouterr()
+    result = hub.pull(REPO, local_dir=out, progress=True)
+    assert sorted(hashed) == PULLED and hashed_by_huggingface_hub == [], (hashed, hashed_by_huggingface_hub)
+    assert {key: n for key, n in server.requests.items() if n} == {}
+    assert {path: ((out / path).stat().st_ino, (out / path).stat().st_mtime_ns) for path in PULLED} == written
+    assert result.bytes_downloaded == 0 and f"fetching {size_text(0)} into {out}" in capsys.readouterr().err
+    assert all((out / path).read_bytes() == (checkpoint / path).read_bytes() for path in PULLED)
+
+    hashed.clear()
+    again = hub.pull(REPO, local_dir=out, progress=False)
+    assert (hashed, hashed_by_huggingface_hub, again.files, again.bytes_downloaded) == ([], [], result.files, 0)
+    assert {key: n for key, n in server.requests.items() if n} == {}
+    with hub_environment(server.endpoint, tmp_path / "hf_home", HF_HUB_OFFLINE="1"):
+        assert [f.path for f in hub.pull(REPO, local_dir=out, progress=False).files] == PULLED
+
+
+def test_a_copy_put_in_a_local_dir_by_hand_of_another_content_is_still_replaced(served, checkpoint, tmp_path,
+                                                                              monkeypatch):
+    """Beside copies of this commit's files put there by hand, a shard (LFS) and a config file (not) of the listed
+    sizes and another content are fetched and replaced -- they alone, and what the pull says it fetched is their
+    bytes."""
+    server, commit = served
+    out = tmp_path / "kimi"
+    others = (SHARD_1, "config.json")
+    copied_by_hand(checkpoint, out, others)
+    hashed = count_hashing(monkeypatch)
+    result = hub.pull(REPO, local_dir=out, progress=False)
+    assert {path: n for path in PULLED if (n := server.gets(path))} == dict.fromkeys(others, 1)
+    assert result.bytes_downloaded == sum((checkpoint / path).stat().st_size for path in others)
+    assert all((out / path).read_bytes() == (checkpoint / path).read_bytes() for path in PULLED)
+    assert sorted(hashed) == sorted([*PULLED, *others]), hashed   # each copy checked, and the two fetched verified
+
+
 def test_a_folder_in_a_local_dir_where_a_file_goes_is_named_before_anything_changes(served, checkpoint, tmp_path,
                                                                                    capsys):
     """A folder of the user's under a file's name (a shard's, say) was taken for a copy not of this commit, of the
