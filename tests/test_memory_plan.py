@@ -216,6 +216,22 @@ def test_a_group_size_that_leaves_partial_groups_is_refused_saying_the_sizes_tha
         assert code == 0, err
 
 
+def test_a_checked_policy_answers_for_the_tensors_it_was_checked_against_without_matching_them_again(monkeypatch):
+    """A plan at --bits matched every tensor name against the policy twice, to check the policy and again to size each
+    weight (held_as_written's scheme_for): about a quarter of `klconvert plan --bits 4` for the 48B. check_against's
+    result keeps the scheme it found for each tensor; scheme_for answers those from it -- the schemes a policy that
+    matches them anew finds."""
+    from klconvert.quant import Policy
+
+    specs = expected_tensors(KimiLinearConfig.from_dict(preset_config("tiny")))
+    checked = policy_from_options(bits=4, group_size=32).check_against((s.name, s.shape) for s in specs.values())
+    anew = dataclasses.replace(checked)   # the same groups and ignore list, nothing found yet
+    want = {name: anew.scheme_for(name, spec.shape) for name, spec in specs.items()}
+    assert {s.bits for s in want.values() if s is not None} == {4, 8} and None in want.values()
+    monkeypatch.setattr(Policy, "_resolve", lambda *_: pytest.fail("a checked tensor was matched again"))
+    assert {name: checked.scheme_for(name, list(spec.shape)) for name, spec in specs.items()} == want
+
+
 @pytest.mark.parametrize("group_size", [64, 128])
 def test_a_policy_is_planned_as_the_folder_it_writes_is_held(tmp_path, group_size):
     """--bits planned the policy's stored bytes, where the runtime on a GPU dequantizes what the Triton kernels do
