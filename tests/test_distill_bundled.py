@@ -2,7 +2,6 @@
 the KL they are taken on, and the folder it writes is the one it measured (a short run on CPU)."""
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from klconvert.quant.scheme import QuantScheme  # noqa: E402
 from klconvert.quantize import choose_policy, quantize  # noqa: E402
 from klconvert.runtime import model as M  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
+from testkit import run_main  # noqa: E402
 
 CPU = torch.device("cpu")
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -155,22 +155,25 @@ def test_a_short_validation_split_is_refused_with_flags_distill_has(tmp_path):
                                   "its next token; lower --seq-len")
 
 
-def test_a_seed_torch_cannot_take_is_one_usage_line(tmp_path):
-    """--seed 99999999999999999999 ended in manual_seed's ValueError traceback."""
-    proc = subprocess.run([sys.executable, D.__file__, str(tmp_path / "q4"), "--seed", "99999999999999999999"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert "argument --seed: '99999999999999999999' is not a whole number from 0 to 4,294,967,295" in proc.stderr
+def test_a_seed_torch_cannot_take_is_one_usage_line(tmp_path, monkeypatch, capsys):
+    """--seed 99999999999999999999 ended in manual_seed's ValueError traceback. Run in this process (the child took
+    ~1.9 s of CPU, most of it importing torch): argparse's refusal is SystemExit(2) with the usage on stderr; the
+    argument taken would distill, which fails the test, and a traceback would leave main as another exception."""
+    monkeypatch.setattr(D, "distill", lambda *_, **__: pytest.fail("the seed was taken"))
+    code, _, err = run_main(capsys, D.main, [D.__file__, str(tmp_path / "q4"), "--seed", "99999999999999999999"])
+    assert code == 2 and "Traceback" not in err, err
+    assert "argument --seed: '99999999999999999999' is not a whole number from 0 to 4,294,967,295" in err
     assert not (tmp_path / "q4").exists()
 
 
-def test_a_refusal_is_one_line_that_names_the_script(tmp_path):
-    """distill said a refusal as a bare "error: ..." where every other tool says "<script>: error: ..." (h248's F6)."""
-    proc = subprocess.run([sys.executable, D.__file__, str(tmp_path / "q4"), "--seq-len", "20000", "--device", "cpu"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+def test_a_refusal_is_one_line_that_names_the_script(tmp_path, capsys):
+    """distill said a refusal as a bare "error: ..." where every other tool says "<script>: error: ..." (h248's F6).
+    Run in this process, under the script's name (argv[0], which argparse names it by), as the one above."""
+    code, _, err = run_main(capsys, D.main, [D.__file__, str(tmp_path / "q4"), "--seq-len", "20000", "--device",
+                                             "cpu"])
+    assert code == 2 and err.splitlines() == [
         "distill_bundled.py: error: the validation split has 16,384 tokens, not one window of --seq-len 20000 and "
-        "its next token; lower --seq-len"], proc.stderr
+        "its next token; lower --seq-len"], err
     assert not (tmp_path / "q4").exists()
 
 
