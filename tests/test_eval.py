@@ -347,7 +347,7 @@ def test_models_of_different_shapes_are_refused(tiny_released, tmp_path, monkeyp
                                                     r".*\(num_hidden_layers 4 vs 8; kda_layers \(1-indexed\) "
                                                     r"\[1, 2, 3\] vs \[1, 2, 3, 5, 6, 7\]; "):
             evaluate(short, tiny_released, TEXT, max_tokens=16)
-    with pytest.raises(klconvert.KLError, match=r"the evaluation text \(--text-file\) is 1 token\(s\) long; give at "
+    with pytest.raises(klconvert.KLError, match=r"the evaluation text \(--text-file\) is 1 token long; give at "
                                                 r"least 2 tokens"):
         evaluate(tiny_released, tiny_released, "a", max_tokens=16)
 
