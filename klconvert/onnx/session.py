@@ -63,8 +63,12 @@ ARENA_EXTEND_AS_REQUESTED = 1   # OrtArenaCfg's arena_extend_strategy kSameAsReq
 # The run option that hands the CPU arena's wholly free regions back to the system when a run ends. Each prefill call
 # (and decode step) attends to more cached keys than the last, so asks for larger blocks than any region it freed, and
 # the arena, which never reused nor shrank those, grew with the sum of all calls': a 16,784-token prompt of the
-# bundled model peaked at 7.0 GB, one of 33,567 ran out of the 19 GB cap; shrunk after each run, 8,000 tokens peak at
-# 1.4 GB where they took 2.5 GB, 12,000 at 1.6 GB where they took 3.9.
+# bundled model peaked at 7.0 GB, one of 33,567 ran out of the 19 GB cap (before the key blocks, whose scores are the
+# same size at any context). Now what grows is the latent cache each run returns, a step's or call's rows longer than
+# the last's: bundled int4, one thread, 2026-12-07, 800 new tokens of a 17-token prompt peak 46 MB over their start
+# where they took 811, 4,500 tokens in calls of 64 (the release's 512 a call are as many for a prompt eight times as
+# long) 56 MB where they took 250; a prompt of 16,784 in this SCORE_BYTES's 4,096-token calls 449 MB where it took 483
+# (and kept 165 MB after it, not 483) -- tests/test_onnx_export.py's long-prompt and decode peak tests fail without it.
 ARENA_SHRINKAGE = ("memory.enable_memory_arena_shrinkage", "cpu:0")
 
 
