@@ -14,7 +14,7 @@ import time
 from urllib.parse import unquote, urljoin, urlsplit
 
 from huggingface_hub import constants, set_client_factory
-from huggingface_hub.utils import _http
+from huggingface_hub.utils import _http, _xet
 from huggingface_hub.utils._xet import abort_xet_session
 
 from klconvert.entry import INTERRUPT_SIGNALS
@@ -78,6 +78,10 @@ class AnswerGuard:
         # threads -- left untold, they finished every file in flight (5 GB shards) before the command ended. From the
         # main thread only (signal's rule), and only a signal whose handler is Python's (the entry point's, Python's
         # KeyboardInterrupt): an ignored one (nohup) stops nothing, and the default one ends the process at once.
+        # hf_xet's session, which every hf_xet download asks huggingface_hub's holder for (_xet_session)
+        self._xet_holder = _xet._GLOBAL_XET_HOLDER
+        self._xet_get_before = self._xet_holder.__dict__.get("get")   # another guard's, around this one
+        self._xet_holder.get = functools.partial(self._xet_session, self._xet_holder.get)
         self._before = {}
         if threading.current_thread() is threading.main_thread():
             self._before = {signum: signal.signal(signum, self._interrupt) for signum in INTERRUPT_SIGNALS
@@ -88,6 +92,10 @@ class AnswerGuard:
         for signum, handler in self._before.items():
             signal.signal(signum, handler)
         set_client_factory(self._factory_before)
+        if self._xet_get_before is None:
+            del self._xet_holder.get   # the holder's own method again
+        else:
+            self._xet_holder.get = self._xet_get_before
 
     def _client(self):
         client = self._factory_before()
@@ -110,6 +118,17 @@ class AnswerGuard:
             finally:
                 self._aborting = False
         self._before[signum](signum, frame)
+
+    def _xet_session(self, get_session):
+        """hf_xet's session for a download thread, refused once the pull is interrupted. A thread past its file's
+        request (which the guard stops) and not yet at hf_xet when the interrupt aborted the session made a new one
+        here, unaborted, and downloaded through it to the end (a storage server that does not answer: 60 s on the
+        stand-in) before the command ended. Asked before the abort, the session is the one the abort cancels; after
+        it, `cancelled` is already set (_interrupt sets it first)."""
+        session = get_session()
+        if self.cancelled:
+            raise PullInterrupted
+        return session
 
     # ---- the checks ----------------------------------------------------------------------------
     def _on_request(self, request) -> None:

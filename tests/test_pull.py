@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -936,11 +937,9 @@ def test_a_signal_during_the_xet_abort_does_not_wait_on_its_lock(monkeypatch):
     assert aborts == [1, 1]
 
 
-def test_ctrl_c_cancels_hf_xets_downloads(hub_server, checkpoint, tmp_path):
-    """hf_xet downloads through its own client, which no chunk of the guard's passes through, and huggingface_hub
-    aborts it only on an interrupt in the thread that downloads, never one of snapshot_download's: a Ctrl-C waited
-    for its downloads in flight (here a storage server that does not answer, which hf_xet retries for minutes). The
-    guard aborts them as it stops the download threads."""
+def interrupt_a_xet_pull(hub_server, checkpoint, tmp_path) -> None:
+    """Pull REPO through hf_xet from a storage server that does not answer, send SIGINT once hf_xet has asked it
+    (the downloads in flight), and hold that the pull ends within 5 s with nothing of the shards left."""
     commit = hub_server.add_repo(REPO, checkpoint)
     hub_server.xet_stall = True
     signalled = []
@@ -960,6 +959,40 @@ def test_ctrl_c_cancels_hf_xets_downloads(hub_server, checkpoint, tmp_path):
     storage = cache_dir(tmp_path) / "models--moonshotai--Kimi-Linear-48B-A3B-Instruct"
     assert not {SHARD_1, SHARD_2} & set(files_under(storage / "snapshots" / commit))
     assert not [p for p in storage.rglob("*.incomplete")]
+
+
+def test_ctrl_c_cancels_hf_xets_downloads(hub_server, checkpoint, tmp_path):
+    """hf_xet downloads through its own client, which no chunk of the guard's passes through, and huggingface_hub
+    aborts it only on an interrupt in the thread that downloads, never one of snapshot_download's: a Ctrl-C waited
+    for its downloads in flight (here a storage server that does not answer, which hf_xet retries for minutes). The
+    guard aborts them as it stops the download threads."""
+    interrupt_a_xet_pull(hub_server, checkpoint, tmp_path)
+
+
+def test_a_download_thread_reaching_hf_xet_after_the_abort_is_stopped(hub_server, checkpoint, tmp_path, monkeypatch):
+    """A download thread past its file's request, which the guard stops, and not yet at hf_xet when the Ctrl-C's
+    abort ran made a new session and downloaded through it (60 s on the stand-in; seen under load, 1 pull in 40).
+    Here the first thread to ask for hf_xet's session waits until the abort has run."""
+    from huggingface_hub.utils import _xet
+
+    aborted = threading.Event()
+
+    def abort_then_tell():
+        _xet.abort_xet_session()
+        aborted.set()
+
+    holder, asked = _xet._GLOBAL_XET_HOLDER, itertools.count()
+    session_of_the_holder = holder.get
+
+    def session_after_the_abort_for_the_first():
+        if next(asked) == 0:
+            assert aborted.wait(30)
+        return session_of_the_holder()
+
+    monkeypatch.setattr(hub_guard, "abort_xet_session", abort_then_tell)
+    monkeypatch.setattr(holder, "get", session_after_the_abort_for_the_first)
+    interrupt_a_xet_pull(hub_server, checkpoint, tmp_path)
+    assert aborted.is_set() and next(asked) >= 2   # the held thread asked, after the abort
 
 
 class SlowSha256:
