@@ -432,7 +432,7 @@ def test_empty_state_past_host_memory_is_refused(exported, monkeypatch):
                                                 r"\(ulimit -d\); lower batch \(3 fit\), or raise ulimit -d$"):
         engine.empty_state(4)
     monkeypatch.setattr(session_module, "host_memory", lambda: HostMemory(per_sequence - 1, *DATA_BOUND))
-    with pytest.raises(klconvert.KLError, match=r"^empty_state: a state of 1 sequences takes [\d.]+ MB, more than "
+    with pytest.raises(klconvert.KLError, match=r"^empty_state: a state of 1 sequence takes [\d.]+ MB, more than "
                                                 r"the [\d.]+ MB available under the process's data-segment limit "
                                                 r"\(ulimit -d\); raise ulimit -d$"):   # not "lower batch (0 fit)"
         engine.empty_state(1)
@@ -464,6 +464,14 @@ def test_run_takes_the_position_its_state_has_reached(exported):
         with pytest.raises(klconvert.KLError, match=rf"^positions \[{position}\]: the state holds 5 tokens"):
             engine.run(np.array([[9]]), state, np.array([position]))
     engine.run(np.array([[9]]), state, np.array([5]))
+    _, one = engine.run(np.array([PROMPT[:1]]), engine.empty_state(1), np.zeros(1, np.int64))   # counts of one
+    with pytest.raises(klconvert.KLError, match=r"^positions \[0\]: the state holds 1 token \(its latent"):
+        engine.run(np.array([[9]]), one, np.array([0]))
+    limit = engine.config.model_max_length
+    with pytest.raises(klconvert.KLError, match=rf"^positions: {limit} plus 1 token is over the model's "):
+        engine.run(np.array([[9]]), one, np.array([limit]))
+    with pytest.raises(klconvert.KLError, match=rf"^the prompt \(1 token\) plus max_new_tokens {limit} is over "):
+        engine.generate([PROMPT[:1]], limit)
     _, pair = engine.run(np.array([PROMPT[:5]] * 2), engine.empty_state(2), np.zeros(2, np.int64))
     engine.run(np.array([[9], [9]]), pair, np.array([5, 3]))
     with pytest.raises(klconvert.KLError, match=r"^positions \[4, 3\]: the state holds 5 tokens"):
@@ -479,7 +487,7 @@ def test_run_refuses_a_state_that_is_not_the_tokens(exported):
     width = state[latent].shape[2]
     for bad, message in [
         (engine.empty_state(2), r"^state\['past\.0\.kda_state'\] is float32 \[2, 2, 128, 128\], where a state of 1 "
-                                r"sequence\(s\) \(input_ids' first dimension\) is float32 \[1, 2, 128, 128\]; pass "
+                                r"sequence \(input_ids' first dimension\) is float32 \[1, 2, 128, 128\]; pass "
                                 r"the state empty_state\(1\) or run returned$"),
         ({**state, latent: state[latent].astype(np.float64)}, rf"^state\['{latent}'\] is float64 \[1, 0, {width}\], "
                                                               rf"where .* is float32 \[1, past_sequence, {width}\]; "),

@@ -29,7 +29,7 @@ from klconvert.runtime.engine import (GenerationStats, Runner, as_batch, as_prom
 from klconvert.runtime.host_memory import exhausted, host_memory
 from klconvert.runtime.sampling import as_number, check_generate_args, sampling_generator
 from klconvert.tokenizer import check_tokenizer_if_any, model_stop_ids
-from klconvert.units import size_text
+from klconvert.units import counted, size_text
 
 State = dict[str, np.ndarray]  # past input name -> value
 MAX_GENAI_CONFIG_BYTES = 1 << 20  # export-onnx writes a few KB
@@ -279,9 +279,9 @@ class OnnxEngine(Runner):
         host = host_memory()
         if host is not None and batch * per_sequence > host.available:
             fit = host.available // per_sequence
-            raise KLError(f"empty_state: a state of {batch:,} sequences takes {size_text(batch * per_sequence)}, "
-                          f"more than the {host}; " + (f"lower batch ({fit:,} fit), or " if fit else "")
-                          + host.remedy)
+            raise KLError(f"empty_state: a state of {counted(batch, 'sequence')} takes "
+                          f"{size_text(batch * per_sequence)}, more than the {host}; "
+                          + (f"lower batch ({fit:,} fit), or " if fit else "") + host.remedy)
         return {s["past"]: np.zeros(_shape(s, batch, 0), s["dtype"]) for s in self.states}
 
     def run(self, ids: np.ndarray, state: State, positions: np.ndarray) -> tuple[np.ndarray, State]:
@@ -368,8 +368,8 @@ class OnnxEngine(Runner):
                 got = f"{value.dtype} {list(value.shape)}" if isinstance(value, np.ndarray) else \
                     a_type(value)
                 wanted = ", ".join(str(batch) if d == "batch" else str(d) for d in s["shape"])
-                raise KLError(f"state[{s['past']!r}] is {got}, where a state of {batch} sequence(s) (input_ids' first "
-                              f"dimension) is {s['dtype']} [{wanted}]; {take}")
+                raise KLError(f"state[{s['past']!r}] is {got}, where a state of {counted(batch, 'sequence')} "
+                              f"(input_ids' first dimension) is {s['dtype']} [{wanted}]; {take}")
             if axis is not None:
                 rows[s["past"]] = held
         if len(set(rows.values())) > 1:
@@ -391,13 +391,13 @@ class OnnxEngine(Runner):
         if low < 0:
             raise KLError(f"positions: {low} is negative; a sequence's first token is at position 0")
         if high + tokens > limit:
-            raise KLError(f"positions: {high} plus {tokens} tokens is over the model's "
+            raise KLError(f"positions: {high} plus {counted(tokens, 'token')} is over the model's "
                           f"{self.config.model_max_length_name} {limit}; start lower, or give fewer tokens")
         if rows is not None and high != rows:
             shown = f"{p.tolist()[:8]}"[:-1] + (", ...]" if batch > 8 else "]")
-            raise KLError(f"positions {shown}: the state holds {rows} tokens (its latent caches' rows), so the "
-                          f"longest sequence's position is {rows}, where its next token goes; pass the positions of "
-                          "the state given (0 for empty_state's)")
+            raise KLError(f"positions {shown}: the state holds {counted(rows, 'token')} (its latent caches' rows), "
+                          f"so the longest sequence's position is {rows}, where its next token goes; pass the "
+                          "positions of the state given (0 for empty_state's)")
         return p.numpy()
 
     def _checked(self, logits: np.ndarray, state: State, state_is_ours: bool) -> np.ndarray:
@@ -472,8 +472,9 @@ class OnnxEngine(Runner):
             prompts = [p.tolist() for p in as_prompts(prompts, self.config.vocab_size)]
             longest = max(len(p) for p in prompts)
             if longest + max_new_tokens > self.config.model_max_length:
-                raise KLError(f"the prompt ({longest} tokens) plus max_new_tokens {max_new_tokens} is over the model's "
-                              f"{self.config.model_max_length_name} {self.config.model_max_length}; shorten them")
+                raise KLError(f"the prompt ({counted(longest, 'token')}) plus max_new_tokens {max_new_tokens} is over "
+                              f"the model's {self.config.model_max_length_name} {self.config.model_max_length}; "
+                              "shorten them")
             B = len(prompts)
             self.stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts), batch=B)
             generator = sampling_generator(seed)
