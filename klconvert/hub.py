@@ -332,7 +332,7 @@ def refuse_unwritable_target(target: Path, local: bool, given_cache_dir: bool = 
 
 
 def _hash_copies_no_record_speaks_for(local_dir: Path, wanted: list[HubFile], commit: str, where: str,
-                                      verified: VerifiedFiles, progress: bool) -> int:
+                                      verified: VerifiedFiles, progress: bool) -> list[HubFile]:
     """Hash each --local-dir file of a wanted path and its listed size that no record speaks for
     (_local_copy_is_this_commits: None) -- a copy put there by hand, or by a tool that keeps no record -- and note
     its digests in `verified` (saved once past the refusals: a refused pull leaves the folder as it found it). Such a
@@ -387,7 +387,7 @@ def _vouch_to_huggingface_hub(local_dir: Path, f: HubFile, commit: str) -> None:
     which needs no record of huggingface_hub's, would leave a --local-dir that holds every file without the tree
     listing snapshot_download caches, and an offline pull would then take the folder's other JSON files for the
     repo's.)"""
-    record = local_dir / LOCAL_DIR_DOWNLOADS / f"{f.path}.metadata"
+    record = _download_record_path(local_dir, f.path)
     record.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(record, f"{commit}\n{f.sha256 or f.blob_id}\n{time.time()}\n".encode())
 
@@ -691,6 +691,11 @@ def _local_copy_is_this_commits(f: HubFile, local_dir: Path, commit: str, verifi
     return downloaded_commit == commit or downloaded_etag == (f.sha256 or f.blob_id)
 
 
+def _download_record_path(local_dir: Path, path: str) -> Path:
+    """Where huggingface_hub keeps its record of the --local-dir file at `path` (its _local_folder's layout)."""
+    return local_dir / LOCAL_DIR_DOWNLOADS / f"{path}{LOCAL_DIR_METADATA_SUFFIX}"
+
+
 def _download_record(local_dir: Path, path: str) -> tuple[str, str] | None:
     """(commit, ETag) of huggingface_hub's record of the --local-dir file at `path` where it stands, read as its
     read_download_metadata reads it (from 1.33 to 2.5): three lines, the commit, the ETag and the time it was
@@ -700,7 +705,7 @@ def _download_record(local_dir: Path, path: str) -> tuple[str, str] | None:
     it cannot parse: a pull refused after this leaves a folder as it found it. A regular file only, no further than
     MAX_DOWNLOAD_RECORD_BYTES (read_download_metadata reads each line whole, a record of GBs without a break too)."""
     try:
-        with open_regular(local_dir / LOCAL_DIR_DOWNLOADS / f"{path}.metadata") as record:
+        with open_regular(_download_record_path(local_dir, path)) as record:
             data = record.read(MAX_DOWNLOAD_RECORD_BYTES + 1)
         lines = data.split(b"\n", 3)
         if len(lines) < 3 or (len(data) > MAX_DOWNLOAD_RECORD_BYTES and len(lines) < 4):
