@@ -13,7 +13,6 @@ import re
 import sys
 import tempfile
 import threading
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -237,9 +236,9 @@ def pull(
                         for path in outdated:
                             verified.forget(path)
                         verified.save()
-                        for f in hashed:
-                            if f.path not in outdated:   # this commit's: huggingface_hub takes it as it is
-                                _vouch_to_huggingface_hub(local_dir, f, commit)
+                    for f in wanted:   # this commit's by klconvert's record: huggingface_hub takes it as it is
+                        if f.path not in outdated:
+                            _vouch_to_huggingface_hub(local_dir, f, commit, verified)
             if listing is None:  # offline, no cached listing: huggingface_hub 1.x would ask the hub for one, so look
                 folder = _snapshot_on_disk(repo, commit, cache_dir, local_dir, where)
             else:
@@ -374,22 +373,35 @@ def _hash_copies_no_record_speaks_for(local_dir: Path, wanted: list[HubFile], co
     return unknown
 
 
-def _vouch_to_huggingface_hub(local_dir: Path, f: HubFile, commit: str) -> None:
-    """Write huggingface_hub's record of the --local-dir's copy of `f` that the pull's hash proved this commit's
-    (_hash_copies_no_record_speaks_for), as its write_download_metadata writes one for a file it downloaded (1.33 to
-    2.5): the commit, the ETag (`f`'s sha256 for an LFS file, else its git blob id) and the time, the three lines
-    _download_record reads. Without it huggingface_hub, given the copy, had no record of its own to skip it by: it
-    hashed every LFS copy again (98 GB for the release: minutes) and downloaded every other again (config.json, the
-    tokenizer's files), which _verify then hashed a third time, while the pull said it fetched 0 bytes (h309). With a
-    record of the commit it is asked for, beside a file no more than a second newer than the record, it takes the file
-    as it is and asks the hub nothing. Written whole or not at all (write_atomically), where huggingface_hub's writer
-    empties the record first, and removes one it cannot parse. (Leaving such copies out of snapshot_download instead,
-    which needs no record of huggingface_hub's, would leave a --local-dir that holds every file without the tree
-    listing snapshot_download caches, and an offline pull would then take the folder's other JSON files for the
-    repo's.)"""
+def _vouch_to_huggingface_hub(local_dir: Path, f: HubFile, commit: str, verified: VerifiedFiles) -> None:
+    """Where klconvert's record proves the --local-dir's copy of `f` this commit's (`verified`: hashed by this pull,
+    _hash_copies_no_record_speaks_for, or by one a Ctrl-C cut short, and unchanged since) and huggingface_hub has no
+    record of its own naming this commit, write huggingface_hub's record of it, as its write_download_metadata writes
+    one for a file it downloaded (1.33 to 2.5): the commit, the ETag (`f`'s sha256 for an LFS file, else its git blob
+    id) and a time, the three lines _download_record reads. Without it huggingface_hub, given the copy, had no record
+    of its own to skip it by: it hashed every LFS copy again (98 GB for the release: minutes) and downloaded every
+    other again (config.json, the tokenizer's files), which _verify then hashed a third time, while the pull said it
+    fetched 0 bytes (h309). With a record of the commit it is asked for, beside a file no more than a second newer than
+    the record's time, it takes the file as it is and asks the hub nothing. The time is the copy's modification time
+    as klconvert hashed it, not the clock's now: the record then stands for the bytes hashed, and not for a copy
+    changed since (minutes of hashing the release's other copies, before this is written), nor goes unread beside a
+    copy whose time is ahead of this machine's clock (copied with its times from a machine whose clock runs ahead).
+    Written whole or not at all (write_atomically), where huggingface_hub's writer empties the record first, and
+    removes one it cannot parse. (Leaving such copies out of snapshot_download instead, which needs no record of
+    huggingface_hub's, would leave a --local-dir that holds every file without the tree listing snapshot_download
+    caches, and an offline pull would then take the folder's other JSON files for the repo's.)"""
+    local = local_dir / f.path
+    try:
+        stat = local.stat()
+    except OSError:   # not here: fetched
+        return
+    recorded = verified.digests(f.path, stat)
+    downloaded = _download_record(local_dir, f.path)
+    if recorded is None or not _published_as(f, *recorded) or (downloaded is not None and downloaded[0] == commit):
+        return
     record = _download_record_path(local_dir, f.path)
     record.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(record, f"{commit}\n{f.sha256 or f.blob_id}\n{time.time()}\n".encode())
+    write_atomically(record, f"{commit}\n{f.sha256 or f.blob_id}\n{stat.st_mtime}\n".encode())
 
 
 def _keep_only_this_commits_files(local_dir: Path, wanted: list[HubFile], repo: str, commit: str, cache_dir: Path,

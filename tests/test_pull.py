@@ -1843,6 +1843,87 @@ def test_a_copy_put_in_a_local_dir_by_hand_of_another_content_is_still_replaced(
     assert sorted(hashed) == sorted([*PULLED, *others]), hashed   # each copy checked, and the two fetched verified
 
 
+def test_copies_hashed_whole_before_a_ctrl_c_are_not_read_again_by_huggingface_hub(served, checkpoint, tmp_path,
+                                                                                  monkeypatch):
+    """A Ctrl-C while the pull hashed copies put in a --local-dir by hand keeps the hashes it finished (b447509), so
+    the rerun takes those copies as this commit's by klconvert's record without hashing them -- and so it wrote no
+    record of huggingface_hub's for them either (a14977d wrote one only for the copies hashed in the same run):
+    huggingface_hub hashed every such LFS copy again and fetched every other again, the cost a14977d removed. The
+    rerun reads only the copy cut off, asks the hub for nothing, and fetches 0 bytes."""
+    server, commit = served
+    out = tmp_path / "kimi"
+    copied_by_hand(checkpoint, out)
+    real, cut_off = hub._digests, PULLED[-1]
+
+    def interrupted_at_the_last(path, size, bar, stopped):
+        if path.name == cut_off:
+            raise Interrupted(signal.SIGINT)
+        return real(path, size, bar, stopped)
+    monkeypatch.setattr(hub, "HASH_WORKERS", 1)   # in PULLED's order, the last cut off
+    monkeypatch.setattr(hub, "_digests", interrupted_at_the_last)
+    with pytest.raises(Interrupted):
+        hub.pull(REPO, local_dir=out, progress=False)
+    monkeypatch.setattr(hub, "_digests", real)
+    hashed, hashed_by_huggingface_hub = count_hashing(monkeypatch), count_huggingface_hub_hashing(monkeypatch)
+    result = hub.pull(REPO, local_dir=out, progress=False)
+    assert (hashed, hashed_by_huggingface_hub) == ([cut_off], []), (hashed, hashed_by_huggingface_hub)
+    assert {key: n for key, n in server.requests.items() if n} == {}
+    assert result.bytes_downloaded == 0
+    assert all((out / path).read_bytes() == (checkpoint / path).read_bytes() for path in PULLED)
+
+
+def test_copies_put_in_a_local_dir_by_hand_with_a_later_clock_are_not_read_again(served, checkpoint, tmp_path,
+                                                                               monkeypatch):
+    """Copies whose modification time is ahead of this machine's clock (copied with their times from a machine whose
+    clock runs ahead, or onto a file server whose does): huggingface_hub takes its record of a file only where the
+    file is at most a second newer than the record, and a14977d dated the record by this machine's clock, so it
+    hashed those LFS copies again and fetched the others again. The record stands for the copy as it was hashed."""
+    server, commit = served
+    out = tmp_path / "kimi"
+    copied_by_hand(checkpoint, out)
+    ahead = time.time() + 3600
+    for path in PULLED:
+        os.utime(out / path, (ahead, ahead))
+    hashed, hashed_by_huggingface_hub = count_hashing(monkeypatch), count_huggingface_hub_hashing(monkeypatch)
+    result = hub.pull(REPO, local_dir=out, progress=False)
+    assert (sorted(hashed), hashed_by_huggingface_hub) == (PULLED, []), (hashed, hashed_by_huggingface_hub)
+    assert {key: n for key, n in server.requests.items() if n} == {}
+    assert result.bytes_downloaded == 0
+
+
+@pytest.mark.parametrize("path", ["config.json", SHARD_1])
+def test_a_copy_changed_after_the_pull_hashed_it_is_not_vouched_for(served, checkpoint, tmp_path, monkeypatch, path):
+    """A copy put in a --local-dir by hand, hashed and found this commit's, then changed before the download (the
+    release's copies take minutes to hash, and the record of huggingface_hub's went in once all were): a14977d dated
+    that record by the clock when it wrote it, past the change, so huggingface_hub took the changed copy as this
+    commit's, and the pull failed verification ("rerun the pull"). The record vouches for the copy as it was hashed,
+    so huggingface_hub checks the changed one (an LFS copy by its hash, another by fetching it) and the pull ends
+    with this commit's file."""
+    server, commit = served
+    out = tmp_path / "kimi"
+    copied_by_hand(checkpoint, out)
+    copied = time.time() - 3600   # put there an hour ago
+    for name in PULLED:
+        os.utime(out / name, (copied, copied))
+    real, changed = hub._digests, []
+
+    def changed_once_hashed(local, size, bar, stopped):
+        digests = real(local, size, bar, stopped)
+        if local.name == path and not changed:   # the same size, another content, minutes later
+            changed.append(path)
+            with local.open("r+b") as copy:
+                copy.seek(-1, os.SEEK_END)
+                last = copy.read(1)[0]
+                copy.seek(-1, os.SEEK_END)
+                copy.write(bytes([last ^ 1]))
+            os.utime(local, (copied + 600, copied + 600))
+        return digests
+    monkeypatch.setattr(hub, "_digests", changed_once_hashed)
+    result = hub.pull(REPO, local_dir=out, progress=False)
+    assert all((out / name).read_bytes() == (checkpoint / name).read_bytes() for name in PULLED)
+    assert {f.path for f in result.files} == set(PULLED)
+
+
 def test_a_folder_in_a_local_dir_where_a_file_goes_is_named_before_anything_changes(served, checkpoint, tmp_path,
                                                                                    capsys):
     """A folder of the user's under a file's name (a shard's, say) was taken for a copy not of this commit, of the
