@@ -400,8 +400,8 @@ def synth(preset: str, layers: int | None, seed: int, layout: str, out: Path, fo
     from klconvert.synth.checkpoint import synth as write_synth
 
     result = write_synth(preset, out, layers=layers, seed=seed, layout=layout, force=force)
-    click.echo(f"wrote {result.path}: {result.tensors} tensors, {size_text(result.bytes)} in {result.shards} "
-               "shard(s)", err=True)
+    click.echo(f"wrote {result.path}: {result.tensors} tensors, {size_text(result.bytes)} "
+               f"in {counted(result.shards, 'shard')}", err=True)
     echo_complete(result.path)
 
 
@@ -423,7 +423,7 @@ def pull(repo: str, revision: str | None, include: tuple[str, ...], exclude: tup
         raise KLError("give at most one of --local-dir and --cache-dir")
     result = hub_pull(repo, revision=revision, include=list(include) or None, exclude=list(exclude) or None,
                       local_dir=local_dir, cache_dir=cache_dir)
-    click.echo(f"{repo}@{result.commit}: {len(result.files)} files verified, "
+    click.echo(f"{repo}@{result.commit}: {counted(len(result.files), 'file')} verified, "
                f"{result.bytes_downloaded / 1e9:.2f} GB downloaded", err=True)
     echo_complete(result.path)
 
@@ -736,9 +736,12 @@ def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path
         elif p.weights > p.memory_limit:
             advice = (f"the weights alone do not fit, even at 4 bits with groups of {GROUP_SIZE}: plan for a larger "
                       "GPU")
-        else:   # the weights fit; the batch's state and decode workspace do not, at any context
+        elif p.batch > 1:   # the weights fit; the batch's state and decode workspace do not, at any context
             advice = (f"the weights ({binary_size_text(p.weights)}) fit, but a batch of {p.batch:,} sequences' state "
                       "and workspace do not at any context: plan a smaller --batch")
+        else:   # nor one sequence's, and no batch is smaller
+            advice = (f"the weights ({binary_size_text(p.weights)}) fit, but one sequence's state and workspace do not "
+                      "at any context: plan for a larger GPU")
         # a byte short in bytes: "needs 75.9 MiB but the GPU memory is 75.9 MiB" read as fitting
         needs, has = size_texts(p.total, p.memory_limit, text=binary_size_text)
         raise PlanDoesNotFit(f"the plan needs {needs} but the GPU memory is {has}; {advice}")

@@ -58,7 +58,7 @@ from klconvert.hf_cache import BLOBS, SNAPSHOTS
 from klconvert.hub_guard import AnswerGuard, PullInterrupted
 from klconvert.models import BUNDLED_NAME, DEFAULT_REPO
 from klconvert.tokenizer import BPE_FILE
-from klconvert.units import size_text, size_texts
+from klconvert.units import counted, size_text, size_texts
 from klconvert.user_paths import given_path, refuse_unreachable, shown_path
 from klconvert.verified_files import VERIFIED_RECORD, VerifiedFiles, cached_record
 
@@ -216,8 +216,8 @@ def pull(
                 if fetch_bytes > free + freed:
                     need_text, free_text = size_texts(fetch_bytes, free + freed)
                     raise KLError(
-                        f"not enough disk space in {target}: pulling {where} needs {need_text} for {len(missing)} "
-                        f"files but only {free_text} is free{removing if freed else ''}; "
+                        f"not enough disk space in {target}: pulling {where} needs {need_text} for "
+                        f"{counted(len(missing), 'file')} but only {free_text} is free{removing if freed else ''}; "
                         "free space or pass a --local-dir or --cache-dir on a larger disk"
                     )
                 # past the last refusal: a refused pull removes nothing
@@ -840,7 +840,7 @@ def _announce(repo, revision, commit, listing: list[HubFile], wanted: list[HubFi
     leaving = (f", leaving {len(left_out)} on the hub ({', '.join(left_out[:5])}{', ...' if len(left_out) > 5 else ''})"
                if left_out else "")
     print(
-        f"{repo}@{revision or constants.DEFAULT_REVISION} is commit {commit}: pulling {len(wanted)} files "
+        f"{repo}@{revision or constants.DEFAULT_REVISION} is commit {commit}: pulling {counted(len(wanted), 'file')} "
         f"({size_text(total)}){leaving}; {size_text(total - fetch_bytes)} already here, "
         f"fetching {size_text(fetch_bytes)} into {target} ({size_text(free)} free"
         f"{f', {size_text(freed)} more' + removing if removing else ''})",
@@ -872,8 +872,10 @@ def _verify(folder: Path, wanted: list[HubFile], where: str, progress: bool, rec
         # a download cut or damaged on the way comes right on a rerun; bytes the hub serves that are not what it
         # publishes for them fail again every time, which the line cannot tell apart from the first
         raise KLError(
-            f"{len(problems)} file(s) of {where} failed verification and were removed "
-            f"({'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}); rerun the pull to fetch them again "
+            f"{counted(len(problems), 'file')} of {where} failed verification and "
+            f"{'was' if len(problems) == 1 else 'were'} removed "
+            f"({'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}); rerun the pull to fetch "
+            f"{'it' if len(problems) == 1 else 'them'} again "
             "-- if the same file fails again, the repo's file does not match the hash the hub publishes for it, "
             f"which no rerun fixes: tell the repo's owner, or pull another {argument('revision', '--revision')}"
         )
@@ -975,14 +977,16 @@ def _check_index_shards(folder: Path, listing: list[HubFile], wanted: list[HubFi
     listed = {f.path for f in listing}
     strays = sorted(shard for shard in shards if shard not in listed)
     if strays:
-        raise KLError(f"{INDEX_FILE} of {where} names {len(strays)} shard(s) that are not files of the repo "
+        raise KLError(f"{INDEX_FILE} of {where} names {counted(len(strays), 'shard')} that "
+                      f"{'is not a file' if len(strays) == 1 else 'are not files'} of the repo "
                       f"({', '.join(repr(s[:80]) for s in strays[:3])}); the repo is broken")
     left_out_by_filters = set(select_files([f.path for f in listing])) - {f.path for f in wanted}
     missing = sorted(s for s in shards - left_out_by_filters if not (folder / s).is_file())
     if missing:
         raise KLError(
-            f"{INDEX_FILE} of {where} names {len(missing)} shard(s) that were not downloaded "
-            f"({', '.join(missing[:3])}): they are not in the repo at this commit"
+            f"{INDEX_FILE} of {where} names {counted(len(missing), 'shard')} that "
+            f"{'was' if len(missing) == 1 else 'were'} not downloaded ({', '.join(missing[:3])}): "
+            f"{'it is' if len(missing) == 1 else 'they are'} not in the repo at this commit"
         )
 
 

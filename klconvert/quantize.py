@@ -63,7 +63,7 @@ from klconvert.release import RELEASED_SHARD_BYTES
 from klconvert.runtime.sampling import as_number
 from klconvert.tokenizer import check_tokenizer_if_any
 from klconvert.tokenizer_json import written_tokenizer_json
-from klconvert.units import binary_size_text, count_text, size_text, size_texts
+from klconvert.units import binary_size_text, count_text, counted, size_text, size_texts
 from klconvert.user_paths import given_path
 
 MIN_SHARD_BYTES = 1  # the smallest limit a shard takes (a tensor larger than the limit gets a shard of its own)
@@ -91,7 +91,7 @@ class QuantizeResult:
         t = self.totals
         resumed = f", {self.shards_resumed} kept from an interrupted run" if self.shards_resumed else ""
         return (f"quantized {self.origin.describe()} -> {controls_escaped(str(self.path))}: {size_text(t.bytes_in)} -> "
-                f"{size_text(t.bytes_out)} in {self.shards} shard(s){resumed} | "
+                f"{size_text(t.bytes_out)} in {counted(self.shards, 'shard')}{resumed} | "
                 f"{t.quantized_bits_per_weight:.3f} bits/weight over {count_text(t.quantized_params)} quantized "
                 f"params, {t.bits_per_weight:.3f} overall | {self.seconds:.1f} s, "
                 f"{self.bytes_converted / 1e6 / max(self.seconds, 1e-9):.1f} MB/s in")

@@ -6,14 +6,14 @@ from collections.abc import Callable
 
 def size_text(n: int) -> str:
     """Bytes in decimal units: 98.40 GB, 9.21 MB; under a tenth of a MB, in bytes (a 1 KB file read "0.00 MB")."""
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n:,} bytes"
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB" if n >= 1e5 else counted(n, "byte")
 
 
 def size_texts(*sizes: int, text: Callable[[int], str] = size_text) -> list[str]:
     """`text` (size_text; binary_size_text where a memory plan's figures are said) of each of sizes set side by side,
     or where two would read alike (9.21 MB free but 9.21 MB to write), each in bytes."""
     texts = [text(n) for n in sizes]
-    return texts if len(set(texts)) == len(texts) else [f"{n:,} bytes" for n in sizes]
+    return texts if len(set(texts)) == len(texts) else [counted(n, "byte") for n in sizes]
 
 
 def binary_size_text(n: int) -> str:

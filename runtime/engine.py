@@ -718,7 +718,7 @@ class Engine(Runner):
         of several segments hands its cache back at the end. A segment runs PREFILL_ROWS prompts at a time, as the plan
         sizes its workspace: sized B times, it refused batches that ran in a fraction of it."""
         state.reset()
-        what = f"a prefill's activations ({ids.shape[1]:,} tokens)"   # an allocator's refusal names it
+        what = f"a prefill's activations ({counted(ids.shape[1], 'token')})"   # an allocator's refusal names it
         less = "give a shorter prompt" + (f", or lower {self._context_argument()} to {needed}"
                                           if needed < self.plan.context else "")
         positions = max(1, LOGIT_ROWS // ids.shape[0])
@@ -839,8 +839,9 @@ class Engine(Runner):
         B, T = ids.shape
         if not self.plan.all_logits:
             fewer = "give fewer sequences at a time" if B > 1 else "give fewer tokens"
-            self._refuse_past_room(f"forward_segments' prefill workspace, the last hidden rows of a segment of {B} "
-                                   f"sequence(s) of {T:,} tokens and their logits a few positions at a time",
+            self._refuse_past_room(f"forward_segments' prefill workspace, the last hidden rows of a segment of "
+                                   f"{counted(B, 'sequence')} of {counted(T, 'token')} and their logits a few "
+                                   "positions at a time",
                                    self._forward_workspace(B, T), fewer, T)
         return self._held_segments(ids)
 

@@ -254,6 +254,9 @@ def damage_wrong_shape(folder):
 
 CHECKPOINT_DAMAGE = [
     (damage_missing_shard, ["shard is missing"]),
+    # it said "(1 tensors, e.g. ..., are indexed in it)"
+    (lambda f: set_index(f, lambda m: m.__setitem__(NAME, "model-extra.safetensors")),
+     ["model-extra.safetensors: shard is missing (1 tensor, e.g. ", ", is indexed in it)"]),
     (damage_truncated_shard, ["truncated"]),
     (damage_lying_header, [NAME, "needs", "bytes"]),
     (damage_negative_offsets, [NAME, "data_offsets [-", "not a byte range of the data"]),

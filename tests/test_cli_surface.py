@@ -363,6 +363,15 @@ def test_a_plan_that_does_not_fit_says_what_to_change(capsys, args, advice):
     assert code == 3 and advice in err, err
 
 
+def test_a_plan_of_one_sequence_past_the_gpu_asks_for_no_smaller_batch(capsys):
+    """Where the weights fit and one sequence's state and workspace do not, the advice was "a batch of 1 sequences'
+    state and workspace do not at any context: plan a smaller --batch", a batch no plan has."""
+    code, _, err = run_cli(capsys, "plan", "--model", "tiny", "--gpu-memory", "23MiB")
+    assert code == 3 and err.rstrip("\n").endswith(
+        "the weights (22.5 MiB) fit, but one sequence's state and workspace do not at any context: plan for a larger "
+        "GPU"), err
+
+
 def test_a_small_plans_refusal_gives_its_figures_in_units_that_show_them(capsys):
     """The bundled model's plan on a 20 MiB GPU read "the plan needs 0.29 GiB but the GPU memory is 0.02 GiB" (0.00
     for 2 MiB): the table above it gives MiB."""

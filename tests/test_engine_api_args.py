@@ -629,11 +629,17 @@ def test_every_positions_logits_are_planned_only_where_asked(tiny_released, monk
     workspace = dataclasses.replace(engine.plan, all_logits=True).prefill_workspace_for(64)
     monkeypatch.setattr(engine_module, "host_memory", lambda **_: HostMemory(workspace - 1))
     with pytest.raises(KLError, match=rf"^forward_segments' prefill workspace, the last hidden rows of a segment of 4 "
-                                      rf"sequence\(s\) of 64 tokens and their logits a few positions at a time need "
+                                      rf"sequences of 64 tokens and their logits a few positions at a time need "
                                       rf"{re.escape(size_texts(workspace, workspace - 1)[0])} but cpu has .*; give "
                                       r"fewer sequences at a "
                                       r"time, or free some memory$"):
         engine.forward_segments(ids)
+    monkeypatch.setattr(engine_module, "host_memory", lambda **_: HostMemory(1))
+    with pytest.raises(KLError, match=r"^forward_segments' prefill workspace, the last hidden rows of a segment of 1 "
+                                      r"sequence of 1 token and their logits a few positions at a time need .* but "
+                                      r"cpu has 1 byte available on the host .*; give fewer tokens, .*or free some "
+                                      r"memory$"):
+        engine.forward_segments(ids[:1, :1])   # it said "1 sequence(s) of 1 tokens"
     monkeypatch.setattr(engine_module, "host_memory", lambda **_: HostMemory(workspace))
     assert sum(rows.shape[1] for rows in engine.forward_segments(ids)) == 64
     with pytest.raises(KLError, match=r"^all_logits='yes' is not a bool; pass True or False$"):
@@ -836,10 +842,10 @@ def test_onednn_refusing_a_primitive_mid_generation_is_out_of_memory_in_one_line
     def refused(*_, **__):
         raise RuntimeError("could not create a primitive")
     monkeypatch.setattr("klconvert.runtime.model.KimiLinear.hidden_states", refused)
-    code, _, err = run_cli(capsys, "run", "--model", tiny_released, "--prompt", "a b", "--max-new-tokens", "3",
+    code, _, err = run_cli(capsys, "run", "--model", tiny_released, "--prompt", "\n", "--max-new-tokens", "3",
                            "--device", "cpu")
     assert_one_line_error(code, err, "out of host memory (or the process's memory limit) allocating a prefill's "
-                          "activations", ": could not create a primitive; ")
+                          "activations (1 token): could not create a primitive; ")   # it said "(1 tokens)"
 
 
 def test_other_runtime_errors_at_load_are_not_called_out_of_memory(tiny_released, monkeypatch):

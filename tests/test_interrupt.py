@@ -613,7 +613,8 @@ def test_a_kill_as_quantize_renames_its_output_is_finished_by_the_same_command(t
     assert rerun.returncode == 0, rerun.stderr
     shards = len([name for name in files if name.endswith(".safetensors")])
     assert rerun.stdout == f"{out}\n" and f"-> {out}: " in rerun.stderr, rerun.stderr
-    assert f"{shards} shard(s), {shards} kept from an interrupted run" in rerun.stderr
+    said = f"{shards} shard" if shards == 1 else f"{shards} shards"
+    assert f"{said}, {shards} kept from an interrupted run" in rerun.stderr
     _assert_finished(out, files)
 
 

@@ -194,6 +194,17 @@ def test_the_command_prints_the_folder_alone_on_stdout_and_the_commit_on_stderr(
     assert [p for p in files_under(folder) if not p.startswith(".")] == PULLED   # the folder it names
 
 
+def test_a_pull_of_one_file_says_one_file(served, tmp_path):
+    """The announcement and the summary said "pulling 1 files" and "1 files verified" (4614e18's units.counted left
+    them): a count of one file is said in the singular."""
+    server, commit = served
+    proc = run_klconvert("pull", REPO, "--include", "config.json", "--local-dir", tmp_path / "kimi")
+    assert proc.returncode == 0, proc.stderr
+    announcement, summary = proc.stderr.splitlines()
+    assert announcement.startswith(f"{REPO}@main is commit {commit}: pulling 1 file ("), announcement
+    assert summary == f"{REPO}@{commit}: 1 file verified, 0.00 GB downloaded"
+
+
 def test_the_bars_show_on_a_terminal(served, tmp_path):
     """README: pull's progress bars show on a terminal only -- the terminal's half (a log's is above): on one, the
     download's and the verification's bars redraw their lines after the announcement."""
@@ -454,8 +465,8 @@ def test_a_file_that_fails_verification_on_every_pull_is_told_apart_from_a_damag
         proc = run_klconvert("pull", REPO)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert proc.stderr.splitlines()[-1] == (
-            f"klconvert: error: 1 file(s) of {REPO}@{commit} failed verification and were removed ({SHARD_1} has "
-            f"sha256 {actual}, the hub published {published}); rerun the pull to fetch them again -- if the same "
+            f"klconvert: error: 1 file of {REPO}@{commit} failed verification and was removed ({SHARD_1} has "
+            f"sha256 {actual}, the hub published {published}); rerun the pull to fetch it again -- if the same "
             "file fails again, the repo's file does not match the hash the hub publishes for it, which no rerun "
             "fixes: tell the repo's owner, or pull another revision (--revision)")
 
@@ -494,7 +505,7 @@ def test_not_enough_disk_space_is_refused_before_downloading(served, monkeypatch
 def test_index_naming_a_shard_the_repo_lacks_fails(hub_server, tmp_path):
     hub_server.add_repo(REPO, write_checkpoint(tmp_path / "broken", index_names_missing_shard=True))
     with hub_environment(hub_server.endpoint, tmp_path / "hf_home"):
-        with pytest.raises(KLError, match="names 1 shard.*model-00003-of-00002.safetensors"):
+        with pytest.raises(KLError, match=r"names 1 shard that is not a file of the repo \('model-00003-of-00002"):
             hub.pull(REPO, progress=False)
 
 
@@ -615,8 +626,9 @@ def test_a_file_name_too_long_to_write_here_is_refused_before_any_download(serve
     assert hub.pull(REPO, exclude=["sub/*"], local_dir=tmp_path / "kimi" if local else None, progress=False).files
 
 
-@pytest.mark.parametrize("values, needle", [([1, 2], "a shard name that is not a string"),
-                                            (["/etc/hostname"], "not files of the repo ('/etc/hostname')")])
+@pytest.mark.parametrize("values, needle", [
+    ([1, 2], "a shard name that is not a string"),
+    (["/etc/hostname"], "1 shard that is not a file of the repo ('/etc/hostname')")])
 def test_an_index_naming_odd_shards_is_refused(hub_server, checkpoint, tmp_path, values, needle):
     index = json.loads((checkpoint / "model.safetensors.index.json").read_text())
     index["weight_map"] = dict(zip(index["weight_map"], values * len(index["weight_map"])))
@@ -1498,7 +1510,7 @@ def test_a_pull_refused_for_disk_space_removes_no_copy_of_another_size(served, c
     shard.resolve().write_bytes(b"x" * 1000)
     size = (checkpoint / SHARD_2).stat().st_size
     monkeypatch.setattr(hub, "free_disk_bytes", lambda folder: size - 1 - 1000)   # 1,000 more once the copy goes
-    with pytest.raises(KLError, match=f"needs {size:,} bytes for 1 files but only {size - 1:,} bytes is free"):
+    with pytest.raises(KLError, match=f"needs {size:,} bytes for 1 file but only {size - 1:,} bytes is free"):
         hub.pull(REPO, progress=False, **where)
     assert shard.resolve().read_bytes() == b"x" * 1000
 

@@ -380,3 +380,13 @@ def test_tiny_names_the_bundled_model(tmp_path, monkeypatch):
     assert named.origin == by_path.origin and "quantized the bundled model tiny -> " in named.summary()
     a, b = folder_files(named.path), folder_files(by_path.path)
     assert a.pop("README.md").replace(b"named", b"by_path") == b.pop("README.md") and a == b
+
+
+def test_a_folder_of_one_shard_is_said_to_be_one_shard(tmp_path, capsys):
+    """synth's and quantize's summaries and the model card said "in 1 shard(s)" (the count lines 4614e18's
+    units.counted left): a one-layer tiny model is one shard, and each says so in the singular."""
+    code, _, err = run_cli(capsys, "synth", "--preset", "tiny", "--layers", "1", "--out", tmp_path / "one")
+    assert code == 0 and err.rstrip("\n").endswith(" in 1 shard"), err
+    code, _, err = run_cli(capsys, "quantize", tmp_path / "one", tmp_path / "q", "--bits", "4")
+    assert code == 0 and " in 1 shard | " in err, err
+    assert re.search(r"^\| size \| .* in 1 shard \|$", (tmp_path / "q" / "README.md").read_text(), re.M)

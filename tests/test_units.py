@@ -28,3 +28,9 @@ def test_a_count_is_singular_at_one():
     """bench said "1 layers" in its lines (h298's F5), run "1 tokens" in its."""
     assert [counted(n, "layer") for n in (1, 2, 27)] == ["1 layer", "2 layers", "27 layers"]
     assert [counted(n, "token") for n in (0, 1, 131072)] == ["0 tokens", "1 token", "131,072 tokens"]
+
+
+def test_a_size_of_one_byte_is_singular():
+    """A size under a tenth of a MB is said in bytes, and a refusal read "cpu has 1 bytes available"."""
+    assert [size_text(n) for n in (0, 1, 2, 99_999)] == ["0 bytes", "1 byte", "2 bytes", "99,999 bytes"]
+    assert size_texts(1, 1) == ["1 byte", "1 byte"]

@@ -183,7 +183,8 @@ class Checkpoint:
             path = self.folder / shard
             if not os.path.lexists(path):
                 names = [n for n, s in weight_map.items() if s == shard]
-                raise KLError(f"{path}: shard is missing ({len(names)} tensors, e.g. {shown(names[0])}, are indexed in "
+                raise KLError(f"{path}: shard is missing ({counted(len(names), 'tensor')}, e.g. {shown(names[0])}, "
+                              f"{'is' if len(names) == 1 else 'are'} indexed in "
                               f"it); the folder is incomplete -- {damaged_folder_remedy(self.folder)}")
             self.headers[shard] = read_header(path, header_bytes_left, max_header_values(self.config),
                                               self._remedy(shard))

@@ -8,7 +8,7 @@ from klconvert.convert.provenance import SourceOrigin
 from klconvert.errors import controls_escaped
 from klconvert.quant import Policy
 from klconvert.shell_command import shell_command
-from klconvert.units import count_text, size_text
+from klconvert.units import count_text, counted, size_text
 
 HUB = "https://huggingface.co"
 
@@ -52,7 +52,7 @@ Moonshot AI's Kimi Linear, weight-quantized by klconvert {klconvert_version} fro
 |---|---|
 | source | {literal_text(origin.describe())} |
 | format | {fmt} |
-| size | {size_text(totals.bytes_in)} -> {size_text(totals.bytes_out)} in {shards} shard(s) |
+| size | {size_text(totals.bytes_in)} -> {size_text(totals.bytes_out)} in {counted(shards, 'shard')} |
 | bits per weight | {bits} |
 | parameters | {count_text(totals.params)}, of which {count_text(totals.quantized_params)} quantized |
 
