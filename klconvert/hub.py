@@ -194,7 +194,7 @@ def pull(
             if not offline:
                 _refuse_unwritable_names(wanted, where, local_dir is not None)
                 if local_dir is not None:
-                    _refuse_folders_in_the_way(local_dir, wanted, where)
+                    _refuse_what_is_in_the_way(local_dir, wanted, where)
                 if check_files is not None:
                     check_files(wanted)
                 hashed = (_hash_copies_no_record_speaks_for(local_dir, wanted, commit, where, verified, progress)
@@ -606,16 +606,22 @@ def _refuse_unwritable_names(wanted: list[HubFile], where: str, local: bool) -> 
                           "repo's owner")
 
 
-def _refuse_folders_in_the_way(local_dir: Path, wanted: list[HubFile], where: str) -> None:
+def _refuse_what_is_in_the_way(local_dir: Path, wanted: list[HubFile], where: str) -> None:
     """KLError, before anything is announced or changes, where the --local-dir holds a folder (not a link to one, which
     goes as a file's link does) under the name of a file to pull: it was taken for a copy not of this commit, of the
     wrong size, announced as to be removed, and its removal failed the pull, "... (Is a directory); check that DIR is
-    a folder you can write". A user's folder is not the pull's to remove."""
+    a folder you can write". A user's folder is not the pull's to remove. Likewise where it holds a file (or a link to
+    none) under the name of a folder a file to pull goes in: the pull fetched every other file, then failed "... failed
+    at DIR/NAME (File exists); rerun the pull to continue", on every rerun."""
     for f in wanted:
         path = local_dir / f.path
         if path.is_dir() and not path.is_symlink():
             raise KLError(f"--local-dir {local_dir}: holds a folder {f.path}, where {where} has a file; move it out of "
                           "the way, or pull into another --local-dir")
+        for folder in list(Path(f.path).parents)[-2::-1]:   # sub, then sub/deeper: not ".", the folder itself
+            if os.path.lexists(local_dir / folder) and not (local_dir / folder).is_dir():
+                raise KLError(f"--local-dir {local_dir}: holds a file {folder.as_posix()}, where {where} has a folder "
+                              f"(of {f.path}); move it out of the way, or pull into another --local-dir")
 
 
 def _published_listing(api: HfApi, repo: str, commit: str) -> list[HubFile]:

@@ -1955,6 +1955,28 @@ def test_a_folder_in_a_local_dir_where_a_file_goes_is_named_before_anything_chan
     assert files_under(out) == ["config.json", f"{SHARD_1}/notes.txt"]
 
 
+def test_a_file_in_a_local_dir_where_a_folder_goes_is_named_before_anything_changes(hub_server, checkpoint, tmp_path,
+                                                                                   capsys):
+    """The other way round from a folder under a file's name: a file of the user's under the name of a folder that a
+    file to pull goes in. The pull announced itself, fetched every other file, then failed "... failed at DIR/sub
+    (File exists); rerun the pull to continue", on every rerun. One line names it and what to do, before anything is
+    announced, fetched or changed."""
+    (checkpoint / "sub").mkdir()
+    (checkpoint / "sub" / "extra.json").write_text("{}")
+    commit = hub_server.add_repo(REPO, checkpoint)
+    out = tmp_path / "kimi"
+    out.mkdir()
+    (out / "sub").write_text("mine")
+    capsys.readouterr()
+    with hub_environment(hub_server.endpoint, tmp_path / "hf_home"), pytest.raises(KLError) as refused:
+        hub.pull(REPO, local_dir=out, progress=True)
+    assert str(refused.value) == (f"--local-dir {out}: holds a file sub, where {REPO}@{commit} has a folder (of "
+                                  "sub/extra.json); move it out of the way, or pull into another --local-dir")
+    assert capsys.readouterr().err == ""
+    assert files_under(out) == ["sub"] and (out / "sub").read_text() == "mine"
+    assert sum(n for (method, _), n in hub_server.requests.items() if method == "GET") == 0
+
+
 def test_a_ctrl_c_while_copies_in_a_local_dir_are_hashed_keeps_the_hashes_it_finished(served, checkpoint, tmp_path,
                                                                                      monkeypatch):
     """A Ctrl-C (or SIGTERM) while the pull hashed the copies nothing vouched for (4a8ba5e: "Checking files here",
