@@ -261,7 +261,8 @@ def pull(
                         _keep_only_this_commits_files(local_dir, wanted, repo, commit, cache_dir, verified)
                     raise
         if listing is None:  # offline, and the cache holds no tree listing (older huggingface_hub): use the disk
-            listing = _listing_on_disk(folder)
+            listing = _listing_on_disk(folder) if local_dir is None else _finished_pull_listing(local_dir, repo, commit,
+                                                                                                where)
             wanted = _select_from(listing, include, exclude, where)
         if offline:
             files = _check_sizes(folder, wanted, where)
@@ -571,10 +572,7 @@ def _check_listing(listing: list[HubFile], where: str, endpoint: str, published:
         raise bad(f"names {len(listing):,} files, more than the {MAX_LISTED_FILES:,} a model repo could hold")
     paths = set()
     for f in listing:
-        parts = f.path.split("/") if isinstance(f.path, str) else []
-        if (not parts or len(f.path) > MAX_PATH_CHARS or "\\" in f.path
-                or not f.path.isprintable()  # a newline or an escape sequence would reach the terminal
-                or any(part in ("", ".", "..") for part in parts)):
+        if not _is_path_in_repo(f.path):
             raise bad(f"names a file {str(f.path)[:80]!r}, not a path inside the repo")
         if f.path in paths:
             raise bad(f"names {f.path!r} twice")
@@ -590,6 +588,13 @@ def _check_listing(listing: list[HubFile], where: str, endpoint: str, published:
     folders = {"/".join(p.split("/")[:i]) for p in paths for i in range(1, p.count("/") + 1)}
     if paths & folders:
         raise bad(f"names {sorted(paths & folders)[0]!r} both as a file and as a folder")
+
+
+def _is_path_in_repo(path) -> bool:
+    """Whether `path` is a relative POSIX path inside a repo: a string of at most MAX_PATH_CHARS, printable (a newline
+    or an escape sequence would reach the terminal), no backslash, and no empty, '.' or '..' part."""
+    return (isinstance(path, str) and len(path) <= MAX_PATH_CHARS and "\\" not in path and path.isprintable()
+            and not any(part in ("", ".", "..") for part in path.split("/")))
 
 
 def _refuse_unwritable_names(wanted: list[HubFile], where: str, local: bool) -> None:
@@ -1037,6 +1042,19 @@ def _refuse_mixing_pulls(local_dir: Path, repo: str, commit: str, listing: list[
                       f"{repo}@{commit} does not fetch, {few(left)}, so the folder would hold files of both; pull "
                       "without the --include/--exclude that leave them out, remove them, or pull into another "
                       "--local-dir")
+
+
+def _finished_pull_listing(local_dir: Path, repo: str, commit: str, where: str) -> list[HubFile]:
+    """The files of `repo@commit` a finished pull into the --local-dir wrote there, as its LOCAL_DIR_RECORD lists them:
+    what an offline pull takes where the cache holds no tree listing of the commit. The folder's own listing took
+    whatever was there for the repo's files -- after a pull cut short, the few it had fetched and the user's own JSON
+    beside them -- and said them verified. KLError where no finished pull of this commit is recorded there."""
+    record = _pull_record(local_dir)
+    if (record is None or (record["repo"].lower(), record["commit"]) != (repo.lower(), commit)
+            or not all(_is_path_in_repo(path) for path in record["files"])):
+        raise KLError(f"HF_HUB_OFFLINE is set and --local-dir {local_dir} holds no finished pull of {where} (its "
+                      f"{LOCAL_DIR_RECORD} names none): unset HF_HUB_OFFLINE and rerun the pull to finish it")
+    return [HubFile(path=path, size=None) for path in record["files"]]
 
 
 def _pull_record(folder: Path) -> dict | None:

@@ -376,6 +376,49 @@ def test_offline_works_from_a_local_dir_and_from_a_cache_without_tree_listing(se
     assert sum(server.requests.values()) == asked
 
 
+def test_an_offline_pull_of_a_local_dir_a_pull_left_unfinished_is_refused(served, checkpoint, tmp_path):
+    """A pull into a --local-dir cut short before huggingface_hub cached the commit's tree listing there (a Ctrl-C as
+    it began, a lost connection), then an offline pull: with no listing it listed the folder from the disk and said
+    what was there verified -- the 3 of 7 files put there and the user's own notes.json as the repo's. It is refused
+    in one line, the folder as it was."""
+    server, commit = served
+    out = tmp_path / "kimi"
+    out.mkdir()
+    for path in PULLED[:3]:
+        shutil.copy(checkpoint / path, out / path)
+    (out / "notes.json").write_text("{}")
+
+    def cut_short(*args, **kwargs):
+        raise KeyboardInterrupt
+    real, hub.snapshot_download = hub.snapshot_download, cut_short
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            hub.pull(REPO, local_dir=out, progress=False)
+    finally:
+        hub.snapshot_download = real
+    before = files_under(out)
+    with hub_environment(server.endpoint, tmp_path / "hf_home", HF_HUB_OFFLINE="1"):
+        with pytest.raises(KLError) as refused:
+            hub.pull(REPO, local_dir=out, progress=False)
+    assert str(refused.value) == (f"HF_HUB_OFFLINE is set and --local-dir {out} holds no finished pull of "
+                                  f"{REPO}@{commit} (its .klconvert/pull.json names none): unset HF_HUB_OFFLINE and "
+                                  "rerun the pull to finish it")
+    assert files_under(out) == before
+
+
+def test_an_offline_pull_of_a_local_dir_with_no_cached_listing_takes_the_files_the_pull_wrote(served, tmp_path,
+                                                                                            monkeypatch):
+    """Where the cache holds no tree listing of the commit (an older huggingface_hub's), an offline pull of a finished
+    --local-dir takes the files its record lists, not the user's own JSON beside them."""
+    server, commit = served
+    out = tmp_path / "kimi"
+    hub.pull(REPO, local_dir=out, progress=False)
+    (out / "notes.json").write_text("{}")
+    monkeypatch.setattr(hub, "_cached_listing", lambda *args: None)
+    with hub_environment(server.endpoint, tmp_path / "hf_home", HF_HUB_OFFLINE="1"):
+        assert sorted(f.path for f in hub.pull(REPO, local_dir=out, progress=False).files) == PULLED
+
+
 def test_an_offline_pull_into_a_local_dir_removes_nothing_when_it_fails(served, hub_server, tmp_path, monkeypatch):
     """An offline pull writes none of the repo's files into --local-dir, so a failure removes none of them:
     a file that changed while it ran -- another pull's, still being written -- is not its own to clean up."""
