@@ -433,9 +433,10 @@ def _row_refusal(refusal: ContextDoesNotFit, flag: str, planned_past: int = 0) -
     context the engine named as fitting holds too."""
     fit = refusal.fit - planned_past
     if fit < 1:
-        return KLError(f"{refusal.said}; at most {refusal.fit:,} tokens of context fit, and a decode row plans "
-                       f"{planned_past:,} past its --context (--new-tokens and {DECODE_SPARE_ROWS} spare cache rows): "
-                       "lower --new-tokens or --batch" + ("" if refusal.remedy is None else f", or {refusal.remedy}"))
+        return KLError(f"{refusal.said}; at most {counted(refusal.fit, 'token')} of context fit, and a decode row "
+                       f"plans {planned_past:,} past its --context (--new-tokens and {DECODE_SPARE_ROWS} spare cache "
+                       "rows): lower --new-tokens or --batch"
+                       + ("" if refusal.remedy is None else f", or {refusal.remedy}"))
     return ContextDoesNotFit(refusal.said, fit, refusal.or_less, flag, refusal.remedy)
 
 
@@ -446,7 +447,7 @@ def check_new_tokens(config: KimiLinearConfig, new_tokens: int) -> None:
     if context_left < 1:
         raise KLError(f"--new-tokens {new_tokens:,} leaves no context to decode at: the decoded tokens and "
                       f"{DECODE_SPARE_ROWS} spare cache rows must fit the model's {config.model_max_length_name} of "
-                      f"{config.model_max_length:,} tokens; give --new-tokens "
+                      f"{counted(config.model_max_length, 'token')}; give --new-tokens "
                       f"{config.model_max_length - DECODE_SPARE_ROWS - 1:,} or fewer")
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Iterator
 
 from klconvert.errors import KLError, first_line
-from klconvert.units import size_text
+from klconvert.units import counted, size_text
 
 if TYPE_CHECKING:
     import torch
@@ -184,8 +184,9 @@ class PromptsDoNotFit(KLError):
     def __init__(self, said: str, needed: int, fit: int, batch: int, fewer_prompts: str, new_tokens: str,
                  remedy: str | None):
         shorter = f"{fewer_prompts} or shorter ones" if batch > 1 else "shorten the prompt"
-        super().__init__(f"{said}; no context holding the prompts fits: they need {needed:,} tokens (the longest "
-                         f"prompt plus the new tokens), at most {fit:,} fit; {shorter}, or lower {new_tokens}"
+        super().__init__(f"{said}; no context holding the prompts fits: they need {counted(needed, 'token')} "
+                         f"(the longest prompt plus the new tokens), at most {fit:,} fit; {shorter}, or lower "
+                         f"{new_tokens}"
                          + ("" if remedy is None else f", or {remedy}"))
         self.said, self.needed, self.fit, self.batch, self.remedy = said, needed, fit, batch, remedy
 

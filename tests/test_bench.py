@@ -23,6 +23,7 @@ from klconvert.errors import KLError
 from klconvert.models import bundled_dir
 from klconvert.presets import preset_config
 from klconvert.runtime import engine as engine_module
+from klconvert.runtime.device_memory import ContextDoesNotFit
 from klconvert.units import size_text
 from testkit import assert_one_line_error, gpu_with_free, run_cli, shown_lines
 
@@ -317,6 +318,15 @@ def test_new_tokens_that_leave_no_context_are_refused_before_the_device(tiny4, m
         B.bench(short, weights, bits="int4", contexts=[32], batches=[1], new_tokens=55, device="cpu",
                 report=lambda line: None)
     assert bound.value.args == (72,)   # context 1 + 55 decoded + 16 spare rows
+
+
+def test_a_row_whose_gpu_fits_one_token_of_context_says_one():
+    """A decode row's refusal where the context that fits is under what the row plans past its --context said "at
+    most 1 tokens of context fit" (formatted by hand; units.counted now)."""
+    refusal = ContextDoesNotFit("the plan needs 9 GB but cuda has 8 GB free", 1, True, "--context", None)
+    assert str(B._row_refusal(refusal, "--context", planned_past=144)) == (
+        "the plan needs 9 GB but cuda has 8 GB free; at most 1 token of context fit, and a decode row plans 144 past "
+        "its --context (--new-tokens and 16 spare cache rows): lower --new-tokens or --batch")
 
 
 @pytest.mark.parametrize("model", [("--preset", "kimi-linear-48b", "--layers", "1"), ("--model", "tiny")],

@@ -17,6 +17,7 @@ import klconvert
 from klconvert.errors import KLError
 import klconvert.runtime.engine as engine_module
 from klconvert.config import KimiLinearConfig
+from klconvert.runtime.device_memory import PromptsDoNotFit
 from klconvert.runtime.engine import Engine
 from klconvert.runtime.host_memory import (ADDRESS_SPACE_BOUND, DATA_BOUND, NAMED_FIT_SHARE, HostMemory,
                                            HostMemoryExhausted)
@@ -731,6 +732,16 @@ def test_a_plan_past_the_host_names_no_context_shorter_than_the_prompts_need(tin
                                "4", "--device", "cpu", *context)
         line = assert_one_line_error(code, err, "; no context holding the prompts fits: they need ")
         assert line.endswith("; shorten the prompt, or lower --max-new-tokens, or raise ulimit -v"), line
+
+
+def test_prompts_of_one_token_that_no_context_holds_are_said_as_one():
+    """PromptsDoNotFit said "they need 1 tokens" where the prompt is one token and none are planned past it (formatted
+    by hand; units.counted now)."""
+    refusal = PromptsDoNotFit("the plan needs 9 GB but the host has 8 GB", 1, 0, 1, "give fewer prompts",
+                              "max_new_tokens", None)
+    assert str(refusal) == ("the plan needs 9 GB but the host has 8 GB; no context holding the prompts fits: they need "
+                            "1 token (the longest prompt plus the new tokens), at most 0 fit; shorten the prompt, or "
+                            "lower max_new_tokens")
 
 
 def test_after_a_resize_the_context_is_named_as_resize_names_it(tiny_released):

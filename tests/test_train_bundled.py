@@ -182,11 +182,13 @@ def test_a_step_past_the_memory_left_is_refused_naming_a_batch_that_runs(tmp_pat
     assert proc.returncode == 0 and (tmp_path / "out" / "loss.json").is_file(), proc.stderr[-3000:]
 
 
-def test_a_split_shorter_than_one_window_is_refused(tmp_path):
-    """refuse_short_splits, as distill_bundled.py calls it too (without --validation-tokens, which it lacks)."""
-    with pytest.raises(KLError, match=r"the validation split has 10 tokens, not one window of --seq-len 32 and its "
+@pytest.mark.parametrize("tokens, said", [(10, "10 tokens"), (1, "1 token")])
+def test_a_split_shorter_than_one_window_is_refused(tmp_path, tokens, said):
+    """refuse_short_splits, as distill_bundled.py calls it too (without --validation-tokens, which it lacks); a split
+    of one token said "1 tokens"."""
+    with pytest.raises(KLError, match=rf"the validation split has {said}, not one window of --seq-len 32 and its "
                                       r"next token; lower --seq-len \(or raise --validation-tokens\)"):
-        train_bundled.train(tmp_path / "out", **{**SMALL_RUN, "validation_tokens": 10})
+        train_bundled.train(tmp_path / "out", **{**SMALL_RUN, "validation_tokens": tokens})
     assert not (tmp_path / "out").exists()
 
 

@@ -34,6 +34,7 @@ from klconvert.errors import KLError  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.script_summary import script_summary  # noqa: E402
 from klconvert.tokenizer import TOKENIZER_FILES, Tokenizer  # noqa: E402
+from klconvert.units import counted  # noqa: E402
 from klconvert.whole_folder import refuse_taken, whole_folder  # noqa: E402
 
 QUANTIZER = "QuantizationModifier"  # the modifier of a recipe klconvert wrote, which each tool here swaps or follows
@@ -77,8 +78,8 @@ def calibration_windows(model: Path, samples: int, seq_len: int) -> list[list[in
     """`samples` windows of `seq_len` token ids, evenly spaced over the training split."""
     ids = Tokenizer.from_folder(model).encode(bundled_corpus.split()["train"])
     if len(ids) < samples * seq_len:
-        raise KLError(f"--samples {samples} x --seq-len {seq_len}: the training split has {len(ids):,} tokens, "
-                      "fewer; lower either")
+        raise KLError(f"--samples {samples} x --seq-len {seq_len}: the training split has "
+                      f"{counted(len(ids), 'token')}, fewer; lower either")
     stride = (len(ids) - seq_len) // max(1, samples - 1)
     return [ids[i * stride:i * stride + seq_len] for i in range(samples)]
 

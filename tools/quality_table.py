@@ -43,6 +43,7 @@ from klconvert.quant.defaults import (DEFAULT, KEEP, LM_HEAD, LM_HEAD_BITS, SMAL
 from klconvert.quantize import choose_policy, quantize  # noqa: E402
 from klconvert.script_summary import script_summary  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
+from klconvert.units import counted  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 ALWAYS_KEPT = [k for k in KEEP if k != kda_projections(SMALL_KDA_PROJECTIONS)]   # the router, the short convs
@@ -132,7 +133,7 @@ def measure(model: Path, tokens: int, only: str | None, folders: tuple[tuple[str
     ids = Tokenizer.from_folder(model).encode(text)[:tokens]
     t0 = time.perf_counter()
     reference = run_model(model, ids, "cpu", "float32")
-    print(f"reference: {len(ids):,} held-out tokens in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    print(f"reference: {counted(len(ids), 'held-out token')} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (section, label, options) in enumerate(variants(KimiLinearConfig.from_file(model / CONFIG_FILE))):
@@ -162,7 +163,7 @@ def render(rows: list, tokens: int) -> str:
     """The rows as a Markdown table, one header row per section."""
     head = ("| variant | bits/weight (all) | perplexity | KL mean | KL p99 | top-1 | router overlap | set unchanged | "
             "worst layer (overlap) |\n|---|---:|---:|---:|---:|---:|---:|---:|---|")
-    out = [f"Held-out: {tokens:,} tokens of the test split; reference bf16 perplexity "
+    out = [f"Held-out: {counted(tokens, 'token')} of the test split; reference bf16 perplexity "
            f"{rows[0][2].reference_perplexity:.3f}.", "", head]
     section = None
     for sec, label, r, bits in rows:

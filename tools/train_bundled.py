@@ -54,7 +54,7 @@ from klconvert.synth.checkpoint import FP32_TENSORS, synth_values, tensor_genera
 from klconvert.release import NUM_SPECIAL_TOKENS, RELEASED_CONFIG, config_token_ids, layer_lists  # noqa: E402
 from klconvert.tokenizer import (TOKENIZER_CONFIG_FILE, TOKENIZER_FILES, Tokenizer, read_special_tokens,  # noqa: E402
                                  read_tokenizer_config)
-from klconvert.units import size_text  # noqa: E402
+from klconvert.units import counted, size_text  # noqa: E402
 from klconvert.whole_folder import refuse_taken, whole_folder  # noqa: E402
 
 BPE_RANKS = 4096
@@ -316,8 +316,8 @@ def refuse_short_splits(data: dict[str, torch.Tensor], seq_len: int, validation_
     for split, tokens in data.items():
         if len(tokens) <= seq_len:
             more = f" (or raise {validation_flag})" if split == "validation" and validation_flag else ""
-            raise KLError(f"the {split} split has {len(tokens):,} tokens, not one window of --seq-len {seq_len} and "
-                          f"its next token; lower --seq-len{more}")
+            raise KLError(f"the {split} split has {counted(len(tokens), 'token')}, not one window of --seq-len "
+                          f"{seq_len} and its next token; lower --seq-len{more}")
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
@@ -355,7 +355,7 @@ def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: in
                                    {"params": others, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95), fused=False)
     g = torch.Generator().manual_seed(seed)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"{n_params / 1e6:.2f}M parameters on {device}; train {len(data['train']):,} tokens, validation "
+    log(f"{n_params / 1e6:.2f}M parameters on {device}; train {counted(len(data['train']), 'token')}, validation "
         f"{len(data['validation']):,}; start-up {time.perf_counter() - t0:.1f} s")
 
     history = {"step": [], "train_loss": [], "validation_step": [], "validation_loss": [], "lr": []}

@@ -32,6 +32,7 @@ from klconvert.synth.tokenizer_files import write_tiktoken_files  # noqa: E402
 from klconvert.tokenizer import KIMI_PRETOKENIZE_PATTERN, TOKENIZER_FILES  # noqa: E402
 from klconvert.tokenizer import Tokenizer as KimiTokenizer  # noqa: E402
 from klconvert.tokenizer_json import byte_chars  # noqa: E402
+from klconvert.units import counted  # noqa: E402
 from klconvert.whole_folder import Replaceable, refuse_taken, whole_folder  # noqa: E402
 
 
@@ -87,9 +88,9 @@ def check_written(folder: Path, hf: Tokenizer, tokens: list[bytes], test: str) -
         raise SystemExit("round trip failed: decode(encode(test)) != test")
     if ids != hf_ids:
         raise SystemExit(f"the written tiktoken files encode the test split other than tokenizers does ({same:,} "
-                         f"of {len(hf_ids):,} tokens equal by position, {len(ids):,} tokens)")
-    return (f"{len(tokens)} ranks + {NUM_SPECIAL_TOKENS} specials; test split: {len(test):,} chars, {len(ids):,} "
-            f"tokens ({len(test) / len(ids):.2f} chars/token), as tokenizers encodes it")
+                         f"of {counted(len(hf_ids), 'token')} equal by position, {counted(len(ids), 'token')})")
+    return (f"{len(tokens)} ranks + {NUM_SPECIAL_TOKENS} specials; test split: {len(test):,} chars, "
+            f"{counted(len(ids), 'token')} ({len(test) / len(ids):.2f} chars/token), as tokenizers encodes it")
 
 
 def main() -> None:
