@@ -30,7 +30,7 @@ from tool_output import positive_int  # noqa: E402
 
 from klconvert.entry import Interrupted, signal_of, signal_status  # noqa: E402
 from klconvert.presets import PRESETS  # noqa: E402
-from klconvert.quant.groupwise import SUPPORTED_BITS  # noqa: E402
+from klconvert.quant.group_rules import SUPPORTED_BITS  # noqa: E402
 from klconvert.script_summary import script_summary  # noqa: E402
 
 PRESET = "kimi-linear-48b"

@@ -54,8 +54,8 @@ from klconvert.quant import Policy, Recipe, load_recipe, policy_from_options
 from klconvert.runtime.host_memory import exhausted
 from klconvert.quant.defaults import DEFAULT, GROUP_SIZE_FLAG
 from klconvert.quant.fused import refuse_split_fused
-from klconvert.quant.groupwise import (GROUP_SIZE_ADVICE, OBSERVERS, SUPPORTED_BITS, check_group_size,
-                                      unsupported_observer)
+from klconvert.quant.group_rules import (GROUP_SIZE_ADVICE, OBSERVERS, SUPPORTED_BITS, check_group_size,
+                                         unsupported_observer)
 from klconvert.quant.policy import LINEAR
 from klconvert.quant.scheme import KINDS, NF4_BLOCKSIZE
 from klconvert.presets import preset_config

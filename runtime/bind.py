@@ -15,7 +15,7 @@ from torch import nn
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.config import KimiLinearConfig
 from klconvert.quant import QuantScheme
-from klconvert.quant.groupwise import CHANNEL
+from klconvert.quant.group_rules import CHANNEL
 from klconvert.runtime import model as M
 from klconvert.runtime.device_experts import DeviceExperts
 from klconvert.runtime.weights import Packed, held_in_fp32, kernel_takes

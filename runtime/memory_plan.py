@@ -20,7 +20,7 @@ from klconvert.runtime.kda import CHUNK
 from klconvert.runtime.model import MLA_KEY_BLOCK
 from klconvert.runtime.state import FP8, StateBuffers
 from klconvert.kernels.int_layout import held_bytes   # no Triton: the plan is made on machines without
-from klconvert.quant.groupwise import CHANNEL
+from klconvert.quant.group_rules import CHANNEL
 from klconvert.runtime.weights import HeldPacked, held_in_fp32
 from klconvert.units import size_text
 

@@ -20,7 +20,7 @@ from klconvert.errors import KLError, either, not_utf8, shown
 from klconvert.presets import preset_config
 from klconvert.quant import Policy, Recipe, load_recipe, policy_from_options
 from klconvert.quant.defaults import GROUP_SIZE_FLAG
-from klconvert.quant.groupwise import SUPPORTED_BITS, check_group_size
+from klconvert.quant.group_rules import SUPPORTED_BITS, check_group_size
 from klconvert.quant.recipe import MAX_RECIPE_BYTES, parse_runtime_section
 from klconvert.quant.scheme import GROUP_SIZE
 from klconvert.runtime.bind import packed_choice

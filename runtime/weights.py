@@ -10,7 +10,7 @@ import torch
 from klconvert.errors import KLError, argument
 from klconvert.extras import require
 from klconvert.quant import QuantScheme
-from klconvert.quant.groupwise import CHANNEL
+from klconvert.quant.group_rules import CHANNEL
 from klconvert.release import FP32_TENSORS
 
 KERNEL_MODES = ("auto", "triton", "torch")

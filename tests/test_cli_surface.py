@@ -82,7 +82,7 @@ def test_dtype_choices_are_the_runtimes(flag, uses):
 
 def test_choices_are_the_codes_tables():
     """The torch-free CLI cannot import these tables for its choices (they sit beside torch code): held to them here."""
-    from klconvert.quant.groupwise import OBSERVERS, SUPPORTED_BITS
+    from klconvert.quant.group_rules import OBSERVERS, SUPPORTED_BITS
     from klconvert.quant.scheme import KINDS
     from klconvert.runtime.sampling import SEEDS
     from klconvert.runtime.weights import KERNEL_MODES

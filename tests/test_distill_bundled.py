@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import distill_bundled as D  # noqa: E402
+from distill_modules import RoundTrip  # noqa: E402
 
 from klconvert.checkpoint.name_map import expected_tensors  # noqa: E402
 from klconvert.checkpoint.quantized import QuantizedSource  # noqa: E402
@@ -38,7 +39,7 @@ def test_round_trip_is_the_stored_weight_and_passes_the_gradient_through():
     w = torch.randn(3, 24, 256) * 0.05               # a stack of three [24, 256] weights
     for scheme in (QuantScheme(4, 128, True), QuantScheme(4, 32, False), QuantScheme(8, 128, True)):
         latent = w.clone().requires_grad_(True)
-        got = D.RoundTrip(scheme)(latent)
+        got = RoundTrip(scheme)(latent)
         for e in range(3):
             stored = compress_weight("m", w[e].to(torch.bfloat16), scheme)
             assert torch.equal(got[e].detach(), decompress_weight(stored, scheme, torch.float32)), scheme
@@ -54,8 +55,8 @@ def test_scale_gradient_keeps_the_stored_weight_and_adds_lsq_gradient_at_the_gro
     w = torch.randn(5, 64) * 0.05
     scheme = QuantScheme(4, 16, symmetric)
     latent = w.clone().requires_grad_(True)
-    got = D.RoundTrip(scheme, scale_gradient=True)(latent)
-    assert torch.equal(got.detach(), D.RoundTrip(scheme)(w).detach())        # the same stored weight
+    got = RoundTrip(scheme, scale_gradient=True)(latent)
+    assert torch.equal(got.detach(), RoundTrip(scheme)(w).detach())        # the same stored weight
     upstream = torch.randn_like(w)
     (got * upstream).sum().backward()
 
@@ -285,7 +286,7 @@ def test_a_run_stopped_after_its_quantize_leaves_no_output(tmp_path, monkeypatch
     def quantize_then_stopped(*args, **kwargs):
         quantize(*args, **kwargs)
         raise KeyboardInterrupt
-    monkeypatch.setattr(D, "quantize", quantize_then_stopped)
+    monkeypatch.setattr("klconvert.quantize.quantize", quantize_then_stopped)   # distill imports it as it runs
     with pytest.raises(KeyboardInterrupt):
         D.distill(tmp_path / "q4", batch=2, seq_len=64, validation_tokens=256, max_chars=200_000, time_budget_s=1e-9,
                   device="cpu", log=lambda line: None)
@@ -320,7 +321,7 @@ def test_saved_windows_come_back_as_they_were_and_bad_files_are_refused(tmp_path
         Path(filename).write_bytes(b"half")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(D, "save_file", full_disk)
+    monkeypatch.setattr("safetensors.torch.save_file", full_disk)   # save_windows imports it as it runs
     with pytest.raises(KLError, match="could not be written"):
         D.save_windows(tmp_path / "full.safetensors", windows, BUNDLED_DIR, 4352)
     assert not list(tmp_path.glob("full.safetensors*"))                           # nothing half-written left

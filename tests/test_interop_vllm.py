@@ -15,7 +15,7 @@ from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.config import KimiLinearConfig
 from klconvert.errors import KLError
 from klconvert.quant import QuantScheme, load_recipe, parse_recipe, policy_from_options
-from klconvert.quant.groupwise import CHANNEL
+from klconvert.quant.group_rules import CHANNEL
 from klconvert.quant.fused import VLLM_FUSED_MODULES, refuse_split_fused
 from klconvert.quantize import quantize
 from klconvert.presets import preset_config

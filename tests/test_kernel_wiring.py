@@ -11,7 +11,7 @@ import torch
 
 import klconvert
 from calm_checkpoint import calm_copy
-from klconvert.quant.groupwise import CHANNEL
+from klconvert.quant.group_rules import CHANNEL
 from klconvert.quantize import quantize
 from klconvert.synth.checkpoint import synth
 from klconvert.kernels.int_linear import MMA_BLOCK_M, repack_int_weight, sum_parked

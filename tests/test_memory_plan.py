@@ -14,7 +14,7 @@ from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.config import KimiLinearConfig
 from klconvert.presets import preset_config
 from klconvert.quant import Entry, Group, QuantScheme, compress_nf4, compress_weight, policy_from_options
-from klconvert.quant.groupwise import CHANNEL
+from klconvert.quant.group_rules import CHANNEL
 from klconvert.quant.stored import (
     NF4_PARTS,
     NF4_REQUIRED,

@@ -17,7 +17,7 @@ import klconvert
 from klconvert.checkpoint.reader import open_checkpoint
 from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.quant import compress_nf4, compress_weight, policy_from_options
-from klconvert.quant.groupwise import CHANNEL
+from klconvert.quant.group_rules import CHANNEL
 from testkit import assert_one_line_error, run_cli, shown_lines
 
 

@@ -13,7 +13,7 @@ from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.config import KimiLinearConfig
 from klconvert.presets import preset_config
 from klconvert.quant import load_recipe, policy_from_options
-from klconvert.quant.groupwise import CHANNEL
+from klconvert.quant.group_rules import CHANNEL
 from klconvert.runtime.memory_plan import PREFILL_SEGMENT, MemoryPlan, weight_bytes
 from klconvert.runtime.plan_report import held_as_written, plan_for
 

@@ -12,7 +12,7 @@ from klconvert.runtime.plan_report import parse_size
 from klconvert.errors import MAX_LISTED, KLError
 from klconvert.kernels.int_layout import ROWS
 from klconvert.quant import QuantScheme, compress_weight, load_recipe
-from klconvert.quant.groupwise import CHANNEL
+from klconvert.quant.group_rules import CHANNEL
 from klconvert.runtime.memory_plan import stored_bytes
 from klconvert.runtime.plan_report import plan_for
 from testkit import assert_one_line_error, run_cli

@@ -68,9 +68,11 @@ sys.meta_path.insert(0, InterruptAtImport())
 """
 # the scripts whose --help and refusal of an argument import no torch (~2 s of CPU): tool_output imports the
 # checkpoint reader, and with it torch, only where one is read; whole_folder, which writes an output folder, imports
-# neither; the others import torch (and what imports it) in the functions that use it
+# neither; the others import torch (and what imports it) in the functions that use it (klconvert.quant's policy and
+# defaults import none; distill_bundled's torch modules live in distill_modules)
 HELP_WITHOUT_TORCH = {"make_corpus.py", "plot_loss.py", "train_tokenizer.py", "autoround_bundled.py", "awq_bundled.py",
-                      "gptq_bundled.py", "record_bundled.py", "rotate_bundled.py"}
+                      "gptq_bundled.py", "record_bundled.py", "rotate_bundled.py", "quality_table.py",
+                      "distill_bundled.py", "train_bundled.py"}
 
 
 def test_a_ctrl_c_while_a_script_imports_is_one_line(tmp_path):

@@ -89,7 +89,7 @@ def test_the_output_is_a_new_folder_written_whole_or_not_at_all(tmp_path, monkey
     def interrupted(path, tensors):
         shards_written.append(path)
         raise KeyboardInterrupt
-    monkeypatch.setattr(train_bundled, "write_shard", interrupted)
+    monkeypatch.setattr("klconvert.checkpoint.safetensors_writer.write_shard", interrupted)   # imported as it runs
     with pytest.raises(KeyboardInterrupt):
         train_bundled.train(tmp_path / "out", **SMALL_RUN)
     assert shards_written and not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))

@@ -46,38 +46,31 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tool_output import bf16_checkpoint, positive_float, positive_int, run_tool, seed_number  # noqa: E402
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn.utils import parametrize  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 from record_bundled import file_checksums  # noqa: E402
-from safetensors import SafetensorError, safe_open  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 from train_bundled import (canonical_state, learning_rate, refuse_short_splits, run_progress,  # noqa: E402
                            sample_batch, token_splits, write_checkpoint)
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE  # noqa: E402
 from klconvert.checkpoint.name_map import expected_tensors  # noqa: E402
-from klconvert.checkpoint.reader import Checkpoint  # noqa: E402
-from klconvert.convert.model_card import model_card  # noqa: E402
 from klconvert.convert.output_folder import interrupted_quantize, partial_path, refuse_out_over_source  # noqa: E402
-from klconvert.convert.provenance import source_origin  # noqa: E402
 from klconvert.devices import checked_device  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
-from klconvert.kernels.naive_kda import kda_short_conv  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.quant import Policy  # noqa: E402
-from klconvert.quant.groupwise import dequantize_groupwise, quantize_groupwise  # noqa: E402
 from klconvert.quant.scheme import QuantScheme  # noqa: E402
-from klconvert.quantize import MODEL_CARD_FILE, QuantizeResult, choose_policy, quantize  # noqa: E402
-from klconvert.runtime import model as M  # noqa: E402
-from klconvert.runtime.bind import bind  # noqa: E402
-from klconvert.runtime.device_experts import DeviceExperts  # noqa: E402
-from klconvert.runtime.engine import load  # noqa: E402
 from klconvert.script_summary import script_summary  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
 from klconvert.whole_folder import refuse_taken, whole_folder  # noqa: E402
+
+if TYPE_CHECKING:   # torch, its modules here (distill_modules) and klconvert's that import it are imported in the
+    # functions that use them: --help and a refusal of the arguments import no torch (~2 s of CPU)
+    import torch
+    from torch import nn
+
+    from klconvert.quantize import QuantizeResult
+    from klconvert.runtime import model as M
 
 # --hidden-weight's default: at W = 1 the test KL of the default policy's folder fell ~10% against the KL alone, on
 # the 2-core CPU (120 steps of 4 x 256: 0.0501 -> 0.0450) and on an H200 (the defaults, 230 steps each, three runs at
@@ -88,61 +81,17 @@ HIDDEN_WEIGHT = 1.0
 DISTILL_LOG = "distill.json"
 
 
-class RoundTrip(nn.Module):
-    """A weight as the quantized folder will hold it: rounded to bf16, quantized and dequantized by `scheme` in
-    groups along its last dim (stacked experts: per expert, per row), the gradient passed straight through.
-
-    scale_gradient: also pass the gradient through each group's scale to the weights that set it (LSQ's gradient,
-    d w_hat / d scale = code - w / scale, taken on to the group's extremes through the min-max rule, scale = range /
-    levels, as d scale / d range = scale / range): a weight at a group's edge then moves for the resolution it
-    gives the whole group, not only for its own error -- clipping learned inside the folder's own scales rule.
-    The forward value is the same."""
-
-    def __init__(self, scheme: QuantScheme, scale_gradient: bool = False):
-        super().__init__()
-        self.scheme, self.scale_gradient = scheme, scale_gradient
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        s = self.scheme
-        flat = w.detach().to(torch.bfloat16).reshape(-1, w.shape[-1])
-        q, scale, zero = quantize_groupwise(flat, s.bits, s.group_size, s.symmetric, observer=s.observer)
-        stored = dequantize_groupwise(q, scale, zero).to(w.dtype).view_as(w)
-        if not self.scale_gradient:
-            return w + (stored - w).detach()
-        groups = w.reshape(-1, scale.shape[-1], w.shape[-1] // scale.shape[-1])       # [rows, G, group]
-        lo, hi = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)            # as the min-max rule
-        spread = torch.maximum(-lo, hi) if s.symmetric else hi - lo                    # what the scale divides
-        fixed = spread.detach()
-        g_scale = scale.to(w.dtype) * torch.where(fixed > 0, spread / fixed.clamp_min(1e-30), 1.0)  # its value
-        code = q.view(groups.shape) if zero is None else q.view(groups.shape) - zero.unsqueeze(-1)
-        code = code.to(w.dtype)
-        x = groups / g_scale.unsqueeze(-1)
-        lsq = g_scale.unsqueeze(-1) * (code + x - x.detach())                          # value: code * scale
-        return stored + (lsq - lsq.detach()).view_as(w)                                # + exactly zero
-
-
-class FlaChunk(nn.Module):
-    """The training-mode KDA delta rule through fla-core's chunk_kda, whose forward and backward are Triton kernels
-    (CUDA, `pip install 'klconvert[fast]'`), in place of kda_chunked's PyTorch chunks: the same conventions as the
-    runtime's FlaKDAChunk, q, k, v from the PyTorch short conv in fp32, a fresh pass (no state in or kept). Its
-    products are TF32 (~1e-3 from fp32): for the tuning only; the folder is measured in fp32 on the CPU."""
-
-    def forward(self, m: M.KDAMixer, qkv, g_raw, beta_raw, tail, S) -> torch.Tensor:
-        from fla.ops.kda import chunk_kda
-
-        assert tail is None and S is None, "the training-mode forward keeps no state"
-        B, T, _ = qkv.shape
-        q, k, v = kda_short_conv(qkv, None, m.conv_weight).view(B, T, 3, m.H, m.K).unbind(2)
-        o, _ = chunk_kda(q, k, v, g_raw.view(B, T, m.H, m.K), beta_raw, A_log=m.A_log.float().flatten(),
-                         dt_bias=m.dt_bias.float(), use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
-                         use_beta_sigmoid_in_kernel=True)
-        return o.float()
-
-
 def training_model(folder: Path, device: torch.device, fla: bool = False) -> M.KimiLinear:
     """The folder's model in fp32 with the training-mode forward (the declared modules, a fresh causal pass),
     nothing trainable yet: the teacher as it is, the student once its round trips are attached. fla: the KDA
     layers' delta rule through FlaChunk."""
+    import torch
+    from distill_modules import FlaChunk
+
+    from klconvert.checkpoint.reader import Checkpoint
+    from klconvert.runtime import model as M
+    from klconvert.runtime.bind import bind
+
     checkpoint = Checkpoint(folder)
     model = bind(M.KimiLinear(checkpoint.config), checkpoint.get, packed=None, held={}, device=device,
                  dtype=torch.float32, triton=False, restack=False).train()
@@ -161,6 +110,8 @@ def fla_installed() -> bool:
 def quantized_parameters(model: M.KimiLinear, policy) -> dict[str, QuantScheme]:
     """{parameter name: the scheme the policy stores all of its checkpoint tensors with} for the parameters it
     quantizes (a stacked expert parameter holds many tensors: they must agree)."""
+    from klconvert.runtime import model as M
+
     c = model.config
     specs = expected_tensors(c)
     out = {}
@@ -177,6 +128,9 @@ def quantized_parameters(model: M.KimiLinear, policy) -> dict[str, QuantScheme]:
 def attach_round_trips(model: M.KimiLinear, schemes: dict[str, QuantScheme],
                        scale_gradient: bool = False) -> list[nn.Parameter]:
     """Route every quantized parameter through its RoundTrip; returns the latent weights, now trainable."""
+    from distill_modules import RoundTrip
+    from torch.nn.utils import parametrize
+
     latents = []
     for pname, scheme in schemes.items():
         owner, _, leaf = pname.rpartition(".")
@@ -189,6 +143,8 @@ def attach_round_trips(model: M.KimiLinear, schemes: dict[str, QuantScheme],
 
 def detach_round_trips(model: M.KimiLinear, schemes: dict[str, QuantScheme]) -> None:
     """Back to plain parameters holding the latent (unrounded) weights."""
+    from torch.nn.utils import parametrize
+
     for pname in schemes:
         owner, _, leaf = pname.rpartition(".")
         parametrize.remove_parametrizations(model.get_submodule(owner), leaf, leave_parametrized=False)
@@ -196,6 +152,8 @@ def detach_round_trips(model: M.KimiLinear, schemes: dict[str, QuantScheme]) -> 
 
 def kl_per_token(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """KL(teacher || student) of each position's next-token distribution, [*]."""
+    import torch.nn.functional as F
+
     t = F.log_softmax(teacher_logits.float(), dim=-1)
     s = F.log_softmax(student_logits.float(), dim=-1)
     return (t.exp() * (t - s)).sum(-1)
@@ -228,14 +186,16 @@ def hidden_distance(student: list[torch.Tensor], teacher: list[torch.Tensor]) ->
     return sum(((s.float() - t.float()) ** 2).mean() / (t.float() ** 2).mean() for s, t in zip(student, teacher))
 
 
-@torch.no_grad()
 def mean_kl(teacher: M.KimiLinear, student: M.KimiLinear, tokens: torch.Tensor, batch: int, seq_len: int,
             device: torch.device) -> float:
     """Mean per-token KL over the non-overlapping windows of `tokens`."""
+    import torch
+    from torch.nn.utils import parametrize
+
     n = len(tokens) // seq_len
     x = tokens[:n * seq_len].view(n, seq_len)
     total = 0.0
-    with parametrize.cached():
+    with torch.no_grad(), parametrize.cached():
         for i in range(0, n, batch):
             xb = x[i:i + batch].to(device)
             total += kl_per_token(teacher(xb), student(xb)).sum().item()
@@ -243,14 +203,20 @@ def mean_kl(teacher: M.KimiLinear, student: M.KimiLinear, tokens: torch.Tensor, 
 
 
 def teacher_windows(source: Path, first: torch.Tensor, seq_len: int, seed: int, device: torch.device,
-                    chunk: int = DeviceExperts.MAX_TOKENS, log=None) -> torch.Tensor:
+                    chunk: int | None = None, log=None) -> torch.Tensor:
     """[len(first), seq_len] token windows of the model's own text: window i opens with first[i] and goes on as the
     model samples it at temperature 1 (the runtime's engine, `chunk` sequences at a time; the same ids for a seed
-    and chunk). The default chunk is the largest batch whose decode step the engine captures on CUDA with the bf16
-    folder's dense experts (their dispatch stays on the device up to DeviceExperts.MAX_TOKENS); a larger chunk
+    and chunk). The default chunk (None) is the largest batch whose decode step the engine captures on CUDA with the
+    bf16 folder's dense experts (their dispatch stays on the device up to DeviceExperts.MAX_TOKENS); a larger chunk
     decodes eagerly through the reference expert loop, which asks the host at every MoE layer (before the experts
     stayed on the device, on an H200 on 2026-12-01, 4096 windows of 512 tokens did not finish in 540 s 64 at a
     time, and took 239 s 1024 at a time)."""
+    import torch
+
+    from klconvert.runtime.device_experts import DeviceExperts
+    from klconvert.runtime.engine import load
+
+    chunk = DeviceExperts.MAX_TOKENS if chunk is None else chunk
     engine = load(source, device, max_context=seq_len, batch=min(chunk, len(first)))
     windows, t0 = [], time.perf_counter()
     for i in range(0, len(first), chunk):
@@ -272,6 +238,9 @@ def teacher_id(source: Path) -> str:
 def save_windows(path: Path, windows: torch.Tensor, source: Path, vocab_size: int) -> None:
     """`windows` [n, seq_len] into a safetensors file (int16 ids where the vocabulary allows: 4,096 windows of 512
     tokens then make 4 MiB), marked with the bf16 folder's teacher_id; written whole or not at all."""
+    import torch
+    from safetensors.torch import save_file
+
     dtype = torch.int16 if vocab_size <= 1 << 15 else torch.int32
     partial = path.with_name(path.name + ".partial")
     try:
@@ -286,6 +255,8 @@ def save_windows(path: Path, windows: torch.Tensor, source: Path, vocab_size: in
 def load_windows(path: Path, source: Path, seq_len: int, vocab_size: int) -> torch.Tensor:
     """The windows save_windows wrote for this bf16 folder, checked: [n >= 1, seq_len] integer ids below the
     vocabulary size, from the same teacher. Any other file is a KLError naming what is wrong."""
+    from safetensors import SafetensorError, safe_open
+
     try:
         with safe_open(str(path), "pt") as f:
             teacher = (f.metadata() or {}).get("teacher")
@@ -311,6 +282,8 @@ def training_batch(train: torch.Tensor, own: torch.Tensor | None, batch: int, se
                    g: torch.Generator) -> torch.Tensor:
     """`batch` windows [batch, seq_len]: random windows of the training split, of which round(batch * share) are
     replaced by windows drawn from `own` (the model's own text) when there is any."""
+    import torch
+
     n_own = 0 if own is None else round(batch * share)
     parts = [sample_batch(train, batch - n_own, seq_len, g)[0]] if batch > n_own else []
     if n_own:
@@ -326,6 +299,9 @@ def write_log(folder: Path, record: dict) -> None:
 def distilled_card(title: str, source: Path, policy: Policy, result: QuantizeResult) -> str:
     """The model card of the quantized folder `title` (quantize's `result`): quantize's, naming the bf16 folder the
     weights were distilled from as the source, and saying that they were tuned."""
+    from klconvert.convert.model_card import model_card
+    from klconvert.convert.provenance import source_origin
+
     card = model_card(title, source_origin(source), policy, result.totals, result.shards, version("klconvert"))
     return card + (f"\n## Distilled\n\nThe quantized weights were tuned before quantizing, by quantization-aware "
                    f"distillation from the source (tools/distill_bundled.py): the run's settings and losses are in "
@@ -346,6 +322,11 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
     exists (all of them), else sampled (`generated_windows` of them) and saved there for the next run.
     hidden_weight: the weight of the blocks' hidden-state distance (hidden_distance) in the training loss; the
     validation KL, which picks the kept weights, is the KL alone."""
+    import torch
+    from torch.nn.utils import parametrize
+
+    from klconvert.quantize import MODEL_CARD_FILE, choose_policy, quantize
+
     refuse_out_over_source(source, out, "quantized model")
     if out.exists() or out.is_symlink():  # before the tuning, not after it
         raise KLError(f"{out}: already exists; choose another output folder")

@@ -29,21 +29,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tool_output import bf16_checkpoint, positive_int, run_tool  # noqa: E402
 import bundled_corpus  # noqa: E402
 
+from typing import TYPE_CHECKING  # noqa: E402
+
 from klconvert.checkpoint.folder_files import CONFIG_FILE  # noqa: E402
-from klconvert.checkpoint.quantized import quant_method  # noqa: E402
-from klconvert.checkpoint.reader import open_checkpoint  # noqa: E402
 from klconvert.checkpoint.safetensors_header import read_header  # noqa: E402
-from klconvert.evaluate import EvalResult, compare, run_model  # noqa: E402
 from klconvert.models import resolve_model  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
-from klconvert.convert.outputs import plan_modules, plan_totals  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
 from klconvert.quant.defaults import (DEFAULT, KEEP, LM_HEAD, LM_HEAD_BITS, SMALL_KDA_PROJECTIONS,  # noqa: E402
                                       kda_projections)
-from klconvert.quantize import choose_policy, quantize  # noqa: E402
 from klconvert.script_summary import script_summary  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
 from klconvert.units import counted  # noqa: E402
+
+if TYPE_CHECKING:   # the checkpoint reader, the quantizer and the evaluator import torch (~2 s of CPU): each is
+    # imported in the functions that use it, so that --help and a refusal of the arguments import no torch
+    from klconvert.evaluate import EvalResult
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 ALWAYS_KEPT = [k for k in KEEP if k != kda_projections(SMALL_KDA_PROJECTIONS)]   # the router, the short convs
@@ -120,6 +121,10 @@ def quantize_options(options: dict, recipe_path: Path) -> dict:
 def planned_bits_per_weight(model: Path, options: dict) -> float:
     """The bits per weight quantize reports for these keywords (quantize_options'), from its plan of what each tensor
     is written as: no weight is quantized."""
+    from klconvert.checkpoint.reader import open_checkpoint
+    from klconvert.convert.outputs import plan_modules, plan_totals
+    from klconvert.quantize import choose_policy
+
     checkpoint = open_checkpoint(model)
     policy = choose_policy(**{k: v for k, v in options.items() if k != "allow_split_fused"})[0]
     policy = policy.check_against([(name, spec.shape) for name, spec in checkpoint.expected.items()])
@@ -129,6 +134,9 @@ def planned_bits_per_weight(model: Path, options: dict) -> float:
 def measure(model: Path, tokens: int, only: str | None, folders: tuple[tuple[str, Path], ...] = ()) -> list:
     """[(section, label, EvalResult, bits per weight over all weights)] for each variant whose label has `only`,
     then for each (label, folder) of `folders` (quantized elsewhere, e.g. by tools/gptq_bundled.py)."""
+    from klconvert.evaluate import compare, run_model
+    from klconvert.quantize import quantize
+
     text = bundled_corpus.split()["test"]
     ids = Tokenizer.from_folder(model).encode(text)[:tokens]
     t0 = time.perf_counter()
@@ -206,6 +214,8 @@ def main() -> None:
     if a.tokens < 2:
         p.error(f"--tokens {a.tokens}: need at least 2 tokens to score a next-token prediction")
     folders = tuple((label, Path(path)) for label, _, path in (f.partition("=") for f in a.folder))
+    from klconvert.checkpoint.quantized import quant_method   # the arguments passed: the reader's torch now
+
     try:
         model = resolve_model(a.model)
         # what the rows need of the model and the folders, checked before the reference's run (a minute or more): a

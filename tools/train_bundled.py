@@ -30,32 +30,31 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tool_output import nonnegative_float, positive_float, positive_int, run_tool, seed_number  # noqa: E402
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 import bundled_corpus  # noqa: E402
 
 from klconvert.checkpoint.folder_files import CONFIG_FILE, INDEX_FILE  # noqa: E402
 from klconvert.checkpoint.name_map import TensorSpec, expected_tensors  # noqa: E402
-from klconvert.checkpoint.safetensors_writer import (PlannedTensor, index_json, shard_names,  # noqa: E402
-                                                     split_into_shards, write_shard)
 from klconvert.config import KimiLinearConfig  # noqa: E402
 from klconvert.devices import checked_device  # noqa: E402
 from klconvert.errors import KLError  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
-from klconvert.runtime import model as M  # noqa: E402
-from klconvert.runtime.bind import bind  # noqa: E402
 from klconvert.runtime.device_memory import device_room, free_the_gpu  # noqa: E402
 from klconvert.runtime.host_memory import NAMED_FIT_SHARE, host_memory  # noqa: E402
-from klconvert.runtime.kda import CHUNK  # noqa: E402
 from klconvert.script_summary import script_summary  # noqa: E402
 from klconvert.shell_command import shell_command  # noqa: E402
-from klconvert.synth.checkpoint import FP32_TENSORS, synth_values, tensor_generator  # noqa: E402
 from klconvert.release import NUM_SPECIAL_TOKENS, RELEASED_CONFIG, config_token_ids, layer_lists  # noqa: E402
 from klconvert.tokenizer import (TOKENIZER_CONFIG_FILE, TOKENIZER_FILES, Tokenizer, read_special_tokens,  # noqa: E402
                                  read_tokenizer_config)
 from klconvert.units import counted, size_text  # noqa: E402
 from klconvert.whole_folder import refuse_taken, whole_folder  # noqa: E402
+
+if TYPE_CHECKING:   # torch, and klconvert's modules that import it, are imported in the functions that use them:
+    # --help and a refusal of the arguments import no torch (~2 s of CPU)
+    import torch
+
+    from klconvert.runtime import model as M
 
 BPE_RANKS = 4096
 MAX_SHARD_BYTES = 15 << 20      # files coming back from the GPU machine are capped at 16 MiB
@@ -87,9 +86,9 @@ TIME_BUDGET_S = 150.0  # the committed weights' run; longer overfits the trainin
 OUTPUT_PROJECTIONS = ("o_proj.weight", "down_proj.weight", ".w2.weight")  # scaled down at init: residual writers
 # fp32 copies of the weights a run holds besides them: their gradients, AdamW's two moments, the best ones kept
 TRAINING_COPIES = 4
-# tokens of the window held_per_token measures: two KDA chunks, the second holding what every later chunk does (the
-# carried state's terms)
-PROBE_TOKENS = 2 * CHUNK
+# KDA chunks in the window held_per_token measures: two, the second holding what every later chunk does (the carried
+# state's terms)
+PROBE_CHUNKS = 2
 # A step's peak over what held_per_token counts: the backward pass's own temporaries and what the allocator keeps of
 # the forward's freed ones. Peak RSS on the CPU (bundled config, 3 steps, 2026-12-07) over the counted bytes, the
 # weights' copies aside: 1.64x at 512 tokens a step, 1.38x at 1,024, 1.23x at 2,048, 1.16-1.18x at 4,096; this share
@@ -102,6 +101,10 @@ PEAK_OVER_COUNTED = 1.3
 def init_value(spec: TensorSpec, num_layers: int, seed: int) -> torch.Tensor:
     """A fresh fp32 value for one canonical tensor: N(0, 1/fan_in) linears (residual writers further over
     sqrt(2 * layers)), unit norms, zero correction bias; A_log, dt_bias and the convs as synth makes them."""
+    import torch
+
+    from klconvert.synth.checkpoint import synth_values, tensor_generator
+
     name, shape = spec.name, spec.shape
     if name.endswith(("A_log", "dt_bias")) or "conv1d" in name:
         return synth_values(spec, seed).float()
@@ -118,6 +121,11 @@ def init_value(spec: TensorSpec, num_layers: int, seed: int) -> torch.Tensor:
 
 def fresh_model(c: KimiLinearConfig, device: torch.device, seed: int) -> M.KimiLinear:
     """KimiLinear declared from `c`, filled with init values through bind, trainable (fp32)."""
+    import torch
+
+    from klconvert.runtime import model as M
+    from klconvert.runtime.bind import bind
+
     specs = expected_tensors(c)
     model = bind(M.KimiLinear(c), lambda name: init_value(specs[name], c.num_hidden_layers, seed), packed=None,
                  held={}, device=device, dtype=torch.float32, triton=False, restack=False)
@@ -142,6 +150,8 @@ class ExpertLoads:
 
     def _hook(self, layer: int):
         def record(module, inputs, output):
+            import torch
+
             ids = output[0].detach().flatten()
             count = torch.bincount(ids, minlength=self.num_experts).float()
             self.counts[layer] = self.counts[layer] + count if layer in self.counts else count
@@ -152,12 +162,14 @@ class ExpertLoads:
         return counts
 
 
-@torch.no_grad()
 def balance(model: M.KimiLinear, counts: dict[int, torch.Tensor], rate: float) -> None:
     """Auxiliary-loss-free balancing: bias_e += rate * sign(mean load - load_e), per MoE layer."""
-    for layer, router in routers(model).items():
-        load = counts[layer]
-        router.e_score_correction_bias.add_(rate * torch.sign(load.mean() - load))
+    import torch
+
+    with torch.no_grad():
+        for layer, router in routers(model).items():
+            load = counts[layer]
+            router.e_score_correction_bias.add_(rate * torch.sign(load.mean() - load))
 
 
 def load_spread(counts: dict[int, torch.Tensor]) -> dict[str, dict]:
@@ -173,10 +185,12 @@ def load_spread(counts: dict[int, torch.Tensor]) -> dict[str, dict]:
 
 def held_per_token(model: M.KimiLinear, seq_len: int, device: torch.device) -> float:
     """The bytes a training step holds per token of its batch at its peak, the backward pass's start: what autograd
-    keeps for the backward pass (counted as a forward of one window of min(seq_len, PROBE_TOKENS) tokens saves it --
+    keeps for the backward pass (counted as a forward of one window of probe_tokens(seq_len) tokens saves it --
     the weights, saved by reference, not counted, nor a tensor twice) and the logits' gradient, fp32. Measured rather
     than worked out from the shapes: the model's code decides what it saves (a KDA chunk's pairwise decay and its
     product with k, [H, C, C, K] fp32 each, are two thirds of it)."""
+    import torch
+
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}   # by address, each kept to the end: one a dropped branch freed would lend its address to another
 
@@ -186,10 +200,17 @@ def held_per_token(model: M.KimiLinear, seq_len: int, device: torch.device) -> f
             saved[storage.data_ptr()] = storage
         return tensor
 
-    tokens = min(seq_len, PROBE_TOKENS)
+    tokens = probe_tokens(seq_len)
     with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
         model(torch.zeros(1, tokens, dtype=torch.long, device=device))
     return sum(storage.nbytes() for storage in saved.values()) / tokens + model.config.vocab_size * 4
+
+
+def probe_tokens(seq_len: int) -> int:
+    """The tokens of the window held_per_token measures: PROBE_CHUNKS KDA chunks, or a window of seq_len if shorter."""
+    from klconvert.runtime.kda import CHUNK
+
+    return min(seq_len, PROBE_CHUNKS * CHUNK)
 
 
 def refuse_unfitting_step(model: M.KimiLinear, batch: int, seq_len: int, device: torch.device) -> None:
@@ -203,7 +224,7 @@ def refuse_unfitting_step(model: M.KimiLinear, batch: int, seq_len: int, device:
     room, where = (device_room(device, 0), f"on {device}") if host is None else (host.available, host.bound)
     per_token = PEAK_OVER_COUNTED * held_per_token(model, seq_len, device)
     copies = TRAINING_COPIES * sum(p.numel() * p.element_size() for p in model.parameters())
-    probe = min(seq_len, PROBE_TOKENS)
+    probe = probe_tokens(seq_len)
     needed = copies + per_token * (batch * seq_len + probe)
     if needed <= room:
         return
@@ -224,6 +245,8 @@ def token_splits(tokenizer: Tokenizer, validation_tokens: int | None = None,
                  max_chars: int | None = None) -> dict[str, torch.Tensor]:
     """{"train", "validation"}: the corpus splits as 1-D token tensors (each from its first `max_chars`
     characters), validation cut to its first `validation_tokens` (the test split is never read here)."""
+    import torch
+
     splits = bundled_corpus.split()
     out = {name: torch.tensor(tokenizer.encode(splits[name][:max_chars]), dtype=torch.long)
            for name in ("train", "validation")}
@@ -234,21 +257,27 @@ def token_splits(tokenizer: Tokenizer, validation_tokens: int | None = None,
 def sample_batch(tokens: torch.Tensor, batch: int, seq_len: int, g: torch.Generator):
     """`batch` random windows: inputs and next-token targets, [batch, seq_len] each; any start whose window and next
     token fit, the last one included."""
+    import torch
+
     starts = torch.randint(0, len(tokens) - seq_len, (batch,), generator=g)
     window = torch.stack([tokens[s:s + seq_len + 1] for s in starts.tolist()])
     return window[:, :-1], window[:, 1:]
 
 
-@torch.no_grad()
 def mean_loss(model: M.KimiLinear, tokens: torch.Tensor, batch: int, seq_len: int, device: torch.device) -> float:
     """Mean next-token loss over the non-overlapping windows of `tokens`."""
+    import torch
+    import torch.nn.functional as F
+
     n = (len(tokens) - 1) // seq_len
     x = tokens[:n * seq_len].view(n, seq_len)
     y = tokens[1:n * seq_len + 1].view(n, seq_len)
     total = 0.0
-    for i in range(0, n, batch):
-        logits = model(x[i:i + batch].to(device))
-        total += F.cross_entropy(logits.flatten(0, 1), y[i:i + batch].to(device).flatten(), reduction="sum").item()
+    with torch.no_grad():
+        for i in range(0, n, batch):
+            logits = model(x[i:i + batch].to(device))
+            total += F.cross_entropy(logits.flatten(0, 1), y[i:i + batch].to(device).flatten(),
+                                     reduction="sum").item()
     return total / (n * seq_len)
 
 
@@ -272,6 +301,11 @@ def learning_rate(progress: float, peak: float, warmup: float, floor: float) -> 
 def canonical_state(model: M.KimiLinear) -> dict[str, torch.Tensor]:
     """{canonical checkpoint name: value on the CPU, in its stored dtype} (fp32 for A_log, dt_bias and the
     correction bias, as released; bf16 otherwise)."""
+    import torch
+
+    from klconvert.runtime import model as M
+    from klconvert.synth.checkpoint import FP32_TENSORS
+
     c = model.config
     out = {}
     for pname, p in model.named_parameters():
@@ -283,6 +317,9 @@ def canonical_state(model: M.KimiLinear) -> dict[str, torch.Tensor]:
 
 def write_checkpoint(out: Path, config: dict, state: dict[str, torch.Tensor], tokenizer_dir: Path) -> list[str]:
     """The released folder layout in `out`: config, shards, index, tokenizer files. Returns the files written."""
+    from klconvert.checkpoint.safetensors_writer import (PlannedTensor, index_json, shard_names, split_into_shards,
+                                                         write_shard)
+
     c = KimiLinearConfig.from_dict(config)
     expected = expected_tensors(c)
     if set(state) != set(expected):
@@ -329,6 +366,9 @@ def train(out: Path, config: dict = BUNDLED_CONFIG, steps: int = 1500, batch: in
           log=print) -> dict:
     """Train, keep the best-validation weights, write the checkpoint and loss.json (and loss.png) to `out`, a new
     folder, whole or not at all. Returns the loss log."""
+    import torch
+    import torch.nn.functional as F
+
     refuse_taken(out)   # before the training, not after it
     if not 0 <= time_budget_s < float("inf"):
         raise KLError(f"--time-budget-s {time_budget_s}: give seconds >= 0 (0: no budget)")

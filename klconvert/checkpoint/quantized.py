@@ -18,7 +18,7 @@ from klconvert.errors import KLError, shown
 from klconvert.quant import QuantScheme, decompress_nf4, decompress_weight
 from klconvert.quant.bnb_declared import BnbDeclared, bnb_declared
 from klconvert.quant.declared import DENSE_FORMAT, G_IDX, Declared, declared_groups, group_act_order
-from klconvert.quant.groupwise import CHANNEL, SUPPORTED_BITS
+from klconvert.quant.group_rules import CHANNEL, SUPPORTED_BITS
 from klconvert.quant.nf4 import BITSANDBYTES, SKIP_MODULES
 from klconvert.quant.policy import converted_module, is_linear_weight, kept_in_high_precision, match_key
 from klconvert.quant.scheme import (COMPRESSED_STATUS, COMPRESSED_TENSORS, COMPRESSED_TENSORS_VERSION, NF4_BLOCKSIZE,

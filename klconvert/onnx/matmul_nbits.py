@@ -19,7 +19,7 @@ import torch
 
 from klconvert.errors import KLError
 from klconvert.quant import QuantScheme, unpack_from_int32
-from klconvert.quant.groupwise import CHANNEL, GROUP_SIZE_ADVICE
+from klconvert.quant.group_rules import CHANNEL, GROUP_SIZE_ADVICE
 
 MIN_BLOCK = 16  # MatMulNBits' and QMoE's smallest block_size
 

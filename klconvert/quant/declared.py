@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from klconvert.errors import KLError, shown
 from klconvert.quant.ct_fields import QUANTIZATION_ARGS, QUANTIZATION_CONFIG, QUANTIZATION_SCHEME, check_fields
-from klconvert.quant.groupwise import CHANNEL
+from klconvert.quant.group_rules import CHANNEL
 from klconvert.quant.policy import LINEAR, MAX_POLICY_ENTRIES, Entry, RegexBudget, selected_by_two_groups
 from klconvert.quant.scheme import PACKED_FORMAT, QuantScheme
 

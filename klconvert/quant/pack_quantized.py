@@ -8,7 +8,8 @@ import torch
 
 from klconvert.damage_remedy import damaged_folder_remedy
 from klconvert.errors import KLError, ValuesRefused, either
-from klconvert.quant.groupwise import SUPPORTED_BITS, dequantize_groupwise, qrange, quantize_groupwise
+from klconvert.quant.group_rules import SUPPORTED_BITS
+from klconvert.quant.groupwise import dequantize_groupwise, qrange, quantize_groupwise
 from klconvert.quant.scheme import QuantScheme
 from klconvert.quant.stored import PACKED_PARTS, PACKED_REQUIRED
 

@@ -21,8 +21,7 @@ from klconvert.checkpoint.folder_files import RECIPE_HEADER
 from klconvert.checkpoint.name_map import in_memory_name, is_routed_expert, layout_names, released_name
 from klconvert.errors import KLError, shown
 from klconvert.quant.fused import fused_instances
-from klconvert.quant.groupwise import CHANNEL, whole_groups_advice
-from klconvert.quant.nf4 import bnb_quantization_config
+from klconvert.quant.group_rules import CHANNEL, whole_groups_advice
 from klconvert.quant.scheme import NF4_BLOCKSIZE, QuantScheme, compressed_tensors_config
 from klconvert.release import EMBEDDING, HIGH_PRECISION
 
@@ -629,6 +628,8 @@ class Policy:
     def quantization_config(self) -> dict:
         """config.json's `quantization_config`: compressed-tensors for int groups, bitsandbytes for nf4."""
         if self.kind == "nf4":
+            from klconvert.quant.nf4 import bnb_quantization_config   # with torch: a plan reads a policy without it
+
             return bnb_quantization_config([e.pattern.removeprefix("re:") for e in self.ignore])
         return compressed_tensors_config([(g.name, [e.pattern for e in g.targets], g.scheme)
                                           for g in self._written_groups()],

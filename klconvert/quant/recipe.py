@@ -8,7 +8,7 @@ import yaml
 
 from klconvert.checkpoint.regular_file import open_regular
 from klconvert.errors import ERROR_CHARS, KLError, either, few, not_utf8, shown
-from klconvert.quant.groupwise import CHANNEL, SUPPORTED_BITS, unsupported_observer
+from klconvert.quant.group_rules import CHANNEL, SUPPORTED_BITS, unsupported_observer
 from klconvert.quant.policy import MAX_POLICY_ENTRIES, Entry, Group, Policy, RegexBudget
 from klconvert.quant.scheme import KINDS, NF4_BLOCKSIZE, NF4_FIXED, NF4_SAID, PACKED_FORMAT, QuantScheme
 from klconvert.recipes import shipped_names, shipped_recipe

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from klconvert.errors import KLError, either, shown
-from klconvert.quant.groupwise import CHANNEL, OBSERVERS, SUPPORTED_BITS, check_group_size, unsupported_observer
+from klconvert.quant.group_rules import CHANNEL, OBSERVERS, SUPPORTED_BITS, check_group_size, unsupported_observer
 
 PACKED_FORMAT = "pack-quantized"  # compressed-tensors' format of the int weights klconvert writes and reads
 COMPRESSED_TENSORS = "compressed-tensors"  # the quant_method of that format's configs

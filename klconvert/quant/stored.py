@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from klconvert.quant.groupwise import CHANNEL
+from klconvert.quant.group_rules import CHANNEL
 from klconvert.quant.scheme import NF4_BLOCKSIZE, QuantScheme
 
 Part = tuple[str, torch.dtype, tuple[int, ...]]  # (name under the module, dtype, shape)

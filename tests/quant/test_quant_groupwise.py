@@ -21,8 +21,8 @@ from klconvert.quant import (
     quantize_groupwise,
     unpack_from_int32,
 )
-from klconvert.quant.groupwise import (CHANNEL, MSE_GRID, MSE_MAX_SHRINK, MSE_NORM, MSE_PATIENCE, qrange,
-                                      whole_groups_advice)
+from klconvert.quant.group_rules import CHANNEL, whole_groups_advice
+from klconvert.quant.groupwise import MSE_GRID, MSE_MAX_SHRINK, MSE_NORM, MSE_PATIENCE, qrange
 from klconvert.quant.pack_quantized import check_scales
 
 CASES = [(bits, sym, gs, dtype) for bits in (4, 8) for sym in (True, False) for gs in (32, 128)

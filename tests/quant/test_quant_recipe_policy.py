@@ -7,7 +7,7 @@ from compressed_tensors.quantization import QuantizationConfig
 
 from klconvert.errors import KLError
 from klconvert.quant import QuantScheme, load_recipe, parse_recipe, policy_from_options
-from klconvert.quant.groupwise import CHANNEL
+from klconvert.quant.group_rules import CHANNEL
 
 MLA_LAYERS = {3, 7, 11, 15, 19, 23, 26}
 
