@@ -22,7 +22,8 @@ from klconvert.entry import StdoutFailed, complete_note, exit_interrupted, signa
 from klconvert.errors import (KLError, PlanDoesNotFit, controls_escaped, descriptors_exhausted,
                              descriptors_exhausted_behind, shown)
 from klconvert.extras import require
-from klconvert.models import BUNDLED_NAME, DEFAULT_MODEL_DIR, DEFAULT_REPO, bundled_dir, default_model, model_folder
+from klconvert.models import (BUNDLED_NAME, DEFAULT_MODEL_DIR, DEFAULT_REPO, bundled_dir, default_model,
+                              is_local_model, model_folder)
 from klconvert.presets import PRESETS
 from klconvert.recipes import shipped_names
 from klconvert.runtime.device_memory import (COMMAND_LEVERS, PRESET_BENCH_LEVERS, BatchDoesNotFit, ContextDoesNotFit,
@@ -715,13 +716,26 @@ def plan(model: str | None, preset: str | None, layers: int | None, recipe: Path
     if folder is not None:   # its config.json read and checked before the planner imports torch (~2 s of CPU): a
         # folder that holds no model is refused as `run` refuses it, in a fifth of a second (plan_for reads it again)
         KimiLinearConfig.from_file(folder / CONFIG_FILE)
-    from klconvert.quant.scheme import GROUP_SIZE
-    from klconvert.runtime.plan_report import gpu_memory_bytes, plan_for, render_plan
+    # so are --gpu-memory, the weight flags and a --recipe, in plan_for's order (it checks them again and takes the
+    # recipe read): a mistyped size or recipe name is refused in a fifth of a second too
+    from klconvert.plan_inputs import check_weight_flags, model_config
+    from klconvert.sizes import gpu_memory_bytes
 
     memory_limit = gpu_memory_bytes(gpu_memory) if gpu_memory is not None else None
+    check_weight_flags(recipe, None if bits is None else int(bits), group_size)
+    read_recipe = None
+    if recipe is not None:   # plan_for reads it once the model's config and size have passed
+        from klconvert.checkpoint.size_bounds import check_model_size
+        from klconvert.quant.recipe import load_recipe
+
+        check_model_size(*model_config(folder, preset, layers))
+        read_recipe = load_recipe(recipe)
+    from klconvert.quant.scheme import GROUP_SIZE
+    from klconvert.runtime.plan_report import plan_for, render_plan
+
     same = dict(model=folder, preset=preset, layers=layers, batch=batch, context=max_context, memory_limit=memory_limit,
                 mla_cache_dtype=mla_cache_dtype, kda_state_dtype=kda_state_dtype)
-    p = plan_for(recipe=recipe, bits=None if bits is None else int(bits), group_size=group_size, **same)
+    p = plan_for(recipe=read_recipe, bits=None if bits is None else int(bits), group_size=group_size, **same)
     # a preset is said as one: `--preset tiny` (random weights, presets.TINY) is not `--model tiny` (the bundled model),
     # nor a preset cut to fewer layers the whole one
     title = model if model is not None else f"preset {preset}" + (f", {counted(layers, 'layer')}" if layers else "")
@@ -757,7 +771,7 @@ def _shard_bytes(max_shard_size: str | None) -> int | None:
     if max_shard_size is None:
         return None
     from klconvert.quantize import SHARD_SIZE_EXAMPLES, shard_limit
-    from klconvert.runtime.plan_report import parse_size
+    from klconvert.sizes import parse_size
 
     return shard_limit(parse_size(max_shard_size, "--max-shard-size", least_bare_bytes=0,
                                   examples=SHARD_SIZE_EXAMPLES), max_shard_size)
@@ -832,6 +846,7 @@ def quantize(src: str, out: Path, bits: int | None, group_size: int | None, symm
 def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: int | None, group_size: int | None,
                       symmetric: bool | None, scheme: str | None, observer: str | None, recipe: Path | None,
                       device: str | None, max_shard_size: str | None, force: bool, allow_split_fused: bool) -> None:
+    is_local_model(model)   # before torch's import: a folder that is not there refused in a fifth of a second
     from klconvert.quantize import pull_and_quantize as pull_and_quantize_checkpoint
 
     result = pull_and_quantize_checkpoint(model, out, revision=revision, bits=bits, group_size=group_size,

@@ -79,6 +79,19 @@ def model_folder(value: str | Path, named: str) -> Path:
                   f"`klconvert pull-and-quantize` a quantized one) or {BUNDLED_NAME}, the bundled model")
 
 
+def is_local_model(model: str) -> bool:
+    """Whether pull-and-quantize's --model names a model here -- BUNDLED_NAME or a folder -- rather than a hub repo
+    to pull. A name that can only be a path (./x, ~/x, a/b/c, a file, one with a space) and is no folder is refused:
+    the hub would say only that it is no repo id."""
+    if model == BUNDLED_NAME or Path(model).is_dir():
+        return True
+    from klconvert.hub import is_repo_id   # huggingface_hub's check, imported only for a name that is no folder
+
+    if Path(model).exists() or not is_repo_id(model):
+        raise KLError(f"--model {model}: no such folder (and not a hub repo id like {DEFAULT_REPO}); check the path")
+    return False
+
+
 def _no_folder(path: Path) -> str:
     """What `path`, a name that is there but is no folder, is instead: a file, a FIFO ..., or a link that leads
     nowhere."""

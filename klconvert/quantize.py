@@ -48,8 +48,8 @@ from klconvert.disk_space import failed_write
 from klconvert.errors import KLError, ValuesRefused, argument, controls_escaped, either, refuse_non_bool
 from klconvert.extras import require
 from klconvert.generation_config import GENERATION_CONFIG_FILE, check_generation_config
-from klconvert.hub import SIDE_FILES, HubFile, is_repo_id, pull
-from klconvert.models import BUNDLED_NAME, DEFAULT_REPO, quantized_folder_name, resolve_model
+from klconvert.hub import SIDE_FILES, HubFile, pull
+from klconvert.models import BUNDLED_NAME, DEFAULT_REPO, is_local_model, quantized_folder_name, resolve_model
 from klconvert.quant import Policy, Recipe, load_recipe, policy_from_options
 from klconvert.runtime.host_memory import exhausted
 from klconvert.quant.defaults import DEFAULT, GROUP_SIZE_FLAG
@@ -408,10 +408,8 @@ def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, 
     quantize it into `out` (default ./<model-name>-w4a16, -w8a16 or -nf4). Options, and whether OUT's folder takes
     files, are checked before anything is downloaded."""
     _refuse_bad_switches(force, progress, allow_split_fused, recipe)
+    local = is_local_model(model)   # as `quantize` refuses a folder that is not there, before its options
     policy, _ = choose_policy(bits, group_size, symmetric, scheme, recipe, observer)
-    local = model == BUNDLED_NAME or Path(model).is_dir()
-    if not local and (Path(model).exists() or not is_repo_id(model)):   # ./x, ~/x, a/b/c, a file: a path
-        raise KLError(f"--model {model}: no such folder (and not a hub repo id like {DEFAULT_REPO}); check the path")
     # the name before the device: the default device starts CUDA, which refusing a mistyped folder need not
     checked_device(device)   # these two checked before a download, as the policy is
     shard_limit(max_shard_bytes)

@@ -2,25 +2,24 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import replace
 from pathlib import Path
 
 import click
 import torch
 
-from klconvert.checkpoint.folder_files import CONFIG_FILE, RECIPE_FILE, refuse_link_out
+from klconvert.checkpoint.folder_files import RECIPE_FILE, refuse_link_out
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.checkpoint.regular_file import open_regular
 from klconvert.checkpoint.size_bounds import check_model_size
 from klconvert.config import KimiLinearConfig
-from klconvert.errors import KLError, either, not_utf8, shown
+from klconvert.errors import KLError, not_utf8, shown
+from klconvert.plan_inputs import check_weight_flags, model_config
 from klconvert.presets import preset_config
 from klconvert.quant import Policy, Recipe, load_recipe, policy_from_options
-from klconvert.quant.defaults import GROUP_SIZE_FLAG
-from klconvert.quant.group_rules import SUPPORTED_BITS, check_group_size
+from klconvert.quant.group_rules import SUPPORTED_BITS
 from klconvert.quant.recipe import MAX_RECIPE_BYTES, parse_runtime_section
 from klconvert.quant.scheme import GROUP_SIZE
 from klconvert.runtime.bind import packed_choice
@@ -28,54 +27,14 @@ from klconvert.runtime.memory_plan import MAX_BATCH, MemoryPlan, weight_bytes
 from klconvert.runtime.model import KimiLinear
 from klconvert.runtime.state import MLA_CACHE_DTYPES
 from klconvert.runtime.weights import HeldPacked
+from klconvert.sizes import LEAST_BARE_BYTES, PAST_SIZE_BOUND, SIZE_BOUND, parse_size
 from klconvert.units import binary_size_text, counted
 
 # What a plan takes where neither a flag nor the recipe's runtime: section says (the help and README restate these;
 # tests/test_memory_plan.py holds the help to them)
 RUNTIME_DEFAULTS = {"max_context": 131072, "batch": 1, "mla_cache_dtype": "bfloat16", "kda_state_dtype": "float32"}
 KDA_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# The units a size takes, as the refusal of another lists them (any case); K, M, G and T are binary
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30,
-          "TiB": 2**40, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-_UNIT_BYTES = {"": 1, **{unit.lower(): n for unit, n in _UNITS.items()}}
-# ASCII digits, letters and spaces only: str's \d and \s take other scripts' ('８０GiB'), which float() reads
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE | re.ASCII)
-SIZE_BOUND = 2**64   # a size is fewer bytes than this (what a 64-bit count holds)
-PAST_SIZE_BOUND = "is 2**64 bytes (16 EiB) or more, past the largest size it takes"   # SIZE_BOUND, as lines say
-GPU_MEMORY_EXAMPLES = "80GiB, 24GB or 141G"
 RECIPE_GPU_MEMORY_EXAMPLES = "48GiB or 80GB"   # the sizes a recipe's refused gpu_memory is told to write
-# fewer bytes than this given with no unit (`--gpu-memory 80`) are no GPU's memory: a unit left off, refused; a GPU's
-# memory of fewer in any form ('0GB', '1B'), on the command line or in a recipe, is refused too
-LEAST_BARE_BYTES = 2**20
-
-
-def parse_size(text: str, flag: str = "--gpu-memory", least_bare_bytes: int = LEAST_BARE_BYTES,
-               examples: str = GPU_MEMORY_EXAMPLES) -> int:
-    """'80GiB', '24GB', '141G' (binary), '85899345920' (no unit: bytes) -> bytes; `flag` names the option in the
-    error, `examples` the sizes it suggests. A number with no unit under `least_bare_bytes` (but 0) is refused as a
-    unit left off: a GPU's memory (the default); a shard's size passes 0, since any number of bytes is one."""
-    m = _SIZE.match(text)
-    if m is None:
-        raise KLError(f"{flag} {text[:40]!r}: give a size like {examples}")
-    if m.group(2).lower() not in _UNIT_BYTES:
-        raise KLError(f"{flag} {text[:40]!r}: {m.group(2)[:10]!r} is not a unit it takes ({', '.join(_UNITS)}, or "
-                      f"none for bytes); give a size like {examples}")
-    size = float(m.group(1)) * _UNIT_BYTES[m.group(2).lower()]
-    if not size < SIZE_BOUND:  # inf from a 400-digit number included
-        raise KLError(f"{flag} {text[:40]!r} {PAST_SIZE_BOUND}; give a size like {examples}")
-    if not m.group(2) and 0 < size < least_bare_bytes:
-        raise KLError(f"{flag} {m.group(1)}: a size with no unit is bytes, and {binary_size_text(int(size))} is no "
-                      f"GPU's memory; did you mean {m.group(1)}GB or {m.group(1)}GiB? give the unit")
-    return int(size)
-
-
-def gpu_memory_bytes(text: str) -> int:
-    """`--gpu-memory`'s size (parse_size), refused under LEAST_BARE_BYTES in any form ('0', '0GB', '1B')."""
-    size = parse_size(text)
-    if size < LEAST_BARE_BYTES:
-        raise KLError(f"--gpu-memory {shown(text)} is {binary_size_text(size)}, no GPU's memory; give it, e.g. 80GiB "
-                      "or 24GB")
-    return size
 
 
 def _dtype_named(name: str, choices: dict[str, torch.dtype], what: str) -> torch.dtype:
@@ -202,23 +161,14 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
     `recipe` is given. Each setting given here wins over the recipe's `runtime:` section, which wins over
     RUNTIME_DEFAULTS (and no memory limit).
     """
-    if recipe is not None and bits is not None:
-        raise KLError("give a recipe or --bits, not both: the recipe already says how each tensor is stored")
-    if group_size is not None and bits not in SUPPORTED_BITS:
-        raise KLError(f"--group-size {group_size} sizes the groups of --bits {either(SUPPORTED_BITS)} (without a "
-                      f"recipe); add --bits {either(SUPPORTED_BITS)}, or drop --group-size")
-    if group_size is not None:
-        check_group_size(group_size, flag=GROUP_SIZE_FLAG)
+    check_weight_flags(recipe, bits, group_size)
     stored = settings_from = None
-    if model is not None:
-        config = KimiLinearConfig.from_file(Path(model) / CONFIG_FILE)
-        if recipe is None:   # the folder's recipe.yaml gives the runtime settings, at --bits too
-            settings_from = folder_recipe(Path(model) / RECIPE_FILE, config)
-            if bits is None:
-                stored = held_on_a_gpu(Path(model))   # the tensors say how they are stored
-    else:
-        config = KimiLinearConfig.from_dict(preset_config(preset, layers), where=f"preset {preset}")
-    check_model_size(config, str(Path(model) / CONFIG_FILE) if model is not None else f"preset {preset}")
+    config, where = model_config(model, preset, layers)
+    if model is not None and recipe is None:   # the folder's recipe.yaml gives the runtime settings, at --bits too
+        settings_from = folder_recipe(Path(model) / RECIPE_FILE, config)
+        if bits is None:
+            stored = held_on_a_gpu(Path(model))   # the tensors say how they are stored
+    check_model_size(config, where)
     if isinstance(recipe, (str, Path)):
         recipe = load_recipe(recipe)
     if stored is not None:

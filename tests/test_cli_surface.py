@@ -486,7 +486,7 @@ _TAKEN_UNITS = "(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB, K, M, G, T, or none for 
 def test_a_well_formed_size_past_what_is_taken_says_why(capsys, tmp_path, monkeypatch, args, line):
     """`--gpu-memory 1PiB` and `--max-shard-size 20000000TB` were "give a size like 80GiB, 24GB or 141G": not what was
     wrong (a unit not taken, a size past 2**64 bytes), and GPU memories for a shard's size."""
-    from klconvert.runtime.plan_report import parse_size
+    from klconvert.sizes import parse_size
 
     monkeypatch.chdir(tmp_path)
     assert_one_line_error(*run_cli(capsys, *args)[::2], line)
@@ -606,12 +606,42 @@ def test_a_folder_that_holds_no_model_is_refused_to_plan_without_torch(tmp_path)
 
 
 @pytest.mark.parametrize("command", [["run", "--prompt", "x", "--model", "{folder}"], ["plan", "--model", "{folder}"],
-                                     ["quantize", "{folder}", "out"]])
+                                     ["quantize", "{folder}", "out"], ["pull-and-quantize", "--model", "{folder}"]])
 def test_a_model_folder_that_is_not_there_is_refused_without_torch(tmp_path, command):
     """models.model_folder looks for a run writing a folder that is not there (convert.output_folder, whole_folder),
     and those imported the shard writer and the checkpoint reader, and torch with them: "no such folder" took 2.6 s
-    of CPU."""
+    of CPU. pull-and-quantize refused one in the quantizer, after torch's import, as it refuses a name that is no
+    folder and no hub repo id (models.is_local_model)."""
     assert_refused_without_torch([arg.format(folder=tmp_path / "typo") for arg in command], "typo: no such folder")
+
+
+_PLAN_48B = ["plan", "--preset", "kimi-linear-48b"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--gpu-memory", "80"], "--gpu-memory 80: a size with no unit is bytes"),
+    (["--gpu-memory", "0GB"], "--gpu-memory '0GB' is 0 B, no GPU's memory"),
+    (["--group-size", "64"], "--group-size 64 sizes the groups of --bits 4 or 8"),
+    (["--bits", "4", "--group-size", "12"], "--group-size 12 is not a positive multiple of 8"),
+    (["--bits", "4", "--recipe", "48gb"], "give a recipe or --bits, not both"),
+    (["--recipe", "49gb"], "49gb: no such recipe file"),
+    (["--recipe", "{bad}"], "not valid YAML"),
+], ids=["bare-size", "no-gpu", "group-size-alone", "group-size", "recipe-and-bits", "recipe-name", "recipe-yaml"])
+def test_a_plans_flags_are_refused_without_torch(tmp_path, args, needle):
+    """plan's --gpu-memory, weight flags and --recipe were refused by the planner, which imports torch (~2 s of CPU):
+    a mistyped size or recipe name took ten times as long to refuse as a missing folder."""
+    (tmp_path / "bad.yaml").write_text("quant_stage: [\n")
+    assert_refused_without_torch(_PLAN_48B + [arg.format(bad=tmp_path / "bad.yaml") for arg in args], needle)
+
+
+def test_a_plans_recipe_is_read_after_the_models_config_as_before(tmp_path):
+    """plan reads --recipe before torch's import, after what plan_for refused before it read one: the preset cut to
+    --layers, a folder's config.json."""
+    assert_refused_without_torch(_PLAN_48B + ["--layers", "99", "--recipe", "49gb"],
+                                 "--layers 99: preset kimi-linear-48b has only 27 layers")
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    assert_refused_without_torch(["plan", "--model", str(tmp_path), "--recipe", "49gb"],
+                                 "model_type 'llama' is not supported")
 
 
 @pytest.mark.parametrize("preset, want", [({}, "expandable_segments:True"),

@@ -25,7 +25,7 @@ from klconvert.checkpoint.reader import Checkpoint
 from klconvert.convert.output_folder import FINISHED_FILES, OUTPUT_RECORD, RESUME_RECORD, TEMPORARY_MARKER, usual_mode
 from klconvert.entry import OPENBLAS_THREAD_COUNT_VARIABLES, cpus_to_run_on, signal_status
 from klconvert.quantize import quantize
-from klconvert.runtime.plan_report import parse_size
+from klconvert.sizes import parse_size
 from klconvert.synth.checkpoint import synth
 from testkit import run_cli, run_on_a_terminal
 

@@ -150,7 +150,7 @@ def test_the_context_a_host_refusal_names():
 
 
 def test_the_least_gpu_memory():
-    from klconvert.runtime.plan_report import LEAST_BARE_BYTES
+    from klconvert.sizes import LEAST_BARE_BYTES
 
     least = f"{LEAST_BARE_BYTES / 2**20:g} MiB"
     stated(f"one under {least} (`80`) is refused as a unit left off; under {least} in any form")
