@@ -44,7 +44,7 @@ from klconvert.onnx.mla import KEY_BLOCK
 from klconvert.onnx.subgraphs import subgraph_names
 from klconvert.onnx.session import ARENA_SHARE, EARLIER_KEY_BLOCK, MAX_THREADS, SCORE_BYTES, OnnxEngine
 from klconvert.quant import QuantScheme, compress_weight, decompress_weight, unpack_from_int32
-from klconvert.quant.groupwise import CHANNEL
+from klconvert.quant.group_rules import CHANNEL
 from klconvert.quantize import quantize
 from klconvert.release import NUM_SPECIAL_TOKENS, config_token_ids
 from klconvert.runtime.engine import Engine, GenerationStats

@@ -1,14 +1,10 @@
 """Group-wise integer quantization of a 2-D weight, with compressed-tensors' exact numerics."""
 from __future__ import annotations
 
-
 import torch
 
 from klconvert.errors import KLError, ValuesRefused
 from klconvert.quant.group_rules import OBSERVERS, check_groupwise, unsupported_observer
-# tests/test_onnx_export.py (another helper's file this session) imports CHANNEL from here: kept importable until
-# it imports it from group_rules
-from klconvert.quant.group_rules import CHANNEL as CHANNEL
 
 _SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
