@@ -61,6 +61,7 @@ from klconvert.tokenizer import BPE_FILE
 from klconvert.units import counted, size_text, size_texts
 from klconvert.user_paths import given_path, refuse_unreachable, shown_path
 from klconvert.verified_files import VERIFIED_RECORD, VerifiedFiles, cached_record
+from klconvert.waking_for_signals import run_waking_for_signals
 
 # huggingface_hub 2.x talks through httpx2, 1.x through httpx: a dropped connection surfaces as either's TransportError.
 _HTTP_MODULES = [importlib.import_module(m) for m in ("httpx2", "httpx") if importlib.util.find_spec(m) is not None]
@@ -246,16 +247,16 @@ def pull(
                 stage.fetching = True
                 try:
                     with _no_disk_space_warnings(), _bars_closed():
-                        folder = Path(
-                            snapshot_download(
-                                repo,
-                                revision=resolved,
-                                cache_dir=cache_dir,
-                                local_dir=local_dir,
-                                allow_patterns=[glob.escape(f.path) for f in wanted],
-                                tqdm_class=_TerminalTqdm if progress else _QuietTqdm,
-                            )
-                        )
+                        # in a thread of its own, waited for awake to a signal that one of its download threads
+                        # took (run_waking_for_signals); a Ctrl-C or SIGTERM returns here once they have all stopped
+                        folder = Path(run_waking_for_signals(lambda: snapshot_download(
+                            repo,
+                            revision=resolved,
+                            cache_dir=cache_dir,
+                            local_dir=local_dir,
+                            allow_patterns=[glob.escape(f.path) for f in wanted],
+                            tqdm_class=_TerminalTqdm if progress else _QuietTqdm,
+                        ), stop=guard.cancel))
                 except BaseException:
                     if writes_local_dir:
                         _keep_only_this_commits_files(local_dir, wanted, repo, commit, cache_dir, verified)
@@ -896,16 +897,21 @@ def _verify(folder: Path, wanted: list[HubFile], where: str, progress: bool, rec
 def _hash_in_parallel(folder: Path, files: list[HubFile], desc: str, progress: bool, each: Callable) -> list:
     """each(f, bar, stopped) for every file, HASH_WORKERS at a time, under one progress bar of their bytes."""
     total = sum((folder / f.path).stat().st_size for f in files if (folder / f.path).is_file())
-    # set once the main thread stops waiting for the hashes (a Ctrl-C or SIGTERM raised there, a file's error): the
-    # pool's shutdown waits for the running ones, which would otherwise read their files to the end (seconds a GB)
+    # set once the hashes are given up (a Ctrl-C or SIGTERM raised in the main thread, a file's error): the pool's
+    # shutdown waits for the running ones, which would otherwise read their files to the end (seconds a GB)
     stopped = threading.Event()
     with hf_tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None if progress else True) as bar:
-        with ThreadPoolExecutor(max_workers=HASH_WORKERS) as pool:
-            try:
-                return list(pool.map(lambda f: each(f, bar, stopped), files))
-            except BaseException:
-                stopped.set()
-                raise
+        def hash_all() -> list:
+            with ThreadPoolExecutor(max_workers=HASH_WORKERS) as pool:
+                try:
+                    return list(pool.map(lambda f: each(f, bar, stopped), files))
+                except BaseException:
+                    stopped.set()
+                    raise
+
+        # the map waits for each result with no timeout: waited for from a thread of its own, awake to a signal a
+        # hashing thread took (run_waking_for_signals)
+        return run_waking_for_signals(hash_all, stop=stopped.set)
 
 
 def _check_file(folder: Path, f: HubFile, bar, record: VerifiedFiles,

@@ -104,8 +104,12 @@ class AnswerGuard:
         return client
 
     def _interrupt(self, signum, frame) -> None:
-        """Tell the download threads, cancel hf_xet's downloads, then do what the signal did before (raise an
-        interrupt, usually)."""
+        """Stop the downloads (cancel), then do what the signal did before (raise an interrupt, usually)."""
+        self.cancel()
+        self._before[signum](signum, frame)
+
+    def cancel(self) -> None:
+        """Tell the download threads, and cancel hf_xet's downloads."""
         self.cancelled = True
         # hf_xet downloads through its own client, past the chunks that tell the threads; huggingface_hub aborts it
         # only on an interrupt raised in the thread that downloads, never one of snapshot_download's. Not from a
@@ -117,7 +121,6 @@ class AnswerGuard:
                 abort_xet_session()
             finally:
                 self._aborting = False
-        self._before[signum](signum, frame)
 
     def _xet_session(self, get_session):
         """hf_xet's session for a download thread, refused once the pull is interrupted. A thread past its file's

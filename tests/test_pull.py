@@ -25,13 +25,14 @@ from huggingface_hub import constants
 from huggingface_hub._local_folder import get_local_download_paths
 from safetensors.torch import save_file
 
-from klconvert import hub, hub_guard
+from klconvert import entry, hub, hub_guard
 from klconvert.entry import Interrupted
 from klconvert.errors import KLError
 from klconvert.units import size_text, size_texts
 from klconvert.verified_files import MAX_RECORD_VALUES, VerifiedFiles
 from hub_standin import EGRESS_MESSAGE, HubStandIn, git_blob_id, hub_environment
-from testkit import assert_one_line_error, run_cli, run_klconvert, run_klconvert_on_a_terminal, shown_lines
+from testkit import (assert_one_line_error, run_cli, run_klconvert, run_klconvert_on_a_terminal, run_main,
+                     shown_lines)
 
 REPO = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
 SHARD_1 = "model-00001-of-00002.safetensors"
@@ -992,9 +993,16 @@ def test_a_signal_during_the_xet_abort_does_not_wait_on_its_lock(monkeypatch):
     assert aborts == [1, 1]
 
 
-def interrupt_a_xet_pull(hub_server, checkpoint, tmp_path) -> None:
-    """Pull REPO through hf_xet from a storage server that does not answer, send SIGINT once hf_xet has asked it
-    (the downloads in flight), and hold that the pull ends within 5 s with nothing of the shards left."""
+def pulled_and_interrupted() -> None:
+    with pytest.raises(KeyboardInterrupt):
+        hub.pull(REPO, progress=False)
+
+
+def interrupt_a_xet_pull(hub_server, checkpoint, tmp_path, interrupt=lambda: os.kill(os.getpid(), signal.SIGINT),
+                         pull_interrupted=pulled_and_interrupted) -> None:
+    """Pull REPO through hf_xet from a storage server that does not answer (`pull_interrupted`: the pull, holding
+    that it was interrupted), send SIGINT to this process (`interrupt`: a signal sent otherwise) once hf_xet has
+    asked it (the downloads in flight), and hold that the pull ends within 5 s with nothing of the shards left."""
     commit = hub_server.add_repo(REPO, checkpoint)
     hub_server.xet_stall = True
     signalled = []
@@ -1004,12 +1012,11 @@ def interrupt_a_xet_pull(hub_server, checkpoint, tmp_path) -> None:
         while not hub_server.cas_requests and time.monotonic() < deadline:
             time.sleep(0.01)
         signalled.append(time.monotonic())
-        os.kill(os.getpid(), signal.SIGINT)
+        interrupt()
 
     with hub_environment(hub_server.endpoint, tmp_path / "hf_home", HF_HUB_DISABLE_XET="0"):
         threading.Thread(target=interrupt_once_hf_xet_asks, daemon=True).start()
-        with pytest.raises(KeyboardInterrupt):
-            hub.pull(REPO, progress=False)
+        pull_interrupted()
         assert time.monotonic() - signalled[0] < 5 and hub_server.cas_requests
     storage = cache_dir(tmp_path) / "models--moonshotai--Kimi-Linear-48B-A3B-Instruct"
     assert not {SHARD_1, SHARD_2} & set(files_under(storage / "snapshots" / commit))
@@ -1050,6 +1057,34 @@ def test_a_download_thread_reaching_hf_xet_after_the_abort_is_stopped(hub_server
     assert aborted.is_set() and next(asked) >= 2   # the held thread asked, after the abort
 
 
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_a_download_thread_takes_ends_the_pull_as_soon(hub_server, checkpoint, tmp_path, monkeypatch,
+                                                                    capsys, signame):
+    """A signal sent to the process (a terminal's Ctrl-C, `kill`'s SIGTERM) is taken by whichever of its threads the
+    system picks: in a download thread CPython's C handler only flags it, and the Python one (the guard's, which
+    stops the downloads, then the entry point's) runs once the main thread next runs Python code. That thread slept
+    in huggingface_hub's wait for the downloads, with no timeout, until one ended: 60 s on the stand-in, a whole
+    shard for the release (h315: 1 to 3 pulls in 40 of test_ctrl_c_cancels_hf_xets_downloads under load). Here the
+    signal goes to a thread waiting in hf_xet: the command ends at once, in its line, as after any other."""
+    from huggingface_hub.utils import _xet
+
+    signum = getattr(signal, signame)
+    holder, downloading = _xet._GLOBAL_XET_HOLDER, []
+    session_of_the_holder = holder.get
+
+    def session_noting_its_thread():
+        downloading.append(threading.get_ident())
+        return session_of_the_holder()
+
+    def pulled_through_the_command():   # the entry point's, which takes over SIGTERM too
+        code, _, err = run_main(capsys, entry.main, ["klconvert", "pull", REPO])
+        assert code == 128 + signum and shown_lines(err)[-1:] == ["klconvert: interrupted"], err
+
+    monkeypatch.setattr(holder, "get", session_noting_its_thread)
+    interrupt_a_xet_pull(hub_server, checkpoint, tmp_path, lambda: signal.pthread_kill(downloading[0], signum),
+                         pulled_through_the_command)
+
+
 class SlowSha256:
     """hashlib's sha256 at 50 ms a chunk: to the test's clock, a file of gigabytes."""
 
@@ -1065,12 +1100,23 @@ class SlowSha256:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("taken_by", ["the process", "a hashing thread"])
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
-def test_an_interrupt_stops_the_verifications_hashing(tmp_path, monkeypatch, signame):
+def test_an_interrupt_stops_the_verifications_hashing(tmp_path, monkeypatch, signame, taken_by):
     """Ctrl-C or SIGTERM while a pull verified its files waited for the files being hashed (HASH_WORKERS at once,
-    5 GB shards for the release: seconds a GB) to be read to their end: they stop at their next chunk."""
+    5 GB shards for the release: seconds a GB) to be read to their end: they stop at their next chunk. Taken by a
+    hashing thread (the system hands a signal sent to the process to any of its threads), it waited for that
+    thread's file to be hashed whole before its handler ran: the main thread slept in the pool's wait for the
+    next result, with no timeout."""
+    hashing = []
+
+    class SlowSha256NotingItsThread(SlowSha256):
+        def update(self, chunk: bytes) -> None:
+            hashing.append(threading.get_ident())
+            super().update(chunk)
+
     monkeypatch.setattr(hub, "HASH_CHUNK_BYTES", 1024)
-    monkeypatch.setattr(hub, "hashlib", SimpleNamespace(sha256=SlowSha256, sha1=hashlib.sha1))
+    monkeypatch.setattr(hub, "hashlib", SimpleNamespace(sha256=SlowSha256NotingItsThread, sha1=hashlib.sha1))
     folder = tmp_path / "pulled"
     folder.mkdir()
     wanted = [hub.HubFile(f"model-{n}.safetensors", 100 << 10, "0" * 64) for n in range(2 * hub.HASH_WORKERS)]
@@ -1082,7 +1128,9 @@ def test_an_interrupt_stops_the_verifications_hashing(tmp_path, monkeypatch, sig
 
     signum = getattr(signal, signame)
     before = signal.signal(signum, interrupt)
-    timer = threading.Timer(0.5, os.kill, (os.getpid(), signum))
+    send = ((lambda: os.kill(os.getpid(), signum)) if taken_by == "the process" else
+            (lambda: signal.pthread_kill(hashing[0], signum)))
+    timer = threading.Timer(0.5, send)
     try:
         timer.start()
         start = time.monotonic()

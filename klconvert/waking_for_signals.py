@@ -1,0 +1,57 @@
+"""Waiting for work in other threads while a signal's Python handler can still run. A signal sent to the process (a
+terminal's Ctrl-C, `kill`'s SIGTERM) is taken by whichever of its threads the system picks; taken by a worker, CPython's
+C handler only flags it, and the Python handler (the entry point's, a pull's guard's) runs in the main thread once that
+next runs Python code. A main thread asleep in a wait with no timeout -- huggingface_hub's for its download threads,
+ThreadPoolExecutor.map's for the next result -- runs it only when the thread it waits for has finished: a whole shard
+later (60 s on the test's stand-in, h315). So the main thread waits here instead, waking every WAKE_SECONDS."""
+from __future__ import annotations
+
+import contextvars
+import threading
+from typing import Callable, TypeVar
+
+# how long a signal another thread took waits for its handler at most (on top of what the handler does)
+WAKE_SECONDS = 0.1
+
+T = TypeVar("T")
+
+
+def run_waking_for_signals(call: Callable[[], T], stop: Callable[[], None]) -> T:
+    """call() in a new thread, in a copy of this thread's context (contextvars: where warnings filters are held there,
+    as Python 3.14 may, the caller's catch_warnings goes with it), waited for from this one in WAKE_SECONDS naps, so
+    that a signal's handler runs here within one. Its result, or its exception raised here as it is (a KLError,
+    huggingface_hub's errors, PullInterrupted keep their types). Where this thread's wait raises (a signal's handler:
+    KeyboardInterrupt), stop() tells the work to stop, and the wait goes on until the work has ended -- through
+    further signals, whose handlers run as they come (a guard's aborts hf_xet again) -- before the last raised is
+    raised: what the caller cleans up after a Ctrl-C (a --local-dir's files, the record of the hashes) is then no
+    longer being written, and nothing of the work runs on past the command. A stop() that a signal interrupts is
+    called again."""
+    outcome: dict = {}
+    # the work's end, told by the work itself: not Thread.join, which Python before 3.13 takes, once a signal's
+    # exception has interrupted it, to have seen the thread end (bpo-45274's fix releases the lock the running thread
+    # holds), so the wait ended while the downloads still wrote
+    ended = threading.Event()
+
+    def work() -> None:
+        try:
+            outcome["result"] = call()
+        except BaseException as e:   # raised in the waiting thread once the wait has ended
+            outcome["error"] = e
+        finally:
+            ended.set()
+
+    threading.Thread(target=contextvars.copy_context().run, args=(work,), name="klconvert-work").start()
+    raised, stopped = None, False
+    while not ended.is_set():
+        try:
+            if raised is not None and not stopped:
+                stop()
+                stopped = True
+            ended.wait(WAKE_SECONDS)
+        except BaseException as e:   # a signal's handler raised (or a second's, while the work stops)
+            raised = e
+    if raised is not None:
+        raise raised
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

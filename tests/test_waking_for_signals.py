@@ -1,0 +1,64 @@
+"""klconvert.waking_for_signals: a signal another thread takes is handled in the main thread within a nap, and the
+work has ended whenever the wait raises or returns."""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+
+from klconvert.errors import KLError
+from klconvert.waking_for_signals import WAKE_SECONDS, run_waking_for_signals
+
+
+def test_the_works_result_and_its_exception_come_back_as_they_are():
+    assert run_waking_for_signals(lambda: 42, stop=lambda: None) == 42
+    error = KLError("the hub refused")
+
+    def refused():
+        raise error
+
+    with pytest.raises(KLError) as raised:
+        run_waking_for_signals(refused, stop=lambda: None)
+    assert raised.value is error
+
+
+def test_a_signal_the_working_thread_takes_is_handled_at_once_and_the_wait_ends_with_the_work():
+    """SIGINT sent to the working thread itself, which CPython's C handler only flags there: the main thread's wait
+    (Python's KeyboardInterrupt handler) raises within a nap, stop() is told, and the wait raises only once the work,
+    which goes on a while after its stop, has ended. Twice over, the second while the work stops: the second is what
+    a Ctrl-C pressed again brings, and it must not end the wait -- Thread.join before Python 3.13, interrupted, took
+    the thread to have ended (bpo-45274's fix), so the command ended while a download still wrote."""
+    working, stopping = threading.Event(), threading.Event()
+    events = []
+
+    def work():
+        events.append(("started", threading.get_ident()))
+        working.set()
+        assert stopping.wait(30)
+        time.sleep(5 * WAKE_SECONDS)   # a chunk read to its end
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)   # the second, while it stops
+        time.sleep(5 * WAKE_SECONDS)
+        events.append(("ended", time.monotonic()))
+
+    def stop():
+        events.append(("stopped", time.monotonic()))
+        stopping.set()
+
+    def interrupt_the_worker():
+        assert working.wait(30)
+        events.append(("signalled", time.monotonic()))
+        signal.pthread_kill(events[0][1], signal.SIGINT)
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)   # Python's own: KeyboardInterrupt
+    try:
+        threading.Thread(target=interrupt_the_worker, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            run_waking_for_signals(work, stop)
+        raised = time.monotonic()
+    finally:
+        signal.signal(signal.SIGINT, before)
+    said = dict(events[1:])
+    assert set(said) == {"signalled", "stopped", "ended"}, events
+    assert said["stopped"] - said["signalled"] < 1 and said["ended"] <= raised
