@@ -31,8 +31,14 @@ def run_waking_for_signals(call: Callable[[], T], stop: Callable[[], None]) -> T
     # exception has interrupted it, to have seen the thread end (bpo-45274's fix releases the lock the running thread
     # holds), so the wait ended while the downloads still wrote
     ended = threading.Event()
+    # taken by the first of the work beginning and a signal's exception raised as the thread starts (Thread.start
+    # waits for the new thread, which may by then be running): a work begun is waited for as below, one not begun
+    # never begins
+    begun = threading.Lock()
 
     def work() -> None:
+        if not begun.acquire(blocking=False):   # given up as the thread started
+            return
         try:
             outcome["result"] = call()
         except BaseException as e:   # raised in the waiting thread once the wait has ended
@@ -40,14 +46,21 @@ def run_waking_for_signals(call: Callable[[], T], stop: Callable[[], None]) -> T
         finally:
             ended.set()
 
-    threading.Thread(target=contextvars.copy_context().run, args=(work,), name="klconvert-work").start()
     raised, stopped = None, False
-    while not ended.is_set():
+    try:
+        threading.Thread(target=contextvars.copy_context().run, args=(work,), name="klconvert-work").start()
+    except BaseException as e:   # a signal's handler raised as the thread started
+        if begun.acquire(blocking=False):
+            raise
+        raised = e
+    while True:   # again after each exception the wait raised
         try:
-            if raised is not None and not stopped:
-                stop()
-                stopped = True
-            ended.wait(WAKE_SECONDS)
+            while not ended.is_set():
+                if raised is not None and not stopped:
+                    stop()
+                    stopped = True
+                ended.wait(WAKE_SECONDS)
+            break
         except BaseException as e:   # a signal's handler raised (or a second's, while the work stops)
             raised = e
     if raised is not None:

@@ -62,3 +62,27 @@ def test_a_signal_the_working_thread_takes_is_handled_at_once_and_the_wait_ends_
     said = dict(events[1:])
     assert set(said) == {"signalled", "stopped", "ended"}, events
     assert said["stopped"] - said["signalled"] < 1 and said["ended"] <= raised
+
+
+def test_a_signal_as_the_thread_starts_still_waits_for_the_work_it_began(monkeypatch):
+    """Thread.start waits for the new thread, which may by then have begun the work: a signal's exception raised there
+    (seen under pytest-xdist, the signal sent as soon as the work began) ended the wait at once, the work running on,
+    unstopped and unwaited for."""
+    began, stopping, events = threading.Event(), threading.Event(), []
+    start_of_the_thread = threading.Thread.start
+
+    def started_then_interrupted(thread):
+        start_of_the_thread(thread)
+        assert began.wait(30)
+        raise KeyboardInterrupt
+
+    def work():
+        began.set()
+        assert stopping.wait(30)
+        time.sleep(3 * WAKE_SECONDS)
+        events.append("ended")
+
+    with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
+        patched.setattr(threading.Thread, "start", started_then_interrupted)
+        run_waking_for_signals(work, stopping.set)
+    assert events == ["ended"]
