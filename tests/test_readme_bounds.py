@@ -178,3 +178,14 @@ def test_the_mla_latent_norm_eps():
     from klconvert.runtime.model import MLA_LATENT_NORM_EPS
 
     stated(f"the MLA latent is normalized with eps {as_written(MLA_LATENT_NORM_EPS)}")
+
+
+def test_the_default_policy_lm_head():
+    """The default policy's lm_head as the README says it: at LM_HEAD_BITS, and kept as stored with --scheme nf4
+    (policy_from_options leaves it out of nf4's one group). It said "`lm_head` at 8 bits (as it is with `--scheme
+    nf4`)", which reads as 8 bits under nf4 too, where an nf4 folder's lm_head is bf16 (h319)."""
+    from klconvert.quant.defaults import LM_HEAD_BITS, policy_from_options
+
+    nf4 = policy_from_options(4, scheme="nf4")
+    assert "lm_head" in [entry.pattern for entry in nf4.ignore] and len(nf4.groups) == 1
+    stated(f"and `lm_head` at {LM_HEAD_BITS} bits (with `--scheme nf4` kept as stored, bf16 in the release);")
