@@ -15,10 +15,13 @@ from klconvert.quant.recipe import Recipe
 
 
 def check_weight_flags(recipe: Recipe | str | Path | None, bits: int | None, group_size: int | None) -> None:
-    """KLError where the weight flags do not go together: a recipe and --bits, --group-size without --bits 4 or 8,
-    or a group size no int scheme takes."""
-    if recipe is not None and bits is not None:
-        raise KLError("give a recipe or --bits, not both: the recipe already says how each tensor is stored")
+    """KLError where the weight flags do not go together: a recipe and --bits or --group-size, --group-size without
+    --bits 4 or 8, or a group size no int scheme takes."""
+    # --group-size too: its own refusal below said "add --bits 4 or 8", which this one then refused
+    given = [flag for flag, value in (("--bits", bits), ("--group-size", group_size)) if value is not None]
+    if recipe is not None and given:
+        raise KLError(f"give a recipe or {' and '.join(given)}, not both: the recipe already says how each tensor is "
+                      "stored")
     if group_size is not None and bits not in SUPPORTED_BITS:
         raise KLError(f"--group-size {group_size} sizes the groups of --bits {either(SUPPORTED_BITS)} (without a "
                       f"recipe); add --bits {either(SUPPORTED_BITS)}, or drop --group-size")

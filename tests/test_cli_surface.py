@@ -363,6 +363,16 @@ def test_a_plan_that_does_not_fit_says_what_to_change(capsys, args, advice):
     assert code == 3 and advice in err, err
 
 
+@pytest.mark.parametrize("args, given", [(["--group-size", "64"], "--group-size"), (["--bits", "4"], "--bits"),
+                                         (["--bits", "4", "--group-size", "64"], "--bits and --group-size")])
+def test_a_plan_refuses_a_recipe_with_bits_or_group_size_as_one(capsys, args, given):
+    """`plan --recipe 48gb --group-size 64` was told "add --bits 4 or 8, or drop --group-size", and adding --bits was
+    then refused as a recipe given with --bits (h319): each is refused as given beside the recipe."""
+    code, _, err = run_cli(capsys, "plan", "--preset", "tiny", "--recipe", "48gb", *args)
+    assert code == 2 and err == f"klconvert: error: give a recipe or {given}, not both: the recipe already says how " \
+                                "each tensor is stored\n", err
+
+
 def test_a_plan_of_one_sequence_past_the_gpu_asks_for_no_smaller_batch(capsys):
     """Where the weights fit and one sequence's state and workspace do not, the advice was "a batch of 1 sequences'
     state and workspace do not at any context: plan a smaller --batch", a batch no plan has."""
