@@ -64,3 +64,20 @@ def test_the_python_blocks_run_as_written(walked, monkeypatch):
     exec(python_block("The ONNX export (`[onnx]` extra), and onnxruntime running it with the state fed back:")
          .replace("max_new_tokens=32", "max_new_tokens=4"), namespace)
     assert (folder / "tiny-w4a16-onnx" / "model.onnx").is_file() and len(namespace["new_ids"][0]) >= 1
+
+
+def test_the_test_extra_is_what_the_readme_says_it_installs():
+    """The README lists what `pip install -e '.[test]'` adds beside the three extras; it named pytest, ruff,
+    transformers, compressed-tensors and accelerate, and not pytest-xdist (which its own `-n auto` needs),
+    markdown-it-py or setuptools (h319). Every requirement of the extra is named there, by its distribution name."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+
+    extra = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    requirements = [Requirement(text) for text in extra["project"]["optional-dependencies"]["test"]]
+    assert [r.extras for r in requirements if r.name == "klconvert"] == [{"gpu", "nf4", "onnx"}]   # "all three"
+    text = " ".join(README.split())
+    said = text[text.index("`[test]` all three plus "):text.index(", `[fast]`")]
+    unsaid = [r.name for r in requirements if r.name != "klconvert" and not re.search(rf"(?<![\w-]){r.name}(?![\w-])",
+                                                                                        said)]
+    assert not unsaid, f"README's [test] extra does not name {unsaid}: {said}"
