@@ -373,6 +373,21 @@ def test_a_plan_refuses_a_recipe_with_bits_or_group_size_as_one(capsys, args, gi
                                 "each tensor is stored\n", err
 
 
+@pytest.mark.parametrize("opset", ["17", "99"])
+def test_an_opset_refusal_gives_the_reason_of_its_own_side(capsys, tmp_path, opset):
+    """`export-onnx --opset 17` was told "choose 18 to 27 (opset 28 needs IR version 14, which onnxruntime 1.30 ...
+    cannot load)", the reason no newer opset is taken, not why 17 is not (h319): an opset under the oldest names
+    the ops that need it; one past the newest keeps the newest's reason."""
+    pytest.importorskip("onnx")
+    from klconvert.onnx.export import MIN_OPSET, MIN_OPSET_OPS, newest_opset
+
+    newest, why = newest_opset()
+    code, _, err = run_cli(capsys, "export-onnx", "--model", "tiny", "--out", tmp_path / "onnx", "--opset", opset)
+    expected = f"(the graph's {MIN_OPSET_OPS} need opset {MIN_OPSET})" if int(opset) < MIN_OPSET else f"({why})"
+    assert code == 2 and err == f"klconvert: error: --opset {opset}: choose {MIN_OPSET} to {newest} {expected}\n", err
+    assert not (tmp_path / "onnx").exists()
+
+
 def test_a_plan_of_one_sequence_past_the_gpu_asks_for_no_smaller_batch(capsys):
     """Where the weights fit and one sequence's state and workspace do not, the advice was "a batch of 1 sequences'
     state and workspace do not at any context: plan a smaller --batch", a batch no plan has."""

@@ -38,7 +38,8 @@ from klconvert.user_paths import given_path
 from klconvert.whole_folder import Replaceable, refuse_taken, whole_folder
 
 PROTOBUF_LIMIT = 2 << 30           # a protobuf message holds at most 2 GB: past it the weights go to DATA_FILE
-MIN_OPSET = 18                     # ReduceMean / Split with axes and sizes as inputs, ScatterND reduction
+MIN_OPSET = 18                     # the oldest opset of the ops the graph takes (MIN_OPSET_OPS)
+MIN_OPSET_OPS = "ReduceMean and Split with axes and sizes as inputs, ScatterND with a reduction"
 DEFAULT_OPSET = MIN_OPSET
 MS_OPSET = 1                       # com.microsoft's version (MatMulNBits, QMoE)
 # The lowest onnxruntime the [onnx] extra allows (pyproject.toml's floor: tests/test_onnx_export.py holds them equal)
@@ -201,6 +202,11 @@ def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPS
     refuse_non_bool(force, "force", "--force")
     top, why = newest_opset()
     if type(opset) is not int or not MIN_OPSET <= opset <= top:   # 18.0 and "18" too: the repr shows which
+        # why no newer (opset 28's IR) was said of every value, 17 and "18" too: each is told its own reason (h319)
+        if type(opset) is not int:
+            why = "a whole number"
+        elif opset < MIN_OPSET:
+            why = f"the graph's {MIN_OPSET_OPS} need opset {MIN_OPSET}"
         raise KLError(f"--opset {opset!r}: choose {MIN_OPSET} to {top} ({why})")
     model_dir, out = resolve_model(model_dir), given_path(out, "out")
     refuse_out_over_source(model_dir, out, "export")
