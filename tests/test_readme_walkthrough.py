@@ -81,3 +81,16 @@ def test_the_test_extra_is_what_the_readme_says_it_installs():
     unsaid = [r.name for r in requirements if r.name != "klconvert" and not re.search(rf"(?<![\w-]){r.name}(?![\w-])",
                                                                                         said)]
     assert not unsaid, f"README's [test] extra does not name {unsaid}: {said}"
+
+
+def test_the_readme_says_how_to_name_a_folder_called_tiny(tmp_path, monkeypatch):
+    """`--model tiny` is the bundled model even beside a folder ./tiny of the user's (`klconvert synth --preset tiny
+    --out tiny`, then `klconvert quantize tiny q`, quantized the bundled model, unsaid): the README says so, and that
+    ./tiny reaches the folder (h319)."""
+    from klconvert.models import resolve_model
+
+    (tmp_path / "tiny").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("tiny") == BUNDLED_DIR and resolve_model("./tiny").resolve() == tmp_path / "tiny"
+    assert "even where a folder of that name is in the working folder: give yours as `./tiny`." in " ".join(
+        README.split())
