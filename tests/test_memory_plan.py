@@ -192,9 +192,13 @@ def test_group_size_sizes_the_groups_of_bits_or_is_refused(capsys):
     g32, g128 = (plan_for(preset="kimi-linear-48b", bits=4, group_size=g).weights for g in (32, None))
     assert g32 > 3 * g128  # dequantized to bf16: the kernels keep only groups of 128 (or a multiple) packed
     assert g128 == plan_for(preset="kimi-linear-48b", bits=4, group_size=128).weights
-    for extra in ([], ["--bits", "16"], ["--recipe", str(Path(__file__).parents[1] / "recipes" / "32gb.yaml")]):
+    for extra in ([], ["--bits", "16"]):
         code, _, err = run_cli(capsys, "plan", "--preset", "tiny", "--group-size", "32", *extra)
         assert_one_line_error(code, err, "--group-size 32", "add --bits 4 or 8, or drop --group-size")
+    # beside a recipe, not "add --bits", which the recipe's own refusal then refused (h319)
+    code, _, err = run_cli(capsys, "plan", "--preset", "tiny", "--group-size", "32", "--recipe",
+                           str(Path(__file__).parents[1] / "recipes" / "32gb.yaml"))
+    assert_one_line_error(code, err, "give a recipe or --group-size, not both")
 
 
 def test_a_group_size_that_leaves_partial_groups_is_refused_saying_the_sizes_that_plan(capsys):
