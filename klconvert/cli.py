@@ -770,11 +770,27 @@ def _shard_bytes(max_shard_size: str | None) -> int | None:
     """--max-shard-size as bytes (None: the default), held to the quantizer's minimum (shard_limit)."""
     if max_shard_size is None:
         return None
-    from klconvert.quantize import SHARD_SIZE_EXAMPLES, shard_limit
+    from klconvert.quantize_options import SHARD_SIZE_EXAMPLES, shard_limit
     from klconvert.sizes import parse_size
 
     return shard_limit(parse_size(max_shard_size, "--max-shard-size", least_bare_bytes=0,
                                   examples=SHARD_SIZE_EXAMPLES), max_shard_size)
+
+
+def _refuse_quantize_options(max_shard_size: str | None, bits: int | None, group_size: int | None,
+                             symmetric: bool | None, scheme: str | None, observer: str | None, recipe: Path | None,
+                             force: bool, allow_split_fused: bool) -> int | None:
+    """--max-shard-size as bytes (_shard_bytes); first, a KLError for the options of quantize and pull-and-quantize
+    that need no model, in the order the quantizer refuses them (it checks them again): the shard size, the switches,
+    the policy's flags and --recipe. Before the quantizer imports torch (~2 s of CPU), so a mistyped flag or recipe
+    name is refused in a fifth of a second; torch comes only with --scheme nf4 (bitsandbytes) and a recipe's runtime:
+    section (checked as the planner reads it), after what is refused without it."""
+    from klconvert.quantize_options import choose_policy, refuse_bad_switches
+
+    max_shard_bytes = _shard_bytes(max_shard_size)
+    refuse_bad_switches(force, True, allow_split_fused, recipe)   # True: progress, which the command line never sets
+    choose_policy(bits, group_size, symmetric, scheme, recipe, observer)
+    return max_shard_bytes
 
 
 def _quantize_options(command):
@@ -823,13 +839,15 @@ def quantize(src: str, out: Path, bits: int | None, group_size: int | None, symm
              scheme: str | None, observer: str | None, recipe: Path | None, device: str | None,
              max_shard_size: str | None, force: bool, allow_split_fused: bool) -> None:
     folder = model_folder(src, f"SRC {src}")   # before torch's import: "no such folder" in a fifth of a second
+    max_shard_bytes = _refuse_quantize_options(max_shard_size, bits, group_size, symmetric, scheme, observer, recipe,
+                                               force, allow_split_fused)
     # SRC's config.json is read by the quantizer once its options and OUT have passed (OUT refused before SRC is read)
     from klconvert.quantize import quantize as quantize_checkpoint
 
     result = quantize_checkpoint(folder, out, bits=bits, group_size=group_size,
                                  symmetric=symmetric, scheme=scheme, observer=observer,
                                  recipe=recipe, device=device, force=force, allow_split_fused=allow_split_fused,
-                                 max_shard_bytes=_shard_bytes(max_shard_size))
+                                 max_shard_bytes=max_shard_bytes)
     click.echo(result.summary(), err=True)
     echo_complete(result.path)
 
@@ -847,13 +865,15 @@ def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: 
                       symmetric: bool | None, scheme: str | None, observer: str | None, recipe: Path | None,
                       device: str | None, max_shard_size: str | None, force: bool, allow_split_fused: bool) -> None:
     is_local_model(model)   # before torch's import: a folder that is not there refused in a fifth of a second
+    max_shard_bytes = _refuse_quantize_options(max_shard_size, bits, group_size, symmetric, scheme, observer, recipe,
+                                               force, allow_split_fused)
     from klconvert.quantize import pull_and_quantize as pull_and_quantize_checkpoint
 
     result = pull_and_quantize_checkpoint(model, out, revision=revision, bits=bits, group_size=group_size,
                                           symmetric=symmetric, scheme=scheme, observer=observer, recipe=recipe,
                                           device=device,
                                           force=force, allow_split_fused=allow_split_fused,
-                                          max_shard_bytes=_shard_bytes(max_shard_size))
+                                          max_shard_bytes=max_shard_bytes)
     click.echo(result.summary(), err=True)
     echo_complete(result.path)
 

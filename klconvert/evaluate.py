@@ -24,7 +24,7 @@ from klconvert.runtime.host_malloc import give_back_free_pages
 from klconvert.runtime.host_memory import NAMED_FIT_SHARE, HostMemory, host_allocation, host_memory
 from klconvert.runtime.logits_not_finite import LogitsNotFinite
 from klconvert.runtime.memory_plan import MemoryPlan, weight_bytes
-from klconvert.runtime.sampling import as_number
+from klconvert.scalars import as_number
 from klconvert.text_input import text_tokens
 from klconvert.tokenizer import BPE_FILE, TOKENIZER_CONFIG_FILE, Tokenizer
 from klconvert.units import counted, size_text

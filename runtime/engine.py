@@ -34,9 +34,10 @@ from klconvert.runtime.logits_not_finite import LogitsNotFinite
 from klconvert.runtime.memory_plan import (DECODE_COPIES, LOGIT_ROWS, MAX_BATCH, PREFILL_ROWS, PREFILL_SEGMENT,
                                            MemoryPlan, weight_bytes)
 from klconvert.runtime.model import KimiLinear
-from klconvert.runtime.sampling import as_number, check_generate_args, sample, sampling_generator
+from klconvert.runtime.sampling import check_generate_args, sample, sampling_generator
 from klconvert.runtime.state import MLA_CACHE_DTYPES
 from klconvert.runtime.weights import HeldPacked, Packed, use_triton
+from klconvert.scalars import as_number
 from klconvert.tokenizer import Tokenizer, check_tokenizer_if_any, model_stop_ids
 from klconvert.units import counted, size_text, size_texts
 

@@ -3,35 +3,17 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
 from klconvert.errors import KLError, shown
+from klconvert.scalars import as_number
 
 
 # top_p's relative slack (four fp32 ulps): each fp32 probability is off by an ulp or two of itself, so a sum of them
 # by as much of the sum
 TOP_P_SLACK = 2.0 ** -21
 SEEDS = 2**64  # a seed is 0 .. SEEDS - 1: what torch.Generator.manual_seed takes (it wraps -1 round to 2**64 - 1)
-
-
-def as_number(value, whole: bool = False) -> int | float | None:
-    """`value` as a Python int (`whole`) or float, or None when it is not one: Python, numpy and 0-d torch numbers
-    are taken alike; bools (which count as 0 or 1), complex numbers, and floats where a whole number is asked (1.5 new
-    tokens) are not. (A 0-d CUDA tensor is read once, here, not at every step.)"""
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
-            return None
-        if whole and value.is_floating_point():
-            return None
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
-        return None   # numpy's bool_ is no numbers.Number; its integer and float scalars are registered there
-    try:
-        return int(value) if whole else float(value)
-    except OverflowError:   # an int past any float (10**400): no finite number
-        return None
 
 
 def check_generate_args(max_new_tokens, temperature, top_p, seed) -> tuple[int, float, float, int | None]:

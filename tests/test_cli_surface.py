@@ -669,6 +669,39 @@ def test_a_plans_recipe_is_read_after_the_models_config_as_before(tmp_path):
                                  "model_type 'llama' is not supported")
 
 
+_QUANTIZE_TINY = {"quantize": ["quantize", "tiny", "{out}"],
+                  "pull-and-quantize": ["pull-and-quantize", "--model", "tiny", "--out", "{out}"]}
+
+
+@pytest.mark.parametrize("command", list(_QUANTIZE_TINY))
+@pytest.mark.parametrize("args, needle", [
+    (["--max-shard-size", "5XB"], "--max-shard-size '5XB': 'XB' is not a unit it takes"),
+    (["--max-shard-size", "0"], "--max-shard-size '0': a shard holds at least 1 byte"),
+    (["--allow-split-fused"], "--allow-split-fused lets a --recipe split a module vLLM fuses"),
+    (["--bits", "3"], "--bits 3 is not supported"),
+    (["--group-size", "12"], "--group-size 12 is not a positive multiple of 8"),
+    (["--scheme", "nf4", "--bits", "8"], "--scheme nf4 is 4-bit and symmetric, in blocks of 64 with bitsandbytes' own "
+                                         "scales; drop --bits 8"),
+    (["--scheme", "nf4", "--observer", "mse"], "drop --observer mse"),
+    (["--recipe", "48gb", "--observer", "mse"], "--recipe 48gb says how each tensor is stored; drop --observer"),
+    (["--recipe", "49gb"], "49gb: no such recipe file"),
+    (["--recipe", "{bad}"], "not valid YAML"),
+    # the quantizer's order, kept: the shard size, then the switches, then the policy's flags
+    (["--bits", "3", "--max-shard-size", "0"], "--max-shard-size '0'"),
+    (["--bits", "3", "--allow-split-fused"], "--allow-split-fused lets"),
+], ids=["shard-unit", "shard-0", "split-fused-alone", "bits", "group-size", "nf4-bits", "nf4-observer",
+        "recipe-and-observer", "recipe-name", "recipe-yaml", "shard-before-bits", "switch-before-bits"])
+def test_quantizes_flags_are_refused_without_torch(tmp_path, command, args, needle):
+    """quantize's and pull-and-quantize's flags (the policy's, --recipe, --allow-split-fused, --max-shard-size) were
+    refused by the quantizer, which imports torch (~2 s of CPU): a mistyped flag or recipe name took ten times as long
+    to refuse as a missing folder. OUT is still refused after them and before SRC is read (test_interrupt's
+    ..._refused_before_the_source_is_read)."""
+    (tmp_path / "bad.yaml").write_text("quant_stage: [\n")
+    assert_refused_without_torch([arg.format(out=tmp_path / "q", bad=tmp_path / "bad.yaml")
+                                  for arg in _QUANTIZE_TINY[command] + args], needle)
+    assert not (tmp_path / "q").exists()
+
+
 @pytest.mark.parametrize("preset, want", [({}, "expandable_segments:True"),
                                           ({"PYTORCH_ALLOC_CONF": "max_split_size_mb:64"}, None),
                                           ({"PYTORCH_CUDA_ALLOC_CONF": "backend:native"}, "backend:native"),

@@ -382,9 +382,9 @@ def test_a_bad_max_shard_size_is_one_line(tiny_released, tmp_path, capsys, size)
 def test_the_command_line_holds_a_shard_size_to_the_quantizers_minimum(tiny_released, tmp_path, capsys,
                                                                          monkeypatch):
     """One minimum: the command line checked its own (size < 1) beside the quantizer's."""
-    import klconvert.quantize as quantize_module
+    import klconvert.quantize_options as quantize_options
 
-    monkeypatch.setattr(quantize_module, "MIN_SHARD_BYTES", 1000)
+    monkeypatch.setattr(quantize_options, "MIN_SHARD_BYTES", 1000)
     out = tmp_path / "q"
     assert_one_line_error(*run_cli(capsys, "quantize", tiny_released, out, "--max-shard-size", "999B")[::2],
                           "--max-shard-size '999B': a shard holds at least 1,000 bytes; give a size such as 5GB or "

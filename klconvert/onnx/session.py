@@ -27,7 +27,8 @@ from klconvert.onnx.subgraphs import subgraph_names
 from klconvert.runtime.engine import (GenerationStats, Runner, as_batch, as_prompts, as_stop_ids, check_callbacks,
                                       no_new_ids, whole_numbers)
 from klconvert.runtime.host_memory import exhausted, host_memory
-from klconvert.runtime.sampling import as_number, check_generate_args, sampling_generator
+from klconvert.runtime.sampling import check_generate_args, sampling_generator
+from klconvert.scalars import as_number
 from klconvert.tokenizer import check_tokenizer_if_any, model_stop_ids
 from klconvert.units import counted, size_text
 
