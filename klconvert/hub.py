@@ -1057,22 +1057,26 @@ def _finished_pull_listing(local_dir: Path, repo: str, commit: str, where: str) 
     beside them -- and said them verified. KLError where no finished pull of this commit is recorded there."""
     record = _pull_record(local_dir)
     if (record is None or (record["repo"].lower(), record["commit"]) != (repo.lower(), commit)
-            or not all(_is_path_in_repo(path) for path in record["files"])):
+            or not all(_is_path_in_repo(path) and path in record["sizes"] for path in record["files"])):
         raise KLError(f"HF_HUB_OFFLINE is set and --local-dir {local_dir} holds no finished pull of {where} (its "
                       f"{LOCAL_DIR_RECORD} names none): unset HF_HUB_OFFLINE and rerun the pull to finish it")
-    return [HubFile(path=path, size=None) for path in record["files"]]
+    # with the sizes the pull verified, which _check_sizes holds the copies to as it does a cached listing's
+    return [HubFile(path=path, size=record["sizes"][path]) for path in record["files"]]
 
 
 def _pull_record(folder: Path) -> dict | None:
-    """The repo, commit and file paths of `folder`'s LOCAL_DIR_RECORD; None where there is none, or one not of this
-    shape -- a hub repo id, a commit sha, paths, as provenance.source_origin takes one (the folder's, as untrusted as
-    the rest of it: a pull removes it before fetching anything)."""
+    """The repo, commit and file paths of `folder`'s LOCAL_DIR_RECORD, and the sizes it gives them (`sizes`: path ->
+    bytes, for those whose size is a count of bytes); None where there is none, or one not of this shape -- a hub
+    repo id, a commit sha, paths, as provenance.source_origin takes one (the folder's, as untrusted as the rest of it:
+    a pull removes it before fetching anything)."""
     try:
         record = read_json(folder / LOCAL_DIR_RECORD, MAX_PULL_RECORD_BYTES, "pull record")
         validate_repo_id(record["repo"])   # a ValueError unless a hub repo id
         paths = [entry["path"] for entry in record["files"]]
+        sizes = {entry["path"]: entry.get("size") for entry in record["files"]
+                 if type(entry.get("size")) is int and entry["size"] >= 0}   # not a bool, nor a float
         if GIT_SHA.fullmatch(record["commit"]) and all(isinstance(path, str) for path in paths):
-            return {"repo": record["repo"], "commit": record["commit"], "files": paths}
+            return {"repo": record["repo"], "commit": record["commit"], "files": paths, "sizes": sizes}
     except (OSError, ValueError, RecursionError, KLError, KeyError, TypeError):
         pass
     return None

@@ -420,6 +420,30 @@ def test_an_offline_pull_of_a_local_dir_with_no_cached_listing_takes_the_files_t
         assert sorted(f.path for f in hub.pull(REPO, local_dir=out, progress=False).files) == PULLED
 
 
+@pytest.mark.parametrize("change", ["cut short", "size edited"])
+def test_an_offline_pull_of_a_local_dir_with_no_cached_listing_checks_the_sizes_the_pull_wrote(served, tmp_path,
+                                                                                              monkeypatch, change):
+    """The record of the finished pull gives each file's size, as the cached listing does: a shard cut short since (a
+    copy of the folder that stopped part way) was taken whole and "verified" where the cache held no listing, while
+    the same pull with the listing refused it; a record whose size is no count of bytes (edited by hand) is no record
+    of a finished pull."""
+    server, commit = served
+    out = tmp_path / "kimi"
+    hub.pull(REPO, local_dir=out, progress=False)
+    if change == "cut short":
+        (out / SHARD_2).write_bytes((out / SHARD_2).read_bytes()[:100])
+        said = f"the cached copy of {REPO}@{commit} in {out} is incomplete .*{SHARD_2} has 100 bytes"
+    else:
+        record = json.loads((out / ".klconvert" / "pull.json").read_text())
+        record["files"][0]["size"] = "many"
+        (out / ".klconvert" / "pull.json").write_text(json.dumps(record))
+        said = f"--local-dir {out} holds no finished pull of {REPO}@{commit}"
+    monkeypatch.setattr(hub, "_cached_listing", lambda *args: None)
+    with hub_environment(server.endpoint, tmp_path / "hf_home", HF_HUB_OFFLINE="1"):
+        with pytest.raises(KLError, match=said):
+            hub.pull(REPO, local_dir=out, progress=False)
+
+
 def test_an_offline_pull_into_a_local_dir_removes_nothing_when_it_fails(served, hub_server, tmp_path, monkeypatch):
     """An offline pull writes none of the repo's files into --local-dir, so a failure removes none of them:
     a file that changed while it ran -- another pull's, still being written -- is not its own to clean up."""
