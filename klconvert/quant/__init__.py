@@ -30,3 +30,8 @@ def __getattr__(name: str):
     if name not in _WITH_TORCH:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(f"{__name__}.{_WITH_TORCH[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    """The package's names with _WITH_TORCH's, which __getattr__ gives only once named: without torch's import."""
+    return sorted({*globals(), *_WITH_TORCH})

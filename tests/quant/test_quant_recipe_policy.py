@@ -433,3 +433,21 @@ def test_schemes_describe_themselves_as_the_model_card_names_them():
     assert [QuantScheme(**kw).describe() for kw in (
         {}, dict(bits=8, group_size=CHANNEL), dict(symmetric=False, observer="mse"), dict(group_size=64, kind="nf4"),
     )] == ["int4 g128 sym", "int8 per-channel sym", "int4 g128 asym mse", "nf4"]
+
+
+def test_the_package_names_what_it_imports_where_first_named():
+    """klconvert.quant imports its number formats' arithmetic (torch's) where a name of it is first used (a module
+    __getattr__): dir() listed none of those names until then, so that completion and help() did not show them, nor
+    a check of the names the package holds; and a name it does not have is still an AttributeError."""
+    import subprocess
+    import sys
+
+    code = ("import sys, klconvert.quant as q\n"
+            "print(sorted(set(q.__all__) - set(dir(q))), 'torch' in sys.modules)")
+    said = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert said == "[] False\n"   # every name listed, and listing them imports no torch
+    import klconvert.quant
+
+    assert all(hasattr(klconvert.quant, name) for name in klconvert.quant.__all__)
+    with pytest.raises(AttributeError, match="has no attribute 'quantize_nf3'"):
+        klconvert.quant.quantize_nf3
