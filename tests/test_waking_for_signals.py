@@ -86,3 +86,33 @@ def test_a_signal_as_the_thread_starts_still_waits_for_the_work_it_began(monkeyp
         patched.setattr(threading.Thread, "start", started_then_interrupted)
         run_waking_for_signals(work, stopping.set)
     assert events == ["ended"]
+
+
+def test_a_stop_a_signal_interrupts_is_called_again():
+    """A second Ctrl-C landing in stop() (a pull's guard.cancel, waiting on huggingface_hub's lock to abort hf_xet's
+    session) raises out of it before the work was told: stop() is called again, or the wait lasts as long as the
+    work would run unstopped (an hf_xet download to its end)."""
+    began, stopping, calls = threading.Event(), threading.Event(), []
+
+    def work():
+        began.set()
+        calls.append(("told", stopping.wait(5)))
+
+    def stop():
+        calls.append("stop")
+        if calls.count("stop") == 1:
+            raise KeyboardInterrupt   # the second signal's, in the first stop
+        stopping.set()
+
+    def interrupt_the_wait():
+        assert began.wait(30)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt_the_wait, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            run_waking_for_signals(work, stop)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert calls == ["stop", "stop", ("told", True)]
