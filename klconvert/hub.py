@@ -924,7 +924,7 @@ def _check_file(folder: Path, f: HubFile, bar, record: VerifiedFiles,
     stat = local.stat()
     size = stat.st_size
     if f.size is not None and size != f.size:
-        return None, f"{f.path} has {size} bytes, the hub published {f.size}"
+        return None, f"{f.path} has {counted(size, 'byte')}, the hub published {f.size:,}"
     recorded = record.digests(f.path, stat)
     if recorded is not None and _published_as(f, *recorded):
         bar.update(size)
@@ -968,7 +968,7 @@ def _check_sizes(folder: Path, wanted: list[HubFile], where: str) -> list[Pulled
         if not local.is_file():
             problems.append(f"{f.path} is missing")
         elif f.size is not None and local.stat().st_size != f.size:
-            problems.append(f"{f.path} has {local.stat().st_size} bytes, the hub published {f.size}")
+            problems.append(f"{f.path} has {counted(local.stat().st_size, 'byte')}, the hub published {f.size:,}")
     if problems:
         raise KLError(
             f"the cached copy of {where} in {folder} is incomplete and HF_HUB_OFFLINE is set: "

@@ -195,6 +195,18 @@ def test_the_command_prints_the_folder_alone_on_stdout_and_the_commit_on_stderr(
     assert [p for p in files_under(folder) if not p.startswith(".")] == PULLED   # the folder it names
 
 
+def test_a_copy_of_one_byte_is_said_as_one(tmp_path):
+    """The lines that give a copy's size beside the hub's ("SHARD has N bytes, the hub published M": the offline
+    check, and the verification's) said "has 1 bytes", and neither count with its thousands, as 4b0a430's counts
+    do: each says its count with counted, the hub's with its thousands."""
+    (tmp_path / "config.json").write_bytes(b"{")
+    f = hub.HubFile(path="config.json", size=12345)
+    with pytest.raises(KLError, match="config.json has 1 byte, the hub published 12,345;"):
+        hub._check_sizes(tmp_path, [f], "REPO@COMMIT")
+    assert hub._check_file(tmp_path, f, None, None, threading.Event()) == (
+        None, "config.json has 1 byte, the hub published 12,345")
+
+
 def test_a_pull_of_one_file_says_one_file(served, tmp_path):
     """The announcement and the summary said "pulling 1 files" and "1 files verified" (4614e18's units.counted left
     them): a count of one file is said in the singular."""
@@ -1605,7 +1617,7 @@ def test_an_incomplete_copy_offline_is_fetched_whole_by_the_online_pull_it_advis
         code, out, err = run_cli(capsys, "pull", REPO, *(["--local-dir", where["local_dir"]] if where else []))
     assert assert_one_line_error(code, err) == (
         f"klconvert: error: the cached copy of {REPO}@{commit} in {folder} is incomplete and HF_HUB_OFFLINE is set: "
-        f"{SHARD_2} has 1000 bytes, the hub published {(checkpoint / SHARD_2).stat().st_size}; unset HF_HUB_OFFLINE "
+        f"{SHARD_2} has 1,000 bytes, the hub published {(checkpoint / SHARD_2).stat().st_size:,}; unset HF_HUB_OFFLINE "
         "and rerun to fetch the rest")
     assert out == "" and shard.stat().st_size == 1000
     again = hub.pull(REPO, progress=False, **where)
