@@ -174,11 +174,17 @@ def _refuse_unfit_listed_files(files: list[HubFile]) -> None:
                           "report it to the repo's owner")
 
 
+def _finished_shards(done: int, total: int) -> str:
+    """How far a cut-short quantize got, as its refusal says it: "1 shard of 3 finished", "2 shards of 30 finished"
+    (its verb left out, which "1 of 3 shards are finished" got wrong)."""
+    return f"{counted(done, 'shard')} of {total:,} finished"
+
+
 def _write_error(e: OSError, folder: OutputFolder, done: int, total: int, kept: bool) -> KLError:
     where = e.filename2 or e.filename   # filename2: a rename's target (a folder there), not the temporary file
     # the advice may be another output folder, which no rerun of the same command resumes into: the resume is a fact
     return KLError(f"{failed_write(e, Path(where or folder.path))}, then rerun"
-                   + (f" (the same command resumes: {done} of {total} shards are finished in {folder.path})" if kept
+                   + (f" (the same command resumes: {_finished_shards(done, total)} in {folder.path})" if kept
                       else ""))
 
 
@@ -297,7 +303,7 @@ def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch
         if isinstance(e, MemoryError) and not isinstance(e, KLError):   # Python's or numpy's; torch's is named so
             e = exhausted(f"quantizing {src}", e)                          # where it allocates (host_allocation)
         if isinstance(e, KLError):
-            raise KLError(f"{e}" + (f" ({done} of {len(shards)} shards are finished in {folder.path}; a rerun "
+            raise KLError(f"{e}" + (f" ({_finished_shards(done, len(shards))} in {folder.path}; a rerun "
                                     "with the same options resumes after them while SRC's files stay as they "
                                     "are)" if kept else "")) from None
         raise

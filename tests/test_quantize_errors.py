@@ -246,7 +246,7 @@ def test_values_refused_after_finished_shards_keep_nothing(tiny_copy, tmp_path, 
     options = dict(group_size=32, max_shard_bytes=2 << 20, progress=False)
     with pytest.raises(KLError, match=re.escape(said)) as refused:
         quantize(tiny_copy, tmp_path / "out", **options)
-    assert "shards are finished" not in str(refused.value) and "resume" not in str(refused.value)
+    assert "finished in" not in str(refused.value) and "resume" not in str(refused.value)
     assert not (tmp_path / "out.partial").exists() and not (tmp_path / "out").exists()
     shard.write_bytes(good)
     assert quantize(tiny_copy, tmp_path / "out", **options).path.is_dir()
@@ -301,7 +301,7 @@ def test_disk_full_writing_the_config_names_it(tiny_released, tmp_path, capsys, 
     line = fails(capsys, tmp_path, "--group-size", "32", src=tiny_released)
     config = re.escape(str(tmp_path / "out.partial" / "config.json"))
     assert re.search(rf"disk full writing {config} {WRITE_SIZES}; free some space, then rerun \(the "
-                     r"same command resumes: (\d+) of \1 shards are finished", line), line
+                     r"same command resumes: (\d+) shards? of \1 finished in", line), line
 
 
 def test_existing_out(tiny_released, tmp_path, capsys):
@@ -614,8 +614,8 @@ def test_a_shard_that_cannot_be_written_is_one_line_and_leaves_no_out(tiny_relea
     total = int(finished[0].split("-of-")[1].removesuffix(".safetensors"))
     assert line == (f"klconvert: error: cannot write {partial / finished[0].replace('00001-of', '00002-of')} "
                     "(Input/output error): its disk or file system failed the write -- check it (the kernel's log, "
-                    "dmesg), or write to another disk, then rerun (the same command resumes: 1 of "
-                    f"{total} shards are finished in {partial})")
+                    "dmesg), or write to another disk, then rerun (the same command resumes: 1 shard of "
+                    f"{total} finished in {partial})")
     assert not (partial / "config.json").exists()
     monkeypatch.undo()
     assert quantize(tiny_released, tmp_path / "out", bits=8, group_size=32, max_shard_bytes=10**6,

@@ -39,7 +39,7 @@ def test_disk_full_then_resume_redoes_only_unfinished_shards(tiny_released, unin
     with monkeypatch.context() as m:
         break_shard_write(m, 3, OSError(errno.ENOSPC, "No space left on device"))
         with pytest.raises(KLError, match=rf"disk full writing .*q\.partial/{names[2]} \(.* to write, .* free\); .* "
-                                          rf"then rerun \(the same command resumes: 2 of {len(names)} shards are "
+                                          rf"then rerun \(the same command resumes: 2 shards of {len(names)} "
                                           r"finished in .*q\.partial"):
             quantize(tiny_released, out, **OPTIONS)
     assert not out.exists()
@@ -62,8 +62,8 @@ def test_running_out_of_memory_mid_run_says_what_is_kept_and_that_a_rerun_resume
     code, _, err = run_cli(capsys, "quantize", tiny_released, tmp_path / "q", "--bits", "4", "--group-size", "32",
                            "--max-shard-size", "150000")
     line = assert_one_line_error(code, err, f"out of host memory (or the process's memory limit) quantizing "
-                                            f"{tiny_released}: MemoryError;", "(2 of ",
-                                 f" shards are finished in {tmp_path / 'q.partial'}; a rerun with the same options "
+                                            f"{tiny_released}: MemoryError;", "(2 shards of ",
+                                 f" finished in {tmp_path / 'q.partial'}; a rerun with the same options "
                                  "resumes after them")
     assert "context" not in line, line
     assert len(shard_files(tmp_path / "q.partial")) == 2
@@ -71,7 +71,7 @@ def test_running_out_of_memory_mid_run_says_what_is_kept_and_that_a_rerun_resume
 
 def test_a_partial_folder_removed_mid_run_is_not_said_to_hold_finished_shards(tiny_released, tmp_path, monkeypatch):
     """The line counted the shards written, not whether OUT.partial still held them: "... q.partial is gone, removed
-    while this ran; ..., then rerun (the same command resumes: 2 of 30 shards are finished in .../q.partial)" (h213's
+    while this ran; ..., then rerun (the same command resumes: 2 shards of 30 finished in .../q.partial)" (h213's
     F6)."""
     real_record = OutputFolder.record_finished
 
