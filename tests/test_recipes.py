@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from klconvert.runtime.plan_report import parse_size
+from klconvert.sizes import parse_size
 from klconvert.errors import MAX_LISTED, KLError
 from klconvert.kernels.int_layout import ROWS
 from klconvert.quant import QuantScheme, compress_weight, load_recipe
