@@ -45,6 +45,6 @@ def gpu_memory_bytes(text: str) -> int:
     """`--gpu-memory`'s size (parse_size), refused under LEAST_BARE_BYTES in any form ('0', '0GB', '1B')."""
     size = parse_size(text)
     if size < LEAST_BARE_BYTES:
-        raise KLError(f"--gpu-memory {shown(text)} is {binary_size_text(size)}, no GPU's memory; give it, e.g. 80GiB "
-                      "or 24GB")
+        raise KLError(f"--gpu-memory {shown(text)} is {binary_size_text(size)}, no GPU's memory; give it, e.g. "
+                      f"{GPU_MEMORY_EXAMPLES}")
     return size

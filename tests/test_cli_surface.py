@@ -467,7 +467,7 @@ def test_other_runtime_errors_are_not_called_out_of_memory(capsys, tmp_path, mon
 def test_a_gpu_of_no_memory_is_refused(capsys, value, size):
     """`--gpu-memory 1B` and `512KiB` were planned (a plan that fits nothing, exit status 3); a recipe refused them."""
     assert_one_line_error(*run_cli(capsys, "plan", "--preset", "tiny", "--gpu-memory", value)[::2],
-                          f"--gpu-memory '{value}' is {size}, no GPU's memory; give it, e.g. 80GiB or 24GB")
+                          f"--gpu-memory '{value}' is {size}, no GPU's memory; give it, e.g. 80GiB, 24GB or 141G")
 
 
 @pytest.mark.parametrize("value, bytes_", [("80", "80"), ("24.5", "24"), (" 141 ", "141")])
