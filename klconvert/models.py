@@ -87,7 +87,10 @@ def is_local_model(model: str) -> bool:
         return True
     from klconvert.hub import is_repo_id   # huggingface_hub's check, imported only for a name that is no folder
 
-    if Path(model).exists() or not is_repo_id(model):
+    if os.path.lexists(model):   # there, but no folder: a file given for one read "no such folder"
+        raise KLError(f"--model {model}: {_no_folder(Path(model))}; give a Kimi Linear checkpoint folder, "
+                      f"{BUNDLED_NAME} (the bundled model) or a hub repo id like {DEFAULT_REPO}")
+    if not is_repo_id(model):
         raise KLError(f"--model {model}: no such folder (and not a hub repo id like {DEFAULT_REPO}); check the path")
     return False
 

@@ -239,14 +239,18 @@ def test_a_gated_repo_is_not_called_missing(served, monkeypatch, capsys):
 
 def test_a_name_that_can_only_be_a_folder_is_not_looked_up(served, monkeypatch, capsys):
     """A name that is no hub id (a space, ./, ~/, two slashes) or names a file went to the hub, which said only that
-    it is no repo id."""
+    it is no repo id; a file was then said to be no such folder."""
     import klconvert.quantize as quantize_module
 
     monkeypatch.setattr(quantize_module, "pull", lambda *a, **k: pytest.fail("pulled"))
     Path("config.json").write_text("{}")   # a file, not a folder
-    for name in ("my checkpoint", "./my-checkpoint", "~/kimi", "a/b/c", "config.json"):
+    for name in ("my checkpoint", "./my-checkpoint", "~/kimi", "a/b/c"):
         assert_one_line_error(*run_cli(capsys, "pull-and-quantize", "--model", name)[::2],
                               f"--model {name}: no such folder (and not a hub repo id like {REPO}); check the path")
+    # there, and no folder: said so, not "no such folder"
+    assert_one_line_error(*run_cli(capsys, "pull-and-quantize", "--model", "config.json")[::2],
+                          f"--model config.json: is a file, not a folder; give a Kimi Linear checkpoint folder, tiny "
+                          f"(the bundled model) or a hub repo id like {REPO}")
 
 
 def test_a_missing_folder_is_refused_before_the_device_is_looked_at(monkeypatch, capsys):
