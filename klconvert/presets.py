@@ -42,7 +42,8 @@ def preset_config(name: str, layers: int | None = None) -> dict:
         if layers < 1:
             raise KLError(f"--layers {layers}: need at least 1 layer")
         if layers > config["num_hidden_layers"]:
-            raise KLError(f"--layers {layers}: preset {name} has only {config['num_hidden_layers']} layers")
+            raise KLError(f"--layers {layers}: preset {name} has only {config['num_hidden_layers']} layers; give "
+                          f"--layers 1 to {config['num_hidden_layers']}, or leave it out for all of them")
         config["num_hidden_layers"] = layers
         config["linear_attn_config"].update(layer_lists(layers))
     return config

@@ -117,6 +117,17 @@ def test_layers_is_one_type_in_every_command(capsys, command):
                           "Invalid value for '--layers': 0 is not in the range x>=1")
 
 
+@pytest.mark.parametrize("command", ["synth", "plan"])
+def test_layers_past_the_preset_are_told_what_to_give(capsys, command, tmp_path):
+    """`synth --preset tiny --layers 9` said "preset tiny has only 8 layers" and no more (h319): the line now says
+    what --layers takes for that preset."""
+    out = ["--out", tmp_path / "out"] if command == "synth" else []
+    assert_one_line_error(*run_cli(capsys, command, "--preset", "tiny", "--layers", "9", *out)[::2],
+                          "--layers 9: preset tiny has only 8 layers; give --layers 1 to 8, or leave it out for all "
+                          "of them")
+    assert not (tmp_path / "out").exists()
+
+
 def test_bench_help_takes_any_checkpoint_folder_as_the_readme_does():
     """bench times a folder as it is stored, bf16 too (tiny is), as its README section says; its --model help said
     'A quantized checkpoint folder to time'."""
@@ -663,7 +674,7 @@ def test_a_plans_recipe_is_read_after_the_models_config_as_before(tmp_path):
     """plan reads --recipe before torch's import, after what plan_for refused before it read one: the preset cut to
     --layers, a folder's config.json."""
     assert_refused_without_torch(_PLAN_48B + ["--layers", "99", "--recipe", "49gb"],
-                                 "--layers 99: preset kimi-linear-48b has only 27 layers")
+                                 "--layers 99: preset kimi-linear-48b has only 27 layers; give --layers 1 to 27")
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     assert_refused_without_torch(["plan", "--model", str(tmp_path), "--recipe", "49gb"],
                                  "model_type 'llama' is not supported")
