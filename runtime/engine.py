@@ -930,7 +930,8 @@ class Engine(Runner):
                           f"positions, one a sequence, got shape {list(positions.shape)}")
         positions = positions.expand(token.shape[0])
         if not 0 <= int(positions.min()) <= int(positions.max()) < self.plan.context:
-            raise KLError(f"position {position} is outside the planned context 0..{self.plan.context - 1}")
+            raise KLError(f"position {position} is outside the planned context 0..{self.plan.context - 1}; give "
+                          "positions in it, or plan a longer context (engine.resize, or load's max_context)")
         token, positions = token.to(self.device), positions.to(self.device)
         activations = f"a decode step's activations (batch {token.shape[0]})"
         with torch.inference_mode(), autocast_off(self.device), host_allocation(activations, self.decode_less):

@@ -432,7 +432,8 @@ def test_an_apps_autocast_changes_no_output(tiny_released, outputs_of_the_api):
 
 @pytest.mark.parametrize("token, position, message", [
     ([5], -3, r"position -3 is outside the planned context 0\.\.63"),
-    ([5], 10**6, r"position 1000000 is outside the planned context"),
+    ([5], 10**6, r"position 1000000 is outside the planned context 0\.\.63; give positions in it, or plan a longer "
+                 r"context \(engine.resize, or load's max_context\)$"),
     ([10**6], 0, r"token id 1000000 is outside the vocabulary"),
 ])
 def test_decode_step_checks_its_token_and_position(engine, token, position, message):
