@@ -336,7 +336,8 @@ def _refuse_past_host_memory(tokens: int, config: KimiLinearConfig, plan: Memory
             f"-- {held} -- more than fits (the model's plan, and the rest within {HOST_SHARE:.0%}) in the {host}; ")
     if fits >= MIN_SCORED_TOKENS:
         remedy = host.remedy_for(room_taken(tokens))
-        raise KLError(f"{said}lower --max-tokens to {fits:,} or less" + ("" if remedy is None else f", or {remedy}"))
+        # the number to type back as --max-tokens, in the digits 0-9 alone that it reads (no flag reads "4,294")
+        raise KLError(f"{said}lower --max-tokens to {fits} or less" + ("" if remedy is None else f", or {remedy}"))
     remedy = host.remedy_for(room_taken(MIN_SCORED_TOKENS))
     raise KLError(f"{said}not even {MIN_SCORED_TOKENS} tokens fit"
                   + (f": {remedy}" if remedy else f", nor would in all of this host's {size_text(host.total)}"))

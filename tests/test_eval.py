@@ -464,6 +464,22 @@ def test_a_text_eval_could_not_hold_is_refused_naming_the_largest_that_fits(tiny
         evaluate(tiny_released, tiny_released, text, max_tokens=fits + 1, device=device)
 
 
+def test_the_max_tokens_a_refusal_names_is_written_as_the_flag_takes_it(tiny_released, monkeypatch):
+    """"lower --max-tokens to 4,096" could not be typed back: --max-tokens, like every whole-number flag, reads the
+    digits 0-9 alone (bench's --context and --batch take comma-separated lists, so no flag reads 4,096 as one number);
+    the number to give is written in plain digits, as the host's and the device's refusals write theirs."""
+    import klconvert.evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "host_memory", lambda: HostMemory(60 << 20, *DATA_BOUND))
+    monkeypatch.setattr(evaluate_module, "run_model", passed)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)   # the model and its logits on the GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(klconvert.KLError, match=r"for 10,000 tokens .*; lower --max-tokens to (\d+) or less, or raise "
+                                                r"ulimit -d$") as refused:
+        evaluate(tiny_released, tiny_released, TEXT * 40, max_tokens=10000, device="cuda")
+    assert 1000 <= int(str(refused.value).split("lower --max-tokens to ")[1].split()[0]) < 10000
+
+
 def test_a_text_past_all_the_host_has_is_not_told_to_raise_its_limit(tiny_released, monkeypatch):
     """eval said "or raise ulimit -d" where all of the host's memory (MemTotal) would not hold the tokens asked, which
     no limit raised gets past (h233's rule, which the engine's lines keep): it names the --max-tokens alone."""
