@@ -586,7 +586,7 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
     plan = runner.plan
     click.echo(f"{summary} | plan: {runner.device} {str(runner.dtype).split('.')[-1]} "
                f"{'triton' if runner.triton else 'torch'}, "
-               f"context {plan.context}, batch {plan.batch}, total {binary_size_text(plan.total)}", err=True)
+               f"context {plan.context:,}, batch {plan.batch}, total {binary_size_text(plan.total)}", err=True)
 
 
 def _given(ctx: click.Context, name: str) -> bool:
