@@ -258,10 +258,10 @@ CHECKPOINT_DAMAGE = [
     (lambda f: set_index(f, lambda m: m.__setitem__(NAME, "model-extra.safetensors")),
      ["model-extra.safetensors: shard is missing (1 tensor, e.g. ", ", is indexed in it)"]),
     (damage_truncated_shard, ["truncated"]),
-    (damage_lying_header, [NAME, "needs", "bytes"]),
+    (damage_lying_header, [NAME, "needs 65,536 bytes but its offsets span 32,768"]),   # said "65536"
     (damage_negative_offsets, [NAME, "data_offsets [-", "not a byte range of the data"]),
     (damage_shape_of_huge_dims, [NAME, "has a shape [9223372036854775807, 9223372036854775807, ",
-                                 "(1,617,000 characters) of 77000 dimensions, over the 8 a tensor may have"]),
+                                 "(1,617,000 characters) of 77,000 dimensions, over the 8 a tensor may have"]),
     (lambda f: rewrite_header(shard_holding(f, NAME), lambda h: h[NAME].update(shape=[0, 10**30])),
      [NAME, "has a shape [0, 1000000000000000000000000000000] with a dimension longer than the file's"]),
     (damage_header_over_the_format_limit, ["header claims 209,715,200 bytes",
@@ -273,7 +273,8 @@ CHECKPOINT_DAMAGE = [
     (damage_bool_offset, [NAME, "has malformed data_offsets [", ", True]"]),
     (damage_overlapping_tensors, ["tensors 'model.layers.1.self_attn.alias.weight' and", NAME, "overlap"]),
     (damage_trailing_bytes, ["its tensors end at byte", "the last 16 belong to no tensor"]),
-    (damage_cut_by_one_byte, ["data bytes (truncated?)"]),
+    (damage_cut_by_one_byte, ["ends at byte 4,185,456 of the data but the file holds only 4,185,455 data bytes "
+                                "(truncated?)"]),
     (damage_gap_before_a_tensor, ["begins at byte", "of the data, but the data before it ends at byte 0",
                                   "bytes between them belong to no tensor"]),
     (lambda f: rewrite_header(shard_holding(f, NAME), lambda h: h.__setitem__("__metadata__", [])),

@@ -73,7 +73,7 @@ def read_header(path: Path, max_bytes: int = MAX_HEADER_BYTES, max_values: int |
         with open_regular(path) as f:
             head = f.read(8)
             if len(head) < 8:
-                raise fail(f"only {size} bytes, too short for a safetensors header")
+                raise fail(f"only {size:,} bytes, too short for a safetensors header")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER_BYTES:
                 raise fail(f"header claims {n:,} bytes, over the safetensors limit of {MAX_HEADER_BYTES:,} "
@@ -82,7 +82,7 @@ def read_header(path: Path, max_bytes: int = MAX_HEADER_BYTES, max_values: int |
                 raise fail(f"header claims {n:,} bytes, over the {max_bytes:,} left for the headers of this "
                            "folder's shards (bounded together by the config's tensor count)")
             if 8 + n > size:
-                raise fail(f"header claims {n} bytes but the file holds {size}")
+                raise fail(f"header claims {n:,} bytes but the file holds {size:,}")
             raw = f.read(n)
     except FileNotFoundError:
         raise KLError(f"{path}: shard is missing; {remedy()}") from None
@@ -122,11 +122,11 @@ def read_header(path: Path, max_bytes: int = MAX_HEADER_BYTES, max_values: int |
                                                 for d in shape)):
             raise fail(f"tensor {_clipped(name)} has a malformed shape {_clipped(shape)}")
         if len(shape) > MAX_DIMS:   # before their product: 77,000 dims of 2**63 took 24 s
-            raise fail(f"tensor {_clipped(name)} has a shape {_clipped(shape)} of {len(shape)} dimensions, over "
+            raise fail(f"tensor {_clipped(name)} has a shape {_clipped(shape)} of {len(shape):,} dimensions, over "
                        f"the {MAX_DIMS} a tensor may have")
         if any(d > data_size for d in shape):
             raise fail(f"tensor {_clipped(name)} has a shape {_clipped(shape)} with a dimension longer than "
-                       f"the file's {data_size} data bytes")
+                       f"the file's {data_size:,} data bytes")
         if not (isinstance(offsets, list) and len(offsets) == 2
                 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
             raise fail(f"tensor {_clipped(name)} has malformed data_offsets {_clipped(offsets)}")
@@ -136,11 +136,11 @@ def read_header(path: Path, max_bytes: int = MAX_HEADER_BYTES, max_values: int |
                        "(0 <= begin <= end)")
         need = math.prod(shape) * DTYPE_BYTES[dtype]
         if end - begin != need:
-            raise fail(f"tensor {_clipped(name)} ({dtype} {shape}) needs {need} bytes but its offsets "
-                       f"span {end - begin}")
+            raise fail(f"tensor {_clipped(name)} ({dtype} {shape}) needs {need:,} bytes but its offsets "
+                       f"span {end - begin:,}")
         if end > data_size:
-            raise fail(f"tensor {_clipped(name)} ends at byte {end} of the data but the file holds only "
-                       f"{data_size} data bytes (truncated?)")
+            raise fail(f"tensor {_clipped(name)} ends at byte {end:,} of the data but the file holds only "
+                       f"{data_size:,} data bytes (truncated?)")
         tensors[name] = TensorEntry(dtype, tuple(shape), begin, end)
 
     # the tensors tile the data from its first byte to its last, as the safetensors library requires of a file it
