@@ -589,7 +589,7 @@ class Engine(Runner):
         check_e4m3_cache_readable(self.config, self.device, self.dtype, self.triton, mla_cache_dtype)
         if context > self.config.model_max_length:
             raise KLError(f"{argument(context_name, '--max-context', context)} is over the model's "
-                          f"{self.config.model_max_length_name} {self.config.model_max_length}; lower it")
+                          f"{self.config.model_max_length_name} {self.config.model_max_length:,}; lower it")
         host = None    # on the CPU: what the host, and the process's limits, leave it (what it holds back in)
         held = self._bytes_held()   # a resize's old state, freed once the new plan is taken
         unmapped = 0   # on the CPU: the stacks of torch's workers, where there was no room to start them
@@ -894,9 +894,9 @@ class Engine(Runner):
                           f"{type(step).__name__}" + (" of another engine, or of its plan before a resize"
                                                       if isinstance(step, DecodeStep) else ""))
         if (last := int(step.positions.max())) + max_new_tokens > self.plan.context:
-            raise KLError(f"decode_loop from position {last} with {argument('max_new_tokens', '--max-new-tokens')} "
-                          f"{max_new_tokens} runs past the planned context of {self.plan.context}; make fewer tokens, "
-                          f"or raise {self._context_argument()}")
+            raise KLError(f"decode_loop from position {last:,} with {argument('max_new_tokens', '--max-new-tokens')} "
+                          f"{max_new_tokens} runs past the planned context of {self.plan.context:,}; make fewer "
+                          f"tokens, or raise {self._context_argument()}")
         return step.tokens.shape[0]
 
     def _decoder(self, batch: int) -> DecodeStep:

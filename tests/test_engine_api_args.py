@@ -121,6 +121,12 @@ def test_decode_loop_takes_its_engines_step_and_the_logits_of_its_sequences(engi
                                       r"runs past the planned context of 64; make fewer tokens, or raise max_context"):
         engine.decode_loop(step, torch.zeros(1, vocab), 5, stop_ids=frozenset())
     assert engine.decode_loop(step, torch.zeros(1, vocab), 4, stop_ids=frozenset()).shape == (1, 4)
+    longer = klconvert.load(tiny_released, device="cpu", max_context=2048)   # its counts are written with ','
+    step = longer.decoder(1)
+    step.positions.fill_(2040)
+    with pytest.raises(KLError, match=r"^decode_loop from position 2,040 with max_new_tokens \(--max-new-tokens\) 9 "
+                                      r"runs past the planned context of 2,048; make fewer tokens"):
+        longer.decode_loop(step, torch.zeros(1, vocab), 9, stop_ids=frozenset())
 
 
 @pytest.mark.parametrize("path, got", [(None, "a NoneType"), (3, "an int"), (b"tiny", "a bytes")])
@@ -460,7 +466,7 @@ def test_decode_step_checks_its_token_and_position(engine, token, position, mess
     (dict(biased_router_weights="no"), r"^biased_router_weights='no' is not a bool; pass True or False$"),  # was on
     (dict(cuda_graph=0), r"^cuda_graph=0 is not a bool; pass True or False$"),
     (dict(max_context=2**21), r"^max_context=2097152 \(--max-context\) is over the model's model_max_length "
-                              r"1048576; lower it$"),
+                              r"1,048,576; lower it$"),
 ])
 def test_load_checks_its_arguments(tiny_released, kwargs, message):
     """An int8 cache decoded garbage; the others were TypeError, KeyError or torch's RuntimeError."""
@@ -1015,7 +1021,7 @@ def test_a_generate_ended_by_its_callback_leaves_the_engine_free(engine):
     ((64, 1, torch.int8), r"^mla_cache_dtype=torch.int8 \(--mla-cache-dtype\): choose bfloat16 or float8_e4m3fn"),
     ((64, 1, torch.float16), r"^mla_cache_dtype=torch.float16 \(--mla-cache-dtype\): choose"),
     ((64, 1, "int8"), r"^mla_cache_dtype='int8' \(--mla-cache-dtype\): choose"),
-    ((2**21, 1), r"^context=2097152 \(--max-context\) is over the model's model_max_length 1048576; lower it$"),
+    ((2**21, 1), r"^context=2097152 \(--max-context\) is over the model's model_max_length 1,048,576; lower it$"),
 ])
 def test_resize_checks_its_arguments_as_load_does_before_anything_changes(tiny_released, args, message):
     """resize checked nothing: a negative or fractional size was torch's error after the new plan was kept and the

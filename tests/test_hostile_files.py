@@ -182,7 +182,7 @@ def test_max_position_embeddings_bounds_the_context(tiny_copy, capsys):
     line = refusal_here(capsys, "bench", "--model", tiny_copy, "--context", "8192")
     assert "--context 8,192 is over the model's max_position_embeddings 4,096" in line, line
     with pytest.raises(KLError, match=r"^max_context=8192 \(--max-context\) is over the model's "
-                       "max_position_embeddings 4096; lower it$"):
+                       "max_position_embeddings 4,096; lower it$"):
         klconvert.load(tiny_copy, device="cpu", max_context=8192)
 
 
