@@ -145,7 +145,7 @@ def read_bpe_ranks(path: Path, vocab_size: int = SIZE_RANGES["vocab_size"][1]) -
         if rank >= vocab_size or len(ranks) >= vocab_size:
             problem = f"rank {shown(rank)}" if rank >= vocab_size else f"rank number {len(ranks) + 1}"
             raise KLError(f"{path}: line {line_number} holds {problem}, outside the model's vocabulary of "
-                          f"{vocab_size} ids; the tokenizer is not this model's -- {redownload_advice(path)}")
+                          f"{vocab_size:,} ids; the tokenizer is not this model's -- {redownload_advice(path)}")
         if rank in line_of_rank:
             raise KLError(f"{path}: line {line_number} holds rank {rank}, which line {line_of_rank[rank]} already "
                           f"gives another token; {redownload_advice(path)}")

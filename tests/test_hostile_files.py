@@ -380,7 +380,7 @@ def _add_rank(folder: Path, rank: int) -> None:
 
 
 @pytest.mark.parametrize("edit, needles", [
-    (lambda f: _add_rank(f, 2_000_000), ["rank 2000000", "vocabulary of 1280"]),
+    (lambda f: _add_rank(f, 2_000_000), ["rank 2000000", "vocabulary of 1,280 ids"]),
     (lambda f: _add_rank(f, 10**9), ["rank 1000000000"]),
     (lambda f: edit_json(f / "tokenizer_config.json", lambda c: c["added_tokens_decoder"].update(
         {"3000000": {"content": "<|far|>", "special": True}})), ["id 3000000", "vocabulary"]),
