@@ -147,7 +147,7 @@ class PathArg(click.Path):
         if value == "":
             self.fail("an empty path; give the path", param, ctx)
         if problem := path_problem(value):
-            self.fail(f"{value[:80]!r}: {problem}", param, ctx)
+            self.fail(f"{shown_path(value)}: {problem}", param, ctx)
         if not (self.allow_dash and value == "-"):
             refuse_unreachable_arg(value, param)
         return super().convert(value, param, ctx)
@@ -169,7 +169,7 @@ class ModelArg(click.ParamType):
         if value == "":
             self.fail(f"an empty name; give {self.what}", param, ctx)
         if problem := path_problem(value):
-            self.fail(f"{value[:80]!r}: {problem}", param, ctx)
+            self.fail(f"{shown_path(value)}: {problem}", param, ctx)
         if self.folder and value != BUNDLED_NAME:
             refuse_unreachable_arg(value, param)
         return value

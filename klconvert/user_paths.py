@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from pathlib import Path
 
-from klconvert.errors import KLError, a_type, shown
+from klconvert.errors import KLError, a_type, controls_escaped, shown
 
 SHOWN_PATH_CHARS = 100  # a path longer than this is shortened in messages (one over PATH_MAX fills a screen)
 
@@ -27,9 +28,24 @@ def given_path(value, what: str, other: str = "") -> Path:
 
 
 def shown_path(path: str | Path) -> str:
-    """`path` as a message shows it: whole, or its start and end around "..." when longer than SHOWN_PATH_CHARS."""
+    """`path` as a message shows it: whole, or its start and end around "..." when longer than SHOWN_PATH_CHARS.
+    A byte of a name that is not text in the file names' encoding is written as its escape, \\xff, which the line can
+    print and the user can match to the byte the refusal names (Python holds it as a lone surrogate, and its repr,
+    '\\udcff', named no byte); a control character as controls_escaped writes it (\\n, \\x1b)."""
     text = str(path)
-    return text if len(text) <= SHOWN_PATH_CHARS else f"{text[:60]}...{text[-30:]}"
+    if len(text) <= SHOWN_PATH_CHARS:
+        return _escaped(text)
+    return f"{_escaped(text[:60])}...{_escaped(text[-30:])}"   # shortened before escaping: no escape is cut
+
+
+def _escaped(text: str) -> str:
+    """`text`, a path or a part of one, with its bytes that are no text in the file names' encoding and its control
+    characters written as escapes (shown_path)."""
+    try:   # the bytes the system holds, each that is no text in its encoding as \\xNN
+        text = os.fsencode(text).decode(sys.getfilesystemencoding(), "backslashreplace")
+    except UnicodeEncodeError:   # a lone surrogate no file name's bytes give (the Python API takes any str)
+        pass
+    return controls_escaped(text)
 
 
 def unreachable(path: str | Path) -> str | None:

@@ -2,7 +2,9 @@
 as the command line refuses both."""
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +14,7 @@ from klconvert.errors import KLError
 from klconvert.evaluate import evaluate
 from klconvert.quantize import pull_and_quantize, quantize
 from klconvert.synth.checkpoint import synth
+from klconvert.user_paths import shown_path
 
 EMPTY = "is an empty path, which is never read as the current folder"
 
@@ -52,3 +55,14 @@ def test_an_output_that_is_no_path_is_refused(tmp_path, monkeypatch, out, got):
                                       rf"{got}$"):
         quantize("tiny", out, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_path_is_shown_with_its_bytes_and_control_characters_escaped():
+    """user_paths.shown_path, how every refusal names a path: a byte of a name that is not UTF-8 is its escape, \\xff
+    (it was Python's lone surrogate, which a UTF-8 line cannot write, or its repr '\\udcff', which names no byte), a
+    control character controls_escaped's; a str no file name's bytes give (a lone high surrogate, from the API) is
+    escaped as Python writes it."""
+    assert shown_path(Path(os.fsdecode(b"out/caf\xe9\xff.txt"))) == r"out/caf\xe9\xff.txt"
+    assert shown_path("out/caf\u00e9\n\x1b.txt") == r"out/caf" + "\u00e9" + r"\n\x1b.txt"
+    assert shown_path("out/x\ud800") == r"out/x\ud800"
+    assert shown_path(os.fsdecode(b"\xff" * 200)) == r"\xff" * 60 + "..." + r"\xff" * 30   # no escape cut

@@ -173,19 +173,22 @@ def test_a_working_folder_that_is_gone(capsys, tmp_path, monkeypatch):
 
 def test_a_file_name_that_is_not_utf8(capsys, tmp_path, monkeypatch):
     """Refused by what is wrong with it (its bytes are not UTF-8 text), not as a control character; the line stays
-    printable. Under an ASCII locale (LC_ALL=C, Python's UTF-8 coercion off) a UTF-8 name is refused too, and the line
-    says a UTF-8 locale reads it (helper-135: it said only "rename it")."""
+    printable, the name in it written with the byte it names as an escape, caf\\xe9.txt (it was Python's repr,
+    'caf\\udce9.txt', h319). Under an ASCII locale (LC_ALL=C, Python's UTF-8 coercion off) a UTF-8 name is refused
+    too, and the line says a UTF-8 locale reads it (helper-135: it said only "rename it")."""
     monkeypatch.chdir(tmp_path)
     name = os.fsdecode(b"caf\xe9.txt")
     Path(name).write_text("ROMEO. What light", encoding="utf-8")
     line = assert_one_line_error(*run_cli(capsys, "run", "--model", "tiny", "--prompt-file", name)[::2],
-                                 "its name is not UTF-8 (byte 0xE9)", "rename it")
+                                 "'--prompt-file': caf\\xe9.txt: its name is not UTF-8 (byte 0xE9)", "rename it")
     assert line.isprintable() and "control character" not in line and "locale" not in line
     Path("café.txt").write_text("ROMEO. What light", encoding="utf-8")
     ascii_locale = {"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
-    for given, byte, locale in ((name, "0xE9", False), ("café.txt", "0xC3", True)):
+    for given, shown, byte, locale in ((name, "caf\\xe9.txt", "0xE9", False),
+                                       ("café.txt", "caf\\xc3\\xa9.txt", "0xC3", True)):   # the bytes, as escapes
         done = run_klconvert("run", "--model", "tiny", "--prompt-file", given, env=ascii_locale, timeout=120)
-        line = assert_one_line_error(done.returncode, done.stderr, f"its name is not ASCII (byte {byte})", "rename it")
+        line = assert_one_line_error(done.returncode, done.stderr, f"{shown}: its name is not ASCII (byte {byte})",
+                                     "rename it")
         assert ("rename it or run under a UTF-8 locale (e.g. LC_ALL=C.UTF-8)" in line) == locale, line
 
 
