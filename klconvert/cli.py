@@ -469,7 +469,7 @@ def _given_once(param: click.Parameter, given: tuple[str, ...]) -> str | None:
                    "as one batch (each at its own length).")
 @click.option("--max-new-tokens", type=IntegerRange(min=0), default=256, show_default=True,
               help="Stop after this many new tokens (or earlier, at a stop token: <|im_end|>, the tokenizer's eos, "
-                   "config.json's eos_token_id); 0 only prefills the prompts.")
+                   "config.json's eos_token_id); 0 only prefills the prompts, printing no text.")
 @click.option("--temperature", type=FiniteFloat(min=0.0), default=0.0, show_default=True,
               help="Sampling temperature; 0 is greedy.")
 @click.option("--top-p", type=FiniteFloat(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True,
@@ -572,7 +572,9 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
         seed = int.from_bytes(os.urandom(8), "little")
     runner.generate(prompts, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, on_token=emit,
                     on_prefill=_prefill_bar(sum(len(ids) for ids in prompts), progress))   # at the model's stop ids
-    for i, (parts, stream) in enumerate(zip(texts, streams)):
+    # --max-new-tokens 0 only prefills: no continuation was asked for, and none is printed -- not an empty line a
+    # script reads as one, nor a header over nothing for each prompt file (the summary says "0 new")
+    for i, (parts, stream) in enumerate(zip(texts, streams) if max_new_tokens else ()):
         if len(prompts) > 1:
             sys.stdout.write(f"==> {prompt_files[i]} <==\n")
         sys.stdout.write("".join(parts) + stream.flush() + "\n")

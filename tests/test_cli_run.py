@@ -47,12 +47,18 @@ def test_run_reads_stdin_chat_and_sampling_is_seeded(tiny_released):
     assert other.stdout != a.stdout  # another seed, other text: the seed reaches the sampler
 
 
-def test_max_new_tokens_0_only_prefills(capsys):
-    """The README's `--max-new-tokens N` (0: only prefill the prompts), from the command line."""
+def test_max_new_tokens_0_only_prefills(capsys, tmp_path):
+    """The README's `--max-new-tokens N` (0: only prefill the prompts), from the command line: stdout holds no text
+    -- it held an empty line (h319), and with several prompt files a header over nothing for each."""
     code, out, err = run_cli(capsys, "run", "--model", "tiny", "--prompt", "ROMEO.", "--max-new-tokens", "0",
                              "--device", "cpu")
-    assert code == 0 and out == "\n" and re.match(r"prompt \d+ tokens \| prefill [\d.]+ tokens/s \| 0 new, no decode "
-                                                  r"step \| plan: ", err), err
+    assert code == 0 and out == "" and re.match(r"prompt \d+ tokens \| prefill [\d.]+ tokens/s \| 0 new, no decode "
+                                                r"step \| plan: ", err), err
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("ROMEO.")
+    code, out, err = run_cli(capsys, "run", "--model", "tiny", "--prompt-file", tmp_path / "a.txt", "--prompt-file",
+                             tmp_path / "b.txt", "--max-new-tokens", "0", "--device", "cpu")
+    assert code == 0 and out == "" and "| 0 new, no decode step | plan: " in err, (out, err)
 
 
 def test_one_new_token_has_no_decode_rate(capsys):
