@@ -1057,7 +1057,8 @@ def _finished_pull_listing(local_dir: Path, repo: str, commit: str, where: str) 
     beside them -- and said them verified. KLError where no finished pull of this commit is recorded there."""
     record = _pull_record(local_dir)
     if (record is None or (record["repo"].lower(), record["commit"]) != (repo.lower(), commit)
-            or not all(_is_path_in_repo(path) and path in record["sizes"] for path in record["files"])):
+            or not all(_is_path_in_repo(path) and path in record["sizes"] and not path.startswith(METADATA_FOLDERS)
+                       for path in record["files"])):   # no pull records its own or huggingface_hub's records
         raise KLError(f"HF_HUB_OFFLINE is set and --local-dir {local_dir} holds no finished pull of {where} (its "
                       f"{LOCAL_DIR_RECORD} names none): unset HF_HUB_OFFLINE and rerun the pull to finish it")
     # with the sizes the pull verified, which _check_sizes holds the copies to as it does a cached listing's

@@ -432,13 +432,14 @@ def test_an_offline_pull_of_a_local_dir_with_no_cached_listing_takes_the_files_t
         assert sorted(f.path for f in hub.pull(REPO, local_dir=out, progress=False).files) == PULLED
 
 
-@pytest.mark.parametrize("change", ["cut short", "size edited"])
+@pytest.mark.parametrize("change", ["cut short", "size edited", "records named"])
 def test_an_offline_pull_of_a_local_dir_with_no_cached_listing_checks_the_sizes_the_pull_wrote(served, tmp_path,
                                                                                               monkeypatch, change):
     """The record of the finished pull gives each file's size, as the cached listing does: a shard cut short since (a
     copy of the folder that stopped part way) was taken whole and "verified" where the cache held no listing, while
-    the same pull with the listing refused it; a record whose size is no count of bytes (edited by hand) is no record
-    of a finished pull."""
+    the same pull with the listing refused it; a record whose size is no count of bytes, or that names a file in the
+    records' own folders (edited by hand: taken as the repo's, which no pull writes there), is no record of a finished
+    pull."""
     server, commit = served
     out = tmp_path / "kimi"
     hub.pull(REPO, local_dir=out, progress=False)
@@ -447,7 +448,11 @@ def test_an_offline_pull_of_a_local_dir_with_no_cached_listing_checks_the_sizes_
         said = f"the cached copy of {REPO}@{commit} in {out} is incomplete .*{SHARD_2} has 100 bytes"
     else:
         record = json.loads((out / ".klconvert" / "pull.json").read_text())
-        record["files"][0]["size"] = "many"
+        if change == "size edited":
+            record["files"][0]["size"] = "many"
+        else:
+            (out / ".cache" / "extra.safetensors").write_bytes(b"x" * 8)
+            record["files"].append({"path": ".cache/extra.safetensors", "size": 8})
         (out / ".klconvert" / "pull.json").write_text(json.dumps(record))
         said = f"--local-dir {out} holds no finished pull of {REPO}@{commit}"
     monkeypatch.setattr(hub, "_cached_listing", lambda *args: None)
