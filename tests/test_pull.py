@@ -1987,6 +1987,22 @@ def test_a_copy_put_in_a_local_dir_by_hand_of_another_content_is_still_replaced(
     assert sorted(hashed) == sorted([*PULLED, *others]), hashed   # each copy checked, and the two fetched verified
 
 
+def interrupt_hashing_at_the_last(monkeypatch, out: Path):
+    """A pull into `out` whose hashing of the copies there is cut off by a Ctrl-C at PULLED's last (one at a time, in
+    PULLED's order); returns hub._digests as it was, for the rerun to hash with."""
+    real = hub._digests
+
+    def interrupted_at_the_last(path, size, bar, stopped):
+        if path.name == PULLED[-1]:
+            raise Interrupted(signal.SIGINT)
+        return real(path, size, bar, stopped)
+    monkeypatch.setattr(hub, "HASH_WORKERS", 1)
+    monkeypatch.setattr(hub, "_digests", interrupted_at_the_last)
+    with pytest.raises(Interrupted):
+        hub.pull(REPO, local_dir=out, progress=False)
+    return real
+
+
 def test_copies_hashed_whole_before_a_ctrl_c_are_not_read_again_by_huggingface_hub(served, checkpoint, tmp_path,
                                                                                   monkeypatch):
     """A Ctrl-C while the pull hashed copies put in a --local-dir by hand keeps the hashes it finished (b447509), so
@@ -1997,20 +2013,10 @@ def test_copies_hashed_whole_before_a_ctrl_c_are_not_read_again_by_huggingface_h
     server, commit = served
     out = tmp_path / "kimi"
     copied_by_hand(checkpoint, out)
-    real, cut_off = hub._digests, PULLED[-1]
-
-    def interrupted_at_the_last(path, size, bar, stopped):
-        if path.name == cut_off:
-            raise Interrupted(signal.SIGINT)
-        return real(path, size, bar, stopped)
-    monkeypatch.setattr(hub, "HASH_WORKERS", 1)   # in PULLED's order, the last cut off
-    monkeypatch.setattr(hub, "_digests", interrupted_at_the_last)
-    with pytest.raises(Interrupted):
-        hub.pull(REPO, local_dir=out, progress=False)
-    monkeypatch.setattr(hub, "_digests", real)
+    monkeypatch.setattr(hub, "_digests", interrupt_hashing_at_the_last(monkeypatch, out))
     hashed, hashed_by_huggingface_hub = count_hashing(monkeypatch), count_huggingface_hub_hashing(monkeypatch)
     result = hub.pull(REPO, local_dir=out, progress=False)
-    assert (hashed, hashed_by_huggingface_hub) == ([cut_off], []), (hashed, hashed_by_huggingface_hub)
+    assert (hashed, hashed_by_huggingface_hub) == ([PULLED[-1]], []), (hashed, hashed_by_huggingface_hub)
     assert {key: n for key, n in server.requests.items() if n} == {}
     assert result.bytes_downloaded == 0
     assert all((out / path).read_bytes() == (checkpoint / path).read_bytes() for path in PULLED)
@@ -2124,18 +2130,9 @@ def test_a_ctrl_c_while_copies_in_a_local_dir_are_hashed_keeps_the_hashes_it_fin
         last = shard.read(1)[0]
         shard.seek(-1, os.SEEK_END)
         shard.write(bytes([last ^ 1]))
-    real, cut_off = hub._digests, PULLED[-1]
-
-    def interrupted_at_the_last(path, size, bar, stopped):
-        if path.name == cut_off:
-            raise Interrupted(signal.SIGINT)
-        return real(path, size, bar, stopped)
-    monkeypatch.setattr(hub, "HASH_WORKERS", 1)   # in PULLED's order, the last cut off
-    monkeypatch.setattr(hub, "_digests", interrupted_at_the_last)
-    with pytest.raises(Interrupted):
-        hub.pull(REPO, local_dir=out, progress=False)
+    real = interrupt_hashing_at_the_last(monkeypatch, out)
     kept = sorted(VerifiedFiles(out / hub.VERIFIED_RECORD).entries)
-    assert kept == [path for path in PULLED if path not in (SHARD_1, cut_off)], kept
+    assert kept == [path for path in PULLED if path not in (SHARD_1, PULLED[-1])], kept
     monkeypatch.setattr(hub, "_digests", real)
     hashed = count_hashing(monkeypatch)
 
@@ -2144,7 +2141,7 @@ def test_a_ctrl_c_while_copies_in_a_local_dir_are_hashed_keeps_the_hashes_it_fin
     monkeypatch.setattr(hub, "snapshot_download", stopped)
     with pytest.raises(KeyboardInterrupt):
         hub.pull(REPO, local_dir=out, progress=False)
-    assert sorted(hashed) == sorted([SHARD_1, cut_off]), hashed
+    assert sorted(hashed) == sorted([SHARD_1, PULLED[-1]]), hashed
 
 
 @pytest.mark.parametrize("path", ["config.json", SHARD_1])
