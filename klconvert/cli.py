@@ -10,6 +10,7 @@ import stat
 import sys
 from array import array
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from click.core import ParameterSource
@@ -33,6 +34,9 @@ from klconvert.runtime.host_memory import OUT_OF_HOST_MEMORY, import_exhausted
 from klconvert.shell_command import shell_command
 from klconvert.units import binary_size_text, counted, size_text, size_texts
 from klconvert.user_paths import refuse_unreachable, shown_path
+
+if TYPE_CHECKING:
+    from klconvert.quant import Recipe
 
 # the runtime's MLA cache dtypes by name (runtime/state.py MLA_CACHE_DTYPES; named here, torch-free, for --help)
 MLA_CACHE_DTYPE = click.Choice(["bfloat16", "float8_e4m3fn"])
@@ -781,18 +785,19 @@ def _shard_bytes(max_shard_size: str | None) -> int | None:
 
 def _refuse_quantize_options(max_shard_size: str | None, bits: int | None, group_size: int | None,
                              symmetric: bool | None, scheme: str | None, observer: str | None, recipe: Path | None,
-                             force: bool, allow_split_fused: bool) -> int | None:
-    """--max-shard-size as bytes (_shard_bytes); first, a KLError for the options of quantize and pull-and-quantize
-    that need no model, in the order the quantizer refuses them (it checks them again): the shard size, the switches,
-    the policy's flags and --recipe. Before the quantizer imports torch (~2 s of CPU), so a mistyped flag or recipe
-    name is refused in a fifth of a second; torch comes only with --scheme nf4 (bitsandbytes) and a recipe's runtime:
-    section (checked as the planner reads it), after what is refused without it."""
+                             force: bool, allow_split_fused: bool) -> tuple[int | None, Recipe | None]:
+    """--max-shard-size as bytes (_shard_bytes) and the --recipe read (None without one), which the quantizer is
+    given in place of its path (it checks it again, but reads no file that may have changed since); first, a KLError
+    for the options of quantize and pull-and-quantize that need no model, in the order the quantizer refuses them:
+    the shard size, the switches, the policy's flags and --recipe. Before the quantizer imports torch (~2 s of CPU),
+    so a mistyped flag or recipe name is refused in a fifth of a second; torch comes only with --scheme nf4
+    (bitsandbytes) and a recipe's runtime: section (checked as the planner reads it), after what is refused without
+    it."""
     from klconvert.quantize_options import choose_policy, refuse_bad_switches
 
     max_shard_bytes = _shard_bytes(max_shard_size)
     refuse_bad_switches(force, True, allow_split_fused, recipe)   # True: progress, which the command line never sets
-    choose_policy(bits, group_size, symmetric, scheme, recipe, observer)
-    return max_shard_bytes
+    return max_shard_bytes, choose_policy(bits, group_size, symmetric, scheme, recipe, observer)[1]
 
 
 def _quantize_options(command):
@@ -841,14 +846,14 @@ def quantize(src: str, out: Path, bits: int | None, group_size: int | None, symm
              scheme: str | None, observer: str | None, recipe: Path | None, device: str | None,
              max_shard_size: str | None, force: bool, allow_split_fused: bool) -> None:
     folder = model_folder(src, f"SRC {src}")   # before torch's import: "no such folder" in a fifth of a second
-    max_shard_bytes = _refuse_quantize_options(max_shard_size, bits, group_size, symmetric, scheme, observer, recipe,
-                                               force, allow_split_fused)
+    max_shard_bytes, recipe_read = _refuse_quantize_options(max_shard_size, bits, group_size, symmetric, scheme,
+                                                            observer, recipe, force, allow_split_fused)
     # SRC's config.json is read by the quantizer once its options and OUT have passed (OUT refused before SRC is read)
     from klconvert.quantize import quantize as quantize_checkpoint
 
     result = quantize_checkpoint(folder, out, bits=bits, group_size=group_size,
                                  symmetric=symmetric, scheme=scheme, observer=observer,
-                                 recipe=recipe, device=device, force=force, allow_split_fused=allow_split_fused,
+                                 recipe=recipe_read, device=device, force=force, allow_split_fused=allow_split_fused,
                                  max_shard_bytes=max_shard_bytes)
     click.echo(result.summary(), err=True)
     echo_complete(result.path)
@@ -867,12 +872,12 @@ def pull_and_quantize(model: str, revision: str | None, out: Path | None, bits: 
                       symmetric: bool | None, scheme: str | None, observer: str | None, recipe: Path | None,
                       device: str | None, max_shard_size: str | None, force: bool, allow_split_fused: bool) -> None:
     is_local_model(model)   # before torch's import: a folder that is not there refused in a fifth of a second
-    max_shard_bytes = _refuse_quantize_options(max_shard_size, bits, group_size, symmetric, scheme, observer, recipe,
-                                               force, allow_split_fused)
+    max_shard_bytes, recipe_read = _refuse_quantize_options(max_shard_size, bits, group_size, symmetric, scheme,
+                                                            observer, recipe, force, allow_split_fused)
     from klconvert.quantize import pull_and_quantize as pull_and_quantize_checkpoint
 
     result = pull_and_quantize_checkpoint(model, out, revision=revision, bits=bits, group_size=group_size,
-                                          symmetric=symmetric, scheme=scheme, observer=observer, recipe=recipe,
+                                          symmetric=symmetric, scheme=scheme, observer=observer, recipe=recipe_read,
                                           device=device,
                                           force=force, allow_split_fused=allow_split_fused,
                                           max_shard_bytes=max_shard_bytes)

@@ -189,7 +189,7 @@ def _write_error(e: OSError, folder: OutputFolder, done: int, total: int, kept: 
 
 
 def quantize(src: str | Path, out: str | Path, bits: int | None = None, group_size: int | None = None,
-             symmetric: bool | None = None, scheme: str | None = None, recipe: str | Path | None = None,
+             symmetric: bool | None = None, scheme: str | None = None, recipe: str | Path | Recipe | None = None,
              device: str | None = None, force: bool = False, max_shard_bytes: int | None = None,
              progress: bool = True, allow_split_fused: bool = False, observer: str | None = None) -> QuantizeResult:
     """Quantize the checkpoint in SRC (released or transformers layout; `tiny` is the bundled model) into a new HF
@@ -316,7 +316,8 @@ def _quantize(src: Path, out: Path, policy: Policy, recipe: Recipe | None, torch
 
 def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, revision: str | None = None,
                       bits: int | None = None, group_size: int | None = None, symmetric: bool | None = None,
-                      scheme: str | None = None, recipe: str | Path | None = None, device: str | None = None,
+                      scheme: str | None = None, recipe: str | Path | Recipe | None = None,
+                      device: str | None = None,
                       force: bool = False, max_shard_bytes: int | None = None, progress: bool = True,
                       allow_split_fused: bool = False, observer: str | None = None) -> QuantizeResult:
     """Pull `model` (a hub repo; a folder that exists locally is used as it is; `tiny` is the bundled model) and
@@ -324,7 +325,7 @@ def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, 
     files, are checked before anything is downloaded."""
     refuse_bad_switches(force, progress, allow_split_fused, recipe)
     local = is_local_model(model)   # as `quantize` refuses a folder that is not there, before its options
-    policy, _ = choose_policy(bits, group_size, symmetric, scheme, recipe, observer)
+    policy, recipe_read = choose_policy(bits, group_size, symmetric, scheme, recipe, observer)
     # the name before the device: the default device starts CUDA, which refusing a mistyped folder need not
     checked_device(device)   # these two checked before a download, as the policy is
     shard_limit(max_shard_bytes)
@@ -342,7 +343,8 @@ def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, 
     with nullcontext() if local else parent_made(out):
         src = model if local else _pulled(model, revision, progress)   # quantize reads tiny
         return quantize(src, out, bits=bits, group_size=group_size, symmetric=symmetric, scheme=scheme,
-                        recipe=recipe, device=device, force=force, max_shard_bytes=max_shard_bytes, progress=progress,
+                        recipe=recipe_read, device=device, force=force, max_shard_bytes=max_shard_bytes,
+                        progress=progress,
                         allow_split_fused=allow_split_fused, observer=observer)
 
 

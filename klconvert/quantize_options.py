@@ -52,23 +52,28 @@ def refuse_bad_switches(force, progress, allow_split_fused, recipe) -> None:
 
 
 def choose_policy(bits: int | None = None, group_size: int | None = None, symmetric: bool | None = None,
-                  scheme: str | None = None, recipe: str | Path | None = None,
+                  scheme: str | None = None, recipe: str | Path | Recipe | None = None,
                   observer: str | None = None) -> tuple[Policy, Recipe | None]:
     """(policy, the recipe read) from --recipe, or (policy, None) from the flags (defaults: int4, group 128,
-    symmetric, min-max ranges)."""
+    symmetric, min-max ranges). `recipe`: a recipe file's path or shipped name, or one read already (the Recipe an
+    earlier choose_policy returned), which is checked again but not read again: the command line's check, and
+    pull_and_quantize's before its download, hand the quantizer the recipe they checked, not a path whose file may
+    have changed since (edited during a 98 GB download, it would be read anew, refused only then or quantized by
+    other rules than OUT's name and the split-fused check were taken from)."""
     group_size = _checked_flag_types(group_size, symmetric, scheme, observer)
     if recipe is not None:
         given = [flag for flag, value in (("--bits", bits), ("--group-size", group_size), ("--sym/--asym", symmetric),
                                           ("--scheme", scheme), ("--observer", observer)) if value is not None]
+        named = recipe.path if isinstance(recipe, Recipe) else recipe
         if given:
-            raise KLError(f"--recipe {recipe} says how each tensor is stored; drop {', '.join(given)} or the recipe")
-        parsed = load_recipe(recipe)
+            raise KLError(f"--recipe {named} says how each tensor is stored; drop {', '.join(given)} or the recipe")
+        parsed = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
         if parsed.runtime:   # checked as `plan --model OUT` will read it; the planner imports the runtime, so only then
             from klconvert.runtime.plan_report import check_runtime_settings
 
             check_runtime_settings(parsed)
         if parsed.policy.kind == "nf4":
-            require("bitsandbytes.functional", f"--recipe {recipe} (NF4 weights)")
+            require("bitsandbytes.functional", f"--recipe {named} (NF4 weights)")
         return parsed.policy, parsed
     scheme = DEFAULT.kind if scheme is None else scheme
     given_bits, bits = bits, DEFAULT.bits if bits is None else as_number(bits, whole=True)

@@ -390,3 +390,31 @@ def test_a_folder_of_one_shard_is_said_to_be_one_shard(tmp_path, capsys):
     code, _, err = run_cli(capsys, "quantize", tmp_path / "one", tmp_path / "q", "--bits", "4")
     assert code == 0 and " in 1 shard | " in err, err
     assert re.search(r"^\| size \| .* in 1 shard \|$", (tmp_path / "q" / "README.md").read_text(), re.M)
+
+
+@pytest.mark.parametrize("command", [["quantize", "tiny", "{out}"], ["pull-and-quantize", "--model", "tiny", "--out",
+                                                                      "{out}"]], ids=["quantize", "pull-and-quantize"])
+def test_a_recipe_is_read_once_and_quantized_as_checked(capsys, monkeypatch, tmp_path, command):
+    """The command line checks --recipe before the quantizer imports torch, and pull-and-quantize again before its
+    download: each read the file anew (two reads, three for pull-and-quantize), so a recipe edited in between -- for
+    the hours a 98 GB download takes -- was refused only then, or quantized by other rules than the ones checked and
+    OUT's default name taken from. The recipe read first is the one quantized, and the file is read once."""
+    from klconvert import quantize_options
+    from klconvert.recipes import shipped_recipe
+
+    recipe_file = tmp_path / "r.yaml"
+    shutil.copy(shipped_recipe(Path("48gb")), recipe_file)
+    reads = []
+
+    def read_then_edited(path):
+        reads.append(path)
+        recipe = load_recipe(path)
+        recipe_file.write_text("quant_stage: [\n")   # the user's edit, once the file was read
+        return recipe
+
+    monkeypatch.setattr(quantize_options, "load_recipe", read_then_edited)
+    out = tmp_path / "q"
+    code, _, err = run_cli(capsys, *[arg.format(out=out) for arg in command], "--recipe", recipe_file,
+                           "--device", "cpu")
+    assert (code, len(reads)) == (0, 1), err
+    assert load_recipe(out / "recipe.yaml").policy == load_recipe("48gb").policy
