@@ -25,7 +25,8 @@ from klconvert.quant.defaults import policy_from_options  # noqa: E402
 from klconvert.quant.groupwise import quantize_groupwise  # noqa: E402
 from klconvert.quant.pack_quantized import compress_weight, decompress_weight  # noqa: E402
 from klconvert.quant.scheme import QuantScheme  # noqa: E402
-from klconvert.quantize import choose_policy, quantize  # noqa: E402
+from klconvert.quantize import quantize  # noqa: E402
+from klconvert.quantize_options import choose_policy  # noqa: E402
 from klconvert.runtime import model as M  # noqa: E402
 from klconvert.tokenizer import Tokenizer  # noqa: E402
 from testkit import run_main  # noqa: E402

@@ -17,7 +17,8 @@ import quality_table  # noqa: E402
 from klconvert.config import KimiLinearConfig  # noqa: E402
 from klconvert.models import BUNDLED_DIR  # noqa: E402
 from klconvert.models import resolve_model  # noqa: E402
-from klconvert.quantize import choose_policy, quantize  # noqa: E402
+from klconvert.quantize import quantize  # noqa: E402
+from klconvert.quantize_options import choose_policy  # noqa: E402
 
 
 @pytest.mark.parametrize("bits", [4, 8])

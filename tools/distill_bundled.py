@@ -325,7 +325,8 @@ def distill(out: Path, source: Path = BUNDLED_DIR, bits: int | None = None, grou
     import torch
     from torch.nn.utils import parametrize
 
-    from klconvert.quantize import MODEL_CARD_FILE, choose_policy, quantize
+    from klconvert.quantize import MODEL_CARD_FILE, quantize
+    from klconvert.quantize_options import choose_policy
 
     refuse_out_over_source(source, out, "quantized model")
     if out.exists() or out.is_symlink():  # before the tuning, not after it

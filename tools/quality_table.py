@@ -123,7 +123,7 @@ def planned_bits_per_weight(model: Path, options: dict) -> float:
     is written as: no weight is quantized."""
     from klconvert.checkpoint.reader import open_checkpoint
     from klconvert.convert.outputs import plan_modules, plan_totals
-    from klconvert.quantize import choose_policy
+    from klconvert.quantize_options import choose_policy
 
     checkpoint = open_checkpoint(model)
     policy = choose_policy(**{k: v for k, v in options.items() if k != "allow_split_fused"})[0]
