@@ -20,6 +20,7 @@ from klconvert.cli import ALLOCATOR_ENV, DEVICE, LAYERS, SEED, PlainDigits, cli
 from klconvert import whole_folder
 from klconvert.checkpoint.folder_files import MAX_FILE_NAME_BYTES
 from klconvert.models import bundled_dir
+from klconvert.errors import KLError
 from klconvert.convert.output_folder import MAX_PID, RESUME_RECORD, lock_path, mark_temporary, temporary_prefix
 from testkit import assert_one_line_error, run_cli, run_klconvert_on_a_terminal
 
@@ -397,6 +398,29 @@ def test_an_opset_refusal_gives_the_reason_of_its_own_side(capsys, tmp_path, ops
     expected = f"(the graph's {MIN_OPSET_OPS} need opset {MIN_OPSET})" if int(opset) < MIN_OPSET else f"({why})"
     assert code == 2 and err == f"klconvert: error: --opset {opset}: choose {MIN_OPSET} to {newest} {expected}\n", err
     assert not (tmp_path / "onnx").exists()
+
+
+def test_a_numpy_or_torch_opset_is_taken_as_the_whole_number_it_is(tmp_path):
+    """export_onnx(opset=numpy.int64(18)) was refused "--opset np.int64(18): choose 18 to 27 (a whole number)",
+    the value in range said to be none: the opset is read as the API's other numbers are (as_number), numpy's and
+    0-d torch integers taken, a float or bool refused. Its refusal comes first: past it, OUT's (a folder of another's
+    files) is what a taken opset meets."""
+    pytest.importorskip("onnx")
+    import numpy as np
+    import torch
+
+    from klconvert.onnx.export import MIN_OPSET, export_onnx
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    for opset in (np.int64(MIN_OPSET), torch.tensor(MIN_OPSET)):
+        with pytest.raises(KLError) as refused:
+            export_onnx("tiny", taken, opset=opset)
+        assert "--opset" not in str(refused.value) and "notes.txt" in str(refused.value), refused.value
+    for opset in (float(MIN_OPSET), True):
+        with pytest.raises(KLError, match=r"\(a whole number\)"):
+            export_onnx("tiny", taken, opset=opset)
 
 
 def test_a_plan_of_one_sequence_past_the_gpu_asks_for_no_smaller_batch(capsys):

@@ -32,6 +32,7 @@ from klconvert.onnx.mla import KEY_BLOCK, mla_layer
 from klconvert.runtime import model as M
 from klconvert.runtime.bind import bind
 from klconvert.runtime.host_memory import exhausted
+from klconvert.scalars import as_number
 from klconvert.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_FILES, TRANSFORMERS_TOKENIZER_FILE, check_tokenizer_if_any
 from klconvert.tokenizer_json import written_tokenizer_json
 from klconvert.user_paths import given_path
@@ -201,13 +202,16 @@ def export_onnx(model_dir: str | Path, out: str | Path, opset: int = DEFAULT_OPS
     model.onnx path. onnx.checker checks the written model."""
     refuse_non_bool(force, "force", "--force")
     top, why = newest_opset()
-    if type(opset) is not int or not MIN_OPSET <= opset <= top:   # 18.0 and "18" too: the repr shows which
+    # a numpy or 0-d torch integer taken as the API's other numbers are (as_number); 18.0, "18" and True are not
+    number = as_number(opset, whole=True)
+    if number is None or not MIN_OPSET <= number <= top:   # the repr shows which was given
         # why no newer (opset 28's IR) was said of every value, 17 and "18" too: each is told its own reason (h319)
-        if type(opset) is not int:
+        if number is None:
             why = "a whole number"
-        elif opset < MIN_OPSET:
+        elif number < MIN_OPSET:
             why = f"the graph's {MIN_OPSET_OPS} need opset {MIN_OPSET}"
         raise KLError(f"--opset {opset!r}: choose {MIN_OPSET} to {top} ({why})")
+    opset = number
     model_dir, out = resolve_model(model_dir), given_path(out, "out")
     refuse_out_over_source(model_dir, out, "export")
     refuse_taken(out, force, EARLIER_EXPORT)
