@@ -201,10 +201,13 @@ def quantize(src: str | Path, out: str | Path, bits: int | None = None, group_si
     made from another source or with other options. Shards hold at most `max_shard_bytes` (default 5 GB).
     A policy that stores the parts of a module vLLM fuses differently is refused unless `allow_split_fused`.
     """
+    # the shard size, the switches, then the policy's flags: the order the command line refuses them in, before
+    # torch's import (cli._refuse_quantize_options)
+    shard_bytes = shard_limit(max_shard_bytes)
     refuse_bad_switches(force, progress, allow_split_fused, recipe)
     src, out = resolve_model(src), given_path(out, "out")
     policy, recipe_read = choose_policy(bits, group_size, symmetric, scheme, recipe, observer)
-    torch_device, shard_bytes = checked_device(device), shard_limit(max_shard_bytes)
+    torch_device = checked_device(device)
     refuse_out_over_source(src, out, "quantized model")
     refuse_existing_out(out, force)
     with OutputLock(out) as lock:
@@ -323,12 +326,12 @@ def pull_and_quantize(model: str = DEFAULT_REPO, out: str | Path | None = None, 
     """Pull `model` (a hub repo; a folder that exists locally is used as it is; `tiny` is the bundled model) and
     quantize it into `out` (default ./<model-name>-w4a16, -w8a16 or -nf4). Options, and whether OUT's folder takes
     files, are checked before anything is downloaded."""
+    shard_limit(max_shard_bytes)   # checked before a download, as the policy and the device are; in quantize's order
     refuse_bad_switches(force, progress, allow_split_fused, recipe)
     local = is_local_model(model)   # as `quantize` refuses a folder that is not there, before its options
     policy, recipe_read = choose_policy(bits, group_size, symmetric, scheme, recipe, observer)
     # the name before the device: the default device starts CUDA, which refusing a mistyped folder need not
-    checked_device(device)   # these two checked before a download, as the policy is
-    shard_limit(max_shard_bytes)
+    checked_device(device)
     out = given_path(out, "out") if out is not None else default_out_name(model, policy)
     refuse_existing_out(out, force)
     if local and revision is not None:

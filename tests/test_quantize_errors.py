@@ -545,6 +545,20 @@ def test_pull_and_quantize_refuses_a_bad_device_or_shard_size_before_any_downloa
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("entry", ["quantize", "pull_and_quantize"])
+@pytest.mark.parametrize("other", [dict(allow_split_fused=True), dict(bits=3), dict(device="tpu")],
+                         ids=["switch", "bits", "device"])
+def test_the_api_refuses_the_shard_size_first_as_the_command_line_does(tmp_path, entry, other):
+    """`klconvert quantize tiny q --bits 3 --max-shard-size 0` is refused for the shard size, before torch's import
+    (cli._refuse_quantize_options: the shard size, the switches, the policy's flags), where quantize(bits=3,
+    max_shard_bytes=0) was refused for --bits, and for the device before the shard size, though b6f770f called the
+    command line's order the quantizer's (test_cli_surface's shard-before-bits case holds the command line's).
+    Both say the shard size first."""
+    with pytest.raises(KLError, match=re.escape("max_shard_bytes=0 (--max-shard-size)")):
+        getattr(quantize_module, entry)("tiny", tmp_path / "q", max_shard_bytes=0, progress=False, **other)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("edit, words", [
     (lambda c: c["added_tokens_decoder"][max(c["added_tokens_decoder"], key=int)].update(lstrip=None),
      "sets lstrip to None, which is neither true nor false, so "
