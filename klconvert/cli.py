@@ -32,6 +32,7 @@ from klconvert.runtime.device_memory import (COMMAND_LEVERS, PRESET_BENCH_LEVERS
                                              PromptsDoNotFit, WeightsDoNotFit, device_exhausted, fewer_bits_hold_less)
 from klconvert.runtime.host_memory import OUT_OF_HOST_MEMORY, import_exhausted
 from klconvert.shell_command import shell_command
+from klconvert.sizes import GPU_MEMORY_EXAMPLES, SHARD_SIZE_EXAMPLES
 from klconvert.units import binary_size_text, counted, size_text, size_texts
 from klconvert.user_paths import refuse_unreachable, shown_path
 
@@ -695,7 +696,7 @@ def export_onnx(model: str | None, out: Path, opset: int | None, force: bool) ->
                    "the weights, its runtime section sets the defaults of the flags below (in place of a --model "
                    "folder's recipe.yaml).")
 @click.option("--gpu-memory", default=None,
-              help="Device memory to fit, e.g. 80GiB, 24GB [default: the recipe's, else no fit check].")
+              help=f"Device memory to fit, e.g. {GPU_MEMORY_EXAMPLES} [default: the recipe's, else no fit check].")
 @click.option("--max-context", type=IntegerRange(min=1), default=None,
               help="Planned context [default: the recipe's, else 131072].")
 @click.option("--batch", type=IntegerRange(min=1), default=None,
@@ -776,7 +777,7 @@ def _shard_bytes(max_shard_size: str | None) -> int | None:
     """--max-shard-size as bytes (None: the default), held to the quantizer's minimum (shard_limit)."""
     if max_shard_size is None:
         return None
-    from klconvert.quantize_options import SHARD_SIZE_EXAMPLES, shard_limit
+    from klconvert.quantize_options import shard_limit
     from klconvert.sizes import parse_size
 
     return shard_limit(parse_size(max_shard_size, "--max-shard-size", least_bare_bytes=0,
@@ -823,8 +824,8 @@ def _quantize_options(command):
         click.option("--device", type=DEVICE, default=None,
                      help="Where to quantize; cuda:N picks the N-th GPU [default: cuda if present]."),
         click.option("--max-shard-size", default=None,
-                     help="Largest output shard, e.g. 5GB, 500MB [default: 5GB]; a rerun after a kill redoes only "
-                          "the unfinished shard, so smaller shards lose less."),
+                     help=f"Largest output shard, e.g. {SHARD_SIZE_EXAMPLES} [default: 5GB]; a rerun after a kill "
+                          "redoes only the unfinished shard, so smaller shards lose less."),
         click.option("--force", is_flag=True,
                      help="Replace an existing output folder that klconvert wrote (or an empty one), only once "
                           "the new one is whole, and discard an interrupted run made with other options."),

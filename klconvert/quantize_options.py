@@ -16,10 +16,10 @@ from klconvert.quant.group_rules import (GROUP_SIZE_ADVICE, OBSERVERS, SUPPORTED
 from klconvert.quant.scheme import KINDS, NF4_BLOCKSIZE
 from klconvert.release import RELEASED_SHARD_BYTES
 from klconvert.scalars import as_number
+from klconvert.sizes import SHARD_SIZE_EXAMPLES
 from klconvert.units import size_text
 
 MIN_SHARD_BYTES = 1  # the smallest limit a shard takes (a tensor larger than the limit gets a shard of its own)
-SHARD_SIZE_EXAMPLES = "5GB or 500MB"   # what a --max-shard-size refusal suggests
 
 
 def _checked_flag_types(group_size, symmetric, scheme, observer) -> int | None:

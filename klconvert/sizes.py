@@ -15,7 +15,8 @@ _UNIT_BYTES = {"": 1, **{unit.lower(): n for unit, n in _UNITS.items()}}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE | re.ASCII)
 SIZE_BOUND = 2**64   # a size is fewer bytes than this (what a 64-bit count holds)
 PAST_SIZE_BOUND = "is 2**64 bytes (16 EiB) or more, past the largest size it takes"   # SIZE_BOUND, as lines say
-GPU_MEMORY_EXAMPLES = "80GiB, 24GB or 141G"
+GPU_MEMORY_EXAMPLES = "80GiB, 24GB or 141G"   # what --gpu-memory's --help and refusals offer
+SHARD_SIZE_EXAMPLES = "5GB or 500MB"   # what --max-shard-size's --help and refusals offer
 # fewer bytes than this given with no unit (`--gpu-memory 80`) are no GPU's memory: a unit left off, refused; a GPU's
 # memory of fewer in any form ('0GB', '1B'), on the command line or in a recipe, is refused too
 LEAST_BARE_BYTES = 2**20

@@ -842,6 +842,21 @@ def test_plan_and_bench_help_state_the_defaults_the_code_has():
     assert f"up to {int(MSE_MAX_SHRINK * MSE_GRID)} trials a weight" in helps[("quantize", "observer")]
 
 
+def test_size_flags_help_offers_the_examples_their_refusals_offer():
+    """--gpu-memory's help offered "80GiB, 24GB", its refusals "80GiB, 24GB or 141G" and "80GiB or 24GB"; the
+    --max-shard-size help "5GB, 500MB", its refusal "5GB or 500MB": each said in one place (klconvert/sizes.py)."""
+    from klconvert.release import RELEASED_SHARD_BYTES
+    from klconvert.sizes import GPU_MEMORY_EXAMPLES, SHARD_SIZE_EXAMPLES, parse_size
+
+    helps = {(name, p.name): " ".join(p.help.split()) for name, command in cli.commands.items()
+             for p in command.params if isinstance(p, click.Option) and p.help}
+    assert [name for name, option in helps if option == "gpu_memory"] == ["plan"]
+    assert f"e.g. {GPU_MEMORY_EXAMPLES} [default" in helps[("plan", "gpu_memory")]
+    for command in ("quantize", "pull-and-quantize"):
+        assert f"e.g. {SHARD_SIZE_EXAMPLES} [default: 5GB]" in helps[(command, "max_shard_size")]
+    assert parse_size("5GB") == RELEASED_SHARD_BYTES
+
+
 def test_plan_help_says_a_model_folders_recipe_sets_the_flags_defaults(capsys, tiny_released, tmp_path):
     """h283: a --model folder's recipe.yaml gives plan its runtime defaults (a GPU memory: a fit check, exit 3),
     where the help named only --recipe's; --model's help says so, and --recipe's that it takes the folder's place."""
