@@ -85,11 +85,11 @@ def is_local_model(model: str) -> bool:
     the hub would say only that it is no repo id."""
     if model == BUNDLED_NAME or Path(model).is_dir():
         return True
-    from klconvert.hub import is_repo_id   # huggingface_hub's check, imported only for a name that is no folder
-
     if os.path.lexists(model):   # there, but no folder: a file given for one read "no such folder"
         raise KLError(f"--model {model}: {_no_folder(Path(model))}; give a Kimi Linear checkpoint folder, "
                       f"{BUNDLED_NAME} (the bundled model) or a hub repo id like {DEFAULT_REPO}")
+    from klconvert.hub import is_repo_id   # huggingface_hub's check, imported only for a name that is nothing here
+
     if not is_repo_id(model):
         raise KLError(f"--model {model}: no such folder (and not a hub repo id like {DEFAULT_REPO}); check the path")
     return False

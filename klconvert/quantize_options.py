@@ -17,7 +17,7 @@ from klconvert.quant.scheme import KINDS, NF4_BLOCKSIZE
 from klconvert.release import RELEASED_SHARD_BYTES
 from klconvert.scalars import as_number
 from klconvert.sizes import SHARD_SIZE_EXAMPLES
-from klconvert.units import size_text
+from klconvert.units import counted, size_text
 
 MIN_SHARD_BYTES = 1  # the smallest limit a shard takes (a tensor larger than the limit gets a shard of its own)
 
@@ -101,7 +101,7 @@ def shard_limit(max_shard_bytes: int | None, given: str | None = None) -> int:
         return RELEASED_SHARD_BYTES
     number = as_number(max_shard_bytes, whole=True)
     if number is None or number < MIN_SHARD_BYTES:
-        least = f"{MIN_SHARD_BYTES:,} byte{'' if MIN_SHARD_BYTES == 1 else 's'}"
+        least = counted(MIN_SHARD_BYTES, "byte")
         if given is not None:
             raise KLError(f"--max-shard-size {given!r}: a shard holds at least {least}; give a size such as "
                           f"{SHARD_SIZE_EXAMPLES}")
