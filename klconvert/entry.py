@@ -17,10 +17,12 @@ interrupt inside an import is held back and raised as soon as no import is runni
 lands: an import that hangs can still be stopped), and whatever fails after an interrupt was heard is reported as
 the interrupt. One that lands inside a finalizer (tqdm's __del__), which Python prints and drops, is raised again once
 out of it; one during steps that must not be parted (Uninterrupted: a folder renamed into place, then its mark
-removed) as they end. Once the command has ended, SIGINT and SIGTERM are ignored while the interpreter shuts down
-(torch's exit handlers, 0.4-2 s): the process ends with the status the command decided. A tools/ script imports
-torch at its top, before main runs its main (main(command)): it takes over first (take_over_early), and until its
-command runs an interrupt is one inside an import.
+removed) as they end. A command that a second interrupt made give up on work still running in other threads
+(note_left_running) ends its process at once, in its line: Python's exit would wait for those threads. Once the
+command has ended, SIGINT and SIGTERM are ignored while the interpreter shuts down (torch's exit handlers, 0.4-2 s):
+the process ends with the status the command decided. A tools/ script imports torch at its top, before main runs its
+main (main(command)): it takes over first (take_over_early), and until its command runs an interrupt is one inside
+an import.
 
 Standard streams. A standard output that cannot be written (a full disk, closed: `>&-`) fails the command at its
 first write, as StdoutFailed (the CLI says so in one line; for a reader that is gone, `| head`, it ends quietly with
@@ -99,8 +101,13 @@ def exit_interrupted(signum: int) -> None:
                                                                              ctrl_c.fresh_line)
     # one gone is none: a tool's quantize into its own temporary folder (quality_table's), removed as the interrupt
     # unwound, was said to be complete
-    print(_interrupted_line(complete if complete is not None and os.path.lexists(complete) else None, left,
-                            fresh_line), file=sys.stderr)
+    line = _interrupted_line(complete if complete is not None and os.path.lexists(complete) else None, left,
+                             fresh_line)
+    if ctrl_c is not None and ctrl_c.left_running:
+        # Python's exit would wait for the threads left running (concurrent.futures joins its pools' workers, a
+        # hash read hung on a dead network file system among them) -- for ever: the process ends here instead
+        _end_now(signum, line)
+    print(line, file=sys.stderr)
     sys.exit(signal_status(signum))
 
 
@@ -117,6 +124,29 @@ def note_left(what: str) -> None:
     command ends in adds `what`. Outside the entry point, nothing."""
     if Uninterrupted.ctrl_c is not None:
         Uninterrupted.ctrl_c.left = what
+
+
+def note_left_running(what: str) -> None:
+    """Say that the command gives up waiting for work in other threads that a second interrupt found still running
+    (run_waking_for_signals): the line it ends in adds `what` that work leaves behind, and the process ends at once,
+    those threads unwaited for (exit_interrupted). Outside the entry point, nothing."""
+    if Uninterrupted.ctrl_c is not None:
+        Uninterrupted.ctrl_c.left = what
+        Uninterrupted.ctrl_c.left_running = True
+
+
+def say_while_interrupted(line: str) -> None:
+    """Say `line` on stderr now, while the command stops after an interrupt (what it waits for, what a second would
+    do), as an Uninterrupted block's notice is said: behind a line break that closes a terminal's ^C, and the line it
+    ends in then without one, unless another Ctrl-C came after it."""
+    _say_notice(Uninterrupted.ctrl_c, line)
+
+
+def _say_notice(ctrl_c: _CtrlC | None, line: str) -> None:
+    """say_while_interrupted's `line`, under the entry point's `ctrl_c` (None: outside it)."""
+    _say_now(_after_ctrl_c(line, ctrl_c is not None and ctrl_c.fresh_line))
+    if ctrl_c is not None:
+        ctrl_c.fresh_line = True
 
 
 def _say_now(line: str) -> None:
@@ -237,6 +267,7 @@ class _CtrlC:
         self.uninterrupted = 0   # how many Uninterrupted blocks are running
         self.complete: os.PathLike | None = None   # the command's output, once it is whole (note_complete)
         self.left: str | None = None   # what an interrupt leaves behind, and how it goes (note_left)
+        self.left_running = False   # work in other threads given up on, still running (note_left_running)
         # what the Uninterrupted block running says as soon as an interrupt is held back in it, until said (its notice)
         self.notice: Callable[[str], str] | None = None
         # whether stderr's terminal is at the start of a line: a notice ended the last, and no Ctrl-C (whose ^C the
@@ -263,8 +294,7 @@ class _CtrlC:
         received (interrupt_name)."""
         if self.notice is not None:
             notice, self.notice = self.notice, None
-            _say_now(_after_ctrl_c(notice(interrupt_name(self.signum)), self.fresh_line))
-            self.fresh_line = True
+            _say_notice(self, notice(interrupt_name(self.signum)))
 
     def on_alarm(self, signum, frame) -> None:
         if not self.held:  # no interrupt of ours is waiting: not a Ctrl-C

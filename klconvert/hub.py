@@ -61,7 +61,7 @@ from klconvert.tokenizer import BPE_FILE
 from klconvert.units import counted, size_text, size_texts
 from klconvert.user_paths import given_path, refuse_unreachable, shown_path
 from klconvert.verified_files import VERIFIED_RECORD, VerifiedFiles, cached_record
-from klconvert.waking_for_signals import run_waking_for_signals
+from klconvert.waking_for_signals import LeftRunning, run_waking_for_signals
 
 # huggingface_hub 2.x talks through httpx2, 1.x through httpx: a dropped connection surfaces as either's TransportError.
 _HTTP_MODULES = [importlib.import_module(m) for m in ("httpx2", "httpx") if importlib.util.find_spec(m) is not None]
@@ -249,6 +249,9 @@ def pull(
                     with _no_disk_space_warnings(), _bars_closed():
                         # in a thread of its own, waited for awake to a signal that one of its download threads
                         # took (run_waking_for_signals); a Ctrl-C or SIGTERM returns here once they have all stopped
+                        # -- or, a download not stopping, at a second one (LeftRunning): what it leaves is a
+                        # huggingface_hub download's temporary file (_unfinished_downloads) or a file cut short
+                        # (_is_already_here), which the next pull removes or fetches again
                         folder = Path(run_waking_for_signals(lambda: snapshot_download(
                             repo,
                             revision=resolved,
@@ -256,7 +259,10 @@ def pull(
                             local_dir=local_dir,
                             allow_patterns=[glob.escape(f.path) for f in wanted],
                             tqdm_class=_TerminalTqdm if progress else _QuietTqdm,
-                        ), stop=guard.cancel))
+                        ), stop=guard.cancel, stopping="the downloads",
+                            left=f"partial downloads may remain in {target}; the next pull removes or replaces them"))
+                except LeftRunning:   # the downloads still write: what they write is not to be cleaned up now
+                    raise
                 except BaseException:
                     if writes_local_dir:
                         _keep_only_this_commits_files(local_dir, wanted, repo, commit, cache_dir, verified)
@@ -362,6 +368,8 @@ def _hash_copies_no_record_speaks_for(local_dir: Path, wanted: list[HubFile], co
     if unknown:
         try:
             _hash_in_parallel(local_dir, unknown, "Checking files here", progress, note)
+        except LeftRunning:   # the hashing threads still note hashes in `verified`: saved now, it could be half
+            raise
         except KeyboardInterrupt:
             # as _verify keeps what it finished: the copies hashed whole and this commit's, so that the rerun after a
             # Ctrl-C or SIGTERM does not hash them again (minutes for the release's 98 GB); not another content's,
@@ -867,6 +875,8 @@ def _verify(folder: Path, wanted: list[HubFile], where: str, progress: bool, rec
     try:
         checks = _hash_in_parallel(folder, wanted, "Verifying", progress,
                                    lambda f, bar, stopped: _check_file(folder, f, bar, record, stopped))
+    except LeftRunning:   # the hashing threads still note hashes in `record`: saved now, it could be half
+        raise
     except BaseException:
         # the pool has let its threads go: `record` holds the files they finished, each whole and as the hub
         # publishes it, so that the rerun after a Ctrl-C does not hash them again (minutes for the release's 98 GB)
@@ -910,8 +920,11 @@ def _hash_in_parallel(folder: Path, files: list[HubFile], desc: str, progress: b
                     raise
 
         # the map waits for each result with no timeout: waited for from a thread of its own, awake to a signal a
-        # hashing thread took (run_waking_for_signals)
-        return run_waking_for_signals(hash_all, stop=stopped.set)
+        # hashing thread took (run_waking_for_signals); given up on, a hash not stopping, nothing of this run's
+        # hashing is recorded (LeftRunning)
+        return run_waking_for_signals(hash_all, stop=stopped.set, stopping="the hashing",
+                                      left="the hashes of this run are not recorded: the next pull reads those files "
+                                           "again")
 
 
 def _check_file(folder: Path, f: HubFile, bar, record: VerifiedFiles,

@@ -8,12 +8,14 @@ import json
 import os
 import re
 import resource
+import select
 import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ from huggingface_hub import constants
 from huggingface_hub._local_folder import get_local_download_paths
 from safetensors.torch import save_file
 
-from klconvert import entry, hub, hub_guard
+from klconvert import entry, hub, hub_guard, waking_for_signals
 from klconvert.entry import Interrupted
 from klconvert.errors import KLError
 from klconvert.units import size_text, size_texts
@@ -1181,6 +1183,80 @@ def test_an_interrupt_stops_the_verifications_hashing(tmp_path, monkeypatch, sig
     finally:
         timer.cancel()   # a signal after its handler is put back would end the test run (SIGTERM's default)
         signal.signal(signum, before)
+
+
+def test_a_hash_that_never_stops_ends_the_command_at_a_second_ctrl_c_after_its_line(tmp_path):
+    """A file whose read never returns (a network file system gone dead) held the command through every Ctrl-C --
+    each was waited through until the hashing stopped, which it never did -- and nothing was said: only kill -9 ended
+    it. The wait says, once, that it is stopping the hashing and that another Ctrl-C quits at once; the one after that
+    line ends the command in its line, saying what it leaves, with 130, its process ending although the hashing
+    threads (non-daemon, a pool's, which Python's exit joins) are still blocked."""
+    folder = tmp_path / "pulled"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(bytes(1024))
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, threading
+        from pathlib import Path
+        from klconvert import hub
+        from klconvert.entry import main
+        from klconvert.verified_files import VerifiedFiles
+
+        def hangs(path, size, bar, stopped):
+            print("hashing", flush=True)
+            threading.Event().wait()   # the read that never returns
+        hub._digests = hangs
+        folder = Path({str(folder)!r})
+        wanted = [hub.HubFile("model.safetensors", 1024, "0" * 64)]
+        main(lambda: hub._verify(folder, wanted, "the repo", False, VerifiedFiles(folder / "verified.json"), None))
+        """)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert select.select([child.stdout], [], [], 60)[0] and child.stdout.readline() == "hashing\n"
+        child.send_signal(signal.SIGINT)
+        assert select.select([child.stderr], [], [], 30)[0]
+        notice = child.stderr.readline()
+        child.send_signal(signal.SIGINT)
+        signalled = time.monotonic()
+        err = child.communicate(timeout=30)[1]
+        assert time.monotonic() - signalled < 5
+    finally:
+        child.kill()
+        child.wait()
+    left = "the hashes of this run are not recorded: the next pull reads those files again"
+    assert notice == f"klconvert: stopping the hashing; another Ctrl-C quits at once ({left})\n", notice
+    assert child.returncode == 130 and err == f"klconvert: interrupted ({left})\n", err
+    assert not (folder / "verified.json").exists()   # not saved while the hashing threads could still write to it
+
+
+def test_a_download_given_up_on_at_a_second_ctrl_c_is_not_cleaned_up_after(served, tmp_path, monkeypatch):
+    """A download that ignores the abort (hf_xet's, hung) is given up on at a Ctrl-C after the wait's line: the
+    --local-dir's clean-up after a failed download (_keep_only_this_commits_files, removing what a rerun would not
+    take) would race the download still writing there, so it does not run, and the line says what may remain."""
+    monkeypatch.setattr(waking_for_signals, "NOTICE_SECONDS", 0.5)
+    released, cleaned = threading.Event(), []
+    monkeypatch.setattr(hub, "_keep_only_this_commits_files", lambda *args: cleaned.append(args))
+    main = threading.main_thread().ident
+
+    def hangs(*args, **kwargs):   # a download that no abort stops
+        signal.pthread_kill(main, signal.SIGINT)
+        released.wait(10)
+        raise hub_guard.PullInterrupted
+
+    def interrupt_after_the_line(line):
+        said.append(line)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    said = []
+    monkeypatch.setattr(hub, "snapshot_download", hangs)
+    monkeypatch.setattr(waking_for_signals, "say_while_interrupted", interrupt_after_the_line)
+    out = tmp_path / "kimi"
+    try:
+        with pytest.raises(waking_for_signals.LeftRunning):
+            hub.pull(REPO, local_dir=out, progress=False)
+        assert not cleaned
+    finally:
+        released.set()
+    assert said == [f"klconvert: stopping the downloads; another Ctrl-C quits at once (partial downloads may remain in "
+                    f"{out}; the next pull removes or replaces them)"]
 
 
 @pytest.mark.slow

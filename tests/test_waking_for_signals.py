@@ -9,18 +9,23 @@ import time
 import pytest
 
 from klconvert.errors import KLError
-from klconvert.waking_for_signals import WAKE_SECONDS, run_waking_for_signals
+from klconvert import waking_for_signals
+from klconvert.waking_for_signals import WAKE_SECONDS, LeftRunning, run_waking_for_signals
+
+# what a wait says it stops, and what giving up on it leaves
+SAID = {"stopping": "the work", "left": "the work's files may remain"}
+NOTICE = "klconvert: stopping the work; another Ctrl-C quits at once (the work's files may remain)"
 
 
 def test_the_works_result_and_its_exception_come_back_as_they_are():
-    assert run_waking_for_signals(lambda: 42, stop=lambda: None) == 42
+    assert run_waking_for_signals(lambda: 42, stop=lambda: None, **SAID) == 42
     error = KLError("the hub refused")
 
     def refused():
         raise error
 
     with pytest.raises(KLError) as raised:
-        run_waking_for_signals(refused, stop=lambda: None)
+        run_waking_for_signals(refused, stop=lambda: None, **SAID)
     assert raised.value is error
 
 
@@ -55,7 +60,7 @@ def test_a_signal_the_working_thread_takes_is_handled_at_once_and_the_wait_ends_
     try:
         threading.Thread(target=interrupt_the_worker, daemon=True).start()
         with pytest.raises(KeyboardInterrupt):
-            run_waking_for_signals(work, stop)
+            run_waking_for_signals(work, stop, **SAID)
         raised = time.monotonic()
     finally:
         signal.signal(signal.SIGINT, before)
@@ -84,7 +89,7 @@ def test_a_signal_as_the_thread_starts_still_waits_for_the_work_it_began(monkeyp
 
     with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
         patched.setattr(threading.Thread, "start", started_then_interrupted)
-        run_waking_for_signals(work, stopping.set)
+        run_waking_for_signals(work, stopping.set, **SAID)
     assert events == ["ended"]
 
 
@@ -112,7 +117,63 @@ def test_a_stop_a_signal_interrupts_is_called_again():
     try:
         threading.Thread(target=interrupt_the_wait, daemon=True).start()
         with pytest.raises(KeyboardInterrupt):
-            run_waking_for_signals(work, stop)
+            run_waking_for_signals(work, stop, **SAID)
     finally:
         signal.signal(signal.SIGINT, before)
     assert calls == ["stop", "stop", ("told", True)]
+
+
+def test_a_work_that_stops_at_once_says_nothing_more(capfd):
+    """The usual Ctrl-C: the work stops at its next chunk, and the command's one line stays one."""
+    stopping = threading.Event()
+
+    def interrupt_the_wait():
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    def work():
+        threading.Thread(target=interrupt_the_wait, daemon=True).start()
+        assert stopping.wait(30)
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_waking_for_signals(work, stopping.set, **SAID)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert capfd.readouterr().err == ""
+
+
+def test_a_work_slow_to_stop_is_said_to_be_waited_for_once_and_a_signal_after_that_line_ends_the_wait(monkeypatch,
+                                                                                                    capfd):
+    """A work that has not stopped NOTICE_SECONDS after the signal (a hash read hung on a dead network file system, a
+    download that ignores the abort) was waited for in silence, through every further Ctrl-C. Once, it is said so,
+    with what another would leave; signals before that line are waited through as before, one after it ends the wait
+    at once (LeftRunning), the work running on."""
+    monkeypatch.setattr(waking_for_signals, "NOTICE_SECONDS", 0.5)
+    said, say = [], waking_for_signals.say_while_interrupted
+    monkeypatch.setattr(waking_for_signals, "say_while_interrupted", lambda line: (said.append(line), say(line)))
+    released, events = threading.Event(), []
+    main = threading.main_thread().ident
+
+    def work():
+        signal.pthread_kill(main, signal.SIGINT)   # as it begins
+        time.sleep(0.2)
+        signal.pthread_kill(main, signal.SIGINT)   # a second, before the line: waited through
+        deadline = time.monotonic() + 30
+        while not said and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(1)   # the line is said once, not at each nap after it
+        events.append("signalled after the line")
+        signal.pthread_kill(main, signal.SIGINT)
+        released.wait(30)
+        events.append("ended")
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(LeftRunning) as left_running:
+            run_waking_for_signals(work, stop=lambda: None, **SAID)
+        assert events == ["signalled after the line"] and left_running.value.signum == signal.SIGINT
+    finally:
+        signal.signal(signal.SIGINT, before)
+        released.set()
+    assert capfd.readouterr().err == NOTICE + "\n" and len(said) == 1
