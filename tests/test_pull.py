@@ -1185,12 +1185,14 @@ def test_an_interrupt_stops_the_verifications_hashing(tmp_path, monkeypatch, sig
         signal.signal(signum, before)
 
 
-def test_a_hash_that_never_stops_ends_the_command_at_a_second_ctrl_c_after_its_line(tmp_path):
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_hash_that_never_stops_ends_the_command_at_a_second_interrupt_after_its_line(tmp_path, signame):
     """A file whose read never returns (a network file system gone dead) held the command through every Ctrl-C --
     each was waited through until the hashing stopped, which it never did -- and nothing was said: only kill -9 ended
     it. The wait says, once, that it is stopping the hashing and that another Ctrl-C quits at once; the one after that
-    line ends the command in its line, saying what it leaves, with 130, its process ending although the hashing
-    threads (non-daemon, a pool's, which Python's exit joins) are still blocked."""
+    line ends the command in its line, saying what it leaves, with 130 (SIGTERM's 143, the line naming SIGTERM), its
+    process ending although the hashing threads (non-daemon, a pool's, which Python's exit joins) are still blocked."""
+    signum = getattr(signal, signame)
     folder = tmp_path / "pulled"
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(bytes(1024))
@@ -1211,10 +1213,10 @@ def test_a_hash_that_never_stops_ends_the_command_at_a_second_ctrl_c_after_its_l
         """)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert select.select([child.stdout], [], [], 60)[0] and child.stdout.readline() == "hashing\n"
-        child.send_signal(signal.SIGINT)
+        child.send_signal(signum)
         assert select.select([child.stderr], [], [], 30)[0]
         notice = child.stderr.readline()
-        child.send_signal(signal.SIGINT)
+        child.send_signal(signum)
         signalled = time.monotonic()
         err = child.communicate(timeout=30)[1]
         assert time.monotonic() - signalled < 5
@@ -1222,8 +1224,9 @@ def test_a_hash_that_never_stops_ends_the_command_at_a_second_ctrl_c_after_its_l
         child.kill()
         child.wait()
     left = "the hashes of this run are not recorded: the next pull reads those files again"
-    assert notice == f"klconvert: stopping the hashing; another Ctrl-C quits at once ({left})\n", notice
-    assert child.returncode == 130 and err == f"klconvert: interrupted ({left})\n", err
+    received = "Ctrl-C" if signum == signal.SIGINT else signame
+    assert notice == f"klconvert: stopping the hashing; another {received} quits at once ({left})\n", notice
+    assert child.returncode == 128 + signum and err == f"klconvert: interrupted ({left})\n", err
     assert not (folder / "verified.json").exists()   # not saved while the hashing threads could still write to it
 
 
