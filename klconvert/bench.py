@@ -18,7 +18,7 @@ import torch
 
 from klconvert.checkpoint.name_map import expected_tensors
 from klconvert.config import KimiLinearConfig
-from klconvert.errors import KLError
+from klconvert.errors import KLError, flag_value
 from klconvert.quant import QuantScheme, decompress_weight, policy_from_options
 from klconvert.quant.defaults import DEFAULT, LM_HEAD_BITS
 from klconvert.quant.pack_quantized import weight_shape_tensor
@@ -445,10 +445,10 @@ def check_new_tokens(config: KimiLinearConfig, new_tokens: int) -> None:
     longest context: bench fills each decode row's context short by them, and that context came out 0 or negative."""
     context_left = config.model_max_length - new_tokens - DECODE_SPARE_ROWS
     if context_left < 1:
-        raise KLError(f"--new-tokens {new_tokens:,} leaves no context to decode at: the decoded tokens and "
-                      f"{DECODE_SPARE_ROWS} spare cache rows must fit the model's {config.model_max_length_name} of "
-                      f"{counted(config.model_max_length, 'token')}; give --new-tokens "
-                      f"{config.model_max_length - DECODE_SPARE_ROWS - 1:,} or fewer")
+        raise KLError(f"{flag_value('--new-tokens', new_tokens)} leaves no context to decode at: the decoded tokens "
+                      f"and {DECODE_SPARE_ROWS} spare cache rows must fit the model's {config.model_max_length_name} "
+                      f"of {counted(config.model_max_length, 'token')}; give "
+                      f"{flag_value('--new-tokens', config.model_max_length - DECODE_SPARE_ROWS - 1)} or fewer")
 
 
 def bench(config: KimiLinearConfig, weights: Weights, *, bits, contexts: list[int], batches: list[int],

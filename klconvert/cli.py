@@ -21,7 +21,7 @@ from klconvert.config import KimiLinearConfig
 from klconvert.devices import DEVICE_NAMES, NOT_A_DEVICE, checked_device, device_name
 from klconvert.entry import StdoutFailed, complete_note, exit_interrupted, signal_of, signal_status
 from klconvert.errors import (KLError, PlanDoesNotFit, controls_escaped, descriptors_exhausted,
-                             descriptors_exhausted_behind, shown)
+                             descriptors_exhausted_behind, flag_value, shown)
 from klconvert.extras import require
 from klconvert.models import (BUNDLED_NAME, DEFAULT_MODEL_DIR, DEFAULT_REPO, bundled_dir, default_model,
                               is_local_model, model_folder)
@@ -436,8 +436,8 @@ def pull(repo: str, revision: str | None, include: tuple[str, ...], exclude: tup
 
 def _over_context_length(flag: str, value: int, config: KimiLinearConfig) -> KLError:
     """A flag's number of tokens past the model's context length (model_max_length, named as its config names it)."""
-    return KLError(f"{flag} {value:,} is over the model's {config.model_max_length_name} {config.model_max_length:,}; "
-                   "lower it")
+    return KLError(f"{flag_value(flag, value)} is over the model's {config.model_max_length_name} "
+                   f"{config.model_max_length:,}; lower it")
 
 
 def _context_error(where: str, tokens: int, at_least: bool, max_new_tokens: int, max_context: int | None,
@@ -449,7 +449,7 @@ def _context_error(where: str, tokens: int, at_least: bool, max_new_tokens: int,
     need, limit, limit_name = tokens + max_new_tokens, config.model_max_length, config.model_max_length_name
     if max_context is not None and need <= limit:
         return KLError(f"{prompt} needs a context of {'more than ' if at_least else ''}{counted(need, 'token')} but "
-                       f"--max-context is {max_context:,}; raise --max-context (up to the model's {limit_name} "
+                       f"--max-context is {max_context}; raise --max-context (up to the model's {limit_name} "
                        f"{limit:,}) or shorten the prompt")
     return KLError(f"{prompt} is over the model's {limit_name} of {counted(limit, 'token')}; shorten the prompt or "
                    "lower --max-new-tokens")

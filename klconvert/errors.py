@@ -34,6 +34,14 @@ def either(choices, flag: str | None = None) -> str:
     return " or ".join(str(c) if flag is None else f"{flag} {c}" for c in choices)
 
 
+def flag_value(flag: str, n: int) -> str:
+    """A flag with a number, as a message echoes what the user gave or says what to give: as the command line takes
+    it, "--max-context 2000000", in plain digits. Flags take only the digits 0-9, and bench's --context and --batch
+    take comma lists, where "--context 131,072" would be two contexts; a count said in prose is written with
+    thousands separators (units.counted, f"{n:,}")."""
+    return f"{flag} {n}"
+
+
 _UNSAID = object()
 _SHOWN_CHARS = 80   # of a value's repr in a message
 MAX_LISTED = 8      # values a message lists before it says how many more

@@ -14,7 +14,7 @@ from klconvert.checkpoint.quantized import QuantizedSource
 from klconvert.checkpoint.reader import Checkpoint
 from klconvert.config import KimiLinearConfig
 from klconvert.devices import checked_device
-from klconvert.errors import KLError, a_type, argument, shown
+from klconvert.errors import KLError, a_type, argument, flag_value, shown
 from klconvert.extras import require
 from klconvert.models import model_folder
 from klconvert.runtime.bind import cpu_forms_bound
@@ -250,7 +250,7 @@ def evaluate(model: str | Path, reference: str | Path, text: str, max_tokens: in
         if len(ids) > config.model_max_length:
             raise KLError(f"the evaluation text's {len(ids):,} tokens are over {name}'s "
                           f"{config.model_max_length_name} {config.model_max_length:,}; give "
-                          f"{argument('max_tokens', '--max-tokens')} {config.model_max_length:,} or fewer")
+                          f"{flag_value(argument('max_tokens', '--max-tokens'), config.model_max_length)} or fewer")
     plan = _plan_on_the_host(configs[1], len(ids), device, dtype)
     _refuse_past_host_memory(len(ids), configs[1], plan, host_memory())
 

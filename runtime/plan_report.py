@@ -15,7 +15,7 @@ from klconvert.checkpoint.reader import Checkpoint
 from klconvert.checkpoint.regular_file import open_regular
 from klconvert.checkpoint.size_bounds import check_model_size
 from klconvert.config import KimiLinearConfig
-from klconvert.errors import KLError, not_utf8, shown
+from klconvert.errors import KLError, flag_value, not_utf8, shown
 from klconvert.plan_inputs import check_weight_flags, model_config
 from klconvert.presets import preset_config
 from klconvert.quant import Policy, Recipe, load_recipe, policy_from_options
@@ -207,7 +207,7 @@ def plan_for(model: Path | None = None, preset: str | None = None, layers: int |
         check_runtime_context(settings_from, config)
         context = settings["max_context"]
     elif context is not None and context > config.model_max_length:
-        raise KLError(f"--max-context {context} is over the model's {config.model_max_length_name} "
+        raise KLError(f"{flag_value('--max-context', context)} is over the model's {config.model_max_length_name} "
                       f"{config.model_max_length:,}; plan for {counted(config.model_max_length, 'token')} or fewer")
     return MemoryPlan(config, batch=batch or runtime["batch"],
                       context=context or min(runtime["max_context"], config.model_max_length),

@@ -392,13 +392,13 @@ def test_a_text_over_either_models_length_limit_is_refused_before_either_runs(tm
 
     folder = shutil.copytree(BUNDLED_DIR, tmp_path / "short")
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "model_max_length": 8}))
+    (folder / "config.json").write_text(json.dumps({**config, "model_max_length": 1024}))
     monkeypatch.setattr(evaluate_module, "run_model", lambda *a: pytest.fail("a model ran before the check"))
     folders = (folder, BUNDLED_DIR) if short == "model" else (BUNDLED_DIR, folder)
-    with pytest.raises(klconvert.KLError, match=rf"^the evaluation text's 16 tokens are over --{short} "
-                                                rf"{re.escape(str(folder))}'s model_max_length 8; give max_tokens "
-                                                r"\(--max-tokens\) 8 or fewer$"):
-        evaluate(*folders, TEXT * 10, max_tokens=16)
+    with pytest.raises(klconvert.KLError, match=rf"^the evaluation text's 1,500 tokens are over --{short} "
+                                                rf"{re.escape(str(folder))}'s model_max_length 1,024; give max_tokens "
+                                                r"\(--max-tokens\) 1024 or fewer$"):
+        evaluate(*folders, TEXT * 10, max_tokens=1500)
 
 
 def test_a_reference_without_config_is_named_by_its_flag(tmp_path):
