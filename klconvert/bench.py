@@ -364,7 +364,7 @@ def prefill_check(config: KimiLinearConfig, weights: Weights, device: torch.devi
         torch.cuda.empty_cache()
     check = {"tokens": tokens, "rel_err": _rel(stepped, whole), "top1": bool(stepped.argmax() == whole.argmax())}
     if not check["rel_err"] <= PREFILL_CHECK_BOUND:
-        raise KLError(f"bench check failed: a {tokens}-token prefill and prefill + one decode step differ by "
+        raise KLError(f"bench check failed: a {tokens:,}-token prefill and prefill + one decode step differ by "
                       f"{check['rel_err']:.3g} relative (bound {PREFILL_CHECK_BOUND}); nothing was timed")
     return check
 

@@ -586,7 +586,7 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
     s = runner.stats
     decode = f"decode {s.decode_tps:.1f} tokens/s" if s.timed_steps else "no decode step"   # not a rate of 0
     summary = (f"prompt {counted(s.prompt_tokens, 'token')} | prefill {s.prefill_tps:.1f} tokens/s | "
-               f"{s.new_tokens} new, {decode}" + (f" | seed {seed}" if temperature > 0 else ""))
+               f"{s.new_tokens:,} new, {decode}" + (f" | seed {seed}" if temperature > 0 else ""))
     if engine == "onnxruntime":
         click.echo(f"{summary} | onnxruntime: cpu float32, batch {len(prompts)}", err=True)
         return

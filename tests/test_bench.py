@@ -140,6 +140,28 @@ def test_bench_refuses_to_time_when_the_prefill_check_fails(tiny1, monkeypatch):
     assert f"bound {B.PREFILL_CHECK_BOUND}" in message and "nothing was timed" in message
 
 
+def test_a_failed_prefill_check_writes_its_prefill_length_with_thousands_separators(tiny4, monkeypatch):
+    """The prefill check's refusal said "a 4096-token prefill" (h322's left-alone): the length is a count in prose,
+    written with ','. Engine and _rel stand in for the two paths (the test above runs them): a 4,096-token prefill on
+    the interpreter takes minutes, and the line is what is tested here."""
+    class TwoReadings:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def prefill(self, ids):
+            return torch.zeros(1, 8)
+
+        def decode_step(self, ids, position):
+            return torch.ones(1, 8)
+
+    monkeypatch.setattr(B, "Engine", TwoReadings)
+    monkeypatch.setattr(B, "_rel", lambda a, b: 0.5)
+    weights = B.Weights(read=lambda name: pytest.fail("read a weight"), packed=lambda name: None, schemes={})
+    with pytest.raises(KLError, match=r"^bench check failed: a 4,096-token prefill and prefill \+ one decode step "
+                                      r"differ by 0\.5 relative"):
+        B.prefill_check(tiny4, weights, torch.device("cpu"), 4096, torch.bfloat16)
+
+
 def test_the_depth_check_takes_any_top_1_of_a_tie_in_the_reference():
     """The PyTorch bf16 path's logits tie at the top: argmax takes the first, and 8 layers of calm weights read top-1
     0.297 where the Triton path chose the fp32 path's top-1 at every position (session 61's GPU call)."""

@@ -442,7 +442,7 @@ def test_empty_state_past_host_memory_is_refused(exported, monkeypatch):
     (np.array([7]), r"^positions \[7\]: the state holds 0 tokens \(its latent caches' rows\), so the longest "
                     r"sequence's position is 0"),
     (np.array([-1]), r"^positions: -1 is negative; a sequence's first token is at position 0$"),
-    (np.array([10**9]), r"^positions: 1000000000 plus 3 tokens is over the model's model_max_length 1048576; "),
+    (np.array([10**9]), r"^positions: 1000000000 plus 3 tokens is over the model's model_max_length 1,048,576; "),
     (np.array([2**62]), r"^positions: 4611686018427387904 plus 3 tokens is over"),
     (np.array([0, 0]), r"^positions should be \[batch\] = \[1\], one per sequence of input_ids, got shape \[2\]$"),
     (np.array(0), r"^positions should be \[batch\] = \[1\], one per sequence of input_ids, got shape \[\]$"),

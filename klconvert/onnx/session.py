@@ -393,7 +393,7 @@ class OnnxEngine(Runner):
             raise KLError(f"positions: {low} is negative; a sequence's first token is at position 0")
         if high + tokens > limit:
             raise KLError(f"positions: {high} plus {counted(tokens, 'token')} is over the model's "
-                          f"{self.config.model_max_length_name} {limit}; start lower, or give fewer tokens")
+                          f"{self.config.model_max_length_name} {limit:,}; start lower, or give fewer tokens")
         if rows is not None and high != rows:
             shown = f"{p.tolist()[:8]}"[:-1] + (", ...]" if batch > 8 else "]")
             raise KLError(f"positions {shown}: the state holds {counted(rows, 'token')} (its latent caches' rows), "
