@@ -374,6 +374,13 @@ def test_the_tensor_bound_refuses_before_building(monkeypatch):
     assert MAX_TENSORS >= len(expected_tensors(config))
 
 
+def test_the_tensor_bound_writes_its_counts_with_thousands_separators():
+    """It said "(27 layers x 4096 experts)" beside "320,013 tensors": every count in the line with ','."""
+    with pytest.raises(KLError, match=r"^here: this config means 320,013 tensors \(27 layers x 4,096 experts\), over "
+                                      r"the 262,144 klconvert reads; fix the config$"):   # its counts with ','
+        check_model_size(KimiLinearConfig.from_dict({**preset_config("kimi-linear-48b"), "num_experts": 4096}), "here")
+
+
 # ---- tokenizer ids --------------------------------------------------------------------------------------------
 def _add_rank(folder: Path, rank: int) -> None:
     with open(folder / "tiktoken.model", "a") as f:

@@ -54,8 +54,8 @@ def check_model_size(c: KimiLinearConfig, where: str, stored_bytes: int | None =
     whose parameters could not fit in those shards at any supported precision."""
     tensors, params = tensor_and_param_count(c)
     if tensors > MAX_TENSORS:
-        raise KLError(f"{where}: this config means {tensors:,} tensors ({c.num_hidden_layers} layers x "
-                      f"{c.num_experts} experts), over the {MAX_TENSORS:,} klconvert reads; fix the config")
+        raise KLError(f"{where}: this config means {tensors:,} tensors ({c.num_hidden_layers:,} layers x "
+                      f"{c.num_experts:,} experts), over the {MAX_TENSORS:,} klconvert reads; fix the config")
     if stored_bytes is not None and params * MIN_STORED_BITS > 8 * stored_bytes:
         raise KLError(f"{where}: this config means {params:,} parameters but the shards hold only {stored_bytes:,} "
                       "bytes of tensors; the config does not match the weights -- fix it or download both again")

@@ -14,6 +14,7 @@ from klconvert.extras import require
 from klconvert.quant.pack_quantized import SOURCE_OUT_OF_RANGE, largest_dequantized, local_names
 from klconvert.quant.scheme import NF4_BLOCKSIZE
 from klconvert.quant.stored import NF4_DATA, NF4_NESTED_PARTS, NF4_PARTS, NF4_REQUIRED, NF4_STATE, nf4_parts
+from klconvert.units import counted
 
 # The absmax of each block double-quantized (bitsandbytes' compress_statistics): what klconvert writes, what
 # quantization_config declares, and what stored.nf4_parts sizes; a folder without it is read too
@@ -45,7 +46,7 @@ def compress_nf4(prefix: str, w: torch.Tensor, double_quant: bool = NF4_DOUBLE_Q
         raise KLError(f"{prefix}.weight: shape {list(w.shape)} {w.dtype} is not a 2-D float linear weight; "
                       "leave it out of the recipe's targets")
     if w.numel() % NF4_BLOCKSIZE:
-        raise KLError(f"{prefix}.weight: {w.numel()} elements do not fill whole NF4 blocks of {NF4_BLOCKSIZE}; "
+        raise KLError(f"{prefix}.weight: {w.numel():,} elements do not fill whole NF4 blocks of {NF4_BLOCKSIZE}; "
                       "leave it out of the recipe's targets")
     if not bool(torch.isfinite(w).all()):
         raise ValuesRefused(f"{prefix}.weight: the weight holds NaN or Inf values; the checkpoint is damaged -- "
@@ -157,14 +158,15 @@ def _check_state(found: Mapping[str, torch.Tensor], where: str, weight_shape: tu
         fields_ok = fields_ok and _block_size(state.get("nested_blocksize")) and \
             state.get("nested_dtype") in _DTYPES and type(offset) in (int, float) and abs(offset) <= _FLOAT32_MAX
     if not fields_ok:
-        raise bad(f"fields {json.dumps(state)[:200]} do not describe its {n} packed values")
+        raise bad(f"fields {json.dumps(state)[:200]} do not describe its {n:,} packed values")
     # the parts the state's block sizes make (the packed data's own uint8 [n / 2, 1] is held at the header)
     parts = [part for part in nf4_parts(tuple(shape), state["blocksize"], state["nested_blocksize"] if nested else None)
              if part[0] != NF4_DATA]
     for name, _, size in parts:
         if name not in found or found[name].numel() != math.prod(size):
-            got = found[name].numel() if name in found else "none"
-            raise bad(f"{name.removeprefix('weight.')} holds {got} values where its shape needs {math.prod(size)}")
+            got = counted(found[name].numel(), "value") if name in found else "none"
+            raise bad(f"{name.removeprefix('weight.')} holds {got} where its shape needs "
+                      f"{counted(math.prod(size), 'value')}")
     # in the dtypes QuantState.as_dict(packed=True) writes: bitsandbytes reads another dtype's bits as these (a code
     # book of int32s) or refuses it in a traceback
     for name, dtype, _ in parts:

@@ -66,6 +66,8 @@ def test_nf4_errors():
     # compress_nf4's own refusal of what the policy refuses before it: bitsandbytes would end it with a short block
     with pytest.raises(KLError, match=rf"^{P}\.weight: 150 elements do not fill whole NF4 blocks of 64; leave it out"):
         compress_nf4(P, torch.randn(3, 50))
+    with pytest.raises(KLError, match=rf"^{P}\.weight: 1,500 elements do not fill whole NF4 blocks of 64"):
+        compress_nf4(P, torch.randn(3, 500))   # a count in prose, with ','
     for bad in ("nan", "inf"):   # bitsandbytes writes them into the absmax: a folder that dequantizes to NaN
         w = torch.randn(64, 64)
         w[5, 7] = float(bad)
@@ -109,7 +111,7 @@ def test_a_damaged_nf4_quant_state_is_refused_before_bitsandbytes_reads_it(doubl
     fields = bytes(tensors[state].tolist()).decode()
     cases = [
         (_damaged(tensors, "weight.absmax", tensors[P + ".weight.absmax"][:1].clone()),
-         "absmax holds 1 values where its shape needs 256"),
+         "absmax holds 1 value where its shape needs 256 values"),
         (_damaged(tensors, "weight.quant_map", tensors[P + ".weight.quant_map"][:4].clone()), "quant_map holds 4"),
         ({**tensors, state: _state("not json")}, "is not JSON"),
         ({**tensors, state: _state("[" * 4000)}, "is not JSON"),
@@ -117,7 +119,7 @@ def test_a_damaged_nf4_quant_state_is_refused_before_bitsandbytes_reads_it(doubl
         ({**tensors, state: _state(fields.replace("{", '{"blocksize": 4096, ', 1))},
          r"is not JSON \(key 'blocksize' appears twice in one object"),
         ({**tensors, state: _state(fields.replace('"blocksize": 64', '"blocksize": 0'))}, "do not describe"),
-        ({**tensors, state: _state(fields.replace("[128, 128]", "[128, 64]"))}, "do not describe its 16384"),
+        ({**tensors, state: _state(fields.replace("[128, 128]", "[128, 64]"))}, "do not describe its 16,384"),
         ({**tensors, state: _state('{"quant_type": "nf4"}')}, "do not describe"),
         ({**tensors, state: _state(fields.replace('"nf4"', '"fp4"'))}, "do not describe"),   # another code book
         ({**tensors, state: _state(fields.replace('"blocksize": 64', '"blocksize": 64.0'))}, "do not describe"),
@@ -125,7 +127,7 @@ def test_a_damaged_nf4_quant_state_is_refused_before_bitsandbytes_reads_it(doubl
     ]
     if double_quant:
         cases.append((_damaged(tensors, "weight.nested_absmax", tensors[P + ".weight.nested_absmax"][:0].clone()),
-                      "nested_absmax holds 0 values where its shape needs 1"))
+                      "nested_absmax holds 0 values where its shape needs 1 value"))
         for offset in ('"x"', "1" + "0" * 400, "NaN", "1e39"):   # an int of 400 digits overflowed a float: a traceback
             cases.append(({**tensors, state: _state(re.sub(r'"nested_offset": [^,}]+', f'"nested_offset": {offset}',
                                                            fields))}, "do not describe"))
