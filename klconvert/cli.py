@@ -583,10 +583,7 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
         if len(prompts) > 1:
             sys.stdout.write(f"==> {prompt_files[i]} <==\n")
         sys.stdout.write("".join(parts) + stream.flush() + "\n")
-    s = runner.stats
-    decode = f"decode {s.decode_tps:.1f} tokens/s" if s.timed_steps else "no decode step"   # not a rate of 0
-    summary = (f"prompt {counted(s.prompt_tokens, 'token')} | prefill {s.prefill_tps:.1f} tokens/s | "
-               f"{s.new_tokens:,} new, {decode}" + (f" | seed {seed}" if temperature > 0 else ""))
+    summary = _run_summary(runner.stats, seed if temperature > 0 else None)
     if engine == "onnxruntime":
         click.echo(f"{summary} | onnxruntime: cpu float32, batch {len(prompts)}", err=True)
         return
@@ -594,6 +591,15 @@ def run(model: str | None, prompt: str | None, prompt_files: tuple[str, ...], ma
     click.echo(f"{summary} | plan: {runner.device} {str(runner.dtype).split('.')[-1]} "
                f"{'triton' if runner.triton else 'torch'}, "
                f"context {plan.context:,}, batch {plan.batch}, total {binary_size_text(plan.total)}", err=True)
+
+
+def _run_summary(stats, seed: int | None) -> str:
+    """The start of `run`'s summary line from its GenerationStats: the prompt's tokens, the prefill's and decode's
+    rates, the new tokens, and the `seed` a sampled run drew (None: greedy, no seed said). Counts with ','; the seed in
+    plain digits, as --seed takes it back."""
+    decode = f"decode {stats.decode_tps:.1f} tokens/s" if stats.timed_steps else "no decode step"   # not a rate of 0
+    return (f"prompt {counted(stats.prompt_tokens, 'token')} | prefill {stats.prefill_tps:.1f} tokens/s | "
+            f"{stats.new_tokens:,} new, {decode}" + (f" | seed {seed}" if seed is not None else ""))
 
 
 def _given(ctx: click.Context, name: str) -> bool:

@@ -74,11 +74,18 @@ def test_one_new_token_has_no_decode_rate(capsys):
 def test_the_summary_writes_its_counts_with_thousands_separators(capsys):
     """The summary said "context 1048576" where plan says "context 1,048,576" (h319), and "1000 new" (h322's
     left-alone): its counts are written as every count klconvert prints, with ','; the seed, which --seed takes back,
-    stays in plain digits. 1,000 new tokens of tiny decode in about 5 s on one CPU thread."""
-    code, out, err = run_cli(capsys, "run", "--model", "tiny", "--prompt", "ROMEO.", "--max-new-tokens", "1000",
+    stays in plain digits. (1,000 new tokens of a run would take seconds: the summary's counts are held on stats.)"""
+    from klconvert.cli import _run_summary
+    from klconvert.runtime.engine import GenerationStats
+
+    code, out, err = run_cli(capsys, "run", "--model", "tiny", "--prompt", "ROMEO.", "--max-new-tokens", "2",
                              "--max-context", "1500", "--temperature", "0.5", "--seed", "12345", "--device", "cpu")
-    assert code == 0 and re.search(r"\| 1,000 new, decode .*\| seed 12345 \| plan: cpu float32 torch, context 1,500, "
-                                   r"batch 1, ", err), err
+    assert code == 0 and re.search(r"\| seed 12345 \| plan: cpu float32 torch, context 1,500, batch 1, ", err), err
+    stats = GenerationStats(prompt_tokens=4096, new_tokens=1000, timed_steps=999, timed_tokens=999,
+                            prefill_seconds=2.0, decode_seconds=9.99)
+    assert _run_summary(stats, 12345) == ("prompt 4,096 tokens | prefill 2048.0 tokens/s | 1,000 new, decode 100.0 "
+                                          "tokens/s | seed 12345")
+    assert _run_summary(stats, None).endswith("1,000 new, decode 100.0 tokens/s")
 
 
 def test_a_prompt_of_one_token_is_summed_up_as_one(capsys):
