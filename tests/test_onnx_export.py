@@ -470,8 +470,10 @@ def test_run_takes_the_position_its_state_has_reached(exported):
     limit = engine.config.model_max_length
     with pytest.raises(klconvert.KLError, match=rf"^positions: {limit} plus 1 token is over the model's "):
         engine.run(np.array([[9]]), one, np.array([limit]))
-    with pytest.raises(klconvert.KLError, match=rf"^the prompt \(1 token\) plus max_new_tokens {limit} is over "):
+    with pytest.raises(klconvert.KLError,
+                       match=rf"^the prompt \(1 token\) plus max_new_tokens {limit} is over ") as over:
         engine.generate([PROMPT[:1]], limit)
+    assert f"{engine.config.model_max_length_name} {limit:,};" in str(over.value)   # grouped, as run's line writes it
     _, pair = engine.run(np.array([PROMPT[:5]] * 2), engine.empty_state(2), np.zeros(2, np.int64))
     engine.run(np.array([[9], [9]]), pair, np.array([5, 3]))
     with pytest.raises(klconvert.KLError, match=r"^positions \[4, 3\]: the state holds 5 tokens"):

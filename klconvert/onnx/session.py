@@ -474,7 +474,7 @@ class OnnxEngine(Runner):
             longest = max(len(p) for p in prompts)
             if longest + max_new_tokens > self.config.model_max_length:
                 raise KLError(f"the prompt ({counted(longest, 'token')}) plus max_new_tokens {max_new_tokens} is over "
-                              f"the model's {self.config.model_max_length_name} {self.config.model_max_length}; "
+                              f"the model's {self.config.model_max_length_name} {self.config.model_max_length:,}; "
                               "shorten them")
             B = len(prompts)
             self.stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts), batch=B)
